@@ -1,0 +1,25 @@
+"""The error hierarchy: every error is a ``TieredStoreError`` and also the matching builtin."""
+
+
+class TieredStoreError(Exception):
+    """Base of every error this library raises on purpose."""
+
+
+class ConfigError(TieredStoreError, ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class TableFormatError(TieredStoreError, ValueError):
+    """A table file or its manifest is malformed, truncated, or fails a checksum."""
+
+
+class TierIOError(TieredStoreError, OSError):
+    """Reading or writing a tier's backing storage failed."""
+
+
+class RowIdError(TieredStoreError, IndexError):
+    """Row ids are out of range, negative, or not integers."""
+
+
+class TraceFormatError(TieredStoreError, ValueError):
+    """A trace file is corrupt, truncated, or does not match the expected layout."""
