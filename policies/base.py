@@ -1,0 +1,74 @@
+"""The two policy interfaces a cache tier composes: eviction (which slot goes) and admission (which row enters).
+
+Policies see row ids and slot numbers only, never embedding values, and work on whole batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class EvictionPolicy:
+    """Batch eviction: keeps per-slot metadata and chooses victims among evictable slots.
+
+    Subclasses override the access hooks and ``victim_priority``; the tier owns the eviction loop,
+    the free list and pinning (see ``tiered_store.row_cache.RowCache``).
+    """
+
+    name = "base"
+    #: bytes of metadata the policy keeps per slot (reported by the memory benchmark)
+    bytes_per_slot = 0
+
+    def __init__(self, capacity: int, device: torch.device | str = "cpu") -> None:
+        self.capacity = capacity
+        self.device = torch.device(device)
+
+    def on_batch(self) -> None:
+        """Called once per batch before any hook (advance a clock)."""
+
+    def on_hit(self, slots: torch.Tensor) -> None:
+        """Slots (may repeat) whose rows were read by the current batch."""
+
+    def on_insert(self, slots: torch.Tensor) -> None:
+        """Slots (unique) that just received a new row."""
+
+    def victim_priority(self) -> torch.Tensor:
+        """Per-slot eviction priority (lower goes first); any dtype ``topk`` accepts."""
+        raise NotImplementedError
+
+    def choose_victims(self, n: int, protected: torch.Tensor) -> torch.Tensor:
+        """``n`` distinct slots to evict, never one where ``protected`` is True."""
+        priority = self.victim_priority()
+        top = torch.iinfo(priority.dtype).max if not priority.is_floating_point() else float("inf")
+        priority = priority.masked_fill(protected, top)
+        return torch.topk(priority, n, largest=False, sorted=True).indices
+
+
+class NoEviction(EvictionPolicy):
+    """Never evicts: the tier fills once and stays (``static`` on its own)."""
+
+    name = "none"
+
+    def choose_victims(self, n: int, protected: torch.Tensor) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.int64, device=self.device)
+
+
+class AdmissionPolicy:
+    """Decides which missed rows may enter a tier; sees every access to learn frequencies."""
+
+    name = "all"
+    bytes_per_row = 0
+    #: True when ``on_access`` must see every lookup (frequency sketches); False skips the call
+    learns = False
+
+    def __init__(self, num_rows: int, device: torch.device | str = "cpu") -> None:
+        self.num_rows = num_rows
+        self.device = torch.device(device)
+
+    def on_access(self, ids: torch.Tensor) -> None:
+        """Ids (duplicates included) looked up in this tier in the current batch."""
+
+    def admit(self, candidates: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
+        """Bool mask over ``candidates``: True admits. ``victims`` are the rows they would displace
+        (same order, -1 for a free slot)."""
+        return torch.ones(candidates.shape[0], dtype=torch.bool, device=candidates.device)

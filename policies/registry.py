@@ -1,0 +1,80 @@
+"""One registry of policy names, shared by YAML, the CLI and Python.
+
+A policy spec is ``+``-joined parts: at most one eviction policy, at most one admission filter, and
+the ``static`` modifier (pin the tier's ``static_rows``). Examples: ``lru``, ``static+lru``,
+``static`` (pinned rows only, nothing else admitted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tiered_store.errors import ConfigError
+
+from .base import AdmissionPolicy, EvictionPolicy, NoEviction
+from .lru import LRU
+
+EVICTION: dict[str, Callable[..., EvictionPolicy]] = {"lru": LRU}
+ADMISSION: dict[str, Callable[..., AdmissionPolicy]] = {"all": AdmissionPolicy}
+MODIFIERS = ("static",)
+
+
+def register_eviction(name: str, factory: Callable[..., EvictionPolicy]) -> None:
+    """Make an eviction policy available by name everywhere."""
+    EVICTION[name] = factory
+
+
+def register_admission(name: str, factory: Callable[..., AdmissionPolicy]) -> None:
+    """Make an admission filter available by name everywhere."""
+    ADMISSION[name] = factory
+
+
+def known_names() -> list[str]:
+    """Every name a spec part may use."""
+    return sorted([*EVICTION, *ADMISSION, *MODIFIERS])
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A parsed policy spec: what evicts, what admits, whether static rows are pinned."""
+
+    eviction: str | None
+    admission: str
+    static: bool
+
+    @classmethod
+    def parse(cls, text: str, *, key: str = "policy") -> PolicySpec:
+        """``'static+lru'`` -> PolicySpec(eviction='lru', admission='all', static=True)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(
+                f"{key}: got {text!r}; expected a policy name like 'lru' or 'static+lru'"
+            )
+        eviction, admission, static = None, "all", False
+        for part in (p.strip().lower() for p in text.split("+")):
+            if part in EVICTION:
+                if eviction is not None:
+                    raise ConfigError(f"{key}: {text!r} names two eviction policies; expected one")
+                eviction = part
+            elif part in ADMISSION:
+                admission = part
+            elif part == "static":
+                static = True
+            else:
+                raise ConfigError(
+                    f"{key}: unknown policy {part!r} in {text!r}; known: {', '.join(known_names())}"
+                )
+        if eviction is None and not static:
+            raise ConfigError(
+                f"{key}: {text!r} has no eviction policy; expected one of {sorted(EVICTION)}"
+            )
+        return cls(eviction, admission, static)
+
+    def build(self, capacity: int, num_rows: int, device) -> tuple[EvictionPolicy, AdmissionPolicy]:
+        """Instantiate the eviction policy and admission filter for a tier."""
+        eviction = (
+            EVICTION[self.eviction](capacity, device)
+            if self.eviction
+            else NoEviction(capacity, device)
+        )
+        return eviction, ADMISSION[self.admission](num_rows, device)

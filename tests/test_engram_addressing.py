@@ -1,0 +1,266 @@
+"""Engram addressing: tokenizer compression and N-gram hashing, bit-exact with the golden vectors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tiered_store.engram import (
+    CompressedTokenizer,
+    EngramConfig,
+    NgramHasher,
+    load_engram_config,
+    to_row_ids,
+)
+from tiered_store.engram import tokenizer as tokenizer_module
+from tiered_store.errors import ConfigError, RowIdError
+
+
+def _golden_dir() -> Path:
+    """``$TIERED_STORE_GOLDEN``, else ``shared/golden`` next to or inside the repository."""
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [os.environ.get("TIERED_STORE_GOLDEN", ""), repo / "shared/golden"]
+    candidates.append(repo.parent / "shared/golden")
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "engram_default.npz").exists():
+            return Path(candidate)
+    pytest.skip("golden vectors not found (set TIERED_STORE_GOLDEN)")
+
+
+GOLDEN_NAMES = ["engram_default", "engram_alt"]
+NUM_CASES = 6
+
+
+@pytest.fixture(scope="module")
+def tok() -> CompressedTokenizer:
+    return CompressedTokenizer()
+
+
+@pytest.fixture(scope="module", params=GOLDEN_NAMES)
+def golden(request, tok):
+    """(json, npz, hasher) of one golden file."""
+    root = _golden_dir()
+    meta = json.loads((root / f"{request.param}.json").read_text())
+    data = np.load(root / f"{request.param}.npz")
+    config, _ = load_engram_config(meta, ignore_unknown=True)
+    return meta, data, NgramHasher(config, tok)
+
+
+# -- tokenizer compression --------------------------------------------------------------------
+
+
+def test_compressed_lookup_matches_golden_exactly(tok):
+    for name in GOLDEN_NAMES:
+        expected = np.load(_golden_dir() / f"{name}.npz")["compressed_lookup"]
+        assert tok.lookup.dtype == np.int64
+        np.testing.assert_array_equal(tok.lookup, expected)
+
+
+def test_compressed_vocabulary_figures(tok, golden):
+    meta, _, hasher = golden
+    assert tok.vocab_size == meta["tokenizer_vocab_size"] == 129280
+    assert tok.num_compressed == len(tok) == meta["compressed_vocab_size"] == 99092
+    assert tok.reduction == pytest.approx(1 - 99092 / 129280)
+    assert round(tok.reduction, 4) == 0.2335
+    assert tok.pad_id == hasher.pad_id == meta["compressed_pad_id"]
+
+
+def test_text_cases_tokenize_to_golden_ids(tok, golden):
+    meta, data, _ = golden
+    for i, case in enumerate(meta["cases"]):
+        if case["text"] is not None:
+            np.testing.assert_array_equal(tok.encode(case["text"])[None], data[f"case{i}_input_ids"])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Diana, Princess of Wales, was born in 1961.",
+        "张仲景是东汉末年的医学家。東漢",
+        "def lookup(self, ids):\n\treturn self.table[ids]  # O(1)\n",
+        "Café naïve ÄPPLE résumé Ångström",
+        "emoji 😀🚀👩‍💻 and ﬁ ligature",
+    ],
+)
+def test_multilingual_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert tok.tokenizer.decode(ids.tolist(), skip_special_tokens=False) == text
+    compressed = tok.compress(ids)
+    np.testing.assert_array_equal(compressed, tok.lookup[ids])
+    np.testing.assert_array_equal(tok.compress(torch.from_numpy(ids)).numpy(), compressed)
+    assert ((compressed >= 0) & (compressed < tok.num_compressed)).all()
+    # Two tokens share a compressed id exactly when their normalised keys agree.
+    keys = [tok.key(int(i)) for i in ids]
+    for a in range(len(ids)):
+        for b in range(len(ids)):
+            assert (compressed[a] == compressed[b]) == (keys[a] == keys[b])
+
+
+def test_case_accents_and_whitespace_merge(tok):
+    ids = tok.encode("ÄPPLE apple Apple  APPLE\t\tapple\n\n")
+    by_token = {tok.tokenizer.id_to_token(int(i)): int(c) for i, c in zip(ids, tok.compress(ids))}
+    assert by_token["Ġapple"] == by_token["ĠApple"] == by_token["apple"]  # case, leading space
+    assert by_token["Ġ"] == by_token["ĉ"] == by_token["ĊĊ"]  # whitespace runs -> " "
+    assert tok.key(tok.tokenizer.token_to_id("Ġ")) == " "  # a lone space stays " "
+    assert by_token["ÃĦ"] == int(tok.lookup[tok.tokenizer.token_to_id("a")])  # Ä -> a
+    # A partial UTF-8 byte token keeps its raw token string as key.
+    emoji = tok.encode("😀")
+    assert any("\ufffd" in tok.tokenizer.decode([int(i)]) for i in emoji)
+    assert tok.key(int(emoji[0])) == tok.tokenizer.id_to_token(int(emoji[0]))
+
+
+def test_compress_rejects_out_of_vocab_and_non_integer_ids(tok):
+    with pytest.raises(RowIdError, match=r"token id 129280 at index \(0, 1\).*\[0, 129280\)"):
+        tok.compress(np.array([[5, 129280]]))
+    with pytest.raises(RowIdError, match="token id -1"):
+        tok.compress(torch.tensor([3, -1]))
+    with pytest.raises(RowIdError, match="integer token ids"):
+        tok.compress(np.array([1.0, 2.0]))
+    with pytest.raises(RowIdError, match="integer token ids"):
+        tok.compress(torch.tensor([1.5]))
+    assert isinstance(RowIdError("x"), IndexError)
+
+
+def test_lookup_disk_cache_round_trip_and_corruption(tmp_path, monkeypatch, tok):
+    monkeypatch.setattr(tokenizer_module, "_LOOKUP_MEMO", {})
+    built = CompressedTokenizer(cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("compressed_lookup-v*.npy")
+    np.testing.assert_array_equal(np.load(cached), tok.lookup)
+    np.testing.assert_array_equal(built.lookup, tok.lookup)
+    cached.write_bytes(b"not an npy file")  # corrupt: rebuilt, not trusted
+    monkeypatch.setattr(tokenizer_module, "_LOOKUP_MEMO", {})
+    np.testing.assert_array_equal(CompressedTokenizer(cache_dir=tmp_path).lookup, tok.lookup)
+    np.testing.assert_array_equal(np.load(cached), tok.lookup)
+
+
+# -- hashing ----------------------------------------------------------------------------------
+
+
+def test_primes_and_multipliers_match_golden(golden):
+    meta, _, hasher = golden
+    for layer in hasher.layer_ids:
+        assert hasher.primes[layer] == meta["primes"][str(layer)]
+        assert hasher.multipliers[layer].tolist() == meta["multipliers"][str(layer)]
+        assert all(m % 2 == 1 for m in meta["multipliers"][str(layer)])
+
+
+@pytest.mark.parametrize("case", range(NUM_CASES))
+def test_hashes_match_golden_numpy_and_torch(golden, case):
+    _, data, hasher = golden
+    ids = data[f"case{case}_input_ids"]
+    from_numpy = hasher.hash(ids)
+    from_torch = hasher.hash(torch.from_numpy(ids))
+    assert set(from_numpy) == set(from_torch) == set(hasher.layer_ids)
+    for layer in hasher.layer_ids:
+        expected = data[f"case{case}_layer{layer}_hashes"]
+        assert isinstance(from_numpy[layer], np.ndarray) and from_numpy[layer].dtype == np.int64
+        assert isinstance(from_torch[layer], torch.Tensor)
+        assert from_torch[layer].dtype == torch.int64
+        np.testing.assert_array_equal(from_numpy[layer], expected)
+        np.testing.assert_array_equal(from_torch[layer].numpy(), expected)
+        np.testing.assert_array_equal(hasher.hash_layer(ids, layer), expected)
+
+
+def test_geometry_offsets_and_row_ids(golden):
+    _, data, hasher = golden
+    ids = data["case5_input_ids"]
+    rows_np, rows_t = hasher.row_ids(ids), hasher.row_ids(torch.from_numpy(ids))
+    for layer in hasher.layer_ids:
+        sizes = hasher.head_sizes(layer)
+        assert len(sizes) == hasher.num_heads == hasher.config.num_heads
+        offsets = hasher.offsets(layer)
+        assert offsets.dtype == np.int64 and offsets[0] == 0
+        np.testing.assert_array_equal(np.diff(offsets), sizes[:-1])
+        assert hasher.table_rows(layer) == sum(sizes) == offsets[-1] + sizes[-1]
+        hashes = data[f"case5_layer{layer}_hashes"]
+        expected = to_row_ids(hashes, offsets)
+        np.testing.assert_array_equal(rows_np[layer], expected)
+        np.testing.assert_array_equal(rows_t[layer].numpy(), expected)
+        np.testing.assert_array_equal(hasher.row_ids_layer(ids, layer), expected)
+        assert (expected < hasher.table_rows(layer)).all()
+        # Each head's rows stay inside that head's slice of the concatenated table.
+        assert ((expected >= offsets) & (expected < offsets + np.array(sizes))).all()
+
+
+def test_forward_file_offsets_match(tok):
+    from safetensors.numpy import load_file
+
+    root = _golden_dir()
+    config, _ = load_engram_config(
+        json.loads((root / "engram_forward.json").read_text()), ignore_unknown=True
+    )
+    hasher = NgramHasher(config, tok)
+    tensors = load_file(root / "engram_forward.safetensors")
+    for layer in config.layer_ids:
+        np.testing.assert_array_equal(
+            tensors[f"layer{layer}.multi_head_embedding.offsets"], hasher.offsets(layer)
+        )
+        rows = tensors[f"layer{layer}.multi_head_embedding.embedding.weight"].shape[0]
+        assert hasher.table_rows(layer) == rows
+
+
+def test_hash_shapes_batches_and_short_sequences(golden):
+    _, data, hasher = golden
+    ids = data["case5_input_ids"]
+    layer = hasher.layer_ids[0]
+    full = hasher.hash_layer(ids, layer)
+    for b in range(ids.shape[0]):  # rows hash independently; 1-D input works
+        np.testing.assert_array_equal(hasher.hash_layer(ids[b], layer), full[b])
+    short = hasher.hash_layer(ids[:, :1], layer)  # T shorter than the n-gram
+    np.testing.assert_array_equal(short, full[:, :1])
+    assert hasher.hash_layer(np.zeros((2, 0), dtype=np.int64), layer).shape == (2, 0, hasher.num_heads)
+
+
+def test_hash_rejects_bad_ids_before_compute(golden):
+    _, _, hasher = golden
+    with pytest.raises(RowIdError, match="outside the tokenizer vocabulary"):
+        hasher.hash(np.array([[1, 2, 200000]]))
+    with pytest.raises(RowIdError, match="token id -3"):
+        hasher.hash(torch.tensor([[-3, 2]]))
+    with pytest.raises(ConfigError, match="layer_id"):
+        hasher.hash_layer(np.array([[1, 2]]), 99)
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"max_ngram_size": 1}, r"engram\.max_ngram_size: expected an integer >= 2, got 1"),
+        ({"engram_vocab_size": [100]}, r"engram\.engram_vocab_size: expected 2 entries"),
+        ({"engram_vocab_size": [100, "x"]}, r"engram\.engram_vocab_size\[1\]"),
+        ({"layer_ids": [1, 1]}, r"engram\.layer_ids: expected distinct layer ids, got 1 twice"),
+        ({"layer_ids": [1, -2]}, r"engram\.layer_ids\[1\]: .*got -2"),
+        ({"n_embed_per_ngram": 100, "n_head_per_ngram": 8}, r"engram\.n_embed_per_ngram"),
+        ({"pad_id": True}, r"engram\.pad_id"),
+        ({"head_count": 3}, r"engram\.head_count: unknown key"),
+    ],
+)
+def test_config_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        EngramConfig.from_dict(data)
+
+
+def test_config_yaml_round_trip_and_backbone_checks(tmp_path):
+    path = tmp_path / "engram.yaml"
+    path.write_text(
+        "engram:\n  engram_vocab_size: [2003, 3001]\n  layer_ids: [1, 4]\n"
+        "  n_embed_per_ngram: 64\n  n_head_per_ngram: 4\nbackbone:\n  hidden_size: 48\n"
+    )
+    engram, backbone = load_engram_config(path)
+    assert engram.layer_ids == (1, 4) and engram.head_dim == 16 and backbone.hidden_size == 48
+    assert EngramConfig.from_dict(engram.to_dict()) == engram
+    with pytest.raises(ConfigError, match=r"engram\.layer_ids\[1\].*num_layers=3, got 4"):
+        load_engram_config({"engram": {"layer_ids": [1, 4]}, "backbone": {"num_layers": 3}})
+    with pytest.raises(ConfigError, match=r"backbone\.hidden_size"):
+        load_engram_config({"backbone": {"hidden_size": 0}})
+    with pytest.raises(ConfigError, match="extra: unknown key"):
+        load_engram_config({"engram": {}, "extra": 1})
+    with pytest.raises(ConfigError, match="pad_id"):
+        NgramHasher(EngramConfig(pad_id=10**6))

@@ -1,0 +1,189 @@
+"""The Engram module: golden forward pass, pluggable table backends, checkpoint checks, gradients."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from tiered_store.engram import (
+    EMBEDDING_KEY,
+    BackboneConfig,
+    Engram,
+    EngramConfig,
+    InMemoryTable,
+    NgramHasher,
+    TableBackend,
+    load_engram_config,
+    split_checkpoint,
+)
+from tiered_store.errors import ConfigError
+
+
+def _golden_dir() -> Path:
+    """``$TIERED_STORE_GOLDEN``, else ``shared/golden`` next to or inside the repository."""
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [os.environ.get("TIERED_STORE_GOLDEN", ""), repo / "shared/golden"]
+    candidates.append(repo.parent / "shared/golden")
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "engram_forward.safetensors").exists():
+            return Path(candidate)
+    pytest.skip("golden vectors not found (set TIERED_STORE_GOLDEN)")
+
+
+LAYERS = [1, 4]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """(engram config, backbone config, shared hasher, golden tensors, checkpoint path)."""
+    root = _golden_dir()
+    meta = json.loads((root / "engram_forward.json").read_text())
+    config, backbone = load_engram_config(meta, ignore_unknown=True)
+    assert list(config.layer_ids) == LAYERS
+    path = root / "engram_forward.safetensors"
+    return config, backbone, NgramHasher(config), load_file(path), path
+
+
+class CountingTable:
+    """A non-Module backend (like the tiered store) that records prefetch/lookup calls."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.rows, self.dim = weight, weight.shape[0], weight.shape[1]
+        self.prefetched: list[torch.Tensor] = []
+        self.handles: list[object] = []
+
+    def prefetch(self, row_ids: torch.Tensor) -> object:
+        self.prefetched.append(row_ids)
+        return ("handle", len(self.prefetched))
+
+    def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
+        self.handles.append(handle)
+        return self.weight[row_ids]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_forward_matches_golden(setup, layer):
+    config, backbone, hasher, data, path = setup
+    engram = Engram.from_checkpoint(path, config, backbone, layer, hasher=hasher)
+    hidden = data[f"layer{layer}.hidden_states"]
+    with torch.no_grad():
+        out = engram(hidden, data["input_ids"])
+        out_np = engram(hidden, data["input_ids"].numpy())  # NumPy ids are hashed the same
+    assert out.shape == hidden.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, data[f"layer{layer}.output"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_np, out, atol=0, rtol=0)
+
+
+def test_state_dict_is_reference_layout(setup):
+    config, backbone, hasher, data, path = setup
+    engram = Engram.from_checkpoint(path, config, backbone, 1, hasher=hasher)
+    reference = {k[len("layer1.") :] for k in data if k.startswith("layer1.")}
+    assert set(engram.state_dict()) == reference - {"hidden_states", "output"}
+    fresh = Engram(config, backbone, 1, hasher=hasher)  # default table, then the reference dict
+    fresh.load_state_dict({k: data[f"layer1.{k}"] for k in engram.state_dict()})
+    for key, value in engram.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, atol=0, rtol=0)
+
+
+def test_external_backend_with_prefetched_row_ids(setup):
+    config, backbone, hasher, data, path = setup
+    weight, dense = split_checkpoint(path, 4)
+    table = CountingTable(weight)
+    assert isinstance(table, TableBackend) and isinstance(InMemoryTable(weight), TableBackend)
+    engram = Engram(config, backbone, 4, hasher=hasher, backend=table)
+    engram.load_state_dict(dense)  # strict: the table is not part of the module's state_dict
+    assert EMBEDDING_KEY not in engram.state_dict()
+    rows, handle = engram.prefetch(data["input_ids"])
+    torch.testing.assert_close(rows, torch.from_numpy(hasher.row_ids(data["input_ids"].numpy())[4]))
+    with torch.no_grad():
+        out = engram(data["layer4.hidden_states"], row_ids=rows, handle=handle)
+    assert table.handles == [handle] and table.prefetched[0] is rows
+    torch.testing.assert_close(out, data["layer4.output"], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="external backend"):
+        engram.load_state_dict({**dense, EMBEDDING_KEY: weight})
+
+
+def test_split_checkpoint_sources(setup):
+    *_, data, path = setup
+    weight, dense = split_checkpoint(path, 1)
+    torch.testing.assert_close(weight, data[f"layer1.{EMBEDDING_KEY}"])
+    assert "hidden_states" not in dense and "output" not in dense and EMBEDDING_KEY not in dense
+    assert "short_conv.conv.weight" in dense and "multi_head_embedding.offsets" in dense
+    w2, d2 = split_checkpoint(dict(data), 1)  # a prefixed state_dict
+    torch.testing.assert_close(w2, weight)
+    assert set(d2) == set(dense)
+    unprefixed = {k[len("layer1.") :]: v for k, v in data.items() if k.startswith("layer1.")}
+    w3, d3 = split_checkpoint(unprefixed, 1)
+    torch.testing.assert_close(w3, weight)
+    assert set(d3) == set(dense)
+    with pytest.raises(ConfigError, match="missing"):
+        split_checkpoint(dense, 1)
+    with pytest.raises(ConfigError, match="cannot read"):
+        split_checkpoint(path.parent / "no_such_file.safetensors", 1)
+
+
+def test_checkpoint_shape_mismatch_errors_before_compute(setup):
+    config, backbone, hasher, data, path = setup
+    wide = BackboneConfig(hidden_size=64, hc_mult=4)
+    with pytest.raises(ConfigError, match=r"value_proj\.weight: checkpoint shape \[48, 128\]"):
+        Engram.from_checkpoint(path, config, wide, 1, hasher=hasher)
+    other = EngramConfig(
+        engram_vocab_size=(2003, 4001), n_embed_per_ngram=64, n_head_per_ngram=4, layer_ids=(1, 4)
+    )
+    with pytest.raises(ConfigError, match=rf"{EMBEDDING_KEY}: checkpoint table shape \[20112, 16\]"):
+        Engram.from_checkpoint(path, other, backbone, 1)
+    engram = Engram.from_checkpoint(path, config, backbone, 1, hasher=hasher)
+    before = engram.value_proj.weight.detach().clone()
+    bad = {k: data[f"layer1.{k}"] for k in engram.state_dict()}
+    bad["key_projs.2.weight"] = torch.zeros(48, 96)
+    with pytest.raises(ConfigError, match=r"key_projs\.2\.weight: .*\[48, 96\].*\[48, 128\]"):
+        engram.load_state_dict(bad)
+    bad = {k: data[f"layer1.{k}"] for k in engram.state_dict()}
+    bad["multi_head_embedding.offsets"] = data["layer4.multi_head_embedding.offsets"]
+    with pytest.raises(ConfigError, match="offsets"):
+        engram.load_state_dict(bad)
+    torch.testing.assert_close(engram.value_proj.weight, before)  # nothing half-loaded
+    parent = nn.ModuleDict({"layer1": Engram(config, backbone, 1, hasher=hasher)})
+    nested = {f"layer1.{k}": v for k, v in engram.state_dict().items()}
+    nested["layer1.norm1.0.weight"] = torch.ones(7)
+    with pytest.raises(ConfigError, match=r"layer1\.norm1\.0\.weight"):  # checked when nested too
+        parent.load_state_dict(nested)
+
+
+def test_input_and_backend_errors(setup):
+    config, backbone, hasher, data, path = setup
+    with pytest.raises(ConfigError, match=r"backend: expected a table of 20112 rows x 16"):
+        Engram(config, backbone, 1, hasher=hasher, backend=InMemoryTable(torch.zeros(10, 16)))
+    with pytest.raises(ConfigError, match="layer_id"):
+        Engram(config, backbone, 2, hasher=hasher)
+    engram = Engram.from_checkpoint(path, config, backbone, 1, hasher=hasher)
+    with pytest.raises(ConfigError, match=r"hidden_states: expected shape \[B, T, 4, 48\]"):
+        engram(torch.zeros(3, 32, 2, 48), data["input_ids"])
+    with pytest.raises(ConfigError, match="row_ids: expected shape"):
+        engram(data["layer1.hidden_states"], row_ids=torch.zeros(3, 32, 5, dtype=torch.long))
+    with pytest.raises(IndexError, match="outside the tokenizer vocabulary"):  # RowIdError
+        engram(data["layer1.hidden_states"], torch.full((3, 32), 129280))
+
+
+def test_in_memory_table_gradients_reach_table_and_dense_params(setup):
+    config, backbone, hasher, data, path = setup
+    engram = Engram.from_checkpoint(path, config, backbone, 1, hasher=hasher)
+    engram(data["layer1.hidden_states"], data["input_ids"]).square().sum().backward()
+    table = engram.table
+    assert isinstance(table, InMemoryTable) and isinstance(table.weight, nn.Parameter)
+    touched = torch.unique(engram.row_ids(data["input_ids"]))
+    grad = table.weight.grad
+    assert grad is not None and grad[touched].abs().sum(dim=1).gt(0).all()
+    untouched = torch.ones(table.rows, dtype=torch.bool)
+    untouched[touched] = False
+    assert grad[untouched].eq(0).all()  # only looked-up rows get gradient (nn.Embedding)
+    for name, param in engram.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    frozen = InMemoryTable(torch.randn(5, 3))  # plain tensor: buffer, saved, not trained
+    assert list(frozen.parameters()) == [] and "weight" in frozen.state_dict()

@@ -1,0 +1,158 @@
+"""RowCache and batch policies: invariants, and exact agreement with scalar reference policies."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies import LRU, PolicySpec, ScalarLRU, known_names
+from tiered_store.errors import ConfigError
+from tiered_store.row_cache import RowCache
+
+
+def _access_one(cache: RowCache, row: int) -> bool:
+    """Drive a RowCache one request at a time, as the store does for a batch of one."""
+    ids = torch.tensor([row])
+    cache.begin_batch()
+    slots = cache.probe(ids)
+    hit = bool(slots[0] >= 0)
+    cache.record(slots[slots >= 0], lookups=1, hits=int(hit))
+    if not hit:
+        cache.admit(ids, torch.ones(1, dtype=torch.int64))
+    return hit
+
+
+def _check_invariants(cache: RowCache) -> None:
+    """Index and slot owners agree; free slots are empty; occupancy within capacity."""
+    owners = cache.row_of_slot
+    held = owners[owners >= 0]
+    assert held.unique().numel() == held.numel(), "a row sits in two slots"
+    if cache.slot_of is not None:
+        resident = torch.nonzero(cache.slot_of >= 0).squeeze(1)
+        assert torch.equal(torch.sort(resident).values, torch.sort(held).values)
+        assert torch.equal(owners[cache.slot_of[resident].long()], resident)
+    assert 0 <= cache.occupancy <= cache.capacity
+    assert cache.occupancy == held.numel()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    capacity=st.integers(0, 12),
+    trace=st.lists(st.integers(0, 30), min_size=1, max_size=200),
+)
+def test_batched_lru_per_request_equals_scalar_lru(capacity, trace):
+    cache = RowCache("t", num_rows=31, capacity=capacity, spec=PolicySpec.parse("lru"))
+    reference = ScalarLRU(capacity)
+    for row in trace:
+        assert _access_one(cache, row) == reference.access(row)
+    _check_invariants(cache)
+    assert cache.counters.hits + cache.counters.misses == len(trace)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    capacity=st.integers(0, 40),
+    headroom=st.sampled_from([0.0, 0.1, 0.5]),
+    batches=st.lists(
+        st.lists(st.integers(0, 99), min_size=0, max_size=60), min_size=1, max_size=20
+    ),
+)
+def test_batched_admission_keeps_index_consistent(capacity, headroom, batches):
+    cache = RowCache(
+        "t", num_rows=100, capacity=capacity, spec=PolicySpec.parse("lru"), evict_headroom=headroom
+    )
+    for batch in batches:
+        ids = torch.tensor(batch, dtype=torch.int64)
+        cache.begin_batch()
+        slots = cache.probe(ids)
+        cache.record(slots[slots >= 0], lookups=ids.numel(), hits=int((slots >= 0).sum()))
+        miss = ids[slots < 0]
+        uniq, counts = torch.unique(miss, return_counts=True)
+        cache.admit(uniq, counts)
+        _check_invariants(cache)
+        # everything this batch missed is now resident when it fits
+        if uniq.numel() <= capacity:
+            assert bool((cache.probe(uniq) >= 0).all())
+
+
+def test_lru_evicts_least_recent_batch_first():
+    cache = RowCache("t", num_rows=10, capacity=3, spec=PolicySpec.parse("lru"))
+    for batch in ([1, 2], [3], [1]):  # 2 is now the least recent
+        ids = torch.tensor(batch)
+        cache.begin_batch()
+        slots = cache.probe(ids)
+        cache.record(slots[slots >= 0], lookups=len(batch), hits=int((slots >= 0).sum()))
+        cache.admit(ids[slots < 0], torch.ones(int((slots < 0).sum()), dtype=torch.int64))
+    cache.begin_batch()
+    cache.admit(torch.tensor([7]), torch.ones(1, dtype=torch.int64))
+    resident = set(torch.nonzero(cache.slot_of >= 0).squeeze(1).tolist())
+    assert resident == {1, 3, 7}
+    assert cache.counters.evictions == 1
+
+
+def test_static_pins_rows_and_admits_nothing_else():
+    cache = RowCache("t", num_rows=50, capacity=4, spec=PolicySpec.parse("static"))
+    pos, slots = cache.preload(torch.tensor([5, 6, 5, 7]), pin=True)
+    assert pos.tolist() == [0, 1, 3]
+    cache.begin_batch()
+    cache.admit(torch.tensor([1, 2, 3]), torch.ones(3, dtype=torch.int64))  # one free slot left
+    assert cache.occupancy == 4
+    cache.begin_batch()
+    cache.admit(torch.tensor([9]), torch.ones(1, dtype=torch.int64))  # full, nothing to evict
+    assert int(cache.probe(torch.tensor([9]))[0]) == -1
+    assert bool((cache.probe(torch.tensor([5, 6, 7])) >= 0).all())
+
+
+def test_static_plus_lru_never_evicts_pinned_rows():
+    cache = RowCache("t", num_rows=1000, capacity=8, spec=PolicySpec.parse("static+lru"))
+    cache.preload(torch.tensor([0, 1, 2]), pin=True)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = torch.from_numpy(rng.integers(3, 1000, size=10))
+        cache.begin_batch()
+        slots = cache.probe(ids)
+        cache.record(slots[slots >= 0], lookups=10, hits=int((slots >= 0).sum()))
+        uniq, counts = torch.unique(ids[slots < 0], return_counts=True)
+        cache.admit(uniq, counts)
+        _check_invariants(cache)
+    assert bool((cache.probe(torch.tensor([0, 1, 2])) >= 0).all())
+    assert cache.counters.evictions > 0
+
+
+def test_zero_capacity_tier_holds_nothing():
+    cache = RowCache("t", num_rows=10, capacity=0, spec=PolicySpec.parse("lru"))
+    cache.begin_batch()
+    assert cache.admit(torch.tensor([1]), torch.ones(1, dtype=torch.int64))[0].numel() == 0
+    assert cache.probe(torch.tensor([1, 2])).tolist() == [-1, -1]
+    assert cache.metadata_bytes()["per_table_row"] == 0
+
+
+def test_more_new_rows_than_capacity_keeps_the_most_used():
+    cache = RowCache("t", num_rows=10, capacity=2, spec=PolicySpec.parse("lru"))
+    cache.begin_batch()
+    cache.admit(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 5, 1, 9]))
+    assert set(torch.nonzero(cache.slot_of >= 0).squeeze(1).tolist()) == {2, 4}
+    assert cache.counters.rejections == 2
+
+
+@pytest.mark.parametrize("bad", ["", "lfu9", "lru+lru", "all"])
+def test_unknown_or_malformed_policy_names_are_errors(bad):
+    with pytest.raises(ConfigError) as info:
+        PolicySpec.parse(bad, key="tiers.hot.policy")
+    assert "tiers.hot.policy" in str(info.value)
+
+
+def test_unknown_policy_error_lists_known_names():
+    with pytest.raises(ConfigError, match="known: .*lru.*static"):
+        PolicySpec.parse("bogus")
+    assert "lru" in known_names()
+
+
+def test_lru_doc_example():
+    lru = LRU(capacity=3)
+    lru.on_batch()
+    lru.on_insert(torch.tensor([0, 1, 2]))
+    lru.on_batch()
+    lru.on_hit(torch.tensor([0, 2]))
+    assert lru.choose_victims(1, torch.zeros(3, dtype=torch.bool)).tolist() == [1]

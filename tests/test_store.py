@@ -1,0 +1,313 @@
+"""TieredStore: a contract every tier configuration passes, properties, prefetch, concurrency, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import make_table, store_config
+from tiered_store import (
+    ConfigError,
+    PrefetchHandleError,
+    RowIdError,
+    StoreConfig,
+    TieredStore,
+    TieredStoreError,
+)
+from tiered_store.workload import ZipfWorkload
+
+ROWS, DIM = 5000, 16
+
+
+class StoreContract:
+    """Every tier layout must serve exactly the table's rows, count consistently, and be thread-safe."""
+
+    tiers: dict = {}
+
+    @pytest.fixture
+    def store(self, table):
+        path, _ = table
+        with TieredStore(store_config(path, **self.tiers)) as store:
+            yield store
+
+    def test_lookup_is_bit_exact_for_any_shape(self, store, table):
+        _, data = table
+        for shape in [(1,), (7,), (3, 4), (2, 3, 5), (0,)]:
+            ids = torch.randint(0, ROWS, shape)
+            out = store.lookup(ids)
+            assert out.shape == (*shape, DIM)
+            assert torch.equal(out, data[ids])
+
+    def test_repeated_zipf_batches_stay_exact(self, store, table):
+        _, data = table
+        workload = ZipfWorkload(ROWS, 1.0, seed=1)
+        for _ in range(12):
+            ids = torch.from_numpy(workload.sample(700))
+            assert torch.equal(store.lookup(ids), data[ids])
+
+    def test_counters_add_up(self, store):
+        workload = ZipfWorkload(ROWS, 0.9, seed=2)
+        total = 0
+        for _ in range(5):
+            ids = torch.from_numpy(workload.sample(500))
+            store.lookup(ids)
+            total += ids.numel()
+        stats = store.stats()
+        hot, warm = stats["hot"], stats["warm"]
+        assert hot["lookups"] == total
+        assert hot["hits"] + hot["misses"] == total
+        assert warm["lookups"] == hot["misses"]
+        assert warm["hits"] + warm["misses"] == warm["lookups"]
+        assert hot["occupancy"] <= hot["capacity"] and warm["occupancy"] <= warm["capacity"]
+        assert stats["cold"]["rows_read"] <= warm["misses"]
+
+    def test_prefetch_then_lookup_matches(self, store, table):
+        _, data = table
+        batches = [torch.randint(0, ROWS, (64, 3)) for _ in range(6)]
+        handles = [store.prefetch(b) for b in batches]
+        for ids, handle in zip(batches, handles, strict=True):
+            assert torch.equal(store.lookup(ids, handle), data[ids])
+
+    def test_concurrent_lookups_return_correct_rows(self, store, table):
+        _, data = table
+        errors = []
+
+        def worker(seed):
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(15):
+                ids = torch.randint(0, ROWS, (300,), generator=gen)
+                if not torch.equal(store.lookup(ids), data[ids]):
+                    errors.append(seed)
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+
+
+class TestHotOnly(StoreContract):
+    tiers = {"hot": {"capacity": 800}}
+
+
+class TestWarmOnly(StoreContract):
+    tiers = {"warm": {"capacity": "10%"}}
+
+
+class TestColdOnlyPread(StoreContract):
+    tiers = {"cold": {"io": "pread", "threads": 4}}
+
+
+class TestColdOnlyMmap(StoreContract):
+    tiers = {"cold": {"io": "mmap"}}
+
+
+class TestColdOnlyDirect(StoreContract):
+    tiers = {"cold": {"io": "direct", "threads": 4}}
+
+
+class TestAllTiers(StoreContract):
+    tiers = {"hot": {"capacity": 300}, "warm": {"capacity": "20%"}, "cold": {"io": "pread"}}
+
+
+class TestAllTiersHeadroom(StoreContract):
+    tiers = {
+        "hot": {"capacity": 300, "evict_headroom": 0.1},
+        "warm": {"capacity": 1000, "evict_headroom": 0.25},
+    }
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    hot=st.integers(0, 120),
+    warm=st.integers(0, 200),
+    batches=st.lists(
+        st.lists(st.integers(0, 399), min_size=0, max_size=80), min_size=1, max_size=8
+    ),
+    dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+)
+def test_lookup_equals_direct_indexing_for_any_capacities(
+    tmp_path_factory, hot, warm, batches, dtype
+):
+    tmp = tmp_path_factory.mktemp("prop")
+    path, data = make_table(tmp, rows=400, dim=5, dtype=dtype)
+    cfg = store_config(path, hot={"capacity": hot}, warm={"capacity": warm})
+    with TieredStore(cfg) as store:
+        for batch in batches:
+            ids = torch.tensor(batch, dtype=torch.int64)
+            assert torch.equal(store.lookup(ids), data[ids])
+        # and a second pass over the same batches, now partly cached
+        for batch in batches:
+            ids = torch.tensor(batch, dtype=torch.int64)
+            assert torch.equal(store.lookup(ids), data[ids])
+
+
+def test_ids_may_be_numpy_lists_and_small_int_dtypes(table):
+    path, data = table
+    with TieredStore(store_config(path, hot={"capacity": 10})) as store:
+        assert torch.equal(store.lookup([3, 4]), data[[3, 4]])
+        assert torch.equal(
+            store.lookup(np.array([[1], [2]], dtype=np.uint16)), data[torch.tensor([[1], [2]])]
+        )
+        assert torch.equal(store.lookup(torch.tensor([9], dtype=torch.int32)), data[[9]])
+
+
+def test_static_rows_are_pinned_and_served_from_hot(tmp_path, table):
+    path, data = table
+    hot_rows = np.arange(100, 150, dtype=np.int64)
+    np.save(tmp_path / "pinned.npy", hot_rows)
+    cfg = StoreConfig.from_dict(
+        {
+            "table": {"path": str(path)},
+            "tiers": {"hot": {"capacity": 80, "policy": "static+lru", "static_rows": "pinned.npy"}},
+        },
+        base_dir=tmp_path,
+    )
+    with TieredStore(cfg) as store:
+        assert store.stats()["hot"]["preloaded"] == 50
+        for _ in range(5):
+            store.lookup(torch.randint(1000, 5000, (200,)))
+        out = store.lookup(torch.from_numpy(hot_rows))
+        assert torch.equal(out, data[torch.from_numpy(hot_rows)])
+        assert store.stats()["hot"]["hits"] >= 50
+
+
+def test_preload_rows_warm_start(tmp_path, table):
+    path, data = table
+    np.save(tmp_path / "top.npy", np.array([5, 6, 7], dtype=np.int64))
+    cfg = StoreConfig.from_dict(
+        {
+            "table": {"path": str(path)},
+            "tiers": {"warm": {"capacity": 10, "preload_rows": "top.npy"}},
+        },
+        base_dir=tmp_path,
+    )
+    with TieredStore(cfg) as store:
+        assert torch.equal(store.lookup(torch.tensor([5, 6, 7])), data[[5, 6, 7]])
+        assert store.stats()["warm"]["hits"] == 3
+        assert store.stats()["cold"]["rows_read"] == 3  # only the preload itself
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("ids", "match"),
+    [
+        (torch.tensor([0, ROWS]), "out of range"),
+        (torch.tensor([-1]), "out of range"),
+        (torch.tensor([1.0, 2.0]), "dtype torch.float32"),
+        (np.array([1.5]), "dtype float64"),
+        (torch.tensor([True]), "dtype torch.bool"),
+        ("abc", "cannot be read"),
+    ],
+)
+def test_bad_ids_raise_clear_errors(table, ids, match):
+    path, _ = table
+    with TieredStore(store_config(path, hot={"capacity": 10})) as store:
+        with pytest.raises(RowIdError, match=match):
+            store.lookup(ids)
+        with pytest.raises(IndexError):  # RowIdError is also an IndexError
+            store.prefetch(ids)
+        assert store.stats()["hot"]["lookups"] == 0
+
+
+def test_handle_for_other_ids_or_used_twice_is_an_error(table):
+    path, data = table
+    with TieredStore(store_config(path)) as store:
+        ids = torch.tensor([1, 2, 3])
+        handle = store.prefetch(ids)
+        with pytest.raises(PrefetchHandleError, match="differ"):
+            store.lookup(torch.tensor([1, 2, 4]), handle)
+        assert torch.equal(
+            store.lookup(torch.tensor([1, 2, 3]), handle), data[ids]
+        )  # equal ids are fine
+        with pytest.raises(PrefetchHandleError, match="already consumed"):
+            store.lookup(ids, handle)
+
+
+def test_closed_store_refuses_lookups(table):
+    path, _ = table
+    store = TieredStore(store_config(path))
+    store.close()
+    store.close()
+    with pytest.raises(TieredStoreError, match="closed"):
+        store.lookup(torch.tensor([1]))
+
+
+@pytest.mark.parametrize(
+    ("tiers", "match"),
+    [
+        (
+            {"hot": {"capacity": ROWS + 1}},
+            r"tiers\.hot\.capacity: .*more than the table's 5,000 rows",
+        ),
+        ({"warm": {"capacity": "101%"}}, r"tiers\.warm\.capacity: .*more than 100%"),
+        ({"warm": {"capacity": "100TiB"}}, r"tiers\.warm\.capacity"),
+        ({"hot": {"capacity": "12 bananas"}}, r"tiers\.hot\.capacity: got '12 bananas'"),
+        ({"hot": {"policy": "mru"}}, r"tiers\.hot\.policy: unknown policy 'mru'"),
+        ({"hot": {"device": "tpu"}}, r"tiers\.hot\.device"),
+        ({"hot": {"capacity": 10, "policy": "static"}}, r"tiers\.hot\.static_rows"),
+        ({"cold": {"io": "aio"}}, r"tiers\.cold\.io"),
+        ({"cold": {"threads": 0}}, r"tiers\.cold\.threads"),
+        ({"warm": {"capcity": 5}}, r"tiers\.warm\.capcity: unknown key"),
+    ],
+)
+def test_bad_config_names_the_key(table, tiers, match):
+    path, _ = table
+    with pytest.raises(ConfigError, match=match):
+        TieredStore(store_config(path, **tiers))
+
+
+def test_config_dim_or_dtype_mismatch_and_missing_table(tmp_path, table):
+    path, _ = table
+    with pytest.raises(ConfigError, match="table.dim: config says 8"):
+        TieredStore(StoreConfig.from_dict({"table": {"path": str(path), "dim": 8}}))
+    with pytest.raises(ConfigError, match="table.dtype"):
+        TieredStore(StoreConfig.from_dict({"table": {"path": str(path), "dtype": "float16"}}))
+    with pytest.raises(ConfigError, match="table.path: .*does not exist"):
+        TieredStore(StoreConfig.from_dict({"table": {"path": str(tmp_path / "nope.npy")}}))
+
+
+def test_yaml_config_resolves_relative_paths(tmp_path, table):
+    path, data = table
+    (tmp_path / "tiers.yaml").write_text(
+        f"table:\n  path: {path.name}\ntiers:\n  hot: {{capacity: 5%}}\n  warm: {{capacity: 64KiB}}\n"
+    )
+    with TieredStore.open(tmp_path / "tiers.yaml") as store:
+        assert store.hot.capacity == ROWS * 5 // 100
+        assert store.warm.capacity == (64 << 10) // (DIM * 4)
+        assert torch.equal(store.lookup([1, 2]), data[[1, 2]])
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("table: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        StoreConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        StoreConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_failed_lookup_leaves_table_file_untouched(table):
+    path, _ = table
+    before = path.read_bytes()
+    with TieredStore(store_config(path, hot={"capacity": 10})) as store:
+        with pytest.raises(RowIdError):
+            store.lookup(torch.tensor([ROWS * 2]))
+    assert path.read_bytes() == before
+
+
+def test_memory_report_counts_metadata(table):
+    path, _ = table
+    with TieredStore(store_config(path, hot={"capacity": 100}, warm={"capacity": 200})) as store:
+        report = store.memory_report()
+        assert report["hot_payload_bytes"] == 100 * DIM * 4
+        assert report["hot_metadata"]["per_table_row"] == 4
+        assert report["warm_metadata"]["per_slot"] >= 17

@@ -1,0 +1,75 @@
+"""Capacity specs: a row count, a byte size like ``512MiB`` or a percentage like ``10%`` of the table."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import ConfigError
+
+_BYTE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
+_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+CAPACITY_HELP = "a row count (int), a byte size like '512MiB' or '2GiB', or a percentage like '10%'"
+
+
+def check_capacity_spec(spec: int | str) -> int | str:
+    """Validate the syntax of a capacity spec without knowing the table; returns it unchanged."""
+    if isinstance(spec, bool) or not isinstance(spec, int | str):
+        raise ValueError(f"got {spec!r}; expected {CAPACITY_HELP}")
+    if isinstance(spec, int):
+        if spec < 0:
+            raise ValueError(f"got {spec}; expected a non-negative row count")
+        return spec
+    if not (_BYTES_RE.match(spec) or _PERCENT_RE.match(spec)):
+        raise ValueError(f"got {spec!r}; expected {CAPACITY_HELP}")
+    return spec
+
+
+def parse_bytes(text: str) -> int:
+    """``'512MiB'`` -> 536870912."""
+    m = _BYTES_RE.match(text)
+    if not m:
+        raise ConfigError(
+            f"byte size {text!r}: expected a number and a unit like '512MiB' or '2GB'"
+        )
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).upper()])
+
+
+def resolve_capacity(spec: int | str, *, table_rows: int, row_bytes: int, key: str) -> int:
+    """Turn a capacity spec into a number of rows for a table; errors name ``key``."""
+    check_capacity_spec(spec)
+    if isinstance(spec, int):
+        rows = spec
+    elif m := _PERCENT_RE.match(spec):
+        pct = float(m.group(1))
+        if pct > 100:
+            raise ConfigError(f"{key}: {spec!r} is more than 100% of the table; expected 0%..100%")
+        rows = int(table_rows * pct / 100)
+    else:
+        rows = parse_bytes(spec) // row_bytes
+    if rows > table_rows:
+        raise ConfigError(
+            f"{key}: {spec!r} is {rows:,} rows, more than the table's {table_rows:,} rows; "
+            f"expected at most {table_rows:,} rows ({table_rows * row_bytes:,} bytes or 100%)"
+        )
+    return rows
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

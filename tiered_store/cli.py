@@ -1,0 +1,161 @@
+"""The ``tiered-store`` command line: one subcommand per job; ``--help`` on each explains it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import TieredStoreError
+
+# Extra subcommands provided by other modules: name -> "module:register_function".
+_PLUGINS = {
+    "demo": "tiered_store.demo:register",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tiered-store`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except TieredStoreError as exc:
+        print(f"tiered-store {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser, subcommands included."""
+    parser = argparse.ArgumentParser(
+        prog="tiered-store",
+        description="A tiered (GPU / host RAM / NVMe) memory store for Engram N-gram embedding tables.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_init(sub)
+    _add_info(sub)
+    _add_verify(sub)
+    for target in _PLUGINS.values():
+        module, func = target.split(":")
+        register: Callable = getattr(__import__(module, fromlist=[func]), func)
+        register(sub)
+    return parser
+
+
+def _add_init(sub) -> None:
+    p = sub.add_parser(
+        "init",
+        help="create a table file (cold tier) from an array, a safetensors tensor, or random init",
+        description="Create TABLE.npy and its manifest atomically, streaming in chunks. "
+        "Exactly one source: --from-npy, --from-safetensors with --tensor, or --random ROWSxDIM.",
+    )
+    p.add_argument("table", type=Path, help="output table path (.npy)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-npy", type=Path, metavar="PATH", help="a 2-D .npy array")
+    src.add_argument(
+        "--from-safetensors", type=Path, metavar="PATH", help="a safetensors file (needs --tensor)"
+    )
+    src.add_argument("--random", metavar="ROWSxDIM", help="seeded normal init, e.g. 1000000x64")
+    p.add_argument("--tensor", help="tensor name inside the safetensors file")
+    p.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], help="store as this dtype"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
+    p.add_argument(
+        "--std", type=float, default=1.0, help="standard deviation for --random (default 1.0)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing table at TABLE")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_init)
+
+
+def _run_init(args) -> int:
+    from . import table_format as tf
+
+    if args.from_safetensors is not None:
+        if not args.tensor:
+            raise _usage("init: --from-safetensors needs --tensor NAME")
+        source = tf.SafetensorsSource(args.from_safetensors, args.tensor)
+    elif args.from_npy is not None:
+        source = args.from_npy
+    else:
+        rows, dim = _parse_shape(args.random)
+        source = tf.RandomSource(
+            rows, dim, dtype=args.dtype or "float32", seed=args.seed, std=args.std
+        )
+    manifest = tf.create_table(
+        args.table, source, dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite
+    )
+    print(f"created {args.table}: {manifest.rows:,} x {manifest.dim} {manifest.dtype}")
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser(
+        "info", help="print a table's manifest", description="Print a table's manifest as JSON."
+    )
+    p.add_argument("table", type=Path)
+    p.set_defaults(run=_run_info)
+
+
+def _run_info(args) -> int:
+    from .table_format import read_manifest
+
+    manifest = read_manifest(args.table)
+    info = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(vars(manifest))
+    info.pop("checksums", None)
+    info.pop("block_checksums", None)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="re-check every block checksum of a table",
+        description="Re-read the whole table and check every block's checksum; exit 1 naming the first bad block.",
+    )
+    p.add_argument("table", type=Path)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_verify)
+
+
+def _run_verify(args) -> int:
+    from .errors import TableFormatError
+    from .table_format import verify_table
+
+    try:
+        report = verify_table(args.table, progress=not args.quiet)
+    except TableFormatError as exc:
+        print(f"tiered-store verify: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.table}: OK ({report})")
+    return 0
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    try:
+        rows, dim = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise _usage(f"--random: got {text!r}; expected ROWSxDIM like 1000000x64") from None
+    if rows <= 0 or dim <= 0:
+        raise _usage(f"--random: got {text!r}; expected positive ROWS and DIM")
+    return rows, dim
+
+
+def _usage(message: str) -> TieredStoreError:
+    from .errors import ConfigError
+
+    return ConfigError(message)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""The cold tier: open a table file and read batches of rows from it, fast.
+
+Three I/O modes:
+
+- ``"pread"``: page-cache reads with ``os.preadv`` from a persistent thread pool
+  (``POSIX_FADV_RANDOM``, so no readahead is wasted on random rows).
+- ``"direct"``: the same with ``O_DIRECT``: the page cache is bypassed, so a cold-tier read never
+  evicts the host's other cached data and the measured rate is the disk's.
+- ``"mmap"``: ``np.take`` on a memory map (``MADV_RANDOM``); fastest when the table sits in the
+  page cache. Large batches are split over the thread pool so page faults overlap.
+
+The pread/direct path, vectorised with NumPy except for one Python call per I/O request:
+row ids -> byte ranges -> 4 KiB page ranges -> coalesce rows whose pages overlap or touch into
+extents (split every ``MAX_EXTENT_PAGES`` so a dense batch still spreads over the threads) ->
+contiguous groups of extents, one per worker, balanced by estimated cost -> each worker
+``preadv``s its extents back to back into its own page-aligned buffer and, whenever the buffer is
+full, copies the rows it holds straight into the output with one vectorised gather.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tiered_store.errors import ConfigError, RowIdError, TierIOError
+from tiered_store.table_format import PAGE_BYTES, TableManifest, check_table, table_paths
+
+IO_MODES = ("mmap", "pread", "direct")
+DEFAULT_THREADS = 8
+MAX_EXTENT_PAGES = 64  # 256 KiB: longest single read before an extent is split for parallelism
+REQUEST_COST_PAGES = 8  # balancing weight of one read request, in pages of transfer
+WORKER_BUFFER_BYTES = 4 << 20  # 4 MiB page-aligned read buffer per worker thread
+MMAP_MIN_ROWS_PER_TASK = 8192  # mmap mode: below this many rows a batch is gathered inline
+
+_PAGE_SHIFT = PAGE_BYTES.bit_length() - 1
+# NumPy element type used to hold each table dtype (bfloat16 travels as int16 bits)
+_NP_ELEMENT = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
+
+
+class ColdTable:
+    """Read-only access to a table file: batched, parallel, bit-exact row reads.
+
+    Parameters
+    ----------
+    path
+        The table's ``.npy`` path (created by ``create_table``).
+    io
+        ``"pread"`` (default), ``"direct"`` (``O_DIRECT``, bypasses the page cache) or
+        ``"mmap"``.
+    threads
+        Size of the I/O thread pool (the calling thread works too, as one of them).
+
+    Opening checks that both files exist, that the manifest agrees with the ``.npy`` header and
+    that the file size is exactly ``data_offset + rows * row_bytes``. It does not re-check the
+    block checksums: use ``verify_table`` for that.
+
+    Attributes
+    ----------
+    rows, dim, row_bytes : int
+    dtype : torch.dtype
+    manifest : TableManifest
+    path : Path
+    rows_read, bytes_read, read_requests, read_errors : int
+        Counters. ``bytes_read`` counts bytes transferred (whole pages for pread/direct, row
+        bytes for mmap); ``read_requests`` counts ``preadv`` calls (gather calls for mmap).
+
+    Examples
+    --------
+    >>> from tiered_store.table_format import create_table, RandomSource
+    >>> create_table("/data/t.npy", RandomSource(10_000, 64), progress=False)  # doctest: +SKIP
+    >>> with ColdTable("/data/t.npy", io="direct", threads=8) as table:  # doctest: +SKIP
+    ...     rows = table.read_rows(np.array([3, 17, 9_999]))
+    >>> rows.shape, rows.dtype  # doctest: +SKIP
+    (torch.Size([3, 64]), torch.float32)
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, io: str = "pread", threads: int = 8):
+        if io not in IO_MODES:
+            raise ConfigError(f"ColdTable io={io!r}; expected one of {', '.join(IO_MODES)}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"ColdTable threads={threads!r}; expected an integer >= 1")
+        self.path: Path = table_paths(path)[0]
+        self.manifest: TableManifest = check_table(self.path)
+        self.io = io
+        self.threads = threads
+        self.rows = self.manifest.rows
+        self.dim = self.manifest.dim
+        self.row_bytes = self.manifest.row_bytes
+        self.dtype: torch.dtype = self.manifest.torch_dtype
+        self.rows_read = 0
+        self.bytes_read = 0
+        self.read_requests = 0
+        self.read_errors = 0
+        self._np_dtype = np.dtype(_NP_ELEMENT[self.manifest.dtype])
+        self._file_bytes = self.manifest.file_bytes
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._closed = False
+        self._fd = -1
+        self._mmap: mmap.mmap | None = None
+        self._array: np.ndarray | None = None
+        self._pool = ThreadPoolExecutor(threads - 1, "cold-read") if threads > 1 else None
+        try:
+            if io == "mmap":
+                self._open_mmap()
+            else:
+                self._open_fd()
+        except BaseException:
+            self._release()
+            raise
+        self._finalizer = weakref.finalize(self, _release_fd_pool, self._fd, self._pool)
+
+    # ---- public ----------------------------------------------------------------------------
+
+    def read_rows(self, ids: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read rows ``ids`` of the table.
+
+        Parameters
+        ----------
+        ids
+            1-D integer array of row ids, **sorted ascending** (the caller guarantees this;
+            it is not checked, and unsorted ids give unspecified rows or a read error but never
+            touch memory or bytes outside the table). Repeated ids are allowed.
+        out
+            Optional CPU tensor ``[len(ids), dim]`` of the table dtype, C-contiguous (it may be
+            pinned); the rows are written into it and it is returned.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[len(ids), dim]`` CPU tensor in the table dtype, bit-exact with
+            ``np.load(path)[ids]`` (for bfloat16: the same bits).
+
+        Raises
+        ------
+        RowIdError
+            ``ids`` is not a 1-D integer array, or its first/last id is out of ``[0, rows)``.
+        TierIOError
+            A read failed (EIO, short read); the message names the file and offset.
+
+        Examples
+        --------
+        >>> table.read_rows(np.arange(0, 1000, 10)).shape  # doctest: +SKIP
+        torch.Size([100, 64])
+        """
+        if self._closed:
+            raise TierIOError(errno.EBADF, f"ColdTable {self.path} is closed", str(self.path))
+        ids = self._check_ids(ids)
+        result, out_np = self._output(len(ids), out)
+        if len(ids):
+            if self._array is not None:
+                moved, requests = self._gather_mmap(ids, out_np)
+            else:
+                moved, requests = self._gather_pread(ids, out_np)
+            with self._lock:
+                self.rows_read += len(ids)
+                self.bytes_read += moved
+                self.read_requests += requests
+        return result
+
+    def close(self) -> None:
+        """Stop the thread pool and close the file (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        self._release()
+
+    def __enter__(self) -> ColdTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"ColdTable({str(self.path)!r}, io={self.io!r}, threads={self.threads}, "
+            f"shape={self.manifest.shape}, dtype={self.manifest.dtype})"
+        )
+
+    # ---- opening ---------------------------------------------------------------------------
+
+    def _open_fd(self) -> None:
+        """Open for pread/direct; probe one O_DIRECT read so a refusing filesystem fails here."""
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        if self.io == "direct":
+            if not hasattr(os, "O_DIRECT"):
+                raise TierIOError(
+                    errno.EINVAL, f"io='direct' needs O_DIRECT, which this OS lacks; {_HINT}"
+                )
+            flags |= os.O_DIRECT
+        try:
+            self._fd = os.open(self.path, flags)
+        except OSError as exc:
+            hint = f"; {_HINT}" if self.io == "direct" and exc.errno == errno.EINVAL else ""
+            raise TierIOError(
+                exc.errno, f"cannot open table {self.path} for io={self.io!r}{hint}", str(self.path)
+            ) from exc
+        if self.io == "pread":
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        else:
+            probe = self._buffer(PAGE_BYTES)
+            try:
+                os.preadv(self._fd, [probe[:PAGE_BYTES]], 0)
+            except OSError as exc:
+                raise TierIOError(
+                    exc.errno,
+                    f"O_DIRECT read of {self.path} refused ({exc.strerror}); {_HINT}",
+                    str(self.path),
+                ) from exc
+
+    def _open_mmap(self) -> None:
+        """Map the whole file read-only and view its data region as [rows, dim]."""
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_RANDOM)
+        self._array = np.frombuffer(
+            self._mmap,
+            dtype=self._np_dtype,
+            count=self.rows * self.dim,
+            offset=self.manifest.data_offset,
+        ).reshape(self.rows, self.dim)
+
+    def _release(self) -> None:
+        """Free pool, fd and map (also used when the constructor fails half-way)."""
+        self._array = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+        _release_fd_pool(self._fd, self._pool, wait=True)
+        self._fd, self._pool = -1, None
+
+    # ---- argument handling -----------------------------------------------------------------
+
+    def _check_ids(self, ids: Any) -> np.ndarray:
+        """ids as 1-D int64 with first/last in range (sortedness is the caller's contract)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.dtype.kind not in "iu" and ids.size):
+            raise RowIdError(
+                f"row ids have shape {ids.shape} and dtype {ids.dtype}; "
+                "expected a 1-D integer array"
+            )
+        ids = ids.astype(np.int64, copy=False)
+        if len(ids) and (ids[0] < 0 or ids[-1] >= self.rows):
+            bad = ids[0] if ids[0] < 0 else ids[-1]
+            raise RowIdError(
+                f"row id {int(bad)} is out of range for table {self.path}; "
+                f"expected 0 <= id < {self.rows} (ids sorted ascending)"
+            )
+        return ids
+
+    def _output(self, n: int, out: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
+        """The result tensor and a NumPy view of it with the table's element type."""
+        if out is None:
+            out = torch.empty((n, self.dim), dtype=self.dtype)
+        elif (
+            out.device.type != "cpu"
+            or out.dtype != self.dtype
+            or tuple(out.shape) != (n, self.dim)
+            or not out.is_contiguous()
+        ):
+            raise ValueError(
+                f"out is a {out.device.type} {out.dtype} tensor of shape {tuple(out.shape)}"
+                f"{'' if out.is_contiguous() else ' (not contiguous)'}; expected a contiguous "
+                f"cpu {self.dtype} tensor of shape {(n, self.dim)}"
+            )
+        view = out.view(torch.int16) if self.dtype == torch.bfloat16 else out
+        return out, view.numpy()
+
+    # ---- mmap ------------------------------------------------------------------------------
+
+    def _gather_mmap(self, ids: np.ndarray, out: np.ndarray) -> tuple[int, int]:
+        """np.take from the map; large batches split over the pool so faults overlap."""
+        array = self._array
+        assert array is not None
+        n = len(ids)
+        tasks = min(self.threads, max(1, n // MMAP_MIN_ROWS_PER_TASK))
+        bounds = np.linspace(0, n, tasks + 1).astype(np.int64).tolist()
+
+        def gather(k: int) -> None:
+            a, b = bounds[k], bounds[k + 1]
+            np.take(array, ids[a:b], axis=0, out=out[a:b])
+
+        self._run_parallel(gather, tasks)
+        return n * self.row_bytes, tasks
+
+    # ---- pread / direct --------------------------------------------------------------------
+
+    def _gather_pread(self, ids: np.ndarray, out: np.ndarray) -> tuple[int, int]:
+        """Plan extents for ``ids`` (vectorised), then read and extract them in parallel."""
+        plan = _plan_extents(ids, self.row_bytes, self.manifest.data_offset)
+        n_ext = len(plan.page_first)
+        groups = min(self.threads, n_ext)
+        weight = np.cumsum(plan.pages + REQUEST_COST_PAGES)
+        cuts = np.searchsorted(weight, weight[-1] * np.arange(1, groups) / groups, side="right")
+        edges = np.unique(np.concatenate(([0], cuts, [n_ext]))).tolist()
+        offsets = (plan.page_first << _PAGE_SHIFT).tolist()
+        lengths = (plan.pages << _PAGE_SHIFT).tolist()
+        buffer_bytes = max(WORKER_BUFFER_BYTES, max(lengths))
+        moved = [0] * (len(edges) - 1)
+        counts = [0] * (len(edges) - 1)
+
+        def work(g: int) -> None:
+            e_begin, e_end = edges[g], edges[g + 1]
+            buf = self._buffer(buffer_bytes)
+            fill, batch = 0, e_begin
+            for e in range(e_begin, e_end):
+                length = lengths[e]
+                if fill + length > buffer_bytes:
+                    self._extract(plan, batch, e, buf, out)
+                    fill, batch = 0, e
+                moved[g] += self._read_extent(buf[fill : fill + length], offsets[e])
+                counts[g] += 1
+                fill += length
+            self._extract(plan, batch, e_end, buf, out)
+
+        self._run_parallel(work, len(edges) - 1)
+        return sum(moved), sum(counts)
+
+    def _read_extent(self, view: memoryview, offset: int) -> int:
+        """preadv one extent fully (the file's last page may be short); return bytes read."""
+        need = min(len(view), self._file_bytes - offset)
+        got = 0
+        try:
+            while got < need:
+                n = os.preadv(self._fd, [view[got:]], offset + got)
+                if n <= 0:
+                    raise TierIOError(
+                        errno.EIO,
+                        f"short read from {self.path} at offset {offset}: got {got} of "
+                        f"{need} bytes (file truncated while open?)",
+                        str(self.path),
+                    )
+                got += n
+        except TierIOError:
+            self._count_error()
+            raise
+        except OSError as exc:
+            self._count_error()
+            hint = f"; {_HINT}" if self.io == "direct" and exc.errno == errno.EINVAL else ""
+            raise TierIOError(
+                exc.errno,
+                f"reading {len(view)} bytes of {self.path} at offset {offset + got} failed: "
+                f"{exc.strerror}{hint}",
+                str(self.path),
+            ) from exc
+        return got
+
+    def _extract(self, plan: _ExtentPlan, e0: int, e1: int, buf: memoryview, out: np.ndarray):
+        """Copy the rows of extents [e0, e1), now packed at the start of ``buf``, into ``out``."""
+        r0, r1 = plan.row_start[e0], plan.row_start[e1]
+        if r0 == r1:
+            return
+        pos = plan.row_vpos[r0:r1] - plan.ext_vpos[e0]  # byte offset of each row in buf
+        used = int(plan.ext_vpos[e1] - plan.ext_vpos[e0])
+        data = np.frombuffer(buf, dtype=np.uint8, count=used)
+        rb = self.row_bytes
+        if used >= rb and not np.any(pos % rb):  # fast path: rows sit on a row_bytes grid
+            rows = data[: used - used % rb].view(self._np_dtype).reshape(-1, self.dim)
+            np.take(rows, pos // rb, axis=0, out=out[r0:r1])
+        else:  # general path: overlapping row view at element stride, gather by position
+            elems = data[: used - used % self._np_dtype.itemsize].view(self._np_dtype)
+            step = self._np_dtype.itemsize
+            rows = np.lib.stride_tricks.as_strided(
+                elems, shape=(len(elems) - self.dim + 1, self.dim), strides=(step, step)
+            )
+            out[r0:r1] = rows[pos // step]
+
+    # ---- threads and buffers ---------------------------------------------------------------
+
+    def _run_parallel(self, fn: Any, tasks: int) -> None:
+        """Run fn(0..tasks-1): task 0 in the calling thread, the rest in the pool."""
+        futures: list[Future[None]] = []
+        if self._pool is not None:
+            futures = [self._pool.submit(fn, k) for k in range(1, tasks)]
+        else:
+            for k in range(1, tasks):
+                fn(k)
+        first_error: BaseException | None = None
+        try:
+            fn(0)
+        except BaseException as exc:  # noqa: BLE001 - re-raised after the workers finish
+            first_error = exc
+        for fut in futures:  # wait for all: they write into `out` and use our buffers
+            exc = fut.exception()
+            if exc is not None and first_error is None:
+                first_error = exc
+        if first_error is not None:
+            raise first_error
+
+    def _buffer(self, nbytes: int) -> memoryview:
+        """This thread's page-aligned read buffer, at least ``nbytes`` long."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            raw = np.empty(nbytes + PAGE_BYTES, dtype=np.uint8)
+            skip = -raw.ctypes.data % PAGE_BYTES
+            buf = memoryview(raw[skip : skip + nbytes])
+            self._local.buf = buf
+        return buf
+
+    def _count_error(self) -> None:
+        with self._lock:
+            self.read_errors += 1
+
+
+_HINT = "the file system refuses O_DIRECT here; use io='pread'"
+
+
+class _ExtentPlan:
+    """Vectorised read plan: extents (page ranges) and where each row lands in the read stream.
+
+    ``row_start[e]`` is the first row of extent ``e`` (``row_start[-1] == len(ids)``);
+    ``ext_vpos[e]`` is the extent's byte offset when all extents are packed back to back;
+    ``row_vpos[r]`` is row ``r``'s byte offset in that packed stream.
+    """
+
+    __slots__ = ("page_first", "pages", "row_start", "ext_vpos", "row_vpos")
+
+    def __init__(self, page_first, pages, row_start, ext_vpos, row_vpos):
+        self.page_first = page_first
+        self.pages = pages
+        self.row_start = row_start
+        self.ext_vpos = ext_vpos
+        self.row_vpos = row_vpos
+
+
+def _plan_extents(ids: np.ndarray, row_bytes: int, data_offset: int) -> _ExtentPlan:
+    """Coalesce the pages of sorted ``ids`` into extents of at most ~MAX_EXTENT_PAGES pages."""
+    n = len(ids)
+    start = ids * row_bytes + data_offset
+    first = start >> _PAGE_SHIFT
+    last = (start + (row_bytes - 1)) >> _PAGE_SHIFT
+    new = np.empty(n, dtype=bool)
+    new[0] = True
+    np.greater(first[1:], last[:-1] + 1, out=new[1:])  # a gap of >= 1 page starts an extent
+    run = np.cumsum(new) - 1
+    window = (first - first[new][run]) // MAX_EXTENT_PAGES  # split long runs at row boundaries
+    new[1:] |= window[1:] != window[:-1]
+    row_start = np.append(np.flatnonzero(new), n)
+    page_first = first[row_start[:-1]]
+    pages = last[row_start[1:] - 1] - page_first + 1
+    ext_vpos = np.zeros(len(pages) + 1, dtype=np.int64)
+    np.cumsum(pages << _PAGE_SHIFT, out=ext_vpos[1:])
+    ext = np.cumsum(new) - 1
+    row_vpos = ext_vpos[ext] + (start - (page_first[ext] << _PAGE_SHIFT))
+    return _ExtentPlan(page_first, pages, row_start, ext_vpos, row_vpos)
+
+
+def _release_fd_pool(fd: int, pool: ThreadPoolExecutor | None, wait: bool = False) -> None:
+    """Shut the pool down and close the descriptor (used by close() and the GC finalizer)."""
+    if pool is not None:
+        pool.shutdown(wait=wait)
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,33 @@
+"""Engram (DeepSeek 2026, "Conditional Memory via Scalable Lookup"): addressing and module.
+
+Bit-exact with the reference ``engram_demo_v1.py``: tokenizer compression
+(``CompressedTokenizer``), N-gram hashing into prime-sized per-head tables (``NgramHasher``), and
+the gated Engram layer (``Engram``) over a pluggable table backend (``TableBackend``:
+``InMemoryTable`` or the tiered store).
+"""
+
+from .backend import InMemoryTable, TableBackend
+from .config import BackboneConfig, EngramConfig, load_engram_config
+from .hashing import NgramHasher, layer_multipliers, table_primes, to_row_ids
+from .module import EMBEDDING_KEY, Engram, MultiHeadEmbedding, ShortConv, split_checkpoint
+from .tokenizer import CompressedTokenizer, check_token_ids, default_tokenizer_path
+
+__all__ = [
+    "EMBEDDING_KEY",
+    "BackboneConfig",
+    "CompressedTokenizer",
+    "Engram",
+    "EngramConfig",
+    "InMemoryTable",
+    "MultiHeadEmbedding",
+    "NgramHasher",
+    "ShortConv",
+    "TableBackend",
+    "check_token_ids",
+    "default_tokenizer_path",
+    "layer_multipliers",
+    "load_engram_config",
+    "split_checkpoint",
+    "table_primes",
+    "to_row_ids",
+]

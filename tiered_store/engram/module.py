@@ -1,0 +1,451 @@
+"""The Engram module, faithful to the reference ``engram_demo_v1.py``, over a pluggable table.
+
+Per hyper-connection branch ``i`` (``e`` = the concatenated embeddings of all heads)::
+
+    key_i = RMSNorm1_i(key_proj_i(e));  q_i = RMSNorm2_i(h[:, :, i])
+    g = (key_i . q_i) / sqrt(hidden);  g = sign(g) * sqrt(max(|g|, 1e-6));  gate_i = sigmoid(g)
+    v_i = gate_i * value_proj(e)
+    output = v + ShortConv(v)
+
+ShortConv = per-branch RMSNorm (eps 1e-5), causal depthwise Conv1d (kernel_size, dilation =
+max_ngram_size, no bias) over all branches' channels, SiLU.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .backend import InMemoryTable, TableBackend
+from .config import BackboneConfig, EngramConfig
+from .hashing import NgramHasher
+
+__all__ = ["EMBEDDING_KEY", "Engram", "MultiHeadEmbedding", "ShortConv", "split_checkpoint"]
+
+EMBEDDING_KEY = "multi_head_embedding.embedding.weight"  # the big table, reference layout
+# Dense parameters and buffers of one Engram module in the reference state_dict layout.
+_DENSE_KEY = re.compile(
+    r"^(multi_head_embedding\.offsets|value_proj\.(weight|bias)|key_projs\.\d+\.(weight|bias)"
+    r"|norm[12]\.\d+\.weight|short_conv\.conv\.weight|short_conv\.norms\.\d+\.weight)$"
+)
+_GATE_EPS = 1e-6  # floor of |gate| before the signed square root
+
+
+class ShortConv(nn.Module):
+    """Per-branch RMSNorm, causal depthwise Conv1d over all branches' channels, SiLU.
+
+    Input and output are [B, T, hc_mult, hidden_size]; the convolution sees channels
+    ``branch * hidden_size + c`` and is causal (left padding ``(kernel_size - 1) * dilation``).
+
+    Examples
+    --------
+    >>> conv = ShortConv(hidden_size=8, kernel_size=4, dilation=3, hc_mult=2)
+    >>> conv(torch.randn(2, 5, 2, 8)).shape
+    torch.Size([2, 5, 2, 8])
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        kernel_size: int = 4,
+        dilation: int = 1,
+        norm_eps: float = 1e-5,
+        hc_mult: int = 4,
+        activation: bool = True,
+    ) -> None:
+        super().__init__()
+        self.hc_mult = hc_mult
+        self.activation = activation
+        channels = hidden_size * hc_mult
+        self.conv = nn.Conv1d(
+            channels,
+            channels,
+            kernel_size=kernel_size,
+            groups=channels,
+            bias=False,
+            padding=(kernel_size - 1) * dilation,
+            dilation=dilation,
+        )
+        self.norms = nn.ModuleList(
+            [nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult)]
+        )
+        self.act_fn = nn.SiLU() if activation else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, hc_mult, C] -> [B, T, hc_mult, C]."""
+        batch, seq, branches, width = x.shape
+        normed = torch.cat([self.norms[i](x[:, :, i, :]) for i in range(branches)], dim=-1)
+        y = self.conv(normed.transpose(1, 2))[..., :seq]
+        y = self.act_fn(y)
+        return y.transpose(1, 2).reshape(batch, seq, branches, width)
+
+
+class MultiHeadEmbedding(nn.Module):
+    """Per-head tables concatenated into one row space, served by a ``TableBackend``.
+
+    Holds the ``offsets`` buffer (first row of each head) and the backend as ``embedding``; with an
+    ``InMemoryTable`` the state_dict keys are the reference ones (``offsets``,
+    ``embedding.weight``). A backend that is not an ``nn.Module`` (the tiered store) is kept as a
+    plain attribute and is not part of the state_dict.
+    """
+
+    offsets: torch.Tensor
+
+    def __init__(self, head_sizes: Sequence[int], backend: TableBackend) -> None:
+        super().__init__()
+        self.num_heads = len(head_sizes)
+        offsets = np.concatenate([[0], np.cumsum(head_sizes[:-1], dtype=np.int64)])
+        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.int64))
+        self.embedding = backend
+        self.embedding_dim = backend.dim
+
+    def forward(self, hashes: torch.Tensor, handle: object | None = None) -> torch.Tensor:
+        """Per-head hashes [..., H] -> rows [..., H, dim] (the reference forward)."""
+        return self.embedding.lookup(hashes + self.offsets.to(hashes.device), handle)
+
+    def lookup_rows(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
+        """Rows already offset into the concatenated table [..., H] -> [..., H, dim]."""
+        return self.embedding.lookup(row_ids, handle)
+
+
+class Engram(nn.Module):
+    """One Engram layer: hashed N-gram memory gated into the hyper-connection residual stream.
+
+    The table is a ``TableBackend``: an ``InMemoryTable`` (default; trainable, the reference
+    behaviour) or the tiered store. A pipeline may hash all layers at batch start, prefetch each
+    layer's rows (``prefetch``) and pass ``row_ids``/``handle`` to ``forward``.
+
+    Parameters
+    ----------
+    config
+        Engram configuration (table sizes, orders, heads, kernel size).
+    backbone
+        Backbone facts: ``hidden_size`` and ``hc_mult``.
+    layer_id
+        Which of ``config.layer_ids`` this module is.
+    hasher
+        Shared ``NgramHasher`` (build one and pass it to every layer); default: a new one.
+    backend
+        The table; default: a trainable ``InMemoryTable`` of ``hasher.table_rows(layer_id)`` rows
+        initialised like ``nn.Embedding`` (allocates the whole table).
+
+    Raises
+    ------
+    ConfigError
+        ``layer_id`` is not configured, or the backend's rows/dim do not match the config.
+
+    Examples
+    --------
+    >>> from safetensors.torch import load_file
+    >>> cfg = EngramConfig(engram_vocab_size=(2003, 3001), n_embed_per_ngram=64,
+    ...                    n_head_per_ngram=4, layer_ids=(1, 4))
+    >>> backbone = BackboneConfig(hidden_size=48, hc_mult=4)
+    >>> golden = "/work/shared/golden/engram_forward.safetensors"
+    >>> engram = Engram.from_checkpoint(golden, cfg, backbone, layer_id=1)
+    >>> data = load_file(golden)
+    >>> out = engram(data["layer1.hidden_states"], data["input_ids"])
+    >>> out.shape
+    torch.Size([3, 32, 4, 48])
+    >>> bool(torch.allclose(out, data["layer1.output"], atol=1e-5))
+    True
+    >>> rows, handle = engram.prefetch(data["input_ids"])     # e.g. at batch start
+    >>> out2 = engram(data["layer1.hidden_states"], row_ids=rows, handle=handle)
+    """
+
+    def __init__(
+        self,
+        config: EngramConfig,
+        backbone: BackboneConfig,
+        layer_id: int,
+        *,
+        hasher: NgramHasher | None = None,
+        backend: TableBackend | None = None,
+    ) -> None:
+        super().__init__()
+        if layer_id not in config.layer_ids:
+            raise ConfigError(
+                f"layer_id: expected one of engram.layer_ids {list(config.layer_ids)}, "
+                f"got {layer_id!r}"
+            )
+        self.config = config
+        self.backbone = backbone
+        self.layer_id = layer_id
+        self.hasher = hasher if hasher is not None else NgramHasher(config)
+        if self.hasher.config != config:
+            raise ConfigError("hasher: its EngramConfig differs from the module's config")
+        rows, dim = self.hasher.table_rows(layer_id), config.head_dim
+        if backend is None:
+            backend = InMemoryTable.empty(rows, dim)
+        if int(backend.rows) != rows or int(backend.dim) != dim:
+            raise ConfigError(
+                f"backend: expected a table of {rows} rows x {dim} (layer {layer_id}: head primes "
+                f"{self.hasher.head_sizes(layer_id)}, n_embed_per_ngram/n_head_per_ngram = {dim}), "
+                f"got {backend.rows} x {backend.dim}"
+            )
+        hidden, hc = backbone.hidden_size, backbone.hc_mult
+        self.multi_head_embedding = MultiHeadEmbedding(self.hasher.head_sizes(layer_id), backend)
+        self.short_conv = ShortConv(
+            hidden_size=hidden,
+            kernel_size=config.kernel_size,
+            dilation=config.max_ngram_size,
+            hc_mult=hc,
+        )
+        self.value_proj = nn.Linear(config.engram_hidden_size, hidden)
+        self.key_projs = nn.ModuleList(
+            [nn.Linear(config.engram_hidden_size, hidden) for _ in range(hc)]
+        )
+        # eps=None: torch.finfo(dtype).eps, as the reference's nn.RMSNorm(hidden_size).
+        self.norm1 = nn.ModuleList([nn.RMSNorm(hidden) for _ in range(hc)])
+        self.norm2 = nn.ModuleList([nn.RMSNorm(hidden) for _ in range(hc)])
+
+    @property
+    def table(self) -> TableBackend:
+        """The table backend."""
+        return self.multi_head_embedding.embedding
+
+    # -- addressing -----------------------------------------------------------------------------
+
+    def row_ids(self, input_ids: Any) -> torch.Tensor:
+        """Row ids of this layer's concatenated table for ``input_ids`` [B, T]: int64 [B, T, H]."""
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.as_tensor(np.asarray(input_ids))
+        return self.hasher.row_ids_layer(input_ids, self.layer_id)
+
+    def prefetch(self, input_ids: Any) -> tuple[torch.Tensor, object]:
+        """Hash ``input_ids`` and start fetching the rows: ``(row_ids, handle)`` for ``forward``."""
+        row_ids = self.row_ids(input_ids)
+        return row_ids, self.table.prefetch(row_ids)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: Any = None,
+        *,
+        row_ids: torch.Tensor | None = None,
+        handle: object | None = None,
+    ) -> torch.Tensor:
+        """Engram output [B, T, hc_mult, hidden] for ``hidden_states`` [B, T, hc_mult, hidden].
+
+        Parameters
+        ----------
+        hidden_states
+            The hyper-connection branches' hidden states, [B, T, hc_mult, hidden_size].
+        input_ids
+            Original token ids [B, T]; hashed here unless ``row_ids`` is given.
+        row_ids
+            Precomputed row ids [B, T, H] in the concatenated table (``prefetch``/``row_ids``).
+        handle
+            The backend's prefetch handle for ``row_ids``.
+        """
+        hc, hidden = self.backbone.hc_mult, self.backbone.hidden_size
+        if hidden_states.ndim != 4 or tuple(hidden_states.shape[2:]) != (hc, hidden):
+            raise ConfigError(
+                f"hidden_states: expected shape [B, T, {hc}, {hidden}] (hc_mult, hidden_size), "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        if row_ids is None:
+            if input_ids is None:
+                raise ConfigError("input_ids: required when row_ids is not given")
+            if isinstance(input_ids, torch.Tensor):
+                input_ids = input_ids.to(hidden_states.device)
+            row_ids = self.row_ids(input_ids)
+        expected = (*hidden_states.shape[:2], self.config.num_heads)
+        if tuple(row_ids.shape) != expected:
+            raise ConfigError(
+                f"row_ids: expected shape {list(expected)} ([B, T] of hidden_states, H heads), "
+                f"got {list(row_ids.shape)}"
+            )
+        rows = self.multi_head_embedding.lookup_rows(row_ids, handle)
+        embeddings = rows.to(hidden_states.device).flatten(start_dim=-2)  # [B, T, H * dim]
+        gates = []
+        for i in range(hc):
+            key = self.norm1[i](self.key_projs[i](embeddings))
+            query = self.norm2[i](hidden_states[:, :, i, :])
+            gate = (key * query).sum(dim=-1) / math.sqrt(hidden)
+            gate = gate.abs().clamp_min(_GATE_EPS).sqrt() * gate.sign()
+            gates.append(gate.sigmoid().unsqueeze(-1))
+        value = torch.stack(gates, dim=2) * self.value_proj(embeddings).unsqueeze(2)
+        return value + self.short_conv(value)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Check every shape (and the offsets) against the config before torch copies anything."""
+        own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        self.check_checkpoint(own, strict=strict, prefix=prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def check_checkpoint(
+        self, state_dict: Mapping[str, Any], *, strict: bool = True, prefix: str = ""
+    ) -> None:
+        """Raise ConfigError if a tensor's shape, or the offsets, disagree with the config."""
+        expected = {k: tuple(v.shape) for k, v in self.state_dict(keep_vars=True).items()}
+        for key, value in state_dict.items():
+            shape = tuple(value.shape)
+            if key == EMBEDDING_KEY and key not in expected:
+                if strict:
+                    raise ConfigError(
+                        f"{prefix}{key}: this module's table is an external backend "
+                        f"({type(self.table).__name__}); load the table there and the rest here "
+                        f"(split_checkpoint separates them)"
+                    )
+                want = (self.table.rows, self.table.dim)
+            elif key not in expected:
+                continue  # torch reports unexpected keys
+            else:
+                want = expected[key]
+            if shape != want:
+                raise ConfigError(
+                    f"{prefix}{key}: checkpoint shape {list(shape)} does not match {list(want)} "
+                    f"expected from the config (layer {self.layer_id}, hidden_size="
+                    f"{self.backbone.hidden_size}, hc_mult={self.backbone.hc_mult}, "
+                    f"engram_hidden_size={self.config.engram_hidden_size}, "
+                    f"table {self.hasher.table_rows(self.layer_id)} x {self.config.head_dim})"
+                )
+        offsets = state_dict.get("multi_head_embedding.offsets")
+        if offsets is not None and not torch.equal(
+            torch.as_tensor(offsets).cpu(), self.multi_head_embedding.offsets.cpu()
+        ):
+            raise ConfigError(
+                f"{prefix}multi_head_embedding.offsets: checkpoint offsets "
+                f"{torch.as_tensor(offsets).tolist()} differ from those of the configured head "
+                f"primes {self.multi_head_embedding.offsets.tolist()} (engram_vocab_size, "
+                f"n_head_per_ngram or layer_ids differ from the checkpoint's)"
+            )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        source: str | Path | Mapping[str, torch.Tensor],
+        config: EngramConfig,
+        backbone: BackboneConfig,
+        layer_id: int,
+        *,
+        hasher: NgramHasher | None = None,
+        backend: TableBackend | None = None,
+    ) -> Engram:
+        """Build a layer from a reference-layout checkpoint (safetensors path or state_dict).
+
+        Keys may carry a ``layer{layer_id}.`` prefix (as in the golden file) or none. Without a
+        ``backend`` the table becomes a trainable ``InMemoryTable`` of the checkpoint's weight;
+        with one, only the dense parameters are loaded (the table is assumed to be in the backend,
+        and its shape is checked). Every shape is checked before anything is loaded.
+        """
+        weight, rest = split_checkpoint(source, layer_id)
+        hasher = hasher if hasher is not None else NgramHasher(config)
+        want = [hasher.table_rows(layer_id), config.head_dim] if layer_id in config.layer_ids else []
+        if want and list(weight.shape) != want:
+            raise ConfigError(
+                f"{EMBEDDING_KEY}: checkpoint table shape {list(weight.shape)} does not match "
+                f"{want} expected from the config (layer {layer_id}: head primes "
+                f"{hasher.head_sizes(layer_id)}, head_dim {config.head_dim})"
+            )
+        if backend is None:
+            backend = InMemoryTable(nn.Parameter(weight))
+        module = cls(config, backbone, layer_id, hasher=hasher, backend=backend)
+        module.load_state_dict(rest, strict=not isinstance(backend, nn.Module))
+        if isinstance(backend, nn.Module):
+            missing = set(module.state_dict()) - set(rest) - {EMBEDDING_KEY}
+            if missing:
+                raise ConfigError(f"{sorted(missing)[0]}: missing from the checkpoint")
+        return module
+
+
+def split_checkpoint(
+    source: str | Path | Mapping[str, torch.Tensor], layer_id: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Separate one Engram layer's big table from its dense parameters.
+
+    Parameters
+    ----------
+    source
+        A safetensors file (only the layer's tensors are read) or a state_dict. Keys may carry a
+        ``layer{layer_id}.`` prefix; without any such key the whole mapping is taken as one
+        module's state_dict.
+    layer_id
+        The Engram layer to extract.
+
+    Returns
+    -------
+    (embedding_weight, dense_state_dict)
+        ``multi_head_embedding.embedding.weight`` [rows, dim] and the remaining reference-layout
+        keys (``multi_head_embedding.offsets``, ``value_proj.*``, ``key_projs.*``, ``norm1.*``,
+        ``norm2.*``, ``short_conv.*``) without the prefix. Other keys (such as the golden file's
+        ``hidden_states``/``output``) are left out.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read, or the table key is missing.
+
+    Examples
+    --------
+    >>> weight, rest = split_checkpoint("/work/shared/golden/engram_forward.safetensors", 1)
+    >>> tuple(weight.shape), "value_proj.weight" in rest, EMBEDDING_KEY in rest
+    ((20112, 16), True, False)
+    """
+    prefix = f"layer{layer_id}."
+    if isinstance(source, Mapping):
+        keys = list(source)
+        has_prefix = any(k.startswith(prefix) for k in keys)
+        items = {
+            (k[len(prefix) :] if has_prefix else k): v
+            for k, v in source.items()
+            if not has_prefix or k.startswith(prefix)
+        }
+        tensors = {k: torch.as_tensor(v) for k, v in items.items() if _wanted(k)}
+    else:
+        tensors = _read_safetensors(Path(source), prefix)
+    if EMBEDDING_KEY not in tensors:
+        raise ConfigError(
+            f"{prefix if tensors or isinstance(source, Mapping) else ''}{EMBEDDING_KEY}: missing "
+            f"from the checkpoint {str(source) if not isinstance(source, Mapping) else ''}".rstrip()
+        )
+    weight = tensors.pop(EMBEDDING_KEY)
+    return weight, tensors
+
+
+def _wanted(key: str) -> bool:
+    """Whether ``key`` belongs to one Engram module's reference-layout state_dict."""
+    return key == EMBEDDING_KEY or _DENSE_KEY.match(key) is not None
+
+
+def _read_safetensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The layer's wanted tensors of a safetensors file, prefix stripped (others not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            has_prefix = any(k.startswith(prefix) for k in keys)
+            out = {}
+            for key in keys:
+                name = key[len(prefix) :] if has_prefix and key.startswith(prefix) else None
+                if not has_prefix:
+                    name = key
+                if name is not None and _wanted(name):
+                    out[name] = f.get_tensor(key)
+            return out
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"{path}: cannot read the checkpoint: {exc}") from exc

@@ -1,0 +1,56 @@
+"""A fixed-bucket latency histogram: observing is one bisect and two integer adds."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+# Upper bounds in seconds (Prometheus-style, +Inf implied).
+DEFAULT_BUCKETS = (
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+class LatencyHistogram:
+    """Counts of observations per bucket, plus their sum; read at scrape time."""
+
+    def __init__(self, buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        """Add one observation."""
+        with self._lock:
+            self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+            self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        """Observations so far."""
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations at or below it), ending with (+inf, total)."""
+        out, running = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out

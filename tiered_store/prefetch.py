@@ -1,0 +1,71 @@
+"""Background staging of lookups: ``prefetch(ids)`` starts the work, ``lookup(ids, handle)`` collects it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .errors import TieredStoreError
+from .latency import LatencyHistogram
+
+
+class PrefetchHandleError(TieredStoreError, ValueError):
+    """A prefetch handle was used with other ids, twice, or after the store closed."""
+
+
+class PrefetchHandle:
+    """A lookup in flight. Its rows are staged in its own buffer, so no eviction can take them away
+    before ``lookup(ids, handle)`` consumes it."""
+
+    def __init__(self, ids: object, flat: torch.Tensor, future: Future) -> None:
+        self.ids = ids
+        self.flat = flat
+        self.future = future
+        self.consumed = False
+
+    def done(self) -> bool:
+        """True once the rows are staged (on CUDA the copy may still be in flight on the store stream)."""
+        return self.future.done()
+
+
+class Prefetcher:
+    """One worker thread (so batches resolve in the order they were queued) and a bound on depth."""
+
+    def __init__(self, fetch: Callable[[torch.Tensor], tuple], depth: int) -> None:
+        self._fetch = fetch
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiered-store-prefetch")
+        self._in_flight = threading.BoundedSemaphore(depth)
+        self.wait_histogram = LatencyHistogram()
+        self.handles = 0
+
+    def submit(self, ids: object, flat: torch.Tensor) -> PrefetchHandle:
+        """Queue a fetch; blocks while ``depth`` fetches are already in flight."""
+        self._in_flight.acquire()
+        try:
+            future = self._pool.submit(self._fetch, flat)
+        except RuntimeError:
+            self._in_flight.release()
+            raise PrefetchHandleError("prefetch: the store is closed") from None
+        future.add_done_callback(lambda _: self._in_flight.release())
+        self.handles += 1
+        return PrefetchHandle(ids, flat, future)
+
+    def collect(self, handle: PrefetchHandle) -> tuple:
+        """Wait for a handle's result, recording how long the caller stalled."""
+        if handle.consumed:
+            raise PrefetchHandleError(
+                "lookup: this prefetch handle was already consumed; prefetch again"
+            )
+        handle.consumed = True
+        start = time.perf_counter()
+        result = handle.future.result()
+        self.wait_histogram.observe(time.perf_counter() - start)
+        return result
+
+    def close(self) -> None:
+        """Finish queued work and stop the worker."""
+        self._pool.shutdown(wait=True)

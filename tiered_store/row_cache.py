@@ -1,0 +1,201 @@
+"""One cache tier's bookkeeping without payload: row -> slot index, slot owners, free list, pinning,
+and the eviction/admission policies. The live store and trace replay run this same code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from policies import PolicySpec
+
+
+@dataclass
+class TierCounters:
+    """Plain integer counters, incremented on the lookup path and read by stats and metrics."""
+
+    lookups: int = 0  # ids probed, duplicates included
+    hits: int = 0
+    misses: int = 0
+    admissions: int = 0  # rows written into the tier
+    evictions: int = 0
+    rejections: int = 0  # candidates the admission filter or a full static tier turned away
+    preloaded: int = 0  # rows loaded at open (warm start / static pinning)
+
+    def as_dict(self) -> dict[str, int]:
+        """Counter name -> value."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class RowCache:
+    """Which rows a tier holds, in which slot, and which slot goes next.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from policies import PolicySpec
+    >>> cache = RowCache("warm", num_rows=100, capacity=2, spec=PolicySpec.parse("lru"))
+    >>> cache.begin_batch(); src, slots = cache.admit(torch.tensor([7, 9]), torch.tensor([1, 1]))
+    >>> (cache.probe(torch.tensor([9, 7, 3])) >= 0).tolist()
+    [True, True, False]
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        num_rows: int,
+        capacity: int,
+        spec: PolicySpec,
+        device: torch.device | str = "cpu",
+        evict_headroom: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.num_rows = num_rows
+        self.capacity = capacity
+        self.spec = spec
+        self.device = torch.device(device)
+        self.headroom_rows = int(capacity * evict_headroom)
+        self.counters = TierCounters()
+        self.eviction, self.admission = spec.build(capacity, num_rows, self.device)
+        # 4 bytes per table row (only when the tier exists) + 9 bytes per slot, besides the policy's.
+        self.slot_of = (
+            torch.full((num_rows,), -1, dtype=torch.int32, device=self.device) if capacity else None
+        )
+        self.row_of_slot = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        self.pinned = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self._free = torch.arange(capacity - 1, -1, -1, dtype=torch.int64, device=self.device)
+        self._n_free = capacity
+        self._n_pinned = 0
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def occupancy(self) -> int:
+        """Rows currently held."""
+        return self.capacity - self._n_free
+
+    def metadata_bytes(self) -> dict[str, float]:
+        """Bytes of index and policy metadata: per table row and per slot."""
+        per_slot = 8 + 1 + 8 + self.eviction.bytes_per_slot  # owner, pinned, free list, policy
+        per_row = (4 if self.capacity else 0) + self.admission.bytes_per_row
+        return {"per_table_row": per_row, "per_slot": per_slot}
+
+    def probe(self, ids: torch.Tensor) -> torch.Tensor:
+        """Slot of each id (int64), -1 where the row is not resident."""
+        if self.slot_of is None:
+            return torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
+        return self.slot_of[ids].long()
+
+    # -- updates ---------------------------------------------------------------------------------
+    def begin_batch(self) -> None:
+        """Advance the policy's clock; call once per lookup batch."""
+        self.eviction.on_batch()
+
+    def record(self, slots: torch.Tensor, *, lookups: int, hits: int) -> None:
+        """Count a probe and tell the policy which slots were read (``slots`` holds hits only)."""
+        self.counters.lookups += lookups
+        self.counters.hits += hits
+        self.counters.misses += lookups - hits
+        if hits:
+            self.eviction.on_hit(slots)
+
+    def observe(self, ids: torch.Tensor) -> None:
+        """Let a frequency-learning admission filter see the ids looked up here."""
+        if self.capacity and self.admission.learns:
+            self.admission.on_access(ids.to(self.device))
+
+    def admit(self, ids: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Try to admit unique ``ids`` (with in-batch ``counts``); returns (positions in ``ids``
+        admitted, their slots). Rows already resident are skipped; evicts as the policy says."""
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        if self.capacity == 0 or ids.numel() == 0:
+            return empty, empty
+        ids = ids.to(self.device)
+        cand = torch.nonzero(self.slot_of[ids] < 0).squeeze(1)  # another thread may have admitted
+        room = self.capacity - self._n_pinned
+        if cand.numel() > room:  # more new rows than the tier can hold: keep the most used
+            order = torch.sort(counts.to(self.device)[cand], descending=True, stable=True).indices
+            self.counters.rejections += cand.numel() - room
+            cand = cand[order[:room]]
+        n = cand.numel()
+        take_free = min(n, self._n_free)
+        victims = self._choose_victims(n - take_free)  # before popping: popped slots look occupied
+        free_slots = self._free[self._n_free - take_free : self._n_free]
+        self._n_free -= take_free
+        slots = torch.cat([free_slots, victims[: n - take_free]])
+        extra = victims[n - take_free :]  # headroom: evicted now so later batches find free slots
+        cand = cand[: slots.numel()]
+        self.counters.rejections += n - cand.numel()
+        victim_rows = torch.cat(
+            [
+                torch.full((take_free,), -1, dtype=torch.int64, device=self.device),
+                self.row_of_slot[slots[take_free:]],
+            ]
+        )
+        ok = self.admission.admit(ids[cand], victim_rows)
+        if not bool(ok.all()):
+            self.counters.rejections += int((~ok).sum())
+            self._push_free(slots[:take_free][~ok[:take_free]])
+            cand, slots, victim_rows = cand[ok], slots[ok], victim_rows[ok]
+        self._evict(torch.cat([victim_rows[victim_rows >= 0], self.row_of_slot[extra]]), extra)
+        new_ids = ids[cand]
+        self.slot_of[new_ids] = slots.to(torch.int32)
+        self.row_of_slot[slots] = new_ids
+        self.eviction.on_insert(slots)
+        self.counters.admissions += cand.numel()
+        return cand, slots
+
+    def preload(self, ids: torch.Tensor, *, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load rows into free slots at open (warm start); ``pin`` keeps them forever.
+        Returns (positions in ``ids`` loaded, slots)."""
+        ids = torch.as_tensor(ids, dtype=torch.int64).to(self.device)
+        if self.slot_of is None or ids.numel() == 0:
+            empty = torch.empty(0, dtype=torch.int64, device=self.device)
+            return empty, empty
+        _, first = _first_occurrence(ids)
+        cand = first[self.slot_of[ids[first]] < 0][: self._n_free]
+        slots = self._free[self._n_free - cand.numel() : self._n_free].flip(0)
+        self._n_free -= cand.numel()
+        self.slot_of[ids[cand]] = slots.to(torch.int32)
+        self.row_of_slot[slots] = ids[cand]
+        self.eviction.on_insert(slots)
+        if pin:
+            self.pinned[slots] = True
+            self._n_pinned += cand.numel()
+        self.counters.preloaded += cand.numel()
+        return cand, slots
+
+    # -- internals -------------------------------------------------------------------------------
+    def _choose_victims(self, need: int) -> torch.Tensor:
+        """Up to ``need`` + headroom evictable slots (never pinned, never free)."""
+        evictable = self.capacity - self._n_free - self._n_pinned
+        want = min(need + self.headroom_rows if need else 0, evictable)
+        if want <= 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        protected = self.pinned | (self.row_of_slot < 0)
+        return self.eviction.choose_victims(want, protected)
+
+    def _evict(self, rows: torch.Tensor, freed_slots: torch.Tensor) -> None:
+        """Drop ``rows`` from the index; ``freed_slots`` (emptied, not reused) join the free list."""
+        if rows.numel():
+            self.slot_of[rows] = -1
+            self.counters.evictions += rows.numel()
+        if freed_slots.numel():
+            self.row_of_slot[freed_slots] = -1
+            self._push_free(freed_slots)
+
+    def _push_free(self, slots: torch.Tensor) -> None:
+        """Return slots to the free list."""
+        k = slots.numel()
+        if k:
+            self._free[self._n_free : self._n_free + k] = slots
+            self._n_free += k
+
+
+def _first_occurrence(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique ids in order of first appearance, and their first positions."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.int64, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=ids.device), reduce="amin")
+    first = torch.sort(first).values
+    return ids[first], first

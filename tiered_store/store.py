@@ -1,0 +1,393 @@
+"""``TieredStore``: one lookup over a hot (compute device), warm (host RAM) and cold (disk) tier."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from policies import PolicySpec
+
+from .cache_plan import CacheHierarchy
+from .capacity import format_bytes, resolve_capacity
+from .cold_table import ColdTable
+from .config import CacheTierConfig, StoreConfig
+from .errors import ConfigError, RowIdError, TieredStoreError
+from .latency import LatencyHistogram
+from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
+from .row_cache import RowCache
+from .slot_pool import SlotPool
+
+
+class TieredStore:
+    """A ``rows x dim`` table served through hot, warm and cold tiers.
+
+    Results are bit-exact with indexing the table directly, whatever the capacities. Lookups are
+    thread-safe; the cold reads of one lookup run outside the store's lock.
+
+    Parameters
+    ----------
+    config : StoreConfig
+        Table path, tier capacities and policies, cold I/O and prefetch depth.
+
+    Examples
+    --------
+    >>> import numpy as np, torch, tempfile, os
+    >>> from tiered_store import TieredStore, StoreConfig, create_table
+    >>> d = tempfile.mkdtemp()
+    >>> _ = create_table(os.path.join(d, "t.npy"), np.arange(40, dtype=np.float32).reshape(10, 4), progress=False)
+    >>> cfg = StoreConfig.from_dict({"table": {"path": "t.npy"},
+    ...     "tiers": {"hot": {"capacity": 2}, "warm": {"capacity": "50%"}}}, base_dir=Path(d))
+    >>> with TieredStore(cfg) as store:
+    ...     out = store.lookup(torch.tensor([[3, 9], [3, 0]]))
+    ...     handle = store.prefetch(torch.tensor([1, 2]))
+    ...     later = store.lookup(torch.tensor([1, 2]), handle)
+    >>> out.shape, out[0, 0].tolist()
+    (torch.Size([2, 2, 4]), [12.0, 13.0, 14.0, 15.0])
+    """
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        tiers = config.tiers
+        self.device = _compute_device(tiers.hot.device)
+        try:
+            self.cold = ColdTable(config.table.path, io=tiers.cold.io, threads=tiers.cold.threads)
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"table.path: {config.table.path} does not exist ({exc}); expected a table made by "
+                "`tiered-store init`"
+            ) from None
+        try:
+            self._check_table_matches(config)
+            self.rows, self.dim, self.dtype = self.cold.rows, self.cold.dim, self.cold.dtype
+            self.row_bytes = self.cold.row_bytes
+            hot_rows = self._capacity(tiers.hot, "hot")
+            warm_rows = self._capacity(tiers.warm, "warm")
+            _check_host_memory(warm_rows * self.row_bytes, "tiers.warm.capacity")
+            pin = tiers.warm.pin_memory is True or (
+                tiers.warm.pin_memory == "auto" and self.device.type == "cuda"
+            )
+            self._pin = pin and torch.cuda.is_available()
+            self.hot = self._row_cache("hot", tiers.hot, hot_rows, self.device)
+            self.warm = self._row_cache("warm", tiers.warm, warm_rows, torch.device("cpu"))
+            self.caches = CacheHierarchy(self.hot, self.warm)
+            self.hot_pool = SlotPool(hot_rows, self.dim, self.dtype, self.device)
+            self.warm_pool = SlotPool(
+                warm_rows, self.dim, self.dtype, torch.device("cpu"), pin_memory=self._pin
+            )
+        except BaseException:
+            self.cold.close()
+            raise
+        self._lock = threading.Lock()
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.lookup_latency = LatencyHistogram()
+        self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
+        self._closed = False
+        self._warm_start(tiers.hot, self.hot, self.hot_pool)
+        self._warm_start(tiers.warm, self.warm, self.warm_pool)
+
+    @classmethod
+    def open(cls, config: str | Path | dict | StoreConfig) -> TieredStore:
+        """Open from a YAML path, a plain dict or a ``StoreConfig``.
+
+        Examples
+        --------
+        >>> store = TieredStore.open("examples/tiers.yaml")  # doctest: +SKIP
+        """
+        if isinstance(config, StoreConfig):
+            return cls(config)
+        if isinstance(config, dict):
+            return cls(StoreConfig.from_dict(config, base_dir=Path.cwd()))
+        return cls(StoreConfig.from_yaml(config))
+
+    # -- the lookup interface ----------------------------------------------------------------------
+    def lookup(self, ids: Any, handle: PrefetchHandle | None = None) -> torch.Tensor:
+        """Rows for ``ids`` (an integer tensor, array or list of any shape) -> ``[..., dim]`` on the
+        compute device. With ``handle`` from ``prefetch(ids)``, collects the staged result."""
+        start = time.perf_counter()
+        if handle is not None:
+            out, event = self._collect(ids, handle)
+        else:
+            flat, shape = self._validate(ids)
+            out, event = self._fetch(flat)
+            out = out.view(*shape, self.dim)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            out.record_stream(torch.cuda.current_stream(self.device))
+        self.lookup_latency.observe(time.perf_counter() - start)
+        return out
+
+    def prefetch(self, ids: Any) -> PrefetchHandle:
+        """Start fetching ``ids`` in the background; pass the handle to ``lookup(ids, handle)``.
+
+        Validation happens here, so bad ids raise at once. At most ``prefetch.depth`` fetches run
+        ahead; a further call blocks until one finishes."""
+        self._check_open()
+        flat, shape = self._validate(ids)
+        handle = self._prefetcher.submit(ids, flat)
+        handle.shape = shape
+        return handle
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per tier: lookups, hits, misses, hit_rate, admissions, evictions, bytes_in, occupancy,
+        capacity; cold: rows and bytes read; prefetch: handles and stall seconds."""
+        out: dict[str, dict[str, float]] = {}
+        for cache in (self.hot, self.warm):
+            c = cache.counters.as_dict()
+            c["hit_rate"] = c["hits"] / c["lookups"] if c["lookups"] else 0.0
+            c["bytes_in"] = (c["admissions"] + c["preloaded"]) * self.row_bytes
+            c["occupancy"] = cache.occupancy
+            c["capacity"] = cache.capacity
+            out[cache.name] = c
+        out["cold"] = {
+            k: getattr(self.cold, k)
+            for k in ("rows_read", "bytes_read", "read_requests", "read_errors")
+        }
+        out["prefetch"] = {
+            "handles": self._prefetcher.handles,
+            "wait_seconds_total": self._prefetcher.wait_histogram.sum,
+        }
+        out["lookup"] = {
+            "calls": self.lookup_latency.count,
+            "seconds_total": self.lookup_latency.sum,
+        }
+        return out
+
+    def memory_report(self) -> dict[str, Any]:
+        """Payload bytes per tier and metadata bytes per table row and per cached slot."""
+        return {
+            "hot_payload_bytes": self.hot_pool.nbytes,
+            "warm_payload_bytes": self.warm_pool.nbytes,
+            "hot_metadata": self.hot.metadata_bytes(),
+            "warm_metadata": self.warm.metadata_bytes(),
+        }
+
+    def close(self) -> None:
+        """Finish in-flight prefetches and close the table file; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._prefetcher.close()
+        self.cold.close()
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"TieredStore({self.cold.path.name}: {self.rows:,} x {self.dim} {str(self.dtype).removeprefix('torch.')}, "
+            f"hot {self.hot.capacity:,} rows on {self.device}, warm {self.warm.capacity:,} rows, "
+            f"cold {self.config.tiers.cold.io})"
+        )
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _fetch(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Resolve one batch of validated ids; returns ([n, dim] on the device, ready-event or None)."""
+        self._check_open()
+        stream_ctx = (
+            torch.cuda.stream(self._stream)
+            if self._stream is not None
+            else contextlib.nullcontext()
+        )
+        with stream_ctx:
+            with self._lock:
+                plan = self.caches.plan(flat)
+                if self.hot.capacity:
+                    out = self.hot_pool.gather(plan.hot_slots.clamp(min=0))
+                else:
+                    out = torch.empty(
+                        (flat.numel(), self.dim), dtype=self.dtype, device=self.device
+                    )
+                if not plan.all_hit:
+                    staged = torch.empty(
+                        (plan.unique_ids.numel(), self.dim), dtype=self.dtype, pin_memory=self._pin
+                    )
+                    warm_hit = torch.nonzero(plan.warm_slots >= 0).squeeze(1)
+                    if warm_hit.numel():
+                        staged.index_copy_(
+                            0, warm_hit, self.warm_pool.gather(plan.warm_slots[warm_hit])
+                        )
+            if not plan.all_hit:
+                if plan.cold_idx.numel():  # outside the lock: other lookups go on meanwhile
+                    rows = self.cold.read_rows(plan.unique_ids[plan.cold_idx].numpy())
+                    staged.index_copy_(0, plan.cold_idx, rows)
+                device_rows = staged.to(self.device, non_blocking=True)
+                with self._lock:
+                    admitted = self.caches.admit(plan)
+                    self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
+                    self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
+                out[plan.miss_pos] = device_rows[plan.inverse]
+            event = None
+            if self._stream is not None:
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        return out, event
+
+    def _collect(self, ids: Any, handle: PrefetchHandle) -> tuple[torch.Tensor, Any]:
+        """Check a handle belongs to ``ids`` and wait for it."""
+        if not isinstance(handle, PrefetchHandle):
+            raise PrefetchHandleError(
+                f"lookup: handle is {type(handle).__name__}; expected a PrefetchHandle"
+            )
+        if ids is not handle.ids:
+            flat, shape = self._validate(ids)
+            if shape != handle.shape or not torch.equal(flat, handle.flat):
+                raise PrefetchHandleError(
+                    f"lookup: ids (shape {tuple(shape)}) differ from the ids this handle prefetched "
+                    f"(shape {tuple(handle.shape)}); pass the same ids"
+                )
+        out, event = self._prefetcher.collect(handle)
+        return out.view(*handle.shape, self.dim), event
+
+    def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Integer ids in [0, rows) -> flat int64 on the compute device, and the original shape."""
+        tensor = _as_id_tensor(ids)
+        flat = tensor.reshape(-1)
+        if flat.numel():
+            lo, hi = torch.aminmax(flat)
+            if int(lo) < 0 or int(hi) >= self.rows:
+                bad_pos = int(torch.nonzero((flat < 0) | (flat >= self.rows))[0])
+                raise RowIdError(
+                    f"ids: value {int(flat[bad_pos])} at flat position {bad_pos} is out of range; "
+                    f"expected 0 <= id < {self.rows:,} (the table's rows)"
+                )
+        return flat.to(device=self.device, dtype=torch.int64, non_blocking=True), tuple(
+            tensor.shape
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TieredStoreError("store is closed; open a new TieredStore")
+
+    def _check_table_matches(self, config: StoreConfig) -> None:
+        """The YAML's optional dim/dtype must agree with the table's manifest."""
+        want = config.table
+        have_dtype = str(self.cold.dtype).removeprefix("torch.")
+        if want.dim is not None and want.dim != self.cold.dim:
+            raise ConfigError(
+                f"table.dim: config says {want.dim}, but {self.cold.path} has dim {self.cold.dim}"
+            )
+        if want.dtype is not None and want.dtype != have_dtype:
+            raise ConfigError(
+                f"table.dtype: config says {want.dtype!r}, but {self.cold.path} holds {have_dtype!r}"
+            )
+
+    def _capacity(self, tier: CacheTierConfig, name: str) -> int:
+        return resolve_capacity(
+            tier.capacity,
+            table_rows=self.cold.rows,
+            row_bytes=self.cold.row_bytes,
+            key=f"tiers.{name}.capacity",
+        )
+
+    def _row_cache(
+        self, name: str, tier: CacheTierConfig, capacity: int, device: torch.device
+    ) -> RowCache:
+        spec = PolicySpec.parse(tier.policy, key=f"tiers.{name}.policy")
+        if spec.static and tier.static_rows is None and capacity:
+            raise ConfigError(
+                f"tiers.{name}.static_rows: policy {tier.policy!r} pins rows; expected a .npy of row ids"
+            )
+        return RowCache(
+            name,
+            num_rows=self.cold.rows,
+            capacity=capacity,
+            spec=spec,
+            device=device,
+            evict_headroom=tier.evict_headroom,
+        )
+
+    def _warm_start(self, tier: CacheTierConfig, cache: RowCache, pool: SlotPool) -> None:
+        """Load ``static_rows`` (pinned, for a static policy) then ``preload_rows`` into free slots."""
+        for key, pin in (("static_rows", True), ("preload_rows", False)):
+            path = getattr(tier, key)
+            if path is None or cache.capacity == 0 or (pin and not cache.spec.static):
+                continue
+            ids = _load_row_list(path, self.rows, f"tiers.{cache.name}.{key}")
+            pos, slots = cache.preload(ids[: cache.capacity * 4], pin=pin)
+            loaded = torch.as_tensor(ids)[pos.cpu()]
+            order = torch.argsort(loaded)
+            rows = self.cold.read_rows(loaded[order].numpy())
+            pool.write(slots[order.to(slots.device)], rows)
+
+
+def _as_id_tensor(ids: Any) -> torch.Tensor:
+    """Any integer tensor/array/list -> torch tensor (no copy where possible); rejects floats and bools."""
+    if isinstance(ids, torch.Tensor):
+        tensor = ids
+    elif isinstance(ids, np.ndarray):
+        if ids.dtype.kind not in "iu":
+            raise RowIdError(f"ids: dtype {ids.dtype}; expected an integer array")
+        if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
+            raise RowIdError(f"ids: value {ids.max()} does not fit int64; expected valid row ids")
+        tensor = torch.from_numpy(np.ascontiguousarray(ids).astype(np.int64, copy=False))
+    else:
+        try:
+            tensor = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise RowIdError(
+                f"ids: {type(ids).__name__} cannot be read as integers ({exc})"
+            ) from None
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise RowIdError(f"ids: dtype {tensor.dtype}; expected an integer tensor (row ids)")
+    return tensor
+
+
+def _compute_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"tiers.hot.device: {name!r} but CUDA is not available here; expected 'cpu'"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"tiers.hot.device: {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _check_host_memory(nbytes: int, key: str) -> None:
+    """Refuse a warm tier that cannot fit in the RAM available now."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text().split("\n")
+        available = next(
+            int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")
+        )
+    except (OSError, StopIteration, ValueError):
+        return
+    if nbytes > available:
+        raise ConfigError(
+            f"{key}: needs {format_bytes(nbytes)} of host RAM but only {format_bytes(available)} is "
+            "available; expected a smaller capacity"
+        )
+
+
+def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:
+    """An .npy of row ids (hottest first), checked for range."""
+    try:
+        ids = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{key}: cannot read {path} ({exc}); expected an .npy of row ids"
+        ) from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise ConfigError(
+            f"{key}: {path} holds {ids.dtype} of shape {ids.shape}; expected a 1-D integer array"
+        )
+    ids = np.array(ids, dtype=np.int64)  # a private writable copy
+    if ids.size and (ids.min() < 0 or ids.max() >= rows):
+        raise ConfigError(
+            f"{key}: {path} has ids outside [0, {rows:,}); expected row ids of this table"
+        )
+    return ids
