@@ -56,30 +56,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def disk_rate(path: Path, data_offset: int, file_bytes: int, threads: int, seconds: float,
-              seed: int) -> float:
+def disk_rate(
+    path: Path, data_offset: int, file_bytes: int, threads: int, seconds: float, seed: int
+) -> float:
     """Random single-page O_DIRECT preadv calls per second from ``threads`` Python threads."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    pages = (file_bytes - data_offset) // PAGE
+    first, pages = data_offset // PAGE, (file_bytes - data_offset) // PAGE
+    offsets = [
+        ((first + np.random.default_rng([seed, k]).integers(0, pages, 1 << 16)) * PAGE).tolist()
+        for k in range(threads)
+    ]
     counts = [0] * threads
-    deadline = time.perf_counter() + seconds
+    start = threading.Barrier(threads + 1)
+    stop = threading.Event()
 
     def worker(k: int) -> None:
-        buf = mmap.mmap(-1, PAGE)  # page-aligned
-        offs = (data_offset // PAGE + np.random.default_rng([seed, k]).integers(
-            0, pages, 1 << 20)) * PAGE
-        offs = offs.tolist()
-        n = 0
-        while time.perf_counter() < deadline:
-            for off in offs[n % len(offs): n % len(offs) + 64]:
+        buf = mmap.mmap(-1, PAGE)  # page-aligned, as O_DIRECT needs
+        offs, n = offsets[k], 0
+        start.wait()
+        while not stop.is_set():
+            for off in offs[n % len(offs) : n % len(offs) + 64]:
                 os.preadv(fd, [buf], off)
             n += 64
         counts[k] = n
 
-    t0 = time.perf_counter()
     pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
     for t in pool:
         t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
     for t in pool:
         t.join()
     elapsed = time.perf_counter() - t0

@@ -74,7 +74,9 @@ def test_text_cases_tokenize_to_golden_ids(tok, golden):
     meta, data, _ = golden
     for i, case in enumerate(meta["cases"]):
         if case["text"] is not None:
-            np.testing.assert_array_equal(tok.encode(case["text"])[None], data[f"case{i}_input_ids"])
+            np.testing.assert_array_equal(
+                tok.encode(case["text"])[None], data[f"case{i}_input_ids"]
+            )
 
 
 @pytest.mark.parametrize(
@@ -103,7 +105,10 @@ def test_multilingual_round_trip(tok, text):
 
 def test_case_accents_and_whitespace_merge(tok):
     ids = tok.encode("ÄPPLE apple Apple  APPLE\t\tapple\n\n")
-    by_token = {tok.tokenizer.id_to_token(int(i)): int(c) for i, c in zip(ids, tok.compress(ids))}
+    by_token = {
+        tok.tokenizer.id_to_token(int(i)): int(c)
+        for i, c in zip(ids, tok.compress(ids), strict=True)
+    }
     assert by_token["Ġapple"] == by_token["ĠApple"] == by_token["apple"]  # case, leading space
     assert by_token["Ġ"] == by_token["ĉ"] == by_token["ĊĊ"]  # whitespace runs -> " "
     assert tok.key(tok.tokenizer.token_to_id("Ġ")) == " "  # a lone space stays " "
@@ -213,7 +218,11 @@ def test_hash_shapes_batches_and_short_sequences(golden):
         np.testing.assert_array_equal(hasher.hash_layer(ids[b], layer), full[b])
     short = hasher.hash_layer(ids[:, :1], layer)  # T shorter than the n-gram
     np.testing.assert_array_equal(short, full[:, :1])
-    assert hasher.hash_layer(np.zeros((2, 0), dtype=np.int64), layer).shape == (2, 0, hasher.num_heads)
+    assert hasher.hash_layer(np.zeros((2, 0), dtype=np.int64), layer).shape == (
+        2,
+        0,
+        hasher.num_heads,
+    )
 
 
 def test_hash_rejects_bad_ids_before_compute(golden):

@@ -298,9 +298,8 @@ def test_bad_yaml_names_the_file(tmp_path):
 def test_failed_lookup_leaves_table_file_untouched(table):
     path, _ = table
     before = path.read_bytes()
-    with TieredStore(store_config(path, hot={"capacity": 10})) as store:
-        with pytest.raises(RowIdError):
-            store.lookup(torch.tensor([ROWS * 2]))
+    with TieredStore(store_config(path, hot={"capacity": 10})) as store, pytest.raises(RowIdError):
+        store.lookup(torch.tensor([ROWS * 2]))
     assert path.read_bytes() == before
 
 

@@ -42,14 +42,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tiered_store' has no attribute {name!r}")
 
 
-__all__ = sorted(
-    [
-        *_LAZY,
-        "ConfigError",
-        "RowIdError",
-        "TableFormatError",
-        "TierIOError",
-        "TieredStoreError",
-        "TraceFormatError",
-    ]
-)
+__all__ = [
+    "ConfigError",
+    "RowIdError",
+    "TableFormatError",
+    "TierIOError",
+    "TieredStoreError",
+    "TraceFormatError",
+    *_LAZY,
+]

@@ -312,19 +312,28 @@ class ColdTable:
         moved = [0] * (len(edges) - 1)
         counts = [0] * (len(edges) - 1)
 
+        fd, preadv = self._fd, os.preadv
+
         def work(g: int) -> None:
             e_begin, e_end = edges[g], edges[g + 1]
             buf = self._buffer(buffer_bytes)
-            fill, batch = 0, e_begin
-            for e in range(e_begin, e_end):
+            fill, batch, total = 0, e_begin, 0
+            for e in range(e_begin, e_end):  # one iteration per I/O request
                 length = lengths[e]
                 if fill + length > buffer_bytes:
                     self._extract(plan, batch, e, buf, out)
                     fill, batch = 0, e
-                moved[g] += self._read_extent(buf[fill : fill + length], offsets[e])
-                counts[g] += 1
+                view = buf[fill : fill + length]
+                try:
+                    got = preadv(fd, [view], offsets[e])
+                except OSError:
+                    got = -1
+                if got != length:  # error, EOF page, or short read: the careful path
+                    got = self._read_extent(view, offsets[e])
+                total += got
                 fill += length
             self._extract(plan, batch, e_end, buf, out)
+            moved[g], counts[g] = total, e_end - e_begin
 
         self._run_parallel(work, len(edges) - 1)
         return sum(moved), sum(counts)

@@ -484,3 +484,588 @@ def _shards_fixed_size_pass(  # noqa: ANN001, ANN202
         i += 1
     state[0], state[1], state[2], state[3] = t, distinct, size, n_free
     return i
+
+
+@_njit
+def _dict_put_identity(table, keys):  # noqa: ANN001, ANN202
+    """table[k] = k for each key."""
+    for k in keys:
+        table[k] = k
+
+
+@_njit
+def _remap_from(ids, table, nxt, out):  # noqa: ANN001, ANN202
+    """Like _remap but numbering new ids from ``nxt``; returns the next free number."""
+    for i in range(ids.shape[0]):
+        x = ids[i]
+        v = table.get(x, -1)
+        if v < 0:
+            v = nxt
+            table[x] = v
+            nxt += 1
+        out[i] = v
+    return nxt
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+_BLOCK = 1 << 24  # ids handed to a kernel at once when the source is one big array
+
+
+def _iter_chunks(source: Any) -> Iterator[np.ndarray]:
+    """Flat int64 arrays from an array, a TraceReader (all tables) or an iterable of arrays."""
+    if isinstance(source, np.ndarray):
+        flat = source.reshape(-1)
+        for start in range(0, flat.size, _BLOCK):
+            yield _as_int64(flat[start : start + _BLOCK])
+        return
+    if hasattr(source, "ids") and hasattr(source, "read_all"):
+        source = source.ids()
+    for part in source:
+        yield _as_int64(np.asarray(part).reshape(-1))
+
+
+def _as_int64(ids: np.ndarray) -> np.ndarray:
+    """Contiguous int64 view or copy; rejects floats and negatives."""
+    if ids.dtype.kind not in "iu":
+        from tiered_store.errors import RowIdError
+
+        raise RowIdError(f"row ids of dtype {ids.dtype}; expected integers")
+    out = np.ascontiguousarray(ids, dtype=np.int64)
+    if out.size and out.min() < 0:
+        from tiered_store.errors import RowIdError
+
+        raise RowIdError(f"negative row id {int(out.min())}; expected ids >= 0")
+    return out
+
+
+def _as_array(source: Any) -> np.ndarray:
+    """The whole source as one flat int64 array."""
+    if isinstance(source, np.ndarray):
+        return _as_int64(source.reshape(-1))
+    parts = list(_iter_chunks(source))
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def _dense(ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """Ids as dense indices (unchanged when small enough to index arrays) and the index count."""
+    if ids.size == 0:
+        return ids, 0
+    hi = int(ids.max())
+    if hi < DENSE_ID_LIMIT:
+        return ids, hi + 1
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    return inverse.astype(np.int64), int(uniq.size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact LRU
+# ---------------------------------------------------------------------------------------------
+
+
+class StackDistanceCounter:
+    """Streaming exact LRU stack-distance histogram (feed chunks, then ask for the curve).
+
+    Memory is about 4 bytes per possible row id (ids below ``DENSE_ID_LIMIT`` index an array
+    directly; larger ids go through a hash map) plus 8 bytes per distinct row for the histogram
+    and up to 32 bytes per distinct row for the compacted time axis.
+
+    Examples
+    --------
+    >>> sd = StackDistanceCounter()
+    >>> sd.update(np.array([1, 2, 1])); sd.update(np.array([3, 1, 2]))
+    >>> distances, cold = sd.histogram()
+    >>> distances.tolist(), cold   # distance 1: 0 times, 2: 1 time, 3: 2 times
+    ([0, 1, 2], 3)
+    >>> sd.curve().misses.tolist()
+    [6, 6, 5, 3]
+    """
+
+    def __init__(self) -> None:
+        self._last = np.zeros(0, dtype=np.int32)
+        self._owner = np.zeros(MIN_TIME_CAPACITY + 1, dtype=np.int32)
+        self._tree = np.zeros(MIN_TIME_CAPACITY + 1, dtype=np.int32)
+        self._hist = np.zeros(2, dtype=np.int64)  # [0]: cold misses, [d]: stack distance d
+        self._state = np.zeros(2, dtype=np.int64)  # time, distinct
+        self._map: Any = None  # id -> dense index once an id reaches DENSE_ID_LIMIT
+        self._next_index = 0
+        self.lookups = 0
+
+    @property
+    def distinct(self) -> int:
+        """Distinct rows seen."""
+        return int(self._state[1])
+
+    def _grow_index(self, size: int) -> None:
+        """Make room for dense indices below ``size``."""
+        if size > self._last.size:
+            new = max(size, int(self._last.size * 1.5))
+            last = np.zeros(new, dtype=np.int32)
+            last[: self._last.size] = self._last
+            self._last = last
+        if self._hist.size < self._last.size + 2:
+            hist = np.zeros(self._last.size + 2, dtype=np.int64)
+            hist[: self._hist.size] = self._hist
+            self._hist = hist
+
+    def update(self, ids: np.ndarray) -> None:
+        """Process the next ids of the stream (any shape, request order)."""
+        ids = _as_int64(np.asarray(ids).reshape(-1))
+        if ids.size == 0:
+            return
+        if self._map is None:
+            hi = int(ids.max())
+            if hi >= DENSE_ID_LIMIT:
+                self._map = _int_dict()
+                touched = np.nonzero(self._last)[0].astype(np.int64)
+                _dict_put_identity(self._map, touched)
+                self._next_index = self._last.size
+            else:
+                self._grow_index(hi + 1)
+        if self._map is not None:
+            dense = np.empty_like(ids)
+            self._next_index = _remap_from(ids, self._map, self._next_index, dense)
+            self._grow_index(self._next_index)
+            ids = dense
+        pos = 0
+        while pos < ids.size:
+            pos = _lru_pass(ids, pos, self._last, self._owner, self._tree, self._hist, self._state)
+            if pos < ids.size:
+                self._compact()
+        self.lookups += ids.size
+
+    def _compact(self) -> None:
+        """Renumber live times 1..distinct and grow the time axis to 4x distinct if needed."""
+        distinct = _compact_times(self._last, self._owner, int(self._state[0]))
+        self._state[0] = distinct
+        cap = self._tree.size - 1
+        if 2 * distinct > cap:
+            cap = 4 * distinct
+            owner = np.zeros(cap + 1, dtype=np.int32)
+            owner[: distinct + 1] = self._owner[: distinct + 1]
+            self._owner = owner
+            self._tree = np.zeros(cap + 1, dtype=np.int32)
+        _fenwick_ones(self._tree, distinct)
+
+    def histogram(self) -> tuple[np.ndarray, int]:
+        """``(counts, cold)``: ``counts[d - 1]`` accesses at stack distance d (1..distinct), and
+        the number of first accesses."""
+        d = self.distinct
+        return self._hist[1 : d + 1].copy(), int(self._hist[0])
+
+    def curve(
+        self,
+        capacities: Sequence[int] | np.ndarray | None = None,
+        *,
+        name: str = "lru",
+        table_rows: int | None = None,
+    ) -> MissRatioCurve:
+        """The exact LRU curve at every capacity 0..distinct, or at ``capacities``."""
+        counts, cold = self.histogram()
+        misses = self.lookups - np.concatenate([[0], np.cumsum(counts)])
+        caps = np.arange(misses.size, dtype=np.int64)
+        meta = {"method": "exact LRU stack distances", "distinct": self.distinct, "cold": cold}
+        curve = MissRatioCurve(
+            name, caps, misses / max(self.lookups, 1), self.lookups, misses, table_rows, meta
+        )
+        return curve if capacities is None else _exact_at(curve, capacities)
+
+
+def _exact_at(curve: MissRatioCurve, capacities: Sequence[int] | np.ndarray) -> MissRatioCurve:
+    """An exact full curve restricted to ``capacities`` (flat past its last point)."""
+    caps = np.unique(np.concatenate([[0], np.asarray(capacities, dtype=np.int64)]))
+    if caps[0] < 0:
+        raise ValueError(f"capacities must be >= 0; got {int(caps[0])}")
+    idx = np.minimum(caps, curve.max_capacity)
+    misses = curve.misses[idx] if curve.misses is not None else None
+    return MissRatioCurve(
+        curve.name, caps, curve.miss_ratio[idx], curve.lookups, misses, curve.table_rows,
+        curve.metadata,
+    )  # fmt: skip
+
+
+def lru_mrc(
+    source: Any,
+    *,
+    capacities: Sequence[int] | np.ndarray | None = None,
+    table_rows: int | None = None,
+    name: str = "lru",
+) -> MissRatioCurve:
+    """Exact LRU miss-ratio curve, in one streaming pass.
+
+    Parameters
+    ----------
+    source : ndarray, TraceReader or iterable of ndarrays
+        Row ids in request order (a reader's ids of all its tables; pass ``reader.ids(table)``
+        for one table).
+    capacities : sequence of int, optional
+        Report only these capacities (rows). Default: every capacity 0..distinct rows.
+    table_rows : int, optional
+        Rows in the table, kept on the curve for plots in % of the table.
+    name : str
+        Curve name.
+
+    Returns
+    -------
+    MissRatioCurve
+        With exact integer ``misses``.
+
+    Examples
+    --------
+    >>> c = lru_mrc(np.array([0, 1, 2, 0, 1, 2, 3]))
+    >>> c.misses.tolist()    # capacity 0, 1, 2 miss everything; 3 keeps the cycle
+    [7, 7, 7, 4, 4]
+    >>> lru_mrc(np.array([0, 1, 2, 0, 1, 2, 3]), capacities=[3]).miss_ratio.round(3).tolist()
+    [1.0, 0.571]
+    """
+    import time
+
+    start = time.perf_counter()
+    counter = StackDistanceCounter()
+    for chunk in _iter_chunks(source):
+        counter.update(chunk)
+    curve = counter.curve(capacities, name=name, table_rows=table_rows)
+    seconds = time.perf_counter() - start
+    curve.metadata.update(seconds=round(seconds, 4))
+    return curve
+
+
+# ---------------------------------------------------------------------------------------------
+# SHARDS
+# ---------------------------------------------------------------------------------------------
+
+
+def shards_mrc(
+    source: Any,
+    *,
+    rate: float = DEFAULT_SHARDS_RATE,
+    fixed_size: int | None = None,
+    seed: int = 0,
+    capacities: Sequence[int] | np.ndarray | None = None,
+    table_rows: int | None = None,
+    adjust: bool = True,
+    name: str = "shards",
+) -> MissRatioCurve:
+    """Approximate LRU miss-ratio curve from a spatially hashed sample of rows (SHARDS).
+
+    A row is sampled when a 64-bit hash of its id (seeded) falls below a threshold, so every
+    access to a sampled row is seen and stack distances among sampled rows, scaled by 1/R,
+    estimate the true ones. ``adjust`` applies SHARDS-adj: the gap between the expected (N R) and
+    the actual number of sampled accesses is added to the smallest distance, which removes most
+    of the bias from a hot row that happens to be (or not be) sampled.
+
+    Parameters
+    ----------
+    source : ndarray, TraceReader or iterable of ndarrays
+        Row ids in request order.
+    rate : float
+        Fixed sampling rate R in (0, 1], in steps of 2**-24 (ignored with ``fixed_size``).
+    fixed_size : int, optional
+        SHARDS-max: track at most this many distinct sampled rows, lowering the rate as needed;
+        memory is then bounded whatever the trace.
+    seed : int
+        Hash seed; different seeds give independent samples.
+    capacities : sequence of int, optional
+        Resample the curve at these capacities (rows).
+    table_rows : int, optional
+        Rows in the table.
+    adjust : bool
+        Apply the SHARDS-adj correction.
+    name : str
+        Curve name.
+
+    Returns
+    -------
+    MissRatioCurve
+        Without exact ``misses``; capacities are the scaled sampled distances.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> ids = (rng.pareto(1.0, 400_000) * 100).astype(np.int64) % 100_000
+    >>> exact = lru_mrc(ids)
+    >>> approx = shards_mrc(ids, rate=0.1)
+    >>> mean_absolute_error(approx, exact) < 0.01
+    True
+    """
+    import time
+
+    start = time.perf_counter()
+    if fixed_size is not None:
+        caps, ratio, lookups, meta = _shards_fixed_size(source, int(fixed_size), seed, adjust)
+    else:
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"rate: got {rate}; expected 0 < rate <= 1")
+        threshold = max(1, round(rate * SHARDS_MODULUS))
+        real_rate = threshold / SHARDS_MODULUS
+        counter = StackDistanceCounter()
+        lookups = 0
+        for chunk in _iter_chunks(source):
+            lookups += chunk.size
+            counter.update(chunk[_sample_mask(chunk, np.uint64(seed), np.uint64(threshold))])
+        counts, cold = counter.histogram()
+        counts = counts.astype(np.float64)
+        expected = lookups * real_rate
+        if adjust and counts.size:
+            counts[0] += expected - counter.lookups
+        total = expected if adjust else max(counter.lookups, 1)
+        hits = np.concatenate([[0.0], np.cumsum(counts)])
+        caps = np.rint(np.arange(hits.size) / real_rate).astype(np.int64)
+        ratio = np.clip((total - hits) / max(total, 1e-300), 0.0, 1.0)
+        meta = {
+            "method": "SHARDS fixed-rate" + ("-adj" if adjust else ""),
+            "rate": real_rate,
+            "sampled_lookups": counter.lookups,
+            "sampled_distinct": counter.distinct,
+            "seed": seed,
+        }
+    curve = MissRatioCurve(name, caps, ratio, lookups, None, table_rows, meta)
+    if capacities is not None:
+        curve = curve.resample(capacities)
+    curve.metadata.update(seconds=round(time.perf_counter() - start, 4))
+    return curve
+
+
+def _shards_fixed_size(
+    source: Any, smax: int, seed: int, adjust: bool
+) -> tuple[np.ndarray, np.ndarray, int, dict[str, Any]]:
+    """SHARDS-max: capacities, miss ratios, lookups, metadata."""
+    if smax < 1:
+        raise ValueError(f"fixed_size: got {smax}; expected a positive number of rows")
+    cap = 4 * (smax + 1)
+    slots = _int_dict()
+    slot_id = np.zeros(smax + 1, dtype=np.int64)
+    slot_hash = np.zeros(smax + 1, dtype=np.uint64)
+    last = np.zeros(smax + 1, dtype=np.int32)
+    owner = np.zeros(cap + 1, dtype=np.int32)
+    tree = np.zeros(cap + 1, dtype=np.int32)
+    heap = np.zeros(smax + 1, dtype=np.int64)
+    free = np.arange(smax, -1, -1, dtype=np.int64)
+    hist = np.zeros(1 << 16, dtype=np.float64)
+    state = np.array([0, 0, 0, smax + 1], dtype=np.int64)  # time, distinct, heap size, free
+    fstate = np.zeros(2, dtype=np.float64)  # cold weight, total weight
+    thresh = np.array([np.iinfo(np.uint64).max], dtype=np.uint64)
+    lookups = 0
+    for chunk in _iter_chunks(source):
+        lookups += chunk.size
+        pos = 0
+        while pos < chunk.size:
+            pos = _shards_fixed_size_pass(
+                chunk, pos, np.uint64(seed), smax, slots, slot_id, slot_hash, last, owner, tree,
+                heap, free, hist, state, fstate, thresh,
+            )  # fmt: skip
+            if pos >= chunk.size:
+                break
+            if state[0] >= cap:
+                state[0] = _compact_times(last, owner, int(state[0]))
+                _fenwick_ones(tree, int(state[0]))
+            else:
+                grown = np.zeros(hist.size * 2, dtype=np.float64)
+                grown[: hist.size] = hist
+                hist = grown
+    total = float(fstate[1])
+    buckets = np.nonzero(hist)[0]
+    counts = hist[buckets]
+    if adjust and counts.size:
+        counts[0] += lookups - total
+    norm = float(lookups) if adjust else max(total, 1e-300)
+    hits = np.concatenate([[0.0], np.cumsum(counts)])
+    caps = np.concatenate([[0], buckets]).astype(np.int64)
+    if caps.size > 1 and caps[1] == 0:  # a distance can round to bucket 0 only at rate > 2
+        caps, hits = caps[1:], hits[1:]
+    ratio = np.clip((norm - hits) / max(norm, 1e-300), 0.0, 1.0)
+    rate = float(thresh[0]) / 2.0**64
+    meta = {
+        "method": "SHARDS fixed-size" + ("-adj" if adjust else ""),
+        "fixed_size": smax,
+        "final_rate": rate,
+        "seed": seed,
+    }
+    return caps, ratio, lookups, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracles
+# ---------------------------------------------------------------------------------------------
+
+
+def static_topk_mrc(
+    counts: Any,
+    *,
+    capacities: Sequence[int] | np.ndarray | None = None,
+    preloaded: bool = True,
+    table_rows: int | None = None,
+    name: str = "static-topk",
+) -> MissRatioCurve:
+    """Oracle: pin the K most frequent rows (by their true counts in the trace) for every K.
+
+    Hits at K = sum of the K largest counts. ``preloaded=True`` (default) models the store's warm
+    start, where pinned rows are loaded before the first lookup, so there are no compulsory misses
+    and the curve can sit below Belady's at small K on short traces; ``preloaded=False`` makes each
+    pinned row miss once (its first access), as the demand-filled curves do.
+
+    Parameters
+    ----------
+    counts : ndarray or FrequencyProfile
+        Lookups per row (any order; zeros ignored), or a profile (its ``counts``).
+    capacities, table_rows, name
+        As for :func:`lru_mrc`.
+    preloaded : bool
+        Whether the pinned rows are in place before the trace starts.
+
+    Examples
+    --------
+    >>> static_topk_mrc(np.array([5, 1, 3, 1])).misses.tolist()
+    [10, 5, 2, 1, 0]
+    >>> static_topk_mrc(np.array([5, 1, 3, 1]), preloaded=False).misses.tolist()
+    [10, 6, 4, 3, 2]
+    """
+    if hasattr(counts, "counts"):
+        table_rows = table_rows if table_rows is not None else getattr(counts, "rows", None)
+        counts = counts.counts
+    counts = np.asarray(counts).reshape(-1)
+    counts = np.sort(counts[counts > 0].astype(np.int64))[::-1]
+    lookups = int(counts.sum())
+    hits = np.concatenate([[0], np.cumsum(counts)])
+    if not preloaded:
+        hits = hits - np.arange(hits.size)
+    misses = lookups - hits
+    caps = np.arange(misses.size, dtype=np.int64)
+    meta = {"method": "static top-K by true frequency", "preloaded": preloaded}
+    curve = MissRatioCurve(
+        name, caps, misses / max(lookups, 1), lookups, misses, table_rows, meta
+    )
+    return curve if capacities is None else _exact_at(curve, capacities)
+
+
+def belady_misses(
+    source: Any,
+    capacities: Sequence[int] | np.ndarray,
+    *,
+    bypass: bool = True,
+    workers: int | None = None,
+) -> np.ndarray:
+    """Misses of Belady's MIN (clairvoyant) cache at each capacity.
+
+    O(N log C) per capacity with a next-use array and an indexed heap; the whole trace is held
+    in RAM (16 bytes per lookup plus 16 bytes per possible row id per worker).
+
+    Parameters
+    ----------
+    source : ndarray, TraceReader or iterable of ndarrays
+        Row ids in request order.
+    capacities : sequence of int
+        Cache sizes in rows.
+    bypass : bool
+        True (default): a missed row whose next use is farther than every cached row's is not
+        cached: the optimum for caches with an admission filter, and a lower bound for every
+        policy in this project. False: classic demand paging, every miss is cached (evicting
+        the cached row used farthest in future).
+    workers : int, optional
+        Threads, one capacity each (default: CPU count, at most the number of capacities).
+
+    Examples
+    --------
+    >>> belady_misses(np.array([1, 2, 3, 1, 2, 3]), [1, 2, 3]).tolist()
+    [5, 4, 3]
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids, n_ids = _dense(_as_array(source))
+    caps = np.asarray(capacities, dtype=np.int64).reshape(-1)
+    if caps.size and caps.min() < 0:
+        raise ValueError(f"capacities must be >= 0; got {int(caps.min())}")
+    if ids.size == 0:
+        return np.zeros(caps.size, dtype=np.int64)
+    nxt = _next_use(ids, n_ids)
+    distinct = int(np.count_nonzero(np.bincount(ids, minlength=1))) if n_ids else 0
+
+    def run(c: int) -> int:
+        if c >= distinct:
+            return distinct
+        return int(_belady(ids, nxt, n_ids, int(c), bool(bypass)))
+
+    workers = max(1, min(workers or os.cpu_count() or 1, caps.size))
+    if workers == 1:
+        return np.array([run(c) for c in caps], dtype=np.int64)
+    with ThreadPoolExecutor(workers) as pool:
+        return np.array(list(pool.map(run, caps.tolist())), dtype=np.int64)
+
+
+def belady_mrc(
+    source: Any,
+    capacities: Sequence[int] | np.ndarray | None = None,
+    *,
+    bypass: bool = True,
+    points: int = 24,
+    table_rows: int | None = None,
+    name: str = "belady",
+) -> MissRatioCurve:
+    """Belady's MIN miss-ratio curve at ``capacities`` (default: ``points`` log-spaced capacities
+    up to the distinct rows). See :func:`belady_misses`.
+
+    Examples
+    --------
+    >>> belady_mrc(np.array([1, 2, 3, 1, 2, 3]), [1, 2, 3]).misses.tolist()
+    [6, 5, 4, 3]
+    """
+    import time
+
+    start = time.perf_counter()
+    ids = _as_array(source)
+    if capacities is None:
+        distinct = int(np.unique(ids).size)
+        capacities = np.unique(np.geomspace(1, max(distinct, 1), points).astype(np.int64))
+    caps = np.unique(np.concatenate([[0], np.asarray(capacities, dtype=np.int64)]))
+    misses = belady_misses(ids, caps, bypass=bypass)
+    meta = {"method": "Belady MIN" + (" with bypass" if bypass else " (demand paging)")}
+    meta["seconds"] = round(time.perf_counter() - start, 4)
+    return MissRatioCurve(
+        name, caps, misses / max(ids.size, 1), int(ids.size), misses, table_rows, meta
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing curves
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_absolute_error(
+    curve: MissRatioCurve,
+    reference: MissRatioCurve,
+    *,
+    points: int = 1000,
+    spacing: str = "linear",
+) -> float:
+    """Mean |miss ratio difference| over ``points`` capacities in (0, reference's largest].
+
+    ``spacing="linear"`` (as in the SHARDS paper: evenly spaced cache sizes) or ``"log"``
+    (weights small caches, where sampling is weakest, as much as large ones).
+
+    Examples
+    --------
+    >>> a = lru_mrc(np.arange(10) % 5)
+    >>> mean_absolute_error(a, a)
+    0.0
+    """
+    top = max(reference.max_capacity, 1)
+    if spacing == "linear":
+        grid = np.linspace(top / points, top, points)
+    elif spacing == "log":
+        grid = np.geomspace(1, top, points)
+    else:
+        raise ValueError(f"spacing: got {spacing!r}; expected 'linear' or 'log'")
+    grid = np.unique(np.maximum(np.rint(grid), 1))
+    return float(np.mean(np.abs(np.asarray(curve.at(grid)) - np.asarray(reference.at(grid)))))
+
+
+def log_capacities(max_capacity: int, points: int = 64) -> np.ndarray:
+    """About ``points`` log-spaced integer capacities from 1 to ``max_capacity``."""
+    return np.unique(np.geomspace(1, max(max_capacity, 1), points).astype(np.int64))
+
+
+def _ceil_log2(n: int) -> int:
+    """Smallest k with 2**k >= n."""
+    return max(0, math.ceil(math.log2(max(n, 1))))

@@ -168,9 +168,7 @@ class EngramConfig:
         return self.num_orders * self.n_embed_per_ngram
 
     @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], *, ignore_unknown: bool = False
-    ) -> EngramConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, ignore_unknown: bool = False) -> EngramConfig:
         """Build from a mapping; unknown keys are an error unless ``ignore_unknown``."""
         _check_keys("engram", data, ENGRAM_DEFAULTS, ignore_unknown)
         return cls(**{k: data[k] for k in ENGRAM_DEFAULTS if k in data})
@@ -203,9 +201,7 @@ class BackboneConfig:
             _int(f"backbone.{name}", getattr(self, name), minimum=1)
 
     @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], *, ignore_unknown: bool = False
-    ) -> BackboneConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, ignore_unknown: bool = False) -> BackboneConfig:
         """Build from a mapping; unknown keys are an error unless ``ignore_unknown``."""
         _check_keys("backbone", data, BACKBONE_DEFAULTS, ignore_unknown)
         return cls(**{k: data[k] for k in BACKBONE_DEFAULTS if k in data})

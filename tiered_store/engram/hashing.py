@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from .config import EngramConfig
-from .tokenizer import CompressedTokenizer
+from .tokenizer import CompressedTokenizer, check_token_ids
 
 __all__ = [
     "PRIME_1",
@@ -111,11 +111,11 @@ def to_row_ids(hashes: Any, offsets: Any) -> Any:
     return hashes + np.asarray(offsets, dtype=np.int64)
 
 
-def _shifted(x: Any, k: int, pad: int) -> Any:
+def _shifted(x: torch.Tensor, k: int, pad: int) -> torch.Tensor:
     """``x`` shifted right by ``k`` along the last axis, ``pad`` filling the first ``k`` slots."""
     if k == 0:
         return x
-    out = torch.empty_like(x) if isinstance(x, torch.Tensor) else np.empty_like(x)
+    out = torch.empty_like(x)
     out[..., :k] = pad
     if k < x.shape[-1]:
         out[..., k:] = x[..., :-k]
@@ -172,7 +172,7 @@ class NgramHasher:
         self._head_primes = {
             layer: np.array(self.head_sizes(layer), dtype=np.int64) for layer in self.layer_ids
         }
-        self._device_consts: dict[tuple[int, torch.device], tuple[torch.Tensor, list[int]]] = {}
+        self._device_consts: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- table geometry -------------------------------------------------------------------------
 
@@ -226,65 +226,61 @@ class NgramHasher:
             An id is outside the tokenizer vocabulary, or the ids are not integers (checked before
             any hashing).
         """
-        shifts = self._shifts(input_ids)
-        return {layer: self._hash_shifts(shifts, layer) for layer in self.layer_ids}
+        return self._run(input_ids, self.layer_ids, offset=False)
 
     def hash_layer(self, input_ids: Any, layer_id: int) -> Any:
         """Per-head hashes of one layer, int64 [..., T, H] (see ``hash``)."""
         self._check_layer(layer_id)
-        return self._hash_shifts(self._shifts(input_ids), layer_id)
+        return self._run(input_ids, (layer_id,), offset=False)[layer_id]
 
     def row_ids(self, input_ids: Any) -> dict[int, Any]:
         """Row ids in each layer's concatenated table: ``{layer_id: hashes + offsets}``."""
-        shifts = self._shifts(input_ids)
-        return {layer: self._hash_shifts(shifts, layer, offset=True) for layer in self.layer_ids}
+        return self._run(input_ids, self.layer_ids, offset=True)
 
     def row_ids_layer(self, input_ids: Any, layer_id: int) -> Any:
         """Row ids of one layer's concatenated table, int64 [..., T, H]."""
         self._check_layer(layer_id)
-        return self._hash_shifts(self._shifts(input_ids), layer_id, offset=True)
+        return self._run(input_ids, (layer_id,), offset=True)[layer_id]
 
-    def _shifts(self, input_ids: Any) -> list[Any]:
-        """Compressed ids shifted right by 0..N-1 positions (pad-filled)."""
-        x = self.tokenizer.compress(input_ids)
-        if x.ndim == 0:
+    def _run(self, input_ids: Any, layers: tuple[int, ...], *, offset: bool) -> dict[int, Any]:
+        """Check, compress and shift once, hash each layer; NumPy input is hashed by torch too."""
+        ids = check_token_ids(input_ids, self.tokenizer.vocab_size)
+        from_numpy = not isinstance(ids, torch.Tensor)
+        if from_numpy:
+            ids = torch.from_numpy(np.ascontiguousarray(ids))  # zero-copy; torch's % is faster
+        if ids.ndim == 0:
             raise ConfigError("input_ids: expected shape [..., T], got a scalar")
-        return [_shifted(x, k, self.pad_id) for k in range(self.config.max_ngram_size)]
+        x = self.tokenizer.lookup_tensor(ids.device)[ids]
+        shifts = [_shifted(x, k, self.pad_id) for k in range(self.config.max_ngram_size)]
+        out = {layer: self._hash_shifts(shifts, layer, offset=offset) for layer in layers}
+        return {layer: v.numpy() for layer, v in out.items()} if from_numpy else out
 
-    def _consts(self, layer_id: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
-        """Per-device primes tensor [H] and multipliers (Python ints) of a layer."""
+    def _consts(self, layer_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-device primes [H] and head offsets [H] of a layer (int64 tensors)."""
         key = (layer_id, device)
         if key not in self._device_consts:
             primes = torch.from_numpy(self._head_primes[layer_id].copy()).to(device)
-            self._device_consts[key] = (primes, [int(m) for m in self.multipliers[layer_id]])
+            offsets = torch.from_numpy(self.offsets(layer_id)).to(device)
+            self._device_consts[key] = (primes, offsets)
         return self._device_consts[key]
 
-    def _hash_shifts(self, shifts: list[Any], layer_id: int, *, offset: bool = False) -> Any:
+    def _hash_shifts(
+        self, shifts: list[torch.Tensor], layer_id: int, *, offset: bool
+    ) -> torch.Tensor:
         """Hash pre-shifted compressed ids for one layer; optionally add the head offsets."""
         x = shifts[0]
         heads = self.config.n_head_per_ngram
-        is_torch = isinstance(x, torch.Tensor)
-        if is_torch:
-            primes, mults = self._consts(layer_id, x.device)
-            out = torch.empty((*x.shape, self.num_heads), dtype=torch.int64, device=x.device)
-        else:
-            primes, mults = self._head_primes[layer_id], [int(m) for m in self.multipliers[layer_id]]
-            out = np.empty((*x.shape, self.num_heads), dtype=np.int64)
-        # XOR is associative, so each order extends the previous order's mix by one term.
+        primes, offsets = self._consts(layer_id, x.device)
+        mults = [int(m) for m in self.multipliers[layer_id]]
+        out = torch.empty((*x.shape, self.num_heads), dtype=torch.int64, device=x.device)
+        # XOR is associative, so each order extends the previous order's mix by one term. The
+        # products never overflow: multipliers are below int64 max // compressed vocab size.
         mix = x * mults[0]
         for order_index in range(self.config.num_orders):
             n = order_index + 2
-            term = shifts[n - 1] * mults[n - 1]
-            mix = mix ^ term
+            mix = mix ^ (shifts[n - 1] * mults[n - 1])
             cols = slice(order_index * heads, (order_index + 1) * heads)
-            if is_torch:
-                torch.remainder(mix.unsqueeze(-1), primes[cols], out=out[..., cols])
-            else:
-                np.remainder(mix[..., None], primes[cols], out=out[..., cols])
+            torch.remainder(mix.unsqueeze(-1), primes[cols], out=out[..., cols])
         if offset:
-            out += self.offsets(layer_id) if not is_torch else self._offsets_tensor(layer_id, x)
+            out += offsets
         return out
-
-    def _offsets_tensor(self, layer_id: int, like: torch.Tensor) -> torch.Tensor:
-        """Head offsets as an int64 tensor on ``like``'s device."""
-        return torch.from_numpy(self.offsets(layer_id)).to(like.device)

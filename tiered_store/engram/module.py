@@ -74,9 +74,7 @@ class ShortConv(nn.Module):
             padding=(kernel_size - 1) * dilation,
             dilation=dilation,
         )
-        self.norms = nn.ModuleList(
-            [nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult)]
-        )
+        self.norms = nn.ModuleList([nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult)])
         self.act_fn = nn.SiLU() if activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -354,7 +352,9 @@ class Engram(nn.Module):
         """
         weight, rest = split_checkpoint(source, layer_id)
         hasher = hasher if hasher is not None else NgramHasher(config)
-        want = [hasher.table_rows(layer_id), config.head_dim] if layer_id in config.layer_ids else []
+        want = (
+            [hasher.table_rows(layer_id), config.head_dim] if layer_id in config.layer_ids else []
+        )
         if want and list(weight.shape) != want:
             raise ConfigError(
                 f"{EMBEDDING_KEY}: checkpoint table shape {list(weight.shape)} does not match "

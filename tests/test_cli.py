@@ -1,0 +1,107 @@
+"""The tiered-store command line, run as a user would (real console script and in-process main)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tiered_store.cli import main
+
+
+def test_every_command_has_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "tiered_store.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    commands = ["init", "info", "verify", "demo"]
+    for command in commands:
+        assert command in out.stdout
+        sub = subprocess.run(
+            [sys.executable, "-m", "tiered_store.cli", command, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert "usage: tiered-store " + command in sub.stdout
+
+
+def test_init_info_verify_round_trip(tmp_path, capsys):
+    src = tmp_path / "src.npy"
+    np.save(src, np.arange(600, dtype=np.float32).reshape(100, 6))
+    table = tmp_path / "t.npy"
+    assert main(["init", str(table), "--from-npy", str(src), "--quiet"]) == 0
+    assert np.array_equal(np.load(table), np.load(src))
+    capsys.readouterr()
+    assert main(["info", str(table)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 100 and info["dim"] == 6
+    assert main(["verify", str(table), "--quiet"]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_verify_names_the_bad_block(tmp_path, capsys):
+    table = tmp_path / "t.npy"
+    assert main(["init", str(table), "--random", "5000x64", "--quiet"]) == 0
+    with open(table, "r+b") as f:  # flip one byte deep in the data
+        f.seek(4096 + 700_000)
+        byte = f.read(1)
+        f.seek(4096 + 700_000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    capsys.readouterr()
+    assert main(["verify", str(table), "--quiet"]) == 1
+    assert "block 0" in capsys.readouterr().err
+
+
+def test_init_random_is_seeded_and_refuses_overwrite(tmp_path, capsys):
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert main(["init", str(a), "--random", "300x8", "--seed", "5", "--quiet"]) == 0
+    assert main(["init", str(b), "--random", "300x8", "--seed", "5", "--quiet"]) == 0
+    assert np.array_equal(np.load(a), np.load(b))
+    assert main(["init", str(a), "--random", "300x8", "--quiet"]) != 0
+    assert "exists" in capsys.readouterr().err
+    assert main(["init", str(a), "--random", "300x8", "--seed", "6", "--overwrite", "--quiet"]) == 0
+    assert not np.array_equal(np.load(a), np.load(b))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["init", "x.npy", "--random", "12"], "expected ROWSxDIM"),
+        (["init", "x.npy", "--from-safetensors", "m.safetensors"], "needs --tensor"),
+        (["info", "/nonexistent/t.npy"], "t.npy"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end_as_a_console_script(tmp_path):
+    out = subprocess.run(
+        [
+            "tiered-store",
+            "demo",
+            "--rows",
+            "20000",
+            "--batches",
+            "12",
+            "--batch-size",
+            "4096",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "results checked on 2 batches" in out.stdout
+    for tier in ("hot", "warm", "cold"):
+        assert f"\n{tier}" in out.stdout
