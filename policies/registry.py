@@ -43,6 +43,14 @@ class PolicySpec:
     admission: str
     static: bool
 
+    @property
+    def text(self) -> str:
+        """The canonical name, e.g. ``'static+lru+tinylfu'``."""
+        parts = ["static"] if self.static else []
+        parts += [self.eviction] if self.eviction else []
+        parts += [self.admission] if self.admission != "all" else []
+        return "+".join(parts)
+
     @classmethod
     def parse(cls, text: str, *, key: str = "policy") -> PolicySpec:
         """``'static+lru'`` -> PolicySpec(eviction='lru', admission='all', static=True)."""

@@ -273,3 +273,15 @@ def test_config_yaml_round_trip_and_backbone_checks(tmp_path):
         load_engram_config({"engram": {}, "extra": 1})
     with pytest.raises(ConfigError, match="pad_id"):
         NgramHasher(EngramConfig(pad_id=10**6))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hashes_match_golden_on_cuda(golden):
+    _, data, hasher = golden
+    for case in range(NUM_CASES):
+        ids = torch.from_numpy(data[f"case{case}_input_ids"]).cuda()
+        for layer, hashes in hasher.hash(ids).items():
+            assert hashes.device == ids.device
+            expected = data[f"case{case}_layer{layer}_hashes"]
+            np.testing.assert_array_equal(hashes.cpu().numpy(), expected)

@@ -189,3 +189,16 @@ def test_in_memory_table_gradients_reach_table_and_dense_params(setup):
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     frozen = InMemoryTable(torch.randn(5, 3))  # plain tensor: buffer, saved, not trained
     assert list(frozen.parameters()) == [] and "weight" in frozen.state_dict()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("layer", LAYERS)
+def test_forward_matches_golden_on_cuda(setup, layer, monkeypatch):
+    config, backbone, hasher, data, path = setup
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    engram = Engram.from_checkpoint(path, config, backbone, layer, hasher=hasher).cuda()
+    with torch.no_grad():
+        out = engram(data[f"layer{layer}.hidden_states"].cuda(), data["input_ids"].cuda())
+    torch.testing.assert_close(out.cpu(), data[f"layer{layer}.output"], atol=1e-5, rtol=0)

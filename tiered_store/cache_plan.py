@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from policies import PolicySpec
+
+from .capacity import resolve_capacity
+from .config import CacheTierConfig, StoreConfig
+from .errors import ConfigError
 from .row_cache import RowCache
 
 
@@ -44,6 +50,33 @@ class CacheHierarchy:
         self.hot = hot
         self.warm = warm
 
+    @classmethod
+    def from_config(
+        cls, config: StoreConfig, num_rows: int, row_bytes: int, device: torch.device | str = "cpu"
+    ) -> CacheHierarchy:
+        """The hot (on ``device``) and warm (host) row caches a config describes, for a table of
+        ``num_rows`` rows of ``row_bytes`` each. The live store and replay both build them here."""
+        tiers = config.tiers
+        hot = _row_cache("hot", tiers.hot, num_rows, row_bytes, torch.device(device))
+        warm = _row_cache("warm", tiers.warm, num_rows, row_bytes, torch.device("cpu"))
+        return cls(hot, warm)
+
+    def warm_start(self, config: StoreConfig) -> list[tuple[RowCache, torch.Tensor, torch.Tensor]]:
+        """Load each tier's ``static_rows`` (pinned, under a static policy) and ``preload_rows``.
+        Returns (cache, row ids loaded, their slots) for the caller to fill with payload."""
+        loaded = []
+        for cache, tier in ((self.hot, config.tiers.hot), (self.warm, config.tiers.warm)):
+            for key, pin in (("static_rows", True), ("preload_rows", False)):
+                path = getattr(tier, key)
+                if path is None or cache.capacity == 0 or (pin and not cache.spec.static):
+                    continue
+                ids = torch.from_numpy(
+                    _load_row_list(path, cache.num_rows, f"tiers.{cache.name}.{key}")
+                )
+                pos, slots = cache.preload(ids[: cache.capacity * 4], pin=pin)
+                loaded.append((cache, ids[pos.cpu()], slots))
+        return loaded
+
     def plan(self, flat_ids: torch.Tensor) -> LookupPlan:
         """Probe hot, then warm for the (deduplicated) hot misses; record hits with the policies."""
         hot, warm = self.hot, self.warm
@@ -81,3 +114,45 @@ class CacheHierarchy:
         )
         hot_src, hot_slots = self.hot.admit(plan.unique_ids, plan.counts)
         return AdmitPlan(plan.cold_idx[warm_pos.cpu()], warm_slots, hot_src, hot_slots)
+
+
+def _row_cache(
+    name: str, tier: CacheTierConfig, num_rows: int, row_bytes: int, device: torch.device
+) -> RowCache:
+    """One tier's RowCache from its config section; errors name the key."""
+    capacity = resolve_capacity(
+        tier.capacity, table_rows=num_rows, row_bytes=row_bytes, key=f"tiers.{name}.capacity"
+    )
+    spec = PolicySpec.parse(tier.policy, key=f"tiers.{name}.policy")
+    if spec.static and tier.static_rows is None and capacity:
+        raise ConfigError(
+            f"tiers.{name}.static_rows: policy {tier.policy!r} pins rows; expected a .npy of row ids"
+        )
+    return RowCache(
+        name,
+        num_rows=num_rows,
+        capacity=capacity,
+        spec=spec,
+        device=device,
+        evict_headroom=tier.evict_headroom,
+    )
+
+
+def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:
+    """An .npy of row ids (hottest first), checked for range."""
+    try:
+        ids = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{key}: cannot read {path} ({exc}); expected an .npy of row ids"
+        ) from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise ConfigError(
+            f"{key}: {path} holds {ids.dtype} of shape {ids.shape}; expected a 1-D integer array"
+        )
+    ids = np.array(ids, dtype=np.int64)  # a private writable copy
+    if ids.size and (ids.min() < 0 or ids.max() >= rows):
+        raise ConfigError(
+            f"{key}: {path} has ids outside [0, {rows:,}); expected row ids of this table"
+        )
+    return ids

@@ -20,11 +20,12 @@ full, copies the rows it holds straight into the output with one vectorised gath
 from __future__ import annotations
 
 import errno
+import itertools
 import mmap
 import os
 import threading
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ IO_MODES = ("mmap", "pread", "direct")
 DEFAULT_THREADS = 8
 MAX_EXTENT_PAGES = 64  # 256 KiB: longest single read before an extent is split for parallelism
 REQUEST_COST_PAGES = 8  # balancing weight of one read request, in pages of transfer
+TASKS_PER_THREAD = 4  # extent groups per thread: runners pull groups, so slow disks balance out
 WORKER_BUFFER_BYTES = 4 << 20  # 4 MiB page-aligned read buffer per worker thread
 MMAP_MIN_ROWS_PER_TASK = 8192  # mmap mode: below this many rows a batch is gathered inline
 
@@ -302,7 +304,7 @@ class ColdTable:
         """Plan extents for ``ids`` (vectorised), then read and extract them in parallel."""
         plan = _plan_extents(ids, self.row_bytes, self.manifest.data_offset)
         n_ext = len(plan.page_first)
-        groups = min(self.threads, n_ext)
+        groups = min(n_ext, 1 if self.threads == 1 else self.threads * TASKS_PER_THREAD)
         weight = np.cumsum(plan.pages + REQUEST_COST_PAGES)
         cuts = np.searchsorted(weight, weight[-1] * np.arange(1, groups) / groups, side="right")
         edges = np.unique(np.concatenate(([0], cuts, [n_ext]))).tolist()
@@ -390,24 +392,31 @@ class ColdTable:
     # ---- threads and buffers ---------------------------------------------------------------
 
     def _run_parallel(self, fn: Any, tasks: int) -> None:
-        """Run fn(0..tasks-1): task 0 in the calling thread, the rest in the pool."""
-        futures: list[Future[None]] = []
-        if self._pool is not None:
-            futures = [self._pool.submit(fn, k) for k in range(1, tasks)]
-        else:
-            for k in range(1, tasks):
+        """Run fn(0..tasks-1) on up to ``threads`` runners (the caller is one) pulling tasks."""
+        runners = min(self.threads, tasks)
+        if runners <= 1 or self._pool is None:
+            for k in range(tasks):
                 fn(k)
-        first_error: BaseException | None = None
-        try:
-            fn(0)
-        except BaseException as exc:  # noqa: BLE001 - re-raised after the workers finish
-            first_error = exc
+            return
+        counter = itertools.count()  # next() is atomic under the GIL: a lock-free task queue
+        errors: list[BaseException] = []
+
+        def runner() -> None:
+            while not errors:
+                k = next(counter)
+                if k >= tasks:
+                    return
+                try:
+                    fn(k)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                    errors.append(exc)
+
+        futures = [self._pool.submit(runner) for _ in range(runners - 1)]
+        runner()
         for fut in futures:  # wait for all: they write into `out` and use our buffers
-            exc = fut.exception()
-            if exc is not None and first_error is None:
-                first_error = exc
-        if first_error is not None:
-            raise first_error
+            fut.result()
+        if errors:
+            raise errors[0]
 
     def _buffer(self, nbytes: int) -> memoryview:
         """This thread's page-aligned read buffer, at least ``nbytes`` long."""

@@ -98,6 +98,18 @@ class PrefetchConfig(_Model):
     depth: StrictInt = Field(default=DEFAULTS["prefetch.depth"], ge=1, le=64)
 
 
+class CostModelConfig(_Model):
+    """Bandwidths and latencies replay uses to model fetch and stall time (defaults: an H200-class
+    GPU on PCIe 5 with a datacentre NVMe)."""
+
+    hbm_gbps: float = Field(default=4800.0, gt=0)  # GB/s, hot-tier gathers on the device
+    pcie_gbps: float = Field(default=50.0, gt=0)  # GB/s, host -> device copies
+    dram_gbps: float = Field(default=100.0, gt=0)  # GB/s, warm-tier gathers in host RAM
+    nvme_read_iops: float = Field(default=1_000_000.0, gt=0)  # random 4 KiB reads per second
+    nvme_latency_us: float = Field(default=80.0, ge=0)  # one random read's latency
+    compute_seconds_per_batch: float = Field(default=0.0, ge=0)  # work prefetch can hide behind
+
+
 class MetricsConfig(_Model):
     address: str = DEFAULTS["metrics.address"]
 
@@ -116,6 +128,7 @@ class StoreConfig(_Model):
     tiers: TiersConfig = TiersConfig()
     prefetch: PrefetchConfig = PrefetchConfig()
     metrics: MetricsConfig = MetricsConfig()
+    cost_model: CostModelConfig = CostModelConfig()
 
     @classmethod
     def from_dict(

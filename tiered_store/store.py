@@ -11,16 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies import PolicySpec
-
 from .cache_plan import CacheHierarchy
-from .capacity import format_bytes, resolve_capacity
+from .capacity import format_bytes
 from .cold_table import ColdTable
-from .config import CacheTierConfig, StoreConfig
+from .config import StoreConfig
 from .errors import ConfigError, RowIdError, TieredStoreError
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
-from .row_cache import RowCache
 from .slot_pool import SlotPool
 
 
@@ -66,19 +63,16 @@ class TieredStore:
             self._check_table_matches(config)
             self.rows, self.dim, self.dtype = self.cold.rows, self.cold.dim, self.cold.dtype
             self.row_bytes = self.cold.row_bytes
-            hot_rows = self._capacity(tiers.hot, "hot")
-            warm_rows = self._capacity(tiers.warm, "warm")
-            _check_host_memory(warm_rows * self.row_bytes, "tiers.warm.capacity")
+            self.caches = CacheHierarchy.from_config(config, self.rows, self.row_bytes, self.device)
+            self.hot, self.warm = self.caches.hot, self.caches.warm
+            _check_host_memory(self.warm.capacity * self.row_bytes, "tiers.warm.capacity")
             pin = tiers.warm.pin_memory is True or (
                 tiers.warm.pin_memory == "auto" and self.device.type == "cuda"
             )
             self._pin = pin and torch.cuda.is_available()
-            self.hot = self._row_cache("hot", tiers.hot, hot_rows, self.device)
-            self.warm = self._row_cache("warm", tiers.warm, warm_rows, torch.device("cpu"))
-            self.caches = CacheHierarchy(self.hot, self.warm)
-            self.hot_pool = SlotPool(hot_rows, self.dim, self.dtype, self.device)
+            self.hot_pool = SlotPool(self.hot.capacity, self.dim, self.dtype, self.device)
             self.warm_pool = SlotPool(
-                warm_rows, self.dim, self.dtype, torch.device("cpu"), pin_memory=self._pin
+                self.warm.capacity, self.dim, self.dtype, torch.device("cpu"), pin_memory=self._pin
             )
         except BaseException:
             self.cold.close()
@@ -88,8 +82,10 @@ class TieredStore:
         self.lookup_latency = LatencyHistogram()
         self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
         self._closed = False
-        self._warm_start(tiers.hot, self.hot, self.hot_pool)
-        self._warm_start(tiers.warm, self.warm, self.warm_pool)
+        for cache, ids, slots in self.caches.warm_start(config):
+            pool = self.hot_pool if cache is self.hot else self.warm_pool
+            order = torch.argsort(ids)
+            pool.write(slots[order.to(slots.device)], self.cold.read_rows(ids[order].numpy()))
 
     @classmethod
     def open(cls, config: str | Path | dict | StoreConfig) -> TieredStore:
@@ -280,44 +276,6 @@ class TieredStore:
                 f"table.dtype: config says {want.dtype!r}, but {self.cold.path} holds {have_dtype!r}"
             )
 
-    def _capacity(self, tier: CacheTierConfig, name: str) -> int:
-        return resolve_capacity(
-            tier.capacity,
-            table_rows=self.cold.rows,
-            row_bytes=self.cold.row_bytes,
-            key=f"tiers.{name}.capacity",
-        )
-
-    def _row_cache(
-        self, name: str, tier: CacheTierConfig, capacity: int, device: torch.device
-    ) -> RowCache:
-        spec = PolicySpec.parse(tier.policy, key=f"tiers.{name}.policy")
-        if spec.static and tier.static_rows is None and capacity:
-            raise ConfigError(
-                f"tiers.{name}.static_rows: policy {tier.policy!r} pins rows; expected a .npy of row ids"
-            )
-        return RowCache(
-            name,
-            num_rows=self.cold.rows,
-            capacity=capacity,
-            spec=spec,
-            device=device,
-            evict_headroom=tier.evict_headroom,
-        )
-
-    def _warm_start(self, tier: CacheTierConfig, cache: RowCache, pool: SlotPool) -> None:
-        """Load ``static_rows`` (pinned, for a static policy) then ``preload_rows`` into free slots."""
-        for key, pin in (("static_rows", True), ("preload_rows", False)):
-            path = getattr(tier, key)
-            if path is None or cache.capacity == 0 or (pin and not cache.spec.static):
-                continue
-            ids = _load_row_list(path, self.rows, f"tiers.{cache.name}.{key}")
-            pos, slots = cache.preload(ids[: cache.capacity * 4], pin=pin)
-            loaded = torch.as_tensor(ids)[pos.cpu()]
-            order = torch.argsort(loaded)
-            rows = self.cold.read_rows(loaded[order].numpy())
-            pool.write(slots[order.to(slots.device)], rows)
-
 
 def _as_id_tensor(ids: Any) -> torch.Tensor:
     """Any integer tensor/array/list -> torch tensor (no copy where possible); rejects floats and bools."""
@@ -371,23 +329,3 @@ def _check_host_memory(nbytes: int, key: str) -> None:
             f"{key}: needs {format_bytes(nbytes)} of host RAM but only {format_bytes(available)} is "
             "available; expected a smaller capacity"
         )
-
-
-def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:
-    """An .npy of row ids (hottest first), checked for range."""
-    try:
-        ids = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"{key}: cannot read {path} ({exc}); expected an .npy of row ids"
-        ) from None
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise ConfigError(
-            f"{key}: {path} holds {ids.dtype} of shape {ids.shape}; expected a 1-D integer array"
-        )
-    ids = np.array(ids, dtype=np.int64)  # a private writable copy
-    if ids.size and (ids.min() < 0 or ids.max() >= rows):
-        raise ConfigError(
-            f"{key}: {path} has ids outside [0, {rows:,}); expected row ids of this table"
-        )
-    return ids

@@ -52,6 +52,7 @@ __all__ = [
 
 DENSE_ID_LIMIT = 1 << 27  # ids below this index arrays directly (4 bytes each); above: a hash map
 MIN_TIME_CAPACITY = 1 << 20  # Fenwick tree length before the first compaction
+TIME_AXIS_GROWTH = 4  # on compaction, grow the time axis to this many times the distinct rows
 SHARDS_MODULUS = 1 << 24  # fixed-rate sampling granularity: rates are multiples of 2**-24
 DEFAULT_SHARDS_RATE = 0.01
 DEFAULT_SHARDS_SIZE = 1 << 16  # rows tracked by fixed-size SHARDS
@@ -414,7 +415,9 @@ def _shards_fixed_size_pass(  # noqa: ANN001, ANN202
             i += 1
             continue
         weight = 1.0 / (float(thresh[0]) * 5.421010862427522e-20)  # 1 / R
-        slot = slots.get(x, -1)
+        slot = np.int64(-1)
+        if x in slots:
+            slot = slots[x]
         if slot >= 0:
             p = last[slot]
             acc = 0
@@ -642,7 +645,7 @@ class StackDistanceCounter:
         self._state[0] = distinct
         cap = self._tree.size - 1
         if 2 * distinct > cap:
-            cap = 4 * distinct
+            cap = int(TIME_AXIS_GROWTH * distinct)
             owner = np.zeros(cap + 1, dtype=np.int32)
             owner[: distinct + 1] = self._owner[: distinct + 1]
             self._owner = owner

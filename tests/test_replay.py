@@ -1,0 +1,133 @@
+"""Replay runs the store's own cache code: parity with the live store, regrouping, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_table, store_config
+from tiered_store import ConfigError, StoreConfig, TieredStore
+from tiered_store.workload import ZipfWorkload
+from zipf_analysis.replay import replay
+from zipf_analysis.trace import TraceReader, TraceWriter
+
+ROWS, HEADS = 3000, 4
+
+
+def write_trace(path, batches: int = 25, seed: int = 0, rows: int = ROWS) -> list[np.ndarray]:
+    """A Zipfian two-table trace of [2, 40, HEADS] records per batch; returns table 'a''s records."""
+    workload = ZipfWorkload(rows, 0.9, seed=seed)
+    records = []
+    layout = {"tables": [{"name": "a", "rows": rows, "heads": HEADS}, {"name": "b", "rows": rows, "heads": HEADS}]}
+    with TraceWriter(path, layout) as writer:
+        for _ in range(batches):
+            ids = workload.sample((2, 40, HEADS))
+            records.append(ids)
+            writer.write(ids, "a")
+            writer.write(workload.sample((2, 40, HEADS)), "b")
+            writer.end_batch()
+    return records
+
+
+PARITY_TIERS = [
+    {"hot": {"capacity": 100}, "warm": {"capacity": 400}},
+    {"hot": {"capacity": 50, "evict_headroom": 0.2}, "warm": {"capacity": "5%"}},
+    {"warm": {"capacity": 250}},
+    {"hot": {"capacity": 3000}},
+]
+
+
+@pytest.mark.parametrize("tiers", PARITY_TIERS)
+def test_replay_statistics_equal_the_live_store(tmp_path, tiers):
+    path, data = make_table(tmp_path, rows=ROWS, dim=8)
+    records = write_trace(tmp_path / "t.trace")
+    config = store_config(path, **tiers)
+    with TieredStore(config) as store:
+        for ids in records:
+            assert torch.equal(store.lookup(ids), data[torch.from_numpy(ids)])
+        live = store.stats()
+    result = replay(config, tmp_path / "t.trace", table="a")
+    for tier in ("hot", "warm"):
+        for key in ("lookups", "hits", "misses", "admissions", "evictions", "rejections", "occupancy"):
+            assert result.tiers[tier][key] == live[tier][key], (tier, key)
+    assert result.rows_moved["into_warm"] == live["warm"]["admissions"]
+    assert result.rows_moved["cold_reads"] == live["cold"]["rows_read"]
+    assert result.lookups == sum(r.size for r in records)
+
+
+def test_replay_parity_with_static_pinning(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    records = write_trace(tmp_path / "t.trace")
+    counts = np.bincount(np.concatenate([r.ravel() for r in records]), minlength=ROWS)
+    np.save(tmp_path / "top.npy", np.argsort(-counts, kind="stable")[:80])
+    config = StoreConfig.from_dict(
+        {"table": {"path": str(path)},
+         "tiers": {"hot": {"capacity": 120, "policy": "static+lru", "static_rows": "top.npy"},
+                   "warm": {"capacity": 300, "preload_rows": "top.npy"}}},
+        base_dir=tmp_path,
+    )
+    with TieredStore(config) as store:
+        for ids in records:
+            store.lookup(ids)
+        live = store.stats()
+    result = replay(config, tmp_path / "t.trace", table="a")
+    for tier in ("hot", "warm"):
+        for key in ("lookups", "hits", "admissions", "evictions", "preloaded"):
+            assert result.tiers[tier][key] == live[tier][key], (tier, key)
+    assert result.tiers["hot"]["preloaded"] == 80
+
+
+def test_batch_tokens_regroups_the_stream(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    records = write_trace(tmp_path / "t.trace", batches=6)
+    config = store_config(path, warm={"capacity": 200})
+    per_record = replay(config, tmp_path / "t.trace", table="a")
+    grouped = replay(config, tmp_path / "t.trace", table="a", batch_tokens=16)
+    single = replay(config, tmp_path / "t.trace", table="a", batch_tokens=1)
+    total = sum(r.size for r in records)
+    assert per_record.batches == 6
+    assert grouped.batches == -(-total // (16 * HEADS))
+    assert single.batches == total
+    assert per_record.lookups == grouped.lookups == single.lookups == total
+
+
+def test_per_request_replay_equals_scalar_lru(tmp_path):
+    from policies import ScalarLRU
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    records = write_trace(tmp_path / "t.trace", batches=4)
+    result = replay(store_config(path, warm={"capacity": 150}), tmp_path / "t.trace", table="a", batch_tokens=1)
+    lru = ScalarLRU(150)
+    hits = sum(lru.access(int(x)) for r in records for x in r.ravel())
+    assert result.tiers["warm"]["hits"] == hits
+
+
+def test_modelled_stall_shrinks_with_overlap(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", batches=5)
+    base = store_config(path, hot={"capacity": 100}, warm={"capacity": 300})
+    plain = replay(base, tmp_path / "t.trace")
+    overlapped = replay(
+        base.model_copy(update={"cost_model": base.cost_model.model_copy(update={"compute_seconds_per_batch": 1e-4})}),
+        tmp_path / "t.trace",
+    )
+    assert plain.modelled_stall_seconds == pytest.approx(plain.modelled_fetch_seconds)
+    assert overlapped.modelled_stall_seconds < plain.modelled_stall_seconds
+    assert overlapped.modelled_fetch_seconds == pytest.approx(plain.modelled_fetch_seconds)
+
+
+def test_trace_for_another_table_is_an_error(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", rows=ROWS * 2, batches=2)
+    with pytest.raises(ConfigError, match="has 3,000 rows but trace table 'a' has 6,000"):
+        replay(store_config(path, warm={"capacity": 10}), tmp_path / "t.trace", table="a")
+
+
+def test_unknown_policy_or_table_is_an_error(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", batches=2)
+    with pytest.raises(ConfigError, match="unknown policy 'nope'.*known:"):
+        replay(store_config(path, warm={"capacity": 10}), tmp_path / "t.trace", policy="nope")
+    with pytest.raises(Exception, match="zz"):
+        replay(store_config(path), TraceReader(tmp_path / "t.trace"), table="zz")

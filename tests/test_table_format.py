@@ -1,0 +1,407 @@
+"""Table files: sources, dtypes, the .npy layout, the manifest, verification, atomic creation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tiered_store.errors import TableFormatError, TieredStoreError
+from tiered_store.table_format import (
+    DATA_OFFSET,
+    RandomSource,
+    SafetensorsSource,
+    TableExistsError,
+    TableManifest,
+    TableNotFoundError,
+    check_table,
+    create_table,
+    read_manifest,
+    table_paths,
+    verify_table,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bits(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Raw bytes of an array/tensor (bfloat16 included) for bit-exact comparison."""
+    if isinstance(x, torch.Tensor):
+        x = x.contiguous().view(torch.uint8).numpy()
+    return np.ascontiguousarray(x).view(np.uint8)
+
+
+def make(tmp_path: Path, source, name: str = "t.npy", **kw) -> tuple[Path, TableManifest]:
+    path = tmp_path / name
+    return path, create_table(path, source, progress=False, **kw)
+
+
+def listing(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+# ---- layout and round trips --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_ndarray_round_trip_and_npy_layout(tmp_path, dtype):
+    a = np.random.default_rng(0).standard_normal((301, 37)).astype(dtype)
+    path, m = make(tmp_path, a)
+    assert m.shape == (301, 37) and m.dtype == np.dtype(dtype).name
+    assert m.row_bytes == 37 * a.itemsize and m.data_offset == DATA_OFFSET == 4096
+    assert path.stat().st_size == m.file_bytes == 4096 + a.nbytes
+    assert np.array_equal(np.load(path), a)
+    mm = np.load(path, mmap_mode="r")
+    assert mm.offset == 4096 and np.array_equal(mm, a)
+    assert path.read_bytes()[4096:] == a.tobytes()
+
+
+def test_torch_sources_all_dtypes_bit_exact(tmp_path):
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        t = torch.randn(123, 11).to(dt)
+        path, m = make(tmp_path, t, name=f"{dt}.npy".replace("torch.", ""))
+        assert m.torch_dtype == dt
+        assert bits(np.load(path)).tobytes() == bits(t).tobytes()
+
+
+def test_bfloat16_stored_as_u2_bits(tmp_path):
+    t = torch.randn(50, 8, dtype=torch.bfloat16)
+    path, m = make(tmp_path, t)
+    loaded = np.load(path)
+    assert loaded.dtype == np.dtype("<u2") and m.dtype == "bfloat16"
+    back = torch.from_numpy(loaded.view(np.int16)).view(torch.bfloat16)
+    assert torch.equal(back, t)
+    # raw bits re-imported from a uint16 array or .npy need dtype="bfloat16"
+    p2, _ = make(tmp_path, loaded, name="again.npy", dtype="bf16")
+    p3, _ = make(tmp_path, str(path), name="again2.npy", dtype=torch.bfloat16)
+    assert p2.read_bytes()[4096:] == p3.read_bytes()[4096:] == path.read_bytes()[4096:]
+
+
+def test_dtype_conversion_matches_torch_cast(tmp_path):
+    a = np.random.default_rng(1).standard_normal((64, 10))  # float64 needs an explicit dtype
+    with pytest.raises(TableFormatError, match="float64"):
+        make(tmp_path, a)
+    for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        path, m = make(tmp_path, a, name=f"{name}.npy", dtype=name)
+        want = torch.from_numpy(a).to(dt)
+        assert m.dtype == name and bits(np.load(path)).tobytes() == bits(want).tobytes()
+
+
+def test_npy_path_source_streams_via_mmap(tmp_path):
+    a = np.arange(5000 * 7, dtype=np.float32).reshape(5000, 7)
+    src = tmp_path / "src.npy"
+    np.save(src, a)
+    path, m = make(tmp_path, str(src), chunk_bytes=1000)  # many small chunks
+    assert np.array_equal(np.load(path), a) and m.source.startswith("npy:")
+    path2, _ = make(tmp_path, src, name="big_endian.npy")  # PathLike source
+    np.save(src, a.astype(">f4"))
+    path3, _ = make(tmp_path, src, name="be.npy", dtype="float32")
+    assert path2.read_bytes()[4096:] == path3.read_bytes()[4096:]
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float32, torch.float16])
+def test_safetensors_source(tmp_path, dt):
+    w = torch.randn(777, 24).to(dt)
+    st = tmp_path / "model.safetensors"
+    save_file({"multi_head_embedding.embedding.weight": w, "other.bias": torch.zeros(3)}, st)
+    src = SafetensorsSource(st, "multi_head_embedding.embedding.weight")
+    path, m = make(tmp_path, src, chunk_bytes=24 * 4 * 100)
+    assert m.torch_dtype == dt and m.shape == (777, 24)
+    assert bits(np.load(path)).tobytes() == bits(w).tobytes()
+    assert "multi_head_embedding.embedding.weight" in m.source
+
+
+def test_random_source_is_deterministic_regardless_of_chunk_size(tmp_path):
+    src = RandomSource(rows=3001, dim=700, dtype="float32", seed=7, std=0.02)
+    _, m1 = make(tmp_path, src, name="a.npy")  # default 64 MiB chunks: one chunk
+    _, m2 = make(tmp_path, src, name="b.npy", chunk_bytes=4096 * 3 + 5)  # rows split oddly
+    _, m3 = make(tmp_path, src, name="c.npy", chunk_bytes=1)  # one row per chunk
+    a = np.load(tmp_path / "a.npy")
+    assert np.array_equal(a, np.load(tmp_path / "b.npy"))
+    assert np.array_equal(a, np.load(tmp_path / "c.npy"))
+    assert m1.block_checksums == m2.block_checksums == m3.block_checksums
+    assert abs(float(a.std()) - 0.02) < 0.001 and abs(float(a.mean())) < 0.001
+    _, m4 = make(tmp_path, RandomSource(3001, 700, seed=8, std=0.02), name="d.npy")
+    assert m4.block_checksums != m1.block_checksums
+    # other dtypes are the float32 draw cast: same values, rounded
+    p5, m5 = make(tmp_path, RandomSource(3001, 700, dtype="bfloat16", seed=7, std=0.02), "e.npy")
+    assert m5.dtype == "bfloat16"
+    assert bits(np.load(p5)).tobytes() == bits(torch.from_numpy(a).bfloat16()).tobytes()
+
+
+def test_manifest_contents_and_checksums(tmp_path):
+    a = np.random.default_rng(2).standard_normal((1000, 33)).astype(np.float32)
+    path, m = make(tmp_path, a, block_bytes=8192, chunk_bytes=3000)
+    doc = json.loads((tmp_path / "t.npy.manifest.json").read_text())
+    assert doc["format_version"] == 1 and doc["shape"] == [1000, 33]
+    assert doc["dtype"] == "float32" and doc["npy_descr"] == "<f4" and doc["row_bytes"] == 132
+    assert doc["data_offset"] == 4096 and doc["block_bytes"] == 8192 and doc["checksum"] == "crc32"
+    assert set(doc["created"]) == {"source", "time", "library_version"}
+    data = a.tobytes()
+    want = [zlib.crc32(data[i : i + 8192]) for i in range(0, len(data), 8192)]
+    assert doc["block_checksums"] == want == list(m.block_checksums)
+    assert read_manifest(path) == m == read_manifest(tmp_path / "t.npy.manifest.json")
+    assert read_manifest(tmp_path / "t") == m  # name without .npy
+    with pytest.raises(AttributeError):
+        m.rows = 5  # frozen
+    assert m.block_range(m.num_blocks - 1) == (4096 + 8192 * 16, m.file_bytes)
+
+
+def test_path_without_npy_suffix_gets_one(tmp_path):
+    create_table(tmp_path / "emb", np.ones((2, 2), np.float32), progress=False)
+    assert table_paths(tmp_path / "emb") == (tmp_path / "emb.npy", tmp_path / "emb.npy.manifest.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.manifest.json"]
+
+
+def test_progress_bar_can_be_shown(tmp_path, capsys):
+    create_table(tmp_path / "p.npy", np.ones((10, 4), np.float32), progress=True)
+    verify_table(tmp_path / "p.npy", progress=True)
+    assert "create p.npy" in capsys.readouterr().err
+
+
+# ---- bad input: clear errors, nothing written --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "kw", "match"),
+    [
+        (np.zeros(10, np.float32), {}, r"shape \(10,\).*expected 2-D"),
+        (np.zeros((2, 3, 4), np.float32), {}, r"ndim 3.*expected 2-D"),
+        (np.zeros((0, 4), np.float32), {}, r"rows >= 1"),
+        (np.zeros((4, 3), np.int32), {}, r"int32.*expected float32, float16 or bfloat16"),
+        (np.zeros((4, 3), np.int32), {"dtype": "float32"}, r"int32.*floating"),
+        (np.zeros((4, 3), np.uint16), {}, r"uint16.*dtype='bfloat16'"),
+        (np.zeros((4, 3), np.uint16), {"dtype": "float16"}, r"raw bfloat16 bits"),
+        (np.zeros((4, 3), np.float32), {"dtype": "int8"}, r"dtype is 'int8'; expected one of"),
+        (torch.zeros(4, 3, dtype=torch.complex64), {}, r"complex64"),
+        ([[1.0, 2.0]], {}, r"source is a list; expected"),
+        (np.zeros((4, 3), np.float32), {"block_bytes": 1000}, r"block_bytes=1000"),
+        (np.zeros((4, 3), np.float32), {"chunk_bytes": 0}, r"chunk_bytes=0"),
+        (RandomSource(4, 3, seed=-1), {}, r"seed=-1"),
+        (RandomSource(4, 3, dtype="float64"), {}, r"dtype is 'float64'"),
+    ],
+)
+def test_bad_input_is_refused_and_writes_nothing(tmp_path, source, kw, match):
+    with pytest.raises(TableFormatError, match=match):
+        create_table(tmp_path / "t.npy", source, progress=False, **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_tensor_name_lists_available(tmp_path):
+    st = tmp_path / "m.safetensors"
+    save_file({"a.weight": torch.zeros(2, 2), "b.weight": torch.zeros(2, 2)}, st)
+    before = listing(tmp_path)
+    with pytest.raises(TableFormatError, match=r"no tensor 'nope'.*'a.weight', 'b.weight'"):
+        create_table(tmp_path / "t.npy", SafetensorsSource(st, "nope"), progress=False)
+    with pytest.raises(TableFormatError, match=r"shape \(3,\)"):
+        save_file({"v": torch.zeros(3)}, tmp_path / "v.safetensors")
+        before = listing(tmp_path)
+        create_table(tmp_path / "t.npy", SafetensorsSource(tmp_path / "v.safetensors", "v"))
+    assert listing(tmp_path) == before
+
+
+def test_missing_source_files(tmp_path):
+    with pytest.raises(TableNotFoundError, match="source .npy file .*nope.npy does not exist"):
+        create_table(tmp_path / "t.npy", str(tmp_path / "nope.npy"), progress=False)
+    with pytest.raises(FileNotFoundError, match="safetensors source file"):
+        create_table(tmp_path / "t.npy", SafetensorsSource(tmp_path / "x.st", "w"), progress=False)
+    with pytest.raises(TableNotFoundError, match="target directory"):
+        create_table(tmp_path / "no" / "t.npy", np.ones((2, 2), np.float32), progress=False)
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(TableFormatError, match="not a readable .npy"):
+        create_table(tmp_path / "t.npy", tmp_path / "junk.npy", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["junk.npy"]
+
+
+def test_no_overwrite_without_flag(tmp_path):
+    path, m1 = make(tmp_path, np.ones((4, 4), np.float32))
+    before = listing(tmp_path)
+    with pytest.raises(TableExistsError, match="overwrite=True") as info:
+        make(tmp_path, np.zeros((4, 4), np.float32))
+    assert isinstance(info.value, FileExistsError) and isinstance(info.value, TieredStoreError)
+    assert listing(tmp_path) == before
+    # a lone .npy (no manifest) is protected too
+    np.save(tmp_path / "plain.npy", np.ones((2, 2)))
+    with pytest.raises(TableExistsError):
+        make(tmp_path, np.zeros((4, 4), np.float32), name="plain.npy")
+    _, m2 = make(tmp_path, np.zeros((8, 4), np.float32), overwrite=True)
+    assert m2.shape == (8, 4) and np.array_equal(np.load(path), np.zeros((8, 4)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "plain.npy",
+        "t.npy",
+        "t.npy.manifest.json",
+    ]
+
+
+# ---- verification and structural checks --------------------------------------------------------
+
+
+def test_verify_clean_table(tmp_path):
+    path, m = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=4096 * 3)
+    report = verify_table(path, progress=False)
+    assert report.blocks_checked == m.num_blocks == 17
+    assert report.bytes_checked == m.data_bytes and report.bytes_per_second > 0
+
+
+def test_verify_names_the_corrupted_block(tmp_path):
+    path, m = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=8192)
+    offset = 4096 + 8192 * 5 + 123  # inside block 5
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    check_table(path)  # structure is fine: opening does not re-verify
+    start, end = 4096 + 8192 * 5, 4096 + 8192 * 6
+    expected = f"0x{m.block_checksums[5]:08x}"
+    with pytest.raises(
+        TableFormatError, match=rf"block 5 \(file bytes \[{start}, {end}\)\).*expected crc32 {expected}"
+    ):
+        verify_table(path, progress=False)
+
+
+def test_truncated_table_is_refused(tmp_path):
+    path, m = make(tmp_path, RandomSource(100, 10))
+    with open(path, "r+b") as f:
+        f.truncate(m.file_bytes - 7)
+    msg = rf"t.npy: file is truncated: size {m.file_bytes - 7} bytes, expected {m.file_bytes}"
+    with pytest.raises(TableFormatError, match=msg):
+        check_table(path)
+    with pytest.raises(TableFormatError, match="truncated"):
+        verify_table(path, progress=False)
+
+
+def test_header_dtype_vs_manifest_mismatch(tmp_path):
+    path, _ = make(tmp_path, np.ones((16, 4), np.float32))
+    mpath = tmp_path / "t.npy.manifest.json"
+    doc = json.loads(mpath.read_text())
+    doc.update(dtype="float16", npy_descr="<f2", row_bytes=8, data_bytes=128, file_bytes=4096 + 128)
+    mpath.write_text(json.dumps(doc))
+    with pytest.raises(TableFormatError, match=r"header dtype '<f4' != '<f2'.*float16"):
+        check_table(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"format_version": 99}, "newer"),
+        ({"row_bytes": 5}, "'row_bytes' is 5"),
+        ({"block_checksums": [1, 2]}, "block_checksums"),
+        ({"shape": [16]}, "shape"),
+        ({"format": "x"}, "format"),
+    ],
+)
+def test_bad_manifest_fields(tmp_path, edit, match):
+    path, _ = make(tmp_path, np.ones((16, 4), np.float32))
+    mpath = tmp_path / "t.npy.manifest.json"
+    mpath.write_text(json.dumps({**json.loads(mpath.read_text()), **edit}))
+    with pytest.raises(TableFormatError, match=match):
+        read_manifest(path)
+    mpath.write_text("{not json")
+    with pytest.raises(TableFormatError, match="not valid JSON"):
+        read_manifest(path)
+
+
+def test_missing_manifest_or_data(tmp_path):
+    path, _ = make(tmp_path, np.ones((16, 4), np.float32))
+    (tmp_path / "t.npy.manifest.json").unlink()
+    with pytest.raises(TableNotFoundError, match="manifest .* does not exist"):
+        check_table(path)
+    path, _ = make(tmp_path, np.ones((16, 4), np.float32), name="u.npy")
+    path.unlink()
+    with pytest.raises(TableNotFoundError, match="data file .*u.npy does not exist"):
+        check_table(path)
+
+
+# ---- atomic creation ---------------------------------------------------------------------------
+
+
+def test_failure_mid_stream_leaves_no_trace_and_old_table_untouched(tmp_path, monkeypatch):
+    path, _ = make(tmp_path, np.full((64, 8), 3.0, np.float32))
+    before = listing(tmp_path)
+    import tiered_store.table_format as tf
+
+    calls = {"n": 0}
+    real = tf._RandomReader.read
+
+    def failing_read(self, start, stop):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk on fire")
+        return real(self, start, stop)
+
+    monkeypatch.setattr(tf._RandomReader, "read", failing_read)
+    with pytest.raises(OSError, match="disk on fire"):
+        create_table(path, RandomSource(5000, 8), chunk_bytes=4096, overwrite=True, progress=False)
+    assert listing(tmp_path) == before  # temp files removed, old table byte-identical
+    verify_table(path, progress=False)
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import tiered_store.table_format as tf
+    from tiered_store.table_format import RandomSource, create_table
+
+    path, where = sys.argv[1], sys.argv[2]
+    if where == "stream":  # hard crash (no cleanup, no finally) after a few chunks
+        real, n = tf._BlockCrc.update, [0]
+        def update(self, data):
+            n[0] += 1
+            if n[0] == 3:
+                os._exit(17)
+            real(self, data)
+        tf._BlockCrc.update = update
+    elif where == "commit":  # crash between renaming the .npy and the manifest
+        real_replace = os.replace
+        def replace(src, dst):
+            real_replace(src, dst)
+            os._exit(17)
+        tf.os.replace = replace
+    create_table(path, RandomSource(20000, 16, seed=5), chunk_bytes=65536, overwrite=True,
+                 progress=False)
+    """
+)
+
+
+def crash_create(path: Path, where: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, str(path), where], env=env, capture_output=True
+    )
+    assert proc.returncode == 17, proc.stderr.decode()
+
+
+def test_killed_mid_stream_keeps_old_table(tmp_path):
+    path, old = make(tmp_path, np.full((64, 8), 3.0, np.float32))
+    old_bytes = path.read_bytes()
+    crash_create(path, "stream")
+    assert check_table(path) == old and path.read_bytes() == old_bytes
+    verify_table(path, progress=False)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers and all(n.startswith(".t.npy.") for n in leftovers)  # hidden, never opened
+
+
+def test_killed_mid_stream_on_fresh_path_leaves_no_table(tmp_path):
+    path = tmp_path / "fresh.npy"
+    crash_create(path, "stream")
+    assert not path.exists()
+    with pytest.raises(TableNotFoundError):
+        check_table(path)
+
+
+def test_killed_during_commit_leaves_no_openable_table(tmp_path):
+    path, _ = make(tmp_path, np.full((64, 8), 3.0, np.float32))
+    crash_create(path, "commit")
+    assert path.exists()  # the new .npy is in place, but its manifest never appeared...
+    with pytest.raises(TableNotFoundError, match="manifest"):
+        check_table(path)  # ...and the old manifest was removed first: nothing opens

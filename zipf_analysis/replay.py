@@ -1,0 +1,217 @@
+"""Trace replay: the store's own cache code (``CacheHierarchy``) run without payload over a trace.
+
+Because the live ``TieredStore`` makes its decisions through the same ``CacheHierarchy.plan`` and
+``admit`` calls, a hit rate measured here is the hit rate the store gets for the same config and
+batches (``tests/test_replay.py`` proves the counters equal).
+
+Examples
+--------
+>>> from zipf_analysis.replay import replay
+>>> result = replay(config, "trace.zst", table="layer2", batch_tokens=4096)   # doctest: +SKIP
+>>> result.tiers["hot"]["hit_ratio"]                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tiered_store.cache_plan import CacheHierarchy
+from tiered_store.config import CostModelConfig, StoreConfig
+from tiered_store.errors import ConfigError, TraceFormatError
+
+from .trace import TraceReader
+
+PAGE_BYTES = 4096
+
+
+@dataclass
+class ReplayResult:
+    """What one policy did over one table's trace."""
+
+    policy: str
+    table: str
+    batches: int
+    lookups: int
+    tiers: dict[str, dict[str, float]]
+    rows_moved: dict[str, int]  # cold_reads, into_warm, into_hot, host_to_device
+    bytes_moved: dict[str, int]
+    unique_rows_per_batch: float  # distinct hot-miss rows fetched per batch (mean)
+    modelled_fetch_seconds: float
+    modelled_stall_seconds: float
+    wall_seconds: float
+    bounds: dict[str, float] = field(default_factory=dict)  # belady / static-topk miss ratios
+
+    @property
+    def miss_ratio(self) -> float:
+        """Lookups served by neither cache tier (they went to cold), per lookup."""
+        return self.tiers["warm"]["misses"] / self.lookups if self.lookups else 0.0
+
+    @property
+    def lookups_per_second(self) -> float:
+        """Replay speed."""
+        return self.lookups / self.wall_seconds if self.wall_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        out = asdict(self)
+        out["miss_ratio"] = self.miss_ratio
+        out["lookups_per_second"] = self.lookups_per_second
+        return out
+
+
+def replay(
+    config: StoreConfig,
+    trace: TraceReader | str | Path,
+    *,
+    table: str | int | None = None,
+    batch_tokens: int | None = None,
+    policy: str | None = None,
+) -> ReplayResult:
+    """Replay one table of a trace through the cache tiers a config describes.
+
+    Parameters
+    ----------
+    config : StoreConfig
+        Tier capacities, policies and the cost model. Its table's manifest (when the file exists)
+        must match the trace's table size.
+    trace : TraceReader or path
+    table : str or int, optional
+        Which table of the trace (default: the first).
+    batch_tokens : int, optional
+        Regroup lookups into batches of this many tokens (x heads ids). ``1`` replays one lookup
+        at a time, as per-request simulators (libCacheSim) do. Default: the trace's own batches.
+    policy : str, optional
+        Override both cache tiers' policy (e.g. ``"lru+tinylfu"``).
+    """
+    reader = trace if isinstance(trace, TraceReader) else TraceReader(trace)
+    index = reader.table_index(table if table is not None else 0)
+    layout = reader.layout[index]
+    rows, row_bytes = table_geometry(config, layout)
+    if policy is not None:
+        config = with_policy(config, policy)
+    caches = CacheHierarchy.from_config(config, rows, row_bytes, "cpu")
+    caches.warm_start(config)
+    cost = config.cost_model
+    moved = {"cold_reads": 0, "into_warm": 0, "into_hot": 0, "host_to_device": 0}
+    batches = lookups = unique_fetched = 0
+    fetch_s = stall_s = 0.0
+    start = time.perf_counter()
+    for ids in _batches(reader, index, batch_tokens, int(layout.get("heads", 1))):
+        plan = caches.plan(torch.from_numpy(ids))
+        batches += 1
+        lookups += ids.size
+        n_unique = n_cold = n_hot_in = n_warm_in = 0
+        if not plan.all_hit:
+            admitted = caches.admit(plan)
+            n_unique, n_cold = plan.unique_ids.numel(), plan.cold_idx.numel()
+            n_hot_in, n_warm_in = admitted.hot_slots.numel(), admitted.warm_slots.numel()
+        unique_fetched += n_unique
+        moved["cold_reads"] += n_cold
+        moved["into_warm"] += n_warm_in
+        moved["into_hot"] += n_hot_in
+        moved["host_to_device"] += n_unique
+        t = batch_fetch_seconds(cost, row_bytes, ids.size - plan.miss_pos.numel(), n_unique - n_cold, n_unique, n_cold)
+        fetch_s += t
+        stall_s += max(0.0, t - cost.compute_seconds_per_batch)
+    wall = time.perf_counter() - start
+    tiers = {}
+    for cache in (caches.hot, caches.warm):
+        c = cache.counters.as_dict()
+        c["hit_ratio"] = c["hits"] / c["lookups"] if c["lookups"] else 0.0
+        c["capacity"], c["occupancy"] = cache.capacity, cache.occupancy
+        tiers[cache.name] = c
+    return ReplayResult(
+        policy=f"{caches.hot.spec.text}/{caches.warm.spec.text}",
+        table=str(layout.get("name", index)),
+        batches=batches,
+        lookups=lookups,
+        tiers=tiers,
+        rows_moved=moved,
+        bytes_moved={k: v * row_bytes for k, v in moved.items()},
+        unique_rows_per_batch=unique_fetched / batches if batches else 0.0,
+        modelled_fetch_seconds=fetch_s,
+        modelled_stall_seconds=stall_s,
+        wall_seconds=wall,
+    )
+
+
+def batch_fetch_seconds(
+    cost: CostModelConfig, row_bytes: int, hot_hits: int, warm_rows: int, device_rows: int, cold_rows: int
+) -> float:
+    """Modelled time to serve one batch: device gathers, host gathers, the host-to-device copy and
+    random NVMe page reads (one latency per batch, reads overlapped at the drive's IOPS)."""
+    t = hot_hits * row_bytes / (cost.hbm_gbps * 1e9)
+    t += warm_rows * row_bytes / (cost.dram_gbps * 1e9)
+    t += device_rows * row_bytes / (cost.pcie_gbps * 1e9)
+    if cold_rows:
+        pages = cold_rows * max(1, -(-row_bytes // PAGE_BYTES))
+        t += pages / cost.nvme_read_iops + cost.nvme_latency_us * 1e-6
+    return t
+
+
+def table_geometry(config: StoreConfig, layout: dict[str, Any]) -> tuple[int, int]:
+    """(rows, row_bytes) of the replayed table: from the table file when it exists (checked against
+    the trace), else from the trace layout and the config's ``table.dim``/``table.dtype``."""
+    from tiered_store.table_format import read_manifest
+
+    trace_rows = layout.get("rows")
+    path = Path(config.table.path)
+    if path.exists():
+        manifest = read_manifest(path)
+        if trace_rows is not None and int(trace_rows) != manifest.rows:
+            raise ConfigError(
+                f"table.path: {path} has {manifest.rows:,} rows but trace table "
+                f"{layout.get('name')!r} has {int(trace_rows):,}; expected the table the trace was made for"
+            )
+        return manifest.rows, manifest.row_bytes
+    if trace_rows is None:
+        raise TraceFormatError(
+            f"trace table {layout.get('name')!r} does not say its rows and {path} does not exist; "
+            "expected a trace header with 'rows' or an existing table file"
+        )
+    if config.table.dim is None:
+        raise ConfigError(f"table.dim: needed to replay without the table file {path}; expected the row width")
+    itemsize = 4 if (config.table.dtype or "float32") == "float32" else 2
+    return int(trace_rows), config.table.dim * itemsize
+
+
+def with_policy(config: StoreConfig, policy: str) -> StoreConfig:
+    """A copy of ``config`` with both cache tiers using ``policy``."""
+    tiers = config.tiers.model_copy(
+        update={
+            "hot": config.tiers.hot.model_copy(update={"policy": policy}),
+            "warm": config.tiers.warm.model_copy(update={"policy": policy}),
+        }
+    )
+    return config.model_copy(update={"tiers": tiers})
+
+
+def _batches(reader: TraceReader, index: int, batch_tokens: int | None, heads: int) -> Iterator[np.ndarray]:
+    """The table's ids, batch by batch: the trace's own records, single lookups, or N-token groups."""
+    if batch_tokens is None:
+        for batch in reader.batches(index):
+            yield np.ascontiguousarray(batch.ids.reshape(-1))
+        return
+    if batch_tokens < 1:
+        raise ConfigError(f"batch_tokens: got {batch_tokens}; expected a positive number of tokens")
+    size = 1 if batch_tokens == 1 else batch_tokens * heads
+    pending: list[np.ndarray] = []
+    n_pending = 0
+    for ids in reader.ids(index):
+        pending.append(ids)
+        n_pending += ids.size
+        if n_pending < size:
+            continue
+        flat = np.concatenate(pending)
+        cut = flat.size - flat.size % size
+        yield from flat[:cut].reshape(-1, size)
+        pending, n_pending = [flat[cut:]], flat.size - cut
+    if n_pending:
+        yield np.concatenate(pending)

@@ -1,0 +1,297 @@
+"""Zipf exponent of a rank-frequency distribution, fitted two ways, and a Zipf sampler.
+
+Model: the row of rank r (1 = most looked up) takes a share of lookups proportional to r**-s.
+
+- :func:`fit_least_squares` - the slope of log10(count) against log10(rank), by ordinary least
+  squares on log-spaced ranks (so the dense tail does not outvote the head).
+- :func:`fit_mle` - maximum likelihood for a discrete power law truncated to the rank range:
+  every lookup whose row's rank r falls in [rank_min, rank_max] is a draw from
+  P(r) = r**-s / sum(k**-s for k in range); the normaliser uses exact sums for the first 10**5
+  ranks and Euler-Maclaurin beyond, so a fit over 10M ranks takes milliseconds.
+
+Both fit the same rank range, chosen by :func:`default_rank_range` unless given: ranks 1 up to
+the last rank whose count is at least ``min_count`` (default 10). Past it, counts are a few
+lookups each and their ranks are decided by sampling noise (sorting noisy counts flattens the
+tail), which biases both fits low: on 5M synthetic lookups over 1M rows the bias is about -0.01
+at min_count 5, -0.005 at 10 and -0.002 at 20 for s in 0.6..1. The range is reported with each
+fit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import optimize
+
+__all__ = [
+    "ZipfFit",
+    "default_rank_range",
+    "fit_least_squares",
+    "fit_mle",
+    "fit_zipf",
+    "sample_zipf",
+]
+
+DEFAULT_MIN_COUNT = 10  # the fit range ends at the last rank with at least this many lookups
+DEFAULT_BINS_PER_DECADE = 20  # log-spaced ranks per factor of 10 for least squares
+_EXACT_TERMS = 100_000  # normaliser terms summed exactly before Euler-Maclaurin takes over
+_EXPONENT_BOUNDS = (1e-3, 8.0)
+
+
+@dataclass(frozen=True)
+class ZipfFit:
+    """One fitted exponent and the range it was fitted on.
+
+    Attributes
+    ----------
+    method : str
+        ``"least_squares"`` or ``"mle"``.
+    exponent : float
+        s in count(rank) ~ rank**-s.
+    rank_min, rank_max : int
+        Inclusive rank range used.
+    lookups : int
+        Lookups taken by rows in the range (the MLE's sample size).
+    points : int
+        Ranks (least squares: log-spaced sample points) the fit used.
+    stderr : float
+        Standard error of the exponent (MLE: from the Fisher information; least squares: of the
+        regression slope, which understates the true uncertainty as neighbouring ranks are
+        correlated).
+    r_squared : float or None
+        Least squares only: coefficient of determination in log-log space.
+    intercept : float or None
+        Least squares only: log10 count at rank 1 of the fitted line.
+    """
+
+    method: str
+    exponent: float
+    rank_min: int
+    rank_max: int
+    lookups: int
+    points: int
+    stderr: float
+    r_squared: float | None = None
+    intercept: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+
+def _sorted_counts(counts: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Positive counts in descending order (rank 1 first), as float64."""
+    c = np.asarray(counts).reshape(-1)
+    c = c[c > 0]
+    if c.size > 1 and (np.diff(c) > 0).any():
+        c = np.sort(c)[::-1]
+    return c.astype(np.float64)
+
+
+def default_rank_range(
+    counts: np.ndarray | Sequence[int], min_count: int = DEFAULT_MIN_COUNT
+) -> tuple[int, int]:
+    """``(1, last rank with count >= min_count)`` for counts in any order.
+
+    Examples
+    --------
+    >>> default_rank_range([100, 50, 12, 9, 4, 1])
+    (1, 3)
+    """
+    c = _sorted_counts(counts)
+    if c.size == 0:
+        raise ValueError("no lookups to fit")
+    last = int(np.searchsorted(-c, -min_count, side="right"))
+    return 1, max(last, min(2, c.size))
+
+
+def _resolve_range(
+    c: np.ndarray, rank_min: int | None, rank_max: int | None, min_count: int
+) -> tuple[int, int]:
+    """Fill in and check a rank range against the counts."""
+    lo, hi = default_rank_range(c, min_count)
+    lo = lo if rank_min is None else int(rank_min)
+    hi = hi if rank_max is None else min(int(rank_max), c.size)
+    if not 1 <= lo < hi:
+        raise ValueError(
+            f"rank range [{lo}, {hi}]: expected 1 <= rank_min < rank_max <= {c.size} (ranks with "
+            "lookups); with few rows above min_count, pass rank_max or lower min_count"
+        )
+    return lo, hi
+
+
+def fit_least_squares(
+    counts: np.ndarray | Sequence[int],
+    *,
+    rank_min: int | None = None,
+    rank_max: int | None = None,
+    min_count: int = DEFAULT_MIN_COUNT,
+    bins_per_decade: int = DEFAULT_BINS_PER_DECADE,
+) -> ZipfFit:
+    """Zipf exponent as minus the slope of log count vs log rank over a rank range.
+
+    Parameters
+    ----------
+    counts : array of int
+        Lookups per row, any order (zeros ignored).
+    rank_min, rank_max : int, optional
+        Inclusive rank range; default :func:`default_rank_range`.
+    min_count : int
+        Used for the default ``rank_max``.
+    bins_per_decade : int
+        Log-spaced sample ranks per decade (every rank when the range is smaller).
+
+    Examples
+    --------
+    >>> ranks = np.arange(1, 10_001)
+    >>> fit = fit_least_squares(np.round(1e6 * ranks ** -0.9))
+    >>> round(fit.exponent, 2), fit.rank_min
+    (0.9, 1)
+    """
+    c = _sorted_counts(counts)
+    lo, hi = _resolve_range(c, rank_min, rank_max, min_count)
+    n_pts = max(2, int(math.ceil(math.log10(hi / lo) * bins_per_decade)) + 1)
+    ranks = np.unique(np.rint(np.geomspace(lo, hi, n_pts)).astype(np.int64))
+    x = np.log10(ranks)
+    y = np.log10(c[ranks - 1])
+    slope, intercept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + intercept)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    dof = max(ranks.size - 2, 1)
+    sx = float(((x - x.mean()) ** 2).sum())
+    stderr = math.sqrt(float((resid**2).sum()) / dof / sx) if sx > 0 else float("nan")
+    return ZipfFit(
+        "least_squares", float(-slope), lo, hi, int(c[lo - 1 : hi].sum()), int(ranks.size),
+        stderr, r2, float(intercept),
+    )  # fmt: skip
+
+
+def _log_norm(s: float, lo: int, hi: int, log_k: np.ndarray) -> float:
+    """log of sum(k**-s, k = lo..hi): exact over ``log_k`` (ranks lo..), Euler-Maclaurin after."""
+    m = lo + log_k.size  # first rank not summed exactly
+    head = np.exp(-s * log_k)
+    total = float(head.sum())
+    if m <= hi:
+        a, b = float(m), float(hi)
+        integral = math.log(b / a) if abs(1.0 - s) < 1e-12 else (b ** (1 - s) - a ** (1 - s)) / (1 - s)
+        f_a, f_b = a**-s, b**-s
+        d1 = -s * (b ** (-s - 1) - a ** (-s - 1)) / 12.0
+        d3 = -s * (s + 1) * (s + 2) * (b ** (-s - 3) - a ** (-s - 3)) / 720.0
+        total += integral + (f_a + f_b) / 2.0 + d1 - d3
+    return math.log(total)
+
+
+def fit_mle(
+    counts: np.ndarray | Sequence[int],
+    *,
+    rank_min: int | None = None,
+    rank_max: int | None = None,
+    min_count: int = DEFAULT_MIN_COUNT,
+) -> ZipfFit:
+    """Zipf exponent by maximum likelihood for a discrete power law truncated to a rank range.
+
+    Maximises ``-s * sum(c_r log r) - n log H(s)`` over lookups with ranks in the range, where
+    ``H(s) = sum(k**-s)`` over the range, by bounded scalar minimisation on s in (0.001, 8).
+
+    Parameters
+    ----------
+    counts : array of int
+        Lookups per row, any order (zeros ignored).
+    rank_min, rank_max : int, optional
+        Inclusive rank range; default :func:`default_rank_range`.
+    min_count : int
+        Used for the default ``rank_max``.
+
+    Examples
+    --------
+    >>> rows = sample_zipf(200_000, 5_000, 0.9, seed=1)
+    >>> fit = fit_mle(np.bincount(rows))
+    >>> abs(fit.exponent - 0.9) < 0.03
+    True
+    """
+    c = _sorted_counts(counts)
+    lo, hi = _resolve_range(c, rank_min, rank_max, min_count)
+    sel = c[lo - 1 : hi]
+    n = float(sel.sum())
+    ranks = np.arange(lo, hi + 1, dtype=np.float64)
+    mean_log = float((sel * np.log(ranks)).sum()) / n
+    log_k = np.log(np.arange(lo, min(hi, lo + _EXACT_TERMS - 1) + 1, dtype=np.float64))
+
+    def nll(s: float) -> float:
+        return s * mean_log + _log_norm(s, lo, hi, log_k)
+
+    res = optimize.minimize_scalar(nll, bounds=_EXPONENT_BOUNDS, method="bounded",
+                                   options={"xatol": 1e-7})  # fmt: skip
+    s = float(res.x)
+    h = 1e-4
+    var_log_r = (nll(s + h) - 2 * nll(s) + nll(s - h)) / (h * h)  # d2/ds2 log H = Var(log r)
+    stderr = 1.0 / math.sqrt(n * var_log_r) if var_log_r > 0 else float("nan")
+    return ZipfFit("mle", s, lo, hi, int(n), hi - lo + 1, stderr)
+
+
+def fit_zipf(
+    counts: np.ndarray | Sequence[int],
+    *,
+    rank_min: int | None = None,
+    rank_max: int | None = None,
+    min_count: int = DEFAULT_MIN_COUNT,
+) -> dict[str, ZipfFit]:
+    """Both fits over the same range: ``{"least_squares": ..., "mle": ...}``.
+
+    Examples
+    --------
+    >>> fits = fit_zipf(np.bincount(sample_zipf(500_000, 20_000, 0.8, seed=3)))
+    >>> {k: round(v.exponent, 1) for k, v in fits.items()}
+    {'least_squares': 0.8, 'mle': 0.8}
+    """
+    c = _sorted_counts(counts)
+    lo, hi = _resolve_range(c, rank_min, rank_max, min_count)
+    return {
+        "least_squares": fit_least_squares(c, rank_min=lo, rank_max=hi),
+        "mle": fit_mle(c, rank_min=lo, rank_max=hi),
+    }
+
+
+def zipf_probabilities(rows: int, exponent: float) -> np.ndarray:
+    """P(rank = r) for r = 1..rows under a Zipf law truncated at ``rows``."""
+    p = np.arange(1, rows + 1, dtype=np.float64) ** -float(exponent)
+    return p / p.sum()
+
+
+def sample_zipf(
+    n: int,
+    rows: int,
+    exponent: float,
+    *,
+    seed: int | np.random.Generator | None = None,
+    permute: bool = True,
+    chunk: int = 1 << 23,
+) -> np.ndarray:
+    """``n`` row ids drawn i.i.d. from a Zipf law over ``rows`` rows (exact discrete inverse CDF).
+
+    With ``permute`` (default), rank r maps to a fixed random row id, as hashing scatters the
+    hot N-grams over the table; otherwise the row id is r - 1. Memory: 8 bytes per row for the
+    CDF, plus the output and ~16 bytes per id of ``chunk``.
+
+    Examples
+    --------
+    >>> ids = sample_zipf(10, 100, 1.0, seed=0, permute=False)
+    >>> ids.dtype, bool((ids >= 0).all() and (ids < 100).all())
+    (dtype('int64'), True)
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    cdf = np.cumsum(np.arange(1, rows + 1, dtype=np.float64) ** -float(exponent))
+    cdf /= cdf[-1]
+    perm = rng.permutation(rows).astype(np.int64) if permute else None
+    out = np.empty(n, dtype=np.int64)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        u = np.sort(rng.random(m))  # sorted needles: searchsorted walks the CDF in order, ~6x faster
+        ranks = np.minimum(np.searchsorted(cdf, u, side="right"), rows - 1)
+        rng.shuffle(ranks)  # an i.i.d. sample in random order
+        out[start : start + m] = perm[ranks] if perm is not None else ranks
+    return out
