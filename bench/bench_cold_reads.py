@@ -8,6 +8,9 @@ For each thread count it measures, on one table of at least 1 GiB:
     ids, in rows/s; ``ratio`` = b / a (the issue's target: >= 0.7);
 (c) ``mmap`` and ``pread``: the same batches through the page cache, as found (nothing dropped).
 
+(a) and (b) alternate in ``--rounds`` short rounds so that load from other processes on a shared
+machine hits both alike; the JSON has the pooled ratio and each round's.
+
 Example::
 
     python bench/bench_cold_reads.py --dir /var/tmp --threads 1,8,16 --out cold.json
@@ -41,25 +44,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--dir", default=None, help="directory for the table (a real fs, not tmpfs); "
-                   "default: a temp dir under /var/tmp, removed afterwards")
-    p.add_argument("--table", default=None, help="reuse this existing table instead of creating one")
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="directory for the table (a real fs, not tmpfs); "
+        "default: a temp dir under /var/tmp, removed afterwards",
+    )
+    p.add_argument(
+        "--table", default=None, help="reuse this existing table instead of creating one"
+    )
     p.add_argument("--gib", type=float, default=1.0, help="size of a created table (GiB; >= 1)")
     p.add_argument("--dim", type=int, default=64, help="row width of a created table")
     p.add_argument("--dtype", default="float32", help="dtype of a created table")
     p.add_argument("--threads", default="1,8,16", help="comma-separated thread counts")
     p.add_argument("--batch", type=int, default=16384, help="ids per read_rows batch")
-    p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    p.add_argument("--seconds", type=float, default=3.0, help="time per disk/direct measurement")
+    p.add_argument("--rounds", type=int, default=3, help="alternating disk/direct rounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON here instead of stdout")
     p.add_argument("--keep", action="store_true", help="keep a created table")
     return p.parse_args(argv)
 
 
-def disk_rate(
+def disk_reads(
     path: Path, data_offset: int, file_bytes: int, threads: int, seconds: float, seed: int
-) -> float:
-    """Random single-page O_DIRECT preadv calls per second from ``threads`` Python threads."""
+) -> tuple[int, float]:
+    """(reads, seconds) of random single-page O_DIRECT preadv calls from ``threads`` threads."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     first, pages = data_offset // PAGE, (file_bytes - data_offset) // PAGE
     offsets = [
@@ -91,7 +101,7 @@ def disk_rate(
         t.join()
     elapsed = time.perf_counter() - t0
     os.close(fd)
-    return sum(counts) / elapsed
+    return sum(counts), elapsed
 
 
 def batches(rows: int, batch: int, count: int, seed: int) -> list[np.ndarray]:
@@ -100,24 +110,58 @@ def batches(rows: int, batch: int, count: int, seed: int) -> list[np.ndarray]:
     return [np.unique(rng.integers(0, rows, batch)) for _ in range(count)]
 
 
-def table_rate(path: Path, io: str, threads: int, ids: list[np.ndarray], seconds: float) -> dict:
-    """Rows/s (and requests/s, MB/s) of read_rows over the batches, for about ``seconds``."""
-    with ColdTable(path, io=io, threads=threads) as table:
-        table.read_rows(ids[0])  # warm the pool and buffers
-        r0, b0, q0 = table.rows_read, table.bytes_read, table.read_requests
-        t0 = time.perf_counter()
-        i = 0
-        while time.perf_counter() - t0 < seconds:
-            table.read_rows(ids[i % len(ids)])
-            i += 1
-        elapsed = time.perf_counter() - t0
-        return {
-            "rows_per_s": (table.rows_read - r0) / elapsed,
-            "requests_per_s": (table.read_requests - q0) / elapsed,
-            "mb_per_s": (table.bytes_read - b0) / elapsed / 1e6,
-            "batches": i,
-            "batch_ms": 1e3 * elapsed / i,
-        }
+def table_reads(table: ColdTable, ids: list[np.ndarray], seconds: float, first: int) -> dict:
+    """Counter deltas of read_rows over the batches (from index ``first``) for ~``seconds``."""
+    r0, b0, q0 = table.rows_read, table.bytes_read, table.read_requests
+    t0 = time.perf_counter()
+    i = 0
+    while time.perf_counter() - t0 < seconds:
+        table.read_rows(ids[(first + i) % len(ids)])
+        i += 1
+    return {
+        "rows": table.rows_read - r0,
+        "requests": table.read_requests - q0,
+        "bytes": table.bytes_read - b0,
+        "batches": i,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def rates(raw: dict) -> dict:
+    """Per-second figures from summed counter deltas."""
+    t = raw["seconds"]
+    return {
+        "rows_per_s": raw["rows"] / t,
+        "requests_per_s": raw["requests"] / t,
+        "mb_per_s": raw["bytes"] / t / 1e6,
+        "batches": raw["batches"],
+        "batch_ms": 1e3 * t / raw["batches"],
+    }
+
+
+def measure(path: Path, m, threads: int, ids: list[np.ndarray], args) -> dict:
+    """Disk rate and io='direct' in alternating rounds (shared machines drift), then pread/mmap."""
+    disk_n, disk_t, ratios = 0, 0.0, []
+    total = {"rows": 0, "requests": 0, "bytes": 0, "batches": 0, "seconds": 0.0}
+    slice_s = args.seconds / args.rounds
+    with ColdTable(path, io="direct", threads=threads) as table:
+        table.read_rows(ids[0])  # start the pool, allocate buffers
+        for r in range(args.rounds):
+            n, t = disk_reads(path, m.data_offset, m.file_bytes, threads, slice_s, args.seed + r)
+            got = table_reads(table, ids, slice_s, first=r * 7)
+            ratios.append((got["rows"] / got["seconds"]) / (n / t))
+            disk_n, disk_t = disk_n + n, disk_t + t
+            total = {k: total[k] + got[k] for k in total}
+    out = {"threads": threads, "disk_4k_reads_per_s": disk_n / disk_t, "direct": rates(total)}
+    out["ratio_direct_rows_to_disk_reads"] = (
+        out["direct"]["rows_per_s"] / out["disk_4k_reads_per_s"]
+    )
+    out["ratio_per_round"] = ratios
+    for io in ("pread", "mmap"):
+        with ColdTable(path, io=io, threads=threads) as table:
+            table.read_rows(ids[0])
+            out[io] = rates(table_reads(table, ids, args.seconds / 3, first=0))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,38 +180,42 @@ def main(argv: list[str] | None = None) -> int:
         itemsize = 2 if args.dtype in ("float16", "bfloat16") else 4
         rows = int(args.gib * (1 << 30)) // (args.dim * itemsize)
         t0 = time.perf_counter()
-        create_table(path, RandomSource(rows, args.dim, dtype=args.dtype, seed=args.seed),
-                     progress=sys.stderr.isatty())
+        create_table(
+            path,
+            RandomSource(rows, args.dim, dtype=args.dtype, seed=args.seed),
+            progress=sys.stderr.isatty(),
+        )
         created = time.perf_counter() - t0
     try:
         m = read_manifest(path)
         ids = batches(m.rows, args.batch, 64, args.seed)
         results = []
         for threads in thread_counts:
-            disk = disk_rate(path, m.data_offset, m.file_bytes, threads, args.seconds, args.seed)
-            direct = table_rate(path, "direct", threads, ids, args.seconds)
-            pread = table_rate(path, "pread", threads, ids, args.seconds / 3)
-            mm = table_rate(path, "mmap", threads, ids, args.seconds / 3)
-            results.append({
-                "threads": threads,
-                "disk_4k_reads_per_s": disk,
-                "direct": direct,
-                "ratio_direct_rows_to_disk_reads": direct["rows_per_s"] / disk,
-                "pread": pread,
-                "mmap": mm,
-            })
-            print(f"threads={threads}: disk {disk:,.0f} reads/s, direct "
-                  f"{direct['rows_per_s']:,.0f} rows/s (ratio "
-                  f"{direct['rows_per_s'] / disk:.2f}), pread {pread['rows_per_s']:,.0f}, "
-                  f"mmap {mm['rows_per_s']:,.0f} rows/s", file=sys.stderr)
+            res = measure(path, m, threads, ids, args)
+            results.append(res)
+            print(
+                f"threads={threads}: disk {res['disk_4k_reads_per_s']:,.0f} reads/s, direct "
+                f"{res['direct']['rows_per_s']:,.0f} rows/s (ratio "
+                f"{res['ratio_direct_rows_to_disk_reads']:.2f}; per round "
+                f"{', '.join(f'{r:.2f}' for r in res['ratio_per_round'])}), pread "
+                f"{res['pread']['rows_per_s']:,.0f}, mmap {res['mmap']['rows_per_s']:,.0f} rows/s",
+                file=sys.stderr,
+            )
         doc = {
             "benchmark": "cold_reads",
-            "table": {"path": str(path), "rows": m.rows, "dim": m.dim, "dtype": m.dtype,
-                      "row_bytes": m.row_bytes, "gib": m.data_bytes / (1 << 30),
-                      "create_seconds": created},
+            "table": {
+                "path": str(path),
+                "rows": m.rows,
+                "dim": m.dim,
+                "dtype": m.dtype,
+                "row_bytes": m.row_bytes,
+                "gib": m.data_bytes / (1 << 30),
+                "create_seconds": created,
+            },
             "batch": args.batch,
             "mean_unique_ids_per_batch": float(np.mean([len(b) for b in ids])),
             "seconds_per_measurement": args.seconds,
+            "rounds": args.rounds,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "results": results,
         }

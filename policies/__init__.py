@@ -1,16 +1,36 @@
 """Eviction policies and admission filters for the store's cache tiers, composed by name."""
 
 from .base import AdmissionPolicy, EvictionPolicy, NoEviction
-from .lru import LRU, ScalarLRU
+from .lfu import LFU
+from .lru import LRU
+from .reference import (
+    ScalarCache,
+    ScalarFIFO,
+    ScalarLFU,
+    ScalarLRU,
+    ScalarSieve,
+    ScalarTinyLFU,
+)
 from .registry import PolicySpec, known_names, register_admission, register_eviction
+from .sieve import FIFO, SIEVE
+from .tinylfu import TinyLFU
 
 __all__ = [
+    "FIFO",
+    "LFU",
     "LRU",
+    "SIEVE",
     "AdmissionPolicy",
     "EvictionPolicy",
     "NoEviction",
     "PolicySpec",
+    "ScalarCache",
+    "ScalarFIFO",
+    "ScalarLFU",
     "ScalarLRU",
+    "ScalarSieve",
+    "ScalarTinyLFU",
+    "TinyLFU",
     "known_names",
     "register_admission",
     "register_eviction",

@@ -2,7 +2,10 @@
 
 A policy spec is ``+``-joined parts: at most one eviction policy, at most one admission filter, and
 the ``static`` modifier (pin the tier's ``static_rows``). Examples: ``lru``, ``static+lru``,
-``static`` (pinned rows only, nothing else admitted).
+``sieve+tinylfu``, ``static`` (pinned rows only, nothing else admitted). Eviction: ``lru``,
+``lfu`` (with aging), ``sieve``, ``fifo``; admission: ``all`` (default), ``tinylfu``. An
+admission factory that sets ``sized_by_capacity = True`` also receives ``capacity=`` (the tier's
+slots).
 """
 
 from __future__ import annotations
@@ -13,10 +16,18 @@ from dataclasses import dataclass
 from tiered_store.errors import ConfigError
 
 from .base import AdmissionPolicy, EvictionPolicy, NoEviction
+from .lfu import LFU
 from .lru import LRU
+from .sieve import FIFO, SIEVE
+from .tinylfu import TinyLFU
 
-EVICTION: dict[str, Callable[..., EvictionPolicy]] = {"lru": LRU}
-ADMISSION: dict[str, Callable[..., AdmissionPolicy]] = {"all": AdmissionPolicy}
+EVICTION: dict[str, Callable[..., EvictionPolicy]] = {
+    "lru": LRU,
+    "lfu": LFU,
+    "sieve": SIEVE,
+    "fifo": FIFO,
+}
+ADMISSION: dict[str, Callable[..., AdmissionPolicy]] = {"all": AdmissionPolicy, "tinylfu": TinyLFU}
 MODIFIERS = ("static",)
 
 
@@ -85,4 +96,7 @@ class PolicySpec:
             if self.eviction
             else NoEviction(capacity, device)
         )
-        return eviction, ADMISSION[self.admission](num_rows, device)
+        admission = ADMISSION[self.admission]
+        if getattr(admission, "sized_by_capacity", False):  # per-tier state, e.g. a sketch
+            return eviction, admission(num_rows, device, capacity=capacity)
+        return eviction, admission(num_rows, device)

@@ -158,7 +158,10 @@ def test_manifest_contents_and_checksums(tmp_path):
 
 def test_path_without_npy_suffix_gets_one(tmp_path):
     create_table(tmp_path / "emb", np.ones((2, 2), np.float32), progress=False)
-    assert table_paths(tmp_path / "emb") == (tmp_path / "emb.npy", tmp_path / "emb.npy.manifest.json")
+    assert table_paths(tmp_path / "emb") == (
+        tmp_path / "emb.npy",
+        tmp_path / "emb.npy.manifest.json",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.manifest.json"]
 
 
@@ -264,7 +267,8 @@ def test_verify_names_the_corrupted_block(tmp_path):
     start, end = 4096 + 8192 * 5, 4096 + 8192 * 6
     expected = f"0x{m.block_checksums[5]:08x}"
     with pytest.raises(
-        TableFormatError, match=rf"block 5 \(file bytes \[{start}, {end}\)\).*expected crc32 {expected}"
+        TableFormatError,
+        match=rf"block 5 \(file bytes \[{start}, {end}\)\).*expected crc32 {expected}",
     ):
         verify_table(path, progress=False)
 
@@ -405,3 +409,11 @@ def test_killed_during_commit_leaves_no_openable_table(tmp_path):
     assert path.exists()  # the new .npy is in place, but its manifest never appeared...
     with pytest.raises(TableNotFoundError, match="manifest"):
         check_table(path)  # ...and the old manifest was removed first: nothing opens
+
+
+def test_manifest_keeps_caller_metadata(tmp_path):
+    from tiered_store.table_format import create_table as create, read_manifest as read
+
+    layout = {"engram": {"layer_id": 2, "head_sizes": [5, 7]}}
+    create(tmp_path / "m.npy", np.zeros((12, 4), np.float32), progress=False, metadata=layout)
+    assert read(tmp_path / "m.npy").metadata == layout

@@ -87,13 +87,15 @@ class CacheHierarchy:
         hit = hot_slots >= 0
         miss_pos = torch.nonzero(~hit).squeeze(1)
         n, n_miss = flat_ids.numel(), miss_pos.numel()
-        hot.record(hot_slots[hit] if n_miss else hot_slots, lookups=n, hits=n - n_miss)
+        hot.record(
+            torch.masked_select(hot_slots, hit) if n_miss else hot_slots, lookups=n, hits=n - n_miss
+        )
         cpu_empty = torch.empty(0, dtype=torch.int64)
         if n_miss == 0:
             return LookupPlan(
                 hot_slots, miss_pos, cpu_empty, miss_pos, cpu_empty, cpu_empty, cpu_empty
             )
-        miss_ids = flat_ids[miss_pos]
+        miss_ids = torch.index_select(flat_ids, 0, miss_pos)
         warm.observe(miss_ids)
         unique_ids, inverse, counts = torch.unique(
             miss_ids, return_inverse=True, return_counts=True
@@ -101,7 +103,11 @@ class CacheHierarchy:
         unique_cpu, counts_cpu = unique_ids.cpu(), counts.cpu()
         warm_slots = warm.probe(unique_cpu)
         warm_hit = warm_slots >= 0
-        warm.record(warm_slots[warm_hit], lookups=n_miss, hits=int(counts_cpu[warm_hit].sum()))
+        warm.record(
+            torch.masked_select(warm_slots, warm_hit),
+            lookups=n_miss,
+            hits=int(torch.masked_select(counts_cpu, warm_hit).sum()),
+        )
         cold_idx = torch.nonzero(~warm_hit).squeeze(1)
         return LookupPlan(
             hot_slots, miss_pos, unique_cpu, inverse, counts_cpu, warm_slots, cold_idx

@@ -13,6 +13,7 @@ from .errors import TieredStoreError
 # Extra subcommands provided by other modules: name -> "module:register_function".
 _PLUGINS = {
     "demo": "tiered_store.demo:register",
+    "replay": "zipf_analysis.replay_cli:register",
 }
 
 
@@ -110,9 +111,9 @@ def _run_info(args) -> int:
     from .table_format import read_manifest
 
     manifest = read_manifest(args.table)
-    info = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(vars(manifest))
-    info.pop("checksums", None)
-    info.pop("block_checksums", None)
+    info = manifest.to_json()
+    info["rows"], info["dim"] = manifest.rows, manifest.dim
+    info["blocks"] = len(info.pop("block_checksums"))
     print(json.dumps(info, indent=2, default=str))
     return 0
 

@@ -12,13 +12,20 @@ Three I/O modes:
 The pread/direct path, vectorised with NumPy except for one Python call per I/O request:
 row ids -> byte ranges -> 4 KiB page ranges -> coalesce rows whose pages overlap or touch into
 extents (split every ``MAX_EXTENT_PAGES`` so a dense batch still spreads over the threads) ->
-contiguous groups of extents, one per worker, balanced by estimated cost -> each worker
-``preadv``s its extents back to back into its own page-aligned buffer and, whenever the buffer is
-full, copies the rows it holds straight into the output with one vectorised gather.
+contiguous groups of extents (``TASKS_PER_THREAD`` per thread, balanced by estimated cost) that
+``threads`` runners (the caller and the pool) pull from a shared counter -> a runner ``preadv``s a
+group's extents back to back into its own page-aligned buffer and, whenever the buffer is full,
+copies the rows it holds straight into the output with one vectorised gather (``np.take`` on a
+row view when every row sits on a ``row_bytes`` grid of the buffer, fancy indexing of an
+overlapping strided view otherwise).
+
+A failed read is retried once through a careful path that also handles the file's short last
+page; a second failure raises ``TierIOError`` and counts in ``read_errors``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import mmap
@@ -85,7 +92,9 @@ class ColdTable:
     (torch.Size([3, 64]), torch.float32)
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, io: str = "pread", threads: int = 8):
+    def __init__(
+        self, path: str | os.PathLike[str], *, io: str = "pread", threads: int = DEFAULT_THREADS
+    ):
         if io not in IO_MODES:
             raise ConfigError(f"ColdTable io={io!r}; expected one of {', '.join(IO_MODES)}")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -408,7 +417,7 @@ class ColdTable:
                     return
                 try:
                     fn(k)
-                except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                except BaseException as exc:  # re-raised by the caller
                     errors.append(exc)
 
         futures = [self._pool.submit(runner) for _ in range(runners - 1)]
@@ -481,7 +490,5 @@ def _release_fd_pool(fd: int, pool: ThreadPoolExecutor | None, wait: bool = Fals
     if pool is not None:
         pool.shutdown(wait=wait)
     if fd >= 0:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass

@@ -64,6 +64,8 @@ class RowCache:
         )
         self.row_of_slot = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
         self.pinned = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        # pinned or free: never a victim (kept up to date instead of recomputed per eviction)
+        self._unevictable = torch.ones(capacity, dtype=torch.bool, device=self.device)
         self._free = torch.arange(capacity - 1, -1, -1, dtype=torch.int64, device=self.device)
         self._n_free = capacity
         self._n_pinned = 0
@@ -76,7 +78,9 @@ class RowCache:
 
     def metadata_bytes(self) -> dict[str, float]:
         """Bytes of index and policy metadata: per table row and per slot."""
-        per_slot = 8 + 1 + 8 + self.eviction.bytes_per_slot  # owner, pinned, free list, policy
+        per_slot = (
+            8 + 1 + 1 + 8 + self.eviction.bytes_per_slot
+        )  # owner, pinned, unevictable, free list, policy
         per_row = (4 if self.capacity else 0) + self.admission.bytes_per_row
         return {"per_table_row": per_row, "per_slot": per_slot}
 
@@ -84,7 +88,7 @@ class RowCache:
         """Slot of each id (int64), -1 where the row is not resident."""
         if self.slot_of is None:
             return torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
-        return self.slot_of[ids].long()
+        return torch.index_select(self.slot_of, 0, ids.reshape(-1)).view(ids.shape).long()
 
     # -- updates ---------------------------------------------------------------------------------
     def begin_batch(self) -> None:
@@ -111,36 +115,37 @@ class RowCache:
         if self.capacity == 0 or ids.numel() == 0:
             return empty, empty
         ids = ids.to(self.device)
-        cand = torch.nonzero(self.slot_of[ids] < 0).squeeze(1)  # another thread may have admitted
+        # another thread may have admitted some of these since they were probed
+        cand = torch.nonzero(self.probe(ids) < 0).squeeze(1)
         room = self.capacity - self._n_pinned
         if cand.numel() > room:  # more new rows than the tier can hold: keep the most used
-            order = torch.sort(counts.to(self.device)[cand], descending=True, stable=True).indices
+            cand_counts = torch.index_select(counts.to(self.device), 0, cand)
+            order = torch.sort(cand_counts, descending=True, stable=True).indices[:room]
             self.counters.rejections += cand.numel() - room
-            cand = cand[order[:room]]
+            cand = torch.index_select(cand, 0, order)
         n = cand.numel()
         take_free = min(n, self._n_free)
         victims = self._choose_victims(n - take_free)  # before popping: popped slots look occupied
-        free_slots = self._free[self._n_free - take_free : self._n_free]
-        self._n_free -= take_free
+        free_slots = self._pop_free(take_free)
         slots = torch.cat([free_slots, victims[: n - take_free]])
         extra = victims[n - take_free :]  # headroom: evicted now so later batches find free slots
-        cand = cand[: slots.numel()]
-        self.counters.rejections += n - cand.numel()
-        victim_rows = torch.cat(
-            [
-                torch.full((take_free,), -1, dtype=torch.int64, device=self.device),
-                self.row_of_slot[slots[take_free:]],
-            ]
-        )
-        ok = self.admission.admit(ids[cand], victim_rows)
-        if not bool(ok.all()):
+        if slots.numel() < n:  # nothing left to evict (all pinned, or no eviction policy)
+            self.counters.rejections += n - slots.numel()
+            cand = cand[: slots.numel()]
+        new_ids = torch.index_select(ids, 0, cand)
+        victim_rows = torch.index_select(self.row_of_slot, 0, slots)  # -1 for the free ones
+        ok = self.admission.admit(new_ids, victim_rows)
+        if not bool(ok.all()):  # refused candidates: their victims stay, their free slots return
             self.counters.rejections += int((~ok).sum())
-            self._push_free(slots[:take_free][~ok[:take_free]])
-            cand, slots, victim_rows = cand[ok], slots[ok], victim_rows[ok]
-        self._evict(torch.cat([victim_rows[victim_rows >= 0], self.row_of_slot[extra]]), extra)
-        new_ids = ids[cand]
-        self.slot_of[new_ids] = slots.to(torch.int32)
-        self.row_of_slot[slots] = new_ids
+            self._push_free(free_slots[~ok[:take_free]])
+            keep = torch.nonzero(ok).squeeze(1)
+            cand, slots, new_ids, victim_rows = (
+                torch.index_select(t, 0, keep) for t in (cand, slots, new_ids, victim_rows)
+            )
+        evicted = torch.cat([victim_rows, torch.index_select(self.row_of_slot, 0, extra)])
+        self._evict(evicted[evicted >= 0], extra)
+        self.slot_of.index_copy_(0, new_ids, slots.to(torch.int32))
+        self.row_of_slot.index_copy_(0, slots, new_ids)
         self.eviction.on_insert(slots)
         self.counters.admissions += cand.numel()
         return cand, slots
@@ -153,14 +158,14 @@ class RowCache:
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
             return empty, empty
         _, first = _first_occurrence(ids)
-        cand = first[self.slot_of[ids[first]] < 0][: self._n_free]
-        slots = self._free[self._n_free - cand.numel() : self._n_free].flip(0)
-        self._n_free -= cand.numel()
-        self.slot_of[ids[cand]] = slots.to(torch.int32)
-        self.row_of_slot[slots] = ids[cand]
+        cand = first[self.probe(ids[first]) < 0][: self._n_free]
+        slots = self._pop_free(cand.numel()).flip(0)
+        self.slot_of.index_copy_(0, ids[cand], slots.to(torch.int32))
+        self.row_of_slot.index_copy_(0, slots, ids[cand])
         self.eviction.on_insert(slots)
         if pin:
             self.pinned[slots] = True
+            self._unevictable[slots] = True
             self._n_pinned += cand.numel()
         self.counters.preloaded += cand.numel()
         return cand, slots
@@ -172,17 +177,24 @@ class RowCache:
         want = min(need + self.headroom_rows if need else 0, evictable)
         if want <= 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
-        protected = self.pinned | (self.row_of_slot < 0)
-        return self.eviction.choose_victims(want, protected)
+        return self.eviction.choose_victims(want, self._unevictable)
 
     def _evict(self, rows: torch.Tensor, freed_slots: torch.Tensor) -> None:
         """Drop ``rows`` from the index; ``freed_slots`` (emptied, not reused) join the free list."""
         if rows.numel():
-            self.slot_of[rows] = -1
+            self.slot_of.index_fill_(0, rows, -1)
             self.counters.evictions += rows.numel()
         if freed_slots.numel():
-            self.row_of_slot[freed_slots] = -1
+            self.row_of_slot.index_fill_(0, freed_slots, -1)
             self._push_free(freed_slots)
+
+    def _pop_free(self, k: int) -> torch.Tensor:
+        """Take ``k`` slots off the free list."""
+        slots = self._free[self._n_free - k : self._n_free].clone()
+        self._n_free -= k
+        if k:
+            self._unevictable.index_fill_(0, slots, False)
+        return slots
 
     def _push_free(self, slots: torch.Tensor) -> None:
         """Return slots to the free list."""
@@ -190,6 +202,7 @@ class RowCache:
         if k:
             self._free[self._n_free : self._n_free + k] = slots
             self._n_free += k
+            self._unevictable.index_fill_(0, slots, True)
 
 
 def _first_occurrence(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,6 +102,9 @@ class TableManifest:
     created_at: str = ""
     library_version: str = ""
     format_version: int = FORMAT_VERSION
+    metadata: dict[str, Any] = field(
+        default_factory=dict, compare=False
+    )  # caller's, e.g. Engram layout
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -163,6 +166,7 @@ class TableManifest:
                 "time": self.created_at,
                 "library_version": self.library_version,
             },
+            "metadata": self.metadata,
         }
 
     @classmethod
@@ -181,9 +185,7 @@ class TableManifest:
         if version > FORMAT_VERSION:
             raise bad("format_version", f"<= {FORMAT_VERSION} (written by a newer tiered-store)")
         shape = doc.get("shape")
-        if not (
-            isinstance(shape, list) and len(shape) == 2 and all(_is_pos_int(s) for s in shape)
-        ):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_pos_int(s) for s in shape)):
             raise bad("shape", "[rows, dim] with both positive integers")
         rows, dim = shape
         dtype = doc.get("dtype")
@@ -218,6 +220,9 @@ class TableManifest:
         created = doc.get("created")
         if not isinstance(created, dict):
             raise bad("created", "an object with source, time, library_version")
+        metadata = doc.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise bad("metadata", "a JSON object")
         return cls(
             rows=rows,
             dim=dim,
@@ -231,6 +236,7 @@ class TableManifest:
             created_at=str(created.get("time", "")),
             library_version=str(created.get("library_version", "")),
             format_version=version,
+            metadata=metadata,
         )
 
 
@@ -400,6 +406,7 @@ def create_table(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
     overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
 ) -> TableManifest:
     """Write a table (``.npy`` + manifest) atomically, streaming the source in chunks.
 
@@ -425,6 +432,9 @@ def create_table(
     overwrite
         Replace an existing table at ``path``; without it, an existing ``.npy`` or manifest at
         the target is an error.
+    metadata
+        JSON-serialisable facts stored in the manifest (e.g. the Engram layout the table was built
+        for), so a reader can refuse a table made for another configuration.
 
     Returns
     -------
@@ -460,7 +470,14 @@ def create_table(
     reader = _open_source(source, dtype)
     try:
         return _write_table(
-            npy_path, manifest_path, reader, block_bytes, chunk_bytes, progress, overwrite
+            npy_path,
+            manifest_path,
+            reader,
+            block_bytes,
+            chunk_bytes,
+            progress,
+            overwrite,
+            metadata or {},
         )
     finally:
         reader.close()
@@ -610,7 +627,7 @@ def _library_version() -> str:
         from importlib.metadata import version
 
         return version("tiered-store")
-    except Exception:  # noqa: BLE001 - provenance only
+    except Exception:  # provenance only: never fail a create
         return "unknown"
 
 
@@ -772,14 +789,18 @@ class _RandomReader(_SourceReader):
         self.dtype = _dtype_name(src.dtype if dtype is None else dtype, "dtype")
         self.src = src
         self.unit_rows = max(1, RANDOM_UNIT_ELEMENTS // self.dim)
+        self._cached: tuple[int, np.ndarray] = (-1, np.empty((0, self.dim), np.float32))
         self.description = f"random normal(mean=0, std={src.std}, seed={src.seed})"
 
     def _unit(self, u: int) -> np.ndarray:
+        if self._cached[0] == u:  # small chunks reuse the unit they share
+            return self._cached[1]
         start = u * self.unit_rows
         n = min(self.unit_rows, self.rows - start)
         seq = np.random.SeedSequence(self.src.seed, spawn_key=(u,))
         out = np.random.default_rng(seq).standard_normal((n, self.dim), dtype=np.float32)
         out *= np.float32(self.src.std)
+        self._cached = (u, out)
         return out
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -863,6 +884,7 @@ def _write_table(
     chunk_bytes: int,
     progress: bool,
     overwrite: bool,
+    metadata: dict[str, Any],
 ) -> TableManifest:
     """Write temp files, fsync, then commit by renames (see the module docstring)."""
     directory = npy_path.parent
@@ -915,6 +937,7 @@ def _write_table(
             source=reader.description,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (3.10)
             library_version=_library_version(),
+            metadata=metadata,
         )
         with open(tmp_manifest, "x", encoding="utf-8") as f:
             f.write(_manifest_text(manifest))

@@ -4,8 +4,9 @@ Curves computed here, all as :class:`MissRatioCurve`:
 
 - :func:`lru_mrc` - exact LRU, every capacity at once, from stack distances in one streaming pass
   (Mattson): for each access, the number of distinct rows touched since the previous access to
-  the same row, counted with a Fenwick tree over access times, O(N log D). The time axis is
-  compacted whenever it fills, so memory is O(distinct rows), not O(lookups).
+  the same row, counted on a bitmap of "latest access" times with a Fenwick tree over its 64-bit
+  words, O(N log D). The time axis is compacted whenever it fills, so memory is O(distinct rows),
+  not O(lookups).
 - :func:`shards_mrc` - SHARDS (Waldspurger et al., FAST'15): the same on a spatially hashed
   sample of rows (rate R), distances scaled by 1/R; ``fixed_size`` bounds the tracked rows
   instead (SHARDS-max) for traces whose distinct rows do not fit.
@@ -227,11 +228,27 @@ def _jsonable(value: Any) -> Any:
 
 
 @_njit
-def _lru_pass(ids, start, last, owner, tree, hist, state):  # noqa: ANN001, ANN202
-    """Stack distances of ids[start:] until the time axis fills; returns the next position."""
-    cap = tree.shape[0] - 1
+def _popcount(x):  # noqa: ANN001, ANN202
+    """Set bits of a uint64, as int64."""
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@_njit
+def _lru_pass(ids, start, last, owner, bits, tree, hist, state):  # noqa: ANN001, ANN202
+    """Stack distances of ids[start:] until the time axis fills; returns the next position.
+
+    The time axis is a bitmap (one bit per access time, set while it is some row's latest access)
+    with a Fenwick tree over its 64-bit words, 64x smaller than a tree over times, so it stays in
+    cache: the number of distinct rows since time q is distinct - (marks at times <= q).
+    """
+    n_words = tree.shape[0] - 1
+    cap = n_words * 64
     t = state[0]
     distinct = state[1]
+    one = np.uint64(1)
     n = ids.shape[0]
     i = start
     while i < n and t < cap:
@@ -241,27 +258,70 @@ def _lru_pass(ids, start, last, owner, tree, hist, state):  # noqa: ANN001, ANN2
             distinct += 1
             hist[0] += 1
         else:
-            s = 0
-            j = p
+            q = p - 1
+            w = q >> 6
+            b = q & 63
+            word = bits[w]
+            if b == 63:
+                s = _popcount(word)
+            else:
+                s = _popcount(word & ((one << np.uint64(b + 1)) - one))
+            j = w
             while j > 0:
                 s += tree[j]
                 j &= j - 1
             hist[distinct - s + 1] += 1
-            j = p
-            while j <= cap:
+            bits[w] = word & ~(one << np.uint64(b))
+            j = w + 1
+            while j <= n_words:
                 tree[j] -= 1
                 j += j & -j
-        t += 1
-        j = t
-        while j <= cap:
+        w = t >> 6
+        bits[w] |= one << np.uint64(t & 63)
+        j = w + 1
+        while j <= n_words:
             tree[j] += 1
             j += j & -j
-        last[x] = t
         owner[t] = x
+        t += 1
+        last[x] = t
         i += 1
     state[0] = t
     state[1] = distinct
     return i
+
+
+@_njit
+def _compact_bitmap_times(last, owner, t):  # noqa: ANN001, ANN202
+    """Renumber live access times 0..distinct-1 in order (``last`` holds time + 1); returns
+    distinct."""
+    new_t = 0
+    for pos in range(t):
+        x = owner[pos]
+        if last[x] == pos + 1:
+            owner[new_t] = x
+            new_t += 1
+            last[x] = new_t
+    return new_t
+
+
+@_njit
+def _bitmap_ones(bits, tree, k):  # noqa: ANN001, ANN202
+    """Set times 0..k-1 in the bitmap, clear the rest, and rebuild the Fenwick tree over words."""
+    n_words = tree.shape[0] - 1
+    bits[:] = 0
+    tree[:] = 0
+    full = k >> 6
+    for w in range(full):
+        bits[w] = ~np.uint64(0)
+        tree[w + 1] = 64
+    if k & 63:
+        bits[full] = (np.uint64(1) << np.uint64(k & 63)) - np.uint64(1)
+        tree[full + 1] = k & 63
+    for i in range(1, n_words + 1):
+        j = i + (i & -i)
+        if j <= n_words:
+            tree[j] += tree[i]
 
 
 @_njit
@@ -571,25 +631,29 @@ def _dense(ids: np.ndarray) -> tuple[np.ndarray, int]:
 class StackDistanceCounter:
     """Streaming exact LRU stack-distance histogram (feed chunks, then ask for the curve).
 
-    Memory is about 4 bytes per possible row id (ids below ``DENSE_ID_LIMIT`` index an array
-    directly; larger ids go through a hash map) plus 8 bytes per distinct row for the histogram
-    and up to 32 bytes per distinct row for the compacted time axis.
+    Memory: 4 bytes per possible row id for the latest-access array (ids below
+    ``DENSE_ID_LIMIT`` index it directly; larger ids go through a hash map, ~50 bytes per distinct
+    id), 8 bytes per possible row id for the histogram, and 8-16 bytes per distinct row for the
+    time axis (compacted to the distinct rows whenever it fills, then grown to 4x them), whatever
+    the trace length. :meth:`curve` adds 24 bytes per distinct row.
 
     Examples
     --------
     >>> sd = StackDistanceCounter()
     >>> sd.update(np.array([1, 2, 1])); sd.update(np.array([3, 1, 2]))
     >>> distances, cold = sd.histogram()
-    >>> distances.tolist(), cold   # distance 1: 0 times, 2: 1 time, 3: 2 times
-    ([0, 1, 2], 3)
+    >>> distances.tolist(), cold   # distance 1: never, 2: twice, 3: once; 3 first accesses
+    ([0, 2, 1], 3)
     >>> sd.curve().misses.tolist()
-    [6, 6, 5, 3]
+    [6, 6, 4, 3]
     """
 
     def __init__(self) -> None:
-        self._last = np.zeros(0, dtype=np.int32)
-        self._owner = np.zeros(MIN_TIME_CAPACITY + 1, dtype=np.int32)
-        self._tree = np.zeros(MIN_TIME_CAPACITY + 1, dtype=np.int32)
+        words = max(1, -(-MIN_TIME_CAPACITY // 64))
+        self._last = np.zeros(0, dtype=np.int32)  # per row: latest access time + 1, 0 = never
+        self._owner = np.zeros(words * 64, dtype=np.int32)  # per access time: its row
+        self._bits = np.zeros(words, dtype=np.uint64)  # per access time: is a row's latest
+        self._tree = np.zeros(words + 1, dtype=np.int32)  # Fenwick tree over the bitmap's words
         self._hist = np.zeros(2, dtype=np.int64)  # [0]: cold misses, [d]: stack distance d
         self._state = np.zeros(2, dtype=np.int64)  # time, distinct
         self._map: Any = None  # id -> dense index once an id reaches DENSE_ID_LIMIT
@@ -634,23 +698,26 @@ class StackDistanceCounter:
             ids = dense
         pos = 0
         while pos < ids.size:
-            pos = _lru_pass(ids, pos, self._last, self._owner, self._tree, self._hist, self._state)
+            pos = _lru_pass(
+                ids, pos, self._last, self._owner, self._bits, self._tree, self._hist, self._state
+            )
             if pos < ids.size:
                 self._compact()
         self.lookups += ids.size
 
     def _compact(self) -> None:
-        """Renumber live times 1..distinct and grow the time axis to 4x distinct if needed."""
-        distinct = _compact_times(self._last, self._owner, int(self._state[0]))
+        """Renumber live times 0..distinct-1; grow the time axis to 4x distinct when it is over
+        half full."""
+        distinct = _compact_bitmap_times(self._last, self._owner, int(self._state[0]))
         self._state[0] = distinct
-        cap = self._tree.size - 1
-        if 2 * distinct > cap:
-            cap = int(TIME_AXIS_GROWTH * distinct)
-            owner = np.zeros(cap + 1, dtype=np.int32)
-            owner[: distinct + 1] = self._owner[: distinct + 1]
+        if 2 * distinct > self._owner.size:
+            words = -(-int(TIME_AXIS_GROWTH * distinct) // 64)
+            owner = np.zeros(words * 64, dtype=np.int32)
+            owner[:distinct] = self._owner[:distinct]
             self._owner = owner
-            self._tree = np.zeros(cap + 1, dtype=np.int32)
-        _fenwick_ones(self._tree, distinct)
+            self._bits = np.zeros(words, dtype=np.uint64)
+            self._tree = np.zeros(words + 1, dtype=np.int32)
+        _bitmap_ones(self._bits, self._tree, distinct)
 
     def histogram(self) -> tuple[np.ndarray, int]:
         """``(counts, cold)``: ``counts[d - 1]`` accesses at stack distance d (1..distinct), and
@@ -923,7 +990,7 @@ def static_topk_mrc(
     >>> static_topk_mrc(np.array([5, 1, 3, 1])).misses.tolist()
     [10, 5, 2, 1, 0]
     >>> static_topk_mrc(np.array([5, 1, 3, 1]), preloaded=False).misses.tolist()
-    [10, 6, 4, 3, 2]
+    [10, 6, 4, 4, 4]
     """
     if hasattr(counts, "counts"):
         table_rows = table_rows if table_rows is not None else getattr(counts, "rows", None)

@@ -117,7 +117,9 @@ def replay(
         moved["into_warm"] += n_warm_in
         moved["into_hot"] += n_hot_in
         moved["host_to_device"] += n_unique
-        t = batch_fetch_seconds(cost, row_bytes, ids.size - plan.miss_pos.numel(), n_unique - n_cold, n_unique, n_cold)
+        t = batch_fetch_seconds(
+            cost, row_bytes, ids.size - plan.miss_pos.numel(), n_unique - n_cold, n_unique, n_cold
+        )
         fetch_s += t
         stall_s += max(0.0, t - cost.compute_seconds_per_batch)
     wall = time.perf_counter() - start
@@ -143,7 +145,12 @@ def replay(
 
 
 def batch_fetch_seconds(
-    cost: CostModelConfig, row_bytes: int, hot_hits: int, warm_rows: int, device_rows: int, cold_rows: int
+    cost: CostModelConfig,
+    row_bytes: int,
+    hot_hits: int,
+    warm_rows: int,
+    device_rows: int,
+    cold_rows: int,
 ) -> float:
     """Modelled time to serve one batch: device gathers, host gathers, the host-to-device copy and
     random NVMe page reads (one latency per batch, reads overlapped at the drive's IOPS)."""
@@ -177,7 +184,9 @@ def table_geometry(config: StoreConfig, layout: dict[str, Any]) -> tuple[int, in
             "expected a trace header with 'rows' or an existing table file"
         )
     if config.table.dim is None:
-        raise ConfigError(f"table.dim: needed to replay without the table file {path}; expected the row width")
+        raise ConfigError(
+            f"table.dim: needed to replay without the table file {path}; expected the row width"
+        )
     itemsize = 4 if (config.table.dtype or "float32") == "float32" else 2
     return int(trace_rows), config.table.dim * itemsize
 
@@ -193,7 +202,9 @@ def with_policy(config: StoreConfig, policy: str) -> StoreConfig:
     return config.model_copy(update={"tiers": tiers})
 
 
-def _batches(reader: TraceReader, index: int, batch_tokens: int | None, heads: int) -> Iterator[np.ndarray]:
+def _batches(
+    reader: TraceReader, index: int, batch_tokens: int | None, heads: int
+) -> Iterator[np.ndarray]:
     """The table's ids, batch by batch: the trace's own records, single lookups, or N-token groups."""
     if batch_tokens is None:
         for batch in reader.batches(index):

@@ -1,0 +1,193 @@
+"""Miss-ratio curve benchmark: exact LRU vs SHARDS on a synthetic Zipf trace.
+
+Measures, on i.i.d. Zipf row ids (row of rank r drawn with probability ~ r**-s, ranks scattered
+over the table by a fixed random permutation, as hashing does):
+
+1. exact LRU stack distances (``lru_mrc``): lookups/s and the curve's size;
+2. SHARDS fixed-rate (``shards_mrc(rate=R)``): lookups/s, speedup over exact (target >= 10x) and
+   mean absolute error against the exact curve (target <= 0.01) over 1000 evenly spaced
+   capacities, plus the same over 1000 log-spaced capacities (which weights caches smaller than
+   1/R rows, where a sample cannot resolve anything, as much as the rest);
+3. SHARDS fixed-size (``shards_mrc(fixed_size=S)``): the same;
+4. optionally Belady's MIN at a few capacities (``--belady-points``);
+5. memory: peak resident set size of the process and per phase (sampled every 20 ms).
+
+Example::
+
+    python bench/bench_mrc.py --out bench/results/mrc.json              # 20M lookups, ~1 min
+    python bench/bench_mrc.py --lookups 100000000 --out bench/results/mrc_100m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from zipf_analysis.mrc import belady_mrc, lru_mrc, mean_absolute_error, shards_mrc
+from zipf_analysis.zipf_fit import sample_zipf
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )  # fmt: skip
+    p.add_argument("--lookups", type=int, default=20_000_000, help="trace length (up to 100M+)")
+    p.add_argument("--rows", type=int, default=10_000_000, help="rows in the table")
+    p.add_argument("--exponent", type=float, default=0.8, help="Zipf exponent s")
+    p.add_argument("--rate", type=float, default=0.01, help="SHARDS fixed sampling rate R")
+    p.add_argument("--fixed-size", type=int, default=1 << 16,
+                   help="SHARDS fixed-size sample (rows tracked); 0 to skip")  # fmt: skip
+    p.add_argument("--belady-points", type=int, default=0,
+                   help="Belady capacities to compute (log-spaced; 0 to skip, slow: O(N log C) "
+                   "each)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="trace seed")
+    p.add_argument("--out", help="write JSON here as well as stdout")
+    return p.parse_args(argv)
+
+
+class RssSampler:
+    """Peak resident set size per phase, read from /proc every 20 ms in a thread."""
+
+    def __init__(self) -> None:
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, self._rss())
+
+    def phase(self) -> tuple[int, int]:
+        """(peak since the last call, current) in bytes; starts a new phase."""
+        now = self._rss()
+        peak, self._peak = max(self._peak, now), now
+        return peak, now
+
+    def stop(self) -> None:
+        """End sampling."""
+        self._stop.set()
+        self._thread.join()
+
+
+def _mib(n: int) -> float:
+    return round(n / 2**20, 1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns (and prints) the JSON result."""
+    args = parse_args(argv)
+    rss = RssSampler()
+    memory: dict[str, dict[str, float]] = {}
+    base_peak, base_now = rss.phase()
+    memory["start"] = {"peak_mib": _mib(base_peak), "rss_mib": _mib(base_now)}
+
+    t0 = time.perf_counter()
+    ids = sample_zipf(args.lookups, args.rows, args.exponent, seed=args.seed)
+    gen_s = time.perf_counter() - t0
+    peak, now = rss.phase()
+    memory["generate"] = {"peak_mib": _mib(peak), "rss_after_mib": _mib(now),
+                          "trace_array_mib": _mib(ids.nbytes)}  # fmt: skip
+
+    lru_mrc(ids[:10_000])  # load the compiled kernels (numba cache) outside the timings
+    shards_mrc(ids[:10_000], rate=0.5)
+    if args.fixed_size:
+        shards_mrc(ids[:10_000], fixed_size=64)
+    rss.phase()
+
+    t0 = time.perf_counter()
+    exact = lru_mrc(ids, table_rows=args.rows)
+    exact_s = time.perf_counter() - t0
+    peak, now = rss.phase()
+    memory["exact_lru"] = {"peak_mib": _mib(peak), "over_trace_mib": _mib(peak - base_now - ids.nbytes)}
+    result: dict = {
+        "benchmark": "mrc",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "trace": {"lookups": args.lookups, "rows": args.rows, "exponent": args.exponent,
+                  "seed": args.seed, "distinct_rows": exact.metadata["distinct"],
+                  "generate_seconds": round(gen_s, 2)},  # fmt: skip
+        "exact_lru": {
+            "seconds": round(exact_s, 3),
+            "lookups_per_s": round(args.lookups / exact_s),
+            "curve_points": int(exact.capacities.size),
+            "miss_ratio_at_1pct_table": round(float(exact.at(args.rows // 100)), 4),
+            "miss_ratio_at_10pct_table": round(float(exact.at(args.rows // 10)), 4),
+        },
+    }
+
+    t0 = time.perf_counter()
+    approx = shards_mrc(ids, rate=args.rate, table_rows=args.rows)
+    shards_s = time.perf_counter() - t0
+    peak, _ = rss.phase()
+    memory["shards_fixed_rate"] = {"peak_mib": _mib(peak)}
+    result["shards_fixed_rate"] = {
+        "rate": approx.metadata["rate"],
+        "seconds": round(shards_s, 3),
+        "lookups_per_s": round(args.lookups / shards_s),
+        "speedup_vs_exact": round(exact_s / shards_s, 1),
+        "mae_linear": round(mean_absolute_error(approx, exact), 5),
+        "mae_log": round(mean_absolute_error(approx, exact, spacing="log"), 5),
+        "sampled_lookups": approx.metadata["sampled_lookups"],
+    }
+
+    if args.fixed_size:
+        t0 = time.perf_counter()
+        fixed = shards_mrc(ids, fixed_size=args.fixed_size, table_rows=args.rows)
+        fixed_s = time.perf_counter() - t0
+        peak, _ = rss.phase()
+        memory["shards_fixed_size"] = {"peak_mib": _mib(peak)}
+        result["shards_fixed_size"] = {
+            "fixed_size": args.fixed_size,
+            "final_rate": round(fixed.metadata["final_rate"], 6),
+            "seconds": round(fixed_s, 3),
+            "lookups_per_s": round(args.lookups / fixed_s),
+            "speedup_vs_exact": round(exact_s / fixed_s, 1),
+            "mae_linear": round(mean_absolute_error(fixed, exact), 5),
+            "mae_log": round(mean_absolute_error(fixed, exact, spacing="log"), 5),
+        }
+
+    if args.belady_points:
+        top = exact.metadata["distinct"]
+        caps = np.unique(np.geomspace(max(top // 10_000, 1), top, args.belady_points).astype(int))
+        t0 = time.perf_counter()
+        bel = belady_mrc(ids, caps)
+        bel_s = time.perf_counter() - t0
+        peak, _ = rss.phase()
+        memory["belady"] = {"peak_mib": _mib(peak)}
+        result["belady"] = {
+            "capacities": caps.tolist(),
+            "seconds": round(bel_s, 2),
+            "lookups_per_s_per_capacity": round(args.lookups * caps.size / bel_s),
+            "miss_ratio": [round(float(v), 4) for v in bel.miss_ratio[1:]],
+            "lru_miss_ratio": [round(float(exact.at(c)), 4) for c in caps],
+        }
+
+    rss.stop()
+    memory["process_peak_mib"] = _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    result["memory"] = memory
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

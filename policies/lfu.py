@@ -1,0 +1,88 @@
+"""Least frequently used with aging, batched: a per-slot access count and last-use clock."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import EvictionPolicy
+
+_CLOCK_BITS = 40  # batches before the recency tie-break wraps: 1.1e12
+_COUNT_MAX = (1 << 23) - 1  # counts saturate here so count and clock pack into one int64 key
+
+
+class LFU(EvictionPolicy):
+    """Evicts the slot with the lowest access count, the least recently used among equal counts.
+
+    A hit adds one per access (a slot read three times in a batch gains 3); a new row starts at
+    1. Every ``aging_period`` accesses seen by the policy (hits plus insertions) all counts are
+    halved, so a row that was hot an hour ago does not stay forever; in a batch that crosses
+    ``k`` period boundaries counts are halved ``k`` times after its accesses are counted.
+
+    Parameters
+    ----------
+    capacity : int
+        The tier's slots.
+    device : torch.device or str
+        Where the counts live.
+    aging_period : int, optional
+        Accesses between halvings. Default ``10 * capacity``: about ten turnovers of the tier,
+        long enough for a row used once per eviction horizon to stand out from one-hit rows, and
+        short enough that a formerly hot row's count decays within a few periods once traffic
+        moves on (the same window W-TinyLFU uses for its sketch). Counts saturate at 2**23 - 1.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lfu = LFU(capacity=3)
+    >>> lfu.on_batch(); lfu.on_insert(torch.tensor([0, 1, 2]))
+    >>> lfu.on_batch(); lfu.on_hit(torch.tensor([0, 0, 2]))
+    >>> lfu.count.tolist()
+    [3, 1, 2]
+    >>> lfu.choose_victims(2, torch.zeros(3, dtype=torch.bool)).tolist()
+    [1, 2]
+    """
+
+    name = "lfu"
+    #: count (int32) + last use (int64)
+    bytes_per_slot = 12
+
+    def __init__(
+        self, capacity: int, device: torch.device | str = "cpu", *, aging_period: int | None = None
+    ) -> None:
+        super().__init__(capacity, device)
+        self.aging_period = aging_period if aging_period is not None else max(10 * capacity, 1)
+        if self.aging_period < 1:
+            raise ValueError(f"lfu aging_period: got {self.aging_period}; expected >= 1")
+        self.count = torch.zeros(capacity, dtype=torch.int32, device=self.device)
+        self.last_used = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        self.clock = 0
+        self.accesses = 0  # since the last halving
+        self.agings = 0
+
+    def on_batch(self) -> None:
+        self.clock += 1
+
+    def on_hit(self, slots: torch.Tensor) -> None:
+        slots = slots.to(self.device).long()
+        self.count.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+        self.count[slots] = self.count[slots].clamp(max=_COUNT_MAX)
+        self.last_used[slots] = self.clock
+        self._age(slots.numel())
+
+    def on_insert(self, slots: torch.Tensor) -> None:
+        slots = slots.to(self.device).long()
+        self.count[slots] = 1
+        self.last_used[slots] = self.clock
+        self._age(slots.numel())
+
+    def victim_priority(self) -> torch.Tensor:
+        recency = self.last_used.clamp(min=0) & ((1 << _CLOCK_BITS) - 1)
+        return (self.count.long() << _CLOCK_BITS) | recency
+
+    def _age(self, accesses: int) -> None:
+        """Count accesses; halve every count once per completed period."""
+        self.accesses += accesses
+        halvings, self.accesses = divmod(self.accesses, self.aging_period)
+        if halvings:
+            self.count >>= min(halvings, 31)
+            self.agings += halvings

@@ -1,0 +1,182 @@
+"""TinyLFU admission (Einziger, Friedman, Manes 2017): a missed row enters only when a count-min
+sketch says it is used more often than the row it would displace.
+
+The sketch lives on the tier's device and is updated for whole batches with ``index_add_``; the
+hash is the SplitMix64 finalizer with one seed per sketch row, computed in wrapping int64
+arithmetic (identical on CPU and CUDA, and to :func:`mix64_int` in plain Python).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import AdmissionPolicy
+
+MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+
+
+def _signed(value: int) -> int:
+    """A 64-bit unsigned constant as the int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """SplitMix64 finalizer of ``ids + seed``, as int64 bits; vectorised, CPU or CUDA.
+
+    Examples
+    --------
+    >>> int(mix64(torch.tensor([7]), 123)[0]) & 0xFFFF == mix64_int(7, 123) & 0xFFFF
+    True
+    """
+    z = ids.long() + _signed(seed & MASK64)
+    z = (z ^ _shr(z, 30)) * _signed(_M1)
+    z = (z ^ _shr(z, 27)) * _signed(_M2)
+    return z ^ _shr(z, 31)
+
+
+def mix64_int(x: int, seed: int) -> int:
+    """:func:`mix64` for one Python int (the scalar reference), as an unsigned 64-bit value."""
+    z = (x + seed) & MASK64
+    z = ((z ^ (z >> 30)) * _M1) & MASK64
+    z = ((z ^ (z >> 27)) * _M2) & MASK64
+    return z ^ (z >> 31)
+
+
+def row_seeds(seed: int, depth: int) -> list[int]:
+    """One independent 64-bit seed per sketch row, derived from ``seed``."""
+    return [mix64_int(seed * depth + r, _GOLDEN) for r in range(depth)]
+
+
+def sketch_width(capacity: int, width_factor: int) -> int:
+    """Counters per sketch row: the power of two at or above ``width_factor * capacity`` (>= 16)."""
+    need = max(width_factor * capacity, 16)
+    return 1 << (need - 1).bit_length()
+
+
+class TinyLFU(AdmissionPolicy):
+    """Admit a missed row only when it is estimated more frequent than the row it displaces.
+
+    Every lookup in the tier (duplicates included) increments the row's counter in each of
+    ``depth`` rows of a count-min sketch; counters saturate at ``max_count``. After
+    ``sample_factor * capacity`` lookups every counter is halved (the W-TinyLFU "reset"), so the
+    sketch follows the recent popularity instead of all history. A candidate taking a free slot
+    is always admitted; one that would evict a row is admitted when ``freq(candidate) >
+    freq(victim)`` (ties keep the resident row, as in Caffeine).
+
+    Parameters
+    ----------
+    num_rows : int
+        Rows in the table (unused: the sketch is sized by the tier, not the table).
+    device : torch.device or str
+        Where the sketch lives: the tier's device.
+    capacity : int
+        The tier's slots. Sizes the sketch and the aging sample.
+    depth : int
+        Sketch rows (independent hashes). Default 4, as Caffeine.
+    width_factor : int
+        Counters per sketch row per slot, rounded up to a power of two. Default 8: with a tier's
+        worth of distinct hot rows the sketch is at most 1/8 full, so a collision rarely lifts a
+        cold row above a warm one.
+    max_count : int
+        Counter ceiling. Default 15 (4-bit counters, as TinyLFU): past that a row is "hot" and
+        the exact count does not change any decision against a victim.
+    sample_factor : int
+        Lookups per aging step, in multiples of ``capacity``. Default 10, TinyLFU's W = 10 C.
+    seed : int
+        Hash seed.
+
+    Notes
+    -----
+    Memory is per tier, not per table row: ``bytes_per_row`` is 0 and ``bytes_per_tier`` counts
+    the sketch (``depth * width`` bytes, one uint8 counter each) plus an int32 scratch row of
+    ``width`` used to sum a batch's increments exactly before saturating. With the defaults that
+    is ``(4 + 4) * 8 = 64`` bytes per slot when ``8 * capacity`` is a power of two, up to twice
+    that otherwise. Halving runs at most once per batch: a batch longer than the sample is
+    treated as one sample. Not implemented: the doorkeeper Bloom filter and the small admission
+    window of W-TinyLFU (compose with an eviction policy instead: ``lru+tinylfu``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> f = TinyLFU(num_rows=100, capacity=4)
+    >>> f.on_access(torch.tensor([5, 5, 5, 9]))
+    >>> f.frequency(torch.tensor([5, 9, 1])).tolist()
+    [3, 1, 0]
+    >>> f.admit(torch.tensor([5, 1, 2]), torch.tensor([9, 9, -1])).tolist()
+    [True, False, True]
+    """
+
+    name = "tinylfu"
+    bytes_per_row = 0
+    learns = True
+    #: the registry passes ``capacity=`` (the tier's slots) to factories that set this
+    sized_by_capacity = True
+
+    def __init__(
+        self,
+        num_rows: int,
+        device: torch.device | str = "cpu",
+        *,
+        capacity: int,
+        depth: int = 4,
+        width_factor: int = 8,
+        max_count: int = 15,
+        sample_factor: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(num_rows, device)
+        if not 1 <= max_count <= 255:
+            raise ValueError(f"tinylfu max_count: got {max_count}; expected 1..255 (uint8)")
+        self.capacity = capacity
+        self.width = sketch_width(capacity, width_factor)
+        self.max_count = max_count
+        self.sample_size = max(sample_factor * capacity, 1)
+        self.seeds = row_seeds(seed, depth)
+        self.sketch = torch.zeros(depth, self.width, dtype=torch.uint8, device=self.device)
+        self._scratch = torch.zeros(self.width, dtype=torch.int32, device=self.device)
+        self.additions = 0  # lookups counted since the last halving (halved with the counters)
+        self.resets = 0
+
+    @property
+    def bytes_per_tier(self) -> int:
+        """Bytes the filter holds for its tier, whatever the table size (sketch + scratch)."""
+        return self.sketch.nbytes + self._scratch.nbytes
+
+    def _buckets(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Bucket of each id in each sketch row."""
+        return [mix64(ids, s) & (self.width - 1) for s in self.seeds]
+
+    def on_access(self, ids: torch.Tensor) -> None:
+        ids = ids.reshape(-1).to(self.device)
+        if ids.numel() == 0:
+            return
+        ones = torch.ones(ids.numel(), dtype=torch.int32, device=self.device)
+        for row, idx in zip(self.sketch, self._buckets(ids), strict=True):
+            self._scratch.index_add_(0, idx, ones)  # exact per-bucket sums for this batch
+            new = (row[idx].int() + self._scratch[idx]).clamp_(max=self.max_count)
+            row[idx] = new.to(torch.uint8)  # duplicates of a bucket all write the same value
+            self._scratch[idx] = 0
+        self.additions += ids.numel()
+        if self.additions >= self.sample_size:
+            self.sketch >>= 1
+            self.additions //= 2
+            self.resets += 1
+
+    def frequency(self, ids: torch.Tensor) -> torch.Tensor:
+        """Estimated recent lookups of each id (int32; never below the truth, up to ``max_count``)."""
+        ids = ids.to(self.device)
+        est = [row[idx] for row, idx in zip(self.sketch, self._buckets(ids), strict=True)]
+        return torch.stack(est).amin(dim=0).int()
+
+    def admit(self, candidates: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
+        victims = victims.to(self.device)
+        free = victims < 0
+        return free | (self.frequency(candidates) > self.frequency(victims.clamp(min=0)))

@@ -1,0 +1,318 @@
+"""ColdTable: one contract suite run against every I/O mode (mmap, pread, direct)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tiered_store.cold_table as ct
+from tiered_store.cold_table import ColdTable
+from tiered_store.errors import ConfigError, RowIdError, TableFormatError, TierIOError
+from tiered_store.table_format import RandomSource, TableNotFoundError, create_table
+
+# (dtype, dim): row_bytes 148 (rows straddle pages), 128 (divides 4096: fast path),
+# 18 (bf16, odd), 4096 (one page per row), 6000 (rows span 2-3 pages), 2 (tiny rows)
+LAYOUTS = [
+    ("float32", 37),
+    ("float32", 32),
+    ("bfloat16", 9),
+    ("float16", 2048),
+    ("float32", 1500),
+    ("float16", 1),
+]
+ROWS = 3001
+
+
+def raw(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Bytes of each row, for bit-exact comparison (bfloat16 included)."""
+    if isinstance(x, torch.Tensor):
+        x = x.contiguous().view(torch.uint8).numpy()
+    return np.ascontiguousarray(x).view(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory) -> dict[tuple[str, int], tuple[Path, np.ndarray]]:
+    d = tmp_path_factory.mktemp("cold")
+    out = {}
+    for dtype, dim in LAYOUTS:
+        path = d / f"{dtype}_{dim}.npy"
+        create_table(path, RandomSource(ROWS, dim, dtype=dtype, seed=dim), progress=False)
+        out[(dtype, dim)] = (path, np.load(path))
+    return out
+
+
+def direct_supported(path: Path) -> bool:
+    try:
+        ColdTable(path, io="direct", threads=1).close()
+    except TierIOError:
+        return False
+    return True
+
+
+class ColdTableContract:
+    """Behaviour every io mode must have; subclasses set ``io``."""
+
+    io: str
+
+    def open(self, path: Path, threads: int = 4) -> ColdTable:
+        return ColdTable(path, io=self.io, threads=threads)
+
+    @pytest.mark.parametrize(("dtype", "dim"), LAYOUTS)
+    def test_bit_exact_random_ids(self, tables, dtype, dim):
+        path, ref = tables[(dtype, dim)]
+        rng = np.random.default_rng(dim)
+        with self.open(path) as table:
+            assert (table.rows, table.dim) == (ROWS, dim) and table.dtype == getattr(torch, dtype)
+            for k in (1, 7, 200, ROWS // 2, ROWS):
+                ids = np.sort(rng.choice(ROWS, size=k, replace=False))
+                got = table.read_rows(ids)
+                assert got.dtype == table.dtype and got.shape == (k, dim)
+                assert np.array_equal(raw(got), raw(ref[ids]))
+
+    @pytest.mark.parametrize(("dtype", "dim"), LAYOUTS)
+    def test_table_ends_and_edges(self, tables, dtype, dim):
+        path, ref = tables[(dtype, dim)]
+        with self.open(path, threads=2) as table:
+            for ids in ([ROWS - 1], [0], [0, ROWS - 1], [ROWS - 3, ROWS - 2, ROWS - 1]):
+                ids = np.array(ids, dtype=np.int64)
+                assert np.array_equal(raw(table.read_rows(ids)), raw(ref[ids]))
+            empty = table.read_rows(np.array([], dtype=np.int64))
+            assert empty.shape == (0, dim) and empty.dtype == table.dtype
+            dup = np.array([5, 5, 6, 6, 6, ROWS - 1, ROWS - 1])  # sorted with repeats: allowed
+            assert np.array_equal(raw(table.read_rows(dup)), raw(ref[dup]))
+
+    def test_threads_one_and_int32_ids(self, tables):
+        path, ref = tables[("float32", 37)]
+        ids = np.arange(0, ROWS, 3, dtype=np.int32)
+        with self.open(path, threads=1) as table:
+            assert np.array_equal(raw(table.read_rows(ids)), raw(ref[ids]))
+            assert np.array_equal(raw(table.read_rows(torch.from_numpy(ids))), raw(ref[ids]))
+
+    def test_out_tensor(self, tables):
+        path, ref = tables[("bfloat16", 9)]
+        ids = np.array([1, 2, 500, ROWS - 1])
+        with self.open(path) as table:
+            out = torch.full((4, 9), 7.0, dtype=torch.bfloat16)
+            assert table.read_rows(ids, out=out) is out
+            assert np.array_equal(raw(out), raw(ref[ids]))
+            for bad in (
+                torch.empty(3, 9, dtype=torch.bfloat16),
+                torch.empty(4, 9, dtype=torch.float32),
+                torch.empty(9, 4, dtype=torch.bfloat16).t(),
+            ):
+                with pytest.raises(ValueError, match="expected a contiguous cpu"):
+                    table.read_rows(ids, out=bad)
+
+    def test_bad_ids(self, tables):
+        path, _ = tables[("float32", 32)]
+        with self.open(path) as table:
+            with pytest.raises(RowIdError, match=f"row id {ROWS} is out of range.*< {ROWS}"):
+                table.read_rows(np.array([0, ROWS]))
+            with pytest.raises(RowIdError, match="row id -1"):
+                table.read_rows(np.array([-1, 3]))
+            with pytest.raises(RowIdError, match="1-D integer"):
+                table.read_rows(np.array([1.0, 2.0]))
+            with pytest.raises(RowIdError, match="1-D integer"):
+                table.read_rows(np.array([[1, 2]]))
+            assert table.read_errors == 0
+
+    def test_counters(self, tables):
+        path, _ = tables[("float32", 32)]
+        with self.open(path) as table:
+            table.read_rows(np.array([0, 1, 2000]))
+            table.read_rows(np.array([5]))
+            assert table.rows_read == 4
+            assert table.read_requests >= 2 and table.read_errors == 0
+            assert table.bytes_read >= 4 * table.row_bytes
+
+    def test_concurrent_readers(self, tables):
+        path, ref = tables[("float32", 37)]
+        failures: list[str] = []
+        with self.open(path, threads=3) as table:
+
+            def reader(seed: int) -> None:
+                rng = np.random.default_rng(seed)
+                for _ in range(15):
+                    ids = np.sort(rng.choice(ROWS, size=int(rng.integers(1, 900)), replace=False))
+                    if not np.array_equal(raw(table.read_rows(ids)), raw(ref[ids])):
+                        failures.append(f"seed {seed}")
+
+            workers = [threading.Thread(target=reader, args=(s,)) for s in range(6)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            assert table.rows_read > 0
+        assert failures == []
+
+    def test_close(self, tables):
+        path, _ = tables[("float16", 1)]
+        table = self.open(path)
+        table.close()
+        table.close()  # idempotent
+        with pytest.raises(TierIOError, match="closed"):
+            table.read_rows(np.array([1]))
+
+
+class TestMmap(ColdTableContract):
+    io = "mmap"
+
+    def test_large_batch_is_split_over_threads(self, tables, monkeypatch):
+        monkeypatch.setattr(ct, "MMAP_MIN_ROWS_PER_TASK", 100)
+        path, ref = tables[("float32", 37)]
+        with self.open(path, threads=4) as table:
+            ids = np.arange(ROWS)
+            assert np.array_equal(raw(table.read_rows(ids)), raw(ref))
+            assert table.read_requests == 4
+
+
+class TestPread(ColdTableContract):
+    io = "pread"
+
+    @pytest.mark.parametrize(("dtype", "dim"), LAYOUTS)
+    def test_small_buffers_and_extents(self, tables, monkeypatch, dtype, dim):
+        """Dense and sparse batches with tiny extents/buffers: splits and flushes everywhere."""
+        monkeypatch.setattr(ct, "MAX_EXTENT_PAGES", 2)
+        monkeypatch.setattr(ct, "WORKER_BUFFER_BYTES", 3 * 4096)
+        path, ref = tables[(dtype, dim)]
+        with self.open(path, threads=3) as table:
+            for ids in (np.arange(ROWS), np.arange(0, ROWS, 7), np.arange(100, 140)):
+                assert np.array_equal(raw(table.read_rows(ids)), raw(ref[ids]))
+
+    def test_extents_are_coalesced(self, tables):
+        path, _ = tables[("float32", 32)]  # 32 rows per page
+        with self.open(path) as table:
+            table.read_rows(np.arange(0, 32 * 10))  # 10 adjacent pages
+            assert table.read_requests == 1 and table.bytes_read == 10 * 4096
+            table.read_rows(np.array([0, 64, 64 * 3]))  # pages 1, 3, 7 (+ header page): gaps
+            assert table.read_requests == 1 + 3
+
+    def test_eio_is_reported_and_counted(self, tables, monkeypatch):
+        path, _ = tables[("float32", 32)]
+        with self.open(path, threads=2) as table:
+
+            def broken(fd, buffers, offset):
+                raise OSError(errno.EIO, "Input/output error")
+
+            monkeypatch.setattr(ct.os, "preadv", broken)
+            with pytest.raises(TierIOError, match=r"of .*float32_32.npy at offset \d+ failed"):
+                table.read_rows(np.array([0, 1000]))
+            assert table.read_errors >= 1
+            monkeypatch.undo()
+            assert table.read_rows(np.array([3])).shape == (1, 32)  # still usable
+
+    def test_short_read_is_an_error(self, tmp_path):
+        path = tmp_path / "short.npy"
+        create_table(path, RandomSource(1000, 64), progress=False)
+        with self.open(path) as table:
+            os.truncate(path, 4096 + 500 * 256)  # file shrinks under an open table
+            with pytest.raises(TierIOError, match=r"short read from .*short.npy at offset"):
+                table.read_rows(np.array([10, 999]))
+            assert table.read_errors == 1
+
+
+class TestDirect(TestPread):
+    io = "direct"
+
+    @pytest.fixture(autouse=True)
+    def _needs_o_direct(self, tables):
+        path, _ = tables[("float32", 32)]
+        if not direct_supported(path):
+            pytest.skip("the test file system refuses O_DIRECT")
+
+    def test_refusal_suggests_pread(self, tables, monkeypatch):
+        path, _ = tables[("float32", 32)]
+        real_open = os.open
+
+        def no_direct(p, flags, *args):
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(p, flags, *args)
+
+        monkeypatch.setattr(ct.os, "open", no_direct)
+        with pytest.raises(TierIOError, match=r"float32_32.npy.*refuses O_DIRECT.*io='pread'"):
+            ColdTable(path, io="direct")
+
+
+# ---- opening checks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("io", ct.IO_MODES)
+def test_truncated_file_refused_on_open(tmp_path, io):
+    path = tmp_path / "t.npy"
+    m = create_table(path, RandomSource(100, 10), progress=False)
+    os.truncate(path, m.file_bytes - 40)
+    with pytest.raises(
+        TableFormatError, match=rf"t.npy: file is truncated.*expected {m.file_bytes}"
+    ):
+        ColdTable(path, io=io)
+
+
+def test_header_vs_manifest_dtype_refused_on_open(tmp_path):
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((64, 4), np.float16), progress=False)
+    create_table(tmp_path / "u.npy", np.zeros((64, 4), np.float32), progress=False)
+    other = (tmp_path / "u.npy").read_bytes()[:4096]  # float32 header, same shape
+    with open(path, "r+b") as f:
+        f.write(other)
+    with pytest.raises(TableFormatError, match=r"header dtype '<f4' != '<f2'"):
+        ColdTable(path)
+
+
+def test_missing_files_and_bad_arguments(tmp_path):
+    with pytest.raises(TableNotFoundError):
+        ColdTable(tmp_path / "nope.npy")
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((4, 4), np.float32), progress=False)
+    with pytest.raises(ConfigError, match="io='aio'; expected one of mmap, pread, direct"):
+        ColdTable(path, io="aio")
+    with pytest.raises(ConfigError, match="threads=0"):
+        ColdTable(path, threads=0)
+    table = ColdTable(tmp_path / "t")  # name without .npy
+    assert repr(table).startswith("ColdTable(") and table.path == path
+    del table  # the finalizer closes the descriptor and pool
+
+
+# ---- property: every mode equals np.load indexing ----------------------------------------------
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    rows=st.integers(1, 400),
+    dim=st.integers(1, 70),
+    dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+    data=st.data(),
+)
+def test_read_rows_matches_np_load(tmp_path_factory, rows, dim, dtype, data):
+    d = tmp_path_factory.getbasetemp() / "prop"
+    d.mkdir(exist_ok=True)
+    path = d / f"{uuid.uuid4().hex}.npy"
+    create_table(path, RandomSource(rows, dim, dtype=dtype), progress=False)
+    ref = np.load(path)
+    ids = np.array(
+        sorted(data.draw(st.sets(st.integers(0, rows - 1), max_size=rows))), dtype=np.int64
+    )
+    threads = data.draw(st.integers(1, 4))
+    for io in ct.IO_MODES:
+        try:
+            table = ColdTable(path, io=io, threads=threads)
+        except TierIOError:
+            assert io == "direct"
+            continue
+        with table:
+            assert np.array_equal(raw(table.read_rows(ids)), raw(ref[ids]))
+    os.unlink(path)
+    os.unlink(f"{path}.manifest.json")

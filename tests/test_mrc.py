@@ -1,0 +1,235 @@
+"""Miss-ratio curves against brute-force simulations, SHARDS accuracy, sizing and the report."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import yaml
+
+import zipf_analysis.mrc as mrc
+from tiered_store.errors import ConfigError
+from zipf_analysis.mrc import (
+    MissRatioCurve,
+    StackDistanceCounter,
+    belady_misses,
+    belady_mrc,
+    lru_mrc,
+    mean_absolute_error,
+    shards_mrc,
+    static_topk_mrc,
+)
+from zipf_analysis.plots import plot_miss_ratio_curves
+from zipf_analysis.profile import profile_ids
+from zipf_analysis.report import recommend_tier_sizes, write_report
+from zipf_analysis.trace import TraceReader, TraceWriter
+from zipf_analysis.zipf_fit import sample_zipf
+
+SHARDS_MAE_BOUND = 0.01  # mean |error| over 1000 evenly spaced capacities (as in the SHARDS paper)
+
+
+def brute_lru_misses(ids, capacity):
+    """Misses of an LRU cache of ``capacity`` rows, by simulation."""
+    if capacity == 0:
+        return len(ids)
+    cache, misses = OrderedDict(), 0
+    for x in ids:
+        if x in cache:
+            cache.move_to_end(x)
+        else:
+            misses += 1
+            cache[x] = None
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+    return misses
+
+
+def brute_belady_misses(ids, capacity, bypass):
+    """Misses of Belady's MIN by scanning the future at every eviction."""
+    ids = list(ids)
+    cache, misses = set(), 0
+
+    def next_use(x, t):
+        return next((j for j in range(t + 1, len(ids)) if ids[j] == x), len(ids) + 1)
+
+    for t, x in enumerate(ids):
+        if x in cache:
+            continue
+        misses += 1
+        if capacity == 0:
+            continue
+        if len(cache) < capacity:
+            cache.add(x)
+            continue
+        candidates = list(cache) + ([x] if bypass else [])
+        victim = max(candidates, key=lambda y: next_use(y, t))
+        if victim != x:
+            cache.remove(victim)
+            cache.add(x)
+    return misses
+
+
+def random_traces(count, seed=0):
+    """Small random traces: uniform, skewed, and with huge (hash-mapped) ids."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        n, k = int(rng.integers(1, 400)), int(rng.integers(1, 60))
+        ids = rng.integers(0, k, n) if i % 2 else (rng.zipf(1.4, n) % k)
+        if i % 5 == 0:
+            ids = ids * (1 << 45) + 7  # beyond the dense-index limit
+        yield ids.astype(np.int64)
+
+
+def test_exact_lru_equals_brute_force_at_every_capacity(monkeypatch):
+    monkeypatch.setattr(mrc, "MIN_TIME_CAPACITY", 8)  # compaction every few accesses
+    for ids in random_traces(40):
+        distinct = np.unique(ids).size
+        expected = [brute_lru_misses(ids, c) for c in range(distinct + 1)]
+        curve = lru_mrc(ids)
+        assert curve.capacities.tolist() == list(range(distinct + 1))
+        assert curve.misses.tolist() == expected
+        assert curve.lookups == ids.size
+        # streamed in uneven chunks through a counter: same answer
+        counter = StackDistanceCounter()
+        for part in np.array_split(ids, 3):
+            counter.update(part)
+        assert counter.curve().misses.tolist() == expected
+
+
+def test_exact_lru_switches_to_hash_map_mid_stream():
+    ids = np.array([1, 2, 1, 3] + [1 << 50, 2, 1 << 50, 1, 3], dtype=np.int64)
+    counter = StackDistanceCounter()
+    counter.update(ids[:4])
+    counter.update(ids[4:])
+    distinct = 4
+    assert counter.curve().misses.tolist() == [brute_lru_misses(ids, c) for c in range(distinct + 1)]
+
+
+@pytest.mark.parametrize("bypass", [True, False])
+def test_belady_equals_brute_force(bypass):
+    for ids in random_traces(25, seed=1):
+        caps = list(range(np.unique(ids).size + 2))
+        expected = [brute_belady_misses(ids, c, bypass) for c in caps]
+        assert belady_misses(ids, caps, bypass=bypass, workers=1).tolist() == expected
+    assert belady_misses(ids, caps, bypass=bypass, workers=2).tolist() == expected
+
+
+def test_orderings_between_curves():
+    ids = sample_zipf(20_000, 2_000, 0.9, seed=4)
+    lru = lru_mrc(ids)
+    caps = lru.capacities[1::97]
+    bel = belady_misses(ids, caps)
+    demand = belady_misses(ids, caps, bypass=False)
+    assert (bel <= demand).all() and (demand <= lru.misses[caps]).all()
+    # a preloaded static cache has no compulsory misses; a demand-filled one pays one per row
+    counts = np.bincount(ids)
+    pre, demand_static = static_topk_mrc(counts), static_topk_mrc(counts, preloaded=False)
+    assert (demand_static.misses - pre.misses == np.arange(pre.misses.size)).all()
+    assert pre.misses[-1] == 0 and demand_static.misses[-1] == lru.misses[-1]
+    assert (demand_static.misses[caps] >= bel).all()
+
+
+def test_shards_mae_on_zipf_trace():
+    ids = sample_zipf(2_000_000, 200_000, 0.8, seed=5)
+    exact = lru_mrc(ids)
+    fixed_rate = shards_mrc(ids, rate=0.05)
+    assert fixed_rate.metadata["rate"] == pytest.approx(0.05, rel=1e-4)
+    assert mean_absolute_error(fixed_rate, exact) <= SHARDS_MAE_BOUND
+    fixed_size = shards_mrc(ids, fixed_size=8192)
+    assert fixed_size.metadata["final_rate"] < 0.1
+    assert mean_absolute_error(fixed_size, exact) <= SHARDS_MAE_BOUND
+    assert fixed_rate.misses is None and fixed_rate.miss_ratio[0] == 1.0
+
+
+def test_sources_arrays_chunks_and_traces(tmp_path):
+    ids = sample_zipf(30_000, 3_000, 0.8, seed=6)
+    with TraceWriter(tmp_path / "t.trace", chunk_ids=4_000) as w:
+        for part in np.array_split(ids, 10):
+            w.write(part, "l2")
+            w.end_batch()
+    reference = lru_mrc(ids).misses
+    with TraceReader(tmp_path / "t.trace") as r:
+        assert (lru_mrc(r).misses == reference).all()
+        assert (lru_mrc(r.ids("l2")).misses == reference).all()
+        assert (belady_mrc(r, [10, 100]).misses == belady_misses(ids, [0, 10, 100])).all()
+    assert (lru_mrc(np.array_split(ids, 4)).misses == reference).all()
+
+
+def test_curve_api_and_json(tmp_path):
+    curve = lru_mrc(np.array([1, 2, 3, 1, 2, 3, 4, 1]), table_rows=10)
+    assert curve.misses.tolist() == [8, 8, 8, 5, 4]
+    assert curve.at(3) == pytest.approx(5 / 8) and curve.at(100) == pytest.approx(0.5)
+    assert curve.capacity_for(0.375) == 3 and curve.capacity_for(0.9) is None
+    sub = curve.resample([1, 3])
+    assert sub.capacities.tolist() == [0, 1, 3] and sub.misses.tolist() == [8, 8, 5]
+    assert lru_mrc(np.array([1, 2, 3, 1, 2, 3, 4, 1]), capacities=[3, 9]).misses.tolist() == [8, 5, 4]
+    curve.save(tmp_path / "c.json")
+    back = MissRatioCurve.load(tmp_path / "c.json")
+    assert back.name == "lru" and back.table_rows == 10 and back.misses.tolist() == [8, 8, 8, 5, 4]
+    json.dumps(shards_mrc(np.arange(100) % 7, rate=0.5).to_dict())  # metadata is plain JSON
+    big = lru_mrc(sample_zipf(50_000, 20_000, 0.7, seed=1))
+    thin = big.to_dict(max_points=200)
+    assert len(thin["capacities"]) <= 202 and thin["capacities"][-1] == big.max_capacity
+    with pytest.raises(ValueError, match="ascending"):
+        MissRatioCurve("x", np.array([0, 2, 1]), np.array([1.0, 0.5, 0.4]), 10)
+
+
+def test_recommend_tier_sizes():
+    ids = sample_zipf(100_000, 20_000, 0.9, seed=7)
+    lru = lru_mrc(ids, table_rows=20_000)
+    bel = belady_mrc(ids)
+    rec = recommend_tier_sizes([bel, lru], {"hot": 0.4, "warm": 0.7})
+    assert rec["curve"] == "lru" and rec["inclusive"]
+    hot, warm = rec["tiers"]["hot"], rec["tiers"]["warm"]
+    assert hot["capacity"] == lru.capacity_for(0.4) and warm["capacity"] == lru.capacity_for(0.7)
+    assert lru.hit_ratio[hot["capacity"]] >= 0.4 > lru.hit_ratio[hot["capacity"] - 1]
+    assert hot["percent_of_table"] == pytest.approx(100 * hot["capacity"] / 20_000, abs=1e-3)
+    assert rec["by_curve"]["belady"]["hot"] < hot["capacity"]
+    parsed = yaml.safe_load(rec["yaml"])
+    assert parsed == {"tiers": {"hot": {"capacity": hot["capacity"]},
+                                "warm": {"capacity": warm["capacity"]}}}  # fmt: skip
+    exclusive = recommend_tier_sizes(lru, {"hot": 0.4, "warm": 0.7}, inclusive=False)
+    assert exclusive["tiers"]["warm"]["capacity"] == warm["capacity"] - hot["capacity"]
+    unreachable = recommend_tier_sizes(lru, {"hot": 0.5, "warm": 0.9999})
+    assert not unreachable["tiers"]["warm"]["reachable"]
+    assert unreachable["tiers"]["warm"]["capacity"] == lru.max_capacity
+    assert "unreachable" in unreachable["yaml"]
+    yaml.safe_load(unreachable["yaml"])
+    with pytest.raises(ConfigError, match=r"targets\.warm"):
+        recommend_tier_sizes(lru, {"hot": 0.5, "warm": 0.4})
+    with pytest.raises(ConfigError, match=r"targets\.hot"):
+        recommend_tier_sizes(lru, {"hot": 1.5})
+    with pytest.raises(ConfigError, match="curve"):
+        recommend_tier_sizes(lru, {"hot": 0.5}, curve="arc")
+
+
+def test_recommended_yaml_is_accepted_by_store_config():
+    config = pytest.importorskip("tiered_store.config")
+    lru = lru_mrc(sample_zipf(20_000, 5_000, 0.9, seed=8))
+    snippet = yaml.safe_load(recommend_tier_sizes(lru, {"hot": 0.3, "warm": 0.6})["yaml"])
+    cfg = config.StoreConfig.from_dict({"table": {"path": "t.npy"}, **snippet})
+    assert cfg.tiers.hot.capacity == snippet["tiers"]["hot"]["capacity"]
+
+
+def test_report_and_plots(tmp_path):
+    ids = sample_zipf(100_000, 10_000, 0.8, seed=9)
+    prof = profile_ids(ids, rows=10_000, name="layer2")
+    curves = [
+        lru_mrc(ids, table_rows=10_000),
+        shards_mrc(ids, rate=0.1),
+        static_topk_mrc(prof),
+        belady_mrc(ids, points=8),
+    ]
+    png = plot_miss_ratio_curves(curves, tmp_path / "mrc.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    paths = write_report(tmp_path / "rep", prof, curves, targets={"hot": 0.3, "warm": 0.7})
+    for key in ("markdown", "json", "rank_frequency", "miss_ratio"):
+        assert paths[key].stat().st_size > 500, key
+    data = json.loads(paths["json"].read_text())
+    assert data["profile"]["zipf"]["mle"]["rank_max"] > 1
+    assert {c["name"] for c in data["curves"]} == {"lru", "shards", "static-topk", "belady"}
+    assert data["mae_vs_exact_lru"]["shards"] < 0.05
+    text = paths["markdown"].read_text()
+    assert "```yaml\ntiers:" in text and "of touched rows" in text and "rank range" in text

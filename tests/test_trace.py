@@ -1,0 +1,219 @@
+"""Trace files: round trips, layout checks, atomic writes, corruption and truncation, .npy."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+from tiered_store.errors import RowIdError, TraceFormatError
+from zipf_analysis.trace import TraceReader, TraceWriter, trace_from_npy, trace_to_npy
+
+LAYOUT = {
+    "tables": [
+        {"name": "layer2", "rows": 1000, "heads": 2, "primes": [499, 491], "offsets": [0, 499]},
+        {"name": "layer15", "rows": 1000, "heads": 2, "primes": [487, 479], "offsets": [0, 487]},
+    ],
+    "config": {"max_ngram": 3, "heads": 2},
+    "tokenizer": {"name": "deepseek-v3", "vocab": 129280},
+}
+
+
+def _write_sample(path, *, chunk_ids=64, batches=6, seed=0):
+    """A two-table trace with [batch, seq, heads] records; returns what was written."""
+    rng = np.random.default_rng(seed)
+    written = []
+    with TraceWriter(path, LAYOUT, chunk_ids=chunk_ids) as w:
+        for b in range(batches):
+            for table in ("layer2", "layer15"):
+                ids = rng.integers(0, 1000, size=(2, 5 + b, 2))
+                w.write(ids, table)
+                written.append((b, table, ids))
+            w.end_batch()
+    return written
+
+
+def test_round_trip_tables_batches_and_shapes(tmp_path):
+    path = tmp_path / "t.trace"
+    written = _write_sample(path)
+    with TraceReader(path) as r:
+        assert r.tables == ["layer2", "layer15"]
+        assert r.header["config"] == LAYOUT["config"]
+        assert r.header["tokenizer"]["name"] == "deepseek-v3"
+        assert r.header["magic"] == "engram-trace" and r.format_version == 1
+        assert r.layout[0]["primes"] == [499, 491]
+        assert r.n_batches == 6 and r.n_records == 12
+        assert r.n_lookups == sum(ids.size for _, _, ids in written)
+        assert r.n_chunks > 1
+        got = list(r.batches())
+        assert [(g.batch, g.table) for g in got] == [(b, t) for b, t, _ in written]
+        for g, (_, _, ids) in zip(got, written, strict=True):
+            assert g.ids.dtype == np.int64 and g.ids.shape == ids.shape
+            np.testing.assert_array_equal(g.ids, ids)
+        for table in r.tables:
+            expect = np.concatenate([ids.ravel() for _, t, ids in written if t == table])
+            parts = list(r.ids(table))
+            assert all(p.dtype == np.int64 and p.ndim == 1 for p in parts)
+            np.testing.assert_array_equal(np.concatenate(parts), expect)
+            assert r.lookups(table) == expect.size
+            assert [b.batch for b in r.batches(table)] == list(range(6))
+        everything = np.concatenate([ids.ravel() for _, _, ids in written])
+        np.testing.assert_array_equal(r.read_all(), everything)
+        np.testing.assert_array_equal(r.read_all(1), r.read_all("layer15"))
+        r.verify()
+
+
+def test_large_record_gets_its_own_chunk_and_wide_ids(tmp_path):
+    path = tmp_path / "big.trace"
+    big = np.arange(1000, dtype=np.int64) + (1 << 40)  # needs 8-byte ids
+    with TraceWriter(path, chunk_ids=100) as w:
+        w.write(np.array([1, 2, 3]), "a")
+        w.write(big, "b")
+        w.write(np.array([4]), "a", batch=3)
+    with TraceReader(path) as r:
+        assert r.tables == ["a", "b"]  # registered as first written
+        assert r.n_chunks == 3 and r.n_batches == 4
+        assert [c[1] for c in r.chunk_index] == [3, 1000, 1]
+        np.testing.assert_array_equal(r.read_all("b"), big)
+        assert [b.batch for b in r.batches()] == [0, 0, 3]
+
+
+def test_layout_is_enforced(tmp_path):
+    with TraceWriter(tmp_path / "x.trace", LAYOUT) as w:
+        with pytest.raises(TraceFormatError, match="not in the header's tables"):
+            w.write(np.array([1]), "layer99")
+        with pytest.raises(TraceFormatError, match="out of range"):
+            w.write(np.array([1]), 2)
+        with pytest.raises(RowIdError, match=r"layer2.*\[0, 1000\)"):
+            w.write(np.array([5, 1000]), "layer2")
+        with pytest.raises(RowIdError):
+            w.write(np.array([-1]), "layer2")
+        with pytest.raises(RowIdError, match="integers"):
+            w.write(np.array([1.5]), "layer2")
+        w.write(np.array([1]), 1, batch=4)
+        with pytest.raises(TraceFormatError, match="only go forward"):
+            w.write(np.array([1]), 1, batch=2)
+    with pytest.raises(TraceFormatError, match="reserved"):
+        TraceWriter(tmp_path / "y.trace", {"magic": "x"})
+    with pytest.raises(TraceFormatError, match="duplicate"):
+        TraceWriter(tmp_path / "z.trace", {"tables": ["a", "a"]})
+
+
+def test_write_is_atomic(tmp_path):
+    path = tmp_path / "t.trace"
+    w = TraceWriter(path, chunk_ids=4)
+    w.write(np.arange(10), 0)
+    assert not path.exists()  # nothing under the final name until close
+    w.close()
+    assert path.exists()
+    with pytest.raises(RuntimeError), TraceWriter(tmp_path / "failed.trace") as w2:
+        w2.write(np.arange(10), 0)
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]  # no temp left behind
+
+
+def _chunk_offsets(path):
+    with TraceReader(path) as r:
+        return [c[0] for c in r.chunk_index], r.n_chunks
+
+
+@pytest.mark.parametrize("cut_chunk", [0, 2])
+def test_truncated_file_names_file_and_chunk(tmp_path, cut_chunk):
+    path = tmp_path / "t.trace"
+    _write_sample(path)
+    offsets, _ = _chunk_offsets(path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.trace"
+    cut.write_bytes(data[: offsets[cut_chunk] + 60])  # inside chunk `cut_chunk`'s payload
+    with pytest.raises(TraceFormatError) as err:
+        TraceReader(cut)
+    msg = str(err.value)
+    assert str(cut) in msg and f"chunk {cut_chunk}" in msg and "truncated" in msg
+
+
+def test_truncated_footer_is_detected(tmp_path):
+    path = tmp_path / "t.trace"
+    _write_sample(path)
+    _, n = _chunk_offsets(path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(TraceFormatError, match=rf"{re.escape(str(path))}.*chunk {n}"):
+        TraceReader(path)
+
+
+def test_flipped_byte_in_a_chunk_names_the_chunk(tmp_path):
+    path = tmp_path / "t.trace"
+    _write_sample(path)
+    offsets, n = _chunk_offsets(path)
+    data = bytearray(path.read_bytes())
+    data[offsets[2] + 70] ^= 0x01  # payload of chunk 2
+    path.write_bytes(bytes(data))
+    with TraceReader(path) as r:  # opening reads only header and footer
+        r.read_chunk(1)
+        with pytest.raises(TraceFormatError, match=rf"{re.escape(str(path))}, chunk 2: payload"):
+            list(r.ids())
+        with pytest.raises(TraceFormatError, match="chunk 2"):
+            r.verify()
+
+
+def test_flipped_byte_in_a_chunk_header(tmp_path):
+    path = tmp_path / "t.trace"
+    _write_sample(path)
+    offsets, _ = _chunk_offsets(path)
+    data = bytearray(path.read_bytes())
+    data[offsets[1] + 9] ^= 0x40  # the chunk's id count
+    path.write_bytes(bytes(data))
+    with TraceReader(path) as r, pytest.raises(TraceFormatError, match="chunk 1: chunk header"):
+        r.read_chunk(1)
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [("header", "header checksum"), ("footer", "footer checksum"), ("magic", "not a trace file")],
+)
+def test_flipped_byte_outside_chunks(tmp_path, where, message):
+    path = tmp_path / "t.trace"
+    _write_sample(path)
+    data = bytearray(path.read_bytes())
+    pos = {"header": 30, "footer": len(data) - 40, "magic": 1}[where]
+    data[pos] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceFormatError, match=re.escape(str(path))) as err:
+        TraceReader(path)
+    assert message in str(err.value)
+
+
+def test_not_a_trace(tmp_path):
+    p = tmp_path / "junk.trace"
+    p.write_bytes(b"hello world, this is not a trace at all")
+    with pytest.raises(TraceFormatError, match="not a trace file"):
+        TraceReader(p)
+    with pytest.raises(TraceFormatError, match="cannot open"):
+        TraceReader(tmp_path / "missing.trace")
+
+
+def test_npy_import_export(tmp_path):
+    ids = np.random.default_rng(3).integers(0, 5000, size=1234)
+    np.save(tmp_path / "ids.npy", ids.astype(np.int32))
+    r = trace_from_npy(tmp_path / "ids.npy", tmp_path / "a.trace", {"tables": ["l2"]},
+                       table="l2", batch_size=100, chunk_ids=256)  # fmt: skip
+    assert r.n_batches == 13 and r.tables == ["l2"] and r.n_chunks > 1
+    np.testing.assert_array_equal(r.read_all(), ids)
+    back = trace_to_npy(r, tmp_path / "back.npy")
+    assert back.dtype == np.int64
+    np.testing.assert_array_equal(back, ids)
+    r.close()
+
+    batched = ids[:1200].reshape(12, 10, 10)  # N-D: leading axis is the batch
+    np.save(tmp_path / "b.npy", batched)
+    with trace_from_npy(tmp_path / "b.npy", tmp_path / "b.trace") as r2:
+        got = list(r2.batches())
+        assert [g.batch for g in got] == list(range(12)) and got[0].ids.shape == (10, 10)
+    out = trace_to_npy(tmp_path / "b.trace", tmp_path / "b_back.npy", table=0)
+    np.testing.assert_array_equal(out, batched.ravel())
+
+    (tmp_path / "bad.npy").write_bytes(b"nope")
+    with pytest.raises(TraceFormatError, match="bad.npy"):
+        trace_from_npy(tmp_path / "bad.npy", tmp_path / "c.trace")
+    assert not os.path.exists(tmp_path / "c.trace")

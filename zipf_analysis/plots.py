@@ -1,0 +1,179 @@
+"""PNG plots of a frequency profile and of miss-ratio curves (matplotlib, Agg canvas).
+
+Figures are drawn on ``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot, so
+importing this module changes no global backend and plots work on machines without a display.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .mrc import MissRatioCurve
+from .profile import FrequencyProfile
+from .zipf_fit import ZipfFit, fitted_counts
+
+__all__ = ["plot_miss_ratio_curves", "plot_rank_frequency"]
+
+_MAX_POINTS = 4000  # points drawn per line; longer series are thinned log-uniformly
+_STYLE = {  # per curve name: colour, line style, marker
+    "lru": ("tab:blue", "-", None),
+    "shards": ("tab:orange", "--", None),
+    "static-topk": ("tab:green", "-.", None),
+    "belady": ("tab:red", ":", "o"),
+}
+_FIT_STYLE = {"least_squares": ("tab:orange", "--"), "mle": ("tab:red", ":")}
+
+
+def _thin(n: int, max_points: int = _MAX_POINTS) -> np.ndarray:
+    """Indices 0..n-1 thinned to about ``max_points``, log-uniform in index (ends kept)."""
+    if n <= max_points:
+        return np.arange(n)
+    idx = np.unique(np.geomspace(1, n, max_points).astype(np.int64) - 1)
+    return np.unique(np.concatenate([idx, [n - 1]]))
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Render to PNG at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, format="png")
+    return path
+
+
+def plot_rank_frequency(
+    profile: FrequencyProfile,
+    path: str | os.PathLike[str],
+    *,
+    fits: Mapping[str, ZipfFit] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Log-log rank-frequency plot with the fitted Zipf lines and the fit range shaded.
+
+    Parameters
+    ----------
+    profile : FrequencyProfile
+        Counts to draw.
+    path : str or Path
+        PNG to write.
+    fits : mapping of method -> ZipfFit, optional
+        Lines to draw; default ``profile.fits()`` (skipped when the profile is too small to fit).
+    title : str, optional
+        Figure title (default: the profile's name and lookups).
+
+    Returns
+    -------
+    Path
+        The PNG.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from zipf_analysis.profile import profile_ids
+    >>> from zipf_analysis.zipf_fit import sample_zipf
+    >>> prof = profile_ids(sample_zipf(100_000, 10_000, 0.9, seed=0), rows=10_000)
+    >>> png = plot_rank_frequency(prof, os.path.join(tempfile.mkdtemp(), "rf.png"))
+    >>> png.stat().st_size > 10_000
+    True
+    """
+    if fits is None:
+        try:
+            fits = profile.fits()
+        except ValueError:
+            fits = {}
+    fig = Figure(figsize=(7, 5))
+    ax = fig.add_subplot()
+    counts = profile.counts
+    if counts.size:
+        idx = _thin(counts.size)
+        ax.loglog(idx + 1, counts[idx], ".", ms=2, color="tab:blue", label="observed")
+    for fit in fits.values():
+        colour, style = _FIT_STYLE.get(fit.method, ("k", "--"))
+        r = np.geomspace(fit.rank_min, fit.rank_max, 200)
+        ax.loglog(r, fitted_counts(fit, r), style, color=colour, lw=1.8,
+                  label=f"{fit.method}: s = {fit.exponent:.3f} ± {fit.stderr:.3f}")  # fmt: skip
+    if fits:
+        first = next(iter(fits.values()))
+        ax.axvspan(first.rank_min, first.rank_max, color="0.9", zorder=0,
+                   label=f"fit range: ranks {first.rank_min}..{first.rank_max}")  # fmt: skip
+    ax.set_xlabel("rank (1 = most looked-up row)")
+    ax.set_ylabel("lookups")
+    ax.set_title(title or f"{profile.name or 'rows'}: {profile.lookups:,} lookups, "
+                 f"{profile.distinct:,} distinct rows")  # fmt: skip
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_miss_ratio_curves(
+    curves: Iterable[MissRatioCurve],
+    path: str | os.PathLike[str],
+    *,
+    table_rows: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """Miss ratio vs capacity for several curves: rows on a log axis (bottom) and, when the table
+    size is known, % of the table (top).
+
+    Parameters
+    ----------
+    curves : iterable of MissRatioCurve
+        LRU, SHARDS, static top-K, Belady, ... (capacity 0 is not drawn on the log axis).
+    path : str or Path
+        PNG to write.
+    table_rows : int, optional
+        Table size for the % axis (default: the first curve's ``table_rows``).
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from zipf_analysis.mrc import lru_mrc, belady_mrc
+    >>> ids = np.random.default_rng(0).zipf(1.5, 20_000) % 1000
+    >>> png = plot_miss_ratio_curves([lru_mrc(ids, table_rows=1000), belady_mrc(ids)],
+    ...                              os.path.join(tempfile.mkdtemp(), "mrc.png"))
+    >>> png.stat().st_size > 10_000
+    True
+    """
+    curves = list(curves)
+    if table_rows is None:
+        table_rows = next((c.table_rows for c in curves if c.table_rows), None)
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for curve in curves:
+        colour, style, marker = _STYLE.get(curve.name, (None, "-", None))
+        keep = curve.capacities > 0
+        caps, ratio = curve.capacities[keep], curve.miss_ratio[keep]
+        idx = _thin(caps.size)
+        label = curve.name
+        if curve.metadata.get("rate"):
+            label += f" (R = {curve.metadata['rate']:.3g})"
+        ax.plot(caps[idx], ratio[idx], linestyle=style, marker=marker, ms=3, color=colour,
+                label=label, drawstyle="steps-post" if marker is None else "default")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("cache capacity (rows)")
+    ax.set_ylabel("miss ratio")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    if table_rows:
+        scale = 100.0 / table_rows
+        top = ax.secondary_xaxis("top", functions=(lambda x: x * scale, lambda p: p / scale))
+        top.set_xlabel("capacity (% of the table's rows)")
+    lookups = curves[0].lookups if curves else 0
+    ax.set_title(title or f"miss-ratio curves, {lookups:,} lookups", pad=10)
+    fig.tight_layout()
+    return _save(fig, path)
