@@ -39,18 +39,26 @@ from zipf_analysis.zipf_fit import sample_zipf
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line."""
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
-    )  # fmt: skip
+    )
     p.add_argument("--lookups", type=int, default=20_000_000, help="trace length (up to 100M+)")
     p.add_argument("--rows", type=int, default=10_000_000, help="rows in the table")
     p.add_argument("--exponent", type=float, default=0.8, help="Zipf exponent s")
     p.add_argument("--rate", type=float, default=0.01, help="SHARDS fixed sampling rate R")
-    p.add_argument("--fixed-size", type=int, default=1 << 16,
-                   help="SHARDS fixed-size sample (rows tracked); 0 to skip")  # fmt: skip
-    p.add_argument("--belady-points", type=int, default=0,
-                   help="Belady capacities to compute (log-spaced; 0 to skip, slow: O(N log C) "
-                   "each)")  # fmt: skip
+    p.add_argument(
+        "--fixed-size",
+        type=int,
+        default=1 << 16,
+        help="SHARDS fixed-size sample (rows tracked); 0 to skip",
+    )
+    p.add_argument(
+        "--belady-points",
+        type=int,
+        default=0,
+        help="Belady capacities to compute (log-spaced; 0 to skip, slow: O(N log C) each)",
+    )
     p.add_argument("--seed", type=int, default=0, help="trace seed")
     p.add_argument("--out", help="write JSON here as well as stdout")
     return p.parse_args(argv)
@@ -102,8 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
     ids = sample_zipf(args.lookups, args.rows, args.exponent, seed=args.seed)
     gen_s = time.perf_counter() - t0
     peak, now = rss.phase()
-    memory["generate"] = {"peak_mib": _mib(peak), "rss_after_mib": _mib(now),
-                          "trace_array_mib": _mib(ids.nbytes)}  # fmt: skip
+    memory["generate"] = {
+        "peak_mib": _mib(peak),
+        "rss_after_mib": _mib(now),
+        "trace_array_mib": _mib(ids.nbytes),
+    }
 
     lru_mrc(ids[:10_000])  # load the compiled kernels (numba cache) outside the timings
     shards_mrc(ids[:10_000], rate=0.5)
@@ -111,19 +122,28 @@ def main(argv: list[str] | None = None) -> dict:
         shards_mrc(ids[:10_000], fixed_size=64)
     rss.phase()
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     exact = lru_mrc(ids, table_rows=args.rows)
-    exact_s = time.perf_counter() - t0
+    exact_s, exact_cpu = time.perf_counter() - t0, time.process_time() - c0
     peak, now = rss.phase()
-    memory["exact_lru"] = {"peak_mib": _mib(peak), "over_trace_mib": _mib(peak - base_now - ids.nbytes)}
+    memory["exact_lru"] = {
+        "peak_mib": _mib(peak),
+        "over_trace_mib": _mib(peak - base_now - ids.nbytes),
+    }
     result: dict = {
         "benchmark": "mrc",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "trace": {"lookups": args.lookups, "rows": args.rows, "exponent": args.exponent,
-                  "seed": args.seed, "distinct_rows": exact.metadata["distinct"],
-                  "generate_seconds": round(gen_s, 2)},  # fmt: skip
+        "trace": {
+            "lookups": args.lookups,
+            "rows": args.rows,
+            "exponent": args.exponent,
+            "seed": args.seed,
+            "distinct_rows": exact.metadata["distinct"],
+            "generate_seconds": round(gen_s, 2),
+        },
         "exact_lru": {
             "seconds": round(exact_s, 3),
+            "cpu_seconds": round(exact_cpu, 3),
             "lookups_per_s": round(args.lookups / exact_s),
             "curve_points": int(exact.capacities.size),
             "miss_ratio_at_1pct_table": round(float(exact.at(args.rows // 100)), 4),
@@ -131,14 +151,15 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     approx = shards_mrc(ids, rate=args.rate, table_rows=args.rows)
-    shards_s = time.perf_counter() - t0
+    shards_s, shards_cpu = time.perf_counter() - t0, time.process_time() - c0
     peak, _ = rss.phase()
     memory["shards_fixed_rate"] = {"peak_mib": _mib(peak)}
     result["shards_fixed_rate"] = {
         "rate": approx.metadata["rate"],
         "seconds": round(shards_s, 3),
+        "cpu_seconds": round(shards_cpu, 3),
         "lookups_per_s": round(args.lookups / shards_s),
         "speedup_vs_exact": round(exact_s / shards_s, 1),
         "mae_linear": round(mean_absolute_error(approx, exact), 5),

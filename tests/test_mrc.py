@@ -104,7 +104,9 @@ def test_exact_lru_switches_to_hash_map_mid_stream():
     counter.update(ids[:4])
     counter.update(ids[4:])
     distinct = 4
-    assert counter.curve().misses.tolist() == [brute_lru_misses(ids, c) for c in range(distinct + 1)]
+    assert counter.curve().misses.tolist() == [
+        brute_lru_misses(ids, c) for c in range(distinct + 1)
+    ]
 
 
 @pytest.mark.parametrize("bypass", [True, False])
@@ -164,7 +166,11 @@ def test_curve_api_and_json(tmp_path):
     assert curve.capacity_for(0.375) == 3 and curve.capacity_for(0.9) is None
     sub = curve.resample([1, 3])
     assert sub.capacities.tolist() == [0, 1, 3] and sub.misses.tolist() == [8, 8, 5]
-    assert lru_mrc(np.array([1, 2, 3, 1, 2, 3, 4, 1]), capacities=[3, 9]).misses.tolist() == [8, 5, 4]
+    assert lru_mrc(np.array([1, 2, 3, 1, 2, 3, 4, 1]), capacities=[3, 9]).misses.tolist() == [
+        8,
+        5,
+        4,
+    ]
     curve.save(tmp_path / "c.json")
     back = MissRatioCurve.load(tmp_path / "c.json")
     assert back.name == "lru" and back.table_rows == 10 and back.misses.tolist() == [8, 8, 8, 5, 4]
@@ -188,8 +194,9 @@ def test_recommend_tier_sizes():
     assert hot["percent_of_table"] == pytest.approx(100 * hot["capacity"] / 20_000, abs=1e-3)
     assert rec["by_curve"]["belady"]["hot"] < hot["capacity"]
     parsed = yaml.safe_load(rec["yaml"])
-    assert parsed == {"tiers": {"hot": {"capacity": hot["capacity"]},
-                                "warm": {"capacity": warm["capacity"]}}}  # fmt: skip
+    assert parsed == {
+        "tiers": {"hot": {"capacity": hot["capacity"]}, "warm": {"capacity": warm["capacity"]}}
+    }
     exclusive = recommend_tier_sizes(lru, {"hot": 0.4, "warm": 0.7}, inclusive=False)
     assert exclusive["tiers"]["warm"]["capacity"] == warm["capacity"] - hot["capacity"]
     unreachable = recommend_tier_sizes(lru, {"hot": 0.5, "warm": 0.9999})

@@ -36,7 +36,9 @@ def test_counter_matches_unique(dense_limit):
     for part in np.array_split(ids, 9):
         counter.update(part.reshape(-1, 1))  # any shape
     prof = counter.profile(name="t")
-    assert dict(zip(prof.row_ids.tolist(), prof.counts.tolist(), strict=True)) == _reference_counts(ids)
+    assert dict(zip(prof.row_ids.tolist(), prof.counts.tolist(), strict=True)) == _reference_counts(
+        ids
+    )
     assert prof.lookups == ids.size == counter.lookups
     assert (np.diff(prof.counts) <= 0).all()
     ties = prof.counts[:-1] == prof.counts[1:]
@@ -67,7 +69,11 @@ def test_shares_top_rows_and_collisions():
     assert prof.top_share(0.01, of="touched") == pytest.approx(100 / 5050)
     assert prof.top_share(0.1, of="touched") == pytest.approx(sum(range(91, 101)) / 5050)
     shares = prof.top_shares()
-    assert set(shares) == {"of_table", "of_touched"} and set(shares["of_table"]) == {"0.1%", "1%", "10%"}
+    assert set(shares) == {"of_table", "of_touched"} and set(shares["of_table"]) == {
+        "0.1%",
+        "1%",
+        "10%",
+    }
     assert prof.hash_collision_rate == pytest.approx(1 - 100 / 120)
     assert 0 < prof.expected_collision_rate < 0.01
     assert profile_ids(ids).top_share(0.01, of="table") is None  # table size unknown

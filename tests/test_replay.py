@@ -131,3 +131,34 @@ def test_unknown_policy_or_table_is_an_error(tmp_path):
         replay(store_config(path, warm={"capacity": 10}), tmp_path / "t.trace", policy="nope")
     with pytest.raises(Exception, match="zz"):
         replay(store_config(path), TraceReader(tmp_path / "t.trace"), table="zz")
+
+
+def test_replay_command_writes_table_json_and_png(tmp_path, capsys):
+    import json
+
+    from tiered_store.cli import main
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", batches=10)
+    (tmp_path / "tiers.yaml").write_text(
+        f"table: {{path: {path.name}}}\ntiers:\n  hot: {{capacity: 60}}\n  warm: {{capacity: 5%}}\n"
+    )
+    out = tmp_path / "out"
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--table", "a",
+            "--policies", "lru,static+lru", "--out", str(out), "--sweep", "1%,5%,10%"]
+    assert main(argv) == 2  # static+lru without static_rows is a config error, named
+    assert "static_rows" in capsys.readouterr().err
+    argv[argv.index("lru,static+lru")] = "lru"
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "belady" in text and "hot hit" in text
+    doc = json.loads((out / "replay.json").read_text())
+    result = doc["results"][0]
+    assert result["lookups"] == 10 * 2 * 40 * HEADS
+    assert 0 <= result["bounds"]["belady@hot+warm"] <= result["miss_ratio"]
+    names = [c["name"] for c in doc["sweep"]]
+    assert names[0] == "lru" and "belady" in names
+    sweep_lru = dict(zip(doc["sweep"][0]["capacities"], doc["sweep"][0]["miss_ratio"], strict=True))
+    belady = dict(zip(doc["sweep"][-1]["capacities"], doc["sweep"][-1]["miss_ratio"], strict=True))
+    assert all(belady[c] <= sweep_lru[c] + 1e-12 for c in sweep_lru)
+    assert (out / "replay.png").stat().st_size > 10_000

@@ -196,8 +196,14 @@ def test_not_a_trace(tmp_path):
 def test_npy_import_export(tmp_path):
     ids = np.random.default_rng(3).integers(0, 5000, size=1234)
     np.save(tmp_path / "ids.npy", ids.astype(np.int32))
-    r = trace_from_npy(tmp_path / "ids.npy", tmp_path / "a.trace", {"tables": ["l2"]},
-                       table="l2", batch_size=100, chunk_ids=256)  # fmt: skip
+    r = trace_from_npy(
+        tmp_path / "ids.npy",
+        tmp_path / "a.trace",
+        {"tables": ["l2"]},
+        table="l2",
+        batch_size=100,
+        chunk_ids=256,
+    )
     assert r.n_batches == 13 and r.tables == ["l2"] and r.n_chunks > 1
     np.testing.assert_array_equal(r.read_all(), ids)
     back = trace_to_npy(r, tmp_path / "back.npy")

@@ -21,9 +21,8 @@ warm start). A capacity is a number of rows; a curve's capacity 0 always has mis
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,6 @@ MIN_TIME_CAPACITY = 1 << 20  # Fenwick tree length before the first compaction
 TIME_AXIS_GROWTH = 4  # on compaction, grow the time axis to this many times the distinct rows
 SHARDS_MODULUS = 1 << 24  # fixed-rate sampling granularity: rates are multiples of 2**-24
 DEFAULT_SHARDS_RATE = 0.01
-DEFAULT_SHARDS_SIZE = 1 << 16  # rows tracked by fixed-size SHARDS
 _NO_NEXT = np.iinfo(np.int64).max
 
 
@@ -160,9 +158,14 @@ class MissRatioCurve:
         if self.misses is not None and np.isin(caps, self.capacities).all():
             misses = self.misses[np.searchsorted(self.capacities, caps)]
         return MissRatioCurve(
-            self.name, caps, np.asarray(self.at(caps)), self.lookups, misses, self.table_rows,
+            self.name,
+            caps,
+            np.asarray(self.at(caps)),
+            self.lookups,
+            misses,
+            self.table_rows,
             dict(self.metadata),
-        )  # fmt: skip
+        )
 
     def to_dict(self, max_points: int | None = 2000) -> dict[str, Any]:
         """Plain-JSON form; curves longer than ``max_points`` are thinned to a log-spaced subset
@@ -186,11 +189,14 @@ class MissRatioCurve:
     def from_dict(cls, data: dict[str, Any]) -> MissRatioCurve:
         """Inverse of :meth:`to_dict`."""
         return cls(
-            data["name"], np.asarray(data["capacities"]), np.asarray(data["miss_ratio"]),
+            data["name"],
+            np.asarray(data["capacities"]),
+            np.asarray(data["miss_ratio"]),
             int(data["lookups"]),
             None if data.get("misses") is None else np.asarray(data["misses"]),
-            data.get("table_rows"), dict(data.get("metadata") or {}),
-        )  # fmt: skip
+            data.get("table_rows"),
+            dict(data.get("metadata") or {}),
+        )
 
     def save(self, path: str | os.PathLike[str], max_points: int | None = None) -> None:
         """Write as JSON (every point unless ``max_points``)."""
@@ -262,10 +268,7 @@ def _lru_pass(ids, start, last, owner, bits, tree, hist, state):  # noqa: ANN001
             w = q >> 6
             b = q & 63
             word = bits[w]
-            if b == 63:
-                s = _popcount(word)
-            else:
-                s = _popcount(word & ((one << np.uint64(b + 1)) - one))
+            s = _popcount(word & (~np.uint64(0) >> np.uint64(63 - b)))  # marks at times w*64..q
             j = w
             while j > 0:
                 s += tree[j]
@@ -348,21 +351,6 @@ def _fenwick_ones(tree, k):  # noqa: ANN001, ANN202
         j = i + (i & -i)
         if j <= cap:
             tree[j] += tree[i]
-
-
-@_njit
-def _remap(ids, table, out):  # noqa: ANN001, ANN202
-    """Dense index of each id (new ids numbered in order of appearance); returns the count."""
-    nxt = len(table)
-    for i in range(ids.shape[0]):
-        x = ids[i]
-        v = table.get(x, -1)
-        if v < 0:
-            v = nxt
-            table[x] = v
-            nxt += 1
-        out[i] = v
-    return nxt
 
 
 @_njit
@@ -456,9 +444,23 @@ def _belady(ids, nxt, n_ids, capacity, bypass):  # noqa: ANN001, ANN202
 
 @_njit
 def _shards_fixed_size_pass(  # noqa: ANN001, ANN202
-    ids, start, seed, smax, slots, slot_id, slot_hash, last, owner, tree, heap, free, hist, state,
-    fstate, thresh,
-):  # fmt: skip
+    ids,
+    start,
+    seed,
+    smax,
+    slots,
+    slot_id,
+    slot_hash,
+    last,
+    owner,
+    tree,
+    heap,
+    free,
+    hist,
+    state,
+    fstate,
+    thresh,
+):
     """SHARDS-max over ids[start:]: track at most ``smax`` sampled rows, lowering the threshold to
     the largest tracked hash when over; each sampled access adds 1/R (R = threshold / 2**64) to the
     bucket of its scaled distance. Returns the next position; stops early when the time axis or
@@ -558,7 +560,8 @@ def _dict_put_identity(table, keys):  # noqa: ANN001, ANN202
 
 @_njit
 def _remap_from(ids, table, nxt, out):  # noqa: ANN001, ANN202
-    """Like _remap but numbering new ids from ``nxt``; returns the next free number."""
+    """Dense index of each id, new ids numbered from ``nxt`` in order of appearance; returns the
+    next free number."""
     for i in range(ids.shape[0]):
         x = ids[i]
         v = table.get(x, -1)
@@ -751,9 +754,14 @@ def _exact_at(curve: MissRatioCurve, capacities: Sequence[int] | np.ndarray) -> 
     idx = np.minimum(caps, curve.max_capacity)
     misses = curve.misses[idx] if curve.misses is not None else None
     return MissRatioCurve(
-        curve.name, caps, curve.miss_ratio[idx], curve.lookups, misses, curve.table_rows,
+        curve.name,
+        caps,
+        curve.miss_ratio[idx],
+        curve.lookups,
+        misses,
+        curve.table_rows,
         curve.metadata,
-    )  # fmt: skip
+    )
 
 
 def lru_mrc(
@@ -923,9 +931,23 @@ def _shards_fixed_size(
         pos = 0
         while pos < chunk.size:
             pos = _shards_fixed_size_pass(
-                chunk, pos, np.uint64(seed), smax, slots, slot_id, slot_hash, last, owner, tree,
-                heap, free, hist, state, fstate, thresh,
-            )  # fmt: skip
+                chunk,
+                pos,
+                np.uint64(seed),
+                smax,
+                slots,
+                slot_id,
+                slot_hash,
+                last,
+                owner,
+                tree,
+                heap,
+                free,
+                hist,
+                state,
+                fstate,
+                thresh,
+            )
             if pos >= chunk.size:
                 break
             if state[0] >= cap:
@@ -1004,9 +1026,7 @@ def static_topk_mrc(
     misses = lookups - hits
     caps = np.arange(misses.size, dtype=np.int64)
     meta = {"method": "static top-K by true frequency", "preloaded": preloaded}
-    curve = MissRatioCurve(
-        name, caps, misses / max(lookups, 1), lookups, misses, table_rows, meta
-    )
+    curve = MissRatioCurve(name, caps, misses / max(lookups, 1), lookups, misses, table_rows, meta)
     return curve if capacities is None else _exact_at(curve, capacities)
 
 
@@ -1129,13 +1149,3 @@ def mean_absolute_error(
         raise ValueError(f"spacing: got {spacing!r}; expected 'linear' or 'log'")
     grid = np.unique(np.maximum(np.rint(grid), 1))
     return float(np.mean(np.abs(np.asarray(curve.at(grid)) - np.asarray(reference.at(grid)))))
-
-
-def log_capacities(max_capacity: int, points: int = 64) -> np.ndarray:
-    """About ``points`` log-spaced integer capacities from 1 to ``max_capacity``."""
-    return np.unique(np.geomspace(1, max(max_capacity, 1), points).astype(np.int64))
-
-
-def _ceil_log2(n: int) -> int:
-    """Smallest k with 2**k >= n."""
-    return max(0, math.ceil(math.log2(max(n, 1))))

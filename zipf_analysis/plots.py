@@ -96,16 +96,30 @@ def plot_rank_frequency(
     for fit in fits.values():
         colour, style = _FIT_STYLE.get(fit.method, ("k", "--"))
         r = np.geomspace(fit.rank_min, fit.rank_max, 200)
-        ax.loglog(r, fitted_counts(fit, r), style, color=colour, lw=1.8,
-                  label=f"{fit.method}: s = {fit.exponent:.3f} ± {fit.stderr:.3f}")  # fmt: skip
+        ax.loglog(
+            r,
+            fitted_counts(fit, r),
+            style,
+            color=colour,
+            lw=1.8,
+            label=f"{fit.method}: s = {fit.exponent:.3f} ± {fit.stderr:.3f}",
+        )
     if fits:
         first = next(iter(fits.values()))
-        ax.axvspan(first.rank_min, first.rank_max, color="0.9", zorder=0,
-                   label=f"fit range: ranks {first.rank_min}..{first.rank_max}")  # fmt: skip
+        ax.axvspan(
+            first.rank_min,
+            first.rank_max,
+            color="0.9",
+            zorder=0,
+            label=f"fit range: ranks {first.rank_min}..{first.rank_max}",
+        )
     ax.set_xlabel("rank (1 = most looked-up row)")
     ax.set_ylabel("lookups")
-    ax.set_title(title or f"{profile.name or 'rows'}: {profile.lookups:,} lookups, "
-                 f"{profile.distinct:,} distinct rows")  # fmt: skip
+    ax.set_title(
+        title
+        or f"{profile.name or 'rows'}: {profile.lookups:,} lookups, "
+        f"{profile.distinct:,} distinct rows"
+    )
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
@@ -161,8 +175,16 @@ def plot_miss_ratio_curves(
         label = curve.name
         if curve.metadata.get("rate"):
             label += f" (R = {curve.metadata['rate']:.3g})"
-        ax.plot(caps[idx], ratio[idx], linestyle=style, marker=marker, ms=3, color=colour,
-                label=label, drawstyle="steps-post" if marker is None else "default")  # fmt: skip
+        ax.plot(
+            caps[idx],
+            ratio[idx],
+            linestyle=style,
+            marker=marker,
+            ms=3,
+            color=colour,
+            label=label,
+            drawstyle="steps-post" if marker is None else "default",
+        )
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("cache capacity (rows)")

@@ -221,7 +221,9 @@ class FrequencyProfile:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                np.savez(f, row_ids=self.row_ids, counts=self.counts, meta=np.array(json.dumps(meta)))
+                np.savez(
+                    f, row_ids=self.row_ids, counts=self.counts, meta=np.array(json.dumps(meta))
+                )
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -242,8 +244,14 @@ class FrequencyProfile:
             raise TraceFormatError(
                 f"profile {path}: format {meta.get('format')!r}; expected {PROFILE_FORMAT}"
             )
-        return cls(ids, counts, meta.get("rows"), meta.get("name", ""), meta.get("ngram_keys"),
-                   meta.get("metadata") or {})  # fmt: skip
+        return cls(
+            ids,
+            counts,
+            meta.get("rows"),
+            meta.get("name", ""),
+            meta.get("ngram_keys"),
+            meta.get("metadata") or {},
+        )
 
     def __repr__(self) -> str:
         return (
@@ -328,8 +336,9 @@ class FrequencyCounter:
             ids = np.nonzero(self._dense)[0]
             counts = self._dense[ids]
         order = np.lexsort((ids, -counts))
-        return FrequencyProfile(ids[order], counts[order], self.rows, name, ngram_keys,
-                                dict(metadata or {}))  # fmt: skip
+        return FrequencyProfile(
+            ids[order], counts[order], self.rows, name, ngram_keys, dict(metadata or {})
+        )
 
 
 def profile_ids(

@@ -225,24 +225,43 @@ def write_report(
         summary = profile.summary()
         data["profile"] = summary
         md += ["## Frequency profile", "", "| figure | value |", "| --- | --- |"]
-        for key in ("name", "rows", "lookups", "distinct_rows", "touched_fraction",
-                    "lookups_per_distinct_row", "ngram_keys", "hash_collision_rate",
-                    "expected_collision_rate"):  # fmt: skip
+        for key in (
+            "name",
+            "rows",
+            "lookups",
+            "distinct_rows",
+            "touched_fraction",
+            "lookups_per_distinct_row",
+            "ngram_keys",
+            "hash_collision_rate",
+            "expected_collision_rate",
+        ):
             md.append(f"| {key.replace('_', ' ')} | {_fmt(summary[key])} |")
-        md += ["", "Share of lookups taken by the top rows, counted as a fraction of the table's "
-               "rows and of the rows touched at least once:", "",
-               "| top | of the table | of touched rows |", "| --- | --- | --- |"]  # fmt: skip
+        md += [
+            "",
+            "Share of lookups taken by the top rows, counted as a fraction of the table's "
+            "rows and of the rows touched at least once:",
+            "",
+            "| top | of the table | of touched rows |",
+            "| --- | --- | --- |",
+        ]
         shares = summary["top_shares"]
         for label in shares["of_touched"]:
-            md.append(f"| {label} | {_fmt(shares['of_table'][label])} | "
-                      f"{_fmt(shares['of_touched'][label])} |")  # fmt: skip
+            md.append(
+                f"| {label} | {_fmt(shares['of_table'][label])} | "
+                f"{_fmt(shares['of_touched'][label])} |"
+            )
         zipf = summary.get("zipf", {})
         if "error" in zipf:
             md += ["", f"Zipf fit: not possible ({zipf['error']})."]
         elif zipf:
-            md += ["", "Zipf exponent s (count ~ rank^-s):", "",
-                   "| method | s | stderr | rank range | lookups in range | R^2 |",
-                   "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+            md += [
+                "",
+                "Zipf exponent s (count ~ rank^-s):",
+                "",
+                "| method | s | stderr | rank range | lookups in range | R^2 |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
             for fit in zipf.values():
                 md.append(
                     f"| {fit['method']} | {fit['exponent']:.4f} | {fit['stderr']:.4f} | "
@@ -259,13 +278,20 @@ def write_report(
         caps = _share_capacities(curves, rows)
         unit = "of the table" if rows else "of the distinct rows"
         data["curves"] = [c.to_dict() for c in curves]
-        md += ["## Miss-ratio curves", "",
-               f"Miss ratio at capacities given in rows (and % {unit}). Demand-filled curves "
-               "count compulsory misses; static top-K is preloaded unless its metadata says not.",
-               "", "| curve | " + " | ".join(
-                   f"{c:,} ({100 * c / (rows or max(x.max_capacity for x in curves)):.3g}%)"
-                   for c in caps) + " | MAE vs exact LRU |",
-               "| --- " * (len(caps) + 2) + "|"]  # fmt: skip
+        md += [
+            "## Miss-ratio curves",
+            "",
+            f"Miss ratio at capacities given in rows (and % {unit}). Demand-filled curves "
+            "count compulsory misses; static top-K is preloaded unless its metadata says not.",
+            "",
+            "| curve | "
+            + " | ".join(
+                f"{c:,} ({100 * c / (rows or max(x.max_capacity for x in curves)):.3g}%)"
+                for c in caps
+            )
+            + " | MAE vs exact LRU |",
+            "| --- " * (len(caps) + 2) + "|",
+        ]
         errors: dict[str, float] = {}
         for c in curves:
             mae = None
@@ -279,14 +305,20 @@ def write_report(
         if targets:
             rec = recommend_tier_sizes(curves, targets)
             data["recommendation"] = rec
-            md += ["## Recommended tier sizes", "",
-                   f"From the `{rec['curve']}` curve; targets are cumulative hit rates "
-                   f"({'inclusive' if rec['inclusive'] else 'exclusive'} tiers).", "",
-                   "| tier | target | capacity (rows) | % of table | hit rate reached |",
-                   "| --- | --- | --- | --- | --- |"]  # fmt: skip
+            md += [
+                "## Recommended tier sizes",
+                "",
+                f"From the `{rec['curve']}` curve; targets are cumulative hit rates "
+                f"({'inclusive' if rec['inclusive'] else 'exclusive'} tiers).",
+                "",
+                "| tier | target | capacity (rows) | % of table | hit rate reached |",
+                "| --- | --- | --- | --- | --- |",
+            ]
             for tier, info in rec["tiers"].items():
-                md.append(f"| {tier} | {info['target_hit_rate']} | {info['capacity']:,} | "
-                          f"{_fmt(info['percent_of_table'])} | {info['hit_rate']:.4f} |")  # fmt: skip
+                md.append(
+                    f"| {tier} | {info['target_hit_rate']} | {info['capacity']:,} | "
+                    f"{_fmt(info['percent_of_table'])} | {info['hit_rate']:.4f} |"
+                )
             md += ["", "```yaml", rec["yaml"].rstrip(), "```", ""]
 
     if plots:

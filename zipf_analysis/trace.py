@@ -185,7 +185,9 @@ class TraceWriter:
         try:
             head = json.dumps(full, sort_keys=False).encode()
         except (TypeError, ValueError) as exc:
-            raise TraceFormatError(f"trace header for {self.path} is not JSON-serialisable: {exc}") from None
+            raise TraceFormatError(
+                f"trace header for {self.path} is not JSON-serialisable: {exc}"
+            ) from None
         self._chunk_ids = int(chunk_ids)
         self._compressor = zstandard.ZstdCompressor(level=level)
         self._buf_ids: list[np.ndarray] = []
@@ -199,7 +201,9 @@ class TraceWriter:
         self._lookups = 0
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        )
         self._tmp = Path(tmp)
         self._file: BinaryIO = os.fdopen(fd, "wb")
         self._file.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(head)))
@@ -212,10 +216,14 @@ class TraceWriter:
         if tables is None:
             return None
         if not isinstance(tables, list | tuple) or not tables:
-            raise TraceFormatError(f"trace header 'tables': got {tables!r}; expected a non-empty list")
+            raise TraceFormatError(
+                f"trace header 'tables': got {tables!r}; expected a non-empty list"
+            )
         out = []
         for i, t in enumerate(tables):
-            entry = {"name": t} if isinstance(t, str) else dict(t) if isinstance(t, Mapping) else None
+            entry = (
+                {"name": t} if isinstance(t, str) else dict(t) if isinstance(t, Mapping) else None
+            )
             if entry is None or not isinstance(entry.get("name"), str):
                 raise TraceFormatError(
                     f"trace header 'tables[{i}]': got {t!r}; expected a name or a dict with 'name'"
@@ -265,7 +273,9 @@ class TraceWriter:
         if ids.dtype.kind not in "iu":
             raise RowIdError(f"{self.path}: row ids of dtype {ids.dtype}; expected integers")
         if ids.ndim > _MAX_NDIM:
-            raise TraceFormatError(f"{self.path}: ids of {ids.ndim} dims; expected at most {_MAX_NDIM}")
+            raise TraceFormatError(
+                f"{self.path}: ids of {ids.ndim} dims; expected at most {_MAX_NDIM}"
+            )
         if batch is not None:
             if batch < self._batch:
                 raise TraceFormatError(
@@ -311,9 +321,17 @@ class TraceWriter:
         payload = self._compressor.compress(raw)
         index = len(self._chunks)
         head = _CHUNK_HEAD.pack(
-            CHUNK_MAGIC, index, ids.size, len(meta), width, _SHUFFLED, 0, len(raw), len(payload),
+            CHUNK_MAGIC,
+            index,
+            ids.size,
+            len(meta),
+            width,
+            _SHUFFLED,
+            0,
+            len(raw),
+            len(payload),
             zlib.crc32(payload),
-        )  # fmt: skip
+        )
         offset = self._file.tell()
         self._file.write(head + struct.pack("<I", zlib.crc32(head)))
         self._file.write(payload)
@@ -459,7 +477,9 @@ class TraceReader:
         if magic != MAGIC:
             raise self._fail(f"not a trace file (magic {magic!r}; expected {MAGIC!r})")
         if version != FORMAT_VERSION:
-            raise self._fail(f"format version {version}; this reader reads version {FORMAT_VERSION}")
+            raise self._fail(
+                f"format version {version}; this reader reads version {FORMAT_VERSION}"
+            )
         raw = self._pread(_PREAMBLE.size, head_len + 4)
         if len(raw) < head_len + 4:
             raise self._fail("truncated inside the header")
@@ -477,7 +497,11 @@ class TraceReader:
 
     def _read_footer(self) -> dict[str, Any]:
         """Read the footer, or find which chunk is broken when it is missing."""
-        tail = self._pread(self._size - _TRAILER.size, _TRAILER.size) if self._size >= _TRAILER.size else b""
+        tail = (
+            self._pread(self._size - _TRAILER.size, _TRAILER.size)
+            if self._size >= _TRAILER.size
+            else b""
+        )
         if len(tail) == _TRAILER.size:
             foot_len, crc, _, end = _TRAILER.unpack(tail)
             start = self._size - _TRAILER.size - foot_len
@@ -565,7 +589,9 @@ class TraceReader:
         head = self._pread(offset, _CHUNK_HEAD_SIZE)
         if len(head) < _CHUNK_HEAD_SIZE:
             raise self._fail("truncated chunk header", index)
-        _, _, n_ids, n_rec, width, flags, _, raw_len, comp_len, crc = self._parse_chunk_head(head, index)
+        _, _, n_ids, n_rec, width, flags, _, raw_len, comp_len, crc = self._parse_chunk_head(
+            head, index
+        )
         if (n_ids, n_rec) != tuple(self.chunk_index[index][1:3]):
             raise self._fail("chunk header disagrees with the footer's index", index)
         payload = self._pread(offset + _CHUNK_HEAD_SIZE, comp_len)
@@ -580,7 +606,9 @@ class TraceReader:
         meta_bytes = n_rec * _META_COLS * 8
         if len(raw) != raw_len or raw_len != meta_bytes + n_ids * width or width not in (4, 8):
             raise self._fail("payload size does not match the chunk header", index)
-        records = np.frombuffer(raw, dtype="<i8", count=n_rec * _META_COLS).reshape(n_rec, _META_COLS)
+        records = np.frombuffer(raw, dtype="<i8", count=n_rec * _META_COLS).reshape(
+            n_rec, _META_COLS
+        )
         body = memoryview(raw)[meta_bytes:]
         if flags & _SHUFFLED:
             ids = _unshuffle(body, n_ids, width)
@@ -612,7 +640,9 @@ class TraceReader:
                 batch, tab, n, ndim = (int(v) for v in rec[:4])
                 if t is None or tab == t:
                     shape = tuple(int(d) for d in rec[4 : 4 + ndim])
-                    yield TraceBatch(batch, self.tables[tab], tab, chunk.ids[start : start + n].reshape(shape))
+                    yield TraceBatch(
+                        batch, self.tables[tab], tab, chunk.ids[start : start + n].reshape(shape)
+                    )
                 start += n
 
     def read_all(self, table: str | int | None = None) -> np.ndarray:

@@ -166,9 +166,16 @@ def fit_least_squares(
     sx = float(((x - x.mean()) ** 2).sum())
     stderr = math.sqrt(float((resid**2).sum()) / dof / sx) if sx > 0 else float("nan")
     return ZipfFit(
-        "least_squares", float(-slope), lo, hi, int(c[lo - 1 : hi].sum()), int(ranks.size),
-        stderr, r2, float(intercept),
-    )  # fmt: skip
+        "least_squares",
+        float(-slope),
+        lo,
+        hi,
+        int(c[lo - 1 : hi].sum()),
+        int(ranks.size),
+        stderr,
+        r2,
+        float(intercept),
+    )
 
 
 def _log_norm(s: float, lo: int, hi: int, log_k: np.ndarray) -> float:
@@ -178,7 +185,9 @@ def _log_norm(s: float, lo: int, hi: int, log_k: np.ndarray) -> float:
     total = float(head.sum())
     if m <= hi:
         a, b = float(m), float(hi)
-        integral = math.log(b / a) if abs(1.0 - s) < 1e-12 else (b ** (1 - s) - a ** (1 - s)) / (1 - s)
+        integral = (
+            math.log(b / a) if abs(1.0 - s) < 1e-12 else (b ** (1 - s) - a ** (1 - s)) / (1 - s)
+        )
         f_a, f_b = a**-s, b**-s
         d1 = -s * (b ** (-s - 1) - a ** (-s - 1)) / 12.0
         d3 = -s * (s + 1) * (s + 2) * (b ** (-s - 3) - a ** (-s - 3)) / 720.0
@@ -225,8 +234,9 @@ def fit_mle(
     def nll(s: float) -> float:
         return s * mean_log + _log_norm(s, lo, hi, log_k)
 
-    res = optimize.minimize_scalar(nll, bounds=_EXPONENT_BOUNDS, method="bounded",
-                                   options={"xatol": 1e-7})  # fmt: skip
+    res = optimize.minimize_scalar(
+        nll, bounds=_EXPONENT_BOUNDS, method="bounded", options={"xatol": 1e-7}
+    )
     s = float(res.x)
     h = 1e-4
     var_log_r = (nll(s + h) - 2 * nll(s) + nll(s - h)) / (h * h)  # d2/ds2 log H = Var(log r)
@@ -310,7 +320,9 @@ def sample_zipf(
     out = np.empty(n, dtype=np.int64)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        u = np.sort(rng.random(m))  # sorted needles: searchsorted walks the CDF in order, ~6x faster
+        u = np.sort(
+            rng.random(m)
+        )  # sorted needles: searchsorted walks the CDF in order, ~6x faster
         ranks = np.minimum(np.searchsorted(cdf, u, side="right"), rows - 1)
         rng.shuffle(ranks)  # an i.i.d. sample in random order
         out[start : start + m] = perm[ranks] if perm is not None else ranks

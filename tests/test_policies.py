@@ -1,0 +1,490 @@
+"""Eviction and admission policies: one contract every policy passes, then what is special to each.
+
+The contract drives a real ``RowCache`` (the code the store and the replayer run), one request at
+a time and in batches, and checks it against the scalar references in ``policies.reference``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import policies
+from policies import (
+    FIFO,
+    LFU,
+    SIEVE,
+    PolicySpec,
+    ScalarFIFO,
+    ScalarLFU,
+    ScalarLRU,
+    ScalarSieve,
+    ScalarTinyLFU,
+    TinyLFU,
+    known_names,
+)
+from policies.tinylfu import mix64, mix64_int, row_seeds
+from tiered_store.errors import ConfigError
+from tiered_store.row_cache import RowCache
+
+# Contract tests are methods of a mixin that each policy's class inherits: Hypothesis sees one test
+# run by several classes, which is exactly what is meant here (``spec`` selects the policy).
+CONTRACT = settings(deadline=None, suppress_health_check=[HealthCheck.differing_executors])
+REFERENCES = {"lru": ScalarLRU, "fifo": ScalarFIFO, "sieve": ScalarSieve, "lfu": ScalarLFU}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _access_one(cache: RowCache, row: int) -> bool:
+    """One request, in the order the store runs a batch: observe, probe, record, admit."""
+    ids = torch.tensor([row], device=cache.device)
+    cache.begin_batch()
+    cache.observe(ids)
+    slots = cache.probe(ids)
+    hit = bool(slots[0] >= 0)
+    cache.record(slots[slots >= 0], lookups=1, hits=int(hit))
+    if not hit:
+        cache.admit(ids, torch.ones(1, dtype=torch.int64, device=cache.device))
+    return hit
+
+
+def _run_batch(cache: RowCache, batch: list[int]) -> torch.Tensor:
+    """One batch as the store runs it; returns the unique ids it missed."""
+    ids = torch.tensor(batch, dtype=torch.int64, device=cache.device)
+    cache.begin_batch()
+    cache.observe(ids)
+    slots = cache.probe(ids)
+    cache.record(slots[slots >= 0], lookups=ids.numel(), hits=int((slots >= 0).sum()))
+    uniq, counts = torch.unique(ids[slots < 0], return_counts=True)
+    cache.admit(uniq, counts)
+    return uniq
+
+
+def _check_invariants(cache: RowCache) -> None:
+    """Index and slot owners agree; free slots are empty; occupancy within capacity."""
+    owners = cache.row_of_slot
+    held = owners[owners >= 0]
+    assert held.unique().numel() == held.numel(), "a row sits in two slots"
+    if cache.slot_of is not None:
+        resident = torch.nonzero(cache.slot_of >= 0).squeeze(1)
+        assert torch.equal(torch.sort(resident).values, torch.sort(held).values)
+        assert torch.equal(owners[cache.slot_of[resident].long()], resident)
+    free = cache._free[: cache._n_free]
+    assert free.unique().numel() == free.numel(), "a slot is free twice"
+    assert bool((owners[free] == -1).all()), "a free slot holds a row"
+    assert not bool(cache.pinned[free].any()), "a pinned slot is on the free list"
+    assert 0 <= cache.occupancy <= cache.capacity
+    assert cache.occupancy == held.numel()
+    c = cache.counters
+    assert c.hits + c.misses == c.lookups
+    assert c.preloaded + c.admissions - c.evictions == cache.occupancy
+
+
+class EvictionContract:
+    """Tests every eviction policy (alone or with an admission filter) passes; set ``spec``."""
+
+    spec = "lru"
+    #: a miss that fits (free slot, or evictable room) is always admitted
+    admits_every_miss = True
+
+    def reference(self, capacity: int):
+        """The scalar reference cache for ``spec``."""
+        eviction, _, admission = self.spec.partition("+")
+        filt = ScalarTinyLFU(capacity) if admission == "tinylfu" else None
+        return REFERENCES[eviction](capacity, admission=filt)
+
+    def make(self, capacity: int, num_rows: int = 100, **kw) -> RowCache:
+        """A RowCache of this policy."""
+        return RowCache(
+            "t", num_rows=num_rows, capacity=capacity, spec=PolicySpec.parse(self.spec), **kw
+        )
+
+    @settings(CONTRACT, max_examples=30)
+    @given(
+        capacity=st.integers(0, 10),
+        trace=st.lists(st.integers(0, 24), min_size=1, max_size=150),
+    )
+    def test_per_request_equals_scalar_reference(self, capacity, trace):
+        cache = self.make(capacity, num_rows=25)
+        reference = self.reference(capacity)
+        got = [_access_one(cache, row) for row in trace]
+        assert got == [reference.access(row) for row in trace]
+        _check_invariants(cache)
+
+    @settings(CONTRACT, max_examples=25)
+    @given(
+        capacity=st.integers(1, 30),
+        headroom=st.sampled_from([0.0, 0.25]),
+        n_pinned=st.integers(0, 4),
+        batches=st.lists(
+            st.lists(st.integers(0, 79), min_size=0, max_size=40), min_size=1, max_size=12
+        ),
+    )
+    def test_batches_keep_index_consistent_and_pins_resident(
+        self, capacity, headroom, n_pinned, batches
+    ):
+        cache = self.make(capacity, num_rows=80, evict_headroom=headroom)
+        pinned_rows = torch.arange(min(n_pinned, capacity - 1))  # leave one slot to turn over
+        cache.preload(pinned_rows, pin=True)
+        for batch in batches:
+            missed = _run_batch(cache, batch)
+            _check_invariants(cache)
+            assert bool((cache.probe(pinned_rows) >= 0).all()), "a pinned row was evicted"
+            room = capacity - pinned_rows.numel()
+            if self.admits_every_miss and missed.numel() <= room:
+                assert bool((cache.probe(missed) >= 0).all()), "a miss that fits was not admitted"
+
+    def test_capacity_zero_holds_nothing(self):
+        cache = self.make(0, num_rows=10)
+        assert [_access_one(cache, r) for r in [1, 1, 2]] == [False, False, False]
+        assert cache.occupancy == 0 and cache.counters.misses == 3
+        _check_invariants(cache)
+
+    def test_capacity_one_keeps_the_last_admitted_row(self):
+        cache = self.make(1, num_rows=10)
+        reference = self.reference(1)
+        for row in [3, 3, 4, 4, 3, 5]:
+            assert _access_one(cache, row) == reference.access(row)
+        assert cache.occupancy == 1
+        _check_invariants(cache)
+
+    def test_fills_free_slots_before_evicting(self):
+        cache = self.make(5, num_rows=50)
+        for r in range(5):
+            _access_one(cache, r)
+        assert cache.occupancy == 5 and cache.counters.evictions == 0
+        _run_batch(cache, [10, 11])
+        assert cache.counters.evictions == cache.counters.admissions - 5
+        _check_invariants(cache)
+
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_choose_victims_are_distinct_and_never_protected(self, seed):
+        capacity = 64
+        cache = self.make(capacity, num_rows=1000)
+        rng = np.random.default_rng(seed)
+        for _ in range(6):
+            _run_batch(cache, rng.integers(0, 1000, 40).tolist())
+        policy = cache.eviction
+        protected = cache.row_of_slot < 0
+        protected |= torch.from_numpy(rng.random(capacity) < 0.3)
+        n = int((~protected).sum())
+        for want in sorted({1, n // 2, n}):
+            victims = copy.deepcopy(policy).choose_victims(want, protected)
+            assert victims.numel() == want
+            assert victims.unique().numel() == want
+            assert not bool(protected[victims].any())
+
+    def test_spec_is_registered(self):
+        for part in self.spec.split("+"):
+            assert part in known_names()
+        cache = self.make(8)
+        assert cache.eviction.bytes_per_slot >= 0
+        assert cache.metadata_bytes()["per_slot"] > 0
+
+    @pytest.mark.gpu
+    def test_cuda_makes_the_cpu_decisions(self):
+        rng = np.random.default_rng(5)
+        batches = [rng.integers(0, 500, 64).tolist() for _ in range(30)]
+        hits = {}
+        for device in ("cpu", "cuda"):
+            cache = self.make(50, num_rows=500, device=device)
+            for batch in batches:
+                _run_batch(cache, batch)
+            hits[device] = cache.counters.as_dict()
+            assert cache.row_of_slot.device.type == device
+        assert hits["cpu"] == hits["cuda"]
+
+
+# -- eviction policies ---------------------------------------------------------------------------
+
+
+class TestLRU(EvictionContract):
+    spec = "lru"
+
+    def test_scalar_lru_still_importable_from_both_places(self):
+        from policies.lru import ScalarLRU as old_home
+
+        assert old_home is ScalarLRU is policies.ScalarLRU
+
+
+class TestFIFO(EvictionContract):
+    spec = "fifo"
+
+    def test_hits_do_not_save_a_row(self):
+        cache = self.make(3, num_rows=10)
+        for r in [1, 2, 3, 1, 1, 1]:
+            _access_one(cache, r)
+        _access_one(cache, 4)  # 1 is the oldest, hits or not
+        assert int(cache.probe(torch.tensor([1]))[0]) == -1
+
+    def test_doc_example(self):
+        fifo = FIFO(capacity=3)
+        fifo.on_batch()
+        fifo.on_insert(torch.tensor([2, 0, 1]))
+        fifo.on_hit(torch.tensor([2]))
+        assert fifo.choose_victims(2, torch.zeros(3, dtype=torch.bool)).tolist() == [2, 0]
+
+
+def _random_sieve(rng: np.random.Generator, capacity: int, rounds: int) -> SIEVE:
+    """A SIEVE with a random history of inserts, hits and evictions, every slot occupied."""
+    sieve = SIEVE(capacity)
+    sieve.on_insert(torch.from_numpy(rng.permutation(capacity)))
+    for _ in range(rounds):
+        sieve.on_hit(torch.from_numpy(rng.integers(0, capacity, rng.integers(0, capacity + 1))))
+        k = int(rng.integers(1, capacity + 1))
+        victims = sieve.choose_victims(k, torch.zeros(capacity, dtype=torch.bool))
+        sieve.on_insert(victims[torch.from_numpy(rng.permutation(k))])
+    return sieve
+
+
+class TestSieve(EvictionContract):
+    spec = "sieve"
+
+    def test_doc_example(self):
+        sieve = SIEVE(capacity=4)
+        sieve.on_insert(torch.tensor([0, 1, 2, 3]))
+        sieve.on_hit(torch.tensor([0, 2]))
+        assert sieve.choose_victims(2, torch.zeros(4, dtype=torch.bool)).tolist() == [1, 3]
+        assert not bool(sieve.visited.any())
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        capacity=st.integers(1, 40),
+        rounds=st.integers(0, 8),
+        n=st.integers(1, 40),
+        p_protect=st.sampled_from([0.0, 0.3]),
+    )
+    def test_n_victims_at_once_equal_n_single_evictions(
+        self, seed, capacity, rounds, n, p_protect
+    ):
+        rng = np.random.default_rng(seed)
+        sieve = _random_sieve(rng, capacity, rounds)
+        protected = torch.from_numpy(rng.random(capacity) < p_protect)
+        n = min(n, int((~protected).sum()))
+        batched = copy.deepcopy(sieve)
+        at_once = batched.choose_victims(n, protected).tolist()
+        one_by_one, mask = [], protected.clone()
+        for _ in range(n):
+            v = int(sieve.choose_victims(1, mask)[0])
+            one_by_one.append(v)
+            mask[v] = True
+        assert at_once == one_by_one
+        assert torch.equal(batched.visited, sieve.visited)
+        assert batched.hand == sieve.hand
+
+    def test_hand_wraps_and_persists(self):
+        sieve = SIEVE(capacity=4)
+        none = torch.zeros(4, dtype=torch.bool)
+        sieve.on_insert(torch.tensor([0, 1, 2, 3]))
+        sieve.on_hit(torch.tensor([0, 1, 2, 3]))
+        assert sieve.choose_victims(1, none).tolist() == [0]  # one full lap, then the oldest
+        sieve.on_insert(torch.tensor([0]))  # new row at the newest end, hand now at slot 1
+        sieve.on_hit(torch.tensor([2]))
+        assert sieve.choose_victims(2, none).tolist() == [1, 3]  # 2 spared by its new bit
+
+    def test_ring_compaction_keeps_order(self):
+        sieve, ref = SIEVE(capacity=3), ScalarSieve(3)
+        cache_rows: dict[int, int] = {}  # slot -> row, mirrors ref
+        for row in range(3):
+            ref.access(row)
+            sieve.on_insert(torch.tensor([row]))
+            cache_rows[row] = row
+        for row in range(3, 40):  # 37 replacements: the 6-entry ring compacts many times
+            ref.access(row)
+            slot = int(sieve.choose_victims(1, torch.zeros(3, dtype=torch.bool))[0])
+            sieve.on_insert(torch.tensor([slot]))
+            cache_rows[slot] = row
+        assert sorted(cache_rows.values()) == sorted(ref.queue)
+        assert sieve.tail <= sieve.ring.numel()
+
+
+class TestLFU(EvictionContract):
+    spec = "lfu"
+
+    def test_doc_example(self):
+        lfu = LFU(capacity=3)
+        lfu.on_batch()
+        lfu.on_insert(torch.tensor([0, 1, 2]))
+        lfu.on_batch()
+        lfu.on_hit(torch.tensor([0, 0, 2]))
+        assert lfu.count.tolist() == [3, 1, 2]
+        assert lfu.choose_victims(2, torch.zeros(3, dtype=torch.bool)).tolist() == [1, 2]
+
+    def test_equal_counts_go_least_recent_first(self):
+        lfu = LFU(capacity=3)
+        for slot in [2, 0, 1]:
+            lfu.on_batch()
+            lfu.on_insert(torch.tensor([slot]))
+        assert lfu.choose_victims(3, torch.zeros(3, dtype=torch.bool)).tolist() == [2, 0, 1]
+
+    def test_counts_halve_every_aging_period(self):
+        lfu = LFU(capacity=2, aging_period=10)
+        assert LFU(capacity=7).aging_period == 70  # default: ten turnovers of the tier
+        lfu.on_batch()
+        lfu.on_insert(torch.tensor([0, 1]))  # 2 accesses
+        lfu.on_hit(torch.tensor([0] * 7))  # 9
+        assert lfu.count.tolist() == [8, 1] and lfu.agings == 0
+        lfu.on_hit(torch.tensor([1]))  # 10: halve
+        assert lfu.count.tolist() == [4, 1] and lfu.agings == 1
+        lfu.on_hit(torch.tensor([0] * 25))  # 35: two more periods end in one batch
+        assert lfu.count.tolist() == [(4 + 25) >> 2, 1 >> 2] and lfu.agings == 3
+
+    def test_aging_lets_new_hot_rows_displace_old_ones(self):
+        """Rows 0-3 are hot, then traffic moves to 10-13: with aging they take over."""
+        results = {}
+        for period in (20, 10**9):
+            cache = RowCache(
+                "t", num_rows=100, capacity=4, spec=PolicySpec.parse("lfu"), device="cpu"
+            )
+            cache.eviction.aging_period = period
+            for _ in range(30):
+                _run_batch(cache, [0, 1, 2, 3])
+            for _ in range(15):
+                _run_batch(cache, [10, 11, 12, 13])
+            results[period] = sorted(torch.nonzero(cache.slot_of >= 0).squeeze(1).tolist())
+        assert results[20] == [10, 11, 12, 13]
+        assert results[10**9] != [10, 11, 12, 13]
+
+
+# -- admission ----------------------------------------------------------------------------------
+
+
+class TestLRUTinyLFU(EvictionContract):
+    spec = "lru+tinylfu"
+    admits_every_miss = False
+
+    def test_a_scan_does_not_flush_the_hot_rows(self):
+        """Rows 0-7 are read often; a scan of 200 one-off rows passes through an 8-row tier."""
+        survivors = {}
+        for spec in ("lru", "lru+tinylfu"):
+            cache = RowCache("t", num_rows=1000, capacity=8, spec=PolicySpec.parse(spec))
+            for _ in range(5):
+                _run_batch(cache, list(range(8)))
+            for row in range(100, 300):
+                _access_one(cache, row)
+            survivors[spec] = int((cache.probe(torch.arange(8)) >= 0).sum())
+        assert survivors == {"lru": 0, "lru+tinylfu": 8}
+
+
+class TestSieveTinyLFU(EvictionContract):
+    spec = "sieve+tinylfu"
+    admits_every_miss = False
+
+
+class TestLFUTinyLFU(EvictionContract):
+    spec = "lfu+tinylfu"
+    admits_every_miss = False
+
+
+class TestTinyLFU:
+    def test_doc_example(self):
+        f = TinyLFU(num_rows=100, capacity=4)
+        f.on_access(torch.tensor([5, 5, 5, 9]))
+        assert f.frequency(torch.tensor([5, 9, 1])).tolist() == [3, 1, 0]
+        assert f.admit(torch.tensor([5, 1, 2]), torch.tensor([9, 9, -1])).tolist() == [
+            True,
+            False,
+            True,
+        ]
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_hash_matches_the_python_reference(self, device):
+        ids = torch.tensor([0, 1, 2, 12345, 2**31 - 1, 2**40 + 7, 2**62], device=device)
+        for seed in row_seeds(3, 4):
+            got = mix64(ids, seed).cpu().tolist()
+            want = [mix64_int(int(x), seed) for x in ids.cpu().tolist()]
+            assert [g & (2**64 - 1) for g in got] == want
+
+    @pytest.mark.parametrize("stride", [1, 8192, 12289])
+    def test_buckets_look_random_for_structured_ids(self, stride):
+        """Sequential or strided ids (``x mod width`` would pile strided ones into one bucket)
+        fill buckets like random balls in bins: Poisson spread, independent across sketch rows."""
+        f = TinyLFU(num_rows=10**12, capacity=1024)  # width 8192
+        ids = torch.arange(200_000) * stride
+        buckets = f._buckets(ids)
+        for idx in buckets:
+            load = torch.bincount(idx, minlength=f.width).double()
+            assert 0.9 < float(load.std() / load.mean().sqrt()) < 1.1
+        same = [float((buckets[0] == b).double().mean()) for b in buckets[1:]]
+        assert max(same) < 3 / f.width  # rows agree no more than chance (1 / width)
+
+    @settings(max_examples=30, deadline=None)
+    @given(
+        capacity=st.integers(1, 6),
+        batch=st.lists(st.integers(0, 300), min_size=1, max_size=200),
+    )
+    def test_batch_update_equals_one_by_one(self, capacity, batch):
+        """Duplicates, bucket collisions and saturation are counted exactly within a batch."""
+        f = TinyLFU(num_rows=301, capacity=capacity, sample_factor=10**6)
+        ref = ScalarTinyLFU(capacity, sample_factor=10**6)
+        f.on_access(torch.tensor(batch))
+        for row in batch:
+            ref.record(row)
+        assert f.sketch.tolist() == ref.rows
+        assert f.frequency(torch.arange(301)).tolist() == [ref.frequency(r) for r in range(301)]
+
+    def test_counters_saturate_and_halve_after_the_sample(self):
+        f = TinyLFU(num_rows=10, capacity=2)  # sample 20
+        f.on_access(torch.full((19,), 3))
+        assert f.frequency(torch.tensor([3])).tolist() == [15] and f.resets == 0
+        f.on_access(torch.tensor([4]))  # the 20th access: every counter halves
+        assert f.frequency(torch.tensor([3, 4])).tolist() == [7, 0]
+        assert f.resets == 1 and f.additions == 10
+
+    def test_ties_keep_the_resident_row(self):
+        f = TinyLFU(num_rows=10, capacity=2)
+        f.on_access(torch.tensor([1, 2]))
+        assert f.admit(torch.tensor([1]), torch.tensor([2])).tolist() == [False]
+
+    def test_memory_is_per_tier_not_per_row(self):
+        f = TinyLFU(num_rows=10**9, capacity=1000)
+        assert f.bytes_per_row == 0
+        assert f.width == 8192  # 8 * 1000 rounded up to a power of two
+        assert f.bytes_per_tier == 4 * 8192 + 4 * 8192  # uint8 sketch + int32 scratch
+        assert f.sketch.dtype == torch.uint8
+
+    def test_registry_sizes_the_sketch_by_the_tier(self):
+        cache = RowCache("t", num_rows=10**5, capacity=300, spec=PolicySpec.parse("sieve+tinylfu"))
+        assert isinstance(cache.admission, TinyLFU)
+        assert cache.admission.capacity == 300 and cache.admission.width == 4096
+        assert cache.admission.sample_size == 3000
+
+    @pytest.mark.gpu
+    def test_sketch_on_cuda_equals_cpu(self):
+        rng = np.random.default_rng(0)
+        filters = {d: TinyLFU(num_rows=10**6, capacity=500, device=d) for d in ("cpu", "cuda")}
+        for _ in range(20):
+            ids = torch.from_numpy(rng.zipf(1.3, 4000) % 10**6)
+            for f in filters.values():
+                f.on_access(ids)
+        assert torch.equal(filters["cpu"].sketch, filters["cuda"].sketch.cpu())
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "eviction", "admission"),
+    [
+        ("sieve", "sieve", "all"),
+        ("lfu", "lfu", "all"),
+        ("fifo", "fifo", "all"),
+        ("lru+tinylfu", "lru", "tinylfu"),
+        ("tinylfu+sieve", "sieve", "tinylfu"),
+        ("static+lfu+tinylfu", "lfu", "tinylfu"),
+    ],
+)
+def test_policy_names_parse(text, eviction, admission):
+    spec = PolicySpec.parse(text)
+    assert (spec.eviction, spec.admission) == (eviction, admission)
+
+
+@pytest.mark.parametrize("bad", ["tinylfu", "sieve+lfu", "sieve+tinylfu+lru"])
+def test_admission_alone_or_two_evictions_is_an_error(bad):
+    with pytest.raises(ConfigError):
+        PolicySpec.parse(bad, key="tiers.warm.policy")
