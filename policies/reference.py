@@ -111,7 +111,9 @@ class ScalarSieve(ScalarCache):
     The queue runs oldest to newest; new rows join at the newest end with the bit clear, a hit sets
     the bit. To evict, the hand walks from where it stopped toward newer rows, clearing set bits,
     and stops at the first clear one; past the newest it wraps to the oldest. The hand then points
-    at the next newer row, whether or not the victim is finally removed.
+    at the victim's newer neighbour, or nowhere if the victim was the newest (the next eviction
+    starts from the oldest, even if rows were added since): libCacheSim's ``Sieve`` exactly. A
+    victim the admission filter turns away stays where it is.
     """
 
     #: whether a hit sets the visited bit (False turns this into FIFO)
@@ -121,7 +123,7 @@ class ScalarSieve(ScalarCache):
         super().__init__(capacity, admission)
         self.queue: list[int] = []  # oldest first
         self.visited: dict[int, bool] = {}
-        self.hand = 0  # index into ``queue`` of the next row to examine
+        self.hand: int | None = None  # the row the hand points at; None: start from the oldest
 
     def __contains__(self, row: int) -> bool:
         return row in self.visited
@@ -134,22 +136,16 @@ class ScalarSieve(ScalarCache):
             self.visited[row] = True
 
     def _victim(self) -> int:
-        while True:
-            if self.hand >= len(self.queue):
-                self.hand = 0
-            row = self.queue[self.hand]
-            if not self.visited[row]:
-                self.hand += 1
-                return row
-            self.visited[row] = False
-            self.hand += 1
+        i = 0 if self.hand is None else self.queue.index(self.hand)
+        while self.visited[self.queue[i]]:
+            self.visited[self.queue[i]] = False
+            i = i + 1 if i + 1 < len(self.queue) else 0
+        self.hand = self.queue[i + 1] if i + 1 < len(self.queue) else None
+        return self.queue[i]
 
     def _remove(self, row: int) -> None:
-        i = self.queue.index(row)
-        del self.queue[i]
+        self.queue.remove(row)
         del self.visited[row]
-        if i < self.hand:
-            self.hand -= 1
 
     def _insert(self, row: int) -> None:
         self.queue.append(row)

@@ -21,10 +21,13 @@ class SIEVE(EvictionPolicy):
     A hit sets the slot's visited bit; a new row is appended at the newest end with the bit
     clear. To evict, the hand walks from where it last stopped toward newer rows, clearing each
     set bit it passes, and evicts the first slot whose bit is clear; past the newest row it wraps
-    to the oldest. ``choose_victims(n)`` gives exactly the ``n`` slots that ``n`` successive
-    single evictions would (tests prove it against ``policies.reference.ScalarSieve`` and
-    libCacheSim's ``Sieve``). Pinned and free slots are passed over untouched. A victim that the
-    admission filter turns away stays cached with its bit clear; the hand has moved past it.
+    to the oldest. It then points at the victim's newer neighbour, or, when the victim was the
+    newest, at nothing: the next eviction starts from the oldest row, even if rows were added
+    since (as in the paper's code and libCacheSim). ``choose_victims(n)`` gives exactly the
+    ``n`` slots that ``n`` successive single evictions would (tests prove it against
+    ``policies.reference.ScalarSieve``, and libCacheSim's ``Sieve`` at batch size 1). Pinned
+    and free slots are passed over untouched. A victim that the admission filter turns away
+    stays cached with its bit clear; the hand has moved past it.
 
     Parameters
     ----------
@@ -84,6 +87,7 @@ class SIEVE(EvictionPolicy):
         if n <= 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         blocked = protected  # copied before the first write
+        taken: torch.Tensor | None = None  # victims chosen in earlier windows of this call
         need, pos, window, scanned = n, self.hand, max(2 * n, 256), 0
         while need:
             if pos >= self.tail:
@@ -105,7 +109,9 @@ class SIEVE(EvictionPolicy):
                 cut = int(torch.searchsorted(run, need))  # index of the need-th fresh entry
                 chosen.append(seg[: cut + 1][fresh[: cut + 1]])
                 self.visited[seg[:cut][seen[:cut]]] = False
-                self.hand = pos + cut + 1
+                after = pos + cut + 1
+                # the hand points at the victim's newer neighbour; none: back to the oldest
+                self.hand = after if self._queued_from(after, taken) else 0
                 need = 0
             else:
                 take = seg[fresh]
@@ -113,12 +119,29 @@ class SIEVE(EvictionPolicy):
                 self.visited[seg[seen]] = False
                 if blocked is protected:
                     blocked = protected.clone()
+                    taken = torch.zeros_like(protected)
                 blocked[take] = True  # still queued until replaced: skip it on the next lap
+                taken[take] = True
                 need -= found
                 scanned += end - pos
                 pos = end
                 window *= 2
         return torch.cat(chosen)
+
+    def _queued_from(self, start: int, taken: torch.Tensor | None) -> bool:
+        """Whether any slot still queued (not a hole, not taken by this call) sits at or after
+        ring position ``start``; scans outward in growing windows, usually one."""
+        window = 64
+        while start < self.tail:
+            end = min(start + window, self.tail)
+            seg = self.ring[start:end].long()
+            queued = seg >= 0
+            if taken is not None:
+                queued &= ~taken[seg.clamp(min=0)]
+            if bool(queued.any()):
+                return True
+            start, window = end, window * 4
+        return False
 
     def _compact(self) -> None:
         """Move the live entries to the front of the ring, keeping order and the hand's place."""

@@ -13,6 +13,7 @@ import torch
 from .base import AdmissionPolicy
 
 MASK64 = (1 << 64) - 1
+_SORT_LIMIT = 1 << 14  # sketch increments per batch up to which sorting them is the cheaper sum
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
@@ -28,15 +29,17 @@ def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def mix64(ids: torch.Tensor, seed: int) -> torch.Tensor:
+def mix64(ids: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
     """SplitMix64 finalizer of ``ids + seed``, as int64 bits; vectorised, CPU or CUDA.
+
+    ``seed`` is an int, or an int64 tensor broadcast against ``ids`` (one seed per sketch row).
 
     Examples
     --------
     >>> int(mix64(torch.tensor([7]), 123)[0]) & 0xFFFF == mix64_int(7, 123) & 0xFFFF
     True
     """
-    z = ids.long() + _signed(seed & MASK64)
+    z = ids.long() + (seed if isinstance(seed, torch.Tensor) else _signed(seed & MASK64))
     z = (z ^ _shr(z, 30)) * _signed(_M1)
     z = (z ^ _shr(z, 27)) * _signed(_M2)
     return z ^ _shr(z, 31)
@@ -97,7 +100,8 @@ class TinyLFU(AdmissionPolicy):
     -----
     Memory is per tier, not per table row: ``bytes_per_row`` is 0 and ``bytes_per_tier`` counts
     the sketch (``depth * width`` bytes, one uint8 counter each) plus an int32 scratch row of
-    ``width`` used to sum a batch's increments exactly before saturating. With the defaults that
+    ``width`` used to sum a large batch's increments exactly before saturating (small batches
+    sort theirs instead). With the defaults that
     is ``(4 + 4) * 8 = 64`` bytes per slot when ``8 * capacity`` is a power of two, up to twice
     that otherwise. Halving runs at most once per batch: a batch longer than the sample is
     treated as one sample. Not implemented: the doorkeeper Bloom filter and the small admission
@@ -140,30 +144,43 @@ class TinyLFU(AdmissionPolicy):
         self.max_count = max_count
         self.sample_size = max(sample_factor * capacity, 1)
         self.seeds = row_seeds(seed, depth)
+        self._seed_col = torch.tensor(
+            [_signed(x) for x in self.seeds], dtype=torch.int64, device=self.device
+        ).unsqueeze(1)
         self.sketch = torch.zeros(depth, self.width, dtype=torch.uint8, device=self.device)
-        self._scratch = torch.zeros(self.width, dtype=torch.int32, device=self.device)
+        self._scratch: torch.Tensor | None = None  # int32 [width], made by the first large batch
+        self._row_start = torch.arange(depth, device=self.device).unsqueeze(1) * self.width
         self.additions = 0  # lookups counted since the last halving (halved with the counters)
         self.resets = 0
 
     @property
     def bytes_per_tier(self) -> int:
-        """Bytes the filter holds for its tier, whatever the table size (sketch + scratch)."""
-        return self.sketch.nbytes + self._scratch.nbytes
+        """Bytes the filter holds for its tier, whatever the table size: the sketch plus the
+        int32 scratch row (counted even before a large batch has allocated it)."""
+        return self.sketch.nbytes + 4 * self.width
 
-    def _buckets(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        """Bucket of each id in each sketch row."""
-        return [mix64(ids, s) & (self.width - 1) for s in self.seeds]
+    def _buckets(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[depth, len(ids)]``: the bucket of each id in each sketch row."""
+        return mix64(ids.reshape(1, -1), self._seed_col) & (self.width - 1)
 
     def on_access(self, ids: torch.Tensor) -> None:
         ids = ids.reshape(-1).to(self.device)
         if ids.numel() == 0:
             return
-        ones = torch.ones(ids.numel(), dtype=torch.int32, device=self.device)
-        for row, idx in zip(self.sketch, self._buckets(ids), strict=True):
-            self._scratch.index_add_(0, idx, ones)  # exact per-bucket sums for this batch
-            new = (row[idx].int() + self._scratch[idx]).clamp_(max=self.max_count)
-            row[idx] = new.to(torch.uint8)  # duplicates of a bucket all write the same value
-            self._scratch[idx] = 0
+        buckets = self._buckets(ids)
+        if buckets.numel() <= _SORT_LIMIT:  # few updates: sum duplicates by sorting them
+            cells, adds = torch.unique(buckets + self._row_start, return_counts=True)
+            flat = self.sketch.view(-1)
+            flat[cells] = (flat[cells].int() + adds).clamp_(max=self.max_count).to(torch.uint8)
+        else:  # many: sum them in a scratch row, O(ids) with no sort
+            if self._scratch is None:
+                self._scratch = torch.zeros(self.width, dtype=torch.int32, device=self.device)
+            ones = torch.ones(ids.numel(), dtype=torch.int32, device=self.device)
+            for row, idx in zip(self.sketch, buckets, strict=True):
+                self._scratch.index_add_(0, idx, ones)
+                new = (row[idx].int() + self._scratch[idx]).clamp_(max=self.max_count)
+                row[idx] = new.to(torch.uint8)  # duplicates of a bucket all write the same value
+                self._scratch[idx] = 0
         self.additions += ids.numel()
         if self.additions >= self.sample_size:
             self.sketch >>= 1
@@ -173,10 +190,10 @@ class TinyLFU(AdmissionPolicy):
     def frequency(self, ids: torch.Tensor) -> torch.Tensor:
         """Estimated recent lookups of each id (int32; never below the truth, up to ``max_count``)."""
         ids = ids.to(self.device)
-        est = [row[idx] for row, idx in zip(self.sketch, self._buckets(ids), strict=True)]
-        return torch.stack(est).amin(dim=0).int()
+        return torch.gather(self.sketch, 1, self._buckets(ids)).amin(dim=0).int()
 
     def admit(self, candidates: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
         victims = victims.to(self.device)
-        free = victims < 0
-        return free | (self.frequency(candidates) > self.frequency(victims.clamp(min=0)))
+        n = candidates.numel()
+        freq = self.frequency(torch.cat([candidates.to(self.device), victims.clamp(min=0)]))
+        return (victims < 0) | (freq[:n] > freq[n:])

@@ -133,6 +133,17 @@ def test_orderings_between_curves():
     assert (demand_static.misses[caps] >= bel).all()
 
 
+def test_shards_without_sampling_is_exact():
+    ids = sample_zipf(20_000, 1_000, 0.9, seed=3)
+    exact = lru_mrc(ids)
+    full_rate = shards_mrc(ids, rate=1.0)
+    np.testing.assert_allclose(full_rate.at(exact.capacities), exact.miss_ratio, atol=1e-12)
+    big_sample = shards_mrc(ids, fixed_size=5_000)  # more than the distinct rows: no eviction
+    assert big_sample.metadata["final_rate"] > 0.999
+    # its points are the distances that occurred (linear in between): exact at each of them
+    np.testing.assert_allclose(big_sample.miss_ratio, exact.at(big_sample.capacities), atol=1e-9)
+
+
 def test_shards_mae_on_zipf_trace():
     ids = sample_zipf(2_000_000, 200_000, 0.8, seed=5)
     exact = lru_mrc(ids)

@@ -14,6 +14,8 @@ from .errors import TieredStoreError
 _PLUGINS = {
     "demo": "tiered_store.demo:register",
     "replay": "zipf_analysis.replay_cli:register",
+    "analyze": "zipf_analysis.analyze:register",
+    "serve": "tiered_store.serve:register",
 }
 
 

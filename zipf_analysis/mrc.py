@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from tiered_store.errors import RowIdError
+
 try:
     import numba
     from numba import types as _nb_types
@@ -51,11 +53,12 @@ __all__ = [
 ]
 
 DENSE_ID_LIMIT = 1 << 27  # ids below this index arrays directly (4 bytes each); above: a hash map
-MIN_TIME_CAPACITY = 1 << 20  # Fenwick tree length before the first compaction
+MIN_TIME_CAPACITY = (
+    1 << 20
+)  # access times the exact-LRU time axis holds before its first compaction
 TIME_AXIS_GROWTH = 4  # on compaction, grow the time axis to this many times the distinct rows
 SHARDS_MODULUS = 1 << 24  # fixed-rate sampling granularity: rates are multiples of 2**-24
 DEFAULT_SHARDS_RATE = 0.01
-_NO_NEXT = np.iinfo(np.int64).max
 
 
 def _njit(func: Any) -> Any:
@@ -234,7 +237,7 @@ def _jsonable(value: Any) -> Any:
 
 
 @_njit
-def _popcount(x):  # noqa: ANN001, ANN202
+def _popcount(x):
     """Set bits of a uint64, as int64."""
     x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
     x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
@@ -243,7 +246,7 @@ def _popcount(x):  # noqa: ANN001, ANN202
 
 
 @_njit
-def _lru_pass(ids, start, last, owner, bits, tree, hist, state):  # noqa: ANN001, ANN202
+def _lru_pass(ids, start, last, owner, bits, tree, hist, state):
     """Stack distances of ids[start:] until the time axis fills; returns the next position.
 
     The time axis is a bitmap (one bit per access time, set while it is some row's latest access)
@@ -295,7 +298,7 @@ def _lru_pass(ids, start, last, owner, bits, tree, hist, state):  # noqa: ANN001
 
 
 @_njit
-def _compact_bitmap_times(last, owner, t):  # noqa: ANN001, ANN202
+def _compact_bitmap_times(last, owner, t):
     """Renumber live access times 0..distinct-1 in order (``last`` holds time + 1); returns
     distinct."""
     new_t = 0
@@ -309,7 +312,7 @@ def _compact_bitmap_times(last, owner, t):  # noqa: ANN001, ANN202
 
 
 @_njit
-def _bitmap_ones(bits, tree, k):  # noqa: ANN001, ANN202
+def _bitmap_ones(bits, tree, k):
     """Set times 0..k-1 in the bitmap, clear the rest, and rebuild the Fenwick tree over words."""
     n_words = tree.shape[0] - 1
     bits[:] = 0
@@ -328,7 +331,7 @@ def _bitmap_ones(bits, tree, k):  # noqa: ANN001, ANN202
 
 
 @_njit
-def _compact_times(last, owner, t):  # noqa: ANN001, ANN202
+def _compact_times(last, owner, t):
     """Renumber live access times 1..distinct in order; returns distinct."""
     new_t = 0
     for pos in range(1, t + 1):
@@ -341,7 +344,7 @@ def _compact_times(last, owner, t):  # noqa: ANN001, ANN202
 
 
 @_njit
-def _fenwick_ones(tree, k):  # noqa: ANN001, ANN202
+def _fenwick_ones(tree, k):
     """Rebuild ``tree`` as the Fenwick tree of ones at positions 1..k, zeros after."""
     cap = tree.shape[0] - 1
     tree[:] = 0
@@ -354,7 +357,7 @@ def _fenwick_ones(tree, k):  # noqa: ANN001, ANN202
 
 
 @_njit
-def _mix64(x):  # noqa: ANN001, ANN202
+def _mix64(x):
     """splitmix64 finaliser of a uint64."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -362,7 +365,7 @@ def _mix64(x):  # noqa: ANN001, ANN202
 
 
 @_njit
-def _sample_mask(ids, seed, threshold):  # noqa: ANN001, ANN202
+def _sample_mask(ids, seed, threshold):
     """Keep ids whose 24-bit hash is below ``threshold``."""
     out = np.empty(ids.shape[0], dtype=np.bool_)
     s = np.uint64(seed)
@@ -373,7 +376,7 @@ def _sample_mask(ids, seed, threshold):  # noqa: ANN001, ANN202
 
 
 @_njit
-def _next_use(ids, n_ids):  # noqa: ANN001, ANN202
+def _next_use(ids, n_ids):
     """Index of the next access to the same id, or int64 max."""
     n = ids.shape[0]
     nxt = np.empty(n, dtype=np.int64)
@@ -386,7 +389,7 @@ def _next_use(ids, n_ids):  # noqa: ANN001, ANN202
 
 
 @_njit
-def _belady(ids, nxt, n_ids, capacity, bypass):  # noqa: ANN001, ANN202
+def _belady(ids, nxt, n_ids, capacity, bypass):
     """Misses of Belady's MIN at one capacity: a max-heap of cached ids keyed by next use."""
     if capacity <= 0:
         return ids.shape[0]
@@ -443,7 +446,7 @@ def _belady(ids, nxt, n_ids, capacity, bypass):  # noqa: ANN001, ANN202
 
 
 @_njit
-def _shards_fixed_size_pass(  # noqa: ANN001, ANN202
+def _shards_fixed_size_pass(
     ids,
     start,
     seed,
@@ -552,14 +555,14 @@ def _shards_fixed_size_pass(  # noqa: ANN001, ANN202
 
 
 @_njit
-def _dict_put_identity(table, keys):  # noqa: ANN001, ANN202
+def _dict_put_identity(table, keys):
     """table[k] = k for each key."""
     for k in keys:
         table[k] = k
 
 
 @_njit
-def _remap_from(ids, table, nxt, out):  # noqa: ANN001, ANN202
+def _remap_from(ids, table, nxt, out):
     """Dense index of each id, new ids numbered from ``nxt`` in order of appearance; returns the
     next free number."""
     for i in range(ids.shape[0]):
@@ -596,13 +599,9 @@ def _iter_chunks(source: Any) -> Iterator[np.ndarray]:
 def _as_int64(ids: np.ndarray) -> np.ndarray:
     """Contiguous int64 view or copy; rejects floats and negatives."""
     if ids.dtype.kind not in "iu":
-        from tiered_store.errors import RowIdError
-
         raise RowIdError(f"row ids of dtype {ids.dtype}; expected integers")
     out = np.ascontiguousarray(ids, dtype=np.int64)
     if out.size and out.min() < 0:
-        from tiered_store.errors import RowIdError
-
         raise RowIdError(f"negative row id {int(out.min())}; expected ids >= 0")
     return out
 
@@ -741,9 +740,14 @@ class StackDistanceCounter:
         caps = np.arange(misses.size, dtype=np.int64)
         meta = {"method": "exact LRU stack distances", "distinct": self.distinct, "cold": cold}
         curve = MissRatioCurve(
-            name, caps, misses / max(self.lookups, 1), self.lookups, misses, table_rows, meta
+            name, caps, _ratio(misses, self.lookups), self.lookups, misses, table_rows, meta
         )
         return curve if capacities is None else _exact_at(curve, capacities)
+
+
+def _ratio(misses: np.ndarray, lookups: int) -> np.ndarray:
+    """misses / lookups; all ones for an empty trace (nothing can hit)."""
+    return misses / lookups if lookups else np.ones(misses.size)
 
 
 def _exact_at(curve: MissRatioCurve, capacities: Sequence[int] | np.ndarray) -> MissRatioCurve:
@@ -899,6 +903,8 @@ def shards_mrc(
             "sampled_distinct": counter.distinct,
             "seed": seed,
         }
+    if lookups == 0:
+        ratio = np.ones(caps.size)
     curve = MissRatioCurve(name, caps, ratio, lookups, None, table_rows, meta)
     if capacities is not None:
         curve = curve.resample(capacities)
@@ -1026,7 +1032,7 @@ def static_topk_mrc(
     misses = lookups - hits
     caps = np.arange(misses.size, dtype=np.int64)
     meta = {"method": "static top-K by true frequency", "preloaded": preloaded}
-    curve = MissRatioCurve(name, caps, misses / max(lookups, 1), lookups, misses, table_rows, meta)
+    curve = MissRatioCurve(name, caps, _ratio(misses, lookups), lookups, misses, table_rows, meta)
     return curve if capacities is None else _exact_at(curve, capacities)
 
 
@@ -1113,7 +1119,7 @@ def belady_mrc(
     meta = {"method": "Belady MIN" + (" with bypass" if bypass else " (demand paging)")}
     meta["seconds"] = round(time.perf_counter() - start, 4)
     return MissRatioCurve(
-        name, caps, misses / max(ids.size, 1), int(ids.size), misses, table_rows, meta
+        name, caps, _ratio(misses, int(ids.size)), int(ids.size), misses, table_rows, meta
     )
 
 

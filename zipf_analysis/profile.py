@@ -3,7 +3,8 @@
 A :class:`FrequencyProfile` keeps only touched rows, as ``(row_ids, counts)`` sorted by count
 (descending, ties by row id), so the store can read the hottest rows off the front for warm start
 and pinning (:meth:`FrequencyProfile.top_rows`, :meth:`FrequencyProfile.save_top_rows`). On disk
-it is one ``.npz``: ``row_ids`` and ``counts`` (int64) plus ``meta``, a JSON string.
+it is one uncompressed ``.npz``: ``row_ids`` and ``counts`` (uint32 where they fit, else int64;
+8 bytes per touched row for Engram-sized tables) plus ``meta``, a JSON string.
 
 Counting streams chunk by chunk (:class:`FrequencyCounter`): ids below ``dense_limit`` are
 counted in a dense int64 array (``np.bincount`` for big chunks, ``np.add.at`` for small ones);
@@ -222,7 +223,10 @@ class FrequencyProfile:
         try:
             with open(tmp, "wb") as f:
                 np.savez(
-                    f, row_ids=self.row_ids, counts=self.counts, meta=np.array(json.dumps(meta))
+                    f,
+                    row_ids=_narrow(self.row_ids),
+                    counts=_narrow(self.counts),
+                    meta=np.array(json.dumps(meta)),
                 )
                 f.flush()
                 os.fsync(f.fileno())
@@ -258,6 +262,11 @@ class FrequencyProfile:
             f"FrequencyProfile({self.name!r}, rows={self.rows}, lookups={self.lookups}, "
             f"distinct={self.distinct})"
         )
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """uint32 when every value fits (halves the file), else int64."""
+    return values.astype(np.uint32) if values.size and values.max() < 2**32 else values
 
 
 class FrequencyCounter:

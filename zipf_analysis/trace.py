@@ -289,8 +289,9 @@ class TraceWriter:
             rows = self._table_rows[t]
             if lo < 0 or (rows is not None and hi >= rows):
                 bound = f"[0, {rows})" if rows is not None else ">= 0"
+                name = self._tables[t]
                 raise RowIdError(
-                    f"{self.path}: table {self._tables[t]!r} ids span [{lo}, {hi}]; expected {bound}"
+                    f"{self.path}: table {name!r} ids span [{lo}, {hi}]; expected {bound}"
                 )
         shape = list(ids.shape) + [0] * (_MAX_NDIM - ids.ndim)
         if self._buf_n and self._buf_n + flat.size > self._chunk_ids:

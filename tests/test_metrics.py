@@ -1,0 +1,289 @@
+"""The Prometheus collector: names, labels and values read from the stores' own counters."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import make_table, store_config
+from tiered_store import metrics
+from tiered_store.metrics import (
+    METRICS,
+    RequestCounters,
+    TableHealth,
+    TieredStoreCollector,
+    build_registry,
+    verify_counted,
+)
+from tiered_store.store import TieredStore
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+LABELS_ALLOWED = {"table", "tier", "result", "handler", "code", "le"}
+
+
+def _samples(registry) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, parsed back from the exposition text."""
+    out = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture
+def store(tmp_path):
+    path, _ = make_table(tmp_path, rows=2000, dim=8)
+    with TieredStore(
+        store_config(path, hot={"capacity": 50}, warm={"capacity": 400}, cold={"io": "pread"})
+    ) as s:
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(6):  # a skewed workload: hits in both tiers, misses, evictions
+            ids = (torch.rand(300, generator=gen) ** 3 * 2000).long()
+            s.lookup(ids)
+            handle = s.prefetch(ids[:50])
+            s.lookup(ids[:50], handle)
+        yield s
+
+
+def test_every_documented_metric_is_emitted_and_nothing_else(store):
+    registry = build_registry({"layer1": store}, {"layer1": TableHealth()}, RequestCounters())
+    names = {
+        f.name + ("_total" if f.type == "counter" else "")
+        for f in text_string_to_metric_families(generate_latest(registry).decode())
+        if f.name.startswith("tiered_store_")
+    }
+    assert names == set(METRICS)
+    for name in METRICS:  # the module docstring's table lists each one
+        assert name in metrics.__doc__, name
+
+
+def test_labels_are_few_and_bounded(store):
+    samples = _samples(build_registry({"layer1": store}, process=False))
+    for (name, labels), _ in samples.items():
+        keys = {k for k, _ in labels}
+        assert keys <= LABELS_ALLOWED, (name, keys)
+        assert dict(labels).get("tier", "hot") in ("hot", "warm")
+        assert dict(labels).get("result", "hit") in ("hit", "miss")
+
+
+def test_values_equal_the_store_statistics(store):
+    samples = _samples(build_registry({"layer1": store}, process=False))
+    stats = store.stats()
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted({"table": "layer1", **labels}.items())))]
+
+    for tier in ("hot", "warm"):
+        s = stats[tier]
+        hits = value("tiered_store_lookups_total", tier=tier, result="hit")
+        misses = value("tiered_store_lookups_total", tier=tier, result="miss")
+        assert (hits, misses) == (s["hits"], s["misses"])
+        assert hits / (hits + misses) == pytest.approx(s["hit_rate"], abs=1e-12)
+        assert value("tiered_store_admissions_total", tier=tier) == s["admissions"]
+        assert value("tiered_store_evictions_total", tier=tier) == s["evictions"]
+        assert value("tiered_store_moved_bytes_total", tier=tier) == s["bytes_in"]
+        assert value("tiered_store_occupancy_rows", tier=tier) == s["occupancy"]
+        assert value("tiered_store_capacity_rows", tier=tier) == s["capacity"]
+    assert stats["hot"]["hits"] > 0 and stats["warm"]["hits"] > 0 and stats["hot"]["evictions"] > 0
+    assert value("tiered_store_cold_read_rows_total") == stats["cold"]["rows_read"]
+    assert value("tiered_store_cold_read_bytes_total") == stats["cold"]["bytes_read"]
+    assert value("tiered_store_prefetches_total") == stats["prefetch"]["handles"] == 6
+    count = value("tiered_store_lookup_duration_seconds_count")
+    assert count == stats["lookup"]["calls"] == 12
+    assert value("tiered_store_lookup_duration_seconds_bucket", le="+Inf") == count
+    assert value("tiered_store_lookup_duration_seconds_sum") == pytest.approx(
+        stats["lookup"]["seconds_total"]
+    )
+    assert value("tiered_store_prefetch_stall_seconds_count") == 6
+
+
+def test_histogram_buckets_are_cumulative(store):
+    samples = _samples(build_registry({"layer1": store}, process=False))
+    buckets = sorted(
+        (float(dict(labels)["le"]), v)
+        for (name, labels), v in samples.items()
+        if name == "tiered_store_lookup_duration_seconds_bucket"
+    )
+    values = [v for _, v in buckets]
+    assert values == sorted(values) and buckets[-1][0] == float("inf")
+
+
+def test_a_scrape_changes_no_counter(store):
+    registry = build_registry({"layer1": store}, process=False)
+    before = store.stats()
+    first, second = generate_latest(registry), generate_latest(registry)
+    assert store.stats() == before and first == second
+
+
+def test_tables_can_be_a_callable_read_at_each_scrape(store):
+    tables: dict = {}
+    registry = CollectorRegistry()
+    registry.register(TieredStoreCollector(lambda: tables))
+    assert b'table="layer1"' not in generate_latest(registry)
+    tables["layer1"] = store
+    assert b'table="layer1"' in generate_latest(registry)
+
+
+def test_registering_twice_is_a_name_clash(store):
+    registry = build_registry({"layer1": store}, process=False)
+    with pytest.raises(ValueError, match="Duplicated"):
+        registry.register(TieredStoreCollector({}))
+
+
+def test_request_counters_and_server_metrics():
+    counters = RequestCounters()
+    counters.begin()
+    counters.end("/v1/engram", 200, 0.004, tokens=12)
+    counters.begin()
+    counters.end("/v1/engram", 400, 0.001)
+    counters.begin()
+    samples = _samples(build_registry({}, requests=counters, process=False))
+    assert (
+        samples[("tiered_store_http_requests_total", (("code", "200"), ("handler", "/v1/engram")))]
+        == 1
+    )
+    assert (
+        samples[("tiered_store_http_requests_total", (("code", "400"), ("handler", "/v1/engram")))]
+        == 1
+    )
+    assert samples[("tiered_store_http_requests_in_flight", ())] == 1
+    assert samples[("tiered_store_served_tokens_total", ())] == 12
+    assert (
+        samples[("tiered_store_http_request_duration_seconds_count", (("handler", "/v1/engram"),))]
+        == 2
+    )
+    assert counters.snapshot()["requests"] == {"/v1/engram": {"200": 1, "400": 1}}
+
+
+def test_checksum_failures_are_counted(tmp_path, store):
+    path, _ = make_table(tmp_path, rows=3000, dim=64)
+    health = TableHealth()
+    assert verify_counted(path, health) is not None
+    assert (health.verifications, health.checksum_failures, health.last_error) == (1, 0, None)
+    with open(path, "r+b") as f:  # flip one byte of the data
+        f.seek(4096 + 100_000)
+        byte = f.read(1)
+        f.seek(4096 + 100_000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert verify_counted(path, health) is None
+    assert health.checksum_failures == 1 and "checksum" in health.last_error
+    samples = _samples(build_registry({"layer1": store}, {"layer1": health}, process=False))
+    assert samples[("tiered_store_checksum_failures_total", (("table", "layer1"),))] == 1
+    assert samples[("tiered_store_verifications_total", (("table", "layer1"),))] == 2
+
+
+# -- deploy files ---------------------------------------------------------------------------------
+
+
+def _rules() -> dict:
+    return yaml.safe_load((DEPLOY / "prometheus-rules.yml").read_text())
+
+
+def _metric_names(expr: str) -> set[str]:
+    return set(
+        re.findall(r"\b(tiered_store_[a-z_]+|[a-z_]+:tiered_store_[a-z_]+:[a-z0-9_]+)", expr)
+    )
+
+
+def test_rules_and_dashboard_use_only_real_metrics():
+    recorded = {r["record"] for g in _rules()["groups"] for r in g["rules"] if "record" in r}
+    known = set(METRICS) | recorded
+    suffixes = ("_bucket", "_count", "_sum")
+    exprs = [r["expr"] for g in _rules()["groups"] for r in g["rules"]]
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) > 10
+    for expr in exprs:
+        for name in _metric_names(expr):
+            base = next((name[: -len(s)] for s in suffixes if name.endswith(s)), name)
+            assert name in known or base in known, f"{name} in {expr!r}"
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("hit ratio", "lookups/s", "latency", "stall", "occupancy", "cold read"):
+        assert topic in titles, topic
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
+def test_promtool_checks_rules_and_config():
+    out = subprocess.run(
+        ["promtool", "check", "rules", str(DEPLOY / "prometheus-rules.yml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = subprocess.run(
+        ["promtool", "check", "config", str(DEPLOY / "prometheus.yml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
+def test_promtool_unit_tests_the_hit_ratio_rules(tmp_path):
+    """Synthetic counters through the recording rules: hot 3 of 4 lookups hit, warm 1 of 2.
+
+    (Rates chosen exact in binary: promtool 2.42 compares samples exactly.)"""
+    series = {
+        ("hot", "hit"): "0+180x10",  # per minute: 3/s
+        ("hot", "miss"): "0+60x10",  # 1/s
+        ("warm", "hit"): "0+30x10",  # 0.5/s
+        ("warm", "miss"): "0+30x10",  # 0.5/s
+    }
+    test = {
+        "rule_files": [str(DEPLOY / "prometheus-rules.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'tiered_store_lookups_total{{table="layer1",tier="{tier}",result="{result}"}}',
+                        "values": values,
+                    }
+                    for (tier, result), values in series.items()
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": "table_tier:tiered_store_hit_ratio:rate5m",
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": 'table_tier:tiered_store_hit_ratio:rate5m{table="layer1",tier="hot"}', "value": 0.75},
+                            {"labels": 'table_tier:tiered_store_hit_ratio:rate5m{table="layer1",tier="warm"}', "value": 0.5},
+                        ],
+                    },
+                    {
+                        "expr": "table_tier:tiered_store_served_ratio:rate5m",
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": 'table_tier:tiered_store_served_ratio:rate5m{table="layer1",tier="hot"}', "value": 0.75},
+                            {"labels": 'table_tier:tiered_store_served_ratio:rate5m{table="layer1",tier="warm"}', "value": 0.125},
+                        ],
+                    },
+                    {
+                        "expr": "table:tiered_store_cold_ratio:rate5m",
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": 'table:tiered_store_cold_ratio:rate5m{table="layer1"}', "value": 0.125},
+                        ],
+                    },
+                ],
+            }
+        ],
+    }  # fmt: skip
+    path = tmp_path / "rules_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,0 +1,448 @@
+"""Prometheus metrics for tiered stores, read from the stores' own counters at scrape time.
+
+The lookup path only increments plain integers (``TierCounters``, ``ColdTable`` counters,
+``LatencyHistogram`` buckets); ``TieredStoreCollector`` turns them into metric families when
+Prometheus scrapes, so an idle scrape costs the store nothing and a busy store pays nothing per
+metric. Labels are few and bounded: ``table`` (one per Engram layer), ``tier`` (``hot``, ``warm``),
+``result`` (``hit``, ``miss``); never row ids.
+
+Every metric, its type and labels (``METRICS`` holds the same list, and the tests check that the
+collectors emit exactly these names):
+
+=============================================  =========  ==================  ==================
+name                                           type       labels              meaning
+=============================================  =========  ==================  ==================
+tiered_store_lookups_total                     counter    table, tier, result ids probed at a cache tier
+tiered_store_admissions_total                  counter    table, tier         rows admitted on the lookup path
+tiered_store_evictions_total                   counter    table, tier         rows evicted
+tiered_store_rejections_total                  counter    table, tier         admission refusals
+tiered_store_moved_rows_total                  counter    table, tier         rows copied into a tier
+tiered_store_moved_bytes_total                 counter    table, tier         bytes copied into a tier
+tiered_store_occupancy_rows                    gauge      table, tier         rows resident now
+tiered_store_capacity_rows                     gauge      table, tier         slots of the tier
+tiered_store_capacity_bytes                    gauge      table, tier         payload bytes of the tier
+tiered_store_table_rows                        gauge      table               rows of the table
+tiered_store_row_size_bytes                    gauge      table               bytes per row
+tiered_store_cold_read_rows_total              counter    table               rows read from disk
+tiered_store_cold_read_bytes_total             counter    table               bytes transferred from disk
+tiered_store_cold_read_requests_total          counter    table               read calls issued
+tiered_store_cold_read_errors_total            counter    table               reads that failed twice
+tiered_store_lookup_duration_seconds           histogram  table               one ``lookup`` call
+tiered_store_prefetch_stall_seconds            histogram  table               wait for a prefetch handle
+tiered_store_prefetches_total                  counter    table               prefetches started
+tiered_store_verifications_total               counter    table               checksum passes run
+tiered_store_checksum_failures_total           counter    table               passes that found corruption
+tiered_store_http_requests_total               counter    handler, code       HTTP requests answered
+tiered_store_http_request_duration_seconds     histogram  handler             HTTP request handling time
+tiered_store_http_requests_in_flight           gauge      (none)              requests being handled
+tiered_store_served_tokens_total               counter    (none)              tokens of answered inference
+=============================================  =========  ==================  ==================
+
+Per-tier hit ratio in PromQL (the fraction of lookups *reaching* a tier that it served)::
+
+    sum by (table, tier) (rate(tiered_store_lookups_total{result="hit"}[5m]))
+      / sum by (table, tier) (rate(tiered_store_lookups_total[5m]))
+
+and since the process started (what ``TieredStore.stats()[tier]["hit_rate"]`` reports)::
+
+    tiered_store_lookups_total{result="hit"}
+      / ignoring(result) sum without(result) (tiered_store_lookups_total)
+
+``deploy/prometheus-rules.yml`` records both, and the share of all lookups each tier serves.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from .errors import TableFormatError
+from .latency import DEFAULT_BUCKETS, LatencyHistogram
+
+if TYPE_CHECKING:
+    from .store import TieredStore
+    from .table_format import VerifyReport
+
+__all__ = [
+    "METRICS",
+    "RequestCounters",
+    "ServerCollector",
+    "TableHealth",
+    "TieredStoreCollector",
+    "build_registry",
+    "verify_counted",
+]
+
+CACHE_TIERS = ("hot", "warm")
+
+# name -> (type, labels, help). The single source for the collectors and the documentation.
+METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "tiered_store_lookups_total": (
+        "counter",
+        ("table", "tier", "result"),
+        "Row ids probed at a cache tier, by result (hit|miss). The hot tier sees every id looked "
+        "up; the warm tier sees the hot tier's misses. Duplicates within a batch count.",
+    ),
+    "tiered_store_admissions_total": (
+        "counter",
+        ("table", "tier"),
+        "Rows admitted into a cache tier on the lookup path.",
+    ),
+    "tiered_store_evictions_total": (
+        "counter",
+        ("table", "tier"),
+        "Rows evicted from a cache tier.",
+    ),
+    "tiered_store_rejections_total": (
+        "counter",
+        ("table", "tier"),
+        "Admission candidates turned away (admission filter, or no evictable slot).",
+    ),
+    "tiered_store_moved_rows_total": (
+        "counter",
+        ("table", "tier"),
+        "Rows copied into a cache tier from the tier below: admissions plus warm-start preloads.",
+    ),
+    "tiered_store_moved_bytes_total": (
+        "counter",
+        ("table", "tier"),
+        "Bytes copied into a cache tier from the tier below (moved rows x row size).",
+    ),
+    "tiered_store_occupancy_rows": (
+        "gauge",
+        ("table", "tier"),
+        "Rows resident in a cache tier now.",
+    ),
+    "tiered_store_capacity_rows": (
+        "gauge",
+        ("table", "tier"),
+        "Row slots of a cache tier.",
+    ),
+    "tiered_store_capacity_bytes": (
+        "gauge",
+        ("table", "tier"),
+        "Payload bytes of a cache tier (slots x row size).",
+    ),
+    "tiered_store_table_rows": ("gauge", ("table",), "Rows of the table (the cold tier)."),
+    "tiered_store_row_size_bytes": ("gauge", ("table",), "Bytes per table row."),
+    "tiered_store_cold_read_rows_total": (
+        "counter",
+        ("table",),
+        "Rows read from the cold tier (the table file).",
+    ),
+    "tiered_store_cold_read_bytes_total": (
+        "counter",
+        ("table",),
+        "Bytes transferred from the table file (whole 4 KiB pages for pread/direct I/O).",
+    ),
+    "tiered_store_cold_read_requests_total": (
+        "counter",
+        ("table",),
+        "Read calls issued to the table file (preadv calls, or gathers for mmap).",
+    ),
+    "tiered_store_cold_read_errors_total": (
+        "counter",
+        ("table",),
+        "Cold reads that failed again after their retry (each raised TierIOError).",
+    ),
+    "tiered_store_lookup_duration_seconds": (
+        "histogram",
+        ("table",),
+        "Wall time of one store lookup call (including any wait for its prefetch).",
+    ),
+    "tiered_store_prefetch_stall_seconds": (
+        "histogram",
+        ("table",),
+        "Time a lookup waited for its prefetch handle (0 when the rows were already staged).",
+    ),
+    "tiered_store_prefetches_total": (
+        "counter",
+        ("table",),
+        "Prefetches started.",
+    ),
+    "tiered_store_verifications_total": (
+        "counter",
+        ("table",),
+        "Checksum passes run over the whole table (at start or by the background scrubber).",
+    ),
+    "tiered_store_checksum_failures_total": (
+        "counter",
+        ("table",),
+        "Checksum passes that found the table corrupt (a block failing its CRC-32, or a file "
+        "that no longer matches its manifest).",
+    ),
+    "tiered_store_http_requests_total": (
+        "counter",
+        ("handler", "code"),
+        "HTTP requests answered, by handler (path) and status code.",
+    ),
+    "tiered_store_http_request_duration_seconds": (
+        "histogram",
+        ("handler",),
+        "Time from a request's headers being read to its response being written.",
+    ),
+    "tiered_store_http_requests_in_flight": (
+        "gauge",
+        (),
+        "HTTP requests being handled now.",
+    ),
+    "tiered_store_served_tokens_total": (
+        "counter",
+        (),
+        "Tokens of inference requests answered with 200.",
+    ),
+}
+SERVER_METRICS = (
+    "tiered_store_http_requests_total",
+    "tiered_store_http_request_duration_seconds",
+    "tiered_store_http_requests_in_flight",
+    "tiered_store_served_tokens_total",
+)
+STORE_METRICS = tuple(name for name in METRICS if name not in SERVER_METRICS)
+
+
+@dataclass
+class TableHealth:
+    """Results of checksum passes over one table; plain counters read at scrape time."""
+
+    verifications: int = 0
+    checksum_failures: int = 0
+    last_error: str | None = None  # message of the latest failed pass (cleared by a clean one)
+
+
+def verify_counted(path: str | Path, health: TableHealth) -> VerifyReport | None:
+    """Run ``verify_table`` over ``path`` and count the outcome in ``health``.
+
+    Returns the report, or ``None`` when the table is corrupt (``health.last_error`` says why).
+
+    Examples
+    --------
+    >>> health = TableHealth()
+    >>> verify_counted("tables/layer1.npy", health)  # doctest: +SKIP
+    >>> health.verifications, health.checksum_failures  # doctest: +SKIP
+    (1, 0)
+    """
+    from .table_format import verify_table
+
+    try:
+        report = verify_table(path, progress=False)
+    except TableFormatError as exc:
+        health.verifications += 1
+        health.checksum_failures += 1
+        health.last_error = str(exc)
+        return None
+    health.verifications += 1
+    health.last_error = None
+    return report
+
+
+class TieredStoreCollector(Collector):
+    """Metric families for a set of named tiered stores, built from their counters when scraped.
+
+    Parameters
+    ----------
+    stores
+        Table name -> store (one per Engram layer), or a callable returning that mapping (read
+        at every scrape, so tables may come and go).
+    health
+        Table name -> ``TableHealth`` of its checksum passes; tables without one report zeros.
+
+    Examples
+    --------
+    >>> from prometheus_client import CollectorRegistry, generate_latest
+    >>> registry = CollectorRegistry()
+    >>> registry.register(TieredStoreCollector({"layer1": store}))  # doctest: +SKIP
+    >>> b"tiered_store_lookups_total" in generate_latest(registry)  # doctest: +SKIP
+    True
+    """
+
+    def __init__(
+        self,
+        stores: Mapping[str, TieredStore] | Callable[[], Mapping[str, TieredStore]],
+        health: Mapping[str, TableHealth] | None = None,
+    ) -> None:
+        self._stores = stores
+        self._health = health if health is not None else {}
+
+    def describe(self) -> Iterable[Metric]:
+        """Empty families with this collector's names (lets the registry spot name clashes)."""
+        return [_family(name) for name in STORE_METRICS]
+
+    def collect(self) -> Iterator[Metric]:
+        """One family per metric of ``STORE_METRICS``, one sample set per table."""
+        stores = self._stores() if callable(self._stores) else self._stores
+        fam = {name: _family(name) for name in STORE_METRICS}
+        for table, store in stores.items():
+            self._add_tiers(fam, table, store)
+            self._add_cold(fam, table, store)
+            _add_histogram(
+                fam["tiered_store_lookup_duration_seconds"], [table], store.lookup_latency
+            )
+            prefetcher = store._prefetcher
+            _add_histogram(
+                fam["tiered_store_prefetch_stall_seconds"], [table], prefetcher.wait_histogram
+            )
+            fam["tiered_store_prefetches_total"].add_metric([table], prefetcher.handles)
+            health = self._health.get(table) or TableHealth()
+            fam["tiered_store_verifications_total"].add_metric([table], health.verifications)
+            fam["tiered_store_checksum_failures_total"].add_metric(
+                [table], health.checksum_failures
+            )
+        yield from fam.values()
+
+    @staticmethod
+    def _add_tiers(fam: dict[str, Any], table: str, store: TieredStore) -> None:
+        """Per-tier counters and gauges of one store."""
+        row_bytes = store.row_bytes
+        for cache in (store.hot, store.warm):
+            c = cache.counters
+            labels = [table, cache.name]
+            hits, lookups = c.hits, c.lookups  # read once: hit + miss == lookups in the output
+            fam["tiered_store_lookups_total"].add_metric([*labels, "hit"], hits)
+            fam["tiered_store_lookups_total"].add_metric([*labels, "miss"], lookups - hits)
+            fam["tiered_store_admissions_total"].add_metric(labels, c.admissions)
+            fam["tiered_store_evictions_total"].add_metric(labels, c.evictions)
+            fam["tiered_store_rejections_total"].add_metric(labels, c.rejections)
+            moved = c.admissions + c.preloaded
+            fam["tiered_store_moved_rows_total"].add_metric(labels, moved)
+            fam["tiered_store_moved_bytes_total"].add_metric(labels, moved * row_bytes)
+            fam["tiered_store_occupancy_rows"].add_metric(labels, cache.occupancy)
+            fam["tiered_store_capacity_rows"].add_metric(labels, cache.capacity)
+            fam["tiered_store_capacity_bytes"].add_metric(labels, cache.capacity * row_bytes)
+
+    @staticmethod
+    def _add_cold(fam: dict[str, Any], table: str, store: TieredStore) -> None:
+        """Table geometry and cold-tier read counters of one store."""
+        cold = store.cold
+        fam["tiered_store_table_rows"].add_metric([table], store.rows)
+        fam["tiered_store_row_size_bytes"].add_metric([table], store.row_bytes)
+        fam["tiered_store_cold_read_rows_total"].add_metric([table], cold.rows_read)
+        fam["tiered_store_cold_read_bytes_total"].add_metric([table], cold.bytes_read)
+        fam["tiered_store_cold_read_requests_total"].add_metric([table], cold.read_requests)
+        fam["tiered_store_cold_read_errors_total"].add_metric([table], cold.read_errors)
+
+
+@dataclass
+class RequestCounters:
+    """HTTP serving counters, incremented by the server and read at scrape time."""
+
+    by_handler_code: dict[tuple[str, int], int] = field(default_factory=dict)
+    durations: dict[str, LatencyHistogram] = field(default_factory=dict)
+    in_flight: int = 0
+    served_tokens: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def begin(self) -> None:
+        """A request started."""
+        with self._lock:
+            self.in_flight += 1
+
+    def end(self, handler: str, code: int, seconds: float, tokens: int = 0) -> None:
+        """A request was answered with ``code`` after ``seconds``."""
+        with self._lock:
+            self.in_flight -= 1
+            key = (handler, code)
+            self.by_handler_code[key] = self.by_handler_code.get(key, 0) + 1
+            self.served_tokens += tokens
+            hist = self.durations.get(handler)
+            if hist is None:
+                hist = self.durations[handler] = LatencyHistogram(DEFAULT_BUCKETS)
+        hist.observe(seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready totals: requests by handler and code, in flight, tokens served."""
+        with self._lock:
+            by = dict(self.by_handler_code)
+            in_flight, tokens = self.in_flight, self.served_tokens
+        requests: dict[str, dict[str, int]] = {}
+        for (handler, code), n in sorted(by.items()):
+            requests.setdefault(handler, {})[str(code)] = n
+        return {"requests": requests, "in_flight": in_flight, "served_tokens": tokens}
+
+
+class ServerCollector(Collector):
+    """Metric families for the HTTP server's ``RequestCounters``."""
+
+    def __init__(self, counters: RequestCounters) -> None:
+        self._counters = counters
+
+    def describe(self) -> Iterable[Metric]:
+        """Empty families with this collector's names."""
+        return [_family(name) for name in SERVER_METRICS]
+
+    def collect(self) -> Iterator[Metric]:
+        """Requests by handler and code, durations, in-flight gauge, tokens served."""
+        c = self._counters
+        with c._lock:
+            by = dict(c.by_handler_code)
+            durations = dict(c.durations)
+            in_flight, tokens = c.in_flight, c.served_tokens
+        fam = {name: _family(name) for name in SERVER_METRICS}
+        for (handler, code), n in sorted(by.items()):
+            fam["tiered_store_http_requests_total"].add_metric([handler, str(code)], n)
+        for handler, hist in sorted(durations.items()):
+            _add_histogram(fam["tiered_store_http_request_duration_seconds"], [handler], hist)
+        fam["tiered_store_http_requests_in_flight"].add_metric([], in_flight)
+        fam["tiered_store_served_tokens_total"].add_metric([], tokens)
+        yield from fam.values()
+
+
+def build_registry(
+    stores: Mapping[str, TieredStore] | Callable[[], Mapping[str, TieredStore]],
+    health: Mapping[str, TableHealth] | None = None,
+    requests: RequestCounters | None = None,
+    *,
+    process: bool = True,
+) -> CollectorRegistry:
+    """A fresh registry with the store collector, the server's (when given) and process metrics.
+
+    Examples
+    --------
+    >>> from prometheus_client import generate_latest
+    >>> registry = build_registry({}, requests=RequestCounters())
+    >>> b"tiered_store_http_requests_in_flight 0.0" in generate_latest(registry)
+    True
+    """
+    registry = CollectorRegistry()
+    registry.register(TieredStoreCollector(stores, health))
+    if requests is not None:
+        registry.register(ServerCollector(requests))
+    if process:
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes, cpu seconds, fds
+    return registry
+
+
+def _family(name: str) -> Metric:
+    """An empty metric family for ``name`` as ``METRICS`` describes it."""
+    kind, labels, doc = METRICS[name]
+    if kind == "counter":
+        return CounterMetricFamily(name, doc, labels=labels)
+    if kind == "gauge":
+        return GaugeMetricFamily(name, doc, labels=labels)
+    return HistogramMetricFamily(name, doc, labels=labels)
+
+
+def _add_histogram(
+    family: HistogramMetricFamily, labels: list[str], hist: LatencyHistogram
+) -> None:
+    """Add one ``LatencyHistogram`` as cumulative buckets (+Inf equals the count)."""
+    counts = list(hist.counts)  # one copy, so the buckets are consistent with each other
+    total = hist.sum
+    buckets, running = [], 0
+    for bound, n in zip((*hist.buckets, float("inf")), counts, strict=True):
+        running += n
+        buckets.append((floatToGoString(bound), running))
+    family.add_metric(labels, buckets, total)

@@ -1,0 +1,295 @@
+"""Reading a text corpus: which files, in which order, and which of them are text.
+
+A :class:`Corpus` is an ordered list of files, one document per file. It comes from paths the
+user names (files, directories walked recursively, glob patterns) or, with no paths, from an
+embedded default every machine has: the Python standard library's own ``*.py`` files
+(``sysconfig.get_paths()["stdlib"]``, without ``site-packages``/``dist-packages``, which differ
+from machine to machine).
+
+Files are read as UTF-8 (a byte-order mark is dropped). A file with a NUL byte is binary, a file
+that does not decode is not UTF-8, a file with only whitespace is empty: all three are skipped and
+counted in :class:`ReadStats`, whose :meth:`ReadStats.warning` names a few of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import sysconfig
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tiered_store.errors import TieredStoreError
+
+__all__ = [
+    "Corpus",
+    "CorpusError",
+    "ReadStats",
+    "SkippedFilesWarning",
+    "default_corpus",
+    "iter_texts",
+    "read_text",
+    "resolve_corpus",
+]
+
+_GLOB_CHARS = frozenset("*?[")
+_SKIPPED_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
+_BINARY_PROBE = 1 << 16  # bytes searched for a NUL byte before decoding
+EXAMPLES_SHOWN = 5  # skipped files named in the warning
+
+
+class CorpusError(TieredStoreError, ValueError):
+    """The corpus is empty, a path does not exist, or nothing in it is readable text."""
+
+
+class SkippedFilesWarning(UserWarning):
+    """Some corpus files were skipped (binary, not UTF-8, or empty)."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """An ordered list of text files, one document each.
+
+    Attributes
+    ----------
+    files : tuple of Path
+        The documents, in processing order.
+    description : str
+        What the corpus is, for reports and trace headers.
+    roots : tuple of str
+        The paths (or patterns) it was built from.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "a.txt").write_text("hello"); _ = (d / "b.txt").write_text("world")
+    >>> corpus = resolve_corpus([d])
+    >>> [p.name for p in corpus.files]
+    ['a.txt', 'b.txt']
+    >>> main, held = corpus.split(0.5, seed=0)
+    >>> len(main), len(held), set(main.files).isdisjoint(held.files)
+    (1, 1, True)
+    """
+
+    files: tuple[Path, ...]
+    description: str
+    roots: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def shuffled(self, seed: int) -> Corpus:
+        """The same documents in a seeded random order."""
+        order = np.random.default_rng(seed).permutation(len(self.files))
+        return Corpus(
+            tuple(self.files[i] for i in order), self.description + " (shuffled)", self.roots
+        )
+
+    def holdout_mask(self, fraction: float, seed: int) -> np.ndarray:
+        """Boolean mask over :attr:`files`: True for the documents of a held-out part.
+
+        ``round(fraction x documents)`` documents (at least 1 and at most all but one) are drawn
+        by a seeded permutation, so the two parts are disjoint by document.
+        """
+        if not 0.0 < fraction < 1.0:
+            raise CorpusError(f"holdout: got {fraction}; expected a fraction in (0, 1)")
+        n = len(self.files)
+        if n < 2:
+            raise CorpusError(
+                f"holdout: the corpus has {n} document; expected at least 2 to split by document"
+            )
+        k = min(max(round(fraction * n), 1), n - 1)
+        mask = np.zeros(n, dtype=bool)
+        mask[np.random.default_rng(seed).permutation(n)[:k]] = True
+        return mask
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[Corpus, Corpus]:
+        """``(rest, held_out)``: disjoint by document, each in the original order."""
+        mask = self.holdout_mask(fraction, seed)
+        rest = tuple(f for f, m in zip(self.files, mask, strict=True) if not m)
+        held = tuple(f for f, m in zip(self.files, mask, strict=True) if m)
+        return (
+            Corpus(rest, f"{self.description} minus holdout", self.roots),
+            Corpus(held, f"{self.description} holdout {fraction:g}", self.roots),
+        )
+
+    def total_bytes(self) -> int:
+        """Sum of the files' sizes (files that vanished count 0)."""
+        total = 0
+        for f in self.files:
+            with contextlib.suppress(OSError):
+                total += f.stat().st_size
+        return total
+
+
+def _walk(directory: Path) -> Iterator[Path]:
+    """Regular files under ``directory``, sorted, skipping hidden entries and cache folders."""
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIPPED_DIRS)
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(root) / name
+
+
+def _expand(path: str | os.PathLike[str]) -> list[Path]:
+    """The files one corpus argument names (a file, a directory, or a glob pattern)."""
+    text = os.fspath(path)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        return list(_walk(p))
+    if p.is_file():
+        return [p]
+    if _GLOB_CHARS & set(text):
+        out: list[Path] = []
+        for match in sorted(glob.glob(os.path.expanduser(text), recursive=True)):
+            m = Path(match)
+            out.extend(_walk(m) if m.is_dir() else [m] if m.is_file() else [])
+        if not out:
+            raise CorpusError(f"corpus path {text!r}: the pattern matches no files")
+        return out
+    raise CorpusError(f"corpus path {text!r}: no such file or directory")
+
+
+def resolve_corpus(paths: Iterable[str | os.PathLike[str]] | None = None) -> Corpus:
+    """The corpus that ``paths`` name, or :func:`default_corpus` when there are none.
+
+    Parameters
+    ----------
+    paths : iterable of str or Path, optional
+        Files, directories (walked recursively in sorted order, hidden entries, ``__pycache__``,
+        ``site-packages`` and ``dist-packages`` skipped) and glob patterns (``**`` recurses).
+        A file named twice is kept once, at its first place.
+
+    Returns
+    -------
+    Corpus
+
+    Raises
+    ------
+    CorpusError
+        A path does not exist, a pattern matches nothing, or no file is found at all.
+
+    Examples
+    --------
+    >>> resolve_corpus().description.startswith("Python standard library")
+    True
+    """
+    paths = list(paths or [])
+    if not paths:
+        return default_corpus()
+    seen: set[Path] = set()
+    files: list[Path] = []
+    for arg in paths:
+        for f in _expand(arg):
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    if not files:
+        raise CorpusError(
+            f"corpus {', '.join(map(os.fspath, paths))}: no files found; expected text files, "
+            "directories holding them, or glob patterns"
+        )
+    roots = tuple(os.fspath(p) for p in paths)
+    return Corpus(tuple(files), f"{len(files):,} files from {', '.join(roots)}", roots)
+
+
+def default_corpus() -> Corpus:
+    """The Python standard library's ``*.py`` source files (without third-party packages).
+
+    Every Python installation has them, so ``tiered-store analyze`` runs without downloads: about
+    1,800 files, 31 MB and 8.7M DeepSeek tokens on CPython 3.11.
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in _walk(stdlib) if p.suffix == ".py"]
+    if not files:
+        raise CorpusError(f"default corpus: no *.py files under the standard library {stdlib}")
+    return Corpus(
+        tuple(files),
+        f"Python standard library {sysconfig.get_python_version()} sources "
+        f"({len(files):,} *.py files under {stdlib})",
+        (str(stdlib),),
+    )
+
+
+@dataclass
+class ReadStats:
+    """What reading a corpus found: documents used and files skipped, with reasons."""
+
+    documents: int = 0
+    bytes_read: int = 0
+    skipped: dict[str, list[str]] = field(
+        default_factory=lambda: {"binary": [], "not UTF-8": [], "empty": [], "unreadable": []}
+    )
+
+    @property
+    def skipped_count(self) -> int:
+        """Files skipped, all reasons together."""
+        return sum(len(v) for v in self.skipped.values())
+
+    def skip(self, path: Path, reason: str) -> None:
+        """Record a skipped file."""
+        self.skipped.setdefault(reason, []).append(str(path))
+
+    def warning(self, limit: int = EXAMPLES_SHOWN) -> str | None:
+        """One line naming the skipped files (a count, then the first few), or None."""
+        n = self.skipped_count
+        if not n:
+            return None
+        reasons = ", ".join(f"{len(v)} {k}" for k, v in self.skipped.items() if v)
+        names = [f"{p} ({k})" for k, v in self.skipped.items() for p in v][:limit]
+        more = f", and {n - len(names)} more" if n > len(names) else ""
+        return f"skipped {n} file{'s' * (n != 1)} ({reasons}): {', '.join(names)}{more}"
+
+    def to_dict(self, limit: int = 50) -> dict[str, object]:
+        """JSON form: counts per reason and up to ``limit`` names per reason."""
+        return {
+            "documents": self.documents,
+            "bytes_read": self.bytes_read,
+            "skipped": self.skipped_count,
+            "skipped_by_reason": {k: len(v) for k, v in self.skipped.items()},
+            "skipped_files": {k: v[:limit] for k, v in self.skipped.items() if v},
+        }
+
+
+def read_text(path: Path) -> tuple[str | None, str | None, int]:
+    """``(text, None, size)`` for a UTF-8 text file, else ``(None, reason, size)``.
+
+    Reasons: ``"binary"`` (a NUL byte in the first 64 KiB), ``"not UTF-8"``, ``"empty"``
+    (nothing but whitespace) and ``"unreadable"`` (an OS error).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None, "unreadable", 0
+    if b"\x00" in data[:_BINARY_PROBE]:
+        return None, "binary", len(data)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None, "not UTF-8", len(data)
+    if not text.strip():
+        return None, "empty", len(data)
+    return text, None, len(data)
+
+
+def iter_texts(
+    files: Sequence[Path], stats: ReadStats, wanted: Callable[[int], bool] | None = None
+) -> Iterator[tuple[int, str]]:
+    """``(index, text)`` of each readable file, in order; skipped files are recorded in
+    ``stats``. When ``wanted(i)`` is False (asked just before reading) file i is passed over."""
+    for i, path in enumerate(files):
+        if wanted is not None and not wanted(i):
+            continue
+        text, reason, size = read_text(path)
+        if text is None:
+            stats.skip(path, reason or "unreadable")
+            continue
+        stats.documents += 1
+        stats.bytes_read += size
+        yield i, text
