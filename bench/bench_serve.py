@@ -132,6 +132,15 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cached_bytes(url: str) -> int:
+    """Payload bytes resident in the server's cache tiers (occupancy x row size, every table)."""
+    _, stats = get_json(url + "/stats")
+    return sum(
+        (s["hot"]["occupancy"] + s["warm"]["occupancy"]) * stats["geometry"][name]["row_bytes"]
+        for name, s in stats["tables"].items()
+    )
+
+
 def prepare_config(
     workdir: Path, base: Path = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None
 ) -> Path:
@@ -278,7 +287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="serve config to copy")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients")
     p.add_argument("--requests", type=int, default=2000, help="measured requests in total")
-    p.add_argument("--warmup", type=int, default=100, help="requests before measuring")
+    p.add_argument(
+        "--warmup", type=int, default=400, help="requests before measuring (fills the caches)"
+    )
     p.add_argument("--batch", type=int, default=1, help="sequences per request")
     p.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the token ids")
@@ -302,12 +313,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.warmup, batch=args.batch, tokens=args.tokens, exponent=args.zipf, seed=1
             )
             run_load(url, warm, clients=args.clients)
-            rss_before = server.rss_bytes()
+            rss_before, cached_before = server.rss_bytes(), cached_bytes(server.url)
             bodies = zipf_requests(
                 args.requests, batch=args.batch, tokens=args.tokens, exponent=args.zipf, seed=2
             )
             result = run_load(url, bodies, clients=args.clients, check=lambda a: "checksum" in a)
-            rss_after = server.rss_bytes()
+            rss_after, cached_after = server.rss_bytes(), cached_bytes(server.url)
             _, stats = get_json(server.url + "/stats")
             status = server.stop()
     report = result.to_dict()
@@ -315,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         tokens_per_request=args.batch * args.tokens,
         server_rss_before_mib=round(rss_before / 2**20, 1),
         server_rss_after_mib=round(rss_after / 2**20, 1),
+        rss_growth_mib=round((rss_after - rss_before) / 2**20, 1),
+        # payload of rows that entered the cache tiers during the run (slots reserved at start,
+        # touched on first write): growth up to about this much is the caches filling, not a leak
+        cache_fill_mib=round((cached_after - cached_before) / 2**20, 1),
         server_exit_status=status,
         hit_rate={
             f"{table}/{tier}": round(s[tier]["hit_rate"], 4)
@@ -328,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.requests_per_second:.1f} req/s, p50 {result.percentile_ms(50):.1f} ms, "
         f"p95 {result.percentile_ms(95):.1f} ms, p99 {result.percentile_ms(99):.1f} ms; "
         f"errors {sum(result.errors.values())}, lost {result.lost}; server RSS "
-        f"{rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB"
+        f"{rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB, of which "
+        f"{(cached_after - cached_before) / 2**20:.1f} MiB newly cached rows"
     )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

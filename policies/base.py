@@ -32,6 +32,10 @@ class EvictionPolicy:
     def on_insert(self, slots: torch.Tensor) -> None:
         """Slots (unique) that just received a new row."""
 
+    def on_reinstate(self, slots: torch.Tensor) -> None:
+        """Victims from the last ``choose_victims`` that stay resident after all (their candidates
+        were refused admission), oldest first; they keep their old standing."""
+
     def victim_priority(self) -> torch.Tensor:
         """Per-slot eviction priority (lower goes first); any dtype ``topk`` accepts."""
         raise NotImplementedError

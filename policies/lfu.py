@@ -1,4 +1,4 @@
-"""Least frequently used with aging, batched: a per-slot access count and last-use clock."""
+"""Least frequently used with aging, batched: a per-slot access count and last-access number."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import torch
 
 from .base import EvictionPolicy
 
-_CLOCK_BITS = 40  # batches before the recency tie-break wraps: 1.1e12
-_COUNT_MAX = (1 << 23) - 1  # counts saturate here so count and clock pack into one int64 key
+_SEQ_BITS = 40  # access sequence numbers kept below 2**40 (renumbered when they get there)
+_COUNT_MAX = (1 << 23) - 1  # counts saturate here so count and recency pack into one int64 key
 
 
 class LFU(EvictionPolicy):
@@ -17,6 +17,9 @@ class LFU(EvictionPolicy):
     1. Every ``aging_period`` accesses seen by the policy (hits plus insertions) all counts are
     halved, so a row that was hot an hour ago does not stay forever; in a batch that crosses
     ``k`` period boundaries counts are halved ``k`` times after its accesses are counted.
+    Recency is an access sequence number: within a batch it follows the order of the hook
+    calls (hits in lookup order, then insertions), so no two slots tie and the victims are the
+    same on every device.
 
     Parameters
     ----------
@@ -34,8 +37,8 @@ class LFU(EvictionPolicy):
     --------
     >>> import torch
     >>> lfu = LFU(capacity=3)
-    >>> lfu.on_batch(); lfu.on_insert(torch.tensor([0, 1, 2]))
-    >>> lfu.on_batch(); lfu.on_hit(torch.tensor([0, 0, 2]))
+    >>> lfu.on_insert(torch.tensor([0, 1, 2]))
+    >>> lfu.on_hit(torch.tensor([0, 0, 2]))
     >>> lfu.count.tolist()
     [3, 1, 2]
     >>> lfu.choose_victims(2, torch.zeros(3, dtype=torch.bool)).tolist()
@@ -43,7 +46,7 @@ class LFU(EvictionPolicy):
     """
 
     name = "lfu"
-    #: count (int32) + last use (int64)
+    #: count (int32) + last access number (int64)
     bytes_per_slot = 12
 
     def __init__(
@@ -55,29 +58,38 @@ class LFU(EvictionPolicy):
             raise ValueError(f"lfu aging_period: got {self.aging_period}; expected >= 1")
         self.count = torch.zeros(capacity, dtype=torch.int32, device=self.device)
         self.last_used = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
-        self.clock = 0
+        self.seq = 0  # sequence number of the next access
         self.accesses = 0  # since the last halving
         self.agings = 0
 
-    def on_batch(self) -> None:
-        self.clock += 1
-
     def on_hit(self, slots: torch.Tensor) -> None:
         slots = slots.to(self.device).long()
+        if slots.numel() == 0:
+            return
         self.count.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
         self.count[slots] = self.count[slots].clamp(max=_COUNT_MAX)
-        self.last_used[slots] = self.clock
+        self.last_used.scatter_reduce_(0, slots, self._next_seq(slots.numel()), reduce="amax")
         self._age(slots.numel())
 
     def on_insert(self, slots: torch.Tensor) -> None:
         slots = slots.to(self.device).long()
+        if slots.numel() == 0:
+            return
         self.count[slots] = 1
-        self.last_used[slots] = self.clock
+        self.last_used[slots] = self._next_seq(slots.numel())
         self._age(slots.numel())
 
     def victim_priority(self) -> torch.Tensor:
-        recency = self.last_used.clamp(min=0) & ((1 << _CLOCK_BITS) - 1)
-        return (self.count.long() << _CLOCK_BITS) | recency
+        return (self.count.long() << _SEQ_BITS) | self.last_used.clamp(min=0)
+
+    def _next_seq(self, m: int) -> torch.Tensor:
+        """Sequence numbers for ``m`` accesses; renumbers the slots by rank when they run out."""
+        if self.seq + m >= 1 << _SEQ_BITS:
+            order = torch.argsort(self.last_used)  # never-used slots (-1) first
+            self.last_used[order] = torch.arange(self.capacity, device=self.device)
+            self.seq = self.capacity
+        start, self.seq = self.seq, self.seq + m
+        return torch.arange(start, self.seq, device=self.device)
 
     def _age(self, accesses: int) -> None:
         """Count accesses; halve every count once per completed period."""

@@ -49,6 +49,17 @@ class LRU(EvictionPolicy):
     def victim_priority(self) -> torch.Tensor:
         return self.latest
 
+    def on_reinstate(self, slots: torch.Tensor) -> None:
+        """Put refused victims back at the old end of the log, where ``choose_victims`` took them."""
+        k = slots.numel()
+        if k == 0:
+            return
+        self._head -= k  # the entries just consumed lie right before the head, so there is room
+        self._log[self._head : self._head + k] = slots
+        self.latest.index_copy_(
+            0, slots, torch.arange(self._head, self._head + k, device=self.device)
+        )
+
     def choose_victims(self, n: int, protected: torch.Tensor) -> torch.Tensor:
         """The ``n`` least recent unprotected slots, oldest first."""
         found: list[torch.Tensor] = []
@@ -87,7 +98,9 @@ class LRU(EvictionPolicy):
         positions = torch.arange(self._head, self._tail, device=self.device)
         live = slots[torch.index_select(self.latest, 0, slots) == positions]
         if live.numel() + room > self._log.numel():
-            self._log = torch.empty(2 * (live.numel() + room), dtype=torch.int64, device=self.device)
+            self._log = torch.empty(
+                2 * (live.numel() + room), dtype=torch.int64, device=self.device
+            )
         self._log[: live.numel()] = live
         self.latest.index_copy_(0, live, torch.arange(live.numel(), device=self.device))
         self._head, self._tail = 0, live.numel()

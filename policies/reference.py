@@ -114,6 +114,12 @@ class ScalarSieve(ScalarCache):
     at the victim's newer neighbour, or nowhere if the victim was the newest (the next eviction
     starts from the oldest, even if rows were added since): libCacheSim's ``Sieve`` exactly. A
     victim the admission filter turns away stays where it is.
+
+    Examples
+    --------
+    >>> cache = ScalarSieve(2)
+    >>> [cache.access(r) for r in [1, 2, 1, 3, 1, 2]]  # 3 evicts 2 (1 was visited), not 1
+    [False, False, True, False, True, False]
     """
 
     #: whether a hit sets the visited bit (False turns this into FIFO)
@@ -163,6 +169,12 @@ class ScalarLFU(ScalarCache):
 
     A hit adds 1 to the row's count, a new row starts at 1; both are accesses. Every
     ``aging_period`` accesses all counts are halved (rounding down).
+
+    Examples
+    --------
+    >>> cache = ScalarLFU(2)
+    >>> [cache.access(r) for r in [1, 1, 2, 3, 1, 2]]  # 3 evicts 2: count 1 against 1's 2
+    [False, True, False, False, True, False]
     """
 
     def __init__(
@@ -212,6 +224,14 @@ class ScalarTinyLFU:
     """Reference TinyLFU admission: a count-min sketch of saturating counters, aged by halving.
 
     Same hash, sizes and aging as ``policies.tinylfu.TinyLFU``; one id at a time.
+
+    Examples
+    --------
+    >>> f = ScalarTinyLFU(capacity=4)
+    >>> for row in [5, 5, 9]:
+    ...     f.record(row)
+    >>> f.frequency(5), f.admit(9, 5), f.admit(5, 9)
+    (2, False, True)
     """
 
     def __init__(

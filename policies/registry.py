@@ -28,7 +28,7 @@ EVICTION: dict[str, Callable[..., EvictionPolicy]] = {
     "fifo": FIFO,
 }
 ADMISSION: dict[str, Callable[..., AdmissionPolicy]] = {"all": AdmissionPolicy, "tinylfu": TinyLFU}
-MODIFIERS = ("static",)
+MODIFIERS = ("static", "zipf-tuned")
 
 
 def register_eviction(name: str, factory: Callable[..., EvictionPolicy]) -> None:
@@ -53,12 +53,15 @@ class PolicySpec:
     eviction: str | None
     admission: str
     static: bool
+    tuned: bool = False  # zipf-tuned: pinned rows and segment sizes come from a frequency profile
 
     @property
     def text(self) -> str:
         """The canonical name, e.g. ``'static+lru+tinylfu'``."""
-        parts = ["static"] if self.static else []
-        parts += [self.eviction] if self.eviction else []
+        if self.tuned:
+            parts = ["zipf-tuned"] + ([self.eviction] if self.eviction != "lru" else [])
+        else:
+            parts = (["static"] if self.static else []) + ([self.eviction] if self.eviction else [])
         parts += [self.admission] if self.admission != "all" else []
         return "+".join(parts)
 
@@ -69,7 +72,7 @@ class PolicySpec:
             raise ConfigError(
                 f"{key}: got {text!r}; expected a policy name like 'lru' or 'static+lru'"
             )
-        eviction, admission, static = None, "all", False
+        eviction, admission, static, tuned = None, "all", False, False
         for part in (p.strip().lower() for p in text.split("+")):
             if part in EVICTION:
                 if eviction is not None:
@@ -79,6 +82,8 @@ class PolicySpec:
                 admission = part
             elif part == "static":
                 static = True
+            elif part == "zipf-tuned":
+                static = tuned = True
             else:
                 raise ConfigError(
                     f"{key}: unknown policy {part!r} in {text!r}; known: {', '.join(known_names())}"
@@ -87,7 +92,9 @@ class PolicySpec:
             raise ConfigError(
                 f"{key}: {text!r} has no eviction policy; expected one of {sorted(EVICTION)}"
             )
-        return cls(eviction, admission, static)
+        if tuned and eviction is None:
+            eviction = "lru"  # the recency segment's default
+        return cls(eviction, admission, static, tuned)
 
     def build(self, capacity: int, num_rows: int, device) -> tuple[EvictionPolicy, AdmissionPolicy]:
         """Instantiate the eviction policy and admission filter for a tier."""

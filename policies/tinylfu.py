@@ -40,9 +40,13 @@ def mix64(ids: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
     True
     """
     z = ids.long() + (seed if isinstance(seed, torch.Tensor) else _signed(seed & MASK64))
-    z = (z ^ _shr(z, 30)) * _signed(_M1)
-    z = (z ^ _shr(z, 27)) * _signed(_M2)
-    return z ^ _shr(z, 31)
+    tmp = torch.empty_like(z)
+    for bits, mult in ((30, _M1), (27, _M2), (31, None)):  # in place: one temporary in all
+        torch.bitwise_right_shift(z, bits, out=tmp).bitwise_and_((1 << (64 - bits)) - 1)
+        z.bitwise_xor_(tmp)
+        if mult is not None:
+            z.mul_(_signed(mult))
+    return z
 
 
 def mix64_int(x: int, seed: int) -> int:

@@ -7,6 +7,7 @@ a time and in batches, and checks it against the scalar references in ``policies
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from policies import (
     ScalarTinyLFU,
     TinyLFU,
     known_names,
+    tinylfu,
 )
 from policies.tinylfu import mix64, mix64_int, row_seeds
 from tiered_store.errors import ConfigError
@@ -229,18 +231,6 @@ class TestFIFO(EvictionContract):
         assert fifo.choose_victims(2, torch.zeros(3, dtype=torch.bool)).tolist() == [2, 0]
 
 
-def _random_sieve(rng: np.random.Generator, capacity: int, rounds: int) -> SIEVE:
-    """A SIEVE with a random history of inserts, hits and evictions, every slot occupied."""
-    sieve = SIEVE(capacity)
-    sieve.on_insert(torch.from_numpy(rng.permutation(capacity)))
-    for _ in range(rounds):
-        sieve.on_hit(torch.from_numpy(rng.integers(0, capacity, rng.integers(0, capacity + 1))))
-        k = int(rng.integers(1, capacity + 1))
-        victims = sieve.choose_victims(k, torch.zeros(capacity, dtype=torch.bool))
-        sieve.on_insert(victims[torch.from_numpy(rng.permutation(k))])
-    return sieve
-
-
 class TestSieve(EvictionContract):
     spec = "sieve"
 
@@ -255,25 +245,35 @@ class TestSieve(EvictionContract):
     @given(
         seed=st.integers(0, 2**32 - 1),
         capacity=st.integers(1, 40),
-        rounds=st.integers(0, 8),
-        n=st.integers(1, 40),
-        p_protect=st.sampled_from([0.0, 0.3]),
+        rounds=st.integers(1, 10),
     )
-    def test_n_victims_at_once_equal_n_single_evictions(self, seed, capacity, rounds, n, p_protect):
+    def test_n_victims_at_once_equal_n_scalar_evictions(self, seed, capacity, rounds):
+        """Batched eviction of k slots = k evictions of the reference, one after another
+        (slots stand for rows); the victims then come back as new rows, in random order."""
         rng = np.random.default_rng(seed)
-        sieve = _random_sieve(rng, capacity, rounds)
-        protected = torch.from_numpy(rng.random(capacity) < p_protect)
-        n = min(n, int((~protected).sum()))
-        batched = copy.deepcopy(sieve)
-        at_once = batched.choose_victims(n, protected).tolist()
-        one_by_one, mask = [], protected.clone()
-        for _ in range(n):
-            v = int(sieve.choose_victims(1, mask)[0])
-            one_by_one.append(v)
-            mask[v] = True
-        assert at_once == one_by_one
-        assert torch.equal(batched.visited, sieve.visited)
-        assert batched.hand == sieve.hand
+        sieve, ref = SIEVE(capacity), ScalarSieve(capacity)
+        none = torch.zeros(capacity, dtype=torch.bool)
+        order = rng.permutation(capacity).tolist()
+        sieve.on_insert(torch.tensor(order))
+        for slot in order:
+            ref._insert(slot)
+        for _ in range(rounds):
+            hits = rng.integers(0, capacity, int(rng.integers(0, capacity + 1))).tolist()
+            sieve.on_hit(torch.tensor(hits, dtype=torch.int64))
+            for slot in hits:
+                ref._hit(slot)
+            k = int(rng.integers(1, capacity + 1))
+            got = sieve.choose_victims(k, none).tolist()
+            want = []
+            for _ in range(k):
+                want.append(ref._victim())
+                ref._remove(want[-1])
+            assert got == want
+            back = rng.permutation(got).tolist()
+            sieve.on_insert(torch.tensor(back))
+            for slot in back:
+                ref._insert(slot)
+            assert sieve.visited.tolist() == [ref.visited[s] for s in range(capacity)]
 
     def test_hand_wraps_and_persists(self):
         sieve = SIEVE(capacity=4)
@@ -320,6 +320,20 @@ class TestLFU(EvictionContract):
             lfu.on_insert(torch.tensor([slot]))
         assert lfu.choose_victims(3, torch.zeros(3, dtype=torch.bool)).tolist() == [2, 0, 1]
 
+    def test_within_a_batch_recency_follows_lookup_order(self):
+        lfu = LFU(capacity=4)
+        lfu.on_insert(torch.tensor([0, 1, 2, 3]))
+        lfu.on_hit(torch.tensor([3, 1, 2, 0, 3]))  # 0, 1, 2 read once, last at 0
+        assert lfu.choose_victims(3, torch.zeros(4, dtype=torch.bool)).tolist() == [1, 2, 0]
+
+    def test_access_numbers_renumber_without_changing_the_order(self):
+        lfu = LFU(capacity=3)
+        lfu.on_insert(torch.tensor([2, 0, 1]))
+        lfu.seq = (1 << 40) - 2  # about to run out
+        lfu.on_hit(torch.tensor([2, 1]))
+        assert lfu.seq < 10 and lfu.count.tolist() == [1, 2, 2]
+        assert lfu.choose_victims(3, torch.zeros(3, dtype=torch.bool)).tolist() == [0, 2, 1]
+
     def test_counts_halve_every_aging_period(self):
         lfu = LFU(capacity=2, aging_period=10)
         assert LFU(capacity=7).aging_period == 70  # default: ten turnovers of the tier
@@ -351,28 +365,13 @@ class TestLFU(EvictionContract):
 # -- admission ----------------------------------------------------------------------------------
 
 
-# LRU's victim search pops the victims off its recency log (policies/lru.py, choose_victims), but
-# a victim whose candidate the admission filter refuses stays cached: it is then missing from the
-# log, never chosen again until it is read, and the tier stops turning over. Remove these marks
-# when LRU keeps refused victims findable (strict: the fix turns them into failures to notice).
-_LRU_DROPS_REFUSED_VICTIMS = "LRU forgets a victim that admission refused (see comment above)"
-
-
 class TestLRUTinyLFU(EvictionContract):
     spec = "lru+tinylfu"
     admits_every_miss = False
 
-    @pytest.mark.xfail(strict=True, reason=_LRU_DROPS_REFUSED_VICTIMS)
-    def test_per_request_equals_scalar_reference(self):
-        super().test_per_request_equals_scalar_reference()
-
-    @pytest.mark.xfail(strict=True, reason=_LRU_DROPS_REFUSED_VICTIMS)
-    @pytest.mark.parametrize("seed", [0])
-    def test_choose_victims_are_distinct_and_never_protected(self, seed):
-        super().test_choose_victims_are_distinct_and_never_protected(seed)
-
-    @pytest.mark.xfail(strict=True, reason=_LRU_DROPS_REFUSED_VICTIMS)
     def test_a_refused_victim_can_still_be_evicted(self):
+        """A victim whose candidate is refused stays resident and stays the oldest: the next,
+        more frequent candidate displaces it (LRU puts refused victims back in its log)."""
         cache = self.make(1, num_rows=10)
         for row in [0, 1, 1]:  # 1 refused (1 vs 1), then admitted (2 > 1) over 0
             _access_one(cache, row)
@@ -427,14 +426,18 @@ class TestTinyLFU:
         batch=st.lists(st.integers(0, 300), min_size=1, max_size=200),
     )
     def test_batch_update_equals_one_by_one(self, capacity, batch):
-        """Duplicates, bucket collisions and saturation are counted exactly within a batch."""
-        f = TinyLFU(num_rows=301, capacity=capacity, sample_factor=10**6)
+        """Duplicates, bucket collisions and saturation are counted exactly within a batch, by
+        both ways of summing a batch (sorting, or the scratch row)."""
         ref = ScalarTinyLFU(capacity, sample_factor=10**6)
-        f.on_access(torch.tensor(batch))
         for row in batch:
             ref.record(row)
-        assert f.sketch.tolist() == ref.rows
-        assert f.frequency(torch.arange(301)).tolist() == [ref.frequency(r) for r in range(301)]
+        for sort_limit in (0, 1 << 14):
+            f = TinyLFU(num_rows=301, capacity=capacity, sample_factor=10**6)
+            with mock.patch.object(tinylfu, "_SORT_LIMIT", sort_limit):
+                f.on_access(torch.tensor(batch))
+            assert f.sketch.tolist() == ref.rows
+            want = [ref.frequency(r) for r in range(301)]
+            assert f.frequency(torch.arange(301)).tolist() == want
 
     def test_counters_saturate_and_halve_after_the_sample(self):
         f = TinyLFU(num_rows=10, capacity=2)  # sample 20
@@ -446,7 +449,7 @@ class TestTinyLFU:
 
     @pytest.mark.parametrize(
         "eviction",
-        ["fifo", "sieve", "lfu", pytest.param("lru", marks=pytest.mark.xfail(strict=True))],
+        ["fifo", "sieve", "lfu", "lru"],
     )
     def test_one_off_rows_do_not_flush_reused_rows(self, eviction):
         """16 rows are each reused every 48 requests, between them a stream of one-off rows: the
@@ -515,3 +518,25 @@ def test_policy_names_parse(text, eviction, admission):
 def test_admission_alone_or_two_evictions_is_an_error(bad):
     with pytest.raises(ConfigError):
         PolicySpec.parse(bad, key="tiers.warm.policy")
+
+
+@pytest.mark.parametrize("spec", ["fifo", "sieve", "lfu", "sieve+tinylfu", "lfu+tinylfu"])
+def test_live_store_serves_exact_rows_with_each_policy(table, spec):
+    """The policies by name in a YAML-shaped config, in the live store with hot and warm tiers."""
+    from tests.conftest import store_config
+    from tiered_store import TieredStore
+    from tiered_store.workload import ZipfWorkload
+
+    path, data = table
+    hot = {"capacity": 200, "policy": spec}
+    warm = {"capacity": 800, "policy": spec}
+    with TieredStore(store_config(path, hot=hot, warm=warm)) as store:
+        workload = ZipfWorkload(data.shape[0], 0.9, seed=3)
+        for _ in range(8):
+            ids = torch.from_numpy(workload.sample(600))
+            assert torch.equal(store.lookup(ids), data[ids])
+        for tier in (store.hot, store.warm):
+            assert tier.spec.text == spec
+            c = tier.counters
+            assert c.hits + c.misses == c.lookups > 0
+            assert c.admissions - c.evictions == tier.occupancy

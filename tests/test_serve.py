@@ -24,6 +24,12 @@ from zipf_analysis.replay import replay
 from zipf_analysis.trace import TraceReader
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "serve.yaml"
+GOLDEN = (
+    Path(__file__).resolve().parent.parent.parent
+    / "shared"
+    / "golden"
+    / "engram_forward.safetensors"
+)
 CONFIG = {
     "engram": {
         "engram_vocab_size": [2003, 3001],
@@ -178,6 +184,41 @@ def test_answer_matches_an_in_memory_reference(server):
     _, again = post_json(server.url + "/v1/engram", {"input_ids": ids})
     assert again["checksum"] == answer["checksum"]
     assert again["layer_checksums"] == answer["layer_checksums"]
+
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason="needs ../shared/golden")
+def test_checkpoint_layers_over_tiered_stores_reproduce_the_golden_forward(tmp_path):
+    """Tables from the golden checkpoint's weights, dense weights via dense.checkpoint."""
+    from safetensors.torch import load_file
+
+    from tiered_store.engram import split_checkpoint
+    from tiered_store.table_format import create_table
+
+    golden = load_file(GOLDEN)
+    meta = json.loads(GOLDEN.with_suffix(".json").read_text())
+    for layer in (1, 4):
+        weight, _ = split_checkpoint(GOLDEN, layer)
+        create_table(tmp_path / f"layer{layer}.npy", weight, progress=False)
+    path = tmp_path / "golden.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "engram": meta["engram"],
+                "backbone": meta["backbone"],
+                "tables": {"path": "layer{layer}.npy"},
+                "store": {"tiers": {"hot": {"capacity": 64}, "warm": {"capacity": "10%"}}},
+                "dense": {"checkpoint": str(GOLDEN)},
+            }
+        )
+    )
+    stack = EngramStack(ServeConfig.from_yaml(path))
+    try:
+        for layer in (1, 4):
+            out = stack.layers[layer](golden[f"layer{layer}.hidden_states"], golden["input_ids"])
+            torch.testing.assert_close(out, golden[f"layer{layer}.output"], atol=1e-5, rtol=1e-5)
+        assert stack.stats()["layer1"]["cold"]["rows_read"] > 0
+    finally:
+        stack.close()
 
 
 def test_text_is_tokenised_and_padded(server):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from policies import PolicySpec
+from policies.zipf_tuned import zipf_tuned_split
 
 from .capacity import resolve_capacity
 from .config import CacheTierConfig, StoreConfig
@@ -66,16 +67,30 @@ class CacheHierarchy:
         Returns (cache, row ids loaded, their slots) for the caller to fill with payload."""
         loaded = []
         for cache, tier in ((self.hot, config.tiers.hot), (self.warm, config.tiers.warm)):
+            if cache.capacity == 0:
+                continue
+            if cache.spec.tuned:  # pinned rows come from the profile, sized by zipf_tuned_split
+                split = zipf_tuned_split(
+                    _load_profile(tier.profile, cache.num_rows, f"tiers.{cache.name}.profile"),
+                    cache.capacity,
+                    recency_window=tier.recency_window,
+                )
+                loaded.append(self._preload(cache, torch.from_numpy(split.pinned_rows), True))
             for key, pin in (("static_rows", True), ("preload_rows", False)):
                 path = getattr(tier, key)
-                if path is None or cache.capacity == 0 or (pin and not cache.spec.static):
+                if path is None or (pin and (not cache.spec.static or cache.spec.tuned)):
                     continue
-                ids = torch.from_numpy(
-                    _load_row_list(path, cache.num_rows, f"tiers.{cache.name}.{key}")
-                )
-                pos, slots = cache.preload(ids[: cache.capacity * 4], pin=pin)
-                loaded.append((cache, ids[pos.cpu()], slots))
+                ids = _load_row_list(path, cache.num_rows, f"tiers.{cache.name}.{key}")
+                loaded.append(self._preload(cache, torch.from_numpy(ids), pin))
         return loaded
+
+    @staticmethod
+    def _preload(
+        cache: RowCache, ids: torch.Tensor, pin: bool
+    ) -> tuple[RowCache, torch.Tensor, torch.Tensor]:
+        """Preload ``ids`` (hottest first) into free slots; returns what was loaded where."""
+        pos, slots = cache.preload(ids[: cache.capacity * 4], pin=pin)
+        return cache, ids[pos.cpu()], slots
 
     def plan(self, flat_ids: torch.Tensor) -> LookupPlan:
         """Probe hot, then warm for the (deduplicated) hot misses; record hits with the policies."""
@@ -130,7 +145,12 @@ def _row_cache(
         tier.capacity, table_rows=num_rows, row_bytes=row_bytes, key=f"tiers.{name}.capacity"
     )
     spec = PolicySpec.parse(tier.policy, key=f"tiers.{name}.policy")
-    if spec.static and tier.static_rows is None and capacity:
+    if spec.tuned and tier.profile is None and capacity:
+        raise ConfigError(
+            f"tiers.{name}.profile: policy {tier.policy!r} sizes its segments from a frequency "
+            "profile; expected the .npz that `tiered-store analyze` writes"
+        )
+    if spec.static and not spec.tuned and tier.static_rows is None and capacity:
         raise ConfigError(
             f"tiers.{name}.static_rows: policy {tier.policy!r} pins rows; expected a .npy of row ids"
         )
@@ -162,3 +182,20 @@ def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:
             f"{key}: {path} has ids outside [0, {rows:,}); expected row ids of this table"
         )
     return ids
+
+
+def _load_profile(path: str, rows: int, key: str):
+    """A FrequencyProfile for this table; errors name the key."""
+    from zipf_analysis.profile import FrequencyProfile
+
+    try:
+        profile = FrequencyProfile.load(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"{key}: cannot read {path} ({exc}); expected a profile .npz from `tiered-store analyze`"
+        ) from None
+    if profile.rows is not None and profile.rows != rows:
+        raise ConfigError(
+            f"{key}: {path} profiles a table of {profile.rows:,} rows; this table has {rows:,}"
+        )
+    return profile

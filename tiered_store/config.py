@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "warm.policy": "lru",
     "warm.pin_memory": "auto",  # pinned host RAM when the compute device is CUDA
     "evict_headroom": 0.0,  # fraction of capacity freed each time eviction runs (0 = exact)
+    "recency_window": 65_536,  # lookups a zipf-tuned recency segment covers (4096 tokens x 16 heads)
     "cold.io": "pread",  # "mmap" (page cache) | "pread" (threads) | "direct" (threads, O_DIRECT)
     "cold.threads": 8,  # parallel readers
     "prefetch.depth": 2,  # prefetches in flight before prefetch() blocks
@@ -66,6 +67,8 @@ class CacheTierConfig(_Model):
     policy: str = "lru"
     static_rows: str | None = None  # .npy of row ids (hottest first) pinned by a 'static' policy
     preload_rows: str | None = None  # .npy of row ids loaded at open (warm start, not pinned)
+    profile: str | None = None  # frequency profile (.npz from `tiered-store analyze`), zipf-tuned
+    recency_window: StrictInt = Field(default=DEFAULTS["recency_window"], gt=0)  # lookups
     evict_headroom: float = Field(default=DEFAULTS["evict_headroom"], ge=0.0, le=0.5)
 
 
@@ -164,18 +167,13 @@ class StoreConfig(_Model):
         hot, warm = self.tiers.hot, self.tiers.warm
         tiers = self.tiers.model_copy(
             update={
-                "hot": hot.model_copy(
+                name: tier.model_copy(
                     update={
-                        "static_rows": resolve(hot.static_rows),
-                        "preload_rows": resolve(hot.preload_rows),
+                        key: resolve(getattr(tier, key))
+                        for key in ("static_rows", "preload_rows", "profile")
                     }
-                ),
-                "warm": warm.model_copy(
-                    update={
-                        "static_rows": resolve(warm.static_rows),
-                        "preload_rows": resolve(warm.preload_rows),
-                    }
-                ),
+                )
+                for name, tier in (("hot", hot), ("warm", warm))
             }
         )
         table = self.table.model_copy(update={"path": resolve(self.table.path)})

@@ -182,7 +182,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("table",),
         "Checksum passes that found the table corrupt (a block failing its CRC-32, or a file "
-        "that no longer matches its manifest).",
+        "that no longer matches its manifest), plus failures the cold tier's read path counts "
+        "(ColdTable.checksum_failures, when it has one).",
     ),
     "tiered_store_http_requests_total": (
         "counter",
@@ -298,9 +299,9 @@ class TieredStoreCollector(Collector):
             fam["tiered_store_prefetches_total"].add_metric([table], prefetcher.handles)
             health = self._health.get(table) or TableHealth()
             fam["tiered_store_verifications_total"].add_metric([table], health.verifications)
-            fam["tiered_store_checksum_failures_total"].add_metric(
-                [table], health.checksum_failures
-            )
+            # plus any failures the cold tier counts itself, should its read path check blocks
+            failures = health.checksum_failures + getattr(store.cold, "checksum_failures", 0)
+            fam["tiered_store_checksum_failures_total"].add_metric([table], failures)
         yield from fam.values()
 
     @staticmethod

@@ -69,6 +69,8 @@ class RowCache:
         self._free = torch.arange(capacity - 1, -1, -1, dtype=torch.int64, device=self.device)
         self._n_free = capacity
         self._n_pinned = 0
+        #: row ids that queued batches will look up: never chosen as victims (set per admit)
+        self.lookahead: torch.Tensor | None = None
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -77,12 +79,13 @@ class RowCache:
         return self.capacity - self._n_free
 
     def metadata_bytes(self) -> dict[str, float]:
-        """Bytes of index and policy metadata: per table row and per slot."""
+        """Bytes of index and policy metadata: per table row, per slot, and fixed per tier."""
         per_slot = (
             8 + 1 + 1 + 8 + self.eviction.bytes_per_slot
-        )  # owner, pinned, unevictable, free list, policy
+        )  # owner, pinned, unevictable, free list
         per_row = (4 if self.capacity else 0) + self.admission.bytes_per_row
-        return {"per_table_row": per_row, "per_slot": per_slot}
+        per_tier = getattr(self.admission, "bytes_per_tier", 0) if self.capacity else 0
+        return {"per_table_row": per_row, "per_slot": per_slot, "per_tier": per_tier}
 
     def probe(self, ids: torch.Tensor) -> torch.Tensor:
         """Slot of each id (int64), -1 where the row is not resident."""
@@ -138,6 +141,7 @@ class RowCache:
         if not bool(ok.all()):  # refused candidates: their victims stay, their free slots return
             self.counters.rejections += int((~ok).sum())
             self._push_free(free_slots[~ok[:take_free]])
+            self.eviction.on_reinstate(slots[take_free:][~ok[take_free:]])
             keep = torch.nonzero(ok).squeeze(1)
             cand, slots, new_ids, victim_rows = (
                 torch.index_select(t, 0, keep) for t in (cand, slots, new_ids, victim_rows)
@@ -177,7 +181,15 @@ class RowCache:
         want = min(need + self.headroom_rows if need else 0, evictable)
         if want <= 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
-        return self.eviction.choose_victims(want, self._unevictable)
+        protected = self._unevictable
+        if self.lookahead is not None and self.lookahead.numel():
+            ahead = self.probe(self.lookahead.to(self.device))
+            protected = protected.clone()
+            protected[ahead[ahead >= 0]] = True
+            want = min(want, int((~protected).sum()))
+            if want <= 0:
+                return torch.empty(0, dtype=torch.int64, device=self.device)
+        return self.eviction.choose_victims(want, protected)
 
     def _evict(self, rows: torch.Tensor, freed_slots: torch.Tensor) -> None:
         """Drop ``rows`` from the index; ``freed_slots`` (emptied, not reused) join the free list."""

@@ -35,7 +35,8 @@ Endpoints (JSON unless noted)
     ``200 {"status": "ok"}``; ``503`` with a reason while draining or after a checksum pass
     found a table corrupt.
 ``GET /stats``
-    Every store's ``stats()`` by table, checksum-pass results, and the request counters.
+    Every store's ``stats()`` and geometry (rows, dim, dtype, row bytes, path) by table,
+    checksum-pass results, and the request counters.
 ``GET /metrics``
     Prometheus text format (``tiered_store.metrics`` lists every metric). Also served on
     ``store.metrics.address`` (default ``127.0.0.1:9400``) unless that is ``""``.
@@ -766,6 +767,8 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class _HTTPServer6(_HTTPServer):
+    """The same over IPv6."""
+
     address_family = socket.AF_INET6
 
 
@@ -778,8 +781,11 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"  # one request per connection: shutdown never waits on idle ones
 
     def setup(self) -> None:
+        """Apply ``server.request_timeout_s`` to the connection's socket."""
         self.timeout = self.server.app.config.server.request_timeout_s
         super().setup()
+
+    # Every method goes through _dispatch, which answers 404/405 for the wrong path or method.
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -926,6 +932,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.log(self.server.app.access_log_level, "%s %s", self.address_string(), format % args)
 
     def log_error(self, format: str, *args: Any) -> None:
+        """Protocol errors go to the module logger as warnings."""
         log.warning("%s %s", self.address_string(), format % args)
 
 
@@ -1001,6 +1008,8 @@ class InferenceServer:
         metrics = check_address(
             self.config.metrics_address, "store.metrics.address", allow_empty=True
         )
+        if metrics == (host, port) and port != 0:
+            metrics = None  # the same address: /metrics is served there anyway
         if metrics is not None:
             from prometheus_client import start_http_server
 
@@ -1018,6 +1027,7 @@ class InferenceServer:
             self._spawn(self._scrub_loop, "checksum-scrub")
 
     def _spawn(self, target: Any, name: str) -> None:
+        """Run ``target`` in a daemon thread joined by ``stop``."""
         thread = threading.Thread(target=target, name=f"tiered-store-{name}", daemon=True)
         thread.start()
         self._threads.append(thread)
@@ -1134,9 +1144,19 @@ class InferenceServer:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Store statistics per table, checksum passes, and the request counters."""
+        """Store statistics and geometry per table, checksum passes, and the request counters."""
         return {
             "tables": self.stack.stats(),
+            "geometry": {
+                name: {
+                    "rows": store.rows,
+                    "dim": store.dim,
+                    "dtype": str(store.dtype).removeprefix("torch."),
+                    "row_bytes": store.row_bytes,
+                    "path": str(store.cold.path),
+                }
+                for name, store in self.stack.stores.items()
+            },
             "health": {
                 name: {
                     "verifications": h.verifications,
@@ -1176,6 +1196,7 @@ def _bind(host: str, port: int) -> _HTTPServer:
 
 
 def _url(address: tuple) -> str:
+    """``http://host:port`` of a bound socket address."""
     host, port = address[0], address[1]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 

@@ -378,11 +378,12 @@ class NgramKeyCounter:
             prev[:k] = self.pad_id
             prev[pos < k] = self.pad_id
             n = k + 1
+            if mixed is not None:  # chained over every id, so order n mixes all n of them
+                mixed = _splitmix64(mixed ^ (prev.astype(np.uint64) + np.uint64(k)))
             if self.exact(n):
                 key = key | (prev << np.int64(self.bits * k))
                 keys = key
             else:
-                mixed = _splitmix64(mixed ^ (prev.astype(np.uint64) + np.uint64(k)))
                 keys = mixed.view(np.int64)
             u = np.unique(keys)
             self._pending[n].append(u)
@@ -681,12 +682,15 @@ def _collisions(
     distinct = np.bincount(head, minlength=len(primes))
     out: dict[str, Any] = {"orders": {}}
     total_keys = total_rows = 0
+    total_expected = 0.0
     for n in sorted(set(orders)):
         k = int(keys.get(n, 0))
         heads = []
         for j in (j for j, o in enumerate(orders) if o == n):
             p, d = primes[j], int(distinct[j])
-            expected = 1.0 - p * -math.expm1(-k / p) / k if k else None
+            expected_rows = p * -math.expm1(-k / p)  # E[distinct rows]: k keys into p rows
+            expected = 1.0 - expected_rows / k if k else None
+            total_expected += expected_rows
             heads.append(
                 {
                     "head": j,
@@ -709,9 +713,17 @@ def _collisions(
             "expected_uniform_mean": float(np.mean(expected)) if expected else None,
             "heads": heads,
         }
-    out["keys_over_heads"] = total_keys
-    out["distinct_rows"] = total_rows
-    out["collision_rate"] = 1.0 - total_rows / total_keys if total_keys else None
+    out.update(
+        _sum_collisions(
+            [
+                {
+                    "keys_over_heads": total_keys,
+                    "distinct_rows": total_rows,
+                    "expected_distinct_rows": total_expected,
+                }
+            ]
+        )
+    )
     return out
 
 
@@ -850,8 +862,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
         f"({c['sequences']:,} sequences of up to {report['seq_len']:,} tokens, "
         f"{c['batches']:,} batches of {report['batch_seqs']} sequences)"
         + (" - truncated by --max-tokens" if c["truncated"] else ""),
-        f"- Skipped files: {c['read']['skipped']:,}"
-        + (f" ({report['warning']})" if report.get("warning") else ""),
+        f"- Files read: {c['read']['documents']:,} documents"
+        + (f"; {report['warning']}" if report.get("warning") else "; none skipped"),
         f"- Tokenizer: {tok['package']} {tok['version']}: {tok['vocab_size']:,} ids -> "
         f"{tok['compressed_size']:,} compressed ({100 * tok['reduction']:.2f}% reduction)",
         f"- Engram: layers {report['config']['layer_ids']}, orders 2..{report['config']['max_ngram_size']}, "
@@ -873,7 +885,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
         ls, mle = zipf.get("least_squares"), zipf.get("mle")
         d = tab["dedup"]
         col = tab.get("collisions", {})
-        uniform = p.get("expected_collision_rate")
+        uniform = col.get("expected_uniform")
         md.append(
             f"| {name} | {p['lookups']:,} | {_fmt(p['touched_fraction'], pct=True)} | "
             f"{_fmt(shares['0.1%'], pct=True)} | {_fmt(shares['1%'], pct=True)} | "
@@ -972,7 +984,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
         "## Timings",
         "",
         f"{t['tokens']:,} tokens in {t['wall_seconds']:.1f} s: **{t['tokens_per_second']:,.0f} "
-        f"tokens/s** end to end on {t['threads']} threads. Stage seconds (read and tokenise run in "
+        f"tokens/s** end to end on {t['threads']} threads ({t['cpu_seconds']:.1f} CPU seconds). "
+        "Stage seconds (read and tokenise run in "
         "a background thread, overlapping hash and trace writing; curves run one table per thread):",
         "",
         "| stage | seconds | tokens/s |",
@@ -982,8 +995,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
         rate = t["stage_tokens_per_second"].get(stage)
         md.append(f"| {stage} | {sec:.2f} | {_fmt(rate, 0) if rate else '-'} |")
     md += ["", "## Files", ""]
-    for role, path in report["files"].items():
-        md.append(f"- {role}: `{path}`")
+    for name, size in report["files"].items():
+        md.append(f"- `{name}`" + (f" ({size:,} bytes)" if size is not None else ""))
     md.append("")
     return "\n".join(md)
 
@@ -1159,6 +1172,7 @@ def analyze(
         log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if options.progress else None
     say = log or (lambda msg: None)
     wall_start = time.perf_counter()
+    cpu_start = time.process_time()
     times = StageTimes()
 
     if config is None:
@@ -1195,13 +1209,18 @@ def analyze(
     staging = _prepare_out_dir(out)
     torch_threads = _set_torch_threads(options.threads)
     try:
-        report = _run(
-            corpus, part_of, engram, hasher, tok_info, layouts, options, staging, times, say
+        ctx = _Context(engram, hasher, tok_info, layouts, options, staging, times, say)
+        report = _run(corpus, part_of, ctx)
+        report["timings"] = _timings(
+            report,
+            times,
+            time.perf_counter() - wall_start,
+            time.process_time() - cpu_start,
+            options,
         )
-        report["timings"] = _timings(report, times, time.perf_counter() - wall_start, options)
         report["files"] = _file_list(staging)
-        report["files"][REPORT_MD] = REPORT_MD
-        report["files"][REPORT_JSON] = REPORT_JSON
+        report["files"][REPORT_MD] = None  # written below; sizes unknown yet
+        report["files"][REPORT_JSON] = None
         report["complete"] = True
         (staging / REPORT_MD).write_text(_markdown(report))
         (staging / REPORT_JSON).write_text(json.dumps(_jsonable(report), indent=1))
@@ -1233,17 +1252,21 @@ def _set_torch_threads(n: int) -> int:
     return previous
 
 
-def _file_list(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (relative name -> size in bytes, as text)."""
+def _file_list(folder: Path) -> dict[str, int]:
+    """Every file under ``folder``: relative name -> size in bytes."""
     return {
-        str(p.relative_to(folder)): f"{p.stat().st_size:,} bytes"
+        str(p.relative_to(folder)): p.stat().st_size
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
 
 
 def _timings(
-    report: Mapping[str, Any], times: StageTimes, wall: float, options: AnalyzeOptions
+    report: Mapping[str, Any],
+    times: StageTimes,
+    wall: float,
+    cpu: float,
+    options: AnalyzeOptions,
 ) -> dict[str, Any]:
     """End-to-end tokens/s and per-stage seconds."""
     tokens = int(report["corpus"]["tokens"]) + int((report.get("holdout") or {}).get("tokens", 0))
@@ -1251,6 +1274,7 @@ def _timings(
     return {
         "tokens": tokens,
         "wall_seconds": round(wall, 4),
+        "cpu_seconds": round(cpu, 4),  # every thread of the process
         "tokens_per_second": tokens / wall if wall > 0 else None,
         "threads": options.threads,
         "stages": stages,
@@ -1260,29 +1284,128 @@ def _timings(
     }
 
 
-def _run(
-    corpus: Corpus,
-    part_of: np.ndarray,
-    engram: EngramConfig,
-    hasher: NgramHasher,
-    tok_info: dict[str, Any],
-    layouts: list[dict[str, Any]],
-    options: AnalyzeOptions,
-    staging: Path,
-    times: StageTimes,
-    say: Callable[[str], None],
-) -> dict[str, Any]:
-    """Stages 1-7 inside the staging folder; returns the report (without timings)."""
-    from .report import recommend_tier_sizes, write_report
+@dataclass
+class _Context:
+    """What every stage of one run shares."""
 
-    names = [t["name"] for t in layouts]
-    rows = {t["name"]: int(t["rows"]) for t in layouts}
+    engram: EngramConfig
+    hasher: NgramHasher
+    tok_info: dict[str, Any]
+    layouts: list[dict[str, Any]]
+    options: AnalyzeOptions
+    staging: Path
+    times: StageTimes
+    say: Callable[[str], None]
+
+    @property
+    def names(self) -> list[str]:
+        """Table names, in layer order."""
+        return [t["name"] for t in self.layouts]
+
+    @property
+    def rows(self) -> dict[str, int]:
+        """Rows per table."""
+        return {t["name"]: int(t["rows"]) for t in self.layouts}
+
+    @property
+    def trace(self) -> Path:
+        """The main trace (in the staging folder)."""
+        return self.staging / TRACE_NAME
+
+
+@dataclass
+class _Traced:
+    """What stages 1-4 produced."""
+
+    corpus_head: dict[str, Any]
+    builders: list[_TraceBuilder]
+    stats: ReadStats
+    keys: NgramKeyCounter
+    warning: str | None
+
+
+def _trace_info(path: Path) -> dict[str, Any]:
+    """Size and totals of a finished trace."""
+    size = path.stat().st_size
+    with TraceReader(path) as r:
+        return {
+            "path": path.name,
+            "lookups": r.n_lookups,
+            "records": r.n_records,
+            "batches": r.n_batches,
+            "bytes": size,
+            "bytes_per_lookup": size / max(r.n_lookups, 1),
+        }
+
+
+def _run(corpus: Corpus, part_of: np.ndarray, ctx: _Context) -> dict[str, Any]:
+    """Stages 1-7 inside the staging folder; returns the report (without timings)."""
+    traced = _stage_traces(corpus, part_of, ctx)
+    main = traced.builders[0].stats
+    profiles, tables, overall = _stage_profile(ctx, traced.keys)
+    curves, recs = _stage_curves(ctx, profiles)
+    for n in ctx.names:
+        tables[n].update(_curve_summary(curves[n], ctx.rows[n], profiles[n].distinct))
+        tables[n]["recommendation"] = recs[n]
+    holdout = None
+    if ctx.options.holdout:
+        with ctx.times.stage("profile"):
+            holdout = _holdout_summary(
+                ctx.staging / HOLDOUT_NAME, ctx.rows, profiles, recs, traced.builders[1]
+            )
+    with ctx.times.stage("report"):
+        _stage_report(ctx, profiles, curves, recs, overall.pop("_profile"))
+    total: dict[str, int] = {}
+    for n in ctx.names:
+        for tier, info in recs[n]["tiers"].items():
+            total[tier] = total.get(tier, 0) + int(info["capacity"])
+    options = ctx.options
+    return {
+        "complete": False,
+        "format": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
+        "generator": f"tiered-store analyze {_package_version('tiered-store') or ''}".strip(),
+        "corpus": {
+            **traced.corpus_head,
+            "documents": main.documents,
+            "tokens": main.tokens,
+            "sequences": main.sequences,
+            "batches": main.batches,
+            "truncated": main.truncated,
+            "read": traced.stats.to_dict(),
+        },
+        "warning": traced.warning,
+        "config": ctx.engram.to_dict(),
+        "tokenizer": ctx.tok_info,
+        "seq_len": options.seq_len,
+        "batch_seqs": options.batch_seqs,
+        "targets": dict(options.targets),
+        "options": {
+            "curves": options.curves,
+            "belady": options.belady,
+            "shards_rate": options.shards_rate,
+            "belady_lookups": options.belady_lookups,
+            "workers": options.threads,
+        },
+        "traces": {
+            "main": _trace_info(ctx.trace),
+            **({"holdout": _trace_info(ctx.staging / HOLDOUT_NAME)} if holdout else {}),
+        },
+        "tables": tables,
+        "overall": overall,
+        "recommendation_total": total,
+        "holdout": holdout,
+    }
+
+
+def _stage_traces(corpus: Corpus, part_of: np.ndarray, ctx: _Context) -> _Traced:
+    """Stages 1-4: the main trace (and the holdout trace) in the staging folder."""
+    options, hasher, engram = ctx.options, ctx.hasher, ctx.engram
     frac = float(options.holdout)
     caps: list[int | None] = [options.max_tokens, None]
     if options.max_tokens is not None and frac:
         held = int(options.max_tokens * frac)
         caps = [options.max_tokens - held, max(held, 1)]
-    parts = ["main", "holdout"] if frac else ["main"]
     corpus_head = {
         "description": corpus.description,
         "roots": list(corpus.roots),
@@ -1294,11 +1417,11 @@ def _run(
     }
     keys = NgramKeyCounter(engram.max_ngram_size, hasher.tokenizer.num_compressed, hasher.pad_id)
     builders = []
-    for index, part in enumerate(parts):
+    for index, part in enumerate(["main", "holdout"] if frac else ["main"]):
         header = {
-            "tables": layouts,
+            "tables": ctx.layouts,
             "config": engram.to_dict(),
-            "tokenizer": tok_info,
+            "tokenizer": ctx.tok_info,
             "corpus": {**corpus_head, "part": part, "max_tokens_part": caps[index]},
             "seq_len": options.seq_len,
             "batch_seqs": options.batch_seqs,
@@ -1307,22 +1430,29 @@ def _run(
             "ids = per-head hash + head offset",
             "generator": f"tiered-store analyze {_package_version('tiered-store') or ''}".strip(),
         }
-        writer = TraceWriter(staging / (TRACE_NAME if part == "main" else HOLDOUT_NAME), header)
+        path = ctx.staging / (TRACE_NAME if part == "main" else HOLDOUT_NAME)
         builders.append(
             _TraceBuilder(
-                writer, hasher, options, caps[index], keys if part == "main" else None, times
+                TraceWriter(path, header),
+                hasher,
+                options,
+                caps[index],
+                keys if part == "main" else None,
+                ctx.times,
             )
         )
     stats = ReadStats()
     try:
-        _build_traces(corpus, part_of, builders, hasher.tokenizer, stats, times, options.progress)
+        _build_traces(
+            corpus, part_of, builders, hasher.tokenizer, stats, ctx.times, options.progress
+        )
     except BaseException:
         for b in builders:
             b.writer.abort()
         raise
     warning = stats.warning()
     if warning:
-        warnings.warn(SkippedFilesWarning(warning), stacklevel=3)
+        warnings.warn(SkippedFilesWarning(warning), stacklevel=4)
     main = builders[0].stats
     if main.tokens == 0:
         raise CorpusError(
@@ -1334,30 +1464,34 @@ def _run(
             f"holdout: no tokens in the held-out documents (fraction {frac:g} of {len(corpus)} "
             "files); expected a larger fraction or corpus"
         )
-    trace_path = staging / TRACE_NAME
-    say(
+    ctx.say(
         f"trace: {main.tokens:,} tokens, {main.sequences:,} sequences, {main.batches:,} batches "
         f"({stats.documents:,} documents read, {stats.skipped_count:,} skipped)"
     )
+    return _Traced(corpus_head, builders, stats, keys, warning)
 
-    # Stage 5: profile pass.
-    with times.stage("profile"):
-        reader = TraceReader(trace_path)
-        counters, dedups = _profile_pass(reader, rows)
+
+def _stage_profile(
+    ctx: _Context, keys: NgramKeyCounter
+) -> tuple[dict[str, FrequencyProfile], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Stage 5: profiles (saved with their top rows), dedup and collision figures per table."""
+    with ctx.times.stage("profile"):
+        with TraceReader(ctx.trace) as reader:
+            counters, dedups = _profile_pass(reader, ctx.rows)
         distinct_keys = keys.distinct()
         profiles: dict[str, FrequencyProfile] = {}
         tables: dict[str, dict[str, Any]] = {}
-        meta = {"trace": TRACE_NAME, "config": engram.to_dict(), "tokenizer": tok_info}
-        for layout in layouts:
+        meta = {"trace": TRACE_NAME, "config": ctx.engram.to_dict(), "tokenizer": ctx.tok_info}
+        for layout in ctx.layouts:
             name = layout["name"]
             keys_over_heads = sum(distinct_keys.get(int(o), 0) for o in layout["orders"])
-            prof = counters[name].profile(name=name, ngram_keys=keys_over_heads, metadata=meta)
+            prof = counters.pop(name).profile(name=name, ngram_keys=keys_over_heads, metadata=meta)
             profiles[name] = prof
-            prof.save(staging / f"{name}.profile.npz")
-            prof.save_top_rows(staging / f"{name}.top_rows.npy")
+            prof.save(ctx.staging / f"{name}.profile.npz")
+            prof.save_top_rows(ctx.staging / f"{name}.top_rows.npy")
             tables[name] = {
                 "layer": layout["layer"],
-                "rows": rows[name],
+                "rows": int(layout["rows"]),
                 "heads": layout["heads"],
                 "dim": layout["dim"],
                 "profile": prof.summary(),
@@ -1370,12 +1504,8 @@ def _run(
                     "report": f"{name}/report.md",
                 },
             }
-        overall = _overall(profiles, layouts, dedups)
-        overall["profile_file"] = "all.profile.npz"
-        all_prof = overall.pop("_profile")
-        all_prof.save(staging / "all.profile.npz")
-        reader.close()
-    say(
+        overall = _overall(profiles, ctx.layouts, dedups, tables)
+    ctx.say(
         "profile: "
         + "; ".join(
             f"{n}: {t['profile']['distinct_rows']:,} rows touched, dedup/seq "
@@ -1383,132 +1513,97 @@ def _run(
             for n, t in tables.items()
         )
     )
+    return profiles, tables, overall
 
-    # Stage 6: curves.
-    curves: dict[str, list[MissRatioCurve]] = {n: [] for n in names}
-    with times.stage("curves"):
+
+def _stage_curves(
+    ctx: _Context, profiles: Mapping[str, FrequencyProfile]
+) -> tuple[dict[str, list[MissRatioCurve]], dict[str, dict[str, Any]]]:
+    """Stage 6: miss-ratio curves per table (tables in parallel) and the tier recommendation."""
+    from .report import recommend_tier_sizes
+
+    options, rows = ctx.options, ctx.rows
+    curves: dict[str, list[MissRatioCurve]] = {n: [] for n in ctx.names}
+    with ctx.times.stage("curves"):
         if options.curves:
-            jobs = [(kind, n) for n in names for kind in ("lru", "shards")]
+            jobs = [(kind, n) for n in ctx.names for kind in ("lru", "shards")]
             with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(jobs)))) as pool:
                 futures = {
-                    job: pool.submit(
-                        _stream_curve, job[0], trace_path, job[1], rows[job[1]], options
-                    )
-                    for job in jobs
+                    (kind, n): pool.submit(_stream_curve, kind, ctx.trace, n, rows[n], options)
+                    for kind, n in jobs
                 }
-                for (kind, n), fut in futures.items():
-                    curve = fut.result()
+                for (kind, n), future in futures.items():
+                    curve = future.result()
                     curves[n].append(curve)
-                    say(f"curves: {n} {kind} in {curve.metadata.get('seconds', 0):.1f} s")
-        for n in names:
+                    ctx.say(f"curves: {n} {kind} in {curve.metadata.get('seconds', 0):.1f} s")
+        for n in ctx.names:
             curves[n].append(static_topk_mrc(profiles[n], table_rows=rows[n]))
-        recs = {n: recommend_tier_sizes(curves[n], options.targets) for n in names}
+        recs = {n: recommend_tier_sizes(curves[n], options.targets) for n in ctx.names}
         if options.curves and options.belady:
-            for n in names:
+            for n in ctx.names:
                 extra = [v["combined_capacity"] for v in recs[n]["tiers"].values()]
                 p = profiles[n]
-                curve = _belady_curve(trace_path, n, rows[n], p.lookups, p.distinct, extra, options)
+                curve = _belady_curve(ctx.trace, n, rows[n], p.lookups, p.distinct, extra, options)
                 curves[n].append(curve)
-                say(
+                ctx.say(
                     f"curves: {n} belady (rate {curve.metadata['rate']:.3g}) in "
                     f"{curve.metadata['seconds']:.1f} s"
                 )
-    for n in names:
-        tab = tables[n]
-        lru = next((c for c in curves[n] if c.name == "lru"), None)
-        tab["curves"] = {
-            c.name: {**_jsonable(c.metadata), "points": int(c.capacities.size)} for c in curves[n]
-        }
-        tab["mae_vs_exact_lru"] = (
-            {c.name: mean_absolute_error(c, lru) for c in curves[n] if c is not lru}
-            if lru is not None
-            else {}
-        )
-        grid = _share_grid(rows[n], profiles[n].distinct)
-        tab["curve_grid"] = {
-            "capacities": grid,
-            "miss_ratio": {c.name: [float(c.at(x)) for x in grid] for c in curves[n]},
-        }
-        tab["recommendation"] = recs[n]
+    return curves, recs
 
-    # Holdout: the main profile's top-K against the holdout's own.
-    holdout = None
-    if frac:
-        with times.stage("profile"):
-            holdout = _holdout_summary(staging / HOLDOUT_NAME, rows, profiles, recs, builders[1])
 
-    # Stage 7: report files.
-    with times.stage("report"):
-        for layout in layouts:
-            n = layout["name"]
-            (staging / f"{n}.store.yaml").write_text(
-                _store_yaml(n, layout, recs[n], f"{n}.top_rows.npy", TRACE_NAME)
-            )
-            write_report(
-                staging / n,
-                profiles[n],
-                curves[n],
-                targets=options.targets,
-                title=f"Engram table {n} ({rows[n]:,} rows): {TRACE_NAME}",
-            )
-        from .plots import plot_rank_frequency
-
-        if all_prof.distinct:
-            plot_rank_frequency(
-                all_prof, staging / "all.rank_frequency.png", title="all Engram tables"
-            )
-    total: dict[str, int] = {}
-    for n in names:
-        for tier, info in recs[n]["tiers"].items():
-            total[tier] = total.get(tier, 0) + int(info["capacity"])
-    with TraceReader(trace_path) as r:
-        main_trace = {
-            "path": TRACE_NAME,
-            "lookups": r.n_lookups,
-            "records": r.n_records,
-            "batches": r.n_batches,
-            "bytes": trace_path.stat().st_size,
-            "bytes_per_lookup": trace_path.stat().st_size / max(r.n_lookups, 1),
-        }
+def _curve_summary(curves: Sequence[MissRatioCurve], rows: int, distinct: int) -> dict[str, Any]:
+    """Per-curve metadata, error against exact LRU, and miss ratios at the report's capacities."""
+    lru = next((c for c in curves if c.name == "lru"), None)
+    grid = _share_grid(rows, distinct)
     return {
-        "complete": False,
-        "format": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
-        "generator": f"tiered-store analyze {_package_version('tiered-store') or ''}".strip(),
-        "corpus": {
-            **corpus_head,
-            "documents": main.documents,
-            "tokens": main.tokens,
-            "sequences": main.sequences,
-            "batches": main.batches,
-            "truncated": main.truncated,
-            "read": stats.to_dict(),
+        "curves": {
+            c.name: {**_jsonable(c.metadata), "points": int(c.capacities.size)} for c in curves
         },
-        "warning": warning,
-        "config": engram.to_dict(),
-        "tokenizer": tok_info,
-        "seq_len": options.seq_len,
-        "batch_seqs": options.batch_seqs,
-        "targets": dict(options.targets),
-        "options": {
-            "curves": options.curves,
-            "belady": options.belady,
-            "shards_rate": options.shards_rate,
-            "belady_lookups": options.belady_lookups,
-            "workers": options.threads,
+        "mae_vs_exact_lru": {c.name: mean_absolute_error(c, lru) for c in curves if c is not lru}
+        if lru is not None
+        else {},
+        "curve_grid": {
+            "capacities": grid,
+            "miss_ratio": {c.name: [float(c.at(x)) for x in grid] for c in curves},
         },
-        "traces": {"main": main_trace, **({"holdout": holdout["trace"]} if holdout else {})},
-        "tables": tables,
-        "overall": overall,
-        "recommendation_total": total,
-        "holdout": holdout["summary"] if holdout else None,
     }
+
+
+def _stage_report(
+    ctx: _Context,
+    profiles: Mapping[str, FrequencyProfile],
+    curves: Mapping[str, list[MissRatioCurve]],
+    recs: Mapping[str, Mapping[str, Any]],
+    all_profile: FrequencyProfile,
+) -> None:
+    """Stage 7 (but the top-level report): store configs, per-table reports and plots."""
+    from .plots import plot_rank_frequency
+    from .report import write_report
+
+    for layout in ctx.layouts:
+        n = layout["name"]
+        (ctx.staging / f"{n}.store.yaml").write_text(
+            _store_yaml(n, layout, recs[n], f"{n}.top_rows.npy", TRACE_NAME)
+        )
+        write_report(
+            ctx.staging / n,
+            profiles[n],
+            curves[n],
+            targets=ctx.options.targets,
+            title=f"Engram table {n} ({ctx.rows[n]:,} rows): {TRACE_NAME}",
+        )
+    if all_profile.distinct:
+        plot_rank_frequency(
+            all_profile, ctx.staging / "all.rank_frequency.png", title="all Engram tables"
+        )
 
 
 def _overall(
     profiles: Mapping[str, FrequencyProfile],
     layouts: Sequence[Mapping[str, Any]],
     dedups: Mapping[str, _DedupCounter],
+    tables: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
     """One profile over every table (row ids offset by the tables before, in layer order)."""
     from .profile import FrequencyProfile
@@ -1545,7 +1640,21 @@ def _overall(
             "removed_within_sequence": 1 - seq / lookups if lookups else None,
             "removed_within_batch": 1 - bat / lookups if lookups else None,
         },
-        "collisions": {"collision_rate": prof.hash_collision_rate},
+        "collisions": _sum_collisions([t["collisions"] for t in tables.values()]),
+    }
+
+
+def _sum_collisions(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Collision rate over several tables' heads together."""
+    keys = sum(p["keys_over_heads"] for p in parts)
+    rows = sum(p["distinct_rows"] for p in parts)
+    expected = sum(p["expected_distinct_rows"] for p in parts)
+    return {
+        "keys_over_heads": keys,
+        "distinct_rows": rows,
+        "expected_distinct_rows": expected,
+        "collision_rate": 1.0 - rows / keys if keys else None,
+        "expected_uniform": 1.0 - expected / keys if keys else None,
     }
 
 
@@ -1559,20 +1668,13 @@ def _holdout_summary(
     """Profile-from-main vs oracle static top-K on the holdout trace, per table."""
     with TraceReader(path) as reader:
         counters, _ = _profile_pass(reader, rows, dedup=False)
-        trace = {
-            "path": HOLDOUT_NAME,
-            "lookups": reader.n_lookups,
-            "records": reader.n_records,
-            "batches": reader.n_batches,
-            "bytes": path.stat().st_size,
-            "bytes_per_lookup": path.stat().st_size / max(reader.n_lookups, 1),
-        }
+        lookups = reader.n_lookups
     out: dict[str, Any] = {
-        "path": HOLDOUT_NAME,
+        "path": path.name,
         "documents": builder.stats.documents,
         "tokens": builder.stats.tokens,
         "sequences": builder.stats.sequences,
-        "lookups": trace["lookups"],
+        "lookups": lookups,
         "truncated": builder.stats.truncated,
         "tables": {},
     }
@@ -1595,7 +1697,7 @@ def _holdout_summary(
             "profiled_topk": [1.0 - float(hits[min(c, hits.size - 1)]) / n for c in caps],
             "oracle_topk": [float(oracle.at(c)) for c in caps],
         }
-    return {"trace": trace, "summary": out}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1615,7 +1717,7 @@ the Python standard library's own *.py sources, which every machine has. Binary,
 empty files are skipped with a warning.
 
 Output (DIR): trace.trace (and holdout.trace), layer{L}.top_rows.npy (row ids, hottest first:
-usable as static_rows / preload_rows), layer{L}.profile.npz, all.profile.npz,
+usable as static_rows / preload_rows), layer{L}.profile.npz (lookups per touched row),
 layer{L}.store.yaml (a store config with the recommended capacities), layer{L}/ (per-table
 report and plots), all.rank_frequency.png, report.md and report.json. Files are staged and moved
 into DIR at the end, report.json last: it marks a complete run.

@@ -113,6 +113,11 @@ class MultiHeadEmbedding(nn.Module):
         """Rows already offset into the concatenated table [..., H] -> [..., H, dim]."""
         return self.embedding.lookup(row_ids, handle)
 
+    def set_backend(self, backend: TableBackend) -> None:
+        """Serve the rows from ``backend`` instead (a module or a plain object)."""
+        del self.embedding  # a submodule or a plain attribute: either way a new one may go in
+        self.embedding = backend
+
 
 class Engram(nn.Module):
     """One Engram layer: hashed N-gram memory gated into the hyper-connection residual stream.
@@ -179,15 +184,9 @@ class Engram(nn.Module):
         self.hasher = hasher if hasher is not None else NgramHasher(config)
         if self.hasher.config != config:
             raise ConfigError("hasher: its EngramConfig differs from the module's config")
-        rows, dim = self.hasher.table_rows(layer_id), config.head_dim
         if backend is None:
-            backend = InMemoryTable.empty(rows, dim)
-        if int(backend.rows) != rows or int(backend.dim) != dim:
-            raise ConfigError(
-                f"backend: expected a table of {rows} rows x {dim} (layer {layer_id}: head primes "
-                f"{self.hasher.head_sizes(layer_id)}, n_embed_per_ngram/n_head_per_ngram = {dim}), "
-                f"got {backend.rows} x {backend.dim}"
-            )
+            backend = InMemoryTable.empty(self.hasher.table_rows(layer_id), config.head_dim)
+        self._check_backend(backend)
         hidden, hc = backbone.hidden_size, backbone.hc_mult
         self.multi_head_embedding = MultiHeadEmbedding(self.hasher.head_sizes(layer_id), backend)
         self.short_conv = ShortConv(
@@ -208,6 +207,21 @@ class Engram(nn.Module):
     def table(self) -> TableBackend:
         """The table backend."""
         return self.multi_head_embedding.embedding
+
+    def set_table(self, backend: TableBackend) -> None:
+        """Swap the table backend (same rows and dim), e.g. an in-memory table for a tiered store."""
+        self._check_backend(backend)
+        self.multi_head_embedding.set_backend(backend)
+
+    def _check_backend(self, backend: TableBackend) -> None:
+        """Raise ConfigError unless ``backend`` has this layer's rows and dim."""
+        rows, dim = self.hasher.table_rows(self.layer_id), self.config.head_dim
+        if int(backend.rows) != rows or int(backend.dim) != dim:
+            raise ConfigError(
+                f"backend: expected a table of {rows} rows x {dim} (layer {self.layer_id}: head "
+                f"primes {self.hasher.head_sizes(self.layer_id)}, n_embed_per_ngram/"
+                f"n_head_per_ngram = {dim}), got {backend.rows} x {backend.dim}"
+            )
 
     # -- addressing -----------------------------------------------------------------------------
 
@@ -264,7 +278,8 @@ class Engram(nn.Module):
                 f"got {list(row_ids.shape)}"
             )
         rows = self.multi_head_embedding.lookup_rows(row_ids, handle)
-        embeddings = rows.to(hidden_states.device).flatten(start_dim=-2)  # [B, T, H * dim]
+        # [B, T, H * dim] in the compute dtype (a bfloat16/float16 table feeds a float32 model)
+        embeddings = rows.to(hidden_states.device, hidden_states.dtype).flatten(start_dim=-2)
         gates = []
         for i in range(hc):
             key = self.norm1[i](self.key_projs[i](embeddings))

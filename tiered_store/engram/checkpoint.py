@@ -1,0 +1,474 @@
+"""Checkpoint conversion: an Engram model's big tables -> table files, the rest -> a dense file.
+
+A converted checkpoint is a directory::
+
+    engram_layer{L}.npy (+ .manifest.json)   one table file per Engram layer: that layer's
+                                             per-head tables concatenated with offsets, exactly
+                                             the reference ``multi_head_embedding.embedding``;
+                                             the manifest's ``metadata["engram"]`` records the
+                                             layout (layer id, head primes, offsets, dim, config)
+    dense.safetensors                        every other tensor, in the ``EngramLM`` layout, with
+                                             the model configuration in its metadata
+
+One store per Engram layer is the simple layout: each layer's table is its own file and its own
+``TieredStore`` with its own memory budget. (A shared budget over layers would need one store
+over one concatenated file; the row spaces are independent, so nothing else changes.)
+
+Before anything is written or opened, every shape is checked against the configuration, and a
+table file's metadata against the model's Engram layout: a table built for another configuration
+(other primes, seed, layer or width) is refused with the field that differs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, TableFormatError, TieredStoreError
+from ..table_format import SafetensorsSource, TableManifest, create_table, read_manifest
+from .config import EngramConfig  # noqa: F401  (doctest examples)
+from .hashing import NgramHasher
+from .model import EngramLM, ModelConfig, expected_shapes
+from .module import EMBEDDING_KEY, _wanted
+
+__all__ = [
+    "DENSE_FILE",
+    "ConvertedCheckpoint",
+    "check_table_file",
+    "convert_checkpoint",
+    "expected_checkpoint_shapes",
+    "from_reference_layout",
+    "load_tiered_model",
+    "open_tables",
+    "save_tiered",
+    "table_file",
+    "table_metadata",
+]
+
+DENSE_FILE = "dense.safetensors"
+CONFIG_METADATA_KEY = "tiered_store.model_config"  # safetensors metadata: the ModelConfig as JSON
+LAYOUT_VERSION = 1
+_TABLE_KEY = re.compile(r"^layers\.(\d+)\.engram\." + re.escape(EMBEDDING_KEY) + "$")
+_REFERENCE_KEY = re.compile(r"^layer(\d+)\.(.+)$")
+# Facts a table file must share with the model to be read by it (the rest follows from them).
+_LAYOUT_FIELDS = (
+    "layer_id",
+    "rows",
+    "dim",
+    "head_sizes",
+    "max_ngram_size",
+    "n_head_per_ngram",
+    "seed",
+    "pad_id",
+    "compressed_vocab_size",
+)
+
+
+def table_file(directory: str | Path, layer_id: int) -> Path:
+    """Path of layer ``layer_id``'s table file in a converted checkpoint directory."""
+    return Path(directory) / f"engram_layer{layer_id}.npy"
+
+
+def table_metadata(hasher: NgramHasher, layer_id: int) -> dict[str, Any]:
+    """The manifest metadata that describes layer ``layer_id``'s table layout.
+
+    Examples
+    --------
+    >>> cfg = EngramConfig(engram_vocab_size=(2003, 3001), n_embed_per_ngram=64,
+    ...                    n_head_per_ngram=4, layer_ids=(1, 4))
+    >>> meta = table_metadata(NgramHasher(cfg), 4)["engram"]
+    >>> meta["rows"], meta["dim"], meta["head_sizes"][:2], meta["offsets"][:2]
+    (20148, 16, [2029, 2039], [0, 2029])
+    """
+    config = hasher.config
+    return {
+        "engram": {
+            "layout_version": LAYOUT_VERSION,
+            "layer_id": int(layer_id),
+            "rows": hasher.table_rows(layer_id),
+            "dim": config.head_dim,
+            "head_sizes": [int(p) for p in hasher.head_sizes(layer_id)],
+            "offsets": [int(o) for o in hasher.offsets(layer_id)],
+            "max_ngram_size": config.max_ngram_size,
+            "n_head_per_ngram": config.n_head_per_ngram,
+            "seed": config.seed,
+            "pad_id": config.pad_id,
+            "compressed_vocab_size": hasher.tokenizer.num_compressed,
+            "tokenizer_vocab_size": hasher.tokenizer.vocab_size,
+            "config": config.to_dict(),
+        }
+    }
+
+
+def check_table_file(path: str | Path, hasher: NgramHasher, layer_id: int) -> TableManifest:
+    """Refuse a table file that was not built for this model's Engram layer ``layer_id``.
+
+    Raises
+    ------
+    ConfigError
+        The manifest has no Engram metadata, or a layout fact (layer, rows, dim, head primes,
+        hash seed, orders, pad id, tokenizer) differs; the message names the field and both
+        values.
+    TableNotFoundError, TableFormatError
+        The file or its manifest is missing or malformed.
+    """
+    manifest = read_manifest(path)
+    have = manifest.metadata.get("engram") if isinstance(manifest.metadata, dict) else None
+    want = table_metadata(hasher, layer_id)["engram"]
+    if not isinstance(have, dict):
+        raise ConfigError(
+            f"{path}: the table's manifest has no Engram layout metadata; expected a table made "
+            f"by convert_checkpoint for Engram layer {layer_id} ({want['rows']:,} x {want['dim']})"
+        )
+    for key in _LAYOUT_FIELDS:
+        if have.get(key) != want[key]:
+            raise ConfigError(
+                f"{path}: table built for {key}={_short(have.get(key))}, but this model's Engram "
+                f"layer {layer_id} expects {key}={_short(want[key])} (the table was made for "
+                f"another configuration: engram config {have.get('config')})"
+            )
+    if manifest.shape != (want["rows"], want["dim"]):
+        raise ConfigError(
+            f"{path}: table shape {list(manifest.shape)} does not match its own metadata "
+            f"[{want['rows']}, {want['dim']}]"
+        )
+    return manifest
+
+
+def expected_checkpoint_shapes(config: ModelConfig, hasher: NgramHasher) -> dict[str, tuple]:
+    """Every key of an ``EngramLM`` state_dict for ``config`` with its shape (nothing allocated)."""
+    with torch.device("meta"):
+        model = EngramLM(config, hasher=hasher)
+    return expected_shapes(model)
+
+
+def from_reference_layout(
+    source: str | Path | Mapping[str, torch.Tensor], layer_ids: tuple[int, ...] | list[int]
+) -> dict[str, torch.Tensor]:
+    """Engram modules saved per layer (``layer{L}.<param>``, the reference/golden layout) ->
+    ``EngramLM`` keys (``layers.{L}.engram.<param>``). Other keys are left out.
+
+    Examples
+    --------
+    >>> sd = from_reference_layout("/work/shared/golden/engram_forward.safetensors", [1, 4])
+    >>> sorted(sd)[0], tuple(sd["layers.4.engram." + EMBEDDING_KEY].shape)
+    ('layers.1.engram.key_projs.0.bias', (20148, 16))
+    """
+    from .module import split_checkpoint
+
+    out: dict[str, torch.Tensor] = {}
+    for layer_id in layer_ids:
+        weight, dense = split_checkpoint(source, layer_id)
+        prefix = f"layers.{layer_id}.engram."
+        out[prefix + EMBEDDING_KEY] = weight
+        out.update({prefix + k: v for k, v in dense.items()})
+    return out
+
+
+@dataclass(frozen=True)
+class ConvertedCheckpoint:
+    """Where a converted checkpoint's files are, and the configuration they were made for."""
+
+    directory: Path
+    config: ModelConfig
+    dense_path: Path
+    table_paths: dict[int, Path]
+
+
+def convert_checkpoint(
+    source: str | Path | Mapping[str, torch.Tensor],
+    config: ModelConfig,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    strict: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+    hasher: NgramHasher | None = None,
+) -> ConvertedCheckpoint:
+    """Split an ``EngramLM`` checkpoint into one table file per Engram layer and a dense file.
+
+    Parameters
+    ----------
+    source
+        A ``.safetensors`` file (tables are streamed from it in slices) or a state_dict, in the
+        ``EngramLM`` layout (``layers.{L}.engram.multi_head_embedding.embedding.weight`` for the
+        tables). For per-layer reference checkpoints use ``from_reference_layout`` first.
+    config
+        The model configuration the checkpoint must match.
+    out_dir
+        Directory for ``engram_layer{L}.npy`` files and ``dense.safetensors`` (created).
+    dtype
+        Table dtype on disk (``"float32"``, ``"float16"``, ``"bfloat16"``); default: as stored.
+    strict
+        Every key of the model must be present (``False``: only the tables must be, e.g. an
+        Engram-only checkpoint). Unknown keys and wrong shapes are errors either way.
+    overwrite
+        Replace existing table files.
+    progress
+        tqdm progress bars while writing tables.
+    hasher
+        Shared ``NgramHasher`` (default: a new one).
+
+    Returns
+    -------
+    ConvertedCheckpoint
+
+    Raises
+    ------
+    ConfigError
+        A shape disagrees with ``config`` (the key, both shapes and the config facts are named),
+        a key is unknown, or (strict) a key is missing. Checked before anything is written.
+
+    Examples
+    --------
+    >>> cfg = ModelConfig.from_dict({"engram": {"engram_vocab_size": [2003, 3001],
+    ...     "n_embed_per_ngram": 64, "n_head_per_ngram": 4, "layer_ids": [1]},
+    ...     "backbone": {"hidden_size": 64, "num_layers": 2}})
+    >>> model = EngramLM(cfg)
+    >>> out = convert_checkpoint(model.state_dict(), cfg, "/tmp/ckpt", overwrite=True)  # doctest: +SKIP
+    >>> tiered = load_tiered_model("/tmp/ckpt", store={"tiers": {"warm": {"capacity": "25%"}}})  # doctest: +SKIP
+    """
+    hasher = hasher if hasher is not None else NgramHasher(config.engram)
+    if hasher.config != config.engram:
+        raise ConfigError("hasher: its EngramConfig differs from config.engram")
+    entries = _entries(source)
+    expected = expected_checkpoint_shapes(config, hasher)
+    _check_entries(entries, expected, config, strict)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for layer_id in config.engram.layer_ids:
+        key = f"layers.{layer_id}.engram.{EMBEDDING_KEY}"
+        paths[layer_id] = table_file(out, layer_id)
+        create_table(
+            paths[layer_id],
+            entries.pop(key).source,
+            dtype=dtype,
+            progress=progress,
+            overwrite=overwrite,
+            metadata=table_metadata(hasher, layer_id),
+        )
+    dense_path = out / DENSE_FILE
+    _save_dense(dense_path, {k: e.load() for k, e in entries.items()}, config)
+    return ConvertedCheckpoint(out, config, dense_path, paths)
+
+
+def save_tiered(
+    model: EngramLM,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ConvertedCheckpoint:
+    """Convert a live ``EngramLM`` (in-memory tables) into a checkpoint directory."""
+    return convert_checkpoint(
+        model.state_dict(),
+        model.config,
+        out_dir,
+        dtype=dtype,
+        overwrite=overwrite,
+        progress=progress,
+        hasher=model.hasher,
+    )
+
+
+StoreSpec = Mapping[str, Any] | Callable[[int], Mapping[str, Any]]
+
+
+def open_tables(
+    table_paths: Mapping[int, str | Path],
+    hasher: NgramHasher,
+    store: StoreSpec | None = None,
+) -> dict[int, Any]:
+    """Open one ``TieredStore`` per Engram layer, after checking each file's layout.
+
+    Parameters
+    ----------
+    table_paths
+        ``{layer_id: table .npy}`` (``ConvertedCheckpoint.table_paths``).
+    hasher
+        The model's ``NgramHasher`` (its layout is what the files must match).
+    store
+        The store configuration without its ``table`` section (``tiers``, ``prefetch``, ...), as
+        in a tiers YAML; or a function ``layer_id -> that mapping`` for per-layer settings.
+        Relative paths in it (``preload_rows``) resolve against the current directory.
+
+    Returns
+    -------
+    dict
+        ``{layer_id: TieredStore}``; close them (or ``EngramLM.close()``) when done.
+    """
+    from ..config import StoreConfig
+    from ..store import TieredStore
+
+    stores: dict[int, Any] = {}
+    try:
+        for layer_id, path in table_paths.items():
+            check_table_file(path, hasher, layer_id)
+            spec = dict(store(layer_id) if callable(store) else (store or {}))
+            if "table" in spec:
+                raise ConfigError(
+                    "store.table: set by the checkpoint (one table file per Engram layer); "
+                    "expected only tiers/prefetch/metrics"
+                )
+            spec["table"] = {"path": str(Path(path).resolve())}
+            config = StoreConfig.from_dict(
+                spec, base_dir=Path.cwd(), source=f"store (layer {layer_id})"
+            )
+            stores[layer_id] = TieredStore(config)
+    except BaseException:
+        for opened in stores.values():
+            opened.close()
+        raise
+    return stores
+
+
+def load_tiered_model(
+    directory: str | Path,
+    *,
+    store: StoreSpec | None = None,
+    hasher: NgramHasher | None = None,
+    strict: bool = True,
+) -> EngramLM:
+    """An ``EngramLM`` whose Engram tables are tiered stores over a converted checkpoint.
+
+    The configuration comes from the dense file's metadata; the dense weights are loaded
+    (``strict=False`` accepts a partial checkpoint, e.g. Engram modules only); each table file's
+    layout is checked before its store opens. Call ``model.close()`` when done.
+    """
+    directory = Path(directory)
+    dense, config = _load_dense(directory / DENSE_FILE)
+    hasher = hasher if hasher is not None else NgramHasher(config.engram)
+    paths = {layer_id: table_file(directory, layer_id) for layer_id in config.engram.layer_ids}
+    stores = open_tables(paths, hasher, store)
+    try:
+        model = EngramLM(config, hasher=hasher, tables=stores)
+        model.load_state_dict(dense, strict=strict)
+    except BaseException:
+        for opened in stores.values():
+            opened.close()
+        raise
+    return model
+
+
+# -- internals ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    """One checkpoint tensor: its shape now, its data (or a streaming source) on demand."""
+
+    shape: tuple[int, ...]
+    source: Any  # a tensor, or SafetensorsSource for file-backed entries
+
+    def load(self) -> torch.Tensor:
+        """The tensor itself."""
+        if isinstance(self.source, SafetensorsSource):
+            from safetensors import safe_open
+
+            with safe_open(str(self.source.path), framework="pt") as f:
+                return f.get_tensor(self.source.tensor_name)
+        return self.source
+
+
+def _entries(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, _Entry]:
+    """Key -> _Entry for a state_dict or a safetensors file (file tensors are not read yet)."""
+    if isinstance(source, Mapping):
+        return {k: _Entry(tuple(v.shape), v) for k, v in source.items()}
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(source)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {
+                k: _Entry(tuple(f.get_slice(k).get_shape()), SafetensorsSource(path, k))
+                for k in list(f.keys())
+            }
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"{path}: cannot read the checkpoint: {exc}") from exc
+
+
+def _check_entries(
+    entries: Mapping[str, _Entry], expected: Mapping[str, tuple], config: ModelConfig, strict: bool
+) -> None:
+    """Unknown keys, wrong shapes and (strict) missing keys -> ConfigError, before any write."""
+    for key, entry in entries.items():
+        if key not in expected:
+            hint = ""
+            if _REFERENCE_KEY.match(key) and _wanted(_REFERENCE_KEY.match(key).group(2)):
+                hint = " (a per-layer reference checkpoint: convert from_reference_layout(...))"
+            raise ConfigError(f"{key}: not a key of this EngramLM's state_dict{hint}")
+        if entry.shape != expected[key]:
+            bb, tc, eng = config.backbone, config.transformer, config.engram
+            raise ConfigError(
+                f"{key}: checkpoint shape {list(entry.shape)} does not match {list(expected[key])} "
+                f"expected from the config (hidden_size={bb.hidden_size}, hc_mult={bb.hc_mult}, "
+                f"num_layers={bb.num_layers}, vocab_size={bb.vocab_size}, intermediate_size="
+                f"{tc.mlp_size(bb.hidden_size)}, engram_vocab_size={list(eng.engram_vocab_size)}, "
+                f"n_head_per_ngram={eng.n_head_per_ngram}, n_embed_per_ngram="
+                f"{eng.n_embed_per_ngram}, layer_ids={list(eng.layer_ids)})"
+            )
+    for layer_id in config.engram.layer_ids:
+        key = f"layers.{layer_id}.engram.{EMBEDDING_KEY}"
+        if key not in entries:
+            raise ConfigError(
+                f"{key}: missing from the checkpoint (Engram layer {layer_id}'s table)"
+            )
+    if strict:
+        missing = sorted(set(expected) - set(entries))
+        if missing:
+            raise ConfigError(
+                f"{missing[0]}: missing from the checkpoint ({len(missing)} keys missing; "
+                "strict=False converts a partial checkpoint)"
+            )
+
+
+def _save_dense(path: Path, tensors: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Write the dense tensors with the model configuration in the file's metadata."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(contiguous, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(config.to_dict())})
+    tmp.replace(path)
+
+
+def _load_dense(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Dense tensors and the ModelConfig stored with them."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in list(f.keys())}
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(
+            f"{path}: cannot read the dense checkpoint ({exc}); expected a directory made by "
+            "convert_checkpoint"
+        ) from exc
+    if CONFIG_METADATA_KEY not in meta:
+        raise TableFormatError(
+            f"{path}: no {CONFIG_METADATA_KEY!r} metadata; not made by convert_checkpoint"
+        )
+    try:
+        config = ModelConfig.from_dict(json.loads(meta[CONFIG_METADATA_KEY]))
+    except (json.JSONDecodeError, TieredStoreError) as exc:
+        raise TableFormatError(
+            f"{path}: model configuration in the metadata is invalid: {exc}"
+        ) from exc
+    return tensors, config
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, long lists abbreviated."""
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{', '.join(map(str, value[:4]))}, ... ({len(value)} values)]"
+    return repr(value)

@@ -1,0 +1,555 @@
+"""A small but real Engram language model: Transformer blocks with hyper-connections and Engram.
+
+Layout (``[B, T, hc_mult, hidden]`` is the hyper-connection hidden state, as in the reference)::
+
+    h = expand(token_embedding(input_ids))              # every branch starts as the embedding
+    for each layer l:
+        if l carries Engram:  h = h + Engram_l(h)        # the reference's residual add
+        h = HC_attn_l(h, x -> Attention(RMSNorm(x)))
+        h = HC_mlp_l(h,  x -> SwiGLU(RMSNorm(x)))
+    logits = RMSNorm(sum over branches of h) @ token_embedding.T      # tied LM head
+
+Hyper-connections are the *static* scheme of Zhu et al., "Hyper-Connections" (ICLR 2025): around
+each sublayer ``f``, with learned ``read`` [hc], ``mix`` [hc, hc] and ``write`` [hc]::
+
+    x = sum_i read[i] * h[:, :, i]                       # what the sublayer sees
+    h'[:, :, j] = sum_i mix[i, j] * h[:, :, i] + write[j] * f(x)
+
+initialised as ``read`` = one-hot on branch ``layer % hc_mult``, ``mix`` = identity, ``write`` =
+ones, which makes the network a pre-norm residual Transformer at initialisation. (The dynamic,
+input-dependent variant is left out: the point here is the memory system, not the backbone.)
+
+Each Engram layer's table is a ``TableBackend``: an ``InMemoryTable`` (trainable) or a
+``TieredStore`` (read-only: gradients reach the dense parameters only; updating a stored table is
+a later capability). ``EngramLM.prefetch(input_ids)`` hashes the batch for every Engram layer in
+one pass and starts each table's fetch before any layer computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .backend import TableBackend
+from .config import BackboneConfig, EngramConfig, _check_keys, _int, load_engram_config
+from .hashing import NgramHasher
+from .module import Engram
+from .tokenizer import check_token_ids
+
+__all__ = ["EngramBatch", "EngramLM", "HyperConnection", "ModelConfig", "TransformerConfig"]
+
+TRANSFORMER_DEFAULTS: dict[str, Any] = {
+    "num_attention_heads": 4,  # query/key/value heads per attention layer
+    "intermediate_size": 0,  # SwiGLU width; 0 = 8/3 * hidden_size rounded up to a multiple of 64
+    "rope_theta": 10000.0,  # rotary position embedding base
+    "norm_eps": 1e-6,  # RMSNorm epsilon of the backbone norms
+    "init_std": 0.02,  # normal init of the dense weights (Engram modules keep their own init)
+}
+
+Logits = Literal["all", "last", "none"]
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The backbone facts ``BackboneConfig`` does not carry: attention heads, MLP width, RoPE.
+
+    Examples
+    --------
+    >>> TransformerConfig(num_attention_heads=8).mlp_size(512)
+    1408
+    """
+
+    num_attention_heads: int = TRANSFORMER_DEFAULTS["num_attention_heads"]
+    intermediate_size: int = TRANSFORMER_DEFAULTS["intermediate_size"]
+    rope_theta: float = TRANSFORMER_DEFAULTS["rope_theta"]
+    norm_eps: float = TRANSFORMER_DEFAULTS["norm_eps"]
+    init_std: float = TRANSFORMER_DEFAULTS["init_std"]
+
+    def __post_init__(self) -> None:
+        _int("transformer.num_attention_heads", self.num_attention_heads, minimum=1)
+        _int("transformer.intermediate_size", self.intermediate_size, minimum=0)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"transformer.{name}: expected a number > 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    def mlp_size(self, hidden_size: int) -> int:
+        """SwiGLU width for ``hidden_size``."""
+        if self.intermediate_size:
+            return self.intermediate_size
+        return -(-(8 * hidden_size // 3) // 64) * 64
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, ignore_unknown: bool = False
+    ) -> TransformerConfig:
+        """Build from a mapping; unknown keys are an error unless ``ignore_unknown``."""
+        _check_keys("transformer", data, TRANSFORMER_DEFAULTS, ignore_unknown)
+        return cls(**{k: data[k] for k in TRANSFORMER_DEFAULTS if k in data})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes an ``EngramLM``'s shapes: Engram, backbone and Transformer sections.
+
+    Examples
+    --------
+    >>> cfg = ModelConfig.from_dict({
+    ...     "engram": {"engram_vocab_size": [2003, 3001], "n_embed_per_ngram": 64,
+    ...                "n_head_per_ngram": 4, "layer_ids": [1, 3]},
+    ...     "backbone": {"hidden_size": 64, "hc_mult": 4, "num_layers": 4},
+    ...     "transformer": {"num_attention_heads": 4}})
+    >>> cfg.backbone.num_layers, cfg.engram.layer_ids
+    (4, (1, 3))
+    >>> ModelConfig.from_dict({"backbone": {"hidden_size": 30}, "transformer": {"num_attention_heads": 4}})
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: transformer.num_attention_heads: expected a divisor of backbone.hidden_size=30 giving an even head size, got 4
+    """
+
+    engram: EngramConfig = field(default_factory=EngramConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+
+    def __post_init__(self) -> None:
+        hidden, heads = self.backbone.hidden_size, self.transformer.num_attention_heads
+        if hidden % heads or (hidden // heads) % 2:
+            raise ConfigError(
+                f"transformer.num_attention_heads: expected a divisor of backbone.hidden_size="
+                f"{hidden} giving an even head size, got {heads}"
+            )
+        for i, layer in enumerate(self.engram.layer_ids):
+            if layer >= self.backbone.num_layers:
+                raise ConfigError(
+                    f"engram.layer_ids[{i}]: expected a layer id below backbone.num_layers="
+                    f"{self.backbone.num_layers}, got {layer}"
+                )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, ignore_unknown: bool = False) -> ModelConfig:
+        """Build from ``{"engram": ..., "backbone": ..., "transformer": ...}`` (each optional)."""
+        _check_keys("<root>", data, {"engram": 0, "backbone": 0, "transformer": 0}, ignore_unknown)
+        engram, backbone = load_engram_config(
+            {k: data[k] for k in ("engram", "backbone") if k in data} or {"engram": {}},
+            ignore_unknown=ignore_unknown,
+        )
+        transformer = TransformerConfig.from_dict(
+            data.get("transformer", {}), ignore_unknown=ignore_unknown
+        )
+        return cls(engram, backbone, transformer)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping that ``from_dict`` reads back (stored in checkpoints and table files)."""
+        return {
+            "engram": self.engram.to_dict(),
+            "backbone": dataclasses.asdict(self.backbone),
+            "transformer": dataclasses.asdict(self.transformer),
+        }
+
+
+@dataclass
+class EngramBatch:
+    """A batch whose Engram row ids are hashed (every layer, one pass) and whose fetches started.
+
+    ``handles[layer]`` is the table's prefetch handle (``None`` when nothing was prefetched or the
+    table has nothing to wait for). A handle is consumed by one forward.
+    """
+
+    input_ids: torch.Tensor  # [B, T] original token ids
+    row_ids: dict[int, torch.Tensor]  # layer -> [B, T, H] rows of that layer's table
+    handles: dict[int, object | None]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the batch (B * T)."""
+        return self.input_ids.numel()
+
+
+class HyperConnection(nn.Module):
+    """Static hyper-connection around one sublayer (see the module docstring).
+
+    Examples
+    --------
+    >>> hc = HyperConnection(hc_mult=4, branch=1)
+    >>> h = torch.randn(2, 3, 4, 8)
+    >>> out = hc(h, lambda x: 2 * x)          # x is branch 1 at initialisation
+    >>> torch.allclose(out, h + 2 * h[:, :, 1:2])
+    True
+    """
+
+    def __init__(self, hc_mult: int, branch: int) -> None:
+        super().__init__()
+        read = torch.zeros(hc_mult)
+        read[branch % hc_mult] = 1.0
+        self.read = nn.Parameter(read)
+        self.mix = nn.Parameter(torch.eye(hc_mult))
+        self.write = nn.Parameter(torch.ones(hc_mult))
+
+    def forward(self, h: torch.Tensor, sublayer: Any) -> torch.Tensor:
+        """``h`` [B, T, hc, D] -> mixed branches plus the written sublayer output."""
+        x = torch.einsum("bthd,h->btd", h, self.read)
+        y = sublayer(x)
+        mixed = torch.einsum("bthd,hg->btgd", h, self.mix)
+        return mixed + y.unsqueeze(2) * self.write.view(1, 1, -1, 1)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary position embeddings (no biases)."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.out = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """[B, T, D] -> [B, T, D]."""
+        batch, seq, width = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = _rotate(q, *rope), _rotate(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(batch, seq, width))
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * inner, bias=False)
+        self.down = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> [B, T, D]."""
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Optional Engram (residual add), then attention and MLP, each inside a hyper-connection."""
+
+    def __init__(self, config: ModelConfig, index: int, engram: Engram | None) -> None:
+        super().__init__()
+        hidden, hc = config.backbone.hidden_size, config.backbone.hc_mult
+        tc = config.transformer
+        self.engram = engram
+        self.attn_norm = nn.RMSNorm(hidden, eps=tc.norm_eps)
+        self.attn = Attention(hidden, tc.num_attention_heads)
+        self.attn_hc = HyperConnection(hc, 2 * index)
+        self.mlp_norm = nn.RMSNorm(hidden, eps=tc.norm_eps)
+        self.mlp = SwiGLU(hidden, tc.mlp_size(hidden))
+        self.mlp_hc = HyperConnection(hc, 2 * index + 1)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        row_ids: torch.Tensor | None,
+        handle: object | None,
+    ) -> torch.Tensor:
+        """[B, T, hc, D] -> [B, T, hc, D]."""
+        if self.engram is not None:
+            h = h + self.engram(h, row_ids=row_ids, handle=handle)
+        h = self.attn_hc(h, lambda x: self.attn(self.attn_norm(x), rope))
+        return self.mlp_hc(h, lambda x: self.mlp(self.mlp_norm(x)))
+
+
+class EngramLM(nn.Module):
+    """A decoder-only language model with Engram memory at ``config.engram.layer_ids``.
+
+    Parameters
+    ----------
+    config
+        Model shapes (Engram, backbone, Transformer sections).
+    hasher
+        Shared ``NgramHasher`` (default: a new one with the DeepSeek tokenizer).
+    tables
+        ``{layer_id: TableBackend}`` for some or all Engram layers (e.g. ``TieredStore`` per layer,
+        from ``tiered_store.engram.checkpoint.open_tables``). Layers left out get a trainable
+        ``InMemoryTable`` (allocates the whole table).
+
+    Raises
+    ------
+    ConfigError
+        A table's rows/dim do not match its layer, a table is given for a layer without Engram,
+        or ``backbone.vocab_size`` is smaller than the tokenizer vocabulary.
+
+    Examples
+    --------
+    >>> cfg = ModelConfig.from_dict({
+    ...     "engram": {"engram_vocab_size": [2003, 3001], "n_embed_per_ngram": 64,
+    ...                "n_head_per_ngram": 4, "layer_ids": [1, 3]},
+    ...     "backbone": {"hidden_size": 64, "hc_mult": 4, "num_layers": 4}})
+    >>> torch.manual_seed(0) and None
+    >>> model = EngramLM(cfg)
+    >>> ids = model.hasher.tokenizer.encode("def lookup(table, ids): return table[ids]")[None]
+    >>> ids = torch.from_numpy(ids)                                  # [B=1, T]
+    >>> model(ids).shape                                             # logits [B, T, vocab]
+    torch.Size([1, 13, 129280])
+    >>> batch = model.prefetch(ids)          # hash every Engram layer, start each table's fetch
+    >>> model(ids, prefetched=batch, logits="last").shape            # [B, vocab]
+    torch.Size([1, 129280])
+    >>> loss = model.loss(ids); loss.backward()                      # trainable on CPU
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        hasher: NgramHasher | None = None,
+        tables: Mapping[int, TableBackend] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.hasher = hasher if hasher is not None else NgramHasher(config.engram)
+        if self.hasher.config != config.engram:
+            raise ConfigError("hasher: its EngramConfig differs from config.engram")
+        backbone, tc = config.backbone, config.transformer
+        if backbone.vocab_size < self.hasher.tokenizer.vocab_size:
+            raise ConfigError(
+                f"backbone.vocab_size: expected at least the tokenizer's "
+                f"{self.hasher.tokenizer.vocab_size} ids, got {backbone.vocab_size}"
+            )
+        tables = dict(tables or {})
+        extra = sorted(set(tables) - set(config.engram.layer_ids))
+        if extra:
+            raise ConfigError(
+                f"tables: layer {extra[0]} has no Engram (engram.layer_ids = "
+                f"{list(config.engram.layer_ids)})"
+            )
+        self.embed = nn.Embedding(backbone.vocab_size, backbone.hidden_size)
+        layers = []
+        for index in range(backbone.num_layers):
+            engram = None
+            if index in config.engram.layer_ids:
+                engram = Engram(
+                    config.engram,
+                    backbone,
+                    index,
+                    hasher=self.hasher,
+                    backend=tables.get(index),
+                )
+            layers.append(DecoderLayer(config, index, engram))
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = nn.RMSNorm(backbone.hidden_size, eps=tc.norm_eps)
+        self._init_dense(tc.init_std)
+        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- tables -----------------------------------------------------------------------------------
+
+    @property
+    def engram_layers(self) -> dict[int, Engram]:
+        """``{layer_id: Engram module}``."""
+        return {i: layer.engram for i, layer in enumerate(self.layers) if layer.engram is not None}
+
+    @property
+    def tables(self) -> dict[int, TableBackend]:
+        """``{layer_id: table backend}``."""
+        return {i: engram.table for i, engram in self.engram_layers.items()}
+
+    def set_tables(self, tables: Mapping[int, TableBackend]) -> None:
+        """Serve the given Engram layers' rows from other backends (rows and dim are checked)."""
+        engrams = self.engram_layers
+        for layer_id in tables:
+            if layer_id not in engrams:
+                raise ConfigError(
+                    f"tables: layer {layer_id} has no Engram (engram.layer_ids = {list(engrams)})"
+                )
+        for layer_id, table in tables.items():
+            engrams[layer_id].set_table(table)
+
+    def dense_parameters(self) -> int:
+        """Parameters outside the Engram tables (token embedding included)."""
+        table_ids = {
+            id(p) for t in self.tables.values() if isinstance(t, nn.Module) for p in t.parameters()
+        }
+        return sum(p.numel() for p in self.parameters() if id(p) not in table_ids)
+
+    def table_parameters(self) -> int:
+        """Rows x dim summed over the Engram tables."""
+        return sum(int(t.rows) * int(t.dim) for t in self.tables.values())
+
+    # -- addressing and prefetch ------------------------------------------------------------------
+
+    def hash(self, input_ids: Any) -> EngramBatch:
+        """Check ``input_ids`` [B, T] and hash them for every Engram layer (no fetch started)."""
+        ids = self._check_input(input_ids)
+        return EngramBatch(ids, self.hasher.row_ids(ids), dict.fromkeys(self.engram_layers))
+
+    def prefetch(self, input_ids: Any) -> EngramBatch:
+        """Hash ``input_ids`` for every Engram layer and start each table's fetch (in layer
+        order, so the first Engram layer's rows are ready first)."""
+        batch = self.hash(input_ids)
+        for layer_id, table in self.tables.items():
+            batch.handles[layer_id] = table.prefetch(batch.row_ids[layer_id])
+        return batch
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Any,
+        *,
+        prefetched: EngramBatch | None = None,
+        logits: Logits = "all",
+    ) -> torch.Tensor:
+        """Next-token logits for ``input_ids`` [B, T].
+
+        Parameters
+        ----------
+        input_ids
+            Original token ids [B, T] (tensor, array or nested lists).
+        prefetched
+            The ``EngramBatch`` from ``prefetch(input_ids)``; without it the batch is hashed and
+            prefetched here, before the first layer runs.
+        logits
+            ``"all"``: [B, T, vocab]; ``"last"``: [B, vocab] for the last position only (prefill,
+            as in serving); ``"none"``: the final normalised hidden state [B, T, hidden].
+
+        Raises
+        ------
+        RowIdError
+            A token id is outside the tokenizer vocabulary (checked before any compute).
+        ConfigError
+            ``input_ids`` is not [B, T] or ``prefetched`` belongs to other ids.
+        """
+        if prefetched is None:
+            prefetched = self.prefetch(input_ids)
+        elif input_ids is not prefetched.input_ids:
+            ids = self._check_input(input_ids)
+            if ids.shape != prefetched.input_ids.shape or not torch.equal(
+                ids.cpu(), prefetched.input_ids.cpu()
+            ):
+                raise ConfigError(
+                    "prefetched: this EngramBatch was made for other input_ids; pass the ids "
+                    "given to prefetch()"
+                )
+        if logits not in ("all", "last", "none"):
+            raise ConfigError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
+        ids = prefetched.input_ids.to(self.embed.weight.device, non_blocking=True)
+        hc = self.config.backbone.hc_mult
+        h = self.embed(ids).unsqueeze(2).expand(-1, -1, hc, -1)
+        rope = self._rope_tables(ids.shape[1], h.device, h.dtype)
+        for index, layer in enumerate(self.layers):
+            h = layer(h, rope, prefetched.row_ids.get(index), prefetched.handles.get(index))
+        x = h.sum(dim=2)
+        if logits == "last":
+            x = x[:, -1]
+        x = self.final_norm(x)
+        return x if logits == "none" else F.linear(x, self.embed.weight)
+
+    def loss(self, input_ids: Any, *, prefetched: EngramBatch | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy over ``input_ids`` [B, T] (position t predicts t + 1)."""
+        logits = self(input_ids, prefetched=prefetched)
+        ids = prefetched.input_ids if prefetched is not None else self._check_input(input_ids)
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device)
+        )
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict`` after checking every shape (and each Engram layer's
+        offsets) against the config, so a mismatched checkpoint raises ConfigError before any
+        tensor is copied."""
+        check_state_dict(self, state_dict, strict=strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def close(self) -> None:
+        """Close the tables that hold files or threads (tiered stores); in-memory ones stay."""
+        for table in self.tables.values():
+            close = getattr(table, "close", None)
+            if callable(close) and not isinstance(table, nn.Module):
+                close()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _check_input(self, input_ids: Any) -> torch.Tensor:
+        """Token ids as int64 [B, T], every id inside the tokenizer vocabulary."""
+        ids = check_token_ids(input_ids, self.hasher.tokenizer.vocab_size)
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.from_numpy(ids)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ConfigError(
+                f"input_ids: expected shape [B, T] with T >= 1, got {list(ids.shape)}"
+            )
+        return ids
+
+    def _init_dense(self, std: float) -> None:
+        """Normal(0, std) for the backbone's weights; output projections scaled by depth."""
+        nn.init.normal_(self.embed.weight, std=std)
+        out_std = std / math.sqrt(2 * len(self.layers))
+        for layer in self.layers:
+            nn.init.normal_(layer.attn.qkv.weight, std=std)
+            nn.init.normal_(layer.mlp.gate_up.weight, std=std)
+            nn.init.normal_(layer.attn.out.weight, std=out_std)
+            nn.init.normal_(layer.mlp.down.weight, std=out_std)
+
+    def _rope_tables(
+        self, seq: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, head_dim / 2] for the rotary embedding (kept per length/device/dtype)."""
+        key = (seq, device, dtype)
+        if key not in self._rope:
+            tc = self.config.transformer
+            half = self.config.backbone.hidden_size // tc.num_attention_heads // 2
+            inv = tc.rope_theta ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+            angles = torch.outer(torch.arange(seq, dtype=torch.float64, device=device), inv)
+            self._rope[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+        return self._rope[key]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [B, heads, T, head_dim] (rotate-half layout)."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+def expected_shapes(model: EngramLM) -> dict[str, tuple[int, ...]]:
+    """Every state_dict key of ``model`` with its shape; Engram tables kept outside the module
+    (a tiered store) are listed under their reference key too."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    for layer_id, table in model.tables.items():
+        shapes.setdefault(
+            f"layers.{layer_id}.engram.multi_head_embedding.embedding.weight",
+            (int(table.rows), int(table.dim)),
+        )
+    return shapes
+
+
+def check_state_dict(
+    model: EngramLM, state_dict: Mapping[str, Any], *, strict: bool = True
+) -> None:
+    """Raise ConfigError naming the first key whose shape disagrees with ``model``'s config (and
+    run each Engram layer's own checks: offsets, a table key for an external table)."""
+    for layer_id, engram in model.engram_layers.items():
+        prefix = f"layers.{layer_id}.engram."
+        own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        engram.check_checkpoint(own, strict=strict, prefix=prefix)
+    expected = expected_shapes(model)
+    cfg = model.config
+    for key, value in state_dict.items():
+        want = expected.get(key)
+        if want is None or not hasattr(value, "shape"):
+            continue  # unknown keys are load_state_dict's (strict) business
+        if tuple(value.shape) != want:
+            raise ConfigError(
+                f"{key}: checkpoint shape {list(value.shape)} does not match {list(want)} "
+                f"expected from the config (hidden_size={cfg.backbone.hidden_size}, "
+                f"hc_mult={cfg.backbone.hc_mult}, num_layers={cfg.backbone.num_layers}, "
+                f"vocab_size={cfg.backbone.vocab_size}, num_attention_heads="
+                f"{cfg.transformer.num_attention_heads}, intermediate_size="
+                f"{cfg.transformer.mlp_size(cfg.backbone.hidden_size)}, engram layer_ids="
+                f"{list(cfg.engram.layer_ids)})"
+            )
