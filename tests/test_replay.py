@@ -15,11 +15,18 @@ from zipf_analysis.trace import TraceReader, TraceWriter
 ROWS, HEADS = 3000, 4
 
 
-def write_trace(path, batches: int = 25, seed: int = 0, rows: int = ROWS) -> list[np.ndarray]:
+def write_trace(
+    path, batches: int = 25, seed: int = 0, rows: int = ROWS, workload: ZipfWorkload | None = None
+) -> list[np.ndarray]:
     """A Zipfian two-table trace of [2, 40, HEADS] records per batch; returns table 'a''s records."""
-    workload = ZipfWorkload(rows, 0.9, seed=seed)
+    workload = workload or ZipfWorkload(rows, 0.9, seed=seed)
     records = []
-    layout = {"tables": [{"name": "a", "rows": rows, "heads": HEADS}, {"name": "b", "rows": rows, "heads": HEADS}]}
+    layout = {
+        "tables": [
+            {"name": "a", "rows": rows, "heads": HEADS},
+            {"name": "b", "rows": rows, "heads": HEADS},
+        ]
+    }
     with TraceWriter(path, layout) as writer:
         for _ in range(batches):
             ids = workload.sample((2, 40, HEADS))
@@ -49,7 +56,15 @@ def test_replay_statistics_equal_the_live_store(tmp_path, tiers):
         live = store.stats()
     result = replay(config, tmp_path / "t.trace", table="a")
     for tier in ("hot", "warm"):
-        for key in ("lookups", "hits", "misses", "admissions", "evictions", "rejections", "occupancy"):
+        for key in (
+            "lookups",
+            "hits",
+            "misses",
+            "admissions",
+            "evictions",
+            "rejections",
+            "occupancy",
+        ):
             assert result.tiers[tier][key] == live[tier][key], (tier, key)
     assert result.rows_moved["into_warm"] == live["warm"]["admissions"]
     assert result.rows_moved["cold_reads"] == live["cold"]["rows_read"]
@@ -62,9 +77,13 @@ def test_replay_parity_with_static_pinning(tmp_path):
     counts = np.bincount(np.concatenate([r.ravel() for r in records]), minlength=ROWS)
     np.save(tmp_path / "top.npy", np.argsort(-counts, kind="stable")[:80])
     config = StoreConfig.from_dict(
-        {"table": {"path": str(path)},
-         "tiers": {"hot": {"capacity": 120, "policy": "static+lru", "static_rows": "top.npy"},
-                   "warm": {"capacity": 300, "preload_rows": "top.npy"}}},
+        {
+            "table": {"path": str(path)},
+            "tiers": {
+                "hot": {"capacity": 120, "policy": "static+lru", "static_rows": "top.npy"},
+                "warm": {"capacity": 300, "preload_rows": "top.npy"},
+            },
+        },
         base_dir=tmp_path,
     )
     with TieredStore(config) as store:
@@ -97,7 +116,9 @@ def test_per_request_replay_equals_scalar_lru(tmp_path):
 
     path, _ = make_table(tmp_path, rows=ROWS, dim=8)
     records = write_trace(tmp_path / "t.trace", batches=4)
-    result = replay(store_config(path, warm={"capacity": 150}), tmp_path / "t.trace", table="a", batch_tokens=1)
+    result = replay(
+        store_config(path, warm={"capacity": 150}), tmp_path / "t.trace", table="a", batch_tokens=1
+    )
     lru = ScalarLRU(150)
     hits = sum(lru.access(int(x)) for r in records for x in r.ravel())
     assert result.tiers["warm"]["hits"] == hits
@@ -109,7 +130,11 @@ def test_modelled_stall_shrinks_with_overlap(tmp_path):
     base = store_config(path, hot={"capacity": 100}, warm={"capacity": 300})
     plain = replay(base, tmp_path / "t.trace")
     overlapped = replay(
-        base.model_copy(update={"cost_model": base.cost_model.model_copy(update={"compute_seconds_per_batch": 1e-4})}),
+        base.model_copy(
+            update={
+                "cost_model": base.cost_model.model_copy(update={"compute_seconds_per_batch": 1e-4})
+            }
+        ),
         tmp_path / "t.trace",
     )
     assert plain.modelled_stall_seconds == pytest.approx(plain.modelled_fetch_seconds)
@@ -144,8 +169,19 @@ def test_replay_command_writes_table_json_and_png(tmp_path, capsys):
         f"table: {{path: {path.name}}}\ntiers:\n  hot: {{capacity: 60}}\n  warm: {{capacity: 5%}}\n"
     )
     out = tmp_path / "out"
-    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--table", "a",
-            "--policies", "lru,static+lru", "--out", str(out), "--sweep", "1%,5%,10%"]
+    argv = [
+        "replay",
+        str(tmp_path / "tiers.yaml"),
+        str(tmp_path / "t.trace"),
+        "--table",
+        "a",
+        "--policies",
+        "lru,static+lru",
+        "--out",
+        str(out),
+        "--sweep",
+        "1%,5%,10%",
+    ]
     assert main(argv) == 2  # static+lru without static_rows is a config error, named
     assert "static_rows" in capsys.readouterr().err
     argv[argv.index("lru,static+lru")] = "lru"
@@ -162,3 +198,101 @@ def test_replay_command_writes_table_json_and_png(tmp_path, capsys):
     belady = dict(zip(doc["sweep"][-1]["capacities"], doc["sweep"][-1]["miss_ratio"], strict=True))
     assert all(belady[c] <= sweep_lru[c] + 1e-12 for c in sweep_lru)
     assert (out / "replay.png").stat().st_size > 10_000
+
+
+def _trace_of(path, batches, rows=ROWS):
+    with TraceWriter(path, {"tables": [{"name": "a", "rows": rows, "heads": 1}]}) as writer:
+        for ids in batches:
+            writer.write(np.asarray(ids, dtype=np.int64), "a")
+            writer.end_batch()
+
+
+def test_lookahead_protects_rows_the_next_batch_uses(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    _trace_of(tmp_path / "t.trace", [range(20), range(100, 120), range(200, 230), range(20)])
+    config = store_config(path, warm={"capacity": 40})
+    blind = replay(config, tmp_path / "t.trace")
+    ahead = replay(config, tmp_path / "t.trace", lookahead=1)
+    assert blind.tiers["warm"]["hits"] == 0  # LRU evicted rows 0-19 just before they came back
+    assert ahead.tiers["warm"]["hits"] == 20
+
+
+def _profile_for(tmp_path, counts):
+    from zipf_analysis.profile import profile_ids
+
+    ids = np.repeat(np.arange(counts.size), counts)
+    profile = profile_ids(ids, rows=ROWS)
+    profile.save(tmp_path / "profile.npz")
+    return profile
+
+
+def test_zipf_tuned_pins_the_profile_top_and_replays_like_the_store(tmp_path):
+    from policies.zipf_tuned import zipf_tuned_split
+
+    path, data = make_table(tmp_path, rows=ROWS, dim=8)
+    workload = ZipfWorkload(ROWS, 0.9, seed=1)
+    holdout = write_trace(
+        tmp_path / "profile.trace", workload=workload
+    )  # an earlier, disjoint sample
+    records = write_trace(tmp_path / "t.trace", workload=workload)
+    profile = _profile_for(
+        tmp_path, np.bincount(np.concatenate([r.ravel() for r in holdout]), minlength=ROWS)
+    )
+    tiers = {
+        "hot": {
+            "capacity": 64,
+            "policy": "zipf-tuned",
+            "profile": "profile.npz",
+            "recency_window": 40,
+        },
+        "warm": {
+            "capacity": 300,
+            "policy": "zipf-tuned",
+            "profile": "profile.npz",
+            "recency_window": 40,
+        },
+    }
+    config = StoreConfig.from_dict(
+        {"table": {"path": str(path)}, "tiers": tiers}, base_dir=tmp_path
+    )
+    split = zipf_tuned_split(profile, 300, recency_window=40)
+    assert 0 < split.recency_rows <= 150 and split.pinned_rows.size == 300 - split.recency_rows
+    assert np.array_equal(split.pinned_rows, profile.top_rows(split.pinned_rows.size))
+    with TieredStore(config) as store:
+        assert store.stats()["warm"]["preloaded"] == split.pinned_rows.size
+        for ids in records:
+            assert torch.equal(store.lookup(ids), data[torch.from_numpy(ids)])
+        live = store.stats()
+        assert bool(
+            (store.warm.probe(torch.from_numpy(split.pinned_rows)) >= 0).all()
+        )  # never evicted
+    result = replay(config, tmp_path / "t.trace", table="a")
+    for tier in ("hot", "warm"):
+        for key in ("hits", "admissions", "evictions", "preloaded"):
+            assert result.tiers[tier][key] == live[tier][key], (tier, key)
+    lru = replay(
+        store_config(path, hot={"capacity": 64}, warm={"capacity": 300}),
+        tmp_path / "t.trace",
+        table="a",
+    )
+    assert (
+        result.miss_ratio < lru.miss_ratio
+    )  # a stable Zipf workload: pinning the profile top pays
+
+
+def test_zipf_tuned_needs_a_matching_profile(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    with pytest.raises(ConfigError, match=r"tiers\.warm\.profile: .*expected the \.npz"):
+        TieredStore(store_config(path, warm={"capacity": 10, "policy": "zipf-tuned"}))
+    from zipf_analysis.profile import profile_ids
+
+    profile_ids(np.arange(50), rows=50).save(tmp_path / "small.npz")
+    cfg = StoreConfig.from_dict(
+        {
+            "table": {"path": str(path)},
+            "tiers": {"warm": {"capacity": 10, "policy": "zipf-tuned", "profile": "small.npz"}},
+        },
+        base_dir=tmp_path,
+    )
+    with pytest.raises(ConfigError, match="profiles a table of 50 rows; this table has 3,000"):
+        TieredStore(cfg)

@@ -310,3 +310,24 @@ def test_memory_report_counts_metadata(table):
         assert report["hot_payload_bytes"] == 100 * DIM * 4
         assert report["hot_metadata"]["per_table_row"] == 4
         assert report["warm_metadata"]["per_slot"] >= 17
+
+
+def test_lookahead_keeps_rows_of_queued_prefetches(table):
+    """With lookahead on, a batch's admissions never evict rows a queued prefetch will read."""
+    path, data = table
+    cfg = StoreConfig.from_dict(
+        {
+            "table": {"path": str(path)},
+            "tiers": {"warm": {"capacity": 40}},
+            "prefetch": {"depth": 4, "lookahead": True},
+        }
+    )
+    with TieredStore(cfg) as store:
+        keep = torch.arange(20)
+        store.lookup(keep)  # resident, and the least recent from now on
+        store.lookup(torch.arange(100, 120))
+        store._prefetcher._queued[-1] = keep  # as if a prefetch of `keep` were waiting in the queue
+        store.lookup(torch.arange(200, 230))  # needs 30 slots: only the 20 unqueued rows may go
+        del store._prefetcher._queued[-1]
+        assert bool((store.warm.probe(keep) >= 0).all())
+        assert torch.equal(store.lookup(keep), data[keep])

@@ -128,12 +128,15 @@ class CacheHierarchy:
             hot_slots, miss_pos, unique_cpu, inverse, counts_cpu, warm_slots, cold_idx
         )
 
-    def admit(self, plan: LookupPlan) -> AdmitPlan:
-        """Admit rows read from cold into warm, and every hot miss into hot, as the policies allow."""
+    def admit(self, plan: LookupPlan, lookahead: torch.Tensor | None = None) -> AdmitPlan:
+        """Admit rows read from cold into warm, and every hot miss into hot, as the policies allow.
+        Rows in ``lookahead`` (ids queued batches will use) are not chosen as victims."""
+        self.hot.lookahead = self.warm.lookahead = lookahead
         warm_pos, warm_slots = self.warm.admit(
             plan.unique_ids[plan.cold_idx], plan.counts[plan.cold_idx]
         )
         hot_src, hot_slots = self.hot.admit(plan.unique_ids, plan.counts)
+        self.hot.lookahead = self.warm.lookahead = None
         return AdmitPlan(plan.cold_idx[warm_pos.cpu()], warm_slots, hot_src, hot_slots)
 
 

@@ -99,6 +99,9 @@ class TiersConfig(_Model):
 
 class PrefetchConfig(_Model):
     depth: StrictInt = Field(default=DEFAULTS["prefetch.depth"], ge=1, le=64)
+    # Never evict rows that queued prefetches will use. Off by default: decisions then depend on
+    # the queue at run time, so a recorded trace no longer replays to exactly equal counters.
+    lookahead: StrictBool = False
 
 
 class CostModelConfig(_Model):

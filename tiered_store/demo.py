@@ -1,128 +1,387 @@
-"""``tiered-store demo``: build a table, drive a Zipfian lookup workload through the store, report."""
+"""``tiered-store demo``: an Engram language model over real text, tables in memory vs tiered.
+
+Builds a small Engram LM (random weights), converts it into a checkpoint directory (one table file
+per Engram layer plus the dense weights), then runs the same model over the same batches of real
+text (by default the Python standard library's sources, tokenised with the DeepSeek tokenizer)
+twice: with each Engram table loaded into memory, and with each table in a ``TieredStore`` (hot
+and warm caches in front of the table file, rows prefetched a batch ahead). The two runs alternate
+in rounds; the report compares tokens/s, shows per-tier hit rates and the time lookups stalled,
+and checks that the tiered logits are bit-identical to the in-memory ones.
+"""
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from .capacity import format_bytes
-from .config import StoreConfig
-from .store import TieredStore
-from .workload import ZipfWorkload
+from .errors import ConfigError
+
+# Built-in defaults of the demo (examples/engram-demo.yaml spells out the same values).
+DEMO_DEFAULTS: dict[str, Any] = {
+    "engram": {
+        "engram_vocab_size": [62500, 62500],  # rows per head before prime rounding, n = 2, 3
+        "max_ngram_size": 3,
+        "n_embed_per_ngram": 128,  # 4 heads x 32 wide rows per n-gram order
+        "n_head_per_ngram": 4,
+        "layer_ids": [1, 3],
+    },
+    "backbone": {"hidden_size": 256, "hc_mult": 4, "num_layers": 4},
+    "transformer": {"num_attention_heads": 4},
+    "tiers": {
+        "hot": {"capacity": "5%", "device": "cpu", "policy": "lru"},
+        "warm": {"capacity": "20%", "policy": "lru"},
+        "cold": {"io": "pread", "threads": 4},
+    },
+    "prefetch": {"depth": 2},
+    "run": {
+        "batches": 24,  # measured batches (each run once per variant)
+        "batch_size": 2048,  # tokens per batch
+        "seq_len": 256,  # tokens per sequence
+        "rounds": 4,  # the two variants alternate this many times
+        "lookahead": 1,  # batches prefetched ahead of the one computing
+        "dtype": "float32",  # table dtype on disk
+        "corpus": None,  # paths/globs; None = the Python standard library's sources
+        "seed": 0,
+    },
+}
+_RUN_KEYS = set(DEMO_DEFAULTS["run"])
+_TOP_KEYS = {"engram", "backbone", "transformer", "tiers", "prefetch", "run"}
+CHECK_EVERY = 10  # compare tiered with in-memory logits on every 10th batch
 
 
 def register(sub) -> None:
     """Add the ``demo`` subcommand."""
     p = sub.add_parser(
         "demo",
-        help="build a table and run a Zipfian lookup workload through the tiered store",
-        description="Builds a random table in a work directory, drives Zipf-distributed batches of row "
-        "ids through the store (prefetching the next batch while the current one is consumed), checks "
-        "every result against the table itself, and prints per-tier hit rates and throughput. "
-        "No arguments needed.",
+        help="run an Engram LM over real text with its tables in memory vs in the tiered store",
+        description=__doc__.split("\n\n", 1)[1].replace("``", "")
+        + "\nNo arguments needed; options override the built-in defaults and --config.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--rows", type=int, default=2_000_000, help="table rows")
-    p.add_argument("--dim", type=int, default=64, help="row width")
-    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--batches", type=int, default=60, help="lookup batches to run")
-    p.add_argument("--batch-size", type=int, default=65536, help="ids per batch")
-    p.add_argument("--zipf", type=float, default=0.9, help="Zipf exponent of the workload")
-    p.add_argument("--hot", default="2%", help="hot tier capacity (rows, bytes like 64MiB, or %%)")
-    p.add_argument("--warm", default="10%", help="warm tier capacity")
-    p.add_argument("--policy", default="lru", help="policy of both cache tiers")
     p.add_argument(
-        "--io", default="pread", choices=["mmap", "pread", "direct"], help="cold tier I/O"
+        "--config",
+        type=Path,
+        help="YAML with engram/backbone/transformer (model), tiers/prefetch (store) and run "
+        "sections, e.g. examples/engram-demo.yaml",
     )
-    p.add_argument("--device", default="cpu", help="compute device for the hot tier")
     p.add_argument(
-        "--workdir", type=Path, help="where the table goes (default: a temporary directory)"
+        "--corpus",
+        nargs="+",
+        metavar="PATH",
+        help="files, directories (*.py below) or globs; default: the Python stdlib sources",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batches", type=int, help="measured batches (default 24)")
+    p.add_argument("--batch-size", type=int, help="tokens per batch (default 2048)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 256)")
+    p.add_argument("--rounds", type=int, help="times the two variants alternate (default 4)")
+    p.add_argument("--lookahead", type=int, help="batches prefetched ahead (default 1)")
     p.add_argument(
-        "--no-check", action="store_true", help="skip checking results against the table"
+        "--rows",
+        type=int,
+        help="rows per Engram table (sets engram_vocab_size; each head's table is rounded up "
+        "to a prime)",
     )
+    p.add_argument("--hidden-size", type=int, help="model width (default 256)")
+    p.add_argument("--layers", type=int, help="Transformer layers (default 4)")
+    p.add_argument("--hot", help="hot tier capacity: rows, bytes like 64MiB, or %% of a table")
+    p.add_argument("--warm", help="warm tier capacity")
+    p.add_argument("--io", choices=["mmap", "pread", "direct"], help="cold tier I/O")
+    p.add_argument("--device", help="compute device: cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="table dtype")
+    p.add_argument(
+        "--workdir", type=Path, help="where the checkpoint goes (default: a temporary directory)"
+    )
+    p.add_argument("--seed", type=int, help="seed of the random weights (default 0)")
+    p.add_argument("--no-check", action="store_true", help="skip the bit-identity check")
     p.set_defaults(run=run_demo)
 
 
-def run_demo(args) -> int:
-    """Run the demo with parsed arguments; prints a report and returns 0 on success."""
-    from .table_format import RandomSource, create_table
+@dataclass
+class _Variant:
+    """One way of serving the tables, and what its runs measured."""
 
+    name: str
+    tables: dict[int, Any]
+    prefetch: bool = True
+    tokens: int = 0
+    seconds: float = 0.0
+    lookup_seconds: float = 0.0
+    stall_seconds: float = 0.0
+    tiers: dict[str, dict[str, float]] = field(default_factory=dict)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Throughput over every measured batch."""
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def run_demo(args) -> int:
+    """Run the demo with parsed arguments; prints the report and returns 0 on success."""
+    from .engram.checkpoint import load_table_in_memory, open_tables, save_tiered
+    from .engram.corpus import corpus_files, read_tokens, token_batches
+    from .engram.model import EngramLM, ModelConfig
+
+    settings = demo_settings(args)
+    run = settings["run"]
+    config = ModelConfig.from_dict({k: settings[k] for k in ("engram", "backbone", "transformer")})
+    device = torch.device(settings["tiers"]["hot"].get("device", "cpu"))
+    torch.manual_seed(run["seed"])
+    print("building the model and tokenizer ...", flush=True)
+    model = EngramLM(config).eval()
+    files = corpus_files(run["corpus"])
+    seq_len = run["seq_len"]
+    rows_per_batch = max(1, run["batch_size"] // seq_len)
+    need = run["batches"] * rows_per_batch * seq_len
+    tokens = read_tokens(files, model.hasher.tokenizer, max_tokens=need, shuffle_seed=run["seed"])
+    batches = token_batches(tokens, rows_per_batch, seq_len)
     with tempfile.TemporaryDirectory(prefix="tiered-store-demo-", dir=args.workdir) as tmp:
-        table = Path(tmp) / "table.npy"
-        print(f"building a {args.rows:,} x {args.dim} {args.dtype} table in {tmp}")
-        create_table(
-            table,
-            RandomSource(args.rows, args.dim, dtype=args.dtype, seed=args.seed),
-            progress=True,
+        print(f"converting the checkpoint into {tmp} ...", flush=True)
+        converted = save_tiered(model, tmp, dtype=run["dtype"])
+        memory = _Variant(
+            "table in memory",
+            {i: load_table_in_memory(p).to(device) for i, p in converted.table_paths.items()},
         )
-        config = StoreConfig.from_dict(
-            {
-                "table": {"path": str(table)},
-                "tiers": {
-                    "hot": {"capacity": args.hot, "device": args.device, "policy": args.policy},
-                    "warm": {"capacity": args.warm, "policy": args.policy},
-                    "cold": {"io": args.io},
-                },
-            }
-        )
-        workload = ZipfWorkload(args.rows, args.zipf, seed=args.seed)
-        batches = [torch.from_numpy(workload.sample(args.batch_size)) for _ in range(args.batches)]
-        reference = None if args.no_check else np.load(table, mmap_mode="r")
-        with TieredStore(config) as store:
-            print(store)
-            elapsed, checked = _drive(store, batches, reference)
-            _report(store, args, elapsed, checked)
+        model.set_tables(memory.tables)  # the same values the table files hold
+        model.to(device)
+        store = {k: settings[k] for k in ("tiers", "prefetch")}
+        tiered = _Variant("tiered store", open_tables(converted.table_paths, model.hasher, store))
+        try:
+            _print_setup(model, converted, settings, files, batches)
+            checked = _run_rounds(model, [memory, tiered], batches, run, check=not args.no_check)
+            _report(memory, tiered, checked)
+        finally:
+            for store_ in tiered.tables.values():
+                store_.close()
     return 0
 
 
-def _drive(store: TieredStore, batches: list[torch.Tensor], reference) -> tuple[float, int]:
-    """Prefetch batch i+1 while batch i is consumed; returns (seconds in lookups, batches checked)."""
-    handle = store.prefetch(batches[0])
-    busy, checked = 0.0, 0
-    for i in tqdm(range(len(batches)), desc="lookups", unit="batch"):
-        start = time.perf_counter()
-        out = store.lookup(batches[i], handle)
-        if i + 1 < len(batches):
-            handle = store.prefetch(batches[i + 1])
-        busy += time.perf_counter() - start
-        if reference is not None and i % 10 == 0:  # spot-check: bit-exact with the table itself
-            want = torch.from_numpy(np.ascontiguousarray(reference[batches[i].numpy()]))
-            got = out.cpu().view(want.dtype) if out.dtype == torch.bfloat16 else out.cpu()
-            if not torch.equal(got, want):
-                raise AssertionError(f"demo: batch {i} differs from the table")
-            checked += 1
-    return busy, checked
+def demo_settings(args) -> dict[str, Any]:
+    """Built-in defaults, overlaid with ``--config`` and then with the command-line options."""
+    settings = _merge(DEMO_DEFAULTS, _read_config(args.config) if args.config else {})
+    run = settings["run"]
+    for key in ("batches", "batch_size", "seq_len", "rounds", "lookahead", "dtype", "seed"):
+        if getattr(args, key, None) is not None:
+            run[key] = getattr(args, key)
+    if args.corpus:
+        run["corpus"] = list(args.corpus)
+    for key, minimum in (("batches", 1), ("batch_size", 1), ("seq_len", 1), ("rounds", 1)):
+        value = run[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"run.{key}: expected an integer >= {minimum}, got {value!r}")
+    if isinstance(run["lookahead"], bool) or not isinstance(run["lookahead"], int):
+        raise ConfigError(f"run.lookahead: expected an integer >= 0, got {run['lookahead']!r}")
+    if run["lookahead"] < 0:
+        raise ConfigError(f"run.lookahead: expected an integer >= 0, got {run['lookahead']}")
+    if args.hidden_size is not None:
+        settings["backbone"]["hidden_size"] = args.hidden_size
+    if args.layers is not None:
+        settings["backbone"]["num_layers"] = args.layers
+    if args.rows is not None:
+        engram = settings["engram"]
+        orders = int(engram.get("max_ngram_size", 3)) - 1
+        heads = int(engram.get("n_head_per_ngram", 8))
+        if args.rows < orders * heads * 2:
+            raise ConfigError(
+                f"--rows: expected at least {orders * heads * 2} ({orders} orders x {heads} "
+                f"heads x 2), got {args.rows}"
+            )
+        engram["engram_vocab_size"] = [args.rows // (orders * heads)] * orders
+    tiers = settings["tiers"]
+    for key, section, name in (
+        ("hot", "hot", "capacity"),
+        ("warm", "warm", "capacity"),
+        ("io", "cold", "io"),
+        ("device", "hot", "device"),
+    ):
+        if getattr(args, key, None) is not None:
+            tiers.setdefault(section, {})[name] = getattr(args, key)
+    return settings
 
 
-def _report(store: TieredStore, args, elapsed: float, checked: int) -> None:
-    stats = store.stats()
-    total = args.batches * args.batch_size
-    print(
-        f"\n{total:,} lookups in {elapsed:.2f} s: {total / elapsed / 1e6:.2f} M rows/s "
-        f"({format_bytes(total * store.row_bytes / elapsed)}/s); results checked on {checked} batches"
-    )
-    print(
-        f"{'tier':<6}{'capacity':>12}{'hit rate':>10}{'hits':>14}{'admissions':>12}{'evictions':>12}"
-    )
-    for tier in ("hot", "warm"):
-        s = stats[tier]
-        print(
-            f"{tier:<6}{s['capacity']:>12,}{s['hit_rate']:>10.1%}{s['hits']:>14,}{s['admissions']:>12,}{s['evictions']:>12,}"
+def _read_config(path: Path) -> dict[str, Any]:
+    """The demo YAML: known top-level sections only, each a mapping."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path} ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config: {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {sorted(_TOP_KEYS)}")
+    for key, value in data.items():
+        if key not in _TOP_KEYS:
+            raise ConfigError(
+                f"{path}: {key}: unknown section; expected one of {sorted(_TOP_KEYS)}"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key}: expected a mapping, got {type(value).__name__}")
+    unknown = sorted(set(data.get("run", {})) - _RUN_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: run.{unknown[0]}: unknown key; expected one of {sorted(_RUN_KEYS)}"
         )
-    cold = stats["cold"]
-    served = stats["hot"]["hits"] + stats["warm"]["hits"]
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep copy of ``base`` with ``over`` merged in (mappings recursively, the rest replaced)."""
+    out = {k: _merge(v, {}) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _run_rounds(model, variants: list[_Variant], batches, run: dict, *, check: bool) -> int:
+    """Alternate the variants over consecutive groups of batches; returns batches checked."""
+    from .engram.corpus import iter_batches
+    from .engram.pipeline import PrefetchPipeline
+
+    # one untimed batch per variant first: threads, allocator and caches start here
+    for variant in variants:
+        model.set_tables(variant.tables)
+        for _ in PrefetchPipeline(model).run(batches[:1]):
+            pass
+    checked = 0
+    bar = tqdm(total=len(batches) * len(variants), desc="forward", unit="batch")
+    offset = 0
+    for r, group in enumerate(iter_batches(batches, min(run["rounds"], len(batches)))):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for variant in order:
+            model.set_tables(variant.tables)
+            bar.set_description(variant.name)
+            pipeline = PrefetchPipeline(
+                model, lookahead=run["lookahead"], prefetch=variant.prefetch
+            )
+            for i, (_, out) in enumerate(pipeline.run(group)):
+                if check and (offset + i) % CHECK_EVERY == 0:
+                    variant.outputs[offset + i] = out.cpu()
+                bar.update()
+            _accumulate(variant, pipeline.stats)
+        if check:
+            checked += _compare(variants, offset, len(group))
+        offset += len(group)
+    bar.close()
+    return checked
+
+
+def _accumulate(variant: _Variant, stats) -> None:
+    """Add one run's statistics to the variant's totals (tier counters summed over layers)."""
+    variant.tokens += stats.tokens
+    variant.seconds += stats.seconds
+    variant.lookup_seconds += stats.lookup_seconds
+    variant.stall_seconds += stats.stall_seconds
+    for layer_stats in stats.tables.values():
+        for tier in ("hot", "warm", "cold"):
+            totals = variant.tiers.setdefault(tier, {})
+            for key, value in layer_stats[tier].items():
+                if key not in ("hit_rate", "capacity", "occupancy"):
+                    totals[key] = totals.get(key, 0) + value
+    for tier in ("hot", "warm"):
+        if tier in variant.tiers:
+            t = variant.tiers[tier]
+            t["capacity"] = sum(s[tier]["capacity"] for s in stats.tables.values())
+
+
+def _compare(variants: list[_Variant], offset: int, count: int) -> int:
+    """Check the variants' saved outputs of batches [offset, offset + count) are bit-identical."""
+    reference, *others = variants
+    done = 0
+    for index in range(offset, offset + count):
+        if index not in reference.outputs:
+            continue
+        want = reference.outputs.pop(index)
+        for other in others:
+            got = other.outputs.pop(index)
+            if not torch.equal(got, want):
+                diff = (got.float() - want.float()).abs().max().item()
+                raise AssertionError(
+                    f"demo: batch {index}: {other.name} logits differ from {reference.name} "
+                    f"(max |diff| {diff:.3g}); expected bit-identical results"
+                )
+        done += 1
+    return done
+
+
+def _print_setup(model, converted, settings, files, batches) -> None:
+    """What is about to run."""
+    cfg = model.config
+    tiers, run = settings["tiers"], settings["run"]
+    table_bytes = sum(p.stat().st_size for p in converted.table_paths.values())
+    tables = model.tables
+    rows = sorted({int(t.rows) for t in tables.values()})
+    dim = cfg.engram.head_dim
+    dense = model.dense_parameters()
     print(
-        f"{'cold':<6}{store.rows:>12,}{'':>10}{cold['rows_read']:>14,} rows read, {format_bytes(cold['bytes_read'])}"
+        f"\nmodel   {cfg.backbone.num_layers} layers x {cfg.backbone.hidden_size} hidden, "
+        f"hc_mult {cfg.backbone.hc_mult}, {cfg.transformer.num_attention_heads} attention heads, "
+        f"Engram at layers {list(cfg.engram.layer_ids)}; {dense / 1e6:.1f}M dense parameters"
     )
     print(
-        f"overall: {served / total:.1%} of lookups served from the caches; "
-        f"prefetch stall {stats['prefetch']['wait_seconds_total']:.3f} s over {stats['prefetch']['handles']} batches"
+        f"tables  {len(tables)} x {'/'.join(f'{r:,}' for r in rows)} rows x {dim} {run['dtype']} "
+        f"(one table file per Engram layer, {format_bytes(table_bytes)} on disk, "
+        f"{model.table_parameters() / max(dense, 1):.1f}x the dense parameters)"
     )
+    hot, warm, cold = tiers["hot"], tiers["warm"], tiers["cold"]
+    print(
+        f"store   hot {hot.get('capacity', 0)} ({hot.get('device', 'cpu')}, "
+        f"{hot.get('policy', 'lru')}), warm {warm.get('capacity', 0)} "
+        f"({warm.get('policy', 'lru')}), cold io {cold.get('io', 'pread')}; "
+        f"prefetch lookahead {run['lookahead']} batch(es)"
+    )
+    where = "the Python standard library's sources" if not run["corpus"] else "--corpus"
+    b, t = batches[0].shape
+    print(
+        f"corpus  {len(batches) * b * t:,} tokens from {len(files):,} files ({where}), "
+        f"{len(batches)} batches of {b} x {t}; torch threads {torch.get_num_threads()}\n",
+        flush=True,
+    )
+
+
+def _report(memory: _Variant, tiered: _Variant, checked: int) -> None:
+    """The paper-style table: throughput, overhead, hit rates, stall."""
+    base = memory.tokens_per_second
+    print(f"\n{'':<18}{'tokens/s':>10}{'vs memory':>11}{'lookup s':>10}{'stall s':>9}")
+    print(f"{memory.name:<18}{base:>10,.0f}{1.0:>11.3f}{'-':>10}{'-':>9}")
+    ratio = tiered.tokens_per_second / base if base else 0.0
+    print(
+        f"{tiered.name:<18}{tiered.tokens_per_second:>10,.0f}{ratio:>11.3f}"
+        f"{tiered.lookup_seconds:>10.2f}{tiered.stall_seconds:>9.3f}"
+    )
+    print(
+        f"tiered-store overhead: {(1 - ratio) * 100:.1f}% of the in-memory throughput "
+        f"({tiered.tokens:,} tokens per variant)\n"
+    )
+    print(
+        f"{'tier':<6}{'capacity':>12}{'hit rate':>10}{'lookups':>13}{'admissions':>12}{'evictions':>11}"
+    )
+    for name in ("hot", "warm"):
+        t = tiered.tiers.get(name, {})
+        rate = t.get("hits", 0) / t["lookups"] if t.get("lookups") else 0.0
+        print(
+            f"{name:<6}{t.get('capacity', 0):>12,}{rate:>10.1%}{t.get('lookups', 0):>13,}"
+            f"{t.get('admissions', 0):>12,}{t.get('evictions', 0):>11,}"
+        )
+    cold = tiered.tiers.get("cold", {})
+    hot = tiered.tiers.get("hot", {})
+    served = hot.get("hits", 0) + tiered.tiers.get("warm", {}).get("hits", 0)
+    total = hot.get("lookups", 0)
+    print(
+        f"cold  {cold.get('rows_read', 0):>12,} rows read ({format_bytes(cold.get('bytes_read', 0))}); "
+        f"caches served {served / total if total else 0:.1%} of {total:,} row lookups"
+    )
+    if checked:
+        print(f"\nresults checked on {checked} batches: tiered logits bit-identical to in-memory")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -41,18 +42,38 @@ class Prefetcher:
         self._in_flight = threading.BoundedSemaphore(depth)
         self.wait_histogram = LatencyHistogram()
         self.handles = 0
+        self._queued: dict[int, torch.Tensor] = {}  # handle number -> ids not yet being fetched
+        self._queued_lock = threading.Lock()
+        self._numbers = itertools.count()
 
     def submit(self, ids: object, flat: torch.Tensor) -> PrefetchHandle:
         """Queue a fetch; blocks while ``depth`` fetches are already in flight."""
         self._in_flight.acquire()
+        number = next(self._numbers)
+        with self._queued_lock:
+            self._queued[number] = flat
         try:
-            future = self._pool.submit(self._fetch, flat)
+            future = self._pool.submit(self._run, number, flat)
         except RuntimeError:
+            with self._queued_lock:
+                self._queued.pop(number, None)
             self._in_flight.release()
             raise PrefetchHandleError("prefetch: the store is closed") from None
         future.add_done_callback(lambda _: self._in_flight.release())
         self.handles += 1
         return PrefetchHandle(ids, flat, future)
+
+    def queued_ids(self) -> torch.Tensor | None:
+        """Ids of prefetches still waiting in the queue (what the store will need next)."""
+        with self._queued_lock:
+            pending = list(self._queued.values())
+        return torch.cat(pending) if pending else None
+
+    def _run(self, number: int, flat: torch.Tensor) -> tuple:
+        """Fetch one queued batch, dropping it from the queued ids first."""
+        with self._queued_lock:
+            self._queued.pop(number, None)
+        return self._fetch(flat)
 
     def collect(self, handle: PrefetchHandle) -> tuple:
         """Wait for a handle's result, recording how long the caller stalled."""

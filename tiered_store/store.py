@@ -216,8 +216,11 @@ class TieredStore:
                     rows = self.cold.read_rows(plan.unique_ids[plan.cold_idx].numpy())
                     staged.index_copy_(0, plan.cold_idx, rows)
                 device_rows = staged.to(self.device, non_blocking=True)
+                lookahead = (
+                    self._prefetcher.queued_ids() if self.config.prefetch.lookahead else None
+                )
                 with self._lock:
-                    admitted = self.caches.admit(plan)
+                    admitted = self.caches.admit(plan, lookahead)
                     self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
                     self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
                 out[plan.miss_pos] = device_rows[plan.inverse]

@@ -14,6 +14,7 @@ Examples
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ def replay(
     table: str | int | None = None,
     batch_tokens: int | None = None,
     policy: str | None = None,
+    lookahead: int = 0,
 ) -> ReplayResult:
     """Replay one table of a trace through the cache tiers a config describes.
 
@@ -89,6 +91,9 @@ def replay(
         at a time, as per-request simulators (libCacheSim) do. Default: the trace's own batches.
     policy : str, optional
         Override both cache tiers' policy (e.g. ``"lru+tinylfu"``).
+    lookahead : int
+        Batches the cache may look ahead: rows they use are not evicted (as the live store does
+        for its queued prefetches).
     """
     reader = trace if isinstance(trace, TraceReader) else TraceReader(trace)
     index = reader.table_index(table if table is not None else 0)
@@ -103,13 +108,15 @@ def replay(
     batches = lookups = unique_fetched = 0
     fetch_s = stall_s = 0.0
     start = time.perf_counter()
-    for ids in _batches(reader, index, batch_tokens, int(layout.get("heads", 1))):
+    for ids, ahead in _with_lookahead(
+        _batches(reader, index, batch_tokens, int(layout.get("heads", 1))), lookahead
+    ):
         plan = caches.plan(torch.from_numpy(ids))
         batches += 1
         lookups += ids.size
         n_unique = n_cold = n_hot_in = n_warm_in = 0
         if not plan.all_hit:
-            admitted = caches.admit(plan)
+            admitted = caches.admit(plan, ahead)
             n_unique, n_cold = plan.unique_ids.numel(), plan.cold_idx.numel()
             n_hot_in, n_warm_in = admitted.hot_slots.numel(), admitted.warm_slots.numel()
         unique_fetched += n_unique
@@ -226,3 +233,22 @@ def _batches(
         pending, n_pending = [flat[cut:]], flat.size - cut
     if n_pending:
         yield np.concatenate(pending)
+
+
+def _with_lookahead(
+    batches: Iterator[np.ndarray], depth: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor | None]]:
+    """Each batch with the ids of the next ``depth`` batches (None when ``depth`` is 0)."""
+    if depth <= 0:
+        for ids in batches:
+            yield ids, None
+        return
+    window: deque[np.ndarray] = deque()
+    for ids in batches:
+        window.append(ids)
+        if len(window) > depth:
+            current = window.popleft()
+            yield current, torch.from_numpy(np.concatenate(window))
+    while window:
+        current = window.popleft()
+        yield current, torch.from_numpy(np.concatenate(window)) if window else None

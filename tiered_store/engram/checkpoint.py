@@ -28,10 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, TableFormatError, TieredStoreError
-from ..table_format import SafetensorsSource, TableManifest, create_table, read_manifest
+from ..table_format import (
+    SafetensorsSource,
+    TableManifest,
+    check_table,
+    create_table,
+    read_manifest,
+    table_paths,
+)
+from .backend import InMemoryTable
 from .config import EngramConfig  # noqa: F401  (doctest examples)
 from .hashing import NgramHasher
 from .model import EngramLM, ModelConfig, expected_shapes
@@ -44,6 +53,7 @@ __all__ = [
     "convert_checkpoint",
     "expected_checkpoint_shapes",
     "from_reference_layout",
+    "load_table_in_memory",
     "load_tiered_model",
     "open_tables",
     "save_tiered",
@@ -278,6 +288,24 @@ def save_tiered(
         progress=progress,
         hasher=model.hasher,
     )
+
+
+def load_table_in_memory(path: str | Path) -> InMemoryTable:
+    """A table file read whole into RAM as a frozen ``InMemoryTable`` (same dtype, same bits).
+
+    Examples
+    --------
+    >>> table = load_table_in_memory("/tmp/ckpt/engram_layer1.npy")  # doctest: +SKIP
+    >>> table.rows, table.dim, table.weight.dtype  # doctest: +SKIP
+    (20112, 16, torch.float32)
+    """
+    manifest = check_table(path)
+    data = np.load(table_paths(path)[0])
+    if manifest.dtype == "bfloat16":  # stored as raw uint16 bits
+        tensor = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(data)
+    return InMemoryTable(tensor)
 
 
 StoreSpec = Mapping[str, Any] | Callable[[int], Mapping[str, Any]]
