@@ -296,3 +296,17 @@ def test_zipf_tuned_needs_a_matching_profile(tmp_path):
     )
     with pytest.raises(ConfigError, match="profiles a table of 50 rows; this table has 3,000"):
         TieredStore(cfg)
+
+
+def test_records_of_one_batch_replay_as_one_batch(tmp_path):
+    """analyze writes one record per sequence when lengths differ; replay joins them per batch."""
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    with TraceWriter(
+        tmp_path / "t.trace", {"tables": [{"name": "a", "rows": ROWS, "heads": 2}]}
+    ) as writer:
+        for batch in range(3):
+            writer.write(np.arange(10, dtype=np.int64).reshape(5, 2) + batch, "a")
+            writer.write(np.arange(6, dtype=np.int64).reshape(3, 2) + 100, "a")
+            writer.end_batch()
+    result = replay(store_config(path, warm={"capacity": 100}), tmp_path / "t.trace")
+    assert result.batches == 3 and result.lookups == 48

@@ -47,6 +47,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
         "seq_len": 256,  # tokens per sequence
         "rounds": 4,  # the two variants alternate this many times
         "lookahead": 1,  # batches prefetched ahead of the one computing
+        "warm_start_tokens": 200_000,  # profiled (hashing only) to preload hot/warm; 0 = cold start
         "dtype": "float32",  # table dtype on disk
         "corpus": None,  # paths/globs; None = the Python standard library's sources
         "seed": 0,
@@ -83,6 +84,12 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 256)")
     p.add_argument("--rounds", type=int, help="times the two variants alternate (default 4)")
     p.add_argument("--lookahead", type=int, help="batches prefetched ahead (default 1)")
+    p.add_argument(
+        "--warm-start-tokens",
+        type=int,
+        help="tokens of other text profiled to preload the hot/warm tiers (default 200000; "
+        "0 = start with empty caches)",
+    )
     p.add_argument(
         "--rows",
         type=int,
@@ -129,6 +136,7 @@ def run_demo(args) -> int:
     from .engram.checkpoint import load_table_in_memory, open_tables, save_tiered
     from .engram.corpus import corpus_files, read_tokens, token_batches
     from .engram.model import EngramLM, ModelConfig
+    from .engram.pipeline import profile_rows
 
     settings = demo_settings(args)
     run = settings["run"]
@@ -140,9 +148,15 @@ def run_demo(args) -> int:
     files = corpus_files(run["corpus"])
     seq_len = run["seq_len"]
     rows_per_batch = max(1, run["batch_size"] // seq_len)
-    need = run["batches"] * rows_per_batch * seq_len
-    tokens = read_tokens(files, model.hasher.tokenizer, max_tokens=need, shuffle_seed=run["seed"])
-    batches = token_batches(tokens, rows_per_batch, seq_len)
+    per_batch = rows_per_batch * seq_len
+    profiled = -(-run["warm_start_tokens"] // per_batch) * per_batch
+    tokens = read_tokens(
+        files,
+        model.hasher.tokenizer,
+        max_tokens=profiled + run["batches"] * per_batch,
+        shuffle_seed=run["seed"],
+    )
+    batches = token_batches(tokens[profiled:], rows_per_batch, seq_len)
     with tempfile.TemporaryDirectory(prefix="tiered-store-demo-", dir=args.workdir) as tmp:
         print(f"converting the checkpoint into {tmp} ...", flush=True)
         converted = save_tiered(model, tmp, dtype=run["dtype"])
@@ -153,7 +167,12 @@ def run_demo(args) -> int:
         model.set_tables(memory.tables)  # the same values the table files hold
         model.to(device)
         store = {k: settings[k] for k in ("tiers", "prefetch")}
-        tiered = _Variant("tiered store", open_tables(converted.table_paths, model.hasher, store))
+        hottest = None
+        if profiled:  # other text than the measured batches: the store's earlier traffic
+            print(f"profiling {profiled:,} tokens for the warm start ...", flush=True)
+            hottest = profile_rows(model, token_batches(tokens[:profiled], rows_per_batch, seq_len))
+        stores = open_tables(converted.table_paths, model.hasher, store, warm_start=hottest)
+        tiered = _Variant("tiered store", stores)
         try:
             _print_setup(model, converted, settings, files, batches)
             checked = _run_rounds(model, [memory, tiered], batches, run, check=not args.no_check)
@@ -168,7 +187,16 @@ def demo_settings(args) -> dict[str, Any]:
     """Built-in defaults, overlaid with ``--config`` and then with the command-line options."""
     settings = _merge(DEMO_DEFAULTS, _read_config(args.config) if args.config else {})
     run = settings["run"]
-    for key in ("batches", "batch_size", "seq_len", "rounds", "lookahead", "dtype", "seed"):
+    for key in (
+        "batches",
+        "batch_size",
+        "seq_len",
+        "rounds",
+        "lookahead",
+        "warm_start_tokens",
+        "dtype",
+        "seed",
+    ):
         if getattr(args, key, None) is not None:
             run[key] = getattr(args, key)
     if args.corpus:
@@ -177,10 +205,10 @@ def demo_settings(args) -> dict[str, Any]:
         value = run[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"run.{key}: expected an integer >= {minimum}, got {value!r}")
-    if isinstance(run["lookahead"], bool) or not isinstance(run["lookahead"], int):
-        raise ConfigError(f"run.lookahead: expected an integer >= 0, got {run['lookahead']!r}")
-    if run["lookahead"] < 0:
-        raise ConfigError(f"run.lookahead: expected an integer >= 0, got {run['lookahead']}")
+    for key in ("lookahead", "warm_start_tokens", "seed"):
+        value = run[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"run.{key}: expected an integer >= 0, got {value!r}")
     if args.hidden_size is not None:
         settings["backbone"]["hidden_size"] = args.hidden_size
     if args.layers is not None:
@@ -359,7 +387,7 @@ def _report(memory: _Variant, tiered: _Variant, checked: int) -> None:
     ratio = tiered.tokens_per_second / base if base else 0.0
     print(
         f"{tiered.name:<18}{tiered.tokens_per_second:>10,.0f}{ratio:>11.3f}"
-        f"{tiered.lookup_seconds:>10.2f}{tiered.stall_seconds:>9.3f}"
+        f"{tiered.lookup_seconds:>10.3f}{tiered.stall_seconds:>9.3f}"
     )
     print(
         f"tiered-store overhead: {(1 - ratio) * 100:.1f}% of the in-memory throughput "
@@ -384,4 +412,5 @@ def _report(memory: _Variant, tiered: _Variant, checked: int) -> None:
         f"caches served {served / total if total else 0:.1%} of {total:,} row lookups"
     )
     if checked:
-        print(f"\nresults checked on {checked} batches: tiered logits bit-identical to in-memory")
+        noun = "batch" if checked == 1 else "batches"
+        print(f"\nresults checked on {checked} {noun}: tiered logits bit-identical to in-memory")

@@ -122,7 +122,9 @@ class AnalyzeOptions:
     max_tokens : int or None
         Stop after this many tokens (with a holdout: over both traces, split by the fraction).
     workers : int or None
-        Threads for tokenising, hashing and the per-table curves (default: CPU count).
+        Threads for tokenising, hashing and the per-table curves (default: CPU count). The
+        tokenizer's Rust pool reads ``RAYON_NUM_THREADS`` (set from this when unset) once per
+        process, at its first batch encode.
     targets : mapping of tier -> hit rate
         Cumulative target hit rates for the recommended tier sizes (``hot``, then ``warm``).
     holdout : float

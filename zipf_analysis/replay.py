@@ -212,10 +212,19 @@ def with_policy(config: StoreConfig, policy: str) -> StoreConfig:
 def _batches(
     reader: TraceReader, index: int, batch_tokens: int | None, heads: int
 ) -> Iterator[np.ndarray]:
-    """The table's ids, batch by batch: the trace's own records, single lookups, or N-token groups."""
+    """The table's ids, batch by batch: the trace's own batches (records of one batch joined),
+    single lookups, or N-token groups."""
     if batch_tokens is None:
-        for batch in reader.batches(index):
-            yield np.ascontiguousarray(batch.ids.reshape(-1))
+        pending: list[np.ndarray] = []
+        current = None
+        for record in reader.batches(index):
+            if record.batch != current and pending:
+                yield np.concatenate(pending)
+                pending = []
+            current = record.batch
+            pending.append(record.ids.reshape(-1))
+        if pending:
+            yield np.concatenate(pending)
         return
     if batch_tokens < 1:
         raise ConfigError(f"batch_tokens: got {batch_tokens}; expected a positive number of tokens")

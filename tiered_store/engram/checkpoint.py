@@ -315,6 +315,8 @@ def open_tables(
     table_paths: Mapping[int, str | Path],
     hasher: NgramHasher,
     store: StoreSpec | None = None,
+    *,
+    warm_start: Mapping[int, np.ndarray] | None = None,
 ) -> dict[int, Any]:
     """Open one ``TieredStore`` per Engram layer, after checking each file's layout.
 
@@ -328,11 +330,22 @@ def open_tables(
         The store configuration without its ``table`` section (``tiers``, ``prefetch``, ...), as
         in a tiers YAML; or a function ``layer_id -> that mapping`` for per-layer settings.
         Relative paths in it (``preload_rows``) resolve against the current directory.
+    warm_start
+        ``{layer_id: row ids, hottest first}`` (e.g. ``profile_rows`` over earlier traffic): the
+        hot tier preloads the first rows up to its capacity, the warm tier the rows after them.
+        The lists are written next to each table (``engram_layer{L}.{hot,warm}_rows.npy``).
 
     Returns
     -------
     dict
         ``{layer_id: TieredStore}``; close them (or ``EngramLM.close()``) when done.
+
+    Examples
+    --------
+    >>> stores = open_tables(converted.table_paths, model.hasher,
+    ...                      {"tiers": {"hot": {"capacity": "5%"}, "warm": {"capacity": "20%"},
+    ...                                 "cold": {"io": "direct"}}})  # doctest: +SKIP
+    >>> model.set_tables(stores)  # doctest: +SKIP
     """
     from ..config import StoreConfig
     from ..store import TieredStore
@@ -340,7 +353,7 @@ def open_tables(
     stores: dict[int, Any] = {}
     try:
         for layer_id, path in table_paths.items():
-            check_table_file(path, hasher, layer_id)
+            manifest = check_table_file(path, hasher, layer_id)
             spec = dict(store(layer_id) if callable(store) else (store or {}))
             if "table" in spec:
                 raise ConfigError(
@@ -348,6 +361,8 @@ def open_tables(
                     "expected only tiers/prefetch/metrics"
                 )
             spec["table"] = {"path": str(Path(path).resolve())}
+            if warm_start is not None and layer_id in warm_start:
+                spec = _with_preload(spec, manifest, Path(path), warm_start[layer_id])
             config = StoreConfig.from_dict(
                 spec, base_dir=Path.cwd(), source=f"store (layer {layer_id})"
             )
@@ -493,6 +508,31 @@ def _load_dense(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
             f"{path}: model configuration in the metadata is invalid: {exc}"
         ) from exc
     return tensors, config
+
+
+def _with_preload(
+    spec: dict[str, Any], manifest: TableManifest, path: Path, hottest: np.ndarray
+) -> dict[str, Any]:
+    """``spec`` with hot/warm ``preload_rows`` cut from ``hottest`` (hot first, warm next)."""
+    from ..capacity import resolve_capacity
+
+    tiers = {k: dict(v) for k, v in (spec.get("tiers") or {}).items()}
+    start = 0
+    for tier in ("hot", "warm"):
+        section = tiers.setdefault(tier, {})
+        capacity = resolve_capacity(
+            section.get("capacity", 0),
+            table_rows=manifest.rows,
+            row_bytes=manifest.row_bytes,
+            key=f"tiers.{tier}.capacity",
+        )
+        rows = np.asarray(hottest[start : start + capacity], dtype=np.int64)
+        start += capacity
+        if capacity and rows.size:
+            target = path.with_name(f"{path.stem}.{tier}_rows.npy")
+            np.save(target, rows)
+            section["preload_rows"] = str(target)
+    return {**spec, "tiers": tiers}
 
 
 def _short(value: Any) -> str:

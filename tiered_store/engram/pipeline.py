@@ -28,12 +28,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
 from .model import EngramBatch, EngramLM, Logits
 
-__all__ = ["PipelineStats", "PrefetchPipeline", "table_stats_delta"]
+__all__ = ["PipelineStats", "PrefetchPipeline", "profile_rows", "table_stats_delta"]
 
 
 @dataclass
@@ -173,3 +174,21 @@ def table_stats_delta(before: dict | None, after: dict | None) -> dict[str, dict
             t = out[tier]
             t["hit_rate"] = t["hits"] / t["lookups"] if t["lookups"] else 0.0
     return out
+
+
+def profile_rows(model: EngramLM, batches: Iterable[Any]) -> dict[int, np.ndarray]:
+    """Each Engram layer's rows, hottest first, over ``batches`` of token ids (hashing only, no
+    forward): the warm start list for ``open_tables(..., warm_start=...)``.
+
+    Examples
+    --------
+    >>> hottest = profile_rows(model, batches[:100])  # doctest: +SKIP
+    >>> stores = open_tables(paths, model.hasher, store, warm_start=hottest)  # doctest: +SKIP
+    """
+    from zipf_analysis.profile import FrequencyCounter
+
+    counters = {layer: FrequencyCounter(int(t.rows)) for layer, t in model.tables.items()}
+    for ids in batches:
+        for layer, rows in model.hash(ids).row_ids.items():
+            counters[layer].update(rows.cpu().numpy())
+    return {layer: counter.profile().row_ids for layer, counter in counters.items()}

@@ -1,0 +1,309 @@
+"""The Engram LM: both table backends bit-identical, golden Engram layer inside the LM, training,
+checkpoint conversion and the errors raised before any compute."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_engram_module import _golden_dir
+from tiered_store.engram import EMBEDDING_KEY, NgramHasher, TableBackend
+from tiered_store.engram.checkpoint import (
+    check_table_file,
+    convert_checkpoint,
+    from_reference_layout,
+    load_table_in_memory,
+    load_tiered_model,
+    open_tables,
+    save_tiered,
+)
+from tiered_store.engram.model import EngramLM, HyperConnection, ModelConfig
+from tiered_store.errors import ConfigError, RowIdError
+from tiered_store.store import TieredStore
+from tiered_store.table_format import create_table
+
+TINY = {
+    "engram": {
+        "engram_vocab_size": [2003, 3001],
+        "n_embed_per_ngram": 64,
+        "n_head_per_ngram": 4,
+        "layer_ids": [1, 3],
+    },
+    "backbone": {"hidden_size": 64, "hc_mult": 4, "num_layers": 4},
+    "transformer": {"num_attention_heads": 4},
+}
+STORE = {"tiers": {"hot": {"capacity": 300}, "warm": {"capacity": "10%"}}}
+TEXT = (
+    "def lookup(table, ids):\n    return table[ids]  # the hot rows repeat\n"
+    "The cold tier holds the long tail; the hot tier holds what repeats.\n"
+)
+
+
+@pytest.fixture(scope="module")
+def config() -> ModelConfig:
+    return ModelConfig.from_dict(TINY)
+
+
+@pytest.fixture(scope="module")
+def hasher(config) -> NgramHasher:
+    return NgramHasher(config.engram)
+
+
+@pytest.fixture(scope="module")
+def batches(hasher) -> list[torch.Tensor]:
+    ids = np.tile(hasher.tokenizer.encode(TEXT), 20)
+    return [torch.from_numpy(ids[i * 96 : (i + 1) * 96].reshape(3, 32).copy()) for i in range(4)]
+
+
+@pytest.fixture
+def model(config, hasher) -> EngramLM:
+    torch.manual_seed(0)
+    return EngramLM(config, hasher=hasher).eval()
+
+
+@pytest.fixture
+def converted(model, tmp_path):
+    return save_tiered(model, tmp_path / "ckpt")
+
+
+def test_tiered_store_is_a_table_backend(converted, hasher):
+    stores = open_tables(converted.table_paths, hasher, STORE)
+    try:
+        for store in stores.values():
+            assert isinstance(store, TieredStore) and isinstance(store, TableBackend)
+    finally:
+        for store in stores.values():
+            store.close()
+
+
+def test_forward_bit_identical_in_memory_and_tiered(model, converted, batches):
+    with torch.no_grad():
+        want = [model(ids) for ids in batches]
+    tiered = load_tiered_model(converted.directory, store=STORE, hasher=model.hasher)
+    try:
+        assert all(isinstance(t, TieredStore) for t in tiered.tables.values())
+        with torch.no_grad():
+            for ids, expected in zip(batches, want, strict=True):
+                assert torch.equal(tiered(ids), expected)  # hashed and prefetched at batch start
+                batch = tiered.prefetch(ids)
+                assert torch.equal(tiered(ids, prefetched=batch, logits="last"), expected[:, -1])
+                assert torch.equal(
+                    tiered(ids, prefetched=tiered.hash(ids)), expected
+                )  # no prefetch
+        stats = tiered.tables[1].stats()
+        assert stats["prefetch"]["handles"] == 2 * len(batches)
+        assert stats["hot"]["hits"] > 0 and stats["cold"]["rows_read"] > 0
+    finally:
+        tiered.close()
+
+
+def test_swapping_tables_on_one_model_and_half_precision_tables(model, batches, tmp_path):
+    converted = save_tiered(model, tmp_path / "bf16", dtype="bfloat16")
+    memory = {i: load_table_in_memory(p) for i, p in converted.table_paths.items()}
+    assert memory[1].weight.dtype == torch.bfloat16
+    stores = open_tables(converted.table_paths, model.hasher, STORE)
+    try:
+        model.set_tables(memory)
+        with torch.no_grad():
+            want = model(batches[0])
+        model.set_tables(stores)
+        assert model.tables == stores
+        with torch.no_grad():
+            assert torch.equal(model(batches[0]), want)  # bf16 rows feed the fp32 model alike
+    finally:
+        model.close()
+    assert all(s._closed for s in stores.values())
+
+
+def test_engram_layer_in_the_lm_matches_golden(tmp_path):
+    root = _golden_dir()
+    meta = json.loads((root / "engram_forward.json").read_text())
+    config = ModelConfig.from_dict(meta, ignore_unknown=True)
+    golden = load_file(root / "engram_forward.safetensors")
+    state = from_reference_layout(root / "engram_forward.safetensors", config.engram.layer_ids)
+    hasher = NgramHasher(config.engram)
+    memory = EngramLM(config, hasher=hasher)
+    memory.load_state_dict(state, strict=False)  # Engram modules only; the rest stays random
+    convert_checkpoint(state, config, tmp_path, strict=False, hasher=hasher)
+    tiered = load_tiered_model(tmp_path, store=STORE, hasher=hasher, strict=False)
+    try:
+        for lm in (memory, tiered):
+            batch = lm.prefetch(golden["input_ids"])
+            for layer, engram in lm.engram_layers.items():
+                with torch.no_grad():
+                    out = engram(
+                        golden[f"layer{layer}.hidden_states"],
+                        row_ids=batch.row_ids[layer],
+                        handle=batch.handles[layer],
+                    )
+                torch.testing.assert_close(out, golden[f"layer{layer}.output"], atol=1e-5, rtol=0)
+        # the whole LM, with the same (random) backbone weights: both backends agree bit for bit
+        tiered.load_state_dict(
+            {k: v for k, v in memory.state_dict().items() if not k.endswith(EMBEDDING_KEY)}
+        )
+        with torch.no_grad():
+            assert torch.equal(memory(golden["input_ids"]), tiered(golden["input_ids"]))
+    finally:
+        tiered.close()
+
+
+def test_training_steps_reduce_loss_and_reach_dense_params(model, converted, batches):
+    tiered = load_tiered_model(converted.directory, store=STORE, hasher=model.hasher).train()
+    before = [np.load(p).copy() for p in converted.table_paths.values()]
+    try:
+        params = [p for p in tiered.parameters() if p.requires_grad]
+        assert sum(p.numel() for p in params) == tiered.dense_parameters()  # tables: no params
+        optimizer = torch.optim.AdamW(params, lr=3e-3)
+        losses = []
+        for _ in range(6):
+            optimizer.zero_grad()
+            loss = tiered.loss(batches[0])
+            loss.backward()
+            if not losses:
+                for name, param in tiered.named_parameters():
+                    assert param.grad is not None and param.grad.abs().sum() > 0, name
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.5, losses
+    finally:
+        tiered.close()
+    for path, data in zip(converted.table_paths.values(), before, strict=True):
+        assert np.array_equal(np.load(path), data)  # read-only: the table file is untouched
+
+
+def test_in_memory_table_trains_too(model, batches):
+    model.train()
+    model.loss(batches[0]).backward()
+    for layer, table in model.tables.items():
+        grad = table.weight.grad
+        # rows read before the last position (whose logits the loss does not use)
+        touched = torch.unique(model.hash(batches[0]).row_ids[layer][:, :-1])
+        assert grad is not None and grad[touched].abs().sum(dim=1).gt(0).all()
+
+
+def test_hyper_connection_is_a_residual_at_init():
+    hc = HyperConnection(hc_mult=4, branch=6)  # reads branch 6 % 4 = 2
+    h = torch.randn(2, 3, 4, 8)
+    out = hc(h, torch.tanh)
+    torch.testing.assert_close(out, h + torch.tanh(h[:, :, 2]).unsqueeze(2))
+
+
+def test_bad_token_ids_fail_before_any_lookup(converted, hasher, batches):
+    tiered = load_tiered_model(converted.directory, store=STORE, hasher=hasher)
+    try:
+        bad = batches[0].clone()
+        bad[1, 5] = 129280
+        with pytest.raises(RowIdError, match=r"token id 129280 at index \(1, 5\)"):
+            tiered(bad)
+        with pytest.raises(RowIdError, match="integer token ids"):
+            tiered(batches[0].float())
+        with pytest.raises(ConfigError, match=r"input_ids: expected shape \[B, T\]"):
+            tiered(batches[0][0])
+        assert all(s.stats()["prefetch"]["handles"] == 0 for s in tiered.tables.values())
+        batch = tiered.prefetch(batches[0])
+        with pytest.raises(ConfigError, match="made for other input_ids"):
+            tiered(batches[1], prefetched=batch)
+    finally:
+        tiered.close()
+
+
+def test_table_file_for_another_configuration_is_refused(model, converted, tmp_path):
+    paths = converted.table_paths
+    with pytest.raises(ConfigError, match=r"layer_id=3, .* expects layer_id=1"):
+        open_tables({1: paths[3]}, model.hasher, STORE)
+    other = ModelConfig.from_dict({**TINY, "engram": {**TINY["engram"], "seed": 7}})
+    with pytest.raises(
+        ConfigError, match=r"seed=0, but this model's Engram layer 1 expects seed=7"
+    ):
+        check_table_file(paths[1], NgramHasher(other.engram), 1)
+    plain = tmp_path / "plain.npy"
+    create_table(plain, np.zeros((model.tables[1].rows, 16), np.float32), progress=False)
+    with pytest.raises(ConfigError, match="no Engram layout metadata"):
+        open_tables({1: plain}, model.hasher, STORE)
+    with pytest.raises(ConfigError, match="store.table: set by the checkpoint"):
+        open_tables(paths, model.hasher, {"table": {"path": "x.npy"}})
+
+
+def test_checkpoint_shape_mismatch_errors_before_anything(model, converted, tmp_path):
+    state = model.state_dict()
+    wide = ModelConfig.from_dict({**TINY, "backbone": {**TINY["backbone"], "hidden_size": 128}})
+    with pytest.raises(
+        ConfigError, match=r"embed\.weight: checkpoint shape \[129280, 64\] .*hidden_size=128"
+    ):
+        convert_checkpoint(state, wide, tmp_path / "wide")
+    assert not (tmp_path / "wide").exists()
+    with pytest.raises(ConfigError, match=r"layers\.0\.attn\.qkv\.weight: missing"):
+        convert_checkpoint(
+            {k: v for k, v in state.items() if "qkv" not in k}, model.config, tmp_path / "x"
+        )
+    with pytest.raises(
+        ConfigError, match=r"layer1\.value_proj\.weight: not a key .* from_reference_layout"
+    ):
+        convert_checkpoint(
+            {**state, "layer1.value_proj.weight": torch.zeros(1)}, model.config, tmp_path / "y"
+        )
+    before = model.layers[0].attn.qkv.weight.detach().clone()
+    bad = {k: v.clone() for k, v in state.items()}
+    bad["layers.2.mlp.down.weight"] = torch.zeros(64, 7)
+    with pytest.raises(
+        ConfigError, match=r"layers\.2\.mlp\.down\.weight: checkpoint shape \[64, 7\]"
+    ):
+        model.load_state_dict(bad)
+    bad = {k: v.clone() for k, v in state.items()}
+    bad["layers.3.engram.multi_head_embedding.offsets"] = state[
+        "layers.1.engram.multi_head_embedding.offsets"
+    ]
+    with pytest.raises(ConfigError, match="offsets"):
+        model.load_state_dict(bad)
+    assert torch.equal(model.layers[0].attn.qkv.weight, before)  # nothing was half-loaded
+
+
+def test_config_errors(config, hasher, converted):
+    with pytest.raises(ConfigError, match="num_attention_heads: expected a divisor"):
+        ModelConfig.from_dict({**TINY, "transformer": {"num_attention_heads": 5}})
+    with pytest.raises(ConfigError, match=r"engram.layer_ids\[1\]: expected a layer id below"):
+        ModelConfig.from_dict({**TINY, "backbone": {**TINY["backbone"], "num_layers": 3}})
+    with pytest.raises(ConfigError, match="transformer.dropout: unknown key"):
+        ModelConfig.from_dict({**TINY, "transformer": {"dropout": 0.1}})
+    small = ModelConfig.from_dict({**TINY, "backbone": {**TINY["backbone"], "vocab_size": 1000}})
+    with pytest.raises(ConfigError, match="vocab_size: expected at least the tokenizer's 129280"):
+        EngramLM(small, hasher=hasher)
+    stores = open_tables(converted.table_paths, hasher, STORE)
+    try:
+        with pytest.raises(ConfigError, match="tables: layer 2 has no Engram"):
+            EngramLM(config, hasher=hasher, tables={2: stores[1]})
+        with pytest.raises(ConfigError, match=r"backend: expected a table of \d+ rows x 16"):
+            EngramLM(config, hasher=hasher, tables={1: stores[3]})
+    finally:
+        for store in stores.values():
+            store.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tiered_on_cuda_is_bit_identical(model, converted, batches):
+    model = model.cuda()
+    memory = {i: load_table_in_memory(p).cuda() for i, p in converted.table_paths.items()}
+    model.set_tables(memory)
+    with torch.no_grad():
+        want = [model(ids.cuda()) for ids in batches]
+    cuda_store = {
+        "tiers": {"hot": {"capacity": 300, "device": "cuda"}, "warm": {"capacity": "10%"}}
+    }
+    stores = open_tables(converted.table_paths, model.hasher, cuda_store)
+    model.set_tables(stores)
+    try:
+        assert all(s.warm_pool.rows.is_pinned() for s in stores.values())
+        with torch.no_grad():
+            batch = model.prefetch(batches[0])
+            for i, ids in enumerate(batches):
+                nxt = model.prefetch(batches[i + 1]) if i + 1 < len(batches) else None
+                out = model(ids, prefetched=batch)
+                assert out.is_cuda and torch.equal(out, want[i])
+                batch = nxt
+    finally:
+        model.close()
