@@ -412,7 +412,8 @@ def test_killed_during_commit_leaves_no_openable_table(tmp_path):
 
 
 def test_manifest_keeps_caller_metadata(tmp_path):
-    from tiered_store.table_format import create_table as create, read_manifest as read
+    from tiered_store.table_format import create_table as create
+    from tiered_store.table_format import read_manifest as read
 
     layout = {"engram": {"layer_id": 2, "head_sizes": [5, 7]}}
     create(tmp_path / "m.npy", np.zeros((12, 4), np.float32), progress=False, metadata=layout)

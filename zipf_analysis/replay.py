@@ -95,7 +95,17 @@ def replay(
         Batches the cache may look ahead: rows they use are not evicted (as the live store does
         for its queued prefetches).
     """
-    reader = trace if isinstance(trace, TraceReader) else TraceReader(trace)
+    if not isinstance(trace, TraceReader):
+        with TraceReader(trace) as reader:
+            return replay(
+                config,
+                reader,
+                table=table,
+                batch_tokens=batch_tokens,
+                policy=policy,
+                lookahead=lookahead,
+            )
+    reader = trace
     index = reader.table_index(table if table is not None else 0)
     layout = reader.layout[index]
     rows, row_bytes = table_geometry(config, layout)

@@ -60,7 +60,12 @@ def register(sub) -> None:
 def run_replay(args) -> int:
     """Replay, print the table, write JSON and the PNG."""
     config = StoreConfig.from_yaml(args.config)
-    reader = TraceReader(args.trace)
+    with TraceReader(args.trace) as reader:
+        return _replay_and_report(args, config, reader)
+
+
+def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
+    """The body of ``run_replay`` with the trace open."""
     table = args.table if args.table is not None else 0
     layout = reader.layout[reader.table_index(table)]
     rows, row_bytes = table_geometry(config, layout)

@@ -332,7 +332,7 @@ def open_tables(
         Relative paths in it (``preload_rows``) resolve against the current directory.
     warm_start
         ``{layer_id: row ids, hottest first}`` (e.g. ``profile_rows`` over earlier traffic): the
-        hot tier preloads the first rows up to its capacity, the warm tier the rows after them.
+        hot and the warm tier each preload the hottest rows up to their capacity.
         The lists are written next to each table (``engram_layer{L}.{hot,warm}_rows.npy``).
 
     Returns
@@ -513,11 +513,13 @@ def _load_dense(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
 def _with_preload(
     spec: dict[str, Any], manifest: TableManifest, path: Path, hottest: np.ndarray
 ) -> dict[str, Any]:
-    """``spec`` with hot/warm ``preload_rows`` cut from ``hottest`` (hot first, warm next)."""
+    """``spec`` with hot and warm ``preload_rows``: each tier the hottest rows it can hold.
+
+    Inclusive, like the store's steady state: cold reads are admitted into both tiers, so a row
+    the hot tier evicts is usually still warm."""
     from ..capacity import resolve_capacity
 
     tiers = {k: dict(v) for k, v in (spec.get("tiers") or {}).items()}
-    start = 0
     for tier in ("hot", "warm"):
         section = tiers.setdefault(tier, {})
         capacity = resolve_capacity(
@@ -526,8 +528,7 @@ def _with_preload(
             row_bytes=manifest.row_bytes,
             key=f"tiers.{tier}.capacity",
         )
-        rows = np.asarray(hottest[start : start + capacity], dtype=np.int64)
-        start += capacity
+        rows = np.asarray(hottest[:capacity], dtype=np.int64)
         if capacity and rows.size:
             target = path.with_name(f"{path.stem}.{tier}_rows.npy")
             np.save(target, rows)

@@ -138,6 +138,7 @@ class PrefetchPipeline:
                 stats.seconds = stats.prepare_seconds + stats.forward_seconds
                 yield batch, out
         finally:
+            stats.seconds = stats.prepare_seconds + stats.forward_seconds
             for layer, table in tables.items():
                 delta = table_stats_delta(before[layer], _snapshot(table))
                 if delta:

@@ -1,0 +1,107 @@
+"""``tiered-store demo``: end to end with tiny sizes, its options, config file and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiered_store.cli import build_parser, main
+from tiered_store.config import StoreConfig
+from tiered_store.demo import DEMO_DEFAULTS, demo_settings
+from tiered_store.engram.corpus import default_corpus_root
+from tiered_store.engram.model import ModelConfig
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "engram-demo.yaml"
+TINY_ARGS = [
+    "--batches", "4",
+    "--batch-size", "128",
+    "--seq-len", "64",
+    "--rounds", "2",
+    "--rows", "4000",
+    "--hidden-size", "32",
+    "--layers", "4",
+    "--warm-start-tokens", "512",
+    "--corpus", str(default_corpus_root() / "json" / "*.py"),
+]  # fmt: skip
+
+
+def _parse(argv: list[str]):
+    return build_parser().parse_args(["demo", *argv])
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", *TINY_ARGS, "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for expected in ("table in memory", "tiered store", "overhead", "hit rate", "stall"):
+        assert expected in out
+    for tier in ("hot", "warm", "cold"):
+        assert f"\n{tier} " in out
+    assert "results checked on 1 batch: tiered logits bit-identical" in out
+    assert list(tmp_path.iterdir()) == []  # the work directory is cleaned up
+
+
+def test_demo_config_file_and_overrides(tmp_path, capsys):
+    config = tmp_path / "demo.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "engram": {"n_embed_per_ngram": 64, "n_head_per_ngram": 2, "layer_ids": [0]},
+                "backbone": {"num_layers": 2},
+                "tiers": {"hot": {"capacity": 0}, "warm": {"capacity": "50%"}},
+                "run": {"lookahead": 0, "dtype": "bfloat16"},
+            }
+        )
+    )
+    args = [*TINY_ARGS, "--config", str(config), "--workdir", str(tmp_path), "--no-check"]
+    settings = demo_settings(_parse(args))
+    assert settings["engram"]["layer_ids"] == [0] and settings["run"]["batches"] == 4
+    assert settings["engram"]["engram_vocab_size"] == [1000, 1000]  # --rows 4000 / (2 x 2)
+    assert main(["demo", *args]) == 0
+    out = capsys.readouterr().out
+    assert "Engram at layers [0]" in out and "bfloat16" in out and "results checked" not in out
+
+
+def test_example_config_is_the_builtin_default():
+    data = yaml.safe_load(EXAMPLE.read_text())
+    assert data == DEMO_DEFAULTS
+    ModelConfig.from_dict({k: data[k] for k in ("engram", "backbone", "transformer")})
+    StoreConfig.from_dict(
+        {"table": {"path": "t.npy"}, "tiers": data["tiers"], "prefetch": data["prefetch"]}
+    )
+
+
+def test_help_explains_the_demo():
+    text = build_parser()._subparsers._group_actions[0].choices["demo"].format_help()
+    for word in (
+        "--config",
+        "--corpus",
+        "--batches",
+        "--hot",
+        "--warm",
+        "--io",
+        "in memory",
+        "tiered",
+    ):
+        assert word in text
+
+
+@pytest.mark.parametrize(
+    ("content", "argv", "message"),
+    [
+        ("tiers: {hot: {capacity: lots}}", [], "tiers.hot.capacity"),
+        ("model: {}", [], "model: unknown section"),
+        ("run: {speed: 3}", [], "run.speed: unknown key"),
+        ("engram: {layer_ids: [9]}", [], "engram.layer_ids[0]: expected a layer id below"),
+        (None, ["--batches", "0"], "run.batches: expected an integer >= 1"),
+        (None, ["--corpus", "/nonexistent/*.txt"], "corpus: no files found"),
+    ],
+)
+def test_bad_demo_input_gives_a_clear_error(tmp_path, capsys, content, argv, message):
+    extra = []
+    if content is not None:
+        (tmp_path / "bad.yaml").write_text(content)
+        extra = ["--config", str(tmp_path / "bad.yaml")]
+    assert main(["demo", *TINY_ARGS, *extra, *argv, "--workdir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,203 @@
+"""The prefetch pipeline: same outputs as a plain forward, fetches started ahead in the right
+order, handles consumed once, stall and lookup time accounted, warm start from a profile."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_engram_model import STORE, TEXT, TINY
+from tiered_store.engram import NgramHasher
+from tiered_store.engram.checkpoint import open_tables, save_tiered
+from tiered_store.engram.model import EngramLM, ModelConfig
+from tiered_store.engram.pipeline import PrefetchPipeline, profile_rows, table_stats_delta
+from tiered_store.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def model() -> EngramLM:
+    config = ModelConfig.from_dict(TINY)
+    torch.manual_seed(0)
+    return EngramLM(config, hasher=NgramHasher(config.engram)).eval()
+
+
+@pytest.fixture(scope="module")
+def batches(model) -> list[torch.Tensor]:
+    ids = np.tile(model.hasher.tokenizer.encode(TEXT), 40)
+    return [torch.from_numpy(ids[i * 64 : (i + 1) * 64].reshape(2, 32).copy()) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def random_batches() -> list[torch.Tensor]:
+    """Random token ids: every batch starts differently and misses the caches."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 100_000, (2, 32), generator=gen) for _ in range(6)]
+
+
+@pytest.fixture(scope="module")
+def want(model, batches) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(ids, logits="last") for ids in batches]
+
+
+@pytest.fixture
+def stores(model, tmp_path):
+    memory = model.tables
+    converted = save_tiered(model, tmp_path)
+    opened = open_tables(converted.table_paths, model.hasher, STORE)
+    model.set_tables(opened)
+    yield opened
+    model.set_tables(memory)
+    for store in opened.values():
+        store.close()
+
+
+class RecordingTable:
+    """A table (not a module, like the tiered store) that logs prefetch and lookup calls."""
+
+    def __init__(self, weight: torch.Tensor, log: list, name: int) -> None:
+        self.weight, self.rows, self.dim = weight, weight.shape[0], weight.shape[1]
+        self.log, self.name = log, name
+
+    def prefetch(self, row_ids: torch.Tensor) -> object:
+        self.log.append(("prefetch", self.name, int(row_ids[0, 0, 0])))
+        return ("handle", int(row_ids[0, 0, 0]))
+
+    def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
+        assert handle is None or handle == ("handle", int(row_ids[0, 0, 0]))
+        self.log.append(("lookup", self.name, int(row_ids[0, 0, 0])))
+        return self.weight[row_ids]
+
+
+@pytest.mark.parametrize(("lookahead", "prefetch"), [(0, True), (1, True), (2, True), (1, False)])
+def test_pipeline_outputs_match_plain_forward(model, batches, want, stores, lookahead, prefetch):
+    pipeline = PrefetchPipeline(model, lookahead=lookahead, prefetch=prefetch)
+    outs = [out for _, out in pipeline.run(batches)]
+    assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
+    stats = pipeline.stats
+    assert stats.batches == len(batches) and stats.tokens == sum(b.numel() for b in batches)
+    assert stats.seconds == pytest.approx(stats.prepare_seconds + stats.forward_seconds)
+    for layer, store in stores.items():
+        s = stats.tables[layer]
+        assert s["lookup"]["calls"] == len(batches)  # one lookup per layer per batch
+        assert s["prefetch"]["handles"] == (len(batches) if prefetch else 0)
+        assert (
+            s["hot"]["lookups"] == sum(b.numel() for b in batches) * model.config.engram.num_heads
+        )
+        assert 0 <= s["hot"]["hit_rate"] <= 1 and store.stats()["prefetch"]["handles"] >= 0
+    assert stats.stall_seconds <= stats.lookup_seconds
+
+
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_fetches_start_ahead_in_order(model, random_batches, lookahead):
+    batches = random_batches
+    memory = model.tables
+    log: list = []
+    model.set_tables({i: RecordingTable(t.weight, log, i) for i, t in memory.items()})
+    try:
+        pipeline = PrefetchPipeline(model, lookahead=lookahead)
+        for batch, _ in pipeline.run(batches[:4]):
+            assert all(h is not None for h in batch.handles.values())
+    finally:
+        model.set_tables(memory)
+    first = {int(model.hash(b).row_ids[1][0, 0, 0]): i for i, b in enumerate(batches[:4])}
+    events = [(kind, layer, first[key]) for kind, layer, key in log if layer == 1]
+    for i in range(4):
+        looked_up = events.index(("lookup", 1, i))
+        fetched = {b for kind, _, b in events[:looked_up] if kind == "prefetch"}
+        # before batch i computes, batches i .. i + lookahead have been prefetched, no more
+        assert fetched == set(range(min(4, i + lookahead + 1)))
+    # within a batch, every layer's fetch is started before the first layer computes
+    assert log[:2] == [("prefetch", 1, log[0][2]), ("prefetch", 3, log[1][2])]
+
+
+def test_stall_is_hidden_by_prefetch_and_exposed_without(
+    model, random_batches, stores, monkeypatch
+):
+    delay = 0.05
+    for store in stores.values():
+        read = store.cold.read_rows
+
+        def slow_read(ids, out=None, _read=read):
+            time.sleep(delay)
+            return _read(ids, out)
+
+        monkeypatch.setattr(store.cold, "read_rows", slow_read)
+    layer0 = model.layers[0].attn
+    monkeypatch.setattr(layer0, "forward", _slowed(layer0.forward, 3 * delay))
+    fresh = random_batches  # ids the caches have not seen: cold reads happen
+
+    sync = PrefetchPipeline(model, prefetch=False)
+    list(sync.run(fresh[:3]))
+    assert sync.stats.stall_seconds == 0  # no handles: nothing to wait for ...
+    assert sync.stats.lookup_seconds >= 2 * delay  # ... the lookups do the slow reads themselves
+
+    ahead = PrefetchPipeline(model, lookahead=1)
+    list(ahead.run(fresh[3:]))
+    read_rows = sum(s["cold"]["read_requests"] for s in ahead.stats.tables.values())
+    assert read_rows > 0
+    assert ahead.stats.stall_seconds <= ahead.stats.lookup_seconds
+    assert ahead.stats.lookup_seconds < sync.stats.lookup_seconds / 2  # reads overlapped compute
+    waited = sum(s["prefetch"]["wait_seconds_total"] for s in ahead.stats.tables.values())
+    assert ahead.stats.stall_seconds == pytest.approx(waited)
+
+
+def _slowed(fn, seconds):
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+
+    return slow
+
+
+def test_warm_start_from_a_profile(model, batches, tmp_path):
+    memory = model.tables
+    converted = save_tiered(model, tmp_path)
+    hottest = profile_rows(model, batches)
+    for layer, rows in hottest.items():
+        assert (
+            rows.ndim == 1 and len(np.unique(rows)) == len(rows) and rows.max() < memory[layer].rows
+        )
+    stores = open_tables(converted.table_paths, model.hasher, STORE, warm_start=hottest)
+    try:
+        for layer, store in stores.items():
+            stats = store.stats()
+            assert stats["hot"]["preloaded"] == min(300, len(hottest[layer]))
+            assert stats["warm"]["preloaded"] == min(store.warm.capacity, len(hottest[layer]))
+        model.set_tables(stores)
+        pipeline = PrefetchPipeline(model)
+        list(pipeline.run(batches[:2]))
+        for s in pipeline.stats.tables.values():  # the profiled text itself: every row is cached
+            assert s["cold"]["rows_read"] == 0
+    finally:
+        model.set_tables(memory)
+        for store in stores.values():
+            store.close()
+
+
+def test_stats_delta_and_bad_arguments(model):
+    before = {
+        "hot": {"lookups": 10, "hits": 5, "capacity": 9, "occupancy": 3},
+        "prefetch": {"handles": 1},
+    }
+    after = {
+        "hot": {"lookups": 30, "hits": 20, "capacity": 9, "occupancy": 7},
+        "prefetch": {"handles": 4},
+    }
+    delta = table_stats_delta(before, after)
+    assert delta["hot"] == {
+        "lookups": 20,
+        "hits": 15,
+        "capacity": 9,
+        "occupancy": 7,
+        "hit_rate": 0.75,
+    }
+    assert delta["prefetch"]["handles"] == 3
+    assert table_stats_delta(None, None) == {}
+    with pytest.raises(ConfigError, match="lookahead: expected an integer >= 0"):
+        PrefetchPipeline(model, lookahead=-1)
+    with pytest.raises(ConfigError, match="logits"):
+        PrefetchPipeline(model, logits="first")
