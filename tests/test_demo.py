@@ -81,7 +81,7 @@ def test_help_explains_the_demo():
         "--hot",
         "--warm",
         "--io",
-        "in memory",
+        "memory",
         "tiered",
     ):
         assert word in text

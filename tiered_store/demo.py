@@ -60,53 +60,89 @@ CHECK_EVERY = 10  # compare tiered with in-memory logits on every 10th batch
 
 def register(sub) -> None:
     """Add the ``demo`` subcommand."""
+    run, tiers = DEMO_DEFAULTS["run"], DEMO_DEFAULTS["tiers"]
+    backbone = DEMO_DEFAULTS["backbone"]
     p = sub.add_parser(
         "demo",
         help="run an Engram LM over real text with its tables in memory vs in the tiered store",
         description=__doc__.split("\n\n", 1)[1].replace("``", "")
         + "\nNo arguments needed; options override the built-in defaults and --config.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="examples:\n"
+        "  tiered-store demo\n"
+        "  tiered-store demo --config examples/engram-demo.yaml --io direct --warm 10%\n"
+        "  tiered-store demo --corpus 'docs/**/*.md' --batches 48 --device cuda",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--config",
         type=Path,
         help="YAML with engram/backbone/transformer (model), tiers/prefetch (store) and run "
-        "sections, e.g. examples/engram-demo.yaml",
+        "sections; examples/engram-demo.yaml spells out the defaults",
     )
     p.add_argument(
         "--corpus",
         nargs="+",
         metavar="PATH",
-        help="files, directories (*.py below) or globs; default: the Python stdlib sources",
+        help="files, directories (*.py below) or globs (default: the Python stdlib's sources)",
     )
-    p.add_argument("--batches", type=int, help="measured batches (default 24)")
-    p.add_argument("--batch-size", type=int, help="tokens per batch (default 2048)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 256)")
-    p.add_argument("--rounds", type=int, help="times the two variants alternate (default 4)")
-    p.add_argument("--lookahead", type=int, help="batches prefetched ahead (default 1)")
+    p.add_argument("--batches", type=int, help=f"measured batches (default {run['batches']})")
+    p.add_argument("--batch-size", type=int, help=f"tokens per batch (default {run['batch_size']})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {run['seq_len']})")
+    p.add_argument(
+        "--rounds", type=int, help=f"times the two variants alternate (default {run['rounds']})"
+    )
+    p.add_argument(
+        "--lookahead", type=int, help=f"batches prefetched ahead (default {run['lookahead']})"
+    )
     p.add_argument(
         "--warm-start-tokens",
         type=int,
-        help="tokens of other text profiled to preload the hot/warm tiers (default 200000; "
-        "0 = start with empty caches)",
+        help="tokens of other text profiled to preload the hot/warm tiers; 0 = start with empty "
+        f"caches (default {run['warm_start_tokens']})",
     )
     p.add_argument(
         "--rows",
         type=int,
-        help="rows per Engram table (sets engram_vocab_size; each head's table is rounded up "
-        "to a prime)",
+        help="rows per Engram table: sets engram_vocab_size (each head's table is rounded up to "
+        "a prime)",
     )
-    p.add_argument("--hidden-size", type=int, help="model width (default 256)")
-    p.add_argument("--layers", type=int, help="Transformer layers (default 4)")
-    p.add_argument("--hot", help="hot tier capacity: rows, bytes like 64MiB, or %% of a table")
-    p.add_argument("--warm", help="warm tier capacity")
-    p.add_argument("--io", choices=["mmap", "pread", "direct"], help="cold tier I/O")
-    p.add_argument("--device", help="compute device: cpu, cuda, cuda:N (default cpu)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="table dtype")
+    p.add_argument(
+        "--hidden-size", type=int, help=f"model width (default {backbone['hidden_size']})"
+    )
+    p.add_argument(
+        "--layers", type=int, help=f"Transformer layers (default {backbone['num_layers']})"
+    )
+    p.add_argument(
+        "--hot",
+        help="hot tier capacity per table: rows, bytes like 64MiB, or %% of the table "
+        f"(default {tiers['hot']['capacity']})".replace("%)", "%%)"),
+    )
+    p.add_argument(
+        "--warm",
+        help=f"warm tier capacity per table (default {tiers['warm']['capacity']})".replace(
+            "%)", "%%)"
+        ),
+    )
+    p.add_argument(
+        "--io",
+        choices=["mmap", "pread", "direct"],
+        help=f"cold tier I/O (default {tiers['cold']['io']})",
+    )
+    p.add_argument(
+        "--device",
+        help=f"compute device and hot tier: cpu, cuda, cuda:N (default {tiers['hot']['device']})",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help=f"table dtype on disk (default {run['dtype']})",
+    )
     p.add_argument(
         "--workdir", type=Path, help="where the checkpoint goes (default: a temporary directory)"
     )
-    p.add_argument("--seed", type=int, help="seed of the random weights (default 0)")
+    p.add_argument(
+        "--seed", type=int, help=f"seed of the weights and file order (default {run['seed']})"
+    )
     p.add_argument("--no-check", action="store_true", help="skip the bit-identity check")
     p.set_defaults(run=run_demo)
 
@@ -232,7 +268,20 @@ def demo_settings(args) -> dict[str, Any]:
     ):
         if getattr(args, key, None) is not None:
             tiers.setdefault(section, {})[name] = getattr(args, key)
+    _validate(settings)
     return settings
+
+
+def _validate(settings: dict[str, Any]) -> None:
+    """Check the model and store sections now, before any work starts."""
+    from .config import StoreConfig
+    from .engram.model import ModelConfig
+
+    ModelConfig.from_dict({k: settings[k] for k in ("engram", "backbone", "transformer")})
+    StoreConfig.from_dict(
+        {"table": {"path": "engram_layer.npy"}, **{k: settings[k] for k in ("tiers", "prefetch")}},
+        source="demo store settings",
+    )
 
 
 def _read_config(path: Path) -> dict[str, Any]:

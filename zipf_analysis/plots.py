@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from .mrc import MissRatioCurve
 from .profile import FrequencyProfile
@@ -27,6 +28,8 @@ _STYLE = {  # per curve name: colour, line style, marker
     "static-topk": ("tab:green", "-.", None),
     "belady": ("tab:red", ":", "o"),
 }
+_SPARE_COLOURS = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+_FEW_POINTS = 16  # curves with at most this many capacities are sweeps: drawn as points
 _FIT_STYLE = {"least_squares": ("tab:orange", "--"), "mle": ("tab:red", ":")}
 
 
@@ -167,8 +170,11 @@ def plot_miss_ratio_curves(
         table_rows = next((c.table_rows for c in curves if c.table_rows), None)
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
+    spare = iter(_SPARE_COLOURS * 3)
     for curve in curves:
-        colour, style, marker = _STYLE.get(curve.name, (None, "-", None))
+        colour, style, marker = _STYLE.get(curve.name) or (next(spare), "-", None)
+        if marker is None and curve.capacities.size <= _FEW_POINTS:  # a sweep: points, not steps
+            marker = "o"
         keep = curve.capacities > 0
         caps, ratio = curve.capacities[keep], curve.miss_ratio[keep]
         idx = _thin(caps.size)
@@ -194,6 +200,7 @@ def plot_miss_ratio_curves(
     if table_rows:
         scale = 100.0 / table_rows
         top = ax.secondary_xaxis("top", functions=(lambda x: x * scale, lambda p: p / scale))
+        top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
         top.set_xlabel("capacity (% of the table's rows)")
     lookups = curves[0].lookups if curves else 0
     ax.set_title(title or f"miss-ratio curves, {lookups:,} lookups", pad=10)

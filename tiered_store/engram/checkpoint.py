@@ -361,11 +361,11 @@ def open_tables(
                     "expected only tiers/prefetch/metrics"
                 )
             spec["table"] = {"path": str(Path(path).resolve())}
+            source = f"store (layer {layer_id})"
+            config = StoreConfig.from_dict(spec, base_dir=Path.cwd(), source=source)
             if warm_start is not None and layer_id in warm_start:
                 spec = _with_preload(spec, manifest, Path(path), warm_start[layer_id])
-            config = StoreConfig.from_dict(
-                spec, base_dir=Path.cwd(), source=f"store (layer {layer_id})"
-            )
+                config = StoreConfig.from_dict(spec, base_dir=Path.cwd(), source=source)
             stores[layer_id] = TieredStore(config)
     except BaseException:
         for opened in stores.values():

@@ -1,0 +1,398 @@
+"""Engram LM throughput with its tables in memory vs in the tiered store (the headline figure).
+
+One model, one run, the same real-text batches (Python stdlib sources, DeepSeek tokenizer),
+prefill-style forward passes (hidden states for every token, logits for the last position), four
+ways of serving the Engram tables:
+
+  (a) memory      every table loaded into RAM (``InMemoryTable``): the baseline
+  (b) tiered      ``TieredStore`` per layer: hot + warm capacity <= 1/4 of the table, cold reads
+                  ``io: direct`` (page cache bypassed), rows prefetched one batch ahead
+  (c) no-prefetch the same store configuration, every lookup fetched synchronously in the forward
+  (d) mmap        the table file memory-mapped with no caches (``io: mmap``, zero capacity)
+
+The variants alternate in rounds (each round fresh batches, variant order rotated), because the
+machine is shared and noisy; the report gives medians and the median per-round ratio against (a),
+per-tier hit rates and the time lookups stalled. (b) and (c) start from the same warm start: their
+hot and warm tiers preload the rows that are hottest in a profile of *other* text (hashing only),
+as a store that has served traffic before would hold; one untimed round comes first.
+
+Sizes default to Engram's regime: the reference Engram configuration (2 orders x 8 heads,
+646,400 rows per head, 64-wide rows: 10.3 M rows per layer) at two layers, bfloat16 on disk
+(2 x 1.32 GB), against a 1024-wide, 8-layer backbone (~243 M dense parameters, token embedding
+included): the tables hold 5.4x the dense parameters.
+
+Example::
+
+    python bench/bench_engram.py --out bench/results/engram.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tiered_store.engram import NgramHasher
+from tiered_store.engram.checkpoint import (
+    check_table_file,
+    load_table_in_memory,
+    open_tables,
+    table_file,
+    table_metadata,
+)
+from tiered_store.engram.corpus import corpus_files, read_tokens, token_batches
+from tiered_store.engram.model import EngramLM, ModelConfig
+from tiered_store.engram.pipeline import PrefetchPipeline, profile_rows
+from tiered_store.errors import TieredStoreError
+from tiered_store.table_format import RandomSource, create_table
+
+VARIANTS = ("memory", "tiered", "no_prefetch", "mmap")
+TARGET = 0.97  # (b) tokens/s >= 0.97 x (a)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--dir", default="/var/tmp", help="where table files go (a real disk: O_DIRECT needs one)"
+    )
+    p.add_argument("--hidden", type=int, default=1024, help="backbone width")
+    p.add_argument("--layers", type=int, default=8, help="Transformer layers")
+    p.add_argument("--heads", type=int, default=16, help="attention heads")
+    p.add_argument("--hc-mult", type=int, default=4, help="hyper-connection branches")
+    p.add_argument(
+        "--engram-layers", type=int, nargs="+", default=[1, 4], help="layers carrying Engram"
+    )
+    p.add_argument(
+        "--engram-vocab", type=int, default=646_400, help="rows per head before prime rounding"
+    )
+    p.add_argument("--engram-heads", type=int, default=8, help="hash heads per n-gram order")
+    p.add_argument("--engram-embed", type=int, default=512, help="embedding width per order")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--rounds", type=int, default=6, help="measured rounds (plus one untimed)")
+    p.add_argument("--batches-per-round", type=int, default=2, help="batches per variant per round")
+    p.add_argument("--hot", default="5%", help="hot tier capacity per table")
+    p.add_argument("--warm", default="20%", help="warm tier capacity per table")
+    p.add_argument("--policy", default="lru", help="policy of both cache tiers")
+    p.add_argument("--cold-threads", type=int, default=8, help="cold-tier reader threads per store")
+    p.add_argument("--lookahead", type=int, default=1, help="batches prefetched ahead in (b)")
+    p.add_argument(
+        "--profile-tokens",
+        type=int,
+        default=2_000_000,
+        help="tokens of other text for the warm start",
+    )
+    p.add_argument(
+        "--logits", default="last", choices=["last", "all"], help="last: prefill; all: scoring"
+    )
+    p.add_argument(
+        "--torch-threads", type=int, default=0, help="intra-op threads (0: torch's default)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the JSON report here as well as stdout")
+    return p.parse_args(argv)
+
+
+def model_config(args) -> ModelConfig:
+    return ModelConfig.from_dict(
+        {
+            "engram": {
+                "engram_vocab_size": [args.engram_vocab, args.engram_vocab],
+                "n_head_per_ngram": args.engram_heads,
+                "n_embed_per_ngram": args.engram_embed,
+                "layer_ids": args.engram_layers,
+            },
+            "backbone": {
+                "hidden_size": args.hidden,
+                "hc_mult": args.hc_mult,
+                "num_layers": args.layers,
+            },
+            "transformer": {"num_attention_heads": args.heads},
+        }
+    )
+
+
+def ensure_tables(args, hasher: NgramHasher) -> dict[int, Path]:
+    """Seeded random table files for every Engram layer (reused when the layout matches)."""
+    directory = Path(args.dir) / f"engram-bench-{args.dtype}"
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for layer in hasher.layer_ids:
+        path = table_file(directory, layer)
+        try:
+            manifest = check_table_file(path, hasher, layer)
+            if manifest.dtype != args.dtype:
+                raise TieredStoreError("dtype differs")
+        except (TieredStoreError, OSError):
+            rows, dim = hasher.table_rows(layer), hasher.config.head_dim
+            print(f"creating {path} ({rows:,} x {dim} {args.dtype}) ...", file=sys.stderr)
+            create_table(
+                path,
+                RandomSource(rows, dim, dtype=args.dtype, seed=layer),
+                metadata=table_metadata(hasher, layer),
+                overwrite=True,
+                progress=False,
+            )
+        paths[layer] = path
+    return paths
+
+
+def drop_page_cache(paths) -> None:
+    """Ask the kernel to forget the table files' cached pages, so (d) starts from the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def store_spec(args) -> dict:
+    return {
+        "tiers": {
+            "hot": {"capacity": args.hot, "policy": args.policy},
+            "warm": {"capacity": args.warm, "policy": args.policy},
+            "cold": {"io": "direct", "threads": args.cold_threads},
+        },
+        "prefetch": {"depth": args.lookahead + 1},
+    }
+
+
+def run_variant(model, name, tables, batches, args) -> tuple[dict, list[torch.Tensor]]:
+    """One pass of one variant over a round's batches; returns its measurements and outputs."""
+    model.set_tables(tables)
+    pipeline = PrefetchPipeline(
+        model,
+        lookahead=args.lookahead,
+        prefetch=name != "no_prefetch",
+        logits=args.logits,
+    )
+    outputs = [out for _, out in pipeline.run(batches)]
+    s = pipeline.stats
+    tiers = {}
+    for tier in ("hot", "warm", "cold"):
+        summed: dict[str, float] = {}
+        for layer_stats in s.tables.values():
+            for key, value in layer_stats[tier].items():
+                if key not in ("hit_rate", "occupancy"):
+                    summed[key] = summed.get(key, 0) + value
+        tiers[tier] = summed
+    return {
+        "tokens": s.tokens,
+        "seconds": s.seconds,
+        "tokens_per_s": s.tokens_per_second,
+        "forward_seconds": s.forward_seconds,
+        "prepare_seconds": s.prepare_seconds,
+        "lookup_seconds": s.lookup_seconds,
+        "stall_seconds": s.stall_seconds,
+        "tiers": tiers,
+    }, outputs
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """Medians, ratios against (a), hit rates and stall over the measured rounds."""
+    out = {}
+    for name in VARIANTS:
+        rates = [r[name]["tokens_per_s"] for r in rounds]
+        ratios = [r[name]["tokens_per_s"] / r["memory"]["tokens_per_s"] for r in rounds]
+        batches = sum(r[name]["batches"] for r in rounds)
+        entry = {
+            "tokens_per_s_median": statistics.median(rates),
+            "tokens_per_s_rounds": rates,
+            "ratio_vs_memory_median": statistics.median(ratios),
+            "ratio_vs_memory_rounds": ratios,
+            "stall_seconds_per_batch": sum(r[name]["stall_seconds"] for r in rounds) / batches,
+            "lookup_seconds_per_batch": sum(r[name]["lookup_seconds"] for r in rounds) / batches,
+        }
+        hot = {
+            k: sum(r[name]["tiers"]["hot"].get(k, 0) for r in rounds) for k in ("lookups", "hits")
+        }
+        warm = {
+            k: sum(r[name]["tiers"]["warm"].get(k, 0) for r in rounds) for k in ("lookups", "hits")
+        }
+        cold_rows = sum(r[name]["tiers"]["cold"].get("rows_read", 0) for r in rounds)
+        if hot["lookups"]:
+            entry["hit_rate"] = {
+                "hot": hot["hits"] / hot["lookups"],
+                "warm": warm["hits"] / warm["lookups"] if warm["lookups"] else 0.0,
+                "cached": (hot["hits"] + warm["hits"]) / hot["lookups"],
+                "cold_rows_per_batch": cold_rows / batches,
+                "cold_share_of_lookups": cold_rows / hot["lookups"],
+            }
+        out[name] = entry
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(args.seed)
+    config = model_config(args)
+    hasher = NgramHasher(config.engram)
+    t0 = time.perf_counter()
+    paths = ensure_tables(args, hasher)
+    drop_page_cache(paths.values())
+    print("loading the tables into memory for (a) ...", file=sys.stderr)
+    memory = {layer: load_table_in_memory(p) for layer, p in paths.items()}
+    model = EngramLM(config, hasher=hasher, tables=memory).eval()
+    dense = model.dense_parameters()
+    table_params = model.table_parameters()
+    table_bytes = {layer: p.stat().st_size for layer, p in paths.items()}
+    drop_page_cache(paths.values())  # loading (a) read them through the page cache
+
+    per_batch = args.batch_size * args.seq_len
+    measured = (args.rounds + 1) * args.batches_per_round * per_batch
+    profiled = -(-args.profile_tokens // per_batch) * per_batch
+    print(f"tokenising {profiled + measured:,} tokens ...", file=sys.stderr)
+    files = corpus_files()
+    tokens = read_tokens(
+        files, hasher.tokenizer, max_tokens=profiled + measured, shuffle_seed=args.seed
+    )
+    batches = token_batches(tokens[profiled:], args.batch_size, args.seq_len)
+    print("profiling the warm start ...", file=sys.stderr)
+    hottest = profile_rows(model, token_batches(tokens[:profiled], args.batch_size, args.seq_len))
+
+    spec = store_spec(args)
+    mmap_spec = {
+        "tiers": {"cold": {"io": "mmap", "threads": args.cold_threads}},
+        "prefetch": spec["prefetch"],
+    }
+    print("opening the stores (warm start) ...", file=sys.stderr)
+    tables = {
+        "memory": memory,
+        "tiered": open_tables(paths, hasher, spec, warm_start=hottest),
+        "no_prefetch": open_tables(paths, hasher, spec, warm_start=hottest),
+        "mmap": open_tables(paths, hasher, mmap_spec),
+    }
+    store = next(iter(tables["tiered"].values()))
+    capacity = {
+        "hot_rows": store.hot.capacity,
+        "warm_rows": store.warm.capacity,
+        "rows": store.rows,
+    }
+    setup_seconds = time.perf_counter() - t0
+    rounds, identical = [], True
+    try:
+        for r in range(args.rounds + 1):
+            group = batches[r * args.batches_per_round : (r + 1) * args.batches_per_round]
+            order = VARIANTS[r % 4 :] + VARIANTS[: r % 4]
+            results, outputs = {}, {}
+            for name in order:
+                results[name], outputs[name] = run_variant(model, name, tables[name], group, args)
+                results[name]["batches"] = len(group)
+                print(
+                    f"round {r}{' (untimed)' if r == 0 else ''} {name:<12} "
+                    f"{results[name]['tokens_per_s']:8.1f} tokens/s  "
+                    f"stall {results[name]['stall_seconds']:.3f} s",
+                    file=sys.stderr,
+                )
+            identical &= all(
+                torch.equal(a, b)
+                for name in VARIANTS[1:]
+                for a, b in zip(outputs["memory"], outputs[name], strict=True)
+            )
+            if r:
+                rounds.append(results)
+    finally:
+        for name in VARIANTS[1:]:
+            for s in tables[name].values():
+                s.close()
+
+    summary = summarize(rounds)
+    report = {
+        "benchmark": "engram_lm_throughput",
+        "command": "python bench/bench_engram.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "model": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "attention_heads": args.heads,
+            "hc_mult": args.hc_mult,
+            "engram_layers": args.engram_layers,
+            "dense_parameters": dense,
+            "table_parameters": table_params,
+            "table_to_dense": table_params / dense,
+            "table_bytes_on_disk": table_bytes,
+            "table_bytes_total": sum(table_bytes.values()),
+            "table_dtype": args.dtype,
+            "table_rows_per_layer": {layer: hasher.table_rows(layer) for layer in paths},
+            "row_lookups_per_token": len(paths) * config.engram.num_heads,
+        },
+        "workload": {
+            "batch": [args.batch_size, args.seq_len],
+            "logits": args.logits,
+            "rounds": args.rounds,
+            "batches_per_round": args.batches_per_round,
+            "profile_tokens": profiled,
+            "corpus_files": len(files),
+        },
+        "store": {
+            **spec,
+            "capacity_per_table": capacity,
+            "cache_fraction": (capacity["hot_rows"] + capacity["warm_rows"]) / capacity["rows"],
+        },
+        "setup_seconds": setup_seconds,
+        "bit_identical_outputs": identical,
+        "results": summary,
+        "target": {
+            "tiered_vs_memory": TARGET,
+            "met": summary["tiered"]["ratio_vs_memory_median"] >= TARGET,
+        },
+        "rounds": rounds,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print_table(report, file=sys.stderr)
+    return 0
+
+
+def print_table(report: dict, file=sys.stderr) -> None:
+    """The headline table, paper style."""
+    res, m = report["results"], report["model"]
+    print(
+        f"\nEngram LM {m['layers']}x{m['hidden']} (hc {m['hc_mult']}), Engram at {m['engram_layers']}: "
+        f"{m['dense_parameters'] / 1e6:.0f}M dense, tables {m['table_parameters'] / 1e9:.2f}B "
+        f"({m['table_to_dense']:.1f}x), {m['table_bytes_total'] / 2**30:.2f} GiB on disk",
+        file=file,
+    )
+    print(
+        f"{'variant':<14}{'tokens/s':>10}{'vs (a)':>9}{'stall/batch':>13}{'hot':>8}{'warm':>8}{'cold/lookups':>14}",
+        file=file,
+    )
+    for label, name in zip("abcd", VARIANTS, strict=True):
+        r = res[name]
+        h = r.get("hit_rate", {})
+        print(
+            f"({label}) {name:<10}{r['tokens_per_s_median']:>10.1f}{r['ratio_vs_memory_median']:>9.3f}"
+            f"{r['stall_seconds_per_batch']:>12.3f}s"
+            f"{h.get('hot', float('nan')):>8.1%}{h.get('warm', float('nan')):>8.1%}"
+            f"{h.get('cold_share_of_lookups', float('nan')):>14.1%}",
+            file=file,
+        )
+    print(f"bit-identical outputs: {report['bit_identical_outputs']}", file=file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
