@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cold_reads import disk_rate  # noqa: E402
+from bench_cold_reads import disk_reads  # noqa: E402
 
 from tiered_store import StoreConfig, TieredStore  # noqa: E402
 from tiered_store.table_format import RandomSource, create_table, read_manifest  # noqa: E402
@@ -112,11 +112,10 @@ def bench_cold_miss(args, workdir: Path) -> dict:
     disk, store_rates = [], []
     with TieredStore(cfg) as store:
         for _ in range(max(2, args.repeats // 2)):
-            disk.append(
-                disk_rate(
-                    path, manifest.data_offset, manifest.file_bytes, args.threads, args.seconds, 5
-                )
+            reads, seconds = disk_reads(
+                path, manifest.data_offset, manifest.file_bytes, args.threads, args.seconds, 5
             )
+            disk.append(reads / seconds)
             done, start = 0, time.perf_counter()
             while time.perf_counter() - start < args.seconds:
                 ids = torch.from_numpy(rng.integers(0, rows, args.cold_batch))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -41,3 +44,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def golden_dir(required_file: str = "engram_default.npz") -> Path:
+    """``$TIERED_STORE_GOLDEN``, else ``shared/golden`` inside or next to the repository."""
+    repo = Path(__file__).resolve().parents[1]
+    for candidate in (
+        os.environ.get("TIERED_STORE_GOLDEN", ""),
+        repo / "shared/golden",
+        repo.parent / "shared/golden",
+    ):
+        if candidate and (Path(candidate) / required_file).exists():
+            return Path(candidate)
+    pytest.skip("golden vectors not found (set TIERED_STORE_GOLDEN)")
+
+
+def check_cache_invariants(cache) -> None:
+    """A RowCache's index and slot owners agree; occupancy within capacity."""
+    owners = cache.row_of_slot
+    held = owners[owners >= 0]
+    assert held.unique().numel() == held.numel(), "a row sits in two slots"
+    if cache.slot_of is not None:
+        resident = torch.nonzero(cache.slot_of >= 0).squeeze(1)
+        assert torch.equal(torch.sort(resident).values, torch.sort(held).values)
+        assert torch.equal(owners[cache.slot_of[resident].long()], resident)
+    assert 0 <= cache.occupancy <= cache.capacity
+    assert cache.occupancy == held.numel()

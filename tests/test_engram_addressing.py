@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import golden_dir
 from tiered_store.engram import (
     CompressedTokenizer,
     EngramConfig,
@@ -22,14 +22,7 @@ from tiered_store.errors import ConfigError, RowIdError
 
 
 def _golden_dir() -> Path:
-    """``$TIERED_STORE_GOLDEN``, else ``shared/golden`` next to or inside the repository."""
-    repo = Path(__file__).resolve().parents[1]
-    candidates = [os.environ.get("TIERED_STORE_GOLDEN", ""), repo / "shared/golden"]
-    candidates.append(repo.parent / "shared/golden")
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "engram_default.npz").exists():
-            return Path(candidate)
-    pytest.skip("golden vectors not found (set TIERED_STORE_GOLDEN)")
+    return golden_dir("engram_default.npz")
 
 
 GOLDEN_NAMES = ["engram_default", "engram_alt"]

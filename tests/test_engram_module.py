@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.conftest import golden_dir
 from tiered_store.engram import (
     EMBEDDING_KEY,
     BackboneConfig,
@@ -26,14 +26,7 @@ from tiered_store.errors import ConfigError
 
 
 def _golden_dir() -> Path:
-    """``$TIERED_STORE_GOLDEN``, else ``shared/golden`` next to or inside the repository."""
-    repo = Path(__file__).resolve().parents[1]
-    candidates = [os.environ.get("TIERED_STORE_GOLDEN", ""), repo / "shared/golden"]
-    candidates.append(repo.parent / "shared/golden")
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "engram_forward.safetensors").exists():
-            return Path(candidate)
-    pytest.skip("golden vectors not found (set TIERED_STORE_GOLDEN)")
+    return golden_dir("engram_forward.safetensors")
 
 
 LAYERS = [1, 4]

@@ -31,6 +31,7 @@ from policies import (
     tinylfu,
 )
 from policies.tinylfu import mix64, mix64_int, row_seeds
+from tests.conftest import check_cache_invariants
 from tiered_store.errors import ConfigError
 from tiered_store.row_cache import RowCache
 
@@ -67,23 +68,7 @@ def _run_batch(cache: RowCache, batch: list[int]) -> torch.Tensor:
 
 
 def _check_invariants(cache: RowCache) -> None:
-    """Index and slot owners agree; free slots are empty; occupancy within capacity."""
-    owners = cache.row_of_slot
-    held = owners[owners >= 0]
-    assert held.unique().numel() == held.numel(), "a row sits in two slots"
-    if cache.slot_of is not None:
-        resident = torch.nonzero(cache.slot_of >= 0).squeeze(1)
-        assert torch.equal(torch.sort(resident).values, torch.sort(held).values)
-        assert torch.equal(owners[cache.slot_of[resident].long()], resident)
-    free = cache._free[: cache._n_free]
-    assert free.unique().numel() == free.numel(), "a slot is free twice"
-    assert bool((owners[free] == -1).all()), "a free slot holds a row"
-    assert not bool(cache.pinned[free].any()), "a pinned slot is on the free list"
-    assert 0 <= cache.occupancy <= cache.capacity
-    assert cache.occupancy == held.numel()
-    c = cache.counters
-    assert c.hits + c.misses == c.lookups
-    assert c.preloaded + c.admissions - c.evictions == cache.occupancy
+    check_cache_invariants(cache)
 
 
 class EvictionContract:

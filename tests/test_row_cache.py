@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies import LRU, PolicySpec, ScalarLRU, known_names
+from tests.conftest import check_cache_invariants
 from tiered_store.errors import ConfigError
 from tiered_store.row_cache import RowCache
 
@@ -24,16 +25,7 @@ def _access_one(cache: RowCache, row: int) -> bool:
 
 
 def _check_invariants(cache: RowCache) -> None:
-    """Index and slot owners agree; free slots are empty; occupancy within capacity."""
-    owners = cache.row_of_slot
-    held = owners[owners >= 0]
-    assert held.unique().numel() == held.numel(), "a row sits in two slots"
-    if cache.slot_of is not None:
-        resident = torch.nonzero(cache.slot_of >= 0).squeeze(1)
-        assert torch.equal(torch.sort(resident).values, torch.sort(held).values)
-        assert torch.equal(owners[cache.slot_of[resident].long()], resident)
-    assert 0 <= cache.occupancy <= cache.capacity
-    assert cache.occupancy == held.numel()
+    check_cache_invariants(cache)
 
 
 @settings(max_examples=60, deadline=None)

@@ -64,6 +64,7 @@ from .corpus import (
 )
 from .mrc import (
     MissRatioCurve,
+    _jsonable,
     belady_misses,
     lru_mrc,
     mean_absolute_error,
@@ -252,23 +253,6 @@ def parse_targets(text: str) -> dict[str, float]:
             raise ConfigError(f"--targets: got {part!r}; expected TIER=RATE like hot=0.3")
         out[name.strip()] = rate
     return _check_targets(out)
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON: numpy scalars/arrays to Python, NaN/inf to None, paths to str."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _package_version(name: str) -> str | None:

@@ -21,6 +21,7 @@ warm start). A capacity is a number of rows; a curve's capacity 0 always has mis
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -219,15 +220,19 @@ class MissRatioCurve:
 
 
 def _jsonable(value: Any) -> Any:
-    """Numpy scalars/arrays inside ``value`` as plain Python."""
+    """Plain JSON: numpy scalars/arrays to Python, NaN/inf to None, paths to str."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return _jsonable(value.tolist())
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     return value
 
 
