@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,6 @@ import yaml
 from tiered_store.cli import build_parser, main
 from tiered_store.config import StoreConfig
 from tiered_store.demo import DEMO_DEFAULTS, demo_settings
-from tiered_store.engram.corpus import default_corpus_root
 from tiered_store.engram.model import ModelConfig
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "engram-demo.yaml"
@@ -23,7 +23,7 @@ TINY_ARGS = [
     "--hidden-size", "32",
     "--layers", "4",
     "--warm-start-tokens", "512",
-    "--corpus", str(default_corpus_root() / "json" / "*.py"),
+    "--corpus", str(Path(sysconfig.get_paths()["stdlib"]) / "json" / "*.py"),
 ]  # fmt: skip
 
 
@@ -95,7 +95,7 @@ def test_help_explains_the_demo():
         ("run: {speed: 3}", [], "run.speed: unknown key"),
         ("engram: {layer_ids: [9]}", [], "engram.layer_ids[0]: expected a layer id below"),
         (None, ["--batches", "0"], "run.batches: expected an integer >= 1"),
-        (None, ["--corpus", "/nonexistent/*.txt"], "corpus: no files found"),
+        (None, ["--corpus", "/nonexistent/*.txt"], "the pattern matches no files"),
     ],
 )
 def test_bad_demo_input_gives_a_clear_error(tmp_path, capsys, content, argv, message):

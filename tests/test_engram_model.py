@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_engram_module import _golden_dir
+from tests.conftest import golden_dir
 from tiered_store.engram import EMBEDDING_KEY, NgramHasher, TableBackend
 from tiered_store.engram.checkpoint import (
     check_table_file,
@@ -120,7 +120,7 @@ def test_swapping_tables_on_one_model_and_half_precision_tables(model, batches, 
 
 
 def test_engram_layer_in_the_lm_matches_golden(tmp_path):
-    root = _golden_dir()
+    root = golden_dir("engram_forward.safetensors")
     meta = json.loads((root / "engram_forward.json").read_text())
     config = ModelConfig.from_dict(meta, ignore_unknown=True)
     golden = load_file(root / "engram_forward.safetensors")

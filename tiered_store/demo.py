@@ -169,8 +169,10 @@ class _Variant:
 
 def run_demo(args) -> int:
     """Run the demo with parsed arguments; prints the report and returns 0 on success."""
+    from zipf_analysis.corpus import resolve_corpus
+
     from .engram.checkpoint import load_table_in_memory, open_tables, save_tiered
-    from .engram.corpus import corpus_files, read_tokens, token_batches
+    from .engram.corpus import read_tokens, token_batches
     from .engram.model import EngramLM, ModelConfig
     from .engram.pipeline import profile_rows
 
@@ -181,16 +183,13 @@ def run_demo(args) -> int:
     torch.manual_seed(run["seed"])
     print("building the model and tokenizer ...", flush=True)
     model = EngramLM(config).eval()
-    files = corpus_files(run["corpus"])
+    corpus = resolve_corpus(run["corpus"]).shuffled(run["seed"])  # sample the whole corpus
     seq_len = run["seq_len"]
     rows_per_batch = max(1, run["batch_size"] // seq_len)
     per_batch = rows_per_batch * seq_len
     profiled = -(-run["warm_start_tokens"] // per_batch) * per_batch
     tokens = read_tokens(
-        files,
-        model.hasher.tokenizer,
-        max_tokens=profiled + run["batches"] * per_batch,
-        shuffle_seed=run["seed"],
+        corpus, model.hasher.tokenizer, max_tokens=profiled + run["batches"] * per_batch
     )
     batches = token_batches(tokens[profiled:], rows_per_batch, seq_len)
     with tempfile.TemporaryDirectory(prefix="tiered-store-demo-", dir=args.workdir) as tmp:
@@ -210,7 +209,7 @@ def run_demo(args) -> int:
         stores = open_tables(converted.table_paths, model.hasher, store, warm_start=hottest)
         tiered = _Variant("tiered store", stores)
         try:
-            _print_setup(model, converted, settings, files, batches)
+            _print_setup(model, converted, settings, corpus, batches)
             checked = _run_rounds(model, [memory, tiered], batches, run, check=not args.no_check)
             _report(memory, tiered, checked)
         finally:
@@ -393,7 +392,7 @@ def _compare(variants: list[_Variant], offset: int, count: int) -> int:
     return done
 
 
-def _print_setup(model, converted, settings, files, batches) -> None:
+def _print_setup(model, converted, settings, corpus, batches) -> None:
     """What is about to run."""
     cfg = model.config
     tiers, run = settings["tiers"], settings["run"]
@@ -419,11 +418,10 @@ def _print_setup(model, converted, settings, files, batches) -> None:
         f"({warm.get('policy', 'lru')}), cold io {cold.get('io', 'pread')}; "
         f"prefetch lookahead {run['lookahead']} batch(es)"
     )
-    where = "the Python standard library's sources" if not run["corpus"] else "--corpus"
     b, t = batches[0].shape
     print(
-        f"corpus  {len(batches) * b * t:,} tokens from {len(files):,} files ({where}), "
-        f"{len(batches)} batches of {b} x {t}; torch threads {torch.get_num_threads()}\n",
+        f"corpus  {len(batches) * b * t:,} tokens measured, {len(batches)} batches of {b} x {t}, "
+        f"from {corpus.description}; torch threads {torch.get_num_threads()}\n",
         flush=True,
     )
 

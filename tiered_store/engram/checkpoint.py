@@ -94,7 +94,7 @@ def table_metadata(hasher: NgramHasher, layer_id: int) -> dict[str, Any]:
     ...                    n_head_per_ngram=4, layer_ids=(1, 4))
     >>> meta = table_metadata(NgramHasher(cfg), 4)["engram"]
     >>> meta["rows"], meta["dim"], meta["head_sizes"][:2], meta["offsets"][:2]
-    (20148, 16, [2029, 2039], [0, 2029])
+    (20372, 16, [2029, 2039], [0, 2029])
     """
     config = hasher.config
     return {
@@ -168,7 +168,7 @@ def from_reference_layout(
     --------
     >>> sd = from_reference_layout("/work/shared/golden/engram_forward.safetensors", [1, 4])
     >>> sorted(sd)[0], tuple(sd["layers.4.engram." + EMBEDDING_KEY].shape)
-    ('layers.1.engram.key_projs.0.bias', (20148, 16))
+    ('layers.1.engram.key_projs.0.bias', (20372, 16))
     """
     from .module import split_checkpoint
 

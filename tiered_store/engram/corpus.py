@@ -1,115 +1,63 @@
-"""Real text for the Engram model: files -> DeepSeek token ids -> ``[B, T]`` batches.
+"""Real text for the Engram model: a corpus -> DeepSeek token ids -> ``[B, T]`` batches.
 
-The default corpus is the Python standard library's own source files
-(``sysconfig.get_paths()["stdlib"]``, ``site-packages`` left out): it is on every machine that
-runs this library, nothing is downloaded, and it is real, Zipfian text (about 1,800 files and
-9 M tokens for CPython 3.11).
+Which files make a corpus, and how they are read (UTF-8; binary, undecodable and empty files
+skipped), is ``zipf_analysis.corpus``'s job, shared with ``tiered-store analyze``; by default it is
+the Python standard library's own ``*.py`` sources, which every machine has.
 """
 
 from __future__ import annotations
 
-import glob
-import sysconfig
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from zipf_analysis.corpus import Corpus, CorpusError, ReadStats, iter_texts
+
 from ..errors import ConfigError
 from .tokenizer import CompressedTokenizer
 
-__all__ = ["corpus_files", "default_corpus_root", "read_tokens", "token_batches"]
+__all__ = ["iter_batches", "read_tokens", "token_batches"]
 
 EOS_TOKEN = "<｜end▁of▁sentence｜>"  # separates documents in the token stream
-_ENCODE_CHUNK_FILES = 64  # files tokenised per encode_batch call (parallel in the Rust tokenizer)
+_ENCODE_CHUNK_FILES = 64  # documents tokenised per encode_batch call (parallel in Rust)
 
 
-def default_corpus_root() -> Path:
-    """The Python standard library's source directory."""
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def corpus_files(sources: Sequence[str | Path] | None = None) -> list[Path]:
-    """The files of a corpus, sorted and de-duplicated.
-
-    Parameters
-    ----------
-    sources
-        Files, directories (every ``*.py`` below them) or glob patterns (``**`` allowed).
-        Default: the standard library's ``*.py`` files, without ``site-packages``.
-
-    Raises
-    ------
-    ConfigError
-        Nothing matches; the message names the sources.
+def read_tokens(corpus: Corpus, tokenizer: CompressedTokenizer, *, max_tokens: int) -> np.ndarray:
+    """Token ids of the corpus's documents in its order, each followed by the end-of-sentence
+    token, at most ``max_tokens`` (int64 [N]); reading stops once enough are read.
 
     Examples
     --------
-    >>> files = corpus_files()
-    >>> len(files) > 100, files[0].suffix
-    (True, '.py')
+    >>> from zipf_analysis.corpus import resolve_corpus
+    >>> tokens = read_tokens(resolve_corpus().shuffled(0), CompressedTokenizer(), max_tokens=5000)
+    >>> tokens.shape, tokens.dtype
+    ((5000,), dtype('int64'))
     """
-    if not sources:
-        root = default_corpus_root()
-        files = [p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts]
-    else:
-        files = []
-        for source in sources:
-            path = Path(source).expanduser()
-            if path.is_dir():
-                files.extend(path.rglob("*.py"))
-            elif path.is_file():
-                files.append(path)
-            else:
-                files.extend(Path(p) for p in glob.glob(str(path), recursive=True))
-    files = sorted({p.resolve() for p in files if p.is_file()})
-    if not files:
-        shown = [str(s) for s in sources] if sources else [str(default_corpus_root())]
-        raise ConfigError(
-            f"corpus: no files found for {shown}; expected files, directories (*.py below them) "
-            "or glob patterns"
-        )
-    return files
-
-
-def read_tokens(
-    files: Sequence[Path],
-    tokenizer: CompressedTokenizer,
-    *,
-    max_tokens: int,
-    shuffle_seed: int | None = 0,
-) -> np.ndarray:
-    """Token ids of the files, documents separated by the end-of-sentence token, at most
-    ``max_tokens`` (int64 [N]).
-
-    Files are read in a seeded random order (``shuffle_seed=None``: sorted order), so a capped
-    read samples the whole corpus rather than its first directory. Unreadable files are skipped;
-    undecodable bytes are replaced.
-    """
-    if max_tokens < 1:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ConfigError(f"max_tokens: expected an integer >= 1, got {max_tokens!r}")
-    order = list(files)
-    if shuffle_seed is not None:
-        order = [order[i] for i in np.random.default_rng(shuffle_seed).permutation(len(order))]
     eos = tokenizer.tokenizer.token_to_id(EOS_TOKEN)
     parts: list[np.ndarray] = []
     total = 0
-    for start in range(0, len(order), _ENCODE_CHUNK_FILES):
-        texts = []
-        for path in order[start : start + _ENCODE_CHUNK_FILES]:
-            try:
-                texts.append(path.read_text(encoding="utf-8", errors="replace"))
-            except OSError:
-                continue
+    texts: list[str] = []
+
+    def encode() -> None:
+        nonlocal total
         for encoding in tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False):
             ids = encoding.ids + ([eos] if eos is not None else [])
             parts.append(np.asarray(ids, dtype=np.int64))
             total += len(ids)
-        if total >= max_tokens:
-            break
+        texts.clear()
+
+    for _, text in iter_texts(corpus.files, ReadStats()):
+        texts.append(text)
+        if len(texts) == _ENCODE_CHUNK_FILES:
+            encode()
+            if total >= max_tokens:
+                break
+    encode()
     if not parts:
-        raise ConfigError(f"corpus: none of the {len(order)} files could be read")
+        raise CorpusError(f"corpus {corpus.description}: no readable text in {len(corpus)} files")
     return np.concatenate(parts)[:max_tokens]
 
 

@@ -294,7 +294,7 @@ class EngramLM(nn.Module):
     >>> ids = model.hasher.tokenizer.encode("def lookup(table, ids): return table[ids]")[None]
     >>> ids = torch.from_numpy(ids)                                  # [B=1, T]
     >>> model(ids).shape                                             # logits [B, T, vocab]
-    torch.Size([1, 13, 129280])
+    torch.Size([1, 11, 129280])
     >>> batch = model.prefetch(ids)          # hash every Engram layer, start each table's fetch
     >>> model(ids, prefetched=batch, logits="last").shape            # [B, vocab]
     torch.Size([1, 129280])

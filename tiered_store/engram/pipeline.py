@@ -43,12 +43,16 @@ class PipelineStats:
 
     batches: int = 0
     tokens: int = 0
-    seconds: float = 0.0  # prepare + forward: the run's wall time without the consumer's
     forward_seconds: float = 0.0  # inside the model's forward (synchronised on CUDA)
     prepare_seconds: float = 0.0  # hashing + prefetch submission on the calling thread
     lookup_seconds: float = 0.0  # inside table lookups (tables that keep statistics)
     stall_seconds: float = 0.0  # of which waiting for prefetched rows
     tables: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)  # per layer
+
+    @property
+    def seconds(self) -> float:
+        """Prepare + forward: the run's wall time, without the consumer's between batches."""
+        return self.prepare_seconds + self.forward_seconds
 
     @property
     def tokens_per_second(self) -> float:
@@ -134,11 +138,8 @@ class PrefetchPipeline:
                 stats.forward_seconds += time.perf_counter() - t0
                 stats.batches += 1
                 stats.tokens += batch.tokens
-                # the consumer's time between batches is not the pipeline's
-                stats.seconds = stats.prepare_seconds + stats.forward_seconds
                 yield batch, out
         finally:
-            stats.seconds = stats.prepare_seconds + stats.forward_seconds
             for layer, table in tables.items():
                 delta = table_stats_delta(before[layer], _snapshot(table))
                 if delta:
