@@ -258,9 +258,14 @@ class TieredStore:
                     f"ids: value {int(flat[bad_pos])} at flat position {bad_pos} is out of range; "
                     f"expected 0 <= id < {self.rows:,} (the table's rows)"
                 )
-        return flat.to(device=self.device, dtype=torch.int64, non_blocking=True), tuple(
-            tensor.shape
-        )
+        if self._stream is None:
+            return flat.to(device=self.device, dtype=torch.int64), tuple(tensor.shape)
+        # ids may come from the caller's stream (e.g. hashed on the GPU): order the store's stream
+        # after it, and copy the ids on the store's stream, where the fetch will read them.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            flat = flat.to(device=self.device, dtype=torch.int64, non_blocking=True)
+        return flat, tuple(tensor.shape)
 
     def _check_open(self) -> None:
         if self._closed:
