@@ -360,22 +360,6 @@ def _replace_layer(value: Any, layer: int) -> Any:
 # -- the model --------------------------------------------------------------------------------------
 
 
-class _Float32Rows:
-    """A ``TableBackend`` over a ``TieredStore`` that hands the Engram layer float32 rows."""
-
-    def __init__(self, store: TieredStore) -> None:
-        self.store = store
-        self.rows, self.dim = store.rows, store.dim
-
-    def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
-        """Rows as float32 (the Engram projections are float32)."""
-        return self.store.lookup(row_ids, handle).float()
-
-    def prefetch(self, row_ids: torch.Tensor) -> object:
-        """Start fetching ``row_ids`` in the store."""
-        return self.store.prefetch(row_ids)
-
-
 class EngramStack:
     """The Engram layers of a ``ServeConfig`` over one tiered store each, with a stand-in backbone.
 
@@ -454,7 +438,7 @@ class EngramStack:
                 f"{rows:,} x {dim} (engram_vocab_size, n_head_per_ngram and n_embed_per_ngram "
                 "decide it)"
             )
-        backend = _Float32Rows(store)
+        backend = store  # the Engram layer casts rows to its hidden dtype
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.dense.seed * 1_000_003 + layer)
             if cfg.dense.checkpoint is not None:
