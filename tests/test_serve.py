@@ -24,12 +24,6 @@ from zipf_analysis.replay import replay
 from zipf_analysis.trace import TraceReader
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "serve.yaml"
-GOLDEN = (
-    Path(__file__).resolve().parent.parent.parent
-    / "shared"
-    / "golden"
-    / "engram_forward.safetensors"
-)
 CONFIG = {
     "engram": {
         "engram_vocab_size": [2003, 3001],
@@ -186,18 +180,21 @@ def test_answer_matches_an_in_memory_reference(server):
     assert again["layer_checksums"] == answer["layer_checksums"]
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason="needs ../shared/golden")
 def test_checkpoint_layers_over_tiered_stores_reproduce_the_golden_forward(tmp_path):
     """Tables from the golden checkpoint's weights, dense weights via dense.checkpoint."""
     from safetensors.torch import load_file
 
+    from tests.conftest import golden_dir
+
+    golden_path = golden_dir("engram_forward.safetensors") / "engram_forward.safetensors"
+
     from tiered_store.engram import split_checkpoint
     from tiered_store.table_format import create_table
 
-    golden = load_file(GOLDEN)
-    meta = json.loads(GOLDEN.with_suffix(".json").read_text())
+    golden = load_file(golden_path)
+    meta = json.loads(golden_path.with_suffix(".json").read_text())
     for layer in (1, 4):
-        weight, _ = split_checkpoint(GOLDEN, layer)
+        weight, _ = split_checkpoint(golden_path, layer)
         create_table(tmp_path / f"layer{layer}.npy", weight, progress=False)
     path = tmp_path / "golden.yaml"
     path.write_text(
@@ -207,7 +204,7 @@ def test_checkpoint_layers_over_tiered_stores_reproduce_the_golden_forward(tmp_p
                 "backbone": meta["backbone"],
                 "tables": {"path": "layer{layer}.npy"},
                 "store": {"tiers": {"hot": {"capacity": 64}, "warm": {"capacity": "10%"}}},
-                "dense": {"checkpoint": str(GOLDEN)},
+                "dense": {"checkpoint": str(golden_path)},
             }
         )
     )
