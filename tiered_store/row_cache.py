@@ -58,12 +58,11 @@ class RowCache:
         self.headroom_rows = int(capacity * evict_headroom)
         self.counters = TierCounters()
         self.eviction, self.admission = spec.build(capacity, num_rows, self.device)
-        # 4 bytes per table row (only when the tier exists) + 9 bytes per slot, besides the policy's.
+        # 4 bytes per table row (only when the tier exists) + 17 bytes per slot, besides the policy's.
         self.slot_of = (
             torch.full((num_rows,), -1, dtype=torch.int32, device=self.device) if capacity else None
         )
         self.row_of_slot = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
-        self.pinned = torch.zeros(capacity, dtype=torch.bool, device=self.device)
         # pinned or free: never a victim (kept up to date instead of recomputed per eviction)
         self._unevictable = torch.ones(capacity, dtype=torch.bool, device=self.device)
         self._free = torch.arange(capacity - 1, -1, -1, dtype=torch.int64, device=self.device)
@@ -80,9 +79,7 @@ class RowCache:
 
     def metadata_bytes(self) -> dict[str, float]:
         """Bytes of index and policy metadata: per table row, per slot, and fixed per tier."""
-        per_slot = (
-            8 + 1 + 1 + 8 + self.eviction.bytes_per_slot
-        )  # owner, pinned, unevictable, free list
+        per_slot = 8 + 1 + 8 + self.eviction.bytes_per_slot  # owner, unevictable, free list
         per_row = (4 if self.capacity else 0) + self.admission.bytes_per_row
         per_tier = getattr(self.admission, "bytes_per_tier", 0) if self.capacity else 0
         return {"per_table_row": per_row, "per_slot": per_slot, "per_tier": per_tier}
@@ -168,7 +165,6 @@ class RowCache:
         self.row_of_slot.index_copy_(0, slots, ids[cand])
         self.eviction.on_insert(slots)
         if pin:
-            self.pinned[slots] = True
             self._unevictable[slots] = True
             self._n_pinned += cand.numel()
         self.counters.preloaded += cand.numel()
