@@ -313,17 +313,6 @@ def sample_zipf(
     >>> ids.dtype, bool((ids >= 0).all() and (ids < 100).all())
     (dtype('int64'), True)
     """
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    cdf = np.cumsum(np.arange(1, rows + 1, dtype=np.float64) ** -float(exponent))
-    cdf /= cdf[-1]
-    perm = rng.permutation(rows).astype(np.int64) if permute else None
-    out = np.empty(n, dtype=np.int64)
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        u = np.sort(
-            rng.random(m)
-        )  # sorted needles: searchsorted walks the CDF in order, ~6x faster
-        ranks = np.minimum(np.searchsorted(cdf, u, side="right"), rows - 1)
-        rng.shuffle(ranks)  # an i.i.d. sample in random order
-        out[start : start + m] = perm[ranks] if perm is not None else ranks
-    return out
+    from tiered_store.workload import ZipfWorkload
+
+    return ZipfWorkload(rows, exponent, seed, permute=permute).sample(n, chunk=chunk)
