@@ -18,6 +18,9 @@ class EvictionPolicy:
     name = "base"
     #: bytes of metadata the policy keeps per slot (reported by the memory benchmark)
     bytes_per_slot = 0
+    #: True when ``victim_priority`` gives distinct keys and every key set after a ``topk`` exceeds
+    #: the keys it saw (LRU): the tier may then serve victims from one ``topk`` across batches
+    keys_only_grow = False
 
     def __init__(self, capacity: int, device: torch.device | str = "cpu") -> None:
         self.capacity = capacity
@@ -36,8 +39,9 @@ class EvictionPolicy:
         """Victims from the last ``choose_victims`` that stay resident after all (their candidates
         were refused admission), oldest first; they keep their old standing."""
 
-    def victim_priority(self) -> torch.Tensor:
-        """Per-slot eviction priority (lower goes first); any dtype ``topk`` accepts."""
+    def victim_priority(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Eviction priority of every slot, or of ``slots`` (lower goes first); any dtype ``topk``
+        accepts."""
         raise NotImplementedError
 
     def choose_victims(self, n: int, protected: torch.Tensor) -> torch.Tensor:

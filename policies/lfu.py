@@ -79,8 +79,11 @@ class LFU(EvictionPolicy):
         self.last_used[slots] = self._next_seq(slots.numel())
         self._age(slots.numel())
 
-    def victim_priority(self) -> torch.Tensor:
-        return (self.count.long() << _SEQ_BITS) | self.last_used.clamp(min=0)
+    def victim_priority(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+        count, last = self.count, self.last_used
+        if slots is not None:
+            count, last = count[slots], last[slots]
+        return (count.long() << _SEQ_BITS) | last.clamp(min=0)
 
     def _next_seq(self, m: int) -> torch.Tensor:
         """Sequence numbers for ``m`` accesses; renumbers the slots by rank when they run out."""

@@ -1,6 +1,12 @@
-"""Least recently used, batched: a per-slot logical clock; ties within a batch go by slot order.
+"""Least recently used, batched: a per-slot logical clock.
 
-A hit is one ``index_fill_`` of the batch clock; victims are the ``n`` smallest clocks (``topk``).
+A hit stamps the slot with ``2 x batch`` and an insert with ``2 x batch + 1`` (one ``index_fill_``
+each): inside a batch, rows it brought in count as more recent than rows it hit, then ties go by
+slot order. Victims are the ``n`` smallest keys ``stamp x capacity + slot`` (``topk``). Every key
+set after a ``topk`` is larger than every key that ``topk`` saw (the batch's hits come before its
+admissions), and keys are distinct, so the tier may serve victims for many batches from one
+``topk`` (``RowCache(victim_buffer=...)``) and pick exactly what a ``topk`` per batch would.
+
 We measured a lazy-deletion recency log as the alternative (victims in O(accesses) instead of a
 pass over the slots): it made all-hit lookups 3-5x slower (every hit appends to the log) and
 replay no faster, so the clock stays.
@@ -29,6 +35,7 @@ class LRU(EvictionPolicy):
 
     name = "lru"
     bytes_per_slot = 8
+    keys_only_grow = True
 
     def __init__(self, capacity: int, device: torch.device | str = "cpu") -> None:
         super().__init__(capacity, device)
@@ -39,13 +46,16 @@ class LRU(EvictionPolicy):
         self.clock += 1
 
     def on_hit(self, slots: torch.Tensor) -> None:
-        self.last_used.index_fill_(0, slots, self.clock)
+        self.last_used.index_fill_(0, slots, 2 * self.clock)
 
     def on_insert(self, slots: torch.Tensor) -> None:
-        self.last_used.index_fill_(0, slots, self.clock)
+        self.last_used.index_fill_(0, slots, 2 * self.clock + 1)
 
-    def victim_priority(self) -> torch.Tensor:
-        return self.last_used
+    def victim_priority(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+        if slots is None:
+            slot = torch.arange(self.capacity, device=self.device)
+            return self.last_used * self.capacity + slot
+        return torch.index_select(self.last_used, 0, slots) * self.capacity + slots
 
 
 __all__ = ["LRU", "ScalarLRU"]

@@ -525,3 +525,23 @@ def test_live_store_serves_exact_rows_with_each_policy(table, spec):
             c = tier.counters
             assert c.hits + c.misses == c.lookups > 0
             assert c.admissions - c.evictions == tier.occupancy
+
+
+def test_zipf_tuned_pins_rows_with_the_most_episodes():
+    from policies.zipf_tuned import zipf_tuned_split
+    from zipf_analysis.profile import FrequencyCounter
+
+    # rows 0-9: one long burst each (many lookups, 1 episode); rows 100-109: a few lookups spread
+    # over the stream (fewer lookups, several episodes each); distinct filler rows in between.
+    bursts = np.repeat(np.arange(10), 40)
+    spread = np.concatenate(
+        [np.concatenate([np.arange(100, 110), 1000 + i * 50 + np.arange(50)]) for i in range(5)]
+    )
+    counter = FrequencyCounter(rows=2000, episode_window=20)
+    counter.update(np.concatenate([bursts, spread]))
+    profile = counter.profile()
+    split = zipf_tuned_split(profile, capacity=20, recency_window=4)
+    assert split.recency_rows == 4 and split.pinned_rows.size == 16
+    assert set(range(100, 110)) <= set(split.pinned_rows.tolist())  # 5 episodes each: first
+    assert split.pinned_rows.tolist() == profile.top_rows(16, by="episodes").tolist()
+    assert profile.top_rows(10).tolist() == list(range(10))  # by lookups the bursts would win

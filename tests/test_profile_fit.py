@@ -99,6 +99,62 @@ def test_save_load_round_trip(tmp_path):
         FrequencyProfile.load(tmp_path / "bad.npz")
 
 
+def _reference_episodes(ids, window):
+    """Scalar definition: a lookup starts an episode when the row's previous lookup is more than
+    ``window`` positions back (or there is none)."""
+    last, episodes = {}, {}
+    for pos, row in enumerate(ids.tolist()):
+        if pos - last.get(row, -(10**9)) > window:
+            episodes[row] = episodes.get(row, 0) + 1
+        last[row] = pos
+    return episodes
+
+
+@pytest.mark.parametrize("window", [1, 7, 300])
+def test_episodes_match_the_scalar_definition_across_chunkings(window):
+    rng = np.random.default_rng(window)
+    # bursty: each "document" draws from its own few rows, plus a shared Zipfian background
+    docs = [rng.integers(d * 40, d * 40 + 40, size=rng.integers(5, 200)) for d in range(60)]
+    ids = np.concatenate(
+        [np.concatenate([d, sample_zipf(d.size, 500, 1.0, seed=i)]) for i, d in enumerate(docs)]
+    )
+    ref = _reference_episodes(ids, window)
+    for parts in (1, 3, 50):
+        counter = FrequencyCounter(rows=3000, episode_window=window)
+        for part in np.array_split(ids, parts):
+            counter.update(part)
+        prof = counter.profile()
+        got = dict(zip(prof.row_ids.tolist(), prof.episodes.tolist(), strict=True))
+        assert got == ref, parts
+        assert prof.episode_window == window
+        assert (prof.episodes <= prof.counts).all() and (prof.episodes >= 1).all()
+
+
+def test_top_rows_by_episodes_prefers_rows_spread_over_time(tmp_path):
+    # row 1: 50 lookups in one burst; row 2: 10 lookups 100 positions apart; filler in between
+    filler = np.arange(10, 1010)
+    ids = np.concatenate(
+        [np.full(50, 1), *[np.concatenate([[2], filler[i * 99 : i * 99 + 99]]) for i in range(10)]]
+    )
+    counter = FrequencyCounter(rows=2000, episode_window=64)
+    counter.update(ids)
+    prof = counter.profile()
+    assert prof.top_rows(1).tolist() == [1]  # most lookups
+    assert prof.top_rows(1, by="episodes").tolist() == [2]  # 10 episodes vs 1
+    prof.save(tmp_path / "p.npz")
+    back = FrequencyProfile.load(tmp_path / "p.npz")
+    np.testing.assert_array_equal(back.episodes, prof.episodes)
+    assert back.episode_window == 64
+    assert back.top_rows(1, by="episodes").tolist() == [2]
+    assert profile_ids(ids, rows=2000).episode_window == 65_536  # the default window
+    legacy = FrequencyProfile(prof.row_ids, prof.counts, 2000)  # e.g. an older file: by lookups
+    assert legacy.episodes is None and legacy.top_rows(1, by="episodes").tolist() == [1]
+    with pytest.raises(ValueError, match="by: got 'hits'"):
+        prof.top_rows(1, by="hits")
+    with pytest.raises(ValueError, match="episodes .* differ in length"):
+        FrequencyProfile(prof.row_ids, prof.counts, 2000, episodes=prof.episodes[:-1])
+
+
 def test_profile_trace_uses_layout_rows(tmp_path):
     path = tmp_path / "t.trace"
     with TraceWriter(path, {"tables": [{"name": "a", "rows": 100}, "b"], "tokenizer": "tk"}) as w:

@@ -124,6 +124,24 @@ def test_per_request_replay_equals_scalar_lru(tmp_path):
     assert result.tiers["warm"]["hits"] == hits
 
 
+def test_fetch_ratio_reads_a_row_missed_twice_in_a_batch_once(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    records = write_trace(tmp_path / "t.trace", batches=5)
+    config = store_config(path, warm={"capacity": ROWS})  # never evicts: only compulsory misses
+    result = replay(config, tmp_path / "t.trace", table="a")
+    seen: set[int] = set()
+    misses = 0
+    for ids in records:  # per batch: every lookup of a row not resident before the batch misses
+        new = ~np.isin(ids.ravel(), list(seen))
+        misses += int(new.sum())
+        seen |= set(ids.ravel().tolist())
+    assert result.tiers["warm"]["misses"] == misses
+    assert result.fetch_ratio == len(seen) / result.lookups  # each row read from cold once
+    assert result.fetch_ratio < result.miss_ratio
+    single = replay(config, tmp_path / "t.trace", table="a", batch_tokens=1)
+    assert single.fetch_ratio == single.miss_ratio == len(seen) / single.lookups
+
+
 def test_modelled_stall_shrinks_with_overlap(tmp_path):
     path, _ = make_table(tmp_path, rows=ROWS, dim=8)
     write_trace(tmp_path / "t.trace", batches=5)

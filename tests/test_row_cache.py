@@ -68,6 +68,50 @@ def test_batched_admission_keeps_index_consistent(capacity, headroom, batches):
             assert bool((cache.probe(uniq) >= 0).all())
 
 
+def _drive_batch(cache: RowCache, ids: torch.Tensor) -> None:
+    """One batch as the store runs it: probe, record hits, admit the unique misses."""
+    cache.begin_batch()
+    cache.observe(ids)
+    slots = cache.probe(ids)
+    cache.record(slots[slots >= 0], lookups=ids.numel(), hits=int((slots >= 0).sum()))
+    uniq, counts = torch.unique(ids[slots < 0], return_counts=True)
+    cache.admit(uniq, counts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    capacity=st.integers(1, 60),
+    buffer=st.sampled_from([1, 3, 50]),
+    spec=st.sampled_from(["lru", "lru+tinylfu", "static+lru"]),
+    headroom=st.sampled_from([0.0, 0.2]),
+    seed=st.integers(0, 2**16),
+)
+def test_buffered_victims_are_exactly_the_topk_victims(capacity, buffer, spec, headroom, seed):
+    # LRU keys only grow, so victims buffered from one topk equal a topk per batch, slot for slot;
+    # tinylfu refuses candidates (their victims are reinstated), static pins rows.
+    rng = np.random.default_rng(seed)
+    caches = [
+        RowCache(
+            "t",
+            num_rows=200,
+            capacity=capacity,
+            spec=PolicySpec.parse(spec),
+            evict_headroom=headroom,
+            victim_buffer=b,
+        )
+        for b in (0, buffer)
+    ]
+    for cache in caches:
+        cache.preload(torch.arange(capacity // 4), pin=spec.startswith("static"))
+    for _ in range(30):
+        ids = torch.from_numpy((rng.zipf(1.3, size=int(rng.integers(1, 40))) - 1) % 200)
+        for cache in caches:
+            _drive_batch(cache, ids)
+        assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot)
+        assert caches[0].counters == caches[1].counters
+    _check_invariants(caches[1])
+
+
 def test_lru_evicts_least_recent_batch_first():
     cache = RowCache("t", num_rows=10, capacity=3, spec=PolicySpec.parse("lru"))
     for batch in ([1, 2], [3], [1]):  # 2 is now the least recent

@@ -9,6 +9,10 @@ import torch
 
 from policies import PolicySpec
 
+DEFAULT_VICTIM_BUFFER = (
+    4096  # spare victims one topk finds for later batches (keys-only-grow policies)
+)
+
 
 @dataclass
 class TierCounters:
@@ -30,14 +34,16 @@ class TierCounters:
 class RowCache:
     """Which rows a tier holds, in which slot, and which slot goes next.
 
-    Examples
-    --------
-    >>> import torch
-    >>> from policies import PolicySpec
-    >>> cache = RowCache("warm", num_rows=100, capacity=2, spec=PolicySpec.parse("lru"))
-    >>> cache.begin_batch(); src, slots = cache.admit(torch.tensor([7, 9]), torch.tensor([1, 1]))
-    >>> (cache.probe(torch.tensor([9, 7, 3])) >= 0).tolist()
-    [True, True, False]
+        Examples
+        --------
+        >>> import torch
+        >>> from policies import PolicySpec
+
+    DEFAULT_VICTIM_BUFFER = 4096  # spare victims one topk finds for later batches (keys-only-grow policies)
+        >>> cache = RowCache("warm", num_rows=100, capacity=2, spec=PolicySpec.parse("lru"))
+        >>> cache.begin_batch(); src, slots = cache.admit(torch.tensor([7, 9]), torch.tensor([1, 1]))
+        >>> (cache.probe(torch.tensor([9, 7, 3])) >= 0).tolist()
+        [True, True, False]
     """
 
     def __init__(
@@ -49,6 +55,7 @@ class RowCache:
         spec: PolicySpec,
         device: torch.device | str = "cpu",
         evict_headroom: float = 0.0,
+        victim_buffer: int = DEFAULT_VICTIM_BUFFER,
     ) -> None:
         self.name = name
         self.num_rows = num_rows
@@ -70,6 +77,9 @@ class RowCache:
         self._n_pinned = 0
         #: row ids that queued batches will look up: never chosen as victims (set per admit)
         self.lookahead: torch.Tensor | None = None
+        # next victims of a policy whose keys only grow (LRU), best first: (slots, keys then)
+        self._victim_buffer = victim_buffer if self.eviction.keys_only_grow else 0
+        self._buffered: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -138,7 +148,7 @@ class RowCache:
         if not bool(ok.all()):  # refused candidates: their victims stay, their free slots return
             self.counters.rejections += int((~ok).sum())
             self._push_free(free_slots[~ok[:take_free]])
-            self.eviction.on_reinstate(slots[take_free:][~ok[take_free:]])
+            self._reinstate(slots[take_free:][~ok[take_free:]])
             keep = torch.nonzero(ok).squeeze(1)
             cand, slots, new_ids, victim_rows = (
                 torch.index_select(t, 0, keep) for t in (cand, slots, new_ids, victim_rows)
@@ -178,6 +188,9 @@ class RowCache:
         if want <= 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         protected = self._unevictable
+        if self._victim_buffer and (self.lookahead is None or not self.lookahead.numel()):
+            return self._buffered_victims(want)
+        self._buffered = None  # built under other protection: the lookahead path drops it
         if self.lookahead is not None and self.lookahead.numel():
             ahead = self.probe(self.lookahead.to(self.device))
             protected = protected.clone()
@@ -186,6 +199,39 @@ class RowCache:
             if want <= 0:
                 return torch.empty(0, dtype=torch.int64, device=self.device)
         return self.eviction.choose_victims(want, protected)
+
+    def _buffered_victims(self, want: int) -> torch.Tensor:
+        """``want`` victims from the buffer, refilled by one ``topk`` of ``want + victim_buffer``
+        when it runs short. A buffered slot whose key is unchanged is still among the smallest
+        (every other key was larger at the ``topk`` and can only have grown), so this picks
+        exactly what a ``topk`` per batch would for batches planned and admitted in turn (replay,
+        one caller); concurrent callers make LRU order timing-dependent either way."""
+        if self._buffered is not None:
+            slots, keys = self._buffered
+            valid = (self.eviction.victim_priority(slots) == keys) & ~self._unevictable[slots]
+            slots, keys = slots[valid], keys[valid]
+            if slots.numel() >= want:
+                self._buffered = (slots[want:], keys[want:])
+                return slots[:want]
+        evictable = self.capacity - self._n_free - self._n_pinned
+        k = min(want + self._victim_buffer, evictable)
+        keys = self.eviction.victim_priority().masked_fill(
+            self._unevictable, torch.iinfo(torch.int64).max
+        )
+        keys, slots = torch.topk(keys, k, largest=False, sorted=True)
+        self._buffered = (slots[want:], keys[want:])
+        return slots[:want]
+
+    def _reinstate(self, slots: torch.Tensor) -> None:
+        """Victims that stay after all (their candidates were refused): they keep their standing,
+        first in line again."""
+        self.eviction.on_reinstate(slots)
+        if self._buffered is not None and slots.numel():
+            keys = self.eviction.victim_priority(slots)
+            self._buffered = (
+                torch.cat([slots, self._buffered[0]]),
+                torch.cat([keys, self._buffered[1]]),
+            )
 
     def _evict(self, rows: torch.Tensor, freed_slots: torch.Tensor) -> None:
         """Drop ``rows`` from the index; ``freed_slots`` (emptied, not reused) join the free list."""

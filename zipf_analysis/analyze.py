@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import yaml
@@ -71,10 +71,8 @@ from .mrc import (
     shards_mrc,
     static_topk_mrc,
 )
+from .profile import DEFAULT_EPISODE_WINDOW, FrequencyCounter, FrequencyProfile
 from .trace import TraceReader, TraceWriter
-
-if TYPE_CHECKING:  # imported where used: profile pulls in scipy, which --help does not need
-    from .profile import FrequencyCounter, FrequencyProfile
 
 __all__ = [
     "AnalysisResult",
@@ -143,6 +141,9 @@ class AnalyzeOptions:
     belady_lookups : int
         Belady runs on a spatial sample of rows holding about this many lookups per table
         (capacities scaled by the rate: a miniature simulation); exact below it.
+    episode_window : int
+        Lookups of a table after which a row's next lookup starts a new episode in its profile
+        (``zipf-tuned`` pins rows by episodes; 0: do not count them).
     progress : bool
         Show a progress bar and stage messages.
     """
@@ -159,10 +160,16 @@ class AnalyzeOptions:
     belady: bool = True
     shards_rate: float = DEFAULT_SHARDS_RATE
     belady_lookups: int = DEFAULT_BELADY_LOOKUPS
+    episode_window: int = DEFAULT_EPISODE_WINDOW
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name, minimum in (("seq_len", 1), ("batch_seqs", 1), ("belady_lookups", 1)):
+        for name, minimum in (
+            ("seq_len", 1),
+            ("batch_seqs", 1),
+            ("belady_lookups", 1),
+            ("episode_window", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{name}: got {value!r}; expected an integer >= {minimum}")
@@ -632,12 +639,13 @@ class _DedupCounter:
 
 
 def _profile_pass(
-    reader: TraceReader, rows: Mapping[str, int], dedup: bool = True
+    reader: TraceReader, rows: Mapping[str, int], dedup: bool = True, episode_window: int = 0
 ) -> tuple[dict[str, FrequencyCounter], dict[str, _DedupCounter]]:
-    """One streaming pass: lookups per row, and deduplication per sequence/batch, per table."""
-    from .profile import FrequencyCounter
-
-    counters = {name: FrequencyCounter(rows[name]) for name in reader.tables}
+    """One streaming pass: lookups (and episodes) per row, and deduplication per sequence/batch,
+    per table."""
+    counters = {
+        name: FrequencyCounter(rows[name], episode_window=episode_window) for name in reader.tables
+    }
     dedups = {name: _DedupCounter(rows[name]) for name in reader.tables} if dedup else {}
     for chunk in reader.chunks():
         records = chunk.records
@@ -1463,7 +1471,9 @@ def _stage_profile(
     """Stage 5: profiles (saved with their top rows), dedup and collision figures per table."""
     with ctx.times.stage("profile"):
         with TraceReader(ctx.trace) as reader:
-            counters, dedups = _profile_pass(reader, ctx.rows)
+            counters, dedups = _profile_pass(
+                reader, ctx.rows, episode_window=ctx.options.episode_window
+            )
         distinct_keys = keys.distinct()
         profiles: dict[str, FrequencyProfile] = {}
         tables: dict[str, dict[str, Any]] = {}
@@ -1592,8 +1602,6 @@ def _overall(
     tables: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
     """One profile over every table (row ids offset by the tables before, in layer order)."""
-    from .profile import FrequencyProfile
-
     offset, ids, counts, keys = 0, [], [], 0
     table_offsets = {}
     for layout in layouts:
@@ -1821,6 +1829,15 @@ def register(sub: Any) -> None:
         help="run Belady on a spatial row sample of about N lookups per table, capacities scaled "
         f"by the rate (miniature simulation); exact for smaller tables (default {DEFAULT_BELADY_LOOKUPS:,})",
     )
+    p.add_argument(
+        "--episode-window",
+        type=int,
+        default=DEFAULT_EPISODE_WINDOW,
+        metavar="N",
+        help="lookups of a table after which a row's next lookup starts a new episode in the "
+        "profile; zipf-tuned pins the rows with the most episodes (0: do not count them; default "
+        f"{DEFAULT_EPISODE_WINDOW:,} = one 4096-token sequence x 16 heads)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or stage messages")
     p.set_defaults(run=run_analyze)
 
@@ -1840,6 +1857,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         belady=not args.no_belady,
         shards_rate=args.shards_rate,
         belady_lookups=args.belady_lookups,
+        episode_window=args.episode_window,
         progress=not args.quiet,
     )
     with warnings.catch_warnings():

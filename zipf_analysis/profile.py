@@ -9,6 +9,13 @@ it is one uncompressed ``.npz``: ``row_ids`` and ``counts`` (uint32 where they f
 Counting streams chunk by chunk (:class:`FrequencyCounter`): ids below ``dense_limit`` are
 counted in a dense int64 array (``np.bincount`` for big chunks, ``np.add.at`` for small ones);
 larger ids switch to sorted sparse counts merged as they come.
+
+Besides lookups, the counter records **episodes** per row: runs of lookups of the row in which
+consecutive lookups are at most ``episode_window`` lookups of the table apart. A row looked up
+1,000 times inside one document is one episode; a row looked up once in each of 500 documents is
+500. An LRU segment that covers one window serves every lookup of an episode but its first, so
+episodes (not lookups) are what pinning a row saves; ``zipf-tuned`` pins by them
+(``top_rows(k, by="episodes")``).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ __all__ = [
 ]
 
 TOP_FRACTIONS = (0.001, 0.01, 0.1)  # shares reported: top 0.1%, 1%, 10% of rows
+DEFAULT_EPISODE_WINDOW = 65_536  # lookups: one 4096-token sequence x 16 heads
 DENSE_LIMIT = 1 << 26  # ids below this are counted in a dense array (8 bytes per possible id)
 _SPARSE_MERGE = 1 << 24  # pending sparse (id, count) pairs merged once they exceed this
 PROFILE_FORMAT = 1
@@ -60,6 +68,10 @@ class FrequencyProfile:
         (enables :attr:`hash_collision_rate`).
     metadata : dict
         JSON-serialisable provenance (trace path, tokenizer, config, ...).
+    episodes : ndarray of int64 or None
+        Episodes of each row (same order as ``counts``; see the module docstring), when counted.
+    episode_window : int or None
+        The gap, in lookups of this table, that starts a new episode.
 
     Examples
     --------
@@ -81,16 +93,26 @@ class FrequencyProfile:
     name: str = ""
     ngram_keys: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    episodes: np.ndarray | None = None
+    episode_window: int | None = None
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.row_ids, dtype=np.int64).reshape(-1)
         counts = np.asarray(self.counts, dtype=np.int64).reshape(-1)
+        episodes = self.episodes
         if ids.shape != counts.shape:
             raise ValueError(f"row_ids {ids.shape} and counts {counts.shape} differ in length")
+        if episodes is not None:
+            episodes = np.asarray(episodes, dtype=np.int64).reshape(-1)
+            if episodes.shape != counts.shape:
+                raise ValueError(
+                    f"episodes {episodes.shape} and counts {counts.shape} differ in length"
+                )
         if counts.size and (counts.min() <= 0 or (np.diff(counts) > 0).any()):
             order = np.lexsort((ids, -counts))
             keep = counts[order] > 0
             ids, counts = ids[order][keep], counts[order][keep]
+            episodes = None if episodes is None else episodes[order][keep]
         if self.rows is not None and ids.size and (ids.min() < 0 or ids.max() >= self.rows):
             raise RowIdError(
                 f"profile {self.name!r}: row ids span [{ids.min()}, {ids.max()}]; "
@@ -98,6 +120,7 @@ class FrequencyProfile:
             )
         object.__setattr__(self, "row_ids", ids)
         object.__setattr__(self, "counts", counts)
+        object.__setattr__(self, "episodes", episodes)
 
     # -- basic figures ---------------------------------------------------------------------------
 
@@ -116,10 +139,19 @@ class FrequencyProfile:
         """Share of the table's rows touched at least once (None when ``rows`` is unknown)."""
         return None if not self.rows else self.distinct / self.rows
 
-    def top_rows(self, k: int) -> np.ndarray:
-        """The ``k`` most looked-up row ids, hottest first (fewer if fewer were touched)."""
+    def top_rows(self, k: int, *, by: str = "lookups") -> np.ndarray:
+        """The ``k`` top row ids, first the hottest (fewer if fewer were touched).
+
+        ``by="lookups"``: most looked up. ``by="episodes"``: most episodes, ties by lookups (falls
+        back to lookups for a profile without episodes).
+        """
         if k < 0:
             raise ValueError(f"k: got {k}; expected k >= 0")
+        if by not in ("lookups", "episodes"):
+            raise ValueError(f"by: got {by!r}; expected 'lookups' or 'episodes'")
+        if by == "episodes" and self.episodes is not None:
+            order = np.argsort(-self.episodes, kind="stable")[:k]  # stable: ties keep count order
+            return self.row_ids[order]
         return self.row_ids[:k].copy()
 
     def save_top_rows(self, path: str | os.PathLike[str], k: int | None = None) -> Path:
@@ -199,6 +231,8 @@ class FrequencyProfile:
             "ngram_keys": self.ngram_keys,
             "hash_collision_rate": self.hash_collision_rate,
             "expected_collision_rate": self.expected_collision_rate,
+            "episode_window": self.episode_window,
+            "episodes": None if self.episodes is None else int(self.episodes.sum()),
         }
         if fits:
             try:
@@ -218,7 +252,9 @@ class FrequencyProfile:
             "rows": self.rows,
             "ngram_keys": self.ngram_keys,
             "metadata": self.metadata,
+            "episode_window": self.episode_window,
         }
+        extra = {} if self.episodes is None else {"episodes": _narrow(self.episodes)}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -227,6 +263,7 @@ class FrequencyProfile:
                     row_ids=_narrow(self.row_ids),
                     counts=_narrow(self.counts),
                     meta=np.array(json.dumps(meta)),
+                    **extra,
                 )
                 f.flush()
                 os.fsync(f.fileno())
@@ -242,6 +279,7 @@ class FrequencyProfile:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 ids, counts = z["row_ids"], z["counts"]
+                episodes = z["episodes"] if "episodes" in z.files else None
         except (OSError, ValueError, KeyError) as exc:
             raise TraceFormatError(f"profile {path}: not a readable profile ({exc})") from None
         if meta.get("format") != PROFILE_FORMAT:
@@ -255,6 +293,8 @@ class FrequencyProfile:
             meta.get("name", ""),
             meta.get("ngram_keys"),
             meta.get("metadata") or {},
+            episodes,
+            meta.get("episode_window"),
         )
 
     def __repr__(self) -> str:
@@ -279,15 +319,36 @@ class FrequencyCounter:
     >>> prof = fc.profile(name="t")
     >>> prof.row_ids.tolist(), prof.counts.tolist()
     ([5, 1, 9], [3, 1, 1])
+
+    Episodes (counted when ``rows`` is known and at most ``dense_limit``): with a window of 2
+    lookups, row 5 at positions 0, 1, 3, 4, 5 is one episode; row 4 at 2 and 6 is two.
+
+    >>> fc = FrequencyCounter(rows=10, episode_window=2)
+    >>> fc.update(np.array([5, 5, 4])); fc.update(np.array([5, 5, 5, 4]))
+    >>> prof = fc.profile()
+    >>> dict(zip(prof.row_ids.tolist(), prof.episodes.tolist()))
+    {5: 1, 4: 2}
     """
 
-    def __init__(self, rows: int | None = None, *, dense_limit: int = DENSE_LIMIT) -> None:
+    def __init__(
+        self,
+        rows: int | None = None,
+        *,
+        dense_limit: int = DENSE_LIMIT,
+        episode_window: int = DEFAULT_EPISODE_WINDOW,
+    ) -> None:
+        if episode_window < 0:
+            raise ValueError(f"episode_window: got {episode_window}; expected >= 0 (0: off)")
         self.rows = rows
         self._dense_limit = dense_limit
         self._dense = np.zeros(rows if rows and rows <= dense_limit else 0, dtype=np.int64)
         self._sparse: list[tuple[np.ndarray, np.ndarray]] = []  # sorted (ids, counts) runs
         self._pending = 0
         self.lookups = 0
+        self.episode_window = episode_window if self._dense.size else 0
+        if self.episode_window:  # position of each row's last lookup, and its episodes
+            self._last_seen = np.full(rows, -(1 << 62), dtype=np.int64)
+            self._episodes = np.zeros(rows, dtype=np.int32)
 
     def update(self, ids: np.ndarray) -> None:
         """Count the next ids (any shape)."""
@@ -300,6 +361,8 @@ class FrequencyCounter:
         if lo < 0 or (self.rows is not None and hi >= self.rows):
             bound = f"[0, {self.rows})" if self.rows is not None else ">= 0"
             raise RowIdError(f"row ids span [{lo}, {hi}]; expected {bound}")
+        if self.episode_window:
+            self._count_episodes(ids)
         self.lookups += ids.size
         if hi < self._dense_limit and not self._sparse:
             if hi >= self._dense.size:
@@ -320,6 +383,22 @@ class FrequencyCounter:
         self._pending += uniq.size
         if self._pending > _SPARSE_MERGE:
             self._merge()
+
+    def _count_episodes(self, ids: np.ndarray) -> None:
+        """Start an episode at every lookup more than ``episode_window`` after the row's last."""
+        order = np.argsort(ids, kind="stable")
+        rows_sorted = ids[order].astype(np.int64)
+        pos = order + self.lookups  # positions in the whole stream
+        first = np.ones(ids.size, dtype=bool)
+        first[1:] = rows_sorted[1:] != rows_sorted[:-1]
+        prev = np.empty_like(pos)
+        prev[1:] = pos[:-1]
+        prev[first] = self._last_seen[rows_sorted[first]]
+        starts = rows_sorted[pos - prev > self.episode_window]
+        np.add.at(self._episodes, starts, 1)
+        last = np.ones(ids.size, dtype=bool)
+        last[:-1] = first[1:]
+        self._last_seen[rows_sorted[last]] = pos[last]
 
     def _merge(self) -> None:
         """Collapse the sparse runs into one."""
@@ -345,8 +424,16 @@ class FrequencyCounter:
             ids = np.nonzero(self._dense)[0]
             counts = self._dense[ids]
         order = np.lexsort((ids, -counts))
+        ids = ids[order]
         return FrequencyProfile(
-            ids[order], counts[order], self.rows, name, ngram_keys, dict(metadata or {})
+            ids,
+            counts[order],
+            self.rows,
+            name,
+            ngram_keys,
+            dict(metadata or {}),
+            self._episodes[ids] if self.episode_window else None,
+            self.episode_window or None,
         )
 
 

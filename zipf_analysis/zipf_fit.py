@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import optimize
 
 __all__ = [
     "ZipfFit",
@@ -233,6 +232,8 @@ def fit_mle(
 
     def nll(s: float) -> float:
         return s * mean_log + _log_norm(s, lo, hi, log_k)
+
+    from scipy import optimize  # here: importing scipy costs ~0.3 s that most callers never need
 
     res = optimize.minimize_scalar(
         nll, bounds=_EXPONENT_BOUNDS, method="bounded", options={"xatol": 1e-7}

@@ -1,0 +1,186 @@
+"""The measurements behind zipf-tuned's design: each tuned choice swept on real Engram traces.
+
+Runs ``tiered-store analyze`` as ``bench_policies.py`` does (profile part and replayed part of
+the corpus disjoint by document), then simulates one cache tier per request (numba; the same
+semantics as libCacheSim) at 1/5/10/25% of the table's rows for:
+
+1. **pin ranking**: pin the rows with the most lookups, or the most episodes (runs of lookups at
+   most W lookups apart) for several windows W;
+2. **split**: the recency segment sized by zipf-tuned's rule (distinct rows one recency window is
+   expected to touch, at most half the tier) against fixed shares of the tier;
+3. **admission threshold**: a missed row enters only if its profile count reaches a threshold, or
+   (optionally) it missed within the last G lookups too;
+4. plain LRU (no pinning) for scale.
+
+Every variant pins its segment (never evicted) and runs LRU on the rest, as zipf-tuned does.
+
+Example::
+
+    python bench/bench_zipf_tuned.py --out bench/results/zipf_tuned_design.json
+
+Takes about 10 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+from bench_policies import SHARES, analyze_corpus
+
+from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, expected_distinct_rows
+from zipf_analysis.profile import FrequencyCounter
+from zipf_analysis.trace import TraceReader
+
+WINDOWS = (16_384, 65_536, 262_144, 1_048_576)
+RECENCY_SHARES = (0.03, 0.1, 0.3, 0.5, 0.7)
+THRESHOLDS = ((1, 0), (1, 1 << 20), (2, 1 << 20))  # (min profile count, ghost window in lookups)
+
+
+@numba.njit(cache=True)
+def pinned_lru_misses(ids, rows, lru_capacity, pinned, score, min_score, ghost_window):
+    """Misses of a tier = pinned rows (never evicted) + an LRU segment of ``lru_capacity`` rows.
+    A missed row is admitted when ``score[row] >= min_score`` or it also missed within the last
+    ``ghost_window`` lookups."""
+    prev = np.full(rows, -1, np.int64)
+    nxt = np.full(rows, -1, np.int64)
+    resident = np.zeros(rows, np.bool_)
+    last_miss = np.full(rows, -(1 << 60), np.int64)
+    head = tail = -1
+    size = misses = 0
+    for t in range(ids.size):
+        r = ids[t]
+        if pinned[r]:
+            continue
+        if resident[r]:
+            if r != head:  # move to the front
+                p, q = prev[r], nxt[r]
+                nxt[p] = q
+                if q != -1:
+                    prev[q] = p
+                else:
+                    tail = p
+                prev[r], nxt[r], prev[head], head = -1, head, r, r
+            continue
+        misses += 1
+        seen, last_miss[r] = last_miss[r], t
+        if lru_capacity <= 0 or (score[r] < min_score and t - seen > ghost_window):
+            continue
+        if size >= lru_capacity:  # evict the tail
+            v = tail
+            tail = prev[v]
+            if tail != -1:
+                nxt[tail] = -1
+            else:
+                head = -1
+            resident[v] = False
+            size -= 1
+        resident[r], prev[r], nxt[r] = True, -1, head
+        if head != -1:
+            prev[head] = r
+        head = r
+        if tail == -1:
+            tail = r
+        size += 1
+    return misses
+
+
+def miss_ratios(ids, rows, order, recency_rows, score=None, min_score=0, ghost=0):
+    """Per-request miss ratio at each share: pin ``order``'s first rows, LRU on the rest."""
+    score = np.zeros(rows, np.int64) if score is None else score
+    out = []
+    for share, recency in zip(SHARES, recency_rows, strict=True):
+        capacity = int(rows * share)
+        pinned = np.zeros(rows, np.bool_)
+        pinned[order[: capacity - recency]] = True
+        misses = pinned_lru_misses(ids, rows, recency, pinned, score, min_score, ghost)
+        out.append(misses / ids.size)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("corpus", nargs="*", help="text files/dirs/globs (default: the stdlib sources)")
+    p.add_argument("--dir", default="/var/tmp", help="work directory")
+    p.add_argument("--max-tokens", type=int, default=5_000_000)
+    p.add_argument("--holdout", type=float, default=0.4)
+    p.add_argument("--lookups", type=int, default=20_000_000, help="replayed lookups")
+    p.add_argument("--layer", default="layer1")
+    p.add_argument("--out", help="write JSON here too")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-zipf-tuned-", dir=args.dir) as tmp:
+        out_dir = Path(tmp) / "analysis"
+        analyze_corpus(args.corpus, out_dir, args.max_tokens, args.holdout)
+        with TraceReader(out_dir / "trace.trace") as reader:
+            rows = int(reader.layout[reader.table_index(args.layer)]["rows"])
+            profile_ids = reader.read_all(args.layer)
+        with TraceReader(out_dir / "holdout.trace") as reader:
+            ids = reader.read_all(args.layer)[: args.lookups].astype(np.int64)
+    counts = np.bincount(profile_ids, minlength=rows).astype(np.int64)
+    by_lookups = np.lexsort((np.arange(rows), -counts))
+    distinct = expected_distinct_rows(counts, DEFAULT_RECENCY_WINDOW)
+    rule = [min(int(rows * s) // 2, int(np.ceil(distinct))) for s in SHARES]
+    episodes = {}
+    for w in WINDOWS:
+        counter = FrequencyCounter(rows, episode_window=w)
+        for chunk in np.array_split(profile_ids, max(1, profile_ids.size // (1 << 22))):
+            counter.update(chunk)
+        profile = counter.profile()
+        episodes[w] = np.zeros(rows, np.int64)
+        episodes[w][profile.row_ids] = profile.episodes
+    by_episodes = {w: np.lexsort((np.arange(rows), -counts, -e)) for w, e in episodes.items()}
+    default = by_episodes[DEFAULT_RECENCY_WINDOW]
+    runs: dict[str, list[float]] = {}
+
+    def run(name, *a, **kw):
+        start = time.perf_counter()
+        runs[name] = miss_ratios(ids, rows, *a, **kw)
+        cells = " ".join(f"{100 * r:6.2f}" for r in runs[name])
+        print(f"{name:<44}{cells}   ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    print(f"{'miss % at ' + ', '.join(f'{s:.0%}' for s in SHARES):<44}")
+    run("lru (no pinning)", by_lookups, [int(rows * s) for s in SHARES])
+    run("pin by lookups, rule split", by_lookups, rule)
+    for w in WINDOWS:
+        run(f"pin by episodes W={w:,}, rule split", by_episodes[w], rule)
+    for share in RECENCY_SHARES:
+        run(
+            f"pin by episodes, recency share {share}",
+            default,
+            [int(rows * s * share) for s in SHARES],
+        )
+    for min_count, ghost in THRESHOLDS:
+        run(
+            f"+ admit count>={min_count} or missed within {ghost:,}",
+            default,
+            rule,
+            score=counts,
+            min_score=min_count,
+            ghost=ghost,
+        )
+    result = {
+        "corpus": args.corpus or "python stdlib sources",
+        "layer": args.layer,
+        "rows": rows,
+        "profile_lookups": int(profile_ids.size),
+        "replayed_lookups": int(ids.size),
+        "capacity_shares": SHARES,
+        "recency_rows_by_rule": rule,
+        "miss_ratio_per_request": runs,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
