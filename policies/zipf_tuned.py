@@ -14,6 +14,8 @@ Design (measured on Engram traces of real text, see README "Policies"):
   curve, ``sum_k 1 - exp(-window * p_k)``, capped at half the tier. The pinned segment gets the
   rest. So a small tier splits about evenly, while a large one is almost all pinned: exactly the
   optimum we measured by sweeping the split (1% of rows: best pin share 0.5-0.6; 10%: over 0.9).
+- **Both tiers**: with ``zipf-tuned`` on hot and warm, hot pins the top of the ranking and warm the
+  rows after it (a row pinned in hot never reaches warm, so a copy there would waste a slot).
 - **Lookahead** (the store's, for every policy): rows that queued batches will use are never
   chosen as victims.
 
@@ -56,7 +58,11 @@ def expected_distinct_rows(counts: np.ndarray, window: int) -> float:
 
 
 def zipf_tuned_split(
-    profile, capacity: int, *, recency_window: int = DEFAULT_RECENCY_WINDOW
+    profile,
+    capacity: int,
+    *,
+    recency_window: int = DEFAULT_RECENCY_WINDOW,
+    pinned_above: np.ndarray | None = None,
 ) -> ZipfTunedSplit:
     """Split a tier between pinned profile rows and a recency segment.
 
@@ -68,6 +74,9 @@ def zipf_tuned_split(
         Rows in the tier.
     recency_window : int
         Lookups the recency segment should cover (see the module docstring).
+    pinned_above : ndarray, optional
+        Rows a tier above already pins (they never reach this tier): skipped, so the warm tier
+        pins the next rows of the ranking instead of copies of the hot tier's.
 
     Examples
     --------
@@ -76,8 +85,13 @@ def zipf_tuned_split(
     >>> split = zipf_tuned_split(prof, capacity=4, recency_window=2)
     >>> split.pinned_rows.tolist(), split.recency_rows
     ([7, 3], 2)
+    >>> zipf_tuned_split(prof, capacity=4, recency_window=2, pinned_above=np.array([7])).pinned_rows
+    array([3, 9])
     """
     distinct = expected_distinct_rows(profile.counts, recency_window)
     recency = min(capacity // 2, int(np.ceil(distinct)))
-    pinned = np.asarray(profile.top_rows(capacity - recency, by="episodes"), dtype=np.int64)
+    want = capacity - recency
+    skip = np.zeros(0, dtype=np.int64) if pinned_above is None else np.asarray(pinned_above)
+    ranked = np.asarray(profile.top_rows(want + skip.size, by="episodes"), dtype=np.int64)
+    pinned = ranked[~np.isin(ranked, skip)][:want]
     return ZipfTunedSplit(capacity, pinned, capacity - pinned.size, distinct)

@@ -273,17 +273,23 @@ def test_zipf_tuned_pins_the_profile_top_and_replays_like_the_store(tmp_path):
     config = StoreConfig.from_dict(
         {"table": {"path": str(path)}, "tiers": tiers}, base_dir=tmp_path
     )
-    split = zipf_tuned_split(profile, 300, recency_window=40)
+    hot_split = zipf_tuned_split(profile, 64, recency_window=40)
+    split = zipf_tuned_split(profile, 300, recency_window=40, pinned_above=hot_split.pinned_rows)
     assert 0 < split.recency_rows <= 150 and split.pinned_rows.size == 300 - split.recency_rows
-    assert np.array_equal(split.pinned_rows, profile.top_rows(split.pinned_rows.size))
+    # warm pins the next rows of the ranking, not copies of hot's
+    n_hot, n_warm = hot_split.pinned_rows.size, split.pinned_rows.size
+    assert np.array_equal(
+        np.concatenate([hot_split.pinned_rows, split.pinned_rows]),
+        profile.top_rows(n_hot + n_warm, by="episodes"),
+    )
     with TieredStore(config) as store:
-        assert store.stats()["warm"]["preloaded"] == split.pinned_rows.size
+        assert store.stats()["hot"]["preloaded"] == n_hot
+        assert store.stats()["warm"]["preloaded"] == n_warm
         for ids in records:
             assert torch.equal(store.lookup(ids), data[torch.from_numpy(ids)])
         live = store.stats()
-        assert bool(
-            (store.warm.probe(torch.from_numpy(split.pinned_rows)) >= 0).all()
-        )  # never evicted
+        for cache, pinned in ((store.hot, hot_split), (store.warm, split)):  # never evicted
+            assert bool((cache.probe(torch.from_numpy(pinned.pinned_rows)) >= 0).all())
     result = replay(config, tmp_path / "t.trace", table="a")
     for tier in ("hot", "warm"):
         for key in ("hits", "admissions", "evictions", "preloaded"):

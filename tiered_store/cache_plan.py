@@ -66,6 +66,7 @@ class CacheHierarchy:
         """Load each tier's ``static_rows`` (pinned, under a static policy) and ``preload_rows``.
         Returns (cache, row ids loaded, their slots) for the caller to fill with payload."""
         loaded = []
+        pinned_above = np.zeros(0, dtype=np.int64)  # rows the hot tier pins: warm skips them
         for cache, tier in ((self.hot, config.tiers.hot), (self.warm, config.tiers.warm)):
             if cache.capacity == 0:
                 continue
@@ -74,14 +75,18 @@ class CacheHierarchy:
                     _load_profile(tier.profile, cache.num_rows, f"tiers.{cache.name}.profile"),
                     cache.capacity,
                     recency_window=tier.recency_window,
+                    pinned_above=pinned_above,
                 )
                 loaded.append(self._preload(cache, torch.from_numpy(split.pinned_rows), True))
+                pinned_above = np.concatenate([pinned_above, loaded[-1][1].numpy()])
             for key, pin in (("static_rows", True), ("preload_rows", False)):
                 path = getattr(tier, key)
                 if path is None or (pin and (not cache.spec.static or cache.spec.tuned)):
                     continue
                 ids = _load_row_list(path, cache.num_rows, f"tiers.{cache.name}.{key}")
                 loaded.append(self._preload(cache, torch.from_numpy(ids), pin))
+                if pin:
+                    pinned_above = np.concatenate([pinned_above, loaded[-1][1].numpy()])
         return loaded
 
     @staticmethod
