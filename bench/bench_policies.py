@@ -15,7 +15,7 @@ Example::
 
     python bench/bench_policies.py --out bench/results/policies.json
 
-Takes about 35 minutes on 2 cores (tokenising, hashing, 20M-lookup replays).
+Takes about 15 minutes on 2 cores (tokenising, hashing, 20M-lookup replays, libCacheSim).
 """
 
 from __future__ import annotations

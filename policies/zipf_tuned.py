@@ -6,14 +6,15 @@ Design (measured on Engram traces of real text, see README "Policies"):
   evicted. An episode is a run of a row's lookups at most ``episode_window`` lookups apart
   (``zipf_analysis.profile``): the recency segment serves all of an episode but its first lookup,
   so episodes are the misses pinning saves. Ranking by episodes instead of raw lookups skips rows
-  that are hot inside a few documents only (measured: 0.6-0.9 points fewer misses at 1-25% of
-  rows). A profile without episodes pins by lookups.
+  that are hot inside a few documents only (measured: 0.8-1.1 points fewer misses at 1-10% of
+  rows, 0.2 at 25%; ``bench/bench_zipf_tuned.py``). A profile without episodes pins by lookups.
 - **Recency segment** for those document-local rows, managed by the tier's eviction policy (LRU
   unless the spec names another, e.g. ``zipf-tuned+sieve``). Its size is the number of distinct rows
   one sequence of ``recency_window`` lookups is expected to touch under the profile's frequency
   curve, ``sum_k 1 - exp(-window * p_k)``, capped at half the tier. The pinned segment gets the
   rest. So a small tier splits about evenly, while a large one is almost all pinned: exactly the
-  optimum we measured by sweeping the split (1% of rows: best pin share 0.5-0.6; 10%: over 0.9).
+  optimum we measured by sweeping the split (1% of rows: best pinned share 0.5-0.7; 5-25%: 0.9 or
+  more).
 - **Both tiers**: with ``zipf-tuned`` on hot and warm, hot pins the top of the ranking and warm the
   rows after it (a row pinned in hot never reaches warm, so a copy there would waste a slot).
 - **Lookahead** (the store's, for every policy): rows that queued batches will use are never

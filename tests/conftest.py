@@ -59,6 +59,19 @@ def golden_dir(required_file: str = "engram_default.npz") -> Path:
     pytest.skip("golden vectors not found (set TIERED_STORE_GOLDEN)")
 
 
+def run_batch(cache, batch) -> torch.Tensor:
+    """One batch through a RowCache as the store runs it (probe, record hits, admit the unique
+    misses); returns the unique ids it missed."""
+    ids = torch.as_tensor(batch, dtype=torch.int64).to(cache.device)
+    cache.begin_batch()
+    cache.observe(ids)
+    slots = cache.probe(ids)
+    cache.record(slots[slots >= 0], lookups=ids.numel(), hits=int((slots >= 0).sum()))
+    uniq, counts = torch.unique(ids[slots < 0], return_counts=True)
+    cache.admit(uniq, counts)
+    return uniq
+
+
 def check_cache_invariants(cache) -> None:
     """A RowCache's index and slot owners agree; occupancy within capacity."""
     owners = cache.row_of_slot

@@ -29,6 +29,7 @@ from zipf_analysis.analyze import (
 )
 from zipf_analysis.corpus import CorpusError, SkippedFilesWarning, read_text, resolve_corpus
 from zipf_analysis.mrc import lru_mrc
+from zipf_analysis.replay import replay
 from zipf_analysis.trace import TraceReader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +233,8 @@ def test_recommended_store_config_parses_and_reaches_the_targets(run):
             assert 1 - lru.at(hot) >= targets["hot"]
             assert 1 - lru.at(warm) >= targets["warm"]
             assert 1 - lru.at(hot - 1) < targets["hot"]  # and no larger than needed
+            tuned = replay(config, reader, table=table, policy="zipf-tuned")  # as its comment says
+            assert tuned.tiers["warm"]["preloaded"] > 0
 
 
 def test_holdout_trace_is_disjoint_by_document(run):

@@ -31,7 +31,7 @@ from policies import (
     tinylfu,
 )
 from policies.tinylfu import mix64, mix64_int, row_seeds
-from tests.conftest import check_cache_invariants
+from tests.conftest import check_cache_invariants, run_batch
 from tiered_store.errors import ConfigError
 from tiered_store.row_cache import RowCache
 
@@ -53,18 +53,6 @@ def _access_one(cache: RowCache, row: int) -> bool:
     if not hit:
         cache.admit(ids, torch.ones(1, dtype=torch.int64, device=cache.device))
     return hit
-
-
-def _run_batch(cache: RowCache, batch: list[int]) -> torch.Tensor:
-    """One batch as the store runs it; returns the unique ids it missed."""
-    ids = torch.tensor(batch, dtype=torch.int64, device=cache.device)
-    cache.begin_batch()
-    cache.observe(ids)
-    slots = cache.probe(ids)
-    cache.record(slots[slots >= 0], lookups=ids.numel(), hits=int((slots >= 0).sum()))
-    uniq, counts = torch.unique(ids[slots < 0], return_counts=True)
-    cache.admit(uniq, counts)
-    return uniq
 
 
 def _check_invariants(cache: RowCache) -> None:
@@ -118,7 +106,7 @@ class EvictionContract:
         pinned_rows = torch.arange(min(n_pinned, capacity - 1))  # leave one slot to turn over
         cache.preload(pinned_rows, pin=True)
         for batch in batches:
-            missed = _run_batch(cache, batch)
+            missed = run_batch(cache, batch)
             _check_invariants(cache)
             assert bool((cache.probe(pinned_rows) >= 0).all()), "a pinned row was evicted"
             room = capacity - pinned_rows.numel()
@@ -144,7 +132,7 @@ class EvictionContract:
         for r in range(5):
             _access_one(cache, r)
         assert cache.occupancy == 5 and cache.counters.evictions == 0
-        _run_batch(cache, [10, 11])
+        run_batch(cache, [10, 11])
         assert cache.counters.evictions == cache.counters.admissions - 5
         _check_invariants(cache)
 
@@ -154,7 +142,7 @@ class EvictionContract:
         cache = self.make(capacity, num_rows=1000)
         rng = np.random.default_rng(seed)
         for _ in range(6):
-            _run_batch(cache, rng.integers(0, 1000, 40).tolist())
+            run_batch(cache, rng.integers(0, 1000, 40).tolist())
         policy = cache.eviction
         protected = cache.row_of_slot < 0
         protected |= torch.from_numpy(rng.random(capacity) < 0.3)
@@ -180,7 +168,7 @@ class EvictionContract:
         for device in ("cpu", "cuda"):
             cache = self.make(50, num_rows=500, device=device)
             for batch in batches:
-                _run_batch(cache, batch)
+                run_batch(cache, batch)
             hits[device] = cache.counters.as_dict()
             assert cache.row_of_slot.device.type == device
         assert hits["cpu"] == hits["cuda"]
@@ -339,9 +327,9 @@ class TestLFU(EvictionContract):
             cache = RowCache("t", num_rows=1000, capacity=8, spec=PolicySpec.parse("lfu"))
             cache.eviction.aging_period = period
             for _ in range(30):
-                _run_batch(cache, list(range(8)))
+                run_batch(cache, list(range(8)))
             for i in range(30):
-                _run_batch(cache, [10, 11, 12, 13, 100 + i])
+                run_batch(cache, [10, 11, 12, 13, 100 + i])
             assert bool((cache.probe(torch.tensor([10, 11, 12, 13])) >= 0).all())
             stale[period] = int((cache.probe(torch.arange(8)) >= 0).sum())
         assert stale[20] == 0 and stale[10**9] >= 2

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies import LRU, PolicySpec, ScalarLRU, known_names
-from tests.conftest import check_cache_invariants
+from tests.conftest import check_cache_invariants, run_batch
 from tiered_store.errors import ConfigError
 from tiered_store.row_cache import RowCache
 
@@ -68,16 +68,6 @@ def test_batched_admission_keeps_index_consistent(capacity, headroom, batches):
             assert bool((cache.probe(uniq) >= 0).all())
 
 
-def _drive_batch(cache: RowCache, ids: torch.Tensor) -> None:
-    """One batch as the store runs it: probe, record hits, admit the unique misses."""
-    cache.begin_batch()
-    cache.observe(ids)
-    slots = cache.probe(ids)
-    cache.record(slots[slots >= 0], lookups=ids.numel(), hits=int((slots >= 0).sum()))
-    uniq, counts = torch.unique(ids[slots < 0], return_counts=True)
-    cache.admit(uniq, counts)
-
-
 @settings(max_examples=40, deadline=None)
 @given(
     capacity=st.integers(1, 60),
@@ -106,7 +96,7 @@ def test_buffered_victims_are_exactly_the_topk_victims(capacity, buffer, spec, h
     for _ in range(30):
         ids = torch.from_numpy((rng.zipf(1.3, size=int(rng.integers(1, 40))) - 1) % 200)
         for cache in caches:
-            _drive_batch(cache, ids)
+            run_batch(cache, ids)
         assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot)
         assert caches[0].counters == caches[1].counters
     _check_invariants(caches[1])

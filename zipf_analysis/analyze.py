@@ -812,7 +812,12 @@ def _store_yaml(
     tiers: dict[str, Any] = {}
     notes = []
     for tier, info in rec["tiers"].items():
-        tiers[tier] = {"capacity": int(info["capacity"]), "policy": "lru", "preload_rows": top_rows}
+        tiers[tier] = {
+            "capacity": int(info["capacity"]),
+            "policy": "lru",
+            "preload_rows": top_rows,
+            "profile": f"{name}.profile.npz",  # read by zipf-tuned only
+        }
         notes.append(
             f"#   {tier}: target {info['target_hit_rate']:g}, reaches {info['hit_rate']:.4f} with "
             f"{info['combined_capacity']:,} rows in this and the tiers above"
@@ -829,6 +834,10 @@ def _store_yaml(
         "layer's concatenated table",
         f"# (create it with `tiered-store init {name}.npy ...`). Replay: "
         f"tiered-store replay {name}.store.yaml {trace} --table {name}",
+        "# Fewer misses at the same sizes (measured on held-out text, README 'Policies'): "
+        "policy: zipf-tuned. Compare:",
+        f"#   tiered-store replay {name}.store.yaml holdout.trace --table {name} "
+        "--policies lru,zipf-tuned",
     ]
     return "\n".join(head) + "\n" + yaml.safe_dump(doc, sort_keys=False)
 

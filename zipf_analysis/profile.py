@@ -20,6 +20,7 @@ episodes (not lookups) are what pinning a row saves; ``zipf-tuned`` pins by them
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -304,6 +305,22 @@ class FrequencyProfile:
         )
 
 
+@functools.cache
+def _episode_kernel() -> Any:
+    """The compiled episode counter (numba is imported on first use: it costs ~0.5 s)."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def count(ids, start, window, last_seen, episodes):  # pragma: no cover - compiled
+        for i in range(ids.size):
+            row = ids[i]
+            if start + i - last_seen[row] > window:
+                episodes[row] += 1
+            last_seen[row] = start + i
+
+    return count
+
+
 def _narrow(values: np.ndarray) -> np.ndarray:
     """uint32 when every value fits (halves the file), else int64."""
     return values.astype(np.uint32) if values.size and values.max() < 2**32 else values
@@ -386,19 +403,7 @@ class FrequencyCounter:
 
     def _count_episodes(self, ids: np.ndarray) -> None:
         """Start an episode at every lookup more than ``episode_window`` after the row's last."""
-        order = np.argsort(ids, kind="stable")
-        rows_sorted = ids[order].astype(np.int64)
-        pos = order + self.lookups  # positions in the whole stream
-        first = np.ones(ids.size, dtype=bool)
-        first[1:] = rows_sorted[1:] != rows_sorted[:-1]
-        prev = np.empty_like(pos)
-        prev[1:] = pos[:-1]
-        prev[first] = self._last_seen[rows_sorted[first]]
-        starts = rows_sorted[pos - prev > self.episode_window]
-        np.add.at(self._episodes, starts, 1)
-        last = np.ones(ids.size, dtype=bool)
-        last[:-1] = first[1:]
-        self._last_seen[rows_sorted[last]] = pos[last]
+        _episode_kernel()(ids, self.lookups, self.episode_window, self._last_seen, self._episodes)
 
     def _merge(self) -> None:
         """Collapse the sparse runs into one."""
