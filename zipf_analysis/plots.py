@@ -200,7 +200,9 @@ def plot_miss_ratio_curves(
     if table_rows:
         scale = 100.0 / table_rows
         top = ax.secondary_xaxis("top", functions=(lambda x: x * scale, lambda p: p / scale))
-        top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+        percent = FuncFormatter(lambda v, _: f"{v:g}%")
+        top.xaxis.set_major_formatter(percent)
+        top.xaxis.set_minor_formatter(percent)  # log axes label minor ticks too (else "2x10^0")
         top.set_xlabel("capacity (% of the table's rows)")
     lookups = curves[0].lookups if curves else 0
     ax.set_title(title or f"miss-ratio curves, {lookups:,} lookups", pad=10)

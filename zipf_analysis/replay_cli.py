@@ -112,7 +112,7 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
             table_rows=rows,
             title=f"replay: {layout.get('name', table)}",
         )
-        print(f"\nmiss ratio vs capacity: {png}")
+        print(f"\nmiss ratio vs capacity (replayed policies: fetch ratio): {png}")
         print_sweep(curves, rows)
     (args.out / "replay.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
     print(f"results: {args.out / 'replay.json'}")
