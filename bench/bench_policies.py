@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch-tokens", type=int, default=64, help="tokens per replay batch for the quality table"
     )
     p.add_argument("--policies", default=",".join(OURS))
-    p.add_argument("--out", help="write JSON here too")
+    p.add_argument("--out", help="write JSON here too, and the plot beside it (.png)")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier --out")
     return p.parse_args(argv)
 
 
@@ -98,6 +99,10 @@ def analyze_corpus(corpus: list[str], out_dir: Path, max_tokens: int, holdout: f
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text())
+        print(f"plot: {plot_results(result, Path(args.replot).with_suffix('.png'))}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-policies-", dir=args.dir) as tmp:
         work = Path(tmp)
         out_dir = work / "analysis"
@@ -200,7 +205,48 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"plot: {plot_results(result, Path(args.out).with_suffix('.png'))}")
     return 0
+
+
+def plot_results(result: dict, png: Path) -> Path:
+    """Miss % against tier size: ours (fetch ratio, solid), libCacheSim's (dashed), Belady (dotted)."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shares = [100 * s for s in result["capacity_shares"]]
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lines = [(f"ours {k}", v, "-", "o") for k, v in result["ours_miss_ratio"].items()]
+    lines += [
+        (f"libCacheSim {k}", v, ":" if k == "Belady" else "--", "s")
+        for k, v in result["libcachesim_miss_ratio"].items()
+    ]
+    colors = iter([matplotlib.colormaps["tab20"](i) for i in range(20)])
+    for name, ratios, style, marker in lines:
+        tuned = name == "ours zipf-tuned"
+        ax.plot(
+            shares,
+            [100 * r for r in ratios],
+            linestyle=style,
+            marker=marker,
+            linewidth=3 if tuned else 1.2,
+            color="black" if name.endswith("Belady") else ("crimson" if tuned else next(colors)),
+            label=name,
+        )
+    ax.set_xscale("log")
+    ax.set_xticks(shares, [f"{s:g}%" for s in shares])
+    ax.minorticks_off()
+    ax.set_xlabel("cache tier size (% of the table's rows)")
+    ax.set_ylabel("miss % (ours: rows fetched per lookup)")
+    ax.set_title(f"{result['layer']}: {result['corpus']}"[:90], fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return png
 
 
 if __name__ == "__main__":
