@@ -835,7 +835,7 @@ def _store_yaml(
         f"# (create it with `tiered-store init {name}.npy ...`). Replay: "
         f"tiered-store replay {name}.store.yaml {trace} --table {name}",
         "# Fewer misses at the same sizes (measured on held-out text, README 'Policies'): "
-        "policy: zipf-tuned. Compare:",
+        "policy: zipf-tuned. Compare on text the profile has not seen (`--holdout` writes it):",
         f"#   tiered-store replay {name}.store.yaml holdout.trace --table {name} "
         "--policies lru,zipf-tuned",
     ]
