@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -334,3 +336,31 @@ def test_records_of_one_batch_replay_as_one_batch(tmp_path):
             writer.end_batch()
     result = replay(store_config(path, warm={"capacity": 100}), tmp_path / "t.trace")
     assert result.batches == 3 and result.lookups == 48
+
+
+def test_design_benchmark_simulator_equals_the_store_per_request(tmp_path):
+    # bench/bench_zipf_tuned.py sweeps zipf-tuned's design with a numba simulator (pinned rows +
+    # LRU, optional admission threshold); it must decide exactly as the store's cache code does.
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_zipf_tuned import pinned_lru_misses
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    records = write_trace(tmp_path / "t.trace", batches=12, seed=3)
+    ids = np.concatenate([r.ravel() for r in records]).astype(np.int64)
+    pinned_rows = np.arange(0, 400, 8)  # 50 rows, some hot under the Zipf draw, some not
+    np.save(tmp_path / "pins.npy", pinned_rows)
+    config = StoreConfig.from_dict(
+        {
+            "table": {"path": str(path)},
+            "tiers": {"warm": {"capacity": 150, "policy": "static+lru", "static_rows": "pins.npy"}},
+        },
+        base_dir=tmp_path,
+    )
+    store = replay(config, tmp_path / "t.trace", table="a", batch_tokens=1)
+    pinned = np.zeros(ROWS, dtype=bool)
+    pinned[pinned_rows] = True
+    admit_all = np.zeros(ROWS, dtype=np.int64)
+    simulated = pinned_lru_misses(ids, ROWS, 100, pinned, admit_all, 0, 0)
+    assert store.tiers["warm"]["misses"] == simulated > 0
