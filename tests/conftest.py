@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,19 @@ def make_table(tmp_path, rows: int = 5000, dim: int = 16, dtype: str = "float32"
     path = tmp_path / f"table_{rows}x{dim}_{dtype}.npy"
     create_table(path, tensor, progress=False)
     return path, tensor
+
+
+# A tiny Engram serving model (two layers of ~15k rows): the shared part of the serve test configs.
+TINY_SERVE_MODEL = {
+    "engram": {
+        "engram_vocab_size": [2003, 3001],
+        "n_embed_per_ngram": 32,
+        "n_head_per_ngram": 2,
+        "layer_ids": [1, 3],
+    },
+    "backbone": {"hidden_size": 16, "hc_mult": 2},
+    "tables": {"path": "tables/layer{layer}.npy"},
+}
 
 
 def store_config(path, **tiers) -> StoreConfig:
@@ -57,6 +71,27 @@ def golden_dir(required_file: str = "engram_default.npz") -> Path:
         if candidate and (Path(candidate) / required_file).exists():
             return Path(candidate)
     pytest.skip("golden vectors not found (set TIERED_STORE_GOLDEN)")
+
+
+def assert_concurrent_lookups_exact(
+    store, data: torch.Tensor, *, batch: int, rounds: int, threads: int = 4
+) -> None:
+    """``threads`` threads look up random ids at once; every result equals the table's rows."""
+    errors = []
+
+    def worker(seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(rounds):
+            ids = torch.randint(0, data.shape[0], (batch,), generator=gen)
+            if not torch.equal(store.lookup(ids).cpu(), data[ids]):
+                errors.append(seed)
+
+    workers = [threading.Thread(target=worker, args=(s,)) for s in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert errors == []
 
 
 def run_batch(cache, batch) -> torch.Tensor:

@@ -5,12 +5,10 @@ Skipped without CUDA (marker ``gpu``); the same code runs on CPU in the other te
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
-from tests.conftest import make_table, store_config
+from tests.conftest import assert_concurrent_lookups_exact, make_table, store_config
 from tiered_store import TieredStore
 from tiered_store.workload import ZipfWorkload
 
@@ -58,18 +56,4 @@ def test_prefetch_on_side_stream_is_ordered_with_compute(gpu_store):
 
 def test_concurrent_lookups_on_cuda(gpu_store):
     store, data = gpu_store
-    errors = []
-
-    def worker(seed):
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(10):
-            ids = torch.randint(0, 20000, (1000,), generator=gen)
-            if not torch.equal(store.lookup(ids).cpu(), data[ids]):
-                errors.append(seed)
-
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert_concurrent_lookups_exact(store, data, batch=1000, rounds=10)

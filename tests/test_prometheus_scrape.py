@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from bench.bench_serve import ServeProcess, get_json, run_load, zipf_requests
+from tests.conftest import TINY_SERVE_MODEL
 
 pytestmark = [
     pytest.mark.prometheus,
@@ -30,14 +31,7 @@ pytestmark = [
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus-rules.yml"
 SERVE = {
-    "engram": {
-        "engram_vocab_size": [2003, 3001],
-        "n_embed_per_ngram": 32,
-        "n_head_per_ngram": 2,
-        "layer_ids": [1, 3],
-    },
-    "backbone": {"hidden_size": 16, "hc_mult": 2},
-    "tables": {"path": "tables/layer{layer}.npy"},
+    **TINY_SERVE_MODEL,
     "store": {"tiers": {"hot": {"capacity": "3%"}, "warm": {"capacity": "15%"}}},
     "server": {"torch_threads": 1},
 }

@@ -17,6 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.bench_serve import ServeProcess, get_json, post_json, run_load, zipf_requests
+from tests.conftest import TINY_SERVE_MODEL
 from tiered_store.engram import Engram, InMemoryTable
 from tiered_store.errors import ConfigError, TierIOError
 from tiered_store.serve import EMBED_BUCKETS, EngramStack, InferenceServer, ServeConfig
@@ -25,14 +26,7 @@ from zipf_analysis.trace import TraceReader
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "serve.yaml"
 CONFIG = {
-    "engram": {
-        "engram_vocab_size": [2003, 3001],
-        "n_embed_per_ngram": 32,
-        "n_head_per_ngram": 2,
-        "layer_ids": [1, 3],
-    },
-    "backbone": {"hidden_size": 16, "hc_mult": 2},
-    "tables": {"path": "tables/layer{layer}.npy"},
+    **TINY_SERVE_MODEL,
     "store": {
         "tiers": {"hot": {"capacity": "3%"}, "warm": {"capacity": "15%"}, "cold": {"threads": 2}},
     },

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import make_table, store_config
+from tests.conftest import assert_concurrent_lookups_exact, make_table, store_config
 from tiered_store import (
     ConfigError,
     PrefetchHandleError,
@@ -75,21 +73,7 @@ class StoreContract:
 
     def test_concurrent_lookups_return_correct_rows(self, store, table):
         _, data = table
-        errors = []
-
-        def worker(seed):
-            gen = torch.Generator().manual_seed(seed)
-            for _ in range(15):
-                ids = torch.randint(0, ROWS, (300,), generator=gen)
-                if not torch.equal(store.lookup(ids), data[ids]):
-                    errors.append(seed)
-
-        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert errors == []
+        assert_concurrent_lookups_exact(store, data, batch=300, rounds=15)
 
 
 class TestHotOnly(StoreContract):
