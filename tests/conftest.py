@@ -60,17 +60,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+GOLDEN_DIR = Path(__file__).resolve().parent / "data" / "golden"
+
+
 def golden_dir(required_file: str = "engram_default.npz") -> Path:
-    """``$TIERED_STORE_GOLDEN``, else ``shared/golden`` inside or next to the repository."""
-    repo = Path(__file__).resolve().parents[1]
-    for candidate in (
-        os.environ.get("TIERED_STORE_GOLDEN", ""),
-        repo / "shared/golden",
-        repo.parent / "shared/golden",
-    ):
-        if candidate and (Path(candidate) / required_file).exists():
-            return Path(candidate)
-    pytest.skip("golden vectors not found (set TIERED_STORE_GOLDEN)")
+    """The golden vectors: ``$TIERED_STORE_GOLDEN`` if set, else the repository's test data."""
+    root = Path(os.environ.get("TIERED_STORE_GOLDEN") or GOLDEN_DIR)
+    if not (root / required_file).exists():
+        pytest.fail(
+            f"golden vector file {root / required_file} is missing; expected the copy in {GOLDEN_DIR}"
+        )
+    return root
 
 
 def assert_concurrent_lookups_exact(

@@ -166,7 +166,7 @@ def from_reference_layout(
 
     Examples
     --------
-    >>> sd = from_reference_layout("/work/shared/golden/engram_forward.safetensors", [1, 4])
+    >>> sd = from_reference_layout("tests/data/golden/engram_forward.safetensors", [1, 4])
     >>> sorted(sd)[0], tuple(sd["layers.4.engram." + EMBEDDING_KEY].shape)
     ('layers.1.engram.key_projs.0.bias', (20372, 16))
     """

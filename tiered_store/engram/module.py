@@ -151,7 +151,7 @@ class Engram(nn.Module):
     >>> cfg = EngramConfig(engram_vocab_size=(2003, 3001), n_embed_per_ngram=64,
     ...                    n_head_per_ngram=4, layer_ids=(1, 4))
     >>> backbone = BackboneConfig(hidden_size=48, hc_mult=4)
-    >>> golden = "/work/shared/golden/engram_forward.safetensors"
+    >>> golden = "tests/data/golden/engram_forward.safetensors"
     >>> engram = Engram.from_checkpoint(golden, cfg, backbone, layer_id=1)
     >>> data = load_file(golden)
     >>> out = engram(data["layer1.hidden_states"], data["input_ids"])
@@ -416,7 +416,7 @@ def split_checkpoint(
 
     Examples
     --------
-    >>> weight, rest = split_checkpoint("/work/shared/golden/engram_forward.safetensors", 1)
+    >>> weight, rest = split_checkpoint("tests/data/golden/engram_forward.safetensors", 1)
     >>> tuple(weight.shape), "value_proj.weight" in rest, EMBEDDING_KEY in rest
     ((20112, 16), True, False)
     """
