@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from tiered_store.corpus import resolve_corpus
 from tiered_store.engram import NgramHasher
 from tiered_store.engram.checkpoint import (
     check_table_file,
@@ -65,7 +66,6 @@ from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import PrefetchPipeline, profile_rows
 from tiered_store.errors import TieredStoreError
 from tiered_store.table_format import RandomSource, create_table
-from zipf_analysis.corpus import resolve_corpus
 
 VARIANTS = ("memory", "tiered", "no_prefetch", "mmap")
 TARGET = 0.97  # (b) tokens/s >= 0.97 x (a)

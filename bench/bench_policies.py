@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.config import StoreConfig
+from tiered_store.trace import TraceReader
 from zipf_analysis.analyze import AnalyzeOptions, analyze
 from zipf_analysis.replay import replay
-from zipf_analysis.trace import TraceReader
 
 SHARES = (0.01, 0.05, 0.10, 0.25)
 OURS = ("lru", "sieve", "zipf-tuned")  # lfu and +tinylfu work too, but take ~30 min here
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             layout = reader.layout[reader.table_index(args.layer)]
             rows = int(layout["rows"])
             ids = reader.read_all(args.layer)[: args.lookups]
-        from zipf_analysis.trace import TraceWriter
+        from tiered_store.trace import TraceWriter
 
         with TraceWriter(work / "replay.trace", {"tables": [layout]}) as writer:
             for chunk in np.array_split(ids, max(1, ids.size // (4096 * 16))):

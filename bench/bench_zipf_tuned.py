@@ -35,8 +35,8 @@ import numpy as np
 from bench_policies import SHARES, analyze_corpus
 
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
-from zipf_analysis.profile import FrequencyCounter
-from zipf_analysis.trace import TraceReader
+from tiered_store.profile import FrequencyCounter
+from tiered_store.trace import TraceReader
 
 WINDOWS = (16_384, 65_536, 262_144, 1_048_576)
 RECENCY_SHARES = (0.03, 0.1, 0.3, 0.5, 0.7)

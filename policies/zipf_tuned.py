@@ -81,7 +81,7 @@ def zipf_tuned_split(
 
     Examples
     --------
-    >>> from zipf_analysis.profile import FrequencyProfile
+    >>> from tiered_store.profile import FrequencyProfile
     >>> prof = FrequencyProfile(np.array([7, 3, 9, 1]), np.array([50, 20, 10, 1]), rows=10)
     >>> split = zipf_tuned_split(prof, capacity=4, recency_window=2)
     >>> split.pinned_rows.tolist(), split.recency_rows

@@ -16,9 +16,11 @@ import yaml
 
 from tiered_store.cli import main
 from tiered_store.config import StoreConfig
+from tiered_store.corpus import CorpusError, SkippedFilesWarning, read_text, resolve_corpus
 from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher, load_engram_config
 from tiered_store.engram.hashing import table_primes
 from tiered_store.errors import ConfigError
+from tiered_store.trace import TraceReader
 from zipf_analysis.analyze import (
     AnalyzeOptions,
     NgramKeyCounter,
@@ -27,10 +29,8 @@ from zipf_analysis.analyze import (
     analyze,
     parse_targets,
 )
-from zipf_analysis.corpus import CorpusError, SkippedFilesWarning, read_text, resolve_corpus
 from zipf_analysis.mrc import lru_mrc
 from zipf_analysis.replay import replay
-from zipf_analysis.trace import TraceReader
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 64

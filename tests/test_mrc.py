@@ -11,6 +11,8 @@ import yaml
 
 import zipf_analysis.mrc as mrc
 from tiered_store.errors import ConfigError
+from tiered_store.profile import profile_ids
+from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.mrc import (
     MissRatioCurve,
     StackDistanceCounter,
@@ -22,9 +24,7 @@ from zipf_analysis.mrc import (
     static_topk_mrc,
 )
 from zipf_analysis.plots import plot_miss_ratio_curves
-from zipf_analysis.profile import profile_ids
 from zipf_analysis.report import recommend_tier_sizes, write_report
-from zipf_analysis.trace import TraceReader, TraceWriter
 from zipf_analysis.zipf_fit import sample_zipf
 
 SHARDS_MAE_BOUND = 0.01  # mean |error| over 1000 evenly spaced capacities (as in the SHARDS paper)

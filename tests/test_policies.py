@@ -517,7 +517,7 @@ def test_live_store_serves_exact_rows_with_each_policy(table, spec):
 
 def test_zipf_tuned_pins_rows_with_the_most_episodes():
     from policies.zipf_tuned import zipf_tuned_split
-    from zipf_analysis.profile import FrequencyCounter
+    from tiered_store.profile import FrequencyCounter
 
     # rows 0-9: one long burst each (many lookups, 1 episode); rows 100-109: a few lookups spread
     # over the stream (fewer lookups, several episodes each); distinct filler rows in between.

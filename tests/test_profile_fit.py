@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from tiered_store.errors import RowIdError, TraceFormatError
+from tiered_store.profile import FrequencyCounter, FrequencyProfile, profile_ids
+from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.plots import plot_rank_frequency
-from zipf_analysis.profile import FrequencyCounter, FrequencyProfile, profile_ids, profile_trace
-from zipf_analysis.trace import TraceReader, TraceWriter
+from zipf_analysis.profile import profile_trace
 from zipf_analysis.zipf_fit import (
     default_rank_range,
     fit_least_squares,

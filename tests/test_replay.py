@@ -10,9 +10,9 @@ import torch
 
 from tests.conftest import make_table, store_config
 from tiered_store import ConfigError, StoreConfig, TieredStore
+from tiered_store.trace import TraceReader, TraceWriter
 from tiered_store.workload import ZipfWorkload
 from zipf_analysis.replay import replay
-from zipf_analysis.trace import TraceReader, TraceWriter
 
 ROWS, HEADS = 3000, 4
 
@@ -238,7 +238,7 @@ def test_lookahead_protects_rows_the_next_batch_uses(tmp_path):
 
 
 def _profile_for(tmp_path, counts):
-    from zipf_analysis.profile import profile_ids
+    from tiered_store.profile import profile_ids
 
     ids = np.repeat(np.arange(counts.size), counts)
     profile = profile_ids(ids, rows=ROWS)
@@ -310,7 +310,7 @@ def test_zipf_tuned_needs_a_matching_profile(tmp_path):
     path, _ = make_table(tmp_path, rows=ROWS, dim=8)
     with pytest.raises(ConfigError, match=r"tiers\.warm\.profile: .*expected the \.npz"):
         TieredStore(store_config(path, warm={"capacity": 10, "policy": "zipf-tuned"}))
-    from zipf_analysis.profile import profile_ids
+    from tiered_store.profile import profile_ids
 
     profile_ids(np.arange(50), rows=50).save(tmp_path / "small.npz")
     cfg = StoreConfig.from_dict(

@@ -21,8 +21,8 @@ from tests.conftest import TINY_SERVE_MODEL
 from tiered_store.engram import Engram, InMemoryTable
 from tiered_store.errors import ConfigError, TierIOError
 from tiered_store.serve import EMBED_BUCKETS, EngramStack, InferenceServer, ServeConfig
+from tiered_store.trace import TraceReader
 from zipf_analysis.replay import replay
-from zipf_analysis.trace import TraceReader
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "serve.yaml"
 CONFIG = {

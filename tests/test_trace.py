@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tiered_store.errors import RowIdError, TraceFormatError
-from zipf_analysis.trace import TraceReader, TraceWriter, trace_from_npy, trace_to_npy
+from tiered_store.trace import TraceReader, TraceWriter, trace_from_npy, trace_to_npy
 
 LAYOUT = {
     "tables": [

@@ -194,7 +194,7 @@ def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:
 
 def _load_profile(path: str, rows: int, key: str):
     """A FrequencyProfile for this table; errors name the key."""
-    from zipf_analysis.profile import FrequencyProfile
+    from .profile import FrequencyProfile
 
     try:
         profile = FrequencyProfile.load(path)

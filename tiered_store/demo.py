@@ -171,8 +171,7 @@ class _Variant:
 
 def run_demo(args) -> int:
     """Run the demo with parsed arguments; prints the report and returns 0 on success."""
-    from zipf_analysis.corpus import resolve_corpus
-
+    from .corpus import resolve_corpus
     from .engram.checkpoint import load_table_in_memory, open_tables, save_tiered
     from .engram.corpus import read_tokens, token_batches
     from .engram.model import EngramLM, ModelConfig

@@ -459,7 +459,7 @@ class EngramStack:
 
     def _open_trace(self, path: Path) -> Any:
         """A TraceWriter whose header describes every layer's table."""
-        from zipf_analysis.trace import TraceWriter
+        from .trace import TraceWriter
 
         tables = []
         for layer, name in zip(self.config.engram.layer_ids, self.config.table_names, strict=True):

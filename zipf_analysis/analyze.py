@@ -2,7 +2,7 @@
 
 The pipeline, stage by stage (each timed):
 
-1. **read** the corpus (:mod:`zipf_analysis.corpus`): one document per file, binary and non-UTF-8
+1. **read** the corpus (:mod:`tiered_store.corpus`): one document per file, binary and non-UTF-8
    files skipped with a warning;
 2. **tokenise** groups of documents with the DeepSeek tokenizer (``encode_batch``: Rust threads),
    in a background thread so it overlaps the next two stages;
@@ -51,10 +51,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher, load_engram_config
-from tiered_store.errors import ConfigError, TieredStoreError
-
-from .corpus import (
+from tiered_store.corpus import (
     Corpus,
     CorpusError,
     ReadStats,
@@ -62,6 +59,11 @@ from .corpus import (
     iter_texts,
     resolve_corpus,
 )
+from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher, load_engram_config
+from tiered_store.errors import ConfigError, TieredStoreError
+from tiered_store.profile import DEFAULT_EPISODE_WINDOW, FrequencyCounter, FrequencyProfile
+from tiered_store.trace import TraceReader, TraceWriter
+
 from .mrc import (
     MissRatioCurve,
     _jsonable,
@@ -71,8 +73,7 @@ from .mrc import (
     shards_mrc,
     static_topk_mrc,
 )
-from .profile import DEFAULT_EPISODE_WINDOW, FrequencyCounter, FrequencyProfile
-from .trace import TraceReader, TraceWriter
+from .profile import profile_summary
 
 __all__ = [
     "AnalysisResult",
@@ -1129,7 +1130,7 @@ def analyze(
     Parameters
     ----------
     corpus : Corpus, sequence of paths, or None
-        Files, directories and glob patterns (see :func:`~zipf_analysis.corpus.resolve_corpus`);
+        Files, directories and glob patterns (see :func:`~tiered_store.corpus.resolve_corpus`);
         None or empty: the Python standard library's sources.
     out_dir : str or Path
         Output folder (created). See the module docstring for what lands there.
@@ -1499,7 +1500,7 @@ def _stage_profile(
                 "rows": int(layout["rows"]),
                 "heads": layout["heads"],
                 "dim": layout["dim"],
-                "profile": prof.summary(),
+                "profile": profile_summary(prof),
                 "dedup": dedups[name].summary(),
                 "collisions": _collisions(prof, layout, distinct_keys, keys.key_method),
                 "files": {
@@ -1635,7 +1636,7 @@ def _overall(
         "_profile": prof,
         "rows": offset,
         "table_offsets": table_offsets,
-        "profile": prof.summary(),
+        "profile": profile_summary(prof),
         "dedup": {
             "lookups": lookups,
             "unique_per_sequence": seq,

@@ -16,8 +16,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from tiered_store.profile import FrequencyProfile
+
 from .mrc import MissRatioCurve
-from .profile import FrequencyProfile
+from .profile import profile_fits
 from .zipf_fit import ZipfFit, fitted_counts
 
 __all__ = ["plot_miss_ratio_curves", "plot_rank_frequency"]
@@ -67,7 +69,7 @@ def plot_rank_frequency(
     path : str or Path
         PNG to write.
     fits : mapping of method -> ZipfFit, optional
-        Lines to draw; default ``profile.fits()`` (skipped when the profile is too small to fit).
+        Lines to draw; default ``profile_fits(profile)`` (skipped when the profile is too small to fit).
     title : str, optional
         Figure title (default: the profile's name and lookups).
 
@@ -79,7 +81,7 @@ def plot_rank_frequency(
     Examples
     --------
     >>> import tempfile, os
-    >>> from zipf_analysis.profile import profile_ids
+    >>> from tiered_store.profile import profile_ids
     >>> from zipf_analysis.zipf_fit import sample_zipf
     >>> prof = profile_ids(sample_zipf(100_000, 10_000, 0.9, seed=0), rows=10_000)
     >>> png = plot_rank_frequency(prof, os.path.join(tempfile.mkdtemp(), "rf.png"))
@@ -88,7 +90,7 @@ def plot_rank_frequency(
     """
     if fits is None:
         try:
-            fits = profile.fits()
+            fits = profile_fits(profile)
         except ValueError:
             fits = {}
     fig = Figure(figsize=(7, 5))

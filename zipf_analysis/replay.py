@@ -26,8 +26,7 @@ import torch
 from tiered_store.cache_plan import CacheHierarchy
 from tiered_store.config import CostModelConfig, StoreConfig
 from tiered_store.errors import ConfigError, TraceFormatError
-
-from .trace import TraceReader
+from tiered_store.trace import TraceReader
 
 PAGE_BYTES = 4096
 

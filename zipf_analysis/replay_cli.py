@@ -10,10 +10,10 @@ import numpy as np
 
 from tiered_store.capacity import resolve_capacity
 from tiered_store.config import StoreConfig
+from tiered_store.trace import TraceReader
 
 from .mrc import MissRatioCurve, belady_misses, lru_mrc, static_topk_mrc
 from .replay import ReplayResult, replay, table_geometry
-from .trace import TraceReader
 
 DEFAULT_SWEEP = "1%,5%,10%,25%"
 

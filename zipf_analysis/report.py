@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from tiered_store.errors import ConfigError
+from tiered_store.profile import FrequencyProfile
 
 from .mrc import MissRatioCurve, mean_absolute_error
-from .profile import FrequencyProfile
+from .profile import profile_summary
 
 __all__ = ["recommend_tier_sizes", "write_report"]
 
@@ -207,7 +208,7 @@ def write_report(
     --------
     >>> import numpy as np, tempfile
     >>> from zipf_analysis.mrc import lru_mrc
-    >>> from zipf_analysis.profile import profile_ids
+    >>> from tiered_store.profile import profile_ids
     >>> ids = np.random.default_rng(0).zipf(1.3, 50_000) % 5_000
     >>> paths = write_report(tempfile.mkdtemp(), profile_ids(ids, rows=5_000),
     ...                      [lru_mrc(ids, table_rows=5_000)], targets={"hot": 0.5}, plots=False)
@@ -222,7 +223,7 @@ def write_report(
     md = [f"# {title}", ""]
 
     if profile is not None:
-        summary = profile.summary()
+        summary = profile_summary(profile)
         data["profile"] = summary
         md += ["## Frequency profile", "", "| figure | value |", "| --- | --- |"]
         for key in (

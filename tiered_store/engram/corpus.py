@@ -1,7 +1,7 @@
 """Real text for the Engram model: a corpus -> DeepSeek token ids -> ``[B, T]`` batches.
 
 Which files make a corpus, and how they are read (UTF-8; binary, undecodable and empty files
-skipped), is ``zipf_analysis.corpus``'s job, shared with ``tiered-store analyze``; by default it is
+skipped), is ``tiered_store.corpus``'s job, shared with ``tiered-store analyze``; by default it is
 the Python standard library's own ``*.py`` sources, which every machine has.
 """
 
@@ -12,8 +12,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from zipf_analysis.corpus import Corpus, CorpusError, ReadStats, iter_texts
-
+from ..corpus import Corpus, CorpusError, ReadStats, iter_texts
 from ..errors import ConfigError
 from .tokenizer import CompressedTokenizer
 
@@ -29,7 +28,7 @@ def read_tokens(corpus: Corpus, tokenizer: CompressedTokenizer, *, max_tokens: i
 
     Examples
     --------
-    >>> from zipf_analysis.corpus import resolve_corpus
+    >>> from tiered_store.corpus import resolve_corpus
     >>> tokens = read_tokens(resolve_corpus().shuffled(0), CompressedTokenizer(), max_tokens=5000)
     >>> tokens.shape, tokens.dtype
     ((5000,), dtype('int64'))

@@ -187,7 +187,7 @@ def profile_rows(model: EngramLM, batches: Iterable[Any]) -> dict[int, np.ndarra
     >>> hottest = profile_rows(model, batches[:100])  # doctest: +SKIP
     >>> stores = open_tables(paths, model.hasher, store, warm_start=hottest)  # doctest: +SKIP
     """
-    from zipf_analysis.profile import FrequencyCounter
+    from ..profile import FrequencyCounter
 
     counters = {layer: FrequencyCounter(int(t.rows)) for layer, t in model.tables.items()}
     for ids in batches:

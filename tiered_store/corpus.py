@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiered_store.errors import TieredStoreError
+from .errors import TieredStoreError
 
 __all__ = [
     "Corpus",

@@ -57,7 +57,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import zstandard
 
-from tiered_store.errors import RowIdError, TraceFormatError
+from .errors import RowIdError, TraceFormatError
 
 __all__ = [
     "FORMAT_VERSION",
