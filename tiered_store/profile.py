@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic_file import atomic_write
 from .errors import RowIdError, TraceFormatError
 
 __all__ = [
@@ -243,22 +244,14 @@ class FrequencyProfile:
             "episode_window": self.episode_window,
         }
         extra = {} if self.episodes is None else {"episodes": _narrow(self.episodes)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    row_ids=_narrow(self.row_ids),
-                    counts=_narrow(self.counts),
-                    meta=np.array(json.dumps(meta)),
-                    **extra,
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            np.savez(
+                f,
+                row_ids=_narrow(self.row_ids),
+                counts=_narrow(self.counts),
+                meta=np.array(json.dumps(meta)),
+                **extra,
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FrequencyProfile:

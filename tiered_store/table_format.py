@@ -32,7 +32,6 @@ import math
 import os
 import struct
 import time
-import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,7 +43,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tiered_store.errors import TableFormatError, TierIOError
+from .atomic_file import AtomicFile, fsync_dir
+from .errors import TableFormatError, TierIOError
 
 FORMAT_NAME = "tiered-store-table"
 FORMAT_VERSION = 1
@@ -897,21 +897,18 @@ def _write_table(
     descr = TABLE_DTYPES[reader.dtype][0]
     row_bytes = reader.dim * itemsize
     header = _npy_header(descr, reader.rows, reader.dim)
-    token = uuid.uuid4().hex[:12]
-    tmp_npy = directory / f".{npy_path.name}.{token}.tmp"
-    tmp_manifest = directory / f".{manifest_path.name}.{token}.tmp"
+    data_file = AtomicFile(npy_path, "wb")
+    manifest_file = AtomicFile(manifest_path, "w", encoding="utf-8")
     crc = _BlockCrc(block_bytes)
     try:
-        with (
-            open(tmp_npy, "xb") as f,
-            tqdm(
-                total=reader.rows * row_bytes,
-                unit="B",
-                unit_scale=True,
-                disable=not progress,
-                desc=f"create {npy_path.name}",
-            ) as bar,
-        ):
+        f = data_file.file
+        with tqdm(
+            total=reader.rows * row_bytes,
+            unit="B",
+            unit_scale=True,
+            disable=not progress,
+            desc=f"create {npy_path.name}",
+        ) as bar:
             f.write(header)
             for start, stop in _chunks(reader, chunk_bytes):
                 block = reader.read(start, stop)
@@ -924,8 +921,7 @@ def _write_table(
                 f.write(data)
                 crc.update(data)
                 bar.update(len(data))
-            f.flush()
-            os.fsync(f.fileno())
+        data_file.finish()
         manifest = TableManifest(
             rows=reader.rows,
             dim=reader.dim,
@@ -939,14 +935,12 @@ def _write_table(
             library_version=_library_version(),
             metadata=metadata,
         )
-        with open(tmp_manifest, "x", encoding="utf-8") as f:
-            f.write(_manifest_text(manifest))
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(directory, tmp_npy, tmp_manifest, npy_path, manifest_path, overwrite)
+        manifest_file.file.write(_manifest_text(manifest))
+        manifest_file.finish()
+        _commit(directory, data_file, manifest_file, overwrite)
     except BaseException:
-        for tmp in (tmp_npy, tmp_manifest):
-            tmp.unlink(missing_ok=True)
+        data_file.abort()
+        manifest_file.abort()
         raise
     return manifest
 
@@ -972,25 +966,16 @@ def _refuse_existing(npy_path: Path, manifest_path: Path, overwrite: bool) -> No
             )
 
 
-def _commit(
-    directory: Path,
-    tmp_npy: Path,
-    tmp_manifest: Path,
-    npy_path: Path,
-    manifest_path: Path,
-    overwrite: bool,
-) -> None:
-    """Publish the temp files; the manifest appears last, so a half-done commit never opens."""
+def _commit(directory: Path, data: AtomicFile, manifest: AtomicFile, overwrite: bool) -> None:
+    """Publish the finished files; the manifest appears last, so a half-done commit never opens."""
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(dir_fd, fcntl.LOCK_EX)  # serialise commits of cooperating writers
-        _refuse_existing(npy_path, manifest_path, overwrite)  # re-check under the lock
-        if manifest_path.exists():
-            manifest_path.unlink()  # old table stops being openable before its .npy changes
-            os.fsync(dir_fd)
-        os.replace(tmp_npy, npy_path)
-        os.fsync(dir_fd)
-        os.replace(tmp_manifest, manifest_path)
-        os.fsync(dir_fd)
+        _refuse_existing(data.path, manifest.path, overwrite)  # re-check under the lock
+        if manifest.path.exists():
+            manifest.path.unlink()  # old table stops being openable before its .npy changes
+            fsync_dir(directory)
+        data.publish()
+        manifest.publish()
     finally:
         os.close(dir_fd)  # also releases the lock

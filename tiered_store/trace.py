@@ -57,6 +57,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import zstandard
 
+from .atomic_file import AtomicFile
 from .errors import RowIdError, TraceFormatError
 
 __all__ = [
@@ -201,14 +202,8 @@ class TraceWriter:
         self._lookups = 0
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
-        )
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a trace is an ordinary file
-        self._tmp = Path(tmp)
-        self._file: BinaryIO = os.fdopen(fd, "wb")
+        self._out = AtomicFile(self.path, "wb")
+        self._file: BinaryIO = self._out.file
         self._file.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(head)))
         self._file.write(head)
         self._file.write(struct.pack("<I", zlib.crc32(head)))
@@ -362,11 +357,7 @@ class TraceWriter:
             ).encode()
             self._file.write(footer)
             self._file.write(_TRAILER.pack(len(footer), zlib.crc32(footer), 0, END_MAGIC))
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._tmp, self.path)
-            _fsync_dir(self.path.parent)
+            self._out.commit()
         except BaseException:
             self.abort()
             raise
@@ -375,9 +366,7 @@ class TraceWriter:
     def abort(self) -> None:
         """Discard the partial trace; the destination is left untouched."""
         self._closed = True
-        if not self._file.closed:
-            self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        self._out.abort()
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -387,20 +376,6 @@ class TraceWriter:
             self.close()
         else:
             self.abort()
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class TraceReader:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic_file import atomic_write
 from ..errors import ConfigError, RowIdError
 
 __all__ = ["CompressedTokenizer", "check_token_ids", "default_tokenizer_path"]
@@ -110,16 +110,8 @@ def _save_cached(path: Path, lookup: np.ndarray) -> None:
     """Write atomically (temporary name, fsync, rename); a read-only cache dir is not an error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, lookup, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(path) as f:
+            np.save(f, lookup, allow_pickle=False)
     except OSError:
         pass
 

@@ -1,0 +1,111 @@
+"""Atomic file creation: write under a temporary name, fsync, rename into place, fsync the directory.
+
+Every file the library writes (tables and manifests, traces, profiles, caches) goes through
+:class:`AtomicFile`, so a crash at any point leaves either the old file or the complete new one,
+never a torn file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["AtomicFile", "atomic_write", "fsync_dir"]
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """fsync a directory so that renames inside it are durable (no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A file written under a hidden temporary name beside ``path`` and published by rename.
+
+    ``finish()`` flushes, fsyncs and closes it; ``publish()`` renames it over ``path`` and fsyncs
+    the directory (``commit()`` does both); ``abort()`` removes it. Two-step use lets a caller
+    publish several files in an order of its choosing (a table's data before its manifest).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "out.txt"
+    >>> with AtomicFile(target, "w") as f:
+    ...     _ = f.file.write("done")
+    >>> target.read_text()
+    'done'
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any) -> None:
+        if "w" not in mode:
+            raise ValueError(f"AtomicFile mode: got {mode!r}; expected a write mode ('w' or 'wb')")
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        self.file: IO[Any] = open(self.tmp, mode.replace("w", "x"), **open_kwargs)  # noqa: SIM115
+
+    def finish(self) -> None:
+        """Flush, fsync and close the temporary file."""
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+    def publish(self) -> None:
+        """Rename the finished file over ``path`` and make the rename durable."""
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def commit(self) -> None:
+        """:meth:`finish`, then :meth:`publish`."""
+        self.finish()
+        self.publish()
+
+    def abort(self) -> None:
+        """Close and remove the temporary file; ``path`` is left as it was."""
+        if not self.file.closed:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
+
+
+@contextmanager
+def atomic_write(
+    path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any
+) -> Iterator[IO[Any]]:
+    """Yield a file object whose content replaces ``path`` atomically when the block succeeds.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "data.bin"
+    >>> with atomic_write(target) as f:
+    ...     _ = f.write(b"abc")
+    >>> target.read_bytes()
+    b'abc'
+    """
+    with AtomicFile(path, mode, **open_kwargs) as atomic:
+        yield atomic.file
