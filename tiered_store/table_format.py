@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .atomic_file import AtomicFile, fsync_dir
 from .errors import TableFormatError, TierIOError
+from .versions import package_version
 
 FORMAT_NAME = "tiered-store-table"
 FORMAT_VERSION = 1
@@ -621,16 +622,6 @@ def _readinto_full(f: Any, view: memoryview) -> int:
     return got
 
 
-def _library_version() -> str:
-    """Installed tiered-store version, or 'unknown'."""
-    try:
-        from importlib.metadata import version
-
-        return version("tiered-store")
-    except Exception:  # provenance only: never fail a create
-        return "unknown"
-
-
 class _SourceReader:
     """Uniform chunked access to a table source: shape, dtypes, description, ``rows(a, b)``."""
 
@@ -932,7 +923,7 @@ def _write_table(
             block_checksums=tuple(crc.finish()),
             source=reader.description,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (3.10)
-            library_version=_library_version(),
+            library_version=package_version("tiered-store") or "unknown",
             metadata=metadata,
         )
         manifest_file.file.write(_manifest_text(manifest))
