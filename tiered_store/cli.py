@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from .errors import TieredStoreError
+from zipf_analysis.analyze import register as register_analyze
+from zipf_analysis.replay_cli import register as register_replay
 
-# Extra subcommands provided by other modules: name -> "module:register_function".
-_PLUGINS = {
-    "demo": "tiered_store.demo:register",
-    "replay": "zipf_analysis.replay_cli:register",
-    "analyze": "zipf_analysis.analyze:register",
-    "serve": "tiered_store.serve:register",
-}
+from .demo import register as register_demo
+from .errors import TieredStoreError
+from .serve import register as register_serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init(sub)
     _add_info(sub)
     _add_verify(sub)
-    for target in _PLUGINS.values():
-        module, func = target.split(":")
-        register: Callable = getattr(__import__(module, fromlist=[func]), func)
+    for register in (register_demo, register_replay, register_analyze, register_serve):
         register(sub)
     return parser
 
