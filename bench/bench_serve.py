@@ -10,126 +10,26 @@ Example::
 
     python bench/bench_serve.py --clients 8 --requests 2000 --tokens 128
 
-Everything is bounded: every request has a timeout, the run has a deadline, and the server only
-binds 127.0.0.1.
+Everything is bounded: a fixed number of requests, each with a timeout, a startup timeout, and the
+server only binds 127.0.0.1. The server process, the requests and the load generator come from
+``tiered_store.serve.client`` (the tests use the same client).
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import numpy as np
 import yaml
+
+from tiered_store.serve.client import ServeProcess, get_json, run_load, zipf_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "examples" / "serve.yaml"
-VOCAB = 129280  # DeepSeek tokenizer ids
-
-
-class ServeProcess:
-    """``tiered-store serve`` in a subprocess on free loopback ports; a context manager.
-
-    ``url``/``metrics_url`` come from the JSON line the server prints once it listens.
-    ``stop()`` sends SIGTERM and returns the exit status.
-    """
-
-    def __init__(
-        self,
-        config: Path,
-        *extra: str,
-        metrics: bool = True,
-        startup_timeout: float = 120.0,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "tiered_store.cli",
-            "serve",
-            str(config),
-            "--address",
-            "127.0.0.1:0",
-            "--metrics-address",
-            "127.0.0.1:0" if metrics else "",
-            *extra,
-        ]
-        self.log_path = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-        )
-        self.ready = self._wait_ready(startup_timeout)
-        self.url: str = self.ready["url"]
-        self.metrics_url: str = self.ready["metrics_url"]
-        self.pid: int = self.proc.pid
-
-    def _wait_ready(self, timeout: float) -> dict[str, Any]:
-        """The server's 'listening' line (or an error with its log)."""
-        box: list[bytes] = []
-        reader = threading.Thread(
-            target=lambda: box.append(self.proc.stdout.readline()), daemon=True
-        )
-        reader.start()
-        reader.join(timeout)
-        if not box or not box[0]:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"serve did not start within {timeout}s:\n{self.log()}")
-        return json.loads(box[0])
-
-    def log(self) -> str:
-        """What the server wrote to stderr so far."""
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def rss_bytes(self) -> int:
-        """The server's resident set size now."""
-        return rss_bytes(self.pid)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, wait for the drain, return the exit status (kills after ``timeout``)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    def __enter__(self) -> ServeProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        self.log_path.unlink(missing_ok=True)
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of process ``pid`` (from /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def cached_bytes(url: str) -> int:
@@ -155,127 +55,6 @@ def prepare_config(
     path = workdir / "serve.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def post_json(url: str, doc: Any, timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
-    """POST ``doc`` as JSON to ``url``; returns (status, decoded JSON answer)."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        body = json.dumps(doc).encode()
-        conn.request("POST", parts.path, body, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"null")
-    finally:
-        conn.close()
-
-
-def get_json(url: str, timeout: float = 30.0) -> tuple[int, Any]:
-    """GET ``url``; returns (status, decoded JSON answer)."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
-        response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"null")
-    finally:
-        conn.close()
-
-
-def zipf_requests(
-    n: int, *, batch: int, tokens: int, exponent: float = 1.1, seed: int = 0
-) -> list[dict[str, Any]]:
-    """``n`` request bodies of Zipf-distributed token ids ([batch, tokens] each)."""
-    rng = np.random.default_rng(seed)
-    ids = rng.zipf(exponent, size=(n, batch, tokens)) % VOCAB
-    return [{"input_ids": block.tolist()} for block in ids]
-
-
-@dataclass
-class LoadResult:
-    """What one load run measured."""
-
-    clients: int
-    requests: int
-    answered: int = 0
-    errors: dict[str, int] = field(default_factory=dict)  # status or exception name -> count
-    wall_seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list, repr=False)
-
-    @property
-    def lost(self) -> int:
-        """Requests that got no HTTP answer at all (exceptions, or never accounted for)."""
-        answered_badly = sum(n for k, n in self.errors.items() if k.isdigit() or k == "bad-answer")
-        return self.requests - self.answered - answered_badly
-
-    @property
-    def requests_per_second(self) -> float:
-        """Answered requests per second of wall time."""
-        return self.answered / self.wall_seconds if self.wall_seconds else 0.0
-
-    def percentile_ms(self, q: float) -> float:
-        """Latency percentile ``q`` (0-100) in milliseconds."""
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (no per-request latencies)."""
-        out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
-        out.update(
-            lost=self.lost,
-            requests_per_second=round(self.requests_per_second, 1),
-            p50_ms=round(self.percentile_ms(50), 2),
-            p95_ms=round(self.percentile_ms(95), 2),
-            p99_ms=round(self.percentile_ms(99), 2),
-        )
-        return out
-
-
-def run_load(
-    url: str,
-    bodies: list[dict[str, Any]],
-    *,
-    clients: int,
-    timeout: float = 60.0,
-    check: Callable[[dict[str, Any]], bool] | None = None,
-) -> LoadResult:
-    """Send every body in ``bodies`` to ``url`` from ``clients`` threads; count answers and errors.
-
-    A request counts as answered when it gets 200 (and ``check(answer)`` holds, when given);
-    any other status or exception is an error, by name.
-    """
-    result = LoadResult(clients=clients, requests=len(bodies))
-    lock = threading.Lock()
-    next_index = iter(range(len(bodies)))
-
-    def client() -> None:
-        while True:
-            with lock:
-                i = next(next_index, None)
-            if i is None:
-                return
-            start = time.perf_counter()
-            try:
-                status, answer = post_json(url, bodies[i], timeout=timeout)
-                ok = status == 200 and (check is None or check(answer))
-                key = "200" if ok else (str(status) if status != 200 else "bad-answer")
-            except Exception as exc:  # a lost request: name it, keep going
-                key, ok = type(exc).__name__, False
-            elapsed = (time.perf_counter() - start) * 1e3
-            with lock:
-                if ok:
-                    result.answered += 1
-                    result.latencies_ms.append(elapsed)
-                else:
-                    result.errors[key] = result.errors.get(key, 0) + 1
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    result.wall_seconds = time.perf_counter() - start
-    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

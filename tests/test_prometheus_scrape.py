@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.bench_serve import ServeProcess, get_json, run_load, zipf_requests
 from tests.conftest import TINY_SERVE_MODEL
+from tiered_store.serve.client import ServeProcess, get_json, run_load, zipf_requests
 
 pytestmark = [
     pytest.mark.prometheus,

@@ -16,11 +16,11 @@ import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.bench_serve import ServeProcess, get_json, post_json, run_load, zipf_requests
 from tests.conftest import TINY_SERVE_MODEL
 from tiered_store.engram import Engram, InMemoryTable
 from tiered_store.errors import ConfigError, TierIOError
 from tiered_store.serve import EMBED_BUCKETS, EngramStack, InferenceServer, ServeConfig
+from tiered_store.serve.client import ServeProcess, get_json, post_json, run_load, zipf_requests
 from tiered_store.trace import TraceReader
 from zipf_analysis.replay import replay
 

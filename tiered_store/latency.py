@@ -48,9 +48,12 @@ class LatencyHistogram:
         return sum(self.counts)
 
     def cumulative(self) -> list[tuple[float, int]]:
-        """(upper bound, observations at or below it), ending with (+inf, total)."""
+        """(upper bound, observations at or below it), ending with (+inf, total).
+
+        Reads one copy of the counts, so the buckets are consistent with each other."""
+        counts = list(self.counts)
         out, running = [], 0
-        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+        for bound, n in zip((*self.buckets, float("inf")), counts, strict=True):
             running += n
             out.append((bound, running))
         return out

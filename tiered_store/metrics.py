@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 __all__ = [
     "METRICS",
     "RequestCounters",
+    "RequestTotals",
     "ServerCollector",
     "TableHealth",
     "TieredStoreCollector",
@@ -182,8 +183,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("table",),
         "Checksum passes that found the table corrupt (a block failing its CRC-32, or a file "
-        "that no longer matches its manifest), plus failures the cold tier's read path counts "
-        "(ColdTable.checksum_failures, when it has one).",
+        "that no longer matches its manifest).",
     ),
     "tiered_store_http_requests_total": (
         "counter",
@@ -292,16 +292,15 @@ class TieredStoreCollector(Collector):
             _add_histogram(
                 fam["tiered_store_lookup_duration_seconds"], [table], store.lookup_latency
             )
-            prefetcher = store._prefetcher
             _add_histogram(
-                fam["tiered_store_prefetch_stall_seconds"], [table], prefetcher.wait_histogram
+                fam["tiered_store_prefetch_stall_seconds"], [table], store.prefetch_wait_latency
             )
-            fam["tiered_store_prefetches_total"].add_metric([table], prefetcher.handles)
+            fam["tiered_store_prefetches_total"].add_metric([table], store.prefetches_started)
             health = self._health.get(table) or TableHealth()
             fam["tiered_store_verifications_total"].add_metric([table], health.verifications)
-            # plus any failures the cold tier counts itself, should its read path check blocks
-            failures = health.checksum_failures + getattr(store.cold, "checksum_failures", 0)
-            fam["tiered_store_checksum_failures_total"].add_metric([table], failures)
+            fam["tiered_store_checksum_failures_total"].add_metric(
+                [table], health.checksum_failures
+            )
         yield from fam.values()
 
     @staticmethod
@@ -363,15 +362,46 @@ class RequestCounters:
                 hist = self.durations[handler] = LatencyHistogram(DEFAULT_BUCKETS)
         hist.observe(seconds)
 
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-ready totals: requests by handler and code, in flight, tokens served."""
+    def totals(self) -> RequestTotals:
+        """A consistent copy of every counter, read under the lock."""
         with self._lock:
-            by = dict(self.by_handler_code)
-            in_flight, tokens = self.in_flight, self.served_tokens
+            return RequestTotals(
+                by_handler_code=dict(self.by_handler_code),
+                durations=dict(self.durations),
+                in_flight=self.in_flight,
+                served_tokens=self.served_tokens,
+            )
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready totals: requests by handler and code, in flight, tokens served.
+
+        Examples
+        --------
+        >>> counters = RequestCounters()
+        >>> counters.begin()
+        >>> counters.end("/v1/engram", 200, 0.004, tokens=12)
+        >>> counters.snapshot()
+        {'requests': {'/v1/engram': {'200': 1}}, 'in_flight': 0, 'served_tokens': 12}
+        """
+        totals = self.totals()
         requests: dict[str, dict[str, int]] = {}
-        for (handler, code), n in sorted(by.items()):
+        for (handler, code), n in sorted(totals.by_handler_code.items()):
             requests.setdefault(handler, {})[str(code)] = n
-        return {"requests": requests, "in_flight": in_flight, "served_tokens": tokens}
+        return {
+            "requests": requests,
+            "in_flight": totals.in_flight,
+            "served_tokens": totals.served_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class RequestTotals:
+    """What ``RequestCounters.totals`` read at one instant."""
+
+    by_handler_code: dict[tuple[str, int], int]  # (handler, status code) -> requests answered
+    durations: dict[str, LatencyHistogram]  # handler -> request durations (live histograms)
+    in_flight: int  # requests being handled
+    served_tokens: int  # tokens of inference requests answered with 200
 
 
 class ServerCollector(Collector):
@@ -386,18 +416,14 @@ class ServerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """Requests by handler and code, durations, in-flight gauge, tokens served."""
-        c = self._counters
-        with c._lock:
-            by = dict(c.by_handler_code)
-            durations = dict(c.durations)
-            in_flight, tokens = c.in_flight, c.served_tokens
+        totals = self._counters.totals()
         fam = {name: _family(name) for name in SERVER_METRICS}
-        for (handler, code), n in sorted(by.items()):
+        for (handler, code), n in sorted(totals.by_handler_code.items()):
             fam["tiered_store_http_requests_total"].add_metric([handler, str(code)], n)
-        for handler, hist in sorted(durations.items()):
+        for handler, hist in sorted(totals.durations.items()):
             _add_histogram(fam["tiered_store_http_request_duration_seconds"], [handler], hist)
-        fam["tiered_store_http_requests_in_flight"].add_metric([], in_flight)
-        fam["tiered_store_served_tokens_total"].add_metric([], tokens)
+        fam["tiered_store_http_requests_in_flight"].add_metric([], totals.in_flight)
+        fam["tiered_store_served_tokens_total"].add_metric([], totals.served_tokens)
         yield from fam.values()
 
 
@@ -440,10 +466,5 @@ def _add_histogram(
     family: HistogramMetricFamily, labels: list[str], hist: LatencyHistogram
 ) -> None:
     """Add one ``LatencyHistogram`` as cumulative buckets (+Inf equals the count)."""
-    counts = list(hist.counts)  # one copy, so the buckets are consistent with each other
-    total = hist.sum
-    buckets, running = [], 0
-    for bound, n in zip((*hist.buckets, float("inf")), counts, strict=True):
-        running += n
-        buckets.append((floatToGoString(bound), running))
-    family.add_metric(labels, buckets, total)
+    buckets = [(floatToGoString(bound), n) for bound, n in hist.cumulative()]
+    family.add_metric(labels, buckets, hist.sum)

@@ -129,6 +129,16 @@ class TieredStore:
         handle.shape = shape
         return handle
 
+    @property
+    def prefetch_wait_latency(self) -> LatencyHistogram:
+        """How long lookups waited for their prefetch handles (read at scrape time)."""
+        return self._prefetcher.wait_histogram
+
+    @property
+    def prefetches_started(self) -> int:
+        """Prefetches started since the store opened."""
+        return self._prefetcher.handles
+
     def stats(self) -> dict[str, dict[str, float]]:
         """Per tier: lookups, hits, misses, hit_rate, admissions, evictions, bytes_in, occupancy,
         capacity; cold: rows and bytes read; prefetch: handles and stall seconds."""

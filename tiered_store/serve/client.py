@@ -1,0 +1,378 @@
+"""A small client for the serving API: a ``tiered-store serve`` subprocess, JSON calls, a load generator.
+
+``ServeProcess`` starts the server on free loopback ports and waits for its "listening" line;
+``get_json``/``post_json`` make one bounded HTTP call; ``run_load`` sends a fixed list of request
+bodies from a few client threads and counts answers, errors and lost requests; ``zipf_requests``
+makes such bodies. The tests and ``bench/bench_serve.py`` share this one implementation.
+
+Examples
+--------
+>>> bodies = zipf_requests(2, batch=1, tokens=3, seed=0)
+>>> len(bodies), len(bodies[0]["input_ids"][0])
+(2, 3)
+>>> with ServeProcess("examples/serve.yaml", "--create-tables") as server:  # doctest: +SKIP
+...     result = run_load(server.url + "/v1/engram", bodies, clients=2)
+>>> result.answered, result.lost  # doctest: +SKIP
+(2, 0)
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+__all__ = [
+    "LoadResult",
+    "ServeProcess",
+    "get_json",
+    "post_json",
+    "rss_bytes",
+    "run_load",
+    "zipf_requests",
+]
+
+DEEPSEEK_VOCAB_SIZE = 129280  # token ids of the DeepSeek tokenizer the server hashes
+# The directory holding the `tiered_store` package: the subprocess imports the same code.
+_PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+
+
+class ServeProcess:
+    """``tiered-store serve`` in a subprocess on free loopback ports; a context manager.
+
+    ``url``/``metrics_url`` come from the JSON line the server prints once it listens.
+    ``stop()`` sends SIGTERM and returns the exit status.
+
+    Parameters
+    ----------
+    config
+        The serve config (YAML); a relative path is relative to the current directory.
+    *extra
+        More ``tiered-store serve`` options (``"--create-tables"``, ``"--record-trace", path``).
+    metrics
+        Open the separate ``/metrics`` listener (on a free port); else ``/metrics`` is on ``url``.
+    startup_timeout
+        Seconds to wait for the "listening" line before killing the process.
+    env
+        Extra environment variables of the subprocess.
+
+    Examples
+    --------
+    >>> with ServeProcess("examples/serve.yaml", "--create-tables", metrics=False) as server:  # doctest: +SKIP
+    ...     status, health = get_json(server.url + "/healthz")
+    ...     exit_status = server.stop()
+    >>> status, health, exit_status  # doctest: +SKIP
+    (200, {'status': 'ok'}, 0)
+    """
+
+    def __init__(
+        self,
+        config: str | Path,
+        *extra: str,
+        metrics: bool = True,
+        startup_timeout: float = 120.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tiered_store.cli",
+            "serve",
+            str(config),
+            "--address",
+            "127.0.0.1:0",
+            "--metrics-address",
+            "127.0.0.1:0" if metrics else "",
+            *extra,
+        ]
+        self.log_path = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=_subprocess_env(env),
+        )
+        self.ready = self._wait_ready(startup_timeout)
+        self.url: str = self.ready["url"]
+        self.metrics_url: str = self.ready["metrics_url"]
+        self.pid: int = self.proc.pid
+
+    def _wait_ready(self, timeout: float) -> dict[str, Any]:
+        """The server's 'listening' line (or an error with its log)."""
+        box: list[bytes] = []
+        reader = threading.Thread(
+            target=lambda: box.append(self.proc.stdout.readline()), daemon=True
+        )
+        reader.start()
+        reader.join(timeout)
+        if not box or not box[0]:
+            status = self.proc.poll()
+            self.proc.kill()
+            self.proc.wait()
+            log = self.log()
+            self._log.close()
+            what = (
+                f"exited with status {status}"
+                if status is not None
+                else f"printed no 'listening' line within {timeout}s"
+            )
+            raise RuntimeError(f"tiered-store serve {what}; its log:\n{log}")
+        return json.loads(box[0])
+
+    def log(self) -> str:
+        """What the server wrote to stderr so far."""
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def rss_bytes(self) -> int:
+        """The server's resident set size now."""
+        return rss_bytes(self.pid)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait for the drain, return the exit status (kills after ``timeout``)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.log_path.unlink(missing_ok=True)
+
+
+def _subprocess_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """This environment plus ``extra``, with this ``tiered_store`` first on ``PYTHONPATH``."""
+    env = {**os.environ, **(extra or {})}
+    paths = [str(_PACKAGE_PARENT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of process ``pid`` (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def post_json(url: str, doc: Any, timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
+    """POST ``doc`` as JSON to ``url``; returns (status, decoded JSON answer).
+
+    Parameters
+    ----------
+    url
+        The endpoint, e.g. ``server.url + "/v1/engram"``.
+    doc
+        The request body, encoded as JSON.
+    timeout
+        Seconds for connecting and for each socket read.
+
+    Examples
+    --------
+    >>> status, answer = post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})  # doctest: +SKIP
+    >>> status, answer["shape"]  # doctest: +SKIP
+    (200, [1, 3, 2, 64])
+    """
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        body = json.dumps(doc).encode()
+        conn.request("POST", parts.path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def get_json(url: str, timeout: float = 30.0) -> tuple[int, Any]:
+    """GET ``url``; returns (status, decoded JSON answer).
+
+    Parameters
+    ----------
+    url
+        The endpoint, e.g. ``server.url + "/stats"`` (a query string is kept).
+    timeout
+        Seconds for connecting and for each socket read.
+
+    Examples
+    --------
+    >>> get_json(server.url + "/healthz")  # doctest: +SKIP
+    (200, {'status': 'ok'})
+    """
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def zipf_requests(
+    n: int,
+    *,
+    batch: int,
+    tokens: int,
+    exponent: float = 1.1,
+    seed: int = 0,
+    vocab_size: int = DEEPSEEK_VOCAB_SIZE,
+) -> list[dict[str, Any]]:
+    """``n`` request bodies of Zipf-distributed token ids ([batch, tokens] each).
+
+    Parameters
+    ----------
+    n
+        Number of bodies.
+    batch, tokens
+        Sequences per body, tokens per sequence.
+    exponent
+        Zipf exponent of the token ids (> 1; larger: more skewed).
+    seed
+        Seed of the random generator: the same arguments give the same bodies.
+    vocab_size
+        Ids are taken modulo this (the tokenizer's vocabulary).
+
+    Examples
+    --------
+    >>> bodies = zipf_requests(3, batch=2, tokens=4, seed=1)
+    >>> len(bodies), [len(row) for row in bodies[0]["input_ids"]]
+    (3, [4, 4])
+    >>> bodies == zipf_requests(3, batch=2, tokens=4, seed=1)
+    True
+    """
+    rng = np.random.default_rng(seed)
+    ids = rng.zipf(exponent, size=(n, batch, tokens)) % vocab_size
+    return [{"input_ids": block.tolist()} for block in ids]
+
+
+@dataclass
+class LoadResult:
+    """What one load run measured."""
+
+    clients: int
+    requests: int
+    answered: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # status or exception name -> count
+    wall_seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def lost(self) -> int:
+        """Requests that got no HTTP answer at all (exceptions, or never accounted for)."""
+        answered_badly = sum(n for k, n in self.errors.items() if k.isdigit() or k == "bad-answer")
+        return self.requests - self.answered - answered_badly
+
+    @property
+    def requests_per_second(self) -> float:
+        """Answered requests per second of wall time."""
+        return self.answered / self.wall_seconds if self.wall_seconds else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        """Latency percentile ``q`` (0-100) in milliseconds."""
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no per-request latencies)."""
+        out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
+        out.update(
+            lost=self.lost,
+            requests_per_second=round(self.requests_per_second, 1),
+            p50_ms=round(self.percentile_ms(50), 2),
+            p95_ms=round(self.percentile_ms(95), 2),
+            p99_ms=round(self.percentile_ms(99), 2),
+        )
+        return out
+
+
+def run_load(
+    url: str,
+    bodies: list[dict[str, Any]],
+    *,
+    clients: int,
+    timeout: float = 60.0,
+    check: Callable[[dict[str, Any]], bool] | None = None,
+) -> LoadResult:
+    """Send every body in ``bodies`` to ``url`` from ``clients`` threads; count answers and errors.
+
+    A request counts as answered when it gets 200 (and ``check(answer)`` holds, when given);
+    any other status or exception is an error, by name. The run is bounded: a fixed number of
+    requests, each with ``timeout``.
+
+    Parameters
+    ----------
+    url
+        The inference endpoint, e.g. ``server.url + "/v1/engram"``.
+    bodies
+        Request bodies, each sent once (``zipf_requests`` makes some).
+    clients
+        Client threads sending concurrently, one request at a time each.
+    timeout
+        Seconds for each request's connect and reads.
+    check
+        A test of each 200 answer; an answer failing it counts as ``"bad-answer"``.
+
+    Examples
+    --------
+    >>> bodies = zipf_requests(48, batch=2, tokens=32)
+    >>> result = run_load(server.url + "/v1/engram", bodies, clients=4)  # doctest: +SKIP
+    >>> result.answered, result.errors, result.lost  # doctest: +SKIP
+    (48, {}, 0)
+    """
+    result = LoadResult(clients=clients, requests=len(bodies))
+    lock = threading.Lock()
+    next_index = iter(range(len(bodies)))
+
+    def client() -> None:
+        """Take the next body until none is left; count its outcome."""
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            try:
+                status, answer = post_json(url, bodies[i], timeout=timeout)
+                ok = status == 200 and (check is None or check(answer))
+                key = "200" if ok else (str(status) if status != 200 else "bad-answer")
+            except Exception as exc:  # a lost request: name it, keep going
+                key, ok = type(exc).__name__, False
+            elapsed = (time.perf_counter() - start) * 1e3
+            with lock:
+                if ok:
+                    result.answered += 1
+                    result.latencies_ms.append(elapsed)
+                else:
+                    result.errors[key] = result.errors.get(key, 0) + 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.wall_seconds = time.perf_counter() - start
+    return result
