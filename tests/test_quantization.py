@@ -1,0 +1,91 @@
+"""fp8 (e4m3) rows with ue8m0 block scales: the dequantising gather against DeepSeek-V4.1's reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import golden_dir
+from tiered_store.quantization import (
+    RowQuantization,
+    dequantize_rows,
+    pack_rows,
+    quantize_rows,
+)
+
+Q = RowQuantization(values=256, block=32)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return np.load(golden_dir("v41/golden_v41.npz") / "v41" / "golden_v41.npz")
+
+
+def _bf16_bits(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def _same_bf16(got: np.ndarray, want: np.ndarray) -> bool:
+    """Bit-equal, except that any NaN equals any NaN (NaN payloads carry no meaning)."""
+    nan_got = (got & 0x7FFF) > 0x7F80
+    nan_want = (want & 0x7FFF) > 0x7F80
+    return bool(
+        np.array_equal(nan_got, nan_want) and np.array_equal(got[~nan_got], want[~nan_want])
+    )
+
+
+@pytest.mark.parametrize("layer", [1, 14])
+def test_gather_of_packed_rows_equals_the_reference_bit_for_bit(golden, layer):
+    table = pack_rows(
+        golden[f"layer{layer}_embed_weight_u8"], golden[f"layer{layer}_embed_scale_u8"]
+    )
+    ids = golden[f"lookup_layer{layer}_ids"]
+    inside = (ids >= 0) & (ids < table.shape[0])
+    packed = np.zeros((ids.size, Q.packed_bytes), np.uint8)
+    packed[inside] = table[ids[inside]]
+    assert np.array_equal(packed, golden[f"lookup_layer{layer}_packed_u8"])
+    rows = dequantize_rows(torch.from_numpy(packed), Q)
+    rows[torch.from_numpy(~inside)] = 0  # out-of-range ids gather an all-zero row
+    assert rows.dtype == torch.bfloat16
+    assert np.array_equal(_bf16_bits(rows), golden[f"lookup_layer{layer}_rows_bf16bits"])
+    f32 = dequantize_rows(torch.from_numpy(packed), Q, torch.float32)
+    f32[torch.from_numpy(~inside)] = 0
+    assert torch.equal(f32, torch.from_numpy(golden[f"lookup_layer{layer}_rows_f32"]))
+
+
+def test_edge_codes_and_scale_bytes_follow_the_reference_not_vllm(golden):
+    packed = torch.from_numpy(pack_rows(golden["edge_weight_u8"], golden["edge_scale_u8"]))
+    got = _bf16_bits(dequantize_rows(packed, Q))
+    assert _same_bf16(got, golden["edge_ref_rows_bf16bits"])
+    f32 = dequantize_rows(packed, Q, torch.float32).numpy()
+    want = golden["edge_ref_rows_f32"]
+    assert np.array_equal(np.isnan(f32), np.isnan(want))
+    assert np.array_equal(f32[~np.isnan(f32)], want[~np.isnan(want)])
+    # vLLM reads scale byte 0 as 0.0 and 255 as +inf: our rows differ from its exactly there
+    scale_of_column = np.repeat(golden["edge_scale_u8"], Q.block, axis=1)
+    differs = ~np.vectorize(lambda a, b: _same_bf16(np.array([a]), np.array([b])))(
+        got, golden["edge_vllm_rows_bf16bits"]
+    )
+    assert differs.any() and np.isin(scale_of_column[differs], [0, 255]).all()
+
+
+def test_quantize_round_trips_within_fp8_precision():
+    x = torch.randn(64, 256) * torch.logspace(-3, 3, 64).unsqueeze(1)
+    packed = quantize_rows(x, Q)
+    assert packed.dtype == torch.uint8 and packed.shape == (64, 264)
+    back = dequantize_rows(packed, Q, torch.float32)
+    blocks = x.reshape(64, 8, 32).abs().amax(-1, keepdim=True)
+    err = (back - x).reshape(64, 8, 32).abs() / blocks
+    assert float(err.max()) <= 2**-3  # e4m3 keeps 3 mantissa bits of the block's range
+
+
+def test_bad_layouts_are_refused_with_the_key():
+    with pytest.raises(ValueError, match="quantization.values: 250 is not a multiple"):
+        RowQuantization(values=250, block=32)
+    with pytest.raises(ValueError, match="quantization.scheme"):
+        RowQuantization(values=256, scheme="int8")
+    with pytest.raises(ValueError, match=r"expected uint8 \[\.\.\., 264\]"):
+        dequantize_rows(torch.zeros(2, 256, dtype=torch.uint8), Q)
+    with pytest.raises(ValueError, match="unknown keys"):
+        RowQuantization.from_json({"values": 256, "blocks": 32})

@@ -1,0 +1,154 @@
+"""Quantised table rows: fp8 (e4m3) values with one ue8m0 exponent byte per block of columns.
+
+DeepSeek-V4.1 stores each Engram row as 256 ``float8_e4m3fn`` codes and 8 ``float8_e8m0fnu``
+scale bytes (one per 32 columns). The store keeps such rows **packed**, exactly as the cold table
+holds them: the value bytes, then the scale bytes (264 B a row for the release, against 512 B of
+bf16), in every tier, and dequantises only at the gather, on the device the rows end up on:
+
+    value = float32(fp8 code) * 2 ** (scale byte - 127), then cast to bfloat16
+
+This follows DeepSeek's reference (``torch.float8_e8m0fnu`` -> float): scale byte 0 is 2^-127 and
+byte 255 is NaN; the fp8 codes 0x7F/0xFF are NaN. (vLLM's kernel reads byte 0 as 0.0 and 255 as
++inf; SGLang's as 2^-127 and inf. Real checkpoints use neither byte.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["FP8_E4M3_MAX", "RowQuantization", "dequantize_rows", "pack_rows", "quantize_rows"]
+
+SCHEME = "fp8_e4m3+ue8m0"
+FP8_E4M3_MAX = 448.0  # largest finite e4m3 value
+SCALE_BIAS = 127  # ue8m0: value 2 ** (byte - 127)
+
+
+@dataclass(frozen=True)
+class RowQuantization:
+    """The layout of one packed row: ``values`` fp8 codes, then ``values // block`` scale bytes.
+
+    Examples
+    --------
+    >>> q = RowQuantization(values=256, block=32)
+    >>> q.scales, q.packed_bytes
+    (8, 264)
+    >>> RowQuantization.from_json(q.to_json()) == q
+    True
+    """
+
+    values: int
+    block: int = 32
+    scheme: str = SCHEME
+
+    def __post_init__(self) -> None:
+        if self.scheme != SCHEME:
+            raise ValueError(f"quantization.scheme: got {self.scheme!r}; expected {SCHEME!r}")
+        for key, value in (("values", self.values), ("block", self.block)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"quantization.{key}: got {value!r}; expected a positive integer")
+        if self.values % self.block:
+            raise ValueError(
+                f"quantization.values: {self.values} is not a multiple of the block size "
+                f"{self.block}; expected one scale byte per whole block"
+            )
+
+    @property
+    def scales(self) -> int:
+        """Scale bytes per row."""
+        return self.values // self.block
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes per packed row: the codes, then the scales."""
+        return self.values + self.scales
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``quantization`` entry."""
+        return {"scheme": self.scheme, "values": self.values, "block": self.block}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> RowQuantization:
+        """Parse a manifest's ``quantization`` entry (errors name the key)."""
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"quantization: got {doc!r}; expected a mapping")
+        unknown = set(doc) - {"scheme", "values", "block"}
+        if unknown:
+            raise ValueError(
+                f"quantization: unknown keys {sorted(unknown)}; expected scheme, values, block"
+            )
+        return cls(
+            values=doc.get("values"), block=doc.get("block", 32), scheme=doc.get("scheme", SCHEME)
+        )
+
+
+def dequantize_rows(
+    packed: torch.Tensor, quant: RowQuantization, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Packed rows ``uint8 [..., packed_bytes]`` -> values ``[..., values]`` in ``dtype``.
+
+    Runs on the tensor's device, vectorised; the arithmetic is the reference's (fp32 product of
+    the fp8 value and the power-of-two scale, one rounding to ``dtype``).
+
+    Examples
+    --------
+    >>> q = RowQuantization(values=4, block=2)
+    >>> row = torch.tensor([[0x38, 0x40, 0xB8, 0x00, 127, 128]], dtype=torch.uint8)
+    >>> dequantize_rows(row, q).tolist()  # codes 1.0, 2.0, -1.0, 0.0; scales 2^0, 2^1
+    [[1.0, 2.0, -2.0, 0.0]]
+    """
+    if packed.dtype != torch.uint8 or packed.shape[-1] != quant.packed_bytes:
+        raise ValueError(
+            f"packed rows: got {packed.dtype} [..., {packed.shape[-1] if packed.dim() else '?'}]; "
+            f"expected uint8 [..., {quant.packed_bytes}]"
+        )
+    lead = packed.shape[:-1]
+    codes = packed[..., : quant.values].contiguous().view(torch.float8_e4m3fn).float()
+    scales = packed[..., quant.values :].contiguous().view(torch.float8_e8m0fnu).float()
+    values = codes.view(*lead, quant.scales, quant.block) * scales.unsqueeze(-1)
+    return values.view(*lead, quant.values).to(dtype)
+
+
+def pack_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """fp8 code bytes ``[rows, values]`` and scale bytes ``[rows, scales]`` -> packed ``uint8``.
+
+    Examples
+    --------
+    >>> pack_rows(np.zeros((2, 4), np.uint8), np.full((2, 2), 127, np.uint8)).tolist()
+    [[0, 0, 0, 0, 127, 127], [0, 0, 0, 0, 127, 127]]
+    """
+    codes, scales = np.asarray(codes), np.asarray(scales)
+    if codes.ndim != 2 or scales.ndim != 2 or codes.shape[0] != scales.shape[0]:
+        raise ValueError(
+            f"pack_rows: codes {codes.shape} and scales {scales.shape}; expected [rows, values] "
+            "and [rows, values / block] with the same rows"
+        )
+    return np.concatenate([codes.view(np.uint8), scales.view(np.uint8)], axis=1)
+
+
+def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
+    """Float rows ``[..., values]`` -> packed ``uint8`` rows: per block, the smallest power-of-two
+    scale that brings the block's largest magnitude within e4m3's range, then round to e4m3.
+
+    Examples
+    --------
+    >>> q = RowQuantization(values=4, block=2)
+    >>> x = torch.tensor([[1.0, 2.0, -600.0, 0.5]])
+    >>> dequantize_rows(quantize_rows(x, q), q, torch.float32).tolist()
+    [[1.0, 2.0, -576.0, 0.5]]
+    """
+    if values.shape[-1] != quant.values:
+        raise ValueError(
+            f"quantize_rows: rows of {values.shape[-1]} values; expected {quant.values}"
+        )
+    lead = values.shape[:-1]
+    blocks = values.float().reshape(*lead, quant.scales, quant.block)
+    amax = blocks.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    exponent = torch.ceil(torch.log2(amax / FP8_E4M3_MAX)).clamp(-SCALE_BIAS, SCALE_BIAS)
+    codes = (blocks / torch.exp2(exponent).unsqueeze(-1)).to(torch.float8_e4m3fn)
+    scale_bytes = (exponent + SCALE_BIAS).to(torch.uint8)
+    return torch.cat([codes.view(torch.uint8).reshape(*lead, quant.values), scale_bytes], dim=-1)
