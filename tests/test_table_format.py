@@ -332,7 +332,7 @@ def test_missing_manifest_or_data(tmp_path):
 def test_failure_mid_stream_leaves_no_trace_and_old_table_untouched(tmp_path, monkeypatch):
     path, _ = make(tmp_path, np.full((64, 8), 3.0, np.float32))
     before = listing(tmp_path)
-    import tiered_store.table_format as tf
+    import tiered_store.table_sources as tf
 
     calls = {"n": 0}
     real = tf._RandomReader.read

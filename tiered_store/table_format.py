@@ -45,7 +45,34 @@ from tqdm.auto import tqdm
 
 from .atomic_file import AtomicFile, fsync_dir
 from .errors import TableFormatError, TierIOError
+from .table_sources import (  # the sources are create_table's arguments: importable from here too
+    TABLE_DTYPES,
+    PackedSafetensorsSource,
+    RandomSource,
+    SafetensorsSource,
+    SourceReader,
+    TableNotFoundError,
+    TableSource,
+    open_source,
+)
 from .versions import package_version
+
+__all__ = [
+    "TABLE_DTYPES",
+    "PackedSafetensorsSource",
+    "RandomSource",
+    "SafetensorsSource",
+    "TableExistsError",
+    "TableManifest",
+    "TableNotFoundError",
+    "TableSource",
+    "VerifyReport",
+    "check_table",
+    "create_table",
+    "read_manifest",
+    "table_paths",
+    "verify_table",
+]
 
 FORMAT_NAME = "tiered-store-table"
 FORMAT_VERSION = 1
@@ -54,37 +81,11 @@ DATA_OFFSET = 4096  # data region starts on the first page boundary after the ma
 MANIFEST_SUFFIX = ".manifest.json"
 DEFAULT_BLOCK_BYTES = 1 << 20  # 1 MiB per checksummed block
 DEFAULT_CHUNK_BYTES = 64 << 20  # 64 MiB of rows in RAM at a time while creating
-RANDOM_UNIT_ELEMENTS = 1 << 20  # RandomSource draws 1 Mi elements per seeded unit of rows
 VERIFY_READ_BYTES = 8 << 20  # 8 MiB sequential reads while verifying
-
-# dtype name -> (on-disk .npy descr, bytes per element, torch dtype)
-TABLE_DTYPES: dict[str, tuple[str, int, torch.dtype]] = {
-    "float32": ("<f4", 4, torch.float32),
-    "float16": ("<f2", 2, torch.float16),
-    "bfloat16": ("<u2", 2, torch.bfloat16),
-}
-_DTYPE_ALIASES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "f4": "float32",
-    "<f4": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "f2": "float16",
-    "<f2": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
 
 
 class TableExistsError(TierIOError, FileExistsError):
     """A table (or one of its two files) already exists where a new one would be written."""
-
-
-class TableNotFoundError(TierIOError, FileNotFoundError):
-    """A table file, its manifest, or a source file does not exist."""
 
 
 @dataclass(frozen=True)
@@ -254,33 +255,6 @@ class VerifyReport:
     def bytes_per_second(self) -> float:
         """Verification throughput."""
         return self.bytes_checked / self.seconds if self.seconds > 0 else float("inf")
-
-
-@dataclass(frozen=True)
-class SafetensorsSource:
-    """A 2-D tensor stored under ``tensor_name`` in a ``.safetensors`` file (read in slices)."""
-
-    path: str | os.PathLike[str]
-    tensor_name: str
-
-
-@dataclass(frozen=True)
-class RandomSource:
-    """Seeded normal(0, std) initialisation; the values depend only on (rows, dim, seed, std).
-
-    Rows are drawn in float32 in units of about 1 Mi elements, each unit from its own
-    ``SeedSequence(seed, spawn_key=(unit,))``, then cast to the table dtype, so the result does
-    not depend on ``chunk_bytes``.
-    """
-
-    rows: int
-    dim: int
-    dtype: str = "float32"
-    seed: int = 0
-    std: float = 1.0
-
-
-TableSource = np.ndarray | torch.Tensor | str | os.PathLike | SafetensorsSource | RandomSource
 
 
 def table_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -468,7 +442,7 @@ def create_table(
         raise TableFormatError(f"block_bytes={block_bytes!r}; expected a positive multiple of 4096")
     if not _is_pos_int(chunk_bytes):
         raise TableFormatError(f"chunk_bytes={chunk_bytes!r}; expected a positive integer")
-    reader = _open_source(source, dtype)
+    reader = open_source(source, dtype)
     try:
         return _write_table(
             npy_path,
@@ -566,25 +540,6 @@ def _is_pos_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
-def _dtype_name(value: object, what: str) -> str:
-    """Normalise a dtype given as str / torch.dtype / NumPy dtype to a TABLE_DTYPES key."""
-    if isinstance(value, torch.dtype):
-        name = str(value).removeprefix("torch.")
-    elif isinstance(value, str):
-        name = value.lower()
-    else:
-        try:
-            name = np.dtype(value).name  # type: ignore[call-overload]
-        except TypeError:
-            name = repr(value)
-    if name in _DTYPE_ALIASES:
-        return _DTYPE_ALIASES[name]
-    raise TableFormatError(
-        f"{what} is {value!r}; expected one of float32, float16, bfloat16 "
-        "(or a torch/NumPy equivalent)"
-    )
-
-
 def _read_npy_header(f: Any, npy_path: Path) -> tuple[tuple[int, ...], bool, str, int]:
     """``(shape, fortran_order, descr, data_offset)`` of an open ``.npy`` file."""
     try:
@@ -622,214 +577,6 @@ def _readinto_full(f: Any, view: memoryview) -> int:
     return got
 
 
-class _SourceReader:
-    """Uniform chunked access to a table source: shape, dtypes, description, ``rows(a, b)``."""
-
-    rows: int
-    dim: int
-    dtype: str  # target table dtype
-    description: str
-    unit_rows: int = 1  # chunks are rounded to a multiple of this when possible
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` as a C-contiguous array of the on-disk dtype."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release files held by the source."""
-
-
-def _check_shape(shape: tuple[int, ...], what: str) -> tuple[int, int]:
-    """Validate a 2-D, non-empty shape; return (rows, dim)."""
-    if len(shape) != 2:
-        raise TableFormatError(f"{what} has shape {tuple(shape)} (ndim {len(shape)}); expected 2-D")
-    rows, dim = int(shape[0]), int(shape[1])
-    if rows < 1 or dim < 1:
-        raise TableFormatError(f"{what} has shape {(rows, dim)}; expected rows >= 1 and dim >= 1")
-    return rows, dim
-
-
-def _to_disk(chunk: np.ndarray | torch.Tensor, src_kind: str, dtype: str) -> np.ndarray:
-    """Convert a chunk of source kind ``src_kind`` (a dtype name, or 'bf16bits') to disk layout."""
-    descr = TABLE_DTYPES[dtype][0]
-    if isinstance(chunk, np.ndarray):
-        if src_kind == "bf16bits":  # _pick_dtype allows these only for bfloat16 tables
-            return np.ascontiguousarray(chunk, dtype="<u2")
-        if chunk.dtype.str == descr:
-            return np.ascontiguousarray(chunk)
-        else:
-            chunk = torch.from_numpy(np.array(chunk, dtype=chunk.dtype.newbyteorder("=")))
-    t = chunk.detach().to("cpu", TABLE_DTYPES[dtype][2]).contiguous()
-    if dtype == "bfloat16":
-        return t.view(torch.int16).numpy().view("<u2")
-    return t.numpy()
-
-
-_CONVERTIBLE = {"float64", "float32", "float16", "bfloat16"}
-
-
-def _pick_dtype(src_kind: str, requested: object, what: str) -> str:
-    """Table dtype from the source kind and the ``dtype`` argument, with clear refusals."""
-    if requested is not None:
-        target = _dtype_name(requested, "dtype")
-        if src_kind == "bf16bits" and target != "bfloat16":
-            raise TableFormatError(
-                f"{what} is uint16 (raw bfloat16 bits) but dtype={target!r} was requested; "
-                "expected dtype='bfloat16' for uint16 sources"
-            )
-        if src_kind not in _CONVERTIBLE and src_kind != "bf16bits":
-            raise TableFormatError(
-                f"{what} has dtype {src_kind}; expected a floating dtype "
-                "(float64, float32, float16, bfloat16)"
-            )
-        return target
-    if src_kind in TABLE_DTYPES:
-        return src_kind
-    if src_kind == "bf16bits":
-        raise TableFormatError(
-            f"{what} has dtype uint16; pass dtype='bfloat16' if it holds raw bfloat16 bits"
-        )
-    raise TableFormatError(
-        f"{what} has dtype {src_kind}; expected float32, float16 or bfloat16 "
-        "(pass dtype= to convert from float64)"
-    )
-
-
-class _ArrayReader(_SourceReader):
-    """In-memory NumPy array / torch tensor, or a memory-mapped ``.npy``."""
-
-    def __init__(self, data: np.ndarray | torch.Tensor, what: str, dtype: object, desc: str):
-        self.data = data
-        self.rows, self.dim = _check_shape(tuple(data.shape), what)
-        if isinstance(data, torch.Tensor):
-            self.kind = str(data.dtype).removeprefix("torch.")
-        elif data.dtype.kind == "u" and data.dtype.itemsize == 2:
-            self.kind = "bf16bits"
-        elif data.dtype.kind == "f":
-            self.kind = data.dtype.name
-        else:
-            self.kind = str(data.dtype)
-        self.dtype = _pick_dtype(self.kind, dtype, what)
-        self.description = desc
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return _to_disk(self.data[start:stop], self.kind, self.dtype)
-
-    def close(self) -> None:
-        self.data = None  # type: ignore[assignment]  # drop the mmap
-
-
-class _SafetensorsReader(_SourceReader):
-    """One tensor of a safetensors file, read with ``get_slice`` (no full load)."""
-
-    _KINDS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-    def __init__(self, src: SafetensorsSource, dtype: object):
-        from safetensors import safe_open
-
-        path = Path(src.path)
-        if not path.is_file():
-            raise TableNotFoundError(
-                errno.ENOENT, f"safetensors source file {path} does not exist", str(path)
-            )
-        try:
-            self._file = safe_open(str(path), framework="pt")
-            handle = self._file.__enter__()
-        except Exception as exc:  # safetensors raises its own error types
-            raise TableFormatError(f"safetensors source {path} cannot be opened: {exc}") from None
-        names = list(handle.keys())
-        if src.tensor_name not in names:
-            self.close()
-            shown = ", ".join(repr(n) for n in sorted(names)[:50])
-            more = f" ... and {len(names) - 50} more" if len(names) > 50 else ""
-            raise TableFormatError(
-                f"safetensors source {path} has no tensor {src.tensor_name!r}; "
-                f"available: {shown}{more}"
-            )
-        self._slice = handle.get_slice(src.tensor_name)
-        what = f"tensor {src.tensor_name!r} in {path}"
-        self.rows, self.dim = _check_shape(tuple(self._slice.get_shape()), what)
-        st_dtype = self._slice.get_dtype()
-        self.kind = self._KINDS.get(st_dtype, st_dtype)
-        try:
-            self.dtype = _pick_dtype(self.kind, dtype, what)
-        except TableFormatError:
-            self.close()
-            raise
-        self.description = f"safetensors:{path.resolve()}#{src.tensor_name}"
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return _to_disk(self._slice[start:stop], self.kind, self.dtype)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.__exit__(None, None, None)
-            self._file = None
-
-
-class _RandomReader(_SourceReader):
-    """Seeded normal rows, generated per fixed unit of rows so chunking never changes values."""
-
-    def __init__(self, src: RandomSource, dtype: object):
-        what = f"RandomSource{(src.rows, src.dim)}"
-        self.rows, self.dim = _check_shape((src.rows, src.dim), what)
-        if not isinstance(src.seed, int) or src.seed < 0:
-            raise TableFormatError(f"RandomSource seed={src.seed!r}; expected an int >= 0")
-        if not (isinstance(src.std, int | float) and math.isfinite(src.std) and src.std >= 0):
-            raise TableFormatError(f"RandomSource std={src.std!r}; expected a finite float >= 0")
-        self.dtype = _dtype_name(src.dtype if dtype is None else dtype, "dtype")
-        self.src = src
-        self.unit_rows = max(1, RANDOM_UNIT_ELEMENTS // self.dim)
-        self._cached: tuple[int, np.ndarray] = (-1, np.empty((0, self.dim), np.float32))
-        self.description = f"random normal(mean=0, std={src.std}, seed={src.seed})"
-
-    def _unit(self, u: int) -> np.ndarray:
-        if self._cached[0] == u:  # small chunks reuse the unit they share
-            return self._cached[1]
-        start = u * self.unit_rows
-        n = min(self.unit_rows, self.rows - start)
-        seq = np.random.SeedSequence(self.src.seed, spawn_key=(u,))
-        out = np.random.default_rng(seq).standard_normal((n, self.dim), dtype=np.float32)
-        out *= np.float32(self.src.std)
-        self._cached = (u, out)
-        return out
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        u0, u1 = start // self.unit_rows, (stop - 1) // self.unit_rows
-        parts = [self._unit(u) for u in range(u0, u1 + 1)]
-        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        off = u0 * self.unit_rows
-        return _to_disk(block[start - off : stop - off], "float32", self.dtype)
-
-
-def _open_source(source: object, dtype: object) -> _SourceReader:
-    """Wrap any supported source in a reader; validates before anything touches disk."""
-    if isinstance(source, RandomSource):
-        return _RandomReader(source, dtype)
-    if isinstance(source, SafetensorsSource):
-        return _SafetensorsReader(source, dtype)
-    if isinstance(source, torch.Tensor):
-        desc = f"torch.Tensor {str(source.dtype).removeprefix('torch.')} {tuple(source.shape)}"
-        return _ArrayReader(source, "source tensor", dtype, desc)
-    if isinstance(source, np.ndarray):
-        return _ArrayReader(source, "source array", dtype, f"ndarray {source.dtype} {source.shape}")
-    if isinstance(source, str | os.PathLike):
-        path = Path(source)
-        if not path.is_file():
-            raise TableNotFoundError(
-                errno.ENOENT, f"source .npy file {path} does not exist", str(path)
-            )
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise TableFormatError(f"source {path} is not a readable .npy file: {exc}") from None
-        return _ArrayReader(arr, f"source .npy {path}", dtype, f"npy:{path.resolve()}")
-    raise TableFormatError(
-        f"source is a {type(source).__name__}; expected np.ndarray, torch.Tensor, a .npy path, "
-        "SafetensorsSource or RandomSource"
-    )
-
-
 class _BlockCrc:
     """Running CRC-32 per fixed-size block over a byte stream fed in arbitrary pieces."""
 
@@ -857,7 +604,7 @@ class _BlockCrc:
         return self.sums
 
 
-def _chunks(reader: _SourceReader, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+def _chunks(reader: SourceReader, chunk_bytes: int) -> Iterator[tuple[int, int]]:
     """Row ranges of about ``chunk_bytes`` each, rounded to the reader's unit when possible."""
     row_bytes = reader.dim * TABLE_DTYPES[reader.dtype][1]
     step = max(1, chunk_bytes // row_bytes)
@@ -870,7 +617,7 @@ def _chunks(reader: _SourceReader, chunk_bytes: int) -> Iterator[tuple[int, int]
 def _write_table(
     npy_path: Path,
     manifest_path: Path,
-    reader: _SourceReader,
+    reader: SourceReader,
     block_bytes: int,
     chunk_bytes: int,
     progress: bool,
