@@ -1,4 +1,5 @@
-"""fp8 (e4m3) rows with ue8m0 block scales: the dequantising gather against DeepSeek-V4.1's reference."""
+"""fp8 (e4m3) rows with ue8m0 block scales: the dequantising gather against DeepSeek-V4.1's reference,
+and tables of packed quantised rows."""
 
 from __future__ import annotations
 
@@ -7,11 +8,20 @@ import pytest
 import torch
 
 from tests.conftest import golden_dir
+from tiered_store.errors import TableFormatError
 from tiered_store.quantization import (
     RowQuantization,
     dequantize_rows,
     pack_rows,
     quantize_rows,
+)
+from tiered_store.table_format import (
+    PackedSafetensorsSource,
+    RandomSource,
+    SafetensorsSource,
+    create_table,
+    read_manifest,
+    verify_table,
 )
 
 Q = RowQuantization(values=256, block=32)
@@ -89,3 +99,59 @@ def test_bad_layouts_are_refused_with_the_key():
         dequantize_rows(torch.zeros(2, 256, dtype=torch.uint8), Q)
     with pytest.raises(ValueError, match="unknown keys"):
         RowQuantization.from_json({"values": 256, "blocks": 32})
+
+
+# ---- quantised tables ----------------------------------------------------------------------------
+
+
+def _golden_tables():
+    return golden_dir("v41/golden_v41_tables.safetensors") / "v41" / "golden_v41_tables.safetensors"
+
+
+def test_table_from_checkpoint_tensors_stores_packed_rows(tmp_path, golden):
+    src = PackedSafetensorsSource(
+        SafetensorsSource(_golden_tables(), "layers.1.engram.embed.weight"),
+        SafetensorsSource(_golden_tables(), "layers.1.engram.embed.scale"),
+    )
+    manifest = create_table(tmp_path / "l1.npy", src, chunk_bytes=100_000, progress=False)
+    assert manifest.dtype == "uint8" and manifest.shape == (1998, 264)
+    assert manifest.quantization == Q and manifest.values_per_row == 256
+    assert read_manifest(tmp_path / "l1.npy") == manifest  # the quantization survives the file
+    want = pack_rows(golden["layer1_embed_weight_u8"], golden["layer1_embed_scale_u8"])
+    assert np.array_equal(np.load(tmp_path / "l1.npy"), want)
+    verify_table(tmp_path / "l1.npy", progress=False)
+
+
+def test_quantised_random_rows_are_finite_and_deterministic(tmp_path):
+    q = RowQuantization(values=32, block=32)
+    src = RandomSource(5000, q.packed_bytes, dtype="uint8", seed=3, quantization=q)
+    create_table(tmp_path / "a.npy", src, chunk_bytes=4096, progress=False)
+    create_table(tmp_path / "b.npy", src, progress=False)
+    a = np.load(tmp_path / "a.npy")
+    assert np.array_equal(a, np.load(tmp_path / "b.npy"))  # chunking never changes the rows
+    values = dequantize_rows(torch.from_numpy(a), q, torch.float32)
+    assert torch.isfinite(values).all() and values.abs().max() <= 448 * 2**8
+    assert read_manifest(tmp_path / "a.npy").quantization == q
+
+
+def test_bad_quantised_sources_name_the_tensor_and_leave_nothing(tmp_path):
+    weight = SafetensorsSource(_golden_tables(), "layers.1.engram.embed.weight")
+    scale = SafetensorsSource(_golden_tables(), "layers.1.engram.embed.scale")
+    other = SafetensorsSource(_golden_tables(), "layers.14.engram.embed.scale")
+    with pytest.raises(
+        TableFormatError, match=r"'layers.1.engram.embed.scale'.*dtype F8_E8M0; expected F8_E4M3"
+    ):
+        create_table(tmp_path / "x.npy", PackedSafetensorsSource(scale, scale), progress=False)
+    with pytest.raises(
+        TableFormatError, match=r"scales 'layers.14.engram.embed.scale' \[5014, 8\] do not fit"
+    ):
+        create_table(tmp_path / "x.npy", PackedSafetensorsSource(weight, other), progress=False)
+    with pytest.raises(TableFormatError, match="needs uint8 rows of 264 bytes"):
+        create_table(
+            tmp_path / "x.npy", np.zeros((4, 256), np.uint8), quantization=Q, progress=False
+        )
+    with pytest.raises(TableFormatError, match="uint8 tables hold packed quantised rows"):
+        create_table(
+            tmp_path / "x.npy", np.zeros((4, 264), np.float32), dtype="uint8", progress=False
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .atomic_file import AtomicFile, fsync_dir
 from .errors import TableFormatError, TierIOError
+from .quantization import RowQuantization
 from .table_sources import (  # the sources are create_table's arguments: importable from here too
     TABLE_DTYPES,
     PackedSafetensorsSource,
@@ -75,7 +76,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "tiered-store-table"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional "quantization" (packed fp8 rows); version-1 files still open
 PAGE_BYTES = 4096  # 4 KiB: file-system page and O_DIRECT alignment unit
 DATA_OFFSET = 4096  # data region starts on the first page boundary after the magic + header
 MANIFEST_SUFFIX = ".manifest.json"
@@ -107,6 +108,12 @@ class TableManifest:
     metadata: dict[str, Any] = field(
         default_factory=dict, compare=False
     )  # caller's, e.g. Engram layout
+    quantization: RowQuantization | None = None  # rows are packed quantised values (dtype uint8)
+
+    @property
+    def values_per_row(self) -> int:
+        """Values a lookup returns per row: ``dim``, or the quantised row's value count."""
+        return self.quantization.values if self.quantization else self.dim
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -169,6 +176,7 @@ class TableManifest:
                 "library_version": self.library_version,
             },
             "metadata": self.metadata,
+            **({"quantization": self.quantization.to_json()} if self.quantization else {}),
         }
 
     @classmethod
@@ -225,6 +233,16 @@ class TableManifest:
         metadata = doc.get("metadata", {})
         if not isinstance(metadata, dict):
             raise bad("metadata", "a JSON object")
+        quantization = None
+        if "quantization" in doc:
+            try:
+                quantization = RowQuantization.from_json(doc["quantization"])
+            except ValueError as exc:
+                raise TableFormatError(f"{where}: {exc}") from None
+            if dtype != "uint8" or dim != quantization.packed_bytes:
+                raise bad(
+                    "shape", f"[rows, {quantization.packed_bytes}] uint8 for packed quantised rows"
+                )
         return cls(
             rows=rows,
             dim=dim,
@@ -239,6 +257,7 @@ class TableManifest:
             library_version=str(created.get("library_version", "")),
             format_version=version,
             metadata=metadata,
+            quantization=quantization,
         )
 
 
@@ -382,6 +401,7 @@ def create_table(
     progress: bool = True,
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
+    quantization: RowQuantization | None = None,
 ) -> TableManifest:
     """Write a table (``.npy`` + manifest) atomically, streaming the source in chunks.
 
@@ -410,6 +430,10 @@ def create_table(
     metadata
         JSON-serialisable facts stored in the manifest (e.g. the Engram layout the table was built
         for), so a reader can refuse a table made for another configuration.
+    quantization
+        For a ``uint8`` source of packed quantised rows (fp8 codes, then scale bytes; see
+        :mod:`tiered_store.quantization`): their layout, recorded in the manifest so lookups
+        dequantise. ``PackedSafetensorsSource`` and a quantised ``RandomSource`` carry their own.
 
     Returns
     -------
@@ -444,6 +468,7 @@ def create_table(
         raise TableFormatError(f"chunk_bytes={chunk_bytes!r}; expected a positive integer")
     reader = open_source(source, dtype)
     try:
+        reader.quantization = _row_quantization(reader, quantization)
         return _write_table(
             npy_path,
             manifest_path,
@@ -456,6 +481,24 @@ def create_table(
         )
     finally:
         reader.close()
+
+
+def _row_quantization(
+    reader: SourceReader, given: RowQuantization | None
+) -> RowQuantization | None:
+    """The quantisation of the rows a source yields: its own or ``given``, never two that differ."""
+    quant = reader.quantization or given
+    if given is not None and reader.quantization not in (None, given):
+        raise TableFormatError(
+            f"quantization={given.to_json()} but the source's rows are "
+            f"{reader.quantization.to_json()}; expected no quantization argument or the same one"
+        )
+    if quant is not None and (reader.dtype != "uint8" or reader.dim != quant.packed_bytes):
+        raise TableFormatError(
+            f"quantization {quant.to_json()} needs uint8 rows of {quant.packed_bytes} bytes; "
+            f"the source has {reader.dtype} rows of {reader.dim} values"
+        )
+    return quant
 
 
 def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyReport:
@@ -671,7 +714,9 @@ def _write_table(
             source=reader.description,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (3.10)
             library_version=package_version("tiered-store") or "unknown",
+            format_version=FORMAT_VERSION if reader.quantization else 1,  # plain: readable by v1
             metadata=metadata,
+            quantization=reader.quantization,
         )
         manifest_file.file.write(_manifest_text(manifest))
         manifest_file.finish()

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 RANDOM_UNIT_ELEMENTS = 1 << 20  # RandomSource draws 1 Mi elements per seeded unit of rows
-RANDOM_SCALE_BYTES = (120, 135)  # quantised RandomSource: scale exponents 2^-7 .. 2^7
+RANDOM_SCALE_BYTES = (120, 135)  # quantised RandomSource: scales 2^-7 .. 2^8 (bytes inclusive)
 
 # dtype name -> (on-disk .npy descr, bytes per element, torch dtype)
 TABLE_DTYPES: dict[str, tuple[str, int, torch.dtype]] = {
