@@ -3,25 +3,30 @@
 1. ``tiered-store analyze`` turns a corpus (default: the Python standard library's sources) into
    two disjoint traces, split by document: the profile comes from one, replay runs on the other.
 2. Quality: miss ratio of a single cache tier at 1/5/10/25% of the table's rows for the project's
-   policies (batched replay, ``--batch-tokens`` tokens per batch) beside libCacheSim's LRU, ARC,
-   LIRS, 2Q, S3-FIFO, SIEVE, W-TinyLFU and Belady (per request) on the same lookups. Ours are
-   fetch ratios (rows read from cold per lookup): a row missed twice in one batch is read once, as
-   a per-request simulator misses it once and then hits. The per-lookup miss ratios (every
-   occurrence of a missed row counted) are recorded too.
+   policies (batched replay, ``--batch-tokens`` tokens per batch) and its offline bounds (``belady``,
+   ``static-topk``: registry names, replayed per request by the same ``replay`` call) beside
+   libCacheSim's LRU, ARC, LIRS, 2Q, S3-FIFO, SIEVE, W-TinyLFU and Belady (per request) on the
+   same lookups. Ours are fetch ratios (rows read from cold per lookup): a row missed twice in one
+   batch is read once, as a per-request simulator misses it once and then hits. The per-lookup
+   miss ratios (every occurrence of a missed row counted) are recorded too. The gap zipf-tuned
+   closes is measured against libCacheSim's Belady (demand paging), as before.
 3. Speed: batch-mode replay of LRU (one 4096-token sequence per batch) in lookups/s, and the
    ratio to libCacheSim's own LRU over the same trace and capacity.
 
 Example::
 
     python bench/bench_policies.py --out bench/results/policies.json
+    python bench/bench_policies.py --max-tokens 200000 --lookups 200000 --keep   # smoke run
 
-Takes about 15 minutes on 2 cores (tokenising, hashing, 20M-lookup replays, libCacheSim).
+Takes about 15 minutes on 2 cores (tokenising, hashing, 20M-lookup replays, libCacheSim). The
+work directory (traces) is deleted at the end unless ``--keep``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -29,13 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
+from policies.registry import is_offline
 from tiered_store.config import StoreConfig
-from tiered_store.trace import TraceReader
+from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.analyze import AnalyzeOptions, analyze
 from zipf_analysis.replay import replay
 
 SHARES = (0.01, 0.05, 0.10, 0.25)
-OURS = ("lru", "sieve", "zipf-tuned")  # lfu and +tinylfu work too, but take ~30 min here
+# lfu and +tinylfu work too, but take ~30 min here; the last two are offline bounds
+OURS = ("lru", "sieve", "zipf-tuned", "belady", "static-topk")
 LIBCACHESIM = ("LRU", "ARC", "LIRS", "TwoQ", "S3FIFO", "Sieve", "WTinyLFU")
 
 
@@ -44,7 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("corpus", nargs="*", help="text files/dirs/globs (default: the stdlib sources)")
-    p.add_argument("--dir", default="/var/tmp", help="work directory (traces are a few hundred MB)")
+    p.add_argument(
+        "--dir", default="/var/tmp", help="where the work directory goes (traces: a few hundred MB)"
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="keep the work directory (traces) and print where"
+    )
     p.add_argument("--max-tokens", type=int, default=5_000_000, help="tokens over both parts")
     p.add_argument(
         "--holdout",
@@ -103,73 +115,116 @@ def main(argv=None) -> int:
         result = json.loads(Path(args.replot).read_text())
         print(f"plot: {plot_results(result, Path(args.replot).with_suffix('.png'))}")
         return 0
-    with tempfile.TemporaryDirectory(prefix="bench-policies-", dir=args.dir) as tmp:
-        work = Path(tmp)
-        out_dir = work / "analysis"
-        analysis = analyze_corpus(args.corpus, out_dir, args.max_tokens, args.holdout)
-        profile = out_dir / f"{args.layer}.profile.npz"
-        with TraceReader(out_dir / "holdout.trace") as reader:
-            layout = reader.layout[reader.table_index(args.layer)]
-            rows = int(layout["rows"])
-            ids = reader.read_all(args.layer)[: args.lookups]
-        from tiered_store.trace import TraceWriter
+    work = Path(tempfile.mkdtemp(prefix="bench-policies-", dir=args.dir))
+    try:
+        measured = measure(args, work)
+    finally:
+        if args.keep:
+            print(f"work directory kept: {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    result = summarise(args, **measured)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"plot: {plot_results(result, Path(args.out).with_suffix('.png'))}")
+    return 0
 
-        with TraceWriter(work / "replay.trace", {"tables": [layout]}) as writer:
-            for chunk in np.array_split(ids, max(1, ids.size // (4096 * 16))):
-                writer.write(chunk, args.layer)
-                writer.end_batch()
-        write_oracle_trace(ids, work / "replay.oracleGeneral.bin")
-        caps = [int(rows * s) for s in SHARES]
-        table, per_lookup = {}, {}
-        for policy in args.policies.split(","):
-            row = []
-            for share in SHARES:
-                cfg = StoreConfig.from_dict(
-                    {
-                        "table": {"path": str(work / "none.npy"), "dim": 64, "dtype": "float16"},
-                        "tiers": {
-                            "warm": {
-                                "capacity": f"{share:.0%}",
-                                "policy": policy,
-                                "profile": str(profile),
-                            }
-                        },
-                    }
-                )
-                result = replay(
-                    cfg, work / "replay.trace", table=args.layer, batch_tokens=args.batch_tokens
-                )
-                row.append((result.fetch_ratio, result.miss_ratio))
-            table[policy] = [f for f, _ in row]
-            per_lookup[policy] = [m for _, m in row]
-            print(policy, "fetch", [f"{100 * f:.2f}" for f, _ in row], flush=True)
-        lcs_table, lcs_seconds = {}, {}
-        for name in (*LIBCACHESIM, "Belady"):
-            results = [libcachesim_misses(work / "replay.oracleGeneral.bin", name, c) for c in caps]
-            lcs_table[name] = [r for r, _ in results]
-            lcs_seconds[name] = [s for _, s in results]
-            print("libCacheSim", name, [f"{100 * r:.2f}" for r in lcs_table[name]], flush=True)
-        best = [min(lcs_table[n][i] for n in LIBCACHESIM) for i in range(len(SHARES))]
-        belady = lcs_table["Belady"]
-        tuned = table.get("zipf-tuned")
-        closure = (
-            [
-                ((b - t) / (b - o) if b > o else None)
-                for t, b, o in zip(tuned, best, belady, strict=True)
-            ]
-            if tuned
-            else None
-        )
-        # speed: batch-mode LRU replay, one 4096-token sequence per batch, 5% capacity
-        cfg = StoreConfig.from_dict(
-            {
-                "table": {"path": str(work / "none.npy"), "dim": 64, "dtype": "float16"},
-                "tiers": {"warm": {"capacity": "5%", "policy": "lru"}},
-            }
-        )
-        speed = replay(cfg, work / "replay.trace", table=args.layer, batch_tokens=4096)
-        lcs_lru_rate = ids.size / lcs_seconds["LRU"][1]
-    result = {
+
+def measure(args: argparse.Namespace, work: Path) -> dict:
+    """Analyze, replay every policy at every share, run libCacheSim, time LRU replay."""
+    out_dir = work / "analysis"
+    analysis = analyze_corpus(args.corpus, out_dir, args.max_tokens, args.holdout)
+    profile = out_dir / f"{args.layer}.profile.npz"
+    with TraceReader(out_dir / "holdout.trace") as reader:
+        layout = reader.layout[reader.table_index(args.layer)]
+        rows = int(layout["rows"])
+        ids = reader.read_all(args.layer)[: args.lookups]
+    with TraceWriter(work / "replay.trace", {"tables": [layout]}) as writer:
+        for chunk in np.array_split(ids, max(1, ids.size // (4096 * 16))):
+            writer.write(chunk, args.layer)
+            writer.end_batch()
+    write_oracle_trace(ids, work / "replay.oracleGeneral.bin")
+    caps = [int(rows * s) for s in SHARES]
+    table, per_lookup = {}, {}
+    for policy in args.policies.split(","):
+        row = []
+        for share in SHARES:
+            cfg = StoreConfig.from_dict(
+                {
+                    "table": {"path": str(work / "none.npy"), "dim": 64, "dtype": "float16"},
+                    "tiers": {"warm": {"capacity": f"{share:.0%}", "profile": str(profile)}},
+                }
+            )
+            start = time.perf_counter()
+            result = replay(
+                cfg,
+                work / "replay.trace",
+                table=args.layer,
+                batch_tokens=args.batch_tokens,
+                policy=policy,
+            )
+            row.append((result.fetch_ratio, result.miss_ratio))
+            print(
+                f"  {policy} at {share:.0%}: fetch {100 * result.fetch_ratio:.2f}% "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+        table[policy] = [f for f, _ in row]
+        per_lookup[policy] = [m for _, m in row]
+        print(policy, "fetch", [f"{100 * f:.2f}" for f, _ in row], flush=True)
+    lcs_table, lcs_seconds = {}, {}
+    for name in (*LIBCACHESIM, "Belady"):
+        results = [libcachesim_misses(work / "replay.oracleGeneral.bin", name, c) for c in caps]
+        lcs_table[name] = [r for r, _ in results]
+        lcs_seconds[name] = [s for _, s in results]
+        print("libCacheSim", name, [f"{100 * r:.2f}" for r in lcs_table[name]], flush=True)
+    # speed: batch-mode LRU replay, one 4096-token sequence per batch, 5% capacity
+    cfg = StoreConfig.from_dict(
+        {
+            "table": {"path": str(work / "none.npy"), "dim": 64, "dtype": "float16"},
+            "tiers": {"warm": {"capacity": "5%", "policy": "lru"}},
+        }
+    )
+    speed = replay(cfg, work / "replay.trace", table=args.layer, batch_tokens=4096)
+    return {
+        "analysis": analysis,
+        "rows": rows,
+        "lookups": int(ids.size),
+        "table": table,
+        "per_lookup": per_lookup,
+        "lcs_table": lcs_table,
+        "speed_lookups_per_s": speed.lookups_per_second,
+        "lcs_lru_lookups_per_s": ids.size / lcs_seconds["LRU"][1],
+    }
+
+
+def summarise(
+    args: argparse.Namespace,
+    *,
+    analysis,
+    rows: int,
+    lookups: int,
+    table: dict,
+    per_lookup: dict,
+    lcs_table: dict,
+    speed_lookups_per_s: float,
+    lcs_lru_lookups_per_s: float,
+) -> dict:
+    """The JSON result: tables, zipf-tuned's gap closed towards Belady, targets, speed."""
+    best = [min(lcs_table[n][i] for n in LIBCACHESIM) for i in range(len(SHARES))]
+    belady = lcs_table["Belady"]
+    tuned = table.get("zipf-tuned")
+    closure = (
+        [
+            ((b - t) / (b - o) if b > o else None)
+            for t, b, o in zip(tuned, best, belady, strict=True)
+        ]
+        if tuned
+        else None
+    )
+    return {
         "corpus": args.corpus or "python stdlib sources",
         "tokens": {
             "profile": analysis.report["corpus"]["tokens"],
@@ -177,11 +232,14 @@ def main(argv=None) -> int:
         },
         "layer": args.layer,
         "rows": rows,
-        "replayed_lookups": int(ids.size),
+        "replayed_lookups": lookups,
         "batch_tokens": args.batch_tokens,
         "capacity_shares": SHARES,
         "ours_miss_ratio": table,  # fetch ratio: rows read from cold per lookup
         "ours_miss_ratio_per_lookup": per_lookup,  # every occurrence of a missed row counted
+        "ours_offline_bounds": [
+            p for p in table if is_offline(p)
+        ],  # per request, see the docstring
         "libcachesim_miss_ratio": lcs_table,
         "best_online": best,
         "belady": belady,
@@ -195,22 +253,17 @@ def main(argv=None) -> int:
             else None
         ),
         "speed": {
-            "lru_replay_lookups_per_s": speed.lookups_per_second,
-            "libcachesim_lru_lookups_per_s": lcs_lru_rate,
-            "ratio": speed.lookups_per_second / lcs_lru_rate,
+            "lru_replay_lookups_per_s": speed_lookups_per_s,
+            "libcachesim_lru_lookups_per_s": lcs_lru_lookups_per_s,
+            "ratio": speed_lookups_per_s / lcs_lru_lookups_per_s,
             "target_lookups_per_s": 5e6,
         },
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"plot: {plot_results(result, Path(args.out).with_suffix('.png'))}")
-    return 0
 
 
 def plot_results(result: dict, png: Path) -> Path:
-    """Miss % against tier size: ours (fetch ratio, solid), libCacheSim's (dashed), Belady (dotted)."""
+    """Miss % against tier size: ours (fetch ratio, solid; offline bounds dotted), libCacheSim's
+    (dashed), its Belady (dotted, black)."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -219,7 +272,11 @@ def plot_results(result: dict, png: Path) -> Path:
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    lines = [(f"ours {k}", v, "-", "o") for k, v in result["ours_miss_ratio"].items()]
+    offline = set(result.get("ours_offline_bounds", []))
+    lines = [
+        (f"ours {k}", v, ":" if k in offline else "-", "^" if k in offline else "o")
+        for k, v in result["ours_miss_ratio"].items()
+    ]
     lines += [
         (f"libCacheSim {k}", v, ":" if k == "Belady" else "--", "s")
         for k, v in result["libcachesim_miss_ratio"].items()

@@ -6,6 +6,9 @@ the ``static`` modifier (pin the tier's ``static_rows``). Examples: ``lru``, ``s
 ``lfu`` (with aging), ``sieve``, ``fifo``; admission: ``all`` (default), ``tinylfu``. An
 admission factory that sets ``sized_by_capacity = True`` also receives ``capacity=`` (the tier's
 slots).
+
+Offline bounds (``belady``, ``static-topk``) are registry names too, of their own kind: they see
+the whole trace, so replay and the miss-ratio curves run them, and a live tier's spec refuses them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tiered_store.errors import ConfigError
 from .base import AdmissionPolicy, EvictionPolicy, NoEviction
 from .lfu import LFU
 from .lru import LRU
+from .offline import Belady, OfflineBound, StaticTopK
 from .sieve import FIFO, SIEVE
 from .tinylfu import TinyLFU
 
@@ -84,6 +88,11 @@ class PolicySpec:
                 static = True
             elif part == "zipf-tuned":
                 static = tuned = True
+            elif part in OFFLINE:
+                raise ConfigError(
+                    f"{key}: {part!r} is an offline bound, usable in replay only; "
+                    f"expected one of {', '.join(known_names())}"
+                )
             else:
                 raise ConfigError(
                     f"{key}: unknown policy {part!r} in {text!r}; known: {', '.join(known_names())}"
@@ -107,3 +116,31 @@ class PolicySpec:
         if getattr(admission, "sized_by_capacity", False):  # per-tier state, e.g. a sketch
             return eviction, admission(num_rows, device, capacity=capacity)
         return eviction, admission(num_rows, device)
+
+
+# Offline bounds: they see the whole trace (replay and curves only, never a live tier).
+OFFLINE: dict[str, Callable[..., OfflineBound]] = {"static-topk": StaticTopK, "belady": Belady}
+
+
+def register_offline(name: str, factory: Callable[..., OfflineBound]) -> None:
+    """Make an offline bound available by name to replay and the curves."""
+    OFFLINE[name] = factory
+
+
+def offline_names() -> list[str]:
+    """Every offline bound's name, in registration order."""
+    return list(OFFLINE)
+
+
+def is_offline(text: str) -> bool:
+    """Whether ``text`` names an offline bound rather than an online policy spec."""
+    return isinstance(text, str) and text.strip().lower() in OFFLINE
+
+
+def offline_bound(text: str, *, key: str = "policy") -> OfflineBound:
+    """The offline bound named ``text``, with its default settings."""
+    if not is_offline(text):
+        raise ConfigError(
+            f"{key}: {text!r} is not an offline bound; expected one of {', '.join(OFFLINE)}"
+        )
+    return OFFLINE[text.strip().lower()]()

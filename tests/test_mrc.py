@@ -20,6 +20,7 @@ from zipf_analysis.mrc import (
     belady_mrc,
     lru_mrc,
     mean_absolute_error,
+    offline_mrc,
     shards_mrc,
     static_topk_mrc,
 )
@@ -116,6 +117,32 @@ def test_belady_equals_brute_force(bypass):
         expected = [brute_belady_misses(ids, c, bypass) for c in caps]
         assert belady_misses(ids, caps, bypass=bypass, workers=1).tolist() == expected
     assert belady_misses(ids, caps, bypass=bypass, workers=2).tolist() == expected
+
+
+def test_offline_curves_come_from_the_registry():
+    from policies.registry import PolicySpec, is_offline, offline_bound, offline_names
+
+    assert offline_names() == ["static-topk", "belady"] and is_offline(" Belady ")
+    assert not is_offline("lru") and not is_offline("static")
+    with pytest.raises(ConfigError, match="'lru' is not an offline bound; expected one of"):
+        offline_bound("lru", key="--policies")
+    with pytest.raises(ConfigError, match="tiers.hot.policy: 'belady' is an offline bound"):
+        PolicySpec.parse("belady", key="tiers.hot.policy")
+    for ids in random_traces(10, seed=2):
+        caps = list(range(np.unique(ids).size + 2))
+        bel = offline_mrc("belady", ids, caps, table_rows=99)
+        assert bel.name == "belady" and bel.table_rows == 99
+        assert bel.misses.tolist() == belady_mrc(ids, caps).misses.tolist()
+        assert bel.misses[1:].tolist() == belady_misses(ids, caps[1:]).tolist()
+        static = offline_mrc("static-topk", ids, caps)
+        reference = static_topk_mrc(
+            np.bincount(np.unique(ids, return_inverse=True)[1]), capacities=caps
+        )
+        assert static.name == "static-topk"
+        assert static.misses.tolist() == reference.misses.tolist()
+        np.testing.assert_array_equal(static.miss_ratio, reference.miss_ratio)
+    with pytest.raises(ValueError, match="belady: capacities must be >= 0; got -1"):
+        belady_misses(np.array([1, 2]), [-1])
 
 
 def test_orderings_between_curves():

@@ -220,6 +220,73 @@ def test_replay_command_writes_table_json_and_png(tmp_path, capsys):
     assert (out / "replay.png").stat().st_size > 10_000
 
 
+def test_offline_bounds_replay_by_name_over_the_same_ids(tmp_path):
+    from zipf_analysis.mrc import belady_misses, static_topk_mrc
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    records = write_trace(tmp_path / "t.trace", batches=8)
+    ids = np.concatenate([r.ravel() for r in records])
+    config = store_config(path, hot={"capacity": 60}, warm={"capacity": "5%"})
+    caps = [60, 60 + 150]
+    belady = replay(config, tmp_path / "t.trace", table="a", policy="belady")
+    static = replay(config, tmp_path / "t.trace", table="a", policy="static-topk")
+    assert belady.offline and static.offline and belady.policy == "belady"
+    assert belady.lookups == static.lookups == ids.size
+    expected = belady_misses(ids, caps).tolist()
+    assert [belady.tiers["hot"]["misses"], belady.tiers["warm"]["misses"]] == expected
+    assert belady.tiers["warm"]["lookups"] == expected[0]
+    assert belady.miss_ratio == belady.fetch_ratio == expected[1] / ids.size
+    oracle = static_topk_mrc(np.bincount(ids), capacities=caps)
+    assert static.tiers["hot"]["misses"] / ids.size == oracle.miss_ratio[1]
+    assert static.miss_ratio == oracle.miss_ratio[2]
+    # the optimum misses no more than the store's own LRU holding the same rows, per request
+    lru = replay(
+        store_config(path, warm={"capacity": caps[1]}),
+        tmp_path / "t.trace",
+        table="a",
+        batch_tokens=1,
+    )
+    assert belady.miss_ratio <= lru.miss_ratio
+
+
+def test_live_store_refuses_an_offline_bound(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    expected = r"tiers\.warm\.policy: 'belady' is an offline bound, usable in replay only; expected one of .*lru"
+    with pytest.raises(ConfigError, match=expected):
+        TieredStore(store_config(path, warm={"capacity": 10, "policy": "belady"}))
+    with pytest.raises(ConfigError, match="'static-topk' is an offline bound"):
+        TieredStore(store_config(path, hot={"capacity": 10, "policy": "static-topk"}))
+
+
+def test_replay_command_lists_offline_bounds_beside_policies(tmp_path, capsys):
+    import json
+
+    from tiered_store.cli import main
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", batches=6)
+    (tmp_path / "tiers.yaml").write_text(
+        f"table: {{path: {path.name}}}\ntiers:\n  hot: {{capacity: 60}}\n  warm: {{capacity: 5%}}\n"
+    )
+    out = tmp_path / "out"
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--out", str(out)]
+    assert main([*argv, "--policies", "lru,belady,static-topk", "--sweep", "1%,5%"]) == 0
+    assert "belady (offline)" in capsys.readouterr().out
+    doc = json.loads((out / "replay.json").read_text())
+    by_name = {r["policy"]: r for r in doc["results"]}
+    assert by_name["lru/lru"]["bounds"]["belady@hot+warm"] == by_name["belady"]["miss_ratio"]
+    assert by_name["lru/lru"]["bounds"]["static-topk@hot"] == (
+        by_name["static-topk"]["tiers"]["hot"]["misses"] / by_name["static-topk"]["lookups"]
+    )
+    names = [c["name"] for c in doc["sweep"]]
+    assert names == ["lru", "lru (exact, per request)", "static-topk", "belady"]
+    # without bounds, a listed offline name still replays and is swept; the others are skipped
+    assert main([*argv, "--policies", "belady", "--sweep", "1%", "--no-bounds"]) == 0
+    doc = json.loads((out / "replay.json").read_text())
+    assert doc["results"][0]["bounds"] == {} and doc["results"][0]["offline"]
+    assert [c["name"] for c in doc["sweep"]] == ["lru (exact, per request)", "belady"]
+
+
 def _trace_of(path, batches, rows=ROWS):
     with TraceWriter(path, {"tables": [{"name": "a", "rows": rows, "heads": 1}]}) as writer:
         for ids in batches:

@@ -12,6 +12,10 @@ Curves computed here, all as :class:`MissRatioCurve`:
   instead (SHARDS-max) for traces whose distinct rows do not fit.
 - :func:`static_topk_mrc` - an oracle that pins the K most frequent rows (by true frequency).
 - :func:`belady_mrc` - Belady's MIN, the fewest misses any cache of that capacity can have.
+- :func:`offline_mrc` - any offline bound of the policy registry by name (the two above are
+  ``static-topk`` and ``belady``; their simulations live in :mod:`policies.offline`).
+
+The numba kernels behind the LRU and SHARDS curves are in :mod:`zipf_analysis.mrc_kernels`.
 
 Counting convention: every curve counts compulsory (first-access) misses, except
 :func:`static_topk_mrc` by default, which models a cache preloaded from a profile (the store's
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,17 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from policies.offline import Belady, OfflineBound, StaticTopK, static_topk_misses
+from policies.registry import offline_bound
 from tiered_store.errors import RowIdError
+from tiered_store.profile import FrequencyProfile
+from tiered_store.trace import TraceReader
 
-try:
-    import numba
-    from numba import types as _nb_types
-    from numba.typed import Dict as _NbDict
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - numba is a dependency of this module
-    numba = None
-    HAVE_NUMBA = False
+from . import mrc_kernels as kernels
 
 __all__ = [
     "MissRatioCurve",
@@ -50,6 +51,7 @@ __all__ = [
     "jsonable",
     "lru_mrc",
     "mean_absolute_error",
+    "offline_mrc",
     "shards_mrc",
     "static_topk_mrc",
 ]
@@ -61,18 +63,6 @@ MIN_TIME_CAPACITY = (
 TIME_AXIS_GROWTH = 4  # on compaction, grow the time axis to this many times the distinct rows
 SHARDS_MODULUS = 1 << 24  # fixed-rate sampling granularity: rates are multiples of 2**-24
 DEFAULT_SHARDS_RATE = 0.01
-
-
-def _njit(func: Any) -> Any:
-    """``numba.njit(cache=True, nogil=True)``, or the plain function without numba."""
-    return numba.njit(cache=True, nogil=True)(func) if HAVE_NUMBA else func
-
-
-def _int_dict() -> Any:
-    """An empty int64 -> int64 map the kernels accept."""
-    if HAVE_NUMBA:
-        return _NbDict.empty(key_type=_nb_types.int64, value_type=_nb_types.int64)
-    return {}  # pragma: no cover
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,349 +227,6 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------
-
-
-@_njit
-def _popcount(x):
-    """Set bits of a uint64, as int64."""
-    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
-    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
-    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
-
-
-@_njit
-def _lru_pass(ids, start, last, owner, bits, tree, hist, state):
-    """Stack distances of ids[start:] until the time axis fills; returns the next position.
-
-    The time axis is a bitmap (one bit per access time, set while it is some row's latest access)
-    with a Fenwick tree over its 64-bit words, 64x smaller than a tree over times, so it stays in
-    cache: the number of distinct rows since time q is distinct - (marks at times <= q).
-    """
-    n_words = tree.shape[0] - 1
-    cap = n_words * 64
-    t = state[0]
-    distinct = state[1]
-    one = np.uint64(1)
-    n = ids.shape[0]
-    i = start
-    while i < n and t < cap:
-        x = ids[i]
-        p = last[x]
-        if p == 0:
-            distinct += 1
-            hist[0] += 1
-        else:
-            q = p - 1
-            w = q >> 6
-            b = q & 63
-            word = bits[w]
-            s = _popcount(word & (~np.uint64(0) >> np.uint64(63 - b)))  # marks at times w*64..q
-            j = w
-            while j > 0:
-                s += tree[j]
-                j &= j - 1
-            hist[distinct - s + 1] += 1
-            bits[w] = word & ~(one << np.uint64(b))
-            j = w + 1
-            while j <= n_words:
-                tree[j] -= 1
-                j += j & -j
-        w = t >> 6
-        bits[w] |= one << np.uint64(t & 63)
-        j = w + 1
-        while j <= n_words:
-            tree[j] += 1
-            j += j & -j
-        owner[t] = x
-        t += 1
-        last[x] = t
-        i += 1
-    state[0] = t
-    state[1] = distinct
-    return i
-
-
-@_njit
-def _compact_bitmap_times(last, owner, t):
-    """Renumber live access times 0..distinct-1 in order (``last`` holds time + 1); returns
-    distinct."""
-    new_t = 0
-    for pos in range(t):
-        x = owner[pos]
-        if last[x] == pos + 1:
-            owner[new_t] = x
-            new_t += 1
-            last[x] = new_t
-    return new_t
-
-
-@_njit
-def _bitmap_ones(bits, tree, k):
-    """Set times 0..k-1 in the bitmap, clear the rest, and rebuild the Fenwick tree over words."""
-    n_words = tree.shape[0] - 1
-    bits[:] = 0
-    tree[:] = 0
-    full = k >> 6
-    for w in range(full):
-        bits[w] = ~np.uint64(0)
-        tree[w + 1] = 64
-    if k & 63:
-        bits[full] = (np.uint64(1) << np.uint64(k & 63)) - np.uint64(1)
-        tree[full + 1] = k & 63
-    for i in range(1, n_words + 1):
-        j = i + (i & -i)
-        if j <= n_words:
-            tree[j] += tree[i]
-
-
-@_njit
-def _compact_times(last, owner, t):
-    """Renumber live access times 1..distinct in order; returns distinct."""
-    new_t = 0
-    for pos in range(1, t + 1):
-        x = owner[pos]
-        if last[x] == pos:
-            new_t += 1
-            owner[new_t] = x
-            last[x] = new_t
-    return new_t
-
-
-@_njit
-def _fenwick_ones(tree, k):
-    """Rebuild ``tree`` as the Fenwick tree of ones at positions 1..k, zeros after."""
-    cap = tree.shape[0] - 1
-    tree[:] = 0
-    for i in range(1, k + 1):
-        tree[i] = 1
-    for i in range(1, cap + 1):
-        j = i + (i & -i)
-        if j <= cap:
-            tree[j] += tree[i]
-
-
-@_njit
-def _mix64(x):
-    """splitmix64 finaliser of a uint64."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-@_njit
-def _sample_mask(ids, seed, threshold):
-    """Keep ids whose 24-bit hash is below ``threshold``."""
-    out = np.empty(ids.shape[0], dtype=np.bool_)
-    s = np.uint64(seed)
-    for i in range(ids.shape[0]):
-        h = _mix64(np.uint64(ids[i]) ^ s) >> np.uint64(40)
-        out[i] = h < np.uint64(threshold)
-    return out
-
-
-@_njit
-def _next_use(ids, n_ids):
-    """Index of the next access to the same id, or int64 max."""
-    n = ids.shape[0]
-    nxt = np.empty(n, dtype=np.int64)
-    seen = np.full(n_ids, np.iinfo(np.int64).max, dtype=np.int64)
-    for i in range(n - 1, -1, -1):
-        x = ids[i]
-        nxt[i] = seen[x]
-        seen[x] = i
-    return nxt
-
-
-@_njit
-def _belady(ids, nxt, n_ids, capacity, bypass):
-    """Misses of Belady's MIN at one capacity: a max-heap of cached ids keyed by next use."""
-    if capacity <= 0:
-        return ids.shape[0]
-    key = np.zeros(n_ids, dtype=np.int64)
-    pos = np.full(n_ids, -1, dtype=np.int64)
-    heap = np.empty(capacity, dtype=np.int64)
-    size = 0
-    misses = 0
-    for t in range(ids.shape[0]):
-        x = ids[t]
-        nu = nxt[t]
-        k = pos[x]
-        if k >= 0:
-            key[x] = nu  # later than before: sift up
-        else:
-            misses += 1
-            if size < capacity:
-                k = size
-                size += 1
-            else:
-                top = heap[0]
-                if bypass and nu >= key[top]:
-                    continue  # x is the farthest: do not cache it
-                pos[top] = -1
-                key[x] = nu
-                heap[0] = x
-                pos[x] = 0
-                k = 0  # smaller-or-equal key at the root: sift down
-                while True:
-                    c = 2 * k + 1
-                    if c >= size:
-                        break
-                    if c + 1 < size and key[heap[c + 1]] > key[heap[c]]:
-                        c += 1
-                    if key[heap[c]] <= nu:
-                        break
-                    heap[k] = heap[c]
-                    pos[heap[k]] = k
-                    k = c
-                heap[k] = x
-                pos[x] = k
-                continue
-            key[x] = nu
-        while k > 0:
-            parent = (k - 1) >> 1
-            if key[heap[parent]] >= nu:
-                break
-            heap[k] = heap[parent]
-            pos[heap[k]] = k
-            k = parent
-        heap[k] = x
-        pos[x] = k
-    return misses
-
-
-@_njit
-def _shards_fixed_size_pass(
-    ids,
-    start,
-    seed,
-    smax,
-    slots,
-    slot_id,
-    slot_hash,
-    last,
-    owner,
-    tree,
-    heap,
-    free,
-    hist,
-    state,
-    fstate,
-    thresh,
-):
-    """SHARDS-max over ids[start:]: track at most ``smax`` sampled rows, lowering the threshold to
-    the largest tracked hash when over; each sampled access adds 1/R (R = threshold / 2**64) to the
-    bucket of its scaled distance. Returns the next position; stops early when the time axis or
-    the histogram is full."""
-    cap = tree.shape[0] - 1
-    t, distinct, size, n_free = state[0], state[1], state[2], state[3]
-    s = np.uint64(seed)
-    n = ids.shape[0]
-    i = start
-    while i < n and t < cap:
-        x = ids[i]
-        h = _mix64(np.uint64(x) ^ s)
-        if h >= thresh[0]:
-            i += 1
-            continue
-        weight = 1.0 / (float(thresh[0]) * 5.421010862427522e-20)  # 1 / R
-        slot = np.int64(-1)
-        if x in slots:
-            slot = slots[x]
-        if slot >= 0:
-            p = last[slot]
-            acc = 0
-            j = p
-            while j > 0:
-                acc += tree[j]
-                j &= j - 1
-            bucket = int((distinct - acc + 1) * weight + 0.5)
-            if bucket >= hist.shape[0]:
-                break
-            hist[bucket] += weight
-            j = p
-            while j <= cap:
-                tree[j] -= 1
-                j += j & -j
-        else:
-            fstate[0] += weight  # cold
-            n_free -= 1
-            slot = free[n_free]
-            slots[x] = slot
-            slot_id[slot] = x
-            slot_hash[slot] = h
-            distinct += 1
-            k = size
-            size += 1
-            while k > 0:
-                parent = (k - 1) >> 1
-                if slot_hash[heap[parent]] >= h:
-                    break
-                heap[k] = heap[parent]
-                k = parent
-            heap[k] = slot
-        fstate[1] += weight
-        t += 1
-        j = t
-        while j <= cap:
-            tree[j] += 1
-            j += j & -j
-        last[slot] = t
-        owner[t] = slot
-        if size > smax:  # evict the largest hash; it becomes the threshold
-            top = heap[0]
-            thresh[0] = slot_hash[top]
-            size -= 1
-            moved = heap[size]
-            k = 0
-            while True:
-                c = 2 * k + 1
-                if c >= size:
-                    break
-                if c + 1 < size and slot_hash[heap[c + 1]] > slot_hash[heap[c]]:
-                    c += 1
-                if slot_hash[heap[c]] <= slot_hash[moved]:
-                    break
-                heap[k] = heap[c]
-                k = c
-            heap[k] = moved
-            j = last[top]
-            while j <= cap:
-                tree[j] -= 1
-                j += j & -j
-            last[top] = 0
-            distinct -= 1
-            slots.pop(slot_id[top])
-            free[n_free] = top
-            n_free += 1
-        i += 1
-    state[0], state[1], state[2], state[3] = t, distinct, size, n_free
-    return i
-
-
-@_njit
-def _dict_put_identity(table, keys):
-    """table[k] = k for each key."""
-    for k in keys:
-        table[k] = k
-
-
-@_njit
-def _remap_from(ids, table, nxt, out):
-    """Dense index of each id, new ids numbered from ``nxt`` in order of appearance; returns the
-    next free number."""
-    for i in range(ids.shape[0]):
-        x = ids[i]
-        v = table.get(x, -1)
-        if v < 0:
-            v = nxt
-            table[x] = v
-            nxt += 1
-        out[i] = v
-    return nxt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,7 +243,7 @@ def _iter_chunks(source: Any) -> Iterator[np.ndarray]:
         for start in range(0, flat.size, _BLOCK):
             yield _as_int64(flat[start : start + _BLOCK])
         return
-    if hasattr(source, "ids") and hasattr(source, "read_all"):
+    if isinstance(source, TraceReader):
         source = source.ids()
     for part in source:
         yield _as_int64(np.asarray(part).reshape(-1))
@@ -618,17 +265,6 @@ def _as_array(source: Any) -> np.ndarray:
         return _as_int64(source.reshape(-1))
     parts = list(_iter_chunks(source))
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-
-
-def _dense(ids: np.ndarray) -> tuple[np.ndarray, int]:
-    """Ids as dense indices (unchanged when small enough to index arrays) and the index count."""
-    if ids.size == 0:
-        return ids, 0
-    hi = int(ids.max())
-    if hi < DENSE_ID_LIMIT:
-        return ids, hi + 1
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    return inverse.astype(np.int64), int(uniq.size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,20 +329,20 @@ class StackDistanceCounter:
         if self._map is None:
             hi = int(ids.max())
             if hi >= DENSE_ID_LIMIT:
-                self._map = _int_dict()
+                self._map = kernels.int_dict()
                 touched = np.nonzero(self._last)[0].astype(np.int64)
-                _dict_put_identity(self._map, touched)
+                kernels.dict_put_identity(self._map, touched)
                 self._next_index = self._last.size
             else:
                 self._grow_index(hi + 1)
         if self._map is not None:
             dense = np.empty_like(ids)
-            self._next_index = _remap_from(ids, self._map, self._next_index, dense)
+            self._next_index = kernels.remap_from(ids, self._map, self._next_index, dense)
             self._grow_index(self._next_index)
             ids = dense
         pos = 0
         while pos < ids.size:
-            pos = _lru_pass(
+            pos = kernels.lru_pass(
                 ids, pos, self._last, self._owner, self._bits, self._tree, self._hist, self._state
             )
             if pos < ids.size:
@@ -716,7 +352,7 @@ class StackDistanceCounter:
     def _compact(self) -> None:
         """Renumber live times 0..distinct-1; grow the time axis to 4x distinct when it is over
         half full."""
-        distinct = _compact_bitmap_times(self._last, self._owner, int(self._state[0]))
+        distinct = kernels.compact_bitmap_times(self._last, self._owner, int(self._state[0]))
         self._state[0] = distinct
         if 2 * distinct > self._owner.size:
             words = -(-int(TIME_AXIS_GROWTH * distinct) // 64)
@@ -725,7 +361,7 @@ class StackDistanceCounter:
             self._owner = owner
             self._bits = np.zeros(words, dtype=np.uint64)
             self._tree = np.zeros(words + 1, dtype=np.int32)
-        _bitmap_ones(self._bits, self._tree, distinct)
+        kernels.bitmap_ones(self._bits, self._tree, distinct)
 
     def histogram(self) -> tuple[np.ndarray, int]:
         """``(counts, cold)``: ``counts[d - 1]`` accesses at stack distance d (1..distinct), and
@@ -808,8 +444,6 @@ def lru_mrc(
     >>> lru_mrc(np.array([0, 1, 2, 0, 1, 2, 3]), capacities=[3]).miss_ratio.round(3).tolist()
     [1.0, 0.571]
     """
-    import time
-
     start = time.perf_counter()
     counter = StackDistanceCounter()
     for chunk in _iter_chunks(source):
@@ -878,8 +512,6 @@ def shards_mrc(
     >>> mean_absolute_error(approx, exact) < 0.01
     True
     """
-    import time
-
     start = time.perf_counter()
     if fixed_size is not None:
         caps, ratio, lookups, meta = _shards_fixed_size(source, int(fixed_size), seed, adjust)
@@ -892,7 +524,7 @@ def shards_mrc(
         lookups = 0
         for chunk in _iter_chunks(source):
             lookups += chunk.size
-            counter.update(chunk[_sample_mask(chunk, np.uint64(seed), np.uint64(threshold))])
+            counter.update(chunk[kernels.sample_mask(chunk, np.uint64(seed), np.uint64(threshold))])
         counts, cold = counter.histogram()
         counts = counts.astype(np.float64)
         expected = lookups * real_rate
@@ -925,7 +557,7 @@ def _shards_fixed_size(
     if smax < 1:
         raise ValueError(f"fixed_size: got {smax}; expected a positive number of rows")
     cap = 4 * (smax + 1)
-    slots = _int_dict()
+    slots = kernels.int_dict()
     slot_id = np.zeros(smax + 1, dtype=np.int64)
     slot_hash = np.zeros(smax + 1, dtype=np.uint64)
     last = np.zeros(smax + 1, dtype=np.int32)
@@ -942,7 +574,7 @@ def _shards_fixed_size(
         lookups += chunk.size
         pos = 0
         while pos < chunk.size:
-            pos = _shards_fixed_size_pass(
+            pos = kernels.shards_fixed_size_pass(
                 chunk,
                 pos,
                 np.uint64(seed),
@@ -963,8 +595,8 @@ def _shards_fixed_size(
             if pos >= chunk.size:
                 break
             if state[0] >= cap:
-                state[0] = _compact_times(last, owner, int(state[0]))
-                _fenwick_ones(tree, int(state[0]))
+                state[0] = kernels.compact_times(last, owner, int(state[0]))
+                kernels.fenwick_ones(tree, int(state[0]))
             else:
                 grown = np.zeros(hist.size * 2, dtype=np.float64)
                 grown[: hist.size] = hist
@@ -1026,18 +658,13 @@ def static_topk_mrc(
     >>> static_topk_mrc(np.array([5, 1, 3, 1]), preloaded=False).misses.tolist()
     [10, 6, 4, 4, 4]
     """
-    if hasattr(counts, "counts"):
-        table_rows = table_rows if table_rows is not None else getattr(counts, "rows", None)
+    if isinstance(counts, FrequencyProfile):
+        table_rows = table_rows if table_rows is not None else counts.rows
         counts = counts.counts
-    counts = np.asarray(counts).reshape(-1)
-    counts = np.sort(counts[counts > 0].astype(np.int64))[::-1]
-    lookups = int(counts.sum())
-    hits = np.concatenate([[0], np.cumsum(counts)])
-    if not preloaded:
-        hits = hits - np.arange(hits.size)
-    misses = lookups - hits
+    misses = static_topk_misses(counts, preloaded=preloaded)
+    lookups = int(misses[0])
     caps = np.arange(misses.size, dtype=np.int64)
-    meta = {"method": "static top-K by true frequency", "preloaded": preloaded}
+    meta = {"method": StaticTopK.method, "preloaded": preloaded}
     curve = MissRatioCurve(name, caps, _ratio(misses, lookups), lookups, misses, table_rows, meta)
     return curve if capacities is None else _exact_at(curve, capacities)
 
@@ -1049,10 +676,10 @@ def belady_misses(
     bypass: bool = True,
     workers: int | None = None,
 ) -> np.ndarray:
-    """Misses of Belady's MIN (clairvoyant) cache at each capacity.
+    """Misses of Belady's MIN (clairvoyant) cache at each capacity, from any id source.
 
-    O(N log C) per capacity with a next-use array and an indexed heap; the whole trace is held
-    in RAM (16 bytes per lookup plus 16 bytes per possible row id per worker).
+    The simulation is the offline bound :class:`policies.offline.Belady` (registry name
+    ``belady``); this reads the source into one array first.
 
     Parameters
     ----------
@@ -1062,9 +689,7 @@ def belady_misses(
         Cache sizes in rows.
     bypass : bool
         True (default): a missed row whose next use is farther than every cached row's is not
-        cached: the optimum for caches with an admission filter, and a lower bound for every
-        policy in this project. False: classic demand paging, every miss is cached (evicting
-        the cached row used farthest in future).
+        cached (the optimum for caches with an admission filter). False: classic demand paging.
     workers : int, optional
         Threads, one capacity each (default: CPU count, at most the number of capacities).
 
@@ -1073,27 +698,7 @@ def belady_misses(
     >>> belady_misses(np.array([1, 2, 3, 1, 2, 3]), [1, 2, 3]).tolist()
     [5, 4, 3]
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    ids, n_ids = _dense(_as_array(source))
-    caps = np.asarray(capacities, dtype=np.int64).reshape(-1)
-    if caps.size and caps.min() < 0:
-        raise ValueError(f"capacities must be >= 0; got {int(caps.min())}")
-    if ids.size == 0:
-        return np.zeros(caps.size, dtype=np.int64)
-    nxt = _next_use(ids, n_ids)
-    distinct = int(np.count_nonzero(np.bincount(ids, minlength=1))) if n_ids else 0
-
-    def run(c: int) -> int:
-        if c >= distinct:
-            return distinct
-        return int(_belady(ids, nxt, n_ids, int(c), bool(bypass)))
-
-    workers = max(1, min(workers or os.cpu_count() or 1, caps.size))
-    if workers == 1:
-        return np.array([run(c) for c in caps], dtype=np.int64)
-    with ThreadPoolExecutor(workers) as pool:
-        return np.array(list(pool.map(run, caps.tolist())), dtype=np.int64)
+    return Belady(bypass=bypass, workers=workers).misses(_as_array(source), capacities)
 
 
 def belady_mrc(
@@ -1113,19 +718,59 @@ def belady_mrc(
     >>> belady_mrc(np.array([1, 2, 3, 1, 2, 3]), [1, 2, 3]).misses.tolist()
     [6, 5, 4, 3]
     """
-    import time
-
-    start = time.perf_counter()
     ids = _as_array(source)
     if capacities is None:
         distinct = int(np.unique(ids).size)
         capacities = np.unique(np.geomspace(1, max(distinct, 1), points).astype(np.int64))
+    return _bound_curve(Belady(bypass=bypass), ids, capacities, table_rows, name)
+
+
+def offline_mrc(
+    bound: str,
+    source: Any,
+    capacities: Sequence[int] | np.ndarray,
+    *,
+    table_rows: int | None = None,
+) -> MissRatioCurve:
+    """Miss-ratio curve of an offline bound named in the policy registry, with its defaults.
+
+    Parameters
+    ----------
+    bound : str
+        A name from ``policies.registry.offline_names()``: ``"belady"`` or ``"static-topk"``.
+    source : ndarray, TraceReader or iterable of ndarrays
+        Row ids in request order.
+    capacities : sequence of int
+        Cache sizes in rows (capacity 0 is always added).
+    table_rows : int, optional
+        Rows in the table.
+
+    Examples
+    --------
+    >>> ids = np.array([1, 2, 3, 1, 2, 3])
+    >>> offline_mrc("belady", ids, [1, 2, 3]).misses.tolist()
+    [6, 5, 4, 3]
+    >>> offline_mrc("static-topk", ids, [1, 2, 3]).misses.tolist()   # preloaded: no cold misses
+    [6, 4, 2, 0]
+    """
+    return _bound_curve(offline_bound(bound), _as_array(source), capacities, table_rows, None)
+
+
+def _bound_curve(
+    bound: OfflineBound,
+    ids: np.ndarray,
+    capacities: Sequence[int] | np.ndarray,
+    table_rows: int | None,
+    name: str | None,
+) -> MissRatioCurve:
+    """An offline bound's curve at capacity 0 and ``capacities``, named ``name`` or the bound's."""
+    start = time.perf_counter()
     caps = np.unique(np.concatenate([[0], np.asarray(capacities, dtype=np.int64)]))
-    misses = belady_misses(ids, caps, bypass=bypass)
-    meta = {"method": "Belady MIN" + (" with bypass" if bypass else " (demand paging)")}
-    meta["seconds"] = round(time.perf_counter() - start, 4)
+    misses = bound.misses(ids, caps)
+    meta = {"method": bound.method, "seconds": round(time.perf_counter() - start, 4)}
+    lookups = int(ids.size)
     return MissRatioCurve(
-        name, caps, _ratio(misses, int(ids.size)), int(ids.size), misses, table_rows, meta
+        name or bound.name, caps, _ratio(misses, lookups), lookups, misses, table_rows, meta
     )
 
 

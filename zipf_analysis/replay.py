@@ -4,6 +4,9 @@ Because the live ``TieredStore`` makes its decisions through the same ``CacheHie
 ``admit`` calls, a hit rate measured here is the hit rate the store gets for the same config and
 batches (``tests/test_replay.py`` proves the counters equal).
 
+An offline bound of the policy registry (``belady``, ``static-topk``) replays too: it sees the
+table's whole trace, one request at a time, at the hot tier's capacity and at hot + warm.
+
 Examples
 --------
 >>> from zipf_analysis.replay import replay
@@ -23,12 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from policies.registry import is_offline, offline_bound
 from tiered_store.cache_plan import CacheHierarchy
+from tiered_store.capacity import resolve_capacity
 from tiered_store.config import CostModelConfig, StoreConfig
 from tiered_store.errors import ConfigError, TraceFormatError
+from tiered_store.stats import hit_ratio
+from tiered_store.table_format import PAGE_BYTES, read_manifest
 from tiered_store.trace import TraceReader
-
-PAGE_BYTES = 4096
 
 
 @dataclass
@@ -47,6 +52,7 @@ class ReplayResult:
     modelled_stall_seconds: float
     wall_seconds: float
     bounds: dict[str, float] = field(default_factory=dict)  # belady / static-topk miss ratios
+    offline: bool = False  # an offline bound, per request: only lookups, hits and misses count
 
     @property
     def miss_ratio(self) -> float:
@@ -97,7 +103,8 @@ def replay(
         Regroup lookups into batches of this many tokens (x heads ids). ``1`` replays one lookup
         at a time, as per-request simulators (libCacheSim) do. Default: the trace's own batches.
     policy : str, optional
-        Override both cache tiers' policy (e.g. ``"lru+tinylfu"``).
+        Override both cache tiers' policy (e.g. ``"lru+tinylfu"``), or name an offline bound
+        (``"belady"``, ``"static-topk"``) to run over the table's ids, one request at a time.
     lookahead : int
         Batches the cache may look ahead: rows they use are not evicted (as the live store does
         for its queued prefetches).
@@ -116,6 +123,15 @@ def replay(
     index = reader.table_index(table if table is not None else 0)
     layout = reader.layout[index]
     rows, row_bytes = table_geometry(config, layout)
+    if policy is not None and is_offline(policy):
+        return replay_offline(
+            config,
+            reader.read_all(index),
+            policy,
+            rows=rows,
+            row_bytes=row_bytes,
+            table=str(layout.get("name", index)),
+        )
     if policy is not None:
         config = with_policy(config, policy)
     caches = CacheHierarchy.from_config(config, rows, row_bytes, "cpu")
@@ -150,7 +166,7 @@ def replay(
     tiers = {}
     for cache in (caches.hot, caches.warm):
         c = cache.counters.as_dict()
-        c["hit_ratio"] = c["hits"] / c["lookups"] if c["lookups"] else 0.0
+        c["hit_ratio"] = hit_ratio(c["hits"], c["lookups"])
         c["capacity"], c["occupancy"] = cache.capacity, cache.occupancy
         tiers[cache.name] = c
     return ReplayResult(
@@ -165,6 +181,82 @@ def replay(
         modelled_fetch_seconds=fetch_s,
         modelled_stall_seconds=stall_s,
         wall_seconds=wall,
+    )
+
+
+def replay_offline(
+    config: StoreConfig,
+    ids: np.ndarray,
+    bound: str,
+    *,
+    rows: int,
+    row_bytes: int,
+    table: str = "",
+) -> ReplayResult:
+    """An offline bound over a table's whole trace, in the shape of a replay.
+
+    The hot tier's figures are the bound at the hot capacity; the warm tier's, at hot + warm
+    capacity (the rows both tiers hold), for the lookups hot missed. Per request, so the miss
+    ratio and the fetch ratio are equal; movements other than cold reads are not modelled.
+
+    Parameters
+    ----------
+    config : StoreConfig
+        Gives the tier capacities (as the store resolves them).
+    ids : ndarray of int64
+        The table's row ids in request order.
+    bound : str
+        An offline name of the policy registry: ``"belady"`` or ``"static-topk"``.
+    rows, row_bytes : int
+        The table's geometry (see :func:`table_geometry`).
+    table : str
+        The table's name, for the result.
+
+    Examples
+    --------
+    >>> from tiered_store.config import StoreConfig
+    >>> cfg = StoreConfig.from_dict({"table": {"path": "t.npy"},
+    ...                              "tiers": {"hot": {"capacity": 1}, "warm": {"capacity": 1}}})
+    >>> r = replay_offline(cfg, np.array([1, 2, 3, 1, 2, 3]), "belady", rows=10, row_bytes=64)
+    >>> r.tiers["hot"]["misses"], r.tiers["warm"]["misses"], r.miss_ratio == r.fetch_ratio
+    (5, 4, True)
+    """
+    hot, warm = (
+        resolve_capacity(
+            tier.capacity, table_rows=rows, row_bytes=row_bytes, key=f"tiers.{name}.capacity"
+        )
+        for name, tier in (("hot", config.tiers.hot), ("warm", config.tiers.warm))
+    )
+    start = time.perf_counter()
+    hot_misses, misses = (int(m) for m in offline_bound(bound).misses(ids, [hot, hot + warm]))
+    wall = time.perf_counter() - start
+    lookups = int(ids.size)
+    tiers = {}
+    for name, capacity, seen, missed in (
+        ("hot", hot, lookups, hot_misses),
+        ("warm", warm, hot_misses, misses),
+    ):
+        tiers[name] = {
+            "lookups": seen,
+            "hits": seen - missed,
+            "misses": missed,
+            "hit_ratio": hit_ratio(seen - missed, seen),
+            "capacity": capacity,
+        }
+    moved = {"cold_reads": misses, "into_warm": 0, "into_hot": 0, "host_to_device": hot_misses}
+    return ReplayResult(
+        policy=bound.strip().lower(),
+        table=table,
+        batches=lookups,
+        lookups=lookups,
+        tiers=tiers,
+        rows_moved=moved,
+        bytes_moved={k: v * row_bytes for k, v in moved.items()},
+        unique_rows_per_batch=hot_misses / lookups if lookups else 0.0,
+        modelled_fetch_seconds=0.0,
+        modelled_stall_seconds=0.0,
+        wall_seconds=wall,
+        offline=True,
     )
 
 
@@ -190,8 +282,6 @@ def batch_fetch_seconds(
 def table_geometry(config: StoreConfig, layout: dict[str, Any]) -> tuple[int, int]:
     """(rows, row_bytes) of the replayed table: from the table file when it exists (checked against
     the trace), else from the trace layout and the config's ``table.dim``/``table.dtype``."""
-    from tiered_store.table_format import read_manifest
-
     trace_rows = layout.get("rows")
     path = Path(config.table.path)
     if path.exists():

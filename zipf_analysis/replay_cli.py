@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from policies.registry import is_offline, offline_names
 from tiered_store.capacity import resolve_capacity
 from tiered_store.config import StoreConfig
 from tiered_store.trace import TraceReader
 
-from .mrc import MissRatioCurve, belady_misses, lru_mrc, static_topk_mrc
+from .mrc import MissRatioCurve, lru_mrc, offline_mrc
 from .replay import ReplayResult, replay, table_geometry
 
 DEFAULT_SWEEP = "1%,5%,10%,25%"
@@ -28,8 +29,9 @@ def register(sub) -> None:
         "fetched per batch, rows and bytes moved, and a modelled stall time (the config's cost_model), "
         "the miss ratio per lookup and the fetch ratio (rows read from cold per lookup: a row missed "
         "several times in one batch is read once, the figure comparable with per-request simulators), "
-        "with Belady's optimum and the oracle static top-K at the same capacities. Also sweeps a single "
-        "cache tier over --sweep capacities per policy and draws its fetch ratio against capacity (PNG).",
+        "with the offline bounds (Belady's optimum and the oracle static top-K, per request) at the same "
+        "capacities. Also sweeps a single cache tier over --sweep capacities per policy and draws its "
+        "fetch ratio against capacity (PNG).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("config", type=Path, help="store config (YAML)")
@@ -38,7 +40,9 @@ def register(sub) -> None:
     )
     p.add_argument("--table", help="which table of the trace (default: the first)")
     p.add_argument(
-        "--policies", help="comma-separated policies to compare, e.g. lru,sieve,lru+tinylfu"
+        "--policies",
+        help="comma-separated policies to compare, e.g. lru,sieve,lru+tinylfu; offline bounds "
+        f"({', '.join(offline_names())}) may be listed too",
     )
     p.add_argument(
         "--batch-tokens",
@@ -54,7 +58,7 @@ def register(sub) -> None:
     p.add_argument(
         "--no-bounds",
         action="store_true",
-        help="skip Belady / static top-K (they read the whole trace)",
+        help="skip the offline bounds not named in --policies (they read the whole trace)",
     )
     p.set_defaults(run=run_replay)
 
@@ -76,10 +80,10 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
         replay(config, reader, table=table, batch_tokens=args.batch_tokens, policy=p)
         for p in policies
     ]
-    ids = None if args.no_bounds else reader.read_all(table)
-    if ids is not None:
-        hot, warm = results[0].tiers["hot"]["capacity"], results[0].tiers["warm"]["capacity"]
-        bounds = offline_bounds(ids, {"hot": hot, "hot+warm": hot + warm})
+    named = {p.strip().lower() for p in policies if p is not None and is_offline(p)}
+    bound_names = [n for n in offline_names() if not args.no_bounds or n in named]
+    if not args.no_bounds:
+        bounds = offline_bounds(config, reader, table, results)
         for result in results:
             result.bounds = bounds
     print_table(results)
@@ -101,7 +105,7 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
             args.batch_tokens,
             rows,
             row_bytes,
-            ids,
+            bound_names,
         )
         doc["sweep"] = [c.to_dict() for c in curves]
         from .plots import plot_miss_ratio_curves
@@ -119,23 +123,27 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
     return 0
 
 
-def offline_bounds(ids: np.ndarray, capacities: dict[str, int]) -> dict[str, float]:
-    """Belady's and the oracle static top-K's miss ratios at each named capacity."""
-    caps = sorted(set(capacities.values()))
-    belady = dict(zip(caps, belady_misses(ids, caps), strict=True))
-    static = static_topk_mrc(np.bincount(ids), capacities=caps)
-    static_at = dict(zip(static.capacities.tolist(), static.miss_ratio.tolist(), strict=True))
+def offline_bounds(
+    config: StoreConfig, reader, table, done: list[ReplayResult]
+) -> dict[str, float]:
+    """Each offline bound's miss ratio at the hot capacity and at hot + warm, replayed as any
+    policy is (``done``: results already replayed, reused for the bounds among them)."""
+    replayed = {r.policy: r for r in done if r.offline}
+    runs = [
+        replayed.get(n) or replay(config, reader, table=table, policy=n) for n in offline_names()
+    ]
     out = {}
-    for name, cap in capacities.items():
-        out[f"belady@{name}"] = float(belady[cap]) / ids.size
-        out[f"static-topk@{name}"] = static_at[cap]
+    for tier, key in (("hot", "hot"), ("hot+warm", "warm")):
+        for r in runs:
+            out[f"{r.policy}@{tier}"] = r.tiers[key]["misses"] / r.lookups if r.lookups else 0.0
     return out
 
 
 def sweep(
-    config, reader, table, policies, spec, batch_tokens, rows, row_bytes, ids
+    config, reader, table, policies, spec, batch_tokens, rows, row_bytes, bound_names
 ) -> list[MissRatioCurve]:
-    """One cache tier (warm) at each capacity, per policy, beside exact LRU, static top-K and Belady."""
+    """One cache tier (warm) at each capacity, per online policy, beside exact LRU and the offline
+    bounds ``bound_names`` (per request, over the table's whole trace)."""
     caps = sorted(
         {
             resolve_capacity(_spec(s), table_rows=rows, row_bytes=row_bytes, key="--sweep")
@@ -145,8 +153,9 @@ def sweep(
         - {0}
     )
     grid = [0, *caps]
+    ids = reader.read_all(table) if bound_names else None
     curves = []
-    for policy in dict.fromkeys(policies):
+    for policy in dict.fromkeys(p for p in policies if not is_offline(p)):
         ratios = [1.0]
         for cap in caps:
             single = config.model_copy(
@@ -184,11 +193,7 @@ def sweep(
         curves.append(
             lru_mrc(ids, capacities=grid, table_rows=rows, name="lru (exact, per request)")
         )
-        curves.append(static_topk_mrc(np.bincount(ids), capacities=grid, table_rows=rows))
-        misses = belady_misses(ids, grid)
-        curves.append(
-            MissRatioCurve("belady", np.array(grid), misses / ids.size, int(ids.size), misses, rows)
-        )
+        curves.extend(offline_mrc(name, ids, grid, table_rows=rows) for name in bound_names)
     return curves
 
 
@@ -198,8 +203,9 @@ def print_table(results: list[ReplayResult]) -> None:
     print(head)
     print("-" * len(head))
     for r in results:
+        label = f"{r.policy} (offline)" if r.offline else r.policy
         print(
-            f"{r.policy:<22}{r.tiers['hot']['hit_ratio']:>9.1%}{r.tiers['warm']['hit_ratio']:>10.1%}"
+            f"{label:<22}{r.tiers['hot']['hit_ratio']:>9.1%}{r.tiers['warm']['hit_ratio']:>10.1%}"
             f"{r.miss_ratio:>8.1%}{r.fetch_ratio:>8.1%}{r.unique_rows_per_batch:>12,.0f}{r.bytes_moved['host_to_device'] / 2**20:>9,.0f} MiB"
             f"{r.modelled_stall_seconds:>10.3f}{r.lookups_per_second / 1e6:>11.2f}"
         )
@@ -209,9 +215,13 @@ def print_table(results: list[ReplayResult]) -> None:
     )
     if results and results[0].bounds:
         b = results[0].bounds
+        names = [k.removesuffix("@hot") for k in b if k.endswith("@hot")]
         print(
-            f"{'bounds (per request)':<22}belady: hot miss {b['belady@hot']:.1%}, hot+warm miss {b['belady@hot+warm']:.1%}; "
-            f"static top-K: {b['static-topk@hot']:.1%}, {b['static-topk@hot+warm']:.1%}"
+            f"{'bounds (per request)':<22}"
+            + "; ".join(
+                f"{n}: hot miss {b[f'{n}@hot']:.1%}, hot+warm miss {b[f'{n}@hot+warm']:.1%}"
+                for n in names
+            )
         )
 
 
