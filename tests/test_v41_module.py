@@ -1,0 +1,69 @@
+"""DeepSeek-V4.1's Engram forward against the reference's golden case (layer 1, case 2's ids)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import golden_dir
+from tiered_store.engram.backend import InMemoryTable
+from tiered_store.engram.v41_module import V41Engram
+from tiered_store.quantization import RowQuantization, dequantize_rows, pack_rows
+
+Q = RowQuantization(values=256, block=32)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    root = golden_dir("v41/golden_v41.npz") / "v41"
+    return np.load(root / "golden_v41.npz")
+
+
+def _bf16(bits: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(bits.astype(np.int16)).view(torch.bfloat16)
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in bf16 units in the last place (same-sign values)."""
+    ia, ib = a.view(torch.int16).int(), b.view(torch.int16).int()
+    return int((ia - ib).abs().max())
+
+
+@pytest.fixture(scope="module")
+def layer(golden):
+    packed = pack_rows(golden["layer1_embed_weight_u8"], golden["layer1_embed_scale_u8"])
+    table = InMemoryTable(dequantize_rows(torch.from_numpy(packed), Q))
+    engram = V41Engram(table, num_heads=24, dim=16, hc_mult=4, norm_eps=1e-20)
+    with torch.no_grad():
+        engram.wkv.copy_(_bf16(golden["fwd_wkv_weight_bf16bits"]))
+        engram.q_weight.copy_(_bf16(golden["fwd_q_weight_bf16bits"]))
+        engram.k_weight.copy_(_bf16(golden["fwd_k_weight_bf16bits"]))
+    return engram
+
+
+def test_forward_matches_the_reference_to_one_bf16_ulp(golden, layer):
+    x = _bf16(golden["fwd_x_bf16bits"])
+    ids = torch.from_numpy(golden["fwd_row_ids"])
+    mask = torch.from_numpy(golden["fwd_token_mask"])
+    with torch.no_grad():
+        kv = layer.project(layer.table.lookup(ids))
+        out = layer(x, ids, mask)
+    assert _ulps(kv, _bf16(golden["fwd_kv_bf16bits"])) <= 1
+    assert _ulps(out, _bf16(golden["fwd_out_bf16bits"])) <= 1
+    assert torch.equal(out[~mask], x[~mask])  # dead tokens pass through unchanged
+
+
+def test_from_the_reference_kv_the_output_is_bit_exact(golden, layer):
+    x = _bf16(golden["fwd_x_bf16bits"])
+    mask = torch.from_numpy(golden["fwd_token_mask"])
+    kv = _bf16(golden["fwd_kv_bf16bits"])
+    keys = kv[..., :64].unflatten(-1, (4, 16))
+    with torch.no_grad():
+        gate = layer.gate(x, keys, mask)
+        out = (x.float() + gate.unsqueeze(-1) * kv[..., 64:].float().unsqueeze(-2)).to(x.dtype)
+        out = torch.where(mask[..., None, None], out, x)
+    # the gate differs from the reference's float32 gate by at most one unit in the last place
+    # (summation order), which never changes the bf16 output
+    assert float((gate - torch.from_numpy(golden["fwd_gate_f32"])).abs().max()) <= 2**-24
+    assert torch.equal(out.view(torch.int16), _bf16(golden["fwd_out_bf16bits"]).view(torch.int16))

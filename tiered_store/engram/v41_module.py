@@ -1,0 +1,125 @@
+"""DeepSeek-V4.1's Engram module: one fused key/value projection and a per-branch scalar gate.
+
+Per token, the ``H`` looked-up rows (``[H, head_dim]``, bf16) are flattened and projected by one
+``wkv`` linear into ``hc_mult`` keys and one shared value (``dim`` each). For hyper-connection
+branch ``i`` with stream ``h_i``::
+
+    dot_i  = sum_d(h_i * q_i * k_i * key_i) * rsqrt(mean(h_i^2) + eps) * rsqrt(mean(key_i^2) + eps)
+             / sqrt(dim)
+    gate_i = sigmoid(sign(dot_i) * sqrt(max(|dot_i|, 1e-6)))        (0 where the token is dead)
+    out_i  = h_i + gate_i * value
+
+with ``q``/``k`` the ``[hc_mult, dim]`` weights ``q_weight``/``k_weight`` and ``eps`` the model's
+``norm_eps``; the gate maths runs in float32, the output is cast back to the stream's dtype.
+There is no ShortConv (the demo module has one). The table is any
+:class:`~tiered_store.engram.backend.TableBackend` whose rows come back dequantised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .backend import TableBackend
+
+__all__ = ["GATE_CLAMP", "V41Engram"]
+
+GATE_CLAMP = 1e-6  # |dot| is clamped below before the signed square root
+
+
+class V41Engram(nn.Module):
+    """The V4.1 Engram layer over a table backend.
+
+    Parameters
+    ----------
+    table
+        The layer's table backend (``rows``, ``dim`` = head_dim, ``lookup``, ``prefetch``).
+    num_heads
+        Row reads per token (``(max_ngram_size - 1) * n_heads``; 24 in the release).
+    dim
+        Hidden size of the hyper-connection stream.
+    hc_mult
+        Hyper-connection branches.
+    norm_eps
+        The RMS epsilon of the gate (1e-20 in the release).
+    dtype
+        Parameter dtype (the reference runs ``wkv`` in bf16).
+
+    Examples
+    --------
+    >>> from tiered_store.engram.backend import InMemoryTable
+    >>> table = InMemoryTable(torch.randn(50, 8, dtype=torch.bfloat16))
+    >>> layer = V41Engram(table, num_heads=3, dim=16, hc_mult=2)
+    >>> x = torch.randn(1, 5, 2, 16, dtype=torch.bfloat16)
+    >>> ids = torch.randint(0, 50, (1, 5, 3))
+    >>> layer(x, ids, torch.ones(1, 5, dtype=torch.bool)).shape
+    torch.Size([1, 5, 2, 16])
+    """
+
+    def __init__(
+        self,
+        table: TableBackend,
+        *,
+        num_heads: int,
+        dim: int,
+        hc_mult: int,
+        norm_eps: float = 1e-20,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__()
+        for key, value in (("num_heads", num_heads), ("dim", dim), ("hc_mult", hc_mult)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key}: got {value!r}; expected a positive integer")
+        self.table = table
+        self.num_heads, self.dim, self.hc_mult, self.norm_eps = num_heads, dim, hc_mult, norm_eps
+        in_features = num_heads * int(table.dim)
+        self.wkv = nn.Parameter(torch.empty((hc_mult + 1) * dim, in_features, dtype=dtype))
+        self.q_weight = nn.Parameter(torch.ones(hc_mult, dim, dtype=dtype))
+        self.k_weight = nn.Parameter(torch.ones(hc_mult, dim, dtype=dtype))
+        nn.init.normal_(self.wkv, std=in_features**-0.5)
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """Looked-up rows ``[..., H, head_dim]`` -> keys and value ``[..., (hc_mult + 1) * dim]``."""
+        return F.linear(rows.flatten(-2).to(self.wkv.dtype), self.wkv)
+
+    def gate(self, x: torch.Tensor, keys: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """The float32 gate ``[..., hc_mult]`` of stream ``x`` and ``keys`` (``[..., hc, dim]``)."""
+        h, key = x.float(), keys.float()
+        eps = self.norm_eps
+        dot = (h * self.q_weight.float() * self.k_weight.float() * key).sum(-1)
+        dot = (
+            dot * torch.rsqrt(h.square().mean(-1) + eps) * torch.rsqrt(key.square().mean(-1) + eps)
+        )
+        dot = dot / math.sqrt(self.dim)
+        gate = torch.sigmoid(torch.copysign(dot.abs().clamp_min(GATE_CLAMP).sqrt(), dot))
+        return gate * token_mask.unsqueeze(-1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        row_ids: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        handle: object | None = None,
+    ) -> torch.Tensor:
+        """``x`` [B, T, hc_mult, dim] and row ids [B, T, H] -> ``x + gate * value``, same shape.
+
+        ``token_mask`` (bool [B, T], default all True) marks live tokens: a dead token's gate is
+        zero and its stream passes through unchanged. ``handle`` is the table's prefetch handle.
+        """
+        if x.shape[-2:] != (self.hc_mult, self.dim) or row_ids.shape[-1] != self.num_heads:
+            raise ConfigError(
+                f"V41Engram input: x {tuple(x.shape)} and row ids {tuple(row_ids.shape)}; expected "
+                f"[..., {self.hc_mult}, {self.dim}] and [..., {self.num_heads}]"
+            )
+        if token_mask is None:
+            token_mask = torch.ones(x.shape[:-2], dtype=torch.bool, device=x.device)
+        kv = self.project(self.table.lookup(row_ids, handle).to(x.device))
+        keys = kv[..., : self.hc_mult * self.dim].unflatten(-1, (self.hc_mult, self.dim))
+        value = kv[..., self.hc_mult * self.dim :].float()
+        gate = self.gate(x, keys, token_mask)
+        out = (x.float() + gate.unsqueeze(-1) * value.unsqueeze(-2)).to(x.dtype)
+        return torch.where(token_mask[..., None, None], out, x)
