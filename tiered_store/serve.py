@@ -96,7 +96,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from pydantic import ValidationError as _PydanticValidationError
 
-from .config import StoreConfig, _format_validation_error
+from .config import StoreConfig
+from .config import format_validation_error as _format_validation_error
 from .engram import BackboneConfig, Engram, EngramConfig, NgramHasher, load_engram_config
 from .errors import ConfigError, RowIdError, TableFormatError, TieredStoreError, TierIOError
 from .metrics import RequestCounters, TableHealth, build_registry, verify_counted
