@@ -43,7 +43,7 @@ def setup():
     return config, backbone, NgramHasher(config), load_file(path), path
 
 
-class CountingTable:
+class CountingTable(TableBackend):
     """A non-Module backend (like the tiered store) that records prefetch/lookup calls."""
 
     def __init__(self, weight: torch.Tensor) -> None:

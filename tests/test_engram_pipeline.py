@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.test_engram_model import STORE, TEXT, TINY
-from tiered_store.engram import NgramHasher
+from tiered_store.engram import NgramHasher, TableBackend
 from tiered_store.engram.checkpoint import open_tables, save_tiered
 from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import PrefetchPipeline, profile_rows, table_stats_delta
@@ -55,7 +55,7 @@ def stores(model, tmp_path):
         store.close()
 
 
-class RecordingTable:
+class RecordingTable(TableBackend):
     """A table (not a module, like the tiered store) that logs prefetch and lookup calls."""
 
     def __init__(self, weight: torch.Tensor, log: list, name: int) -> None:

@@ -1,4 +1,8 @@
-"""Store configuration: frozen pydantic models, every default in one place, YAML parsed here only.
+"""Configuration: one YAML loader, one validation style (frozen pydantic models), the store's sections.
+
+Every configuration of the project (the store's, the Engram model's, the demo's and the server's)
+is a tree of ``ConfigModel`` sections read by ``load_yaml``; errors are ``ConfigError`` naming the
+key path, the value and what was expected (``format_validation_error``).
 
 Example ``tiers.yaml``::
 
@@ -13,121 +17,484 @@ Example ``tiers.yaml``::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool
 from pydantic import ValidationError as _PydanticValidationError
+
+from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
 
 from .capacity import check_capacity_spec
 from .errors import ConfigError
 
-# Every default, with its unit.
+__all__ = [
+    "DEFAULTS",
+    "CacheTierConfig",
+    "ColdTierConfig",
+    "ConfigModel",
+    "CostModelConfig",
+    "FieldError",
+    "HotTierConfig",
+    "MetricsConfig",
+    "PrefetchConfig",
+    "StoreConfig",
+    "TableConfig",
+    "TiersConfig",
+    "WarmTierConfig",
+    "drop_unknown_keys",
+    "format_validation_error",
+    "int_at_least",
+    "load_yaml",
+]
+
+# Every default of the store configuration, with its unit (optional paths and checks, whose
+# absence means "not set", are not defaults and not listed).
 DEFAULTS: dict[str, Any] = {
-    "hot.capacity": 0,  # rows (or bytes like "1GiB", or "5%")
+    "tier.capacity": 0,  # rows (or bytes like "1GiB", or "5%"), hot and warm alike
+    "tier.policy": "lru",  # eviction[+admission] policy name, see `policies`
+    "tier.recency_window": DEFAULT_RECENCY_WINDOW,  # lookups a zipf-tuned recency segment covers
+    "tier.evict_headroom": 0.0,  # fraction of capacity freed each time eviction runs (0 = exact)
     "hot.device": "cpu",  # compute device: "cpu", "cuda", "cuda:N"
-    "hot.policy": "lru",
-    "warm.capacity": 0,  # rows
-    "warm.policy": "lru",
     "warm.pin_memory": "auto",  # pinned host RAM when the compute device is CUDA
-    "evict_headroom": 0.0,  # fraction of capacity freed each time eviction runs (0 = exact)
-    "recency_window": 65_536,  # lookups a zipf-tuned recency segment covers (4096 tokens x 16 heads)
     "cold.io": "pread",  # "mmap" (page cache) | "pread" (threads) | "direct" (threads, O_DIRECT)
     "cold.threads": 8,  # parallel readers
     "prefetch.depth": 2,  # prefetches in flight before prefetch() blocks
+    "prefetch.lookahead": False,  # never evict rows that queued prefetches will use
     "metrics.address": "127.0.0.1:9400",  # host:port for /metrics
+    # replay's cost model: an H200-class GPU on PCIe 5 with a datacentre NVMe
+    "cost_model.hbm_gbps": 4800.0,  # GB/s, hot-tier gathers on the device
+    "cost_model.pcie_gbps": 50.0,  # GB/s, host -> device copies
+    "cost_model.dram_gbps": 100.0,  # GB/s, warm-tier gathers in host RAM
+    "cost_model.nvme_read_iops": 1_000_000.0,  # random 4 KiB reads per second
+    "cost_model.nvme_latency_us": 80.0,  # microseconds, one random read's latency
+    "cost_model.compute_seconds_per_batch": 0.0,  # seconds of work prefetch can hide behind
 }
 
-Capacity = Annotated[StrictInt | str, AfterValidator(check_capacity_spec)]
+# -- the YAML loader ------------------------------------------------------------------------------
 
 
-class _Model(BaseModel):
+def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML (or JSON) file whose top level is a mapping.
+
+    Parameters
+    ----------
+    path
+        The file.
+    what
+        What the file is, for error messages (``"config file"``, ``"Engram config"``, ...).
+
+    Returns
+    -------
+    dict
+        The parsed mapping; an empty file reads as ``{}``.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read, is not valid YAML, or its top level is not a mapping; the message
+        names ``what`` and the path.
+
+    Examples
+    --------
+    >>> load_yaml("examples/tiers.yaml")["tiers"]["cold"]
+    {'io': 'direct', 'threads': 8}
+    >>> load_yaml("examples/nope.yaml", what="store config")
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: store config examples/nope.yaml: cannot read (No such file or directory); expected a readable YAML file
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {path}: cannot read ({exc.strerror}); expected a readable YAML file"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not UTF-8 text; expected a YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{what} {path}: got a {type(data).__name__} at the top; expected a mapping of sections"
+        )
+    return data
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+class FieldError(ValueError):
+    """A check across fields failed; ``key`` is the path of the field it blames, from the model.
+
+    Raised inside a model validator, it makes ``format_validation_error`` name that field instead
+    of the model: ``FieldError(("engram", "layer_ids", 1), "expected ...")`` reads
+    ``engram.layer_ids[1]: expected ...``.
+    """
+
+    def __init__(self, key: str | tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.key = (key,) if isinstance(key, str) else tuple(key)
+
+
+def format_validation_error(
+    exc: _PydanticValidationError,
+    source: str | None = None,
+    *,
+    model: type[BaseModel] | None = None,
+    prefix: tuple[str | int, ...] = (),
+) -> str:
+    """One line per problem of a pydantic ``ValidationError``: key path, what is wrong, the value.
+
+    Parameters
+    ----------
+    exc
+        The validation error.
+    source
+        Where the configuration came from (a file, ``"config"``); when given, a header line names
+        it and the problems follow indented.
+    model
+        The model that was validated: unknown keys then list the keys that are known.
+    prefix
+        Key path of ``model`` inside a larger file (``("engram",)``), put before every key.
+
+    Returns
+    -------
+    str
+        The message for a ``ConfigError``.
+
+    Examples
+    --------
+    >>> try:
+    ...     StoreConfig.model_validate({"table": {"path": "t.npy"}, "prefetch": {"dept": 3}})
+    ... except _PydanticValidationError as exc:
+    ...     print(format_validation_error(exc, "tiers.yaml", model=StoreConfig))
+    tiers.yaml: invalid configuration
+      prefetch.dept: unknown key; expected one of depth, lookahead
+    """
+    lines = []
+    for err in exc.errors():
+        parts = _key_parts(err["loc"], keep_last=err["type"] == "extra_forbidden")
+        error = (err.get("ctx") or {}).get("error")
+        if isinstance(error, FieldError):
+            parts = (*parts, *error.key)
+        key = _key_path((*prefix, *parts))
+        msg, shown = err["msg"].removeprefix("Value error, "), f" (got {err.get('input')!r})"
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(model, parts[:-1]) if model is not None else None
+            expected = ", ".join(known) if known else "the documented keys (see examples/*.yaml)"
+            msg, shown = f"unknown key; expected one of {expected}", ""
+        elif err["type"] == "missing":
+            msg, shown = "missing; expected a value (this key is required)", ""
+        elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            msg = "expected a mapping"
+        elif err["type"] == "value_error":
+            shown = ""  # the project's validators say what they got themselves
+        lines.append(f"{key}: {msg}{shown}" if key else f"{msg}{shown}")
+    lines = list(dict.fromkeys(lines))
+    if source is None:
+        return "\n".join(lines)
+    return "\n".join([f"{source}: invalid configuration", *(f"  {line}" for line in lines)])
+
+
+def drop_unknown_keys(model: type[BaseModel], data: Any) -> Any:
+    """``data`` without the keys ``model`` does not declare, in its nested sections too.
+
+    Examples
+    --------
+    >>> drop_unknown_keys(StoreConfig, {"table": {"path": "t.npy", "note": 1}, "extra": 2})
+    {'table': {'path': 't.npy'}}
+    """
+    if not isinstance(data, Mapping):
+        return data
+    out = {}
+    for key, value in data.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is not None:
+            section = _section_model(field.annotation)
+            out[key] = drop_unknown_keys(section, value) if section is not None else value
+    return out
+
+
+def int_at_least(minimum: int, at_most: int | None = None) -> Any:
+    """The annotation of an integer field ``>= minimum`` (and ``<= at_most``), bools refused.
+
+    Examples
+    --------
+    >>> class Run(ConfigModel):
+    ...     batches: int_at_least(1) = 16
+    ...     threads: int_at_least(1, 64) = 8
+    >>> Run(batches=0)
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: batches: expected an integer >= 1, got 0
+    >>> Run(threads=True)
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: threads: expected an integer from 1 to 64, got True
+    """
+    expected = f">= {minimum}" if at_most is None else f"from {minimum} to {at_most}"
+
+    def check(value: Any) -> int:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < minimum
+            or (at_most is not None and value > at_most)
+        ):
+            raise ValueError(f"expected an integer {expected}, got {value!r}")
+        return int(value)
+
+    return Annotated[int, PlainValidator(check)]
+
+
+def checked_by(check: Callable[[Any], Any], kind: type = object) -> Any:
+    """The annotation of a field that ``check`` validates (and converts) entirely."""
+    return Annotated[kind, PlainValidator(check)]
+
+
+# True while a section is being validated: pydantic validates nested sections through their
+# ``__init__``, which must then leave its errors to the enclosing validation.
+_inside_validation: ContextVar[bool] = ContextVar("_inside_validation", default=False)
+
+
+@contextmanager
+def _validating() -> Iterator[None]:
+    """Mark the current context as inside a section's validation."""
+    token = _inside_validation.set(True)
+    try:
+        yield
+    finally:
+        _inside_validation.reset(token)
+
+
+ConfigT = TypeVar("ConfigT", bound="ConfigModel")
+
+
+class ConfigModel(BaseModel):
+    """Base of every configuration section: frozen, unknown keys refused, errors as ConfigError.
+
+    ``section`` is the key path of a model that is also validated on its own (``("engram",)``),
+    so that its errors name the same keys as inside a whole file. Building a section directly
+    (``EngramConfig(seed=1)``) and ``from_dict`` check the same way.
+
+    Examples
+    --------
+    >>> PrefetchConfig(depth=0)
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: prefetch.depth: expected an integer from 1 to 64, got 0
+    >>> PrefetchConfig.from_dict({"depth": 4, "note": "x"}, ignore_unknown=True).depth
+    4
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+    section: ClassVar[tuple[str | int, ...]] = ()
+
+    def __init__(self, **data: Any) -> None:
+        if _inside_validation.get():  # a nested section: pydantic reports it with the whole path
+            super().__init__(**data)
+            return
+        try:
+            with _validating():
+                super().__init__(**data)
+        except _PydanticValidationError as exc:
+            cls = type(self)
+            raise ConfigError(format_validation_error(exc, model=cls, prefix=cls.section)) from None
+
+    @classmethod
+    def model_validate(cls: type[ConfigT], obj: Any, **options: Any) -> ConfigT:
+        """Pydantic's ``model_validate`` (raises its ``ValidationError``), sections checked whole."""
+        with _validating():
+            return super().model_validate(obj, **options)
+
+    @classmethod
+    def from_dict(
+        cls: type[ConfigT], data: Any, *, source: str | None = None, ignore_unknown: bool = False
+    ) -> ConfigT:
+        """Validate a mapping; unknown keys are an error unless ``ignore_unknown``."""
+        if not isinstance(data, Mapping):
+            where = source or _key_path(cls.section) or "config"
+            raise ConfigError(f"{where}: got {type(data).__name__}; expected a mapping")
+        if ignore_unknown:
+            data = drop_unknown_keys(cls, data)
+        try:
+            return cls.model_validate(dict(data))
+        except _PydanticValidationError as exc:
+            raise ConfigError(
+                format_validation_error(exc, source, model=cls, prefix=cls.section)
+            ) from None
 
 
-def _check_device(value: str) -> str:
-    if value == "cpu" or value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
+def _key_parts(loc: tuple[str | int, ...], *, keep_last: bool) -> tuple[str | int, ...]:
+    """A pydantic error location without its validator and union-member tags."""
+    last = len(loc) - 1
+
+    def is_tag(i: int, part: str | int) -> bool:
+        if isinstance(part, int) or (keep_last and i == last):
+            return False
+        return part in ("int", "str", "bool", "float") or part.startswith(
+            ("function-", "constrained-", "literal[")
+        )
+
+    return tuple(part for i, part in enumerate(loc) if not is_tag(i, part))
+
+
+def _key_path(parts: tuple[str | int, ...]) -> str:
+    """``("engram", "layer_ids", 1)`` -> ``"engram.layer_ids[1]"``."""
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model class of a nested section's annotation, else None."""
+    return (
+        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    )
+
+
+def _known_keys(model: type[BaseModel], parts: tuple[str | int, ...]) -> list[str] | None:
+    """Sorted keys of the section at ``parts`` below ``model`` (None if it is not a section)."""
+    for part in parts:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        section = _section_model(field.annotation) if field is not None else None
+        if section is None:
+            return None
+        model = section
+    return sorted(model.model_fields)
+
+
+# -- the store's sections ---------------------------------------------------------------------------
+
+
+def _check_device(value: Any) -> str:
+    """A compute device name: ``cpu``, ``cuda`` or ``cuda:N``."""
+    if isinstance(value, str) and (
+        value in ("cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+    ):
         return value
     raise ValueError(f"got {value!r}; expected 'cpu', 'cuda' or 'cuda:N'")
 
 
-class TableConfig(_Model):
+def _check_pin_memory(value: Any) -> bool | str:
+    """``true``, ``false`` or ``"auto"``."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError(f"got {value!r}; expected true, false or 'auto'")
+
+
+Capacity = checked_by(check_capacity_spec, int | str)
+Device = checked_by(_check_device, str)
+PinMemory = checked_by(_check_pin_memory, bool | str)
+
+
+class TableConfig(ConfigModel):
     """Where the cold table lives; ``dim``/``dtype``, when given, are checked against its manifest."""
 
+    section: ClassVar[tuple[str, ...]] = ("table",)
     path: str
-    dim: StrictInt | None = Field(default=None, gt=0)
+    dim: int_at_least(1) | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
 
 
-class CacheTierConfig(_Model):
+class CacheTierConfig(ConfigModel):
     """One cache tier: how many rows it holds and which policy decides what stays."""
 
-    capacity: Capacity = 0
-    policy: str = "lru"
+    capacity: Capacity = DEFAULTS["tier.capacity"]
+    policy: str = DEFAULTS["tier.policy"]
     static_rows: str | None = None  # .npy of row ids (hottest first) pinned by a 'static' policy
     preload_rows: str | None = None  # .npy of row ids loaded at open (warm start, not pinned)
     profile: str | None = None  # frequency profile (.npz from `tiered-store analyze`), zipf-tuned
-    recency_window: StrictInt = Field(default=DEFAULTS["recency_window"], gt=0)  # lookups
-    evict_headroom: float = Field(default=DEFAULTS["evict_headroom"], ge=0.0, le=0.5)
+    recency_window: int_at_least(1) = DEFAULTS["tier.recency_window"]
+    evict_headroom: float = Field(default=DEFAULTS["tier.evict_headroom"], ge=0.0, le=0.5)
 
 
 class HotTierConfig(CacheTierConfig):
     """The hot tier lives on the compute device."""
 
-    device: Annotated[str, AfterValidator(_check_device)] = DEFAULTS["hot.device"]
+    section: ClassVar[tuple[str, ...]] = ("tiers", "hot")
+    device: Device = DEFAULTS["hot.device"]
 
 
 class WarmTierConfig(CacheTierConfig):
     """The warm tier lives in host RAM, pinned when the compute device is CUDA."""
 
-    pin_memory: StrictBool | Literal["auto"] = DEFAULTS["warm.pin_memory"]
+    section: ClassVar[tuple[str, ...]] = ("tiers", "warm")
+    pin_memory: PinMemory = DEFAULTS["warm.pin_memory"]
 
 
-class ColdTierConfig(_Model):
+class ColdTierConfig(ConfigModel):
     """How rows are read from the table file."""
 
+    section: ClassVar[tuple[str, ...]] = ("tiers", "cold")
     io: Literal["mmap", "pread", "direct"] = DEFAULTS["cold.io"]
-    threads: StrictInt = Field(default=DEFAULTS["cold.threads"], ge=1, le=256)
+    threads: int_at_least(1, 256) = DEFAULTS["cold.threads"]
 
 
-class TiersConfig(_Model):
+class TiersConfig(ConfigModel):
+    """The three tiers."""
+
+    section: ClassVar[tuple[str, ...]] = ("tiers",)
     hot: HotTierConfig = HotTierConfig()
     warm: WarmTierConfig = WarmTierConfig()
     cold: ColdTierConfig = ColdTierConfig()
 
 
-class PrefetchConfig(_Model):
-    depth: StrictInt = Field(default=DEFAULTS["prefetch.depth"], ge=1, le=64)
-    # Never evict rows that queued prefetches will use. Off by default: decisions then depend on
-    # the queue at run time, so a recorded trace no longer replays to exactly equal counters.
-    lookahead: StrictBool = False
+class PrefetchConfig(ConfigModel):
+    """How far prefetch runs ahead."""
+
+    section: ClassVar[tuple[str, ...]] = ("prefetch",)
+    depth: int_at_least(1, 64) = DEFAULTS["prefetch.depth"]
+    # Off by default: decisions then depend on the queue at run time, so a recorded trace no
+    # longer replays to exactly equal counters.
+    lookahead: StrictBool = DEFAULTS["prefetch.lookahead"]
 
 
-class CostModelConfig(_Model):
-    """Bandwidths and latencies replay uses to model fetch and stall time (defaults: an H200-class
-    GPU on PCIe 5 with a datacentre NVMe)."""
+class CostModelConfig(ConfigModel):
+    """Bandwidths and latencies replay uses to model fetch and stall time."""
 
-    hbm_gbps: float = Field(default=4800.0, gt=0)  # GB/s, hot-tier gathers on the device
-    pcie_gbps: float = Field(default=50.0, gt=0)  # GB/s, host -> device copies
-    dram_gbps: float = Field(default=100.0, gt=0)  # GB/s, warm-tier gathers in host RAM
-    nvme_read_iops: float = Field(default=1_000_000.0, gt=0)  # random 4 KiB reads per second
-    nvme_latency_us: float = Field(default=80.0, ge=0)  # one random read's latency
-    compute_seconds_per_batch: float = Field(default=0.0, ge=0)  # work prefetch can hide behind
+    section: ClassVar[tuple[str, ...]] = ("cost_model",)
+    hbm_gbps: float = Field(default=DEFAULTS["cost_model.hbm_gbps"], gt=0)
+    pcie_gbps: float = Field(default=DEFAULTS["cost_model.pcie_gbps"], gt=0)
+    dram_gbps: float = Field(default=DEFAULTS["cost_model.dram_gbps"], gt=0)
+    nvme_read_iops: float = Field(default=DEFAULTS["cost_model.nvme_read_iops"], gt=0)
+    nvme_latency_us: float = Field(default=DEFAULTS["cost_model.nvme_latency_us"], ge=0)
+    compute_seconds_per_batch: float = Field(
+        default=DEFAULTS["cost_model.compute_seconds_per_batch"], ge=0
+    )
 
 
-class MetricsConfig(_Model):
+class MetricsConfig(ConfigModel):
+    """Where ``/metrics`` is served."""
+
+    section: ClassVar[tuple[str, ...]] = ("metrics",)
     address: str = DEFAULTS["metrics.address"]
 
 
-class StoreConfig(_Model):
+class StoreConfig(ConfigModel):
     """The whole store configuration.
 
     Examples
     --------
-    >>> cfg = StoreConfig.model_validate({"table": {"path": "t.npy"}, "tiers": {"hot": {"capacity": "5%"}}})
-    >>> cfg.tiers.hot.capacity
-    '5%'
+    >>> cfg = StoreConfig.from_dict({"table": {"path": "t.npy"}, "tiers": {"hot": {"capacity": "5%"}}})
+    >>> cfg.tiers.hot.capacity, cfg.tiers.warm.policy
+    ('5%', 'lru')
+    >>> StoreConfig.from_dict({"table": {"path": "t.npy"}, "tiers": {"hot": {"capacity": "lots"}}})
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: config: invalid configuration
+      tiers.hot.capacity: got 'lots'; expected a row count (int), a byte size like '512MiB' or '2GiB', or a percentage like '10%'
     """
 
     table: TableConfig
@@ -138,32 +505,26 @@ class StoreConfig(_Model):
 
     @classmethod
     def from_dict(
-        cls, data: Any, *, base_dir: Path | None = None, source: str = "config"
+        cls,
+        data: Any,
+        *,
+        base_dir: Path | None = None,
+        source: str | None = "config",
+        ignore_unknown: bool = False,
     ) -> StoreConfig:
         """Validate a plain dict; relative paths are resolved against ``base_dir``."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: got {type(data).__name__}; expected a mapping at the top")
-        try:
-            cfg = cls.model_validate(data)
-        except _PydanticValidationError as exc:
-            raise ConfigError(_format_validation_error(exc, source)) from None
+        cfg = super().from_dict(data, source=source, ignore_unknown=ignore_unknown)
         return cfg._resolve_paths(base_dir) if base_dir is not None else cfg
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> StoreConfig:
         """Load and validate a YAML file; errors name the file and the key path."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: cannot read ({exc.strerror})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
-        return cls.from_dict(data, base_dir=path.parent, source=str(path))
+        data = load_yaml(path, what="config file")
+        return cls.from_dict(data, base_dir=Path(path).parent, source=str(path))
 
     def _resolve_paths(self, base_dir: Path) -> StoreConfig:
+        """A copy with the table and the tiers' row/profile files resolved against ``base_dir``."""
+
         def resolve(p: str | None) -> str | None:
             return None if p is None else str((base_dir / p).resolve())
 
@@ -181,21 +542,3 @@ class StoreConfig(_Model):
         )
         table = self.table.model_copy(update={"path": resolve(self.table.path)})
         return self.model_copy(update={"table": table, "tiers": tiers})
-
-
-def _format_validation_error(exc: _PydanticValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
-    for err in exc.errors():
-        key = ".".join(
-            str(p) for p in err["loc"] if not str(p).startswith(("function-", "constrained"))
-        )
-        key = key.replace(".str", "").replace(".int", "")
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key; expected one of the documented keys (see examples/*.yaml)"
-        value = err.get("input")
-        shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {value!r})"
-        if msg.startswith("got "):
-            shown = ""
-        lines.append(f"  {key}: {msg}{shown}")
-    return "\n".join(dict.fromkeys(lines))

@@ -16,14 +16,16 @@ import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from .capacity import format_bytes
+from .config import ConfigModel, PrefetchConfig, TiersConfig, checked_by, int_at_least, load_yaml
+from .engram.config import ModelConfig
 from .errors import ConfigError
+from .stats import hit_ratio
 
 # Built-in defaults of the demo (examples/engram-demo.yaml spells out the same values).
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -54,9 +56,74 @@ DEMO_DEFAULTS: dict[str, Any] = {
         "seed": 0,
     },
 }
-_RUN_KEYS = set(DEMO_DEFAULTS["run"])
-_TOP_KEYS = {"engram", "backbone", "transformer", "tiers", "prefetch", "run"}
 CHECK_EVERY = 10  # compare tiered with in-memory logits on every 10th batch
+# Command-line options that set a key of the run section (option --batch-size: key batch_size).
+_RUN_OPTIONS = (
+    "batches",
+    "batch_size",
+    "seq_len",
+    "rounds",
+    "lookahead",
+    "warm_start_tokens",
+    "dtype",
+    "seed",
+)
+# Command-line options that set a key of a tier: option -> (tier, key).
+_TIER_OPTIONS = {
+    "hot": ("hot", "capacity"),
+    "warm": ("warm", "capacity"),
+    "io": ("cold", "io"),
+    "device": ("hot", "device"),
+}
+
+
+def _check_dtype(value: Any) -> str:
+    """A table dtype name."""
+    if value in ("float32", "float16", "bfloat16"):
+        return value
+    raise ValueError(f"expected float32, float16 or bfloat16, got {value!r}")
+
+
+def _check_corpus(value: Any) -> list[str] | None:
+    """``None`` or a list of paths/globs."""
+    if value is None or (isinstance(value, list) and all(isinstance(c, str) for c in value)):
+        return value
+    raise ValueError(f"expected a list of paths or globs, got {value!r}")
+
+
+class RunConfig(ConfigModel):
+    """The demo's ``run`` section: what the demo does (defaults: ``DEMO_DEFAULTS["run"]``)."""
+
+    section: ClassVar[tuple[str, ...]] = ("run",)
+    batches: int_at_least(1)
+    batch_size: int_at_least(1)
+    seq_len: int_at_least(1)
+    rounds: int_at_least(1)
+    lookahead: int_at_least(0)
+    warm_start_tokens: int_at_least(0)
+    dtype: checked_by(_check_dtype, str)
+    corpus: checked_by(_check_corpus, list)
+    seed: int_at_least(0)
+
+
+class DemoConfig(ModelConfig):
+    """The demo's configuration: the model's sections, the store's (without ``table``) and ``run``.
+
+    Examples
+    --------
+    >>> demo = DemoConfig.from_dict(DEMO_DEFAULTS)
+    >>> demo.run.batches, demo.tiers.hot.capacity, demo.model.backbone.hidden_size
+    (16, '5%', 512)
+    """
+
+    tiers: TiersConfig
+    prefetch: PrefetchConfig
+    run: RunConfig
+
+    @property
+    def model(self) -> ModelConfig:
+        """The model's sections alone."""
+        return ModelConfig(engram=self.engram, backbone=self.backbone, transformer=self.transformer)
 
 
 def register(sub) -> None:
@@ -174,31 +241,31 @@ def run_demo(args) -> int:
     from .corpus import resolve_corpus
     from .engram.checkpoint import load_table_in_memory, open_tables, save_tiered
     from .engram.corpus import read_tokens, token_batches
-    from .engram.model import EngramLM, ModelConfig
+    from .engram.model import EngramLM
     from .engram.pipeline import profile_rows
 
     settings = demo_settings(args)
-    run = settings["run"]
-    config = ModelConfig.from_dict({k: settings[k] for k in ("engram", "backbone", "transformer")})
-    device = torch.device(settings["tiers"]["hot"].get("device", "cpu"))
-    torch.manual_seed(run["seed"])
+    demo = DemoConfig.from_dict(settings, source="demo settings")  # checked before any work
+    run = demo.run
+    device = torch.device(demo.tiers.hot.device)
+    torch.manual_seed(run.seed)
     print("building the model and tokenizer ...", flush=True)
-    model = EngramLM(config).eval()
-    corpus = resolve_corpus(run["corpus"]).shuffled(run["seed"])  # sample the whole corpus
-    seq_len = run["seq_len"]
-    rows_per_batch = max(1, run["batch_size"] // seq_len)
+    model = EngramLM(demo.model).eval()
+    corpus = resolve_corpus(run.corpus).shuffled(run.seed)  # sample the whole corpus
+    seq_len = run.seq_len
+    rows_per_batch = max(1, run.batch_size // seq_len)
     per_batch = rows_per_batch * seq_len
-    profiled = -(-run["warm_start_tokens"] // per_batch) * per_batch
+    profiled = -(-run.warm_start_tokens // per_batch) * per_batch
     tokens = read_tokens(
-        corpus, model.hasher.tokenizer, max_tokens=profiled + run["batches"] * per_batch
+        corpus, model.hasher.tokenizer, max_tokens=profiled + run.batches * per_batch
     )
     # a small corpus: measured batches first, the warm-start profile gets what is left
-    measured = min(run["batches"], len(tokens) // per_batch) * per_batch
+    measured = min(run.batches, len(tokens) // per_batch) * per_batch
     profiled = min(profiled, len(tokens) - measured) // per_batch * per_batch
     batches = token_batches(tokens[profiled : profiled + measured], rows_per_batch, seq_len)
     with tempfile.TemporaryDirectory(prefix="tiered-store-demo-", dir=args.workdir) as tmp:
         print(f"converting the checkpoint into {tmp} ...", flush=True)
-        converted = save_tiered(model, tmp, dtype=run["dtype"])
+        converted = save_tiered(model, tmp, dtype=run.dtype)
         memory = _Variant(
             "table in memory",
             {i: load_table_in_memory(p).to(device) for i, p in converted.table_paths.items()},
@@ -213,7 +280,7 @@ def run_demo(args) -> int:
         stores = open_tables(converted.table_paths, model.hasher, store, warm_start=hottest)
         tiered = _Variant("tiered store", stores)
         try:
-            _print_setup(model, converted, settings, corpus, batches)
+            _print_setup(model, converted, demo, corpus, batches)
             checked = _run_rounds(model, [memory, tiered], batches, run, check=not args.no_check)
             _report(memory, tiered, checked)
         finally:
@@ -223,101 +290,49 @@ def run_demo(args) -> int:
 
 
 def demo_settings(args) -> dict[str, Any]:
-    """Built-in defaults, overlaid with ``--config`` and then with the command-line options."""
+    """Built-in defaults, overlaid with ``--config`` and then with the command-line options.
+
+    The result is plain data; ``DemoConfig.from_dict`` checks it (``run_demo`` does, before any
+    work starts)."""
     settings = _merge(DEMO_DEFAULTS, _read_config(args.config) if args.config else {})
-    run = settings["run"]
-    for key in (
-        "batches",
-        "batch_size",
-        "seq_len",
-        "rounds",
-        "lookahead",
-        "warm_start_tokens",
-        "dtype",
-        "seed",
-    ):
-        if getattr(args, key, None) is not None:
-            run[key] = getattr(args, key)
-    corpus = run["corpus"]
-    if corpus is not None and (
-        not isinstance(corpus, list) or not all(isinstance(c, str) for c in corpus)
-    ):
-        raise ConfigError(f"run.corpus: expected a list of paths or globs, got {corpus!r}")
+    if args.config:  # the file's run section on its own: options replace values, not mistakes
+        RunConfig.from_dict(settings["run"], source=str(args.config))
+    options = vars(args)
+    for key in _RUN_OPTIONS:
+        if options.get(key) is not None:
+            settings["run"][key] = options[key]
     if args.corpus:
-        run["corpus"] = list(args.corpus)
-    for key, minimum in (("batches", 1), ("batch_size", 1), ("seq_len", 1), ("rounds", 1)):
-        value = run[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"run.{key}: expected an integer >= {minimum}, got {value!r}")
-    for key in ("lookahead", "warm_start_tokens", "seed"):
-        value = run[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"run.{key}: expected an integer >= 0, got {value!r}")
-    if run["dtype"] not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"run.dtype: expected float32, float16 or bfloat16, got {run['dtype']!r}")
+        settings["run"]["corpus"] = list(args.corpus)
     if args.hidden_size is not None:
         settings["backbone"]["hidden_size"] = args.hidden_size
     if args.layers is not None:
         settings["backbone"]["num_layers"] = args.layers
     if args.rows is not None:
         engram = settings["engram"]
-        orders = int(engram.get("max_ngram_size", 3)) - 1
-        heads = int(engram.get("n_head_per_ngram", 8))
+        orders = int(engram["max_ngram_size"]) - 1
+        heads = int(engram["n_head_per_ngram"])
         if args.rows < orders * heads * 2:
             raise ConfigError(
                 f"--rows: expected at least {orders * heads * 2} ({orders} orders x {heads} "
                 f"heads x 2), got {args.rows}"
             )
         engram["engram_vocab_size"] = [args.rows // (orders * heads)] * orders
-    tiers = settings["tiers"]
-    for key, section, name in (
-        ("hot", "hot", "capacity"),
-        ("warm", "warm", "capacity"),
-        ("io", "cold", "io"),
-        ("device", "hot", "device"),
-    ):
-        if getattr(args, key, None) is not None:
-            tiers.setdefault(section, {})[name] = getattr(args, key)
-    _validate(settings)
+    for option, (tier, key) in _TIER_OPTIONS.items():
+        if options.get(option) is not None:
+            settings["tiers"].setdefault(tier, {})[key] = options[option]
     return settings
 
 
-def _validate(settings: dict[str, Any]) -> None:
-    """Check the model and store sections now, before any work starts."""
-    from .config import StoreConfig
-    from .engram.model import ModelConfig
-
-    ModelConfig.from_dict({k: settings[k] for k in ("engram", "backbone", "transformer")})
-    StoreConfig.from_dict(
-        {"table": {"path": "engram_layer.npy"}, **{k: settings[k] for k in ("tiers", "prefetch")}},
-        source="demo store settings",
-    )
-
-
 def _read_config(path: Path) -> dict[str, Any]:
-    """The demo YAML: known top-level sections only, each a mapping."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"--config: cannot read {path} ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config: {path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with sections {sorted(_TOP_KEYS)}")
+    """The demo YAML: known sections only, each a mapping (their keys are DemoConfig's to check)."""
+    data = load_yaml(path, what="--config")
     for key, value in data.items():
-        if key not in _TOP_KEYS:
+        if key not in DEMO_DEFAULTS:
             raise ConfigError(
-                f"{path}: {key}: unknown section; expected one of {sorted(_TOP_KEYS)}"
+                f"{path}: {key}: unknown section; expected one of {sorted(DEMO_DEFAULTS)}"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: {key}: expected a mapping, got {type(value).__name__}")
-    unknown = sorted(set(data.get("run", {})) - _RUN_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{path}: run.{unknown[0]}: unknown key; expected one of {sorted(_RUN_KEYS)}"
-        )
     return data
 
 
@@ -332,7 +347,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _run_rounds(model, variants: list[_Variant], batches, run: dict, *, check: bool) -> int:
+def _run_rounds(model, variants: list[_Variant], batches, run: RunConfig, *, check: bool) -> int:
     """Alternate the variants over consecutive groups of batches; returns batches checked."""
     from .engram.corpus import iter_batches
     from .engram.pipeline import PrefetchPipeline
@@ -345,14 +360,12 @@ def _run_rounds(model, variants: list[_Variant], batches, run: dict, *, check: b
     checked = 0
     bar = tqdm(total=len(batches) * len(variants), desc="forward", unit="batch")
     offset = 0
-    for r, group in enumerate(iter_batches(batches, min(run["rounds"], len(batches)))):
+    for r, group in enumerate(iter_batches(batches, min(run.rounds, len(batches)))):
         order = variants if r % 2 == 0 else variants[::-1]
         for variant in order:
             model.set_tables(variant.tables)
             bar.set_description(variant.name)
-            pipeline = PrefetchPipeline(
-                model, lookahead=run["lookahead"], prefetch=variant.prefetch
-            )
+            pipeline = PrefetchPipeline(model, lookahead=run.lookahead, prefetch=variant.prefetch)
             for i, (_, out) in enumerate(pipeline.run(group)):
                 if check and (offset + i) % CHECK_EVERY == 0:
                     variant.outputs[offset + i] = out.cpu()
@@ -404,10 +417,10 @@ def _compare(variants: list[_Variant], offset: int, count: int) -> int:
     return done
 
 
-def _print_setup(model, converted, settings, corpus, batches) -> None:
+def _print_setup(model, converted, demo: DemoConfig, corpus, batches) -> None:
     """What is about to run."""
     cfg = model.config
-    tiers, run = settings["tiers"], settings["run"]
+    tiers, run = demo.tiers, demo.run
     table_bytes = sum(p.stat().st_size for p in converted.table_paths.values())
     tables = model.tables
     rows = sorted({int(t.rows) for t in tables.values()})
@@ -419,16 +432,14 @@ def _print_setup(model, converted, settings, corpus, batches) -> None:
         f"Engram at layers {list(cfg.engram.layer_ids)}; {dense / 1e6:.1f}M dense parameters"
     )
     print(
-        f"tables  {len(tables)} x {'/'.join(f'{r:,}' for r in rows)} rows x {dim} {run['dtype']} "
+        f"tables  {len(tables)} x {'/'.join(f'{r:,}' for r in rows)} rows x {dim} {run.dtype} "
         f"(one table file per Engram layer, {format_bytes(table_bytes)} on disk, "
         f"{model.table_parameters() / max(dense, 1):.1f}x the dense parameters)"
     )
-    hot, warm, cold = tiers["hot"], tiers["warm"], tiers["cold"]
+    hot, warm, cold = tiers.hot, tiers.warm, tiers.cold
     print(
-        f"store   hot {hot.get('capacity', 0)} ({hot.get('device', 'cpu')}, "
-        f"{hot.get('policy', 'lru')}), warm {warm.get('capacity', 0)} "
-        f"({warm.get('policy', 'lru')}), cold io {cold.get('io', 'pread')}; "
-        f"prefetch lookahead {run['lookahead']} batch(es)"
+        f"store   hot {hot.capacity} ({hot.device}, {hot.policy}), warm {warm.capacity} "
+        f"({warm.policy}), cold io {cold.io}; prefetch lookahead {run.lookahead} batch(es)"
     )
     b, t = batches[0].shape
     print(
@@ -459,7 +470,7 @@ def _report(memory: _Variant, tiered: _Variant, checked: int) -> None:
     )
     for name in ("hot", "warm"):
         t = tiered.tiers.get(name, {})
-        rate = t.get("hits", 0) / t["lookups"] if t.get("lookups") else 0.0
+        rate = hit_ratio(t.get("hits", 0), t.get("lookups", 0))
         print(
             f"{name:<6}{t.get('capacity', 0):>12,}{rate:>10.1%}{t.get('lookups', 0):>13,}"
             f"{t.get('admissions', 0):>12,}{t.get('evictions', 0):>11,}"
@@ -470,7 +481,7 @@ def _report(memory: _Variant, tiered: _Variant, checked: int) -> None:
     total = hot.get("lookups", 0)
     print(
         f"cold  {cold.get('rows_read', 0):>12,} rows read ({format_bytes(cold.get('bytes_read', 0))}); "
-        f"caches served {served / total if total else 0:.1%} of {total:,} row lookups"
+        f"caches served {hit_ratio(served, total):.1%} of {total:,} row lookups"
     )
     if checked:
         noun = "batch" if checked == 1 else "batches"

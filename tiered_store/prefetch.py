@@ -22,9 +22,12 @@ class PrefetchHandle:
     """A lookup in flight. Its rows are staged in its own buffer, so no eviction can take them away
     before ``lookup(ids, handle)`` consumes it."""
 
-    def __init__(self, ids: object, flat: torch.Tensor, future: Future) -> None:
+    def __init__(
+        self, ids: object, flat: torch.Tensor, shape: tuple[int, ...], future: Future
+    ) -> None:
         self.ids = ids
         self.flat = flat
+        self.shape = shape
         self.future = future
         self.consumed = False
 
@@ -46,8 +49,9 @@ class Prefetcher:
         self._queued_lock = threading.Lock()
         self._numbers = itertools.count()
 
-    def submit(self, ids: object, flat: torch.Tensor) -> PrefetchHandle:
-        """Queue a fetch; blocks while ``depth`` fetches are already in flight."""
+    def submit(self, ids: object, flat: torch.Tensor, shape: tuple[int, ...]) -> PrefetchHandle:
+        """Queue a fetch of ``flat`` (``ids`` validated and flattened from ``shape``); blocks while
+        ``depth`` fetches are already in flight."""
         self._in_flight.acquire()
         number = next(self._numbers)
         with self._queued_lock:
@@ -61,7 +65,7 @@ class Prefetcher:
             raise PrefetchHandleError("prefetch: the store is closed") from None
         future.add_done_callback(lambda _: self._in_flight.release())
         self.handles += 1
-        return PrefetchHandle(ids, flat, future)
+        return PrefetchHandle(ids, flat, shape, future)
 
     def queued_ids(self) -> torch.Tensor | None:
         """Ids of prefetches still waiting in the queue (what the store will need next)."""

@@ -1,4 +1,4 @@
-"""Cache statistics shared by the store, the Engram pipeline and replay."""
+"""Statistics helpers shared by the store, the Engram pipeline and replay."""
 
 
 def hit_ratio(hits: int, lookups: int) -> float:

@@ -19,6 +19,7 @@ from .errors import ConfigError, RowIdError, TieredStoreError
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .slot_pool import SlotPool
+from .stats import hit_ratio
 
 
 class TieredStore:
@@ -47,6 +48,8 @@ class TieredStore:
     >>> out.shape, out[0, 0].tolist()
     (torch.Size([2, 2, 4]), [12.0, 13.0, 14.0, 15.0])
     """
+
+    keeps_stats = True  # ``stats()`` counts lookups, hits and reads per tier (a TableBackend flag)
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
@@ -125,9 +128,7 @@ class TieredStore:
         ahead; a further call blocks until one finishes."""
         self._check_open()
         flat, shape = self._validate(ids)
-        handle = self._prefetcher.submit(ids, flat)
-        handle.shape = shape
-        return handle
+        return self._prefetcher.submit(ids, flat, shape)
 
     @property
     def prefetch_wait_latency(self) -> LatencyHistogram:
@@ -145,7 +146,7 @@ class TieredStore:
         out: dict[str, dict[str, float]] = {}
         for cache in (self.hot, self.warm):
             c = cache.counters.as_dict()
-            c["hit_rate"] = c["hits"] / c["lookups"] if c["lookups"] else 0.0
+            c["hit_rate"] = hit_ratio(c["hits"], c["lookups"])
             c["bytes_in"] = (c["admissions"] + c["preloaded"]) * self.row_bytes
             c["occupancy"] = cache.occupancy
             c["capacity"] = cache.capacity
@@ -278,6 +279,7 @@ class TieredStore:
         return flat, tuple(tensor.shape)
 
     def _check_open(self) -> None:
+        """Raise TieredStoreError once the store is closed."""
         if self._closed:
             raise TieredStoreError("store is closed; open a new TieredStore")
 
@@ -318,6 +320,7 @@ def _as_id_tensor(ids: Any) -> torch.Tensor:
 
 
 def _compute_device(name: str) -> torch.device:
+    """The device ``tiers.hot.device`` names, checked to exist here (``cuda`` -> ``cuda:N``)."""
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -8,9 +8,15 @@ the gated Engram layer (``Engram``) over a pluggable table backend (``TableBacke
 
 from .backend import InMemoryTable, TableBackend
 from .checkpoint import check_table_file, convert_checkpoint, load_tiered_model, open_tables
-from .config import BackboneConfig, EngramConfig, load_engram_config
+from .config import (
+    BackboneConfig,
+    EngramConfig,
+    ModelConfig,
+    TransformerConfig,
+    load_engram_config,
+)
 from .hashing import NgramHasher, layer_multipliers, table_primes, to_row_ids
-from .model import EngramLM, ModelConfig, TransformerConfig
+from .model import EngramLM
 from .module import EMBEDDING_KEY, Engram, MultiHeadEmbedding, ShortConv, split_checkpoint
 from .pipeline import PrefetchPipeline
 from .tokenizer import CompressedTokenizer, check_token_ids, default_tokenizer_path

@@ -2,12 +2,12 @@
 
 The Engram module never owns an ``nn.Embedding``; it asks a backend for rows. ``InMemoryTable``
 keeps the whole table in one tensor (the reference behaviour, trainable); the tiered store
-(``tiered_store.store.TieredStore``) implements the same two methods over hot/warm/cold tiers.
+(``tiered_store.store.TieredStore``) implements the same interface over hot/warm/cold tiers.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,28 @@ class TableBackend(Protocol):
     ``lookup(row_ids, handle)`` returns ``[..., dim]`` rows for int64 ``row_ids`` of any shape, on
     the compute device; ``prefetch(row_ids)`` starts fetching those rows and returns a handle that a
     later ``lookup`` of the same ids consumes (``None`` when there is nothing to wait for).
+
+    Capabilities are declared, not probed: ``keeps_stats`` says whether ``stats()`` returns
+    counters (``TieredStore.stats()``'s layout); ``close()`` releases files and threads. A backend
+    that subclasses this class inherits the defaults (no statistics, nothing to close); the
+    ``TieredStore`` declares all of it itself.
+
+    Examples
+    --------
+    >>> class Zeros(TableBackend):
+    ...     rows, dim = 10, 4
+    ...     def lookup(self, row_ids, handle=None):
+    ...         return torch.zeros(*row_ids.shape, self.dim)
+    ...     def prefetch(self, row_ids):
+    ...         return None
+    >>> table = Zeros()
+    >>> isinstance(table, TableBackend), table.keeps_stats, table.stats(), table.close()
+    (True, False, {}, None)
     """
 
     rows: int
     dim: int
+    keeps_stats: ClassVar[bool] = False
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """Rows for ``row_ids`` (int64 [...]) as [..., dim]."""
@@ -38,8 +56,16 @@ class TableBackend(Protocol):
         """Start fetching ``row_ids``; return a handle for ``lookup``."""
         ...
 
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Counters per section (``{}`` unless ``keeps_stats``)."""
+        return {}
 
-class InMemoryTable(nn.Module):
+    def close(self) -> None:
+        """Release files and threads (nothing to release by default)."""
+        return None
+
+
+class InMemoryTable(nn.Module, TableBackend):
     """A whole table in one tensor: ``lookup`` is ``F.embedding``, ``prefetch`` does nothing.
 
     With an ``nn.Parameter`` the table is trainable (the reference ``nn.Embedding`` semantics:

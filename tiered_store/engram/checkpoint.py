@@ -44,7 +44,7 @@ from .backend import InMemoryTable
 from .config import EngramConfig  # noqa: F401  (doctest examples)
 from .hashing import NgramHasher
 from .model import EngramLM, ModelConfig, expected_shapes
-from .module import EMBEDDING_KEY, _wanted
+from .module import EMBEDDING_KEY, is_engram_module_key
 
 __all__ = [
     "DENSE_FILE",
@@ -446,7 +446,8 @@ def _check_entries(
     for key, entry in entries.items():
         if key not in expected:
             hint = ""
-            if _REFERENCE_KEY.match(key) and _wanted(_REFERENCE_KEY.match(key).group(2)):
+            reference = _REFERENCE_KEY.match(key)
+            if reference and is_engram_module_key(reference.group(2)):
                 hint = " (a per-layer reference checkpoint: convert from_reference_layout(...))"
             raise ConfigError(f"{key}: not a key of this EngramLM's state_dict{hint}")
         if entry.shape != expected[key]:

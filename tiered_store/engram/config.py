@@ -1,7 +1,9 @@
-"""Engram and backbone configuration: frozen dataclasses, defaults in one place, checked on load.
+"""Engram, backbone and Transformer configuration: frozen sections, each default once, checked on load.
 
-The fields and defaults are those of the reference ``engram_demo_v1.py`` (``EngramConfig`` and
-``BackBoneConfig``). Example ``engram.yaml``::
+The Engram and backbone fields and defaults are those of the reference ``engram_demo_v1.py``
+(``EngramConfig`` and ``BackBoneConfig``); ``transformer`` adds what ``EngramLM`` needs beyond
+them. Sections are ``tiered_store.config.ConfigModel`` s, read like every other configuration of
+the project. Example ``engram.yaml``::
 
     engram:
       engram_vocab_size: [646400, 646400]   # table rows per head before prime rounding, n = 2..N
@@ -12,21 +14,29 @@ The fields and defaults are those of the reference ``engram_demo_v1.py`` (``Engr
     backbone:
       hidden_size: 1024
       hc_mult: 4
+    transformer:                            # EngramLM only
+      num_attention_heads: 4
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
-import yaml
+from pydantic import BeforeValidator, model_validator
 
+from ..config import ConfigModel, FieldError, checked_by, int_at_least, load_yaml
 from ..errors import ConfigError
 
-__all__ = ["BackboneConfig", "EngramConfig", "load_engram_config"]
+__all__ = [
+    "BackboneConfig",
+    "EngramBackboneConfig",
+    "EngramConfig",
+    "ModelConfig",
+    "TransformerConfig",
+    "load_engram_config",
+]
 
 # Every default, as in the reference implementation.
 ENGRAM_DEFAULTS: dict[str, Any] = {
@@ -45,38 +55,43 @@ BACKBONE_DEFAULTS: dict[str, Any] = {
     "vocab_size": 129280,  # tokenizer ids, added tokens included
     "num_layers": 30,  # backbone layers
 }
+# What EngramLM needs beyond the reference's two sections.
+TRANSFORMER_DEFAULTS: dict[str, Any] = {
+    "num_attention_heads": 4,  # query/key/value heads per attention layer
+    "intermediate_size": 0,  # SwiGLU width; 0 = 8/3 * hidden_size rounded up to a multiple of 64
+    "rope_theta": 10000.0,  # rotary position embedding base
+    "norm_eps": 1e-6,  # RMSNorm epsilon of the backbone norms
+    "init_std": 0.02,  # normal init of the dense weights (Engram modules keep their own init)
+}
 
 
-def _int(path: str, value: Any, *, minimum: int) -> int:
-    """Return ``value`` if it is an int >= ``minimum``, else raise ConfigError naming ``path``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{path}: expected an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{path}: expected an integer >= {minimum}, got {value}")
-    return int(value)
+def _as_tuple(value: Any) -> tuple:
+    """A list (any iterable but a string or mapping) as a tuple."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise ValueError(f"expected a list of integers, got {value!r}")
+    return tuple(value)
 
 
-def _int_tuple(path: str, value: Any, *, minimum: int) -> tuple[int, ...]:
-    """Return ``value`` as a tuple of ints >= ``minimum``, else raise ConfigError naming ``path``."""
-    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
-        raise ConfigError(f"{path}: expected a list of integers, got {value!r}")
-    return tuple(_int(f"{path}[{i}]", v, minimum=minimum) for i, v in enumerate(value))
+def _positive_number(value: Any) -> float:
+    """A number > 0, as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"expected a number > 0, got {value!r}")
+    return float(value)
 
 
-def _check_keys(path: str, data: Any, known: Mapping[str, Any], ignore_unknown: bool) -> None:
-    """Raise ConfigError if ``data`` is not a mapping or (unless ignored) has unknown keys."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
-    if not ignore_unknown:
-        unknown = sorted(str(k) for k in data if k not in known)
-        if unknown:
-            raise ConfigError(
-                f"{path}.{unknown[0]}: unknown key; expected one of {', '.join(sorted(known))}"
-            )
+def _int_list(minimum: int) -> Any:
+    """The annotation of a list of integers ``>= minimum``, held as a tuple."""
+    return Annotated[tuple[int_at_least(minimum), ...], BeforeValidator(_as_tuple)]
 
 
-@dataclass(frozen=True)
-class EngramConfig:
+RowCounts = _int_list(2)
+LayerIds = _int_list(0)
+Count = int_at_least(1)
+Index = int_at_least(0)
+PositiveNumber = checked_by(_positive_number, float)
+
+
+class EngramConfig(ConfigModel):
     """Configuration of the Engram N-gram memory (the reference ``EngramConfig``).
 
     Parameters
@@ -110,42 +125,39 @@ class EngramConfig:
     tiered_store.errors.ConfigError: engram.max_ngram_size: expected an integer >= 2, got 1
     """
 
-    engram_vocab_size: tuple[int, ...] = ENGRAM_DEFAULTS["engram_vocab_size"]
-    max_ngram_size: int = ENGRAM_DEFAULTS["max_ngram_size"]
-    n_embed_per_ngram: int = ENGRAM_DEFAULTS["n_embed_per_ngram"]
-    n_head_per_ngram: int = ENGRAM_DEFAULTS["n_head_per_ngram"]
-    layer_ids: tuple[int, ...] = ENGRAM_DEFAULTS["layer_ids"]
-    pad_id: int = ENGRAM_DEFAULTS["pad_id"]
-    seed: int = ENGRAM_DEFAULTS["seed"]
-    kernel_size: int = ENGRAM_DEFAULTS["kernel_size"]
+    section: ClassVar[tuple[str, ...]] = ("engram",)
+    engram_vocab_size: RowCounts = ENGRAM_DEFAULTS["engram_vocab_size"]
+    max_ngram_size: int_at_least(2) = ENGRAM_DEFAULTS["max_ngram_size"]
+    n_embed_per_ngram: Count = ENGRAM_DEFAULTS["n_embed_per_ngram"]
+    n_head_per_ngram: Count = ENGRAM_DEFAULTS["n_head_per_ngram"]
+    layer_ids: LayerIds = ENGRAM_DEFAULTS["layer_ids"]
+    pad_id: Index = ENGRAM_DEFAULTS["pad_id"]
+    seed: Index = ENGRAM_DEFAULTS["seed"]
+    kernel_size: Count = ENGRAM_DEFAULTS["kernel_size"]
 
-    def __post_init__(self) -> None:
-        p = "engram"
-        n = _int(f"{p}.max_ngram_size", self.max_ngram_size, minimum=2)
-        sizes = _int_tuple(f"{p}.engram_vocab_size", self.engram_vocab_size, minimum=2)
+    @model_validator(mode="after")
+    def _check_layout(self) -> EngramConfig:
+        """One table size per order, whole heads, distinct layers."""
+        n, sizes = self.max_ngram_size, self.engram_vocab_size
         if len(sizes) != n - 1:
-            raise ConfigError(
-                f"{p}.engram_vocab_size: expected {n - 1} entries (one per n-gram order 2..{n}, "
-                f"max_ngram_size={n}), got {len(sizes)}"
+            raise FieldError(
+                "engram_vocab_size",
+                f"expected {n - 1} entries (one per n-gram order 2..{n}, max_ngram_size={n}), "
+                f"got {len(sizes)}",
             )
-        heads = _int(f"{p}.n_head_per_ngram", self.n_head_per_ngram, minimum=1)
-        embed = _int(f"{p}.n_embed_per_ngram", self.n_embed_per_ngram, minimum=1)
+        heads, embed = self.n_head_per_ngram, self.n_embed_per_ngram
         if embed % heads:
-            raise ConfigError(
-                f"{p}.n_embed_per_ngram: expected a multiple of n_head_per_ngram={heads}, "
-                f"got {embed}"
+            raise FieldError(
+                "n_embed_per_ngram",
+                f"expected a multiple of n_head_per_ngram={heads}, got {embed}",
             )
-        layers = _int_tuple(f"{p}.layer_ids", self.layer_ids, minimum=0)
+        layers = self.layer_ids
         if not layers:
-            raise ConfigError(f"{p}.layer_ids: expected at least one layer id, got []")
+            raise FieldError("layer_ids", "expected at least one layer id, got []")
         if len(set(layers)) != len(layers):
             dup = next(v for v in layers if layers.count(v) > 1)
-            raise ConfigError(f"{p}.layer_ids: expected distinct layer ids, got {dup} twice")
-        object.__setattr__(self, "engram_vocab_size", sizes)
-        object.__setattr__(self, "layer_ids", layers)
-        _int(f"{p}.pad_id", self.pad_id, minimum=0)
-        _int(f"{p}.seed", self.seed, minimum=0)
-        _int(f"{p}.kernel_size", self.kernel_size, minimum=1)
+            raise FieldError("layer_ids", f"expected distinct layer ids, got {dup} twice")
+        return self
 
     @property
     def num_orders(self) -> int:
@@ -167,22 +179,12 @@ class EngramConfig:
         """Width of the concatenated embedding of all heads."""
         return self.num_orders * self.n_embed_per_ngram
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, ignore_unknown: bool = False) -> EngramConfig:
-        """Build from a mapping; unknown keys are an error unless ``ignore_unknown``."""
-        _check_keys("engram", data, ENGRAM_DEFAULTS, ignore_unknown)
-        return cls(**{k: data[k] for k in ENGRAM_DEFAULTS if k in data})
-
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping (lists, not tuples) that ``from_dict`` reads back."""
-        return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
-        }
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_dump().items()}
 
 
-@dataclass(frozen=True)
-class BackboneConfig:
+class BackboneConfig(ConfigModel):
     """The backbone facts an Engram module needs (the reference ``BackBoneConfig``).
 
     Examples
@@ -191,20 +193,102 @@ class BackboneConfig:
     48
     """
 
-    hidden_size: int = BACKBONE_DEFAULTS["hidden_size"]
-    hc_mult: int = BACKBONE_DEFAULTS["hc_mult"]
-    vocab_size: int = BACKBONE_DEFAULTS["vocab_size"]
-    num_layers: int = BACKBONE_DEFAULTS["num_layers"]
+    section: ClassVar[tuple[str, ...]] = ("backbone",)
+    hidden_size: Count = BACKBONE_DEFAULTS["hidden_size"]
+    hc_mult: Count = BACKBONE_DEFAULTS["hc_mult"]
+    vocab_size: Count = BACKBONE_DEFAULTS["vocab_size"]
+    num_layers: Count = BACKBONE_DEFAULTS["num_layers"]
 
-    def __post_init__(self) -> None:
-        for name in BACKBONE_DEFAULTS:
-            _int(f"backbone.{name}", getattr(self, name), minimum=1)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, ignore_unknown: bool = False) -> BackboneConfig:
-        """Build from a mapping; unknown keys are an error unless ``ignore_unknown``."""
-        _check_keys("backbone", data, BACKBONE_DEFAULTS, ignore_unknown)
-        return cls(**{k: data[k] for k in BACKBONE_DEFAULTS if k in data})
+class TransformerConfig(ConfigModel):
+    """The backbone facts ``BackboneConfig`` does not carry: attention heads, MLP width, RoPE.
+
+    Examples
+    --------
+    >>> TransformerConfig(num_attention_heads=8).mlp_size(512)
+    1408
+    """
+
+    section: ClassVar[tuple[str, ...]] = ("transformer",)
+    num_attention_heads: Count = TRANSFORMER_DEFAULTS["num_attention_heads"]
+    intermediate_size: Index = TRANSFORMER_DEFAULTS["intermediate_size"]
+    rope_theta: PositiveNumber = TRANSFORMER_DEFAULTS["rope_theta"]
+    norm_eps: PositiveNumber = TRANSFORMER_DEFAULTS["norm_eps"]
+    init_std: PositiveNumber = TRANSFORMER_DEFAULTS["init_std"]
+
+    def mlp_size(self, hidden_size: int) -> int:
+        """SwiGLU width for ``hidden_size``."""
+        if self.intermediate_size:
+            return self.intermediate_size
+        return -(-(8 * hidden_size // 3) // 64) * 64
+
+
+class EngramBackboneConfig(ConfigModel):
+    """The ``engram`` and ``backbone`` sections, checked together (Engram layers must exist).
+
+    Examples
+    --------
+    >>> EngramBackboneConfig.from_dict({"engram": {"layer_ids": [1, 4]}, "backbone": {"num_layers": 3}})
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: engram.layer_ids[1]: expected a layer id below backbone.num_layers=3, got 4
+    """
+
+    engram: EngramConfig = EngramConfig()
+    backbone: BackboneConfig = BackboneConfig()
+
+    @model_validator(mode="after")
+    def _check_layers_exist(self) -> EngramBackboneConfig:
+        """Every Engram layer id is a backbone layer."""
+        for i, layer in enumerate(self.engram.layer_ids):
+            if layer >= self.backbone.num_layers:
+                raise FieldError(
+                    ("engram", "layer_ids", i),
+                    f"expected a layer id below backbone.num_layers={self.backbone.num_layers}, "
+                    f"got {layer}",
+                )
+        return self
+
+
+class ModelConfig(EngramBackboneConfig):
+    """Everything that fixes an ``EngramLM``'s shapes: Engram, backbone and Transformer sections.
+
+    Examples
+    --------
+    >>> cfg = ModelConfig.from_dict({
+    ...     "engram": {"engram_vocab_size": [2003, 3001], "n_embed_per_ngram": 64,
+    ...                "n_head_per_ngram": 4, "layer_ids": [1, 3]},
+    ...     "backbone": {"hidden_size": 64, "hc_mult": 4, "num_layers": 4},
+    ...     "transformer": {"num_attention_heads": 4}})
+    >>> cfg.backbone.num_layers, cfg.engram.layer_ids
+    (4, (1, 3))
+    >>> ModelConfig.from_dict({"backbone": {"hidden_size": 30}, "transformer": {"num_attention_heads": 4}})
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: transformer.num_attention_heads: expected a divisor of backbone.hidden_size=30 giving an even head size, got 4
+    """
+
+    transformer: TransformerConfig = TransformerConfig()
+
+    @model_validator(mode="after")
+    def _check_attention_heads(self) -> ModelConfig:
+        """Attention heads split the width into even head sizes (for the rotary embedding)."""
+        hidden, heads = self.backbone.hidden_size, self.transformer.num_attention_heads
+        if hidden % heads or (hidden // heads) % 2:
+            raise FieldError(
+                ("transformer", "num_attention_heads"),
+                f"expected a divisor of backbone.hidden_size={hidden} giving an even head size, "
+                f"got {heads}",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping that ``from_dict`` reads back (stored in checkpoints and table files)."""
+        return {
+            "engram": self.engram.to_dict(),
+            "backbone": self.backbone.model_dump(),
+            "transformer": self.transformer.model_dump(),
+        }
 
 
 def load_engram_config(
@@ -212,8 +296,8 @@ def load_engram_config(
 ) -> tuple[EngramConfig, BackboneConfig]:
     """Load ``engram`` and ``backbone`` sections from a YAML/JSON file or a mapping.
 
-    A mapping without an ``engram`` section is read as the engram section itself (backbone
-    defaults apply). Layer ids must be below ``backbone.num_layers``.
+    A mapping without an ``engram`` or ``backbone`` section is read as the engram section itself
+    (backbone defaults apply). Layer ids must be below ``backbone.num_layers``.
 
     Parameters
     ----------
@@ -239,33 +323,15 @@ def load_engram_config(
     >>> eng.layer_ids, bb.hidden_size, bb.hc_mult
     ((1, 4), 48, 4)
     """
-    if isinstance(source, (str, Path)):
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read the Engram config file: {exc}") from exc
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-    else:
+    if isinstance(source, str | Path):
+        data = load_yaml(source, what="Engram config")
+    elif isinstance(source, Mapping):
         data = source
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"<root>: expected a mapping with 'engram' and 'backbone', got {data!r}")
-    if "engram" in data or "backbone" in data:
-        if not ignore_unknown:
-            unknown = sorted(str(k) for k in data if k not in ("engram", "backbone"))
-            if unknown:
-                raise ConfigError(f"{unknown[0]}: unknown key; expected 'engram' and 'backbone'")
-        engram = EngramConfig.from_dict(data.get("engram", {}), ignore_unknown=ignore_unknown)
-        backbone = BackboneConfig.from_dict(data.get("backbone", {}), ignore_unknown=ignore_unknown)
     else:
-        engram = EngramConfig.from_dict(data, ignore_unknown=ignore_unknown)
-        backbone = BackboneConfig()
-    for i, layer in enumerate(engram.layer_ids):
-        if layer >= backbone.num_layers:
-            raise ConfigError(
-                f"engram.layer_ids[{i}]: expected a layer id below backbone.num_layers="
-                f"{backbone.num_layers}, got {layer}"
-            )
-    return engram, backbone
+        raise ConfigError(
+            f"<root>: expected a mapping with 'engram' and 'backbone', got {source!r}"
+        )
+    if "engram" not in data and "backbone" not in data:
+        data = {"engram": data}
+    sections = EngramBackboneConfig.from_dict(data, ignore_unknown=ignore_unknown)
+    return sections.engram, sections.backbone

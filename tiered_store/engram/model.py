@@ -27,10 +27,9 @@ one pass and starts each table's fetch before any layer computes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -39,121 +38,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from .backend import TableBackend
-from .config import BackboneConfig, EngramConfig, _check_keys, _int, load_engram_config
+from .config import ModelConfig, TransformerConfig
 from .hashing import NgramHasher
 from .module import Engram
 from .tokenizer import check_token_ids
 
 __all__ = ["EngramBatch", "EngramLM", "HyperConnection", "ModelConfig", "TransformerConfig"]
 
-TRANSFORMER_DEFAULTS: dict[str, Any] = {
-    "num_attention_heads": 4,  # query/key/value heads per attention layer
-    "intermediate_size": 0,  # SwiGLU width; 0 = 8/3 * hidden_size rounded up to a multiple of 64
-    "rope_theta": 10000.0,  # rotary position embedding base
-    "norm_eps": 1e-6,  # RMSNorm epsilon of the backbone norms
-    "init_std": 0.02,  # normal init of the dense weights (Engram modules keep their own init)
-}
-
 Logits = Literal["all", "last", "none"]
-
-
-@dataclass(frozen=True)
-class TransformerConfig:
-    """The backbone facts ``BackboneConfig`` does not carry: attention heads, MLP width, RoPE.
-
-    Examples
-    --------
-    >>> TransformerConfig(num_attention_heads=8).mlp_size(512)
-    1408
-    """
-
-    num_attention_heads: int = TRANSFORMER_DEFAULTS["num_attention_heads"]
-    intermediate_size: int = TRANSFORMER_DEFAULTS["intermediate_size"]
-    rope_theta: float = TRANSFORMER_DEFAULTS["rope_theta"]
-    norm_eps: float = TRANSFORMER_DEFAULTS["norm_eps"]
-    init_std: float = TRANSFORMER_DEFAULTS["init_std"]
-
-    def __post_init__(self) -> None:
-        _int("transformer.num_attention_heads", self.num_attention_heads, minimum=1)
-        _int("transformer.intermediate_size", self.intermediate_size, minimum=0)
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"transformer.{name}: expected a number > 0, got {value!r}")
-            object.__setattr__(self, name, float(value))
-
-    def mlp_size(self, hidden_size: int) -> int:
-        """SwiGLU width for ``hidden_size``."""
-        if self.intermediate_size:
-            return self.intermediate_size
-        return -(-(8 * hidden_size // 3) // 64) * 64
-
-    @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], *, ignore_unknown: bool = False
-    ) -> TransformerConfig:
-        """Build from a mapping; unknown keys are an error unless ``ignore_unknown``."""
-        _check_keys("transformer", data, TRANSFORMER_DEFAULTS, ignore_unknown)
-        return cls(**{k: data[k] for k in TRANSFORMER_DEFAULTS if k in data})
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything that fixes an ``EngramLM``'s shapes: Engram, backbone and Transformer sections.
-
-    Examples
-    --------
-    >>> cfg = ModelConfig.from_dict({
-    ...     "engram": {"engram_vocab_size": [2003, 3001], "n_embed_per_ngram": 64,
-    ...                "n_head_per_ngram": 4, "layer_ids": [1, 3]},
-    ...     "backbone": {"hidden_size": 64, "hc_mult": 4, "num_layers": 4},
-    ...     "transformer": {"num_attention_heads": 4}})
-    >>> cfg.backbone.num_layers, cfg.engram.layer_ids
-    (4, (1, 3))
-    >>> ModelConfig.from_dict({"backbone": {"hidden_size": 30}, "transformer": {"num_attention_heads": 4}})
-    Traceback (most recent call last):
-    ...
-    tiered_store.errors.ConfigError: transformer.num_attention_heads: expected a divisor of backbone.hidden_size=30 giving an even head size, got 4
-    """
-
-    engram: EngramConfig = field(default_factory=EngramConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    transformer: TransformerConfig = field(default_factory=TransformerConfig)
-
-    def __post_init__(self) -> None:
-        hidden, heads = self.backbone.hidden_size, self.transformer.num_attention_heads
-        if hidden % heads or (hidden // heads) % 2:
-            raise ConfigError(
-                f"transformer.num_attention_heads: expected a divisor of backbone.hidden_size="
-                f"{hidden} giving an even head size, got {heads}"
-            )
-        for i, layer in enumerate(self.engram.layer_ids):
-            if layer >= self.backbone.num_layers:
-                raise ConfigError(
-                    f"engram.layer_ids[{i}]: expected a layer id below backbone.num_layers="
-                    f"{self.backbone.num_layers}, got {layer}"
-                )
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, ignore_unknown: bool = False) -> ModelConfig:
-        """Build from ``{"engram": ..., "backbone": ..., "transformer": ...}`` (each optional)."""
-        _check_keys("<root>", data, {"engram": 0, "backbone": 0, "transformer": 0}, ignore_unknown)
-        engram, backbone = load_engram_config(
-            {k: data[k] for k in ("engram", "backbone") if k in data} or {"engram": {}},
-            ignore_unknown=ignore_unknown,
-        )
-        transformer = TransformerConfig.from_dict(
-            data.get("transformer", {}), ignore_unknown=ignore_unknown
-        )
-        return cls(engram, backbone, transformer)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain mapping that ``from_dict`` reads back (stored in checkpoints and table files)."""
-        return {
-            "engram": self.engram.to_dict(),
-            "backbone": dataclasses.asdict(self.backbone),
-            "transformer": dataclasses.asdict(self.transformer),
-        }
 
 
 @dataclass
@@ -467,11 +359,10 @@ class EngramLM(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def close(self) -> None:
-        """Close the tables that hold files or threads (tiered stores); in-memory ones stay."""
+        """Close every table: tiered stores release files and threads, in-memory tables keep their
+        rows (they have nothing to release)."""
         for table in self.tables.values():
-            close = getattr(table, "close", None)
-            if callable(close) and not isinstance(table, nn.Module):
-                close()
+            table.close()
 
     # -- internals --------------------------------------------------------------------------------
 

@@ -28,7 +28,14 @@ from .backend import InMemoryTable, TableBackend
 from .config import BackboneConfig, EngramConfig
 from .hashing import NgramHasher
 
-__all__ = ["EMBEDDING_KEY", "Engram", "MultiHeadEmbedding", "ShortConv", "split_checkpoint"]
+__all__ = [
+    "EMBEDDING_KEY",
+    "Engram",
+    "MultiHeadEmbedding",
+    "ShortConv",
+    "is_engram_module_key",
+    "split_checkpoint",
+]
 
 EMBEDDING_KEY = "multi_head_embedding.embedding.weight"  # the big table, reference layout
 # Dense parameters and buffers of one Engram module in the reference state_dict layout.
@@ -214,7 +221,13 @@ class Engram(nn.Module):
         self.multi_head_embedding.set_backend(backend)
 
     def _check_backend(self, backend: TableBackend) -> None:
-        """Raise ConfigError unless ``backend`` has this layer's rows and dim."""
+        """Raise ConfigError unless ``backend`` is a TableBackend with this layer's rows and dim."""
+        if not isinstance(backend, TableBackend):
+            raise ConfigError(
+                f"backend: {type(backend).__name__} is not a TableBackend; expected rows, dim, "
+                "keeps_stats, lookup, prefetch, stats and close (subclass "
+                "tiered_store.engram.TableBackend for the defaults)"
+            )
         rows, dim = self.hasher.table_rows(self.layer_id), self.config.head_dim
         if int(backend.rows) != rows or int(backend.dim) != dim:
             raise ConfigError(
@@ -429,7 +442,7 @@ def split_checkpoint(
             for k, v in source.items()
             if not has_prefix or k.startswith(prefix)
         }
-        tensors = {k: torch.as_tensor(v) for k, v in items.items() if _wanted(k)}
+        tensors = {k: torch.as_tensor(v) for k, v in items.items() if is_engram_module_key(k)}
     else:
         tensors = _read_safetensors(Path(source), prefix)
     if EMBEDDING_KEY not in tensors:
@@ -441,7 +454,7 @@ def split_checkpoint(
     return weight, tensors
 
 
-def _wanted(key: str) -> bool:
+def is_engram_module_key(key: str) -> bool:
     """Whether ``key`` belongs to one Engram module's reference-layout state_dict."""
     return key == EMBEDDING_KEY or _DENSE_KEY.match(key) is not None
 
@@ -459,7 +472,7 @@ def _read_safetensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
                 name = key[len(prefix) :] if has_prefix and key.startswith(prefix) else None
                 if not has_prefix:
                     name = key
-                if name is not None and _wanted(name):
+                if name is not None and is_engram_module_key(name):
                     out[name] = f.get_tensor(key)
             return out
     except (OSError, SafetensorError) as exc:

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..stats import hit_ratio
+from .backend import TableBackend
 from .model import EngramBatch, EngramLM, Logits
 
 __all__ = ["PipelineStats", "PrefetchPipeline", "profile_rows", "table_stats_delta"]
@@ -154,10 +156,9 @@ class PrefetchPipeline:
         return self.model.prefetch(input_ids) if self.prefetch else self.model.hash(input_ids)
 
 
-def _snapshot(table: Any) -> dict | None:
+def _snapshot(table: TableBackend) -> dict | None:
     """A table's statistics now (``None`` for tables that keep none, e.g. in-memory)."""
-    stats = getattr(table, "stats", None)
-    return stats() if callable(stats) else None
+    return table.stats() if table.keeps_stats else None
 
 
 def table_stats_delta(before: dict | None, after: dict | None) -> dict[str, dict[str, float]]:
@@ -174,7 +175,7 @@ def table_stats_delta(before: dict | None, after: dict | None) -> dict[str, dict
     for tier in ("hot", "warm"):
         if tier in out:
             t = out[tier]
-            t["hit_rate"] = t["hits"] / t["lookups"] if t["lookups"] else 0.0
+            t["hit_rate"] = hit_ratio(t["hits"], t["lookups"])
     return out
 
 

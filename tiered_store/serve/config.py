@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import Field, StrictBool, StrictInt
 from pydantic import ValidationError as _PydanticValidationError
 
 # format_validation_error once the "config" step makes it public
-from ..config import StoreConfig, _format_validation_error
+from ..config import ConfigModel, StoreConfig, format_validation_error, load_yaml
 from ..engram import BackboneConfig, EngramConfig, load_engram_config
 from ..errors import ConfigError
 
@@ -50,12 +49,6 @@ SERVE_DEFAULTS: dict[str, Any] = {
 _SERVE_KEYS = ("engram", "backbone", "tables", "store", "server", "dense")
 
 
-class _Model(BaseModel):
-    """Base of the sections: unknown keys are errors, instances are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def check_address(value: str, key: str, *, allow_empty: bool = False) -> tuple[str, int] | None:
     """``"host:port"`` -> (host, port); ``""`` -> None when allowed; else ConfigError naming ``key``."""
     if value == "" and allow_empty:
@@ -70,7 +63,7 @@ def check_address(value: str, key: str, *, allow_empty: bool = False) -> tuple[s
     return host, int(port)
 
 
-class ServerSection(_Model):
+class ServerSection(ConfigModel):
     """The HTTP endpoint and its limits."""
 
     address: str = SERVE_DEFAULTS["server.address"]
@@ -84,7 +77,7 @@ class ServerSection(_Model):
     torch_threads: StrictInt = Field(default=SERVE_DEFAULTS["server.torch_threads"], ge=0)
 
 
-class TablesSection(_Model):
+class TablesSection(ConfigModel):
     """Where each Engram layer's table lives, and how to build missing ones."""
 
     path: str = SERVE_DEFAULTS["tables.path"]
@@ -96,14 +89,14 @@ class TablesSection(_Model):
     scrub_interval_s: float = Field(default=SERVE_DEFAULTS["tables.scrub_interval_s"], ge=0)
 
 
-class DenseSection(_Model):
+class DenseSection(ConfigModel):
     """The Engram layers' dense parameters (projections, norms, convolution)."""
 
     checkpoint: str | None = SERVE_DEFAULTS["dense.checkpoint"]
     seed: StrictInt = Field(default=SERVE_DEFAULTS["dense.seed"], ge=0)
 
 
-class _Sections(_Model):
+class _Sections(ConfigModel):
     """The pydantic-validated sections, parsed together so errors name their key path."""
 
     tables: TablesSection = TablesSection()
@@ -170,7 +163,7 @@ class ServeConfig:
                 {k: data[k] for k in ("tables", "server", "dense") if data.get(k) is not None}
             )
         except _PydanticValidationError as exc:
-            raise ConfigError(_format_validation_error(exc, source)) from None
+            raise ConfigError(format_validation_error(exc, source)) from None
         store = data.get("store") or {}
         if not isinstance(store, Mapping):
             raise ConfigError(f"{source}: store: got {type(store).__name__}; expected a mapping")
@@ -203,14 +196,8 @@ class ServeConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> ServeConfig:
         """Load and validate a YAML file; relative paths are relative to it."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: cannot read ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
-        return cls.from_dict(data, base_dir=path.parent, source=str(path))
+        data = load_yaml(path)
+        return cls.from_dict(data, base_dir=Path(path).parent, source=str(path))
 
     @property
     def table_names(self) -> list[str]:
