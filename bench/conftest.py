@@ -4,9 +4,16 @@ Every benchmark group holds one baseline (``baseline=True``) and the project's c
 the same run; :class:`SpeedBook` turns the medians into rates (units per second) and puts the
 ratio ours / baseline into the saved JSON (``extra_info``) and a table at the end of the run.
 
-Sizes: ``TIERED_STORE_BENCH_SIZE=default`` (the figures the docs cite) or ``tiny`` (seconds; what
-``tests/test_bench_suite.py`` runs). Tables go to a temporary folder under
-``TIERED_STORE_BENCH_DIR`` (default: the system's temp folder; it must allow ``O_DIRECT``).
+Environment:
+
+- ``TIERED_STORE_BENCH_SIZE``: ``default`` (the figures the docs cite) or ``tiny`` (seconds; what
+  ``tests/test_bench_suite.py`` runs).
+- ``TIERED_STORE_BENCH_DIR``: where the temporary tables go (default: the system's temp folder;
+  it must allow ``O_DIRECT``).
+- ``TIERED_STORE_BENCH_TORCH_THREADS``: torch intra-op threads (default: torch's own choice). On a
+  machine that other work keeps busy, 1 is steadier: torch's parallel ops wait for their slowest
+  thread, which a busy machine deschedules (replay measured 5x slower with 2 threads than with 1
+  on 2 loaded cores).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tiered_store.table_format import RandomSource, create_table
 
@@ -26,6 +34,7 @@ collect_ignore_glob = ["bench_*.py"]  # the end-to-end scripts: run as `python b
 
 SIZE_ENV = "TIERED_STORE_BENCH_SIZE"
 DIR_ENV = "TIERED_STORE_BENCH_DIR"
+THREADS_ENV = "TIERED_STORE_BENCH_TORCH_THREADS"
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ SIZES = {
         cold_table_bytes=1 << 30,
         cold_batch=16384,
         replay_rows=4_000_000,
-        replay_tokens=500_000,
+        replay_tokens=250_000,
         hasher_batch=16,
         hasher_seq=4096,
         rounds=5,
@@ -157,7 +166,7 @@ class SpeedBook:
             for entry in rows:
                 ratio = entry.extra_info.get("ratio_to_baseline")
                 shown = (
-                    "base" if entry is group.baseline else "-" if ratio is None else f"{ratio:.2f}x"
+                    "base" if entry is group.baseline else "-" if ratio is None else f"{ratio:.3g}x"
                 )
                 rate = f"{_si(entry.per_second)} {entry.unit}/s"
                 lines.append(f"{name:<24} {entry.name:<46} {rate:>18} {shown:>7}")
@@ -187,18 +196,26 @@ BOOK_KEY = pytest.StashKey[SpeedBook]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One SpeedBook per run, at the size ``TIERED_STORE_BENCH_SIZE`` names."""
+    """One SpeedBook per run at the size ``TIERED_STORE_BENCH_SIZE`` names; torch's threads."""
     name = os.environ.get(SIZE_ENV, "default")
     if name not in SIZES:
         raise pytest.UsageError(f"{SIZE_ENV}={name!r}; expected one of {', '.join(SIZES)}")
+    threads = os.environ.get(THREADS_ENV)
+    if threads is not None:
+        if not threads.isdigit() or int(threads) < 1:
+            raise pytest.UsageError(f"{THREADS_ENV}={threads!r}; expected an integer >= 1")
+        torch.set_num_threads(int(threads))
     config.stash[BOOK_KEY] = SpeedBook(SIZES[name])
 
 
 def pytest_benchmark_update_json(
     config: pytest.Config, benchmarks: list, output_json: dict[str, Any]
 ) -> None:
-    """Record the suite's sizes, and keep machine-specific absolute paths out of the JSON."""
-    output_json["tiered_store_bench_sizes"] = asdict(config.stash[BOOK_KEY].sizes)
+    """Record the suite's sizes and torch threads; keep machine-specific absolute paths out."""
+    output_json["tiered_store_bench"] = {
+        "sizes": asdict(config.stash[BOOK_KEY].sizes),
+        "torch_threads": torch.get_num_threads(),
+    }
     for key in list(output_json):
         output_json[key] = _strip_root(output_json[key], str(config.rootpath))
 
@@ -208,7 +225,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     book = config.stash.get(BOOK_KEY, None)
     if book is None or not book.groups:
         return
-    terminalreporter.section(f"speed vs same-run baseline (sizes: {book.sizes.name})")
+    terminalreporter.section(
+        f"speed vs same-run baseline (sizes: {book.sizes.name}, "
+        f"torch threads: {torch.get_num_threads()})"
+    )
     for line in book.summary_lines():
         terminalreporter.write_line(line)
 

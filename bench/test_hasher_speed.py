@@ -69,7 +69,6 @@ def test_hash_all_layers(benchmark, speed, hash_input: HashInput, backend: str) 
         per_call=hash_input.positions,
         unit="positions",
     )
-    benchmark.extra_info["torch_threads"] = torch.get_num_threads()
     if rate is not None:
         layers = len(CONFIG.layer_ids)
         benchmark.extra_info["positions_per_second_per_layer"] = rate * layers

@@ -78,7 +78,6 @@ def test_store_lookup_all_hit(benchmark, speed, all_hit: AllHit) -> None:
         unit="rows",
     )
     assert store.stats()["hot"]["misses"] == misses, "an all-hit lookup missed"
-    benchmark.extra_info["torch_threads"] = torch.get_num_threads()
     benchmark.extra_info["memory_report"] = store.memory_report()
 
 

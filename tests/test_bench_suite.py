@@ -28,15 +28,17 @@ GROUPS = {
 def test_benchmark_suite_runs_at_tiny_size(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, TIERED_STORE_BENCH_SIZE="tiny", TIERED_STORE_BENCH_DIR=str(tmp_path))
+    env["TIERED_STORE_BENCH_TORCH_THREADS"] = "1"
     cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider"]
     cmd += ["--benchmark-enable", f"--benchmark-json={out}"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "speed vs same-run baseline (sizes: tiny)" in done.stdout
+    assert "speed vs same-run baseline (sizes: tiny, torch threads: 1)" in done.stdout
     text = out.read_text()
     assert str(ROOT) not in text, "the benchmark JSON records the repository's absolute path"
     doc = json.loads(text)
-    assert doc["tiered_store_bench_sizes"]["name"] == "tiny"
+    assert doc["tiered_store_bench"]["sizes"]["name"] == "tiny"
+    assert doc["tiered_store_bench"]["torch_threads"] == 1
     benchmarks = doc["benchmarks"]
     skipped = set() if importlib.util.find_spec("libcachesim") else {"replay-lru"}
     assert {b["group"] for b in benchmarks} >= GROUPS - skipped
