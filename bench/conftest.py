@@ -150,12 +150,12 @@ class SpeedBook:
         )
         benchmark.extra_info[f"{unit}_per_second"] = rate
         entry = SpeedEntry(benchmark.name, unit, rate, benchmark.extra_info)
-        book = self.groups.setdefault(group, SpeedGroup())
+        speed_group = self.groups.setdefault(group, SpeedGroup())
         if baseline:
-            book.baseline = entry
+            speed_group.baseline = entry
         else:
-            book.ours.append(entry)
-        book.fill_ratios()
+            speed_group.ours.append(entry)
+        speed_group.fill_ratios()
         return rate
 
     def summary_lines(self) -> list[str]:
