@@ -1,0 +1,188 @@
+"""Random-read probe: how many page-sized ``O_DIRECT`` reads per second a disk serves to N threads.
+
+This is the ceiling for one-request-per-page I/O from Python, the baseline the cold tier's
+``io: direct`` reads are measured against (``bench/test_cold_read_speed.py``). Each read is one
+``os.preadv`` call at a uniform-random page of the file, into a page-aligned buffer of its thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tiered_store.errors import ConfigError, TierIOError
+from tiered_store.table_format import PAGE_BYTES
+
+READS_PER_CLAIM = 64  # offsets a thread takes from the shared queue at a time
+
+
+@dataclass(frozen=True)
+class RandomReadRate:
+    """What one probe measured: ``reads`` reads of ``block_bytes`` from ``threads`` threads."""
+
+    reads: int
+    seconds: float
+    threads: int
+    block_bytes: int
+
+    @property
+    def reads_per_second(self) -> float:
+        """Reads completed per second of wall time."""
+        return self.reads / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bytes_per_second(self) -> float:
+        """Bytes transferred per second of wall time."""
+        return self.reads_per_second * self.block_bytes
+
+
+def probe_random_reads(
+    path: str | os.PathLike[str],
+    *,
+    reads: int = 16384,
+    threads: int = 1,
+    block_bytes: int = PAGE_BYTES,
+    start: int = 0,
+    stop: int | None = None,
+    seed: int = 0,
+) -> RandomReadRate:
+    """Time ``reads`` random ``O_DIRECT`` reads of one block each, issued by ``threads`` threads.
+
+    The page cache is bypassed, so the figure is the disk's (and the Python thread's per-call
+    cost), not the RAM's. Offsets are uniform over the whole blocks of ``[start, stop)`` and drawn
+    before the clock starts; the threads take them from one shared queue, so a slow thread does
+    not hold the others back.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file on the disk to probe, on a file system that allows ``O_DIRECT`` (not every
+        tmpfs does). Only read.
+    reads : int
+        Reads in all, over all threads.
+    threads : int
+        Python threads issuing reads (each one request at a time: the queue depth).
+    block_bytes : int
+        Bytes per read, a positive multiple of 4096 (the ``O_DIRECT`` alignment unit).
+    start, stop : int
+        Byte range the reads fall in (default: the whole file). Only whole blocks inside it are
+        read.
+    seed : int
+        Seed of the random offsets: vary it between runs so a disk's own cache is not warmed.
+
+    Returns
+    -------
+    RandomReadRate
+        ``reads``, wall ``seconds``, ``threads``, ``block_bytes``; ``reads_per_second`` and
+        ``bytes_per_second``.
+
+    Raises
+    ------
+    ConfigError
+        A count or range is out of bounds.
+    TierIOError
+        The file cannot be opened with ``O_DIRECT`` or a read fails.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "probe.bin")
+    >>> with open(path, "wb") as f:
+    ...     _ = f.write(os.urandom(1 << 20))   # 1 MiB: 256 pages
+    >>> rate = probe_random_reads(path, reads=512, threads=4)
+    >>> rate.reads, rate.threads, rate.block_bytes, rate.reads_per_second > 0
+    (512, 4, 4096, True)
+    """
+    path = Path(path)
+    _check_count("reads", reads)
+    _check_count("threads", threads)
+    if _is_bool_or_not_int(block_bytes) or block_bytes < PAGE_BYTES or block_bytes % PAGE_BYTES:
+        raise ConfigError(
+            f"block_bytes: got {block_bytes!r}; expected a positive multiple of {PAGE_BYTES}"
+        )
+    fd = _open_direct(path)
+    try:
+        size = os.fstat(fd).st_size
+        stop = size if stop is None else stop
+        first, end = -(-start // block_bytes), min(stop, size) // block_bytes
+        if start < 0 or end <= first:
+            raise ConfigError(
+                f"probe range of {path}: bytes [{start}, {stop}) of a {size:,}-byte file hold no "
+                f"whole {block_bytes}-byte block; expected a range inside the file of at least "
+                f"one block"
+            )
+        rng = np.random.default_rng(seed)
+        offsets = (rng.integers(first, end, reads, dtype=np.int64) * block_bytes).tolist()
+        seconds = _read_all(fd, path, offsets, threads, block_bytes)
+    finally:
+        os.close(fd)
+    return RandomReadRate(reads=reads, seconds=seconds, threads=threads, block_bytes=block_bytes)
+
+
+def _is_bool_or_not_int(value: object) -> bool:
+    """True unless ``value`` is a plain int."""
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _check_count(name: str, value: object) -> None:
+    """Raise ConfigError unless ``value`` is an integer >= 1."""
+    if _is_bool_or_not_int(value) or value < 1:
+        raise ConfigError(f"{name}: got {value!r}; expected an integer >= 1")
+
+
+def _open_direct(path: Path) -> int:
+    """A read-only ``O_DIRECT`` descriptor of ``path``; TierIOError naming the file otherwise."""
+    if not hasattr(os, "O_DIRECT"):
+        raise TierIOError(errno.EINVAL, "O_DIRECT reads: this OS has no O_DIRECT", str(path))
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        hint = "; the file system refuses O_DIRECT here" if exc.errno == errno.EINVAL else ""
+        raise TierIOError(
+            exc.errno, f"cannot open {path} for O_DIRECT reads ({exc.strerror}){hint}", str(path)
+        ) from exc
+
+
+def _read_all(fd: int, path: Path, offsets: list[int], threads: int, block_bytes: int) -> float:
+    """Seconds for ``threads`` threads to ``preadv`` one block at each offset (shared queue)."""
+    claims = itertools.count()  # next() on a count is atomic under the GIL
+    ready = threading.Barrier(threads + 1)
+    errors: list[OSError] = []
+
+    def worker() -> None:
+        buf = mmap.mmap(-1, block_bytes)  # page-aligned, as O_DIRECT needs
+        ready.wait()
+        try:
+            while True:
+                first = next(claims) * READS_PER_CLAIM
+                if first >= len(offsets):
+                    return
+                for offset in offsets[first : first + READS_PER_CLAIM]:
+                    os.preadv(fd, [buf], offset)
+        except OSError as exc:
+            errors.append(exc)
+        finally:
+            buf.close()
+
+    pool = [threading.Thread(target=worker, name=f"disk-probe-{k}") for k in range(threads)]
+    for thread in pool:
+        thread.start()
+    ready.wait()
+    start = time.perf_counter()
+    for thread in pool:
+        thread.join()
+    seconds = time.perf_counter() - start
+    if errors:
+        exc = errors[0]
+        raise TierIOError(
+            exc.errno, f"O_DIRECT read of {path} failed ({exc.strerror})", str(path)
+        ) from exc
+    return seconds
