@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, model_validator
 
@@ -35,6 +35,7 @@ __all__ = [
     "EngramConfig",
     "ModelConfig",
     "TransformerConfig",
+    "hf_engram_sections",
     "load_engram_config",
 ]
 
@@ -47,7 +48,23 @@ ENGRAM_DEFAULTS: dict[str, Any] = {
     "layer_ids": (1, 15),  # backbone layers that carry an Engram module
     "pad_id": 2,  # original token id shifted in before the sequence start
     "seed": 0,  # seeds the per-layer hash multipliers
-    "kernel_size": 4,  # ShortConv kernel (taps)
+    "kernel_size": 4,  # ShortConv kernel (taps; the demo module only)
+    "geometry": "demo",  # "demo" (engram_demo_v1) or "deepseek-v4.1" (the release's layout)
+    "num_embeddings": None,  # rows per layer's table, when the source states them (checked)
+    "compressed_vocab_size": None,  # compressed token ids, when the source states it (checked)
+    "norm_eps": 1e-20,  # RMS epsilon of the V4.1 gate
+}
+GEOMETRIES = ("demo", "deepseek-v4.1")
+# A DeepSeek-V4.1 Hugging Face config.json's text_config keys -> EngramConfig fields.
+HF_ENGRAM_KEYS = {
+    "engram_layer_ids": "layer_ids",
+    "engram_num_embeddings": "num_embeddings",
+    "engram_max_ngram_size": "max_ngram_size",
+    "engram_vocab_size": "engram_vocab_size",
+    "engram_n_heads": "n_head_per_ngram",
+    "engram_head_dim": "n_embed_per_ngram",  # x n_heads
+    "engram_pad_token_id": "pad_id",
+    "engram_compressed_vocab_size": "compressed_vocab_size",
 }
 BACKBONE_DEFAULTS: dict[str, Any] = {
     "hidden_size": 1024,  # model width per hyper-connection branch
@@ -112,7 +129,19 @@ class EngramConfig(ConfigModel):
     seed
         Seed of the per-layer hash multipliers.
     kernel_size
-        Taps of the ShortConv depthwise convolution.
+        Taps of the ShortConv depthwise convolution (the demo module only).
+    geometry
+        ``"demo"`` (the paper's ``engram_demo_v1``) or ``"deepseek-v4.1"`` (the release: fp8
+        tables, dead tokens, the V4.1 module). Hashing and table layout are the same algorithm.
+    num_embeddings
+        Rows of each layer's table as the checkpoint states them (``engram_num_embeddings``); the
+        hasher checks each against the sum of the layer's primes.
+    compressed_vocab_size
+        Compressed token ids as the checkpoint states them; checked against the tokenizer.
+    norm_eps
+        RMS epsilon of the V4.1 gate.
+
+    ``engram_vocab_size`` may be one number for every order (as V4.1 configs give it).
 
     Examples
     --------
@@ -134,6 +163,20 @@ class EngramConfig(ConfigModel):
     pad_id: Index = ENGRAM_DEFAULTS["pad_id"]
     seed: Index = ENGRAM_DEFAULTS["seed"]
     kernel_size: Count = ENGRAM_DEFAULTS["kernel_size"]
+    geometry: Literal[GEOMETRIES] = ENGRAM_DEFAULTS["geometry"]
+    num_embeddings: RowCounts | None = ENGRAM_DEFAULTS["num_embeddings"]
+    compressed_vocab_size: Count | None = ENGRAM_DEFAULTS["compressed_vocab_size"]
+    norm_eps: PositiveNumber = ENGRAM_DEFAULTS["norm_eps"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_vocab_size_for_every_order(cls, data: Any) -> Any:
+        """A scalar ``engram_vocab_size`` stands for the same size at every order."""
+        if isinstance(data, Mapping) and isinstance(data.get("engram_vocab_size"), int):
+            n = data.get("max_ngram_size", ENGRAM_DEFAULTS["max_ngram_size"])
+            if isinstance(n, int) and not isinstance(n, bool) and n >= 2:
+                data = {**data, "engram_vocab_size": (data["engram_vocab_size"],) * (n - 1)}
+        return data
 
     @model_validator(mode="after")
     def _check_layout(self) -> EngramConfig:
@@ -157,7 +200,18 @@ class EngramConfig(ConfigModel):
         if len(set(layers)) != len(layers):
             dup = next(v for v in layers if layers.count(v) > 1)
             raise FieldError("layer_ids", f"expected distinct layer ids, got {dup} twice")
+        if self.num_embeddings is not None and len(self.num_embeddings) != len(layers):
+            raise FieldError(
+                "num_embeddings",
+                f"expected one row count per layer ({len(layers)} layers), "
+                f"got {len(self.num_embeddings)}",
+            )
         return self
+
+    @property
+    def is_v41(self) -> bool:
+        """True for DeepSeek-V4.1's geometry (fp8 tables, dead tokens, the V4.1 module)."""
+        return self.geometry == "deepseek-v4.1"
 
     @property
     def num_orders(self) -> int:
@@ -331,7 +385,56 @@ def load_engram_config(
         raise ConfigError(
             f"<root>: expected a mapping with 'engram' and 'backbone', got {source!r}"
         )
-    if "engram" not in data and "backbone" not in data:
+    if "text_config" in data or "engram_layer_ids" in data:  # a Hugging Face config.json
+        data = hf_engram_sections(
+            data, source=str(source) if not isinstance(source, Mapping) else ""
+        )
+        ignore_unknown = False
+    elif "engram" not in data and "backbone" not in data:
         data = {"engram": data}
     sections = EngramBackboneConfig.from_dict(data, ignore_unknown=ignore_unknown)
     return sections.engram, sections.backbone
+
+
+def hf_engram_sections(config: Mapping[str, Any], *, source: str = "") -> dict[str, Any]:
+    """A DeepSeek-V4.1 Hugging Face ``config.json`` (its ``text_config``) -> ``engram`` and
+    ``backbone`` sections in this library's names.
+
+    Examples
+    --------
+    >>> hf = {"text_config": {"engram_layer_ids": [1, 14], "engram_num_embeddings": [1998, 5014],
+    ...     "engram_max_ngram_size": 4, "engram_vocab_size": 31, "engram_n_heads": 8,
+    ...     "engram_head_dim": 256, "engram_pad_token_id": 2, "engram_compressed_vocab_size": 99092,
+    ...     "hidden_size": 16, "hc_mult": 4, "num_hidden_layers": 20}}
+    >>> eng, bb = load_engram_config(hf)
+    >>> eng.geometry, eng.engram_vocab_size, eng.head_dim, bb.num_layers
+    ('deepseek-v4.1', (31, 31, 31), 256, 20)
+    """
+    where = f"{source}: " if source else ""
+    text = config.get("text_config", config)
+    if not isinstance(text, Mapping):
+        raise ConfigError(f"{where}text_config: got {type(text).__name__}; expected a mapping")
+    missing = [key for key in HF_ENGRAM_KEYS if key not in text]
+    if missing:
+        raise ConfigError(
+            f"{where}text_config has no {', '.join(missing)}; expected a DeepSeek-V4.1 config "
+            f"with the Engram keys {', '.join(HF_ENGRAM_KEYS)}"
+        )
+    engram = {field: text[key] for key, field in HF_ENGRAM_KEYS.items()}
+    heads, head_dim = text["engram_n_heads"], text["engram_head_dim"]
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        engram["n_embed_per_ngram"] = heads * head_dim
+    engram["geometry"] = "deepseek-v4.1"
+    if "rms_norm_eps" in text:
+        engram["norm_eps"] = text["rms_norm_eps"]
+    backbone = {
+        field: text[key]
+        for key, field in (
+            ("hidden_size", "hidden_size"),
+            ("hc_mult", "hc_mult"),
+            ("vocab_size", "vocab_size"),
+            ("num_hidden_layers", "num_layers"),
+        )
+        if key in text
+    }
+    return {"engram": engram, "backbone": backbone}

@@ -5,12 +5,17 @@ For layer ``L`` and order ``n``, position ``t`` hashes the last ``n`` compressed
     mix = x[t]*m[0] XOR x[t-1]*m[1] XOR ... XOR x[t-n+1]*m[n-1]     (int64)
     row of head j = mix % prime[L][n][j]
 
-with ``x[t-k]`` the compressed pad id before the sequence start, ``m`` the layer's odd multipliers
-and the primes globally distinct over all layers, orders and heads.
+with ``m`` the layer's odd multipliers and the primes globally distinct over all layers, orders
+and heads. Look-back stops at the sequence start and at dead tokens (``token_mask`` False, e.g.
+image spans, DeepSeek-V4.1): from there on ``x[t-k]`` is the compressed pad id, and a dead
+position hashes as an all-pad n-gram. Positions are absolute: a :class:`HashState` carries the
+last ``max_ngram_size - 1`` compressed ids from one chunk of a sequence to the next, so chunked
+prefill and one-token decode steps give the row ids of one pass over the whole sequence.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +26,9 @@ from .config import EngramConfig
 from .tokenizer import CompressedTokenizer, check_token_ids
 
 __all__ = [
+    "DEAD",
     "PRIME_1",
+    "HashState",
     "NgramHasher",
     "find_next_prime",
     "is_prime",
@@ -31,6 +38,7 @@ __all__ = [
 ]
 
 PRIME_1 = 10007  # the reference's per-layer seed stride: seed + PRIME_1 * layer_id
+DEAD = -1  # compressed id of a dead token (token_mask False) and of "before the sequence start"
 _MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)  # deterministic below 3.3e24
 
 
@@ -111,15 +119,17 @@ def to_row_ids(hashes: Any, offsets: Any) -> Any:
     return hashes + np.asarray(offsets, dtype=np.int64)
 
 
-def _shifted(x: torch.Tensor, k: int, pad: int) -> torch.Tensor:
-    """``x`` shifted right by ``k`` along the last axis, ``pad`` filling the first ``k`` slots."""
-    if k == 0:
-        return x
-    out = torch.empty_like(x)
-    out[..., :k] = pad
-    if k < x.shape[-1]:
-        out[..., k:] = x[..., :-k]
-    return out
+@dataclass
+class HashState:
+    """The look-back a sequence carries between chunks: its last ``max_ngram_size - 1``
+    compressed ids (``DEAD`` where blocked or before the start), ``[..., N - 1]`` int64, and the
+    absolute position of its next token.
+
+    Made by :meth:`NgramHasher.new_state`; :meth:`NgramHasher.row_ids` updates it in place.
+    """
+
+    tail: torch.Tensor
+    position: int = 0
 
 
 class NgramHasher:
@@ -160,6 +170,13 @@ class NgramHasher:
                 f"engram.pad_id: expected a token id below the tokenizer vocabulary size "
                 f"{vocab}, got {config.pad_id}"
             )
+        compressed = self.tokenizer.num_compressed
+        if config.compressed_vocab_size is not None and config.compressed_vocab_size != compressed:
+            raise ConfigError(
+                f"engram.compressed_vocab_size: the config says {config.compressed_vocab_size:,} "
+                f"but the tokenizer {self.tokenizer.tokenizer_path} compresses to "
+                f"{compressed:,} ids; expected the checkpoint's own tokenizer.json"
+            )
         self.pad_id: int = int(self.tokenizer.lookup[config.pad_id])  # compressed
         self.layer_ids: tuple[int, ...] = config.layer_ids
         self.multipliers: dict[int, np.ndarray] = {
@@ -172,6 +189,13 @@ class NgramHasher:
         self._head_primes = {
             layer: np.array(self.head_sizes(layer), dtype=np.int64) for layer in self.layer_ids
         }
+        for layer, stated in zip(self.layer_ids, config.num_embeddings or (), strict=False):
+            if stated != self.table_rows(layer):
+                raise ConfigError(
+                    f"engram.num_embeddings: layer {layer} states {stated:,} rows but its primes "
+                    f"sum to {self.table_rows(layer):,}; expected the same engram_vocab_size, "
+                    "n_heads and layer ids the table was built with"
+                )
         self._device_consts: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- table geometry -------------------------------------------------------------------------
@@ -205,13 +229,41 @@ class NgramHasher:
 
     # -- hashing --------------------------------------------------------------------------------
 
-    def hash(self, input_ids: Any) -> dict[int, Any]:
+    def new_state(self, batch_size: int, device: torch.device | str = "cpu") -> HashState:
+        """Look-back state for ``batch_size`` sequences that start now (see :class:`HashState`).
+
+        Examples
+        --------
+        >>> cfg = EngramConfig(engram_vocab_size=(2003, 3001), n_embed_per_ngram=64,
+        ...                    n_head_per_ngram=4, layer_ids=(1, 4))
+        >>> hasher = NgramHasher(cfg)
+        >>> ids = hasher.tokenizer.encode("chunked and whole")[None]
+        >>> state = hasher.new_state(1)
+        >>> parts = [hasher.row_ids(ids[:, :2], state=state)[1], hasher.row_ids(ids[:, 2:], state=state)[1]]
+        >>> bool((np.concatenate(parts, axis=1) == hasher.row_ids(ids)[1]).all())
+        True
+        >>> state.position == ids.shape[1]
+        True
+        """
+        width = self.config.max_ngram_size - 1
+        tail = torch.full((batch_size, width), DEAD, dtype=torch.int64, device=device)
+        return HashState(tail)
+
+    def hash(
+        self, input_ids: Any, token_mask: Any = None, state: HashState | None = None
+    ) -> dict[int, Any]:
         """Per-head hashes of every layer: ``{layer_id: int64 [..., T, H]}``.
 
         Parameters
         ----------
         input_ids
             Original token ids, int [..., T] (usually [B, T]); NumPy, torch (any device) or lists.
+        token_mask
+            Optional bool [..., T]: False marks dead tokens (look-back stops at them; they hash
+            as an all-pad n-gram).
+        state
+            Optional :class:`HashState` of these sequences: the ids continue them (chunked
+            prefill, decode) and the state is advanced past them.
 
         Returns
         -------
@@ -226,23 +278,45 @@ class NgramHasher:
             An id is outside the tokenizer vocabulary, or the ids are not integers (checked before
             any hashing).
         """
-        return self._run(input_ids, self.layer_ids, offset=False)
+        return self._run(input_ids, self.layer_ids, False, token_mask, state)
 
-    def hash_layer(self, input_ids: Any, layer_id: int) -> Any:
+    def hash_layer(self, input_ids: Any, layer_id: int, token_mask: Any = None) -> Any:
         """Per-head hashes of one layer, int64 [..., T, H] (see ``hash``)."""
         self._check_layer(layer_id)
-        return self._run(input_ids, (layer_id,), offset=False)[layer_id]
+        return self._run(input_ids, (layer_id,), False, token_mask, None)[layer_id]
 
-    def row_ids(self, input_ids: Any) -> dict[int, Any]:
-        """Row ids in each layer's concatenated table: ``{layer_id: hashes + offsets}``."""
-        return self._run(input_ids, self.layer_ids, offset=True)
+    def row_ids(
+        self, input_ids: Any, token_mask: Any = None, state: HashState | None = None
+    ) -> dict[int, Any]:
+        """Global row ids in each layer's table, ``{layer_id: int64 [..., T, H]}`` (the per-head
+        hashes plus each head's first row; arguments as in ``hash``).
 
-    def row_ids_layer(self, input_ids: Any, layer_id: int) -> Any:
+        Examples
+        --------
+        >>> cfg = EngramConfig(engram_vocab_size=(2003, 3001), n_embed_per_ngram=64,
+        ...                    n_head_per_ngram=4, layer_ids=(1, 4))
+        >>> hasher = NgramHasher(cfg)
+        >>> ids = hasher.tokenizer.encode("a b c")[None]
+        >>> mask = np.array([[True, False, True]])
+        >>> rows = hasher.row_ids(ids, token_mask=mask)[1]
+        >>> bool((rows[0, 1] == hasher.row_ids(np.full((1, 1), cfg.pad_id))[1][0, 0]).all())
+        True
+        """
+        return self._run(input_ids, self.layer_ids, True, token_mask, state)
+
+    def row_ids_layer(self, input_ids: Any, layer_id: int, token_mask: Any = None) -> Any:
         """Row ids of one layer's concatenated table, int64 [..., T, H]."""
         self._check_layer(layer_id)
-        return self._run(input_ids, (layer_id,), offset=True)[layer_id]
+        return self._run(input_ids, (layer_id,), True, token_mask, None)[layer_id]
 
-    def _run(self, input_ids: Any, layers: tuple[int, ...], *, offset: bool) -> dict[int, Any]:
+    def _run(
+        self,
+        input_ids: Any,
+        layers: tuple[int, ...],
+        offset: bool,
+        token_mask: Any,
+        state: HashState | None,
+    ) -> dict[int, Any]:
         """Check, compress and shift once, hash each layer; NumPy input is hashed by torch too."""
         ids = check_token_ids(input_ids, self.tokenizer.vocab_size)
         from_numpy = not isinstance(ids, torch.Tensor)
@@ -251,9 +325,53 @@ class NgramHasher:
         if ids.ndim == 0:
             raise ConfigError("input_ids: expected shape [..., T], got a scalar")
         x = self.tokenizer.lookup_tensor(ids.device)[ids]
-        shifts = [_shifted(x, k, self.pad_id) for k in range(self.config.max_ngram_size)]
+        if token_mask is not None:
+            x = torch.where(self._mask(token_mask, ids), x, DEAD)
+        shifts = self._look_back(x, state)
         out = {layer: self._hash_shifts(shifts, layer, offset=offset) for layer in layers}
         return {layer: v.numpy() for layer, v in out.items()} if from_numpy else out
+
+    @staticmethod
+    def _mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
+        """``token_mask`` as a bool tensor shaped like ``ids``, on its device."""
+        mask = torch.as_tensor(
+            np.asarray(token_mask) if not isinstance(token_mask, torch.Tensor) else token_mask
+        )
+        if mask.dtype != torch.bool or mask.shape != ids.shape:
+            raise ConfigError(
+                f"token_mask: got {mask.dtype} {tuple(mask.shape)}; expected bool "
+                f"{tuple(ids.shape)}, the shape of input_ids"
+            )
+        return mask.to(ids.device)
+
+    def _look_back(self, x: torch.Tensor, state: HashState | None) -> list[torch.Tensor]:
+        """``x[t-k]`` for k = 0..N-1 (``DEAD`` entries of ``x`` included), the pad id wherever
+        the look-back crosses a dead token or the sequence start; advances ``state``."""
+        width = self.config.max_ngram_size - 1
+        lead, steps = x.shape[:-1], x.shape[-1]
+        if state is None:
+            before = torch.full((*lead, width), DEAD, dtype=torch.int64, device=x.device)
+        elif tuple(state.tail.shape) != (*lead, width):
+            raise ConfigError(
+                f"state: carries {tuple(state.tail.shape[:-1])} sequences; expected "
+                f"{tuple(lead)}, the batch of input_ids (make it with new_state)"
+            )
+        else:
+            before = state.tail.to(x.device)
+        seq = torch.cat([before, x], dim=-1)  # [..., width + T]
+        dead = seq == DEAD
+        index = torch.arange(seq.shape[-1], device=x.device)
+        last_dead = torch.cummax(torch.where(dead, index, -1), dim=-1).values
+        run = (index - last_dead)[..., width:]  # live tokens ending at each position (0 if dead)
+        seq = torch.where(dead, self.pad_id, seq)
+        shifts = [
+            torch.where(run > k, seq[..., width - k : width - k + steps], self.pad_id)
+            for k in range(width + 1)
+        ]
+        if state is not None:
+            state.tail = torch.where(dead, DEAD, seq)[..., -width:].to(state.tail.device)
+            state.position += steps
+        return shifts
 
     def _consts(self, layer_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-device primes [H] and head offsets [H] of a layer (int64 tensors)."""

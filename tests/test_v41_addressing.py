@@ -1,0 +1,154 @@
+"""DeepSeek-V4.1 addressing: config.json, the release's prime search, dead tokens and chunked
+decode, bit-exact with the reference's golden row ids (small tables and the release's sizes)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import golden_dir
+from tiered_store.engram import NgramHasher, load_engram_config
+from tiered_store.errors import ConfigError
+
+CASES = (0, 1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    root = golden_dir("v41/golden_v41.npz") / "v41"
+    return json.loads((root / "golden_v41.json").read_text()), np.load(root / "golden_v41.npz")
+
+
+def hf_config(meta: dict, *, real: bool = False, **override) -> dict:
+    """A V4.1 ``config.json`` in the release's layout, for the golden or the released tables."""
+    cfg = meta["real_v41_config"]["config"] if real else meta["config"]
+    text = {
+        "engram_layer_ids": cfg["engram_layer_ids"],
+        "engram_num_embeddings": cfg.get("engram_num_embeddings", meta["engram_num_embeddings"]),
+        "engram_max_ngram_size": cfg["engram_max_ngram_size"],
+        "engram_vocab_size": cfg["engram_vocab_size"],
+        "engram_n_heads": cfg["engram_n_heads"],
+        "engram_head_dim": cfg["engram_head_dim"],
+        "engram_pad_token_id": cfg.get("engram_pad_token_id", cfg.get("engram_pad_id")),
+        "engram_compressed_vocab_size": meta["tokenizer"]["compressed_vocab_size"],
+        "hidden_size": 16,
+        "hc_mult": 4,
+        "num_hidden_layers": 43,
+        **override,
+    }
+    return {"architectures": ["DeepseekV41ForCausalLM"], "text_config": text}
+
+
+@pytest.fixture(scope="module")
+def hasher(golden):
+    meta, _ = golden
+    engram, _ = load_engram_config(hf_config(meta))
+    return NgramHasher(engram)
+
+
+def _inputs(data, case):
+    mask = data[f"case{case}_token_mask"] if f"case{case}_token_mask" in data.files else None
+    return data[f"case{case}_input_ids"], mask
+
+
+def test_config_json_gives_the_v41_geometry(golden, hasher, tmp_path):
+    meta, data = golden
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf_config(meta)))
+    engram, backbone = load_engram_config(path)
+    assert engram.is_v41 and engram.layer_ids == (1, 14) and engram.head_dim == 256
+    assert engram.engram_vocab_size == (31, 31, 31) and backbone.num_layers == 43
+    for layer in (1, 14):
+        assert hasher.primes[layer] == meta["layers"][str(layer)]["primes"]
+        assert hasher.offsets(layer).tolist() == meta["layers"][str(layer)]["offsets"]
+        assert hasher.multipliers[layer].tolist() == meta["layers"][str(layer)]["multipliers"]
+    assert np.array_equal(hasher.tokenizer.lookup, data["compressed_lookup"])
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_row_ids_and_hashes_equal_the_reference(golden, hasher, case, backend):
+    _, data = golden
+    ids, mask = _inputs(data, case)
+    if backend == "torch":
+        ids = torch.from_numpy(ids)
+        mask = None if mask is None else torch.from_numpy(mask)
+    rows = hasher.row_ids(ids, token_mask=mask)
+    hashes = hasher.hash(ids, token_mask=mask)
+    for layer in (1, 14):
+        got_rows, got_hashes = np.asarray(rows[layer]), np.asarray(hashes[layer])
+        assert np.array_equal(got_rows, data[f"case{case}_layer{layer}_row_ids"])
+        assert np.array_equal(got_hashes, data[f"case{case}_layer{layer}_hashes"])
+
+
+def test_dead_tokens_hash_as_all_pad_ngrams(golden, hasher):
+    _, data = golden
+    ids, mask = _inputs(data, 2)
+    rows = hasher.row_ids(ids, token_mask=mask)[1]
+    pad_rows = hasher.row_ids(np.full((1, 1), 2))[1][0, 0]
+    assert (rows[~mask] == pad_rows).all()  # every dead position reads the all-pad rows
+
+
+def test_chunked_prefill_then_decode_equals_one_pass(golden, hasher):
+    meta, data = golden
+    ids, mask = _inputs(data, 3)
+    state = hasher.new_state(ids.shape[0])
+    parts = {1: [], 14: []}
+    for start, stop in meta["cases"][3]["chunks"]:
+        assert state.position == start
+        rows = hasher.row_ids(ids[:, start:stop], token_mask=mask[:, start:stop], state=state)
+        for layer in parts:
+            parts[layer].append(rows[layer])
+    for layer, chunks in parts.items():
+        assert np.array_equal(np.concatenate(chunks, axis=1), data[f"case3_layer{layer}_row_ids"])
+
+
+def test_release_sizes_give_the_release_row_ids(golden):
+    meta, data = golden
+    engram, _ = load_engram_config(hf_config(meta, real=True))
+    hasher = NgramHasher(engram)
+    assert [hasher.table_rows(layer) for layer in (1, 14)] == [384_006_168, 384_016_682]
+    for layer in (1, 14):
+        real = meta["real_v41_config"]["layers"][str(layer)]
+        assert hasher.primes[layer] == real["primes"]
+    for case in CASES[:3]:
+        ids, mask = _inputs(data, case)
+        rows = hasher.row_ids(
+            torch.from_numpy(ids), None if mask is None else torch.from_numpy(mask)
+        )
+        for layer in (1, 14):
+            assert np.array_equal(
+                rows[layer].numpy(), data[f"real_case{case}_layer{layer}_row_ids"]
+            )
+
+
+def test_mismatched_checkpoint_facts_are_refused_naming_both(golden):
+    meta, _ = golden
+    engram, _ = load_engram_config(hf_config(meta, engram_num_embeddings=[1998, 5000]))
+    with pytest.raises(
+        ConfigError, match=r"layer 14 states 5,000 rows but its primes sum to 5,014"
+    ):
+        NgramHasher(engram)
+    engram, _ = load_engram_config(hf_config(meta, engram_compressed_vocab_size=99000))
+    with pytest.raises(ConfigError, match=r"says 99,000 but the tokenizer .* compresses to 99,092"):
+        NgramHasher(engram)
+    with pytest.raises(ConfigError, match="text_config has no engram_layer_ids"):
+        load_engram_config({"text_config": {"hidden_size": 16}})
+    with pytest.raises(
+        ConfigError, match="engram.num_embeddings: expected one row count per layer"
+    ):
+        load_engram_config(hf_config(meta, engram_num_embeddings=[1998]))
+
+
+def test_bad_mask_and_state_are_refused(golden, hasher):
+    _, data = golden
+    ids, _ = _inputs(data, 2)
+    with pytest.raises(
+        ConfigError, match=r"token_mask: got torch.int64 \(2, 3\); expected bool \(2, 24\)"
+    ):
+        hasher.row_ids(ids, token_mask=np.ones((2, 3), dtype=np.int64))
+    with pytest.raises(ConfigError, match=r"state: carries \(3,\) sequences; expected \(2,\)"):
+        hasher.row_ids(ids, state=hasher.new_state(3))
