@@ -52,7 +52,12 @@ MMAP_MIN_ROWS_PER_TASK = 8192  # mmap mode: below this many rows a batch is gath
 
 _PAGE_SHIFT = PAGE_BYTES.bit_length() - 1
 # NumPy element type used to hold each table dtype (bfloat16 travels as int16 bits)
-_NP_ELEMENT = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
+_NP_ELEMENT = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": np.int16,
+    "uint8": np.uint8,
+}
 
 
 class ColdTable:

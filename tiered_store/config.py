@@ -55,6 +55,7 @@ __all__ = [
 # Every default of the store configuration, with its unit (optional paths and checks, whose
 # absence means "not set", are not defaults and not listed).
 DEFAULTS: dict[str, Any] = {
+    "table.out_of_range": "error",  # ids outside [0, rows): "error", or "zero" rows (DeepSeek-V4.1)
     "tier.capacity": 0,  # rows (or bytes like "1GiB", or "5%"), hot and warm alike
     "tier.policy": "lru",  # eviction[+admission] policy name, see `policies`
     "tier.recency_window": DEFAULT_RECENCY_WINDOW,  # lookups a zipf-tuned recency segment covers
@@ -405,7 +406,8 @@ class TableConfig(ConfigModel):
     section: ClassVar[tuple[str, ...]] = ("table",)
     path: str
     dim: int_at_least(1) | None = None
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: Literal["float32", "float16", "bfloat16", "uint8"] | None = None
+    out_of_range: Literal["error", "zero"] = DEFAULTS["table.out_of_range"]
 
 
 class CacheTierConfig(ConfigModel):

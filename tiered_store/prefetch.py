@@ -23,11 +23,17 @@ class PrefetchHandle:
     before ``lookup(ids, handle)`` consumes it."""
 
     def __init__(
-        self, ids: object, flat: torch.Tensor, shape: tuple[int, ...], future: Future
+        self,
+        ids: object,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        packed: bool,
+        future: Future,
     ) -> None:
         self.ids = ids
         self.flat = flat
         self.shape = shape
+        self.packed = packed  # rows staged as stored (quantised tables), not dequantised
         self.future = future
         self.consumed = False
 
@@ -39,7 +45,7 @@ class PrefetchHandle:
 class Prefetcher:
     """One worker thread (so batches resolve in the order they were queued) and a bound on depth."""
 
-    def __init__(self, fetch: Callable[[torch.Tensor], tuple], depth: int) -> None:
+    def __init__(self, fetch: Callable[[torch.Tensor, bool], tuple], depth: int) -> None:
         self._fetch = fetch
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiered-store-prefetch")
         self._in_flight = threading.BoundedSemaphore(depth)
@@ -49,7 +55,9 @@ class Prefetcher:
         self._queued_lock = threading.Lock()
         self._numbers = itertools.count()
 
-    def submit(self, ids: object, flat: torch.Tensor, shape: tuple[int, ...]) -> PrefetchHandle:
+    def submit(
+        self, ids: object, flat: torch.Tensor, shape: tuple[int, ...], packed: bool = False
+    ) -> PrefetchHandle:
         """Queue a fetch of ``flat`` (``ids`` validated and flattened from ``shape``); blocks while
         ``depth`` fetches are already in flight."""
         self._in_flight.acquire()
@@ -57,7 +65,7 @@ class Prefetcher:
         with self._queued_lock:
             self._queued[number] = flat
         try:
-            future = self._pool.submit(self._run, number, flat)
+            future = self._pool.submit(self._run, number, flat, packed)
         except RuntimeError:
             with self._queued_lock:
                 self._queued.pop(number, None)
@@ -65,7 +73,7 @@ class Prefetcher:
             raise PrefetchHandleError("prefetch: the store is closed") from None
         future.add_done_callback(lambda _: self._in_flight.release())
         self.handles += 1
-        return PrefetchHandle(ids, flat, shape, future)
+        return PrefetchHandle(ids, flat, shape, packed, future)
 
     def queued_ids(self) -> torch.Tensor | None:
         """Ids of prefetches still waiting in the queue (what the store will need next)."""
@@ -73,11 +81,11 @@ class Prefetcher:
             pending = list(self._queued.values())
         return torch.cat(pending) if pending else None
 
-    def _run(self, number: int, flat: torch.Tensor) -> tuple:
+    def _run(self, number: int, flat: torch.Tensor, packed: bool) -> tuple:
         """Fetch one queued batch, dropping it from the queued ids first."""
         with self._queued_lock:
             self._queued.pop(number, None)
-        return self._fetch(flat)
+        return self._fetch(flat, packed)
 
     def collect(self, handle: PrefetchHandle) -> tuple:
         """Wait for a handle's result, recording how long the caller stalled."""

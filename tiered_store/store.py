@@ -18,6 +18,7 @@ from .config import StoreConfig
 from .errors import ConfigError, RowIdError, TieredStoreError
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
+from .quantization import dequantize_rows
 from .slot_pool import SlotPool
 from .stats import hit_ratio
 
@@ -27,6 +28,11 @@ class TieredStore:
 
     Results are bit-exact with indexing the table directly, whatever the capacities. Lookups are
     thread-safe; the cold reads of one lookup run outside the store's lock.
+
+    A table of packed quantised rows (DeepSeek-V4.1's fp8 codes + ue8m0 scales; the manifest's
+    ``quantization``) stays packed in every tier; lookups dequantise on the compute device and
+    return ``[..., values]`` bfloat16 rows (``packed=True``: the packed ``uint8`` rows). With
+    ``table.out_of_range: zero`` ids outside ``[0, rows)`` give all-zero rows instead of an error.
 
     Parameters
     ----------
@@ -64,8 +70,12 @@ class TieredStore:
             ) from None
         try:
             self._check_table_matches(config)
-            self.rows, self.dim, self.dtype = self.cold.rows, self.cold.dim, self.cold.dtype
-            self.row_bytes = self.cold.row_bytes
+            self.quantization = self.cold.manifest.quantization
+            self.rows, self.row_bytes = self.cold.rows, self.cold.row_bytes
+            self.row_width, self.row_dtype = self.cold.dim, self.cold.dtype  # as stored, per tier
+            self.dim = self.cold.manifest.values_per_row  # as returned
+            self.dtype = torch.bfloat16 if self.quantization else self.row_dtype
+            self.zero_out_of_range = config.table.out_of_range == "zero"
             self.caches = CacheHierarchy.from_config(config, self.rows, self.row_bytes, self.device)
             self.hot, self.warm = self.caches.hot, self.caches.warm
             _check_host_memory(self.warm.capacity * self.row_bytes, "tiers.warm.capacity")
@@ -73,9 +83,13 @@ class TieredStore:
                 tiers.warm.pin_memory == "auto" and self.device.type == "cuda"
             )
             self._pin = pin and torch.cuda.is_available()
-            self.hot_pool = SlotPool(self.hot.capacity, self.dim, self.dtype, self.device)
+            self.hot_pool = SlotPool(self.hot.capacity, self.row_width, self.row_dtype, self.device)
             self.warm_pool = SlotPool(
-                self.warm.capacity, self.dim, self.dtype, torch.device("cpu"), pin_memory=self._pin
+                self.warm.capacity,
+                self.row_width,
+                self.row_dtype,
+                torch.device("cpu"),
+                pin_memory=self._pin,
             )
         except BaseException:
             self.cold.close()
@@ -105,30 +119,41 @@ class TieredStore:
         return cls(StoreConfig.from_yaml(config))
 
     # -- the lookup interface ----------------------------------------------------------------------
-    def lookup(self, ids: Any, handle: PrefetchHandle | None = None) -> torch.Tensor:
+    def lookup(
+        self, ids: Any, handle: PrefetchHandle | None = None, *, packed: bool = False
+    ) -> torch.Tensor:
         """Rows for ``ids`` (an integer tensor, array or list of any shape) -> ``[..., dim]`` on the
-        compute device. With ``handle`` from ``prefetch(ids)``, collects the staged result."""
+        compute device. With ``handle`` from ``prefetch(ids)``, collects the staged result.
+
+        ``packed=True`` (quantised tables) returns the rows as stored, ``uint8 [..., row_width]``;
+        a prefetch handle carries the form it was prefetched in."""
         start = time.perf_counter()
         if handle is not None:
+            if packed != handle.packed:
+                raise PrefetchHandleError(
+                    f"lookup: packed={packed} but the handle was prefetched with "
+                    f"packed={handle.packed}; pass the same"
+                )
             out, event = self._collect(ids, handle)
         else:
             flat, shape = self._validate(ids)
-            out, event = self._fetch(flat)
-            out = out.view(*shape, self.dim)
+            out, event = self._fetch(flat, packed)
+            out = out.view(*shape, out.shape[-1])
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
             out.record_stream(torch.cuda.current_stream(self.device))
         self.lookup_latency.observe(time.perf_counter() - start)
         return out
 
-    def prefetch(self, ids: Any) -> PrefetchHandle:
+    def prefetch(self, ids: Any, *, packed: bool = False) -> PrefetchHandle:
         """Start fetching ``ids`` in the background; pass the handle to ``lookup(ids, handle)``.
 
         Validation happens here, so bad ids raise at once. At most ``prefetch.depth`` fetches run
-        ahead; a further call blocks until one finishes."""
+        ahead; a further call blocks until one finishes. Quantised rows are dequantised in the
+        background too, unless ``packed``."""
         self._check_open()
         flat, shape = self._validate(ids)
-        return self._prefetcher.submit(ids, flat, shape)
+        return self._prefetcher.submit(ids, flat, shape, packed)
 
     @property
     def prefetch_wait_latency(self) -> LatencyHistogram:
@@ -196,7 +221,9 @@ class TieredStore:
         )
 
     # -- internals ---------------------------------------------------------------------------------
-    def _fetch(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def _fetch(
+        self, flat: torch.Tensor, packed: bool = False
+    ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Resolve one batch of validated ids; returns ([n, dim] on the device, ready-event or None)."""
         self._check_open()
         stream_ctx = (
@@ -205,41 +232,61 @@ class TieredStore:
             else contextlib.nullcontext()
         )
         with stream_ctx:
-            with self._lock:
-                plan = self.caches.plan(flat)
-                if self.hot.capacity:
-                    out = self.hot_pool.gather(plan.hot_slots.clamp(min=0))
+            inside = None
+            if self.zero_out_of_range:
+                inside = (flat >= 0) & (flat < self.rows)
+                if bool(inside.all()):
+                    inside = None
                 else:
-                    out = torch.empty(
-                        (flat.numel(), self.dim), dtype=self.dtype, device=self.device
-                    )
-                if not plan.all_hit:
-                    staged = torch.empty(
-                        (plan.unique_ids.numel(), self.dim), dtype=self.dtype, pin_memory=self._pin
-                    )
-                    warm_hit = torch.nonzero(plan.warm_slots >= 0).squeeze(1)
-                    if warm_hit.numel():
-                        staged.index_copy_(
-                            0, warm_hit, self.warm_pool.gather(plan.warm_slots[warm_hit])
-                        )
-            if not plan.all_hit:
-                if plan.cold_idx.numel():  # outside the lock: other lookups go on meanwhile
-                    rows = self.cold.read_rows(plan.unique_ids[plan.cold_idx].numpy())
-                    staged.index_copy_(0, plan.cold_idx, rows)
-                device_rows = staged.to(self.device, non_blocking=True)
-                lookahead = (
-                    self._prefetcher.queued_ids() if self.config.prefetch.lookahead else None
+                    flat = flat[inside]
+            out = self._resolve(flat)
+            if inside is not None:  # all-zero rows where the ids fall outside the table
+                full = torch.zeros(
+                    (inside.numel(), self.row_width), dtype=out.dtype, device=out.device
                 )
-                with self._lock:
-                    admitted = self.caches.admit(plan, lookahead)
-                    self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
-                    self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
-                out[plan.miss_pos] = device_rows[plan.inverse]
+                full[inside] = out
+                out = full
+            if self.quantization is not None and not packed:
+                out = dequantize_rows(out, self.quantization)
             event = None
             if self._stream is not None:
                 event = torch.cuda.Event()
                 event.record(self._stream)
         return out, event
+
+    def _resolve(self, flat: torch.Tensor) -> torch.Tensor:
+        """Rows as stored for in-range ids, through the tiers (on the current stream)."""
+        with self._lock:
+            plan = self.caches.plan(flat)
+            if self.hot.capacity:
+                out = self.hot_pool.gather(plan.hot_slots.clamp(min=0))
+            else:
+                out = torch.empty(
+                    (flat.numel(), self.row_width), dtype=self.row_dtype, device=self.device
+                )
+            if not plan.all_hit:
+                staged = torch.empty(
+                    (plan.unique_ids.numel(), self.row_width),
+                    dtype=self.row_dtype,
+                    pin_memory=self._pin,
+                )
+                warm_hit = torch.nonzero(plan.warm_slots >= 0).squeeze(1)
+                if warm_hit.numel():
+                    staged.index_copy_(
+                        0, warm_hit, self.warm_pool.gather(plan.warm_slots[warm_hit])
+                    )
+        if not plan.all_hit:
+            if plan.cold_idx.numel():  # outside the lock: other lookups go on meanwhile
+                rows = self.cold.read_rows(plan.unique_ids[plan.cold_idx].numpy())
+                staged.index_copy_(0, plan.cold_idx, rows)
+            device_rows = staged.to(self.device, non_blocking=True)
+            lookahead = self._prefetcher.queued_ids() if self.config.prefetch.lookahead else None
+            with self._lock:
+                admitted = self.caches.admit(plan, lookahead)
+                self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
+                self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
+            out[plan.miss_pos] = device_rows[plan.inverse]
+        return out
 
     def _collect(self, ids: Any, handle: PrefetchHandle) -> tuple[torch.Tensor, Any]:
         """Check a handle belongs to ``ids`` and wait for it."""
@@ -255,13 +302,13 @@ class TieredStore:
                     f"(shape {tuple(handle.shape)}); pass the same ids"
                 )
         out, event = self._prefetcher.collect(handle)
-        return out.view(*handle.shape, self.dim), event
+        return out.view(*handle.shape, out.shape[-1]), event
 
     def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Integer ids in [0, rows) -> flat int64 on the compute device, and the original shape."""
         tensor = _as_id_tensor(ids)
         flat = tensor.reshape(-1)
-        if flat.numel():
+        if flat.numel() and not self.zero_out_of_range:
             lo, hi = torch.aminmax(flat)
             if int(lo) < 0 or int(hi) >= self.rows:
                 bad_pos = int(torch.nonzero((flat < 0) | (flat >= self.rows))[0])
