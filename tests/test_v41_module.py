@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from tests.conftest import golden_dir
-from tiered_store.engram.backend import InMemoryTable
+from tiered_store import StoreConfig, TieredStore
+from tiered_store.engram.backend import InMemoryTable, PackedInMemoryTable
 from tiered_store.engram.v41_module import V41Engram
 from tiered_store.quantization import RowQuantization, dequantize_rows, pack_rows
+from tiered_store.table_format import PackedSafetensorsSource, SafetensorsSource, create_table
 
 Q = RowQuantization(values=256, block=32)
 
@@ -67,3 +69,36 @@ def test_from_the_reference_kv_the_output_is_bit_exact(golden, layer):
     # (summation order), which never changes the bf16 output
     assert float((gate - torch.from_numpy(golden["fwd_gate_f32"])).abs().max()) <= 2**-24
     assert torch.equal(out.view(torch.int16), _bf16(golden["fwd_out_bf16bits"]).view(torch.int16))
+
+
+def test_both_table_backends_give_the_same_output(golden, layer, tmp_path):
+    tables = (
+        golden_dir("v41/golden_v41_tables.safetensors") / "v41" / "golden_v41_tables.safetensors"
+    )
+    path = tmp_path / "layer1.npy"
+    create_table(
+        path,
+        PackedSafetensorsSource(
+            SafetensorsSource(tables, "layers.1.engram.embed.weight"),
+            SafetensorsSource(tables, "layers.1.engram.embed.scale"),
+        ),
+        progress=False,
+    )
+    x = _bf16(golden["fwd_x_bf16bits"])
+    ids = torch.from_numpy(golden["fwd_row_ids"])
+    mask = torch.from_numpy(golden["fwd_token_mask"])
+    config = StoreConfig.from_dict(
+        {
+            "table": {"path": str(path), "out_of_range": "zero"},
+            "tiers": {"hot": {"capacity": "2%"}, "warm": {"capacity": "10%"}},
+        }
+    )
+    outputs = []
+    with TieredStore(config) as store:
+        for backend in (PackedInMemoryTable.from_table(str(path)), store):
+            engram = V41Engram(backend, num_heads=24, dim=16, hc_mult=4)
+            engram.load_state_dict(layer.state_dict(), strict=False)
+            with torch.no_grad():
+                outputs.append(engram(x, ids, mask, backend.prefetch(ids)))
+    assert torch.equal(outputs[0], outputs[1])
+    assert _ulps(outputs[0], _bf16(golden["fwd_out_bf16bits"])) <= 1

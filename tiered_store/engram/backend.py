@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..quantization import RowQuantization, dequantize_rows
 
-__all__ = ["InMemoryTable", "TableBackend"]
+__all__ = ["InMemoryTable", "PackedInMemoryTable", "TableBackend"]
 
 
 @runtime_checkable
@@ -140,3 +142,69 @@ class InMemoryTable(nn.Module, TableBackend):
     def extra_repr(self) -> str:
         """Shape and dtype for ``repr``."""
         return f"rows={self.rows}, dim={self.dim}, dtype={self.weight.dtype}"
+
+
+class PackedInMemoryTable(TableBackend):
+    """A whole table of packed quantised rows (DeepSeek-V4.1's fp8 codes + ue8m0 scales) in RAM:
+    the in-memory twin of a ``TieredStore`` over the same table, with the same semantics (rows
+    dequantised at the gather, all-zero rows for ids outside the table). Read-only.
+
+    Parameters
+    ----------
+    packed
+        The table as stored, ``uint8 [rows, packed_bytes]``.
+    quantization
+        The rows' layout.
+    device
+        Where rows are dequantised and returned (the packed table stays where it is).
+
+    Examples
+    --------
+    >>> from tiered_store.quantization import RowQuantization
+    >>> q = RowQuantization(values=4, block=2)
+    >>> table = PackedInMemoryTable(torch.tensor([[0x38, 0x40, 0xB8, 0x00, 127, 128]], dtype=torch.uint8), q)
+    >>> table.rows, table.dim, table.lookup(torch.tensor([0, 7])).tolist()
+    (1, 4, [[1.0, 2.0, -2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    """
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        quantization: RowQuantization,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if (
+            packed.dtype != torch.uint8
+            or packed.ndim != 2
+            or packed.shape[1] != quantization.packed_bytes
+        ):
+            raise ConfigError(
+                f"packed: got {packed.dtype} {tuple(packed.shape)}; expected uint8 "
+                f"[rows, {quantization.packed_bytes}] for {quantization.to_json()}"
+            )
+        self.packed, self.quantization = packed, quantization
+        self.rows, self.dim = int(packed.shape[0]), quantization.values
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_table(cls, path: str, device: torch.device | str = "cpu") -> PackedInMemoryTable:
+        """Read a whole table file of packed rows into RAM."""
+        from ..cold_table import ColdTable
+
+        with ColdTable(path) as cold:
+            if cold.manifest.quantization is None:
+                raise ConfigError(f"{path}: not a table of packed quantised rows (no quantization)")
+            rows = cold.read_rows(np.arange(cold.rows, dtype=np.int64))
+            return cls(rows, cold.manifest.quantization, device)
+
+    def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
+        """Dequantised rows ``[..., dim]`` bfloat16; all-zero where an id is outside the table."""
+        ids = row_ids.to(self.packed.device)
+        inside = (ids >= 0) & (ids < self.rows)
+        rows = self.packed[torch.where(inside, ids, 0)]
+        rows = torch.where(inside.unsqueeze(-1), rows, 0)
+        return dequantize_rows(rows.to(self.device), self.quantization)
+
+    def prefetch(self, row_ids: torch.Tensor) -> None:
+        """Nothing to fetch: the whole table is resident."""
+        return None
