@@ -1,0 +1,85 @@
+"""Row -> slot indexes: the hashed index behaves exactly as the dense one (and a dict) under any
+sequence of inserts and deletes, rebuilds included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiered_store.row_index import DenseRowIndex, HashedRowIndex, make_row_index
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.lists(st.integers(0, 4999), min_size=1, max_size=40)),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(8, 64),
+)
+def test_hashed_equals_dense_and_a_dict(ops, capacity):
+    rows = 5000
+    dense, hashed = DenseRowIndex(rows, capacity), HashedRowIndex(rows, capacity)
+    model: dict[int, int] = {}
+    free = list(range(capacity))
+    for insert, ids in ops:
+        ids = list(dict.fromkeys(ids))
+        if insert:
+            new = [i for i in ids if i not in model][: len(free)]
+            slots = [free.pop() for _ in new]
+            model.update(zip(new, slots, strict=True))
+            for index in (dense, hashed):
+                index.set(
+                    torch.tensor(new, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64)
+                )
+        else:
+            gone = [i for i in ids if i in model]
+            for i in gone:
+                free.append(model.pop(i))
+            for index in (dense, hashed):
+                index.delete(torch.tensor(gone, dtype=torch.int64))
+        probe = torch.arange(rows)
+        want = torch.tensor([model.get(i, -1) for i in range(rows)])
+        assert torch.equal(dense.get(probe), want)
+        assert torch.equal(hashed.get(probe), want)
+    assert hashed.live == len(model)
+
+
+def test_churn_far_beyond_the_table_size_keeps_lookups_exact():
+    rng = np.random.default_rng(0)
+    capacity, rows = 1000, 384_006_168
+    index = HashedRowIndex(rows, capacity)
+    resident = rng.choice(rows, capacity, replace=False)
+    index.set(torch.from_numpy(resident), torch.arange(capacity))
+    slot_of = dict(zip(resident.tolist(), range(capacity), strict=True))
+    for _ in range(200):  # evict 100, admit 100 new, 200 times: deleted marks force rebuilds
+        out = rng.choice(list(slot_of), 100, replace=False)
+        slots = [slot_of.pop(int(i)) for i in out]
+        index.delete(torch.from_numpy(out))
+        new = rng.integers(0, rows, 100)
+        new = np.array([i for i in dict.fromkeys(new.tolist()) if i not in slot_of][:100])
+        index.set(torch.from_numpy(new), torch.tensor(slots[: new.size]))
+        slot_of.update(zip(new.tolist(), slots, strict=False))
+    ids = torch.tensor(list(slot_of))
+    assert torch.equal(index.get(ids), torch.tensor(list(slot_of.values())))
+    assert index.get(torch.from_numpy(out)).eq(-1).all()
+    assert index.deleted <= index.size // 4 + 100 and index.keys.dtype == torch.int32
+
+
+def test_memory_is_sized_from_the_tier_not_the_table():
+    hot = make_row_index("auto", 384_006_168, 3_840_061)
+    assert hot.kind == "hashed" and hot.bytes_per() == {
+        "per_table_row": 0,
+        "per_slot": pytest.approx(16, rel=1e-3),
+    }
+    assert hot.keys.numel() * 8 < 64 << 20  # 61 MB, not the 1.5 GB of a dense index
+    assert make_row_index("auto", 10_300_000, 515_000).kind == "dense"
+    assert make_row_index("dense", 100, 10).bytes_per() == {"per_table_row": 4, "per_slot": 0}
+    with pytest.raises(
+        ValueError, match="index: got 'sparse'; expected 'auto', 'dense' or 'hashed'"
+    ):
+        make_row_index("sparse", 100, 10)

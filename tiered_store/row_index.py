@@ -1,0 +1,201 @@
+"""Row -> slot indexes of a cache tier: a dense array over the table's rows, or a hash table sized
+from the tier.
+
+The dense index is one int32 per **table** row (4 B x 384M rows = 1.5 GB per tier for a
+DeepSeek-V4.1 table, whatever the tier holds); a probe is one gather. The hashed index is an
+open-addressing table (linear probing, load <= 0.5) of row ids and slots, 8 B per entry at two
+entries per **slot** (16 B per slot: 61 MB for a 3.84M-row hot tier over the same table); a probe
+is a hash, a gather and a compare, repeated for the few ids whose chain is longer. Both are
+vectorised over a batch (a Python loop runs per probe round, never per id).
+
+``index: auto`` picks the hashed index when the dense one would be large (>= 256 MiB) and the
+table has at least 16 rows per slot, where the dense array costs several times more than the hash
+table; the dense index otherwise, since it probes fastest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from policies.tinylfu import mix64
+
+__all__ = ["DenseRowIndex", "HashedRowIndex", "RowIndex", "make_row_index"]
+
+AUTO_HASHED_MIN_DENSE_BYTES = 256 << 20  # a dense index at least this large ...
+AUTO_HASHED_MIN_ROWS_PER_SLOT = 16  # ... over a table this much larger than the tier: hashed
+_EMPTY = -1  # never used: a probe ends here
+_DELETED = -2  # used and freed: a probe goes on past it, an insert may reuse it
+_SEED = 0x5EED_1DE5
+
+
+class RowIndex:
+    """Which slot holds each resident row: ``get`` (-1 where absent), ``set``, ``delete``."""
+
+    kind = ""
+
+    def get(self, ids: torch.Tensor) -> torch.Tensor:
+        """Slot of each id (int64, same shape), -1 where the row is not resident."""
+        raise NotImplementedError
+
+    def set(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        """Record ``slots`` for unique ``ids`` that are not resident."""
+        raise NotImplementedError
+
+    def delete(self, ids: torch.Tensor) -> None:
+        """Forget unique resident ``ids``."""
+        raise NotImplementedError
+
+    def bytes_per(self) -> dict[str, float]:
+        """Index bytes per table row and per slot."""
+        raise NotImplementedError
+
+
+class DenseRowIndex(RowIndex):
+    """One int32 per table row (-1: not resident).
+
+    Examples
+    --------
+    >>> index = DenseRowIndex(num_rows=10, capacity=2)
+    >>> index.set(torch.tensor([7, 2]), torch.tensor([0, 1]))
+    >>> index.get(torch.tensor([2, 3, 7])).tolist()
+    [1, -1, 0]
+    """
+
+    kind = "dense"
+
+    def __init__(self, num_rows: int, capacity: int, device: torch.device | str = "cpu") -> None:
+        self.slot_of = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
+
+    def get(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(self.slot_of, 0, ids.reshape(-1)).view(ids.shape).long()
+
+    def set(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        self.slot_of.index_copy_(0, ids, slots.to(torch.int32))
+
+    def delete(self, ids: torch.Tensor) -> None:
+        self.slot_of.index_fill_(0, ids, -1)
+
+    def bytes_per(self) -> dict[str, float]:
+        return {"per_table_row": 4, "per_slot": 0}
+
+
+class HashedRowIndex(RowIndex):
+    """Open addressing with linear probing over ``capacity / max_load`` entries; deleted entries
+    are marked and the table is rebuilt once they take a quarter of it.
+
+    Examples
+    --------
+    >>> index = HashedRowIndex(num_rows=10**9, capacity=4)
+    >>> index.set(torch.tensor([999_999_937, 5]), torch.tensor([3, 0]))
+    >>> index.get(torch.tensor([5, 6, 999_999_937])).tolist()
+    [0, -1, 3]
+    >>> index.delete(torch.tensor([5])); index.get(torch.tensor([5])).tolist()
+    [-1]
+    """
+
+    kind = "hashed"
+
+    def __init__(
+        self,
+        num_rows: int,
+        capacity: int,
+        device: torch.device | str = "cpu",
+        *,
+        max_load: float = 0.5,
+    ) -> None:
+        self.capacity = capacity
+        self.size = max(8, math.ceil(max(capacity, 1) / max_load))
+        key_dtype = torch.int32 if num_rows < 2**31 else torch.int64
+        self.keys = torch.full((self.size,), _EMPTY, dtype=key_dtype, device=device)
+        self.slots = torch.full((self.size,), -1, dtype=torch.int32, device=device)
+        self.live = 0
+        self.deleted = 0
+
+    def _home(self, ids: torch.Tensor) -> torch.Tensor:
+        """First entry each id's probe looks at."""
+        return torch.remainder(mix64(ids, _SEED), self.size)
+
+    def _find(self, ids: torch.Tensor) -> torch.Tensor:
+        """Entry holding each id, -1 where absent."""
+        found = torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
+        pending = torch.arange(ids.numel(), device=ids.device)
+        entry = self._home(ids)
+        want = ids.to(self.keys.dtype)
+        while pending.numel():
+            key = self.keys[entry]
+            hit = key == want
+            found[pending[hit]] = entry[hit]
+            going = ~hit & (key != _EMPTY)
+            pending, entry, want = pending[going], (entry[going] + 1) % self.size, want[going]
+        return found
+
+    def get(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        entry = self._find(flat)
+        slots = torch.where(entry >= 0, self.slots[entry.clamp(min=0)].long(), -1)
+        return slots.view(ids.shape)
+
+    def set(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        if self.live + self.deleted + ids.numel() > self.size * 3 // 4:
+            self._rebuild()
+        pending = torch.arange(ids.numel(), device=ids.device)
+        entry = self._home(ids)
+        want = ids.to(self.keys.dtype)
+        while pending.numel():
+            key = self.keys[entry]
+            free = (key == _EMPTY) | (key == _DELETED)
+            claim, at = want[free], entry[free]
+            self.keys[at] = claim  # several ids may claim one entry: the read-back names the winner
+            won = self.keys[at] == claim
+            self.slots[at[won]] = slots[pending[free][won]].to(torch.int32)
+            self.deleted -= int((key[free][won] == _DELETED).sum())
+            retry = ~free
+            retry[torch.nonzero(free).squeeze(1)[~won]] = True
+            pending, entry, want = pending[retry], (entry[retry] + 1) % self.size, want[retry]
+        self.live += ids.numel()
+
+    def delete(self, ids: torch.Tensor) -> None:
+        entry = self._find(ids.reshape(-1))
+        entry = entry[entry >= 0]
+        self.keys[entry] = _DELETED
+        self.slots[entry] = -1
+        self.live -= entry.numel()
+        self.deleted += entry.numel()
+
+    def _rebuild(self) -> None:
+        """Drop the deleted marks: re-insert every live entry into a cleared table."""
+        keep = self.keys >= 0
+        ids, slots = self.keys[keep].long(), self.slots[keep].long()
+        self.keys.fill_(_EMPTY)
+        self.slots.fill_(-1)
+        self.live = self.deleted = 0
+        if ids.numel():
+            self.set(ids, slots)
+
+    def bytes_per(self) -> dict[str, float]:
+        per_entry = self.keys.element_size() + self.slots.element_size()
+        return {"per_table_row": 0, "per_slot": per_entry * self.size / max(1, self.capacity)}
+
+
+def make_row_index(
+    kind: str, num_rows: int, capacity: int, device: torch.device | str = "cpu"
+) -> RowIndex:
+    """The index a tier of ``capacity`` slots over ``num_rows`` rows uses (``auto``, ``dense``,
+    ``hashed``; see the module docstring for ``auto``).
+
+    Examples
+    --------
+    >>> make_row_index("auto", 10_300_000, 515_000).kind, make_row_index("auto", 384_006_168, 3_840_061).kind
+    ('dense', 'hashed')
+    """
+    if kind == "auto":
+        large = 4 * num_rows >= AUTO_HASHED_MIN_DENSE_BYTES
+        sparse = num_rows >= AUTO_HASHED_MIN_ROWS_PER_SLOT * max(capacity, 1)
+        kind = "hashed" if large and sparse else "dense"
+    if kind == "dense":
+        return DenseRowIndex(num_rows, capacity, device)
+    if kind == "hashed":
+        return HashedRowIndex(num_rows, capacity, device)
+    raise ValueError(f"index: got {kind!r}; expected 'auto', 'dense' or 'hashed'")
