@@ -3,9 +3,9 @@
 A policy spec is ``+``-joined parts: at most one eviction policy, at most one admission filter, and
 the ``static`` modifier (pin the tier's ``static_rows``). Examples: ``lru``, ``static+lru``,
 ``sieve+tinylfu``, ``static`` (pinned rows only, nothing else admitted). Eviction: ``lru``,
-``lfu`` (with aging), ``sieve``, ``fifo``; admission: ``all`` (default), ``tinylfu``. An
-admission factory that sets ``sized_by_capacity = True`` also receives ``capacity=`` (the tier's
-slots).
+``lfu`` (with aging), ``sieve`` (batched SIEVE, see ``policies.sieve``), ``fifo``; admission:
+``all`` (default), ``tinylfu``. An admission class that declares ``sized_by_capacity = True`` also
+receives ``capacity=`` (the tier's slots). A bad spec raises :class:`~policies.errors.PolicyError`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tiered_store.errors import ConfigError
-
 from .base import AdmissionPolicy, EvictionPolicy, NoEviction
+from .errors import PolicyError
 from .lfu import LFU
 from .lru import LRU
 from .sieve import FIFO, SIEVE
@@ -27,7 +26,7 @@ EVICTION: dict[str, Callable[..., EvictionPolicy]] = {
     "sieve": SIEVE,
     "fifo": FIFO,
 }
-ADMISSION: dict[str, Callable[..., AdmissionPolicy]] = {"all": AdmissionPolicy, "tinylfu": TinyLFU}
+ADMISSION: dict[str, type[AdmissionPolicy]] = {"all": AdmissionPolicy, "tinylfu": TinyLFU}
 MODIFIERS = ("static", "zipf-tuned")
 
 
@@ -36,8 +35,8 @@ def register_eviction(name: str, factory: Callable[..., EvictionPolicy]) -> None
     EVICTION[name] = factory
 
 
-def register_admission(name: str, factory: Callable[..., AdmissionPolicy]) -> None:
-    """Make an admission filter available by name everywhere."""
+def register_admission(name: str, factory: type[AdmissionPolicy]) -> None:
+    """Make an admission filter (a subclass of ``AdmissionPolicy``) available by name everywhere."""
     ADMISSION[name] = factory
 
 
@@ -66,17 +65,27 @@ class PolicySpec:
         return "+".join(parts)
 
     @classmethod
-    def parse(cls, text: str, *, key: str = "policy") -> PolicySpec:
-        """``'static+lru'`` -> PolicySpec(eviction='lru', admission='all', static=True)."""
+    def parse(cls, text: str) -> PolicySpec:
+        """``'static+lru'`` -> PolicySpec(eviction='lru', admission='all', static=True).
+
+        Raises :class:`~policies.errors.PolicyError` naming the spec and what was expected.
+
+        Examples
+        --------
+        >>> PolicySpec.parse("static+lru").text
+        'static+lru'
+        >>> PolicySpec.parse("lru+lru")
+        Traceback (most recent call last):
+        ...
+        policies.errors.PolicyError: policy 'lru+lru' names two eviction policies; expected one
+        """
         if not isinstance(text, str) or not text.strip():
-            raise ConfigError(
-                f"{key}: got {text!r}; expected a policy name like 'lru' or 'static+lru'"
-            )
+            raise PolicyError(f"policy {text!r}: expected a policy name like 'lru' or 'static+lru'")
         eviction, admission, static, tuned = None, "all", False, False
         for part in (p.strip().lower() for p in text.split("+")):
             if part in EVICTION:
                 if eviction is not None:
-                    raise ConfigError(f"{key}: {text!r} names two eviction policies; expected one")
+                    raise PolicyError(f"policy {text!r} names two eviction policies; expected one")
                 eviction = part
             elif part in ADMISSION:
                 admission = part
@@ -85,12 +94,12 @@ class PolicySpec:
             elif part == "zipf-tuned":
                 static = tuned = True
             else:
-                raise ConfigError(
-                    f"{key}: unknown policy {part!r} in {text!r}; known: {', '.join(known_names())}"
+                raise PolicyError(
+                    f"unknown policy {part!r} in {text!r}; known: {', '.join(known_names())}"
                 )
         if eviction is None and not static:
-            raise ConfigError(
-                f"{key}: {text!r} has no eviction policy; expected one of {sorted(EVICTION)}"
+            raise PolicyError(
+                f"policy {text!r} has no eviction policy; expected one of {sorted(EVICTION)}"
             )
         if tuned and eviction is None:
             eviction = "lru"  # the recency segment's default
@@ -104,6 +113,6 @@ class PolicySpec:
             else NoEviction(capacity, device)
         )
         admission = ADMISSION[self.admission]
-        if getattr(admission, "sized_by_capacity", False):  # per-tier state, e.g. a sketch
+        if admission.sized_by_capacity:  # per-tier state, e.g. a sketch
             return eviction, admission(num_rows, device, capacity=capacity)
         return eviction, admission(num_rows, device)

@@ -7,6 +7,7 @@ a time and in batches, and checks it against the scalar references in ``policies
 from __future__ import annotations
 
 import copy
+import re
 from unittest import mock
 
 import numpy as np
@@ -15,7 +16,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import policies
 from policies import (
     FIFO,
     LFU,
@@ -30,8 +30,10 @@ from policies import (
     known_names,
     tinylfu,
 )
+from policies.errors import PolicyError
 from policies.tinylfu import mix64, mix64_int, row_seeds
 from tests.conftest import check_cache_invariants, run_batch
+from tiered_store.cache_plan import parse_policy
 from tiered_store.errors import ConfigError
 from tiered_store.row_cache import RowCache
 
@@ -179,11 +181,6 @@ class EvictionContract:
 
 class TestLRU(EvictionContract):
     spec = "lru"
-
-    def test_scalar_lru_still_importable_from_both_places(self):
-        from policies.lru import ScalarLRU as old_home
-
-        assert old_home is ScalarLRU is policies.ScalarLRU
 
 
 class TestFIFO(EvictionContract):
@@ -489,8 +486,17 @@ def test_policy_names_parse(text, eviction, admission):
 
 @pytest.mark.parametrize("bad", ["tinylfu", "sieve+lfu", "sieve+tinylfu+lru"])
 def test_admission_alone_or_two_evictions_is_an_error(bad):
+    with pytest.raises(PolicyError, match=f"policy '{re.escape(bad)}'"):
+        PolicySpec.parse(bad)
     with pytest.raises(ConfigError):
-        PolicySpec.parse(bad, key="tiers.warm.policy")
+        parse_policy(bad, key="tiers.warm.policy")
+
+
+def test_bad_policy_parameters_are_policy_errors():
+    with pytest.raises(PolicyError, match="tinylfu max_count: got 0; expected 1..255"):
+        TinyLFU(num_rows=10, capacity=4, max_count=0)
+    with pytest.raises(PolicyError, match="lfu aging_period: got 0; expected >= 1"):
+        LFU(capacity=4, aging_period=0)
 
 
 @pytest.mark.parametrize("spec", ["fifo", "sieve", "lfu", "sieve+tinylfu", "lfu+tinylfu"])
