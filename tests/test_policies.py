@@ -534,7 +534,9 @@ def test_zipf_tuned_pins_rows_with_the_most_episodes():
     counter = FrequencyCounter(rows=2000, episode_window=20)
     counter.update(np.concatenate([bursts, spread]))
     profile = counter.profile()
-    split = zipf_tuned_split(profile, capacity=20, recency_window=4)
+    split = zipf_tuned_split(
+        profile.top_rows(20, by="episodes"), profile.counts, capacity=20, recency_window=4
+    )
     assert split.recency_rows == 4 and split.pinned_rows.size == 16
     assert set(range(100, 110)) <= set(split.pinned_rows.tolist())  # 5 episodes each: first
     assert split.pinned_rows.tolist() == profile.top_rows(16, by="episodes").tolist()

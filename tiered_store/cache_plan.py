@@ -72,8 +72,10 @@ class CacheHierarchy:
             if cache.capacity == 0:
                 continue
             if cache.spec.tuned:  # pinned rows come from the profile, sized by zipf_tuned_split
+                profile = _load_profile(tier.profile, cache.num_rows, f"tiers.{cache.name}.profile")
                 split = zipf_tuned_split(
-                    _load_profile(tier.profile, cache.num_rows, f"tiers.{cache.name}.profile"),
+                    profile.top_rows(cache.capacity + pinned_above.size, by="episodes"),
+                    profile.counts,
                     cache.capacity,
                     recency_window=tier.recency_window,
                     pinned_above=pinned_above,
