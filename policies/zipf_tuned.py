@@ -61,8 +61,18 @@ def expected_distinct_rows(counts: np.ndarray, window: int) -> float:
 def recency_segment_rows(
     counts: np.ndarray, capacity: int, recency_window: int = DEFAULT_RECENCY_WINDOW
 ) -> int:
-    """Rows of a ``capacity``-row tier that zipf-tuned gives its recency segment: the distinct rows
-    one ``recency_window`` is expected to touch (:func:`expected_distinct_rows`), at most half."""
+    """Rows of a ``capacity``-row tier that zipf-tuned gives its recency segment.
+
+    The distinct rows one window of ``recency_window`` lookups is expected to touch under the
+    profile's ``counts`` (:func:`expected_distinct_rows`), rounded up, at most half the tier.
+
+    Examples
+    --------
+    >>> recency_segment_rows(np.array([50, 20, 10, 1]), capacity=4, recency_window=2)
+    2
+    >>> recency_segment_rows(np.array([50, 20, 10, 1]), capacity=100, recency_window=1)
+    1
+    """
     return min(capacity // 2, int(np.ceil(expected_distinct_rows(counts, recency_window))))
 
 

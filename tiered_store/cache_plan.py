@@ -82,8 +82,10 @@ class CacheHierarchy:
                 )
                 loaded.append(self._preload(cache, torch.from_numpy(split.pinned_rows), True))
                 pinned_above = np.concatenate([pinned_above, loaded[-1][1].numpy()])
-            for key, pin in (("static_rows", True), ("preload_rows", False)):
-                path = getattr(tier, key)
+            for key, path, pin in (
+                ("static_rows", tier.static_rows, True),
+                ("preload_rows", tier.preload_rows, False),
+            ):
                 if path is None or (pin and (not cache.spec.static or cache.spec.tuned)):
                     continue
                 ids = _load_row_list(path, cache.num_rows, f"tiers.{cache.name}.{key}")
