@@ -6,8 +6,9 @@ the ``static`` modifier (pin the tier's ``static_rows``). Examples: ``lru``, ``s
 ``lfu`` (with aging), ``sieve`` (batched SIEVE: a batch's hits count before its victims are
 chosen, so it differs from per-request SIEVE by sparing rows the batch reads, e.g. 54.41% against
 71.35% rows from cold on an Engram prose trace at 1% of the rows; see ``policies.sieve.SIEVE``),
-``fifo``; admission: ``all`` (default), ``tinylfu``. An admission class that declares ``sized_by_capacity = True`` also
-receives ``capacity=`` (the tier's slots). A bad spec raises :class:`~policies.errors.PolicyError`.
+``fifo``; admission: ``all`` (default), ``tinylfu``. An admission class that declares
+``sized_by_capacity = True`` also receives ``capacity=`` (the tier's slots). A bad spec raises
+:class:`~policies.errors.PolicyError`.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class SIEVE(EvictionPolicy):
     --------
     >>> import torch
     >>> sieve = SIEVE(capacity=4)
-    >>> sieve.on_batch(); sieve.on_insert(torch.tensor([0, 1, 2, 3]))  # queue 0 1 2 3 (oldest first)
+    >>> sieve.on_batch(); sieve.on_insert(torch.tensor([0, 1, 2, 3]))  # queue 0 1 2 3, oldest first
     >>> sieve.on_batch(); sieve.on_hit(torch.tensor([0, 2]))
     >>> sieve.choose_victims(2, torch.zeros(4, dtype=torch.bool)).tolist()  # 0 spared, 1 goes, 2 spared
     [1, 3]

@@ -5,9 +5,10 @@ Design (measured on Engram traces of real text, see README "Policies"):
 - **Pinned segment** (warm start): the profile's rows with the most *episodes*, preloaded and never
   evicted. An episode is a run of a row's lookups at most ``episode_window`` lookups apart (the
   frequency profile that ``tiered-store analyze`` writes counts them): the recency segment serves
-  all of an episode but its first lookup, so episodes are the misses pinning saves. Ranking by episodes instead of raw lookups skips rows
-  that are hot inside a few documents only (measured: 0.8-1.1 points fewer misses at 1-10% of
-  rows, 0.2 at 25%; ``bench/bench_zipf_tuned.py``). A profile without episodes pins by lookups.
+  all of an episode but its first lookup, so episodes are the misses pinning saves. Ranking by
+  episodes instead of raw lookups skips rows that are hot inside a few documents only (measured:
+  0.8-1.1 points fewer misses at 1-10% of rows, 0.2 at 25%; ``bench/bench_zipf_tuned.py``). A
+  profile without episodes pins by lookups.
 - **Recency segment** for those document-local rows, managed by the tier's eviction policy (LRU
   unless the spec names another, e.g. ``zipf-tuned+sieve``). Its size is the number of distinct rows
   one sequence of ``recency_window`` lookups is expected to touch under the profile's frequency
@@ -109,8 +110,9 @@ def zipf_tuned_split(
     >>> split = zipf_tuned_split(ranking, counts, capacity=4, recency_window=2)
     >>> split.pinned_rows.tolist(), split.recency_rows
     ([7, 3], 2)
-    >>> zipf_tuned_split(ranking, counts, 4, recency_window=2, pinned_above=np.array([7])).pinned_rows
-    array([3, 9])
+    >>> below = zipf_tuned_split(ranking, counts, 4, recency_window=2, pinned_above=np.array([7]))
+    >>> below.pinned_rows.tolist()
+    [3, 9]
     """
     distinct = expected_distinct_rows(counts, recency_window)
     want = capacity - recency_segment_rows(counts, capacity, recency_window)
