@@ -1,8 +1,9 @@
 """The measurements behind zipf-tuned's design: each tuned choice swept on real Engram traces.
 
-Runs ``tiered-store analyze`` as ``bench_policies.py`` does (profile part and replayed part of
-the corpus disjoint by document), then simulates one cache tier per request (numba; the same
-semantics as libCacheSim) at 1/5/10/25% of the table's rows for:
+Runs ``tiered-store analyze`` (profile part and replayed part of the corpus disjoint by document),
+then counts one cache tier's misses per request at 1/5/10/25% of the table's rows with the
+library's own per-request path for pinned rows + LRU (``policies.pinned_lru``: it decides exactly
+as the store's cache code at one lookup per batch, at numba speed) for:
 
 1. **pin ranking**: pin the rows with the most lookups, or the most episodes (runs of lookups at
    most W lookups apart) for several windows W;
@@ -30,76 +31,28 @@ import tempfile
 import time
 from pathlib import Path
 
-import numba
 import numpy as np
-from bench_policies import SHARES, analyze_corpus
 
+from policies.pinned_lru import pinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.profile import FrequencyCounter
 from tiered_store.trace import TraceReader
+from zipf_analysis.analyze import AnalyzeOptions, analyze
 
+SHARES = (0.01, 0.05, 0.10, 0.25)  # tier sizes, as shares of the table's rows
 WINDOWS = (16_384, 65_536, 262_144, 1_048_576)
 RECENCY_SHARES = (0.03, 0.1, 0.3, 0.5, 0.7)
 THRESHOLDS = ((1, 0), (1, 1 << 20), (2, 1 << 20))  # (min profile count, ghost window in lookups)
 
 
-@numba.njit(cache=True)
-def pinned_lru_misses(ids, rows, lru_capacity, pinned, score, min_score, ghost_window):
-    """Misses of a tier = pinned rows (never evicted) + an LRU segment of ``lru_capacity`` rows.
-    A missed row is admitted when ``score[row] >= min_score`` or it also missed within the last
-    ``ghost_window`` lookups."""
-    prev = np.full(rows, -1, np.int64)
-    nxt = np.full(rows, -1, np.int64)
-    resident = np.zeros(rows, np.bool_)
-    last_miss = np.full(rows, -(1 << 60), np.int64)
-    head = tail = -1
-    size = misses = 0
-    for t in range(ids.size):
-        r = ids[t]
-        if pinned[r]:
-            continue
-        if resident[r]:
-            if r != head:  # move to the front
-                p, q = prev[r], nxt[r]
-                nxt[p] = q
-                if q != -1:
-                    prev[q] = p
-                else:
-                    tail = p
-                prev[r], nxt[r], prev[head], head = -1, head, r, r
-            continue
-        misses += 1
-        seen, last_miss[r] = last_miss[r], t
-        if lru_capacity <= 0 or (score[r] < min_score and t - seen > ghost_window):
-            continue
-        if size >= lru_capacity:  # evict the tail
-            v = tail
-            tail = prev[v]
-            if tail != -1:
-                nxt[tail] = -1
-            else:
-                head = -1
-            resident[v] = False
-            size -= 1
-        resident[r], prev[r], nxt[r] = True, -1, head
-        if head != -1:
-            prev[head] = r
-        head = r
-        if tail == -1:
-            tail = r
-        size += 1
-    return misses
-
-
-def miss_ratios(ids, rows, order, recency_rows, score=None, min_score=0, ghost=0):
+def miss_ratios(ids, rows, order, recency_rows, admit=None, readmit_window=0):
     """Per-request miss ratio at each share: pin ``order``'s first rows, LRU on the rest."""
-    score = np.zeros(rows, np.int64) if score is None else score
     out = []
     for share, recency in zip(SHARES, recency_rows, strict=True):
         capacity = int(rows * share)
         pinned = np.zeros(rows, np.bool_)
         pinned[order[: capacity - recency]] = True
-        misses = pinned_lru_misses(ids, rows, recency, pinned, score, min_score, ghost)
+        misses = pinned_lru_misses(ids, pinned, recency, admit=admit, readmit_window=readmit_window)
         out.append(misses / ids.size)
     return out
 
@@ -118,7 +71,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-zipf-tuned-", dir=args.dir) as tmp:
         out_dir = Path(tmp) / "analysis"
-        analyze_corpus(args.corpus, out_dir, args.max_tokens, args.holdout)
+        options = AnalyzeOptions(
+            max_tokens=args.max_tokens,
+            holdout=args.holdout,
+            shuffle=True,
+            curves=False,
+            progress=True,
+        )
+        analyze(args.corpus or None, out_dir, options=options)
         with TraceReader(out_dir / "trace.trace") as reader:
             rows = int(reader.layout[reader.table_index(args.layer)]["rows"])
             profile_ids = reader.read_all(args.layer)
@@ -135,8 +95,11 @@ def main(argv=None) -> int:
         episodes[w] = np.zeros(rows, np.int64)
         episodes[w][profile.row_ids] = profile.episodes
     # the recency segment zipf-tuned itself would size at each share
+    tuned = profiles[DEFAULT_RECENCY_WINDOW]
     rule = [
-        zipf_tuned_split(profiles[DEFAULT_RECENCY_WINDOW], int(rows * s)).recency_rows
+        zipf_tuned_split(
+            tuned.top_rows(int(rows * s), by="episodes"), tuned.counts, int(rows * s)
+        ).recency_rows
         for s in SHARES
     ]
     by_episodes = {w: np.lexsort((np.arange(rows), -counts, -e)) for w, e in episodes.items()}
@@ -165,9 +128,8 @@ def main(argv=None) -> int:
             f"+ admit count>={min_count} or missed within {ghost:,}",
             default,
             rule,
-            score=counts,
-            min_score=min_count,
-            ghost=ghost,
+            admit=counts >= min_count,
+            readmit_window=ghost,
         )
     result = {
         "corpus": args.corpus or "python stdlib sources",

@@ -1,6 +1,7 @@
 """Eviction policies and admission filters for the store's cache tiers, composed by name."""
 
 from .base import AdmissionPolicy, EvictionPolicy, NoEviction
+from .errors import PolicyError
 from .lfu import LFU
 from .lru import LRU
 from .reference import (
@@ -23,6 +24,7 @@ __all__ = [
     "AdmissionPolicy",
     "EvictionPolicy",
     "NoEviction",
+    "PolicyError",
     "PolicySpec",
     "ScalarCache",
     "ScalarFIFO",

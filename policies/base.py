@@ -65,9 +65,14 @@ class AdmissionPolicy:
     """Decides which missed rows may enter a tier; sees every access to learn frequencies."""
 
     name = "all"
+    #: bytes of metadata the filter keeps per table row
     bytes_per_row = 0
+    #: bytes of metadata the filter keeps per tier, whatever the table size (e.g. a sketch)
+    bytes_per_tier = 0
     #: True when ``on_access`` must see every lookup (frequency sketches); False skips the call
     learns = False
+    #: True when the filter's state is sized by the tier: the registry then passes ``capacity=``
+    sized_by_capacity = False
 
     def __init__(self, num_rows: int, device: torch.device | str = "cpu") -> None:
         self.num_rows = num_rows

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from .base import EvictionPolicy
-from .reference import ScalarLRU  # the scalar reference moved; kept importable from here
 
 
 class LRU(EvictionPolicy):
@@ -56,6 +55,3 @@ class LRU(EvictionPolicy):
             slot = torch.arange(self.capacity, device=self.device)
             return self.last_used * self.capacity + slot
         return torch.index_select(self.last_used, 0, slots) * self.capacity + slots
-
-
-__all__ = ["LRU", "ScalarLRU"]

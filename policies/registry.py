@@ -3,9 +3,12 @@
 A policy spec is ``+``-joined parts: at most one eviction policy, at most one admission filter, and
 the ``static`` modifier (pin the tier's ``static_rows``). Examples: ``lru``, ``static+lru``,
 ``sieve+tinylfu``, ``static`` (pinned rows only, nothing else admitted). Eviction: ``lru``,
-``lfu`` (with aging), ``sieve``, ``fifo``; admission: ``all`` (default), ``tinylfu``. An
-admission factory that sets ``sized_by_capacity = True`` also receives ``capacity=`` (the tier's
-slots).
+``lfu`` (with aging), ``sieve`` (batched SIEVE: a batch's hits count before its victims are
+chosen, so it differs from per-request SIEVE by sparing rows the batch reads, e.g. 54.41% against
+71.35% rows from cold on an Engram prose trace at 1% of the rows; see ``policies.sieve.SIEVE``),
+``fifo``; admission: ``all`` (default), ``tinylfu``. An admission class that declares
+``sized_by_capacity = True`` also receives ``capacity=`` (the tier's slots). A bad spec raises
+:class:`~policies.errors.PolicyError`.
 
 Offline bounds (``belady``, ``static-topk``) are registry names too, of their own kind: they see
 the whole trace, so replay and the miss-ratio curves run them, and a live tier's spec refuses them.
@@ -16,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tiered_store.errors import ConfigError
-
 from .base import AdmissionPolicy, EvictionPolicy, NoEviction
+from .errors import PolicyError
 from .lfu import LFU
 from .lru import LRU
 from .offline import Belady, OfflineBound, StaticTopK
@@ -31,7 +33,7 @@ EVICTION: dict[str, Callable[..., EvictionPolicy]] = {
     "sieve": SIEVE,
     "fifo": FIFO,
 }
-ADMISSION: dict[str, Callable[..., AdmissionPolicy]] = {"all": AdmissionPolicy, "tinylfu": TinyLFU}
+ADMISSION: dict[str, type[AdmissionPolicy]] = {"all": AdmissionPolicy, "tinylfu": TinyLFU}
 MODIFIERS = ("static", "zipf-tuned")
 
 
@@ -40,8 +42,8 @@ def register_eviction(name: str, factory: Callable[..., EvictionPolicy]) -> None
     EVICTION[name] = factory
 
 
-def register_admission(name: str, factory: Callable[..., AdmissionPolicy]) -> None:
-    """Make an admission filter available by name everywhere."""
+def register_admission(name: str, factory: type[AdmissionPolicy]) -> None:
+    """Make an admission filter (a subclass of ``AdmissionPolicy``) available by name everywhere."""
     ADMISSION[name] = factory
 
 
@@ -70,17 +72,27 @@ class PolicySpec:
         return "+".join(parts)
 
     @classmethod
-    def parse(cls, text: str, *, key: str = "policy") -> PolicySpec:
-        """``'static+lru'`` -> PolicySpec(eviction='lru', admission='all', static=True)."""
+    def parse(cls, text: str) -> PolicySpec:
+        """``'static+lru'`` -> PolicySpec(eviction='lru', admission='all', static=True).
+
+        Raises :class:`~policies.errors.PolicyError` naming the spec and what was expected.
+
+        Examples
+        --------
+        >>> PolicySpec.parse("static+lru").text
+        'static+lru'
+        >>> PolicySpec.parse("lru+lru")
+        Traceback (most recent call last):
+        ...
+        policies.errors.PolicyError: policy 'lru+lru' names two eviction policies; expected one
+        """
         if not isinstance(text, str) or not text.strip():
-            raise ConfigError(
-                f"{key}: got {text!r}; expected a policy name like 'lru' or 'static+lru'"
-            )
+            raise PolicyError(f"policy {text!r}: expected a policy name like 'lru' or 'static+lru'")
         eviction, admission, static, tuned = None, "all", False, False
         for part in (p.strip().lower() for p in text.split("+")):
             if part in EVICTION:
                 if eviction is not None:
-                    raise ConfigError(f"{key}: {text!r} names two eviction policies; expected one")
+                    raise PolicyError(f"policy {text!r} names two eviction policies; expected one")
                 eviction = part
             elif part in ADMISSION:
                 admission = part
@@ -89,17 +101,17 @@ class PolicySpec:
             elif part == "zipf-tuned":
                 static = tuned = True
             elif part in OFFLINE:
-                raise ConfigError(
-                    f"{key}: {part!r} is an offline bound, usable in replay only; "
+                raise PolicyError(
+                    f"{part!r} is an offline bound, usable in replay only; "
                     f"expected one of {', '.join(known_names())}"
                 )
             else:
-                raise ConfigError(
-                    f"{key}: unknown policy {part!r} in {text!r}; known: {', '.join(known_names())}"
+                raise PolicyError(
+                    f"unknown policy {part!r} in {text!r}; known: {', '.join(known_names())}"
                 )
         if eviction is None and not static:
-            raise ConfigError(
-                f"{key}: {text!r} has no eviction policy; expected one of {sorted(EVICTION)}"
+            raise PolicyError(
+                f"policy {text!r} has no eviction policy; expected one of {sorted(EVICTION)}"
             )
         if tuned and eviction is None:
             eviction = "lru"  # the recency segment's default
@@ -113,7 +125,7 @@ class PolicySpec:
             else NoEviction(capacity, device)
         )
         admission = ADMISSION[self.admission]
-        if getattr(admission, "sized_by_capacity", False):  # per-tier state, e.g. a sketch
+        if admission.sized_by_capacity:  # per-tier state, e.g. a sketch
             return eviction, admission(num_rows, device, capacity=capacity)
         return eviction, admission(num_rows, device)
 
@@ -137,10 +149,8 @@ def is_offline(text: str) -> bool:
     return isinstance(text, str) and text.strip().lower() in OFFLINE
 
 
-def offline_bound(text: str, *, key: str = "policy") -> OfflineBound:
+def offline_bound(text: str) -> OfflineBound:
     """The offline bound named ``text``, with its default settings."""
     if not is_offline(text):
-        raise ConfigError(
-            f"{key}: {text!r} is not an offline bound; expected one of {', '.join(OFFLINE)}"
-        )
+        raise PolicyError(f"{text!r} is not an offline bound; expected one of {', '.join(OFFLINE)}")
     return OFFLINE[text.strip().lower()]()

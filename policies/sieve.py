@@ -1,4 +1,8 @@
-"""SIEVE (Zhang et al., NSDI'24) and FIFO, batched over a ring of slots in insertion order.
+"""Batched SIEVE (after Zhang et al., NSDI'24) and FIFO, over a ring of slots in insertion order.
+
+Batched SIEVE is SIEVE applied per batch: a batch's hits set their bits, then its victims are
+chosen together, then its new rows join the queue. At one lookup per batch that is SIEVE exactly;
+at more it differs from per-request SIEVE (see :class:`SIEVE`).
 
 The queue is a ring buffer of slot numbers (int32), twice the tier's capacity long: a slot that
 gets a new row is appended at the tail and its old position becomes a hole; when the tail reaches
@@ -16,7 +20,7 @@ from .base import EvictionPolicy
 
 
 class SIEVE(EvictionPolicy):
-    """SIEVE eviction: FIFO order plus one visited bit per slot and a persistent hand.
+    """Batched SIEVE: FIFO order plus one visited bit per slot and a persistent hand, per batch.
 
     A hit sets the slot's visited bit; a new row is appended at the newest end with the bit
     clear. To evict, the hand walks from where it last stopped toward newer rows, clearing each
@@ -29,6 +33,18 @@ class SIEVE(EvictionPolicy):
     and free slots are passed over untouched. A victim that the admission filter turns away
     stays cached with its bit clear; the hand has moved past it.
 
+    Batched, not per request: the tier sets the bits of all of a batch's hits before it asks for
+    the batch's victims, and inserts the new rows after. That is per-request SIEVE with each
+    batch reordered (hits first, then one eviction per new row, then the new rows), exactly
+    (``tests/test_policies.py``). So a row the batch reads keeps its place on the hand's first
+    pass, where per-request SIEVE may evict it for an earlier miss of the same batch and then
+    miss it again: with rows 1 2 3 cached, bits clear, the batch ``[4, 1]`` evicts 2 here, and 1
+    then 2 per request. At one lookup per batch the two agree exactly. At more, the rows read
+    from cold differ little on i.i.d. Zipf lookups (20k lookups over 4,000 rows, 400 slots, 64
+    lookups per batch: 40.95% batched, 41.16% per request) and much on Engram traces (1% of the
+    rows, held-out prose, 64-token batches: 54.41% batched, 71.35% per request, as libCacheSim's
+    ``Sieve``). For per-request SIEVE, replay with ``batch_tokens=1``.
+
     Parameters
     ----------
     capacity : int
@@ -40,7 +56,7 @@ class SIEVE(EvictionPolicy):
     --------
     >>> import torch
     >>> sieve = SIEVE(capacity=4)
-    >>> sieve.on_batch(); sieve.on_insert(torch.tensor([0, 1, 2, 3]))  # queue 0 1 2 3 (oldest first)
+    >>> sieve.on_batch(); sieve.on_insert(torch.tensor([0, 1, 2, 3]))  # queue 0 1 2 3, oldest first
     >>> sieve.on_batch(); sieve.on_hit(torch.tensor([0, 2]))
     >>> sieve.choose_victims(2, torch.zeros(4, dtype=torch.bool)).tolist()  # 0 spared, 1 goes, 2 spared
     [1, 3]

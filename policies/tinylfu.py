@@ -2,21 +2,22 @@
 sketch says it is used more often than the row it would displace.
 
 The sketch lives on the tier's device and is updated for whole batches with ``index_add_``; the
-hash is the SplitMix64 finalizer with one seed per sketch row, computed in wrapping int64
-arithmetic (identical on CPU and CUDA, and to :func:`mix64_int` in plain Python).
+hash is the SplitMix64 finalizer (``policies.hash_mix``) with one seed per sketch row, computed in
+wrapping int64 arithmetic on torch tensors (identical on CPU and CUDA, and to :func:`mix64_int`,
+which runs ``hash_mix.splitmix64`` itself).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .base import AdmissionPolicy
+from .errors import PolicyError
+from .hash_mix import MIX_GOLDEN, MIX_M1, MIX_M2, splitmix64
 
 MASK64 = (1 << 64) - 1
 _SORT_LIMIT = 1 << 14  # sketch increments per batch up to which sorting them is the cheaper sum
-_GOLDEN = 0x9E3779B97F4A7C15
-_M1 = 0xBF58476D1CE4E5B9
-_M2 = 0x94D049BB133111EB
 
 
 def _signed(value: int) -> int:
@@ -41,7 +42,7 @@ def mix64(ids: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
     """
     z = ids.long() + (seed if isinstance(seed, torch.Tensor) else _signed(seed & MASK64))
     tmp = torch.empty_like(z)
-    for bits, mult in ((30, _M1), (27, _M2), (31, None)):  # in place: one temporary in all
+    for bits, mult in ((30, MIX_M1), (27, MIX_M2), (31, None)):  # in place: one temporary in all
         torch.bitwise_right_shift(z, bits, out=tmp).bitwise_and_((1 << (64 - bits)) - 1)
         z.bitwise_xor_(tmp)
         if mult is not None:
@@ -51,15 +52,12 @@ def mix64(ids: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
 
 def mix64_int(x: int, seed: int) -> int:
     """:func:`mix64` for one Python int (the scalar reference), as an unsigned 64-bit value."""
-    z = (x + seed) & MASK64
-    z = ((z ^ (z >> 30)) * _M1) & MASK64
-    z = ((z ^ (z >> 27)) * _M2) & MASK64
-    return z ^ (z >> 31)
+    return int(splitmix64(np.array([(x + seed) & MASK64], dtype=np.uint64))[0])
 
 
 def row_seeds(seed: int, depth: int) -> list[int]:
     """One independent 64-bit seed per sketch row, derived from ``seed``."""
-    return [mix64_int(seed * depth + r, _GOLDEN) for r in range(depth)]
+    return [mix64_int(seed * depth + r, MIX_GOLDEN) for r in range(depth)]
 
 
 def sketch_width(capacity: int, width_factor: int) -> int:
@@ -125,8 +123,7 @@ class TinyLFU(AdmissionPolicy):
     name = "tinylfu"
     bytes_per_row = 0
     learns = True
-    #: the registry passes ``capacity=`` (the tier's slots) to factories that set this
-    sized_by_capacity = True
+    sized_by_capacity = True  # the sketch is sized by the tier's slots
 
     def __init__(
         self,
@@ -142,7 +139,7 @@ class TinyLFU(AdmissionPolicy):
     ) -> None:
         super().__init__(num_rows, device)
         if not 1 <= max_count <= 255:
-            raise ValueError(f"tinylfu max_count: got {max_count}; expected 1..255 (uint8)")
+            raise PolicyError(f"tinylfu max_count: got {max_count}; expected 1..255 (uint8)")
         self.capacity = capacity
         self.width = sketch_width(capacity, width_factor)
         self.max_count = max_count

@@ -3,11 +3,12 @@
 Design (measured on Engram traces of real text, see README "Policies"):
 
 - **Pinned segment** (warm start): the profile's rows with the most *episodes*, preloaded and never
-  evicted. An episode is a run of a row's lookups at most ``episode_window`` lookups apart
-  (``zipf_analysis.profile``): the recency segment serves all of an episode but its first lookup,
-  so episodes are the misses pinning saves. Ranking by episodes instead of raw lookups skips rows
-  that are hot inside a few documents only (measured: 0.8-1.1 points fewer misses at 1-10% of
-  rows, 0.2 at 25%; ``bench/bench_zipf_tuned.py``). A profile without episodes pins by lookups.
+  evicted. An episode is a run of a row's lookups at most ``episode_window`` lookups apart (the
+  frequency profile that ``tiered-store analyze`` writes counts them): the recency segment serves
+  all of an episode but its first lookup, so episodes are the misses pinning saves. Ranking by
+  episodes instead of raw lookups skips rows that are hot inside a few documents only (measured:
+  0.8-1.1 points fewer misses at 1-10% of rows, 0.2 at 25%; ``bench/bench_zipf_tuned.py``). A
+  profile without episodes pins by lookups.
 - **Recency segment** for those document-local rows, managed by the tier's eviction policy (LRU
   unless the spec names another, e.g. ``zipf-tuned+sieve``). Its size is the number of distinct rows
   one sequence of ``recency_window`` lookups is expected to touch under the profile's frequency
@@ -58,8 +59,27 @@ def expected_distinct_rows(counts: np.ndarray, window: int) -> float:
     return float(-np.expm1(-window * counts / counts.sum()).sum())
 
 
+def recency_segment_rows(
+    counts: np.ndarray, capacity: int, recency_window: int = DEFAULT_RECENCY_WINDOW
+) -> int:
+    """Rows of a ``capacity``-row tier that zipf-tuned gives its recency segment.
+
+    The distinct rows one window of ``recency_window`` lookups is expected to touch under the
+    profile's ``counts`` (:func:`expected_distinct_rows`), rounded up, at most half the tier.
+
+    Examples
+    --------
+    >>> recency_segment_rows(np.array([50, 20, 10, 1]), capacity=4, recency_window=2)
+    2
+    >>> recency_segment_rows(np.array([50, 20, 10, 1]), capacity=100, recency_window=1)
+    1
+    """
+    return min(capacity // 2, int(np.ceil(expected_distinct_rows(counts, recency_window))))
+
+
 def zipf_tuned_split(
-    profile,
+    ranking: np.ndarray,
+    counts: np.ndarray,
     capacity: int,
     *,
     recency_window: int = DEFAULT_RECENCY_WINDOW,
@@ -69,8 +89,13 @@ def zipf_tuned_split(
 
     Parameters
     ----------
-    profile : FrequencyProfile
-        From ``tiered-store analyze`` (``zipf_analysis.profile``), on data disjoint from what is served.
+    ranking : ndarray of int
+        Row ids, most episodes first: a frequency profile's ``top_rows(k, by="episodes")``
+        (``tiered-store analyze``, on data disjoint from what is served), with ``k`` at least
+        ``capacity`` plus the size of ``pinned_above`` (or every profiled row, if fewer).
+    counts : ndarray of int
+        Lookups of each profiled row, in any order (the profile's ``counts``): they size the
+        recency segment (:func:`recency_segment_rows`).
     capacity : int
         Rows in the tier.
     recency_window : int
@@ -81,18 +106,17 @@ def zipf_tuned_split(
 
     Examples
     --------
-    >>> from tiered_store.profile import FrequencyProfile
-    >>> prof = FrequencyProfile(np.array([7, 3, 9, 1]), np.array([50, 20, 10, 1]), rows=10)
-    >>> split = zipf_tuned_split(prof, capacity=4, recency_window=2)
+    >>> ranking, counts = np.array([7, 3, 9, 1]), np.array([50, 20, 10, 1])
+    >>> split = zipf_tuned_split(ranking, counts, capacity=4, recency_window=2)
     >>> split.pinned_rows.tolist(), split.recency_rows
     ([7, 3], 2)
-    >>> zipf_tuned_split(prof, capacity=4, recency_window=2, pinned_above=np.array([7])).pinned_rows
-    array([3, 9])
+    >>> below = zipf_tuned_split(ranking, counts, 4, recency_window=2, pinned_above=np.array([7]))
+    >>> below.pinned_rows.tolist()
+    [3, 9]
     """
-    distinct = expected_distinct_rows(profile.counts, recency_window)
-    recency = min(capacity // 2, int(np.ceil(distinct)))
-    want = capacity - recency
+    distinct = expected_distinct_rows(counts, recency_window)
+    want = capacity - recency_segment_rows(counts, capacity, recency_window)
     skip = np.zeros(0, dtype=np.int64) if pinned_above is None else np.asarray(pinned_above)
-    ranked = np.asarray(profile.top_rows(want + skip.size, by="episodes"), dtype=np.int64)
+    ranked = np.asarray(ranking, dtype=np.int64)[: want + skip.size]
     pinned = ranked[~np.isin(ranked, skip)][:want]
     return ZipfTunedSplit(capacity, pinned, capacity - pinned.size, distinct)

@@ -120,14 +120,16 @@ def test_belady_equals_brute_force(bypass):
 
 
 def test_offline_curves_come_from_the_registry():
-    from policies.registry import PolicySpec, is_offline, offline_bound, offline_names
+    from policies.errors import PolicyError
+    from policies.registry import is_offline, offline_bound, offline_names
+    from tiered_store.cache_plan import parse_policy
 
     assert offline_names() == ["static-topk", "belady"] and is_offline(" Belady ")
     assert not is_offline("lru") and not is_offline("static")
-    with pytest.raises(ConfigError, match="'lru' is not an offline bound; expected one of"):
-        offline_bound("lru", key="--policies")
+    with pytest.raises(PolicyError, match="'lru' is not an offline bound; expected one of"):
+        offline_bound("lru")
     with pytest.raises(ConfigError, match="tiers.hot.policy: 'belady' is an offline bound"):
-        PolicySpec.parse("belady", key="tiers.hot.policy")
+        parse_policy("belady", key="tiers.hot.policy")
     for ids in random_traces(10, seed=2):
         caps = list(range(np.unique(ids).size + 2))
         bel = offline_mrc("belady", ids, caps, table_rows=99)

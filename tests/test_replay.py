@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -342,8 +340,11 @@ def test_zipf_tuned_pins_the_profile_top_and_replays_like_the_store(tmp_path):
     config = StoreConfig.from_dict(
         {"table": {"path": str(path)}, "tiers": tiers}, base_dir=tmp_path
     )
-    hot_split = zipf_tuned_split(profile, 64, recency_window=40)
-    split = zipf_tuned_split(profile, 300, recency_window=40, pinned_above=hot_split.pinned_rows)
+    ranking = profile.top_rows(64 + 300, by="episodes")
+    hot_split = zipf_tuned_split(ranking, profile.counts, 64, recency_window=40)
+    split = zipf_tuned_split(
+        ranking, profile.counts, 300, recency_window=40, pinned_above=hot_split.pinned_rows
+    )
     assert 0 < split.recency_rows <= 150 and split.pinned_rows.size == 300 - split.recency_rows
     # warm pins the next rows of the ranking, not copies of hot's
     n_hot, n_warm = hot_split.pinned_rows.size, split.pinned_rows.size
@@ -406,12 +407,9 @@ def test_records_of_one_batch_replay_as_one_batch(tmp_path):
 
 
 def test_design_benchmark_simulator_equals_the_store_per_request(tmp_path):
-    # bench/bench_zipf_tuned.py sweeps zipf-tuned's design with a numba simulator (pinned rows +
-    # LRU, optional admission threshold); it must decide exactly as the store's cache code does.
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from bench_zipf_tuned import pinned_lru_misses
+    # bench/bench_zipf_tuned.py sweeps zipf-tuned's design with the library's per-request fast
+    # path (pinned rows + LRU, compiled); it must decide exactly as the store's cache code does.
+    from policies.pinned_lru import pinned_lru_misses
 
     path, _ = make_table(tmp_path, rows=ROWS, dim=8)
     records = write_trace(tmp_path / "t.trace", batches=12, seed=3)
@@ -428,6 +426,5 @@ def test_design_benchmark_simulator_equals_the_store_per_request(tmp_path):
     store = replay(config, tmp_path / "t.trace", table="a", batch_tokens=1)
     pinned = np.zeros(ROWS, dtype=bool)
     pinned[pinned_rows] = True
-    admit_all = np.zeros(ROWS, dtype=np.int64)
-    simulated = pinned_lru_misses(ids, ROWS, 100, pinned, admit_all, 0, 0)
+    simulated = pinned_lru_misses(ids, pinned, lru_rows=100)
     assert store.tiers["warm"]["misses"] == simulated > 0

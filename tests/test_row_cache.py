@@ -7,7 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies import LRU, PolicySpec, ScalarLRU, known_names
+from policies.errors import PolicyError
 from tests.conftest import check_cache_invariants, run_batch
+from tiered_store.cache_plan import parse_policy
 from tiered_store.errors import ConfigError
 from tiered_store.row_cache import RowCache
 
@@ -164,14 +166,18 @@ def test_more_new_rows_than_capacity_keeps_the_most_used():
 
 @pytest.mark.parametrize("bad", ["", "lfu9", "lru+lru", "all"])
 def test_unknown_or_malformed_policy_names_are_errors(bad):
+    with pytest.raises(PolicyError):
+        PolicySpec.parse(bad)
     with pytest.raises(ConfigError) as info:
-        PolicySpec.parse(bad, key="tiers.hot.policy")
+        parse_policy(bad, key="tiers.hot.policy")
     assert "tiers.hot.policy" in str(info.value)
 
 
 def test_unknown_policy_error_lists_known_names():
-    with pytest.raises(ConfigError, match="known: .*lru.*static"):
+    with pytest.raises(PolicyError, match="known: .*lru.*static"):
         PolicySpec.parse("bogus")
+    with pytest.raises(ConfigError, match="known: .*lru.*static"):
+        parse_policy("bogus", key="tiers.hot.policy")
     assert "lru" in known_names()
 
 

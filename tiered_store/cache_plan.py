@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from policies import PolicySpec
+from policies.errors import PolicyError
 from policies.zipf_tuned import zipf_tuned_split
 
 from .capacity import resolve_capacity
@@ -71,16 +72,20 @@ class CacheHierarchy:
             if cache.capacity == 0:
                 continue
             if cache.spec.tuned:  # pinned rows come from the profile, sized by zipf_tuned_split
+                profile = _load_profile(tier.profile, cache.num_rows, f"tiers.{cache.name}.profile")
                 split = zipf_tuned_split(
-                    _load_profile(tier.profile, cache.num_rows, f"tiers.{cache.name}.profile"),
+                    profile.top_rows(cache.capacity + pinned_above.size, by="episodes"),
+                    profile.counts,
                     cache.capacity,
                     recency_window=tier.recency_window,
                     pinned_above=pinned_above,
                 )
                 loaded.append(self._preload(cache, torch.from_numpy(split.pinned_rows), True))
                 pinned_above = np.concatenate([pinned_above, loaded[-1][1].numpy()])
-            for key, pin in (("static_rows", True), ("preload_rows", False)):
-                path = getattr(tier, key)
+            for key, path, pin in (
+                ("static_rows", tier.static_rows, True),
+                ("preload_rows", tier.preload_rows, False),
+            ):
                 if path is None or (pin and (not cache.spec.static or cache.spec.tuned)):
                     continue
                 ids = _load_row_list(path, cache.num_rows, f"tiers.{cache.name}.{key}")
@@ -136,13 +141,41 @@ class CacheHierarchy:
     def admit(self, plan: LookupPlan, lookahead: torch.Tensor | None = None) -> AdmitPlan:
         """Admit rows read from cold into warm, and every hot miss into hot, as the policies allow.
         Rows in ``lookahead`` (ids queued batches will use) are not chosen as victims."""
-        self.hot.lookahead = self.warm.lookahead = lookahead
         warm_pos, warm_slots = self.warm.admit(
-            plan.unique_ids[plan.cold_idx], plan.counts[plan.cold_idx]
+            plan.unique_ids[plan.cold_idx], plan.counts[plan.cold_idx], lookahead
         )
-        hot_src, hot_slots = self.hot.admit(plan.unique_ids, plan.counts)
-        self.hot.lookahead = self.warm.lookahead = None
+        hot_src, hot_slots = self.hot.admit(plan.unique_ids, plan.counts, lookahead)
         return AdmitPlan(plan.cold_idx[warm_pos.cpu()], warm_slots, hot_src, hot_slots)
+
+
+def parse_policy(text: str, *, key: str) -> PolicySpec:
+    """The policy spec a config value names.
+
+    Parameters
+    ----------
+    text : str
+        A policy spec such as ``'static+lru'`` (see ``policies.registry``).
+    key : str
+        Where the value came from (a YAML key path), named by the error.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown or malformed spec: the registry's message after ``key``.
+
+    Examples
+    --------
+    >>> parse_policy("lru+tinylfu", key="tiers.warm.policy").admission
+    'tinylfu'
+    >>> parse_policy("lru+lru", key="tiers.warm.policy")
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: tiers.warm.policy: policy 'lru+lru' names two eviction policies; expected one
+    """
+    try:
+        return PolicySpec.parse(text)
+    except PolicyError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def _row_cache(
@@ -152,7 +185,7 @@ def _row_cache(
     capacity = resolve_capacity(
         tier.capacity, table_rows=num_rows, row_bytes=row_bytes, key=f"tiers.{name}.capacity"
     )
-    spec = PolicySpec.parse(tier.policy, key=f"tiers.{name}.policy")
+    spec = parse_policy(tier.policy, key=f"tiers.{name}.policy")
     if spec.tuned and tier.profile is None and capacity:
         raise ConfigError(
             f"tiers.{name}.profile: policy {tier.policy!r} sizes its segments from a frequency "

@@ -76,8 +76,6 @@ class RowCache:
         self._free = torch.arange(capacity - 1, -1, -1, dtype=torch.int64, device=self.device)
         self._n_free = capacity
         self._n_pinned = 0
-        #: row ids that queued batches will look up: never chosen as victims (set per admit)
-        self.lookahead: torch.Tensor | None = None
         # next victims of a policy whose keys only grow (LRU), best first: (slots, keys then)
         self._victim_buffer = victim_buffer if self.eviction.keys_only_grow else 0
         self._buffered: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -92,7 +90,7 @@ class RowCache:
         """Bytes of index and policy metadata: per table row, per slot, and fixed per tier."""
         per_slot = 8 + 1 + 8 + self.eviction.bytes_per_slot  # owner, unevictable, free list
         per_row = (4 if self.capacity else 0) + self.admission.bytes_per_row
-        per_tier = getattr(self.admission, "bytes_per_tier", 0) if self.capacity else 0
+        per_tier = self.admission.bytes_per_tier if self.capacity else 0
         return {"per_table_row": per_row, "per_slot": per_slot, "per_tier": per_tier}
 
     def probe(self, ids: torch.Tensor) -> torch.Tensor:
@@ -119,9 +117,12 @@ class RowCache:
         if self.capacity and self.admission.learns:
             self.admission.on_access(ids.to(self.device))
 
-    def admit(self, ids: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def admit(
+        self, ids: torch.Tensor, counts: torch.Tensor, lookahead: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Try to admit unique ``ids`` (with in-batch ``counts``); returns (positions in ``ids``
-        admitted, their slots). Rows already resident are skipped; evicts as the policy says."""
+        admitted, their slots). Rows already resident are skipped; evicts as the policy says, never
+        a row in ``lookahead`` (ids that queued batches will look up)."""
         empty = torch.empty(0, dtype=torch.int64, device=self.device)
         if self.capacity == 0 or ids.numel() == 0:
             return empty, empty
@@ -136,7 +137,9 @@ class RowCache:
             cand = torch.index_select(cand, 0, order)
         n = cand.numel()
         take_free = min(n, self._n_free)
-        victims = self._choose_victims(n - take_free)  # before popping: popped slots look occupied
+        victims = self._choose_victims(
+            n - take_free, lookahead
+        )  # before popping: popped slots look occupied
         free_slots = self._pop_free(take_free)
         slots = torch.cat([free_slots, victims[: n - take_free]])
         extra = victims[n - take_free :]  # headroom: evicted now so later batches find free slots
@@ -182,18 +185,20 @@ class RowCache:
         return cand, slots
 
     # -- internals -------------------------------------------------------------------------------
-    def _choose_victims(self, need: int) -> torch.Tensor:
-        """Up to ``need`` + headroom evictable slots (never pinned, never free)."""
+    def _choose_victims(self, need: int, lookahead: torch.Tensor | None) -> torch.Tensor:
+        """Up to ``need`` + headroom evictable slots (never pinned, never free, never holding a
+        row of ``lookahead``)."""
         evictable = self.capacity - self._n_free - self._n_pinned
         want = min(need + self.headroom_rows if need else 0, evictable)
         if want <= 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         protected = self._unevictable
-        if self._victim_buffer and (self.lookahead is None or not self.lookahead.numel()):
+        has_lookahead = lookahead is not None and lookahead.numel() > 0
+        if self._victim_buffer and not has_lookahead:
             return self._buffered_victims(want)
         self._buffered = None  # built under other protection: the lookahead path drops it
-        if self.lookahead is not None and self.lookahead.numel():
-            ahead = self.probe(self.lookahead.to(self.device))
+        if has_lookahead:
+            ahead = self.probe(lookahead.to(self.device))
             protected = protected.clone()
             protected[ahead[ahead >= 0]] = True
             want = min(want, int((~protected).sum()))
