@@ -7,8 +7,8 @@ Examples
 >>> rows = store.lookup(ids)                           # doctest: +SKIP
 """
 
-from importlib import import_module
-
+from .cold_table import ColdTable
+from .config import StoreConfig
 from .errors import (
     ConfigError,
     RowIdError,
@@ -17,37 +17,27 @@ from .errors import (
     TierIOError,
     TraceFormatError,
 )
+from .prefetch import PrefetchHandle, PrefetchHandleError
+from .store import TieredStore
+from .table_format import RandomSource, SafetensorsSource, create_table, read_manifest, verify_table
 
 __version__ = "0.1.0"
 
-# Public names -> the module that defines them, imported on first use (keeps `policies`, which
-# imports `tiered_store.errors`, free of an import cycle with the store).
-_LAZY = {
-    "TieredStore": "store",
-    "StoreConfig": "config",
-    "PrefetchHandle": "prefetch",
-    "PrefetchHandleError": "prefetch",
-    "ColdTable": "cold_table",
-    "create_table": "table_format",
-    "verify_table": "table_format",
-    "read_manifest": "table_format",
-    "RandomSource": "table_format",
-    "SafetensorsSource": "table_format",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'tiered_store' has no attribute {name!r}")
-
-
 __all__ = [
+    "ColdTable",
     "ConfigError",
+    "PrefetchHandle",
+    "PrefetchHandleError",
+    "RandomSource",
     "RowIdError",
+    "SafetensorsSource",
+    "StoreConfig",
     "TableFormatError",
     "TierIOError",
+    "TieredStore",
     "TieredStoreError",
     "TraceFormatError",
-    *_LAZY,
+    "create_table",
+    "read_manifest",
+    "verify_table",
 ]
