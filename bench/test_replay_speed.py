@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from zipf_analysis.trace import TraceWriter
 
 from tiered_store.config import StoreConfig
+from tiered_store.trace import TraceWriter
 from tiered_store.workload import ZipfWorkload
 from zipf_analysis.replay import replay
 
