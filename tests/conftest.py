@@ -112,9 +112,10 @@ def check_cache_invariants(cache) -> None:
     owners = cache.row_of_slot
     held = owners[owners >= 0]
     assert held.unique().numel() == held.numel(), "a row sits in two slots"
-    if cache.slot_of is not None:
-        resident = torch.nonzero(cache.slot_of >= 0).squeeze(1)
+    if cache.index is not None:
+        slot_of = cache.probe(torch.arange(cache.num_rows))
+        resident = torch.nonzero(slot_of >= 0).squeeze(1)
         assert torch.equal(torch.sort(resident).values, torch.sort(held).values)
-        assert torch.equal(owners[cache.slot_of[resident].long()], resident)
+        assert torch.equal(owners[slot_of[resident]], resident)
     assert 0 <= cache.occupancy <= cache.capacity
     assert cache.occupancy == held.numel()

@@ -27,7 +27,7 @@ def test_hot_tier_on_cuda_and_warm_pinned(gpu_store):
     store, _ = gpu_store
     assert store.hot_pool.rows.is_cuda
     assert store.warm_pool.rows.is_pinned()
-    assert store.hot.slot_of.is_cuda
+    assert store.hot.index.slot_of.is_cuda
 
 
 def test_lookup_on_cuda_is_bit_exact(gpu_store):

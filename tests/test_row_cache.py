@@ -114,7 +114,7 @@ def test_lru_evicts_least_recent_batch_first():
         cache.admit(ids[slots < 0], torch.ones(int((slots < 0).sum()), dtype=torch.int64))
     cache.begin_batch()
     cache.admit(torch.tensor([7]), torch.ones(1, dtype=torch.int64))
-    resident = set(torch.nonzero(cache.slot_of >= 0).squeeze(1).tolist())
+    resident = set(torch.nonzero(cache.probe(torch.arange(10)) >= 0).squeeze(1).tolist())
     assert resident == {1, 3, 7}
     assert cache.counters.evictions == 1
 
@@ -160,7 +160,7 @@ def test_more_new_rows_than_capacity_keeps_the_most_used():
     cache = RowCache("t", num_rows=10, capacity=2, spec=PolicySpec.parse("lru"))
     cache.begin_batch()
     cache.admit(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 5, 1, 9]))
-    assert set(torch.nonzero(cache.slot_of >= 0).squeeze(1).tolist()) == {2, 4}
+    assert set(torch.nonzero(cache.probe(torch.arange(10)) >= 0).squeeze(1).tolist()) == {2, 4}
     assert cache.counters.rejections == 2
 
 

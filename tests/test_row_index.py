@@ -83,3 +83,24 @@ def test_memory_is_sized_from_the_tier_not_the_table():
         ValueError, match="index: got 'sparse'; expected 'auto', 'dense' or 'hashed'"
     ):
         make_row_index("sparse", 100, 10)
+
+
+def test_a_tier_decides_the_same_with_either_index():
+    from policies import PolicySpec
+    from tests.conftest import check_cache_invariants, run_batch
+    from tiered_store.row_cache import RowCache
+
+    rng = np.random.default_rng(1)
+    caches = [
+        RowCache("t", num_rows=3000, capacity=200, spec=PolicySpec.parse(policy), index=kind)
+        for policy in ("lru", "sieve+tinylfu")
+        for kind in ("dense", "hashed")
+    ]
+    for _ in range(60):
+        ids = torch.from_numpy(rng.zipf(1.2, 300) % 3000)
+        for cache in caches:
+            run_batch(cache, ids)
+    for dense, hashed in (caches[:2], caches[2:]):
+        assert torch.equal(dense.row_of_slot, hashed.row_of_slot)
+        assert dense.counters == hashed.counters
+        check_cache_invariants(hashed)

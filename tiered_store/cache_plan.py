@@ -202,6 +202,7 @@ def _row_cache(
         spec=spec,
         device=device,
         evict_headroom=tier.evict_headroom,
+        index=tier.index,
     )
 
 

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "table.out_of_range": "error",  # ids outside [0, rows): "error", or "zero" rows (DeepSeek-V4.1)
     "tier.capacity": 0,  # rows (or bytes like "1GiB", or "5%"), hot and warm alike
     "tier.policy": "lru",  # eviction[+admission] policy name, see `policies`
+    "tier.index": "auto",  # row -> slot: "dense" (4 B/table row), "hashed" (16 B/slot), "auto"
     "tier.recency_window": DEFAULT_RECENCY_WINDOW,  # lookups a zipf-tuned recency segment covers
     "tier.evict_headroom": 0.0,  # fraction of capacity freed each time eviction runs (0 = exact)
     "hot.device": "cpu",  # compute device: "cpu", "cuda", "cuda:N"
@@ -419,6 +420,7 @@ class CacheTierConfig(ConfigModel):
     preload_rows: str | None = None  # .npy of row ids loaded at open (warm start, not pinned)
     profile: str | None = None  # frequency profile (.npz from `tiered-store analyze`), zipf-tuned
     recency_window: int_at_least(1) = DEFAULTS["tier.recency_window"]
+    index: Literal["auto", "dense", "hashed"] = DEFAULTS["tier.index"]  # row -> slot index
     evict_headroom: float = Field(default=DEFAULTS["tier.evict_headroom"], ge=0.0, le=0.5)
 
 

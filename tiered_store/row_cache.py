@@ -9,6 +9,8 @@ import torch
 
 from policies import PolicySpec
 
+from .row_index import make_row_index
+
 # Spare victims one topk finds for later batches (policies whose keys only grow, e.g. LRU): at
 # least DEFAULT_VICTIM_BUFFER, or VICTIM_BUFFER_BATCHES batches' worth. Measured on a 20M-lookup
 # trace (5% and 25% tiers): LRU replay 1.4-2.7x faster than a topk per batch at 4,096-token
@@ -37,14 +39,16 @@ class TierCounters:
 class RowCache:
     """Which rows a tier holds, in which slot, and which slot goes next.
 
-    Examples
-    --------
-    >>> import torch
-    >>> from policies import PolicySpec
-    >>> cache = RowCache("warm", num_rows=100, capacity=2, spec=PolicySpec.parse("lru"))
-    >>> cache.begin_batch(); src, slots = cache.admit(torch.tensor([7, 9]), torch.tensor([1, 1]))
-    >>> (cache.probe(torch.tensor([9, 7, 3])) >= 0).tolist()
-    [True, True, False]
+        Examples
+        --------
+        >>> import torch
+        >>> from policies import PolicySpec
+
+    from .row_index import make_row_index
+        >>> cache = RowCache("warm", num_rows=100, capacity=2, spec=PolicySpec.parse("lru"))
+        >>> cache.begin_batch(); src, slots = cache.admit(torch.tensor([7, 9]), torch.tensor([1, 1]))
+        >>> (cache.probe(torch.tensor([9, 7, 3])) >= 0).tolist()
+        [True, True, False]
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class RowCache:
         device: torch.device | str = "cpu",
         evict_headroom: float = 0.0,
         victim_buffer: int = DEFAULT_VICTIM_BUFFER,
+        index: str = "auto",
     ) -> None:
         self.name = name
         self.num_rows = num_rows
@@ -66,10 +71,8 @@ class RowCache:
         self.headroom_rows = int(capacity * evict_headroom)
         self.counters = TierCounters()
         self.eviction, self.admission = spec.build(capacity, num_rows, self.device)
-        # 4 bytes per table row (only when the tier exists) + 17 bytes per slot, besides the policy's.
-        self.slot_of = (
-            torch.full((num_rows,), -1, dtype=torch.int32, device=self.device) if capacity else None
-        )
+        # row -> slot: dense (4 B per table row) or hashed (16 B per slot), see tiered_store.row_index
+        self.index = make_row_index(index, num_rows, capacity, self.device) if capacity else None
         self.row_of_slot = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
         # pinned or free: never a victim (kept up to date instead of recomputed per eviction)
         self._unevictable = torch.ones(capacity, dtype=torch.bool, device=self.device)
@@ -88,16 +91,19 @@ class RowCache:
 
     def metadata_bytes(self) -> dict[str, float]:
         """Bytes of index and policy metadata: per table row, per slot, and fixed per tier."""
-        per_slot = 8 + 1 + 8 + self.eviction.bytes_per_slot  # owner, unevictable, free list
-        per_row = (4 if self.capacity else 0) + self.admission.bytes_per_row
+        index = self.index.bytes_per() if self.index else {"per_table_row": 0, "per_slot": 0}
+        per_slot = (
+            8 + 1 + 8 + self.eviction.bytes_per_slot + index["per_slot"]
+        )  # owner, unevictable, free list
+        per_row = index["per_table_row"] + self.admission.bytes_per_row
         per_tier = self.admission.bytes_per_tier if self.capacity else 0
         return {"per_table_row": per_row, "per_slot": per_slot, "per_tier": per_tier}
 
     def probe(self, ids: torch.Tensor) -> torch.Tensor:
         """Slot of each id (int64), -1 where the row is not resident."""
-        if self.slot_of is None:
+        if self.index is None:
             return torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
-        return torch.index_select(self.slot_of, 0, ids.reshape(-1)).view(ids.shape).long()
+        return self.index.get(ids)
 
     # -- updates ---------------------------------------------------------------------------------
     def begin_batch(self) -> None:
@@ -159,7 +165,7 @@ class RowCache:
             )
         evicted = torch.cat([victim_rows, torch.index_select(self.row_of_slot, 0, extra)])
         self._evict(evicted[evicted >= 0], extra)
-        self.slot_of.index_copy_(0, new_ids, slots.to(torch.int32))
+        self.index.set(new_ids, slots)
         self.row_of_slot.index_copy_(0, slots, new_ids)
         self.eviction.on_insert(slots)
         self.counters.admissions += cand.numel()
@@ -169,13 +175,13 @@ class RowCache:
         """Load rows into free slots at open (warm start); ``pin`` keeps them forever.
         Returns (positions in ``ids`` loaded, slots)."""
         ids = torch.as_tensor(ids, dtype=torch.int64).to(self.device)
-        if self.slot_of is None or ids.numel() == 0:
+        if self.index is None or ids.numel() == 0:
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
             return empty, empty
         _, first = _first_occurrence(ids)
         cand = first[self.probe(ids[first]) < 0][: self._n_free]
         slots = self._pop_free(cand.numel()).flip(0)
-        self.slot_of.index_copy_(0, ids[cand], slots.to(torch.int32))
+        self.index.set(ids[cand], slots)
         self.row_of_slot.index_copy_(0, slots, ids[cand])
         self.eviction.on_insert(slots)
         if pin:
@@ -252,7 +258,7 @@ class RowCache:
     def _evict(self, rows: torch.Tensor, freed_slots: torch.Tensor) -> None:
         """Drop ``rows`` from the index; ``freed_slots`` (emptied, not reused) join the free list."""
         if rows.numel():
-            self.slot_of.index_fill_(0, rows, -1)
+            self.index.delete(rows)
             self.counters.evictions += rows.numel()
         if freed_slots.numel():
             self.row_of_slot.index_fill_(0, freed_slots, -1)
