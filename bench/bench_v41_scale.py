@@ -1,0 +1,237 @@
+"""A TieredStore over a table with DeepSeek-V4.1's row count and addressing, on this machine.
+
+One synthetic layer-1 table of the release's 384,006,168 rows (the primes of
+``engram_vocab_size`` 16,000,000, 2..4-grams x 8 heads), with narrower rows so it fits a small
+disk: 32 fp8 values + 1 ue8m0 scale byte = 33 B a row, 12.7 GB. It is opened with hot 1% + warm 5%
+of the rows (LRU, cold reads ``io: direct``), twice in the same run: with the compact hashed
+row -> slot index (sized from the tiers) and with the dense one (4 B per table row per tier), and
+each replays the same real text (Python stdlib sources, DeepSeek tokenizer) hashed with the
+release's config, batch after batch (each batch's rows prefetched while the previous batch's are
+consumed, as the Engram module does).
+
+Reported per index: open time, RSS after open and at the end, index and policy metadata (bytes
+per table row and per slot), lookups/s and tokens/s, per-tier hit ratios, cold rows read per
+second and the cold read rate in MB/s; and the hashed/dense ratios.
+
+Example::
+
+    python bench/bench_v41_scale.py --dir /data/scratch --out bench/results/v41_scale.json
+    python bench/bench_v41_scale.py --table /data/scratch/v41_layer1.npy --batches 200
+
+``--table`` reuses a table made by an earlier run (its manifest must show 384,006,168 rows of 33
+packed bytes unless ``--vocab`` is given); otherwise one is created in ``--dir`` (a few minutes,
+12.7 GB of free disk needed) and kept for later runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiered_store import StoreConfig, TieredStore
+from tiered_store.corpus import resolve_corpus
+from tiered_store.engram import EngramConfig, NgramHasher
+from tiered_store.engram.corpus import read_tokens, token_batches
+from tiered_store.quantization import RowQuantization
+from tiered_store.table_format import RandomSource, create_table, read_manifest
+
+RELEASE_VOCAB = 16_000_000  # the release's engram_vocab_size: 384,006,168 rows in layer 1
+VALUES = 32  # fp8 values per row (the release has 256): 33-byte rows with the scale byte
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--dir", type=Path, default=Path("."), help="where the table is created (default .)"
+    )
+    p.add_argument("--table", type=Path, help="reuse this table instead of creating one")
+    p.add_argument(
+        "--vocab", type=int, default=RELEASE_VOCAB, help="engram_vocab_size (default the release's)"
+    )
+    p.add_argument(
+        "--tokens", type=int, default=600_000, help="real-text tokens replayed (default 600k)"
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--threads", type=int, default=16, help="cold reader threads (default 16)")
+    p.add_argument(
+        "--indexes", default="hashed,dense", help="row indexes to compare (default hashed,dense)"
+    )
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def rss_bytes() -> int:
+    """Resident set size now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def make_hasher(vocab: int) -> NgramHasher:
+    """The release's addressing (2..4-grams x 8 heads, layers 1 and 14) at ``vocab``."""
+    return NgramHasher(
+        EngramConfig(
+            engram_vocab_size=vocab,
+            max_ngram_size=4,
+            n_head_per_ngram=8,
+            n_embed_per_ngram=8 * VALUES,
+            layer_ids=(1, 14),
+            pad_id=2,
+            geometry="deepseek-v4.1",
+        )
+    )
+
+
+def ensure_table(args, rows: int) -> Path:
+    """The table to serve: ``--table``, or a new one in ``--dir``."""
+    quant = RowQuantization(values=VALUES, block=VALUES)
+    path = args.table or args.dir / f"v41_layer1_{rows}x{quant.packed_bytes}.npy"
+    if path.exists():
+        manifest = read_manifest(path)
+        if manifest.rows != rows or manifest.quantization != quant:
+            sys.exit(
+                f"{path}: {manifest.rows:,} rows of {manifest.quantization}; expected {rows:,} rows of {quant}"
+            )
+        return path
+    print(f"creating {path} ({rows:,} x {quant.packed_bytes} B) ...", flush=True)
+    source = RandomSource(rows, quant.packed_bytes, dtype="uint8", seed=1, quantization=quant)
+    create_table(path, source, progress=True)
+    return path
+
+
+def all_hit_rate(store: TieredStore, ids: np.ndarray, repeats: int = 20) -> float:
+    """Lookups/s of a batch whose rows are all resident (probe + gather + dequantise)."""
+    tensor = torch.from_numpy(ids)
+    store.lookup(tensor)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        store.lookup(tensor)
+    return repeats * ids.size / (time.perf_counter() - start)
+
+
+def replay(store: TieredStore, batches: list[np.ndarray]) -> dict:
+    """Every batch's rows prefetched one batch ahead and then looked up; lookups/s, reads/s."""
+    cold0 = dict(store.stats()["cold"])
+    start, cpu0 = time.perf_counter(), time.process_time()
+    handle = store.prefetch(torch.from_numpy(batches[0]))
+    for i, ids in enumerate(batches):
+        nxt = store.prefetch(torch.from_numpy(batches[i + 1])) if i + 1 < len(batches) else None
+        store.lookup(torch.from_numpy(ids), handle)
+        handle = nxt
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    stats = store.stats()
+    lookups = sum(int(b.size) for b in batches)
+    rows_read = stats["cold"]["rows_read"] - cold0["rows_read"]
+    bytes_read = stats["cold"]["bytes_read"] - cold0["bytes_read"]
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "lookups": lookups,
+        "lookups_per_second": lookups / seconds,
+        "cold_rows_per_second": rows_read / seconds,
+        "cold_mb_per_second": bytes_read / seconds / 1e6,
+        "hit_ratio": {tier: stats[tier]["hit_rate"] for tier in ("hot", "warm")},
+        "rows_from_cold_per_lookup": rows_read / lookups,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    hasher = make_hasher(args.vocab)
+    rows = hasher.table_rows(1)
+    path = ensure_table(args, rows)
+    total = args.warmup_tokens + args.tokens
+    tokens = read_tokens(resolve_corpus().shuffled(0), hasher.tokenizer, max_tokens=total)
+    batches = [
+        np.ascontiguousarray(hasher.row_ids(b.numpy())[1])
+        for b in token_batches(tokens, args.batch_size, args.seq_len)
+    ]
+    split = args.warmup_tokens // (args.batch_size * args.seq_len)
+    warmup, batches = batches[:split], batches[split:]
+    tokens_per_batch = args.batch_size * args.seq_len
+    print(
+        f"{rows:,} rows; {len(batches)} batches of {tokens_per_batch} tokens ({batches[0].size:,} lookups each)"
+    )
+    results = {}
+    for kind in args.indexes.split(","):
+        config = StoreConfig.from_dict(
+            {
+                "table": {"path": str(path), "out_of_range": "zero"},
+                "tiers": {
+                    "hot": {"capacity": "1%", "index": kind},
+                    "warm": {"capacity": "5%", "index": kind},
+                    "cold": {"io": "direct", "threads": args.threads},
+                },
+            }
+        )
+        rss0 = rss_bytes()
+        start = time.perf_counter()
+        store = TieredStore(config)
+        opened = time.perf_counter() - start
+        rss_open = rss_bytes() - rss0
+        with store:
+            if warmup:
+                replay(store, warmup)
+            run = replay(store, batches)
+            run["all_hit_lookups_per_second"] = all_hit_rate(store, batches[-1])
+            memory = store.memory_report()
+            rss_end = rss_bytes() - rss0
+        run.update(
+            open_seconds=opened,
+            rss_after_open_bytes=rss_open,
+            rss_at_end_bytes=rss_end,
+            tokens_per_second=run["lookups_per_second"] / hasher.num_heads,
+            memory=memory,
+        )
+        results[kind] = run
+        print(
+            f"{kind:6s}: open {opened:.2f} s, RSS +{rss_open / 2**20:,.0f} MiB at open / +{rss_end / 2**20:,.0f} MiB at end, "
+            f"{run['lookups_per_second'] / 1e6:.2f}M lookups/s ({run['tokens_per_second']:,.0f} tokens/s; "
+            f"all-hit {run['all_hit_lookups_per_second'] / 1e6:.2f}M/s), "
+            f"hot {run['hit_ratio']['hot']:.1%} warm {run['hit_ratio']['warm']:.1%}, "
+            f"cold {run['cold_rows_per_second'] / 1e3:.1f}k rows/s ({run['cold_mb_per_second']:.1f} MB/s)"
+        )
+    if {"hashed", "dense"} <= set(results):
+        h, d = results["hashed"], results["dense"]
+        results["hashed_vs_dense"] = {
+            "lookups_per_second": h["lookups_per_second"] / d["lookups_per_second"],
+            "rss_at_end": h["rss_at_end_bytes"] / d["rss_at_end_bytes"],
+            "open_seconds": h["open_seconds"] / d["open_seconds"],
+            "all_hit_lookups_per_second": h["all_hit_lookups_per_second"]
+            / d["all_hit_lookups_per_second"],
+        }
+        print("hashed / dense:", {k: round(v, 3) for k, v in results["hashed_vs_dense"].items()})
+    doc = {
+        "table": {
+            "rows": rows,
+            "row_bytes": VALUES + 1,
+            "file": path.name,
+            "engram_vocab_size": args.vocab,
+        },
+        "tokens": {
+            "warmup": len(warmup) * tokens_per_batch,
+            "timed": len(batches) * tokens_per_batch,
+        },
+        "batch": {"sequences": args.batch_size, "seq_len": args.seq_len},
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "results": results,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(doc, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
