@@ -1,7 +1,8 @@
 """TieredStore.lookup speed against same-run baselines.
 
 - all-hit: every id resident in the hot tier (1M rows x 128 B, 1M-id Zipf batches), against
-  ``torch.index_select`` on an in-RAM tensor with the same ids (target >= 0.6x).
+  ``torch.index_select`` on an in-RAM tensor with the same ids (target >= 0.6x); once with the
+  dense row -> slot index (the default at this size) and once with the hashed one.
 - cold-miss: no cache tiers, ``io: direct`` (page cache bypassed), 16 reader threads, fresh
   uniform ids every round, against the disk's random 4 KiB ``O_DIRECT`` reads from as many
   threads (``tiered_store.disk_probe``; target >= 0.7x).
@@ -36,14 +37,14 @@ class AllHit:
     ids: torch.Tensor
 
 
-@pytest.fixture(scope="module")
-def all_hit(sizes, bench_dir: Path) -> Iterator[AllHit]:
+def _all_hit(sizes, bench_dir: Path, index: str) -> Iterator[AllHit]:
     """Every row made resident in hot; the batch checked equal to ``index_select``'s."""
     path = bench_dir / "all_hit.npy"
-    create_table(path, RandomSource(sizes.hit_rows, sizes.row_dim, seed=1), progress=False)
+    if not path.exists():
+        create_table(path, RandomSource(sizes.hit_rows, sizes.row_dim, seed=1), progress=False)
     table = torch.from_numpy(np.load(path))
     config = StoreConfig.from_dict(
-        {"table": {"path": str(path)}, "tiers": {"hot": {"capacity": "100%"}}}
+        {"table": {"path": str(path)}, "tiers": {"hot": {"capacity": "100%", "index": index}}}
     )
     ids = torch.from_numpy(
         ZipfWorkload(sizes.hit_rows, ZIPF_EXPONENT, seed=2).sample(sizes.hit_batch)
@@ -54,6 +55,18 @@ def all_hit(sizes, bench_dir: Path) -> Iterator[AllHit]:
         assert store.hot.occupancy == sizes.hit_rows
         assert torch.equal(store.lookup(ids), table[ids])
         yield AllHit(store, table, ids)
+
+
+@pytest.fixture(scope="module")
+def all_hit(sizes, bench_dir: Path) -> Iterator[AllHit]:
+    """All-hit store with the dense row index."""
+    yield from _all_hit(sizes, bench_dir, "dense")
+
+
+@pytest.fixture(scope="module")
+def all_hit_hashed(sizes, bench_dir: Path) -> Iterator[AllHit]:
+    """All-hit store with the hashed row index."""
+    yield from _all_hit(sizes, bench_dir, "hashed")
 
 
 def test_index_select_all_hit(benchmark, speed, all_hit: AllHit) -> None:
@@ -79,6 +92,18 @@ def test_store_lookup_all_hit(benchmark, speed, all_hit: AllHit) -> None:
     )
     assert store.stats()["hot"]["misses"] == misses, "an all-hit lookup missed"
     benchmark.extra_info["memory_report"] = store.memory_report()
+
+
+def test_store_lookup_all_hit_hashed_index(benchmark, speed, all_hit_hashed: AllHit) -> None:
+    store = all_hit_hashed.store
+    assert store.hot.index.kind == "hashed"
+    speed.measure(
+        benchmark,
+        lambda: store.lookup(all_hit_hashed.ids),
+        group="lookup-all-hit",
+        per_call=all_hit_hashed.ids.numel(),
+        unit="rows",
+    )
 
 
 def test_disk_random_reads_cold_miss(benchmark, speed, sizes, cold_table: Path) -> None:
