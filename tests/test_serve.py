@@ -63,7 +63,9 @@ def test_example_config_is_valid():
     cfg = ServeConfig.from_yaml(EXAMPLE)
     assert cfg.model is not None and cfg.model.engram.layer_ids == (1, 3)
     assert cfg.metrics_address == "127.0.0.1:9400" and cfg.server.address == "127.0.0.1:8080"
-    assert cfg.store_config(3).table.path == str(EXAMPLE.parent / "checkpoint" / "engram_layer3.npy")
+    assert cfg.store_config(3).table.path == str(
+        EXAMPLE.parent / "checkpoint" / "engram_layer3.npy"
+    )
 
 
 @pytest.mark.parametrize(
@@ -150,7 +152,10 @@ def test_text_is_tokenised_and_padded_and_each_sequence_reads_its_last_token(ser
 
 def test_get_endpoints(server):
     client = TestClient(build_app(server))
-    assert (client.get("/healthz").status_code, client.get("/healthz").json()) == (200, {"status": "ok"})
+    assert (client.get("/healthz").status_code, client.get("/healthz").json()) == (
+        200,
+        {"status": "ok"},
+    )
     index = client.get("/").json()
     assert "POST /v1/engram" in index["endpoints"] and index["tables"] == TABLES
     stats = client.get("/stats").json()
@@ -206,7 +211,10 @@ def test_a_failing_table_gives_503_without_paths_counts_and_turns_healthz(config
 
         server.infer = boom
         status, answer = post_json(server.url + "/v1/engram", {"input_ids": [[1]]})
-        assert (status, answer) == (500, {"error": "internal server error (details are in the server log)"})
+        assert (status, answer) == (
+            500,
+            {"error": "internal server error (details are in the server log)"},
+        )
         stats = get_json(server.url + "/stats")[1]
         assert stats["server"]["requests"]["/v1/engram"] == {"500": 1, "503": 1}
     finally:
@@ -236,7 +244,9 @@ def test_healthz_recovers_after_the_hold(tmp_path, config_path):
 def test_small_load_no_errors_no_lost_requests(server):
     before = get_json(server.url + "/stats")[1]["server"]["requests"]["/v1/engram"].get("200", 0)
     bodies = zipf_requests(48, batch=2, tokens=32, seed=3)
-    result = run_load(server.url + "/v1/engram", bodies, clients=4, check=lambda a: "hidden_checksum" in a)
+    result = run_load(
+        server.url + "/v1/engram", bodies, clients=4, check=lambda a: "hidden_checksum" in a
+    )
     assert result.errors == {} and result.lost == 0 and result.answered == 48
     assert result.requests_per_second > 0 and result.percentile_ms(99) >= result.percentile_ms(50)
     deadline = time.monotonic() + 10  # a request is counted just after its answer is written
@@ -301,7 +311,9 @@ def test_background_scrub_finds_a_corrupt_table(tmp_path):
             time.sleep(0.1)
         assert status == 503, health
         problem = health["problems"][0]
-        assert problem.startswith("table engram_layer3: checksum pass failed") and "block 0" in problem
+        assert (
+            problem.startswith("table engram_layer3: checksum pass failed") and "block 0" in problem
+        )
         assert str(tmp_path) not in problem
         with urllib.request.urlopen(server.metrics_url, timeout=30) as response:
             text = response.read().decode()
@@ -325,7 +337,9 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path, config_pa
         host, port = proc.url.removeprefix("http://").split(":")
         body = json.dumps({"input_ids": [[7, 8, 9, 10]]}).encode()
         sock = socket.create_connection((host, int(port)), timeout=30)
-        head = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        head = (
+            f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
         sock.sendall(head + body[:10])  # the request is in flight: the server waits for the rest
         deadline = time.monotonic() + 20
         while get_json(proc.url + "/stats")[1]["server"]["in_flight"] < 2:  # it, and this /stats

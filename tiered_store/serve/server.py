@@ -352,7 +352,8 @@ def _listen(host: str, port: int, backlog: int, key: str) -> socket.socket:
         return socket.create_server((host, port), family=family, backlog=backlog)
     except OSError as exc:
         raise ConfigError(
-            f"{key}: cannot listen on {host}:{port} ({exc.strerror or exc}); expected a free "
+            f"{key}: cannot listen on {host}:{port} "
+            f"({os.strerror(exc.errno) if exc.errno else exc}); expected a free "
             "address (is another server running there?)"
         ) from None
 
