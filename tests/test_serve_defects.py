@@ -60,7 +60,7 @@ def _serve_cmd(config: Path, address: str, metrics: str) -> list[str]:
             "--metrics-address", metrics]  # fmt: skip
 
 
-@pytest.mark.parametrize("which", ["metrics", "server"])
+@pytest.mark.parametrize("which", ["metrics", pytest.param("server", marks=pytest.mark.slow)])
 def test_an_address_in_use_exits_non_zero_at_once_naming_it(config_path, which):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -99,13 +99,14 @@ def build_app(server: InferenceServer) -> ASGIApp:
             return json_response(
                 405,
                 {"error": f"{method} {path}: method not allowed; expected {allowed}"},
-                {"Allow": (exc.headers or {}).get("Allow", allowed)},
+                {"Allow": "POST" if allowed == "POST" else "GET, HEAD"},
             )
         return json_response(exc.status_code, {"error": exc.detail})
 
     routes = [Route(INFERENCE_PATH, infer, methods=["POST"])]
     routes += [Route(path, get, methods=["GET"]) for path in GET_PATHS]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.router.redirect_slashes = False  # '/v1/engram/' is unknown (404), not a redirect
     return _CountingMiddleware(app, server)
 
 
