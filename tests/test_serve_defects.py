@@ -237,3 +237,23 @@ def test_a_table_truncated_while_serving_gives_503_and_healthz_503(tmp_path):
         assert str(tmp_path) not in json.dumps(health)
         assert server.proc.poll() is None  # alive
         assert server.stop() == 0
+
+
+def test_keep_alive_answers_are_not_held_back_by_nagle(proc):
+    """Head and body leave as separate writes: without TCP_NODELAY each answer waited for the
+    client's delayed ACK (40 ms on Linux) before its body was sent."""
+    import http.client
+    import statistics
+
+    host, port = proc.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    times = []
+    try:
+        for _ in range(20):
+            start = time.perf_counter()
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().read() == b'{"status":"ok"}\n'
+            times.append(time.perf_counter() - start)
+    finally:
+        conn.close()
+    assert statistics.median(times) < 0.02, times

@@ -349,13 +349,18 @@ def _listen(host: str, port: int, backlog: int, key: str) -> socket.socket:
     """A listening TCP socket on (host, port); ``ConfigError`` naming ``key`` and the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, backlog=backlog)
+        sock = socket.create_server((host, port), family=family, backlog=backlog)
     except OSError as exc:
         raise ConfigError(
             f"{key}: cannot listen on {host}:{port} "
             f"({os.strerror(exc.errno) if exc.errno else exc}); expected a free "
             "address (is another server running there?)"
         ) from None
+    # Answers go out as several writes (head, body): without TCP_NODELAY, Nagle's algorithm holds
+    # the body until the client's delayed ACK (40 ms). asyncio sets it only on sockets created
+    # with proto=IPPROTO_TCP; accepted connections inherit it from the listener.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def _http_url(address: tuple) -> str:
