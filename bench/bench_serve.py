@@ -7,9 +7,9 @@ then for each client count sends ``--requests`` inference requests (Zipf-distrib
 so the tiers see a realistic mix of hits and misses) over keep-alive connections and reports
 requests/s, p50/p99 latency, errors and connection resets. A soak at ``--soak-clients`` clients
 for ``--soak-seconds`` samples the server's resident memory every second (flat = no leak). Last,
-the same checkpoint is opened in this process (``ServedModel``) and the one-client bodies are
-answered directly, one at a time: the ratio of the HTTP latency to that is the serving overhead
-(JSON, HTTP, the worker hand-off). Exits 1 if any request failed, was lost or was reset.
+the same checkpoint is opened in this process (``ServedModel``) and the same bodies go, one at a
+time and alternating, to the server and to it: the ratio of the HTTP latency to the in-process
+answer is the serving overhead (JSON, HTTP, the worker hand-off). Exits 1 if any request failed, was lost or was reset.
 
 Example::
 
@@ -22,6 +22,7 @@ timeout, a startup timeout, and the server only binds 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import statistics
 import sys
@@ -30,12 +31,13 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 import yaml
 
 from tiered_store.serve import ServeConfig, ServedModel, parse_request
-from tiered_store.serve.client import ServeProcess, get_json, run_load, zipf_requests
+from tiered_store.serve.client import ServeProcess, get_json, post_json, run_load, zipf_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "examples" / "serve.yaml"
@@ -124,24 +126,43 @@ def soak(server: ServeProcess, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def in_process_ms(
-    config_path: Path, bodies: list[dict], warm: list[dict], threads: int
-) -> list[float]:
-    """Milliseconds per body answered by a ``ServedModel`` in this process, one at a time."""
+def overhead(
+    server: ServeProcess, config_path: Path, bodies: list[dict], warm: list[dict], threads: int
+) -> dict[str, Any]:
+    """Each body over HTTP (one keep-alive connection) and to a ``ServedModel`` in this process,
+    alternating body by body; both warmed with the same bodies first (each has its own caches)."""
     torch.set_num_threads(threads)
     served = ServedModel(ServeConfig.from_yaml(config_path))
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    url = server.url + "/v1/engram"
+    limits = served.config.server
     try:
-        limits = served.config.server
         for body in warm:
+            post_json(url, body, connection=conn)
             served.answer(parse_request(json.dumps(body).encode(), limits, served))
-        times = []
+        http_ms, local_ms = [], []
         for body in bodies:
             start = time.perf_counter()
-            served.answer(parse_request(json.dumps(body).encode(), limits, served))
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
+            status, answer = post_json(url, body, connection=conn)
+            http_ms.append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            local = served.answer(parse_request(json.dumps(body).encode(), limits, served))
+            local_ms.append((time.perf_counter() - start) * 1e3)
+            if status != 200 or answer["hidden_checksum"] != local["hidden_checksum"]:
+                raise RuntimeError(f"HTTP and in-process answers differ: {status} {answer}")
     finally:
+        conn.close()
         served.close()
+    return {
+        "requests": len(bodies),
+        "http_median_ms": round(statistics.median(http_ms), 2),
+        "in_process_median_ms": round(statistics.median(local_ms), 2),
+        "http_mean_ms": round(statistics.fmean(http_ms), 2),
+        "in_process_mean_ms": round(statistics.fmean(local_ms), 2),
+        "ratio_median": round(statistics.median(http_ms) / statistics.median(local_ms), 3),
+        "ratio_mean": round(statistics.fmean(http_ms) / statistics.fmean(local_ms), 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,8 +191,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"errors {sum(result.errors.values())}, resets {run['resets']}, lost {result.lost}",
                     flush=True,
                 )
-                if clients == 1:
-                    one_client = (bodies, result.latencies_ms)
             if args.soak_seconds > 0:
                 report["soak"] = soak(server, args)
                 s = report["soak"]
@@ -181,25 +200,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"(max {s['rss_max_mib']}, second-half growth {s['rss_second_half_growth_mib']} MiB)",
                     flush=True,
                 )
-            _, stats = get_json(server.url + "/stats")
-            report["server_exit_status"] = server.stop()
-        if 1 in counts:
-            bodies, http_ms = one_client
-            local_ms = in_process_ms(config, bodies, warm, args.torch_threads)
-            report["overhead"] = {
-                "requests": len(bodies),
-                "http_mean_ms": round(statistics.fmean(http_ms), 2),
-                "in_process_mean_ms": round(statistics.fmean(local_ms), 2),
-                "http_median_ms": round(statistics.median(http_ms), 2),
-                "in_process_median_ms": round(statistics.median(local_ms), 2),
-                "ratio_mean": round(statistics.fmean(http_ms) / statistics.fmean(local_ms), 3),
-                "ratio_median": round(statistics.median(http_ms) / statistics.median(local_ms), 3),
-            }
+            report["overhead"] = overhead(
+                server,
+                config,
+                zipf_requests(args.requests, seed=7, **make),
+                warm,
+                args.torch_threads,
+            )
             o = report["overhead"]
             print(
-                f"overhead at 1 client: HTTP {o['http_median_ms']} ms vs in-process {o['in_process_median_ms']} "
-                f"ms per request (median), ratio {o['ratio_median']} (mean ratio {o['ratio_mean']})"
+                f"overhead, 1 client, same bodies alternating: HTTP {o['http_median_ms']} ms vs "
+                f"in-process {o['in_process_median_ms']} ms per request (median), ratio "
+                f"{o['ratio_median']} (of the means {o['ratio_mean']})"
             )
+            _, stats = get_json(server.url + "/stats")
+            report["server_exit_status"] = server.stop()
     report["hit_rate"] = {
         f"{table}/{tier}": round(s[tier]["hit_rate"], 4)
         for table, s in stats["tables"].items()
