@@ -381,3 +381,28 @@ def test_init_model_writes_a_checkpoint_that_serve_opens(tmp_path, capsys):
         assert list(served.stores) == TABLES
     finally:
         served.close()
+
+
+@pytest.mark.gpu
+def test_a_cuda_hot_tier_gives_the_cpu_answer(config_path, tmp_path):
+    """The model moves to the hot tier's device; answers equal the CPU server's up to float
+    rounding (the next-token ids exactly)."""
+    body = json.dumps({"input_ids": [[5, 17, 900, 17, 5, 12]], "top_k": 5}).encode()
+    answers = []
+    for device in ("cpu", "cuda"):
+        path = write_config(
+            tmp_path / device,
+            checkpoint={"path": str(config_path.parent / "checkpoint")},
+            store={
+                "tiers": {**CONFIG["store"]["tiers"], "hot": {"capacity": "3%", "device": device}}
+            },
+        )
+        served = ServedModel(ServeConfig.from_yaml(path))
+        try:
+            assert served.device.type == device
+            answers.append(served.answer(parse_request(body, served.config.server, served)))
+        finally:
+            served.close()
+    cpu, cuda = answers
+    assert cuda["next_token_ids"] == cpu["next_token_ids"]
+    np.testing.assert_allclose(cuda["next_token_logprobs"], cpu["next_token_logprobs"], rtol=1e-4)

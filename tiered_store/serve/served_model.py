@@ -106,6 +106,9 @@ class ServedModel:
             create_checkpoint(config)
         self.model: EngramLM = load_tiered_model(config.checkpoint_dir, store=config.store_spec)
         self.model.eval()
+        stores = list(self.model.tables.values())
+        self.device = stores[0].device if stores else torch.device("cpu")
+        self.model.to(self.device)  # the dense weights where the hot tier hands out rows
         self._trace: TraceWriter | None = None
         try:
             self.layer_ids = list(self.model.engram_layers)
