@@ -232,12 +232,14 @@ class TableHealth:
     lookup_failures: int = 0
     last_lookup_error: str | None = None  # what the latest failed lookup raised
     last_lookup_failure_at: float | None = None  # time.monotonic() of that failure
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record_lookup_failure(self, message: str, when: float) -> None:
-        """Count one failed lookup."""
-        self.lookup_failures += 1
-        self.last_lookup_error = message
-        self.last_lookup_failure_at = when
+        """Count one failed lookup (worker threads fail concurrently: under a lock)."""
+        with self._lock:
+            self.lookup_failures += 1
+            self.last_lookup_error = message
+            self.last_lookup_failure_at = when
 
 
 def verify_counted(path: str | Path, health: TableHealth) -> VerifyReport | None:
