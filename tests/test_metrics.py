@@ -309,7 +309,10 @@ def test_lookup_failures_are_counted_per_table(store):
     health.record_lookup_failure("cold tier read failed: EIO", 12.5)
     samples = _samples(build_registry({"layer1": store}, {"layer1": health}))
     assert samples[("tiered_store_lookup_failures_total", (("table", "layer1"),))] == 1
-    assert (health.last_lookup_error, health.last_lookup_failure_at) == ("cold tier read failed: EIO", 12.5)
+    assert (health.last_lookup_error, health.last_lookup_failure_at) == (
+        "cold tier read failed: EIO",
+        12.5,
+    )
 
 
 @pytest.mark.skipif(
