@@ -1,57 +1,54 @@
-"""Load test of ``tiered-store serve``: N concurrent clients, a fixed number of requests, loopback only.
+"""Load test of ``tiered-store serve`` on loopback: 1, 8 and 64 concurrent clients, a 60 s soak,
+and the HTTP overhead against the in-process forward on the same batches.
 
-Starts the server as a subprocess (tables built in a temporary directory from ``--config``,
-default ``examples/serve.yaml``), warms it up, then has ``--clients`` threads send ``--requests``
-inference requests in total (Zipf-distributed token ids, so the tiers see a realistic mix of hits
-and misses) and reports requests/s, latency percentiles, errors, lost requests, and the server's
-resident memory before and after the measured run. Exits 1 if any request failed or was lost.
+Starts the server as a subprocess over a small random checkpoint (``checkpoint.create`` in a
+temporary directory, shapes from ``--config``, default ``examples/serve.yaml``), warms it up,
+then for each client count sends ``--requests`` inference requests (Zipf-distributed token ids,
+so the tiers see a realistic mix of hits and misses) over keep-alive connections and reports
+requests/s, p50/p99 latency, errors and connection resets. A soak at ``--soak-clients`` clients
+for ``--soak-seconds`` samples the server's resident memory every second (flat = no leak). Last,
+the same checkpoint is opened in this process (``ServedModel``) and the same bodies go, one at a
+time and alternating, to the server and to it: the ratio of the HTTP latency to the in-process
+answer is the serving overhead (JSON, HTTP, the worker hand-off). Exits 1 if any request failed, was lost or was reset.
 
 Example::
 
-    python bench/bench_serve.py --clients 8 --requests 2000 --tokens 128
+    python bench/bench_serve.py --requests 400 --soak-seconds 60 --out bench/results/serve.json
 
-Everything is bounded: a fixed number of requests, each with a timeout, a startup timeout, and the
-server only binds 127.0.0.1. The server process, the requests and the load generator come from
-``tiered_store.serve.client`` (the tests use the same client).
+Everything is bounded: a fixed number of requests per run, a fixed soak time, each request with a
+timeout, a startup timeout, and the server only binds 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import statistics
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import torch
 import yaml
 
-from tiered_store.serve.client import ServeProcess, get_json, run_load, zipf_requests
+from tiered_store.serve import ServeConfig, ServedModel, parse_request
+from tiered_store.serve.client import ServeProcess, get_json, post_json, run_load, zipf_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "examples" / "serve.yaml"
+RESETS = ("ConnectionResetError", "RemoteDisconnected", "BrokenPipeError", "ConnectionRefusedError")
 
 
-def cached_bytes(url: str) -> int:
-    """Payload bytes resident in the server's cache tiers (occupancy x row size, every table)."""
-    _, stats = get_json(url + "/stats")
-    return sum(
-        (s["hot"]["occupancy"] + s["warm"]["occupancy"]) * stats["geometry"][name]["row_bytes"]
-        for name, s in stats["tables"].items()
-    )
-
-
-def prepare_config(
-    workdir: Path, base: Path = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None
-) -> Path:
-    """A copy of ``base`` in ``workdir`` (so its tables are built there), with ``overrides``
-    merged section by section."""
+def prepare_config(workdir: Path, base: Path, torch_threads: int) -> Path:
+    """A copy of ``base`` in ``workdir`` whose checkpoint is created there."""
     data = yaml.safe_load(base.read_text())
-    for section, values in (overrides or {}).items():
-        if isinstance(values, dict):
-            data[section] = {**(data.get(section) or {}), **values}
-        else:
-            data[section] = values
+    data["checkpoint"] = {**(data.get("checkpoint") or {}), "path": "checkpoint", "create": True}
+    data["server"] = {**(data.get("server") or {}), "torch_threads": torch_threads}
     path = workdir / "serve.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -64,71 +61,171 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="serve config to copy")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
-    p.add_argument("--requests", type=int, default=2000, help="measured requests in total")
-    p.add_argument(
-        "--warmup", type=int, default=400, help="requests before measuring (fills the caches)"
-    )
+    p.add_argument("--clients", default="1,8,64", help="client counts, comma-separated")
+    p.add_argument("--requests", type=int, default=400, help="measured requests per client count")
+    p.add_argument("--warmup", type=int, default=200, help="requests before measuring")
     p.add_argument("--batch", type=int, default=1, help="sequences per request")
     p.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the token ids")
-    p.add_argument("--torch-threads", type=int, default=1, help="server.torch_threads")
+    p.add_argument("--soak-seconds", type=float, default=60.0, help="RSS soak duration (0: skip)")
+    p.add_argument("--soak-clients", type=int, default=8, help="clients during the soak")
+    p.add_argument("--torch-threads", type=int, default=1, help="server.torch_threads (both sides)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     return p.parse_args(argv)
+
+
+def resets(errors: dict[str, int]) -> int:
+    """Requests lost to a reset or refused connection."""
+    return sum(n for k, n in errors.items() if k in RESETS)
+
+
+def soak(server: ServeProcess, args: argparse.Namespace) -> dict[str, Any]:
+    """Load for ``--soak-seconds`` while sampling the server's RSS once a second."""
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append((time.perf_counter() - start, server.rss_bytes()))
+            stop.wait(1.0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    answered, errors, seed = 0, {}, 100
+    while time.perf_counter() - start < args.soak_seconds:
+        bodies = zipf_requests(
+            4 * args.soak_clients,
+            batch=args.batch,
+            tokens=args.tokens,
+            exponent=args.zipf,
+            seed=seed,
+        )
+        result = run_load(server.url + "/v1/engram", bodies, clients=args.soak_clients)
+        answered += result.answered
+        for k, n in result.errors.items():
+            errors[k] = errors.get(k, 0) + n
+        seed += 1
+    stop.set()
+    sampler.join()
+    rss = [r for _, r in samples]
+    half = len(rss) // 2
+    return {
+        "seconds": round(time.perf_counter() - start, 1),
+        "clients": args.soak_clients,
+        "answered": answered,
+        "errors": errors,
+        "rss_first_mib": round(rss[0] / 2**20, 1),
+        "rss_last_mib": round(rss[-1] / 2**20, 1),
+        "rss_max_mib": round(max(rss) / 2**20, 1),
+        # second half vs first half of the soak: growth after the caches filled
+        "rss_second_half_growth_mib": round(
+            (max(rss[half:]) - max(rss[: max(half, 1)])) / 2**20, 1
+        ),
+        "rss_samples_mib": [round(r / 2**20, 1) for r in rss],
+    }
+
+
+def overhead(
+    server: ServeProcess, config_path: Path, bodies: list[dict], warm: list[dict], threads: int
+) -> dict[str, Any]:
+    """Each body over HTTP (one keep-alive connection) and to a ``ServedModel`` in this process,
+    alternating body by body; both warmed with the same bodies first (each has its own caches)."""
+    torch.set_num_threads(threads)
+    served = ServedModel(ServeConfig.from_yaml(config_path))
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    url = server.url + "/v1/engram"
+    limits = served.config.server
+    try:
+        for body in warm:
+            post_json(url, body, connection=conn)
+            served.answer(parse_request(json.dumps(body).encode(), limits, served))
+        http_ms, local_ms = [], []
+        for body in bodies:
+            start = time.perf_counter()
+            status, answer = post_json(url, body, connection=conn)
+            http_ms.append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            local = served.answer(parse_request(json.dumps(body).encode(), limits, served))
+            local_ms.append((time.perf_counter() - start) * 1e3)
+            if status != 200 or answer["hidden_checksum"] != local["hidden_checksum"]:
+                raise RuntimeError(f"HTTP and in-process answers differ: {status} {answer}")
+    finally:
+        conn.close()
+        served.close()
+    return {
+        "requests": len(bodies),
+        "http_median_ms": round(statistics.median(http_ms), 2),
+        "in_process_median_ms": round(statistics.median(local_ms), 2),
+        "http_mean_ms": round(statistics.fmean(http_ms), 2),
+        "in_process_mean_ms": round(statistics.fmean(local_ms), 2),
+        "ratio_median": round(statistics.median(http_ms) / statistics.median(local_ms), 3),
+        "ratio_mean": round(statistics.fmean(http_ms) / statistics.fmean(local_ms), 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the load test; print and optionally save the figures."""
     args = parse_args(argv)
+    counts = [int(c) for c in args.clients.split(",") if c]
+    make = dict(batch=args.batch, tokens=args.tokens, exponent=args.zipf)
+    warm = zipf_requests(args.warmup, seed=1, **make)
+    report: dict[str, Any] = {"tokens_per_request": args.batch * args.tokens, "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        config = prepare_config(
-            Path(tmp),
-            args.config,
-            {"tables": {"create": True}, "server": {"torch_threads": args.torch_threads}},
-        )
+        config = prepare_config(Path(tmp), args.config, args.torch_threads)
         with ServeProcess(config, metrics=False) as server:
             url = server.url + "/v1/engram"
-            warm = zipf_requests(
-                args.warmup, batch=args.batch, tokens=args.tokens, exponent=args.zipf, seed=1
+            run_load(url, warm, clients=8)
+            for clients in counts:
+                bodies = zipf_requests(args.requests, seed=2 + clients, **make)
+                result = run_load(
+                    url, bodies, clients=clients, check=lambda a: "hidden_checksum" in a
+                )
+                run = result.to_dict()
+                run["resets"] = resets(result.errors)
+                report["runs"].append(run)
+                print(
+                    f"{clients:3d} clients: {result.requests_per_second:7.1f} req/s, p50 "
+                    f"{result.percentile_ms(50):7.1f} ms, p99 {result.percentile_ms(99):7.1f} ms, "
+                    f"errors {sum(result.errors.values())}, resets {run['resets']}, lost {result.lost}",
+                    flush=True,
+                )
+            if args.soak_seconds > 0:
+                report["soak"] = soak(server, args)
+                s = report["soak"]
+                print(
+                    f"soak {s['seconds']} s at {s['clients']} clients: {s['answered']} answered, errors "
+                    f"{s['errors'] or 0}; server RSS {s['rss_first_mib']} -> {s['rss_last_mib']} MiB "
+                    f"(max {s['rss_max_mib']}, second-half growth {s['rss_second_half_growth_mib']} MiB)",
+                    flush=True,
+                )
+            report["overhead"] = overhead(
+                server,
+                config,
+                zipf_requests(args.requests, seed=7, **make),
+                warm,
+                args.torch_threads,
             )
-            run_load(url, warm, clients=args.clients)
-            rss_before, cached_before = server.rss_bytes(), cached_bytes(server.url)
-            bodies = zipf_requests(
-                args.requests, batch=args.batch, tokens=args.tokens, exponent=args.zipf, seed=2
+            o = report["overhead"]
+            print(
+                f"overhead, 1 client, same bodies alternating: HTTP {o['http_median_ms']} ms vs "
+                f"in-process {o['in_process_median_ms']} ms per request (median), ratio "
+                f"{o['ratio_median']} (of the means {o['ratio_mean']})"
             )
-            result = run_load(url, bodies, clients=args.clients, check=lambda a: "checksum" in a)
-            rss_after, cached_after = server.rss_bytes(), cached_bytes(server.url)
             _, stats = get_json(server.url + "/stats")
-            status = server.stop()
-    report = result.to_dict()
-    report.update(
-        tokens_per_request=args.batch * args.tokens,
-        server_rss_before_mib=round(rss_before / 2**20, 1),
-        server_rss_after_mib=round(rss_after / 2**20, 1),
-        rss_growth_mib=round((rss_after - rss_before) / 2**20, 1),
-        # payload of rows that entered the cache tiers during the run (slots reserved at start,
-        # touched on first write): growth up to about this much is the caches filling, not a leak
-        cache_fill_mib=round((cached_after - cached_before) / 2**20, 1),
-        server_exit_status=status,
-        hit_rate={
-            f"{table}/{tier}": round(s[tier]["hit_rate"], 4)
-            for table, s in stats["tables"].items()
-            for tier in ("hot", "warm")
-        },
-    )
-    print(json.dumps(report, indent=2))
-    print(
-        f"\n{args.clients} clients, {result.requests} requests of {args.batch}x{args.tokens} tokens: "
-        f"{result.requests_per_second:.1f} req/s, p50 {result.percentile_ms(50):.1f} ms, "
-        f"p95 {result.percentile_ms(95):.1f} ms, p99 {result.percentile_ms(99):.1f} ms; "
-        f"errors {sum(result.errors.values())}, lost {result.lost}; server RSS "
-        f"{rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB, of which "
-        f"{(cached_after - cached_before) / 2**20:.1f} MiB newly cached rows"
-    )
+            report["server_exit_status"] = server.stop()
+    report["hit_rate"] = {
+        f"{table}/{tier}": round(s[tier]["hit_rate"], 4)
+        for table, s in stats["tables"].items()
+        for tier in ("hot", "warm")
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if not result.errors and result.lost == 0 and status == 0 else 1
+    bad = any(r["errors"] or r["lost"] for r in report["runs"]) or report["server_exit_status"] != 0
+    bad = bad or bool(report.get("soak", {}).get("errors"))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

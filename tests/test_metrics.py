@@ -287,3 +287,69 @@ def test_promtool_unit_tests_the_hit_ratio_rules(tmp_path):
         ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_latency_buckets_cover_the_slowest_requests():
+    """A request may wait request_timeout_s for its body and as long for a compute turn: the top
+    finite bucket holds it, only a stuck one lands in +Inf."""
+    from tiered_store.latency import DEFAULT_BUCKETS, LatencyHistogram
+    from tiered_store.serve import SERVE_DEFAULTS
+
+    assert DEFAULT_BUCKETS[-1] >= 2 * SERVE_DEFAULTS["server.request_timeout_s"]
+    hist = LatencyHistogram()
+    for seconds in (0.003, 4.0, 24.5, 59.0):
+        hist.observe(seconds)
+    cumulative = dict(hist.cumulative())
+    assert cumulative[DEFAULT_BUCKETS[-1]] == 4 == cumulative[float("inf")]
+    assert cumulative[30.0] == 3 and cumulative[2.5] == 1
+
+
+def test_lookup_failures_are_counted_per_table(store):
+    health = TableHealth()
+    health.record_lookup_failure("cold tier read failed: EIO", 12.5)
+    samples = _samples(build_registry({"layer1": store}, {"layer1": health}))
+    assert samples[("tiered_store_lookup_failures_total", (("table", "layer1"),))] == 1
+    assert (health.last_lookup_error, health.last_lookup_failure_at) == (
+        "cold tier read failed: EIO",
+        12.5,
+    )
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
+def test_the_lookup_failure_alert_fires(tmp_path):
+    test = {
+        "rule_files": [str(DEPLOY / "prometheus-rules.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'tiered_store_lookup_failures_total{table="engram_layer3"}', "values": "0 0 0 1 1 1"},
+                    {"series": 'tiered_store_lookup_failures_total{table="engram_layer1"}', "values": "0 0 0 0 0 0"},
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "5m",
+                        "alertname": "TieredStoreLookupFailures",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "table": "engram_layer3"},
+                                "exp_annotations": {
+                                    "summary": "lookups failing on table engram_layer3",
+                                    "description": "Served lookups of engram_layer3 failed (cold read error, bad table file or non-finite rows); those requests got 503 and /healthz reports the table.",
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }  # fmt: skip
+    path = tmp_path / "alert_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

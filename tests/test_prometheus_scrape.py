@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_SERVE_MODEL
+from tests.serve_support import make_checkpoint
 from tiered_store.serve.client import ServeProcess, get_json, run_load, zipf_requests
 
 pytestmark = [
@@ -30,11 +30,6 @@ pytestmark = [
 ]
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus-rules.yml"
-SERVE = {
-    **TINY_SERVE_MODEL,
-    "store": {"tiers": {"hot": {"capacity": "3%"}, "warm": {"capacity": "15%"}}},
-    "server": {"torch_threads": 1},
-}
 
 
 def free_port() -> int:
@@ -120,9 +115,8 @@ class Prometheus:
 
 
 def test_prometheus_computes_the_store_hit_ratios(tmp_path):
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump(SERVE))
-    with ServeProcess(config, "--create-tables") as server:
+    config = make_checkpoint(tmp_path)
+    with ServeProcess(config) as server:
         target = urllib.parse.urlsplit(server.metrics_url).netloc
         prom = Prometheus(tmp_path, target)
         try:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from zipf_analysis.analyze import register as register_analyze
@@ -89,11 +92,37 @@ def _run_init(args) -> int:
         source = tf.RandomSource(
             rows, dim, dtype=args.dtype or "float32", seed=args.seed, std=args.std
         )
-    manifest = tf.create_table(
-        args.table, source, dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite
-    )
+    try:
+        with _interrupt_on_sigterm():  # SIGTERM unwinds like Ctrl-C: temporary files removed
+            manifest = tf.create_table(
+                args.table,
+                source,
+                dtype=args.dtype,
+                progress=not args.quiet,
+                overwrite=args.overwrite,
+            )
+    except tf.TableExistsError as exc:
+        raise tf.TableExistsError(
+            exc.errno,
+            f"table file {exc.filename} already exists; pass --overwrite to replace the table",
+            exc.filename,
+        ) from None
     print(f"created {args.table}: {manifest.rows:,} x {manifest.dim} {manifest.dtype}")
     return 0
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt (so cleanup code runs), as SIGINT does."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _add_info(sub) -> None:
@@ -135,7 +164,11 @@ def _run_verify(args) -> int:
     except TableFormatError as exc:
         print(f"tiered-store verify: FAILED: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.table}: OK ({report})")
+    seconds = max(report.seconds, 1e-9)
+    print(
+        f"{args.table}: OK: {report.blocks_checked:,} blocks, {report.bytes_checked:,} bytes "
+        f"checked in {report.seconds:.2f} s ({report.bytes_checked / seconds / 1e6:,.0f} MB/s)"
+    )
     return 0
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import bisect
 import threading
 
-# Upper bounds in seconds (Prometheus-style, +Inf implied).
+# Upper bounds in seconds (Prometheus-style, +Inf implied). The top ones cover the slowest HTTP
+# requests: a request may wait server.request_timeout_s (30 s) for its body and as long again for
+# a compute slot, so buckets go up to 60 s and only stuck requests land in +Inf.
 DEFAULT_BUCKETS = (
     1e-5,
     2.5e-5,
@@ -24,6 +26,10 @@ DEFAULT_BUCKETS = (
     0.5,
     1.0,
     2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 
 

@@ -32,6 +32,7 @@ tiered_store_prefetch_stall_seconds            histogram  table               wa
 tiered_store_prefetches_total                  counter    table               prefetches started
 tiered_store_verifications_total               counter    table               checksum passes run
 tiered_store_checksum_failures_total           counter    table               passes that found corruption
+tiered_store_lookup_failures_total             counter    table               served lookups that failed
 tiered_store_http_requests_total               counter    handler, code       HTTP requests answered
 tiered_store_http_request_duration_seconds     histogram  handler             HTTP request handling time
 tiered_store_http_requests_in_flight           gauge      (none)              requests being handled
@@ -185,6 +186,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "Checksum passes that found the table corrupt (a block failing its CRC-32, or a file "
         "that no longer matches its manifest).",
     ),
+    "tiered_store_lookup_failures_total": (
+        "counter",
+        ("table",),
+        "Lookups on the serving path that failed: a cold read error, a table file that failed a "
+        "check, or rows that were not finite numbers (each answered 503).",
+    ),
     "tiered_store_http_requests_total": (
         "counter",
         ("handler", "code"),
@@ -217,11 +224,22 @@ STORE_METRICS = tuple(name for name in METRICS if name not in SERVER_METRICS)
 
 @dataclass
 class TableHealth:
-    """Results of checksum passes over one table; plain counters read at scrape time."""
+    """Checksum passes and failed lookups of one table; plain counters read at scrape time."""
 
     verifications: int = 0
     checksum_failures: int = 0
     last_error: str | None = None  # message of the latest failed pass (cleared by a clean one)
+    lookup_failures: int = 0
+    last_lookup_error: str | None = None  # what the latest failed lookup raised
+    last_lookup_failure_at: float | None = None  # time.monotonic() of that failure
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record_lookup_failure(self, message: str, when: float) -> None:
+        """Count one failed lookup (worker threads fail concurrently: under a lock)."""
+        with self._lock:
+            self.lookup_failures += 1
+            self.last_lookup_error = message
+            self.last_lookup_failure_at = when
 
 
 def verify_counted(path: str | Path, health: TableHealth) -> VerifyReport | None:
@@ -301,6 +319,7 @@ class TieredStoreCollector(Collector):
             fam["tiered_store_checksum_failures_total"].add_metric(
                 [table], health.checksum_failures
             )
+            fam["tiered_store_lookup_failures_total"].add_metric([table], health.lookup_failures)
         yield from fam.values()
 
     @staticmethod

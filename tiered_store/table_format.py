@@ -322,6 +322,21 @@ def read_manifest(path: str | os.PathLike[str]) -> TableManifest:
             "(an incomplete or foreign table: create it with create_table)",
             str(manifest_path),
         ) from None
+    except IsADirectoryError:
+        raise TableFormatError(
+            f"table manifest {manifest_path} is a directory; expected the table's JSON manifest "
+            "file"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise TableFormatError(
+            f"table manifest {manifest_path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+            f"at offset {exc.start}); expected the table's JSON manifest"
+        ) from None
+    except OSError as exc:
+        raise TierIOError(
+            exc.errno or errno.EIO,
+            f"table manifest {manifest_path}: cannot read it ({exc.strerror or exc})",
+        ) from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -365,6 +380,10 @@ def check_table(path: str | os.PathLike[str]) -> TableManifest:
     except FileNotFoundError:
         raise TableNotFoundError(
             errno.ENOENT, f"table data file {npy_path} does not exist", str(npy_path)
+        ) from None
+    except IsADirectoryError:
+        raise TableFormatError(
+            f"table data file {npy_path} is a directory; expected the table's .npy file"
         ) from None
     where = f"table {npy_path}"
     if shape != manifest.shape:
@@ -677,6 +696,7 @@ def _write_table(
     _, itemsize, _ = TABLE_DTYPES[reader.dtype]
     descr = TABLE_DTYPES[reader.dtype][0]
     row_bytes = reader.dim * itemsize
+    _check_free_space(directory, DATA_OFFSET + reader.rows * row_bytes, npy_path)
     header = _npy_header(descr, reader.rows, reader.dim)
     data_file = AtomicFile(npy_path, "wb")
     manifest_file = AtomicFile(manifest_path, "w", encoding="utf-8")
@@ -726,6 +746,22 @@ def _write_table(
         manifest_file.abort()
         raise
     return manifest
+
+
+def _check_free_space(directory: Path, data_bytes: int, npy_path: Path) -> None:
+    """Refuse (before writing a byte) a table that the file system has no room for.
+
+    The manifest is small next to the data, but its checksum list grows with it: 11 bytes of
+    JSON per 1 MiB block at most, plus a page for the rest."""
+    needed = data_bytes + PAGE_BYTES + 11 * (data_bytes // DEFAULT_BLOCK_BYTES + 1)
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    if needed > free:
+        raise TierIOError(
+            errno.ENOSPC,
+            f"table {npy_path} needs {needed:,} bytes ({needed / 2**30:,.1f} GiB) but {directory} "
+            f"has {free:,} bytes ({free / 2**30:,.1f} GiB) free; expected at most the free space",
+        )
 
 
 def _manifest_text(manifest: TableManifest) -> str:

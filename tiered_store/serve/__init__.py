@@ -1,65 +1,55 @@
-"""``tiered-store serve CONFIG``: Engram inference over tiered stores, over HTTP, with metrics.
+"""``tiered-store serve CONFIG``: a converted Engram checkpoint over tiered stores, over HTTP.
 
-One long-running process holds one ``TieredStore`` per Engram layer (table ``layer{L}``) and the
-Engram layers that read them, and answers inference requests. At a request's start it hashes the
-tokens for every layer and prefetches every layer's rows, then runs the layers in order, each
-consuming its prefetch (the serving pattern the Engram paper describes).
+One long-running process opens a checkpoint written by ``convert_checkpoint`` (one table file
+per Engram layer plus ``dense.safetensors``) with ``load_tiered_model``: one ``TieredStore`` per
+Engram layer, and the checkpoint's ``EngramLM`` reading them. At a request's start the model
+hashes the tokens for every Engram layer and prefetches every layer's rows, then runs its layers
+in order, each Engram layer consuming its prefetch (the serving pattern the Engram paper
+describes). The HTTP server is uvicorn with a Starlette app.
 
-The model is the Engram layers over a stand-in backbone (``stack`` says how it is built).
-
-Modules: ``config`` (``ServeConfig``, ``SERVE_DEFAULTS``), ``stack`` (``EngramStack``, the model),
-``inference_request`` (request bodies), ``http_handler`` (the HTTP transport), ``server``
-(``InferenceServer``: lifecycle, answers, scrubber), ``cli`` (the subcommand) and ``client`` (a
-small client for the API: a ``serve`` subprocess, JSON GET/POST, a bounded load generator).
+Modules: ``config`` (``ServeConfig``, ``SERVE_DEFAULTS``), ``served_model`` (``ServedModel``,
+``create_checkpoint``), ``guarded_table`` (``GuardedTable``: table faults become one typed,
+counted error), ``inference_request`` (request bodies), ``app`` (the Starlette app),
+``server`` (``InferenceServer``: lifecycle, answers, scrubber), ``cli`` (the subcommands) and
+``client`` (a small client: a ``serve`` subprocess, JSON GET/POST, a bounded load generator).
 
 Endpoints (JSON unless noted)
 -----------------------------
 ``POST /v1/engram``
     Body ``{"input_ids": [[int, ...], ...]}`` (a ``[B, T]`` rectangle, or one ``[T]`` list) or
     ``{"text": "..."}`` / ``{"text": ["...", ...]}`` (tokenised with the DeepSeek tokenizer; rows
-    of different lengths are padded on the right with ``engram.pad_id``, which cannot change the
-    outputs at earlier positions: Engram is causal). Optional ``"return_output": true`` adds the
-    final hidden state as nested lists. Answer::
+    of different lengths are padded on the right with ``engram.pad_id``; the model is causal, so
+    each sequence's answer reads its own last token). Optional ``"top_k": k`` (1-20, default 1).
+    Answer::
 
-        {"shape": [B, T, hc_mult, hidden_size],   # final hidden state
-         "layers": [1, 15],
-         "lengths": [T0, T1, ...],                 # tokens per sequence before padding
-         "input_ids": [[...]],                     # only for text requests
-         "checksum": "crc32:89abcdef",             # of the final hidden state, float32 LE, C order
-         "layer_checksums": {"1": "crc32:...", ...},  # of each Engram layer's output
-         "mean": 0.01, "rms": 0.98,                # of the final hidden state
-         "rows_looked_up": {"layer1": B*T*H, ...},
-         "elapsed_ms": 3.2,
-         "output": [...]}                          # only with return_output
+        {"shape": [B, T],
+         "layers": [1, 3],                          # Engram layers
+         "lengths": [T0, T1, ...],                  # tokens per sequence before padding
+         "input_ids": [[...]],                      # only for text requests
+         "next_token_ids": [[id, ...], ...],        # top_k per sequence, best first
+         "next_token_logprobs": [[-1.2, ...], ...],
+         "logits": {"checksum": "crc32:89abcdef", "mean": 0.01, "rms": 0.98},  # [B, vocab]
+         "hidden_checksum": "crc32:...",            # final normalised hidden state [B, T, D]
+         "layer_checksums": {"1": "crc32:...", ...},  # each Engram layer's output
+         "rows_looked_up": {"engram_layer1": B*T*H, ...},
+         "elapsed_ms": 3.2}
 
+    Checksums are CRC-32 of the float32 little-endian bytes in C order.
 ``GET /healthz``
-    ``200 {"status": "ok"}``; ``503`` with a reason while draining or after a checksum pass
-    found a table corrupt.
+    ``200 {"status": "ok"}``; ``503`` with the problems while draining, after a checksum pass
+    found a table corrupt, or for ``server.health_hold_s`` after a table's lookup failed.
 ``GET /stats``
-    Every store's ``stats()`` and geometry (rows, dim, dtype, row bytes, path) by table,
-    checksum-pass results, and the request counters.
+    Every store's ``stats()``, table geometry and health, and the request counters.
 ``GET /metrics``
     Prometheus text format (``tiered_store.metrics`` lists every metric). Also served on
     ``store.metrics.address`` (default ``127.0.0.1:9400``) unless that is ``""``.
 
-Errors are ``{"error": "message"}`` with a 4xx status for the client's mistakes (bad JSON, wrong
-types, ids outside the vocabulary, limits exceeded, unknown paths or methods) and 5xx for the
-server's (503 when a cold read fails or the server is busy, 500 otherwise); a traceback is only
-ever written to the server's log. SIGTERM or SIGINT stops accepting connections, lets requests in
-flight finish, closes the trace and the table files, and exits 0.
-
-Config (YAML; relative paths are relative to the file)::
-
-    engram:   {engram_vocab_size: [20011, 20011], n_embed_per_ngram: 64, n_head_per_ngram: 4,
-               layer_ids: [1, 4]}                 # EngramConfig (reference fields)
-    backbone: {hidden_size: 64, hc_mult: 2}       # BackboneConfig
-    tables:
-      path: tables/layer{layer}.npy               # one table per Engram layer
-      create: false                               # build seeded random tables when missing
-    store:                                        # a StoreConfig without 'table', for every layer
-      tiers: {hot: {capacity: 5%}, warm: {capacity: 25%}, cold: {io: pread}}
-      metrics: {address: "127.0.0.1:9400"}
-    server: {address: "127.0.0.1:8080", max_batch: 64}
+Errors are ``{"error": "message"}``: 4xx for the client's mistakes (bad JSON, wrong types, ids
+outside the vocabulary, limits exceeded, a body that stalls: 408), 503 when a table's rows
+cannot be served (a failed read, a bad table file, non-finite values) or no compute turn frees
+up in time, 500 otherwise. Messages never carry server paths; tracebacks only go to the log.
+SIGTERM or SIGINT stops accepting connections, lets requests in flight finish, closes the trace
+and the table files, and exits 0.
 
 Examples
 --------
@@ -71,35 +61,33 @@ Examples
 >>> server.stop()  # doctest: +SKIP
 """
 
-from .cli import register, run_serve
-from .config import (
-    SERVE_DEFAULTS,
-    DenseSection,
-    ServeConfig,
-    ServerSection,
-    TablesSection,
-    check_address,
-)
-from .http_handler import INFERENCE_PATH
+from .app import INFERENCE_PATH, build_app
+from .cli import register, run_init_model, run_serve
+from .config import SERVE_DEFAULTS, CheckpointSection, ServeConfig, ServerSection, check_address
+from .guarded_table import GuardedTable, TableUnavailableError
 from .inference_request import InferenceRequest, RequestError, parse_request
-from .server import InferenceServer
-from .stack import EMBED_BUCKETS, EngramStack, StackResult
+from .served_model import NonFiniteOutputError, ServedModel, create_checkpoint
+from .server import InferenceServer, without_paths
 
 __all__ = [
-    "EMBED_BUCKETS",
     "INFERENCE_PATH",
     "SERVE_DEFAULTS",
-    "DenseSection",
-    "EngramStack",
+    "CheckpointSection",
+    "GuardedTable",
     "InferenceRequest",
     "InferenceServer",
+    "NonFiniteOutputError",
     "RequestError",
     "ServeConfig",
+    "ServedModel",
     "ServerSection",
-    "StackResult",
-    "TablesSection",
+    "TableUnavailableError",
+    "build_app",
     "check_address",
+    "create_checkpoint",
     "parse_request",
     "register",
+    "run_init_model",
     "run_serve",
+    "without_paths",
 ]

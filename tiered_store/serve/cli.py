@@ -1,4 +1,4 @@
-"""The ``tiered-store serve`` subcommand: parse the options, build the server, serve until a signal."""
+"""The ``tiered-store serve`` and ``tiered-store init-model`` subcommands."""
 
 from __future__ import annotations
 
@@ -8,22 +8,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .app import INFERENCE_PATH
 from .config import ServeConfig
-from .http_handler import INFERENCE_PATH
+from .served_model import create_checkpoint
 from .server import InferenceServer
 
-__all__ = ["register", "run_serve"]
+__all__ = ["register", "run_init_model", "run_serve"]
 
 
 def register(sub: Any) -> None:
-    """Add the ``serve`` subcommand."""
+    """Add the ``serve`` and ``init-model`` subcommands."""
     p = sub.add_parser(
         "serve",
-        help="serve Engram inference over tiered stores via HTTP, with Prometheus metrics",
-        description="Holds one tiered store per Engram layer and the Engram layers over a stand-in "
-        f"backbone; answers POST {INFERENCE_PATH} with token ids or text (JSON), GET /healthz, "
-        "/stats and /metrics. Prints one JSON line with the bound URLs once listening. SIGTERM or "
-        "SIGINT drains requests in flight and exits 0. See examples/serve.yaml for the config.",
+        help="serve a converted Engram checkpoint over tiered stores via HTTP, with metrics",
+        description="Opens the checkpoint (checkpoint.path: a directory written by "
+        "convert_checkpoint) with one tiered store per Engram layer and runs its EngramLM; "
+        f"answers POST {INFERENCE_PATH} with token ids or text (JSON), GET /healthz, /stats and "
+        "/metrics. Prints one JSON line with the bound URLs once listening. SIGTERM or SIGINT "
+        "drains requests in flight and exits 0. See examples/serve.yaml for the config.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("config", type=Path, help="serve config (YAML)")
@@ -35,7 +37,10 @@ def register(sub: Any) -> None:
         help="host:port of a separate /metrics listener, '' for none (overrides store.metrics.address)",
     )
     p.add_argument(
-        "--create-tables", action="store_true", help="build seeded random tables that do not exist"
+        "--create-tables",
+        action="store_true",
+        help="create a small seeded random checkpoint from the config's model section when "
+        "checkpoint.path holds none",
     )
     p.add_argument(
         "--record-trace",
@@ -46,14 +51,30 @@ def register(sub: Any) -> None:
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(run=run_serve)
 
+    p = sub.add_parser(
+        "init-model",
+        help="write a small seeded random Engram checkpoint for `serve` to try",
+        description="Build an EngramLM with the config's model section (seed checkpoint.seed) "
+        "and convert it into checkpoint.path: one table file per Engram layer and "
+        "dense.safetensors, exactly as convert_checkpoint writes a real model.",
+    )
+    p.add_argument("config", type=Path, help="serve config (YAML) with a model section")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.set_defaults(run=run_init_model)
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Run the server until a signal; returns the exit status."""
+
+def _log_to_stderr() -> None:
+    """INFO lines with time and logger name on stderr."""
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run the server until a signal; returns the exit status."""
+    _log_to_stderr()
     config = ServeConfig.from_yaml(args.config)
     overrides = {}
     if args.address is not None:
@@ -69,3 +90,21 @@ def run_serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
     )
     return server.serve_until_signal()
+
+
+def run_init_model(args: argparse.Namespace) -> int:
+    """Create the random checkpoint; returns the exit status."""
+    from ..errors import ConfigError
+
+    _log_to_stderr()
+    config = ServeConfig.from_yaml(args.config)
+    if config.dense_path.exists() and not args.overwrite:
+        raise ConfigError(
+            f"checkpoint.path: {config.checkpoint_dir} already holds a checkpoint; pass "
+            "--overwrite to replace it"
+        )
+    converted = create_checkpoint(config, progress=True)
+    for layer, path in converted.table_paths.items():
+        print(f"layer {layer}: {path}")
+    print(f"dense weights and model config: {converted.dense_path}")
+    return 0

@@ -1,9 +1,10 @@
 """A small client for the serving API: a ``tiered-store serve`` subprocess, JSON calls, a load generator.
 
 ``ServeProcess`` starts the server on free loopback ports and waits for its "listening" line;
-``get_json``/``post_json`` make one bounded HTTP call; ``run_load`` sends a fixed list of request
-bodies from a few client threads and counts answers, errors and lost requests; ``zipf_requests``
-makes such bodies. The tests and ``bench/bench_serve.py`` share this one implementation.
+``get_json``/``post_json`` make one bounded HTTP call; ``raw_exchange`` sends raw bytes and reads
+the raw answer (for protocol-level tests); ``run_load`` sends a fixed list of request bodies from
+a few client threads (keep-alive connections) and counts answers, errors and lost requests;
+``zipf_requests`` makes such bodies. The tests and ``bench/bench_serve.py`` share this one implementation.
 
 Examples
 --------
@@ -40,6 +41,7 @@ __all__ = [
     "ServeProcess",
     "get_json",
     "post_json",
+    "raw_exchange",
     "rss_bytes",
     "run_load",
     "zipf_requests",
@@ -54,7 +56,8 @@ class ServeProcess:
     """``tiered-store serve`` in a subprocess on free loopback ports; a context manager.
 
     ``url``/``metrics_url`` come from the JSON line the server prints once it listens.
-    ``stop()`` sends SIGTERM and returns the exit status.
+    ``stop()`` sends SIGTERM and returns the exit status. A relative config path is passed on
+    as given: the subprocess runs in this process's working directory.
 
     Parameters
     ----------
@@ -178,7 +181,13 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def post_json(url: str, doc: Any, timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
+def post_json(
+    url: str,
+    doc: Any,
+    timeout: float = 60.0,
+    *,
+    connection: http.client.HTTPConnection | None = None,
+) -> tuple[int, dict[str, Any]]:
     """POST ``doc`` as JSON to ``url``; returns (status, decoded JSON answer).
 
     Parameters
@@ -189,22 +198,28 @@ def post_json(url: str, doc: Any, timeout: float = 60.0) -> tuple[int, dict[str,
         The request body, encoded as JSON.
     timeout
         Seconds for connecting and for each socket read.
+    connection
+        A keep-alive connection to reuse (left open); default: a new one, closed after.
 
     Examples
     --------
     >>> status, answer = post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})  # doctest: +SKIP
-    >>> status, answer["shape"]  # doctest: +SKIP
-    (200, [1, 3, 2, 64])
+    >>> status, answer["next_token_ids"]  # doctest: +SKIP
+    (200, [[93214]])
     """
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn = connection or http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         body = json.dumps(doc).encode()
         conn.request("POST", parts.path, body, {"Content-Type": "application/json"})
         response = conn.getresponse()
         return response.status, json.loads(response.read() or b"null")
+    except BaseException:
+        conn.close()  # a broken keep-alive connection reconnects on its next request
+        raise
     finally:
-        conn.close()
+        if connection is None:
+            conn.close()
 
 
 def get_json(url: str, timeout: float = 30.0) -> tuple[int, Any]:
@@ -230,6 +245,42 @@ def get_json(url: str, timeout: float = 30.0) -> tuple[int, Any]:
         return response.status, json.loads(response.read() or b"null")
     finally:
         conn.close()
+
+
+def raw_exchange(url: str, data: bytes, *, timeout: float = 30.0) -> tuple[int, bytes, bytes]:
+    """Send ``data`` as is to the server of ``url``; read one answer: (status, head, body).
+
+    The body is read to its Content-Length, or until the server closes the connection; status
+    0 means the answer had no HTTP status line.
+
+    Examples
+    --------
+    >>> raw_exchange(server.url, b"NONSENSE\\r\\n\\r\\n")[0]  # doctest: +SKIP
+    400
+    """
+    import socket
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = next(
+            (
+                int(v)
+                for k, _, v in (x.partition(b":") for x in lines[1:])
+                if k.strip().lower() == b"content-length"
+            ),
+            None,
+        )
+        while (length is None or len(body) < length) and (chunk := sock.recv(65536)):
+            body += chunk
+    first = lines[0].split()
+    status = int(first[1]) if len(first) > 1 and first[0].startswith(b"HTTP/") else 0
+    return status, head, body
 
 
 def zipf_requests(
@@ -315,6 +366,7 @@ def run_load(
     clients: int,
     timeout: float = 60.0,
     check: Callable[[dict[str, Any]], bool] | None = None,
+    keep_alive: bool = True,
 ) -> LoadResult:
     """Send every body in ``bodies`` to ``url`` from ``clients`` threads; count answers and errors.
 
@@ -334,6 +386,8 @@ def run_load(
         Seconds for each request's connect and reads.
     check
         A test of each 200 answer; an answer failing it counts as ``"bad-answer"``.
+    keep_alive
+        Each client reuses one HTTP/1.1 connection (``False``: a new connection per request).
 
     Examples
     --------
@@ -346,16 +400,23 @@ def run_load(
     lock = threading.Lock()
     next_index = iter(range(len(bodies)))
 
+    parts = urlsplit(url)
+
     def client() -> None:
         """Take the next body until none is left; count its outcome."""
+        conn = None
+        if keep_alive:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
         while True:
             with lock:
                 i = next(next_index, None)
             if i is None:
+                if conn is not None:
+                    conn.close()
                 return
             start = time.perf_counter()
             try:
-                status, answer = post_json(url, bodies[i], timeout=timeout)
+                status, answer = post_json(url, bodies[i], timeout=timeout, connection=conn)
                 ok = status == 200 and (check is None or check(answer))
                 key = "200" if ok else (str(status) if status != 200 else "bad-answer")
             except Exception as exc:  # a lost request: name it, keep going

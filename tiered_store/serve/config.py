@@ -1,4 +1,4 @@
-"""The ``tiered-store serve`` configuration: Engram geometry, tables, store tiers, server limits."""
+"""The ``tiered-store serve`` configuration: the checkpoint, the model to create, store tiers, limits."""
 
 from __future__ import annotations
 
@@ -11,17 +11,16 @@ from typing import Any, Literal
 from pydantic import Field, StrictBool, StrictInt
 from pydantic import ValidationError as _PydanticValidationError
 
-# format_validation_error once the "config" step makes it public
 from ..config import ConfigModel, StoreConfig, format_validation_error, load_yaml
-from ..engram import BackboneConfig, EngramConfig, load_engram_config
+from ..engram.checkpoint import DENSE_FILE, table_file
+from ..engram.config import ModelConfig
 from ..errors import ConfigError
 
 __all__ = [
     "SERVE_DEFAULTS",
-    "DenseSection",
+    "CheckpointSection",
     "ServeConfig",
     "ServerSection",
-    "TablesSection",
     "check_address",
 ]
 
@@ -30,23 +29,24 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "server.address": "127.0.0.1:8080",  # host:port of the inference endpoint (port 0: any free)
     "server.max_batch": 64,  # sequences per request
     "server.max_seq_len": 4096,  # tokens per sequence
-    "server.max_tokens": 16384,  # tokens per request (batch x sequence length)
-    "server.max_body_bytes": 4 << 20,  # bytes, 4 MiB
-    "server.max_output_values": 1 << 20,  # floats returned with return_output
-    "server.max_concurrent": 4,  # requests computed at once; others wait (up to request_timeout_s)
-    "server.request_timeout_s": 30.0,  # seconds: socket timeout, and the longest wait for a turn
+    "server.max_tokens": 16384,  # tokens per request (batch x longest sequence)
+    "server.max_text_chars": 65536,  # characters per text, checked before tokenising
+    "server.max_body_bytes": 4 << 20,  # bytes, 4 MiB (Content-Length, or counted while streaming)
+    "server.max_concurrent": 4,  # requests parsed, tokenised and computed at once (worker threads)
+    "server.max_connections": 1024,  # open connections + requests before uvicorn answers 503
+    "server.backlog": 2048,  # listen backlog: connections the kernel queues before accept
+    "server.keep_alive_s": 5.0,  # seconds an idle keep-alive connection stays open
+    "server.request_timeout_s": 30.0,  # seconds: longest wait for the body, and for a turn
+    "server.health_hold_s": 60.0,  # seconds /healthz stays 503 after a table's lookup failed
     "server.torch_threads": 0,  # intra-op threads for torch (0: leave torch's default)
-    "tables.path": "tables/layer{layer}.npy",  # '{layer}' becomes the Engram layer id
-    "tables.dtype": "float32",  # dtype of tables built with create
-    "tables.create": False,  # build seeded random tables that do not exist yet
-    "tables.seed": 0,  # seed of created tables (layer L uses seed + L)
-    "tables.std": 1.0,  # standard deviation of created tables (nn.Embedding's init)
-    "tables.verify_on_start": False,  # re-check every block checksum before serving
-    "tables.scrub_interval_s": 0.0,  # seconds between background checksum passes (0: never)
-    "dense.checkpoint": None,  # reference-layout safetensors with layer{L}.* dense weights
-    "dense.seed": 0,  # seed of the dense Engram parameters when there is no checkpoint
+    "checkpoint.path": "checkpoint",  # directory written by convert_checkpoint
+    "checkpoint.create": False,  # build a small seeded random checkpoint there when missing
+    "checkpoint.seed": 0,  # torch seed of a created checkpoint's weights
+    "checkpoint.dtype": "float32",  # table dtype of a created checkpoint
+    "checkpoint.verify_on_start": False,  # re-check every table's block checksums before serving
+    "checkpoint.scrub_interval_s": 0.0,  # seconds between background checksum passes (0: never)
 }
-_SERVE_KEYS = ("engram", "backbone", "tables", "store", "server", "dense")
+_SERVE_KEYS = ("checkpoint", "model", "store", "server")
 
 
 def check_address(value: str, key: str, *, allow_empty: bool = False) -> tuple[str, int] | None:
@@ -70,53 +70,50 @@ class ServerSection(ConfigModel):
     max_batch: StrictInt = Field(default=SERVE_DEFAULTS["server.max_batch"], ge=1)
     max_seq_len: StrictInt = Field(default=SERVE_DEFAULTS["server.max_seq_len"], ge=1)
     max_tokens: StrictInt = Field(default=SERVE_DEFAULTS["server.max_tokens"], ge=1)
+    max_text_chars: StrictInt = Field(default=SERVE_DEFAULTS["server.max_text_chars"], ge=1)
     max_body_bytes: StrictInt = Field(default=SERVE_DEFAULTS["server.max_body_bytes"], ge=64)
-    max_output_values: StrictInt = Field(default=SERVE_DEFAULTS["server.max_output_values"], ge=0)
     max_concurrent: StrictInt = Field(default=SERVE_DEFAULTS["server.max_concurrent"], ge=1)
+    max_connections: StrictInt = Field(default=SERVE_DEFAULTS["server.max_connections"], ge=1)
+    backlog: StrictInt = Field(default=SERVE_DEFAULTS["server.backlog"], ge=1)
+    keep_alive_s: float = Field(default=SERVE_DEFAULTS["server.keep_alive_s"], gt=0)
     request_timeout_s: float = Field(default=SERVE_DEFAULTS["server.request_timeout_s"], gt=0)
+    health_hold_s: float = Field(default=SERVE_DEFAULTS["server.health_hold_s"], ge=0)
     torch_threads: StrictInt = Field(default=SERVE_DEFAULTS["server.torch_threads"], ge=0)
 
 
-class TablesSection(ConfigModel):
-    """Where each Engram layer's table lives, and how to build missing ones."""
+class CheckpointSection(ConfigModel):
+    """Where the converted checkpoint is, how to create one, and how often to re-check it."""
 
-    path: str = SERVE_DEFAULTS["tables.path"]
-    dtype: Literal["float32", "float16", "bfloat16"] = SERVE_DEFAULTS["tables.dtype"]
-    create: StrictBool = SERVE_DEFAULTS["tables.create"]
-    seed: StrictInt = Field(default=SERVE_DEFAULTS["tables.seed"], ge=0)
-    std: float = Field(default=SERVE_DEFAULTS["tables.std"], gt=0)
-    verify_on_start: StrictBool = SERVE_DEFAULTS["tables.verify_on_start"]
-    scrub_interval_s: float = Field(default=SERVE_DEFAULTS["tables.scrub_interval_s"], ge=0)
-
-
-class DenseSection(ConfigModel):
-    """The Engram layers' dense parameters (projections, norms, convolution)."""
-
-    checkpoint: str | None = SERVE_DEFAULTS["dense.checkpoint"]
-    seed: StrictInt = Field(default=SERVE_DEFAULTS["dense.seed"], ge=0)
+    path: str = SERVE_DEFAULTS["checkpoint.path"]
+    create: StrictBool = SERVE_DEFAULTS["checkpoint.create"]
+    seed: StrictInt = Field(default=SERVE_DEFAULTS["checkpoint.seed"], ge=0)
+    dtype: Literal["float32", "float16", "bfloat16"] = SERVE_DEFAULTS["checkpoint.dtype"]
+    verify_on_start: StrictBool = SERVE_DEFAULTS["checkpoint.verify_on_start"]
+    scrub_interval_s: float = Field(default=SERVE_DEFAULTS["checkpoint.scrub_interval_s"], ge=0)
 
 
 class _Sections(ConfigModel):
     """The pydantic-validated sections, parsed together so errors name their key path."""
 
-    tables: TablesSection = TablesSection()
+    checkpoint: CheckpointSection = CheckpointSection()
     server: ServerSection = ServerSection()
-    dense: DenseSection = DenseSection()
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Everything ``tiered-store serve`` needs: Engram geometry, tables, store tiers, server limits.
+    """Everything ``tiered-store serve`` needs: the checkpoint, store tiers and server limits.
 
     Parameters
     ----------
-    engram, backbone
-        The Engram configuration and backbone facts (``hidden_size``, ``hc_mult``).
-    tables, server, dense
+    checkpoint, server
         The sections of the same names (defaults in ``SERVE_DEFAULTS``).
+    model
+        The ``EngramLM`` shapes (engram, backbone, transformer) of a checkpoint to create with
+        ``checkpoint.create`` / ``--create-tables``; ``None`` when the section is absent. A
+        checkpoint that exists carries its own configuration (in ``dense.safetensors``).
     store
         The ``store`` section as written: a ``StoreConfig`` without ``table``, applied to every
-        layer (``{layer}`` in ``static_rows``/``preload_rows`` paths becomes the layer id).
+        Engram layer's table (``{layer}`` in strings becomes the layer id).
     base_dir
         Directory relative paths are resolved against (the YAML file's).
     source
@@ -124,21 +121,17 @@ class ServeConfig:
 
     Examples
     --------
-    >>> cfg = ServeConfig.from_dict({"engram": {"engram_vocab_size": [2003, 3001],
-    ...     "n_embed_per_ngram": 64, "n_head_per_ngram": 4, "layer_ids": [1, 4]},
-    ...     "backbone": {"hidden_size": 32, "hc_mult": 2},
-    ...     "store": {"tiers": {"hot": {"capacity": "5%"}}}})
-    >>> cfg.table_names, cfg.server.address
-    (['layer1', 'layer4'], '127.0.0.1:8080')
-    >>> cfg.store_config(4).tiers.hot.capacity, cfg.table_path(4).name
-    ('5%', 'layer4.npy')
+    >>> cfg = ServeConfig.from_dict({"checkpoint": {"path": "ckpt"},
+    ...     "store": {"tiers": {"hot": {"capacity": "5%"}}}}, base_dir=Path("/srv"))
+    >>> cfg.checkpoint_dir, cfg.server.address
+    (PosixPath('/srv/ckpt'), '127.0.0.1:8080')
+    >>> cfg.store_config(3).table.path, cfg.table_name(3)
+    ('/srv/ckpt/engram_layer3.npy', 'engram_layer3')
     """
 
-    engram: EngramConfig
-    backbone: BackboneConfig
-    tables: TablesSection
+    checkpoint: CheckpointSection
     server: ServerSection
-    dense: DenseSection
+    model: ModelConfig | None
     store: Mapping[str, Any]
     base_dir: Path
     source: str = "config"
@@ -155,42 +148,39 @@ class ServeConfig:
             raise ConfigError(
                 f"{source}: {unknown[0]}: unknown key; expected one of {', '.join(_SERVE_KEYS)}"
             )
-        engram, backbone = load_engram_config(
-            {"engram": data.get("engram") or {}, "backbone": data.get("backbone") or {}}
-        )
         try:
             sections = _Sections.model_validate(
-                {k: data[k] for k in ("tables", "server", "dense") if data.get(k) is not None}
+                {k: data[k] for k in ("checkpoint", "server") if data.get(k) is not None}
             )
         except _PydanticValidationError as exc:
             raise ConfigError(format_validation_error(exc, source)) from None
+        model = None
+        if data.get("model") is not None:
+            if not isinstance(data["model"], Mapping):
+                raise ConfigError(
+                    f"{source}: model: got {type(data['model']).__name__}; expected a mapping "
+                    "with engram, backbone and transformer sections"
+                )
+            model = ModelConfig.from_dict(dict(data["model"]), source=f"{source}: model")
         store = data.get("store") or {}
         if not isinstance(store, Mapping):
             raise ConfigError(f"{source}: store: got {type(store).__name__}; expected a mapping")
         if "table" in store:
             raise ConfigError(
-                f"{source}: store.table: each layer's table comes from tables.path; remove it"
-            )
-        if len(engram.layer_ids) > 1 and "{layer}" not in sections.tables.path:
-            raise ConfigError(
-                f"{source}: tables.path: got {sections.tables.path!r}; expected a '{{layer}}' "
-                f"placeholder (there are {len(engram.layer_ids)} Engram layers, one table each)"
+                f"{source}: store.table: each Engram layer's table comes from the checkpoint "
+                "(checkpoint.path); remove it"
             )
         check_address(sections.server.address, "server.address")
         cfg = cls(
-            engram=engram,
-            backbone=backbone,
-            tables=sections.tables,
+            checkpoint=sections.checkpoint,
             server=sections.server,
-            dense=sections.dense,
+            model=model,
             store=copy.deepcopy(dict(store)),
             base_dir=(base_dir or Path.cwd()).resolve(),
             source=source,
         )
-        for layer in engram.layer_ids:  # validate every layer's store config now
-            check_address(
-                cfg.store_config(layer).metrics.address, "store.metrics.address", allow_empty=True
-            )
+        probe = cfg.store_config(0)  # validates the store section once, for any layer
+        check_address(probe.metrics.address, "store.metrics.address", allow_empty=True)
         return cfg
 
     @classmethod
@@ -200,17 +190,37 @@ class ServeConfig:
         return cls.from_dict(data, base_dir=Path(path).parent, source=str(path))
 
     @property
-    def table_names(self) -> list[str]:
-        """``layer{L}`` for every Engram layer, in layer order."""
-        return [f"layer{layer}" for layer in self.engram.layer_ids]
+    def checkpoint_dir(self) -> Path:
+        """The converted checkpoint's directory."""
+        return (self.base_dir / self.checkpoint.path).resolve()
+
+    @property
+    def dense_path(self) -> Path:
+        """The checkpoint's ``dense.safetensors`` (its presence marks a complete checkpoint)."""
+        return self.checkpoint_dir / DENSE_FILE
 
     def table_path(self, layer: int) -> Path:
-        """The table file of Engram layer ``layer``."""
-        return (self.base_dir / self.tables.path.replace("{layer}", str(layer))).resolve()
+        """Engram layer ``layer``'s table file in the checkpoint."""
+        return table_file(self.checkpoint_dir, layer)
+
+    @staticmethod
+    def table_name(layer: int) -> str:
+        """The ``table`` label of layer ``layer``'s store: its file's stem, ``engram_layer{L}``."""
+        return f"engram_layer{layer}"
+
+    def store_spec(self, layer: int) -> dict[str, Any]:
+        """The store section for layer ``layer`` (``{layer}`` replaced, tier files absolute)."""
+        spec = _replace_layer(copy.deepcopy(dict(self.store)), layer)
+        for tier in (spec.get("tiers") or {}).values():
+            if isinstance(tier, dict):
+                for key in ("static_rows", "preload_rows", "profile"):
+                    if isinstance(tier.get(key), str):
+                        tier[key] = str((self.base_dir / tier[key]).resolve())
+        return spec
 
     def store_config(self, layer: int) -> StoreConfig:
         """The ``StoreConfig`` of layer ``layer``: the store section plus its table path."""
-        data = _replace_layer(copy.deepcopy(dict(self.store)), layer)
+        data = self.store_spec(layer)
         data["table"] = {"path": str(self.table_path(layer))}
         return StoreConfig.from_dict(
             data, base_dir=self.base_dir, source=f"{self.source} (store section, layer {layer})"
@@ -219,7 +229,7 @@ class ServeConfig:
     @property
     def metrics_address(self) -> str:
         """Where the separate ``/metrics`` listener binds (``""``: none)."""
-        return self.store_config(self.engram.layer_ids[0]).metrics.address
+        return self.store_config(0).metrics.address
 
     def with_overrides(self, **server: Any) -> ServeConfig:
         """A copy with some ``server`` fields replaced (``address=...``); ``metrics_address``
@@ -232,11 +242,9 @@ class ServeConfig:
         if "address" in server:
             check_address(server["address"], "--address")
         return ServeConfig(
-            engram=self.engram,
-            backbone=self.backbone,
-            tables=self.tables,
+            checkpoint=self.checkpoint,
             server=self.server.model_copy(update=server),
-            dense=self.dense,
+            model=self.model,
             store=store,
             base_dir=self.base_dir,
             source=self.source,

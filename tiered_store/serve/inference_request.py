@@ -1,19 +1,21 @@
-"""Inference request bodies: JSON -> a validated ``[B, T]`` token id array, or a ``RequestError``."""
+"""Inference request bodies: JSON -> a validated ``[B, T]`` token id array, or a ``RequestError``.
+
+Cheap checks come first: the body's size was bounded by the transport; here the batch size, each
+text's length in characters and each id row's length are checked before any text is tokenised or
+any id converted, so an oversize request costs a JSON parse, never a tokenisation.
+"""
 
 from __future__ import annotations
 
 import itertools
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..errors import TieredStoreError
 from .config import ServerSection
-
-if TYPE_CHECKING:
-    from .stack import EngramStack
 
 __all__ = ["InferenceRequest", "RequestError", "parse_request"]
 
@@ -28,6 +30,17 @@ class RequestError(TieredStoreError, ValueError):
         self.allow = allow  # the Allow header of a 405
 
 
+class RequestModel(Protocol):
+    """What parsing needs from the served model."""
+
+    vocab_size: int  # token ids must lie in [0, vocab_size)
+    pad_id: int  # pads ragged text rows on the right
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+        ...
+
+
 @dataclass
 class InferenceRequest:
     """A validated inference request."""
@@ -35,30 +48,40 @@ class InferenceRequest:
     input_ids: np.ndarray  # int64 [B, T], padded on the right for ragged text
     lengths: list[int]  # tokens per sequence before padding
     from_text: bool
-    return_output: bool
+    top_k: int  # next-token candidates returned per sequence
 
 
-_REQUEST_KEYS = ("input_ids", "text", "return_output")
+_REQUEST_KEYS = ("input_ids", "text", "top_k")
+MAX_TOP_K = 20  # next-token candidates a request may ask for
 _ID_LIMIT = 1 << 62  # token ids must lie strictly between -_ID_LIMIT and _ID_LIMIT
 
 
-def parse_request(body: bytes, server: ServerSection, stack: EngramStack) -> InferenceRequest:
+def parse_request(body: bytes, server: ServerSection, model: RequestModel) -> InferenceRequest:
     """Validate an inference request body; raise ``RequestError`` (400/413) naming the problem.
+
+    Parameters
+    ----------
+    body
+        The raw request body (JSON).
+    server
+        The limits (``max_batch``, ``max_seq_len``, ``max_tokens``, ``max_text_chars``).
+    model
+        The served model: vocabulary size, pad id and tokenizer.
 
     Examples
     --------
-    >>> parse_request(b'{"input_ids": [[1, 2, 3]]}', ServerSection(), stack).input_ids.shape  # doctest: +SKIP
+    >>> parse_request(b'{"input_ids": [[1, 2, 3]]}', ServerSection(), model).input_ids.shape  # doctest: +SKIP
     (1, 3)
-    >>> parse_request(b'{"input_ids": [1.5]}', ServerSection(), stack)  # doctest: +SKIP
+    >>> parse_request(b'{"input_ids": [1.5]}', ServerSection(), model)  # doctest: +SKIP
     Traceback (most recent call last):
     tiered_store.serve.inference_request.RequestError: input_ids[0]: got float 1.5; expected an integer token id
     """
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RequestError(400, f"body: not valid JSON ({exc})") from None
     except RecursionError:
         raise RequestError(400, "body: JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RequestError(400, f"body: not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise RequestError(
             400,
@@ -69,18 +92,20 @@ def parse_request(body: bytes, server: ServerSection, stack: EngramStack) -> Inf
         raise RequestError(
             400, f"{unknown[0]}: unknown key; expected one of {', '.join(_REQUEST_KEYS)}"
         )
-    return_output = doc.get("return_output", False)
-    if not isinstance(return_output, bool):
+    top_k = doc.get("top_k", 1)
+    if type(top_k) is not int or not 1 <= top_k <= MAX_TOP_K:
         raise RequestError(
-            400, f"return_output: got {_json_type(return_output)}; expected true or false"
+            400,
+            f"top_k: got {_json_type(top_k)} {json.dumps(top_k)[:40]}; expected an integer from 1 "
+            f"to {MAX_TOP_K}",
         )
     if ("input_ids" in doc) == ("text" in doc):
         raise RequestError(400, "body: expected exactly one of 'input_ids' and 'text'")
     if "text" in doc:
-        rows = _tokenize(doc["text"], stack)
+        rows = _tokenize(doc["text"], server, model)
         from_text = True
     else:
-        rows = _id_rows(doc["input_ids"])
+        rows = _id_rows(doc["input_ids"], server)
         from_text = False
     lengths = [len(r) for r in rows]
     _check_limits(lengths, server, "text" if from_text else "input_ids")
@@ -91,37 +116,36 @@ def parse_request(body: bytes, server: ServerSection, stack: EngramStack) -> Inf
             "[B, T] (send text, or pad the rows yourself)",
         )
     width = max(lengths)
-    ids = np.full((len(rows), width), stack.pad_id, dtype=np.int64)
-    for i, row in enumerate(rows):
+    ids = np.full((len(rows), width), model.pad_id, dtype=np.int64)
+    for i, row in enumerate(rows):  # one copy per sequence (at most server.max_batch)
         ids[i, : len(row)] = row
     if not from_text:
-        bad = (ids < 0) | (ids >= stack.vocab_size)
+        bad = (ids < 0) | (ids >= model.vocab_size)
         if bad.any():
             b, t = (int(x) for x in np.argwhere(bad)[0])
+            where = (
+                f"input_ids[{b}][{t}]"
+                if isinstance(doc["input_ids"][0], list)
+                else f"input_ids[{t}]"
+            )
             raise RequestError(
                 400,
-                f"input_ids[{b}][{t}]: token id {int(ids[b, t])} is outside the tokenizer vocabulary; "
-                f"expected 0 <= id < {stack.vocab_size}",
+                f"{where}: token id {int(ids[b, t])} is outside the vocabulary; expected "
+                f"0 <= id < {model.vocab_size}",
             )
-    if return_output:
-        values = ids.size * stack.config.backbone.hc_mult * stack.config.backbone.hidden_size
-        if values > server.max_output_values:
-            raise RequestError(
-                413,
-                f"return_output: the output has {values:,} values; this server returns at most "
-                f"{server.max_output_values:,} (server.max_output_values)",
-            )
-    return InferenceRequest(ids, lengths, from_text, return_output)
+    return InferenceRequest(ids, lengths, from_text, top_k)
 
 
-def _id_rows(value: Any) -> list[list[int]]:
-    """``input_ids`` as a list of rows of ints (type-checked, range-checked later)."""
+def _id_rows(value: Any, server: ServerSection) -> list[list[int]]:
+    """``input_ids`` as a list of rows of ints; sizes are checked before the ids are."""
     if not isinstance(value, list) or not value:
         raise RequestError(
             400,
             f"input_ids: got {_json_type(value)}; expected a non-empty list of token ids or of rows",
         )
     rows = value if isinstance(value[0], list) else [value]
+    if all(isinstance(row, list) for row in rows):
+        _check_limits([len(row) for row in rows], server, "input_ids")
     if not _are_token_ids(rows):
         _raise_first_bad_id(rows, nested=rows is value)
     return rows
@@ -158,18 +182,40 @@ def _raise_first_bad_id(rows: list[Any], *, nested: bool) -> None:
                 raise RequestError(400, f"{where}[{t}]: token id {x:.3g} is out of range")
 
 
-def _tokenize(value: Any, stack: EngramStack) -> list[list[int]]:
-    """``text`` (a string or a list of strings) -> token id rows."""
+def _tokenize(value: Any, server: ServerSection, model: RequestModel) -> list[list[int]]:
+    """``text`` (a string or a list of strings) -> token id rows; limits first, then tokenise."""
     texts = value if isinstance(value, list) else [value]
     if not texts:
         raise RequestError(400, "text: got an empty list; expected a string or a list of strings")
-    rows = []
-    for i, text in enumerate(texts):
+    if len(texts) > server.max_batch:
+        raise RequestError(
+            413,
+            f"text: {len(texts)} sequences; this server takes at most {server.max_batch} "
+            "(server.max_batch)",
+        )
+    for i, text in enumerate(texts):  # every text checked before any is tokenised
         where = f"text[{i}]" if isinstance(value, list) else "text"
         if not isinstance(text, str):
             raise RequestError(400, f"{where}: got {_json_type(text)}; expected a string")
-        ids = stack.hasher.tokenizer.encode(text).tolist()
+        if len(text) > server.max_text_chars:
+            raise RequestError(
+                413,
+                f"{where}: {len(text):,} characters; this server tokenises at most "
+                f"{server.max_text_chars:,} per text (server.max_text_chars)",
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(
+                400,
+                f"{where}: a lone surrogate {text[exc.start]!r} at character {exc.start}; "
+                "expected valid Unicode text",
+            ) from None
+    rows = []
+    for i, text in enumerate(texts):
+        ids = model.tokenize(text)
         if not ids:
+            where = f"text[{i}]" if isinstance(value, list) else "text"
             raise RequestError(400, f"{where}: tokenises to no tokens; expected some text")
         rows.append(ids)
     return rows

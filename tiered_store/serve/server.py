@@ -1,7 +1,10 @@
 """``InferenceServer``: the serve process's lifecycle, its answers, and the checksum scrubber.
 
-It owns an ``EngramStack``, the request counters and the metrics registry; the HTTP transport
-(``http_handler``) calls ``infer``, ``get`` and ``metrics_text`` and writes what they return.
+Lifecycle: ``start()`` binds both listeners first (an address in use fails at once, naming it),
+then opens the checkpoint (``ServedModel``), then runs uvicorn over the app (``app.build_app``)
+in a background thread. ``stop()`` drains: uvicorn stops accepting, lets requests in flight
+finish (up to ``2 x server.request_timeout_s``), then the trace and the tables are closed.
+``serve_until_signal()`` does both around SIGTERM/SIGINT, in the main thread.
 """
 
 from __future__ import annotations
@@ -9,49 +12,56 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
 import torch
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import ConfigError
-from ..metrics import RequestCounters, build_registry, verify_counted
+from ..metrics import RequestCounters, build_registry
+from .app import INFERENCE_PATH, build_app
 from .config import ServeConfig, check_address
-from .http_handler import INFERENCE_PATH, DrainingHTTPServer, bind_http_server, http_url
 from .inference_request import RequestError, parse_request
-from .stack import EngramStack
+from .served_model import ServedModel
 
 __all__ = ["InferenceServer"]
 
 log = logging.getLogger("tiered_store.serve")
+T = TypeVar("T")
+_DIRECTORY_PREFIX = re.compile(r"(?<![\w.])/(?:[^\s/'\":,()\[\]]+/)+")  # '/abs/dir/' of a path
 
 
 class InferenceServer:
-    """The ``serve`` process: an ``EngramStack``, its HTTP endpoint and its metrics listener.
+    """The ``serve`` process: a ``ServedModel``, its HTTP endpoint and its metrics listener.
 
     Parameters
     ----------
     config
         The serve configuration.
     create_tables
-        Build missing tables (for demos and tests).
+        Create a small random checkpoint when none exists (for demos and tests).
     trace
         Record every lookup served into this trace file (closed by ``stop``).
     access_log
-        Log every request at INFO (default DEBUG).
+        Log every request (uvicorn's access log).
 
     Examples
     --------
     >>> server = InferenceServer(config.with_overrides(address="127.0.0.1:0"))  # doctest: +SKIP
     >>> server.start()  # doctest: +SKIP
-    >>> import urllib.request, json
-    >>> req = urllib.request.Request(server.url + "/v1/engram", data=b'{"text": "Hello"}')  # doctest: +SKIP
-    >>> json.load(urllib.request.urlopen(req))["shape"]  # doctest: +SKIP
-    [1, 1, 2, 64]
+    >>> from tiered_store.serve.client import post_json
+    >>> post_json(server.url + "/v1/engram", {"text": "Hello"})[1]["shape"]  # doctest: +SKIP
+    [1, 1]
     >>> server.stop()  # doctest: +SKIP
     """
 
@@ -64,101 +74,147 @@ class InferenceServer:
         access_log: bool = False,
     ) -> None:
         self.config = config
-        self.access_log_level = logging.INFO if access_log else logging.DEBUG
-        if config.server.torch_threads:
-            torch.set_num_threads(config.server.torch_threads)
-        self.stack = EngramStack(config, create_tables=create_tables, trace=trace)
+        self.create_tables = create_tables
+        self.trace_path = trace
+        self.access_log = access_log
         self.requests = RequestCounters()
-        self.registry = build_registry(self.stack.stores, self.stack.health, self.requests)
-        self._turns = threading.BoundedSemaphore(config.server.max_concurrent)
+        self.model: ServedModel | None = None
+        self.registry: Any = None
+        self.metrics_port: int | None = None
+        self._sockets: list[socket.socket] = []
+        self._uvicorn: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
         self._draining = False
-        self._stopped = threading.Event()
+        self._stopped = False
         self._started_at = time.time()
-        self._httpd: DrainingHTTPServer | None = None
-        self._metrics_httpd: Any = None
-        self._threads: list[threading.Thread] = []
         self._scrub_stop = threading.Event()
+        self._scrubber: threading.Thread | None = None
+        self._compute: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
+        self._workers: anyio.CapacityLimiter | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Bind both listeners and serve in background threads; returns at once."""
-        host, port = check_address(self.config.server.address, "server.address")
+        """Bind both listeners, open the checkpoint, serve in a background thread; returns once
+        uvicorn listens. Raises ``ConfigError`` naming an address that cannot be bound."""
         try:
-            self._httpd = bind_http_server(host, port, self)
-        except OSError as exc:
-            self.stack.close()
-            raise ConfigError(
-                f"server.address: cannot listen on {host}:{port} ({exc.strerror})"
-            ) from None
+            self._bind()
+            if self.config.server.torch_threads:
+                torch.set_num_threads(self.config.server.torch_threads)
+            self.model = ServedModel(self.config, create=self.create_tables, trace=self.trace_path)
+            self.registry = build_registry(self.model.stores, self.model.health, self.requests)
+            self._serve_in_thread()
+        except BaseException:
+            self._close_sockets()
+            if self.model is not None:
+                self.model.close()
+            raise
+        if self.config.checkpoint.scrub_interval_s > 0:
+            self._scrubber = threading.Thread(
+                target=self._scrub_loop, name="tiered-store-checksum-scrub", daemon=True
+            )
+            self._scrubber.start()
+
+    def _bind(self) -> None:
+        """Listening sockets for the endpoint and (unless off or the same) the metrics listener."""
+        server = self.config.server
+        host, port = check_address(server.address, "server.address")
+        self._sockets.append(_listen(host, port, server.backlog, "server.address"))
         _warn_if_exposed(host, "server.address")
         metrics = check_address(
             self.config.metrics_address, "store.metrics.address", allow_empty=True
         )
-        if metrics == (host, port) and port != 0:
-            metrics = None  # the same address: /metrics is served there anyway
-        if metrics is not None:
-            try:
-                self._metrics_httpd, _ = start_http_server(metrics[1], metrics[0], self.registry)
-            except OSError as exc:
-                self._httpd.server_close()
-                self.stack.close()
-                raise ConfigError(
-                    f"store.metrics.address: cannot listen on {metrics[0]}:{metrics[1]} ({exc.strerror})"
-                ) from None
+        if metrics is not None and not (metrics == (host, port) and port != 0):
+            sock = _listen(metrics[0], metrics[1], server.backlog, "store.metrics.address")
+            self._sockets.append(sock)
+            self.metrics_port = sock.getsockname()[1]
             _warn_if_exposed(metrics[0], "store.metrics.address")
-        self._spawn(self._httpd.serve_forever, "http")
-        if self.config.tables.scrub_interval_s > 0:
-            self._spawn(self._scrub_loop, "checksum-scrub")
 
-    def _spawn(self, target: Any, name: str) -> None:
-        """Run ``target`` in a daemon thread joined by ``stop``."""
-        thread = threading.Thread(target=target, name=f"tiered-store-{name}", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+    def _serve_in_thread(self) -> None:
+        """uvicorn over both sockets in a daemon thread (its own event loop)."""
+        server = self.config.server
+        config = uvicorn.Config(
+            build_app(self),
+            http="h11",
+            loop="asyncio",
+            lifespan="off",
+            backlog=server.backlog,
+            limit_concurrency=server.max_connections,
+            timeout_keep_alive=server.keep_alive_s,
+            timeout_graceful_shutdown=2 * server.request_timeout_s,
+            log_config=None,  # our logging.basicConfig decides where uvicorn's logs go
+            access_log=self.access_log,
+            server_header=False,
+        )
+        self._uvicorn = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._uvicorn.run,
+            kwargs={"sockets": self._sockets},
+            name="tiered-store-http",
+            daemon=True,
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start (see the log above)")
+            time.sleep(0.01)
 
     @property
     def url(self) -> str:
         """``http://host:port`` of the inference endpoint (after ``start``)."""
-        assert self._httpd is not None, "start() first"
-        return http_url(self._httpd.server_address)
+        assert self._sockets, "start() first"
+        return _http_url(self._sockets[0].getsockname())
 
     @property
     def metrics_url(self) -> str | None:
         """``http://host:port/metrics`` of the separate metrics listener, if any."""
-        if self._metrics_httpd is None:
+        if self.metrics_port is None:
             return None
-        return http_url(self._metrics_httpd.server_address) + "/metrics"
+        return _http_url(self._sockets[1].getsockname()) + "/metrics"
 
     def stop(self) -> None:
         """Stop accepting, finish requests in flight, close the trace and the tables; idempotent."""
-        if self._stopped.is_set():
+        if self._stopped:
             return
+        self._stopped = True
         self._draining = True
         self._scrub_stop.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()  # serve_forever returns: no new connections are accepted
-            self._httpd.server_close()  # closes the socket, then joins every request thread
-        if self._metrics_httpd is not None:
-            self._metrics_httpd.shutdown()
-            self._metrics_httpd.server_close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self.stack.close()
-        self._stopped.set()
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join()
+        self._close_sockets()
+        if self._scrubber is not None:
+            self._scrubber.join(timeout=30)
+        if self.model is not None:
+            self.model.close()
+
+    def _close_sockets(self) -> None:
+        """Close the listening sockets (uvicorn closed them already when it ran)."""
+        for sock in self._sockets:
+            sock.close()
 
     def serve_until_signal(self) -> int:
-        """Serve until SIGTERM or SIGINT, then drain and stop; returns the exit status (0)."""
+        """Serve until SIGTERM or SIGINT, then drain and stop; returns the exit status (0).
+
+        A second SIGINT while draining stops waiting for requests in flight."""
         stop = threading.Event()
 
         def on_signal(signum: int, frame: Any) -> None:
+            if stop.is_set() and signum == signal.SIGINT and self._uvicorn is not None:
+                self._uvicorn.force_exit = True
             log.info("%s: draining", signal.Signals(signum).name)
             stop.set()
+            self._draining = True
+            if self._uvicorn is not None:
+                self._uvicorn.should_exit = True
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
             print(json.dumps(self.ready_line()), flush=True)
-            while not stop.wait(0.5):
+            assert self._thread is not None
+            while not stop.wait(0.5) and self._thread.is_alive():
                 pass
         finally:
             self.stop()
@@ -169,37 +225,40 @@ class InferenceServer:
 
     def ready_line(self) -> dict[str, Any]:
         """What the process prints once it listens (one JSON line on stdout)."""
+        assert self.model is not None
         return {
             "event": "listening",
             "url": self.url,
             "metrics_url": self.metrics_url or self.url + "/metrics",
-            "tables": list(self.stack.stores),
+            "tables": list(self.model.stores),
             "pid": os.getpid(),
         }
 
     # -- requests -------------------------------------------------------------------------------
-    def infer(self, body: bytes, *, received_at: float | None = None) -> tuple[dict[str, Any], int]:
-        """Validate and run one inference request body; returns (the JSON answer, tokens served).
-
-        ``received_at`` (a ``time.perf_counter()`` reading) is when the request arrived, so
-        ``elapsed_ms`` includes reading the body; default now.
-        """
-        start = time.perf_counter() if received_at is None else received_at
-        server = self.config.server
-        request = parse_request(body, server, self.stack)
-        if not self._turns.acquire(timeout=server.request_timeout_s):
+    async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in a worker thread once a compute turn is free (at most
+        ``server.max_concurrent`` at once); 503 after waiting ``request_timeout_s`` for a turn."""
+        if self._compute is None:  # first use, inside the event loop
+            self._compute = anyio.CapacityLimiter(self.config.server.max_concurrent)
+            self._workers = anyio.CapacityLimiter(self.config.server.max_concurrent)
+        with anyio.move_on_after(self.config.server.request_timeout_s) as waited:
+            await self._compute.acquire()
+        if waited.cancelled_caught:
             raise RequestError(503, "server busy: no free compute slot in time; retry later")
         try:
-            result = self.stack.forward(request.input_ids)
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self._workers)
         finally:
-            self._turns.release()
-        doc = result.summary()
+            self._compute.release()
+
+    def infer(self, body: bytes) -> tuple[dict[str, Any], int]:
+        """Parse, tokenise and run one request body (in a worker thread); returns (the JSON
+        answer without timing, tokens served)."""
+        assert self.model is not None
+        request = parse_request(body, self.config.server, self.model)
+        doc = self.model.answer(request)
         doc["lengths"] = request.lengths
         if request.from_text:
             doc["input_ids"] = request.input_ids.tolist()
-        if request.return_output:
-            doc["output"] = result.hidden.detach().to("cpu", torch.float32).tolist()
-        doc["elapsed_ms"] = round((time.perf_counter() - start) * 1e3, 3)
         return doc, int(sum(request.lengths))
 
     def get(self, path: str) -> tuple[int, dict[str, Any]]:
@@ -211,6 +270,7 @@ class InferenceServer:
             return 200, {"status": "ok"}
         if path == "/stats":
             return 200, self.stats()
+        assert self.model is not None
         return 200, {
             "service": "tiered-store serve",
             "endpoints": {
@@ -219,38 +279,42 @@ class InferenceServer:
                 "GET /stats": "store statistics per table",
                 "GET /metrics": "Prometheus metrics",
             },
-            "tables": list(self.stack.stores),
+            "tables": list(self.model.stores),
         }
 
     def problems(self) -> list[str]:
-        """Why the server is unhealthy (empty when it is healthy)."""
+        """Why the server is unhealthy (empty when it is healthy); no server paths."""
         out = ["draining: shutting down"] if self._draining else []
-        for name, health in self.stack.health.items():
+        if self.model is None:
+            return out
+        now, hold = time.monotonic(), self.config.server.health_hold_s
+        for name, health in self.model.health.items():
             if health.last_error:
-                out.append(f"table {name}: checksum pass failed: {health.last_error}")
+                out.append(
+                    f"table {name}: checksum pass failed: {without_paths(health.last_error)}"
+                )
+            at = health.last_lookup_failure_at
+            if at is not None and now - at < hold:
+                out.append(
+                    f"table {name}: lookups failing ({health.lookup_failures} so far, the last "
+                    f"{now - at:.1f} s ago): {without_paths(health.last_lookup_error or '')}"
+                )
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Store statistics and geometry per table, checksum passes, and the request counters."""
+        """Store statistics and geometry per table, table health, and the request counters."""
+        assert self.model is not None
         return {
-            "tables": self.stack.stats(),
-            "geometry": {
-                name: {
-                    "rows": store.rows,
-                    "dim": store.dim,
-                    "dtype": str(store.dtype).removeprefix("torch."),
-                    "row_bytes": store.row_bytes,
-                    "path": str(store.cold.path),
-                }
-                for name, store in self.stack.stores.items()
-            },
+            "tables": self.model.stats(),
+            "geometry": self.model.geometry(),
             "health": {
                 name: {
                     "verifications": h.verifications,
                     "checksum_failures": h.checksum_failures,
-                    "last_error": h.last_error,
+                    "last_error": without_paths(h.last_error) if h.last_error else None,
+                    "lookup_failures": h.lookup_failures,
                 }
-                for name, h in self.stack.health.items()
+                for name, h in self.model.health.items()
             },
             "server": self.requests.snapshot(),
             "uptime_s": round(time.time() - self._started_at, 3),
@@ -261,17 +325,48 @@ class InferenceServer:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def _scrub_loop(self) -> None:
-        """Re-verify every table's checksums every ``tables.scrub_interval_s`` seconds."""
-        interval = self.config.tables.scrub_interval_s
-        while not self._scrub_stop.wait(interval):
-            for layer, name in zip(
-                self.config.engram.layer_ids, self.config.table_names, strict=True
-            ):
-                if self._scrub_stop.is_set():
-                    return
-                health = self.stack.health[name]
-                if verify_counted(self.config.table_path(layer), health) is None:
-                    log.error("checksum pass over %s failed: %s", name, health.last_error)
+        """Re-verify every table's checksums every ``checkpoint.scrub_interval_s`` seconds."""
+        assert self.model is not None
+        while not self._scrub_stop.wait(self.config.checkpoint.scrub_interval_s):
+            for name in self.model.verify_tables():
+                log.error(
+                    "checksum pass over %s failed: %s", name, self.model.health[name].last_error
+                )
+
+
+def without_paths(text: str) -> str:
+    """``text`` with the directories of absolute paths removed (file names kept).
+
+    Examples
+    --------
+    >>> without_paths("table /srv/ckpt/engram_layer3.npy: block 0 fails its checksum")
+    'table engram_layer3.npy: block 0 fails its checksum'
+    """
+    return _DIRECTORY_PREFIX.sub("", text)
+
+
+def _listen(host: str, port: int, backlog: int, key: str) -> socket.socket:
+    """A listening TCP socket on (host, port); ``ConfigError`` naming ``key`` and the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=backlog)
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}: cannot listen on {host}:{port} "
+            f"({os.strerror(exc.errno) if exc.errno else exc}); expected a free "
+            "address (is another server running there?)"
+        ) from None
+    # Answers go out as several writes (head, body): without TCP_NODELAY, Nagle's algorithm holds
+    # the body until the client's delayed ACK (40 ms). asyncio sets it only on sockets created
+    # with proto=IPPROTO_TCP; accepted connections inherit it from the listener.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _http_url(address: tuple) -> str:
+    """``http://host:port`` of a bound socket address."""
+    host, port = address[0], address[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _warn_if_exposed(host: str, key: str) -> None:

@@ -1,0 +1,114 @@
+"""``tiered-store init`` / ``info`` / ``verify`` on bad input: clear errors, no tracebacks, no
+temporary files left behind, and no table started that the disk has no room for."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tiered_store.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "tiered_store.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def table(tmp_path):
+    path = tmp_path / "t.npy"
+    assert main(["init", str(path), "--random", "3000x16", "--quiet"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_a_non_utf8_manifest_is_a_clear_error(table, command, capsys):
+    Path(str(table) + ".manifest.json").write_bytes(b'{"format": "\xff\xfe"}')
+    assert main([command, str(table)]) in (1, 2)  # verify: 1 (FAILED), info: 2 (error)
+    assert "is not UTF-8 text (byte 0xff at offset 12)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_a_directory_manifest_is_a_clear_error(table, command, capsys):
+    manifest = Path(str(table) + ".manifest.json")
+    manifest.unlink()
+    manifest.mkdir()
+    assert main([command, str(table)]) in (1, 2)
+    assert f"table manifest {manifest} is a directory" in capsys.readouterr().err
+
+
+def test_info_on_a_bad_manifest_prints_no_traceback():
+    """The console script itself, once: the error line only."""
+    out = _cli("info", str(REPO / "README.md"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("tiered-store info: error:")
+
+
+def test_a_directory_table_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "d.npy").mkdir()
+    (tmp_path / "d.npy.manifest.json").write_text("{}")
+    assert main(["verify", str(tmp_path / "d.npy"), "--quiet"]) in (1, 2)
+    err = capsys.readouterr().err
+    assert "d.npy.manifest.json" in err or "is a directory" in err
+
+
+def test_verify_prints_a_readable_report(table, capsys):
+    assert main(["verify", str(table), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{table}: OK: 1 blocks, 192,000 bytes checked in ")
+    assert "VerifyReport" not in out and "MB/s" in out
+
+
+def test_the_refusal_to_overwrite_names_the_option(table, capsys):
+    assert main(["init", str(table), "--random", "10x4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite to replace the table" in err and "overwrite=True" not in err
+
+
+def test_a_table_larger_than_the_free_space_is_refused_before_writing(tmp_path, capsys):
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    assert main(["init", str(tmp_path / "huge.npy"), "--random", "10000000000000x64"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(
+        r"huge.npy needs [\d,]{20,} bytes \([\d,.]+ GiB\) but .* has [\d,]+ bytes", err
+    )
+    stated_free = int(err.split(" has ")[1].split(" bytes")[0].replace(",", ""))
+    assert abs(stated_free - free) < 1 << 30
+    assert list(tmp_path.iterdir()) == []  # not even a temporary file
+
+
+@pytest.mark.parametrize(
+    "signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM]
+)
+def test_an_interrupted_init_leaves_no_temporary_files(tmp_path, signum):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tiered_store.cli", "init", str(tmp_path / "big.npy"),
+         "--random", "4000000x64", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".tmp") and p.stat().st_size > 4096 for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "no temporary file appeared"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,259 @@
+"""Issue 12's serving defects, each against a real ``tiered-store serve`` subprocess on 127.0.0.1.
+
+Every test here failed on the hand-written ``http.server`` transport: a held metrics port hung
+the process, 100 simultaneous POSTs got connection resets, a 3.9 MB text was tokenised before the
+limits and outside the concurrency limit, a stalled body got 500 with a traceback, conflicting
+Content-Length headers were accepted, garbage request lines got no status line, a disconnecting
+client logged a traceback, a non-finite table value was served as invalid JSON, and /healthz
+stayed "ok" while a truncated table failed every request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serve_support import make_checkpoint
+from tiered_store.engram.checkpoint import table_metadata
+from tiered_store.engram.hashing import NgramHasher
+from tiered_store.serve import ServeConfig
+from tiered_store.serve.client import ServeProcess, get_json, post_json, raw_exchange
+from tiered_store.table_format import create_table, read_manifest
+
+LIMITS = {
+    "max_body_bytes": 4 << 20,  # the default: a 3.9 MB body passes the size check
+    "max_text_chars": 65536,
+    "max_concurrent": 4,
+    "max_connections": 1024,
+    "request_timeout_s": 2.0,
+}
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("defects"), server=LIMITS)
+
+
+@pytest.fixture(scope="module")
+def proc(config_path):
+    with ServeProcess(config_path, metrics=False) as server:
+        yield server
+
+
+def _no_trouble_in(log: str) -> None:
+    """No traceback and no ERROR line in the server's log."""
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+def _serve_cmd(config: Path, address: str, metrics: str) -> list[str]:
+    return [sys.executable, "-m", "tiered_store.cli", "serve", str(config), "--address", address,
+            "--metrics-address", metrics]  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["metrics", pytest.param("server", marks=pytest.mark.slow)])
+def test_an_address_in_use_exits_non_zero_at_once_naming_it(config_path, which):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = f"127.0.0.1:{holder.getsockname()[1]}"
+        cmd = (
+            _serve_cmd(config_path, "127.0.0.1:0", held)
+            if which == "metrics"
+            else _serve_cmd(config_path, held, "")
+        )
+        start = time.monotonic()
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )  # fmt: skip
+    assert out.returncode != 0 and time.monotonic() - start < 30
+    key = "store.metrics.address" if which == "metrics" else "server.address"
+    assert f"{key}: cannot listen on {held} (Address already in use)" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_200_concurrent_connections_and_100_simultaneous_posts_without_a_reset(proc):
+    host, port = proc.url.removeprefix("http://").split(":")
+    sockets = [socket.create_connection((host, int(port)), timeout=30) for _ in range(200)]
+    try:  # 200 connections open at once, then a request on each
+        for sock in sockets:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = []
+        for sock in sockets:
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            answers.append(data)
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers), {a[:30] for a in answers}
+
+    barrier = threading.Barrier(100)
+    outcomes: list[object] = []
+
+    def post() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(post_json(proc.url + "/v1/engram", {"input_ids": [[1, 2, 3, 4]]})[0])
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=post) for _ in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert outcomes == [200] * 100, {str(o) for o in outcomes}
+
+
+def test_a_huge_text_does_not_delay_a_small_request(proc):
+    huge = {"text": "lorem ipsum dolor sit amet " * 144_000}  # 3.9 MB of text
+    assert 3_800_000 < len(json.dumps(huge)) < 4 << 20
+    answers: list[tuple[int, dict]] = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(post_json(proc.url + "/v1/engram", huge)))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    start = time.perf_counter()
+    status, _ = post_json(proc.url + "/v1/engram", {"input_ids": [[5, 6, 7]]})
+    small = time.perf_counter() - start
+    for t in threads:
+        t.join(60)
+    assert status == 200 and small < 2.0, small
+    assert [s for s, _ in answers] == [413] * 4
+    assert "3,888,000 characters" in answers[0][1]["error"]
+    assert "server.max_text_chars" in answers[0][1]["error"]
+
+
+def test_a_client_stalling_mid_body_gets_408_without_a_traceback(proc):
+    start = time.monotonic()
+    status, head, body = raw_exchange(
+        proc.url, b'POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"input_ids"'
+    )
+    assert status == 408 and time.monotonic() - start < LIMITS["request_timeout_s"] + 5
+    assert "server.request_timeout_s (2 s)" in json.loads(body)["error"]
+    assert b"connection: close" in head.lower()
+    _no_trouble_in(proc.log())
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"NONSENSE\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello
+        b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\n\r\n",  # no Host
+        b"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n[1]\r\n",
+        b"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\n[1]\r\n",
+        b"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n",
+    ],
+)
+def test_protocol_errors_get_a_400_status_line(proc, data):
+    status, head, _ = raw_exchange(proc.url, data)
+    assert status == 400 and head.startswith(b"HTTP/1.1 400 Bad Request"), head[:100]
+    assert get_json(proc.url + "/healthz")[0] == 200
+
+
+def test_clients_that_disconnect_leave_no_traceback(proc):
+    host, port = proc.url.removeprefix("http://").split(":")
+    body = json.dumps({"input_ids": [[3] * 200] * 4}).encode()
+    head = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    for data in (b"", head, head + body[:50], head + body):  # silent, headers, half, whole
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(data)
+        time.sleep(0.2)
+    time.sleep(1.0)  # the last one's answer is computed and written to nobody
+    assert get_json(proc.url + "/healthz")[0] == 200
+    _no_trouble_in(proc.log())
+
+
+def _nan_table(config: ServeConfig, layer: int) -> None:
+    """Rewrite layer ``layer``'s table as a valid table (checksums match) whose rows are NaN."""
+    path = config.table_path(layer)
+    manifest = read_manifest(path)
+    rows = np.full((manifest.rows, manifest.dim), np.nan, dtype=np.float32)
+    hasher = NgramHasher(ServeConfig.from_yaml(config.base_dir / "serve.yaml").model.engram)
+    create_table(path, rows, progress=False, overwrite=True, metadata=table_metadata(hasher, layer))
+
+
+def test_a_non_finite_table_value_is_a_counted_503_never_invalid_json(tmp_path):
+    config_path = make_checkpoint(tmp_path, server=LIMITS)
+    _nan_table(ServeConfig.from_yaml(config_path), 3)
+    with ServeProcess(config_path) as server:
+        status, answer = post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})
+        assert status == 503, answer
+        assert answer == {
+            "error": "table data unavailable (table engram_layer3: rows hold non-finite values)"
+        }
+        status, health = get_json(server.url + "/healthz")
+        assert status == 503 and health["problems"][0].startswith(
+            "table engram_layer3: lookups failing"
+        )
+        import urllib.request
+
+        with urllib.request.urlopen(server.metrics_url, timeout=30) as response:
+            text = response.read().decode()
+        failures = {
+            s.labels["table"]: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "tiered_store_lookup_failures_total"
+        }
+        assert failures == {"engram_layer1": 0, "engram_layer3": 1}
+        assert server.stop() == 0
+
+
+def test_a_table_truncated_while_serving_gives_503_and_healthz_503(tmp_path):
+    config_path = make_checkpoint(
+        tmp_path,
+        server=LIMITS,
+        store={"tiers": {"hot": {"capacity": 0}, "warm": {"capacity": 0}, "cold": {"io": "pread"}}},
+    )
+    with ServeProcess(config_path, metrics=False) as server:
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+        path = ServeConfig.from_yaml(config_path).table_path(3)
+        os.truncate(path, 4096 + 8192)  # the header and two pages are left
+        status, answer = post_json(server.url + "/v1/engram", {"input_ids": [[9, 99, 999, 9999]]})
+        assert status == 503, answer
+        assert (
+            answer["error"] == "table data unavailable (table engram_layer3: cold tier read failed)"
+        )
+        assert str(tmp_path) not in json.dumps(answer)
+        status, health = get_json(server.url + "/healthz")
+        assert status == 503 and "table engram_layer3: lookups failing" in health["problems"][0]
+        assert str(tmp_path) not in json.dumps(health)
+        assert server.proc.poll() is None  # alive
+        assert server.stop() == 0
+
+
+def test_keep_alive_answers_are_not_held_back_by_nagle(proc):
+    """Head and body leave as separate writes: without TCP_NODELAY each answer waited for the
+    client's delayed ACK (40 ms on Linux) before its body was sent."""
+    import http.client
+    import statistics
+
+    host, port = proc.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    times = []
+    try:
+        for _ in range(20):
+            start = time.perf_counter()
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().read() == b'{"status":"ok"}\n'
+            times.append(time.perf_counter() - start)
+    finally:
+        conn.close()
+    assert statistics.median(times) < 0.02, times

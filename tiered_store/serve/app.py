@@ -1,0 +1,237 @@
+"""The HTTP layer: a Starlette app (routes + one middleware) over an ``InferenceServer``.
+
+Everything that knows about HTTP is here; uvicorn (``server``) does the sockets, the protocol
+(h11), keep-alive, the connection cap and graceful shutdown. The app adds what is specific to
+this API: JSON errors naming the field and the limit, a body read bounded in size and time
+(413/408 before any parsing), the compute turn with a timeout (503 when busy), the mapping of
+table faults to 503 without server paths, and the request counters behind ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import RowIdError, TableFormatError, TierIOError
+from .guarded_table import TableUnavailableError
+from .inference_request import RequestError
+from .served_model import NonFiniteOutputError
+
+if TYPE_CHECKING:
+    from .server import InferenceServer
+
+__all__ = ["GET_PATHS", "INFERENCE_PATH", "build_app", "json_response"]
+
+log = logging.getLogger("tiered_store.serve")
+
+INFERENCE_PATH = "/v1/engram"
+GET_PATHS = ("/", "/healthz", "/stats", "/metrics")
+# Content-Types read as JSON: JSON itself, none, and what `curl -d` and plain clients send.
+_BODY_TYPES = ("application/json", "", "text/plain", "application/x-www-form-urlencoded")
+_CLIENT_GONE = 499  # recorded (never sent) when the client left before its answer
+
+
+def json_response(status: int, doc: Any, headers: dict[str, str] | None = None) -> Response:
+    """``doc`` as strict JSON (``allow_nan=False``: NaN and infinity are never sent)."""
+    body = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode() + b"\n"
+    return Response(body, status, headers, media_type="application/json")
+
+
+def build_app(server: InferenceServer) -> ASGIApp:
+    """The ASGI app of ``server``: its routes behind the counting middleware.
+
+    Examples
+    --------
+    >>> from starlette.testclient import TestClient
+    >>> client = TestClient(build_app(server))  # doctest: +SKIP
+    >>> client.get("/healthz").json()  # doctest: +SKIP
+    {'status': 'ok'}
+    """
+
+    async def infer(request: Request) -> Response:
+        """POST /v1/engram: read the body within limits, compute in a worker, answer JSON."""
+        received = time.perf_counter()
+        try:
+            body = await _read_body(request, server.config.server)
+            doc, tokens = await server.run_in_worker(server.infer, body)
+        except ClientDisconnect:
+            request.scope["state"]["gone"] = True
+            return Response(status_code=400)  # goes nowhere: the client is gone
+        except Exception as exc:  # every failure becomes a JSON answer; none escapes to uvicorn
+            return _error_response(exc, request)
+        doc["elapsed_ms"] = round((time.perf_counter() - received) * 1e3, 3)
+        try:
+            response = json_response(200, doc)
+        except ValueError:  # a non-finite value slipped through: never send invalid JSON
+            log.exception("answer is not valid JSON")
+            return json_response(500, {"error": _INTERNAL})
+        request.scope["state"]["tokens"] = tokens
+        return response
+
+    async def get(request: Request) -> Response:
+        """GET /, /healthz, /stats and /metrics."""
+        path = request.url.path
+        if path == "/metrics":
+            body, content_type = server.metrics_text()
+            return Response(body, 200, media_type=content_type)
+        status, doc = server.get(path)
+        return json_response(status, doc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404/405 as JSON naming the path and what was expected."""
+        assert isinstance(exc, HTTPException)
+        path, method = request.url.path, request.method
+        if exc.status_code == 404:
+            known = ", ".join((*GET_PATHS, INFERENCE_PATH))
+            return json_response(404, {"error": f"no endpoint {path!r}; expected one of {known}"})
+        if exc.status_code == 405:
+            allowed = "POST" if path == INFERENCE_PATH else "GET"
+            return json_response(
+                405,
+                {"error": f"{method} {path}: method not allowed; expected {allowed}"},
+                {"Allow": "POST" if allowed == "POST" else "GET, HEAD"},
+            )
+        return json_response(exc.status_code, {"error": exc.detail})
+
+    routes = [Route(INFERENCE_PATH, infer, methods=["POST"])]
+    routes += [Route(path, get, methods=["GET"]) for path in GET_PATHS]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.router.redirect_slashes = False  # '/v1/engram/' is unknown (404), not a redirect
+    return _CountingMiddleware(app, server)
+
+
+_INTERNAL = "internal server error (details are in the server log)"
+
+
+def _error_response(exc: Exception, request: Request) -> Response:
+    """The JSON answer for a failed inference request (details of server faults only logged)."""
+    if isinstance(exc, RequestError):
+        headers = {"Allow": exc.allow} if exc.allow else {}
+        if exc.status in (408, 413):  # the body was not read to its end: close the connection
+            headers["Connection"] = "close"
+        return json_response(exc.status, {"error": exc.message}, headers)
+    if isinstance(exc, RowIdError):  # ids the request checks let through but the model refused
+        return json_response(400, {"error": str(exc)})
+    if isinstance(exc, TableUnavailableError):  # counted and logged by the GuardedTable
+        return json_response(503, {"error": str(exc)})
+    if isinstance(exc, (TierIOError, TableFormatError)):
+        log.error("table fault serving %s: %s", request.url.path, exc)
+        return json_response(503, {"error": "table data unavailable (see the server log)"})
+    if isinstance(exc, NonFiniteOutputError):
+        log.error("refused to answer: %s", exc)
+        return json_response(
+            503, {"error": "model output unavailable: non-finite values (see the server log)"}
+        )
+    log.exception("error handling %s %s", request.method, request.url.path)
+    return json_response(500, {"error": _INTERNAL})
+
+
+async def _read_body(request: Request, limits: Any) -> bytes:
+    """The request body: Content-Type (415), size (413, before and while reading), and a
+    client that stalls mid-body (408 after ``request_timeout_s``)."""
+    content_type = request.headers.get("content-type", "application/json")
+    if content_type.split(";", 1)[0].strip().lower() not in _BODY_TYPES:
+        raise RequestError(415, f"Content-Type: got {content_type!r}; expected application/json")
+    limit = limits.max_body_bytes
+    announced = request.headers.get("content-length")
+    if announced is not None and announced.isdigit() and int(announced) > limit:
+        raise RequestError(
+            413,
+            f"body: {int(announced):,} bytes; this server takes at most {limit:,} (server.max_body_bytes)",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with anyio.fail_after(limits.request_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(
+                        413,
+                        f"body: more than {limit:,} bytes; this server takes at most {limit:,} "
+                        "(server.max_body_bytes)",
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(
+            408,
+            f"body: {size:,} bytes received, then nothing for the rest of "
+            f"server.request_timeout_s ({limits.request_timeout_s:g} s); send the whole body",
+        ) from None
+    return b"".join(chunks)
+
+
+class _CountingMiddleware:
+    """Counts every request (handler, code, duration, in flight), checks the HTTP version, and
+    keeps the metrics listener to ``/metrics``."""
+
+    def __init__(self, app: ASGIApp, server: InferenceServer) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        handler = path if path in (*GET_PATHS, INFERENCE_PATH) else "other"
+        state = scope.setdefault("state", {})
+        state.update(status=500, tokens=0, gone=False)
+        counters = self.server.requests
+        counters.begin()
+        start = time.perf_counter()
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            await send(message)
+
+        try:
+            problem = self._refuse(scope)
+            if problem is not None:
+                await problem(scope, receive, send_counted)
+            else:
+                await self.app(scope, receive, send_counted)
+        except OSError:  # the connection broke while answering: nothing to log but the count
+            state["gone"] = True
+        except Exception:
+            log.exception("unhandled error serving %s %s", scope["method"], path)
+            state["status"] = 500
+        finally:
+            code = _CLIENT_GONE if state["gone"] else state["status"]
+            counters.end(handler, code, time.perf_counter() - start, state["tokens"])
+
+    def _refuse(self, scope: Scope) -> Response | None:
+        """A 400 for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener
+        does not serve; ``None`` to go on."""
+        version = scope.get("http_version", "1.1")
+        if version not in ("1.0", "1.1"):
+            return json_response(
+                400,
+                {"error": f"HTTP/{version}: not supported; expected HTTP/1.0 or HTTP/1.1"},
+                {"Connection": "close"},
+            )
+        server = scope.get("server")
+        if (
+            server is not None
+            and server[1] == self.server.metrics_port
+            and scope["path"] != "/metrics"
+        ):
+            return json_response(
+                404,
+                {
+                    "error": f"no endpoint {scope['path']!r} on the metrics listener; expected /metrics"
+                },
+            )
+        return None

@@ -1,0 +1,121 @@
+"""``GuardedTable``: a table backend wrapper that turns a failing or non-finite lookup into one
+typed error naming the table, and records it in the table's ``TableHealth``.
+
+A cross-cutting concern kept out of the store (as zarr keeps logging and counting in wrapper
+stores): the serve layer wraps each Engram layer's ``TieredStore`` in one of these, so every
+lookup failure (a ``TierIOError`` or ``TableFormatError`` from the cold tier, or rows that are
+not finite numbers) is counted per table, marks ``/healthz`` unhealthy for that table, and reaches
+the HTTP layer as ``TableUnavailableError``, whose message carries no server paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from ..engram.backend import TableBackend
+from ..errors import TableFormatError, TieredStoreError, TierIOError
+from ..metrics import TableHealth
+
+__all__ = ["GuardedTable", "TableUnavailableError"]
+
+log = logging.getLogger("tiered_store.serve")
+
+
+class TableUnavailableError(TieredStoreError, RuntimeError):
+    """A table's rows could not be served (read failure, bad table file, non-finite values).
+
+    ``table`` names the table, ``reason`` is one of ``"read"``, ``"format"``, ``"nonfinite"``;
+    ``str()`` is safe to show a client (no paths); the cause is chained and logged.
+    """
+
+    def __init__(self, table: str, reason: str) -> None:
+        super().__init__(f"table data unavailable (table {table}: {_REASONS[reason]})")
+        self.table = table
+        self.reason = reason
+
+
+_REASONS = {
+    "read": "cold tier read failed",
+    "format": "table file failed a check",
+    "nonfinite": "rows hold non-finite values",
+}
+
+
+class GuardedTable(TableBackend):
+    """Wrap a table backend: failures and non-finite rows raise ``TableUnavailableError``.
+
+    Parameters
+    ----------
+    table
+        The wrapped backend (a ``TieredStore``); every other attribute is read from it.
+    name
+        The table's name (the metrics' ``table`` label).
+    health
+        Where failures are counted (``lookup_failures``, ``last_lookup_error``).
+
+    Examples
+    --------
+    >>> from tiered_store.engram import InMemoryTable
+    >>> health = TableHealth()
+    >>> table = GuardedTable(InMemoryTable(torch.tensor([[1.0], [float("nan")]])), "t", health)
+    >>> table.lookup(torch.tensor([0])).tolist()
+    [[1.0]]
+    >>> table.lookup(torch.tensor([1]))
+    Traceback (most recent call last):
+    ...
+    tiered_store.serve.guarded_table.TableUnavailableError: table data unavailable (table t: rows hold non-finite values)
+    >>> health.lookup_failures
+    1
+    """
+
+    def __init__(self, table: TableBackend, name: str, health: TableHealth) -> None:
+        self.table = table
+        self.name = name
+        self.health = health
+        self.rows, self.dim = table.rows, table.dim
+        self.keeps_stats = table.keeps_stats
+
+    def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
+        """The wrapped lookup; raises ``TableUnavailableError`` on failure or non-finite rows."""
+        try:
+            rows = self.table.lookup(row_ids, handle)
+        except TierIOError as exc:
+            raise self._failed("read", exc) from exc
+        except TableFormatError as exc:
+            raise self._failed("format", exc) from exc
+        if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
+            bad = int((~torch.isfinite(rows)).any(dim=-1).sum())
+            raise self._failed("nonfinite", f"{bad} of {rows[..., 0].numel()} rows not finite")
+        return rows
+
+    def prefetch(self, row_ids: torch.Tensor) -> object:
+        """The wrapped prefetch (read errors surface at the lookup that consumes the handle)."""
+        try:
+            return self.table.prefetch(row_ids)
+        except TierIOError as exc:
+            raise self._failed("read", exc) from exc
+        except TableFormatError as exc:
+            raise self._failed("format", exc) from exc
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """The wrapped table's statistics."""
+        return self.table.stats()
+
+    def close(self) -> None:
+        """Close the wrapped table."""
+        self.table.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "table":  # not set yet (during __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.table, name)  # device, dtype, cold, ... of the store
+
+    def _failed(self, reason: str, cause: object) -> TableUnavailableError:
+        """Count the failure, log its cause (paths and all), return the error for the client."""
+        self.health.record_lookup_failure(f"{_REASONS[reason]}: {cause}", time.monotonic())
+        log.error("table %s: lookup failed (%s): %s", self.name, reason, cause)
+        return TableUnavailableError(self.name, reason)

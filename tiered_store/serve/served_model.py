@@ -1,0 +1,276 @@
+"""``ServedModel``: a converted checkpoint's ``EngramLM`` over one tiered store per Engram layer.
+
+The one wiring of Engram to the stores is the library's: ``load_tiered_model`` opens the
+checkpoint written by ``convert_checkpoint`` (its table naming, manifest metadata and
+``check_table_file`` checks), and the model runs its own forward. The serve layer only adds what
+serving needs around it: a ``GuardedTable`` around each store (failures become one typed error
+and are counted per table), a forward hook that records each Engram layer's output for the
+answer's per-layer checksums, the trace of served lookups, and ``create_checkpoint`` for a small
+seeded random checkpoint to try it out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..engram.checkpoint import ConvertedCheckpoint, load_tiered_model, save_tiered
+from ..engram.model import EngramLM
+from ..errors import ConfigError, TableFormatError, TieredStoreError
+from ..metrics import TableHealth, verify_counted
+from ..store import TieredStore
+from ..trace import TraceWriter
+from .config import ServeConfig
+from .guarded_table import GuardedTable
+from .inference_request import InferenceRequest
+
+__all__ = ["NonFiniteOutputError", "ServedModel", "create_checkpoint"]
+
+log = logging.getLogger("tiered_store.serve")
+
+
+class NonFiniteOutputError(TieredStoreError, ArithmeticError):
+    """The model's output holds NaN or infinity although every row looked up was finite."""
+
+
+def create_checkpoint(config: ServeConfig, *, progress: bool = False) -> ConvertedCheckpoint:
+    """Write a seeded random ``EngramLM`` of ``config.model`` as a checkpoint at
+    ``config.checkpoint_dir`` (tables first, ``dense.safetensors`` last: it marks completion).
+
+    Examples
+    --------
+    >>> converted = create_checkpoint(ServeConfig.from_yaml("examples/serve.yaml"))  # doctest: +SKIP
+    >>> sorted(converted.table_paths)  # doctest: +SKIP
+    [1, 3]
+    """
+    if config.model is None:
+        raise ConfigError(
+            f"{config.source}: model: missing; creating a checkpoint needs the model's shapes "
+            "(engram, backbone, transformer sections; see examples/serve.yaml)"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.checkpoint.seed)
+        model = EngramLM(config.model)
+    log.info("creating a random checkpoint in %s", config.checkpoint_dir)
+    return save_tiered(
+        model,
+        config.checkpoint_dir,
+        dtype=config.checkpoint.dtype,
+        overwrite=True,  # no dense file yet: tables left by an interrupted creation are replaced
+        progress=progress,
+    )
+
+
+class ServedModel:
+    """A checkpoint's ``EngramLM`` over tiered stores, with per-table health and a trace.
+
+    Parameters
+    ----------
+    config
+        The serve configuration (``checkpoint.path``, ``store``, ...).
+    create
+        Create the checkpoint (``create_checkpoint``) when it does not exist, as
+        ``checkpoint.create: true`` does.
+    trace
+        Record every lookup served into this trace file (``tiered-store replay`` reads it);
+        written when ``close`` is called.
+
+    Examples
+    --------
+    >>> served = ServedModel(ServeConfig.from_yaml("examples/serve.yaml"), create=True)  # doctest: +SKIP
+    >>> request = parse_request(b'{"text": "Hello"}', served.config.server, served)  # doctest: +SKIP
+    >>> served.answer(request)["next_token_ids"]  # doctest: +SKIP
+    [[93214]]
+    >>> served.close()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, config: ServeConfig, *, create: bool = False, trace: str | Path | None = None
+    ) -> None:
+        self.config = config
+        if not config.dense_path.exists():
+            if not (create or config.checkpoint.create):
+                raise ConfigError(
+                    f"checkpoint.path: {config.checkpoint.path!r} has no {config.dense_path.name}; "
+                    "expected a directory written by convert_checkpoint (or serve with "
+                    "--create-tables, or run `tiered-store init-model CONFIG`, for a small "
+                    "random one)"
+                )
+            create_checkpoint(config)
+        self.model: EngramLM = load_tiered_model(config.checkpoint_dir, store=config.store_spec)
+        self.model.eval()
+        stores = list(self.model.tables.values())
+        self.device = stores[0].device if stores else torch.device("cpu")
+        self.model.to(self.device)  # the dense weights where the hot tier hands out rows
+        self._trace: TraceWriter | None = None
+        try:
+            self.layer_ids = list(self.model.engram_layers)
+            self.stores: dict[str, TieredStore] = {}
+            self.health: dict[str, TableHealth] = {}
+            guarded = {}
+            for layer, table in self.model.tables.items():
+                name = config.table_name(layer)
+                self.stores[name] = table
+                self.health[name] = TableHealth()
+                guarded[layer] = GuardedTable(table, name, self.health[name])
+                if config.checkpoint.verify_on_start:
+                    path = config.table_path(layer)
+                    if verify_counted(path, self.health[name]) is None:
+                        raise TableFormatError(
+                            f"checkpoint.verify_on_start: {self.health[name].last_error}"
+                        )
+            self.model.set_tables(guarded)
+            self._outputs = threading.local()
+            for layer, engram in self.model.engram_layers.items():
+                engram.register_forward_hook(self._recorder(layer))
+            self._submit_lock = threading.Lock()
+            if trace is not None:
+                self._trace = self._open_trace(Path(trace))
+        except BaseException:
+            self.model.close()
+            raise
+        self.tokenizer = self.model.hasher.tokenizer
+        self.vocab_size = self.tokenizer.vocab_size
+        self.pad_id = self.model.config.engram.pad_id
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` (the model's DeepSeek tokenizer)."""
+        return self.tokenizer.encode(text).tolist()
+
+    def _recorder(self, layer: int) -> Callable[..., None]:
+        """A forward hook keeping layer ``layer``'s Engram output for the calling thread."""
+
+        def hook(module: Any, args: Any, output: torch.Tensor) -> None:
+            outputs = getattr(self._outputs, "by_layer", None)
+            if outputs is not None:
+                outputs[layer] = output
+
+        return hook
+
+    def _open_trace(self, path: Path) -> TraceWriter:
+        """A TraceWriter whose header describes every layer's table."""
+        hasher = self.model.hasher
+        tables = [
+            {
+                "name": self.config.table_name(layer),
+                "rows": hasher.table_rows(layer),
+                "heads": hasher.num_heads,
+                "primes": hasher.head_sizes(layer),
+                "offsets": hasher.offsets(layer).tolist(),
+                "layer": layer,
+            }
+            for layer in self.layer_ids
+        ]
+        header = {
+            "tables": tables,
+            "config": {"engram": self.model.config.engram.to_dict(), "source": self.config.source},
+            "tokenizer": str(hasher.tokenizer.tokenizer_path),
+            "recorded_by": "tiered-store serve",
+        }
+        return TraceWriter(path, header)
+
+    def answer(self, request: InferenceRequest) -> dict[str, Any]:
+        """Run one validated request; the JSON answer without timing.
+
+        Raises ``TableUnavailableError`` when a table's rows cannot be served and
+        ``NonFiniteOutputError`` when the output is not finite."""
+        ids = torch.from_numpy(request.input_ids)
+        if self._trace is not None:
+            # Prefetch and record under one lock, so the trace holds each store's batches in the
+            # order the store resolved them (replay then reproduces its counters exactly).
+            with self._submit_lock:
+                batch = self.model.prefetch(ids)
+                for layer in self.layer_ids:
+                    self._trace.write(
+                        batch.row_ids[layer].cpu().numpy(), self.config.table_name(layer)
+                    )
+                    self._trace.end_batch()
+        else:
+            batch = self.model.prefetch(ids)
+        self._outputs.by_layer = {}
+        try:
+            with torch.inference_mode():
+                hidden = self.model(batch.input_ids, prefetched=batch, logits="none")
+                last = torch.as_tensor(request.lengths, device=hidden.device) - 1
+                final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+                logits = F.linear(final, self.model.embed.weight)  # the tied LM head, [B, vocab]
+            outputs = self._outputs.by_layer
+        finally:
+            self._outputs.by_layer = None
+        tensors = {
+            "logits": logits,
+            "hidden": hidden,
+            **{f"layer {k}": v for k, v in outputs.items()},
+        }
+        for what, tensor in tensors.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteOutputError(f"{what} output holds non-finite values")
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = torch.topk(logprobs, request.top_k, dim=-1)
+        logits32 = _cpu32(logits)
+        return {
+            "shape": list(request.input_ids.shape),
+            "layers": self.layer_ids,
+            "next_token_ids": top.indices.tolist(),
+            "next_token_logprobs": top.values.tolist(),
+            "logits": {
+                "checksum": _crc(logits32),
+                "mean": float(logits32.mean()),
+                "rms": float(logits32.square().mean().sqrt()),
+            },
+            "hidden_checksum": _crc(_cpu32(hidden)),
+            "layer_checksums": {str(k): _crc(_cpu32(v)) for k, v in outputs.items()},
+            "rows_looked_up": {
+                self.config.table_name(k): int(v.numel()) for k, v in batch.row_ids.items()
+            },
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Every store's ``stats()`` by table name."""
+        return {name: store.stats() for name, store in self.stores.items()}
+
+    def geometry(self) -> dict[str, dict[str, Any]]:
+        """Rows, width, dtype and row bytes of each table, and its file's name."""
+        return {
+            name: {
+                "rows": store.rows,
+                "dim": store.dim,
+                "dtype": str(store.dtype).removeprefix("torch."),
+                "row_bytes": store.row_bytes,
+                "file": store.cold.path.name,
+            }
+            for name, store in self.stores.items()
+        }
+
+    def verify_tables(self) -> list[str]:
+        """One checksum pass over every table (counted in ``health``); the tables that failed."""
+        failed = []
+        for layer in self.layer_ids:
+            name = self.config.table_name(layer)
+            if verify_counted(self.config.table_path(layer), self.health[name]) is None:
+                failed.append(name)
+        return failed
+
+    def close(self) -> None:
+        """Close the trace (written atomically) and every store; idempotent."""
+        trace, self._trace = self._trace, None
+        if trace is not None:
+            trace.close()
+        self.model.close()
+
+
+def _cpu32(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous float32 CPU copy (or view) of ``tensor``."""
+    return tensor.detach().to("cpu", torch.float32).contiguous()
+
+
+def _crc(tensor: torch.Tensor) -> str:
+    """``crc32:xxxxxxxx`` of a CPU float32 tensor's little-endian bytes in C order."""
+    return f"crc32:{zlib.crc32(tensor.numpy().astype('<f4', copy=False).tobytes()):08x}"
