@@ -24,19 +24,6 @@ def make_table(tmp_path, rows: int = 5000, dim: int = 16, dtype: str = "float32"
     return path, tensor
 
 
-# A tiny Engram serving model (two layers of ~15k rows): the shared part of the serve test configs.
-TINY_SERVE_MODEL = {
-    "engram": {
-        "engram_vocab_size": [2003, 3001],
-        "n_embed_per_ngram": 32,
-        "n_head_per_ngram": 2,
-        "layer_ids": [1, 3],
-    },
-    "backbone": {"hidden_size": 16, "hc_mult": 2},
-    "tables": {"path": "tables/layer{layer}.npy"},
-}
-
-
 def store_config(path, **tiers) -> StoreConfig:
     """A StoreConfig for ``path`` with per-tier overrides, e.g. hot={"capacity": 10}."""
     return StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers})
