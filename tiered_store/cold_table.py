@@ -53,7 +53,8 @@ from tiered_store.table_format import PAGE_BYTES, TableManifest, check_table, ta
 IO_MODES = ("mmap", "pread", "direct", "uring")
 DEFAULT_THREADS = 8
 DEFAULT_QUEUE_DEPTH = 128  # io="uring": requests in flight per reader
-URING_BUFFER_BYTES = 16 << 20  # io="uring": page-aligned buffer per reader (a chunk of extents)
+URING_BUFFER_BYTES = 64 << 20  # io="uring": most buffer per reader (a batch's extents; the queue
+# drains once per buffer-full, so a smaller buffer costs ~one read latency per refill of it)
 MAX_EXTENT_PAGES = 64  # 256 KiB: longest single read before an extent is split for parallelism
 REQUEST_COST_PAGES = 8  # balancing weight of one read request, in pages of transfer
 TASKS_PER_THREAD = 4  # extent groups per thread: runners pull groups, so slow disks balance out
@@ -472,11 +473,13 @@ class ColdTable:
         offsets = plan.page_first << _PAGE_SHIFT
         lengths = plan.pages << _PAGE_SHIFT
         expected = np.minimum(lengths, self._file_bytes - offsets)  # the last page may be short
-        buffer_bytes = max(URING_BUFFER_BYTES, int(lengths.max()))
         groups = min(n_ext, self.threads)
         weight = np.cumsum(plan.pages + REQUEST_COST_PAGES)
         cuts = np.searchsorted(weight, weight[-1] * np.arange(1, groups) / groups, side="right")
-        edges = np.unique(np.concatenate(([0], cuts, [n_ext]))).tolist()
+        edges = np.unique(np.concatenate(([0], cuts, [n_ext])))
+        largest_group = int(np.diff(plan.ext_vpos[edges]).max())
+        buffer_bytes = max(min(URING_BUFFER_BYTES, largest_group), int(lengths.max()))
+        edges = edges.tolist()
         moved = [0] * (len(edges) - 1)
 
         def work(g: int) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 __all__ = ["IoUring", "MAX_QUEUE_DEPTH", "uring_unavailable_reason"]
 
 MAX_QUEUE_DEPTH = 4096  # requests in flight per ring (the kernel allows 32768 entries)
+REFILL_SHARE = 8  # refill once 1/REFILL_SHARE of the queue depth has completed
 
 _SYS_IO_URING_SETUP = 425  # the same number on every architecture with the generic table
 _SYS_IO_URING_ENTER = 426
@@ -212,7 +213,7 @@ class IoUring:
         results = np.empty(n, dtype=np.int32)
         enter = _syscall()
         written = consumed = completed = 0
-        wait_for = max(1, self.queue_depth // 4)  # completions to wait for before refilling
+        wait_for = max(1, self.queue_depth // REFILL_SHARE)  # completions per refill
         while completed < n:
             room = min(self.queue_depth - (written - completed), n - written)
             if room > 0:
