@@ -420,3 +420,22 @@ def test_read_rows_matches_np_load(tmp_path_factory, rows, dim, dtype, data):
             assert np.array_equal(raw(table.read_rows(ids)), raw(ref[ids]))
     os.unlink(path)
     os.unlink(f"{path}.manifest.json")
+
+
+def test_store_config_selects_uring(tables):
+    """``tiers.cold: {io: uring, queue_depth: N}`` reaches the ColdTable; lookups stay exact."""
+    from tiered_store import StoreConfig, TieredStore
+
+    if uring_unavailable_reason() is not None:
+        pytest.skip(f"io_uring is unavailable: {uring_unavailable_reason()}")
+    path, ref = tables[("float32", 37)]
+    cold = {"io": "uring", "threads": 2, "queue_depth": 5}
+    config = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": {"cold": cold}})
+    ids = np.random.default_rng(7).integers(0, ROWS, (4, 300))
+    with TieredStore(config) as store:
+        assert (store.cold.io, store.cold.threads, store.cold.queue_depth) == ("uring", 2, 5)
+        assert np.array_equal(raw(store.lookup(torch.from_numpy(ids))), raw(ref[ids]))
+    with pytest.raises(ConfigError, match="queue_depth"):
+        StoreConfig.from_dict(
+            {"table": {"path": str(path)}, "tiers": {"cold": {"io": "uring", "queue_depth": 0}}}
+        )
