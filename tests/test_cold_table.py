@@ -1,4 +1,4 @@
-"""ColdTable: one contract suite run against every I/O mode (mmap, pread, direct)."""
+"""ColdTable: one contract suite run against every I/O mode (mmap, pread, direct, uring)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import tiered_store.cold_table as ct
 from tiered_store.cold_table import ColdTable
 from tiered_store.errors import ConfigError, RowIdError, TableFormatError, TierIOError
+from tiered_store.io_uring import IoUring, uring_unavailable_reason
 from tiered_store.table_format import RandomSource, TableNotFoundError, create_table
 
 # (dtype, dim): row_bytes 148 (rows straddle pages), 128 (divides 4096: fast path),
@@ -175,14 +176,15 @@ class TestMmap(ColdTableContract):
             assert table.read_requests == 4
 
 
-class TestPread(ColdTableContract):
-    io = "pread"
+class ExtentReaderContract(ColdTableContract):
+    """What the modes that plan page extents (pread, direct, uring) share."""
 
     @pytest.mark.parametrize(("dtype", "dim"), LAYOUTS)
     def test_small_buffers_and_extents(self, tables, monkeypatch, dtype, dim):
         """Dense and sparse batches with tiny extents/buffers: splits and flushes everywhere."""
         monkeypatch.setattr(ct, "MAX_EXTENT_PAGES", 2)
         monkeypatch.setattr(ct, "WORKER_BUFFER_BYTES", 3 * 4096)
+        monkeypatch.setattr(ct, "URING_BUFFER_BYTES", 3 * 4096)
         path, ref = tables[(dtype, dim)]
         with self.open(path, threads=3) as table:
             for ids in (np.arange(ROWS), np.arange(0, ROWS, 7), np.arange(100, 140)):
@@ -195,6 +197,19 @@ class TestPread(ColdTableContract):
             assert table.read_requests == 1 and table.bytes_read == 10 * 4096
             table.read_rows(np.array([0, 64, 64 * 3]))  # pages 1, 3, 7 (+ header page): gaps
             assert table.read_requests == 1 + 3
+
+    def test_short_read_is_an_error(self, tmp_path):
+        path = tmp_path / "short.npy"
+        create_table(path, RandomSource(1000, 64), progress=False)
+        with self.open(path) as table:
+            os.truncate(path, 4096 + 500 * 256)  # file shrinks under an open table
+            with pytest.raises(TierIOError, match=r"short read from .*short.npy at offset"):
+                table.read_rows(np.array([10, 999]))
+            assert table.read_errors == 1
+
+
+class TestPread(ExtentReaderContract):
+    io = "pread"
 
     def test_eio_is_reported_and_counted(self, tables, monkeypatch):
         path, _ = tables[("float32", 32)]
@@ -209,15 +224,6 @@ class TestPread(ColdTableContract):
             assert table.read_errors >= 1
             monkeypatch.undo()
             assert table.read_rows(np.array([3])).shape == (1, 32)  # still usable
-
-    def test_short_read_is_an_error(self, tmp_path):
-        path = tmp_path / "short.npy"
-        create_table(path, RandomSource(1000, 64), progress=False)
-        with self.open(path) as table:
-            os.truncate(path, 4096 + 500 * 256)  # file shrinks under an open table
-            with pytest.raises(TierIOError, match=r"short read from .*short.npy at offset"):
-                table.read_rows(np.array([10, 999]))
-            assert table.read_errors == 1
 
 
 class TestDirect(TestPread):
@@ -241,6 +247,104 @@ class TestDirect(TestPread):
         monkeypatch.setattr(ct.os, "open", no_direct)
         with pytest.raises(TierIOError, match=r"float32_32.npy.*refuses O_DIRECT.*io='pread'"):
             ColdTable(path, io="direct")
+
+
+class TestUring(ExtentReaderContract):
+    io = "uring"
+
+    @pytest.fixture(autouse=True)
+    def _needs_io_uring(self, tables):
+        reason = uring_unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"io_uring is unavailable: {reason}")
+        path, _ = tables[("float32", 32)]
+        if not direct_supported(path):
+            pytest.skip("the test file system refuses O_DIRECT")
+
+    def open(self, path: Path, threads: int = 4, queue_depth: int = 3) -> ColdTable:
+        """A small queue depth, so the rings wrap and refill many times per batch."""
+        return ColdTable(path, io=self.io, threads=threads, queue_depth=queue_depth)
+
+    @pytest.mark.parametrize(("dtype", "dim"), LAYOUTS)
+    @pytest.mark.parametrize(("threads", "queue_depth"), [(1, 1), (1, 128), (3, 5)])
+    def test_duplicates_and_straddling_rows(self, tables, dtype, dim, threads, queue_depth):
+        """Random sorted ids with repeats, at any depth: bit-exact with np.load indexing."""
+        path, ref = tables[(dtype, dim)]
+        rng = np.random.default_rng(dim + queue_depth)
+        with self.open(path, threads=threads, queue_depth=queue_depth) as table:
+            for k in (1, 5, 300, 2 * ROWS):
+                ids = np.sort(rng.integers(0, ROWS, k))
+                assert np.array_equal(raw(table.read_rows(ids)), raw(ref[ids]))
+
+    def test_failed_ring_reads_are_retried(self, tables, monkeypatch):
+        """A ring read that fails or comes back short is read again by the careful path."""
+        path, ref = tables[("float32", 37)]
+        real = IoUring.read_batch
+
+        def flaky(ring, fd, offsets, lengths, addresses):
+            got = real(ring, fd, offsets, lengths, addresses)
+            got[::3] = -errno.EAGAIN
+            got[1::3] = np.minimum(got[1::3], 512)
+            return got
+
+        ids = np.arange(0, ROWS, 5)
+        with self.open(path, threads=2) as table:
+            monkeypatch.setattr(IoUring, "read_batch", flaky)
+            assert np.array_equal(raw(table.read_rows(ids)), raw(ref[ids]))
+            assert table.read_errors == 0
+
+    def test_eio_names_the_table(self, tables, monkeypatch):
+        path, _ = tables[("float32", 32)]
+        with self.open(path, threads=2) as table:
+            monkeypatch.setattr(
+                IoUring, "read_batch", lambda ring, fd, o, n, a: np.full(len(o), -errno.EIO)
+            )
+
+            def broken(fd, buffers, offset):
+                raise OSError(errno.EIO, "Input/output error")
+
+            monkeypatch.setattr(ct.os, "preadv", broken)
+            with pytest.raises(TierIOError, match=r"of .*float32_32.npy at offset \d+ failed"):
+                table.read_rows(np.array([0, 1000]))
+            assert table.read_errors >= 1
+            monkeypatch.undo()
+            assert table.read_rows(np.array([3])).shape == (1, 32)  # still usable
+
+    def test_close_closes_every_ring(self, tables):
+        path, _ = tables[("float32", 37)]
+        table = self.open(path, threads=3)
+        table.read_rows(np.arange(0, ROWS, 2))
+        taken = table._take_reader(4096)  # a reader busy while the table closes
+        rings = [reader.ring for reader in table._readers] + [taken.ring]
+        table.close()
+        assert table._readers == [] and [ring._fd == -1 for ring in rings[:-1]] == [True] * (
+            len(rings) - 1
+        )
+        assert taken.ring._fd >= 0
+        table._give_reader(taken)
+        assert taken.ring._fd == -1 and table._readers == []
+        with pytest.raises(TierIOError, match="closed"):
+            table.read_rows(np.array([1]))
+
+    def test_unavailable_io_uring_suggests_direct(self, tables, monkeypatch):
+        path, _ = tables[("float32", 32)]
+
+        def refused(queue_depth):
+            raise OSError(errno.EPERM, "io_uring_setup(128) failed: io_uring is forbidden here")
+
+        monkeypatch.setattr(ct, "IoUring", refused)
+        with pytest.raises(
+            TierIOError, match=r"io='uring' on table .*float32_32.npy is unavailable.*io='direct'"
+        ):
+            ColdTable(path, io="uring")
+
+    @pytest.mark.parametrize("depth", [0, 4097, True, 2.0])
+    def test_bad_queue_depth(self, tables, depth):
+        path, _ = tables[("float32", 32)]
+        with pytest.raises(
+            ConfigError, match=rf"queue_depth={depth!r}; expected an integer from 1"
+        ):
+            ColdTable(path, io="uring", queue_depth=depth)
 
 
 # ---- opening checks ----------------------------------------------------------------------------
@@ -273,7 +377,7 @@ def test_missing_files_and_bad_arguments(tmp_path):
         ColdTable(tmp_path / "nope.npy")
     path = tmp_path / "t.npy"
     create_table(path, np.zeros((4, 4), np.float32), progress=False)
-    with pytest.raises(ConfigError, match="io='aio'; expected one of mmap, pread, direct"):
+    with pytest.raises(ConfigError, match="io='aio'; expected one of mmap, pread, direct, uring"):
         ColdTable(path, io="aio")
     with pytest.raises(ConfigError, match="threads=0"):
         ColdTable(path, threads=0)
@@ -310,9 +414,28 @@ def test_read_rows_matches_np_load(tmp_path_factory, rows, dim, dtype, data):
         try:
             table = ColdTable(path, io=io, threads=threads)
         except TierIOError:
-            assert io == "direct"
+            assert io in ("direct", "uring")
             continue
         with table:
             assert np.array_equal(raw(table.read_rows(ids)), raw(ref[ids]))
     os.unlink(path)
     os.unlink(f"{path}.manifest.json")
+
+
+def test_store_config_selects_uring(tables):
+    """``tiers.cold: {io: uring, queue_depth: N}`` reaches the ColdTable; lookups stay exact."""
+    from tiered_store import StoreConfig, TieredStore
+
+    if uring_unavailable_reason() is not None:
+        pytest.skip(f"io_uring is unavailable: {uring_unavailable_reason()}")
+    path, ref = tables[("float32", 37)]
+    cold = {"io": "uring", "threads": 2, "queue_depth": 5}
+    config = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": {"cold": cold}})
+    ids = np.random.default_rng(7).integers(0, ROWS, (4, 300))
+    with TieredStore(config) as store:
+        assert (store.cold.io, store.cold.threads, store.cold.queue_depth) == ("uring", 2, 5)
+        assert np.array_equal(raw(store.lookup(torch.from_numpy(ids))), raw(ref[ids]))
+    with pytest.raises(ConfigError, match="queue_depth"):
+        StoreConfig.from_dict(
+            {"table": {"path": str(path)}, "tiers": {"cold": {"io": "uring", "queue_depth": 0}}}
+        )

@@ -1,14 +1,15 @@
-"""disk_probe: the raw-disk random-read baseline the cold-tier benchmarks compare against."""
+"""disk_probe: the raw-disk random-read baselines the cold-tier benchmarks compare against."""
 
 from __future__ import annotations
 
 import errno
 import os
 
+import numpy as np
 import pytest
 
 from tiered_store import disk_probe
-from tiered_store.disk_probe import RandomReadRate, probe_random_reads
+from tiered_store.disk_probe import RandomReadRate, probe_random_reads, probe_uring_reads
 from tiered_store.errors import ConfigError, TierIOError
 
 
@@ -68,3 +69,27 @@ def test_o_direct_refusal_says_so(data_file, monkeypatch):
     monkeypatch.setattr(disk_probe.os, "open", no_direct)
     with pytest.raises(TierIOError, match=r"probe.bin.*refuses O_DIRECT"):
         probe_random_reads(data_file)
+
+
+@pytest.mark.parametrize("depth", [1, 16])
+def test_uring_probe_counts_every_read(data_file, depth):
+    rate = probe_uring_reads(data_file, reads=300, queue_depth=depth, seed=2)
+    assert (rate.reads, rate.threads, rate.queue_depth, rate.block_bytes) == (300, 1, depth, 4096)
+    assert rate.reads_per_second > 0
+
+
+def test_uring_probe_bad_arguments(data_file):
+    with pytest.raises(ConfigError, match=r"queue_depth: got 0; expected an integer from 1 to"):
+        probe_uring_reads(data_file, queue_depth=0)
+    with pytest.raises(ConfigError, match=r"reads: got -3; expected an integer >= 1"):
+        probe_uring_reads(data_file, reads=-3)
+    with pytest.raises(ConfigError, match=r"hold no whole 8192-byte block"):
+        probe_uring_reads(data_file, block_bytes=8192, start=4096, stop=12288)
+
+
+def test_uring_probe_read_failure_names_the_file(data_file, monkeypatch):
+    monkeypatch.setattr(
+        disk_probe.IoUring, "read_batch", lambda ring, fd, o, n, a: np.full(len(o), -errno.EIO)
+    )
+    with pytest.raises(TierIOError, match=r"O_DIRECT read of .*probe.bin at offset \d+ failed"):
+        probe_uring_reads(data_file, reads=10)

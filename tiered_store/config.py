@@ -64,7 +64,9 @@ DEFAULTS: dict[str, Any] = {
     "hot.device": "cpu",  # compute device: "cpu", "cuda", "cuda:N"
     "warm.pin_memory": "auto",  # pinned host RAM when the compute device is CUDA
     "cold.io": "pread",  # "mmap" (page cache) | "pread" (threads) | "direct" (threads, O_DIRECT)
-    "cold.threads": 8,  # parallel readers
+    # | "uring" (O_DIRECT through io_uring, Linux x86-64)
+    "cold.threads": 8,  # parallel readers (io: uring: rings, each driven by one thread)
+    "cold.queue_depth": 128,  # io: uring: reads in flight per ring
     "prefetch.depth": 2,  # prefetches in flight before prefetch() blocks
     "prefetch.lookahead": False,  # never evict rows that queued prefetches will use
     "metrics.address": "127.0.0.1:9400",  # host:port for /metrics
@@ -442,8 +444,9 @@ class ColdTierConfig(ConfigModel):
     """How rows are read from the table file."""
 
     section: ClassVar[tuple[str, ...]] = ("tiers", "cold")
-    io: Literal["mmap", "pread", "direct"] = DEFAULTS["cold.io"]
+    io: Literal["mmap", "pread", "direct", "uring"] = DEFAULTS["cold.io"]
     threads: int_at_least(1, 256) = DEFAULTS["cold.threads"]
+    queue_depth: int_at_least(1, 4096) = DEFAULTS["cold.queue_depth"]
 
 
 class TiersConfig(ConfigModel):

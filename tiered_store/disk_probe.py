@@ -1,8 +1,13 @@
-"""Random-read probe: how many page-sized ``O_DIRECT`` reads per second a disk serves to N threads.
+"""Random-read probes: how many page-sized ``O_DIRECT`` reads per second a disk serves from Python.
 
-This is the ceiling for one-request-per-page I/O from Python, the baseline the cold tier's
-``io: direct`` reads are measured against (``bench/test_cold_read_speed.py``). Each read is one
-``os.preadv`` call at a uniform-random page of the file, into a page-aligned buffer of its thread.
+- ``probe_random_reads``: N threads, each one ``os.preadv`` at a time (queue depth 1 per
+  thread): the ceiling for one-request-per-page I/O from Python threads, the baseline of the
+  cold tier's ``io: direct`` reads (``bench/test_cold_read_speed.py``).
+- ``probe_uring_reads``: one thread keeping ``queue_depth`` reads in flight through an io_uring
+  (``tiered_store.io_uring``): the ceiling of the cold tier's ``io: uring`` reads, comparable
+  with ``fio --ioengine=io_uring/libaio --iodepth=N``.
+
+Reads land at uniform-random whole blocks of the file, drawn before the clock starts.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.errors import ConfigError, TierIOError
+from tiered_store.io_uring import MAX_QUEUE_DEPTH, IoUring
 from tiered_store.table_format import PAGE_BYTES
 
 READS_PER_CLAIM = 64  # offsets a thread takes from the shared queue at a time
@@ -32,6 +38,7 @@ class RandomReadRate:
     seconds: float
     threads: int
     block_bytes: int
+    queue_depth: int = 1  # reads in flight per thread
 
     @property
     def reads_per_second(self) -> float:
@@ -102,29 +109,124 @@ def probe_random_reads(
     (512, 4, 4096, True)
     """
     path = Path(path)
-    _check_count("reads", reads)
     _check_count("threads", threads)
+    fd = _open_direct(path)
+    try:
+        offsets = _draw_offsets(fd, path, reads, block_bytes, start, stop, seed)
+        seconds = _read_all(fd, path, offsets.tolist(), threads, block_bytes)
+    finally:
+        os.close(fd)
+    return RandomReadRate(reads=reads, seconds=seconds, threads=threads, block_bytes=block_bytes)
+
+
+def probe_uring_reads(
+    path: str | os.PathLike[str],
+    *,
+    reads: int = 16384,
+    queue_depth: int = 32,
+    block_bytes: int = PAGE_BYTES,
+    start: int = 0,
+    stop: int | None = None,
+    seed: int = 0,
+) -> RandomReadRate:
+    """Time ``reads`` random ``O_DIRECT`` block reads kept ``queue_depth`` deep by one io_uring.
+
+    The same reads as ``probe_random_reads`` (uniform over the whole blocks of ``[start,
+    stop)``, drawn before the clock starts), issued by one thread through an io_uring with at
+    most ``queue_depth`` in flight, as ``fio --ioengine=io_uring --iodepth=queue_depth`` does.
+    The data lands in a buffer of ``2 * queue_depth`` blocks, reused round-robin (reads still in
+    flight may share a block: the data is not looked at).
+
+    Parameters
+    ----------
+    path : str or Path
+        A file on a file system that allows ``O_DIRECT``. Only read.
+    reads : int
+        Reads in all.
+    queue_depth : int
+        Reads in flight (1 to 4096).
+    block_bytes, start, stop, seed
+        As for ``probe_random_reads``.
+
+    Returns
+    -------
+    RandomReadRate
+        With ``threads=1`` and ``queue_depth``.
+
+    Raises
+    ------
+    ConfigError
+        A count or range is out of bounds.
+    TierIOError
+        The file cannot be opened with ``O_DIRECT``, io_uring is unavailable, or a read fails.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "probe.bin")
+    >>> with open(path, "wb") as f:
+    ...     _ = f.write(os.urandom(1 << 20))   # 1 MiB: 256 pages
+    >>> rate = probe_uring_reads(path, reads=512, queue_depth=16)
+    >>> rate.reads, rate.threads, rate.queue_depth, rate.reads_per_second > 0
+    (512, 1, 16, True)
+    """
+    path = Path(path)
+    if _is_bool_or_not_int(queue_depth) or not 1 <= queue_depth <= MAX_QUEUE_DEPTH:
+        raise ConfigError(
+            f"queue_depth: got {queue_depth!r}; expected an integer from 1 to {MAX_QUEUE_DEPTH}"
+        )
+    fd = _open_direct(path)
+    try:
+        offsets = _draw_offsets(fd, path, reads, block_bytes, start, stop, seed)
+        try:
+            ring = IoUring(queue_depth)
+        except OSError as exc:
+            raise TierIOError(exc.errno, f"probing {path}: {exc.strerror}", str(path)) from exc
+        with ring:
+            slots = 2 * queue_depth
+            raw = np.empty((slots + 1) * block_bytes, dtype=np.uint8)
+            base = raw.ctypes.data + (-raw.ctypes.data % PAGE_BYTES)
+            addresses = base + (np.arange(reads, dtype=np.int64) % slots) * block_bytes
+            lengths = np.full(reads, block_bytes, dtype=np.int64)
+            begin = time.perf_counter()
+            got = ring.read_batch(fd, offsets, lengths, addresses)
+            seconds = time.perf_counter() - begin
+    finally:
+        os.close(fd)
+    bad = np.flatnonzero(got != block_bytes)
+    if len(bad):
+        err = -int(got[bad[0]]) if got[bad[0]] < 0 else errno.EIO
+        raise TierIOError(
+            err,
+            f"O_DIRECT read of {path} at offset {int(offsets[bad[0]])} failed "
+            f"({os.strerror(err)}; got {int(got[bad[0]])} of {block_bytes} bytes)",
+            str(path),
+        )
+    return RandomReadRate(
+        reads=reads, seconds=seconds, threads=1, block_bytes=block_bytes, queue_depth=queue_depth
+    )
+
+
+def _draw_offsets(
+    fd: int, path: Path, reads: int, block_bytes: int, start: int, stop: int | None, seed: int
+) -> np.ndarray:
+    """``reads`` uniform-random whole-block byte offsets in ``[start, stop)`` of the open file."""
+    _check_count("reads", reads)
     if _is_bool_or_not_int(block_bytes) or block_bytes < PAGE_BYTES or block_bytes % PAGE_BYTES:
         raise ConfigError(
             f"block_bytes: got {block_bytes!r}; expected a positive multiple of {PAGE_BYTES}"
         )
-    fd = _open_direct(path)
-    try:
-        size = os.fstat(fd).st_size
-        stop = size if stop is None else stop
-        first, end = -(-start // block_bytes), min(stop, size) // block_bytes
-        if start < 0 or end <= first:
-            raise ConfigError(
-                f"probe range of {path}: bytes [{start}, {stop}) of a {size:,}-byte file hold no "
-                f"whole {block_bytes}-byte block; expected a range inside the file of at least "
-                f"one block"
-            )
-        rng = np.random.default_rng(seed)
-        offsets = (rng.integers(first, end, reads, dtype=np.int64) * block_bytes).tolist()
-        seconds = _read_all(fd, path, offsets, threads, block_bytes)
-    finally:
-        os.close(fd)
-    return RandomReadRate(reads=reads, seconds=seconds, threads=threads, block_bytes=block_bytes)
+    size = os.fstat(fd).st_size
+    stop = size if stop is None else stop
+    first, end = -(-start // block_bytes), min(stop, size) // block_bytes
+    if start < 0 or end <= first:
+        raise ConfigError(
+            f"probe range of {path}: bytes [{start}, {stop}) of a {size:,}-byte file hold no "
+            f"whole {block_bytes}-byte block; expected a range inside the file of at least "
+            f"one block"
+        )
+    rng = np.random.default_rng(seed)
+    return rng.integers(first, end, reads, dtype=np.int64) * block_bytes
 
 
 def _is_bool_or_not_int(value: object) -> bool:

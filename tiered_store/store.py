@@ -62,7 +62,12 @@ class TieredStore:
         tiers = config.tiers
         self.device = _compute_device(tiers.hot.device)
         try:
-            self.cold = ColdTable(config.table.path, io=tiers.cold.io, threads=tiers.cold.threads)
+            self.cold = ColdTable(
+                config.table.path,
+                io=tiers.cold.io,
+                threads=tiers.cold.threads,
+                queue_depth=tiers.cold.queue_depth,
+            )
         except FileNotFoundError as exc:
             raise ConfigError(
                 f"table.path: {config.table.path} does not exist ({exc}); expected a table made by "

@@ -1,0 +1,100 @@
+"""IoUring: batched reads through a real io_uring, checked against the file's bytes."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from tiered_store import io_uring
+from tiered_store.io_uring import IoUring, uring_unavailable_reason
+
+
+@pytest.fixture(autouse=True)
+def _needs_io_uring():
+    reason = uring_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"io_uring is unavailable: {reason}")
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A 1 MiB + 100 B file of random bytes (its last page is short), and its contents."""
+    payload = np.random.default_rng(0).integers(0, 256, (1 << 20) + 100, dtype=np.uint8)
+    path = tmp_path / "data.bin"
+    payload.tofile(path)
+    fd = os.open(path, os.O_RDONLY)
+    yield fd, payload
+    os.close(fd)
+
+
+@pytest.mark.parametrize("depth", [1, 3, 64, 1000])
+def test_reads_land_where_asked(data, depth):
+    """Many more requests than the ring holds: it wraps and refills; every byte checked."""
+    fd, payload = data
+    rng = np.random.default_rng(depth)
+    n = 2000
+    offsets = rng.integers(0, len(payload) - 700, n)
+    lengths = rng.integers(1, 700, n)
+    slots = np.cumsum(np.concatenate(([0], lengths[:-1])))
+    buf = np.zeros(int(lengths.sum()), dtype=np.uint8)
+    with IoUring(depth) as ring:
+        got = ring.read_batch(fd, offsets, lengths, buf.ctypes.data + slots)
+    assert np.array_equal(got, lengths)
+    want = np.concatenate([payload[o : o + k] for o, k in zip(offsets, lengths, strict=True)])
+    assert np.array_equal(buf, want)
+
+
+def test_end_of_file_and_errors_per_request(data):
+    fd, payload = data
+    buf = np.zeros(3 * 4096, dtype=np.uint8)
+    with IoUring(4) as ring:
+        got = ring.read_batch(
+            fd,
+            np.array([len(payload) - 100, len(payload) + 4096, 0]),
+            np.array([4096, 4096, 4096]),
+            buf.ctypes.data + np.array([0, 4096, 8192]),
+        )
+        assert got.tolist() == [100, 0, 4096]
+        assert np.array_equal(buf[:100], payload[-100:])
+        bad = ring.read_batch(-1, np.array([0]), np.array([16]), np.array([buf.ctypes.data]))
+        assert bad.tolist() == [-errno.EBADF]
+        assert ring.read_batch(fd, np.array([], np.int64), np.array([]), np.array([])).size == 0
+
+
+def test_close_is_idempotent_and_final(data):
+    fd, _ = data
+    ring = IoUring(2)
+    ring.close()
+    ring.close()
+    with pytest.raises(OSError, match="closed"):
+        ring.read_batch(fd, np.array([0]), np.array([1]), np.array([0]))
+
+
+@pytest.mark.parametrize(
+    ("depth", "message"),
+    [(0, "queue_depth=0; expected 1 to 4096"), (5000, "5000"), (True, "an integer"), (2.5, "2.5")],
+)
+def test_bad_queue_depth(depth, message):
+    with pytest.raises(ValueError, match=message):
+        IoUring(depth)
+
+
+def test_refused_setup_says_why(monkeypatch):
+    def no_uring(*args):
+        return -1
+
+    monkeypatch.setattr(io_uring, "_syscall", lambda: no_uring)
+    monkeypatch.setattr(io_uring.ctypes, "get_errno", lambda: errno.EPERM)
+    with pytest.raises(OSError, match=r"io_uring_setup\(8\) failed: io_uring is forbidden here"):
+        IoUring(8)
+    assert "forbidden" in uring_unavailable_reason()
+
+
+def test_other_architectures_are_refused(monkeypatch):
+    monkeypatch.setattr(io_uring.platform, "machine", lambda: "aarch64")
+    with pytest.raises(OSError, match="x86-64; this is Linux aarch64"):
+        IoUring(8)
+    assert "aarch64" in uring_unavailable_reason()
