@@ -13,6 +13,7 @@ from pathlib import Path
 from zipf_analysis.analyze import register as register_analyze
 from zipf_analysis.replay_cli import register as register_replay
 
+from .cold_table import IO_MODES
 from .demo import register as register_demo
 from .errors import TieredStoreError
 from .serve import register as register_serve
@@ -207,7 +208,7 @@ def _add_convert_hf(sub) -> None:
     p.add_argument("--device", default="cpu", help="hot tier device in layer{L}.yaml (default cpu)")
     p.add_argument(
         "--io",
-        choices=["mmap", "pread", "direct"],
+        choices=list(IO_MODES),
         default="direct",
         help="cold reads (default direct)",
     )
@@ -217,14 +218,16 @@ def _add_convert_hf(sub) -> None:
 
 def _run_convert_hf(args) -> int:
     from .engram.hf_checkpoint import DEFAULT_STORE, convert_hf_checkpoint
+    from .io_uring import uring_unavailable_reason
 
     tiers = DEFAULT_STORE["tiers"]
+    io = args.io or ("direct" if uring_unavailable_reason() else "uring")
     store = {
         **DEFAULT_STORE,
         "tiers": {
             "hot": {**tiers["hot"], "capacity": args.hot, "device": args.device},
             "warm": {**tiers["warm"], "capacity": args.warm},
-            "cold": {**tiers["cold"], "io": args.io},
+            "cold": {**tiers["cold"], "io": io},
         },
     }
     result = convert_hf_checkpoint(

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .capacity import format_bytes
+from .cold_table import IO_MODES
 from .config import ConfigModel, PrefetchConfig, TiersConfig, checked_by, int_at_least, load_yaml
 from .engram.config import ModelConfig
 from .errors import ConfigError
@@ -193,7 +194,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--io",
-        choices=["mmap", "pread", "direct"],
+        choices=list(IO_MODES),
         help=f"cold tier I/O (default {tiers['cold']['io']})",
     )
     p.add_argument(
