@@ -1,4 +1,4 @@
-"""Policy quality and replay speed on Engram traces of real text (issue 4's targets).
+"""Policy quality on Engram traces of real text: miss ratios beside libCacheSim's and the bounds.
 
 1. ``tiered-store analyze`` turns a corpus (default: the Python standard library's sources) into
    two disjoint traces, split by document: the profile comes from one, replay runs on the other.
@@ -10,8 +10,8 @@
    batch is read once, as a per-request simulator misses it once and then hits. The per-lookup
    miss ratios (every occurrence of a missed row counted) are recorded too. The gap zipf-tuned
    closes is measured against libCacheSim's Belady (demand paging), as before.
-3. Speed: batch-mode replay of LRU (one 4096-token sequence per batch) in lookups/s, and the
-   ratio to libCacheSim's own LRU over the same trace and capacity.
+Replay speed against libCacheSim's own LRU is a micro-benchmark: ``./dev bench -k replay``
+(``bench/test_replay_speed.py``).
 
 Example::
 
@@ -90,15 +90,13 @@ def write_oracle_trace(ids: np.ndarray, path: Path) -> None:
     rec.tofile(path)
 
 
-def libcachesim_misses(path: Path, name: str, capacity: int) -> tuple[float, float]:
-    """(miss ratio, seconds) of one libCacheSim policy, per request."""
+def libcachesim_miss_ratio(path: Path, name: str, capacity: int) -> float:
+    """Miss ratio of one libCacheSim policy, per request."""
     import libcachesim as lcs
 
     reader = lcs.TraceReader(str(path), lcs.TraceType.ORACLE_GENERAL_TRACE)
-    cache = getattr(lcs, name)(cache_size=capacity)
-    start = time.perf_counter()
-    miss_ratio, _ = cache.process_trace(reader)
-    return miss_ratio, time.perf_counter() - start
+    miss_ratio, _ = getattr(lcs, name)(cache_size=capacity).process_trace(reader)
+    return miss_ratio
 
 
 def analyze_corpus(corpus: list[str], out_dir: Path, max_tokens: int, holdout: float):
@@ -133,7 +131,8 @@ def main(argv=None) -> int:
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict:
-    """Analyze, replay every policy at every share, run libCacheSim, time LRU replay."""
+    """Analyze, replay every policy at every share, run libCacheSim (replay speed against
+    libCacheSim is a micro-benchmark: bench/test_replay_speed.py)."""
     out_dir = work / "analysis"
     analysis = analyze_corpus(args.corpus, out_dir, args.max_tokens, args.holdout)
     profile = out_dir / f"{args.layer}.profile.npz"
@@ -174,20 +173,12 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         table[policy] = [f for f, _ in row]
         per_lookup[policy] = [m for _, m in row]
         print(policy, "fetch", [f"{100 * f:.2f}" for f, _ in row], flush=True)
-    lcs_table, lcs_seconds = {}, {}
+    lcs_table = {}
     for name in (*LIBCACHESIM, "Belady"):
-        results = [libcachesim_misses(work / "replay.oracleGeneral.bin", name, c) for c in caps]
-        lcs_table[name] = [r for r, _ in results]
-        lcs_seconds[name] = [s for _, s in results]
+        lcs_table[name] = [
+            libcachesim_miss_ratio(work / "replay.oracleGeneral.bin", name, c) for c in caps
+        ]
         print("libCacheSim", name, [f"{100 * r:.2f}" for r in lcs_table[name]], flush=True)
-    # speed: batch-mode LRU replay, one 4096-token sequence per batch, 5% capacity
-    cfg = StoreConfig.from_dict(
-        {
-            "table": {"path": str(work / "none.npy"), "dim": 64, "dtype": "float16"},
-            "tiers": {"warm": {"capacity": "5%", "policy": "lru"}},
-        }
-    )
-    speed = replay(cfg, work / "replay.trace", table=args.layer, batch_tokens=4096)
     return {
         "analysis": analysis,
         "rows": rows,
@@ -195,8 +186,6 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         "table": table,
         "per_lookup": per_lookup,
         "lcs_table": lcs_table,
-        "speed_lookups_per_s": speed.lookups_per_second,
-        "lcs_lru_lookups_per_s": ids.size / lcs_seconds["LRU"][1],
     }
 
 
@@ -209,10 +198,8 @@ def summarise(
     table: dict,
     per_lookup: dict,
     lcs_table: dict,
-    speed_lookups_per_s: float,
-    lcs_lru_lookups_per_s: float,
 ) -> dict:
-    """The JSON result: tables, zipf-tuned's gap closed towards Belady, targets, speed."""
+    """The JSON result: tables, zipf-tuned's gap closed towards Belady, targets."""
     best = [min(lcs_table[n][i] for n in LIBCACHESIM) for i in range(len(SHARES))]
     belady = lcs_table["Belady"]
     tuned = table.get("zipf-tuned")
@@ -252,12 +239,6 @@ def summarise(
             if tuned
             else None
         ),
-        "speed": {
-            "lru_replay_lookups_per_s": speed_lookups_per_s,
-            "libcachesim_lru_lookups_per_s": lcs_lru_lookups_per_s,
-            "ratio": speed_lookups_per_s / lcs_lru_lookups_per_s,
-            "target_lookups_per_s": 5e6,
-        },
     }
 
 
