@@ -212,7 +212,8 @@ def summarise(
         else None
     )
     return {
-        "corpus": args.corpus or "python stdlib sources",
+        # the last two path components: no machine-specific prefix in the JSON
+        "corpus": [str(Path(*Path(c).parts[-2:])) for c in args.corpus] or "python stdlib sources",
         "tokens": {
             "profile": analysis.report["corpus"]["tokens"],
             "replayed_part": analysis.report["holdout"]["tokens"],
