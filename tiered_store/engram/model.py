@@ -87,9 +87,7 @@ class EngramBatch:
     row_ids: dict[int, torch.Tensor]  # layer -> [B, T, H] rows of that layer's table
     handles: dict[int, object | None]
     token_mask: torch.Tensor  # [B, T] bool: False marks dead tokens (all True for plain text)
-    position: int = (
-        0  # absolute position of the first token (the HashState's, when hashed with one)
-    )
+    position: int = 0  # absolute position of the first token (its HashState's position)
 
     @property
     def tokens(self) -> int:
