@@ -48,6 +48,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -598,7 +599,7 @@ def main(argv=None) -> int:
             "decode_steps_per_round": args.decode_steps,
             "decode_rounds": args.decode_rounds,
             "profile_tokens": len(text["profile"]),
-            "corpus": corpus.description,
+            "corpus": re.sub(r"/[^\s)]*", "<path>", corpus.description),  # no machine paths
         },
         "store": store_spec(args),
         "rss_after_memory_tables": rss(),
