@@ -4,7 +4,8 @@ Layout (``[B, T, hc_mult, hidden]`` is the hyper-connection hidden state, as in 
 
     h = expand(token_embedding(input_ids))              # every branch starts as the embedding
     for each layer l:
-        if l carries Engram:  h = h + Engram_l(h)        # the reference's residual add
+        if l carries Engram:  h = h + Engram_l(h)        # the demo's residual add, or
+                              h = V41Engram_l(h)         # DeepSeek-V4.1: h + gate * value inside
         h = HC_attn_l(h, x -> Attention(RMSNorm(x)))
         h = HC_mlp_l(h,  x -> SwiGLU(RMSNorm(x)))
     logits = RMSNorm(sum over branches of h) @ token_embedding.T      # tied LM head
@@ -23,6 +24,20 @@ Each Engram layer's table is a ``TableBackend``: an ``InMemoryTable`` (trainable
 ``TieredStore`` (read-only: gradients reach the dense parameters only; updating a stored table is
 a later capability). ``EngramLM.prefetch(input_ids)`` hashes the batch for every Engram layer in
 one pass and starts each table's fetch before any layer computes.
+
+With ``config.engram.is_v41`` (DeepSeek-V4.1's geometry) the Engram layers are
+:class:`~tiered_store.engram.v41_module.V41Engram` modules over tables of packed fp8 rows
+(``PackedInMemoryTable`` or a ``TieredStore`` over a packed table); a batch's ``token_mask``
+marks dead tokens, which the hasher skips and the Engram layer passes through unchanged.
+
+Decoding: ``KVCache`` keeps every attention layer's keys and values; the hasher's ``HashState``
+carries the N-gram look-back between chunks, so a prompt and then one token per step give the
+row ids and attention of one full pass::
+
+    state, cache = model.hasher.new_state(batch_size), model.new_cache()
+    batch = model.prefetch(prompt, state=state)          # [B, T]; fetches start here
+    logits = model(prompt, prefetched=batch, cache=cache, logits="last")
+    token = logits.argmax(-1, keepdim=True)              # [B, 1], then the same per step
 """
 
 from __future__ import annotations
@@ -32,18 +47,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .backend import TableBackend
+from ..quantization import RowQuantization, quantize_rows
+from .backend import PackedInMemoryTable, TableBackend
 from .config import ModelConfig, TransformerConfig
-from .hashing import NgramHasher
+from .hashing import HashState, NgramHasher
 from .module import Engram
 from .tokenizer import check_token_ids
+from .v41_module import V41Engram
 
-__all__ = ["EngramBatch", "EngramLM", "HyperConnection", "ModelConfig", "TransformerConfig"]
+__all__ = [
+    "EngramBatch",
+    "EngramLM",
+    "HyperConnection",
+    "KVCache",
+    "ModelConfig",
+    "TransformerConfig",
+]
+
+V41_SCALE_BLOCK = 32  # columns per ue8m0 scale byte in V4.1's packed rows
 
 Logits = Literal["all", "last", "none"]
 
@@ -59,6 +86,8 @@ class EngramBatch:
     input_ids: torch.Tensor  # [B, T] original token ids
     row_ids: dict[int, torch.Tensor]  # layer -> [B, T, H] rows of that layer's table
     handles: dict[int, object | None]
+    token_mask: torch.Tensor  # [B, T] bool: False marks dead tokens (all True for plain text)
+    position: int = 0  # absolute position of the first token (its HashState's position)
 
     @property
     def tokens(self) -> int:
@@ -103,13 +132,28 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
         self.out = nn.Linear(hidden, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """[B, T, D] -> [B, T, D]."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """[B, T, D] (after ``past`` keys/values [B, heads, P, head_dim]) -> [B, T, D] and the
+        keys/values of all P + T positions."""
         batch, seq, width = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k = _rotate(q, *rope), _rotate(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(batch, seq, width))
+        if past is None or past[0].shape[2] == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            seen = k.shape[2] - seq
+            mask = None  # one new token sees every position
+            if seq > 1:
+                rows = torch.arange(seq, device=x.device).unsqueeze(1) + seen
+                mask = rows >= torch.arange(seen + seq, device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(batch, seq, width)), (k, v)
 
 
 class SwiGLU(nn.Module):
@@ -126,13 +170,26 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-class DecoderLayer(nn.Module):
-    """Optional Engram (residual add), then attention and MLP, each inside a hyper-connection."""
+class KVCache:
+    """Every attention layer's keys and values for the positions seen so far (decoding).
 
-    def __init__(self, config: ModelConfig, index: int, engram: Engram | None) -> None:
+    Made by :meth:`EngramLM.new_cache`; each forward given the cache appends its positions.
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.position = 0  # positions held (the next token's absolute position)
+
+
+class DecoderLayer(nn.Module):
+    """Optional Engram (the demo's residual add, or V4.1's module, which returns the new stream),
+    then attention and MLP, each inside a hyper-connection."""
+
+    def __init__(self, config: ModelConfig, index: int, engram: Engram | V41Engram | None) -> None:
         super().__init__()
         hidden, hc = config.backbone.hidden_size, config.backbone.hc_mult
         tc = config.transformer
+        self.index = index
         self.engram = engram
         self.attn_norm = nn.RMSNorm(hidden, eps=tc.norm_eps)
         self.attn = Attention(hidden, tc.num_attention_heads)
@@ -145,13 +202,24 @@ class DecoderLayer(nn.Module):
         self,
         h: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        row_ids: torch.Tensor | None,
-        handle: object | None,
+        batch: EngramBatch,
+        cache: KVCache | None,
     ) -> torch.Tensor:
-        """[B, T, hc, D] -> [B, T, hc, D]."""
-        if self.engram is not None:
+        """[B, T, hc, D] -> [B, T, hc, D] (appends this layer's keys/values to ``cache``)."""
+        row_ids, handle = batch.row_ids.get(self.index), batch.handles.get(self.index)
+        if isinstance(self.engram, V41Engram):
+            h = self.engram(h, row_ids, batch.token_mask.to(h.device), handle)
+        elif self.engram is not None:
             h = h + self.engram(h, row_ids=row_ids, handle=handle)
-        h = self.attn_hc(h, lambda x: self.attn(self.attn_norm(x), rope))
+        past = cache.layers.get(self.index) if cache is not None else None
+
+        def attend(x: torch.Tensor) -> torch.Tensor:
+            y, kv = self.attn(self.attn_norm(x), rope, past)
+            if cache is not None:
+                cache.layers[self.index] = kv
+            return y
+
+        h = self.attn_hc(h, attend)
         return self.mlp_hc(h, lambda x: self.mlp(self.mlp_norm(x)))
 
 
@@ -167,7 +235,8 @@ class EngramLM(nn.Module):
     tables
         ``{layer_id: TableBackend}`` for some or all Engram layers (e.g. ``TieredStore`` per layer,
         from ``tiered_store.engram.checkpoint.open_tables``). Layers left out get a trainable
-        ``InMemoryTable`` (allocates the whole table).
+        ``InMemoryTable`` (allocates the whole table); with the V4.1 geometry a
+        ``PackedInMemoryTable`` of random fp8 rows instead.
 
     Raises
     ------
@@ -191,6 +260,23 @@ class EngramLM(nn.Module):
     >>> model(ids, prefetched=batch, logits="last").shape            # [B, vocab]
     torch.Size([1, 129280])
     >>> loss = model.loss(ids); loss.backward()                      # trainable on CPU
+
+    DeepSeek-V4.1's geometry (``V41Engram`` layers, packed fp8 tables, dead tokens) and decoding
+    one token per step:
+
+    >>> v41 = ModelConfig.from_dict({
+    ...     "engram": {"geometry": "deepseek-v4.1", "engram_vocab_size": 101, "max_ngram_size": 3,
+    ...                "n_embed_per_ngram": 128, "n_head_per_ngram": 4, "layer_ids": [1]},
+    ...     "backbone": {"hidden_size": 64, "num_layers": 2}})
+    >>> model = EngramLM(v41)
+    >>> type(model.engram_layers[1]).__name__, type(model.tables[1]).__name__
+    ('V41Engram', 'PackedInMemoryTable')
+    >>> state, cache = model.hasher.new_state(1), model.new_cache()
+    >>> batch = model.prefetch(ids, state=state)                     # the prompt
+    >>> token = model(ids, prefetched=batch, cache=cache, logits="last").argmax(-1, keepdim=True)
+    >>> step = model.prefetch(token, state=state)                    # one token, at position 11
+    >>> model(token, prefetched=step, cache=cache, logits="last").shape, cache.position
+    (torch.Size([1, 129280]), 12)
     """
 
     def __init__(
@@ -222,7 +308,9 @@ class EngramLM(nn.Module):
         layers = []
         for index in range(backbone.num_layers):
             engram = None
-            if index in config.engram.layer_ids:
+            if index in config.engram.layer_ids and config.engram.is_v41:
+                engram = self._v41_engram(index, tables.get(index))
+            elif index in config.engram.layer_ids:
                 engram = Engram(
                     config.engram,
                     backbone,
@@ -234,13 +322,13 @@ class EngramLM(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.final_norm = nn.RMSNorm(backbone.hidden_size, eps=tc.norm_eps)
         self._init_dense(tc.init_std)
-        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, dtype)
 
     # -- tables -----------------------------------------------------------------------------------
 
     @property
-    def engram_layers(self) -> dict[int, Engram]:
-        """``{layer_id: Engram module}``."""
+    def engram_layers(self) -> dict[int, Engram | V41Engram]:
+        """``{layer_id: Engram module}`` (``V41Engram`` with the V4.1 geometry)."""
         return {i: layer.engram for i, layer in enumerate(self.layers) if layer.engram is not None}
 
     @property
@@ -257,7 +345,13 @@ class EngramLM(nn.Module):
                     f"tables: layer {layer_id} has no Engram (engram.layer_ids = {list(engrams)})"
                 )
         for layer_id, table in tables.items():
-            engrams[layer_id].set_table(table)
+            engram = engrams[layer_id]
+            if isinstance(engram, V41Engram):
+                self._check_v41_table(layer_id, table)
+                del engram.table  # a registered child module (InMemoryTable) or a plain attribute
+                engram.table = table
+            else:
+                engram.set_table(table)
 
     def dense_parameters(self) -> int:
         """Parameters outside the Engram tables (token embedding included)."""
@@ -272,15 +366,26 @@ class EngramLM(nn.Module):
 
     # -- addressing and prefetch ------------------------------------------------------------------
 
-    def hash(self, input_ids: Any) -> EngramBatch:
-        """Check ``input_ids`` [B, T] and hash them for every Engram layer (no fetch started)."""
-        ids = self._check_input(input_ids)
-        return EngramBatch(ids, self.hasher.row_ids(ids), dict.fromkeys(self.engram_layers))
+    def hash(
+        self, input_ids: Any, token_mask: Any = None, state: HashState | None = None
+    ) -> EngramBatch:
+        """Check ``input_ids`` [B, T] and hash them for every Engram layer (no fetch started).
 
-    def prefetch(self, input_ids: Any) -> EngramBatch:
-        """Hash ``input_ids`` for every Engram layer and start each table's fetch (in layer
-        order, so the first Engram layer's rows are ready first)."""
-        batch = self.hash(input_ids)
+        ``token_mask`` (bool [B, T], default all True) marks dead tokens; ``state`` (from
+        ``hasher.new_state(B)``) continues sequences hashed before (chunked prefill, decode) and
+        is advanced past these ids."""
+        ids = self._check_input(input_ids)
+        mask = _token_mask(token_mask, ids)
+        position = state.position if state is not None else 0
+        rows = self.hasher.row_ids(ids, token_mask=mask, state=state)
+        return EngramBatch(ids, rows, dict.fromkeys(self.engram_layers), mask, position)
+
+    def prefetch(
+        self, input_ids: Any, token_mask: Any = None, state: HashState | None = None
+    ) -> EngramBatch:
+        """Hash ``input_ids`` for every Engram layer (arguments as in ``hash``) and start each
+        table's fetch (in layer order, so the first Engram layer's rows are ready first)."""
+        batch = self.hash(input_ids, token_mask, state)
         for layer_id, table in self.tables.items():
             batch.handles[layer_id] = table.prefetch(batch.row_ids[layer_id])
         return batch
@@ -293,6 +398,7 @@ class EngramLM(nn.Module):
         *,
         prefetched: EngramBatch | None = None,
         logits: Logits = "all",
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Next-token logits for ``input_ids`` [B, T].
 
@@ -306,13 +412,18 @@ class EngramLM(nn.Module):
         logits
             ``"all"``: [B, T, vocab]; ``"last"``: [B, vocab] for the last position only (prefill,
             as in serving); ``"none"``: the final normalised hidden state [B, T, hidden].
+        cache
+            A ``KVCache`` (``new_cache()``) of the positions before these ids: attention sees them
+            and the cache is extended by these. ``prefetched`` must then come from the sequences'
+            ``HashState`` at the same position.
 
         Raises
         ------
         RowIdError
             A token id is outside the tokenizer vocabulary (checked before any compute).
         ConfigError
-            ``input_ids`` is not [B, T] or ``prefetched`` belongs to other ids.
+            ``input_ids`` is not [B, T], ``prefetched`` belongs to other ids, or it was hashed at
+            another position than the cache holds.
         """
         if prefetched is None:
             prefetched = self.prefetch(input_ids)
@@ -327,12 +438,21 @@ class EngramLM(nn.Module):
                 )
         if logits not in ("all", "last", "none"):
             raise ConfigError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
+        start = cache.position if cache is not None else 0
+        if prefetched.position != start:
+            raise ConfigError(
+                f"prefetched: hashed at position {prefetched.position} but the cache holds "
+                f"{start} positions; expected the batch of the sequences' next tokens (hash "
+                "with the HashState that hashed the cached positions)"
+            )
         ids = prefetched.input_ids.to(self.embed.weight.device, non_blocking=True)
         hc = self.config.backbone.hc_mult
         h = self.embed(ids).unsqueeze(2).expand(-1, -1, hc, -1)
-        rope = self._rope_tables(ids.shape[1], h.device, h.dtype)
-        for index, layer in enumerate(self.layers):
-            h = layer(h, rope, prefetched.row_ids.get(index), prefetched.handles.get(index))
+        rope = self._rope_tables(start, ids.shape[1], h.device, h.dtype)
+        for layer in self.layers:
+            h = layer(h, rope, prefetched, cache)
+        if cache is not None:
+            cache.position += ids.shape[1]
         x = h.sum(dim=2)
         if logits == "last":
             x = x[:, -1]
@@ -358,6 +478,10 @@ class EngramLM(nn.Module):
         check_state_dict(self, state_dict, strict=strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def new_cache(self) -> KVCache:
+        """An empty ``KVCache`` for decoding (see ``forward``'s ``cache``)."""
+        return KVCache()
+
     def close(self) -> None:
         """Close every table: tiered stores release files and threads, in-memory tables keep their
         rows (they have nothing to release)."""
@@ -377,6 +501,48 @@ class EngramLM(nn.Module):
             )
         return ids
 
+    def _v41_engram(self, layer_id: int, table: TableBackend | None) -> V41Engram:
+        """Layer ``layer_id``'s V4.1 Engram module over ``table`` (default: random fp8 rows)."""
+        engram, backbone = self.config.engram, self.config.backbone
+        if table is None:
+            table = self._random_packed_table(layer_id)
+        self._check_v41_table(layer_id, table)
+        return V41Engram(
+            table,
+            num_heads=engram.num_heads,
+            dim=backbone.hidden_size,
+            hc_mult=backbone.hc_mult,
+            norm_eps=engram.norm_eps,
+        )
+
+    def _random_packed_table(self, layer_id: int) -> PackedInMemoryTable:
+        """A ``PackedInMemoryTable`` of standard-normal rows quantised to fp8 (e4m3 + ue8m0)."""
+        dim = self.config.engram.head_dim
+        if dim % V41_SCALE_BLOCK:
+            raise ConfigError(
+                f"engram.n_embed_per_ngram: rows of {dim} values per head; expected a multiple of "
+                f"{V41_SCALE_BLOCK} (one ue8m0 scale per {V41_SCALE_BLOCK} fp8 values) for the "
+                "V4.1 geometry"
+            )
+        quant = RowQuantization(values=dim, block=V41_SCALE_BLOCK)
+        values = torch.randn(self.hasher.table_rows(layer_id), dim)
+        return PackedInMemoryTable(quantize_rows(values, quant), quant)
+
+    def _check_v41_table(self, layer_id: int, table: Any) -> None:
+        """Raise ConfigError unless ``table`` is a TableBackend with the layer's rows and dim."""
+        rows, dim = self.hasher.table_rows(layer_id), self.config.engram.head_dim
+        if not isinstance(table, TableBackend):
+            raise ConfigError(
+                f"tables[{layer_id}]: {type(table).__name__} is not a TableBackend; expected "
+                "PackedInMemoryTable, TieredStore or another backend with rows, dim, lookup, "
+                "prefetch"
+            )
+        if (int(table.rows), int(table.dim)) != (rows, dim):
+            raise ConfigError(
+                f"tables[{layer_id}]: a table of {int(table.rows):,} rows x {int(table.dim)}; "
+                f"expected {rows:,} x {dim} (layer {layer_id}'s head primes and head_dim)"
+            )
+
     def _init_dense(self, std: float) -> None:
         """Normal(0, std) for the backbone's weights; output projections scaled by depth."""
         nn.init.normal_(self.embed.weight, std=std)
@@ -388,17 +554,35 @@ class EngramLM(nn.Module):
             nn.init.normal_(layer.mlp.down.weight, std=out_std)
 
     def _rope_tables(
-        self, seq: int, device: torch.device, dtype: torch.dtype
+        self, start: int, seq: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [T, head_dim / 2] for the rotary embedding (kept per length/device/dtype)."""
-        key = (seq, device, dtype)
-        if key not in self._rope:
+        """cos/sin [T, head_dim / 2] of positions ``start .. start + seq`` for the rotary
+        embedding (slices of tables kept per device/dtype, doubled in length when outgrown)."""
+        key = (device, dtype)
+        stop = start + seq
+        if key not in self._rope or self._rope[key][0].shape[0] < stop:
+            length = max(stop, 2 * self._rope[key][0].shape[0] if key in self._rope else 0)
             tc = self.config.transformer
             half = self.config.backbone.hidden_size // tc.num_attention_heads // 2
             inv = tc.rope_theta ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
-            angles = torch.outer(torch.arange(seq, dtype=torch.float64, device=device), inv)
+            angles = torch.outer(torch.arange(length, dtype=torch.float64, device=device), inv)
             self._rope[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
-        return self._rope[key]
+        cos, sin = self._rope[key]
+        return cos[start:stop], sin[start:stop]
+
+
+def _token_mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
+    """``token_mask`` as bool [B, T] on the ids' device (all True when ``None``)."""
+    if token_mask is None:
+        return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    if not isinstance(token_mask, torch.Tensor):
+        token_mask = torch.from_numpy(np.asarray(token_mask))
+    if token_mask.dtype != torch.bool or token_mask.shape != ids.shape:
+        raise ConfigError(
+            f"token_mask: got {token_mask.dtype} {tuple(token_mask.shape)}; expected bool "
+            f"{tuple(ids.shape)}, the shape of input_ids"
+        )
+    return token_mask.to(ids.device)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -412,6 +596,8 @@ def expected_shapes(model: EngramLM) -> dict[str, tuple[int, ...]]:
     (a tiered store) are listed under their reference key too."""
     shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     for layer_id, table in model.tables.items():
+        if isinstance(model.engram_layers[layer_id], V41Engram):
+            continue  # V4.1 tables are never part of the dense checkpoint
         shapes.setdefault(
             f"layers.{layer_id}.engram.multi_head_embedding.embedding.weight",
             (int(table.rows), int(table.dim)),
@@ -425,6 +611,8 @@ def check_state_dict(
     """Raise ConfigError naming the first key whose shape disagrees with ``model``'s config (and
     run each Engram layer's own checks: offsets, a table key for an external table)."""
     for layer_id, engram in model.engram_layers.items():
+        if isinstance(engram, V41Engram):
+            continue  # its parameters' shapes are checked with every other key below
         prefix = f"layers.{layer_id}.engram."
         own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         engram.check_checkpoint(own, strict=strict, prefix=prefix)

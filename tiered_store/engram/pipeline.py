@@ -14,6 +14,11 @@ store copies rows host-to-device on its side stream and the lookup makes the com
 on an event, so nothing blocks the host. On a CPU-only machine the store's work competes with the
 model's compute for the same cores: prefetch hides I/O latency there, not CPU time.
 
+``decode(tokens, prompt)`` runs a prefill of the first ``prompt`` tokens and then one token per
+step (the sequences' own next tokens, as a server would after sampling them), with the hasher's
+``HashState`` and the model's ``KVCache``; every step's fetch starts at the step's beginning,
+since a step's token is known only when the previous step ends.
+
 ``stall`` is the time Engram lookups spent waiting for prefetched rows
 (``TieredStore.stats()["prefetch"]["wait_seconds_total"]``); ``lookup`` is the whole time spent
 inside table lookups (the stall, the gather from the staged rows, and without prefetch the fetch
@@ -36,7 +41,13 @@ from ..stats import hit_ratio
 from .backend import TableBackend
 from .model import EngramBatch, EngramLM, Logits
 
-__all__ = ["PipelineStats", "PrefetchPipeline", "profile_rows", "table_stats_delta"]
+__all__ = [
+    "DecodeStats",
+    "PipelineStats",
+    "PrefetchPipeline",
+    "profile_rows",
+    "table_stats_delta",
+]
 
 
 @dataclass
@@ -60,6 +71,44 @@ class PipelineStats:
     def tokens_per_second(self) -> float:
         """Throughput of the run."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class DecodeStats:
+    """What one ``PrefetchPipeline.decode`` did: the prefill, then per decode step the wall time,
+    the store's time on the calling thread and the stall (arrays of one value per step)."""
+
+    batch_size: int
+    prompt_tokens: int
+    prefill_seconds: float  # prepare + forward of the prompt
+    step_seconds: np.ndarray  # each step: prepare + forward (synchronised on CUDA)
+    prepare_seconds: np.ndarray  # of which hashing + prefetch submission
+    lookup_seconds: np.ndarray  # of which inside table lookups (stall, gather, dequantise)
+    stall_seconds: np.ndarray  # of which waiting for prefetched rows
+    tables: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)  # decode steps
+
+    @property
+    def store_seconds(self) -> np.ndarray:
+        """Per step, the store's time on the step's critical path: hashing, prefetch submission
+        and lookups."""
+        return self.prepare_seconds + self.lookup_seconds
+
+    def summary(self) -> dict[str, float]:
+        """Medians and means per step, and the stall's and the store's share of the step."""
+        step, stall, store = self.step_seconds, self.stall_seconds, self.store_seconds
+        return {
+            "steps": int(step.size),
+            "step_ms_median": 1e3 * float(np.median(step)),
+            "step_ms_mean": 1e3 * float(step.mean()),
+            "store_ms_median": 1e3 * float(np.median(store)),
+            "store_ms_mean": 1e3 * float(store.mean()),
+            "stall_ms_median": 1e3 * float(np.median(stall)),
+            "stall_ms_mean": 1e3 * float(stall.mean()),
+            "stall_ms_p99": 1e3 * float(np.percentile(stall, 99)),
+            "stall_share_of_step": float(stall.sum() / step.sum()),
+            "store_share_of_step": float(store.sum() / step.sum()),
+            "tokens_per_s": self.batch_size * step.size / float(step.sum()),
+        }
 
 
 class PrefetchPipeline:
@@ -89,6 +138,9 @@ class PrefetchPipeline:
     >>> outputs = [out for _, out in pipeline.run(batches)]
     >>> len(outputs), tuple(outputs[0].shape), pipeline.stats.tokens
     (3, (2, 129280), 96)
+    >>> outs, decoded = pipeline.decode(torch.randint(0, 1000, (2, 20)), prompt=16)  # 4 steps
+    >>> len(outs), decoded.step_seconds.size, decoded.batch_size
+    (5, 4, 2)
     """
 
     def __init__(
@@ -149,6 +201,63 @@ class PrefetchPipeline:
                     stats.lookup_seconds += delta["lookup"]["seconds_total"]
                     stats.stall_seconds += delta["prefetch"]["wait_seconds_total"]
 
+    def decode(self, tokens: Any, prompt: int) -> tuple[list[torch.Tensor], DecodeStats]:
+        """Prefill ``tokens[:, :prompt]``, then feed ``tokens[:, t]`` one per step for every
+        later ``t``: the outputs (prompt's, then each step's) and the steps' statistics
+        (an example is in the class docstring)."""
+        ids = self.model._check_input(tokens)
+        if (
+            isinstance(prompt, bool)
+            or not isinstance(prompt, int)
+            or not 1 <= prompt < ids.shape[1]
+        ):
+            raise ConfigError(
+                f"prompt: expected an integer in [1, {ids.shape[1] - 1}] (tokens has "
+                f"{ids.shape[1]} per sequence), got {prompt!r}"
+            )
+        model, tables = self.model, self.model.tables
+        cuda = model.embed.weight.device.type == "cuda"
+        state, cache = model.hasher.new_state(ids.shape[0]), model.new_cache()
+        steps = ids.shape[1] - prompt
+        times = np.zeros((4, steps))  # step, prepare, lookup, stall
+        outputs = []
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            outputs.append(self._step(ids[:, :prompt], state, cache, cuda)[0])
+            prefill = time.perf_counter() - t0
+            before = {layer: _snapshot(table) for layer, table in tables.items()}
+            for step in range(steps):
+                counters = _waits(tables)
+                t0 = time.perf_counter()
+                out, prepared = self._step(
+                    ids[:, prompt + step : prompt + step + 1], state, cache, cuda
+                )
+                times[0, step] = time.perf_counter() - t0
+                times[1, step] = prepared
+                times[2:, step] = np.subtract(_waits(tables), counters)
+                outputs.append(out)
+        stats = DecodeStats(ids.shape[0], prompt, prefill, *times)
+        for layer, table in tables.items():
+            delta = table_stats_delta(before[layer], _snapshot(table))
+            if delta:
+                stats.tables[layer] = delta
+        return outputs, stats
+
+    def _step(
+        self, ids: torch.Tensor, state: Any, cache: Any, cuda: bool
+    ) -> tuple[torch.Tensor, float]:
+        """One forward of ``ids`` continuing ``state``/``cache``; its output and prepare time."""
+        t0 = time.perf_counter()
+        if self.prefetch:
+            batch = self.model.prefetch(ids, state=state)
+        else:
+            batch = self.model.hash(ids, state=state)
+        prepared = time.perf_counter() - t0
+        out = self.model(ids, prefetched=batch, logits=self.logits, cache=cache)
+        if cuda:
+            torch.cuda.synchronize(out.device)
+        return out, prepared
+
     def _prepare(self, input_ids: Any, cuda: bool) -> EngramBatch:
         """Hash one batch for every Engram layer and (unless disabled) start its fetches."""
         if cuda and isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu":
@@ -159,6 +268,17 @@ class PrefetchPipeline:
 def _snapshot(table: TableBackend) -> dict | None:
     """A table's statistics now (``None`` for tables that keep none, e.g. in-memory)."""
     return table.stats() if table.keeps_stats else None
+
+
+def _waits(tables: dict[int, TableBackend]) -> tuple[float, float]:
+    """Seconds inside lookups and waiting for prefetches, summed over tables that keep stats."""
+    lookup = stall = 0.0
+    for table in tables.values():
+        if table.keeps_stats:
+            stats = table.stats()
+            lookup += stats["lookup"]["seconds_total"]
+            stall += stats["prefetch"]["wait_seconds_total"]
+    return lookup, stall
 
 
 def table_stats_delta(before: dict | None, after: dict | None) -> dict[str, dict[str, float]]:

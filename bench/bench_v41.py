@@ -1,0 +1,757 @@
+"""DeepSeek-V4.1 Engram on the tiered store: prefill, decode and the store alone, at the release's
+row count.
+
+Tables: synthetic, with the release's addressing (``config.json`` keys as in the release: Engram
+at layers 1 and 14, 3 n-gram orders x 8 heads, ``engram_vocab_size`` 16,000,000 -> 384,006,168
+and 384,016,682 rows) but narrower rows: 32 fp8 (e4m3) values + 1 ue8m0 scale byte = 33 B a row
+(12.7 GB per table) instead of 264 B, seeded random codes (``RandomSource(quantization=...)``).
+Tables in memory need the whole table in RAM, which the release's size does not allow here, so a
+second pair of tables has the same hash geometry scaled down (``--scaled-vocab`` rows per head).
+
+Phases (each writes its section of the report):
+
+  scaled   the scaled tables, alternating in rounds: (a) ``memory``: both tables in RAM
+           (``PackedInMemoryTable``), the baseline; (b) ``tiered``: a ``TieredStore`` per layer,
+           hot + warm = ``--hot`` + ``--warm`` of the table (10%), LRU, ``io: direct``,
+           warm-started from a profile of other text, rows prefetched when the batch starts (and
+           ``--lookahead`` batches ahead). Prefill: tokens/s, median of per-round ratios (b)/(a).
+           Decode (prompt, then one token per step, batch sizes ``--decode-batch``): time per
+           step, the store's time per step and the stall, prefetch started at the step's
+           beginning. Logits are checked bit-identical between (a) and (b) in every round.
+  release  the release-size tables, tiered as (b) (open time, RSS, metadata per row), prefill and
+           decode as above, each round alternated with (a) on the scaled tables when they are
+           still in RAM (same model, so the same compute; other rows, so no bit-identity check).
+  store    the store alone, no model: for both layers hash (``NgramHasher.row_ids``), prefetch,
+           lookup (tier probes, cold reads, dequantise), the next batch's fetch started before the
+           current batch's lookup; prefill-shaped [B, T] batches and decode-shaped [16, 1] steps
+           (``HashState``). Tokens/s and tokens per CPU-second (every thread of the process), for
+           the release tables tiered, the scaled tables tiered and in memory; how many cores the
+           paper's 9,031 tokens/s (4B dense + 100B Engram table in host memory, one H800) needs.
+
+Real text: the default corpus (the Python standard library's sources), DeepSeek tokenizer; the
+warm-start profile, the prefill, the decode and the store-alone batches are disjoint slices of it.
+
+Example (the published figures; ~25 GB of tables under --dir, ~30 min on 2 cores)::
+
+    python bench/bench_v41.py --dir /var/tmp --out bench/results/v41.json
+
+Where the work runs (CPU-only machine): torch's intra-op threads run the model; each store's
+prefetch worker resolves a batch and its reader pool issues the O_DIRECT reads meanwhile, on the
+same cores: on this machine the model's compute is ~100x the store's, which is why the store is
+also measured alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiered_store.corpus import resolve_corpus
+from tiered_store.engram import NgramHasher
+from tiered_store.engram.backend import PackedInMemoryTable
+from tiered_store.engram.checkpoint import check_table_file, open_tables, table_file, table_metadata
+from tiered_store.engram.config import hf_engram_sections
+from tiered_store.engram.corpus import read_tokens, token_batches
+from tiered_store.engram.model import EngramLM, ModelConfig
+from tiered_store.engram.pipeline import PrefetchPipeline
+from tiered_store.errors import TieredStoreError
+from tiered_store.profile import FrequencyCounter
+from tiered_store.quantization import RowQuantization
+from tiered_store.table_format import RandomSource, create_table
+
+RELEASE_VOCAB = 16_000_000  # the release's engram_vocab_size
+RELEASE_ROWS = [384_006_168, 384_016_682]  # the release's engram_num_embeddings
+PAPER_TOKENS_PER_S = 9_031  # 4B dense + 100B-parameter Engram table in host memory, one H800
+PREFILL_TARGET = 0.97  # tiered tokens/s >= 0.97 x memory
+STALL_TARGET = 0.05  # decode: stall <= 5% of the step
+DISK_MARGIN = 20 << 30  # never leave less than this free when creating tables
+PHASES = ("scaled", "release", "store")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dir", default="/var/tmp", help="where table files go (O_DIRECT needs a disk)")
+    p.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    p.add_argument("--release-vocab", type=int, default=RELEASE_VOCAB, help="rows per head")
+    p.add_argument(
+        "--scaled-vocab", type=int, default=2_500_000, help="rows per head, in-memory tables"
+    )
+    p.add_argument("--row-values", type=int, default=32, help="fp8 values per row (x 8 heads)")
+    p.add_argument("--hidden", type=int, default=512, help="backbone width")
+    p.add_argument("--layers", type=int, default=16, help="Transformer layers (Engram at 1, 14)")
+    p.add_argument("--heads", type=int, default=8, help="attention heads")
+    p.add_argument("--hc-mult", type=int, default=4, help="hyper-connection branches")
+    p.add_argument("--batch-size", type=int, default=4, help="prefill: sequences per batch")
+    p.add_argument("--seq-len", type=int, default=512, help="prefill: tokens per sequence")
+    p.add_argument("--rounds", type=int, default=6, help="prefill: measured rounds (+1 untimed)")
+    p.add_argument("--lookahead", type=int, default=1, help="prefill: batches prefetched ahead")
+    p.add_argument(
+        "--batches-per-round",
+        type=int,
+        default=3,
+        help="prefill: batches per variant per round (the first one's fetch cannot be ahead)",
+    )
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--decode-prompt", type=int, default=128, help="decode: prompt tokens")
+    p.add_argument("--decode-steps", type=int, default=32, help="decode: steps per round")
+    p.add_argument("--decode-rounds", type=int, default=3, help="decode: rounds per batch size")
+    p.add_argument("--store-tokens", type=int, default=400_000, help="store alone: tokens per run")
+    p.add_argument("--store-decode-steps", type=int, default=200, help="store alone: decode steps")
+    p.add_argument(
+        "--store-decode-batch",
+        type=int,
+        nargs="+",
+        default=[16, 256],
+        help="store alone: sequences per decode step, one run each",
+    )
+    p.add_argument("--hot", default="2%", help="hot tier capacity per table")
+    p.add_argument("--warm", default="8%", help="warm tier capacity per table")
+    p.add_argument("--policy", default="lru")
+    p.add_argument("--cold-threads", type=int, default=16, help="reader threads per store")
+    p.add_argument("--profile-tokens", type=int, default=2_000_000, help="warm-start profile")
+    p.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: default)")
+    p.add_argument(
+        "--store-torch-threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="store alone: intra-op threads, one run each",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the JSON report here as well as stdout")
+    return p.parse_args(argv)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def rss() -> dict[str, float]:
+    """Resident and peak resident set of this process, GiB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    kib = {k: int(status[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+    return {"rss_gib": kib["VmRSS"] / 2**20, "peak_rss_gib": kib["VmHWM"] / 2**20}
+
+
+def model_config(args, vocab: int, rows: list[int] | None) -> ModelConfig:
+    """A V4.1 config.json's text_config (the release's keys) -> the model's configuration."""
+    text = {
+        "engram_layer_ids": [1, 14],
+        "engram_num_embeddings": rows or [0, 0],
+        "engram_max_ngram_size": 4,
+        "engram_vocab_size": vocab,
+        "engram_n_heads": 8,
+        "engram_head_dim": args.row_values,
+        "engram_pad_token_id": 2,
+        "engram_compressed_vocab_size": 99_092,
+        "hidden_size": args.hidden,
+        "hc_mult": args.hc_mult,
+        "num_hidden_layers": args.layers,
+    }
+    sections = hf_engram_sections({"text_config": text})
+    sections["engram"]["num_embeddings"] = rows  # None: not stated (scaled tables)
+    sections["transformer"] = {"num_attention_heads": args.heads}
+    return ModelConfig.from_dict(sections)
+
+
+def ensure_tables(directory: Path, hasher: NgramHasher, quant: RowQuantization) -> dict:
+    """Seeded random tables of packed fp8 rows for both layers (reused when the layout matches)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for layer in hasher.layer_ids:
+        path = table_file(directory, layer)
+        try:
+            if check_table_file(path, hasher, layer).quantization != quant:
+                raise TieredStoreError("quantization differs")
+        except (TieredStoreError, OSError):
+            rows = hasher.table_rows(layer)
+            need, free = rows * quant.packed_bytes, shutil.disk_usage(directory).free
+            if free - need < DISK_MARGIN:
+                raise SystemExit(
+                    f"--dir {directory}: {free / 2**30:.1f} GiB free; a table of {rows:,} rows x "
+                    f"{quant.packed_bytes} B needs {need / 2**30:.1f} GiB and "
+                    f"{DISK_MARGIN >> 30} GiB must stay free"
+                ) from None
+            log(f"creating {path.name} ({rows:,} x {quant.packed_bytes} B) in {directory} ...")
+            create_table(
+                path,
+                RandomSource(rows, quant.packed_bytes, "uint8", seed=layer, quantization=quant),
+                metadata=table_metadata(hasher, layer),
+                overwrite=True,
+                progress=False,
+            )
+        paths[layer] = path
+    return paths
+
+
+def drop_page_cache(paths) -> None:
+    """Ask the kernel to forget the table files' cached pages (table creation wrote them)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def store_spec(args) -> dict:
+    return {
+        "tiers": {
+            "hot": {"capacity": args.hot, "policy": args.policy},
+            "warm": {"capacity": args.warm, "policy": args.policy},
+            "cold": {"io": "direct", "threads": args.cold_threads},
+        },
+        "prefetch": {"depth": args.lookahead + 2},
+    }
+
+
+def hottest_rows(hasher: NgramHasher, batches: list) -> dict[int, np.ndarray]:
+    """Each layer's rows, hottest first, over ``batches`` (hashing only): the warm start."""
+    counters = {layer: FrequencyCounter(hasher.table_rows(layer)) for layer in hasher.layer_ids}
+    for ids in batches:
+        for layer, rows in hasher.row_ids(ids).items():
+            counters[layer].update(rows.numpy())
+    return {layer: counter.profile().row_ids for layer, counter in counters.items()}
+
+
+def open_tiered(paths, hasher, args, profile_batches) -> tuple[dict, dict]:
+    """Stores per layer, warm-started from the profile; their open time, memory and geometry."""
+    hottest = hottest_rows(hasher, profile_batches)
+    t0 = time.perf_counter()
+    stores = open_tables(paths, hasher, store_spec(args), warm_start=hottest)
+    opened = time.perf_counter() - t0
+    first = stores[hasher.layer_ids[0]]
+    report = first.memory_report()
+    info = {
+        "open_seconds_with_warm_start": opened,
+        "warm_start_rows": {
+            layer: int(min(len(h), first.warm.capacity)) for layer, h in hottest.items()
+        },
+        "rows": {layer: s.rows for layer, s in stores.items()},
+        "row_bytes": first.row_bytes,
+        "hot_rows": first.hot.capacity,
+        "warm_rows": first.warm.capacity,
+        "cache_fraction": (first.hot.capacity + first.warm.capacity) / first.rows,
+        "metadata_bytes_per_table_row": report["hot_metadata"]["per_table_row"]
+        + report["warm_metadata"]["per_table_row"],
+        "payload_bytes_per_table": report["hot_payload_bytes"] + report["warm_payload_bytes"],
+        **rss(),
+    }
+    return stores, info
+
+
+def _stall(tables: dict) -> float:
+    """Seconds lookups waited for prefetched rows so far, over tables that keep statistics."""
+    return sum(
+        t.stats()["prefetch"]["wait_seconds_total"] for t in tables.values() if t.keeps_stats
+    )
+
+
+def run_prefill(model, tables, batches, args) -> tuple[dict, list]:
+    """One variant over one round's batches, timed per batch: the first (its fetch starts with
+    it) and the rest (steady state: each fetched ``--lookahead`` batches ahead)."""
+    model.set_tables(tables)
+    pipeline = PrefetchPipeline(model, lookahead=args.lookahead, logits="last")
+    outputs, marks, stalls = [], [time.perf_counter()], [_stall(tables)]
+    cpu = time.process_time()
+    for _, out in pipeline.run(batches):
+        outputs.append(out)
+        marks.append(time.perf_counter())
+        stalls.append(_stall(tables))
+    cpu = time.process_time() - cpu
+    seconds, stall = np.diff(marks), np.diff(stalls)
+    s = pipeline.stats
+    per_batch = batches[0].numel()
+    return {
+        "tokens": s.tokens,
+        "batch_seconds": seconds.tolist(),
+        "batch_stall_seconds": stall.tolist(),
+        "first_tokens_per_s": per_batch / seconds[0],
+        "tokens_per_s": per_batch * (len(seconds) - 1) / seconds[1:].sum(),
+        "cpu_seconds": cpu,
+        "lookup_seconds": s.lookup_seconds,
+        "cold_rows": sum(t["cold"]["rows_read"] for t in s.tables.values()),
+        "hot_hits": sum(t["hot"]["hits"] for t in s.tables.values()),
+        "warm_hits": sum(t["warm"]["hits"] for t in s.tables.values()),
+        "lookups": sum(t["hot"]["lookups"] for t in s.tables.values()),
+    }, outputs
+
+
+def prefill_rounds(variants: dict, batches, args, check_identical: bool) -> dict:
+    """Alternate the variants (name -> (model, tables)) in rounds, order rotated; medians and
+    per-round ratios against the first, steady state and first batch."""
+    names = list(variants)
+    rounds, identical = [], True
+    k = args.batches_per_round
+    for r in range(args.rounds + 1):
+        group = batches[r * k : (r + 1) * k]
+        order = names[r % len(names) :] + names[: r % len(names)]
+        results, outputs = {}, {}
+        for name in order:
+            results[name], outputs[name] = run_prefill(*variants[name], group, args)
+            res = results[name]
+            log(
+                f"prefill round {r}{' (untimed)' if r == 0 else ''} {name:<14} steady "
+                f"{res['tokens_per_s']:7.1f} tokens/s, first batch {res['first_tokens_per_s']:7.1f}"
+                f"; stall {sum(res['batch_stall_seconds'][1:]):.3f} s + first "
+                f"{res['batch_stall_seconds'][0]:.3f} s"
+            )
+        if check_identical:
+            identical &= all(
+                torch.equal(a, b)
+                for name in names[1:]
+                for a, b in zip(outputs[names[0]], outputs[name], strict=True)
+            )
+        if r:
+            rounds.append(results)
+    base = names[0]
+    out = {"baseline": base, "bit_identical_outputs": identical if check_identical else None}
+    steady_batches = len(rounds) * (k - 1)
+    for name in names:
+        ratios = [r[name]["tokens_per_s"] / r[base]["tokens_per_s"] for r in rounds]
+        first = [r[name]["first_tokens_per_s"] / r[base]["first_tokens_per_s"] for r in rounds]
+        lookups = sum(r[name]["lookups"] for r in rounds)
+        entry = {
+            "tokens_per_s_median": statistics.median(r[name]["tokens_per_s"] for r in rounds),
+            "ratio_median": statistics.median(ratios),
+            "ratio_mean": statistics.fmean(ratios),
+            "ratio_stderr": statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else 0,
+            "ratio_rounds": ratios,
+            "stall_seconds_per_batch": sum(sum(r[name]["batch_stall_seconds"][1:]) for r in rounds)
+            / steady_batches,
+            "first_batch": {
+                "tokens_per_s_median": statistics.median(
+                    r[name]["first_tokens_per_s"] for r in rounds
+                ),
+                "ratio_median": statistics.median(first),
+                "stall_seconds_median": statistics.median(
+                    r[name]["batch_stall_seconds"][0] for r in rounds
+                ),
+            },
+            "cpu_ms_per_token": 1e3
+            * sum(r[name]["cpu_seconds"] for r in rounds)
+            / sum(r[name]["tokens"] for r in rounds),
+            "lookup_seconds_per_batch": sum(r[name]["lookup_seconds"] for r in rounds)
+            / (len(rounds) * k),
+        }
+        if lookups:
+            entry["hit_rate"] = {
+                "hot": sum(r[name]["hot_hits"] for r in rounds) / lookups,
+                "warm_of_all": sum(r[name]["warm_hits"] for r in rounds) / lookups,
+                "cold_share_of_lookups": sum(r[name]["cold_rows"] for r in rounds) / lookups,
+            }
+        out[name] = entry
+    out["rounds"] = rounds
+    return out
+
+
+def decode_rounds(variants: dict, pool: np.ndarray, args, check_identical: bool) -> dict:
+    """Per batch size: rounds of prompt + steps, the variants (name -> (model, tables))
+    alternating; per-step figures."""
+    names, out = list(variants), {}
+    span = args.decode_prompt + args.decode_steps
+    offset = 0
+    for size in args.decode_batch:
+        steps = {name: [] for name in names}
+        identical = True
+        for r in range(args.decode_rounds):
+            need = size * span
+            if offset + need > len(pool):
+                offset = 0
+            tokens = torch.from_numpy(pool[offset : offset + need].reshape(size, span).copy())
+            offset += need
+            order = names[r % len(names) :] + names[: r % len(names)]
+            outputs = {}
+            for name in order:
+                model, tables = variants[name]
+                model.set_tables(tables)
+                pipeline = PrefetchPipeline(model, logits="last")
+                outputs[name], stats = pipeline.decode(tokens, args.decode_prompt)
+                steps[name].append(stats)
+                s = stats.summary()
+                log(
+                    f"decode batch {size} round {r} {name:<16} step {s['step_ms_median']:.1f} ms "
+                    f"store {s['store_ms_median']:.2f} ms stall {s['stall_ms_median']:.2f} ms"
+                )
+            if check_identical:
+                identical &= all(
+                    torch.equal(a, b)
+                    for name in names[1:]
+                    for a, b in zip(outputs[names[0]], outputs[name], strict=True)
+                )
+        entry = {"bit_identical_outputs": identical if check_identical else None}
+        for name in names:
+            runs = steps[name]
+            merged = type(runs[0])(
+                size,
+                args.decode_prompt,
+                sum(s.prefill_seconds for s in runs),
+                *(
+                    np.concatenate([getattr(s, f) for s in runs])
+                    for f in ("step_seconds", "prepare_seconds", "lookup_seconds", "stall_seconds")
+                ),
+            )
+            summary = merged.summary()
+            cold = sum(s.tables[k]["cold"]["rows_read"] for s in runs for k in s.tables)
+            looked = sum(s.tables[k]["hot"]["lookups"] for s in runs for k in s.tables)
+            if looked:
+                summary["cold_share_of_lookups"] = cold / looked
+            base = statistics.median(
+                np.median(b.step_seconds) / np.median(v.step_seconds)
+                for b, v in zip(steps[names[0]], runs, strict=True)
+            )
+            summary["step_speed_vs_baseline_median"] = float(base)
+            entry[name] = summary
+        out[str(size)] = entry
+    return out
+
+
+def store_alone(hasher, tables: dict, batches: list, decode, *, label: str, threads: int) -> dict:
+    """Hash + prefetch + lookup for both layers, no model; the next batch's fetch started before
+    the current batch's lookup. Tokens/s and tokens per CPU-second, ``threads`` intra-op threads."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _store_alone(hasher, tables, batches, label, decode) | {"torch_threads": threads}
+    finally:
+        torch.set_num_threads(saved)
+
+
+def store_slices(tokens: np.ndarray, args):
+    """Disjoint slices of real text, each as prefill-shaped batches and [16, steps] decode ids."""
+    per = args.store_tokens + sum(args.store_decode_batch) * args.store_decode_steps
+    for start in range(0, len(tokens) - per + 1, per):
+        chunk = tokens[start : start + per]
+        batches = token_batches(chunk[: args.store_tokens], args.batch_size, args.seq_len)
+        rest, decode = chunk[args.store_tokens :], []
+        for size in args.store_decode_batch:
+            need = size * args.store_decode_steps
+            decode.append(torch.from_numpy(rest[:need].reshape(size, -1).copy()))
+            rest = rest[need:]
+        yield batches, decode
+
+
+def _store_alone(hasher, tables: dict, batches: list, label: str, decode) -> dict:
+    """One store-alone run (see ``store_alone``)."""
+    layers = list(tables)
+    state = hasher.new_state(decode.shape[0]) if decode is not None else None
+    items = batches if decode is None else [decode[:, t : t + 1] for t in range(decode.shape[1])]
+
+    def start(ids):
+        rows = hasher.row_ids(ids, state=state)
+        return rows, {layer: tables[layer].prefetch(rows[layer]) for layer in layers}
+
+    before = {
+        layer: tables[layer].stats() if tables[layer].keeps_stats else None for layer in layers
+    }
+    wall, cpu = time.perf_counter(), time.process_time()
+    pending = start(items[0])
+    tokens = 0
+    checksum = 0.0
+    for i in range(len(items)):
+        rows, handles = pending
+        if i + 1 < len(items):
+            pending = start(items[i + 1])
+        for layer in layers:
+            out = tables[layer].lookup(rows[layer], handles[layer])
+        checksum += float(out[..., 0].float().sum())  # consume the rows
+        tokens += items[i].numel()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    result = {
+        "tables": label,
+        "shape": list(items[0].shape),
+        "batches": len(items),
+        "tokens": tokens,
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "tokens_per_s": tokens / wall,
+        "tokens_per_cpu_second": tokens / cpu,
+        "cores_for_paper_rate": PAPER_TOKENS_PER_S * cpu / tokens,
+        "keeps_up_on_this_machine": tokens / wall >= PAPER_TOKENS_PER_S,
+        "checksum": checksum,
+    }
+    if before[layers[0]] is not None:
+        after = {layer: tables[layer].stats() for layer in layers}
+        lookups = sum(after[k]["hot"]["lookups"] - before[k]["hot"]["lookups"] for k in layers)
+        cold = sum(after[k]["cold"]["rows_read"] - before[k]["cold"]["rows_read"] for k in layers)
+        stall = sum(
+            after[k]["prefetch"]["wait_seconds_total"] - before[k]["prefetch"]["wait_seconds_total"]
+            for k in layers
+        )
+        result.update(cold_share_of_lookups=cold / lookups, cold_rows_per_s=cold / wall)
+        result["stall_seconds"] = stall
+    log(
+        f"store alone {label:<16} {result['shape']} {torch.get_num_threads()} thread(s): "
+        f"{result['tokens_per_s']:,.0f} tokens/s, "
+        f"{result['tokens_per_cpu_second']:,.0f} tokens per CPU-s"
+    )
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(args.seed)
+    quant = RowQuantization(values=args.row_values, block=32)
+    scaled_cfg = model_config(args, args.scaled_vocab, None)
+    release_rows = RELEASE_ROWS if args.release_vocab == RELEASE_VOCAB else None
+    release_cfg = model_config(args, args.release_vocab, release_rows)
+    scaled_hasher, release_hasher = NgramHasher(scaled_cfg.engram), NgramHasher(release_cfg.engram)
+    directory = Path(args.dir)
+    t_setup = time.perf_counter()
+    paths = {
+        "scaled": ensure_tables(
+            directory / f"v41-{args.scaled_vocab}x{quant.packed_bytes}", scaled_hasher, quant
+        ),
+        "release": ensure_tables(
+            directory / f"v41-{args.release_vocab}x{quant.packed_bytes}", release_hasher, quant
+        ),
+    }
+    for group in paths.values():
+        drop_page_cache(group.values())
+
+    # Real text: disjoint slices for the profile, the prefill, the decode and the store alone.
+    per_batch = args.batch_size * args.seq_len
+    decode_need = (
+        max(args.decode_batch) * (args.decode_prompt + args.decode_steps) * args.decode_rounds
+    )
+    sizes = {
+        "profile": args.profile_tokens,
+        "prefill": (args.rounds + 1) * args.batches_per_round * per_batch,
+        "decode": decode_need * len(args.decode_batch),
+        # a fresh slice per store-alone run of the tiered tables (a slice already served would
+        # hit the caches): (scaled, release) x threads x (prefill-shaped, decode-shaped)
+        "store": 2
+        * len(args.store_torch_threads)
+        * (args.store_tokens + sum(args.store_decode_batch) * args.store_decode_steps),
+    }
+    corpus = resolve_corpus().shuffled(args.seed)
+    log(f"tokenising {sum(sizes.values()):,} tokens ...")
+    tokens = read_tokens(corpus, scaled_hasher.tokenizer, max_tokens=sum(sizes.values()))
+    cuts = np.cumsum([0, *sizes.values()])
+    text = {name: tokens[cuts[i] : cuts[i + 1]] for i, name in enumerate(sizes)}
+    profile = token_batches(text["profile"], args.batch_size, args.seq_len)
+    prefill = token_batches(text["prefill"], args.batch_size, args.seq_len)
+    store_text = store_slices(text["store"], args)
+
+    torch.manual_seed(args.seed)
+    log("loading the scaled tables into memory ...")
+    memory = {l: PackedInMemoryTable.from_table(str(p)) for l, p in paths["scaled"].items()}
+    drop_page_cache(paths["scaled"].values())
+    model = EngramLM(scaled_cfg, hasher=scaled_hasher, tables=memory).eval()
+    dense = model.dense_parameters()
+    report: dict = {
+        "benchmark": "engram_v41",
+        "command": "python bench/bench_v41.py "
+        + " ".join(_public_args(sys.argv[1:] if argv is None else argv)),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "model": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "attention_heads": args.heads,
+            "hc_mult": args.hc_mult,
+            "engram_layers": list(scaled_cfg.engram.layer_ids),
+            "dense_parameters": dense,
+            "row_lookups_per_token": 2 * scaled_cfg.engram.num_heads,
+        },
+        "tables": {
+            name: {
+                "engram_vocab_size": vocab,
+                "rows": {layer: h.table_rows(layer) for layer in h.layer_ids},
+                "row_bytes": quant.packed_bytes,
+                "row_values": quant.values,
+                "bytes_on_disk": {l: p.stat().st_size for l, p in paths[name].items()},
+            }
+            for name, vocab, h in (
+                ("scaled", args.scaled_vocab, scaled_hasher),
+                ("release", args.release_vocab, release_hasher),
+            )
+        },
+        "workload": {
+            "prefill_batch": [args.batch_size, args.seq_len],
+            "prefill_rounds": args.rounds,
+            "prefill_batches_per_round": args.batches_per_round,
+            "lookahead": args.lookahead,
+            "decode_batches": args.decode_batch,
+            "decode_prompt": args.decode_prompt,
+            "decode_steps_per_round": args.decode_steps,
+            "decode_rounds": args.decode_rounds,
+            "profile_tokens": len(text["profile"]),
+            "corpus": re.sub(r"/[^\s)]*", "<path>", corpus.description),  # no machine paths
+        },
+        "store": store_spec(args),
+        "rss_after_memory_tables": rss(),
+        "load_average_at_start": os.getloadavg(),
+    }
+    report["setup_seconds"] = time.perf_counter() - t_setup
+    stores: dict = {}
+    try:
+        if "scaled" in args.phases or "store" in args.phases:
+            log("opening the scaled stores (warm start) ...")
+            stores["scaled"], report["scaled_store"] = open_tiered(
+                paths["scaled"], scaled_hasher, args, profile
+            )
+        if "scaled" in args.phases:
+            variants = {"memory": (model, memory), "tiered": (model, stores["scaled"])}
+            report["scaled_prefill"] = prefill_rounds(variants, prefill, args, True)
+            report["scaled_decode"] = decode_rounds(variants, text["decode"], args, True)
+            del variants
+        if "store" in args.phases:
+            report["store_alone"] = []
+            for threads in args.store_torch_threads:
+                batches, decode = next(store_text)  # the same text for both: memory keeps no state
+                for shape in ((batches, None), *(([], d) for d in decode)):
+                    for label, tables in (
+                        ("scaled memory", memory),
+                        ("scaled tiered", stores["scaled"]),
+                    ):
+                        run = store_alone(
+                            scaled_hasher, tables, *shape, label=label, threads=threads
+                        )
+                        report["store_alone"].append(run)
+        model.set_tables(memory)  # drop the scaled stores before the release-size ones open
+        for store in stores.pop("scaled", {}).values():
+            store.close()
+        tables = None  # the store-alone loop held the scaled stores
+        gc.collect()
+        report["rss_after_scaled_phases"] = rss()
+        if "release" in args.phases or "store" in args.phases:
+            log("opening the release-size stores (warm start) ...")
+            stores["release"], report["release_store"] = open_tiered(
+                paths["release"], release_hasher, args, profile
+            )
+            # the same dense weights as the scaled model: the same compute, other rows
+            release = EngramLM(release_cfg, hasher=release_hasher, tables=stores["release"])
+            release.load_state_dict(model.state_dict())
+            release.eval()
+        if "release" in args.phases:
+            variants = {"scaled_memory": (model, memory), "tiered": (release, stores["release"])}
+            report["release_prefill"] = prefill_rounds(variants, prefill, args, False)
+            report["release_decode"] = decode_rounds(variants, text["decode"], args, False)
+        if "store" in args.phases:
+            for threads in args.store_torch_threads:
+                batches, decode = next(store_text)
+                for shape in ((batches, None), *(([], d) for d in decode)):
+                    run = store_alone(
+                        release_hasher,
+                        stores["release"],
+                        *shape,
+                        label="release tiered",
+                        threads=threads,
+                    )
+                    report["store_alone"].append(run)
+        report["rss_end"] = rss()
+        report["load_average_at_end"] = os.getloadavg()  # the machine is shared
+    finally:
+        for group in stores.values():
+            for store in group.values():
+                store.close()
+    report["targets"] = targets(report)
+    text_out = json.dumps(report, indent=2, default=lambda o: o.item())  # NumPy scalars
+    print(text_out)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text_out + "\n")
+    print_summary(report)
+    return 0
+
+
+def targets(report: dict) -> dict:
+    """The issue's targets, each with the measured figure and whether it is met."""
+    out = {}
+    for phase in ("scaled_prefill", "release_prefill"):
+        if phase in report:
+            ratio = report[phase]["tiered"]["ratio_median"]
+            out[phase] = {"tiered_vs_memory": ratio, "target": PREFILL_TARGET}
+            out[phase]["met"] = ratio >= PREFILL_TARGET
+    for phase in ("scaled_decode", "release_decode"):
+        if phase in report:
+            shares = {b: e["tiered"]["stall_share_of_step"] for b, e in report[phase].items()}
+            out[phase] = {"stall_share_of_step": shares, "target": STALL_TARGET}
+            out[phase]["met"] = all(v <= STALL_TARGET for v in shares.values())
+    for run in report.get("store_alone", []):
+        if run["tables"] == "release tiered":
+            key = f"store_alone {run['shape']} {run['torch_threads']} thread(s)"
+            out[key] = {
+                "tokens_per_s": run["tokens_per_s"],
+                "target": PAPER_TOKENS_PER_S,
+                "met": run["keeps_up_on_this_machine"],
+                "cores_for_paper_rate": run["cores_for_paper_rate"],
+            }
+    return out
+
+
+def print_summary(report: dict) -> None:
+    """The headline figures, one line each."""
+    for phase in ("scaled_prefill", "release_prefill"):
+        if phase in report:
+            r = report[phase]
+            base = r["baseline"]
+            print(
+                f"{phase}: tiered {r['tiered']['tokens_per_s_median']:.1f} tokens/s vs {base} "
+                f"{r[base]['tokens_per_s_median']:.1f}: {r['tiered']['ratio_median']:.3f}x "
+                f"(mean {r['tiered']['ratio_mean']:.3f} +- {r['tiered']['ratio_stderr']:.3f}), "
+                f"stall {r['tiered']['stall_seconds_per_batch']:.3f} s/batch; first batch of a "
+                f"round (fetch from its start): {r['tiered']['first_batch']['ratio_median']:.3f}x",
+                file=sys.stderr,
+            )
+    for phase in ("scaled_decode", "release_decode"):
+        for size, e in report.get(phase, {}).items():
+            t = e["tiered"]
+            print(
+                f"{phase} batch {size}: step {t['step_ms_median']:.1f} ms, store "
+                f"{t['store_ms_median']:.2f} ms, stall {t['stall_ms_median']:.2f} ms "
+                f"({t['stall_share_of_step']:.1%} of step time), step speed vs baseline "
+                f"{t['step_speed_vs_baseline_median']:.3f}",
+                file=sys.stderr,
+            )
+    for run in report.get("store_alone", []):
+        print(
+            f"store alone {run['tables']:<15} {run['shape']} {run['torch_threads']} thread(s): "
+            f"{run['tokens_per_s']:,.0f} tokens/s, {run['tokens_per_cpu_second']:,.0f} tokens per "
+            f"CPU-s, {run['cores_for_paper_rate']:.2f} cores for {PAPER_TOKENS_PER_S:,} tokens/s",
+            file=sys.stderr,
+        )
+
+
+def _public_args(argv: list[str]) -> list[str]:
+    """The command line with the table directory's machine path replaced by ``DIR``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            out.append("DIR")
+            skip = False
+        elif arg == "--dir":
+            out.append(arg)
+            skip = True
+        elif arg.startswith("--dir="):
+            out.append("--dir=DIR")
+        else:
+            out.append(arg)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""An EngramLM of DeepSeek-V4.1's geometry: V41Engram layers over packed fp8 tables, identical on
+both table backends (prefill and decode), dead tokens passed through, decode equal to one pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tiered_store.engram import NgramHasher
+from tiered_store.engram.backend import PackedInMemoryTable
+from tiered_store.engram.checkpoint import open_tables, table_file, table_metadata
+from tiered_store.engram.model import EngramLM, ModelConfig
+from tiered_store.engram.pipeline import PrefetchPipeline
+from tiered_store.engram.v41_module import V41Engram
+from tiered_store.errors import ConfigError
+from tiered_store.quantization import RowQuantization
+from tiered_store.store import TieredStore
+from tiered_store.table_format import RandomSource, create_table
+
+# The release's layers, orders and heads (Engram at 1 and 14; 3 orders x 8 heads), small tables
+# and 32-wide rows (32 fp8 values + 1 scale byte).
+V41 = {
+    "engram": {
+        "geometry": "deepseek-v4.1",
+        "engram_vocab_size": 211,
+        "max_ngram_size": 4,
+        "n_head_per_ngram": 8,
+        "n_embed_per_ngram": 8 * 32,
+        "layer_ids": [1, 14],
+    },
+    "backbone": {"hidden_size": 32, "hc_mult": 4, "num_layers": 15},
+    "transformer": {"num_attention_heads": 4},
+}
+QUANT = RowQuantization(values=32, block=32)
+STORE = {
+    "tiers": {"hot": {"capacity": "2%"}, "warm": {"capacity": "8%"}, "cold": {"io": "pread"}},
+    "prefetch": {"depth": 2},
+}
+TEXT = (
+    "def lookup(table, ids):\n    return table[ids]  # the hot rows repeat\n"
+    "The cold tier holds the long tail; the hot tier holds what repeats.\n"
+)
+
+
+@pytest.fixture(scope="module")
+def config() -> ModelConfig:
+    return ModelConfig.from_dict(V41)
+
+
+@pytest.fixture(scope="module")
+def hasher(config) -> NgramHasher:
+    return NgramHasher(config.engram)
+
+
+@pytest.fixture(scope="module")
+def table_paths(hasher, tmp_path_factory) -> dict:
+    directory = tmp_path_factory.mktemp("v41-tables")
+    paths = {}
+    for layer in hasher.layer_ids:
+        paths[layer] = table_file(directory, layer)
+        source = RandomSource(
+            hasher.table_rows(layer), QUANT.packed_bytes, "uint8", seed=layer, quantization=QUANT
+        )
+        create_table(paths[layer], source, metadata=table_metadata(hasher, layer), progress=False)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tokens(hasher) -> torch.Tensor:
+    return torch.from_numpy(np.tile(hasher.tokenizer.encode(TEXT), 8)[: 3 * 40].reshape(3, 40))
+
+
+@pytest.fixture
+def model(config, hasher, table_paths) -> EngramLM:
+    torch.manual_seed(0)
+    memory = {layer: PackedInMemoryTable.from_table(str(p)) for layer, p in table_paths.items()}
+    return EngramLM(config, hasher=hasher, tables=memory).eval()
+
+
+@pytest.fixture
+def stores(hasher, table_paths):
+    opened = open_tables(table_paths, hasher, STORE)
+    yield opened
+    for store in opened.values():
+        store.close()
+
+
+def _decode(model: EngramLM, tokens: torch.Tensor, prompt: int) -> list[torch.Tensor]:
+    """Logits of the prompt's last position, then of each later token fed one per step."""
+    state, cache = model.hasher.new_state(tokens.shape[0]), model.new_cache()
+    outputs = []
+    with torch.no_grad():
+        for start, stop in [(0, prompt)] + [(t, t + 1) for t in range(prompt, tokens.shape[1])]:
+            ids = tokens[:, start:stop]
+            batch = model.prefetch(ids, state=state)
+            outputs.append(model(ids, prefetched=batch, cache=cache, logits="last"))
+    return outputs
+
+
+def test_v41_geometry_builds_v41_engram_layers(model, hasher):
+    layers = model.engram_layers
+    assert sorted(layers) == [1, 14]
+    for layer_id, engram in layers.items():
+        assert isinstance(engram, V41Engram) and engram.num_heads == 24
+        assert engram.table.rows == hasher.table_rows(layer_id) and engram.table.dim == 32
+    assert "layers.1.engram.wkv" in model.state_dict()
+
+
+def test_prefill_logits_are_bit_identical_on_both_backends(model, stores, tokens):
+    with torch.no_grad():
+        memory = model(tokens)
+        model.set_tables(stores)
+        for _ in range(2):  # cold, then from the cache tiers
+            assert torch.equal(model(tokens, prefetched=model.prefetch(tokens)), memory)
+    stats = stores[1].stats()
+    assert stats["cold"]["rows_read"] > 0 and stats["hot"]["hits"] > 0
+
+
+def test_decode_logits_are_bit_identical_on_both_backends(model, stores, tokens):
+    memory = _decode(model, tokens, prompt=24)
+    model.set_tables(stores)
+    tiered = _decode(model, tokens, prompt=24)
+    assert len(tiered) == 17
+    for a, b in zip(memory, tiered, strict=True):
+        assert torch.equal(a, b)
+    assert all(isinstance(t, TieredStore) for t in model.tables.values())
+
+
+def test_pipeline_decode_prefetches_each_step_and_counts_its_stall(model, stores, tokens):
+    want = _decode(model, tokens, prompt=24)
+    model.set_tables(stores)
+    outputs, stats = PrefetchPipeline(model).decode(tokens, prompt=24)
+    assert all(torch.equal(a, b) for a, b in zip(want, outputs, strict=True))
+    assert stats.step_seconds.shape == stats.stall_seconds.shape == (16,)
+    assert (stats.stall_seconds <= stats.lookup_seconds + 1e-9).all()
+    assert (stats.store_seconds < stats.step_seconds).all()
+    for layer in (1, 14):  # one prefetch per decode step, 3 sequences x 24 heads each
+        assert stats.tables[layer]["prefetch"]["handles"] == 16
+        assert stats.tables[layer]["hot"]["lookups"] == 16 * 3 * 24
+    summary = stats.summary()
+    assert summary["steps"] == 16 and 0 <= summary["stall_share_of_step"] < 1
+    with pytest.raises(ConfigError, match=r"prompt: expected an integer in \[1, 39\]"):
+        PrefetchPipeline(model).decode(tokens, prompt=40)
+
+
+def test_decode_with_hash_state_and_cache_equals_one_pass(model, tokens):
+    steps = _decode(model, tokens, prompt=24)
+    with torch.no_grad():
+        full = model(tokens)
+    want = torch.stack([full[:, 23]] + [full[:, t] for t in range(24, 40)])
+    # other GEMM shapes, so not bit-exact; the row ids are (tested in test_v41_addressing)
+    torch.testing.assert_close(torch.stack(steps), want, rtol=1e-4, atol=1e-4)
+
+
+def test_dead_tokens_pass_through_the_engram_layer_unchanged(model, tokens):
+    mask = torch.ones(tokens.shape, dtype=torch.bool)
+    mask[:, 5:9] = False
+    mask[1, 20:] = False
+    seen = {}
+
+    def hook(module, args, output):
+        seen[module] = (args[0], output)
+
+    handles = [e.register_forward_hook(hook) for e in model.engram_layers.values()]
+    try:
+        with torch.no_grad():
+            model(tokens, prefetched=model.prefetch(tokens, token_mask=mask))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen) == 2
+    for before, after in seen.values():
+        assert torch.equal(after[~mask], before[~mask])
+        assert not torch.equal(after[mask], before[mask])
+
+
+def test_bad_tables_masks_and_positions_are_refused(model, config, hasher, tokens):
+    wrong = PackedInMemoryTable(torch.zeros(10, QUANT.packed_bytes, dtype=torch.uint8), QUANT)
+    with pytest.raises(ConfigError, match=r"tables\[14\]: a table of 10 rows x 32; expected"):
+        EngramLM(config, hasher=hasher, tables={14: wrong})
+    with pytest.raises(ConfigError, match=r"tables\[1\]: a table of 10 rows x 32"):
+        model.set_tables({1: wrong})
+    with pytest.raises(ConfigError, match=r"token_mask: got torch.int64 \(3, 2\); expected bool"):
+        model.prefetch(tokens, token_mask=torch.ones(3, 2, dtype=torch.int64))
+    state, cache = hasher.new_state(3), model.new_cache()
+    with torch.no_grad():
+        model(tokens[:, :8], prefetched=model.prefetch(tokens[:, :8], state=state), cache=cache)
+        with pytest.raises(ConfigError, match="hashed at position 0 but the cache holds 8"):
+            model(tokens[:, 8:9], cache=cache)
+    bad = {**V41, "engram": {**V41["engram"], "n_embed_per_ngram": 8 * 16}}
+    with pytest.raises(ConfigError, match="rows of 16 values per head; expected a multiple of 32"):
+        EngramLM(ModelConfig.from_dict(bad))
