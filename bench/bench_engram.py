@@ -347,8 +347,11 @@ def main(argv=None) -> int:
     summary = summarize(rounds)
     report = {
         "benchmark": "engram_lm_throughput",
-        "command": "python bench/bench_engram.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python bench/bench_engram.py "  # absolute paths shortened to their names
+        + " ".join(
+            Path(a).name if os.path.isabs(a) else a
+            for a in (sys.argv[1:] if argv is None else argv)
+        ),
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),

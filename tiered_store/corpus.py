@@ -212,7 +212,7 @@ def default_corpus() -> Corpus:
     return Corpus(
         tuple(files),
         f"Python standard library {sysconfig.get_python_version()} sources "
-        f"({len(files):,} *.py files under {stdlib})",
+        f"({len(files):,} *.py files)",
         (str(stdlib),),
     )
 
