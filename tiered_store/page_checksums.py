@@ -326,11 +326,12 @@ class PageVerifier:
     def first_bad(self, data: np.ndarray, starts: np.ndarray, pages: np.ndarray):
         """``(k, expected, actual)`` of the first failing range, or ``None`` when all match.
 
-        ``pages`` are ascending data-region page indices whose bytes start at ``data[starts]``.
+        ``pages`` are non-decreasing data-region page indices whose bytes start at
+        ``data[starts]`` (a page may repeat: extents split between two rows of one page).
         """
         lengths = np.full(len(pages), self.page_bytes, dtype=np.int64)
-        if len(pages) and pages[-1] == self.last_page:  # ascending: only the last can be short
-            lengths[-1] = self.tail
+        if len(pages) and pages[-1] == self.last_page:  # short; at the end (twice when two
+            lengths[np.searchsorted(pages, self.last_page) :] = self.tail  # extents share it)
         actual = crc32c_pages(data, starts, lengths)
         expected = self.sums[pages]
         bad = np.flatnonzero(actual != expected)
