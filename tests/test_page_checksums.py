@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiered_store.cold_table as ct
 from tests.conftest import store_config
 from tiered_store import crc32c_kernel
 from tiered_store.cli import main
@@ -224,6 +225,31 @@ def test_a_flipped_byte_in_the_short_last_page(tmp_path, io):
         assert table.read_rows(np.array([0, 100])).shape == (2, DIM)
         with pytest.raises(ChecksumError, match=f"row {ROWS - 1} failed its page checksum"):
             table.read_rows(np.array([0, ROWS - 1]))
+
+
+@pytest.mark.parametrize("slice_pages", [1, 3])
+def test_pages_checked_in_slices_as_they_are_read(tmp_path, io, monkeypatch, slice_pages):
+    """pread/direct check every VERIFY_SLICE_BYTES read (while the pages are in cache), then the
+    rest at extraction; tiny slices, extents and buffers put a bad page in every position."""
+    monkeypatch.setattr(ct, "VERIFY_SLICE_BYTES", slice_pages * PAGE)
+    monkeypatch.setattr(ct, "MAX_EXTENT_PAGES", 2)
+    monkeypatch.setattr(ct, "WORKER_BUFFER_BYTES", 5 * PAGE)
+    monkeypatch.setattr(ct, "URING_BUFFER_BYTES", 5 * PAGE)
+    path = make(tmp_path)
+    clean = np.load(path)
+    with ColdTable(path, io=io, threads=2) as table:
+        for ids in (np.arange(ROWS), np.arange(0, ROWS, 5)):
+            assert np.array_equal(table.read_rows(ids).numpy(), clean[ids])
+    for row in (0, 140, 1234, ROWS - 1):
+        flip(path, row_offset(path, row, within=100))
+        page = (row * DIM * 4 + 100) // PAGE
+        with ColdTable(path, io=io, threads=2) as table:
+            with pytest.raises(ChecksumError, match=f"page {page} ") as info:
+                table.read_rows(np.arange(0, ROWS, 5) if row % 5 == 0 else np.arange(ROWS))
+            assert (
+                info.value.row * DIM * 4 // PAGE <= page <= (info.value.row + 1) * DIM * 4 // PAGE
+            )
+        flip(path, row_offset(path, row, within=100))  # undo
 
 
 def test_extents_that_share_the_short_last_page_verify(tmp_path, io):

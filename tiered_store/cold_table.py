@@ -88,6 +88,7 @@ REQUEST_COST_PAGES = 8  # balancing weight of one read request, in pages of tran
 TASKS_PER_THREAD = 4  # extent groups per thread: runners pull groups, so slow disks balance out
 WORKER_BUFFER_BYTES = 4 << 20  # 4 MiB page-aligned read buffer per worker thread
 MMAP_MIN_ROWS_PER_TASK = 8192  # mmap mode: below this many rows a batch is gathered inline
+VERIFY_SLICE_BYTES = 1 << 20  # pread/direct: check pages every 1 MiB read, while still in cache
 
 _PAGE_SHIFT = PAGE_BYTES.bit_length() - 1
 # NumPy element type used to hold each table dtype (bfloat16 travels as int16 bits)
@@ -534,16 +535,17 @@ class ColdTable:
         counts = [0] * (len(edges) - 1)
 
         fd, preadv = self._fd, os.preadv
+        slice_bytes = VERIFY_SLICE_BYTES if self._verifier is not None else 1 << 62
 
         def work(g: int) -> None:
             e_begin, e_end = edges[g], edges[g + 1]
             buf = self._buffer(buffer_bytes)
-            fill, batch, total = 0, e_begin, 0
+            fill, batch, total, checked = 0, e_begin, 0, 0
             for e in range(e_begin, e_end):  # one iteration per I/O request
                 length = lengths[e]
                 if fill + length > buffer_bytes:
-                    self._extract(plan, batch, e, buf, out)
-                    fill, batch = 0, e
+                    self._extract(plan, batch, e, buf, out, checked)
+                    fill, batch, checked = 0, e, 0
                 view = buf[fill : fill + length]
                 try:
                     got = preadv(fd, [view], offsets[e])
@@ -553,7 +555,10 @@ class ColdTable:
                     got = self._read_extent(view, offsets[e])
                 total += got
                 fill += length
-            self._extract(plan, batch, e_end, buf, out)
+                if fill - checked >= slice_bytes:  # verify while the pages are still in cache
+                    self._verify_packed(plan, batch, e + 1, buf, checked, fill)
+                    checked = fill
+            self._extract(plan, batch, e_end, buf, out, checked)
             moved[g], counts[g] = total, e_end - e_begin
 
         self._run_parallel(work, len(edges) - 1)
@@ -588,18 +593,34 @@ class ColdTable:
             ) from exc
         return got
 
-    def _extract(self, plan: _ExtentPlan, e0: int, e1: int, buf: memoryview, out: np.ndarray):
-        """Verify extents [e0, e1), packed at the start of ``buf``, and copy their rows to ``out``."""
+    def _verify_packed(
+        self, plan: _ExtentPlan, e0: int, e1: int, buf: memoryview, begin: int, end: int
+    ) -> None:
+        """Check bytes [begin, end) of ``buf``, which holds extents [e0, e1) packed from its start."""
+        p0 = int(plan.ext_vpos[e0] >> _PAGE_SHIFT)  # the buffer's first page in the plan
+        pages = plan.data_pages[p0 + (begin >> _PAGE_SHIFT) : p0 + (end >> _PAGE_SHIFT)]
+        starts = begin + (np.arange(len(pages), dtype=np.int64) << _PAGE_SHIFT)
+        data = np.frombuffer(buf, dtype=np.uint8, count=end)
+        self._verify(data, starts, pages, plan.ids[plan.row_start[e0] : plan.row_start[e1]])
+
+    def _extract(
+        self,
+        plan: _ExtentPlan,
+        e0: int,
+        e1: int,
+        buf: memoryview,
+        out: np.ndarray,
+        verified: int = 0,
+    ) -> None:
+        """Copy extents [e0, e1)'s rows (packed in ``buf``) to ``out``; check pages past ``verified``."""
         r0, r1 = plan.row_start[e0], plan.row_start[e1]
         if r0 == r1:
             return
         pos = plan.row_vpos[r0:r1] - plan.ext_vpos[e0]  # byte offset of each row in buf
         used = int(plan.ext_vpos[e1] - plan.ext_vpos[e0])
         data = np.frombuffer(buf, dtype=np.uint8, count=used)
-        if plan.data_pages is not None:
-            p0, p1 = plan.ext_vpos[e0] >> _PAGE_SHIFT, plan.ext_vpos[e1] >> _PAGE_SHIFT
-            starts = np.arange(p1 - p0, dtype=np.int64) << _PAGE_SHIFT
-            self._verify(data, starts, plan.data_pages[p0:p1], plan.ids[r0:r1])
+        if plan.data_pages is not None and verified < used:
+            self._verify_packed(plan, e0, e1, buf, verified, used)
         rb = self.row_bytes
         if used >= rb and not np.any(pos % rb):  # fast path: rows sit on a row_bytes grid
             rows = data[: used - used % rb].view(self._np_dtype).reshape(-1, self.dim)
