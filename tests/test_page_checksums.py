@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import tiered_store.cold_table as ct
+import tiered_store.page_checksums as pc
 from tests.conftest import store_config
 from tiered_store import crc32c_kernel
 from tiered_store.cli import main
@@ -136,6 +137,46 @@ def test_the_hardware_kernel_is_used_where_sse42_is_available():
         pytest.skip(crc32c_kernel.unavailable_reason())
     assert crc32c.hardware_based  # the package: SSE4.2 too
     assert crc32c_backend().startswith("SSE4.2 crc32 kernel")
+
+
+def test_the_fused_page_check_and_its_portable_fallback_agree():
+    rng = np.random.default_rng(3)
+    data = np.frombuffer(rng.bytes(12 * PAGE), dtype=np.uint8)
+    pages = np.array([0, 1, 1, 2, 5, 6, 7, 8, 9, 11], dtype=np.int64)  # a repeat; 11 is short
+    tail = 100
+    sums = np.array(
+        [crc32c.crc32c(data[p * PAGE : p * PAGE + (tail if p == 11 else PAGE)]) for p in range(12)],
+        dtype=np.uint32,
+    )
+    checks = [pc._portable_first_bad]
+    if crc32c_kernel.unavailable_reason() is None:
+        checks.append(crc32c_kernel.first_bad_page)
+    packed = np.concatenate([data[p * PAGE : (p + 1) * PAGE] for p in pages])
+    for check in checks:
+        assert check(data, 0, False, pages, sums, PAGE, 11, tail) == -1
+        assert check(packed, 0, True, pages, sums, PAGE, 11, tail) == -1
+        for bad in (0, 2, 9):
+            wrong = sums.copy()
+            wrong[pages[bad]] ^= 4
+            assert check(data, 0, False, pages, wrong, PAGE, 11, tail) == pages.tolist().index(
+                pages[bad]
+            )
+            assert check(packed, 0, True, pages, wrong, PAGE, 11, tail) == pages.tolist().index(
+                pages[bad]
+            )
+
+
+def test_reads_are_checked_where_only_the_crc32c_package_runs(tmp_path, monkeypatch):
+    """Off x86-64 (or without SSE4.2) the package checks page by page: same errors."""
+    portable = pc._Backend(pc._portable_ranges, pc._portable_first_bad, "package")
+    monkeypatch.setattr(pc, "_BACKEND", portable)
+    path = make(tmp_path)
+    flip(path, row_offset(path, 2222))
+    for io in ("pread", "mmap"):
+        with ColdTable(path, io=io) as table:
+            assert table.read_rows(np.array([1, 2, 3000])).shape == (3, DIM)
+            with pytest.raises(ChecksumError, match="row 2222 failed its page checksum"):
+                table.read_rows(np.array([1, 2222, 3000]))
 
 
 @pytest.mark.parametrize("pieces", [[1], [4095, 1, 4096, 3], [10_000, 7, 50_000], [PAGE] * 5])

@@ -444,11 +444,11 @@ class ColdTable:
                 str(self.path),
             )
 
-    def _verify(self, data: np.ndarray, starts: np.ndarray, pages: np.ndarray, ids) -> None:
-        """Raise ChecksumError (naming a requested row) if a page at ``data[starts]`` fails."""
+    def _verify(self, data: np.ndarray, first: int, packed: bool, pages: np.ndarray, ids) -> None:
+        """ChecksumError naming a requested row if a page fails (``PageVerifier.first_bad``)."""
         verifier = self._verifier
         assert verifier is not None
-        bad = verifier.first_bad(data, starts, pages)
+        bad = verifier.first_bad(data, first, packed, pages)
         if bad is None:
             return
         k, expected, actual = bad
@@ -511,8 +511,7 @@ class ColdTable:
             a, b = bounds[k], bounds[k + 1]
             if self._verifier is not None:
                 pages = _row_pages(ids[a:b], self.row_bytes)
-                starts = self.manifest.data_offset + (pages << _PAGE_SHIFT)
-                self._verify(self._bytes, starts, pages, ids[a:b])
+                self._verify(self._bytes, self.manifest.data_offset, False, pages, ids[a:b])
             np.take(array, ids[a:b], axis=0, out=out[a:b])
 
         self._run_parallel(gather, tasks)
@@ -599,9 +598,8 @@ class ColdTable:
         """Check bytes [begin, end) of ``buf``, which holds extents [e0, e1) packed from its start."""
         p0 = int(plan.ext_vpos[e0] >> _PAGE_SHIFT)  # the buffer's first page in the plan
         pages = plan.data_pages[p0 + (begin >> _PAGE_SHIFT) : p0 + (end >> _PAGE_SHIFT)]
-        starts = begin + (np.arange(len(pages), dtype=np.int64) << _PAGE_SHIFT)
         data = np.frombuffer(buf, dtype=np.uint8, count=end)
-        self._verify(data, starts, pages, plan.ids[plan.row_start[e0] : plan.row_start[e1]])
+        self._verify(data, begin, True, pages, plan.ids[plan.row_start[e0] : plan.row_start[e1]])
 
     def _extract(
         self,

@@ -24,7 +24,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["crc32c_ranges", "unavailable_reason"]
+__all__ = ["crc32c_ranges", "first_bad_page", "unavailable_reason"]
 
 _ONES = np.uint64(0xFFFFFFFF)
 
@@ -130,3 +130,24 @@ def crc32c_ranges(data, skew, starts, lengths, out):
         out[k] = np.uint32(c ^ _ONES)
         k += 1
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def first_bad_page(data, first_start, packed, pages, sums, page_bytes, last_page, tail):
+    """Index of the first of ``pages`` whose bytes in ``data`` fail ``sums[page]``, or -1.
+
+    Page ``k`` starts at ``first_start + k * page_bytes`` when ``packed`` (a read buffer), else
+    at ``first_start + pages[k] * page_bytes`` (a mapped file); ``last_page`` is ``tail`` long.
+    """
+    n = pages.size
+    starts = np.empty(n, np.int64)
+    lengths = np.empty(n, np.int64)
+    for k in range(n):
+        starts[k] = first_start + (k if packed else pages[k]) * page_bytes
+        lengths[k] = tail if pages[k] == last_page else page_bytes
+    out = np.empty(n, np.uint32)
+    crc32c_ranges(data, data.ctypes.data & 7, starts, lengths, out)
+    for k in range(n):
+        if out[k] != sums[pages[k]]:
+            return k
+    return -1

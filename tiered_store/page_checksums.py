@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import crc32c as _crc32c
 import numpy as np
@@ -215,13 +215,13 @@ def crc32c_pages(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> n
     """
     out = np.empty(len(starts), dtype=np.uint32)
     if len(starts):
-        _backend()[0](data, data.ctypes.data & 7, starts, lengths, out)
+        _backend().ranges(data, data.ctypes.data & 7, starts, lengths, out)
     return out
 
 
 def crc32c_backend() -> str:
     """Which implementation :func:`crc32c_pages` uses here, in words (for reports and logs)."""
-    return _backend()[1]
+    return _backend().description
 
 
 def _portable_ranges(
@@ -233,12 +233,38 @@ def _portable_ranges(
     return out
 
 
-_BACKEND: tuple[Callable[..., np.ndarray], str] | None = None
+def _portable_first_bad(
+    data: np.ndarray,
+    first_start: int,
+    packed: bool,
+    pages: np.ndarray,
+    sums: np.ndarray,
+    page_bytes: int,
+    last_page: int,
+    tail: int,
+) -> int:
+    """``crc32c_kernel.first_bad_page`` on the ``crc32c`` package."""
+    starts = first_start + (np.arange(len(pages)) if packed else pages) * page_bytes
+    lengths = np.where(pages == last_page, tail, page_bytes)
+    actual = _portable_ranges(data, 0, starts, lengths, np.empty(len(pages), dtype=np.uint32))
+    bad = np.flatnonzero(actual != sums[pages])
+    return int(bad[0]) if len(bad) else -1
+
+
+class _Backend(NamedTuple):
+    """The CRC32C implementation in use: ranges, the fused page check, and a description."""
+
+    ranges: Callable[..., np.ndarray]
+    first_bad: Callable[..., int]
+    description: str
+
+
+_BACKEND: _Backend | None = None
 _BACKEND_LOCK = threading.Lock()
 
 
-def _backend() -> tuple[Callable[..., np.ndarray], str]:
-    """The range-CRC function and its description, chosen (and compiled) on first use."""
+def _backend() -> _Backend:
+    """The implementation, chosen (and compiled) on first use."""
     global _BACKEND
     if _BACKEND is None:
         with _BACKEND_LOCK:
@@ -247,7 +273,7 @@ def _backend() -> tuple[Callable[..., np.ndarray], str]:
     return _BACKEND
 
 
-def _choose_backend() -> tuple[Callable[..., np.ndarray], str]:
+def _choose_backend() -> _Backend:
     """The SSE4.2 kernel when it runs here and agrees with the package, else the package."""
     package = f"crc32c package per page ({'hardware' if _crc32c.hardware_based else 'software'})"
     from . import crc32c_kernel  # noqa: PLC0415 (imports numba: only when checksums are needed)
@@ -262,12 +288,16 @@ def _choose_backend() -> tuple[Callable[..., np.ndarray], str]:
         )
         want = _portable_ranges(probe, 0, starts, lengths, np.empty(6, np.uint32))
         if np.array_equal(got, want):
-            return crc32c_kernel.crc32c_ranges, "SSE4.2 crc32 kernel (numba), 4 pages interleaved"
+            return _Backend(
+                crc32c_kernel.crc32c_ranges,
+                crc32c_kernel.first_bad_page,
+                "SSE4.2 crc32 kernel (numba), 4 pages interleaved",
+            )
         reason = "it disagreed with the crc32c package on a probe"
     log.info(
         "page checksums computed by the %s: the compiled kernel is unusable (%s)", package, reason
     )
-    return _portable_ranges, package
+    return _Backend(_portable_ranges, _portable_first_bad, package)
 
 
 class PageCrcAccumulator:
@@ -323,19 +353,21 @@ class PageVerifier:
         self.last_page = len(sums) - 1
         self.tail = data_bytes - self.last_page * page_bytes  # bytes of the last page
 
-    def first_bad(self, data: np.ndarray, starts: np.ndarray, pages: np.ndarray):
-        """``(k, expected, actual)`` of the first failing range, or ``None`` when all match.
+    def first_bad(
+        self, data: np.ndarray, first_start: int, packed: bool, pages: np.ndarray
+    ) -> tuple[int, int, int] | None:
+        """``(k, expected, actual)`` of the first of ``pages`` failing its checksum, or ``None``.
 
-        ``pages`` are non-decreasing data-region page indices whose bytes start at
-        ``data[starts]`` (a page may repeat: extents split between two rows of one page).
+        ``pages`` (data-region page indices) lie back to back in ``data`` from ``first_start``
+        when ``packed`` (a read buffer; a page may repeat where two extents split its rows), else
+        at ``first_start + page * page_bytes`` (a mapped file). One compiled call.
         """
-        lengths = np.full(len(pages), self.page_bytes, dtype=np.int64)
-        if len(pages) and pages[-1] == self.last_page:  # short; at the end (twice when two
-            lengths[np.searchsorted(pages, self.last_page) :] = self.tail  # extents share it)
-        actual = crc32c_pages(data, starts, lengths)
-        expected = self.sums[pages]
-        bad = np.flatnonzero(actual != expected)
-        if not len(bad):
+        k = _backend().first_bad(
+            data, first_start, packed, pages, self.sums, self.page_bytes, self.last_page, self.tail
+        )
+        if k < 0:
             return None
-        k = int(bad[0])
-        return k, int(expected[k]), int(actual[k])
+        page = int(pages[k])
+        start = first_start + (k if packed else page) * self.page_bytes
+        length = self.tail if page == self.last_page else self.page_bytes
+        return k, int(self.sums[page]), _crc32c.crc32c(data[start : start + length])
