@@ -1,7 +1,8 @@
 """Page checksums: a CRC32C per 4 KiB page of a table's data region, checked on every cold read.
 
-The cold tier reads whole pages (``pread``, ``direct``, ``uring``) or gathers rows from mapped
-pages (``mmap``), so a page is the unit a read can verify without reading more than it needs.
+The cold tier reads whole pages (``pread``, ``direct``, ``uring``), so a page is the unit those
+reads verify, exactly the bytes they read; ``mmap`` gathers rows from mapped pages and has to
+read the whole page around each row to check it.
 A table ``NAME.npy`` keeps them in ``NAME.npy.pages.crc32c``: one little-endian uint32 per page of
 the data region, in order (the last page may be short: its checksum covers the bytes that exist).
 The manifest's ``page_checksums`` entry records the page size, the page count, the algorithm and
@@ -10,7 +11,7 @@ the sidecar with the table (atomically, published before the manifest); ``tiered
 --add-page-checksums`` adds one to an older table.
 
 CRC32C (Castagnoli) rather than the manifest's per-block CRC-32: the CPU computes it in hardware
-(SSE4.2 ``crc32``), so checking every page read costs ~0.1-0.2 us per page. The ``crc32c`` package
+(SSE4.2 ``crc32``), so checking every page read costs ~0.2-0.3 us per page. The ``crc32c`` package
 (hardware-accelerated, with a software fallback) computes the sidecar's own checksum and the
 partial pages at chunk edges while creating; page batches go through one compiled call
 (:mod:`tiered_store.crc32c_kernel`) where SSE4.2 is available, and through the package page by
