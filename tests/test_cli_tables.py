@@ -71,7 +71,7 @@ def test_a_directory_table_is_a_clear_error(tmp_path, capsys):
 def test_verify_prints_a_readable_report(table, capsys):
     assert main(["verify", str(table), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{table}: OK: 1 blocks, 192,000 bytes checked in ")
+    assert out.startswith(f"{table}: OK: 1 blocks, 192,000 bytes, 47 pages checked in ")
     assert "VerifyReport" not in out and "MB/s" in out
 
 

@@ -97,7 +97,8 @@ def test_converted_tables_serve_the_reference_rows(golden, tmp_path):
         manifest = read_manifest(result.tables[layer])
         assert manifest.quantization == RowQuantization(values=256, block=32)
         assert manifest.metadata["engram"]["layer_id"] == layer
-        verify_table(result.tables[layer], progress=False)
+        report = verify_table(result.tables[layer], progress=False)
+        assert report.pages_checked == manifest.page_checksums.pages > 0  # written and checked
         with TieredStore.open(result.store_configs[layer]) as store:
             ids = torch.from_numpy(data[f"lookup_layer{layer}_ids"])  # out-of-range ids included
             rows = store.lookup(ids).view(torch.int16).numpy().view(np.uint16)

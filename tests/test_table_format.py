@@ -162,7 +162,11 @@ def test_path_without_npy_suffix_gets_one(tmp_path):
         tmp_path / "emb.npy",
         tmp_path / "emb.npy.manifest.json",
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "emb.npy",
+        "emb.npy.manifest.json",
+        "emb.npy.pages.crc32c",
+    ]
 
 
 def test_progress_bar_can_be_shown(tmp_path, capsys):
@@ -242,6 +246,7 @@ def test_no_overwrite_without_flag(tmp_path):
         "plain.npy",
         "t.npy",
         "t.npy.manifest.json",
+        "t.npy.pages.crc32c",
     ]
 
 

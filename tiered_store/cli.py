@@ -148,28 +148,48 @@ def _run_info(args) -> int:
 def _add_verify(sub) -> None:
     p = sub.add_parser(
         "verify",
-        help="re-check every block checksum of a table",
-        description="Re-read the whole table and check every block's checksum; exit 1 naming the first bad block.",
+        help="re-check every block and page checksum of a table (or add its page checksums)",
+        description="Re-read the whole table and check every block's CRC-32 and every page's "
+        "CRC32C; exit 1 naming the first bad block or page. With --add-page-checksums: check the "
+        "blocks, then write the page checksums (NAME.npy.pages.crc32c, which every cold read "
+        "checks) and record them in the manifest, atomically; for tables made before them.",
     )
     p.add_argument("table", type=Path)
+    p.add_argument(
+        "--add-page-checksums",
+        action="store_true",
+        help="compute and add (or rebuild) the table's page checksums",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_verify)
 
 
 def _run_verify(args) -> int:
     from .errors import TableFormatError
-    from .table_format import verify_table
+    from .table_format import add_page_checksums, verify_table
 
     try:
-        report = verify_table(args.table, progress=not args.quiet)
+        if args.add_page_checksums:
+            report = add_page_checksums(args.table, progress=not args.quiet)
+        else:
+            report = verify_table(args.table, progress=not args.quiet)
     except TableFormatError as exc:
         print(f"tiered-store verify: FAILED: {exc}", file=sys.stderr)
         return 1
     seconds = max(report.seconds, 1e-9)
-    print(
-        f"{args.table}: OK: {report.blocks_checked:,} blocks, {report.bytes_checked:,} bytes "
-        f"checked in {report.seconds:.2f} s ({report.bytes_checked / seconds / 1e6:,.0f} MB/s)"
-    )
+    speed = f"in {report.seconds:.2f} s ({report.bytes_checked / seconds / 1e6:,.0f} MB/s)"
+    blocks = f"{report.blocks_checked:,} blocks, {report.bytes_checked:,} bytes"
+    if args.add_page_checksums:
+        print(
+            f"{args.table}: OK: {blocks} checked, {report.pages_checked:,} page checksums added {speed}"
+        )
+    elif report.pages_checked:
+        print(f"{args.table}: OK: {blocks}, {report.pages_checked:,} pages checked {speed}")
+    else:
+        print(
+            f"{args.table}: OK: {blocks} checked {speed}; no page checksums, so reads of it are "
+            f"not verified: add them with `tiered-store verify --add-page-checksums {args.table}`"
+        )
     return 0
 
 

@@ -28,6 +28,20 @@ are laid back to back in the buffer, read through the ring, then extracted like 
 
 A failed read is retried once through a careful path that also handles the file's short last
 page; a second failure raises ``TierIOError`` and counts in ``read_errors``.
+
+Every read is verified before any row leaves ``read_rows`` (so the caches above only ever hold
+verified rows): the pages a buffer-full holds (pread, direct, uring), or the mapped pages of the
+requested rows (mmap), are checked against the table's CRC32C per 4 KiB page
+(:mod:`tiered_store.page_checksums`: one compiled call per buffer-full, in the reader threads);
+a mismatch raises ``ChecksumError`` naming the table, a requested row and the page, and counts in
+``checksum_failures``. A table without page checksums opens with an ``UnverifiedTableWarning``
+and reads unverified; ``verify_pages=False`` skips the checks (the benchmarks' baseline).
+
+Before each batch the open file is checked against its path (``fstat`` and ``stat``): a file
+that shrank, was removed or was replaced raises ``TierIOError``. For mmap this is what keeps a
+truncated table from killing the process with SIGBUS; the check cannot close the window between
+it and the gather (a truncation in those microseconds still faults), which the other modes do not
+have: their reads past the end come back short and raise.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import itertools
 import mmap
 import os
 import threading
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,7 +63,20 @@ import torch
 
 from tiered_store.errors import ConfigError, RowIdError, TierIOError
 from tiered_store.io_uring import MAX_QUEUE_DEPTH, IoUring
-from tiered_store.table_format import PAGE_BYTES, TableManifest, check_table, table_paths
+from tiered_store.page_checksums import (
+    ChecksumError,
+    PageVerifier,
+    UnverifiedTableWarning,
+    crc32c_backend,
+    load_page_checksums,
+)
+from tiered_store.table_format import (
+    PAGE_BYTES,
+    TableManifest,
+    check_table,
+    page_checksum_error,
+    table_paths,
+)
 
 IO_MODES = ("mmap", "pread", "direct", "uring")
 DEFAULT_THREADS = 8
@@ -60,6 +88,7 @@ REQUEST_COST_PAGES = 8  # balancing weight of one read request, in pages of tran
 TASKS_PER_THREAD = 4  # extent groups per thread: runners pull groups, so slow disks balance out
 WORKER_BUFFER_BYTES = 4 << 20  # 4 MiB page-aligned read buffer per worker thread
 MMAP_MIN_ROWS_PER_TASK = 8192  # mmap mode: below this many rows a batch is gathered inline
+VERIFY_SLICE_BYTES = 1 << 20  # pread/direct: check pages every 1 MiB read, while still in cache
 
 _PAGE_SHIFT = PAGE_BYTES.bit_length() - 1
 # NumPy element type used to hold each table dtype (bfloat16 travels as int16 bits)
@@ -86,10 +115,15 @@ class ColdTable:
         ``"uring"``, the readers that each drive their own ring.
     queue_depth
         ``"uring"`` only: requests in flight per reader (1 to 4096).
+    verify_pages
+        Check every page read against the table's page checksums (default). ``False`` reads
+        unverified (a baseline for benchmarks); so does a table without page checksums, which
+        warns (``UnverifiedTableWarning``) naming the command that adds them.
 
     Opening checks that both files exist, that the manifest agrees with the ``.npy`` header and
-    that the file size is exactly ``data_offset + rows * row_bytes``. It does not re-check the
-    block checksums: use ``verify_table`` for that.
+    that the file size is exactly ``data_offset + rows * row_bytes``, and loads the page
+    checksums (checking the sidecar's own checksum). It does not re-read the data: use
+    ``verify_table`` for that.
 
     Attributes
     ----------
@@ -97,9 +131,14 @@ class ColdTable:
     dtype : torch.dtype
     manifest : TableManifest
     path : Path
-    rows_read, bytes_read, read_requests, read_errors : int
+    rows_read, bytes_read, read_requests, read_errors, checksum_failures : int
         Counters. ``bytes_read`` counts bytes transferred (whole pages for pread/direct, row
-        bytes for mmap); ``read_requests`` counts ``preadv`` calls (gather calls for mmap).
+        bytes for mmap); ``read_requests`` counts ``preadv`` calls (gather calls for mmap);
+        ``read_errors`` reads that failed (after their retry) or found the file shrunk, removed
+        or replaced; ``checksum_failures`` ``read_rows`` calls that found a page failing its
+        checksum.
+    verified : bool
+        Whether reads are checked against page checksums.
 
     Examples
     --------
@@ -118,6 +157,7 @@ class ColdTable:
         io: str = "pread",
         threads: int = DEFAULT_THREADS,
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
+        verify_pages: bool = True,
     ):
         if io not in IO_MODES:
             raise ConfigError(f"ColdTable io={io!r}; expected one of {', '.join(IO_MODES)}")
@@ -145,14 +185,19 @@ class ColdTable:
         self.bytes_read = 0
         self.read_requests = 0
         self.read_errors = 0
+        self.checksum_failures = 0
+        self._verifier = self._page_verifier(verify_pages)
+        self.verified = self._verifier is not None
         self._np_dtype = np.dtype(_NP_ELEMENT[self.manifest.dtype])
         self._file_bytes = self.manifest.file_bytes
         self._lock = threading.Lock()
         self._local = threading.local()
         self._closed = False
         self._fd = -1
+        self._identity: tuple[int, int] = (-1, -1)  # (st_dev, st_ino) of the open file
         self._mmap: mmap.mmap | None = None
         self._array: np.ndarray | None = None
+        self._bytes: np.ndarray | None = None  # mmap: the whole file as uint8 (page checks)
         self._pool = ThreadPoolExecutor(threads - 1, "cold-read") if threads > 1 else None
         self._readers: list[_UringReader] = []  # idle rings with their buffers (io="uring")
         try:
@@ -191,7 +236,11 @@ class ColdTable:
         RowIdError
             ``ids`` is not a 1-D integer array, or its first/last id is out of ``[0, rows)``.
         TierIOError
-            A read failed (EIO, short read); the message names the file and offset.
+            A read failed (EIO, short read; the message names the file and offset), or the file
+            shrank, was removed or was replaced since the table was opened.
+        ChecksumError
+            A page read fails its page checksum; the message names the table, a requested row
+            in that page, and the page (no row of the batch is returned).
 
         Examples
         --------
@@ -203,12 +252,18 @@ class ColdTable:
         ids = self._check_ids(ids)
         result, out_np = self._output(len(ids), out)
         if len(ids):
-            if self._array is not None:
-                moved, requests = self._gather_mmap(ids, out_np)
-            elif self.io == "uring":
-                moved, requests = self._gather_uring(ids, out_np)
-            else:
-                moved, requests = self._gather_pread(ids, out_np)
+            self._check_file()
+            try:
+                if self._array is not None:
+                    moved, requests = self._gather_mmap(ids, out_np)
+                elif self.io == "uring":
+                    moved, requests = self._gather_uring(ids, out_np)
+                else:
+                    moved, requests = self._gather_pread(ids, out_np)
+            except ChecksumError:
+                with self._lock:
+                    self.checksum_failures += 1
+                raise
             with self._lock:
                 self.rows_read += len(ids)
                 self.bytes_read += moved
@@ -233,10 +288,32 @@ class ColdTable:
         depth = f", queue_depth={self.queue_depth}" if self.io == "uring" else ""
         return (
             f"ColdTable({str(self.path)!r}, io={self.io!r}, threads={self.threads}{depth}, "
-            f"shape={self.manifest.shape}, dtype={self.manifest.dtype})"
+            f"shape={self.manifest.shape}, dtype={self.manifest.dtype}, verified={self.verified})"
         )
 
     # ---- opening ---------------------------------------------------------------------------
+
+    def _page_verifier(self, verify_pages: bool) -> PageVerifier | None:
+        """The page checks of this table (None: unverified, with a warning if it has none)."""
+        if not verify_pages:
+            return None
+        entry = self.manifest.page_checksums
+        if entry is None:
+            warnings.warn(
+                f"table {self.path} has no page checksums, so its reads are not verified; add "
+                f"them with `tiered-store verify --add-page-checksums {self.path}`",
+                UnverifiedTableWarning,
+                stacklevel=3,
+            )
+            return None
+        sums = load_page_checksums(self.path, entry)
+        crc32c_backend()  # choose (and compile, on first use) now, not in the first lookup
+        return PageVerifier(sums, self.manifest.data_bytes, entry.page_bytes)
+
+    def _remember_identity(self) -> None:
+        """Note which file the descriptor is, for the per-batch check that it is still the table."""
+        st = os.fstat(self._fd)
+        self._identity = (st.st_dev, st.st_ino)
 
     def _open_fd(self) -> None:
         """Open for pread/direct/uring; probe one read so a refusing system fails here."""
@@ -254,6 +331,7 @@ class ColdTable:
             raise TierIOError(
                 exc.errno, f"cannot open table {self.path} for io={self.io!r}{hint}", str(self.path)
             ) from exc
+        self._remember_identity()
         if self.io == "pread":
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
         else:
@@ -293,10 +371,21 @@ class ColdTable:
 
     def _open_mmap(self) -> None:
         """Map the whole file read-only and view its data region as [rows, dim]."""
-        with open(self.path, "rb") as f:
-            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise TierIOError(
+                exc.errno, f"cannot open table {self.path} for io='mmap'", str(self.path)
+            ) from exc
+        self._remember_identity()
+        if os.fstat(self._fd).st_size < self._file_bytes:  # mapping past the end would SIGBUS
+            raise TierIOError(
+                errno.EIO, f"table {self.path} shrank before it could be mapped", str(self.path)
+            )
+        self._mmap = mmap.mmap(self._fd, self._file_bytes, access=mmap.ACCESS_READ)
         if hasattr(self._mmap, "madvise"):
             self._mmap.madvise(mmap.MADV_RANDOM)
+        self._bytes = np.frombuffer(self._mmap, dtype=np.uint8)
         self._array = np.frombuffer(
             self._mmap,
             dtype=self._np_dtype,
@@ -310,12 +399,64 @@ class ColdTable:
             readers, self._readers = self._readers, []
         for reader in readers:
             reader.ring.close()
-        self._array = None
+        self._array = self._bytes = None
         if self._mmap is not None:
-            self._mmap.close()
+            with contextlib.suppress(BufferError):  # views still alive (say, in a traceback):
+                self._mmap.close()  # then the map goes when they do
             self._mmap = None
         _release_fd_pool(self._fd, self._pool, wait=True)
         self._fd, self._pool = -1, None
+
+    # ---- per-batch checks ------------------------------------------------------------------
+
+    def _check_file(self) -> None:
+        """Raise TierIOError when the open file shrank, or its path now names no file or another."""
+        try:
+            size = os.fstat(self._fd).st_size
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            self._count_error()
+            raise TierIOError(
+                errno.ENOENT,
+                f"table {self.path} was removed while open; expected the table file to stay "
+                "while it is served",
+                str(self.path),
+            ) from None
+        except OSError as exc:
+            self._count_error()
+            raise TierIOError(
+                exc.errno, f"table {self.path}: cannot check the file ({exc.strerror})"
+            ) from None
+        if size < self._file_bytes:
+            self._count_error()
+            raise TierIOError(
+                errno.EIO,
+                f"table {self.path} shrank to {size:,} bytes while open; expected "
+                f"{self._file_bytes:,} (truncated, or rewritten in place?)",
+                str(self.path),
+            )
+        if (named.st_dev, named.st_ino) != self._identity:
+            self._count_error()
+            raise TierIOError(
+                errno.ESTALE,
+                f"table {self.path} was replaced by another file while open; expected the file "
+                "opened (reopen the store to serve the new table)",
+                str(self.path),
+            )
+
+    def _verify(self, data: np.ndarray, first: int, packed: bool, pages: np.ndarray, ids) -> None:
+        """ChecksumError naming a requested row if a page fails (``PageVerifier.first_bad``)."""
+        verifier = self._verifier
+        assert verifier is not None
+        bad = verifier.first_bad(data, first, packed, pages)
+        if bad is None:
+            return
+        k, expected, actual = bad
+        page = int(pages[k])
+        rb, off = self.row_bytes, self.manifest.data_offset
+        last_page = (ids * rb + (off + rb - 1)) >> _PAGE_SHIFT
+        row = int(ids[np.searchsorted(last_page, page + (off >> _PAGE_SHIFT))])
+        raise page_checksum_error(self.path, self.manifest, page, expected, actual, row=row)
 
     # ---- argument handling -----------------------------------------------------------------
 
@@ -368,6 +509,9 @@ class ColdTable:
 
         def gather(k: int) -> None:
             a, b = bounds[k], bounds[k + 1]
+            if self._verifier is not None:
+                pages = _row_pages(ids[a:b], self.row_bytes)
+                self._verify(self._bytes, self.manifest.data_offset, False, pages, ids[a:b])
             np.take(array, ids[a:b], axis=0, out=out[a:b])
 
         self._run_parallel(gather, tasks)
@@ -377,7 +521,7 @@ class ColdTable:
 
     def _gather_pread(self, ids: np.ndarray, out: np.ndarray) -> tuple[int, int]:
         """Plan extents for ``ids`` (vectorised), then read and extract them in parallel."""
-        plan = _plan_extents(ids, self.row_bytes, self.manifest.data_offset)
+        plan = _plan_extents(ids, self.row_bytes, self.manifest.data_offset, self.verified)
         n_ext = len(plan.page_first)
         groups = min(n_ext, 1 if self.threads == 1 else self.threads * TASKS_PER_THREAD)
         weight = np.cumsum(plan.pages + REQUEST_COST_PAGES)
@@ -390,16 +534,17 @@ class ColdTable:
         counts = [0] * (len(edges) - 1)
 
         fd, preadv = self._fd, os.preadv
+        slice_bytes = VERIFY_SLICE_BYTES if self._verifier is not None else 1 << 62
 
         def work(g: int) -> None:
             e_begin, e_end = edges[g], edges[g + 1]
             buf = self._buffer(buffer_bytes)
-            fill, batch, total = 0, e_begin, 0
+            fill, batch, total, checked = 0, e_begin, 0, 0
             for e in range(e_begin, e_end):  # one iteration per I/O request
                 length = lengths[e]
                 if fill + length > buffer_bytes:
-                    self._extract(plan, batch, e, buf, out)
-                    fill, batch = 0, e
+                    self._extract(plan, batch, e, buf, out, checked)
+                    fill, batch, checked = 0, e, 0
                 view = buf[fill : fill + length]
                 try:
                     got = preadv(fd, [view], offsets[e])
@@ -409,7 +554,10 @@ class ColdTable:
                     got = self._read_extent(view, offsets[e])
                 total += got
                 fill += length
-            self._extract(plan, batch, e_end, buf, out)
+                if fill - checked >= slice_bytes:  # verify while the pages are still in cache
+                    self._verify_packed(plan, batch, e + 1, buf, checked, fill)
+                    checked = fill
+            self._extract(plan, batch, e_end, buf, out, checked)
             moved[g], counts[g] = total, e_end - e_begin
 
         self._run_parallel(work, len(edges) - 1)
@@ -444,14 +592,33 @@ class ColdTable:
             ) from exc
         return got
 
-    def _extract(self, plan: _ExtentPlan, e0: int, e1: int, buf: memoryview, out: np.ndarray):
-        """Copy the rows of extents [e0, e1), now packed at the start of ``buf``, into ``out``."""
+    def _verify_packed(
+        self, plan: _ExtentPlan, e0: int, e1: int, buf: memoryview, begin: int, end: int
+    ) -> None:
+        """Check bytes [begin, end) of ``buf``, which holds extents [e0, e1) packed from its start."""
+        p0 = int(plan.ext_vpos[e0] >> _PAGE_SHIFT)  # the buffer's first page in the plan
+        pages = plan.data_pages[p0 + (begin >> _PAGE_SHIFT) : p0 + (end >> _PAGE_SHIFT)]
+        data = np.frombuffer(buf, dtype=np.uint8, count=end)
+        self._verify(data, begin, True, pages, plan.ids[plan.row_start[e0] : plan.row_start[e1]])
+
+    def _extract(
+        self,
+        plan: _ExtentPlan,
+        e0: int,
+        e1: int,
+        buf: memoryview,
+        out: np.ndarray,
+        verified: int = 0,
+    ) -> None:
+        """Copy extents [e0, e1)'s rows (packed in ``buf``) to ``out``; check pages past ``verified``."""
         r0, r1 = plan.row_start[e0], plan.row_start[e1]
         if r0 == r1:
             return
         pos = plan.row_vpos[r0:r1] - plan.ext_vpos[e0]  # byte offset of each row in buf
         used = int(plan.ext_vpos[e1] - plan.ext_vpos[e0])
         data = np.frombuffer(buf, dtype=np.uint8, count=used)
+        if plan.data_pages is not None and verified < used:
+            self._verify_packed(plan, e0, e1, buf, verified, used)
         rb = self.row_bytes
         if used >= rb and not np.any(pos % rb):  # fast path: rows sit on a row_bytes grid
             rows = data[: used - used % rb].view(self._np_dtype).reshape(-1, self.dim)
@@ -468,7 +635,7 @@ class ColdTable:
 
     def _gather_uring(self, ids: np.ndarray, out: np.ndarray) -> tuple[int, int]:
         """Plan extents, split them over ``threads`` readers, read each share through a ring."""
-        plan = _plan_extents(ids, self.row_bytes, self.manifest.data_offset)
+        plan = _plan_extents(ids, self.row_bytes, self.manifest.data_offset, self.verified)
         n_ext = len(plan.page_first)
         offsets = plan.page_first << _PAGE_SHIFT
         lengths = plan.pages << _PAGE_SHIFT
@@ -611,20 +778,23 @@ class _ExtentPlan:
 
     ``row_start[e]`` is the first row of extent ``e`` (``row_start[-1] == len(ids)``);
     ``ext_vpos[e]`` is the extent's byte offset when all extents are packed back to back;
-    ``row_vpos[r]`` is row ``r``'s byte offset in that packed stream.
+    ``row_vpos[r]`` is row ``r``'s byte offset in that packed stream; ``data_pages[j]`` is the
+    data-region page index of the stream's ``j``-th page (``None`` when reads are unverified).
     """
 
-    __slots__ = ("page_first", "pages", "row_start", "ext_vpos", "row_vpos")
+    __slots__ = ("ids", "page_first", "pages", "row_start", "ext_vpos", "row_vpos", "data_pages")
 
-    def __init__(self, page_first, pages, row_start, ext_vpos, row_vpos):
+    def __init__(self, ids, page_first, pages, row_start, ext_vpos, row_vpos, data_pages):
+        self.ids = ids
         self.page_first = page_first
         self.pages = pages
         self.row_start = row_start
         self.ext_vpos = ext_vpos
         self.row_vpos = row_vpos
+        self.data_pages = data_pages
 
 
-def _plan_extents(ids: np.ndarray, row_bytes: int, data_offset: int) -> _ExtentPlan:
+def _plan_extents(ids: np.ndarray, row_bytes: int, data_offset: int, verify: bool) -> _ExtentPlan:
     """Coalesce the pages of sorted ``ids`` into extents of at most ~MAX_EXTENT_PAGES pages."""
     n = len(ids)
     start = ids * row_bytes + data_offset
@@ -643,7 +813,28 @@ def _plan_extents(ids: np.ndarray, row_bytes: int, data_offset: int) -> _ExtentP
     np.cumsum(pages << _PAGE_SHIFT, out=ext_vpos[1:])
     ext = np.cumsum(new) - 1
     row_vpos = ext_vpos[ext] + (start - (page_first[ext] << _PAGE_SHIFT))
-    return _ExtentPlan(page_first, pages, row_start, ext_vpos, row_vpos)
+    data_pages = None
+    if verify:  # packed page j of extent e is file page page_first[e] + (j - its first j)
+        shift = page_first - (ext_vpos[:-1] >> _PAGE_SHIFT) - (data_offset >> _PAGE_SHIFT)
+        data_pages = np.repeat(shift, pages) + np.arange(int(ext_vpos[-1] >> _PAGE_SHIFT))
+    return _ExtentPlan(ids, page_first, pages, row_start, ext_vpos, row_vpos, data_pages)
+
+
+def _row_pages(ids: np.ndarray, row_bytes: int) -> np.ndarray:
+    """The data-region pages that rows ``ids`` (sorted) lie in, ascending, each once."""
+    if len(ids) > 1:
+        ids = ids[np.concatenate(([True], ids[1:] != ids[:-1]))]  # repeats would revisit pages
+    first = (ids * row_bytes) >> _PAGE_SHIFT
+    count = ((ids * row_bytes + (row_bytes - 1)) >> _PAGE_SHIFT) - first + 1
+    if int(count.max()) == 1:
+        pages = first
+    else:  # rows spanning pages: every page of each row
+        begin = np.cumsum(count) - count
+        pages = np.repeat(first - begin, count) + np.arange(int(count.sum()))
+    keep = np.empty(len(pages), dtype=bool)
+    keep[0] = True
+    np.not_equal(pages[1:], pages[:-1], out=keep[1:])
+    return pages[keep]
 
 
 def _release_fd_pool(fd: int, pool: ThreadPoolExecutor | None, wait: bool = False) -> None:

@@ -26,12 +26,12 @@ tiered_store_row_size_bytes                    gauge      table               by
 tiered_store_cold_read_rows_total              counter    table               rows read from disk
 tiered_store_cold_read_bytes_total             counter    table               bytes transferred from disk
 tiered_store_cold_read_requests_total          counter    table               read calls issued
-tiered_store_cold_read_errors_total            counter    table               reads that failed twice
+tiered_store_cold_read_errors_total            counter    table               reads that failed (twice)
 tiered_store_lookup_duration_seconds           histogram  table               one ``lookup`` call
 tiered_store_prefetch_stall_seconds            histogram  table               wait for a prefetch handle
 tiered_store_prefetches_total                  counter    table               prefetches started
 tiered_store_verifications_total               counter    table               checksum passes run
-tiered_store_checksum_failures_total           counter    table               passes that found corruption
+tiered_store_checksum_failures_total           counter    table               corrupt pages found
 tiered_store_lookup_failures_total             counter    table               served lookups that failed
 tiered_store_http_requests_total               counter    handler, code       HTTP requests answered
 tiered_store_http_request_duration_seconds     histogram  handler             HTTP request handling time
@@ -158,7 +158,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tiered_store_cold_read_errors_total": (
         "counter",
         ("table",),
-        "Cold reads that failed again after their retry (each raised TierIOError).",
+        "Cold reads that failed again after their retry, or found the table file shrunk, removed "
+        "or replaced since it was opened (each raised TierIOError).",
     ),
     "tiered_store_lookup_duration_seconds": (
         "histogram",
@@ -183,8 +184,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tiered_store_checksum_failures_total": (
         "counter",
         ("table",),
-        "Checksum passes that found the table corrupt (a block failing its CRC-32, or a file "
-        "that no longer matches its manifest).",
+        "Corruption found: cold reads whose pages failed their CRC32C page checksum (each raised "
+        "ChecksumError; no row of that read was served or cached), plus checksum passes that "
+        "found the table corrupt (a block failing its CRC-32, a page its CRC32C, or a file that "
+        "no longer matches its manifest).",
     ),
     "tiered_store_lookup_failures_total": (
         "counter",
@@ -317,7 +320,7 @@ class TieredStoreCollector(Collector):
             health = self._health.get(table) or TableHealth()
             fam["tiered_store_verifications_total"].add_metric([table], health.verifications)
             fam["tiered_store_checksum_failures_total"].add_metric(
-                [table], health.checksum_failures
+                [table], health.checksum_failures + store.cold.checksum_failures
             )
             fam["tiered_store_lookup_failures_total"].add_metric([table], health.lookup_failures)
         yield from fam.values()

@@ -8,17 +8,22 @@ Layout of a table called ``NAME``:
   ``mmap_mode="r"``. bfloat16 has no NumPy dtype and is stored as ``'<u2'`` (the raw bits).
 - ``NAME.npy.manifest.json``: format version, shape, dtype (``bfloat16`` spelled out), row_bytes,
   data_offset, block_bytes, one CRC-32 (zlib) per ``block_bytes`` block of the data region, and
-  how/when/by which library version the table was made.
+  how/when/by which library version the table was made; ``page_checksums`` describes the next file.
+- ``NAME.npy.pages.crc32c``: one CRC32C per 4 KiB page of the data region, which every cold read
+  checks (:mod:`tiered_store.page_checksums`). Tables made before it have no such file and no
+  ``page_checksums`` entry (readers that predate the entry ignore it): they open with a warning and
+  read unverified until ``tiered-store verify --add-page-checksums`` adds it.
 
 CRC-32 rather than xxhash: it is in the standard library (no extra dependency), any tool can
 recompute it (``zlib.crc32``, gzip, zip), it runs at about 2 GB/s per core here, faster than the
 disk reads it checks, and it catches every burst error of up to 32 bits and random damage with
-probability 1 - 2**-32 per block.
+probability 1 - 2**-32 per block. The block CRCs serve whole-table passes (``verify_table``, the
+serve scrubber); the page CRC32Cs serve reads, at the granularity reads happen.
 
 A table is "openable" only when the manifest exists and agrees with the ``.npy`` header and the
-file size. Creation writes both files under temporary names in the target directory, fsyncs them,
-then commits: remove the old manifest (if overwriting), rename the ``.npy``, rename the manifest
-last, fsyncing the directory after each step. A crash at any point therefore leaves either the old
+file size. Creation writes the files under temporary names in the target directory, fsyncs them,
+then commits: remove the old manifest (if overwriting), rename the ``.npy``, then the page
+checksums, and the manifest last, fsyncing the directory after each step. A crash at any point therefore leaves either the old
 table (crash before commit), no openable table (crash during commit), or the new table.
 Stale temporary files (``.NAME.npy.*.tmp``) may remain after a crash; they are never opened.
 """
@@ -34,7 +39,7 @@ import struct
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,16 @@ from tqdm.auto import tqdm
 
 from .atomic_file import AtomicFile, fsync_dir
 from .errors import TableFormatError, TierIOError
+from .page_checksums import (
+    ChecksumError,
+    PageChecksums,
+    PageCrcAccumulator,
+    crc32c_pages,
+    file_checksum,
+    load_page_checksums,
+    sidecar_bytes,
+    sidecar_path,
+)
 from .quantization import RowQuantization
 from .table_sources import (  # the sources are create_table's arguments: importable from here too
     TABLE_DTYPES,
@@ -60,6 +75,7 @@ from .versions import package_version
 
 __all__ = [
     "TABLE_DTYPES",
+    "ChecksumError",
     "PackedSafetensorsSource",
     "RandomSource",
     "SafetensorsSource",
@@ -68,6 +84,7 @@ __all__ = [
     "TableNotFoundError",
     "TableSource",
     "VerifyReport",
+    "add_page_checksums",
     "check_table",
     "create_table",
     "read_manifest",
@@ -109,6 +126,7 @@ class TableManifest:
         default_factory=dict, compare=False
     )  # caller's, e.g. Engram layout
     quantization: RowQuantization | None = None  # rows are packed quantised values (dtype uint8)
+    page_checksums: PageChecksums | None = None  # the CRC32C-per-page sidecar (None: unverified)
 
     @property
     def values_per_row(self) -> int:
@@ -177,6 +195,7 @@ class TableManifest:
             },
             "metadata": self.metadata,
             **({"quantization": self.quantization.to_json()} if self.quantization else {}),
+            **({"page_checksums": self.page_checksums.to_json()} if self.page_checksums else {}),
         }
 
     @classmethod
@@ -243,6 +262,11 @@ class TableManifest:
                 raise bad(
                     "shape", f"[rows, {quantization.packed_bytes}] uint8 for packed quantised rows"
                 )
+        page_checksums = None
+        if "page_checksums" in doc:
+            page_checksums = PageChecksums.from_json(
+                doc["page_checksums"], where, data_bytes, PAGE_BYTES
+            )
         return cls(
             rows=rows,
             dim=dim,
@@ -258,6 +282,7 @@ class TableManifest:
             format_version=version,
             metadata=metadata,
             quantization=quantization,
+            page_checksums=page_checksums,
         )
 
 
@@ -269,6 +294,7 @@ class VerifyReport:
     blocks_checked: int
     bytes_checked: int
     seconds: float
+    pages_checked: int = 0  # page CRC32Cs checked (0: the table has no page checksums)
 
     @property
     def bytes_per_second(self) -> float:
@@ -521,7 +547,7 @@ def _row_quantization(
 
 
 def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyReport:
-    """Re-read every block of a table and compare it with the manifest's checksums.
+    """Re-read every block of a table and compare it with the manifest's and the page checksums.
 
     Parameters
     ----------
@@ -533,25 +559,126 @@ def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
     Returns
     -------
     VerifyReport
-        Blocks and bytes checked, elapsed seconds.
+        Blocks, pages and bytes checked, elapsed seconds (``pages_checked`` is 0 for a table
+        without page checksums).
 
     Raises
     ------
     TableFormatError
-        The structure is wrong (see ``check_table``) or a block fails its checksum; the message
-        names the first bad block: index, file byte range, expected and actual CRC-32.
+        The structure is wrong (see ``check_table``), the page checksum file is missing or damaged,
+        or a block fails its checksum; the message names the first bad block: index, file byte
+        range, expected and actual CRC-32.
+    ChecksumError
+        A page fails its CRC32C (the blocks being right): the message names the page, its file
+        byte range and rows.
 
     Examples
     --------
     >>> r = verify_table("/data/t.npy", progress=False)  # doctest: +SKIP
-    >>> r.blocks_checked, r.bytes_checked  # doctest: +SKIP
-    (1, 128000)
+    >>> r.blocks_checked, r.pages_checked, r.bytes_checked  # doctest: +SKIP
+    (1, 32, 128000)
     """
     npy_path, _ = table_paths(path)
     manifest = check_table(npy_path)
+    entry = manifest.page_checksums
+    sums = load_page_checksums(npy_path, entry) if entry is not None else None
     t0 = time.perf_counter()
-    buf = bytearray(max(VERIFY_READ_BYTES // manifest.block_bytes, 1) * manifest.block_bytes)
+    _scan_table(npy_path, manifest, progress, "verify", expected_pages=sums)
+    return VerifyReport(
+        path=npy_path,
+        blocks_checked=manifest.num_blocks,
+        bytes_checked=manifest.data_bytes,
+        seconds=time.perf_counter() - t0,
+        pages_checked=0 if sums is None else len(sums),
+    )
+
+
+def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> VerifyReport:
+    """Give a table (one made before page checksums, or with a damaged sidecar) its page checksums.
+
+    Streams the table once: checks every block against the manifest's CRC-32s, computes a CRC32C
+    per 4 KiB page, then writes ``NAME.npy.pages.crc32c`` and the manifest with its
+    ``page_checksums`` entry atomically (the sidecar first, the manifest last). Nothing is written
+    when a block fails its checksum (the page checksums would certify corrupt data), nor when the
+    manifest changed meanwhile (run it again).
+
+    Parameters
+    ----------
+    path
+        The table's ``.npy`` path.
+    progress
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    VerifyReport
+        As ``verify_table``'s: blocks checked, pages written, bytes read, seconds.
+
+    Raises
+    ------
+    TableFormatError
+        The structure is wrong, a block fails its checksum, or the table changed while it ran.
+
+    Examples
+    --------
+    >>> add_page_checksums("/data/old.npy", progress=False).pages_checked  # doctest: +SKIP
+    32
+    >>> read_manifest("/data/old.npy").page_checksums.pages  # doctest: +SKIP
+    32
+    """
+    npy_path, manifest_path = table_paths(path)
+    manifest = check_table(npy_path)
+    before = manifest_path.read_bytes()
+    t0 = time.perf_counter()
+    sums = _scan_table(npy_path, manifest, progress, "page checksums", expected_pages=None)
+    content = sidecar_bytes(sums)
+    entry = PageChecksums(
+        pages=len(sums), file_crc32c=file_checksum(content), page_bytes=PAGE_BYTES
+    )
+    sidecar = AtomicFile(sidecar_path(npy_path), "wb")
+    manifest_file = AtomicFile(manifest_path, "w", encoding="utf-8")
+    try:
+        sidecar.file.write(content)
+        sidecar.finish()
+        manifest_file.file.write(_manifest_text(replace(manifest, page_checksums=entry)))
+        manifest_file.finish()
+        dir_fd = os.open(npy_path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)  # as _commit: no table commit in between
+            if not manifest_path.exists() or manifest_path.read_bytes() != before:
+                raise TableFormatError(
+                    f"table {npy_path} changed while its page checksums were computed; "
+                    "expected it unchanged: run the command again"
+                )
+            sidecar.publish()
+            manifest_file.publish()
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        sidecar.abort()
+        manifest_file.abort()
+        raise
+    return VerifyReport(
+        path=npy_path,
+        blocks_checked=manifest.num_blocks,
+        bytes_checked=manifest.data_bytes,
+        seconds=time.perf_counter() - t0,
+        pages_checked=len(sums),
+    )
+
+
+def _scan_table(
+    npy_path: Path,
+    manifest: TableManifest,
+    progress: bool,
+    desc: str,
+    expected_pages: np.ndarray | None,
+) -> np.ndarray:
+    """Stream the data once: check its block CRC-32s (and page CRC32Cs against ``expected_pages``)."""
+    chunk = max(VERIFY_READ_BYTES // manifest.block_bytes, 1) * manifest.block_bytes
+    buf = np.empty(chunk, dtype=np.uint8)
     view = memoryview(buf)
+    page_sums = []
     checked = 0
     with (
         open(npy_path, "rb", buffering=0) as f,
@@ -560,14 +687,14 @@ def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
             unit="B",
             unit_scale=True,
             disable=not progress,
-            desc=f"verify {npy_path.name}",
+            desc=f"{desc} {npy_path.name}",
         ) as bar,
     ):
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         f.seek(manifest.data_offset)
         block = 0
         while checked < manifest.data_bytes:
-            want = min(len(buf), manifest.data_bytes - checked)
+            want = min(chunk, manifest.data_bytes - checked)
             got = _readinto_full(f, view[:want])
             if got != want:
                 raise TableFormatError(
@@ -584,13 +711,48 @@ def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
                         f"its checksum: expected crc32 0x{expected:08x}, actual 0x{actual:08x}"
                     )
                 block += 1
+            starts = np.arange(0, want, PAGE_BYTES, dtype=np.int64)
+            sums = crc32c_pages(buf, starts, np.minimum(want - starts, PAGE_BYTES))
+            if expected_pages is not None:
+                first = checked // PAGE_BYTES
+                bad = np.flatnonzero(sums != expected_pages[first : first + len(sums)])
+                if len(bad):
+                    raise page_checksum_error(
+                        npy_path,
+                        manifest,
+                        first + int(bad[0]),
+                        int(expected_pages[first + bad[0]]),
+                        int(sums[bad[0]]),
+                    )
+            else:
+                page_sums.append(sums)  # computing them: kept (verifying: only compared)
             checked += want
             bar.update(want)
-    return VerifyReport(
-        path=npy_path,
-        blocks_checked=manifest.num_blocks,
-        bytes_checked=checked,
-        seconds=time.perf_counter() - t0,
+    return np.concatenate(page_sums) if page_sums else np.empty(0, dtype=np.uint32)
+
+
+def page_checksum_error(
+    npy_path: Path,
+    manifest: TableManifest,
+    page: int,
+    expected: int,
+    actual: int,
+    row: int | None = None,
+) -> ChecksumError:
+    """The ChecksumError for data page ``page`` of a table, naming the requested ``row`` if any."""
+    start = manifest.data_offset + page * PAGE_BYTES
+    end = min(start + PAGE_BYTES, manifest.file_bytes)
+    first_row = (start - manifest.data_offset) // manifest.row_bytes
+    last_row = (end - 1 - manifest.data_offset) // manifest.row_bytes
+    where = f"page {page} (file bytes [{start}, {end}), rows {first_row} to {last_row})"
+    sums = f"expected crc32c 0x{expected:08x}, actual 0x{actual:08x}"
+    message = (
+        f"table {npy_path}: row {row} failed its page checksum: {where}: {sums}"
+        if row is not None
+        else f"table {npy_path}: {where} fails its page checksum: {sums}"
+    )
+    return ChecksumError(
+        message, table=npy_path, page=page, row=row, expected=expected, actual=actual
     )
 
 
@@ -699,8 +861,10 @@ def _write_table(
     _check_free_space(directory, DATA_OFFSET + reader.rows * row_bytes, npy_path)
     header = _npy_header(descr, reader.rows, reader.dim)
     data_file = AtomicFile(npy_path, "wb")
+    sidecar = AtomicFile(sidecar_path(npy_path), "wb")
     manifest_file = AtomicFile(manifest_path, "w", encoding="utf-8")
     crc = _BlockCrc(block_bytes)
+    page_crc = PageCrcAccumulator(PAGE_BYTES)
     try:
         f = data_file.file
         with tqdm(
@@ -718,11 +882,15 @@ def _write_table(
                         f"source rows [{start}, {stop}) came back as {block.shape} "
                         f"{block.dtype.str}; expected {(stop - start, reader.dim)} {descr}"
                     )
-                data = memoryview(block.reshape(-1).view(np.uint8))
+                data = block.reshape(-1).view(np.uint8)
                 f.write(data)
-                crc.update(data)
+                crc.update(memoryview(data))
+                page_crc.update(data)
                 bar.update(len(data))
         data_file.finish()
+        page_sums = sidecar_bytes(page_crc.finish())
+        sidecar.file.write(page_sums)
+        sidecar.finish()
         manifest = TableManifest(
             rows=reader.rows,
             dim=reader.dim,
@@ -737,12 +905,18 @@ def _write_table(
             format_version=FORMAT_VERSION if reader.quantization else 1,  # plain: readable by v1
             metadata=metadata,
             quantization=reader.quantization,
+            page_checksums=PageChecksums(
+                pages=len(page_sums) // 4,
+                file_crc32c=file_checksum(page_sums),
+                page_bytes=PAGE_BYTES,
+            ),
         )
         manifest_file.file.write(_manifest_text(manifest))
         manifest_file.finish()
-        _commit(directory, data_file, manifest_file, overwrite)
+        _commit(directory, data_file, sidecar, manifest_file, overwrite)
     except BaseException:
         data_file.abort()
+        sidecar.abort()
         manifest_file.abort()
         raise
     return manifest
@@ -752,8 +926,10 @@ def _check_free_space(directory: Path, data_bytes: int, npy_path: Path) -> None:
     """Refuse (before writing a byte) a table that the file system has no room for.
 
     The manifest is small next to the data, but its checksum list grows with it: 11 bytes of
-    JSON per 1 MiB block at most, plus a page for the rest."""
-    needed = data_bytes + PAGE_BYTES + 11 * (data_bytes // DEFAULT_BLOCK_BYTES + 1)
+    JSON per 1 MiB block at most, plus a page for the rest; the page checksums take 4 bytes per
+    4 KiB page."""
+    pages = data_bytes // PAGE_BYTES + 1
+    needed = data_bytes + PAGE_BYTES + 11 * (data_bytes // DEFAULT_BLOCK_BYTES + 1) + 4 * pages
     stat = os.statvfs(directory)
     free = stat.f_bavail * stat.f_frsize
     if needed > free:
@@ -785,7 +961,9 @@ def _refuse_existing(npy_path: Path, manifest_path: Path, overwrite: bool) -> No
             )
 
 
-def _commit(directory: Path, data: AtomicFile, manifest: AtomicFile, overwrite: bool) -> None:
+def _commit(
+    directory: Path, data: AtomicFile, sidecar: AtomicFile, manifest: AtomicFile, overwrite: bool
+) -> None:
     """Publish the finished files; the manifest appears last, so a half-done commit never opens."""
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -795,6 +973,7 @@ def _commit(directory: Path, data: AtomicFile, manifest: AtomicFile, overwrite: 
             manifest.path.unlink()  # old table stops being openable before its .npy changes
             fsync_dir(directory)
         data.publish()
+        sidecar.publish()
         manifest.publish()
     finally:
         os.close(dir_fd)  # also releases the lock

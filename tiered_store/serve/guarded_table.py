@@ -3,8 +3,8 @@ typed error naming the table, and records it in the table's ``TableHealth``.
 
 A cross-cutting concern kept out of the store (as zarr keeps logging and counting in wrapper
 stores): the serve layer wraps each Engram layer's ``TieredStore`` in one of these, so every
-lookup failure (a ``TierIOError`` or ``TableFormatError`` from the cold tier, or rows that are
-not finite numbers) is counted per table, marks ``/healthz`` unhealthy for that table, and reaches
+lookup failure (a ``TierIOError`` or ``TableFormatError`` from the cold tier, a
+``ChecksumError`` from a page that fails its checksum, or rows that are not finite numbers) is counted per table, marks ``/healthz`` unhealthy for that table, and reaches
 the HTTP layer as ``TableUnavailableError``, whose message carries no server paths.
 """
 
@@ -19,6 +19,7 @@ import torch
 from ..engram.backend import TableBackend
 from ..errors import TableFormatError, TieredStoreError, TierIOError
 from ..metrics import TableHealth
+from ..page_checksums import ChecksumError
 
 __all__ = ["GuardedTable", "TableUnavailableError"]
 
@@ -28,7 +29,8 @@ log = logging.getLogger("tiered_store.serve")
 class TableUnavailableError(TieredStoreError, RuntimeError):
     """A table's rows could not be served (read failure, bad table file, non-finite values).
 
-    ``table`` names the table, ``reason`` is one of ``"read"``, ``"format"``, ``"nonfinite"``;
+    ``table`` names the table, ``reason`` is one of ``"read"``, ``"checksum"``, ``"format"``,
+    ``"nonfinite"``;
     ``str()`` is safe to show a client (no paths); the cause is chained and logged.
     """
 
@@ -40,6 +42,7 @@ class TableUnavailableError(TieredStoreError, RuntimeError):
 
 _REASONS = {
     "read": "cold tier read failed",
+    "checksum": "rows failed their checksum",
     "format": "table file failed a check",
     "nonfinite": "rows hold non-finite values",
 }
@@ -85,6 +88,8 @@ class GuardedTable(TableBackend):
             rows = self.table.lookup(row_ids, handle)
         except TierIOError as exc:
             raise self._failed("read", exc) from exc
+        except ChecksumError as exc:
+            raise self._failed("checksum", exc) from exc
         except TableFormatError as exc:
             raise self._failed("format", exc) from exc
         if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
@@ -98,6 +103,8 @@ class GuardedTable(TableBackend):
             return self.table.prefetch(row_ids)
         except TierIOError as exc:
             raise self._failed("read", exc) from exc
+        except ChecksumError as exc:
+            raise self._failed("checksum", exc) from exc
         except TableFormatError as exc:
             raise self._failed("format", exc) from exc
 
