@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from tiered_store.corpus import resolve_corpus
+from tiered_store.disk_probe import drop_page_cache
 from tiered_store.engram import NgramHasher
 from tiered_store.engram.checkpoint import (
     check_table_file,
@@ -166,16 +167,6 @@ def ensure_tables(args, hasher: NgramHasher) -> dict[int, Path]:
             )
         paths[layer] = path
     return paths
-
-
-def drop_page_cache(paths) -> None:
-    """Ask the kernel to forget the table files' cached pages, so (d) starts from the disk."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def store_spec(args) -> dict:

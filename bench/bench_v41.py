@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from tiered_store.corpus import resolve_corpus
+from tiered_store.disk_probe import drop_page_cache
 from tiered_store.engram import NgramHasher
 from tiered_store.engram.backend import PackedInMemoryTable
 from tiered_store.engram.checkpoint import check_table_file, open_tables, table_file, table_metadata
@@ -198,16 +199,6 @@ def ensure_tables(directory: Path, hasher: NgramHasher, quant: RowQuantization) 
             )
         paths[layer] = path
     return paths
-
-
-def drop_page_cache(paths) -> None:
-    """Ask the kernel to forget the table files' cached pages (table creation wrote them)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def store_spec(args) -> dict:

@@ -18,6 +18,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,3 +289,20 @@ def _read_all(fd: int, path: Path, offsets: list[int], threads: int, block_bytes
             exc.errno, f"O_DIRECT read of {path} failed ({exc.strerror})", str(path)
         ) from exc
     return seconds
+
+
+def drop_page_cache(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Ask the kernel to forget the cached pages of ``paths`` (so a benchmark starts from disk).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     drop_page_cache([f.name])
+    """
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
