@@ -3,7 +3,7 @@
 One synthetic layer-1 table of the release's 384,006,168 rows (the primes of
 ``engram_vocab_size`` 16,000,000, 2..4-grams x 8 heads), with narrower rows so it fits a small
 disk: 32 fp8 values + 1 ue8m0 scale byte = 33 B a row, 12.7 GB. It is opened with hot 1% + warm 5%
-of the rows (LRU, cold reads ``io: direct``), twice in the same run: with the compact hashed
+of the rows (LRU, cold reads ``io: uring``, page checksums verified), twice in the same run: with the compact hashed
 row -> slot index (sized from the tiers) and with the dense one (4 B per table row per tier), and
 each replays the same real text (Python stdlib sources, DeepSeek tokenizer) hashed with the
 release's config, batch after batch (each batch's rows prefetched while the previous batch's are
@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--threads", type=int, default=16, help="cold reader threads (default 16)")
+    p.add_argument("--io", default="uring", help="cold reads: uring (default), direct, pread, mmap")
     p.add_argument(
         "--indexes", default="hashed,dense", help="row indexes to compare (default hashed,dense)"
     )
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
                 "tiers": {
                     "hot": {"capacity": "1%", "index": kind},
                     "warm": {"capacity": "5%", "index": kind},
-                    "cold": {"io": "direct", "threads": args.threads},
+                    "cold": {"io": args.io, "threads": args.threads},
                 },
             }
         )
