@@ -60,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--vocab", type=int, default=RELEASE_VOCAB, help="engram_vocab_size (default the release's)"
     )
     p.add_argument(
+        "--warmup-tokens",
+        type=int,
+        default=1_000_000,
+        help="real-text tokens replayed untimed first (default 1M)",
+    )
+    p.add_argument(
         "--tokens", type=int, default=600_000, help="real-text tokens replayed (default 600k)"
     )
     p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
