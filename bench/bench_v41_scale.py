@@ -168,7 +168,8 @@ def main(argv=None) -> int:
     warmup, batches = batches[:split], batches[split:]
     tokens_per_batch = args.batch_size * args.seq_len
     print(
-        f"{rows:,} rows; {len(batches)} batches of {tokens_per_batch} tokens ({batches[0].size:,} lookups each)"
+        f"{rows:,} rows; {len(warmup)} warm-up and {len(batches)} timed batches of "
+        f"{tokens_per_batch} tokens ({batches[0].size:,} lookups each)"
     )
     results = {}
     for kind in args.indexes.split(","):
