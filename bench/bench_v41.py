@@ -12,7 +12,8 @@ Phases (each writes its section of the report):
 
   scaled   the scaled tables, alternating in rounds: (a) ``memory``: both tables in RAM
            (``PackedInMemoryTable``), the baseline; (b) ``tiered``: a ``TieredStore`` per layer,
-           hot + warm = ``--hot`` + ``--warm`` of the table (10%), LRU, ``io: direct``,
+           hot + warm = ``--hot`` + ``--warm`` of the table (10%), LRU, ``--io`` (default
+           ``uring``: O_DIRECT reads through io_uring),
            warm-started from a profile of other text, rows prefetched when the batch starts (and
            ``--lookahead`` batches ahead). Prefill: tokens/s, median of per-round ratios (b)/(a).
            Decode (prompt, then one token per step, batch sizes ``--decode-batch``): time per
@@ -124,7 +125,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hot", default="2%", help="hot tier capacity per table")
     p.add_argument("--warm", default="8%", help="warm tier capacity per table")
     p.add_argument("--policy", default="lru")
-    p.add_argument("--cold-threads", type=int, default=16, help="reader threads per store")
+    p.add_argument(
+        "--io", default="uring", help="cold reads: uring (default; O_DIRECT), direct, pread, mmap"
+    )
+    p.add_argument(
+        "--cold-threads",
+        type=int,
+        default=0,
+        help="reader threads per store (0: 1 ring for io: uring, 16 threads otherwise)",
+    )
     p.add_argument("--profile-tokens", type=int, default=2_000_000, help="warm-start profile")
     p.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: default)")
     p.add_argument(
@@ -206,7 +215,10 @@ def store_spec(args) -> dict:
         "tiers": {
             "hot": {"capacity": args.hot, "policy": args.policy},
             "warm": {"capacity": args.warm, "policy": args.policy},
-            "cold": {"io": "direct", "threads": args.cold_threads},
+            "cold": {
+                "io": args.io,
+                "threads": args.cold_threads or (1 if args.io == "uring" else 16),
+            },
         },
         "prefetch": {"depth": args.lookahead + 2},
     }

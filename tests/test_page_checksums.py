@@ -21,16 +21,14 @@ import torch
 import tiered_store.cold_table as ct
 import tiered_store.page_checksums as pc
 from tests.conftest import store_config
-from tiered_store import crc32c_kernel
+from tiered_store import ChecksumError, UnverifiedTableWarning, crc32c_kernel
 from tiered_store.cli import main
 from tiered_store.cold_table import IO_MODES, ColdTable
 from tiered_store.errors import TableFormatError, TierIOError
 from tiered_store.io_uring import uring_unavailable_reason
 from tiered_store.metrics import TableHealth, build_registry
 from tiered_store.page_checksums import (
-    ChecksumError,
     PageCrcAccumulator,
-    UnverifiedTableWarning,
     _portable_ranges,
     crc32c_backend,
     crc32c_pages,
@@ -440,7 +438,12 @@ def test_rows_enter_the_caches_only_after_verification_and_failures_are_counted(
 
         registry = build_registry({"t": store}, {"t": TableHealth()}, process=False)
         failures = registry.get_sample_value("tiered_store_checksum_failures_total", {"table": "t"})
-        assert failures == 2 == store.cold.checksum_failures
+        assert (
+            failures
+            == 2
+            == store.cold.checksum_failures
+            == store.stats()["cold"]["checksum_failures"]
+        )
 
         health = TableHealth()
         guarded = GuardedTable(store, "t", health)

@@ -17,6 +17,7 @@ from .errors import (
     TierIOError,
     TraceFormatError,
 )
+from .page_checksums import ChecksumError, UnverifiedTableWarning
 from .prefetch import PrefetchHandle, PrefetchHandleError
 from .store import TieredStore
 from .table_format import RandomSource, SafetensorsSource, create_table, read_manifest, verify_table
@@ -24,6 +25,7 @@ from .table_format import RandomSource, SafetensorsSource, create_table, read_ma
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChecksumError",
     "ColdTable",
     "ConfigError",
     "PrefetchHandle",
@@ -37,6 +39,7 @@ __all__ = [
     "TieredStore",
     "TieredStoreError",
     "TraceFormatError",
+    "UnverifiedTableWarning",
     "create_table",
     "read_manifest",
     "verify_table",

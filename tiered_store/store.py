@@ -172,7 +172,7 @@ class TieredStore:
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per tier: lookups, hits, misses, hit_rate, admissions, evictions, bytes_in, occupancy,
-        capacity; cold: rows and bytes read; prefetch: handles and stall seconds."""
+        capacity; cold: rows and bytes read, read requests, errors and checksum failures; prefetch: handles and stall seconds."""
         out: dict[str, dict[str, float]] = {}
         for cache in (self.hot, self.warm):
             c = cache.counters.as_dict()
@@ -183,7 +183,13 @@ class TieredStore:
             out[cache.name] = c
         out["cold"] = {
             k: getattr(self.cold, k)
-            for k in ("rows_read", "bytes_read", "read_requests", "read_errors")
+            for k in (
+                "rows_read",
+                "bytes_read",
+                "read_requests",
+                "read_errors",
+                "checksum_failures",
+            )
         }
         out["prefetch"] = {
             "handles": self._prefetcher.handles,
