@@ -46,10 +46,15 @@ class EvictionPolicy:
 
     def choose_victims(self, n: int, protected: torch.Tensor) -> torch.Tensor:
         """``n`` distinct slots to evict, never one where ``protected`` is True."""
+        return self.smallest_keys(n, protected)[1]
+
+    def smallest_keys(self, n: int, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``n`` smallest ``victim_priority`` keys of unprotected slots, ascending, and their
+        slots (``n`` <= the unprotected slots)."""
         priority = self.victim_priority()
         top = torch.iinfo(priority.dtype).max if not priority.is_floating_point() else float("inf")
         priority = priority.masked_fill(protected, top)
-        return torch.topk(priority, n, largest=False, sorted=True).indices
+        return torch.topk(priority, n, largest=False, sorted=True)
 
 
 class NoEviction(EvictionPolicy):

@@ -596,3 +596,21 @@ def test_zipf_tuned_pins_rows_with_the_most_episodes():
     assert set(range(100, 110)) <= set(split.pinned_rows.tolist())  # 5 episodes each: first
     assert split.pinned_rows.tolist() == profile.top_rows(16, by="episodes").tolist()
     assert profile.top_rows(10).tolist() == list(range(10))  # by lookups the bursts would win
+
+
+@pytest.mark.parametrize("n", [1, 500, 40_000, 150_000])
+def test_lru_smallest_keys_threshold_equals_topk(n):
+    """LRU's threshold search for a large tier's victims returns exactly what ``topk`` does over
+    every slot, with protected slots (free, pinned) never among them."""
+    from policies import LRU
+    from policies.base import EvictionPolicy
+
+    capacity = 300_000
+    lru = LRU(capacity)
+    gen = torch.Generator().manual_seed(n)
+    lru.last_used = torch.randint(-1, 5_000, (capacity,), generator=gen) * 2 + 1
+    protected = torch.rand(capacity, generator=gen) < 0.3
+    keys, slots = lru.smallest_keys(n, protected)
+    want_keys, want_slots = EvictionPolicy.smallest_keys(lru, n, protected)
+    assert torch.equal(keys, want_keys) and torch.equal(slots, want_slots)
+    assert not protected[slots].any()

@@ -233,10 +233,7 @@ class RowCache:
         evictable = self.capacity - self._n_free - self._n_pinned
         spare = max(self._victim_buffer, VICTIM_BUFFER_BATCHES * want)
         k = min(want + spare, evictable)
-        keys = self.eviction.victim_priority().masked_fill(
-            self._unevictable, torch.iinfo(torch.int64).max
-        )
-        keys, slots = torch.topk(keys, k, largest=False, sorted=True)
+        keys, slots = self.eviction.smallest_keys(k, self._unevictable)
         self._buffered = (slots[want:], keys[want:])
         return slots[:want]
 
