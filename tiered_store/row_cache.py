@@ -12,11 +12,14 @@ from policies import PolicySpec
 from .row_index import make_row_index
 
 # Spare victims one topk finds for later batches (policies whose keys only grow, e.g. LRU): at
-# least DEFAULT_VICTIM_BUFFER, or VICTIM_BUFFER_BATCHES batches' worth. Measured on a 20M-lookup
-# trace (5% and 25% tiers): LRU replay 1.4-2.7x faster than a topk per batch at 4,096-token
+# least DEFAULT_VICTIM_BUFFER, VICTIM_BUFFER_BATCHES batches' worth, or 1/VICTIM_BUFFER_SHARE of
+# the tier (a refill passes over every slot, so small batches on a large tier would otherwise pay
+# that pass every few batches: decode steps of a 4.8M-slot tier spent most of their time there).
+# Measured on a 20M-lookup trace (5% and 25% tiers): LRU replay 1.4-2.7x faster than a topk per batch at 4,096-token
 # batches, 4-10x at 64-token batches, with the same victims.
 DEFAULT_VICTIM_BUFFER = 4096
 VICTIM_BUFFER_BATCHES = 8
+VICTIM_BUFFER_SHARE = 16
 
 
 @dataclass
@@ -231,7 +234,9 @@ class RowCache:
                     )
                     return taken[:want]
         evictable = self.capacity - self._n_free - self._n_pinned
-        spare = max(self._victim_buffer, VICTIM_BUFFER_BATCHES * want)
+        spare = max(
+            self._victim_buffer, VICTIM_BUFFER_BATCHES * want, self.capacity // VICTIM_BUFFER_SHARE
+        )
         k = min(want + spare, evictable)
         keys, slots = self.eviction.smallest_keys(k, self._unevictable)
         self._buffered = (slots[want:], keys[want:])
