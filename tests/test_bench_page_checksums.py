@@ -16,7 +16,7 @@ def test_a_tiny_run_writes_pair_ratios_for_each_io_mode(tmp_path):
     done = subprocess.run(
         [sys.executable, "bench/bench_page_checksums.py", "--dir", str(tmp_path),
          "--table-mib", "1", "--pairs", "2", "--batch", "64", "--threads", "2",
-         "--io", "pread,mmap", "--out", str(out)],
+         "--io", "pread,mmap", "--from-disk", "--out", str(out)],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         capture_output=True,
@@ -25,7 +25,7 @@ def test_a_tiny_run_writes_pair_ratios_for_each_io_mode(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     doc = json.loads(out.read_text())
-    assert sorted(doc["results"]) == ["mmap", "pread"] and doc["pairs"] == 2
+    assert sorted(doc["results"]) == ["mmap", "pread"] and doc["pairs"] == 2 and doc["from_disk"]
     for result in doc["results"].values():
         assert result["verified_rows_per_second"] > 0 and result["ratio_median_of_pairs"] > 0
     assert str(tmp_path) not in out.read_text()
