@@ -317,3 +317,25 @@ def test_lookahead_keeps_rows_of_queued_prefetches(table):
         del store._prefetcher._queued[-1]
         assert bool((store.warm.probe(keep) >= 0).all())
         assert torch.equal(store.lookup(keep), data[keep])
+
+
+def test_prefetch_worker_runs_one_intra_op_thread_and_leaves_the_callers():
+    """The prefetch worker's torch ops run on one intra-op thread (its own OpenMP team would take
+    cores from the caller's model); the caller's setting stays what it was."""
+    import threading
+
+    from tiered_store.prefetch import Prefetcher
+
+    def fetch(flat, packed):
+        return threading.current_thread().name, torch.get_num_threads()
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fetcher = Prefetcher(fetch, depth=2)
+        name, threads = fetcher.submit(None, torch.tensor([1]), (1,)).future.result()
+        fetcher.close()
+        assert name.startswith("tiered-store-prefetch") and threads == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

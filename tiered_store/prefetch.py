@@ -14,6 +14,16 @@ from .errors import TieredStoreError
 from .latency import LatencyHistogram
 
 
+def single_intra_op_thread() -> None:
+    """Run this thread's torch ops on one intra-op thread (a ``ThreadPoolExecutor`` initializer).
+
+    The store's workers (prefetch, cold readers) do small, latency-bound ops beside the caller's
+    model; with the default intra-op team each of them would also start one OpenMP team as wide as
+    the machine, and those teams' spinning threads take cores from the model's. The setting is per
+    thread: the caller's own ``torch.get_num_threads()`` is unchanged."""
+    torch.set_num_threads(1)
+
+
 class PrefetchHandleError(TieredStoreError, ValueError):
     """A prefetch handle was used with other ids, twice, or after the store closed."""
 
@@ -47,7 +57,11 @@ class Prefetcher:
 
     def __init__(self, fetch: Callable[[torch.Tensor, bool], tuple], depth: int) -> None:
         self._fetch = fetch
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiered-store-prefetch")
+        self._pool = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="tiered-store-prefetch",
+            initializer=single_intra_op_thread,
+        )
         self._in_flight = threading.BoundedSemaphore(depth)
         self.wait_histogram = LatencyHistogram()
         self.handles = 0
