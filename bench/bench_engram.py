@@ -55,18 +55,10 @@ import torch
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.engram import NgramHasher
-from tiered_store.engram.checkpoint import (
-    check_table_file,
-    load_table_in_memory,
-    open_tables,
-    table_file,
-    table_metadata,
-)
+from tiered_store.engram.checkpoint import load_table_in_memory, open_tables, random_tables
 from tiered_store.engram.corpus import read_tokens, token_batches
 from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import PrefetchPipeline, profile_rows
-from tiered_store.errors import TieredStoreError
-from tiered_store.table_format import RandomSource, create_table
 
 VARIANTS = ("memory", "tiered", "no_prefetch", "mmap")
 TARGET = 0.97  # (b) tokens/s >= 0.97 x (a)
@@ -142,31 +134,6 @@ def model_config(args) -> ModelConfig:
             "transformer": {"num_attention_heads": args.heads},
         }
     )
-
-
-def ensure_tables(args, hasher: NgramHasher) -> dict[int, Path]:
-    """Seeded random table files for every Engram layer (reused when the layout matches)."""
-    directory = Path(args.dir) / f"engram-bench-{args.dtype}"
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for layer in hasher.layer_ids:
-        path = table_file(directory, layer)
-        try:
-            manifest = check_table_file(path, hasher, layer)
-            if manifest.dtype != args.dtype:
-                raise TieredStoreError("dtype differs")
-        except (TieredStoreError, OSError):
-            rows, dim = hasher.table_rows(layer), hasher.config.head_dim
-            print(f"creating {path} ({rows:,} x {dim} {args.dtype}) ...", file=sys.stderr)
-            create_table(
-                path,
-                RandomSource(rows, dim, dtype=args.dtype, seed=layer),
-                metadata=table_metadata(hasher, layer),
-                overwrite=True,
-                progress=False,
-            )
-        paths[layer] = path
-    return paths
 
 
 def store_spec(args) -> dict:
@@ -269,7 +236,12 @@ def main(argv=None) -> int:
     config = model_config(args)
     hasher = NgramHasher(config.engram)
     t0 = time.perf_counter()
-    paths = ensure_tables(args, hasher)
+    paths = random_tables(
+        Path(args.dir) / f"engram-bench-{args.dtype}",
+        hasher,
+        dtype=args.dtype,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     drop_page_cache(paths.values())
     print("loading the tables into memory for (a) ...", file=sys.stderr)
     memory = {layer: load_table_in_memory(p) for layer, p in paths.items()}

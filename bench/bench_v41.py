@@ -50,7 +50,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -63,22 +62,19 @@ from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.engram import NgramHasher
 from tiered_store.engram.backend import PackedInMemoryTable
-from tiered_store.engram.checkpoint import check_table_file, open_tables, table_file, table_metadata
+from tiered_store.engram.checkpoint import open_tables, random_tables
 from tiered_store.engram.config import hf_engram_sections
 from tiered_store.engram.corpus import read_tokens, token_batches
 from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import PrefetchPipeline
-from tiered_store.errors import TieredStoreError
 from tiered_store.profile import FrequencyCounter
 from tiered_store.quantization import RowQuantization
-from tiered_store.table_format import RandomSource, create_table
 
 RELEASE_VOCAB = 16_000_000  # the release's engram_vocab_size
 RELEASE_ROWS = [384_006_168, 384_016_682]  # the release's engram_num_embeddings
 PAPER_TOKENS_PER_S = 9_031  # 4B dense + 100B-parameter Engram table in host memory, one H800
 PREFILL_TARGET = 0.97  # tiered tokens/s >= 0.97 x memory
 STALL_TARGET = 0.05  # decode: stall <= 5% of the step
-DISK_MARGIN = 20 << 30  # never leave less than this free when creating tables
 PHASES = ("scaled", "release", "store")
 
 
@@ -178,36 +174,6 @@ def model_config(args, vocab: int, rows: list[int] | None) -> ModelConfig:
     sections["engram"]["num_embeddings"] = rows  # None: not stated (scaled tables)
     sections["transformer"] = {"num_attention_heads": args.heads}
     return ModelConfig.from_dict(sections)
-
-
-def ensure_tables(directory: Path, hasher: NgramHasher, quant: RowQuantization) -> dict:
-    """Seeded random tables of packed fp8 rows for both layers (reused when the layout matches)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for layer in hasher.layer_ids:
-        path = table_file(directory, layer)
-        try:
-            if check_table_file(path, hasher, layer).quantization != quant:
-                raise TieredStoreError("quantization differs")
-        except (TieredStoreError, OSError):
-            rows = hasher.table_rows(layer)
-            need, free = rows * quant.packed_bytes, shutil.disk_usage(directory).free
-            if free - need < DISK_MARGIN:
-                raise SystemExit(
-                    f"--dir {directory}: {free / 2**30:.1f} GiB free; a table of {rows:,} rows x "
-                    f"{quant.packed_bytes} B needs {need / 2**30:.1f} GiB and "
-                    f"{DISK_MARGIN >> 30} GiB must stay free"
-                ) from None
-            log(f"creating {path.name} ({rows:,} x {quant.packed_bytes} B) in {directory} ...")
-            create_table(
-                path,
-                RandomSource(rows, quant.packed_bytes, "uint8", seed=layer, quantization=quant),
-                metadata=table_metadata(hasher, layer),
-                overwrite=True,
-                progress=False,
-            )
-        paths[layer] = path
-    return paths
 
 
 def store_spec(args) -> dict:
@@ -520,11 +486,17 @@ def main(argv=None) -> int:
     directory = Path(args.dir)
     t_setup = time.perf_counter()
     paths = {
-        "scaled": ensure_tables(
-            directory / f"v41-{args.scaled_vocab}x{quant.packed_bytes}", scaled_hasher, quant
+        "scaled": random_tables(
+            directory / f"v41-{args.scaled_vocab}x{quant.packed_bytes}",
+            scaled_hasher,
+            quantization=quant,
+            log=log,
         ),
-        "release": ensure_tables(
-            directory / f"v41-{args.release_vocab}x{quant.packed_bytes}", release_hasher, quant
+        "release": random_tables(
+            directory / f"v41-{args.release_vocab}x{quant.packed_bytes}",
+            release_hasher,
+            quantization=quant,
+            log=log,
         ),
     }
     for group in paths.values():

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, TableFormatError, TieredStoreError
+from ..quantization import RowQuantization
 from ..table_format import (
+    RandomSource,
     SafetensorsSource,
     TableManifest,
     check_table,
@@ -56,6 +58,7 @@ __all__ = [
     "load_table_in_memory",
     "load_tiered_model",
     "open_tables",
+    "random_tables",
     "save_tiered",
     "table_file",
     "table_metadata",
@@ -149,6 +152,57 @@ def check_table_file(path: str | Path, hasher: NgramHasher, layer_id: int) -> Ta
             f"[{want['rows']}, {want['dim']}]"
         )
     return manifest
+
+
+def random_tables(
+    directory: str | Path,
+    hasher: NgramHasher,
+    *,
+    dtype: str = "float32",
+    quantization: RowQuantization | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[int, Path]:
+    """Seeded random table files for every Engram layer of ``hasher`` (benchmarks, trying out).
+
+    Layer ``L``'s file is ``table_file(directory, L)``, rows drawn with seed ``L``: normal values
+    of ``dtype``, or packed rows of random fp8 codes and scales with ``quantization``. A file
+    already there whose layout (``check_table_file``), dtype and quantisation match is reused;
+    ``create_table`` refuses one that would not fit the disk. ``log`` hears of each file made.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> cfg = EngramConfig(engram_vocab_size=(2003, 3001), n_embed_per_ngram=64,
+    ...                    n_head_per_ngram=4, layer_ids=(1, 4))
+    >>> d = tempfile.mkdtemp()
+    >>> paths = random_tables(d, NgramHasher(cfg))
+    >>> sorted(paths), read_manifest(paths[4]).shape
+    ([1, 4], (20372, 16))
+    >>> random_tables(d, NgramHasher(cfg)) == paths  # reused
+    True
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    width = quantization.packed_bytes if quantization else hasher.config.head_dim
+    stored = "uint8" if quantization else dtype
+    paths = {}
+    for layer in hasher.layer_ids:
+        path = table_file(directory, layer)
+        try:
+            manifest = check_table_file(path, hasher, layer)
+            reusable = manifest.dtype == stored and manifest.quantization == quantization
+        except (TieredStoreError, OSError):
+            reusable = False
+        if not reusable:
+            rows = hasher.table_rows(layer)
+            if log is not None:
+                log(f"creating {path} ({rows:,} x {width} {stored}) ...")
+            source = RandomSource(rows, width, stored, seed=layer, quantization=quantization)
+            create_table(
+                path, source, metadata=table_metadata(hasher, layer), overwrite=True, progress=False
+            )
+        paths[layer] = path
+    return paths
 
 
 def expected_checkpoint_shapes(config: ModelConfig, hasher: NgramHasher) -> dict[str, tuple]:
