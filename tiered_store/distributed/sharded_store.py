@@ -392,10 +392,9 @@ class ShardedStore:
 
     def _shutdown(self) -> None:
         """Stop the threads, close the shard, destroy a group this store created."""
-        if self._failure is None:
-            self._thread.close(self._wait_s)
-        else:
-            self._thread.close(0)
+        # after a failure a collective may still be stuck on the dead or silent rank until the
+        # backend's own timeout (``sharding.timeout_s`` for a group this store made) ends it
+        self._thread.close(self.timeout_s)
         self._heartbeat.close()
         if self.local is not None:
             self.local.close()
