@@ -86,6 +86,8 @@ class ShardedStore:
     keeps_stats = True
 
     def __init__(self, config: StoreConfig, group: dist.ProcessGroup | None = None) -> None:
+        """Open this rank's shard and check that every rank agrees; ``group``: the ranks to use
+        (default: a new group of all ranks, made by every rank together)."""
         if config.sharding is None:
             raise ConfigError(
                 "sharding: missing; expected a sharding section (ranks, by) to open a ShardedStore"
@@ -94,9 +96,14 @@ class ShardedStore:
         self.config = config
         self.timeout_s = sharding.timeout_s
         self.owns_group = init_process_group_from_env(sharding, config.tiers.hot.device)
-        self.group = group if group is not None else dist.group.WORLD
+        # its own group: several stores (one per Engram layer) then never interleave their
+        # collectives, and the backend's timeout is this store's
+        backend = dist.get_backend(group)
+        self.group = group
+        if group is None:
+            self.group = dist.new_group(backend=backend, timeout=timedelta(seconds=self.timeout_s))
+        self.owns_subgroup = group is None
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        backend = dist.get_backend(self.group)
         self.exchange_device = (
             torch.device("cuda", torch.cuda.current_device())
             if backend == "nccl"
@@ -398,6 +405,8 @@ class ShardedStore:
         self._heartbeat.close()
         if self.local is not None:
             self.local.close()
+        if self.owns_subgroup and self._failure is None:
+            dist.destroy_process_group(self.group)
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
