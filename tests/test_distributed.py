@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import golden_dir
 from tests.distributed_support import (
@@ -27,6 +29,7 @@ from tiered_store.cli import main as cli_main
 from tiered_store.config import StoreConfig
 from tiered_store.distributed import ShardedStore, plan_shards, read_shard, write_shards
 from tiered_store.errors import ConfigError, RowIdError, TableFormatError
+from tiered_store.metrics import METRICS, SERVER_METRICS, SHARDED_METRICS, build_sharded_registry
 from tiered_store.prefetch import PrefetchHandleError
 from tiered_store.table_format import create_table, read_manifest
 
@@ -132,6 +135,17 @@ def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables,
             store.lookup(ids[:1], handle)
         assert torch.equal(store.lookup(ids, store.prefetch(ids)).view(torch.int16), want)
         assert store.stats()["shard"] == {"rank": 0, "ranks": 1, "rows": 463}
+        text = generate_latest(build_sharded_registry({"layer1": store}, process=False)).decode()
+    families = list(text_string_to_metric_families(text))
+    names = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    assert names == (set(METRICS) - set(SERVER_METRICS)) | set(SHARDED_METRICS)
+    samples = [s for f in families for s in f.samples]
+    assert samples and all(s.labels["rank"] == "0" for s in samples)
+    value = {(s.name, s.labels.get("direction")): s.value for s in samples}
+    # 2 lookups, 2 prefetches; the refused lookup joined its round with no ids
+    assert value[("tiered_store_exchange_rounds_total", None)] == 4
+    assert value[("tiered_store_exchange_ids_total", None)] == 6 + 0 + 6 + 6
+    assert value[("tiered_store_shard_rows", None)] == 463
     assert not torch.distributed.is_initialized()  # it made the group, it destroyed it
 
 
