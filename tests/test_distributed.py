@@ -31,6 +31,7 @@ from tiered_store.distributed import ShardedStore, plan_shards, read_shard, writ
 from tiered_store.errors import ConfigError, RowIdError, TableFormatError
 from tiered_store.metrics import METRICS, SERVER_METRICS, SHARDED_METRICS, build_sharded_registry
 from tiered_store.prefetch import PrefetchHandleError
+from tiered_store.store import TieredStore
 from tiered_store.table_format import create_table, read_manifest
 
 
@@ -227,3 +228,33 @@ def test_rank_0_killed_or_a_rank_stalling_is_named_by_every_other_rank_in_time(
     assert [codes[r] for r in survivors] == [0] * len(survivors)
     for rank in survivors:
         check_named(json.loads((tmp_path / f"rank{rank}.json").read_text()), rank, victim, how)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_exchange_runs_on_nccl_and_rows_stay_packed_until_the_gather(
+    tables, monkeypatch
+):
+    table = tables["v41"]
+    write_shards(
+        table, 1, "heads", template=shards_template(table, "heads"), progress=False, overwrite=True
+    )
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    table_cfg = {"path": str(table), "out_of_range": "zero"}
+    tiers = {"hot": {"capacity": 64, "device": "cuda"}, "warm": {"capacity": 256}}
+    cfg = {
+        "table": table_cfg,
+        "tiers": tiers,
+        "sharding": {"ranks": 1, "shards": shards_template(table, "heads")},
+    }
+    ids = torch.tensor([[3, 3, -1], [1997, 1998, 40]], device="cuda")
+    with TieredStore.open({"table": table_cfg, "tiers": tiers}) as single:
+        want, want_packed = single.lookup(ids), single.lookup(ids, packed=True)
+    with ShardedStore.open(cfg) as store:
+        assert torch.distributed.get_backend(store.group) == "nccl"
+        got = store.lookup(ids, store.prefetch(ids))
+        assert got.device.type == "cuda" and torch.equal(
+            got.view(torch.int16), want.view(torch.int16)
+        )
+        assert torch.equal(store.lookup(ids, packed=True), want_packed)
