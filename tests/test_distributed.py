@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -258,3 +262,50 @@ def test_on_cuda_the_exchange_runs_on_nccl_and_rows_stay_packed_until_the_gather
             got.view(torch.int16), want.view(torch.int16)
         )
         assert torch.equal(store.lookup(ids, packed=True), want_packed)
+
+
+# -- serving across ranks: real `tiered-store serve` processes -----------------------------------------
+def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(tmp_path):
+    from tests.serve_support import make_checkpoint
+    from tiered_store.serve import ServeConfig, ServedModel, parse_request
+    from tiered_store.serve.client import ServeProcess, _subprocess_env, post_json
+
+    plain = ServeConfig.from_yaml(make_checkpoint(tmp_path / "one"))
+    sharding = {"ranks": 2, "by": "heads", "timeout_s": 30}
+    config_path = tmp_path / "one" / "sharded.yaml"
+    doc = yaml.safe_load((tmp_path / "one" / "serve.yaml").read_text())
+    doc["store"]["sharding"] = sharding
+    config_path.write_text(yaml.safe_dump(doc))
+    for layer in plain.model.engram.layer_ids:
+        write_shards(plain.table_path(layer), 2, "heads", progress=False)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    cmd = [sys.executable, "-m", "tiered_store.cli", "serve", str(config_path)]
+    follower = subprocess.Popen(
+        [*cmd, "--metrics-address", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=_subprocess_env({**env, "RANK": "1", "LOCAL_RANK": "1"}),
+    )
+    try:
+        with ServeProcess(config_path, env={**env, "RANK": "0", "LOCAL_RANK": "0"}) as server:
+            ready = json.loads(follower.stdout.readline())
+            ids = [[5, 17, 99, 1000, 3, 3], [42, 42, 42, 7, 8, 9]]
+            status, answer = post_json(server.url + "/v1/engram", {"input_ids": ids})
+            assert status == 200, answer
+            _, again = post_json(server.url + "/v1/engram", {"input_ids": ids})
+            text = urllib.request.urlopen(ready["metrics_url"], timeout=10).read().decode()
+            assert server.stop() == 0
+        assert follower.wait(30) == 0  # rank 0 told it to stop
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    assert ready["rank"] == 1
+    assert 'tiered_store_exchange_rounds_total{rank="1",table="engram_layer1"} 2.0' in text
+    single = ServedModel(plain)
+    try:
+        request = parse_request(json.dumps({"input_ids": ids}).encode(), plain.server, single)
+        expected = single.answer(request)
+    finally:
+        single.close()
+    for key in ("next_token_ids", "logits", "hidden_checksum", "layer_checksums"):
+        assert answer[key] == expected[key] == again[key], key

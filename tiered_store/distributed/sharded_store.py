@@ -189,6 +189,11 @@ class ShardedStore:
         return PrefetchHandle(ids, flat, shape, packed, future)
 
     @property
+    def cold(self) -> Any:
+        """This rank's shard table (its ``ColdTable``)."""
+        return self.local.cold
+
+    @property
     def prefetches_started(self) -> int:
         """Prefetches started since the store opened."""
         return self._prefetches
