@@ -299,7 +299,7 @@ def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(
     finally:
         if follower.poll() is None:
             follower.kill()
-    assert ready["rank"] == 1
+    assert (ready["event"], ready["rank"]) == ("following", 1)
     assert 'tiered_store_exchange_rounds_total{rank="1",table="engram_layer1"} 2.0' in text
     single = ServedModel(plain)
     try:

@@ -35,8 +35,8 @@ class Diagnosis:
         parts = [f"rank {rank} failed on its own shard: {error}" for rank, error in self.failed]
         if self.store_error is not None:
             parts.append(
-                f"the process group's store (hosted by rank 0) is unreachable ({self.store_error}): "
-                "rank 0 died or its host is down"
+                "the process group's store (hosted by rank 0, or by torchrun's agent) is "
+                f"unreachable ({self.store_error}): rank 0 died or its host is down"
             )
         if self.silent:
             ranks = ", ".join(str(r) for r in self.silent)

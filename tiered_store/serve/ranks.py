@@ -1,7 +1,7 @@
 """Serving over sharded tables: rank 0 takes HTTP, every other rank serves its shards.
 
 With ``sharding:`` in the store section, ``tiered-store serve`` runs on every rank of a process
-group (``torchrun --nproc-per-node N tiered-store serve CONFIG``). Every rank opens the same
+group (``torchrun --nproc-per-node N --no-python tiered-store serve CONFIG``). Every rank opens the same
 ``ServedModel`` (one ``ShardedStore`` per Engram layer, the same checks, in the same order). Rank 0
 binds the HTTP listener and answers requests; before each request's prefetch it broadcasts one
 ``ROUND`` on a control group, and every other rank joins each layer's exchange round with no ids
@@ -79,7 +79,9 @@ def run_follower(config: Any) -> int:
             registry = build_sharded_registry(served.stores, served.health)
             httpd, _ = start_http_server(port + rank if port else 0, host, registry)
             metrics_url = f"http://{host}:{httpd.server_port}/metrics"
-        print(json.dumps({"rank": rank, "follows": 0, "metrics_url": metrics_url}), flush=True)
+        print(
+            json.dumps({"event": "following", "rank": rank, "metrics_url": metrics_url}), flush=True
+        )
         try:
             rounds = served.control.follow(list(served.stores.values()))
         except Exception as exc:  # rank 0 died: its connection closed
