@@ -16,9 +16,11 @@ Engram layout (646,400 rows per head), deduplicated per rank and routed with the
 of each mode; from the per-(rank, rank) counts it gives the bytes each rank and each node sends,
 the exchange time on the stated network (``--node-gbps`` per node between nodes,
 ``--nvlink-gbyteps`` per GPU inside a node, ``--latency-us`` per all-to-all round, 3 rounds) and
-the load imbalance (most rows any rank serves over the mean). Stall per step is the exchange time
-left over after ``--overlap-ms`` of compute it can hide behind (prefetch); 0 by default, i.e. the
-exchange fully exposed.
+the load imbalance (most rows any rank serves over the mean), and the busiest rank's shard lookup
+(which sits between the ids round and the rows round) with the replay cost model
+(``cost_model`` defaults: an H200-class GPU, PCIe 5, a datacentre NVMe) at the hot and warm hit
+rates the shards reached in part 1. Stall per step is exchange plus that lookup, less
+``--overlap-ms`` of compute it can hide behind (prefetch); 0 by default: fully exposed.
 
 Example::
 
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from tiered_store.config import CostModelConfig
 from tiered_store.corpus import resolve_corpus
 from tiered_store.distributed import ShardedStore, plan_shards, write_shards
 from tiered_store.engram.checkpoint import table_metadata
@@ -51,6 +54,7 @@ from tiered_store.engram.corpus import read_tokens
 from tiered_store.engram.hashing import NgramHasher
 from tiered_store.store import TieredStore
 from tiered_store.table_format import RandomSource, create_table, read_manifest
+from zipf_analysis.replay import batch_fetch_seconds
 
 LAYER = 1
 SEQ_LEN = 512
@@ -239,12 +243,23 @@ def model_step(ids_by_rank: list[np.ndarray], owner_of, ranks: int, args) -> dic
     intra_s = gpu_intra.max() / (args.nvlink_gbyteps * 1e9)
     exchange_s = 3 * args.latency_us * 1e-6 + max(inter_s, intra_s)
     served = counts.sum(0)
+    busiest = int(served.max())  # its shard lookup sits between the ids and the rows rounds
+    hot, warm = args.hot_hit_rate, args.warm_hit_rate
+    serve_s = batch_fetch_seconds(
+        CostModelConfig(),
+        row_b,
+        hot_hits=round(hot * busiest),
+        warm_rows=round((1 - hot) * busiest),
+        device_rows=round((1 - hot) * busiest),
+        cold_rows=round((1 - hot) * (1 - warm) * busiest),
+    )
     return {
         "unique_over_ids": unique / total,
         "bytes_per_rank": float(sent.mean()),
         "bytes_per_node_max": float(node_out.max()),
         "exchange_ms": 1e3 * exchange_s,
-        "stall_ms": max(0.0, 1e3 * exchange_s - args.overlap_ms),
+        "busiest_shard_lookup_ms": 1e3 * serve_s,
+        "stall_ms": max(0.0, 1e3 * (exchange_s + serve_s) - args.overlap_ms),
         "imbalance": float(served.max() / served.mean()),
     }
 
@@ -311,6 +326,8 @@ def main(argv=None) -> int:
         print(f"measuring {world} rank(s) ...", file=sys.stderr)
         measured.append(run_world(world, table, ids_path, args, work))
     print("modelling 8-64 ranks ...", file=sys.stderr)
+    largest = measured[-1].get("heads") or measured[-1]["rows"]  # the shards' hit rates, this run
+    args.hot_hit_rate, args.warm_hit_rate = largest["hot_hit_rate"], largest["warm_hit_rate"]
     model_manifest = replace(
         read_manifest(table),
         rows=model_hasher.table_rows(LAYER),
@@ -328,6 +345,8 @@ def main(argv=None) -> int:
             "heads": model_hasher.num_heads,
             "row_bytes": args.row_bytes,
         },
+        "shard_hit_rates": {"hot": args.hot_hit_rate, "warm": args.warm_hit_rate},
+        "cost_model": CostModelConfig().model_dump(),
         "network": {
             "node_gbps": args.node_gbps,
             "nvlink_gbyteps": args.nvlink_gbyteps,
@@ -364,7 +383,7 @@ def print_table(report: dict, file=sys.stderr) -> None:
         print(
             f"  R={row['ranks']:3d} tokens={row['tokens']:5d} {row['by']:5s}: "
             f"{row['bytes_per_rank'] / 1e6:8.2f} MB/rank, exchange {row['exchange_ms']:7.3f} ms, "
-            f"imbalance {row['imbalance']:.3f}",
+            f"stall {row['stall_ms']:7.3f} ms, imbalance {row['imbalance']:.3f}",
             file=file,
         )
 
