@@ -113,6 +113,10 @@ def test_the_sharding_section_is_validated_and_its_paths_resolved(tmp_path):
     assert cfg.sharding.shards == str(tmp_path.resolve() / "s" / "{rank}.npy")
     with pytest.raises(ConfigError, match="sharding.by"):
         StoreConfig.from_dict({"table": {"path": "t.npy"}, "sharding": {"ranks": 2, "by": "cols"}})
+    with pytest.raises(ConfigError, match=r"sharding.shards: got 's.npy'; expected .*\{rank\}"):
+        StoreConfig.from_dict(
+            {"table": {"path": "t.npy"}, "sharding": {"ranks": 2, "shards": "s.npy"}}
+        )
     example = StoreConfig.from_yaml(Path(__file__).parents[1] / "examples" / "tiers-sharded.yaml")
     assert (example.sharding.ranks, example.sharding.by) == (4, "heads")
 

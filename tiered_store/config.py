@@ -493,6 +493,13 @@ class MetricsConfig(ConfigModel):
     address: str = DEFAULTS["metrics.address"]
 
 
+def _check_shards_template(value: Any) -> str | None:
+    """A shard path template: ``{rank}`` in it (and optionally ``{ranks}``), or None."""
+    if value is None or (isinstance(value, str) and "{rank}" in value):
+        return value
+    raise ValueError(f"got {value!r}; expected a path template containing {{rank}}")
+
+
 class ShardingConfig(ConfigModel):
     """The table split over the ranks of a process group (``ShardedStore``).
 
@@ -503,7 +510,7 @@ class ShardingConfig(ConfigModel):
     section: ClassVar[tuple[str, ...]] = ("sharding",)
     ranks: int_at_least(1)
     by: Literal["heads", "rows"] = DEFAULTS["sharding.by"]
-    shards: str | None = None
+    shards: checked_by(_check_shards_template, str | None) = None
     backend: Literal["auto", "gloo", "nccl"] = DEFAULTS["sharding.backend"]
     timeout_s: float = Field(default=DEFAULTS["sharding.timeout_s"], gt=0)
 

@@ -35,7 +35,7 @@ def shard_path(
     '/nvme/s2.npy'
     """
     if template is not None:
-        return Path(template.format(rank=rank, ranks=ranks))
+        return Path(template.replace("{rank}", str(rank)).replace("{ranks}", str(ranks)))
     npy, _ = table_paths(table)
     return npy.with_name(f"{npy.stem}.shard-{rank}-of-{ranks}.npy")
 
