@@ -213,12 +213,22 @@ KILL_TIMEOUT_S = 6.0
 def kill_or_stall(store: Any, rank: int, victim: int, how: str, result: dict) -> None:
     """Two good lookups; then the victim dies (SIGKILL with its exchange in flight) or stalls,
     and the others' third lookup must fail naming it, within the timeout."""
-    from tiered_store.errors import RankFailureError
+    from tiered_store.errors import RankFailureError, TierIOError
 
     ids = torch.arange(40).reshape(8, 5) * 11 % store.rows
     for _ in range(2):
         store.lookup(ids)
-    if rank == victim:
+    if how == "truncate":  # the victim's shard file shrinks: its next cold read fails
+        ids = (ids + 1) % store.rows  # rows no tier holds yet
+        if rank == victim:
+            os.truncate(store.path, 4096)
+            try:
+                store.lookup(ids)
+            except TierIOError as exc:
+                result["own_error"] = f"{type(exc).__name__}: {exc}"
+            store.close()
+            return
+    elif rank == victim:
         if how == "kill":
             store.prefetch(ids)  # the exchange is in flight on the store's thread ...
             os.kill(os.getpid(), signal.SIGKILL)  # ... when the process dies

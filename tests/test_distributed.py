@@ -214,6 +214,8 @@ def check_named(result: dict, rank: int, victim: int, how: str) -> None:
         assert "rank 0 died" in error
     elif how == "kill":
         assert f"rank {victim} stopped" in error
+    elif how == "truncate":
+        assert f"rank {victim} failed on its own shard: TierIOError" in error
     else:
         assert f"rank {victim} is alive but has entered only 2" in error
     assert result["seconds"] <= KILL_TIMEOUT_S + 1.0  # sharding.timeout_s, plus scheduling slack
@@ -221,8 +223,8 @@ def check_named(result: dict, rank: int, victim: int, how: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim, how", [(0, "kill"), (1, "stall")])
-def test_rank_0_killed_or_a_rank_stalling_is_named_by_every_other_rank_in_time(
+@pytest.mark.parametrize("victim, how", [(0, "kill"), (1, "stall"), (1, "truncate")])
+def test_rank_0_killed_a_rank_stalling_or_failing_is_named_by_every_other_rank_in_time(
     tables, tmp_path, victim, how
 ):
     world, table = 3, tables["plain"]
@@ -239,6 +241,10 @@ def test_rank_0_killed_or_a_rank_stalling_is_named_by_every_other_rank_in_time(
     assert [codes[r] for r in survivors] == [0] * len(survivors)
     for rank in survivors:
         check_named(json.loads((tmp_path / f"rank{rank}.json").read_text()), rank, victim, how)
+    if how == "truncate":  # the rank whose shard failed raised the shard's own error
+        assert codes[victim] == 0
+        own = json.loads((tmp_path / f"rank{victim}.json").read_text())["own_error"]
+        assert own.startswith("TierIOError") and "shard-1-of-3" in own
 
 
 @pytest.mark.gpu
