@@ -4,8 +4,9 @@ Every rank's ``Heartbeat`` thread writes ``"<beat> <collectives entered>"`` unde
 ``interval`` seconds, on its own connection to the group's store. When a collective fails or
 times out, ``diagnose`` reads every rank's entry twice, ``3 * interval`` apart: a rank whose beat
 did not move is dead or hung; a live rank that has entered fewer collectives than this one has
-not called the lookup the others wait in. A store that cannot be reached means its host (rank 0
-under torchrun and ``tcp://`` rendezvous) is gone.
+not called the lookup the others wait in; a rank whose own shard failed says so under ``err/``. A
+store that cannot be reached means its host is gone: rank 0 (``tcp://`` or ``env://``
+rendezvous), or torchrun's agent.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -59,7 +61,7 @@ class Heartbeat:
         self.rank, self.world, self.interval = rank, world, interval
         self.entered = 0  # collectives this rank has entered (set by the store's thread)
         self._store = store.clone()  # its own connection: safe beside the group's own use
-        self._store.set_timeout(_timedelta(max(2 * interval, 1.0)))
+        self._store.set_timeout(timedelta(seconds=max(2 * interval, 1.0)))
         self._beat = 0
         self._stop = threading.Event()
         self._publish()
@@ -93,7 +95,7 @@ class Heartbeat:
         """Read the others' heartbeats twice, ``3 * interval`` apart, and name who failed."""
         try:
             store = self._store.clone()
-            store.set_timeout(_timedelta(max(2 * self.interval, 1.0)))
+            store.set_timeout(timedelta(seconds=max(2 * self.interval, 1.0)))
             first = self._read(store)
             time.sleep(3 * self.interval)
             second = self._read(store)
@@ -127,10 +129,3 @@ class Heartbeat:
         self._thread.join(self.interval + 1.0)
         with contextlib.suppress(Exception):  # the store is gone already
             self._publish("closed")
-
-
-def _timedelta(seconds: float):
-    """``datetime.timedelta`` of ``seconds`` (what the store's timeouts take)."""
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
