@@ -18,6 +18,7 @@ from tests.conftest import make_table, store_config
 from tiered_store import metrics
 from tiered_store.metrics import (
     METRICS,
+    SHARDED_METRICS,
     RequestCounters,
     TableHealth,
     TieredStoreCollector,
@@ -196,7 +197,7 @@ def _metric_names(expr: str) -> set[str]:
 
 def test_rules_and_dashboard_use_only_real_metrics():
     recorded = {r["record"] for g in _rules()["groups"] for r in g["rules"] if "record" in r}
-    known = set(METRICS) | recorded
+    known = set(METRICS) | set(SHARDED_METRICS) | recorded
     suffixes = ("_bucket", "_count", "_sum")
     exprs = [r["expr"] for g in _rules()["groups"] for r in g["rules"]]
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())

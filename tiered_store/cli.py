@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init(sub)
     _add_info(sub)
     _add_verify(sub)
+    _add_shard(sub)
     _add_convert_hf(sub)
     for register in (register_demo, register_replay, register_analyze, register_serve):
         register(sub)
@@ -190,6 +191,46 @@ def _run_verify(args) -> int:
             f"{args.table}: OK: {blocks} checked {speed}; no page checksums, so reads of it are "
             f"not verified: add them with `tiered-store verify --add-page-checksums {args.table}`"
         )
+    return 0
+
+
+def _add_shard(sub) -> None:
+    p = sub.add_parser(
+        "shard",
+        help="split a table into one shard table per rank (for ShardedStore)",
+        description="Cut TABLE into RANKS shard tables, NAME.shard-R-of-RANKS.npy next to it (or "
+        "--out with {rank} and {ranks}), each with its manifest and page checksums, published "
+        "atomically. --by heads (default) cuts at the hash-head boundaries the manifest's Engram "
+        "metadata records (whole heads per rank; heads split into row ranges when there are fewer "
+        "heads than ranks); --by rows cuts equal row ranges (any table). Each shard's manifest "
+        "records the shard map and the table's version, which ShardedStore checks on every rank.",
+    )
+    p.add_argument("table", type=Path)
+    p.add_argument("--ranks", type=int, required=True, help="number of ranks (shards)")
+    p.add_argument("--by", choices=["heads", "rows"], default="heads", help="default: heads")
+    p.add_argument("--out", default=None, help="shard path template with {rank} (and {ranks})")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shard files")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_shard)
+
+
+def _run_shard(args) -> int:
+    from .distributed import write_shards
+
+    if args.out is not None and "{rank}" not in args.out:
+        raise _usage(f"--out: got {args.out!r}; expected a path template containing {{rank}}")
+    shards = write_shards(
+        args.table,
+        args.ranks,
+        args.by,
+        template=args.out,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    for shard in shards:
+        start, stop = shard.shard_map.shard_range(shard.rank)
+        print(f"rank {shard.rank}: {shard.path} rows [{start:,}, {stop:,})")
+    print(f"by {args.by}, table version {shards[0].shard_map.table_version}")
     return 0
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "HotTierConfig",
     "MetricsConfig",
     "PrefetchConfig",
+    "ShardingConfig",
     "StoreConfig",
     "TableConfig",
     "TiersConfig",
@@ -70,6 +71,9 @@ DEFAULTS: dict[str, Any] = {
     "prefetch.depth": 2,  # prefetches in flight before prefetch() blocks
     "prefetch.lookahead": False,  # never evict rows that queued prefetches will use
     "metrics.address": "127.0.0.1:9400",  # host:port for /metrics
+    "sharding.by": "heads",  # "heads" (whole hash heads per rank) | "rows" (equal row ranges)
+    "sharding.backend": "auto",  # torch.distributed backend: "gloo", "nccl", "auto" (by device)
+    "sharding.timeout_s": 60.0,  # seconds before a lookup gives up on a silent rank
     # replay's cost model: an H200-class GPU on PCIe 5 with a datacentre NVMe
     "cost_model.hbm_gbps": 4800.0,  # GB/s, hot-tier gathers on the device
     "cost_model.pcie_gbps": 50.0,  # GB/s, host -> device copies
@@ -489,6 +493,28 @@ class MetricsConfig(ConfigModel):
     address: str = DEFAULTS["metrics.address"]
 
 
+def _check_shards_template(value: Any) -> str | None:
+    """A shard path template: ``{rank}`` in it (and optionally ``{ranks}``), or None."""
+    if value is None or (isinstance(value, str) and "{rank}" in value):
+        return value
+    raise ValueError(f"got {value!r}; expected a path template containing {{rank}}")
+
+
+class ShardingConfig(ConfigModel):
+    """The table split over the ranks of a process group (``ShardedStore``).
+
+    ``shards`` is the shard files' path with ``{rank}`` and ``{ranks}`` in it (relative to the
+    YAML); without it, the names ``tiered-store shard`` gives, next to ``table.path``.
+    """
+
+    section: ClassVar[tuple[str, ...]] = ("sharding",)
+    ranks: int_at_least(1)
+    by: Literal["heads", "rows"] = DEFAULTS["sharding.by"]
+    shards: checked_by(_check_shards_template, str | None) = None
+    backend: Literal["auto", "gloo", "nccl"] = DEFAULTS["sharding.backend"]
+    timeout_s: float = Field(default=DEFAULTS["sharding.timeout_s"], gt=0)
+
+
 class StoreConfig(ConfigModel):
     """The whole store configuration.
 
@@ -509,6 +535,7 @@ class StoreConfig(ConfigModel):
     prefetch: PrefetchConfig = PrefetchConfig()
     metrics: MetricsConfig = MetricsConfig()
     cost_model: CostModelConfig = CostModelConfig()
+    sharding: ShardingConfig | None = None
 
     @classmethod
     def from_dict(
@@ -548,4 +575,9 @@ class StoreConfig(ConfigModel):
             }
         )
         table = self.table.model_copy(update={"path": resolve(self.table.path)})
-        return self.model_copy(update={"table": table, "tiers": tiers})
+        update = {"table": table, "tiers": tiers}
+        if self.sharding is not None and self.sharding.shards is not None:
+            update["sharding"] = self.sharding.model_copy(
+                update={"shards": resolve(self.sharding.shards)}
+            )
+        return self.model_copy(update=update)

@@ -23,3 +23,11 @@ class RowIdError(TieredStoreError, IndexError):
 
 class TraceFormatError(TieredStoreError, ValueError):
     """A trace file is corrupt, truncated, or does not match the expected layout."""
+
+
+class ShardMismatchError(ConfigError):
+    """Ranks opened shards of different shard maps, table versions or configurations."""
+
+
+class RankFailureError(TieredStoreError, RuntimeError):
+    """A rank of a sharded store died, hung or stopped calling lookups; the message names it."""

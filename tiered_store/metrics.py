@@ -39,6 +39,24 @@ tiered_store_http_requests_in_flight           gauge      (none)              re
 tiered_store_served_tokens_total               counter    (none)              tokens of answered inference
 =============================================  =========  ==================  ==================
 
+A ``ShardedStore`` (one process per rank) exports its shard's metrics above with a ``rank`` label
+on every sample (``build_sharded_registry``), and these (``SHARDED_METRICS``):
+
+=============================================  =========  ==================  ==================
+name                                           type       labels              meaning
+=============================================  =========  ==================  ==================
+tiered_store_exchange_rounds_total             counter    table, rank         collective lookups joined
+tiered_store_exchange_ids_total                counter    table, rank         ids this rank looked up
+tiered_store_exchange_unique_ids_total         counter    table, rank         the same after dedup
+tiered_store_exchange_rows_served_total        counter    table, rank         rows served to other ranks
+tiered_store_exchange_bytes_total              counter    table, rank, dir.   bytes to/from other ranks
+tiered_store_sharded_lookup_duration_seconds   histogram  table, rank         one sharded lookup call
+tiered_store_shard_rows                        gauge      table, rank         rows of this rank's shard
+=============================================  =========  ==================  ==================
+
+Aggregating over ranks is summing (``sum without (rank)``): counters and the shard rows add up
+to the table's; latency quantiles come from the summed buckets.
+
 Per-tier hit ratio in PromQL (the fraction of lookups *reaching* a tier that it served)::
 
     sum by (table, tier) (rate(tiered_store_lookups_total{result="hit"}[5m]))
@@ -79,12 +97,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METRICS",
+    "SHARDED_METRICS",
     "RequestCounters",
     "RequestTotals",
     "ServerCollector",
     "TableHealth",
+    "ShardedStoreCollector",
     "TieredStoreCollector",
     "build_registry",
+    "build_sharded_registry",
     "verify_counted",
 ]
 
@@ -215,6 +236,41 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         (),
         "Tokens of inference requests answered with 200.",
     ),
+}
+# A ShardedStore's exchange between ranks (the shard's own store exports METRICS, rank-labelled).
+SHARDED_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "tiered_store_exchange_rounds_total": (
+        "counter",
+        ("table", "rank"),
+        "Collective lookups (all-to-all rounds) this rank joined.",
+    ),
+    "tiered_store_exchange_ids_total": (
+        "counter",
+        ("table", "rank"),
+        "Row ids this rank looked up through the sharded store, duplicates included.",
+    ),
+    "tiered_store_exchange_unique_ids_total": (
+        "counter",
+        ("table", "rank"),
+        "Row ids this rank looked up after deduplication (what it asked the owners for).",
+    ),
+    "tiered_store_exchange_rows_served_total": (
+        "counter",
+        ("table", "rank"),
+        "Rows this rank's shard served to the other ranks.",
+    ),
+    "tiered_store_exchange_bytes_total": (
+        "counter",
+        ("table", "rank", "direction"),
+        "Bytes of counts, ids and rows this rank sent to (direction=sent) or received from "
+        "(received) the other ranks; its own share never crosses the network and is not counted.",
+    ),
+    "tiered_store_sharded_lookup_duration_seconds": (
+        "histogram",
+        ("table", "rank"),
+        "Wall time of one sharded lookup call on this rank (exchange included).",
+    ),
+    "tiered_store_shard_rows": ("gauge", ("table", "rank"), "Rows of this rank's shard."),
 }
 SERVER_METRICS = (
     "tiered_store_http_requests_total",
@@ -474,9 +530,85 @@ def build_registry(
     return registry
 
 
+class ShardedStoreCollector(Collector):
+    """The exchange metrics (``SHARDED_METRICS``) of named ``ShardedStore``s on this rank."""
+
+    def __init__(self, stores: Mapping[str, Any]) -> None:
+        self._stores = stores
+
+    def describe(self) -> Iterable[Metric]:
+        """Empty families with this collector's names."""
+        return [_family(name) for name in SHARDED_METRICS]
+
+    def collect(self) -> Iterator[Metric]:
+        """One sample set per table, labelled with this rank."""
+        fam = {name: _family(name) for name in SHARDED_METRICS}
+        for table, store in self._stores.items():
+            labels, ex = [table, str(store.rank)], store.exchange
+            fam["tiered_store_exchange_rounds_total"].add_metric(labels, ex["lookups"])
+            fam["tiered_store_exchange_ids_total"].add_metric(labels, ex["ids"])
+            fam["tiered_store_exchange_unique_ids_total"].add_metric(labels, ex["unique_ids"])
+            fam["tiered_store_exchange_rows_served_total"].add_metric(labels, ex["rows_served"])
+            for direction in ("sent", "received"):
+                fam["tiered_store_exchange_bytes_total"].add_metric(
+                    [*labels, direction], ex[f"bytes_{direction}"]
+                )
+            _add_histogram(
+                fam["tiered_store_sharded_lookup_duration_seconds"], labels, store.lookup_latency
+            )
+            start, stop = store.shard_map.shard_range(store.rank)
+            fam["tiered_store_shard_rows"].add_metric(labels, stop - start)
+        yield from fam.values()
+
+
+class _RankLabelled(Collector):
+    """Another collector's samples with ``rank="R"`` added to each."""
+
+    def __init__(self, inner: Collector, rank: int) -> None:
+        self._inner, self._rank = inner, str(rank)
+
+    def describe(self) -> Iterable[Metric]:
+        return self._inner.describe()
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._inner.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                sample._replace(labels={**sample.labels, "rank": self._rank})
+                for sample in family.samples
+            ]
+            yield labelled
+
+
+def build_sharded_registry(
+    stores: Mapping[str, Any],
+    health: Mapping[str, TableHealth] | None = None,
+    requests: RequestCounters | None = None,
+    *,
+    process: bool = True,
+) -> CollectorRegistry:
+    """``build_registry`` for one rank's ``ShardedStore``s: every sample carries ``rank``.
+
+    Each rank serves its own ``/metrics``; Prometheus sums over ``rank`` (see
+    ``deploy/prometheus-rules.yml``)."""
+    ranks = {store.rank for store in stores.values()}
+    if len(ranks) > 1:
+        raise ValueError(f"stores of ranks {sorted(ranks)}; expected the stores of one rank")
+    rank = ranks.pop() if ranks else 0
+    registry = CollectorRegistry()
+    local = {table: store.local for table, store in stores.items()}
+    registry.register(_RankLabelled(TieredStoreCollector(local, health), rank))
+    registry.register(ShardedStoreCollector(stores))
+    if requests is not None:
+        registry.register(_RankLabelled(ServerCollector(requests), rank))
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
 def _family(name: str) -> Metric:
-    """An empty metric family for ``name`` as ``METRICS`` describes it."""
-    kind, labels, doc = METRICS[name]
+    """An empty metric family for ``name`` as ``METRICS`` or ``SHARDED_METRICS`` describes it."""
+    kind, labels, doc = METRICS.get(name) or SHARDED_METRICS[name]
     if kind == "counter":
         return CounterMetricFamily(name, doc, labels=labels)
     if kind == "gauge":

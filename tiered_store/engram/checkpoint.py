@@ -119,8 +119,25 @@ def table_metadata(hasher: NgramHasher, layer_id: int) -> dict[str, Any]:
     }
 
 
-def check_table_file(path: str | Path, hasher: NgramHasher, layer_id: int) -> TableManifest:
-    """Refuse a table file that was not built for this model's Engram layer ``layer_id``.
+def _open_shard(config: Any, hasher: NgramHasher, layer_id: int) -> Any:
+    """A ``ShardedStore`` over layer ``layer_id``'s table (``sharding:`` in the store section),
+    after checking that the shards were cut from a table built for this layer."""
+    from ..distributed import ShardedStore
+
+    store = ShardedStore(config)
+    try:
+        check_table_file(store.path, hasher, layer_id, rows=store.rows)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def check_table_file(
+    path: str | Path, hasher: NgramHasher, layer_id: int, *, rows: int | None = None
+) -> TableManifest:
+    """Refuse a table file that was not built for this model's Engram layer ``layer_id``
+    (``rows``: the whole table's rows, for a shard of it).
 
     Raises
     ------
@@ -146,7 +163,7 @@ def check_table_file(path: str | Path, hasher: NgramHasher, layer_id: int) -> Ta
                 f"layer {layer_id} expects {key}={_short(want[key])} (the table was made for "
                 f"another configuration: engram config {have.get('config')})"
             )
-    if (manifest.rows, manifest.values_per_row) != (want["rows"], want["dim"]):
+    if (rows or manifest.rows, manifest.values_per_row) != (want["rows"], want["dim"]):
         raise ConfigError(
             f"{path}: table shape {list(manifest.shape)} does not match its own metadata "
             f"[{want['rows']}, {want['dim']}]"
@@ -407,7 +424,6 @@ def open_tables(
     stores: dict[int, Any] = {}
     try:
         for layer_id, path in table_paths.items():
-            manifest = check_table_file(path, hasher, layer_id)
             spec = dict(store(layer_id) if callable(store) else (store or {}))
             if "table" in spec:
                 raise ConfigError(
@@ -417,6 +433,10 @@ def open_tables(
             spec["table"] = {"path": str(Path(path).resolve())}
             source = f"store (layer {layer_id})"
             config = StoreConfig.from_dict(spec, base_dir=Path.cwd(), source=source)
+            if config.sharding is not None:  # this rank's shard of the layer's table
+                stores[layer_id] = _open_shard(config, hasher, layer_id)
+                continue
+            manifest = check_table_file(path, hasher, layer_id)
             if warm_start is not None and layer_id in warm_start:
                 spec = _with_preload(spec, manifest, Path(path), warm_start[layer_id])
                 config = StoreConfig.from_dict(spec, base_dir=Path.cwd(), source=source)

@@ -83,6 +83,16 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides["metrics_address"] = args.metrics_address
     if overrides:
         config = config.with_overrides(**overrides)
+    if config.sharded:  # one process per rank (torchrun): rank 0 serves HTTP, the others follow
+        import torch.distributed as dist
+
+        from ..distributed import init_process_group_from_env
+        from .ranks import run_follower
+
+        store = config.store_config(0)
+        init_process_group_from_env(store.sharding, store.tiers.hot.device)
+        if dist.get_rank() != 0:
+            return run_follower(config)
     server = InferenceServer(
         config,
         create_tables=args.create_tables,

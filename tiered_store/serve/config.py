@@ -216,7 +216,15 @@ class ServeConfig:
                 for key in ("static_rows", "preload_rows", "profile"):
                     if isinstance(tier.get(key), str):
                         tier[key] = str((self.base_dir / tier[key]).resolve())
+        sharding = spec.get("sharding")
+        if isinstance(sharding, dict) and isinstance(sharding.get("shards"), str):
+            sharding["shards"] = str((self.base_dir / sharding["shards"]).resolve())
         return spec
+
+    @property
+    def sharded(self) -> bool:
+        """True when the store section shards every table over the ranks of a process group."""
+        return bool(self.store.get("sharding"))
 
     def store_config(self, layer: int) -> StoreConfig:
         """The ``StoreConfig`` of layer ``layer``: the store section plus its table path."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..engram.backend import TableBackend
-from ..errors import TableFormatError, TieredStoreError, TierIOError
+from ..errors import RankFailureError, TableFormatError, TieredStoreError, TierIOError
 from ..metrics import TableHealth
 from ..page_checksums import ChecksumError
 
@@ -45,6 +45,7 @@ _REASONS = {
     "checksum": "rows failed their checksum",
     "format": "table file failed a check",
     "nonfinite": "rows hold non-finite values",
+    "rank": "a rank holding part of the table failed",
 }
 
 
@@ -86,6 +87,8 @@ class GuardedTable(TableBackend):
         """The wrapped lookup; raises ``TableUnavailableError`` on failure or non-finite rows."""
         try:
             rows = self.table.lookup(row_ids, handle)
+        except RankFailureError as exc:
+            raise self._failed("rank", exc) from exc
         except TierIOError as exc:
             raise self._failed("read", exc) from exc
         except ChecksumError as exc:
@@ -101,6 +104,8 @@ class GuardedTable(TableBackend):
         """The wrapped prefetch (read errors surface at the lookup that consumes the handle)."""
         try:
             return self.table.prefetch(row_ids)
+        except RankFailureError as exc:
+            raise self._failed("rank", exc) from exc
         except TierIOError as exc:
             raise self._failed("read", exc) from exc
         except ChecksumError as exc:

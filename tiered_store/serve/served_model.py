@@ -30,6 +30,7 @@ from ..trace import TraceWriter
 from .config import ServeConfig
 from .guarded_table import GuardedTable
 from .inference_request import InferenceRequest
+from .ranks import STOP, RankControl
 
 __all__ = ["NonFiniteOutputError", "ServedModel", "create_checkpoint"]
 
@@ -121,12 +122,14 @@ class ServedModel:
                 self.health[name] = TableHealth()
                 guarded[layer] = GuardedTable(table, name, self.health[name])
                 if config.checkpoint.verify_on_start:
-                    path = config.table_path(layer)
+                    path = self.table_file(layer)
                     if verify_counted(path, self.health[name]) is None:
                         raise TableFormatError(
                             f"checkpoint.verify_on_start: {self.health[name].last_error}"
                         )
             self.model.set_tables(guarded)
+            # sharded tables: every rank runs this same code; rank 0 announces each request
+            self.control = RankControl() if config.sharded else None
             self._outputs = threading.local()
             for layer, engram in self.model.engram_layers.items():
                 engram.register_forward_hook(self._recorder(layer))
@@ -186,14 +189,14 @@ class ServedModel:
             # Prefetch and record under one lock, so the trace holds each store's batches in the
             # order the store resolved them (replay then reproduces its counters exactly).
             with self._submit_lock:
-                batch = self.model.prefetch(ids)
+                batch = self._prefetch(ids)
                 for layer in self.layer_ids:
                     self._trace.write(
                         batch.row_ids[layer].cpu().numpy(), self.config.table_name(layer)
                     )
                     self._trace.end_batch()
         else:
-            batch = self.model.prefetch(ids)
+            batch = self._prefetch(ids)
         self._outputs.by_layer = {}
         try:
             with torch.inference_mode():
@@ -232,6 +235,17 @@ class ServedModel:
             },
         }
 
+    def _prefetch(self, ids: torch.Tensor) -> Any:
+        """Hash and prefetch every layer's rows; over sharded tables, every rank joins."""
+        if self.control is not None:
+            self.control.announce()
+        return self.model.prefetch(ids)
+
+    def table_file(self, layer: int) -> Path:
+        """Layer ``layer``'s table file on this rank: the table, or this rank's shard of it."""
+        store = self.stores[self.config.table_name(layer)]
+        return Path(store.path) if self.control is not None else self.config.table_path(layer)
+
     def stats(self) -> dict[str, Any]:
         """Every store's ``stats()`` by table name."""
         return {name: store.stats() for name, store in self.stores.items()}
@@ -254,7 +268,7 @@ class ServedModel:
         failed = []
         for layer in self.layer_ids:
             name = self.config.table_name(layer)
-            if verify_counted(self.config.table_path(layer), self.health[name]) is None:
+            if verify_counted(self.table_file(layer), self.health[name]) is None:
                 failed.append(name)
         return failed
 
@@ -263,6 +277,12 @@ class ServedModel:
         trace, self._trace = self._trace, None
         if trace is not None:
             trace.close()
+        control, self.control = getattr(self, "control", None), None
+        if control is not None and control.rank == 0:
+            try:
+                control.announce(STOP)
+            except Exception as exc:  # a rank died: the others exit on their own
+                log.warning("could not tell the other ranks to stop: %s", exc)
         self.model.close()
 
 

@@ -28,7 +28,7 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import ConfigError
-from ..metrics import RequestCounters, build_registry
+from ..metrics import RequestCounters, build_registry, build_sharded_registry
 from .app import INFERENCE_PATH, build_app
 from .config import ServeConfig, check_address
 from .inference_request import RequestError, parse_request
@@ -101,7 +101,8 @@ class InferenceServer:
             if self.config.server.torch_threads:
                 torch.set_num_threads(self.config.server.torch_threads)
             self.model = ServedModel(self.config, create=self.create_tables, trace=self.trace_path)
-            self.registry = build_registry(self.model.stores, self.model.health, self.requests)
+            build = build_sharded_registry if self.config.sharded else build_registry
+            self.registry = build(self.model.stores, self.model.health, self.requests)
             self._serve_in_thread()
         except BaseException:
             self._close_sockets()

@@ -1,0 +1,341 @@
+"""A table sharded over ranks: shard maps, shard files, and ShardedStore across real processes
+(spawned, gloo over loopback) against one TieredStore over the whole table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import golden_dir
+from tests.distributed_support import (
+    HEADS,
+    KILL_TIMEOUT_S,
+    exact_lookups_worker,
+    free_port,
+    head_metadata,
+    killed_rank_worker,
+    make_plain_table,
+    make_v41_table,
+    run_ranks,
+    shards_template,
+)
+from tiered_store.cli import main as cli_main
+from tiered_store.config import StoreConfig
+from tiered_store.distributed import ShardedStore, plan_shards, read_shard, write_shards
+from tiered_store.errors import ConfigError, RowIdError, TableFormatError
+from tiered_store.metrics import METRICS, SERVER_METRICS, SHARDED_METRICS, build_sharded_registry
+from tiered_store.prefetch import PrefetchHandleError
+from tiered_store.store import TieredStore
+from tiered_store.table_format import create_table, read_manifest
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    """The plain and V4.1 tables, another version of the plain one, and their files' paths."""
+    d = tmp_path_factory.mktemp("dist")
+    golden = json.loads((golden_dir("v41/golden_v41.json") / "v41" / "golden_v41.json").read_text())
+    other = d / "other"
+    other.mkdir()
+    return {
+        "plain": make_plain_table(d),
+        "v41": make_v41_table(d, golden),
+        "plain_other": make_plain_table(other, seed=1),
+    }
+
+
+def _shard_all(tables: dict, world: int) -> None:
+    for path in tables.values():
+        for by in ("heads", "rows"):
+            write_shards(
+                path, world, by, template=shards_template(path, by), progress=False, overwrite=True
+            )
+
+
+# -- shard maps and files (one process) --------------------------------------------------------------
+def test_heads_mode_keeps_whole_heads_and_splits_heads_only_when_ranks_outnumber_them(tables):
+    manifest = read_manifest(tables["plain"])
+    offsets = set(head_metadata(HEADS)["engram"]["offsets"]) | {sum(HEADS)}
+    for ranks in range(1, 8):  # 7 heads: cuts only at head boundaries, head counts within one
+        bounds = plan_shards(manifest, ranks, "heads").bounds
+        assert set(bounds) <= offsets
+        heads_per_rank = [
+            sum(a <= o < b for o in offsets) for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+        assert max(heads_per_rank) - min(heads_per_rank) <= 1
+    bounds = plan_shards(manifest, 10, "heads").bounds  # 3 spare ranks split the 3 largest heads
+    assert offsets <= set(bounds) and len(bounds) == 11
+    split = sorted(o for o in bounds if o not in offsets)
+    assert split == [sum(HEADS[:4]) + 71 // 2, sum(HEADS[:5]) + 73 // 2, sum(HEADS[:6]) + 79 // 2]
+    assert plan_shards(manifest, 4, "rows").bounds == tuple(sum(HEADS) * r // 4 for r in range(5))
+
+
+def test_shards_hold_their_rows_and_record_the_map_the_rank_and_the_version(tables, tmp_path):
+    table = tables["v41"]
+    shards = write_shards(table, 5, "heads", template=str(tmp_path / "s{rank}.npy"), progress=False)
+    whole = np.load(table, mmap_mode="r")
+    for shard in shards:
+        info = read_shard(shard.path)
+        start, stop = info.shard_map.shard_range(info.rank)
+        assert info.manifest.quantization == read_manifest(table).quantization
+        assert np.array_equal(np.load(shard.path), whole[start:stop])
+        assert info.shard_map == shards[0].shard_map
+    assert [s.rank for s in shards] == list(range(5))
+
+
+def test_the_shard_command_cuts_by_rows_and_refuses_heads_without_a_head_layout(tmp_path, capsys):
+    path = tmp_path / "t.npy"
+    create_table(path, np.ones((30, 4), dtype=np.float32), progress=False)
+    assert cli_main(["shard", str(path), "--ranks", "3", "--by", "rows", "--quiet"]) == 0
+    assert "rank 2:" in capsys.readouterr().out
+    assert read_shard(tmp_path / "t.shard-2-of-3.npy").manifest.rows == 10
+    assert cli_main(["shard", str(path), "--ranks", "3", "--quiet"]) == 2
+    assert "records no hash-head layout" in capsys.readouterr().err
+    with pytest.raises(TableFormatError, match="no shard metadata"):
+        read_shard(path)
+
+
+def test_the_sharding_section_is_validated_and_its_paths_resolved(tmp_path):
+    cfg = StoreConfig.from_dict(
+        {"table": {"path": "t.npy"}, "sharding": {"ranks": 4, "shards": "s/{rank}.npy"}},
+        base_dir=tmp_path,
+    )
+    assert (cfg.sharding.by, cfg.sharding.backend) == ("heads", "auto")
+    assert cfg.sharding.shards == str(tmp_path.resolve() / "s" / "{rank}.npy")
+    with pytest.raises(ConfigError, match="sharding.by"):
+        StoreConfig.from_dict({"table": {"path": "t.npy"}, "sharding": {"ranks": 2, "by": "cols"}})
+    with pytest.raises(ConfigError, match=r"sharding.shards: got 's.npy'; expected .*\{rank\}"):
+        StoreConfig.from_dict(
+            {"table": {"path": "t.npy"}, "sharding": {"ranks": 2, "shards": "s.npy"}}
+        )
+    example = StoreConfig.from_yaml(Path(__file__).parents[1] / "examples" / "tiers-sharded.yaml")
+    assert (example.sharding.ranks, example.sharding.by) == (4, "heads")
+
+
+# -- one rank, in this process -----------------------------------------------------------------------
+def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables, monkeypatch):
+    table = tables["plain"]
+    write_shards(
+        table, 1, "rows", template=shards_template(table, "rows"), progress=False, overwrite=True
+    )
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = {
+        "table": {"path": str(table)},
+        "sharding": {"ranks": 1, "by": "rows", "shards": shards_template(table, "rows")},
+    }
+    with ShardedStore.open(cfg) as store:
+        ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
+        want = torch.from_numpy(np.load(table)[ids.numpy()].astype(np.uint16).view(np.int16))
+        assert torch.equal(store.lookup(ids).view(torch.int16), want)
+        with pytest.raises(RowIdError, match="463"):
+            store.lookup(torch.tensor([1, 463]))
+        handle = store.prefetch(ids)
+        with pytest.raises(PrefetchHandleError, match="differ"):
+            store.lookup(ids[:1], handle)
+        assert torch.equal(store.lookup(ids, store.prefetch(ids)).view(torch.int16), want)
+        assert store.stats()["shard"] == {"rank": 0, "ranks": 1, "rows": 463}
+        text = generate_latest(build_sharded_registry({"layer1": store}, process=False)).decode()
+    families = list(text_string_to_metric_families(text))
+    names = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    assert names == (set(METRICS) - set(SERVER_METRICS)) | set(SHARDED_METRICS)
+    samples = [s for f in families for s in f.samples]
+    assert samples and all(s.labels["rank"] == "0" for s in samples)
+    value = {(s.name, s.labels.get("direction")): s.value for s in samples}
+    # 2 lookups, 2 prefetches; the refused lookup joined its round with no ids
+    assert value[("tiered_store_exchange_rounds_total", None)] == 4
+    assert value[("tiered_store_exchange_ids_total", None)] == 6 + 0 + 6 + 6
+    assert value[("tiered_store_shard_rows", None)] == 463
+    assert not torch.distributed.is_initialized()  # it made the group, it destroyed it
+
+
+def test_without_a_process_group_or_torchrun_environment_opening_says_so(tables, monkeypatch):
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = {"table": {"path": str(tables["plain"])}, "sharding": {"ranks": 2}}
+    with pytest.raises(ConfigError, match="torchrun"):
+        ShardedStore.open(cfg)
+    with pytest.raises(ConfigError, match="sharding: missing"):
+        ShardedStore.open({"table": {"path": str(tables["plain"])}})
+
+
+# -- several ranks, spawned processes ----------------------------------------------------------------
+def _results(out: Path, world: int) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sharded_lookups_are_bit_exact_and_mismatched_shards_are_refused_on_every_rank(
+    tables, tmp_path, world
+):
+    _shard_all(tables, world)
+    victim = 2 if world == 3 else None  # and at 3 ranks, rank 2 is killed mid-lookup at the end
+    paths = {k: str(v) for k, v in tables.items()}
+    codes = run_ranks(exact_lookups_worker, world, (paths, tmp_path, victim), 120)
+    assert codes == [0 if r != victim else -9 for r in range(world)]
+    results = _results(tmp_path, world)
+    if victim is not None:
+        for rank in range(world):
+            if rank != victim:
+                check_named(results[rank], rank, victim, "kill")
+    for rank, result in enumerate(results):
+        assert "crash" not in result, f"rank {rank}:\n{result['crash']}"
+        assert [c[:2] for c in result["checked"]] == [
+            ["plain", "heads"],
+            ["plain", "rows"],
+            ["v41", "heads"],
+            ["v41", "rows"],
+        ]
+        assert all(c[2] > 0 for c in result["checked"])  # rows really crossed between ranks
+        assert [case for case, _ in result["refused"]] == ["version", "mode"]
+        (_, version_msg), (_, mode_msg) = result["refused"]
+        assert version_msg is not None and "rank 1: shard" in version_msg
+        assert "other/plain.heads.shard-1-of" in version_msg and "table version" in version_msg
+        assert mode_msg is not None and "rank 1: config" in mode_msg
+
+
+def check_named(result: dict, rank: int, victim: int, how: str) -> None:
+    """A surviving rank's report: the failed rank named, in time, and the store failed for good."""
+    assert "crash" not in result, result["crash"]
+    error = result["error"]
+    assert error is not None and error.startswith(f"rank {rank}: lookup #3 failed")
+    if victim == 0:
+        assert "rank 0 died" in error
+    elif how == "kill":
+        assert f"rank {victim} stopped" in error
+    elif how == "truncate":
+        assert f"rank {victim} failed on its own shard: TierIOError" in error
+    else:
+        assert f"rank {victim} is alive but has entered only 2" in error
+    assert result["seconds"] <= KILL_TIMEOUT_S + 1.0  # sharding.timeout_s, plus scheduling slack
+    assert "failed earlier" in result["after"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim, how", [(0, "kill"), (1, "stall"), (1, "truncate")])
+def test_rank_0_killed_a_rank_stalling_or_failing_is_named_by_every_other_rank_in_time(
+    tables, tmp_path, victim, how
+):
+    world, table = 3, tables["plain"]
+    write_shards(
+        table,
+        world,
+        "rows",
+        template=shards_template(table, "rows"),
+        progress=False,
+        overwrite=True,
+    )
+    codes = run_ranks(killed_rank_worker, world, (str(table), tmp_path, victim, how), 60)
+    survivors = [r for r in range(world) if r != victim]
+    assert [codes[r] for r in survivors] == [0] * len(survivors)
+    for rank in survivors:
+        check_named(json.loads((tmp_path / f"rank{rank}.json").read_text()), rank, victim, how)
+    if how == "truncate":  # the rank whose shard failed raised the shard's own error
+        assert codes[victim] == 0
+        own = json.loads((tmp_path / f"rank{victim}.json").read_text())["own_error"]
+        assert own.startswith("TierIOError") and "shard-1-of-3" in own
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_exchange_runs_on_nccl_and_rows_stay_packed_until_the_gather(
+    tables, monkeypatch
+):
+    table = tables["v41"]
+    write_shards(
+        table, 1, "heads", template=shards_template(table, "heads"), progress=False, overwrite=True
+    )
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    table_cfg = {"path": str(table), "out_of_range": "zero"}
+    tiers = {"hot": {"capacity": 64, "device": "cuda"}, "warm": {"capacity": 256}}
+    cfg = {
+        "table": table_cfg,
+        "tiers": tiers,
+        "sharding": {"ranks": 1, "shards": shards_template(table, "heads")},
+    }
+    ids = torch.tensor([[3, 3, -1], [1997, 1998, 40]], device="cuda")
+    with TieredStore.open({"table": table_cfg, "tiers": tiers}) as single:
+        want, want_packed = single.lookup(ids), single.lookup(ids, packed=True)
+    with ShardedStore.open(cfg) as store:
+        assert torch.distributed.get_backend(store.group) == "nccl"
+        got = store.lookup(ids, store.prefetch(ids))
+        assert got.device.type == "cuda" and torch.equal(
+            got.view(torch.int16), want.view(torch.int16)
+        )
+        assert torch.equal(store.lookup(ids, packed=True), want_packed)
+
+
+# -- serving across ranks: real `tiered-store serve` processes -----------------------------------------
+def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(tmp_path):
+    from tests.serve_support import make_checkpoint
+    from tiered_store.serve import ServeConfig, ServedModel, parse_request
+    from tiered_store.serve.client import ServeProcess, _subprocess_env, post_json
+
+    plain = ServeConfig.from_yaml(make_checkpoint(tmp_path / "one"))
+    sharding = {"ranks": 2, "by": "heads", "timeout_s": 30}
+    config_path = tmp_path / "one" / "sharded.yaml"
+    doc = yaml.safe_load((tmp_path / "one" / "serve.yaml").read_text())
+    doc["store"]["sharding"] = sharding
+    config_path.write_text(yaml.safe_dump(doc))
+    for layer in plain.model.engram.layer_ids:
+        write_shards(plain.table_path(layer), 2, "heads", progress=False)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    cmd = [sys.executable, "-m", "tiered_store.cli", "serve", str(config_path)]
+    follower = subprocess.Popen(
+        [*cmd, "--metrics-address", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=_subprocess_env({**env, "RANK": "1", "LOCAL_RANK": "1"}),
+    )
+    try:
+        with ServeProcess(config_path, env={**env, "RANK": "0", "LOCAL_RANK": "0"}) as server:
+            ready = json.loads(follower.stdout.readline())
+            ids = [[5, 17, 99, 1000, 3, 3], [42, 42, 42, 7, 8, 9]]
+            status, answer = post_json(server.url + "/v1/engram", {"input_ids": ids})
+            assert status == 200, answer
+            _, again = post_json(server.url + "/v1/engram", {"input_ids": ids})
+            text = urllib.request.urlopen(ready["metrics_url"], timeout=10).read().decode()
+            assert server.stop() == 0
+        assert follower.wait(30) == 0  # rank 0 told it to stop
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    assert (ready["event"], ready["rank"]) == ("following", 1)
+    assert 'tiered_store_exchange_rounds_total{rank="1",table="engram_layer1"} 2.0' in text
+    single = ServedModel(plain)
+    try:
+        request = parse_request(json.dumps({"input_ids": ids}).encode(), plain.server, single)
+        expected = single.answer(request)
+    finally:
+        single.close()
+    for key in ("next_token_ids", "logits", "hidden_checksum", "layer_checksums"):
+        assert answer[key] == expected[key] == again[key], key
+
+
+@pytest.mark.slow
+def test_the_distributed_benchmark_runs_at_a_tiny_size(tmp_path):
+    out = tmp_path / "distributed.json"
+    args = ["--dir", str(tmp_path), "--ranks", "1", "2", "--rounds", "2", "--tokens", "512"]
+    args += ["--model-ranks", "8", "24", "--model-tokens", "256", "--engram-vocab", "3000"]
+    args += ["--model-vocab", "20000", "--out", str(out)]
+    script = Path(__file__).parents[1] / "bench" / "bench_distributed.py"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    report = json.loads(out.read_text())
+    one, two = report["measured"]
+    assert one["rows"]["bytes_exchanged_per_round"] == 0
+    assert two["heads"]["bytes_exchanged_per_round"] > 0
+    by = {(r["ranks"], r["by"]): r for r in report["model"]}
+    assert by[(24, "heads")]["imbalance"] > by[(24, "rows")]["imbalance"]  # 16 heads, 24 ranks

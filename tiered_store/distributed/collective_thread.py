@@ -1,0 +1,51 @@
+"""One daemon thread that runs a store's collectives in submission order.
+
+Collectives must be issued in the same order on every rank, so a store's lookups and prefetches
+all go through one queue. The thread is a daemon: a collective stuck on a dead peer never keeps
+the process from exiting (``concurrent.futures`` workers are joined at exit).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+__all__ = ["CollectiveThread"]
+
+
+class CollectiveThread:
+    """Run submitted calls one after another on a daemon thread; ``submit`` returns a Future."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue ``fn(*args)``; the Future holds its result or exception."""
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def close(self, timeout: float | None) -> bool:
+        """Stop after the queued calls; wait up to ``timeout`` s; True if the thread ended."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        """The thread's loop."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the waiting caller
+                future.set_exception(exc)

@@ -1,0 +1,131 @@
+"""Which rank failed: heartbeats through the process group's key-value store.
+
+Every rank's ``Heartbeat`` thread writes ``"<beat> <collectives entered>"`` under its rank every
+``interval`` seconds, on its own connection to the group's store. When a collective fails or
+times out, ``diagnose`` reads every rank's entry twice, ``3 * interval`` apart: a rank whose beat
+did not move is dead or hung; a live rank that has entered fewer collectives than this one has
+not called the lookup the others wait in; a rank whose own shard failed says so under ``err/``. A
+store that cannot be reached means its host is gone: rank 0 (``tcp://`` or ``env://``
+rendezvous), or torchrun's agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+__all__ = ["Diagnosis", "Heartbeat"]
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What ``Heartbeat.diagnose`` found: silent ranks, ranks behind, or the store unreachable."""
+
+    silent: tuple[int, ...] = ()
+    closed: tuple[int, ...] = ()  # ranks that closed their store
+    behind: tuple[tuple[int, int], ...] = ()  # (rank, collectives it entered)
+    failed: tuple[tuple[int, str], ...] = ()  # (rank, the error its own shard raised)
+    store_error: str | None = None
+
+    def describe(self, seconds: float) -> str:
+        """A sentence naming the failed ranks."""
+        parts = [f"rank {rank} failed on its own shard: {error}" for rank, error in self.failed]
+        if self.store_error is not None:
+            parts.append(
+                "the process group's store (hosted by rank 0, or by torchrun's agent) is "
+                f"unreachable ({self.store_error}): rank 0 died or its host is down"
+            )
+        if self.silent:
+            ranks = ", ".join(str(r) for r in self.silent)
+            parts.append(f"rank {ranks} stopped: no heartbeat for {seconds:.1f} s (died or hung)")
+        if self.closed:
+            ranks = ", ".join(str(r) for r in self.closed)
+            parts.append(f"rank {ranks} closed its store")
+        for rank, entered in self.behind:
+            parts.append(
+                f"rank {rank} is alive but has entered only {entered} collective lookup(s): it is "
+                "not calling lookup/prefetch as often as the others"
+            )
+        return "; ".join(parts) or "no rank was found silent or behind"
+
+
+class Heartbeat:
+    """Publish this rank's liveness and progress; name the ranks that stopped."""
+
+    def __init__(self, store: dist.Store, rank: int, world: int, interval: float) -> None:
+        self.rank, self.world, self.interval = rank, world, interval
+        self.entered = 0  # collectives this rank has entered (set by the store's thread)
+        self._store = store.clone()  # its own connection: safe beside the group's own use
+        self._store.set_timeout(timedelta(seconds=max(2 * interval, 1.0)))
+        self._beat = 0
+        self._stop = threading.Event()
+        self._publish()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{rank}", daemon=True)
+        self._thread.start()
+
+    def _publish(self, state: str = "open") -> None:
+        """Write this rank's entry once."""
+        self._beat += 1
+        self._store.set(f"hb/{self.rank}", f"{self._beat} {self.entered} {state}")
+
+    def _run(self) -> None:
+        """Beat until stopped; a store that went away ends the thread quietly."""
+        while not self._stop.wait(self.interval):
+            try:
+                self._publish()
+            except Exception:  # the store's host died: diagnose reports it
+                return
+
+    def _read(self, store: dist.Store) -> dict[int, tuple[int, int, str]]:
+        """Every other rank's (beat, entered, state); ranks without an entry are missing."""
+        out = {}
+        for rank in range(self.world):
+            key = f"hb/{rank}"
+            if rank != self.rank and store.check([key]):
+                beat, entered, state = store.get(key).decode().split()
+                out[rank] = (int(beat), int(entered), state)
+        return out
+
+    def diagnose(self) -> Diagnosis:
+        """Read the others' heartbeats twice, ``3 * interval`` apart, and name who failed."""
+        try:
+            store = self._store.clone()
+            store.set_timeout(timedelta(seconds=max(2 * self.interval, 1.0)))
+            first = self._read(store)
+            time.sleep(3 * self.interval)
+            second = self._read(store)
+            failed = tuple(
+                (r, store.get(f"err/{r}").decode())
+                for r in range(self.world)
+                if r != self.rank and store.check([f"err/{r}"])
+            )
+        except Exception as exc:
+            return Diagnosis(store_error=str(exc).splitlines()[0][:200])
+        others = [r for r in range(self.world) if r != self.rank]
+        closed = tuple(r for r in others if r in second and second[r][2] == "closed")
+        silent = tuple(
+            r for r in others if r not in closed and (r not in second or first.get(r) == second[r])
+        )
+        behind = tuple(
+            (r, second[r][1])
+            for r in others
+            if r not in silent and r not in closed and second[r][1] < self.entered
+        )
+        return Diagnosis(silent=silent, closed=closed, behind=behind, failed=failed)
+
+    def report_failure(self, message: str) -> None:
+        """Tell the other ranks that this rank's own shard failed (they name it and the error)."""
+        with contextlib.suppress(Exception):  # store gone: the others see this rank silent
+            self._store.set(f"err/{self.rank}", message[:500])
+
+    def close(self) -> None:
+        """Stop beating and mark this rank closed (so it is not reported as dead)."""
+        self._stop.set()
+        self._thread.join(self.interval + 1.0)
+        with contextlib.suppress(Exception):  # the store is gone already
+            self._publish("closed")

@@ -1,0 +1,476 @@
+"""``ShardedStore``: ``TieredStore``'s interface over a table sharded across a process group.
+
+Every rank holds its shard as its own ``TieredStore`` (hot/warm/cold, its own shard table file).
+A lookup is a collective every rank joins (with its own ids, possibly none): each rank
+deduplicates its ids (``torch.unique``; the unique ids come out sorted, hence grouped by owning
+rank), exchanges per-rank counts, then the ids, then the rows with ``all_to_all_single`` and
+uneven splits, and restores its ids' order with the inverse of the dedup. Rows travel as stored
+(packed fp8 rows stay packed) and are dequantised by the rank that asked.
+
+Lookups and prefetches run on one background thread per store, in call order, so a prefetch's
+exchange overlaps the caller's compute and every rank issues its collectives in the same order.
+The caller waits at most ``sharding.timeout_s``; a failed or silent exchange then raises
+``RankFailureError`` naming the rank that died, hung or stopped calling (see :mod:`.liveness`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import ShardingConfig, StoreConfig
+from ..errors import (
+    ConfigError,
+    RankFailureError,
+    RowIdError,
+    ShardMismatchError,
+    TieredStoreError,
+)
+from ..latency import LatencyHistogram
+from ..prefetch import PrefetchHandle, PrefetchHandleError
+from ..quantization import dequantize_rows
+from ..store import TieredStore, _as_id_tensor
+from .collective_thread import CollectiveThread
+from .liveness import Heartbeat
+from .shard_files import ShardInfo, read_shard, shard_path
+from .shard_map import ShardMap
+
+__all__ = ["ShardedStore", "init_process_group_from_env"]
+
+_instances = itertools.count()  # every rank opens its stores in the same order: same numbers
+_EXCHANGE_KEYS = (
+    "lookups",
+    "ids",
+    "unique_ids",
+    "ids_sent",
+    "rows_served",
+    "bytes_sent",
+    "bytes_received",
+    "seconds_total",
+)
+
+
+class _LocalFailure(Exception):
+    """This rank's own shard failed inside an exchange (not a peer)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class ShardedStore:
+    """One table over the ranks of a process group; each rank's shard is a ``TieredStore``.
+
+    Open it on every rank with the same YAML (its ``sharding:`` section names the ranks, the
+    sharding mode and the timeout). ``lookup`` and ``prefetch`` are collectives: every rank calls
+    them the same number of times, in the same order, each with its own ids (or none).
+
+    Examples
+    --------
+    >>> store = ShardedStore.open("layer1.yaml")        # under torchrun  # doctest: +SKIP
+    >>> rows = store.lookup(torch.tensor([[3, 9], [3, 0]]))  # doctest: +SKIP
+    >>> handle = store.prefetch(next_ids)                    # doctest: +SKIP
+    >>> rows = store.lookup(next_ids, handle)                # doctest: +SKIP
+    """
+
+    keeps_stats = True
+
+    def __init__(self, config: StoreConfig, group: dist.ProcessGroup | None = None) -> None:
+        """Open this rank's shard and check that every rank agrees; ``group``: the ranks to use
+        (default: a new group of all ranks, made by every rank together)."""
+        if config.sharding is None:
+            raise ConfigError(
+                "sharding: missing; expected a sharding section (ranks, by) to open a ShardedStore"
+            )
+        sharding: ShardingConfig = config.sharding
+        self.config = config
+        self.timeout_s = sharding.timeout_s
+        self.owns_group = init_process_group_from_env(sharding, config.tiers.hot.device)
+        # its own group: several stores (one per Engram layer) then never interleave their
+        # collectives, and the backend's timeout is this store's
+        backend = dist.get_backend(group)
+        self.group = group
+        if group is None:
+            self.group = dist.new_group(backend=backend, timeout=timedelta(seconds=self.timeout_s))
+        self.owns_subgroup = group is None
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.exchange_device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+        )
+        self.path = shard_path(config.table.path, self.rank, sharding.ranks, sharding.shards)
+        # the diagnosis reads the heartbeats for 3 intervals: the whole error comes within timeout_s
+        self._interval = min(max(self.timeout_s / 12, 0.05), 2.0)
+        self._wait_s = max(self.timeout_s - 3 * self._interval - 0.1, 0.1)
+        self._thread = CollectiveThread(f"sharded-store-rank{self.rank}")
+        store = dist.PrefixStore(
+            f"tiered_store/sharded/{next(_instances)}/", dist.distributed_c10d._get_default_store()
+        )
+        self._heartbeat = Heartbeat(store, self.rank, self.world, self._interval)
+        self._failure: BaseException | None = None
+        self._closed = False
+        self.local: TieredStore | None = None
+        self.exchange = dict.fromkeys(_EXCHANGE_KEYS, 0.0)
+        self.lookup_latency = LatencyHistogram()
+        self._slots = threading.BoundedSemaphore(config.prefetch.depth)
+        self._prefetches = 0
+        try:
+            info, error = self._open_local()
+            prints = self._wait(
+                self._thread.submit(self._all_gather, self._fingerprint(info, error)), "open"
+            )
+            self.shard_map: ShardMap = check_fingerprints(prints, self.world)
+        except BaseException:
+            self._shutdown()
+            raise
+        local = self.local
+        self.rows = self.shard_map.rows
+        self.quantization = local.quantization
+        self.row_width, self.row_dtype, self.row_bytes = (
+            local.row_width,
+            local.row_dtype,
+            local.row_bytes,
+        )
+        self.dim, self.dtype, self.device = local.dim, local.dtype, local.device
+        self.zero_out_of_range = local.zero_out_of_range
+        self._starts = self.shard_map.starts(self.exchange_device)
+
+    @classmethod
+    def open(
+        cls, config: str | Path | dict | StoreConfig, group: dist.ProcessGroup | None = None
+    ) -> ShardedStore:
+        """Open from a YAML path, a plain dict or a ``StoreConfig`` (on every rank)."""
+        if isinstance(config, dict):
+            config = StoreConfig.from_dict(config, base_dir=Path.cwd())
+        elif not isinstance(config, StoreConfig):
+            config = StoreConfig.from_yaml(config)
+        return cls(config, group)
+
+    # -- the lookup interface ----------------------------------------------------------------------
+    def lookup(
+        self, ids: Any, handle: PrefetchHandle | None = None, *, packed: bool = False
+    ) -> torch.Tensor:
+        """Rows for ``ids`` (any shape) -> ``[..., dim]``; a collective every rank joins.
+
+        With ``handle`` from ``prefetch(ids)``, collects that exchange instead of starting one."""
+        start = time.perf_counter()
+        self._check_usable()
+        if handle is None:
+            flat, shape = self._validate(ids)
+            future = self._thread.submit(self._exchange, flat, packed)
+        else:
+            future, shape = self._collect(ids, handle, packed)
+        out = self._wait(future, "lookup")
+        self.lookup_latency.observe(time.perf_counter() - start)
+        return out.view(*shape, out.shape[-1])
+
+    def prefetch(self, ids: Any, *, packed: bool = False) -> PrefetchHandle:
+        """Start the exchange for ``ids`` in the background (a collective, like ``lookup``).
+
+        At most ``prefetch.depth`` run ahead; a further call waits (up to the timeout)."""
+        self._check_usable()
+        flat, shape = self._validate(ids)
+        if not self._slots.acquire(timeout=self._wait_s):
+            self._fail("prefetch", None, "no earlier prefetch finished")
+        future = self._thread.submit(self._exchange, flat, packed)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._prefetches += 1
+        return PrefetchHandle(ids, flat, shape, packed, future)
+
+    @property
+    def cold(self) -> Any:
+        """This rank's shard table (its ``ColdTable``)."""
+        return self.local.cold
+
+    @property
+    def prefetches_started(self) -> int:
+        """Prefetches started since the store opened."""
+        return self._prefetches
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """The local shard's ``TieredStore.stats()``, plus ``exchange`` (ids, rows and bytes this
+        rank sent to and received from the others) and ``shard`` (rank, ranks, rows)."""
+        out = self.local.stats()
+        out["exchange"] = dict(self.exchange)
+        start, stop = self.shard_map.shard_range(self.rank)
+        out["shard"] = {"rank": self.rank, "ranks": self.world, "rows": stop - start}
+        return out
+
+    def close(self) -> None:
+        """Finish queued exchanges (up to the timeout), close the shard; idempotent. Not a
+        collective; a process group opened from the environment is destroyed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._shutdown()
+
+    def __enter__(self) -> ShardedStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedStore(rank {self.rank} of {self.world}, by {self.shard_map.by}, "
+            f"rows [{self.shard_map.bounds[self.rank]:,}, {self.shard_map.bounds[self.rank + 1]:,}) "
+            f"of {self.rows:,}: {self.local!r})"
+        )
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _open_local(self) -> tuple[ShardInfo | None, str | None]:
+        """Open this rank's shard; an error is kept to be reported to every rank."""
+        try:
+            info = read_shard(self.path)
+            local_config = self.config.model_copy(
+                update={"table": self.config.table.model_copy(update={"path": str(self.path)})}
+            )
+            self.local = TieredStore(local_config)
+            return info, None
+        except (TieredStoreError, OSError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+
+    def _fingerprint(self, info: ShardInfo | None, error: str | None) -> dict[str, Any]:
+        """What every rank must agree on, as this rank sees it."""
+        sharding = self.config.sharding
+        doc: dict[str, Any] = {
+            "shard": str(self.path),
+            "error": error,
+            "world": self.world,
+            "config": {
+                "ranks": sharding.ranks,
+                "by": sharding.by,
+                "out_of_range": self.config.table.out_of_range,
+            },
+        }
+        if info is not None:
+            quant = info.manifest.quantization
+            doc["shard_rank"] = info.rank
+            doc["map"] = info.shard_map.to_json()
+            doc["rows"] = {
+                "dim": info.manifest.dim,
+                "dtype": info.manifest.dtype,
+                "quantization": quant.to_json() if quant else None,
+            }
+        return doc
+
+    def _all_gather(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's ``doc``, in rank order."""
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, doc, group=self.group)
+        return out
+
+    def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Flat int64 ids and their shape; out-of-range ids (unless ``zero``) raise RowIdError
+        after this rank joined the round with no ids, so the others are not kept waiting."""
+        tensor = _as_id_tensor(ids)
+        flat = tensor.reshape(-1).to(torch.int64)
+        if flat.numel() and not self.zero_out_of_range:
+            bad = (flat < 0) | (flat >= self.rows)
+            if bool(bad.any()):
+                pos = int(torch.nonzero(bad)[0])
+                self._thread.submit(self._exchange, flat[:0], False)
+                raise RowIdError(
+                    f"ids: value {int(flat[pos])} at flat position {pos} is out of range; "
+                    f"expected 0 <= id < {self.rows:,} (the table's rows, over {self.world} ranks)"
+                )
+        return flat, tuple(tensor.shape)
+
+    def _collect(
+        self, ids: Any, handle: PrefetchHandle, packed: bool
+    ) -> tuple[Future, tuple[int, ...]]:
+        """Check a handle belongs to ``ids`` and to this call's ``packed``."""
+        if not isinstance(handle, PrefetchHandle):
+            raise PrefetchHandleError(
+                f"lookup: handle is {type(handle).__name__}; expected a PrefetchHandle"
+            )
+        if handle.consumed:
+            raise PrefetchHandleError("lookup: this prefetch handle was already consumed")
+        if packed != handle.packed:
+            raise PrefetchHandleError(
+                f"lookup: packed={packed} but the handle was prefetched with "
+                f"packed={handle.packed}; pass the same"
+            )
+        if ids is not handle.ids:
+            tensor = _as_id_tensor(ids)
+            flat = tensor.reshape(-1).to(torch.int64)
+            if tuple(tensor.shape) != handle.shape or not torch.equal(flat, handle.flat):
+                raise PrefetchHandleError(
+                    f"lookup: ids (shape {tuple(tensor.shape)}) differ from the ids this handle "
+                    f"prefetched (shape {handle.shape}); pass the same ids"
+                )
+        handle.consumed = True
+        return handle.future, handle.shape
+
+    def _exchange(self, flat: torch.Tensor, packed: bool) -> torch.Tensor:
+        """One collective round: route unique ids to their owners, serve theirs, gather the rows."""
+        self._heartbeat.entered += 1
+        start = time.perf_counter()
+        device = self.exchange_device
+        flat = flat.to(device)
+        n = flat.numel()
+        inside = None
+        if self.zero_out_of_range and n:
+            inside = (flat >= 0) & (flat < self.rows)
+            if bool(inside.all()):
+                inside = None
+            else:
+                flat = flat[inside]
+        unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        owner = self.shard_map.owner(unique)
+        send_counts = torch.bincount(owner, minlength=self.world)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        sends, recvs = send_counts.tolist(), recv_counts.tolist()
+        asked = torch.empty(sum(recvs), dtype=torch.int64, device=device)
+        dist.all_to_all_single(asked, unique - self._starts[owner], recvs, sends, group=self.group)
+        try:
+            served = self.local.lookup(asked, packed=True)
+        except (TieredStoreError, OSError) as exc:
+            raise _LocalFailure(exc) from exc
+        payload = served.to(device).contiguous().view(torch.uint8)
+        received = torch.empty((unique.numel(), self.row_bytes), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(received, payload, sends, recvs, group=self.group)
+        rows = received.view(self.row_dtype)[inverse]
+        if inside is not None:  # all-zero rows where the ids fall outside the table
+            full = torch.zeros((n, self.row_width), dtype=self.row_dtype, device=device)
+            full[inside] = rows
+            rows = full
+        rows = rows.to(self.device)
+        if self.quantization is not None and not packed:
+            rows = dequantize_rows(rows, self.quantization)
+        self._count(n, unique.numel(), sends, recvs, time.perf_counter() - start)
+        return rows
+
+    def _count(self, n: int, unique: int, sends: list, recvs: list, seconds: float) -> None:
+        """Add one round to the exchange counters (bytes that crossed between ranks only)."""
+        ids_out, ids_in = sum(sends) - sends[self.rank], sum(recvs) - recvs[self.rank]
+        counts = 8 * (self.world - 1)
+        ex = self.exchange
+        ex["lookups"] += 1
+        ex["ids"] += n
+        ex["unique_ids"] += unique
+        ex["ids_sent"] += ids_out
+        ex["rows_served"] += ids_in
+        ex["bytes_sent"] += counts + 8 * ids_out + self.row_bytes * ids_in
+        ex["bytes_received"] += counts + 8 * ids_in + self.row_bytes * ids_out
+        ex["seconds_total"] += seconds
+
+    def _wait(self, future: Future, what: str) -> Any:
+        """The future's result within the timeout, or a RankFailureError naming the failed rank."""
+        try:
+            return future.result(timeout=self._wait_s)
+        except FutureTimeout:
+            self._fail(what, None, f"no answer within sharding.timeout_s={self.timeout_s:g}")
+        except _LocalFailure as exc:
+            self._heartbeat.report_failure(f"{type(exc.error).__name__}: {exc.error}")
+            self._failure = exc.error
+            raise exc.error from None
+        except (TieredStoreError, PrefetchHandleError):
+            raise
+        except Exception as exc:  # the backend's error: a peer closed its connection, a timeout
+            self._fail(what, exc, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+
+    def _fail(self, what: str, cause: BaseException | None, detail: str) -> None:
+        """Name the failed rank(s), remember the failure, raise it."""
+        found = self._heartbeat.diagnose()
+        error = RankFailureError(
+            f"rank {self.rank}: {what} #{self._heartbeat.entered} failed: "
+            f"{found.describe(3 * self._interval)} ({detail})"
+        )
+        self._failure = error
+        raise error from cause
+
+    def _check_usable(self) -> None:
+        """Raise once closed or after a failure (the group's collectives are then out of step)."""
+        if self._closed:
+            raise TieredStoreError("sharded store is closed; open a new ShardedStore")
+        if self._failure is not None:
+            raise RankFailureError(
+                f"rank {self.rank}: this sharded store failed earlier ({self._failure}); close it "
+                "and reopen on a restarted group"
+            )
+
+    def _shutdown(self) -> None:
+        """Stop the threads, close the shard, destroy a group this store created."""
+        # after a failure a collective may still be stuck on the dead or silent rank until the
+        # backend's own timeout (``sharding.timeout_s`` for a group this store made) ends it
+        self._thread.close(self.timeout_s)
+        self._heartbeat.close()
+        if self.local is not None:
+            self.local.close()
+        if self.owns_subgroup and self._failure is None:
+            dist.destroy_process_group(self.group)
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def check_fingerprints(prints: list[dict[str, Any]], world: int) -> ShardMap:
+    """The shard map every rank agrees on; else ShardMismatchError naming the rank and shard."""
+    first = prints[0]
+    for rank, doc in enumerate(prints):
+        shard = doc["shard"]
+        if doc["error"] is not None:
+            raise ShardMismatchError(f"rank {rank}: cannot open its shard {shard}: {doc['error']}")
+        if doc["config"] != first["config"]:
+            raise ShardMismatchError(
+                f"rank {rank}: config {doc['config']} differs from rank 0's {first['config']}; "
+                "expected every rank to open the same store YAML"
+            )
+        ranks = doc["config"]["ranks"]
+        if ranks != world:
+            raise ShardMismatchError(
+                f"sharding.ranks is {ranks} but the process group has {world} ranks; expected "
+                "one shard per rank"
+            )
+        if doc["map"]["by"] != doc["config"]["by"]:
+            raise ShardMismatchError(
+                f"rank {rank}: shard {shard} is cut by {doc['map']['by']!r} but sharding.by is "
+                f"{doc['config']['by']!r}; expected shards made with --by {doc['config']['by']}"
+            )
+        if doc["shard_rank"] != rank:
+            raise ShardMismatchError(
+                f"rank {rank}: shard {shard} is shard {doc['shard_rank']} of its set; expected "
+                f"shard {rank}"
+            )
+        for key, what in (("map", "shard map / table version"), ("rows", "row layout")):
+            if doc[key] != first[key]:
+                raise ShardMismatchError(
+                    f"rank {rank}: shard {shard} has {what} {doc[key]}, but rank 0's shard "
+                    f"{first['shard']} has {first[key]}; expected shards cut from the same table "
+                    "version by one `tiered-store shard` run"
+                )
+    return ShardMap.from_json(first["map"], first["shard"])
+
+
+def init_process_group_from_env(sharding: ShardingConfig, device: str) -> bool:
+    """Initialise the default process group from torchrun's environment unless one exists;
+    True if this call created it."""
+    if dist.is_initialized():
+        return False
+    missing = [
+        k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if k not in os.environ
+    ]
+    if missing:
+        raise ConfigError(
+            f"no torch.distributed process group and {', '.join(missing)} not set; expected to "
+            "run under torchrun, or after torch.distributed.init_process_group"
+        )
+    backend = sharding.backend
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=sharding.timeout_s))
+    return True
