@@ -317,7 +317,7 @@ class TieredStore:
 
     def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Integer ids in [0, rows) -> flat int64 on the compute device, and the original shape."""
-        tensor = _as_id_tensor(ids)
+        tensor = as_id_tensor(ids)
         flat = tensor.reshape(-1)
         if flat.numel() and not self.zero_out_of_range:
             lo, hi = torch.aminmax(flat)
@@ -355,7 +355,7 @@ class TieredStore:
             )
 
 
-def _as_id_tensor(ids: Any) -> torch.Tensor:
+def as_id_tensor(ids: Any) -> torch.Tensor:
     """Any integer tensor/array/list -> torch tensor (no copy where possible); rejects floats and bools."""
     if isinstance(ids, torch.Tensor):
         tensor = ids

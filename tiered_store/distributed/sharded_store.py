@@ -39,7 +39,7 @@ from ..errors import (
 from ..latency import LatencyHistogram
 from ..prefetch import PrefetchHandle, PrefetchHandleError
 from ..quantization import dequantize_rows
-from ..store import TieredStore, _as_id_tensor
+from ..store import TieredStore, as_id_tensor
 from .collective_thread import CollectiveThread
 from .liveness import Heartbeat
 from .shard_files import ShardInfo, read_shard, shard_path
@@ -274,7 +274,7 @@ class ShardedStore:
     def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Flat int64 ids and their shape; out-of-range ids (unless ``zero``) raise RowIdError
         after this rank joined the round with no ids, so the others are not kept waiting."""
-        tensor = _as_id_tensor(ids)
+        tensor = as_id_tensor(ids)
         flat = tensor.reshape(-1).to(torch.int64)
         if flat.numel() and not self.zero_out_of_range:
             bad = (flat < 0) | (flat >= self.rows)
@@ -303,7 +303,7 @@ class ShardedStore:
                 f"packed={handle.packed}; pass the same"
             )
         if ids is not handle.ids:
-            tensor = _as_id_tensor(ids)
+            tensor = as_id_tensor(ids)
             flat = tensor.reshape(-1).to(torch.int64)
             if tuple(tensor.shape) != handle.shape or not torch.equal(flat, handle.flat):
                 raise PrefetchHandleError(
