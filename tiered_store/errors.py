@@ -23,3 +23,15 @@ class RowIdError(TieredStoreError, IndexError):
 
 class TraceFormatError(TieredStoreError, ValueError):
     """A trace file is corrupt, truncated, or does not match the expected layout."""
+
+
+class DeltaCorruptError(TableFormatError):
+    """A row of a table's write delta (LMDB) fails its CRC32C or does not match the table."""
+
+
+class CommitError(TierIOError):
+    """A commit could not be made durable; the previous commit is intact and the writes stay pending."""
+
+
+class RowDataError(TieredStoreError, ValueError):
+    """Rows given to a write have the wrong shape, type or non-finite values."""

@@ -15,7 +15,9 @@ from .cache_plan import CacheHierarchy
 from .capacity import format_bytes
 from .cold_table import ColdTable
 from .config import StoreConfig
-from .errors import ConfigError, RowIdError, TieredStoreError
+from .delta.row_delta import RowDelta, delta_path
+from .delta.write_back import WriteBack
+from .errors import CommitError, ConfigError, RowDataError, RowIdError, TieredStoreError
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
@@ -104,10 +106,14 @@ class TieredStore:
         self.lookup_latency = LatencyHistogram()
         self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
         self._closed = False
+        self._writes: WriteBack | None = None  # the write path, once the table has a delta
+        self.commit_errors = 0
+        if delta_path(self.cold.path).is_dir():
+            self._open_writes(create=False)
         for cache, ids, slots in self.caches.warm_start(config):
             pool = self.hot_pool if cache is self.hot else self.warm_pool
             order = torch.argsort(ids)
-            pool.write(slots[order.to(slots.device)], self.cold.read_rows(ids[order].numpy()))
+            pool.write(slots[order.to(slots.device)], self._read_cold(ids[order]))
 
     @classmethod
     def open(cls, config: str | Path | dict | StoreConfig) -> TieredStore:
@@ -170,6 +176,66 @@ class TieredStore:
         """Prefetches started since the store opened."""
         return self._prefetcher.handles
 
+    # -- the write interface ---------------------------------------------------------------------
+    def write(self, ids: Any, rows: Any) -> None:
+        """Make ``rows`` (``[..., row_width]``, as stored) the current version of ``ids``: every
+        later lookup sees them; ``commit()`` makes them durable. For a repeated id the last row
+        wins. The first write creates the table's LMDB delta (``TABLE.npy.delta/``).
+
+        Examples
+        --------
+        >>> import tempfile, os
+        >>> from tiered_store import create_table
+        >>> d = tempfile.mkdtemp()
+        >>> _ = create_table(os.path.join(d, "t.npy"), np.zeros((10, 2), np.float32), progress=False)
+        >>> cfg = {"table": {"path": os.path.join(d, "t.npy")}, "tiers": {"hot": {"capacity": 2}}}
+        >>> with TieredStore.open(cfg) as store:
+        ...     store.write([3, 7], torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
+        ...     store.commit()
+        1
+        >>> with TieredStore.open(cfg) as store:  # reopened: the committed rows
+        ...     store.lookup([7, 3, 0]).tolist(), store.committed_step
+        ([[2.0, 2.0], [1.0, 1.0], [0.0, 0.0]], 1)
+        """
+        self._check_open()
+        if self.quantization is not None:
+            raise RowDataError(
+                f"write: {self.cold.path.name} holds packed quantised rows; writes need a table "
+                "of float rows"
+            )
+        flat, shape = self._validate(ids)
+        rows = _as_rows(rows, (*shape, self.row_width), self.row_dtype)
+        ids_cpu, last = _last_occurrence(flat.cpu())
+        with self._lock:
+            if self._writes is None:
+                self._open_writes(create=True)
+            self._writes.write(ids_cpu, rows[last])
+
+    def commit(self, step: int | None = None) -> int:
+        """Make every write so far durable in one LMDB transaction, with ``step`` (default: the
+        last committed step + 1); returns the step. After it returns, a crash (kill -9, power
+        loss) loses none of it; a crash during it leaves every row as of this commit or the last.
+        Raises ``CommitError`` (the last commit intact, the writes still pending) when it fails."""
+        self._check_open()
+        with self._lock:
+            if self._writes is None:
+                self._open_writes(create=True)
+            delta = self._writes.delta
+            step = delta.step + 1 if step is None else int(step)
+            ids, rows = self._writes.collect()
+            try:
+                delta.commit(ids, rows, step)
+            except CommitError:
+                self.commit_errors += 1
+                raise
+            self._writes.committed(ids)
+        return step
+
+    @property
+    def committed_step(self) -> int:
+        """The step of the table's last commit (0 for a table never written)."""
+        return 0 if self._writes is None else self._writes.delta.step
+
     def stats(self) -> dict[str, dict[str, float]]:
         """Per tier: lookups, hits, misses, hit_rate, admissions, evictions, bytes_in, occupancy,
         capacity; cold: rows and bytes read; prefetch: handles and stall seconds."""
@@ -193,6 +259,17 @@ class TieredStore:
             "calls": self.lookup_latency.count,
             "seconds_total": self.lookup_latency.sum,
         }
+        if self._writes is not None:
+            w = self._writes
+            out["writes"] = {
+                "rows_written": w.rows_written,
+                "dirty_rows": w.dirty_rows,
+                "spilled_rows": w.spilled_rows,
+                "commits": w.delta.commits,
+                "commit_errors": self.commit_errors,
+                "map_grows": w.delta.map_grows,
+                "committed_step": w.delta.step,
+            }
         return out
 
     def memory_report(self) -> dict[str, Any]:
@@ -211,6 +288,8 @@ class TieredStore:
         self._closed = True
         self._prefetcher.close()
         self.cold.close()
+        if self._writes is not None:  # uncommitted writes are dropped, as a crash would
+            self._writes.delta.close()
 
     def __enter__(self) -> TieredStore:
         return self
@@ -284,14 +363,39 @@ class TieredStore:
             if plan.cold_idx.numel():  # outside the lock: other lookups go on meanwhile
                 rows = self.cold.read_rows(plan.unique_ids[plan.cold_idx].numpy())
                 staged.index_copy_(0, plan.cold_idx, rows)
-            device_rows = staged.to(self.device, non_blocking=True)
+            writes = self._writes
+            if writes is None:
+                device_rows = staged.to(self.device, non_blocking=True)
             lookahead = self._prefetcher.queued_ids() if self.config.prefetch.lookahead else None
             with self._lock:
+                if writes is not None:  # written rows over base rows, under the lock of writes
+                    if plan.cold_idx.numel():
+                        writes.overlay(plan.unique_ids[plan.cold_idx], staged, plan.cold_idx)
+                    device_rows = staged.to(self.device, non_blocking=True)
                 admitted = self.caches.admit(plan, lookahead)
                 self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
                 self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
             out[plan.miss_pos] = device_rows[plan.inverse]
         return out
+
+    def _read_cold(self, ids: torch.Tensor) -> torch.Tensor:
+        """Current rows of sorted unique ``ids`` from cold: base, then the delta and pending."""
+        rows = self.cold.read_rows(ids.numpy())
+        if self._writes is not None:
+            self._writes.overlay(ids, rows, torch.arange(ids.numel()))
+        return rows
+
+    def _open_writes(self, create: bool) -> None:
+        """Open (or create) the table's LMDB delta and hook write-back into the tiers."""
+        delta = RowDelta(
+            delta_path(self.cold.path), self.row_bytes, create=create, table_rows=self.rows
+        )
+        self._writes = WriteBack(
+            delta,
+            [(self.warm, self.warm_pool), (self.hot, self.hot_pool)],
+            self.row_width,
+            self.row_dtype,
+        )
 
     def _collect(self, ids: Any, handle: PrefetchHandle) -> tuple[torch.Tensor, Any]:
         """Check a handle belongs to ``ids`` and wait for it."""
@@ -369,6 +473,35 @@ def _as_id_tensor(ids: Any) -> torch.Tensor:
     if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
         raise RowIdError(f"ids: dtype {tensor.dtype}; expected an integer tensor (row ids)")
     return tensor
+
+
+def _as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Rows for a write -> ``[n, width]`` CPU tensor of the table's dtype; checks shape, finiteness."""
+    try:
+        tensor = torch.as_tensor(rows)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise RowDataError(
+            f"rows: {type(rows).__name__} cannot be read as numbers ({exc})"
+        ) from None
+    if tuple(tensor.shape) != shape:
+        raise RowDataError(
+            f"rows: shape {tuple(tensor.shape)}; expected {shape} (the ids' shape + the row width)"
+        )
+    if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+        raise RowDataError(f"rows: dtype {tensor.dtype}; expected floating-point rows")
+    tensor = tensor.detach().reshape(-1, shape[-1]).to("cpu", dtype)
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int(torch.nonzero(~torch.isfinite(tensor))[0, 0])
+        raise RowDataError(f"rows: row {bad} holds a non-finite value; expected finite rows")
+    return tensor
+
+
+def _last_occurrence(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique ids of ``flat`` and the position of each one's last occurrence."""
+    uniq, inverse = torch.unique(flat, return_inverse=True)
+    last = torch.full((uniq.numel(),), -1, dtype=torch.int64)
+    last.scatter_reduce_(0, inverse, torch.arange(flat.numel()), reduce="amax")
+    return uniq, last
 
 
 def _compute_device(name: str) -> torch.device:
