@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def test_engram_lm_trains_through_the_store_as_in_memory(tmp_path):
     table = TrainableTable(TieredStore(store_config(path, **tiers)), opt)
     model.set_tables({1: table})
     ref_rows = torch.cat([init, torch.zeros(rows, 1)], 1)
-    text = open(torch.__file__).read()[:4000]
+    text = Path(torch.__file__).read_text()[:4000]
     tokens = torch.from_numpy(model.hasher.tokenizer.encode(text)[: 4 * 65].reshape(4, 65))
     ref_table = reference.tables[1]
     ref_dense = [p for p in reference.parameters() if p is not ref_table.weight]
