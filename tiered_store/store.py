@@ -231,6 +231,21 @@ class TieredStore:
             self._writes.committed(ids)
         return step
 
+    def read_committed(self, ids: Any) -> tuple[int, torch.Tensor]:
+        """(step, rows) of ``ids`` as of the last commit, from one LMDB read transaction over the
+        base table: never an uncommitted write, never a mix of two commits. Bypasses the caches
+        (a reader's view, for checks and other processes' readers; lookups see writes at once)."""
+        self._check_open()
+        flat, shape = self._validate(ids)
+        unique, inverse = torch.unique(flat.cpu(), return_inverse=True)
+        rows = self.cold.read_rows(unique.numpy())
+        step = 0
+        if self._writes is not None:
+            step, found, raw = self._writes.delta.snapshot(unique.numpy())
+            if found.any():
+                rows[torch.from_numpy(found)] = torch.from_numpy(raw[found]).view(self.row_dtype)
+        return step, rows[inverse].view(*shape, self.row_width)
+
     @property
     def committed_step(self) -> int:
         """The step of the table's last commit (0 for a table never written)."""

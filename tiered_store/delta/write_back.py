@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import DeltaCorruptError
 from ..row_cache import RowCache
 from ..slot_pool import SlotPool
 from .row_delta import RowDelta
@@ -142,8 +143,14 @@ class WriteBack:
             in_delta = np.isin(ids_np, self.delta_ids, assume_unique=True)
             if in_delta.any():
                 found, raw = self.delta.read(ids_np[in_delta])
-                rows = torch.from_numpy(raw[found]).view(self.dtype)
-                at = torch.from_numpy(np.flatnonzero(in_delta)[found])
+                if not found.all():  # the index says these rows are committed: they must be
+                    missing = int(ids_np[in_delta][~found][0])
+                    raise DeltaCorruptError(
+                        f"delta: row {missing} is missing from {self.delta.path} though a commit "
+                        "wrote it (was the delta replaced while open?)"
+                    )
+                rows = torch.from_numpy(raw).view(self.dtype)
+                at = torch.from_numpy(np.flatnonzero(in_delta))
                 staged.index_copy_(0, positions[at], rows)
         if len(self.pending):
             held, pos = self.pending.find(ids)
