@@ -38,31 +38,36 @@ def _append(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def run_writer(config: dict, log_dir: str, steps: int) -> None:
-    """Resume from the store's last commit and run ``steps`` more steps (until killed)."""
+def run_writer(config: dict, log_dir: str, steps: int, compact_every: int = 0) -> None:
+    """Resume from the store's last commit and run ``steps`` more steps (until killed); every
+    ``compact_every`` steps, close the store, compact the table and reopen it."""
     import torch
 
     from tiered_store import TieredStore
+    from tiered_store.delta.compaction import compact_table
 
     torch.set_num_threads(1)
     logs = Path(log_dir)
-    with TieredStore.open(config) as store:
-        intent = logs / "intent.bin"  # a record torn by the last kill is dropped
-        if intent.exists():
-            size = intent_dtype(store.dim).itemsize
-            os.truncate(intent, intent.stat().st_size // size * size)
-        start = store.committed_step + 1
-        for step in range(start, start + steps):
-            ids, rows = step_update(step, store.rows, store.dim)
-            record = np.zeros(1, dtype=intent_dtype(store.dim))
-            record["step"], record["ids"], record["rows"] = step, ids, rows
-            _append(logs / "intent.bin", record.tobytes())
-            store.write(torch.from_numpy(ids), torch.from_numpy(rows))
-            store.lookup(
-                torch.from_numpy(np.random.default_rng([step, 1]).integers(0, store.rows, 40))
-            )
-            store.commit(step)
-            _append(logs / "acked.bin", np.int64(step).tobytes())
+    store = TieredStore.open(config)
+    intent = logs / "intent.bin"  # a record torn by the last kill is dropped
+    if intent.exists():
+        size = intent_dtype(store.dim).itemsize
+        os.truncate(intent, intent.stat().st_size // size * size)
+    start = store.committed_step + 1
+    for step in range(start, start + steps):
+        ids, rows = step_update(step, store.rows, store.dim)
+        record = np.zeros(1, dtype=intent_dtype(store.dim))
+        record["step"], record["ids"], record["rows"] = step, ids, rows
+        _append(intent, record.tobytes())
+        store.write(torch.from_numpy(ids), torch.from_numpy(rows))
+        store.lookup(torch.from_numpy(np.random.default_rng([step, 1]).integers(0, store.rows, 40)))
+        store.commit(step)
+        _append(logs / "acked.bin", np.int64(step).tobytes())
+        if compact_every and step % compact_every == 0:
+            store.close()
+            compact_table(config["table"]["path"], progress=False)
+            store = TieredStore.open(config)
+    store.close()
 
 
 def expected_table(base: np.ndarray, log_dir: str, upto: int) -> np.ndarray:

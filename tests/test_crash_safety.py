@@ -41,7 +41,7 @@ def _check_reopened(config, base, log_dir) -> tuple[int, int]:
     return step, last_acked
 
 
-def _kill_loop(tmp_path, kills, max_delay):
+def _kill_loop(tmp_path, kills, max_delay, compact_every=0):
     path, table = make_table(tmp_path, rows=200, dim=8)
     base = table.numpy()
     config = {
@@ -54,7 +54,9 @@ def _kill_loop(tmp_path, kills, max_delay):
     rng = np.random.default_rng(7)
     steps_seen, between = [], 0
     for _ in range(kills):
-        writer = ctx.Process(target=crash_writer.run_writer, args=(config, str(log_dir), 10**6))
+        writer = ctx.Process(
+            target=crash_writer.run_writer, args=(config, str(log_dir), 10**6, compact_every)
+        )
         writer.start()
         time.sleep(rng.uniform(0.15, max_delay))
         os.kill(writer.pid, signal.SIGKILL)
@@ -69,12 +71,16 @@ def _kill_loop(tmp_path, kills, max_delay):
 
 
 def test_kill_9_at_random_moments_loses_no_acknowledged_commit(tmp_path):
-    _kill_loop(tmp_path, kills=50, max_delay=0.35)
+    """Kills land in writes, write-back (tiny tiers spill on eviction), commits and compactions
+    (every 4th step closes the store and compacts the table)."""
+    _kill_loop(tmp_path, kills=50, max_delay=0.35, compact_every=4)
+    versions = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".npy"))
+    assert len(versions) >= 1 and any(".g" in v for v in versions)  # compactions happened
 
 
 @pytest.mark.slow
 def test_kill_9_many_times(tmp_path):
-    _kill_loop(tmp_path, kills=300, max_delay=1.0)
+    _kill_loop(tmp_path, kills=300, max_delay=1.0, compact_every=25)
 
 
 def _check_versions(read, rows, stop_at, errors, reads):

@@ -111,3 +111,34 @@ def test_a_delta_of_another_row_size_is_refused(tmp_path):
     RowDelta(tmp_path / "d", row_bytes=16, create=True).close()
     with pytest.raises(DeltaCorruptError, match="holds 16-byte rows"):
         RowDelta(tmp_path / "d", row_bytes=32)
+
+
+def test_compaction_makes_a_new_version_old_readers_finish_undisturbed(tmp_path):
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.delta.table_versions import remove_unused_versions, version_path
+    from tiered_store.errors import TierIOError
+
+    path, table = make_table(tmp_path, rows=400, dim=4)
+    cfg = store_config(path, hot={"capacity": 4}, warm={"capacity": 8})
+    expected = table.clone()
+    with TieredStore(cfg) as writer:
+        writer.write(torch.arange(0, 400, 7), torch.full((58, 4), 3.0))
+        expected[0:400:7] = 3.0
+        writer.commit(5)
+        with pytest.raises(TierIOError, match="being written"):
+            compact_table(path, progress=False)  # one writer at a time
+    old_reader = TieredStore(cfg)
+    report = compact_table(path, progress=False)
+    assert (report.new_generation, report.delta_rows, report.removed_generations) == (1, 58, [])
+    assert path.exists()  # generation 0 stays while old_reader has it open
+    assert torch.equal(old_reader.lookup(torch.arange(400)), expected)  # cold reads: old version
+    with TieredStore(cfg) as new_reader:
+        assert new_reader.generation == 1 and new_reader.committed_step == 5
+        assert torch.equal(new_reader.lookup(torch.arange(400)), expected)
+        assert not delta_path(version_path(path, 1)).exists()  # the delta retired with its version
+    old_reader.close()
+    assert remove_unused_versions(path) == [0] and not path.exists()
+    assert not delta_path(path).exists()
+    with TieredStore(cfg) as store:  # writes go on in the new version, steps continue
+        store.write([1], torch.zeros(1, 4))
+        assert store.commit() == 6

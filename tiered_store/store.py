@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,8 +18,16 @@ from .capacity import format_bytes
 from .cold_table import ColdTable
 from .config import StoreConfig
 from .delta.row_delta import RowDelta, delta_path
+from .delta.table_versions import current_version, hold_version, take_writer_lock
 from .delta.write_back import WriteBack
-from .errors import CommitError, ConfigError, RowDataError, RowIdError, TieredStoreError
+from .errors import (
+    CommitError,
+    ConfigError,
+    RowDataError,
+    RowIdError,
+    TieredStoreError,
+    TierIOError,
+)
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
@@ -63,19 +73,11 @@ class TieredStore:
         self.config = config
         tiers = config.tiers
         self.device = _compute_device(tiers.hot.device)
+        self.cold, self.generation = self._open_current_version(config)
+        self._writer_lock: int | None = None
+        self._version_hold: int | None = None
         try:
-            self.cold = ColdTable(
-                config.table.path,
-                io=tiers.cold.io,
-                threads=tiers.cold.threads,
-                queue_depth=tiers.cold.queue_depth,
-            )
-        except FileNotFoundError as exc:
-            raise ConfigError(
-                f"table.path: {config.table.path} does not exist ({exc}); expected a table made by "
-                "`tiered-store init`"
-            ) from None
-        try:
+            self._version_hold = hold_version(self.cold.path)  # old versions outlive their readers
             self._check_table_matches(config)
             self.quantization = self.cold.manifest.quantization
             self.rows, self.row_bytes = self.cold.rows, self.cold.row_bytes
@@ -100,6 +102,8 @@ class TieredStore:
             )
         except BaseException:
             self.cold.close()
+            if self._version_hold is not None:
+                os.close(self._version_hold)
             raise
         self._lock = threading.Lock()
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -248,8 +252,14 @@ class TieredStore:
 
     @property
     def committed_step(self) -> int:
-        """The step of the table's last commit (0 for a table never written)."""
-        return 0 if self._writes is None else self._writes.delta.step
+        """The step of the table's last commit (0 for a table never written), across
+        compactions."""
+        return self._base_step if self._writes is None else self._writes.delta.step
+
+    @property
+    def _base_step(self) -> int:
+        """The step a compacted version was made at (0 for a first version)."""
+        return int((self.cold.manifest.metadata or {}).get("committed_step", 0))
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per tier: lookups, hits, misses, hit_rate, admissions, evictions, bytes_in, occupancy,
@@ -305,6 +315,9 @@ class TieredStore:
         self.cold.close()
         if self._writes is not None:  # uncommitted writes are dropped, as a crash would
             self._writes.delta.close()
+        for fd in (self._version_hold, self._writer_lock):
+            if fd is not None:
+                os.close(fd)
 
     def __enter__(self) -> TieredStore:
         return self
@@ -400,10 +413,46 @@ class TieredStore:
             self._writes.overlay(ids, rows, torch.arange(ids.numel()))
         return rows
 
+    def _open_current_version(self, config: StoreConfig) -> tuple[ColdTable, int]:
+        """The table's current version (see ``delta.table_versions``) and its generation."""
+        tiers = config.tiers
+        for attempt in range(3):  # a version removed between reading the pointer and opening
+            path, generation = current_version(config.table.path)
+            try:
+                cold = ColdTable(
+                    path,
+                    io=tiers.cold.io,
+                    threads=tiers.cold.threads,
+                    queue_depth=tiers.cold.queue_depth,
+                )
+                return cold, generation
+            except FileNotFoundError as exc:
+                if attempt == 2 or path == current_version(config.table.path)[0]:
+                    raise ConfigError(
+                        f"table.path: {path} does not exist ({exc}); expected a table made by "
+                        "`tiered-store init`"
+                    ) from None
+        raise AssertionError("unreachable")
+
     def _open_writes(self, create: bool) -> None:
-        """Open (or create) the table's LMDB delta and hook write-back into the tiers."""
+        """Open (or create) the version's LMDB delta and hook write-back into the tiers; a writer
+        (``create``) takes the table's single-writer lock first."""
+        if create and self._writer_lock is None:
+            self._writer_lock = take_writer_lock(self.config.table.path)
+            if current_version(self.config.table.path)[1] != self.generation:
+                os.close(self._writer_lock)
+                self._writer_lock = None
+                raise TierIOError(
+                    errno.ESTALE,
+                    f"write: {self.cold.path.name} was compacted into a newer version since this "
+                    "store opened; reopen the store to write",
+                )
         delta = RowDelta(
-            delta_path(self.cold.path), self.row_bytes, create=create, table_rows=self.rows
+            delta_path(self.cold.path),
+            self.row_bytes,
+            create=create,
+            table_rows=self.rows,
+            initial_step=self._base_step,
         )
         self._writes = WriteBack(
             delta,

@@ -57,6 +57,8 @@ class RowDelta:
         Bytes of one stored row; checked against what the environment recorded when created.
     create : bool
         Create the environment when missing (a writer); otherwise it must exist.
+    initial_step : int
+        The step a new environment starts at (a compacted version's last step).
     map_bytes : int or None
         Initial map size; default: room for every row of a ``table_rows`` table twice, at least
         64 MiB. A commit that fills it doubles it and retries (``lmdb.MapFullError`` never escapes).
@@ -80,6 +82,7 @@ class RowDelta:
         create: bool = False,
         table_rows: int = 0,
         map_bytes: int | None = None,
+        initial_step: int = 0,
     ) -> None:
         self.path = Path(path)
         self.row_bytes = int(row_bytes)
@@ -101,9 +104,9 @@ class RowDelta:
             ) from None
         self.rows_db = self.env.open_db(b"rows", create=not self.readonly)
         self.meta_db = self.env.open_db(b"meta", create=not self.readonly)
+        self._check_row_bytes(initial_step)
         if not existed:
             fsync_dir(self.path.parent)  # the environment's directory entry is durable too
-        self._check_row_bytes()
 
     def _open(self, map_bytes: int, existed: bool) -> lmdb.Environment:
         """The environment: durable commits, one writer, reader slots tied to threads."""
@@ -301,12 +304,14 @@ class RowDelta:
         """Header fields then the row's bytes."""
         return np.dtype(HEADER.descr + [("payload", "u1", (self.row_bytes,))])
 
-    def _check_row_bytes(self) -> None:
-        """The environment was made for rows of this size (recorded at first open)."""
+    def _check_row_bytes(self, initial_step: int) -> None:
+        """The environment was made for rows of this size (recorded, with the initial step, in
+        the transaction that creates it)."""
         with self.env.begin(db=self.meta_db, write=not self.readonly) as txn:
             have = txn.get(b"row_bytes")
             if have is None and not self.readonly:
                 txn.put(b"row_bytes", self.row_bytes.to_bytes(8, "little"))
+                txn.put(b"step", int(initial_step).to_bytes(8, "little", signed=True))
                 return
         if have is not None and _int_value(have) != self.row_bytes:
             raise DeltaCorruptError(
