@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class RowDelta:
         self.row_bytes = int(row_bytes)
         self.value_bytes = HEADER_BYTES + self.row_bytes
         self.readonly = False
+        self._released = False
         self._pid = os.getpid()
         self.commits = 0  # commits made through this handle
         self.map_grows = 0  # times a commit found the map full and doubled it
@@ -96,12 +98,13 @@ class RowDelta:
         if not existed and not create:
             raise ConfigError(f"delta: {self.path} does not exist; expected a table's write delta")
         try:
-            self.env = self._open(wanted, existed)
+            self.env = _shared_env(self.path, lambda: self._open(wanted, existed))
         except lmdb.Error as exc:
             raise TierIOError(
                 f"delta: cannot open {self.path} ({exc}); expected a writable directory "
                 "(or, read-only, an existing delta)"
             ) from None
+        self.readonly = self.env.flags()["readonly"]
         self.rows_db = self.env.open_db(b"rows", create=not self.readonly)
         self.meta_db = self.env.open_db(b"meta", create=not self.readonly)
         self._check_row_bytes(initial_step)
@@ -242,9 +245,10 @@ class RowDelta:
         )
 
     def close(self) -> None:
-        """Close the environment (only in the process that opened it)."""
-        if os.getpid() == self._pid:
-            self.env.close()
+        """Release the environment (closed with its last handle in this process); idempotent."""
+        if os.getpid() == self._pid and not self._released:
+            self._released = True
+            _release_env(self.path)
 
     # -- internals ---------------------------------------------------------------------------------
     def _grow(self) -> None:
@@ -326,6 +330,35 @@ class RowDelta:
                 f"delta: {self.path} was opened in process {self._pid}, used in {os.getpid()} "
                 "(after fork); expected each process to open the store itself"
             )
+
+
+# LMDB allows one environment handle per file per process: handles of one path share it.
+_ENVS: dict[tuple[int, str], list] = {}  # (pid, realpath) -> [environment, handles]
+_ENVS_LOCK = threading.Lock()
+
+
+def _shared_env(path: Path, open_env) -> lmdb.Environment:
+    """This process's environment for ``path``, opened by ``open_env`` on first use."""
+    key = (os.getpid(), os.path.realpath(path))  # never an environment across fork()
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is None:
+            entry = _ENVS[key] = [open_env(), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_env(path: Path) -> None:
+    """Drop one handle; close the environment with the last."""
+    key = (os.getpid(), os.path.realpath(path))
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _ENVS[key]
+            entry[0].close()
 
 
 def _int_value(raw: bytes | None) -> int:
