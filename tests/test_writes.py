@@ -142,3 +142,42 @@ def test_compaction_makes_a_new_version_old_readers_finish_undisturbed(tmp_path)
     with TieredStore(cfg) as store:  # writes go on in the new version, steps continue
         store.write([1], torch.zeros(1, 4))
         assert store.commit() == 6
+
+
+def test_a_reader_keeps_its_version_and_serving_swaps_to_the_new_one(tmp_path):
+    """A read-only store sees one commit until reopened; ServedModel reopens stale tables (a
+    trainer's commit, then a compaction) and answers exactly as a freshly opened server does."""
+    import json
+
+    from tests.serve_support import make_checkpoint
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.serve import ServeConfig
+    from tiered_store.serve.inference_request import parse_request
+    from tiered_store.serve.served_model import ServedModel
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    body = json.dumps({"input_ids": [[5, 17, 900, 17, 5, 12, 77, 5, 17]]}).encode()
+
+    def ask(model):
+        return model.answer(parse_request(body, model.config.server, model))["layer_checksums"]
+
+    before = ask(served)
+    store = served.stores["engram_layer1"]
+    writer = TieredStore(store.config)
+    writer.write(
+        torch.arange(0, writer.rows, 2), torch.ones(writer.rows // 2 + writer.rows % 2, writer.dim)
+    )
+    writer.commit()
+    assert store.is_stale() and ask(served) == before  # no check yet: the old version, whole
+    assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+    after_commit = ask(served)
+    assert after_commit != before
+    writer.close()
+    compact_table(store.config.table.path, progress=False)
+    assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+    assert ask(served) == after_commit  # the compacted version holds the same rows
+    fresh = ServedModel(config)
+    assert ask(fresh) == after_commit and served.reloads == 2
+    fresh.close()
+    served.close()

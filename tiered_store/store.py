@@ -112,8 +112,9 @@ class TieredStore:
         self._closed = False
         self._writes: WriteBack | None = None  # the write path, once the table has a delta
         self.commit_errors = 0
-        if delta_path(self.cold.path).is_dir():
+        if delta_path(self.cold.path).is_dir():  # a reader's view: one commit, until reopened
             self._open_writes(create=False)
+            self._writes.delta.pin()
         for cache, ids, slots in self.caches.warm_start(config):
             pool = self.hot_pool if cache is self.hot else self.warm_pool
             order = torch.argsort(ids)
@@ -211,8 +212,7 @@ class TieredStore:
         rows = _as_rows(rows, (*shape, self.row_width), self.row_dtype)
         ids_cpu, last = _last_occurrence(flat.cpu())
         with self._lock:
-            if self._writes is None:
-                self._open_writes(create=True)
+            self._become_writer()
             self._writes.write(ids_cpu, rows[last])
 
     def commit(self, step: int | None = None) -> int:
@@ -222,8 +222,7 @@ class TieredStore:
         Raises ``CommitError`` (the last commit intact, the writes still pending) when it fails."""
         self._check_open()
         with self._lock:
-            if self._writes is None:
-                self._open_writes(create=True)
+            self._become_writer()
             delta = self._writes.delta
             step = delta.step + 1 if step is None else int(step)
             ids, rows = self._writes.collect()
@@ -434,10 +433,21 @@ class TieredStore:
                     ) from None
         raise AssertionError("unreachable")
 
-    def _open_writes(self, create: bool) -> None:
-        """Open (or create) the version's LMDB delta and hook write-back into the tiers; a writer
-        (``create``) takes the table's single-writer lock first."""
-        if create and self._writer_lock is None:
+    def is_stale(self) -> bool:
+        """Whether the table on disk moved on since this store opened (a compaction made a new
+        version, or a writer elsewhere committed): reopen to see it. A writing store never is."""
+        if current_version(self.config.table.path)[1] != self.generation:
+            return True
+        if self._writer_lock is not None:
+            return False
+        if self._writes is None:
+            return delta_path(self.cold.path).is_dir()
+        return self._writes.delta.latest_step() != self._writes.delta.step
+
+    def _become_writer(self) -> None:
+        """Take the table's single-writer lock (once), then open or create the delta and read its
+        newest commit from now on."""
+        if self._writer_lock is None:
             self._writer_lock = take_writer_lock(self.config.table.path)
             if current_version(self.config.table.path)[1] != self.generation:
                 os.close(self._writer_lock)
@@ -447,6 +457,21 @@ class TieredStore:
                     f"write: {self.cold.path.name} was compacted into a newer version since this "
                     "store opened; reopen the store to write",
                 )
+            if self._writes is not None:  # was a reader: read the newest commit from now on
+                if self._writes.delta.latest_step() != self._writes.delta.step:
+                    os.close(self._writer_lock)
+                    self._writer_lock = None
+                    raise TierIOError(
+                        errno.ESTALE,
+                        f"write: {self.cold.path.name} was written by another process since this "
+                        "store opened; reopen the store to write",
+                    )
+                self._writes.delta.unpin()
+        if self._writes is None:
+            self._open_writes(create=True)
+
+    def _open_writes(self, create: bool) -> None:
+        """Open (or create) the version's LMDB delta and hook write-back into the tiers."""
         delta = RowDelta(
             delta_path(self.cold.path),
             self.row_bytes,

@@ -12,6 +12,7 @@ mismatch. The knobs and why: docs/design.md#writes-and-the-lmdb-delta.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -90,6 +91,7 @@ class RowDelta:
         self.value_bytes = HEADER_BYTES + self.row_bytes
         self.readonly = False
         self._released = False
+        self._pinned: lmdb.Transaction | None = None
         self._pid = os.getpid()
         self.commits = 0  # commits made through this handle
         self.map_grows = 0  # times a commit found the map full and doubled it
@@ -145,16 +147,44 @@ class RowDelta:
     # -- queries -----------------------------------------------------------------------------------
     @property
     def step(self) -> int:
-        """The step of the last commit (0 before any)."""
+        """The step of the last commit (0 before any); of the pinned snapshot while pinned."""
+        self._check_process()
+        with self._read_txn() as txn:
+            return _int_value(txn.get(b"step", db=self.meta_db))
+
+    def latest_step(self) -> int:
+        """The step of the last commit on disk now, pinned or not."""
         self._check_process()
         with self.env.begin(db=self.meta_db) as txn:
             return _int_value(txn.get(b"step"))
 
+    def pin(self) -> None:
+        """Read one committed version from now on (a long read transaction), whatever commits
+        land meanwhile: a read-only store's view stays whole until it is reopened."""
+        self._check_process()
+        if self._pinned is None:
+            self._pinned = self.env.begin()
+
+    def unpin(self) -> None:
+        """Read the newest commit again (a writer's view)."""
+        if self._pinned is not None:
+            self._pinned.abort()
+            self._pinned = None
+
+    @contextlib.contextmanager
+    def _read_txn(self):
+        """The pinned transaction, or a fresh one for this read."""
+        if self._pinned is not None:
+            yield self._pinned
+        else:
+            with self.env.begin() as txn:
+                yield txn
+
     def ids(self) -> np.ndarray:
         """Every row id the delta holds, sorted (int64)."""
         self._check_process()
-        with self.env.begin(db=self.rows_db) as txn:
-            keys = b"".join(txn.cursor().iternext(keys=True, values=False))
+        with self._read_txn() as txn:
+            keys = b"".join(txn.cursor(db=self.rows_db).iternext(keys=True, values=False))
         return np.frombuffer(keys, dtype=">i8").astype(np.int64)
 
     def __len__(self) -> int:
@@ -175,7 +205,7 @@ class RowDelta:
         ids = np.asarray(ids, dtype=np.int64)
         keys = ids.astype(">i8").view("V8").tolist()
         try:
-            with self.env.begin() as txn:
+            with self._read_txn() as txn:
                 step = _int_value(txn.get(b"step", db=self.meta_db))
                 pairs = txn.cursor(db=self.rows_db).getmulti(keys)
         except lmdb.Error as exc:
@@ -247,6 +277,7 @@ class RowDelta:
     def close(self) -> None:
         """Release the environment (closed with its last handle in this process); idempotent."""
         if os.getpid() == self._pid and not self._released:
+            self.unpin()
             self._released = True
             _release_env(self.path)
 
