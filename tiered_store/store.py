@@ -296,6 +296,19 @@ class TieredStore:
             }
         return out
 
+    def write_counters(self) -> dict[str, int]:
+        """The write path's counters, named as their metrics (zeros for a table never written)."""
+        w = self._writes
+        return {
+            "written_rows_total": w.rows_written if w else 0,
+            "dirty_rows": w.dirty_rows if w else 0,
+            "written_back_rows_total": w.spilled_rows if w else 0,
+            "commits_total": w.delta.commits if w else 0,
+            "commit_errors_total": self.commit_errors,
+            "delta_map_grows_total": w.delta.map_grows if w else 0,
+            "delta_read_errors_total": w.delta.read_errors if w else 0,
+        }
+
     def memory_report(self) -> dict[str, Any]:
         """Payload bytes per tier and metadata bytes per table row and per cached slot."""
         return {

@@ -95,6 +95,7 @@ class RowDelta:
         self._pid = os.getpid()
         self.commits = 0  # commits made through this handle
         self.map_grows = 0  # times a commit found the map full and doubled it
+        self.read_errors = 0  # reads that failed or found a corrupt row
         wanted = map_bytes or max(MIN_MAP_BYTES, 2 * table_rows * (self.value_bytes + 64))
         existed = self.path.is_dir()
         if not existed and not create:
@@ -209,6 +210,7 @@ class RowDelta:
                 step = _int_value(txn.get(b"step", db=self.meta_db))
                 pairs = txn.cursor(db=self.rows_db).getmulti(keys)
         except lmdb.Error as exc:
+            self.read_errors += 1
             raise TierIOError(f"delta: reading {self.path} failed ({exc})") from None
         found = np.zeros(ids.size, dtype=bool)
         rows = np.empty((ids.size, self.row_bytes), dtype=np.uint8)
@@ -314,6 +316,7 @@ class RowDelta:
     def _decode(self, ids: np.ndarray, values: bytes) -> np.ndarray:
         """Records of ``ids`` from their concatenated values; raises on any bad one."""
         if len(values) != ids.size * self.value_bytes:
+            self.read_errors += 1
             raise DeltaCorruptError(
                 f"delta: {self.path} holds values of {len(values) / max(ids.size, 1):.1f} bytes on "
                 f"average; expected {self.value_bytes} (a {self.row_bytes}-byte row + header)"
@@ -326,6 +329,7 @@ class RowDelta:
             (crc != records["crc"]) | (records["row"] != ids) | (records["width"] != self.row_bytes)
         )
         if bad.any():
+            self.read_errors += 1
             k = int(np.flatnonzero(bad)[0])
             raise DeltaCorruptError(
                 f"delta: row {int(ids[k])} in {self.path} fails its CRC32C (stored "

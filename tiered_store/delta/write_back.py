@@ -144,6 +144,7 @@ class WriteBack:
             if in_delta.any():
                 found, raw = self.delta.read(ids_np[in_delta])
                 if not found.all():  # the index says these rows are committed: they must be
+                    self.delta.read_errors += 1
                     missing = int(ids_np[in_delta][~found][0])
                     raise DeltaCorruptError(
                         f"delta: row {missing} is missing from {self.delta.path} though a commit "
