@@ -16,6 +16,7 @@ from zipf_analysis.replay_cli import register as register_replay
 from .cold_table import IO_MODES
 from .delta.compaction import register as register_compact
 from .demo import register as register_demo
+from .engram.training import register as register_train
 from .errors import TieredStoreError
 from .serve import register as register_serve
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         register_analyze,
         register_serve,
         register_compact,
+        register_train,
     ):
         register(sub)
     return parser

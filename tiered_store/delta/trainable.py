@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..table_format import TableManifest, create_table
 from .row_optimizers import RowOptimizer
 
-__all__ = ["TrainableTable", "create_trainable_table"]
+__all__ = ["TableSlice", "TrainableTable", "create_trainable_table"]
 
 
 def create_trainable_table(
@@ -148,3 +148,47 @@ class TrainableTable:
     def close(self) -> None:
         """Close the store (uncommitted updates are dropped)."""
         self.store.close()
+
+
+class TableSlice:
+    """Rows ``[offset, offset + rows)`` of a ``TrainableTable`` as a table of their own: several
+    Engram layers share one store, so one ``commit`` makes a training step durable for all.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from tiered_store import TieredStore
+    >>> from tiered_store.delta.row_optimizers import make_row_optimizer
+    >>> sgd = make_row_optimizer("sgd", lr=1.0)
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.npy")
+    >>> _ = create_trainable_table(path, np.arange(12.0).reshape(6, 2), sgd)
+    >>> shared = TrainableTable(TieredStore.open({"table": {"path": path}}), sgd)
+    >>> second = TableSlice(shared, offset=3, rows=3)
+    >>> second.lookup(torch.tensor([0, 2])).tolist()
+    [[6.0, 7.0], [10.0, 11.0]]
+    >>> shared.close()
+    """
+
+    keeps_stats = True
+
+    def __init__(self, table: TrainableTable, offset: int, rows: int) -> None:
+        if offset < 0 or offset + rows > table.rows:
+            raise ConfigError(
+                f"slice: rows [{offset}, {offset + rows}) outside the table's {table.rows} rows"
+            )
+        self.table, self.offset, self.rows, self.dim = table, offset, rows, table.dim
+
+    def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
+        """The shared table's rows ``row_ids + offset``."""
+        return self.table.lookup(row_ids + self.offset, handle)
+
+    def prefetch(self, row_ids: torch.Tensor) -> object:
+        """Prefetch ``row_ids + offset``: pass the same ``row_ids`` to ``lookup``."""
+        return self.table.prefetch(row_ids + self.offset)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """The shared store's statistics."""
+        return self.table.stats()
+
+    def close(self) -> None:
+        """Nothing: the shared table is closed by its owner."""
