@@ -45,12 +45,10 @@ class PendingRows:
         """Add or replace rows (``ids`` unique, CPU); the new version wins."""
         if ids.numel() == 0:
             return
-        all_ids = torch.cat([self.ids, ids.cpu()])
-        all_rows = torch.cat([self.rows, rows.cpu()])
-        uniq, inverse = torch.unique(all_ids, return_inverse=True)
-        last = torch.full((uniq.numel(),), -1, dtype=torch.int64)
-        last.scatter_reduce_(0, inverse, torch.arange(all_ids.numel()), reduce="amax")
-        self.ids, self.rows = uniq, all_rows[last]
+        if self.ids.numel() == 0 and _is_sorted(ids):
+            self.ids, self.rows = ids.cpu().clone(), rows.cpu().clone()
+            return
+        self.ids, self.rows = _merge_last_wins([self.ids, ids.cpu()], [self.rows, rows.cpu()])
 
     def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask of ``ids`` held here, their positions in ``rows`` where held)."""
@@ -64,6 +62,24 @@ class PendingRows:
         """Drop everything (after a commit made it durable)."""
         self.ids = self.ids[:0]
         self.rows = self.rows[:0]
+
+
+def _is_sorted(ids: torch.Tensor) -> bool:
+    """Strictly increasing (sorted and unique)."""
+    return ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all())
+
+
+def _merge_last_wins(
+    ids: list[torch.Tensor], rows: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique ids of the concatenation and, for each, its row from the last part holding
+    it (a stable radix sort, then the last of each run of equal ids)."""
+    all_ids = torch.cat(ids).numpy()
+    order = np.argsort(all_ids, kind="stable")
+    sorted_ids = all_ids[order]
+    last = np.r_[sorted_ids[1:] != sorted_ids[:-1], True]
+    keep = torch.from_numpy(order[last])
+    return torch.from_numpy(sorted_ids[last]), torch.cat(rows)[keep]
 
 
 class _DirtyTier:
@@ -162,19 +178,24 @@ class WriteBack:
         """Every row to commit: (sorted unique ids, rows as ``uint8 [n, row_bytes]``)."""
         ids, rows = [self.pending.ids], [self.pending.rows]
         for tier in self.tiers:  # warm then hot: a later copy wins (they are equal anyway)
-            tier_ids, tier_rows = tier.dirty_rows()
-            ids.append(tier_ids)
-            rows.append(tier_rows)
-        merged = PendingRows(self.width, self.dtype)
-        merged.merge(torch.cat(ids), torch.cat(rows))
-        return merged.ids.numpy(), merged.rows.contiguous().view(torch.uint8).numpy()
+            if bool(tier.dirty.any()):
+                tier_ids, tier_rows = tier.dirty_rows()
+                ids.append(tier_ids)
+                rows.append(tier_rows)
+        if len(ids) > 1:
+            merged_ids, merged_rows = _merge_last_wins(ids, rows)
+        else:  # pending alone: already sorted and unique
+            merged_ids, merged_rows = ids[0], rows[0]
+        return merged_ids.numpy(), merged_rows.contiguous().view(torch.uint8).numpy()
 
     def committed(self, ids: np.ndarray) -> None:
         """The rows ``collect`` returned are durable: nothing is dirty any more."""
         self.pending.clear()
         for tier in self.tiers:
             tier.dirty.zero_()
-        self.delta_ids = np.union1d(self.delta_ids, ids)
+        merged = np.concatenate([self.delta_ids, ids])
+        merged.sort(kind="stable")  # two sorted runs: a radix sort's linear pass
+        self.delta_ids = merged[np.r_[True, merged[1:] != merged[:-1]]]
 
     def _spiller(self, tier: _DirtyTier):
         """The eviction hook of ``tier``: copy dirty victims' rows to pending before reuse."""
