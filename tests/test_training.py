@@ -160,3 +160,30 @@ def test_engram_lm_trains_through_the_store_as_in_memory(tmp_path):
     assert torch.equal(table.store.lookup(torch.arange(rows)), ref_rows)
     assert isinstance(reference.tables[1], InMemoryTable)
     table.close()
+
+
+@pytest.mark.gpu
+def test_training_with_a_cuda_hot_tier(tmp_path):
+    """Rows updated where they are cached on the GPU, written back to host RAM and the delta:
+    the same rows as the CPU in-memory reference (float rounding of the GPU's arithmetic)."""
+    opt = make_row_optimizer("adam", lr=0.05)
+    init = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((ROWS, DIM)).astype(np.float32)
+    )
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, init, opt)
+    tiers = {"hot": {"capacity": 12, "device": "cuda"}, "warm": {"capacity": 24}}
+    table = TrainableTable(TieredStore(store_config(path, **tiers)), opt)
+    reference = torch.cat([init, torch.zeros(ROWS, opt.state_width(DIM))], 1)
+    for step, (ids, _) in enumerate(_batch(np.random.default_rng(1), 20), start=1):
+        table.lookup(ids.cuda()).pow(2).sum().backward()
+        table.step(step)
+        weights = reference[:, :DIM].clone().requires_grad_(True)
+        weights[ids].pow(2).sum().backward()
+        _dense_step(reference, weights.grad, ids, opt, step)
+        if step % 7 == 0:
+            table.commit(step)
+    assert table.store.stats()["writes"]["spilled_rows"] > 0
+    got = table.store.lookup(torch.arange(ROWS)).cpu()
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+    table.close()

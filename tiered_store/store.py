@@ -19,7 +19,7 @@ from .cold_table import ColdTable
 from .config import StoreConfig
 from .delta.row_delta import RowDelta, delta_path
 from .delta.table_versions import current_version, hold_version, take_writer_lock
-from .delta.write_back import WriteBack
+from .delta.write_back import WriteBack, merge_last_wins
 from .errors import (
     CommitError,
     ConfigError,
@@ -210,10 +210,10 @@ class TieredStore:
             )
         flat, shape = self._validate(ids)
         rows = _as_rows(rows, (*shape, self.row_width), self.row_dtype)
-        ids_cpu, last = _last_occurrence(flat.cpu())
+        unique_ids, last_rows = merge_last_wins([flat.cpu()], [rows])
         with self._lock:
             self._become_writer()
-            self._writes.write(ids_cpu, rows[last])
+            self._writes.write(unique_ids, last_rows)
 
     def commit(self, step: int | None = None) -> int:
         """Make every write so far durable in one LMDB transaction, with ``step`` (default: the
@@ -596,14 +596,6 @@ def _as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
         bad = int(torch.nonzero(~torch.isfinite(tensor))[0, 0])
         raise RowDataError(f"rows: row {bad} holds a non-finite value; expected finite rows")
     return tensor
-
-
-def _last_occurrence(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique ids of ``flat`` and the position of each one's last occurrence."""
-    uniq, inverse = torch.unique(flat, return_inverse=True)
-    last = torch.full((uniq.numel(),), -1, dtype=torch.int64)
-    last.scatter_reduce_(0, inverse, torch.arange(flat.numel()), reduce="amax")
-    return uniq, last
 
 
 def _compute_device(name: str) -> torch.device:

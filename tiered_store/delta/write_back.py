@@ -18,7 +18,7 @@ from ..row_cache import RowCache
 from ..slot_pool import SlotPool
 from .row_delta import RowDelta
 
-__all__ = ["PendingRows", "WriteBack"]
+__all__ = ["PendingRows", "WriteBack", "merge_last_wins"]
 
 
 class PendingRows:
@@ -48,7 +48,7 @@ class PendingRows:
         if self.ids.numel() == 0 and _is_sorted(ids):
             self.ids, self.rows = ids.cpu().clone(), rows.cpu().clone()
             return
-        self.ids, self.rows = _merge_last_wins([self.ids, ids.cpu()], [self.rows, rows.cpu()])
+        self.ids, self.rows = merge_last_wins([self.ids, ids.cpu()], [self.rows, rows.cpu()])
 
     def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask of ``ids`` held here, their positions in ``rows`` where held)."""
@@ -69,11 +69,18 @@ def _is_sorted(ids: torch.Tensor) -> bool:
     return ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all())
 
 
-def _merge_last_wins(
+def merge_last_wins(
     ids: list[torch.Tensor], rows: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique ids of the concatenation and, for each, its row from the last part holding
-    it (a stable radix sort, then the last of each run of equal ids)."""
+    """Sorted unique ids of the concatenation and, for each, its row from the last occurrence
+    (a stable radix sort, then the last of each run of equal ids).
+
+    Examples
+    --------
+    >>> ids, rows = merge_last_wins([torch.tensor([5, 2, 5])], [torch.tensor([[1.0], [2], [3]])])
+    >>> ids.tolist(), rows.tolist()
+    ([2, 5], [[2.0], [3.0]])
+    """
     all_ids = torch.cat(ids).numpy()
     order = np.argsort(all_ids, kind="stable")
     sorted_ids = all_ids[order]
@@ -183,7 +190,7 @@ class WriteBack:
                 ids.append(tier_ids)
                 rows.append(tier_rows)
         if len(ids) > 1:
-            merged_ids, merged_rows = _merge_last_wins(ids, rows)
+            merged_ids, merged_rows = merge_last_wins(ids, rows)
         else:  # pending alone: already sorted and unique
             merged_ids, merged_rows = ids[0], rows[0]
         return merged_ids.numpy(), merged_rows.contiguous().view(torch.uint8).numpy()
@@ -193,9 +200,10 @@ class WriteBack:
         self.pending.clear()
         for tier in self.tiers:
             tier.dirty.zero_()
-        merged = np.concatenate([self.delta_ids, ids])
-        merged.sort(kind="stable")  # two sorted runs: a radix sort's linear pass
-        self.delta_ids = merged[np.r_[True, merged[1:] != merged[:-1]]]
+        if ids.size:
+            merged = np.concatenate([self.delta_ids, ids])
+            merged.sort(kind="stable")  # two sorted runs: a radix sort's linear pass
+            self.delta_ids = merged[np.r_[True, merged[1:] != merged[:-1]]]
 
     def _spiller(self, tier: _DirtyTier):
         """The eviction hook of ``tier``: copy dirty victims' rows to pending before reuse."""
