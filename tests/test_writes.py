@@ -157,6 +157,7 @@ def test_a_reader_keeps_its_version_and_serving_swaps_to_the_new_one(tmp_path):
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
+    served.reload_check_seconds = 3600.0  # checks only when the test asks
     body = json.dumps({"input_ids": [[5, 17, 900, 17, 5, 12, 77, 5, 17]]}).encode()
 
     def ask(model):

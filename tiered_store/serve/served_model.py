@@ -137,7 +137,8 @@ class ServedModel:
                 engram.register_forward_hook(self._recorder(layer))
             self._submit_lock = threading.Lock()
             self._gate = RequestGate()
-            self._next_version_check = time.monotonic() + RELOAD_CHECK_SECONDS
+            self.reload_check_seconds = RELOAD_CHECK_SECONDS  # how often requests check
+            self._last_version_check = time.monotonic()
             self.reloads = 0
             if trace is not None:
                 self._trace = self._open_trace(Path(trace))
@@ -186,13 +187,14 @@ class ServedModel:
 
     def reload_if_stale(self, *, force_check: bool = False) -> list[str]:
         """Reopen the stores whose table moved on (a compaction's new version, a writer's new
-        commit), at most once per ``RELOAD_CHECK_SECONDS``; returns the tables reopened. The swap
+        commit), at most once per ``reload_check_seconds``; returns the tables reopened. The swap
         waits for requests in flight and holds new ones back, so every request runs on one
-        version of every table from its prefetch to its answer."""
+        version of every table from its prefetch to its answer. ``reload_check_seconds`` sets
+        the interval (``force_check`` checks now)."""
         now = time.monotonic()
-        if not force_check and now < self._next_version_check:
+        if not force_check and now < self._last_version_check + self.reload_check_seconds:
             return []
-        self._next_version_check = now + RELOAD_CHECK_SECONDS
+        self._last_version_check = now
         stale = [name for name, store in self.stores.items() if store.is_stale()]
         if not stale:
             return []
