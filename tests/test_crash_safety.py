@@ -16,6 +16,7 @@ import torch
 from tests import crash_writer
 from tests.conftest import make_table
 from tiered_store import TieredStore
+from tiered_store.delta.compaction import compact_table
 from tiered_store.delta.row_delta import RowDelta, delta_path
 
 
@@ -153,3 +154,71 @@ def test_readers_see_only_committed_versions(tmp_path):
     store.close()
     assert errors == [] and proc_errors == []
     assert step > 5 and len(set(reads)) > 3 and proc_versions > 3  # readers saw many versions
+
+
+def _reopening_reader(config, rows, stop_at, errors, reads):
+    """A read-only store's lookups (caches and all) until ``stop_at``, reopened whenever the table
+    moved on: every lookup must show one committed step in every row."""
+    try:
+        store = TieredStore.open(config)
+        while time.monotonic() < stop_at:
+            if store.is_stale():
+                store.close()
+                store = TieredStore.open(config)
+            step, values = store.committed_step, store.lookup(torch.arange(rows)).numpy()
+            if step:
+                reads.append((store.generation, step))
+                if not (values == step).all():
+                    errors.append(f"gen {store.generation} step {step}: {np.unique(values)[:5]}")
+                    return
+        store.close()
+    except Exception as exc:
+        errors.append(repr(exc))
+
+
+def _reopening_process(config, rows, seconds, queue):
+    errors, reads = [], []
+    _reopening_reader(config, rows, time.monotonic() + seconds, errors, reads)
+    queue.put((errors, len(set(reads)), len({g for g, _ in reads})))
+
+
+def test_readers_during_writes_and_compactions_see_committed_versions(tmp_path):
+    """A writer commits every row = step and compacts every 4th step; reader stores in threads
+    and in another process (small caches, reopened when stale) never see a mix of steps, and
+    versions they still read are not removed under them."""
+    path, _ = make_table(tmp_path, rows=64, dim=4)
+    config = {
+        "table": {"path": str(path)},
+        "tiers": {"hot": {"capacity": 8}, "warm": {"capacity": 8}},
+    }
+    seconds = 3.0
+    ctx = _context()
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_reopening_process, args=(config, 64, seconds, queue))
+    proc.start()
+    errors: list[str] = []
+    reads: list[tuple[int, int]] = []
+    stop_at = time.monotonic() + seconds
+    threads = [
+        threading.Thread(target=_reopening_reader, args=(config, 64, stop_at, errors, reads))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    store, step = TieredStore.open(config), 0
+    while time.monotonic() < stop_at:
+        step += 1
+        store.write(torch.arange(64), torch.full((64, 4), float(step)))
+        store.commit(step)
+        if step % 4 == 0:
+            store.close()
+            compact_table(path, progress=False)
+            store = TieredStore.open(config)
+    store.close()
+    for t in threads:
+        t.join()
+    proc_errors, proc_versions, proc_generations = queue.get(timeout=30)
+    proc.join()
+    assert errors == [] and proc_errors == []
+    assert len(set(reads)) > 3 and proc_versions > 3
+    assert len({g for g, _ in reads}) > 1 and proc_generations > 1  # read across compactions

@@ -113,8 +113,9 @@ class TieredStore:
         self._writes: WriteBack | None = None  # the write path, once the table has a delta
         self.commit_errors = 0
         if delta_path(self.cold.path).is_dir():  # a reader's view: one commit, until reopened
-            self._open_writes(create=False)
-            self._writes.delta.pin()
+            with contextlib.suppress(ConfigError):  # a delta never initialised: none
+                self._open_writes(create=False)
+                self._writes.delta.pin()
         for cache, ids, slots in self.caches.warm_start(config):
             pool = self.hot_pool if cache is self.hot else self.warm_pool
             order = torch.argsort(ids)
@@ -242,7 +243,7 @@ class TieredStore:
         flat, shape = self._validate(ids)
         unique, inverse = torch.unique(flat.cpu(), return_inverse=True)
         rows = self.cold.read_rows(unique.numpy())
-        step = 0
+        step = self._base_step
         if self._writes is not None:
             step, found, raw = self._writes.delta.snapshot(unique.numpy())
             if found.any():

@@ -108,9 +108,25 @@ class RowDelta:
                 "(or, read-only, an existing delta)"
             ) from None
         self.readonly = self.env.flags()["readonly"]
-        self.rows_db = self.env.open_db(b"rows", create=not self.readonly)
-        self.meta_db = self.env.open_db(b"meta", create=not self.readonly)
-        self._check_row_bytes(initial_step)
+        if create and not self.readonly:
+            self._initialise(initial_step)
+        try:
+            if self.readonly:
+                self.rows_db = self.env.open_db(b"rows", create=False)
+                self.meta_db = self.env.open_db(b"meta", create=False)
+            else:  # in a write transaction of our own: open_db's implicit one waits for the
+                # writer's transaction holding the GIL that writer needs (a deadlock); this one
+                # changes nothing, so its commit writes nothing
+                with self.env.begin(write=True) as txn:
+                    self.rows_db = self.env.open_db(b"rows", txn=txn, create=False)
+                    self.meta_db = self.env.open_db(b"meta", txn=txn, create=False)
+        except lmdb.NotFoundError:
+            _release_env(self.path)
+            raise ConfigError(
+                f"delta: {self.path} was never initialised (a writer died creating it); "
+                "expected a table's write delta"
+            ) from None
+        self._check_row_bytes()
         if not existed:
             fsync_dir(self.path.parent)  # the environment's directory entry is durable too
 
@@ -128,6 +144,7 @@ class RowDelta:
                 max_dbs=2,
                 readahead=False,  # random row reads: readahead only evicts other pages
                 lock=True,
+                max_spare_txns=0,  # read transactions really commit: a reader's open_db sticks
             )
         except lmdb.Error as exc:
             # a read-only directory: the lock file cannot be made. With no writer possible there,
@@ -142,6 +159,7 @@ class RowDelta:
                     lock=False,
                     max_dbs=2,
                     readahead=False,
+                    max_spare_txns=0,
                 )
             raise
 
@@ -343,15 +361,21 @@ class RowDelta:
         """Header fields then the row's bytes."""
         return np.dtype(HEADER.descr + [("payload", "u1", (self.row_bytes,))])
 
-    def _check_row_bytes(self, initial_step: int) -> None:
-        """The environment was made for rows of this size (recorded, with the initial step, in
-        the transaction that creates it)."""
-        with self.env.begin(db=self.meta_db, write=not self.readonly) as txn:
+    def _initialise(self, initial_step: int) -> None:
+        """Create both databases, the row size and the initial step in one transaction (a
+        writer, once): an environment is complete or holds none of them."""
+        with self.env.begin(write=True) as txn:
+            rows_db = self.env.open_db(b"rows", txn=txn, create=True)
+            meta_db = self.env.open_db(b"meta", txn=txn, create=True)
+            del rows_db
+            if txn.get(b"row_bytes", db=meta_db) is None:
+                txn.put(b"row_bytes", self.row_bytes.to_bytes(8, "little"), db=meta_db)
+                txn.put(b"step", int(initial_step).to_bytes(8, "little", signed=True), db=meta_db)
+
+    def _check_row_bytes(self) -> None:
+        """The environment was made for rows of this size."""
+        with self.env.begin(db=self.meta_db) as txn:
             have = txn.get(b"row_bytes")
-            if have is None and not self.readonly:
-                txn.put(b"row_bytes", self.row_bytes.to_bytes(8, "little"))
-                txn.put(b"step", int(initial_step).to_bytes(8, "little", signed=True))
-                return
         if have is not None and _int_value(have) != self.row_bytes:
             raise DeltaCorruptError(
                 f"delta: {self.path} holds {_int_value(have)}-byte rows; the table's rows are "
