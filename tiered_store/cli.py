@@ -14,7 +14,9 @@ from zipf_analysis.analyze import register as register_analyze
 from zipf_analysis.replay_cli import register as register_replay
 
 from .cold_table import IO_MODES
+from .delta.compaction import register as register_compact
 from .demo import register as register_demo
+from .engram.training import register as register_train
 from .errors import TieredStoreError
 from .serve import register as register_serve
 
@@ -48,7 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_shard(sub)
     _add_convert_hf(sub)
-    for register in (register_demo, register_replay, register_analyze, register_serve):
+    for register in (
+        register_demo,
+        register_replay,
+        register_analyze,
+        register_serve,
+        register_compact,
+        register_train,
+    ):
         register(sub)
     return parser
 

@@ -31,3 +31,15 @@ class ShardMismatchError(ConfigError):
 
 class RankFailureError(TieredStoreError, RuntimeError):
     """A rank of a sharded store died, hung or stopped calling lookups; the message names it."""
+
+
+class DeltaCorruptError(TableFormatError):
+    """A row of a table's write delta (LMDB) fails its CRC32C or does not match the table."""
+
+
+class CommitError(TierIOError):
+    """A commit could not be made durable; the previous commit is intact and the writes stay pending."""
+
+
+class RowDataError(TieredStoreError, ValueError):
+    """Rows given to a write have the wrong shape, type or non-finite values."""

@@ -33,6 +33,13 @@ tiered_store_prefetches_total                  counter    table               pr
 tiered_store_verifications_total               counter    table               checksum passes run
 tiered_store_checksum_failures_total           counter    table               corrupt pages found
 tiered_store_lookup_failures_total             counter    table               served lookups that failed
+tiered_store_written_rows_total                counter    table               rows given to ``write``
+tiered_store_dirty_rows                        gauge      table               written rows not committed yet
+tiered_store_written_back_rows_total           counter    table               dirty rows saved on eviction
+tiered_store_commits_total                     counter    table               commits made durable
+tiered_store_commit_errors_total               counter    table               commits that failed
+tiered_store_delta_map_grows_total             counter    table               LMDB map doublings
+tiered_store_delta_read_errors_total           counter    table               delta reads failed or corrupt
 tiered_store_http_requests_total               counter    handler, code       HTTP requests answered
 tiered_store_http_request_duration_seconds     histogram  handler             HTTP request handling time
 tiered_store_http_requests_in_flight           gauge      (none)              requests being handled
@@ -216,6 +223,42 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "Lookups on the serving path that failed: a cold read error, a table file that failed a "
         "check, or rows that were not finite numbers (each answered 503).",
     ),
+    "tiered_store_written_rows_total": (
+        "counter",
+        ("table",),
+        "Rows given to TieredStore.write (training updates included), repeated ids once.",
+    ),
+    "tiered_store_dirty_rows": (
+        "gauge",
+        ("table",),
+        "Written rows not yet committed: pending in host RAM plus dirty cache slots.",
+    ),
+    "tiered_store_written_back_rows_total": (
+        "counter",
+        ("table",),
+        "Dirty rows copied out of a cache tier when the policy evicted them (write-back).",
+    ),
+    "tiered_store_commits_total": (
+        "counter",
+        ("table",),
+        "Commits made durable (one LMDB write transaction each).",
+    ),
+    "tiered_store_commit_errors_total": (
+        "counter",
+        ("table",),
+        "Commits that failed (no space, read-only directory, a map that could not grow): each "
+        "raised CommitError and left the previous commit intact.",
+    ),
+    "tiered_store_delta_map_grows_total": (
+        "counter",
+        ("table",),
+        "Times a commit found the LMDB map full and doubled it before retrying.",
+    ),
+    "tiered_store_delta_read_errors_total": (
+        "counter",
+        ("table",),
+        "Delta reads that failed (I/O) or found a row failing its CRC32C (DeltaCorruptError).",
+    ),
     "tiered_store_http_requests_total": (
         "counter",
         ("handler", "code"),
@@ -366,6 +409,8 @@ class TieredStoreCollector(Collector):
         for table, store in stores.items():
             self._add_tiers(fam, table, store)
             self._add_cold(fam, table, store)
+            for name, value in store.write_counters().items():
+                fam[f"tiered_store_{name}"].add_metric([table], value)
             _add_histogram(
                 fam["tiered_store_lookup_duration_seconds"], [table], store.lookup_latency
             )

@@ -3,6 +3,7 @@ and the eviction/admission policies. The live store and trace replay run this sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -85,6 +86,9 @@ class RowCache:
         # next victims of a policy whose keys only grow (LRU), best first: (slots, keys then)
         self._victim_buffer = victim_buffer if self.eviction.keys_only_grow else 0
         self._buffered: tuple[torch.Tensor, torch.Tensor] | None = None
+        # called with the slots about to be emptied or reused, before their rows are dropped (the
+        # store's write-back copies dirty rows out here); None for read-only stores
+        self.before_evict: Callable[[torch.Tensor], None] | None = None
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -166,6 +170,8 @@ class RowCache:
             cand, slots, new_ids, victim_rows = (
                 torch.index_select(t, 0, keep) for t in (cand, slots, new_ids, victim_rows)
             )
+        if self.before_evict is not None:
+            self.before_evict(torch.cat([slots[victim_rows >= 0], extra]))
         evicted = torch.cat([victim_rows, torch.index_select(self.row_of_slot, 0, extra)])
         self._evict(evicted[evicted >= 0], extra)
         self.index.set(new_ids, slots)

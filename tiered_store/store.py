@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,7 +17,17 @@ from .cache_plan import CacheHierarchy
 from .capacity import format_bytes
 from .cold_table import ColdTable
 from .config import StoreConfig
-from .errors import ConfigError, RowIdError, TieredStoreError
+from .delta.row_delta import RowDelta, delta_path
+from .delta.table_versions import current_version, hold_version, take_writer_lock
+from .delta.write_back import WriteBack, merge_last_wins
+from .errors import (
+    CommitError,
+    ConfigError,
+    RowDataError,
+    RowIdError,
+    TieredStoreError,
+    TierIOError,
+)
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
@@ -61,19 +73,11 @@ class TieredStore:
         self.config = config
         tiers = config.tiers
         self.device = _compute_device(tiers.hot.device)
+        self.cold, self.generation = self._open_current_version(config)
+        self._writer_lock: int | None = None
+        self._version_hold: int | None = None
         try:
-            self.cold = ColdTable(
-                config.table.path,
-                io=tiers.cold.io,
-                threads=tiers.cold.threads,
-                queue_depth=tiers.cold.queue_depth,
-            )
-        except FileNotFoundError as exc:
-            raise ConfigError(
-                f"table.path: {config.table.path} does not exist ({exc}); expected a table made by "
-                "`tiered-store init`"
-            ) from None
-        try:
+            self._version_hold = hold_version(self.cold.path)  # old versions outlive their readers
             self._check_table_matches(config)
             self.quantization = self.cold.manifest.quantization
             self.rows, self.row_bytes = self.cold.rows, self.cold.row_bytes
@@ -98,16 +102,24 @@ class TieredStore:
             )
         except BaseException:
             self.cold.close()
+            if self._version_hold is not None:
+                os.close(self._version_hold)
             raise
         self._lock = threading.Lock()
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.lookup_latency = LatencyHistogram()
         self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
         self._closed = False
+        self._writes: WriteBack | None = None  # the write path, once the table has a delta
+        self.commit_errors = 0
+        if delta_path(self.cold.path).is_dir():  # a reader's view: one commit, until reopened
+            with contextlib.suppress(ConfigError):  # a delta never initialised: none
+                self._open_writes(create=False)
+                self._writes.delta.pin()
         for cache, ids, slots in self.caches.warm_start(config):
             pool = self.hot_pool if cache is self.hot else self.warm_pool
             order = torch.argsort(ids)
-            pool.write(slots[order.to(slots.device)], self.cold.read_rows(ids[order].numpy()))
+            pool.write(slots[order.to(slots.device)], self._read_cold(ids[order]))
 
     @classmethod
     def open(cls, config: str | Path | dict | StoreConfig) -> TieredStore:
@@ -170,6 +182,85 @@ class TieredStore:
         """Prefetches started since the store opened."""
         return self._prefetcher.handles
 
+    # -- the write interface ---------------------------------------------------------------------
+    def write(self, ids: Any, rows: Any) -> None:
+        """Make ``rows`` (``[..., row_width]``, as stored) the current version of ``ids``: every
+        later lookup sees them; ``commit()`` makes them durable. For a repeated id the last row
+        wins. The first write creates the table's LMDB delta (``TABLE.npy.delta/``).
+
+        Examples
+        --------
+        >>> import tempfile, os
+        >>> from tiered_store import create_table
+        >>> d = tempfile.mkdtemp()
+        >>> _ = create_table(os.path.join(d, "t.npy"), np.zeros((10, 2), np.float32), progress=False)
+        >>> cfg = {"table": {"path": os.path.join(d, "t.npy")}, "tiers": {"hot": {"capacity": 2}}}
+        >>> with TieredStore.open(cfg) as store:
+        ...     store.write([3, 7], torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
+        ...     store.commit()
+        1
+        >>> with TieredStore.open(cfg) as store:  # reopened: the committed rows
+        ...     store.lookup([7, 3, 0]).tolist(), store.committed_step
+        ([[2.0, 2.0], [1.0, 1.0], [0.0, 0.0]], 1)
+        """
+        self._check_open()
+        if self.quantization is not None:
+            raise RowDataError(
+                f"write: {self.cold.path.name} holds packed quantised rows; writes need a table "
+                "of float rows"
+            )
+        flat, shape = self._validate(ids)
+        rows = _as_rows(rows, (*shape, self.row_width), self.row_dtype)
+        unique_ids, last_rows = merge_last_wins([flat.cpu()], [rows])
+        with self._lock:
+            self._become_writer()
+            self._writes.write(unique_ids, last_rows)
+
+    def commit(self, step: int | None = None) -> int:
+        """Make every write so far durable in one LMDB transaction, with ``step`` (default: the
+        last committed step + 1); returns the step. After it returns, a crash (kill -9, power
+        loss) loses none of it; a crash during it leaves every row as of this commit or the last.
+        Raises ``CommitError`` (the last commit intact, the writes still pending) when it fails."""
+        self._check_open()
+        with self._lock:
+            self._become_writer()
+            delta = self._writes.delta
+            step = delta.step + 1 if step is None else int(step)
+            ids, rows = self._writes.collect()
+            try:
+                delta.commit(ids, rows, step)
+            except CommitError:
+                self.commit_errors += 1
+                raise
+            self._writes.committed(ids)
+        return step
+
+    def read_committed(self, ids: Any) -> tuple[int, torch.Tensor]:
+        """(step, rows) of ``ids`` as of the last commit, from one LMDB read transaction over the
+        base table: never an uncommitted write, never a mix of two commits. Bypasses the caches
+        (a reader's view, for checks and other processes' readers; lookups see writes at once)."""
+        self._check_open()
+        flat, shape = self._validate(ids)
+        unique, inverse = torch.unique(flat.cpu(), return_inverse=True)
+        rows = self.cold.read_rows(unique.numpy())
+        step = self._base_step
+        if self._writes is not None:
+            step, found, raw = self._writes.delta.snapshot(unique.numpy())
+            if found.any():
+                rows[torch.from_numpy(found)] = torch.from_numpy(raw[found]).view(self.row_dtype)
+        return step, rows[inverse].view(*shape, self.row_width)
+
+    @property
+    def committed_step(self) -> int:
+        """The step of the table's last commit (0 for a table never written), across
+        compactions."""
+        return self._base_step if self._writes is None else self._writes.delta.step
+
+    @property
+    def _base_step(self) -> int:
+        """The step a compacted version was made at (0 for a first version)."""
+        return int((self.cold.manifest.metadata or {}).get("committed_step", 0))
+
     def stats(self) -> dict[str, dict[str, float]]:
         """Per tier: lookups, hits, misses, hit_rate, admissions, evictions, bytes_in, occupancy,
         capacity; cold: rows and bytes read, read requests, errors and checksum failures; prefetch: handles and stall seconds."""
@@ -199,7 +290,31 @@ class TieredStore:
             "calls": self.lookup_latency.count,
             "seconds_total": self.lookup_latency.sum,
         }
+        if self._writes is not None:
+            w = self._writes
+            out["writes"] = {
+                "rows_written": w.rows_written,
+                "dirty_rows": w.dirty_rows,
+                "spilled_rows": w.spilled_rows,
+                "commits": w.delta.commits,
+                "commit_errors": self.commit_errors,
+                "map_grows": w.delta.map_grows,
+                "committed_step": w.delta.step,
+            }
         return out
+
+    def write_counters(self) -> dict[str, int]:
+        """The write path's counters, named as their metrics (zeros for a table never written)."""
+        w = self._writes
+        return {
+            "written_rows_total": w.rows_written if w else 0,
+            "dirty_rows": w.dirty_rows if w else 0,
+            "written_back_rows_total": w.spilled_rows if w else 0,
+            "commits_total": w.delta.commits if w else 0,
+            "commit_errors_total": self.commit_errors,
+            "delta_map_grows_total": w.delta.map_grows if w else 0,
+            "delta_read_errors_total": w.delta.read_errors if w else 0,
+        }
 
     def memory_report(self) -> dict[str, Any]:
         """Payload bytes per tier and metadata bytes per table row and per cached slot."""
@@ -217,6 +332,11 @@ class TieredStore:
         self._closed = True
         self._prefetcher.close()
         self.cold.close()
+        if self._writes is not None:  # uncommitted writes are dropped, as a crash would
+            self._writes.delta.close()
+        for fd in (self._version_hold, self._writer_lock):
+            if fd is not None:
+                os.close(fd)
 
     def __enter__(self) -> TieredStore:
         return self
@@ -290,14 +410,101 @@ class TieredStore:
             if plan.cold_idx.numel():  # outside the lock: other lookups go on meanwhile
                 rows = self.cold.read_rows(plan.unique_ids[plan.cold_idx].numpy())
                 staged.index_copy_(0, plan.cold_idx, rows)
-            device_rows = staged.to(self.device, non_blocking=True)
+            writes = self._writes
+            if writes is None:
+                device_rows = staged.to(self.device, non_blocking=True)
             lookahead = self._prefetcher.queued_ids() if self.config.prefetch.lookahead else None
             with self._lock:
+                if writes is not None:  # written rows over base rows, under the lock of writes
+                    if plan.cold_idx.numel():
+                        writes.overlay(plan.unique_ids[plan.cold_idx], staged, plan.cold_idx)
+                    device_rows = staged.to(self.device, non_blocking=True)
                 admitted = self.caches.admit(plan, lookahead)
                 self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
                 self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
             out[plan.miss_pos] = device_rows[plan.inverse]
         return out
+
+    def _read_cold(self, ids: torch.Tensor) -> torch.Tensor:
+        """Current rows of sorted unique ``ids`` from cold: base, then the delta and pending."""
+        rows = self.cold.read_rows(ids.numpy())
+        if self._writes is not None:
+            self._writes.overlay(ids, rows, torch.arange(ids.numel()))
+        return rows
+
+    def _open_current_version(self, config: StoreConfig) -> tuple[ColdTable, int]:
+        """The table's current version (see ``delta.table_versions``) and its generation."""
+        tiers = config.tiers
+        for attempt in range(3):  # a version removed between reading the pointer and opening
+            path, generation = current_version(config.table.path)
+            try:
+                cold = ColdTable(
+                    path,
+                    io=tiers.cold.io,
+                    threads=tiers.cold.threads,
+                    queue_depth=tiers.cold.queue_depth,
+                )
+                return cold, generation
+            except FileNotFoundError as exc:
+                if attempt == 2 or path == current_version(config.table.path)[0]:
+                    raise ConfigError(
+                        f"table.path: {path} does not exist ({exc}); expected a table made by "
+                        "`tiered-store init`"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def is_stale(self) -> bool:
+        """Whether the table on disk moved on since this store opened (a compaction made a new
+        version, or a writer elsewhere committed): reopen to see it. A writing store never is."""
+        if current_version(self.config.table.path)[1] != self.generation:
+            return True
+        if self._writer_lock is not None:
+            return False
+        if self._writes is None:
+            return delta_path(self.cold.path).is_dir()
+        return self._writes.delta.latest_step() != self._writes.delta.step
+
+    def _become_writer(self) -> None:
+        """Take the table's single-writer lock (once), then open or create the delta and read its
+        newest commit from now on."""
+        if self._writer_lock is None:
+            self._writer_lock = take_writer_lock(self.config.table.path)
+            if current_version(self.config.table.path)[1] != self.generation:
+                os.close(self._writer_lock)
+                self._writer_lock = None
+                raise TierIOError(
+                    errno.ESTALE,
+                    f"write: {self.cold.path.name} was compacted into a newer version since this "
+                    "store opened; reopen the store to write",
+                )
+            if self._writes is not None:  # was a reader: read the newest commit from now on
+                if self._writes.delta.latest_step() != self._writes.delta.step:
+                    os.close(self._writer_lock)
+                    self._writer_lock = None
+                    raise TierIOError(
+                        errno.ESTALE,
+                        f"write: {self.cold.path.name} was written by another process since this "
+                        "store opened; reopen the store to write",
+                    )
+                self._writes.delta.unpin()
+        if self._writes is None:
+            self._open_writes(create=True)
+
+    def _open_writes(self, create: bool) -> None:
+        """Open (or create) the version's LMDB delta and hook write-back into the tiers."""
+        delta = RowDelta(
+            delta_path(self.cold.path),
+            self.row_bytes,
+            create=create,
+            table_rows=self.rows,
+            initial_step=self._base_step,
+        )
+        self._writes = WriteBack(
+            delta,
+            [(self.warm, self.warm_pool), (self.hot, self.hot_pool)],
+            self.row_width,
+            self.row_dtype,
+        )
 
     def _collect(self, ids: Any, handle: PrefetchHandle) -> tuple[torch.Tensor, Any]:
         """Check a handle belongs to ``ids`` and wait for it."""
@@ -374,6 +581,27 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
             ) from None
     if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
         raise RowIdError(f"ids: dtype {tensor.dtype}; expected an integer tensor (row ids)")
+    return tensor
+
+
+def _as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Rows for a write -> ``[n, width]`` CPU tensor of the table's dtype; checks shape, finiteness."""
+    try:
+        tensor = torch.as_tensor(rows)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise RowDataError(
+            f"rows: {type(rows).__name__} cannot be read as numbers ({exc})"
+        ) from None
+    if tuple(tensor.shape) != shape:
+        raise RowDataError(
+            f"rows: shape {tuple(tensor.shape)}; expected {shape} (the ids' shape + the row width)"
+        )
+    if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+        raise RowDataError(f"rows: dtype {tensor.dtype}; expected floating-point rows")
+    tensor = tensor.detach().reshape(-1, shape[-1]).to("cpu", dtype)
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int(torch.nonzero(~torch.isfinite(tensor))[0, 0])
+        raise RowDataError(f"rows: row {bad} holds a non-finite value; expected finite rows")
     return tensor
 
 

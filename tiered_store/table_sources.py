@@ -413,6 +413,8 @@ class _RandomReader(SourceReader):
 
 def open_source(source: object, dtype: object) -> SourceReader:
     """Wrap any supported source in a reader; validates before anything touches disk."""
+    if isinstance(source, SourceReader):  # a reader made by the caller (e.g. compaction)
+        return source
     if isinstance(source, RandomSource):
         return _RandomReader(source, dtype)
     if isinstance(source, SafetensorsSource):

@@ -5,16 +5,19 @@ checkpoint written by ``convert_checkpoint`` (its table naming, manifest metadat
 ``check_table_file`` checks), and the model runs its own forward. The serve layer only adds what
 serving needs around it: a ``GuardedTable`` around each store (failures become one typed error
 and are counted per table), a forward hook that records each Engram layer's output for the
-answer's per-layer checksums, the trace of served lookups, and ``create_checkpoint`` for a small
-seeded random checkpoint to try it out.
+answer's per-layer checksums, the trace of served lookups, ``create_checkpoint`` for a small
+seeded random checkpoint to try it out, and the swap to a table's new version when a compaction or
+a writer's commit moved it on (``reload_if_stale``, checked by requests once a second).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,8 @@ from .ranks import STOP, RankControl
 __all__ = ["NonFiniteOutputError", "ServedModel", "create_checkpoint"]
 
 log = logging.getLogger("tiered_store.serve")
+
+RELOAD_CHECK_SECONDS = 1.0  # how often requests look for a new table version (compaction, commit)
 
 
 class NonFiniteOutputError(TieredStoreError, ArithmeticError):
@@ -134,6 +139,10 @@ class ServedModel:
             for layer, engram in self.model.engram_layers.items():
                 engram.register_forward_hook(self._recorder(layer))
             self._submit_lock = threading.Lock()
+            self._gate = RequestGate()
+            self.reload_check_seconds = RELOAD_CHECK_SECONDS  # how often requests check
+            self._last_version_check = time.monotonic()
+            self.reloads = 0
             if trace is not None:
                 self._trace = self._open_trace(Path(trace))
         except BaseException:
@@ -179,11 +188,44 @@ class ServedModel:
         }
         return TraceWriter(path, header)
 
+    def reload_if_stale(self, *, force_check: bool = False) -> list[str]:
+        """Reopen the stores whose table moved on (a compaction's new version, a writer's new
+        commit), at most once per ``reload_check_seconds``; returns the tables reopened. The swap
+        waits for requests in flight and holds new ones back, so every request runs on one
+        version of every table from its prefetch to its answer. ``reload_check_seconds`` sets
+        the interval (``force_check`` checks now)."""
+        now = time.monotonic()
+        if not force_check and now < self._last_version_check + self.reload_check_seconds:
+            return []
+        self._last_version_check = now
+        stale = [name for name, store in self.stores.items() if store.is_stale()]
+        if not stale:
+            return []
+        with self._gate.exclusive():
+            tables = {}
+            for layer in self.layer_ids:
+                name = self.config.table_name(layer)
+                if name in stale:
+                    old = self.stores[name]
+                    self.stores[name] = TieredStore(old.config)
+                    tables[layer] = GuardedTable(self.stores[name], name, self.health[name])
+                    old.close()
+            self.model.set_tables(tables)
+            self.reloads += len(stale)
+        log.info("reopened tables on a new version: %s", ", ".join(stale))
+        return stale
+
     def answer(self, request: InferenceRequest) -> dict[str, Any]:
         """Run one validated request; the JSON answer without timing.
 
         Raises ``TableUnavailableError`` when a table's rows cannot be served and
         ``NonFiniteOutputError`` when the output is not finite."""
+        self.reload_if_stale()
+        with self._gate.shared():
+            return self._answer(request)
+
+    def _answer(self, request: InferenceRequest) -> dict[str, Any]:
+        """``answer`` on the tables of one version."""
         ids = torch.from_numpy(request.input_ids)
         if self._trace is not None:
             # Prefetch and record under one lock, so the trace holds each store's batches in the
@@ -284,6 +326,43 @@ class ServedModel:
             except Exception as exc:  # a rank died: the others exit on their own
                 log.warning("could not tell the other ranks to stop: %s", exc)
         self.model.close()
+
+
+class RequestGate:
+    """Requests pass together (``shared``); a table swap passes alone (``exclusive``: waits for
+    the requests in flight, and holds new ones back until it is done)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """One request's passage."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The swap's passage."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            self._cond.wait_for(lambda: self._active == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 def _cpu32(tensor: torch.Tensor) -> torch.Tensor:

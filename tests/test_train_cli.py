@@ -1,0 +1,110 @@
+"""``tiered-store train``: a run killed with SIGKILL resumes from its last commit and ends exactly
+where an uninterrupted run does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiered_store import TieredStore
+from tiered_store.engram.training import TrainSettings, train
+
+TINY = {
+    "engram": {
+        "engram_vocab_size": [2003, 3001],
+        "n_embed_per_ngram": 32,
+        "n_head_per_ngram": 2,
+        "layer_ids": [1],
+    },
+    "backbone": {"hidden_size": 16, "hc_mult": 2, "num_layers": 2},
+    "transformer": {"num_attention_heads": 2},
+}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _settings(corpus: Path) -> TrainSettings:
+    return TrainSettings(
+        steps=10,
+        batch_size=2,
+        seq_len=16,
+        checkpoint_every=2,
+        hot="2%",
+        warm="5%",
+        corpus=[str(corpus)],
+        model=TINY,
+    )
+
+
+def _committed(out: Path) -> int:
+    try:
+        with TieredStore.open({"table": {"path": str(out / "tables.npy")}}) as store:
+            return store.committed_step
+    except Exception:
+        return 0
+
+
+@pytest.mark.slow  # ~35 s: a training process started, killed, resumed, and a whole run
+def test_train_resumes_after_kill_9_and_ends_as_an_uninterrupted_run(tmp_path):
+    corpus = ROOT / "tiered_store" / "engram"  # a few files of real text
+    settings = _settings(corpus)
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps(TINY))
+    cmd = [
+        sys.executable,
+        "-m",
+        "tiered_store.cli",
+        "train",
+        "--out",
+        str(killed),
+        "--quiet",
+        "--corpus",
+        str(corpus),
+        "--steps",
+        "10",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--checkpoint-every",
+        "2",
+        "--hot",
+        "2%",
+        "--warm",
+        "5%",
+        "--model",
+        str(model_file),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _committed(killed) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    stopped_at = _committed(killed)
+    assert 4 <= stopped_at < 10
+    summary = train(killed, settings, resume=True, progress=False)
+    assert summary["resumed_from_step"] == stopped_at
+    train(whole, settings, resume=False, progress=False)
+    with (
+        TieredStore.open({"table": {"path": str(killed / "tables.npy")}}) as a,
+        TieredStore.open({"table": {"path": str(whole / "tables.npy")}}) as b,
+    ):
+        assert a.committed_step == b.committed_step == 10
+        assert torch.equal(a.lookup(torch.arange(a.rows)), b.lookup(torch.arange(b.rows)))
+    dense_a = torch.load(killed / "dense-10.pt", weights_only=True)["model"]
+    dense_b = torch.load(whole / "dense-10.pt", weights_only=True)["model"]
+    assert dense_a.keys() == dense_b.keys()
+    assert all(torch.equal(dense_a[k], dense_b[k]) for k in dense_a)
+    assert (killed / "loss.png").stat().st_size > 1000
+    assert len((killed / "loss.csv").read_text().splitlines()) == 11

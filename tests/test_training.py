@@ -1,0 +1,189 @@
+"""Training through the store equals training in memory: every parameter compared after N steps."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import store_config
+from tiered_store import TieredStore
+from tiered_store.delta.row_optimizers import make_row_optimizer
+from tiered_store.delta.trainable import TrainableTable, create_trainable_table
+from tiered_store.engram.backend import InMemoryTable
+from tiered_store.engram.config import ModelConfig
+from tiered_store.engram.model import EngramLM
+
+ROWS, DIM = 300, 8
+SMALL_TIERS = {"hot": {"capacity": 12}, "warm": {"capacity": 24}}  # 12% of the table: evictions
+
+
+def _dense_step(table: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, opt, step: int):
+    """The in-memory reference: the same row-wise arithmetic on the rows the step looked up."""
+    touched = torch.unique(ids)
+    table[touched] = opt.update(table[touched], grad[touched], step)
+
+
+def _batch(rng, steps):
+    """Zipf-skewed id batches (a few hot rows, a long tail) and regression targets."""
+    for _ in range(steps):
+        ids = torch.from_numpy(np.minimum(rng.zipf(1.3, (6, 5)) - 1, ROWS - 1))
+        yield ids, torch.from_numpy(rng.standard_normal((6, 3)).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["sgd", "rowwise_adagrad", "adam"])
+def test_store_training_equals_in_memory_training(tmp_path, name):
+    opt = make_row_optimizer(name, lr=0.05)
+    rng = np.random.default_rng(0)
+    init = torch.from_numpy(rng.standard_normal((ROWS, DIM)).astype(np.float32))
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, init, opt)
+    head = torch.nn.Linear(DIM, 3)
+    ref_head = copy.deepcopy(head)
+    reference = torch.cat([init, torch.zeros(ROWS, opt.state_width(DIM))], 1)
+    table = TrainableTable(TieredStore(store_config(path, **SMALL_TIERS)), opt)
+    sgd, ref_sgd = (torch.optim.SGD(h.parameters(), lr=0.05) for h in (head, ref_head))
+    committed = None
+    for step, (ids, target) in enumerate(_batch(np.random.default_rng(1), 40), start=1):
+        loss = (head(table.lookup(ids).sum(1)) - target).pow(2).mean()
+        sgd.zero_grad()
+        loss.backward()
+        table.step(step)
+        sgd.step()
+        weights = reference[:, :DIM].clone().requires_grad_(True)
+        ref_loss = (ref_head(weights[ids].sum(1)) - target).pow(2).mean()
+        ref_sgd.zero_grad()
+        ref_loss.backward()
+        _dense_step(reference, weights.grad, ids, opt, step)
+        ref_sgd.step()
+        assert torch.equal(loss, ref_loss), step
+        if step % 9 == 0:
+            table.commit(step)
+            committed = reference.clone()
+    assert table.store.stats()["writes"]["spilled_rows"] > 0  # write-back on eviction happened
+    assert torch.equal(table.store.lookup(torch.arange(ROWS)), reference)  # weights and state
+    for p, q in zip(head.parameters(), ref_head.parameters(), strict=True):
+        assert torch.equal(p, q)
+    table.close()
+    with TieredStore(store_config(path, **SMALL_TIERS)) as store:  # durable: the last commit
+        assert store.committed_step == 36
+        assert torch.equal(store.lookup(torch.arange(ROWS)), committed)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_row_optimizers_match_torch_optimizers(name):
+    """SGD and Adam's row-wise arithmetic against torch.optim.SGD / SparseAdam (the touched rows)."""
+    opt = make_row_optimizer(name, lr=0.01)
+    rng = np.random.default_rng(2)
+    weight = torch.nn.Parameter(torch.from_numpy(rng.standard_normal((50, 4)).astype(np.float32)))
+    torch_opt = (
+        torch.optim.SGD([weight], lr=0.01)
+        if name == "sgd"
+        else torch.optim.SparseAdam([weight], lr=0.01)
+    )
+    rows = torch.cat([weight.detach().clone(), torch.zeros(50, opt.state_width(4))], 1)
+    for step in range(1, 30):
+        ids = torch.from_numpy(rng.integers(0, 50, 12))
+        grad_rows = torch.from_numpy(rng.standard_normal((12, 4)).astype(np.float32))
+        dense = torch.zeros(50, 4).index_add_(0, ids, grad_rows)
+        weight.grad = dense if name == "sgd" else _rows_only(dense, ids)
+        torch_opt.step()
+        touched = torch.unique(ids)
+        rows[touched] = opt.update(rows[touched], dense[touched], step)
+    torch.testing.assert_close(rows[:, :4], weight.detach(), rtol=1e-6, atol=1e-7)
+
+
+def _rows_only(dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient with an entry for every touched row (as nn.Embedding(sparse=True))."""
+    touched = torch.unique(ids)
+    return torch.sparse_coo_tensor(
+        touched[None], dense[touched], dense.shape, check_invariants=True
+    ).coalesce()
+
+
+ENGRAM = {
+    "engram": {
+        "engram_vocab_size": [2003, 3001],
+        "n_embed_per_ngram": 64,
+        "n_head_per_ngram": 4,
+        "layer_ids": [1],
+    },
+    "backbone": {"hidden_size": 32, "hc_mult": 2, "num_layers": 2},
+}
+
+
+def test_engram_lm_trains_through_the_store_as_in_memory(tmp_path):
+    """EngramLM: the Engram table in a small-tiered store vs an in-memory table, row-wise Adagrad
+    on the table and SGD on the dense weights: every parameter equal after the steps."""
+    cfg = ModelConfig.from_dict(ENGRAM)
+    torch.manual_seed(0)
+    reference = EngramLM(cfg)
+    model = copy.deepcopy(reference)
+    opt = make_row_optimizer("rowwise_adagrad", lr=0.1)
+    init = reference.tables[1].weight.detach()
+    path = tmp_path / "layer1.npy"
+    create_trainable_table(path, init, opt)
+    rows = init.shape[0]
+    tiers = {"hot": {"capacity": rows // 100}, "warm": {"capacity": rows // 50}}
+    table = TrainableTable(TieredStore(store_config(path, **tiers)), opt)
+    model.set_tables({1: table})
+    ref_rows = torch.cat([init, torch.zeros(rows, 1)], 1)
+    text = Path(torch.__file__).read_text()[:4000]
+    tokens = torch.from_numpy(model.hasher.tokenizer.encode(text)[: 4 * 65].reshape(4, 65))
+    ref_table = reference.tables[1]
+    ref_dense = [p for p in reference.parameters() if p is not ref_table.weight]
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01)  # the store's table is no parameter
+    ref_sgd = torch.optim.SGD(ref_dense, lr=0.01)
+    for step in range(1, 5):
+        batch = tokens[:, (step - 1) * 16 : (step - 1) * 16 + 17]
+        sgd.zero_grad()
+        model.loss(batch).backward()
+        sgd.step()
+        table.step(step)
+        hashed = reference.hash(batch)
+        ref_sgd.zero_grad()
+        ref_table.weight.grad = None
+        reference.loss(batch).backward()
+        ref_sgd.step()
+        _dense_step(ref_rows, ref_table.weight.grad, hashed.row_ids[1], opt, step)
+        with torch.no_grad():
+            ref_table.weight.copy_(ref_rows[:, :-1])
+    got = dict(model.named_parameters())
+    assert len(got) == len(ref_dense)
+    for name, p in reference.named_parameters():
+        if p is not ref_table.weight:
+            assert torch.equal(got[name], p), name
+    assert table.store.stats()["writes"]["spilled_rows"] > 0
+    assert torch.equal(table.store.lookup(torch.arange(rows)), ref_rows)
+    assert isinstance(reference.tables[1], InMemoryTable)
+    table.close()
+
+
+@pytest.mark.gpu
+def test_training_with_a_cuda_hot_tier(tmp_path):
+    """Rows updated where they are cached on the GPU, written back to host RAM and the delta:
+    the same rows as the CPU in-memory reference (float rounding of the GPU's arithmetic)."""
+    opt = make_row_optimizer("adam", lr=0.05)
+    init = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((ROWS, DIM)).astype(np.float32)
+    )
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, init, opt)
+    tiers = {"hot": {"capacity": 12, "device": "cuda"}, "warm": {"capacity": 24}}
+    table = TrainableTable(TieredStore(store_config(path, **tiers)), opt)
+    reference = torch.cat([init, torch.zeros(ROWS, opt.state_width(DIM))], 1)
+    for step, (ids, _) in enumerate(_batch(np.random.default_rng(1), 20), start=1):
+        table.lookup(ids.cuda()).pow(2).sum().backward()
+        table.step(step)
+        weights = reference[:, :DIM].clone().requires_grad_(True)
+        weights[ids].pow(2).sum().backward()
+        _dense_step(reference, weights.grad, ids, opt, step)
+        if step % 7 == 0:
+            table.commit(step)
+    assert table.store.stats()["writes"]["spilled_rows"] > 0
+    got = table.store.lookup(torch.arange(ROWS)).cpu()
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+    table.close()

@@ -1,0 +1,184 @@
+"""Writes through the store: visibility, write-back on eviction, commit durability, the delta's CRC,
+bad input, and a table without a delta left alone."""
+
+from __future__ import annotations
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_table, store_config
+from tiered_store import TieredStore
+from tiered_store.delta.row_delta import RowDelta, delta_path
+from tiered_store.errors import DeltaCorruptError, RowDataError, RowIdError
+
+
+def _random_rounds(store, reference, rng, rounds, commit_every):
+    """Interleave writes, lookups and commits; returns the reference as of the last commit."""
+    committed = reference.clone()
+    for r in range(rounds):
+        ids = torch.from_numpy(rng.choice(store.rows, 24, replace=False))
+        rows = torch.from_numpy(rng.standard_normal((24, store.dim)).astype(np.float32))
+        store.write(ids, rows)
+        reference[ids] = rows
+        probe = torch.from_numpy(rng.integers(0, store.rows, 40))
+        assert torch.equal(store.lookup(probe), reference[probe]), f"round {r}"
+        if r % commit_every == commit_every - 1:
+            store.commit()
+            committed = reference.clone()
+    return committed
+
+
+def test_writes_are_seen_evicted_written_back_and_committed(tmp_path):
+    path, table = make_table(tmp_path, rows=300, dim=8)
+    cfg = store_config(path, hot={"capacity": 8}, warm={"capacity": 16})
+    reference = table.clone()
+    rng = np.random.default_rng(1)
+    with TieredStore(cfg) as store:
+        committed = _random_rounds(store, reference, rng, rounds=60, commit_every=7)
+        stats = store.stats()["writes"]
+        assert stats["spilled_rows"] > 0  # dirty rows left the small tiers through write-back
+        assert stats["commits"] == 60 // 7
+        assert torch.equal(store.lookup(torch.arange(300)), reference)  # uncommitted still seen
+    with TieredStore(cfg) as store:  # reopened: exactly the last commit, uncommitted rows gone
+        assert store.committed_step == 60 // 7
+        assert torch.equal(store.lookup(torch.arange(300)), committed)
+        assert not torch.equal(committed, reference)
+
+
+def test_the_last_of_repeated_ids_wins(tmp_path):
+    path, _ = make_table(tmp_path, rows=10, dim=2)
+    with TieredStore(store_config(path, hot={"capacity": 2})) as store:
+        store.write(torch.tensor([[3, 5], [3, 3]]), torch.arange(8.0).reshape(2, 2, 2))
+        assert store.lookup([3, 5]).tolist() == [[6.0, 7.0], [2.0, 3.0]]
+
+
+def test_a_table_without_writes_keeps_the_read_path(tmp_path):
+    path, table = make_table(tmp_path, rows=100, dim=4)
+    with TieredStore(store_config(path, hot={"capacity": 4})) as store:
+        assert torch.equal(store.lookup(torch.arange(100)), table)
+        assert store._writes is None and "writes" not in store.stats()
+        assert store.hot.before_evict is None and store.warm.before_evict is None
+        assert store.committed_step == 0
+    assert not delta_path(path).exists()
+
+
+def test_a_row_failing_its_crc_is_a_typed_error(tmp_path):
+    path, _ = make_table(tmp_path, rows=50, dim=4)
+    cfg = store_config(path, hot={"capacity": 0}, warm={"capacity": 0})
+    with TieredStore(cfg) as store:
+        store.write([7], torch.ones(1, 4))
+        store.commit()
+    env = lmdb.open(str(delta_path(path)), max_dbs=2)
+    rows_db = env.open_db(b"rows")
+    with env.begin(write=True, db=rows_db) as txn:  # flip one byte of row 7's payload
+        key = (7).to_bytes(8, "big")
+        value = bytearray(txn.get(key))
+        value[-1] ^= 0x40
+        txn.put(key, bytes(value))
+    env.close()
+    with TieredStore(cfg) as store:
+        assert store.lookup([6]).shape == (1, 4)  # rows outside the delta still read
+        with pytest.raises(DeltaCorruptError, match="row 7 .* fails its CRC32C"):
+            store.lookup([7])
+
+
+def test_bad_writes_are_typed_errors_and_change_nothing(tmp_path):
+    path, table = make_table(tmp_path, rows=20, dim=4)
+    with TieredStore(store_config(path)) as store:
+        with pytest.raises(RowDataError, match=r"shape \(2, 3\); expected \(2, 4\)"):
+            store.write([1, 2], torch.zeros(2, 3))
+        with pytest.raises(RowDataError, match="non-finite"):
+            store.write([1, 2], torch.tensor([[0.0] * 4, [float("nan")] * 4]))
+        with pytest.raises(RowIdError, match="out of range"):
+            store.write([1, 20], torch.zeros(2, 4))
+        store.commit()
+        assert torch.equal(store.lookup(torch.arange(20)), table)
+
+
+def test_a_full_map_grows_and_the_commit_goes_through(tmp_path):
+    delta = RowDelta(tmp_path / "t.delta", row_bytes=4096, create=True, map_bytes=1 << 16)
+    rows = np.random.default_rng(0).integers(0, 255, (64, 4096), dtype=np.uint8)
+    delta.commit(np.arange(64), rows, step=3)
+    assert delta.map_grows > 0 and delta.step == 3
+    found, back = delta.read(np.arange(64))
+    assert found.all() and np.array_equal(back, rows)
+    delta.close()
+
+
+def test_a_delta_of_another_row_size_is_refused(tmp_path):
+    RowDelta(tmp_path / "d", row_bytes=16, create=True).close()
+    with pytest.raises(DeltaCorruptError, match="holds 16-byte rows"):
+        RowDelta(tmp_path / "d", row_bytes=32)
+
+
+def test_compaction_makes_a_new_version_old_readers_finish_undisturbed(tmp_path):
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.delta.table_versions import remove_unused_versions, version_path
+    from tiered_store.errors import TierIOError
+
+    path, table = make_table(tmp_path, rows=400, dim=4)
+    cfg = store_config(path, hot={"capacity": 4}, warm={"capacity": 8})
+    expected = table.clone()
+    with TieredStore(cfg) as writer:
+        writer.write(torch.arange(0, 400, 7), torch.full((58, 4), 3.0))
+        expected[0:400:7] = 3.0
+        writer.commit(5)
+        with pytest.raises(TierIOError, match="being written"):
+            compact_table(path, progress=False)  # one writer at a time
+    old_reader = TieredStore(cfg)
+    report = compact_table(path, progress=False)
+    assert (report.new_generation, report.delta_rows, report.removed_generations) == (1, 58, [])
+    assert path.exists()  # generation 0 stays while old_reader has it open
+    assert torch.equal(old_reader.lookup(torch.arange(400)), expected)  # cold reads: old version
+    with TieredStore(cfg) as new_reader:
+        assert new_reader.generation == 1 and new_reader.committed_step == 5
+        assert torch.equal(new_reader.lookup(torch.arange(400)), expected)
+        assert not delta_path(version_path(path, 1)).exists()  # the delta retired with its version
+    old_reader.close()
+    assert remove_unused_versions(path) == [0] and not path.exists()
+    assert not delta_path(path).exists()
+    with TieredStore(cfg) as store:  # writes go on in the new version, steps continue
+        store.write([1], torch.zeros(1, 4))
+        assert store.commit() == 6
+
+
+def test_a_reader_keeps_its_version_and_serving_swaps_to_the_new_one(tmp_path):
+    """A read-only store sees one commit until reopened; ServedModel reopens stale tables (a
+    trainer's commit, then a compaction) and answers exactly as a freshly opened server does."""
+    import json
+
+    from tests.serve_support import make_checkpoint
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.serve import ServeConfig
+    from tiered_store.serve.inference_request import parse_request
+    from tiered_store.serve.served_model import ServedModel
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    served.reload_check_seconds = 3600.0  # checks only when the test asks
+    body = json.dumps({"input_ids": [[5, 17, 900, 17, 5, 12, 77, 5, 17]]}).encode()
+
+    def ask(model):
+        return model.answer(parse_request(body, model.config.server, model))["layer_checksums"]
+
+    before = ask(served)
+    store = served.stores["engram_layer1"]
+    writer = TieredStore(store.config)
+    writer.write(
+        torch.arange(0, writer.rows, 2), torch.ones(writer.rows // 2 + writer.rows % 2, writer.dim)
+    )
+    writer.commit()
+    assert store.is_stale() and ask(served) == before  # no check yet: the old version, whole
+    assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+    after_commit = ask(served)
+    assert after_commit != before
+    writer.close()
+    compact_table(store.config.table.path, progress=False)
+    assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+    assert ask(served) == after_commit  # the compacted version holds the same rows
+    fresh = ServedModel(config)
+    assert ask(fresh) == after_commit and served.reloads == 2
+    fresh.close()
+    served.close()

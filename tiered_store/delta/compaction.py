@@ -1,0 +1,151 @@
+"""Compaction: base + delta, streamed in row order, into the table's next version.
+
+Under the table's writer lock (no commit can land meanwhile): the current version's rows are read
+in chunks (page checksums verified), the delta's rows of each chunk (CRC-checked) replace them,
+and ``create_table`` writes ``TABLE.gN.npy`` with its manifest and page checksums (temporary
+names, fsync, rename; manifest last). Then the pointer switches to generation N in one atomic
+rename: the delta is retired with its version (the new version has none). A crash anywhere
+leaves the old version + its delta, or the new version, both complete. Stores that have the old
+version open keep reading it undisturbed; ``remove_unused_versions`` deletes it once none has.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cold_table import ColdTable
+from ..table_format import create_table
+from ..table_sources import TABLE_DTYPES, SourceReader
+from .row_delta import RowDelta, delta_path
+from .table_versions import (
+    current_version,
+    publish_version,
+    remove_unused_versions,
+    version_path,
+    writer_lock,
+)
+
+__all__ = ["CompactionReport", "compact_table", "register"]
+
+
+@dataclass
+class CompactionReport:
+    """What a compaction did."""
+
+    table: str
+    old_generation: int
+    new_generation: int  # == old_generation when there was nothing to compact
+    rows: int
+    delta_rows: int
+    seconds: float
+    removed_generations: list[int]
+
+    def to_json(self) -> dict:
+        """Plain dict for printing."""
+        return asdict(self)
+
+
+class _MergedRows(SourceReader):
+    """Rows of a version with its delta applied, chunk by chunk, as ``create_table`` reads them."""
+
+    def __init__(self, cold: ColdTable, delta: RowDelta | None, delta_ids: np.ndarray) -> None:
+        self.cold, self.delta, self.delta_ids = cold, delta, delta_ids
+        self.rows, self.dim = cold.rows, cold.dim
+        self.dtype = "uint8" if cold.manifest.quantization else cold.manifest.dtype
+        self.description = f"compaction of {cold.path.name} + {len(delta_ids):,} delta rows"
+        self.quantization = cold.manifest.quantization
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` in the on-disk dtype: base, then the delta's versions."""
+        rows = self.cold.read_rows(np.arange(start, stop, dtype=np.int64))
+        lo, hi = np.searchsorted(self.delta_ids, [start, stop])
+        if hi > lo:
+            ids = self.delta_ids[lo:hi]
+            _, delta_rows = self.delta.read(ids)
+            rows[torch.from_numpy(ids - start)] = torch.from_numpy(delta_rows).view(rows.dtype)
+        return rows.view(torch.uint8).numpy().view(TABLE_DTYPES[self.dtype][0])
+
+
+def compact_table(table: str | Path, *, progress: bool = True) -> CompactionReport:
+    """Write the table's next version (base + delta) and make it current; remove old versions
+    no store has open.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> from tiered_store import TieredStore, create_table
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.npy")
+    >>> _ = create_table(path, np.zeros((6, 2), np.float32), progress=False)
+    >>> with TieredStore.open({"table": {"path": path}}) as store:
+    ...     store.write([4], torch.ones(1, 2)); _ = store.commit()
+    >>> report = compact_table(path, progress=False)
+    >>> report.new_generation, report.delta_rows, report.removed_generations
+    (1, 1, [0])
+    >>> with TieredStore.open({"table": {"path": path}}) as store:
+    ...     store.generation, store.committed_step, store.lookup([4, 5]).tolist()
+    (1, 1, [[1.0, 1.0], [0.0, 0.0]])
+    """
+    start = time.perf_counter()
+    with writer_lock(table):
+        current, generation = current_version(table)
+        with ColdTable(current) as cold:
+            has_delta = delta_path(current).is_dir()
+            delta = RowDelta(delta_path(current), cold.row_bytes) if has_delta else None
+            delta_ids = delta.ids() if delta is not None else np.zeros(0, np.int64)
+            try:
+                if delta_ids.size == 0:
+                    new_generation = generation
+                else:
+                    new_generation = generation + 1
+                    create_table(
+                        version_path(table, new_generation),
+                        _MergedRows(cold, delta, delta_ids),
+                        progress=progress,
+                        overwrite=True,  # a crashed compaction's complete but unpublished file
+                        metadata={**cold.manifest.metadata, "committed_step": delta.step},
+                        quantization=cold.manifest.quantization,
+                    )
+                    publish_version(table, new_generation)
+            finally:
+                if delta is not None:
+                    delta.close()
+        removed = remove_unused_versions(table)
+        return CompactionReport(
+            str(table),
+            generation,
+            new_generation,
+            cold.rows,
+            int(delta_ids.size),
+            time.perf_counter() - start,
+            removed,
+        )
+
+
+def register(sub) -> None:
+    """Add ``tiered-store compact`` to the command line."""
+    p = sub.add_parser(
+        "compact",
+        help="fold a table's written rows (its LMDB delta) into a new table version",
+        description="Stream the current version of TABLE and its delta in row order into "
+        "TABLE.gN.npy (manifest and page checksums included), switch the table's version "
+        "pointer to it atomically (stores opened afterwards read it; open ones finish on the "
+        "old version), then remove old versions no store has open. Needs the table's writer "
+        "lock: fails if a process is writing the table.",
+    )
+    p.add_argument("table", type=Path, help="the table's .npy path (its first version)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_compact)
+
+
+def _run_compact(args) -> int:
+    """Run a compaction and print its report as JSON."""
+    import json
+
+    report = compact_table(args.table, progress=not args.quiet)
+    print(json.dumps(report.to_json(), indent=1))
+    return 0

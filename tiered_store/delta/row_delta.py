@@ -1,0 +1,433 @@
+"""A table's write delta: an LMDB environment beside the immutable base table.
+
+``TABLE.npy.delta/`` holds every row written since the base table was made: key = the row id
+(8 bytes big-endian, so LMDB's key order is row order), value = a 24-byte header (CRC32C, row
+bytes, commit step, row id) followed by the row as stored (optimizer state included for trained
+tables). One write transaction per commit writes all of a commit's rows and the step number
+(``meta`` database) together, so a commit is all or nothing; the environment runs with
+``sync=True, metasync=True`` so the transaction is on disk when ``commit`` returns. Every read
+recomputes the per-row CRC32C (one compiled call per batch) and raises ``DeltaCorruptError`` on a
+mismatch. The knobs and why: docs/design.md#writes-and-the-lmdb-delta.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from ..atomic_file import fsync_dir
+from ..errors import CommitError, ConfigError, DeltaCorruptError, TierIOError
+from ..page_checksums import crc32c_pages
+
+__all__ = ["RowDelta", "delta_path", "HEADER_BYTES"]
+
+HEADER = np.dtype([("crc", "<u4"), ("width", "<u4"), ("step", "<i8"), ("row", "<i8")])
+HEADER_BYTES = HEADER.itemsize  # 24
+MIN_MAP_BYTES = (
+    64 << 20
+)  # address space, not disk: writemap is off, the file grows as pages are used
+MAX_READERS = 512  # reader slots: one per reading thread of every process (serving threads, tests)
+GROW_ATTEMPTS = 8  # a commit that fills the map doubles it and retries this many times at most
+
+
+def delta_path(table_path: str | os.PathLike[str]) -> Path:
+    """Where the delta of the table at ``table_path`` lives: ``TABLE.npy.delta/`` beside it.
+
+    Examples
+    --------
+    >>> delta_path("/data/t.npy").name
+    't.npy.delta'
+    """
+    return Path(f"{os.fspath(table_path)}.delta")
+
+
+class RowDelta:
+    """Rows written to a table since its base file was made, in LMDB (single writer, many readers).
+
+    Parameters
+    ----------
+    path : path-like
+        The environment directory (``delta_path(table)``).
+    row_bytes : int
+        Bytes of one stored row; checked against what the environment recorded when created.
+    create : bool
+        Create the environment when missing (a writer); otherwise it must exist.
+    initial_step : int
+        The step a new environment starts at (a compacted version's last step).
+    map_bytes : int or None
+        Initial map size; default: room for every row of a ``table_rows`` table twice, at least
+        64 MiB. A commit that fills it doubles it and retries (``lmdb.MapFullError`` never escapes).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = RowDelta(Path(tempfile.mkdtemp()) / "t.npy.delta", row_bytes=8, create=True)
+    >>> d.commit(np.array([5, 2]), np.arange(16, dtype=np.uint8).reshape(2, 8), step=1)
+    >>> found, rows = d.read(np.array([2, 3, 5]))
+    >>> d.step, found.tolist(), rows[0].tolist(), d.ids().tolist()
+    (1, [True, False, True], [8, 9, 10, 11, 12, 13, 14, 15], [2, 5])
+    >>> d.close()
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        row_bytes: int,
+        *,
+        create: bool = False,
+        table_rows: int = 0,
+        map_bytes: int | None = None,
+        initial_step: int = 0,
+    ) -> None:
+        self.path = Path(path)
+        self.row_bytes = int(row_bytes)
+        self.value_bytes = HEADER_BYTES + self.row_bytes
+        self.readonly = False
+        self._released = False
+        self._pinned: lmdb.Transaction | None = None
+        self._pid = os.getpid()
+        self.commits = 0  # commits made through this handle
+        self.map_grows = 0  # times a commit found the map full and doubled it
+        self.read_errors = 0  # reads that failed or found a corrupt row
+        wanted = map_bytes or max(MIN_MAP_BYTES, 2 * table_rows * (self.value_bytes + 64))
+        existed = self.path.is_dir()
+        if not existed and not create:
+            raise ConfigError(f"delta: {self.path} does not exist; expected a table's write delta")
+        try:
+            self.env = _shared_env(self.path, lambda: self._open(wanted, existed))
+        except lmdb.Error as exc:
+            raise TierIOError(
+                f"delta: cannot open {self.path} ({exc}); expected a writable directory "
+                "(or, read-only, an existing delta)"
+            ) from None
+        self.readonly = self.env.flags()["readonly"]
+        if create and not self.readonly:
+            self._initialise(initial_step)
+        try:
+            if self.readonly:
+                self.rows_db = self.env.open_db(b"rows", create=False)
+                self.meta_db = self.env.open_db(b"meta", create=False)
+            else:  # in a write transaction of our own: open_db's implicit one waits for the
+                # writer's transaction holding the GIL that writer needs (a deadlock); this one
+                # changes nothing, so its commit writes nothing
+                with self.env.begin(write=True) as txn:
+                    self.rows_db = self.env.open_db(b"rows", txn=txn, create=False)
+                    self.meta_db = self.env.open_db(b"meta", txn=txn, create=False)
+        except lmdb.NotFoundError:
+            _release_env(self.path)
+            raise ConfigError(
+                f"delta: {self.path} was never initialised (a writer died creating it); "
+                "expected a table's write delta"
+            ) from None
+        self._check_row_bytes()
+        if not existed:
+            fsync_dir(self.path.parent)  # the environment's directory entry is durable too
+
+    def _open(self, map_bytes: int, existed: bool) -> lmdb.Environment:
+        """The environment: durable commits, one writer, reader slots tied to threads."""
+        try:
+            return lmdb.open(
+                str(self.path),
+                map_size=map_bytes,
+                subdir=True,
+                sync=True,  # fsync the data pages at commit: durable on return
+                metasync=True,  # ... and the meta page: a power loss keeps the last commit
+                writemap=False,  # a stray write through the map cannot corrupt the file
+                max_readers=MAX_READERS,
+                max_dbs=2,
+                readahead=False,  # random row reads: readahead only evicts other pages
+                lock=True,
+                max_spare_txns=0,  # read transactions really commit: a reader's open_db sticks
+            )
+        except lmdb.Error as exc:
+            # a read-only directory: the lock file cannot be made. With no writer possible there,
+            # lock-free read-only access is safe.
+            if existed and _is_permission_error(exc):
+                self.readonly = True
+                return lmdb.open(
+                    str(self.path),
+                    map_size=map_bytes,
+                    subdir=True,
+                    readonly=True,
+                    lock=False,
+                    max_dbs=2,
+                    readahead=False,
+                    max_spare_txns=0,
+                )
+            raise
+
+    # -- queries -----------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The step of the last commit (0 before any); of the pinned snapshot while pinned."""
+        self._check_process()
+        with self._read_txn() as txn:
+            return _int_value(txn.get(b"step", db=self.meta_db))
+
+    def latest_step(self) -> int:
+        """The step of the last commit on disk now, pinned or not."""
+        self._check_process()
+        with self.env.begin(db=self.meta_db) as txn:
+            return _int_value(txn.get(b"step"))
+
+    def pin(self) -> None:
+        """Read one committed version from now on (a long read transaction), whatever commits
+        land meanwhile: a read-only store's view stays whole until it is reopened."""
+        self._check_process()
+        if self._pinned is None:
+            self._pinned = self.env.begin()
+
+    def unpin(self) -> None:
+        """Read the newest commit again (a writer's view)."""
+        if self._pinned is not None:
+            self._pinned.abort()
+            self._pinned = None
+
+    @contextlib.contextmanager
+    def _read_txn(self):
+        """The pinned transaction, or a fresh one for this read."""
+        if self._pinned is not None:
+            yield self._pinned
+        else:
+            with self.env.begin() as txn:
+                yield txn
+
+    def ids(self) -> np.ndarray:
+        """Every row id the delta holds, sorted (int64)."""
+        self._check_process()
+        with self._read_txn() as txn:
+            keys = b"".join(txn.cursor(db=self.rows_db).iternext(keys=True, values=False))
+        return np.frombuffer(keys, dtype=">i8").astype(np.int64)
+
+    def __len__(self) -> int:
+        self._check_process()
+        with self.env.begin(db=self.rows_db) as txn:
+            return txn.stat(self.rows_db)["entries"]
+
+    def read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, rows as ``uint8 [n, row_bytes]``) for int64 ``ids``; rows not in the
+        delta are left uninitialised. Every row found is CRC-checked."""
+        _, found, rows = self.snapshot(ids)
+        return found, rows
+
+    def snapshot(self, ids: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """(step, found, rows) for unique ``ids``, from one read transaction: one committed
+        version, never a mix."""
+        self._check_process()
+        ids = np.asarray(ids, dtype=np.int64)
+        keys = ids.astype(">i8").view("V8").tolist()
+        try:
+            with self._read_txn() as txn:
+                step = _int_value(txn.get(b"step", db=self.meta_db))
+                pairs = txn.cursor(db=self.rows_db).getmulti(keys)
+        except lmdb.Error as exc:
+            self.read_errors += 1
+            raise TierIOError(f"delta: reading {self.path} failed ({exc})") from None
+        found = np.zeros(ids.size, dtype=bool)
+        rows = np.empty((ids.size, self.row_bytes), dtype=np.uint8)
+        if pairs:
+            found_ids = np.frombuffer(b"".join(k for k, _ in pairs), dtype=">i8").astype(np.int64)
+            records = self._decode(found_ids, b"".join(v for _, v in pairs))
+            order = np.argsort(ids, kind="stable")
+            pos = order[np.searchsorted(ids, found_ids, sorter=order)]
+            found[pos] = True
+            rows[pos] = records["payload"]
+        return step, found, rows
+
+    def iter_rows(self, chunk_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, rows) in row order, ``chunk_rows`` at a time, from one read transaction."""
+        self._check_process()
+        with self.env.begin(db=self.rows_db) as txn:
+            cursor = txn.cursor()
+            batch: list[tuple[bytes, bytes]] = []
+            for pair in cursor.iternext():
+                batch.append(pair)
+                if len(batch) == chunk_rows:
+                    yield self._decode_pairs(batch)
+                    batch = []
+            if batch:
+                yield self._decode_pairs(batch)
+
+    # -- the commit --------------------------------------------------------------------------------
+    def commit(self, ids: np.ndarray, rows: np.ndarray, step: int, *, clear: bool = False) -> None:
+        """Write ``rows`` (``uint8 [n, row_bytes]``) for unique ``ids`` and ``step`` in one durable
+        transaction (``clear``: drop every other row first, as compaction does). Raises
+        ``CommitError`` when it cannot; the previous commit then stands."""
+        self._check_process()
+        if self.readonly:
+            raise CommitError(
+                f"delta: {self.path} is in a read-only directory; expected a writable one to commit"
+            )
+        ids = np.asarray(ids, dtype=np.int64)
+        if rows.shape != (ids.size, self.row_bytes):
+            raise ValueError(
+                f"delta commit: rows of shape {rows.shape}; expected ({ids.size}, {self.row_bytes})"
+            )
+        keys, values = self._encode(ids, rows, step)
+        step_bytes = int(step).to_bytes(8, "little", signed=True)
+        for _ in range(GROW_ATTEMPTS):
+            try:
+                with self.env.begin(write=True) as txn:
+                    if clear:
+                        txn.drop(self.rows_db, delete=False)
+                    if keys:
+                        txn.cursor(db=self.rows_db).putmulti(zip(keys, values, strict=True))
+                    txn.put(b"step", step_bytes, db=self.meta_db)
+                self.commits += 1
+                return
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.Error as exc:
+                raise CommitError(
+                    f"delta: commit of step {step} ({ids.size:,} rows) to {self.path} failed "
+                    f"({exc}); the previous commit (step {self.step}) is intact"
+                ) from None
+        raise CommitError(
+            f"delta: commit of step {step} to {self.path} still does not fit a "
+            f"{self.env.info()['map_size']:,}-byte map after {GROW_ATTEMPTS} doublings"
+        )
+
+    def close(self) -> None:
+        """Release the environment (closed with its last handle in this process); idempotent."""
+        if os.getpid() == self._pid and not self._released:
+            self.unpin()
+            self._released = True
+            _release_env(self.path)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _grow(self) -> None:
+        """Double the map (no transaction of this handle is open: commits hold the store lock)."""
+        size = self.env.info()["map_size"] * 2
+        try:
+            self.env.set_mapsize(size)
+        except lmdb.Error as exc:
+            raise CommitError(
+                f"delta: cannot grow {self.path}'s map to {size:,} bytes ({exc})"
+            ) from None
+        self.map_grows += 1
+
+    def _encode(self, ids: np.ndarray, rows: np.ndarray, step: int) -> tuple[list, list]:
+        """Keys and values (bytes objects, as putmulti takes them) for a batch of rows."""
+        records = np.empty(ids.size, dtype=self._record_dtype())
+        records["width"] = self.row_bytes
+        records["step"] = step
+        records["row"] = ids
+        records["payload"] = rows
+        flat = records.view(np.uint8).reshape(-1)
+        starts = np.arange(ids.size, dtype=np.int64) * self.value_bytes + 4
+        records["crc"] = crc32c_pages(flat, starts, np.full(ids.size, self.value_bytes - 4))
+        keys = ids.astype(">i8").view("V8").tolist()
+        return keys, records.view(f"V{self.value_bytes}").tolist()
+
+    def _decode_pairs(self, pairs: list[tuple[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) of (key, value) pairs, CRC-checked."""
+        ids = np.frombuffer(b"".join(k for k, _ in pairs), dtype=">i8").astype(np.int64)
+        return ids, self._decode(ids, b"".join(v for _, v in pairs))["payload"]
+
+    def _decode(self, ids: np.ndarray, values: bytes) -> np.ndarray:
+        """Records of ``ids`` from their concatenated values; raises on any bad one."""
+        if len(values) != ids.size * self.value_bytes:
+            self.read_errors += 1
+            raise DeltaCorruptError(
+                f"delta: {self.path} holds values of {len(values) / max(ids.size, 1):.1f} bytes on "
+                f"average; expected {self.value_bytes} (a {self.row_bytes}-byte row + header)"
+            )
+        flat = np.frombuffer(values, dtype=np.uint8)
+        records = flat.view(self._record_dtype())
+        starts = np.arange(ids.size, dtype=np.int64) * self.value_bytes + 4
+        crc = crc32c_pages(flat, starts, np.full(ids.size, self.value_bytes - 4))
+        bad = (
+            (crc != records["crc"]) | (records["row"] != ids) | (records["width"] != self.row_bytes)
+        )
+        if bad.any():
+            self.read_errors += 1
+            k = int(np.flatnonzero(bad)[0])
+            raise DeltaCorruptError(
+                f"delta: row {int(ids[k])} in {self.path} fails its CRC32C (stored "
+                f"{int(records['crc'][k]):#010x}, computed {int(crc[k]):#010x}, step "
+                f"{int(records['step'][k])}); the delta is damaged: restore it or compact from a "
+                "good copy"
+            )
+        return records
+
+    def _record_dtype(self) -> np.dtype:
+        """Header fields then the row's bytes."""
+        return np.dtype(HEADER.descr + [("payload", "u1", (self.row_bytes,))])
+
+    def _initialise(self, initial_step: int) -> None:
+        """Create both databases, the row size and the initial step in one transaction (a
+        writer, once): an environment is complete or holds none of them."""
+        with self.env.begin(write=True) as txn:
+            rows_db = self.env.open_db(b"rows", txn=txn, create=True)
+            meta_db = self.env.open_db(b"meta", txn=txn, create=True)
+            del rows_db
+            if txn.get(b"row_bytes", db=meta_db) is None:
+                txn.put(b"row_bytes", self.row_bytes.to_bytes(8, "little"), db=meta_db)
+                txn.put(b"step", int(initial_step).to_bytes(8, "little", signed=True), db=meta_db)
+
+    def _check_row_bytes(self) -> None:
+        """The environment was made for rows of this size."""
+        with self.env.begin(db=self.meta_db) as txn:
+            have = txn.get(b"row_bytes")
+        if have is not None and _int_value(have) != self.row_bytes:
+            raise DeltaCorruptError(
+                f"delta: {self.path} holds {_int_value(have)}-byte rows; the table's rows are "
+                f"{self.row_bytes} bytes (a delta of another table?)"
+            )
+
+    def _check_process(self) -> None:
+        """LMDB environments must not cross fork(): each process opens its own."""
+        if os.getpid() != self._pid:
+            raise TierIOError(
+                f"delta: {self.path} was opened in process {self._pid}, used in {os.getpid()} "
+                "(after fork); expected each process to open the store itself"
+            )
+
+
+# LMDB allows one environment handle per file per process: handles of one path share it.
+_ENVS: dict[tuple[int, str], list] = {}  # (pid, realpath) -> [environment, handles]
+_ENVS_LOCK = threading.Lock()
+
+
+def _shared_env(path: Path, open_env) -> lmdb.Environment:
+    """This process's environment for ``path``, opened by ``open_env`` on first use."""
+    key = (os.getpid(), os.path.realpath(path))  # never an environment across fork()
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is None:
+            entry = _ENVS[key] = [open_env(), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_env(path: Path) -> None:
+    """Drop one handle; close the environment with the last."""
+    key = (os.getpid(), os.path.realpath(path))
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _ENVS[key]
+            entry[0].close()
+
+
+def _int_value(raw: bytes | None) -> int:
+    """An int64 stored little-endian (0 when absent)."""
+    return 0 if raw is None else int.from_bytes(raw, "little", signed=True)
+
+
+def _is_permission_error(exc: lmdb.Error) -> bool:
+    """Whether LMDB failed for want of write permission (a read-only directory or mount)."""
+    text = str(exc)
+    return any(
+        os.strerror(code) in text for code in (errno.EACCES, errno.EROFS, errno.EPERM)
+    ) or isinstance(exc, lmdb.ReadonlyError)

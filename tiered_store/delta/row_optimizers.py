@@ -1,0 +1,93 @@
+"""Row-wise optimizers for tables trained through the store: the state lives in the row.
+
+A trained table's stored row is ``[weights (dim) | optimizer state]``, so the state moves with its
+row through every tier, the write-back and the delta, and is as durable as the weights. Each
+optimizer maps (current stored rows, summed gradients of those rows, step) to new stored rows,
+for the rows a step touched only (as FBGEMM's and TorchRec's sparse optimizers do):
+
+- ``sgd``: ``w -= lr * g`` (no state).
+- ``rowwise_adagrad`` (FBGEMM's default for embedding tables): one accumulator per row,
+  ``a += mean(g * g)``, ``w -= lr * g / (sqrt(a) + eps)``.
+- ``adam``: per-row first and second moments (``2 * dim`` state), updated only where the row has a
+  gradient, bias-corrected with the global step: the arithmetic of ``torch.optim.SparseAdam``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+__all__ = ["RowOptimizer", "make_row_optimizer", "OPTIMIZERS"]
+
+
+@dataclass(frozen=True)
+class RowOptimizer:
+    """One row-wise optimizer and its hyper-parameters.
+
+    Examples
+    --------
+    >>> opt = make_row_optimizer("rowwise_adagrad", lr=0.5)
+    >>> opt.state_width(4)
+    1
+    >>> rows = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])          # weights | accumulator
+    >>> opt.update(rows, torch.tensor([[2.0, 2.0, 2.0, 2.0]]), step=1).tolist()
+    [[0.5, 0.5, 0.5, 0.5, 4.0]]
+    """
+
+    name: str
+    lr: float
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+    def state_width(self, dim: int) -> int:
+        """Values of optimizer state per row of ``dim`` weights."""
+        return {"sgd": 0, "rowwise_adagrad": 1, "adam": 2 * dim}[self.name]
+
+    def update(self, rows: torch.Tensor, grads: torch.Tensor, step: int) -> torch.Tensor:
+        """New stored rows ``[n, dim + state]`` from current ``rows`` and summed ``grads``
+        ``[n, dim]`` at optimizer step ``step`` (1 for the first)."""
+        dim = grads.shape[1]
+        rows = rows.clone()
+        w = rows[:, :dim]
+        if self.name == "sgd":
+            w.add_(grads, alpha=-self.lr)
+        elif self.name == "rowwise_adagrad":
+            acc = rows[:, dim]
+            acc.add_(grads.pow(2).mean(dim=1))
+            w.addcdiv_(grads, acc.sqrt().add_(self.eps).unsqueeze(1), value=-self.lr)
+        else:  # adam, as torch.optim.SparseAdam computes it on the rows a step touches
+            m, v = rows[:, dim : 2 * dim], rows[:, 2 * dim :]
+            m.add_(grads.sub(m).mul_(1 - self.beta1))
+            v.add_(grads.pow(2).sub_(v).mul_(1 - self.beta2))
+            bias1 = 1 - self.beta1**step
+            bias2 = 1 - self.beta2**step
+            step_size = self.lr * math.sqrt(bias2) / bias1
+            w.add_(m.div(v.sqrt().add_(self.eps)), alpha=-step_size)
+        return rows
+
+
+OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam")
+
+
+def make_row_optimizer(name: str, lr: float, **options: float) -> RowOptimizer:
+    """The optimizer ``name`` (one of ``OPTIMIZERS``) with learning rate ``lr``.
+
+    Examples
+    --------
+    >>> make_row_optimizer("adagrad", lr=0.1)
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: optimizer: 'adagrad' is not a row-wise optimizer; expected one of sgd, rowwise_adagrad, adam
+    """
+    if name not in OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer: {name!r} is not a row-wise optimizer; expected one of {', '.join(OPTIMIZERS)}"
+        )
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"optimizer.lr: {lr!r}; expected a positive finite learning rate")
+    return RowOptimizer(name, float(lr), **options)

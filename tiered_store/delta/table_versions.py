@@ -1,0 +1,148 @@
+"""Table versions: which file holds a table's current version, who writes it, who still reads it.
+
+A table is named by its first file, ``TABLE.npy`` (generation 0). Compaction writes generation
+``N`` to ``TABLE.gN.npy`` (with its manifest and page checksums) and then switches the pointer
+``TABLE.npy.current`` (``{"generation": N, "file": "TABLE.gN.npy"}``) with one atomic rename:
+an opener sees the old version or the new one, whole. Each version has its own delta
+(``TABLE.gN.npy.delta/``), so the new version starts with none.
+
+Who uses what is told by ``flock``s, which the kernel drops when a process dies (kill -9
+included): an open store holds a shared lock on its version's ``.npy``; one writer per table holds
+an exclusive lock on ``TABLE.npy.writer.lock``. An old version is removed once its shared lock can
+be taken exclusively (no store has it open).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ..atomic_file import atomic_write, fsync_dir
+from ..errors import TableFormatError, TierIOError
+from ..page_checksums import sidecar_path
+from ..table_format import table_paths
+from .row_delta import delta_path
+
+__all__ = [
+    "current_version",
+    "hold_version",
+    "publish_version",
+    "remove_unused_versions",
+    "version_path",
+    "writer_lock",
+]
+
+
+def pointer_path(table: str | os.PathLike[str]) -> Path:
+    """``TABLE.npy.current``: names the current version (absent: generation 0)."""
+    return Path(f"{table_paths(table)[0]}.current")
+
+
+def version_path(table: str | os.PathLike[str], generation: int) -> Path:
+    """The ``.npy`` of ``generation`` (0: the table's own path).
+
+    Examples
+    --------
+    >>> version_path("/d/t.npy", 0).name, version_path("/d/t.npy", 3).name
+    ('t.npy', 't.g3.npy')
+    """
+    npy = table_paths(table)[0]
+    return npy if generation == 0 else npy.with_name(f"{npy.stem}.g{generation}.npy")
+
+
+def current_version(table: str | os.PathLike[str]) -> tuple[Path, int]:
+    """(the ``.npy`` of the current version, its generation) of the table named ``table``."""
+    pointer = pointer_path(table)
+    try:
+        doc = json.loads(pointer.read_text())
+        generation = int(doc["generation"])
+    except FileNotFoundError:
+        return table_paths(table)[0], 0
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise TableFormatError(
+            f"table version pointer {pointer} is unreadable ({exc}); expected "
+            '{"generation": N, "file": ...} as compaction writes it'
+        ) from None
+    return version_path(table, generation), generation
+
+
+def publish_version(table: str | os.PathLike[str], generation: int) -> None:
+    """Make ``generation`` current (one atomic rename of the pointer)."""
+    doc = {"generation": generation, "file": version_path(table, generation).name}
+    with atomic_write(pointer_path(table), "w") as f:
+        json.dump(doc, f)
+
+
+def hold_version(npy: Path) -> int:
+    """A shared lock on a version's file for as long as the returned fd stays open."""
+    fd = os.open(npy, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+@contextlib.contextmanager
+def writer_lock(table: str | os.PathLike[str]):
+    """The table's single-writer lock (exclusive, not waited for); yields its fd."""
+    fd = take_writer_lock(table)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def take_writer_lock(table: str | os.PathLike[str]) -> int:
+    """Take the single-writer lock; the caller closes the fd to release it."""
+    path = Path(f"{table_paths(table)[0]}.writer.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise TierIOError(
+            exc.errno or errno.EIO,
+            f"writer lock {path}: cannot create it ({exc.strerror}); expected a writable directory",
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TierIOError(
+            errno.EBUSY,
+            f"table {table_paths(table)[0].name} is being written (or compacted) by another "
+            f"process (it holds {path.name}); expected one writer at a time",
+        ) from None
+    return fd
+
+
+def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:
+    """Delete every version older than the current one that no store has open; returns the
+    generations removed (others are left for a later call)."""
+    _, current = current_version(table)
+    npy = table_paths(table)[0]
+    pattern = re.compile(rf"^{re.escape(npy.stem)}\.g(\d+)\.npy$")
+    older = [0] + [int(m.group(1)) for p in npy.parent.iterdir() if (m := pattern.match(p.name))]
+    removed = []
+    for generation in sorted(g for g in older if g < current):
+        path = version_path(table, generation)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a store still reads it
+        try:
+            for part in (table_paths(path)[1], sidecar_path(path), path):  # manifest first
+                part.unlink(missing_ok=True)
+            shutil.rmtree(delta_path(path), ignore_errors=True)
+            fsync_dir(path.parent)
+        finally:
+            os.close(fd)
+        removed.append(generation)
+    return removed

@@ -1,0 +1,194 @@
+"""Training a table through the store: a lookup whose output carries gradients, and the row-wise
+optimizer step that writes the updated rows (and their state) back through the tiers.
+
+Forward: ``TrainableTable.lookup`` returns the weights part of the stored rows, attached to the
+autograd graph. Backward: the row gradients are kept with their ids. ``step()``: unique ids and
+summed gradients (``index_add_``), the current stored rows (weights + optimizer state) through the
+store, the optimizer's new rows, ``store.write``. ``commit()`` makes the step durable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..table_format import TableManifest, create_table
+from .row_optimizers import RowOptimizer
+
+__all__ = ["TableSlice", "TrainableTable", "create_trainable_table"]
+
+
+def create_trainable_table(
+    path: str | os.PathLike[str], weights: Any, optimizer: RowOptimizer, *, progress: bool = False
+) -> TableManifest:
+    """A table file for training: each row is ``[weights | zero optimizer state]`` (float32);
+    the manifest's metadata records the weight width and the optimizer.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from tiered_store.delta.row_optimizers import make_row_optimizer
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.npy")
+    >>> create_trainable_table(path, np.ones((5, 4)), make_row_optimizer("adam", lr=0.1)).dim
+    12
+    """
+    weights = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+    if weights.ndim != 2:
+        raise ConfigError(f"weights: shape {tuple(weights.shape)}; expected [rows, dim]")
+    rows, dim = weights.shape
+    state = torch.zeros(rows, optimizer.state_width(dim), dtype=torch.float32)
+    meta = {"trainable": {"dim": int(dim), "optimizer": optimizer.name}}
+    return create_table(path, torch.cat([weights, state], 1), metadata=meta, progress=progress)
+
+
+class _RowsWithGrad(torch.autograd.Function):
+    """Identity on looked-up rows whose backward hands the row gradients to the table."""
+
+    @staticmethod
+    def forward(ctx, anchor, rows, row_ids, table):  # noqa: ARG004 (anchor: graph membership)
+        ctx.table, ctx.row_ids = table, row_ids
+        return rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.table._gradients.append((ctx.row_ids, grad))
+        return None, None, None, None
+
+
+class TrainableTable:
+    """A ``TieredStore`` over a trainable table as an Engram ``TableBackend`` that learns.
+
+    Parameters
+    ----------
+    store : TieredStore
+        Over a table from ``create_trainable_table`` (float rows ``[weights | state]``).
+    optimizer : RowOptimizer
+        Must match the table's state width (and its recorded optimizer, when recorded).
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from tiered_store import TieredStore
+    >>> from tiered_store.delta.row_optimizers import make_row_optimizer
+    >>> sgd = make_row_optimizer("sgd", lr=0.5)
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.npy")
+    >>> _ = create_trainable_table(path, np.zeros((10, 2)), sgd)
+    >>> table = TrainableTable(TieredStore.open({"table": {"path": path}}), sgd)
+    >>> table.lookup(torch.tensor([3, 3, 4])).sum(1).mul(torch.tensor([1.0, 1, 2])).sum().backward()
+    >>> table.step(1), table.lookup(torch.tensor([3, 4])).tolist()
+    (2, [[-1.0, -1.0], [-1.0, -1.0]])
+    >>> table.commit(1), table.close()
+    (1, None)
+    """
+
+    keeps_stats = True
+
+    def __init__(self, store: Any, optimizer: RowOptimizer) -> None:
+        meta = (store.cold.manifest.metadata or {}).get("trainable", {})
+        self.dim = int(meta.get("dim", store.dim - optimizer.state_width(store.dim)))
+        if store.dim != self.dim + optimizer.state_width(self.dim) or self.dim <= 0:
+            raise ConfigError(
+                f"optimizer: {optimizer.name!r} needs rows of {self.dim} weights + "
+                f"{optimizer.state_width(self.dim)} state values; {store.cold.path.name} has "
+                f"{store.dim} values per row (make the table with create_trainable_table)"
+            )
+        if meta.get("optimizer") not in (None, optimizer.name):
+            raise ConfigError(
+                f"optimizer: {optimizer.name!r} but {store.cold.path.name} holds the state of "
+                f"{meta['optimizer']!r}; expected the same optimizer"
+            )
+        self.store, self.optimizer = store, optimizer
+        self.rows = store.rows
+        self._anchor = torch.zeros((), requires_grad=True)  # puts lookups on the autograd graph
+        self._gradients: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
+        """Weights ``[..., dim]`` of ``row_ids``; with grad enabled, on the autograd graph."""
+        rows = self.store.lookup(row_ids, handle)[..., : self.dim]
+        if not torch.is_grad_enabled():
+            return rows
+        return _RowsWithGrad.apply(self._anchor, rows, row_ids, self)
+
+    def prefetch(self, row_ids: torch.Tensor) -> object:
+        """Start fetching ``row_ids`` (weights and state come together)."""
+        return self.store.prefetch(row_ids)
+
+    def step(self, step: int) -> int:
+        """Apply the optimizer to every row with a gradient since the last step; returns how many
+        rows it updated. ``step`` counts optimizer steps from 1 (Adam's bias correction)."""
+        if not self._gradients:
+            return 0
+        ids = torch.cat([i.reshape(-1) for i, _ in self._gradients])
+        grads = torch.cat([g.reshape(-1, self.dim) for _, g in self._gradients])
+        self._gradients.clear()
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        summed = torch.zeros((unique.numel(), self.dim), dtype=grads.dtype, device=grads.device)
+        summed.index_add_(0, inverse.to(grads.device), grads)
+        current = self.store.lookup(unique)
+        new_rows = self.optimizer.update(current, summed.to(current), step)
+        self.store.write(unique, new_rows)
+        return unique.numel()
+
+    def zero_grad(self) -> None:
+        """Drop row gradients not yet applied."""
+        self._gradients.clear()
+
+    def commit(self, step: int | None = None) -> int:
+        """``store.commit(step)``: every updated row and its state durable."""
+        return self.store.commit(step)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """The store's statistics."""
+        return self.store.stats()
+
+    def close(self) -> None:
+        """Close the store (uncommitted updates are dropped)."""
+        self.store.close()
+
+
+class TableSlice:
+    """Rows ``[offset, offset + rows)`` of a ``TrainableTable`` as a table of their own: several
+    Engram layers share one store, so one ``commit`` makes a training step durable for all.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from tiered_store import TieredStore
+    >>> from tiered_store.delta.row_optimizers import make_row_optimizer
+    >>> sgd = make_row_optimizer("sgd", lr=1.0)
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.npy")
+    >>> _ = create_trainable_table(path, np.arange(12.0).reshape(6, 2), sgd)
+    >>> shared = TrainableTable(TieredStore.open({"table": {"path": path}}), sgd)
+    >>> second = TableSlice(shared, offset=3, rows=3)
+    >>> second.lookup(torch.tensor([0, 2])).tolist()
+    [[6.0, 7.0], [10.0, 11.0]]
+    >>> shared.close()
+    """
+
+    keeps_stats = True
+
+    def __init__(self, table: TrainableTable, offset: int, rows: int) -> None:
+        if offset < 0 or offset + rows > table.rows:
+            raise ConfigError(
+                f"slice: rows [{offset}, {offset + rows}) outside the table's {table.rows} rows"
+            )
+        self.table, self.offset, self.rows, self.dim = table, offset, rows, table.dim
+
+    def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
+        """The shared table's rows ``row_ids + offset``."""
+        return self.table.lookup(row_ids + self.offset, handle)
+
+    def prefetch(self, row_ids: torch.Tensor) -> object:
+        """Prefetch ``row_ids + offset``: pass the same ``row_ids`` to ``lookup``."""
+        return self.table.prefetch(row_ids + self.offset)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """The shared store's statistics."""
+        return self.table.stats()
+
+    def close(self) -> None:
+        """Nothing: the shared table is closed by its owner."""

@@ -1,0 +1,220 @@
+"""Write-back of a store's written rows: dirty cached rows, rows spilled on eviction, and the delta.
+
+A write updates every cached copy of a row in place (hot and warm) and marks those slots dirty;
+a row cached nowhere goes to the pending buffer (host RAM). When the policy evicts a dirty slot,
+its row is copied to the pending buffer before the slot is reused (``RowCache.before_evict``).
+``commit`` gathers pending + dirty rows and writes them to the LMDB delta in one transaction;
+until then they live only in memory. Cold reads see the newest version: base, then the delta,
+then the pending buffer. All of it runs under the store's lock.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import DeltaCorruptError
+from ..row_cache import RowCache
+from ..slot_pool import SlotPool
+from .row_delta import RowDelta
+
+__all__ = ["PendingRows", "WriteBack", "merge_last_wins"]
+
+
+class PendingRows:
+    """Rows written (or spilled) since the last commit that no tier holds: sorted unique ids and
+    their rows, on the host.
+
+    Examples
+    --------
+    >>> p = PendingRows(2, torch.float32)
+    >>> p.merge(torch.tensor([4, 1]), torch.tensor([[4.0, 4], [1, 1]]))
+    >>> p.merge(torch.tensor([4, 7]), torch.tensor([[5.0, 5], [7, 7]]))
+    >>> p.ids.tolist(), p.rows[:, 0].tolist()
+    ([1, 4, 7], [1.0, 5.0, 7.0])
+    """
+
+    def __init__(self, width: int, dtype: torch.dtype) -> None:
+        self.ids = torch.empty(0, dtype=torch.int64)
+        self.rows = torch.empty((0, width), dtype=dtype)
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def merge(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add or replace rows (``ids`` unique, CPU); the new version wins."""
+        if ids.numel() == 0:
+            return
+        if self.ids.numel() == 0 and _is_sorted(ids):
+            self.ids, self.rows = ids.cpu().clone(), rows.cpu().clone()
+            return
+        self.ids, self.rows = merge_last_wins([self.ids, ids.cpu()], [self.rows, rows.cpu()])
+
+    def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask of ``ids`` held here, their positions in ``rows`` where held)."""
+        if self.ids.numel() == 0:
+            return torch.zeros(ids.shape, dtype=torch.bool), torch.zeros(0, dtype=torch.int64)
+        pos = torch.searchsorted(self.ids, ids).clamp(max=self.ids.numel() - 1)
+        held = self.ids[pos] == ids
+        return held, pos[held]
+
+    def clear(self) -> None:
+        """Drop everything (after a commit made it durable)."""
+        self.ids = self.ids[:0]
+        self.rows = self.rows[:0]
+
+
+def _is_sorted(ids: torch.Tensor) -> bool:
+    """Strictly increasing (sorted and unique)."""
+    return ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all())
+
+
+def merge_last_wins(
+    ids: list[torch.Tensor], rows: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique ids of the concatenation and, for each, its row from the last occurrence
+    (a stable radix sort, then the last of each run of equal ids).
+
+    Examples
+    --------
+    >>> ids, rows = merge_last_wins([torch.tensor([5, 2, 5])], [torch.tensor([[1.0], [2], [3]])])
+    >>> ids.tolist(), rows.tolist()
+    ([2, 5], [[2.0], [3.0]])
+    """
+    all_ids = torch.cat(ids).numpy()
+    order = np.argsort(all_ids, kind="stable")
+    sorted_ids = all_ids[order]
+    last = np.r_[sorted_ids[1:] != sorted_ids[:-1], True]
+    keep = torch.from_numpy(order[last])
+    return torch.from_numpy(sorted_ids[last]), torch.cat(rows)[keep]
+
+
+class _DirtyTier:
+    """One cache tier, its payload pool and which of its slots hold unwritten rows."""
+
+    def __init__(self, cache: RowCache, pool: SlotPool) -> None:
+        self.cache, self.pool = cache, pool
+        self.dirty = torch.zeros(cache.capacity, dtype=torch.bool, device=cache.device)
+
+    def write(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Overwrite the cached copies of ``ids``; returns the mask of ids cached here (CPU)."""
+        slots = self.cache.probe(ids.to(self.cache.device))
+        held = slots >= 0
+        if bool(held.any()):
+            hit = slots[held]
+            self.pool.write(hit, rows[held.cpu()])
+            self.dirty[hit] = True
+        return held.cpu()
+
+    def dirty_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, rows) of the dirty slots, on the host."""
+        slots = torch.nonzero(self.dirty).squeeze(1)
+        return self.cache.row_of_slot[slots].cpu(), self.pool.gather(slots).cpu()
+
+
+class WriteBack:
+    """The write path of one store: write, spill on eviction, overlay cold reads, commit.
+
+    Parameters
+    ----------
+    delta : RowDelta
+        The table's LMDB delta (committed rows).
+    tiers : list of (RowCache, SlotPool)
+        The store's cache tiers, lowest first (warm, then hot: the hot copy wins at commit).
+    width, dtype
+        A stored row's shape.
+    """
+
+    def __init__(
+        self,
+        delta: RowDelta,
+        tiers: list[tuple[RowCache, SlotPool]],
+        width: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.delta = delta
+        self.tiers = [_DirtyTier(cache, pool) for cache, pool in tiers if cache.capacity]
+        self.width, self.dtype = width, dtype
+        self.pending = PendingRows(width, dtype)
+        self.delta_ids = delta.ids()  # sorted: which cold reads need the delta
+        self.spilled_rows = 0  # dirty rows copied out of a tier on eviction
+        self.rows_written = 0
+        for tier in self.tiers:
+            tier.cache.before_evict = self._spiller(tier)
+
+    @property
+    def dirty_rows(self) -> int:
+        """Rows written since the last commit (pending + dirty slots; a row cached in two tiers
+        counts twice)."""
+        return len(self.pending) + sum(int(t.dirty.sum()) for t in self.tiers)
+
+    def write(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Make ``rows`` the current version of unique ``ids`` (CPU int64; rows CPU)."""
+        cached = torch.zeros(ids.shape, dtype=torch.bool)
+        for tier in self.tiers:
+            cached |= tier.write(ids, rows)
+        held, _ = self.pending.find(ids)
+        to_pending = ~cached | held  # cached nowhere, or an older version waits in pending
+        self.pending.merge(ids[to_pending], rows[to_pending])
+        self.rows_written += ids.numel()
+
+    def overlay(self, ids: torch.Tensor, staged: torch.Tensor, positions: torch.Tensor) -> None:
+        """Replace base rows read from cold (``staged[positions]``, of sorted unique ``ids``) by
+        their newest written version: the committed delta, then pending."""
+        if self.delta_ids.size:
+            ids_np = ids.numpy()
+            in_delta = np.isin(ids_np, self.delta_ids, assume_unique=True)
+            if in_delta.any():
+                found, raw = self.delta.read(ids_np[in_delta])
+                if not found.all():  # the index says these rows are committed: they must be
+                    self.delta.read_errors += 1
+                    missing = int(ids_np[in_delta][~found][0])
+                    raise DeltaCorruptError(
+                        f"delta: row {missing} is missing from {self.delta.path} though a commit "
+                        "wrote it (was the delta replaced while open?)"
+                    )
+                rows = torch.from_numpy(raw).view(self.dtype)
+                at = torch.from_numpy(np.flatnonzero(in_delta))
+                staged.index_copy_(0, positions[at], rows)
+        if len(self.pending):
+            held, pos = self.pending.find(ids)
+            if bool(held.any()):
+                staged.index_copy_(0, positions[held], self.pending.rows[pos])
+
+    def collect(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row to commit: (sorted unique ids, rows as ``uint8 [n, row_bytes]``)."""
+        ids, rows = [self.pending.ids], [self.pending.rows]
+        for tier in self.tiers:  # warm then hot: a later copy wins (they are equal anyway)
+            if bool(tier.dirty.any()):
+                tier_ids, tier_rows = tier.dirty_rows()
+                ids.append(tier_ids)
+                rows.append(tier_rows)
+        if len(ids) > 1:
+            merged_ids, merged_rows = merge_last_wins(ids, rows)
+        else:  # pending alone: already sorted and unique
+            merged_ids, merged_rows = ids[0], rows[0]
+        return merged_ids.numpy(), merged_rows.contiguous().view(torch.uint8).numpy()
+
+    def committed(self, ids: np.ndarray) -> None:
+        """The rows ``collect`` returned are durable: nothing is dirty any more."""
+        self.pending.clear()
+        for tier in self.tiers:
+            tier.dirty.zero_()
+        if ids.size:
+            merged = np.concatenate([self.delta_ids, ids])
+            merged.sort(kind="stable")  # two sorted runs: a radix sort's linear pass
+            self.delta_ids = merged[np.r_[True, merged[1:] != merged[:-1]]]
+
+    def _spiller(self, tier: _DirtyTier):
+        """The eviction hook of ``tier``: copy dirty victims' rows to pending before reuse."""
+
+        def spill(slots: torch.Tensor) -> None:
+            dirty = slots[tier.dirty[slots]]
+            if dirty.numel():
+                ids = tier.cache.row_of_slot[dirty].cpu()
+                order = torch.argsort(ids)
+                self.pending.merge(ids[order], tier.pool.gather(dirty).cpu()[order])
+                tier.dirty[dirty] = False
+                self.spilled_rows += dirty.numel()
+
+        return spill

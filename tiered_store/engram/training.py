@@ -1,0 +1,280 @@
+"""``tiered-store train``: train a small EngramLM on a corpus with its Engram tables in the store.
+
+Every Engram layer's table is one slice of a single trainable table file (``tables.npy``: rows of
+``[weights | row-wise optimizer state]``), served through one ``TieredStore``, so a single LMDB
+commit makes a step durable for every layer. The dense weights train with Adam.
+
+A checkpoint at step S: ``dense-S.pt`` (dense weights + Adam state, written atomically), then
+``loss.csv``, then ``store.commit(S)`` (the commit point), then older ``dense-*.pt`` are removed. ``--resume`` reads
+the table's committed step S and ``dense-S.pt``: a run stopped anyhow (kill -9 included) goes on
+from its last checkpoint, and deterministically: the resumed run computes what an uninterrupted
+one would. ``loss.csv`` logs every step, ``loss.png`` plots it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..atomic_file import atomic_write
+from ..corpus import resolve_corpus
+from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
+from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
+from ..errors import ConfigError
+from ..store import TieredStore
+from .config import ModelConfig
+from .corpus import read_tokens, token_batches
+from .model import EngramLM
+
+__all__ = ["TrainSettings", "train", "register"]
+
+TABLE_FILE = "tables.npy"
+SETTINGS_FILE = "train.json"
+
+
+@dataclass
+class TrainSettings:
+    """Everything a run needs; saved in ``OUT/train.json`` so ``--resume`` continues the same."""
+
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    checkpoint_every: int = 20
+    optimizer: str = "rowwise_adagrad"
+    table_lr: float = 0.05
+    dense_lr: float = 1e-3
+    hot: str = "5%"
+    warm: str = "20%"
+    io: str = "pread"
+    corpus: list[str] | None = None
+    seed: int = 0
+    model: dict[str, Any] = field(
+        default_factory=lambda: {
+            "engram": {
+                "engram_vocab_size": [20000, 20000],
+                "n_embed_per_ngram": 64,
+                "n_head_per_ngram": 4,
+                "layer_ids": [1, 3],
+            },
+            "backbone": {"hidden_size": 64, "hc_mult": 2, "num_layers": 4},
+            "transformer": {"num_attention_heads": 4},
+        }
+    )
+
+
+def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = True) -> dict:
+    """Run (or resume) training in ``out``; returns the summary printed by the command."""
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(out, settings, resume)
+    torch.manual_seed(settings.seed)
+    model = EngramLM(ModelConfig.from_dict(settings.model))
+    optimizer = make_row_optimizer(settings.optimizer, lr=settings.table_lr)
+    layers = list(model.engram_layers)
+    sizes = [model.tables[layer].rows for layer in layers]
+    if not (out / TABLE_FILE).exists():  # the initial rows of every layer, one after another
+        init = torch.cat([model.tables[layer].weight.detach() for layer in layers])
+        create_trainable_table(out / TABLE_FILE, init, optimizer)
+    store = TieredStore.open(
+        {
+            "table": {"path": str(out / TABLE_FILE)},
+            "tiers": {
+                "hot": {"capacity": settings.hot},
+                "warm": {"capacity": settings.warm},
+                "cold": {"io": settings.io},
+            },
+        }
+    )
+    try:
+        return _run(out, settings, model, TrainableTable(store, optimizer), layers, sizes, progress)
+    finally:
+        store.close()
+
+
+def _run(out, settings, model, table, layers, sizes, progress) -> dict:
+    """The training loop, from the table's last committed step."""
+    offsets = np.cumsum([0, *sizes[:-1]])
+    model.set_tables(
+        {
+            layer: TableSlice(table, int(off), rows)
+            for layer, off, rows in zip(layers, offsets, sizes, strict=True)
+        }
+    )
+    dense = torch.optim.Adam(model.parameters(), lr=settings.dense_lr)
+    start = table.store.committed_step
+    if start:
+        state = torch.load(out / f"dense-{start}.pt", weights_only=True)
+        model.load_state_dict(state["model"], strict=False)
+        dense.load_state_dict(state["optimizer"])
+    losses = _loss_log(out, start)
+    corpus = resolve_corpus(settings.corpus).shuffled(settings.seed)
+    per_batch = settings.batch_size * settings.seq_len
+    tokens = read_tokens(corpus, model.hasher.tokenizer, max_tokens=per_batch * settings.steps)
+    batches = token_batches(tokens, settings.batch_size, settings.seq_len)
+    bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
+    began, trained = time.perf_counter(), 0
+    for step in range(start + 1, settings.steps + 1):
+        batch = batches[(step - 1) % len(batches)]
+        tick = time.perf_counter()
+        loss = model.loss(batch)
+        dense.zero_grad()
+        loss.backward()
+        dense.step()
+        table.step(step)
+        rate = batch.numel() / (time.perf_counter() - tick)
+        losses.append((step, loss.item(), rate))
+        trained += batch.numel()
+        bar.set_postfix(loss=f"{losses[-1][1]:.3f}", tok_s=f"{rate:,.0f}")
+        bar.update(1)
+        if step % settings.checkpoint_every == 0 or step == settings.steps:
+            _checkpoint(out, model, dense, table, step, losses)
+    bar.close()
+    if losses:
+        _plot(out / "loss.png", losses)
+    seconds = time.perf_counter() - began
+    return {
+        "out": str(out),
+        "resumed_from_step": start,
+        "steps": settings.steps,
+        "final_loss": losses[-1][1] if losses else None,
+        "tokens_per_second": trained / seconds if seconds > 0 else None,
+        "store": table.store.stats().get("writes", {}),
+    }
+
+
+def _checkpoint(out: Path, model, dense, table, step: int, losses) -> None:
+    """dense-S.pt and loss.csv, then the table commit (the commit point), then older dense
+    checkpoints go. A kill before the commit leaves step S-K's files valid (``loss.csv`` rows
+    past the committed step are dropped on resume)."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": dense.state_dict()}, buffer)
+    with atomic_write(out / f"dense-{step}.pt") as f:
+        f.write(buffer.getvalue())
+    with atomic_write(out / "loss.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "loss", "tokens_per_second"])
+        writer.writerows(losses)
+    table.commit(step)
+    for old in out.glob("dense-*.pt"):
+        if int(old.stem.split("-")[1]) < step:
+            old.unlink()
+
+
+def _loss_log(out: Path, upto: int) -> list[tuple[int, float, float]]:
+    """The logged losses of steps up to ``upto`` (later ones were never committed)."""
+    path = out / "loss.csv"
+    if not upto or not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return [(int(s), float(v), float(r)) for s, v, r in rows if int(s) <= upto]
+
+
+def _plot(path: Path, losses) -> None:
+    """The loss curve as a PNG (matplotlib's Agg canvas, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps = [s for s, _, _ in losses]
+    ax.plot(steps, [v for _, v, _ in losses], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("EngramLM training, tables in the tiered store")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+
+
+def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
+    """The run's settings: saved ones on resume (the step count may grow), else ``given``."""
+    path = out / SETTINGS_FILE
+    if resume and path.exists():
+        saved = TrainSettings(**json.loads(path.read_text()))
+        saved.steps = max(saved.steps, given.steps)
+        given = saved
+    elif not resume and (out / TABLE_FILE).exists():
+        raise ConfigError(
+            f"out: {out} already holds a training run; pass --resume to continue it, or choose "
+            "another directory"
+        )
+    if given.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer: {given.optimizer!r}; expected one of {OPTIMIZERS}")
+    for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
+        if getattr(given, name) < 1:
+            raise ConfigError(
+                f"--{name.replace('_', '-')}: expected >= 1, got {getattr(given, name)}"
+            )
+    with atomic_write(path, "w") as f:
+        json.dump(asdict(given), f, indent=1)
+    return given
+
+
+def register(sub) -> None:
+    """Add ``tiered-store train``."""
+    d = TrainSettings()
+    p = sub.add_parser(
+        "train",
+        help="train a small EngramLM with its Engram tables in the tiered store",
+        description=__doc__.split("\n\n", 1)[1],
+        epilog="examples:\n  tiered-store train --out run1\n"
+        "  tiered-store train --out run1 --resume          # after any stop, kill -9 included\n"
+        "  tiered-store train --out run2 --corpus 'docs/**/*.md' --steps 50 --optimizer adam",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, required=True, help="run directory (tables, checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--corpus", nargs="+", metavar="PATH", help="default: the stdlib's sources")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"(default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps per commit"
+    )
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="table optimizer")
+    p.add_argument("--table-lr", type=float, default=d.table_lr)
+    p.add_argument("--dense-lr", type=float, default=d.dense_lr)
+    p.add_argument("--hot", default=d.hot, help="hot tier capacity (rows, bytes or %%)")
+    p.add_argument("--warm", default=d.warm, help="warm tier capacity (rows, bytes or %%)")
+    p.add_argument("--io", default=d.io, help="cold tier I/O: mmap, pread, direct, uring")
+    p.add_argument("--model", type=Path, help="YAML/JSON of engram/backbone/transformer sections")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    """The command: settings from the options, the run, its summary as JSON."""
+    import yaml
+
+    settings = TrainSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        checkpoint_every=args.checkpoint_every,
+        optimizer=args.optimizer,
+        table_lr=args.table_lr,
+        dense_lr=args.dense_lr,
+        hot=args.hot,
+        warm=args.warm,
+        io=args.io,
+        corpus=args.corpus,
+        seed=args.seed,
+    )
+    if args.model is not None:
+        settings.model = yaml.safe_load(args.model.read_text())
+    summary = train(args.out, settings, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary, indent=1))
+    return 0
