@@ -83,3 +83,30 @@ def test_export_trace_writes_one_tables_ids(tmp_path, capsys):
         != 0
     )
     assert "no table 'c'" in capsys.readouterr().err
+
+
+def test_online_profile_finds_the_heavy_rows_in_bounded_memory():
+    import torch
+
+    from tiered_store.errors import ConfigError
+    from tiered_store.online_profile import OnlineProfile
+    from tiered_store.profile import profile_ids
+
+    rng = np.random.default_rng(1)
+    windows = [np.minimum(rng.zipf(1.3, 4096), 100_000) - 1 for _ in range(50)]
+    counter = OnlineProfile(candidates=64, width_factor=256)  # ~1,500 rows a window: a wide sketch
+    for w in windows:
+        counter.update(torch.from_numpy(w))
+    exact = np.zeros(100_000, np.int64)
+    for w in windows:
+        exact[np.unique(w)] += 1  # episodes at window granularity
+    true_top = np.argsort(-exact, kind="stable")
+    assert set(true_top[:16].tolist()) <= set(counter.top_rows(32).tolist())
+    assert len(set(true_top[:32].tolist()) & set(counter.top_rows(32).tolist())) >= 28
+    assert counter.nbytes < 100_000 * 4  # less than one int32 counter per table row
+    assert counter.mean_distinct_per_window == np.mean([np.unique(w).size for w in windows])
+    seeded = OnlineProfile(candidates=4)
+    seeded.seed(profile_ids(np.array([9, 9, 9, 4, 4, 2]), rows=10), prior_weight=2.0)
+    assert seeded.top_rows(3).tolist() == [9, 4, 2]
+    with pytest.raises(ConfigError, match="candidates=0"):
+        OnlineProfile(candidates=0)
