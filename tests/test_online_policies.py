@@ -90,7 +90,7 @@ def test_online_profile_finds_the_heavy_rows_in_bounded_memory():
 
     from tiered_store.errors import ConfigError
     from tiered_store.online_profile import OnlineProfile
-    from tiered_store.profile import profile_ids
+    from tiered_store.profile import FrequencyProfile
 
     rng = np.random.default_rng(1)
     windows = [np.minimum(rng.zipf(1.3, 4096), 100_000) - 1 for _ in range(50)]
@@ -106,7 +106,8 @@ def test_online_profile_finds_the_heavy_rows_in_bounded_memory():
     assert counter.nbytes < 100_000 * 4  # less than one int32 counter per table row
     assert counter.mean_distinct_per_window == np.mean([np.unique(w).size for w in windows])
     seeded = OnlineProfile(candidates=4)
-    seeded.seed(profile_ids(np.array([9, 9, 9, 4, 4, 2]), rows=10), prior_weight=2.0)
+    prior = FrequencyProfile(np.array([9, 4, 2]), np.array([3, 2, 9]), episodes=np.array([3, 2, 1]))
+    seeded.seed(prior, prior_weight=2.0)  # ranked by episodes, not lookups
     assert seeded.top_rows(3).tolist() == [9, 4, 2]
     with pytest.raises(ConfigError, match="candidates=0"):
         OnlineProfile(candidates=0)
