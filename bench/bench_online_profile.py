@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=DEFAULT_RECENCY_WINDOW, help="lookups per window")
     p.add_argument("--out", help="write JSON here too")
     args = p.parse_args(argv)
+    torch.set_num_threads(1)  # 2 shared cores: extra threads only spin
     prof = FrequencyProfile.load(args.analysis / f"{args.layer}.profile.npz")
     with TraceReader(args.analysis / "holdout.trace") as reader:
         rows = int(reader.layout[reader.table_index(args.layer)]["rows"])
