@@ -8,7 +8,9 @@ store's own decisions at one lookup per batch), over the replayed lookups after 
 - **online**: :class:`tiered_store.online_profile.OnlineProfile` (count-min sketch + heavy
   hitters sized from the tier) fed the warm-up's lookups one window at a time; the tier pins its
   top rows and gives the recency segment the measured distinct rows per window (at most half);
-- **online, offline start**: the same counter seeded with the offline profile first.
+- **online, offline start**: the same counter seeded with the offline profile first;
+- **exact, warm-up only**: exact episodes per row over the same warm-up (one int64 per table
+  row): what the bounded counter approximates, to tell its error from the warm-up's size.
 
 During the warm-up the online tier would run as plain LRU; the figures compare the lookups after
 it. The target of issue 15: online within 1 point of offline after at most 5M lookups.
@@ -89,10 +91,16 @@ def main(argv=None) -> int:
             cell[f"{name}_recency_rows"] = recency
             cell[f"{name}_counter_bytes"] = counter.nbytes
         cell["offline_recency_rows"] = split.recency_rows
+        exact = np.zeros(rows, np.int64)
+        for start_w in range(0, warm.size, args.window):
+            exact[np.unique(warm[start_w : start_w + args.window])] += 1
+        ranked = np.lexsort((np.arange(rows), -exact))[: cap - cell["online_recency_rows"]]
+        cell["exact_warmup"] = misses_after(served, rows, ranked, cell["online_recency_rows"])
         result["shares"].append(cell)
         print(
             f"{share:.0%}: offline {100 * offline:.2f}%, online {100 * cell['online']:.2f}%, "
-            f"online from offline {100 * cell['online_offline_start']:.2f}% "
+            f"online from offline {100 * cell['online_offline_start']:.2f}%, "
+            f"exact warm-up counts {100 * cell['exact_warmup']:.2f}% "
             f"(counter {cell['online_counter_bytes'] / 2**20:.1f} MiB; "
             f"{time.perf_counter() - start:.0f} s)",
             flush=True,
