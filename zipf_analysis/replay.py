@@ -146,18 +146,22 @@ def replay(
     batches = lookups = unique_fetched = 0
     fetch_s = stall_s = 0.0
     start = time.perf_counter()
-    bar = tqdm(
-        total=reader.lookups(index),
-        desc=f"replay {caches.warm.spec.text}",
-        unit="lookup",
-        unit_scale=True,
-        leave=False,
-        disable=not progress,
+    bar = (
+        tqdm(
+            total=reader.lookups(index),
+            desc=f"replay {caches.warm.spec.text}",
+            unit="lookup",
+            unit_scale=True,
+            leave=False,
+        )
+        if progress
+        else None
     )
     for ids, ahead in _with_lookahead(
         _batches(reader, index, batch_tokens, int(layout.get("heads", 1))), lookahead
     ):
-        bar.update(ids.size)
+        if bar is not None:
+            bar.update(ids.size)
         plan = caches.plan(torch.from_numpy(ids))
         batches += 1
         lookups += ids.size
@@ -177,7 +181,8 @@ def replay(
         fetch_s += t
         stall_s += max(0.0, t - cost.compute_seconds_per_batch)
     wall = time.perf_counter() - start
-    bar.close()
+    if bar is not None:
+        bar.close()
     tiers = {}
     for cache in (caches.hot, caches.warm):
         c = cache.counters.as_dict()
