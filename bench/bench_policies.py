@@ -22,7 +22,7 @@ Example::
     python bench/bench_policies.py --analysis A --policies zipf-tuned --shares 5%,10%
 
 The full run takes 35-40 minutes on 2 cores (tokenising, hashing, 5 policies x 4 sizes of
-20M-lookup batched replays, libCacheSim); the quick one about 10. Each replay shows a progress bar.
+20M-lookup batched replays, libCacheSim); the quick one 5-20 minutes. Each replay shows a progress bar.
 The work directory (traces, profile, the libCacheSim trace) is deleted at the end unless ``--keep``;
 an ``--analysis`` directory is never deleted.
 
