@@ -67,7 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("corpus", nargs="*", help="text files/dirs/globs (default: the stdlib sources)")
     p.add_argument(
-        "--dir", default="/var/tmp", help="where the work directory goes (traces: a few hundred MB)"
+        "--dir",
+        default="/var/tmp",
+        help="where the work directory goes (traces: a few hundred MB; deleted at the end unless --keep)",
     )
     p.add_argument(
         "--keep", action="store_true", help="keep the work directory (traces) and print where"
@@ -230,11 +232,14 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
 def parse_shares(text: str) -> list[float]:
     """``'5%,10%'`` or ``'0.05,0.1'`` -> [0.05, 0.1]."""
-    shares = [
-        float(t.strip().rstrip("%")) / (100 if t.strip().endswith("%") else 1)
-        for t in text.split(",")
-        if t.strip()
-    ]
+    try:
+        shares = [
+            float(t.strip().rstrip("%")) / (100 if t.strip().endswith("%") else 1)
+            for t in text.split(",")
+            if t.strip()
+        ]
+    except ValueError:
+        shares = []
     if not shares or any(not 0 < s <= 1 for s in shares):
         raise SystemExit(f"--shares {text!r}: expected shares of the rows in (0, 1], e.g. 5%,10%")
     return shares
