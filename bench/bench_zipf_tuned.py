@@ -142,16 +142,19 @@ def main(argv=None) -> int:
             readmit_window=ghost,
         )
     if args.repin:
-        run("zipf-tuned, recency segment x2", default, [2 * r for r in rule])
-        run("zipf-tuned, recency segment x3", default, [3 * r for r in rule])
+        caps = [int(rows * s) for s in SHARES]
+        for mult in (2, 3):  # at most the whole tier (1%: the rule already gives half)
+            larger = [min(c, mult * r) for c, r in zip(caps, rule, strict=True)]
+            run(f"zipf-tuned, recency segment x{mult} (at most the tier)", default, larger)
         prior = episodes[DEFAULT_RECENCY_WINDOW] * (ids.size / profile_ids.size)
         for mult in (1, 2):
             start = time.perf_counter()
             cells = []
             for share, recency in zip(SHARES, rule, strict=True):
-                pinned_rows = int(rows * share) - mult * recency
+                lru_rows = min(int(rows * share), mult * recency)
+                pinned_rows = int(rows * share) - lru_rows
                 r = repinned_lru_misses(
-                    ids, prior, pinned_rows, mult * recency, budget=pinned_rows // 10, decay=0.9
+                    ids, prior, pinned_rows, lru_rows, budget=pinned_rows // 10, decay=0.9
                 )
                 cells.append(r.miss_ratio)
                 reads[f"repin, recency x{mult}"] = reads.get(f"repin, recency x{mult}", [])
