@@ -11,7 +11,11 @@ as the store's cache code at one lookup per batch, at numba speed) for:
    expected to touch, at most half the tier) against fixed shares of the tier;
 3. **admission threshold**: a missed row enters only if its profile count reaches a threshold, or
    (optionally) it missed within the last G lookups too;
-4. plain LRU (no pinning) for scale.
+4. plain LRU (no pinning) for scale;
+5. (``--repin``) the pinned segment re-chosen every 1M lookups from the profile plus the episodes
+   counted while serving (``policies.repin``: misses and idle pinned hits), at most a tenth of
+   it moved per re-pin, counts aged by 0.9 per re-pin; and the rule's recency segment doubled
+   and tripled.
 
 Every variant pins its segment (never evicted) and runs LRU on the rest, as zipf-tuned does.
 
@@ -19,7 +23,8 @@ Example::
 
     python bench/bench_zipf_tuned.py --out bench/results/zipf_tuned_design.json
 
-Takes about 4 minutes on 2 cores (most of it `analyze`).
+Takes about 4 minutes on 2 cores (most of it `analyze`; ``--analysis DIR`` reuses an
+``analyze --holdout`` output instead); ``--repin`` adds about 5 minutes.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from policies.pinned_lru import pinned_lru_misses
+from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.profile import FrequencyCounter
 from tiered_store.trace import TraceReader
@@ -67,10 +73,12 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", type=float, default=0.4)
     p.add_argument("--lookups", type=int, default=20_000_000, help="replayed lookups")
     p.add_argument("--layer", default="layer1")
+    p.add_argument("--analysis", metavar="DIR", help="reuse an `analyze --holdout` output")
+    p.add_argument("--repin", action="store_true", help="also sweep re-pinning and larger splits")
     p.add_argument("--out", help="write JSON here too")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-zipf-tuned-", dir=args.dir) as tmp:
-        out_dir = Path(tmp) / "analysis"
+        out_dir = Path(args.analysis) if args.analysis else Path(tmp) / "analysis"
         options = AnalyzeOptions(
             max_tokens=args.max_tokens,
             holdout=args.holdout,
@@ -78,7 +86,8 @@ def main(argv=None) -> int:
             curves=False,
             progress=True,
         )
-        analyze(args.corpus or None, out_dir, options=options)
+        if not args.analysis:
+            analyze(args.corpus or None, out_dir, options=options)
         with TraceReader(out_dir / "trace.trace") as reader:
             rows = int(reader.layout[reader.table_index(args.layer)]["rows"])
             profile_ids = reader.read_all(args.layer)
@@ -105,6 +114,7 @@ def main(argv=None) -> int:
     by_episodes = {w: np.lexsort((np.arange(rows), -counts, -e)) for w, e in episodes.items()}
     default = by_episodes[DEFAULT_RECENCY_WINDOW]
     runs: dict[str, list[float]] = {}
+    reads: dict[str, list[float]] = {}  # rows read by re-pins, per replayed lookup
 
     def run(name, *a, **kw):
         start = time.perf_counter()
@@ -131,6 +141,31 @@ def main(argv=None) -> int:
             admit=counts >= min_count,
             readmit_window=ghost,
         )
+    if args.repin:
+        caps = [int(rows * s) for s in SHARES]
+        for mult in (2, 3):  # at most the whole tier (1%: the rule already gives half)
+            larger = [min(c, mult * r) for c, r in zip(caps, rule, strict=True)]
+            run(f"zipf-tuned, recency segment x{mult} (at most the tier)", default, larger)
+        prior = episodes[DEFAULT_RECENCY_WINDOW] * (ids.size / profile_ids.size)
+        for mult in (1, 2):
+            start = time.perf_counter()
+            cells = []
+            for share, recency in zip(SHARES, rule, strict=True):
+                lru_rows = min(int(rows * share), mult * recency)
+                pinned_rows = int(rows * share) - lru_rows
+                r = repinned_lru_misses(
+                    ids, prior, pinned_rows, lru_rows, budget=pinned_rows // 10, decay=0.9
+                )
+                cells.append(r.miss_ratio)
+                reads[f"repin, recency x{mult}"] = reads.get(f"repin, recency x{mult}", [])
+                reads[f"repin, recency x{mult}"].append(r.repin_reads / ids.size)
+            runs[f"zipf-tuned re-pinned every 1M lookups, recency x{mult}"] = cells
+            print(
+                f"{'re-pinned every 1M, recency x' + str(mult):<44}"
+                + " ".join(f"{100 * c:6.2f}" for c in cells)
+                + f"   ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     result = {
         "corpus": args.corpus or "python stdlib sources",
         "layer": args.layer,
@@ -140,6 +175,7 @@ def main(argv=None) -> int:
         "capacity_shares": SHARES,
         "recency_rows_by_rule": rule,
         "miss_ratio_per_request": runs,
+        "repin_reads_per_lookup": reads,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

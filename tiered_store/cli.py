@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_shard(sub)
     _add_convert_hf(sub)
+    _add_export_trace(sub)
     for register in (
         register_demo,
         register_replay,
@@ -134,6 +135,30 @@ def _interrupt_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _add_export_trace(sub) -> None:
+    p = sub.add_parser(
+        "export-trace",
+        help="write one table's row ids of a trace as a flat int64 .npy (for other simulators)",
+        description="Stream the row ids of one table of a trace (from `tiered-store analyze` or "
+        "TraceWriter) into OUT.npy, one int64 per lookup in request order; batch boundaries are "
+        "dropped. The file is written under a temporary name and moved into place at the end.",
+    )
+    p.add_argument("trace", type=Path, help="trace file")
+    p.add_argument("out", type=Path, help="output .npy")
+    p.add_argument("--table", help="which table of the trace (default: every table, in order)")
+    p.set_defaults(run=_run_export_trace)
+
+
+def _run_export_trace(args) -> int:
+    from .trace import TraceReader, trace_to_npy
+
+    with TraceReader(args.trace) as reader:
+        table = None if args.table is None else reader.table_index(args.table)
+        ids = trace_to_npy(reader, args.out, table=table)
+    print(f"wrote {args.out}: {ids.size:,} row ids (int64)")
+    return 0
 
 
 def _add_info(sub) -> None:

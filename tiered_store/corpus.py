@@ -6,7 +6,9 @@ embedded default every machine has: the Python standard library's own ``*.py`` f
 (``sysconfig.get_paths()["stdlib"]``, without ``site-packages``/``dist-packages``, which differ
 from machine to machine).
 
-Files are read as UTF-8 (a byte-order mark is dropped). A file with a NUL byte is binary, a file
+Files are read as UTF-8 (a byte-order mark is dropped); a ``*.gz`` file is decompressed first, so
+Debian's compressed manual pages and documentation (``/usr/share/man``, ``/usr/share/doc``) are
+text too. A file with a NUL byte is binary, a file
 that does not decode is not UTF-8, a file with only whitespace is empty: all three are skipped and
 counted in :class:`ReadStats`, whose :meth:`ReadStats.warning` names a few of them.
 """
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import gzip
 import os
 import sysconfig
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,11 +265,22 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
     """``(text, None, size)`` for a UTF-8 text file, else ``(None, reason, size)``.
 
     Reasons: ``"binary"`` (a NUL byte in the first 64 KiB), ``"not UTF-8"``, ``"empty"``
-    (nothing but whitespace) and ``"unreadable"`` (an OS error).
+    (nothing but whitespace) and ``"unreadable"`` (an OS error, or a ``*.gz`` file that does not
+    decompress). A ``*.gz`` file is decompressed first; ``size`` is its decompressed size.
+
+    Examples
+    --------
+    >>> import gzip, tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "page.1.gz"
+    >>> _ = p.write_bytes(gzip.compress("Grüße".encode()))
+    >>> read_text(p)
+    ('Grüße', None, 7)
     """
     try:
         data = path.read_bytes()
-    except OSError:
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error):
         return None, "unreadable", 0
     if b"\x00" in data[:_BINARY_PROBE]:
         return None, "binary", len(data)

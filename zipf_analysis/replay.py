@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from policies.registry import is_offline, offline_bound
 from tiered_store.cache_plan import CacheHierarchy
@@ -88,6 +89,7 @@ def replay(
     batch_tokens: int | None = None,
     policy: str | None = None,
     lookahead: int = 0,
+    progress: bool = False,
 ) -> ReplayResult:
     """Replay one table of a trace through the cache tiers a config describes.
 
@@ -108,6 +110,8 @@ def replay(
     lookahead : int
         Batches the cache may look ahead: rows they use are not evicted (as the live store does
         for its queued prefetches).
+    progress : bool
+        Show a progress bar (lookups replayed) on stderr.
     """
     if not isinstance(trace, TraceReader):
         with TraceReader(trace) as reader:
@@ -118,6 +122,7 @@ def replay(
                 batch_tokens=batch_tokens,
                 policy=policy,
                 lookahead=lookahead,
+                progress=progress,
             )
     reader = trace
     index = reader.table_index(table if table is not None else 0)
@@ -141,9 +146,22 @@ def replay(
     batches = lookups = unique_fetched = 0
     fetch_s = stall_s = 0.0
     start = time.perf_counter()
+    bar = (
+        tqdm(
+            total=reader.lookups(index),
+            desc=f"replay {caches.warm.spec.text}",
+            unit="lookup",
+            unit_scale=True,
+            leave=False,
+        )
+        if progress
+        else None
+    )
     for ids, ahead in _with_lookahead(
         _batches(reader, index, batch_tokens, int(layout.get("heads", 1))), lookahead
     ):
+        if bar is not None:
+            bar.update(ids.size)
         plan = caches.plan(torch.from_numpy(ids))
         batches += 1
         lookups += ids.size
@@ -163,6 +181,8 @@ def replay(
         fetch_s += t
         stall_s += max(0.0, t - cost.compute_seconds_per_batch)
     wall = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
     tiers = {}
     for cache in (caches.hot, caches.warm):
         c = cache.counters.as_dict()

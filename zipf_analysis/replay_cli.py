@@ -55,6 +55,7 @@ def register(sub) -> None:
     p.add_argument(
         "--out", type=Path, default=Path("replay-out"), help="directory for replay.json and PNG"
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--no-bounds",
         action="store_true",
@@ -77,7 +78,14 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
     rows, row_bytes = table_geometry(config, layout)
     policies = [p.strip() for p in args.policies.split(",")] if args.policies else [None]
     results = [
-        replay(config, reader, table=table, batch_tokens=args.batch_tokens, policy=p)
+        replay(
+            config,
+            reader,
+            table=table,
+            batch_tokens=args.batch_tokens,
+            policy=p,
+            progress=not args.quiet,
+        )
         for p in policies
     ]
     named = {p.strip().lower() for p in policies if p is not None and is_offline(p)}
@@ -87,6 +95,11 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
         for result in results:
             result.bounds = bounds
     print_table(results)
+    if args.batch_tokens is None:
+        print(
+            "batches: the trace's own (the live store's batch size). docs/policies.md and "
+            "per-request simulators (libCacheSim) compare the fetch ratio at --batch-tokens 64"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {
         "config": str(args.config),

@@ -1,0 +1,138 @@
+"""A frequency profile learnt while serving, in memory sized by the tier, not by the table.
+
+``zipf-tuned`` ranks rows by *episodes* (see :mod:`tiered_store.profile`). Serving, the store sees
+its lookups a window at a time (a batch, or one sequence's worth); :class:`OnlineProfile` counts
+each distinct row of a window once, which is an episode count at the window's granularity, in
+
+- a **count-min sketch** (``depth`` rows of int32 counters, ``width_factor`` counters per
+  candidate slot, rounded up to a power of two; hashes shared with ``policies.tinylfu``), and
+- a **heavy-hitter list** of ``candidates`` rows with the highest estimates, merged per window
+  with ``torch.topk`` (no loop per row);
+
+plus the mean number of distinct rows per window, which is what zipf-tuned's recency segment must
+hold (the offline rule estimates it from the whole frequency curve, which a bounded counter does
+not keep). Memory: ``4 * depth * width + 12 * candidates`` bytes, whatever the table's rows.
+
+An offline profile, when given, is the starting point (:meth:`OnlineProfile.seed`): its rows
+enter the heavy-hitter list and the sketch with their episodes scaled by ``prior_weight``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from policies.tinylfu import _signed, mix64, row_seeds, sketch_width
+
+from .errors import ConfigError
+from .profile import FrequencyProfile
+
+__all__ = ["OnlineProfile"]
+
+
+class OnlineProfile:
+    """Episodes per row, counted online in bounded memory (count-min sketch + heavy hitters).
+
+    Parameters
+    ----------
+    candidates : int
+        Rows the heavy-hitter list keeps: at least the rows a tier would pin.
+    depth, width_factor : int
+        Sketch rows, and counters per row per candidate (rounded up to a power of two).
+    device : torch.device or str
+        Where the counters live.
+    seed : int
+        Hash seed.
+
+    Examples
+    --------
+    >>> p = OnlineProfile(candidates=2)
+    >>> for window in ([5, 5, 9], [5, 1], [5, 9, 9]):
+    ...     p.update(torch.tensor(window))
+    >>> p.top_rows(2).tolist(), p.estimates(torch.tensor([5, 9, 1])).tolist()
+    ([5, 9], [3, 2, 1])
+    >>> p.windows, round(p.mean_distinct_per_window, 2)
+    (3, 2.0)
+    """
+
+    def __init__(
+        self,
+        candidates: int,
+        *,
+        depth: int = 4,
+        width_factor: int = 4,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        if candidates < 1 or depth < 1 or width_factor < 1:
+            raise ConfigError(
+                f"online profile: got candidates={candidates}, depth={depth}, "
+                f"width_factor={width_factor}; expected each >= 1"
+            )
+        self.device = torch.device(device)
+        self.capacity = int(candidates)
+        self.width = sketch_width(self.capacity, width_factor)
+        self._seed_col = torch.tensor(
+            [_signed(s) for s in row_seeds(seed, depth)], dtype=torch.int64, device=self.device
+        ).unsqueeze(1)
+        self.sketch = torch.zeros(depth, self.width, dtype=torch.int32, device=self.device)
+        self.rows = torch.full((self.capacity,), -1, dtype=torch.int64, device=self.device)
+        self.windows = 0
+        self.lookups = 0
+        self._distinct_sum = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the sketch and the heavy-hitter ids (estimates are recomputed)."""
+        return self.sketch.nbytes + self.rows.nbytes
+
+    @property
+    def mean_distinct_per_window(self) -> float:
+        """Distinct rows per window so far (what a recency segment covering one must hold)."""
+        return self._distinct_sum / self.windows if self.windows else 0.0
+
+    def _buckets(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[depth, len(ids)]``: each id's counter in each sketch row."""
+        return mix64(ids.reshape(1, -1), self._seed_col) & (self.width - 1)
+
+    def estimates(self, ids: torch.Tensor) -> torch.Tensor:
+        """Estimated episodes of each id (never below the count the sketch was given)."""
+        ids = ids.to(self.device)
+        return torch.gather(self.sketch, 1, self._buckets(ids)).amin(dim=0)
+
+    def update(self, window: torch.Tensor) -> None:
+        """Count one window of lookups: each distinct row once."""
+        ids = torch.unique(window.reshape(-1).to(self.device))
+        self._add(ids, torch.ones(ids.numel(), dtype=torch.int32, device=self.device))
+        self.windows += 1
+        self.lookups += window.numel()
+        self._distinct_sum += ids.numel()
+
+    def seed(self, profile: FrequencyProfile, prior_weight: float = 1.0) -> None:
+        """Start from an offline profile: its top rows, with episodes x ``prior_weight``."""
+        if prior_weight < 0:
+            raise ConfigError(f"online profile prior_weight: got {prior_weight}; expected >= 0")
+        source = profile.episodes if profile.episodes is not None else profile.counts
+        n = min(self.capacity, profile.row_ids.size)
+        ids = torch.from_numpy(np.ascontiguousarray(profile.row_ids[:n])).to(self.device)
+        weights = np.rint(np.asarray(source[:n], dtype=np.float64) * prior_weight)
+        self._add(ids, torch.from_numpy(weights.astype(np.int32)).to(self.device))
+
+    def _add(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add ``weights`` to distinct ``ids`` and merge them into the heavy-hitter list."""
+        if ids.numel() == 0:
+            return
+        for row, idx in zip(self.sketch, self._buckets(ids), strict=True):
+            row.index_add_(0, idx, weights)
+        held = self.rows[self.rows >= 0]
+        pool = torch.cat([held, ids[~torch.isin(ids, held)]])
+        keep = torch.topk(self.estimates(pool), min(self.capacity, pool.numel())).indices
+        self.rows.fill_(-1)
+        self.rows[: keep.numel()] = pool[keep]
+
+    def top_rows(self, k: int) -> torch.Tensor:
+        """Up to ``k`` rows with the most estimated episodes, most first (ties: lower id)."""
+        held = self.rows[self.rows >= 0]
+        est = self.estimates(held)
+        order = np.lexsort((held.cpu().numpy(), -est.cpu().numpy()))
+        return held[torch.from_numpy(order[:k]).to(self.device)]
