@@ -20,7 +20,7 @@ MASK64 = (1 << 64) - 1
 _SORT_LIMIT = 1 << 14  # sketch increments per batch up to which sorting them is the cheaper sum
 
 
-def _signed(value: int) -> int:
+def as_signed64(value: int) -> int:
     """A 64-bit unsigned constant as the int64 with the same bits."""
     return value - (1 << 64) if value >= 1 << 63 else value
 
@@ -40,13 +40,13 @@ def mix64(ids: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
     >>> int(mix64(torch.tensor([7]), 123)[0]) & 0xFFFF == mix64_int(7, 123) & 0xFFFF
     True
     """
-    z = ids.long() + (seed if isinstance(seed, torch.Tensor) else _signed(seed & MASK64))
+    z = ids.long() + (seed if isinstance(seed, torch.Tensor) else as_signed64(seed & MASK64))
     tmp = torch.empty_like(z)
     for bits, mult in ((30, MIX_M1), (27, MIX_M2), (31, None)):  # in place: one temporary in all
         torch.bitwise_right_shift(z, bits, out=tmp).bitwise_and_((1 << (64 - bits)) - 1)
         z.bitwise_xor_(tmp)
         if mult is not None:
-            z.mul_(_signed(mult))
+            z.mul_(as_signed64(mult))
     return z
 
 
@@ -146,7 +146,7 @@ class TinyLFU(AdmissionPolicy):
         self.sample_size = max(sample_factor * capacity, 1)
         self.seeds = row_seeds(seed, depth)
         self._seed_col = torch.tensor(
-            [_signed(x) for x in self.seeds], dtype=torch.int64, device=self.device
+            [as_signed64(x) for x in self.seeds], dtype=torch.int64, device=self.device
         ).unsqueeze(1)
         self.sketch = torch.zeros(depth, self.width, dtype=torch.uint8, device=self.device)
         self._scratch: torch.Tensor | None = None  # int32 [width], made by the first large batch

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from policies.tinylfu import _signed, mix64, row_seeds, sketch_width
+from policies.tinylfu import as_signed64, mix64, row_seeds, sketch_width
 
 from .errors import ConfigError
 from .profile import FrequencyProfile
@@ -73,7 +73,7 @@ class OnlineProfile:
         self.capacity = int(candidates)
         self.width = sketch_width(self.capacity, width_factor)
         self._seed_col = torch.tensor(
-            [_signed(s) for s in row_seeds(seed, depth)], dtype=torch.int64, device=self.device
+            [as_signed64(s) for s in row_seeds(seed, depth)], dtype=torch.int64, device=self.device
         ).unsqueeze(1)
         self.sketch = torch.zeros(depth, self.width, dtype=torch.int32, device=self.device)
         self.rows = torch.full((self.capacity,), -1, dtype=torch.int64, device=self.device)
