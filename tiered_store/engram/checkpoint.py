@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..delta.table_versions import current_version
 from ..errors import ConfigError, TableFormatError, TieredStoreError
 from ..quantization import RowQuantization
 from ..table_format import (
@@ -137,7 +138,8 @@ def check_table_file(
     path: str | Path, hasher: NgramHasher, layer_id: int, *, rows: int | None = None
 ) -> TableManifest:
     """Refuse a table file that was not built for this model's Engram layer ``layer_id``
-    (``rows``: the whole table's rows, for a shard of it).
+    (``rows``: the whole table's rows, for a shard of it). A compacted table is checked in its
+    current version (the file ``TABLE.npy.current`` names).
 
     Raises
     ------
@@ -148,7 +150,7 @@ def check_table_file(
     TableNotFoundError, TableFormatError
         The file or its manifest is missing or malformed.
     """
-    manifest = read_manifest(path)
+    manifest = read_manifest(current_version(path)[0])
     have = manifest.metadata.get("engram") if isinstance(manifest.metadata, dict) else None
     want = table_metadata(hasher, layer_id)["engram"]
     if not isinstance(have, dict):
@@ -370,6 +372,7 @@ def load_table_in_memory(path: str | Path) -> InMemoryTable:
     >>> table.rows, table.dim, table.weight.dtype  # doctest: +SKIP
     (20112, 16, torch.float32)
     """
+    path = current_version(path)[0]
     manifest = check_table(path)
     data = np.load(table_paths(path)[0])
     if manifest.dtype == "bfloat16":  # stored as raw uint16 bits
