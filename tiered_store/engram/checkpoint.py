@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..delta.row_delta import RowDelta, delta_path
 from ..delta.table_versions import current_version
 from ..errors import ConfigError, TableFormatError, TieredStoreError
 from ..quantization import RowQuantization
@@ -364,7 +365,8 @@ def save_tiered(
 
 
 def load_table_in_memory(path: str | Path) -> InMemoryTable:
-    """A table file read whole into RAM as a frozen ``InMemoryTable`` (same dtype, same bits).
+    """A table file read whole into RAM as a frozen ``InMemoryTable`` (same dtype, same bits):
+    its current version, with the rows committed to it since (its write delta).
 
     Examples
     --------
@@ -375,6 +377,13 @@ def load_table_in_memory(path: str | Path) -> InMemoryTable:
     path = current_version(path)[0]
     manifest = check_table(path)
     data = np.load(table_paths(path)[0])
+    if delta_path(path).is_dir():  # rows committed since this version was made
+        delta = RowDelta(delta_path(path), data.itemsize * data.shape[1])
+        try:
+            for ids, rows in delta.iter_rows():
+                data[ids] = np.ascontiguousarray(rows).view(data.dtype).reshape(len(ids), -1)
+        finally:
+            delta.close()
     if manifest.dtype == "bfloat16":  # stored as raw uint16 bits
         tensor = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
     else:
