@@ -298,6 +298,7 @@ def sharded_writes_worker(
     import torch.distributed as dist
 
     from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.table_versions import take_writer_lock
     from tiered_store.delta.trainable import TrainableTable
     from tiered_store.distributed import ShardedStore
     from tiered_store.errors import CommitError, RowIdError
@@ -336,6 +337,15 @@ def sharded_writes_worker(
                 np.save(
                     out / f"{by}_reopened_rank{rank}.npy", _bits(store.lookup(everything)).numpy()
                 )
+                if by == "rows":  # another process holds the last shard's writer lock
+                    lock = take_writer_lock(store.path) if rank == world - 1 else None
+                    try:
+                        store.commit()
+                    except CommitError as exc:
+                        result["commit_failed"] = str(exc)
+                    if lock is not None:
+                        os.close(lock)
+                    result["step_after_failure"] = store.commit()
         adam = make_row_optimizer("adam", lr=0.05)
         cfg = _store_config(Path(trainable), world, "rows")
         table = TrainableTable(ShardedStore.open(cfg), adam)

@@ -388,6 +388,10 @@ def test_sharded_writes_commits_and_training_equal_one_store_given_the_same(tmp_
             assert result[f"{by}_step"] == result[f"{by}_reopened_step"] == 2
             assert np.array_equal(np.load(out / f"{by}_rank{rank}.npy"), want)
             assert np.array_equal(np.load(out / f"{by}_reopened_rank{rank}.npy"), want)
+        # a shard whose commit fails is named on every rank; the next commit reunites the steps
+        assert f"rank {world - 1}: TierIOError" in result["commit_failed"]
+        assert "being written (or compacted) by another process" in result["commit_failed"]
+        assert result["step_after_failure"] == 4
 
     adam = make_row_optimizer("adam", lr=0.05)
     table = TrainableTable(TieredStore.open({"table": {"path": str(ref_trainable)}}), adam)
