@@ -246,3 +246,119 @@ def kill_or_stall(store: Any, rank: int, victim: int, how: str, result: dict) ->
     except RankFailureError as exc:  # the store stays failed
         result["after"] = str(exc)
     store.close()
+
+
+# -- writes and training through a sharded table ------------------------------------------------
+WRITE_ROUNDS = 3
+TRAIN_STEPS = 3
+TRAIN_ROWS, TRAIN_DIM = 97, 4
+
+
+def write_round(
+    round_no: int, rank: int, rows: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``rank`` writes in round ``round_no``: repeated ids, id 5 on every rank (the highest
+    rank's row wins), and one rank writing nothing each round."""
+    if (round_no + rank) % 3 == 2:
+        return torch.empty(0, dtype=torch.int64), torch.empty((0, width))
+    gen = torch.Generator().manual_seed(1000 * round_no + rank)
+    ids = torch.randint(0, rows, (12 + 5 * rank,), generator=gen)
+    ids = torch.cat([ids, ids[:3], torch.tensor([5])])
+    return ids, torch.randn(ids.numel(), width, generator=gen)
+
+
+def train_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s ids at ``step`` and integer loss weights (so summed gradients are exact)."""
+    if step == 2 and rank == 1:  # a rank with no gradients still joins the step
+        return torch.empty((0, 6), dtype=torch.int64), torch.empty((0, 6, TRAIN_DIM))
+    gen = torch.Generator().manual_seed(50 * step + rank)
+    ids = torch.randint(0, TRAIN_ROWS, (3, 6), generator=gen)
+    return ids, torch.randint(-3, 4, (3, 6, TRAIN_DIM), generator=gen).float()
+
+
+def make_trainable(path: Path) -> Path:
+    """A small Adam-trainable table (rows ``[weights | moments]``)."""
+    from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.trainable import create_trainable_table
+
+    rng = np.random.default_rng(7)
+    weights = rng.standard_normal((TRAIN_ROWS, TRAIN_DIM)).astype(np.float32)
+    create_trainable_table(path, weights, make_row_optimizer("adam", lr=0.05))
+    return path
+
+
+def sharded_writes_worker(
+    rank: int, world: int, port: int, plain: str, trainable: str, out: Path
+) -> None:
+    """Every rank: write rounds and commits through a ShardedStore (both modes), a bad id on one
+    rank, disagreeing commit steps, a reopen; then Adam steps through a sharded TrainableTable.
+    Rows seen go to ``OUT/*_rank{R}.npy`` for the test to compare with one TieredStore."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.table_versions import take_writer_lock
+    from tiered_store.delta.trainable import TrainableTable
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.errors import CommitError, RowIdError
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    result: dict[str, Any] = {}
+    try:
+        for by in ("heads", "rows"):
+            cfg = _store_config(Path(plain), world, by)
+            with ShardedStore.open(cfg) as store:
+                for round_no in range(WRITE_ROUNDS):
+                    store.write(*write_round(round_no, rank, store.rows, store.row_width))
+                    if round_no == 1:
+                        result[f"{by}_first_step"] = store.commit()
+                try:  # rank 0 writes outside the table: refused there, the others go on
+                    bad = [store.rows] if rank == 0 else torch.empty(0, dtype=torch.int64)
+                    store.write(bad, torch.zeros((len(bad), store.row_width)))
+                except RowIdError as exc:
+                    result["bad_id"] = str(exc)
+                try:
+                    store.commit(step=9 if rank == world - 1 else None)
+                except CommitError as exc:
+                    result[f"{by}_mismatch"] = str(exc)
+                result[f"{by}_step"] = store.commit()
+                everything = torch.arange(store.rows)
+                np.save(out / f"{by}_rank{rank}.npy", _bits(store.lookup(everything)).numpy())
+            with ShardedStore.open(cfg) as store:
+                result[f"{by}_reopened_step"] = store.committed_step
+                np.save(
+                    out / f"{by}_reopened_rank{rank}.npy", _bits(store.lookup(everything)).numpy()
+                )
+                if by == "rows":  # another process holds the last shard's writer lock
+                    lock = take_writer_lock(store.path) if rank == world - 1 else None
+                    try:
+                        store.commit()
+                    except CommitError as exc:
+                        result["commit_failed"] = str(exc)
+                    if lock is not None:
+                        os.close(lock)
+                    result["step_after_failure"] = store.commit()
+        adam = make_row_optimizer("adam", lr=0.05)
+        cfg = _store_config(Path(trainable), world, "rows")
+        table = TrainableTable(ShardedStore.open(cfg), adam)
+        for step in range(1, TRAIN_STEPS + 1):
+            ids, weights = train_batch(step, rank)
+            (table.lookup(ids) * weights).sum().backward()
+            result.setdefault("updated", []).append(table.step(step))
+        table.commit()
+        np.save(
+            out / f"trained_rank{rank}.npy", table.store.lookup(torch.arange(TRAIN_ROWS)).numpy()
+        )
+        table.close()
+        dist.destroy_process_group()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)

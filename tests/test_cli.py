@@ -109,3 +109,31 @@ def test_demo_runs_end_to_end_as_a_console_script(tmp_path):
     assert "results checked on 2 batches" in out.stdout
     for tier in ("hot", "warm", "cold"):
         assert f"\n{tier}" in out.stdout
+
+
+def test_info_and_verify_follow_a_compacted_table_to_its_current_version(tmp_path, capsys):
+    import torch
+
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.store import TieredStore
+
+    table = tmp_path / "t.npy"
+    assert main(["init", str(table), "--random", "300x8", "--seed", "3", "--quiet"]) == 0
+    with TieredStore.open({"table": {"path": str(table)}}) as store:
+        store.write([7, 250], torch.full((2, 8), 2.5))
+        store.commit()
+    compact_table(table, progress=False)
+    assert not table.exists()  # generation 0 removed: only the pointer leads to the rows
+    capsys.readouterr()
+    assert main(["info", str(table)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["generation"] == 1 and info["file"].endswith("t.g1.npy")
+    assert info["rows"] == 300 and info["dim"] == 8
+    assert main(["verify", str(table), "--quiet"]) == 0
+    assert "(t.g1.npy): OK" in capsys.readouterr().out
+    current = tmp_path / "t.g1.npy"
+    with open(current, "r+b") as f:  # corrupt the current version: verify must see it
+        f.seek(current.stat().st_size - 16)
+        f.write(b"\xff" * 8)
+    assert main(["verify", str(table), "--quiet"]) == 1
+    assert "FAILED" in capsys.readouterr().err

@@ -339,3 +339,76 @@ def test_the_distributed_benchmark_runs_at_a_tiny_size(tmp_path):
     assert two["heads"]["bytes_exchanged_per_round"] > 0
     by = {(r["ranks"], r["by"]): r for r in report["model"]}
     assert by[(24, "heads")]["imbalance"] > by[(24, "rows")]["imbalance"]  # 16 heads, 24 ranks
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_writes_commits_and_training_equal_one_store_given_the_same(tmp_path, world):
+    """Writes route to the owning ranks and commit with one step (reopened: the same rows);
+    Adam steps through a sharded TrainableTable equal one store's, bit for bit."""
+    from tests.distributed_support import (
+        TRAIN_ROWS,
+        TRAIN_STEPS,
+        WRITE_ROUNDS,
+        make_trainable,
+        sharded_writes_worker,
+        train_batch,
+        write_round,
+    )
+    from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.trainable import TrainableTable
+
+    (tmp_path / "ref").mkdir()
+    plain, ref = make_plain_table(tmp_path), make_plain_table(tmp_path / "ref")
+    trainable = make_trainable(tmp_path / "trainable.npy")
+    ref_trainable = make_trainable(tmp_path / "ref" / "trainable.npy")
+    for by in ("heads", "rows"):
+        write_shards(plain, world, by, template=shards_template(plain, by), progress=False)
+    write_shards(
+        trainable, world, "rows", template=shards_template(trainable, "rows"), progress=False
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(sharded_writes_worker, world, (str(plain), str(trainable), out), 120)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    assert codes == [0] * world and not any("crash" in r for r in results), [
+        r.get("crash") for r in results
+    ]
+
+    with TieredStore.open({"table": {"path": str(ref)}}) as single:
+        for round_no in range(WRITE_ROUNDS):
+            for rank in range(world):  # in one round, the highest rank's row of an id wins
+                single.write(*write_round(round_no, rank, single.rows, single.row_width))
+        want = single.lookup(torch.arange(single.rows)).view(torch.int16).numpy()
+    assert "value 463 at flat position 0 is out of range" in results[0]["bad_id"]
+    for rank, result in enumerate(results):
+        assert "bad_id" not in result or rank == 0
+        for by in ("heads", "rows"):
+            assert result[f"{by}_first_step"] == 1
+            assert f"rank {world - 1}: commit(step=9)" in result[f"{by}_mismatch"]
+            assert result[f"{by}_step"] == result[f"{by}_reopened_step"] == 2
+            assert np.array_equal(np.load(out / f"{by}_rank{rank}.npy"), want)
+            assert np.array_equal(np.load(out / f"{by}_reopened_rank{rank}.npy"), want)
+        # a shard whose commit fails is named on every rank; the next commit reunites the steps
+        assert f"rank {world - 1}: TierIOError" in result["commit_failed"]
+        assert "being written (or compacted) by another process" in result["commit_failed"]
+        assert result["step_after_failure"] == 4
+
+    adam = make_row_optimizer("adam", lr=0.05)
+    table = TrainableTable(TieredStore.open({"table": {"path": str(ref_trainable)}}), adam)
+    for step in range(1, TRAIN_STEPS + 1):
+        loss = sum(
+            (table.lookup(ids) * weights).sum()
+            for ids, weights in (train_batch(step, r) for r in range(world))
+        )
+        loss.backward()
+        table.step(step)
+    trained = table.store.lookup(torch.arange(TRAIN_ROWS)).numpy()
+    table.close()
+    assert not np.array_equal(trained, np.load(ref_trainable)), "training changed nothing"
+    for rank, result in enumerate(results):
+        assert np.array_equal(np.load(out / f"trained_rank{rank}.npy"), trained)
+        assert sum(result["updated"]) > 0
+    assert sum(sum(r["updated"]) for r in results) == sum(
+        torch.unique(torch.cat([train_batch(s, r)[0].reshape(-1) for r in range(world)])).numel()
+        for s in range(1, TRAIN_STEPS + 1)
+    )

@@ -310,3 +310,29 @@ def test_tiered_on_cuda_is_bit_identical(model, converted, batches):
                 batch = nxt
     finally:
         model.close()
+
+
+def test_checkpoint_loading_follows_a_compacted_table(model, converted, hasher, batches):
+    from tiered_store.delta.compaction import compact_table
+
+    path = converted.table_paths[1]
+    row = torch.arange(model.tables[1].dim, dtype=torch.float32) / 7
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        store.write([11], row[None])
+        store.commit()
+    compact_table(path, progress=False)
+    assert not path.exists()  # only TABLE.npy.current leads to the rows now
+    check_table_file(path, hasher, 1)
+    assert torch.equal(load_table_in_memory(path).weight[11], row)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:  # committed after compaction
+        store.write([12], 2 * row[None])
+        store.commit()
+    in_memory = load_table_in_memory(path).weight
+    assert torch.equal(in_memory[11], row) and torch.equal(in_memory[12], 2 * row)
+    tiered = load_tiered_model(converted.directory, store=STORE, hasher=hasher)
+    try:
+        assert torch.equal(tiered.tables[1].lookup(torch.tensor([11]))[0], row)
+        with torch.no_grad():
+            assert torch.isfinite(tiered(batches[0])).all()
+    finally:
+        tiered.close()

@@ -163,17 +163,22 @@ def _run_export_trace(args) -> int:
 
 def _add_info(sub) -> None:
     p = sub.add_parser(
-        "info", help="print a table's manifest", description="Print a table's manifest as JSON."
+        "info",
+        help="print a table's manifest",
+        description="Print the manifest of a table's current version as JSON (after compaction "
+        "TABLE.npy.current names the file that holds it; `file` and `generation` say which).",
     )
     p.add_argument("table", type=Path)
     p.set_defaults(run=_run_info)
 
 
 def _run_info(args) -> int:
+    from .delta.table_versions import current_version
     from .table_format import read_manifest
 
-    manifest = read_manifest(args.table)
-    info = manifest.to_json()
+    path, generation = current_version(args.table)
+    manifest = read_manifest(path)
+    info = {"file": str(path), "generation": generation, **manifest.to_json()}
     info["rows"], info["dim"] = manifest.rows, manifest.dim
     info["blocks"] = len(info.pop("block_checksums"))
     print(json.dumps(info, indent=2, default=str))
@@ -187,7 +192,8 @@ def _add_verify(sub) -> None:
         description="Re-read the whole table and check every block's CRC-32 and every page's "
         "CRC32C; exit 1 naming the first bad block or page. With --add-page-checksums: check the "
         "blocks, then write the page checksums (NAME.npy.pages.crc32c, which every cold read "
-        "checks) and record them in the manifest, atomically; for tables made before them.",
+        "checks) and record them in the manifest, atomically; for tables made before them. "
+        "A compacted table is checked in its current version (the file TABLE.npy.current names).",
     )
     p.add_argument("table", type=Path)
     p.add_argument(
@@ -200,29 +206,32 @@ def _add_verify(sub) -> None:
 
 
 def _run_verify(args) -> int:
+    from .delta.table_versions import current_version
     from .errors import TableFormatError
     from .table_format import add_page_checksums, verify_table
 
     try:
+        path = current_version(args.table)[0]
         if args.add_page_checksums:
-            report = add_page_checksums(args.table, progress=not args.quiet)
+            report = add_page_checksums(path, progress=not args.quiet)
         else:
-            report = verify_table(args.table, progress=not args.quiet)
+            report = verify_table(path, progress=not args.quiet)
     except TableFormatError as exc:
         print(f"tiered-store verify: FAILED: {exc}", file=sys.stderr)
         return 1
+    label = args.table if path == Path(args.table) else f"{args.table} ({path.name})"
     seconds = max(report.seconds, 1e-9)
     speed = f"in {report.seconds:.2f} s ({report.bytes_checked / seconds / 1e6:,.0f} MB/s)"
     blocks = f"{report.blocks_checked:,} blocks, {report.bytes_checked:,} bytes"
     if args.add_page_checksums:
         print(
-            f"{args.table}: OK: {blocks} checked, {report.pages_checked:,} page checksums added {speed}"
+            f"{label}: OK: {blocks} checked, {report.pages_checked:,} page checksums added {speed}"
         )
     elif report.pages_checked:
-        print(f"{args.table}: OK: {blocks}, {report.pages_checked:,} pages checked {speed}")
+        print(f"{label}: OK: {blocks}, {report.pages_checked:,} pages checked {speed}")
     else:
         print(
-            f"{args.table}: OK: {blocks} checked {speed}; no page checksums, so reads of it are "
+            f"{label}: OK: {blocks} checked {speed}; no page checksums, so reads of it are "
             f"not verified: add them with `tiered-store verify --add-page-checksums {args.table}`"
         )
     return 0

@@ -4,12 +4,14 @@ optimizer step that writes the updated rows (and their state) back through the t
 Forward: ``TrainableTable.lookup`` returns the weights part of the stored rows, attached to the
 autograd graph. Backward: the row gradients are kept with their ids. ``step()``: unique ids and
 summed gradients (``index_add_``), the current stored rows (weights + optimizer state) through the
-store, the optimizer's new rows, ``store.write``. ``commit()`` makes the step durable.
+store, the optimizer's new rows, ``store.write``. ``commit()`` makes the step durable. Over a
+``ShardedStore`` the gradients travel to the ranks owning their rows, which apply the optimizer.
 """
 
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -119,15 +121,25 @@ class TrainableTable:
 
     def step(self, step: int) -> int:
         """Apply the optimizer to every row with a gradient since the last step; returns how many
-        rows it updated. ``step`` counts optimizer steps from 1 (Adam's bias correction)."""
-        if not self._gradients:
-            return 0
-        ids = torch.cat([i.reshape(-1) for i, _ in self._gradients])
-        grads = torch.cat([g.reshape(-1, self.dim) for _, g in self._gradients])
+        rows it updated. ``step`` counts optimizer steps from 1 (Adam's bias correction).
+
+        Over a ``ShardedStore`` it is a collective (every rank calls it, with gradients or not):
+        the gradients go to the ranks owning their rows, which sum them and apply the optimizer
+        (``ShardedStore.update_rows``); it returns the rows this rank updated."""
+        gradients = self._gradients or [
+            (torch.empty(0, dtype=torch.int64), torch.empty((0, self.dim), dtype=torch.float32))
+        ]
+        ids = torch.cat([i.reshape(-1) for i, _ in gradients])
+        grads = torch.cat([g.reshape(-1, self.dim) for _, g in gradients])
         self._gradients.clear()
         unique, inverse = torch.unique(ids, return_inverse=True)
         summed = torch.zeros((unique.numel(), self.dim), dtype=grads.dtype, device=grads.device)
         summed.index_add_(0, inverse.to(grads.device), grads)
+        update_rows = getattr(self.store, "update_rows", None)
+        if update_rows is not None:  # sharded: the owners apply it
+            return update_rows(unique, summed, partial(self.optimizer.update, step=step))
+        if not unique.numel():
+            return 0
         current = self.store.lookup(unique)
         new_rows = self.optimizer.update(current, summed.to(current), step)
         self.store.write(unique, new_rows)

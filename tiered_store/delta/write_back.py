@@ -84,7 +84,7 @@ def merge_last_wins(
     all_ids = torch.cat(ids).numpy()
     order = np.argsort(all_ids, kind="stable")
     sorted_ids = all_ids[order]
-    last = np.r_[sorted_ids[1:] != sorted_ids[:-1], True]
+    last = np.r_[sorted_ids[1:] != sorted_ids[:-1], True][: sorted_ids.size]  # none: none
     keep = torch.from_numpy(order[last])
     return torch.from_numpy(sorted_ids[last]), torch.cat(rows)[keep]
 

@@ -11,14 +11,22 @@ Lookups and prefetches run on one background thread per store, in call order, so
 exchange overlaps the caller's compute and every rank issues its collectives in the same order.
 The caller waits at most ``sharding.timeout_s``; a failed or silent exchange then raises
 ``RankFailureError`` naming the rank that died, hung or stopped calling (see :mod:`.liveness`).
+
+Writes route the same way: ``write`` sends each row to the rank that owns it (which writes it to
+its shard's ``TieredStore``), ``commit`` commits every shard with one step, and ``update_rows``
+(training: ``TrainableTable.step``) sends row gradients to their owners, which sum them and apply
+the optimizer where the rows live. Each ends with every rank learning every rank's outcome, so a
+shard's failure raises on every rank, naming it.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
@@ -29,17 +37,21 @@ import torch
 import torch.distributed as dist
 
 from ..config import ShardingConfig, StoreConfig
+from ..delta.write_back import merge_last_wins
 from ..errors import (
+    CommitError,
     ConfigError,
     RankFailureError,
+    RowDataError,
     RowIdError,
     ShardMismatchError,
     TieredStoreError,
+    TierIOError,
 )
 from ..latency import LatencyHistogram
 from ..prefetch import PrefetchHandle, PrefetchHandleError
 from ..quantization import dequantize_rows
-from ..store import TieredStore, as_id_tensor
+from ..store import TieredStore, _as_rows, as_id_tensor
 from .collective_thread import CollectiveThread
 from .liveness import Heartbeat
 from .shard_files import ShardInfo, read_shard, shard_path
@@ -187,6 +199,78 @@ class ShardedStore:
         future.add_done_callback(lambda _: self._slots.release())
         self._prefetches += 1
         return PrefetchHandle(ids, flat, shape, packed, future)
+
+    # -- writes and training ---------------------------------------------------------------------
+    def write(self, ids: Any, rows: Any) -> None:
+        """Make ``rows`` (``[..., row_width]``, as stored) the current version of ``ids`` on the
+        ranks that own them; a collective every rank joins, each with its own ids (or none).
+        For an id repeated in one call the last row wins; for one written by several ranks in the
+        same round, the highest rank's. ``commit()`` makes the writes durable.
+
+        Examples
+        --------
+        >>> store.write(torch.tensor([5, 9]), rows)  # every rank, its own ids  # doctest: +SKIP
+        >>> store.commit()                                                    # doctest: +SKIP
+        1
+        """
+        self._check_usable()
+        self._check_float_rows("write")
+        try:
+            flat, shape = self._validate_write_ids(ids)
+            rows = _as_rows(rows, (*shape, self.row_width), self.row_dtype)
+        except TieredStoreError:  # join the round with nothing, so the others are not kept waiting
+            self._thread.submit(self._write_round, *self._no_rows())
+            raise
+        unique, last = merge_last_wins([flat], [rows])
+        errors = self._wait(self._thread.submit(self._write_round, unique, last), "write")
+        self._raise_failed("write", errors)
+
+    def commit(self, step: int | None = None) -> int:
+        """Commit every rank's shard with one ``step`` (default: the highest last committed step
+        of the ranks + 1); a collective. Returns the step. If a shard's commit fails, every rank
+        raises ``CommitError`` naming it; the others have committed, the failed shard keeps its
+        last commit and its pending writes, and the next ``commit()`` (a higher step) commits
+        them everywhere."""
+        self._check_usable()
+        step = None if step is None else int(step)
+        result, errors = self._wait(self._thread.submit(self._commit_round, step), "commit")
+        self._raise_failed("commit", errors, CommitError)
+        return result
+
+    def update_rows(
+        self, ids: Any, grads: torch.Tensor, update: Callable[[torch.Tensor, torch.Tensor], Any]
+    ) -> int:
+        """Send the gradients ``grads`` (``[n, g]``) of ``ids`` to the ranks owning them; each
+        owner sums the gradients it received per row (in rank order), reads its rows and writes
+        ``update(rows, summed)``; a collective (``TrainableTable.step`` through a sharded store).
+        Returns how many rows this rank updated."""
+        self._check_usable()
+        self._check_float_rows("update_rows")
+        try:
+            flat, _ = self._validate_write_ids(ids)
+            grads = torch.as_tensor(grads).detach()
+            if not grads.is_floating_point() or grads.ndim != 2 or len(grads) != flat.numel():
+                raise RowDataError(
+                    f"grads: {grads.dtype} of shape {tuple(grads.shape)}; expected floating-point "
+                    f"[{flat.numel()}, width], one row per id"
+                )
+        except TieredStoreError:  # join the round with nothing, so the others are not kept waiting
+            nothing = torch.empty((0, 0), dtype=torch.float32)
+            self._thread.submit(
+                self._update_round, torch.empty(0, dtype=torch.int64), nothing, update
+            )
+            raise
+        grads = grads.to("cpu", torch.float32)
+        updated, errors = self._wait(
+            self._thread.submit(self._update_round, flat, grads, update), "update_rows"
+        )
+        self._raise_failed("update_rows", errors)
+        return updated
+
+    @property
+    def committed_step(self) -> int:
+        """The step of this rank's shard's last commit (every rank's, after a good commit)."""
+        return self.local.committed_step
 
     @property
     def cold(self) -> Any:
@@ -352,6 +436,114 @@ class ShardedStore:
             rows = dequantize_rows(rows, self.quantization)
         self._count(n, unique.numel(), sends, recvs, time.perf_counter() - start)
         return rows
+
+    def _check_float_rows(self, what: str) -> None:
+        """Writes need float rows (the same answer on every rank: the layout is agreed)."""
+        if self.quantization is not None:
+            raise RowDataError(
+                f"{what}: the shards hold packed quantised rows; writes need a table of float rows"
+            )
+
+    def _validate_write_ids(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Flat int64 CPU ids, every one inside the table (``out_of_range: zero`` or not)."""
+        tensor = as_id_tensor(ids)
+        flat = tensor.reshape(-1).to("cpu", torch.int64)
+        bad = (flat < 0) | (flat >= self.rows)
+        if bool(bad.any()):
+            pos = int(torch.nonzero(bad)[0])
+            raise RowIdError(
+                f"ids: value {int(flat[pos])} at flat position {pos} is out of range; expected "
+                f"0 <= id < {self.rows:,} to write (the table's rows, over {self.world} ranks)"
+            )
+        return flat, tuple(tensor.shape)
+
+    def _no_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """No ids and no rows: a rank's share of a round it joins with nothing."""
+        return torch.empty(0, dtype=torch.int64), torch.empty(
+            (0, self.row_width), dtype=self.row_dtype
+        )
+
+    def _route(self, ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Send sorted ``ids`` and their ``rows`` to the owners; (local ids, rows) this rank got,
+        in source-rank order (rows of the senders' width and of ``rows``' dtype)."""
+        device = self.exchange_device
+        ids = ids.to(device)
+        owner = self.shard_map.owner(ids)
+        per_rank = torch.bincount(owner, minlength=self.world)
+        row_bytes = rows.shape[1] * rows.element_size()
+        send_counts = torch.stack([per_rank, per_rank * row_bytes], 1)  # [world, (ids, bytes)]
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        (sends, send_bytes), (recvs, recv_bytes) = send_counts.T.tolist(), recv_counts.T.tolist()
+        local_ids = torch.empty(sum(recvs), dtype=torch.int64, device=device)
+        dist.all_to_all_single(local_ids, ids - self._starts[owner], recvs, sends, group=self.group)
+        payload = rows.contiguous().to(device).view(torch.uint8).reshape(-1)
+        received = torch.empty(sum(recv_bytes), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(received, payload, recv_bytes, send_bytes, group=self.group)
+        n = local_ids.numel()
+        width = received.numel() // n // rows.element_size() if n else rows.shape[1]
+        return local_ids.cpu(), received.cpu().view(rows.dtype).reshape(n, width)
+
+    def _write_round(self, ids: torch.Tensor, rows: torch.Tensor) -> list[str | None]:
+        """One write: route the rows, write them to this shard; every rank's error (or None)."""
+        self._heartbeat.entered += 1
+        local_ids, received = self._route(ids, rows)
+        return self._all_gather(self._local_error(self.local.write, local_ids, received))
+
+    def _commit_round(self, step: int | None) -> tuple[int, list[str | None]]:
+        """Agree on the step, commit this shard; (the step, every rank's error or None)."""
+        self._heartbeat.entered += 1
+        asked = self._all_gather((self.local.committed_step, step))
+        steps = {s for _, s in asked}
+        if len(steps) > 1:
+            return -1, [
+                f"commit(step={s}) while rank 0 passed step={asked[0][1]}; expected the same step "
+                "on every rank"
+                if s != asked[0][1]
+                else None
+                for _, s in asked
+            ]
+        step = max(c for c, _ in asked) + 1 if step is None else step
+        return step, self._all_gather(self._local_error(self.local.commit, step))
+
+    def _update_round(
+        self, ids: torch.Tensor, grads: torch.Tensor, update: Callable
+    ) -> tuple[int, list[str | None]]:
+        """Route the gradients, sum them per row, apply ``update`` to this shard's rows."""
+        self._heartbeat.entered += 1
+        order = torch.argsort(ids, stable=True)  # grouped by owner
+        local_ids, received = self._route(ids[order], grads[order])
+        unique, inverse = torch.unique(local_ids, sorted=True, return_inverse=True)
+        summed = torch.zeros((unique.numel(), received.shape[1]), dtype=received.dtype)
+        summed.index_add_(0, inverse, received)
+
+        def apply() -> None:
+            if unique.numel():
+                current = self.local.lookup(unique)
+                self.local.write(unique, update(current, summed.to(current)))
+
+        return unique.numel(), self._all_gather(self._local_error(apply))
+
+    @staticmethod
+    def _local_error(fn: Callable, *args: Any) -> str | None:
+        """Run this rank's part; its error as text (to tell every rank), or None."""
+        try:
+            fn(*args)
+        except (TieredStoreError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _raise_failed(
+        self, what: str, errors: list[str | None], error_type: type[TierIOError] = TierIOError
+    ) -> None:
+        """Raise on every rank when any rank's part of ``what`` failed, naming those ranks."""
+        failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+        if failed:
+            message = (
+                f"rank {self.rank}: sharded {what} failed on {len(failed)} of {self.world} "
+                f"rank(s): {'; '.join(failed)}"
+            )
+            raise error_type(errno.EIO, message)
 
     def _count(self, n: int, unique: int, sends: list, recvs: list, seconds: float) -> None:
         """Add one round to the exchange counters (bytes that crossed between ranks only)."""

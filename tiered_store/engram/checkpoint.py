@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..delta.row_delta import RowDelta, delta_path
+from ..delta.table_versions import current_version
 from ..errors import ConfigError, TableFormatError, TieredStoreError
 from ..quantization import RowQuantization
 from ..table_format import (
@@ -137,7 +139,8 @@ def check_table_file(
     path: str | Path, hasher: NgramHasher, layer_id: int, *, rows: int | None = None
 ) -> TableManifest:
     """Refuse a table file that was not built for this model's Engram layer ``layer_id``
-    (``rows``: the whole table's rows, for a shard of it).
+    (``rows``: the whole table's rows, for a shard of it). A compacted table is checked in its
+    current version (the file ``TABLE.npy.current`` names).
 
     Raises
     ------
@@ -148,7 +151,7 @@ def check_table_file(
     TableNotFoundError, TableFormatError
         The file or its manifest is missing or malformed.
     """
-    manifest = read_manifest(path)
+    manifest = read_manifest(current_version(path)[0])
     have = manifest.metadata.get("engram") if isinstance(manifest.metadata, dict) else None
     want = table_metadata(hasher, layer_id)["engram"]
     if not isinstance(have, dict):
@@ -362,7 +365,8 @@ def save_tiered(
 
 
 def load_table_in_memory(path: str | Path) -> InMemoryTable:
-    """A table file read whole into RAM as a frozen ``InMemoryTable`` (same dtype, same bits).
+    """A table file read whole into RAM as a frozen ``InMemoryTable`` (same dtype, same bits):
+    its current version, with the rows committed to it since (its write delta).
 
     Examples
     --------
@@ -370,8 +374,16 @@ def load_table_in_memory(path: str | Path) -> InMemoryTable:
     >>> table.rows, table.dim, table.weight.dtype  # doctest: +SKIP
     (20112, 16, torch.float32)
     """
+    path = current_version(path)[0]
     manifest = check_table(path)
     data = np.load(table_paths(path)[0])
+    if delta_path(path).is_dir():  # rows committed since this version was made
+        delta = RowDelta(delta_path(path), data.itemsize * data.shape[1])
+        try:
+            for ids, rows in delta.iter_rows():
+                data[ids] = np.ascontiguousarray(rows).view(data.dtype).reshape(len(ids), -1)
+        finally:
+            delta.close()
     if manifest.dtype == "bfloat16":  # stored as raw uint16 bits
         tensor = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
     else:
