@@ -210,7 +210,7 @@ class TieredStore:
                 "of float rows"
             )
         flat, shape = self._validate(ids)
-        rows = _as_rows(rows, (*shape, self.row_width), self.row_dtype)
+        rows = as_rows(rows, (*shape, self.row_width), self.row_dtype)
         unique_ids, last_rows = merge_last_wins([flat.cpu()], [rows])
         with self._lock:
             self._become_writer()
@@ -584,7 +584,7 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
     return tensor
 
 
-def _as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Rows for a write -> ``[n, width]`` CPU tensor of the table's dtype; checks shape, finiteness."""
     try:
         tensor = torch.as_tensor(rows)

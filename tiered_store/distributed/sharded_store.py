@@ -51,7 +51,7 @@ from ..errors import (
 from ..latency import LatencyHistogram
 from ..prefetch import PrefetchHandle, PrefetchHandleError
 from ..quantization import dequantize_rows
-from ..store import TieredStore, _as_rows, as_id_tensor
+from ..store import TieredStore, as_id_tensor, as_rows
 from .collective_thread import CollectiveThread
 from .liveness import Heartbeat
 from .shard_files import ShardInfo, read_shard, shard_path
@@ -217,7 +217,7 @@ class ShardedStore:
         self._check_float_rows("write")
         try:
             flat, shape = self._validate_write_ids(ids)
-            rows = _as_rows(rows, (*shape, self.row_width), self.row_dtype)
+            rows = as_rows(rows, (*shape, self.row_width), self.row_dtype)
         except TieredStoreError:  # join the round with nothing, so the others are not kept waiting
             self._thread.submit(self._write_round, *self._no_rows())
             raise
