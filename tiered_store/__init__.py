@@ -20,6 +20,7 @@ from .errors import (
 from .page_checksums import ChecksumError, UnverifiedTableWarning
 from .prefetch import PrefetchHandle, PrefetchHandleError
 from .store import TieredStore
+from .warm_restart import RestartWarning
 from .table_format import RandomSource, SafetensorsSource, create_table, read_manifest, verify_table
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "PrefetchHandle",
     "PrefetchHandleError",
     "RandomSource",
+    "RestartWarning",
     "RowIdError",
     "SafetensorsSource",
     "StoreConfig",

@@ -483,11 +483,18 @@ class TieredStore:
             thread.start()
 
     def _restore(self, saved: dict[str, np.ndarray]) -> None:
-        """Preload the saved rows, chunk by chunk, into free slots (lookups go on meanwhile)."""
+        """Preload the saved rows, chunk by chunk, into free slots (lookups go on meanwhile).
+
+        Of the most valuable rows that fit, the least valuable chunk goes in first, each chunk as
+        one batch of the policy's clock, so the tier ranks them as it did when saved (LRU: the
+        most recent last); rows lookups need meanwhile are admitted by those lookups as usual."""
         start = time.perf_counter()
         for cache, pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
             ids = torch.from_numpy(saved.get(cache.name, np.zeros(0, np.int64)))
-            for at in range(0, min(ids.numel(), cache.capacity), RESTORE_CHUNK_ROWS):
+            with self._lock:
+                ids = ids[: cache.capacity - cache.occupancy]
+            chunks = range(0, ids.numel(), RESTORE_CHUNK_ROWS)
+            for at in reversed(chunks):
                 if self._stop.is_set() or not self._restore_chunk(
                     cache, pool, ids[at : at + RESTORE_CHUNK_ROWS]
                 ):
@@ -515,6 +522,7 @@ class TieredStore:
                 held = torch.nonzero(slots >= 0).squeeze(1)
                 if held.numel():
                     rows[held.cpu()] = other_pool.gather(slots[held]).cpu()
+            cache.begin_batch()
             pos, slots = cache.preload(ids, pin=False)
             pool.write(slots, rows[rank[pos.cpu()]].to(pool.device))
             return cache.occupancy < cache.capacity
