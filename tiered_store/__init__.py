@@ -20,8 +20,8 @@ from .errors import (
 from .page_checksums import ChecksumError, UnverifiedTableWarning
 from .prefetch import PrefetchHandle, PrefetchHandleError
 from .store import TieredStore
-from .warm_restart import RestartWarning
 from .table_format import RandomSource, SafetensorsSource, create_table, read_manifest, verify_table
+from .warm_restart import RestartWarning
 
 __version__ = "0.1.0"
 
