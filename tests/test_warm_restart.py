@@ -165,3 +165,18 @@ def test_off_by_default_and_periodic_save(tmp_path):
         while not restart_path(path).exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert restart_path(path).exists()
+
+
+def test_close_during_restore_stops_it_and_saves(tmp_path, monkeypatch):
+    path, data = make_table(tmp_path, rows=60_000, dim=8)
+    with TieredStore(config(path, hot=0, warm=40_000)) as store:
+        store.lookup(torch.arange(40_000))
+    monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 100)
+    store = TieredStore(config(path, hot=0, warm=40_000))
+    store.close()  # at once: the restore stops after its current chunk
+    assert store.restore_seconds is not None
+    with TieredStore(config(path, hot=0, warm=40_000)) as again:  # what the tier held then
+        assert again.wait_restored(timeout=60)
+        assert again.warm.occupancy == store.warm.occupancy
+        ids = torch.randint(0, 60_000, (5_000,))
+        assert torch.equal(again.lookup(ids), data[ids])

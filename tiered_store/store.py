@@ -489,16 +489,24 @@ class TieredStore:
         one batch of the policy's clock, so the tier ranks them as it did when saved (LRU: the
         most recent last); rows lookups need meanwhile are admitted by those lookups as usual."""
         start = time.perf_counter()
-        for cache, pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
-            ids = torch.from_numpy(saved.get(cache.name, np.zeros(0, np.int64)))
-            with self._lock:
-                ids = ids[: cache.capacity - cache.occupancy]
-            chunks = range(0, ids.numel(), RESTORE_CHUNK_ROWS)
-            for at in reversed(chunks):
-                if self._stop.is_set() or not self._restore_chunk(
-                    cache, pool, ids[at : at + RESTORE_CHUNK_ROWS]
-                ):
-                    break
+        try:
+            for cache, pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
+                ids = torch.from_numpy(saved.get(cache.name, np.zeros(0, np.int64)))
+                with self._lock:
+                    ids = ids[: cache.capacity - cache.occupancy]
+                chunks = range(0, ids.numel(), RESTORE_CHUNK_ROWS)
+                for at in reversed(chunks):
+                    if self._stop.is_set() or not self._restore_chunk(
+                        cache, pool, ids[at : at + RESTORE_CHUNK_ROWS]
+                    ):
+                        break
+        except (TieredStoreError, OSError) as exc:  # a failed cold read: lookups go on, cold
+            warnings.warn(
+                f"warm restart: reading the saved rows back from {self.cold.path} failed "
+                f"({exc}); the rest start cold (serving is unaffected)",
+                RestartWarning,
+                stacklevel=1,
+            )
         self.restore_seconds = time.perf_counter() - start
 
     def _restore_chunk(self, cache: Any, pool: SlotPool, ids: torch.Tensor) -> bool:
