@@ -336,7 +336,22 @@ class TieredStore:
 
     def save_restart(self) -> Path:
         """Save the rows hot and warm hold (most valuable first) to ``TABLE.npy.restart`` for a
-        warm restart; ``close()`` calls it when ``tiers.restart.enabled``. Returns the path."""
+        warm restart; ``close()`` calls it when ``tiers.restart.enabled``. Returns the path.
+
+        Examples
+        --------
+        >>> import tempfile, os
+        >>> from tiered_store import create_table
+        >>> d = tempfile.mkdtemp()
+        >>> _ = create_table(os.path.join(d, "t.npy"), np.zeros((100, 2), np.float32), progress=False)
+        >>> cfg = {"table": {"path": os.path.join(d, "t.npy")},
+        ...        "tiers": {"warm": {"capacity": 10}, "restart": {"enabled": True}}}
+        >>> with TieredStore.open(cfg) as store:
+        ...     _ = store.lookup([5, 6, 7])
+        >>> with TieredStore.open(cfg) as store:  # the rows come back in the background
+        ...     store.wait_restored(), sorted(store.warm.held_rows().tolist())
+        (True, [5, 6, 7])
+        """
         with self._lock:
             held = {cache.name: cache.held_rows().cpu().numpy() for cache in (self.hot, self.warm)}
         path = restart_path(self.config.table.path)
@@ -532,7 +547,13 @@ class TieredStore:
                     rows[held.cpu()] = other_pool.gather(slots[held]).cpu()
             cache.begin_batch()
             pos, slots = cache.preload(ids, pin=False)
-            pool.write(slots, rows[rank[pos.cpu()]].to(pool.device))
+            stream_ctx = (  # the stream lookups gather on: they see these rows written
+                torch.cuda.stream(self._stream)
+                if self._stream is not None
+                else contextlib.nullcontext()
+            )
+            with stream_ctx:
+                pool.write(slots, rows[rank[pos.cpu()]].to(pool.device))
             return cache.occupancy < cache.capacity
 
     def _save_periodically(self, every_s: float) -> None:
