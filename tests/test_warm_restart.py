@@ -180,3 +180,27 @@ def test_close_during_restore_stops_it_and_saves(tmp_path, monkeypatch):
         assert again.warm.occupancy == store.warm.occupancy
         ids = torch.randint(0, 60_000, (5_000,))
         assert torch.equal(again.lookup(ids), data[ids])
+
+
+@pytest.mark.gpu
+def test_restart_with_the_hot_tier_on_cuda(tmp_path, monkeypatch):
+    path, data = make_table(tmp_path, rows=60_000, dim=8)
+    cfg = config(path, hot=4_000, warm=20_000)
+    cfg = cfg.model_copy(
+        update={
+            "tiers": cfg.tiers.model_copy(
+                update={"hot": cfg.tiers.hot.model_copy(update={"device": "cuda"})}
+            )
+        }
+    )
+    with TieredStore(cfg) as store:
+        for start in range(0, 20_000, 2_000):
+            store.lookup(torch.arange(start, start + 2_000))
+        before = held(store)
+    monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 500)
+    with TieredStore(cfg) as store:
+        assert_concurrent_lookups_exact(store, data, batch=2_000, rounds=5, threads=2)
+        assert store.wait_restored(timeout=60)
+        assert len(held(store)["hot"] & before["hot"]) > 2_000
+        ids = torch.arange(16_000, 20_000)
+        assert torch.equal(store.lookup(ids).cpu(), data[ids])
