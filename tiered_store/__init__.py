@@ -21,6 +21,7 @@ from .page_checksums import ChecksumError, UnverifiedTableWarning
 from .prefetch import PrefetchHandle, PrefetchHandleError
 from .store import TieredStore
 from .table_format import RandomSource, SafetensorsSource, create_table, read_manifest, verify_table
+from .warm_restart import RestartWarning
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "PrefetchHandle",
     "PrefetchHandleError",
     "RandomSource",
+    "RestartWarning",
     "RowIdError",
     "SafetensorsSource",
     "StoreConfig",

@@ -66,6 +66,9 @@ DEFAULTS: dict[str, Any] = {
     "warm.pin_memory": "auto",  # pinned host RAM when the compute device is CUDA
     "cold.io": "pread",  # "mmap" (page cache) | "pread" (threads) | "direct" (threads, O_DIRECT)
     # | "uring" (O_DIRECT through io_uring, Linux x86-64)
+    # warm restart: off by default, since it writes TABLE.npy.restart beside the table (which may sit
+    # on read-only or shared storage) and every process serving one table would share that file
+    "restart.enabled": False,
     "cold.threads": 8,  # parallel readers (io: uring: rings, each driven by one thread)
     "cold.queue_depth": 128,  # io: uring: reads in flight per ring
     "prefetch.depth": 2,  # prefetches in flight before prefetch() blocks
@@ -453,6 +456,15 @@ class ColdTierConfig(ConfigModel):
     queue_depth: int_at_least(1, 4096) = DEFAULTS["cold.queue_depth"]
 
 
+class RestartConfig(ConfigModel):
+    """Warm restart: save the rows hot and warm hold (on close, and every ``save_every_s``) to
+    ``TABLE.npy.restart`` and read them back in the background on open."""
+
+    section: ClassVar[tuple[str, ...]] = ("tiers", "restart")
+    enabled: StrictBool = DEFAULTS["restart.enabled"]
+    save_every_s: float | None = Field(default=None, gt=0.0)  # seconds; None: on close only
+
+
 class TiersConfig(ConfigModel):
     """The three tiers."""
 
@@ -460,6 +472,7 @@ class TiersConfig(ConfigModel):
     hot: HotTierConfig = HotTierConfig()
     warm: WarmTierConfig = WarmTierConfig()
     cold: ColdTierConfig = ColdTierConfig()
+    restart: RestartConfig = RestartConfig()
 
 
 class PrefetchConfig(ConfigModel):

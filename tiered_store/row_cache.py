@@ -106,6 +106,16 @@ class RowCache:
         per_tier = self.admission.bytes_per_tier if self.capacity else 0
         return {"per_table_row": per_row, "per_slot": per_slot, "per_tier": per_tier}
 
+    def held_rows(self) -> torch.Tensor:
+        """Row ids held now, most valuable first (last to be evicted) where the policy ranks them."""
+        slots = torch.nonzero(self.row_of_slot >= 0).squeeze(1)
+        try:
+            priority = self.eviction.victim_priority(slots)
+        except NotImplementedError:  # a policy that never evicts has no order
+            return self.row_of_slot[slots]
+        order = torch.sort(priority, descending=True, stable=True).indices
+        return self.row_of_slot[slots[order]]
+
     def probe(self, ids: torch.Tensor) -> torch.Tensor:
         """Slot of each id (int64), -1 where the row is not resident."""
         if self.index is None:

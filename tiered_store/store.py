@@ -7,6 +7,7 @@ import errno
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
 from .slot_pool import SlotPool
 from .stats import hit_ratio
+from .warm_restart import RestartWarning, load_restart, restart_path, save_restart, table_identity
+
+RESTORE_CHUNK_ROWS = 65_536  # rows read back from cold per step of a warm restart
 
 
 class TieredStore:
@@ -120,6 +124,11 @@ class TieredStore:
             pool = self.hot_pool if cache is self.hot else self.warm_pool
             order = torch.argsort(ids)
             pool.write(slots[order.to(slots.device)], self._read_cold(ids[order]))
+        self._stop = threading.Event()  # set by close(): background restore and saves end
+        self._threads: list[threading.Thread] = []
+        self.restore_seconds: float | None = None  # how long the last warm restart took
+        if tiers.restart.enabled:
+            self._start_restart_threads(tiers.restart.save_every_s)
 
     @classmethod
     def open(cls, config: str | Path | dict | StoreConfig) -> TieredStore:
@@ -325,10 +334,55 @@ class TieredStore:
             "warm_metadata": self.warm.metadata_bytes(),
         }
 
+    def save_restart(self) -> Path:
+        """Save the rows hot and warm hold (most valuable first) to ``TABLE.npy.restart`` for a
+        warm restart; ``close()`` calls it when ``tiers.restart.enabled``. Returns the path.
+
+        Examples
+        --------
+        >>> import tempfile, os
+        >>> from tiered_store import create_table
+        >>> d = tempfile.mkdtemp()
+        >>> _ = create_table(os.path.join(d, "t.npy"), np.zeros((100, 2), np.float32), progress=False)
+        >>> cfg = {"table": {"path": os.path.join(d, "t.npy")},
+        ...        "tiers": {"warm": {"capacity": 10}, "restart": {"enabled": True}}}
+        >>> with TieredStore.open(cfg) as store:
+        ...     _ = store.lookup([5, 6, 7])
+        >>> with TieredStore.open(cfg) as store:  # the rows come back in the background
+        ...     store.wait_restored(), sorted(store.warm.held_rows().tolist())
+        (True, [5, 6, 7])
+        """
+        with self._lock:
+            held = {cache.name: cache.held_rows().cpu().numpy() for cache in (self.hot, self.warm)}
+        path = restart_path(self.config.table.path)
+        save_restart(path, table_identity(self.cold, self.generation), held)
+        return path
+
+    def wait_restored(self, timeout: float | None = None) -> bool:
+        """Wait for a background warm restart to finish; True when none is running."""
+        restoring = [t for t in self._threads if t.name == "restore"]
+        for thread in restoring:
+            thread.join(timeout)
+        return not any(t.is_alive() for t in restoring)
+
     def close(self) -> None:
-        """Finish in-flight prefetches and close the table file; idempotent."""
+        """Finish in-flight prefetches and close the table file; idempotent. With
+        ``tiers.restart.enabled``, first saves which rows the tiers hold (a warning if it fails)."""
         if self._closed:
             return
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        if self.config.tiers.restart.enabled:
+            try:
+                self.save_restart()
+            except OSError as exc:
+                warnings.warn(
+                    f"warm restart: could not save {restart_path(self.config.table.path)} ({exc}); "
+                    "the next open starts cold",
+                    RestartWarning,
+                    stacklevel=2,
+                )
         self._closed = True
         self._prefetcher.close()
         self.cold.close()
@@ -424,6 +478,93 @@ class TieredStore:
                 self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
             out[plan.miss_pos] = device_rows[plan.inverse]
         return out
+
+    def _start_restart_threads(self, save_every_s: float | None) -> None:
+        """Read the saved tiers back in the background; save periodically if asked."""
+        saved = load_restart(
+            restart_path(self.config.table.path), table_identity(self.cold, self.generation)
+        )
+        if saved is not None:
+            self._threads.append(
+                threading.Thread(target=self._restore, args=(saved,), name="restore", daemon=True)
+            )
+        if save_every_s is not None:
+            self._threads.append(
+                threading.Thread(
+                    target=self._save_periodically, args=(save_every_s,), name="save", daemon=True
+                )
+            )
+        for thread in self._threads:
+            thread.start()
+
+    def _restore(self, saved: dict[str, np.ndarray]) -> None:
+        """Preload the saved rows, chunk by chunk, into free slots (lookups go on meanwhile).
+
+        Of the most valuable rows that fit, the least valuable chunk goes in first, each chunk as
+        one batch of the policy's clock, so the tier ranks them as it did when saved (LRU: the
+        most recent last); rows lookups need meanwhile are admitted by those lookups as usual."""
+        start = time.perf_counter()
+        try:
+            for cache, pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
+                ids = torch.from_numpy(saved.get(cache.name, np.zeros(0, np.int64)))
+                with self._lock:
+                    ids = ids[: cache.capacity - cache.occupancy]
+                chunks = range(0, ids.numel(), RESTORE_CHUNK_ROWS)
+                for at in reversed(chunks):
+                    if self._stop.is_set() or not self._restore_chunk(
+                        cache, pool, ids[at : at + RESTORE_CHUNK_ROWS]
+                    ):
+                        break
+        except (TieredStoreError, OSError) as exc:  # a failed cold read: lookups go on, cold
+            warnings.warn(
+                f"warm restart: reading the saved rows back from {self.cold.path} failed "
+                f"({exc}); the rest start cold (serving is unaffected)",
+                RestartWarning,
+                stacklevel=1,
+            )
+        self.restore_seconds = time.perf_counter() - start
+
+    def _restore_chunk(self, cache: Any, pool: SlotPool, ids: torch.Tensor) -> bool:
+        """Preload ``ids`` (most valuable first) into ``cache``'s free slots with their current
+        rows; False once the tier is full. Cold reads run outside the lock; under it, written rows
+        and copies another tier holds (maybe dirty) replace them, as a lookup's admission does."""
+        order = torch.argsort(ids)
+        sorted_ids = ids[order]
+        rows = self.cold.read_rows(sorted_ids.numpy())
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        with self._lock:
+            if self._closed or cache.occupancy >= cache.capacity:
+                return False
+            if self._writes is not None:
+                self._writes.overlay(sorted_ids, rows, torch.arange(sorted_ids.numel()))
+            for other, other_pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
+                if other is cache or other.capacity == 0:
+                    continue
+                slots = other.probe(sorted_ids.to(other.device))
+                held = torch.nonzero(slots >= 0).squeeze(1)
+                if held.numel():
+                    rows[held.cpu()] = other_pool.gather(slots[held]).cpu()
+            cache.begin_batch()
+            pos, slots = cache.preload(ids, pin=False)
+            stream_ctx = (  # the stream lookups gather on: they see these rows written
+                torch.cuda.stream(self._stream)
+                if self._stream is not None
+                else contextlib.nullcontext()
+            )
+            with stream_ctx:
+                pool.write(slots, rows[rank[pos.cpu()]].to(pool.device))
+            return cache.occupancy < cache.capacity
+
+    def _save_periodically(self, every_s: float) -> None:
+        """Save the tiers every ``every_s`` seconds until close (a warning when a save fails)."""
+        while not self._stop.wait(every_s):
+            try:
+                self.save_restart()
+            except OSError as exc:
+                warnings.warn(
+                    f"warm restart: periodic save failed ({exc})", RestartWarning, stacklevel=2
+                )
 
     def _read_cold(self, ids: torch.Tensor) -> torch.Tensor:
         """Current rows of sorted unique ``ids`` from cold: base, then the delta and pending."""

@@ -1,0 +1,154 @@
+"""Warm restart: the miss ratio right after a restart against the steady state and a cold start.
+
+On one table of an ``analyze`` trace (real text), a real store (hot and warm LRU tiers over a
+real table file of the trace's rows) serves ``--warmup`` lookups, saves its tiers
+(``TieredStore.save_restart``), then serves the next ``--lookups`` (the **steady** state). Over
+those same next lookups, in the same run:
+
+- **restart, serving at once**: a new store opens with ``tiers.restart.enabled`` and serves at
+  once while the rows are read back in the background;
+- **restart, restored first**: the same, after ``wait_restored()``;
+- **cold start**: a new store with empty tiers.
+
+Miss ratios are per lookup: ``hot`` = lookups the hot tier missed, ``cold`` = lookups read from
+the table file (missed by both tiers). The target of issue 15: restart within 1 point of steady.
+
+Example::
+
+    tiered-store analyze /usr/share/vim/vim90/doc --max-tokens 5000000 --holdout 0.4 \\
+        --shuffle --no-curves --out A
+    python bench/bench_warm_restart.py A/holdout.trace --out bench/results/warm_restart.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiered_store import StoreConfig, TieredStore, create_table
+from tiered_store.table_sources import RandomSource
+from tiered_store.trace import TraceReader
+from tiered_store.warm_restart import restart_path
+
+
+def serve(store: TieredStore, ids: np.ndarray, batch: int) -> dict[str, float]:
+    """Look up ``ids`` in batches; per-lookup hot and cold miss ratios over them, and lookups/s."""
+    before = store.stats()
+    start = time.perf_counter()
+    for at in range(0, ids.size, batch):
+        store.lookup(torch.from_numpy(ids[at : at + batch]))
+    seconds = time.perf_counter() - start
+    after = store.stats()
+    lookups = after["hot"]["lookups"] - before["hot"]["lookups"]
+    return {
+        "hot_miss": (after["hot"]["misses"] - before["hot"]["misses"]) / lookups,
+        "cold_miss": (after["warm"]["misses"] - before["warm"]["misses"]) / lookups,
+        "lookups_per_s": lookups / seconds,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("trace", type=Path, help="a trace from `tiered-store analyze`")
+    p.add_argument("--layer", default="layer1")
+    p.add_argument("--hot", type=float, default=0.01, help="hot tier, share of the rows")
+    p.add_argument("--warm", type=float, default=0.05, help="warm tier, share of the rows")
+    p.add_argument("--warmup", type=int, default=5_000_000, help="lookups before the restart")
+    p.add_argument("--lookups", type=int, default=1_000_000, help="lookups measured after it")
+    p.add_argument("--batch", type=int, default=4096, help="ids per lookup call")
+    p.add_argument("--dim", type=int, default=8, help="row width of the table (float32)")
+    p.add_argument("--dir", type=Path, help="where the table goes (default: a temporary dir)")
+    p.add_argument("--out", help="write JSON here too")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # 2 shared cores: extra threads only spin
+    with TraceReader(args.trace) as reader:
+        rows = int(reader.layout[reader.table_index(args.layer)]["rows"])
+        ids = reader.read_all(args.layer)[: args.warmup + args.lookups]
+    if ids.size < args.warmup + args.lookups:
+        p.error(f"{args.trace} holds {ids.size:,} lookups of {args.layer}; need warmup + lookups")
+    warmup, measured = ids[: args.warmup], ids[args.warmup :]
+    work = args.dir or Path(tempfile.mkdtemp(prefix="bench_warm_restart."))
+    work.mkdir(parents=True, exist_ok=True)
+    table = work / "table.npy"
+    try:
+        print(f"creating {table} ({rows:,} x {args.dim} float32)", flush=True)
+        create_table(table, RandomSource(rows, args.dim), progress=False, overwrite=True)
+
+        def config(restart: bool) -> StoreConfig:
+            """The store: hot and warm LRU tiers, warm restart on or off."""
+            return StoreConfig.from_dict(
+                {
+                    "table": {"path": str(table)},
+                    "tiers": {
+                        "hot": {"capacity": f"{args.hot:.4%}"},
+                        "warm": {"capacity": f"{args.warm:.4%}"},
+                        "restart": {"enabled": restart},
+                    },
+                }
+            )
+
+        saved = restart_path(table)
+        kept = work / "restart.saved"
+        result = {"rows": rows, "warmup": int(warmup.size), "lookups": int(measured.size)}
+        with TieredStore(config(False)) as store:
+            serve(store, warmup, args.batch)
+            start = time.perf_counter()
+            store.save_restart()
+            result["save_seconds"] = time.perf_counter() - start
+            result["saved_bytes"] = saved.stat().st_size
+            result["steady"] = serve(store, measured, args.batch)
+            result["held_rows"] = {"hot": store.hot.occupancy, "warm": store.warm.occupancy}
+        shutil.copy(saved, kept)
+        for name, wait in (("restart_serving_at_once", False), ("restart_restored_first", True)):
+            shutil.copy(kept, saved)  # each restart starts from the same saved state
+            start = time.perf_counter()
+            with TieredStore(config(True)) as store:
+                opened = time.perf_counter() - start
+                if wait:
+                    store.wait_restored()
+                cell = serve(store, measured, args.batch)
+                store.wait_restored()
+                cell["open_seconds"] = opened
+                cell["restore_seconds"] = store.restore_seconds
+                cell["restored_rows"] = {
+                    c.name: int(store.stats()[c.name]["preloaded"]) for c in (store.hot, store.warm)
+                }
+            result[name] = cell
+        with TieredStore(config(False)) as store:
+            result["cold_start"] = serve(store, measured, args.batch)
+        steady = result["steady"]["cold_miss"]
+        for name in ("steady", "restart_serving_at_once", "restart_restored_first", "cold_start"):
+            cell = result[name]
+            cell["cold_miss_points_above_steady"] = 100 * (cell["cold_miss"] - steady)
+            print(
+                f"{name:>24}: hot miss {100 * cell['hot_miss']:.2f}%, cold miss "
+                f"{100 * cell['cold_miss']:.2f}% ({cell['cold_miss_points_above_steady']:+.2f} "
+                f"points vs steady), {cell['lookups_per_s']:,.0f} lookups/s"
+                + (
+                    f", restore {cell['restore_seconds']:.2f} s for {cell['restored_rows']} rows"
+                    if "restore_seconds" in cell
+                    else ""
+                ),
+                flush=True,
+            )
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

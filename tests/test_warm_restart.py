@@ -1,0 +1,208 @@
+"""Warm restart: the rows each tier held come back after a reopen; stale or corrupt files start cold."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import assert_concurrent_lookups_exact, make_table
+from tiered_store import StoreConfig, TieredStore, create_table
+from tiered_store import store as store_module
+from tiered_store.warm_restart import RestartWarning, restart_path
+from tiered_store.workload import ZipfWorkload
+
+
+def config(path, restart=None, hot=64, warm=512, hot_policy="lru") -> StoreConfig:
+    """Hot and warm LRU tiers over ``path`` with warm restart on."""
+    return StoreConfig.from_dict(
+        {
+            "table": {"path": str(path)},
+            "tiers": {
+                "hot": {"capacity": hot, "policy": hot_policy},
+                "warm": {"capacity": warm},
+                "restart": restart or {"enabled": True},
+            },
+        }
+    )
+
+
+def held(store) -> dict[str, set[int]]:
+    """Row ids each tier holds now."""
+    return {c.name: set(c.held_rows().tolist()) for c in (store.hot, store.warm)}
+
+
+def serve(store, data, batches=20, seed=1) -> None:
+    """Zipf lookups, each checked against the table."""
+    workload = ZipfWorkload(data.shape[0], 1.0, seed=seed)
+    for _ in range(batches):
+        ids = torch.from_numpy(workload.sample(300))
+        assert torch.equal(store.lookup(ids), data[ids])
+
+
+def test_restart_restores_exactly_the_rows_held(tmp_path):
+    path, data = make_table(tmp_path)
+    with TieredStore(config(path)) as store:
+        serve(store, data)
+        store.lookup(torch.tensor([4321]))  # now the most recently used row of hot
+        before, order = held(store), store.hot.held_rows()
+    assert restart_path(path).exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RestartWarning)
+        with TieredStore(config(path)) as store:
+            assert store.wait_restored(timeout=30)
+            assert held(store) == before
+            assert len(before["hot"]) == 64 and len(before["warm"]) == 512
+            assert store.stats()["hot"]["preloaded"] == 64
+            assert store.restore_seconds is not None
+            assert order[0] == 4321
+            serve(store, data, seed=2)
+            assert store.stats()["hot"]["hits"] > 0
+
+
+def test_saved_order_is_most_valuable_first(tmp_path):
+    path, data = make_table(tmp_path)
+    with TieredStore(config(path)) as store:
+        for row in (10, 20, 30, 20):
+            store.lookup(torch.tensor([row]))
+        assert store.hot.held_rows()[:3].tolist() == [20, 30, 10]
+
+
+def test_lookups_during_restore_are_exact(tmp_path, monkeypatch):
+    path, data = make_table(tmp_path, rows=60_000, dim=8)
+    with TieredStore(config(path, hot=2_000, warm=40_000)) as store:
+        for start in range(0, 40_000, 4_000):  # fill warm with rows 0..39,999
+            store.lookup(torch.arange(start, start + 4_000))
+        before = held(store)
+    monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 500)  # many small steps
+    with TieredStore(config(path, hot=2_000, warm=40_000)) as store:
+        assert_concurrent_lookups_exact(store, data, batch=2_000, rounds=10, threads=3)
+        assert store.wait_restored(timeout=60)
+        after = held(store)
+        # rows lookups admitted meanwhile may take free slots first; the saved rows fill the rest
+        assert len(after["warm"]) == 40_000
+        assert len(after["warm"] & before["warm"]) > 20_000
+        assert_concurrent_lookups_exact(store, data, batch=2_000, rounds=3, threads=2)
+
+
+def test_stale_file_warns_and_starts_cold(tmp_path):
+    path, data = make_table(tmp_path)
+    with TieredStore(config(path)) as store:
+        serve(store, data)
+    new = torch.from_numpy(np.random.default_rng(9).standard_normal(tuple(data.shape))).float()
+    create_table(path, new, progress=False, overwrite=True)  # another table at the same path
+    with pytest.warns(
+        RestartWarning,
+        match=r"table_5000x16_float32\.npy\.restart.*another table version.*block_checksums",
+    ):
+        store = TieredStore(config(path))
+    with store:
+        assert store.wait_restored(timeout=5)
+        assert store.hot.occupancy == store.warm.occupancy == 0
+        serve(store, new)
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda b: b[:-9], "checksum mismatch"),
+        (lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:], "checksum mismatch"),
+        (lambda b: b"", "not a warm-restart file"),
+        (lambda b: b"garbage" * 9, "not a warm-restart file"),
+    ],
+    ids=["truncated", "bit-flip", "empty", "garbage"],
+)
+def test_corrupt_file_warns_and_starts_cold(tmp_path, damage, why):
+    path, data = make_table(tmp_path)
+    with TieredStore(config(path)) as store:
+        serve(store, data)
+    saved = restart_path(path)
+    saved.write_bytes(damage(saved.read_bytes()))
+    with pytest.warns(RestartWarning, match=rf"{saved.name}.*{why}"):
+        store = TieredStore(config(path))
+    with store:
+        assert store.wait_restored(timeout=5)
+        assert store.warm.occupancy == 0
+        serve(store, data)
+
+
+def test_written_rows_survive_a_restart(tmp_path):
+    path, data = make_table(tmp_path)
+    ids = torch.arange(100, 140)
+    with TieredStore(config(path)) as store:
+        store.lookup(ids)  # cached in both tiers, then written: dirty in place
+        committed = torch.full((40, 16), 7.0)
+        store.write(ids, committed)
+        store.commit()
+        store.write(ids[:10], torch.full((10, 16), -1.0))  # never committed: dropped on close
+        now = data.clone()
+        now[ids], now[ids[:10]] = committed, -1.0
+        serve(store, now, batches=3)
+        assert held(store)["warm"] & set(ids.tolist())
+    expect = data.clone()
+    expect[ids] = committed
+    with TieredStore(config(path)) as store:
+        assert store.wait_restored(timeout=30)
+        assert set(ids.tolist()) & (held(store)["warm"] | held(store)["hot"])
+        assert torch.equal(store.lookup(ids), committed)
+        serve(store, expect, seed=3)
+
+
+def test_off_by_default_and_periodic_save(tmp_path):
+    path, data = make_table(tmp_path)
+    off = StoreConfig.from_dict(
+        {"table": {"path": str(path)}, "tiers": {"warm": {"capacity": 100}}}
+    )
+    with TieredStore(off) as store:
+        serve(store, data, batches=2)
+    assert not restart_path(path).exists()
+    with TieredStore(config(path, {"enabled": True, "save_every_s": 0.05})) as store:
+        serve(store, data, batches=2)
+        deadline = time.monotonic() + 10
+        while not restart_path(path).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert restart_path(path).exists()
+
+
+def test_close_during_restore_stops_it_and_saves(tmp_path, monkeypatch):
+    path, data = make_table(tmp_path, rows=60_000, dim=8)
+    with TieredStore(config(path, hot=0, warm=40_000)) as store:
+        store.lookup(torch.arange(40_000))
+    monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 100)
+    store = TieredStore(config(path, hot=0, warm=40_000))
+    store.close()  # at once: the restore stops after its current chunk
+    assert store.restore_seconds is not None
+    with TieredStore(config(path, hot=0, warm=40_000)) as again:  # what the tier held then
+        assert again.wait_restored(timeout=60)
+        assert again.warm.occupancy == store.warm.occupancy
+        ids = torch.randint(0, 60_000, (5_000,))
+        assert torch.equal(again.lookup(ids), data[ids])
+
+
+@pytest.mark.gpu
+def test_restart_with_the_hot_tier_on_cuda(tmp_path, monkeypatch):
+    path, data = make_table(tmp_path, rows=60_000, dim=8)
+    cfg = config(path, hot=4_000, warm=20_000)
+    cfg = cfg.model_copy(
+        update={
+            "tiers": cfg.tiers.model_copy(
+                update={"hot": cfg.tiers.hot.model_copy(update={"device": "cuda"})}
+            )
+        }
+    )
+    with TieredStore(cfg) as store:
+        for start in range(0, 20_000, 2_000):
+            store.lookup(torch.arange(start, start + 2_000))
+        before = held(store)
+    monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 500)
+    with TieredStore(cfg) as store:
+        assert store.wait_restored(timeout=60)
+        assert held(store) == before
+        ids = torch.arange(16_000, 20_000)
+        assert torch.equal(store.lookup(ids).cpu(), data[ids])
+    with TieredStore(cfg) as store:  # lookups while the rows come back
+        assert_concurrent_lookups_exact(store, data, batch=2_000, rounds=5, threads=2)
+        assert store.wait_restored(timeout=60)
