@@ -10,8 +10,9 @@ where two separate benchmark runs do not (the pytest-benchmark group ``cold-read
 
 ``direct`` and ``uring`` read from the disk; ``pread`` and ``mmap`` from the page cache as found
 (the table was just written, so it is usually there): there a read costs memory bandwidth and a
-page check reads a whole 4 KiB page per row, which is what they measure. ``--from-disk`` drops the
-file's cached pages before every read, so ``pread`` and ``mmap`` read from the disk too (what a
+page check reads a whole 4 KiB page per row, which is what they measure. ``--from-disk`` reopens
+the table and drops the file's cached pages before every read (a mapping keeps its pages, hence
+the reopen), so ``pread`` and ``mmap`` read from the disk too (what a
 cold read is when the table is larger than RAM). Writes ``--out`` (JSON, no absolute paths).
 
 Example::
@@ -83,8 +84,14 @@ def measure(path: Path, io: str, args: argparse.Namespace) -> dict[str, float] |
         for pair in range(args.pairs):
             ids = np.sort(rng.choice(rows, args.batch, replace=False))
             for verified in (False, True) if pair % 2 == 0 else (True, False):
-                if args.from_disk:
+                if args.from_disk:  # unmapped first: the kernel keeps pages a mapping holds
+                    for table in tables.values():
+                        table.close()
                     drop_page_cache([path])
+                    tables = {
+                        v: ColdTable(path, io=io, threads=args.threads, verify_pages=v)
+                        for v in (False, True)
+                    }
                 start = time.perf_counter()
                 tables[verified].read_rows(ids)
                 rates[verified].append(args.batch / (time.perf_counter() - start))
