@@ -14,7 +14,19 @@ import numpy as np
 
 from .errors import PolicyError
 
-_NEVER = -(1 << 60)  # "missed long ago": the last miss of a row that never missed
+NEVER = -(1 << 60)  # "missed long ago": the last miss of a row that never missed
+
+
+def trace_ids(ids: np.ndarray, rows: int, caller: str, per_row: str) -> np.ndarray:
+    """``ids`` as contiguous int64, or a PolicyError naming ``caller`` if one is outside
+    ``[0, rows)`` (``per_row``: what the caller keeps per row, for the message)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        raise PolicyError(
+            f"{caller} ids: got ids in [{int(ids.min())}, {int(ids.max())}]; "
+            f"expected row ids in [0, {rows}) ({per_row})"
+        )
+    return ids
 
 
 def pinned_lru_misses(
@@ -63,12 +75,7 @@ def pinned_lru_misses(
             f"pinned_lru_misses pinned: got {pinned.dtype} of shape {pinned.shape}; "
             "expected a 1-D bool array, one flag per table row"
         )
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= pinned.size):
-        raise PolicyError(
-            f"pinned_lru_misses ids: got ids in [{int(ids.min())}, {int(ids.max())}]; "
-            f"expected row ids in [0, {pinned.size}) (one pinned flag per row)"
-        )
+    ids = trace_ids(ids, pinned.size, "pinned_lru_misses", "one pinned flag per row")
     if lru_rows < 0 or readmit_window < 0:
         raise PolicyError(
             f"pinned_lru_misses: got lru_rows={lru_rows}, readmit_window={readmit_window}; "
@@ -93,7 +100,7 @@ def _misses(ids, pinned, lru_rows, admit, admit_all, readmit_window):
     prev = np.full(rows, -1, np.int64)
     nxt = np.full(rows, -1, np.int64)
     resident = np.zeros(rows, np.bool_)
-    last_miss = np.full(rows if not admit_all else 0, _NEVER, np.int64)
+    last_miss = np.full(rows if not admit_all else 0, NEVER, np.int64)
     head = tail = -1
     size = misses = 0
     for t in range(ids.size):

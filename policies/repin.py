@@ -31,8 +31,7 @@ import numba
 import numpy as np
 
 from .errors import PolicyError
-
-_NEVER = -(1 << 60)
+from .pinned_lru import NEVER, trace_ids
 
 
 @dataclass(frozen=True)
@@ -104,12 +103,7 @@ def repinned_lru_misses(
     """
     prior = np.asarray(prior, dtype=np.float64)
     rows = prior.size
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-        raise PolicyError(
-            f"repinned_lru_misses ids: got ids in [{int(ids.min())}, {int(ids.max())}]; "
-            f"expected row ids in [0, {rows}) (one prior score per row)"
-        )
+    ids = trace_ids(ids, rows, "repinned_lru_misses", "one prior score per row")
     if min(pinned_rows, lru_rows) < 0 or interval <= 0:
         raise PolicyError(
             f"repinned_lru_misses: got pinned_rows={pinned_rows}, lru_rows={lru_rows}, "
@@ -124,7 +118,7 @@ def repinned_lru_misses(
     pinned[np.asarray(initial, dtype=np.int64)[:pinned_rows]] = True
     state = _LruState.empty(rows)
     online = np.zeros(rows, np.float64)
-    last_pinned = np.full(rows, _NEVER, np.int64)
+    last_pinned = np.full(rows, NEVER, np.int64)
     misses = reads = repins = 0
     after = [0] * len(report_from)
     for start in range(0, ids.size, interval):
