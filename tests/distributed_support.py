@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,20 @@ def _init(rank: int, world: int, port: int) -> None:
     )
 
 
+def _join_group(rank: int, world: int, port: int) -> None:
+    """Make the gloo group ourselves (ShardedStore then uses the existing one)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+
+
 def _report(out: Path, rank: int, result: dict) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
@@ -123,21 +138,12 @@ def exact_lookups_worker(
     """Every rank: lookups (duplicates, prefetch, an empty batch, V4.1 out-of-range ids) against
     one TieredStore over the whole table; then the opens that must be refused; then, with a
     ``victim``, that rank is killed mid-lookup (one spawn for all: spawning costs seconds)."""
-    from datetime import timedelta
-
     import torch.distributed as dist
 
     from tiered_store.distributed import ShardedStore
     from tiered_store.errors import ShardMismatchError
 
-    torch.set_num_threads(1)  # an existing group, which the stores use and leave open
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    _join_group(rank, world, port)  # an existing group, which the stores use and leave open
     result: dict[str, Any] = {"checked": [], "refused": []}
     try:
         gen = torch.Generator().manual_seed(100 + rank)
@@ -293,8 +299,6 @@ def sharded_writes_worker(
     """Every rank: write rounds and commits through a ShardedStore (both modes), a bad id on one
     rank, disagreeing commit steps, a reopen; then Adam steps through a sharded TrainableTable.
     Rows seen go to ``OUT/*_rank{R}.npy`` for the test to compare with one TieredStore."""
-    from datetime import timedelta
-
     import torch.distributed as dist
 
     from tiered_store.delta.row_optimizers import make_row_optimizer
@@ -303,14 +307,7 @@ def sharded_writes_worker(
     from tiered_store.distributed import ShardedStore
     from tiered_store.errors import CommitError, RowIdError
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
         for by in ("heads", "rows"):
