@@ -28,6 +28,12 @@ Phases (each writes its section of the report):
            (``HashState``). Tokens/s and tokens per CPU-second (every thread of the process), for
            the release tables tiered, the scaled tables tiered and in memory; how many cores the
            paper's 9,031 tokens/s (4B dense + 100B Engram table in host memory, one H800) needs.
+  cached   the store alone as in ``store``, on the scaled tables tiered with their cold tier in
+           the page cache (``io: pread``, ``--cached-cold-threads`` readers, each file read once
+           before): what the store's CPU sustains when the disk is not the limit.
+
+``--policy zipf-tuned`` pins from a frequency profile of the warm-start text (saved beside the
+tables as ``profile_layer{L}.npz``) instead of preloading the hottest rows into LRU tiers.
 
 Real text: the default corpus (the Python standard library's sources), DeepSeek tokenizer; the
 warm-start profile, the prefill, the decode and the store-alone batches are disjoint slices of it.
@@ -67,7 +73,7 @@ from tiered_store.engram.config import hf_engram_sections
 from tiered_store.engram.corpus import read_tokens, token_batches
 from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import PrefetchPipeline
-from tiered_store.profile import FrequencyCounter
+from tiered_store.profile import FrequencyCounter, FrequencyProfile
 from tiered_store.quantization import RowQuantization
 
 RELEASE_VOCAB = 16_000_000  # the release's engram_vocab_size
@@ -75,7 +81,7 @@ RELEASE_ROWS = [384_006_168, 384_016_682]  # the release's engram_num_embeddings
 PAPER_TOKENS_PER_S = 9_031  # 4B dense + 100B-parameter Engram table in host memory, one H800
 PREFILL_TARGET = 0.97  # tiered tokens/s >= 0.97 x memory
 STALL_TARGET = 0.05  # decode: stall <= 5% of the step
-PHASES = ("scaled", "release", "store")
+PHASES = ("scaled", "release", "store", "cached")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,6 +136,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         help="reader threads per store (0: 1 ring for io: uring, 16 threads otherwise)",
     )
+    p.add_argument(
+        "--cached-cold-threads",
+        type=int,
+        default=1,
+        help="phase cached: reader threads per store (page-cache reads cost microseconds: more "
+        "threads add hand-off overhead to small batches)",
+    )
     p.add_argument("--profile-tokens", type=int, default=2_000_000, help="warm-start profile")
     p.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: default)")
     p.add_argument(
@@ -176,34 +189,53 @@ def model_config(args, vocab: int, rows: list[int] | None) -> ModelConfig:
     return ModelConfig.from_dict(sections)
 
 
-def store_spec(args) -> dict:
+def store_spec(args, io: str | None = None, cold_threads: int | None = None) -> dict:
+    """The stores' configuration (without the table): tiers, cold reads, prefetch depth."""
+    io = io or args.io
+    threads = cold_threads or args.cold_threads or (1 if io == "uring" else 16)
     return {
         "tiers": {
             "hot": {"capacity": args.hot, "policy": args.policy},
             "warm": {"capacity": args.warm, "policy": args.policy},
-            "cold": {
-                "io": args.io,
-                "threads": args.cold_threads or (1 if args.io == "uring" else 16),
-            },
+            "cold": {"io": io, "threads": threads},
         },
         "prefetch": {"depth": args.lookahead + 2},
     }
 
 
-def hottest_rows(hasher: NgramHasher, batches: list) -> dict[int, np.ndarray]:
-    """Each layer's rows, hottest first, over ``batches`` (hashing only): the warm start."""
+def text_profiles(hasher: NgramHasher, batches: list) -> dict[int, FrequencyProfile]:
+    """Each layer's frequency profile over ``batches`` (hashing only): the warm start."""
     counters = {layer: FrequencyCounter(hasher.table_rows(layer)) for layer in hasher.layer_ids}
     for ids in batches:
         for layer, rows in hasher.row_ids(ids).items():
             counters[layer].update(rows.numpy())
-    return {layer: counter.profile().row_ids for layer, counter in counters.items()}
+    return {layer: counter.profile() for layer, counter in counters.items()}
 
 
-def open_tiered(paths, hasher, args, profile_batches) -> tuple[dict, dict]:
-    """Stores per layer, warm-started from the profile; their open time, memory and geometry."""
-    hottest = hottest_rows(hasher, profile_batches)
+def open_tiered(
+    paths, hasher, args, profile_batches, *, io: str | None = None, cold_threads: int | None = None
+) -> tuple[dict, dict]:
+    """Stores per layer, warm-started from the profile; their open time, memory and geometry.
+    LRU tiers preload the profile's hottest rows; ``zipf-tuned`` pins from the profile itself."""
+    profiles = text_profiles(hasher, profile_batches)
+    hottest = {layer: p.row_ids for layer, p in profiles.items()}
+    spec = store_spec(args, io, cold_threads)
+    warm_start: dict | None = hottest
+    if args.policy.startswith("zipf-tuned"):
+        files = {}
+        for layer, profile in profiles.items():
+            files[layer] = Path(paths[layer]).with_name(f"profile_layer{layer}.npz")
+            profile.save(files[layer])
+
+        def spec_of(layer: int, base: dict = spec) -> dict:
+            tiers = {k: dict(v) for k, v in base["tiers"].items()}
+            for tier in ("hot", "warm"):
+                tiers[tier]["profile"] = str(files[layer])
+            return base | {"tiers": tiers}
+
+        spec, warm_start = spec_of, None
     t0 = time.perf_counter()
-    stores = open_tables(paths, hasher, store_spec(args), warm_start=hottest)
+    stores = open_tables(paths, hasher, spec, warm_start=warm_start)
     opened = time.perf_counter() - t0
     first = stores[hasher.layer_ids[0]]
     report = first.memory_report()
@@ -402,6 +434,28 @@ def store_alone(hasher, tables: dict, batches: list, decode, *, label: str, thre
         torch.set_num_threads(saved)
 
 
+def cached_store_alone(paths, hasher, args, profile, store_text) -> list[dict]:
+    """Phase ``cached``: the store alone on the scaled tables, their cold tier in the page cache."""
+    for path in paths.values():
+        with open(path, "rb") as f:  # read once: every cold read then hits the page cache
+            while f.read(1 << 24):
+                pass
+    stores, _ = open_tiered(
+        paths, hasher, args, profile, io="pread", cold_threads=args.cached_cold_threads
+    )
+    runs = []
+    try:
+        for threads in args.store_torch_threads:
+            batches, decode = next(store_text)
+            for shape in ((batches, None), *(([], d) for d in decode)):
+                run = store_alone(hasher, stores, *shape, label="scaled cached", threads=threads)
+                runs.append(run | {"cold_tier": "page cache", "io": "pread"})
+    finally:
+        for store in stores.values():
+            store.close()
+    return runs
+
+
 def store_slices(tokens: np.ndarray, args):
     """Disjoint slices of real text, each as prefill-shaped batches and [16, steps] decode ids."""
     per = args.store_tokens + sum(args.store_decode_batch) * args.store_decode_steps
@@ -513,7 +567,7 @@ def main(argv=None) -> int:
         "decode": decode_need * len(args.decode_batch),
         # a fresh slice per store-alone run of the tiered tables (a slice already served would
         # hit the caches): (scaled, release) x threads x (prefill-shaped, decode-shaped)
-        "store": 2
+        "store": (2 + ("cached" in args.phases))
         * len(args.store_torch_threads)
         * (args.store_tokens + sum(args.store_decode_batch) * args.store_decode_steps),
     }
@@ -611,6 +665,10 @@ def main(argv=None) -> int:
             store.close()
         tables = None  # the store-alone loop held the scaled stores
         gc.collect()
+        if "cached" in args.phases:
+            report.setdefault("store_alone", []).extend(
+                cached_store_alone(paths["scaled"], scaled_hasher, args, profile, store_text)
+            )
         report["rss_after_scaled_phases"] = rss()
         if "release" in args.phases or "store" in args.phases:
             log("opening the release-size stores (warm start) ...")
@@ -667,8 +725,8 @@ def targets(report: dict) -> dict:
             out[phase] = {"stall_share_of_step": shares, "target": STALL_TARGET}
             out[phase]["met"] = all(v <= STALL_TARGET for v in shares.values())
     for run in report.get("store_alone", []):
-        if run["tables"] == "release tiered":
-            key = f"store_alone {run['shape']} {run['torch_threads']} thread(s)"
+        if run["tables"] in ("release tiered", "scaled cached"):
+            key = f"store_alone {run['tables']} {run['shape']} {run['torch_threads']} thread(s)"
             out[key] = {
                 "tokens_per_s": run["tokens_per_s"],
                 "target": PAPER_TOKENS_PER_S,

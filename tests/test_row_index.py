@@ -20,10 +20,12 @@ from tiered_store.row_index import DenseRowIndex, HashedRowIndex, make_row_index
         max_size=30,
     ),
     st.integers(8, 64),
+    st.booleans(),
 )
-def test_hashed_equals_dense_and_a_dict(ops, capacity):
+def test_hashed_equals_dense_and_a_dict(ops, capacity, compiled):
     rows = 5000
-    dense, hashed = DenseRowIndex(rows, capacity), HashedRowIndex(rows, capacity)
+    dense = DenseRowIndex(rows, capacity)
+    hashed = HashedRowIndex(rows, capacity, compiled=compiled)
     model: dict[int, int] = {}
     free = list(range(capacity))
     for insert, ids in ops:
@@ -49,10 +51,11 @@ def test_hashed_equals_dense_and_a_dict(ops, capacity):
     assert hashed.live == len(model)
 
 
-def test_churn_far_beyond_the_table_size_keeps_lookups_exact():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_churn_far_beyond_the_table_size_keeps_lookups_exact(compiled):
     rng = np.random.default_rng(0)
     capacity, rows = 1000, 384_006_168
-    index = HashedRowIndex(rows, capacity)
+    index = HashedRowIndex(rows, capacity, compiled=compiled)
     resident = rng.choice(rows, capacity, replace=False)
     index.set(torch.from_numpy(resident), torch.arange(capacity))
     slot_of = dict(zip(resident.tolist(), range(capacity), strict=True))
@@ -104,3 +107,22 @@ def test_a_tier_decides_the_same_with_either_index():
         assert torch.equal(dense.row_of_slot, hashed.row_of_slot)
         assert dense.counters == hashed.counters
         check_cache_invariants(hashed)
+
+
+def test_compiled_and_torch_probes_fill_the_same_entries():
+    """On the CPU the chains are walked in compiled code; the torch rounds (the CUDA path) put
+    each id in the same entry when inserted one batch at a time without collisions inside it."""
+    rng = np.random.default_rng(2)
+    rows, capacity = 384_006_168, 4096
+    compiled = HashedRowIndex(rows, capacity)
+    rounds = HashedRowIndex(rows, capacity, compiled=False)
+    assert compiled.compiled and not rounds.compiled
+    for _ in range(40):
+        ids = torch.from_numpy(rng.choice(rows, 64, replace=False))
+        for index in (compiled, rounds):
+            index.set(ids[index.get(ids) < 0][:1], torch.tensor([7]))  # one id: no race
+    assert torch.equal(compiled.keys, rounds.keys) and torch.equal(compiled.slots, rounds.slots)
+    probe = torch.from_numpy(rng.integers(0, rows, 10_000))
+    assert torch.equal(compiled.get(probe), rounds.get(probe))
+    with pytest.raises(ValueError, match="compiled probes run on the CPU, not meta"):
+        HashedRowIndex(rows, capacity, "meta", compiled=True)

@@ -6,7 +6,8 @@ DeepSeek-V4.1 table, whatever the tier holds); a probe is one gather. The hashed
 open-addressing table (linear probing, load <= 0.5) of row ids and slots, 8 B per entry at two
 entries per **slot** (16 B per slot: 61 MB for a 3.84M-row hot tier over the same table); a probe
 is a hash, a gather and a compare, repeated for the few ids whose chain is longer. Both are
-vectorised over a batch (a Python loop runs per probe round, never per id).
+vectorised over a batch: on the CPU the hashed index walks each id's chain in compiled code
+(:mod:`tiered_store.row_index_kernels`); elsewhere a Python loop runs per probe round, never per id.
 
 ``index: auto`` picks the hashed index when the dense one would be large (>= 256 MiB) and the
 table has at least 16 rows per slot, where the dense array costs several times more than the hash
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from policies.tinylfu import mix64
@@ -28,6 +30,7 @@ AUTO_HASHED_MIN_ROWS_PER_SLOT = 16  # ... over a table this much larger than the
 _EMPTY = -1  # never used: a probe ends here
 _DELETED = -2  # used and freed: a probe goes on past it, an insert may reuse it
 _SEED = 0x5EED_1DE5
+_SEED_U64 = np.uint64(_SEED)
 
 
 class RowIndex:
@@ -104,6 +107,7 @@ class HashedRowIndex(RowIndex):
         device: torch.device | str = "cpu",
         *,
         max_load: float = 0.5,
+        compiled: bool | None = None,
     ) -> None:
         self.capacity = capacity
         self.size = max(8, math.ceil(max(capacity, 1) / max_load))
@@ -112,6 +116,11 @@ class HashedRowIndex(RowIndex):
         self.slots = torch.full((self.size,), -1, dtype=torch.int32, device=device)
         self.live = 0
         self.deleted = 0
+        # probes in compiled code (row_index_kernels) on the CPU, torch rounds elsewhere
+        self.compiled = self.keys.device.type == "cpu" if compiled is None else compiled
+        if self.compiled and self.keys.device.type != "cpu":
+            raise ValueError(f"hashed row index: compiled probes run on the CPU, not {device}")
+        self._kernels = None
 
     def _home(self, ids: torch.Tensor) -> torch.Tensor:
         """First entry each id's probe looks at."""
@@ -131,15 +140,40 @@ class HashedRowIndex(RowIndex):
             pending, entry, want = pending[going], (entry[going] + 1) % self.size, want[going]
         return found
 
+    def _cpu(self):
+        """The compiled kernels (imported at first use: numba takes ~0.5 s to import)."""
+        if self._kernels is None:
+            from . import row_index_kernels
+
+            self._kernels = row_index_kernels
+        return self._kernels
+
+    def _ids(self, ids: torch.Tensor):
+        """``ids`` as a contiguous NumPy array of the keys' dtype (for the kernels)."""
+        return ids.reshape(-1).to(self.keys.dtype).contiguous().numpy()
+
     def get(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        entry = self._find(flat)
+        if self.compiled:
+            entry = torch.empty(flat.numel(), dtype=torch.int64)
+            self._cpu().find_entries(self.keys.numpy(), self._ids(flat), _SEED_U64, entry.numpy())
+        else:
+            entry = self._find(flat)
         slots = torch.where(entry >= 0, self.slots[entry.clamp(min=0)].long(), -1)
         return slots.view(ids.shape)
 
     def set(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         if self.live + self.deleted + ids.numel() > self.size * 3 // 4:
             self._rebuild()
+        if self.compiled:
+            new_slots = slots.reshape(-1).to(torch.int32).contiguous().numpy()
+            keys, table_slots = self.keys.numpy(), self.slots.numpy()
+            reused = self._cpu().insert_entries(
+                keys, table_slots, self._ids(ids), new_slots, _SEED_U64
+            )
+            self.deleted -= reused
+            self.live += ids.numel()
+            return
         pending = torch.arange(ids.numel(), device=ids.device)
         entry = self._home(ids)
         want = ids.to(self.keys.dtype)
@@ -157,6 +191,12 @@ class HashedRowIndex(RowIndex):
         self.live += ids.numel()
 
     def delete(self, ids: torch.Tensor) -> None:
+        if self.compiled:
+            keys, slots = self.keys.numpy(), self.slots.numpy()
+            gone = self._cpu().delete_entries(keys, slots, self._ids(ids), _SEED_U64)
+            self.live -= gone
+            self.deleted += gone
+            return
         entry = self._find(ids.reshape(-1))
         entry = entry[entry >= 0]
         self.keys[entry] = _DELETED
