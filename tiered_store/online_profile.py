@@ -19,6 +19,8 @@ enter the heavy-hitter list and the sketch with their episodes scaled by ``prior
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -43,6 +45,11 @@ class OnlineProfile:
         Where the counters live.
     seed : int
         Hash seed.
+    heavy_hitters : bool
+        Keep the heavy-hitter list (a ``topk`` per window). The store's re-pinning
+        (:mod:`tiered_store.online_repin`) ranks the rows a tier holds instead and turns it off.
+    dtype : torch.dtype
+        Counter type: ``int32``, or ``float32`` for weighted (decayed) counts.
 
     Examples
     --------
@@ -63,6 +70,8 @@ class OnlineProfile:
         width_factor: int = 4,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        heavy_hitters: bool = True,
+        dtype: torch.dtype = torch.int32,
     ) -> None:
         if candidates < 1 or depth < 1 or width_factor < 1:
             raise ConfigError(
@@ -75,8 +84,11 @@ class OnlineProfile:
         self._seed_col = torch.tensor(
             [as_signed64(s) for s in row_seeds(seed, depth)], dtype=torch.int64, device=self.device
         ).unsqueeze(1)
-        self.sketch = torch.zeros(depth, self.width, dtype=torch.int32, device=self.device)
-        self.rows = torch.full((self.capacity,), -1, dtype=torch.int64, device=self.device)
+        self.sketch = torch.zeros(depth, self.width, dtype=dtype, device=self.device)
+        self.heavy_hitters = heavy_hitters
+        self.rows = torch.full(
+            (self.capacity if heavy_hitters else 0,), -1, dtype=torch.int64, device=self.device
+        )
         self.windows = 0
         self.lookups = 0
         self._distinct_sum = 0
@@ -100,10 +112,12 @@ class OnlineProfile:
         ids = ids.to(self.device)
         return torch.gather(self.sketch, 1, self._buckets(ids)).amin(dim=0)
 
-    def update(self, window: torch.Tensor) -> None:
-        """Count one window of lookups: each distinct row once."""
+    def update(self, window: torch.Tensor, weight: float = 1) -> None:
+        """Count one window of lookups: each distinct row once (``weight`` times)."""
         ids = torch.unique(window.reshape(-1).to(self.device))
-        self._add(ids, torch.ones(ids.numel(), dtype=torch.int32, device=self.device))
+        self._add(
+            ids, torch.full((ids.numel(),), weight, dtype=self.sketch.dtype, device=self.device)
+        )
         self.windows += 1
         self.lookups += window.numel()
         self._distinct_sum += ids.numel()
@@ -115,8 +129,10 @@ class OnlineProfile:
         source = profile.episodes if profile.episodes is not None else profile.counts
         n = min(self.capacity, profile.row_ids.size)
         ids = torch.from_numpy(np.ascontiguousarray(profile.row_ids[:n])).to(self.device)
-        weights = np.rint(np.asarray(source[:n], dtype=np.float64) * prior_weight)
-        self._add(ids, torch.from_numpy(weights.astype(np.int32)).to(self.device))
+        weights = np.asarray(source[:n], dtype=np.float64) * prior_weight
+        if not self.sketch.is_floating_point():
+            weights = np.rint(weights)
+        self._add(ids, torch.from_numpy(weights).to(self.device, self.sketch.dtype))
 
     def _add(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Add ``weights`` to distinct ``ids`` and merge them into the heavy-hitter list."""
@@ -124,6 +140,8 @@ class OnlineProfile:
             return
         for row, idx in zip(self.sketch, self._buckets(ids), strict=True):
             row.index_add_(0, idx, weights)
+        if not self.heavy_hitters:
+            return
         held = self.rows[self.rows >= 0]
         pool = torch.cat([held, ids[~torch.isin(ids, held)]])
         keep = torch.topk(self.estimates(pool), min(self.capacity, pool.numel())).indices
@@ -136,3 +154,20 @@ class OnlineProfile:
         est = self.estimates(held)
         order = np.lexsort((held.cpu().numpy(), -est.cpu().numpy()))
         return held[torch.from_numpy(order[:k]).to(self.device)]
+
+    def state(self) -> dict[str, Any]:
+        """What a warm restart saves: the counters and the window totals (plain numbers)."""
+        return {
+            "windows": self.windows,
+            "lookups": self.lookups,
+            "distinct_sum": self._distinct_sum,
+            "depth": int(self.sketch.shape[0]),
+            "width": self.width,
+        }
+
+    def load_state(self, state: dict[str, Any], sketch: np.ndarray) -> None:
+        """Restore what :meth:`state` and ``sketch`` saved (shapes checked by the caller)."""
+        self.sketch.copy_(torch.from_numpy(sketch.reshape(self.sketch.shape)))
+        self.windows = int(state["windows"])
+        self.lookups = int(state["lookups"])
+        self._distinct_sum = int(state["distinct_sum"])
