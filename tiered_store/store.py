@@ -479,8 +479,6 @@ class TieredStore:
         """Rows as stored for in-range ids, through the tiers (on the current stream)."""
         with self._lock:
             plan = self.caches.plan(flat)
-            if self._repin_wanted is not None and self.caches.repin_due():
-                self._repin_wanted.set()
             if self.hot.capacity:
                 out = self.hot_pool.gather(plan.hot_slots.clamp(min=0))
             else:
@@ -515,6 +513,8 @@ class TieredStore:
                 self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
                 self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
             out[plan.miss_pos] = device_rows[plan.inverse]
+        if self._repin_wanted is not None and self.caches.repin_due():
+            self._repin_wanted.set()  # after this batch's admissions, where replay re-pins
         return out
 
     def _start_restart_threads(self, save_every_s: float | None) -> None:
@@ -613,10 +613,19 @@ class TieredStore:
             for cache in self.caches.online:
                 if not cache.online.due:
                     continue
-                with stream_ctx:  # the snapshot may be a little stale: apply checks each slot
-                    moves = cache.online.plan(cache.row_of_slot.clone(), cache.pinned_mask())
+                try:
+                    with stream_ctx:  # the snapshot may be a little stale: apply checks each slot
+                        moves = cache.online.plan(cache.row_of_slot.clone(), cache.pinned_mask())
+                        with self._lock:
+                            cache.online.finish(*cache.apply_repin(moves))
+                except (RuntimeError, ValueError) as exc:  # serving goes on with the pins it has
+                    warnings.warn(
+                        f"online re-pin of the {cache.name} tier failed ({exc}); its pins stay",
+                        RuntimeWarning,
+                        stacklevel=1,
+                    )
                     with self._lock:
-                        cache.online.finish(*cache.apply_repin(moves))
+                        cache.online.finish(0, 0)
 
     def _restore_chunk(
         self, cache: Any, pool: SlotPool, ids: torch.Tensor, *, pin: bool = False
