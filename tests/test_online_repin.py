@@ -86,7 +86,7 @@ def test_zipf_tuned_without_a_profile_serves_and_pins_the_heavy_rows(tmp_path):
         assert len(after - before) <= BUDGET and len(before - after) <= BUDGET
         before = after
     assert len(history[0]) == BUDGET  # it does move: the budget is the limit
-    assert sketch_bytes < 400 * 128 + WINDOW * 8  # sized by the tier, not the table's rows
+    assert sketch_bytes <= 400 * 80 + WINDOW * 8  # sized by the tier, not the table's rows
 
 
 def test_budget_as_a_share_and_no_repin_when_disabled(tmp_path):

@@ -113,6 +113,10 @@ class CacheHierarchy:
         """A tier finished an interval of ``repin.every`` lookups and waits for its re-pin."""
         return any(c.online.due for c in self.online)
 
+    def repin_waiting(self) -> bool:
+        """A tier waits for its re-pin or has full windows waiting to be counted (the store)."""
+        return any(c.online.due or c.online.pending for c in self.online)
+
     def repin_now(self) -> None:
         """Re-pin every tier whose interval is over, synchronously (replay, at the batch boundary
         that ends the interval; the store plans in the background and applies under its lock)."""

@@ -68,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "repin.every": 1_048_576,  # lookups of the tier between re-pins
     "repin.budget": "10%",  # rows pinned per re-pin at most: an int, or a share of the pinned rows
     "repin.decay": 0.9,  # weight of past counts after each re-pin (1: never forget)
-    "repin.prior_weight": 1.0,  # an offline profile counts as this many intervals of traffic
+    "repin.prior_weight": 1.0,  # an offline profile's episode counts as this many served ones
     "hot.device": "cpu",  # compute device: "cpu", "cuda", "cuda:N"
     "warm.pin_memory": "auto",  # pinned host RAM when the compute device is CUDA
     "cold.io": "pread",  # "mmap" (page cache) | "pread" (threads) | "direct" (threads, O_DIRECT)

@@ -11,7 +11,9 @@ each distinct row of a window once, which is an episode count at the window's gr
 
 plus the mean number of distinct rows per window, which is what zipf-tuned's recency segment must
 hold (the offline rule estimates it from the whole frequency curve, which a bounded counter does
-not keep). Memory: ``4 * depth * width + 12 * candidates`` bytes, whatever the table's rows.
+not keep). Memory: ``4 * depth * width + 12 * candidates`` bytes, whatever the table's rows
+(without the heavy-hitter list on the CPU, ``depth * width`` bytes of window stamps instead of
+the list: see :mod:`tiered_store.sketch_kernel`).
 
 An offline profile, when given, is the starting point (:meth:`OnlineProfile.seed`): its rows
 enter the heavy-hitter list and the sketch with their episodes scaled by ``prior_weight``.
@@ -86,6 +88,14 @@ class OnlineProfile:
         ).unsqueeze(1)
         self.sketch = torch.zeros(depth, self.width, dtype=dtype, device=self.device)
         self.heavy_hitters = heavy_hitters
+        # without heavy hitters on the CPU, a window is counted in one pass, each counter once
+        # per window (tiered_store.sketch_kernel): its stamp is the window's number (mod 255)
+        self._stamps = (
+            np.zeros((depth, self.width), np.uint8)
+            if not heavy_hitters and self.device.type == "cpu"
+            else None
+        )
+        self._window_no = 0
         self.rows = torch.full(
             (self.capacity if heavy_hitters else 0,), -1, dtype=torch.int64, device=self.device
         )
@@ -96,7 +106,8 @@ class OnlineProfile:
     @property
     def nbytes(self) -> int:
         """Bytes held: the sketch and the heavy-hitter ids (estimates are recomputed)."""
-        return self.sketch.nbytes + self.rows.nbytes
+        stamps = 0 if self._stamps is None else self._stamps.nbytes
+        return self.sketch.nbytes + self.rows.nbytes + stamps
 
     @property
     def mean_distinct_per_window(self) -> float:
@@ -110,10 +121,32 @@ class OnlineProfile:
     def estimates(self, ids: torch.Tensor) -> torch.Tensor:
         """Estimated episodes of each id (never below the count the sketch was given)."""
         ids = ids.to(self.device)
+        if self._stamps is not None:  # the numba pass (same hash, same minimum)
+            from .sketch_kernel import sketch_estimates  # noqa: PLC0415 (imports numba)
+
+            ids = ids.to(torch.int64).contiguous()
+            return torch.from_numpy(
+                sketch_estimates(self.sketch.numpy(), self._seeds_u64(), ids.numpy())
+            )
         return torch.gather(self.sketch, 1, self._buckets(ids)).amin(dim=0)
 
     def update(self, window: torch.Tensor, weight: float = 1) -> None:
         """Count one window of lookups: each distinct row once (``weight`` times)."""
+        if self._stamps is not None:  # CPU, no heavy hitters: one numba pass, no unique
+            from .sketch_kernel import sketch_add_window  # noqa: PLC0415 (imports numba)
+
+            self._window_no = self._window_no % 255 + 1  # uint8 stamps; 0: never touched
+            self._distinct_sum += sketch_add_window(
+                self.sketch.numpy(),
+                self._stamps,
+                self._seeds_u64(),
+                window.reshape(-1).numpy(),
+                self._window_no,
+                float(weight),
+            )
+            self.windows += 1
+            self.lookups += window.numel()
+            return
         ids = torch.unique(window.reshape(-1).to(self.device))
         self._add(
             ids, torch.full((ids.numel(),), weight, dtype=self.sketch.dtype, device=self.device)
@@ -138,8 +171,13 @@ class OnlineProfile:
         """Add ``weights`` to distinct ``ids`` and merge them into the heavy-hitter list."""
         if ids.numel() == 0:
             return
-        for row, idx in zip(self.sketch, self._buckets(ids), strict=True):
-            row.index_add_(0, idx, weights)
+        if self.device.type == "cpu":  # one numba pass, without the GIL (same hash and sums)
+            from .sketch_kernel import sketch_add  # noqa: PLC0415 (imports numba on first use)
+
+            sketch_add(self.sketch.numpy(), self._seeds_u64(), ids.numpy(), weights.numpy())
+        else:
+            for row, idx in zip(self.sketch, self._buckets(ids), strict=True):
+                row.index_add_(0, idx, weights)
         if not self.heavy_hitters:
             return
         held = self.rows[self.rows >= 0]
@@ -147,6 +185,10 @@ class OnlineProfile:
         keep = torch.topk(self.estimates(pool), min(self.capacity, pool.numel())).indices
         self.rows.fill_(-1)
         self.rows[: keep.numel()] = pool[keep]
+
+    def _seeds_u64(self) -> np.ndarray:
+        """The sketch rows' hash seeds as uint64 (for the numba kernels)."""
+        return self._seed_col.reshape(-1).numpy().view(np.uint64)
 
     def top_rows(self, k: int) -> torch.Tensor:
         """Up to ``k`` rows with the most estimated episodes, most first (ties: lower id)."""

@@ -137,6 +137,8 @@ class TieredStore:
         self.restore_seconds: float | None = None  # how long the last warm restart took
         # zipf-tuned's online re-pin: lookups set this when an interval ends; a thread plans it
         self._repin_wanted = threading.Event() if self.caches.online else None
+        for cache in self.caches.online:  # full windows are counted in that thread
+            cache.online.deferred = True
         if tiers.restart.enabled:
             self._start_restart_threads(tiers.restart.save_every_s)
         if self._repin_wanted is not None:
@@ -386,7 +388,7 @@ class TieredStore:
         """Wait until no tier waits for its online re-pin (tests and benchmarks call it after a
         lookup to re-pin at the same batch boundary as replay); True when none does."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.caches.repin_due():
+        while self.caches.repin_waiting():
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.0005)
@@ -409,6 +411,8 @@ class TieredStore:
             self._repin_wanted.set()  # wakes the re-pin thread to end
         for thread in self._threads:
             thread.join()
+        for cache in self.caches.online:  # windows the re-pin thread had not counted yet
+            cache.online.count_pending()
         if self.config.tiers.restart.enabled:
             try:
                 self.save_restart()
@@ -513,7 +517,7 @@ class TieredStore:
                 self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
                 self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
             out[plan.miss_pos] = device_rows[plan.inverse]
-        if self._repin_wanted is not None and self.caches.repin_due():
+        if self._repin_wanted is not None and self.caches.repin_waiting():
             self._repin_wanted.set()  # after this batch's admissions, where replay re-pins
         return out
 
@@ -598,8 +602,9 @@ class TieredStore:
                 break
 
     def _repin_loop(self) -> None:
-        """Plan each due tier's re-pin off the lock (estimates over its resident rows, a sort),
-        then apply it (pin flags only) under the lock; until close."""
+        """Count the full windows lookups queued, then plan each due tier's re-pin off the lock
+        (estimates over its resident rows, a sort) and apply it (pin flags only) under the lock;
+        until close."""
         stream_ctx = (
             torch.cuda.stream(self._stream)
             if self._stream is not None
@@ -611,10 +616,11 @@ class TieredStore:
                 return
             self._repin_wanted.clear()
             for cache in self.caches.online:
-                if not cache.online.due:
-                    continue
                 try:
                     with stream_ctx:  # the snapshot may be a little stale: apply checks each slot
+                        cache.online.count_pending()
+                        if not cache.online.due:
+                            continue
                         moves = cache.online.plan(cache.row_of_slot.clone(), cache.pinned_mask())
                         with self._lock:
                             cache.online.finish(*cache.apply_repin(moves))
