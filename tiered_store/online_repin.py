@@ -160,8 +160,9 @@ class OnlineRepin:
 
     def count_pending(self) -> None:
         """Count the full windows a deferred tier queued (the store's background thread)."""
-        while self.pending:
-            self.profile.update(self.pending.popleft(), weight=self.weight)
+        while self.pending:  # removed once counted: ``pending`` empty means all were
+            self.profile.update(self.pending[0], weight=self.weight)
+            self.pending.popleft()
 
     def seed(self, profile: FrequencyProfile, offline_target: int) -> None:
         """Start from an offline profile: its episodes x ``prior_weight`` (1: an offline episode
