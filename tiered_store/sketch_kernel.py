@@ -48,16 +48,19 @@ def sketch_add_window(
     mask = np.uint64(sketch.shape[1] - 1)
     stamp = stamps.dtype.type(window)
     first = 0
+    buckets = np.empty(ids.size, np.int64)
     for d in range(sketch.shape[0]):
         seed = seeds[d]
+        for i in range(ids.size):  # hashes first: the loop below then only waits on memory
+            buckets[i] = np.int64(_mix(np.uint64(ids[i]) + seed) & mask)
         row, marks = sketch[d], stamps[d]
-        for i in range(ids.size):  # no branch: random counters, so a branch would mispredict
-            h = _mix(np.uint64(ids[i]) + seed) & mask
-            new = marks[h] != stamp
-            marks[h] = stamp
-            row[h] += weight * new
-            if d == 0:
-                first += new
+        for i in range(ids.size):
+            h = buckets[i]
+            if marks[h] != stamp:
+                marks[h] = stamp
+                row[h] += weight
+                if d == 0:
+                    first += 1
     return first
 
 
