@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_table
+from tests.conftest import assert_concurrent_lookups_exact, make_table
 from tiered_store import ConfigError, StoreConfig, TieredStore
 from tiered_store.profile import profile_ids
 from tiered_store.trace import TraceWriter
@@ -103,6 +103,22 @@ def test_budget_as_a_share_and_no_repin_when_disabled(tmp_path):
         for ids in work:
             store.lookup(torch.from_numpy(ids))
         assert store.warm.pinned_count == 0 and "repins" not in store.stats()["warm"]
+
+
+def test_concurrent_lookups_stay_exact_while_re_pinning(tmp_path):
+    path, data = make_table(tmp_path, rows=ROWS)
+    cfg = config(path, hot=60, warm=300, repin={"every": 500, "budget": 30})
+    with TieredStore(cfg) as store:
+        assert_concurrent_lookups_exact(store, data, batch=150, rounds=40, threads=3)
+        assert store.wait_repinned(timeout=30)
+        for cache in (store.hot, store.warm):
+            assert cache.online.repins > 5
+            mask = cache.pinned_mask()
+            assert cache.pinned_count == int(mask.sum())  # the count follows the flags
+            assert (
+                cache.pinned_count <= cache.capacity // 2 + 30
+            )  # the target, at most a budget more
+        assert_concurrent_lookups_exact(store, data, batch=150, rounds=5, threads=2)
 
 
 def test_replay_re_pins_exactly_as_the_store(tmp_path):
