@@ -631,6 +631,7 @@ class TieredStore:
                         stacklevel=1,
                     )
                     with self._lock:
+                        cache.online.pending.clear()
                         cache.online.finish(0, 0)
 
     def _restore_chunk(
