@@ -14,6 +14,7 @@ from policies.zipf_tuned import zipf_tuned_split
 from .capacity import resolve_capacity
 from .config import CacheTierConfig, StoreConfig
 from .errors import ConfigError
+from .online_repin import OnlineRepin
 from .row_cache import RowCache
 
 
@@ -51,6 +52,8 @@ class CacheHierarchy:
     def __init__(self, hot: RowCache, warm: RowCache) -> None:
         self.hot = hot
         self.warm = warm
+        # the tiers that count episodes online and re-pin (zipf-tuned with repin.enabled)
+        self.online = [c for c in (hot, warm) if c.online is not None]
 
     @classmethod
     def from_config(
@@ -71,7 +74,9 @@ class CacheHierarchy:
         for cache, tier in ((self.hot, config.tiers.hot), (self.warm, config.tiers.warm)):
             if cache.capacity == 0:
                 continue
-            if cache.spec.tuned:  # pinned rows come from the profile, sized by zipf_tuned_split
+            if cache.spec.tuned and tier.profile is not None:
+                # pinned rows come from the profile, sized by zipf_tuned_split; without one the
+                # tier starts as its recency policy and online re-pinning learns what to pin
                 profile = _load_profile(tier.profile, cache.num_rows, f"tiers.{cache.name}.profile")
                 split = zipf_tuned_split(
                     profile.top_rows(cache.capacity + pinned_above.size, by="episodes"),
@@ -82,6 +87,8 @@ class CacheHierarchy:
                 )
                 loaded.append(self._preload(cache, torch.from_numpy(split.pinned_rows), True))
                 pinned_above = np.concatenate([pinned_above, loaded[-1][1].numpy()])
+                if cache.online is not None:  # the offline pins are the starting point
+                    cache.online.seed(profile, split.pinned_rows.size)
             for key, path, pin in (
                 ("static_rows", tier.static_rows, True),
                 ("preload_rows", tier.preload_rows, False),
@@ -101,6 +108,22 @@ class CacheHierarchy:
         """Preload ``ids`` (hottest first) into free slots; returns what was loaded where."""
         pos, slots = cache.preload(ids[: cache.capacity * 4], pin=pin)
         return cache, ids[pos.cpu()], slots
+
+    def repin_due(self) -> bool:
+        """A tier finished an interval of ``repin.every`` lookups and waits for its re-pin."""
+        return any(c.online.due for c in self.online)
+
+    def repin_waiting(self) -> bool:
+        """A tier waits for its re-pin or has full windows waiting to be counted (the store)."""
+        return any(c.online.due or c.online.pending for c in self.online)
+
+    def repin_now(self) -> None:
+        """Re-pin every tier whose interval is over, synchronously (replay, at the batch boundary
+        that ends the interval; the store plans in the background and applies under its lock)."""
+        for cache in self.online:
+            if cache.online.due:
+                moves = cache.online.plan(cache.row_of_slot, cache.pinned_mask())
+                cache.online.finish(*cache.apply_repin(moves))
 
     def plan(self, flat_ids: torch.Tensor) -> LookupPlan:
         """Probe hot, then warm for the (deduplicated) hot misses; record hits with the policies."""
@@ -186,16 +209,11 @@ def _row_cache(
         tier.capacity, table_rows=num_rows, row_bytes=row_bytes, key=f"tiers.{name}.capacity"
     )
     spec = parse_policy(tier.policy, key=f"tiers.{name}.policy")
-    if spec.tuned and tier.profile is None and capacity:
-        raise ConfigError(
-            f"tiers.{name}.profile: policy {tier.policy!r} sizes its segments from a frequency "
-            "profile; expected the .npz that `tiered-store analyze` writes"
-        )
     if spec.static and not spec.tuned and tier.static_rows is None and capacity:
         raise ConfigError(
             f"tiers.{name}.static_rows: policy {tier.policy!r} pins rows; expected a .npy of row ids"
         )
-    return RowCache(
+    cache = RowCache(
         name,
         num_rows=num_rows,
         capacity=capacity,
@@ -204,6 +222,9 @@ def _row_cache(
         evict_headroom=tier.evict_headroom,
         index=tier.index,
     )
+    if spec.tuned and tier.repin.enabled and capacity:
+        cache.online = OnlineRepin(capacity, tier.repin, window=tier.recency_window, device=device)
+    return cache
 
 
 def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:

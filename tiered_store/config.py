@@ -42,6 +42,7 @@ __all__ = [
     "HotTierConfig",
     "MetricsConfig",
     "PrefetchConfig",
+    "RepinConfig",
     "ShardingConfig",
     "StoreConfig",
     "TableConfig",
@@ -62,6 +63,12 @@ DEFAULTS: dict[str, Any] = {
     "tier.index": "auto",  # row -> slot: "dense" (4 B/table row), "hashed" (16 B/slot), "auto"
     "tier.recency_window": DEFAULT_RECENCY_WINDOW,  # lookups a zipf-tuned recency segment covers
     "tier.evict_headroom": 0.0,  # fraction of capacity freed each time eviction runs (0 = exact)
+    # online re-pinning of a zipf-tuned tier (tiers.<tier>.repin), see tiered_store.online_repin
+    "repin.enabled": True,  # zipf-tuned tiers count episodes while serving and re-pin
+    "repin.every": 1_048_576,  # lookups of the tier between re-pins
+    "repin.budget": "10%",  # rows pinned per re-pin at most: an int, or a share of the pinned rows
+    "repin.decay": 0.9,  # weight of past counts after each re-pin (1: never forget)
+    "repin.prior_weight": 1.0,  # an offline profile's episode counts as this many served ones
     "hot.device": "cpu",  # compute device: "cpu", "cuda", "cuda:N"
     "warm.pin_memory": "auto",  # pinned host RAM when the compute device is CUDA
     "cold.io": "pread",  # "mmap" (page cache) | "pread" (threads) | "direct" (threads, O_DIRECT)
@@ -420,6 +427,35 @@ class TableConfig(ConfigModel):
     out_of_range: Literal["error", "zero"] = DEFAULTS["table.out_of_range"]
 
 
+def _check_budget(value: Any) -> int | str:
+    """A re-pin budget: a row count >= 1 or a share like ``'10%'`` (above 0, at most 100)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            share = float(value.strip()[:-1])
+        except ValueError:
+            share = -1.0
+        if 0 < share <= 100:
+            return value
+    raise ValueError(
+        f"got {value!r}; expected a row count >= 1 or a share of the pinned rows like '10%' "
+        "(above 0%, at most 100%)"
+    )
+
+
+class RepinConfig(ConfigModel):
+    """Online re-pinning of a ``zipf-tuned`` tier (see ``tiered_store.online_repin``): count
+    episodes while serving and, every ``every`` lookups, move at most ``budget`` rows into the
+    pinned segment."""
+
+    enabled: StrictBool = DEFAULTS["repin.enabled"]
+    every: int_at_least(1) = DEFAULTS["repin.every"]
+    budget: checked_by(_check_budget, int | str) = DEFAULTS["repin.budget"]
+    decay: float = Field(default=DEFAULTS["repin.decay"], gt=0.0, le=1.0)
+    prior_weight: float = Field(default=DEFAULTS["repin.prior_weight"], ge=0.0)
+
+
 class CacheTierConfig(ConfigModel):
     """One cache tier: how many rows it holds and which policy decides what stays."""
 
@@ -431,6 +467,7 @@ class CacheTierConfig(ConfigModel):
     recency_window: int_at_least(1) = DEFAULTS["tier.recency_window"]
     index: Literal["auto", "dense", "hashed"] = DEFAULTS["tier.index"]  # row -> slot index
     evict_headroom: float = Field(default=DEFAULTS["tier.evict_headroom"], ge=0.0, le=0.5)
+    repin: RepinConfig = RepinConfig()  # zipf-tuned only: online counting and re-pinning
 
 
 class HotTierConfig(CacheTierConfig):

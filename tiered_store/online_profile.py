@@ -11,13 +11,17 @@ each distinct row of a window once, which is an episode count at the window's gr
 
 plus the mean number of distinct rows per window, which is what zipf-tuned's recency segment must
 hold (the offline rule estimates it from the whole frequency curve, which a bounded counter does
-not keep). Memory: ``4 * depth * width + 12 * candidates`` bytes, whatever the table's rows.
+not keep). Memory: ``4 * depth * width + 12 * candidates`` bytes, whatever the table's rows
+(without the heavy-hitter list on the CPU, ``depth * width`` bytes of window stamps instead of
+the list: see :mod:`tiered_store.sketch_kernel`).
 
 An offline profile, when given, is the starting point (:meth:`OnlineProfile.seed`): its rows
 enter the heavy-hitter list and the sketch with their episodes scaled by ``prior_weight``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +47,11 @@ class OnlineProfile:
         Where the counters live.
     seed : int
         Hash seed.
+    heavy_hitters : bool
+        Keep the heavy-hitter list (a ``topk`` per window). The store's re-pinning
+        (:mod:`tiered_store.online_repin`) ranks the rows a tier holds instead and turns it off.
+    dtype : torch.dtype
+        Counter type: ``int32``, or ``float32`` for weighted (decayed) counts.
 
     Examples
     --------
@@ -63,6 +72,8 @@ class OnlineProfile:
         width_factor: int = 4,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        heavy_hitters: bool = True,
+        dtype: torch.dtype = torch.int32,
     ) -> None:
         if candidates < 1 or depth < 1 or width_factor < 1:
             raise ConfigError(
@@ -75,8 +86,19 @@ class OnlineProfile:
         self._seed_col = torch.tensor(
             [as_signed64(s) for s in row_seeds(seed, depth)], dtype=torch.int64, device=self.device
         ).unsqueeze(1)
-        self.sketch = torch.zeros(depth, self.width, dtype=torch.int32, device=self.device)
-        self.rows = torch.full((self.capacity,), -1, dtype=torch.int64, device=self.device)
+        self.sketch = torch.zeros(depth, self.width, dtype=dtype, device=self.device)
+        self.heavy_hitters = heavy_hitters
+        # without heavy hitters on the CPU, a window is counted in one pass, each counter once
+        # per window (tiered_store.sketch_kernel): its stamp is the window's number (mod 255)
+        self._stamps = (
+            np.zeros((depth, self.width), np.uint8)
+            if not heavy_hitters and self.device.type == "cpu"
+            else None
+        )
+        self._window_no = 0
+        self.rows = torch.full(
+            (self.capacity if heavy_hitters else 0,), -1, dtype=torch.int64, device=self.device
+        )
         self.windows = 0
         self.lookups = 0
         self._distinct_sum = 0
@@ -84,7 +106,8 @@ class OnlineProfile:
     @property
     def nbytes(self) -> int:
         """Bytes held: the sketch and the heavy-hitter ids (estimates are recomputed)."""
-        return self.sketch.nbytes + self.rows.nbytes
+        stamps = 0 if self._stamps is None else self._stamps.nbytes
+        return self.sketch.nbytes + self.rows.nbytes + stamps
 
     @property
     def mean_distinct_per_window(self) -> float:
@@ -98,12 +121,36 @@ class OnlineProfile:
     def estimates(self, ids: torch.Tensor) -> torch.Tensor:
         """Estimated episodes of each id (never below the count the sketch was given)."""
         ids = ids.to(self.device)
+        if self._stamps is not None:  # the numba pass (same hash, same minimum)
+            from .sketch_kernel import sketch_estimates  # noqa: PLC0415 (imports numba)
+
+            ids = ids.to(torch.int64).contiguous()
+            return torch.from_numpy(
+                sketch_estimates(self.sketch.numpy(), self._seeds_u64(), ids.numpy())
+            )
         return torch.gather(self.sketch, 1, self._buckets(ids)).amin(dim=0)
 
-    def update(self, window: torch.Tensor) -> None:
-        """Count one window of lookups: each distinct row once."""
+    def update(self, window: torch.Tensor, weight: float = 1) -> None:
+        """Count one window of lookups: each distinct row once (``weight`` times)."""
+        if self._stamps is not None:  # CPU, no heavy hitters: one numba pass, no unique
+            from .sketch_kernel import sketch_add_window  # noqa: PLC0415 (imports numba)
+
+            self._window_no = self._window_no % 255 + 1  # uint8 stamps; 0: never touched
+            self._distinct_sum += sketch_add_window(
+                self.sketch.numpy(),
+                self._stamps,
+                self._seeds_u64(),
+                window.reshape(-1).numpy(),
+                self._window_no,
+                float(weight),
+            )
+            self.windows += 1
+            self.lookups += window.numel()
+            return
         ids = torch.unique(window.reshape(-1).to(self.device))
-        self._add(ids, torch.ones(ids.numel(), dtype=torch.int32, device=self.device))
+        self._add(
+            ids, torch.full((ids.numel(),), weight, dtype=self.sketch.dtype, device=self.device)
+        )
         self.windows += 1
         self.lookups += window.numel()
         self._distinct_sum += ids.numel()
@@ -115,20 +162,33 @@ class OnlineProfile:
         source = profile.episodes if profile.episodes is not None else profile.counts
         n = min(self.capacity, profile.row_ids.size)
         ids = torch.from_numpy(np.ascontiguousarray(profile.row_ids[:n])).to(self.device)
-        weights = np.rint(np.asarray(source[:n], dtype=np.float64) * prior_weight)
-        self._add(ids, torch.from_numpy(weights.astype(np.int32)).to(self.device))
+        weights = np.asarray(source[:n], dtype=np.float64) * prior_weight
+        if not self.sketch.is_floating_point():
+            weights = np.rint(weights)
+        self._add(ids, torch.from_numpy(weights).to(self.device, self.sketch.dtype))
 
     def _add(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Add ``weights`` to distinct ``ids`` and merge them into the heavy-hitter list."""
         if ids.numel() == 0:
             return
-        for row, idx in zip(self.sketch, self._buckets(ids), strict=True):
-            row.index_add_(0, idx, weights)
+        if self.device.type == "cpu":  # one numba pass, without the GIL (same hash and sums)
+            from .sketch_kernel import sketch_add  # noqa: PLC0415 (imports numba on first use)
+
+            sketch_add(self.sketch.numpy(), self._seeds_u64(), ids.numpy(), weights.numpy())
+        else:
+            for row, idx in zip(self.sketch, self._buckets(ids), strict=True):
+                row.index_add_(0, idx, weights)
+        if not self.heavy_hitters:
+            return
         held = self.rows[self.rows >= 0]
         pool = torch.cat([held, ids[~torch.isin(ids, held)]])
         keep = torch.topk(self.estimates(pool), min(self.capacity, pool.numel())).indices
         self.rows.fill_(-1)
         self.rows[: keep.numel()] = pool[keep]
+
+    def _seeds_u64(self) -> np.ndarray:
+        """The sketch rows' hash seeds as uint64 (for the numba kernels)."""
+        return self._seed_col.reshape(-1).numpy().view(np.uint64)
 
     def top_rows(self, k: int) -> torch.Tensor:
         """Up to ``k`` rows with the most estimated episodes, most first (ties: lower id)."""
@@ -136,3 +196,20 @@ class OnlineProfile:
         est = self.estimates(held)
         order = np.lexsort((held.cpu().numpy(), -est.cpu().numpy()))
         return held[torch.from_numpy(order[:k]).to(self.device)]
+
+    def state(self) -> dict[str, Any]:
+        """What a warm restart saves: the counters and the window totals (plain numbers)."""
+        return {
+            "windows": self.windows,
+            "lookups": self.lookups,
+            "distinct_sum": self._distinct_sum,
+            "depth": int(self.sketch.shape[0]),
+            "width": self.width,
+        }
+
+    def load_state(self, state: dict[str, Any], sketch: np.ndarray) -> None:
+        """Restore what :meth:`state` and ``sketch`` saved (shapes checked by the caller)."""
+        self.sketch.copy_(torch.from_numpy(sketch.reshape(self.sketch.shape)))
+        self.windows = int(state["windows"])
+        self.lookups = int(state["lookups"])
+        self._distinct_sum = int(state["distinct_sum"])

@@ -10,6 +10,7 @@ import torch
 
 from policies import PolicySpec
 
+from .online_repin import OnlineRepin, RepinMoves
 from .row_index import make_row_index
 
 # Spare victims one topk finds for later batches (policies whose keys only grow, e.g. LRU): at
@@ -43,16 +44,14 @@ class TierCounters:
 class RowCache:
     """Which rows a tier holds, in which slot, and which slot goes next.
 
-        Examples
-        --------
-        >>> import torch
-        >>> from policies import PolicySpec
-
-    from .row_index import make_row_index
-        >>> cache = RowCache("warm", num_rows=100, capacity=2, spec=PolicySpec.parse("lru"))
-        >>> cache.begin_batch(); src, slots = cache.admit(torch.tensor([7, 9]), torch.tensor([1, 1]))
-        >>> (cache.probe(torch.tensor([9, 7, 3])) >= 0).tolist()
-        [True, True, False]
+    Examples
+    --------
+    >>> import torch
+    >>> from policies import PolicySpec
+    >>> cache = RowCache("warm", num_rows=100, capacity=2, spec=PolicySpec.parse("lru"))
+    >>> cache.begin_batch(); src, slots = cache.admit(torch.tensor([7, 9]), torch.tensor([1, 1]))
+    >>> (cache.probe(torch.tensor([9, 7, 3])) >= 0).tolist()
+    [True, True, False]
     """
 
     def __init__(
@@ -89,6 +88,8 @@ class RowCache:
         # called with the slots about to be emptied or reused, before their rows are dropped (the
         # store's write-back copies dirty rows out here); None for read-only stores
         self.before_evict: Callable[[torch.Tensor], None] | None = None
+        # zipf-tuned's online counts and re-pin schedule (tiered_store.online_repin), or None
+        self.online: OnlineRepin | None = None
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -135,10 +136,59 @@ class RowCache:
         if hits:
             self.eviction.on_hit(slots)
 
+    @property
+    def pinned_count(self) -> int:
+        """Rows pinned now."""
+        return self._n_pinned
+
+    def pinned_mask(self) -> torch.Tensor:
+        """Per slot: holds a pinned row."""
+        return self._unevictable & (self.row_of_slot >= 0)
+
+    def pinned_rows(self) -> torch.Tensor:
+        """Row ids pinned now (slot order)."""
+        return self.row_of_slot[self.pinned_mask()]
+
     def observe(self, ids: torch.Tensor) -> None:
-        """Let a frequency-learning admission filter see the ids looked up here."""
+        """Let a frequency-learning admission filter, and the online re-pin counts, see the ids
+        looked up here."""
         if self.capacity and self.admission.learns:
             self.admission.on_access(ids.to(self.device))
+        if self.online is not None:
+            self.online.observe(ids.to(self.device))
+
+    def apply_repin(self, moves: RepinMoves) -> tuple[int, int]:
+        """Pin and unpin the slots a re-pin planned, those that still hold the planned rows;
+        returns (rows pinned, rows unpinned). Flag flips only: no row moves."""
+        pin, unpin = moves.pin_slots.to(self.device), moves.unpin_slots.to(self.device)
+        pin = pin[
+            (self.row_of_slot[pin] == moves.pin_rows.to(self.device)) & ~self._unevictable[pin]
+        ]
+        unpin = unpin[
+            (self.row_of_slot[unpin] == moves.unpin_rows.to(self.device)) & self._unevictable[unpin]
+        ]
+        self._unevictable[pin] = True
+        self._unevictable[unpin] = False
+        self._n_pinned += pin.numel() - unpin.numel()
+        if pin.numel() or unpin.numel():
+            self._buffered = None  # unpinned rows may now be the next victims
+        return pin.numel(), unpin.numel()
+
+    def pin_resident(self, ids: torch.Tensor, *, only: bool) -> int:
+        """Pin the rows of ``ids`` the tier holds; with ``only``, unpin every other row first
+        (a warm restart's saved pins replacing the offline ones). Returns rows pinned."""
+        if self.index is None:
+            return 0
+        slots = self.probe(torch.as_tensor(ids, dtype=torch.int64).to(self.device))
+        slots = torch.unique(slots[slots >= 0])
+        if only:
+            self._unevictable[self.pinned_mask()] = False
+            self._n_pinned = 0
+        new = slots[~self._unevictable[slots]]
+        self._unevictable[new] = True
+        self._n_pinned += new.numel()
+        self._buffered = None
+        return new.numel()
 
     def admit(
         self, ids: torch.Tensor, counts: torch.Tensor, lookahead: torch.Tensor | None = None

@@ -34,7 +34,15 @@ from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
 from .slot_pool import SlotPool
 from .stats import hit_ratio
-from .warm_restart import RestartWarning, load_restart, restart_path, save_restart, table_identity
+from .warm_restart import (
+    RestartState,
+    RestartWarning,
+    load_restart,
+    restart_path,
+    restart_warning,
+    save_restart,
+    table_identity,
+)
 
 RESTORE_CHUNK_ROWS = 65_536  # rows read back from cold per step of a warm restart
 
@@ -127,8 +135,16 @@ class TieredStore:
         self._stop = threading.Event()  # set by close(): background restore and saves end
         self._threads: list[threading.Thread] = []
         self.restore_seconds: float | None = None  # how long the last warm restart took
+        # zipf-tuned's online re-pin: lookups set this when an interval ends; a thread plans it
+        self._repin_wanted = threading.Event() if self.caches.online else None
+        for cache in self.caches.online:  # full windows are counted in that thread
+            cache.online.deferred = True
         if tiers.restart.enabled:
             self._start_restart_threads(tiers.restart.save_every_s)
+        if self._repin_wanted is not None:
+            repin = threading.Thread(target=self._repin_loop, name="repin", daemon=True)
+            self._threads.append(repin)
+            repin.start()
 
     @classmethod
     def open(cls, config: str | Path | dict | StoreConfig) -> TieredStore:
@@ -280,6 +296,9 @@ class TieredStore:
             c["bytes_in"] = (c["admissions"] + c["preloaded"]) * self.row_bytes
             c["occupancy"] = cache.occupancy
             c["capacity"] = cache.capacity
+            if cache.online is not None:
+                c["pinned"] = cache.pinned_count
+                c["repins"], c["rows_repinned"] = cache.online.repins, cache.online.rows_pinned
             out[cache.name] = c
         out["cold"] = {
             k: getattr(self.cold, k)
@@ -353,10 +372,27 @@ class TieredStore:
         (True, [5, 6, 7])
         """
         with self._lock:
-            held = {cache.name: cache.held_rows().cpu().numpy() for cache in (self.hot, self.warm)}
+            state = RestartState(
+                {cache.name: cache.held_rows().cpu().numpy() for cache in (self.hot, self.warm)},
+                {c.name: c.pinned_rows().cpu().numpy() for c in self.caches.online},
+                {
+                    c.name: (c.online.state(), c.online.profile.sketch.cpu().numpy().copy())
+                    for c in self.caches.online
+                },
+            )
         path = restart_path(self.config.table.path)
-        save_restart(path, table_identity(self.cold, self.generation), held)
+        save_restart(path, table_identity(self.cold, self.generation), state)
         return path
+
+    def wait_repinned(self, timeout: float | None = None) -> bool:
+        """Wait until no tier waits for its online re-pin (tests and benchmarks call it after a
+        lookup to re-pin at the same batch boundary as replay); True when none does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.caches.repin_waiting():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)
+        return True
 
     def wait_restored(self, timeout: float | None = None) -> bool:
         """Wait for a background warm restart to finish; True when none is running."""
@@ -371,8 +407,12 @@ class TieredStore:
         if self._closed:
             return
         self._stop.set()
+        if self._repin_wanted is not None:
+            self._repin_wanted.set()  # wakes the re-pin thread to end
         for thread in self._threads:
             thread.join()
+        for cache in self.caches.online:  # windows the re-pin thread had not counted yet
+            cache.online.count_pending()
         if self.config.tiers.restart.enabled:
             try:
                 self.save_restart()
@@ -477,14 +517,16 @@ class TieredStore:
                 self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
                 self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
             out[plan.miss_pos] = device_rows[plan.inverse]
+        if self._repin_wanted is not None and self.caches.repin_waiting():
+            self._repin_wanted.set()  # after this batch's admissions, where replay re-pins
         return out
 
     def _start_restart_threads(self, save_every_s: float | None) -> None:
         """Read the saved tiers back in the background; save periodically if asked."""
-        saved = load_restart(
-            restart_path(self.config.table.path), table_identity(self.cold, self.generation)
-        )
+        path = restart_path(self.config.table.path)
+        saved = load_restart(path, table_identity(self.cold, self.generation))
         if saved is not None:
+            self._restore_profiles(path, saved)
             self._threads.append(
                 threading.Thread(target=self._restore, args=(saved,), name="restore", daemon=True)
             )
@@ -497,7 +539,28 @@ class TieredStore:
         for thread in self._threads:
             thread.start()
 
-    def _restore(self, saved: dict[str, np.ndarray]) -> None:
+    def _restore_profiles(self, path: Path, saved: RestartState) -> None:
+        """Load each re-pinning tier's saved online profile now; a profile saved for another
+        tier size is dropped (with its pins), with a warning naming the file and the mismatch."""
+        for cache in self.caches.online:
+            if cache.name not in saved.profiles:
+                saved.pinned.pop(cache.name, None)
+                continue
+            meta, sketch = saved.profiles[cache.name]
+            why = cache.online.mismatch(meta)
+            if why is None and sketch.shape != tuple(cache.online.profile.sketch.shape):
+                why = f"sketch shape {sketch.shape}"
+            if why is not None:
+                saved.pinned.pop(cache.name, None)
+                restart_warning(
+                    path,
+                    f"the {cache.name} tier's online profile was saved for another tier size: "
+                    f"{why}; it starts counting afresh",
+                )
+                continue
+            cache.online.load_state(meta, sketch)
+
+    def _restore(self, saved: RestartState) -> None:
         """Preload the saved rows, chunk by chunk, into free slots (lookups go on meanwhile).
 
         Of the most valuable rows that fit, the least valuable chunk goes in first, each chunk as
@@ -506,7 +569,9 @@ class TieredStore:
         start = time.perf_counter()
         try:
             for cache, pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
-                ids = torch.from_numpy(saved.get(cache.name, np.zeros(0, np.int64)))
+                if cache.online is not None and cache.name in saved.pinned:
+                    self._restore_pins(cache, pool, torch.from_numpy(saved.pinned[cache.name]))
+                ids = torch.from_numpy(saved.held.get(cache.name, np.zeros(0, np.int64)))
                 with self._lock:
                     ids = ids[: cache.capacity - cache.occupancy]
                 chunks = range(0, ids.numel(), RESTORE_CHUNK_ROWS)
@@ -524,7 +589,54 @@ class TieredStore:
             )
         self.restore_seconds = time.perf_counter() - start
 
-    def _restore_chunk(self, cache: Any, pool: SlotPool, ids: torch.Tensor) -> bool:
+    def _restore_pins(self, cache: Any, pool: SlotPool, pins: torch.Tensor) -> None:
+        """The saved pinned rows replace the tier's pins: those it holds are pinned at once, the
+        others read back (pinned) into free slots, chunk by chunk."""
+        with self._lock:
+            cache.pin_resident(pins, only=True)
+            missing = pins[(cache.probe(pins.to(cache.device)) < 0).cpu()]
+        for at in range(0, missing.numel(), RESTORE_CHUNK_ROWS):
+            if self._stop.is_set() or not self._restore_chunk(
+                cache, pool, missing[at : at + RESTORE_CHUNK_ROWS], pin=True
+            ):
+                break
+
+    def _repin_loop(self) -> None:
+        """Count the full windows lookups queued, then plan each due tier's re-pin off the lock
+        (estimates over its resident rows, a sort) and apply it (pin flags only) under the lock;
+        until close."""
+        stream_ctx = (
+            torch.cuda.stream(self._stream)
+            if self._stream is not None
+            else contextlib.nullcontext()
+        )
+        while True:
+            self._repin_wanted.wait()
+            if self._stop.is_set():
+                return
+            self._repin_wanted.clear()
+            for cache in self.caches.online:
+                try:
+                    with stream_ctx:  # the snapshot may be a little stale: apply checks each slot
+                        cache.online.count_pending()
+                        if not cache.online.due:
+                            continue
+                        moves = cache.online.plan(cache.row_of_slot.clone(), cache.pinned_mask())
+                        with self._lock:
+                            cache.online.finish(*cache.apply_repin(moves))
+                except (RuntimeError, ValueError) as exc:  # serving goes on with the pins it has
+                    warnings.warn(
+                        f"online re-pin of the {cache.name} tier failed ({exc}); its pins stay",
+                        RuntimeWarning,
+                        stacklevel=1,
+                    )
+                    with self._lock:
+                        cache.online.pending.clear()
+                        cache.online.finish(0, 0)
+
+    def _restore_chunk(
+        self, cache: Any, pool: SlotPool, ids: torch.Tensor, *, pin: bool = False
+    ) -> bool:
         """Preload ``ids`` (most valuable first) into ``cache``'s free slots with their current
         rows; False once the tier is full. Cold reads run outside the lock; under it, written rows
         and copies another tier holds (maybe dirty) replace them, as a lookup's admission does."""
@@ -546,7 +658,7 @@ class TieredStore:
                 if held.numel():
                     rows[held.cpu()] = other_pool.gather(slots[held]).cpu()
             cache.begin_batch()
-            pos, slots = cache.preload(ids, pin=False)
+            pos, slots = cache.preload(ids, pin=pin)
             stream_ctx = (  # the stream lookups gather on: they see these rows written
                 torch.cuda.stream(self._stream)
                 if self._stream is not None

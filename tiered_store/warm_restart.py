@@ -1,10 +1,15 @@
 """Warm restart: the rows each cache tier held, saved beside the table and read back on open.
 
 The file ``TABLE.npy.restart`` holds, per tier (hot, warm), the row ids it held, most valuable
-first (by the eviction policy's priority), tagged with the table version it was saved against
-and checksummed (CRC32C). Layout: ``MAGIC``, a 4-byte little-endian header length, a JSON header
-(``identity``, ``tiers``: rows per tier), the ids as little-endian int64 tier after tier, then
-the CRC32C of everything before it (4 bytes, little-endian).
+first (by the eviction policy's priority), and, for a ``zipf-tuned`` tier that re-pins online
+(:mod:`tiered_store.online_repin`), the rows it pinned and its online profile (the count-min
+sketch's counters and its window totals); tagged with the table version it was saved against and
+checksummed (CRC32C). Layout (format 2): ``MAGIC``, a 4-byte little-endian header length, a JSON
+header (``identity``; ``tiers``: rows held per tier; ``pinned``: pinned rows per tier;
+``profiles``: per tier, the sketch's shape and totals), the held ids as little-endian int64 tier
+after tier, the pinned ids likewise, the sketches as little-endian float32 tier after tier, then
+the CRC32C of everything before it (4 bytes, little-endian). A format-1 file (no profiles) is
+refused with a warning: the store starts cold.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import os
 import struct
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +29,17 @@ from .atomic_file import AtomicFile
 from .cold_table import ColdTable
 from .table_format import table_paths
 
-__all__ = ["RestartWarning", "load_restart", "restart_path", "save_restart", "table_identity"]
+__all__ = [
+    "RestartState",
+    "RestartWarning",
+    "load_restart",
+    "restart_path",
+    "save_restart",
+    "table_identity",
+]
 
-MAGIC = b"TSRESTART1\n"
+MAGIC = b"TSRESTART2\n"
+_OLD_MAGICS = (b"TSRESTART1\n",)  # earlier formats: refused with a warning naming the version
 _LEN = struct.Struct("<I")
 
 
@@ -58,14 +72,48 @@ def table_identity(cold: ColdTable, generation: int) -> dict[str, Any]:
     }
 
 
-def save_restart(path: Path, identity: dict[str, Any], tiers: dict[str, np.ndarray]) -> None:
-    """Write ``tiers`` (name -> row ids, most valuable first) for ``identity``, atomically."""
+@dataclass
+class RestartState:
+    """What a restart file holds: per tier, the rows held (most valuable first), the rows pinned
+    by online re-pinning, and its online profile (a state dict and the sketch's counters)."""
+
+    held: dict[str, np.ndarray]
+    pinned: dict[str, np.ndarray] = field(default_factory=dict)
+    profiles: dict[str, tuple[dict[str, Any], np.ndarray]] = field(default_factory=dict)
+
+
+def save_restart(path: Path, identity: dict[str, Any], state: RestartState) -> None:
+    """Write ``state`` for ``identity``, atomically.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "t.npy.restart"
+    >>> ident = {"generation": 0, "rows": 10}
+    >>> sketch = np.arange(8, dtype=np.float32).reshape(2, 4)
+    >>> save_restart(p, ident, RestartState({"hot": np.array([3, 1])}, {"hot": np.array([3])},
+    ...              {"hot": ({"windows": 2}, sketch)}))
+    >>> back = load_restart(p, ident)
+    >>> back.held["hot"].tolist(), back.pinned["hot"].tolist(), back.profiles["hot"][1][1].tolist()
+    ([3, 1], [3], [4.0, 5.0, 6.0, 7.0])
+    """
+    profiles = {
+        name: {**meta, "shape": list(sketch.shape)}
+        for name, (meta, sketch) in state.profiles.items()
+    }
     header = json.dumps(
-        {"identity": identity, "tiers": {k: int(v.size) for k, v in tiers.items()}}
+        {
+            "identity": identity,
+            "tiers": {k: int(v.size) for k, v in state.held.items()},
+            "pinned": {k: int(v.size) for k, v in state.pinned.items()},
+            "profiles": profiles,
+        }
     ).encode()
     body = b"".join(
         [MAGIC, _LEN.pack(len(header)), header]
-        + [np.ascontiguousarray(v, dtype="<i8").tobytes() for v in tiers.values()]
+        + [np.ascontiguousarray(v, dtype="<i8").tobytes() for v in state.held.values()]
+        + [np.ascontiguousarray(v, dtype="<i8").tobytes() for v in state.pinned.values()]
+        + [np.ascontiguousarray(s, dtype="<f4").tobytes() for _, s in state.profiles.values()]
     )
     out = AtomicFile(path, "wb")
     try:
@@ -77,15 +125,22 @@ def save_restart(path: Path, identity: dict[str, Any], tiers: dict[str, np.ndarr
         raise
 
 
-def load_restart(path: Path, identity: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    """The saved tiers if ``path`` exists, is intact and matches ``identity``; else None (with a
-    ``RestartWarning`` naming the file and the mismatch, unless the file is simply absent)."""
+def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
+    """The saved state if ``path`` exists, is intact, of this format and matches ``identity``;
+    else None (with a ``RestartWarning`` naming the file and the mismatch, unless the file is
+    simply absent)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         return _cold_start(path, f"it is unreadable ({exc})")
+    for old in _OLD_MAGICS:
+        if data.startswith(old):
+            return _cold_start(
+                path,
+                f"it is in an older format ({old.strip().decode()}; expected {MAGIC.strip().decode()})",
+            )
     if len(data) < len(MAGIC) + 2 * _LEN.size or not data.startswith(MAGIC):
         return _cold_start(
             path, f"it is not a warm-restart file ({len(data)} bytes, no {MAGIC!r} header)"
@@ -101,7 +156,11 @@ def load_restart(path: Path, identity: dict[str, Any]) -> dict[str, np.ndarray] 
     start = len(MAGIC) + _LEN.size
     try:
         header = json.loads(body[start : start + n])
-        saved, counts = header["identity"], {k: int(v) for k, v in header["tiers"].items()}
+        saved = header["identity"]
+        counts = {k: int(v) for k, v in header["tiers"].items()}
+        pinned = {k: int(v) for k, v in header["pinned"].items()}
+        profiles = {k: dict(v) for k, v in header["profiles"].items()}
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in profiles.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return _cold_start(path, f"its header is unreadable ({exc})")
     if saved != identity:
@@ -111,17 +170,37 @@ def load_restart(path: Path, identity: dict[str, Any]) -> dict[str, np.ndarray] 
             if saved.get(k) != identity[k]
         )
         return _cold_start(path, f"it was saved for another table version: {diff}")
-    if (len(body) - start - n) % 8:
+    n_ids = sum(counts.values()) + sum(pinned.values())
+    n_counters = sum(int(np.prod(s)) for s in shapes.values())
+    if len(body) - start - n != 8 * n_ids + 4 * n_counters:
         return _cold_start(
-            path, f"its id section is {len(body) - start - n} bytes, not whole int64s"
+            path,
+            f"its data section is {len(body) - start - n} bytes; its header says {n_ids} ids "
+            f"and {n_counters} counters",
         )
-    ids = np.frombuffer(body, dtype="<i8", offset=start + n)
-    if ids.size != sum(counts.values()):
-        return _cold_start(path, f"it holds {ids.size} ids; its header says {sum(counts.values())}")
+    ids = np.frombuffer(body, dtype="<i8", offset=start + n, count=n_ids)
     if ids.size and (ids.min() < 0 or ids.max() >= identity["rows"]):
         return _cold_start(path, f"it holds ids outside [0, {identity['rows']})")
-    bounds = np.cumsum([0, *counts.values()])
-    return {k: ids[bounds[i] : bounds[i + 1]].astype(np.int64) for i, k in enumerate(counts)}
+    sketches = np.frombuffer(body, dtype="<f4", offset=start + n + 8 * n_ids)
+    bounds = np.cumsum([0, *counts.values(), *pinned.values()])
+    names = [*counts, *pinned]
+    parts = [ids[bounds[i] : bounds[i + 1]].astype(np.int64) for i in range(len(names))]
+    state = RestartState(
+        dict(zip(counts, parts[: len(counts)], strict=True)),
+        dict(zip(pinned, parts[len(counts) :], strict=True)),
+    )
+    at = 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        sketch = sketches[at : at + size].astype(np.float32).reshape(shape)
+        state.profiles[name] = (profiles[name], sketch)
+        at += size
+    return state
+
+
+def restart_warning(path: Path, why: str) -> None:
+    """Warn that part of ``path`` is not used, and why (the rest is)."""
+    warnings.warn(f"warm restart: {path}: {why}", RestartWarning, stacklevel=3)
 
 
 def _cold_start(path: Path, why: str) -> None:

@@ -170,6 +170,8 @@ def replay(
             admitted = caches.admit(plan, ahead)
             n_unique, n_cold = plan.unique_ids.numel(), plan.cold_idx.numel()
             n_hot_in, n_warm_in = admitted.hot_slots.numel(), admitted.warm_slots.numel()
+        if caches.repin_due():  # zipf-tuned's online re-pin, at the boundary the store has
+            caches.repin_now()
         unique_fetched += n_unique
         moved["cold_reads"] += n_cold
         moved["into_warm"] += n_warm_in
@@ -188,6 +190,8 @@ def replay(
         c = cache.counters.as_dict()
         c["hit_ratio"] = hit_ratio(c["hits"], c["lookups"])
         c["capacity"], c["occupancy"] = cache.capacity, cache.occupancy
+        if cache.online is not None:
+            c["repins"], c["rows_repinned"] = cache.online.repins, cache.online.rows_pinned
         tiers[cache.name] = c
     return ReplayResult(
         policy=f"{caches.hot.spec.text}/{caches.warm.spec.text}",

@@ -1,0 +1,255 @@
+"""zipf-tuned learning while serving: the cost of online counting, and what re-pinning buys.
+
+(a) **All-hit lookup throughput** of a real store (a hot tier on the CPU over a real table file,
+    every lookup a hit) with zipf-tuned's online counting and re-pinning on (``repin.enabled``;
+    windows counted and re-pins planned in the store's background thread) against the same tier
+    with it off, and plain ``lru``; rounds interleaved in the same run, median lookups/s per mode,
+    ratio to off. A round's time includes waiting for its background work to finish
+    (``wait_repinned``), so the figure is the whole cost, as on a machine without a spare core.
+(b) **Miss ratio** (lookups served by neither cache tier, per lookup) of one warm tier at each
+    share of the table's rows, over the replayed lookups after ``--warmup`` (``replay``, the
+    store's own decisions, re-pins included, at the same batch boundaries as the store), on the
+    held-out part of an ``analyze --holdout`` output of real text (default: the Python standard
+    library's sources, analysed here): ``lru``; ``zipf-tuned`` from the offline profile with
+    re-pinning off (the pins fixed) and on; ``zipf-tuned`` with no profile (online only: it starts
+    as LRU and learns). The misses after the warm-up are the full replay's minus a replay of the
+    warm-up alone (replay is deterministic, so that prefix decides exactly the same).
+
+Example::
+
+    python bench/bench_online_repin.py                        # small: 2M tokens analysed, 5%
+    python bench/bench_online_repin.py --analysis A --shares 5%,10% --lookups 20000000 \\
+        --out bench/results/online_repin.json                 # full size, on an analyze output
+    # drift: the offline profile of code (A), the traffic prose (B: Vim help)
+    tiered-store analyze /usr/share/vim/vim90/doc --max-tokens 2000000 --holdout 0.5 \\
+        --shuffle --no-curves --out B
+    python bench/bench_online_repin.py --analysis B --profile-from A --skip-all-hit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiered_store import StoreConfig, TieredStore, create_table
+from tiered_store.table_sources import RandomSource
+from tiered_store.trace import TraceReader, TraceWriter
+from tiered_store.workload import ZipfWorkload
+from zipf_analysis.analyze import AnalyzeOptions, analyze
+from zipf_analysis.replay import replay
+
+BATCH = 65_536  # lookups per replayed batch: one 4,096-token sequence x 16 heads
+MODES = {
+    "lru": {"policy": "lru"},
+    "zipf-tuned, counting off": {"policy": "zipf-tuned", "repin": {"enabled": False}},
+    "zipf-tuned, counting on": {"policy": "zipf-tuned"},  # re-pins every 1,048,576 lookups
+    "zipf-tuned, counting on, re-pin every 16M": {
+        "policy": "zipf-tuned",
+        "repin": {"every": 16 * 1_048_576},
+    },
+}
+
+
+def all_hit_throughput(
+    work: Path, rows: int, batch: int, rounds: int, batches: int, zipf: float
+) -> dict:
+    """Median all-hit lookups/s per mode (rounds interleaved) and each mode's ratio to off, for
+    ids uniform over the rows (``zipf`` 0) or Zipfian with exponent ``zipf``."""
+    path = work / "allhit.npy"
+    if not path.exists():
+        create_table(path, RandomSource(rows, 64, dtype="float16", seed=1), progress=False)
+    if zipf > 0:
+        flat = ZipfWorkload(rows, zipf, seed=0).sample(batch * batches)
+    else:
+        flat = np.random.default_rng(0).integers(0, rows, batch * batches)
+    work_ids = [torch.from_numpy(flat[i * batch : (i + 1) * batch]) for i in range(batches)]
+    stores = {}
+    for name, tier in MODES.items():
+        cfg = {"table": {"path": str(path)}, "tiers": {"hot": {"capacity": rows, **tier}}}
+        store = TieredStore(StoreConfig.from_dict(cfg))
+        for at in range(0, rows, 65_536):  # every row resident: all later lookups hit
+            store.lookup(torch.arange(at, min(rows, at + 65_536)))
+        stores[name] = store
+    speeds: dict[str, list[float]] = {name: [] for name in MODES}
+    try:
+        for _ in range(rounds):
+            for name, store in stores.items():
+                start = time.perf_counter()
+                for ids in work_ids:
+                    store.lookup(ids)
+                store.wait_repinned()  # its background counting and re-pins count too
+                speeds[name].append(batch * batches / (time.perf_counter() - start))
+        for store in stores.values():
+            assert store.stats()["hot"]["misses"] == rows  # only the fill missed
+        repins = stores["zipf-tuned, counting on"].hot.online.repins
+    finally:
+        for store in stores.values():
+            store.close()
+    off = statistics.median(speeds["zipf-tuned, counting off"])
+    out = {name: {"lookups_per_s": statistics.median(v)} for name, v in speeds.items()}
+    for cell in out.values():
+        cell["ratio_to_off"] = cell["lookups_per_s"] / off
+    out["batch"], out["zipf"], out["repins_during_the_on_runs"] = batch, zipf, repins
+    return out
+
+
+def write_trace(path: Path, layout: dict, ids: np.ndarray) -> None:
+    """``ids`` as batches of BATCH lookups."""
+    with TraceWriter(path, {"tables": [layout]}) as writer:
+        for at in range(0, ids.size, BATCH):
+            writer.write(ids[at : at + BATCH], layout["name"])
+            writer.end_batch()
+
+
+def miss_ratios(args, work: Path, analysis: Path) -> dict:
+    """Misses per lookup after the warm-up, per policy and share."""
+    profile = (args.profile_from or analysis) / f"{args.layer}.profile.npz"
+    with TraceReader(analysis / "holdout.trace") as reader:
+        layout = dict(reader.layout[reader.table_index(args.layer)], name=args.layer)
+        ids = reader.read_all(args.layer)[: args.lookups].astype(np.int64)
+    warmup = args.warmup - args.warmup % BATCH  # whole batches, so the prefix replays alike
+    if ids.size <= warmup:
+        raise SystemExit(f"--warmup {args.warmup}: the trace has only {ids.size:,} lookups")
+    write_trace(work / "full.trace", layout, ids)
+    write_trace(work / "warmup.trace", layout, ids[:warmup])
+    repin = {"every": args.every, "budget": args.budget, "decay": args.decay}
+    policies = {
+        "lru": {"policy": "lru"},
+        "zipf-tuned, offline profile, pins fixed": {
+            "policy": "zipf-tuned",
+            "profile": str(profile),
+            "repin": {"enabled": False},
+        },
+        "zipf-tuned, offline profile, re-pinned online": {
+            "policy": "zipf-tuned",
+            "profile": str(profile),
+            "repin": repin,
+        },
+        "zipf-tuned, online only (no profile)": {"policy": "zipf-tuned", "repin": repin},
+    }
+    out = {
+        "trace": str(analysis / "holdout.trace"),
+        "profile": str(profile),
+        "lookups": int(ids.size),
+        "warmup": warmup,
+        "repin": repin,
+        "shares": {},
+    }
+    for share in args.shares.split(","):
+        cell = {}
+        for name, tier in policies.items():
+            cfg = StoreConfig.from_dict(
+                {
+                    "table": {"path": str(work / "none.npy"), "dim": 64, "dtype": "float16"},
+                    "tiers": {"warm": {"capacity": share, **tier}},
+                }
+            )
+            start = time.perf_counter()
+            full = replay(cfg, work / "full.trace", table=args.layer)
+            head = replay(cfg, work / "warmup.trace", table=args.layer)
+            missed = full.tiers["warm"]["misses"] - head.tiers["warm"]["misses"]
+            cell[name] = {
+                "miss_ratio_after_warmup": missed / (full.lookups - head.lookups),
+                "miss_ratio_all": full.miss_ratio,
+                "repins": full.tiers["warm"].get("repins", 0),
+                "rows_repinned": full.tiers["warm"].get("rows_repinned", 0),
+                "replay_lookups_per_s": full.lookups_per_second,
+            }
+            print(
+                f"  {share} {name}: {100 * cell[name]['miss_ratio_after_warmup']:.2f}% after the "
+                f"warm-up ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+        out["shares"][share] = cell
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("corpus", nargs="*", help="text files/dirs (default: the stdlib sources)")
+    p.add_argument("--analysis", type=Path, help="reuse an `analyze --holdout` output")
+    p.add_argument("--max-tokens", type=int, default=2_000_000, help="tokens analysed (both parts)")
+    p.add_argument("--holdout", type=float, default=0.5, help="share of documents replayed")
+    p.add_argument(
+        "--profile-from",
+        type=Path,
+        help="take the offline profile from this analyze output instead (traffic that drifted "
+        "from the profile: e.g. a profile of code serving prose)",
+    )
+    p.add_argument("--layer", default="layer1")
+    p.add_argument("--shares", default="5%", help="warm tier sizes, e.g. 5%%,10%%")
+    p.add_argument("--warmup", type=int, default=5_000_000, help="lookups before the count")
+    p.add_argument("--lookups", type=int, default=20_000_000, help="replayed lookups at most")
+    p.add_argument("--every", type=int, default=1_048_576, help="repin.every")
+    p.add_argument("--budget", default="10%", help="repin.budget")
+    p.add_argument("--decay", type=float, default=0.9, help="repin.decay")
+    p.add_argument("--hit-rows", type=int, default=200_000, help="(a): table rows, all resident")
+    p.add_argument("--hit-batches", default="65536,1024", help="(a): lookups per batch")
+    p.add_argument(
+        "--hit-zipf",
+        default="0,0.75",
+        help="(a): id distributions: 0 = uniform, else a Zipf exponent (real text: ~0.75)",
+    )
+    p.add_argument("--rounds", type=int, default=5, help="(a): interleaved rounds per mode")
+    p.add_argument("--skip-replay", action="store_true", help="(a) only")
+    p.add_argument("--skip-all-hit", action="store_true", help="(b) only")
+    p.add_argument("--dir", default="/var/tmp", help="work directory's parent (deleted at the end)")
+    p.add_argument("--out", help="write JSON here too")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # shared cores: extra threads only spin
+    work = Path(tempfile.mkdtemp(prefix="bench-online-repin-", dir=args.dir))
+    result = {"command": " ".join(["python bench/bench_online_repin.py", *(argv or sys.argv[1:])])}
+    try:
+        result["all_hit"] = {}
+        zipfs = [] if args.skip_all_hit else [float(z) for z in args.hit_zipf.split(",")]
+        for zipf in zipfs:
+            for batch in (int(b) for b in args.hit_batches.split(",")):
+                lookups = max(1_048_576 * 3, batch)  # about three re-pin intervals per round
+                cell = all_hit_throughput(
+                    work, args.hit_rows, batch, args.rounds, lookups // batch, zipf
+                )
+                result["all_hit"][f"zipf {zipf}, batch {batch}"] = cell
+                print(
+                    f"(a) all-hit, zipf {zipf}, {batch:,} lookups/batch: "
+                    + ", ".join(
+                        f"{n} {c['lookups_per_s'] / 1e6:.1f}M/s ({c['ratio_to_off']:.3f}x)"
+                        for n, c in cell.items()
+                        if isinstance(c, dict)
+                    ),
+                    flush=True,
+                )
+        if not args.skip_replay:
+            analysis = args.analysis
+            if analysis is None:
+                analysis = work / "analysis"
+                options = AnalyzeOptions(
+                    max_tokens=args.max_tokens,
+                    holdout=args.holdout,
+                    shuffle=True,
+                    curves=False,
+                    progress=True,
+                )
+                analyze(args.corpus or None, analysis, options=options)
+            result["miss_ratio"] = miss_ratios(args, work, analysis)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""zipf-tuned learning while serving: online counts, budgeted re-pins, replay = store, restart."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import assert_concurrent_lookups_exact, make_table
+from tiered_store import ConfigError, StoreConfig, TieredStore
+from tiered_store.profile import profile_ids
+from tiered_store.trace import TraceWriter
+from tiered_store.warm_restart import RestartWarning, restart_path
+from zipf_analysis.replay import replay
+
+ROWS = 5000
+EVERY, BUDGET, WINDOW = 1000, 20, 200
+
+
+def hot_set(seed: int = 3, size: int = 50) -> np.ndarray:
+    """Rows looked up in every batch (scattered ids, not the lowest)."""
+    return np.random.default_rng(seed).choice(ROWS, size, replace=False)
+
+
+def batches(hot: np.ndarray, n: int = 120, seed: int = 0) -> list[np.ndarray]:
+    """Batches of 100 ids: 20 from ``hot``, 80 uniform over the table (mostly seen once)."""
+    rng = np.random.default_rng(seed)
+    return [
+        rng.permutation(np.concatenate([rng.choice(hot, 20), rng.integers(0, ROWS, 80)]))
+        for _ in range(n)
+    ]
+
+
+def config(path, *, warm=400, hot=0, restart=False, repin=None, profile=None) -> StoreConfig:
+    """zipf-tuned tiers (no profile unless given) that re-pin every EVERY lookups."""
+    tier = {
+        "policy": "zipf-tuned",
+        "recency_window": WINDOW,
+        "repin": repin or {"every": EVERY, "budget": BUDGET},
+    }
+    if profile is not None:
+        tier["profile"] = str(profile)
+    return StoreConfig.from_dict(
+        {
+            "table": {"path": str(path)},
+            "tiers": {
+                "hot": {**tier, "capacity": hot},
+                "warm": {**tier, "capacity": warm},
+                "restart": {"enabled": restart},
+            },
+        }
+    )
+
+
+def serve(store, data, work, on_repin=None) -> None:
+    """Look each batch up (checked against the table), re-pinning at the batch boundaries replay
+    uses; ``on_repin(store)`` after each re-pin of the warm tier."""
+    repins = store.warm.online.repins
+    for ids in work:
+        t = torch.from_numpy(ids)
+        assert torch.equal(store.lookup(t), data[t])
+        assert store.wait_repinned(timeout=30)
+        if on_repin is not None and store.warm.online.repins != repins:
+            repins = store.warm.online.repins
+            on_repin(store)
+
+
+def test_zipf_tuned_without_a_profile_serves_and_pins_the_heavy_rows(tmp_path):
+    path, data = make_table(tmp_path, rows=ROWS)
+    hot = hot_set()
+    history = []
+    with TieredStore(config(path)) as store:
+        assert store.warm.pinned_count == 0 and store.warm.occupancy == 0  # starts as LRU
+        serve(
+            store, data, batches(hot), lambda s: history.append(set(s.warm.pinned_rows().tolist()))
+        )
+        pinned = set(store.warm.pinned_rows().tolist())
+        stats = store.stats()["warm"]
+        sketch_bytes = store.warm.online.nbytes
+    assert set(hot.tolist()) <= pinned  # the true heavy rows
+    assert stats["repins"] == len(history) == 120 * 100 // EVERY
+    before = set()
+    for after in history:  # at most BUDGET rows in and BUDGET out per re-pin
+        assert len(after - before) <= BUDGET and len(before - after) <= BUDGET
+        before = after
+    assert len(history[0]) == BUDGET  # it does move: the budget is the limit
+    assert sketch_bytes <= 400 * 80 + WINDOW * 8  # sized by the tier, not the table's rows
+
+
+def test_budget_as_a_share_and_no_repin_when_disabled(tmp_path):
+    path, data = make_table(tmp_path, rows=ROWS)
+    work = batches(hot_set(), n=30)
+    share = config(path, repin={"every": EVERY, "budget": "5%"})
+    with TieredStore(share) as store:
+        sizes = []
+        serve(store, data, work, lambda s: sizes.append(s.warm.pinned_count))
+        target = store.warm.online.pinned_target()
+    assert 0 < target < 400 and sizes[0] == int(np.ceil(0.05 * target))
+    with TieredStore(config(path, repin={"enabled": False})) as store:
+        assert store.warm.online is None
+        for ids in work:
+            store.lookup(torch.from_numpy(ids))
+        assert store.warm.pinned_count == 0 and "repins" not in store.stats()["warm"]
+
+
+def test_concurrent_lookups_stay_exact_while_re_pinning(tmp_path):
+    path, data = make_table(tmp_path, rows=ROWS)
+    cfg = config(path, hot=60, warm=300, repin={"every": 500, "budget": 30})
+    with TieredStore(cfg) as store:
+        assert_concurrent_lookups_exact(store, data, batch=150, rounds=40, threads=3)
+        assert store.wait_repinned(timeout=30)
+        for cache in (store.hot, store.warm):
+            assert cache.online.repins > 5
+            mask = cache.pinned_mask()
+            assert cache.pinned_count == int(mask.sum())  # the count follows the flags
+            assert (
+                cache.pinned_count <= cache.capacity // 2 + 30
+            )  # the target, at most a budget more
+        assert_concurrent_lookups_exact(store, data, batch=150, rounds=5, threads=2)
+
+
+def test_replay_re_pins_exactly_as_the_store(tmp_path):
+    path, data = make_table(tmp_path, rows=ROWS)
+    work = batches(hot_set(), n=80, seed=5)
+    layout = {"tables": [{"name": "a", "rows": ROWS, "heads": 1}]}
+    with TraceWriter(tmp_path / "t.trace", layout) as writer:
+        for ids in work:
+            writer.write(ids.astype(np.int64), "a")
+            writer.end_batch()
+    cfg = config(path, hot=60, warm=300)
+    with TieredStore(cfg) as store:
+        serve(store, data, work)
+        live = store.stats()
+        live_pins = {c.name: sorted(c.pinned_rows().tolist()) for c in (store.hot, store.warm)}
+    result = replay(cfg, tmp_path / "t.trace", table="a")
+    assert live["warm"]["repins"] > 0 and live["hot"]["repins"] > 0
+    for tier in ("hot", "warm"):
+        for key in ("hits", "misses", "admissions", "evictions", "repins", "rows_repinned"):
+            assert result.tiers[tier][key] == live[tier][key], (tier, key)
+    lru = replay(
+        StoreConfig.from_dict(
+            {
+                "table": {"path": str(path)},
+                "tiers": {"hot": {"capacity": 60}, "warm": {"capacity": 300}},
+            }
+        ),
+        tmp_path / "t.trace",
+        table="a",
+    )
+    assert result.miss_ratio < lru.miss_ratio  # pinning the hot set pays over plain LRU
+    assert live_pins["warm"]  # and the store's pins are what replay would have held
+
+
+def test_an_offline_profile_is_the_start_and_re_pinning_follows_the_traffic(tmp_path):
+    path, data = make_table(tmp_path, rows=ROWS)
+    old, new = hot_set(seed=1), hot_set(seed=2)
+    profile = profile_ids(np.concatenate(batches(old, n=60, seed=9)), rows=ROWS)
+    profile.save(tmp_path / "profile.npz")
+    cfg = config(path, profile=tmp_path / "profile.npz", repin={"every": EVERY, "budget": 40})
+    with TieredStore(cfg) as store:
+        start = set(store.warm.pinned_rows().tolist())
+        assert set(old.tolist()) <= start  # the offline pins
+        target = store.warm.pinned_count
+        serve(store, data, batches(new, n=150, seed=4))
+        now = set(store.warm.pinned_rows().tolist())
+        assert store.warm.pinned_count <= target  # the offline split rule sizes the segment
+    assert set(new.tolist()) - set(old.tolist()) <= now  # the traffic's heavy rows, learnt
+
+
+def test_restart_round_trips_the_sketch_and_the_pins(tmp_path):
+    path, data = make_table(tmp_path, rows=ROWS)
+    with TieredStore(config(path, hot=60, restart=True)) as store:
+        serve(store, data, batches(hot_set(), n=60))
+        sketches = {c.name: c.online.profile.sketch.clone() for c in (store.hot, store.warm)}
+        state = {c.name: c.online.state() for c in (store.hot, store.warm)}
+        pins = {c.name: set(c.pinned_rows().tolist()) for c in (store.hot, store.warm)}
+    assert pins["warm"] and pins["hot"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RestartWarning)
+        with TieredStore(config(path, hot=60, restart=True)) as store:
+            assert store.wait_restored(timeout=30)
+            for cache in (store.hot, store.warm):
+                assert torch.equal(cache.online.profile.sketch, sketches[cache.name])
+                assert cache.online.state() == state[cache.name]
+                assert set(cache.pinned_rows().tolist()) == pins[cache.name]
+                assert cache.pinned_count == len(pins[cache.name])
+            serve(store, data, batches(hot_set(), n=20, seed=7))  # and it goes on re-pinning
+            assert store.warm.online.repins > state["warm"]["repins"]
+
+
+def _cold(store) -> None:
+    """The store started with nothing restored: no pins, an empty sketch."""
+    assert store.wait_restored(timeout=10)
+    assert store.warm.pinned_count == 0 and store.warm.occupancy == 0
+    assert not bool(store.warm.online.profile.sketch.any()) and store.warm.online.repins == 0
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda b: b[:-100] + bytes([b[-100] ^ 4]) + b[-99:], "checksum mismatch"),  # a counter
+        (lambda b: b"TSRESTART1\n" + b[11:], r"older format \(TSRESTART1; expected TSRESTART2\)"),
+        (lambda b: b[: len(b) // 2], "checksum mismatch"),
+    ],
+    ids=["sketch-bit-flip", "old-format", "truncated"],
+)
+def test_corrupt_or_old_files_warn_and_start_cold(tmp_path, damage, why):
+    path, data = make_table(tmp_path, rows=ROWS)
+    with TieredStore(config(path, restart=True)) as store:
+        serve(store, data, batches(hot_set(), n=30))
+    saved = restart_path(path)
+    saved.write_bytes(damage(saved.read_bytes()))
+    with pytest.warns(RestartWarning, match=rf"{saved.name}.*{why}.*starting cold"):
+        store = TieredStore(config(path, restart=True))
+    with store:
+        _cold(store)
+        serve(store, data, batches(hot_set(), n=5))
+
+
+def test_a_profile_saved_for_another_tier_size_warns_and_counts_afresh(tmp_path):
+    path, data = make_table(tmp_path, rows=ROWS)
+    with TieredStore(config(path, restart=True)) as store:
+        serve(store, data, batches(hot_set(), n=30))
+        held = set(store.warm.held_rows().tolist())
+    with pytest.warns(
+        RestartWarning,
+        match=r"npy\.restart.*warm tier's online profile.*capacity 400 \(tier now 600\)",
+    ):
+        store = TieredStore(config(path, warm=600, restart=True))
+    with store:
+        assert store.wait_restored(timeout=10)
+        assert set(store.warm.held_rows().tolist()) == held  # the rows come back, not the counts
+        assert store.warm.pinned_count == 0 and not bool(store.warm.online.profile.sketch.any())
+
+
+def test_a_stale_file_restores_no_profile(tmp_path):
+    path, data = make_table(tmp_path, rows=ROWS)
+    with TieredStore(config(path, restart=True)) as store:
+        serve(store, data, batches(hot_set(), n=30))
+    from tiered_store import create_table
+
+    create_table(path, data + 1, progress=False, overwrite=True)  # another table at the path
+    with pytest.warns(RestartWarning, match="another table version"):
+        store = TieredStore(config(path, restart=True))
+    with store:
+        _cold(store)
+
+
+@pytest.mark.parametrize(
+    "repin, message",
+    [
+        ({"budget": 0}, r"tiers\.warm\.repin\.budget: got 0; expected a row count >= 1"),
+        ({"budget": "0%"}, r"tiers\.warm\.repin\.budget: got '0%'; expected .*\(above 0%"),
+        ({"budget": "120%"}, r"tiers\.warm\.repin\.budget: got '120%'"),
+        ({"every": 0}, r"tiers\.warm\.repin\.every: expected an integer >= 1, got 0"),
+        ({"decay": 1.5}, r"tiers\.warm\.repin\.decay: .*less than or equal to 1"),
+        ({"prior_weight": -1}, r"tiers\.warm\.repin\.prior_weight: .*greater than or equal to 0"),
+        ({"evry": 5}, r"tiers\.warm\.repin\.evry: unknown key; expected one of budget, decay"),
+    ],
+)
+def test_bad_repin_config_names_the_key(repin, message):
+    with pytest.raises(ConfigError, match=message):
+        StoreConfig.from_dict(
+            {"table": {"path": "t.npy"}, "tiers": {"warm": {"capacity": 10, "repin": repin}}}
+        )
