@@ -121,7 +121,7 @@ def miss_ratios(args, work: Path, analysis: Path) -> dict:
         raise SystemExit(f"--warmup {args.warmup}: the trace has only {ids.size:,} lookups")
     write_trace(work / "full.trace", layout, ids)
     write_trace(work / "warmup.trace", layout, ids[:warmup])
-    repin = {"every": args.every, "budget": args.budget, "decay": args.decay}
+    repin = {"enabled": True, "every": args.every, "budget": args.budget, "decay": args.decay}
     policies = {
         "lru": {"policy": "lru"},
         "zipf-tuned, offline profile, pins fixed": {

@@ -158,7 +158,11 @@ def test_an_offline_profile_is_the_start_and_re_pinning_follows_the_traffic(tmp_
     old, new = hot_set(seed=1), hot_set(seed=2)
     profile = profile_ids(np.concatenate(batches(old, n=60, seed=9)), rows=ROWS)
     profile.save(tmp_path / "profile.npz")
-    cfg = config(path, profile=tmp_path / "profile.npz", repin={"every": EVERY, "budget": 40})
+    cfg = config(
+        path,
+        profile=tmp_path / "profile.npz",
+        repin={"enabled": True, "every": EVERY, "budget": 40},
+    )
     with TieredStore(cfg) as store:
         start = set(store.warm.pinned_rows().tolist())
         assert set(old.tolist()) <= start  # the offline pins
@@ -167,6 +171,13 @@ def test_an_offline_profile_is_the_start_and_re_pinning_follows_the_traffic(tmp_
         now = set(store.warm.pinned_rows().tolist())
         assert store.warm.pinned_count <= target  # the offline split rule sizes the segment
     assert set(new.tolist()) - set(old.tolist()) <= now  # the traffic's heavy rows, learnt
+    # by default (repin.enabled: auto) a tier with a profile keeps its pins fixed, as before
+    fixed = config(path, profile=tmp_path / "profile.npz", repin={"every": EVERY})
+    with TieredStore(fixed) as store:
+        assert store.warm.online is None and set(store.warm.pinned_rows().tolist()) == start
+        for ids in batches(new, n=30, seed=4):
+            assert torch.equal(store.lookup(torch.from_numpy(ids)), data[torch.from_numpy(ids)])
+        assert set(store.warm.pinned_rows().tolist()) == start
 
 
 def test_restart_round_trips_the_sketch_and_the_pins(tmp_path):

@@ -222,9 +222,16 @@ def _row_cache(
         evict_headroom=tier.evict_headroom,
         index=tier.index,
     )
-    if spec.tuned and tier.repin.enabled and capacity:
+    if spec.tuned and _repins(tier) and capacity:
         cache.online = OnlineRepin(capacity, tier.repin, window=tier.recency_window, device=device)
     return cache
+
+
+def _repins(tier) -> bool:
+    """Whether a zipf-tuned tier re-pins online: ``repin.enabled``, or for ``auto`` when it has no
+    offline profile (nothing else would tell it what to pin)."""
+    enabled = tier.repin.enabled
+    return enabled is True or (enabled == "auto" and tier.profile is None)
 
 
 def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:

@@ -64,7 +64,9 @@ DEFAULTS: dict[str, Any] = {
     "tier.recency_window": DEFAULT_RECENCY_WINDOW,  # lookups a zipf-tuned recency segment covers
     "tier.evict_headroom": 0.0,  # fraction of capacity freed each time eviction runs (0 = exact)
     # online re-pinning of a zipf-tuned tier (tiers.<tier>.repin), see tiered_store.online_repin
-    "repin.enabled": True,  # zipf-tuned tiers count episodes while serving and re-pin
+    # zipf-tuned tiers count episodes while serving and re-pin; "auto": only without a profile
+    # (with one, its pins stay fixed unless asked: counting costs CPU on every lookup)
+    "repin.enabled": "auto",
     "repin.every": 1_048_576,  # lookups of the tier between re-pins
     "repin.budget": "10%",  # rows pinned per re-pin at most: an int, or a share of the pinned rows
     "repin.decay": 0.9,  # weight of past counts after each re-pin (1: never forget)
@@ -449,7 +451,7 @@ class RepinConfig(ConfigModel):
     episodes while serving and, every ``every`` lookups, move at most ``budget`` rows into the
     pinned segment."""
 
-    enabled: StrictBool = DEFAULTS["repin.enabled"]
+    enabled: StrictBool | Literal["auto"] = DEFAULTS["repin.enabled"]
     every: int_at_least(1) = DEFAULTS["repin.every"]
     budget: checked_by(_check_budget, int | str) = DEFAULTS["repin.budget"]
     decay: float = Field(default=DEFAULTS["repin.decay"], gt=0.0, le=1.0)
