@@ -437,7 +437,6 @@ class SplitRecommendation:
 
     def lines(self, frontier_rows: int = 12) -> list[str]:
         """What ``tiered-store replay`` prints."""
-        gb = 1e9
         out = [
             f"tier split for table {self.table!r} (LRU tiers, modelled from one read of the trace; "
             f"GPU budget {format_bytes(self.gpu_budget)}, host budget {format_bytes(self.host_budget)}):",
@@ -449,7 +448,7 @@ class SplitRecommendation:
             f"{self.stall_seconds:.4f} s over {self.batches:,} batches (fetch {self.fetch_seconds:.4f} s)",
             f"  frontier (no other split has less memory and no more stall), {len(self.frontier)} of "
             f"{len(self.candidates)} splits:",
-            f"  {'hot rows':>12}{'GPU GB':>9}{'warm rows':>12}{'host GB':>9}{'hot hit':>9}"
+            f"  {'hot rows':>12}{'GPU':>11}{'warm rows':>12}{'host':>11}{'hot hit':>9}"
             f"{'warm hit':>10}{'fetch':>8}{'stall s':>10}",
         ]
         shown = self.frontier
@@ -458,8 +457,8 @@ class SplitRecommendation:
             shown = [shown[i] for i in pick]
         for c in shown:
             out.append(
-                f"  {c['hot_rows']:>12,}{c['hot_bytes'] / gb:>9.3f}{c['warm_rows']:>12,}"
-                f"{c['warm_bytes'] / gb:>9.3f}{c['hot_hit_ratio']:>9.1%}{c['warm_hit_ratio']:>10.1%}"
+                f"  {c['hot_rows']:>12,}{format_bytes(c['hot_bytes']):>11}{c['warm_rows']:>12,}"
+                f"{format_bytes(c['warm_bytes']):>11}{c['hot_hit_ratio']:>9.1%}{c['warm_hit_ratio']:>10.1%}"
                 f"{c['fetch_ratio']:>8.1%}{c['stall_seconds']:>10.4f}"
             )
         return out
@@ -500,13 +499,17 @@ def recommend_split(
     Ties (equal stall, e.g. none at all when compute hides every fetch) go to the split with less
     GPU memory, then less host memory.
     """
+    budgets = {
+        "hot": parse_budget(gpu_budget, flag="--gpu-budget"),
+        "warm": parse_budget(host_budget, flag="--host-budget"),
+    }
     if not isinstance(trace, TraceReader):
         with TraceReader(trace) as reader:
             return recommend_split(
                 config,
                 reader,
-                gpu_budget=gpu_budget,
-                host_budget=host_budget,
+                gpu_budget=budgets["hot"],
+                host_budget=budgets["warm"],
                 table=table,
                 batch_tokens=batch_tokens,
                 points=points,
@@ -517,10 +520,6 @@ def recommend_split(
     index = trace.table_index(table if table is not None else 0)
     layout = trace.layout[index]
     rows, row_bytes = table_geometry(config, layout)
-    budgets = {
-        "hot": parse_budget(gpu_budget, flag="--gpu-budget"),
-        "warm": parse_budget(host_budget, flag="--host-budget"),
-    }
     kinds = {"hot": config.tiers.hot.index, "warm": config.tiers.warm.index}
     flags = {"hot": "--gpu-budget", "warm": "--host-budget"}
     largest = {
