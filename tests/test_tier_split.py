@@ -50,16 +50,23 @@ COUNT_TOLERANCE = 0.02  # batched: |model - replay| / lookups, for hot hits, war
 
 @pytest.fixture(scope="module")
 def text_trace(tmp_path_factory) -> Path:
-    """A trace of real text: a few standard library modules, 8,000 tokens, 512 lookups a batch."""
+    """A trace of real text: a few standard library modules, 8,000 tokens, 512 lookups a batch
+    (`analyze` with memory budgets: its store config holds the recommended split)."""
     root = tmp_path_factory.mktemp("split")
-    (root / "engram.yaml").write_text(yaml.safe_dump(ENGRAM))
     stdlib = Path(json.__file__).parent
     analyze(
         [stdlib, stdlib.parent / "argparse.py"],
         root / "out",
-        config=root / "engram.yaml",
+        config=text_trace_config(root),
         options=AnalyzeOptions(
-            seq_len=64, batch_seqs=2, max_tokens=8000, curves=False, workers=1, progress=False
+            seq_len=64,
+            batch_seqs=2,
+            max_tokens=8000,
+            curves=False,
+            workers=1,
+            progress=False,
+            gpu_budget="1MiB",
+            host_budget="2MiB",
         ),
     )
     return root / "out" / "trace.trace"
@@ -79,10 +86,10 @@ def short_trace(text_trace) -> Path:
 
 
 def _config(hot: int = 0, warm: int = 0, **cost) -> StoreConfig:
-    """LRU tiers over the trace's table (no table file: rows from the trace, 32 x float32)."""
+    """LRU tiers over the trace's table (no table file: rows from the trace, 16 x float32 as the layout says)."""
     return StoreConfig.from_dict(
         {
-            "table": {"path": "absent.npy", "dim": 32},
+            "table": {"path": "absent.npy", "dim": 16},
             "tiers": {"hot": {"capacity": hot}, "warm": {"capacity": warm}},
             "cost_model": {**COST, **cost},
         }
@@ -109,7 +116,7 @@ def test_per_request_model_equals_replay(short_trace):
     with TraceReader(short_trace) as reader:
         events = batch_events(reader, 0, batch_tokens=1)
     hot, warm = sorted({h for h, _ in SPLITS}), sorted({w for _, w in SPLITS})
-    grid = split_grid(events, _config().cost_model, 128, hot, warm)
+    grid = split_grid(events, _config().cost_model, 64, hot, warm)
     assert grid.lookups == events.lookups == grid.batches
     for h, w in SPLITS:
         model, real = grid.at(h, w), _replayed(short_trace, h, w, batch_tokens=1)
@@ -125,7 +132,7 @@ def test_batched_model_is_within_tolerance_of_replay(text_trace):
     widest = int(np.diff(events.starts).max())
     assert events.batches > 50 and widest > 60  # some splits have hot tiers below a batch's rows
     hot, warm = sorted({h for h, _ in SPLITS}), sorted({w for _, w in SPLITS})
-    grid = split_grid(events, _config().cost_model, 128, hot, warm)
+    grid = split_grid(events, _config().cost_model, 64, hot, warm)
     for h, w in SPLITS:
         model, real = grid.at(h, w), _replayed(text_trace, h, w, batch_tokens=None)
         for key in ("hot_hits", "warm_hits", "cold_reads"):
@@ -229,7 +236,7 @@ def test_replay_command_recommends_a_split_and_names_bad_budgets(text_trace, tmp
     (tmp_path / "tiers.yaml").write_text(
         yaml.safe_dump(
             {
-                "table": {"path": "absent.npy", "dim": 32},
+                "table": {"path": "absent.npy", "dim": 16},
                 "tiers": {"hot": {"capacity": 60}, "warm": {"capacity": 1500}},
                 "cost_model": COST,
             }
@@ -275,3 +282,50 @@ def test_replay_command_recommends_a_split_and_names_bad_budgets(text_trace, tmp
 def test_budget_errors_name_the_flag():
     with pytest.raises(ConfigError, match="--host-budget: got '12 parsecs'"):
         recommend_split(_config(), "unused.trace", gpu_budget=0, host_budget="12 parsecs")
+
+
+def test_analyze_writes_the_split_for_its_budgets_into_the_store_config(text_trace):
+    out = text_trace.parent
+    config = StoreConfig.from_yaml(out / "layer1.store.yaml")
+    assert config.table.dim == 16
+    rec = recommend_split(
+        config.model_copy(
+            update={
+                "cost_model": _config().cost_model.model_copy(
+                    update={"compute_seconds_per_batch": 0.0}
+                )
+            }
+        ),
+        text_trace,
+        gpu_budget="1MiB",
+        host_budget="2MiB",
+    )
+    assert (config.tiers.hot.capacity, config.tiers.warm.capacity) == (rec.hot_rows, rec.warm_rows)
+    split = json.loads((out / "report.json").read_text())["tables"]["layer1"]["tier_split"]
+    assert (split["hot_rows"], split["warm_rows"]) == (rec.hot_rows, rec.warm_rows)
+    assert split["stall_seconds"] == pytest.approx(rec.stall_seconds)
+    assert "least modelled stall" in (out / "layer1.store.yaml").read_text()
+
+
+def test_analyze_refuses_bad_budgets_before_any_work(tmp_path):
+    with pytest.raises(
+        ConfigError, match="--host-budget: not given; expected it with --gpu-budget"
+    ):
+        AnalyzeOptions(gpu_budget="1GiB")
+    with pytest.raises(ConfigError, match="--gpu-budget: got '1 GPU'"):
+        AnalyzeOptions(gpu_budget="1 GPU", host_budget="1GiB")
+    (tmp_path / "doc.txt").write_text("Only a lookup table. " * 50)
+    with pytest.raises(ConfigError, match=r"--gpu-budget \(table layer1\): 1024 bytes"):
+        analyze(
+            [tmp_path / "doc.txt"],
+            tmp_path / "out",
+            config=text_trace_config(tmp_path),
+            options=AnalyzeOptions(gpu_budget="1KiB", host_budget="0", progress=False),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def text_trace_config(root: Path) -> Path:
+    """The Engram config of the text trace, written to ``root``."""
+    (root / "engram.yaml").write_text(yaml.safe_dump(ENGRAM))
+    return root / "engram.yaml"
