@@ -175,13 +175,13 @@ def _recommend(args, config: StoreConfig, reader, table) -> SplitRecommendation 
         raise ConfigError(
             f"{missing}: not given; expected it with {given} (a byte size like '8GiB', or 0)"
         )
-    current = [
-        tuple(
-            resolve_capacity(t.capacity, table_rows=r, row_bytes=b, key=f"tiers.{n}.capacity")
-            for n, t in (("hot", config.tiers.hot), ("warm", config.tiers.warm))
+    rows, row_bytes = table_geometry(config, reader.layout[reader.table_index(table)])
+    current = tuple(  # the config's own split is a candidate too, when it fits
+        resolve_capacity(
+            t.capacity, table_rows=rows, row_bytes=row_bytes, key=f"tiers.{n}.capacity"
         )
-        for r, b in [table_geometry(config, reader.layout[reader.table_index(table)])]
-    ]
+        for n, t in (("hot", config.tiers.hot), ("warm", config.tiers.warm))
+    )
     return recommend_split(
         config,
         reader,
@@ -190,7 +190,7 @@ def _recommend(args, config: StoreConfig, reader, table) -> SplitRecommendation 
         table=table,
         batch_tokens=args.batch_tokens,
         points=args.split_points,
-        extra=current,
+        extra=[current],
     )
 
 

@@ -22,6 +22,10 @@ most used). That order is the only difference from a replay: none per request
 (``batch_tokens=1``: the figures are equal), under 1% of the modelled stall on the text trace
 ``tests/test_tier_split.py`` replays at the trace's own batches.
 
+The model holds the table's (batch, row, lookups) triples in memory, 24 bytes per distinct row of
+each batch (plus a stack pass's 4 bytes per distinct row and its time axis): traces that fit in
+RAM, as for :func:`zipf_analysis.replay.replay_offline`.
+
 Memory counted against a budget: each tier's payload (rows x row bytes) plus its metadata, as
 :meth:`tiered_store.row_cache.RowCache.metadata_bytes` counts it (slot owner, flags and free list,
 the LRU clock, the row index: dense per table row or hashed per slot, ``tiers.*.index``).
