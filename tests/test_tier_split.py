@@ -126,18 +126,27 @@ def test_per_request_model_equals_replay(short_trace):
             assert model[key] == pytest.approx(real[key], rel=1e-9), (h, w, key)
 
 
-def test_batched_model_is_within_tolerance_of_replay(text_trace):
+@pytest.mark.parametrize("batch_tokens", [None, 16])
+def test_batched_model_is_within_tolerance_of_replay(text_trace, batch_tokens):
     with TraceReader(text_trace) as reader:
-        events = batch_events(reader, 0)
+        events = batch_events(reader, 0, batch_tokens)
     widest = int(np.diff(events.starts).max())
     assert events.batches > 50 and widest > 60  # some splits have hot tiers below a batch's rows
     hot, warm = sorted({h for h, _ in SPLITS}), sorted({w for _, w in SPLITS})
     grid = split_grid(events, _config().cost_model, 64, hot, warm)
     for h, w in SPLITS:
-        model, real = grid.at(h, w), _replayed(text_trace, h, w, batch_tokens=None)
-        for key in ("hot_hits", "warm_hits", "cold_reads"):
-            assert abs(model[key] - real[key]) <= COUNT_TOLERANCE * events.lookups, (h, w, key)
-        assert model["stall_seconds"] == pytest.approx(real["stall_seconds"], rel=STALL_TOLERANCE)
+        real = replay(_config(h, w), text_trace, batch_tokens=batch_tokens)
+        assert real.batches == grid.batches and real.lookups == grid.lookups
+        model = grid.at(h, w)
+        for key, value in (
+            ("hot_hits", real.tiers["hot"]["hits"]),
+            ("warm_hits", real.tiers["warm"]["hits"]),
+            ("cold_reads", real.rows_moved["cold_reads"]),
+        ):
+            assert abs(model[key] - value) <= COUNT_TOLERANCE * events.lookups, (h, w, key)
+        assert model["stall_seconds"] == pytest.approx(
+            real.modelled_stall_seconds, rel=STALL_TOLERANCE
+        )
 
 
 @pytest.mark.parametrize("batch_tokens", [None, 1])
@@ -329,3 +338,19 @@ def text_trace_config(root: Path) -> Path:
     """The Engram config of the text trace, written to ``root``."""
     (root / "engram.yaml").write_text(yaml.safe_dump(ENGRAM))
     return root / "engram.yaml"
+
+
+def test_batches_of_one_lookup_give_mattsons_distances_through_growth():
+    """With one lookup a batch the batched distances are the per-request stack distances of
+    StackDistanceCounter; 700k distinct rows make the time axis compact and then grow."""
+    from zipf_analysis.mrc import StackDistanceCounter
+
+    rng = np.random.default_rng(2)
+    ids = np.concatenate([rng.permutation(700_000), rng.integers(0, 700_000, 800_000)])
+    out = batched_stack_distances(ids, np.arange(ids.size + 1))
+    counter = StackDistanceCounter()
+    counter.update(ids)
+    distances, cold = counter.histogram()
+    hist = np.bincount(out, minlength=distances.size + 1)
+    assert hist[0] == cold == 700_000
+    assert (hist[1:] == distances).all()
