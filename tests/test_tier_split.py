@@ -354,3 +354,21 @@ def test_batches_of_one_lookup_give_mattsons_distances_through_growth():
     hist = np.bincount(out, minlength=distances.size + 1)
     assert hist[0] == cold == 700_000
     assert (hist[1:] == distances).all()
+
+
+def test_tier_bytes_equal_a_live_stores_memory_report(tmp_path):
+    from tests.conftest import make_table, store_config
+    from tiered_store import TieredStore
+
+    path, _ = make_table(tmp_path, rows=4000, dim=16)
+    with TieredStore(store_config(path, hot={"capacity": 300}, warm={"capacity": 1200})) as store:
+        report = store.memory_report()
+    for tier, capacity in (("hot", 300), ("warm", 1200)):
+        meta = report[f"{tier}_metadata"]
+        live = (
+            report[f"{tier}_payload_bytes"]
+            + capacity * meta["per_slot"]
+            + 4000 * meta["per_table_row"]
+            + meta["per_tier"]
+        )
+        assert tier_bytes(capacity, rows=4000, row_bytes=64) == live, tier
