@@ -325,6 +325,7 @@ class SplitGrid:
     cold_reads: np.ndarray
     fetch_seconds: np.ndarray
     stall_seconds: np.ndarray
+    widest_batch: int = 0  # most distinct rows in one batch
 
     def at(self, hot: int, warm: int) -> dict[str, float]:
         """The counters of one pair on the grid, as a dict."""
@@ -341,6 +342,9 @@ class SplitGrid:
             "cold_reads": int(self.cold_reads[i, j]),
             "fetch_seconds": float(self.fetch_seconds[i, j]),
             "stall_seconds": float(self.stall_seconds[i, j]),
+            # a tier smaller than a batch's distinct rows keeps the most used of the batch's misses;
+            # the model keeps the most used of all its rows: further from a replay (docs/policies.md)
+            "below_batch": bool(0 < hot < self.widest_batch or 0 < warm < self.widest_batch),
         }
 
 
@@ -396,7 +400,17 @@ def split_grid(
         out["dev"][i] = int(dev_b.sum())
         out["cold"][i] = int(dev_b.sum()) - warm_rows_b.sum(axis=0)
     return SplitGrid(
-        hot, warm, events.lookups, n_b, out["hh"], out["wh"], out["dev"], out["cold"], fetch, stall
+        hot,
+        warm,
+        events.lookups,
+        n_b,
+        out["hh"],
+        out["wh"],
+        out["dev"],
+        out["cold"],
+        fetch,
+        stall,
+        int(np.diff(events.starts).max()) if n_b else 0,
     )
 
 
@@ -428,6 +442,7 @@ class SplitRecommendation:
     stall_seconds: float
     batches: int
     lookups: int
+    widest_batch: int  # most distinct rows in one batch (tiers below it: see ``below_batch``)
     candidates: list[dict[str, Any]] = field(default_factory=list)  # every pair, stall ascending
     frontier: list[dict[str, Any]] = field(
         default_factory=list
@@ -464,6 +479,12 @@ class SplitRecommendation:
                 f"  {c['hot_rows']:>12,}{format_bytes(c['hot_bytes']):>11}{c['warm_rows']:>12,}"
                 f"{format_bytes(c['warm_bytes']):>11}{c['hot_hit_ratio']:>9.1%}{c['warm_hit_ratio']:>10.1%}"
                 f"{c['fetch_ratio']:>8.1%}{c['stall_seconds']:>10.4f}"
+                + (" *" if c["below_batch"] else "")
+            )
+        if any(c["below_batch"] for c in shown) or self.candidates[0]["below_batch"]:
+            out.append(
+                "  * a tier smaller than a batch's distinct rows: modelled less closely (a tier "
+                "keeps the most used of a batch's misses, the model of all its rows)"
             )
         return out
 
@@ -562,6 +583,7 @@ def recommend_split(
         stall_seconds=best["stall_seconds"],
         batches=grid.batches,
         lookups=grid.lookups,
+        widest_batch=grid.widest_batch,
         candidates=candidates,
         frontier=_frontier(candidates),
     )
