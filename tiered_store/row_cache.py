@@ -22,6 +22,7 @@ from .row_index import make_row_index
 DEFAULT_VICTIM_BUFFER = 4096
 VICTIM_BUFFER_BATCHES = 8
 VICTIM_BUFFER_SHARE = 16
+SLOT_BYTES = 8 + 1 + 8  # per slot, whatever the policy: owner row, unevictable flag, free list
 
 
 @dataclass
@@ -100,9 +101,7 @@ class RowCache:
     def metadata_bytes(self) -> dict[str, float]:
         """Bytes of index and policy metadata: per table row, per slot, and fixed per tier."""
         index = self.index.bytes_per() if self.index else {"per_table_row": 0, "per_slot": 0}
-        per_slot = (
-            8 + 1 + 8 + self.eviction.bytes_per_slot + index["per_slot"]
-        )  # owner, unevictable, free list
+        per_slot = SLOT_BYTES + self.eviction.bytes_per_slot + index["per_slot"]
         per_row = index["per_table_row"] + self.admission.bytes_per_row
         per_tier = self.admission.bytes_per_tier if self.capacity else 0
         return {"per_table_row": per_row, "per_slot": per_slot, "per_tier": per_tier}

@@ -23,7 +23,14 @@ import torch
 
 from policies.tinylfu import mix64
 
-__all__ = ["DenseRowIndex", "HashedRowIndex", "RowIndex", "make_row_index"]
+__all__ = [
+    "DenseRowIndex",
+    "HashedRowIndex",
+    "RowIndex",
+    "index_bytes",
+    "index_kind",
+    "make_row_index",
+]
 
 AUTO_HASHED_MIN_DENSE_BYTES = 256 << 20  # a dense index at least this large ...
 AUTO_HASHED_MIN_ROWS_PER_SLOT = 16  # ... over a table this much larger than the tier: hashed
@@ -110,7 +117,7 @@ class HashedRowIndex(RowIndex):
         compiled: bool | None = None,
     ) -> None:
         self.capacity = capacity
-        self.size = max(8, math.ceil(max(capacity, 1) / max_load))
+        self.size = _hashed_entries(capacity, max_load)
         key_dtype = torch.int32 if num_rows < 2**31 else torch.int64
         self.keys = torch.full((self.size,), _EMPTY, dtype=key_dtype, device=device)
         self.slots = torch.full((self.size,), -1, dtype=torch.int32, device=device)
@@ -219,6 +226,47 @@ class HashedRowIndex(RowIndex):
         return {"per_table_row": 0, "per_slot": per_entry * self.size / max(1, self.capacity)}
 
 
+def _hashed_entries(capacity: int, max_load: float = 0.5) -> int:
+    """Entries of a hashed index for ``capacity`` slots."""
+    return max(8, math.ceil(max(capacity, 1) / max_load))
+
+
+def index_kind(kind: str, num_rows: int, capacity: int) -> str:
+    """The index ``kind`` resolves to for a tier of ``capacity`` slots over ``num_rows`` rows
+    (``auto``: see the module docstring).
+
+    Examples
+    --------
+    >>> index_kind("auto", 10_300_000, 515_000), index_kind("auto", 384_006_168, 3_840_061)
+    ('dense', 'hashed')
+    """
+    if kind == "auto":
+        large = 4 * num_rows >= AUTO_HASHED_MIN_DENSE_BYTES
+        sparse = num_rows >= AUTO_HASHED_MIN_ROWS_PER_SLOT * max(capacity, 1)
+        return "hashed" if large and sparse else "dense"
+    if kind in ("dense", "hashed"):
+        return kind
+    raise ValueError(f"index: got {kind!r}; expected 'auto', 'dense' or 'hashed'")
+
+
+def index_bytes(kind: str, num_rows: int, capacity: int) -> dict[str, float]:
+    """Bytes per table row and per slot of the index :func:`make_row_index` builds, without
+    building it (what tier sizing counts against a memory budget).
+
+    Examples
+    --------
+    >>> index_bytes("dense", 1000, 10), index_bytes("hashed", 1000, 10)
+    ({'per_table_row': 4, 'per_slot': 0}, {'per_table_row': 0, 'per_slot': 16.0})
+    """
+    if index_kind(kind, num_rows, capacity) == "dense":
+        return {"per_table_row": 4, "per_slot": 0}
+    per_entry = (4 if num_rows < 2**31 else 8) + 4  # key, slot
+    return {
+        "per_table_row": 0,
+        "per_slot": per_entry * _hashed_entries(capacity) / max(1, capacity),
+    }
+
+
 def make_row_index(
     kind: str, num_rows: int, capacity: int, device: torch.device | str = "cpu"
 ) -> RowIndex:
@@ -230,12 +278,6 @@ def make_row_index(
     >>> make_row_index("auto", 10_300_000, 515_000).kind, make_row_index("auto", 384_006_168, 3_840_061).kind
     ('dense', 'hashed')
     """
-    if kind == "auto":
-        large = 4 * num_rows >= AUTO_HASHED_MIN_DENSE_BYTES
-        sparse = num_rows >= AUTO_HASHED_MIN_ROWS_PER_SLOT * max(capacity, 1)
-        kind = "hashed" if large and sparse else "dense"
-    if kind == "dense":
+    if index_kind(kind, num_rows, capacity) == "dense":
         return DenseRowIndex(num_rows, capacity, device)
-    if kind == "hashed":
-        return HashedRowIndex(num_rows, capacity, device)
-    raise ValueError(f"index: got {kind!r}; expected 'auto', 'dense' or 'hashed'")
+    return HashedRowIndex(num_rows, capacity, device)

@@ -285,3 +285,68 @@ def remap_from(ids, table, nxt, out):
             nxt += 1
         out[i] = v
     return nxt
+
+
+@_njit
+def lru_batch_pass(ids, starts, batch, last, owner, bits, tree, state, out):
+    """Batched stack distances from batch ``batch`` on, until the time axis has no room for the
+    next batch; returns that batch's index.
+
+    ``ids[starts[k]:starts[k + 1]]`` are batch k's distinct rows. Every row of a batch is measured
+    before any is stamped, so ``out[i]`` is 1 + the rows more recent than the row when the batch
+    begins (the row is resident in an LRU tier of that many rows or more), or 0 for a first use.
+    Then the batch is stamped in the order given, oldest first (an LRU tier stamps a batch at once;
+    this stands for its tie order). Same time axis as :func:`lru_pass` (a bitmap of latest uses
+    with a Fenwick tree over its words).
+    """
+    n_words = tree.shape[0] - 1
+    cap = n_words * 64
+    t = state[0]
+    distinct = state[1]
+    one = np.uint64(1)
+    n_batches = starts.shape[0] - 1
+    k = batch
+    while k < n_batches:
+        lo = starts[k]
+        hi = starts[k + 1]
+        if t + (hi - lo) > cap:
+            break
+        for i in range(lo, hi):
+            p = last[ids[i]]
+            if p == 0:
+                out[i] = 0
+                continue
+            q = p - 1
+            w = q >> 6
+            s = _popcount(bits[w] & (~np.uint64(0) >> np.uint64(63 - (q & 63))))
+            j = w
+            while j > 0:
+                s += tree[j]
+                j &= j - 1
+            out[i] = distinct - s + 1
+        for i in range(lo, hi):
+            x = ids[i]
+            p = last[x]
+            if p == 0:
+                distinct += 1
+            else:
+                q = p - 1
+                w = q >> 6
+                bits[w] &= ~(one << np.uint64(q & 63))
+                j = w + 1
+                while j <= n_words:
+                    tree[j] -= 1
+                    j += j & -j
+            w = t >> 6
+            bits[w] |= one << np.uint64(t & 63)
+            j = w + 1
+            while j <= n_words:
+                tree[j] += 1
+                j += j & -j
+            owner[t] = x
+            t += 1
+            last[x] = t
+        k += 1
+    state[0] = t
+    state[1] = distinct
+    return k

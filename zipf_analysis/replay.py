@@ -287,20 +287,20 @@ def replay_offline(
 def batch_fetch_seconds(
     cost: CostModelConfig,
     row_bytes: int,
-    hot_hits: int,
-    warm_rows: int,
-    device_rows: int,
-    cold_rows: int,
-) -> float:
+    hot_hits: int | np.ndarray,
+    warm_rows: int | np.ndarray,
+    device_rows: int | np.ndarray,
+    cold_rows: int | np.ndarray,
+) -> float | np.ndarray:
     """Modelled time to serve one batch: device gathers, host gathers, the host-to-device copy and
-    random NVMe page reads (one latency per batch, reads overlapped at the drive's IOPS)."""
+    random NVMe page reads (one latency per batch, reads overlapped at the drive's IOPS). Counts
+    may be arrays (one element per batch): the result is then an array."""
     t = hot_hits * row_bytes / (cost.hbm_gbps * 1e9)
-    t += warm_rows * row_bytes / (cost.dram_gbps * 1e9)
-    t += device_rows * row_bytes / (cost.pcie_gbps * 1e9)
-    if cold_rows:
-        pages = cold_rows * max(1, -(-row_bytes // PAGE_BYTES))
-        t += pages / cost.nvme_read_iops + cost.nvme_latency_us * 1e-6
-    return t
+    t = t + warm_rows * row_bytes / (cost.dram_gbps * 1e9)
+    t = t + device_rows * row_bytes / (cost.pcie_gbps * 1e9)
+    pages = cold_rows * max(1, -(-row_bytes // PAGE_BYTES))
+    t = t + pages / cost.nvme_read_iops + np.where(cold_rows > 0, cost.nvme_latency_us * 1e-6, 0.0)
+    return float(t) if np.ndim(t) == 0 else t
 
 
 def table_geometry(config: StoreConfig, layout: dict[str, Any]) -> tuple[int, int]:

@@ -11,10 +11,12 @@ import numpy as np
 from policies.registry import is_offline, offline_names
 from tiered_store.capacity import resolve_capacity
 from tiered_store.config import StoreConfig
+from tiered_store.errors import ConfigError
 from tiered_store.trace import TraceReader
 
 from .mrc import MissRatioCurve, lru_mrc, offline_mrc
 from .replay import ReplayResult, replay, table_geometry
+from .tier_split import DEFAULT_POINTS, SplitRecommendation, recommend_split
 
 DEFAULT_SWEEP = "1%,5%,10%,25%"
 
@@ -31,7 +33,10 @@ def register(sub) -> None:
         "several times in one batch is read once, the figure comparable with per-request simulators), "
         "with the offline bounds (Belady's optimum and the oracle static top-K, per request) at the same "
         "capacities. Also sweeps a single cache tier over --sweep capacities per policy and draws its "
-        "fetch ratio against capacity (PNG).",
+        "fetch ratio against capacity (PNG). With --gpu-budget and --host-budget, also recommends "
+        "the hot/warm split of LRU tiers with the least modelled stall whose hot tier (payload and "
+        "metadata) fits the GPU budget and warm tier the host budget, modelled from one read of the "
+        "trace, and replays that split to check the model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("config", type=Path, help="store config (YAML)")
@@ -61,6 +66,24 @@ def register(sub) -> None:
         action="store_true",
         help="skip the offline bounds not named in --policies (they read the whole trace)",
     )
+    p.add_argument(
+        "--gpu-budget",
+        metavar="BYTES",
+        help="GPU memory for the hot tier, payload and metadata (e.g. 8GiB; 0: no hot tier): with "
+        "--host-budget, recommend the hot/warm split (replay.json: tier_split)",
+    )
+    p.add_argument(
+        "--host-budget",
+        metavar="BYTES",
+        help="host memory for the warm tier, payload and metadata (e.g. 64GiB; 0: no warm tier)",
+    )
+    p.add_argument(
+        "--split-points",
+        type=int,
+        default=DEFAULT_POINTS,
+        metavar="N",
+        help="candidate capacities per tier for the recommendation, log-spaced up to each budget",
+    )
     p.set_defaults(run=run_replay)
 
 
@@ -76,6 +99,7 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
     table = args.table if args.table is not None else 0
     layout = reader.layout[reader.table_index(table)]
     rows, row_bytes = table_geometry(config, layout)
+    split = _recommend(args, config, reader, table)
     policies = [p.strip() for p in args.policies.split(",")] if args.policies else [None]
     results = [
         replay(
@@ -131,9 +155,80 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
         )
         print(f"\nmiss ratio vs capacity (replayed policies: fetch ratio): {png}")
         print_sweep(curves, rows)
+    if split is not None:
+        doc["tier_split"] = _report_split(args, config, reader, table, split)
     (args.out / "replay.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
     print(f"results: {args.out / 'replay.json'}")
     return 0
+
+
+def _recommend(args, config: StoreConfig, reader, table) -> SplitRecommendation | None:
+    """The tier split for ``--gpu-budget``/``--host-budget`` (None without them); bad budgets
+    fail here, before any replay."""
+    gpu, host = getattr(args, "gpu_budget", None), getattr(args, "host_budget", None)
+    if gpu is None and host is None:
+        return None
+    if gpu is None or host is None:
+        given, missing = (
+            ("--gpu-budget", "--host-budget") if host is None else ("--host-budget", "--gpu-budget")
+        )
+        raise ConfigError(
+            f"{missing}: not given; expected it with {given} (a byte size like '8GiB', or 0)"
+        )
+    rows, row_bytes = table_geometry(config, reader.layout[reader.table_index(table)])
+    current = tuple(  # the config's own split is a candidate too, when it fits
+        resolve_capacity(
+            t.capacity, table_rows=rows, row_bytes=row_bytes, key=f"tiers.{n}.capacity"
+        )
+        for n, t in (("hot", config.tiers.hot), ("warm", config.tiers.warm))
+    )
+    return recommend_split(
+        config,
+        reader,
+        gpu_budget=gpu,
+        host_budget=host,
+        table=table,
+        batch_tokens=args.batch_tokens,
+        points=args.split_points,
+        extra=[current],
+    )
+
+
+def _report_split(args, config: StoreConfig, reader, table, split: SplitRecommendation) -> dict:
+    """Print the recommendation, replay it (LRU, to check the model) and return its JSON."""
+    print()
+    for line in split.lines():
+        print(line)
+    tiers = config.tiers.model_copy(
+        update={
+            "hot": config.tiers.hot.model_copy(
+                update={"capacity": split.hot_rows, "static_rows": None, "preload_rows": None}
+            ),
+            "warm": config.tiers.warm.model_copy(
+                update={"capacity": split.warm_rows, "static_rows": None, "preload_rows": None}
+            ),
+        }
+    )
+    check = replay(
+        config.model_copy(update={"tiers": tiers}),
+        reader,
+        table=table,
+        batch_tokens=args.batch_tokens,
+        policy="lru",
+        progress=not args.quiet,
+    )
+    print(
+        f"  replayed at the recommended split (lru): hot hit {check.tiers['hot']['hit_ratio']:.2%}, "
+        f"warm hit {check.tiers['warm']['hit_ratio']:.2%}, fetch {check.fetch_ratio:.2%}, stall "
+        f"{check.modelled_stall_seconds:.4f} s (model {split.stall_seconds:.4f} s)"
+    )
+    print(
+        f"  store config: tiers: {{hot: {{capacity: {split.hot_rows}, policy: lru}}, "
+        f"warm: {{capacity: {split.warm_rows}, policy: lru}}}}"
+    )
+    doc = split.to_dict()
+    doc["replayed"] = check.to_dict()
+    return doc
 
 
 def offline_bounds(

@@ -168,6 +168,18 @@ def register(sub: Any) -> None:
         "profile; zipf-tuned pins the rows with the most episodes (0: do not count them; default "
         f"{DEFAULT_EPISODE_WINDOW:,} = one 4096-token sequence x 16 heads)",
     )
+    p.add_argument(
+        "--gpu-budget",
+        metavar="BYTES",
+        help="GPU memory for each table's hot tier, payload and metadata (e.g. 8GiB; 0: none): with "
+        "--host-budget, layer{L}.store.yaml takes the hot/warm split with the least modelled stall "
+        "(LRU, default cost model) instead of the --targets sizes; report.json: tier_split",
+    )
+    p.add_argument(
+        "--host-budget",
+        metavar="BYTES",
+        help="host memory for each table's warm tier, payload and metadata (e.g. 64GiB; 0: none)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or stage messages")
     p.set_defaults(run=run_analyze)
 
@@ -189,6 +201,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         belady_lookups=args.belady_lookups,
         episode_window=args.episode_window,
         progress=not args.quiet,
+        gpu_budget=args.gpu_budget,
+        host_budget=args.host_budget,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("always", SkippedFilesWarning)
@@ -215,4 +229,10 @@ def run_analyze(args: argparse.Namespace) -> int:
         print(
             f"{name}: top rows {tab['files']['top_rows']}, store config {tab['files']['store_yaml']}"
         )
+        if "tier_split" in tab:
+            s = tab["tier_split"]
+            print(
+                f"{name}: tier split for the budgets: hot {s['hot_rows']:,} rows, warm "
+                f"{s['warm_rows']:,} rows, modelled stall {s['stall_seconds']:.4f} s"
+            )
     return 0

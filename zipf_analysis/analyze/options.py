@@ -80,6 +80,10 @@ class AnalyzeOptions:
         (``zipf-tuned`` pins rows by episodes; 0: do not count them).
     progress : bool
         Show a progress bar and stage messages.
+    gpu_budget, host_budget : str or None
+        Memory for the hot and warm tiers (e.g. ``'8GiB'``; both or neither): each table's store
+        config then takes the hot/warm split with the least modelled stall
+        (:func:`zipf_analysis.tier_split.recommend_split`) instead of the ``targets`` sizes.
 
     Examples
     --------
@@ -106,6 +110,8 @@ class AnalyzeOptions:
     belady_lookups: int = DEFAULT_BELADY_LOOKUPS
     episode_window: int = DEFAULT_EPISODE_WINDOW
     progress: bool = True
+    gpu_budget: str | None = None
+    host_budget: str | None = None
 
     def __post_init__(self) -> None:
         for name, value, minimum in (
@@ -127,6 +133,20 @@ class AnalyzeOptions:
         if not 0.0 < float(self.shards_rate) <= 1.0:
             raise ConfigError(f"shards_rate: got {self.shards_rate!r}; expected 0 < rate <= 1")
         object.__setattr__(self, "targets", check_targets(self.targets))
+        if (self.gpu_budget is None) != (self.host_budget is None):
+            given, missing = (
+                ("--gpu-budget", "--host-budget")
+                if self.host_budget is None
+                else ("--host-budget", "--gpu-budget")
+            )
+            raise ConfigError(
+                f"{missing}: not given; expected it with {given} (a byte size like '8GiB', or 0)"
+            )
+        if self.gpu_budget is not None:
+            from ..tier_split import parse_budget
+
+            parse_budget(self.gpu_budget, flag="--gpu-budget")
+            parse_budget(self.host_budget, flag="--host-budget")
 
     @property
     def threads(self) -> int:

@@ -137,6 +137,7 @@ def analyze(
     layouts = table_layouts(hasher, engram)
     names = [t["name"] for t in layouts]
     rows = {t["name"]: int(t["rows"]) for t in layouts}
+    _check_budgets(layouts, options)
     tok_info = tokenizer_info(tok)
     say(
         f"tokenizer: {tok_info['package']} {tok_info['version']}: {tok.vocab_size:,} ids -> "
@@ -208,8 +209,13 @@ def _run(corpus: Corpus, part_of: np.ndarray, ctx: RunContext) -> dict[str, Any]
             holdout = holdout_summary(
                 ctx.staging / HOLDOUT_NAME, ctx.rows, profiles, recs, traced.builders[1].stats
             )
+    with ctx.times.stage("curves"):  # the tier split for the budgets, if given
+        splits = {layout["name"]: _tier_split(ctx, layout) for layout in ctx.layouts}
+    splits = {n: s for n, s in splits.items() if s is not None}
+    for n, split in splits.items():
+        tables[n]["tier_split"] = split
     with ctx.times.stage("report"):
-        _write_table_reports(ctx, profiles, curves, recs, profiled.all_profile)
+        _write_table_reports(ctx, profiles, curves, recs, profiled.all_profile, splits)
     total: dict[str, int] = {}
     for n in ctx.names:
         for tier, info in recs[n]["tiers"].items():
@@ -253,12 +259,56 @@ def _run(corpus: Corpus, part_of: np.ndarray, ctx: RunContext) -> dict[str, Any]
     }
 
 
+def _check_budgets(layouts: Sequence[Mapping[str, Any]], options: AnalyzeOptions) -> None:
+    """Fail before any work when a budget cannot hold one row of a table (float32 rows)."""
+    if options.gpu_budget is None:
+        return
+    from ..tier_split import max_capacity, parse_budget
+
+    for layout in layouts:
+        for flag, text in (
+            ("--gpu-budget", options.gpu_budget),
+            ("--host-budget", options.host_budget),
+        ):
+            max_capacity(
+                parse_budget(text, flag=flag),
+                rows=int(layout["rows"]),
+                row_bytes=4 * int(layout["dim"]),
+                flag=f"{flag} (table {layout['name']})",
+            )
+
+
+def _tier_split(ctx: RunContext, layout: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The hot/warm split for the budgets (None without them), as JSON without the candidates."""
+    options = ctx.options
+    if options.gpu_budget is None:
+        return None
+    from tiered_store.config import StoreConfig
+
+    from ..tier_split import recommend_split
+
+    name = layout["name"]
+    config = StoreConfig.from_dict(
+        {"table": {"path": str(ctx.staging / f"{name}.npy"), "dim": int(layout["dim"])}}
+    )
+    split = recommend_split(
+        config,
+        ctx.trace,
+        gpu_budget=options.gpu_budget,
+        host_budget=options.host_budget,
+        table=name,
+    ).to_dict()
+    del split["candidates"]
+    return split
+
+
 def _write_table_reports(
     ctx: RunContext,
     profiles: Mapping[str, FrequencyProfile],
     curves: Mapping[str, list[MissRatioCurve]],
     recs: Mapping[str, Mapping[str, Any]],
     all_profile: FrequencyProfile,
+    splits: Mapping[str, Mapping[str, Any]],
 ) -> None:
     """Stage 7 (but the top-level report): store configs, per-table reports and plots."""
     from ..plots import plot_rank_frequency
@@ -266,7 +316,7 @@ def _write_table_reports(
     for layout in ctx.layouts:
         n = layout["name"]
         (ctx.staging / f"{n}.store.yaml").write_text(
-            store_yaml(n, layout, recs[n], f"{n}.top_rows.npy", TRACE_NAME)
+            store_yaml(n, layout, recs[n], f"{n}.top_rows.npy", TRACE_NAME, splits.get(n))
         )
         write_report(
             ctx.staging / n,

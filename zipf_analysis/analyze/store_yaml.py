@@ -7,15 +7,24 @@ from typing import Any
 
 import yaml
 
+from tiered_store.capacity import format_bytes
+
 from .options import HOLDOUT_NAME
 
 __all__ = ["store_yaml"]
 
 
 def store_yaml(
-    name: str, layout: Mapping[str, Any], rec: Mapping[str, Any], top_rows: str, trace: str
+    name: str,
+    layout: Mapping[str, Any],
+    rec: Mapping[str, Any],
+    top_rows: str,
+    trace: str,
+    split: Mapping[str, Any] | None = None,
 ) -> str:
-    """A complete store config (StoreConfig YAML) for one table with the recommended capacities."""
+    """A complete store config (StoreConfig YAML) for one table with the recommended capacities:
+    the ``split`` for the memory budgets when given (``SplitRecommendation.to_dict()``), else the
+    sizes that reach the hit-rate targets (``rec``)."""
     tiers: dict[str, Any] = {}
     notes = []
     for tier, info in rec["tiers"].items():
@@ -30,13 +39,29 @@ def store_yaml(
             f"{info['combined_capacity']:,} rows in this and the tiers above"
             + ("" if info["reachable"] else " (UNREACHABLE: every distinct row)")
         )
+    sizing = [
+        f"# Capacities read off the {rec['curve']!r} miss-ratio curve of {trace} "
+        f"({'inclusive' if rec['inclusive'] else 'exclusive'} tiers, cumulative targets):",
+        *notes,
+    ]
+    if split is not None:
+        for tier in ("hot", "warm"):
+            tiers[tier]["capacity"] = int(split[f"{tier}_rows"])
+        sizing = [
+            f"# Capacities: the hot/warm split with the least modelled stall (LRU, default cost "
+            f"model) for GPU budget {format_bytes(split['gpu_budget'])} and host budget "
+            f"{format_bytes(split['host_budget'])}, payload and metadata,",
+            f"# from {trace}: hot {format_bytes(split['hot_bytes'])}, warm "
+            f"{format_bytes(split['warm_bytes'])}; modelled hot hit {split['hot_hit_ratio']:.4f}, "
+            f"warm hit {split['warm_hit_ratio']:.4f}, fetch {split['fetch_ratio']:.4f}, stall "
+            f"{split['stall_seconds']:.4f} s (report.json: tier_split). The targets gave:",
+            *notes,
+        ]
     doc = {"table": {"path": f"{name}.npy", "dim": int(layout["dim"])}, "tiers": tiers}
     head = [
         f"# Recommended by `tiered-store analyze` for Engram table {name} "
         f"({int(layout['rows']):,} rows x {int(layout['dim'])}).",
-        f"# Capacities read off the {rec['curve']!r} miss-ratio curve of {trace} "
-        f"({'inclusive' if rec['inclusive'] else 'exclusive'} tiers, cumulative targets):",
-        *notes,
+        *sizing,
         "# preload_rows: the profile's hottest rows first (warm start). table.path is the "
         "layer's concatenated table",
         f"# (create it with `tiered-store init {name}.npy ...`). Replay: "

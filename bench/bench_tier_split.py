@@ -1,0 +1,144 @@
+"""Tier sizing: the one-pass hot/warm model against full replays of the same splits, on text.
+
+1. ``tiered-store analyze`` makes a trace of the Python standard library's sources (or
+   ``--analysis DIR`` reuses one).
+2. ``recommend_split`` models every (hot, warm) pair on its grid under ``--gpu-budget`` and
+   ``--host-budget`` from one read of the trace (timed).
+3. ``replay`` runs the recommended split and ``--replays - 1`` others from the frontier (timed):
+   modelled against replayed hits, cold reads and stall, and the time of the model against one
+   replay in the same run.
+
+Example::
+
+    python bench/bench_tier_split.py --out bench/results/tier_split.json
+    python bench/bench_tier_split.py --analysis A --gpu-budget 128MiB --host-budget 1GiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tiered_store.config import StoreConfig
+from zipf_analysis.replay import replay
+from zipf_analysis.tier_split import recommend_split
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison and write the JSON."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--analysis", type=Path, help="an `analyze` output directory to reuse")
+    p.add_argument(
+        "--max-tokens", type=int, default=500_000, help="tokens to analyse (no --analysis)"
+    )
+    p.add_argument("--table", default="layer1")
+    p.add_argument("--gpu-budget", default="128MiB")
+    p.add_argument("--host-budget", default="1GiB")
+    p.add_argument("--replays", type=int, default=3, help="splits replayed to check the model")
+    p.add_argument("--out", type=Path, help="JSON results")
+    args = p.parse_args(argv)
+    work = args.analysis
+    scratch = None
+    if work is None:
+        from zipf_analysis.analyze import AnalyzeOptions, analyze
+
+        scratch = Path(tempfile.mkdtemp(prefix="bench_tier_split_"))
+        work = scratch / "analysis"
+        analyze(
+            None,
+            work,
+            options=AnalyzeOptions(max_tokens=args.max_tokens, curves=False, progress=False),
+        )
+    try:
+        doc = run(work, args)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    doc["command"] = "python bench/bench_tier_split.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def run(work: Path, args: argparse.Namespace) -> dict:
+    """Model once, replay a few splits, compare."""
+    config = StoreConfig.from_yaml(work / f"{args.table}.store.yaml")
+    trace = work / "trace.trace"
+    start = time.perf_counter()
+    rec = recommend_split(
+        config, trace, table=args.table, gpu_budget=args.gpu_budget, host_budget=args.host_budget
+    )
+    model_s = time.perf_counter() - start
+    picks = [(rec.hot_rows, rec.warm_rows)]
+    frontier = [(c["hot_rows"], c["warm_rows"]) for c in rec.frontier]
+    for i in np.linspace(0, len(frontier) - 2, max(0, args.replays - 1)).round().astype(int):
+        if frontier[i] not in picks:
+            picks.append(frontier[i])
+    by_pair = {(c["hot_rows"], c["warm_rows"]): c for c in rec.candidates}
+    checks, replay_s = [], []
+    for hot, warm in picks:
+        tiers = config.tiers.model_copy(
+            update={
+                "hot": config.tiers.hot.model_copy(update={"capacity": hot, "preload_rows": None}),
+                "warm": config.tiers.warm.model_copy(
+                    update={"capacity": warm, "preload_rows": None}
+                ),
+            }
+        )
+        start = time.perf_counter()
+        r = replay(
+            config.model_copy(update={"tiers": tiers}), trace, table=args.table, policy="lru"
+        )
+        replay_s.append(time.perf_counter() - start)
+        m = by_pair[(hot, warm)]
+        checks.append(
+            {
+                "hot_rows": hot,
+                "warm_rows": warm,
+                "model": {
+                    k: m[k] for k in ("hot_hits", "warm_hits", "cold_reads", "stall_seconds")
+                },
+                "replay": {
+                    "hot_hits": r.tiers["hot"]["hits"],
+                    "warm_hits": r.tiers["warm"]["hits"],
+                    "cold_reads": r.rows_moved["cold_reads"],
+                    "stall_seconds": r.modelled_stall_seconds,
+                },
+                "stall_error": m["stall_seconds"] / r.modelled_stall_seconds - 1
+                if r.modelled_stall_seconds
+                else 0.0,
+                "replay_seconds": replay_s[-1],
+            }
+        )
+    per_replay = float(np.mean(replay_s))
+    return {
+        "table": args.table,
+        "lookups": rec.lookups,
+        "batches": rec.batches,
+        "gpu_budget": args.gpu_budget,
+        "host_budget": args.host_budget,
+        "recommended": {
+            k: getattr(rec, k)
+            for k in ("hot_rows", "warm_rows", "hot_bytes", "warm_bytes", "stall_seconds")
+        },
+        "splits_modelled": len(rec.candidates),
+        "model_seconds": model_s,
+        "replay_seconds_per_split": per_replay,
+        "model_time_in_replays": model_s / per_replay,
+        "checks": checks,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

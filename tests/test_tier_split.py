@@ -1,0 +1,374 @@
+"""Tier sizing from one read of a trace: the model against full replays of the same splits.
+
+The trace is real text (Python standard library sources, tokenised and hashed by `analyze` with a
+small Engram config). Per request (``batch_tokens=1``) the model's counters and stall must equal a
+replay's; at the trace's own batches (an LRU tier breaks a batch's ties by slot, the model by
+lookups), within 2% of the stall and 2% of the lookups. The recommended split must have the least
+replayed stall among the splits the test replays.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from policies import PolicySpec
+from tiered_store.cli import main
+from tiered_store.config import StoreConfig
+from tiered_store.errors import ConfigError
+from tiered_store.row_cache import RowCache
+from tiered_store.trace import TraceReader, TraceWriter
+from zipf_analysis.analyze import AnalyzeOptions, analyze
+from zipf_analysis.replay import replay
+from zipf_analysis.tier_split import (
+    batch_events,
+    batched_stack_distances,
+    max_capacity,
+    recommend_split,
+    split_grid,
+    tier_bytes,
+)
+
+ENGRAM = {
+    "engram": {
+        "engram_vocab_size": [20011, 20021],
+        "max_ngram_size": 3,
+        "n_embed_per_ngram": 32,
+        "n_head_per_ngram": 2,
+        "layer_ids": [1],
+    }
+}
+COST = {"compute_seconds_per_batch": 0.0002}
+STALL_TOLERANCE = 0.02  # batched: |model - replay| / replay
+COUNT_TOLERANCE = 0.02  # batched: |model - replay| / lookups, for hot hits, warm hits, cold reads
+
+
+@pytest.fixture(scope="module")
+def text_trace(tmp_path_factory) -> Path:
+    """A trace of real text: a few standard library modules, 8,000 tokens, 512 lookups a batch
+    (`analyze` with memory budgets: its store config holds the recommended split)."""
+    root = tmp_path_factory.mktemp("split")
+    stdlib = Path(json.__file__).parent
+    analyze(
+        [stdlib, stdlib.parent / "argparse.py"],
+        root / "out",
+        config=text_trace_config(root),
+        options=AnalyzeOptions(
+            seq_len=64,
+            batch_seqs=2,
+            max_tokens=8000,
+            curves=False,
+            workers=1,
+            progress=False,
+            gpu_budget="1MiB",
+            host_budget="2MiB",
+        ),
+    )
+    return root / "out" / "trace.trace"
+
+
+@pytest.fixture(scope="module")
+def short_trace(text_trace) -> Path:
+    """The text trace's first 8,000 lookups (per-request replay runs one lookup at a time)."""
+    with TraceReader(text_trace) as reader:
+        layout, ids = reader.layout, reader.read_all(0)[:8000]
+    path = text_trace.with_name("short.trace")
+    with TraceWriter(path, {"tables": layout}) as writer:
+        for part in np.split(ids, range(512, ids.size, 512)):
+            writer.write(part, 0)
+            writer.end_batch()
+    return path
+
+
+def _config(hot: int = 0, warm: int = 0, **cost) -> StoreConfig:
+    """LRU tiers over the trace's table (no table file: rows from the trace, 16 x float32 as the layout says)."""
+    return StoreConfig.from_dict(
+        {
+            "table": {"path": "absent.npy", "dim": 16},
+            "tiers": {"hot": {"capacity": hot}, "warm": {"capacity": warm}},
+            "cost_model": {**COST, **cost},
+        }
+    )
+
+
+def _replayed(trace: Path, hot: int, warm: int, batch_tokens: int | None, **cost) -> dict:
+    """A full replay of one split, as the model's counters."""
+    r = replay(_config(hot, warm, **cost), trace, batch_tokens=batch_tokens)
+    return {
+        "hot_hits": r.tiers["hot"]["hits"],
+        "warm_hits": r.tiers["warm"]["hits"],
+        "device_rows": r.rows_moved["host_to_device"],
+        "cold_reads": r.rows_moved["cold_reads"],
+        "fetch_seconds": r.modelled_fetch_seconds,
+        "stall_seconds": r.modelled_stall_seconds,
+    }
+
+
+SPLITS = [(0, 300), (60, 0), (60, 1500), (400, 300), (400, 4000), (2500, 1500)]
+
+
+def test_per_request_model_equals_replay(short_trace):
+    with TraceReader(short_trace) as reader:
+        events = batch_events(reader, 0, batch_tokens=1)
+    hot, warm = sorted({h for h, _ in SPLITS}), sorted({w for _, w in SPLITS})
+    grid = split_grid(events, _config().cost_model, 64, hot, warm)
+    assert grid.lookups == events.lookups == grid.batches
+    for h, w in SPLITS:
+        model, real = grid.at(h, w), _replayed(short_trace, h, w, batch_tokens=1)
+        for key in ("hot_hits", "warm_hits", "device_rows", "cold_reads"):
+            assert model[key] == real[key], (h, w, key)
+        for key in ("fetch_seconds", "stall_seconds"):
+            assert model[key] == pytest.approx(real[key], rel=1e-9), (h, w, key)
+
+
+@pytest.mark.parametrize("batch_tokens", [None, 16])
+def test_batched_model_is_within_tolerance_of_replay(text_trace, batch_tokens):
+    with TraceReader(text_trace) as reader:
+        events = batch_events(reader, 0, batch_tokens)
+    widest = int(np.diff(events.starts).max())
+    assert events.batches > 50 and widest > 60  # some splits have hot tiers below a batch's rows
+    hot, warm = sorted({h for h, _ in SPLITS}), sorted({w for _, w in SPLITS})
+    grid = split_grid(events, _config().cost_model, 64, hot, warm)
+    for h, w in SPLITS:
+        real = replay(_config(h, w), text_trace, batch_tokens=batch_tokens)
+        assert real.batches == grid.batches and real.lookups == grid.lookups
+        model = grid.at(h, w)
+        for key, value in (
+            ("hot_hits", real.tiers["hot"]["hits"]),
+            ("warm_hits", real.tiers["warm"]["hits"]),
+            ("cold_reads", real.rows_moved["cold_reads"]),
+        ):
+            assert abs(model[key] - value) <= COUNT_TOLERANCE * events.lookups, (h, w, key)
+        assert model["stall_seconds"] == pytest.approx(
+            real.modelled_stall_seconds, rel=STALL_TOLERANCE
+        )
+
+
+@pytest.mark.parametrize("batch_tokens", [None, 1])
+def test_recommended_split_has_the_least_replayed_stall(text_trace, short_trace, batch_tokens):
+    trace = text_trace if batch_tokens is None else short_trace
+    cost = {} if batch_tokens is None else {"compute_seconds_per_batch": 0.0}  # one lookup a batch
+    config = _config(hot=60, warm=1500, **cost)
+    rec = recommend_split(
+        config,
+        trace,
+        gpu_budget="1MiB",
+        host_budget="2MiB",
+        batch_tokens=batch_tokens,
+        points=8,
+        extra=[(60, 1500)],
+    )
+    assert rec.hot_bytes <= rec.gpu_budget and rec.warm_bytes <= rec.host_budget
+    assert rec.candidates[0]["stall_seconds"] == rec.stall_seconds
+    assert all(c["stall_seconds"] >= rec.stall_seconds for c in rec.candidates)
+    # the recommendation, the largest split, the config's, and frontier points with less memory
+    largest = max(rec.candidates, key=lambda c: (c["hot_rows"], c["warm_rows"]))
+    others = {(largest["hot_rows"], largest["warm_rows"]), (60, 1500)}
+    others |= {(c["hot_rows"], c["warm_rows"]) for c in rec.frontier[-6:-1]}
+    others.discard((rec.hot_rows, rec.warm_rows))
+    assert len(others) >= 3
+    best = _replayed(trace, rec.hot_rows, rec.warm_rows, batch_tokens, **cost)["stall_seconds"]
+    replayed = [_replayed(trace, h, w, batch_tokens, **cost)["stall_seconds"] for h, w in others]
+    if batch_tokens == 1:  # the model is exact: so is the choice
+        assert best == pytest.approx(rec.stall_seconds, rel=1e-9)
+        assert best <= min(replayed) * (1 + 1e-9)
+    else:
+        assert best == pytest.approx(rec.stall_seconds, rel=STALL_TOLERANCE)
+        assert best <= min(replayed) * (1 + STALL_TOLERANCE)
+
+
+def test_stall_free_splits_go_to_the_least_memory(text_trace):
+    rec = recommend_split(
+        _config(compute_seconds_per_batch=1.0), text_trace, gpu_budget="1MiB", host_budget="2MiB"
+    )
+    assert rec.stall_seconds == 0.0 and (rec.hot_rows, rec.warm_rows) == (0, 0)
+
+
+def _brute_batched_lru(rows: np.ndarray, starts: np.ndarray) -> list[int]:
+    """Batched stack distances by moving rows to the front of a list, batch by batch."""
+    stack: list[int] = []  # most recent first
+    out = []
+    for k in range(starts.size - 1):
+        batch = rows[starts[k] : starts[k + 1]].tolist()
+        out.extend(stack.index(x) + 1 if x in stack else 0 for x in batch)
+        for x in batch:  # stamped in order: the last is the most recent
+            if x in stack:
+                stack.remove(x)
+            stack.insert(0, x)
+    return out
+
+
+def test_batched_stack_distances_equal_brute_force():
+    rng = random.Random(0)
+    for _ in range(30):
+        n_rows, n_batches = rng.randint(1, 40), rng.randint(1, 60)
+        rows, starts = [], [0]
+        for _ in range(n_batches):
+            batch = rng.sample(range(n_rows), rng.randint(0, min(n_rows, 9)))
+            rows.extend(batch)
+            starts.append(len(rows))
+        rows, starts = np.array(rows, dtype=np.int64), np.array(starts)
+        assert batched_stack_distances(rows, starts).tolist() == _brute_batched_lru(rows, starts)
+
+
+def test_batched_stack_distances_survive_time_axis_compaction():
+    rng = np.random.default_rng(1)
+    rows = np.concatenate([rng.permutation(3000)[:1000] for _ in range(2000)])  # 2M events
+    starts = np.arange(0, rows.size + 1, 1000)
+    out = batched_stack_distances(rows, starts)
+    # the last batch, after compactions: brute force over the 10 batches before it finds every row
+    # used there (3,000 distinct rows, 1,000 a batch) at the same distance
+    expect = np.array(_brute_batched_lru(rows[-11_000:], np.arange(0, 11_001, 1000))[-1000:])
+    seen = expect > 0
+    assert seen.sum() > 900 and (out[-1000:][seen] == expect[seen]).all()
+
+
+@pytest.mark.parametrize("index", ["dense", "hashed"])
+def test_tier_bytes_count_what_a_row_cache_keeps(index):
+    rows, capacity, row_bytes = 50_000, 700, 256
+    cache = RowCache(
+        "hot", num_rows=rows, capacity=capacity, spec=PolicySpec.parse("lru"), index=index
+    )
+    meta = cache.metadata_bytes()
+    expect = capacity * (row_bytes + meta["per_slot"]) + rows * meta["per_table_row"]
+    assert tier_bytes(capacity, rows=rows, row_bytes=row_bytes, index=index) == int(np.ceil(expect))
+    budget = tier_bytes(capacity, rows=rows, row_bytes=row_bytes, index=index)
+    assert max_capacity(budget, rows=rows, row_bytes=row_bytes, index=index) == capacity
+
+
+def test_replay_command_recommends_a_split_and_names_bad_budgets(text_trace, tmp_path, capsys):
+    (tmp_path / "tiers.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "table": {"path": "absent.npy", "dim": 16},
+                "tiers": {"hot": {"capacity": 60}, "warm": {"capacity": 1500}},
+                "cost_model": COST,
+            }
+        )
+    )
+    base = ["replay", str(tmp_path / "tiers.yaml"), str(text_trace), "--sweep", "", "--quiet"]
+    out = tmp_path / "out"
+    argv = [
+        *base,
+        "--no-bounds",
+        "--out",
+        str(out),
+        "--gpu-budget",
+        "1MiB",
+        "--host-budget",
+        "2MiB",
+    ]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "recommended: hot" in text and "replayed at the recommended split" in text
+    doc = json.loads((out / "replay.json").read_text())["tier_split"]
+    assert doc["hot_bytes"] <= 2**20 and doc["warm_bytes"] <= 2 * 2**20
+    assert doc["replayed"]["tiers"]["hot"]["capacity"] == doc["hot_rows"]
+    assert doc["frontier"] and len(doc["candidates"]) >= len(doc["frontier"])
+    for extra, needle in [
+        (
+            ["--gpu-budget", "lots", "--host-budget", "2MiB"],
+            "--gpu-budget: got 'lots'; expected a byte size",
+        ),
+        (
+            ["--gpu-budget", "1KiB", "--host-budget", "2MiB"],
+            "--gpu-budget: 1024 bytes (1.0 KiB) holds no row",
+        ),
+        (["--gpu-budget", "1MiB"], "--host-budget: not given; expected it with --gpu-budget"),
+    ]:
+        assert main([*base, "--no-bounds", "--out", str(tmp_path / "bad"), *extra]) == 2
+        assert needle in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["replay", "--help"])
+    assert "--gpu-budget" in capsys.readouterr().out
+
+
+def test_budget_errors_name_the_flag():
+    with pytest.raises(ConfigError, match="--host-budget: got '12 parsecs'"):
+        recommend_split(_config(), "unused.trace", gpu_budget=0, host_budget="12 parsecs")
+
+
+def test_analyze_writes_the_split_for_its_budgets_into_the_store_config(text_trace):
+    out = text_trace.parent
+    config = StoreConfig.from_yaml(out / "layer1.store.yaml")
+    assert config.table.dim == 16
+    rec = recommend_split(
+        config.model_copy(
+            update={
+                "cost_model": _config().cost_model.model_copy(
+                    update={"compute_seconds_per_batch": 0.0}
+                )
+            }
+        ),
+        text_trace,
+        gpu_budget="1MiB",
+        host_budget="2MiB",
+    )
+    assert (config.tiers.hot.capacity, config.tiers.warm.capacity) == (rec.hot_rows, rec.warm_rows)
+    split = json.loads((out / "report.json").read_text())["tables"]["layer1"]["tier_split"]
+    assert (split["hot_rows"], split["warm_rows"]) == (rec.hot_rows, rec.warm_rows)
+    assert split["stall_seconds"] == pytest.approx(rec.stall_seconds)
+    assert "least modelled stall" in (out / "layer1.store.yaml").read_text()
+
+
+def test_analyze_refuses_bad_budgets_before_any_work(tmp_path):
+    with pytest.raises(
+        ConfigError, match="--host-budget: not given; expected it with --gpu-budget"
+    ):
+        AnalyzeOptions(gpu_budget="1GiB")
+    with pytest.raises(ConfigError, match="--gpu-budget: got '1 GPU'"):
+        AnalyzeOptions(gpu_budget="1 GPU", host_budget="1GiB")
+    (tmp_path / "doc.txt").write_text("Only a lookup table. " * 50)
+    with pytest.raises(ConfigError, match=r"--gpu-budget \(table layer1\): 1024 bytes"):
+        analyze(
+            [tmp_path / "doc.txt"],
+            tmp_path / "out",
+            config=text_trace_config(tmp_path),
+            options=AnalyzeOptions(gpu_budget="1KiB", host_budget="0", progress=False),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def text_trace_config(root: Path) -> Path:
+    """The Engram config of the text trace, written to ``root``."""
+    (root / "engram.yaml").write_text(yaml.safe_dump(ENGRAM))
+    return root / "engram.yaml"
+
+
+def test_batches_of_one_lookup_give_mattsons_distances_through_growth():
+    """With one lookup a batch the batched distances are the per-request stack distances of
+    StackDistanceCounter; 700k distinct rows make the time axis compact and then grow."""
+    from zipf_analysis.mrc import StackDistanceCounter
+
+    rng = np.random.default_rng(2)
+    ids = np.concatenate([rng.permutation(700_000), rng.integers(0, 700_000, 800_000)])
+    out = batched_stack_distances(ids, np.arange(ids.size + 1))
+    counter = StackDistanceCounter()
+    counter.update(ids)
+    distances, cold = counter.histogram()
+    hist = np.bincount(out, minlength=distances.size + 1)
+    assert hist[0] == cold == 700_000
+    assert (hist[1:] == distances).all()
+
+
+def test_tier_bytes_equal_a_live_stores_memory_report(tmp_path):
+    from tests.conftest import make_table, store_config
+    from tiered_store import TieredStore
+
+    path, _ = make_table(tmp_path, rows=4000, dim=16)
+    with TieredStore(store_config(path, hot={"capacity": 300}, warm={"capacity": 1200})) as store:
+        report = store.memory_report()
+    for tier, capacity in (("hot", 300), ("warm", 1200)):
+        meta = report[f"{tier}_metadata"]
+        live = (
+            report[f"{tier}_payload_bytes"]
+            + capacity * meta["per_slot"]
+            + 4000 * meta["per_table_row"]
+            + meta["per_tier"]
+        )
+        assert tier_bytes(capacity, rows=4000, row_bytes=64) == live, tier

@@ -1,0 +1,631 @@
+"""Tier sizing across both cache tiers: the hot/warm split that minimises the modelled stall
+under a GPU and a host memory budget, from one read of a trace.
+
+How the tiers interact (:class:`tiered_store.cache_plan.CacheHierarchy`): every lookup probes
+hot; the batch's distinct hot misses probe warm; rows read from cold enter warm, and every hot
+miss (warm hit or cold read) enters hot. Hot never demotes its victims into warm and warm keeps
+rows that moved up, so the hierarchy is neither inclusive nor exclusive: under LRU, **hot is an
+LRU over the whole stream and warm is an LRU over hot's miss stream**. Hot's hits at every
+capacity come from one pass of stack distances; warm's depend on hot's capacity (a bigger hot
+tier thins the stream warm sees), so each candidate hot capacity gets one more stack pass over
+its own miss stream, which is held in memory (no second read of the trace) and shorter than the
+trace by hot's hit ratio. The result is exact for LRU tiers, not an approximation from
+``misses(hot + warm)``, which would hold for an exclusive hierarchy only.
+
+Granularity: the store's batches, as :func:`zipf_analysis.replay.replay` counts them (the trace's
+own batches, or ``batch_tokens`` groups). The cost model is per batch (a row missed twice in a
+batch is read once, one NVMe latency per batch, the stall is ``max(0, fetch - compute)`` per
+batch), so per-request distances would misprice it. An LRU tier stamps a whole batch at once and
+orders a batch's rows by slot; the model orders them by lookups in the batch (most used newest),
+which is also what a tier does with a batch of more distinct misses than it holds (it keeps the
+most used). That order is the only difference from a replay: none per request
+(``batch_tokens=1``: the figures are equal), under 1% of the modelled stall on the text trace
+``tests/test_tier_split.py`` replays at the trace's own batches.
+
+The model holds the table's (batch, row, lookups) triples in memory, 24 bytes per distinct row of
+each batch (plus a stack pass's 4 bytes per distinct row and its time axis): traces that fit in
+RAM, as for :func:`zipf_analysis.replay.replay_offline`.
+
+Memory counted against a budget: each tier's payload (rows x row bytes) plus its metadata, as
+:meth:`tiered_store.row_cache.RowCache.metadata_bytes` counts it (slot owner, flags and free list,
+the LRU clock, the row index: dense per table row or hashed per slot, ``tiers.*.index``).
+
+Examples
+--------
+>>> from zipf_analysis.tier_split import recommend_split
+>>> rec = recommend_split(config, "trace.trace", gpu_budget="8GiB", host_budget="64GiB")  # doctest: +SKIP
+>>> rec.hot_rows, rec.warm_rows, rec.stall_seconds                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policies.registry import EVICTION
+from tiered_store.capacity import format_bytes, parse_bytes
+from tiered_store.config import CostModelConfig, StoreConfig
+from tiered_store.errors import ConfigError
+from tiered_store.row_cache import SLOT_BYTES
+from tiered_store.row_index import index_bytes
+from tiered_store.trace import TraceReader
+
+from . import mrc_kernels as kernels
+from .mrc import MIN_TIME_CAPACITY
+from .replay import batch_fetch_seconds, table_geometry
+
+__all__ = [
+    "BatchEvents",
+    "SplitGrid",
+    "SplitRecommendation",
+    "batch_events",
+    "batched_stack_distances",
+    "max_capacity",
+    "parse_budget",
+    "recommend_split",
+    "split_grid",
+    "tier_bytes",
+]
+
+DEFAULT_POINTS = 16  # candidate capacities per tier (plus 0 and the budget's largest)
+_CHUNK_EVENTS = 1 << 22  # lookups deduplicated at once
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_budget(text: str | int, *, flag: str) -> int:
+    """A memory budget in bytes from ``'8GiB'``, ``'512MB'`` or ``0``; errors name ``flag``.
+
+    Examples
+    --------
+    >>> parse_budget("8GiB", flag="--gpu-budget"), parse_budget("0", flag="--gpu-budget")
+    (8589934592, 0)
+    >>> parse_budget("lots", flag="--host-budget")
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: --host-budget: got 'lots'; expected a byte size like '8GiB', '512MB' or 0
+    """
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    if isinstance(text, str) and text.strip() == "0":
+        return 0
+    try:
+        return parse_bytes(str(text))
+    except ConfigError:
+        raise ConfigError(
+            f"{flag}: got {text!r}; expected a byte size like '8GiB', '512MB' or 0"
+        ) from None
+
+
+def tier_bytes(
+    capacity: int, *, rows: int, row_bytes: int, index: str = "auto", policy: str = "lru"
+) -> int:
+    """Bytes a cache tier of ``capacity`` rows takes: payload plus the metadata a ``RowCache``
+    keeps (per slot: owner, flags, free list, the eviction policy's key, a hashed index's entries;
+    per table row: a dense index). An empty tier takes nothing.
+
+    Examples
+    --------
+    >>> tier_bytes(1000, rows=100_000, row_bytes=256)   # 256 B payload + 25 B per slot, 4 B per table row
+    681000
+    >>> tier_bytes(0, rows=100_000, row_bytes=256)
+    0
+    """
+    if capacity <= 0:
+        return 0
+    idx = index_bytes(index, rows, capacity)
+    per_slot = row_bytes + SLOT_BYTES + EVICTION[policy].bytes_per_slot + idx["per_slot"]
+    return int(np.ceil(capacity * per_slot + rows * idx["per_table_row"]))
+
+
+def max_capacity(
+    budget: int, *, rows: int, row_bytes: int, index: str = "auto", flag: str = "budget"
+) -> int:
+    """The most rows (at most the table's) whose tier fits in ``budget`` bytes; 0 for a zero
+    budget. A positive budget too small for one row is an error naming ``flag``.
+
+    Examples
+    --------
+    >>> max_capacity(681_000, rows=100_000, row_bytes=256)
+    1000
+    >>> max_capacity(1000, rows=100_000, row_bytes=256, flag="--gpu-budget")
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: --gpu-budget: 1000 bytes (1000 B) holds no row of this table; expected at least 400281 bytes (390.9 KiB: one 256-byte row and the tier's metadata, 400,000 of them a dense index over the table's 100,000 rows), or 0 for no tier
+    """
+    if budget <= 0:
+        return 0
+    need = tier_bytes(1, rows=rows, row_bytes=row_bytes, index=index)
+    if budget < need:
+        fixed = int(rows * index_bytes(index, rows, 1)["per_table_row"])
+        dense = f", {fixed:,} of them a dense index over the table's {rows:,} rows" if fixed else ""
+        raise ConfigError(
+            f"{flag}: {budget} bytes ({format_bytes(budget)}) holds no row of this table; expected "
+            f"at least {need} bytes ({format_bytes(need)}: one {row_bytes}-byte row and the tier's "
+            f"metadata{dense}), or 0 for no tier"
+        )
+    lo, hi = 1, rows  # bytes grow with capacity (see tiered_store.row_index: auto goes dense
+    while lo < hi:  # only where dense costs more), so bisect
+        mid = (lo + hi + 1) // 2
+        if tier_bytes(mid, rows=rows, row_bytes=row_bytes, index=index) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# ---------------------------------------------------------------------------------------------
+# One read of the trace: per batch, its distinct rows and how often each was looked up
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchEvents:
+    """A table's trace as the store's tiers see it: each batch's distinct rows and their lookups
+    in the batch, least used first (the order the model stamps a batch in; ties by row id). Row
+    ids are renumbered densely in id order."""
+
+    starts: np.ndarray  # [batches + 1] int64: batch k's events are starts[k]:starts[k + 1]
+    rows: np.ndarray  # [events] int64, dense row index
+    counts: np.ndarray  # [events] int64, lookups of the row in its batch
+    lookups: int
+
+    @property
+    def batches(self) -> int:
+        """Batches in the trace (as replay counts them)."""
+        return self.starts.size - 1
+
+    @property
+    def batch_of(self) -> np.ndarray:
+        """The batch of each event."""
+        return np.repeat(np.arange(self.batches), np.diff(self.starts))
+
+
+def batch_events(
+    reader: TraceReader, table: str | int = 0, batch_tokens: int | None = None
+) -> BatchEvents:
+    """Read one table of a trace once into :class:`BatchEvents`, batched as
+    :func:`zipf_analysis.replay.replay` batches it (the trace's own batches, records of one batch
+    joined, or groups of ``batch_tokens`` tokens x heads ids; ``1``: one lookup per batch)."""
+    index = reader.table_index(table)
+    heads = int(reader.layout[index].get("heads", 1))
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ConfigError(f"batch_tokens: got {batch_tokens}; expected a positive number of tokens")
+    size = None if batch_tokens is None else (1 if batch_tokens == 1 else batch_tokens * heads)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    carry_ids = carry_bids = np.empty(0, dtype=np.int64)
+    n_batches = lookups = 0
+    for ids, bids, batches_so_far in _tagged_chunks(reader, index, size):
+        ids, bids = np.concatenate([carry_ids, ids]), np.concatenate([carry_bids, bids])
+        n_batches, lookups = batches_so_far, lookups + ids.size - carry_ids.size
+        if ids.size == 0:
+            continue
+        cut = int(np.searchsorted(bids, bids[-1]))  # the last batch may go on in the next chunk
+        if cut > 0:
+            parts.append(_dedup(ids[:cut], bids[:cut]))
+        carry_ids, carry_bids = ids[cut:], bids[cut:]
+    if carry_ids.size:
+        parts.append(_dedup(carry_ids, carry_bids))
+    if parts:
+        bid, rows, counts = (np.concatenate(p) for p in zip(*parts, strict=True))
+    else:
+        bid = rows = counts = np.empty(0, dtype=np.int64)
+    _, dense = np.unique(rows, return_inverse=True)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(bid, minlength=n_batches))])
+    return BatchEvents(starts.astype(np.int64), dense.astype(np.int64), counts, lookups)
+
+
+def _tagged_chunks(
+    reader: TraceReader, index: int, size: int | None
+) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """Each chunk's ids of the table with their batch number (consecutive from 0), and the
+    batches begun so far."""
+    pos = 0
+    prev, runs = None, 0
+    for chunk in reader.chunks():
+        ids = chunk.table_ids(index)
+        if size is not None:
+            bids = (pos + np.arange(ids.size, dtype=np.int64)) // size
+            pos += ids.size
+            yield ids, bids, -(-pos // size)
+            continue
+        recs = chunk.records[chunk.records[:, 1] == index]
+        if recs.shape[0] == 0:
+            continue
+        batch = recs[:, 0]
+        new = np.concatenate([[prev is None or batch[0] != prev], batch[1:] != batch[:-1]])
+        run = runs + np.cumsum(new) - 1
+        prev, runs = batch[-1], int(run[-1]) + 1
+        yield ids, np.repeat(run, recs[:, 2]), runs
+
+
+def _dedup(ids: np.ndarray, bids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(batch, row, lookups) per distinct row of each batch; in a batch, least used first."""
+    order = np.lexsort((ids, bids))
+    b, r = bids[order], ids[order]
+    first = np.concatenate([[True], (b[1:] != b[:-1]) | (r[1:] != r[:-1])])
+    at = np.flatnonzero(first)
+    counts = np.diff(np.concatenate([at, [b.size]])).astype(np.int64)
+    b, r = b[at], r[at]
+    order = np.lexsort((r, counts, b))  # in a batch: least used first (see BatchEvents)
+    return b[order], r[order], counts[order]
+
+
+def batched_stack_distances(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Batched LRU stack distance of every event (0: first use): an LRU tier of C rows, stamped a
+    batch at once, holds the row when the batch begins iff ``0 < distance <= C``.
+
+    Examples
+    --------
+    >>> # batches {0, 1}, {2}, {0}, {1, 2}: row 0 comes back after rows 1 and 2 were used
+    >>> batched_stack_distances(np.array([0, 1, 2, 0, 1, 2]), np.array([0, 2, 3, 4, 6])).tolist()
+    [0, 0, 0, 3, 3, 2]
+    """
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    out = np.zeros(rows.size, dtype=np.int64)
+    if rows.size == 0:
+        return out
+    widest = int(np.diff(starts).max())
+    last = np.zeros(int(rows.max()) + 1, dtype=np.int32)
+    state = np.zeros(2, dtype=np.int64)
+    owner, bits, tree = _time_axis(max(MIN_TIME_CAPACITY, 4 * widest))
+    k, n_batches = 0, starts.size - 1
+    while True:
+        k = kernels.lru_batch_pass(rows, starts, k, last, owner, bits, tree, state, out)
+        if k >= n_batches:
+            return out
+        distinct = kernels.compact_bitmap_times(last, owner, int(state[0]))
+        need = distinct + int(starts[k + 1] - starts[k])
+        if 2 * need > owner.size:
+            grown = _time_axis(4 * need)
+            grown[0][:distinct] = owner[:distinct]
+            owner, bits, tree = grown
+        state[0] = distinct
+        kernels.bitmap_ones(bits, tree, distinct)
+
+
+def _time_axis(times: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Owner per time, the latest-use bitmap and its Fenwick tree, for ``times`` access times."""
+    words = -(-times // 64)
+    return (
+        np.zeros(words * 64, dtype=np.int32),
+        np.zeros(words, dtype=np.uint64),
+        np.zeros(words + 1, dtype=np.int32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Every (hot, warm) pair
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitGrid:
+    """Modelled counters at every (hot, warm) capacity pair: arrays of shape [hot, warm].
+
+    ``hot_hits`` and ``warm_hits`` count lookups (duplicates in a batch included), as the tiers'
+    counters do; ``device_rows`` and ``cold_reads`` count distinct rows per batch, summed, as
+    replay's ``rows_moved`` does."""
+
+    hot: np.ndarray
+    warm: np.ndarray
+    lookups: int
+    batches: int
+    hot_hits: np.ndarray
+    warm_hits: np.ndarray
+    device_rows: np.ndarray
+    cold_reads: np.ndarray
+    fetch_seconds: np.ndarray
+    stall_seconds: np.ndarray
+    widest_batch: int = 0  # most distinct rows in one batch
+
+    def at(self, hot: int, warm: int) -> dict[str, float]:
+        """The counters of one pair on the grid, as a dict."""
+        i = int(np.searchsorted(self.hot, hot))
+        j = int(np.searchsorted(self.warm, warm))
+        if i >= self.hot.size or self.hot[i] != hot or j >= self.warm.size or self.warm[j] != warm:
+            raise KeyError(f"({hot}, {warm}) is not on the grid")
+        return {
+            "hot_rows": hot,
+            "warm_rows": warm,
+            "hot_hits": int(self.hot_hits[i, j]),
+            "warm_hits": int(self.warm_hits[i, j]),
+            "device_rows": int(self.device_rows[i, j]),
+            "cold_reads": int(self.cold_reads[i, j]),
+            "fetch_seconds": float(self.fetch_seconds[i, j]),
+            "stall_seconds": float(self.stall_seconds[i, j]),
+            # a tier smaller than a batch's distinct rows keeps the most used of the batch's misses;
+            # the model keeps the most used of all its rows: further from a replay (docs/policies.md)
+            "below_batch": bool(0 < hot < self.widest_batch or 0 < warm < self.widest_batch),
+        }
+
+
+def split_grid(
+    events: BatchEvents,
+    cost: CostModelConfig,
+    row_bytes: int,
+    hot: Sequence[int] | np.ndarray,
+    warm: Sequence[int] | np.ndarray,
+) -> SplitGrid:
+    """Modelled hits, rows moved, fetch and stall time at every (hot, warm) pair of LRU tiers.
+
+    One stack pass over the events gives hot's hits at every capacity; per hot capacity, one stack
+    pass over its miss stream gives warm's at every capacity. The cost model is
+    :func:`zipf_analysis.replay.batch_fetch_seconds`, per batch, as replay applies it.
+
+    Examples
+    --------
+    >>> ev = BatchEvents(np.array([0, 2, 3, 4, 6]), np.array([0, 1, 2, 0, 1, 2]),
+    ...                  np.array([2, 1, 1, 1, 1, 1]), lookups=7)
+    >>> g = split_grid(ev, CostModelConfig(), 256, [0, 1, 3], [0, 2])
+    >>> g.hot_hits[:, 0].tolist(), g.warm_hits[0].tolist(), g.cold_reads[1].tolist()
+    ([0, 0, 3], [0, 1], [6, 5])
+    """
+    hot = np.unique(np.asarray(hot, dtype=np.int64))
+    warm = np.unique(np.asarray(warm, dtype=np.int64))
+    n_b, n_w = events.batches, warm.size
+    batch_of = events.batch_of
+    d_hot = batched_stack_distances(events.rows, events.starts)
+    shape = (hot.size, n_w)
+    out = {k: np.zeros(shape, dtype=np.int64) for k in ("hh", "wh", "dev", "cold")}
+    fetch, stall = np.zeros(shape), np.zeros(shape)
+    for i, h in enumerate(hot):
+        miss = (d_hot == 0) | (d_hot > h)
+        hits_b = np.bincount(batch_of[~miss], weights=events.counts[~miss], minlength=n_b)
+        dev_b = np.bincount(batch_of[miss], minlength=n_b)
+        m_batch, m_counts = batch_of[miss], events.counts[miss]
+        m_starts = np.concatenate([[0], np.cumsum(dev_b)])
+        d_warm = batched_stack_distances(events.rows[miss], m_starts)
+        # first warm capacity on the grid that holds the row (n_w: none, or a first use)
+        col = np.where(d_warm > 0, np.searchsorted(warm, d_warm, side="left"), n_w)
+        per_b = np.bincount(m_batch * (n_w + 1) + col, minlength=n_b * (n_w + 1))
+        warm_rows_b = np.cumsum(per_b.reshape(n_b, n_w + 1)[:, :n_w], axis=1)  # [batch, warm]
+        warm_hits = np.cumsum(np.bincount(col, weights=m_counts, minlength=n_w + 1)[:n_w])
+        cold_b = dev_b[:, None] - warm_rows_b
+        t = batch_fetch_seconds(
+            cost, row_bytes, hits_b[:, None], warm_rows_b, dev_b[:, None], cold_b
+        )
+        fetch[i] = t.sum(axis=0)
+        stall[i] = np.maximum(0.0, t - cost.compute_seconds_per_batch).sum(axis=0)
+        out["hh"][i] = int(hits_b.sum())
+        out["wh"][i] = warm_hits.astype(np.int64)
+        out["dev"][i] = int(dev_b.sum())
+        out["cold"][i] = int(dev_b.sum()) - warm_rows_b.sum(axis=0)
+    return SplitGrid(
+        hot,
+        warm,
+        events.lookups,
+        n_b,
+        out["hh"],
+        out["wh"],
+        out["dev"],
+        out["cold"],
+        fetch,
+        stall,
+        int(np.diff(events.starts).max()) if n_b else 0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The recommendation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitRecommendation:
+    """The (hot, warm) split with the least modelled stall under both budgets, and the candidates
+    considered."""
+
+    table: str
+    rows: int
+    row_bytes: int
+    gpu_budget: int
+    host_budget: int
+    batch_tokens: int | None
+    hot_rows: int
+    warm_rows: int
+    hot_bytes: int
+    warm_bytes: int
+    hot_hit_ratio: float  # hot hits per lookup
+    warm_hit_ratio: float  # warm hits per lookup that reached warm (replay's warm hit ratio)
+    miss_ratio: float  # lookups served by neither tier, per lookup
+    fetch_ratio: float  # rows read from cold per lookup
+    fetch_seconds: float
+    stall_seconds: float
+    batches: int
+    lookups: int
+    widest_batch: int  # most distinct rows in one batch (tiers below it: see ``below_batch``)
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every pair, stall ascending
+    frontier: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # no other pair: less memory, no more stall
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def lines(self, frontier_rows: int = 12) -> list[str]:
+        """What ``tiered-store replay`` prints."""
+        out = [
+            f"tier split for table {self.table!r} (LRU tiers, modelled from one read of the trace; "
+            f"GPU budget {format_bytes(self.gpu_budget)}, host budget {format_bytes(self.host_budget)}):",
+            f"  recommended: hot {self.hot_rows:,} rows ({self.hot_rows / self.rows:.2%} of the "
+            f"table, {format_bytes(self.hot_bytes)} with metadata), warm {self.warm_rows:,} rows "
+            f"({self.warm_rows / self.rows:.2%}, {format_bytes(self.warm_bytes)})",
+            f"  modelled: hot hit {self.hot_hit_ratio:.2%}, warm hit {self.warm_hit_ratio:.2%}, "
+            f"miss {self.miss_ratio:.2%}, fetch {self.fetch_ratio:.2%}; stall "
+            f"{self.stall_seconds:.4f} s over {self.batches:,} batches (fetch {self.fetch_seconds:.4f} s)",
+            f"  frontier (no other split has less memory and no more stall), {len(self.frontier)} of "
+            f"{len(self.candidates)} splits:",
+            f"  {'hot rows':>12}{'GPU':>11}{'warm rows':>12}{'host':>11}{'hot hit':>9}"
+            f"{'warm hit':>10}{'fetch':>8}{'stall s':>10}",
+        ]
+        shown = self.frontier
+        if len(shown) > frontier_rows:  # the cheapest, the best, and evenly in between
+            pick = np.unique(np.linspace(0, len(shown) - 1, frontier_rows).round().astype(int))
+            shown = [shown[i] for i in pick]
+        for c in shown:
+            out.append(
+                f"  {c['hot_rows']:>12,}{format_bytes(c['hot_bytes']):>11}{c['warm_rows']:>12,}"
+                f"{format_bytes(c['warm_bytes']):>11}{c['hot_hit_ratio']:>9.1%}{c['warm_hit_ratio']:>10.1%}"
+                f"{c['fetch_ratio']:>8.1%}{c['stall_seconds']:>10.4f}"
+                + (" *" if c["below_batch"] else "")
+            )
+        if any(c["below_batch"] for c in shown) or self.candidates[0]["below_batch"]:
+            out.append(
+                "  * a tier smaller than a batch's distinct rows: modelled less closely (a tier "
+                "keeps the most used of a batch's misses, the model of all its rows)"
+            )
+        return out
+
+
+def recommend_split(
+    config: StoreConfig,
+    trace: TraceReader | str | Path,
+    *,
+    gpu_budget: int | str,
+    host_budget: int | str,
+    table: str | int | None = None,
+    batch_tokens: int | None = None,
+    points: int = DEFAULT_POINTS,
+    extra: Sequence[tuple[int, int]] = (),
+) -> SplitRecommendation:
+    """The hot/warm split of LRU tiers with the least modelled stall whose hot tier fits in
+    ``gpu_budget`` and warm tier in ``host_budget`` bytes (payload and metadata).
+
+    Parameters
+    ----------
+    config : StoreConfig
+        The table (rows, row bytes), each tier's ``index`` and the ``cost_model``. Its tier
+        capacities and policies are not used (the model is LRU at every capacity).
+    trace : TraceReader or path
+    gpu_budget, host_budget : int or str
+        Bytes, or a size like ``'8GiB'``; 0 for no tier.
+    table : str or int, optional
+        Which table of the trace (default: the first).
+    batch_tokens : int, optional
+        Batching, as :func:`zipf_analysis.replay.replay` takes it (default: the trace's own).
+    points : int
+        Candidate capacities per tier, log-spaced up to the budget's largest (0 and that largest
+        are always candidates).
+    extra : sequence of (hot, warm)
+        More splits to evaluate (within the budgets), e.g. the config's own.
+
+    Ties (equal stall, e.g. none at all when compute hides every fetch) go to the split with less
+    GPU memory, then less host memory.
+    """
+    budgets = {
+        "hot": parse_budget(gpu_budget, flag="--gpu-budget"),
+        "warm": parse_budget(host_budget, flag="--host-budget"),
+    }
+    if not isinstance(trace, TraceReader):
+        with TraceReader(trace) as reader:
+            return recommend_split(
+                config,
+                reader,
+                gpu_budget=budgets["hot"],
+                host_budget=budgets["warm"],
+                table=table,
+                batch_tokens=batch_tokens,
+                points=points,
+                extra=extra,
+            )
+    if points < 1:
+        raise ConfigError(f"points: got {points}; expected at least 1 capacity per tier")
+    index = trace.table_index(table if table is not None else 0)
+    layout = trace.layout[index]
+    rows, row_bytes = table_geometry(config, layout)
+    kinds = {"hot": config.tiers.hot.index, "warm": config.tiers.warm.index}
+    flags = {"hot": "--gpu-budget", "warm": "--host-budget"}
+    largest = {
+        t: max_capacity(budgets[t], rows=rows, row_bytes=row_bytes, index=kinds[t], flag=flags[t])
+        for t in ("hot", "warm")
+    }
+    grids = {t: _grid(largest[t], points) for t in ("hot", "warm")}
+    for h, w in extra:
+        if 0 <= h <= largest["hot"] and 0 <= w <= largest["warm"]:
+            grids["hot"] = np.union1d(grids["hot"], [h])
+            grids["warm"] = np.union1d(grids["warm"], [w])
+    events = batch_events(trace, index, batch_tokens)
+    grid = split_grid(events, config.cost_model, row_bytes, grids["hot"], grids["warm"])
+    nbytes = {
+        t: np.array([tier_bytes(int(c), rows=rows, row_bytes=row_bytes, index=kinds[t]) for c in g])
+        for t, g in (("hot", grid.hot), ("warm", grid.warm))
+    }
+    candidates = _candidates(grid, nbytes)
+    best = candidates[0]
+    return SplitRecommendation(
+        table=str(layout.get("name", index)),
+        rows=rows,
+        row_bytes=row_bytes,
+        gpu_budget=budgets["hot"],
+        host_budget=budgets["warm"],
+        batch_tokens=batch_tokens,
+        hot_rows=best["hot_rows"],
+        warm_rows=best["warm_rows"],
+        hot_bytes=best["hot_bytes"],
+        warm_bytes=best["warm_bytes"],
+        hot_hit_ratio=best["hot_hit_ratio"],
+        warm_hit_ratio=best["warm_hit_ratio"],
+        miss_ratio=best["miss_ratio"],
+        fetch_ratio=best["fetch_ratio"],
+        fetch_seconds=best["fetch_seconds"],
+        stall_seconds=best["stall_seconds"],
+        batches=grid.batches,
+        lookups=grid.lookups,
+        widest_batch=grid.widest_batch,
+        candidates=candidates,
+        frontier=_frontier(candidates),
+    )
+
+
+def _grid(largest: int, points: int) -> np.ndarray:
+    """0, ``points`` log-spaced capacities up to ``largest`` (from largest/1024), and largest."""
+    if largest <= 0:
+        return np.zeros(1, dtype=np.int64)
+    caps = np.geomspace(max(1.0, largest / 1024), largest, points).round().astype(np.int64)
+    return np.unique(np.concatenate([[0, largest], caps]))
+
+
+def _candidates(grid: SplitGrid, nbytes: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Every pair as a dict, best first: least stall, then least GPU, then least host memory."""
+    hh, ww = np.meshgrid(np.arange(grid.hot.size), np.arange(grid.warm.size), indexing="ij")
+    hh, ww = hh.ravel(), ww.ravel()
+    order = np.lexsort((nbytes["warm"][ww], nbytes["hot"][hh], grid.stall_seconds[hh, ww]))
+    n = max(1, grid.lookups)
+    out = []
+    for i, j in zip(hh[order], ww[order], strict=True):
+        c = grid.at(int(grid.hot[i]), int(grid.warm[j]))
+        reached_warm = grid.lookups - c["hot_hits"]
+        c.update(
+            hot_bytes=int(nbytes["hot"][i]),
+            warm_bytes=int(nbytes["warm"][j]),
+            hot_hit_ratio=c["hot_hits"] / n,
+            warm_hit_ratio=c["warm_hits"] / reached_warm if reached_warm else 0.0,
+            miss_ratio=(reached_warm - c["warm_hits"]) / n,
+            fetch_ratio=c["cold_reads"] / n,
+        )
+        out.append(c)
+    return out
+
+
+def _frontier(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The candidates no other beats on GPU bytes, host bytes and stall at once, by stall."""
+    g = np.array([c["hot_bytes"] for c in candidates])
+    h = np.array([c["warm_bytes"] for c in candidates])
+    s = np.array([c["stall_seconds"] for c in candidates])
+    no_worse = (g[:, None] <= g) & (h[:, None] <= h) & (s[:, None] <= s)
+    better = (g[:, None] < g) | (h[:, None] < h) | (s[:, None] < s)
+    dominated = (no_worse & better).any(axis=0)
+    keep = [c for c, d in zip(candidates, dominated, strict=True) if not d]
+    return sorted(keep, key=lambda c: (-c["stall_seconds"], c["hot_bytes"], c["warm_bytes"]))
