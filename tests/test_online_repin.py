@@ -7,9 +7,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import assert_concurrent_lookups_exact, make_table
 from tiered_store import ConfigError, StoreConfig, TieredStore
+from tiered_store.metrics import build_registry
 from tiered_store.profile import profile_ids
 from tiered_store.trace import TraceWriter
 from tiered_store.warm_restart import RestartWarning, restart_path
@@ -79,6 +82,20 @@ def test_zipf_tuned_without_a_profile_serves_and_pins_the_heavy_rows(tmp_path):
         pinned = set(store.warm.pinned_rows().tolist())
         stats = store.stats()["warm"]
         sketch_bytes = store.warm.online.nbytes
+        scraped = {  # what Prometheus would read while serving
+            (s.name, s.labels["tier"]): s.value
+            for family in text_string_to_metric_families(
+                generate_latest(build_registry({"layer1": store}, process=False)).decode()
+            )
+            for s in family.samples
+            if "repin" in s.name or s.name in ("tiered_store_pinned_rows",)
+        }
+        online = store.warm.online
+    assert scraped[("tiered_store_repins_total", "warm")] == stats["repins"] == online.repins
+    assert scraped[("tiered_store_pinned_rows", "warm")] == len(pinned) > 0
+    assert scraped[("tiered_store_repin_pinned_rows_total", "warm")] == online.rows_pinned > 0
+    assert scraped[("tiered_store_repin_unpinned_rows_total", "warm")] == online.rows_unpinned
+    assert scraped[("tiered_store_repins_total", "hot")] == 0  # the hot tier is empty here
     assert set(hot.tolist()) <= pinned  # the true heavy rows
     assert stats["repins"] == len(history) == 120 * 100 // EVERY
     before = set()

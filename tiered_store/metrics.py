@@ -21,6 +21,11 @@ tiered_store_moved_bytes_total                 counter    table, tier         by
 tiered_store_occupancy_rows                    gauge      table, tier         rows resident now
 tiered_store_capacity_rows                     gauge      table, tier         slots of the tier
 tiered_store_capacity_bytes                    gauge      table, tier         payload bytes of the tier
+tiered_store_pinned_rows                       gauge      table, tier         rows never evicted now
+tiered_store_repins_total                      counter    table, tier         online re-pins applied
+tiered_store_repin_pinned_rows_total           counter    table, tier         rows re-pins pinned
+tiered_store_repin_unpinned_rows_total         counter    table, tier         rows re-pins unpinned
+tiered_store_online_windows_dropped_total      counter    table, tier         windows not counted
 tiered_store_table_rows                        gauge      table               rows of the table
 tiered_store_row_size_bytes                    gauge      table               bytes per row
 tiered_store_cold_read_rows_total              counter    table               rows read from disk
@@ -165,6 +170,32 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "gauge",
         ("table", "tier"),
         "Payload bytes of a cache tier (slots x row size).",
+    ),
+    "tiered_store_pinned_rows": (
+        "gauge",
+        ("table", "tier"),
+        "Rows a cache tier never evicts now (zipf-tuned's pinned segment, static pins).",
+    ),
+    "tiered_store_repins_total": (
+        "counter",
+        ("table", "tier"),
+        "Online re-pins applied to a zipf-tuned tier (0 where the tier does not re-pin).",
+    ),
+    "tiered_store_repin_pinned_rows_total": (
+        "counter",
+        ("table", "tier"),
+        "Rows online re-pins moved into a tier's pinned segment.",
+    ),
+    "tiered_store_repin_unpinned_rows_total": (
+        "counter",
+        ("table", "tier"),
+        "Rows online re-pins moved out of a tier's pinned segment.",
+    ),
+    "tiered_store_online_windows_dropped_total": (
+        "counter",
+        ("table", "tier"),
+        "Windows of lookups a re-pinning tier did not count because its background count fell "
+        "behind (lookups never wait for it).",
     ),
     "tiered_store_table_rows": ("gauge", ("table",), "Rows of the table (the cold tier)."),
     "tiered_store_row_size_bytes": ("gauge", ("table",), "Bytes per table row."),
@@ -445,6 +476,15 @@ class TieredStoreCollector(Collector):
             fam["tiered_store_occupancy_rows"].add_metric(labels, cache.occupancy)
             fam["tiered_store_capacity_rows"].add_metric(labels, cache.capacity)
             fam["tiered_store_capacity_bytes"].add_metric(labels, cache.capacity * row_bytes)
+            fam["tiered_store_pinned_rows"].add_metric(labels, cache.pinned_count)
+            online = cache.online
+            for name, value in (
+                ("repins_total", online.repins if online else 0),
+                ("repin_pinned_rows_total", online.rows_pinned if online else 0),
+                ("repin_unpinned_rows_total", online.rows_unpinned if online else 0),
+                ("online_windows_dropped_total", online.windows_dropped if online else 0),
+            ):
+                fam[f"tiered_store_{name}"].add_metric(labels, value)
 
     @staticmethod
     def _add_cold(fam: dict[str, Any], table: str, store: TieredStore) -> None:
