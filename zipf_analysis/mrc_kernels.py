@@ -17,6 +17,7 @@ from numba.typed import Dict as NumbaDict
 from policies.hash_mix import splitmix64
 
 _njit = numba.njit(cache=True, nogil=True)
+_inline = numba.njit(inline="always")
 _splitmix64 = numba.njit(splitmix64)
 
 
@@ -34,6 +35,46 @@ def _popcount(x):
     return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
 
+@_inline
+def _fenwick_add(tree, i, n, delta):
+    """Add ``delta`` at position ``i`` (1-based) of a Fenwick tree over ``n`` positions."""
+    while i <= n:
+        tree[i] += delta
+        i += i & -i
+
+
+@_inline
+def _fenwick_prefix(tree, i):
+    """Sum of positions 1..``i`` of a Fenwick tree."""
+    acc = 0
+    while i > 0:
+        acc += tree[i]
+        i &= i - 1
+    return acc
+
+
+@_inline
+def _marks_through(bits, tree, q):
+    """Marks of the bitmap time axis at times 0..``q`` (the word's bits, then whole words)."""
+    w = q >> 6
+    return _popcount(bits[w] & (~np.uint64(0) >> np.uint64(63 - (q & 63)))) + _fenwick_prefix(
+        tree, w
+    )
+
+
+@_inline
+def _set_mark(bits, tree, n_words, q, on):
+    """Set (``on``) or clear the mark at time ``q`` of the bitmap time axis."""
+    w = q >> 6
+    bit = np.uint64(1) << np.uint64(q & 63)
+    if on:
+        bits[w] |= bit
+        _fenwick_add(tree, w + 1, n_words, 1)
+    else:
+        bits[w] &= ~bit
+        _fenwick_add(tree, w + 1, n_words, -1)
+
+
 @_njit
 def lru_pass(ids, start, last, owner, bits, tree, hist, state):
     """Stack distances of ids[start:] until the time axis fills; returns the next position.
@@ -46,7 +87,6 @@ def lru_pass(ids, start, last, owner, bits, tree, hist, state):
     cap = n_words * 64
     t = state[0]
     distinct = state[1]
-    one = np.uint64(1)
     n = ids.shape[0]
     i = start
     while i < n and t < cap:
@@ -56,27 +96,9 @@ def lru_pass(ids, start, last, owner, bits, tree, hist, state):
             distinct += 1
             hist[0] += 1
         else:
-            q = p - 1
-            w = q >> 6
-            b = q & 63
-            word = bits[w]
-            s = _popcount(word & (~np.uint64(0) >> np.uint64(63 - b)))  # marks at times w*64..q
-            j = w
-            while j > 0:
-                s += tree[j]
-                j &= j - 1
-            hist[distinct - s + 1] += 1
-            bits[w] = word & ~(one << np.uint64(b))
-            j = w + 1
-            while j <= n_words:
-                tree[j] -= 1
-                j += j & -j
-        w = t >> 6
-        bits[w] |= one << np.uint64(t & 63)
-        j = w + 1
-        while j <= n_words:
-            tree[j] += 1
-            j += j & -j
+            hist[distinct - _marks_through(bits, tree, p - 1) + 1] += 1
+            _set_mark(bits, tree, n_words, p - 1, False)
+        _set_mark(bits, tree, n_words, t, True)
         owner[t] = x
         t += 1
         last[x] = t
@@ -196,19 +218,11 @@ def shards_fixed_size_pass(
             slot = slots[x]
         if slot >= 0:
             p = last[slot]
-            acc = 0
-            j = p
-            while j > 0:
-                acc += tree[j]
-                j &= j - 1
-            bucket = int((distinct - acc + 1) * weight + 0.5)
+            bucket = int((distinct - _fenwick_prefix(tree, p) + 1) * weight + 0.5)
             if bucket >= hist.shape[0]:
                 break
             hist[bucket] += weight
-            j = p
-            while j <= cap:
-                tree[j] -= 1
-                j += j & -j
+            _fenwick_add(tree, p, cap, -1)
         else:
             fstate[0] += weight  # cold
             n_free -= 1
@@ -228,10 +242,7 @@ def shards_fixed_size_pass(
             heap[k] = slot
         fstate[1] += weight
         t += 1
-        j = t
-        while j <= cap:
-            tree[j] += 1
-            j += j & -j
+        _fenwick_add(tree, t, cap, 1)
         last[slot] = t
         owner[t] = slot
         if size > smax:  # evict the largest hash; it becomes the threshold
@@ -251,10 +262,7 @@ def shards_fixed_size_pass(
                 heap[k] = heap[c]
                 k = c
             heap[k] = moved
-            j = last[top]
-            while j <= cap:
-                tree[j] -= 1
-                j += j & -j
+            _fenwick_add(tree, last[top], cap, -1)
             last[top] = 0
             distinct -= 1
             slots.pop(slot_id[top])
@@ -303,7 +311,6 @@ def lru_batch_pass(ids, starts, batch, last, owner, bits, tree, state, out):
     cap = n_words * 64
     t = state[0]
     distinct = state[1]
-    one = np.uint64(1)
     n_batches = starts.shape[0] - 1
     k = batch
     while k < n_batches:
@@ -313,36 +320,15 @@ def lru_batch_pass(ids, starts, batch, last, owner, bits, tree, state, out):
             break
         for i in range(lo, hi):
             p = last[ids[i]]
-            if p == 0:
-                out[i] = 0
-                continue
-            q = p - 1
-            w = q >> 6
-            s = _popcount(bits[w] & (~np.uint64(0) >> np.uint64(63 - (q & 63))))
-            j = w
-            while j > 0:
-                s += tree[j]
-                j &= j - 1
-            out[i] = distinct - s + 1
+            out[i] = 0 if p == 0 else distinct - _marks_through(bits, tree, p - 1) + 1
         for i in range(lo, hi):
             x = ids[i]
             p = last[x]
             if p == 0:
                 distinct += 1
             else:
-                q = p - 1
-                w = q >> 6
-                bits[w] &= ~(one << np.uint64(q & 63))
-                j = w + 1
-                while j <= n_words:
-                    tree[j] -= 1
-                    j += j & -j
-            w = t >> 6
-            bits[w] |= one << np.uint64(t & 63)
-            j = w + 1
-            while j <= n_words:
-                tree[j] += 1
-                j += j & -j
+                _set_mark(bits, tree, n_words, p - 1, False)
+            _set_mark(bits, tree, n_words, t, True)
             owner[t] = x
             t += 1
             last[x] = t
