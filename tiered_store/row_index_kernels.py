@@ -30,24 +30,27 @@ def _home(row: np.int64, seed: np.uint64, size: np.int64) -> np.int64:
     return mixed % size  # numba's % on signed integers follows Python: never negative
 
 
+@numba.njit(inline="always")
+def _entry_of(keys: np.ndarray, want: np.int64, seed: np.uint64) -> np.int64:
+    """The entry of ``keys`` holding ``want``, -1 where absent (its chain ends at an empty one)."""
+    size = keys.size
+    entry = _home(want, seed, size)
+    while True:
+        key = keys[entry]
+        if key == want:
+            return entry
+        if key == EMPTY:
+            return -1
+        entry += 1
+        if entry == size:
+            entry = 0
+
+
 @numba.njit(cache=True, nogil=True)
 def find_entries(keys: np.ndarray, ids: np.ndarray, seed: np.uint64, out: np.ndarray) -> None:
     """``out[i]``: the entry of ``keys`` holding ``ids[i]``, -1 where absent (linear probing)."""
-    size = keys.size
     for i in range(ids.size):
-        want = ids[i]
-        entry = _home(want, seed, size)
-        while True:
-            key = keys[entry]
-            if key == want:
-                out[i] = entry
-                break
-            if key == EMPTY:
-                out[i] = -1
-                break
-            entry += 1
-            if entry == size:
-                entry = 0
+        out[i] = _entry_of(keys, ids[i], seed)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -77,21 +80,11 @@ def insert_entries(
 @numba.njit(cache=True, nogil=True)
 def delete_entries(keys: np.ndarray, slots: np.ndarray, ids: np.ndarray, seed: np.uint64) -> int:
     """Mark the entries of resident ``ids`` deleted; returns how many were resident."""
-    size = keys.size
     gone = 0
     for i in range(ids.size):
-        want = ids[i]
-        entry = _home(want, seed, size)
-        while True:
-            key = keys[entry]
-            if key == want:
-                keys[entry] = DELETED
-                slots[entry] = -1
-                gone += 1
-                break
-            if key == EMPTY:
-                break
-            entry += 1
-            if entry == size:
-                entry = 0
+        entry = _entry_of(keys, ids[i], seed)
+        if entry >= 0:
+            keys[entry] = DELETED
+            slots[entry] = -1
+            gone += 1
     return gone
