@@ -15,6 +15,11 @@ slots; the result is the same, since every key at or below the threshold is a ca
 We measured a lazy-deletion recency log as the alternative (victims in O(accesses) instead of a
 pass over the slots): it made all-hit lookups 3-5x slower (every hit appends to the log) and
 replay no faster, so the clock stays.
+
+A warm restart's rows (``on_restore``) take stamps below zero, ``-2 - age``: older than anything
+looked up since the store opened (stamps from 2 on), in their saved order, whatever order they are
+read back in. Those keys are smaller than keys a buffered ``topk`` saw, so the tier drops its
+victim buffer when it restores rows.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class LRU(EvictionPolicy):
     name = "lru"
     bytes_per_slot = 8
     keys_only_grow = True
+    restores_order = True
 
     def __init__(self, capacity: int, device: torch.device | str = "cpu") -> None:
         super().__init__(capacity, device)
@@ -57,6 +63,9 @@ class LRU(EvictionPolicy):
 
     def on_insert(self, slots: torch.Tensor) -> None:
         self.last_used.index_fill_(0, slots, 2 * self.clock + 1)
+
+    def on_restore(self, slots: torch.Tensor, ages: torch.Tensor) -> None:
+        self.last_used.index_copy_(0, slots, -2 - ages.to(self.last_used.device))
 
     def victim_priority(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         if slots is None:
