@@ -682,10 +682,17 @@ class TieredStore:
         and copies another tier holds (maybe dirty) replace them, as a lookup's admission does."""
         if self._closed:
             return [False] * len(parts)
-        wanted = [torch.sort(ids) for _, _, ids, _ in parts]  # per part: ids sorted, their ranks
-        every = torch.unique(torch.cat([sorted_ids for sorted_ids, _ in wanted]))
-        if every.numel() == 0:
+        sizes = torch.tensor([ids.numel() for _, _, ids, _ in parts])
+        if int(sizes.sum()) == 0:
             return [True] * len(parts)
+        ids, pos = torch.sort(torch.cat([ids for _, _, ids, _ in parts]))  # one sort for all
+        part = torch.repeat_interleave(torch.arange(len(parts)), sizes)[pos]
+        starts = torch.cumsum(sizes, 0) - sizes
+        wanted = []  # per part: its ids sorted, and their positions in the part (saved order)
+        for p in range(len(parts)):
+            mine = part == p
+            wanted.append((ids[mine], pos[mine] - starts[p]))
+        every = torch.unique_consecutive(ids)  # a row two tiers held is read once
         read = self.cold.read_rows(every.numpy())  # the table's order: each page read once
         with self._lock:
             if self._closed:
