@@ -16,10 +16,9 @@ We measured a lazy-deletion recency log as the alternative (victims in O(accesse
 pass over the slots): it made all-hit lookups 3-5x slower (every hit appends to the log) and
 replay no faster, so the clock stays.
 
-A warm restart's rows (``on_restore``) take stamps below zero, ``-2 - age``: older than anything
-looked up since the store opened (stamps from 2 on), in their saved order, whatever order they are
-read back in. Those keys are smaller than keys a buffered ``topk`` saw, so the tier drops its
-victim buffer when it restores rows.
+A warm restart's rows (``on_restore``) take one clock tick per saved rank as they land, the most
+valuable the newest: above every row used before they landed, below every row used after. Keys
+still only grow.
 """
 
 from __future__ import annotations
@@ -65,7 +64,12 @@ class LRU(EvictionPolicy):
         self.last_used.index_fill_(0, slots, 2 * self.clock + 1)
 
     def on_restore(self, slots: torch.Tensor, ages: torch.Tensor) -> None:
-        self.last_used.index_copy_(0, slots, -2 - ages.to(self.last_used.device))
+        if ages.numel() == 0:
+            return
+        ages = ages.to(self.last_used.device)
+        oldest, newest = int(ages.max()), int(ages.min())
+        self.last_used.index_copy_(0, slots, 2 * (self.clock + 1 + oldest - ages) + 1)
+        self.clock += oldest - newest + 1  # one tick per saved rank: later lookups rank above
 
     def victim_priority(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         if slots is None:

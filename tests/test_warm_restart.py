@@ -216,7 +216,7 @@ def test_restored_lru_order_follows_the_saved_rank(tmp_path, monkeypatch):
             store.lookup(order[start : start + 100])
         saved = store.warm.held_rows()
     assert torch.equal(torch.sort(saved[:100]).values, torch.sort(order[-100:]).values)
-    monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 300)  # 7 steps, most valuable first
+    monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 300)  # 7 steps, each row with its rank
     with TieredStore(config(path, hot=0, warm=2_000)) as store:
         assert store.wait_restored(timeout=60)
         assert torch.equal(store.warm.held_rows(), saved)  # the same rank, row for row

@@ -48,8 +48,8 @@ from .warm_restart import (
 # all tiers' rows of a step in one cold read sorted by row id: the saved rows of a small-row table
 # are dense in the file (several per page), so a large step reads each page once, in long extents
 # (620k 32-byte rows: 0.92 s in 65,536-row steps, 0.16 s in one). Where a tier's policy ranks
-# restored rows by their saved age (``restores_order``: LRU), its most valuable rows come first;
-# other policies take RESTORE_ORDERED_ROWS per step, least valuable first, one clock batch each.
+# restored rows by their saved age (``restores_order``: LRU) each row lands with its own rank;
+# other policies take RESTORE_ORDERED_ROWS per step, one clock batch each. Least valuable first.
 RESTORE_CHUNK_BYTES = 64 << 20
 RESTORE_CHUNK_ROWS = 1 << 22
 RESTORE_ORDERED_ROWS = 65_536
@@ -572,14 +572,14 @@ class TieredStore:
 
     def _restore(self, saved: RestartState) -> None:
         """Preload the saved rows, chunk by chunk, into free slots (lookups go on meanwhile),
-        the saved pins first, then the tiers' steps in turn (hot's first, warm's first, ...).
+        the saved pins first, then the hot tier's rows (they serve the most lookups), then warm's.
 
-        Where the policy ranks restored rows by their saved age (``restores_order``: LRU), the
-        most valuable chunk goes in first, each row with its saved rank, so the rows lookups need
-        soonest arrive first and the tier still ranks them as it did when saved, below every row
-        used since. Otherwise, of the most valuable rows that fit, the least valuable chunk goes
-        in first, each chunk as one batch of the policy's clock (the most recent last). Rows
-        lookups need meanwhile are admitted by those lookups as usual (and skipped here)."""
+        Each tier's saved rows that fit go in least valuable step first, so the tier ranks them as
+        it did when saved (LRU: the most recent last), above the rows lookups admitted before they
+        landed. Where the policy ranks restored rows by their saved age (``restores_order``: LRU),
+        steps are large (fast reads) and each row lands with its saved rank; otherwise each step
+        is one batch of the policy's clock. Rows lookups need meanwhile are admitted by those
+        lookups as usual (and skipped here)."""
         start = time.perf_counter()
         tiers = ((self.hot, self.hot_pool), (self.warm, self.warm_pool))
         try:
@@ -594,21 +594,13 @@ class TieredStore:
                 ranked = cache.eviction.restores_order
                 steps = self._restore_steps(ids.numel(), ranked=ranked)
                 plans.append((cache, pool, ids, ranked, steps))
-            full: set[str] = set()
-            for k in range(max(len(plan[4]) for plan in plans)):  # the tiers' k-th steps at once
-                if self._stop.is_set():
-                    return
-                parts = [
-                    (cache, pool, ids[at:end], torch.arange(at, end) if ranked else None)
-                    for cache, pool, ids, ranked, steps in plans
-                    if cache.name not in full and k < len(steps)
-                    for at, end in (steps[k],)
-                ]
-                if not parts:  # every tier full
-                    break
-                for (cache, *_), room in zip(parts, self._restore_chunk(parts), strict=True):
-                    if not room:
-                        full.add(cache.name)
+            for cache, pool, ids, ranked, steps in plans:  # hot first: its rows serve the most
+                for at, end in steps:
+                    if self._stop.is_set():
+                        return
+                    ages = torch.arange(at, end) if ranked else None
+                    if not self._restore_chunk([(cache, pool, ids[at:end], ages)])[0]:
+                        break
         except (TieredStoreError, OSError) as exc:  # a failed cold read: lookups go on, cold
             warnings.warn(
                 f"warm restart: reading the saved rows back from {self.cold.path} failed "
@@ -633,13 +625,12 @@ class TieredStore:
                 break
 
     def _restore_steps(self, n: int, *, ranked: bool) -> list[tuple[int, int]]:
-        """The [start, end) steps a warm restart reads ``n`` saved rows in, in reading order (see
-        ``RESTORE_CHUNK_BYTES``): from the most valuable where ``ranked``, else from the least."""
-        if not ranked:
-            starts = range(0, n, RESTORE_ORDERED_ROWS)
-            return [(a, min(n, a + RESTORE_ORDERED_ROWS)) for a in reversed(starts)]
-        step = max(1, min(RESTORE_CHUNK_ROWS, RESTORE_CHUNK_BYTES // self.cold.row_bytes))
-        return [(a, min(n, a + step)) for a in range(0, n, step)]
+        """The [start, end) steps a warm restart reads ``n`` saved rows in, in reading order, from
+        the least valuable (see ``RESTORE_CHUNK_BYTES``; larger where ``ranked``)."""
+        step = RESTORE_ORDERED_ROWS
+        if ranked:
+            step = max(1, min(RESTORE_CHUNK_ROWS, RESTORE_CHUNK_BYTES // self.cold.row_bytes))
+        return [(a, min(n, a + step)) for a in reversed(range(0, n, step))]
 
     def _repin_loop(self) -> None:
         """Count the full windows lookups queued, then plan each due tier's re-pin off the lock
