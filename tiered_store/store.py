@@ -45,7 +45,7 @@ from .warm_restart import (
 )
 
 # A warm restart reads its rows back in steps of RESTORE_CHUNK_BYTES (at most RESTORE_CHUNK_ROWS),
-# all tiers' rows of a step in one cold read sorted by row id: the saved rows of a small-row table
+# each step in one cold read sorted by row id: the saved rows of a small-row table
 # are dense in the file (several per page), so a large step reads each page once, in long extents
 # (620k 32-byte rows: 0.92 s in 65,536-row steps, 0.16 s in one). Where a tier's policy ranks
 # restored rows by their saved age (``restores_order``: LRU) each row lands with its own rank;
@@ -53,8 +53,6 @@ from .warm_restart import (
 RESTORE_CHUNK_BYTES = 64 << 20
 RESTORE_CHUNK_ROWS = 1 << 22
 RESTORE_ORDERED_ROWS = 65_536
-# one tier's share of a restore step: (tier, its pool, saved row ids, their saved ranks or None)
-RestorePart = tuple[Any, SlotPool, torch.Tensor, "torch.Tensor | None"]
 
 
 class TieredStore:
@@ -571,8 +569,8 @@ class TieredStore:
             cache.online.load_state(meta, sketch)
 
     def _restore(self, saved: RestartState) -> None:
-        """Preload the saved rows, chunk by chunk, into free slots (lookups go on meanwhile),
-        the saved pins first, then the hot tier's rows (they serve the most lookups), then warm's.
+        """Preload the saved rows, chunk by chunk, into free slots (lookups go on meanwhile):
+        per tier, hot first (its rows serve the most lookups), its saved pins, then its rows.
 
         Each tier's saved rows that fit go in least valuable step first, so the tier ranks them as
         it did when saved (LRU: the most recent last), above the rows lookups admitted before they
@@ -581,25 +579,19 @@ class TieredStore:
         is one batch of the policy's clock. Rows lookups need meanwhile are admitted by those
         lookups as usual (and skipped here)."""
         start = time.perf_counter()
-        tiers = ((self.hot, self.hot_pool), (self.warm, self.warm_pool))
         try:
-            for cache, pool in tiers:
+            for cache, pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
                 if cache.online is not None and cache.name in saved.pinned:
                     self._restore_pins(cache, pool, torch.from_numpy(saved.pinned[cache.name]))
-            plans = []  # per tier: its saved rows that fit, and the steps to read them in
-            for cache, pool in tiers:
                 ids = torch.from_numpy(saved.held.get(cache.name, np.zeros(0, np.int64)))
                 with self._lock:
                     ids = ids[: cache.capacity - cache.occupancy]
                 ranked = cache.eviction.restores_order
-                steps = self._restore_steps(ids.numel(), ranked=ranked)
-                plans.append((cache, pool, ids, ranked, steps))
-            for cache, pool, ids, ranked, steps in plans:  # hot first: its rows serve the most
-                for at, end in steps:
+                for at, end in self._restore_steps(ids.numel(), ranked=ranked):
                     if self._stop.is_set():
                         return
                     ages = torch.arange(at, end) if ranked else None
-                    if not self._restore_chunk([(cache, pool, ids[at:end], ages)])[0]:
+                    if not self._restore_chunk(cache, pool, ids[at:end], ages=ages):
                         break
         except (TieredStoreError, OSError) as exc:  # a failed cold read: lookups go on, cold
             warnings.warn(
@@ -618,9 +610,8 @@ class TieredStore:
             cache.pin_resident(pins, only=True)
             missing = pins[(cache.probe(pins.to(cache.device)) < 0).cpu()]
         for at, end in self._restore_steps(missing.numel(), ranked=True):
-            if (
-                self._stop.is_set()
-                or not self._restore_chunk([(cache, pool, missing[at:end], None)], pin=True)[0]
+            if self._stop.is_set() or not self._restore_chunk(
+                cache, pool, missing[at:end], pin=True
             ):
                 break
 
@@ -665,77 +656,54 @@ class TieredStore:
                         cache.online.pending.clear()
                         cache.online.finish(0, 0)
 
-    def _restore_chunk(self, parts: list[RestorePart], *, pin: bool = False) -> list[bool]:
-        """Preload each part's ids (most valuable first; ages: their saved ranks, or None) into
-        its tier's free slots with their current rows, all parts' rows in one cold read; per part,
-        whether its tier has room left. Rows a tier holds by then (a lookup admitted them) are
-        skipped. The cold read runs outside the lock (no wait for lookups); under it, written rows
-        and copies another tier holds (maybe dirty) replace them, as a lookup's admission does."""
-        if self._closed:
-            return [False] * len(parts)
-        sizes = torch.tensor([ids.numel() for _, _, ids, _ in parts])
-        if int(sizes.sum()) == 0:
-            return [True] * len(parts)
-        ids, pos = torch.sort(torch.cat([ids for _, _, ids, _ in parts]))  # one sort for all
-        part = torch.repeat_interleave(torch.arange(len(parts)), sizes)[pos]
-        starts = torch.cumsum(sizes, 0) - sizes
-        wanted = []  # per part: its ids sorted, and their positions in the part (saved order)
-        for p in range(len(parts)):
-            mine = part == p
-            wanted.append((ids[mine], pos[mine] - starts[p]))
-        every = torch.unique_consecutive(ids)  # a row two tiers held is read once
-        read = self.cold.read_rows(every.numpy())  # the table's order: each page read once
-        with self._lock:
-            if self._closed:
-                return [False] * len(parts)
-            if self._writes is not None:
-                self._writes.overlay(every, read, torch.arange(every.numel()))
-            room_left = []
-            for (cache, pool, _, ages), (sorted_ids, order) in zip(parts, wanted, strict=True):
-                room_left.append(
-                    self._preload_restored(cache, pool, sorted_ids, order, ages, read, every, pin)
-                )
-            return room_left
-
-    def _preload_restored(
+    def _restore_chunk(
         self,
         cache: Any,
         pool: SlotPool,
-        sorted_ids: torch.Tensor,
-        order: torch.Tensor,
-        ages: torch.Tensor | None,
-        read: torch.Tensor,
-        every: torch.Tensor,
-        pin: bool,
+        ids: torch.Tensor,
+        *,
+        pin: bool = False,
+        ages: torch.Tensor | None = None,
     ) -> bool:
-        """Under the lock: preload ``sorted_ids`` (positions ``order`` in the part's saved order)
-        with their rows out of ``read`` (the rows of sorted ``every``) into ``cache``'s free slots,
-        the most valuable where they do not all fit; whether the tier has room left."""
-        room = cache.capacity - cache.occupancy
-        if room <= 0:
+        """Preload ``ids`` (most valuable first; ``ages``: their saved ranks, or None) into
+        ``cache``'s free slots with their current rows, the most valuable where they do not all
+        fit; False once the tier is full. Rows the tier holds by then (a lookup admitted them) are
+        skipped. The cold read runs outside the lock (sorted by id: each page read once); under
+        it, written rows and copies another tier holds (maybe dirty) replace them, as a lookup's
+        admission does."""
+        if self._closed:
             return False
-        if room < sorted_ids.numel():  # lookups took free slots meanwhile: the most valuable
-            pick = torch.sort(torch.argsort(order)[:room]).values
-            sorted_ids, order = sorted_ids[pick], order[pick]
-        rows = read[torch.searchsorted(every, sorted_ids)]
-        for other, other_pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
-            if other is cache or other.capacity == 0:
-                continue
-            slots = other.probe(sorted_ids.to(other.device))
-            held = torch.nonzero(slots >= 0).squeeze(1)
-            if held.numel():
-                rows[held.cpu()] = other_pool.gather(slots[held]).cpu()
-        if ages is None:
-            cache.begin_batch()
-        pos, slots = cache.preload(sorted_ids, pin=pin, ages=None if ages is None else ages[order])
-        stream_ctx = (  # the stream lookups gather on: they see these rows written
-            torch.cuda.stream(self._stream)
-            if self._stream is not None
-            else contextlib.nullcontext()
-        )
-        with stream_ctx:
-            pool.write(slots, rows[pos.cpu()].to(pool.device))
-        return cache.occupancy < cache.capacity
+        sorted_ids, order = torch.sort(ids)  # order: each id's position in the saved order
+        rows = self.cold.read_rows(sorted_ids.numpy())
+        with self._lock:
+            room = cache.capacity - cache.occupancy
+            if self._closed or room <= 0:
+                return False
+            if room < sorted_ids.numel():  # lookups took free slots meanwhile: the most valuable
+                pick = torch.sort(torch.argsort(order)[:room]).values
+                sorted_ids, order, rows = sorted_ids[pick], order[pick], rows[pick]
+            if self._writes is not None:
+                self._writes.overlay(sorted_ids, rows, torch.arange(sorted_ids.numel()))
+            for other, other_pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
+                if other is cache or other.capacity == 0:
+                    continue
+                slots = other.probe(sorted_ids.to(other.device))
+                held = torch.nonzero(slots >= 0).squeeze(1)
+                if held.numel():
+                    rows[held.cpu()] = other_pool.gather(slots[held]).cpu()
+            if ages is None:
+                cache.begin_batch()
+            pos, slots = cache.preload(
+                sorted_ids, pin=pin, ages=None if ages is None else ages[order]
+            )
+            stream_ctx = (  # the stream lookups gather on: they see these rows written
+                torch.cuda.stream(self._stream)
+                if self._stream is not None
+                else contextlib.nullcontext()
+            )
+            with stream_ctx:
+                pool.write(slots, rows[pos.cpu()].to(pool.device))
+            return cache.occupancy < cache.capacity
 
     def _save_periodically(self, every_s: float) -> None:
         """Save the tiers every ``every_s`` seconds until close (a warning when a save fails)."""
