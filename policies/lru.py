@@ -42,6 +42,14 @@ class LRU(EvictionPolicy):
     >>> lru.on_batch(); lru.on_hit(torch.tensor([0, 2]))
     >>> lru.choose_victims(1, torch.zeros(3, dtype=torch.bool)).tolist()
     [1]
+
+    Rows a warm restart reads back rank by their saved age (0: the most recent) as they land:
+
+    >>> lru = LRU(capacity=3)
+    >>> lru.on_batch(); lru.on_insert(torch.tensor([0]))
+    >>> lru.on_restore(torch.tensor([1, 2]), torch.tensor([0, 1]))
+    >>> lru.choose_victims(3, torch.zeros(3, dtype=torch.bool)).tolist()
+    [0, 2, 1]
     """
 
     name = "lru"
