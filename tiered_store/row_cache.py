@@ -261,7 +261,7 @@ class RowCache:
         self.row_of_slot.index_copy_(0, slots, ids[cand])
         if ages is not None:
             self.eviction.on_restore(slots, torch.as_tensor(ages).to(self.device)[cand])
-            self._buffered = None  # keys below those the buffered topk saw
+            self._buffered = None  # conservative: LRU keys still grow, a refill is one topk
         else:
             self.eviction.on_insert(slots)
         if pin:
