@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--lookups", type=int, default=1_000_000, help="lookups measured after it")
     p.add_argument("--batch", type=int, default=4096, help="ids per lookup call")
     p.add_argument("--dim", type=int, default=8, help="row width of the table (float32)")
+    p.add_argument("--io", default="pread", help="tiers.cold.io of the stores (pread, mmap, ...)")
     p.add_argument("--dir", type=Path, help="where the table goes (default: a temporary dir)")
     p.add_argument("--out", help="write JSON here too")
     args = p.parse_args(argv)
@@ -93,13 +94,19 @@ def main(argv=None) -> int:
                         "hot": {"capacity": f"{args.hot:.4%}"},
                         "warm": {"capacity": f"{args.warm:.4%}"},
                         "restart": {"enabled": restart},
+                        "cold": {"io": args.io},
                     },
                 }
             )
 
         saved = restart_path(table)
         kept = work / "restart.saved"
-        result = {"rows": rows, "warmup": int(warmup.size), "lookups": int(measured.size)}
+        result = {
+            "rows": rows,
+            "warmup": int(warmup.size),
+            "lookups": int(measured.size),
+            "io": args.io,
+        }
         with TieredStore(config(False)) as store:
             serve(store, warmup, args.batch)
             start = time.perf_counter()

@@ -21,6 +21,8 @@ class EvictionPolicy:
     #: True when ``victim_priority`` gives distinct keys and every key set after a ``topk`` exceeds
     #: the keys it saw (LRU): the tier may then serve victims from one ``topk`` across batches
     keys_only_grow = False
+    #: True when ``on_restore`` ranks the rows a warm restart reads back by their saved age
+    restores_order = False
 
     def __init__(self, capacity: int, device: torch.device | str = "cpu") -> None:
         self.capacity = capacity
@@ -34,6 +36,12 @@ class EvictionPolicy:
 
     def on_insert(self, slots: torch.Tensor) -> None:
         """Slots (unique) that just received a new row."""
+
+    def on_restore(self, slots: torch.Tensor, ages: torch.Tensor) -> None:
+        """Slots (unique) given rows a warm restart read back, with each row's age when saved (0:
+        the most recently used, larger: older; distinct): they rank by it, as used now (above the
+        rows already resident). Only where ``restores_order`` is True."""
+        raise NotImplementedError
 
     def on_reinstate(self, slots: torch.Tensor) -> None:
         """Victims from the last ``choose_victims`` that stay resident after all (their candidates

@@ -15,6 +15,10 @@ slots; the result is the same, since every key at or below the threshold is a ca
 We measured a lazy-deletion recency log as the alternative (victims in O(accesses) instead of a
 pass over the slots): it made all-hit lookups 3-5x slower (every hit appends to the log) and
 replay no faster, so the clock stays.
+
+A warm restart's rows (``on_restore``) take one clock tick per saved rank as they land, the most
+valuable the newest: above every row used before they landed, below every row used after. Keys
+still only grow.
 """
 
 from __future__ import annotations
@@ -38,11 +42,20 @@ class LRU(EvictionPolicy):
     >>> lru.on_batch(); lru.on_hit(torch.tensor([0, 2]))
     >>> lru.choose_victims(1, torch.zeros(3, dtype=torch.bool)).tolist()
     [1]
+
+    Rows a warm restart reads back rank by their saved age (0: the most recent) as they land:
+
+    >>> lru = LRU(capacity=3)
+    >>> lru.on_batch(); lru.on_insert(torch.tensor([0]))
+    >>> lru.on_restore(torch.tensor([1, 2]), torch.tensor([0, 1]))
+    >>> lru.choose_victims(3, torch.zeros(3, dtype=torch.bool)).tolist()
+    [0, 2, 1]
     """
 
     name = "lru"
     bytes_per_slot = 8
     keys_only_grow = True
+    restores_order = True
 
     def __init__(self, capacity: int, device: torch.device | str = "cpu") -> None:
         super().__init__(capacity, device)
@@ -57,6 +70,14 @@ class LRU(EvictionPolicy):
 
     def on_insert(self, slots: torch.Tensor) -> None:
         self.last_used.index_fill_(0, slots, 2 * self.clock + 1)
+
+    def on_restore(self, slots: torch.Tensor, ages: torch.Tensor) -> None:
+        if ages.numel() == 0:
+            return
+        ages = ages.to(self.last_used.device)
+        oldest, newest = int(ages.max()), int(ages.min())
+        self.last_used.index_copy_(0, slots, 2 * (self.clock + 1 + oldest - ages) + 1)
+        self.clock += oldest - newest + 1  # one tick per saved rank: later lookups rank above
 
     def victim_priority(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         if slots is None:

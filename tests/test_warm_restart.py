@@ -206,3 +206,37 @@ def test_restart_with_the_hot_tier_on_cuda(tmp_path, monkeypatch):
     with TieredStore(cfg) as store:  # lookups while the rows come back
         assert_concurrent_lookups_exact(store, data, batch=2_000, rounds=5, threads=2)
         assert store.wait_restored(timeout=60)
+
+
+def test_restored_lru_order_follows_the_saved_rank(tmp_path, monkeypatch):
+    path, data = make_table(tmp_path, rows=60_000, dim=8)
+    order = torch.from_numpy(np.random.default_rng(3).permutation(60_000)[:2_000])
+    with TieredStore(config(path, hot=0, warm=2_000)) as store:
+        for start in range(0, 2_000, 100):  # 20 batches: a known recency order
+            store.lookup(order[start : start + 100])
+        saved = store.warm.held_rows()
+    assert torch.equal(torch.sort(saved[:100]).values, torch.sort(order[-100:]).values)
+    monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 300)  # 7 steps, each row with its rank
+    with TieredStore(config(path, hot=0, warm=2_000)) as store:
+        assert store.wait_restored(timeout=60)
+        assert torch.equal(store.warm.held_rows(), saved)  # the same rank, row for row
+        fresh = torch.from_numpy(np.setdiff1d(np.arange(60_000), order.numpy())[:500])
+        assert torch.equal(store.lookup(fresh), data[fresh])
+        # the 500 least valuable saved rows went first; the 500 new rows are now the most recent
+        assert set(store.warm.held_rows().tolist()) == set(saved[:1_500].tolist()) | set(
+            fresh.tolist()
+        )
+        assert torch.equal(store.warm.held_rows()[500:], saved[:1_500])
+
+
+@pytest.mark.parametrize("policy", ["sieve", "lfu"])
+def test_policies_without_saved_ranks_restore_the_rows_held(tmp_path, policy):
+    path, data = make_table(tmp_path)
+    with TieredStore(config(path, hot_policy=policy)) as store:
+        serve(store, data)
+        before = held(store)
+    with TieredStore(config(path, hot_policy=policy)) as store:
+        assert not store.hot.eviction.restores_order
+        assert store.wait_restored(timeout=30)
+        assert held(store) == before
+        serve(store, data, seed=2)

@@ -239,19 +239,30 @@ class RowCache:
         self.counters.admissions += cand.numel()
         return cand, slots
 
-    def preload(self, ids: torch.Tensor, *, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Load rows into free slots at open (warm start); ``pin`` keeps them forever.
+    def preload(
+        self, ids: torch.Tensor, *, pin: bool, ages: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load rows into free slots at open (warm start); ``pin`` keeps them forever. ``ages``
+        (per id, where the policy ``restores_order``): each row's saved age, which ranks it
+        (``EvictionPolicy.on_restore``); otherwise rows rank as inserts of this batch.
         Returns (positions in ``ids`` loaded, slots)."""
         ids = torch.as_tensor(ids, dtype=torch.int64).to(self.device)
         if self.index is None or ids.numel() == 0:
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
             return empty, empty
-        _, first = _first_occurrence(ids)
+        if bool((ids[1:] > ids[:-1]).all()):  # sorted and unique (a warm restart's step)
+            first = torch.arange(ids.numel(), device=self.device)
+        else:
+            _, first = _first_occurrence(ids)
         cand = first[self.probe(ids[first]) < 0][: self._n_free]
         slots = self._pop_free(cand.numel()).flip(0)
         self.index.set(ids[cand], slots)
         self.row_of_slot.index_copy_(0, slots, ids[cand])
-        self.eviction.on_insert(slots)
+        if ages is not None:
+            self.eviction.on_restore(slots, torch.as_tensor(ages).to(self.device)[cand])
+            self._buffered = None  # conservative: LRU keys still grow, a refill is one topk
+        else:
+            self.eviction.on_insert(slots)
         if pin:
             self._unevictable[slots] = True
             self._n_pinned += cand.numel()
