@@ -56,6 +56,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -63,6 +64,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_cold_path import run_fio
 
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache
@@ -75,6 +77,7 @@ from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import PrefetchPipeline
 from tiered_store.profile import FrequencyCounter, FrequencyProfile
 from tiered_store.quantization import RowQuantization
+from tiered_store.table_format import PAGE_BYTES
 
 RELEASE_VOCAB = 16_000_000  # the release's engram_vocab_size
 RELEASE_ROWS = [384_006_168, 384_016_682]  # the release's engram_num_embeddings
@@ -456,6 +459,23 @@ def cached_store_alone(paths, hasher, args, profile, store_text) -> list[dict]:
     return runs
 
 
+def fio_same_run(path: Path, seconds: float = 3.0) -> dict | None:
+    """Random 4 KiB O_DIRECT reads/s that ``fio`` (libaio, QD32) gets from the table file now, for
+    the store-alone runs' cold rows/s to be read against; None when fio is not installed."""
+    if shutil.which("fio") is None:
+        return None
+    size = Path(path).stat().st_size // PAGE_BYTES * PAGE_BYTES
+    return run_fio(Path(path), 0, size, "libaio", 32, seconds) | {"engine": "libaio", "depth": 32}
+
+
+def with_disk_rate(run: dict, path: Path) -> dict:
+    """``run`` with fio's rate on ``path`` measured right after it, and the cold rows/s ratio."""
+    fio = fio_same_run(path)
+    if fio is None or "cold_rows_per_s" not in run:
+        return run
+    return run | {"fio_after": fio, "cold_rows_per_s_vs_fio": run["cold_rows_per_s"] / fio["rate"]}
+
+
 def store_slices(tokens: np.ndarray, args):
     """Disjoint slices of real text, each as prefill-shaped batches and [16, steps] decode ids."""
     per = args.store_tokens + sum(args.store_decode_batch) * args.store_decode_steps
@@ -659,6 +679,8 @@ def main(argv=None) -> int:
                         run = store_alone(
                             scaled_hasher, tables, *shape, label=label, threads=threads
                         )
+                        if tables is not memory:
+                            run = with_disk_rate(run, paths["scaled"][scaled_hasher.layer_ids[0]])
                         report["store_alone"].append(run)
         model.set_tables(memory)  # drop the scaled stores before the release-size ones open
         for store in stores.pop("scaled", {}).values():
@@ -694,7 +716,8 @@ def main(argv=None) -> int:
                         label="release tiered",
                         threads=threads,
                     )
-                    report["store_alone"].append(run)
+                    layer = release_hasher.layer_ids[0]
+                    report["store_alone"].append(with_disk_rate(run, paths["release"][layer]))
         report["rss_end"] = rss()
         report["load_average_at_end"] = os.getloadavg()  # the machine is shared
     finally:
@@ -764,7 +787,13 @@ def print_summary(report: dict) -> None:
         print(
             f"store alone {run['tables']:<15} {run['shape']} {run['torch_threads']} thread(s): "
             f"{run['tokens_per_s']:,.0f} tokens/s, {run['tokens_per_cpu_second']:,.0f} tokens per "
-            f"CPU-s, {run['cores_for_paper_rate']:.2f} cores for {PAPER_TOKENS_PER_S:,} tokens/s",
+            f"CPU-s, {run['cores_for_paper_rate']:.2f} cores for {PAPER_TOKENS_PER_S:,} tokens/s"
+            + (
+                f"; cold reads {run['cold_rows_per_s']:,.0f} rows/s = "
+                f"{run['cold_rows_per_s_vs_fio']:.2f}x fio QD32 right after"
+                if "fio_after" in run
+                else ""
+            ),
             file=sys.stderr,
         )
 
