@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -162,6 +164,27 @@ def test_static_rows_are_pinned_and_served_from_hot(tmp_path, table):
         out = store.lookup(torch.from_numpy(hot_rows))
         assert torch.equal(out, data[torch.from_numpy(hot_rows)])
         assert store.stats()["hot"]["hits"] >= 50
+
+
+def test_static_rows_that_fill_the_tier_warn_and_the_store_serves(tmp_path, table):
+    from tiered_store.cache_plan import PinnedRowsWarning
+
+    path, data = table
+    np.save(tmp_path / "pinned.npy", np.arange(100, 200, dtype=np.int64))
+    tier = {"capacity": 80, "policy": "static+lru", "static_rows": "pinned.npy"}
+    cfg = StoreConfig.from_dict(
+        {"table": {"path": str(path)}, "tiers": {"hot": tier}}, base_dir=tmp_path
+    )
+    with pytest.warns(PinnedRowsWarning, match=r"hot\.static_rows: .*pinned\.npy lists 100 rows"):
+        store = TieredStore(cfg)
+    with store:
+        ids = torch.arange(90, 210)
+        assert torch.equal(store.lookup(ids), data[ids])  # rows past the pins come from below
+        assert store.stats()["hot"]["preloaded"] == 80
+    only_static = {"table": {"path": str(path)}, "tiers": {"hot": {**tier, "policy": "static"}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PinnedRowsWarning)  # a static-only tier is meant to be full
+        TieredStore(StoreConfig.from_dict(only_static, base_dir=tmp_path)).close()
 
 
 def test_preload_rows_warm_start(tmp_path, table):

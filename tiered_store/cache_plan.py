@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,10 @@ from .config import CacheTierConfig, StoreConfig
 from .errors import ConfigError
 from .online_repin import OnlineRepin
 from .row_cache import RowCache
+
+
+class PinnedRowsWarning(UserWarning):
+    """A tier's pinned rows fill it: nothing else can be cached there (the store still serves)."""
 
 
 @dataclass
@@ -96,6 +101,15 @@ class CacheHierarchy:
                 if path is None or (pin and (not cache.spec.static or cache.spec.tuned)):
                     continue
                 ids = _load_row_list(path, cache.num_rows, f"tiers.{cache.name}.{key}")
+                if pin and ids.size >= cache.capacity and cache.spec.eviction is not None:
+                    warnings.warn(
+                        f"tiers.{cache.name}.static_rows: {path} lists {ids.size:,} rows and the "
+                        f"tier holds {cache.capacity:,}: the first {cache.capacity:,} are pinned "
+                        "and no slot is left for rows that are not (every other row is read from "
+                        "below); give the tier more capacity or list fewer rows",
+                        PinnedRowsWarning,
+                        stacklevel=4,
+                    )
                 loaded.append(self._preload(cache, torch.from_numpy(ids), pin))
                 if pin:
                     pinned_above = np.concatenate([pinned_above, loaded[-1][1].numpy()])
