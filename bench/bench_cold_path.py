@@ -48,7 +48,8 @@ import torch
 
 from tiered_store import StoreConfig, TieredStore
 from tiered_store.cold_table import ColdTable
-from tiered_store.disk_probe import probe_random_reads, probe_uring_reads
+from tiered_store.disk_probe import fio_random_reads, probe_random_reads, probe_uring_reads
+from tiered_store.errors import TierIOError
 from tiered_store.table_format import PAGE_BYTES, RandomSource, create_table, read_manifest
 
 ROW_DIM = 32  # float32 values per row: 128-byte rows, as in bench/test_lookup_speed.py
@@ -112,33 +113,12 @@ def fio_version() -> str:
 
 def run_fio(path: Path, start: int, size: int, engine: str, depth: int, seconds: float) -> dict:
     """One fio job: random 4 KiB direct reads of [start, start + size) of ``path``."""
-    cmd = [
-        "fio",
-        "--name=cold",
-        f"--filename={path}",
-        "--rw=randread",
-        f"--bs={PAGE_BYTES}",
-        "--direct=1",
-        f"--ioengine={engine}",
-        f"--iodepth={depth}",
-        "--numjobs=1",
-        f"--offset={start}",
-        f"--size={size}",
-        f"--runtime={round(seconds * 1000)}ms",
-        "--time_based",
-        "--randrepeat=0",
-        "--norandommap",
-        "--output-format=json",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    if done.returncode != 0:
-        sys.exit(f"bench_cold_path: fio failed ({done.returncode}): {done.stderr.strip()}")
-    job = json.loads(done.stdout)["jobs"][0]
-    return {
-        "rate": job["read"]["iops"],
-        "cpu_cores": (job["usr_cpu"] + job["sys_cpu"]) / 100,
-        "p99_latency_us": job["read"]["clat_ns"]["percentile"]["99.000000"] / 1e3,
-    }
+    try:
+        return fio_random_reads(
+            path, start=start, size=size, engine=engine, depth=depth, seconds=seconds
+        )
+    except TierIOError as exc:
+        sys.exit(f"bench_cold_path: {exc}")
 
 
 def timed_loop(call: Callable[[], int], seconds: float) -> dict:

@@ -56,7 +56,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -64,10 +63,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_cold_path import run_fio
 
 from tiered_store.corpus import resolve_corpus
-from tiered_store.disk_probe import drop_page_cache
+from tiered_store.disk_probe import drop_page_cache, fio_random_reads
 from tiered_store.engram import NgramHasher
 from tiered_store.engram.backend import PackedInMemoryTable
 from tiered_store.engram.checkpoint import open_tables, random_tables
@@ -77,7 +75,6 @@ from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import PrefetchPipeline
 from tiered_store.profile import FrequencyCounter, FrequencyProfile
 from tiered_store.quantization import RowQuantization
-from tiered_store.table_format import PAGE_BYTES
 
 RELEASE_VOCAB = 16_000_000  # the release's engram_vocab_size
 RELEASE_ROWS = [384_006_168, 384_016_682]  # the release's engram_num_embeddings
@@ -462,10 +459,11 @@ def cached_store_alone(paths, hasher, args, profile, store_text) -> list[dict]:
 def fio_same_run(path: Path, seconds: float = 3.0) -> dict | None:
     """Random 4 KiB O_DIRECT reads/s that ``fio`` (libaio, QD32) gets from the table file now, for
     the store-alone runs' cold rows/s to be read against; None when fio is not installed."""
-    if shutil.which("fio") is None:
+    try:
+        fio = fio_random_reads(path, engine="libaio", depth=32, seconds=seconds)
+    except FileNotFoundError:
         return None
-    size = Path(path).stat().st_size // PAGE_BYTES * PAGE_BYTES
-    return run_fio(Path(path), 0, size, "libaio", 32, seconds) | {"engine": "libaio", "depth": 32}
+    return fio | {"engine": "libaio", "depth": 32}
 
 
 def with_disk_rate(run: dict, path: Path) -> dict:

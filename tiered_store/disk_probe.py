@@ -6,6 +6,8 @@
 - ``probe_uring_reads``: one thread keeping ``queue_depth`` reads in flight through an io_uring
   (``tiered_store.io_uring``): the ceiling of the cold tier's ``io: uring`` reads, comparable
   with ``fio --ioengine=io_uring/libaio --iodepth=N``.
+- ``fio_random_reads``: ``fio`` itself (Debian package ``fio``) on the same kind of reads, the
+  baseline the benchmarks quote the cold path against.
 
 Reads land at uniform-random whole blocks of the file, drawn before the clock starts.
 """
@@ -14,8 +16,11 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import mmap
 import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterable
@@ -306,3 +311,56 @@ def drop_page_cache(paths: Iterable[str | os.PathLike[str]]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def fio_random_reads(
+    path: str | os.PathLike[str],
+    *,
+    start: int = 0,
+    size: int | None = None,
+    engine: str = "libaio",
+    depth: int = 32,
+    seconds: float = 3.0,
+) -> dict[str, float]:
+    """What ``fio`` gets from ``path``: random page-sized ``O_DIRECT`` reads of ``[start, start +
+    size)`` (default: the whole pages of the file), one job at queue depth ``depth``.
+
+    Returns ``rate`` (reads/s), ``cpu_cores`` and ``p99_latency_us``. Raises ``FileNotFoundError``
+    when ``fio`` is not installed and ``TierIOError`` when it fails.
+
+    Examples
+    --------
+    >>> fio_random_reads("/var/tmp/t.npy", depth=32, seconds=1)["rate"]  # doctest: +SKIP
+    64794.1
+    """
+    if shutil.which("fio") is None:
+        raise FileNotFoundError("fio is not installed (Debian/Ubuntu: apt-get install fio)")
+    if size is None:
+        size = (Path(path).stat().st_size - start) // PAGE_BYTES * PAGE_BYTES
+    cmd = [
+        "fio",
+        "--name=cold",
+        f"--filename={path}",
+        "--rw=randread",
+        f"--bs={PAGE_BYTES}",
+        "--direct=1",
+        f"--ioengine={engine}",
+        f"--iodepth={depth}",
+        "--numjobs=1",
+        f"--offset={start}",
+        f"--size={size}",
+        f"--runtime={round(seconds * 1000)}ms",
+        "--time_based",
+        "--randrepeat=0",
+        "--norandommap",
+        "--output-format=json",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if done.returncode != 0:
+        raise TierIOError(f"fio on {path} failed ({done.returncode}): {done.stderr.strip()}")
+    job = json.loads(done.stdout)["jobs"][0]
+    return {
+        "rate": job["read"]["iops"],
+        "cpu_cores": (job["usr_cpu"] + job["sys_cpu"]) / 100,
+        "p99_latency_us": job["read"]["clat_ns"]["percentile"]["99.000000"] / 1e3,
+    }
