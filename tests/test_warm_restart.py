@@ -240,3 +240,21 @@ def test_policies_without_saved_ranks_restore_the_rows_held(tmp_path, policy):
         assert store.wait_restored(timeout=30)
         assert held(store) == before
         serve(store, data, seed=2)
+
+
+@pytest.mark.parametrize("waits_for", ["hot", "all"])
+def test_open_can_wait_for_the_hot_tier_or_the_whole_restore(tmp_path, monkeypatch, waits_for):
+    path, data = make_table(tmp_path)
+    restart = {"enabled": True, "open_waits_for": waits_for}
+    with TieredStore(config(path, restart=restart)) as store:  # no file yet: opens at once
+        assert store.restore_seconds is None
+        serve(store, data)
+        before = held(store)
+    monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 50)  # the warm tier in many steps
+    with TieredStore(config(path, restart=restart)) as store:
+        assert held(store)["hot"] == before["hot"]  # back before open returned, no lookup yet
+        if waits_for == "all":
+            assert held(store)["warm"] == before["warm"] and store.restore_seconds is not None
+        assert store.wait_restored(timeout=30)
+        assert held(store) == before
+        serve(store, data, seed=2)

@@ -78,6 +78,9 @@ DEFAULTS: dict[str, Any] = {
     # warm restart: off by default, since it writes TABLE.npy.restart beside the table (which may sit
     # on read-only or shared storage) and every process serving one table would share that file
     "restart.enabled": False,
+    # what open waits for of a warm restart: "none" (serve at once), "hot" (the hot tier's rows,
+    # a fraction of a second), "all" (the whole restore)
+    "restart.open_waits_for": "none",
     "cold.threads": 8,  # parallel readers (io: uring: rings, each driven by one thread)
     "cold.queue_depth": 128,  # io: uring: reads in flight per ring
     "prefetch.depth": 2,  # prefetches in flight before prefetch() blocks
@@ -501,6 +504,7 @@ class RestartConfig(ConfigModel):
 
     section: ClassVar[tuple[str, ...]] = ("tiers", "restart")
     enabled: StrictBool = DEFAULTS["restart.enabled"]
+    open_waits_for: Literal["none", "hot", "all"] = DEFAULTS["restart.open_waits_for"]
     save_every_s: float | None = Field(default=None, gt=0.0)  # seconds; None: on close only
 
 

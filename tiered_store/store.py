@@ -143,6 +143,7 @@ class TieredStore:
         self._stop = threading.Event()  # set by close(): background restore and saves end
         self._threads: list[threading.Thread] = []
         self.restore_seconds: float | None = None  # how long the last warm restart took
+        self._hot_restored = threading.Event()  # set once the restore has done the hot tier
         # zipf-tuned's online re-pin: lookups set this when an interval ends; a thread plans it
         self._repin_wanted = threading.Event() if self.caches.online else None
         for cache in self.caches.online:  # full windows are counted in that thread
@@ -546,6 +547,11 @@ class TieredStore:
             )
         for thread in self._threads:
             thread.start()
+        waits_for = self.config.tiers.restart.open_waits_for
+        if saved is not None and waits_for == "hot":
+            self._hot_restored.wait()
+        elif saved is not None and waits_for == "all":
+            self.wait_restored()
 
     def _restore_profiles(self, path: Path, saved: RestartState) -> None:
         """Load each re-pinning tier's saved online profile now; a profile saved for another
@@ -593,6 +599,8 @@ class TieredStore:
                     ages = torch.arange(at, end) if ranked else None
                     if not self._restore_chunk(cache, pool, ids[at:end], ages=ages):
                         break
+                if cache is self.hot:
+                    self._hot_restored.set()  # what open waits for with open_waits_for: hot
         except (TieredStoreError, OSError) as exc:  # a failed cold read: lookups go on, cold
             warnings.warn(
                 f"warm restart: reading the saved rows back from {self.cold.path} failed "
@@ -602,6 +610,7 @@ class TieredStore:
             )
         finally:
             self.restore_seconds = time.perf_counter() - start
+            self._hot_restored.set()
 
     def _restore_pins(self, cache: Any, pool: SlotPool, pins: torch.Tensor) -> None:
         """The saved pinned rows replace the tier's pins: those it holds are pinned at once, the
