@@ -123,10 +123,6 @@ class CacheHierarchy:
         pos, slots = cache.preload(ids[: cache.capacity * 4], pin=pin)
         return cache, ids[pos.cpu()], slots
 
-    def repin_due(self) -> bool:
-        """A tier finished an interval of ``repin.every`` lookups and waits for its re-pin."""
-        return any(c.online.due for c in self.online)
-
     def repin_waiting(self) -> bool:
         """A tier waits for its re-pin or has full windows waiting to be counted (the store)."""
         return any(c.online.due or c.online.pending for c in self.online)

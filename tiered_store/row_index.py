@@ -127,7 +127,6 @@ class HashedRowIndex(RowIndex):
         self.compiled = self.keys.device.type == "cpu" if compiled is None else compiled
         if self.compiled and self.keys.device.type != "cpu":
             raise ValueError(f"hashed row index: compiled probes run on the CPU, not {device}")
-        self._kernels = None
 
     def _home(self, ids: torch.Tensor) -> torch.Tensor:
         """First entry each id's probe looks at."""
@@ -147,14 +146,6 @@ class HashedRowIndex(RowIndex):
             pending, entry, want = pending[going], (entry[going] + 1) % self.size, want[going]
         return found
 
-    def _cpu(self):
-        """The compiled kernels (imported at first use: numba takes ~0.5 s to import)."""
-        if self._kernels is None:
-            from . import row_index_kernels
-
-            self._kernels = row_index_kernels
-        return self._kernels
-
     def _ids(self, ids: torch.Tensor):
         """``ids`` as a contiguous NumPy array of the keys' dtype (for the kernels)."""
         return ids.reshape(-1).to(self.keys.dtype).contiguous().numpy()
@@ -163,7 +154,7 @@ class HashedRowIndex(RowIndex):
         flat = ids.reshape(-1)
         if self.compiled:
             entry = torch.empty(flat.numel(), dtype=torch.int64)
-            self._cpu().find_entries(self.keys.numpy(), self._ids(flat), _SEED_U64, entry.numpy())
+            _kernels().find_entries(self.keys.numpy(), self._ids(flat), _SEED_U64, entry.numpy())
         else:
             entry = self._find(flat)
         slots = torch.where(entry >= 0, self.slots[entry.clamp(min=0)].long(), -1)
@@ -175,7 +166,7 @@ class HashedRowIndex(RowIndex):
         if self.compiled:
             new_slots = slots.reshape(-1).to(torch.int32).contiguous().numpy()
             keys, table_slots = self.keys.numpy(), self.slots.numpy()
-            reused = self._cpu().insert_entries(
+            reused = _kernels().insert_entries(
                 keys, table_slots, self._ids(ids), new_slots, _SEED_U64
             )
             self.deleted -= reused
@@ -200,7 +191,7 @@ class HashedRowIndex(RowIndex):
     def delete(self, ids: torch.Tensor) -> None:
         if self.compiled:
             keys, slots = self.keys.numpy(), self.slots.numpy()
-            gone = self._cpu().delete_entries(keys, slots, self._ids(ids), _SEED_U64)
+            gone = _kernels().delete_entries(keys, slots, self._ids(ids), _SEED_U64)
             self.live -= gone
             self.deleted += gone
             return
@@ -265,6 +256,13 @@ def index_bytes(kind: str, num_rows: int, capacity: int) -> dict[str, float]:
         "per_table_row": 0,
         "per_slot": per_entry * _hashed_entries(capacity) / max(1, capacity),
     }
+
+
+def _kernels():
+    """The compiled probes (imported at first use: importing numba takes ~0.5 s)."""
+    from . import row_index_kernels  # noqa: PLC0415
+
+    return row_index_kernels
 
 
 def make_row_index(

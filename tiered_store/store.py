@@ -455,17 +455,18 @@ class TieredStore:
         )
 
     # -- internals ---------------------------------------------------------------------------------
+    def _on_store_stream(self) -> contextlib.AbstractContextManager:
+        """The context that runs work on the store's CUDA stream (nothing on the CPU)."""
+        if self._stream is None:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self._stream)
+
     def _fetch(
         self, flat: torch.Tensor, packed: bool = False
     ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Resolve one batch of validated ids; returns ([n, dim] on the device, ready-event or None)."""
         self._check_open()
-        stream_ctx = (
-            torch.cuda.stream(self._stream)
-            if self._stream is not None
-            else contextlib.nullcontext()
-        )
-        with stream_ctx:
+        with self._on_store_stream():
             inside = None
             if self.zero_out_of_range:
                 inside = (flat >= 0) & (flat < self.rows)
@@ -636,11 +637,6 @@ class TieredStore:
         """Count the full windows lookups queued, then plan each due tier's re-pin off the lock
         (estimates over its resident rows, a sort) and apply it (pin flags only) under the lock;
         until close."""
-        stream_ctx = (
-            torch.cuda.stream(self._stream)
-            if self._stream is not None
-            else contextlib.nullcontext()
-        )
         while True:
             self._repin_wanted.wait()
             if self._stop.is_set():
@@ -648,7 +644,8 @@ class TieredStore:
             self._repin_wanted.clear()
             for cache in self.caches.online:
                 try:
-                    with stream_ctx:  # the snapshot may be a little stale: apply checks each slot
+                    # the snapshot may be a little stale: apply checks each slot
+                    with self._on_store_stream():
                         cache.online.count_pending()
                         if not cache.online.due:
                             continue
@@ -705,12 +702,7 @@ class TieredStore:
             pos, slots = cache.preload(
                 sorted_ids, pin=pin, ages=None if ages is None else ages[order]
             )
-            stream_ctx = (  # the stream lookups gather on: they see these rows written
-                torch.cuda.stream(self._stream)
-                if self._stream is not None
-                else contextlib.nullcontext()
-            )
-            with stream_ctx:
+            with self._on_store_stream():  # the stream lookups gather on: they see these rows
                 pool.write(slots, rows[pos.cpu()].to(pool.device))
             return cache.occupancy < cache.capacity
 

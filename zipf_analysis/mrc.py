@@ -291,11 +291,8 @@ class StackDistanceCounter:
     """
 
     def __init__(self) -> None:
-        words = max(1, -(-MIN_TIME_CAPACITY // 64))
         self._last = np.zeros(0, dtype=np.int32)  # per row: latest access time + 1, 0 = never
-        self._owner = np.zeros(words * 64, dtype=np.int32)  # per access time: its row
-        self._bits = np.zeros(words, dtype=np.uint64)  # per access time: is a row's latest
-        self._tree = np.zeros(words + 1, dtype=np.int32)  # Fenwick tree over the bitmap's words
+        self._owner, self._bits, self._tree = time_axis(MIN_TIME_CAPACITY)
         self._hist = np.zeros(2, dtype=np.int64)  # [0]: cold misses, [d]: stack distance d
         self._state = np.zeros(2, dtype=np.int64)  # time, distinct
         self._map: Any = None  # id -> dense index once an id reaches DENSE_ID_LIMIT
@@ -350,16 +347,11 @@ class StackDistanceCounter:
     def _compact(self) -> None:
         """Renumber live times 0..distinct-1; grow the time axis to 4x distinct when it is over
         half full."""
-        distinct = kernels.compact_bitmap_times(self._last, self._owner, int(self._state[0]))
+        axis = (self._owner, self._bits, self._tree)
+        (self._owner, self._bits, self._tree), distinct = compact_time_axis(
+            self._last, axis, int(self._state[0])
+        )
         self._state[0] = distinct
-        if 2 * distinct > self._owner.size:
-            words = -(-int(TIME_AXIS_GROWTH * distinct) // 64)
-            owner = np.zeros(words * 64, dtype=np.int32)
-            owner[:distinct] = self._owner[:distinct]
-            self._owner = owner
-            self._bits = np.zeros(words, dtype=np.uint64)
-            self._tree = np.zeros(words + 1, dtype=np.int32)
-        kernels.bitmap_ones(self._bits, self._tree, distinct)
 
     def histogram(self) -> tuple[np.ndarray, int]:
         """``(counts, cold)``: ``counts[d - 1]`` accesses at stack distance d (1..distinct), and
@@ -383,6 +375,34 @@ class StackDistanceCounter:
             name, caps, _ratio(misses, self.lookups), self.lookups, misses, table_rows, meta
         )
         return curve if capacities is None else _exact_at(curve, capacities)
+
+
+def time_axis(times: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The LRU kernels' time axis for ``times`` access times (whole 64-bit words): the row owning
+    each time, the bitmap of latest uses, and the Fenwick tree over the bitmap's words."""
+    words = max(1, -(-times // 64))
+    return (
+        np.zeros(words * 64, dtype=np.int32),
+        np.zeros(words, dtype=np.uint64),
+        np.zeros(words + 1, dtype=np.int32),
+    )
+
+
+def compact_time_axis(
+    last: np.ndarray, axis: tuple[np.ndarray, np.ndarray, np.ndarray], used: int, room: int = 0
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]:
+    """Renumber the ``used`` times of ``axis`` so the live ones are 0..distinct-1 and rebuild its
+    bitmap; first grow it to ``TIME_AXIS_GROWTH`` x (distinct + ``room``) times when those would
+    fill more than half of it. Returns the axis and the distinct rows."""
+    owner, bits, tree = axis
+    distinct = kernels.compact_bitmap_times(last, owner, used)
+    need = distinct + room
+    if 2 * need > owner.size:
+        grown = time_axis(TIME_AXIS_GROWTH * need)
+        grown[0][:distinct] = owner[:distinct]
+        owner, bits, tree = grown
+    kernels.bitmap_ones(bits, tree, distinct)
+    return (owner, bits, tree), distinct
 
 
 def _ratio(misses: np.ndarray, lookups: int) -> np.ndarray:

@@ -170,8 +170,7 @@ def replay(
             admitted = caches.admit(plan, ahead)
             n_unique, n_cold = plan.unique_ids.numel(), plan.cold_idx.numel()
             n_hot_in, n_warm_in = admitted.hot_slots.numel(), admitted.warm_slots.numel()
-        if caches.repin_due():  # zipf-tuned's online re-pin, at the boundary the store has
-            caches.repin_now()
+        caches.repin_now()  # zipf-tuned's online re-pins that are due, at the store's boundary
         unique_fetched += n_unique
         moved["cold_reads"] += n_cold
         moved["into_warm"] += n_warm_in

@@ -55,7 +55,7 @@ from tiered_store.row_index import index_bytes
 from tiered_store.trace import TraceReader
 
 from . import mrc_kernels as kernels
-from .mrc import MIN_TIME_CAPACITY
+from .mrc import MIN_TIME_CAPACITY, TIME_AXIS_GROWTH, compact_time_axis, time_axis
 from .replay import batch_fetch_seconds, table_geometry
 
 __all__ = [
@@ -276,30 +276,14 @@ def batched_stack_distances(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
     widest = int(np.diff(starts).max())
     last = np.zeros(int(rows.max()) + 1, dtype=np.int32)
     state = np.zeros(2, dtype=np.int64)
-    owner, bits, tree = _time_axis(max(MIN_TIME_CAPACITY, 4 * widest))
+    axis = time_axis(max(MIN_TIME_CAPACITY, TIME_AXIS_GROWTH * widest))
     k, n_batches = 0, starts.size - 1
     while True:
-        k = kernels.lru_batch_pass(rows, starts, k, last, owner, bits, tree, state, out)
+        k = kernels.lru_batch_pass(rows, starts, k, last, *axis, state, out)
         if k >= n_batches:
             return out
-        distinct = kernels.compact_bitmap_times(last, owner, int(state[0]))
-        need = distinct + int(starts[k + 1] - starts[k])
-        if 2 * need > owner.size:
-            grown = _time_axis(4 * need)
-            grown[0][:distinct] = owner[:distinct]
-            owner, bits, tree = grown
-        state[0] = distinct
-        kernels.bitmap_ones(bits, tree, distinct)
-
-
-def _time_axis(times: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Owner per time, the latest-use bitmap and its Fenwick tree, for ``times`` access times."""
-    words = -(-times // 64)
-    return (
-        np.zeros(words * 64, dtype=np.int32),
-        np.zeros(words, dtype=np.uint64),
-        np.zeros(words + 1, dtype=np.int32),
-    )
+        room = int(starts[k + 1] - starts[k])  # the next batch is stamped at once
+        axis, state[0] = compact_time_axis(last, axis, int(state[0]), room)
 
 
 # ---------------------------------------------------------------------------------------------
