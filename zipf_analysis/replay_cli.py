@@ -11,12 +11,11 @@ import numpy as np
 from policies.registry import is_offline, offline_names
 from tiered_store.capacity import resolve_capacity
 from tiered_store.config import StoreConfig
-from tiered_store.errors import ConfigError
 from tiered_store.trace import TraceReader
 
 from .mrc import MissRatioCurve, lru_mrc, offline_mrc
 from .replay import ReplayResult, replay, table_geometry
-from .tier_split import DEFAULT_POINTS, SplitRecommendation, recommend_split
+from .tier_split import DEFAULT_POINTS, SplitRecommendation, parse_budgets, recommend_split
 
 DEFAULT_SWEEP = "1%,5%,10%,25%"
 
@@ -165,16 +164,10 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
 def _recommend(args, config: StoreConfig, reader, table) -> SplitRecommendation | None:
     """The tier split for ``--gpu-budget``/``--host-budget`` (None without them); bad budgets
     fail here, before any replay."""
-    gpu, host = getattr(args, "gpu_budget", None), getattr(args, "host_budget", None)
-    if gpu is None and host is None:
+    budgets = parse_budgets(getattr(args, "gpu_budget", None), getattr(args, "host_budget", None))
+    if budgets is None:
         return None
-    if gpu is None or host is None:
-        given, missing = (
-            ("--gpu-budget", "--host-budget") if host is None else ("--host-budget", "--gpu-budget")
-        )
-        raise ConfigError(
-            f"{missing}: not given; expected it with {given} (a byte size like '8GiB', or 0)"
-        )
+    gpu, host = budgets
     rows, row_bytes = table_geometry(config, reader.layout[reader.table_index(table)])
     current = tuple(  # the config's own split is a candidate too, when it fits
         resolve_capacity(

@@ -66,6 +66,7 @@ __all__ = [
     "batched_stack_distances",
     "max_capacity",
     "parse_budget",
+    "parse_budgets",
     "recommend_split",
     "split_grid",
     "tier_bytes",
@@ -102,6 +103,31 @@ def parse_budget(text: str | int, *, flag: str) -> int:
         raise ConfigError(
             f"{flag}: got {text!r}; expected a byte size like '8GiB', '512MB' or 0"
         ) from None
+
+
+def parse_budgets(gpu: str | int | None, host: str | int | None) -> tuple[int, int] | None:
+    """``--gpu-budget`` and ``--host-budget`` in bytes; None when neither is given. One without the
+    other, or one that is not a byte size, is an error naming the flag.
+
+    Examples
+    --------
+    >>> parse_budgets("1GiB", 0), parse_budgets(None, None)
+    ((1073741824, 0), None)
+    >>> parse_budgets("1GiB", None)
+    Traceback (most recent call last):
+    ...
+    tiered_store.errors.ConfigError: --host-budget: not given; expected it with --gpu-budget (a byte size like '8GiB', or 0)
+    """
+    if gpu is None and host is None:
+        return None
+    if gpu is None or host is None:
+        given, missing = (
+            ("--gpu-budget", "--host-budget") if host is None else ("--host-budget", "--gpu-budget")
+        )
+        raise ConfigError(
+            f"{missing}: not given; expected it with {given} (a byte size like '8GiB', or 0)"
+        )
+    return parse_budget(gpu, flag="--gpu-budget"), parse_budget(host, flag="--host-budget")
 
 
 def tier_bytes(

@@ -133,20 +133,9 @@ class AnalyzeOptions:
         if not 0.0 < float(self.shards_rate) <= 1.0:
             raise ConfigError(f"shards_rate: got {self.shards_rate!r}; expected 0 < rate <= 1")
         object.__setattr__(self, "targets", check_targets(self.targets))
-        if (self.gpu_budget is None) != (self.host_budget is None):
-            given, missing = (
-                ("--gpu-budget", "--host-budget")
-                if self.host_budget is None
-                else ("--host-budget", "--gpu-budget")
-            )
-            raise ConfigError(
-                f"{missing}: not given; expected it with {given} (a byte size like '8GiB', or 0)"
-            )
-        if self.gpu_budget is not None:
-            from ..tier_split import parse_budget
+        from ..tier_split import parse_budgets
 
-            parse_budget(self.gpu_budget, flag="--gpu-budget")
-            parse_budget(self.host_budget, flag="--host-budget")
+        parse_budgets(self.gpu_budget, self.host_budget)  # both or neither, each a byte size
 
     @property
     def threads(self) -> int:
