@@ -286,6 +286,10 @@ def test_a_stale_file_restores_no_profile(tmp_path):
         ({"decay": 1.5}, r"tiers\.warm\.repin\.decay: .*less than or equal to 1"),
         ({"prior_weight": -1}, r"tiers\.warm\.repin\.prior_weight: .*greater than or equal to 0"),
         ({"evry": 5}, r"tiers\.warm\.repin\.evry: unknown key; expected one of budget, decay"),
+        (
+            {"enabled": "yes"},
+            r"tiers\.warm\.repin\.enabled: got 'yes'; expected true, false or 'auto'",
+        ),
     ],
 )
 def test_bad_repin_config_names_the_key(repin, message):

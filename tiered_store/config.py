@@ -410,7 +410,7 @@ def _check_device(value: Any) -> str:
     raise ValueError(f"got {value!r}; expected 'cpu', 'cuda' or 'cuda:N'")
 
 
-def _check_pin_memory(value: Any) -> bool | str:
+def _check_bool_or_auto(value: Any) -> bool | str:
     """``true``, ``false`` or ``"auto"``."""
     if isinstance(value, bool) or value == "auto":
         return value
@@ -419,7 +419,7 @@ def _check_pin_memory(value: Any) -> bool | str:
 
 Capacity = checked_by(check_capacity_spec, int | str)
 Device = checked_by(_check_device, str)
-PinMemory = checked_by(_check_pin_memory, bool | str)
+BoolOrAuto = checked_by(_check_bool_or_auto, bool | str)
 
 
 class TableConfig(ConfigModel):
@@ -454,7 +454,7 @@ class RepinConfig(ConfigModel):
     episodes while serving and, every ``every`` lookups, move at most ``budget`` rows into the
     pinned segment."""
 
-    enabled: StrictBool | Literal["auto"] = DEFAULTS["repin.enabled"]
+    enabled: BoolOrAuto = DEFAULTS["repin.enabled"]
     every: int_at_least(1) = DEFAULTS["repin.every"]
     budget: checked_by(_check_budget, int | str) = DEFAULTS["repin.budget"]
     decay: float = Field(default=DEFAULTS["repin.decay"], gt=0.0, le=1.0)
@@ -486,7 +486,7 @@ class WarmTierConfig(CacheTierConfig):
     """The warm tier lives in host RAM, pinned when the compute device is CUDA."""
 
     section: ClassVar[tuple[str, ...]] = ("tiers", "warm")
-    pin_memory: PinMemory = DEFAULTS["warm.pin_memory"]
+    pin_memory: BoolOrAuto = DEFAULTS["warm.pin_memory"]
 
 
 class ColdTierConfig(ConfigModel):
