@@ -84,7 +84,7 @@ class OnlineRepin:
     >>> r.due, r.profile.estimates(torch.tensor([5, 1, 7])).tolist(), r.pinned_target()
     (True, [2.0, 1.0, 0.0], 6)
     >>> row_of_slot = torch.tensor([5, 1, 2, -1, -1, -1, -1, -1])
-    >>> moves = r.plan(row_of_slot, torch.zeros(8, dtype=torch.bool))
+    >>> moves = r.plan(row_of_slot, torch.zeros(8, dtype=torch.bool), r.take_touched())
     >>> moves.pin_rows.tolist(), moves.unpin_rows.tolist()  # the budget: 2 rows
     ([5, 1], [])
     """
@@ -120,6 +120,9 @@ class OnlineRepin:
         self.pending: deque[torch.Tensor] = deque()
         self.windows_dropped = 0  # full windows not counted: the background count fell behind
         self.since_repin = 0  # lookups since the last re-pin
+        # per slot: marked when looked up or filled; the score it had when last scored
+        self.touched = torch.ones(self.capacity, dtype=torch.bool, device=self.device)
+        self.slot_score = torch.zeros(self.capacity, dtype=torch.float32, device=self.device)
         self.repins = 0
         self.rows_pinned = 0  # rows moved into the pinned segment by re-pins, in all
         self.rows_unpinned = 0
@@ -188,23 +191,59 @@ class OnlineRepin:
         share = float(self.budget.strip()[:-1]) / 100
         return max(1, math.ceil(share * target))
 
-    def plan(self, row_of_slot: torch.Tensor, pinned: torch.Tensor) -> RepinMoves:
+    def touch(self, slots: torch.Tensor) -> None:
+        """Mark slots looked up or filled (their rows' estimates may have changed)."""
+        self.touched.index_fill_(0, slots.to(self.touched.device), True)
+
+    def take_touched(self) -> torch.Tensor:
+        """The marks since the last call, cleared (a fresh mask takes the lookups that follow)."""
+        marks, self.touched = self.touched, torch.zeros_like(self.touched)
+        return marks
+
+    def plan(
+        self, row_of_slot: torch.Tensor, pinned: torch.Tensor, touched: torch.Tensor
+    ) -> RepinMoves:
         """Which resident slots to pin and unpin, from a snapshot of the tier (``row_of_slot``:
-        -1 for free slots; ``pinned``: pinned flag per slot). Reads only."""
-        resident = torch.nonzero(row_of_slot >= 0).squeeze(1)
-        rows = row_of_slot[resident]
-        score = self.profile.estimates(rows)
-        is_pinned = pinned[resident]
-        target = min(self.pinned_target(), resident.numel())
+        -1 for free slots; ``pinned``: pinned flag per slot; ``touched``: slots looked up or
+        filled since the last plan, from :meth:`take_touched`). Reads only, but for the scores.
+
+        Only touched slots are scored afresh (a row's estimate changes only when a counted
+        window held it: past counts decay by a uniform weight), so a plan costs the rows served
+        since the last one plus a few passes over the slot flags, not a score of every resident.
+        The best unpinned candidates fill the pinned segment up to its target, then replace the
+        lowest-scored pinned rows while they score higher; at most ``budget`` rows in and out.
+        """
+        resident = row_of_slot >= 0
+        fresh = torch.nonzero(touched & resident).squeeze(1)
+        self.slot_score[fresh] = self.profile.estimates(row_of_slot[fresh]).to(torch.float32)
+        target = min(self.pinned_target(), int(resident.sum()))
         budget = self.budget_rows(target)
-        top = torch.sort(score, descending=True, stable=True).indices[:target]  # ties: low slot
-        top = top[score[top] > 0]  # most first
-        incoming = top[~is_pinned[top]][:budget]
-        current = torch.nonzero(is_pinned).squeeze(1)
-        excess = max(0, current.numel() + incoming.numel() - target)
-        low = torch.sort(score[current], stable=True).indices[: min(excess, budget)]
-        outgoing = current[low]
-        return RepinMoves(resident[incoming], rows[incoming], resident[outgoing], rows[outgoing])
+        held = torch.nonzero(pinned).squeeze(1)
+        held_score = self.slot_score[held]
+        room = max(0, target - held.numel())  # free places in the pinned segment
+        shrink = max(0, held.numel() - target)  # pinned rows over a target that fell
+        cand = fresh[~pinned[fresh]]
+        cand_score = self.slot_score[cand]
+        lowest = held_score.min() if held.numel() else None
+        # worth a look: any row that scores, while there is room; then only those above the
+        # lowest pinned row (they can swap with it)
+        floor = lowest if lowest is not None and not room else 0.0
+        keep = torch.nonzero(cand_score > floor).squeeze(1)
+        cand, cand_score = cand[keep], cand_score[keep]
+        best = torch.topk(cand_score, min(budget, cand.numel())).indices  # most first
+        incoming, in_score = cand[best], cand_score[best]
+        fill = min(room, incoming.numel())
+        if lowest is not None and incoming.numel() > fill:  # past the room: swaps only
+            incoming = incoming[: fill + int((in_score[fill:] > lowest).sum())]
+        k_out = min(budget, held.numel(), shrink + incoming.numel() - fill)
+        low = torch.topk(held_score, k_out, largest=False).indices  # least first
+        out_score = held_score[low]
+        pairs = min(incoming.numel() - fill, k_out - min(shrink, k_out))
+        lows = out_score[min(shrink, k_out) : min(shrink, k_out) + pairs]
+        swaps = int((in_score[fill : fill + pairs] > lows).sum())  # both sorted: a prefix
+        incoming = incoming[: fill + swaps]
+        outgoing = held[low[: min(shrink, k_out) + swaps]]
+        return RepinMoves(incoming, row_of_slot[incoming], outgoing, row_of_slot[outgoing])
 
     def finish(self, moved_in: int, moved_out: int) -> None:
         """Close an interval after its re-pin was applied: decay past counts."""

@@ -134,6 +134,8 @@ class RowCache:
         self.counters.misses += lookups - hits
         if hits:
             self.eviction.on_hit(slots)
+            if self.online is not None:
+                self.online.touch(slots)
 
     @property
     def pinned_count(self) -> int:
@@ -236,6 +238,8 @@ class RowCache:
         self.index.set(new_ids, slots)
         self.row_of_slot.index_copy_(0, slots, new_ids)
         self.eviction.on_insert(slots)
+        if self.online is not None:
+            self.online.touch(slots)
         self.counters.admissions += cand.numel()
         return cand, slots
 

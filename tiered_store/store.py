@@ -649,7 +649,11 @@ class TieredStore:
                         cache.online.count_pending()
                         if not cache.online.due:
                             continue
-                        moves = cache.online.plan(cache.row_of_slot.clone(), cache.pinned_mask())
+                        moves = cache.online.plan(
+                            cache.row_of_slot.clone(),
+                            cache.pinned_mask(),
+                            cache.online.take_touched(),
+                        )
                         with self._lock:
                             cache.online.finish(*cache.apply_repin(moves))
                 except (RuntimeError, ValueError) as exc:  # serving goes on with the pins it has
