@@ -6,14 +6,21 @@
     with it off, and plain ``lru``; rounds interleaved in the same run, median lookups/s per mode,
     ratio to off. A round's time includes waiting for its background work to finish
     (``wait_repinned``), so the figure is the whole cost, as on a machine without a spare core.
-(b) **Miss ratio** (lookups served by neither cache tier, per lookup) of one warm tier at each
-    share of the table's rows, over the replayed lookups after ``--warmup`` (``replay``, the
-    store's own decisions, re-pins included, at the same batch boundaries as the store), on the
-    held-out part of an ``analyze --holdout`` output of real text (default: the Python standard
-    library's sources, analysed here): ``lru``; ``zipf-tuned`` from the offline profile with
-    re-pinning off (the pins fixed) and on; ``zipf-tuned`` with no profile (online only: it starts
-    as LRU and learns). The misses after the warm-up are the full replay's minus a replay of the
-    warm-up alone (replay is deterministic, so that prefix decides exactly the same).
+(b) **Fetch ratio** (rows read from cold per lookup, at ``--batch-tokens`` per batch: 64 tokens
+    by default, the figure docs/policies.md compares with per-request simulators) of one warm
+    tier at each share of the table's rows, over the replayed lookups after ``--warmup``
+    (``replay``, the store's own decisions, re-pins included, at the same batch boundaries as the
+    store), on the held-out part of an ``analyze --holdout`` output of real text (default: the
+    Python standard library's sources, analysed here): ``lru``; ``zipf-tuned`` from the offline
+    profile with re-pinning off (the pins fixed) and on; ``zipf-tuned`` with no profile (online
+    only: it starts as LRU and learns), with the default schedule and re-pinning every window.
+    The reads after the warm-up are the full replay's minus a replay of the warm-up alone (replay
+    is deterministic, so that prefix decides exactly the same).
+(c) **What any online counter could reach** (per request, ``policies.repin``, exact per-row
+    counts instead of a sketch, re-pins every ``--bound-every`` lookups moving any number of rows,
+    reading rows it does not hold from cold): the offline pins against online-only exact counting
+    with the same split. If (c) is short of the offline profile, the gap is the data a warm-up
+    sees, not the store's counter.
 
 Example::
 
@@ -40,14 +47,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from policies.repin import repinned_lru_misses
+from policies.zipf_tuned import zipf_tuned_split
 from tiered_store import StoreConfig, TieredStore, create_table
+from tiered_store.capacity import resolve_capacity
+from tiered_store.profile import FrequencyProfile
 from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader, TraceWriter
 from tiered_store.workload import ZipfWorkload
 from zipf_analysis.analyze import AnalyzeOptions, analyze
 from zipf_analysis.replay import replay
 
-BATCH = 65_536  # lookups per replayed batch: one 4,096-token sequence x 16 heads
+BATCH = 65_536  # lookups per trace batch: one 4,096-token sequence x 16 heads
+# re-pinning at every window of 65,536 lookups, counts halved over about 100 windows
+EVERY_WINDOW = {"every": 65_536, "budget": "2%", "decay": 0.9934}
 MODES = {
     "lru": {"policy": "lru"},
     "zipf-tuned, counting off": {"policy": "zipf-tuned", "repin": {"enabled": False}},
@@ -110,9 +123,10 @@ def write_trace(path: Path, layout: dict, ids: np.ndarray) -> None:
             writer.end_batch()
 
 
-def miss_ratios(args, work: Path, analysis: Path) -> dict:
-    """Misses per lookup after the warm-up, per policy and share."""
-    profile = (args.profile_from or analysis) / f"{args.layer}.profile.npz"
+def fetch_ratios(args, work: Path, analysis: Path) -> dict:
+    """Rows read from cold per lookup after the warm-up, per policy and share, and the
+    per-request bounds (c)."""
+    profile_path = (args.profile_from or analysis) / f"{args.layer}.profile.npz"
     with TraceReader(analysis / "holdout.trace") as reader:
         layout = dict(reader.layout[reader.table_index(args.layer)], name=args.layer)
         ids = reader.read_all(args.layer)[: args.lookups].astype(np.int64)
@@ -122,28 +136,33 @@ def miss_ratios(args, work: Path, analysis: Path) -> dict:
     write_trace(work / "full.trace", layout, ids)
     write_trace(work / "warmup.trace", layout, ids[:warmup])
     repin = {"enabled": True, "every": args.every, "budget": args.budget, "decay": args.decay}
+    window = {"enabled": True, **EVERY_WINDOW}
     policies = {
         "lru": {"policy": "lru"},
         "zipf-tuned, offline profile, pins fixed": {
             "policy": "zipf-tuned",
-            "profile": str(profile),
+            "profile": str(profile_path),
             "repin": {"enabled": False},
         },
         "zipf-tuned, offline profile, re-pinned online": {
             "policy": "zipf-tuned",
-            "profile": str(profile),
+            "profile": str(profile_path),
             "repin": repin,
         },
         "zipf-tuned, online only (no profile)": {"policy": "zipf-tuned", "repin": repin},
+        "zipf-tuned, online only, re-pin every window": {"policy": "zipf-tuned", "repin": window},
     }
     out = {
         "trace": str(analysis / "holdout.trace"),
-        "profile": str(profile),
+        "profile": str(profile_path),
         "lookups": int(ids.size),
         "warmup": warmup,
+        "batch_tokens": args.batch_tokens,
         "repin": repin,
+        "repin_every_window": window,
         "shares": {},
     }
+    profile = FrequencyProfile.load(profile_path)
     for share in args.shares.split(","):
         cell = {}
         for name, tier in policies.items():
@@ -154,22 +173,58 @@ def miss_ratios(args, work: Path, analysis: Path) -> dict:
                 }
             )
             start = time.perf_counter()
-            full = replay(cfg, work / "full.trace", table=args.layer)
-            head = replay(cfg, work / "warmup.trace", table=args.layer)
+            full = replay(
+                cfg, work / "full.trace", table=args.layer, batch_tokens=args.batch_tokens
+            )
+            head = replay(
+                cfg, work / "warmup.trace", table=args.layer, batch_tokens=args.batch_tokens
+            )
+            after = full.lookups - head.lookups
+            reads = full.rows_moved["cold_reads"] - head.rows_moved["cold_reads"]
             missed = full.tiers["warm"]["misses"] - head.tiers["warm"]["misses"]
             cell[name] = {
-                "miss_ratio_after_warmup": missed / (full.lookups - head.lookups),
-                "miss_ratio_all": full.miss_ratio,
+                "fetch_ratio_after_warmup": reads / after,
+                "miss_ratio_after_warmup": missed / after,
+                "fetch_ratio_all": full.fetch_ratio,
                 "repins": full.tiers["warm"].get("repins", 0),
                 "rows_repinned": full.tiers["warm"].get("rows_repinned", 0),
                 "replay_lookups_per_s": full.lookups_per_second,
             }
             print(
-                f"  {share} {name}: {100 * cell[name]['miss_ratio_after_warmup']:.2f}% after the "
-                f"warm-up ({time.perf_counter() - start:.0f} s)",
+                f"  {share} {name}: {100 * cell[name]['fetch_ratio_after_warmup']:.2f}% read "
+                f"after the warm-up ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
+        cell["per_request_bounds"] = online_bounds(args, ids, warmup, profile, layout, share)
         out["shares"][share] = cell
+    return out
+
+
+def online_bounds(args, ids, warmup, profile, layout, share: str) -> dict:
+    """(c): per request, misses after the warm-up of the offline pins and of online-only exact
+    counting (same split, any row re-pinned every ``--bound-every`` lookups)."""
+    rows = int(layout["rows"])
+    capacity = resolve_capacity(share, table_rows=rows, row_bytes=128, key="--shares")
+    split = zipf_tuned_split(profile.top_rows(capacity, by="episodes"), profile.counts, capacity)
+    prior = np.zeros(rows)
+    prior[profile.row_ids] = profile.episodes if profile.episodes is not None else profile.counts
+    pinned, recency = split.pinned_rows.size, split.recency_rows
+    runs = {
+        "offline profile, pins fixed": dict(initial=split.pinned_rows, budget=0),
+        "online only, exact counts, any row re-pinned": dict(
+            prior_weight=0.0, interval=args.bound_every
+        ),
+    }
+    out = {}
+    for name, kw in runs.items():
+        r = repinned_lru_misses(ids, prior, pinned, recency, report_from=(warmup,), **kw)
+        out[name] = {
+            "miss_ratio_after_warmup": r.misses_after[0] / (ids.size - warmup),
+            "repin_reads_per_lookup": r.repin_reads / ids.size,
+        }
+        print(
+            f"  {share} (c) {name}: {100 * out[name]['miss_ratio_after_warmup']:.2f}%", flush=True
+        )
     return out
 
 
@@ -194,6 +249,10 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=1_048_576, help="repin.every")
     p.add_argument("--budget", default="10%", help="repin.budget")
     p.add_argument("--decay", type=float, default=0.9, help="repin.decay")
+    p.add_argument("--batch-tokens", type=int, default=64, help="(b): tokens per replayed batch")
+    p.add_argument(
+        "--bound-every", type=int, default=262_144, help="(c): lookups between exact re-pins"
+    )
     p.add_argument("--hit-rows", type=int, default=200_000, help="(a): table rows, all resident")
     p.add_argument("--hit-batches", default="65536,1024", help="(a): lookups per batch")
     p.add_argument(
@@ -241,7 +300,7 @@ def main(argv=None) -> int:
                     progress=True,
                 )
                 analyze(args.corpus or None, analysis, options=options)
-            result["miss_ratio"] = miss_ratios(args, work, analysis)
+            result["fetch_ratio"] = fetch_ratios(args, work, analysis)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
