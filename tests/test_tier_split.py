@@ -25,6 +25,7 @@ from tiered_store.row_cache import RowCache
 from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.analyze import AnalyzeOptions, analyze
 from zipf_analysis.replay import replay
+from zipf_analysis.tier_models import tier_models
 from zipf_analysis.tier_split import (
     batch_events,
     batched_stack_distances,
@@ -96,9 +97,16 @@ def _config(hot: int = 0, warm: int = 0, **cost) -> StoreConfig:
     )
 
 
-def _replayed(trace: Path, hot: int, warm: int, batch_tokens: int | None, **cost) -> dict:
-    """A full replay of one split, as the model's counters."""
-    r = replay(_config(hot, warm, **cost), trace, batch_tokens=batch_tokens)
+def _replayed(
+    trace: Path, hot: int, warm: int, batch_tokens: int | None, policies=None, **cost
+) -> dict:
+    """A full replay of one split (LRU tiers, or ``policies``: see _tuned), as the model's counters."""
+    config = (
+        _config(hot, warm, **cost)
+        if policies is None
+        else _tuned(trace, *policies, hot, warm, **cost)
+    )
+    r = replay(config, trace, batch_tokens=batch_tokens)
     return {
         "hot_hits": r.tiers["hot"]["hits"],
         "warm_hits": r.tiers["warm"]["hits"],
@@ -110,6 +118,7 @@ def _replayed(trace: Path, hot: int, warm: int, batch_tokens: int | None, **cost
 
 
 SPLITS = [(0, 300), (60, 0), (60, 1500), (400, 300), (400, 4000), (2500, 1500)]
+RECENCY_WINDOW = 256  # ~248 rows: the recency segment is half the tier below ~500 rows, fixed above
 
 
 def test_per_request_model_equals_replay(short_trace):
@@ -372,3 +381,189 @@ def test_tier_bytes_equal_a_live_stores_memory_report(tmp_path):
             + meta["per_tier"]
         )
         assert tier_bytes(capacity, rows=4000, row_bytes=64) == live, tier
+
+
+# ---------------------------------------------------------------------------------------------
+# zipf-tuned tiers: profile pins plus an LRU recency segment, re-sized at every capacity
+# ---------------------------------------------------------------------------------------------
+
+
+def _tuned(trace: Path, hot: str, warm: str, hot_rows: int = 0, warm_rows: int = 0, **cost):
+    """Tiers with these policies; a zipf-tuned one pins from the profile `analyze` wrote for the
+    trace's text (fixed pins: repin is 'auto' with a profile)."""
+    profile = str(trace.with_name("layer1.profile.npz"))
+
+    def tier(capacity: int, policy: str) -> dict:
+        tuned = {"profile": profile, "recency_window": RECENCY_WINDOW}
+        return {"capacity": capacity, "policy": policy, **(tuned if "zipf" in policy else {})}
+
+    return StoreConfig.from_dict(
+        {
+            "table": {"path": "absent.npy", "dim": 16},
+            "tiers": {"hot": tier(hot_rows, hot), "warm": tier(warm_rows, warm)},
+            "cost_model": {**COST, **cost},
+        }
+    )
+
+
+def _tuned_grid(trace: Path, policies: tuple[str, str], batch_tokens, splits, **cost):
+    """The model's grid over ``splits`` for tiers with ``policies``."""
+    config = _tuned(trace, *policies, **cost)
+    with TraceReader(trace) as reader:
+        events = batch_events(reader, 0, batch_tokens)
+        rows = int(reader.layout[0]["rows"])
+    hot, warm = sorted({h for h, _ in splits}), sorted({w for _, w in splits})
+    return events, split_grid(events, config.cost_model, 64, hot, warm, tier_models(config, rows))
+
+
+TUNED_CASES = [  # (hot policy, warm policy), splits replayed per request
+    (("zipf-tuned", "zipf-tuned"), [(0, 300), (60, 1500), (400, 4000), (2500, 1500)]),
+    (("lru", "zipf-tuned"), [(60, 1500), (2500, 300)]),
+    (("zipf-tuned", "lru"), [(400, 300), (2500, 4000)]),
+]
+
+
+@pytest.mark.parametrize(("policies", "splits"), TUNED_CASES)
+def test_per_request_zipf_tuned_model_equals_replay(short_trace, policies, splits):
+    cost = {"compute_seconds_per_batch": 0.0}  # one lookup a batch: every fetch stalls
+    _, grid = _tuned_grid(short_trace, policies, 1, splits, **cost)
+    for h, w in splits:
+        model, real = grid.at(h, w), _replayed(short_trace, h, w, 1, policies, **cost)
+        for key in ("hot_hits", "warm_hits", "device_rows", "cold_reads"):
+            assert model[key] == real[key], (policies, h, w, key)
+        for key in ("fetch_seconds", "stall_seconds"):
+            assert model[key] == pytest.approx(real[key], rel=1e-9), (policies, h, w, key)
+    assert real["stall_seconds"] > 0
+
+
+def test_zipf_tuned_model_pins_what_the_store_pins(short_trace):
+    """The pinned rows' lookups are hits the LRU model does not have: the two models differ, and
+    the recency segment is half a small tier and fixed in a large one."""
+    _, tuned = _tuned_grid(short_trace, ("zipf-tuned", "zipf-tuned"), 1, SPLITS)
+    _, lru = _tuned_grid(short_trace, ("lru", "lru"), 1, SPLITS)
+    assert (tuned.hot_hits[1:, 0] > lru.hot_hits[1:, 0]).all()  # pins beat LRU on this text
+    model = tier_models(_tuned(short_trace, "zipf-tuned", "lru"), 80084)["hot"]
+    caps = np.array([60, 400, 2500, 4000])
+    assert (caps - model.segments(caps)).tolist() == [30, 200, 248, 248]
+
+
+@pytest.mark.parametrize("policies", [p for p, _ in TUNED_CASES])
+def test_batched_zipf_tuned_model_is_within_tolerance_of_replay(text_trace, policies):
+    events, grid = _tuned_grid(text_trace, policies, None, SPLITS)
+    for h, w in SPLITS:
+        real = replay(_tuned(text_trace, *policies, h, w), text_trace)
+        assert real.batches == grid.batches and real.lookups == grid.lookups
+        model = grid.at(h, w)
+        for key, value in (
+            ("hot_hits", real.tiers["hot"]["hits"]),
+            ("warm_hits", real.tiers["warm"]["hits"]),
+            ("cold_reads", real.rows_moved["cold_reads"]),
+        ):
+            assert abs(model[key] - value) <= COUNT_TOLERANCE * events.lookups, (h, w, key)
+        assert model["stall_seconds"] == pytest.approx(
+            real.modelled_stall_seconds, rel=STALL_TOLERANCE
+        )
+
+
+@pytest.mark.parametrize("batch_tokens", [None, 1])
+def test_recommended_zipf_tuned_split_has_the_least_replayed_stall(
+    text_trace, short_trace, batch_tokens
+):
+    trace = text_trace if batch_tokens is None else short_trace
+    cost = {} if batch_tokens is None else {"compute_seconds_per_batch": 0.0}
+    policies = ("zipf-tuned", "zipf-tuned")
+    rec = recommend_split(
+        _tuned(trace, *policies, **cost),
+        trace,
+        gpu_budget="1MiB",
+        host_budget="2MiB",
+        batch_tokens=batch_tokens,
+        points=8,
+        extra=[(60, 1500)],
+    )
+    assert rec.model == {"hot": "zipf-tuned", "warm": "zipf-tuned"} and not rec.notes
+    assert rec.hot_bytes <= rec.gpu_budget and rec.warm_bytes <= rec.host_budget
+    assert all(c["stall_seconds"] >= rec.stall_seconds for c in rec.candidates)
+    largest = max(rec.candidates, key=lambda c: (c["hot_rows"], c["warm_rows"]))
+    others = {(largest["hot_rows"], largest["warm_rows"]), (60, 1500)}
+    others |= {(c["hot_rows"], c["warm_rows"]) for c in rec.frontier[-4:-1]}
+    others.discard((rec.hot_rows, rec.warm_rows))
+    assert len(others) >= 3
+    best = _replayed(trace, rec.hot_rows, rec.warm_rows, batch_tokens, policies, **cost)
+    replayed = [
+        _replayed(trace, h, w, batch_tokens, policies, **cost)["stall_seconds"] for h, w in others
+    ]
+    tol = 1e-9 if batch_tokens == 1 else STALL_TOLERANCE  # per request the model is exact
+    assert best["stall_seconds"] == pytest.approx(rec.stall_seconds, rel=tol)
+    assert best["stall_seconds"] <= min(replayed) * (1 + tol)
+
+
+def test_a_bad_profile_gives_the_error_replay_gives(short_trace, tmp_path):
+    from tiered_store.profile import profile_ids
+
+    profile_ids(np.arange(50), rows=50).save(tmp_path / "other.npz")
+    config = StoreConfig.from_dict(
+        {
+            "table": {"path": "absent.npy", "dim": 16},
+            "tiers": {
+                "hot": {"capacity": 10},
+                "warm": {
+                    "capacity": 10,
+                    "policy": "zipf-tuned",
+                    "profile": str(tmp_path / "other.npz"),
+                },
+            },
+        }
+    )
+    errors = []
+    for run in (
+        lambda: replay(config, short_trace),
+        lambda: recommend_split(config, short_trace, gpu_budget="1MiB", host_budget="1MiB"),
+    ):
+        with pytest.raises(
+            ConfigError, match="profiles a table of 50 rows; this table has 80,084"
+        ) as e:
+            run()
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and errors[0].startswith("tiers.warm.profile: ")
+
+
+def test_policies_the_model_does_not_know_are_modelled_as_lru_and_said_so(short_trace):
+    config = _tuned(short_trace, "zipf-tuned", "sieve")
+    rec = recommend_split(config, short_trace, gpu_budget="1MiB", host_budget="1MiB", points=4)
+    assert rec.model == {"hot": "zipf-tuned", "warm": "lru"}
+    assert rec.notes == [
+        "tiers.warm.policy 'sieve': modelled as LRU (the split model knows lru, and zipf-tuned "
+        "with a profile, fixed pins and an LRU recency segment)"
+    ]
+    text = "\n".join(rec.lines())
+    assert "(hot zipf-tuned, warm LRU," in text and "note: tiers.warm.policy 'sieve'" in text
+    # the warm tier's budget counts SIEVE's metadata, as a live tier would keep it
+    assert rec.warm_bytes == tier_bytes(rec.warm_rows, rows=80084, row_bytes=64, policy="sieve")
+    online = config.tiers.hot.model_copy(update={"profile": None})
+    rec = recommend_split(
+        config.model_copy(update={"tiers": config.tiers.model_copy(update={"hot": online})}),
+        short_trace,
+        gpu_budget="1MiB",
+        host_budget=0,
+        points=2,
+    )
+    assert rec.model["hot"] == "lru" and "learns its pins online: modelled as LRU" in rec.notes[0]
+
+
+def test_replay_command_checks_a_zipf_tuned_split_with_its_policies(text_trace, tmp_path, capsys):
+    config = _tuned(text_trace, "zipf-tuned", "zipf-tuned", 60, 1500)
+    (tmp_path / "tiers.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    out = tmp_path / "out"
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(text_trace), "--sweep", "", "--quiet"]
+    argv += ["--no-bounds", "--out", str(out), "--gpu-budget", "1MiB", "--host-budget", "2MiB"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "(zipf-tuned tiers, modelled from one read" in text
+    assert "replayed at the recommended split (zipf-tuned/zipf-tuned)" in text
+    doc = json.loads((out / "replay.json").read_text())["tier_split"]
+    assert doc["model"] == {"hot": "zipf-tuned", "warm": "zipf-tuned"}
+    assert doc["replayed"]["policy"] == "zipf-tuned/zipf-tuned"
+    assert doc["replayed"]["modelled_stall_seconds"] == pytest.approx(
+        doc["stall_seconds"], rel=STALL_TOLERANCE
+    )
