@@ -12,6 +12,20 @@ its own miss stream, which is held in memory (no second read of the trace) and s
 trace by hot's hit ratio. The result is exact for LRU tiers, not an approximation from
 ``misses(hot + warm)``, which would hold for an exclusive hierarchy only.
 
+``zipf-tuned`` tiers (a ``profile``, fixed pins, an LRU recency segment; see
+:mod:`zipf_analysis.tier_models`) are modelled as the store builds them at every candidate
+capacity: a lookup of a row hot pins (the profile's first ``P_h(h)`` rows by episodes) is a hot
+hit; hot's recency segment is an LRU of ``h - P_h(h)`` rows over the lookups of rows it does not
+pin; hot's misses of rows warm pins (the next ``P_w(w)`` of the ranking, hot's pins skipped) are
+warm hits, and warm's recency segment is an LRU of ``w - P_w(w)`` rows over the rest of hot's
+misses. Pinned hits come from each row's rank (vectorised); each recency segment's from a stack
+pass over its own substream, which changes with the pins: one pass per hot candidate (where hot
+is zipf-tuned) and one per (hot, warm) candidate pair (where warm is), see :func:`split_grid`.
+The recency segment's size ``R(c)`` is half the tier up to twice one ``recency_window``'s
+distinct rows and constant above, but the pins still grow with ``c``, so constant ``R`` saves no
+pass. Either tier may be LRU and the other zipf-tuned; other policies are modelled as LRU, and
+the recommendation's ``notes`` say so.
+
 Granularity: the store's batches, as :func:`zipf_analysis.replay.replay` counts them (the trace's
 own batches, or ``batch_tokens`` groups). The cost model is per batch (a row missed twice in a
 batch is read once, one NVMe latency per batch, the stall is ``max(0, fetch - compute)`` per
@@ -28,7 +42,8 @@ RAM, as for :func:`zipf_analysis.replay.replay_offline`.
 
 Memory counted against a budget: each tier's payload (rows x row bytes) plus its metadata, as
 :meth:`tiered_store.row_cache.RowCache.metadata_bytes` counts it (slot owner, flags and free list,
-the LRU clock, the row index: dense per table row or hashed per slot, ``tiers.*.index``).
+the eviction policy's key, e.g. the LRU clock of an LRU or zipf-tuned tier, the row index: dense
+per table row or hashed per slot, ``tiers.*.index``).
 
 Examples
 --------
