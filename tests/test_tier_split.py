@@ -237,17 +237,19 @@ def test_batched_stack_distances_survive_time_axis_compaction():
     assert seen.sum() > 900 and (out[-1000:][seen] == expect[seen]).all()
 
 
-@pytest.mark.parametrize("index", ["dense", "hashed"])
-def test_tier_bytes_count_what_a_row_cache_keeps(index):
+@pytest.mark.parametrize(
+    ("index", "policy"),
+    [("dense", "lru"), ("hashed", "lru"), ("dense", "zipf-tuned"), ("hashed", "sieve")],
+)
+def test_tier_bytes_count_what_a_row_cache_keeps(index, policy):
     rows, capacity, row_bytes = 50_000, 700, 256
-    cache = RowCache(
-        "hot", num_rows=rows, capacity=capacity, spec=PolicySpec.parse("lru"), index=index
-    )
+    spec = PolicySpec.parse(policy)
+    cache = RowCache("hot", num_rows=rows, capacity=capacity, spec=spec, index=index)
     meta = cache.metadata_bytes()
     expect = capacity * (row_bytes + meta["per_slot"]) + rows * meta["per_table_row"]
-    assert tier_bytes(capacity, rows=rows, row_bytes=row_bytes, index=index) == int(np.ceil(expect))
-    budget = tier_bytes(capacity, rows=rows, row_bytes=row_bytes, index=index)
-    assert max_capacity(budget, rows=rows, row_bytes=row_bytes, index=index) == capacity
+    size = {"rows": rows, "row_bytes": row_bytes, "index": index, "policy": spec.eviction}
+    assert tier_bytes(capacity, **size) == int(np.ceil(expect))
+    assert max_capacity(tier_bytes(capacity, **size), **size) == capacity
 
 
 def test_replay_command_recommends_a_split_and_names_bad_budgets(text_trace, tmp_path, capsys):
@@ -549,6 +551,20 @@ def test_policies_the_model_does_not_know_are_modelled_as_lru_and_said_so(short_
         points=2,
     )
     assert rec.model["hot"] == "lru" and "learns its pins online: modelled as LRU" in rec.notes[0]
+    repins = config.tiers.hot.model_copy(
+        update={"repin": config.tiers.hot.repin.model_copy(update={"enabled": True})}
+    )
+    rec = recommend_split(
+        config.model_copy(update={"tiers": config.tiers.model_copy(update={"hot": repins})}),
+        short_trace,
+        gpu_budget="1MiB",
+        host_budget=0,
+        points=2,
+    )
+    assert rec.model["hot"] == "lru"
+    assert rec.notes[0] == (
+        "tiers.hot.policy 'zipf-tuned' re-pins online (tiers.hot.repin.enabled): modelled as LRU"
+    )
 
 
 def test_replay_command_checks_a_zipf_tuned_split_with_its_policies(text_trace, tmp_path, capsys):
