@@ -438,6 +438,39 @@ def test_per_request_zipf_tuned_model_equals_replay(short_trace, policies, split
     assert real["stall_seconds"] > 0
 
 
+def test_per_request_model_skips_hot_pins_in_another_warm_profile(short_trace, tmp_path):
+    """Warm's profile ranks rows differently from hot's: warm pins its ranking's first rows that
+    hot does not pin, as the store does."""
+    from tiered_store.profile import profile_ids
+
+    with TraceReader(short_trace) as reader:
+        profile_ids(reader.read_all(0)[4000:], rows=80084).save(tmp_path / "warm.npz")
+    config = _tuned(short_trace, "zipf-tuned", "zipf-tuned", compute_seconds_per_batch=0.0)
+    warm = config.tiers.warm.model_copy(update={"profile": str(tmp_path / "warm.npz")})
+    config = config.model_copy(update={"tiers": config.tiers.model_copy(update={"warm": warm})})
+    models = tier_models(config, 80084)
+    assert not np.array_equal(models["hot"].ranking[:400], models["warm"].ranking[:400])
+    with TraceReader(short_trace) as reader:
+        events = batch_events(reader, 0, batch_tokens=1)
+    splits = [(400, 1500), (2500, 300)]
+    grid = split_grid(events, config.cost_model, 64, [400, 2500], [300, 1500], models)
+    for h, w in splits:
+        tiers = config.tiers.model_copy(
+            update={
+                "hot": config.tiers.hot.model_copy(update={"capacity": h}),
+                "warm": config.tiers.warm.model_copy(update={"capacity": w}),
+            }
+        )
+        real = replay(config.model_copy(update={"tiers": tiers}), short_trace, batch_tokens=1)
+        model = grid.at(h, w)
+        assert (model["hot_hits"], model["warm_hits"], model["cold_reads"]) == (
+            real.tiers["hot"]["hits"],
+            real.tiers["warm"]["hits"],
+            real.rows_moved["cold_reads"],
+        ), (h, w)
+        assert model["stall_seconds"] == pytest.approx(real.modelled_stall_seconds, rel=1e-9)
+
+
 def test_zipf_tuned_model_pins_what_the_store_pins(short_trace):
     """The pinned rows' lookups are hits the LRU model does not have: the two models differ, and
     the recency segment is half a small tier and fixed in a large one."""

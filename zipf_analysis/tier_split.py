@@ -428,11 +428,12 @@ def split_grid(
     passes, last = 0, None  # (hot pins, distances of the unpinned events): one pass per pin count
     for i, (h, p_h) in enumerate(zip(hot, models["hot"].segments(hot), strict=True)):
         pinned = ranks.hot_pinned(events.rows, int(p_h))
-        if last is None or last[0] != p_h:
-            last = (p_h, _segment_distances(events.rows, batch_of, n_b, ~pinned))
-            passes += 1
         hit = pinned.copy()
-        hit[~pinned] = (last[1] > 0) & (last[1] <= h - p_h)
+        if h > p_h:  # a recency segment: its hits from a pass over the rows hot does not pin
+            if last is None or last[0] != p_h:
+                last = (p_h, _segment_distances(events.rows, batch_of, n_b, ~pinned))
+                passes += 1
+            hit[~pinned] = (last[1] > 0) & (last[1] <= h - p_h)
         hits_b = np.bincount(batch_of[hit], weights=events.counts[hit], minlength=n_b)
         miss = ~hit
         dev_b = np.bincount(batch_of[miss], minlength=n_b)
