@@ -426,6 +426,7 @@ def split_grid(
     out = {k: np.zeros(shape, dtype=np.int64) for k in ("hh", "wh", "dev", "cold")}
     fetch, stall = np.zeros(shape), np.zeros(shape)
     passes, last = 0, None  # (hot pins, distances of the unpinned events): one pass per pin count
+    warm_pins = models["warm"].segments(warm)  # before hot's pins leave fewer ranked rows
     for i, (h, p_h) in enumerate(zip(hot, models["hot"].segments(hot), strict=True)):
         pinned = ranks.hot_pinned(events.rows, int(p_h))
         hit = pinned.copy()
@@ -439,7 +440,7 @@ def split_grid(
         dev_b = np.bincount(batch_of[miss], minlength=n_b)
         m_rows, m_batch, m_counts = events.rows[miss], batch_of[miss], events.counts[miss]
         warm_rows_b, warm_hits, n_pass = _warm_hits(
-            ranks, models["warm"], int(p_h), warm, m_rows, m_batch, m_counts, n_b
+            ranks, warm_pins, int(p_h), warm, m_rows, m_batch, m_counts, n_b
         )
         passes += n_pass
         cold_b = dev_b[:, None] - warm_rows_b
@@ -478,7 +479,7 @@ def _segment_distances(
 
 def _warm_hits(
     ranks: PinRanks,
-    model: TierModel,
+    warm_pins: np.ndarray,
     hot_pinned: int,
     warm: np.ndarray,
     rows: np.ndarray,
@@ -488,26 +489,44 @@ def _warm_hits(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Warm's hits at every capacity over hot's misses (``rows``, their batches and lookups):
     per batch the rows it serves [batch, warm], the lookups it serves [warm], and stack passes run.
-    Warm capacities sharing a pin count share one pass over the misses of rows not pinned."""
+    ``warm_pins``: the rows each capacity pins with the whole ranking (``TierModel.segments``);
+    hot's pins leave fewer. Capacities sharing a pin count share one pass over the misses of rows
+    not pinned; as the pins grow, that substream shrinks (each is cut from the one before)."""
     w_rank, available = ranks.warm_ranks(hot_pinned)
-    pins = model.segments(warm, available)
+    pins = np.minimum(warm_pins, available)
+    groups = np.unique(pins)
+    rank = np.zeros(rows.size, dtype=np.int64) if w_rank is None else w_rank[rows]
+    # pinned hits: an event is pinned from the first group whose pin count exceeds its rank
+    first = np.searchsorted(groups, rank, side="right")
+    n_g = groups.size + 1
+    pinned_b = np.cumsum(
+        np.bincount(batch_of * n_g + first, minlength=n_batches * n_g).reshape(n_batches, n_g),
+        axis=1,
+    )
+    pinned_hits = np.cumsum(np.bincount(first, weights=counts, minlength=n_g))
     rows_b = np.zeros((n_batches, warm.size), dtype=np.int64)
     hits = np.zeros(warm.size)
     passes = 0
-    for p in np.unique(pins):
+    sub = (rows, batch_of, counts, rank)  # the events of rows not pinned at this group's count
+    for j, p in enumerate(groups):
+        if p > 0:
+            keep = sub[3] >= p
+            sub = tuple(x[keep] for x in sub)
         cols = np.flatnonzero(pins == p)
+        rows_b[:, cols] = pinned_b[:, j : j + 1]
+        hits[cols] = pinned_hits[j]
         recency = warm[cols] - p  # grows with the capacity: a hit at one column hits at the next
-        pinned = np.zeros(rows.size, dtype=bool) if p == 0 else w_rank[rows] < p
-        # per event, the first column that serves it (pinned: all; cols.size: none)
-        col = np.where(pinned, 0, cols.size)
-        if recency[-1] > 0:
-            d = _segment_distances(rows, batch_of, n_batches, ~pinned)
-            col[~pinned] = np.where(d > 0, np.searchsorted(recency, d, side="left"), cols.size)
-            passes += 1
+        if recency[-1] <= 0 or sub[0].size == 0:
+            continue
+        starts = np.concatenate([[0], np.cumsum(np.bincount(sub[1], minlength=n_batches))])
+        d = batched_stack_distances(sub[0], starts)
+        passes += 1
+        # per event, the first column whose recency segment holds it (cols.size: none)
+        col = np.where(d > 0, np.searchsorted(recency, d, side="left"), cols.size)
         g = cols.size + 1
-        per_b = np.bincount(batch_of * g + col, minlength=n_batches * g).reshape(n_batches, g)
-        rows_b[:, cols] = np.cumsum(per_b[:, :-1], axis=1)
-        hits[cols] = np.cumsum(np.bincount(col, weights=counts, minlength=g)[:-1])
+        per_b = np.bincount(sub[1] * g + col, minlength=n_batches * g).reshape(n_batches, g)
+        rows_b[:, cols] += np.cumsum(per_b[:, :-1], axis=1)
+        hits[cols] += np.cumsum(np.bincount(col, weights=sub[2], minlength=g)[:-1])
     return rows_b, hits, passes
 
 
