@@ -34,9 +34,9 @@ def register(sub) -> None:
         "capacities. Also sweeps a single cache tier over --sweep capacities per policy and draws its "
         "fetch ratio against capacity (PNG). With --gpu-budget and --host-budget, also recommends "
         "the hot/warm split (LRU tiers, or zipf-tuned ones with a profile and fixed pins, as the "
-        "config's policies say; other policies are modelled as LRU) with the least modelled stall whose hot tier (payload and "
-        "metadata) fits the GPU budget and warm tier the host budget, modelled from one read of the "
-        "trace, and replays that split to check the model.",
+        "config's policies say; other policies are modelled as LRU) with the least modelled stall "
+        "whose hot tier (payload and metadata) fits the GPU budget and warm tier the host budget, "
+        "modelled from one read of the trace, and replays that split to check the model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("config", type=Path, help="store config (YAML)")

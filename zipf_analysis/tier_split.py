@@ -575,13 +575,10 @@ class SplitRecommendation:
 
     def lines(self, frontier_rows: int = 12) -> list[str]:
         """What ``tiered-store replay`` prints."""
-        tiers = (
-            f"{self.model['hot']} tiers"
-            if self.model["hot"] == self.model["warm"]
-            else f"hot {self.model['hot']}, warm {self.model['warm']}"
-        )
+        hot, warm = (self.model[t].replace("lru", "LRU") for t in ("hot", "warm"))
+        tiers = f"{hot} tiers" if hot == warm else f"hot {hot}, warm {warm}"
         out = [
-            f"tier split for table {self.table!r} ({tiers.replace('lru', 'LRU')}, modelled from one "
+            f"tier split for table {self.table!r} ({tiers}, modelled from one "
             f"read of the trace; GPU budget {format_bytes(self.gpu_budget)}, host budget "
             f"{format_bytes(self.host_budget)}):",
             *(f"  note: {n}" for n in self.notes),
@@ -683,9 +680,15 @@ def recommend_split(
     kinds = {"hot": config.tiers.hot.index, "warm": config.tiers.warm.index}
     flags = {"hot": "--gpu-budget", "warm": "--host-budget"}
     models = tier_models(config, rows)
-    size = {t: {"rows": rows, "row_bytes": row_bytes, "index": kinds[t]} for t in kinds}
-    for t in size:
-        size[t]["policy"] = models[t].bytes_policy
+    size = {  # what tier_bytes needs: the table, the tier's index and its eviction metadata
+        t: {
+            "rows": rows,
+            "row_bytes": row_bytes,
+            "index": kinds[t],
+            "policy": models[t].bytes_policy,
+        }
+        for t in kinds
+    }
     largest = {t: max_capacity(budgets[t], **size[t], flag=flags[t]) for t in ("hot", "warm")}
     grids = {t: _grid(largest[t], points) for t in ("hot", "warm")}
     for h, w in extra:
