@@ -22,8 +22,10 @@ misses. Pinned hits come from each row's rank (vectorised); each recency segment
 pass over its own substream, which changes with the pins: one pass per hot candidate (where hot
 is zipf-tuned) and one per (hot, warm) candidate pair (where warm is), see :func:`split_grid`.
 The recency segment's size ``R(c)`` is half the tier up to twice one ``recency_window``'s
-distinct rows and constant above, but the pins still grow with ``c``, so constant ``R`` saves no
-pass. Either tier may be LRU and the other zipf-tuned; other policies are modelled as LRU, and
+distinct rows and constant above, but the pins still grow with ``c``, so constant ``R`` alone
+saves no pass (one pass per ``R`` would need each event's ``R``-th largest rank among the rows
+used since its row's last use: not done). Substreams shrink as pins grow, and one that pins
+leave empty needs no pass. Either tier may be LRU and the other zipf-tuned; other policies are modelled as LRU, and
 the recommendation's ``notes`` say so.
 
 Granularity: the store's batches, as :func:`zipf_analysis.replay.replay` counts them (the trace's
