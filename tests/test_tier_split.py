@@ -4,7 +4,9 @@ The trace is real text (Python standard library sources, tokenised and hashed by
 small Engram config). Per request (``batch_tokens=1``) the model's counters and stall must equal a
 replay's; at the trace's own batches (an LRU tier breaks a batch's ties by slot, the model by
 lookups), within 2% of the stall and 2% of the lookups. The recommended split must have the least
-replayed stall among the splits the test replays.
+replayed stall among the splits the test replays. The same holds for zipf-tuned tiers (pins from
+the profile `analyze` wrote for the text, fixed; an LRU recency segment), alone or beside an LRU
+tier.
 """
 
 from __future__ import annotations
