@@ -8,10 +8,15 @@
    modelled against replayed hits, cold reads and stall, and the time of the model against one
    replay in the same run.
 
+``--policy zipf-tuned`` models and replays zipf-tuned tiers (pins from the profile ``analyze``
+wrote for the same text), and times the LRU model of the same grid in the same run as the
+baseline of the model's cost.
+
 Example::
 
     python bench/bench_tier_split.py --out bench/results/tier_split.json
     python bench/bench_tier_split.py --analysis A --gpu-budget 128MiB --host-budget 1GiB
+    python bench/bench_tier_split.py --analysis A --policy zipf-tuned
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.config import StoreConfig
-from zipf_analysis.replay import replay
+from zipf_analysis.replay import replay, with_policy
 from zipf_analysis.tier_split import recommend_split
 
 
@@ -42,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-budget", default="128MiB")
     p.add_argument("--host-budget", default="1GiB")
     p.add_argument("--replays", type=int, default=3, help="splits replayed to check the model")
+    p.add_argument(
+        "--policy",
+        help="both tiers' policy (default: the store config's), e.g. zipf-tuned (its profile: "
+        "the analysis's)",
+    )
     p.add_argument("--out", type=Path, help="JSON results")
     args = p.parse_args(argv)
     work = args.analysis
@@ -74,12 +84,18 @@ def main(argv: list[str] | None = None) -> int:
 def run(work: Path, args: argparse.Namespace) -> dict:
     """Model once, replay a few splits, compare."""
     config = StoreConfig.from_yaml(work / f"{args.table}.store.yaml")
+    if args.policy:
+        config = with_policy(config, args.policy)
     trace = work / "trace.trace"
+    budgets = {"gpu_budget": args.gpu_budget, "host_budget": args.host_budget}
     start = time.perf_counter()
-    rec = recommend_split(
-        config, trace, table=args.table, gpu_budget=args.gpu_budget, host_budget=args.host_budget
-    )
+    rec = recommend_split(config, trace, table=args.table, **budgets)
     model_s = time.perf_counter() - start
+    lru_model_s = None
+    if rec.model != {"hot": "lru", "warm": "lru"}:  # the LRU model of the same grid, as baseline
+        start = time.perf_counter()
+        recommend_split(with_policy(config, "lru"), trace, table=args.table, **budgets)
+        lru_model_s = time.perf_counter() - start
     picks = [(rec.hot_rows, rec.warm_rows)]
     frontier = [(c["hot_rows"], c["warm_rows"]) for c in rec.frontier]
     for i in np.linspace(0, len(frontier) - 2, max(0, args.replays - 1)).round().astype(int):
@@ -90,16 +106,19 @@ def run(work: Path, args: argparse.Namespace) -> dict:
     for hot, warm in picks:
         tiers = config.tiers.model_copy(
             update={
-                "hot": config.tiers.hot.model_copy(update={"capacity": hot, "preload_rows": None}),
-                "warm": config.tiers.warm.model_copy(
-                    update={"capacity": warm, "preload_rows": None}
-                ),
+                t: getattr(config.tiers, t).model_copy(
+                    update={
+                        "capacity": cap,
+                        "preload_rows": None,
+                        "static_rows": None,
+                        **({"policy": "lru"} if rec.model[t] == "lru" else {}),
+                    }
+                )
+                for t, cap in (("hot", hot), ("warm", warm))
             }
         )
         start = time.perf_counter()
-        r = replay(
-            config.model_copy(update={"tiers": tiers}), trace, table=args.table, policy="lru"
-        )
+        r = replay(config.model_copy(update={"tiers": tiers}), trace, table=args.table)
         replay_s.append(time.perf_counter() - start)
         m = by_pair[(hot, warm)]
         checks.append(
@@ -132,8 +151,12 @@ def run(work: Path, args: argparse.Namespace) -> dict:
             k: getattr(rec, k)
             for k in ("hot_rows", "warm_rows", "hot_bytes", "warm_bytes", "stall_seconds")
         },
+        "model": rec.model,
+        "notes": rec.notes,
         "splits_modelled": len(rec.candidates),
+        "stack_passes": rec.stack_passes,
         "model_seconds": model_s,
+        "lru_model_seconds": lru_model_s,
         "replay_seconds_per_split": per_replay,
         "model_time_in_replays": model_s / per_replay,
         "checks": checks,

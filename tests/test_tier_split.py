@@ -4,7 +4,9 @@ The trace is real text (Python standard library sources, tokenised and hashed by
 small Engram config). Per request (``batch_tokens=1``) the model's counters and stall must equal a
 replay's; at the trace's own batches (an LRU tier breaks a batch's ties by slot, the model by
 lookups), within 2% of the stall and 2% of the lookups. The recommended split must have the least
-replayed stall among the splits the test replays.
+replayed stall among the splits the test replays. The same holds for zipf-tuned tiers (pins from
+the profile `analyze` wrote for the text, fixed; an LRU recency segment), alone or beside an LRU
+tier.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tiered_store.row_cache import RowCache
 from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.analyze import AnalyzeOptions, analyze
 from zipf_analysis.replay import replay
+from zipf_analysis.tier_models import tier_models
 from zipf_analysis.tier_split import (
     batch_events,
     batched_stack_distances,
@@ -96,9 +99,16 @@ def _config(hot: int = 0, warm: int = 0, **cost) -> StoreConfig:
     )
 
 
-def _replayed(trace: Path, hot: int, warm: int, batch_tokens: int | None, **cost) -> dict:
-    """A full replay of one split, as the model's counters."""
-    r = replay(_config(hot, warm, **cost), trace, batch_tokens=batch_tokens)
+def _replayed(
+    trace: Path, hot: int, warm: int, batch_tokens: int | None, policies=None, **cost
+) -> dict:
+    """A full replay of one split (LRU tiers, or ``policies``: see _tuned), as the model's counters."""
+    config = (
+        _config(hot, warm, **cost)
+        if policies is None
+        else _tuned(trace, *policies, hot, warm, **cost)
+    )
+    r = replay(config, trace, batch_tokens=batch_tokens)
     return {
         "hot_hits": r.tiers["hot"]["hits"],
         "warm_hits": r.tiers["warm"]["hits"],
@@ -110,6 +120,7 @@ def _replayed(trace: Path, hot: int, warm: int, batch_tokens: int | None, **cost
 
 
 SPLITS = [(0, 300), (60, 0), (60, 1500), (400, 300), (400, 4000), (2500, 1500)]
+RECENCY_WINDOW = 256  # ~248 rows: the recency segment is half the tier below ~500 rows, fixed above
 
 
 def test_per_request_model_equals_replay(short_trace):
@@ -228,17 +239,19 @@ def test_batched_stack_distances_survive_time_axis_compaction():
     assert seen.sum() > 900 and (out[-1000:][seen] == expect[seen]).all()
 
 
-@pytest.mark.parametrize("index", ["dense", "hashed"])
-def test_tier_bytes_count_what_a_row_cache_keeps(index):
+@pytest.mark.parametrize(
+    ("index", "policy"),
+    [("dense", "lru"), ("hashed", "lru"), ("dense", "zipf-tuned"), ("hashed", "sieve")],
+)
+def test_tier_bytes_count_what_a_row_cache_keeps(index, policy):
     rows, capacity, row_bytes = 50_000, 700, 256
-    cache = RowCache(
-        "hot", num_rows=rows, capacity=capacity, spec=PolicySpec.parse("lru"), index=index
-    )
+    spec = PolicySpec.parse(policy)
+    cache = RowCache("hot", num_rows=rows, capacity=capacity, spec=spec, index=index)
     meta = cache.metadata_bytes()
     expect = capacity * (row_bytes + meta["per_slot"]) + rows * meta["per_table_row"]
-    assert tier_bytes(capacity, rows=rows, row_bytes=row_bytes, index=index) == int(np.ceil(expect))
-    budget = tier_bytes(capacity, rows=rows, row_bytes=row_bytes, index=index)
-    assert max_capacity(budget, rows=rows, row_bytes=row_bytes, index=index) == capacity
+    size = {"rows": rows, "row_bytes": row_bytes, "index": index, "policy": spec.eviction}
+    assert tier_bytes(capacity, **size) == int(np.ceil(expect))
+    assert max_capacity(tier_bytes(capacity, **size), **size) == capacity
 
 
 def test_replay_command_recommends_a_split_and_names_bad_budgets(text_trace, tmp_path, capsys):
@@ -372,3 +385,236 @@ def test_tier_bytes_equal_a_live_stores_memory_report(tmp_path):
             + meta["per_tier"]
         )
         assert tier_bytes(capacity, rows=4000, row_bytes=64) == live, tier
+
+
+# ---------------------------------------------------------------------------------------------
+# zipf-tuned tiers: profile pins plus an LRU recency segment, re-sized at every capacity
+# ---------------------------------------------------------------------------------------------
+
+
+def _tuned(trace: Path, hot: str, warm: str, hot_rows: int = 0, warm_rows: int = 0, **cost):
+    """Tiers with these policies; a zipf-tuned one pins from the profile `analyze` wrote for the
+    trace's text (fixed pins: repin is 'auto' with a profile)."""
+    profile = str(trace.with_name("layer1.profile.npz"))
+
+    def tier(capacity: int, policy: str) -> dict:
+        tuned = {"profile": profile, "recency_window": RECENCY_WINDOW}
+        return {"capacity": capacity, "policy": policy, **(tuned if "zipf" in policy else {})}
+
+    return StoreConfig.from_dict(
+        {
+            "table": {"path": "absent.npy", "dim": 16},
+            "tiers": {"hot": tier(hot_rows, hot), "warm": tier(warm_rows, warm)},
+            "cost_model": {**COST, **cost},
+        }
+    )
+
+
+def _tuned_grid(trace: Path, policies: tuple[str, str], batch_tokens, splits, **cost):
+    """The model's grid over ``splits`` for tiers with ``policies``."""
+    config = _tuned(trace, *policies, **cost)
+    with TraceReader(trace) as reader:
+        events = batch_events(reader, 0, batch_tokens)
+        rows = int(reader.layout[0]["rows"])
+    hot, warm = sorted({h for h, _ in splits}), sorted({w for _, w in splits})
+    return events, split_grid(events, config.cost_model, 64, hot, warm, tier_models(config, rows))
+
+
+TUNED_CASES = [  # (hot policy, warm policy), splits replayed per request
+    (("zipf-tuned", "zipf-tuned"), [(0, 300), (60, 1500), (400, 4000), (2500, 1500)]),
+    (("lru", "zipf-tuned"), [(60, 1500), (2500, 300)]),
+    (("zipf-tuned", "lru"), [(400, 300), (2500, 4000)]),
+]
+
+
+@pytest.mark.parametrize(("policies", "splits"), TUNED_CASES)
+def test_per_request_zipf_tuned_model_equals_replay(short_trace, policies, splits):
+    cost = {"compute_seconds_per_batch": 0.0}  # one lookup a batch: every fetch stalls
+    _, grid = _tuned_grid(short_trace, policies, 1, splits, **cost)
+    for h, w in splits:
+        model, real = grid.at(h, w), _replayed(short_trace, h, w, 1, policies, **cost)
+        for key in ("hot_hits", "warm_hits", "device_rows", "cold_reads"):
+            assert model[key] == real[key], (policies, h, w, key)
+        for key in ("fetch_seconds", "stall_seconds"):
+            assert model[key] == pytest.approx(real[key], rel=1e-9), (policies, h, w, key)
+    assert real["stall_seconds"] > 0
+
+
+def test_per_request_model_skips_hot_pins_in_another_warm_profile(short_trace, tmp_path):
+    """Warm's profile ranks rows differently from hot's: warm pins its ranking's first rows that
+    hot does not pin, as the store does."""
+    from tiered_store.profile import profile_ids
+
+    with TraceReader(short_trace) as reader:
+        profile_ids(reader.read_all(0)[4000:], rows=80084).save(tmp_path / "warm.npz")
+    config = _tuned(short_trace, "zipf-tuned", "zipf-tuned", compute_seconds_per_batch=0.0)
+    warm = config.tiers.warm.model_copy(update={"profile": str(tmp_path / "warm.npz")})
+    config = config.model_copy(update={"tiers": config.tiers.model_copy(update={"warm": warm})})
+    models = tier_models(config, 80084)
+    assert not np.array_equal(models["hot"].ranking[:400], models["warm"].ranking[:400])
+    with TraceReader(short_trace) as reader:
+        events = batch_events(reader, 0, batch_tokens=1)
+    splits = [(400, 1500), (2500, 300)]
+    grid = split_grid(events, config.cost_model, 64, [400, 2500], [300, 1500], models)
+    for h, w in splits:
+        tiers = config.tiers.model_copy(
+            update={
+                "hot": config.tiers.hot.model_copy(update={"capacity": h}),
+                "warm": config.tiers.warm.model_copy(update={"capacity": w}),
+            }
+        )
+        real = replay(config.model_copy(update={"tiers": tiers}), short_trace, batch_tokens=1)
+        model = grid.at(h, w)
+        assert (model["hot_hits"], model["warm_hits"], model["cold_reads"]) == (
+            real.tiers["hot"]["hits"],
+            real.tiers["warm"]["hits"],
+            real.rows_moved["cold_reads"],
+        ), (h, w)
+        assert model["stall_seconds"] == pytest.approx(real.modelled_stall_seconds, rel=1e-9)
+
+
+def test_zipf_tuned_model_pins_what_the_store_pins(short_trace):
+    """The pinned rows' lookups are hits the LRU model does not have: the two models differ, and
+    the recency segment is half a small tier and fixed in a large one."""
+    _, tuned = _tuned_grid(short_trace, ("zipf-tuned", "zipf-tuned"), 1, SPLITS)
+    _, lru = _tuned_grid(short_trace, ("lru", "lru"), 1, SPLITS)
+    assert (tuned.hot_hits[1:, 0] > lru.hot_hits[1:, 0]).all()  # pins beat LRU on this text
+    model = tier_models(_tuned(short_trace, "zipf-tuned", "lru"), 80084)["hot"]
+    caps = np.array([60, 400, 2500, 4000])
+    assert (caps - model.segments(caps)).tolist() == [30, 200, 248, 248]
+
+
+@pytest.mark.parametrize("policies", [p for p, _ in TUNED_CASES])
+def test_batched_zipf_tuned_model_is_within_tolerance_of_replay(text_trace, policies):
+    events, grid = _tuned_grid(text_trace, policies, None, SPLITS)
+    for h, w in SPLITS:
+        real = replay(_tuned(text_trace, *policies, h, w), text_trace)
+        assert real.batches == grid.batches and real.lookups == grid.lookups
+        model = grid.at(h, w)
+        for key, value in (
+            ("hot_hits", real.tiers["hot"]["hits"]),
+            ("warm_hits", real.tiers["warm"]["hits"]),
+            ("cold_reads", real.rows_moved["cold_reads"]),
+        ):
+            assert abs(model[key] - value) <= COUNT_TOLERANCE * events.lookups, (h, w, key)
+        assert model["stall_seconds"] == pytest.approx(
+            real.modelled_stall_seconds, rel=STALL_TOLERANCE
+        )
+
+
+@pytest.mark.parametrize("batch_tokens", [None, 1])
+def test_recommended_zipf_tuned_split_has_the_least_replayed_stall(
+    text_trace, short_trace, batch_tokens
+):
+    trace = text_trace if batch_tokens is None else short_trace
+    cost = {} if batch_tokens is None else {"compute_seconds_per_batch": 0.0}
+    policies = ("zipf-tuned", "zipf-tuned")
+    rec = recommend_split(
+        _tuned(trace, *policies, **cost),
+        trace,
+        gpu_budget="1MiB",
+        host_budget="2MiB",
+        batch_tokens=batch_tokens,
+        points=8,
+        extra=[(60, 1500)],
+    )
+    assert rec.model == {"hot": "zipf-tuned", "warm": "zipf-tuned"} and not rec.notes
+    assert rec.hot_bytes <= rec.gpu_budget and rec.warm_bytes <= rec.host_budget
+    assert all(c["stall_seconds"] >= rec.stall_seconds for c in rec.candidates)
+    largest = max(rec.candidates, key=lambda c: (c["hot_rows"], c["warm_rows"]))
+    others = {(largest["hot_rows"], largest["warm_rows"]), (60, 1500)}
+    others |= {(c["hot_rows"], c["warm_rows"]) for c in rec.frontier[-4:-1]}
+    others.discard((rec.hot_rows, rec.warm_rows))
+    assert len(others) >= 3
+    best = _replayed(trace, rec.hot_rows, rec.warm_rows, batch_tokens, policies, **cost)
+    replayed = [
+        _replayed(trace, h, w, batch_tokens, policies, **cost)["stall_seconds"] for h, w in others
+    ]
+    tol = 1e-9 if batch_tokens == 1 else STALL_TOLERANCE  # per request the model is exact
+    assert best["stall_seconds"] == pytest.approx(rec.stall_seconds, rel=tol)
+    assert best["stall_seconds"] <= min(replayed) * (1 + tol)
+
+
+def test_a_bad_profile_gives_the_error_replay_gives(short_trace, tmp_path):
+    from tiered_store.profile import profile_ids
+
+    profile_ids(np.arange(50), rows=50).save(tmp_path / "other.npz")
+    config = StoreConfig.from_dict(
+        {
+            "table": {"path": "absent.npy", "dim": 16},
+            "tiers": {
+                "hot": {"capacity": 10},
+                "warm": {
+                    "capacity": 10,
+                    "policy": "zipf-tuned",
+                    "profile": str(tmp_path / "other.npz"),
+                },
+            },
+        }
+    )
+    errors = []
+    for run in (
+        lambda: replay(config, short_trace),
+        lambda: recommend_split(config, short_trace, gpu_budget="1MiB", host_budget="1MiB"),
+    ):
+        with pytest.raises(
+            ConfigError, match="profiles a table of 50 rows; this table has 80,084"
+        ) as e:
+            run()
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and errors[0].startswith("tiers.warm.profile: ")
+
+
+def test_policies_the_model_does_not_know_are_modelled_as_lru_and_said_so(short_trace):
+    config = _tuned(short_trace, "zipf-tuned", "sieve")
+    rec = recommend_split(config, short_trace, gpu_budget="1MiB", host_budget="1MiB", points=4)
+    assert rec.model == {"hot": "zipf-tuned", "warm": "lru"}
+    assert rec.notes == [
+        "tiers.warm.policy 'sieve': modelled as LRU (the split model knows lru, and zipf-tuned "
+        "with a profile, fixed pins and an LRU recency segment)"
+    ]
+    text = "\n".join(rec.lines())
+    assert "(hot zipf-tuned, warm LRU," in text and "note: tiers.warm.policy 'sieve'" in text
+    # the warm tier's budget counts SIEVE's metadata, as a live tier would keep it
+    assert rec.warm_bytes == tier_bytes(rec.warm_rows, rows=80084, row_bytes=64, policy="sieve")
+    online = config.tiers.hot.model_copy(update={"profile": None})
+    rec = recommend_split(
+        config.model_copy(update={"tiers": config.tiers.model_copy(update={"hot": online})}),
+        short_trace,
+        gpu_budget="1MiB",
+        host_budget=0,
+        points=2,
+    )
+    assert rec.model["hot"] == "lru" and "learns its pins online: modelled as LRU" in rec.notes[0]
+    repins = config.tiers.hot.model_copy(
+        update={"repin": config.tiers.hot.repin.model_copy(update={"enabled": True})}
+    )
+    rec = recommend_split(
+        config.model_copy(update={"tiers": config.tiers.model_copy(update={"hot": repins})}),
+        short_trace,
+        gpu_budget="1MiB",
+        host_budget=0,
+        points=2,
+    )
+    assert rec.model["hot"] == "lru"
+    assert rec.notes[0] == (
+        "tiers.hot.policy 'zipf-tuned' re-pins online (tiers.hot.repin.enabled): modelled as LRU"
+    )
+
+
+def test_replay_command_checks_a_zipf_tuned_split_with_its_policies(text_trace, tmp_path, capsys):
+    config = _tuned(text_trace, "zipf-tuned", "zipf-tuned", 60, 1500)
+    (tmp_path / "tiers.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    out = tmp_path / "out"
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(text_trace), "--sweep", "", "--quiet"]
+    argv += ["--no-bounds", "--out", str(out), "--gpu-budget", "1MiB", "--host-budget", "2MiB"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "(zipf-tuned tiers, modelled from one read" in text
+    assert "replayed at the recommended split (zipf-tuned/zipf-tuned)" in text
+    doc = json.loads((out / "replay.json").read_text())["tier_split"]
+    assert doc["model"] == {"hot": "zipf-tuned", "warm": "zipf-tuned"}
+    assert doc["replayed"]["policy"] == "zipf-tuned/zipf-tuned"
+    assert doc["replayed"]["modelled_stall_seconds"] == pytest.approx(
+        doc["stall_seconds"], rel=STALL_TOLERANCE
+    )

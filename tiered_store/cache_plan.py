@@ -82,7 +82,9 @@ class CacheHierarchy:
             if cache.spec.tuned and tier.profile is not None:
                 # pinned rows come from the profile, sized by zipf_tuned_split; without one the
                 # tier starts as its recency policy and online re-pinning learns what to pin
-                profile = _load_profile(tier.profile, cache.num_rows, f"tiers.{cache.name}.profile")
+                profile = load_tier_profile(
+                    tier.profile, cache.num_rows, f"tiers.{cache.name}.profile"
+                )
                 split = zipf_tuned_split(
                     profile.top_rows(cache.capacity + pinned_above.size, by="episodes"),
                     profile.counts,
@@ -234,12 +236,12 @@ def _row_cache(
         evict_headroom=tier.evict_headroom,
         index=tier.index,
     )
-    if spec.tuned and _repins(tier) and capacity:
+    if spec.tuned and repins_online(tier) and capacity:
         cache.online = OnlineRepin(capacity, tier.repin, window=tier.recency_window, device=device)
     return cache
 
 
-def _repins(tier) -> bool:
+def repins_online(tier: CacheTierConfig) -> bool:
     """Whether a zipf-tuned tier re-pins online: ``repin.enabled``, or for ``auto`` when it has no
     offline profile (nothing else would tell it what to pin)."""
     enabled = tier.repin.enabled
@@ -266,8 +268,8 @@ def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:
     return ids
 
 
-def _load_profile(path: str, rows: int, key: str):
-    """A FrequencyProfile for this table; errors name the key."""
+def load_tier_profile(path: str, rows: int, key: str):
+    """A tier's FrequencyProfile for a table of ``rows`` rows; errors name the key (``key``)."""
     from .profile import FrequencyProfile
 
     try:

@@ -33,9 +33,10 @@ def register(sub) -> None:
         "with the offline bounds (Belady's optimum and the oracle static top-K, per request) at the same "
         "capacities. Also sweeps a single cache tier over --sweep capacities per policy and draws its "
         "fetch ratio against capacity (PNG). With --gpu-budget and --host-budget, also recommends "
-        "the hot/warm split of LRU tiers with the least modelled stall whose hot tier (payload and "
-        "metadata) fits the GPU budget and warm tier the host budget, modelled from one read of the "
-        "trace, and replays that split to check the model.",
+        "the hot/warm split (LRU tiers, or zipf-tuned ones with a profile and fixed pins, as the "
+        "config's policies say; other policies are modelled as LRU) with the least modelled stall "
+        "whose hot tier (payload and metadata) fits the GPU budget and warm tier the host budget, "
+        "modelled from one read of the trace, and replays that split to check the model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("config", type=Path, help="store config (YAML)")
@@ -188,18 +189,26 @@ def _recommend(args, config: StoreConfig, reader, table) -> SplitRecommendation 
 
 
 def _report_split(args, config: StoreConfig, reader, table, split: SplitRecommendation) -> dict:
-    """Print the recommendation, replay it (LRU, to check the model) and return its JSON."""
+    """Print the recommendation, replay it with the policies the model used (to check it) and
+    return its JSON."""
     print()
     for line in split.lines():
         print(line)
+    policies = {
+        t: getattr(config.tiers, t).policy if split.model[t] == "zipf-tuned" else "lru"
+        for t in ("hot", "warm")
+    }
     tiers = config.tiers.model_copy(
         update={
-            "hot": config.tiers.hot.model_copy(
-                update={"capacity": split.hot_rows, "static_rows": None, "preload_rows": None}
-            ),
-            "warm": config.tiers.warm.model_copy(
-                update={"capacity": split.warm_rows, "static_rows": None, "preload_rows": None}
-            ),
+            t: getattr(config.tiers, t).model_copy(
+                update={
+                    "capacity": getattr(split, f"{t}_rows"),
+                    "policy": policies[t],
+                    "static_rows": None,
+                    "preload_rows": None,
+                }
+            )
+            for t in ("hot", "warm")
         }
     )
     check = replay(
@@ -207,18 +216,21 @@ def _report_split(args, config: StoreConfig, reader, table, split: SplitRecommen
         reader,
         table=table,
         batch_tokens=args.batch_tokens,
-        policy="lru",
         progress=not args.quiet,
     )
     print(
-        f"  replayed at the recommended split (lru): hot hit {check.tiers['hot']['hit_ratio']:.2%}, "
-        f"warm hit {check.tiers['warm']['hit_ratio']:.2%}, fetch {check.fetch_ratio:.2%}, stall "
-        f"{check.modelled_stall_seconds:.4f} s (model {split.stall_seconds:.4f} s)"
+        f"  replayed at the recommended split ({check.policy}): hot hit "
+        f"{check.tiers['hot']['hit_ratio']:.2%}, warm hit {check.tiers['warm']['hit_ratio']:.2%}, "
+        f"fetch {check.fetch_ratio:.2%}, stall {check.modelled_stall_seconds:.4f} s (model "
+        f"{split.stall_seconds:.4f} s)"
     )
-    print(
-        f"  store config: tiers: {{hot: {{capacity: {split.hot_rows}, policy: lru}}, "
-        f"warm: {{capacity: {split.warm_rows}, policy: lru}}}}"
-    )
+    shown = {
+        t: f"{{capacity: {getattr(split, f'{t}_rows')}, policy: {policies[t]}"
+        + (f", profile: {getattr(config.tiers, t).profile}" if split.model[t] != "lru" else "")
+        + "}"
+        for t in ("hot", "warm")
+    }
+    print(f"  store config: tiers: {{hot: {shown['hot']}, warm: {shown['warm']}}}")
     doc = split.to_dict()
     doc["replayed"] = check.to_dict()
     return doc

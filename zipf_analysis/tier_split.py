@@ -12,6 +12,22 @@ its own miss stream, which is held in memory (no second read of the trace) and s
 trace by hot's hit ratio. The result is exact for LRU tiers, not an approximation from
 ``misses(hot + warm)``, which would hold for an exclusive hierarchy only.
 
+``zipf-tuned`` tiers (a ``profile``, fixed pins, an LRU recency segment; see
+:mod:`zipf_analysis.tier_models`) are modelled as the store builds them at every candidate
+capacity: a lookup of a row hot pins (the profile's first ``P_h(h)`` rows by episodes) is a hot
+hit; hot's recency segment is an LRU of ``h - P_h(h)`` rows over the lookups of rows it does not
+pin; hot's misses of rows warm pins (the next ``P_w(w)`` of the ranking, hot's pins skipped) are
+warm hits, and warm's recency segment is an LRU of ``w - P_w(w)`` rows over the rest of hot's
+misses. Pinned hits come from each row's rank (vectorised); each recency segment's from a stack
+pass over its own substream, which changes with the pins: one pass per hot candidate (where hot
+is zipf-tuned) and one per (hot, warm) candidate pair (where warm is), see :func:`split_grid`.
+The recency segment's size ``R(c)`` is half the tier up to twice one ``recency_window``'s
+distinct rows and constant above, but the pins still grow with ``c``, so constant ``R`` alone
+saves no pass (one pass per ``R`` would need each event's ``R``-th largest rank among the rows
+used since its row's last use: not done). Substreams shrink as pins grow, and one that pins
+leave empty needs no pass. Either tier may be LRU and the other zipf-tuned; other policies are modelled as LRU, and
+the recommendation's ``notes`` say so.
+
 Granularity: the store's batches, as :func:`zipf_analysis.replay.replay` counts them (the trace's
 own batches, or ``batch_tokens`` groups). The cost model is per batch (a row missed twice in a
 batch is read once, one NVMe latency per batch, the stall is ``max(0, fetch - compute)`` per
@@ -28,7 +44,8 @@ RAM, as for :func:`zipf_analysis.replay.replay_offline`.
 
 Memory counted against a budget: each tier's payload (rows x row bytes) plus its metadata, as
 :meth:`tiered_store.row_cache.RowCache.metadata_bytes` counts it (slot owner, flags and free list,
-the LRU clock, the row index: dense per table row or hashed per slot, ``tiers.*.index``).
+the eviction policy's key, e.g. the LRU clock of an LRU or zipf-tuned tier, the row index: dense
+per table row or hashed per slot, ``tiers.*.index``).
 
 Examples
 --------
@@ -57,6 +74,7 @@ from tiered_store.trace import TraceReader
 from . import mrc_kernels as kernels
 from .mrc import MIN_TIME_CAPACITY, TIME_AXIS_GROWTH, compact_time_axis, time_axis
 from .replay import batch_fetch_seconds, table_geometry
+from .tier_models import PinRanks, TierModel, tier_models
 
 __all__ = [
     "BatchEvents",
@@ -131,11 +149,12 @@ def parse_budgets(gpu: str | int | None, host: str | int | None) -> tuple[int, i
 
 
 def tier_bytes(
-    capacity: int, *, rows: int, row_bytes: int, index: str = "auto", policy: str = "lru"
+    capacity: int, *, rows: int, row_bytes: int, index: str = "auto", policy: str | None = "lru"
 ) -> int:
     """Bytes a cache tier of ``capacity`` rows takes: payload plus the metadata a ``RowCache``
     keeps (per slot: owner, flags, free list, the eviction policy's key, a hashed index's entries;
-    per table row: a dense index). An empty tier takes nothing.
+    per table row: a dense index). ``policy``: the eviction policy (a ``PolicySpec.eviction``;
+    None: none, as ``static``). An empty tier takes nothing.
 
     Examples
     --------
@@ -147,12 +166,19 @@ def tier_bytes(
     if capacity <= 0:
         return 0
     idx = index_bytes(index, rows, capacity)
-    per_slot = row_bytes + SLOT_BYTES + EVICTION[policy].bytes_per_slot + idx["per_slot"]
+    policy_bytes = EVICTION[policy].bytes_per_slot if policy else 0
+    per_slot = row_bytes + SLOT_BYTES + policy_bytes + idx["per_slot"]
     return int(np.ceil(capacity * per_slot + rows * idx["per_table_row"]))
 
 
 def max_capacity(
-    budget: int, *, rows: int, row_bytes: int, index: str = "auto", flag: str = "budget"
+    budget: int,
+    *,
+    rows: int,
+    row_bytes: int,
+    index: str = "auto",
+    flag: str = "budget",
+    policy: str | None = "lru",
 ) -> int:
     """The most rows (at most the table's) whose tier fits in ``budget`` bytes; 0 for a zero
     budget. A positive budget too small for one row is an error naming ``flag``.
@@ -168,7 +194,7 @@ def max_capacity(
     """
     if budget <= 0:
         return 0
-    need = tier_bytes(1, rows=rows, row_bytes=row_bytes, index=index)
+    need = tier_bytes(1, rows=rows, row_bytes=row_bytes, index=index, policy=policy)
     if budget < need:
         fixed = int(rows * index_bytes(index, rows, 1)["per_table_row"])
         dense = f", {fixed:,} of them a dense index over the table's {rows:,} rows" if fixed else ""
@@ -180,7 +206,7 @@ def max_capacity(
     lo, hi = 1, rows  # bytes grow with capacity (see tiered_store.row_index: auto goes dense
     while lo < hi:  # only where dense costs more), so bisect
         mid = (lo + hi + 1) // 2
-        if tier_bytes(mid, rows=rows, row_bytes=row_bytes, index=index) <= budget:
+        if tier_bytes(mid, rows=rows, row_bytes=row_bytes, index=index, policy=policy) <= budget:
             lo = mid
         else:
             hi = mid - 1
@@ -202,6 +228,7 @@ class BatchEvents:
     rows: np.ndarray  # [events] int64, dense row index
     counts: np.ndarray  # [events] int64, lookups of the row in its batch
     lookups: int
+    ids: np.ndarray | None = None  # [distinct rows] int64: the table row id of each dense index
 
     @property
     def batches(self) -> int:
@@ -243,9 +270,11 @@ def batch_events(
         bid, rows, counts = (np.concatenate(p) for p in zip(*parts, strict=True))
     else:
         bid = rows = counts = np.empty(0, dtype=np.int64)
-    _, dense = np.unique(rows, return_inverse=True)
+    ids, dense = np.unique(rows, return_inverse=True)
     starts = np.concatenate([[0], np.cumsum(np.bincount(bid, minlength=n_batches))])
-    return BatchEvents(starts.astype(np.int64), dense.astype(np.int64), counts, lookups)
+    return BatchEvents(
+        starts.astype(np.int64), dense.astype(np.int64), counts, lookups, ids.astype(np.int64)
+    )
 
 
 def _tagged_chunks(
@@ -336,6 +365,7 @@ class SplitGrid:
     fetch_seconds: np.ndarray
     stall_seconds: np.ndarray
     widest_batch: int = 0  # most distinct rows in one batch
+    stack_passes: int = 0  # stack-distance passes the grid took (see split_grid)
 
     def at(self, hot: int, warm: int) -> dict[str, float]:
         """The counters of one pair on the grid, as a dict."""
@@ -364,11 +394,17 @@ def split_grid(
     row_bytes: int,
     hot: Sequence[int] | np.ndarray,
     warm: Sequence[int] | np.ndarray,
+    models: dict[str, TierModel] | None = None,
 ) -> SplitGrid:
-    """Modelled hits, rows moved, fetch and stall time at every (hot, warm) pair of LRU tiers.
+    """Modelled hits, rows moved, fetch and stall time at every (hot, warm) pair of tiers, LRU or
+    as ``models`` says (:func:`zipf_analysis.tier_models.tier_models`; default: LRU both).
 
-    One stack pass over the events gives hot's hits at every capacity; per hot capacity, one stack
-    pass over its miss stream gives warm's at every capacity. The cost model is
+    A tier of ``c`` rows pins ``P(c)`` rows (0 under LRU: see :class:`TierModel`) and runs an LRU
+    segment of ``c - P(c)`` rows over the lookups that reach it of rows it does not pin. Stack
+    passes: hot's segment, one over the events of rows hot does not pin, per distinct ``P`` on the
+    hot grid (1 for LRU hot); warm's, per hot capacity, one over hot's misses of rows warm does not
+    pin, per distinct warm ``P`` (1 for LRU warm, else up to the warm grid's size). Each pass gives
+    its segment's hits at every capacity sharing its pins. The cost model is
     :func:`zipf_analysis.replay.batch_fetch_seconds`, per batch, as replay applies it.
 
     Examples
@@ -381,24 +417,34 @@ def split_grid(
     """
     hot = np.unique(np.asarray(hot, dtype=np.int64))
     warm = np.unique(np.asarray(warm, dtype=np.int64))
+    models = models or {t: TierModel(t, "lru") for t in ("hot", "warm")}
+    tuned = models["hot"].ranking is not None or models["warm"].ranking is not None
+    if tuned and events.ids is None:
+        raise ValueError("events: no row ids (BatchEvents.ids); expected them for zipf-tuned tiers")
+    ranks = PinRanks(models["hot"], models["warm"], events.ids if tuned else np.zeros(0))
     n_b, n_w = events.batches, warm.size
     batch_of = events.batch_of
-    d_hot = batched_stack_distances(events.rows, events.starts)
     shape = (hot.size, n_w)
     out = {k: np.zeros(shape, dtype=np.int64) for k in ("hh", "wh", "dev", "cold")}
     fetch, stall = np.zeros(shape), np.zeros(shape)
-    for i, h in enumerate(hot):
-        miss = (d_hot == 0) | (d_hot > h)
-        hits_b = np.bincount(batch_of[~miss], weights=events.counts[~miss], minlength=n_b)
+    passes, last = 0, None  # (hot pins, distances of the unpinned events): one pass per pin count
+    warm_pins = models["warm"].segments(warm)  # before hot's pins leave fewer ranked rows
+    for i, (h, p_h) in enumerate(zip(hot, models["hot"].segments(hot), strict=True)):
+        pinned = ranks.hot_pinned(events.rows, int(p_h))
+        hit = pinned.copy()
+        if h > p_h:  # a recency segment: its hits from a pass over the rows hot does not pin
+            if last is None or last[0] != p_h:
+                last = (p_h, _segment_distances(events.rows, batch_of, n_b, ~pinned))
+                passes += 1
+            hit[~pinned] = (last[1] > 0) & (last[1] <= h - p_h)
+        hits_b = np.bincount(batch_of[hit], weights=events.counts[hit], minlength=n_b)
+        miss = ~hit
         dev_b = np.bincount(batch_of[miss], minlength=n_b)
-        m_batch, m_counts = batch_of[miss], events.counts[miss]
-        m_starts = np.concatenate([[0], np.cumsum(dev_b)])
-        d_warm = batched_stack_distances(events.rows[miss], m_starts)
-        # first warm capacity on the grid that holds the row (n_w: none, or a first use)
-        col = np.where(d_warm > 0, np.searchsorted(warm, d_warm, side="left"), n_w)
-        per_b = np.bincount(m_batch * (n_w + 1) + col, minlength=n_b * (n_w + 1))
-        warm_rows_b = np.cumsum(per_b.reshape(n_b, n_w + 1)[:, :n_w], axis=1)  # [batch, warm]
-        warm_hits = np.cumsum(np.bincount(col, weights=m_counts, minlength=n_w + 1)[:n_w])
+        m_rows, m_batch, m_counts = events.rows[miss], batch_of[miss], events.counts[miss]
+        warm_rows_b, warm_hits, n_pass = _warm_hits(
+            ranks, warm_pins, int(p_h), warm, m_rows, m_batch, m_counts, n_b
+        )
+        passes += n_pass
         cold_b = dev_b[:, None] - warm_rows_b
         t = batch_fetch_seconds(
             cost, row_bytes, hits_b[:, None], warm_rows_b, dev_b[:, None], cold_b
@@ -421,7 +467,69 @@ def split_grid(
         fetch,
         stall,
         int(np.diff(events.starts).max()) if n_b else 0,
+        passes,
     )
+
+
+def _segment_distances(
+    rows: np.ndarray, batch_of: np.ndarray, n_batches: int, keep: np.ndarray
+) -> np.ndarray:
+    """Batched stack distances of the events ``keep`` selects, over those events only."""
+    starts = np.concatenate([[0], np.cumsum(np.bincount(batch_of[keep], minlength=n_batches))])
+    return batched_stack_distances(rows[keep], starts)
+
+
+def _warm_hits(
+    ranks: PinRanks,
+    warm_pins: np.ndarray,
+    hot_pinned: int,
+    warm: np.ndarray,
+    rows: np.ndarray,
+    batch_of: np.ndarray,
+    counts: np.ndarray,
+    n_batches: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Warm's hits at every capacity over hot's misses (``rows``, their batches and lookups):
+    per batch the rows it serves [batch, warm], the lookups it serves [warm], and stack passes run.
+    ``warm_pins``: the rows each capacity pins with the whole ranking (``TierModel.segments``);
+    hot's pins leave fewer. Capacities sharing a pin count share one pass over the misses of rows
+    not pinned; as the pins grow, that substream shrinks (each is cut from the one before)."""
+    w_rank, available = ranks.warm_ranks(hot_pinned)
+    pins = np.minimum(warm_pins, available)
+    groups = np.unique(pins)
+    rank = np.zeros(rows.size, dtype=np.int64) if w_rank is None else w_rank[rows]
+    # pinned hits: an event is pinned from the first group whose pin count exceeds its rank
+    first = np.searchsorted(groups, rank, side="right")
+    n_g = groups.size + 1
+    pinned_b = np.cumsum(
+        np.bincount(batch_of * n_g + first, minlength=n_batches * n_g).reshape(n_batches, n_g),
+        axis=1,
+    )
+    pinned_hits = np.cumsum(np.bincount(first, weights=counts, minlength=n_g))
+    rows_b = np.zeros((n_batches, warm.size), dtype=np.int64)
+    hits = np.zeros(warm.size)
+    passes = 0
+    sub = (rows, batch_of, counts, rank)  # the events of rows not pinned at this group's count
+    for j, p in enumerate(groups):
+        if p > 0:
+            keep = sub[3] >= p
+            sub = tuple(x[keep] for x in sub)
+        cols = np.flatnonzero(pins == p)
+        rows_b[:, cols] = pinned_b[:, j : j + 1]
+        hits[cols] = pinned_hits[j]
+        recency = warm[cols] - p  # grows with the capacity: a hit at one column hits at the next
+        if recency[-1] <= 0 or sub[0].size == 0:
+            continue
+        starts = np.concatenate([[0], np.cumsum(np.bincount(sub[1], minlength=n_batches))])
+        d = batched_stack_distances(sub[0], starts)
+        passes += 1
+        # per event, the first column whose recency segment holds it (cols.size: none)
+        col = np.where(d > 0, np.searchsorted(recency, d, side="left"), cols.size)
+        g = cols.size + 1
+        per_b = np.bincount(sub[1] * g + col, minlength=n_batches * g).reshape(n_batches, g)
+        rows_b[:, cols] += np.cumsum(per_b[:, :-1], axis=1)
+        hits[cols] += np.cumsum(np.bincount(col, weights=sub[2], minlength=g)[:-1])
+    return rows_b, hits, passes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +561,9 @@ class SplitRecommendation:
     batches: int
     lookups: int
     widest_batch: int  # most distinct rows in one batch (tiers below it: see ``below_batch``)
+    model: dict[str, str] = field(default_factory=lambda: {"hot": "lru", "warm": "lru"})
+    notes: list[str] = field(default_factory=list)  # tiers whose policy is modelled as LRU, and why
+    stack_passes: int = 0
     candidates: list[dict[str, Any]] = field(default_factory=list)  # every pair, stall ascending
     frontier: list[dict[str, Any]] = field(
         default_factory=list
@@ -466,9 +577,13 @@ class SplitRecommendation:
 
     def lines(self, frontier_rows: int = 12) -> list[str]:
         """What ``tiered-store replay`` prints."""
+        hot, warm = (self.model[t].replace("lru", "LRU") for t in ("hot", "warm"))
+        tiers = f"{hot} tiers" if hot == warm else f"hot {hot}, warm {warm}"
         out = [
-            f"tier split for table {self.table!r} (LRU tiers, modelled from one read of the trace; "
-            f"GPU budget {format_bytes(self.gpu_budget)}, host budget {format_bytes(self.host_budget)}):",
+            f"tier split for table {self.table!r} ({tiers}, modelled from one "
+            f"read of the trace; GPU budget {format_bytes(self.gpu_budget)}, host budget "
+            f"{format_bytes(self.host_budget)}):",
+            *(f"  note: {n}" for n in self.notes),
             f"  recommended: hot {self.hot_rows:,} rows ({self.hot_rows / self.rows:.2%} of the "
             f"table, {format_bytes(self.hot_bytes)} with metadata), warm {self.warm_rows:,} rows "
             f"({self.warm_rows / self.rows:.2%}, {format_bytes(self.warm_bytes)})",
@@ -510,14 +625,18 @@ def recommend_split(
     points: int = DEFAULT_POINTS,
     extra: Sequence[tuple[int, int]] = (),
 ) -> SplitRecommendation:
-    """The hot/warm split of LRU tiers with the least modelled stall whose hot tier fits in
-    ``gpu_budget`` and warm tier in ``host_budget`` bytes (payload and metadata).
+    """The hot/warm split with the least modelled stall whose hot tier fits in ``gpu_budget`` and
+    warm tier in ``host_budget`` bytes (payload and metadata, the tier's eviction policy's
+    included), for the config's tier policies as :func:`zipf_analysis.tier_models.tier_models`
+    models them: LRU, or zipf-tuned with a profile and fixed pins (its pins and recency segment
+    re-sized at every candidate capacity, as the store sizes them); any other policy is modelled
+    as LRU and ``notes`` says so.
 
     Parameters
     ----------
     config : StoreConfig
-        The table (rows, row bytes), each tier's ``index`` and the ``cost_model``. Its tier
-        capacities and policies are not used (the model is LRU at every capacity).
+        The table (rows, row bytes), each tier's ``policy``, ``profile``, ``recency_window`` and
+        ``index``, and the ``cost_model``. Its tier capacities are not used (every candidate is).
     trace : TraceReader or path
     gpu_budget, host_budget : int or str
         Bytes, or a size like ``'8GiB'``; 0 for no tier.
@@ -530,6 +649,11 @@ def recommend_split(
         are always candidates).
     extra : sequence of (hot, warm)
         More splits to evaluate (within the budgets), e.g. the config's own.
+
+    Work: stack passes as :func:`split_grid` counts them (``stack_passes``): for LRU tiers one
+    plus one per hot candidate; a zipf-tuned hot tier adds one per hot candidate, a zipf-tuned
+    warm tier makes it one per (hot, warm) candidate pair with a recency segment, each over hot's
+    misses of rows neither tier pins (shorter than the trace by hot's hits and warm's pins).
 
     Ties (equal stall, e.g. none at all when compute hides every fetch) go to the split with less
     GPU memory, then less host memory.
@@ -557,19 +681,26 @@ def recommend_split(
     rows, row_bytes = table_geometry(config, layout)
     kinds = {"hot": config.tiers.hot.index, "warm": config.tiers.warm.index}
     flags = {"hot": "--gpu-budget", "warm": "--host-budget"}
-    largest = {
-        t: max_capacity(budgets[t], rows=rows, row_bytes=row_bytes, index=kinds[t], flag=flags[t])
-        for t in ("hot", "warm")
+    models = tier_models(config, rows)
+    size = {  # what tier_bytes needs: the table, the tier's index and its eviction metadata
+        t: {
+            "rows": rows,
+            "row_bytes": row_bytes,
+            "index": kinds[t],
+            "policy": models[t].bytes_policy,
+        }
+        for t in kinds
     }
+    largest = {t: max_capacity(budgets[t], **size[t], flag=flags[t]) for t in ("hot", "warm")}
     grids = {t: _grid(largest[t], points) for t in ("hot", "warm")}
     for h, w in extra:
         if 0 <= h <= largest["hot"] and 0 <= w <= largest["warm"]:
             grids["hot"] = np.union1d(grids["hot"], [h])
             grids["warm"] = np.union1d(grids["warm"], [w])
     events = batch_events(trace, index, batch_tokens)
-    grid = split_grid(events, config.cost_model, row_bytes, grids["hot"], grids["warm"])
+    grid = split_grid(events, config.cost_model, row_bytes, grids["hot"], grids["warm"], models)
     nbytes = {
-        t: np.array([tier_bytes(int(c), rows=rows, row_bytes=row_bytes, index=kinds[t]) for c in g])
+        t: np.array([tier_bytes(int(c), **size[t]) for c in g])
         for t, g in (("hot", grid.hot), ("warm", grid.warm))
     }
     candidates = _candidates(grid, nbytes)
@@ -594,6 +725,9 @@ def recommend_split(
         batches=grid.batches,
         lookups=grid.lookups,
         widest_batch=grid.widest_batch,
+        model={t: models[t].kind for t in ("hot", "warm")},
+        notes=[m.note for m in models.values() if m.note],
+        stack_passes=grid.stack_passes,
         candidates=candidates,
         frontier=_frontier(candidates),
     )
