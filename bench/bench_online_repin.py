@@ -13,7 +13,7 @@
     store), on the held-out part of an ``analyze --holdout`` output of real text (default: the
     Python standard library's sources, analysed here): ``lru``; ``zipf-tuned`` from the offline
     profile with re-pinning off (the pins fixed) and on; ``zipf-tuned`` with no profile (online
-    only: it starts as LRU and learns), with the default schedule and re-pinning every window.
+    only: it starts as LRU and learns), with the default schedule and the former one.
     The reads after the warm-up are the full replay's minus a replay of the warm-up alone (replay
     is deterministic, so that prefix decides exactly the same).
 (c) **What any online counter could reach** (per request, ``policies.repin``, exact per-row
@@ -59,12 +59,12 @@ from zipf_analysis.analyze import AnalyzeOptions, analyze
 from zipf_analysis.replay import replay
 
 BATCH = 65_536  # lookups per trace batch: one 4,096-token sequence x 16 heads
-# re-pinning at every window of 65,536 lookups, counts halved over about 100 windows
-EVERY_WINDOW = {"every": 65_536, "budget": "2%", "decay": 0.9934}
+# the schedule before re-pins scored only touched slots: a full plan per 1M lookups
+FORMER_SCHEDULE = {"every": 1_048_576, "budget": "10%", "decay": 0.9}
 MODES = {
     "lru": {"policy": "lru"},
     "zipf-tuned, counting off": {"policy": "zipf-tuned", "repin": {"enabled": False}},
-    "zipf-tuned, counting on": {"policy": "zipf-tuned"},  # re-pins every 1,048,576 lookups
+    "zipf-tuned, counting on": {"policy": "zipf-tuned"},  # re-pins every window (65,536)
     "zipf-tuned, counting on, re-pin every 16M": {
         "policy": "zipf-tuned",
         "repin": {"every": 16 * 1_048_576},
@@ -135,8 +135,9 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
         raise SystemExit(f"--warmup {args.warmup}: the trace has only {ids.size:,} lookups")
     write_trace(work / "full.trace", layout, ids)
     write_trace(work / "warmup.trace", layout, ids[:warmup])
-    repin = {"enabled": True, "every": args.every, "budget": args.budget, "decay": args.decay}
-    window = {"enabled": True, **EVERY_WINDOW}
+    given = {"every": args.every, "budget": args.budget, "decay": args.decay}
+    repin = {"enabled": True, **{k: v for k, v in given.items() if v is not None}}
+    former = {"enabled": True, **FORMER_SCHEDULE}
     policies = {
         "lru": {"policy": "lru"},
         "zipf-tuned, offline profile, pins fixed": {
@@ -150,7 +151,10 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
             "repin": repin,
         },
         "zipf-tuned, online only (no profile)": {"policy": "zipf-tuned", "repin": repin},
-        "zipf-tuned, online only, re-pin every window": {"policy": "zipf-tuned", "repin": window},
+        "zipf-tuned, online only, former schedule (1M, 10%, 0.9)": {
+            "policy": "zipf-tuned",
+            "repin": former,
+        },
     }
     out = {
         "trace": str(analysis / "holdout.trace"),
@@ -159,7 +163,7 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
         "warmup": warmup,
         "batch_tokens": args.batch_tokens,
         "repin": repin,
-        "repin_every_window": window,
+        "repin_former_schedule": former,
         "shares": {},
     }
     profile = FrequencyProfile.load(profile_path)
@@ -246,9 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--shares", default="5%", help="warm tier sizes, e.g. 5%%,10%%")
     p.add_argument("--warmup", type=int, default=5_000_000, help="lookups before the count")
     p.add_argument("--lookups", type=int, default=20_000_000, help="replayed lookups at most")
-    p.add_argument("--every", type=int, default=1_048_576, help="repin.every")
-    p.add_argument("--budget", default="10%", help="repin.budget")
-    p.add_argument("--decay", type=float, default=0.9, help="repin.decay")
+    p.add_argument("--every", type=int, help="repin.every (default: the config's)")
+    p.add_argument("--budget", help="repin.budget (default: the config's)")
+    p.add_argument("--decay", type=float, help="repin.decay (default: the config's)")
     p.add_argument("--batch-tokens", type=int, default=64, help="(b): tokens per replayed batch")
     p.add_argument(
         "--bound-every", type=int, default=262_144, help="(c): lookups between exact re-pins"

@@ -297,3 +297,62 @@ def test_bad_repin_config_names_the_key(repin, message):
         StoreConfig.from_dict(
             {"table": {"path": "t.npy"}, "tiers": {"warm": {"capacity": 10, "repin": repin}}}
         )
+
+
+def full_plan(repin, row_of_slot, pinned) -> tuple[list, list]:
+    """The plan by definition: score every resident row now, fill the pinned segment up to its
+    target with the best unpinned rows, then swap the best unpinned for the lowest pinned while
+    they score higher; at most ``budget`` in and out. Returns the scores moved in and out
+    (rows of equal score are interchangeable)."""
+    resident = torch.nonzero(row_of_slot >= 0).squeeze(1).tolist()
+    score = dict(zip(resident, repin.profile.estimates(row_of_slot[resident]).tolist()))
+    target = min(repin.pinned_target(), len(resident))
+    budget = repin.budget_rows(target)
+    held = sorted((s for s in resident if pinned[s]), key=lambda s: score[s])
+    free = sorted((s for s in resident if not pinned[s] and score[s] > 0), key=lambda s: -score[s])
+    fill = min(max(0, target - len(held)), budget, len(free))
+    pin, unpin = free[:fill], held[: max(0, len(held) - target)][:budget]
+    for best, low in zip(free[fill:], held[len(unpin) :], strict=False):
+        if len(pin) == budget or len(unpin) == budget or score[best] <= score[low]:
+            break
+        pin.append(best)
+        unpin.append(low)
+    return sorted(score[s] for s in pin), sorted(score[s] for s in unpin)
+
+
+def test_a_plan_from_the_touched_slots_equals_scoring_every_resident(monkeypatch):
+    # a tier of 4,096 slots over 6,000 rows; each step: some unpinned slots get new rows, a
+    # window of lookups is counted and the slots of its rows touched, as the tier's lookups
+    # touch them. The sketch is made wide, so that no row's estimate moves by collisions with
+    # another's (the one way an untouched row's score can change: noise the plan ignores)
+    from tiered_store import online_repin
+    from tiered_store.config import RepinConfig
+    from tiered_store.online_repin import OnlineRepin
+
+    monkeypatch.setattr(online_repin, "SKETCH_WIDTH_FACTOR", 64)
+
+    rng = np.random.default_rng(7)
+    repin = OnlineRepin(4096, RepinConfig(every=400, budget=200), window=400)
+    row_of_slot = torch.from_numpy(rng.choice(6000, 4096, replace=False))
+    pinned = torch.zeros(4096, dtype=torch.bool)
+    weights = 1.0 / np.arange(1, 6001) ** 0.8
+    moved_in = moved_out = 0
+    for _ in range(60):
+        free = torch.nonzero(~pinned).squeeze(1)
+        gone = free[rng.choice(free.numel(), 30, replace=False)]
+        new = rng.choice(np.setdiff1d(np.arange(6000), row_of_slot.numpy()), 30, replace=False)
+        row_of_slot[gone] = torch.from_numpy(new)
+        repin.touch(gone)  # refilled slots
+        window = torch.from_numpy(rng.choice(6000, 400, p=weights / weights.sum()))
+        repin.observe(window)
+        repin.touch(torch.nonzero(torch.isin(row_of_slot, window)).squeeze(1))
+        want = full_plan(repin, row_of_slot, pinned)
+        moves = repin.plan(row_of_slot, pinned.clone(), repin.take_touched())
+        got_in = sorted(repin.profile.estimates(moves.pin_rows).tolist())
+        got_out = sorted(repin.profile.estimates(moves.unpin_rows).tolist())
+        assert (got_in, got_out) == want
+        pinned[moves.pin_slots] = True
+        pinned[moves.unpin_slots] = False
+        repin.finish(moves.pin_slots.numel(), moves.unpin_slots.numel())
+        moved_in, moved_out = moved_in + len(got_in), moved_out + len(got_out)
+    assert moved_in > 2000 and moved_out > 10  # it filled the pinned segment and swapped rows

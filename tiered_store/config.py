@@ -67,9 +67,9 @@ DEFAULTS: dict[str, Any] = {
     # zipf-tuned tiers count episodes while serving and re-pin; "auto": only without a profile
     # (with one, its pins stay fixed unless asked: counting costs CPU on every lookup)
     "repin.enabled": "auto",
-    "repin.every": 1_048_576,  # lookups of the tier between re-pins
-    "repin.budget": "10%",  # rows pinned per re-pin at most: an int, or a share of the pinned rows
-    "repin.decay": 0.9,  # weight of past counts after each re-pin (1: never forget)
+    "repin.every": 65_536,  # lookups of the tier between re-pins (one default recency window)
+    "repin.budget": "2%",  # rows pinned per re-pin at most: an int, or a share of the pinned rows
+    "repin.decay": 0.9934,  # weight of past counts after each re-pin (1: never forget): 0.9 per 1M
     "repin.prior_weight": 1.0,  # an offline profile's episode counts as this many served ones
     "hot.device": "cpu",  # compute device: "cpu", "cuda", "cuda:N"
     "warm.pin_memory": "auto",  # pinned host RAM when the compute device is CUDA

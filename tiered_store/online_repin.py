@@ -208,8 +208,9 @@ class OnlineRepin:
         filled since the last plan, from :meth:`take_touched`). Reads only, but for the scores.
 
         Only touched slots are scored afresh (a row's estimate changes only when a counted
-        window held it: past counts decay by a uniform weight), so a plan costs the rows served
-        since the last one plus a few passes over the slot flags, not a score of every resident.
+        window held it: past counts decay by a uniform weight; the others keep the score they
+        got when last touched), so a plan costs the rows served since the last one plus a few
+        passes over the slots' flags and scores, not an estimate of every resident.
         The best unpinned candidates fill the pinned segment up to its target, then replace the
         lowest-scored pinned rows while they score higher; at most ``budget`` rows in and out.
         """
@@ -222,14 +223,12 @@ class OnlineRepin:
         held_score = self.slot_score[held]
         room = max(0, target - held.numel())  # free places in the pinned segment
         shrink = max(0, held.numel() - target)  # pinned rows over a target that fell
-        cand = fresh[~pinned[fresh]]
-        cand_score = self.slot_score[cand]
         lowest = held_score.min() if held.numel() else None
-        # worth a look: any row that scores, while there is room; then only those above the
-        # lowest pinned row (they can swap with it)
+        # worth a look: any unpinned row that scores, while there is room; then only those above
+        # the lowest pinned row (they can swap with it)
         floor = lowest if lowest is not None and not room else 0.0
-        keep = torch.nonzero(cand_score > floor).squeeze(1)
-        cand, cand_score = cand[keep], cand_score[keep]
+        cand = torch.nonzero(resident & ~pinned & (self.slot_score > floor)).squeeze(1)
+        cand_score = self.slot_score[cand]
         best = torch.topk(cand_score, min(budget, cand.numel())).indices  # most first
         incoming, in_score = cand[best], cand_score[best]
         fill = min(room, incoming.numel())
