@@ -305,7 +305,9 @@ def full_plan(repin, row_of_slot, pinned) -> tuple[list, list]:
     they score higher; at most ``budget`` in and out. Returns the scores moved in and out
     (rows of equal score are interchangeable)."""
     resident = torch.nonzero(row_of_slot >= 0).squeeze(1).tolist()
-    score = dict(zip(resident, repin.profile.estimates(row_of_slot[resident]).tolist()))
+    score = dict(
+        zip(resident, repin.profile.estimates(row_of_slot[resident]).tolist(), strict=True)
+    )
     target = min(repin.pinned_target(), len(resident))
     budget = repin.budget_rows(target)
     held = sorted((s for s in resident if pinned[s]), key=lambda s: score[s])
