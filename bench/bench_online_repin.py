@@ -135,7 +135,12 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
         raise SystemExit(f"--warmup {args.warmup}: the trace has only {ids.size:,} lookups")
     write_trace(work / "full.trace", layout, ids)
     write_trace(work / "warmup.trace", layout, ids[:warmup])
-    given = {"every": args.every, "budget": args.budget, "decay": args.decay}
+    given = {
+        "every": args.every,
+        "budget": args.budget,
+        "decay": args.decay,
+        "sketch_width": args.sketch_width,
+    }
     repin = {"enabled": True, **{k: v for k, v in given.items() if v is not None}}
     former = {"enabled": True, **FORMER_SCHEDULE}
     policies = {
@@ -253,6 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, help="repin.every (default: the config's)")
     p.add_argument("--budget", help="repin.budget (default: the config's)")
     p.add_argument("--decay", type=float, help="repin.decay (default: the config's)")
+    p.add_argument("--sketch-width", type=int, help="repin.sketch_width (default: the config's)")
     p.add_argument("--batch-tokens", type=int, default=64, help="(b): tokens per replayed batch")
     p.add_argument(
         "--bound-every", type=int, default=262_144, help="(c): lookups between exact re-pins"

@@ -285,6 +285,10 @@ def test_a_stale_file_restores_no_profile(tmp_path):
         ({"every": 0}, r"tiers\.warm\.repin\.every: expected an integer >= 1, got 0"),
         ({"decay": 1.5}, r"tiers\.warm\.repin\.decay: .*less than or equal to 1"),
         ({"prior_weight": -1}, r"tiers\.warm\.repin\.prior_weight: .*greater than or equal to 0"),
+        (
+            {"sketch_width": 0},
+            r"tiers\.warm\.repin\.sketch_width: expected an integer from 1 to 64, got 0",
+        ),
         ({"evry": 5}, r"tiers\.warm\.repin\.evry: unknown key; expected one of budget, decay"),
         (
             {"enabled": "yes"},
@@ -322,19 +326,16 @@ def full_plan(repin, row_of_slot, pinned) -> tuple[list, list]:
     return sorted(score[s] for s in pin), sorted(score[s] for s in unpin)
 
 
-def test_a_plan_from_the_touched_slots_equals_scoring_every_resident(monkeypatch):
+def test_a_plan_from_the_touched_slots_equals_scoring_every_resident():
     # a tier of 4,096 slots over 6,000 rows; each step: some unpinned slots get new rows, a
     # window of lookups is counted and the slots of its rows touched, as the tier's lookups
     # touch them. The sketch is made wide, so that no row's estimate moves by collisions with
     # another's (the one way an untouched row's score can change: noise the plan ignores)
-    from tiered_store import online_repin
     from tiered_store.config import RepinConfig
     from tiered_store.online_repin import OnlineRepin
 
-    monkeypatch.setattr(online_repin, "SKETCH_WIDTH_FACTOR", 64)
-
     rng = np.random.default_rng(7)
-    repin = OnlineRepin(4096, RepinConfig(every=400, budget=200), window=400)
+    repin = OnlineRepin(4096, RepinConfig(every=400, budget=200, sketch_width=64), window=400)
     row_of_slot = torch.from_numpy(rng.choice(6000, 4096, replace=False))
     pinned = torch.zeros(4096, dtype=torch.bool)
     weights = 1.0 / np.arange(1, 6001) ** 0.8

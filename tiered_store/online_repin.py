@@ -3,16 +3,20 @@
 While serving, a tier's lookups go into a window buffer; every ``recency_window`` lookups (at a
 batch boundary) its distinct rows add one *episode* each to a count-min sketch
 (:class:`tiered_store.online_profile.OnlineProfile`, sized from the tier: 4 rows of
-``2 x capacity`` float32 counters, rounded up to a power of two, plus a one-byte window stamp
-per counter on the CPU, i.e. 40-80 bytes per slot, never per table row). The lookup path does one copy into the buffer per batch; counting a full
+``sketch_width x capacity`` float32 counters, rounded up to a power of two, plus a one-byte
+window stamp per counter on the CPU, i.e. 40-80 bytes per slot at the default width 2, never per
+table row; and a mark and a score per slot, 5 bytes). The lookup path does one copy into the
+buffer per batch (and marks the slots it used); counting a full
 window (a ``unique``, the hashes, one counter update per sketch row) runs there in replay
 (deterministic), and in the store's background thread when ``deferred`` (at most
 ``MAX_PENDING_WINDOWS`` wait; a window beyond them is dropped and counted in
 ``windows_dropped``, so lookups never wait on the counting).
 
-Every ``every`` lookups the tier is re-pinned among the rows it already holds (frequent rows are
-resident through the recency segment, so nothing is read from cold): the resident rows are
-ranked by their estimated episodes (plus, when an offline profile was given, its episodes
+Every ``every`` lookups (by default one window) the tier is re-pinned among the rows it already
+holds (frequent rows are resident through the recency segment, so nothing is read from cold). The
+tier marks each slot it looks up or fills; a re-pin re-scores only those (a row's estimate changes
+only when a counted window held it) and keeps every other slot's last score: the resident rows
+are ranked by their estimated episodes (plus, when an offline profile was given, its episodes
 times ``prior_weight``, seeded into the sketch), the pinned segment aims at the
 top ``target`` of them, and at most ``budget`` rows move in (the top-scored unpinned residents)
 and out (the lowest-scored pinned rows) per re-pin. ``target`` follows zipf-tuned's split rule:
@@ -21,8 +25,8 @@ per window (at most half the tier). Past counts decay by ``decay`` at every re-p
 are added with a weight growing by ``1 / decay`` instead (no pass over the sketch), renormalised
 when the weight gets large.
 
-:meth:`OnlineRepin.plan` (the heavy part: estimates over every resident slot and a ``topk``) reads
-a snapshot and changes nothing; :meth:`tiered_store.row_cache.RowCache.apply_repin` flips the pin
+:meth:`OnlineRepin.plan` (the heavy part: estimates of the touched slots, a ``topk`` over the
+slots) reads a snapshot and changes only the kept scores; :meth:`tiered_store.row_cache.RowCache.apply_repin` flips the pin
 flags of the chosen slots (checked to still hold the planned rows). Replay runs both at the
 batch boundary that completes an interval; the live store plans in a background thread and only
 the apply runs under its lock.
@@ -45,9 +49,6 @@ from .profile import FrequencyProfile
 __all__ = ["OnlineRepin", "RepinMoves"]
 
 RENORMALISE_AT = 1e20  # window weight above which the sketch is divided back to weight 1
-# counters per sketch row per slot (rounded up to a power of two): 2 keeps a 200k-slot tier's
-# counters in 10 MiB, where counting a window costs ~1 ms instead of ~4 ms at 4 (cache misses)
-SKETCH_WIDTH_FACTOR = 2
 MAX_PENDING_WINDOWS = 8  # full windows waiting for a deferred count (512 KiB each at 65,536)
 
 
@@ -107,7 +108,7 @@ class OnlineRepin:
         self.device = torch.device(device)
         self.profile = OnlineProfile(
             max(1, self.capacity),
-            width_factor=SKETCH_WIDTH_FACTOR,
+            width_factor=config.sketch_width,
             heavy_hitters=False,
             dtype=torch.float32,
             device=self.device,
@@ -134,8 +135,10 @@ class OnlineRepin:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the sketch and the window buffer."""
-        return self.profile.nbytes + self._buffer.nbytes
+        """Bytes held: the sketch, the window buffer, and a mark and a score per slot."""
+        return (
+            self.profile.nbytes + self._buffer.nbytes + self.touched.nbytes + self.slot_score.nbytes
+        )
 
     def observe(self, ids: torch.Tensor) -> None:
         """Count one batch of the tier's lookups (a copy into the window buffer; the sketch is
