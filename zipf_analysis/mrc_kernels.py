@@ -75,6 +75,19 @@ def _set_mark(bits, tree, n_words, q, on):
         _fenwick_add(tree, w + 1, n_words, -1)
 
 
+@_inline
+def _stamp(x, t, last, owner, bits, tree, n_words):
+    """Record a lookup of ``x`` at time ``t``: its previous time's mark off, ``t``'s on; returns
+    whether ``x`` had never been seen."""
+    p = last[x]
+    if p != 0:
+        _set_mark(bits, tree, n_words, p - 1, False)
+    _set_mark(bits, tree, n_words, t, True)
+    owner[t] = x
+    last[x] = t + 1
+    return p == 0
+
+
 @_njit
 def lru_pass(ids, start, last, owner, bits, tree, hist, state):
     """Stack distances of ids[start:] until the time axis fills; returns the next position.
@@ -92,16 +105,9 @@ def lru_pass(ids, start, last, owner, bits, tree, hist, state):
     while i < n and t < cap:
         x = ids[i]
         p = last[x]
-        if p == 0:
-            distinct += 1
-            hist[0] += 1
-        else:
-            hist[distinct - _marks_through(bits, tree, p - 1) + 1] += 1
-            _set_mark(bits, tree, n_words, p - 1, False)
-        _set_mark(bits, tree, n_words, t, True)
-        owner[t] = x
+        hist[0 if p == 0 else distinct - _marks_through(bits, tree, p - 1) + 1] += 1
+        distinct += _stamp(x, t, last, owner, bits, tree, n_words)
         t += 1
-        last[x] = t
         i += 1
     state[0] = t
     state[1] = distinct
@@ -322,16 +328,8 @@ def lru_batch_pass(ids, starts, batch, last, owner, bits, tree, state, out):
             p = last[ids[i]]
             out[i] = 0 if p == 0 else distinct - _marks_through(bits, tree, p - 1) + 1
         for i in range(lo, hi):
-            x = ids[i]
-            p = last[x]
-            if p == 0:
-                distinct += 1
-            else:
-                _set_mark(bits, tree, n_words, p - 1, False)
-            _set_mark(bits, tree, n_words, t, True)
-            owner[t] = x
+            distinct += _stamp(ids[i], t, last, owner, bits, tree, n_words)
             t += 1
-            last[x] = t
         k += 1
     state[0] = t
     state[1] = distinct
