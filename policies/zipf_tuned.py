@@ -60,9 +60,10 @@ def expected_distinct_rows(counts: np.ndarray, window: int) -> float:
 
 
 def recency_segment_rows(
-    counts: np.ndarray, capacity: int, recency_window: int = DEFAULT_RECENCY_WINDOW
-) -> int:
-    """Rows of a ``capacity``-row tier that zipf-tuned gives its recency segment.
+    counts: np.ndarray, capacity: int | np.ndarray, recency_window: int = DEFAULT_RECENCY_WINDOW
+) -> int | np.ndarray:
+    """Rows of a ``capacity``-row tier that zipf-tuned gives its recency segment (an array of
+    capacities: one figure each, the profile summed once).
 
     The distinct rows one window of ``recency_window`` lookups is expected to touch under the
     profile's ``counts`` (:func:`expected_distinct_rows`), rounded up, at most half the tier.
@@ -73,8 +74,13 @@ def recency_segment_rows(
     2
     >>> recency_segment_rows(np.array([50, 20, 10, 1]), capacity=100, recency_window=1)
     1
+    >>> recency_segment_rows(np.array([50, 20, 10, 1]), np.array([0, 4, 100]), 2).tolist()
+    [0, 2, 2]
     """
-    return min(capacity // 2, int(np.ceil(expected_distinct_rows(counts, recency_window))))
+    distinct = int(np.ceil(expected_distinct_rows(counts, recency_window)))
+    if np.ndim(capacity):
+        return np.minimum(np.asarray(capacity, dtype=np.int64) // 2, distinct)
+    return min(int(capacity) // 2, distinct)
 
 
 def zipf_tuned_split(

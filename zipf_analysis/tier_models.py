@@ -70,8 +70,8 @@ class TierModel:
         if self.ranking is None:
             return np.zeros(caps.shape, dtype=np.int64)
         avail = self.ranking.size if available is None else available
-        want = [c - recency_segment_rows(self.counts, int(c), self.recency_window) for c in caps]
-        return np.minimum(np.array(want, dtype=np.int64).reshape(caps.shape), avail)
+        recency = recency_segment_rows(self.counts, caps.reshape(-1), self.recency_window)
+        return np.minimum(caps - recency.reshape(caps.shape), avail)
 
 
 def tier_models(config: StoreConfig, rows: int) -> dict[str, TierModel]:
