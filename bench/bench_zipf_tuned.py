@@ -15,7 +15,10 @@ as the store's cache code at one lookup per batch, at numba speed) for:
 5. (``--repin``) the pinned segment re-chosen every 1M lookups from the profile plus the episodes
    counted while serving (``policies.repin``: misses and idle pinned hits), at most a tenth of
    it moved per re-pin, counts aged by 0.9 per re-pin; and the rule's recency segment doubled
-   and tripled.
+   and tripled;
+6. (``--lookahead``) zipf-tuned whose recency segment knows the next L lookups (a what-if for
+   prefill, where a request's row ids are known before it is served): eviction passes over rows
+   looked up within them, for L from one 64-token batch to 16 requests of 4,096 tokens.
 
 Every variant pins its segment (never evicted) and runs LRU on the rest, as zipf-tuned does.
 
@@ -24,7 +27,7 @@ Example::
     python bench/bench_zipf_tuned.py --out bench/results/zipf_tuned_design.json
 
 Takes about 4 minutes on 2 cores (most of it `analyze`; ``--analysis DIR`` reuses an
-``analyze --holdout`` output instead); ``--repin`` adds about 5 minutes.
+``analyze --holdout`` output instead); ``--repin`` adds about 5 minutes, ``--lookahead`` about 3.
 """
 
 from __future__ import annotations
@@ -48,17 +51,20 @@ from zipf_analysis.analyze import AnalyzeOptions, analyze
 SHARES = (0.01, 0.05, 0.10, 0.25)  # tier sizes, as shares of the table's rows
 WINDOWS = (16_384, 65_536, 262_144, 1_048_576)
 RECENCY_SHARES = (0.03, 0.1, 0.3, 0.5, 0.7)
+LOOKAHEADS = (1_024, 65_536, 262_144, 1_048_576)  # lookups: 64 tokens ... 16 x 4,096 tokens
 THRESHOLDS = ((1, 0), (1, 1 << 20), (2, 1 << 20))  # (min profile count, ghost window in lookups)
 
 
-def miss_ratios(ids, rows, order, recency_rows, admit=None, readmit_window=0):
+def miss_ratios(ids, rows, order, recency_rows, admit=None, readmit_window=0, lookahead=0):
     """Per-request miss ratio at each share: pin ``order``'s first rows, LRU on the rest."""
     out = []
     for share, recency in zip(SHARES, recency_rows, strict=True):
         capacity = int(rows * share)
         pinned = np.zeros(rows, np.bool_)
         pinned[order[: capacity - recency]] = True
-        misses = pinned_lru_misses(ids, pinned, recency, admit=admit, readmit_window=readmit_window)
+        misses = pinned_lru_misses(
+            ids, pinned, recency, admit=admit, readmit_window=readmit_window, lookahead=lookahead
+        )
         out.append(misses / ids.size)
     return out
 
@@ -75,6 +81,9 @@ def main(argv=None) -> int:
     p.add_argument("--layer", default="layer1")
     p.add_argument("--analysis", metavar="DIR", help="reuse an `analyze --holdout` output")
     p.add_argument("--repin", action="store_true", help="also sweep re-pinning and larger splits")
+    p.add_argument(
+        "--lookahead", action="store_true", help="also sweep a recency segment that knows ahead"
+    )
     p.add_argument("--out", help="write JSON here too")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-zipf-tuned-", dir=args.dir) as tmp:
@@ -141,6 +150,11 @@ def main(argv=None) -> int:
             admit=counts >= min_count,
             readmit_window=ghost,
         )
+    if args.lookahead:
+        for lookahead in LOOKAHEADS:
+            run(
+                f"zipf-tuned, {lookahead:,} lookups known ahead", default, rule, lookahead=lookahead
+            )
     if args.repin:
         caps = [int(rows * s) for s in SHARES]
         for mult in (2, 3):  # at most the whole tier (1%: the rule already gives half)

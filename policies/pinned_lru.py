@@ -15,6 +15,7 @@ import numpy as np
 from .errors import PolicyError
 
 NEVER = -(1 << 60)  # "missed long ago": the last miss of a row that never missed
+LOOKAHEAD_PASSES = 256  # least recent rows an eviction with ``lookahead`` may pass over
 
 
 def trace_ids(ids: np.ndarray, rows: int, caller: str, per_row: str) -> np.ndarray:
@@ -36,6 +37,7 @@ def pinned_lru_misses(
     *,
     admit: np.ndarray | None = None,
     readmit_window: int = 0,
+    lookahead: int = 0,
 ) -> int:
     """Misses of a tier that pins ``pinned`` rows and runs LRU on ``lru_rows`` more, per request.
 
@@ -54,6 +56,13 @@ def pinned_lru_misses(
         the last ``readmit_window`` lookups. None (default) admits every miss, as the store does.
     readmit_window : int
         Lookups within which a second miss admits a row that ``admit`` refuses (0: never).
+    lookahead : int
+        A what-if for prefill, where a request's row ids are known before it is served (Engram's
+        ids depend only on the tokens): the lookups ahead the tier knows (0, the default and the
+        store's behaviour: none). Eviction passes over the least recent rows that are looked up
+        again within the next ``lookahead`` lookups (moving them to the front) and evicts the
+        least recent row that is not; it passes over at most ``LOOKAHEAD_PASSES`` (256) rows
+        and then evicts the row it stopped at (or the least recent, when there are no more).
 
     Returns
     -------
@@ -76,10 +85,10 @@ def pinned_lru_misses(
             "expected a 1-D bool array, one flag per table row"
         )
     ids = trace_ids(ids, pinned.size, "pinned_lru_misses", "one pinned flag per row")
-    if lru_rows < 0 or readmit_window < 0:
+    if lru_rows < 0 or readmit_window < 0 or lookahead < 0:
         raise PolicyError(
-            f"pinned_lru_misses: got lru_rows={lru_rows}, readmit_window={readmit_window}; "
-            "expected both >= 0"
+            f"pinned_lru_misses: got lru_rows={lru_rows}, readmit_window={readmit_window}, "
+            f"lookahead={lookahead}; expected all >= 0"
         )
     if admit is not None:
         admit = np.asarray(admit)
@@ -90,23 +99,42 @@ def pinned_lru_misses(
             )
     admit_all = admit is None
     flags = pinned[:0] if admit_all else admit  # unused when admit_all
-    return int(_misses(ids, pinned, int(lru_rows), flags, admit_all, int(readmit_window)))
+    upcoming = next_lookups(ids, pinned.size) if lookahead else ids[:0]
+    return int(
+        _misses(
+            ids, pinned, int(lru_rows), flags, admit_all, int(readmit_window), upcoming, lookahead
+        )
+    )
 
 
 @numba.njit(cache=True)
-def _misses(ids, pinned, lru_rows, admit, admit_all, readmit_window):
+def next_lookups(ids, rows):
+    """For each lookup, the index of the next lookup of its row (2**60 when none)."""
+    out = np.empty(ids.size, np.int64)
+    seen = np.full(rows, np.int64(1) << 60, np.int64)
+    for t in range(ids.size - 1, -1, -1):
+        out[t] = seen[ids[t]]
+        seen[ids[t]] = t
+    return out
+
+
+@numba.njit(cache=True)
+def _misses(ids, pinned, lru_rows, admit, admit_all, readmit_window, upcoming, lookahead):
     """The kernel: a doubly linked list over row ids, most recent at the head."""
     rows = pinned.size
     prev = np.full(rows, -1, np.int64)
     nxt = np.full(rows, -1, np.int64)
     resident = np.zeros(rows, np.bool_)
     last_miss = np.full(rows if not admit_all else 0, NEVER, np.int64)
+    next_use = np.zeros(rows if lookahead else 0, np.int64)  # of a resident row
     head = tail = -1
     size = misses = 0
     for t in range(ids.size):
         r = ids[t]
         if pinned[r]:
             continue
+        if lookahead:
+            next_use[r] = upcoming[t]
         if resident[r]:
             if r != head:  # move to the front
                 p, q = prev[r], nxt[r]
@@ -125,6 +153,13 @@ def _misses(ids, pinned, lru_rows, admit, admit_all, readmit_window):
             if not admit[r] and t - seen > readmit_window:
                 continue
         if size >= lru_rows:  # evict the tail
+            for _ in range(min(size, LOOKAHEAD_PASSES) if lookahead and size > 1 else 0):
+                v = tail
+                if next_use[v] > t + lookahead:
+                    break
+                tail = prev[v]
+                nxt[tail] = -1
+                prev[v], nxt[v], prev[head], head = -1, head, v, v
             v = tail
             tail = prev[v]
             if tail != -1:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gzip
+from collections import OrderedDict
 
 import numpy as np
 import pytest
 
 from policies.errors import PolicyError
-from policies.pinned_lru import pinned_lru_misses
+from policies.pinned_lru import LOOKAHEAD_PASSES, pinned_lru_misses
 from policies.repin import repinned_lru_misses
 from tiered_store.cli import main
 from tiered_store.corpus import read_text, resolve_corpus
@@ -53,6 +54,53 @@ def test_repin_follows_a_drifting_hot_set_within_its_budget(zipf_ids):
 def test_repin_refuses_ids_outside_the_prior():
     with pytest.raises(PolicyError, match=r"ids in \[0, 12\]; expected row ids in \[0, 10\)"):
         repinned_lru_misses(np.array([0, 12]), np.zeros(10), 1, 1)
+
+
+def lookahead_lru_misses_reference(ids, pinned, lru_rows, lookahead):
+    """Pinned rows + LRU whose eviction passes over rows looked up within ``lookahead``, in Python."""
+    lru, misses = OrderedDict(), 0  # least recent first
+    for t, r in enumerate(ids.tolist()):
+        if pinned[r]:
+            continue
+        if r in lru:
+            lru.move_to_end(r)
+            continue
+        misses += 1
+        if len(lru) >= lru_rows:
+            upcoming = set(ids[t + 1 : t + 1 + lookahead].tolist())
+            for _ in range(min(len(lru), LOOKAHEAD_PASSES)):
+                v = next(iter(lru))
+                if v not in upcoming:
+                    break
+                lru.move_to_end(v)
+            lru.popitem(last=False)
+        lru[r] = True
+    return misses
+
+
+@pytest.mark.parametrize("lru_rows", [1, 40])
+@pytest.mark.parametrize("lookahead", [1, 50, 400, 1_000_000])
+def test_lookahead_eviction_equals_a_python_reference(zipf_ids, lookahead, lru_rows):
+    ids = zipf_ids[:6_000]
+    pinned = np.zeros(2000, np.bool_)
+    pinned[:20] = True
+    want = lookahead_lru_misses_reference(ids, pinned, lru_rows, lookahead)
+    assert pinned_lru_misses(ids, pinned, lru_rows=lru_rows, lookahead=lookahead) == want
+    if lru_rows > 1:
+        assert want < pinned_lru_misses(ids, pinned, lru_rows=lru_rows)  # knowing ahead helps
+
+
+def test_lookahead_eviction_passes_over_at_most_its_limit():
+    ids = np.concatenate([np.arange(600), np.arange(600)])  # all 599 residents looked up again
+    pinned = np.zeros(600, np.bool_)
+    want = lookahead_lru_misses_reference(ids, pinned, 599, 10_000)
+    assert pinned_lru_misses(ids, pinned, lru_rows=599, lookahead=10_000) == want
+    assert want < 1_200  # the passes over look-ahead rows kept some of them
+
+
+def test_lookahead_must_not_be_negative():
+    with pytest.raises(PolicyError, match="lookahead=-1; expected all >= 0"):
+        pinned_lru_misses(np.array([0]), np.zeros(2, np.bool_), 1, lookahead=-1)
 
 
 def test_gzip_corpus_files_are_read_and_bad_ones_skipped(tmp_path):
