@@ -406,3 +406,20 @@ def test_a_cuda_hot_tier_gives_the_cpu_answer(config_path, tmp_path):
     cpu, cuda = answers
     assert cuda["next_token_ids"] == cpu["next_token_ids"]
     np.testing.assert_allclose(cuda["next_token_logprobs"], cpu["next_token_logprobs"], rtol=1e-4)
+
+
+def test_the_answers_logit_summary_does_not_depend_on_the_thread_count():
+    from tiered_store.serve.served_model import tensor_summary
+
+    logits = torch.randn(12, 129_280, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        summaries = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            summaries.append(tensor_summary(logits))
+    finally:
+        torch.set_num_threads(threads)
+    assert summaries[0] == summaries[1] == summaries[2]
+    assert summaries[0]["mean"] == pytest.approx(float(logits.double().mean()), abs=1e-12)
+    assert summaries[0]["rms"] == pytest.approx(float(logits.double().square().mean().sqrt()))

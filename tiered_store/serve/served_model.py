@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -265,11 +266,7 @@ class ServedModel:
             "layers": self.layer_ids,
             "next_token_ids": top.indices.tolist(),
             "next_token_logprobs": top.values.tolist(),
-            "logits": {
-                "checksum": _crc(logits32),
-                "mean": float(logits32.mean()),
-                "rms": float(logits32.square().mean().sqrt()),
-            },
+            "logits": {"checksum": _crc(logits32), **tensor_summary(logits32)},
             "hidden_checksum": _crc(_cpu32(hidden)),
             "layer_checksums": {str(k): _crc(_cpu32(v)) for k, v in outputs.items()},
             "rows_looked_up": {
@@ -368,6 +365,13 @@ class RequestGate:
 def _cpu32(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous float32 CPU copy (or view) of ``tensor``."""
     return tensor.detach().to("cpu", torch.float32).contiguous()
+
+
+def tensor_summary(tensor: torch.Tensor) -> dict[str, float]:
+    """Mean and RMS of a CPU float32 tensor, the same whatever the thread count (float64
+    pairwise sums in numpy; torch's float32 reductions split by thread and round differently)."""
+    values = tensor.numpy().astype(np.float64).ravel()
+    return {"mean": float(values.mean()), "rms": float(np.sqrt(np.square(values).mean()))}
 
 
 def _crc(tensor: torch.Tensor) -> str:
