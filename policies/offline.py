@@ -87,7 +87,7 @@ class Belady(OfflineBound):
         dense, n_ids = _dense(_check_ids(self.name, ids))
         if dense.size == 0:
             return np.zeros(caps.size, dtype=np.int64)
-        nxt = _next_use(dense, n_ids)
+        nxt = next_use_index(dense, n_ids)
         distinct = int(np.count_nonzero(np.bincount(dense, minlength=1)))
         bypass = bool(self.bypass)
 
@@ -192,7 +192,7 @@ def _dense(ids: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 @numba.njit(cache=True, nogil=True)
-def _next_use(ids, n_ids):
+def next_use_index(ids, n_ids):
     """Index of the next access to the same id, or int64 max."""
     n = ids.shape[0]
     nxt = np.empty(n, dtype=np.int64)

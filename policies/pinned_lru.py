@@ -13,6 +13,7 @@ import numba
 import numpy as np
 
 from .errors import PolicyError
+from .offline import next_use_index
 
 NEVER = -(1 << 60)  # "missed long ago": the last miss of a row that never missed
 LOOKAHEAD_PASSES = 256  # least recent rows an eviction with ``lookahead`` may pass over
@@ -99,23 +100,12 @@ def pinned_lru_misses(
             )
     admit_all = admit is None
     flags = pinned[:0] if admit_all else admit  # unused when admit_all
-    upcoming = next_lookups(ids, pinned.size) if lookahead else ids[:0]
+    upcoming = next_use_index(ids, pinned.size) if lookahead else ids[:0]
     return int(
         _misses(
             ids, pinned, int(lru_rows), flags, admit_all, int(readmit_window), upcoming, lookahead
         )
     )
-
-
-@numba.njit(cache=True)
-def next_lookups(ids, rows):
-    """For each lookup, the index of the next lookup of its row (2**60 when none)."""
-    out = np.empty(ids.size, np.int64)
-    seen = np.full(rows, np.int64(1) << 60, np.int64)
-    for t in range(ids.size - 1, -1, -1):
-        out[t] = seen[ids[t]]
-        seen[ids[t]] = t
-    return out
 
 
 @numba.njit(cache=True)
