@@ -88,7 +88,9 @@ def run_batch(cache, batch) -> torch.Tensor:
     cache.begin_batch()
     cache.observe(ids)
     slots = cache.probe(ids)
-    cache.record(slots[slots >= 0], lookups=ids.numel(), hits=int((slots >= 0).sum()))
+    cache.record(
+        slots[slots >= 0], ids[slots < 0], lookups=ids.numel(), hits=int((slots >= 0).sum())
+    )
     uniq, counts = torch.unique(ids[slots < 0], return_counts=True)
     cache.admit(uniq, counts)
     return uniq

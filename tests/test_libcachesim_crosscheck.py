@@ -54,7 +54,7 @@ def row_cache_misses(policy: str, capacity: int, trace: np.ndarray) -> int:
         cache.begin_batch()
         slots = cache.probe(ids)
         hit = int(slots[0]) >= 0
-        cache.record(slots if hit else slots[:0], lookups=1, hits=int(hit))
+        cache.record(slots if hit else slots[:0], ids[slots < 0], lookups=1, hits=int(hit))
         if not hit:
             cache.admit(ids, one)
     assert cache.counters.lookups == len(trace)

@@ -197,11 +197,24 @@ def test_an_offline_profile_is_the_start_and_re_pinning_follows_the_traffic(tmp_
         assert set(store.warm.pinned_rows().tolist()) == start
 
 
+def held_counts(cache) -> dict[int, float]:
+    """Row -> its slot's count, for the rows the tier holds."""
+    slots = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
+    return dict(
+        zip(cache.row_of_slot[slots].tolist(), cache.online.slot_count[slots].tolist(), strict=True)
+    )
+
+
 def test_restart_round_trips_the_sketch_and_the_pins(tmp_path):
     path, data = make_table(tmp_path, rows=ROWS)
     with TieredStore(config(path, hot=60, restart=True)) as store:
         serve(store, data, batches(hot_set(), n=60))
-        sketches = {c.name: c.online.profile.sketch.clone() for c in (store.hot, store.warm)}
+        # saved: the sketch with the resident rows' counts folded in
+        sketches = {
+            c.name: torch.from_numpy(c.online.sketch_with_resident(c.row_of_slot))
+            for c in (store.hot, store.warm)
+        }
+        counts = {c.name: held_counts(c) for c in (store.hot, store.warm)}
         state = {c.name: c.online.state() for c in (store.hot, store.warm)}
         pins = {c.name: set(c.pinned_rows().tolist()) for c in (store.hot, store.warm)}
     assert pins["warm"] and pins["hot"]
@@ -214,6 +227,10 @@ def test_restart_round_trips_the_sketch_and_the_pins(tmp_path):
                 assert cache.online.state() == state[cache.name]
                 assert set(cache.pinned_rows().tolist()) == pins[cache.name]
                 assert cache.pinned_count == len(pins[cache.name])
+                # each row restored counts at least what it had (count-min: more on collisions)
+                restored, saved = held_counts(cache), counts[cache.name]
+                assert restored.keys() == saved.keys()
+                assert all(restored[row] >= saved[row] - 1e-3 for row in saved)
             serve(store, data, batches(hot_set(), n=20, seed=7))  # and it goes on re-pinning
             assert store.warm.online.repins > state["warm"]["repins"]
 
@@ -304,14 +321,12 @@ def test_bad_repin_config_names_the_key(repin, message):
 
 
 def full_plan(repin, row_of_slot, pinned) -> tuple[list, list]:
-    """The plan by definition: score every resident row now, fill the pinned segment up to its
-    target with the best unpinned rows, then swap the best unpinned for the lowest pinned while
-    they score higher; at most ``budget`` in and out. Returns the scores moved in and out
-    (rows of equal score are interchangeable)."""
+    """The plan by definition: rank every resident row by its count, fill the pinned segment up
+    to its target with the best unpinned rows, then swap the best unpinned for the lowest pinned
+    while they count more; at most ``budget`` in and out. Returns the counts moved in and out
+    (rows of equal count are interchangeable)."""
     resident = torch.nonzero(row_of_slot >= 0).squeeze(1).tolist()
-    score = dict(
-        zip(resident, repin.profile.estimates(row_of_slot[resident]).tolist(), strict=True)
-    )
+    score = dict(zip(resident, repin.slot_count[resident].tolist(), strict=True))
     target = min(repin.pinned_target(), len(resident))
     budget = repin.budget_rows(target)
     held = sorted((s for s in resident if pinned[s]), key=lambda s: score[s])
@@ -326,36 +341,122 @@ def full_plan(repin, row_of_slot, pinned) -> tuple[list, list]:
     return sorted(score[s] for s in pin), sorted(score[s] for s in unpin)
 
 
-def test_a_plan_from_the_touched_slots_equals_scoring_every_resident():
-    # a tier of 4,096 slots over 6,000 rows; each step: some unpinned slots get new rows, a
-    # window of lookups is counted and the slots of its rows touched, as the tier's lookups
-    # touch them. The sketch is made wide, so that no row's estimate moves by collisions with
-    # another's (the one way an untouched row's score can change: noise the plan ignores)
+def zipf_batches(rng, rows: int, n: int, size: int) -> list[torch.Tensor]:
+    """``n`` batches of ``size`` ids, Zipf-like over ``rows`` (popularity not in id order)."""
+    weights = 1.0 / np.arange(1, rows + 1) ** 0.8
+    order = rng.permutation(rows)
+    return [
+        torch.from_numpy(order[rng.choice(rows, size, p=weights / weights.sum())]) for _ in range(n)
+    ]
+
+
+def test_a_plan_moves_the_rows_that_ranking_every_resident_would():
+    # a real tier of 4,096 slots over 6,000 rows, re-pinned every window; each plan is checked
+    # against the plan by definition over the same counts
+    from policies import PolicySpec
     from tiered_store.config import RepinConfig
     from tiered_store.online_repin import OnlineRepin
+    from tiered_store.row_cache import RowCache
 
-    rng = np.random.default_rng(7)
-    repin = OnlineRepin(4096, RepinConfig(every=400, budget=200, sketch_width=64), window=400)
-    row_of_slot = torch.from_numpy(rng.choice(6000, 4096, replace=False))
-    pinned = torch.zeros(4096, dtype=torch.bool)
-    weights = 1.0 / np.arange(1, 6001) ** 0.8
+    from .conftest import run_batch
+
+    cache = RowCache("warm", num_rows=6000, capacity=4096, spec=PolicySpec.parse("zipf-tuned"))
+    cache.online = OnlineRepin(4096, RepinConfig(every=400, budget=200), window=400)
     moved_in = moved_out = 0
-    for _ in range(60):
-        free = torch.nonzero(~pinned).squeeze(1)
-        gone = free[rng.choice(free.numel(), 30, replace=False)]
-        new = rng.choice(np.setdiff1d(np.arange(6000), row_of_slot.numpy()), 30, replace=False)
-        row_of_slot[gone] = torch.from_numpy(new)
-        repin.touch(gone)  # refilled slots
-        window = torch.from_numpy(rng.choice(6000, 400, p=weights / weights.sum()))
-        repin.observe(window)
-        repin.touch(torch.nonzero(torch.isin(row_of_slot, window)).squeeze(1))
-        want = full_plan(repin, row_of_slot, pinned)
-        moves = repin.plan(row_of_slot, pinned.clone(), repin.take_touched())
-        got_in = sorted(repin.profile.estimates(moves.pin_rows).tolist())
-        got_out = sorted(repin.profile.estimates(moves.unpin_rows).tolist())
+    for batch in zipf_batches(np.random.default_rng(7), 6000, 80, 400):
+        run_batch(cache, batch)
+        assert cache.online.due
+        want = full_plan(cache.online, cache.row_of_slot, cache.pinned_mask())
+        moves = cache.online.plan(cache.row_of_slot, cache.pinned_mask())
+        got_in = sorted(cache.online.slot_count[moves.pin_slots].tolist())
+        got_out = sorted(cache.online.slot_count[moves.unpin_slots].tolist())
         assert (got_in, got_out) == want
-        pinned[moves.pin_slots] = True
-        pinned[moves.unpin_slots] = False
-        repin.finish(moves.pin_slots.numel(), moves.unpin_slots.numel())
-        moved_in, moved_out = moved_in + len(got_in), moved_out + len(got_out)
+        pinned, unpinned = cache.apply_repin(moves)
+        assert (pinned, unpinned) == (len(got_in), len(got_out))
+        cache.online.finish(pinned, unpinned)
+        moved_in, moved_out = moved_in + pinned, moved_out + unpinned
     assert moved_in > 2000 and moved_out > 10  # it filled the pinned segment and swapped rows
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["replay", "store"])
+def test_a_rows_count_is_its_episodes_across_evictions(deferred):
+    # with a sketch wide enough that rows do not collide and no decay, every resident row's
+    # count is exactly the windows it was looked up in since the start, though rows come and go
+    # (evicted: folded into the sketch; admitted again: counted on from it)
+    from policies import PolicySpec
+    from tiered_store.config import RepinConfig
+    from tiered_store.online_repin import OnlineRepin
+    from tiered_store.row_cache import RowCache
+
+    from .conftest import run_batch
+
+    rows, window = 3000, 300
+    cache = RowCache("warm", num_rows=rows, capacity=500, spec=PolicySpec.parse("zipf-tuned"))
+    config = RepinConfig(every=10**9, budget=1, decay=1.0, sketch_width=64)
+    cache.online = OnlineRepin(500, config, window=window, deferred=deferred)
+    episodes = np.zeros(rows)
+    seen: set[int] = set()
+    in_window = 0
+    for batch in zipf_batches(np.random.default_rng(3), rows, 120, 100):
+        run_batch(cache, batch)
+        cache.online.count_pending()
+        seen |= set(batch.tolist())
+        in_window += batch.numel()
+        if in_window >= window:  # windows end at the batch that fills them
+            episodes[list(seen)] += 1
+            seen, in_window = set(), 0
+    episodes[list(seen)] += 1  # the open window: its hits are counted, its misses wait
+    assert cache.counters.evictions > 2000  # rows came and went
+    slots = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
+    held = cache.row_of_slot[slots]
+    counted = cache.online.slot_count[slots].numpy()
+    # a row whose last miss is in the open window has that episode in its count already
+    assert np.array_equal(counted, episodes[held.numpy()])
+    # evicted rows: the sketch holds what they were counted (the open window's misses wait)
+    gone = np.setdiff1d(np.flatnonzero(episodes), held.numpy())
+    estimate = cache.online.profile.estimates(torch.from_numpy(gone)).numpy()
+    assert np.array_equal(estimate, episodes[gone] - np.isin(gone, list(seen)))
+
+
+def test_the_cuda_paths_count_and_choose_as_the_cpu_kernels():
+    # the torch ops the store runs on CUDA, run here on CPU tensors, against the numba passes
+    from tiered_store.online_profile import OnlineProfile
+    from tiered_store.online_repin import candidates_torch, count_hits_torch
+    from tiered_store.sketch_kernel import repin_candidates, slot_episodes
+
+    rng = np.random.default_rng(11)
+    counts = {k: torch.zeros(500) for k in ("numba", "torch")}
+    stamps = {k: torch.full((500,), -1, dtype=torch.int32) for k in ("numba", "torch")}
+    for window in range(12):
+        for _ in range(3):  # batches of a window, duplicates included
+            slots = torch.from_numpy(rng.integers(0, 500, 300))
+            a = slot_episodes(
+                counts["numba"].numpy(), stamps["numba"].numpy(), slots.numpy(), window, 1.5
+            )
+            b = count_hits_torch(counts["torch"], stamps["torch"], slots, window, 1.5)
+            assert a == int(b)
+    assert torch.equal(counts["numba"], counts["torch"]) and counts["numba"].max() > 10
+    assert torch.equal(stamps["numba"], stamps["torch"])
+
+    row_of_slot = torch.from_numpy(np.where(rng.random(5000) < 0.1, -1, rng.permutation(5000)))
+    pinned = torch.from_numpy(rng.random(5000) < 0.4)
+    score = torch.from_numpy(rng.integers(0, 40, 5000).astype(np.float32))  # ties, zeros
+    for k in (0, 1, 50, 1999, 10_000):
+        cpu = repin_candidates(row_of_slot.numpy(), pinned.numpy(), score.numpy(), k)
+        cuda = candidates_torch(row_of_slot, pinned, score, k)
+        assert cpu[4:] == cuda[4:]  # resident and pinned slots
+        assert cpu[1].tolist() == cuda[1].tolist() == score[cpu[0]].tolist()  # most first
+        assert cpu[3].tolist() == cuda[3].tolist() == score[cpu[2]].tolist()  # least first
+        best, low = torch.from_numpy(cpu[0]), torch.from_numpy(cpu[2])
+        assert bool((row_of_slot[best] >= 0).all() & ~pinned[best].any() & (score[best] > 0).all())
+        assert bool((row_of_slot[low] >= 0).all() & pinned[low].all())
+
+    profile = OnlineProfile(100, heavy_hitters=False, dtype=torch.float32)
+    profile.update(torch.from_numpy(rng.integers(0, 1000, 400)), weight=2.0)
+    other = profile.sketch.clone()
+    ids = torch.from_numpy(rng.choice(1000, 300, replace=False))
+    values = torch.from_numpy(rng.integers(0, 6, 300).astype(np.float32))
+    profile.raise_to(ids, values)
+    profile._raise_torch(other, ids, values)
+    assert torch.equal(profile.sketch, other)
+    assert bool((profile.estimates(ids) >= values).all())

@@ -61,7 +61,7 @@ def _access_one(cache: RowCache, row: int) -> bool:
     cache.observe(ids)
     slots = cache.probe(ids)
     hit = bool(slots[0] >= 0)
-    cache.record(slots[slots >= 0], lookups=1, hits=int(hit))
+    cache.record(slots[slots >= 0], ids[slots < 0], lookups=1, hits=int(hit))
     if not hit:
         cache.admit(ids, torch.ones(1, dtype=torch.int64, device=cache.device))
     return hit

@@ -20,7 +20,7 @@ def _access_one(cache: RowCache, row: int) -> bool:
     cache.begin_batch()
     slots = cache.probe(ids)
     hit = bool(slots[0] >= 0)
-    cache.record(slots[slots >= 0], lookups=1, hits=int(hit))
+    cache.record(slots[slots >= 0], ids[slots < 0], lookups=1, hits=int(hit))
     if not hit:
         cache.admit(ids, torch.ones(1, dtype=torch.int64))
     return hit
@@ -60,7 +60,9 @@ def test_batched_admission_keeps_index_consistent(capacity, headroom, batches):
         ids = torch.tensor(batch, dtype=torch.int64)
         cache.begin_batch()
         slots = cache.probe(ids)
-        cache.record(slots[slots >= 0], lookups=ids.numel(), hits=int((slots >= 0).sum()))
+        cache.record(
+            slots[slots >= 0], ids[slots < 0], lookups=ids.numel(), hits=int((slots >= 0).sum())
+        )
         miss = ids[slots < 0]
         uniq, counts = torch.unique(miss, return_counts=True)
         cache.admit(uniq, counts)
@@ -110,7 +112,9 @@ def test_lru_evicts_least_recent_batch_first():
         ids = torch.tensor(batch)
         cache.begin_batch()
         slots = cache.probe(ids)
-        cache.record(slots[slots >= 0], lookups=len(batch), hits=int((slots >= 0).sum()))
+        cache.record(
+            slots[slots >= 0], ids[slots < 0], lookups=len(batch), hits=int((slots >= 0).sum())
+        )
         cache.admit(ids[slots < 0], torch.ones(int((slots < 0).sum()), dtype=torch.int64))
     cache.begin_batch()
     cache.admit(torch.tensor([7]), torch.ones(1, dtype=torch.int64))
@@ -140,7 +144,7 @@ def test_static_plus_lru_never_evicts_pinned_rows():
         ids = torch.from_numpy(rng.integers(3, 1000, size=10))
         cache.begin_batch()
         slots = cache.probe(ids)
-        cache.record(slots[slots >= 0], lookups=10, hits=int((slots >= 0).sum()))
+        cache.record(slots[slots >= 0], ids[slots < 0], lookups=10, hits=int((slots >= 0).sum()))
         uniq, counts = torch.unique(ids[slots < 0], return_counts=True)
         cache.admit(uniq, counts)
         _check_invariants(cache)

@@ -134,9 +134,7 @@ class CacheHierarchy:
         that ends the interval; the store plans in the background and applies under its lock)."""
         for cache in self.online:
             if cache.online.due:
-                moves = cache.online.plan(
-                    cache.row_of_slot, cache.pinned_mask(), cache.online.take_touched()
-                )
+                moves = cache.online.plan(cache.row_of_slot, cache.pinned_mask())
                 cache.online.finish(*cache.apply_repin(moves))
 
     def plan(self, flat_ids: torch.Tensor) -> LookupPlan:
@@ -149,15 +147,18 @@ class CacheHierarchy:
         hit = hot_slots >= 0
         miss_pos = torch.nonzero(~hit).squeeze(1)
         n, n_miss = flat_ids.numel(), miss_pos.numel()
+        miss_ids = torch.index_select(flat_ids, 0, miss_pos)
         hot.record(
-            torch.masked_select(hot_slots, hit) if n_miss else hot_slots, lookups=n, hits=n - n_miss
+            torch.masked_select(hot_slots, hit) if n_miss else hot_slots,
+            miss_ids,
+            lookups=n,
+            hits=n - n_miss,
         )
         cpu_empty = torch.empty(0, dtype=torch.int64)
         if n_miss == 0:
             return LookupPlan(
                 hot_slots, miss_pos, cpu_empty, miss_pos, cpu_empty, cpu_empty, cpu_empty
             )
-        miss_ids = torch.index_select(flat_ids, 0, miss_pos)
         warm.observe(miss_ids)
         unique_ids, inverse, counts = torch.unique(
             miss_ids, return_inverse=True, return_counts=True
@@ -165,12 +166,13 @@ class CacheHierarchy:
         unique_cpu, counts_cpu = unique_ids.cpu(), counts.cpu()
         warm_slots = warm.probe(unique_cpu)
         warm_hit = warm_slots >= 0
+        cold_idx = torch.nonzero(~warm_hit).squeeze(1)
         warm.record(
             torch.masked_select(warm_slots, warm_hit),
+            unique_cpu[cold_idx],
             lookups=n_miss,
             hits=int(torch.masked_select(counts_cpu, warm_hit).sum()),
         )
-        cold_idx = torch.nonzero(~warm_hit).squeeze(1)
         return LookupPlan(
             hot_slots, miss_pos, unique_cpu, inverse, counts_cpu, warm_slots, cold_idx
         )

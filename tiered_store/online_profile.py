@@ -130,8 +130,13 @@ class OnlineProfile:
             )
         return torch.gather(self.sketch, 1, self._buckets(ids)).amin(dim=0)
 
-    def update(self, window: torch.Tensor, weight: float = 1) -> None:
-        """Count one window of lookups: each distinct row once (``weight`` times)."""
+    def update(
+        self, window: torch.Tensor, weight: float = 1, *, distinct_elsewhere: int = 0
+    ) -> None:
+        """Count one window of lookups: each distinct row once (``weight`` times).
+        ``distinct_elsewhere``: distinct rows of the window counted by someone else (a tier's
+        hits, counted per slot), added to the window's distinct rows."""
+        self._distinct_sum += distinct_elsewhere
         if self._stamps is not None:  # CPU, no heavy hitters: one numba pass, no unique
             from .sketch_kernel import sketch_add_window  # noqa: PLC0415 (imports numba)
 
@@ -154,6 +159,29 @@ class OnlineProfile:
         self.windows += 1
         self.lookups += window.numel()
         self._distinct_sum += ids.numel()
+
+    def raise_to(
+        self, ids: torch.Tensor, values: torch.Tensor, sketch: torch.Tensor | None = None
+    ) -> None:
+        """Raise each id's counters to at least its value (``sketch``: into this copy instead),
+        so its estimate is at least that; a counter already higher stays (idempotent)."""
+        sketch = self.sketch if sketch is None else sketch
+        if ids.numel() == 0:
+            return
+        ids = ids.to(self.device, torch.int64)
+        values = values.to(self.device, sketch.dtype)
+        if self.device.type == "cpu":  # one numba pass
+            from .sketch_kernel import sketch_raise  # noqa: PLC0415 (imports numba)
+
+            ids, values = ids.contiguous(), values.contiguous()
+            sketch_raise(sketch.numpy(), self._seeds_u64(), ids.numpy(), values.numpy())
+        else:
+            self._raise_torch(sketch, ids, values)
+
+    def _raise_torch(self, sketch: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """:meth:`raise_to` with torch ops (CUDA)."""
+        for row, idx in zip(sketch, self._buckets(ids), strict=True):
+            row.scatter_reduce_(0, idx, values, reduce="amax")
 
     def seed(self, profile: FrequencyProfile, prior_weight: float = 1.0) -> None:
         """Start from an offline profile: its top rows, with episodes x ``prior_weight``."""

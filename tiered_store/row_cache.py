@@ -127,15 +127,16 @@ class RowCache:
         """Advance the policy's clock; call once per lookup batch."""
         self.eviction.on_batch()
 
-    def record(self, slots: torch.Tensor, *, lookups: int, hits: int) -> None:
-        """Count a probe and tell the policy which slots were read (``slots`` holds hits only)."""
+    def record(self, slots: torch.Tensor, missed: torch.Tensor, *, lookups: int, hits: int) -> None:
+        """Count a probe and tell the policy which slots were read (``slots`` holds hits only;
+        ``missed``: the ids not held, which online re-pinning counts)."""
         self.counters.lookups += lookups
         self.counters.hits += hits
         self.counters.misses += lookups - hits
         if hits:
             self.eviction.on_hit(slots)
-            if self.online is not None:
-                self.online.touch(slots)
+        if self.online is not None and lookups:
+            self.online.count(slots, missed, lookups=lookups)
 
     @property
     def pinned_count(self) -> int:
@@ -151,12 +152,9 @@ class RowCache:
         return self.row_of_slot[self.pinned_mask()]
 
     def observe(self, ids: torch.Tensor) -> None:
-        """Let a frequency-learning admission filter, and the online re-pin counts, see the ids
-        looked up here."""
+        """Let a frequency-learning admission filter see the ids looked up here."""
         if self.capacity and self.admission.learns:
             self.admission.on_access(ids.to(self.device))
-        if self.online is not None:
-            self.online.observe(ids.to(self.device))
 
     def apply_repin(self, moves: RepinMoves) -> tuple[int, int]:
         """Pin and unpin the slots a re-pin planned, those that still hold the planned rows;
@@ -234,12 +232,15 @@ class RowCache:
         if self.before_evict is not None:
             self.before_evict(torch.cat([slots[victim_rows >= 0], extra]))
         evicted = torch.cat([victim_rows, torch.index_select(self.row_of_slot, 0, extra)])
+        if self.online is not None:
+            held = evicted >= 0
+            self.online.evicted(torch.cat([slots, extra])[held], evicted[held])
         self._evict(evicted[evicted >= 0], extra)
         self.index.set(new_ids, slots)
         self.row_of_slot.index_copy_(0, slots, new_ids)
         self.eviction.on_insert(slots)
         if self.online is not None:
-            self.online.touch(slots)
+            self.online.admitted(slots, new_ids, looked_up=True)
         self.counters.admissions += cand.numel()
         return cand, slots
 
@@ -262,6 +263,8 @@ class RowCache:
         slots = self._pop_free(cand.numel()).flip(0)
         self.index.set(ids[cand], slots)
         self.row_of_slot.index_copy_(0, slots, ids[cand])
+        if self.online is not None:
+            self.online.admitted(slots, ids[cand], looked_up=False)
         if ages is not None:
             self.eviction.on_restore(slots, torch.as_tensor(ages).to(self.device)[cand])
             self._buffered = None  # conservative: LRU keys still grow, a refill is one topk

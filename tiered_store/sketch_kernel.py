@@ -1,4 +1,5 @@
-"""A count-min sketch update on the CPU in one pass (numba): hash and add, without the GIL.
+"""The online counters' passes on the CPU (numba, without the GIL): count-min sketch updates and
+estimates, and the per-slot episode count of a tier's hits.
 
 Counting a window of a ``zipf-tuned`` tier's lookups with torch (``mix64`` per sketch row, then
 ``index_add_`` per row) costs about 6 ms per 56,000 distinct ids on one core; this kernel does
@@ -77,3 +78,91 @@ def sketch_estimates(sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray) -> 
                 best = v
         out[i] = best
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def sketch_raise(
+    sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray, values: np.ndarray
+) -> None:
+    """``sketch[d, h] = max(sketch[d, h], values[i])`` for each id's counter ``h`` in every row
+    ``d`` (a conservative update: each id's estimate becomes at least its value; idempotent)."""
+    mask = np.uint64(sketch.shape[1] - 1)
+    for d in range(sketch.shape[0]):
+        seed = seeds[d]
+        row = sketch[d]
+        for i in range(ids.size):
+            h = _mix(np.uint64(ids[i]) + seed) & mask
+            if row[h] < values[i]:
+                row[h] = values[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def slot_episodes(
+    counts: np.ndarray, stamps: np.ndarray, slots: np.ndarray, window: int, weight: float
+) -> int:
+    """Count hits once per slot and window: ``counts[s] += weight`` the first time in window
+    ``window`` (``stamps[s] != window``) that slot ``s`` is looked up. Returns the slots first
+    looked up in this window (distinct rows hit)."""
+    stamp = stamps.dtype.type(window)
+    first = 0
+    for i in range(slots.size):
+        s = slots[i]
+        if stamps[s] != stamp:
+            stamps[s] = stamp
+            counts[s] += weight
+            first += 1
+    return first
+
+
+SCORE_BINS = 1 << 15  # a non-negative float32's top 16 bits: bins in the order of the values
+
+
+@numba.njit(cache=True, nogil=True)
+def repin_candidates(row_of_slot: np.ndarray, pinned: np.ndarray, score: np.ndarray, k: int):
+    """Two passes over a tier's slots for a re-pin: the ``k`` best-scored unpinned resident
+    slots with a score above 0 (most first) and the ``k`` lowest-scored pinned slots (least
+    first), and the resident and pinned slot counts. Scores are non-negative float32; the first
+    pass bins them by their top bits (in value order) to find the bins that hold the ``k`` best
+    and lowest, the second collects those slots, and only they are sorted.
+    Returns (best, best scores, lowest, lowest scores, resident, pinned)."""
+    bins = score.view(np.int32)
+    best_hist = np.zeros(SCORE_BINS, np.int64)
+    low_hist = np.zeros(SCORE_BINS, np.int64)
+    resident = held = 0
+    for s in range(row_of_slot.size):
+        if row_of_slot[s] < 0:
+            continue
+        resident += 1
+        b = max(bins[s] >> 16, 0)
+        if pinned[s]:
+            held += 1
+            low_hist[b] += 1
+        elif score[s] > 0:
+            best_hist[b] += 1
+    top, n_best = SCORE_BINS, 0  # the best: every bin from ``top`` up
+    while top > 0 and n_best < k:
+        top -= 1
+        n_best += best_hist[top]
+    bottom, n_low = -1, 0  # the lowest: every bin up to ``bottom``
+    while bottom < SCORE_BINS - 1 and n_low < k:
+        bottom += 1
+        n_low += low_hist[bottom]
+    best = np.empty(n_best, np.int64)
+    low = np.empty(n_low, np.int64)
+    i = j = 0
+    for s in range(row_of_slot.size):
+        if row_of_slot[s] < 0:
+            continue
+        b = max(bins[s] >> 16, 0)
+        # bounded: another thread may raise a score between the passes (the store's lookups)
+        if pinned[s]:
+            if b <= bottom and j < n_low:
+                low[j] = s
+                j += 1
+        elif score[s] > 0 and b >= top and i < n_best:
+            best[i] = s
+            i += 1
+    best, low = best[:i], low[:j]
+    best = best[np.argsort(-score[best], kind="mergesort")[:k]]
+    low = low[np.argsort(score[low], kind="mergesort")[:k]]
+    return best, score[best], low, score[low], resident, held

@@ -385,7 +385,7 @@ class TieredStore:
                 {cache.name: cache.held_rows().cpu().numpy() for cache in (self.hot, self.warm)},
                 {c.name: c.pinned_rows().cpu().numpy() for c in self.caches.online},
                 {
-                    c.name: (c.online.state(), c.online.profile.sketch.cpu().numpy().copy())
+                    c.name: (c.online.state(), c.online.sketch_with_resident(c.row_of_slot))
                     for c in self.caches.online
                 },
             )
@@ -591,8 +591,9 @@ class TieredStore:
                 if cache.online is not None and cache.name in saved.pinned:
                     self._restore_pins(cache, pool, torch.from_numpy(saved.pinned[cache.name]))
                 ids = torch.from_numpy(saved.held.get(cache.name, np.zeros(0, np.int64)))
-                with self._lock:
-                    ids = ids[: cache.capacity - cache.occupancy]
+                with self._lock:  # the saved pins (and rows lookups admitted) are in already
+                    held = (cache.probe(ids.to(cache.device)) >= 0).cpu()
+                    ids = ids[~held][: cache.capacity - cache.occupancy]
                 ranked = cache.eviction.restores_order
                 for at, end in self._restore_steps(ids.numel(), ranked=ranked):
                     if self._stop.is_set():
@@ -649,11 +650,7 @@ class TieredStore:
                         cache.online.count_pending()
                         if not cache.online.due:
                             continue
-                        moves = cache.online.plan(
-                            cache.row_of_slot.clone(),
-                            cache.pinned_mask(),
-                            cache.online.take_touched(),
-                        )
+                        moves = cache.online.plan(cache.row_of_slot.clone(), cache.pinned_mask())
                         with self._lock:
                             cache.online.finish(*cache.apply_repin(moves))
                 except (RuntimeError, ValueError) as exc:  # serving goes on with the pins it has
