@@ -125,7 +125,8 @@ def test_budget_as_a_share_and_no_repin_when_disabled(tmp_path):
 def test_concurrent_lookups_stay_exact_while_re_pinning(tmp_path):
     path, data = make_table(tmp_path, rows=ROWS)
     cfg = config(path, hot=60, warm=300, repin={"every": 500, "budget": 30})
-    with TieredStore(cfg) as store:
+    with TieredStore(cfg) as store, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert_concurrent_lookups_exact(store, data, batch=150, rounds=40, threads=3)
         assert store.wait_repinned(timeout=30)
         for cache in (store.hot, store.warm):
@@ -136,6 +137,7 @@ def test_concurrent_lookups_stay_exact_while_re_pinning(tmp_path):
                 cache.pinned_count <= cache.capacity // 2 + 30
             )  # the target, at most a budget more
         assert_concurrent_lookups_exact(store, data, batch=150, rounds=5, threads=2)
+    assert not [w for w in caught if "re-pin" in str(w.message)]  # no re-pin failed
 
 
 def test_replay_re_pins_exactly_as_the_store(tmp_path):
@@ -221,7 +223,7 @@ def test_restart_round_trips_the_sketch_and_the_pins(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RestartWarning)
         with TieredStore(config(path, hot=60, restart=True)) as store:
-            assert store.wait_restored(timeout=30)
+            assert store.wait_restored(timeout=30) and store.wait_repinned(timeout=30)
             for cache in (store.hot, store.warm):
                 assert torch.equal(cache.online.profile.sketch, sketches[cache.name])
                 assert cache.online.state() == state[cache.name]

@@ -126,8 +126,14 @@ class CacheHierarchy:
         return cache, ids[pos.cpu()], slots
 
     def repin_waiting(self) -> bool:
-        """A tier waits for its re-pin or has full windows waiting to be counted (the store)."""
+        """A tier waits for its re-pin or has updates waiting to be applied (the store)."""
         return any(c.online.due or c.online.pending for c in self.online)
+
+    def repin_worth_waking(self) -> bool:
+        """A tier waits for its re-pin or has a full window queued: the store wakes its re-pin
+        thread then, not for every batch (a thread woken per small batch takes the GIL from
+        the lookups)."""
+        return any(c.online.due or c.online.windows_queued for c in self.online)
 
     def repin_now(self) -> None:
         """Re-pin every tier whose interval is over, synchronously (replay, at the batch boundary

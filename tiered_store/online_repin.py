@@ -41,6 +41,7 @@ Sketch writes (windows, and folds of evicted rows) all run in that thread when `
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,9 @@ from .profile import FrequencyProfile
 __all__ = ["OnlineRepin", "RepinMoves"]
 
 RENORMALISE_AT = 1e20  # window weight above which the sketch is divided back to weight 1
-MAX_PENDING_WINDOWS = 8  # full windows waiting for a deferred count (512 KiB each at 65,536)
+MAX_PENDING_WINDOWS = (
+    8  # windows queued for a deferred count before the next one's lookups are dropped
+)
 
 
 @dataclass
@@ -130,18 +133,25 @@ class OnlineRepin:
         # per slot: the held row's episodes (decay-weighted), and the window it was last counted in
         self.slot_count = torch.zeros(self.capacity, dtype=torch.float32, device=self.device)
         self.slot_stamp = torch.full((self.capacity,), -1, dtype=torch.int32, device=self.device)
-        self.window_no = 0  # the open window (windows completed so far)
-        self._batch_window = 0  # the window of the last batch counted (its misses' admissions)
-        self._in_window = 0  # lookups in the open window
-        self._hits_distinct: int | torch.Tensor = 0  # slots first hit in the open window
-        self._buffer = torch.empty(self.window, dtype=torch.int64, device=self.device)
-        self._buffered = 0  # misses of the open window in the buffer
+        # the lookup side: the open window, its lookups so far, the last batch's window
+        self.window_no = 0
+        self._in_window = 0
+        self._batch_window = 0
+        # the counting side: windows whose misses the sketch has counted (or that were dropped),
+        # the open window's misses and distinct hits
+        self.counted_through = 0
+        self._misses: list[torch.Tensor] = []
+        self._hits_distinct: int | torch.Tensor = 0
+        self._hits = _Staging(self.window, self.device)  # the open window's hit slots
+        self._missed = _Staging(self.window, self.device)  # and its misses
         self.deferred = deferred
-        # sketch writes waiting for count_pending(): ("window", ids, hit distinct) or
-        # ("fold", rows, counts); at most MAX_PENDING_WINDOWS windows
-        self.pending: deque[tuple[str, torch.Tensor, Any]] = deque()
-        self._pending_windows = 0
-        self.windows_dropped = 0  # full windows not counted: the background count fell behind
+        # updates waiting for count_pending(), in the order they happened (see _apply)
+        self.pending: deque[tuple] = deque()
+        # window ends queued and applied: each written by one thread (the lookups, the counting)
+        self._ends_queued = self._ends_applied = 0
+        self._dropping = False  # the open window's hits and misses are not queued (backlog)
+        self._counting = threading.Lock()  # one thread applies ``pending`` at a time
+        self.windows_dropped = 0  # windows not counted: the background count fell behind
         self.since_repin = 0  # lookups since the last re-pin
         self.repins = 0
         self.rows_pinned = 0  # rows moved into the pinned segment by re-pins, in all
@@ -153,42 +163,126 @@ class OnlineRepin:
         return self.since_repin >= self.every
 
     @property
-    def nbytes(self) -> int:
-        """Bytes held: the sketch, the window buffer, and a count and a stamp per slot."""
-        return (
-            self.profile.nbytes
-            + self._buffer.nbytes
-            + self.slot_count.nbytes
-            + self.slot_stamp.nbytes
-        )
+    def windows_queued(self) -> int:
+        """Full windows queued for :meth:`count_pending` and not applied yet."""
+        return self._ends_queued - self._ends_applied
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the sketch, and a count and a stamp per slot."""
+        return self.profile.nbytes + self.slot_count.nbytes + self.slot_stamp.nbytes
+
+    # -- the lookup side: each update applied at once (replay) or queued in order (the store) ----
     def count(self, hit_slots: torch.Tensor, miss_ids: torch.Tensor, *, lookups: int) -> None:
-        """Count one batch of the tier's lookups: ``hit_slots`` (the slots of its hits) per slot
-        at once, ``miss_ids`` into the window buffer (the sketch counts it once the window of
-        ``lookups`` is full). Duplicates count once per window either way."""
-        self._batch_window = self.window_no
-        if hit_slots.numel():
-            self._hits_distinct += self._count_hits(hit_slots.to(self.device))
-        self._buffer_misses(miss_ids)
+        """Count one batch of the tier's lookups: ``hit_slots`` (the slots of its hits) per slot,
+        ``miss_ids`` in the sketch once the window of ``lookups`` is full. Duplicates count once
+        per window either way. Both are copied into the window's buffers; the hits are handed on
+        before an admission or eviction (their order matters) and at the window's end, so a
+        window that only hits is one update."""
+        window = self._batch_window = self.window_no
+        if not self._dropping:
+            spilled = self._hits.add(hit_slots)
+            if spilled is not None:
+                self._apply(("hits", spilled, window))
+            spilled = self._missed.add(miss_ids)
+            if spilled is not None:
+                self._apply(("misses", spilled))
         self._in_window += lookups
         self.since_repin += lookups
-        if self._in_window >= self.window:
-            self._end_window()
+        if self._in_window >= self.window:  # the window ends with this batch
+            self._hand_on_hits()
+            self._apply(("end", window, self._dropping, self._missed.take()))
+            self._hits.reset(fresh=self.deferred)  # views queued still read the old buffers
+            self._missed.reset(fresh=self.deferred)
+            self.window_no += 1
+            self._in_window = 0
+            self._dropping = self.deferred and self.windows_queued >= MAX_PENDING_WINDOWS
+            self.windows_dropped += self._dropping
 
-    def _buffer_misses(self, ids: torch.Tensor) -> None:
-        """Append ``ids`` to the open window's misses."""
-        end = self._buffered + ids.numel()
-        if end > self._buffer.numel():  # more misses than the window: the buffer grows
-            grown = torch.empty(
-                max(end, 2 * self._buffer.numel()), dtype=torch.int64, device=self.device
-            )
-            grown[: self._buffered] = self._buffer[: self._buffered]
-            self._buffer = grown
-        self._buffer[self._buffered : end].copy_(ids.reshape(-1))
-        self._buffered = end
+    def admitted(self, slots: torch.Tensor, rows: torch.Tensor, *, looked_up: bool) -> None:
+        """``rows`` now held in ``slots`` (``looked_up``: admitted after a miss of this batch)."""
+        if slots.numel():
+            self._hand_on_hits()
+            self._apply(("admit", slots, rows, self._batch_window if looked_up else None))
 
-    def _count_hits(self, slots: torch.Tensor) -> int | torch.Tensor:
-        """Add an episode to each slot first hit in the open window; returns how many."""
+    def evicted(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """``rows`` leave ``slots``."""
+        if slots.numel():
+            self._hand_on_hits()
+            self._apply(("evict", slots, rows, self.window_no))
+
+    def _hand_on_hits(self) -> None:
+        """Apply (or queue) the hits buffered since the last hand-on."""
+        part = self._hits.take()
+        if part is not None:
+            self._apply(("hits", part, self.window_no))
+
+    def _apply(self, update: tuple) -> None:
+        """Apply an update now, or queue it for :meth:`count_pending` when ``deferred``."""
+        if self.deferred:
+            self._ends_queued += update[0] == "end"
+            self.pending.append(update)
+        else:
+            self._run(update)
+
+    def count_pending(self, limit: int | None = None) -> None:
+        """Apply the updates a deferred tier queued, in order (the store's background thread);
+        at most ``limit`` (those queued before a snapshot of the tier)."""
+        with self._counting:
+            for _ in range(len(self.pending) if limit is None else limit):
+                if not self.pending:
+                    return
+                self._run(self.pending[0])
+                self.pending.popleft()  # removed once applied: empty means all were
+
+    def drop_pending(self) -> None:
+        """Forget the queued updates (after a failure: rows admitted meanwhile count from 0)."""
+        with self._counting:
+            self.pending.clear()
+            self._ends_applied = self._ends_queued
+            self._misses, self._hits_distinct = [], 0
+
+    # -- the counting side -----------------------------------------------------------------------
+    def _run(self, update: tuple) -> None:
+        """Apply one update to the slot counts and the sketch."""
+        kind = update[0]
+        if kind == "hits":  # an episode for each slot first hit in its window
+            _, slots, window = update
+            self._hits_distinct += self._count_hits(slots.to(self.device), window)
+        elif kind == "misses":
+            self._misses.append(update[1].reshape(-1).to(self.device))
+        elif kind == "end":  # the window's misses into the sketch, once per distinct row
+            _, window, dropped, misses = update
+            if misses is not None:
+                self._misses.append(misses.to(self.device))
+            if not dropped:
+                misses = torch.cat(self._misses) if self._misses else self._misses_empty()
+                distinct = int(self._hits_distinct)
+                self.profile.update(misses, weight=self.weight, distinct_elsewhere=distinct)
+            self._misses, self._hits_distinct = [], 0
+            self.counted_through = window + 1
+            self._ends_applied += self.deferred
+        elif kind == "admit":  # from the sketch's estimate, plus the miss's episode if uncounted
+            _, slots, rows, window = update
+            start = self.profile.estimates(rows).to(self.device, torch.float32)
+            if window is not None and self.counted_through <= window:
+                start += self.weight
+            self.slot_count[slots] = start
+            self.slot_stamp[slots] = -1 if window is None else window
+        else:  # evict: raise the rows' counters to their counts; an episode of the open window
+            _, slots, rows, window = update  # stays with that window's misses (counted once)
+            counts = self.slot_count[slots]
+            open_window = self.slot_stamp[slots] == window
+            counts -= open_window.to(counts.dtype) * self.weight
+            self._misses.append(rows[open_window].to(self.device))
+            self.profile.raise_to(rows, counts)
+
+    def _misses_empty(self) -> torch.Tensor:
+        """No misses (a window that only hit)."""
+        return torch.empty(0, dtype=torch.int64, device=self.device)
+
+    def _count_hits(self, slots: torch.Tensor, window: int) -> int | torch.Tensor:
+        """Add an episode to each slot first hit in ``window``; returns how many."""
         if self.device.type == "cpu":  # one numba pass, without the GIL
             from .sketch_kernel import slot_episodes  # noqa: PLC0415 (imports numba)
 
@@ -196,67 +290,10 @@ class OnlineRepin:
                 self.slot_count.numpy(),
                 self.slot_stamp.numpy(),
                 slots.to(torch.int64).contiguous().numpy(),
-                self.window_no,
+                window,
                 self.weight,
             )
-        return count_hits_torch(
-            self.slot_count, self.slot_stamp, slots, self.window_no, self.weight
-        )
-
-    def _end_window(self) -> None:
-        """Count the full window's misses in the sketch (or queue them), and open the next."""
-        misses = self._buffer[: self._buffered]
-        distinct = int(self._hits_distinct)
-        if not self.deferred:
-            self.profile.update(misses, weight=self.weight, distinct_elsewhere=distinct)
-        elif self._pending_windows < MAX_PENDING_WINDOWS:
-            self.pending.append(("window", misses, distinct))
-            self._pending_windows += 1
-            self._buffer = torch.empty(self.window, dtype=torch.int64, device=self.device)
-        else:
-            self.windows_dropped += 1
-        self.window_no += 1
-        self._in_window = self._buffered = 0
-        self._hits_distinct = 0
-
-    def admitted(self, slots: torch.Tensor, rows: torch.Tensor, *, looked_up: bool) -> None:
-        """``rows`` now held in ``slots``: their counts start from the sketch's estimates, plus
-        the episode of the miss that brought them (``looked_up``) where the sketch has not
-        counted its window yet."""
-        if slots.numel() == 0:
-            return
-        start = self.profile.estimates(rows).to(self.device, torch.float32)
-        missed_window_counted = not self.deferred and self._batch_window < self.window_no
-        if looked_up and not missed_window_counted:
-            start += self.weight
-        self.slot_count[slots] = start
-        self.slot_stamp[slots] = self._batch_window if looked_up else -1
-
-    def evicted(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """``rows`` leave ``slots``: raise their sketch counters to their counts (or queue it).
-        A row counted in the open window leaves that episode to the window's misses, which
-        the sketch counts once with any later miss of the row in the same window."""
-        if slots.numel() == 0:
-            return
-        counts = self.slot_count[slots]
-        open_window = self.slot_stamp[slots] == self.window_no
-        counts -= open_window.to(counts.dtype) * self.weight
-        self._buffer_misses(rows[open_window])
-        if self.deferred:
-            self.pending.append(("fold", rows.clone(), counts))
-        else:
-            self.profile.raise_to(rows, counts)
-
-    def count_pending(self) -> None:
-        """Make the sketch writes a deferred tier queued (the store's background thread)."""
-        while self.pending:  # removed once made: ``pending`` empty means all were
-            kind, ids, extra = self.pending[0]
-            if kind == "window":
-                self.profile.update(ids, weight=self.weight, distinct_elsewhere=extra)
-                self._pending_windows -= 1
-            else:
-                self.profile.raise_to(ids, extra)
-            self.pending.popleft()
+        return count_hits_torch(self.slot_count, self.slot_stamp, slots, window, self.weight)
 
     def seed(self, profile: FrequencyProfile, offline_target: int) -> None:
         """Start from an offline profile: its episodes x ``prior_weight`` (1: an offline episode
@@ -306,7 +343,7 @@ class OnlineRepin:
         keep = min(budget, int((best_score > floor).sum()))  # sorted: a prefix
         incoming, in_score = best[:keep], best_score[:keep]
         fill = min(room, incoming.numel())
-        k_out = min(budget, n_held, shrink + incoming.numel() - fill)
+        k_out = min(budget, low.numel(), shrink + incoming.numel() - fill)
         out_score = low_score[:k_out]
         pairs = min(incoming.numel() - fill, k_out - min(shrink, k_out))
         lows = out_score[min(shrink, k_out) : min(shrink, k_out) + pairs]
@@ -320,7 +357,7 @@ class OnlineRepin:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
         """The ``k`` best-counted unpinned resident slots with a count above 0 (most first), the
         ``k`` lowest pinned (least first), with their counts; resident and pinned slots."""
-        score = self.slot_count  # lookups may go on counting: the plan reads what it finds
+        score = self.slot_count.clone()  # a snapshot: lookups go on counting meanwhile
         if self.device.type == "cpu":  # two numba passes, a sort of about k slots
             from .sketch_kernel import repin_candidates  # noqa: PLC0415 (imports numba)
 
@@ -337,7 +374,6 @@ class OnlineRepin:
         self.rows_unpinned += moved_out
         self.weight /= self.decay
         if self.weight > RENORMALISE_AT:
-            self.count_pending()  # queued folds hold counts at the old scale
             self.profile.sketch.div_(self.weight)
             self.slot_count.div_(self.weight)
             self.weight = 1.0
@@ -400,7 +436,6 @@ def candidates_torch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """:func:`tiered_store.sketch_kernel.repin_candidates` with torch ops (``topk``)."""
     resident = row_of_slot >= 0
-    score = score.clone()
     held = torch.nonzero(pinned & resident).squeeze(1)
     cand = torch.nonzero(resident & ~pinned & (score > 0)).squeeze(1)
     top = torch.topk(score[cand], min(k, cand.numel()))
@@ -413,3 +448,42 @@ def candidates_torch(
         int(resident.sum()),
         held.numel(),
     )
+
+
+class _Staging:
+    """Ids of the open window copied into one buffer; :meth:`take` hands on, as a view, what was
+    added since it last did (the buffer is not written there again until :meth:`reset`)."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size, self.device = max(1, int(size)), device
+        self.buffer = torch.empty(self.size, dtype=torch.int64, device=device)
+        self.start = self.end = 0
+
+    def add(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Copy ``ids`` in. Where the buffer has no room, returns what was not handed on yet
+        (a view) and takes ``ids`` into a fresh buffer."""
+        k = ids.numel()
+        if k == 0:
+            return None
+        spilled = None
+        if self.end + k > self.buffer.numel():
+            spilled = self.take()
+            self.buffer = torch.empty(max(self.size, k), dtype=torch.int64, device=self.device)
+            self.start = self.end = 0
+        self.buffer[self.end : self.end + k].copy_(ids.reshape(-1))
+        self.end += k
+        return spilled
+
+    def take(self) -> torch.Tensor | None:
+        """The ids added since the last take (a view of the buffer), or None."""
+        if self.end == self.start:
+            return None
+        part = self.buffer[self.start : self.end]
+        self.start = self.end
+        return part
+
+    def reset(self, *, fresh: bool) -> None:
+        """Start the next window; ``fresh``: in a new buffer (views handed on may be unread)."""
+        if fresh:
+            self.buffer = torch.empty(self.size, dtype=torch.int64, device=self.device)
+        self.start = self.end = 0

@@ -154,7 +154,7 @@ def repin_candidates(row_of_slot: np.ndarray, pinned: np.ndarray, score: np.ndar
         if row_of_slot[s] < 0:
             continue
         b = max(bins[s] >> 16, 0)
-        # bounded: another thread may raise a score between the passes (the store's lookups)
+        # bounded, should a score change between the passes (callers pass a snapshot)
         if pinned[s]:
             if b <= bottom and j < n_low:
                 low[j] = s

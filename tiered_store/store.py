@@ -381,6 +381,8 @@ class TieredStore:
         (True, [5, 6, 7])
         """
         with self._lock:
+            for cache in self.caches.online:  # the counts as the lookups so far leave them
+                cache.online.count_pending()
             state = RestartState(
                 {cache.name: cache.held_rows().cpu().numpy() for cache in (self.hot, self.warm)},
                 {c.name: c.pinned_rows().cpu().numpy() for c in self.caches.online},
@@ -400,6 +402,7 @@ class TieredStore:
         while self.caches.repin_waiting():
             if deadline is not None and time.monotonic() > deadline:
                 return False
+            self._repin_wanted.set()  # updates a restore queued wake the thread too
             time.sleep(0.0005)
         return True
 
@@ -420,7 +423,7 @@ class TieredStore:
             self._repin_wanted.set()  # wakes the re-pin thread to end
         for thread in self._threads:
             thread.join()
-        for cache in self.caches.online:  # windows the re-pin thread had not counted yet
+        for cache in self.caches.online:  # updates the re-pin thread had not applied yet
             cache.online.count_pending()
         if self.config.tiers.restart.enabled:
             try:
@@ -527,7 +530,7 @@ class TieredStore:
                 self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
                 self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
             out[plan.miss_pos] = device_rows[plan.inverse]
-        if self._repin_wanted is not None and self.caches.repin_waiting():
+        if self._repin_wanted is not None and self.caches.repin_worth_waking():
             self._repin_wanted.set()  # after this batch's admissions, where replay re-pins
         return out
 
@@ -645,13 +648,16 @@ class TieredStore:
             self._repin_wanted.clear()
             for cache in self.caches.online:
                 try:
-                    # the snapshot may be a little stale: apply checks each slot
                     with self._on_store_stream():
-                        cache.online.count_pending()
-                        if not cache.online.due:
+                        with self._lock:  # the tier as the updates queued so far leave it
+                            queued, due = len(cache.online.pending), cache.online.due
+                            if due:
+                                snapshot = (cache.row_of_slot.clone(), cache.pinned_mask())
+                        cache.online.count_pending(queued)
+                        if not due:
                             continue
-                        moves = cache.online.plan(cache.row_of_slot.clone(), cache.pinned_mask())
-                        with self._lock:
+                        moves = cache.online.plan(*snapshot)
+                        with self._lock:  # apply checks each slot still holds the planned row
                             cache.online.finish(*cache.apply_repin(moves))
                 except (RuntimeError, ValueError) as exc:  # serving goes on with the pins it has
                     warnings.warn(
@@ -660,7 +666,7 @@ class TieredStore:
                         stacklevel=1,
                     )
                     with self._lock:
-                        cache.online.pending.clear()
+                        cache.online.drop_pending()
                         cache.online.finish(0, 0)
 
     def _restore_chunk(
