@@ -185,6 +185,10 @@ def test_an_offline_profile_is_the_start_and_re_pinning_follows_the_traffic(tmp_
     with TieredStore(cfg) as store:
         start = set(store.warm.pinned_rows().tolist())
         assert set(old.tolist()) <= start  # the offline pins
+        assert store.wait_repinned(timeout=30)  # and they count from the profile's episodes
+        counts = held_counts(store.warm)
+        episodes = dict(zip(profile.row_ids.tolist(), profile.episodes.tolist(), strict=True))
+        assert all(counts[row] >= episodes[row] > 0 for row in start)
         target = store.warm.pinned_count
         serve(store, data, batches(new, n=150, seed=4))
         now = set(store.warm.pinned_rows().tolist())

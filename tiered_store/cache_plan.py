@@ -92,10 +92,11 @@ class CacheHierarchy:
                     recency_window=tier.recency_window,
                     pinned_above=pinned_above,
                 )
+                if cache.online is not None:  # the offline pins are the starting point, and
+                    # its counts: seeded first, so the pinned rows start from them
+                    cache.online.seed(profile, split.pinned_rows.size)
                 loaded.append(self._preload(cache, torch.from_numpy(split.pinned_rows), True))
                 pinned_above = np.concatenate([pinned_above, loaded[-1][1].numpy()])
-                if cache.online is not None:  # the offline pins are the starting point
-                    cache.online.seed(profile, split.pinned_rows.size)
             for key, path, pin in (
                 ("static_rows", tier.static_rows, True),
                 ("preload_rows", tier.preload_rows, False),
