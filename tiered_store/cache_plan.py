@@ -154,7 +154,7 @@ class CacheHierarchy:
         hit = hot_slots >= 0
         miss_pos = torch.nonzero(~hit).squeeze(1)
         n, n_miss = flat_ids.numel(), miss_pos.numel()
-        miss_ids = torch.index_select(flat_ids, 0, miss_pos)
+        miss_ids = torch.index_select(flat_ids, 0, miss_pos) if n_miss else miss_pos
         hot.record(
             torch.masked_select(hot_slots, hit) if n_miss else hot_slots,
             miss_ids,

@@ -649,10 +649,11 @@ class TieredStore:
             for cache in self.caches.online:
                 try:
                     with self._on_store_stream():
-                        with self._lock:  # the tier as the updates queued so far leave it
-                            queued, due = len(cache.online.pending), cache.online.due
-                            if due:
-                                snapshot = (cache.row_of_slot.clone(), cache.pinned_mask())
+                        # the tier as the updates queued so far leave it: copied off the lock
+                        # (lookups running meanwhile may show in it; apply checks each slot)
+                        queued, due = len(cache.online.pending), cache.online.due
+                        if due:
+                            snapshot = (cache.row_of_slot.clone(), cache.pinned_mask())
                         cache.online.count_pending(queued)
                         if not due:
                             continue
