@@ -57,3 +57,26 @@ def test_prefetch_on_side_stream_is_ordered_with_compute(gpu_store):
 def test_concurrent_lookups_on_cuda(gpu_store):
     store, data = gpu_store
     assert_concurrent_lookups_exact(store, data, batch=1000, rounds=10)
+
+
+def test_online_re_pinning_with_the_hot_tier_on_cuda(tmp_path):
+    # zipf-tuned with no profile on a CUDA hot tier: counts on the GPU (torch ops), re-pins in
+    # the background thread on the store's stream; lookups stay exact and the heavy rows get
+    # pinned, as replay (on the CPU) would pin them
+    import numpy as np
+
+    path, data = make_table(tmp_path, rows=20000, dim=32, dtype="float16")
+    tier = {"policy": "zipf-tuned", "recency_window": 4096, "repin": {"every": 4096}}
+    cfg = store_config(path, hot={"capacity": 2000, "device": "cuda", **tier})
+    heavy = np.random.default_rng(0).choice(20000, 300, replace=False)
+    rng = np.random.default_rng(1)
+    with TieredStore(cfg) as store:
+        for _ in range(200):
+            ids = torch.from_numpy(
+                np.concatenate([rng.choice(heavy, 512), rng.integers(0, 20000, 512)])
+            )
+            assert torch.equal(store.lookup(ids.cuda()).cpu(), data[ids])
+            assert store.wait_repinned(timeout=30)
+        assert store.hot.online.slot_count.is_cuda and store.hot.online.repins > 20
+        pinned = set(store.hot.pinned_rows().cpu().tolist())
+        assert len(set(heavy.tolist()) & pinned) > 250

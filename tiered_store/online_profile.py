@@ -171,10 +171,10 @@ class OnlineProfile:
         ids = ids.to(self.device, torch.int64)
         values = values.to(self.device, sketch.dtype)
         if self.device.type == "cpu":  # one numba pass
-            from .sketch_kernel import sketch_raise  # noqa: PLC0415 (imports numba)
+            from .sketch_kernel import sketch_add  # noqa: PLC0415 (imports numba)
 
             ids, values = ids.contiguous(), values.contiguous()
-            sketch_raise(sketch.numpy(), self._seeds_u64(), ids.numpy(), values.numpy())
+            sketch_add(sketch.numpy(), self._seeds_u64(), ids.numpy(), values.numpy(), True)
         else:
             self._raise_torch(sketch, ids, values)
 
@@ -202,7 +202,7 @@ class OnlineProfile:
         if self.device.type == "cpu":  # one numba pass, without the GIL (same hash and sums)
             from .sketch_kernel import sketch_add  # noqa: PLC0415 (imports numba on first use)
 
-            sketch_add(self.sketch.numpy(), self._seeds_u64(), ids.numpy(), weights.numpy())
+            sketch_add(self.sketch.numpy(), self._seeds_u64(), ids.numpy(), weights.numpy(), False)
         else:
             for row, idx in zip(self.sketch, self._buckets(ids), strict=True):
                 row.index_add_(0, idx, weights)

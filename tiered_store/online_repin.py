@@ -3,22 +3,28 @@
 A tier's lookups are counted in *episodes*: each row once per window of ``recency_window``
 lookups (ended at a batch boundary). Where a row is counted depends on whether the tier holds it:
 
-- **Hits** are counted per slot, exactly, on the lookup path: a count and a window stamp per slot
-  (8 bytes; one pass over the batch's hit slots, in numba on the CPU, torch on CUDA). A re-pin
-  ranks resident rows by these counts, so it needs no estimate.
-- **Misses** go into a window buffer; a full window adds one episode per distinct row to a
-  count-min sketch (:class:`tiered_store.online_profile.OnlineProfile`, sized from the tier: 4
-  rows of ``sketch_width x capacity`` float32 counters, rounded up to a power of two, plus a
-  one-byte window stamp per counter on the CPU: 40-80 bytes per slot at the default width 2,
-  never per table row). In replay the window is counted at once (deterministic); in the store's
-  background thread when ``deferred`` (at most ``MAX_PENDING_WINDOWS`` wait; a window beyond
-  them is dropped and counted in ``windows_dropped``, so lookups never wait on the counting).
+- **Hits** are counted per slot, exactly: a count and a window stamp per slot (8 bytes; one pass
+  over the hit slots, in numba on the CPU, torch on CUDA). A re-pin ranks resident rows by these
+  counts, so it needs no estimate.
+- **Misses**: a full window adds one episode per distinct row to a count-min sketch
+  (:class:`tiered_store.online_profile.OnlineProfile`, sized from the tier: 4 rows of
+  ``sketch_width x capacity`` float32 counters, rounded up to a power of two, plus a one-byte
+  window stamp per counter on the CPU: 40-80 bytes per slot at the default width 2, never per
+  table row).
 - A row **admitted** starts its slot's count from its sketch estimate (plus the episode of the
   miss that brought it, unless the sketch has counted that window already); a row **evicted**
   raises its sketch counters to its slot's count (a conservative update: a row's estimate is
   at least what it was counted while resident, and a second fold of the same count adds
   nothing). So a row's count survives eviction, and the sketch sees only misses: on a tier
   whose lookups nearly all hit, counting costs one pass over the hit slots.
+
+The lookup path only copies each batch's hit slots and misses into the open window's buffers
+(:meth:`OnlineRepin.count`); the counting side applies the updates in the order they happened
+(the hits are handed on before each admission or eviction, and at the window's end): at once in
+replay (deterministic), or, when ``deferred``, queued for the store's background thread, so
+every count and sketch write of the tier is on that thread (at most ``MAX_PENDING_WINDOWS``
+windows wait; the next window's hits and misses are then not queued, counted in
+``windows_dropped``, so lookups never wait on the counting).
 
 Every ``every`` lookups (by default one window) the tier is re-pinned among the rows it already
 holds (frequent rows are resident through the recency segment, so nothing is read from cold):
@@ -31,11 +37,11 @@ rows per window (at most half the tier). Past counts decay by ``decay`` at every
 episodes are added with a weight growing by ``1 / decay`` instead (no pass over the counters),
 renormalised when the weight gets large.
 
-:meth:`OnlineRepin.plan` (a ``topk`` over the slots' counts) reads the tier and changes nothing;
-:meth:`tiered_store.row_cache.RowCache.apply_repin` flips the pin flags of the chosen slots
-(checked to still hold the planned rows). Replay runs both at the batch boundary that completes
-an interval; the live store plans in a background thread and only the apply runs under its lock.
-Sketch writes (windows, and folds of evicted rows) all run in that thread when ``deferred``.
+:meth:`OnlineRepin.plan` (two passes over the slots' counts) reads the tier and changes
+nothing; :meth:`tiered_store.row_cache.RowCache.apply_repin` flips the pin flags of the chosen
+slots (checked to still hold the planned rows). Replay runs both at the batch boundary that
+completes an interval; the live store plans in its background thread and only the apply runs
+under its lock.
 """
 
 from __future__ import annotations
@@ -56,9 +62,7 @@ from .profile import FrequencyProfile
 __all__ = ["OnlineRepin", "RepinMoves"]
 
 RENORMALISE_AT = 1e20  # window weight above which the sketch is divided back to weight 1
-MAX_PENDING_WINDOWS = (
-    8  # windows queued for a deferred count before the next one's lookups are dropped
-)
+MAX_PENDING_WINDOWS = 8  # windows queued for the counting before the next one is dropped
 
 
 @dataclass
@@ -85,8 +89,8 @@ class OnlineRepin:
     device : torch.device or str
         Where the tier's metadata (and so the counters) lives.
     deferred : bool
-        Queue sketch writes for :meth:`count_pending` (the store's background thread) instead of
-        making them at once (replay).
+        Queue the updates for :meth:`count_pending` (the store's background thread) instead of
+        applying them at once (replay).
 
     Examples
     --------
@@ -326,7 +330,7 @@ class OnlineRepin:
 
         The best unpinned rows fill the pinned segment up to its target, then replace the
         lowest pinned rows while they count more; at most ``budget`` rows in and out. Its cost is
-        one pass over the slots that keeps the ``budget`` best and lowest (:meth:`_candidates`).
+        two passes over the slots that find the ``budget`` best and lowest (:meth:`_candidates`).
         """
         most = self.budget_rows(min(self.pinned_target(), self.capacity))  # budget <= this
         best, best_score, low, low_score, resident, n_held = self._candidates(
@@ -336,7 +340,7 @@ class OnlineRepin:
         budget = self.budget_rows(target)
         room = max(0, target - n_held)  # free places in the pinned segment
         shrink = max(0, n_held - target)  # pinned rows over a target that fell
-        lowest = low_score[0] if n_held else None
+        lowest = low_score[0] if low.numel() else None
         # any unpinned row that counts, while there is room; then only those above the lowest
         # pinned row (they can swap with it)
         floor = lowest if lowest is not None and not room else 0.0

@@ -1,5 +1,5 @@
 """The online counters' passes on the CPU (numba, without the GIL): count-min sketch updates and
-estimates, and the per-slot episode count of a tier's hits.
+estimates, the per-slot episode count of a tier's hits, and a re-pin's candidates.
 
 Counting a window of a ``zipf-tuned`` tier's lookups with torch (``mix64`` per sketch row, then
 ``index_add_`` per row) costs about 6 ms per 56,000 distinct ids on one core; this kernel does
@@ -20,16 +20,23 @@ _mix = numba.njit(inline="always")(splitmix64)
 
 
 @numba.njit(cache=True, nogil=True)
-def sketch_add(sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+def sketch_add(
+    sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray, weights: np.ndarray, take_max: bool
+) -> None:
     """``sketch[d, splitmix64(ids[i] + seeds[d]) & (width - 1)] += weights[i]`` for every row
-    ``d`` and id ``i`` (``width`` a power of two; wrapping uint64 arithmetic)."""
+    ``d`` and id ``i`` (``width`` a power of two; wrapping uint64 arithmetic). ``take_max``:
+    raise the counter to ``weights[i]`` instead (a conservative update: each id's estimate
+    becomes at least its value; idempotent)."""
     mask = np.uint64(sketch.shape[1] - 1)
     for d in range(sketch.shape[0]):
         seed = seeds[d]
         row = sketch[d]
         for i in range(ids.size):
             h = _mix(np.uint64(ids[i]) + seed) & mask
-            row[h] += weights[i]
+            if not take_max:
+                row[h] += weights[i]
+            elif row[h] < weights[i]:
+                row[h] = weights[i]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -78,22 +85,6 @@ def sketch_estimates(sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray) -> 
                 best = v
         out[i] = best
     return out
-
-
-@numba.njit(cache=True, nogil=True)
-def sketch_raise(
-    sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray, values: np.ndarray
-) -> None:
-    """``sketch[d, h] = max(sketch[d, h], values[i])`` for each id's counter ``h`` in every row
-    ``d`` (a conservative update: each id's estimate becomes at least its value; idempotent)."""
-    mask = np.uint64(sketch.shape[1] - 1)
-    for d in range(sketch.shape[0]):
-        seed = seeds[d]
-        row = sketch[d]
-        for i in range(ids.size):
-            h = _mix(np.uint64(ids[i]) + seed) & mask
-            if row[h] < values[i]:
-                row[h] = values[i]
 
 
 @numba.njit(cache=True, nogil=True)
