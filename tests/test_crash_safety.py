@@ -222,3 +222,27 @@ def test_readers_during_writes_and_compactions_see_committed_versions(tmp_path):
     assert errors == [] and proc_errors == []
     assert len(set(reads)) > 3 and proc_versions > 3
     assert len({g for g, _ in reads}) > 1 and proc_generations > 1  # read across compactions
+
+
+def test_a_reader_opened_while_a_commit_lands_serves_the_commit_it_reports(tmp_path, monkeypatch):
+    # the race the test above caught now and then: a commit landing while a reader opens (after
+    # it listed the delta's rows, before it pinned its view) showed the new step over the rows
+    # of the old one. Here the commit lands exactly there.
+    path, data = make_table(tmp_path, rows=64, dim=4)
+    config = {"table": {"path": str(path)}, "tiers": {"hot": {"capacity": 8}}}
+    writer = TieredStore.open(config)
+    writer.write(torch.arange(64), torch.full((64, 4), 1.0))  # the delta exists, no commit yet
+    listed = RowDelta.ids
+
+    def list_then_commit(delta):
+        rows = listed(delta)
+        if not writer.committed_step:
+            writer.commit(1)
+        return rows
+
+    monkeypatch.setattr(RowDelta, "ids", list_then_commit)
+    with TieredStore.open(config) as reader:
+        assert writer.committed_step == 1  # it landed while the reader opened
+        want = data if reader.committed_step == 0 else torch.full((64, 4), 1.0)
+        assert torch.equal(reader.lookup(torch.arange(64)), want)
+    writer.close()

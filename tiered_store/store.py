@@ -134,8 +134,7 @@ class TieredStore:
         self.commit_errors = 0
         if delta_path(self.cold.path).is_dir():  # a reader's view: one commit, until reopened
             with contextlib.suppress(ConfigError):  # a delta never initialised: none
-                self._open_writes(create=False)
-                self._writes.delta.pin()
+                self._open_writes(create=False, pinned=True)
         for cache, ids, slots in self.caches.warm_start(config):
             pool = self.hot_pool if cache is self.hot else self.warm_pool
             order = torch.argsort(ids)
@@ -789,8 +788,11 @@ class TieredStore:
         if self._writes is None:
             self._open_writes(create=True)
 
-    def _open_writes(self, create: bool) -> None:
-        """Open (or create) the version's LMDB delta and hook write-back into the tiers."""
+    def _open_writes(self, create: bool, *, pinned: bool = False) -> None:
+        """Open (or create) the version's LMDB delta and hook write-back into the tiers;
+        ``pinned``: a reader's view of one commit, pinned before the write-back reads which rows
+        the delta holds (pinned after, a commit landing between showed its step over the rows
+        of the commit before: a reader saw step 162 with the rows of 160)."""
         delta = RowDelta(
             delta_path(self.cold.path),
             self.row_bytes,
@@ -798,6 +800,8 @@ class TieredStore:
             table_rows=self.rows,
             initial_step=self._base_step,
         )
+        if pinned:
+            delta.pin()
         self._writes = WriteBack(
             delta,
             [(self.warm, self.warm_pool), (self.hot, self.hot_pool)],
