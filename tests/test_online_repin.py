@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -446,8 +447,11 @@ def test_the_cuda_paths_count_and_choose_as_the_cpu_kernels():
 
     row_of_slot = torch.from_numpy(np.where(rng.random(5000) < 0.1, -1, rng.permutation(5000)))
     pinned = torch.from_numpy(rng.random(5000) < 0.4)
-    score = torch.from_numpy(rng.integers(0, 40, 5000).astype(np.float32))  # ties, zeros
-    for k in (0, 1, 50, 1999, 10_000):
+    counts = rng.integers(0, 40, 5000).astype(np.float32)  # ties, zeros
+    fractions = np.where(counts > 0, 1 + rng.random(5000), 0).astype(np.float32)  # few top bits
+    for score, k in itertools.product(
+        map(torch.from_numpy, (counts, fractions)), (0, 1, 50, 1999, 10_000)
+    ):
         cpu = repin_candidates(row_of_slot.numpy(), pinned.numpy(), score.numpy(), k)
         cuda = candidates_torch(row_of_slot, pinned, score, k)
         assert cpu[4:] == cuda[4:]  # resident and pinned slots

