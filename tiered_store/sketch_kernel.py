@@ -180,8 +180,9 @@ def repin_candidates(row_of_slot: np.ndarray, pinned: np.ndarray, score: np.ndar
     best, low = best[:n_best], low[:n_low]
     best = _narrow(best, bits, top, k, True)
     low = _narrow(low, bits, bottom, k, False)
-    best = best[np.argsort(-score[best])]
-    low = low[np.argsort(score[low])]
+    # stable: equal scores in slot order, as a stable sort of every candidate would give them
+    best = best[np.argsort(-score[best], kind="mergesort")]
+    low = low[np.argsort(score[low], kind="mergesort")]
     return best, score[best], low, score[low], resident, held
 
 
