@@ -470,3 +470,37 @@ def test_the_cuda_paths_count_and_choose_as_the_cpu_kernels():
     profile._raise_torch(other, ids, values)
     assert torch.equal(profile.sketch, other)
     assert bool((profile.estimates(ids) >= values).all())
+
+
+def test_a_counting_backlog_drops_whole_windows_and_then_counts_again():
+    # the store's counting thread never runs for 20 windows: 8 wait, the hits and misses of the
+    # other 12 are not queued (admissions and evictions are: the counts follow the rows), and
+    # once it catches up, counting goes on as before
+    from policies import PolicySpec
+    from tiered_store.config import RepinConfig
+    from tiered_store.online_repin import MAX_PENDING_WINDOWS, OnlineRepin
+    from tiered_store.row_cache import RowCache
+
+    from .conftest import run_batch
+
+    rows, window = 3000, 300
+    cache = RowCache("warm", num_rows=rows, capacity=500, spec=PolicySpec.parse("zipf-tuned"))
+    config = RepinConfig(every=10**9, budget=1, decay=1.0, sketch_width=64)
+    cache.online = online = OnlineRepin(500, config, window=window, deferred=True)
+    work = zipf_batches(np.random.default_rng(5), rows, 69, 100)  # 23 windows of 3 batches
+    episodes = np.zeros(rows)
+    for i, batch in enumerate(work[:60]):
+        run_batch(cache, batch)
+        if i % 3 == 2:  # a window ends: its rows' episodes, counted or not
+            episodes[np.unique(np.concatenate([b.numpy() for b in work[i - 2 : i + 1]]))] += 1
+    assert online.windows_dropped == 20 - MAX_PENDING_WINDOWS and online.windows_queued == 20
+    online.count_pending()
+    assert online.windows_queued == 0 and online.profile.windows == MAX_PENDING_WINDOWS
+    slots = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
+    counted = online.slot_count[slots].numpy()
+    assert np.all(counted <= episodes[cache.row_of_slot[slots].numpy()])  # never over-counted
+    for batch in work[60:]:  # caught up: the window that began in the backlog is dropped too,
+        run_batch(cache, batch)  # the two after it are counted
+        online.count_pending()
+    assert online.windows_dropped == 21 - MAX_PENDING_WINDOWS
+    assert online.profile.windows == MAX_PENDING_WINDOWS + 2

@@ -196,12 +196,12 @@ class OnlineRepin:
         if self._in_window >= self.window:  # the window ends with this batch
             self._hand_on_hits()
             self._apply(("end", window, self._dropping, self._missed.take()))
+            self.windows_dropped += self._dropping
             self._hits.reset(fresh=self.deferred)  # views queued still read the old buffers
             self._missed.reset(fresh=self.deferred)
             self.window_no += 1
             self._in_window = 0
             self._dropping = self.deferred and self.windows_queued >= MAX_PENDING_WINDOWS
-            self.windows_dropped += self._dropping
 
     def admitted(self, slots: torch.Tensor, rows: torch.Tensor, *, looked_up: bool) -> None:
         """``rows`` now held in ``slots`` (``looked_up``: admitted after a miss of this batch)."""
