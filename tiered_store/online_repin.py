@@ -173,8 +173,9 @@ class OnlineRepin:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the sketch, and a count and a stamp per slot."""
-        return self.profile.nbytes + self.slot_count.nbytes + self.slot_stamp.nbytes
+        """Bytes held: the sketch, a count and a stamp per slot, and the window's buffers."""
+        slots = self.slot_count.nbytes + self.slot_stamp.nbytes
+        return self.profile.nbytes + slots + self._hits.buffer.nbytes + self._missed.buffer.nbytes
 
     # -- the lookup side: each update applied at once (replay) or queued in order (the store) ----
     def count(self, hit_slots: torch.Tensor, miss_ids: torch.Tensor, *, lookups: int) -> None:
@@ -260,7 +261,8 @@ class OnlineRepin:
             if misses is not None:
                 self._misses.append(misses.to(self.device))
             if not dropped:
-                misses = torch.cat(self._misses) if self._misses else self._misses_empty()
+                none = torch.empty(0, dtype=torch.int64, device=self.device)
+                misses = torch.cat(self._misses) if self._misses else none
                 distinct = int(self._hits_distinct)
                 self.profile.update(misses, weight=self.weight, distinct_elsewhere=distinct)
             self._misses, self._hits_distinct = [], 0
@@ -280,10 +282,6 @@ class OnlineRepin:
             counts -= open_window.to(counts.dtype) * self.weight
             self._misses.append(rows[open_window].to(self.device))
             self.profile.raise_to(rows, counts)
-
-    def _misses_empty(self) -> torch.Tensor:
-        """No misses (a window that only hit)."""
-        return torch.empty(0, dtype=torch.int64, device=self.device)
 
     def _count_hits(self, slots: torch.Tensor, window: int) -> int | torch.Tensor:
         """Add an episode to each slot first hit in ``window``; returns how many."""

@@ -107,16 +107,18 @@ def slot_episodes(
     return first
 
 
-SCORE_BINS = 1 << 16  # a non-negative float32's top (or low) 16 bits: bins in value order
+# a non-negative float32's top 16 bits (sign bit 0: 2^15 values) and its low 16 bits: bins in
+# the order of the values
+TOP_BINS, LOW_BINS = 1 << 15, 1 << 16
 
 
 @numba.njit(cache=True, nogil=True)
 def _extreme(slots: np.ndarray, keys: np.ndarray, need: int, largest: bool) -> np.ndarray:
     """``need`` of ``slots`` with the largest (or smallest) ``keys`` (16-bit), any of equal keys."""
-    hist = np.zeros(SCORE_BINS, np.int64)
+    hist = np.zeros(LOW_BINS, np.int64)
     for i in range(slots.size):
         hist[keys[i]] += 1
-    edge, taken = (SCORE_BINS if largest else -1), 0
+    edge, taken = (LOW_BINS if largest else -1), 0
     while taken < need:  # the bin where the ``need`` best end
         edge += -1 if largest else 1
         taken += hist[edge]
@@ -146,7 +148,7 @@ def repin_candidates(row_of_slot: np.ndarray, pinned: np.ndarray, score: np.ndar
     the ``k`` chosen are sorted. Branch-free where pinned and unpinned slots interleave.
     Returns (best, best scores, lowest, lowest scores, resident, pinned)."""
     bits = score.view(np.int32)
-    hist = np.zeros((2, SCORE_BINS), np.int64)  # [unpinned, pinned]
+    hist = np.zeros((2, TOP_BINS), np.int64)  # [unpinned, pinned]
     resident = held = 0
     for s in range(row_of_slot.size):
         there = row_of_slot[s] >= 0
@@ -155,15 +157,15 @@ def repin_candidates(row_of_slot: np.ndarray, pinned: np.ndarray, score: np.ndar
         hist[side, max(bits[s] >> 16, 0)] += wanted
         resident += there
         held += there & pinned[s]
-    top, n_top = SCORE_BINS, 0
+    top, n_top = TOP_BINS, 0
     while top > 0 and n_top < k:
         top -= 1
         n_top += hist[0, top]
     bottom, n_bottom = -1, 0
-    while bottom < SCORE_BINS - 1 and n_bottom < k:
+    while bottom < TOP_BINS - 1 and n_bottom < k:
         bottom += 1
         n_bottom += hist[1, bottom]
-    # collect: past the edge bins (``best``, ``low``), and in them (``best_edge``, ``low_edge``)
+    # collect the slots past the edge bins and in them, then cut the edge bins' to ``k`` in all
     best = np.empty(n_top + 1, np.int64)
     low = np.empty(n_bottom + 1, np.int64)
     n_best = n_low = 0
