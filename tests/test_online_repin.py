@@ -432,14 +432,14 @@ def test_the_cuda_paths_count_and_choose_as_the_cpu_kernels():
     from tiered_store.sketch_kernel import repin_candidates, slot_episodes
 
     rng = np.random.default_rng(11)
-    counts = {k: torch.zeros(500) for k in ("numba", "torch")}
-    stamps = {k: torch.full((500,), -1, dtype=torch.int32) for k in ("numba", "torch")}
+    # as OnlineRepin keeps them: a float32 count and an int32 stamp side by side per slot
+    per_slot = {k: torch.zeros((500, 2), dtype=torch.int32) for k in ("numba", "torch")}
+    counts = {k: v.view(torch.float32)[:, 0] for k, v in per_slot.items()}
+    stamps = {k: v[:, 1].fill_(-1) for k, v in per_slot.items()}
     for window in range(12):
         for _ in range(3):  # batches of a window, duplicates included
             slots = torch.from_numpy(rng.integers(0, 500, 300))
-            a = slot_episodes(
-                counts["numba"].numpy(), stamps["numba"].numpy(), slots.numpy(), window, 1.5
-            )
+            a = slot_episodes(per_slot["numba"].numpy(), slots.numpy(), window, 1.5)
             b = count_hits_torch(counts["torch"], stamps["torch"], slots, window, 1.5)
             assert a == int(b)
     assert torch.equal(counts["numba"], counts["torch"]) and counts["numba"].max() > 10
@@ -504,3 +504,43 @@ def test_a_counting_backlog_drops_whole_windows_and_then_counts_again():
         online.count_pending()
     assert online.windows_dropped == 21 - MAX_PENDING_WINDOWS
     assert online.profile.windows == MAX_PENDING_WINDOWS + 2
+
+
+def test_a_tier_whose_rows_stay_put_waits_for_a_change_to_re_pin(tmp_path):
+    # a tier that holds all it is asked for evicts nothing: pins would change nothing, so its
+    # re-pins wait (the all-hit path does no plans), and the first admission makes one due
+    path, data = make_table(tmp_path, rows=ROWS)
+    rows = np.random.default_rng(5).choice(ROWS, 300, replace=False)
+    with TieredStore(config(path, warm=400)) as store:
+        serve(store, data, [rows[i : i + 100] for i in range(0, 300, 100)] * 4)
+        online = store.warm.online
+        repins, weight = online.repins, online.weight
+        assert repins > 0  # while the rows came in
+        hits_only = [np.random.default_rng(i).choice(rows, 100) for i in range(60)]
+        serve(store, data, hits_only)  # 6,000 lookups: 6 intervals, no admission
+        assert online.repins == repins and online.since_repin >= 6 * EVERY
+        assert not online.due and store.stats()["warm"]["misses"] == 300
+        serve(
+            store,
+            data,
+            [np.concatenate([rows[:99], [int(np.setdiff1d(np.arange(ROWS), rows)[0])]])],
+        )
+        assert online.repins == repins + 1  # one admission: the re-pin is due at once
+        # past counts decayed once per interval of lookups, those that waited included
+        intervals = (6 * 1000 + 300) // EVERY
+        assert online.weight == pytest.approx(weight / online.decay**intervals, rel=1e-9)
+
+
+def test_decay_over_a_long_quiet_spell_forgets_past_counts_without_overflow():
+    from tiered_store.config import RepinConfig
+    from tiered_store.online_repin import OnlineRepin
+
+    repin = OnlineRepin(8, RepinConfig(every=3, budget=2, decay=0.5), window=3)
+    repin.admitted(torch.tensor([0, 1]), torch.tensor([5, 1]), looked_up=False)
+    repin.count(torch.tensor([0, 0, 1]), torch.tensor([], dtype=torch.int64), lookups=3)
+    assert repin.slot_count[:2].tolist() == [1.0, 1.0]
+    repin.since_repin = 10**15  # a quiet tier: 3e14 intervals since its last re-pin
+    repin.finish(0, 0)
+    assert repin.weight == 1.0 and repin.slot_count[:2].max() < 1e-29  # renormalised: forgotten
+    repin.count(torch.tensor([1]), torch.tensor([], dtype=torch.int64), lookups=3)
+    assert repin.slot_count[:2].tolist() == pytest.approx([0.0, 1.0])  # counting goes on

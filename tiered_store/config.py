@@ -69,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "repin.enabled": "auto",
     "repin.every": 65_536,  # lookups of the tier between re-pins (one default recency window)
     "repin.budget": "2%",  # rows pinned per re-pin at most: an int, or a share of the pinned rows
-    "repin.decay": 0.9934,  # weight of past counts after each re-pin (1: never forget): 0.9 per 1M
+    "repin.decay": 0.9934,  # weight of past counts per `every` lookups (1: never forget): 0.9 per 1M
     "repin.prior_weight": 1.0,  # an offline profile's episode counts as this many served ones
     # sketch counters per slot per sketch row (rounded up to a power of two): 2 = 40-80 B per slot;
     # 4 counts more exactly (0.3 points fewer misses online) for twice that and a slower count

@@ -18,22 +18,23 @@ lookups (ended at a batch boundary). Where a row is counted depends on whether t
   nothing). So a row's count survives eviction, and the sketch sees only misses: on a tier
   whose lookups nearly all hit, counting costs one pass over the hit slots.
 
-The lookup path only copies each batch's hit slots and misses into the open window's buffers
-(:meth:`OnlineRepin.count`); the counting side applies the updates in the order they happened
+The lookup path only keeps each batch's hit slots and misses (references, no copy) for the open
+window (:meth:`OnlineRepin.count`); the counting side applies the updates in the order they happened
 (the hits are handed on before each admission or eviction, and at the window's end): at once in
 replay (deterministic), or, when ``deferred``, queued for the store's background thread, so
 every count and sketch write of the tier is on that thread (at most ``MAX_PENDING_WINDOWS``
 windows wait; the next window's hits and misses are then not queued, counted in
 ``windows_dropped``, so lookups never wait on the counting).
 
-Every ``every`` lookups (by default one window) the tier is re-pinned among the rows it already
-holds (frequent rows are resident through the recency segment, so nothing is read from cold):
-the resident rows are ranked by their slot counts (which, when an offline profile was given,
+Every ``every`` lookups (by default one window) in which rows came or went (a tier that holds all
+it is asked for evicts nothing, so pins change nothing there) the tier is re-pinned among the
+rows it already holds (frequent rows are resident through the recency segment, so nothing is read
+from cold): the resident rows are ranked by their slot counts (which, when an offline profile was given,
 start from its episodes times ``prior_weight``, seeded into the sketch), the pinned segment aims
 at the top ``target`` of them, and at most ``budget`` rows move in (the top-counted unpinned
 residents) and out (the lowest pinned rows) per re-pin. ``target`` follows zipf-tuned's split
 rule: the offline profile's when one was given, else the tier minus the measured mean distinct
-rows per window (at most half the tier). Past counts decay by ``decay`` at every re-pin: new
+rows per window (at most half the tier). Past counts decay by ``decay`` per interval: new
 episodes are added with a weight growing by ``1 / decay`` instead (no pass over the counters),
 renormalised when the weight gets large.
 
@@ -62,6 +63,7 @@ from .profile import FrequencyProfile
 __all__ = ["OnlineRepin", "RepinMoves"]
 
 RENORMALISE_AT = 1e20  # window weight above which the sketch is divided back to weight 1
+FORGET_AFTER = 1e30  # decay past which counts are forgotten (renormalised to about 0)
 MAX_PENDING_WINDOWS = 8  # windows queued for the counting before the next one is dropped
 
 
@@ -134,9 +136,12 @@ class OnlineRepin:
         )
         self.weight = 1.0  # what one episode adds now: 1 / decay ** repins (renormalised)
         self.offline_target: int | None = None  # pinned rows by the offline profile's rule
-        # per slot: the held row's episodes (decay-weighted), and the window it was last counted in
-        self.slot_count = torch.zeros(self.capacity, dtype=torch.float32, device=self.device)
-        self.slot_stamp = torch.full((self.capacity,), -1, dtype=torch.int32, device=self.device)
+        # per slot, side by side (a hit touches one 8-byte pair): the held row's episodes
+        # (float32, decay-weighted) and the window it was last counted in (int32)
+        self._per_slot = torch.zeros((self.capacity, 2), dtype=torch.int32, device=self.device)
+        self.slot_count = self._per_slot.view(torch.float32)[:, 0]
+        self.slot_stamp = self._per_slot[:, 1]
+        self.slot_stamp.fill_(-1)
         # the lookup side: the open window, its lookups so far, the last batch's window
         self.window_no = 0
         self._in_window = 0
@@ -146,8 +151,9 @@ class OnlineRepin:
         self.counted_through = 0
         self._misses: list[torch.Tensor] = []
         self._hits_distinct: int | torch.Tensor = 0
-        self._hits = _Staging(self.window, self.device)  # the open window's hit slots
-        self._missed = _Staging(self.window, self.device)  # and its misses
+        # the lookup side's open window: hit slots not handed on yet, and misses (references)
+        self._hit_parts: list[torch.Tensor] = []
+        self._miss_parts: list[torch.Tensor] = []
         self.deferred = deferred
         # updates waiting for count_pending(), in the order they happened (see _apply)
         self.pending: deque[tuple] = deque()
@@ -157,14 +163,17 @@ class OnlineRepin:
         self._counting = threading.Lock()  # one thread applies ``pending`` at a time
         self.windows_dropped = 0  # windows not counted: the background count fell behind
         self.since_repin = 0  # lookups since the last re-pin
+        self._changes = self._changes_at_repin = 0  # admissions and evictions: then, at a re-pin
         self.repins = 0
         self.rows_pinned = 0  # rows moved into the pinned segment by re-pins, in all
         self.rows_unpinned = 0
 
     @property
     def due(self) -> bool:
-        """An interval of ``every`` lookups has passed since the last re-pin."""
-        return self.since_repin >= self.every
+        """An interval of ``every`` lookups has passed since the last re-pin, and rows came or
+        went since (pins only decide which rows an eviction takes: a tier whose rows stayed put,
+        such as one that holds all it is asked for, waits for the next admission)."""
+        return self.since_repin >= self.every and self._changes != self._changes_at_repin
 
     @property
     def windows_queued(self) -> int:
@@ -173,33 +182,32 @@ class OnlineRepin:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the sketch, a count and a stamp per slot, and the window's buffers."""
-        slots = self.slot_count.nbytes + self.slot_stamp.nbytes
-        return self.profile.nbytes + slots + self._hits.buffer.nbytes + self._missed.buffer.nbytes
+        """Bytes held for good: the sketch, a count and a stamp per slot (the lookups' hit slots
+        and misses are held besides until counted: 8 B a lookup, at most
+        ``MAX_PENDING_WINDOWS + 1`` windows)."""
+        return self.profile.nbytes + self._per_slot.nbytes
 
     # -- the lookup side: each update applied at once (replay) or queued in order (the store) ----
     def count(self, hit_slots: torch.Tensor, miss_ids: torch.Tensor, *, lookups: int) -> None:
         """Count one batch of the tier's lookups: ``hit_slots`` (the slots of its hits) per slot,
         ``miss_ids`` in the sketch once the window of ``lookups`` is full. Duplicates count once
-        per window either way. Both are copied into the window's buffers; the hits are handed on
-        before an admission or eviction (their order matters) and at the window's end, so a
-        window that only hits is one update."""
+        per window either way. Both are kept by reference until counted (the caller does not
+        write them again; the lookup path passes tensors it made for the batch); the hits are
+        handed on before an admission or eviction (their order matters) and at the window's
+        end, so a window that only hits is one update."""
         window = self._batch_window = self.window_no
         if not self._dropping:
-            spilled = self._hits.add(hit_slots)
-            if spilled is not None:
-                self._apply(("hits", spilled, window))
-            spilled = self._missed.add(miss_ids)
-            if spilled is not None:
-                self._apply(("misses", spilled))
+            if hit_slots.numel():
+                self._hit_parts.append(hit_slots)
+            if miss_ids.numel():
+                self._miss_parts.append(miss_ids)
         self._in_window += lookups
         self.since_repin += lookups
         if self._in_window >= self.window:  # the window ends with this batch
             self._hand_on_hits()
-            self._apply(("end", window, self._dropping, self._missed.take()))
+            self._apply(("end", window, self._dropping, self._miss_parts))
+            self._miss_parts = []
             self.windows_dropped += self._dropping
-            self._hits.reset(fresh=self.deferred)  # views queued still read the old buffers
-            self._missed.reset(fresh=self.deferred)
             self.window_no += 1
             self._in_window = 0
             self._dropping = self.deferred and self.windows_queued >= MAX_PENDING_WINDOWS
@@ -207,20 +215,22 @@ class OnlineRepin:
     def admitted(self, slots: torch.Tensor, rows: torch.Tensor, *, looked_up: bool) -> None:
         """``rows`` now held in ``slots`` (``looked_up``: admitted after a miss of this batch)."""
         if slots.numel():
+            self._changes += 1
             self._hand_on_hits()
             self._apply(("admit", slots, rows, self._batch_window if looked_up else None))
 
     def evicted(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """``rows`` leave ``slots``."""
         if slots.numel():
+            self._changes += 1
             self._hand_on_hits()
             self._apply(("evict", slots, rows, self.window_no))
 
     def _hand_on_hits(self) -> None:
-        """Apply (or queue) the hits buffered since the last hand-on."""
-        part = self._hits.take()
-        if part is not None:
-            self._apply(("hits", part, self.window_no))
+        """Apply (or queue) the hits kept since the last hand-on."""
+        if self._hit_parts:
+            self._apply(("hits", self._hit_parts, self.window_no))
+            self._hit_parts = []
 
     def _apply(self, update: tuple) -> None:
         """Apply an update now, or queue it for :meth:`count_pending` when ``deferred``."""
@@ -252,14 +262,12 @@ class OnlineRepin:
         """Apply one update to the slot counts and the sketch."""
         kind = update[0]
         if kind == "hits":  # an episode for each slot first hit in its window
-            _, slots, window = update
+            _, parts, window = update
+            slots = parts[0] if len(parts) == 1 else torch.cat(parts)
             self._hits_distinct += self._count_hits(slots.to(self.device), window)
-        elif kind == "misses":
-            self._misses.append(update[1].reshape(-1).to(self.device))
         elif kind == "end":  # the window's misses into the sketch, once per distinct row
             _, window, dropped, misses = update
-            if misses is not None:
-                self._misses.append(misses.to(self.device))
+            self._misses.extend(m.reshape(-1).to(self.device) for m in misses)
             if not dropped:
                 none = torch.empty(0, dtype=torch.int64, device=self.device)
                 misses = torch.cat(self._misses) if self._misses else none
@@ -289,8 +297,7 @@ class OnlineRepin:
             from .sketch_kernel import slot_episodes  # noqa: PLC0415 (imports numba)
 
             return slot_episodes(
-                self.slot_count.numpy(),
-                self.slot_stamp.numpy(),
+                self._per_slot.numpy(),
                 slots.to(torch.int64).contiguous().numpy(),
                 window,
                 self.weight,
@@ -369,12 +376,17 @@ class OnlineRepin:
         return candidates_torch(row_of_slot, pinned, score, k)
 
     def finish(self, moved_in: int, moved_out: int) -> None:
-        """Close an interval after its re-pin was applied: decay past counts."""
+        """Close an interval after its re-pin was applied: decay past counts, once per interval
+        of ``every`` lookups since the last re-pin (those that waited for a change too)."""
+        intervals = max(1, self.since_repin // self.every)
+        if self.decay < 1:  # past FORGET_AFTER the counts are gone anyway (no float overflow)
+            intervals = min(intervals, math.ceil(math.log(FORGET_AFTER) / -math.log(self.decay)))
+        self._changes_at_repin = self._changes
         self.since_repin = 0
         self.repins += 1
         self.rows_pinned += moved_in
         self.rows_unpinned += moved_out
-        self.weight /= self.decay
+        self.weight /= self.decay**intervals
         if self.weight > RENORMALISE_AT:
             self.profile.sketch.div_(self.weight)
             self.slot_count.div_(self.weight)
@@ -450,42 +462,3 @@ def candidates_torch(
         int(resident.sum()),
         held.numel(),
     )
-
-
-class _Staging:
-    """Ids of the open window copied into one buffer; :meth:`take` hands on, as a view, what was
-    added since it last did (the buffer is not written there again until :meth:`reset`)."""
-
-    def __init__(self, size: int, device: torch.device) -> None:
-        self.size, self.device = max(1, int(size)), device
-        self.buffer = torch.empty(self.size, dtype=torch.int64, device=device)
-        self.start = self.end = 0
-
-    def add(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """Copy ``ids`` in. Where the buffer has no room, returns what was not handed on yet
-        (a view) and takes ``ids`` into a fresh buffer."""
-        k = ids.numel()
-        if k == 0:
-            return None
-        spilled = None
-        if self.end + k > self.buffer.numel():
-            spilled = self.take()
-            self.buffer = torch.empty(max(self.size, k), dtype=torch.int64, device=self.device)
-            self.start = self.end = 0
-        self.buffer[self.end : self.end + k].copy_(ids.reshape(-1))
-        self.end += k
-        return spilled
-
-    def take(self) -> torch.Tensor | None:
-        """The ids added since the last take (a view of the buffer), or None."""
-        if self.end == self.start:
-            return None
-        part = self.buffer[self.start : self.end]
-        self.start = self.end
-        return part
-
-    def reset(self, *, fresh: bool) -> None:
-        """Start the next window; ``fresh``: in a new buffer (views handed on may be unread)."""
-        if fresh:
-            self.buffer = torch.empty(self.size, dtype=torch.int64, device=self.device)
-        self.start = self.end = 0

@@ -88,21 +88,22 @@ def sketch_estimates(sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray) -> 
 
 
 @numba.njit(cache=True, nogil=True)
-def slot_episodes(
-    counts: np.ndarray, stamps: np.ndarray, slots: np.ndarray, window: int, weight: float
-) -> int:
-    """Count hits once per slot and window: ``counts[s] += weight`` the first time in window
-    ``window`` (``stamps[s] != window``) that slot ``s`` is looked up. Returns the slots first
+def slot_episodes(per_slot: np.ndarray, slots: np.ndarray, window: int, weight: float) -> int:
+    """Count hits once per slot and window, ``per_slot`` an int32 ``[slots, 2]`` array of a
+    float32 count (its bits) and a window stamp: ``count[s] += weight`` the first time in window
+    ``window`` (``stamp[s] != window``) that slot ``s`` is looked up. Returns the slots first
     looked up in this window (distinct rows hit). Branchless: on Zipfian hits, where a slot is
-    often seen again in its window, a branch per hit mispredicts (measured 2.2x slower)."""
-    stamp = stamps.dtype.type(window)
-    step = counts.dtype.type(weight)
+    often seen again in its window, a branch per hit mispredicts (measured 2.2x slower); count
+    and stamp side by side: one cache line a hit, not two."""
+    counts = per_slot.view(np.float32)
+    stamp = np.int32(window)
+    step = np.float32(weight)
     first = 0
     for i in range(slots.size):
         s = slots[i]
-        fresh = stamps[s] != stamp
-        counts[s] += step * fresh
-        stamps[s] = stamp
+        fresh = per_slot[s, 1] != stamp
+        counts[s, 0] += step * fresh
+        per_slot[s, 1] = stamp
         first += fresh
     return first
 
