@@ -313,6 +313,10 @@ def test_a_stale_file_restores_no_profile(tmp_path):
             {"sketch_width": 0},
             r"tiers\.warm\.repin\.sketch_width: expected an integer from 1 to 64, got 0",
         ),
+        (
+            {"quiet_sample": 0},
+            r"tiers\.warm\.repin\.quiet_sample: expected an integer >= 1, got 0",
+        ),
         ({"evry": 5}, r"tiers\.warm\.repin\.evry: unknown key; expected one of budget, decay"),
         (
             {"enabled": "yes"},
@@ -493,7 +497,8 @@ def test_a_counting_backlog_drops_whole_windows_and_then_counts_again():
         run_batch(cache, batch)
         if i % 3 == 2:  # a window ends: its rows' episodes, counted or not
             episodes[np.unique(np.concatenate([b.numpy() for b in work[i - 2 : i + 1]]))] += 1
-    assert online.windows_dropped == 20 - MAX_PENDING_WINDOWS and online.windows_queued == 20
+    assert online.windows_dropped == 20 - MAX_PENDING_WINDOWS  # the rest wait to be counted
+    assert online.windows_queued == MAX_PENDING_WINDOWS
     online.count_pending()
     assert online.windows_queued == 0 and online.profile.windows == MAX_PENDING_WINDOWS
     slots = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
@@ -508,18 +513,23 @@ def test_a_counting_backlog_drops_whole_windows_and_then_counts_again():
 
 def test_a_tier_whose_rows_stay_put_waits_for_a_change_to_re_pin(tmp_path):
     # a tier that holds all it is asked for evicts nothing: pins would change nothing, so its
-    # re-pins wait (the all-hit path does no plans), and the first admission makes one due
+    # re-pins wait (the all-hit path does no plans) and it counts one window in 8; the first
+    # admission makes a re-pin due
+    from tiered_store.online_repin import QUIET_AFTER
+
     path, data = make_table(tmp_path, rows=ROWS)
     rows = np.random.default_rng(5).choice(ROWS, 300, replace=False)
     with TieredStore(config(path, warm=400)) as store:
         serve(store, data, [rows[i : i + 100] for i in range(0, 300, 100)] * 4)
         online = store.warm.online
-        repins, weight = online.repins, online.weight
+        repins, weight, windows = online.repins, online.weight, online.profile.windows
         assert repins > 0  # while the rows came in
         hits_only = [np.random.default_rng(i).choice(rows, 100) for i in range(60)]
-        serve(store, data, hits_only)  # 6,000 lookups: 6 intervals, no admission
+        serve(store, data, hits_only)  # 6,000 lookups: 6 intervals, 30 windows, no admission
         assert online.repins == repins and online.since_repin >= 6 * EVERY
         assert not online.due and store.stats()["warm"]["misses"] == 300
+        counted = online.profile.windows - windows  # QUIET_AFTER quiet windows, then 1 in 8
+        assert online.quiet_sample == 8 and QUIET_AFTER <= counted <= QUIET_AFTER + 30 // 8 + 1
         serve(
             store,
             data,
@@ -544,3 +554,28 @@ def test_decay_over_a_long_quiet_spell_forgets_past_counts_without_overflow():
     assert repin.weight == 1.0 and repin.slot_count[:2].max() < 1e-29  # renormalised: forgotten
     repin.count(torch.tensor([1]), torch.tensor([], dtype=torch.int64), lookups=3)
     assert repin.slot_count[:2].tolist() == pytest.approx([0.0, 1.0])  # counting goes on
+
+
+def test_a_quiet_tier_counts_one_window_in_quiet_sample_standing_for_them_all():
+    # rows that stay put QUIET_AFTER windows in a row: one window in ``quiet_sample`` is counted,
+    # weighted by it (the count stays about the episodes); the first admission ends it
+    from tiered_store.config import RepinConfig
+    from tiered_store.online_repin import QUIET_AFTER, OnlineRepin
+
+    repin = OnlineRepin(8, RepinConfig(every=10**9, decay=1.0, quiet_sample=4), window=2)
+    none = torch.tensor([], dtype=torch.int64)
+    repin.admitted(torch.tensor([0, 1]), torch.tensor([5, 1]), looked_up=False)
+    counts = []
+    for _ in range(20):  # windows 0-19, hits only: 0-4 counted, then 8, 12 and 16 (x4)
+        repin.count(torch.tensor([0, 0]), none, lookups=2)
+        counts.append(repin.slot_count[0].item())
+    assert repin.quiet_windows == 20 - 1 and QUIET_AFTER == 4
+    assert counts == [1, 2, 3, 4, 5, 5, 5, 5, 9, 9, 9, 9, 13, 13, 13, 13, 17, 17, 17, 17]
+    assert repin.profile.windows == 8  # the counted windows: the mean distinct rows per window
+    assert repin.profile.mean_distinct_per_window == 1.0  # is that of the counted ones
+    repin.admitted(torch.tensor([2]), torch.tensor([7]), looked_up=False)  # a change in window 20
+    counts = []
+    for _ in range(9):  # 20 (x4, sampled before the change), then 21-24 counted, quiet again
+        repin.count(torch.tensor([0]), none, lookups=2)  # after 4 windows: 25-27 not, 28 x4
+        counts.append(repin.slot_count[0].item())
+    assert counts == [21, 22, 23, 24, 25, 25, 25, 25, 29]

@@ -74,6 +74,9 @@ DEFAULTS: dict[str, Any] = {
     # sketch counters per slot per sketch row (rounded up to a power of two): 2 = 40-80 B per slot;
     # 4 counts more exactly (0.3 points fewer misses online) for twice that and a slower count
     "repin.sketch_width": 2,
+    # while a tier's rows stay put (no admission or eviction 4 windows in a row), count one
+    # window in this many, weighted by it (1: every window)
+    "repin.quiet_sample": 8,
     "hot.device": "cpu",  # compute device: "cpu", "cuda", "cuda:N"
     "warm.pin_memory": "auto",  # pinned host RAM when the compute device is CUDA
     "cold.io": "pread",  # "mmap" (page cache) | "pread" (threads) | "direct" (threads, O_DIRECT)
@@ -463,6 +466,7 @@ class RepinConfig(ConfigModel):
     decay: float = Field(default=DEFAULTS["repin.decay"], gt=0.0, le=1.0)
     prior_weight: float = Field(default=DEFAULTS["repin.prior_weight"], ge=0.0)
     sketch_width: int_at_least(1, 64) = DEFAULTS["repin.sketch_width"]
+    quiet_sample: int_at_least(1) = DEFAULTS["repin.quiet_sample"]
 
 
 class CacheTierConfig(ConfigModel):

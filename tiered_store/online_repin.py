@@ -17,14 +17,18 @@ lookups (ended at a batch boundary). Where a row is counted depends on whether t
   at least what it was counted while resident, and a second fold of the same count adds
   nothing). So a row's count survives eviction, and the sketch sees only misses: on a tier
   whose lookups nearly all hit, counting costs one pass over the hit slots.
+- A **quiet** tier, whose rows stayed put (no admission or eviction) ``QUIET_AFTER`` windows in
+  a row, counts one window in ``quiet_sample``, weighted by ``quiet_sample`` (about the episodes
+  of them all), until rows come or go again: it re-pins nothing meanwhile, so its counts wait
+  for the next eviction, and an all-hit tier spends little on them.
 
 The lookup path only keeps each batch's hit slots and misses (references, no copy) for the open
-window (:meth:`OnlineRepin.count`); the counting side applies the updates in the order they happened
-(the hits are handed on before each admission or eviction, and at the window's end): at once in
-replay (deterministic), or, when ``deferred``, queued for the store's background thread, so
-every count and sketch write of the tier is on that thread (at most ``MAX_PENDING_WINDOWS``
-windows wait; the next window's hits and misses are then not queued, counted in
-``windows_dropped``, so lookups never wait on the counting).
+window (:meth:`OnlineRepin.count`); the counting side applies the updates in the order they
+happened (the hits are handed on before each admission or eviction, and at the window's end): at
+once in replay (deterministic), or, when ``deferred``, queued for the store's background thread, so
+every count and sketch write of the tier is on that thread (at most ``MAX_PENDING_WINDOWS`` windows
+wait; the next window's hits and misses are then not queued, counted in ``windows_dropped``, so
+lookups never wait on the counting).
 
 Every ``every`` lookups (by default one window) in which rows came or went (a tier that holds all
 it is asked for evicts nothing, so pins change nothing there) the tier is re-pinned among the
@@ -65,6 +69,7 @@ __all__ = ["OnlineRepin", "RepinMoves"]
 RENORMALISE_AT = 1e20  # window weight above which the sketch is divided back to weight 1
 FORGET_AFTER = 1e30  # decay past which counts are forgotten (renormalised to about 0)
 MAX_PENDING_WINDOWS = 8  # windows queued for the counting before the next one is dropped
+QUIET_AFTER = 4  # windows in a row without an admission or eviction: the tier is quiet
 
 
 @dataclass
@@ -125,6 +130,7 @@ class OnlineRepin:
         self.budget = config.budget
         self.decay = config.decay
         self.prior_weight = config.prior_weight
+        self.quiet_sample = config.quiet_sample
         self.window = int(window)
         self.device = torch.device(device)
         self.profile = OnlineProfile(
@@ -146,8 +152,8 @@ class OnlineRepin:
         self.window_no = 0
         self._in_window = 0
         self._batch_window = 0
-        # the counting side: windows whose misses the sketch has counted (or that were dropped),
-        # the open window's misses and distinct hits
+        # the counting side: windows up to the last whose misses the sketch has counted, the open
+        # window's misses and distinct hits
         self.counted_through = 0
         self._misses: list[torch.Tensor] = []
         self._hits_distinct: int | torch.Tensor = 0
@@ -159,11 +165,16 @@ class OnlineRepin:
         self.pending: deque[tuple] = deque()
         # window ends queued and applied: each written by one thread (the lookups, the counting)
         self._ends_queued = self._ends_applied = 0
-        self._dropping = False  # the open window's hits and misses are not queued (backlog)
+        # what the open window's episodes weigh, times ``weight``: 0 when it is not counted
+        # (a backlog, or a quiet window sampled out), ``quiet_sample`` when it stands for that many
+        self._scale = 1
+        self._backlog = False  # the open window is dropped: the background count fell behind
         self._counting = threading.Lock()  # one thread applies ``pending`` at a time
         self.windows_dropped = 0  # windows not counted: the background count fell behind
         self.since_repin = 0  # lookups since the last re-pin
-        self._changes = self._changes_at_repin = 0  # admissions and evictions: then, at a re-pin
+        # admissions and evictions (lookup side): so far, at the last re-pin, at the window's start
+        self._changes = self._changes_at_repin = self._changes_at_window = 0
+        self.quiet_windows = 0  # windows in a row that ended without an admission or eviction
         self.repins = 0
         self.rows_pinned = 0  # rows moved into the pinned segment by re-pins, in all
         self.rows_unpinned = 0
@@ -177,7 +188,8 @@ class OnlineRepin:
 
     @property
     def windows_queued(self) -> int:
-        """Full windows queued for :meth:`count_pending` and not applied yet."""
+        """Full windows queued for :meth:`count_pending` and not applied yet (counted ones: a
+        window not counted queues no end)."""
         return self._ends_queued - self._ends_applied
 
     @property
@@ -196,7 +208,7 @@ class OnlineRepin:
         handed on before an admission or eviction (their order matters) and at the window's
         end, so a window that only hits is one update."""
         window = self._batch_window = self.window_no
-        if not self._dropping:
+        if self._scale:
             if hit_slots.numel():
                 self._hit_parts.append(hit_slots)
             if miss_ids.numel():
@@ -205,31 +217,48 @@ class OnlineRepin:
         self.since_repin += lookups
         if self._in_window >= self.window:  # the window ends with this batch
             self._hand_on_hits()
-            self._apply(("end", window, self._dropping, self._miss_parts))
+            if self._scale:  # a window not counted leaves nothing to do at its end
+                self._apply(("end", window, self._miss_parts, self._scale))
             self._miss_parts = []
-            self.windows_dropped += self._dropping
+            self.windows_dropped += self._backlog
+            changed = self._changes != self._changes_at_window
+            self.quiet_windows = 0 if changed else self.quiet_windows + 1
+            self._changes_at_window = self._changes
             self.window_no += 1
             self._in_window = 0
-            self._dropping = self.deferred and self.windows_queued >= MAX_PENDING_WINDOWS
+            self._next_scale()
+
+    def _next_scale(self) -> None:
+        """What the window beginning now weighs: dropped behind a backlog; while the tier is quiet
+        (its rows stayed put ``QUIET_AFTER`` windows in a row, so no re-pin is due and counts
+        wait for the next change), one window in ``quiet_sample``, standing for them all."""
+        self._backlog = self.deferred and self.windows_queued >= MAX_PENDING_WINDOWS
+        if self._backlog:
+            self._scale = 0
+        elif self.quiet_windows >= QUIET_AFTER and self.quiet_sample > 1:
+            self._scale = 0 if self.window_no % self.quiet_sample else self.quiet_sample
+        else:
+            self._scale = 1
 
     def admitted(self, slots: torch.Tensor, rows: torch.Tensor, *, looked_up: bool) -> None:
         """``rows`` now held in ``slots`` (``looked_up``: admitted after a miss of this batch)."""
         if slots.numel():
             self._changes += 1
             self._hand_on_hits()
-            self._apply(("admit", slots, rows, self._batch_window if looked_up else None))
+            window = self._batch_window if looked_up else None
+            self._apply(("admit", slots, rows, window, self._scale))
 
     def evicted(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """``rows`` leave ``slots``."""
         if slots.numel():
             self._changes += 1
             self._hand_on_hits()
-            self._apply(("evict", slots, rows, self.window_no))
+            self._apply(("evict", slots, rows, self.window_no, self._scale))
 
     def _hand_on_hits(self) -> None:
         """Apply (or queue) the hits kept since the last hand-on."""
         if self._hit_parts:
-            self._apply(("hits", self._hit_parts, self.window_no))
+            self._apply(("hits", self._hit_parts, self.window_no, self._scale))
             self._hit_parts = []
 
     def _apply(self, update: tuple) -> None:
@@ -260,39 +289,41 @@ class OnlineRepin:
     # -- the counting side -----------------------------------------------------------------------
     def _run(self, update: tuple) -> None:
         """Apply one update to the slot counts and the sketch."""
-        kind = update[0]
+        kind, scale = update[0], update[-1]  # every update: what its window's episodes weigh
         if kind == "hits":  # an episode for each slot first hit in its window
-            _, parts, window = update
+            _, parts, window, _ = update
             slots = parts[0] if len(parts) == 1 else torch.cat(parts)
-            self._hits_distinct += self._count_hits(slots.to(self.device), window)
+            step = self.weight * scale
+            self._hits_distinct += self._count_hits(slots.to(self.device), window, step)
         elif kind == "end":  # the window's misses into the sketch, once per distinct row
-            _, window, dropped, misses = update
+            _, window, misses, _ = update
             self._misses.extend(m.reshape(-1).to(self.device) for m in misses)
-            if not dropped:
-                none = torch.empty(0, dtype=torch.int64, device=self.device)
-                misses = torch.cat(self._misses) if self._misses else none
-                distinct = int(self._hits_distinct)
-                self.profile.update(misses, weight=self.weight, distinct_elsewhere=distinct)
+            none = torch.empty(0, dtype=torch.int64, device=self.device)
+            misses = torch.cat(self._misses) if self._misses else none
+            distinct = int(self._hits_distinct)
+            step = self.weight * scale
+            self.profile.update(misses, weight=step, distinct_elsewhere=distinct)
             self._misses, self._hits_distinct = [], 0
             self.counted_through = window + 1
             self._ends_applied += self.deferred
         elif kind == "admit":  # from the sketch's estimate, plus the miss's episode if uncounted
-            _, slots, rows, window = update
+            _, slots, rows, window, _ = update
             start = self.profile.estimates(rows).to(self.device, torch.float32)
             if window is not None and self.counted_through <= window:
-                start += self.weight
+                start += self.weight * scale
             self.slot_count[slots] = start
             self.slot_stamp[slots] = -1 if window is None else window
         else:  # evict: raise the rows' counters to their counts; an episode of the open window
-            _, slots, rows, window = update  # stays with that window's misses (counted once)
+            _, slots, rows, window, _ = update  # stays with that window's misses (counted once)
             counts = self.slot_count[slots]
             open_window = self.slot_stamp[slots] == window
-            counts -= open_window.to(counts.dtype) * self.weight
-            self._misses.append(rows[open_window].to(self.device))
+            counts -= open_window.to(counts.dtype) * (self.weight * scale)
+            if scale:  # a window not counted keeps none of its misses
+                self._misses.append(rows[open_window].to(self.device))
             self.profile.raise_to(rows, counts)
 
-    def _count_hits(self, slots: torch.Tensor, window: int) -> int | torch.Tensor:
-        """Add an episode to each slot first hit in ``window``; returns how many."""
+    def _count_hits(self, slots: torch.Tensor, window: int, step: float) -> int | torch.Tensor:
+        """Add ``step`` to each slot first hit in ``window``; returns how many."""
         if self.device.type == "cpu":  # one numba pass, without the GIL
             from .sketch_kernel import slot_episodes  # noqa: PLC0415 (imports numba)
 
@@ -300,9 +331,9 @@ class OnlineRepin:
                 self._per_slot.numpy(),
                 slots.to(torch.int64).contiguous().numpy(),
                 window,
-                self.weight,
+                step,
             )
-        return count_hits_torch(self.slot_count, self.slot_stamp, slots, window, self.weight)
+        return count_hits_torch(self.slot_count, self.slot_stamp, slots, window, step)
 
     def seed(self, profile: FrequencyProfile, offline_target: int) -> None:
         """Start from an offline profile: its episodes x ``prior_weight`` (1: an offline episode
