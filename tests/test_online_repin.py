@@ -456,7 +456,9 @@ def test_the_cuda_paths_count_and_choose_as_the_cpu_kernels():
     for score, k in itertools.product(
         map(torch.from_numpy, (counts, fractions)), (0, 1, 50, 1999, 10_000)
     ):
-        cpu = repin_candidates(row_of_slot.numpy(), pinned.numpy(), score.numpy(), k)
+        pairs = np.zeros((5000, 2), np.int32)  # the counts as OnlineRepin keeps them
+        pairs.view(np.float32)[:, 0] = score.numpy()
+        cpu = repin_candidates(row_of_slot.numpy(), pinned.numpy(), pairs, k)
         cuda = candidates_torch(row_of_slot, pinned, score, k)
         assert cpu[4:] == cuda[4:]  # resident and pinned slots
         assert cpu[1].tolist() == cuda[1].tolist() == score[cpu[0]].tolist()  # most first
@@ -579,3 +581,43 @@ def test_a_quiet_tier_counts_one_window_in_quiet_sample_standing_for_them_all():
         repin.count(torch.tensor([0]), none, lookups=2)  # after 4 windows: 25-27 not, 28 x4
         counts.append(repin.slot_count[0].item())
     assert counts == [21, 22, 23, 24, 25, 25, 25, 25, 29]
+
+
+def test_victims_after_a_re_pin_are_those_a_new_topk_would_choose():
+    # a re-pin that unpins rows must not leave the victim buffer stale: the unpinned rows (the
+    # least recent here) join it, so a tier with a buffer evicts exactly as one without
+    from policies import PolicySpec
+    from tiered_store.online_repin import RepinMoves
+    from tiered_store.row_cache import RowCache
+
+    from .conftest import run_batch
+
+    caches = [
+        RowCache("warm", num_rows=3000, capacity=200, spec=PolicySpec.parse("zipf-tuned"), **kw)
+        for kw in ({}, {"victim_buffer": 0})  # the second: a topk per eviction
+    ]
+    rng = np.random.default_rng(4)
+    work = [rng.integers(0, 3000, 40) for _ in range(60)]
+
+    def repin(pin: bool, rows: torch.Tensor) -> None:
+        for cache in caches:
+            slots = cache.probe(rows)
+            none = torch.empty(0, dtype=torch.int64)
+            moves = (
+                RepinMoves(slots, rows, none, none) if pin else RepinMoves(none, none, slots, rows)
+            )
+            assert cache.apply_repin(moves) == ((rows.numel(), 0) if pin else (0, rows.numel()))
+
+    for batch in work[:10]:
+        for cache in caches:
+            run_batch(cache, batch)
+    first = caches[0].held_rows()[-20:]  # the least recently used rows
+    repin(True, first)
+    for i, batch in enumerate(work[10:], 10):
+        for cache in caches:
+            run_batch(cache, batch)
+        assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot), i
+        if i == 20:  # buffered victims exist now; unpin rows older than all of them
+            assert caches[0]._buffered is not None and caches[0]._buffered[0].numel()
+            repin(False, first)
+    assert not bool(torch.isin(first, caches[0].row_of_slot).any())  # evicted first

@@ -141,7 +141,7 @@ class CacheHierarchy:
         that ends the interval; the store plans in the background and applies under its lock)."""
         for cache in self.online:
             if cache.online.due:
-                moves = cache.online.plan(cache.row_of_slot, cache.pinned_mask())
+                moves = cache.online.plan(cache.row_of_slot, cache.pin_flags())
                 cache.online.finish(*cache.apply_repin(moves))
 
     def plan(self, flat_ids: torch.Tensor) -> LookupPlan:

@@ -361,8 +361,8 @@ class OnlineRepin:
 
     def plan(self, row_of_slot: torch.Tensor, pinned: torch.Tensor) -> RepinMoves:
         """Which resident slots to pin and unpin, from a snapshot of the tier (``row_of_slot``:
-        -1 for free slots; ``pinned``: pinned flag per slot), ranked by the slots' counts.
-        Reads only.
+        -1 for free slots; ``pinned``: pin flag per slot, read only where a row is resident),
+        ranked by the slots' counts. Reads only.
 
         The best unpinned rows fill the pinned segment up to its target, then replace the
         lowest pinned rows while they count more; at most ``budget`` rows in and out. Its cost is
@@ -396,15 +396,18 @@ class OnlineRepin:
         self, row_of_slot: torch.Tensor, pinned: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
         """The ``k`` best-counted unpinned resident slots with a count above 0 (most first), the
-        ``k`` lowest pinned (least first), with their counts; resident and pinned slots."""
-        score = self.slot_count.clone()  # a snapshot: lookups go on counting meanwhile
-        if self.device.type == "cpu":  # two numba passes, a sort of about k slots
-            from .sketch_kernel import repin_candidates  # noqa: PLC0415 (imports numba)
+        ``k`` lowest pinned (least first), with their counts; resident and pinned slots. Holds
+        the counting lock, so the counts read are those of one moment (no copy of them)."""
+        with self._counting:
+            if self.device.type == "cpu":  # two numba passes, a sort of about k slots
+                from .sketch_kernel import repin_candidates  # noqa: PLC0415 (imports numba)
 
-            found = repin_candidates(row_of_slot.numpy(), pinned.numpy(), score.numpy(), k)
-            best, best_score, low, low_score = (torch.from_numpy(a) for a in found[:4])
-            return best, best_score, low, low_score, found[4], found[5]
-        return candidates_torch(row_of_slot, pinned, score, k)
+                found = repin_candidates(
+                    row_of_slot.numpy(), pinned.numpy(), self._per_slot.numpy(), k
+                )
+                best, best_score, low, low_score = (torch.from_numpy(a) for a in found[:4])
+                return best, best_score, low, low_score, found[4], found[5]
+            return candidates_torch(row_of_slot, pinned, self.slot_count, k)
 
     def finish(self, moved_in: int, moved_out: int) -> None:
         """Close an interval after its re-pin was applied: decay past counts, once per interval

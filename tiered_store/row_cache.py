@@ -147,6 +147,11 @@ class RowCache:
         """Per slot: holds a pinned row."""
         return self._unevictable & (self.row_of_slot >= 0)
 
+    def pin_flags(self) -> torch.Tensor:
+        """The tier's own pin flag per slot (no copy; a free slot's flag is set: only those of
+        resident slots mean pinned)."""
+        return self._unevictable
+
     def pinned_rows(self) -> torch.Tensor:
         """Row ids pinned now (slot order)."""
         return self.row_of_slot[self.pinned_mask()]
@@ -169,9 +174,25 @@ class RowCache:
         self._unevictable[pin] = True
         self._unevictable[unpin] = False
         self._n_pinned += pin.numel() - unpin.numel()
-        if pin.numel() or unpin.numel():
-            self._buffered = None  # unpinned rows may now be the next victims
+        self._buffer_unpinned(unpin)  # pinned slots leave the victim buffer as it checks them
         return pin.numel(), unpin.numel()
+
+    def _buffer_unpinned(self, unpin: torch.Tensor) -> None:
+        """Slots just unpinned whose keys are below the victim buffer's largest join it, in key
+        order: it still holds every evictable slot up to its largest key, so it picks what a new
+        ``topk`` would (a re-pin per window no longer costs a ``topk`` over the tier)."""
+        if self._buffered is None or not unpin.numel():
+            return
+        slots, keys = self._buffered
+        if not slots.numel():
+            self._buffered = None
+            return
+        unpin_keys = self.eviction.victim_priority(unpin)
+        join = (unpin_keys < keys.max()) & ~torch.isin(unpin, slots)
+        if bool(join.any()):
+            keys = torch.cat([keys, unpin_keys[join]])
+            order = torch.argsort(keys, stable=True)
+            self._buffered = (torch.cat([slots, unpin[join]])[order], keys[order])
 
     def pin_resident(self, ids: torch.Tensor, *, only: bool) -> int:
         """Pin the rows of ``ids`` the tier holds; with ``only``, unpin every other row first

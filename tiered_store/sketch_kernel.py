@@ -137,10 +137,12 @@ def _extreme(slots: np.ndarray, keys: np.ndarray, need: int, largest: bool) -> n
 
 
 @numba.njit(cache=True, nogil=True)
-def repin_candidates(row_of_slot: np.ndarray, pinned: np.ndarray, score: np.ndarray, k: int):
+def repin_candidates(row_of_slot: np.ndarray, pinned: np.ndarray, per_slot: np.ndarray, k: int):
     """A re-pin's candidates in two passes over a tier's slots (no sort of the slots): the ``k``
     best-scored unpinned resident slots with a score above 0 (most first) and the ``k``
-    lowest-scored pinned slots (least first), and the resident and pinned slot counts.
+    lowest-scored pinned slots (least first), and the resident and pinned slot counts. The
+    scores are the float32 counts of ``per_slot`` (:func:`slot_episodes`'s array); ``pinned``
+    is read only where ``row_of_slot`` holds a row.
 
     Scores are non-negative float32, whose bits are in value order: the first pass counts the
     unpinned and the pinned slots per bin of the top 16 bits, which finds the bin where the ``k``
@@ -148,7 +150,8 @@ def repin_candidates(row_of_slot: np.ndarray, pinned: np.ndarray, score: np.ndar
     bin's slots are narrowed to the ones needed by their low 16 bits (:func:`_extreme`), and only
     the ``k`` chosen are sorted. Branch-free where pinned and unpinned slots interleave.
     Returns (best, best scores, lowest, lowest scores, resident, pinned)."""
-    bits = score.view(np.int32)
+    bits = per_slot[:, 0]
+    score = per_slot.view(np.float32)[:, 0]
     hist = np.zeros((2, TOP_BINS), np.int64)  # [unpinned, pinned]
     resident = held = 0
     for s in range(row_of_slot.size):
@@ -184,8 +187,8 @@ def repin_candidates(row_of_slot: np.ndarray, pinned: np.ndarray, score: np.ndar
     best = _narrow(best, bits, top, k, True)
     low = _narrow(low, bits, bottom, k, False)
     # stable: equal scores in slot order, as a stable sort of every candidate would give them
-    best = best[np.argsort(-score[best], kind="mergesort")]
-    low = low[np.argsort(score[low], kind="mergesort")]
+    best = best[np.argsort(-bits[best], kind="mergesort")]  # bits: in the order of the scores
+    low = low[np.argsort(bits[low], kind="mergesort")]
     return best, score[best], low, score[low], resident, held
 
 

@@ -652,7 +652,7 @@ class TieredStore:
                         # (lookups running meanwhile may show in it; apply checks each slot)
                         queued, due = len(cache.online.pending), cache.online.due
                         if due:
-                            snapshot = (cache.row_of_slot.clone(), cache.pinned_mask())
+                            snapshot = (cache.row_of_slot.clone(), cache.pin_flags().clone())
                         cache.online.count_pending(queued)
                         if not due:
                             continue
