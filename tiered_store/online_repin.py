@@ -25,22 +25,22 @@ lookups (ended at a batch boundary). Where a row is counted depends on whether t
 The lookup path only keeps each batch's hit slots and misses (references, no copy) for the open
 window (:meth:`OnlineRepin.count`); the counting side applies the updates in the order they
 happened (the hits are handed on before each admission or eviction, and at the window's end): at
-once in replay (deterministic), or, when ``deferred``, queued for the store's background thread, so
-every count and sketch write of the tier is on that thread (at most ``MAX_PENDING_WINDOWS`` windows
-wait; the next window's hits and misses are then not queued, counted in ``windows_dropped``, so
-lookups never wait on the counting).
+once in replay (deterministic), or, when ``deferred``, queued for the store's background thread,
+so every count and sketch write of the tier is on that thread (at most ``MAX_PENDING_WINDOWS``
+windows wait; the next window's hits and misses are then not queued, counted in
+``windows_dropped``, so lookups never wait on the counting).
 
 Every ``every`` lookups (by default one window) in which rows came or went (a tier that holds all
-it is asked for evicts nothing, so pins change nothing there) the tier is re-pinned among the
-rows it already holds (frequent rows are resident through the recency segment, so nothing is read
-from cold): the resident rows are ranked by their slot counts (which, when an offline profile was given,
-start from its episodes times ``prior_weight``, seeded into the sketch), the pinned segment aims
-at the top ``target`` of them, and at most ``budget`` rows move in (the top-counted unpinned
+it is asked for evicts nothing, so pins change nothing there) the tier is re-pinned among the rows
+it already holds (frequent rows are resident through the recency segment, so nothing is read from
+cold): the resident rows are ranked by their slot counts (which, when an offline profile was
+given, start from its episodes times ``prior_weight``, seeded into the sketch), the pinned segment
+aims at the top ``target`` of them, and at most ``budget`` rows move in (the top-counted unpinned
 residents) and out (the lowest pinned rows) per re-pin. ``target`` follows zipf-tuned's split
 rule: the offline profile's when one was given, else the tier minus the measured mean distinct
-rows per window (at most half the tier). Past counts decay by ``decay`` per interval: new
-episodes are added with a weight growing by ``1 / decay`` instead (no pass over the counters),
-renormalised when the weight gets large.
+rows per window (at most half the tier). Past counts decay by ``decay`` per interval: new episodes
+are added with a weight growing by ``1 / decay`` instead (no pass over the counters), renormalised
+when the weight gets large.
 
 :meth:`OnlineRepin.plan` (two passes over the slots' counts) reads the tier and changes
 nothing; :meth:`tiered_store.row_cache.RowCache.apply_repin` flips the pin flags of the chosen
@@ -140,7 +140,7 @@ class OnlineRepin:
             dtype=torch.float32,
             device=self.device,
         )
-        self.weight = 1.0  # what one episode adds now: 1 / decay ** repins (renormalised)
+        self.weight = 1.0  # what one episode adds now: 1 / decay ** intervals (renormalised)
         self.offline_target: int | None = None  # pinned rows by the offline profile's rule
         # per slot, side by side (a hit touches one 8-byte pair): the held row's episodes
         # (float32, decay-weighted) and the window it was last counted in (int32)
