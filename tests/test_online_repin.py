@@ -532,6 +532,15 @@ def test_a_tier_whose_rows_stay_put_waits_for_a_change_to_re_pin(tmp_path):
         assert not online.due and store.stats()["warm"]["misses"] == 300
         counted = online.profile.windows - windows  # QUIET_AFTER quiet windows, then 1 in 8
         assert online.quiet_sample == 8 and QUIET_AFTER <= counted <= QUIET_AFTER + 30 // 8 + 1
+        scraped = {  # what Prometheus would read: the tier is quiet
+            s.labels["tier"]: s.value
+            for family in text_string_to_metric_families(
+                generate_latest(build_registry({"layer1": store}, process=False)).decode()
+            )
+            for s in family.samples
+            if s.name == "tiered_store_online_quiet_windows"
+        }
+        assert scraped["warm"] == online.quiet_windows >= 29 and scraped["hot"] == 0
         serve(
             store,
             data,

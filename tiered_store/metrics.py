@@ -26,6 +26,7 @@ tiered_store_repins_total                      counter    table, tier         on
 tiered_store_repin_pinned_rows_total           counter    table, tier         rows re-pins pinned
 tiered_store_repin_unpinned_rows_total         counter    table, tier         rows re-pins unpinned
 tiered_store_online_windows_dropped_total      counter    table, tier         windows not counted
+tiered_store_online_quiet_windows              gauge      table, tier         windows nothing came or went
 tiered_store_table_rows                        gauge      table               rows of the table
 tiered_store_row_size_bytes                    gauge      table               bytes per row
 tiered_store_cold_read_rows_total              counter    table               rows read from disk
@@ -196,6 +197,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("table", "tier"),
         "Windows of lookups a re-pinning tier did not count because its background count fell "
         "behind (lookups never wait for it).",
+    ),
+    "tiered_store_online_quiet_windows": (
+        "gauge",
+        ("table", "tier"),
+        "Windows in a row in which a re-pinning tier admitted and evicted nothing (from 4 on it "
+        "counts one window in repin.quiet_sample, and it re-pins when a row comes or goes).",
     ),
     "tiered_store_table_rows": ("gauge", ("table",), "Rows of the table (the cold tier)."),
     "tiered_store_row_size_bytes": ("gauge", ("table",), "Bytes per table row."),
@@ -483,6 +490,7 @@ class TieredStoreCollector(Collector):
                 ("repin_pinned_rows_total", online.rows_pinned if online else 0),
                 ("repin_unpinned_rows_total", online.rows_unpinned if online else 0),
                 ("online_windows_dropped_total", online.windows_dropped if online else 0),
+                ("online_quiet_windows", online.quiet_windows if online else 0),
             ):
                 fam[f"tiered_store_{name}"].add_metric(labels, value)
 
