@@ -22,6 +22,7 @@ GROUPS = {
     "cold-read-16-threads",
     "hasher",
     "replay-lru",
+    "repin-plan",
 }
 
 
