@@ -58,6 +58,17 @@ def config(path, *, warm=400, hot=0, restart=False, repin=None, profile=None) ->
     )
 
 
+def scrape_tiers(store) -> dict[tuple[str, str], float]:
+    """What Prometheus would read from ``store`` now: each per-tier sample by (name, tier)."""
+    text = generate_latest(build_registry({"layer1": store}, process=False)).decode()
+    return {
+        (s.name, s.labels["tier"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if "tier" in s.labels
+    }
+
+
 def serve(store, data, work, on_repin=None) -> None:
     """Look each batch up (checked against the table), re-pinning at the batch boundaries replay
     uses; ``on_repin(store)`` after each re-pin of the warm tier."""
@@ -83,14 +94,7 @@ def test_zipf_tuned_without_a_profile_serves_and_pins_the_heavy_rows(tmp_path):
         pinned = set(store.warm.pinned_rows().tolist())
         stats = store.stats()["warm"]
         sketch_bytes = store.warm.online.nbytes
-        scraped = {  # what Prometheus would read while serving
-            (s.name, s.labels["tier"]): s.value
-            for family in text_string_to_metric_families(
-                generate_latest(build_registry({"layer1": store}, process=False)).decode()
-            )
-            for s in family.samples
-            if "repin" in s.name or s.name in ("tiered_store_pinned_rows",)
-        }
+        scraped = scrape_tiers(store)  # what Prometheus would read while serving
         online = store.warm.online
     assert scraped[("tiered_store_repins_total", "warm")] == stats["repins"] == online.repins
     assert scraped[("tiered_store_pinned_rows", "warm")] == len(pinned) > 0
@@ -532,15 +536,10 @@ def test_a_tier_whose_rows_stay_put_waits_for_a_change_to_re_pin(tmp_path):
         assert not online.due and store.stats()["warm"]["misses"] == 300
         counted = online.profile.windows - windows  # QUIET_AFTER quiet windows, then 1 in 8
         assert online.quiet_sample == 8 and QUIET_AFTER <= counted <= QUIET_AFTER + 30 // 8 + 1
-        scraped = {  # what Prometheus would read: the tier is quiet
-            s.labels["tier"]: s.value
-            for family in text_string_to_metric_families(
-                generate_latest(build_registry({"layer1": store}, process=False)).decode()
-            )
-            for s in family.samples
-            if s.name == "tiered_store_online_quiet_windows"
-        }
-        assert scraped["warm"] == online.quiet_windows >= 29 and scraped["hot"] == 0
+        scraped = scrape_tiers(store)  # what Prometheus would read: the tier is quiet
+        quiet = "tiered_store_online_quiet_windows"
+        assert scraped[(quiet, "warm")] == online.quiet_windows >= 29
+        assert scraped[(quiet, "hot")] == 0
         serve(
             store,
             data,

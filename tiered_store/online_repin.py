@@ -289,11 +289,11 @@ class OnlineRepin:
     # -- the counting side -----------------------------------------------------------------------
     def _run(self, update: tuple) -> None:
         """Apply one update to the slot counts and the sketch."""
-        kind, scale = update[0], update[-1]  # every update: what its window's episodes weigh
+        kind = update[0]
+        step = self.weight * update[-1]  # every update ends with what its window's episodes weigh
         if kind == "hits":  # an episode for each slot first hit in its window
             _, parts, window, _ = update
             slots = parts[0] if len(parts) == 1 else torch.cat(parts)
-            step = self.weight * scale
             self._hits_distinct += self._count_hits(slots.to(self.device), window, step)
         elif kind == "end":  # the window's misses into the sketch, once per distinct row
             _, window, misses, _ = update
@@ -301,7 +301,6 @@ class OnlineRepin:
             none = torch.empty(0, dtype=torch.int64, device=self.device)
             misses = torch.cat(self._misses) if self._misses else none
             distinct = int(self._hits_distinct)
-            step = self.weight * scale
             self.profile.update(misses, weight=step, distinct_elsewhere=distinct)
             self._misses, self._hits_distinct = [], 0
             self.counted_through = window + 1
@@ -310,15 +309,15 @@ class OnlineRepin:
             _, slots, rows, window, _ = update
             start = self.profile.estimates(rows).to(self.device, torch.float32)
             if window is not None and self.counted_through <= window:
-                start += self.weight * scale
+                start += step
             self.slot_count[slots] = start
             self.slot_stamp[slots] = -1 if window is None else window
         else:  # evict: raise the rows' counters to their counts; an episode of the open window
             _, slots, rows, window, _ = update  # stays with that window's misses (counted once)
             counts = self.slot_count[slots]
             open_window = self.slot_stamp[slots] == window
-            counts -= open_window.to(counts.dtype) * (self.weight * scale)
-            if scale:  # a window not counted keeps none of its misses
+            counts -= open_window.to(counts.dtype) * step
+            if step:  # a window not counted keeps none of its misses
                 self._misses.append(rows[open_window].to(self.device))
             self.profile.raise_to(rows, counts)
 

@@ -253,10 +253,10 @@ class RowCache:
         if self.before_evict is not None:
             self.before_evict(torch.cat([slots[victim_rows >= 0], extra]))
         evicted = torch.cat([victim_rows, torch.index_select(self.row_of_slot, 0, extra)])
+        held = evicted >= 0
         if self.online is not None:
-            held = evicted >= 0
             self.online.evicted(torch.cat([slots, extra])[held], evicted[held])
-        self._evict(evicted[evicted >= 0], extra)
+        self._evict(evicted[held], extra)
         self.index.set(new_ids, slots)
         self.row_of_slot.index_copy_(0, slots, new_ids)
         self.eviction.on_insert(slots)

@@ -3,13 +3,14 @@
 The file ``TABLE.npy.restart`` holds, per tier (hot, warm), the row ids it held, most valuable
 first (by the eviction policy's priority), and, for a ``zipf-tuned`` tier that re-pins online
 (:mod:`tiered_store.online_repin`), the rows it pinned and its online profile (the count-min
-sketch's counters, with the held rows' per-slot counts folded in, and its window totals); tagged with the table version it was saved against and
-checksummed (CRC32C). Layout (format 2): ``MAGIC``, a 4-byte little-endian header length, a JSON
-header (``identity``; ``tiers``: rows held per tier; ``pinned``: pinned rows per tier;
-``profiles``: per tier, the sketch's shape and totals), the held ids as little-endian int64 tier
-after tier, the pinned ids likewise, the sketches as little-endian float32 tier after tier, then
-the CRC32C of everything before it (4 bytes, little-endian). A format-1 file (no profiles) is
-refused with a warning: the store starts cold.
+sketch's counters, with the held rows' per-slot counts folded in, and its window totals); tagged
+with the table version it was saved against and checksummed (CRC32C). Layout (format 2):
+``MAGIC``, a 4-byte little-endian header length, a JSON header (``identity``; ``tiers``: rows held
+per tier; ``pinned``: pinned rows per tier; ``profiles``: per tier, the sketch's shape and
+totals), the held ids as little-endian int64 tier after tier, the pinned ids likewise, the
+sketches as little-endian float32 tier after tier, then the CRC32C of everything before it (4
+bytes, little-endian). A format-1 file (no profiles) is refused with a warning: the store starts
+cold.
 """
 
 from __future__ import annotations
