@@ -519,9 +519,8 @@ def test_a_counting_backlog_drops_whole_windows_and_then_counts_again():
 
 def test_a_tier_whose_rows_stay_put_waits_for_a_change_to_re_pin(tmp_path):
     # a tier that holds all it is asked for evicts nothing: pins would change nothing, so its
-    # re-pins wait (the all-hit path does no plans) and it counts one window in 8; the first
-    # admission makes a re-pin due
-    from tiered_store.online_repin import QUIET_AFTER
+    # re-pins wait (the all-hit path does no plans) and it samples its windows ever more
+    # sparsely; the first admission makes a re-pin due
 
     path, data = make_table(tmp_path, rows=ROWS)
     rows = np.random.default_rng(5).choice(ROWS, 300, replace=False)
@@ -534,8 +533,10 @@ def test_a_tier_whose_rows_stay_put_waits_for_a_change_to_re_pin(tmp_path):
         serve(store, data, hits_only)  # 6,000 lookups: 6 intervals, 30 windows, no admission
         assert online.repins == repins and online.since_repin >= 6 * EVERY
         assert not online.due and store.stats()["warm"]["misses"] == 300
-        counted = online.profile.windows - windows  # QUIET_AFTER quiet windows, then 1 in 8
-        assert online.quiet_sample == 8 and QUIET_AFTER <= counted <= QUIET_AFTER + 30 // 8 + 1
+        # quiet already (the rows came in the first 2 of 6 windows): 30 windows of a spell from
+        # QUIET_AFTER to 34, 2 counted in each doubling (one in 2, 4, 8), not 30 (nor 30 / 64)
+        counted = online.profile.windows - windows
+        assert online.quiet_sample == 64 and 5 <= counted <= 7
         scraped = scrape_tiers(store)  # what Prometheus would read: the tier is quiet
         quiet = "tiered_store_online_quiet_windows"
         assert scraped[(quiet, "warm")] == online.quiet_windows >= 29
@@ -576,19 +577,21 @@ def test_a_quiet_tier_counts_one_window_in_quiet_sample_standing_for_them_all():
     none = torch.tensor([], dtype=torch.int64)
     repin.admitted(torch.tensor([0, 1]), torch.tensor([5, 1]), looked_up=False)
     counts = []
-    for _ in range(20):  # windows 0-19, hits only: 0-4 counted, then 8, 12 and 16 (x4)
+    # windows 0-19, hits only: 0-4 counted; then one in 2 (6 and 8, x2: each stands for the
+    # window skipped before it), and from a spell of 8 quiet windows on one in 4 (12, 16: x4)
+    for _ in range(20):
         repin.count(torch.tensor([0, 0]), none, lookups=2)
         counts.append(repin.slot_count[0].item())
     assert repin.quiet_windows == 20 - 1 and QUIET_AFTER == 4
-    assert counts == [1, 2, 3, 4, 5, 5, 5, 5, 9, 9, 9, 9, 13, 13, 13, 13, 17, 17, 17, 17]
-    assert repin.profile.windows == 8  # the counted windows: the mean distinct rows per window
+    assert counts == [1, 2, 3, 4, 5, 5, 7, 7, 9, 9, 9, 9, 13, 13, 13, 13, 17, 17, 17, 17]
+    assert repin.profile.windows == 9  # the counted windows: the mean distinct rows per window
     assert repin.profile.mean_distinct_per_window == 1.0  # is that of the counted ones
     repin.admitted(torch.tensor([2]), torch.tensor([7]), looked_up=False)  # a change in window 20
     counts = []
-    for _ in range(9):  # 20 (x4, sampled before the change), then 21-24 counted, quiet again
-        repin.count(torch.tensor([0]), none, lookups=2)  # after 4 windows: 25-27 not, 28 x4
+    for _ in range(9):  # 20 (sampled x4, counted x1 from the change on), 21-24 counted, quiet
+        repin.count(torch.tensor([0]), none, lookups=2)  # again after 4 windows: 25 not, 26 x2
         counts.append(repin.slot_count[0].item())
-    assert counts == [21, 22, 23, 24, 25, 25, 25, 25, 29]
+    assert counts == [18, 19, 20, 21, 22, 22, 24, 24, 26]
 
 
 def test_victims_after_a_re_pin_are_those_a_new_topk_would_choose():

@@ -76,7 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "repin.sketch_width": 2,
     # while a tier's rows stay put (no admission or eviction 4 windows in a row), count one
     # window in this many, weighted by it (1: every window)
-    "repin.quiet_sample": 8,
+    "repin.quiet_sample": 64,
     "hot.device": "cpu",  # compute device: "cpu", "cuda", "cuda:N"
     "warm.pin_memory": "auto",  # pinned host RAM when the compute device is CUDA
     "cold.io": "pread",  # "mmap" (page cache) | "pread" (threads) | "direct" (threads, O_DIRECT)

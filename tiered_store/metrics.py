@@ -202,7 +202,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "gauge",
         ("table", "tier"),
         "Windows in a row in which a re-pinning tier admitted and evicted nothing (from 4 on it "
-        "counts one window in repin.quiet_sample, and it re-pins when a row comes or goes).",
+        "samples its windows ever more sparsely, at most one in repin.quiet_sample counted, and "
+        "it re-pins when a row comes or goes).",
     ),
     "tiered_store_table_rows": ("gauge", ("table",), "Rows of the table (the cold tier)."),
     "tiered_store_row_size_bytes": ("gauge", ("table",), "Bytes per table row."),

@@ -18,9 +18,11 @@ lookups (ended at a batch boundary). Where a row is counted depends on whether t
   nothing). So a row's count survives eviction, and the sketch sees only misses: on a tier
   whose lookups nearly all hit, counting costs one pass over the hit slots.
 - A **quiet** tier, whose rows stayed put (no admission or eviction) ``QUIET_AFTER`` windows in
-  a row, counts one window in ``quiet_sample``, weighted by ``quiet_sample`` (about the episodes
-  of them all), until rows come or go again: it re-pins nothing meanwhile, so its counts wait
-  for the next eviction, and an all-hit tier spends little on them.
+  a row, samples its windows until rows come or go again: one window in a period that doubles
+  as the quiet spell grows (at most half the spell so far, at most ``quiet_sample``), each
+  counted window weighted by the windows it stands for (itself and those skipped since the last
+  counted one). It re-pins nothing meanwhile, so its counts wait for the next eviction, and an
+  all-hit tier spends little on them.
 
 The lookup path only keeps each batch's hit slots and misses (references, no copy) for the open
 window (:meth:`OnlineRepin.count`); the counting side applies the updates in the order they
@@ -169,6 +171,7 @@ class OnlineRepin:
         # (a backlog, or a quiet window sampled out), ``quiet_sample`` when it stands for that many
         self._scale = 1
         self._backlog = False  # the open window is dropped: the background count fell behind
+        self._skipped = 0  # quiet windows sampled out since the last counted one
         self._counting = threading.Lock()  # one thread applies ``pending`` at a time
         self.windows_dropped = 0  # windows not counted: the background count fell behind
         self.since_repin = 0  # lookups since the last re-pin
@@ -221,6 +224,8 @@ class OnlineRepin:
                 self._apply(("end", window, self._miss_parts, self._scale))
             self._miss_parts = []
             self.windows_dropped += self._backlog
+            if not self._backlog:  # a counted window stood for those skipped before it
+                self._skipped = 0 if self._scale else self._skipped + 1
             changed = self._changes != self._changes_at_window
             self.quiet_windows = 0 if changed else self.quiet_windows + 1
             self._changes_at_window = self._changes
@@ -231,28 +236,37 @@ class OnlineRepin:
     def _next_scale(self) -> None:
         """What the window beginning now weighs: dropped behind a backlog; while the tier is quiet
         (its rows stayed put ``QUIET_AFTER`` windows in a row, so no re-pin is due and counts
-        wait for the next change), one window in ``quiet_sample``, standing for them all."""
+        wait for the next change), one window in a period of the largest power of two at most
+        half the quiet spell (and at most ``quiet_sample``), standing for itself and the windows
+        skipped since the last counted one."""
         self._backlog = self.deferred and self.windows_queued >= MAX_PENDING_WINDOWS
         if self._backlog:
             self._scale = 0
         elif self.quiet_windows >= QUIET_AFTER and self.quiet_sample > 1:
-            self._scale = 0 if self.window_no % self.quiet_sample else self.quiet_sample
+            period = min(self.quiet_sample, 1 << (self.quiet_windows // 2).bit_length() - 1)
+            self._scale = 0 if self.window_no % period else 1 + self._skipped
         else:
             self._scale = 1
+
+    def _changed(self) -> None:
+        """A row came or went: hand on the hits so far (at the window's weight), and count the
+        rest of a sampled window as one window (the quiet spell is over)."""
+        self._changes += 1
+        self._hand_on_hits()
+        if not self._backlog:
+            self._scale, self._skipped = 1, 0
 
     def admitted(self, slots: torch.Tensor, rows: torch.Tensor, *, looked_up: bool) -> None:
         """``rows`` now held in ``slots`` (``looked_up``: admitted after a miss of this batch)."""
         if slots.numel():
-            self._changes += 1
-            self._hand_on_hits()
+            self._changed()
             window = self._batch_window if looked_up else None
             self._apply(("admit", slots, rows, window, self._scale))
 
     def evicted(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """``rows`` leave ``slots``."""
         if slots.numel():
-            self._changes += 1
-            self._hand_on_hits()
+            self._changed()
             self._apply(("evict", slots, rows, self.window_no, self._scale))
 
     def _hand_on_hits(self) -> None:
