@@ -7,9 +7,9 @@
     ratio to off. A round's time includes waiting for its background work to finish
     (``wait_repinned``), so the figure is the whole cost, as on a machine without a spare core.
     A tier that holds every row it is asked for evicts nothing, so it re-pins only while it fills
-    (``repins_after_the_fill``: 0), and once its rows stayed put a few windows it counts one
-    window in ``repin.quiet_sample``; "counting every window" (``quiet_sample: 1``) is the cost
-    of counting every hit.
+    (``repins_after_the_fill``: 0), and once its rows stayed put a few windows it counts ever
+    fewer of them (at most one in ``repin.quiet_sample``); "counting every window"
+    (``quiet_sample: 1``) is the cost of counting every hit.
 (b) **Fetch ratio** (rows read from cold per lookup, at ``--batch-tokens`` per batch: 64 tokens
     by default, the figure docs/policies.md compares with per-request simulators) of one warm
     tier at each share of the table's rows, over the replayed lookups after ``--warmup``
@@ -69,7 +69,7 @@ MODES = {
     "lru": {"policy": "lru"},
     "zipf-tuned, counting off": {"policy": "zipf-tuned", "repin": {"enabled": False}},
     # re-pins every window in which rows came or went: only while the tier fills, here; once
-    # its rows stayed put 4 windows, counts one window in 8 (repin.quiet_sample)
+    # its rows stayed put 4 windows, counts ever fewer windows (up to 1 in repin.quiet_sample)
     "zipf-tuned, counting on": {"policy": "zipf-tuned"},
     "zipf-tuned, counting every window": {"policy": "zipf-tuned", "repin": {"quiet_sample": 1}},
 }
