@@ -25,6 +25,13 @@
     reading rows it does not hold from cold): the offline pins against online-only exact counting
     with the same split. If (c) is short of the offline profile, the gap is the data a warm-up
     sees, not the store's counter.
+(d) **A large tier serving traffic with misses** (``--large-rows``, ``--large-slots``; off by
+    default: it writes a table of ``--large-rows`` x 128 B): a warm tier of millions of slots
+    over a table file, Zipfian ids (``--large-zipf``) spread over the table, ``lru`` against
+    ``zipf-tuned`` online (no profile: it pins most of its slots), rounds interleaved after a
+    warm-up that fills the tier; lookups/s (background counting and re-pins included) and the
+    miss ratio per mode, ratio to ``lru``. What a tier of DeepSeek-V4.1's size pays per lookup
+    for its pins: victim searches and plans that pass over the slots.
 
 Example::
 
@@ -35,6 +42,8 @@ Example::
     tiered-store analyze /usr/share/vim/vim90/doc --max-tokens 2000000 --holdout 0.5 \\
         --shuffle --no-curves --out B
     python bench/bench_online_repin.py --analysis B --profile-from A --skip-all-hit
+    python bench/bench_online_repin.py --skip-all-hit --skip-replay \
+        --large-rows 16000000 --large-slots 4000000         # (d): a 2 GB table, 4M slots
 """
 
 from __future__ import annotations
@@ -118,6 +127,53 @@ def all_hit_throughput(
     for cell in out.values():
         cell["ratio_to_off"] = cell["lookups_per_s"] / off
     out["batch"], out["zipf"], out["repins_after_the_fill"] = batch, zipf, repins_after_the_fill
+    return out
+
+
+def large_tier_throughput(
+    work: Path, rows: int, slots: int, zipf: float, rounds: int, per_round: int
+) -> dict:
+    """(d): median lookups/s per mode over interleaved rounds of ``per_round`` batches (after a
+    warm-up of 3 x ``slots`` lookups), the miss ratio over all rounds, and the ratio to lru."""
+    path = work / "large.npy"
+    create_table(path, RandomSource(rows, 64, dtype="float16", seed=1), progress=True)
+    warmup = -(-3 * slots // BATCH)
+    ranks = ZipfWorkload(rows, zipf, seed=0).sample(BATCH * (warmup + rounds * per_round))
+    ids = torch.from_numpy(np.random.default_rng(1).permutation(rows)[ranks])  # hot rows spread
+    batches = list(torch.split(ids, BATCH))
+    modes = {"lru": {"policy": "lru"}, "zipf-tuned, online": {"policy": "zipf-tuned"}}
+    stores = {}
+    speeds: dict[str, list[float]] = {name: [] for name in modes}
+    before: dict[str, dict] = {}
+    try:
+        for name, tier in modes.items():
+            cfg = {"table": {"path": str(path)}, "tiers": {"warm": {"capacity": slots, **tier}}}
+            store = stores[name] = TieredStore(StoreConfig.from_dict(cfg))
+            for batch in batches[:warmup]:
+                store.lookup(batch)
+            store.wait_repinned()
+            before[name] = store.stats()["warm"]
+        for r in range(rounds):
+            work_batches = batches[warmup + r * per_round : warmup + (r + 1) * per_round]
+            for name, store in stores.items():
+                start = time.perf_counter()
+                for batch in work_batches:
+                    store.lookup(batch)
+                store.wait_repinned()
+                speeds[name].append(BATCH * per_round / (time.perf_counter() - start))
+        out: dict = {"rows": rows, "slots": slots, "zipf": zipf}
+        for name, store in stores.items():
+            now, was = store.stats()["warm"], before[name]
+            out[name] = {
+                "lookups_per_s": statistics.median(speeds[name]),
+                "miss_ratio": (now["misses"] - was["misses"]) / (now["lookups"] - was["lookups"]),
+                "pinned": store.warm.pinned_count,
+            }
+    finally:
+        for store in stores.values():
+            store.close()
+    for name in modes:
+        out[name]["ratio_to_lru"] = out[name]["lookups_per_s"] / out["lru"]["lookups_per_s"]
     return out
 
 
@@ -276,7 +332,11 @@ def main(argv=None) -> int:
         default="0,0.75",
         help="(a): id distributions: 0 = uniform, else a Zipf exponent (real text: ~0.75)",
     )
-    p.add_argument("--rounds", type=int, default=5, help="(a): interleaved rounds per mode")
+    p.add_argument("--rounds", type=int, default=5, help="(a), (d): interleaved rounds per mode")
+    p.add_argument("--large-rows", type=int, default=0, help="(d): table rows (0: skip (d))")
+    p.add_argument("--large-slots", type=int, default=4_000_000, help="(d): warm tier slots")
+    p.add_argument("--large-zipf", type=float, default=0.9, help="(d): Zipf exponent of the ids")
+    p.add_argument("--large-batches", type=int, default=40, help="(d): batches per round")
     p.add_argument("--skip-replay", action="store_true", help="(a) only")
     p.add_argument("--skip-all-hit", action="store_true", help="(b) only")
     p.add_argument("--dir", default="/var/tmp", help="work directory's parent (deleted at the end)")
@@ -317,6 +377,26 @@ def main(argv=None) -> int:
                 )
                 analyze(args.corpus or None, analysis, options=options)
             result["fetch_ratio"] = fetch_ratios(args, work, analysis)
+        if args.large_rows:
+            cell = large_tier_throughput(
+                work,
+                args.large_rows,
+                args.large_slots,
+                args.large_zipf,
+                args.rounds,
+                args.large_batches,
+            )
+            result["large_tier"] = cell
+            print(
+                f"(d) {args.large_slots:,} slots over {args.large_rows:,} rows: "
+                + ", ".join(
+                    f"{n} {c['lookups_per_s'] / 1e6:.2f}M/s ({c['ratio_to_lru']:.3f}x), "
+                    f"miss {c['miss_ratio']:.4f}"
+                    for n, c in cell.items()
+                    if isinstance(c, dict)
+                ),
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))

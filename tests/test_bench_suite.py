@@ -23,6 +23,7 @@ GROUPS = {
     "hasher",
     "replay-lru",
     "repin-plan",
+    "victim-refill",
 }
 
 

@@ -192,3 +192,32 @@ def test_lru_doc_example():
     lru.on_batch()
     lru.on_hit(torch.tensor([0, 2]))
     assert lru.choose_victims(1, torch.zeros(3, dtype=torch.bool)).tolist() == [1]
+
+
+def test_a_tier_pinned_almost_full_refills_its_victims_as_a_topk_over_every_slot_would():
+    # where at most 1/8 of the slots are evictable the refill looks at those alone (a pass over
+    # the pin flags): the victims, in order, are those of a topk per eviction over every slot
+    from tiered_store.row_cache import SPARSE_EVICTABLE_SHARE
+
+    caches = [
+        RowCache("warm", num_rows=5000, capacity=400, spec=PolicySpec.parse("zipf-tuned"), **kw)
+        for kw in ({}, {"victim_buffer": 0})  # the second: a topk per eviction
+    ]
+    for cache in caches:
+        cache.preload(torch.arange(370), pin=True)
+    refills = []
+    search = caches[0]._smallest_evictable
+
+    def counted(k: int, evictable: int):
+        refills.append(evictable)
+        return search(k, evictable)
+
+    caches[0]._smallest_evictable = counted
+    rng = np.random.default_rng(7)
+    for i in range(80):
+        batch = rng.integers(0, 5000, 12)
+        for cache in caches:
+            run_batch(cache, batch)
+        assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot), i
+    assert len(refills) > 5
+    assert all(0 < n * SPARSE_EVICTABLE_SHARE <= caches[0].capacity for n in refills)
