@@ -74,8 +74,9 @@ DEFAULTS: dict[str, Any] = {
     # sketch counters per slot per sketch row (rounded up to a power of two): 2 = 40-80 B per slot;
     # 4 counts more exactly (0.3 points fewer misses online) for twice that and a slower count
     "repin.sketch_width": 2,
-    # while a tier's rows stay put (no admission or eviction 4 windows in a row), count one
-    # window in this many, weighted by it (1: every window)
+    # while a tier's rows stay put (no admission or eviction 4 windows in a row), count one window
+    # in 2, 4, ... as the spell grows, at most one in this many, each weighted by the windows it
+    # stands for (1: every window)
     "repin.quiet_sample": 64,
     "hot.device": "cpu",  # compute device: "cpu", "cuda", "cuda:N"
     "warm.pin_memory": "auto",  # pinned host RAM when the compute device is CUDA

@@ -168,7 +168,8 @@ class OnlineRepin:
         # window ends queued and applied: each written by one thread (the lookups, the counting)
         self._ends_queued = self._ends_applied = 0
         # what the open window's episodes weigh, times ``weight``: 0 when it is not counted
-        # (a backlog, or a quiet window sampled out), ``quiet_sample`` when it stands for that many
+        # (a backlog, or a quiet window sampled out), else the windows it stands for (1, or more
+        # for a quiet tier's sampled window: itself and those skipped before it)
         self._scale = 1
         self._backlog = False  # the open window is dropped: the background count fell behind
         self._skipped = 0  # quiet windows sampled out since the last counted one

@@ -25,7 +25,7 @@ VICTIM_BUFFER_BATCHES = 8
 VICTIM_BUFFER_SHARE = 16
 # a refill looks only at the evictable slots (a pass over the pin flags, then a topk over them)
 # where at most 1/SPARSE_EVICTABLE_SHARE of the tier is evictable: a zipf-tuned tier pins most of
-# its slots, and a topk over all of them cost a 4M-slot tier's lookups a quarter of their time
+# its slots, and a topk over all of them cost a 4M-slot tier's lookups about a sixth of their time
 SPARSE_EVICTABLE_SHARE = 8
 SLOT_BYTES = 8 + 1 + 8  # per slot, whatever the policy: owner row, unevictable flag, free list
 
