@@ -426,3 +426,26 @@ def test_design_benchmark_simulator_equals_the_store_per_request(tmp_path):
     pinned[pinned_rows] = True
     simulated = pinned_lru_misses(ids, pinned, lru_rows=100)
     assert store.tiers["warm"]["misses"] == simulated > 0
+
+
+def test_replay_command_says_how_often_an_online_tier_re_pinned(tmp_path, capsys):
+    import json
+
+    from tiered_store.cli import main
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", batches=30)
+    (tmp_path / "tiers.yaml").write_text(
+        f"table: {{path: {path.name}}}\ntiers:\n  warm: {{capacity: 5%, policy: zipf-tuned, "
+        "recency_window: 400, repin: {every: 400}}\n"
+    )
+    out = tmp_path / "out"
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--out", str(out)]
+    assert main([*argv, "--no-bounds", "--batch-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    warm = json.loads((out / "replay.json").read_text())["results"][0]["tiers"]["warm"]
+    assert warm["repins"] > 0 and warm["rows_repinned"] > 0  # no profile: it learns online
+    line = (
+        f"the warm tier re-pinned online {warm['repins']:,} times, {warm['rows_repinned']:,} rows"
+    )
+    assert line in text and "the hot tier re-pinned" not in text

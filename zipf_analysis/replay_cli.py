@@ -322,6 +322,13 @@ def print_table(results: list[ReplayResult]) -> None:
             f"{r.miss_ratio:>8.1%}{r.fetch_ratio:>8.1%}{r.unique_rows_per_batch:>12,.0f}{r.bytes_moved['host_to_device'] / 2**20:>9,.0f} MiB"
             f"{r.modelled_stall_seconds:>10.3f}{r.lookups_per_second / 1e6:>11.2f}"
         )
+    for r in results:  # zipf-tuned tiers that learnt while replaying (repin.enabled)
+        for tier, c in r.tiers.items():
+            if "repins" in c:
+                print(
+                    f"{r.policy}: the {tier} tier re-pinned online {c['repins']:,} times, "
+                    f"{c['rows_repinned']:,} rows into its pinned segment"
+                )
     print(
         "miss: lookups served by neither cache tier; fetch: rows read from cold per lookup "
         "(a row missed twice in one batch is read once; compare this with per-request figures)"
