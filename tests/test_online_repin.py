@@ -433,7 +433,7 @@ def test_a_rows_count_is_its_episodes_across_evictions(deferred):
     assert np.array_equal(estimate, episodes[gone] - np.isin(gone, list(seen)))
 
 
-def test_the_cuda_paths_count_and_choose_as_the_cpu_kernels():
+def test_the_cuda_paths_count_admit_evict_and_choose_as_the_cpu_kernels():
     # the torch ops the store runs on CUDA, run here on CPU tensors, against the numba passes
     from tiered_store.online_profile import OnlineProfile
     from tiered_store.online_repin import candidates_torch, count_hits_torch
@@ -480,6 +480,33 @@ def test_the_cuda_paths_count_and_choose_as_the_cpu_kernels():
     profile._raise_torch(other, ids, values)
     assert torch.equal(profile.sketch, other)
     assert bool((profile.estimates(ids) >= values).all())
+
+    # admissions and evictions, from the same sketch and slots: the kernels against the torch ops
+    from tiered_store.online_repin import admitted_torch, evicted_torch
+    from tiered_store.sketch_kernel import slots_admitted, slots_evicted
+
+    count, stamp = per_slot["torch"].view(torch.float32)[:, 0], per_slot["torch"][:, 1]
+    sketches = {k: OnlineProfile(500, heavy_hitters=False, dtype=torch.float32) for k in per_slot}
+    for sketch in sketches.values():
+        sketch.update(torch.from_numpy(np.arange(0, 5000, 7)), weight=2.5)
+    for window in range(12, 24):
+        hits = torch.from_numpy(rng.integers(0, 500, 200))  # some slots counted in this window
+        slot_episodes(per_slot["numba"].numpy(), hits.numpy(), window, 1.5)
+        count_hits_torch(count, stamp, hits, window, 1.5)
+        slots = torch.from_numpy(rng.choice(500, 120, replace=False))
+        rows = torch.from_numpy(rng.choice(5000, 120, replace=False))
+        args = (slots.numpy(), rows.numpy(), window, 1.5)
+        a = slots_evicted(per_slot["numba"].numpy(), *sketches["numba"].numpy_sketch(), *args)
+        b = evicted_torch(count, stamp, sketches["torch"], slots, rows, window, 1.5)
+        assert a.tolist() == b.tolist() and 0 < a.sum() < a.size
+        extra = 1.5 * (window % 2)  # the miss's episode counted already, or not
+        rows = torch.from_numpy(rng.choice(5000, 120, replace=False))
+        args = (slots.numpy(), rows.numpy(), window, extra)
+        slots_admitted(per_slot["numba"].numpy(), *sketches["numba"].numpy_sketch(), *args)
+        admitted_torch(count, stamp, sketches["torch"], slots, rows, window, extra)
+    assert torch.equal(per_slot["numba"], per_slot["torch"])
+    assert torch.equal(sketches["numba"].sketch, sketches["torch"].sketch)
+    assert sketches["numba"].sketch.max() > 2.5  # evictions raised counters past the window's
 
 
 def test_a_counting_backlog_drops_whole_windows_and_then_counts_again():

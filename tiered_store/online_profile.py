@@ -214,6 +214,11 @@ class OnlineProfile:
         self.rows.fill_(-1)
         self.rows[: keep.numel()] = pool[keep]
 
+    def numpy_sketch(self) -> tuple[np.ndarray, np.ndarray]:
+        """The sketch and its rows' hash seeds (uint64) as numpy arrays sharing memory with it
+        (CPU), for the kernels that update it in place (:mod:`tiered_store.sketch_kernel`)."""
+        return self.sketch.numpy(), self._seeds_u64()
+
     def _seeds_u64(self) -> np.ndarray:
         """The sketch rows' hash seeds as uint64 (for the numba kernels)."""
         return self._seed_col.reshape(-1).numpy().view(np.uint64)

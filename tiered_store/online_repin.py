@@ -16,7 +16,8 @@ lookups (ended at a batch boundary). Where a row is counted depends on whether t
   raises its sketch counters to its slot's count (a conservative update: a row's estimate is
   at least what it was counted while resident, and a second fold of the same count adds
   nothing). So a row's count survives eviction, and the sketch sees only misses: on a tier
-  whose lookups nearly all hit, counting costs one pass over the hit slots.
+  whose lookups nearly all hit, counting costs one pass over the hit slots. Each is one numba
+  pass on the CPU, torch ops on CUDA.
 - A **quiet** tier, whose rows stayed put (no admission or eviction) ``QUIET_AFTER`` windows in
   a row, samples its windows until rows come or go again: one window in a period that doubles
   as the quiet spell grows (at most half the spell so far, at most ``quiet_sample``), each
@@ -322,19 +323,30 @@ class OnlineRepin:
             self._ends_applied += self.deferred
         elif kind == "admit":  # from the sketch's estimate, plus the miss's episode if uncounted
             _, slots, rows, window, _ = update
-            start = self.profile.estimates(rows).to(self.device, torch.float32)
-            if window is not None and self.counted_through <= window:
-                start += step
-            self.slot_count[slots] = start
-            self.slot_stamp[slots] = -1 if window is None else window
+            extra = step if window is not None and self.counted_through <= window else 0.0
+            stamp = -1 if window is None else window
+            if self.device.type == "cpu":  # one numba pass
+                from .sketch_kernel import slots_admitted  # noqa: PLC0415 (imports numba)
+
+                args = (_int64(slots), _int64(rows), stamp, extra)
+                slots_admitted(self._per_slot.numpy(), *self.profile.numpy_sketch(), *args)
+            else:
+                args = (self.profile, slots, rows, stamp, extra)
+                admitted_torch(self.slot_count, self.slot_stamp, *args)
         else:  # evict: raise the rows' counters to their counts; an episode of the open window
             _, slots, rows, window, _ = update  # stays with that window's misses (counted once)
-            counts = self.slot_count[slots]
-            open_window = self.slot_stamp[slots] == window
-            counts -= open_window.to(counts.dtype) * step
+            if self.device.type == "cpu":  # one numba pass
+                from .sketch_kernel import slots_evicted  # noqa: PLC0415 (imports numba)
+
+                args = (_int64(slots), _int64(rows), window, step)
+                in_window = torch.from_numpy(
+                    slots_evicted(self._per_slot.numpy(), *self.profile.numpy_sketch(), *args)
+                )
+            else:
+                args = (self.profile, slots, rows, window, step)
+                in_window = evicted_torch(self.slot_count, self.slot_stamp, *args)
             if step:  # a window not counted keeps none of its misses
-                self._misses.append(rows[open_window].to(self.device))
-            self.profile.raise_to(rows, counts)
+                self._misses.append(rows[in_window].to(self.device))
 
     def _count_hits(self, slots: torch.Tensor, window: int, step: float) -> int | torch.Tensor:
         """Add ``step`` to each slot first hit in ``window``; returns how many."""
@@ -478,6 +490,42 @@ class OnlineRepin:
 
 
 # -- the CUDA paths (the CPU runs the numba passes of tiered_store.sketch_kernel) ----------------
+def _int64(ids: torch.Tensor) -> np.ndarray:
+    """A CPU tensor of ids as a contiguous int64 numpy array (for the numba kernels)."""
+    return ids.to(torch.int64).contiguous().numpy()
+
+
+def admitted_torch(
+    counts: torch.Tensor,
+    stamps: torch.Tensor,
+    profile: OnlineProfile,
+    slots: torch.Tensor,
+    rows: torch.Tensor,
+    stamp: int,
+    extra: float,
+) -> None:
+    """:func:`tiered_store.sketch_kernel.slots_admitted` with torch ops (CUDA)."""
+    counts[slots] = profile.estimates(rows).to(counts.device, torch.float32) + extra
+    stamps[slots] = stamp
+
+
+def evicted_torch(
+    counts: torch.Tensor,
+    stamps: torch.Tensor,
+    profile: OnlineProfile,
+    slots: torch.Tensor,
+    rows: torch.Tensor,
+    window: int,
+    step: float,
+) -> torch.Tensor:
+    """:func:`tiered_store.sketch_kernel.slots_evicted` with torch ops (CUDA)."""
+    values = counts[slots]
+    in_window = stamps[slots] == window
+    values -= in_window.to(values.dtype) * step
+    profile.raise_to(rows, values)
+    return in_window
+
+
 def count_hits_torch(
     counts: torch.Tensor, stamps: torch.Tensor, slots: torch.Tensor, window: int, weight: float
 ) -> torch.Tensor:

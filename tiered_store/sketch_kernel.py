@@ -88,6 +88,51 @@ def sketch_estimates(sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray) -> 
 
 
 @numba.njit(cache=True, nogil=True)
+def slots_evicted(
+    per_slot: np.ndarray,
+    sketch: np.ndarray,
+    seeds: np.ndarray,
+    slots: np.ndarray,
+    rows: np.ndarray,
+    window: int,
+    step: float,
+) -> np.ndarray:
+    """``rows`` leave ``slots`` (``per_slot``: :func:`slot_episodes`'s array): each row's sketch
+    counters are raised to its slot's count, less ``step`` where the slot was counted in the open
+    ``window`` (that episode stays with the window's misses). Returns which rows were (a mask)."""
+    counts = per_slot.view(np.float32)
+    less = np.float32(step)
+    in_window = np.empty(slots.size, np.bool_)
+    values = np.empty(slots.size, np.float32)
+    for i in range(slots.size):
+        s = slots[i]
+        in_window[i] = per_slot[s, 1] == window
+        values[i] = counts[s, 0] - less if in_window[i] else counts[s, 0]
+    sketch_add(sketch, seeds, rows, values, True)
+    return in_window
+
+
+@numba.njit(cache=True, nogil=True)
+def slots_admitted(
+    per_slot: np.ndarray,
+    sketch: np.ndarray,
+    seeds: np.ndarray,
+    slots: np.ndarray,
+    rows: np.ndarray,
+    stamp: int,
+    extra: float,
+) -> None:
+    """``rows`` now held in ``slots``: each slot's count starts from its row's sketch estimate
+    plus ``extra`` (the episode of the miss that brought it, or 0), stamped ``stamp``."""
+    counts = per_slot.view(np.float32)
+    start = sketch_estimates(sketch, seeds, rows)
+    more = np.float32(extra)
+    for i in range(slots.size):
+        counts[slots[i], 0] = start[i] + more
+        per_slot[slots[i], 1] = stamp
+
+
+@numba.njit(cache=True, nogil=True)
 def slot_episodes(per_slot: np.ndarray, slots: np.ndarray, window: int, weight: float) -> int:
     """Count hits once per slot and window, ``per_slot`` an int32 ``[slots, 2]`` array of a
     float32 count (its bits) and a window stamp: ``count[s] += weight`` the first time in window
