@@ -85,10 +85,11 @@ MODES = {
 
 
 def all_hit_throughput(
-    work: Path, rows: int, batch: int, rounds: int, batches: int, zipf: float
+    work: Path, rows: int, batch: int, rounds: int, batches: int, zipf: float, device: str = "cpu"
 ) -> dict:
     """Median all-hit lookups/s per mode (rounds interleaved) and each mode's ratio to off, for
-    ids uniform over the rows (``zipf`` 0) or Zipfian with exponent ``zipf``."""
+    ids uniform over the rows (``zipf`` 0) or Zipfian with exponent ``zipf``; the hot tier on
+    ``device`` (its counts too, on CUDA)."""
     path = work / "allhit.npy"
     if not path.exists():
         create_table(path, RandomSource(rows, 64, dtype="float16", seed=1), progress=False)
@@ -99,7 +100,8 @@ def all_hit_throughput(
     work_ids = [torch.from_numpy(flat[i * batch : (i + 1) * batch]) for i in range(batches)]
     stores = {}
     for name, tier in MODES.items():
-        cfg = {"table": {"path": str(path)}, "tiers": {"hot": {"capacity": rows, **tier}}}
+        hot = {"capacity": rows, "device": device, **tier}
+        cfg = {"table": {"path": str(path)}, "tiers": {"hot": hot}}
         store = TieredStore(StoreConfig.from_dict(cfg))
         for at in range(0, rows, 65_536):  # every row resident: all later lookups hit
             store.lookup(torch.arange(at, min(rows, at + 65_536)))
@@ -115,6 +117,8 @@ def all_hit_throughput(
                 for ids in work_ids:
                     store.lookup(ids)
                 store.wait_repinned()  # its background counting and re-pins count too
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize()  # the lookups' copies and counts have run
                 speeds[name].append(batch * batches / (time.perf_counter() - start))
         for store in stores.values():
             assert store.stats()["hot"]["misses"] == rows  # only the fill missed
@@ -327,6 +331,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--hit-rows", type=int, default=200_000, help="(a): table rows, all resident")
     p.add_argument("--hit-batches", default="65536,1024", help="(a): lookups per batch")
+    p.add_argument("--hit-device", default="cpu", help="(a): the hot tier's device: cpu, cuda")
     p.add_argument(
         "--hit-zipf",
         default="0,0.75",
@@ -352,7 +357,7 @@ def main(argv=None) -> int:
             for batch in (int(b) for b in args.hit_batches.split(",")):
                 lookups = max(1_048_576 * 3, batch)  # about three re-pin intervals per round
                 cell = all_hit_throughput(
-                    work, args.hit_rows, batch, args.rounds, lookups // batch, zipf
+                    work, args.hit_rows, batch, args.rounds, lookups // batch, zipf, args.hit_device
                 )
                 result["all_hit"][f"zipf {zipf}, batch {batch}"] = cell
                 print(
