@@ -159,3 +159,36 @@ def test_online_profile_finds_the_heavy_rows_in_bounded_memory():
     assert seeded.top_rows(3).tolist() == [9, 4, 2]
     with pytest.raises(ConfigError, match="candidates=0"):
         OnlineProfile(candidates=0)
+
+
+@pytest.mark.parametrize("path", ["numba", "torch"])
+def test_a_re_pinning_sketch_counts_its_windows_conservatively(path):
+    # without the heavy-hitter list (the store's re-pinning) a window raises each distinct row's
+    # counters to their minimum plus the weight: every estimate stays at least the windows the row
+    # was in, and collisions inflate estimates less than adding the weight to every counter (as
+    # the heavy-hitter profile does); "torch" is the CUDA path's ops, run on the CPU here
+    import torch
+
+    from tiered_store.online_profile import OnlineProfile
+
+    rng = np.random.default_rng(2)
+    windows = [np.minimum(rng.zipf(1.2, 600), 3000) - 1 for _ in range(40)]
+    sketch = OnlineProfile(64, width_factor=2, heavy_hitters=False, dtype=torch.float32)
+    if path == "torch":
+        sketch._kernel = False  # the window counted by unique + gather + scatter_reduce
+    for w in windows:
+        sketch.update(torch.from_numpy(w.astype(np.int64)))
+    ids = torch.arange(3000)
+    episodes = np.zeros(3000)
+    plain = torch.zeros_like(sketch.sketch)  # count-min adding to every counter, same hashes
+    for w in windows:
+        distinct = torch.from_numpy(np.unique(w).astype(np.int64))
+        episodes[distinct.numpy()] += 1
+        for row, idx in zip(plain, sketch._buckets(distinct), strict=True):
+            row.index_add_(0, idx, torch.ones(distinct.numel()))
+    estimate = sketch.estimates(ids).numpy()
+    added = torch.gather(plain, 1, sketch._buckets(ids)).amin(dim=0).numpy()
+    assert sketch.width * 4 < 3000 and (estimate >= episodes).all()  # collisions, an upper bound
+    assert (estimate <= added).all()
+    assert (estimate - episodes).sum() < 0.6 * (added - episodes).sum()  # about half here
+    assert sketch.mean_distinct_per_window == np.mean([np.unique(w).size for w in windows])

@@ -12,8 +12,8 @@ each distinct row of a window once, which is an episode count at the window's gr
 plus the mean number of distinct rows per window, which is what zipf-tuned's recency segment must
 hold (the offline rule estimates it from the whole frequency curve, which a bounded counter does
 not keep). Memory: ``4 * depth * width + 12 * candidates`` bytes, whatever the table's rows
-(without the heavy-hitter list on the CPU, ``depth * width`` bytes of window stamps instead of
-the list: see :mod:`tiered_store.sketch_kernel`).
+(without the heavy-hitter list, as the store's re-pinning uses it, the sketch alone, and each
+window's rows are counted conservatively: see :meth:`OnlineProfile.update`).
 
 An offline profile, when given, is the starting point (:meth:`OnlineProfile.seed`): its rows
 enter the heavy-hitter list and the sketch with their episodes scaled by ``prior_weight``.
@@ -88,14 +88,9 @@ class OnlineProfile:
         ).unsqueeze(1)
         self.sketch = torch.zeros(depth, self.width, dtype=dtype, device=self.device)
         self.heavy_hitters = heavy_hitters
-        # without heavy hitters on the CPU, a window is counted in one pass, each counter once
-        # per window (tiered_store.sketch_kernel): its stamp is the window's number (mod 255)
-        self._stamps = (
-            np.zeros((depth, self.width), np.uint8)
-            if not heavy_hitters and self.device.type == "cpu"
-            else None
-        )
-        self._window_no = 0
+        # without heavy hitters on the CPU a window is counted in one numba pass
+        # (tiered_store.sketch_kernel), conservatively: the store's re-pinning
+        self._kernel = not heavy_hitters and self.device.type == "cpu"
         self.rows = torch.full(
             (self.capacity if heavy_hitters else 0,), -1, dtype=torch.int64, device=self.device
         )
@@ -106,8 +101,7 @@ class OnlineProfile:
     @property
     def nbytes(self) -> int:
         """Bytes held: the sketch and the heavy-hitter ids (estimates are recomputed)."""
-        stamps = 0 if self._stamps is None else self._stamps.nbytes
-        return self.sketch.nbytes + self.rows.nbytes + stamps
+        return self.sketch.nbytes + self.rows.nbytes
 
     @property
     def mean_distinct_per_window(self) -> float:
@@ -121,7 +115,7 @@ class OnlineProfile:
     def estimates(self, ids: torch.Tensor) -> torch.Tensor:
         """Estimated episodes of each id (never below the count the sketch was given)."""
         ids = ids.to(self.device)
-        if self._stamps is not None:  # the numba pass (same hash, same minimum)
+        if self._kernel:  # the numba pass (same hash, same minimum)
             from .sketch_kernel import sketch_estimates  # noqa: PLC0415 (imports numba)
 
             ids = ids.to(torch.int64).contiguous()
@@ -133,29 +127,31 @@ class OnlineProfile:
     def update(
         self, window: torch.Tensor, weight: float = 1, *, distinct_elsewhere: int = 0
     ) -> None:
-        """Count one window of lookups: each distinct row once (``weight`` times).
-        ``distinct_elsewhere``: distinct rows of the window counted by someone else (a tier's
-        hits, counted per slot), added to the window's distinct rows."""
+        """Count one window of lookups: each distinct row once (``weight`` times); without the
+        heavy-hitter list (the store's re-pinning), conservatively: a row's counters are raised to
+        their minimum plus ``weight`` rather than each increased by it, so collisions inflate
+        estimates less. ``distinct_elsewhere``: distinct rows of the window counted by someone
+        else (a tier's hits, counted per slot), added to the window's distinct rows."""
         self._distinct_sum += distinct_elsewhere
-        if self._stamps is not None:  # CPU, no heavy hitters: one numba pass, no unique
+        if self._kernel:  # CPU, no heavy hitters: one numba pass, no unique
             from .sketch_kernel import sketch_add_window  # noqa: PLC0415 (imports numba)
 
-            self._window_no = self._window_no % 255 + 1  # uint8 stamps; 0: never touched
+            ids = window.reshape(-1).to(torch.int64).contiguous().numpy()
             self._distinct_sum += sketch_add_window(
-                self.sketch.numpy(),
-                self._stamps,
-                self._seeds_u64(),
-                window.reshape(-1).numpy(),
-                self._window_no,
-                float(weight),
+                self.sketch.numpy(), self._seeds_u64(), ids, float(weight)
             )
             self.windows += 1
             self.lookups += window.numel()
             return
         ids = torch.unique(window.reshape(-1).to(self.device))
-        self._add(
-            ids, torch.full((ids.numel(),), weight, dtype=self.sketch.dtype, device=self.device)
-        )
+        if self.heavy_hitters:
+            weights = torch.full((ids.numel(),), weight, dtype=self.sketch.dtype, device=ids.device)
+            self._add(ids, weights)
+        else:  # conservatively, as the CPU kernel does (CUDA)
+            buckets = self._buckets(ids)
+            raised = torch.gather(self.sketch, 1, buckets).amin(dim=0) + weight
+            for row, idx in zip(self.sketch, buckets, strict=True):
+                row.scatter_reduce_(0, idx, raised, reduce="amax")
         self.windows += 1
         self.lookups += window.numel()
         self._distinct_sum += ids.numel()

@@ -8,9 +8,9 @@ lookups (ended at a batch boundary). Where a row is counted depends on whether t
   counts, so it needs no estimate.
 - **Misses**: a full window adds one episode per distinct row to a count-min sketch
   (:class:`tiered_store.online_profile.OnlineProfile`, sized from the tier: 4 rows of
-  ``sketch_width x capacity`` float32 counters, rounded up to a power of two, plus a one-byte
-  window stamp per counter on the CPU: 40-80 bytes per slot at the default width 2, never per
-  table row).
+  ``sketch_width x capacity`` float32 counters, rounded up to a power of two: 32-64 bytes per
+  slot at the default width 2, never per table row), conservatively (a row's counters are
+  raised to their minimum plus the episode, so collisions inflate estimates less).
 - A row **admitted** starts its slot's count from its sketch estimate (plus the episode of the
   miss that brought it, unless the sketch has counted that window already); a row **evicted**
   raises its sketch counters to its slot's count (a conservative update: a row's estimate is

@@ -40,36 +40,44 @@ def sketch_add(
 
 
 @numba.njit(cache=True, nogil=True)
-def sketch_add_window(
-    sketch: np.ndarray,
-    stamps: np.ndarray,
-    seeds: np.ndarray,
-    ids: np.ndarray,
-    window: int,
-    weight: float,
-) -> int:
-    """Count one window of ids (duplicates included) once per counter: ``sketch[d, h] +=
-    weight`` the first time in this window (``stamps[d, h] != window``) that an id hashes to
-    ``h`` in row ``d``. A row's estimate (its counters' minimum) stays an upper bound on the
-    windows it appeared in, without deduplicating the ids first. Returns the counters of row 0
-    first touched in this window: the window's distinct rows, less collisions."""
+def sketch_add_window(sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray, weight: float) -> int:
+    """Count one window of ids (duplicates included) once per distinct id, conservatively: the
+    id's counters (``h_d = splitmix64(id + seeds[d]) & (width - 1)`` in each row ``d``) are
+    raised to their minimum plus ``weight``. Duplicates are found with an open-addressing set of
+    the window's ids (twice as many places as ids), so the window needs no sort. A row's estimate
+    (its counters' minimum) stays an upper bound on the windows it appeared in, and overshoots
+    less than adding ``weight`` to every counter: a collision only raises a counter to what the
+    row sharing it has. Returns the window's distinct ids."""
+    n = ids.size
+    size = 2
+    while size < 2 * n:
+        size *= 2
+    taken = np.zeros(size, np.bool_)
+    keys = np.empty(size, np.int64)
+    place_mask = size - 1
     mask = np.uint64(sketch.shape[1] - 1)
-    stamp = stamps.dtype.type(window)
-    first = 0
-    buckets = np.empty(ids.size, np.int64)
-    for d in range(sketch.shape[0]):
-        seed = seeds[d]
-        for i in range(ids.size):  # hashes first: the loop below then only waits on memory
-            buckets[i] = np.int64(_mix(np.uint64(ids[i]) + seed) & mask)
-        row, marks = sketch[d], stamps[d]
-        for i in range(ids.size):
-            h = buckets[i]
-            if marks[h] != stamp:
-                marks[h] = stamp
-                row[h] += weight
-                if d == 0:
-                    first += 1
-    return first
+    step = sketch.dtype.type(weight)
+    depth = sketch.shape[0]
+    at = np.empty(depth, np.int64)  # the id's counter in each row
+    distinct = 0
+    for i in range(n):
+        x = ids[i]
+        p = np.int64(_mix(np.uint64(x)) & np.uint64(place_mask))
+        while taken[p] and keys[p] != x:
+            p = (p + 1) & place_mask
+        if taken[p]:  # a duplicate: counted once per window
+            continue
+        taken[p], keys[p] = True, x
+        distinct += 1
+        for d in range(depth):
+            at[d] = np.int64(_mix(np.uint64(x) + seeds[d]) & mask)
+        low = sketch[0, at[0]]
+        for d in range(1, depth):
+            low = min(low, sketch[d, at[d]])
+        raised = low + step
+        for d in range(depth):
+            sketch[d, at[d]] = max(sketch[d, at[d]], raised)
+    return distinct
 
 
 @numba.njit(cache=True, nogil=True)
