@@ -353,12 +353,7 @@ class OnlineRepin:
         if self.device.type == "cpu":  # one numba pass, without the GIL
             from .sketch_kernel import slot_episodes  # noqa: PLC0415 (imports numba)
 
-            return slot_episodes(
-                self._per_slot.numpy(),
-                slots.to(torch.int64).contiguous().numpy(),
-                window,
-                step,
-            )
+            return slot_episodes(self._per_slot.numpy(), _int64(slots), window, step)
         return count_hits_torch(self.slot_count, self.slot_stamp, slots, window, step)
 
     def seed(self, profile: FrequencyProfile, offline_target: int) -> None:
@@ -489,12 +484,12 @@ class OnlineRepin:
         self.repins = int(state["repins"])
 
 
-# -- the CUDA paths (the CPU runs the numba passes of tiered_store.sketch_kernel) ----------------
 def _int64(ids: torch.Tensor) -> np.ndarray:
     """A CPU tensor of ids as a contiguous int64 numpy array (for the numba kernels)."""
     return ids.to(torch.int64).contiguous().numpy()
 
 
+# -- the CUDA paths (the CPU runs the numba passes of tiered_store.sketch_kernel) ----------------
 def admitted_torch(
     counts: torch.Tensor,
     stamps: torch.Tensor,
