@@ -5,7 +5,14 @@ Policies see row ids and slot numbers only, never embedding values, and work on 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+# a search for the smallest keys looks at the unprotected slots alone (a pass over the flags, then
+# a topk over them) where at most 1/SPARSE_SHARE of the slots are unprotected: a zipf-tuned tier
+# pins most of its slots, and a topk over all of them cost a 4M-slot tier's lookups about a sixth
+# of their time
+SPARSE_SHARE = 8
 
 
 class EvictionPolicy:
@@ -58,7 +65,15 @@ class EvictionPolicy:
 
     def smallest_keys(self, n: int, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``n`` smallest ``victim_priority`` keys of unprotected slots, ascending, and their
-        slots (``n`` <= the unprotected slots)."""
+        slots (``n`` <= the unprotected slots). With distinct keys (``keys_only_grow``) on the CPU,
+        where few slots are unprotected, a ``topk`` over those alone: the same slots in the same
+        order."""
+        if self.keys_only_grow and self.device.type == "cpu":
+            flags = protected.numpy()
+            if (flags.size - np.count_nonzero(flags)) * SPARSE_SHARE <= flags.size:
+                slots = torch.from_numpy(np.flatnonzero(~flags))
+                keys, pick = torch.topk(self.victim_priority(slots), n, largest=False, sorted=True)
+                return keys, slots[pick]
         priority = self.victim_priority()
         top = torch.iinfo(priority.dtype).max if not priority.is_floating_point() else float("inf")
         priority = priority.masked_fill(protected, top)

@@ -195,9 +195,10 @@ def test_lru_doc_example():
 
 
 def test_a_tier_pinned_almost_full_refills_its_victims_as_a_topk_over_every_slot_would():
-    # where at most 1/8 of the slots are evictable the refill looks at those alone (a pass over
-    # the pin flags): the victims, in order, are those of a topk per eviction over every slot
-    from tiered_store.row_cache import SPARSE_EVICTABLE_SHARE
+    # where at most 1/8 of the slots are evictable the search looks at those alone (a pass over
+    # the pin flags): each search returns what a topk over every slot does, and the victims, in
+    # order, are those of a topk per eviction
+    from policies.base import SPARSE_SHARE
 
     caches = [
         RowCache("warm", num_rows=5000, capacity=400, spec=PolicySpec.parse("zipf-tuned"), **kw)
@@ -206,13 +207,18 @@ def test_a_tier_pinned_almost_full_refills_its_victims_as_a_topk_over_every_slot
     for cache in caches:
         cache.preload(torch.arange(370), pin=True)
     refills = []
-    search = caches[0]._smallest_evictable
+    eviction = caches[0].eviction
+    search = eviction.smallest_keys
 
-    def counted(k: int, evictable: int):
-        refills.append(evictable)
-        return search(k, evictable)
+    def checked(k: int, protected: torch.Tensor):
+        refills.append(int((~protected).sum()))
+        keys, slots = search(k, protected)
+        every = eviction.victim_priority().masked_fill(protected, torch.iinfo(torch.int64).max)
+        want_keys, want_slots = torch.topk(every, k, largest=False, sorted=True)
+        assert torch.equal(keys, want_keys) and torch.equal(slots, want_slots)
+        return keys, slots
 
-    caches[0]._smallest_evictable = counted
+    eviction.smallest_keys = checked
     rng = np.random.default_rng(7)
     for i in range(80):
         batch = rng.integers(0, 5000, 12)
@@ -220,4 +226,4 @@ def test_a_tier_pinned_almost_full_refills_its_victims_as_a_topk_over_every_slot
             run_batch(cache, batch)
         assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot), i
     assert len(refills) > 5
-    assert all(0 < n * SPARSE_EVICTABLE_SHARE <= caches[0].capacity for n in refills)
+    assert all(0 < n * SPARSE_SHARE <= caches[0].capacity for n in refills)

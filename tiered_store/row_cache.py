@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 
 from policies import PolicySpec
@@ -23,10 +22,6 @@ from .row_index import make_row_index
 DEFAULT_VICTIM_BUFFER = 4096
 VICTIM_BUFFER_BATCHES = 8
 VICTIM_BUFFER_SHARE = 16
-# a refill looks only at the evictable slots (a pass over the pin flags, then a topk over them)
-# where at most 1/SPARSE_EVICTABLE_SHARE of the tier is evictable: a zipf-tuned tier pins most of
-# its slots, and a topk over all of them cost a 4M-slot tier's lookups about a sixth of their time
-SPARSE_EVICTABLE_SHARE = 8
 SLOT_BYTES = 8 + 1 + 8  # per slot, whatever the policy: owner row, unevictable flag, free list
 
 
@@ -347,18 +342,9 @@ class RowCache:
             self._victim_buffer, VICTIM_BUFFER_BATCHES * want, self.capacity // VICTIM_BUFFER_SHARE
         )
         k = min(want + spare, evictable)
-        keys, slots = self._smallest_evictable(k, evictable)
+        keys, slots = self.eviction.smallest_keys(k, self._unevictable)
         self._buffered = (slots[want:], keys[want:])
         return slots[:want]
-
-    def _smallest_evictable(self, k: int, evictable: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The policy's ``k`` smallest keys of evictable slots, ascending, and their slots: over
-        those slots alone where few are evictable (on the CPU), else the policy's own search."""
-        if self.device.type != "cpu" or evictable * SPARSE_EVICTABLE_SHARE > self.capacity:
-            return self.eviction.smallest_keys(k, self._unevictable)
-        slots = torch.from_numpy(np.flatnonzero(~self._unevictable.numpy()))
-        keys, pick = torch.topk(self.eviction.victim_priority(slots), k, largest=False, sorted=True)
-        return keys, slots[pick]
 
     def _still_valid(self, slots: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Buffered victims whose key is unchanged and that are still evictable."""
