@@ -34,6 +34,7 @@ class Tier:
     pinned: torch.Tensor
     per_slot: torch.Tensor  # int32 [slots, 2]: float32 count bits, window stamp
     budget: int
+    scratch: np.ndarray  # the plan's 16-bit key per slot, kept across plans as OnlineRepin does
 
     @property
     def counts(self) -> torch.Tensor:
@@ -58,6 +59,7 @@ def tier(sizes) -> Tier:
         torch.from_numpy(pinned),
         torch.from_numpy(per_slot),
         max(1, int(BUDGET_SHARE * PINNED_SHARE * n)),
+        np.empty(n, dtype=np.uint16),
     )
     ours, base = _ours(out), _baseline(out)
     assert np.array_equal(ours[1], base[1].numpy()) and np.array_equal(ours[3], base[3].numpy())
@@ -67,7 +69,7 @@ def tier(sizes) -> Tier:
 def _ours(tier: Tier) -> tuple:
     """The CPU search."""
     args = (tier.row_of_slot.numpy(), tier.pinned.numpy(), tier.per_slot.numpy(), tier.budget)
-    return repin_candidates(*args)
+    return repin_candidates(*args, tier.scratch)
 
 
 def _baseline(tier: Tier) -> tuple:

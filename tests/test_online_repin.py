@@ -461,8 +461,9 @@ def test_the_cuda_paths_count_admit_evict_and_choose_as_the_cpu_kernels():
         map(torch.from_numpy, (counts, fractions)), (0, 1, 50, 1999, 10_000)
     ):
         pairs = np.zeros((5000, 2), np.int32)  # the counts as OnlineRepin keeps them
+        scratch = np.full(5000, 0xFFFF, np.uint16)  # what a plan before left in it
         pairs.view(np.float32)[:, 0] = score.numpy()
-        cpu = repin_candidates(row_of_slot.numpy(), pinned.numpy(), pairs, k)
+        cpu = repin_candidates(row_of_slot.numpy(), pinned.numpy(), pairs, k, scratch)
         cuda = candidates_torch(row_of_slot, pinned, score, k)
         assert cpu[4:] == cuda[4:]  # resident and pinned slots
         assert cpu[1].tolist() == cuda[1].tolist() == score[cpu[0]].tolist()  # most first

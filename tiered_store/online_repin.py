@@ -151,6 +151,9 @@ class OnlineRepin:
         self.slot_count = self._per_slot.view(torch.float32)[:, 0]
         self.slot_stamp = self._per_slot[:, 1]
         self.slot_stamp.fill_(-1)
+        # a plan's scratch on the CPU: a 16-bit key per slot (see sketch_kernel.repin_candidates)
+        cpu = self.device.type == "cpu"
+        self._plan_keys = np.empty(self.capacity if cpu else 0, dtype=np.uint16)
         # the lookup side: the open window, its lookups so far, the last batch's window
         self.window_no = 0
         self._in_window = 0
@@ -199,10 +202,10 @@ class OnlineRepin:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for good: the sketch, a count and a stamp per slot (the lookups' hit slots
-        and misses are held besides until counted: 8 B a lookup, at most
+        """Bytes held for good: the sketch, a count and a stamp per slot, a plan's scratch (the
+        lookups' hit slots and misses are held besides until counted: 8 B a lookup, at most
         ``MAX_PENDING_WINDOWS + 1`` windows)."""
-        return self.profile.nbytes + self._per_slot.nbytes
+        return self.profile.nbytes + self._per_slot.nbytes + self._plan_keys.nbytes
 
     # -- the lookup side: each update applied at once (replay) or queued in order (the store) ----
     def count(self, hit_slots: torch.Tensor, miss_ids: torch.Tensor, *, lookups: int) -> None:
@@ -424,7 +427,7 @@ class OnlineRepin:
                 from .sketch_kernel import repin_candidates  # noqa: PLC0415 (imports numba)
 
                 found = repin_candidates(
-                    row_of_slot.numpy(), pinned.numpy(), self._per_slot.numpy(), k
+                    row_of_slot.numpy(), pinned.numpy(), self._per_slot.numpy(), k, self._plan_keys
                 )
                 best, best_score, low, low_score = (torch.from_numpy(a) for a in found[:4])
                 return best, best_score, low, low_score, found[4], found[5]

@@ -188,7 +188,9 @@ class RowCache:
             self._buffered = None
             return
         unpin_keys = self.eviction.victim_priority(unpin)
-        join = (unpin_keys < keys.max()) & ~torch.isin(unpin, slots)
+        buffered = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
+        buffered[slots] = True  # a mark per slot, not an isin (a sort of both)
+        join = (unpin_keys < keys.max()) & ~buffered[unpin]
         if bool(join.any()):
             keys = torch.cat([keys, unpin_keys[join]])
             order = torch.argsort(keys, stable=True)

@@ -191,48 +191,55 @@ def _extreme(slots: np.ndarray, keys: np.ndarray, need: int, largest: bool) -> n
 
 
 @numba.njit(cache=True, nogil=True)
-def repin_candidates(row_of_slot: np.ndarray, pinned: np.ndarray, per_slot: np.ndarray, k: int):
-    """A re-pin's candidates in two passes over a tier's slots (no sort of the slots): the ``k``
-    best-scored unpinned resident slots with a score above 0 (most first) and the ``k``
-    lowest-scored pinned slots (least first), and the resident and pinned slot counts. The
-    scores are the float32 counts of ``per_slot`` (:func:`slot_episodes`'s array); ``pinned``
-    is read only where ``row_of_slot`` holds a row.
+def repin_candidates(
+    row_of_slot: np.ndarray, pinned: np.ndarray, per_slot: np.ndarray, k: int, key: np.ndarray
+):
+    """A re-pin's candidates in two passes (no sort of the slots): the ``k`` best-scored unpinned
+    resident slots with a score above 0 (most first) and the ``k`` lowest-scored pinned slots
+    (least first), and the resident and pinned slot counts. The scores are the float32 counts
+    of ``per_slot`` (:func:`slot_episodes`'s array); ``pinned`` is read only where
+    ``row_of_slot`` holds a row; ``key`` is scratch space, a uint16 per slot.
 
-    Scores are non-negative float32, whose bits are in value order: the first pass counts the
-    unpinned and the pinned slots per bin of the top 16 bits, which finds the bin where the ``k``
-    best (lowest) end; the second collects the slots past that bin and those in it; the edge
-    bin's slots are narrowed to the ones needed by their low 16 bits (:func:`_extreme`), and only
-    the ``k`` chosen are sorted. Branch-free where pinned and unpinned slots interleave.
+    Scores are non-negative float32, whose bits are in value order. The first pass over the
+    slots writes each slot's 16-bit key (pinned or not, and the top 16 bits of its score, the
+    bin) and counts the keys, which finds the bin where the ``k`` best (lowest) end; the second
+    reads only the keys (2 B a slot, against 17 for the slot's row, flag and count) to collect
+    the slots past that bin and those in it; the edge bin's slots are narrowed to the ones
+    needed by their low 16 bits (:func:`_extreme`), and only the ``k`` chosen are sorted.
+    Branch-free where pinned and unpinned slots interleave.
     Returns (best, best scores, lowest, lowest scores, resident, pinned)."""
     bits = per_slot[:, 0]
     score = per_slot.view(np.float32)[:, 0]
-    hist = np.zeros((2, TOP_BINS), np.int64)  # [unpinned, pinned]
+    # key: pinned << 15 | bin (a finite score's bin is at most 0x7F7F), NONE: not a candidate
+    none = np.int64(0xFFFF)
+    hist = np.zeros(2 * TOP_BINS, np.int64)  # unpinned slots per bin, then pinned ones
     resident = held = 0
     for s in range(row_of_slot.size):
         there = row_of_slot[s] >= 0
         side = np.int64(pinned[s])
         wanted = there & (pinned[s] | (score[s] > 0))
-        hist[side, max(bits[s] >> 16, 0)] += wanted
+        kk = (side << 15) | max(bits[s] >> 16, 0)
+        key[s] = kk if wanted else none
+        hist[kk] += wanted
         resident += there
         held += there & pinned[s]
     top, n_top = TOP_BINS, 0
     while top > 0 and n_top < k:
         top -= 1
-        n_top += hist[0, top]
+        n_top += hist[top]
     bottom, n_bottom = -1, 0
     while bottom < TOP_BINS - 1 and n_bottom < k:
         bottom += 1
-        n_bottom += hist[1, bottom]
+        n_bottom += hist[TOP_BINS + bottom]
     # collect the slots past the edge bins and in them, then cut the edge bins' to ``k`` in all
     best = np.empty(n_top + 1, np.int64)
     low = np.empty(n_bottom + 1, np.int64)
     n_best = n_low = 0
+    low_end = min(TOP_BINS + bottom, none - 1)  # pinned keys at or below the bottom edge
     for s in range(row_of_slot.size):
-        b = max(bits[s] >> 16, 0)
-        there = row_of_slot[s] >= 0
-        unpinned = there & ~pinned[s] & (score[s] > 0)
-        take_best = unpinned & (b >= top)
-        take_low = there & pinned[s] & (b <= bottom)
+        kk = np.int64(key[s])
+        take_best = (kk >= top) & (kk < TOP_BINS)  # unpinned, at or past the top edge
+        take_low = (kk >= TOP_BINS) & (kk <= low_end)
         best[min(n_best, n_top)] = s  # written always, kept when taken: no branch
         n_best += take_best & (n_best < n_top)
         low[min(n_low, n_bottom)] = s
