@@ -19,7 +19,9 @@
     profile with re-pinning off (the pins fixed) and on; ``zipf-tuned`` with no profile (online
     only: it starts as LRU and learns), with the default schedule and the former one.
     The reads after the warm-up are the full replay's minus a replay of the warm-up alone (replay
-    is deterministic, so that prefix decides exactly the same).
+    is deterministic, so that prefix decides exactly the same). Each mode's replay speed is
+    also given against ``lru``'s in the same run; ``--replay-modes`` picks the modes (e.g.
+    ``lru,online`` to time online re-pinning alone).
 (c) **What any online counter could reach** (per request, ``policies.repin``, exact per-row
     counts instead of a sketch, re-pins every ``--bound-every`` lookups moving any number of rows,
     reading rows it does not hold from cold): the offline pins against online-only exact counting
@@ -74,6 +76,13 @@ from zipf_analysis.replay import replay
 BATCH = 65_536  # lookups per trace batch: one 4,096-token sequence x 16 heads
 # the schedule before re-pins scored only touched slots: a full plan per 1M lookups
 FORMER_SCHEDULE = {"every": 1_048_576, "budget": "10%", "decay": 0.9}
+REPLAY_MODES = {  # (b)'s tiers: short name (--replay-modes) -> name in the output
+    "lru": "lru",
+    "fixed": "zipf-tuned, offline profile, pins fixed",
+    "repinned": "zipf-tuned, offline profile, re-pinned online",
+    "online": "zipf-tuned, online only (no profile)",
+    "former": "zipf-tuned, online only, former schedule (1M, 10%, 0.9)",
+}
 MODES = {
     "lru": {"policy": "lru"},
     "zipf-tuned, counting off": {"policy": "zipf-tuned", "repin": {"enabled": False}},
@@ -209,24 +218,25 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
     }
     repin = {"enabled": True, **{k: v for k, v in given.items() if v is not None}}
     former = {"enabled": True, **FORMER_SCHEDULE}
-    policies = {
-        "lru": {"policy": "lru"},
-        "zipf-tuned, offline profile, pins fixed": {
+    every_mode = {
+        REPLAY_MODES["lru"]: {"policy": "lru"},
+        REPLAY_MODES["fixed"]: {
             "policy": "zipf-tuned",
             "profile": str(profile_path),
             "repin": {"enabled": False},
         },
-        "zipf-tuned, offline profile, re-pinned online": {
+        REPLAY_MODES["repinned"]: {
             "policy": "zipf-tuned",
             "profile": str(profile_path),
             "repin": repin,
         },
-        "zipf-tuned, online only (no profile)": {"policy": "zipf-tuned", "repin": repin},
-        "zipf-tuned, online only, former schedule (1M, 10%, 0.9)": {
+        REPLAY_MODES["online"]: {"policy": "zipf-tuned", "repin": repin},
+        REPLAY_MODES["former"]: {
             "policy": "zipf-tuned",
             "repin": former,
         },
     }
+    policies = {name: every_mode[name] for name in args.replay_modes}
     out = {
         "trace": str(analysis / "holdout.trace"),
         "profile": str(profile_path),
@@ -270,9 +280,27 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
                 f"after the warm-up ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
-        cell["per_request_bounds"] = online_bounds(args, ids, warmup, profile, layout, share)
+        if "lru" in cell:  # each mode's replay speed against lru's in the same run
+            for name in policies:
+                cell[name]["replay_speed_to_lru"] = (
+                    cell[name]["replay_lookups_per_s"] / cell["lru"]["replay_lookups_per_s"]
+                )
+        if not args.skip_bounds:
+            cell["per_request_bounds"] = online_bounds(args, ids, warmup, profile, layout, share)
         out["shares"][share] = cell
     return out
+
+
+def replay_modes(given: str) -> list[str]:
+    """The (b) modes ``--replay-modes`` names (short names, comma-separated), in table order."""
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(REPLAY_MODES))
+    if unknown or not names:
+        raise SystemExit(
+            f"--replay-modes {given!r}: expected some of {', '.join(REPLAY_MODES)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return [full for short, full in REPLAY_MODES.items() if short in names]
 
 
 def online_bounds(args, ids, warmup, profile, layout, share: str) -> dict:
@@ -327,6 +355,13 @@ def main(argv=None) -> int:
     p.add_argument("--sketch-width", type=int, help="repin.sketch_width (default: the config's)")
     p.add_argument("--batch-tokens", type=int, default=64, help="(b): tokens per replayed batch")
     p.add_argument(
+        "--replay-modes",
+        default=",".join(REPLAY_MODES),
+        help="(b): which tiers to replay: "
+        + "; ".join(f"{short}: {full}" for short, full in REPLAY_MODES.items()),
+    )
+    p.add_argument("--skip-bounds", action="store_true", help="(b) without (c)")
+    p.add_argument(
         "--bound-every", type=int, default=262_144, help="(c): lookups between exact re-pins"
     )
     p.add_argument("--hit-rows", type=int, default=200_000, help="(a): table rows, all resident")
@@ -347,6 +382,7 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="/var/tmp", help="work directory's parent (deleted at the end)")
     p.add_argument("--out", help="write JSON here too")
     args = p.parse_args(argv)
+    args.replay_modes = replay_modes(args.replay_modes)  # a clear error before any work
     torch.set_num_threads(1)  # shared cores: extra threads only spin
     work = Path(tempfile.mkdtemp(prefix="bench-online-repin-", dir=args.dir))
     result = {"command": " ".join(["python bench/bench_online_repin.py", *(argv or sys.argv[1:])])}

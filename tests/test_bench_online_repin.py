@@ -1,0 +1,48 @@
+"""bench/bench_online_repin.py replays the modes asked for, with each one's speed against lru's
+in the same run, and names a mode it does not know (run, not imported: it sets torch's threads)."""
+
+from __future__ import annotations
+
+import email
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
+
+
+def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script in a subprocess, its work directory under ``tmp_path``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "bench/bench_online_repin.py", *args, "--dir", str(tmp_path)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_times_only_the_replay_modes_asked_for(tmp_path):
+    out = tmp_path / "r.json"
+    done = run_bench(
+        str(CORPUS),
+        *("--skip-all-hit", "--max-tokens", "200000", "--shares", "5%"),
+        *("--replay-modes", "online,lru", "--skip-bounds"),
+        *("--warmup", "65536", "--lookups", "1000000", "--out", str(out)),
+        tmp_path=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    cell = json.loads(out.read_text())["fetch_ratio"]["shares"]["5%"]
+    online = "zipf-tuned, online only (no profile)"
+    assert list(cell) == ["lru", online]  # in the table's order, no bounds (c)
+    assert cell["lru"]["replay_speed_to_lru"] == 1.0
+    speed = cell[online]["replay_lookups_per_s"] / cell["lru"]["replay_lookups_per_s"]
+    assert cell[online]["replay_speed_to_lru"] == speed > 0
+    assert cell[online]["repins"] > 0 and cell["lru"]["repins"] == 0
+
+
+def test_names_an_unknown_replay_mode_before_any_work(tmp_path):
+    done = run_bench("--replay-modes", "lru,fastest", tmp_path=tmp_path)
+    assert done.returncode == 1
+    assert "--replay-modes 'lru,fastest'" in done.stderr and "unknown: fastest" in done.stderr
+    assert "lru, fixed, repinned, online, former" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before making its work directory
