@@ -36,7 +36,9 @@ prefetch worker resolves a batch (probe, dedup, admission) and its cold-read poo
 O_DIRECT reads meanwhile. On this CPU-only machine they compete for the same cores, so prefetch
 hides the read latency but not the store's CPU time (about 0.1 CPU-s per 2,048-token batch for
 both layers, measured against ~12 CPU-s of model compute per batch); on a GPU server the model
-runs on the device and the store's work uses host cores that are otherwise idle.
+runs on the device and the store's work uses host cores that are otherwise idle. ``--device
+cuda`` measures that: the model, (a)'s tables and the stores' hot tiers on the GPU (rows copied
+host-to-device on each store's side stream), the warm tiers in pinned host RAM.
 """
 
 from __future__ import annotations
@@ -112,9 +114,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--torch-threads", type=int, default=0, help="intra-op threads (0: torch's default)"
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model runs, (a)'s tables live and the stores' hot tiers are: cpu, cuda, "
+        "cuda:N (warm tiers stay in host RAM, pinned on CUDA)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the JSON report here as well as stdout")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.device = compute_device(args.device)
+    return args
+
+
+def compute_device(name: str) -> torch.device:
+    """``--device`` as a torch device, refused clearly where it does not exist."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name!r}: not a device; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"--device {name!r}: CUDA is not available here (torch {torch.__version__})"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "cuda" and device.index is None:  # named as the report gives it
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def model_config(args) -> ModelConfig:
@@ -139,7 +168,7 @@ def model_config(args) -> ModelConfig:
 def store_spec(args) -> dict:
     return {
         "tiers": {
-            "hot": {"capacity": args.hot, "policy": args.policy},
+            "hot": {"capacity": args.hot, "policy": args.policy, "device": str(args.device)},
             "warm": {"capacity": args.warm, "policy": args.policy},
             "cold": {"io": "direct", "threads": args.cold_threads},
         },
@@ -244,8 +273,8 @@ def main(argv=None) -> int:
     )
     drop_page_cache(paths.values())
     print("loading the tables into memory for (a) ...", file=sys.stderr)
-    memory = {layer: load_table_in_memory(p) for layer, p in paths.items()}
-    model = EngramLM(config, hasher=hasher, tables=memory).eval()
+    memory = {layer: load_table_in_memory(p).to(args.device) for layer, p in paths.items()}
+    model = EngramLM(config, hasher=hasher, tables=memory).eval().to(args.device)
     dense = model.dense_parameters()
     table_params = model.table_parameters()
     table_bytes = {layer: p.stat().st_size for layer, p in paths.items()}
@@ -263,7 +292,10 @@ def main(argv=None) -> int:
 
     spec = store_spec(args)
     mmap_spec = {
-        "tiers": {"cold": {"io": "mmap", "threads": args.cold_threads}},
+        "tiers": {
+            "hot": {"device": str(args.device)},  # no capacity: where its rows are returned
+            "cold": {"io": "mmap", "threads": args.cold_threads},
+        },
         "prefetch": spec["prefetch"],
     }
     print("opening the stores (warm start) ...", file=sys.stderr)
@@ -316,6 +348,8 @@ def main(argv=None) -> int:
             for a in (sys.argv[1:] if argv is None else argv)
         ),
         "machine": {
+            "device": str(args.device),
+            "gpu": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None,
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,

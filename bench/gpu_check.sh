@@ -5,7 +5,9 @@
 #   device run --carry .whl --timeout 600 'bash bench/gpu_check.sh'
 # Writes its logs and JSON under $OUT (default gpu-check/): the CUDA tests (`pytest -m gpu`),
 # the demo with its hot tier and model on the GPU (logits checked bit-identical to the tables in
-# memory), and the all-hit lookup cost of online counting with the hot tier's counts on the GPU.
+# memory), the Engram benchmark at its default size with the model, the in-memory tables and
+# the hot tiers on the GPU (6 rounds), and the all-hit lookup cost of online counting with the
+# hot tier's counts on the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
@@ -28,6 +30,8 @@ run() {  # one step: its output to the terminal and to $OUT/NAME.log; remembers 
 }
 run pytest_gpu python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/
 run demo_cuda python3 -m tiered_store.cli demo --device cuda
+run engram_cuda python3 bench/bench_engram.py --device cuda --rounds 6 \
+  --out "$OUT/engram_cuda.json"
 run online_repin_cuda python3 bench/bench_online_repin.py --skip-replay --hit-device cuda \
   --rounds 5 --dir /tmp --out "$OUT/online_repin_all_hit_cuda.json"
 exit $status

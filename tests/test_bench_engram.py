@@ -1,0 +1,64 @@
+"""bench/bench_engram.py at a tiny size: its four variants give bit-identical logits on the device
+asked for (run, not imported: it sets torch's threads), and a device that is not there is refused
+before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = (
+    *("--engram-vocab", "20000", "--engram-embed", "64", "--engram-layers", "1"),
+    *("--hidden", "64", "--layers", "2", "--heads", "2"),
+    *("--rounds", "2", "--profile-tokens", "2048", "--batch-size", "1", "--seq-len", "64"),
+)
+
+
+def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script in a subprocess, its tables under ``tmp_path``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "bench/bench_engram.py", *args, "--dir", str(tmp_path)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def tiny_report(device: str, tmp_path: Path) -> dict:
+    """The JSON report of a tiny run on ``device``."""
+    out = tmp_path / "r.json"
+    done = run_bench(*TINY, "--device", device, "--out", str(out), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def check_report(report: dict, device: str) -> None:
+    """Every variant ran on ``device`` with the same logits as the tables in memory."""
+    assert report["machine"]["device"] == device
+    assert report["bit_identical_outputs"] is True
+    assert report["store"]["tiers"]["hot"]["device"] == device
+    tiered = report["results"]["tiered"]
+    assert 0 < tiered["hit_rate"]["cached"] < 1 and tiered["tokens_per_s_median"] > 0
+
+
+def test_the_variants_agree_at_a_tiny_size_on_the_cpu(tmp_path):
+    check_report(tiny_report("cpu", tmp_path), "cpu")
+
+
+@pytest.mark.gpu
+def test_the_variants_agree_with_the_model_and_hot_tiers_on_cuda(tmp_path):
+    report = tiny_report("cuda", tmp_path)
+    check_report(report, "cuda:0")
+    assert report["machine"]["gpu"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: nothing to refuse")
+def test_refuses_cuda_where_there_is_none(tmp_path):
+    done = run_bench("--device", "cuda", tmp_path=tmp_path)
+    assert done.returncode == 1
+    assert "--device 'cuda': CUDA is not available here" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before writing a table
