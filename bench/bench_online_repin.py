@@ -21,7 +21,8 @@
     The reads after the warm-up are the full replay's minus a replay of the warm-up alone (replay
     is deterministic, so that prefix decides exactly the same). Each mode's replay speed is
     also given against ``lru``'s in the same run; ``--replay-modes`` picks the modes (e.g.
-    ``lru,online`` to time online re-pinning alone).
+    ``lru,online`` to time online re-pinning alone); ``--chunk`` adds the fetch ratio of each
+    chunk of that many lookups (how the online tiers converge on the offline pins).
 (c) **What any online counter could reach** (per request, ``policies.repin``, exact per-row
     counts instead of a sketch, re-pins every ``--bound-every`` lookups moving any number of rows,
     reading rows it does not hold from cold): the offline pins against online-only exact counting
@@ -210,6 +211,9 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
         raise SystemExit(f"--warmup {args.warmup}: the trace has only {ids.size:,} lookups")
     write_trace(work / "full.trace", layout, ids)
     write_trace(work / "warmup.trace", layout, ids[:warmup])
+    marks = chunk_marks(args.chunk, ids.size)
+    for mark in marks:
+        write_trace(work / f"prefix_{mark}.trace", layout, ids[:mark])
     given = {
         "every": args.every,
         "budget": args.budget,
@@ -267,6 +271,15 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
             after = full.lookups - head.lookups
             reads = full.rows_moved["cold_reads"] - head.rows_moved["cold_reads"]
             missed = full.tiers["warm"]["misses"] - head.tiers["warm"]["misses"]
+            prefix_reads = [
+                replay(
+                    cfg,
+                    work / f"prefix_{m}.trace",
+                    table=args.layer,
+                    batch_tokens=args.batch_tokens,
+                ).rows_moved["cold_reads"]
+                for m in marks
+            ]
             cell[name] = {
                 "fetch_ratio_after_warmup": reads / after,
                 "miss_ratio_after_warmup": missed / after,
@@ -275,9 +288,23 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
                 "rows_repinned": full.tiers["warm"].get("rows_repinned", 0),
                 "replay_lookups_per_s": full.lookups_per_second,
             }
+            if marks:  # the fetch ratio of each chunk of lookups: how it converges
+                ends, totals = (
+                    [*marks, full.lookups],
+                    [*prefix_reads, full.rows_moved["cold_reads"]],
+                )
+                cell[name]["fetch_ratio_per_chunk"] = [
+                    {"from": a, "to": b, "fetch_ratio": (rb - ra) / (b - a)}
+                    for a, b, ra, rb in zip(
+                        [0, *ends[:-1]], ends, [0, *totals[:-1]], totals, strict=True
+                    )
+                ]
+            chunks = cell[name].get("fetch_ratio_per_chunk", [])
             print(
                 f"  {share} {name}: {100 * cell[name]['fetch_ratio_after_warmup']:.2f}% read "
-                f"after the warm-up ({time.perf_counter() - start:.0f} s)",
+                f"after the warm-up ({time.perf_counter() - start:.0f} s)"
+                + (" per chunk: " + " ".join(f"{100 * c['fetch_ratio']:.2f}" for c in chunks))
+                * bool(chunks),
                 flush=True,
             )
         if "lru" in cell:  # each mode's replay speed against lru's in the same run
@@ -289,6 +316,14 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
             cell["per_request_bounds"] = online_bounds(args, ids, warmup, profile, layout, share)
         out["shares"][share] = cell
     return out
+
+
+def chunk_marks(chunk: int, lookups: int) -> list[int]:
+    """Where the chunks of ``--chunk`` lookups end (whole batches), before the trace's end."""
+    step = chunk - chunk % BATCH
+    if chunk and step <= 0:
+        raise SystemExit(f"--chunk {chunk}: expected 0 or at least {BATCH:,} lookups (a batch)")
+    return list(range(step, lookups, step)) if step else []
 
 
 def replay_modes(given: str) -> list[str]:
@@ -362,6 +397,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--skip-bounds", action="store_true", help="(b) without (c)")
     p.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        help="(b): also the fetch ratio of each chunk of this many lookups (0: none), to see "
+        "how online re-pinning converges",
+    )
+    p.add_argument(
         "--bound-every", type=int, default=262_144, help="(c): lookups between exact re-pins"
     )
     p.add_argument("--hit-rows", type=int, default=200_000, help="(a): table rows, all resident")
@@ -382,7 +424,8 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="/var/tmp", help="work directory's parent (deleted at the end)")
     p.add_argument("--out", help="write JSON here too")
     args = p.parse_args(argv)
-    args.replay_modes = replay_modes(args.replay_modes)  # a clear error before any work
+    args.replay_modes = replay_modes(args.replay_modes)  # clear errors before any work
+    chunk_marks(args.chunk, 0)
     torch.set_num_threads(1)  # shared cores: extra threads only spin
     work = Path(tempfile.mkdtemp(prefix="bench-online-repin-", dir=args.dir))
     result = {"command": " ".join(["python bench/bench_online_repin.py", *(argv or sys.argv[1:])])}

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
 
@@ -26,7 +28,7 @@ def test_times_only_the_replay_modes_asked_for(tmp_path):
     done = run_bench(
         str(CORPUS),
         *("--skip-all-hit", "--max-tokens", "200000", "--shares", "5%"),
-        *("--replay-modes", "online,lru", "--skip-bounds"),
+        *("--replay-modes", "online,lru", "--skip-bounds", "--chunk", "131072"),
         *("--warmup", "65536", "--lookups", "1000000", "--out", str(out)),
         tmp_path=tmp_path,
     )
@@ -38,6 +40,14 @@ def test_times_only_the_replay_modes_asked_for(tmp_path):
     speed = cell[online]["replay_lookups_per_s"] / cell["lru"]["replay_lookups_per_s"]
     assert cell[online]["replay_speed_to_lru"] == speed > 0
     assert cell[online]["repins"] > 0 and cell["lru"]["repins"] == 0
+    for mode in cell.values():  # the chunks tile the replay and add up to its fetch ratio
+        chunks = mode["fetch_ratio_per_chunk"]
+        assert len(chunks) >= 3 and chunks[0]["from"] == 0
+        assert all(c["to"] - c["from"] == 131072 for c in chunks[:-1])
+        assert all(a["to"] == b["from"] for a, b in zip(chunks, chunks[1:], strict=False))
+        assert 0 < chunks[-1]["to"] - chunks[-1]["from"] <= 131072
+        reads = sum(c["fetch_ratio"] * (c["to"] - c["from"]) for c in chunks)
+        assert reads / chunks[-1]["to"] == pytest.approx(mode["fetch_ratio_all"], rel=1e-9)
 
 
 def test_names_an_unknown_replay_mode_before_any_work(tmp_path):
