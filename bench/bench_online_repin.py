@@ -45,6 +45,9 @@ Example::
     tiered-store analyze /usr/share/vim/vim90/doc --max-tokens 2000000 --holdout 0.5 \\
         --shuffle --no-curves --out B
     python bench/bench_online_repin.py --analysis B --profile-from A --skip-all-hit
+    # the traffic itself changes kind: 10M lookups of code (A), then the Vim help (B)
+    python bench/bench_online_repin.py --analysis A --then B --switch-at 10000000 \
+        --lookups 30000000 --skip-all-hit --replay-modes online --skip-bounds --chunk 5000000
     python bench/bench_online_repin.py --skip-all-hit --skip-replay \
         --large-rows 16000000 --large-slots 4000000         # (d): a 2 GB table, 4M slots
 """
@@ -206,6 +209,13 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
     with TraceReader(analysis / "holdout.trace") as reader:
         layout = dict(reader.layout[reader.table_index(args.layer)], name=args.layer)
         ids = reader.read_all(args.layer)[: args.lookups].astype(np.int64)
+    if args.then:  # the traffic changes kind: the other analysis' held-out lookups follow
+        if ids.size <= args.switch_at:
+            raise SystemExit(
+                f"--switch-at {args.switch_at:,}: the analysis' trace (up to --lookups) has "
+                f"only {ids.size:,} lookups; expected a switch before its end"
+            )
+        ids = np.concatenate([ids[: args.switch_at], then_ids(args, layout)])[: args.lookups]
     warmup = args.warmup - args.warmup % BATCH  # whole batches, so the prefix replays alike
     if ids.size <= warmup:
         raise SystemExit(f"--warmup {args.warmup}: the trace has only {ids.size:,} lookups")
@@ -246,6 +256,9 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
         "profile": str(profile_path),
         "lookups": int(ids.size),
         "warmup": warmup,
+        "then": {"trace": str(args.then / "holdout.trace"), "switch_at": args.switch_at}
+        if args.then
+        else None,
         "batch_tokens": args.batch_tokens,
         "repin": repin,
         "repin_former_schedule": former,
@@ -318,6 +331,18 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
     return out
 
 
+def then_ids(args, layout: dict) -> np.ndarray:
+    """``--then``'s held-out lookups of the same table, checked to have its geometry."""
+    with TraceReader(args.then / "holdout.trace") as reader:
+        other = reader.layout[reader.table_index(args.layer)]
+        if other["rows"] != layout["rows"]:
+            raise SystemExit(
+                f"--then {args.then}: its {args.layer} has {other['rows']:,} rows, the "
+                f"analysis' {layout['rows']:,}; expected the same table"
+            )
+        return reader.read_all(args.layer).astype(np.int64)
+
+
 def chunk_marks(chunk: int, lookups: int) -> list[int]:
     """Where the chunks of ``--chunk`` lookups end (whole batches), before the trace's end."""
     step = chunk - chunk % BATCH
@@ -380,6 +405,18 @@ def main(argv=None) -> int:
         help="take the offline profile from this analyze output instead (traffic that drifted "
         "from the profile: e.g. a profile of code serving prose)",
     )
+    p.add_argument(
+        "--then",
+        type=Path,
+        help="(b): traffic that changes kind while serving: after --switch-at lookups of the "
+        "analysis' held-out trace, this analyze output's (e.g. code, then Vim help)",
+    )
+    p.add_argument(
+        "--switch-at",
+        type=int,
+        default=10_000_000,
+        help="(b): lookups of the analysis' trace before --then's (whole batches)",
+    )
     p.add_argument("--layer", default="layer1")
     p.add_argument("--shares", default="5%", help="warm tier sizes, e.g. 5%%,10%%")
     p.add_argument("--warmup", type=int, default=5_000_000, help="lookups before the count")
@@ -426,6 +463,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.replay_modes = replay_modes(args.replay_modes)  # clear errors before any work
     chunk_marks(args.chunk, 0)
+    if args.then is not None:
+        args.switch_at -= args.switch_at % BATCH  # whole batches, as the trace is written
+        if not (args.then / "holdout.trace").is_file():
+            raise SystemExit(f"--then {args.then}: no holdout.trace there (analyze --holdout)")
     torch.set_num_threads(1)  # shared cores: extra threads only spin
     work = Path(tempfile.mkdtemp(prefix="bench-online-repin-", dir=args.dir))
     result = {"command": " ".join(["python bench/bench_online_repin.py", *(argv or sys.argv[1:])])}

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tiered_store.trace import TraceReader
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
 
@@ -56,3 +58,26 @@ def test_names_an_unknown_replay_mode_before_any_work(tmp_path):
     assert "--replay-modes 'lru,fastest'" in done.stderr and "unknown: fastest" in done.stderr
     assert "lru, fixed, repinned, online, former" in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before making its work directory
+
+
+def test_traffic_that_changes_kind_follows_the_first_trace_at_the_switch(tmp_path):
+    first, then = tmp_path / "email", tmp_path / "json"
+    for corpus, out in ((CORPUS, first), (Path(json.__file__).parent, then)):
+        cmd = [sys.executable, "-m", "tiered_store.cli", "analyze", str(corpus), "--holdout"]
+        cmd += ["0.5", "--max-tokens", "100000", "--shuffle", "--no-curves", "--out", str(out)]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "r.json"
+    done = run_bench(
+        *("--analysis", str(first), "--then", str(then), "--switch-at", "200000"),
+        *("--skip-all-hit", "--shares", "5%", "--replay-modes", "online", "--skip-bounds"),
+        *("--warmup", "65536", "--out", str(out)),
+        tmp_path=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())["fetch_ratio"]
+    with TraceReader(then / "holdout.trace") as reader:
+        then_lookups = reader.read_all("layer1").size
+    switch = 200000 - 200000 % 65536  # whole batches
+    assert report["then"] == {"trace": str(then / "holdout.trace"), "switch_at": switch}
+    assert report["lookups"] == switch + then_lookups
