@@ -430,7 +430,7 @@ def main(argv=None) -> int:
         "--replay-modes",
         default=",".join(REPLAY_MODES),
         help="(b): which tiers to replay: "
-        + "; ".join(f"{short}: {full}" for short, full in REPLAY_MODES.items()),
+        + "; ".join(f"{short}: {full}" for short, full in REPLAY_MODES.items()).replace("%", "%%"),
     )
     p.add_argument("--skip-bounds", action="store_true", help="(b) without (c)")
     p.add_argument(

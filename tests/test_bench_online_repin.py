@@ -52,6 +52,14 @@ def test_times_only_the_replay_modes_asked_for(tmp_path):
         assert reads / chunks[-1]["to"] == pytest.approx(mode["fetch_ratio_all"], rel=1e-9)
 
 
+def test_help_explains_the_options(tmp_path):
+    done = run_bench("--help", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = " ".join(done.stdout.split())  # argparse wraps the lines
+    assert "former schedule (1M, 10%, 0.9)" in text  # a % in a help string is escaped
+    assert "--then THEN" in text and "--chunk CHUNK" in text
+
+
 def test_names_an_unknown_replay_mode_before_any_work(tmp_path):
     done = run_bench("--replay-modes", "lru,fastest", tmp_path=tmp_path)
     assert done.returncode == 1
