@@ -478,7 +478,7 @@ def test_the_cuda_paths_count_admit_evict_and_choose_as_the_cpu_kernels():
     ids = torch.from_numpy(rng.choice(1000, 300, replace=False))
     values = torch.from_numpy(rng.integers(0, 6, 300).astype(np.float32))
     profile.raise_to(ids, values)
-    profile._raise_torch(other, ids, values)
+    profile._raise_torch(other, profile._buckets(ids), values)
     assert torch.equal(profile.sketch, other)
     assert bool((profile.estimates(ids) >= values).all())
 

@@ -150,8 +150,7 @@ class OnlineProfile:
         else:  # conservatively, as the CPU kernel does (CUDA)
             buckets = self._buckets(ids)
             raised = torch.gather(self.sketch, 1, buckets).amin(dim=0) + weight
-            for row, idx in zip(self.sketch, buckets, strict=True):
-                row.scatter_reduce_(0, idx, raised, reduce="amax")
+            self._raise_torch(self.sketch, buckets, raised)
         self.windows += 1
         self.lookups += window.numel()
         self._distinct_sum += ids.numel()
@@ -172,11 +171,12 @@ class OnlineProfile:
             ids, values = ids.contiguous(), values.contiguous()
             sketch_add(sketch.numpy(), self._seeds_u64(), ids.numpy(), values.numpy(), True)
         else:
-            self._raise_torch(sketch, ids, values)
+            self._raise_torch(sketch, self._buckets(ids), values)
 
-    def _raise_torch(self, sketch: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
-        """:meth:`raise_to` with torch ops (CUDA)."""
-        for row, idx in zip(sketch, self._buckets(ids), strict=True):
+    @staticmethod
+    def _raise_torch(sketch: torch.Tensor, buckets: torch.Tensor, values: torch.Tensor) -> None:
+        """:meth:`raise_to` with torch ops (CUDA), given each id's counter per row (``buckets``)."""
+        for row, idx in zip(sketch, buckets, strict=True):
             row.scatter_reduce_(0, idx, values, reduce="amax")
 
     def seed(self, profile: FrequencyProfile, prior_weight: float = 1.0) -> None:
