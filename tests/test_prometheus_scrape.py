@@ -161,10 +161,14 @@ def test_prometheus_computes_the_store_hit_ratios(tmp_path):
                 )
 
             prom.wait(rule_matches, 20, "the recording rule to match /stats")
-            served = prom.query(
-                'sum(tiered_store_http_requests_total{handler="/v1/engram",code="200"})'
-            )
-            assert float(served[0]["value"][1]) == 40
+
+            # A request is counted once its response is sent, so the client can see the last
+            # answer before it is counted: wait for a scrape with all 40 (exactly 40).
+            def served() -> list[float]:
+                query = 'sum(tiered_store_http_requests_total{handler="/v1/engram",code="200"})'
+                return [float(r["value"][1]) for r in prom.query(query)]
+
+            prom.wait(lambda: served() == [40.0], 20, "a scrape with all 40 requests counted")
             assert prom.query("process_resident_memory_bytes")
         finally:
             prom.stop()
