@@ -464,6 +464,10 @@ def main(argv=None) -> int:
     args.replay_modes = replay_modes(args.replay_modes)  # clear errors before any work
     chunk_marks(args.chunk, 0)
     if args.then is not None:
+        if args.switch_at < BATCH:
+            raise SystemExit(
+                f"--switch-at {args.switch_at:,}: expected at least {BATCH:,} lookups (a batch)"
+            )
         args.switch_at -= args.switch_at % BATCH  # whole batches, as the trace is written
         if not (args.then / "holdout.trace").is_file():
             raise SystemExit(f"--then {args.then}: no holdout.trace there (analyze --holdout)")

@@ -66,6 +66,13 @@ def test_names_an_unknown_replay_mode_before_any_work(tmp_path):
     assert "--replay-modes 'lru,fastest'" in done.stderr and "unknown: fastest" in done.stderr
     assert "lru, fixed, repinned, online, former" in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before making its work directory
+    done = run_bench("--then", str(tmp_path), "--switch-at", "-5", tmp_path=tmp_path)
+    assert done.returncode == 1
+    assert "--switch-at -5: expected at least 65,536 lookups (a batch)" in done.stderr
+    done = run_bench("--chunk", "-5", tmp_path=tmp_path)
+    assert done.returncode == 1
+    assert "--chunk -5: expected 0 or at least 65,536 lookups (a batch)" in done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_traffic_that_changes_kind_follows_the_first_trace_at_the_switch(tmp_path):
