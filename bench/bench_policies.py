@@ -184,11 +184,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     table, per_lookup = {}, {}
     for policy in args.policies.split(","):
         row = []
-        for share in shares:
-            cfg = StoreConfig.from_dict(
+        for share, cap in zip(shares, caps, strict=True):
+            cfg = StoreConfig.from_dict(  # the rows libCacheSim gets (a "0.1%" would read "0%")
                 {
                     "table": {"path": str(work / "none.npy"), "dim": 64, "dtype": "float16"},
-                    "tiers": {"warm": {"capacity": f"{share:.0%}", "profile": str(profile)}},
+                    "tiers": {"warm": {"capacity": cap, "profile": str(profile)}},
                 }
             )
             start = time.perf_counter()
@@ -202,7 +202,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             )
             row.append((result.fetch_ratio, result.miss_ratio))
             print(
-                f"  {policy} at {share:.0%}: fetch {100 * result.fetch_ratio:.2f}% "
+                f"  {policy} at {100 * share:g}%: fetch {100 * result.fetch_ratio:.2f}% "
                 f"({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
@@ -287,8 +287,7 @@ def summarise(
     baseline = per_request[BASELINE]
     gain = [b - t for t, b in zip(tuned, baseline, strict=True)] if tuned else None
     return {
-        # the last two path components: no machine-specific prefix in the JSON
-        "corpus": [str(Path(*Path(c).parts[-2:])) for c in args.corpus] or "python stdlib sources",
+        "corpus": analysis.report["corpus"]["description"],  # what was analysed, --analysis too
         "tokens": {
             "profile": analysis.report["corpus"]["tokens"],
             "replayed_part": analysis.report["holdout"]["tokens"],

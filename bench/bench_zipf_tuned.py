@@ -97,6 +97,7 @@ def main(argv=None) -> int:
         )
         if not args.analysis:
             analyze(args.corpus or None, out_dir, options=options)
+        corpus = json.loads((out_dir / "report.json").read_text())["corpus"]["description"]
         with TraceReader(out_dir / "trace.trace") as reader:
             rows = int(reader.layout[reader.table_index(args.layer)]["rows"])
             profile_ids = reader.read_all(args.layer)
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     result = {
-        "corpus": args.corpus or "python stdlib sources",
+        "corpus": corpus,
         "layer": args.layer,
         "rows": rows,
         "profile_lookups": int(profile_ids.size),

@@ -1,0 +1,68 @@
+"""bench/bench_policies.py on a small corpus: it records what it analysed, sizes every tier as
+libCacheSim's (sub-percent shares too), and keeps its work directory only with --keep (run, not
+imported, as a user runs it)."""
+
+from __future__ import annotations
+
+import email
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("libcachesim")
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
+
+
+def run_bench(*args: str, work: Path) -> subprocess.CompletedProcess:
+    """The script in a subprocess, its work directories under ``work``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "bench/bench_policies.py", *args, "--dir", str(work)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_small_tiers_are_sized_and_the_corpus_recorded(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "r.json"
+    work.mkdir()
+    done = run_bench(
+        str(CORPUS),
+        *("--max-tokens", "200000", "--lookups", "300000", "--policies", "lru,zipf-tuned"),
+        *("--shares", "0.1%,0.5%", "--out", str(out)),
+        work=work,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert str(CORPUS) in result["corpus"] and "(shuffled)" in result["corpus"]
+    assert result["capacity_shares"] == [0.001, 0.005]
+    assert "lru at 0.1%: fetch" in done.stdout
+    lru = result["ours_miss_ratio"]["lru"]
+    # a tier of 10,344 rows (0.1%) misses more than one of 51,720 (0.5%): "0.1%" was once sized
+    # as "0%", and both read every row of every batch
+    assert lru[0] > lru[1]
+    # batched LRU and libCacheSim's per-request LRU on the same rows: close, and never better
+    # than Belady on them
+    libcachesim = result["libcachesim_miss_ratio"]
+    for ours, theirs, belady in zip(lru, libcachesim["LRU"], libcachesim["Belady"], strict=True):
+        assert belady < ours < theirs + 0.05
+    assert list(work.iterdir()) == []  # the work directory is deleted without --keep
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_keep_keeps_the_work_directory_and_says_where(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    done = run_bench(
+        str(CORPUS),
+        *("--max-tokens", "100000", "--lookups", "100000", "--policies", "lru"),
+        *("--shares", "1%", "--keep"),
+        work=work,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (kept,) = work.iterdir()
+    assert f"work directory kept: {kept}" in done.stdout
+    assert (kept / "analysis" / "holdout.trace").exists() and (kept / "replay.trace").exists()
