@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tiered_store.errors import ConfigError
 from zipf_analysis.analyze import AnalyzeOptions, analyze, parse_targets
 
 
@@ -51,7 +52,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the analysis output folder")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     p.add_argument("--progress", action="store_true", help="show the progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse an option value the analysis cannot use, naming it, before any work (and before
+    making a temporary folder)."""
+    for flag, value in (
+        ("--max-tokens", args.max_tokens),
+        ("--seq-len", args.seq_len),
+        ("--batch-seqs", args.batch_seqs),
+        ("--workers", args.workers),
+    ):
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag} {value}: expected an integer >= 1")
+    try:
+        parse_targets(args.targets)
+    except ConfigError as exc:
+        raise SystemExit(f"--targets {args.targets!r}: {exc}") from None
+    if args.config is not None and not args.config.is_file():
+        raise SystemExit(f"--config {args.config}: no such file; expected an Engram config")
 
 
 def _pct(x: float | None) -> float | None:
@@ -99,7 +121,6 @@ def table_figures(table: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and print (and return) the JSON report."""
     args = parse_args(argv)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-analyze-"))
     options = AnalyzeOptions(
         seq_len=args.seq_len,
         batch_seqs=args.batch_seqs,
@@ -110,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         belady=not args.no_belady,
         progress=args.progress,
     )
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-analyze-"))
     load_before = os.getloadavg()
     start = time.perf_counter()
     try:
@@ -127,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "load_average_after": [round(x, 2) for x in os.getloadavg()],
             },
             "corpus": report["corpus"]["description"],
+            "max_tokens": report["corpus"]["max_tokens"],
+            "engram_config": str(args.config) if args.config else "reference",
+            "targets": report["targets"],
             "documents": report["corpus"]["documents"],
             "skipped_files": report["corpus"]["read"]["skipped_by_reason"],
             "tokens": t["tokens"],

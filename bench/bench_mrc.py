@@ -64,7 +64,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="trace seed")
     p.add_argument("--out", help="write JSON here as well as stdout")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse an option value the benchmark cannot use, naming it, before any work."""
+    for flag, value, minimum, what in (
+        ("--lookups", args.lookups, 1, "a positive number of lookups"),
+        ("--rows", args.rows, 1, "a positive number of rows"),
+        ("--exponent", args.exponent, 0.0, "a Zipf exponent >= 0"),
+        ("--fixed-size", args.fixed_size, 0, "0 (skip) or a positive number of rows"),
+        ("--belady-points", args.belady_points, 0, "0 (skip) or a positive number of capacities"),
+        ("--seed", args.seed, 0, "a seed >= 0"),
+    ):
+        if not value >= minimum:  # NaN too
+            raise SystemExit(f"{flag} {value}: expected {what}")
+    if not 0.0 < args.rate <= 1.0:
+        raise SystemExit(f"--rate {args.rate}: expected a sampling rate R with 0 < R <= 1")
 
 
 class RssSampler:

@@ -35,6 +35,8 @@ import torch
 
 from policies.pinned_lru import pinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
+from tiered_store.capacity import parse_shares
+from tiered_store.errors import ConfigError
 from tiered_store.online_profile import OnlineProfile
 from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader
@@ -69,15 +71,42 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=DEFAULT_RECENCY_WINDOW, help="lookups per window")
     p.add_argument("--out", help="write JSON here too")
     args = p.parse_args(argv)
+    try:
+        shares = parse_shares(args.shares, key="--shares")
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    if args.warmup < 1:
+        raise SystemExit(f"--warmup {args.warmup}: expected at least 1 lookup")
+    if args.lookups <= args.warmup:
+        raise SystemExit(
+            f"--lookups {args.lookups}: expected more than --warmup ({args.warmup:,}), the "
+            "lookups served after the warm-up included"
+        )
+    if args.window < 1:
+        raise SystemExit(f"--window {args.window}: expected at least 1 lookup")
     torch.set_num_threads(1)  # 2 shared cores: extra threads only spin
     prof = FrequencyProfile.load(args.analysis / f"{args.layer}.profile.npz")
     with TraceReader(args.analysis / "holdout.trace") as reader:
         rows = int(reader.layout[reader.table_index(args.layer)]["rows"])
         ids = reader.read_all(args.layer)[: args.lookups].astype(np.int64)
     warm, served = ids[: args.warmup], ids[args.warmup :]
+    if not served.size:
+        raise SystemExit(
+            f"--warmup {args.warmup:,}: the trace holds only {ids.size:,} lookups of "
+            f"{args.layer}; expected fewer, to leave lookups to serve after it"
+        )
     prior_weight = warm.size / prof.lookups  # the profile's episodes, scaled to the warm-up
-    result = {"rows": rows, "warmup": int(warm.size), "served": int(served.size), "shares": []}
-    for share in (float(s) for s in args.shares.split(",")):
+    report = json.loads((args.analysis / "report.json").read_text())
+    result = {
+        "corpus": report["corpus"]["description"],
+        "layer": args.layer,
+        "window": args.window,
+        "rows": rows,
+        "warmup": int(warm.size),
+        "served": int(served.size),
+        "shares": [],
+    }
+    for share in shares:
         cap = int(rows * share)
         start = time.perf_counter()
         split = zipf_tuned_split(prof.top_rows(cap, by="episodes"), prof.counts, cap)
@@ -98,7 +127,7 @@ def main(argv=None) -> int:
         cell["exact_warmup"] = misses_after(served, rows, ranked, cell["online_recency_rows"])
         result["shares"].append(cell)
         print(
-            f"{share:.0%}: offline {100 * offline:.2f}%, online {100 * cell['online']:.2f}%, "
+            f"{100 * share:g}%: offline {100 * offline:.2f}%, online {100 * cell['online']:.2f}%, "
             f"online from offline {100 * cell['online_offline_start']:.2f}%, "
             f"exact warm-up counts {100 * cell['exact_warmup']:.2f}% "
             f"(counter {cell['online_counter_bytes'] / 2**20:.1f} MiB; "

@@ -48,7 +48,9 @@ import numpy as np
 from policies.pinned_lru import pinned_lru_misses
 from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
+from tiered_store.capacity import parse_shares
 from tiered_store.config import StoreConfig
+from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.analyze import AnalyzeOptions, analyze
@@ -179,7 +181,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             writer.write(chunk, args.layer)
             writer.end_batch()
     write_oracle_trace(ids, work / "replay.oracleGeneral.bin")
-    shares = parse_shares(args.shares)
+    try:
+        shares = parse_shares(args.shares, key="--shares")
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     caps = [int(rows * s) for s in shares]
     table, per_lookup = {}, {}
     for policy in args.policies.split(","):
@@ -228,21 +233,6 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         "per_request": per_request,
         "lcs_table": lcs_table,
     }
-
-
-def parse_shares(text: str) -> list[float]:
-    """``'5%,10%'`` or ``'0.05,0.1'`` -> [0.05, 0.1]."""
-    try:
-        shares = [
-            float(t.strip().rstrip("%")) / (100 if t.strip().endswith("%") else 1)
-            for t in text.split(",")
-            if t.strip()
-        ]
-    except ValueError:
-        shares = []
-    if not shares or any(not 0 < s <= 1 for s in shares):
-        raise SystemExit(f"--shares {text!r}: expected shares of the rows in (0, 1], e.g. 5%,10%")
-    return shares
 
 
 def pinned_baselines(ids: np.ndarray, rows: int, profile: Path, caps: list[int]) -> dict:

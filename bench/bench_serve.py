@@ -71,7 +71,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soak-clients", type=int, default=8, help="clients during the soak")
     p.add_argument("--torch-threads", type=int, default=1, help="server.torch_threads (both sides)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse an option value the load test cannot use, naming it, before starting a server."""
+    try:
+        counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--clients {args.clients!r}: expected client counts >= 1, e.g. 1,8,64")
+    for flag, value, minimum, what in (
+        ("--requests", args.requests, 1, "at least 1 request"),
+        ("--warmup", args.warmup, 0, "0 or more requests"),
+        ("--batch", args.batch, 1, "at least 1 sequence"),
+        ("--tokens", args.tokens, 1, "at least 1 token"),
+        ("--soak-seconds", args.soak_seconds, 0.0, "0 (skip) or more seconds"),
+        ("--soak-clients", args.soak_clients, 1, "at least 1 client"),
+        ("--torch-threads", args.torch_threads, 0, "0 (torch's default) or more threads"),
+    ):
+        if not value >= minimum:  # NaN too
+            raise SystemExit(f"{flag} {value}: expected {what}")
+    if not args.zipf > 1.0:
+        raise SystemExit(f"--zipf {args.zipf}: expected a Zipf exponent > 1")
+    if not args.config.is_file():
+        raise SystemExit(f"--config {args.config}: no such file; expected a serve config (YAML)")
 
 
 def resets(errors: dict[str, int]) -> int:
@@ -131,7 +158,8 @@ def overhead(
 ) -> dict[str, Any]:
     """Each body over HTTP (one keep-alive connection) and to a ``ServedModel`` in this process,
     alternating body by body; both warmed with the same bodies first (each has its own caches)."""
-    torch.set_num_threads(threads)
+    if threads:  # 0: torch's default, as the server leaves it
+        torch.set_num_threads(threads)
     served = ServedModel(ServeConfig.from_yaml(config_path))
     parts = urlsplit(server.url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
@@ -168,10 +196,16 @@ def overhead(
 def main(argv: list[str] | None = None) -> int:
     """Run the load test; print and optionally save the figures."""
     args = parse_args(argv)
-    counts = [int(c) for c in args.clients.split(",") if c]
+    counts = [int(c) for c in args.clients.split(",") if c.strip()]
     make = dict(batch=args.batch, tokens=args.tokens, exponent=args.zipf)
     warm = zipf_requests(args.warmup, seed=1, **make)
-    report: dict[str, Any] = {"tokens_per_request": args.batch * args.tokens, "runs": []}
+    report: dict[str, Any] = {
+        "options": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"
+        },
+        "tokens_per_request": args.batch * args.tokens,
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         config = prepare_config(Path(tmp), args.config, args.torch_threads)
         with ServeProcess(config, metrics=False) as server:

@@ -31,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tiered_store.cache_plan import parse_policy
 from tiered_store.config import StoreConfig
+from tiered_store.errors import ConfigError
 from zipf_analysis.replay import replay, with_policy
-from zipf_analysis.tier_split import recommend_split
+from zipf_analysis.tier_split import parse_budgets, recommend_split
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, help="JSON results")
     args = p.parse_args(argv)
+    check_args(args)
     work = args.analysis
     scratch = None
     if work is None:
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         doc = run(work, args)
+        doc["corpus"] = json.loads((work / "report.json").read_text())["corpus"]["description"]
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -79,6 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(text + "\n")
     return 0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a bad option value before any work, naming it and what is expected."""
+    if args.replays < 1:
+        raise SystemExit(f"--replays {args.replays}: expected at least 1 (the recommended split)")
+    if args.max_tokens < 1:
+        raise SystemExit(f"--max-tokens {args.max_tokens}: expected at least 1 token")
+    try:
+        parse_budgets(args.gpu_budget, args.host_budget)
+        if args.policy:
+            parse_policy(args.policy, key="--policy")
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def run(work: Path, args: argparse.Namespace) -> dict:

@@ -73,6 +73,17 @@ def main(argv=None) -> int:
     p.add_argument("--dir", type=Path, help="where the table goes (default: a temporary dir)")
     p.add_argument("--out", help="write JSON here too")
     args = p.parse_args(argv)
+    for flag, share in (("--hot", args.hot), ("--warm", args.warm)):
+        if not 0 < share <= 1:
+            p.error(f"{flag} {share}: expected a share of the rows in (0, 1], e.g. 0.01 for 1%")
+    for flag, value in (
+        ("--warmup", args.warmup),
+        ("--lookups", args.lookups),
+        ("--batch", args.batch),
+        ("--dim", args.dim),
+    ):
+        if value < 1:
+            p.error(f"{flag} {value}: expected at least 1")
     torch.set_num_threads(1)  # 2 shared cores: extra threads only spin
     with TraceReader(args.trace) as reader:
         rows = int(reader.layout[reader.table_index(args.layer)]["rows"])
@@ -103,8 +114,18 @@ def main(argv=None) -> int:
 
         saved = restart_path(table)
         kept = work / "restart.saved"
+        report = args.trace.parent / "report.json"  # the analysis the trace came from, if any
         result = {
+            "trace": str(args.trace),
+            "corpus": json.loads(report.read_text())["corpus"]["description"]
+            if report.exists()
+            else None,
+            "layer": args.layer,
             "rows": rows,
+            "hot": args.hot,
+            "warm": args.warm,
+            "batch": args.batch,
+            "dim": args.dim,
             "warmup": int(warmup.size),
             "lookups": int(measured.size),
             "io": args.io,
@@ -115,8 +136,9 @@ def main(argv=None) -> int:
             store.save_restart()
             result["save_seconds"] = time.perf_counter() - start
             result["saved_bytes"] = saved.stat().st_size
-            result["steady"] = serve(store, measured, args.batch)
+            # the rows saved (what a restart restores), not those held after the steady lookups
             result["held_rows"] = {"hot": store.hot.occupancy, "warm": store.warm.occupancy}
+            result["steady"] = serve(store, measured, args.batch)
         shutil.copy(saved, kept)
         variants = {
             "restart_serving_at_once": "none",

@@ -67,7 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--dir", type=Path, help="where tables go (default: a temporary directory)")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        help="where the temporary directory of the tables goes (deleted at the end; default: "
+        "the system's temporary directory)",
+    )
     p.add_argument("--only", default="training,commit,recovery,readpath", help="sections")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per section")
     p.add_argument("--steps", type=int, default=6, help="training steps per variant per round")
@@ -78,7 +83,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recovery-rows", default="100000,1000000,4000000", help="table sizes")
     p.add_argument("--baseline-root", type=Path, help="a checkout of main (readpath section)")
     p.add_argument("--out", type=Path, help="write the results here (JSON)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+SECTIONS = ("training", "commit", "recovery", "readpath")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse an option value the benchmark cannot use, naming it, before any work."""
+    unknown = [name for name in args.only.split(",") if name not in SECTIONS]
+    if unknown or not args.only:
+        raise SystemExit(
+            f"--only {args.only!r}: unknown: {', '.join(unknown)}; expected some of "
+            f"{','.join(SECTIONS)}"
+        )
+    for flag, value, what in (
+        ("--rounds", args.rounds, "rounds"),
+        ("--steps", args.steps, "steps"),
+        ("--batch-size", args.batch_size, "sequences"),
+        ("--seq-len", args.seq_len, "tokens"),
+        ("--commit-every", args.commit_every, "steps"),
+        ("--dirty", args.dirty, "rows"),
+    ):
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: expected at least 1 ({what})")
+    try:
+        sizes = [int(x) for x in args.recovery_rows.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 10:
+        raise SystemExit(
+            f"--recovery-rows {args.recovery_rows!r}: expected table sizes of at least 10 rows "
+            "(the delta holds a tenth), comma-separated"
+        )
+    if args.dir is not None and not args.dir.is_dir():
+        raise SystemExit(f"--dir {args.dir}: not a directory")
+    if args.baseline_root is not None and not (args.baseline_root / "tiered_store").is_dir():
+        raise SystemExit(
+            f"--baseline-root {args.baseline_root}: expected a checkout holding tiered_store/"
+        )
 
 
 class DenseRows:
@@ -329,7 +374,7 @@ def bench_readpath(args, work: Path) -> dict:
     path = work / "readpath.npy"
     create_table(path, RandomSource(200_000, 64, "float32"), progress=False)
     here = Path(__file__).resolve().parents[1]
-    out: dict = {}
+    out: dict = {"baseline_root": str(args.baseline_root)}
     for mode in ("all_hit", "cold_miss"):
         times: dict[str, list[float]] = {"this": [], "main": []}
         for r in range(args.rounds):
@@ -382,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["section_seconds"] = time.perf_counter() - started
             print(json.dumps({name: results[name]}, indent=1), flush=True)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 

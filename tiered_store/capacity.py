@@ -66,6 +66,26 @@ def resolve_capacity(spec: int | str, *, table_rows: int, row_bytes: int, key: s
     return rows
 
 
+def parse_shares(text: str, *, key: str) -> list[float]:
+    """Shares of a table's rows, comma-separated, as percentages or fractions; errors name ``key``.
+
+    >>> parse_shares("5%,10%, 0.5%", key="--shares")
+    [0.05, 0.1, 0.005]
+    >>> parse_shares("0.05", key="--shares")
+    [0.05]
+    """
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        shares = [float(t.rstrip("%")) / (100 if t.endswith("%") else 1) for t in parts]
+    except ValueError:
+        shares = []
+    if not shares or any(not 0 < s <= 1 for s in shares):
+        raise ConfigError(
+            f"{key} {text!r}: expected shares of the rows in (0, 1], e.g. 5%,10% or 0.05,0.1"
+        )
+    return shares
+
+
 def format_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

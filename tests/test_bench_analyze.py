@@ -1,0 +1,119 @@
+"""bench/bench_analyze.py on the first tokens of the standard library: it records what it analysed,
+its per-table figures add up, and it deletes or keeps its analysis folder as --help says."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ENGRAM = {
+    "engram": {
+        "engram_vocab_size": [1009, 1013],
+        "max_ngram_size": 3,
+        "n_embed_per_ngram": 32,
+        "n_head_per_ngram": 2,
+        "layer_ids": [1, 4],
+    }
+}
+
+
+def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script in a subprocess, its temporary folder (``tempfile``'s) under ``tmp_path``."""
+    temp = tmp_path / "tmp"
+    temp.mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(temp))
+    cmd = [sys.executable, "bench/bench_analyze.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_figures_add_up_and_the_run_is_recorded(tmp_path):
+    out = tmp_path / "results" / "analyze.json"  # its folder does not exist yet
+    done = run_bench(
+        *("--max-tokens", "40000", "--no-belady", "--workers", "1", "--out", str(out)),
+        tmp_path=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(done.stdout) == result  # printed and written alike
+
+    # what it ran on: the standard library of this Python, capped, with the reference config
+    version = ".".join(map(str, sys.version_info[:2]))
+    assert f"Python standard library {version} sources" in result["corpus"]
+    assert result["max_tokens"] == result["tokens"] == 40000  # the stdlib holds millions
+    assert result["engram_config"] == "reference"
+    assert result["targets"] == {"hot": 0.3, "warm": 0.6}
+    assert (result["seq_len"], result["batch_seqs"]) == (4096, 8)
+    assert result["options"]["curves"] is True and result["options"]["belady"] is False
+    assert result["options"]["workers"] == 1
+
+    # lookups: every token looks up each head of each table once; the tables add up to the trace
+    tables, overall = result["tables"], result["all_tables"]
+    assert len(tables) >= 2
+    assert len({t["lookups"] for t in tables.values()}) == 1
+    assert all(t["lookups"] % result["tokens"] == 0 for t in tables.values())
+    assert sum(t["lookups"] for t in tables.values()) == result["trace_lookups"]
+    assert overall["lookups"] == result["trace_lookups"]
+    assert overall["rows"] == sum(t["rows"] for t in tables.values())
+    for name, table in [*tables.items(), ("all", overall)]:
+        touched = table["rows_touched_pct"]
+        top = [table[f"top_{p}pct_share_pct"] for p in ("0.1", "1", "10")]
+        assert 0 < touched <= 100 and 0 < top[0] <= top[1] <= top[2] <= 100, name
+        if touched < 10:  # every row looked up is among the top 10% of the table's rows
+            assert top[2] == 100.0, name
+        # a batch's sequences include each sequence: deduplicating a batch removes at least as much
+        assert table["dedup_within_sequence_pct"] <= table["dedup_within_batch_pct"], name
+    for name, table in tables.items():
+        assert table["shards_mae_vs_exact_lru"] < 0.02, name  # SHARDS near the exact LRU curve
+        assert {"lru", "shards"} <= set(table["curve_seconds"]), name
+        assert "belady" not in table["curve_seconds"], name  # --no-belady
+
+    # speeds follow from the tokens and times it reports
+    assert result["tokens_per_cpu_second"] == round(result["tokens"] / result["cpu_seconds"])
+    assert result["tokens_per_second"] >= 0.99 * result["tokens"] / result["wall_seconds"]
+    assert sum(result["stage_seconds"].values()) <= result["wall_seconds"] + 0.05
+
+    # without --keep or --work-dir its temporary analysis folder is gone
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert "analysis output:" not in done.stderr
+
+
+def test_keep_keeps_the_analysis_and_says_where(tmp_path):
+    config = tmp_path / "tiny.yaml"  # two tables of about 4,000 rows: a cheap profile
+    config.write_text(yaml.safe_dump(TINY_ENGRAM))
+    done = run_bench(
+        *("--max-tokens", "20000", "--no-curves", "--config", str(config), "--keep"),
+        tmp_path=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["engram_config"] == str(config)
+    assert result["options"]["curves"] is False
+    assert set(result["tables"]) == {"layer1", "layer4"}
+    (kept,) = (tmp_path / "tmp").iterdir()
+    assert kept.name.startswith("bench-analyze-")
+    assert f"analysis output: {kept}" in done.stderr
+    report = json.loads((kept / "report.json").read_text())
+    assert report["corpus"]["tokens"] == result["tokens"] == 20000
+    assert (kept / "trace.trace").is_file() and (kept / "layer4.store.yaml").is_file()
+
+
+def test_help_and_refusals(tmp_path):
+    done = run_bench("--help", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--max-tokens MAX_TOKENS" in done.stdout and "--keep" in done.stdout
+    for args, message in (
+        (("--max-tokens", "-5"), "--max-tokens -5: expected an integer >= 1"),
+        (("--targets", "hot=2"), "--targets 'hot=2': targets.hot: got 2.0; expected a hit rate"),
+    ):
+        done = run_bench(*args, tmp_path=tmp_path)
+        assert done.returncode == 1, (args, done.stderr[-3000:])
+        assert message in done.stderr and "Traceback" not in done.stderr
+        assert done.stdout == ""
+    # refused before any work: no temporary folder made (one was made, and left, before)
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -1,0 +1,126 @@
+"""bench/bench_tier_split.py on small traces: each replayed split is reported as the model and the
+replay counted it, with what it ran on, and its scratch analysis deleted (run as a user runs it)."""
+
+from __future__ import annotations
+
+import email
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zipf_analysis.tier_split import parse_budget
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
+# small budgets that still hold rows of layer 1 (its dense row index alone is 39.5 MiB)
+BUDGETS = ("--gpu-budget", "48MiB", "--host-budget", "96MiB")
+
+
+def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script in a subprocess, its temporary files under ``tmp_path``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    cmd = [sys.executable, "bench/bench_tier_split.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def analysis(tmp_path_factory) -> Path:
+    """``tiered-store analyze`` of the email package (40k tokens: 640k lookups of layer 1)."""
+    out = tmp_path_factory.mktemp("email") / "A"
+    cmd = [sys.executable, "-m", "tiered_store.cli", "analyze", str(CORPUS), "--max-tokens"]
+    cmd += ["40000", "--no-curves", "--quiet", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_each_replayed_split_is_the_model_and_the_replay_of_that_split(analysis, tmp_path):
+    out = tmp_path / "r.json"
+    args = ("--analysis", str(analysis), *BUDGETS, "--replays", "3", "--out", str(out))
+    done = run_bench(*args, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(done.stdout) == result  # the printout is the JSON
+    assert result["command"] == "python bench/bench_tier_split.py " + " ".join(args)
+    assert str(CORPUS) in result["corpus"]  # what the analysis read, from its report
+    assert result["table"] == "layer1" and result["model"] == {"hot": "lru", "warm": "lru"}
+    assert result["lru_model_seconds"] is None  # the model is the LRU one: no baseline to time
+    recommended, checks = result["recommended"], result["checks"]
+    assert recommended["hot_bytes"] <= parse_budget(result["gpu_budget"], flag="--gpu-budget")
+    assert recommended["warm_bytes"] <= parse_budget(result["host_budget"], flag="--host-budget")
+    # three distinct splits, the recommended one first: the least modelled stall of them all
+    assert len({(c["hot_rows"], c["warm_rows"]) for c in checks}) == len(checks) == 3
+    first = checks[0]
+    assert (first["hot_rows"], first["warm_rows"]) == (
+        recommended["hot_rows"],
+        recommended["warm_rows"],
+    )
+    assert first["model"]["stall_seconds"] == recommended["stall_seconds"]
+    assert first["model"]["stall_seconds"] == min(c["model"]["stall_seconds"] for c in checks)
+    for check in checks:
+        for counted in (check["model"], check["replay"]):
+            # hits are lookups, cold reads distinct rows of a batch: together at most the lookups
+            hits = counted["hot_hits"] + counted["warm_hits"]
+            assert 0 <= hits + counted["cold_reads"] <= result["lookups"]
+            assert counted["stall_seconds"] >= 0
+            if check["hot_rows"] == 0:
+                assert counted["hot_hits"] == 0
+            if check["warm_rows"] == 0:
+                assert counted["warm_hits"] == 0
+        error = check["model"]["stall_seconds"] / check["replay"]["stall_seconds"] - 1
+        assert check["stall_error"] == pytest.approx(error, abs=1e-12)
+    # no tiers (the frontier's cheapest split, always replayed): every batch's distinct rows are
+    # read, in the model and in the replay alike
+    (bare,) = [c for c in checks if c["hot_rows"] == c["warm_rows"] == 0]
+    assert bare["model"] == bare["replay"] and bare["stall_error"] == 0
+    per_replay = sum(c["replay_seconds"] for c in checks) / len(checks)
+    assert result["replay_seconds_per_split"] == pytest.approx(per_replay, rel=1e-12)
+    ratio = result["model_seconds"] / result["replay_seconds_per_split"]
+    assert result["model_time_in_replays"] == pytest.approx(ratio, rel=1e-12)
+    assert result["splits_modelled"] >= len(checks) and result["stack_passes"] >= 1
+
+
+def test_without_analysis_it_analyses_the_stdlib_and_deletes_its_scratch(tmp_path):
+    out = tmp_path / "r.json"
+    done = run_bench(
+        *("--max-tokens", "10000", *BUDGETS, "--replays", "1", "--policy", "zipf-tuned"),
+        *("--out", str(out)),
+        tmp_path=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["corpus"].startswith("Python standard library")  # as analyze describes it
+    assert result["lookups"] == 10000 * 16  # --max-tokens: layer 1 looks up 16 heads per token
+    assert result["model"] == {"hot": "zipf-tuned", "warm": "zipf-tuned"}
+    assert result["lru_model_seconds"] > 0  # the LRU model of the same grid, timed as baseline
+    assert len(result["checks"]) == 1  # --replays 1: the recommended split alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # the scratch is gone
+
+
+def test_help_exits_zero(tmp_path):
+    done = run_bench("--help", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--gpu-budget" in done.stdout and "--replays" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--replays", "0"), "--replays 0: expected at least 1 (the recommended split)"),
+        (
+            ("--gpu-budget=-5MiB",),
+            "--gpu-budget: got '-5MiB'; expected a byte size like '8GiB', '512MB' or 0",
+        ),
+        (("--policy", "fastest"), "--policy: unknown policy 'fastest' in 'fastest'; known: all"),
+        (("--max-tokens", "-1"), "--max-tokens -1: expected at least 1 token"),
+    ],
+)
+def test_a_bad_value_is_refused_before_analysing(args, message, tmp_path):
+    done = run_bench("--max-tokens", "10000", *args, tmp_path=tmp_path)
+    assert done.returncode == 1
+    assert message in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no scratch analysis begun

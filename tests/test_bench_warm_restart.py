@@ -1,0 +1,115 @@
+"""bench/bench_warm_restart.py on a small trace: every restart restores the rows the first store
+saved, the miss ratios agree with each other, and its files stay only with --dir (run as a user)."""
+
+from __future__ import annotations
+
+import email
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiered_store.trace import TraceReader
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
+RESTARTS = ("restart_serving_at_once", "restart_hot_tier_first", "restart_restored_first")
+# tiers of 10,344 and 51,720 rows of layer 1; a row of one float32 (the table is 41 MB); a
+# warm-up that leaves the warm tier part-empty when saved
+SMALL = ("--hot", "0.001", "--warm", "0.005", "--dim", "1", "--warmup", "40000")
+
+
+def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script in a subprocess, its temporary files under ``tmp_path``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    cmd = [sys.executable, "bench/bench_warm_restart.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory) -> Path:
+    """``tiered-store analyze`` of the email package (20k tokens: 320k lookups of layer 1)."""
+    out = tmp_path_factory.mktemp("email") / "A"
+    cmd = [sys.executable, "-m", "tiered_store.cli", "analyze", str(CORPUS), "--max-tokens"]
+    cmd += ["20000", "--no-curves", "--quiet", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "trace.trace"
+
+
+def test_restarts_restore_the_saved_rows_and_serve_the_same_lookups(trace, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "r.json"
+    args = (str(trace), *SMALL, "--lookups", "100000", "--dir", str(work), "--out", str(out))
+    done = run_bench(*args, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    with TraceReader(trace) as reader:
+        rows = int(reader.layout[reader.table_index("layer1")]["rows"])
+    assert result["trace"] == str(trace) and str(CORPUS) in result["corpus"]
+    assert (result["layer"], result["rows"], result["io"]) == ("layer1", rows, "pread")
+    options = {k: result[k] for k in ("hot", "warm", "batch", "dim", "warmup", "lookups")}
+    assert options == dict(hot=0.001, warm=0.005, batch=4096, dim=1, warmup=40000, lookups=100000)
+
+    held = result["held_rows"]  # the rows saved after the warm-up
+    restored = {name: result[name]["restored_rows"] for name in RESTARTS}
+    assert restored["restart_restored_first"] == held  # open waited for all of them
+    # the warm-up left the warm tier part-empty (held_rows was once counted after the steady
+    # lookups: a full tier, where the file and the restore had fewer rows)
+    assert 0 < held["hot"] <= int(rows * 0.001) and 0 < held["warm"] < int(rows * 0.005)
+    assert result["saved_bytes"] >= 8 * (held["hot"] + held["warm"])  # an int64 id per row
+    assert (work / "restart.saved").stat().st_size == result["saved_bytes"]
+    assert restored["restart_hot_tier_first"]["hot"] == held["hot"]  # open waited for hot's
+    for name in RESTARTS:  # rows lookups admitted first are not restored again
+        assert restored[name]["hot"] <= held["hot"] and restored[name]["warm"] <= held["warm"]
+        assert result[name]["open_seconds"] >= 0 and result[name]["restore_seconds"] >= 0
+
+    steady = result["steady"]["cold_miss"]
+    for name in ("steady", *RESTARTS, "cold_start"):
+        cell = result[name]
+        # cold: lookups missed by both tiers, so never more than the hot tier missed
+        assert 0 <= cell["cold_miss"] <= cell["hot_miss"] <= 1
+        points = 100 * (cell["cold_miss"] - steady)
+        assert cell["cold_miss_points_above_steady"] == pytest.approx(points, abs=1e-9)
+        assert cell["lookups_per_s"] > 0
+        assert f"{name:>24}: hot miss {100 * cell['hot_miss']:.2f}%, cold miss" in done.stdout
+    # both start serving with the saved hot tier whole: the hot tier misses the same lookups
+    assert (
+        result["restart_hot_tier_first"]["hot_miss"] == result["restart_restored_first"]["hot_miss"]
+    )
+    assert result["restart_restored_first"]["cold_miss"] < result["cold_start"]["cold_miss"]
+    # --dir: the table and the restart files stay there
+    assert {"table.npy", "table.npy.restart", "restart.saved"} <= {p.name for p in work.iterdir()}
+
+
+def test_without_dir_its_table_is_deleted(trace, tmp_path):
+    out = tmp_path / "r.json"
+    done = run_bench(str(trace), *SMALL, "--lookups", "8192", "--out", str(out), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bench_warm_restart." in done.stdout  # the table went to a temporary directory ...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # ... deleted at the end
+    assert json.loads(out.read_text())["lookups"] == 8192
+
+
+def test_help_exits_zero(tmp_path):
+    done = run_bench("--help", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--warmup" in done.stdout and "--dir" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--hot=-0.01",), "--hot -0.01: expected a share of the rows in (0, 1]"),
+        (("--warm", "1.5"), "--warm 1.5: expected a share of the rows in (0, 1]"),
+        (("--lookups", "0"), "--lookups 0: expected at least 1"),
+        (("--lookups", "10000000"), "lookups of layer1; need warmup + lookups"),
+    ],
+)
+def test_a_bad_value_is_refused_before_making_the_table(args, message, trace, tmp_path):
+    done = run_bench(str(trace), *SMALL, *args, tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert message in " ".join(done.stderr.split())  # argparse wraps the lines
+    assert "creating" not in done.stdout and list(tmp_path.iterdir()) == []

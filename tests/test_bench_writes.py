@@ -1,0 +1,94 @@
+"""bench/bench_writes.py's training, commit and recovery sections at their smallest: each ratio is
+of the figures beside it, commits and deltas add up, its tables go, bad options are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script in a subprocess, one torch thread, its tables under ``tmp_path / "work"``."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TIERED_STORE_BENCH_TORCH_THREADS="1")
+    cmd = [sys.executable, "bench/bench_writes.py", *args, "--dir", str(work)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_every_section_adds_up(tmp_path):
+    out = tmp_path / "results" / "writes.json"  # its folder does not exist yet
+    done = run_bench(
+        *("--rounds", "1", "--steps", "3", "--batch-size", "1", "--seq-len", "16"),
+        *("--commit-every", "2", "--dirty", "2000", "--recovery-rows", "20000,40000"),
+        # not readpath: its 200,000-row table and 4 x 300 lookups in subprocesses take ~15 s
+        *("--only", "training,commit,recovery", "--out", str(out)),
+        tmp_path=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    sections = ["training", "commit", "recovery"]
+    assert [k for k in result if k in sections] == sections
+    assert result["machine"]["torch_threads"] == 1
+    assert result["args"]["only"] == ",".join(sections)  # what it ran, as given
+    assert (result["args"]["rounds"], result["args"]["dirty"]) == ("1", "2000")
+    for name in sections:
+        assert result[name]["section_seconds"] > 0
+        assert f'"{name}": {{' in done.stdout  # printed as it finished
+
+    # training: 3 steps per variant, a commit every 2: one commit, at step 2, step 3's rows
+    # still dirty; the tiered tables end equal to the in-memory ones
+    training = result["training"]
+    assert training["tokens_per_step"] == 16 and training["row_values"] == 32 + 1  # + Adagrad
+    assert training["tables_identical_after_training"] is True
+    store = training["store"]
+    assert (store["commits"], store["committed_step"], store["commit_errors"]) == (1, 2, 0)
+    assert store["dirty_rows"] > 0 and store["rows_written"] >= store["dirty_rows"]
+    rates = training["tokens_per_s"]
+    assert training["ratios"] == [rates["tiered"] / rates["memory"]]
+    assert training["ratio_tiered_vs_memory"] == training["ratios"][0]
+
+    commit = result["commit"]
+    assert (commit["dirty_rows"], commit["row_bytes"]) == (2000, 64 * 4)
+    rows_per_s = commit["rows_per_s"]
+    assert commit["ratios"] == [rows_per_s["store_commit"] / rows_per_s["lmdb_putmulti"]]
+    assert commit["ratio_store_vs_putmulti"] == commit["ratios"][0]
+
+    # recovery: the writer committed a tenth of the rows before the kill, maybe more after
+    recovery = result["recovery"]["by_table_size"]
+    assert [r["table_rows"] for r in recovery] == [20000, 40000]
+    for r in recovery:
+        assert r["table_rows"] // 10 <= r["delta_rows"] <= r["table_rows"], r
+        assert 0 < r["open_s"] <= r["open_and_lookup_s"], r
+
+    assert list((tmp_path / "work").iterdir()) == []  # its tables were in a deleted temp dir
+
+
+def test_help_and_refusals(tmp_path):
+    done = run_bench("--help", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = " ".join(done.stdout.split())  # argparse wraps the lines
+    assert "--baseline-root BASELINE_ROOT" in text and "(deleted at the end" in text
+    out = tmp_path / "writes.json"
+    for args, message in (
+        (
+            ("--only", "training,comit"),
+            "--only 'training,comit': unknown: comit; expected some of "
+            "training,commit,recovery,readpath",
+        ),
+        (("--rounds", "0"), "--rounds 0: expected at least 1 (rounds)"),
+        (
+            ("--recovery-rows", "100000,-5"),
+            "--recovery-rows '100000,-5': expected table sizes of at least 10 rows",
+        ),
+    ):
+        done = run_bench(*args, "--out", str(out), tmp_path=tmp_path)
+        assert done.returncode == 1, (args, done.stderr[-3000:])
+        assert message in done.stderr and "Traceback" not in done.stderr
+        assert done.stdout == "" and not out.exists()
+    assert list((tmp_path / "work").iterdir()) == []  # refused before making a table

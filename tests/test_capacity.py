@@ -1,0 +1,21 @@
+"""Capacity specs and tier shares: parsed as written (sub-percent too), bad ones refused by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiered_store.capacity import parse_shares, resolve_capacity
+from tiered_store.errors import ConfigError
+
+
+def test_a_sub_percent_share_is_its_rows_not_zero():
+    assert parse_shares("0.1%,0.5%", key="--shares") == [0.001, 0.005]
+    rows = resolve_capacity("0.1%", table_rows=10_344_164, row_bytes=128, key="tiers.warm")
+    assert rows == 10_344
+
+
+@pytest.mark.parametrize("text", ["", ",", "0", "150%", "1.5", "-5%", "five", "5%,x"])
+def test_bad_shares_are_refused_naming_the_option_and_the_value(text):
+    with pytest.raises(ConfigError) as err:
+        parse_shares(text, key="--shares")
+    assert f"--shares {text!r}: expected shares of the rows in (0, 1]" in str(err.value)
