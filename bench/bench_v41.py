@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tiered_store.cli_args import at_least
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache, fio_random_reads
 from tiered_store.engram import NgramHasher
@@ -92,34 +93,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--dir", default="/var/tmp", help="where table files go (O_DIRECT needs a disk)")
     p.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
-    p.add_argument("--release-vocab", type=int, default=RELEASE_VOCAB, help="rows per head")
+    p.add_argument("--release-vocab", type=at_least(2), default=RELEASE_VOCAB, help="rows per head")
     p.add_argument(
-        "--scaled-vocab", type=int, default=2_500_000, help="rows per head, in-memory tables"
+        "--scaled-vocab",
+        type=at_least(2),
+        default=2_500_000,
+        help="rows per head, in-memory tables",
     )
-    p.add_argument("--row-values", type=int, default=32, help="fp8 values per row (x 8 heads)")
-    p.add_argument("--hidden", type=int, default=512, help="backbone width")
-    p.add_argument("--layers", type=int, default=16, help="Transformer layers (Engram at 1, 14)")
-    p.add_argument("--heads", type=int, default=8, help="attention heads")
-    p.add_argument("--hc-mult", type=int, default=4, help="hyper-connection branches")
-    p.add_argument("--batch-size", type=int, default=4, help="prefill: sequences per batch")
-    p.add_argument("--seq-len", type=int, default=512, help="prefill: tokens per sequence")
-    p.add_argument("--rounds", type=int, default=6, help="prefill: measured rounds (+1 untimed)")
-    p.add_argument("--lookahead", type=int, default=1, help="prefill: batches prefetched ahead")
+    p.add_argument(
+        "--row-values", type=at_least(32), default=32, help="fp8 values per row (x 8 heads)"
+    )
+    p.add_argument("--hidden", type=at_least(1), default=512, help="backbone width")
+    p.add_argument(
+        "--layers", type=at_least(15), default=16, help="Transformer layers (Engram at 1, 14)"
+    )
+    p.add_argument("--heads", type=at_least(1), default=8, help="attention heads")
+    p.add_argument("--hc-mult", type=at_least(1), default=4, help="hyper-connection branches")
+    p.add_argument("--batch-size", type=at_least(1), default=4, help="prefill: sequences per batch")
+    p.add_argument("--seq-len", type=at_least(1), default=512, help="prefill: tokens per sequence")
+    p.add_argument(
+        "--rounds", type=at_least(1), default=6, help="prefill: measured rounds (+1 untimed)"
+    )
+    p.add_argument(
+        "--lookahead", type=at_least(0), default=1, help="prefill: batches prefetched ahead"
+    )
     p.add_argument(
         "--batches-per-round",
-        type=int,
+        type=at_least(2),
         default=3,
         help="prefill: batches per variant per round (the first one's fetch cannot be ahead)",
     )
-    p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--decode-prompt", type=int, default=128, help="decode: prompt tokens")
-    p.add_argument("--decode-steps", type=int, default=32, help="decode: steps per round")
-    p.add_argument("--decode-rounds", type=int, default=3, help="decode: rounds per batch size")
-    p.add_argument("--store-tokens", type=int, default=400_000, help="store alone: tokens per run")
-    p.add_argument("--store-decode-steps", type=int, default=200, help="store alone: decode steps")
+    p.add_argument("--decode-batch", type=at_least(1), nargs="+", default=[1, 4, 16])
+    p.add_argument("--decode-prompt", type=at_least(1), default=128, help="decode: prompt tokens")
+    p.add_argument("--decode-steps", type=at_least(1), default=32, help="decode: steps per round")
+    p.add_argument(
+        "--decode-rounds", type=at_least(1), default=3, help="decode: rounds per batch size"
+    )
+    p.add_argument(
+        "--store-tokens", type=at_least(1), default=400_000, help="store alone: tokens per run"
+    )
+    p.add_argument(
+        "--store-decode-steps", type=at_least(1), default=200, help="store alone: decode steps"
+    )
     p.add_argument(
         "--store-decode-batch",
-        type=int,
+        type=at_least(1),
         nargs="+",
         default=[16, 256],
         help="store alone: sequences per decode step, one run each",
@@ -128,33 +146,55 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warm", default="8%", help="warm tier capacity per table")
     p.add_argument("--policy", default="lru")
     p.add_argument(
-        "--io", default="uring", help="cold reads: uring (default; O_DIRECT), direct, pread, mmap"
+        "--io",
+        default="uring",
+        choices=("uring", "direct", "pread", "mmap"),
+        help="cold reads: uring (default; O_DIRECT), direct, pread, mmap",
     )
     p.add_argument(
         "--cold-threads",
-        type=int,
+        type=at_least(0),
         default=0,
         help="reader threads per store (0: 1 ring for io: uring, 16 threads otherwise)",
     )
     p.add_argument(
         "--cached-cold-threads",
-        type=int,
+        type=at_least(1),
         default=1,
         help="phase cached: reader threads per store (page-cache reads cost microseconds: more "
         "threads add hand-off overhead to small batches)",
     )
-    p.add_argument("--profile-tokens", type=int, default=2_000_000, help="warm-start profile")
-    p.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: default)")
+    p.add_argument(
+        "--profile-tokens", type=at_least(1), default=2_000_000, help="warm-start profile"
+    )
+    p.add_argument(
+        "--torch-threads", type=at_least(0), default=0, help="intra-op threads (0: default)"
+    )
     p.add_argument(
         "--store-torch-threads",
-        type=int,
+        type=at_least(1),
         nargs="+",
         default=[1, 2],
         help="store alone: intra-op threads, one run each",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the JSON report here as well as stdout")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    batch = args.batch_size * args.seq_len  # refused before any table is made
+    if args.row_values % 32:
+        p.error(
+            f"argument --row-values: expected a multiple of 32 (fp8 blocks), got {args.row_values}"
+        )
+    for option, value in (
+        ("--store-tokens", args.store_tokens),
+        ("--profile-tokens", args.profile_tokens),
+    ):
+        if value < batch:
+            p.error(
+                f"argument {option}: expected at least one batch ({args.batch_size} x "
+                f"{args.seq_len} = {batch:,} tokens), got {value:,}"
+            )
+    return args
 
 
 def log(message: str) -> None:
@@ -242,7 +282,7 @@ def open_tiered(
     info = {
         "open_seconds_with_warm_start": opened,
         "warm_start_rows": {
-            layer: int(min(len(h), first.warm.capacity)) for layer, h in hottest.items()
+            layer: int(min(len(h), stores[layer].warm.capacity)) for layer, h in hottest.items()
         },
         "rows": {layer: s.rows for layer, s in stores.items()},
         "row_bytes": first.row_bytes,

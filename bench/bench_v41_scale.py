@@ -10,13 +10,14 @@ release's config, batch after batch (each batch's rows prefetched while the prev
 consumed, as the Engram module does).
 
 Reported per index: open time, RSS after open and at the end, index and policy metadata (bytes
-per table row and per slot), lookups/s and tokens/s, per-tier hit ratios, cold rows read per
-second and the cold read rate in MB/s; and the hashed/dense ratios.
+per table row and per slot), lookups/s and tokens/s, per-tier hit ratios and counts (of the
+timed batches), cold rows read per second and the cold read rate in MB/s; and the hashed/dense
+ratios.
 
 Example::
 
     python bench/bench_v41_scale.py --dir /data/scratch --out bench/results/v41_scale.json
-    python bench/bench_v41_scale.py --table /data/scratch/v41_layer1.npy --batches 200
+    python bench/bench_v41_scale.py --table /data/scratch/v41_layer1_384006168x33.npy --tokens 409600
 
 ``--table`` reuses a table made by an earlier run (its manifest must show 384,006,168 rows of 33
 packed bytes unless ``--vocab`` is given); otherwise one is created in ``--dir`` (a few minutes,
@@ -36,14 +37,28 @@ import numpy as np
 import torch
 
 from tiered_store import StoreConfig, TieredStore
+from tiered_store.cli_args import at_least
 from tiered_store.corpus import resolve_corpus
 from tiered_store.engram import EngramConfig, NgramHasher
 from tiered_store.engram.corpus import read_tokens, token_batches
 from tiered_store.quantization import RowQuantization
+from tiered_store.stats import hit_ratio
 from tiered_store.table_format import RandomSource, create_table, read_manifest
 
 RELEASE_VOCAB = 16_000_000  # the release's engram_vocab_size: 384,006,168 rows in layer 1
 VALUES = 32  # fp8 values per row (the release has 256): 33-byte rows with the scale byte
+TIERS = {"hot": "1%", "warm": "5%"}  # capacities, shares of the table's rows
+INDEXES = ("hashed", "dense", "auto")
+
+
+def index_list(text: str) -> str:
+    """An argparse type: comma-separated row indexes, each one of ``INDEXES``."""
+    kinds = text.split(",")
+    if not all(kind in INDEXES for kind in kinds):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated row indexes from {', '.join(INDEXES)}, got {text!r}"
+        )
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,26 +72,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--table", type=Path, help="reuse this table instead of creating one")
     p.add_argument(
-        "--vocab", type=int, default=RELEASE_VOCAB, help="engram_vocab_size (default the release's)"
+        "--vocab",
+        type=at_least(2),
+        default=RELEASE_VOCAB,
+        help="engram_vocab_size (default the release's)",
     )
     p.add_argument(
         "--warmup-tokens",
-        type=int,
+        type=at_least(0),
         default=1_000_000,
         help="real-text tokens replayed untimed first (default 1M)",
     )
     p.add_argument(
-        "--tokens", type=int, default=600_000, help="real-text tokens replayed (default 600k)"
+        "--tokens",
+        type=at_least(1),
+        default=600_000,
+        help="real-text tokens replayed (default 600k)",
     )
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--threads", type=int, default=16, help="cold reader threads (default 16)")
-    p.add_argument("--io", default="uring", help="cold reads: uring (default), direct, pread, mmap")
     p.add_argument(
-        "--indexes", default="hashed,dense", help="row indexes to compare (default hashed,dense)"
+        "--batch-size", type=at_least(1), default=4, help="sequences per batch (default 4)"
+    )
+    p.add_argument(
+        "--seq-len", type=at_least(1), default=512, help="tokens per sequence (default 512)"
+    )
+    p.add_argument(
+        "--threads", type=at_least(1), default=16, help="cold reader threads (default 16)"
+    )
+    p.add_argument(
+        "--io",
+        default="uring",
+        choices=("uring", "direct", "pread", "mmap"),
+        help="cold reads: uring (default), direct, pread, mmap",
+    )
+    p.add_argument(
+        "--indexes",
+        type=index_list,
+        default="hashed,dense",
+        help="row indexes to compare (default hashed,dense)",
     )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tokens < args.batch_size * args.seq_len:  # refused before the table is made
+        p.error(
+            f"argument --tokens: expected at least one batch ({args.batch_size} x "
+            f"{args.seq_len} = {args.batch_size * args.seq_len:,} tokens), got {args.tokens:,}"
+        )
+    return args
 
 
 def rss_bytes() -> int:
@@ -129,7 +170,7 @@ def all_hit_rate(store: TieredStore, ids: np.ndarray, repeats: int = 20) -> floa
 
 def replay(store: TieredStore, batches: list[np.ndarray]) -> dict:
     """Every batch's rows prefetched one batch ahead and then looked up; lookups/s, reads/s."""
-    cold0 = dict(store.stats()["cold"])
+    before = store.stats()
     start, cpu0 = time.perf_counter(), time.process_time()
     handle = store.prefetch(torch.from_numpy(batches[0]))
     for i, ids in enumerate(batches):
@@ -139,8 +180,13 @@ def replay(store: TieredStore, batches: list[np.ndarray]) -> dict:
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
     stats = store.stats()
     lookups = sum(int(b.size) for b in batches)
-    rows_read = stats["cold"]["rows_read"] - cold0["rows_read"]
-    bytes_read = stats["cold"]["bytes_read"] - cold0["bytes_read"]
+    rows_read = stats["cold"]["rows_read"] - before["cold"]["rows_read"]
+    bytes_read = stats["cold"]["bytes_read"] - before["cold"]["bytes_read"]
+    # these batches' probes: the counters since the open would count the warm-up's too
+    counts = {
+        tier: {k: stats[tier][k] - before[tier][k] for k in ("lookups", "hits")}
+        for tier in ("hot", "warm")
+    }
     return {
         "seconds": seconds,
         "cpu_seconds": cpu,
@@ -148,7 +194,8 @@ def replay(store: TieredStore, batches: list[np.ndarray]) -> dict:
         "lookups_per_second": lookups / seconds,
         "cold_rows_per_second": rows_read / seconds,
         "cold_mb_per_second": bytes_read / seconds / 1e6,
-        "hit_ratio": {tier: stats[tier]["hit_rate"] for tier in ("hot", "warm")},
+        "hit_ratio": {tier: hit_ratio(c["hits"], c["lookups"]) for tier, c in counts.items()},
+        "tier_counts": counts,
         "rows_from_cold_per_lookup": rows_read / lookups,
     }
 
@@ -171,15 +218,20 @@ def main(argv=None) -> int:
         f"{rows:,} rows; {len(warmup)} warm-up and {len(batches)} timed batches of "
         f"{tokens_per_batch} tokens ({batches[0].size:,} lookups each)"
     )
+    cold = {"io": args.io, "threads": args.threads}
+    # the process's one-time costs (the page-checksum kernel's load and its imports) paid before
+    # the timed opens: the first index in --indexes would have them in its open time and RSS
+    untiered = {"hot": {"capacity": 0}, "warm": {"capacity": 0}, "cold": cold}
+    TieredStore(StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": untiered})).close()
     results = {}
     for kind in args.indexes.split(","):
         config = StoreConfig.from_dict(
             {
                 "table": {"path": str(path), "out_of_range": "zero"},
                 "tiers": {
-                    "hot": {"capacity": "1%", "index": kind},
-                    "warm": {"capacity": "5%", "index": kind},
-                    "cold": {"io": args.io, "threads": args.threads},
+                    "hot": {"capacity": TIERS["hot"], "index": kind},
+                    "warm": {"capacity": TIERS["warm"], "index": kind},
+                    "cold": cold,
                 },
             }
         )
@@ -232,6 +284,7 @@ def main(argv=None) -> int:
             "timed": len(batches) * tokens_per_batch,
         },
         "batch": {"sequences": args.batch_size, "seq_len": args.seq_len},
+        "store": {"tiers": TIERS, "cold": cold},
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "results": results,
     }
