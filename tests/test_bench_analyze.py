@@ -4,14 +4,14 @@ its per-table figures add up, and it deletes or keeps its analysis folder as --h
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_support import run_bench
+
 TINY_ENGRAM = {
     "engram": {
         "engram_vocab_size": [1009, 1013],
@@ -23,18 +23,15 @@ TINY_ENGRAM = {
 }
 
 
-def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The script in a subprocess, its temporary folder (``tempfile``'s) under ``tmp_path``."""
-    temp = tmp_path / "tmp"
-    temp.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(temp))
-    cmd = [sys.executable, "bench/bench_analyze.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script, its temporary folder (``tempfile``'s) under ``tmp_path``."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return run_bench("bench_analyze.py", *args, env={"TMPDIR": str(tmp_path / "tmp")})
 
 
 def test_figures_add_up_and_the_run_is_recorded(tmp_path):
     out = tmp_path / "results" / "analyze.json"  # its folder does not exist yet
-    done = run_bench(
+    done = bench(
         *("--max-tokens", "40000", "--no-belady", "--workers", "1", "--out", str(out)),
         tmp_path=tmp_path,
     )
@@ -86,7 +83,7 @@ def test_figures_add_up_and_the_run_is_recorded(tmp_path):
 def test_keep_keeps_the_analysis_and_says_where(tmp_path):
     config = tmp_path / "tiny.yaml"  # two tables of about 4,000 rows: a cheap profile
     config.write_text(yaml.safe_dump(TINY_ENGRAM))
-    done = run_bench(
+    done = bench(
         *("--max-tokens", "20000", "--no-curves", "--config", str(config), "--keep"),
         tmp_path=tmp_path,
     )
@@ -104,14 +101,14 @@ def test_keep_keeps_the_analysis_and_says_where(tmp_path):
 
 
 def test_help_and_refusals(tmp_path):
-    done = run_bench("--help", tmp_path=tmp_path)
+    done = bench("--help", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--max-tokens MAX_TOKENS" in done.stdout and "--keep" in done.stdout
     for args, message in (
         (("--max-tokens", "-5"), "--max-tokens -5: expected an integer >= 1"),
         (("--targets", "hot=2"), "--targets 'hot=2': targets.hot: got 2.0; expected a hit rate"),
     ):
-        done = run_bench(*args, tmp_path=tmp_path)
+        done = bench(*args, tmp_path=tmp_path)
         assert done.returncode == 1, (args, done.stderr[-3000:])
         assert message in done.stderr and "Traceback" not in done.stderr
         assert done.stdout == ""

@@ -5,15 +5,14 @@ before any work."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_support import run_bench
+
 TINY = (
     *("--engram-vocab", "20000", "--engram-embed", "64", "--engram-layers", "1"),
     *("--hidden", "64", "--layers", "2", "--heads", "2"),
@@ -21,17 +20,15 @@ TINY = (
 )
 
 
-def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The script in a subprocess, its tables under ``tmp_path``."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "bench/bench_engram.py", *args, "--dir", str(tmp_path)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script, its tables under ``tmp_path``."""
+    return run_bench("bench_engram.py", *args, "--dir", str(tmp_path))
 
 
 def tiny_report(device: str, tmp_path: Path) -> dict:
     """The JSON report of a tiny run on ``device``."""
     out = tmp_path / "r.json"
-    done = run_bench(*TINY, "--device", device, "--out", str(out), tmp_path=tmp_path)
+    done = bench(*TINY, "--device", device, "--out", str(out), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -58,7 +55,7 @@ def test_the_variants_agree_with_the_model_and_hot_tiers_on_cuda(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: nothing to refuse")
 def test_refuses_cuda_where_there_is_none(tmp_path):
-    done = run_bench("--device", "cuda", tmp_path=tmp_path)
+    done = bench("--device", "cuda", tmp_path=tmp_path)
     assert done.returncode == 1
     assert "--device 'cuda': CUDA is not available here" in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before writing a table

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.bench_support import run_bench
 from zipf_analysis.zipf_fit import sample_zipf
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-    """The script in a subprocess, as a user runs it (it writes only ``--out``)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "bench/bench_mrc.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def lru_miss_ratio(ids: np.ndarray, capacity: int) -> float:
@@ -60,6 +48,7 @@ def test_figures_match_an_lru_simulation_and_the_curves_agree(tmp_path):
     lookups, rows, exponent, seed = 400_000, 4_000_000, 0.8, 3
     out = tmp_path / "results" / "mrc.json"  # its folder does not exist yet
     done = run_bench(
+        "bench_mrc.py",
         *("--lookups", str(lookups), "--rows", str(rows), "--exponent", str(exponent)),
         *("--seed", str(seed), "--rate", "0.1", "--fixed-size", "8192", "--belady-points", "5"),
         *("--out", str(out)),
@@ -120,7 +109,7 @@ def test_figures_match_an_lru_simulation_and_the_curves_agree(tmp_path):
 
 
 def test_help_and_refusals(tmp_path):
-    done = run_bench("--help")
+    done = run_bench("bench_mrc.py", "--help")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--fixed-size FIXED_SIZE" in done.stdout and "--belady-points" in done.stdout
     out = tmp_path / "mrc.json"
@@ -129,7 +118,7 @@ def test_help_and_refusals(tmp_path):
         ("--rate", "0", "--rate 0.0: expected a sampling rate R with 0 < R <= 1"),
         ("--fixed-size", "-1", "--fixed-size -1: expected 0 (skip) or a positive number of rows"),
     ):
-        done = run_bench(option, value, "--out", str(out))
+        done = run_bench("bench_mrc.py", option, value, "--out", str(out))
         assert done.returncode == 1, (option, done.stderr[-3000:])
         assert message in done.stderr
         assert done.stdout == "" and not out.exists()  # refused before measuring anything

@@ -3,43 +3,33 @@ miss ratios that agree with each other and with a bigger tier, and what it ran o
 
 from __future__ import annotations
 
-import email
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench_support import CORPUS, analyze, run_bench
 from tiered_store.trace import TraceReader
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
 MODES = ("offline", "online", "online_offline_start", "exact_warmup")  # docs/policies.md's columns
 
 
-def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The script in a subprocess, its temporary files under ``tmp_path``."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
-    cmd = [sys.executable, "bench/bench_online_profile.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script, its temporary files under ``tmp_path``."""
+    return run_bench("bench_online_profile.py", *args, env={"TMPDIR": str(tmp_path)})
 
 
 @pytest.fixture(scope="module")
 def analysis(tmp_path_factory) -> Path:
     """``tiered-store analyze --holdout 0.5`` of the email package (350k held-out lookups)."""
     out = tmp_path_factory.mktemp("email") / "A"
-    cmd = [sys.executable, "-m", "tiered_store.cli", "analyze", str(CORPUS), "--holdout", "0.5"]
-    cmd += ["--max-tokens", "60000", "--shuffle", "--no-curves", "--quiet", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return analyze(out, max_tokens=60000, holdout=0.5, shuffle=True)
 
 
 def test_each_share_is_labelled_as_given_and_a_bigger_tier_misses_less(analysis, tmp_path):
     out = tmp_path / "r.json"
-    done = run_bench(
+    done = bench(
         str(analysis),
         *("--shares", "0.1%,0.5%", "--warmup", "100000", "--window", "16384"),
         *("--lookups", "10000000", "--out", str(out)),  # more than the trace holds: all of it
@@ -80,7 +70,7 @@ def test_each_share_is_labelled_as_given_and_a_bigger_tier_misses_less(analysis,
 
 
 def test_help_exits_zero(tmp_path):
-    done = run_bench("--help", tmp_path=tmp_path)
+    done = bench("--help", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--shares" in done.stdout and "--window" in done.stdout
 
@@ -98,7 +88,7 @@ def test_help_exits_zero(tmp_path):
     ],
 )
 def test_a_bad_value_is_refused_before_any_work(args, message, analysis, tmp_path):
-    done = run_bench(str(analysis), *args, tmp_path=tmp_path)
+    done = bench(str(analysis), *args, tmp_path=tmp_path)
     assert done.returncode == 1
     assert message in done.stderr
     assert done.stdout == ""  # no share measured

@@ -3,31 +3,24 @@ in the same run, and names a mode it does not know (run, not imported: it sets t
 
 from __future__ import annotations
 
-import email
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench_support import CORPUS, analyze, run_bench
 from tiered_store.trace import TraceReader
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
 
-
-def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The script in a subprocess, its work directory under ``tmp_path``."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "bench/bench_online_repin.py", *args, "--dir", str(tmp_path)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script, its work directory under ``tmp_path``."""
+    return run_bench("bench_online_repin.py", *args, "--dir", str(tmp_path))
 
 
 def test_times_only_the_replay_modes_asked_for(tmp_path):
     out = tmp_path / "r.json"
-    done = run_bench(
+    done = bench(
         str(CORPUS),
         *("--skip-all-hit", "--max-tokens", "200000", "--shares", "5%"),
         *("--replay-modes", "online,lru", "--skip-bounds", "--chunk", "131072"),
@@ -53,7 +46,7 @@ def test_times_only_the_replay_modes_asked_for(tmp_path):
 
 
 def test_help_explains_the_options(tmp_path):
-    done = run_bench("--help", tmp_path=tmp_path)
+    done = bench("--help", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     text = " ".join(done.stdout.split())  # argparse wraps the lines
     assert "former schedule (1M, 10%, 0.9)" in text  # a % in a help string is escaped
@@ -61,15 +54,15 @@ def test_help_explains_the_options(tmp_path):
 
 
 def test_names_an_unknown_replay_mode_before_any_work(tmp_path):
-    done = run_bench("--replay-modes", "lru,fastest", tmp_path=tmp_path)
+    done = bench("--replay-modes", "lru,fastest", tmp_path=tmp_path)
     assert done.returncode == 1
     assert "--replay-modes 'lru,fastest'" in done.stderr and "unknown: fastest" in done.stderr
     assert "lru, fixed, repinned, online, former" in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before making its work directory
-    done = run_bench("--then", str(tmp_path), "--switch-at", "-5", tmp_path=tmp_path)
+    done = bench("--then", str(tmp_path), "--switch-at", "-5", tmp_path=tmp_path)
     assert done.returncode == 1
     assert "--switch-at -5: expected at least 65,536 lookups (a batch)" in done.stderr
-    done = run_bench("--chunk", "-5", tmp_path=tmp_path)
+    done = bench("--chunk", "-5", tmp_path=tmp_path)
     assert done.returncode == 1
     assert "--chunk -5: expected 0 or at least 65,536 lookups (a batch)" in done.stderr
     assert list(tmp_path.iterdir()) == []
@@ -78,12 +71,9 @@ def test_names_an_unknown_replay_mode_before_any_work(tmp_path):
 def test_traffic_that_changes_kind_follows_the_first_trace_at_the_switch(tmp_path):
     first, then = tmp_path / "email", tmp_path / "json"
     for corpus, out in ((CORPUS, first), (Path(json.__file__).parent, then)):
-        cmd = [sys.executable, "-m", "tiered_store.cli", "analyze", str(corpus), "--holdout"]
-        cmd += ["0.5", "--max-tokens", "100000", "--shuffle", "--no-curves", "--out", str(out)]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        analyze(out, max_tokens=100000, holdout=0.5, shuffle=True, corpus=corpus)
     out = tmp_path / "r.json"
-    done = run_bench(
+    done = bench(
         *("--analysis", str(first), "--then", str(then), "--switch-at", "200000"),
         *("--skip-all-hit", "--shares", "5%", "--replay-modes", "online", "--skip-bounds"),
         *("--warmup", "65536", "--out", str(out)),

@@ -4,36 +4,23 @@ imported, as a user runs it)."""
 
 from __future__ import annotations
 
-import email
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.bench_support import CORPUS, run_bench
+
 pytest.importorskip("libcachesim")
-
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
-
-
-def run_bench(*args: str, work: Path) -> subprocess.CompletedProcess:
-    """The script in a subprocess, its work directories under ``work``."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "bench/bench_policies.py", *args, "--dir", str(work)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_small_tiers_are_sized_and_the_corpus_recorded(tmp_path):
     work, out = tmp_path / "work", tmp_path / "r.json"
     work.mkdir()
     done = run_bench(
+        "bench_policies.py",
         str(CORPUS),
         *("--max-tokens", "200000", "--lookups", "300000", "--policies", "lru,zipf-tuned"),
-        *("--shares", "0.1%,0.5%", "--out", str(out)),
-        work=work,
+        *("--shares", "0.1%,0.5%", "--out", str(out), "--dir", str(work)),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -57,10 +44,10 @@ def test_keep_keeps_the_work_directory_and_says_where(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     done = run_bench(
+        "bench_policies.py",
         str(CORPUS),
         *("--max-tokens", "100000", "--lookups", "100000", "--policies", "lru"),
-        *("--shares", "1%", "--keep"),
-        work=work,
+        *("--shares", "1%", "--keep", "--dir", str(work)),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (kept,) = work.iterdir()

@@ -4,25 +4,19 @@ sent is counted, the rates and ratios follow from its own figures, and bad optio
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench_support import run_bench
 from tests.serve_support import TABLES, write_config
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The script in a subprocess, its temporary folder (``tempfile``'s) under ``tmp_path``."""
-    temp = tmp_path / "tmp"
-    temp.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(temp))
-    cmd = [sys.executable, "bench/bench_serve.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script, its temporary folder (``tempfile``'s) under ``tmp_path``."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return run_bench("bench_serve.py", *args, env={"TMPDIR": str(tmp_path / "tmp")})
 
 
 def leftovers(temp: Path) -> list[str]:
@@ -33,7 +27,7 @@ def leftovers(temp: Path) -> list[str]:
 def test_every_request_is_counted_and_the_figures_follow(tmp_path):
     config = write_config(tmp_path / "config")  # two tables of about 10,000 rows
     out = tmp_path / "results" / "serve.json"  # its folder does not exist yet
-    done = run_bench(
+    done = bench(
         *("--config", str(config), "--clients", "1,3", "--requests", "24", "--warmup", "8"),
         *("--tokens", "16", "--soak-seconds", "2", "--soak-clients", "2"),
         # 0 leaves torch's default, as server.torch_threads does; the in-process side once
@@ -95,7 +89,7 @@ def test_every_request_is_counted_and_the_figures_follow(tmp_path):
 
 
 def test_help_and_refusals(tmp_path):
-    done = run_bench("--help", tmp_path=tmp_path)
+    done = bench("--help", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--soak-seconds SOAK_SECONDS" in done.stdout and "--torch-threads" in done.stdout
     out = tmp_path / "serve.json"
@@ -104,7 +98,7 @@ def test_help_and_refusals(tmp_path):
         (("--requests", "-3"), "--requests -3: expected at least 1 request"),
         (("--zipf", "0.9"), "--zipf 0.9: expected a Zipf exponent > 1"),
     ):
-        done = run_bench(*args, "--out", str(out), tmp_path=tmp_path)
+        done = bench(*args, "--out", str(out), tmp_path=tmp_path)
         assert done.returncode == 1, (args, done.stderr[-3000:])
         assert message in done.stderr and "Traceback" not in done.stderr
         assert done.stdout == "" and not out.exists()

@@ -3,45 +3,34 @@ replay counted it, with what it ran on, and its scratch analysis deleted (run as
 
 from __future__ import annotations
 
-import email
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench_support import CORPUS, analyze, run_bench
 from zipf_analysis.tier_split import parse_budget
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
 # small budgets that still hold rows of layer 1 (its dense row index alone is 39.5 MiB)
 BUDGETS = ("--gpu-budget", "48MiB", "--host-budget", "96MiB")
 
 
-def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The script in a subprocess, its temporary files under ``tmp_path``."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
-    cmd = [sys.executable, "bench/bench_tier_split.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script, its temporary files under ``tmp_path``."""
+    return run_bench("bench_tier_split.py", *args, env={"TMPDIR": str(tmp_path)})
 
 
 @pytest.fixture(scope="module")
 def analysis(tmp_path_factory) -> Path:
     """``tiered-store analyze`` of the email package (40k tokens: 640k lookups of layer 1)."""
-    out = tmp_path_factory.mktemp("email") / "A"
-    cmd = [sys.executable, "-m", "tiered_store.cli", "analyze", str(CORPUS), "--max-tokens"]
-    cmd += ["40000", "--no-curves", "--quiet", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return analyze(tmp_path_factory.mktemp("email") / "A", max_tokens=40000)
 
 
 def test_each_replayed_split_is_the_model_and_the_replay_of_that_split(analysis, tmp_path):
     out = tmp_path / "r.json"
     args = ("--analysis", str(analysis), *BUDGETS, "--replays", "3", "--out", str(out))
-    done = run_bench(*args, tmp_path=tmp_path)
+    done = bench(*args, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(done.stdout) == result  # the printout is the JSON
@@ -86,7 +75,7 @@ def test_each_replayed_split_is_the_model_and_the_replay_of_that_split(analysis,
 
 def test_without_analysis_it_analyses_the_stdlib_and_deletes_its_scratch(tmp_path):
     out = tmp_path / "r.json"
-    done = run_bench(
+    done = bench(
         *("--max-tokens", "10000", *BUDGETS, "--replays", "1", "--policy", "zipf-tuned"),
         *("--out", str(out)),
         tmp_path=tmp_path,
@@ -102,7 +91,7 @@ def test_without_analysis_it_analyses_the_stdlib_and_deletes_its_scratch(tmp_pat
 
 
 def test_help_exits_zero(tmp_path):
-    done = run_bench("--help", tmp_path=tmp_path)
+    done = bench("--help", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--gpu-budget" in done.stdout and "--replays" in done.stdout
 
@@ -120,7 +109,7 @@ def test_help_exits_zero(tmp_path):
     ],
 )
 def test_a_bad_value_is_refused_before_analysing(args, message, tmp_path):
-    done = run_bench("--max-tokens", "10000", *args, tmp_path=tmp_path)
+    done = bench("--max-tokens", "10000", *args, tmp_path=tmp_path)
     assert done.returncode == 1
     assert message in done.stderr
     assert list(tmp_path.iterdir()) == []  # no scratch analysis begun

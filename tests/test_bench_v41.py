@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tiered_store.io_uring import uring_unavailable_reason
+from tests.bench_support import cold_io, options_in_help, run_bench
 from tiered_store.table_format import read_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
 SCALED_VOCAB, RELEASE_VOCAB = 500, 1000  # 14k-30k rows a table, under 1 MB each
 BATCH, SEQ_LEN, ROUNDS, PER_ROUND = 1, 32, 2, 2
 DECODE_BATCHES, DECODE_STEPS, DECODE_ROUNDS = (1, 2), 3, 2
@@ -35,27 +32,9 @@ SMALL = (
 )
 
 
-def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The script in a subprocess, its tables under ``tmp_path / "tables"``."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "bench/bench_v41.py", *args, "--dir", str(tmp_path / "tables")]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def cold_io(directory: Path) -> str:
-    """The script's default cold reads (io_uring, O_DIRECT) where this machine and file system
-    take them, else pread."""
-    if uring_unavailable_reason() is not None:
-        return "pread"
-    probe = directory / "o_direct_probe"
-    probe.write_bytes(bytes(4096))
-    try:
-        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
-    except OSError:
-        return "pread"
-    finally:
-        probe.unlink()
-    return "uring"
+def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script, its tables under ``tmp_path / "tables"``."""
+    return run_bench("bench_v41.py", *args, "--dir", str(tmp_path / "tables"))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +42,7 @@ def bench_run(tmp_path_factory):
     """One run of every phase: (its work directory, the process, the JSON report, the io)."""
     tmp_path = tmp_path_factory.mktemp("v41")
     io = cold_io(tmp_path)
-    done = run_bench(*SMALL, "--io", io, "--out", str(tmp_path / "r.json"), tmp_path=tmp_path)
+    done = bench(*SMALL, "--io", io, "--out", str(tmp_path / "r.json"), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path, done, json.loads((tmp_path / "r.json").read_text()), io
 
@@ -234,7 +213,7 @@ def test_a_second_run_reuses_the_tables(bench_run):
     assert len(tables) == 4
     stamps = [p.stat().st_mtime_ns for p in tables]
     out = tmp_path / "cached.json"
-    done = run_bench(*SMALL, "--io", io, "--phases", "cached", "--out", str(out), tmp_path=tmp_path)
+    done = bench(*SMALL, "--io", io, "--phases", "cached", "--out", str(out), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "creating" not in done.stderr
     assert [p.stat().st_mtime_ns for p in tables] == stamps
@@ -244,11 +223,9 @@ def test_a_second_run_reuses_the_tables(bench_run):
 
 
 def test_help_names_only_options_it_takes(tmp_path):
-    done = run_bench("--help", tmp_path=tmp_path)
+    done = bench("--help", tmp_path=tmp_path)
     assert done.returncode == 0
-    usage = done.stdout.split("\n\n")[0]
-    accepted = set(re.findall(r"\[(--[a-z][a-z-]*)", usage)) | {"--help"}
-    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", done.stdout))
+    accepted, mentioned = options_in_help(done.stdout)
     assert len(accepted) > 10 and mentioned <= accepted
 
 
@@ -261,7 +238,7 @@ def test_help_names_only_options_it_takes(tmp_path):
     ],
 )
 def test_bad_sizes_are_refused_before_any_work(tmp_path, option, value, expected):
-    done = run_bench(*SMALL, option, value, tmp_path=tmp_path)  # if not refused: a small run
+    done = bench(*SMALL, option, value, tmp_path=tmp_path)  # if not refused: a small run
     assert done.returncode == 2
     assert f"argument {option}: {expected}" in done.stderr
     assert not (tmp_path / "tables").exists()

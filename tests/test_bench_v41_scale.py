@@ -4,18 +4,14 @@ other and with the table it keeps, and bad input is refused before the table is 
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tiered_store.io_uring import uring_unavailable_reason
+from tests.bench_support import cold_io, options_in_help, run_bench
 from tiered_store.table_format import read_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 1000  # engram_vocab_size: 25,874 rows of 33 B in layer 1 (850 KB)
 BATCH, SEQ_LEN = 1, 32  # 768 lookups a batch: the all-hit batch fits the warm tier
 WARMUP_TOKENS, TOKENS = 64, 256
@@ -26,27 +22,9 @@ SMALL = (
 STORE_SLACK_BYTES = 16 << 20  # thread stacks, rings, allocator pages beside the store's own
 
 
-def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The script in a subprocess, its table under ``tmp_path / "tables"``."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "bench/bench_v41_scale.py", *args, "--dir", str(tmp_path / "tables")]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def cold_io(directory: Path) -> str:
-    """The script's default cold reads (io_uring, O_DIRECT) where this machine and file system
-    take them, else pread."""
-    if uring_unavailable_reason() is not None:
-        return "pread"
-    probe = directory / "o_direct_probe"
-    probe.write_bytes(bytes(4096))
-    try:
-        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
-    except OSError:
-        return "pread"
-    finally:
-        probe.unlink()
-    return "uring"
+def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script, its table under ``tmp_path / "tables"``."""
+    return run_bench("bench_v41_scale.py", *args, "--dir", str(tmp_path / "tables"))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +33,7 @@ def bench_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("v41_scale")
     (tmp_path / "tables").mkdir()
     io = cold_io(tmp_path)
-    done = run_bench(*SMALL, "--io", io, "--out", str(tmp_path / "r.json"), tmp_path=tmp_path)
+    done = bench(*SMALL, "--io", io, "--out", str(tmp_path / "r.json"), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path, done, json.loads((tmp_path / "r.json").read_text()), io
 
@@ -148,9 +126,7 @@ def test_mmap_reuses_the_table_and_reads_row_bytes(bench_run):
     path = tmp_path / "tables" / doc["table"]["file"]
     stamp = path.stat().st_mtime_ns
     out = tmp_path / "mmap.json"
-    done = run_bench(
-        *SMALL, "--io", "mmap", "--indexes", "dense", "--out", str(out), tmp_path=tmp_path
-    )
+    done = bench(*SMALL, "--io", "mmap", "--indexes", "dense", "--out", str(out), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "creating" not in done.stdout and path.stat().st_mtime_ns == stamp
     mmap = json.loads(out.read_text())
@@ -166,18 +142,16 @@ def test_mmap_reuses_the_table_and_reads_row_bytes(bench_run):
 def test_a_table_of_other_rows_is_refused(bench_run, tmp_path):
     made, _, doc, _ = bench_run
     table = made / "tables" / doc["table"]["file"]
-    done = run_bench(*SMALL, "--vocab", "900", "--table", str(table), tmp_path=tmp_path)
+    done = bench(*SMALL, "--vocab", "900", "--table", str(table), tmp_path=tmp_path)
     assert done.returncode == 1
     assert f"{table}: {doc['table']['rows']:,} rows of" in done.stderr and "expected" in done.stderr
     assert not (tmp_path / "tables").exists()
 
 
 def test_help_names_only_options_it_takes(tmp_path):
-    done = run_bench("--help", tmp_path=tmp_path)
+    done = bench("--help", tmp_path=tmp_path)
     assert done.returncode == 0
-    usage = done.stdout.split("\n\n")[0]
-    accepted = set(re.findall(r"\[(--[a-z][a-z-]*)", usage)) | {"--help"}
-    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", done.stdout))
+    accepted, mentioned = options_in_help(done.stdout)
     # its example once passed a --batches it does not take
     assert len(accepted) > 10 and mentioned <= accepted
 
@@ -198,6 +172,6 @@ def test_help_names_only_options_it_takes(tmp_path):
     ],
 )
 def test_bad_input_is_refused_before_the_table_is_made(tmp_path, args, expected):
-    done = run_bench(*SMALL, *args, tmp_path=tmp_path)  # if not refused: a small run
+    done = bench(*SMALL, *args, tmp_path=tmp_path)  # if not refused: a small run
     assert done.returncode == 2 and expected in done.stderr
     assert not (tmp_path / "tables").exists()

@@ -3,47 +3,36 @@ saved, the miss ratios agree with each other, and its files stay only with --dir
 
 from __future__ import annotations
 
-import email
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench_support import CORPUS, analyze, run_bench
 from tiered_store.trace import TraceReader
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
 RESTARTS = ("restart_serving_at_once", "restart_hot_tier_first", "restart_restored_first")
 # tiers of 10,344 and 51,720 rows of layer 1; a row of one float32 (the table is 41 MB); a
 # warm-up that leaves the warm tier part-empty when saved
 SMALL = ("--hot", "0.001", "--warm", "0.005", "--dim", "1", "--warmup", "40000")
 
 
-def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The script in a subprocess, its temporary files under ``tmp_path``."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
-    cmd = [sys.executable, "bench/bench_warm_restart.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script, its temporary files under ``tmp_path``."""
+    return run_bench("bench_warm_restart.py", *args, env={"TMPDIR": str(tmp_path)})
 
 
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory) -> Path:
     """``tiered-store analyze`` of the email package (20k tokens: 320k lookups of layer 1)."""
-    out = tmp_path_factory.mktemp("email") / "A"
-    cmd = [sys.executable, "-m", "tiered_store.cli", "analyze", str(CORPUS), "--max-tokens"]
-    cmd += ["20000", "--no-curves", "--quiet", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out / "trace.trace"
+    return analyze(tmp_path_factory.mktemp("email") / "A", max_tokens=20000) / "trace.trace"
 
 
 def test_restarts_restore_the_saved_rows_and_serve_the_same_lookups(trace, tmp_path):
     work, out = tmp_path / "work", tmp_path / "r.json"
     args = (str(trace), *SMALL, "--lookups", "100000", "--dir", str(work), "--out", str(out))
-    done = run_bench(*args, tmp_path=tmp_path)
+    done = bench(*args, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     with TraceReader(trace) as reader:
@@ -86,7 +75,7 @@ def test_restarts_restore_the_saved_rows_and_serve_the_same_lookups(trace, tmp_p
 
 def test_without_dir_its_table_is_deleted(trace, tmp_path):
     out = tmp_path / "r.json"
-    done = run_bench(str(trace), *SMALL, "--lookups", "8192", "--out", str(out), tmp_path=tmp_path)
+    done = bench(str(trace), *SMALL, "--lookups", "8192", "--out", str(out), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "bench_warm_restart." in done.stdout  # the table went to a temporary directory ...
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # ... deleted at the end
@@ -94,7 +83,7 @@ def test_without_dir_its_table_is_deleted(trace, tmp_path):
 
 
 def test_help_exits_zero(tmp_path):
-    done = run_bench("--help", tmp_path=tmp_path)
+    done = bench("--help", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--warmup" in done.stdout and "--dir" in done.stdout
 
@@ -109,7 +98,7 @@ def test_help_exits_zero(tmp_path):
     ],
 )
 def test_a_bad_value_is_refused_before_making_the_table(args, message, trace, tmp_path):
-    done = run_bench(str(trace), *SMALL, *args, tmp_path=tmp_path)
+    done = bench(str(trace), *SMALL, *args, tmp_path=tmp_path)
     assert done.returncode == 2
     assert message in " ".join(done.stderr.split())  # argparse wraps the lines
     assert "creating" not in done.stdout and list(tmp_path.iterdir()) == []

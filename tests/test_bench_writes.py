@@ -4,26 +4,23 @@ of the figures beside it, commits and deltas add up, its tables go, bad options 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_support import run_bench
+
+ONE_THREAD = {"TIERED_STORE_BENCH_TORCH_THREADS": "1"}
 
 
-def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The script in a subprocess, one torch thread, its tables under ``tmp_path / "work"``."""
-    work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TIERED_STORE_BENCH_TORCH_THREADS="1")
-    cmd = [sys.executable, "bench/bench_writes.py", *args, "--dir", str(work)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script on one torch thread, its tables under ``tmp_path / "work"``."""
+    (tmp_path / "work").mkdir(exist_ok=True)
+    return run_bench("bench_writes.py", *args, "--dir", str(tmp_path / "work"), env=ONE_THREAD)
 
 
 def test_every_section_adds_up(tmp_path):
     out = tmp_path / "results" / "writes.json"  # its folder does not exist yet
-    done = run_bench(
+    done = bench(
         *("--rounds", "1", "--steps", "3", "--batch-size", "1", "--seq-len", "16"),
         *("--commit-every", "2", "--dirty", "2000", "--recovery-rows", "20000,40000"),
         # not readpath: its 200,000-row table and 4 x 300 lookups in subprocesses take ~15 s
@@ -70,7 +67,7 @@ def test_every_section_adds_up(tmp_path):
 
 
 def test_help_and_refusals(tmp_path):
-    done = run_bench("--help", tmp_path=tmp_path)
+    done = bench("--help", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     text = " ".join(done.stdout.split())  # argparse wraps the lines
     assert "--baseline-root BASELINE_ROOT" in text and "(deleted at the end" in text
@@ -87,7 +84,7 @@ def test_help_and_refusals(tmp_path):
             "--recovery-rows '100000,-5': expected table sizes of at least 10 rows",
         ),
     ):
-        done = run_bench(*args, "--out", str(out), tmp_path=tmp_path)
+        done = bench(*args, "--out", str(out), tmp_path=tmp_path)
         assert done.returncode == 1, (args, done.stderr[-3000:])
         assert message in done.stderr and "Traceback" not in done.stderr
         assert done.stdout == "" and not out.exists()
