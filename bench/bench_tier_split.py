@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             options=AnalyzeOptions(max_tokens=args.max_tokens, curves=False, progress=False),
         )
     try:
-        doc = run(work, args)
+        doc = run(work, args)  # a budget that holds no row of this table: a ConfigError
         doc["corpus"] = json.loads((work / "report.json").read_text())["corpus"]["description"]
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -54,9 +54,9 @@ INDEXES = ("hashed", "dense", "auto")
 def index_list(text: str) -> str:
     """An argparse type: comma-separated row indexes, each one of ``INDEXES``."""
     kinds = text.split(",")
-    if not all(kind in INDEXES for kind in kinds):
+    if not all(kind in INDEXES for kind in kinds) or len(set(kinds)) < len(kinds):
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated row indexes from {', '.join(INDEXES)}, got {text!r}"
+            f"expected distinct comma-separated row indexes from {', '.join(INDEXES)}, got {text!r}"
         )
     return text
 

@@ -104,8 +104,8 @@ def main(argv=None) -> int:
                 {
                     "table": {"path": str(table)},
                     "tiers": {
-                        "hot": {"capacity": f"{args.hot:.4%}"},
-                        "warm": {"capacity": f"{args.warm:.4%}"},
+                        "hot": {"capacity": int(rows * args.hot)},
+                        "warm": {"capacity": int(rows * args.warm)},
                         "restart": {"enabled": restart, "open_waits_for": waits_for},
                         "cold": {"io": args.io},
                     },

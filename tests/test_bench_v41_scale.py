@@ -166,8 +166,13 @@ def test_help_names_only_options_it_takes(tmp_path):
         ),
         (
             ("--indexes", "hashed,btree"),
-            "argument --indexes: expected comma-separated row indexes from hashed, dense, auto, "
-            "got 'hashed,btree'",
+            "argument --indexes: expected distinct comma-separated row indexes from hashed, "
+            "dense, auto, got 'hashed,btree'",
+        ),
+        (  # the second run would overwrite the first's results
+            ("--indexes", "hashed,hashed"),
+            "argument --indexes: expected distinct comma-separated row indexes from hashed, "
+            "dense, auto, got 'hashed,hashed'",
         ),
     ],
 )
