@@ -307,8 +307,8 @@ _WRITER = textwrap.dedent(
         store.write(part, torch.ones(part.numel(), store.dim))
         store.commit()
     print("committed", flush=True)
-    while True:
-        part = torch.from_numpy(rng.integers(0, store.rows, 50000))
+    while True:  # killed inside one of these commits; they rewrite rows the delta holds
+        part = torch.from_numpy(rng.choice(ids, min(n, 50000), replace=False))
         store.write(part, torch.zeros(part.numel(), store.dim))
         store.commit()
     """
