@@ -103,7 +103,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policies", default=",".join(OURS))
     p.add_argument("--out", help="write JSON here too, and the plot beside it (.png)")
     p.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier --out")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # refused before any work, not after the analysis
+        args.shares = parse_shares(args.shares, key="--shares")
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    return args
 
 
 def write_oracle_trace(ids: np.ndarray, path: Path) -> None:
@@ -181,10 +186,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             writer.write(chunk, args.layer)
             writer.end_batch()
     write_oracle_trace(ids, work / "replay.oracleGeneral.bin")
-    try:
-        shares = parse_shares(args.shares, key="--shares")
-    except ConfigError as exc:
-        raise SystemExit(str(exc)) from None
+    shares = args.shares
     caps = [int(rows * s) for s in shares]
     table, per_lookup = {}, {}
     for policy in args.policies.split(","):
