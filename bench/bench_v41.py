@@ -278,20 +278,36 @@ def open_tiered(
     stores = open_tables(paths, hasher, spec, warm_start=warm_start)
     opened = time.perf_counter() - t0
     first = stores[hasher.layer_ids[0]]
-    report = first.memory_report()
+    reports = {layer: s.memory_report() for layer, s in stores.items()}
+    if warm_start is None:  # zipf-tuned: the profile's pins, loaded at open
+        start = {
+            "pinned_rows": {
+                layer: s.hot.pinned_count + s.warm.pinned_count for layer, s in stores.items()
+            }
+        }
+    else:  # the warm tier preloads the profile's hottest rows it holds
+        start = {
+            "warm_start_rows": {
+                layer: int(min(len(hottest[layer]), s.warm.capacity)) for layer, s in stores.items()
+            }
+        }
     info = {
         "open_seconds_with_warm_start": opened,
-        "warm_start_rows": {
-            layer: int(min(len(h), stores[layer].warm.capacity)) for layer, h in hottest.items()
-        },
+        **start,
         "rows": {layer: s.rows for layer, s in stores.items()},
         "row_bytes": first.row_bytes,
-        "hot_rows": first.hot.capacity,
-        "warm_rows": first.warm.capacity,
-        "cache_fraction": (first.hot.capacity + first.warm.capacity) / first.rows,
-        "metadata_bytes_per_table_row": report["hot_metadata"]["per_table_row"]
-        + report["warm_metadata"]["per_table_row"],
-        "payload_bytes_per_table": report["hot_payload_bytes"] + report["warm_payload_bytes"],
+        "hot_rows": {layer: s.hot.capacity for layer, s in stores.items()},
+        "warm_rows": {layer: s.warm.capacity for layer, s in stores.items()},
+        "cache_fraction": {
+            layer: (s.hot.capacity + s.warm.capacity) / s.rows for layer, s in stores.items()
+        },
+        "metadata_bytes_per_table_row": {
+            layer: r["hot_metadata"]["per_table_row"] + r["warm_metadata"]["per_table_row"]
+            for layer, r in reports.items()
+        },
+        "payload_bytes_per_table": {
+            layer: r["hot_payload_bytes"] + r["warm_payload_bytes"] for layer, r in reports.items()
+        },
         **rss(),
     }
     return stores, info
@@ -489,7 +505,14 @@ def cached_store_alone(paths, hasher, args, profile, store_text) -> list[dict]:
             batches, decode = next(store_text)
             for shape in ((batches, None), *(([], d) for d in decode)):
                 run = store_alone(hasher, stores, *shape, label="scaled cached", threads=threads)
-                runs.append(run | {"cold_tier": "page cache", "io": "pread"})
+                runs.append(
+                    run
+                    | {
+                        "cold_tier": "page cache",
+                        "io": "pread",
+                        "cold_threads": args.cached_cold_threads,
+                    }
+                )
     finally:
         for store in stores.values():
             store.close()

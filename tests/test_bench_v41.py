@@ -84,18 +84,19 @@ def test_store_geometry_matches_its_tiers_and_warm_start_files(bench_run):
     for name, vocab in (("scaled", SCALED_VOCAB), ("release", RELEASE_VOCAB)):
         store, rows = report[f"{name}_store"], report["tables"][name]["rows"]
         assert store["rows"] == rows
-        first = rows[min(rows, key=int)]
-        assert abs(store["hot_rows"] - 0.005 * first) < 1  # "0.5%" is half a percent, not 0
-        assert abs(store["warm_rows"] - 0.08 * first) < 1
-        assert store["cache_fraction"] == pytest.approx(
-            (store["hot_rows"] + store["warm_rows"]) / first
-        )
-        assert store["payload_bytes_per_table"] == (
-            (store["hot_rows"] + store["warm_rows"]) * store["row_bytes"]
-        )
+        for layer, count in rows.items():  # each layer's own table: they differ in rows
+            hot, warm = store["hot_rows"][layer], store["warm_rows"][layer]
+            assert abs(hot - 0.005 * count) < 1  # "0.5%" is half a percent, not 0
+            assert abs(warm - 0.08 * count) < 1
+            assert store["cache_fraction"][layer] == pytest.approx((hot + warm) / count)
+            payload = store["payload_bytes_per_table"][layer]
+            assert payload == (hot + warm) * store["row_bytes"]
+            assert store["metadata_bytes_per_table_row"][layer] > 0
+        assert len(set(rows.values())) == len(rows)  # so a figure of one layer's cannot pass
         # each layer's warm tier preloads as many of the profile's hottest rows as it holds
-        # (the list is written beside its table); the layers' tables differ in size. Layer 14's
-        # count was once capped at layer 1's warm capacity
+        # (the list is written beside its table). Layer 14's count was once capped at layer 1's
+        # warm capacity
+        assert "pinned_rows" not in store
         for layer, count in store["warm_start_rows"].items():
             preload = table_dir(tmp_path, vocab) / f"engram_layer{layer}.warm_rows.npy"
             assert count == len(np.load(preload)) > 0
@@ -213,13 +214,31 @@ def test_a_second_run_reuses_the_tables(bench_run):
     assert len(tables) == 4
     stamps = [p.stat().st_mtime_ns for p in tables]
     out = tmp_path / "cached.json"
-    done = bench(*SMALL, "--io", io, "--phases", "cached", "--out", str(out), tmp_path=tmp_path)
+    cached = ("--phases", "cached", "--cached-cold-threads", "2")
+    done = bench(*SMALL, "--io", io, *cached, "--out", str(out), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "creating" not in done.stderr
     assert [p.stat().st_mtime_ns for p in tables] == stamps
     report = json.loads(out.read_text())
     assert "scaled_prefill" not in report and "release_store" not in report
     assert {run["tables"] for run in report["store_alone"]} == {"scaled cached"}
+    assert {(run["io"], run["cold_threads"]) for run in report["store_alone"]} == {("pread", 2)}
+
+
+def test_zipf_tuned_reports_its_pins_not_a_preload(bench_run):
+    tmp_path, _, _, io = bench_run
+    out = tmp_path / "zipf.json"
+    policy = ("--phases", "store", "--policy", "zipf-tuned")
+    done = bench(*SMALL, "--io", io, *policy, "--out", str(out), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for name in ("scaled", "release"):
+        store = report[f"{name}_store"]
+        assert "warm_start_rows" not in store  # nothing is preloaded: the profile's rows pinned
+        for layer, pinned in store["pinned_rows"].items():
+            # both tiers pin what their recency segment (at most half a tier) leaves
+            held = store["hot_rows"][layer] + store["warm_rows"][layer]
+            assert held // 2 - 1 <= pinned < held
 
 
 def test_help_names_only_options_it_takes(tmp_path):
