@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tiered_store.cli_args import at_least
 from tiered_store.errors import ConfigError
 from zipf_analysis.analyze import AnalyzeOptions, analyze, parse_targets
 
@@ -40,11 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("--max-tokens", type=int, help="cap on tokens (default: the whole corpus)")
+    p.add_argument(
+        "--max-tokens", type=at_least(1), help="cap on tokens (default: the whole corpus)"
+    )
     p.add_argument("--config", type=Path, help="Engram config (default: the reference one)")
-    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (4096)")
-    p.add_argument("--batch-seqs", type=int, default=8, help="sequences per batch (8)")
-    p.add_argument("--workers", type=int, help="threads (default: CPU count)")
+    p.add_argument("--seq-len", type=at_least(1), default=4096, help="tokens per sequence (4096)")
+    p.add_argument("--batch-seqs", type=at_least(1), default=8, help="sequences per batch (8)")
+    p.add_argument("--workers", type=at_least(1), help="threads (default: CPU count)")
     p.add_argument("--targets", default="hot=0.3,warm=0.6", help="target hit rates")
     p.add_argument("--no-curves", action="store_true", help="skip LRU, SHARDS and Belady")
     p.add_argument("--no-belady", action="store_true", help="skip Belady")
@@ -53,27 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="also write the JSON here")
     p.add_argument("--progress", action="store_true", help="show the progress bar")
     args = p.parse_args(argv)
-    check_args(args)
+    check_args(p, args)
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse an option value the analysis cannot use, naming it, before any work (and before
-    making a temporary folder)."""
-    for flag, value in (
-        ("--max-tokens", args.max_tokens),
-        ("--seq-len", args.seq_len),
-        ("--batch-seqs", args.batch_seqs),
-        ("--workers", args.workers),
-    ):
-        if value is not None and value < 1:
-            raise SystemExit(f"{flag} {value}: expected an integer >= 1")
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an option value the analysis cannot use (the counts are refused by their types),
+    naming it, before any work (and before making a temporary folder): exit 2 with the usage."""
     try:
         parse_targets(args.targets)
     except ConfigError as exc:
-        raise SystemExit(f"--targets {args.targets!r}: {exc}") from None
+        p.error(f"--targets {args.targets!r}: {exc}")
     if args.config is not None and not args.config.is_file():
-        raise SystemExit(f"--config {args.config}: no such file; expected an Engram config")
+        p.error(f"--config {args.config}: no such file; expected an Engram config")
 
 
 def _pct(x: float | None) -> float | None:

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from tiered_store import StoreConfig, TieredStore
+from tiered_store.cli_args import at_least
 from tiered_store.cold_table import ColdTable
 from tiered_store.disk_probe import fio_random_reads, probe_random_reads, probe_uring_reads
 from tiered_store.errors import TierIOError
@@ -74,22 +75,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dir", type=Path, help="where the table goes (default: the temp folder)")
     p.add_argument("--table-gib", type=float, default=1.0, help="table size in GiB")
-    p.add_argument("--rounds", type=int, default=5, help="measured rounds of the curves")
-    p.add_argument("--pairs", type=int, default=20, help="headline pairs (fio QD32, store)")
+    p.add_argument("--rounds", type=at_least(1), default=5, help="measured rounds of the curves")
+    p.add_argument("--pairs", type=at_least(1), default=20, help="headline pairs (fio QD32, store)")
     p.add_argument("--seconds", type=float, default=1.0, help="time per variant per round")
-    p.add_argument("--batch", type=int, default=16384, help="ids per read_rows / lookup call")
+    p.add_argument(
+        "--batch", type=at_least(1), default=16384, help="ids per read_rows / lookup call"
+    )
     p.add_argument("--depths", default="1,8,32,64,128", help="queue depths (fio, io_uring)")
     p.add_argument("--threads", default="1,8,16,32", help="thread counts (preadv readers)")
     p.add_argument("--store-depths", default="32,128", help="queue depths of the store")
-    p.add_argument("--headline-depth", type=int, default=128, help="the store's queue depth")
+    p.add_argument(
+        "--headline-depth", type=at_least(1), default=128, help="the store's queue depth"
+    )
     p.add_argument(
         "--torch-threads",
-        type=int,
+        type=at_least(1),
         default=1,
         help="torch intra-op threads (the store's index ops are small: on 2 busy cores, 2 threads "
         "made a 16k-element gather take 15-40 ms instead of 0.2 ms)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--out", type=Path, help="write the JSON here (and the PNG beside it)")
     args = p.parse_args(argv)
     for name in ("depths", "threads", "store_depths"):

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from tiered_store.cli_args import at_least
 from tiered_store.config import CostModelConfig
 from tiered_store.corpus import resolve_corpus
 from tiered_store.distributed import ShardedStore, plan_shards, write_shards
@@ -67,25 +68,41 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dir", default=None, help="where the table and its shards go (default: tmp)")
-    p.add_argument("--engram-vocab", type=int, default=32_000, help="measured: rows per head")
-    p.add_argument("--engram-heads", type=int, default=8, help="hash heads per n-gram order")
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="measured world sizes")
-    p.add_argument("--tokens", type=int, default=2048, help="measured: tokens per rank per round")
-    p.add_argument("--rounds", type=int, default=12, help="measured rounds (plus 2 untimed)")
+    p.add_argument(
+        "--engram-vocab", type=at_least(2), default=32_000, help="measured: rows per head"
+    )
+    p.add_argument(
+        "--engram-heads", type=at_least(1), default=8, help="hash heads per n-gram order"
+    )
+    p.add_argument(
+        "--ranks", type=at_least(1), nargs="+", default=[1, 2, 4], help="measured world sizes"
+    )
+    p.add_argument(
+        "--tokens", type=at_least(1), default=2048, help="measured: tokens per rank per round"
+    )
+    p.add_argument(
+        "--rounds", type=at_least(1), default=12, help="measured rounds (plus 2 untimed)"
+    )
     p.add_argument("--hot", default="5%", help="hot tier capacity (of the shard, or the table)")
     p.add_argument("--warm", default="20%", help="warm tier capacity")
-    p.add_argument("--model-ranks", type=int, nargs="+", default=[8, 16, 24, 32, 48, 64])
+    p.add_argument("--model-ranks", type=at_least(1), nargs="+", default=[8, 16, 24, 32, 48, 64])
     p.add_argument(
-        "--model-tokens", type=int, nargs="+", default=[256, 8192], help="tokens per rank per step"
+        "--model-tokens",
+        type=at_least(1),
+        nargs="+",
+        default=[256, 8192],
+        help="tokens per rank per step",
     )
-    p.add_argument("--model-vocab", type=int, default=646_400, help="model: rows per head")
-    p.add_argument("--row-bytes", type=int, default=128, help="model: bytes per row (64 x bf16)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--model-vocab", type=at_least(2), default=646_400, help="model: rows per head")
+    p.add_argument(
+        "--row-bytes", type=at_least(1), default=128, help="model: bytes per row (64 x bf16)"
+    )
+    p.add_argument("--gpus-per-node", type=at_least(1), default=8)
     p.add_argument("--node-gbps", type=float, default=400.0, help="network per node, Gb/s")
     p.add_argument("--nvlink-gbyteps", type=float, default=450.0, help="per GPU in a node, GB/s")
     p.add_argument("--latency-us", type=float, default=15.0, help="per all-to-all round")
     p.add_argument("--overlap-ms", type=float, default=0.0, help="compute prefetch hides behind")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--out", help="write the JSON report here as well as stdout")
     return p.parse_args(argv)
 

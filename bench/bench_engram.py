@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from tiered_store.cli_args import at_least
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.engram import NgramHasher
@@ -75,36 +76,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--dir", default="/var/tmp", help="where table files go (a real disk: O_DIRECT needs one)"
     )
-    p.add_argument("--hidden", type=int, default=1024, help="backbone width")
-    p.add_argument("--layers", type=int, default=8, help="Transformer layers")
-    p.add_argument("--heads", type=int, default=16, help="attention heads")
-    p.add_argument("--hc-mult", type=int, default=4, help="hyper-connection branches")
+    p.add_argument("--hidden", type=at_least(1), default=1024, help="backbone width")
+    p.add_argument("--layers", type=at_least(1), default=8, help="Transformer layers")
+    p.add_argument("--heads", type=at_least(1), default=16, help="attention heads")
+    p.add_argument("--hc-mult", type=at_least(1), default=4, help="hyper-connection branches")
     p.add_argument(
-        "--engram-layers", type=int, nargs="+", default=[1, 4], help="layers carrying Engram"
+        "--engram-layers",
+        type=at_least(0),
+        nargs="+",
+        default=[1, 4],
+        help="layers carrying Engram",
     )
     p.add_argument(
-        "--engram-vocab", type=int, default=646_400, help="rows per head before prime rounding"
+        "--engram-vocab",
+        type=at_least(2),
+        default=646_400,
+        help="rows per head before prime rounding",
     )
-    p.add_argument("--engram-heads", type=int, default=8, help="hash heads per n-gram order")
-    p.add_argument("--engram-embed", type=int, default=512, help="embedding width per order")
+    p.add_argument(
+        "--engram-heads", type=at_least(1), default=8, help="hash heads per n-gram order"
+    )
+    p.add_argument(
+        "--engram-embed", type=at_least(1), default=512, help="embedding width per order"
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--rounds", type=int, default=12, help="measured rounds (plus one untimed)")
+    p.add_argument("--batch-size", type=at_least(1), default=4, help="sequences per batch")
+    p.add_argument("--seq-len", type=at_least(1), default=512, help="tokens per sequence")
+    p.add_argument(
+        "--rounds", type=at_least(1), default=12, help="measured rounds (plus one untimed)"
+    )
     p.add_argument(
         "--batches-per-round",
-        type=int,
+        type=at_least(1),
         default=1,
         help="batches per variant per round (1: the variants' measurements are closest in time)",
     )
     p.add_argument("--hot", default="5%", help="hot tier capacity per table")
     p.add_argument("--warm", default="20%", help="warm tier capacity per table")
     p.add_argument("--policy", default="lru", help="policy of both cache tiers")
-    p.add_argument("--cold-threads", type=int, default=8, help="cold-tier reader threads per store")
-    p.add_argument("--lookahead", type=int, default=1, help="batches prefetched ahead in (b)")
+    p.add_argument(
+        "--cold-threads", type=at_least(1), default=8, help="cold-tier reader threads per store"
+    )
+    p.add_argument(
+        "--lookahead", type=at_least(0), default=1, help="batches prefetched ahead in (b)"
+    )
     p.add_argument(
         "--profile-tokens",
-        type=int,
+        type=at_least(1),
         default=2_000_000,
         help="tokens of other text for the warm start",
     )
@@ -112,7 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--logits", default="last", choices=["last", "all"], help="last: prefill; all: scoring"
     )
     p.add_argument(
-        "--torch-threads", type=int, default=0, help="intra-op threads (0: torch's default)"
+        "--torch-threads",
+        type=at_least(0, "0 (torch's default) or more threads"),
+        default=0,
+        help="intra-op threads (0: torch's default)",
     )
     p.add_argument(
         "--device",
@@ -120,27 +141,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="where the model runs, (a)'s tables live and the stores' hot tiers are: cpu, cuda, "
         "cuda:N (warm tiers stay in host RAM, pinned on CUDA)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--out", help="write the JSON report here as well as stdout")
-    args = p.parse_args(argv)
-    args.device = compute_device(args.device)
+    args = p.parse_args(argv)  # a bad count is refused by its type
+    try:
+        args.device = compute_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
 def compute_device(name: str) -> torch.device:
-    """``--device`` as a torch device, refused clearly where it does not exist."""
+    """``--device`` as a torch device; ValueError, naming the option, where it does not exist."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SystemExit(f"--device {name!r}: not a device; expected cpu, cuda or cuda:N") from None
+        raise ValueError(f"--device {name!r}: not a device; expected cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {name!r}: expected cpu, cuda or cuda:N")
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
+        raise ValueError(
             f"--device {name!r}: CUDA is not available here (torch {torch.__version__})"
         )
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "cuda" and device.index is None:  # named as the report gives it
         device = torch.device("cuda", torch.cuda.current_device())
     return device

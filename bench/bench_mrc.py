@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tiered_store.cli_args import at_least, fraction
 from zipf_analysis.mrc import belady_mrc, lru_mrc, mean_absolute_error, shards_mrc
 from zipf_analysis.zipf_fit import sample_zipf
 
@@ -46,43 +47,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("--lookups", type=int, default=20_000_000, help="trace length (up to 100M+)")
-    p.add_argument("--rows", type=int, default=10_000_000, help="rows in the table")
+    p.add_argument(
+        "--lookups",
+        type=at_least(1, "a positive number of lookups"),
+        default=20_000_000,
+        help="trace length (up to 100M+)",
+    )
+    p.add_argument(
+        "--rows",
+        type=at_least(1, "a positive number of rows"),
+        default=10_000_000,
+        help="rows in the table",
+    )
     p.add_argument("--exponent", type=float, default=0.8, help="Zipf exponent s")
-    p.add_argument("--rate", type=float, default=0.01, help="SHARDS fixed sampling rate R")
+    p.add_argument(
+        "--rate",
+        type=fraction("a sampling rate R with 0 < R <= 1"),
+        default=0.01,
+        help="SHARDS fixed sampling rate R",
+    )
     p.add_argument(
         "--fixed-size",
-        type=int,
+        type=at_least(0, "0 (skip) or a positive number of rows"),
         default=1 << 16,
         help="SHARDS fixed-size sample (rows tracked); 0 to skip",
     )
     p.add_argument(
         "--belady-points",
-        type=int,
+        type=at_least(0, "0 (skip) or a positive number of capacities"),
         default=0,
         help="Belady capacities to compute (log-spaced; 0 to skip, slow: O(N log C) each)",
     )
-    p.add_argument("--seed", type=int, default=0, help="trace seed")
+    p.add_argument("--seed", type=at_least(0, "a seed >= 0"), default=0, help="trace seed")
     p.add_argument("--out", help="write JSON here as well as stdout")
     args = p.parse_args(argv)
-    check_args(args)
+    if not args.exponent >= 0.0:  # NaN too; the counts and --rate are refused by their types
+        p.error(f"--exponent {args.exponent}: expected a Zipf exponent >= 0")
     return args
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse an option value the benchmark cannot use, naming it, before any work."""
-    for flag, value, minimum, what in (
-        ("--lookups", args.lookups, 1, "a positive number of lookups"),
-        ("--rows", args.rows, 1, "a positive number of rows"),
-        ("--exponent", args.exponent, 0.0, "a Zipf exponent >= 0"),
-        ("--fixed-size", args.fixed_size, 0, "0 (skip) or a positive number of rows"),
-        ("--belady-points", args.belady_points, 0, "0 (skip) or a positive number of capacities"),
-        ("--seed", args.seed, 0, "a seed >= 0"),
-    ):
-        if not value >= minimum:  # NaN too
-            raise SystemExit(f"{flag} {value}: expected {what}")
-    if not 0.0 < args.rate <= 1.0:
-        raise SystemExit(f"--rate {args.rate}: expected a sampling rate R with 0 < R <= 1")
 
 
 class RssSampler:

@@ -36,6 +36,7 @@ import torch
 from policies.pinned_lru import pinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.capacity import parse_shares
+from tiered_store.cli_args import at_least
 from tiered_store.errors import ConfigError
 from tiered_store.online_profile import OnlineProfile
 from tiered_store.profile import FrequencyProfile
@@ -66,24 +67,25 @@ def main(argv=None) -> int:
     p.add_argument("analysis", type=Path, help="an `tiered-store analyze --holdout` output")
     p.add_argument("--layer", default="layer1")
     p.add_argument("--shares", default="0.05,0.1", help="tier sizes, shares of the rows")
-    p.add_argument("--warmup", type=int, default=5_000_000, help="lookups the counter learns on")
-    p.add_argument("--lookups", type=int, default=20_000_000, help="replayed lookups in all")
-    p.add_argument("--window", type=int, default=DEFAULT_RECENCY_WINDOW, help="lookups per window")
+    lookups = at_least(1, "at least 1 lookup")
+    p.add_argument(
+        "--warmup", type=lookups, default=5_000_000, help="lookups the counter learns on"
+    )
+    p.add_argument("--lookups", type=lookups, default=20_000_000, help="replayed lookups in all")
+    p.add_argument(
+        "--window", type=lookups, default=DEFAULT_RECENCY_WINDOW, help="lookups per window"
+    )
     p.add_argument("--out", help="write JSON here too")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # a count below 1 is refused by its type
     try:
         shares = parse_shares(args.shares, key="--shares")
     except ConfigError as exc:
-        raise SystemExit(str(exc)) from None
-    if args.warmup < 1:
-        raise SystemExit(f"--warmup {args.warmup}: expected at least 1 lookup")
+        p.error(str(exc))
     if args.lookups <= args.warmup:
-        raise SystemExit(
+        p.error(
             f"--lookups {args.lookups}: expected more than --warmup ({args.warmup:,}), the "
             "lookups served after the warm-up included"
         )
-    if args.window < 1:
-        raise SystemExit(f"--window {args.window}: expected at least 1 lookup")
     torch.set_num_threads(1)  # 2 shared cores: extra threads only spin
     prof = FrequencyProfile.load(args.analysis / f"{args.layer}.profile.npz")
     with TraceReader(args.analysis / "holdout.trace") as reader:

@@ -70,6 +70,7 @@ from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store.capacity import resolve_capacity
+from tiered_store.cli_args import at_least
 from tiered_store.profile import FrequencyProfile
 from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader, TraceWriter
@@ -344,19 +345,19 @@ def then_ids(args, layout: dict) -> np.ndarray:
 
 
 def chunk_marks(chunk: int, lookups: int) -> list[int]:
-    """Where the chunks of ``--chunk`` lookups end (whole batches), before the trace's end."""
+    """Where the chunks of ``--chunk`` lookups end (whole batches), before the trace's end
+    (``chunk``: 0, none, or at least a batch, as ``main`` checks)."""
     step = chunk - chunk % BATCH
-    if chunk and step <= 0:
-        raise SystemExit(f"--chunk {chunk}: expected 0 or at least {BATCH:,} lookups (a batch)")
     return list(range(step, lookups, step)) if step else []
 
 
 def replay_modes(given: str) -> list[str]:
-    """The (b) modes ``--replay-modes`` names (short names, comma-separated), in table order."""
+    """The (b) modes ``--replay-modes`` names (short names, comma-separated), in table order;
+    ValueError, naming the option, for an unknown one."""
     names = [n.strip() for n in given.split(",") if n.strip()]
     unknown = sorted(set(names) - set(REPLAY_MODES))
     if unknown or not names:
-        raise SystemExit(
+        raise ValueError(
             f"--replay-modes {given!r}: expected some of {', '.join(REPLAY_MODES)}"
             + (f" (unknown: {', '.join(unknown)})" if unknown else "")
         )
@@ -395,9 +396,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    chunk_expected = f"0 or at least {BATCH:,} lookups (a batch)"  # --chunk's, two checks
     p.add_argument("corpus", nargs="*", help="text files/dirs (default: the stdlib sources)")
     p.add_argument("--analysis", type=Path, help="reuse an `analyze --holdout` output")
-    p.add_argument("--max-tokens", type=int, default=2_000_000, help="tokens analysed (both parts)")
+    p.add_argument(
+        "--max-tokens", type=at_least(1), default=2_000_000, help="tokens analysed (both parts)"
+    )
     p.add_argument("--holdout", type=float, default=0.5, help="share of documents replayed")
     p.add_argument(
         "--profile-from",
@@ -413,19 +417,25 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--switch-at",
-        type=int,
+        type=at_least(BATCH, f"at least {BATCH:,} lookups (a batch)"),
         default=10_000_000,
         help="(b): lookups of the analysis' trace before --then's (whole batches)",
     )
     p.add_argument("--layer", default="layer1")
     p.add_argument("--shares", default="5%", help="warm tier sizes, e.g. 5%%,10%%")
-    p.add_argument("--warmup", type=int, default=5_000_000, help="lookups before the count")
-    p.add_argument("--lookups", type=int, default=20_000_000, help="replayed lookups at most")
-    p.add_argument("--every", type=int, help="repin.every (default: the config's)")
+    p.add_argument("--warmup", type=at_least(0), default=5_000_000, help="lookups before the count")
+    p.add_argument(
+        "--lookups", type=at_least(1), default=20_000_000, help="replayed lookups at most"
+    )
+    p.add_argument("--every", type=at_least(1), help="repin.every (default: the config's)")
     p.add_argument("--budget", help="repin.budget (default: the config's)")
     p.add_argument("--decay", type=float, help="repin.decay (default: the config's)")
-    p.add_argument("--sketch-width", type=int, help="repin.sketch_width (default: the config's)")
-    p.add_argument("--batch-tokens", type=int, default=64, help="(b): tokens per replayed batch")
+    p.add_argument(
+        "--sketch-width", type=at_least(1), help="repin.sketch_width (default: the config's)"
+    )
+    p.add_argument(
+        "--batch-tokens", type=at_least(1), default=64, help="(b): tokens per replayed batch"
+    )
     p.add_argument(
         "--replay-modes",
         default=",".join(REPLAY_MODES),
@@ -435,15 +445,20 @@ def main(argv=None) -> int:
     p.add_argument("--skip-bounds", action="store_true", help="(b) without (c)")
     p.add_argument(
         "--chunk",
-        type=int,
+        type=at_least(0, chunk_expected),
         default=0,
         help="(b): also the fetch ratio of each chunk of this many lookups (0: none), to see "
         "how online re-pinning converges",
     )
     p.add_argument(
-        "--bound-every", type=int, default=262_144, help="(c): lookups between exact re-pins"
+        "--bound-every",
+        type=at_least(1),
+        default=262_144,
+        help="(c): lookups between exact re-pins",
     )
-    p.add_argument("--hit-rows", type=int, default=200_000, help="(a): table rows, all resident")
+    p.add_argument(
+        "--hit-rows", type=at_least(1), default=200_000, help="(a): table rows, all resident"
+    )
     p.add_argument("--hit-batches", default="65536,1024", help="(a): lookups per batch")
     p.add_argument("--hit-device", default="cpu", help="(a): the hot tier's device: cpu, cuda")
     p.add_argument(
@@ -451,26 +466,35 @@ def main(argv=None) -> int:
         default="0,0.75",
         help="(a): id distributions: 0 = uniform, else a Zipf exponent (real text: ~0.75)",
     )
-    p.add_argument("--rounds", type=int, default=5, help="(a), (d): interleaved rounds per mode")
-    p.add_argument("--large-rows", type=int, default=0, help="(d): table rows (0: skip (d))")
-    p.add_argument("--large-slots", type=int, default=4_000_000, help="(d): warm tier slots")
+    p.add_argument(
+        "--rounds", type=at_least(1), default=5, help="(a), (d): interleaved rounds per mode"
+    )
+    p.add_argument(
+        "--large-rows",
+        type=at_least(0, "0 (skip (d)) or a positive number of rows"),
+        default=0,
+        help="(d): table rows (0: skip (d))",
+    )
+    p.add_argument(
+        "--large-slots", type=at_least(1), default=4_000_000, help="(d): warm tier slots"
+    )
     p.add_argument("--large-zipf", type=float, default=0.9, help="(d): Zipf exponent of the ids")
-    p.add_argument("--large-batches", type=int, default=40, help="(d): batches per round")
+    p.add_argument("--large-batches", type=at_least(1), default=40, help="(d): batches per round")
     p.add_argument("--skip-replay", action="store_true", help="(a) only")
     p.add_argument("--skip-all-hit", action="store_true", help="(b) only")
     p.add_argument("--dir", default="/var/tmp", help="work directory's parent (deleted at the end)")
     p.add_argument("--out", help="write JSON here too")
-    args = p.parse_args(argv)
-    args.replay_modes = replay_modes(args.replay_modes)  # clear errors before any work
-    chunk_marks(args.chunk, 0)
+    args = p.parse_args(argv)  # clear errors before any work: a bad count refused by its type
+    try:
+        args.replay_modes = replay_modes(args.replay_modes)
+    except ValueError as exc:
+        p.error(str(exc))
+    if 0 < args.chunk < BATCH:
+        p.error(f"--chunk {args.chunk}: expected {chunk_expected}")
     if args.then is not None:
-        if args.switch_at < BATCH:
-            raise SystemExit(
-                f"--switch-at {args.switch_at:,}: expected at least {BATCH:,} lookups (a batch)"
-            )
         args.switch_at -= args.switch_at % BATCH  # whole batches, as the trace is written
         if not (args.then / "holdout.trace").is_file():
-            raise SystemExit(f"--then {args.then}: no holdout.trace there (analyze --holdout)")
+            p.error(f"--then {args.then}: no holdout.trace there (analyze --holdout)")
     torch.set_num_threads(1)  # shared cores: extra threads only spin
     work = Path(tempfile.mkdtemp(prefix="bench-online-repin-", dir=args.dir))
     result = {"command": " ".join(["python bench/bench_online_repin.py", *(argv or sys.argv[1:])])}

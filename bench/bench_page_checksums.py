@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tiered_store.cli_args import at_least
 from tiered_store.cold_table import IO_MODES, ColdTable
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.errors import TierIOError
@@ -51,10 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dir", type=Path, help="where the table goes (default: the temp folder)")
-    p.add_argument("--table-mib", type=int, default=1024, help="table size in MiB")
-    p.add_argument("--pairs", type=int, default=20, help="back-to-back pairs per io mode")
-    p.add_argument("--batch", type=int, default=16384, help="ids per read_rows call")
-    p.add_argument("--threads", type=int, default=8, help="ColdTable threads (uring: rings)")
+    p.add_argument("--table-mib", type=at_least(1), default=1024, help="table size in MiB")
+    p.add_argument("--pairs", type=at_least(1), default=20, help="back-to-back pairs per io mode")
+    p.add_argument("--batch", type=at_least(1), default=16384, help="ids per read_rows call")
+    p.add_argument(
+        "--threads", type=at_least(1), default=8, help="ColdTable threads (uring: rings)"
+    )
     p.add_argument("--io", default=",".join(IO_MODES), help="io modes, comma-separated")
     p.add_argument(
         "--from-disk",
@@ -62,7 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="drop the table's page cache before every read (pread and mmap then read the disk)",
     )
     p.add_argument("--out", type=Path, help="write the results here (JSON)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)  # a bad count is refused by its type
+    args.io = [m for m in args.io.split(",") if m]
+    unknown = sorted(set(args.io) - set(IO_MODES))
+    if unknown:
+        p.error(f"--io: {unknown} unknown; expected some of {', '.join(IO_MODES)}")
+    return args
 
 
 def measure(path: Path, io: str, args: argparse.Namespace) -> dict[str, float] | None:
@@ -111,11 +119,7 @@ def measure(path: Path, io: str, args: argparse.Namespace) -> dict[str, float] |
 def main(argv: list[str] | None = None) -> int:
     """Run every io mode; print a table; write the JSON."""
     args = parse_args(argv)
-    modes = [m for m in args.io.split(",") if m]
-    unknown = sorted(set(modes) - set(IO_MODES))
-    if unknown:
-        print(f"--io: {unknown} unknown; expected some of {', '.join(IO_MODES)}", file=sys.stderr)
-        return 2
+    modes = args.io
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="page-checksums-") as tmp:
         path = Path(tmp) / "cold.npy"

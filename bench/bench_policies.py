@@ -49,6 +49,7 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store.capacity import parse_shares
+from tiered_store.cli_args import at_least
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
@@ -86,7 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=",".join(f"{s:.0%}" for s in SHARES),
         help="tier sizes, as shares of the table's rows",
     )
-    p.add_argument("--max-tokens", type=int, default=5_000_000, help="tokens over both parts")
+    p.add_argument(
+        "--max-tokens", type=at_least(1), default=5_000_000, help="tokens over both parts"
+    )
     p.add_argument(
         "--holdout",
         type=float,
@@ -94,11 +97,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="share of the documents replayed (the rest: profile)",
     )
     p.add_argument(
-        "--lookups", type=int, default=20_000_000, help="replayed lookups (of the holdout part)"
+        "--lookups",
+        type=at_least(1),
+        default=20_000_000,
+        help="replayed lookups (of the holdout part)",
     )
     p.add_argument("--layer", default="layer1", help="which Engram table")
     p.add_argument(
-        "--batch-tokens", type=int, default=64, help="tokens per replay batch for the quality table"
+        "--batch-tokens",
+        type=at_least(1),
+        default=64,
+        help="tokens per replay batch for the quality table",
     )
     p.add_argument("--policies", default=",".join(OURS))
     p.add_argument("--out", help="write JSON here too, and the plot beside it (.png)")
@@ -107,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:  # refused before any work, not after the analysis
         args.shares = parse_shares(args.shares, key="--shares")
     except ConfigError as exc:
-        raise SystemExit(str(exc)) from None
+        p.error(str(exc))
     return args
 
 

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import torch
 import yaml
 
+from tiered_store.cli_args import at_least
 from tiered_store.serve import ServeConfig, ServedModel, parse_request
 from tiered_store.serve.client import ServeProcess, get_json, post_json, run_load, zipf_requests
 
@@ -62,43 +63,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="serve config to copy")
     p.add_argument("--clients", default="1,8,64", help="client counts, comma-separated")
-    p.add_argument("--requests", type=int, default=400, help="measured requests per client count")
-    p.add_argument("--warmup", type=int, default=200, help="requests before measuring")
-    p.add_argument("--batch", type=int, default=1, help="sequences per request")
-    p.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
+    p.add_argument(
+        "--requests",
+        type=at_least(1, "at least 1 request"),
+        default=400,
+        help="measured requests per client count",
+    )
+    p.add_argument(
+        "--warmup",
+        type=at_least(0, "0 or more requests"),
+        default=200,
+        help="requests before measuring",
+    )
+    p.add_argument(
+        "--batch", type=at_least(1, "at least 1 sequence"), default=1, help="sequences per request"
+    )
+    p.add_argument(
+        "--tokens", type=at_least(1, "at least 1 token"), default=128, help="tokens per sequence"
+    )
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the token ids")
     p.add_argument("--soak-seconds", type=float, default=60.0, help="RSS soak duration (0: skip)")
-    p.add_argument("--soak-clients", type=int, default=8, help="clients during the soak")
-    p.add_argument("--torch-threads", type=int, default=1, help="server.torch_threads (both sides)")
+    p.add_argument(
+        "--soak-clients",
+        type=at_least(1, "at least 1 client"),
+        default=8,
+        help="clients during the soak",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=at_least(0, "0 (torch's default) or more threads"),
+        default=1,
+        help="server.torch_threads (both sides)",
+    )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
-    check_args(args)
+    check_args(p, args)
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse an option value the load test cannot use, naming it, before starting a server."""
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an option value the load test cannot use (the counts are refused by their types),
+    naming it, before starting a server: exit 2 with the usage."""
     try:
         counts = [int(c) for c in args.clients.split(",") if c.strip()]
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
-        raise SystemExit(f"--clients {args.clients!r}: expected client counts >= 1, e.g. 1,8,64")
-    for flag, value, minimum, what in (
-        ("--requests", args.requests, 1, "at least 1 request"),
-        ("--warmup", args.warmup, 0, "0 or more requests"),
-        ("--batch", args.batch, 1, "at least 1 sequence"),
-        ("--tokens", args.tokens, 1, "at least 1 token"),
-        ("--soak-seconds", args.soak_seconds, 0.0, "0 (skip) or more seconds"),
-        ("--soak-clients", args.soak_clients, 1, "at least 1 client"),
-        ("--torch-threads", args.torch_threads, 0, "0 (torch's default) or more threads"),
-    ):
-        if not value >= minimum:  # NaN too
-            raise SystemExit(f"{flag} {value}: expected {what}")
+        p.error(f"--clients {args.clients!r}: expected client counts >= 1, e.g. 1,8,64")
+    if not args.soak_seconds >= 0.0:  # NaN too
+        p.error(f"--soak-seconds {args.soak_seconds}: expected 0 (skip) or more seconds")
     if not args.zipf > 1.0:
-        raise SystemExit(f"--zipf {args.zipf}: expected a Zipf exponent > 1")
+        p.error(f"--zipf {args.zipf}: expected a Zipf exponent > 1")
     if not args.config.is_file():
-        raise SystemExit(f"--config {args.config}: no such file; expected a serve config (YAML)")
+        p.error(f"--config {args.config}: no such file; expected a serve config (YAML)")
 
 
 def resets(errors: dict[str, int]) -> int:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.cache_plan import parse_policy
+from tiered_store.cli_args import at_least
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from zipf_analysis.replay import replay, with_policy
@@ -43,12 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--analysis", type=Path, help="an `analyze` output directory to reuse")
     p.add_argument(
-        "--max-tokens", type=int, default=500_000, help="tokens to analyse (no --analysis)"
+        "--max-tokens",
+        type=at_least(1, "at least 1 token"),
+        default=500_000,
+        help="tokens to analyse (no --analysis)",
     )
     p.add_argument("--table", default="layer1")
     p.add_argument("--gpu-budget", default="128MiB")
     p.add_argument("--host-budget", default="1GiB")
-    p.add_argument("--replays", type=int, default=3, help="splits replayed to check the model")
+    p.add_argument(
+        "--replays",
+        type=at_least(1, "at least 1 (the recommended split)"),
+        default=3,
+        help="splits replayed to check the model",
+    )
     p.add_argument(
         "--policy",
         help="both tiers' policy (default: the store config's), e.g. zipf-tuned (its profile: "
@@ -56,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, help="JSON results")
     args = p.parse_args(argv)
-    check_args(args)
+    check_args(p, args)
     work = args.analysis
     scratch = None
     if work is None:
@@ -87,18 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse a bad option value before any work, naming it and what is expected."""
-    if args.replays < 1:
-        raise SystemExit(f"--replays {args.replays}: expected at least 1 (the recommended split)")
-    if args.max_tokens < 1:
-        raise SystemExit(f"--max-tokens {args.max_tokens}: expected at least 1 token")
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a bad option value before any work, naming it and what is expected (the counts
+    are refused by their types): exit 2 with the usage."""
     try:
         parse_budgets(args.gpu_budget, args.host_budget)
         if args.policy:
             parse_policy(args.policy, key="--policy")
     except ConfigError as exc:
-        raise SystemExit(str(exc)) from None
+        p.error(str(exc))
 
 
 def run(work: Path, args: argparse.Namespace) -> dict:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from tiered_store import StoreConfig, TieredStore, create_table
+from tiered_store.cli_args import at_least, fraction
 from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader
 from tiered_store.warm_restart import restart_path
@@ -63,27 +64,21 @@ def main(argv=None) -> int:
     )
     p.add_argument("trace", type=Path, help="a trace from `tiered-store analyze`")
     p.add_argument("--layer", default="layer1")
-    p.add_argument("--hot", type=float, default=0.01, help="hot tier, share of the rows")
-    p.add_argument("--warm", type=float, default=0.05, help="warm tier, share of the rows")
-    p.add_argument("--warmup", type=int, default=5_000_000, help="lookups before the restart")
-    p.add_argument("--lookups", type=int, default=1_000_000, help="lookups measured after it")
-    p.add_argument("--batch", type=int, default=4096, help="ids per lookup call")
-    p.add_argument("--dim", type=int, default=8, help="row width of the table (float32)")
+    share = fraction("a share of the rows in (0, 1], e.g. 0.01 for 1%")
+    p.add_argument("--hot", type=share, default=0.01, help="hot tier, share of the rows")
+    p.add_argument("--warm", type=share, default=0.05, help="warm tier, share of the rows")
+    p.add_argument(
+        "--warmup", type=at_least(1), default=5_000_000, help="lookups before the restart"
+    )
+    p.add_argument(
+        "--lookups", type=at_least(1), default=1_000_000, help="lookups measured after it"
+    )
+    p.add_argument("--batch", type=at_least(1), default=4096, help="ids per lookup call")
+    p.add_argument("--dim", type=at_least(1), default=8, help="row width of the table (float32)")
     p.add_argument("--io", default="pread", help="tiers.cold.io of the stores (pread, mmap, ...)")
     p.add_argument("--dir", type=Path, help="where the table goes (default: a temporary dir)")
     p.add_argument("--out", help="write JSON here too")
-    args = p.parse_args(argv)
-    for flag, share in (("--hot", args.hot), ("--warm", args.warm)):
-        if not 0 < share <= 1:
-            p.error(f"{flag} {share}: expected a share of the rows in (0, 1], e.g. 0.01 for 1%")
-    for flag, value in (
-        ("--warmup", args.warmup),
-        ("--lookups", args.lookups),
-        ("--batch", args.batch),
-        ("--dim", args.dim),
-    ):
-        if value < 1:
-            p.error(f"{flag} {value}: expected at least 1")
+    args = p.parse_args(argv)  # a bad share or count is refused by its type
     torch.set_num_threads(1)  # 2 shared cores: extra threads only spin
     with TraceReader(args.trace) as reader:
         rows = int(reader.layout[reader.table_index(args.layer)]["rows"])

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from tiered_store import TieredStore
+from tiered_store.cli_args import at_least
 from tiered_store.corpus import resolve_corpus
 from tiered_store.delta.row_delta import HEADER_BYTES
 from tiered_store.delta.row_optimizers import make_row_optimizer
@@ -74,56 +75,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the system's temporary directory)",
     )
     p.add_argument("--only", default="training,commit,recovery,readpath", help="sections")
-    p.add_argument("--rounds", type=int, default=4, help="alternating rounds per section")
-    p.add_argument("--steps", type=int, default=6, help="training steps per variant per round")
-    p.add_argument("--batch-size", type=int, default=4, help="training sequences per step")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
-    p.add_argument("--commit-every", type=int, default=3, help="training steps per commit")
-    p.add_argument("--dirty", type=int, default=100_000, help="rows per commit (commit section)")
+    p.add_argument(
+        "--rounds",
+        type=at_least(1, "at least 1 (rounds)"),
+        default=4,
+        help="alternating rounds per section",
+    )
+    p.add_argument(
+        "--steps",
+        type=at_least(1, "at least 1 (steps)"),
+        default=6,
+        help="training steps per variant per round",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=at_least(1, "at least 1 (sequences)"),
+        default=4,
+        help="training sequences per step",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=at_least(1, "at least 1 (tokens)"),
+        default=128,
+        help="tokens per training sequence",
+    )
+    p.add_argument(
+        "--commit-every",
+        type=at_least(1, "at least 1 (steps)"),
+        default=3,
+        help="training steps per commit",
+    )
+    p.add_argument(
+        "--dirty",
+        type=at_least(1, "at least 1 (rows)"),
+        default=100_000,
+        help="rows per commit (commit section)",
+    )
     p.add_argument("--recovery-rows", default="100000,1000000,4000000", help="table sizes")
     p.add_argument("--baseline-root", type=Path, help="a checkout of main (readpath section)")
     p.add_argument("--out", type=Path, help="write the results here (JSON)")
     args = p.parse_args(argv)
-    check_args(args)
+    check_args(p, args)
     return args
 
 
 SECTIONS = ("training", "commit", "recovery", "readpath")
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse an option value the benchmark cannot use, naming it, before any work."""
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an option value the benchmark cannot use, naming it, before any work (the counts
+    are refused by their types): exit 2 with the usage."""
     unknown = [name for name in args.only.split(",") if name not in SECTIONS]
     if unknown or not args.only:
-        raise SystemExit(
+        p.error(
             f"--only {args.only!r}: unknown: {', '.join(unknown)}; expected some of "
             f"{','.join(SECTIONS)}"
         )
-    for flag, value, what in (
-        ("--rounds", args.rounds, "rounds"),
-        ("--steps", args.steps, "steps"),
-        ("--batch-size", args.batch_size, "sequences"),
-        ("--seq-len", args.seq_len, "tokens"),
-        ("--commit-every", args.commit_every, "steps"),
-        ("--dirty", args.dirty, "rows"),
-    ):
-        if value < 1:
-            raise SystemExit(f"{flag} {value}: expected at least 1 ({what})")
     try:
         sizes = [int(x) for x in args.recovery_rows.split(",")]
     except ValueError:
         sizes = []
     if not sizes or min(sizes) < 10:
-        raise SystemExit(
+        p.error(
             f"--recovery-rows {args.recovery_rows!r}: expected table sizes of at least 10 rows "
             "(the delta holds a tenth), comma-separated"
         )
     if args.dir is not None and not args.dir.is_dir():
-        raise SystemExit(f"--dir {args.dir}: not a directory")
+        p.error(f"--dir {args.dir}: not a directory")
     if args.baseline_root is not None and not (args.baseline_root / "tiered_store").is_dir():
-        raise SystemExit(
-            f"--baseline-root {args.baseline_root}: expected a checkout holding tiered_store/"
-        )
+        p.error(f"--baseline-root {args.baseline_root}: expected a checkout holding tiered_store/")
 
 
 class DenseRows:

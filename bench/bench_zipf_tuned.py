@@ -44,6 +44,7 @@ import numpy as np
 from policies.pinned_lru import pinned_lru_misses
 from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
+from tiered_store.cli_args import at_least
 from tiered_store.profile import FrequencyCounter
 from tiered_store.trace import TraceReader
 from zipf_analysis.analyze import AnalyzeOptions, analyze
@@ -75,9 +76,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("corpus", nargs="*", help="text files/dirs/globs (default: the stdlib sources)")
     p.add_argument("--dir", default="/var/tmp", help="work directory")
-    p.add_argument("--max-tokens", type=int, default=5_000_000)
+    p.add_argument("--max-tokens", type=at_least(1), default=5_000_000)
     p.add_argument("--holdout", type=float, default=0.4)
-    p.add_argument("--lookups", type=int, default=20_000_000, help="replayed lookups")
+    p.add_argument("--lookups", type=at_least(1), default=20_000_000, help="replayed lookups")
     p.add_argument("--layer", default="layer1")
     p.add_argument("--analysis", metavar="DIR", help="reuse an `analyze --holdout` output")
     p.add_argument("--repin", action="store_true", help="also sweep re-pinning and larger splits")

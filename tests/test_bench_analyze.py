@@ -105,11 +105,11 @@ def test_help_and_refusals(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--max-tokens MAX_TOKENS" in done.stdout and "--keep" in done.stdout
     for args, message in (
-        (("--max-tokens", "-5"), "--max-tokens -5: expected an integer >= 1"),
+        (("--max-tokens", "-5"), "argument --max-tokens: expected an integer >= 1, got '-5'"),
         (("--targets", "hot=2"), "--targets 'hot=2': targets.hot: got 2.0; expected a hit rate"),
     ):
         done = bench(*args, tmp_path=tmp_path)
-        assert done.returncode == 1, (args, done.stderr[-3000:])
+        assert done.returncode == 2, (args, done.stderr[-3000:])  # argparse's, with the usage
         assert message in done.stderr and "Traceback" not in done.stderr
         assert done.stdout == ""
     # refused before any work: no temporary folder made (one was made, and left, before)

@@ -1,4 +1,5 @@
-"""bench/bench_cold_path.py refuses clearly when fio, its baseline, is missing (run, not imported)."""
+"""bench/bench_cold_path.py refuses clearly when fio, its baseline, is missing, and a bad count
+before any work (run, not imported)."""
 
 from __future__ import annotations
 
@@ -10,4 +11,11 @@ def test_refuses_without_fio(tmp_path):
     done = run_bench("bench_cold_path.py", "--dir", str(tmp_path), env=env, timeout=120)
     assert done.returncode == 2
     assert "fio is not installed" in done.stderr and "apt-get install fio" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before making a table
+
+
+def test_refuses_a_bad_count_before_any_work(tmp_path):
+    done = run_bench("bench_cold_path.py", "--dir", str(tmp_path), "--pairs", "0", timeout=120)
+    assert done.returncode == 2  # argparse's, with the usage
+    assert "argument --pairs: expected an integer >= 1, got '0'" in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before making a table

@@ -1,6 +1,6 @@
 """bench/bench_engram.py at a tiny size: its four variants give bit-identical logits on the device
 asked for (run, not imported: it sets torch's threads), and a device that is not there is refused
-before any work."""
+before any work, as is a bad count."""
 
 from __future__ import annotations
 
@@ -56,6 +56,13 @@ def test_the_variants_agree_with_the_model_and_hot_tiers_on_cuda(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: nothing to refuse")
 def test_refuses_cuda_where_there_is_none(tmp_path):
     done = bench("--device", "cuda", tmp_path=tmp_path)
-    assert done.returncode == 1
+    assert done.returncode == 2  # argparse's, with the usage
     assert "--device 'cuda': CUDA is not available here" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before writing a table
+
+
+def test_refuses_a_bad_count_before_any_work(tmp_path):
+    done = bench("--rounds", "0", tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert "argument --rounds: expected an integer >= 1, got '0'" in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before writing a table

@@ -114,11 +114,16 @@ def test_help_and_refusals(tmp_path):
     assert "--fixed-size FIXED_SIZE" in done.stdout and "--belady-points" in done.stdout
     out = tmp_path / "mrc.json"
     for option, value, message in (
-        ("--lookups", "-5", "--lookups -5: expected a positive number of lookups"),
-        ("--rate", "0", "--rate 0.0: expected a sampling rate R with 0 < R <= 1"),
-        ("--fixed-size", "-1", "--fixed-size -1: expected 0 (skip) or a positive number of rows"),
+        ("--lookups", "-5", "argument --lookups: expected a positive number of lookups, got '-5'"),
+        ("--rate", "0", "argument --rate: expected a sampling rate R with 0 < R <= 1, got '0'"),
+        (
+            "--fixed-size",
+            "-1",
+            "argument --fixed-size: expected 0 (skip) or a positive number of rows, got '-1'",
+        ),
+        ("--exponent", "nan", "--exponent nan: expected a Zipf exponent >= 0"),
     ):
         done = run_bench("bench_mrc.py", option, value, "--out", str(out))
-        assert done.returncode == 1, (option, done.stderr[-3000:])
+        assert done.returncode == 2, (option, done.stderr[-3000:])  # argparse's, with the usage
         assert message in done.stderr
         assert done.stdout == "" and not out.exists()  # refused before measuring anything

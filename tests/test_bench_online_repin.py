@@ -54,17 +54,28 @@ def test_help_explains_the_options(tmp_path):
 
 
 def test_names_an_unknown_replay_mode_before_any_work(tmp_path):
+    # every refusal is argparse's exit 2, with the usage
     done = bench("--replay-modes", "lru,fastest", tmp_path=tmp_path)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "--replay-modes 'lru,fastest'" in done.stderr and "unknown: fastest" in done.stderr
     assert "lru, fixed, repinned, online, former" in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before making its work directory
     done = bench("--then", str(tmp_path), "--switch-at", "-5", tmp_path=tmp_path)
-    assert done.returncode == 1
-    assert "--switch-at -5: expected at least 65,536 lookups (a batch)" in done.stderr
+    assert done.returncode == 2
+    assert (
+        "argument --switch-at: expected at least 65,536 lookups (a batch), got '-5'" in done.stderr
+    )
+    done = bench("--then", str(tmp_path), tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert f"--then {tmp_path}: no holdout.trace there (analyze --holdout)" in done.stderr
     done = bench("--chunk", "-5", tmp_path=tmp_path)
-    assert done.returncode == 1
-    assert "--chunk -5: expected 0 or at least 65,536 lookups (a batch)" in done.stderr
+    assert done.returncode == 2
+    assert (
+        "argument --chunk: expected 0 or at least 65,536 lookups (a batch), got '-5'" in done.stderr
+    )
+    done = bench("--chunk", "100", tmp_path=tmp_path)  # not a whole batch: refused after parsing
+    assert done.returncode == 2
+    assert "--chunk 100: expected 0 or at least 65,536 lookups (a batch)" in done.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -23,3 +23,6 @@ def test_a_tiny_run_writes_pair_ratios_for_each_io_mode(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["pc.json"]  # the table was removed
     bad = run_bench("bench_page_checksums.py", "--io", "floppy", timeout=120)
     assert bad.returncode == 2 and "--io: ['floppy'] unknown" in bad.stderr
+    bad = run_bench("bench_page_checksums.py", "--pairs", "0", timeout=120)
+    assert bad.returncode == 2
+    assert "argument --pairs: expected an integer >= 1, got '0'" in bad.stderr

@@ -55,9 +55,16 @@ def test_keep_keeps_the_work_directory_and_says_where(tmp_path):
     assert (kept / "analysis" / "holdout.trace").exists() and (kept / "replay.trace").exists()
 
 
-def test_bad_shares_are_refused_before_any_work(tmp_path):
-    done = run_bench("bench_policies.py", "--shares", "5%,150%", "--dir", str(tmp_path))
-    assert done.returncode == 1
-    assert "--shares '5%,150%': expected shares of the rows in (0, 1]" in done.stderr
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--shares", "5%,150%"), "--shares '5%,150%': expected shares of the rows in (0, 1]"),
+        (("--lookups", "0"), "argument --lookups: expected an integer >= 1, got '0'"),
+    ],
+)
+def test_a_bad_value_is_refused_before_any_work(args, message, tmp_path):
+    done = run_bench("bench_policies.py", *args, "--dir", str(tmp_path))
+    assert done.returncode == 2  # argparse's, with the usage
+    assert message in done.stderr
     assert "trace:" not in done.stdout + done.stderr  # no analysis of the default corpus first
     assert list(tmp_path.iterdir()) == []

@@ -95,11 +95,11 @@ def test_help_and_refusals(tmp_path):
     out = tmp_path / "serve.json"
     for args, message in (
         (("--clients", "1,0"), "--clients '1,0': expected client counts >= 1, e.g. 1,8,64"),
-        (("--requests", "-3"), "--requests -3: expected at least 1 request"),
+        (("--requests", "-3"), "argument --requests: expected at least 1 request, got '-3'"),
         (("--zipf", "0.9"), "--zipf 0.9: expected a Zipf exponent > 1"),
     ):
         done = bench(*args, "--out", str(out), tmp_path=tmp_path)
-        assert done.returncode == 1, (args, done.stderr[-3000:])
+        assert done.returncode == 2, (args, done.stderr[-3000:])  # argparse's, with the usage
         assert message in done.stderr and "Traceback" not in done.stderr
         assert done.stdout == "" and not out.exists()
     assert leftovers(tmp_path / "tmp") == []  # refused before making a checkpoint

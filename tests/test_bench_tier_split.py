@@ -99,18 +99,21 @@ def test_help_exits_zero(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--replays", "0"), "--replays 0: expected at least 1 (the recommended split)"),
+        (
+            ("--replays", "0"),
+            "argument --replays: expected at least 1 (the recommended split), got '0'",
+        ),
         (
             ("--gpu-budget=-5MiB",),
             "--gpu-budget: got '-5MiB'; expected a byte size like '8GiB', '512MB' or 0",
         ),
         (("--policy", "fastest"), "--policy: unknown policy 'fastest' in 'fastest'; known: all"),
-        (("--max-tokens", "-1"), "--max-tokens -1: expected at least 1 token"),
+        (("--max-tokens", "-1"), "argument --max-tokens: expected at least 1 token, got '-1'"),
     ],
 )
 def test_a_bad_value_is_refused_before_analysing(args, message, tmp_path):
     done = bench("--max-tokens", "10000", *args, tmp_path=tmp_path)
-    assert done.returncode == 1
+    assert done.returncode == 2  # argparse's, with the usage
     assert message in done.stderr
     assert list(tmp_path.iterdir()) == []  # no scratch analysis begun
 

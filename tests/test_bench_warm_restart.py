@@ -91,9 +91,15 @@ def test_help_exits_zero(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--hot=-0.01",), "--hot -0.01: expected a share of the rows in (0, 1]"),
-        (("--warm", "1.5"), "--warm 1.5: expected a share of the rows in (0, 1]"),
-        (("--lookups", "0"), "--lookups 0: expected at least 1"),
+        (
+            ("--hot=-0.01",),
+            "argument --hot: expected a share of the rows in (0, 1], e.g. 0.01 for 1%, got '-0.01'",
+        ),
+        (
+            ("--warm", "1.5"),
+            "argument --warm: expected a share of the rows in (0, 1], e.g. 0.01 for 1%, got '1.5'",
+        ),
+        (("--lookups", "0"), "argument --lookups: expected an integer >= 1, got '0'"),
         (("--lookups", "10000000"), "lookups of layer1; need warmup + lookups"),
     ],
 )

@@ -78,14 +78,14 @@ def test_help_and_refusals(tmp_path):
             "--only 'training,comit': unknown: comit; expected some of "
             "training,commit,recovery,readpath",
         ),
-        (("--rounds", "0"), "--rounds 0: expected at least 1 (rounds)"),
+        (("--rounds", "0"), "argument --rounds: expected at least 1 (rounds), got '0'"),
         (
             ("--recovery-rows", "100000,-5"),
             "--recovery-rows '100000,-5': expected table sizes of at least 10 rows",
         ),
     ):
         done = bench(*args, "--out", str(out), tmp_path=tmp_path)
-        assert done.returncode == 1, (args, done.stderr[-3000:])
+        assert done.returncode == 2, (args, done.stderr[-3000:])  # argparse's, with the usage
         assert message in done.stderr and "Traceback" not in done.stderr
         assert done.stdout == "" and not out.exists()
     assert list((tmp_path / "work").iterdir()) == []  # refused before making a table

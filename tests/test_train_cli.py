@@ -1,5 +1,5 @@
 """``tiered-store train``: a run killed with SIGKILL resumes from its last commit and ends exactly
-where an uninterrupted run does."""
+where an uninterrupted run does; a bad seed is refused with the options."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tiered_store import TieredStore
+from tiered_store.cli import main
 from tiered_store.engram.training import TrainSettings, train
 
 TINY = {
@@ -108,3 +109,12 @@ def test_train_resumes_after_kill_9_and_ends_as_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(dense_a[k], dense_b[k]) for k in dense_a)
     assert (killed / "loss.png").stat().st_size > 1000
     assert len((killed / "loss.csv").read_text().splitlines()) == 11
+
+
+def test_a_negative_seed_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--out", str(out), "--seed", "-1", "--quiet"])
+    assert exited.value.code == 2  # argparse's, with the usage (was numpy's traceback)
+    assert "argument --seed: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+    assert not out.exists()  # refused before making the run directory

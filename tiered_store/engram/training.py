@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..atomic_file import atomic_write
+from ..cli_args import at_least
 from ..corpus import resolve_corpus
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
 from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
@@ -250,7 +251,7 @@ def register(sub) -> None:
     p.add_argument("--warm", default=d.warm, help="warm tier capacity (rows, bytes or %%)")
     p.add_argument("--io", default=d.io, help="cold tier I/O: mmap, pread, direct, uring")
     p.add_argument("--model", type=Path, help="YAML/JSON of engram/backbone/transformer sections")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=at_least(0), default=d.seed)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
