@@ -18,7 +18,9 @@ as the store's cache code at one lookup per batch, at numba speed) for:
    and tripled;
 6. (``--lookahead``) zipf-tuned whose recency segment knows the next L lookups (a what-if for
    prefill, where a request's row ids are known before it is served): eviction passes over rows
-   looked up within them, for L from one 64-token batch to 16 requests of 4,096 tokens.
+   looked up within them, for L from one 64-token batch to 16 requests of 4,096 tokens;
+7. (``--oracle``) the pins ranked by the replayed trace's own lookups, and by its own episodes
+   (oracles: what a perfect profile of each statistic could do), with the rule's split.
 
 Every variant pins its segment (never evicted) and runs LRU on the rest, as zipf-tuned does.
 
@@ -27,7 +29,8 @@ Example::
     python bench/bench_zipf_tuned.py --out bench/results/zipf_tuned_design.json
 
 Takes about 4 minutes on 2 cores (most of it `analyze`; ``--analysis DIR`` reuses an
-``analyze --holdout`` output instead); ``--repin`` adds about 5 minutes, ``--lookahead`` about 3.
+``analyze --holdout`` output instead); ``--repin`` adds about 5 minutes, ``--lookahead`` about 3,
+``--oracle`` about 1.
 """
 
 from __future__ import annotations
@@ -70,6 +73,18 @@ def miss_ratios(ids, rows, order, recency_rows, admit=None, readmit_window=0, lo
     return out
 
 
+def episodes_per_row(ids: np.ndarray, rows: int, window: int):
+    """Each row's episodes in ``ids`` (runs of lookups at most ``window`` apart), and the
+    profile that counted them."""
+    counter = FrequencyCounter(rows, episode_window=window)
+    for chunk in np.array_split(ids, max(1, ids.size // (1 << 22))):
+        counter.update(chunk)
+    profile = counter.profile()
+    per_row = np.zeros(rows, np.int64)
+    per_row[profile.row_ids] = profile.episodes
+    return per_row, profile
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,7 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("corpus", nargs="*", help="text files/dirs/globs (default: the stdlib sources)")
     p.add_argument("--dir", default="/var/tmp", help="work directory")
     p.add_argument("--max-tokens", type=at_least(1), default=5_000_000)
-    p.add_argument("--holdout", type=float, default=0.4)
+    p.add_argument(
+        "--holdout", type=float, default=0.4, help="share of the documents replayed (default 0.4)"
+    )
     p.add_argument("--lookups", type=at_least(1), default=20_000_000, help="replayed lookups")
     p.add_argument("--layer", default="layer1")
     p.add_argument("--analysis", metavar="DIR", help="reuse an `analyze --holdout` output")
@@ -85,8 +102,19 @@ def main(argv=None) -> int:
     p.add_argument(
         "--lookahead", action="store_true", help="also sweep a recency segment that knows ahead"
     )
+    p.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also pin by the replayed trace's own lookups and episodes (oracles)",
+    )
     p.add_argument("--out", help="write JSON here too")
     args = p.parse_args(argv)
+    if not 0 < args.holdout < 1:  # NaN too
+        p.error(f"--holdout {args.holdout}: expected a share of the documents in (0, 1)")
+    if args.analysis and args.corpus:
+        p.error(f"--analysis {args.analysis} and a corpus: give one (the analysis has its corpus)")
+    if args.analysis and not (Path(args.analysis) / "holdout.trace").is_file():
+        p.error(f"--analysis {args.analysis}: no holdout.trace there (analyze --holdout)")
     with tempfile.TemporaryDirectory(prefix="bench-zipf-tuned-", dir=args.dir) as tmp:
         out_dir = Path(args.analysis) if args.analysis else Path(tmp) / "analysis"
         options = AnalyzeOptions(
@@ -100,22 +128,18 @@ def main(argv=None) -> int:
             analyze(args.corpus or None, out_dir, options=options)
         corpus = json.loads((out_dir / "report.json").read_text())["corpus"]["description"]
         with TraceReader(out_dir / "trace.trace") as reader:
+            if args.layer not in reader.tables:
+                p.error(f"--layer {args.layer!r}: expected one of the trace's {reader.tables}")
             rows = int(reader.layout[reader.table_index(args.layer)]["rows"])
             profile_ids = reader.read_all(args.layer)
         with TraceReader(out_dir / "holdout.trace") as reader:
             ids = reader.read_all(args.layer)[: args.lookups].astype(np.int64)
     counts = np.bincount(profile_ids, minlength=rows).astype(np.int64)
     by_lookups = np.lexsort((np.arange(rows), -counts))
-    episodes, profiles = {}, {}
-    for w in WINDOWS:
-        counter = FrequencyCounter(rows, episode_window=w)
-        for chunk in np.array_split(profile_ids, max(1, profile_ids.size // (1 << 22))):
-            counter.update(chunk)
-        profile = profiles[w] = counter.profile()
-        episodes[w] = np.zeros(rows, np.int64)
-        episodes[w][profile.row_ids] = profile.episodes
+    counted = {w: episodes_per_row(profile_ids, rows, w) for w in WINDOWS}
+    episodes = {w: per_row for w, (per_row, _) in counted.items()}
     # the recency segment zipf-tuned itself would size at each share
-    tuned = profiles[DEFAULT_RECENCY_WINDOW]
+    tuned = counted[DEFAULT_RECENCY_WINDOW][1]
     rule = [
         zipf_tuned_split(
             tuned.top_rows(int(rows * s), by="episodes"), tuned.counts, int(rows * s)
@@ -157,6 +181,13 @@ def main(argv=None) -> int:
             run(
                 f"zipf-tuned, {lookahead:,} lookups known ahead", default, rule, lookahead=lookahead
             )
+    if args.oracle:  # the replayed trace's own statistics, ranked as the profile's are
+        own_counts = np.bincount(ids, minlength=rows).astype(np.int64)
+        own_episodes, _ = episodes_per_row(ids, rows, DEFAULT_RECENCY_WINDOW)
+        by_own_lookups = np.lexsort((np.arange(rows), -own_counts))
+        run("oracle: pin by the replay's lookups", by_own_lookups, rule)
+        by_own_episodes = np.lexsort((np.arange(rows), -own_counts, -own_episodes))
+        run("oracle: pin by the replay's episodes", by_own_episodes, rule)
     if args.repin:
         caps = [int(rows * s) for s in SHARES]
         for mult in (2, 3):  # at most the whole tier (1%: the rule already gives half)
@@ -183,6 +214,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     result = {
+        "command": " ".join(["python bench/bench_zipf_tuned.py", *(argv or sys.argv[1:])]),
         "corpus": corpus,
         "layer": args.layer,
         "rows": rows,
