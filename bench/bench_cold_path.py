@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from tiered_store import StoreConfig, TieredStore
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, int_list, public_command
 from tiered_store.cold_table import ColdTable
 from tiered_store.disk_probe import fio_random_reads, probe_random_reads, probe_uring_reads
 from tiered_store.errors import TierIOError
@@ -81,9 +81,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--batch", type=at_least(1), default=16384, help="ids per read_rows / lookup call"
     )
-    p.add_argument("--depths", default="1,8,32,64,128", help="queue depths (fio, io_uring)")
-    p.add_argument("--threads", default="1,8,16,32", help="thread counts (preadv readers)")
-    p.add_argument("--store-depths", default="32,128", help="queue depths of the store")
+    p.add_argument(
+        "--depths", type=int_list(1), default="1,8,32,64,128", help="queue depths (fio, io_uring)"
+    )
+    p.add_argument(
+        "--threads", type=int_list(1), default="1,8,16,32", help="thread counts (preadv readers)"
+    )
+    p.add_argument(
+        "--store-depths", type=int_list(1), default="32,128", help="queue depths of the store"
+    )
     p.add_argument(
         "--headline-depth", type=at_least(1), default=128, help="the store's queue depth"
     )
@@ -97,8 +103,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--out", type=Path, help="write the JSON here (and the PNG beside it)")
     args = p.parse_args(argv)
-    for name in ("depths", "threads", "store_depths"):
-        setattr(args, name, [int(v) for v in getattr(args, name).split(",")])
     if args.headline_depth not in args.store_depths:
         p.error(f"--headline-depth {args.headline_depth} is not in --store-depths")
     return args
@@ -290,7 +294,7 @@ def summarize(
     per_pair = [p[headline]["rate"] / p[BASELINE]["rate"] for p in pairs]
     return {
         "benchmark": "cold_path",
-        "command": "python bench/bench_cold_path.py " + " ".join(_public_argv()),
+        "command": public_command("bench/bench_cold_path.py", sys.argv[1:]),
         "machine": {
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
@@ -326,11 +330,6 @@ def summarize(
         },
         "results": summary,
     }
-
-
-def _public_argv() -> list[str]:
-    """sys.argv's options, absolute paths cut to their last part (no machine paths in the JSON)."""
-    return [Path(a).name if os.path.isabs(a) else a for a in sys.argv[1:]]
 
 
 def plot(report: dict, path: Path) -> None:

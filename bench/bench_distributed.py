@@ -30,7 +30,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import socket
@@ -38,14 +40,14 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from tiered_store.cli_args import at_least
+from tiered_store.capacity import check_capacity_spec, resolve_capacity
+from tiered_store.cli_args import at_least, public_command
 from tiered_store.config import CostModelConfig
 from tiered_store.corpus import resolve_corpus
 from tiered_store.distributed import ShardedStore, plan_shards, write_shards
@@ -53,12 +55,23 @@ from tiered_store.engram.checkpoint import table_metadata
 from tiered_store.engram.config import EngramConfig
 from tiered_store.engram.corpus import read_tokens
 from tiered_store.engram.hashing import NgramHasher
+from tiered_store.errors import ConfigError
 from tiered_store.store import TieredStore
-from tiered_store.table_format import RandomSource, create_table, read_manifest
+from tiered_store.table_format import RandomSource, TableManifest, create_table
 from zipf_analysis.replay import batch_fetch_seconds
 
 LAYER = 1
 SEQ_LEN = 512
+ROW_BYTES = 128  # the measured table's rows: 64 x bfloat16
+
+
+def capacity(text: str) -> int | str:
+    """An argparse ``type``: a tier capacity, rows (an integer), a byte size or a percentage."""
+    spec = int(text) if text.isdigit() else text
+    try:
+        return check_capacity_spec(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,7 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dir", default=None, help="where the table and its shards go (default: tmp)")
+    p.add_argument(
+        "--dir",
+        help="where the table, its shards and the id batches go, and stay (default: a temporary "
+        "folder, removed at the end)",
+    )
     p.add_argument(
         "--engram-vocab", type=at_least(2), default=32_000, help="measured: rows per head"
     )
@@ -83,8 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--rounds", type=at_least(1), default=12, help="measured rounds (plus 2 untimed)"
     )
-    p.add_argument("--hot", default="5%", help="hot tier capacity (of the shard, or the table)")
-    p.add_argument("--warm", default="20%", help="warm tier capacity")
+    p.add_argument(
+        "--hot",
+        type=capacity,
+        default="5%",
+        help="hot tier capacity (of the shard, or the table): rows, bytes or a percentage",
+    )
+    p.add_argument("--warm", type=capacity, default="20%", help="warm tier capacity")
     p.add_argument("--model-ranks", type=at_least(1), nargs="+", default=[8, 16, 24, 32, 48, 64])
     p.add_argument(
         "--model-tokens",
@@ -104,7 +126,64 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overlap-ms", type=float, default=0.0, help="compute prefetch hides behind")
     p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--out", help="write the JSON report here as well as stdout")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any work, a value that would end in a traceback or a meaningless figure,
+    naming the option, the value and what is expected; the world sizes sorted, each once."""
+    for option, value, low in (
+        ("--node-gbps", args.node_gbps, None),
+        ("--nvlink-gbyteps", args.nvlink_gbyteps, None),
+        ("--latency-us", args.latency_us, 0.0),
+        ("--overlap-ms", args.overlap_ms, 0.0),
+    ):
+        ok = math.isfinite(value) and (value > 0 if low is None else value >= low)
+        if not ok:
+            p.error(f"{option} {value:g}: expected a number {'> 0' if low is None else '>= 0'}")
+    args.ranks = sorted(set(args.ranks))  # the largest world last: its shards' hit rates
+    args.model_ranks = sorted(set(args.model_ranks))
+    args.model_tokens = sorted(set(args.model_tokens))
+    measured = layout_manifest(hasher_for(args.engram_vocab, args.engram_heads))
+    model = layout_manifest(hasher_for(args.model_vocab, args.engram_heads))
+    smallest = measured.rows  # the fewest rows a store of the measured part opens: table or shard
+    for option, vocab, manifest, worlds in (
+        ("--engram-vocab", args.engram_vocab, measured, args.ranks),
+        ("--model-vocab", args.model_vocab, model, args.model_ranks),
+    ):
+        for world in worlds:
+            for by in ("heads", "rows"):
+                try:
+                    bounds = plan_shards(manifest, world, by).bounds
+                except ConfigError as exc:
+                    p.error(f"{option} {vocab}: too few rows for {world} ranks by {by} ({exc})")
+                if manifest is measured:
+                    smallest = min(
+                        smallest, *(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+                    )
+    for option, spec in (("--hot", args.hot), ("--warm", args.warm)):
+        try:
+            resolve_capacity(spec, table_rows=smallest, row_bytes=ROW_BYTES, key=option)
+        except ConfigError as exc:
+            shard = f"the smallest measured has {smallest:,} rows"
+            p.error(f"{exc} (a tier's capacity is of each shard: {shard})")
+
+
+def layout_manifest(hasher: NgramHasher) -> TableManifest:
+    """The manifest of layer ``LAYER``'s table as ``hasher`` lays it out (no file: what shard
+    maps are planned from, the rows and the heads)."""
+    return TableManifest(
+        rows=hasher.table_rows(LAYER),
+        dim=hasher.config.head_dim,
+        dtype="bfloat16",
+        row_bytes=ROW_BYTES,
+        data_offset=0,
+        block_bytes=4096,
+        block_checksums=(),
+        metadata=table_metadata(hasher, LAYER),
+    )
 
 
 def hasher_for(vocab: int, heads: int) -> NgramHasher:
@@ -311,8 +390,27 @@ def run_model(ids: np.ndarray, manifest, args) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    work = Path(args.dir or tempfile.mkdtemp(prefix="bench-distributed-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.dir is None:  # scratch: removed at the end, failed or not
+        scratch = tempfile.TemporaryDirectory(prefix="bench-distributed-")
+    else:  # the user's: what is written there stays
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+        scratch = contextlib.nullcontext(args.dir)
+    with scratch as work:
+        report = run(args, Path(work))
+    report["command"] = public_command(
+        "bench/bench_distributed.py", sys.argv[1:] if argv is None else argv
+    )
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print_table(report)
+    return 0
+
+
+def run(args: argparse.Namespace, work: Path) -> dict:
+    """Both parts, their files in ``work``: the report (all but the command)."""
     t0 = time.perf_counter()
     hasher = hasher_for(args.engram_vocab, args.engram_heads)
     model_hasher = hasher_for(args.model_vocab, args.engram_heads)
@@ -339,21 +437,16 @@ def main(argv=None) -> int:
     batches = len(ids) // args.tokens
     np.save(ids_path, ids[: batches * args.tokens].reshape(batches, -1))
     measured = []
-    for world in args.ranks:
+    for world in args.ranks:  # sorted: the largest last
         print(f"measuring {world} rank(s) ...", file=sys.stderr)
         measured.append(run_world(world, table, ids_path, args, work))
-    print("modelling 8-64 ranks ...", file=sys.stderr)
+    print(f"modelling {', '.join(map(str, args.model_ranks))} ranks ...", file=sys.stderr)
     largest = measured[-1].get("heads") or measured[-1]["rows"]  # the shards' hit rates, this run
     args.hot_hit_rate, args.warm_hit_rate = largest["hot_hit_rate"], largest["warm_hit_rate"]
-    model_manifest = replace(
-        read_manifest(table),
-        rows=model_hasher.table_rows(LAYER),
-        metadata=table_metadata(model_hasher, LAYER),
-    )
-    modelled = run_model(row_ids(model_hasher, tokens), model_manifest, args)
-    report = {
+    modelled = run_model(row_ids(model_hasher, tokens), layout_manifest(model_hasher), args)
+    return {
         "benchmark": "bench_distributed",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "command": None,  # main's: the command line without machine paths
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "measured_table": {"rows": rows, "dim": dim, "heads": hasher.num_heads},
         "measured": measured,
@@ -374,12 +467,6 @@ def main(argv=None) -> int:
         "model": modelled,
         "seconds": time.perf_counter() - t0,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print_table(report)
-    return 0
 
 
 def print_table(report: dict, file=sys.stderr) -> None:

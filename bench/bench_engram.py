@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, public_command
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.engram import NgramHasher
@@ -366,11 +366,7 @@ def main(argv=None) -> int:
     summary = summarize(rounds)
     report = {
         "benchmark": "engram_lm_throughput",
-        "command": "python bench/bench_engram.py "  # absolute paths shortened to their names
-        + " ".join(
-            Path(a).name if os.path.isabs(a) else a
-            for a in (sys.argv[1:] if argv is None else argv)
-        ),
+        "command": public_command("bench/bench_engram.py", sys.argv[1:] if argv is None else argv),
         "machine": {
             "device": str(args.device),
             "gpu": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None,

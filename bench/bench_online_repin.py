@@ -70,7 +70,7 @@ from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store.capacity import resolve_capacity
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, float_list, int_list, public_command
 from tiered_store.profile import FrequencyProfile
 from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader, TraceWriter
@@ -459,10 +459,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--hit-rows", type=at_least(1), default=200_000, help="(a): table rows, all resident"
     )
-    p.add_argument("--hit-batches", default="65536,1024", help="(a): lookups per batch")
+    p.add_argument(
+        "--hit-batches", type=int_list(1), default="65536,1024", help="(a): lookups per batch"
+    )
     p.add_argument("--hit-device", default="cpu", help="(a): the hot tier's device: cpu, cuda")
     p.add_argument(
         "--hit-zipf",
+        type=float_list(0),
         default="0,0.75",
         help="(a): id distributions: 0 = uniform, else a Zipf exponent (real text: ~0.75)",
     )
@@ -497,12 +500,12 @@ def main(argv=None) -> int:
             p.error(f"--then {args.then}: no holdout.trace there (analyze --holdout)")
     torch.set_num_threads(1)  # shared cores: extra threads only spin
     work = Path(tempfile.mkdtemp(prefix="bench-online-repin-", dir=args.dir))
-    result = {"command": " ".join(["python bench/bench_online_repin.py", *(argv or sys.argv[1:])])}
+    result = {"command": public_command("bench/bench_online_repin.py", argv or sys.argv[1:])}
     try:
         result["all_hit"] = {}
-        zipfs = [] if args.skip_all_hit else [float(z) for z in args.hit_zipf.split(",")]
+        zipfs = [] if args.skip_all_hit else args.hit_zipf
         for zipf in zipfs:
-            for batch in (int(b) for b in args.hit_batches.split(",")):
+            for batch in args.hit_batches:
                 lookups = max(1_048_576 * 3, batch)  # about three re-pin intervals per round
                 cell = all_hit_throughput(
                     work, args.hit_rows, batch, args.rounds, lookups // batch, zipf, args.hit_device

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.cache_plan import parse_policy
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, public_command
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from zipf_analysis.replay import replay, with_policy
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    doc["command"] = "python bench/bench_tier_split.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
+    doc["command"] = public_command(
+        "bench/bench_tier_split.py", sys.argv[1:] if argv is None else argv
     )
     text = json.dumps(doc, indent=2)
     print(text)

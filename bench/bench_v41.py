@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, public_command
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache, fio_random_reads
 from tiered_store.engram import NgramHasher
@@ -669,8 +669,7 @@ def main(argv=None) -> int:
     dense = model.dense_parameters()
     report: dict = {
         "benchmark": "engram_v41",
-        "command": "python bench/bench_v41.py "
-        + " ".join(_public_args(sys.argv[1:] if argv is None else argv)),
+        "command": public_command("bench/bench_v41.py", sys.argv[1:] if argv is None else argv),
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
@@ -857,23 +856,6 @@ def print_summary(report: dict) -> None:
             ),
             file=sys.stderr,
         )
-
-
-def _public_args(argv: list[str]) -> list[str]:
-    """The command line with the table directory's machine path replaced by ``DIR``."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            out.append("DIR")
-            skip = False
-        elif arg == "--dir":
-            out.append(arg)
-            skip = True
-        elif arg.startswith("--dir="):
-            out.append("--dir=DIR")
-        else:
-            out.append(arg)
-    return out
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ import numpy as np
 from policies.pinned_lru import pinned_lru_misses
 from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, public_command
 from tiered_store.profile import FrequencyCounter
 from tiered_store.trace import TraceReader
 from zipf_analysis.analyze import AnalyzeOptions, analyze
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     result = {
-        "command": " ".join(["python bench/bench_zipf_tuned.py", *(argv or sys.argv[1:])]),
+        "command": public_command("bench/bench_zipf_tuned.py", argv or sys.argv[1:]),
         "corpus": corpus,
         "layer": args.layer,
         "rows": rows,

@@ -3,6 +3,8 @@ before any work (run, not imported)."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.bench_support import run_bench
 
 
@@ -18,4 +20,22 @@ def test_refuses_a_bad_count_before_any_work(tmp_path):
     done = run_bench("bench_cold_path.py", "--dir", str(tmp_path), "--pairs", "0", timeout=120)
     assert done.returncode == 2  # argparse's, with the usage
     assert "argument --pairs: expected an integer >= 1, got '0'" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before making a table
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--depths", "4,x"),
+        ("--depths", "0"),
+        ("--threads", "8,"),
+        ("--threads", ""),
+        ("--store-depths", "32,-1"),
+    ],
+)
+def test_refuses_a_bad_list_before_any_work(tmp_path, option, value):
+    done = run_bench("bench_cold_path.py", "--dir", str(tmp_path), option, value, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]  # argparse's, with the usage
+    expected = f"argument {option}: expected a comma-separated list of integers >= 1, got {value!r}"
+    assert expected in done.stderr and "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before making a table

@@ -79,6 +79,24 @@ def test_names_an_unknown_replay_mode_before_any_work(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--hit-batches", "1024,x", "a comma-separated list of integers >= 1"),
+        ("--hit-batches", "0", "a comma-separated list of integers >= 1"),
+        ("--hit-batches", "", "a comma-separated list of integers >= 1"),
+        ("--hit-zipf", "0,-0.5", "a comma-separated list of numbers >= 0"),
+        ("--hit-zipf", "0.75,nan", "a comma-separated list of numbers >= 0"),
+    ],
+)
+def test_refuses_a_bad_list_before_any_work(tmp_path, option, value, expected):
+    done = bench(option, value, tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]  # argparse's, with the usage
+    assert f"argument {option}: expected {expected}, got {value!r}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before making its work directory
+
+
 def test_traffic_that_changes_kind_follows_the_first_trace_at_the_switch(tmp_path):
     first, then = tmp_path / "email", tmp_path / "json"
     for corpus, out in ((CORPUS, first), (Path(json.__file__).parent, then)):

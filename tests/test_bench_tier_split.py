@@ -34,7 +34,8 @@ def test_each_replayed_split_is_the_model_and_the_replay_of_that_split(analysis,
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(done.stdout) == result  # the printout is the JSON
-    assert result["command"] == "python bench/bench_tier_split.py " + " ".join(args)
+    public = ("--analysis", "A", *BUDGETS, "--replays", "3", "--out", "r.json")  # no machine paths
+    assert result["command"] == "python bench/bench_tier_split.py " + " ".join(public)
     assert str(CORPUS) in result["corpus"]  # what the analysis read, from its report
     assert result["table"] == "layer1" and result["model"] == {"hot": "lru", "warm": "lru"}
     assert result["lru_model_seconds"] is None  # the model is the LRU one: no baseline to time

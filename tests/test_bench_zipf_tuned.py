@@ -72,7 +72,7 @@ def test_records_the_analysis_it_replayed(sweep, analysis):
     assert result["profile_lookups"] == profile.size
     assert result["replayed_lookups"] == replayed.size == LOOKUPS  # the holdout has more
     assert result["capacity_shares"] == list(SHARES)
-    assert "--oracle" in result["command"]
+    assert result["command"].endswith(f"--analysis a --lookups {LOOKUPS} --oracle --out r.json")
     profiled = np.unique(profile).size
     for share, recency in zip(SHARES, result["recency_rows_by_rule"], strict=True):
         capacity = int(rows * share)

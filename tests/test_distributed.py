@@ -324,23 +324,6 @@ def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(
         assert answer[key] == expected[key] == again[key], key
 
 
-@pytest.mark.slow
-def test_the_distributed_benchmark_runs_at_a_tiny_size(tmp_path):
-    out = tmp_path / "distributed.json"
-    args = ["--dir", str(tmp_path), "--ranks", "1", "2", "--rounds", "2", "--tokens", "512"]
-    args += ["--model-ranks", "8", "24", "--model-tokens", "256", "--engram-vocab", "3000"]
-    args += ["--model-vocab", "20000", "--out", str(out)]
-    script = Path(__file__).parents[1] / "bench" / "bench_distributed.py"
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, timeout=600)
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    report = json.loads(out.read_text())
-    one, two = report["measured"]
-    assert one["rows"]["bytes_exchanged_per_round"] == 0
-    assert two["heads"]["bytes_exchanged_per_round"] > 0
-    by = {(r["ranks"], r["by"]): r for r in report["model"]}
-    assert by[(24, "heads")]["imbalance"] > by[(24, "rows")]["imbalance"]  # 16 heads, 24 ranks
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_writes_commits_and_training_equal_one_store_given_the_same(tmp_path, world):
     """Writes route to the owning ranks and commit with one step (reopened: the same rows);

@@ -1,10 +1,13 @@
-"""argparse types shared by the command line and the bench scripts: bad values refused by name."""
+"""Shared by the command line and the bench scripts: argparse types that refuse bad values by
+name, and the command line a report records."""
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
@@ -61,3 +64,73 @@ def fraction(what: str | None = None) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def int_list(minimum: int, what: str | None = None) -> Callable[[str], list[int]]:
+    """An argparse ``type``: comma-separated integers, each >= ``minimum``; an empty list or a bad
+    element is refused with the whole value, as ``expected WHAT, got 'TEXT'`` (``what``: by
+    default ``a comma-separated list of integers >= MINIMUM``).
+
+    >>> parser = argparse.ArgumentParser(prog="bench")
+    >>> _ = parser.add_argument("--depths", type=int_list(1), default="1,8,32")
+    >>> parser.parse_args([]).depths  # a string default goes through the type too
+    [1, 8, 32]
+    >>> int_list(1)("4,0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected a comma-separated list of integers >= 1, got '4,0'
+    >>> int_list(1)("4,,8")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected a comma-separated list of integers >= 1, got '4,,8'
+    """
+    expected = f"a comma-separated list of integers >= {minimum}" if what is None else what
+    return _number_list(int, minimum, expected)
+
+
+def float_list(minimum: float, what: str | None = None) -> Callable[[str], list[float]]:
+    """An argparse ``type``: comma-separated finite numbers, each >= ``minimum``, refused as
+    :func:`int_list` refuses (``what``: by default ``a comma-separated list of numbers >=
+    MINIMUM``).
+
+    >>> float_list(0)("0,0.75")
+    [0.0, 0.75]
+    >>> float_list(0)("0.5,nan")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected a comma-separated list of numbers >= 0, got '0.5,nan'
+    >>> float_list(0, "Zipf exponents >= 0")("")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected Zipf exponents >= 0, got ''
+    """
+    expected = f"a comma-separated list of numbers >= {minimum}" if what is None else what
+    return _number_list(float, minimum, expected)
+
+
+def _number_list(convert: Callable[[str], float], minimum: float, expected: str) -> Callable:
+    """The parser of :func:`int_list` and :func:`float_list`: ``convert`` each element."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [convert(part) for part in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or not all(math.isfinite(v) and v >= minimum for v in values):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return values
+
+    return parse
+
+
+def public_command(script: str, argv: Sequence[str]) -> str:
+    """``python SCRIPT ARGS`` as a report records it: each absolute path, alone or after an
+    option's ``=``, cut to its last part (no machine paths in a published report).
+
+    >>> public_command("bench/b.py", ["--dir", "/scratch/me/tables", "--rounds", "2", "--out=/x/r.json"])
+    'python bench/b.py --dir tables --rounds 2 --out=r.json'
+    """
+
+    def public(arg: str) -> str:
+        name, eq, value = arg.partition("=")
+        if eq and name.startswith("--") and os.path.isabs(value):
+            return f"{name}={Path(value).name}"
+        return Path(arg).name if os.path.isabs(arg) else arg
+
+    return " ".join(["python", script, *map(public, argv)])
