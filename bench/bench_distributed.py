@@ -46,8 +46,8 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from tiered_store.capacity import check_capacity_spec, resolve_capacity
-from tiered_store.cli_args import at_least, public_command
+from tiered_store.capacity import resolve_capacity
+from tiered_store.cli_args import at_least, capacity, public_command
 from tiered_store.config import CostModelConfig
 from tiered_store.corpus import resolve_corpus
 from tiered_store.distributed import ShardedStore, plan_shards, write_shards
@@ -63,15 +63,6 @@ from zipf_analysis.replay import batch_fetch_seconds
 LAYER = 1
 SEQ_LEN = 512
 ROW_BYTES = 128  # the measured table's rows: 64 x bfloat16
-
-
-def capacity(text: str) -> int | str:
-    """An argparse ``type``: a tier capacity, rows (an integer), a byte size or a percentage."""
-    spec = int(text) if text.isdigit() else text
-    try:
-        return check_capacity_spec(spec)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from tiered_store.cli_args import at_least, public_command
+from tiered_store.cli_args import at_least, capacity, public_command
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.engram import NgramHasher
@@ -111,8 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1,
         help="batches per variant per round (1: the variants' measurements are closest in time)",
     )
-    p.add_argument("--hot", default="5%", help="hot tier capacity per table")
-    p.add_argument("--warm", default="20%", help="warm tier capacity per table")
+    p.add_argument("--hot", type=capacity, default="5%", help="hot tier capacity per table")
+    p.add_argument("--warm", type=capacity, default="20%", help="warm tier capacity per table")
     p.add_argument("--policy", default="lru", help="policy of both cache tiers")
     p.add_argument(
         "--cold-threads", type=at_least(1), default=8, help="cold-tier reader threads per store"

@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tiered_store.cli_args import at_least, public_command
+from tiered_store.cli_args import at_least, capacity, public_command
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache, fio_random_reads
 from tiered_store.engram import NgramHasher
@@ -142,8 +142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[16, 256],
         help="store alone: sequences per decode step, one run each",
     )
-    p.add_argument("--hot", default="2%", help="hot tier capacity per table")
-    p.add_argument("--warm", default="8%", help="warm tier capacity per table")
+    p.add_argument("--hot", type=capacity, default="2%", help="hot tier capacity per table")
+    p.add_argument("--warm", type=capacity, default="8%", help="warm tier capacity per table")
     p.add_argument("--policy", default="lru")
     p.add_argument(
         "--io",

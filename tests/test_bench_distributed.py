@@ -151,8 +151,8 @@ def test_help_names_only_options_it_takes(tmp_path):
         (("--model-tokens",), "argument --model-tokens: expected at least one argument"),
         (
             ("--hot", "lots"),
-            "argument --hot: got 'lots'; expected a row count (int), a byte size like '512MiB' "
-            "or '2GiB', or a percentage like '10%'",
+            "argument --hot: expected a row count (int), a byte size like '512MiB' "
+            "or '2GiB', or a percentage like '10%', got 'lots'",
         ),
         (
             ("--warm", "150%"),

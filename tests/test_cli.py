@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tiered_store.cli import main
+from tiered_store.cli import build_parser, main
 
 
 def test_every_command_has_help():
@@ -83,6 +83,22 @@ def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, me
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "command", [["demo"], ["convert-hf", "ckpt", "out"], ["train", "--out", "o"]]
+)
+def test_tier_capacities_are_rows_bytes_or_percentages(command, capsys):
+    """``--hot 1000`` is 1,000 rows, as each --help says (it was the string '1000', which the
+    config refused); junk is refused by argparse with the value."""
+    parser = build_parser()
+    for given, parsed in (("1000", 1000), ("64MiB", "64MiB"), ("5%", "5%")):
+        args = parser.parse_args([*command, "--hot", given, "--warm", given])
+        assert args.hot == args.warm == parsed
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args([*command, "--warm", "lots"])
+    assert exited.value.code == 2
+    assert "argument --warm: expected a row count (int), a byte size" in capsys.readouterr().err
+
+
 def test_demo_runs_end_to_end_as_a_console_script(tmp_path):
     out = subprocess.run(
         [
@@ -98,6 +114,8 @@ def test_demo_runs_end_to_end_as_a_console_script(tmp_path):
             "64",
             "--warm-start-tokens",
             "8192",
+            "--hot",
+            "1000",  # rows
             "--workdir",
             str(tmp_path),
         ],

@@ -118,3 +118,38 @@ def test_a_negative_seed_is_refused_before_any_work(tmp_path, capsys):
     assert exited.value.code == 2  # argparse's, with the usage (was numpy's traceback)
     assert "argument --seed: expected an integer >= 0, got '-1'" in capsys.readouterr().err
     assert not out.exists()  # refused before making the run directory
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--hot", "lots", "argument --hot: expected a row count (int), a byte size"),
+        ("--warm", "150%", "--warm: '150%' is more than 100% of the table"),
+        # 2 orders x 2 heads of 2003 / 3001 rows (primes >=), rows of 16 + 1 (Adagrad) floats
+        ("--hot", "1GiB", "--hot: '1GiB' is 15,790,320 rows, more than the table's 10,026 rows"),
+        ("--io", "bogus", "argument --io: invalid choice: 'bogus'"),
+        ("--steps", "0", "--steps: expected >= 1, got 0"),
+    ],
+)
+def test_bad_settings_leave_no_run_behind_and_the_corrected_command_runs(
+    tmp_path, capsys, option, value, expected
+):
+    """A bad setting once left a run directory holding a table (and the bad setting, which a
+    --resume read back), so the corrected command was refused: "already holds a training run"."""
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    corpus = str(ROOT / "tiered_store" / "engram")
+    small = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--checkpoint-every", "1"]
+    common = ["train", "--out", str(out), "--quiet", "--corpus", corpus, "--model", str(model_file)]
+    try:  # argparse's refusals exit, the run's return: both 2
+        code = main([*common, *small, option, value])
+    except SystemExit as exited:
+        code = exited.code
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*common, *small, "--hot", "100"]) == 0  # a row count, as --help says
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and summary["resumed_from_step"] == 0
+    assert json.loads((out / "train.json").read_text())["hot"] == 100

@@ -13,6 +13,7 @@ from pathlib import Path
 from zipf_analysis.analyze import register as register_analyze
 from zipf_analysis.replay_cli import register as register_replay
 
+from .cli_args import capacity
 from .cold_table import IO_MODES
 from .delta.compaction import register as register_compact
 from .demo import register as register_demo
@@ -307,8 +308,18 @@ def _add_convert_hf(sub) -> None:
     )
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
-    p.add_argument("--hot", default="1%", help="hot tier capacity in layer{L}.yaml (default 1%%)")
-    p.add_argument("--warm", default="5%", help="warm tier capacity in layer{L}.yaml (default 5%%)")
+    p.add_argument(
+        "--hot",
+        type=capacity,
+        default="1%",
+        help="hot tier capacity in layer{L}.yaml: rows, bytes or %% (default 1%%)",
+    )
+    p.add_argument(
+        "--warm",
+        type=capacity,
+        default="5%",
+        help="warm tier capacity in layer{L}.yaml: rows, bytes or %% (default 5%%)",
+    )
     p.add_argument("--device", default="cpu", help="hot tier device in layer{L}.yaml (default cpu)")
     p.add_argument(
         "--io",

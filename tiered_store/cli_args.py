@@ -9,6 +9,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .capacity import CAPACITY_HELP, check_capacity_spec
+
 
 def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``minimum``; anything else is refused with the value,
@@ -64,6 +66,23 @@ def fraction(what: str | None = None) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def capacity(text: str) -> int | str:
+    """An argparse ``type``: a tier capacity as a config's ``capacity`` takes it, a row count
+    (digits: an int), a byte size or a percentage; anything else is refused with the value.
+
+    >>> capacity("1000"), capacity("5%"), capacity("64MiB")
+    (1000, '5%', '64MiB')
+    >>> capacity("lots")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected a row count (int), a byte size like '512MiB' or '2GiB', or a percentage like '10%', got 'lots'
+    """
+    spec = int(text) if text.strip().isdigit() else text
+    try:
+        return check_capacity_spec(spec)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {CAPACITY_HELP}, got {text!r}") from None
 
 
 def int_list(minimum: int, what: str | None = None) -> Callable[[str], list[int]]:

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .capacity import format_bytes
+from .cli_args import capacity
 from .cold_table import IO_MODES
 from .config import ConfigModel, PrefetchConfig, TiersConfig, checked_by, int_at_least, load_yaml
 from .engram.config import ModelConfig
@@ -183,11 +184,13 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--hot",
+        type=capacity,
         help="hot tier capacity per table: rows, bytes like 64MiB, or %% of the table "
         f"(default {tiers['hot']['capacity']})".replace("%)", "%%)"),
     )
     p.add_argument(
         "--warm",
+        type=capacity,
         help=f"warm tier capacity per table (default {tiers['warm']['capacity']})".replace(
             "%)", "%%)"
         ),

@@ -27,7 +27,9 @@ import torch
 from tqdm import tqdm
 
 from ..atomic_file import atomic_write
-from ..cli_args import at_least
+from ..capacity import resolve_capacity
+from ..cli_args import at_least, capacity
+from ..cold_table import IO_MODES
 from ..corpus import resolve_corpus
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
 from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
@@ -54,8 +56,8 @@ class TrainSettings:
     optimizer: str = "rowwise_adagrad"
     table_lr: float = 0.05
     dense_lr: float = 1e-3
-    hot: str = "5%"
-    warm: str = "20%"
+    hot: int | str = "5%"  # a row count, a byte size or a percentage of the table
+    warm: int | str = "20%"
     io: str = "pread"
     corpus: list[str] | None = None
     seed: int = 0
@@ -74,14 +76,23 @@ class TrainSettings:
 
 
 def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = True) -> dict:
-    """Run (or resume) training in ``out``; returns the summary printed by the command."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Run (or resume) training in ``out``; returns the summary printed by the command. Bad
+    settings are refused before ``out`` is touched, so a corrected command can start afresh."""
     settings = _settings(out, settings, resume)
     torch.manual_seed(settings.seed)
     model = EngramLM(ModelConfig.from_dict(settings.model))
     optimizer = make_row_optimizer(settings.optimizer, lr=settings.table_lr)
     layers = list(model.engram_layers)
     sizes = [model.tables[layer].rows for layer in layers]
+    dim = model.tables[layers[0]].weight.shape[1]
+    row_bytes = 4 * (dim + optimizer.state_width(dim))  # float32 [weights | optimizer state]
+    for name in ("hot", "warm"):  # against the table the run would make, before making it
+        resolve_capacity(
+            getattr(settings, name), table_rows=sum(sizes), row_bytes=row_bytes, key=f"--{name}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / SETTINGS_FILE, "w") as f:
+        json.dump(asdict(settings), f, indent=1)
     if not (out / TABLE_FILE).exists():  # the initial rows of every layer, one after another
         init = torch.cat([model.tables[layer].weight.detach() for layer in layers])
         create_trainable_table(out / TABLE_FILE, init, optimizer)
@@ -200,7 +211,8 @@ def _plot(path: Path, losses) -> None:
 
 
 def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
-    """The run's settings: saved ones on resume (the step count may grow), else ``given``."""
+    """The run's settings, checked: saved ones on resume (the step count may grow), else
+    ``given``. Reads ``out``, writes nothing."""
     path = out / SETTINGS_FILE
     if resume and path.exists():
         saved = TrainSettings(**json.loads(path.read_text()))
@@ -213,13 +225,13 @@ def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
         )
     if given.optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer: {given.optimizer!r}; expected one of {OPTIMIZERS}")
+    if given.io not in IO_MODES:
+        raise ConfigError(f"--io: {given.io!r}; expected one of {', '.join(IO_MODES)}")
     for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
         if getattr(given, name) < 1:
             raise ConfigError(
                 f"--{name.replace('_', '-')}: expected >= 1, got {getattr(given, name)}"
             )
-    with atomic_write(path, "w") as f:
-        json.dump(asdict(given), f, indent=1)
     return given
 
 
@@ -247,9 +259,13 @@ def register(sub) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="table optimizer")
     p.add_argument("--table-lr", type=float, default=d.table_lr)
     p.add_argument("--dense-lr", type=float, default=d.dense_lr)
-    p.add_argument("--hot", default=d.hot, help="hot tier capacity (rows, bytes or %%)")
-    p.add_argument("--warm", default=d.warm, help="warm tier capacity (rows, bytes or %%)")
-    p.add_argument("--io", default=d.io, help="cold tier I/O: mmap, pread, direct, uring")
+    p.add_argument(
+        "--hot", type=capacity, default=d.hot, help="hot tier capacity (rows, bytes or %%)"
+    )
+    p.add_argument(
+        "--warm", type=capacity, default=d.warm, help="warm tier capacity (rows, bytes or %%)"
+    )
+    p.add_argument("--io", choices=IO_MODES, default=d.io, help="cold tier I/O")
     p.add_argument("--model", type=Path, help="YAML/JSON of engram/backbone/transformer sections")
     p.add_argument("--seed", type=at_least(0), default=d.seed)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
