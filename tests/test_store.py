@@ -239,13 +239,28 @@ def test_handle_for_other_ids_or_used_twice_is_an_error(table):
             store.lookup(ids, handle)
 
 
-def test_closed_store_refuses_lookups(table):
-    path, _ = table
+def test_a_handle_from_another_store_is_refused(tmp_path):
+    """Its rows are the other table's: they were once returned as this one's."""
+    (path_a, data_a), (path_b, _) = make_table(tmp_path, seed=1), make_table(tmp_path, 4000)
+    with TieredStore(store_config(path_a)) as a, TieredStore(store_config(path_b)) as b:
+        ids = torch.tensor([1, 2, 3])
+        theirs = b.prefetch(ids)
+        with pytest.raises(PrefetchHandleError, match="another store's prefetch"):
+            a.lookup(ids, theirs)
+        assert torch.equal(a.lookup(ids, a.prefetch(ids)), data_a[ids])
+
+
+def test_closed_store_refuses_lookups_and_keeps_its_stats(table):
+    path, data = table
     store = TieredStore(store_config(path))
+    store.write(torch.tensor([7]), data[8:9])
+    store.commit(5)
     store.close()
     store.close()
     with pytest.raises(TieredStoreError, match="closed"):
         store.lookup(torch.tensor([1]))
+    stats = store.stats()  # final counters, after close too (the delta's step was read closed)
+    assert stats["writes"]["committed_step"] == 5 and stats["writes"]["rows_written"] == 1
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,8 @@ def single_intra_op_thread() -> None:
 
 
 class PrefetchHandleError(TieredStoreError, ValueError):
-    """A prefetch handle was used with other ids, twice, or after the store closed."""
+    """A prefetch handle was used with other ids, twice, on another store, or after the store
+    closed."""
 
 
 class PrefetchHandle:
@@ -39,12 +40,14 @@ class PrefetchHandle:
         shape: tuple[int, ...],
         packed: bool,
         future: Future,
+        owner: Prefetcher,
     ) -> None:
         self.ids = ids
         self.flat = flat
         self.shape = shape
         self.packed = packed  # rows staged as stored (quantised tables), not dequantised
         self.future = future
+        self.owner = owner  # the store's prefetcher: a handle is good for its own store only
         self.consumed = False
 
     def done(self) -> bool:
@@ -87,7 +90,7 @@ class Prefetcher:
             raise PrefetchHandleError("prefetch: the store is closed") from None
         future.add_done_callback(lambda _: self._in_flight.release())
         self.handles += 1
-        return PrefetchHandle(ids, flat, shape, packed, future)
+        return PrefetchHandle(ids, flat, shape, packed, future, self)
 
     def queued_ids(self) -> torch.Tensor | None:
         """Ids of prefetches still waiting in the queue (what the store will need next)."""
@@ -103,6 +106,11 @@ class Prefetcher:
 
     def collect(self, handle: PrefetchHandle) -> tuple:
         """Wait for a handle's result, recording how long the caller stalled."""
+        if handle.owner is not self:  # its rows are another table's
+            raise PrefetchHandleError(
+                "lookup: this prefetch handle comes from another store's prefetch; pass a handle "
+                "from this store's"
+            )
         if handle.consumed:
             raise PrefetchHandleError(
                 "lookup: this prefetch handle was already consumed; prefetch again"

@@ -130,6 +130,7 @@ class TieredStore:
         self.lookup_latency = LatencyHistogram()
         self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
         self._closed = False
+        self._closed_step = 0  # the committed step when close() closed the delta
         self._writes: WriteBack | None = None  # the write path, once the table has a delta
         self.commit_errors = 0
         if delta_path(self.cold.path).is_dir():  # a reader's view: one commit, until reopened
@@ -335,7 +336,7 @@ class TieredStore:
                 "commits": w.delta.commits,
                 "commit_errors": self.commit_errors,
                 "map_grows": w.delta.map_grows,
-                "committed_step": w.delta.step,
+                "committed_step": self._closed_step if self._closed else w.delta.step,
             }
         return out
 
@@ -438,6 +439,7 @@ class TieredStore:
         self._prefetcher.close()
         self.cold.close()
         if self._writes is not None:  # uncommitted writes are dropped, as a crash would
+            self._closed_step = self._writes.delta.step  # for stats() after close
             self._writes.delta.close()
         for fd in (self._version_hold, self._writer_lock):
             if fd is not None:
