@@ -377,3 +377,19 @@ def test_prefetch_worker_runs_one_intra_op_thread_and_leaves_the_callers():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)
+
+
+def test_a_missing_table_or_manifest_is_named(tmp_path):
+    with pytest.raises(ConfigError) as missing:
+        TieredStore.open({"table": {"path": str(tmp_path / "nope.npy")}})
+    assert str(missing.value) == (
+        f"table.path: {tmp_path / 'nope.npy'} does not exist; expected a table made by "
+        "`tiered-store init`"
+    )
+    lone = tmp_path / "lone.npy"
+    np.save(lone, np.zeros((4, 2), np.float32))  # a .npy, but not a table: no manifest
+    with pytest.raises(ConfigError) as foreign:  # it was said not to exist
+        TieredStore.open({"table": {"path": str(lone)}})
+    assert str(foreign.value).startswith(
+        f"table.path: {lone}: table manifest {lone}.manifest.json does not exist"
+    )

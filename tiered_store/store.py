@@ -747,8 +747,10 @@ class TieredStore:
                 return cold, generation
             except FileNotFoundError as exc:
                 if attempt == 2 or path == current_version(config.table.path)[0]:
+                    if Path(path).exists():  # a file missing beside it, its manifest say
+                        raise ConfigError(f"table.path: {path}: {exc.strerror}") from None
                     raise ConfigError(
-                        f"table.path: {path} does not exist ({exc}); expected a table made by "
+                        f"table.path: {path} does not exist; expected a table made by "
                         "`tiered-store init`"
                     ) from None
         raise AssertionError("unreachable")
