@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +15,12 @@ from tests.conftest import assert_concurrent_lookups_exact, make_table, store_co
 from tiered_store import (
     ConfigError,
     PrefetchHandleError,
+    RandomSource,
     RowIdError,
     StoreConfig,
     TieredStore,
     TieredStoreError,
+    create_table,
 )
 from tiered_store.workload import ZipfWorkload
 
@@ -393,3 +396,20 @@ def test_a_missing_table_or_manifest_is_named(tmp_path):
     assert str(foreign.value).startswith(
         f"table.path: {lone}: table manifest {lone}.manifest.json does not exist"
     )
+
+
+def test_the_example_tier_configs_are_valid_and_the_pinned_one_opens(tmp_path):
+    """examples/tiers.yaml parses (its 256 MiB warm tier needs a table of 2M rows to open);
+    examples/tiers-pinned.yaml opens over a table and a hot-rows list beside it, as it says."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    plain = StoreConfig.from_yaml(examples / "tiers.yaml")
+    assert (plain.tiers.warm.capacity, plain.tiers.cold.io) == ("256MiB", "direct")
+    config = tmp_path / "tiers-pinned.yaml"
+    config.write_text((examples / "tiers-pinned.yaml").read_text())
+    create_table(tmp_path / "table.npy", RandomSource(200_000, 4), progress=False)
+    np.save(tmp_path / "hot_rows.npy", np.arange(60_000, dtype=np.int64)[::-1])  # room for LRU
+    with TieredStore.open(config) as store:
+        assert store.hot.capacity == 100_000 and store.warm.capacity == 20_000
+        assert store.hot.pinned_count == 60_000  # the list, pinned at open
+        store.lookup(torch.tensor([5, 150_000]))
+        assert store.stats()["hot"]["hits"] == 1
