@@ -98,6 +98,8 @@ def test_help_explains_the_demo():
         ("run: {dtype: int8}", [], "run.dtype: expected float32, float16 or bfloat16"),
         ("run: {corpus: docs}", [], "run.corpus: expected a list of paths"),
         (None, ["--corpus", "/nonexistent/*.txt"], "the pattern matches no files"),
+        (None, ["--hot", "200%"], "tiers.hot.capacity: '200%' is more than 100% of the table"),
+        (None, ["--warm", "1GiB"], "tiers.warm.capacity: '1GiB' is"),
     ],
 )
 def test_bad_demo_input_gives_a_clear_error(tmp_path, capsys, content, argv, message):
@@ -106,4 +108,13 @@ def test_bad_demo_input_gives_a_clear_error(tmp_path, capsys, content, argv, mes
         (tmp_path / "bad.yaml").write_text(content)
         extra = ["--config", str(tmp_path / "bad.yaml")]
     assert main(["demo", *TINY_ARGS, *extra, *argv, "--workdir", str(tmp_path)]) == 2
-    assert message in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert message in err
+    assert "profiling" not in out  # refused before the warm-start profile and the conversion
+
+
+def test_a_workdir_that_cannot_be_made_is_named(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    workdir = tmp_path / "file" / "sub"  # under a file: it was a FileNotFoundError traceback
+    assert main(["demo", *TINY_ARGS, "--workdir", str(workdir)]) == 2
+    assert f"--workdir {workdir}: cannot make it (Not a directory)" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from .capacity import format_bytes
+from .capacity import format_bytes, resolve_capacity
 from .cli_args import capacity
 from .cold_table import IO_MODES
 from .config import ConfigModel, PrefetchConfig, TiersConfig, checked_by, int_at_least, load_yaml
@@ -240,6 +240,22 @@ class _Variant:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+def _check_capacities(demo: DemoConfig, model: Any) -> None:
+    """Each tier's capacity against every Engram table it will hold; errors name the key."""
+    row_bytes = (
+        demo.model.engram.head_dim
+        * torch.empty(0, dtype=getattr(torch, demo.run.dtype)).element_size()
+    )
+    for layer in demo.model.engram.layer_ids:
+        for name in ("hot", "warm"):
+            resolve_capacity(
+                getattr(demo.tiers, name).capacity,
+                table_rows=model.hasher.table_rows(layer),
+                row_bytes=row_bytes,
+                key=f"tiers.{name}.capacity",
+            )
+
+
 def run_demo(args) -> int:
     """Run the demo with parsed arguments; prints the report and returns 0 on success."""
     from .corpus import resolve_corpus
@@ -253,8 +269,17 @@ def run_demo(args) -> int:
     run = demo.run
     device = torch.device(demo.tiers.hot.device)
     torch.manual_seed(run.seed)
+    if args.workdir is not None:
+        try:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"--workdir {args.workdir}: cannot make it ({exc.strerror}); expected a directory "
+                "for the checkpoint"
+            ) from None
     print("building the model and tokenizer ...", flush=True)
     model = EngramLM(demo.model).eval()
+    _check_capacities(demo, model)  # before the warm-start profile and the conversion
     corpus = resolve_corpus(run.corpus).shuffled(run.seed)  # sample the whole corpus
     seq_len = run.seq_len
     rows_per_batch = max(1, run.batch_size // seq_len)
