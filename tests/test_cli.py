@@ -73,7 +73,11 @@ def test_init_random_is_seeded_and_refuses_overwrite(tmp_path, capsys):
     ("argv", "message"),
     [
         (["init", "x.npy", "--random", "12"], "expected ROWSxDIM"),
-        (["init", "x.npy", "--from-safetensors", "m.safetensors"], "needs --tensor"),
+        (
+            ["init", "x.npy", "--from-safetensors", "m.safetensors"],
+            "error: --from-safetensors needs",
+        ),
+        (["init", "x.npy", "--random", "10x4", "--tensor", "w"], "--tensor 'w': only with"),
         (["info", "/nonexistent/t.npy"], "t.npy"),
     ],
 )
@@ -155,3 +159,42 @@ def test_info_and_verify_follow_a_compacted_table_to_its_current_version(tmp_pat
         f.write(b"\xff" * 8)
     assert main(["verify", str(table), "--quiet"]) == 1
     assert "FAILED" in capsys.readouterr().err
+
+
+@pytest.fixture
+def trace(tmp_path):
+    from tiered_store.trace import TraceWriter
+
+    path = tmp_path / "t.trace"
+    with TraceWriter(path, {"tables": [{"name": "a", "rows": 100}]}) as writer:
+        writer.write(np.arange(5), "a")
+        writer.end_batch()
+    return path
+
+
+def test_export_trace_refuses_to_replace_its_trace_or_an_existing_file(trace, tmp_path, capsys):
+    before = trace.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert main(["export-trace", str(trace), str(trace), *extra]) == 2
+        assert f"output {trace} is the trace itself" in capsys.readouterr().err
+    assert trace.read_bytes() == before
+    out = tmp_path / "ids.npy"
+    out.write_bytes(b"keep")
+    assert main(["export-trace", str(trace), str(out)]) == 2
+    assert f"{out} already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep"
+    assert main(["export-trace", str(trace), str(out), "--overwrite"]) == 0
+    assert np.load(out).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("where", ["a directory", "in a missing folder", "under a file"])
+def test_export_trace_to_a_bad_output_path_is_a_clear_error(trace, tmp_path, where, capsys):
+    out = {
+        "a directory": tmp_path,
+        "in a missing folder": tmp_path / "nope" / "ids.npy",
+        "under a file": trace / "ids.npy",
+    }[where]
+    assert main(["export-trace", str(trace), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tiered-store export-trace: error: ") and str(out) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]  # no temporary file left

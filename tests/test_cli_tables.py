@@ -112,3 +112,46 @@ def test_an_interrupted_init_leaves_no_temporary_files(tmp_path, signum):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["empty file", "directory"])
+def test_a_source_npy_that_is_empty_or_a_directory_is_a_clear_error(tmp_path, kind, capsys):
+    source = tmp_path / "src.npy"
+    if kind == "directory":
+        source.mkdir()
+    else:
+        source.touch()
+    assert main(["init", str(tmp_path / "t.npy"), "--from-npy", str(source), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    if kind == "directory":
+        assert f"source .npy file {source} is a directory; expected a 2-D .npy file" in err
+    else:
+        assert f"source {source} is not a readable .npy file: No data left in file" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["src.npy"]
+
+
+def test_init_names_the_file_it_created(tmp_path, capsys):
+    """``.npy`` is appended to a name without it: the report names the file made."""
+    assert main(["init", str(tmp_path / "t"), "--random", "10x4", "--quiet"]) == 0
+    assert capsys.readouterr().out == f"created {tmp_path / 't.npy'}: 10 x 4 float32\n"
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "compact"])
+def test_a_missing_table_is_named_as_missing(tmp_path, command, capsys):
+    assert main([command, str(tmp_path / "nope.npy")]) == 2
+    err = capsys.readouterr().err
+    assert f"table {tmp_path / 'nope.npy'} does not exist" in err and "incomplete" not in err
+    assert list(tmp_path.iterdir()) == []  # compact: not even a writer lock file
+
+
+def test_info_into_a_closed_pipe_prints_no_traceback(table):
+    """``tiered-store info T | head -1``: the reader leaving early is no error to report."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tiered_store.cli", "info", str(table)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    proc.stdout.close()  # before the command prints
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

@@ -214,3 +214,38 @@ def test_without_its_own_tokenizer_the_package_one_is_used_with_a_warning(golden
     with pytest.warns(UserWarning, match="has no tokenizer.json"):
         result = convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
     assert sorted(result.tables) == [1, 14]
+
+
+def test_an_out_dir_that_is_a_file_is_refused(golden, tmp_path):
+    ckpt, out = make_checkpoint(tmp_path / "ckpt", golden), tmp_path / "out"
+    out.write_text("keep")
+    with pytest.raises(ConfigError, match=rf"out_dir {out}: not a directory; expected a directory"):
+        convert_hf_checkpoint(ckpt, out, progress=False)
+    assert out.read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    ("tiers", "message"),
+    [
+        ({"hot": {"capacity": "200%"}}, r"tiers.hot.capacity: '200%' is more than 100%"),
+        ({"warm": {"capacity": 10**6}}, r"tiers.warm.capacity: .* expected at most 1,998 rows"),
+        ({"hot": {"device": "gpu"}}, r"tiers.hot.device: got 'gpu'; expected 'cpu', 'cuda'"),
+    ],
+)
+def test_a_store_config_that_would_not_open_is_refused_before_anything_is_written(
+    golden, tmp_path, tiers, message
+):
+    """Every layer{L}.yaml written must open: its tiers are checked against each layer's rows."""
+    from tiered_store.engram.hf_checkpoint import DEFAULT_STORE
+
+    store = {**DEFAULT_STORE, "tiers": {**DEFAULT_STORE["tiers"]}}
+    for tier, change in tiers.items():
+        store["tiers"][tier] = {**store["tiers"][tier], **change}
+    with pytest.raises(ConfigError, match=message):
+        convert_hf_checkpoint(
+            make_checkpoint(tmp_path / "ckpt", golden),
+            tmp_path / "out",
+            store=store,
+            progress=False,
+        )
+    assert not (tmp_path / "out").exists()

@@ -104,6 +104,57 @@ def test_the_shard_command_cuts_by_rows_and_refuses_heads_without_a_head_layout(
         read_shard(path)
 
 
+def test_a_corrupt_table_is_not_sharded_into_shards_with_fresh_checksums(tmp_path, capsys):
+    path = tmp_path / "t.npy"
+    create_table(path, np.ones((3000, 4), dtype=np.float32), progress=False)
+    with open(path, "r+b") as f:  # one flipped byte in rank 1's rows
+        f.seek(4096 + 2000 * 16)
+        f.write(b"\x7f")
+    assert cli_main(["shard", str(path), "--ranks", "2", "--by", "rows", "--quiet"]) == 2
+    assert "its page checksum" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "t.npy",
+        "t.npy.manifest.json",
+        "t.npy.pages.crc32c",
+    ]  # fmt: skip  (rank 0's shard, written before, removed)
+
+
+def test_shards_hold_the_written_rows_of_a_compacted_table_and_refuse_uncompacted_ones(
+    tmp_path, capsys
+):
+    from tiered_store.delta.compaction import compact_table
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((30, 4), dtype=np.float32), progress=False)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        store.write([25], torch.ones(1, 4))
+        store.commit()
+    with pytest.raises(TableFormatError, match=r"1 written row.* run `tiered-store compact "):
+        write_shards(path, 2, "rows", progress=False)
+    assert not (tmp_path / "t.shard-0-of-2.npy").exists()
+    compact_table(path, progress=False)
+    assert cli_main(["shard", str(path), "--ranks", "2", "--by", "rows", "--quiet"]) == 0
+    assert f"rank 1: {tmp_path / 't.shard-1-of-2.npy'} rows [15, 30)" in capsys.readouterr().out
+    assert np.load(tmp_path / "t.shard-1-of-2.npy")[10].tolist() == [1.0] * 4
+
+
+def test_shard_refuses_an_existing_shard_or_the_table_itself_before_writing_any(tmp_path, capsys):
+    path = tmp_path / "t0.npy"
+    create_table(path, np.ones((30, 4), dtype=np.float32), progress=False)
+    (tmp_path / "s2.npy").write_bytes(b"keep")
+    argv = ["shard", str(path), "--by", "rows", "--quiet", "--out"]
+    assert cli_main([*argv, str(tmp_path / "s{rank}"), "--ranks", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 's2.npy'} already exists; pass --overwrite" in err
+    assert "overwrite=True" not in err
+    assert not (tmp_path / "s0.npy").exists() and (tmp_path / "s2.npy").read_bytes() == b"keep"
+    assert cli_main([*argv, str(tmp_path / "t{rank}.npy"), "--ranks", "1", "--overwrite"]) == 2
+    assert f"rank 0's shard {path} is the table itself" in capsys.readouterr().err
+    assert read_manifest(path).metadata == {}  # still the table, not a shard of it
+    assert cli_main([*argv, str(tmp_path / "s{rank}"), "--ranks", "2"]) == 0  # .npy appended
+    assert f"rank 1: {tmp_path / 's1.npy'} rows [15, 30)" in capsys.readouterr().out
+
+
 def test_the_sharding_section_is_validated_and_its_paths_resolved(tmp_path):
     cfg = StoreConfig.from_dict(
         {"table": {"path": "t.npy"}, "sharding": {"ranks": 4, "shards": "s/{rank}.npy"}},
@@ -144,6 +195,11 @@ def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables,
         handle = store.prefetch(ids)
         with pytest.raises(PrefetchHandleError, match="differ"):
             store.lookup(ids[:1], handle)
+        with (
+            TieredStore.open({"table": {"path": str(table)}}) as local,  # not the group's
+            pytest.raises(PrefetchHandleError, match="another store's prefetch"),
+        ):
+            store.lookup(ids, local.prefetch(ids))
         assert torch.equal(store.lookup(ids, store.prefetch(ids)).view(torch.int16), want)
         assert store.stats()["shard"] == {"rank": 0, "ranks": 1, "rows": 463}
         text = generate_latest(build_sharded_registry({"layer1": store}, process=False)).decode()

@@ -193,6 +193,24 @@ def test_not_a_trace(tmp_path):
         TraceReader(tmp_path / "missing.trace")
 
 
+@pytest.mark.parametrize("head", [b"[1, 2]", b'"engram-trace"', b"null"])
+def test_header_that_is_not_a_json_object(tmp_path, head):
+    import struct
+    import zlib
+
+    p = tmp_path / "odd.trace"
+    p.write_bytes(
+        struct.pack("<8sHHI", b"ENGTRACE", 1, 0, len(head))
+        + head
+        + struct.pack("<I", zlib.crc32(head))
+    )
+    with pytest.raises(
+        TraceFormatError,
+        match=f"odd.trace: header is {re.escape(head.decode())}; expected a JSON object",
+    ):
+        TraceReader(p)
+
+
 def test_npy_import_export(tmp_path):
     ids = np.random.default_rng(3).integers(0, 5000, size=1234)
     np.save(tmp_path / "ids.npy", ids.astype(np.int32))

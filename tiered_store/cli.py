@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from .demo import register as register_demo
 from .engram.training import register as register_train
 from .errors import TieredStoreError
 from .serve import register as register_serve
+from .table_format import TableExistsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,13 +32,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not as an error at exit
+        return code
     except TieredStoreError as exc:
         print(f"tiered-store {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tiered-store info T | head -1`: the reader stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush
+        return 141  # as a process killed by SIGPIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,8 +103,12 @@ def _run_init(args) -> int:
 
     if args.from_safetensors is not None:
         if not args.tensor:
-            raise _usage("init: --from-safetensors needs --tensor NAME")
+            raise _usage("--from-safetensors needs --tensor NAME (the tensor inside the file)")
         source = tf.SafetensorsSource(args.from_safetensors, args.tensor)
+    elif args.tensor is not None:
+        raise _usage(
+            f"--tensor {args.tensor!r}: only with --from-safetensors; expected no --tensor"
+        )
     elif args.from_npy is not None:
         source = args.from_npy
     else:
@@ -115,13 +126,19 @@ def _run_init(args) -> int:
                 overwrite=args.overwrite,
             )
     except tf.TableExistsError as exc:
-        raise tf.TableExistsError(
-            exc.errno,
-            f"table file {exc.filename} already exists; pass --overwrite to replace the table",
-            exc.filename,
-        ) from None
-    print(f"created {args.table}: {manifest.rows:,} x {manifest.dim} {manifest.dtype}")
+        raise _name_overwrite(exc) from None
+    path = tf.table_paths(args.table)[0]  # NAME.npy when given NAME
+    print(f"created {path}: {manifest.rows:,} x {manifest.dim} {manifest.dtype}")
     return 0
+
+
+def _name_overwrite(exc: TableExistsError) -> TableExistsError:
+    """``exc`` as the command line says it: the option to pass is ``--overwrite``."""
+    return TableExistsError(
+        exc.errno,
+        f"table file {exc.filename} already exists; pass --overwrite to replace the table",
+        exc.filename,
+    )
 
 
 @contextlib.contextmanager
@@ -149,6 +166,7 @@ def _add_export_trace(sub) -> None:
     p.add_argument("trace", type=Path, help="trace file")
     p.add_argument("out", type=Path, help="output .npy")
     p.add_argument("--table", help="which table of the trace (default: every table, in order)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(run=_run_export_trace)
 
 
@@ -157,7 +175,7 @@ def _run_export_trace(args) -> int:
 
     with TraceReader(args.trace) as reader:
         table = None if args.table is None else reader.table_index(args.table)
-        ids = trace_to_npy(reader, args.out, table=table)
+        ids = trace_to_npy(reader, args.out, table=table, overwrite=args.overwrite)
     print(f"wrote {args.out}: {ids.size:,} row ids (int64)")
     return 0
 
@@ -247,7 +265,10 @@ def _add_shard(sub) -> None:
         "atomically. --by heads (default) cuts at the hash-head boundaries the manifest's Engram "
         "metadata records (whole heads per rank; heads split into row ranges when there are fewer "
         "heads than ranks); --by rows cuts equal row ranges (any table). Each shard's manifest "
-        "records the shard map and the table's version, which ShardedStore checks on every rank.",
+        "records the shard map and the table's version, which ShardedStore checks on every rank. "
+        "A compacted table is cut in its current version, its rows checked against its page "
+        "checksums; a table with written rows not yet compacted is refused (`tiered-store "
+        "compact` it first).",
     )
     p.add_argument("table", type=Path)
     p.add_argument("--ranks", type=int, required=True, help="number of ranks (shards)")
@@ -263,14 +284,17 @@ def _run_shard(args) -> int:
 
     if args.out is not None and "{rank}" not in args.out:
         raise _usage(f"--out: got {args.out!r}; expected a path template containing {{rank}}")
-    shards = write_shards(
-        args.table,
-        args.ranks,
-        args.by,
-        template=args.out,
-        progress=not args.quiet,
-        overwrite=args.overwrite,
-    )
+    try:
+        shards = write_shards(
+            args.table,
+            args.ranks,
+            args.by,
+            template=args.out,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+        )
+    except TableExistsError as exc:
+        raise _name_overwrite(exc) from None
     for shard in shards:
         start, stop = shard.shard_map.shard_range(shard.rank)
         print(f"rank {shard.rank}: {shard.path} rows [{start:,}, {stop:,})")

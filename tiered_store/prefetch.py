@@ -29,6 +29,12 @@ class PrefetchHandleError(TieredStoreError, ValueError):
     closed."""
 
 
+OTHER_STORE = (
+    "lookup: this prefetch handle comes from another store's prefetch; pass a handle from this "
+    "store's"
+)
+
+
 class PrefetchHandle:
     """A lookup in flight. Its rows are staged in its own buffer, so no eviction can take them away
     before ``lookup(ids, handle)`` consumes it."""
@@ -40,14 +46,14 @@ class PrefetchHandle:
         shape: tuple[int, ...],
         packed: bool,
         future: Future,
-        owner: Prefetcher,
+        owner: object,
     ) -> None:
         self.ids = ids
         self.flat = flat
         self.shape = shape
         self.packed = packed  # rows staged as stored (quantised tables), not dequantised
         self.future = future
-        self.owner = owner  # the store's prefetcher: a handle is good for its own store only
+        self.owner = owner  # what made it (a store's prefetcher): good for its own store only
         self.consumed = False
 
     def done(self) -> bool:
@@ -107,10 +113,7 @@ class Prefetcher:
     def collect(self, handle: PrefetchHandle) -> tuple:
         """Wait for a handle's result, recording how long the caller stalled."""
         if handle.owner is not self:  # its rows are another table's
-            raise PrefetchHandleError(
-                "lookup: this prefetch handle comes from another store's prefetch; pass a handle "
-                "from this store's"
-            )
+            raise PrefetchHandleError(OTHER_STORE)
         if handle.consumed:
             raise PrefetchHandleError(
                 "lookup: this prefetch handle was already consumed; prefetch again"

@@ -328,7 +328,7 @@ def read_manifest(path: str | os.PathLike[str]) -> TableManifest:
     Raises
     ------
     TableNotFoundError
-        The manifest does not exist (the table was never completed).
+        The table does not exist, or its manifest does not (the table was never completed).
     TableFormatError
         The manifest is not valid JSON or a field is missing or inconsistent.
 
@@ -338,10 +338,16 @@ def read_manifest(path: str | os.PathLike[str]) -> TableManifest:
     >>> m.shape, m.dtype, m.num_blocks  # doctest: +SKIP
     ((10300000, 1024), 'bfloat16', 20118)
     """
-    _, manifest_path = table_paths(path)
+    npy_path, manifest_path = table_paths(path)
     try:
         text = manifest_path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        if not npy_path.exists():  # no table at all (a mistyped name), not an incomplete one
+            raise TableNotFoundError(
+                errno.ENOENT,
+                f"table {npy_path} does not exist; expected a table made by `tiered-store init`",
+                str(npy_path),
+            ) from None
         raise TableNotFoundError(
             errno.ENOENT,
             f"table manifest {manifest_path} does not exist; expected it next to the .npy "

@@ -250,6 +250,8 @@ def _open_tensor(src: SafetensorsSource) -> tuple[Any, Any]:
     from safetensors import safe_open
 
     path = Path(src.path)
+    if path.is_dir():
+        raise TableFormatError(f"safetensors source file {path} is a directory; expected a file")
     if not path.is_file():
         raise TableNotFoundError(
             errno.ENOENT, f"safetensors source file {path} does not exist", str(path)
@@ -428,13 +430,17 @@ def open_source(source: object, dtype: object) -> SourceReader:
         return _ArrayReader(source, "source array", dtype, f"ndarray {source.dtype} {source.shape}")
     if isinstance(source, str | os.PathLike):
         path = Path(source)
+        if path.is_dir():
+            raise TableFormatError(
+                f"source .npy file {path} is a directory; expected a 2-D .npy file"
+            )
         if not path.is_file():
             raise TableNotFoundError(
                 errno.ENOENT, f"source .npy file {path} does not exist", str(path)
             )
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty file
             raise TableFormatError(f"source {path} is not a readable .npy file: {exc}") from None
         return _ArrayReader(arr, f"source .npy {path}", dtype, f"npy:{path.resolve()}")
     raise TableFormatError(

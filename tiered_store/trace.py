@@ -44,6 +44,7 @@ raises :class:`~tiered_store.errors.TraceFormatError` naming the file and the ch
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -58,7 +59,7 @@ import numpy as np
 import zstandard
 
 from .atomic_file import AtomicFile
-from .errors import RowIdError, TraceFormatError
+from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -469,7 +470,9 @@ class TraceReader:
             header = json.loads(head)
         except ValueError:
             raise self._fail("header is not valid JSON") from None
-        if not isinstance(header, dict) or header.get("magic") != HEADER_MAGIC:
+        if not isinstance(header, dict):
+            raise self._fail(f"header is {json.dumps(header)[:40]}; expected a JSON object")
+        if header.get("magic") != HEADER_MAGIC:
             raise self._fail(f"header magic {header.get('magic')!r}; expected {HEADER_MAGIC!r}")
         self._data_start = _PREAMBLE.size + head_len + 4
         return header
@@ -725,15 +728,24 @@ def trace_to_npy(
     npy_path: str | os.PathLike[str],
     *,
     table: str | int | None = None,
+    overwrite: bool = True,
 ) -> np.ndarray:
     """Write a trace's ids (or one table's) as one flat int64 ``.npy``, streaming.
 
     Returns the written array, memory-mapped read-only. Batch and table boundaries are dropped;
-    see :func:`trace_from_npy` for an example.
+    see :func:`trace_from_npy` for an example. An existing ``npy_path`` is replaced only with
+    ``overwrite`` (the trace itself never: ``ConfigError``); a directory there, or a missing
+    folder, is a ``TierIOError``.
     """
     reader = trace if isinstance(trace, TraceReader) else TraceReader(trace)
     npy_path = Path(npy_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{npy_path.name}.", suffix=".npy", dir=npy_path.parent)
+    try:
+        _check_npy_target(reader.path, npy_path, overwrite)
+        fd, tmp = tempfile.mkstemp(prefix=f".{npy_path.name}.", suffix=".npy", dir=npy_path.parent)
+    except BaseException:
+        if reader is not trace:
+            reader.close()
+        raise
     os.close(fd)
     try:
         n = reader.lookups(table)
@@ -756,3 +768,16 @@ def trace_to_npy(
         if reader is not trace:
             reader.close()
     return np.load(npy_path, mmap_mode="r")
+
+
+def _check_npy_target(trace: Path, npy_path: Path, overwrite: bool) -> None:
+    """Refuse an output path :func:`trace_to_npy` must not or cannot write, naming it."""
+    if npy_path.exists() and npy_path.samefile(trace):
+        raise ConfigError(f"output {npy_path} is the trace itself; expected another file")
+    if npy_path.is_dir():
+        raise TierIOError(errno.EISDIR, f"output {npy_path} is a directory; expected a file path")
+    if not npy_path.parent.is_dir():
+        what = "is not a folder" if npy_path.parent.exists() else "does not exist"
+        raise TierIOError(errno.ENOENT, f"output {npy_path}: its folder {npy_path.parent} {what}")
+    if npy_path.exists() and not overwrite:
+        raise ConfigError(f"output {npy_path} already exists; pass --overwrite to replace it")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..cold_table import ColdTable
-from ..table_format import create_table
+from ..table_format import check_table, create_table
 from ..table_sources import TABLE_DTYPES, SourceReader
 from .row_delta import RowDelta, delta_path
 from .table_versions import (
@@ -91,6 +91,7 @@ def compact_table(table: str | Path, *, progress: bool = True) -> CompactionRepo
     (1, 1, [[1.0, 1.0], [0.0, 0.0]])
     """
     start = time.perf_counter()
+    check_table(current_version(table)[0])  # no table: say so, before making its writer lock
     with writer_lock(table):
         current, generation = current_version(table)
         with ColdTable(current) as cold:

@@ -8,14 +8,27 @@ metadata (the Engram layout).
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..cold_table import ColdTable
+from ..delta.row_delta import RowDelta, delta_path
+from ..delta.table_versions import current_version
 from ..errors import TableFormatError
-from ..table_format import TableManifest, check_table, create_table, read_manifest, table_paths
+from ..page_checksums import sidecar_path
+from ..table_format import (
+    TableExistsError,
+    TableManifest,
+    create_table,
+    read_manifest,
+    table_paths,
+)
+from ..table_sources import TABLE_DTYPES, SourceReader
 from .shard_map import ShardMap, ShardMode, plan_shards
 
 __all__ = ["ShardInfo", "read_shard", "shard_path", "write_shards"]
@@ -85,6 +98,12 @@ def write_shards(
 ) -> list[ShardInfo]:
     """Split ``table`` into ``ranks`` shard tables, one per rank, and return what was written.
 
+    A compacted table is split in its current version; its rows are read through its page
+    checksums, so a corrupt table is refused (``ChecksumError``), not given shards with fresh
+    checksums. Refused before anything is written: a table with written rows not yet compacted
+    (``tiered-store compact`` first), an existing shard file without ``overwrite``, a shard path
+    that is the table itself. A failure midway removes the shards already written.
+
     Examples
     --------
     >>> import tempfile, os
@@ -98,25 +117,77 @@ def write_shards(
     [12.0, 13.0, 14.0, 15.0]
     """
     npy, _ = table_paths(table)
-    manifest = check_table(npy)
-    shard_map = plan_shards(manifest, ranks, by, str(npy))
-    data = np.load(npy, mmap_mode="r", allow_pickle=False)
-    written = []
-    for rank in range(ranks):
-        start, stop = shard_map.shard_range(rank)
-        path = shard_path(npy, rank, ranks, template)
-        metadata = {
-            **manifest.metadata,
-            "shard": {**shard_map.to_json(), "rank": rank, "table": npy.name},
-        }
-        shard_manifest = create_table(
-            path,
-            data[start:stop],
-            dtype=manifest.dtype,
-            quantization=manifest.quantization,
-            metadata=metadata,
-            progress=progress,
-            overwrite=overwrite,
-        )
-        written.append(ShardInfo(path, rank, shard_map, shard_manifest))
+    current = current_version(npy)[0]
+    with ColdTable(current) as cold:
+        manifest = cold.manifest
+        _refuse_uncompacted_rows(npy, current, manifest)
+        shard_map = plan_shards(manifest, ranks, by, str(npy))
+        paths = [table_paths(shard_path(npy, r, ranks, template))[0] for r in range(ranks)]
+        for rank, path in enumerate(paths):
+            if path.exists() and path.samefile(current):
+                raise TableFormatError(
+                    f"rank {rank}'s shard {path} is the table itself; expected another path"
+                )
+            if not overwrite and path.exists():
+                raise TableExistsError(
+                    errno.EEXIST,
+                    f"table file {path} already exists; pass overwrite=True to replace the table",
+                    str(path),
+                )
+        written: list[ShardInfo] = []
+        try:
+            for rank, path in enumerate(paths):
+                start, stop = shard_map.shard_range(rank)
+                metadata = {
+                    **manifest.metadata,
+                    "shard": {**shard_map.to_json(), "rank": rank, "table": npy.name},
+                }
+                shard_manifest = create_table(
+                    path,
+                    _ShardRows(cold, start, stop),
+                    quantization=manifest.quantization,
+                    metadata=metadata,
+                    progress=progress,
+                    overwrite=overwrite,
+                )
+                written.append(ShardInfo(path, rank, shard_map, shard_manifest))
+        except BaseException:
+            for shard in written:  # no shard set that is part old, part new, or incomplete
+                for part in (table_paths(shard.path)[1], sidecar_path(shard.path), shard.path):
+                    part.unlink(missing_ok=True)  # the manifest first: never half a table
+            raise
     return written
+
+
+def _refuse_uncompacted_rows(table: Path, current: Path, manifest: TableManifest) -> None:
+    """A table with committed writes in its delta: shards of its file alone would lose them."""
+    if not delta_path(current).is_dir():
+        return
+    delta = RowDelta(delta_path(current), manifest.row_bytes)
+    try:
+        rows = int(delta.ids().size)
+    finally:
+        delta.close()
+    if rows:
+        raise TableFormatError(
+            f"table {table} has {rows:,} written row(s) in its delta ({delta_path(current).name}) "
+            f"that shards of its file would not hold; expected none: run `tiered-store compact "
+            f"{table}` first"
+        )
+
+
+class _ShardRows(SourceReader):
+    """Rows ``[start, stop)`` of a table, read through its page checksums, for ``create_table``."""
+
+    def __init__(self, cold: ColdTable, start: int, stop: int) -> None:
+        self.cold, self.start = cold, start
+        self.rows, self.dim = stop - start, cold.dim
+        self.dtype = "uint8" if cold.manifest.quantization else cold.manifest.dtype
+        self.description = f"rows [{start}, {stop}) of {cold.path.name}"
+        self.quantization = cold.manifest.quantization
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of the shard in the on-disk dtype."""
+        ids = np.arange(self.start + start, self.start + stop, dtype=np.int64)
+        rows = self.cold.read_rows(ids)
+        return rows.view(torch.uint8).numpy().view(TABLE_DTYPES[self.dtype][0])

@@ -49,7 +49,7 @@ from ..errors import (
     TierIOError,
 )
 from ..latency import LatencyHistogram
-from ..prefetch import PrefetchHandle, PrefetchHandleError
+from ..prefetch import OTHER_STORE, PrefetchHandle, PrefetchHandleError
 from ..quantization import dequantize_rows
 from ..store import TieredStore, as_id_tensor, as_rows
 from .collective_thread import CollectiveThread
@@ -198,7 +198,7 @@ class ShardedStore:
         future = self._thread.submit(self._exchange, flat, packed)
         future.add_done_callback(lambda _: self._slots.release())
         self._prefetches += 1
-        return PrefetchHandle(ids, flat, shape, packed, future)
+        return PrefetchHandle(ids, flat, shape, packed, future, self)
 
     # -- writes and training ---------------------------------------------------------------------
     def write(self, ids: Any, rows: Any) -> None:
@@ -379,6 +379,8 @@ class ShardedStore:
             raise PrefetchHandleError(
                 f"lookup: handle is {type(handle).__name__}; expected a PrefetchHandle"
             )
+        if handle.owner is not self:  # its rows are another shard group's
+            raise PrefetchHandleError(OTHER_STORE)
         if handle.consumed:
             raise PrefetchHandleError("lookup: this prefetch handle was already consumed")
         if packed != handle.packed:

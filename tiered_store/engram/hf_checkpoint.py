@@ -30,6 +30,8 @@ from typing import Any
 import yaml
 
 from ..atomic_file import atomic_write
+from ..capacity import resolve_capacity
+from ..config import StoreConfig
 from ..errors import ConfigError, TieredStoreError
 from ..table_format import (
     PackedSafetensorsSource,
@@ -278,6 +280,10 @@ def convert_hf_checkpoint(
     hasher = NgramHasher(ckpt.engram, ckpt.tokenizer())  # checks rows and compressed size
     plans = _plan(ckpt, hasher)
     out = Path(out_dir)
+    for plan in plans:  # every layer{L}.yaml written must open
+        _check_store(store or DEFAULT_STORE, plan, hasher.table_rows(plan.layer_id))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out}: not a directory; expected a directory (made if missing)")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # left by a killed run: never published, never opened
         stale.unlink(missing_ok=True)
@@ -311,6 +317,19 @@ def convert_hf_checkpoint(
         for layer in tables
     }
     return HFConversion(out, ckpt.engram, ckpt.backbone, tables, configs, dense, tuple(skipped))
+
+
+def _check_store(store: Mapping[str, Any], plan: _LayerPlan, rows: int) -> None:
+    """Refuse a store config that ``TieredStore.open`` would refuse for this layer's table."""
+    name = f"layer{plan.layer_id}.yaml"
+    doc = {"table": {"path": table_file(Path(), plan.layer_id).name}, **store}
+    tiers = StoreConfig.from_dict(doc, source=name).tiers
+    row_bytes = plan.codes.shape[1] + plan.scales.shape[1]  # packed: fp8 codes, then scales
+    for tier in ("hot", "warm"):
+        capacity = getattr(tiers, tier).capacity
+        resolve_capacity(
+            capacity, table_rows=rows, row_bytes=row_bytes, key=f"{name} tiers.{tier}.capacity"
+        )
 
 
 def _complete(path: Path, hasher: NgramHasher, plan: _LayerPlan) -> bool:
