@@ -273,8 +273,7 @@ def test_empty_corpus_and_missing_paths_are_clear_errors(tmp_path):
             config=EngramConfig.from_dict(TINY["engram"]),
             options=options,
         )
-    assert not (tmp_path / "out" / "report.json").exists()
-    assert not list((tmp_path / "out").iterdir())  # the staging folder is gone
+    assert not (tmp_path / "out").exists()  # the staging folder is gone, and the folder made
 
 
 def test_unwritable_output_dir_is_a_clear_error(run, tmp_path, capsys):
@@ -356,6 +355,24 @@ def test_cli_runs_end_to_end_and_help_explains_the_options(run, tmp_path, capsys
     assert report["corpus"]["tokens"] == 300 and report["corpus"]["truncated"]
     assert report["tables"]["layer1"]["recommendation"]["curve"] == "static-topk"
     assert report["corpus"]["read"]["documents"] == 3  # sub/ja.txt, sub/deep/es.txt, code.py
+    cli = tmp_path / "cli"  # paths as a shell in this folder reaches them
+    assert (
+        f"top rows {cli / 'layer1.top_rows.npy'}, store config {cli / 'layer1.store.yaml'}" in out
+    )
+
+
+def test_a_new_run_leaves_no_file_of_the_previous_one(run, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run["out"], out)  # a run with a holdout, layers 1 and 4
+    (out / "notes.txt").write_text("mine")  # not analyze's: stays
+    engram = EngramConfig.from_dict({**TINY["engram"], "layer_ids": [1]})
+    options = AnalyzeOptions(seq_len=SEQ_LEN, max_tokens=500, curves=False, progress=False)
+    result = analyze([run["corpus"] / "en.txt"], out, config=engram, options=options)
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert on_disk == set(result.report["files"]) | {"notes.txt"}
+    assert not (out / "holdout.trace").exists() and not (out / "layer4").exists()
 
 
 def test_ngram_key_counter_matches_a_python_set():

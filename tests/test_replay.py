@@ -449,3 +449,89 @@ def test_replay_command_says_how_often_an_online_tier_re_pinned(tmp_path, capsys
         f"the warm tier re-pinned online {warm['repins']:,} times, {warm['rows_repinned']:,} rows"
     )
     assert line in text and "the hot tier re-pinned" not in text
+
+
+def test_replay_command_refuses_bad_options_before_any_work(tmp_path, capsys, monkeypatch):
+    import zipf_analysis.replay_cli as replay_cli
+    from tiered_store.cli import main
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", batches=2)
+    (tmp_path / "tiers.yaml").write_text(
+        f"table: {{path: {path.name}}}\ntiers:\n  hot: {{capacity: 60}}\n  warm: {{capacity: 5%}}\n"
+    )
+    (tmp_path / "a_file").write_text("")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("replayed before checking the options")
+
+    monkeypatch.setattr(replay_cli, "replay", no_work)
+    monkeypatch.setattr(replay_cli, "recommend_split", no_work)
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--quiet"]
+    out = tmp_path / "out"
+    for extra, needle in [
+        (["--sweep", "1%,lots"], "--sweep: got 'lots'; expected a row count"),
+        (["--sweep", "150%"], "--sweep: '150%' is more than 100% of the table"),
+        (["--policies", "lru,nope"], "--policies: unknown policy 'nope'"),
+        (["--policies", "lru,,sieve"], "--policies: policy '': expected a policy name"),
+        (["--batch-tokens", "0"], "--batch-tokens: got 0; expected a positive number"),
+        (
+            ["--split-points", "0", "--gpu-budget", "1MiB", "--host-budget", "1MiB"],
+            "--split-points: got 0; expected at least 1",
+        ),
+    ]:
+        assert main([*argv, "--out", str(out), *extra]) == 2
+        assert needle in capsys.readouterr().err
+        assert not out.exists()  # nothing made, not even the folder
+    for bad in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        assert main([*argv, "--out", str(bad)]) == 2
+        assert f"--out {bad}: cannot create the output folder" in capsys.readouterr().err
+
+
+def test_replay_command_refuses_a_table_without_lookups(tmp_path, capsys):
+    from tiered_store.cli import main
+
+    layout = {"tables": [{"name": "a", "rows": ROWS}, {"name": "b", "rows": ROWS}]}
+    with TraceWriter(tmp_path / "t.trace", layout) as writer:
+        writer.write(np.arange(10), "a")
+    (tmp_path / "tiers.yaml").write_text(
+        "table: {path: none.npy, dim: 8}\ntiers: {warm: {capacity: 100}}\n"
+    )
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--quiet"]
+    assert main([*argv, "--table", "b", "--out", str(tmp_path / "out")]) == 2
+    assert "table 'b' has no lookups; expected a trace with lookups" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_of_another_row_width_is_an_error(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    layout = {"tables": [{"name": "a", "rows": ROWS, "dim": 64}]}
+    with TraceWriter(tmp_path / "t.trace", layout) as writer:
+        writer.write(np.arange(10), "a")
+    with pytest.raises(ConfigError, match=r"has rows of 8 values but trace table 'a' has 64"):
+        replay(store_config(path, warm={"capacity": 10}), tmp_path / "t.trace")
+    for dim in (512, 64):  # no table file: the config's dim (512: n_embed_per_ngram, not a head's)
+        config = StoreConfig.from_dict({"table": {"path": str(tmp_path / "none.npy"), "dim": dim}})
+        if dim == 64:
+            assert replay(config, tmp_path / "t.trace").lookups == 10
+            continue
+        with pytest.raises(
+            ConfigError, match=r"table.dim: got 512 but trace table 'a' has rows of 64"
+        ):
+            replay(config, tmp_path / "t.trace")
+
+
+def test_replay_command_leaves_no_plot_of_an_earlier_run(tmp_path):
+    from tiered_store.cli import main
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", batches=2)
+    (tmp_path / "tiers.yaml").write_text(
+        f"table: {{path: {path.name}}}\ntiers: {{warm: {{capacity: 60}}}}\n"
+    )
+    out = tmp_path / "out"
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--out", str(out)]
+    assert main([*argv, "--quiet", "--no-bounds", "--sweep", "5%"]) == 0
+    assert (out / "replay.png").exists()
+    assert main([*argv, "--quiet", "--no-bounds", "--sweep", ""]) == 0
+    assert not (out / "replay.png").exists()  # replay.json has no sweep now: no plot of one

@@ -25,7 +25,7 @@ from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from tiered_store.row_cache import RowCache
 from tiered_store.trace import TraceReader, TraceWriter
-from zipf_analysis.analyze import AnalyzeOptions, analyze
+from zipf_analysis.analyze import AnalyzeOptions, analyze, summary_lines
 from zipf_analysis.replay import replay
 from zipf_analysis.tier_models import tier_models
 from zipf_analysis.tier_split import (
@@ -47,6 +47,7 @@ ENGRAM = {
     }
 }
 COST = {"compute_seconds_per_batch": 0.0002}
+ANALYZE_LOG: list[str] = []  # what the text trace's `analyze` said as it went
 STALL_TOLERANCE = 0.02  # batched: |model - replay| / replay
 COUNT_TOLERANCE = 0.02  # batched: |model - replay| / lookups, for hot hits, warm hits, cold reads
 
@@ -71,6 +72,7 @@ def text_trace(tmp_path_factory) -> Path:
             gpu_budget="1MiB",
             host_budget="2MiB",
         ),
+        log=ANALYZE_LOG.append,
     )
     return root / "out" / "trace.trace"
 
@@ -276,7 +278,7 @@ def test_replay_command_recommends_a_split_and_names_bad_budgets(text_trace, tmp
     base = ["replay", str(tmp_path / "tiers.yaml"), str(text_trace), "--sweep", "", "--quiet"]
     out = tmp_path / "out"
     argv = [
-        *base,
+        *base[:-1],  # not --quiet: the model says it is working
         "--no-bounds",
         "--out",
         str(out),
@@ -286,8 +288,9 @@ def test_replay_command_recommends_a_split_and_names_bad_budgets(text_trace, tmp
         "2MiB",
     ]
     assert main(argv) == 0
-    text = capsys.readouterr().out
+    text, err = capsys.readouterr()
     assert "recommended: hot" in text and "replayed at the recommended split" in text
+    assert "tier split: modelling table 'layer1' within the budgets..." in err
     doc = json.loads((out / "replay.json").read_text())["tier_split"]
     assert doc["hot_bytes"] <= 2**20 and doc["warm_bytes"] <= 2 * 2**20
     assert doc["replayed"]["tiers"]["hot"]["capacity"] == doc["hot_rows"]
@@ -307,7 +310,10 @@ def test_replay_command_recommends_a_split_and_names_bad_budgets(text_trace, tmp
         assert needle in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["replay", "--help"])
-    assert "--gpu-budget" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert "--gpu-budget" in help_text
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+    assert "(default: the first)" in help_text and "(default: 16)" in help_text
 
 
 def test_budget_errors_name_the_flag():
@@ -336,6 +342,21 @@ def test_analyze_writes_the_split_for_its_budgets_into_the_store_config(text_tra
     assert (split["hot_rows"], split["warm_rows"]) == (rec.hot_rows, rec.warm_rows)
     assert split["stall_seconds"] == pytest.approx(rec.stall_seconds)
     assert "least modelled stall" in (out / "layer1.store.yaml").read_text()
+    assert "tier split: modelling layer1 within the budgets..." in ANALYZE_LOG  # a long stage
+    # what it prints and report.md say the store config holds the split, not the targets' sizes
+    sizes = f"hot {split['hot_rows']:,} rows, warm {split['warm_rows']:,} rows"
+    md = (out / "report.md").read_text()
+    assert (
+        f"[`layer1.store.yaml`](layer1.store.yaml) takes instead the tier split for the budgets: {sizes}"
+        in md
+    )
+    (line,) = [
+        x
+        for x in summary_lines(json.loads((out / "report.json").read_text()))
+        if "recommended" in x
+    ]
+    assert "for the targets (the store config takes the tier split" in line
+    assert "-> layer1.store.yaml" not in line
 
 
 def test_analyze_refuses_bad_budgets_before_any_work(tmp_path):

@@ -48,7 +48,10 @@ def parse_bytes(text: str) -> int:
 
 def resolve_capacity(spec: int | str, *, table_rows: int, row_bytes: int, key: str) -> int:
     """Turn a capacity spec into a number of rows for a table; errors name ``key``."""
-    check_capacity_spec(spec)
+    try:
+        check_capacity_spec(spec)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
     if isinstance(spec, int):
         rows = spec
     elif m := _PERCENT_RE.match(spec):

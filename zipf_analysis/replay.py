@@ -304,8 +304,9 @@ def batch_fetch_seconds(
 
 def table_geometry(config: StoreConfig, layout: dict[str, Any]) -> tuple[int, int]:
     """(rows, row_bytes) of the replayed table: from the table file when it exists (checked against
-    the trace), else from the trace layout and the config's ``table.dim``/``table.dtype``."""
-    trace_rows = layout.get("rows")
+    the trace), else from the trace layout and the config's ``table.dim``/``table.dtype``. A row
+    width the trace layout gives (``dim``) must match the table's or the config's."""
+    trace_rows, trace_dim = layout.get("rows"), layout.get("dim")
     path = Path(config.table.path)
     if path.exists():
         manifest = read_manifest(path)
@@ -313,6 +314,11 @@ def table_geometry(config: StoreConfig, layout: dict[str, Any]) -> tuple[int, in
             raise ConfigError(
                 f"table.path: {path} has {manifest.rows:,} rows but trace table "
                 f"{layout.get('name')!r} has {int(trace_rows):,}; expected the table the trace was made for"
+            )
+        if trace_dim is not None and int(trace_dim) != manifest.values_per_row:
+            raise ConfigError(
+                f"table.path: {path} has rows of {manifest.values_per_row} values but trace table "
+                f"{layout.get('name')!r} has {int(trace_dim)}; expected the table the trace was made for"
             )
         return manifest.rows, manifest.row_bytes
     if trace_rows is None:
@@ -323,6 +329,11 @@ def table_geometry(config: StoreConfig, layout: dict[str, Any]) -> tuple[int, in
     if config.table.dim is None:
         raise ConfigError(
             f"table.dim: needed to replay without the table file {path}; expected the row width"
+        )
+    if trace_dim is not None and int(trace_dim) != config.table.dim:
+        raise ConfigError(
+            f"table.dim: got {config.table.dim} but trace table {layout.get('name')!r} has rows of "
+            f"{int(trace_dim)} values; expected the row width of the table the trace was made for"
         )
     itemsize = 4 if (config.table.dtype or "float32") == "float32" else 2
     return int(trace_rows), config.table.dim * itemsize

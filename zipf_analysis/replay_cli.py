@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from policies.registry import is_offline, offline_names
+from policies.errors import PolicyError
+from policies.registry import PolicySpec, is_offline, offline_names
 from tiered_store.capacity import resolve_capacity
 from tiered_store.config import StoreConfig
+from tiered_store.errors import ConfigError, TraceFormatError
 from tiered_store.trace import TraceReader
 
 from .mrc import MissRatioCurve, lru_mrc, offline_mrc
@@ -18,6 +22,15 @@ from .replay import ReplayResult, replay, table_geometry
 from .tier_split import DEFAULT_POINTS, SplitRecommendation, parse_budgets, recommend_split
 
 DEFAULT_SWEEP = "1%,5%,10%,25%"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show (not None or False: the help says those)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def register(sub) -> None:
@@ -37,7 +50,7 @@ def register(sub) -> None:
         "config's policies say; other policies are modelled as LRU) with the least modelled stall "
         "whose hot tier (payload and metadata) fits the GPU budget and warm tier the host budget, "
         "modelled from one read of the trace, and replays that split to check the model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("config", type=Path, help="store config (YAML)")
     p.add_argument(
@@ -47,12 +60,13 @@ def register(sub) -> None:
     p.add_argument(
         "--policies",
         help="comma-separated policies to compare, e.g. lru,sieve,lru+tinylfu; offline bounds "
-        f"({', '.join(offline_names())}) may be listed too",
+        f"({', '.join(offline_names())}) may be listed too (default: the config's)",
     )
     p.add_argument(
         "--batch-tokens",
         type=int,
-        help="regroup into batches of N tokens; 1 = one lookup at a time",
+        help="regroup into batches of N tokens; 1 = one lookup at a time (default: the trace's "
+        "own batches)",
     )
     p.add_argument(
         "--sweep", default=DEFAULT_SWEEP, help="capacities for the miss-ratio plot ('' to skip)"
@@ -94,13 +108,69 @@ def run_replay(args) -> int:
         return _replay_and_report(args, config, reader)
 
 
+def _check_args(args) -> list[str | None]:
+    """Fail on a bad option before any work, naming it; returns the policies to replay."""
+    if args.batch_tokens is not None and args.batch_tokens < 1:
+        raise ConfigError(
+            f"--batch-tokens: got {args.batch_tokens}; expected a positive number of tokens"
+        )
+    if args.split_points < 1:
+        raise ConfigError(
+            f"--split-points: got {args.split_points}; expected at least 1 capacity per tier"
+        )
+    if not args.policies:
+        return [None]
+    policies = [p.strip() for p in args.policies.split(",")]
+    for p in policies:
+        if not is_offline(p):
+            try:
+                PolicySpec.parse(p)
+            except PolicyError as exc:
+                raise ConfigError(f"--policies: {exc}") from None
+    return policies
+
+
+def _out_dir(out: Path) -> bool:
+    """Create ``out`` (before any work); whether it was created here. Errors name --out."""
+    existed = out.is_dir()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {out}: cannot create the output folder ({exc.strerror or exc}); "
+            "expected a writable directory"
+        ) from None
+    return not existed
+
+
 def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
     """The body of ``run_replay`` with the trace open."""
     table = args.table if args.table is not None else 0
-    layout = reader.layout[reader.table_index(table)]
+    index = reader.table_index(table)
+    layout = reader.layout[index]
     rows, row_bytes = table_geometry(config, layout)
+    if reader.lookups(index) == 0:
+        raise TraceFormatError(
+            f"trace {reader.path}: table {reader.tables[index]!r} has no lookups; expected a "
+            "trace with lookups of the table to replay"
+        )
+    policies = _check_args(args)
+    caps = _sweep_capacities(args.sweep, rows, row_bytes) if args.sweep else []
+    created = _out_dir(args.out)
+    try:
+        return _replay_into(args, config, reader, table, policies, caps, (rows, row_bytes))
+    except BaseException:
+        if created:  # leave no empty folder behind
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
+        raise
+
+
+def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
+    """Replay each policy, the bounds, the sweep and the split; print and write into --out."""
+    layout = reader.layout[reader.table_index(table)]
+    rows, row_bytes = geometry
     split = _recommend(args, config, reader, table)
-    policies = [p.strip() for p in args.policies.split(",")] if args.policies else [None]
     results = [
         replay(
             config,
@@ -124,7 +194,6 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
             "batches: the trace's own (the live store's batch size). docs/policies.md and "
             "per-request simulators (libCacheSim) compare the fetch ratio at --batch-tokens 64"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
     doc = {
         "config": str(args.config),
         "trace": str(args.trace),
@@ -132,13 +201,13 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
         "row_bytes": row_bytes,
         "results": [r.to_dict() for r in results],
     }
-    if args.sweep:
+    if caps:
         curves = sweep(
             config,
             reader,
             table,
             [p or config.tiers.warm.policy for p in policies],
-            args.sweep,
+            caps,
             args.batch_tokens,
             rows,
             row_bytes,
@@ -155,6 +224,8 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
         )
         print(f"\nmiss ratio vs capacity (replayed policies: fetch ratio): {png}")
         print_sweep(curves, rows)
+    else:  # a plot of an earlier run would sit beside this run's replay.json
+        (args.out / "replay.png").unlink(missing_ok=True)
     if split is not None:
         doc["tier_split"] = _report_split(args, config, reader, table, split)
     (args.out / "replay.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
@@ -169,13 +240,20 @@ def _recommend(args, config: StoreConfig, reader, table) -> SplitRecommendation 
     if budgets is None:
         return None
     gpu, host = budgets
-    rows, row_bytes = table_geometry(config, reader.layout[reader.table_index(table)])
+    layout = reader.layout[reader.table_index(table)]
+    rows, row_bytes = table_geometry(config, layout)
     current = tuple(  # the config's own split is a candidate too, when it fits
         resolve_capacity(
             t.capacity, table_rows=rows, row_bytes=row_bytes, key=f"tiers.{n}.capacity"
         )
         for n, t in (("hot", config.tiers.hot), ("warm", config.tiers.warm))
     )
+    if not args.quiet:  # one read of the trace, then every split: no progress bar of its own
+        print(
+            f"tier split: modelling table {layout.get('name', table)!r} within the budgets...",
+            file=sys.stderr,
+            flush=True,
+        )
     return recommend_split(
         config,
         reader,
@@ -252,12 +330,9 @@ def offline_bounds(
     return out
 
 
-def sweep(
-    config, reader, table, policies, spec, batch_tokens, rows, row_bytes, bound_names
-) -> list[MissRatioCurve]:
-    """One cache tier (warm) at each capacity, per online policy, beside exact LRU and the offline
-    bounds ``bound_names`` (per request, over the table's whole trace)."""
-    caps = sorted(
+def _sweep_capacities(spec: str, rows: int, row_bytes: int) -> list[int]:
+    """The ``--sweep`` capacities in rows, ascending, without 0; errors name --sweep."""
+    return sorted(
         {
             resolve_capacity(_spec(s), table_rows=rows, row_bytes=row_bytes, key="--sweep")
             for s in spec.split(",")
@@ -265,6 +340,14 @@ def sweep(
         }
         - {0}
     )
+
+
+def sweep(
+    config, reader, table, policies, caps, batch_tokens, rows, row_bytes, bound_names
+) -> list[MissRatioCurve]:
+    """One cache tier (warm) at each capacity ``caps`` (rows, ascending, see
+    :func:`_sweep_capacities`), per online policy, beside exact LRU and the offline bounds
+    ``bound_names`` (per request, over the table's whole trace)."""
     grid = [0, *caps]
     ids = reader.read_all(table) if bound_names else None
     curves = []

@@ -456,11 +456,17 @@ def _analysis_markdown(report: Mapping[str, Any]) -> str:
         md.append("")
     md += ["## Recommended tier sizes", ""]
     for name, tab in report["tables"].items():
-        rec = tab["recommendation"]
+        rec, split, store = tab["recommendation"], tab.get("tier_split"), tab["files"]["store_yaml"]
         md += [
             f"**{name}**, from the `{rec['curve']}` curve "
             f"(targets {', '.join(f'{k}={v:g}' for k, v in report['targets'].items())}); "
-            f"store config: [`{tab['files']['store_yaml']}`]({tab['files']['store_yaml']})",
+            + (
+                f"store config: [`{store}`]({store})"
+                if split is None
+                else f"the store config [`{store}`]({store}) takes instead the tier split for the "
+                f"budgets: hot {split['hot_rows']:,} rows, warm {split['warm_rows']:,} rows, "
+                f"modelled stall {split['stall_seconds']:.4f} s (`report.json`: `tier_split`)"
+            ),
             "",
             "```yaml",
             rec["yaml"].rstrip(),
@@ -564,7 +570,11 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"{name:>9}: recommended "
             + ", ".join(f"{k} {v['capacity']:,} rows ({v['hit_rate']:.3f})" for k, v in rec.items())
-            + f" -> {tab['files']['store_yaml']}"
+            + (
+                " for the targets (the store config takes the tier split for the budgets)"
+                if "tier_split" in tab
+                else f" -> {tab['files']['store_yaml']}"
+            )
         )
     lines.append(
         f"{t['tokens']:,} tokens in {t['wall_seconds']:.1f} s = {t['tokens_per_second']:,.0f} "

@@ -43,7 +43,8 @@ Output (DIR): trace.trace (and holdout.trace), layer{L}.top_rows.npy (row ids, h
 usable as static_rows / preload_rows), layer{L}.profile.npz (lookups per touched row),
 layer{L}.store.yaml (a store config with the recommended capacities), layer{L}/ (per-table
 report and plots), all.rank_frequency.png, report.md and report.json. Files are staged and moved
-into DIR at the end, report.json last: it marks a complete run.
+into DIR at the end, report.json last: it marks a complete run. Files of a previous run in DIR
+that this one does not write (its holdout.trace, another config's layers) are removed.
 """
 
 
@@ -227,12 +228,13 @@ def run_analyze(args: argparse.Namespace) -> int:
     print(f"report: {result.files['markdown']} (and {result.files['report'].name})")
     for name, tab in result.report["tables"].items():
         print(
-            f"{name}: top rows {tab['files']['top_rows']}, store config {tab['files']['store_yaml']}"
+            f"{name}: top rows {result.files[f'{name}.top_rows']}, store config "
+            f"{result.files[f'{name}.store_yaml']}"
         )
         if "tier_split" in tab:
             s = tab["tier_split"]
             print(
-                f"{name}: tier split for the budgets: hot {s['hot_rows']:,} rows, warm "
-                f"{s['warm_rows']:,} rows, modelled stall {s['stall_seconds']:.4f} s"
+                f"{name}: tier split for the budgets (in the store config): hot {s['hot_rows']:,} "
+                f"rows, warm {s['warm_rows']:,} rows, modelled stall {s['stall_seconds']:.4f} s"
             )
     return 0

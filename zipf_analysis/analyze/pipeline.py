@@ -3,6 +3,7 @@ publishes the outputs (see the package docstring for the stages)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -148,6 +149,7 @@ def analyze(
         + ", ".join(f"{n} {r:,} rows" for n, r in rows.items())
     )
 
+    made_out = not out.is_dir()
     staging = prepare_out_dir(out)
     torch_threads = _set_torch_threads(options.threads)
     try:
@@ -168,6 +170,9 @@ def analyze(
         publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if made_out:  # nor the output folder this run made
+            with contextlib.suppress(OSError):
+                out.rmdir()
         raise
     finally:
         _set_torch_threads(torch_threads)
@@ -291,6 +296,7 @@ def _tier_split(ctx: RunContext, layout: Mapping[str, Any]) -> dict[str, Any] | 
     config = StoreConfig.from_dict(
         {"table": {"path": str(ctx.staging / f"{name}.npy"), "dim": int(layout["dim"])}}
     )
+    ctx.say(f"tier split: modelling {name} within the budgets...")  # one read of its trace
     split = recommend_split(
         config,
         ctx.trace,

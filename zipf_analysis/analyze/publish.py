@@ -1,11 +1,14 @@
 """Where ``analyze`` writes: a staging folder inside the output folder, moved into place at the end.
 
 A folder with a ``report.json`` holds one complete, consistent run: the old report leaves first,
-the new one comes in last.
+then the files of the old run that the new one does not write (its ``report.json`` lists them),
+and the new report comes in last.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -38,9 +41,19 @@ def prepare_out_dir(out_dir: Path) -> Path:
 
 
 def publish(staging: Path, out_dir: Path) -> None:
-    """Move staged outputs into ``out_dir``: the old report first out, the new one last in."""
+    """Move staged outputs into ``out_dir``: the old report first out, then the old run's files
+    this run does not replace (a holdout trace, another config's layers), the new report last in."""
+    stale = _previous_files(out_dir) - set(file_sizes(staging)) - {REPORT_JSON, REPORT_MD}
     for marker in (REPORT_JSON, REPORT_MD):
         (out_dir / marker).unlink(missing_ok=True)
+    root = out_dir.resolve()
+    for name in sorted(stale):
+        path = out_dir / name
+        if path.is_file() and not path.is_symlink() and root in path.resolve().parents:
+            path.unlink()
+        if path.parent != out_dir:
+            with contextlib.suppress(OSError):  # a per-table folder, once empty
+                path.parent.rmdir()
     last = {REPORT_MD: 1, REPORT_JSON: 2}  # the report goes in last, report.json at the very end
     entries = sorted(staging.iterdir(), key=lambda p: (last.get(p.name, 0), p.name))
     for entry in entries:
@@ -50,6 +63,21 @@ def publish(staging: Path, out_dir: Path) -> None:
         os.replace(entry, target)
     staging.rmdir()
     fsync_dir(out_dir)  # the renames above are durable once this returns
+
+
+def _previous_files(out_dir: Path) -> set[str]:
+    """The files a previous run's ``report.json`` in ``out_dir`` lists (names inside the folder
+    only); none when there is no readable one."""
+    try:
+        files = json.loads((out_dir / REPORT_JSON).read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    inside = set()
+    for name in files if isinstance(files, dict) else ():
+        parts = Path(name).parts
+        if parts and not Path(name).is_absolute() and ".." not in parts:
+            inside.add(str(Path(name)))
+    return inside
 
 
 def file_sizes(folder: Path) -> dict[str, int]:
