@@ -187,3 +187,69 @@ def test_training_with_a_cuda_hot_tier(tmp_path):
     got = table.store.lookup(torch.arange(ROWS)).cpu()
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
     table.close()
+
+
+def test_bad_optimizer_arguments_are_config_errors():
+    from tiered_store.errors import ConfigError
+
+    for kwargs, why in [
+        ({"lr": "0.1"}, r"optimizer\.lr: '0\.1'; expected a positive finite"),
+        ({"lr": None}, r"optimizer\.lr: None; expected a positive finite"),
+        ({"lr": 0.1, "betaX": 0.3}, r"optimizer\.betaX: unknown option; expected one of"),
+        ({"lr": 0.1, "beta1": 1.0}, r"optimizer\.beta1: 1\.0; expected 0 <= beta1 < 1"),
+        ({"lr": 0.1, "eps": -1.0}, r"optimizer\.eps: -1\.0; expected a finite eps >= 0"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            make_row_optimizer("adam", **kwargs)
+
+
+def test_a_table_without_optimizer_state_is_refused_by_a_stateful_optimizer(tmp_path):
+    from tests.conftest import make_table
+    from tiered_store.errors import ConfigError
+
+    path, _ = make_table(tmp_path, rows=50, dim=12)
+    for name in ("rowwise_adagrad", "adam"):  # adagrad took the last weight as its accumulator
+        why = rf"{name!r} keeps .* state values per row.*no optimizer state.*create_trainable_table"
+        with TieredStore(store_config(path)) as store, pytest.raises(ConfigError, match=why):
+            TrainableTable(store, make_row_optimizer(name, lr=0.1))
+    with TieredStore(store_config(path)) as store:  # sgd keeps none: the rows are the weights
+        assert TrainableTable(store, make_row_optimizer("sgd", lr=0.1)).dim == 12
+
+
+def test_step_numbers_are_checked_before_the_gradients_are_used(tmp_path):
+    from tiered_store.errors import ConfigError
+
+    adam = make_row_optimizer("adam", lr=0.1)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.ones((20, 2)), adam)
+    table = TrainableTable(TieredStore(store_config(path)), adam)
+    table.lookup([3, 4]).sum().backward()  # a list of ids, as store.lookup takes
+    for bad, why in [(0, "expected an integer >= 1"), (1.5, "expected an integer >= 1")]:
+        with pytest.raises(ConfigError, match=rf"step: {bad}; {why}"):
+            table.step(bad)
+    assert table.step(1) == 2  # the refused steps kept the gradients
+    table.lookup(torch.tensor([3])).sum().backward()
+    with pytest.raises(ConfigError, match="step: 1; expected more than the last step, 1"):
+        table.step(1)
+    assert table.step(2) == 1
+    table.close()
+
+
+def test_a_slice_refuses_ids_outside_itself(tmp_path):
+    from tiered_store.delta.trainable import TableSlice
+    from tiered_store.errors import ConfigError, RowIdError
+
+    sgd = make_row_optimizer("sgd", lr=1.0)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.arange(12.0).reshape(6, 2), sgd)
+    table = TrainableTable(TieredStore(store_config(path)), sgd)
+    with pytest.raises(ConfigError, match=r"slice: rows \[2, -1\)"):
+        TableSlice(table, offset=2, rows=-3)
+    first = TableSlice(table, offset=0, rows=3)
+    assert first.lookup([0, 2]).tolist() == [[0.0, 1.0], [4.0, 5.0]]
+    for bad in ([3], [-1]):  # the next layer's rows (or the previous one's) are not this slice's
+        with pytest.raises(RowIdError, match=rf"slice: id {bad[0]} .* expected 0 <= id < 3"):
+            first.lookup(torch.tensor(bad))
+        with pytest.raises(RowIdError, match=rf"slice: id {bad[0]}"):
+            first.prefetch(torch.tensor(bad))
+    table.close()

@@ -258,3 +258,30 @@ def test_open_can_wait_for_the_hot_tier_or_the_whole_restore(tmp_path, monkeypat
         assert store.wait_restored(timeout=30)
         assert held(store) == before
         serve(store, data, seed=2)
+
+
+def test_a_well_checksummed_file_with_a_malformed_header_starts_cold(tmp_path):
+    import json
+    import struct
+
+    import crc32c
+
+    from tiered_store.warm_restart import MAGIC
+
+    path, data = make_table(tmp_path, rows=3000, dim=8)
+    saved = restart_path(path)
+    for header, why in [
+        ({"identity": [1], "tiers": {}, "pinned": {}, "profiles": {}}, "header is unreadable"),
+        (
+            {"identity": {}, "tiers": {"warm": -1}, "pinned": {}, "profiles": {}},
+            "header is unreadable",
+        ),
+    ]:
+        raw = json.dumps(header).encode()
+        body = MAGIC + struct.pack("<I", len(raw)) + raw
+        saved.write_bytes(body + struct.pack("<I", crc32c.crc32c(body)))
+        with pytest.warns(RestartWarning, match=rf"{saved.name} not used, its {why}"):
+            store = TieredStore(config(path, hot=16, warm=64))
+        with store:
+            assert store.wait_restored(timeout=5) and store.warm.occupancy == 0
+            serve(store, data)

@@ -182,3 +182,42 @@ def test_a_reader_keeps_its_version_and_serving_swaps_to_the_new_one(tmp_path):
     assert ask(fresh) == after_commit and served.reloads == 2
     fresh.close()
     served.close()
+
+
+def test_commit_steps_only_move_forward(tmp_path):
+    from tiered_store.errors import ConfigError
+
+    path, _ = make_table(tmp_path, rows=20, dim=4)
+    with TieredStore(store_config(path)) as store:
+        store.write([1], torch.ones(1, 4))
+        assert store.commit(5) == 5
+        for bad, why in [
+            (4, "lower than the last committed step 5"),
+            (-1, "lower than the last committed step 5"),
+            (6.5, "expected an integer step"),
+            ("7", "expected an integer step"),
+            (2**63, "expected an integer step"),
+        ]:
+            with pytest.raises(ConfigError, match=rf"commit: step .*{why}"):
+                store.commit(bad)
+        assert store.commit() == 6  # the refused commits changed nothing
+    with TieredStore(store_config(path)) as store:
+        assert store.committed_step == 6 and store.lookup([1]).tolist() == [[1.0] * 4]
+
+
+def test_empty_id_lists_write_and_read_nothing(tmp_path):
+    path, _ = make_table(tmp_path, rows=20, dim=4)
+    with TieredStore(store_config(path)) as store:
+        store.write([], torch.zeros(0, 4))
+        assert store.lookup([]).shape == (0, 4)
+        step, rows = store.read_committed([])
+        assert step == 0 and rows.shape == (0, 4)
+
+
+def test_rows_out_of_the_tables_range_name_the_value_and_dtype(tmp_path):
+    path, _ = make_table(tmp_path, rows=20, dim=4, dtype="float16")
+    with TieredStore(store_config(path)) as store:
+        with pytest.raises(RowDataError, match=r"row 1 holds 70000.* float16"):
+            store.write([1, 2], np.array([[1, 2, 3, 4], [5, 6, 70000, 8]], np.int64))
+        with pytest.raises(RowDataError, match=r"row 0 holds a non-finite value \(nan\)"):
+            store.write([1], torch.full((1, 4), float("nan")))

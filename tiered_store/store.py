@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
+import operator
 import os
 import threading
 import time
@@ -252,14 +254,15 @@ class TieredStore:
 
     def commit(self, step: int | None = None) -> int:
         """Make every write so far durable in one LMDB transaction, with ``step`` (default: the
-        last committed step + 1); returns the step. After it returns, a crash (kill -9, power
-        loss) loses none of it; a crash during it leaves every row as of this commit or the last.
-        Raises ``CommitError`` (the last commit intact, the writes still pending) when it fails."""
+        last committed step + 1; an integer no lower than the last, else ``ConfigError``); returns
+        the step. After it returns, a crash (kill -9, power loss) loses none of it; a crash during
+        it leaves every row as of this commit or the last. Raises ``CommitError`` (the last commit
+        intact, the writes still pending) when it fails."""
         self._check_open()
         with self._lock:
             self._become_writer()
             delta = self._writes.delta
-            step = delta.step + 1 if step is None else int(step)
+            step = delta.step + 1 if step is None else _commit_step(step, delta.step)
             ids, rows = self._writes.collect()
             try:
                 delta.commit(ids, rows, step)
@@ -886,9 +889,27 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
             raise RowIdError(
                 f"ids: {type(ids).__name__} cannot be read as integers ({exc})"
             ) from None
+        if tensor.numel() == 0:  # an empty list reads as float32: no ids
+            tensor = tensor.to(torch.int64)
     if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
         raise RowIdError(f"ids: dtype {tensor.dtype}; expected an integer tensor (row ids)")
     return tensor
+
+
+def _commit_step(step: Any, last: int) -> int:
+    """A commit's ``step``, checked: an integer that fits int64, no lower than ``last``."""
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise ConfigError(f"commit: step {step!r}; expected an integer step") from None
+    if not -(2**63) <= value < 2**63:
+        raise ConfigError(f"commit: step {value} does not fit 64 bits; expected an integer step")
+    if value < last:
+        raise ConfigError(
+            f"commit: step {value} is lower than the last committed step {last}; expected "
+            f"{last} or more (steps only move forward)"
+        )
+    return value
 
 
 def as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -905,10 +926,20 @@ def as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
         )
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
         raise RowDataError(f"rows: dtype {tensor.dtype}; expected floating-point rows")
-    tensor = tensor.detach().reshape(-1, shape[-1]).to("cpu", dtype)
+    given = tensor.detach().reshape(-1, shape[-1])
+    tensor = given.to("cpu", dtype)
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int(torch.nonzero(~torch.isfinite(tensor))[0, 0])
-        raise RowDataError(f"rows: row {bad} holds a non-finite value; expected finite rows")
+        bad, col = (int(i) for i in torch.nonzero(~torch.isfinite(tensor))[0])
+        value = given[bad, col].item()
+        if math.isfinite(value):  # finite as given, not in the table's dtype
+            raise RowDataError(
+                f"rows: row {bad} holds {value:g}, which overflows "
+                f"{str(dtype).removeprefix('torch.')} (the table's dtype); expected values in "
+                f"its range (|x| <= {torch.finfo(dtype).max:g})"
+            )
+        raise RowDataError(
+            f"rows: row {bad} holds a non-finite value ({value}); expected finite rows"
+        )
     return tensor
 
 

@@ -162,6 +162,11 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
         pinned = {k: int(v) for k, v in header["pinned"].items()}
         profiles = {k: dict(v) for k, v in header["profiles"].items()}
         shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in profiles.items()}
+        if not isinstance(saved, dict):
+            raise TypeError(f"identity is a {type(saved).__name__}, not an object")
+        sizes = [*counts.values(), *pinned.values(), *(d for s in shapes.values() for d in s)]
+        if any(v < 0 for v in sizes):
+            raise ValueError(f"a negative row count or sketch size ({min(sizes)})")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return _cold_start(path, f"its header is unreadable ({exc})")
     if saved != identity:

@@ -72,6 +72,7 @@ class RowOptimizer:
 
 
 OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam")
+OPTIONS = ("eps", "beta1", "beta2")  # make_row_optimizer's keyword options
 
 
 def make_row_optimizer(name: str, lr: float, **options: float) -> RowOptimizer:
@@ -88,6 +89,23 @@ def make_row_optimizer(name: str, lr: float, **options: float) -> RowOptimizer:
         raise ConfigError(
             f"optimizer: {name!r} is not a row-wise optimizer; expected one of {', '.join(OPTIMIZERS)}"
         )
-    if not (lr > 0 and math.isfinite(lr)):
+    if not _holds(lambda: lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"optimizer.lr: {lr!r}; expected a positive finite learning rate")
-    return RowOptimizer(name, float(lr), **options)
+    for key, value in options.items():
+        if key not in OPTIONS:
+            raise ConfigError(
+                f"optimizer.{key}: unknown option; expected one of {', '.join(OPTIONS)}"
+            )
+        if key == "eps" and not _holds(lambda v=value: v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"optimizer.eps: {value!r}; expected a finite eps >= 0")
+        if key != "eps" and not _holds(lambda v=value: 0 <= v < 1):
+            raise ConfigError(f"optimizer.{key}: {value!r}; expected 0 <= {key} < 1")
+    return RowOptimizer(name, float(lr), **{k: float(v) for k, v in options.items()})
+
+
+def _holds(check) -> bool:
+    """Whether ``check()`` is true; False where the value is not a number (a TypeError)."""
+    try:
+        return bool(check())
+    except TypeError:
+        return False

@@ -10,6 +10,7 @@ store, the optimizer's new rows, ``store.write``. ``commit()`` makes the step du
 
 from __future__ import annotations
 
+import operator
 import os
 from functools import partial
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RowIdError
+from ..store import as_id_tensor
 from ..table_format import TableManifest, create_table
 from .row_optimizers import RowOptimizer
 
@@ -91,6 +93,14 @@ class TrainableTable:
 
     def __init__(self, store: Any, optimizer: RowOptimizer) -> None:
         meta = (store.cold.manifest.metadata or {}).get("trainable", {})
+        if not meta and optimizer.state_width(store.dim) > 0:  # its state would be weights
+            per = optimizer.state_width(1)
+            width = str(per) if optimizer.state_width(2) == per else f"{per} x dim"
+            raise ConfigError(
+                f"optimizer: {optimizer.name!r} keeps {width} state values per row, but "
+                f"{store.cold.path.name} records no optimizer state (no 'trainable' metadata); "
+                "expected a table made by create_trainable_table (or sgd, which keeps none)"
+            )
         self.dim = int(meta.get("dim", store.dim - optimizer.state_width(store.dim)))
         if store.dim != self.dim + optimizer.state_width(self.dim) or self.dim <= 0:
             raise ConfigError(
@@ -107,13 +117,14 @@ class TrainableTable:
         self.rows = store.rows
         self._anchor = torch.zeros((), requires_grad=True)  # puts lookups on the autograd graph
         self._gradients: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._last_step = 0  # the last optimizer step applied
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """Weights ``[..., dim]`` of ``row_ids``; with grad enabled, on the autograd graph."""
         rows = self.store.lookup(row_ids, handle)[..., : self.dim]
         if not torch.is_grad_enabled():
             return rows
-        return _RowsWithGrad.apply(self._anchor, rows, row_ids, self)
+        return _RowsWithGrad.apply(self._anchor, rows, as_id_tensor(row_ids), self)
 
     def prefetch(self, row_ids: torch.Tensor) -> object:
         """Start fetching ``row_ids`` (weights and state come together)."""
@@ -121,11 +132,24 @@ class TrainableTable:
 
     def step(self, step: int) -> int:
         """Apply the optimizer to every row with a gradient since the last step; returns how many
-        rows it updated. ``step`` counts optimizer steps from 1 (Adam's bias correction).
+        rows it updated. ``step`` counts optimizer steps from 1 (Adam's bias correction), each
+        higher than the last (else ``ConfigError``, the gradients kept).
 
         Over a ``ShardedStore`` it is a collective (every rank calls it, with gradients or not):
         the gradients go to the ranks owning their rows, which sum them and apply the optimizer
         (``ShardedStore.update_rows``); it returns the rows this rank updated."""
+        try:
+            number = operator.index(step)
+        except TypeError:
+            number = 0
+        if number < 1:
+            raise ConfigError(f"step: {step!r}; expected an integer >= 1 (steps count from 1)")
+        if number <= self._last_step:
+            raise ConfigError(
+                f"step: {number}; expected more than the last step, {self._last_step} (each "
+                "optimizer step is applied once)"
+            )
+        step = number
         gradients = self._gradients or [
             (torch.empty(0, dtype=torch.int64), torch.empty((0, self.dim), dtype=torch.float32))
         ]
@@ -137,13 +161,16 @@ class TrainableTable:
         summed.index_add_(0, inverse.to(grads.device), grads)
         update_rows = getattr(self.store, "update_rows", None)
         if update_rows is not None:  # sharded: the owners apply it
-            return update_rows(unique, summed, partial(self.optimizer.update, step=step))
-        if not unique.numel():
-            return 0
-        current = self.store.lookup(unique)
-        new_rows = self.optimizer.update(current, summed.to(current), step)
-        self.store.write(unique, new_rows)
-        return unique.numel()
+            updated = update_rows(unique, summed, partial(self.optimizer.update, step=step))
+        elif not unique.numel():
+            updated = 0
+        else:
+            current = self.store.lookup(unique)
+            new_rows = self.optimizer.update(current, summed.to(current), step)
+            self.store.write(unique, new_rows)
+            updated = unique.numel()
+        self._last_step = step
+        return updated
 
     def zero_grad(self) -> None:
         """Drop row gradients not yet applied."""
@@ -184,19 +211,35 @@ class TableSlice:
     keeps_stats = True
 
     def __init__(self, table: TrainableTable, offset: int, rows: int) -> None:
-        if offset < 0 or offset + rows > table.rows:
+        if offset < 0 or rows < 1 or offset + rows > table.rows:
             raise ConfigError(
-                f"slice: rows [{offset}, {offset + rows}) outside the table's {table.rows} rows"
+                f"slice: rows [{offset}, {offset + rows}) outside the table's {table.rows} rows; "
+                "expected offset >= 0, rows >= 1 and offset + rows <= the table's rows"
             )
         self.table, self.offset, self.rows, self.dim = table, offset, rows, table.dim
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
-        """The shared table's rows ``row_ids + offset``."""
-        return self.table.lookup(row_ids + self.offset, handle)
+        """The shared table's rows ``row_ids + offset`` (``row_ids`` in ``[0, rows)``, else
+        ``RowIdError``: never another slice's rows)."""
+        return self.table.lookup(self._shifted(row_ids), handle)
 
     def prefetch(self, row_ids: torch.Tensor) -> object:
         """Prefetch ``row_ids + offset``: pass the same ``row_ids`` to ``lookup``."""
-        return self.table.prefetch(row_ids + self.offset)
+        return self.table.prefetch(self._shifted(row_ids))
+
+    def _shifted(self, row_ids: Any) -> torch.Tensor:
+        """``row_ids + offset``, each id checked to lie in this slice."""
+        ids = as_id_tensor(row_ids)
+        if ids.numel():
+            lo, hi = torch.aminmax(ids)
+            if int(lo) < 0 or int(hi) >= self.rows:
+                flat = ids.reshape(-1)
+                bad = int(flat[(flat < 0) | (flat >= self.rows)][0])
+                raise RowIdError(
+                    f"slice: id {bad} is outside this slice (rows [{self.offset}, "
+                    f"{self.offset + self.rows}) of the table); expected 0 <= id < {self.rows}"
+                )
+        return ids + self.offset
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """The shared store's statistics."""
