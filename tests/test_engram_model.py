@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import golden_dir
-from tiered_store.engram import EMBEDDING_KEY, NgramHasher, TableBackend
+from tiered_store.engram import EMBEDDING_KEY, InMemoryTable, NgramHasher, TableBackend
 from tiered_store.engram.checkpoint import (
     check_table_file,
     convert_checkpoint,
@@ -212,6 +212,21 @@ def test_bad_token_ids_fail_before_any_lookup(converted, hasher, batches):
             tiered(batches[1], prefetched=batch)
     finally:
         tiered.close()
+
+
+def test_empty_batch_and_ragged_ids_are_named(model, batches):
+    with pytest.raises(ConfigError, match=r"input_ids: expected shape \[B, T\] .*got \[0, 32\]"):
+        model(batches[0][:0])
+    with pytest.raises(ConfigError, match=r"input_ids: expected a rectangular .*\[B, T\]"):
+        model([[1, 2, 3], [1, 2]])
+
+
+def test_set_tables_swaps_all_or_nothing(model, batches):
+    memory = model.tables
+    wrong = InMemoryTable(torch.zeros(memory[3].rows, memory[3].dim))  # layer 3's shape
+    with pytest.raises(ConfigError, match=r"backend: expected a table of 20112 rows x 16"):
+        model.set_tables({3: InMemoryTable(torch.zeros(memory[3].rows, 16)), 1: wrong})
+    assert all(model.tables[i] is memory[i] for i in memory)  # layer 3 kept its table
 
 
 def test_table_file_for_another_configuration_is_refused(model, converted, tmp_path):

@@ -22,7 +22,7 @@ from tiered_store.engram import (
     load_engram_config,
     split_checkpoint,
 )
-from tiered_store.errors import ConfigError
+from tiered_store.errors import ConfigError, RowIdError
 
 
 def _golden_dir() -> Path:
@@ -164,6 +164,26 @@ def test_input_and_backend_errors(setup):
         engram(data["layer1.hidden_states"], row_ids=torch.zeros(3, 32, 5, dtype=torch.long))
     with pytest.raises(IndexError, match="outside the tokenizer vocabulary"):  # RowIdError
         engram(data["layer1.hidden_states"], torch.full((3, 32), 129280))
+
+
+def test_bad_row_ids_and_integer_tables_are_named(setup):
+    """Row ids given to forward are checked by the in-memory table (not an IndexError from torch);
+    an integer table (e.g. packed fp8 bytes or rounded rows) is refused, not silently cast."""
+    config, backbone, hasher, data, path = setup
+    engram = Engram.from_checkpoint(path, config, backbone, 1, hasher=hasher)
+    hidden, rows = data["layer1.hidden_states"], hasher.table_rows(1)
+    bad = torch.zeros(3, 32, 8, dtype=torch.long)
+    bad[2, 7, 5] = rows
+    with pytest.raises(RowIdError, match=rf"row_ids: value {rows} at index \(2, 7, 5\) .*< {rows}"):
+        engram(hidden, row_ids=bad)
+    with pytest.raises(RowIdError, match=r"row_ids: value -1 at index \(0, 0, 0\)"):
+        engram(hidden, row_ids=torch.full((3, 32, 8), -1))
+    with pytest.raises(RowIdError, match=r"row_ids: expected integer row ids, got torch.float32"):
+        engram(hidden, row_ids=torch.zeros(3, 32, 8))
+    with pytest.raises(
+        ConfigError, match=r"weight: expected a floating-point table, got torch.int64"
+    ):
+        InMemoryTable(torch.zeros(rows, 16, dtype=torch.long))
 
 
 def test_in_memory_table_gradients_reach_table_and_dense_params(setup):

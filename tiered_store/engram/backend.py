@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RowIdError
 from ..quantization import RowQuantization, dequantize_rows
 
 __all__ = ["InMemoryTable", "PackedInMemoryTable", "TableBackend"]
@@ -98,6 +98,11 @@ class InMemoryTable(nn.Module, TableBackend):
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
             raise ConfigError(f"weight: expected a 2-D tensor [rows, dim], got {shape}")
+        if not weight.dtype.is_floating_point:
+            raise ConfigError(
+                f"weight: expected a floating-point table, got {weight.dtype} (packed quantised "
+                "rows go in a PackedInMemoryTable)"
+            )
         if isinstance(weight, nn.Parameter):
             self.weight = weight
         else:
@@ -128,8 +133,28 @@ class InMemoryTable(nn.Module, TableBackend):
         return int(self.weight.shape[1])
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
-        """Rows for ``row_ids`` (any shape) as [..., dim] on the table's device."""
-        return F.embedding(row_ids.to(self.weight.device), self.weight)
+        """Rows for ``row_ids`` (any shape) as [..., dim] on the table's device.
+
+        Raises RowIdError for non-integer ids, and (on a CPU table) for ids outside the table.
+        """
+        if (
+            row_ids.dtype.is_floating_point
+            or row_ids.dtype.is_complex
+            or row_ids.dtype == torch.bool
+        ):
+            raise RowIdError(f"row_ids: expected integer row ids, got {row_ids.dtype}")
+        ids = row_ids.to(self.weight.device)
+        try:
+            return F.embedding(ids, self.weight)
+        except IndexError:  # torch's bounds check failed: name the id (no cost when none is bad)
+            bad = ids.lt(0).logical_or(ids.ge(self.rows)).nonzero()
+            if not len(bad):
+                raise
+            index = tuple(bad[0].tolist())
+            raise RowIdError(
+                f"row_ids: value {int(ids[index])} at index {index} is out of range; expected "
+                f"0 <= id < {self.rows} (the table's rows)"
+            ) from None
 
     def prefetch(self, row_ids: torch.Tensor) -> None:
         """Nothing to fetch: the whole table is resident."""

@@ -344,10 +344,15 @@ class EngramLM(nn.Module):
                 raise ConfigError(
                     f"tables: layer {layer_id} has no Engram (engram.layer_ids = {list(engrams)})"
                 )
-        for layer_id, table in tables.items():
+        for layer_id, table in tables.items():  # check every table before swapping any
             engram = engrams[layer_id]
             if isinstance(engram, V41Engram):
                 self._check_v41_table(layer_id, table)
+            else:
+                engram._check_backend(table)
+        for layer_id, table in tables.items():
+            engram = engrams[layer_id]
+            if isinstance(engram, V41Engram):
                 del engram.table  # a registered child module (InMemoryTable) or a plain attribute
                 engram.table = table
             else:
@@ -495,9 +500,9 @@ class EngramLM(nn.Module):
         ids = check_token_ids(input_ids, self.hasher.tokenizer.vocab_size)
         if not isinstance(ids, torch.Tensor):
             ids = torch.from_numpy(ids)
-        if ids.ndim != 2 or ids.shape[1] == 0:
+        if ids.ndim != 2 or 0 in ids.shape:
             raise ConfigError(
-                f"input_ids: expected shape [B, T] with T >= 1, got {list(ids.shape)}"
+                f"input_ids: expected shape [B, T] with B >= 1 and T >= 1, got {list(ids.shape)}"
             )
         return ids
 

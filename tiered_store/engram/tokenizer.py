@@ -134,7 +134,12 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids")
                 bad = ids.lt(0).logical_or(ids.ge(vocab_size)).nonzero()[0].tolist()
                 _raise_out_of_vocab(name, int(ids[tuple(bad)]), tuple(bad), vocab_size)
         return ids
-    ids = np.asarray(input_ids)
+    try:
+        ids = np.asarray(input_ids)
+    except ValueError as exc:  # ragged nested lists
+        raise ConfigError(
+            f"{name}: expected a rectangular array of token ids (e.g. [B, T]), got {exc}"
+        ) from None
     if ids.dtype == np.bool_ or not (
         np.issubdtype(ids.dtype, np.integer) or (ids.size == 0 and ids.dtype == np.float64)
     ):
