@@ -26,6 +26,10 @@ The full run takes 35-40 minutes on 2 cores (tokenising, hashing, 5 policies x 4
 The work directory (traces, profile, the libCacheSim trace) is deleted at the end unless ``--keep``;
 an ``--analysis`` directory is never deleted.
 
+``--queued-requests 4,16`` adds ``zipf-tuned`` and pin-by-lookups + LRU (``static+lru``) in batched
+replay with that many requests of ``--request-tokens`` tokens announced ahead, as a server that
+knows its queue announces them (``TieredStore.announce``; docs/policies.md, "A queue known ahead").
+
 Beside the policies, two per-request baselines from ``policies.pinned_lru`` (the store's own
 decisions at one lookup per batch) on the same split as ``zipf-tuned``'s (pinned segment and LRU
 segment sizes): ``pin-by-lookups+lru`` (the profile's most-looked-up rows pinned: what
@@ -49,7 +53,7 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, int_list
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
@@ -110,6 +114,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="tokens per replay batch for the quality table",
     )
     p.add_argument("--policies", default=",".join(OURS))
+    p.add_argument(
+        "--queued-requests",
+        type=int_list(1),
+        default=[],
+        metavar="N[,N...]",
+        help="also replay zipf-tuned and pin-by-lookups + LRU with N requests of "
+        "--request-tokens tokens known ahead (TieredStore.announce), at each N",
+    )
+    p.add_argument(
+        "--request-tokens",
+        type=at_least(1),
+        default=4096,
+        help="tokens per request for --queued-requests",
+    )
     p.add_argument("--out", help="write JSON here too, and the plot beside it (.png)")
     p.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier --out")
     args = p.parse_args(argv)
@@ -225,6 +243,13 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         table[policy] = [f for f, _ in row]
         per_lookup[policy] = [m for _, m in row]
         print(policy, "fetch", [f"{100 * f:.2f}" for f, _ in row], flush=True)
+    queued = {
+        f"{name}, {n} queued": [
+            queued_fetch_ratio(args, work, profile, name, cap, n, rows) for cap in caps
+        ]
+        for n in args.queued_requests
+        for name in ("zipf-tuned", BASELINE)
+    }
     per_request = pinned_baselines(ids, rows, profile, caps)
     for name, ratios in per_request.items():
         print(f"per request: {name}", [f"{100 * r:.2f}" for r in ratios], flush=True)
@@ -243,7 +268,45 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         "per_lookup": per_lookup,
         "per_request": per_request,
         "lcs_table": lcs_table,
+        "queued": queued,
     }
+
+
+def queued_fetch_ratio(
+    args: argparse.Namespace, work: Path, profile: Path, name: str, cap: int, n: int, rows: int
+) -> float:
+    """Fetch ratio of zipf-tuned, or of pin-by-lookups + LRU on its split (``static+lru``), in
+    batched replay with ``n`` requests announced ahead."""
+    warm = {"capacity": cap, "profile": str(profile)}
+    if name == BASELINE:
+        prof = FrequencyProfile.load(profile)
+        split = zipf_tuned_split(prof.top_rows(cap, by="episodes"), prof.counts, cap)
+        pins = work / f"pins_by_lookups_{cap}.npy"
+        np.save(pins, prof.top_rows(split.pinned_rows.size, by="lookups"))
+        warm = {"capacity": cap, "policy": "static+lru", "static_rows": str(pins)}
+    cfg = StoreConfig.from_dict(
+        {
+            "table": {"path": str(work / "none.npy"), "dim": 64, "dtype": "float16"},
+            "tiers": {"warm": warm},
+        }
+    )
+    start = time.perf_counter()
+    result = replay(
+        cfg,
+        work / "replay.trace",
+        table=args.layer,
+        batch_tokens=args.batch_tokens,
+        policy=None if name == BASELINE else "zipf-tuned",
+        queued_requests=n,
+        request_tokens=args.request_tokens,
+        progress=True,
+    )
+    print(
+        f"  {name} with {n} requests queued at {100 * cap / rows:g}%: fetch "
+        f"{100 * result.fetch_ratio:.2f}% ({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
+    return result.fetch_ratio
 
 
 def pinned_baselines(ids: np.ndarray, rows: int, profile: Path, caps: list[int]) -> dict:
@@ -272,6 +335,7 @@ def summarise(
     per_lookup: dict,
     per_request: dict,
     lcs_table: dict,
+    queued: dict,
 ) -> dict:
     """The JSON result: tables, zipf-tuned's gap closed towards Belady, targets."""
     best = [min(lcs_table[n][i] for n in LIBCACHESIM) for i in range(len(shares))]
@@ -308,6 +372,21 @@ def summarise(
         "best_online": best,
         "belady": belady,
         "zipf_tuned_gap_closed": closure,
+        "queued": (  # fetch ratios with requests known ahead, and zipf-tuned's standing
+            {
+                "request_tokens": args.request_tokens,
+                "fetch_ratio": queued,
+                "gap_closed": {
+                    k: [
+                        (b - r) / (b - o) if b > o else None
+                        for r, b, o in zip(v, best, belady, strict=True)
+                    ]
+                    for k, v in queued.items()
+                },
+            }
+            if queued
+            else None
+        ),
         "zipf_tuned_points_below_" + BASELINE: gain,
         "target_met": (
             {
@@ -340,6 +419,10 @@ def plot_results(result: dict, png: Path) -> Path:
     lines += [
         (f"libCacheSim {k}", v, ":" if k == "Belady" else "--", "s")
         for k, v in result["libcachesim_miss_ratio"].items()
+    ]
+    lines += [
+        (f"ours {k}", v, "-.", "d")
+        for k, v in ((result.get("queued") or {}).get("fetch_ratio") or {}).items()
     ]
     colors = iter([matplotlib.colormaps["tab20"](i) for i in range(20)])
     for name, ratios, style, marker in lines:

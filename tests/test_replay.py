@@ -475,6 +475,8 @@ def test_replay_command_refuses_bad_options_before_any_work(tmp_path, capsys, mo
         (["--policies", "lru,nope"], "--policies: unknown policy 'nope'"),
         (["--policies", "lru,,sieve"], "--policies: policy '': expected a policy name"),
         (["--batch-tokens", "0"], "--batch-tokens: got 0; expected a positive number"),
+        (["--queued-requests", "-1"], "--queued-requests: got -1; expected a number of requests"),
+        (["--request-tokens", "0"], "--request-tokens: got 0; expected a positive number"),
         (
             ["--split-points", "0", "--gpu-budget", "1MiB", "--host-budget", "1MiB"],
             "--split-points: got 0; expected at least 1",

@@ -19,6 +19,7 @@ from .errors import (
 )
 from .page_checksums import ChecksumError, UnverifiedTableWarning
 from .prefetch import PrefetchHandle, PrefetchHandleError
+from .request_queue import QueuedRequest, QueuedRequestError
 from .store import TieredStore
 from .table_format import RandomSource, SafetensorsSource, create_table, read_manifest, verify_table
 from .warm_restart import RestartWarning
@@ -31,6 +32,8 @@ __all__ = [
     "ConfigError",
     "PrefetchHandle",
     "PrefetchHandleError",
+    "QueuedRequest",
+    "QueuedRequestError",
     "RandomSource",
     "RestartWarning",
     "RowIdError",

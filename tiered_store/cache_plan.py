@@ -16,6 +16,7 @@ from .capacity import resolve_capacity
 from .config import CacheTierConfig, StoreConfig
 from .errors import ConfigError
 from .online_repin import OnlineRepin
+from .request_queue import QueuedRequest, QueuedRequestError, QueuedRequests
 from .row_cache import RowCache
 
 
@@ -59,6 +60,30 @@ class CacheHierarchy:
         self.warm = warm
         # the tiers that count episodes online and re-pin (zipf-tuned with repin.enabled)
         self.online = [c for c in (hot, warm) if c.online is not None]
+        self.queue: QueuedRequests | None = None  # made by the first announce
+
+    def announce(self, ids: torch.Tensor) -> QueuedRequest:
+        """A request that will look up ``ids`` joined the queue: both tiers evict its rows last
+        until it is released."""
+        if self.queue is None:
+            self.queue = QueuedRequests()
+            for cache in (self.hot, self.warm):
+                cache.attach_queue(self.queue)
+        request = self.queue.add(ids)
+        for cache in (self.hot, self.warm):
+            cache.queued(request)
+        return request
+
+    def release(self, request: QueuedRequest) -> None:
+        """An announced request left the queue (it was served, or cancelled)."""
+        if self.queue is None:
+            raise QueuedRequestError(
+                f"release: queued request {request.token} is another store's; release each "
+                "request once, to the store that announced it"
+            )
+        self.queue.remove(request)
+        for cache in (self.hot, self.warm):
+            cache.unqueued(request)
 
     @classmethod
     def from_config(

@@ -11,6 +11,7 @@ import torch
 from policies import PolicySpec
 
 from .online_repin import OnlineRepin, RepinMoves
+from .request_queue import NOT_QUEUED, QueuedRequest, QueuedRequests
 from .row_index import make_row_index
 
 # Spare victims one topk finds for later batches (policies whose keys only grow, e.g. LRU): at
@@ -91,6 +92,10 @@ class RowCache:
         self.before_evict: Callable[[torch.Tensor], None] | None = None
         # zipf-tuned's online counts and re-pin schedule (tiered_store.online_repin), or None
         self.online: OnlineRepin | None = None
+        # requests queued or in flight (tiered_store.request_queue) and, per slot, the token of
+        # the earliest that looks its row up (NOT_QUEUED: none); None until a queue is attached
+        self.queue: QueuedRequests | None = None
+        self._next_use: torch.Tensor | None = None
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -123,6 +128,32 @@ class RowCache:
         return self.index.get(ids)
 
     # -- updates ---------------------------------------------------------------------------------
+    def attach_queue(self, queue: QueuedRequests) -> None:
+        """Rank victims by ``queue``: rows no queued request looks up go first, then those whose
+        next request is furthest back in the queue."""
+        self.queue = queue
+        self._next_use = torch.full((self.capacity,), NOT_QUEUED, device=self.device)
+        if self.capacity and len(queue):
+            held = torch.nonzero(self.row_of_slot >= 0).squeeze(1)
+            self._next_use[held] = queue.next_use(self.row_of_slot[held])
+
+    def queued(self, request: QueuedRequest) -> None:
+        """``request`` joined the queue, the latest: its rows held here that no earlier queued
+        request looks up now wait for it."""
+        if self._next_use is not None and self.index is not None and request.rows.numel():
+            slots = self.probe(request.rows.to(self.device))
+            slots = slots[slots >= 0]
+            self._next_use[slots] = torch.clamp(self._next_use[slots], max=request.token)
+
+    def unqueued(self, request: QueuedRequest) -> None:
+        """``request`` left the queue (already removed from it): its rows held here now wait for
+        their next queued request, if any."""
+        if self._next_use is not None and self.index is not None and request.rows.numel():
+            rows = request.rows.to(self.device)
+            slots = self.probe(rows)
+            mine = (slots >= 0) & (self._next_use[slots.clamp(min=0)] == request.token)
+            self._next_use[slots[mine]] = self.queue.next_use(rows[mine])
+
     def begin_batch(self) -> None:
         """Advance the policy's clock; call once per lookup batch."""
         self.eviction.on_batch()
@@ -261,6 +292,9 @@ class RowCache:
         self._evict(evicted[held], extra)
         self.index.set(new_ids, slots)
         self.row_of_slot.index_copy_(0, slots, new_ids)
+        if self._next_use is not None:
+            self._next_use[extra] = NOT_QUEUED
+            self._next_use[slots] = self.queue.next_use(new_ids)
         self.eviction.on_insert(slots)
         if self.online is not None:
             self.online.admitted(slots, new_ids, looked_up=True)
@@ -286,6 +320,8 @@ class RowCache:
         slots = self._pop_free(cand.numel()).flip(0)
         self.index.set(ids[cand], slots)
         self.row_of_slot.index_copy_(0, slots, ids[cand])
+        if self._next_use is not None:
+            self._next_use[slots] = self.queue.next_use(ids[cand])
         if self.online is not None:
             self.online.admitted(slots, ids[cand], looked_up=False)
         if ages is not None:
@@ -309,9 +345,10 @@ class RowCache:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         protected = self._unevictable
         has_lookahead = lookahead is not None and lookahead.numel() > 0
-        if self._victim_buffer and not has_lookahead:
+        queued = self._next_use is not None and len(self.queue) > 0
+        if self._victim_buffer and not has_lookahead and not queued:
             return self._buffered_victims(want)
-        self._buffered = None  # built under other protection: the lookahead path drops it
+        self._buffered = None  # built under other protection: these paths drop it
         if has_lookahead:
             ahead = self.probe(lookahead.to(self.device))
             protected = protected.clone()
@@ -319,7 +356,26 @@ class RowCache:
             want = min(want, int((~protected).sum()))
             if want <= 0:
                 return torch.empty(0, dtype=torch.int64, device=self.device)
+        if queued:
+            return self._victims_by_queue(need, want, protected)
         return self.eviction.choose_victims(want, protected)
+
+    def _victims_by_queue(self, need: int, want: int, protected: torch.Tensor) -> torch.Tensor:
+        """Victims among rows no queued request looks up, in the policy's order (headroom too);
+        if those run short of ``need``, the queued rows whose next request is furthest back."""
+        unqueued = protected | (self._next_use != NOT_QUEUED)
+        take = min(want, int((~unqueued).sum()))
+        first = (
+            self.eviction.choose_victims(take, unqueued)
+            if take
+            else torch.empty(0, dtype=torch.int64, device=self.device)
+        )
+        candidates = torch.nonzero(unqueued & ~protected).squeeze(1)
+        short = min(need - first.numel(), candidates.numel())
+        if short <= 0:
+            return first
+        furthest = torch.topk(self._next_use[candidates], short).indices
+        return torch.cat([first, candidates[furthest]])
 
     def _buffered_victims(self, want: int) -> torch.Tensor:
         """``want`` victims from the buffer, refilled when it runs short by one ``topk`` that also

@@ -34,6 +34,7 @@ from .errors import (
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
+from .request_queue import QueuedRequest
 from .slot_pool import SlotPool
 from .stats import hit_ratio
 from .warm_restart import (
@@ -217,6 +218,34 @@ class TieredStore:
     def prefetches_started(self) -> int:
         """Prefetches started since the store opened."""
         return self._prefetcher.handles
+
+    def announce(self, ids: Any) -> QueuedRequest:
+        """Tell the store a request that will look up ``ids`` is queued (or being served): until
+        ``release(request)``, both cache tiers evict rows no announced request looks up first,
+        then those needed furthest back in the queue. A server knows a request's row ids when it
+        queues it (Engram's depend only on the tokens); how much this saves:
+        docs/policies.md, "A queue known ahead".
+
+        Examples
+        --------
+        >>> request = store.announce(row_ids)        # doctest: +SKIP
+        >>> rows = store.lookup(row_ids)              # doctest: +SKIP
+        >>> store.release(request)                    # doctest: +SKIP
+        """
+        self._check_open()
+        flat, _ = self._validate(ids)
+        if self.zero_out_of_range:  # ids past the table read as zeros: no row to keep
+            flat = flat[(flat >= 0) & (flat < self.rows)]
+        with self._lock:
+            return self.caches.announce(flat)
+
+    def release(self, request: QueuedRequest) -> None:
+        """A request from ``announce`` was served or cancelled; its rows lose their standing. A
+        no-op once the store is closed (a server releasing in a ``finally``)."""
+        if self._closed:
+            return
+        with self._lock:
+            self.caches.release(request)
 
     # -- the write interface ---------------------------------------------------------------------
     def write(self, ids: Any, rows: Any) -> None:

@@ -32,6 +32,7 @@ from tiered_store.cache_plan import CacheHierarchy
 from tiered_store.capacity import resolve_capacity
 from tiered_store.config import CostModelConfig, StoreConfig
 from tiered_store.errors import ConfigError, TraceFormatError
+from tiered_store.request_queue import QueuedRequest
 from tiered_store.stats import hit_ratio
 from tiered_store.table_format import PAGE_BYTES, read_manifest
 from tiered_store.trace import TraceReader
@@ -54,6 +55,7 @@ class ReplayResult:
     wall_seconds: float
     bounds: dict[str, float] = field(default_factory=dict)  # belady / static-topk miss ratios
     offline: bool = False  # an offline bound, per request: only lookups, hits and misses count
+    queued_requests: int = 0  # requests announced ahead while each was served (0: none)
 
     @property
     def miss_ratio(self) -> float:
@@ -89,6 +91,8 @@ def replay(
     batch_tokens: int | None = None,
     policy: str | None = None,
     lookahead: int = 0,
+    queued_requests: int = 0,
+    request_tokens: int = 4096,
     progress: bool = False,
 ) -> ReplayResult:
     """Replay one table of a trace through the cache tiers a config describes.
@@ -110,6 +114,12 @@ def replay(
     lookahead : int
         Batches the cache may look ahead: rows they use are not evicted (as the live store does
         for its queued prefetches).
+    queued_requests : int
+        Requests the server is taken to have queued: the trace is cut into requests of
+        ``request_tokens`` tokens, and before one is served the next ``queued_requests`` are
+        announced (``CacheHierarchy.announce``), so rows they use are evicted last.
+    request_tokens : int
+        Tokens per request when ``queued_requests`` is set.
     progress : bool
         Show a progress bar (lookups replayed) on stderr.
     """
@@ -122,6 +132,8 @@ def replay(
                 batch_tokens=batch_tokens,
                 policy=policy,
                 lookahead=lookahead,
+                queued_requests=queued_requests,
+                request_tokens=request_tokens,
                 progress=progress,
             )
     reader = trace
@@ -157,9 +169,17 @@ def replay(
         if progress
         else None
     )
-    for ids, ahead in _with_lookahead(
-        _batches(reader, index, batch_tokens, int(layout.get("heads", 1))), lookahead
-    ):
+    heads = int(layout.get("heads", 1))
+    if queued_requests > 0:
+        stream = _served_with_queue(
+            _batches(reader, index, request_tokens, heads),
+            caches,
+            queued_requests,
+            batch_tokens * heads if batch_tokens else None,
+        )
+    else:
+        stream = _batches(reader, index, batch_tokens, heads)
+    for ids, ahead in _with_lookahead(stream, lookahead):
         if bar is not None:
             bar.update(ids.size)
         plan = caches.plan(torch.from_numpy(ids))
@@ -204,6 +224,7 @@ def replay(
         modelled_fetch_seconds=fetch_s,
         modelled_stall_seconds=stall_s,
         wall_seconds=wall,
+        queued_requests=max(0, queued_requests),
     )
 
 
@@ -383,6 +404,28 @@ def _batches(
         pending, n_pending = [flat[cut:]], flat.size - cut
     if n_pending:
         yield np.concatenate(pending)
+
+
+def _served_with_queue(
+    requests: Iterator[np.ndarray], caches: CacheHierarchy, depth: int, batch_size: int | None
+) -> Iterator[np.ndarray]:
+    """Each request's batches (``batch_size`` ids; the whole request when None), with the next
+    ``depth`` requests announced to ``caches`` while it is served."""
+    queue: deque[tuple[np.ndarray, QueuedRequest]] = deque()
+    requests = iter(requests)
+    while True:
+        while len(queue) <= depth:
+            ids = next(requests, None)
+            if ids is None:
+                break
+            queue.append((ids, caches.announce(torch.from_numpy(ids))))
+        if not queue:
+            return
+        ids, request = queue.popleft()
+        step = batch_size or ids.size
+        for start in range(0, ids.size, step):
+            yield ids[start : start + step]
+        caches.release(request)
 
 
 def _with_lookahead(

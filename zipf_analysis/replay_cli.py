@@ -69,6 +69,22 @@ def register(sub) -> None:
         "own batches)",
     )
     p.add_argument(
+        "--queued-requests",
+        type=int,
+        default=0,
+        metavar="N",
+        help="replay the policies as a server that knows its next N requests of --request-tokens "
+        "tokens (TieredStore.announce): rows they use are evicted last. Not applied to the "
+        "sweep, the bounds or the split (default: 0, none)",
+    )
+    p.add_argument(
+        "--request-tokens",
+        type=int,
+        default=4096,
+        metavar="T",
+        help="tokens per request for --queued-requests",
+    )
+    p.add_argument(
         "--sweep", default=DEFAULT_SWEEP, help="capacities for the miss-ratio plot ('' to skip)"
     )
     p.add_argument(
@@ -113,6 +129,14 @@ def _check_args(args) -> list[str | None]:
     if args.batch_tokens is not None and args.batch_tokens < 1:
         raise ConfigError(
             f"--batch-tokens: got {args.batch_tokens}; expected a positive number of tokens"
+        )
+    if args.queued_requests < 0:
+        raise ConfigError(
+            f"--queued-requests: got {args.queued_requests}; expected a number of requests >= 0"
+        )
+    if args.request_tokens < 1:
+        raise ConfigError(
+            f"--request-tokens: got {args.request_tokens}; expected a positive number of tokens"
         )
     if args.split_points < 1:
         raise ConfigError(
@@ -178,6 +202,8 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
             table=table,
             batch_tokens=args.batch_tokens,
             policy=p,
+            queued_requests=args.queued_requests,
+            request_tokens=args.request_tokens,
             progress=not args.quiet,
         )
         for p in policies

@@ -63,7 +63,7 @@ def build_app(server: InferenceServer) -> ASGIApp:
         received = time.perf_counter()
         try:
             body = await _read_body(request, server.config.server)
-            doc, tokens = await server.run_in_worker(server.infer, body)
+            doc, tokens = await server.answer(body)
         except ClientDisconnect:
             request.scope["state"]["gone"] = True
             return Response(status_code=400)  # goes nowhere: the client is gone

@@ -37,6 +37,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "server.backlog": 2048,  # listen backlog: connections the kernel queues before accept
     "server.keep_alive_s": 5.0,  # seconds an idle keep-alive connection stays open
     "server.request_timeout_s": 30.0,  # seconds: longest wait for the body, and for a turn
+    "server.announce_requests": False,  # tell the tables each waiting request's rows (evicted last)
     "server.health_hold_s": 60.0,  # seconds /healthz stays 503 after a table's lookup failed
     "server.torch_threads": 0,  # intra-op threads for torch (0: leave torch's default)
     "checkpoint.path": "checkpoint",  # directory written by convert_checkpoint
@@ -77,6 +78,7 @@ class ServerSection(ConfigModel):
     backlog: StrictInt = Field(default=SERVE_DEFAULTS["server.backlog"], ge=1)
     keep_alive_s: float = Field(default=SERVE_DEFAULTS["server.keep_alive_s"], gt=0)
     request_timeout_s: float = Field(default=SERVE_DEFAULTS["server.request_timeout_s"], gt=0)
+    announce_requests: StrictBool = SERVE_DEFAULTS["server.announce_requests"]
     health_hold_s: float = Field(default=SERVE_DEFAULTS["server.health_hold_s"], ge=0)
     torch_threads: StrictInt = Field(default=SERVE_DEFAULTS["server.torch_threads"], ge=0)
 

@@ -29,6 +29,7 @@ from ..engram.checkpoint import ConvertedCheckpoint, load_tiered_model, save_tie
 from ..engram.model import EngramLM
 from ..errors import ConfigError, TableFormatError, TieredStoreError
 from ..metrics import TableHealth, verify_counted
+from ..request_queue import QueuedRequest
 from ..store import TieredStore
 from ..trace import TraceWriter
 from .config import ServeConfig
@@ -273,6 +274,30 @@ class ServedModel:
                 self.config.table_name(k): int(v.numel()) for k, v in batch.row_ids.items()
             },
         }
+
+    def announce(self, request: InferenceRequest) -> list[tuple[TieredStore, QueuedRequest]]:
+        """Announce a waiting request's rows to every table (``TieredStore.announce``); pass
+        the result to ``release`` once it is answered. Sharded tables are not told (each rank's
+        store sees only the rows it owns of its own requests)."""
+        if self.control is not None:
+            return []
+        queued = []
+        with self._gate.shared():  # not while a reload swaps the tables
+            rows = self.model.hash(torch.from_numpy(request.input_ids)).row_ids
+            try:
+                for layer, ids in rows.items():
+                    store = self.stores[self.config.table_name(layer)]
+                    queued.append((store, store.announce(ids)))
+            except BaseException:
+                self.release(queued)
+                raise
+        return queued
+
+    @staticmethod
+    def release(queued: list[tuple[TieredStore, QueuedRequest]]) -> None:
+        """Release what ``announce`` returned (answered, failed or cancelled)."""
+        for store, request in queued:
+            store.release(request)
 
     def _prefetch(self, ids: torch.Tensor) -> Any:
         """Hash and prefetch every layer's rows; over sharded tables, every rank joins."""

@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..metrics import RequestCounters, build_registry, build_sharded_registry
 from .app import INFERENCE_PATH, build_app
 from .config import ServeConfig, check_address
-from .inference_request import RequestError, parse_request
+from .inference_request import InferenceRequest, RequestError, parse_request
 from .served_model import ServedModel
 
 __all__ = ["InferenceServer"]
@@ -236,26 +236,57 @@ class InferenceServer:
         }
 
     # -- requests -------------------------------------------------------------------------------
+    async def answer(self, body: bytes) -> tuple[dict[str, Any], int]:
+        """One POST body: parsed and run in a worker once a compute turn is free; returns (the
+        JSON answer without timing, tokens served). With ``server.announce_requests`` it is
+        parsed first and its rows announced to the tables while it waits for its turn, so that
+        rows waiting requests will look up are evicted last (``TieredStore.announce``)."""
+        if not self.config.server.announce_requests:
+            return await self.run_in_worker(self.infer, body)
+        request, queued = await anyio.to_thread.run_sync(
+            self._parse_and_announce, body, limiter=self._limiters()[1]
+        )
+        try:
+            return await self.run_in_worker(self._run, request)
+        finally:
+            self.model.release(queued)
+
     async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in a worker thread once a compute turn is free (at most
         ``server.max_concurrent`` at once); 503 after waiting ``request_timeout_s`` for a turn."""
-        if self._compute is None:  # first use, inside the event loop
-            self._compute = anyio.CapacityLimiter(self.config.server.max_concurrent)
-            self._workers = anyio.CapacityLimiter(self.config.server.max_concurrent)
+        compute, workers = self._limiters()
         with anyio.move_on_after(self.config.server.request_timeout_s) as waited:
-            await self._compute.acquire()
+            await compute.acquire()
         if waited.cancelled_caught:
             raise RequestError(503, "server busy: no free compute slot in time; retry later")
         try:
-            return await anyio.to_thread.run_sync(fn, *args, limiter=self._workers)
+            return await anyio.to_thread.run_sync(fn, *args, limiter=workers)
         finally:
-            self._compute.release()
+            compute.release()
+
+    def _limiters(self) -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
+        """(compute turns, worker threads): ``server.max_concurrent`` each, made on first use
+        (inside the event loop)."""
+        if self._compute is None:
+            self._compute = anyio.CapacityLimiter(self.config.server.max_concurrent)
+            self._workers = anyio.CapacityLimiter(self.config.server.max_concurrent)
+        return self._compute, self._workers
 
     def infer(self, body: bytes) -> tuple[dict[str, Any], int]:
         """Parse, tokenise and run one request body (in a worker thread); returns (the JSON
         answer without timing, tokens served)."""
         assert self.model is not None
+        return self._run(parse_request(body, self.config.server, self.model))
+
+    def _parse_and_announce(self, body: bytes) -> tuple[InferenceRequest, list]:
+        """Parse a body and announce its rows to the tables (in a worker thread)."""
+        assert self.model is not None
         request = parse_request(body, self.config.server, self.model)
+        return request, self.model.announce(request)
+
+    def _run(self, request: InferenceRequest) -> tuple[dict[str, Any], int]:
+        """The answer to a parsed request, and the tokens it served."""
+        assert self.model is not None
         doc = self.model.answer(request)
         doc["lengths"] = request.lengths
         if request.from_text:

@@ -1,0 +1,188 @@
+"""A queue known ahead: announced requests' rows are evicted last, furthest-needed first, and the
+live store and replay make the same decisions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from policies import PolicySpec
+from tests.conftest import make_table, store_config
+from tests.test_replay import write_trace
+from tiered_store import QueuedRequestError, RowIdError, TieredStore
+from tiered_store.request_queue import NOT_QUEUED, QueuedRequests
+from tiered_store.row_cache import RowCache
+from tiered_store.trace import TraceWriter
+from zipf_analysis.replay import replay
+
+ROWS = 3000
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def test_next_use_is_the_earliest_queued_request():
+    queue = QueuedRequests()
+    first = queue.add(t(5, 3, 5, 9))
+    second = queue.add(torch.tensor([[9, 1], [1, 7]]))
+    assert first.token < second.token
+    assert first.rows.tolist() == [3, 5, 9]
+    assert queue.next_use(t(9, 1, 3, 4)).tolist() == [
+        first.token,
+        second.token,
+        first.token,
+        NOT_QUEUED,
+    ]
+    queue.remove(first)
+    assert queue.next_use(t(9, 3)).tolist() == [second.token, NOT_QUEUED]
+    queue.remove(second)
+    assert len(queue) == 0 and queue.next_use(t(9)).tolist() == [NOT_QUEUED]
+
+
+def test_a_request_released_twice_or_to_another_queue_is_refused():
+    queue, other = QueuedRequests(), QueuedRequests()
+    request = queue.add(t(1, 2))
+    with pytest.raises(QueuedRequestError, match="is another store's"):
+        other.remove(request)
+    queue.remove(request)
+    with pytest.raises(QueuedRequestError, match="was already released"):
+        queue.remove(request)
+
+
+def lru_tier(capacity: int) -> RowCache:
+    cache = RowCache("warm", num_rows=100, capacity=capacity, spec=PolicySpec.parse("lru"))
+    cache.attach_queue(QueuedRequests())
+    return cache
+
+
+def admit(cache: RowCache, *rows: int) -> None:
+    cache.begin_batch()
+    cache.admit(t(*rows), torch.ones(len(rows), dtype=torch.int64))
+
+
+def held(cache: RowCache) -> list[int]:
+    return sorted(cache.row_of_slot[cache.row_of_slot >= 0].tolist())
+
+
+def test_rows_no_queued_request_uses_go_first_in_lru_order():
+    cache = lru_tier(4)
+    for row in (10, 11, 12, 13):  # 10 least recent
+        admit(cache, row)
+    request = cache.queue.add(t(10, 11, 50))
+    cache.queued(request)
+    admit(cache, 20)  # plain LRU would evict 10; the queue needs it, so 12 goes
+    assert held(cache) == [10, 11, 13, 20]
+    cache.queue.remove(request)
+    cache.unqueued(request)
+    admit(cache, 21)  # nothing queued: LRU again, and 10 is the least recent
+    assert held(cache) == [11, 13, 20, 21]
+
+
+def test_when_every_row_is_queued_the_one_needed_furthest_back_goes():
+    cache = lru_tier(3)
+    admit(cache, 1, 2, 3)
+    later = cache.queue.add(t(1, 2))  # announced first: 1 and 2 are needed sooner
+    cache.queued(later)
+    latest = cache.queue.add(t(3, 1))
+    cache.queued(latest)
+    admit(cache, 4)
+    assert held(cache) == [1, 2, 4]
+    admit(cache, 5)  # 4 is not queued: it goes before any queued row
+    assert held(cache) == [1, 2, 5]
+
+
+def test_a_row_admitted_while_queued_takes_its_standing_from_the_queue():
+    cache = lru_tier(2)
+    request = cache.queue.add(t(7))
+    cache.queued(request)
+    admit(cache, 7)  # admitted after the announcement
+    admit(cache, 8)
+    admit(cache, 9)  # LRU would evict 7
+    assert held(cache) == [7, 9]
+
+
+def _trace_of(path, batches, rows=ROWS):
+    with TraceWriter(path, {"tables": [{"name": "a", "rows": rows, "heads": 1}]}) as writer:
+        for ids in batches:
+            writer.write(np.asarray(ids, dtype=np.int64), "a")
+            writer.end_batch()
+
+
+def test_replay_keeps_what_the_next_request_reuses(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    # requests of 40 tokens: A = 0-39, then B = 100-139 (every row new), then A again
+    _trace_of(tmp_path / "t.trace", [range(40), range(100, 140), range(40)])
+    config = store_config(path, warm={"capacity": 60})
+    blind = replay(config, tmp_path / "t.trace", batch_tokens=10)
+    queued = replay(
+        config, tmp_path / "t.trace", batch_tokens=10, queued_requests=2, request_tokens=40
+    )
+    assert blind.tiers["warm"]["hits"] == 0  # LRU evicted A's rows before they came back
+    # B could evict only the 20 rows of A beyond the 40 it keeps; two requests ahead knows that
+    assert queued.tiers["warm"]["hits"] == 20
+    assert queued.fetch_ratio < blind.fetch_ratio
+
+
+@pytest.mark.parametrize(
+    "tiers", [{"warm": {"capacity": 250}}, {"hot": {"capacity": 60}, "warm": {"capacity": 300}}]
+)
+def test_replay_with_a_queue_equals_the_live_store(tmp_path, tiers):
+    """The live store announcing the next two requests of 80 tokens makes replay's decisions."""
+    path, data = make_table(tmp_path, rows=ROWS, dim=8)
+    records = write_trace(tmp_path / "t.trace", batches=24)  # [2, 40, 4] each: 80 tokens
+    config = store_config(path, **tiers)
+    with TieredStore(config) as store:
+        announced = [store.announce(records[i]) for i in range(3)]
+        for i, ids in enumerate(records):
+            assert torch.equal(store.lookup(ids), data[torch.from_numpy(ids)])
+            store.release(announced[i])
+            if i + 3 < len(records):
+                announced.append(store.announce(records[i + 3]))
+        live = store.stats()
+    result = replay(config, tmp_path / "t.trace", table="a", queued_requests=2, request_tokens=80)
+    blind = replay(config, tmp_path / "t.trace", table="a")
+    for tier in ("hot", "warm"):
+        for key in ("hits", "misses", "admissions", "evictions", "occupancy"):
+            assert result.tiers[tier][key] == live[tier][key], (tier, key)
+    assert result.rows_moved["cold_reads"] == live["cold"]["rows_read"]
+    assert result.rows_moved["cold_reads"] < blind.rows_moved["cold_reads"]
+
+
+def test_store_announce_checks_ids_and_release_checks_the_request(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    config = store_config(path, warm={"capacity": 100})
+    with TieredStore(config) as store, TieredStore(config) as other:
+        with pytest.raises(RowIdError, match=r"value 3000 .* expected 0 <= id < 3,000"):
+            store.announce([1, 3000])
+        request = store.announce([1, 2])
+        with pytest.raises(QueuedRequestError, match="another store's"):
+            other.release(request)
+        store.release(request)
+        with pytest.raises(QueuedRequestError, match="already released"):
+            store.release(request)
+        pending = store.announce([5])
+    store.release(pending)  # closed: a server's finally must not raise
+
+
+def test_replay_command_replays_with_a_queue(tmp_path, capsys):
+    from tiered_store.cli import main
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    _trace_of(tmp_path / "t.trace", [range(40), range(100, 140), range(40)])
+    (tmp_path / "tiers.yaml").write_text(
+        f"table: {{path: {path.name}}}\ntiers:\n  warm: {{capacity: 60}}\n"
+    )
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--quiet"]
+    argv += ["--sweep", "", "--no-bounds", "--batch-tokens", "10"]
+    runs = {}
+    for queued in (0, 2):
+        out = tmp_path / f"out{queued}"
+        extra = ["--queued-requests", str(queued), "--request-tokens", "40"]
+        assert main([*argv, *extra, "--out", str(out)]) == 0
+        runs[queued] = json.loads((out / "replay.json").read_text())["results"][0]
+    assert runs[2]["queued_requests"] == 2
+    assert runs[2]["rows_moved"]["cold_reads"] == runs[0]["rows_moved"]["cold_reads"] - 20

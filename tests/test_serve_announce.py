@@ -1,0 +1,75 @@
+"""``server.announce_requests``: a waiting request's rows are announced to the tables, the answers
+do not change, and every announcement is released, whatever became of the request."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.serve_support import make_checkpoint
+from tests.test_serve import start_server
+from tiered_store.errors import TierIOError
+from tiered_store.serve import ServeConfig, ServedModel, parse_request
+from tiered_store.serve.client import post_json, run_load, zipf_requests
+
+
+def queued_requests(server) -> list[int]:
+    """Requests each table holds as announced now (None: never announced to)."""
+    return [
+        None if store.caches.queue is None else len(store.caches.queue)
+        for store in server.model.stores.values()
+    ]
+
+
+def test_announce_tells_every_table_the_request_rows(tmp_path):
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        body = json.dumps({"input_ids": [[5, 17, 900, 17], [1, 2, 3, 4]]}).encode()
+        request = parse_request(body, config.server, served)
+        queued = served.announce(request)
+        rows = served.model.hash(torch.from_numpy(request.input_ids)).row_ids
+        assert [store for store, _ in queued] == list(served.stores.values())
+        for (store, announced), ids in zip(queued, rows.values(), strict=True):
+            assert torch.equal(announced.rows, torch.unique(ids))
+            assert len(store.caches.queue) == 1
+        served.release(queued)
+        assert all(len(store.caches.queue) == 0 for store, _ in queued)
+    finally:
+        served.close()
+
+
+def test_announcing_server_answers_alike_and_releases_every_request(tmp_path):
+    plain = start_server(make_checkpoint(tmp_path / "plain"))
+    announcing = start_server(
+        make_checkpoint(tmp_path / "announcing", server={"announce_requests": True})
+    )
+    try:
+        body = {"input_ids": [[5, 17, 900, 17, 5, 12]], "top_k": 3}
+        status, answer = post_json(announcing.url + "/v1/engram", body)
+        assert status == 200, answer
+        _, expected = post_json(plain.url + "/v1/engram", body)
+        for key in ("next_token_ids", "logits", "hidden_checksum", "layer_checksums"):
+            assert answer[key] == expected[key], key
+        assert queued_requests(announcing) == [0, 0] and queued_requests(plain) == [None, None]
+
+        bodies = zipf_requests(24, batch=2, tokens=32, seed=5)
+        result = run_load(announcing.url + "/v1/engram", bodies, clients=6)
+        assert result.errors == {} and result.answered == 24
+        assert queued_requests(announcing) == [0, 0]  # released after each answer
+
+        status, _ = post_json(announcing.url + "/v1/engram", {"input_ids": [[1, -4]]})
+        assert status == 400  # refused while parsing: nothing announced
+        assert queued_requests(announcing) == [0, 0]
+
+        def broken(*args, **kwargs):
+            raise TierIOError("table: read of 4096 bytes at 8192 failed twice: EIO")
+
+        announcing.model.stores["engram_layer3"].lookup = broken  # fails after announcing
+        status, _ = post_json(announcing.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})
+        assert status == 503
+        assert queued_requests(announcing) == [0, 0]
+    finally:
+        plain.stop()
+        announcing.stop()
