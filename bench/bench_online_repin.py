@@ -18,8 +18,9 @@
     Python standard library's sources, analysed here): ``lru``; ``zipf-tuned`` from the offline
     profile with re-pinning off (the pins fixed) and on; ``zipf-tuned`` with no profile (online
     only: it starts as LRU and learns), with the default schedule and the former one.
-    The reads after the warm-up are the full replay's minus a replay of the warm-up alone (replay
-    is deterministic, so that prefix decides exactly the same). Each mode's replay speed is
+    The reads after the warm-up are the full replay's minus its counters at the warm-up's end
+    (``replay(marks=...)``); ``--queued-requests N`` replays as a server that knows its next N
+    requests (``TieredStore.announce``). Each mode's replay speed is
     also given against ``lru``'s in the same run; ``--replay-modes`` picks the modes (e.g.
     ``lru,online`` to time online re-pinning alone); ``--chunk`` adds the fetch ratio of each
     chunk of that many lookups (how the online tiers converge on the offline pins).
@@ -217,14 +218,11 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
                 f"only {ids.size:,} lookups; expected a switch before its end"
             )
         ids = np.concatenate([ids[: args.switch_at], then_ids(args, layout)])[: args.lookups]
-    warmup = args.warmup - args.warmup % BATCH  # whole batches, so the prefix replays alike
+    warmup = args.warmup - args.warmup % BATCH  # whole batches: the mark ends a replay batch
     if ids.size <= warmup:
         raise SystemExit(f"--warmup {args.warmup}: the trace has only {ids.size:,} lookups")
     write_trace(work / "full.trace", layout, ids)
-    write_trace(work / "warmup.trace", layout, ids[:warmup])
     marks = chunk_marks(args.chunk, ids.size)
-    for mark in marks:
-        write_trace(work / f"prefix_{mark}.trace", layout, ids[:mark])
     given = {
         "every": args.every,
         "budget": args.budget,
@@ -261,6 +259,8 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
         if args.then
         else None,
         "batch_tokens": args.batch_tokens,
+        "queued_requests": args.queued_requests,
+        "request_tokens": args.request_tokens,
         "repin": repin,
         "repin_former_schedule": former,
         "shares": {},
@@ -277,23 +277,19 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
             )
             start = time.perf_counter()
             full = replay(
-                cfg, work / "full.trace", table=args.layer, batch_tokens=args.batch_tokens
+                cfg,
+                work / "full.trace",
+                table=args.layer,
+                batch_tokens=args.batch_tokens,
+                queued_requests=args.queued_requests,
+                request_tokens=args.request_tokens,
+                marks=[warmup, *marks],
             )
-            head = replay(
-                cfg, work / "warmup.trace", table=args.layer, batch_tokens=args.batch_tokens
-            )
-            after = full.lookups - head.lookups
-            reads = full.rows_moved["cold_reads"] - head.rows_moved["cold_reads"]
-            missed = full.tiers["warm"]["misses"] - head.tiers["warm"]["misses"]
-            prefix_reads = [
-                replay(
-                    cfg,
-                    work / f"prefix_{m}.trace",
-                    table=args.layer,
-                    batch_tokens=args.batch_tokens,
-                ).rows_moved["cold_reads"]
-                for m in marks
-            ]
+            head, *at_chunks = full.at_marks
+            after = full.lookups - head["lookups"]
+            reads = full.rows_moved["cold_reads"] - head["cold_reads"]
+            missed = full.tiers["warm"]["misses"] - head["misses"]
+            prefix_reads = [at["cold_reads"] for at in at_chunks]
             cell[name] = {
                 "fetch_ratio_after_warmup": reads / after,
                 "miss_ratio_after_warmup": missed / after,
@@ -441,6 +437,19 @@ def main(argv=None) -> int:
         default=",".join(REPLAY_MODES),
         help="(b): which tiers to replay: "
         + "; ".join(f"{short}: {full}" for short, full in REPLAY_MODES.items()).replace("%", "%%"),
+    )
+    p.add_argument(
+        "--queued-requests",
+        type=at_least(0),
+        default=0,
+        metavar="N",
+        help="(b): replay as a server that knows its next N requests (TieredStore.announce)",
+    )
+    p.add_argument(
+        "--request-tokens",
+        type=at_least(1),
+        default=4096,
+        help="(b): tokens per request for --queued-requests",
     )
     p.add_argument("--skip-bounds", action="store_true", help="(b) without (c)")
     p.add_argument(

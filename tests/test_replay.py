@@ -537,3 +537,22 @@ def test_replay_command_leaves_no_plot_of_an_earlier_run(tmp_path):
     assert (out / "replay.png").exists()
     assert main([*argv, "--quiet", "--no-bounds", "--sweep", ""]) == 0
     assert not (out / "replay.png").exists()  # replay.json has no sweep now: no plot of one
+
+
+def test_counters_at_marks_equal_a_replay_of_the_prefix(tmp_path):
+    """One replay with marks gives what replays of each prefix give (replay is deterministic)."""
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    records = write_trace(tmp_path / "t.trace", batches=12)
+    config = store_config(path, hot={"capacity": 50}, warm={"capacity": 200})
+    per_batch = records[0].size
+    full = replay(config, tmp_path / "t.trace", table="a", marks=[5 * per_batch, 9 * per_batch])
+    for mark, at in zip((5, 9), full.at_marks, strict=True):
+        prefix = tmp_path / f"p{mark}.trace"
+        write_trace(prefix, batches=mark)  # the same seed: the first batches of the same trace
+        alone = replay(config, prefix, table="a")
+        assert at == {
+            "lookups": mark * per_batch,
+            "cold_reads": alone.rows_moved["cold_reads"],
+            "misses": alone.tiers["warm"]["misses"],
+        }
+    assert full.rows_moved["cold_reads"] > full.at_marks[-1]["cold_reads"]

@@ -16,7 +16,7 @@ from .capacity import resolve_capacity
 from .config import CacheTierConfig, StoreConfig
 from .errors import ConfigError
 from .online_repin import OnlineRepin
-from .request_queue import QueuedRequest, QueuedRequestError, QueuedRequests
+from .request_queue import QueuedRequest, QueuedRequests
 from .row_cache import RowCache
 
 
@@ -62,26 +62,33 @@ class CacheHierarchy:
         self.online = [c for c in (hot, warm) if c.online is not None]
         self.queue: QueuedRequests | None = None  # made by the first announce
 
-    def announce(self, ids: torch.Tensor) -> QueuedRequest:
-        """A request that will look up ``ids`` joined the queue: both tiers evict its rows last
-        until it is released."""
+    def request_queue(self) -> QueuedRequests:
+        """The queue of announced requests both tiers rank victims by (made on first use)."""
         if self.queue is None:
             self.queue = QueuedRequests()
             for cache in (self.hot, self.warm):
                 cache.attach_queue(self.queue)
-        request = self.queue.add(ids)
-        for cache in (self.hot, self.warm):
-            cache.queued(request)
+        return self.queue
+
+    def announce(self, ids: torch.Tensor) -> QueuedRequest:
+        """A request that will look up ``ids`` joined the queue: both tiers evict its rows last
+        until it is released."""
+        request = self.request_queue().add(ids)
+        self.queued(request)
         return request
 
     def release(self, request: QueuedRequest) -> None:
         """An announced request left the queue (it was served, or cancelled)."""
-        if self.queue is None:
-            raise QueuedRequestError(
-                f"release: queued request {request.token} is another store's; release each "
-                "request once, to the store that announced it"
-            )
-        self.queue.remove(request)
+        self.request_queue().remove(request)
+        self.unqueued(request)
+
+    def queued(self, request: QueuedRequest) -> None:
+        """Both tiers: ``request``, just added to the queue, now holds its rows."""
+        for cache in (self.hot, self.warm):
+            cache.queued(request)
+
+    def unqueued(self, request: QueuedRequest) -> None:
+        """Both tiers: ``request``, just removed from the queue, no longer holds its rows."""
         for cache in (self.hot, self.warm):
             cache.unqueued(request)
 

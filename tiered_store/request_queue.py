@@ -13,6 +13,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .errors import TieredStoreError
@@ -34,12 +35,15 @@ class QueuedRequest:
 
 
 class QueuedRequests:
-    """Announced requests and, for any row, the earliest of them that looks it up."""
+    """Announced requests and, for any row, the earliest of them that looks it up: one sorted
+    array of every queued row, kept up to date as requests come and go (no sort of the whole
+    queue: a merge when one comes, a pass over the rows it was the earliest for when one goes)."""
 
     def __init__(self) -> None:
-        self._requests: dict[int, torch.Tensor] = {}  # token -> rows, in token order
+        self._requests: dict[int, np.ndarray] = {}  # token -> sorted rows, in token order
         self._tokens = itertools.count(1)
-        self._merged: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, earliest token
+        self._rows = np.empty(0, dtype=np.int64)  # every queued row once, sorted
+        self._earliest = np.empty(0, dtype=np.int64)  # the smallest token using each
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -50,8 +54,12 @@ class QueuedRequests:
         rows = torch.unique(ids.reshape(-1).to("cpu", torch.int64))
         with self._lock:
             request = QueuedRequest(next(self._tokens), rows, self)
-            self._requests[request.token] = rows
-            self._merged = None
+            mine = rows.numpy()
+            self._requests[request.token] = mine
+            new = mine[~_isin_sorted(mine, self._rows)]  # rows already queued keep their
+            at = np.searchsorted(self._rows, new)  # earlier token; the new ones get this one
+            self._rows = np.insert(self._rows, at, new)
+            self._earliest = np.insert(self._earliest, at, request.token)
         return request
 
     def remove(self, request: QueuedRequest) -> None:
@@ -63,31 +71,32 @@ class QueuedRequests:
                     f"release: queued request {request.token} {where}; release each request "
                     "once, to the store that announced it"
                 )
-            self._merged = None
+            pos = np.searchsorted(self._rows, request.rows.numpy())
+            pos = pos[self._earliest[pos] == request.token]  # rows it was the earliest for
+            rows, after = self._rows[pos], np.full(pos.size, NOT_QUEUED, dtype=np.int64)
+            for token, theirs in reversed(self._requests.items()):  # later ones first: the
+                after[_isin_sorted(rows, theirs)] = token  # earliest is written last
+            self._earliest[pos] = after
+            gone = pos[after == NOT_QUEUED]
+            self._rows = np.delete(self._rows, gone)
+            self._earliest = np.delete(self._earliest, gone)
 
     def next_use(self, ids: torch.Tensor) -> torch.Tensor:
         """Token of the earliest queued request that looks up each of ``ids`` (int64, on ``ids``'
         device); ``NOT_QUEUED`` where none does."""
+        query = ids.to("cpu", torch.int64).numpy()
+        out = np.full(query.shape, NOT_QUEUED, dtype=np.int64)
         with self._lock:
-            if not self._requests:
-                return torch.full(ids.shape, NOT_QUEUED, dtype=torch.int64, device=ids.device)
-            if self._merged is None:
-                self._merged = self._merge()
-            rows, earliest = self._merged
-        if not rows.numel():
-            return torch.full(ids.shape, NOT_QUEUED, dtype=torch.int64, device=ids.device)
-        query = ids.to("cpu", torch.int64)
-        pos = torch.searchsorted(rows, query).clamp(max=rows.numel() - 1)
-        found = rows[pos] == query
-        return torch.where(found, earliest[pos], NOT_QUEUED).to(ids.device)
+            if self._rows.size:
+                pos = np.minimum(np.searchsorted(self._rows, query), self._rows.size - 1)
+                found = self._rows[pos] == query
+                out[found] = self._earliest[pos[found]]
+        return torch.from_numpy(out).to(ids.device)
 
-    def _merge(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every queued row once, sorted, with the smallest token among the requests using it."""
-        rows = torch.cat(list(self._requests.values()))
-        tokens = torch.cat(
-            [torch.full((r.numel(),), t, dtype=torch.int64) for t, r in self._requests.items()]
-        )
-        rows, order = torch.sort(rows, stable=True)  # equal rows keep token order: earliest first
-        first = torch.ones(rows.numel(), dtype=torch.bool)
-        first[1:] = rows[1:] != rows[:-1]
-        return rows[first], tokens[order][first]
+
+def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Per element of ``values``: whether it is in ``sorted_set`` (sorted, unique)."""
+    if not sorted_set.size:
+        return np.zeros(values.shape, dtype=np.bool_)
+    pos = np.minimum(np.searchsorted(sorted_set, values), sorted_set.size - 1)
+    return sorted_set[pos] == values

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from policies import PolicySpec
@@ -24,6 +25,11 @@ DEFAULT_VICTIM_BUFFER = 4096
 VICTIM_BUFFER_BATCHES = 8
 VICTIM_BUFFER_SHARE = 16
 SLOT_BYTES = 8 + 1 + 8  # per slot, whatever the policy: owner row, unevictable flag, free list
+# With requests queued (tiered_store.request_queue), a victim search looks over the policy's next
+# QUEUE_SCAN x victims needed, at least QUEUE_SCAN_MIN, for rows no queued request looks up
+# before it passes over every evictable slot
+QUEUE_SCAN = 16
+QUEUE_SCAN_MIN = 1024
 
 
 @dataclass
@@ -353,29 +359,49 @@ class RowCache:
             ahead = self.probe(lookahead.to(self.device))
             protected = protected.clone()
             protected[ahead[ahead >= 0]] = True
-            want = min(want, int((~protected).sum()))
+            evictable = int((~protected).sum())
+            want = min(want, evictable)
             if want <= 0:
                 return torch.empty(0, dtype=torch.int64, device=self.device)
         if queued:
-            return self._victims_by_queue(need, want, protected)
+            return self._victims_by_queue(min(need, want), want, protected, evictable)
         return self.eviction.choose_victims(want, protected)
 
-    def _victims_by_queue(self, need: int, want: int, protected: torch.Tensor) -> torch.Tensor:
-        """Victims among rows no queued request looks up, in the policy's order (headroom too);
-        if those run short of ``need``, the queued rows whose next request is furthest back."""
-        unqueued = protected | (self._next_use != NOT_QUEUED)
-        take = min(want, int((~unqueued).sum()))
-        first = (
-            self.eviction.choose_victims(take, unqueued)
-            if take
-            else torch.empty(0, dtype=torch.int64, device=self.device)
-        )
-        candidates = torch.nonzero(unqueued & ~protected).squeeze(1)
-        short = min(need - first.numel(), candidates.numel())
+    def _victims_by_queue(
+        self, need: int, want: int, protected: torch.Tensor, evictable: int
+    ) -> torch.Tensor:
+        """``need`` victims (``want`` with headroom) by the queue: rows no queued request looks up,
+        in the policy's order; if those run short, the queued rows whose next request is furthest
+        back. The policy's next ``QUEUE_SCAN`` x ``want`` candidates usually hold enough unqueued
+        rows; otherwise every evictable slot is looked at."""
+        if self.eviction.keys_only_grow:
+            scan = min(evictable, max(QUEUE_SCAN * want, QUEUE_SCAN_MIN))
+            candidates = self.eviction.smallest_keys(scan, protected)[1]  # in the policy's order
+            unqueued = candidates[self._next_use[candidates] == NOT_QUEUED]
+            if unqueued.numel() >= want:  # the first unqueued rows in the policy's order
+                return unqueued[:want]
+        if self.device.type == "cpu":  # numpy's pass over the flags is the cheaper one
+            candidates = torch.from_numpy(np.flatnonzero(~protected.numpy()))
+        else:
+            candidates = torch.nonzero(~protected).squeeze(1)
+        next_use = self._next_use[candidates]
+        queued = next_use != NOT_QUEUED
+        unqueued = candidates[~queued]
+        take = min(want, unqueued.numel())
+        if self.eviction.keys_only_grow:  # distinct keys: the smallest are the policy's pick
+            keys = self.eviction.victim_priority(unqueued)
+            first = unqueued[torch.topk(keys, take, largest=False, sorted=True).indices]
+        elif take:
+            blocked = protected.clone()
+            blocked[candidates[queued]] = True
+            first = self.eviction.choose_victims(take, blocked)
+        else:
+            first = unqueued
+        short = need - first.numel()
         if short <= 0:
             return first
-        furthest = torch.topk(self._next_use[candidates], short).indices
-        return torch.cat([first, candidates[furthest]])
+        furthest = torch.topk(next_use[queued], short, sorted=True).indices
+        return torch.cat([first, candidates[queued][furthest]])
 
     def _buffered_victims(self, want: int) -> torch.Tensor:
         """``want`` victims from the buffer, refilled when it runs short by one ``topk`` that also

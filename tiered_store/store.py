@@ -237,7 +237,11 @@ class TieredStore:
         if self.zero_out_of_range:  # ids past the table read as zeros: no row to keep
             flat = flat[(flat >= 0) & (flat < self.rows)]
         with self._lock:
-            return self.caches.announce(flat)
+            queue = self.caches.request_queue()
+        request = queue.add(flat)  # its own lock: lookups go on meanwhile
+        with self._lock:
+            self.caches.queued(request)
+        return request
 
     def release(self, request: QueuedRequest) -> None:
         """A request from ``announce`` was served or cancelled; its rows lose their standing. A
@@ -245,7 +249,10 @@ class TieredStore:
         if self._closed:
             return
         with self._lock:
-            self.caches.release(request)
+            queue = self.caches.request_queue()
+        queue.remove(request)  # its own lock: lookups go on meanwhile
+        with self._lock:
+            self.caches.unqueued(request)
 
     # -- the write interface ---------------------------------------------------------------------
     def write(self, ids: Any, rows: Any) -> None:

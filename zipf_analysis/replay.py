@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ class ReplayResult:
     bounds: dict[str, float] = field(default_factory=dict)  # belady / static-topk miss ratios
     offline: bool = False  # an offline bound, per request: only lookups, hits and misses count
     queued_requests: int = 0  # requests announced ahead while each was served (0: none)
+    # counters at each of ``marks``: lookups so far, rows read from cold, warm misses
+    at_marks: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def miss_ratio(self) -> float:
@@ -93,6 +95,7 @@ def replay(
     lookahead: int = 0,
     queued_requests: int = 0,
     request_tokens: int = 4096,
+    marks: Sequence[int] = (),
     progress: bool = False,
 ) -> ReplayResult:
     """Replay one table of a trace through the cache tiers a config describes.
@@ -120,6 +123,10 @@ def replay(
         announced (``CacheHierarchy.announce``), so rows they use are evicted last.
     request_tokens : int
         Tokens per request when ``queued_requests`` is set.
+    marks : sequence of int
+        Record the counters (``at_marks``) once this many lookups are replayed, at the end of
+        the batch that reaches each mark: what happened after a warm-up, or per chunk, in one
+        replay.
     progress : bool
         Show a progress bar (lookups replayed) on stderr.
     """
@@ -134,6 +141,7 @@ def replay(
                 lookahead=lookahead,
                 queued_requests=queued_requests,
                 request_tokens=request_tokens,
+                marks=marks,
                 progress=progress,
             )
     reader = trace
@@ -169,6 +177,11 @@ def replay(
         if progress
         else None
     )
+    pending_marks = deque(sorted(marks))
+    at_marks = []
+    while pending_marks and pending_marks[0] <= 0:  # before any lookup
+        pending_marks.popleft()
+        at_marks.append({"lookups": 0, "cold_reads": 0, "misses": 0})
     heads = int(layout.get("heads", 1))
     if queued_requests > 0:
         stream = _served_with_queue(
@@ -201,6 +214,15 @@ def replay(
         )
         fetch_s += t
         stall_s += max(0.0, t - cost.compute_seconds_per_batch)
+        while pending_marks and pending_marks[0] <= lookups:
+            pending_marks.popleft()
+            at_marks.append(
+                {
+                    "lookups": lookups,
+                    "cold_reads": moved["cold_reads"],
+                    "misses": caches.warm.counters.misses,
+                }
+            )
     wall = time.perf_counter() - start
     if bar is not None:
         bar.close()
@@ -225,6 +247,7 @@ def replay(
         modelled_stall_seconds=stall_s,
         wall_seconds=wall,
         queued_requests=max(0, queued_requests),
+        at_marks=at_marks,
     )
 
 
