@@ -105,6 +105,12 @@ def test_values_equal_the_store_statistics(store):
         stats["lookup"]["seconds_total"]
     )
     assert value("tiered_store_prefetch_stall_seconds_count") == 6
+    assert value("tiered_store_queued_requests") == value("tiered_store_queued_rows") == 0
+    request = store.announce([[3, 5], [5, 9]])
+    samples = _samples(build_registry({"layer1": store}, process=False))
+    assert value("tiered_store_queued_requests") == store.stats()["queue"]["requests"] == 1
+    assert value("tiered_store_queued_rows") == store.stats()["queue"]["rows"] == 3
+    store.release(request)
 
 
 def test_histogram_buckets_are_cumulative(store):

@@ -43,6 +43,22 @@ def test_next_use_is_the_earliest_queued_request():
     assert len(queue) == 0 and queue.next_use(t(9)).tolist() == [NOT_QUEUED]
 
 
+def test_next_use_follows_requests_coming_and_going_in_any_order():
+    """The queue's incremental index against a brute-force reading of the requests it holds."""
+    rng = np.random.default_rng(7)
+    queue, held = QueuedRequests(), []
+    for step in range(300):
+        if held and (rng.random() < 0.45 or len(held) > 12):
+            queue.remove(held.pop(int(rng.integers(len(held)))))  # any order, not only FIFO
+        else:
+            held.append(queue.add(torch.from_numpy(rng.integers(0, 400, rng.integers(0, 60)))))
+        probe = torch.arange(400)
+        want = torch.full((400,), NOT_QUEUED)
+        for request in reversed(held):  # tokens increase along ``held``
+            want[request.rows] = request.token
+        assert torch.equal(queue.next_use(probe), want), step
+
+
 def test_a_request_released_twice_or_to_another_queue_is_refused():
     queue, other = QueuedRequests(), QueuedRequests()
     request = queue.add(t(1, 2))

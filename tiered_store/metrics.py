@@ -36,6 +36,8 @@ tiered_store_cold_read_errors_total            counter    table               re
 tiered_store_lookup_duration_seconds           histogram  table               one ``lookup`` call
 tiered_store_prefetch_stall_seconds            histogram  table               wait for a prefetch handle
 tiered_store_prefetches_total                  counter    table               prefetches started
+tiered_store_queued_requests                   gauge      table               announced, not released
+tiered_store_queued_rows                       gauge      table               their distinct rows
 tiered_store_verifications_total               counter    table               checksum passes run
 tiered_store_checksum_failures_total           counter    table               corrupt pages found
 tiered_store_lookup_failures_total             counter    table               served lookups that failed
@@ -242,6 +244,16 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("table",),
         "Prefetches started.",
+    ),
+    "tiered_store_queued_requests": (
+        "gauge",
+        ("table",),
+        "Requests announced to the store (TieredStore.announce) and not released yet.",
+    ),
+    "tiered_store_queued_rows": (
+        "gauge",
+        ("table",),
+        "Distinct rows the announced requests look up (evicted last).",
     ),
     "tiered_store_verifications_total": (
         "counter",
@@ -457,6 +469,9 @@ class TieredStoreCollector(Collector):
                 fam["tiered_store_prefetch_stall_seconds"], [table], store.prefetch_wait_latency
             )
             fam["tiered_store_prefetches_total"].add_metric([table], store.prefetches_started)
+            queue = store.caches.queue  # None until a request is announced
+            fam["tiered_store_queued_requests"].add_metric([table], len(queue) if queue else 0)
+            fam["tiered_store_queued_rows"].add_metric([table], queue.rows if queue else 0)
             health = self._health.get(table) or TableHealth()
             fam["tiered_store_verifications_total"].add_metric([table], health.verifications)
             fam["tiered_store_checksum_failures_total"].add_metric(

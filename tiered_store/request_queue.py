@@ -49,6 +49,11 @@ class QueuedRequests:
     def __len__(self) -> int:
         return len(self._requests)
 
+    @property
+    def rows(self) -> int:
+        """Distinct rows the queued requests look up."""
+        return int(self._rows.size)
+
     def add(self, ids: torch.Tensor) -> QueuedRequest:
         """Queue a request that will look up ``ids`` (any shape)."""
         rows = torch.unique(ids.reshape(-1).to("cpu", torch.int64))

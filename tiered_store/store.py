@@ -336,7 +336,7 @@ class TieredStore:
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per tier: lookups, hits, misses, hit_rate, admissions, evictions, bytes_in, occupancy,
-        capacity; cold: rows and bytes read, read requests, errors and checksum failures; prefetch: handles and stall seconds."""
+        capacity; cold: rows and bytes read, read requests, errors and checksum failures; prefetch: handles and stall seconds; queue: requests announced and not released, and their distinct rows."""
         out: dict[str, dict[str, float]] = {}
         for cache in (self.hot, self.warm):
             c = cache.counters.as_dict()
@@ -361,6 +361,11 @@ class TieredStore:
         out["prefetch"] = {
             "handles": self._prefetcher.handles,
             "wait_seconds_total": self._prefetcher.wait_histogram.sum,
+        }
+        queue = self.caches.queue
+        out["queue"] = {  # requests announced and not released (``announce``)
+            "requests": len(queue) if queue is not None else 0,
+            "rows": queue.rows if queue is not None else 0,
         }
         out["lookup"] = {
             "calls": self.lookup_latency.count,
