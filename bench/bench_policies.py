@@ -26,8 +26,8 @@ The full run takes 35-40 minutes on 2 cores (tokenising, hashing, 5 policies x 4
 The work directory (traces, profile, the libCacheSim trace) is deleted at the end unless ``--keep``;
 an ``--analysis`` directory is never deleted.
 
-``--queued-requests 4,16`` adds ``zipf-tuned`` and pin-by-lookups + LRU (``static+lru``) in batched
-replay with that many requests of ``--request-tokens`` tokens announced ahead, as a server that
+``--queued-requests 4,16`` adds ``zipf-tuned``, pin-by-lookups + LRU (``static+lru``) and ``lru`` in
+batched replay with that many requests of ``--request-tokens`` tokens announced ahead, as a server that
 knows its queue announces them (``TieredStore.announce``; docs/policies.md, "A queue known ahead").
 
 Beside the policies, two per-request baselines from ``policies.pinned_lru`` (the store's own
@@ -119,7 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int_list(1),
         default=[],
         metavar="N[,N...]",
-        help="also replay zipf-tuned and pin-by-lookups + LRU with N requests of "
+        help="also replay zipf-tuned, pin-by-lookups + LRU and lru with N requests of "
         "--request-tokens tokens known ahead (TieredStore.announce), at each N",
     )
     p.add_argument(
@@ -245,10 +245,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         print(policy, "fetch", [f"{100 * f:.2f}" for f, _ in row], flush=True)
     queued = {
         f"{name}, {n} queued": [
-            queued_fetch_ratio(args, work, profile, name, cap, n, rows) for cap in caps
+            queued_fetch_ratio(args, work, profile, name, share, cap, n)
+            for share, cap in zip(shares, caps, strict=True)
         ]
         for n in args.queued_requests
-        for name in ("zipf-tuned", BASELINE)
+        for name in ("zipf-tuned", BASELINE, "lru")
     }
     per_request = pinned_baselines(ids, rows, profile, caps)
     for name, ratios in per_request.items():
@@ -273,10 +274,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
 
 def queued_fetch_ratio(
-    args: argparse.Namespace, work: Path, profile: Path, name: str, cap: int, n: int, rows: int
+    args: argparse.Namespace, work: Path, profile: Path, name: str, share: float, cap: int, n: int
 ) -> float:
-    """Fetch ratio of zipf-tuned, or of pin-by-lookups + LRU on its split (``static+lru``), in
-    batched replay with ``n`` requests announced ahead."""
+    """Fetch ratio of ``name`` (a policy, or pin-by-lookups + LRU on zipf-tuned's split:
+    ``static+lru``) in batched replay with ``n`` requests announced ahead."""
     warm = {"capacity": cap, "profile": str(profile)}
     if name == BASELINE:
         prof = FrequencyProfile.load(profile)
@@ -296,13 +297,13 @@ def queued_fetch_ratio(
         work / "replay.trace",
         table=args.layer,
         batch_tokens=args.batch_tokens,
-        policy=None if name == BASELINE else "zipf-tuned",
+        policy=None if name == BASELINE else name,
         queued_requests=n,
         request_tokens=args.request_tokens,
         progress=True,
     )
     print(
-        f"  {name} with {n} requests queued at {100 * cap / rows:g}%: fetch "
+        f"  {name} with {n} requests queued at {100 * share:g}%: fetch "
         f"{100 * result.fetch_ratio:.2f}% ({time.perf_counter() - start:.0f} s)",
         flush=True,
     )

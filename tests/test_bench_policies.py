@@ -21,6 +21,7 @@ def test_small_tiers_are_sized_and_the_corpus_recorded(tmp_path):
         str(CORPUS),
         *("--max-tokens", "200000", "--lookups", "300000", "--policies", "lru,zipf-tuned"),
         *("--shares", "0.1%,0.5%", "--out", str(out), "--dir", str(work)),
+        *("--queued-requests", "2", "--request-tokens", "512"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -36,6 +37,14 @@ def test_small_tiers_are_sized_and_the_corpus_recorded(tmp_path):
     libcachesim = result["libcachesim_miss_ratio"]
     for ours, theirs, belady in zip(lru, libcachesim["LRU"], libcachesim["Belady"], strict=True):
         assert belady < ours < theirs + 0.05
+    queued = result["queued"]
+    assert queued["request_tokens"] == 512
+    names = ["zipf-tuned, 2 queued", "pin-by-lookups+lru, 2 queued", "lru, 2 queued"]
+    assert list(queued["fetch_ratio"]) == names
+    for name in names:
+        assert all(0 < r < 1 for r in queued["fetch_ratio"][name])
+        assert len(queued["gap_closed"][name]) == 2
+    assert "lru with 2 requests queued at 0.1%: fetch" in done.stdout
     assert list(work.iterdir()) == []  # the work directory is deleted without --keep
     assert out.with_suffix(".png").stat().st_size > 0
 
@@ -60,6 +69,10 @@ def test_keep_keeps_the_work_directory_and_says_where(tmp_path):
     [
         (("--shares", "5%,150%"), "--shares '5%,150%': expected shares of the rows in (0, 1]"),
         (("--lookups", "0"), "argument --lookups: expected an integer >= 1, got '0'"),
+        (
+            ("--queued-requests", "4,0"),
+            "argument --queued-requests: expected a comma-separated list of integers >= 1",
+        ),
     ],
 )
 def test_a_bad_value_is_refused_before_any_work(args, message, tmp_path):
