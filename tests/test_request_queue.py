@@ -144,7 +144,16 @@ def test_replay_keeps_what_the_next_request_reuses(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "tiers", [{"warm": {"capacity": 250}}, {"hot": {"capacity": 60}, "warm": {"capacity": 300}}]
+    "tiers",
+    [
+        {"warm": {"capacity": 250}},
+        {"hot": {"capacity": 60}, "warm": {"capacity": 300}},
+        pytest.param(
+            {"hot": {"capacity": 60, "device": "cuda"}, "warm": {"capacity": 300}},
+            marks=pytest.mark.gpu,
+            id="cuda-hot",
+        ),
+    ],
 )
 def test_replay_with_a_queue_equals_the_live_store(tmp_path, tiers):
     """The live store announcing the next two requests of 80 tokens makes replay's decisions."""
@@ -154,7 +163,7 @@ def test_replay_with_a_queue_equals_the_live_store(tmp_path, tiers):
     with TieredStore(config) as store:
         announced = [store.announce(records[i]) for i in range(3)]
         for i, ids in enumerate(records):
-            assert torch.equal(store.lookup(ids), data[torch.from_numpy(ids)])
+            assert torch.equal(store.lookup(ids).cpu(), data[torch.from_numpy(ids)])
             store.release(announced[i])
             if i + 3 < len(records):
                 announced.append(store.announce(records[i + 3]))
