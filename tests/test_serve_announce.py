@@ -28,14 +28,16 @@ def test_announce_tells_every_table_the_request_rows(tmp_path):
     try:
         body = json.dumps({"input_ids": [[5, 17, 900, 17], [1, 2, 3, 4]]}).encode()
         request = parse_request(body, config.server, served)
-        queued = served.announce(request)
+        announced = served.announce(request)
         rows = served.model.hash(torch.from_numpy(request.input_ids)).row_ids
-        assert [store for store, _ in queued] == list(served.stores.values())
-        for (store, announced), ids in zip(queued, rows.values(), strict=True):
-            assert torch.equal(announced.rows, torch.unique(ids))
+        assert [store for store, _ in announced.queued] == list(served.stores.values())
+        for (store, queued), ids in zip(announced.queued, rows.values(), strict=True):
+            assert torch.equal(queued.rows, torch.unique(ids))
             assert len(store.caches.queue) == 1
-        served.release(queued)
-        assert all(len(store.caches.queue) == 0 for store, _ in queued)
+        answer = served.answer(request, announced)  # from the rows hashed when announced
+        assert answer == served.answer(request)
+        served.release(announced)
+        assert all(len(store.caches.queue) == 0 for store, _ in announced.queued)
     finally:
         served.close()
 

@@ -390,7 +390,11 @@ class EngramLM(nn.Module):
     ) -> EngramBatch:
         """Hash ``input_ids`` for every Engram layer (arguments as in ``hash``) and start each
         table's fetch (in layer order, so the first Engram layer's rows are ready first)."""
-        batch = self.hash(input_ids, token_mask, state)
+        return self.fetch(self.hash(input_ids, token_mask, state))
+
+    def fetch(self, batch: EngramBatch) -> EngramBatch:
+        """Start each table's fetch of a batch ``hash`` made (``prefetch`` without the hashing:
+        for rows hashed earlier, e.g. to announce a queued request)."""
         for layer_id, table in self.tables.items():
             batch.handles[layer_id] = table.prefetch(batch.row_ids[layer_id])
         return batch

@@ -18,6 +18,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engram.checkpoint import ConvertedCheckpoint, load_tiered_model, save_tiered
-from ..engram.model import EngramLM
+from ..engram.model import EngramBatch, EngramLM
 from ..errors import ConfigError, TableFormatError, TieredStoreError
 from ..metrics import TableHealth, verify_counted
 from ..request_queue import QueuedRequest
@@ -74,6 +75,14 @@ def create_checkpoint(config: ServeConfig, *, progress: bool = False) -> Convert
         overwrite=True,  # no dense file yet: tables left by an interrupted creation are replaced
         progress=progress,
     )
+
+
+@dataclass
+class Announced:
+    """A waiting request's hashed rows and what each table was told (``ServedModel.announce``)."""
+
+    batch: EngramBatch
+    queued: list[tuple[TieredStore, QueuedRequest]] = field(default_factory=list)
 
 
 class ServedModel:
@@ -217,30 +226,33 @@ class ServedModel:
         log.info("reopened tables on a new version: %s", ", ".join(stale))
         return stale
 
-    def answer(self, request: InferenceRequest) -> dict[str, Any]:
-        """Run one validated request; the JSON answer without timing.
+    def answer(
+        self, request: InferenceRequest, announced: Announced | None = None
+    ) -> dict[str, Any]:
+        """Run one validated request (hashed already when ``announced``); the JSON answer
+        without timing.
 
         Raises ``TableUnavailableError`` when a table's rows cannot be served and
         ``NonFiniteOutputError`` when the output is not finite."""
         self.reload_if_stale()
         with self._gate.shared():
-            return self._answer(request)
+            return self._answer(request, announced.batch if announced is not None else None)
 
-    def _answer(self, request: InferenceRequest) -> dict[str, Any]:
+    def _answer(self, request: InferenceRequest, hashed: EngramBatch | None) -> dict[str, Any]:
         """``answer`` on the tables of one version."""
         ids = torch.from_numpy(request.input_ids)
         if self._trace is not None:
             # Prefetch and record under one lock, so the trace holds each store's batches in the
             # order the store resolved them (replay then reproduces its counters exactly).
             with self._submit_lock:
-                batch = self._prefetch(ids)
+                batch = self._prefetch(ids, hashed)
                 for layer in self.layer_ids:
                     self._trace.write(
                         batch.row_ids[layer].cpu().numpy(), self.config.table_name(layer)
                     )
                     self._trace.end_batch()
         else:
-            batch = self._prefetch(ids)
+            batch = self._prefetch(ids, hashed)
         self._outputs.by_layer = {}
         try:
             with torch.inference_mode():
@@ -275,35 +287,37 @@ class ServedModel:
             },
         }
 
-    def announce(self, request: InferenceRequest) -> list[tuple[TieredStore, QueuedRequest]]:
-        """Announce a waiting request's rows to every table (``TieredStore.announce``); pass
-        the result to ``release`` once it is answered. Sharded tables are not told (each rank's
-        store sees only the rows it owns of its own requests)."""
-        if self.control is not None:
-            return []
-        queued = []
+    def announce(self, request: InferenceRequest) -> Announced:
+        """Hash a waiting request and announce its rows to every table (``TieredStore.announce``);
+        pass the result to ``answer`` (which then does not hash again) and to ``release`` once
+        it is answered. Sharded tables are not told (each rank's store sees only the rows it
+        owns of its own requests)."""
         with self._gate.shared():  # not while a reload swaps the tables
-            rows = self.model.hash(torch.from_numpy(request.input_ids)).row_ids
+            batch = self.model.hash(torch.from_numpy(request.input_ids))
+            announced = Announced(batch)
+            if self.control is not None:
+                return announced
             try:
-                for layer, ids in rows.items():
+                for layer, ids in batch.row_ids.items():
                     store = self.stores[self.config.table_name(layer)]
-                    queued.append((store, store.announce(ids)))
+                    announced.queued.append((store, store.announce(ids)))
             except BaseException:
-                self.release(queued)
+                self.release(announced)
                 raise
-        return queued
+        return announced
 
     @staticmethod
-    def release(queued: list[tuple[TieredStore, QueuedRequest]]) -> None:
-        """Release what ``announce`` returned (answered, failed or cancelled)."""
-        for store, request in queued:
+    def release(announced: Announced) -> None:
+        """Release what ``announce`` announced (answered, failed or cancelled)."""
+        for store, request in announced.queued:
             store.release(request)
 
-    def _prefetch(self, ids: torch.Tensor) -> Any:
-        """Hash and prefetch every layer's rows; over sharded tables, every rank joins."""
+    def _prefetch(self, ids: torch.Tensor, hashed: EngramBatch | None) -> EngramBatch:
+        """Hash (unless ``hashed``) and prefetch every layer's rows; over sharded tables, every
+        rank joins."""
         if self.control is not None:
             self.control.announce()
-        return self.model.prefetch(ids)
+        return self.model.prefetch(ids) if hashed is None else self.model.fetch(hashed)
 
     def table_file(self, layer: int) -> Path:
         """Layer ``layer``'s table file on this rank: the table, or this rank's shard of it."""

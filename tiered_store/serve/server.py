@@ -32,7 +32,7 @@ from ..metrics import RequestCounters, build_registry, build_sharded_registry
 from .app import INFERENCE_PATH, build_app
 from .config import ServeConfig, check_address
 from .inference_request import InferenceRequest, RequestError, parse_request
-from .served_model import ServedModel
+from .served_model import Announced, ServedModel
 
 __all__ = ["InferenceServer"]
 
@@ -243,13 +243,13 @@ class InferenceServer:
         rows waiting requests will look up are evicted last (``TieredStore.announce``)."""
         if not self.config.server.announce_requests:
             return await self.run_in_worker(self.infer, body)
-        request, queued = await anyio.to_thread.run_sync(
+        request, announced = await anyio.to_thread.run_sync(
             self._parse_and_announce, body, limiter=self._limiters()[1]
         )
         try:
-            return await self.run_in_worker(self._run, request)
+            return await self.run_in_worker(self._run, request, announced)
         finally:
-            self.model.release(queued)
+            self.model.release(announced)
 
     async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in a worker thread once a compute turn is free (at most
@@ -278,16 +278,19 @@ class InferenceServer:
         assert self.model is not None
         return self._run(parse_request(body, self.config.server, self.model))
 
-    def _parse_and_announce(self, body: bytes) -> tuple[InferenceRequest, list]:
+    def _parse_and_announce(self, body: bytes) -> tuple[InferenceRequest, Announced]:
         """Parse a body and announce its rows to the tables (in a worker thread)."""
         assert self.model is not None
         request = parse_request(body, self.config.server, self.model)
         return request, self.model.announce(request)
 
-    def _run(self, request: InferenceRequest) -> tuple[dict[str, Any], int]:
-        """The answer to a parsed request, and the tokens it served."""
+    def _run(
+        self, request: InferenceRequest, announced: Announced | None = None
+    ) -> tuple[dict[str, Any], int]:
+        """The answer to a parsed request (hashed already when ``announced``), and the tokens
+        it served."""
         assert self.model is not None
-        doc = self.model.answer(request)
+        doc = self.model.answer(request, announced)
         doc["lengths"] = request.lengths
         if request.from_text:
             doc["input_ids"] = request.input_ids.tolist()
