@@ -59,7 +59,7 @@ from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.analyze import AnalyzeOptions, analyze
-from zipf_analysis.replay import replay
+from zipf_analysis.replay import ReplayResult, replay
 
 SHARES = (0.01, 0.05, 0.10, 0.25)
 BASELINE = "pin-by-lookups+lru"
@@ -219,21 +219,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     for policy in args.policies.split(","):
         row = []
         for share, cap in zip(shares, caps, strict=True):
-            cfg = StoreConfig.from_dict(  # the rows libCacheSim gets (a "0.1%" would read "0%")
-                {
-                    "table": {"path": str(work / "none.npy"), "dim": 64, "dtype": "float16"},
-                    "tiers": {"warm": {"capacity": cap, "profile": str(profile)}},
-                }
-            )
             start = time.perf_counter()
-            result = replay(
-                cfg,
-                work / "replay.trace",
-                table=args.layer,
-                batch_tokens=args.batch_tokens,
-                policy=policy,
-                progress=True,
-            )
+            result = replay_tier(args, work, profile, policy, cap)
             row.append((result.fetch_ratio, result.miss_ratio))
             print(
                 f"  {policy} at {100 * share:g}%: fetch {100 * result.fetch_ratio:.2f}% "
@@ -276,8 +263,23 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 def queued_fetch_ratio(
     args: argparse.Namespace, work: Path, profile: Path, name: str, share: float, cap: int, n: int
 ) -> float:
-    """Fetch ratio of ``name`` (a policy, or pin-by-lookups + LRU on zipf-tuned's split:
-    ``static+lru``) in batched replay with ``n`` requests announced ahead."""
+    """Fetch ratio of ``name`` at ``cap`` rows with ``n`` requests announced ahead."""
+    start = time.perf_counter()
+    result = replay_tier(args, work, profile, name, cap, queued=n)
+    print(
+        f"  {name} with {n} requests queued at {100 * share:g}%: fetch "
+        f"{100 * result.fetch_ratio:.2f}% ({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
+    return result.fetch_ratio
+
+
+def replay_tier(
+    args: argparse.Namespace, work: Path, profile: Path, name: str, cap: int, queued: int = 0
+) -> ReplayResult:
+    """One warm tier of ``cap`` rows (the rows libCacheSim gets: a "0.1%" would read "0%") in
+    batched replay: ``name`` a policy, or pin-by-lookups + LRU on zipf-tuned's split
+    (``static+lru``); with ``queued`` requests announced ahead."""
     warm = {"capacity": cap, "profile": str(profile)}
     if name == BASELINE:
         prof = FrequencyProfile.load(profile)
@@ -291,23 +293,16 @@ def queued_fetch_ratio(
             "tiers": {"warm": warm},
         }
     )
-    start = time.perf_counter()
-    result = replay(
+    return replay(
         cfg,
         work / "replay.trace",
         table=args.layer,
         batch_tokens=args.batch_tokens,
         policy=None if name == BASELINE else name,
-        queued_requests=n,
+        queued_requests=queued,
         request_tokens=args.request_tokens,
         progress=True,
     )
-    print(
-        f"  {name} with {n} requests queued at {100 * share:g}%: fetch "
-        f"{100 * result.fetch_ratio:.2f}% ({time.perf_counter() - start:.0f} s)",
-        flush=True,
-    )
-    return result.fetch_ratio
 
 
 def pinned_baselines(ids: np.ndarray, rows: int, profile: Path, caps: list[int]) -> dict:

@@ -11,11 +11,10 @@ import torch
 
 from policies import PolicySpec
 from tests.conftest import make_table, store_config
-from tests.test_replay import write_trace
+from tests.test_replay import _trace_of, write_trace
 from tiered_store import QueuedRequestError, RowIdError, TieredStore
 from tiered_store.request_queue import NOT_QUEUED, QueuedRequests
 from tiered_store.row_cache import RowCache
-from tiered_store.trace import TraceWriter
 from zipf_analysis.replay import replay
 
 ROWS = 3000
@@ -119,13 +118,6 @@ def test_a_row_admitted_while_queued_takes_its_standing_from_the_queue():
     admit(cache, 8)
     admit(cache, 9)  # LRU would evict 7
     assert held(cache) == [7, 9]
-
-
-def _trace_of(path, batches, rows=ROWS):
-    with TraceWriter(path, {"tables": [{"name": "a", "rows": rows, "heads": 1}]}) as writer:
-        for ids in batches:
-            writer.write(np.asarray(ids, dtype=np.int64), "a")
-            writer.end_batch()
 
 
 def test_replay_keeps_what_the_next_request_reuses(tmp_path):
