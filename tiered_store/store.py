@@ -233,7 +233,8 @@ class TieredStore:
         >>> store.release(request)                    # doctest: +SKIP
         """
         self._check_open()
-        flat, _ = self._validate(ids)
+        # left where the caller has them: the queue copies them to the CPU on the current stream
+        flat = self._checked_flat(as_id_tensor(ids))
         if self.zero_out_of_range:  # ids past the table read as zeros: no row to keep
             flat = flat[(flat >= 0) & (flat < self.rows)]
         with self._lock:
@@ -876,6 +877,19 @@ class TieredStore:
     def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Integer ids in [0, rows) -> flat int64 on the compute device, and the original shape."""
         tensor = as_id_tensor(ids)
+        flat = self._checked_flat(tensor)
+        if self._stream is None:
+            return flat.to(device=self.device, dtype=torch.int64), tuple(tensor.shape)
+        # ids may come from the caller's stream (e.g. hashed on the GPU): order the store's stream
+        # after it, and copy the ids on the store's stream, where the fetch will read them.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            flat = flat.to(device=self.device, dtype=torch.int64, non_blocking=True)
+        return flat, tuple(tensor.shape)
+
+    def _checked_flat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` flattened, where it is, after checking its ids are in [0, rows) (unless
+        out-of-range ids read as zeros)."""
         flat = tensor.reshape(-1)
         if flat.numel() and not self.zero_out_of_range:
             lo, hi = torch.aminmax(flat)
@@ -885,14 +899,7 @@ class TieredStore:
                     f"ids: value {int(flat[bad_pos])} at flat position {bad_pos} is out of range; "
                     f"expected 0 <= id < {self.rows:,} (the table's rows)"
                 )
-        if self._stream is None:
-            return flat.to(device=self.device, dtype=torch.int64), tuple(tensor.shape)
-        # ids may come from the caller's stream (e.g. hashed on the GPU): order the store's stream
-        # after it, and copy the ids on the store's stream, where the fetch will read them.
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            flat = flat.to(device=self.device, dtype=torch.int64, non_blocking=True)
-        return flat, tuple(tensor.shape)
+        return flat
 
     def _check_open(self) -> None:
         """Raise TieredStoreError once the store is closed."""
