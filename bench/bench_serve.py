@@ -9,7 +9,10 @@ requests/s, p50/p99 latency, errors and connection resets. A soak at ``--soak-cl
 for ``--soak-seconds`` samples the server's resident memory every second (flat = no leak). Last,
 the same checkpoint is opened in this process (``ServedModel``) and the same bodies go, one at a
 time and alternating, to the server and to it: the ratio of the HTTP latency to the in-process
-answer is the serving overhead (JSON, HTTP, the worker hand-off). Exits 1 if any request failed, was lost or was reset.
+answer is the serving overhead (JSON, HTTP, the worker hand-off). ``--announce-rounds N`` then
+alternates N rounds between the server and a second one that announces each waiting request to
+its tables (``server.announce_requests``): the ratio of their requests/s is what announcing costs
+or gains. Exits 1 if any request failed, was lost or was reset.
 
 Example::
 
@@ -45,11 +48,17 @@ DEFAULT_CONFIG = ROOT / "examples" / "serve.yaml"
 RESETS = ("ConnectionResetError", "RemoteDisconnected", "BrokenPipeError", "ConnectionRefusedError")
 
 
-def prepare_config(workdir: Path, base: Path, torch_threads: int) -> Path:
-    """A copy of ``base`` in ``workdir`` whose checkpoint is created there."""
+def prepare_config(
+    workdir: Path, base: Path, torch_threads: int, *, announce: bool | None = None
+) -> Path:
+    """A copy of ``base`` in ``workdir`` whose checkpoint is created there (``announce``:
+    ``server.announce_requests``, when given)."""
     data = yaml.safe_load(base.read_text())
     data["checkpoint"] = {**(data.get("checkpoint") or {}), "path": "checkpoint", "create": True}
     data["server"] = {**(data.get("server") or {}), "torch_threads": torch_threads}
+    if announce is not None:
+        data["server"]["announce_requests"] = announce
+    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "serve.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -94,6 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=at_least(0, "0 (torch's default) or more threads"),
         default=1,
         help="server.torch_threads (both sides)",
+    )
+    p.add_argument(
+        "--announce-rounds",
+        type=at_least(0, "0 (skip) or more rounds"),
+        default=0,
+        help="rounds of --requests at --soak-clients clients alternating between the server "
+        "and a second one that announces each waiting request (server.announce_requests): "
+        "its cost or gain in requests/s",
     )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -210,6 +227,42 @@ def overhead(
     }
 
 
+def announce_cost(
+    server: ServeProcess, workdir: Path, args: argparse.Namespace, warm: list[dict]
+) -> dict[str, Any]:
+    """Requests/s of ``server`` and of a second server over the same checkpoint settings that
+    announces each waiting request, rounds alternating (one server loaded at a time), and the
+    tables' hit rates of both after them."""
+    config = prepare_config(workdir, args.config, args.torch_threads, announce=True)
+    make = dict(batch=args.batch, tokens=args.tokens, exponent=args.zipf)
+    rates: dict[str, list[float]] = {"plain": [], "announcing": []}
+    with ServeProcess(config, metrics=False) as announcing:
+        run_load(announcing.url + "/v1/engram", warm, clients=8)
+        for round_ in range(args.announce_rounds):
+            bodies = zipf_requests(args.requests, seed=50 + round_, **make)
+            for name, target in (("plain", server), ("announcing", announcing)):
+                result = run_load(target.url + "/v1/engram", bodies, clients=args.soak_clients)
+                if result.errors or result.lost:
+                    raise RuntimeError(f"{name} server: errors {result.errors}, lost {result.lost}")
+                rates[name].append(result.requests_per_second)
+        hit_rates = {
+            name: {
+                f"{table}/{tier}": round(s[tier]["hit_rate"], 4)
+                for table, s in get_json(target.url + "/stats")[1]["tables"].items()
+                for tier in ("hot", "warm")
+            }
+            for name, target in (("plain", server), ("announcing", announcing))
+        }
+    plain, announced = statistics.median(rates["plain"]), statistics.median(rates["announcing"])
+    return {
+        "clients": args.soak_clients,
+        "rounds": args.announce_rounds,
+        "requests_per_second": rates,
+        "ratio_median": round(announced / plain, 3),
+        "hit_rate": hit_rates,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the load test; print and optionally save the figures."""
     args = parse_args(argv)
@@ -264,6 +317,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"in-process {o['in_process_median_ms']} ms per request (median), ratio "
                 f"{o['ratio_median']} (of the means {o['ratio_mean']})"
             )
+            if args.announce_rounds:
+                report["announce"] = announce_cost(server, Path(tmp) / "announce", args, warm)
+                a = report["announce"]
+                print(
+                    f"announcing waiting requests, {a['clients']} clients, {a['rounds']} rounds "
+                    f"alternating: {a['ratio_median']}x the requests/s of the plain server "
+                    "(median of the rounds)",
+                    flush=True,
+                )
             _, stats = get_json(server.url + "/stats")
             report["server_exit_status"] = server.stop()
     report["hit_rate"] = {

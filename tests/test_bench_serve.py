@@ -32,7 +32,7 @@ def test_every_request_is_counted_and_the_figures_follow(tmp_path):
         *("--tokens", "16", "--soak-seconds", "2", "--soak-clients", "2"),
         # 0 leaves torch's default, as server.torch_threads does; the in-process side once
         # called torch.set_num_threads(0) and crashed after the whole load test
-        *("--torch-threads", "0", "--out", str(out)),
+        *("--torch-threads", "0", "--out", str(out), "--announce-rounds", "2"),
         tmp_path=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -76,6 +76,16 @@ def test_every_request_is_counted_and_the_figures_follow(tmp_path):
         http, local = overhead[f"http_{kind}_ms"], overhead[f"in_process_{kind}_ms"]
         assert http > 0 and local > 0
         assert overhead[f"ratio_{kind}"] == pytest.approx(http / local, rel=0.01, abs=2e-3)
+
+    # announcing: 2 rounds of 24 requests on each server, the ratio from their medians
+    announce = report["announce"]
+    assert announce["clients"] == 2 and announce["rounds"] == 2
+    rates = announce["requests_per_second"]
+    assert len(rates["plain"]) == len(rates["announcing"]) == 2
+    median = (sum(rates["announcing"]) / 2) / (sum(rates["plain"]) / 2)
+    assert announce["ratio_median"] == pytest.approx(median, rel=0.01)
+    assert set(announce["hit_rate"]["announcing"]) == set(report["hit_rate"])
+    assert "x the requests/s of the plain server" in done.stdout
 
     assert report["server_exit_status"] == 0  # drained and stopped cleanly
     assert set(report["hit_rate"]) == {f"{t}/{tier}" for t in TABLES for tier in ("hot", "warm")}
