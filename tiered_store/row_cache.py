@@ -352,10 +352,14 @@ class RowCache:
         protected = self._unevictable
         has_lookahead = lookahead is not None and lookahead.numel() > 0
         queued = self._next_use is not None and len(self.queue) > 0
-        if self._victim_buffer and not has_lookahead and not queued:
-            return self._buffered_victims(want)
-        self._buffered = None  # built under other protection: these paths drop it
+        if self._victim_buffer and not has_lookahead:
+            if not queued:
+                return self._buffered_victims(want)
+            first = self._buffered_unqueued(want)
+            if first is not None:
+                return first  # else the buffer stays right: every pick below changes a key
         if has_lookahead:
+            self._buffered = None  # built under other protection
             ahead = self.probe(lookahead.to(self.device))
             protected = protected.clone()
             protected[ahead[ahead >= 0]] = True
@@ -403,6 +407,34 @@ class RowCache:
         furthest = torch.topk(next_use[queued], short, sorted=True).indices
         return torch.cat([first, candidates[queued][furthest]])
 
+    def _buffered_unqueued(self, want: int) -> torch.Tensor | None:
+        """The first ``want`` rows no queued request looks up, in the policy's order, from the
+        victim buffer (refilled first when empty); None when it holds too few. The buffer keeps
+        every evictable slot up to its largest key, so these are the ones a search over the tier
+        would pick; the queued slots it passes over stay in it."""
+        if self._buffered is None or not self._buffered[0].numel():
+            evictable = self.capacity - self._n_free - self._n_pinned
+            spare = max(
+                self._victim_buffer,
+                VICTIM_BUFFER_BATCHES * want,
+                self.capacity // VICTIM_BUFFER_SHARE,
+            )
+            keys, slots = self.eviction.smallest_keys(
+                min(want + spare, evictable), self._unevictable
+            )
+            self._buffered = (slots, keys)
+        slots, keys = self._buffered
+        valid = self._still_valid(slots, keys)
+        slots, keys = slots[valid], keys[valid]
+        pick = torch.nonzero(self._next_use[slots] == NOT_QUEUED).squeeze(1)[:want]
+        if pick.numel() < want:
+            self._buffered = (slots, keys)
+            return None
+        keep = torch.ones(slots.numel(), dtype=torch.bool, device=self.device)
+        keep[pick] = False
+        self._buffered = (slots[keep], keys[keep])
+        return slots[pick]
+
     def _buffered_victims(self, want: int) -> torch.Tensor:
         """``want`` victims from the buffer, refilled when it runs short by one ``topk`` that also
         finds spares for later batches. A buffered slot whose key is unchanged is still among the
@@ -438,7 +470,9 @@ class RowCache:
         """Victims that stay after all (their candidates were refused): they keep their standing,
         first in line again."""
         self.eviction.on_reinstate(slots)
-        if self._buffered is not None and slots.numel():
+        if self._next_use is not None and len(self.queue):
+            self._buffered = None  # picked past queued rows: not the buffer's front
+        elif self._buffered is not None and slots.numel():
             keys = self.eviction.victim_priority(slots)
             self._buffered = (
                 torch.cat([slots, self._buffered[0]]),
