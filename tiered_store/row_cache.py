@@ -413,16 +413,7 @@ class RowCache:
         every evictable slot up to its largest key, so these are the ones a search over the tier
         would pick; the queued slots it passes over stay in it."""
         if self._buffered is None or not self._buffered[0].numel():
-            evictable = self.capacity - self._n_free - self._n_pinned
-            spare = max(
-                self._victim_buffer,
-                VICTIM_BUFFER_BATCHES * want,
-                self.capacity // VICTIM_BUFFER_SHARE,
-            )
-            keys, slots = self.eviction.smallest_keys(
-                min(want + spare, evictable), self._unevictable
-            )
-            self._buffered = (slots, keys)
+            self._buffered = self._smallest_for_buffer(want)
         slots, keys = self._buffered
         valid = self._still_valid(slots, keys)
         slots, keys = slots[valid], keys[valid]
@@ -453,14 +444,19 @@ class RowCache:
                         torch.cat([taken_keys[want:], keys[head:]]),
                     )
                     return taken[:want]
+        slots, keys = self._smallest_for_buffer(want)
+        self._buffered = (slots[want:], keys[want:])
+        return slots[:want]
+
+    def _smallest_for_buffer(self, want: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, keys) of the evictable slots with the smallest keys, ascending: ``want`` and
+        spares for later batches (a buffer refill's one ``topk``)."""
         evictable = self.capacity - self._n_free - self._n_pinned
         spare = max(
             self._victim_buffer, VICTIM_BUFFER_BATCHES * want, self.capacity // VICTIM_BUFFER_SHARE
         )
-        k = min(want + spare, evictable)
-        keys, slots = self.eviction.smallest_keys(k, self._unevictable)
-        self._buffered = (slots[want:], keys[want:])
-        return slots[:want]
+        keys, slots = self.eviction.smallest_keys(min(want + spare, evictable), self._unevictable)
+        return slots, keys
 
     def _still_valid(self, slots: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Buffered victims whose key is unchanged and that are still evictable."""
