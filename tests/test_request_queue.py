@@ -178,6 +178,7 @@ def test_store_announce_checks_ids_and_release_checks_the_request(tmp_path):
         request = store.announce([1, 2])
         with pytest.raises(QueuedRequestError, match="another store's"):
             other.release(request)
+        assert other.hot.queue is None  # refused without making per-slot state for a queue
         store.release(request)
         with pytest.raises(QueuedRequestError, match="already released"):
             store.release(request)

@@ -15,9 +15,10 @@ from tiered_store.serve.client import post_json, run_load, zipf_requests
 
 
 def queued_requests(server) -> list[int]:
-    """Requests each table holds as announced now (None: never announced to)."""
+    """Requests each table holds as announced now (None: never announced to, so its tiers
+    keep no state for a queue)."""
     return [
-        None if store.caches.queue is None else len(store.caches.queue)
+        None if store.hot.queue is None else len(store.caches.queue)
         for store in server.model.stores.values()
     ]
 

@@ -60,26 +60,27 @@ class CacheHierarchy:
         self.warm = warm
         # the tiers that count episodes online and re-pin (zipf-tuned with repin.enabled)
         self.online = [c for c in (hot, warm) if c.online is not None]
-        self.queue: QueuedRequests | None = None  # made by the first announce
+        # requests announced and not released; the tiers rank victims by it from the first on
+        self.queue = QueuedRequests()
 
-    def request_queue(self) -> QueuedRequests:
-        """The queue of announced requests both tiers rank victims by (made on first use)."""
-        if self.queue is None:
-            self.queue = QueuedRequests()
-            for cache in (self.hot, self.warm):
+    def attach_queue(self) -> QueuedRequests:
+        """The queue, with both tiers ranking victims by it (from the first announce on: until
+        then they keep no per-slot state for it)."""
+        for cache in (self.hot, self.warm):
+            if cache.queue is None:
                 cache.attach_queue(self.queue)
         return self.queue
 
     def announce(self, ids: torch.Tensor) -> QueuedRequest:
         """A request that will look up ``ids`` joined the queue: both tiers evict its rows last
         until it is released."""
-        request = self.request_queue().add(ids)
+        request = self.attach_queue().add(ids)
         self.queued(request)
         return request
 
     def release(self, request: QueuedRequest) -> None:
         """An announced request left the queue (it was served, or cancelled)."""
-        self.request_queue().remove(request)
+        self.queue.remove(request)
         self.unqueued(request)
 
     def queued(self, request: QueuedRequest) -> None:

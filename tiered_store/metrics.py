@@ -469,9 +469,8 @@ class TieredStoreCollector(Collector):
                 fam["tiered_store_prefetch_stall_seconds"], [table], store.prefetch_wait_latency
             )
             fam["tiered_store_prefetches_total"].add_metric([table], store.prefetches_started)
-            queue = store.caches.queue  # None until a request is announced
-            fam["tiered_store_queued_requests"].add_metric([table], len(queue) if queue else 0)
-            fam["tiered_store_queued_rows"].add_metric([table], queue.rows if queue else 0)
+            fam["tiered_store_queued_requests"].add_metric([table], len(store.caches.queue))
+            fam["tiered_store_queued_rows"].add_metric([table], store.caches.queue.rows)
             health = self._health.get(table) or TableHealth()
             fam["tiered_store_verifications_total"].add_metric([table], health.verifications)
             fam["tiered_store_checksum_failures_total"].add_metric(

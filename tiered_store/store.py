@@ -238,7 +238,7 @@ class TieredStore:
         if self.zero_out_of_range:  # ids past the table read as zeros: no row to keep
             flat = flat[(flat >= 0) & (flat < self.rows)]
         with self._lock:
-            queue = self.caches.request_queue()
+            queue = self.caches.attach_queue()
         request = queue.add(flat)  # its own lock: lookups go on meanwhile
         with self._lock:
             self.caches.queued(request)
@@ -249,9 +249,7 @@ class TieredStore:
         no-op once the store is closed (a server releasing in a ``finally``)."""
         if self._closed:
             return
-        with self._lock:
-            queue = self.caches.request_queue()
-        queue.remove(request)  # its own lock: lookups go on meanwhile
+        self.caches.queue.remove(request)  # its own lock: lookups go on meanwhile
         with self._lock:
             self.caches.unqueued(request)
 
@@ -363,10 +361,9 @@ class TieredStore:
             "handles": self._prefetcher.handles,
             "wait_seconds_total": self._prefetcher.wait_histogram.sum,
         }
-        queue = self.caches.queue
         out["queue"] = {  # requests announced and not released (``announce``)
-            "requests": len(queue) if queue is not None else 0,
-            "rows": queue.rows if queue is not None else 0,
+            "requests": len(self.caches.queue),
+            "rows": self.caches.queue.rows,
         }
         out["lookup"] = {
             "calls": self.lookup_latency.count,
