@@ -12,7 +12,7 @@ import torch
 from policies import PolicySpec
 from tests.conftest import make_table, store_config
 from tests.test_replay import _trace_of, write_trace
-from tiered_store import QueuedRequestError, RowIdError, TieredStore
+from tiered_store import ConfigError, QueuedRequestError, RowIdError, TieredStore
 from tiered_store.request_queue import NOT_QUEUED, QueuedRequests
 from tiered_store.row_cache import RowCache
 from zipf_analysis.replay import replay
@@ -129,6 +129,9 @@ def test_replay_keeps_what_the_next_request_reuses(tmp_path):
     queued = replay(
         config, tmp_path / "t.trace", batch_tokens=10, queued_requests=2, request_tokens=40
     )
+    for bad in ({"queued_requests": -1}, {"queued_requests": 2, "request_tokens": 0}):
+        with pytest.raises(ConfigError, match=r"expected queued_requests >= 0 and request_tokens"):
+            replay(config, tmp_path / "t.trace", **bad)
     assert blind.tiers["warm"]["hits"] == 0  # LRU evicted A's rows before they came back
     # B could evict only the 20 rows of A beyond the 40 it keeps; two requests ahead knows that
     assert queued.tiers["warm"]["hits"] == 20

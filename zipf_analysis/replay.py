@@ -144,6 +144,11 @@ def replay(
                 marks=marks,
                 progress=progress,
             )
+    if queued_requests < 0 or request_tokens < 1:
+        raise ConfigError(
+            f"queued_requests={queued_requests}, request_tokens={request_tokens}: expected "
+            "queued_requests >= 0 and request_tokens >= 1"
+        )
     reader = trace
     index = reader.table_index(table if table is not None else 0)
     layout = reader.layout[index]
@@ -177,11 +182,21 @@ def replay(
         if progress
         else None
     )
-    pending_marks = deque(sorted(marks))
-    at_marks = []
-    while pending_marks and pending_marks[0] <= 0:  # before any lookup
-        pending_marks.popleft()
-        at_marks.append({"lookups": 0, "cold_reads": 0, "misses": 0})
+    pending_marks, at_marks = deque(sorted(marks)), []
+
+    def reach(lookups: int) -> None:
+        """Record the counters for every mark ``lookups`` has reached."""
+        while pending_marks and pending_marks[0] <= lookups:
+            pending_marks.popleft()
+            at_marks.append(
+                {
+                    "lookups": lookups,
+                    "cold_reads": moved["cold_reads"],
+                    "misses": caches.warm.counters.misses,
+                }
+            )
+
+    reach(0)
     heads = int(layout.get("heads", 1))
     if queued_requests > 0:
         stream = _served_with_queue(
@@ -214,15 +229,7 @@ def replay(
         )
         fetch_s += t
         stall_s += max(0.0, t - cost.compute_seconds_per_batch)
-        while pending_marks and pending_marks[0] <= lookups:
-            pending_marks.popleft()
-            at_marks.append(
-                {
-                    "lookups": lookups,
-                    "cold_reads": moved["cold_reads"],
-                    "misses": caches.warm.counters.misses,
-                }
-            )
+        reach(lookups)
     wall = time.perf_counter() - start
     if bar is not None:
         bar.close()
@@ -246,7 +253,7 @@ def replay(
         modelled_fetch_seconds=fetch_s,
         modelled_stall_seconds=stall_s,
         wall_seconds=wall,
-        queued_requests=max(0, queued_requests),
+        queued_requests=queued_requests,
         at_marks=at_marks,
     )
 
