@@ -135,6 +135,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--config {args.config}: no such file; expected a serve config (YAML)")
 
 
+def _shown(path: Path) -> str:
+    """A path as the report records it: relative to the repository when inside it (the default
+    config), so a result does not name the machine it was measured on."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def resets(errors: dict[str, int]) -> int:
     """Requests lost to a reset or refused connection."""
     return sum(n for k, n in errors.items() if k in RESETS)
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = zipf_requests(args.warmup, seed=1, **make)
     report: dict[str, Any] = {
         "options": {
-            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"
+            k: _shown(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"
         },
         "tokens_per_request": args.batch * args.tokens,
         "runs": [],
