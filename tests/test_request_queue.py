@@ -8,9 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policies import PolicySpec
-from tests.conftest import make_table, store_config
+from tests.conftest import check_cache_invariants, make_table, run_batch, store_config
 from tests.test_replay import _trace_of, write_trace
 from tiered_store import ConfigError, QueuedRequestError, RowIdError, TieredStore
 from tiered_store.request_queue import NOT_QUEUED, QueuedRequests
@@ -120,6 +122,22 @@ def test_a_row_admitted_while_queued_takes_its_standing_from_the_queue():
     assert held(cache) == [7, 9]
 
 
+def test_an_unqueued_row_looked_up_between_evictions_still_goes_before_queued_ones():
+    cache = lru_tier(4)
+    for row in (1, 2, 3, 4):
+        admit(cache, row)
+    first = cache.queue.add(t(1, 2, 9))
+    cache.queued(first)
+    admit(cache, 9)  # 3 and 4 are the only unqueued rows: 3, the least recent, goes
+    assert held(cache) == [1, 2, 4, 9]
+    cache.begin_batch()
+    cache.record(cache.probe(t(4)), t(), lookups=1, hits=1)  # 4 looked up, no request announced
+    second = cache.queue.add(t(1, 11))
+    cache.queued(second)
+    admit(cache, 11)  # 4 is still the one row no queued request needs
+    assert held(cache) == [1, 2, 9, 11]
+
+
 def test_replay_keeps_what_the_next_request_reuses(tmp_path):
     path, _ = make_table(tmp_path, rows=ROWS, dim=8)
     # requests of 40 tokens: A = 0-39, then B = 100-139 (every row new), then A again
@@ -207,3 +225,84 @@ def test_replay_command_replays_with_a_queue(tmp_path, capsys):
         runs[queued] = json.loads((out / "replay.json").read_text())["results"][0]
     assert runs[2]["queued_requests"] == 2
     assert runs[2]["rows_moved"]["cold_reads"] == runs[0]["rows_moved"]["cold_reads"] - 20
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    capacity=st.integers(8, 60),
+    spec=st.sampled_from(["lru", "static+lru", "lru+tinylfu"]),
+    headroom=st.sampled_from([0.0, 0.2]),
+    seed=st.integers(0, 2**16),
+)
+def test_victims_from_runs_are_those_of_a_pass_per_eviction(capacity, spec, headroom, seed):
+    """Runs of candidates kept across batches pick, slot for slot, what a pass over the tier per
+    eviction picks, while requests come and go, are served, and other batches run."""
+    rng = np.random.default_rng(seed)
+    queue = QueuedRequests()
+    caches = [
+        RowCache(
+            "t",
+            num_rows=120,
+            capacity=capacity,
+            spec=PolicySpec.parse(spec),
+            evict_headroom=headroom,
+            victim_buffer=b,
+        )
+        for b in (0, 1)  # a pass per eviction; runs (the smallest buffer: refilled often)
+    ]
+    for cache in caches:
+        cache.preload(torch.arange(capacity // 4), pin=spec.startswith("static"))
+        cache.attach_queue(queue)
+    waiting = []
+    for step in range(60):
+        roll = rng.random()
+        if roll < 0.25 or not waiting:  # a request joins the queue
+            ids = torch.from_numpy((rng.zipf(1.2, size=int(rng.integers(1, 30))) - 1) % 120)
+            waiting.append((ids, queue.add(ids)))
+            for cache in caches:
+                cache.queued(waiting[-1][1])
+            continue
+        if roll < 0.65:  # the oldest is served, in batches, then released
+            ids, request = waiting.pop(0)
+            batches = np.array_split(ids.numpy(), 2)
+        elif roll < 0.75:  # one leaves the queue unserved
+            ids, request = waiting.pop(int(rng.integers(len(waiting))))
+            batches = []
+        else:  # a batch no request announced
+            request, batches = None, [(rng.zipf(1.2, size=12) - 1) % 120]
+        for batch in batches:
+            for cache in caches:
+                run_batch(cache, batch)
+            assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot), step
+        if request is not None:
+            queue.remove(request)
+            for cache in caches:
+                cache.unqueued(request)
+    assert caches[0].counters == caches[1].counters
+    check_cache_invariants(caches[1])
+
+
+def test_a_tier_full_of_queued_rows_passes_over_its_slots_rarely():
+    """Served requests of 600 rows through a 1,000-slot LRU tier, 3 queued ahead: most
+    evictions come from runs a pass found for earlier batches, not from a pass of their own."""
+    rng = np.random.default_rng(3)
+    cache = RowCache("warm", num_rows=20_000, capacity=1000, spec=PolicySpec.parse("lru"))
+    cache.attach_queue(QueuedRequests())
+    requests = [torch.from_numpy(rng.zipf(1.1, 600) % 20_000) for _ in range(24)]
+    waiting = [cache.queue.add(ids) for ids in requests[:4]]
+    for request in waiting:
+        cache.queued(request)
+    evicting = 0
+    for i, ids in enumerate(requests):
+        for batch in np.array_split(ids.numpy(), 20):
+            before = cache.counters.evictions
+            run_batch(cache, batch)
+            evicting += cache.counters.evictions > before
+        served = waiting.pop(0)
+        cache.queue.remove(served)
+        cache.unqueued(served)
+        if i + 4 < len(requests):
+            waiting.append(cache.queue.add(requests[i + 4]))
+            cache.queued(waiting[-1])
+    passes = cache._queue_victims.passes
+    assert evicting > 300 and passes * 4 < evicting, (passes, evicting)

@@ -35,15 +35,15 @@ class QueuedRequest:
 
 
 class QueuedRequests:
-    """Announced requests and, for any row, the earliest of them that looks it up: one sorted
-    array of every queued row, kept up to date as requests come and go (no sort of the whole
-    queue: a merge when one comes, a pass over the rows it was the earliest for when one goes)."""
+    """Announced requests and, for any row, the earliest of them that looks it up: one array of
+    (row, request) pairs sorted by row, then by request, kept up to date as requests come and go
+    (a merge when one comes, a pass that drops its pairs when one goes: no sort of the queue)."""
 
     def __init__(self) -> None:
-        self._requests: dict[int, np.ndarray] = {}  # token -> sorted rows, in token order
+        self._requests: set[int] = set()  # tokens of the requests queued now
         self._tokens = itertools.count(1)
-        self._rows = np.empty(0, dtype=np.int64)  # every queued row once, sorted
-        self._earliest = np.empty(0, dtype=np.int64)  # the smallest token using each
+        self._pair_rows = np.empty(0, dtype=np.int64)  # sorted; a row once per request using it
+        self._pair_tokens = np.empty(0, dtype=np.int64)  # ascending within each row
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -52,39 +52,34 @@ class QueuedRequests:
     @property
     def rows(self) -> int:
         """Distinct rows the queued requests look up."""
-        return int(self._rows.size)
+        pairs = self._pair_rows
+        return int(np.count_nonzero(pairs[1:] != pairs[:-1])) + int(pairs.size > 0)
 
     def add(self, ids: torch.Tensor) -> QueuedRequest:
         """Queue a request that will look up ``ids`` (any shape)."""
         rows = torch.unique(ids.reshape(-1).to("cpu", torch.int64))
         with self._lock:
             request = QueuedRequest(next(self._tokens), rows, self)
+            self._requests.add(request.token)
             mine = rows.numpy()
-            self._requests[request.token] = mine
-            new = mine[~_isin_sorted(mine, self._rows)]  # rows already queued keep their
-            at = np.searchsorted(self._rows, new)  # earlier token; the new ones get this one
-            self._rows = np.insert(self._rows, at, new)
-            self._earliest = np.insert(self._earliest, at, request.token)
+            at = np.searchsorted(self._pair_rows, mine, side="right")  # after every earlier
+            self._pair_rows = np.insert(self._pair_rows, at, mine)  # request's pair of the row
+            self._pair_tokens = np.insert(self._pair_tokens, at, request.token)
         return request
 
     def remove(self, request: QueuedRequest) -> None:
         """Drop a request from the queue (served or cancelled)."""
         with self._lock:
-            if request.owner is not self or self._requests.pop(request.token, None) is None:
+            if request.owner is not self or request.token not in self._requests:
                 where = "was already released" if request.owner is self else "is another store's"
                 raise QueuedRequestError(
                     f"release: queued request {request.token} {where}; release each request "
                     "once, to the store that announced it"
                 )
-            pos = np.searchsorted(self._rows, request.rows.numpy())
-            pos = pos[self._earliest[pos] == request.token]  # rows it was the earliest for
-            rows, after = self._rows[pos], np.full(pos.size, NOT_QUEUED, dtype=np.int64)
-            for token, theirs in reversed(self._requests.items()):  # later ones first: the
-                after[_isin_sorted(rows, theirs)] = token  # earliest is written last
-            self._earliest[pos] = after
-            gone = pos[after == NOT_QUEUED]
-            self._rows = np.delete(self._rows, gone)
-            self._earliest = np.delete(self._earliest, gone)
+            self._requests.discard(request.token)
+            keep = self._pair_tokens != request.token
+            self._pair_rows = self._pair_rows[keep]
+            self._pair_tokens = self._pair_tokens[keep]
 
     def next_use(self, ids: torch.Tensor) -> torch.Tensor:
         """Token of the earliest queued request that looks up each of ``ids`` (int64, on ``ids``'
@@ -92,16 +87,8 @@ class QueuedRequests:
         query = ids.to("cpu", torch.int64).numpy()
         out = np.full(query.shape, NOT_QUEUED, dtype=np.int64)
         with self._lock:
-            if self._rows.size:
-                pos = np.minimum(np.searchsorted(self._rows, query), self._rows.size - 1)
-                found = self._rows[pos] == query
-                out[found] = self._earliest[pos[found]]
+            if self._pair_rows.size:  # a row's first pair is its earliest request's
+                pos = np.minimum(np.searchsorted(self._pair_rows, query), self._pair_rows.size - 1)
+                found = self._pair_rows[pos] == query
+                out[found] = self._pair_tokens[pos[found]]
         return torch.from_numpy(out).to(ids.device)
-
-
-def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Per element of ``values``: whether it is in ``sorted_set`` (sorted, unique)."""
-    if not sorted_set.size:
-        return np.zeros(values.shape, dtype=np.bool_)
-    pos = np.minimum(np.searchsorted(sorted_set, values), sorted_set.size - 1)
-    return sorted_set[pos] == values

@@ -12,6 +12,7 @@ import torch
 from policies import PolicySpec
 
 from .online_repin import OnlineRepin, RepinMoves
+from .queue_victims import QueueVictims, furthest_first
 from .request_queue import NOT_QUEUED, QueuedRequest, QueuedRequests
 from .row_index import make_row_index
 
@@ -102,6 +103,9 @@ class RowCache:
         # the earliest that looks its row up (NOT_QUEUED: none); None until a queue is attached
         self.queue: QueuedRequests | None = None
         self._next_use: torch.Tensor | None = None
+        # victims by the queue, from runs of candidates a pass over the slots found (keys that
+        # only grow and a victim buffer); None: a pass per eviction
+        self._queue_victims: QueueVictims | None = None
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -142,6 +146,10 @@ class RowCache:
         if self.capacity and len(queue):
             held = torch.nonzero(self.row_of_slot >= 0).squeeze(1)
             self._next_use[held] = queue.next_use(self.row_of_slot[held])
+        if self._victim_buffer:
+            self._queue_victims = QueueVictims(
+                self.eviction, self._unevictable, self._next_use, self._buffer_size
+            )
 
     def queued(self, request: QueuedRequest) -> None:
         """``request`` joined the queue, the latest: its rows held here that no earlier queued
@@ -150,6 +158,8 @@ class RowCache:
             slots = self.probe(request.rows.to(self.device))
             slots = slots[slots >= 0]
             self._next_use[slots] = torch.clamp(self._next_use[slots], max=request.token)
+            if self._queue_victims is not None:
+                self._queue_victims.announced()
 
     def unqueued(self, request: QueuedRequest) -> None:
         """``request`` left the queue (already removed from it): its rows held here now wait for
@@ -159,6 +169,7 @@ class RowCache:
             slots = self.probe(rows)
             mine = (slots >= 0) & (self._next_use[slots.clamp(min=0)] == request.token)
             self._next_use[slots[mine]] = self.queue.next_use(rows[mine])
+            self._forget_queue_victims()
 
     def begin_batch(self) -> None:
         """Advance the policy's clock; call once per lookup batch."""
@@ -212,6 +223,8 @@ class RowCache:
         self._unevictable[unpin] = False
         self._n_pinned += pin.numel() - unpin.numel()
         self._buffer_unpinned(unpin)  # pinned slots leave the victim buffer as it checks them
+        if unpin.numel():
+            self._forget_queue_victims()
         return pin.numel(), unpin.numel()
 
     def _buffer_unpinned(self, unpin: torch.Tensor) -> None:
@@ -247,6 +260,7 @@ class RowCache:
         self._unevictable[new] = True
         self._n_pinned += new.numel()
         self._buffered = None
+        self._forget_queue_victims()
         return new.numel()
 
     def admit(
@@ -301,6 +315,8 @@ class RowCache:
         if self._next_use is not None:
             self._next_use[extra] = NOT_QUEUED
             self._next_use[slots] = self.queue.next_use(new_ids)
+            if self._queue_victims is not None:
+                self._queue_victims.admitted(self._next_use[slots])
         self.eviction.on_insert(slots)
         if self.online is not None:
             self.online.admitted(slots, new_ids, looked_up=True)
@@ -328,6 +344,7 @@ class RowCache:
         self.row_of_slot.index_copy_(0, slots, ids[cand])
         if self._next_use is not None:
             self._next_use[slots] = self.queue.next_use(ids[cand])
+            self._forget_queue_victims()
         if self.online is not None:
             self.online.admitted(slots, ids[cand], looked_up=False)
         if ages is not None:
@@ -355,9 +372,7 @@ class RowCache:
         if self._victim_buffer and not has_lookahead:
             if not queued:
                 return self._buffered_victims(want)
-            first = self._buffered_unqueued(want)
-            if first is not None:
-                return first  # else the buffer stays right: every pick below changes a key
+            return self._queue_victims.pick(min(need, want), want)
         if has_lookahead:
             self._buffered = None  # built under other protection
             ahead = self.probe(lookahead.to(self.device))
@@ -404,27 +419,8 @@ class RowCache:
         short = need - first.numel()
         if short <= 0:
             return first
-        furthest = torch.topk(next_use[queued], short, sorted=True).indices
+        furthest = furthest_first(candidates[queued], next_use[queued], short)[:short]
         return torch.cat([first, candidates[queued][furthest]])
-
-    def _buffered_unqueued(self, want: int) -> torch.Tensor | None:
-        """The first ``want`` rows no queued request looks up, in the policy's order, from the
-        victim buffer (refilled first when empty); None when it holds too few. The buffer keeps
-        every evictable slot up to its largest key, so these are the ones a search over the tier
-        would pick; the queued slots it passes over stay in it."""
-        if self._buffered is None or not self._buffered[0].numel():
-            self._buffered = self._smallest_for_buffer(want)
-        slots, keys = self._buffered
-        valid = self._still_valid(slots, keys)
-        slots, keys = slots[valid], keys[valid]
-        pick = torch.nonzero(self._next_use[slots] == NOT_QUEUED).squeeze(1)[:want]
-        if pick.numel() < want:
-            self._buffered = (slots, keys)
-            return None
-        keep = torch.ones(slots.numel(), dtype=torch.bool, device=self.device)
-        keep[pick] = False
-        self._buffered = (slots[keep], keys[keep])
-        return slots[pick]
 
     def _buffered_victims(self, want: int) -> torch.Tensor:
         """``want`` victims from the buffer, refilled when it runs short by one ``topk`` that also
@@ -452,11 +448,24 @@ class RowCache:
         """(slots, keys) of the evictable slots with the smallest keys, ascending: ``want`` and
         spares for later batches (a buffer refill's one ``topk``)."""
         evictable = self.capacity - self._n_free - self._n_pinned
+        keys, slots = self.eviction.smallest_keys(
+            min(self._buffer_size(want), evictable), self._unevictable
+        )
+        return slots, keys
+
+    def _buffer_size(self, want: int) -> int:
+        """Victims a refill finds when ``want`` are needed now: those and spares for later
+        batches."""
         spare = max(
             self._victim_buffer, VICTIM_BUFFER_BATCHES * want, self.capacity // VICTIM_BUFFER_SHARE
         )
-        keys, slots = self.eviction.smallest_keys(min(want + spare, evictable), self._unevictable)
-        return slots, keys
+        return want + spare
+
+    def _forget_queue_victims(self) -> None:
+        """Slots may have become victims before the queue's runs: the next search passes over
+        the tier."""
+        if self._queue_victims is not None:
+            self._queue_victims.drop()
 
     def _still_valid(self, slots: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Buffered victims whose key is unchanged and that are still evictable."""
@@ -468,6 +477,7 @@ class RowCache:
         self.eviction.on_reinstate(slots)
         if self._next_use is not None and len(self.queue):
             self._buffered = None  # picked past queued rows: not the buffer's front
+            self._forget_queue_victims()
         elif self._buffered is not None and slots.numel():
             keys = self.eviction.victim_priority(slots)
             self._buffered = (
