@@ -112,6 +112,35 @@ def test_case_accents_and_whitespace_merge(tok):
     assert tok.key(int(emoji[0])) == tok.tokenizer.id_to_token(int(emoji[0]))
 
 
+def test_long_texts_are_encoded_in_pieces_of_bounded_size(tok, monkeypatch):
+    """A text longer than PIECE_CHARS is cut before a line break (else a space) and encoded in
+    calls of at most CALL_CHARS characters; shorter texts encode exactly as a whole."""
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 300)
+    monkeypatch.setattr(tokenizer_module, "CALL_CHARS", 1000)
+    rust = tok.tokenizer
+    calls = []
+
+    class Counting:  # the real tokenizer; records how much text each call is handed
+        def encode_batch_fast(self, texts, add_special_tokens):
+            calls.append(sum(map(len, texts)))
+            return rust.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+
+    source = Path(json.__file__).read_text()[:5000]  # code, with line breaks
+    one_line = source.replace("\n", " ")
+    short = "def f(x):\n    return x + 1\n"
+    out = tokenizer_module.encode_texts(Counting(), [source, short, one_line])
+    assert out[1].tolist() == rust.encode(short, add_special_tokens=False).ids
+    assert max(calls) <= 1000 and sum(calls) == len(source) + len(short) + len(one_line)
+    for text, ids in ((source, out[0]), (one_line, out[2])):
+        pieces = tokenizer_module._cut(text, 300)
+        assert "".join(pieces) == text and max(map(len, pieces)) <= 300
+        assert all(p[0] in "\n " for p in pieces[1:])  # each cut just before a break or space
+        by_piece = [rust.encode(p, add_special_tokens=False).ids for p in pieces]
+        assert ids.tolist() == [i for piece in by_piece for i in piece]
+        whole = rust.encode(text, add_special_tokens=False).ids
+        assert abs(len(ids) - len(whole)) <= len(pieces)  # a merge or so differs at a cut
+
+
 def test_compress_rejects_out_of_vocab_and_non_integer_ids(tok):
     with pytest.raises(RowIdError, match=r"token id 129280 at index \(0, 1\).*\[0, 129280\)"):
         tok.compress(np.array([[5, 129280]]))

@@ -361,6 +361,25 @@ def test_verify_add_page_checksums_restores_the_same_sidecar(tmp_path, capsys):
         ColdTable(path).close()
 
 
+def test_add_page_checksums_with_a_directory_in_the_way_names_it_and_changes_nothing(
+    tmp_path, capsys
+):
+    path = make(tmp_path)
+    strip_page_checksums(path)
+    manifest = read_manifest(path)
+    sidecar_path(path).mkdir()
+    assert main(["verify", str(path), "--add-page-checksums", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {sidecar_path(path)}: a directory is in the way" in err
+    assert "Traceback" not in err
+    assert read_manifest(path) == manifest  # still without page checksums, as before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "t.npy",
+        "t.npy.manifest.json",
+        "t.npy.pages.crc32c",
+    ]
+
+
 def test_add_page_checksums_refuses_a_corrupt_table_and_writes_nothing(tmp_path):
     path = make(tmp_path)
     strip_page_checksums(path)

@@ -16,7 +16,7 @@ from tests.conftest import check_cache_invariants, make_table, run_batch, store_
 from tests.test_replay import _trace_of, write_trace
 from tiered_store import ConfigError, QueuedRequestError, RowIdError, TieredStore
 from tiered_store.request_queue import NOT_QUEUED, QueuedRequests
-from tiered_store.row_cache import RowCache
+from tiered_store.row_cache import QUEUE_SLOT_BYTES, RowCache
 from zipf_analysis.replay import replay
 
 ROWS = 3000
@@ -306,3 +306,10 @@ def test_a_tier_full_of_queued_rows_passes_over_its_slots_rarely():
             cache.queued(waiting[-1])
     passes = cache._queue_victims.passes
     assert evicting > 300 and passes * 4 < evicting, (passes, evicting)
+
+
+def test_memory_report_counts_the_next_use_per_slot_once_a_queue_is_attached():
+    cache = RowCache("warm", num_rows=100, capacity=10, spec=PolicySpec.parse("lru"))
+    alone = cache.metadata_bytes()["per_slot"]
+    cache.attach_queue(QueuedRequests())
+    assert cache.metadata_bytes()["per_slot"] == alone + QUEUE_SLOT_BYTES == alone + 8

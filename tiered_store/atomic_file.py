@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import TierIOError
+
 __all__ = ["AtomicFile", "atomic_write", "fsync_dir"]
 
 
@@ -63,8 +65,17 @@ class AtomicFile:
             self.file.close()
 
     def publish(self) -> None:
-        """Rename the finished file over ``path`` and make the rename durable."""
-        os.replace(self.tmp, self.path)
+        """Rename the finished file over ``path`` and make the rename durable. Fails with a
+        ``TierIOError`` naming ``path`` when something else is in the way (a directory)."""
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            what = "a directory" if self.path.is_dir() else exc.strerror
+            raise TierIOError(
+                exc.errno,
+                f"cannot write {self.path}: {what} is in the way; expected a file there (or "
+                "nothing): move it aside and run again",
+            ) from None
         fsync_dir(self.path.parent)
 
     def commit(self) -> None:

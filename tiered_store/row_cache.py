@@ -26,6 +26,7 @@ DEFAULT_VICTIM_BUFFER = 4096
 VICTIM_BUFFER_BATCHES = 8
 VICTIM_BUFFER_SHARE = 16
 SLOT_BYTES = 8 + 1 + 8  # per slot, whatever the policy: owner row, unevictable flag, free list
+QUEUE_SLOT_BYTES = 8  # per slot once a request was announced: the token of its row's next use
 # With requests queued (tiered_store.request_queue), a victim search looks over the policy's next
 # QUEUE_SCAN x victims needed, at least QUEUE_SCAN_MIN, for rows no queued request looks up
 # before it passes over every evictable slot
@@ -117,6 +118,8 @@ class RowCache:
         """Bytes of index and policy metadata: per table row, per slot, and fixed per tier."""
         index = self.index.bytes_per() if self.index else {"per_table_row": 0, "per_slot": 0}
         per_slot = SLOT_BYTES + self.eviction.bytes_per_slot + index["per_slot"]
+        if self._next_use is not None:  # once a request was announced: its next use per slot
+            per_slot += QUEUE_SLOT_BYTES
         per_row = index["per_table_row"] + self.admission.bytes_per_row
         per_tier = self.admission.bytes_per_tier if self.capacity else 0
         return {"per_table_row": per_row, "per_slot": per_slot, "per_tier": per_tier}

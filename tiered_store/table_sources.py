@@ -32,6 +32,13 @@ __all__ = [
 
 RANDOM_UNIT_ELEMENTS = 1 << 20  # RandomSource draws 1 Mi elements per seeded unit of rows
 RANDOM_SCALE_BYTES = (120, 135)  # quantised RandomSource: scales 2^-7 .. 2^8 (bytes inclusive)
+# RandomSource refuses a std whose draws could overflow the dtype: none is past this many std
+# (a normal draw is past 10 std with probability 1.5e-23)
+RANDOM_STD_SIGMAS = 10
+FLOAT_MAX = {
+    name: float(torch.finfo(getattr(torch, name)).max)
+    for name in ("float32", "float16", "bfloat16")
+}
 
 # dtype name -> (on-disk .npy descr, bytes per element, torch dtype)
 TABLE_DTYPES: dict[str, tuple[str, int, torch.dtype]] = {
@@ -367,6 +374,12 @@ class _RandomReader(SourceReader):
         if not (isinstance(src.std, int | float) and math.isfinite(src.std) and src.std >= 0):
             raise TableFormatError(f"RandomSource std={src.std!r}; expected a finite float >= 0")
         self.dtype = dtype_name(src.dtype if dtype is None else dtype, "dtype")
+        if self.dtype in FLOAT_MAX and src.std > FLOAT_MAX[self.dtype] / RANDOM_STD_SIGMAS:
+            raise TableFormatError(
+                f"RandomSource std={src.std:g} with dtype {self.dtype}: draws would overflow "
+                f"{self.dtype} (largest finite {FLOAT_MAX[self.dtype]:.6g}) to inf; expected std "
+                f"<= {FLOAT_MAX[self.dtype] / RANDOM_STD_SIGMAS:.6g}"
+            )
         self.quantization = src.quantization
         if self.quantization is not None and (
             self.dtype != "uint8" or self.dim != self.quantization.packed_bytes

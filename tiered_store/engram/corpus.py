@@ -14,7 +14,7 @@ import torch
 
 from ..corpus import Corpus, CorpusError, ReadStats, iter_texts
 from ..errors import ConfigError
-from .tokenizer import CompressedTokenizer
+from .tokenizer import CompressedTokenizer, encode_texts
 
 __all__ = ["iter_batches", "read_tokens", "token_batches"]
 
@@ -42,9 +42,10 @@ def read_tokens(corpus: Corpus, tokenizer: CompressedTokenizer, *, max_tokens: i
 
     def encode() -> None:
         nonlocal total
-        for encoding in tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False):
-            ids = encoding.ids + ([eos] if eos is not None else [])
-            parts.append(np.asarray(ids, dtype=np.int64))
+        for ids in encode_texts(tokenizer.tokenizer, texts):
+            if eos is not None:
+                ids = np.append(ids, eos)
+            parts.append(ids)
             total += len(ids)
         texts.clear()
 

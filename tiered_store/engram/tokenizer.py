@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,17 @@ import torch
 from ..atomic_file import atomic_write
 from ..errors import ConfigError, RowIdError
 
-__all__ = ["CompressedTokenizer", "check_token_ids", "default_tokenizer_path"]
+__all__ = ["CompressedTokenizer", "check_token_ids", "default_tokenizer_path", "encode_texts"]
 
 # Bump when the lookup algorithm changes: cached lookups of older versions are then ignored.
 _LOOKUP_VERSION = 1
 _SENTINEL = "\ue000"  # private-use char that carries a lone space through Strip
 _REPLACEMENT_CHAR = "\ufffd"  # decoded text of a partial UTF-8 byte sequence
+# a longer document is tokenised in pieces of about this many characters (cut at a line break or
+# a space): the Rust tokenizer keeps ~100 B per token of an encoding (offsets, token strings), so
+# one 100 MB single-line file would take gigabytes, on one thread
+PIECE_CHARS = 1 << 20
+CALL_CHARS = 8 * PIECE_CHARS  # characters handed to one encode_batch call (more if one text is)
 _LOOKUP_MEMO: dict[tuple[str, int, int], np.ndarray] = {}  # (path, size, mtime_ns) -> lookup
 
 
@@ -114,6 +120,57 @@ def _save_cached(path: Path, lookup: np.ndarray) -> None:
             np.save(f, lookup, allow_pickle=False)
     except OSError:
         pass
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[np.ndarray]:
+    """Token ids (int64, no special tokens) of each text, in one parallel ``encode_batch`` of the
+    Rust ``tokenizer``. A text longer than ``PIECE_CHARS`` is encoded in pieces cut before a line
+    break or a space, so its memory stays bounded; the ids at a cut can differ from the whole
+    text's by a merge across it (a token or so per million characters).
+
+    Examples
+    --------
+    >>> tok = CompressedTokenizer().tokenizer
+    >>> [ids.tolist() for ids in encode_texts(tok, ["def f(x):", "return x"])]
+    [[3465, 285, 4042, 2605], [3916, 1527]]
+    """
+    pieces, owner = [], []
+    for i, text in enumerate(texts):
+        for piece in _cut(text, PIECE_CHARS):
+            pieces.append(piece)
+            owner.append(i)
+    encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
+    encoded: list[np.ndarray] = []
+    start = 0
+    while start < len(pieces):  # calls of at most CALL_CHARS characters
+        end, chars = start, 0
+        while end < len(pieces) and (end == start or chars + len(pieces[end]) <= CALL_CHARS):
+            chars += len(pieces[end])
+            end += 1
+        batch = encode(pieces[start:end], add_special_tokens=False)
+        encoded.extend(np.asarray(e.ids, dtype=np.int64) for e in batch)
+        start = end
+    out: list[list[np.ndarray]] = [[] for _ in texts]
+    for i, ids in zip(owner, encoded, strict=True):
+        out[i].append(ids)
+    return [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in out]
+
+
+def _cut(text: str, size: int) -> list[str]:
+    """``text`` in pieces of at most ``size`` characters, each cut before its last line break (or
+    else space) of the span where there is one."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        cut = text.rfind("\n", start + 1, end)
+        if cut < 0:
+            cut = text.rfind(" ", start + 1, end)
+        if cut < 0:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids") -> Any:

@@ -21,6 +21,7 @@ import numpy as np
 
 from tiered_store.corpus import Corpus, CorpusError, ReadStats, SkippedFilesWarning, iter_texts
 from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher
+from tiered_store.engram.tokenizer import encode_texts
 from tiered_store.trace import TraceReader, TraceWriter
 from tiered_store.versions import package_version
 
@@ -127,12 +128,6 @@ class TraceBuilder:
 _DONE = object()
 
 
-def _encode_batch(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
-    """Token ids of each text (no special tokens), with the Rust tokenizer's batch API."""
-    encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
-    return [np.asarray(e.ids, dtype=np.int64) for e in encode(texts, add_special_tokens=False)]
-
-
 def _tokenise_worker(
     files: Sequence[Path],
     wanted: Callable[[int], bool],
@@ -156,7 +151,7 @@ def _tokenise_worker(
                 size += len(item[1])
             if group and (item is None or size >= GROUP_BYTES):
                 with times.stage("tokenise"):
-                    ids = _encode_batch(tokenizer, [t for _, t in group])
+                    ids = encode_texts(tokenizer, [t for _, t in group])
                 out.put([(i, x) for (i, _), x in zip(group, ids, strict=True)])
                 group, size = [], 0
             if item is None:
