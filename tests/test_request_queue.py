@@ -15,6 +15,7 @@ from policies import PolicySpec
 from tests.conftest import check_cache_invariants, make_table, run_batch, store_config
 from tests.test_replay import _trace_of, write_trace
 from tiered_store import ConfigError, QueuedRequestError, RowIdError, TieredStore
+from tiered_store.online_repin import RepinMoves
 from tiered_store.request_queue import NOT_QUEUED, QueuedRequests
 from tiered_store.row_cache import QUEUE_SLOT_BYTES, RowCache
 from zipf_analysis.replay import replay
@@ -268,6 +269,9 @@ def test_victims_from_runs_are_those_of_a_pass_per_eviction(capacity, spec, head
         elif roll < 0.75:  # one leaves the queue unserved
             ids, request = waiting.pop(int(rng.integers(len(waiting))))
             batches = []
+        elif roll < 0.82:  # a re-pin flips pin flags (online re-pinning's apply)
+            repin(caches, rng)
+            continue
         else:  # a batch no request announced
             request, batches = None, [(rng.zipf(1.2, size=12) - 1) % 120]
         for batch in batches:
@@ -280,6 +284,19 @@ def test_victims_from_runs_are_those_of_a_pass_per_eviction(capacity, spec, head
                 cache.unqueued(request)
     assert caches[0].counters == caches[1].counters
     check_cache_invariants(caches[1])
+
+
+def repin(caches: list[RowCache], rng: np.random.Generator) -> None:
+    """Pin a few held rows and unpin a few pinned ones, the same in every cache."""
+    owners = caches[0].row_of_slot
+    pinned = caches[0].pinned_mask()
+    pin = torch.from_numpy(rng.permutation(torch.nonzero((owners >= 0) & ~pinned).numpy())[:3])
+    unpin = torch.from_numpy(rng.permutation(torch.nonzero(pinned).numpy())[:3])
+    moves = RepinMoves(
+        pin.reshape(-1), owners[pin].reshape(-1), unpin.reshape(-1), owners[unpin].reshape(-1)
+    )
+    for cache in caches:
+        cache.apply_repin(moves)
 
 
 def test_a_tier_full_of_queued_rows_passes_over_its_slots_rarely():
