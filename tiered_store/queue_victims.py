@@ -128,7 +128,9 @@ class QueueVictims:
                 self.unqueued = None
         raise AssertionError("a fresh pass holds what is asked or the whole class")
 
-    def _valid(self, slots: torch.Tensor, marks: torch.Tensor, *, queued: bool, run: _Run):
+    def _valid(
+        self, slots: torch.Tensor, marks: torch.Tensor, *, queued: bool, run: _Run
+    ) -> torch.Tensor:
         """Entries still in their class with their mark unchanged (and still evictable)."""
         evictable = ~self.unevictable[slots]
         next_use = self.next_use[slots]
