@@ -228,9 +228,9 @@ def test_replay_command_replays_with_a_queue(tmp_path, capsys):
     assert runs[2]["rows_moved"]["cold_reads"] == runs[0]["rows_moved"]["cold_reads"] - 20
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
-    capacity=st.integers(8, 60),
+    capacity=st.integers(8, 300),
     spec=st.sampled_from(["lru", "static+lru", "lru+tinylfu"]),
     headroom=st.sampled_from([0.0, 0.2]),
     seed=st.integers(0, 2**16),
@@ -239,11 +239,12 @@ def test_victims_from_runs_are_those_of_a_pass_per_eviction(capacity, spec, head
     """Runs of candidates kept across batches pick, slot for slot, what a pass over the tier per
     eviction picks, while requests come and go, are served, and other batches run."""
     rng = np.random.default_rng(seed)
+    rows = 3 * capacity  # requests of up to a sixth of the tier's slots
     queue = QueuedRequests()
     caches = [
         RowCache(
             "t",
-            num_rows=120,
+            num_rows=rows,
             capacity=capacity,
             spec=PolicySpec.parse(spec),
             evict_headroom=headroom,
@@ -258,7 +259,8 @@ def test_victims_from_runs_are_those_of_a_pass_per_eviction(capacity, spec, head
     for step in range(60):
         roll = rng.random()
         if roll < 0.25 or not waiting:  # a request joins the queue
-            ids = torch.from_numpy((rng.zipf(1.2, size=int(rng.integers(1, 30))) - 1) % 120)
+            size = int(rng.integers(1, capacity // 2))
+            ids = torch.from_numpy((rng.zipf(1.2, size=size) - 1) % rows)
             waiting.append((ids, queue.add(ids)))
             for cache in caches:
                 cache.queued(waiting[-1][1])
@@ -273,7 +275,7 @@ def test_victims_from_runs_are_those_of_a_pass_per_eviction(capacity, spec, head
             repin(caches, rng)
             continue
         else:  # a batch no request announced
-            request, batches = None, [(rng.zipf(1.2, size=12) - 1) % 120]
+            request, batches = None, [(rng.zipf(1.2, size=12) - 1) % rows]
         for batch in batches:
             for cache in caches:
                 run_batch(cache, batch)
@@ -330,3 +332,45 @@ def test_memory_report_counts_the_next_use_per_slot_once_a_queue_is_attached():
     alone = cache.metadata_bytes()["per_slot"]
     cache.attach_queue(QueuedRequests())
     assert cache.metadata_bytes()["per_slot"] == alone + QUEUE_SLOT_BYTES == alone + 8
+
+
+def test_queued_candidates_refilled_after_the_furthest_requests_run_out():
+    """Every row queued: victims come from the furthest requests' rows, and once those kept by a
+    pass are evicted, a new pass finds the next ones; slot for slot as a pass per eviction."""
+    caches = [
+        RowCache("warm", num_rows=1000, capacity=100, spec=PolicySpec.parse("lru"), **kw)
+        for kw in ({"victim_buffer": 0}, {"victim_buffer": 1})  # the second keeps few spares
+    ]
+    queue = QueuedRequests()
+    for cache in caches:
+        cache.attach_queue(queue)
+        run_batch(cache, torch.arange(100))
+    first = queue.add(torch.arange(500, 560))  # the earliest: 60 rows not held yet
+    later = [queue.add(torch.arange(10 * i, 10 * i + 10)) for i in range(10)]  # every held row
+    for cache in caches:
+        for request in (first, *later):
+            cache.queued(request)
+    for batch in torch.arange(500, 560).split(3):  # the earliest request is served
+        for cache in caches:
+            run_batch(cache, batch)
+        assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot)
+    # the latest requests' rows went first: rows 40-99 are gone, 0-39 stay
+    assert held(caches[1]) == [*range(40), *range(500, 560)]
+    assert caches[1]._queue_victims.passes >= 3  # refilled as the kept requests ran out
+
+
+def test_a_released_request_leaves_no_candidates_behind():
+    cache = RowCache("warm", num_rows=1000, capacity=100, spec=PolicySpec.parse("lru"))
+    cache.attach_queue(QueuedRequests())
+    run_batch(cache, torch.arange(100))
+    requests = [cache.queue.add(torch.arange(500, 560))]  # served first
+    requests += [cache.queue.add(torch.arange(10 * i, 10 * i + 10)) for i in range(10)]
+    for request in requests:
+        cache.queued(request)
+    run_batch(cache, torch.arange(500, 503))  # 3 victims: the last request's rows
+    run = cache._queue_victims.queued
+    assert requests[-1].token in run.buckets.keys() | run.pending.keys()
+    cache.queue.remove(requests[-1])
+    cache.unqueued(requests[-1])  # its 7 rows held are no longer queued
+    assert requests[-1].token not in run.buckets.keys() | run.pending.keys()
+    assert requests[-2].token in run.buckets.keys() | run.pending.keys()

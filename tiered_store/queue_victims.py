@@ -1,26 +1,29 @@
-"""A tier's next victims in a request queue's order, found by one pass over the tier and handed
-out over many batches.
+"""A tier's next victims in a request queue's order, kept up to date as the queue changes.
 
 With requests queued (``tiered_store.request_queue``) a tier evicts rows no queued request looks
-up first, in the policy's order, then the queued rows whose next request is furthest back. Once
-the queue holds many rows, the oldest rows by the policy's order are mostly queued ones, and a
-search from the front of that order found too few others: it passed over every evictable slot
-each batch. This keeps two runs of candidates from one such pass, each valid over many batches:
+up first, in the policy's order, then the queued rows whose next request is furthest back, then
+by slot. Once the queue holds many rows, the oldest rows by the policy's order are mostly queued
+ones, and a search from the front of that order found too few others: it passed over every
+evictable slot each batch. This keeps, from one such pass, candidates of each class:
 
-- *unqueued*: every evictable slot no queued request looks up whose key is at most the last's,
-  ascending (the policy's order; keys only grow, so a slot looked up since leaves the run);
-- *queued*: every evictable queued slot whose next use is at least the last's, furthest first,
-  then by slot.
+- *unqueued*: a run of every evictable slot no queued request looks up whose key is at most a
+  limit, ascending (the policy's order; keys only grow);
+- *queued*: per request token, down to a limit, every evictable slot whose next use it is,
+  ascending; tokens are taken furthest first.
 
-A run is dropped when an event can bring a slot into its range (a release, an unpin, a
-reinstated victim, a request announced for the queued run) and refilled by the next pass; the
-picks are those of a pass per batch (``tests/test_request_queue.py`` checks them in lockstep).
+Lookups, evictions and announcements only take slots out of a class or push them past its
+limit, so a candidate is checked when it comes up (key, or next use, unchanged; still evictable)
+and skipped if not. Slots that enter a class within its limit (a release moves rows to a later
+request or out of the queue, an announcement moves rows into it, rows are admitted, unpinned,
+or a victim is reinstated) are merged in by ``changed``. A pass over the tier is needed only when
+candidates run out before the limit. The picks are exactly those of a pass per eviction
+(``tests/test_request_queue.py`` checks them in lockstep).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,14 +32,51 @@ from policies.base import EvictionPolicy
 
 from .request_queue import NOT_QUEUED
 
+GROW = 4  # a run kept whole (``complete``) past GROW x the spare candidates is cut back to them
+
 
 @dataclass
-class _Run:
-    """Candidates of one class in eviction order, with their key (or next use) at the fill."""
+class _Unqueued:
+    """Unqueued candidates by key: every evictable unqueued slot with key <= ``limit`` (any key,
+    when ``complete``), and possibly stale entries."""
 
     slots: torch.Tensor
-    marks: torch.Tensor
-    complete: bool  # held every slot of its class at the fill, and none has joined the class since
+    keys: torch.Tensor  # ascending, distinct
+    limit: int
+    complete: bool
+
+
+@dataclass
+class _Queued:
+    """Queued candidates per token: every evictable slot whose next use is a token >= ``limit``
+    (any, when ``complete``), and possibly stale entries. Slots that join a token wait in
+    ``pending`` until the token's turn comes (most join the request being served, the last to
+    be taken from)."""
+
+    buckets: dict[int, torch.Tensor]  # token -> slots, ascending
+    limit: int
+    complete: bool
+    pending: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def size(self) -> int:
+        """Entries held, stale ones included."""
+        waiting = sum(t.numel() for chunks in self.pending.values() for t in chunks)
+        return waiting + sum(b.numel() for b in self.buckets.values())
+
+    def bucket(self, token: int) -> torch.Tensor:
+        """A token's slots, ascending, with those waiting merged in."""
+        chunks = self.pending.pop(token, [])
+        old = self.buckets.pop(token, None)
+        if not chunks:
+            return old
+        if old is not None:
+            chunks.append(old)
+        return torch.unique(torch.cat(chunks))  # sorted, each slot once
+
+    def forget(self, token: int) -> None:
+        """A released token: no slot waits for it any more."""
+        self.buckets.pop(token, None)
+        self.pending.pop(token, None)
 
 
 def furthest_first(slots: torch.Tensor, next_use: torch.Tensor, k: int) -> torch.Tensor:
@@ -52,7 +92,7 @@ def furthest_first(slots: torch.Tensor, next_use: torch.Tensor, k: int) -> torch
 
 
 class QueueVictims:
-    """Victims by the queue for a policy whose keys only grow (LRU), from runs of candidates.
+    """Victims by the queue for a policy whose keys only grow (LRU).
 
     ``unevictable`` and ``next_use`` are the tier's per-slot tensors (updated in place by the
     tier); ``spare(n)``: how many candidates a pass keeps when ``n`` are needed now."""
@@ -68,83 +108,171 @@ class QueueVictims:
         self.unevictable = unevictable
         self.next_use = next_use
         self.spare = spare
-        self.unqueued: _Run | None = None
-        self.queued: _Run | None = None
+        self.unqueued: _Unqueued | None = None
+        self.queued: _Queued | None = None
         self.passes = 0  # passes over the tier's slots (a benchmark's and the tests' figure)
 
     def pick(self, need: int, want: int) -> torch.Tensor:
         """Up to ``want`` unqueued victims in the policy's order; if fewer exist, all of them and
         then queued ones, furthest first, up to ``need`` in all."""
-        first = self._take(want, queued=False)
+        first = self._take_unqueued(want)
         short = need - first.numel()
         if short <= 0:
             return first
-        return torch.cat([first, self._take(short, queued=True)])
+        return torch.cat([first, self._take_queued(short)])
 
     def drop(self) -> None:
-        """Forget both runs: slots may have entered their ranges."""
+        """Forget every candidate: the next pick passes over the tier."""
         self.unqueued = self.queued = None
 
-    def announced(self) -> None:
-        """A request joined the queue: its held rows are now needed furthest back of all."""
-        self.queued = None
+    def released(self, token: int) -> None:
+        """Request ``token`` left the queue (its slots then ``changed``): its candidates go."""
+        if self.queued is not None:
+            self.queued.forget(token)
 
-    def admitted(self, next_use: torch.Tensor) -> None:
-        """Rows were admitted with these next uses (their keys are the newest: past the unqueued
-        run's range)."""
-        if not next_use.numel():
+    def changed(self, slots: torch.Tensor) -> None:
+        """``slots`` may have entered a class within its limit (their next use changed, they were
+        admitted, unpinned or reinstated): merge them in."""
+        if not slots.numel() or (self.unqueued is None and self.queued is None):
             return
-        if self.unqueued is not None and bool((next_use == NOT_QUEUED).any()):
-            self.unqueued.complete = False
-        run = self.queued
-        if run is not None:
-            queued = next_use[next_use != NOT_QUEUED]
-            if queued.numel() and (not run.marks.numel() or bool((queued >= run.marks[-1]).any())):
-                self.queued = None  # within the run's range: a new pass places them
-            elif queued.numel():
-                run.complete = False
+        slots = slots[~self.unevictable[slots]]
+        next_use = self.next_use[slots]
+        free = next_use == NOT_QUEUED
+        if self.unqueued is not None:
+            self._merge_unqueued(slots[free])
+        if self.queued is not None:
+            self._merge_queued(slots[~free], next_use[~free])
 
-    # -- internals -------------------------------------------------------------------------------
-    def _take(self, n: int, *, queued: bool) -> torch.Tensor:
-        """The first ``n`` still-valid candidates of a class (fewer only when the class has
-        fewer), refilling its run by a pass when it runs short before its range ends."""
+    # -- the unqueued class -----------------------------------------------------------------------
+    def _take_unqueued(self, n: int) -> torch.Tensor:
+        """The first ``n`` valid unqueued candidates (fewer only when the class has fewer)."""
         for _ in range(2):
-            run = self.queued if queued else self.unqueued
-            if run is None:
-                run = self._fill(n, queued=queued)
+            run = self.unqueued if self.unqueued is not None else self._fill_unqueued(n)
             size = run.slots.numel()
             for head in (4 * n + 64, size) if 4 * n + 64 < size else (size,):
-                slots, marks = run.slots[:head], run.marks[:head]
-                valid = self._valid(slots, marks, queued=queued, run=run)
+                slots, keys = run.slots[:head], run.keys[:head]
+                unqueued = ~self.unevictable[slots] & (self.next_use[slots] == NOT_QUEUED)
+                same = self.eviction.victim_priority(slots) == keys
+                valid = unqueued & same
+                moved = unqueued & ~same  # looked up since: in the class under a newer key,
+                if run.complete and bool(moved.any()):  # which may rank before valid entries
+                    run.slots = torch.cat([slots[valid], run.slots[head:]])
+                    run.keys = torch.cat([keys[valid], run.keys[head:]])
+                    self._merge_unqueued(slots[moved])
+                    return self._take_unqueued(n)  # the head holds no stale entry now
                 taken = slots[valid]
                 if taken.numel() >= n or (head == size and run.complete):
-                    rest = slice(head, None)
-                    run.slots = torch.cat([taken[n:], run.slots[rest]])
-                    run.marks = torch.cat([marks[valid][n:], run.marks[rest]])
+                    run.slots = torch.cat([taken[n:], run.slots[head:]])
+                    run.keys = torch.cat([keys[valid][n:], run.keys[head:]])
                     return taken[:n]
-            if queued:
-                self.queued = None
-            else:
-                self.unqueued = None
+            self.unqueued = None  # ran short before its limit
         raise AssertionError("a fresh pass holds what is asked or the whole class")
 
-    def _valid(
-        self, slots: torch.Tensor, marks: torch.Tensor, *, queued: bool, run: _Run
-    ) -> torch.Tensor:
-        """Entries still in their class with their mark unchanged (and still evictable)."""
-        evictable = ~self.unevictable[slots]
-        next_use = self.next_use[slots]
-        if queued:
-            return evictable & (next_use == marks)
-        unqueued = evictable & (next_use == NOT_QUEUED)
-        same = self.eviction.victim_priority(slots) == marks
-        if run.complete and not bool((same | ~unqueued).all()):
-            run.complete = False  # looked up since: still unqueued, past the run's range
-        return unqueued & same
+    def _fill_unqueued(self, n: int) -> _Unqueued:
+        """One pass: the unqueued class's ``spare(n)`` smallest keys (or all of it)."""
+        slots, _ = self._pass(queued=False)
+        keys = self.eviction.victim_priority(slots)
+        size = min(self.spare(n), slots.numel())
+        keys, order = torch.topk(keys, size, largest=False, sorted=True)
+        limit = int(keys[-1]) if size else 0
+        self.unqueued = _Unqueued(slots[order], keys, limit, size == slots.numel())
+        return self.unqueued
 
-    def _fill(self, n: int, *, queued: bool) -> _Run:
-        """One pass over the evictable slots: the run of a class, at least ``n`` (and spares for
-        later batches) or all of it."""
+    def _merge_unqueued(self, slots: torch.Tensor) -> None:
+        """Unqueued evictable ``slots`` joined the class: those within the limit go in by key."""
+        run = self.unqueued
+        if run is None or not slots.numel():
+            return
+        keys = self.eviction.victim_priority(slots)
+        if not run.complete:
+            within = keys <= run.limit
+            slots, keys = slots[within], keys[within]
+        keys, order = torch.sort(keys)
+        slots = slots[order]
+        once = torch.ones_like(keys, dtype=torch.bool)  # a slot named twice (two stale entries)
+        once[1:] = keys[1:] != keys[:-1]
+        slots, keys = slots[once], keys[once]
+        at = torch.searchsorted(run.keys, keys)
+        if run.keys.numel():  # an entry whose key is unchanged is still where it belongs
+            new = run.keys[at.clamp(max=run.keys.numel() - 1)] != keys
+            slots, keys, at = slots[new], keys[new], at[new]
+        if not slots.numel():
+            return
+        run.slots, run.keys = _merged(run.slots, run.keys, slots, keys, at)
+        keep = self.spare(1)
+        if run.slots.numel() > GROW * keep:  # keep the front, stop growing
+            run.slots, run.keys = run.slots[:keep], run.keys[:keep]
+            run.limit, run.complete = int(run.keys[-1]), False
+
+    # -- the queued class -------------------------------------------------------------------------
+    def _take_queued(self, n: int) -> torch.Tensor:
+        """The first ``n`` valid queued candidates, furthest token first, then by slot."""
+        for _ in range(2):
+            run = self.queued if self.queued is not None else self._fill_queued(n)
+            taken: list[torch.Tensor] = []
+            got = 0
+            for token in sorted(run.buckets.keys() | run.pending.keys(), reverse=True):
+                slots = run.bucket(token)  # a loop per request, not per row
+                for head in (4 * (n - got) + 64, slots.numel()):
+                    part = slots[:head]
+                    valid = part[~self.unevictable[part] & (self.next_use[part] == token)]
+                    if valid.numel() >= n - got or head >= slots.numel():
+                        break
+                take = valid[: n - got]
+                rest = torch.cat([valid[take.numel() :], slots[head:]])
+                if rest.numel():
+                    run.buckets[token] = rest
+                taken.append(take)
+                got += take.numel()
+                if got == n:
+                    break
+            if got == n or run.complete:
+                return torch.cat(taken) if taken else self.next_use.new_empty(0)
+            self.queued = None  # ran short before its limit
+        raise AssertionError("a fresh pass holds what is asked or the whole class")
+
+    def _fill_queued(self, n: int) -> _Queued:
+        """One pass: the queued class's slots of the furthest tokens, at least ``spare(n)`` of
+        them (whole tokens), or all of it."""
+        slots, next_use = self._pass(queued=True)
+        order = furthest_first(slots, next_use, min(self.spare(n), slots.numel()))
+        complete = order.numel() == slots.numel()
+        slots, next_use = slots[order], next_use[order]
+        tokens, counts = torch.unique_consecutive(next_use, return_counts=True)
+        buckets = dict(zip(tokens.tolist(), torch.split(slots, counts.tolist()), strict=True))
+        self.queued = _Queued(buckets, int(tokens[-1]) if tokens.numel() else 0, complete)
+        return self.queued
+
+    def _merge_queued(self, slots: torch.Tensor, next_use: torch.Tensor) -> None:
+        """Queued evictable ``slots`` (with their next uses) joined the class: those within the
+        limit go into their token's bucket."""
+        run = self.queued
+        if run is None or not slots.numel():
+            return
+        if not run.complete:
+            within = next_use >= run.limit
+            slots, next_use = slots[within], next_use[within]
+        if not slots.numel():
+            return
+        for token in torch.unique(next_use).tolist():  # a loop per request, not per row
+            run.pending.setdefault(token, []).append(slots[next_use == token])
+        keep = self.spare(1)
+        if run.size() > GROW * keep:  # keep the furthest tokens' slots, stop growing
+            kept = 0
+            for token in sorted(run.buckets.keys() | run.pending.keys(), reverse=True):
+                if kept >= keep:
+                    run.forget(token)
+                    run.complete = False
+                else:
+                    bucket = run.bucket(token)
+                    bucket = bucket[~self.unevictable[bucket] & (self.next_use[bucket] == token)]
+                    run.buckets[token] = bucket
+                    kept += bucket.numel()
+                    run.limit = token
+
+    # -- the pass ---------------------------------------------------------------------------------
+    def _pass(self, *, queued: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evictable slots of a class (ascending) and their next uses: a pass over the tier."""
         self.passes += 1
         flags = self.unevictable
         if flags.device.type == "cpu":  # numpy's pass over the flags is the cheaper one
@@ -153,18 +281,23 @@ class QueueVictims:
             evictable = torch.nonzero(~flags).squeeze(1)
         next_use = self.next_use[evictable]
         in_class = next_use != NOT_QUEUED if queued else next_use == NOT_QUEUED
-        slots = evictable[in_class]
-        size = min(self.spare(n), slots.numel())
-        if queued:
-            next_use = next_use[in_class]
-            order = furthest_first(slots, next_use, size)
-            run = _Run(slots[order], next_use[order], order.numel() == slots.numel())
-        else:
-            keys = self.eviction.victim_priority(slots)
-            keys, order = torch.topk(keys, size, largest=False, sorted=True)
-            run = _Run(slots[order], keys, size == slots.numel())
-        if queued:
-            self.queued = run
-        else:
-            self.unqueued = run
-        return run
+        return evictable[in_class], next_use[in_class]
+
+
+def _merged(
+    slots: torch.Tensor,
+    keys: torch.Tensor,
+    new_slots: torch.Tensor,
+    new_keys: torch.Tensor,
+    at: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted (slots, keys) with the sorted new entries inserted at ``at`` (their
+    ``searchsorted`` positions): one scatter, no sort of the whole."""
+    total = keys.numel() + new_keys.numel()
+    new_at = at + torch.arange(new_keys.numel(), device=keys.device)
+    old = torch.ones(total, dtype=torch.bool, device=keys.device)
+    old[new_at] = False
+    out_slots, out_keys = slots.new_empty(total), keys.new_empty(total)
+    out_slots[new_at], out_keys[new_at] = new_slots, new_keys
+    out_slots[old], out_keys[old] = slots, keys
+    return out_slots, out_keys

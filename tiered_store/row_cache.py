@@ -160,9 +160,9 @@ class RowCache:
         if self._next_use is not None and self.index is not None and request.rows.numel():
             slots = self.probe(request.rows.to(self.device))
             slots = slots[slots >= 0]
-            self._next_use[slots] = torch.clamp(self._next_use[slots], max=request.token)
-            if self._queue_victims is not None:
-                self._queue_victims.announced()
+            before = self._next_use[slots]
+            self._next_use[slots] = torch.clamp(before, max=request.token)
+            self._queue_changed(slots[before == NOT_QUEUED])  # now queued, furthest back
 
     def unqueued(self, request: QueuedRequest) -> None:
         """``request`` left the queue (already removed from it): its rows held here now wait for
@@ -172,7 +172,9 @@ class RowCache:
             slots = self.probe(rows)
             mine = (slots >= 0) & (self._next_use[slots.clamp(min=0)] == request.token)
             self._next_use[slots[mine]] = self.queue.next_use(rows[mine])
-            self._forget_queue_victims()
+            if self._queue_victims is not None:
+                self._queue_victims.released(request.token)
+            self._queue_changed(slots[mine])
 
     def begin_batch(self) -> None:
         """Advance the policy's clock; call once per lookup batch."""
@@ -226,8 +228,7 @@ class RowCache:
         self._unevictable[unpin] = False
         self._n_pinned += pin.numel() - unpin.numel()
         self._buffer_unpinned(unpin)  # pinned slots leave the victim buffer as it checks them
-        if unpin.numel():
-            self._forget_queue_victims()
+        self._queue_changed(unpin)
         return pin.numel(), unpin.numel()
 
     def _buffer_unpinned(self, unpin: torch.Tensor) -> None:
@@ -318,9 +319,8 @@ class RowCache:
         if self._next_use is not None:
             self._next_use[extra] = NOT_QUEUED
             self._next_use[slots] = self.queue.next_use(new_ids)
-            if self._queue_victims is not None:
-                self._queue_victims.admitted(self._next_use[slots])
         self.eviction.on_insert(slots)
+        self._queue_changed(slots)
         if self.online is not None:
             self.online.admitted(slots, new_ids, looked_up=True)
         self.counters.admissions += cand.numel()
@@ -347,7 +347,6 @@ class RowCache:
         self.row_of_slot.index_copy_(0, slots, ids[cand])
         if self._next_use is not None:
             self._next_use[slots] = self.queue.next_use(ids[cand])
-            self._forget_queue_victims()
         if self.online is not None:
             self.online.admitted(slots, ids[cand], looked_up=False)
         if ages is not None:
@@ -358,6 +357,7 @@ class RowCache:
         if pin:
             self._unevictable[slots] = True
             self._n_pinned += cand.numel()
+        self._queue_changed(slots)
         self.counters.preloaded += cand.numel()
         return cand, slots
 
@@ -465,10 +465,16 @@ class RowCache:
         return want + spare
 
     def _forget_queue_victims(self) -> None:
-        """Slots may have become victims before the queue's runs: the next search passes over
-        the tier."""
+        """Slots may have become victims anywhere: the next search by the queue passes over the
+        tier."""
         if self._queue_victims is not None:
             self._queue_victims.drop()
+
+    def _queue_changed(self, slots: torch.Tensor) -> None:
+        """``slots`` were admitted, unpinned, reinstated or changed next use: the search by the
+        queue takes them in."""
+        if self._queue_victims is not None:
+            self._queue_victims.changed(slots)
 
     def _still_valid(self, slots: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Buffered victims whose key is unchanged and that are still evictable."""
@@ -478,9 +484,9 @@ class RowCache:
         """Victims that stay after all (their candidates were refused): they keep their standing,
         first in line again."""
         self.eviction.on_reinstate(slots)
+        self._queue_changed(slots)
         if self._next_use is not None and len(self.queue):
             self._buffered = None  # picked past queued rows: not the buffer's front
-            self._forget_queue_victims()
         elif self._buffered is not None and slots.numel():
             keys = self.eviction.victim_priority(slots)
             self._buffered = (

@@ -308,8 +308,10 @@ class ServedModel:
 
     @staticmethod
     def release(announced: Announced) -> None:
-        """Release what ``announce`` announced (answered, failed or cancelled)."""
-        for store, request in announced.queued:
+        """Release what ``announce`` announced (answered, failed or cancelled); once: a second
+        call does nothing."""
+        while announced.queued:
+            store, request = announced.queued.pop()
             store.release(request)
 
     def _prefetch(self, ids: torch.Tensor, hashed: EngramBatch | None) -> EngramBatch:

@@ -248,7 +248,7 @@ class InferenceServer:
         )
         try:
             return await self.run_in_worker(self._run, request, announced)
-        finally:
+        finally:  # released in the worker once answered; here only when it never ran
             self.model.release(announced)
 
     async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
@@ -290,7 +290,11 @@ class InferenceServer:
         """The answer to a parsed request (hashed already when ``announced``), and the tokens
         it served."""
         assert self.model is not None
-        doc = self.model.answer(request, announced)
+        try:
+            doc = self.model.answer(request, announced)
+        finally:  # in this worker thread: a release waits for the tables' locks
+            if announced is not None:
+                self.model.release(announced)
         doc["lengths"] = request.lengths
         if request.from_text:
             doc["input_ids"] = request.input_ids.tolist()
