@@ -37,8 +37,10 @@ def test_announce_tells_every_table_the_request_rows(tmp_path):
             assert len(store.caches.queue) == 1
         answer = served.answer(request, announced)  # from the rows hashed when announced
         assert answer == served.answer(request)
+        stores = [store for store, _ in announced.queued]
         served.release(announced)
-        assert all(len(store.caches.queue) == 0 for store, _ in announced.queued)
+        assert all(len(store.caches.queue) == 0 for store in stores)
+        served.release(announced)  # once only: the worker and the handler's cleanup both call it
     finally:
         served.close()
 
