@@ -11,9 +11,9 @@ evictable slot each batch. This keeps, from one such pass, candidates of each cl
 - *queued*: per request token, down to a limit, every evictable slot whose next use it is,
   ascending; tokens are taken furthest first.
 
-Lookups, evictions and announcements only take slots out of a class or push them past its
-limit, so a candidate is checked when it comes up (key, or next use, unchanged; still evictable)
-and skipped if not. Slots that enter a class within its limit (a release moves rows to a later
+Lookups and evictions only take slots out of a class or push them past its limit, so a
+candidate is checked when it comes up (key, or next use, unchanged; still evictable) and skipped
+if not. Slots that enter a class within its limit (a release moves rows to a later
 request or out of the queue, an announcement moves rows into it, rows are admitted, unpinned,
 or a victim is reinstated) are merged in by ``changed``. A pass over the tier is needed only when
 candidates run out before the limit. The picks are exactly those of a pass per eviction
@@ -32,7 +32,7 @@ from policies.base import EvictionPolicy
 
 from .request_queue import NOT_QUEUED
 
-GROW = 4  # a run kept whole (``complete``) past GROW x the spare candidates is cut back to them
+GROW = 4  # a class's candidates past GROW x what a pass keeps are cut back to that (stale ones)
 
 
 @dataclass
