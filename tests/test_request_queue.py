@@ -61,6 +61,25 @@ def test_next_use_follows_requests_coming_and_going_in_any_order():
         assert torch.equal(queue.next_use(probe), want), step
 
 
+def test_add_and_remove_say_which_rows_change_their_earliest_request():
+    """``first_rows``: the rows no earlier request looks up; ``remove``: the rows the request was
+    the earliest for and their next request, against the queue's own ``next_use``."""
+    rng = np.random.default_rng(11)
+    queue, held = QueuedRequests(), []
+    for step in range(300):
+        if held and (rng.random() < 0.45 or len(held) > 12):
+            request = held.pop(int(rng.integers(len(held))))
+            before = queue.next_use(request.rows)
+            rows, next_use = queue.remove(request)
+            assert torch.equal(rows, request.rows[before == request.token]), step
+            assert torch.equal(next_use, queue.next_use(rows)), step
+        else:
+            ids = torch.from_numpy(rng.integers(0, 400, rng.integers(0, 60)))
+            before = queue.next_use(torch.unique(ids))
+            held.append(queue.add(ids))
+            assert torch.equal(held[-1].first_rows, torch.unique(ids)[before == NOT_QUEUED]), step
+
+
 def test_a_request_released_twice_or_to_another_queue_is_refused():
     queue, other = QueuedRequests(), QueuedRequests()
     request = queue.add(t(1, 2))
@@ -94,8 +113,7 @@ def test_rows_no_queued_request_uses_go_first_in_lru_order():
     cache.queued(request)
     admit(cache, 20)  # plain LRU would evict 10; the queue needs it, so 12 goes
     assert held(cache) == [10, 11, 13, 20]
-    cache.queue.remove(request)
-    cache.unqueued(request)
+    cache.unqueued(request, *cache.queue.remove(request))
     admit(cache, 21)  # nothing queued: LRU again, and 10 is the least recent
     assert held(cache) == [11, 13, 20, 21]
 
@@ -191,6 +209,45 @@ def test_replay_with_a_queue_equals_the_live_store(tmp_path, tiers):
     assert result.rows_moved["cold_reads"] < blind.rows_moved["cold_reads"]
 
 
+def test_threads_announcing_looking_up_and_releasing_leave_every_slot_its_earliest_request(
+    tmp_path,
+):
+    """Four threads announce, look up and release overlapping requests out of order on one
+    store; afterwards each held row's per-slot token is the queue's earliest request for it."""
+    import threading
+
+    path, data = make_table(tmp_path, rows=ROWS, dim=8)
+    config = store_config(path, hot={"capacity": 60}, warm={"capacity": 300})
+    kept: list = []
+    with TieredStore(config) as store:
+
+        def serve(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            waiting = []
+            for _ in range(150):
+                ids = torch.from_numpy((rng.zipf(1.1, size=int(rng.integers(1, 80))) - 1) % ROWS)
+                waiting.append((ids, store.announce(ids)))
+                if len(waiting) > 3 or rng.random() < 0.3:
+                    ids, request = waiting.pop(int(rng.integers(len(waiting))))
+                    assert torch.equal(store.lookup(ids), data[ids])
+                    store.release(request)
+            kept.extend(request for _, request in waiting[:2])  # still queued at the end
+            for _, request in waiting[2:]:
+                store.release(request)
+
+        threads = [threading.Thread(target=serve, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(store.caches.queue) == len(kept) == 8
+        for cache in (store.hot, store.warm):
+            held = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
+            want = store.caches.queue.next_use(cache.row_of_slot[held])
+            assert torch.equal(cache._next_use[held], want), cache.name
+            check_cache_invariants(cache)
+
+
 def test_store_announce_checks_ids_and_release_checks_the_request(tmp_path):
     path, _ = make_table(tmp_path, rows=ROWS, dim=8)
     config = store_config(path, warm={"capacity": 100})
@@ -281,9 +338,9 @@ def test_victims_from_runs_are_those_of_a_pass_per_eviction(capacity, spec, head
                 run_batch(cache, batch)
             assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot), step
         if request is not None:
-            queue.remove(request)
+            moved = queue.remove(request)
             for cache in caches:
-                cache.unqueued(request)
+                cache.unqueued(request, *moved)
     assert caches[0].counters == caches[1].counters
     check_cache_invariants(caches[1])
 
@@ -318,8 +375,7 @@ def test_a_tier_full_of_queued_rows_passes_over_its_slots_rarely():
             run_batch(cache, batch)
             evicting += cache.counters.evictions > before
         served = waiting.pop(0)
-        cache.queue.remove(served)
-        cache.unqueued(served)
+        cache.unqueued(served, *cache.queue.remove(served))
         if i + 4 < len(requests):
             waiting.append(cache.queue.add(requests[i + 4]))
             cache.queued(waiting[-1])
@@ -370,7 +426,6 @@ def test_a_released_request_leaves_no_candidates_behind():
     run_batch(cache, torch.arange(500, 503))  # 3 victims: the last request's rows
     run = cache._queue_victims.queued
     assert requests[-1].token in run.buckets.keys() | run.pending.keys()
-    cache.queue.remove(requests[-1])
-    cache.unqueued(requests[-1])  # its 7 rows held are no longer queued
+    cache.unqueued(requests[-1], *cache.queue.remove(requests[-1]))  # its 7 rows held go
     assert requests[-1].token not in run.buckets.keys() | run.pending.keys()
     assert requests[-2].token in run.buckets.keys() | run.pending.keys()

@@ -80,18 +80,18 @@ class CacheHierarchy:
 
     def release(self, request: QueuedRequest) -> None:
         """An announced request left the queue (it was served, or cancelled)."""
-        self.queue.remove(request)
-        self.unqueued(request)
+        self.unqueued(request, self.queue.remove(request))
+
+    def unqueued(self, request: QueuedRequest, moved: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Both tiers: ``request`` left the queue; ``moved``: what ``QueuedRequests.remove``
+        returned (the rows it was the earliest request for, and their next request)."""
+        for cache in (self.hot, self.warm):
+            cache.unqueued(request, *moved)
 
     def queued(self, request: QueuedRequest) -> None:
         """Both tiers: ``request``, just added to the queue, now holds its rows."""
         for cache in (self.hot, self.warm):
             cache.queued(request)
-
-    def unqueued(self, request: QueuedRequest) -> None:
-        """Both tiers: ``request``, just removed from the queue, no longer holds its rows."""
-        for cache in (self.hot, self.warm):
-            cache.unqueued(request)
 
     @classmethod
     def from_config(

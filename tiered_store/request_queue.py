@@ -32,6 +32,7 @@ class QueuedRequest:
     token: int  # order of announcement: earlier requests have smaller tokens
     rows: torch.Tensor = field(repr=False)  # its distinct row ids, sorted (CPU)
     owner: object = field(repr=False)
+    first_rows: torch.Tensor = field(repr=False)  # of ``rows``, those no earlier request queued
 
 
 class QueuedRequests:
@@ -56,19 +57,26 @@ class QueuedRequests:
         return int(np.count_nonzero(pairs[1:] != pairs[:-1])) + int(pairs.size > 0)
 
     def add(self, ids: torch.Tensor) -> QueuedRequest:
-        """Queue a request that will look up ``ids`` (any shape)."""
+        """Queue a request that will look up ``ids`` (any shape); its ``first_rows`` are those no
+        request queued before it looks up: they now wait for it."""
+        from . import request_queue_kernels as kernels  # numba: imported at the first announce
+
         rows = torch.unique(ids.reshape(-1).to("cpu", torch.int64))
         with self._lock:
-            request = QueuedRequest(next(self._tokens), rows, self)
-            self._requests.add(request.token)
-            mine = rows.numpy()
-            at = np.searchsorted(self._pair_rows, mine, side="right")  # after every earlier
-            self._pair_rows = np.insert(self._pair_rows, at, mine)  # request's pair of the row
-            self._pair_tokens = np.insert(self._pair_tokens, at, request.token)
+            token = next(self._tokens)
+            self._pair_rows, self._pair_tokens, first = kernels.merge_request(
+                self._pair_rows, self._pair_tokens, rows.numpy(), token
+            )
+            request = QueuedRequest(token, rows, self, rows[torch.from_numpy(first)])
+            self._requests.add(token)
         return request
 
-    def remove(self, request: QueuedRequest) -> None:
-        """Drop a request from the queue (served or cancelled)."""
+    def remove(self, request: QueuedRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop a request from the queue (served or cancelled). Returns the rows it was the
+        earliest request for, and the token of the request that now looks each up first
+        (``NOT_QUEUED`` where none does)."""
+        from . import request_queue_kernels as kernels
+
         with self._lock:
             if request.owner is not self or request.token not in self._requests:
                 where = "was already released" if request.owner is self else "is another store's"
@@ -77,9 +85,10 @@ class QueuedRequests:
                     "once, to the store that announced it"
                 )
             self._requests.discard(request.token)
-            keep = self._pair_tokens != request.token
-            self._pair_rows = self._pair_rows[keep]
-            self._pair_tokens = self._pair_tokens[keep]
+            self._pair_rows, self._pair_tokens, rows, next_use = kernels.drop_request(
+                self._pair_rows, self._pair_tokens, request.token, NOT_QUEUED
+            )
+        return torch.from_numpy(rows), torch.from_numpy(next_use)
 
     def next_use(self, ids: torch.Tensor) -> torch.Tensor:
         """Token of the earliest queued request that looks up each of ``ids`` (int64, on ``ids``'

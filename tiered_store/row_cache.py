@@ -155,23 +155,21 @@ class RowCache:
             )
 
     def queued(self, request: QueuedRequest) -> None:
-        """``request`` joined the queue, the latest: its rows held here that no earlier queued
-        request looks up now wait for it."""
-        if self._next_use is not None and self.index is not None and request.rows.numel():
-            slots = self.probe(request.rows.to(self.device))
+        """``request`` joined the queue, the latest: its ``first_rows`` held here now wait for
+        it."""
+        if self._next_use is not None and self.index is not None and request.first_rows.numel():
+            slots = self.probe(request.first_rows.to(self.device))
             slots = slots[slots >= 0]
-            before = self._next_use[slots]
-            self._next_use[slots] = torch.clamp(before, max=request.token)
-            self._queue_changed(slots[before == NOT_QUEUED])  # now queued, furthest back
+            self._next_use[slots] = request.token  # no other queued request looks them up
+            self._queue_changed(slots)  # now queued, furthest back
 
-    def unqueued(self, request: QueuedRequest) -> None:
-        """``request`` left the queue (already removed from it): its rows held here now wait for
-        their next queued request, if any."""
-        if self._next_use is not None and self.index is not None and request.rows.numel():
-            rows = request.rows.to(self.device)
-            slots = self.probe(rows)
+    def unqueued(self, request: QueuedRequest, rows: torch.Tensor, next_use: torch.Tensor) -> None:
+        """``request`` left the queue: ``rows``, those it was the earliest request for, held here
+        now wait for ``next_use`` (``QueuedRequests.remove``)."""
+        if self._next_use is not None and self.index is not None and rows.numel():
+            slots = self.probe(rows.to(self.device))
             mine = (slots >= 0) & (self._next_use[slots.clamp(min=0)] == request.token)
-            self._next_use[slots[mine]] = self.queue.next_use(rows[mine])
+            self._next_use[slots[mine]] = next_use.to(self.device)[mine]
             if self._queue_victims is not None:
                 self._queue_victims.released(request.token)
             self._queue_changed(slots[mine])

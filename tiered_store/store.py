@@ -129,6 +129,7 @@ class TieredStore:
                 os.close(self._version_hold)
             raise
         self._lock = threading.Lock()
+        self._releasing = threading.Lock()  # announced requests released one at a time
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.lookup_latency = LatencyHistogram()
         self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
@@ -249,9 +250,10 @@ class TieredStore:
         no-op once the store is closed (a server releasing in a ``finally``)."""
         if self._closed:
             return
-        self.caches.queue.remove(request)  # its own lock: lookups go on meanwhile
-        with self._lock:
-            self.caches.unqueued(request)
+        with self._releasing:  # one release at a time: each reads the queue the last one left
+            moved = self.caches.queue.remove(request)  # its own lock: lookups go on meanwhile
+            with self._lock:
+                self.caches.unqueued(request, moved)
 
     # -- the write interface ---------------------------------------------------------------------
     def write(self, ids: Any, rows: Any) -> None:
