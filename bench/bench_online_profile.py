@@ -10,7 +10,12 @@ store's own decisions at one lookup per batch), over the replayed lookups after 
   top rows and gives the recency segment the measured distinct rows per window (at most half);
 - **online, offline start**: the same counter seeded with the offline profile first;
 - **exact, warm-up only**: exact episodes per row over the same warm-up (one int64 per table
-  row): what the bounded counter approximates, to tell its error from the warm-up's size.
+  row): what the bounded counter approximates, to tell its error from the warm-up's size;
+- **suffix back-off**: the same counts, each row of an n-gram raised by a hundredth of the count
+  of its suffix (n-1)-gram's row in the same head rank (the structure Engram's rows carry: does
+  it tell which rows seen once or twice come back?);
+- **oracle, warm-up rows**: the rows the warm-up looked up, ranked by their episodes in the
+  served part (the future): no ranking of what the warm-up saw pins better.
 
 During the warm-up the online tier would run as plain LRU; the figures compare the lookups after
 it. The target of issue 15: online within 1 point of offline after at most 5M lookups.
@@ -53,6 +58,35 @@ def online_counter(ids, capacity, window, profile=None, prior_weight=0.0) -> Onl
     return counter
 
 
+def episodes(ids, rows, window) -> np.ndarray:
+    """Exact episodes per row: windows of ``window`` lookups that look it up (float64)."""
+    counts = np.zeros(rows, np.float64)
+    for start in range(0, ids.size, window):
+        counts[np.unique(ids[start : start + window])] += 1
+    return counts
+
+
+def suffix_rows(ids, orders, rows) -> np.ndarray:
+    """Per table row, the row its (n-1)-gram suffix looked up in the same head rank at the row's
+    first lookup in ``ids`` (``[tokens x heads]`` flattened, whole tokens; ``orders``: each
+    head's n-gram order); -1 for rows of the lowest order and rows not looked up."""
+    orders = np.asarray(orders)
+    per_token = ids[: ids.size - ids.size % orders.size].reshape(-1, orders.size)
+    parent = np.full(rows, -1, np.int64)
+    for order in np.unique(orders)[1:]:
+        for head, suffix in zip(
+            np.flatnonzero(orders == order), np.flatnonzero(orders == order - 1), strict=False
+        ):
+            parent[per_token[::-1, head]] = per_token[::-1, suffix]  # the first lookup wins
+    return parent
+
+
+def ranked(score, k) -> np.ndarray:
+    """The ``k`` rows of highest ``score`` with a positive score, ties by row id."""
+    top = np.lexsort((np.arange(score.size), -score))[:k]
+    return top[score[top] > 0]
+
+
 def misses_after(ids, rows, pinned_ids, recency_rows) -> float:
     """Per-request miss ratio of pinned rows + LRU over ``ids``."""
     pinned = np.zeros(rows, np.bool_)
@@ -89,7 +123,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # 2 shared cores: extra threads only spin
     prof = FrequencyProfile.load(args.analysis / f"{args.layer}.profile.npz")
     with TraceReader(args.analysis / "holdout.trace") as reader:
-        rows = int(reader.layout[reader.table_index(args.layer)]["rows"])
+        table = reader.layout[reader.table_index(args.layer)]
+        rows = int(table["rows"])
         ids = reader.read_all(args.layer)[: args.lookups].astype(np.int64)
     warm, served = ids[: args.warmup], ids[args.warmup :]
     if not served.size:
@@ -108,6 +143,10 @@ def main(argv=None) -> int:
         "served": int(served.size),
         "shares": [],
     }
+    exact = episodes(warm, rows, args.window)
+    parent = suffix_rows(warm, table["orders"], rows)
+    backed_off = exact + 0.01 * np.where(parent >= 0, exact[parent.clip(min=0)], 0.0)
+    future = np.where(exact > 0, episodes(served, rows, args.window), 0.0)
     for share in shares:
         cap = int(rows * share)
         start = time.perf_counter()
@@ -122,16 +161,20 @@ def main(argv=None) -> int:
             cell[f"{name}_recency_rows"] = recency
             cell[f"{name}_counter_bytes"] = counter.nbytes
         cell["offline_recency_rows"] = split.recency_rows
-        exact = np.zeros(rows, np.int64)
-        for start_w in range(0, warm.size, args.window):
-            exact[np.unique(warm[start_w : start_w + args.window])] += 1
-        ranked = np.lexsort((np.arange(rows), -exact))[: cap - cell["online_recency_rows"]]
-        cell["exact_warmup"] = misses_after(served, rows, ranked, cell["online_recency_rows"])
+        recency = cell["online_recency_rows"]
+        for name, score in (
+            ("exact_warmup", exact),
+            ("suffix_backoff", backed_off),
+            ("oracle_warmup_rows", future),
+        ):
+            cell[name] = misses_after(served, rows, ranked(score, cap - recency), recency)
         result["shares"].append(cell)
         print(
             f"{100 * share:g}%: offline {100 * offline:.2f}%, online {100 * cell['online']:.2f}%, "
             f"online from offline {100 * cell['online_offline_start']:.2f}%, "
-            f"exact warm-up counts {100 * cell['exact_warmup']:.2f}% "
+            f"exact warm-up counts {100 * cell['exact_warmup']:.2f}%, "
+            f"backed off {100 * cell['suffix_backoff']:.2f}%, "
+            f"oracle of the warm-up's rows {100 * cell['oracle_warmup_rows']:.2f}% "
             f"(counter {cell['online_counter_bytes'] / 2**20:.1f} MiB; "
             f"{time.perf_counter() - start:.0f} s)",
             flush=True,

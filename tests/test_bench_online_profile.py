@@ -12,7 +12,14 @@ import pytest
 from tests.bench_support import CORPUS, analyze, run_bench
 from tiered_store.trace import TraceReader
 
-MODES = ("offline", "online", "online_offline_start", "exact_warmup")  # docs/policies.md's columns
+MODES = (  # docs/policies.md's columns
+    "offline",
+    "online",
+    "online_offline_start",
+    "exact_warmup",
+    "suffix_backoff",
+    "oracle_warmup_rows",
+)
 
 
 def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -55,6 +62,8 @@ def test_each_share_is_labelled_as_given_and_a_bigger_tier_misses_less(analysis,
         assert 0 < cell["offline_recency_rows"] <= cap
         line = f"{100 * cell['share']:g}%: offline {100 * cell['offline']:.2f}%, online "
         assert line + f"{100 * cell['online']:.2f}%" in done.stdout
+        # the warm-up's rows ranked by what they do next pin better than by what they did
+        assert cell["oracle_warmup_rows"] < cell["exact_warmup"]
     assert big["online_counter_bytes"] > small["online_counter_bytes"]  # sized from the tier
     # offline and exact warm-up counts pin a prefix of one ranking (the tier's rows less its
     # recency segment) and keep an LRU of the rest: where the bigger tier pins and recalls at
@@ -62,6 +71,8 @@ def test_each_share_is_labelled_as_given_and_a_bigger_tier_misses_less(analysis,
     for mode, recency in (
         ("offline", "offline_recency_rows"),
         ("exact_warmup", "online_recency_rows"),
+        ("suffix_backoff", "online_recency_rows"),
+        ("oracle_warmup_rows", "online_recency_rows"),
     ):
         small_pins = int(rows * small["share"]) - small[recency]
         big_pins = int(rows * big["share"]) - big[recency]
