@@ -6,9 +6,9 @@ ways of serving the Engram tables:
 
   (a) memory      every table loaded into RAM (``InMemoryTable``): the baseline
   (b) tiered      ``TieredStore`` per layer: hot 5% + warm 20% of the table (so at most 1/4),
-                  LRU, cold reads ``io: direct`` (page cache bypassed), every Engram layer's rows
-                  prefetched when the batch starts (and ``--lookahead`` batches ahead when a
-                  round has several)
+                  LRU, cold reads ``io: direct`` (page cache bypassed; ``--io``), every Engram
+                  layer's rows prefetched when the batch starts (and ``--lookahead`` batches
+                  ahead when a round has several)
   (c) no-prefetch the same store configuration, every lookup fetched synchronously in the forward
   (d) mmap        the table file memory-mapped with no caches (``io: mmap``, zero capacity),
                   prefetched like (b); the OS page cache is dropped for the files at the start
@@ -115,7 +115,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warm", type=capacity, default="20%", help="warm tier capacity per table")
     p.add_argument("--policy", default="lru", help="policy of both cache tiers")
     p.add_argument(
-        "--cold-threads", type=at_least(1), default=8, help="cold-tier reader threads per store"
+        "--io",
+        default="direct",
+        choices=("direct", "uring", "pread", "mmap"),
+        help="cold reads of (b) and (c): direct (default; O_DIRECT, page cache bypassed), uring "
+        "(O_DIRECT through io_uring), pread, mmap",
+    )
+    p.add_argument(
+        "--cold-threads",
+        type=at_least(1),
+        default=8,
+        help="cold-tier reader threads per store (io: uring: rings)",
     )
     p.add_argument(
         "--lookahead", type=at_least(0), default=1, help="batches prefetched ahead in (b)"
@@ -194,7 +204,7 @@ def store_spec(args) -> dict:
         "tiers": {
             "hot": {"capacity": args.hot, "policy": args.policy, "device": str(args.device)},
             "warm": {"capacity": args.warm, "policy": args.policy},
-            "cold": {"io": "direct", "threads": args.cold_threads},
+            "cold": {"io": args.io, "threads": args.cold_threads},
         },
         "prefetch": {"depth": args.lookahead + 1},
     }

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tiered_store.io_uring import uring_unavailable_reason
+from tiered_store.serve.client import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(email.__file__).parent  # the standard library's email package: about 70k tokens
@@ -19,7 +20,7 @@ def run_bench(
     script: str, *args: str, env: dict[str, str] | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
     """``python bench/SCRIPT ARGS`` from the repository root, ``env`` over this process's."""
-    env = dict(os.environ, **(env or {}), PYTHONPATH=str(ROOT))
+    env = subprocess_env(env)
     cmd = [sys.executable, f"bench/{script}", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tiered_store.cli import main
+from tiered_store.serve.client import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=subprocess_env(),
         **kwargs,
     )
 
@@ -101,7 +102,7 @@ def test_an_interrupted_init_leaves_no_temporary_files(tmp_path, signum):
         [sys.executable, "-m", "tiered_store.cli", "init", str(tmp_path / "big.npy"),
          "--random", "4000000x64", "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=subprocess_env(),
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not any(p.name.endswith(".tmp") and p.stat().st_size > 4096 for p in tmp_path.iterdir()):
@@ -150,7 +151,7 @@ def test_info_into_a_closed_pipe_prints_no_traceback(table):
         [sys.executable, "-m", "tiered_store.cli", "info", str(table)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=subprocess_env(),
     )
     proc.stdout.close()  # before the command prints
     err = proc.stderr.read().decode()

@@ -5,7 +5,6 @@ before anything is written."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from tiered_store.engram.hf_checkpoint import convert_hf_checkpoint
 from tiered_store.engram.tokenizer import default_tokenizer_path
 from tiered_store.errors import ConfigError
 from tiered_store.quantization import RowQuantization
+from tiered_store.serve.client import subprocess_env
 from tiered_store.table_format import read_manifest, verify_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ convert_hf_checkpoint(sys.argv[1], sys.argv[2], progress=False, chunk_bytes=64 *
 
 def test_a_killed_conversion_finishes_on_rerun_keeping_complete_tables(golden, tmp_path):
     ckpt, out = make_checkpoint(tmp_path / "ckpt", golden), tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     layer1_chunks = -(-1998 // 64)
     killed = subprocess.run(
         [sys.executable, "-c", KILL_SCRIPT, str(ckpt), str(out), str(layer1_chunks + 5)],

@@ -27,7 +27,13 @@ from tests.serve_support import make_checkpoint
 from tiered_store.engram.checkpoint import table_metadata
 from tiered_store.engram.hashing import NgramHasher
 from tiered_store.serve import ServeConfig
-from tiered_store.serve.client import ServeProcess, get_json, post_json, raw_exchange
+from tiered_store.serve.client import (
+    ServeProcess,
+    get_json,
+    post_json,
+    raw_exchange,
+    subprocess_env,
+)
 from tiered_store.table_format import create_table, read_manifest
 
 LIMITS = {
@@ -74,7 +80,7 @@ def test_an_address_in_use_exits_non_zero_at_once_naming_it(config_path, which):
         start = time.monotonic()
         out = subprocess.run(
             cmd, capture_output=True, text=True, timeout=60,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            env=subprocess_env(),
         )  # fmt: skip
     assert out.returncode != 0 and time.monotonic() - start < 30
     key = "store.metrics.address" if which == "metrics" else "server.address"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from tiered_store.errors import TableFormatError, TieredStoreError
+from tiered_store.serve.client import subprocess_env
 from tiered_store.table_format import (
     DATA_OFFSET,
     RandomSource,
@@ -383,7 +383,7 @@ CRASH_SCRIPT = textwrap.dedent(
 
 
 def crash_create(path: Path, where: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, "-c", CRASH_SCRIPT, str(path), where], env=env, capture_output=True
     )

@@ -4,7 +4,6 @@ where an uninterrupted run does; a bad seed is refused with the options."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from tiered_store import TieredStore
 from tiered_store.cli import main
 from tiered_store.engram.training import TrainSettings, train
+from tiered_store.serve.client import subprocess_env
 
 TINY = {
     "engram": {
@@ -84,7 +84,7 @@ def test_train_resumes_after_kill_9_and_ends_as_an_uninterrupted_run(tmp_path):
         "--model",
         str(model_file),
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while _committed(killed) < 4 and time.monotonic() < deadline and proc.poll() is None:

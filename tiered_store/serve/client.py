@@ -107,7 +107,7 @@ class ServeProcess:
             cmd,
             stdout=subprocess.PIPE,
             stderr=self._log,
-            env=_subprocess_env(env),
+            env=subprocess_env(env),
         )
         self.ready = self._wait_ready(startup_timeout)
         self.url: str = self.ready["url"]
@@ -165,8 +165,9 @@ class ServeProcess:
         self.log_path.unlink(missing_ok=True)
 
 
-def _subprocess_env(extra: dict[str, str] | None) -> dict[str, str]:
-    """This environment plus ``extra``, with this ``tiered_store`` first on ``PYTHONPATH``."""
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment plus ``extra``, with this ``tiered_store`` first on ``PYTHONPATH`` (the
+    paths already there kept after it: a child Python imports what this one does)."""
     env = {**os.environ, **(extra or {})}
     paths = [str(_PACKAGE_PARENT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(paths)
