@@ -5,7 +5,8 @@ rounds (variant order rotated from round to round, after one short untimed round
 for about ``--seconds``:
 
 - ``fio`` random 4 KiB reads, ``ioengine=libaio``, ``direct=1``, one job, at each ``--depths``
-  queue depth (the baseline: QD32), and ``ioengine=io_uring`` at QD32;
+  queue depth (the baseline: QD32), and ``ioengine=io_uring`` at QD32 (skipped with
+  ``--no-fio``, for machines without fio: the baseline is then disk_probe's io_uring at QD32);
 - ``tiered_store.disk_probe``: random 4 KiB ``O_DIRECT`` reads from Python, ``--threads``
   threads with one ``preadv`` each, and one thread through an io_uring at each depth;
 - ``ColdTable.read_rows`` of batches of ``--batch`` unique sorted uniform-random row ids:
@@ -16,7 +17,7 @@ for about ``--seconds``:
 
 fio reports reads/s, ours rows/s (and read requests/s: rows whose pages touch are read in one
 request). The headline is the ratio of the store's cold-miss rows/s (``io: uring``, queue depth
-``--headline-depth``) to fio's libaio QD32 reads/s, measured after the curves in ``--pairs``
+``--headline-depth``) to the baseline's reads/s (fio's libaio QD32), measured after the curves in ``--pairs``
 back-to-back pairs (order alternating), median over pairs: on a disk and CPUs that other work
 shares, a pair sees the same conditions where a whole round does not. Writes ``--out`` (JSON,
 no absolute paths) and a PNG of the curves beside it. Exits 2 when ``fio`` is not installed.
@@ -54,7 +55,8 @@ from tiered_store.errors import TierIOError
 from tiered_store.table_format import PAGE_BYTES, RandomSource, create_table, read_manifest
 
 ROW_DIM = 32  # float32 values per row: 128-byte rows, as in bench/test_lookup_speed.py
-BASELINE = "fio libaio QD32"
+FIO_BASELINE = "fio libaio QD32"
+PROBE_BASELINE = "disk_probe io_uring QD32"  # with --no-fio: the same reads, issued from Python
 
 
 @dataclass
@@ -76,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dir", type=Path, help="where the table goes (default: the temp folder)")
     p.add_argument("--table-gib", type=float, default=1.0, help="table size in GiB")
     p.add_argument("--rounds", type=at_least(1), default=5, help="measured rounds of the curves")
-    p.add_argument("--pairs", type=at_least(1), default=20, help="headline pairs (fio QD32, store)")
+    p.add_argument("--pairs", type=at_least(1), default=20, help="headline pairs (baseline, store)")
     p.add_argument("--seconds", type=float, default=1.0, help="time per variant per round")
     p.add_argument(
         "--batch", type=at_least(1), default=16384, help="ids per read_rows / lookup call"
@@ -100,20 +102,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch intra-op threads (the store's index ops are small: on 2 busy cores, 2 threads "
         "made a 16k-element gather take 15-40 ms instead of 0.2 ms)",
     )
+    p.add_argument(
+        "--no-fio",
+        action="store_true",
+        help="run without fio (where it is not installed): no fio curves, and the baseline is "
+        f"{PROBE_BASELINE!r} (the same random 4 KiB O_DIRECT reads, from Python)",
+    )
     p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--out", type=Path, help="write the JSON here (and the PNG beside it)")
     args = p.parse_args(argv)
+    if args.no_fio and 32 not in args.depths:
+        p.error(
+            f"--no-fio: the baseline reads at queue depth 32, which --depths {args.depths} lacks"
+        )
     if args.headline_depth not in args.store_depths:
         p.error(f"--headline-depth {args.headline_depth} is not in --store-depths")
     return args
 
 
-def fio_version() -> str:
-    """``fio --version``, or exit 2 with a clear message when fio is not installed."""
+def baseline_name(args) -> str:
+    """The variant every rate is divided by."""
+    return PROBE_BASELINE if args.no_fio else FIO_BASELINE
+
+
+def fio_version(args) -> str | None:
+    """``fio --version`` (None with ``--no-fio``), or exit 2 clearly when fio is not installed."""
+    if args.no_fio:
+        return None
     if shutil.which("fio") is None:
         print(
             "bench_cold_path: fio is not installed; it is this benchmark's baseline "
-            "(Debian/Ubuntu: apt-get install fio)",
+            "(Debian/Ubuntu: apt-get install fio; or run with --no-fio)",
             file=sys.stderr,
         )
         sys.exit(2)
@@ -193,7 +212,7 @@ def variants(args, path: Path, opened: list) -> list[Variant]:
     start, size = m.data_offset, (m.file_bytes - m.data_offset) // PAGE_BYTES * PAGE_BYTES
     rng = np.random.default_rng(args.seed)
     out: list[Variant] = []
-    for depth in args.depths:
+    for depth in [] if args.no_fio else args.depths:
         out.append(
             Variant(
                 f"fio libaio QD{depth}",
@@ -202,14 +221,15 @@ def variants(args, path: Path, opened: list) -> list[Variant]:
                 lambda s, d=depth: run_fio(path, start, size, "libaio", d, s),
             )
         )
-    out.append(
-        Variant(
-            "fio io_uring QD32",
-            "fio io_uring",
-            32,
-            lambda s: run_fio(path, start, size, "io_uring", 32, s),
+    if not args.no_fio:
+        out.append(
+            Variant(
+                "fio io_uring QD32",
+                "fio io_uring",
+                32,
+                lambda s: run_fio(path, start, size, "io_uring", 32, s),
+            )
         )
-    )
     window = {"start": start, "stop": m.file_bytes}
     for depth in args.depths:
         run = probe_variant(probe_uring_reads, args.batch, path=path, queue_depth=depth, **window)
@@ -257,13 +277,14 @@ def measure(args, path: Path) -> tuple[list[Variant], list[dict], list[dict]]:
                 print(f"round {r}: {v.name:<30} {results[v.name]['rate']:>10,.0f}/s", flush=True)
             rounds.append(results)
         by_name = {v.name: v for v in points}
-        pair = [by_name[BASELINE], by_name[headline_name(args)]]
+        baseline = baseline_name(args)
+        pair = [by_name[baseline], by_name[headline_name(args)]]
         pairs = []
         for i in range(args.pairs):
             results = {v.name: v.run(args.seconds) for v in (pair if i % 2 == 0 else pair[::-1])}
             pairs.append(results)
-            ratio = results[pair[1].name]["rate"] / results[BASELINE]["rate"]
-            print(f"pair {i}: {pair[1].name} / {BASELINE} = {ratio:.3f}", flush=True)
+            ratio = results[pair[1].name]["rate"] / results[baseline]["rate"]
+            print(f"pair {i}: {pair[1].name} / {baseline} = {ratio:.3f}", flush=True)
         return points, rounds, pairs
     finally:
         for thing in opened:
@@ -278,7 +299,8 @@ def headline_name(args) -> str:
 def summarize(
     args, points: list[Variant], rounds: list[dict], pairs: list[dict], table: dict
 ) -> dict:
-    """Medians per variant, ratios to fio QD32 within each round, the headline from the pairs."""
+    """Medians per variant, ratios to the baseline within each round, the headline from pairs."""
+    baseline = baseline_name(args)
     summary = {}
     for v in points:
         runs = [r[v.name] for r in rounds]
@@ -286,12 +308,12 @@ def summarize(
         for key in runs[0]:
             entry[key] = statistics.median(run[key] for run in runs)
         entry["rate_per_round"] = [run["rate"] for run in runs]
-        entry["ratio_to_fio_qd32"] = statistics.median(
-            run["rate"] / r[BASELINE]["rate"] for run, r in zip(runs, rounds, strict=True)
+        entry["ratio_to_baseline"] = statistics.median(
+            run["rate"] / r[baseline]["rate"] for run, r in zip(runs, rounds, strict=True)
         )
         summary[v.name] = entry
     headline = headline_name(args)
-    per_pair = [p[headline]["rate"] / p[BASELINE]["rate"] for p in pairs]
+    per_pair = [p[headline]["rate"] / p[baseline]["rate"] for p in pairs]
     return {
         "benchmark": "cold_path",
         "command": public_command("bench/bench_cold_path.py", sys.argv[1:]),
@@ -299,7 +321,7 @@ def summarize(
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
             "machine": platform.machine(),
-            "fio": fio_version(),
+            "fio": fio_version(args),
         },
         "table": table,
         "settings": {
@@ -314,18 +336,19 @@ def summarize(
         },
         "units": "fio and disk_probe: 4 KiB reads/s; ColdTable and store: rows/s",
         "headline": {
-            "what": f"{headline} rows/s / {BASELINE} reads/s, back-to-back pairs",
+            "what": f"{headline} rows/s / {baseline} reads/s, back-to-back pairs",
+            "baseline": baseline,
             "ratio_median": statistics.median(per_pair),
             "ratio_per_pair": per_pair,
-            "ratio_in_curve_rounds": summary[headline]["ratio_to_fio_qd32"],
+            "ratio_in_curve_rounds": summary[headline]["ratio_to_baseline"],
             "target": 0.8,
             "store_rows_per_s": statistics.median(p[headline]["rate"] for p in pairs),
-            "fio_qd32_reads_per_s": statistics.median(p[BASELINE]["rate"] for p in pairs),
+            "baseline_reads_per_s": statistics.median(p[baseline]["rate"] for p in pairs),
             "store_read_requests_per_s": statistics.median(
                 p[headline]["requests_per_s"] for p in pairs
             ),
             "request_ratio_median": statistics.median(
-                p[headline]["requests_per_s"] / p[BASELINE]["rate"] for p in pairs
+                p[headline]["requests_per_s"] / p[baseline]["rate"] for p in pairs
             ),
         },
         "results": summary,
@@ -339,7 +362,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = report["results"]
+    res, h = report["results"], report["headline"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, curves, xlabel in (
         (
@@ -355,21 +378,21 @@ def plot(report: dict, path: Path) -> None:
     ):
         for curve in curves:
             pts = sorted((e["x"], e["rate"]) for e in res.values() if e["curve"] == curve)
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, [y / 1e3 for y in ys], "o-", label=curve)
-        base = res[BASELINE]["rate"] / 1e3
-        ax.axhline(base, color="gray", ls="--", lw=1, label="fio libaio QD32")
-        ax.axhline(0.8 * base, color="gray", ls=":", lw=1, label="0.8 x fio QD32")
+            if pts:  # no fio curves with --no-fio
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, [y / 1e3 for y in ys], "o-", label=curve)
+        base = res[h["baseline"]]["rate"] / 1e3
+        ax.axhline(base, color="gray", ls="--", lw=1, label=h["baseline"])
+        ax.axhline(0.8 * base, color="gray", ls=":", lw=1, label=f"0.8 x {h['baseline']}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     left.set_ylabel("thousand reads/s (fio, probes) or rows/s (ColdTable, store)")
-    h = report["headline"]
     fig.suptitle(
         f"Cold path on a {report['table']['bytes'] / 2**30:.3g} GiB table, "
         f"{report['table']['row_bytes']}-byte rows: store cold-miss lookups "
-        f"{h['ratio_median']:.2f}x fio libaio QD32 (median of {len(h['ratio_per_pair'])} pairs)"
+        f"{h['ratio_median']:.2f}x {h['baseline']} (median of {len(h['ratio_per_pair'])} pairs)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -378,7 +401,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    fio_version()  # refuses clearly when fio is missing
+    fio_version(args)  # refuses clearly when fio is missing
     torch.set_num_threads(args.torch_threads)
     with tempfile.TemporaryDirectory(prefix="cold-path-", dir=args.dir) as tmp:
         path = Path(tmp) / "cold.npy"
@@ -393,15 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
         plot(report, args.out.with_suffix(".png"))
-    print(f"\n{'variant':<30} {'rate/s':>10} {'vs fio QD32':>12} {'requests/s':>11} {'CPU':>5}")
+    print(f"\n{'variant':<30} {'rate/s':>10} {'vs baseline':>12} {'requests/s':>11} {'CPU':>5}")
     for name, e in report["results"].items():
         requests = f"{e['requests_per_s']:,.0f}" if "requests_per_s" in e else "-"
         print(
-            f"{name:<30} {e['rate']:>10,.0f} {e['ratio_to_fio_qd32']:>11.2f}x {requests:>11} "
+            f"{name:<30} {e['rate']:>10,.0f} {e['ratio_to_baseline']:>11.2f}x {requests:>11} "
             f"{e['cpu_cores']:>5.2f}"
         )
     h = report["headline"]
-    print(f"\nheadline: {h['what']}: {h['ratio_median']:.3f} (target >= {h['target']})")
+    print(f"\nbaseline: {h['baseline']}")
+    print(f"headline: {h['what']}: {h['ratio_median']:.3f} (target >= {h['target']})")
     print(
         f"          the same in read requests/s (coalesced pages): {h['request_ratio_median']:.3f}"
     )

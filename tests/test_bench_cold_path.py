@@ -1,7 +1,10 @@
 """bench/bench_cold_path.py refuses clearly when fio, its baseline, is missing, and a bad count
-before any work (run, not imported)."""
+before any work; without fio (``--no-fio``) it runs at a tiny size against disk_probe's io_uring
+reads (run, not imported)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -39,3 +42,39 @@ def test_refuses_a_bad_list_before_any_work(tmp_path, option, value):
     expected = f"argument {option}: expected a comma-separated list of integers >= 1, got {value!r}"
     assert expected in done.stderr and "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before making a table
+
+
+TINY = (
+    *("--table-gib", "0.02", "--rounds", "1", "--pairs", "2", "--seconds", "0.05"),
+    *("--depths", "1,32", "--threads", "1,2", "--store-depths", "32", "--headline-depth", "32"),
+)
+
+
+def test_runs_without_fio_against_the_python_probe(tmp_path):
+    out = tmp_path / "report" / "cold.json"
+    env = {"PATH": str(tmp_path)}  # an empty PATH: no fio
+    args = ("--no-fio", "--dir", str(tmp_path), *TINY, "--out", str(out))
+    done = run_bench("bench_cold_path.py", *args, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["machine"]["fio"] is None
+    assert report["headline"]["baseline"] == "disk_probe io_uring QD32"
+    results = report["results"]
+    assert not any(name.startswith("fio") for name in results)
+    assert results["disk_probe io_uring QD32"]["ratio_to_baseline"] == 1.0
+    for name in ("ColdTable direct x2", "ColdTable uring QD32", "store lookup uring QD32"):
+        assert results[name]["rate"] > 0 and results[name]["requests_per_s"] > 0, name
+    assert report["headline"]["ratio_median"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "baseline: disk_probe io_uring QD32" in done.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # the table was deleted
+
+
+def test_refuses_no_fio_without_the_baselines_depth(tmp_path):
+    args = ("--no-fio", "--dir", str(tmp_path), "--depths", "1,8")
+    done = run_bench("bench_cold_path.py", *args, timeout=120)
+    assert done.returncode == 2
+    assert "--no-fio: the baseline reads at queue depth 32, which --depths [1, 8] lacks" in (
+        done.stderr
+    )
+    assert list(tmp_path.iterdir()) == []
