@@ -6,10 +6,12 @@
 # Writes its logs and JSON under $OUT (default gpu-check/): the CUDA tests (`pytest -m gpu`),
 # the demo with its hot tier and model on the GPU (logits checked bit-identical to the tables in
 # memory), the Engram benchmark at its default size with the model, the in-memory tables and
-# the hot tiers on the GPU (6 rounds), and the all-hit lookup cost of online counting with the
-# hot tier's counts on the GPU. Each step has a time limit (a hang costs that step, not the
-# run's device time); tables and pytest's temporary files go to $SCRATCH (default /var/tmp: a
-# disk, since O_DIRECT refuses tmpfs).
+# the hot tiers on the GPU (6 rounds), the cold path on that machine's disk without fio (what
+# limits the store against a GPU's forward: docs/benchmarks.md#gpu-checks), and the all-hit
+# lookup cost of online counting with the hot tier's counts on the GPU. About 5 minutes on the
+# H200. Each step has a time limit (a hang costs that step, not the run's device time); tables
+# and pytest's temporary files go to $SCRATCH (default /var/tmp/gpu-check: a disk, since
+# O_DIRECT refuses tmpfs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
@@ -42,6 +44,8 @@ run pytest_gpu 200 python3 -m pytest -m gpu -q -p no:cacheprovider -rs "${per_te
 run demo_cuda 90 python3 -m tiered_store.cli demo --device cuda
 run engram_cuda 200 python3 bench/bench_engram.py --device cuda --rounds 6 --dir "$SCRATCH" \
   --out "$OUT/engram_cuda.json"
+run cold_path 150 python3 bench/bench_cold_path.py --no-fio --dir "$SCRATCH" --table-gib 2 \
+  --rounds 2 --pairs 6 --out "$OUT/cold_path.json"
 run online_repin_cuda 60 python3 bench/bench_online_repin.py --skip-replay --hit-device cuda \
   --rounds 5 --dir "$SCRATCH" --out "$OUT/online_repin_all_hit_cuda.json"
 exit $status

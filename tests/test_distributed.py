@@ -337,7 +337,7 @@ def test_on_cuda_the_exchange_runs_on_nccl_and_rows_stay_packed_until_the_gather
 def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(tmp_path):
     from tests.serve_support import make_checkpoint
     from tiered_store.serve import ServeConfig, ServedModel, parse_request
-    from tiered_store.serve.client import ServeProcess, _subprocess_env, post_json
+    from tiered_store.serve.client import ServeProcess, post_json, subprocess_env
 
     plain = ServeConfig.from_yaml(make_checkpoint(tmp_path / "one"))
     sharding = {"ranks": 2, "by": "heads", "timeout_s": 30}
@@ -353,7 +353,7 @@ def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(
         [*cmd, "--metrics-address", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env=_subprocess_env({**env, "RANK": "1", "LOCAL_RANK": "1"}),
+        env=subprocess_env({**env, "RANK": "1", "LOCAL_RANK": "1"}),
     )
     try:
         with ServeProcess(config_path, env={**env, "RANK": "0", "LOCAL_RANK": "0"}) as server:
