@@ -17,10 +17,12 @@ for about ``--seconds``:
 
 fio reports reads/s, ours rows/s (and read requests/s: rows whose pages touch are read in one
 request). The headline is the ratio of the store's cold-miss rows/s (``io: uring``, queue depth
-``--headline-depth``) to the baseline's reads/s (fio's libaio QD32), measured after the curves in ``--pairs``
-back-to-back pairs (order alternating), median over pairs: on a disk and CPUs that other work
-shares, a pair sees the same conditions where a whole round does not. Writes ``--out`` (JSON,
-no absolute paths) and a PNG of the curves beside it. Exits 2 when ``fio`` is not installed.
+``--headline-depth``) to the baseline's reads/s (fio's libaio QD32), measured after the curves
+in ``--pairs`` back-to-back pairs (order alternating), median over pairs: on a disk and CPUs
+that other work shares, a pair sees the same conditions where a whole round does not. Writes
+``--out`` (JSON, no absolute paths; ``ratio_to_baseline`` per variant, ``ratio_to_fio_qd32``
+before ``--no-fio`` existed) and a PNG of the curves beside it. Exits 2 when ``fio`` is not
+installed and ``--no-fio`` is not given.
 
 Example::
 

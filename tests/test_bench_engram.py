@@ -25,10 +25,10 @@ def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return run_bench("bench_engram.py", *args, "--dir", str(tmp_path))
 
 
-def tiny_report(device: str, tmp_path: Path) -> dict:
-    """The JSON report of a tiny run on ``device``."""
+def tiny_report(device: str, tmp_path: Path, *args: str) -> dict:
+    """The JSON report of a tiny run on ``device`` (more options: ``args``)."""
     out = tmp_path / "r.json"
-    done = bench(*TINY, "--device", device, "--out", str(out), tmp_path=tmp_path)
+    done = bench(*TINY, *args, "--device", device, "--out", str(out), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -44,6 +44,13 @@ def check_report(report: dict, device: str) -> None:
 
 def test_the_variants_agree_at_a_tiny_size_on_the_cpu(tmp_path):
     check_report(tiny_report("cpu", tmp_path), "cpu")
+
+
+def test_the_cold_reader_is_chosen_with_io(tmp_path):
+    report = tiny_report("cpu", tmp_path, "--io", "uring", "--cold-threads", "2")
+    check_report(report, "cpu")
+    assert report["store"]["tiers"]["cold"] == {"io": "uring", "threads": 2}
+    assert report["results"]["tiered"]["hit_rate"]["cold_rows_per_batch"] > 0
 
 
 @pytest.mark.gpu
