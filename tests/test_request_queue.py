@@ -248,6 +248,44 @@ def test_threads_announcing_looking_up_and_releasing_leave_every_slot_its_earlie
             check_cache_invariants(cache)
 
 
+def test_announce_and_release_do_not_wait_for_a_lookup_holding_the_lock(tmp_path):
+    """A server announces and releases while lookups hold the store's lock: both return at once,
+    and the tiers learn of them before their next eviction, as a store told at once does."""
+    import threading
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    config = store_config(path, hot={"capacity": 8}, warm={"capacity": 8})
+
+    def while_locked(store: TieredStore, call) -> list:
+        """``call()`` in another thread while this one holds the store's lock (a lookup)."""
+        out: list = []
+        with store._lock:
+            thread = threading.Thread(target=lambda: out.append(call()))
+            thread.start()
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "it waited for the store's lock"
+        return out
+
+    with TieredStore(config) as told, TieredStore(config) as late:
+        for store in (told, late):
+            for row in range(8):  # rows 0-7 in both tiers, 0 least recent
+                store.lookup([row])
+            store.release(store.announce([5]))  # the first announce attaches the queue (locked)
+        ids = torch.tensor([0, 1, 2])
+        first = told.announce(ids)
+        (second,) = while_locked(late, lambda: late.announce(ids))
+        for store in (told, late):
+            store.lookup(torch.arange(100, 104))  # four evictions: the queued rows stay
+        assert held(late.hot) == held(told.hot) == [0, 1, 2, 7, 100, 101, 102, 103]
+        told.release(first)
+        while_locked(late, lambda: late.release(second))
+        for store in (told, late):
+            store.lookup(torch.arange(200, 205))  # unqueued again: 0-2 go first (LRU)
+        assert held(late.hot) == held(told.hot)
+        assert not {0, 1, 2} & set(held(told.hot))
+        assert held(late.warm) == held(told.warm)
+
+
 def test_store_announce_checks_ids_and_release_checks_the_request(tmp_path):
     path, _ = make_table(tmp_path, rows=ROWS, dim=8)
     config = store_config(path, warm={"capacity": 100})
