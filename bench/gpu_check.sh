@@ -7,8 +7,10 @@
 # the demo with its hot tier and model on the GPU (logits checked bit-identical to the tables in
 # memory), the Engram benchmark at its default size with the model, the in-memory tables and
 # the hot tiers on the GPU (6 rounds), the cold path on that machine's disk without fio (what
-# limits the store against a GPU's forward: docs/benchmarks.md#gpu-checks), and the all-hit
-# lookup cost of online counting with the hot tier's counts on the GPU. About 5 minutes on the
+# limits the store against a GPU's forward: docs/benchmarks.md#gpu-checks), lookups promoting
+# rows from the warm tier into a CUDA hot tier against a host table's gather and copy
+# (bench/test_promotion_speed.py), and the all-hit lookup cost of online counting with the hot
+# tier's counts on the GPU. About 5 minutes on the
 # H200. Each step has a time limit (a hang costs that step, not the run's device time); tables
 # and pytest's temporary files go to $SCRATCH (default /var/tmp/gpu-check: a disk, since
 # O_DIRECT refuses tmpfs).
@@ -46,6 +48,9 @@ run engram_cuda 200 python3 bench/bench_engram.py --device cuda --rounds 6 --dir
   --out "$OUT/engram_cuda.json"
 run cold_path 150 python3 bench/bench_cold_path.py --no-fio --dir "$SCRATCH" --table-gib 2 \
   --rounds 2 --pairs 6 --out "$OUT/cold_path.json"
+run promote_cuda 120 env TIERED_STORE_BENCH_DIR="$SCRATCH" python3 -m pytest \
+  bench/test_promotion_speed.py -q -p no:cacheprovider --benchmark-enable \
+  --benchmark-json="$OUT/promote.json"
 run online_repin_cuda 60 python3 bench/bench_online_repin.py --skip-replay --hit-device cuda \
   --rounds 5 --dir "$SCRATCH" --out "$OUT/online_repin_all_hit_cuda.json"
 exit $status

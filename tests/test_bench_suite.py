@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {
     "lookup-all-hit",
     "lookup-cold-miss",
+    "lookup-promote-cpu",
     "cold-read-1-threads",
     "cold-read-8-threads",
     "cold-read-16-threads",
