@@ -10,10 +10,9 @@
 # limits the store against a GPU's forward: docs/benchmarks.md#gpu-checks), lookups promoting
 # rows from the warm tier into a CUDA hot tier against a host table's gather and copy
 # (bench/test_promotion_speed.py), and the all-hit lookup cost of online counting with the hot
-# tier's counts on the GPU. About 5 minutes on the
-# H200. Each step has a time limit (a hang costs that step, not the run's device time); tables
-# and pytest's temporary files go to $SCRATCH (default /var/tmp/gpu-check: a disk, since
-# O_DIRECT refuses tmpfs).
+# tier's counts on the GPU. About 5 minutes on the H200. Each step has a time limit (a hang
+# costs that step, not the run's device time); tables and pytest's temporary files go to
+# $SCRATCH (default /var/tmp/gpu-check: a disk, since O_DIRECT refuses tmpfs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
