@@ -10,7 +10,6 @@ import os
 import threading
 import time
 import warnings
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from .quantization import dequantize_rows
 from .request_queue import QueuedRequest
 from .slot_pool import SlotPool
 from .stats import hit_ratio
+from .store_lock import StoreLock
 from .warm_restart import (
     RestartState,
     RestartWarning,
@@ -129,13 +129,8 @@ class TieredStore:
             if self._version_hold is not None:
                 os.close(self._version_hold)
             raise
-        self._lock = threading.Lock()
+        self._lock = StoreLock(self.caches)  # tells the tiers the queue's news (store_lock.py)
         self._releasing = threading.Lock()  # announced requests released one at a time
-        # announced (moved None) or released requests, in queue order, the tiers have not been
-        # told of yet: whoever holds the lock next tells them (announce and release never wait
-        # for it; a server's compute turn is not spent queueing behind lookups)
-        self._queue_news: deque[tuple[QueuedRequest, Any]] = deque()
-        self._queue_attached = False
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.lookup_latency = LatencyHistogram()
         self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
@@ -244,13 +239,12 @@ class TieredStore:
         flat = self._checked_flat(as_id_tensor(ids))
         if self.zero_out_of_range:  # ids past the table read as zeros: no row to keep
             flat = flat[(flat >= 0) & (flat < self.rows)]
-        if not self._queue_attached:  # the tiers keep per-slot queue state from the first on
+        if self.hot.queue is None:  # the tiers keep per-slot queue state from the first on
             with self._lock:
                 self.caches.attach_queue()
-                self._queue_attached = True
         request = self.caches.queue.add(flat)  # its own lock: lookups go on meanwhile
-        self._queue_news.append((request, None))
-        self._tell_tiers_if_free()
+        self._lock.post(request, None)
+        self._lock.tell_if_free()  # never waits for the lock
         return request
 
     def release(self, request: QueuedRequest) -> None:
@@ -260,33 +254,8 @@ class TieredStore:
             return
         with self._releasing:  # one release at a time: each reads the queue the last one left
             moved = self.caches.queue.remove(request)  # its own lock: lookups go on meanwhile
-            self._queue_news.append((request, moved))
-        self._tell_tiers_if_free()
-
-    def _tell_tiers(self) -> None:
-        """Under the lock: the tiers learn the requests announced and released since they last
-        did, in queue order (before anything they decide by the queue)."""
-        while self._queue_news:
-            request, moved = self._queue_news.popleft()
-            if moved is None:
-                self.caches.queued(request)
-            else:
-                self.caches.unqueued(request, moved)
-
-    def _tell_tiers_if_free(self) -> None:
-        """Tell the tiers now if the lock is free; else its holder does once it lets go of it
-        (:meth:`_tell_tiers_after_lock`), so nothing waits for the next lookup."""
-        if self._lock.acquire(blocking=False):
-            try:
-                self._tell_tiers()
-            finally:
-                self._lock.release()
-
-    def _tell_tiers_after_lock(self) -> None:
-        """Just after letting go of the lock: news that came while it was held (whose senders
-        found it taken) is told now, unless another thread holds the lock (it does so then)."""
-        if self._queue_news:
-            self._tell_tiers_if_free()
+            self._lock.post(request, moved)
+        self._lock.tell_if_free()  # never waits for the lock
 
     # -- the write interface ---------------------------------------------------------------------
     def write(self, ids: Any, rows: Any) -> None:
@@ -458,7 +427,6 @@ class TieredStore:
         (True, [5, 6, 7])
         """
         with self._lock:
-            self._tell_tiers()
             for cache in self.caches.online:  # the counts as the lookups so far leave them
                 cache.online.count_pending()
             state = RestartState(
@@ -469,7 +437,6 @@ class TieredStore:
                     for c in self.caches.online
                 },
             )
-        self._tell_tiers_after_lock()
         path = restart_path(self.config.table.path)
         save_restart(path, table_identity(self.cold, self.generation), state)
         return path
@@ -575,7 +542,6 @@ class TieredStore:
     def _resolve(self, flat: torch.Tensor) -> torch.Tensor:
         """Rows as stored for in-range ids, through the tiers (on the current stream)."""
         with self._lock:
-            self._tell_tiers()
             plan = self.caches.plan(flat)
             if self.hot.capacity:
                 out = self.hot_pool.gather(plan.hot_slots.clamp(min=0))
@@ -603,7 +569,6 @@ class TieredStore:
                 device_rows = staged.to(self.device, non_blocking=True)
             lookahead = self._prefetcher.queued_ids() if self.config.prefetch.lookahead else None
             with self._lock:
-                self._tell_tiers()
                 if writes is not None:  # written rows over base rows, under the lock of writes
                     if plan.cold_idx.numel():
                         writes.overlay(plan.unique_ids[plan.cold_idx], staged, plan.cold_idx)
@@ -612,7 +577,6 @@ class TieredStore:
                 self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
                 self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
             out[plan.miss_pos] = device_rows[plan.inverse]
-        self._tell_tiers_after_lock()
         if self._repin_wanted is not None and self.caches.repin_worth_waking():
             self._repin_wanted.set()  # after this batch's admissions, where replay re-pins
         return out
@@ -678,7 +642,6 @@ class TieredStore:
                     self._restore_pins(cache, pool, torch.from_numpy(saved.pinned[cache.name]))
                 ids = torch.from_numpy(saved.held.get(cache.name, np.zeros(0, np.int64)))
                 with self._lock:  # the saved pins (and rows lookups admitted) are in already
-                    self._tell_tiers()
                     held = (cache.probe(ids.to(cache.device)) >= 0).cpu()
                     ids = ids[~held][: cache.capacity - cache.occupancy]
                 ranked = cache.eviction.restores_order
@@ -705,7 +668,6 @@ class TieredStore:
         """The saved pinned rows replace the tier's pins: those it holds are pinned at once, the
         others read back (pinned) into free slots, chunk by chunk."""
         with self._lock:
-            self._tell_tiers()
             cache.pin_resident(pins, only=True)
             missing = pins[(cache.probe(pins.to(cache.device)) < 0).cpu()]
         for at, end in self._restore_steps(missing.numel(), ranked=True):
@@ -744,9 +706,7 @@ class TieredStore:
                             continue
                         moves = cache.online.plan(*snapshot)
                         with self._lock:  # apply checks each slot still holds the planned row
-                            self._tell_tiers()
                             cache.online.finish(*cache.apply_repin(moves))
-                        self._tell_tiers_after_lock()
                 except (RuntimeError, ValueError) as exc:  # serving goes on with the pins it has
                     warnings.warn(
                         f"online re-pin of the {cache.name} tier failed ({exc}); its pins stay",
@@ -777,7 +737,6 @@ class TieredStore:
         sorted_ids, order = torch.sort(ids)  # order: each id's position in the saved order
         rows = self.cold.read_rows(sorted_ids.numpy())
         with self._lock:
-            self._tell_tiers()
             room = cache.capacity - cache.occupancy
             if self._closed or room <= 0:
                 return False
