@@ -255,6 +255,14 @@ def bench_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
+def hit_table(sizes: BenchSizes, bench_dir: Path) -> Path:
+    """The table lookups that hit a cache tier read: ``hit_rows`` random 128-byte rows."""
+    path = bench_dir / "hit.npy"
+    create_table(path, RandomSource(sizes.hit_rows, sizes.row_dim, seed=1), progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
 def cold_table(sizes: BenchSizes, bench_dir: Path) -> Path:
     """The cold-read table: ``cold_table_bytes`` of random 128-byte rows (1 GiB by default)."""
     path = bench_dir / "cold.npy"

@@ -21,7 +21,7 @@ import torch
 
 from tiered_store import StoreConfig, TieredStore
 from tiered_store.disk_probe import probe_random_reads
-from tiered_store.table_format import RandomSource, create_table, read_manifest
+from tiered_store.table_format import read_manifest
 from tiered_store.workload import ZipfWorkload
 
 COLD_THREADS = 16
@@ -37,11 +37,8 @@ class AllHit:
     ids: torch.Tensor
 
 
-def _all_hit(sizes, bench_dir: Path, index: str) -> Iterator[AllHit]:
-    """Every row made resident in hot; the batch checked equal to ``index_select``'s."""
-    path = bench_dir / "all_hit.npy"
-    if not path.exists():
-        create_table(path, RandomSource(sizes.hit_rows, sizes.row_dim, seed=1), progress=False)
+def _all_hit(sizes, path: Path, index: str) -> Iterator[AllHit]:
+    """Every row of ``path`` made resident in hot; the batch checked equal to ``index_select``'s."""
     table = torch.from_numpy(np.load(path))
     config = StoreConfig.from_dict(
         {"table": {"path": str(path)}, "tiers": {"hot": {"capacity": "100%", "index": index}}}
@@ -58,15 +55,15 @@ def _all_hit(sizes, bench_dir: Path, index: str) -> Iterator[AllHit]:
 
 
 @pytest.fixture(scope="module")
-def all_hit(sizes, bench_dir: Path) -> Iterator[AllHit]:
+def all_hit(sizes, hit_table: Path) -> Iterator[AllHit]:
     """All-hit store with the dense row index."""
-    yield from _all_hit(sizes, bench_dir, "dense")
+    yield from _all_hit(sizes, hit_table, "dense")
 
 
 @pytest.fixture(scope="module")
-def all_hit_hashed(sizes, bench_dir: Path) -> Iterator[AllHit]:
+def all_hit_hashed(sizes, hit_table: Path) -> Iterator[AllHit]:
     """All-hit store with the hashed row index."""
-    yield from _all_hit(sizes, bench_dir, "hashed")
+    yield from _all_hit(sizes, hit_table, "hashed")
 
 
 def test_index_select_all_hit(benchmark, speed, all_hit: AllHit) -> None:

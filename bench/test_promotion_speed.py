@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from tiered_store import StoreConfig, TieredStore
-from tiered_store.table_format import RandomSource, create_table
 from tiered_store.workload import ZipfWorkload
 
 ZIPF_EXPONENT = 0.9
@@ -62,17 +61,14 @@ class Promoting:
 
 
 @pytest.fixture(scope="module", params=DEVICES)
-def promoting(request, sizes, bench_dir: Path) -> Iterator[Promoting]:
+def promoting(request, sizes, hit_table: Path) -> Iterator[Promoting]:
     """The warm tier filled with every row, then the batches checked against the host table."""
     device = torch.device(request.param)
-    path = bench_dir / "promote.npy"
-    if not path.exists():
-        create_table(path, RandomSource(sizes.hit_rows, sizes.row_dim, seed=3), progress=False)
-    host = torch.from_numpy(np.load(path))
+    host = torch.from_numpy(np.load(hit_table))
     if device.type == "cuda":
         host = host.pin_memory()
     tiers = {"hot": {"capacity": "5%", "device": request.param}, "warm": {"capacity": "100%"}}
-    config = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers})
+    config = StoreConfig.from_dict({"table": {"path": str(hit_table)}, "tiers": tiers})
     batch = max(1, sizes.hit_batch // 32)
     workload = ZipfWorkload(sizes.hit_rows, ZIPF_EXPONENT, seed=10)  # one popularity ranking
     batches = [torch.from_numpy(workload.sample(batch)) for _ in range(BATCHES)]
