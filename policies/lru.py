@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import EvictionPolicy
+from .base import EvictionPolicy, smallest
 
 THRESHOLD_MIN_SLOTS = 1 << 17  # below this a plain topk over every slot is as fast
 THRESHOLD_SAMPLE = 1 << 14  # stamps sampled to place the threshold
@@ -99,6 +99,6 @@ class LRU(EvictionPolicy):
             slots = torch.nonzero((self.last_used <= stamp) & ~protected).squeeze(1)
             if slots.numel() >= n:
                 keys = torch.index_select(self.last_used, 0, slots) * self.capacity + slots
-                keys, pick = torch.topk(keys, n, largest=False, sorted=True)
+                keys, pick = smallest(keys, n, distinct=True)
                 return keys, slots[pick]
         return super().smallest_keys(n, protected)

@@ -598,6 +598,20 @@ def test_zipf_tuned_pins_rows_with_the_most_episodes():
     assert profile.top_rows(10).tolist() == list(range(10))  # by lookups the bursts would win
 
 
+@pytest.mark.parametrize("m", [1_000, 20_000, 200_000])
+@pytest.mark.parametrize("share", [0.001, 0.1, 0.5, 1.0])
+def test_smallest_distinct_keys_equal_topk(m, share):
+    """``smallest`` (a sort where ``n`` is a large share of many keys) picks exactly the keys and
+    positions ``topk`` does, for distinct keys, wherever it switches."""
+    from policies.base import smallest
+
+    keys = torch.randperm(4 * m, generator=torch.Generator().manual_seed(m))[:m] * 3 - m
+    n = max(1, int(share * m))
+    got = smallest(keys, n, distinct=True)
+    want = torch.topk(keys, n, largest=False, sorted=True)
+    assert torch.equal(got[0], want.values) and torch.equal(got[1], want.indices)
+
+
 @pytest.mark.parametrize("n", [1, 500, 40_000, 150_000])
 def test_lru_smallest_keys_threshold_equals_topk(n):
     """LRU's threshold search for a large tier's victims returns exactly what ``topk`` does over

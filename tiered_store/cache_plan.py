@@ -15,6 +15,7 @@ from policies.zipf_tuned import zipf_tuned_split
 from .capacity import resolve_capacity
 from .config import CacheTierConfig, StoreConfig
 from .errors import ConfigError
+from .id_ops import nonzero, unique_inverse_counts
 from .online_repin import OnlineRepin
 from .request_queue import QueuedRequest, QueuedRequests
 from .row_cache import RowCache
@@ -185,11 +186,11 @@ class CacheHierarchy:
         hot.observe(flat_ids)
         hot_slots = hot.probe(flat_ids)
         hit = hot_slots >= 0
-        miss_pos = torch.nonzero(~hit).squeeze(1)
+        miss_pos = nonzero(~hit)
         n, n_miss = flat_ids.numel(), miss_pos.numel()
         miss_ids = torch.index_select(flat_ids, 0, miss_pos) if n_miss else miss_pos
         hot.record(
-            torch.masked_select(hot_slots, hit) if n_miss else hot_slots,
+            torch.index_select(hot_slots, 0, nonzero(hit)) if n_miss else hot_slots,
             miss_ids,
             lookups=n,
             hits=n - n_miss,
@@ -200,18 +201,17 @@ class CacheHierarchy:
                 hot_slots, miss_pos, cpu_empty, miss_pos, cpu_empty, cpu_empty, cpu_empty
             )
         warm.observe(miss_ids)
-        unique_ids, inverse, counts = torch.unique(
-            miss_ids, return_inverse=True, return_counts=True
-        )
+        unique_ids, inverse, counts = unique_inverse_counts(miss_ids)
         unique_cpu, counts_cpu = unique_ids.cpu(), counts.cpu()
         warm_slots = warm.probe(unique_cpu)
         warm_hit = warm_slots >= 0
-        cold_idx = torch.nonzero(~warm_hit).squeeze(1)
+        cold_idx = nonzero(~warm_hit)
+        warm_hit_idx = nonzero(warm_hit)
         warm.record(
-            torch.masked_select(warm_slots, warm_hit),
-            unique_cpu[cold_idx],
+            torch.index_select(warm_slots, 0, warm_hit_idx),
+            torch.index_select(unique_cpu, 0, cold_idx),
             lookups=n_miss,
-            hits=int(torch.masked_select(counts_cpu, warm_hit).sum()),
+            hits=int(torch.index_select(counts_cpu, 0, warm_hit_idx).sum()),
         )
         return LookupPlan(
             hot_slots, miss_pos, unique_cpu, inverse, counts_cpu, warm_slots, cold_idx
@@ -221,10 +221,14 @@ class CacheHierarchy:
         """Admit rows read from cold into warm, and every hot miss into hot, as the policies allow.
         Rows in ``lookahead`` (ids queued batches will use) are not chosen as victims."""
         warm_pos, warm_slots = self.warm.admit(
-            plan.unique_ids[plan.cold_idx], plan.counts[plan.cold_idx], lookahead
+            torch.index_select(plan.unique_ids, 0, plan.cold_idx),
+            torch.index_select(plan.counts, 0, plan.cold_idx),
+            lookahead,
         )
         hot_src, hot_slots = self.hot.admit(plan.unique_ids, plan.counts, lookahead)
-        return AdmitPlan(plan.cold_idx[warm_pos.cpu()], warm_slots, hot_src, hot_slots)
+        return AdmitPlan(
+            torch.index_select(plan.cold_idx, 0, warm_pos.cpu()), warm_slots, hot_src, hot_slots
+        )
 
 
 def parse_policy(text: str, *, key: str) -> PolicySpec:

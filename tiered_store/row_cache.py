@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from policies import PolicySpec
+from policies.base import smallest
 
+from .id_ops import nonzero
 from .online_repin import OnlineRepin, RepinMoves
 from .queue_victims import QueueVictims, furthest_first
 from .request_queue import NOT_QUEUED, QueuedRequest, QueuedRequests
@@ -276,7 +278,7 @@ class RowCache:
             return empty, empty
         ids = ids.to(self.device)
         # another thread may have admitted some of these since they were probed
-        cand = torch.nonzero(self.probe(ids) < 0).squeeze(1)
+        cand = nonzero(self.probe(ids) < 0)
         room = self.capacity - self._n_pinned
         if cand.numel() > room:  # more new rows than the tier can hold: keep the most used
             cand_counts = torch.index_select(counts.to(self.device), 0, cand)
@@ -308,10 +310,11 @@ class RowCache:
         if self.before_evict is not None:
             self.before_evict(torch.cat([slots[victim_rows >= 0], extra]))
         evicted = torch.cat([victim_rows, torch.index_select(self.row_of_slot, 0, extra)])
-        held = evicted >= 0
+        held = nonzero(evicted >= 0)
+        evicted = torch.index_select(evicted, 0, held)
         if self.online is not None:
-            self.online.evicted(torch.cat([slots, extra])[held], evicted[held])
-        self._evict(evicted[held], extra)
+            self.online.evicted(torch.index_select(torch.cat([slots, extra]), 0, held), evicted)
+        self._evict(evicted, extra)
         self.index.set(new_ids, slots)
         self.row_of_slot.index_copy_(0, slots, new_ids)
         if self._next_use is not None:
@@ -410,7 +413,7 @@ class RowCache:
         take = min(want, unqueued.numel())
         if self.eviction.keys_only_grow:  # distinct keys: the smallest are the policy's pick
             keys = self.eviction.victim_priority(unqueued)
-            first = unqueued[torch.topk(keys, take, largest=False, sorted=True).indices]
+            first = unqueued[smallest(keys, take, distinct=True)[1]]
         elif take:
             blocked = protected.clone()
             blocked[candidates[queued]] = True
@@ -433,8 +436,8 @@ class RowCache:
             slots, keys = self._buffered
             # check a prefix first (small batches then cost O(batch), not O(buffer)), then the rest
             for head in (min(slots.numel(), 4 * want + 64), slots.numel()):
-                valid = self._still_valid(slots[:head], keys[:head])
-                taken, taken_keys = slots[:head][valid], keys[:head][valid]
+                valid = nonzero(self._still_valid(slots[:head], keys[:head]))
+                taken, taken_keys = slots.index_select(0, valid), keys.index_select(0, valid)
                 if taken.numel() >= want:
                     self._buffered = (
                         torch.cat([taken[want:], slots[head:]]),

@@ -31,6 +31,7 @@ from .errors import (
     TieredStoreError,
     TierIOError,
 )
+from .id_ops import nonzero
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
@@ -555,14 +556,15 @@ class TieredStore:
                     dtype=self.row_dtype,
                     pin_memory=self._pin,
                 )
-                warm_hit = torch.nonzero(plan.warm_slots >= 0).squeeze(1)
+                warm_hit = nonzero(plan.warm_slots >= 0)
                 if warm_hit.numel():
-                    staged.index_copy_(
-                        0, warm_hit, self.warm_pool.gather(plan.warm_slots[warm_hit])
-                    )
+                    warm_slots = torch.index_select(plan.warm_slots, 0, warm_hit)
+                    staged.index_copy_(0, warm_hit, self.warm_pool.gather(warm_slots))
         if not plan.all_hit:
             if plan.cold_idx.numel():  # outside the lock: other lookups go on meanwhile
-                rows = self.cold.read_rows(plan.unique_ids[plan.cold_idx].numpy())
+                rows = self.cold.read_rows(
+                    torch.index_select(plan.unique_ids, 0, plan.cold_idx).numpy()
+                )
                 staged.index_copy_(0, plan.cold_idx, rows)
             writes = self._writes
             if writes is None:
@@ -574,9 +576,11 @@ class TieredStore:
                         writes.overlay(plan.unique_ids[plan.cold_idx], staged, plan.cold_idx)
                     device_rows = staged.to(self.device, non_blocking=True)
                 admitted = self.caches.admit(plan, lookahead)
-                self.warm_pool.write(admitted.warm_slots, staged[admitted.warm_src])
-                self.hot_pool.write(admitted.hot_slots, device_rows[admitted.hot_src])
-            out[plan.miss_pos] = device_rows[plan.inverse]
+                self.warm_pool.write(admitted.warm_slots, staged.index_select(0, admitted.warm_src))
+                self.hot_pool.write(
+                    admitted.hot_slots, device_rows.index_select(0, admitted.hot_src)
+                )
+            out.index_copy_(0, plan.miss_pos, device_rows.index_select(0, plan.inverse))
         if self._repin_wanted is not None and self.caches.repin_worth_waking():
             self._repin_wanted.set()  # after this batch's admissions, where replay re-pins
         return out
