@@ -556,10 +556,13 @@ class TieredStore:
                     dtype=self.row_dtype,
                     pin_memory=self._pin,
                 )
-                warm_hit = nonzero(plan.warm_slots >= 0)
-                if warm_hit.numel():
-                    warm_slots = torch.index_select(plan.warm_slots, 0, warm_hit)
-                    staged.index_copy_(0, warm_hit, self.warm_pool.gather(warm_slots))
+                if not plan.cold_idx.numel():  # every miss hit warm: one gather into place
+                    self.warm_pool.gather(plan.warm_slots, out=staged)
+                else:
+                    warm_hit = nonzero(plan.warm_slots >= 0)
+                    if warm_hit.numel():
+                        warm_slots = torch.index_select(plan.warm_slots, 0, warm_hit)
+                        staged.index_copy_(0, warm_hit, self.warm_pool.gather(warm_slots))
         if not plan.all_hit:
             if plan.cold_idx.numel():  # outside the lock: other lookups go on meanwhile
                 rows = self.cold.read_rows(
