@@ -27,7 +27,7 @@ def _check_same(ids: torch.Tensor) -> None:
     got = unique_inverse_counts(ids)
     want = torch.unique(ids, return_inverse=True, return_counts=True)
     for g, w, what in zip(got, want, ("unique", "inverse", "counts"), strict=True):
-        assert g.dtype == torch.int64, what
+        assert g.dtype == w.dtype, what
         assert torch.equal(g, w), what
 
 
@@ -48,6 +48,11 @@ def test_unique_inverse_counts_equals_torch_unique(values):
 )
 def test_unique_inverse_counts_edge_cases(ids):
     _check_unique(torch.tensor(ids, dtype=torch.int64))
+
+
+def test_unique_inverse_counts_of_int32_ids():
+    """Other integer types go to torch's unique (and keep their type)."""
+    _check_unique(torch.tensor([2**30, 5, 2**30, 0] * 3000, dtype=torch.int32))
 
 
 def test_unique_inverse_counts_of_a_batch():

@@ -31,18 +31,19 @@ def nonzero(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unique_inverse_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.unique(ids, return_inverse=True, return_counts=True)`` for 1-D int64 ``ids``: the
+    """``torch.unique(ids, return_inverse=True, return_counts=True)`` for 1-D ``ids``: the
     sorted unique ids, each id's position among them, and how often each occurs.
 
-    On the CPU one numpy sort of ``id x n + position`` (ids in ``[0, 2**63 / n)``; otherwise a
-    stable argsort) gives the order, and the rest is a pass over it.
+    For ``NUMPY_UNIQUE_MIN`` or more int64 ids on the CPU, one numpy sort of ``id x n +
+    position`` (ids in ``[0, 2**63 / n)``; otherwise a stable argsort) gives the order, and the
+    rest is a pass over it; otherwise torch's ``unique``.
 
     >>> u, inv, cnt = unique_inverse_counts(torch.tensor([7, 3, 7, 9]))
     >>> u.tolist(), inv.tolist(), cnt.tolist()
     ([3, 7, 9], [1, 0, 1, 2], [1, 2, 1])
     """
     n = ids.numel()
-    if ids.device.type != "cpu" or n < NUMPY_UNIQUE_MIN:
+    if ids.device.type != "cpu" or ids.dtype != torch.int64 or n < NUMPY_UNIQUE_MIN:
         return torch.unique(ids, return_inverse=True, return_counts=True)
     a = ids.numpy()
     if a.min() >= 0 and int(a.max()) < np.iinfo(np.int64).max // n:
