@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, RowIdError
+from ..id_ops import unique_inverse_counts
 from ..store import as_id_tensor
 from ..table_format import TableManifest, create_table
 from .row_optimizers import RowOptimizer
@@ -156,7 +157,7 @@ class TrainableTable:
         ids = torch.cat([i.reshape(-1) for i, _ in gradients])
         grads = torch.cat([g.reshape(-1, self.dim) for _, g in gradients])
         self._gradients.clear()
-        unique, inverse = torch.unique(ids, return_inverse=True)
+        unique, inverse, _ = unique_inverse_counts(ids)
         summed = torch.zeros((unique.numel(), self.dim), dtype=grads.dtype, device=grads.device)
         summed.index_add_(0, inverse.to(grads.device), grads)
         update_rows = getattr(self.store, "update_rows", None)

@@ -48,6 +48,7 @@ from ..errors import (
     TieredStoreError,
     TierIOError,
 )
+from ..id_ops import unique_inverse_counts
 from ..latency import LatencyHistogram
 from ..prefetch import OTHER_STORE, PrefetchHandle, PrefetchHandleError
 from ..quantization import dequantize_rows
@@ -413,7 +414,7 @@ class ShardedStore:
                 inside = None
             else:
                 flat = flat[inside]
-        unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        unique, inverse, _ = unique_inverse_counts(flat)  # sorted: grouped by owner
         owner = self.shard_map.owner(unique)
         send_counts = torch.bincount(owner, minlength=self.world)
         recv_counts = torch.empty_like(send_counts)
@@ -515,7 +516,7 @@ class ShardedStore:
         self._heartbeat.entered += 1
         order = torch.argsort(ids, stable=True)  # grouped by owner
         local_ids, received = self._route(ids[order], grads[order])
-        unique, inverse = torch.unique(local_ids, sorted=True, return_inverse=True)
+        unique, inverse, _ = unique_inverse_counts(local_ids)
         summed = torch.zeros((unique.numel(), received.shape[1]), dtype=received.dtype)
         summed.index_add_(0, inverse, received)
 
