@@ -1,10 +1,11 @@
 """Per-batch operations on ids and masks that the lookup path runs on every batch.
 
 On the CPU they go through numpy where that is faster than torch's CPU ops: numpy's sort (SIMD)
-and ``nonzero`` at batch sizes (15k ids: a ``unique`` with inverse and counts in 0.14 ms against
-0.38 ms, a ``nonzero`` in 7 against 13 us; ``bench/test_promotion_speed.py`` measures what it
-buys). Below ``NUMPY_UNIQUE_MIN`` ids, and on CUDA, they are the torch ops. Both give the same
-result: sorted unique ids, positions in ascending order.
+and ``nonzero`` at batch sizes (4,096 ids of a real trace: a ``unique`` with inverse and counts
+in 50 against 171 us; a ``nonzero`` of 15k flags in 7 against 13 us;
+``bench/test_promotion_speed.py`` measures what it buys). Below ``NUMPY_UNIQUE_MIN`` ids, and on
+CUDA, they are the torch ops. Both give the same result: sorted unique ids, positions in
+ascending order.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import torch
 
 __all__ = ["nonzero", "unique_inverse_counts"]
 
-# below this many ids torch's CPU unique is the faster (4,500 ids: 48 us against 54 us; 5,000: 94
-# against 60 us, where torch changes algorithm; for Zipf ids with repeats, at about 8,000)
-NUMPY_UNIQUE_MIN = 5000
+# below this many ids torch's CPU unique is the faster in use: replaying a real trace (the Vim
+# help's, one LRU tier at 5%, four runs each way) took 5.4-5.7 s with torch's at 1,024 ids a
+# batch against 5.7-6.0 s with numpy's, and 3.1-3.6 s against 2.6 s at 4,096; at 2,048, 3.9-4.1
+# against 3.6-3.8 s (uniform random ids, in isolation, favour torch up to about 5,000)
+NUMPY_UNIQUE_MIN = 1536
 
 
 def nonzero(mask: torch.Tensor) -> torch.Tensor:
