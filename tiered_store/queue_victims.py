@@ -25,11 +25,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from policies.base import EvictionPolicy
+from policies.base import EvictionPolicy, smallest
 
+from .id_ops import nonzero
 from .request_queue import NOT_QUEUED
 
 GROW = 4  # a class's candidates past GROW x what a pass keeps are cut back to that (stale ones)
@@ -135,13 +135,14 @@ class QueueVictims:
         admitted, unpinned or reinstated): merge them in."""
         if not slots.numel() or (self.unqueued is None and self.queued is None):
             return
-        slots = slots[~self.unevictable[slots]]
+        slots = slots.index_select(0, nonzero(~self.unevictable[slots]))
         next_use = self.next_use[slots]
         free = next_use == NOT_QUEUED
         if self.unqueued is not None:
-            self._merge_unqueued(slots[free])
+            self._merge_unqueued(slots.index_select(0, nonzero(free)))
         if self.queued is not None:
-            self._merge_queued(slots[~free], next_use[~free])
+            queued = nonzero(~free)
+            self._merge_queued(slots.index_select(0, queued), next_use.index_select(0, queued))
 
     # -- the unqueued class -----------------------------------------------------------------------
     def _take_unqueued(self, n: int) -> torch.Tensor:
@@ -153,17 +154,17 @@ class QueueVictims:
                 slots, keys = run.slots[:head], run.keys[:head]
                 unqueued = ~self.unevictable[slots] & (self.next_use[slots] == NOT_QUEUED)
                 same = self.eviction.victim_priority(slots) == keys
-                valid = unqueued & same
+                valid = nonzero(unqueued & same)
                 moved = unqueued & ~same  # looked up since: in the class under a newer key,
                 if run.complete and bool(moved.any()):  # which may rank before valid entries
-                    run.slots = torch.cat([slots[valid], run.slots[head:]])
-                    run.keys = torch.cat([keys[valid], run.keys[head:]])
-                    self._merge_unqueued(slots[moved])
+                    run.slots = torch.cat([slots.index_select(0, valid), run.slots[head:]])
+                    run.keys = torch.cat([keys.index_select(0, valid), run.keys[head:]])
+                    self._merge_unqueued(slots.index_select(0, nonzero(moved)))
                     return self._take_unqueued(n)  # the head holds no stale entry now
-                taken = slots[valid]
+                taken = slots.index_select(0, valid)
                 if taken.numel() >= n or (head == size and run.complete):
                     run.slots = torch.cat([taken[n:], run.slots[head:]])
-                    run.keys = torch.cat([keys[valid][n:], run.keys[head:]])
+                    run.keys = torch.cat([keys.index_select(0, valid)[n:], run.keys[head:]])
                     return taken[:n]
             self.unqueued = None  # ran short before its limit
         raise AssertionError("a fresh pass holds what is asked or the whole class")
@@ -173,7 +174,7 @@ class QueueVictims:
         slots, _ = self._pass(queued=False)
         keys = self.eviction.victim_priority(slots)
         size = min(self.spare(n), slots.numel())
-        keys, order = torch.topk(keys, size, largest=False, sorted=True)
+        keys, order = smallest(keys, size, distinct=True)
         limit = int(keys[-1]) if size else 0
         self.unqueued = _Unqueued(slots[order], keys, limit, size == slots.numel())
         return self.unqueued
@@ -275,13 +276,10 @@ class QueueVictims:
         """The evictable slots of a class (ascending) and their next uses: a pass over the tier."""
         self.passes += 1
         flags = self.unevictable
-        if flags.device.type == "cpu":  # numpy's pass over the flags is the cheaper one
-            evictable = torch.from_numpy(np.flatnonzero(~flags.numpy()))
-        else:
-            evictable = torch.nonzero(~flags).squeeze(1)
+        evictable = nonzero(~flags)
         next_use = self.next_use[evictable]
-        in_class = next_use != NOT_QUEUED if queued else next_use == NOT_QUEUED
-        return evictable[in_class], next_use[in_class]
+        in_class = nonzero(next_use != NOT_QUEUED if queued else next_use == NOT_QUEUED)
+        return evictable.index_select(0, in_class), next_use.index_select(0, in_class)
 
 
 def _merged(
