@@ -49,6 +49,7 @@ class BenchSizes:
     cold_batch: int  # ids per cold lookup or read_rows call, and reads per disk-probe call
     replay_rows: int  # rows of the replayed synthetic Zipf table
     replay_tokens: int  # tokens of the replayed trace (16 lookups each)
+    index_rows: int  # table rows of the row-index probe benchmark (its tier holds 1%)
     hasher_batch: int  # sequences per hashed batch
     hasher_seq: int  # tokens per hashed sequence
     rounds: int  # timed rounds per benchmark (the median is the figure)
@@ -65,6 +66,7 @@ SIZES = {
         cold_batch=16384,
         replay_rows=4_000_000,
         replay_tokens=250_000,
+        index_rows=384_006_168,  # DeepSeek-V4.1's rows per layer
         hasher_batch=16,
         hasher_seq=4096,
         rounds=5,
@@ -79,6 +81,7 @@ SIZES = {
         cold_batch=512,
         replay_rows=50_000,
         replay_tokens=16384,
+        index_rows=1_000_000,
         hasher_batch=2,
         hasher_seq=256,
         rounds=1,

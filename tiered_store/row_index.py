@@ -153,10 +153,11 @@ class HashedRowIndex(RowIndex):
     def get(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         if self.compiled:
-            entry = torch.empty(flat.numel(), dtype=torch.int64)
-            _kernels().find_entries(self.keys.numpy(), self._ids(flat), _SEED_U64, entry.numpy())
-        else:
-            entry = self._find(flat)
+            slots = torch.empty(flat.numel(), dtype=torch.int64)
+            keys, table_slots = self.keys.numpy(), self.slots.numpy()
+            _kernels().find_slots(keys, table_slots, self._ids(flat), _SEED_U64, slots.numpy())
+            return slots.view(ids.shape)
+        entry = self._find(flat)
         slots = torch.where(entry >= 0, self.slots[entry.clamp(min=0)].long(), -1)
         return slots.view(ids.shape)
 

@@ -47,10 +47,28 @@ def _entry_of(keys: np.ndarray, want: np.int64, seed: np.uint64) -> np.int64:
 
 
 @numba.njit(cache=True, nogil=True)
-def find_entries(keys: np.ndarray, ids: np.ndarray, seed: np.uint64, out: np.ndarray) -> None:
-    """``out[i]``: the entry of ``keys`` holding ``ids[i]``, -1 where absent (linear probing)."""
+def find_slots(
+    keys: np.ndarray, slots: np.ndarray, ids: np.ndarray, seed: np.uint64, out: np.ndarray
+) -> None:
+    """``out[i]``: the slot of ``ids[i]``, -1 where absent (linear probing). Two passes: every
+    home entry first (the mixing arithmetic), then the chains, whose first loads no longer wait
+    behind it (2.2x faster than one pass per id on a 2M-entry table: ``bench/test_lookup_speed.py``
+    measures the store's all-hit lookups with this index)."""
+    size = keys.size
     for i in range(ids.size):
-        out[i] = _entry_of(keys, ids[i], seed)
+        out[i] = _home(ids[i], seed, size)
+    for i in range(ids.size):
+        want = ids[i]
+        entry = out[i]
+        key = keys[entry]
+        while key != want:
+            if key == EMPTY:
+                break
+            entry += 1
+            if entry == size:
+                entry = 0
+            key = keys[entry]
+        out[i] = slots[entry] if key == want else -1
 
 
 @numba.njit(cache=True, nogil=True)
