@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 
 from policies import PolicySpec
@@ -403,10 +402,7 @@ class RowCache:
             unqueued = candidates[self._next_use[candidates] == NOT_QUEUED]
             if unqueued.numel() >= want:  # the first unqueued rows in the policy's order
                 return unqueued[:want]
-        if self.device.type == "cpu":  # numpy's pass over the flags is the cheaper one
-            candidates = torch.from_numpy(np.flatnonzero(~protected.numpy()))
-        else:
-            candidates = torch.nonzero(~protected).squeeze(1)
+        candidates = nonzero(~protected)
         next_use = self._next_use[candidates]
         queued = next_use != NOT_QUEUED
         unqueued = candidates[~queued]
