@@ -9,8 +9,9 @@
 # the hot tiers on the GPU (6 rounds), the cold path on that machine's disk without fio (what
 # limits the store against a GPU's forward: docs/benchmarks.md#gpu-checks), lookups promoting
 # rows from the warm tier into a CUDA hot tier against a host table's gather and copy
-# (bench/test_promotion_speed.py), and the all-hit lookup cost of online counting with the hot
-# tier's counts on the GPU. About 5 minutes on the H200. Each step has a time limit (a hang
+# (bench/test_promotion_speed.py), the hashed row index's torch probe on the GPU at V4.1's size
+# against the dense index's gather (bench/test_row_index_speed.py), and the all-hit lookup cost
+# of online counting with the hot tier's counts on the GPU. About 5 minutes on the H200. Each step has a time limit (a hang
 # costs that step, not the run's device time); tables and pytest's temporary files go to
 # $SCRATCH (default /var/tmp/gpu-check: a disk, since O_DIRECT refuses tmpfs).
 set -uo pipefail
@@ -50,6 +51,8 @@ run cold_path 150 python3 bench/bench_cold_path.py --no-fio --dir "$SCRATCH" --t
 run promote_cuda 120 env TIERED_STORE_BENCH_DIR="$SCRATCH" python3 -m pytest \
   bench/test_promotion_speed.py -q -p no:cacheprovider --benchmark-enable \
   --benchmark-json="$OUT/promote.json"
+run row_index_cuda 120 python3 -m pytest bench/test_row_index_speed.py -q -p no:cacheprovider \
+  --benchmark-enable --benchmark-json="$OUT/row_index.json"
 run online_repin_cuda 60 python3 bench/bench_online_repin.py --skip-replay --hit-device cuda \
   --rounds 5 --dir "$SCRATCH" --out "$OUT/online_repin_all_hit_cuda.json"
 exit $status

@@ -5,7 +5,10 @@ A hot tier of 1% of ``index_rows`` rows (384M at the default size: 3.84M slots, 
 tokens x 24 lookups, one V4.1 prefill batch): 60% resident rows, Zipf 0.9 over them, and 40%
 other rows, uniform (misses). Ours: ``HashedRowIndex.get`` (16 bytes per slot). Baseline:
 ``DenseRowIndex.get``, one gather from 4 bytes per table row (1.5 GB at this size), on the same
-ids; both return the same slots (checked). Rates in ids probed per second.
+ids; both return the same slots (checked). Rates in ids probed per second. On the CPU the hashed
+probe is compiled (``row_index_kernels``); the ``cuda`` variant (marker ``gpu``; both indexes
+and the ids on the device, each call waiting for it) measures the torch rounds a CUDA hot tier
+probes with.
 """
 
 from __future__ import annotations
@@ -20,6 +23,16 @@ from tiered_store.row_index import DenseRowIndex, HashedRowIndex
 from tiered_store.workload import ZipfWorkload
 
 GROUP = "row-index-probe"
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
 BATCH = 4 * 512 * 24
 HIT_SHARE = 0.6
 ZIPF_EXPONENT = 0.9
@@ -32,33 +45,45 @@ class Indexes:
     dense: DenseRowIndex
     hashed: HashedRowIndex
     ids: torch.Tensor
+    device: torch.device
+
+    def timed(self, index: DenseRowIndex | HashedRowIndex):
+        """One probe of the batch a call, waiting for the device."""
+
+        def call() -> None:
+            index.get(self.ids)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+        return call
 
 
-@pytest.fixture(scope="module")
-def indexes(sizes) -> Indexes:
+@pytest.fixture(scope="module", params=DEVICES)
+def indexes(request, sizes) -> Indexes:
     """The tier's rows in both indexes; the batch probed once by each and compared."""
+    device = torch.device(request.param)
     rows = sizes.index_rows
     slots = rows // 100
     rng = np.random.default_rng(5)
     resident = torch.from_numpy(rng.choice(rows, slots, replace=False))
-    dense, hashed = DenseRowIndex(rows, slots), HashedRowIndex(rows, slots)
+    dense, hashed = DenseRowIndex(rows, slots, device), HashedRowIndex(rows, slots, device)
     for index in (dense, hashed):
-        index.set(resident, torch.arange(slots))
+        index.set(resident.to(device), torch.arange(slots, device=device))
     hits = int(HIT_SHARE * BATCH)
     ranks = ZipfWorkload(slots, ZIPF_EXPONENT, seed=6).sample(hits)
     ids = torch.cat([resident[ranks], torch.from_numpy(rng.integers(0, rows, BATCH - hits))])
-    ids = ids[torch.from_numpy(rng.permutation(BATCH))]
+    ids = ids[torch.from_numpy(rng.permutation(BATCH))].to(device)
     found = hashed.get(ids)
     assert torch.equal(found, dense.get(ids))
     assert int((found >= 0).sum()) >= hits
-    return Indexes(dense, hashed, ids)
+    return Indexes(dense, hashed, ids, device)
 
 
 def test_dense_index_probe(benchmark, speed, indexes: Indexes) -> None:
     speed.measure(
         benchmark,
-        lambda: indexes.dense.get(indexes.ids),
-        group=GROUP,
+        indexes.timed(indexes.dense),
+        group=f"{GROUP}-{indexes.device.type}",
         per_call=BATCH,
         unit="ids",
         baseline=True,
@@ -68,8 +93,8 @@ def test_dense_index_probe(benchmark, speed, indexes: Indexes) -> None:
 def test_hashed_index_probe(benchmark, speed, indexes: Indexes) -> None:
     speed.measure(
         benchmark,
-        lambda: indexes.hashed.get(indexes.ids),
-        group=GROUP,
+        indexes.timed(indexes.hashed),
+        group=f"{GROUP}-{indexes.device.type}",
         per_call=BATCH,
         unit="ids",
     )
