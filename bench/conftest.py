@@ -236,6 +236,24 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line(line)
 
 
+@pytest.fixture(
+    scope="module",
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
+def bench_device(request: pytest.FixtureRequest) -> torch.device:
+    """The device a benchmark runs on: the CPU, and CUDA where there is one (marker ``gpu``)."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(scope="session")
 def speed(pytestconfig: pytest.Config) -> SpeedBook:
     """The run's SpeedBook: ``speed.measure(benchmark, fn, group=..., per_call=..., unit=...)``."""

@@ -27,16 +27,6 @@ from tiered_store.workload import ZipfWorkload
 
 ZIPF_EXPONENT = 0.9
 BATCHES = 8  # distinct batches, cycled: the hot tier cannot settle on one
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
 
 
 @dataclass
@@ -60,14 +50,14 @@ class Promoting:
         return call
 
 
-@pytest.fixture(scope="module", params=DEVICES)
-def promoting(request, sizes, hit_table: Path) -> Iterator[Promoting]:
+@pytest.fixture(scope="module")
+def promoting(sizes, hit_table: Path, bench_device: torch.device) -> Iterator[Promoting]:
     """The warm tier filled with every row, then the batches checked against the host table."""
-    device = torch.device(request.param)
+    device = bench_device
     host = torch.from_numpy(np.load(hit_table))
     if device.type == "cuda":
         host = host.pin_memory()
-    tiers = {"hot": {"capacity": "5%", "device": request.param}, "warm": {"capacity": "100%"}}
+    tiers = {"hot": {"capacity": "5%", "device": device.type}, "warm": {"capacity": "100%"}}
     config = StoreConfig.from_dict({"table": {"path": str(hit_table)}, "tiers": tiers})
     batch = max(1, sizes.hit_batch // 32)
     workload = ZipfWorkload(sizes.hit_rows, ZIPF_EXPONENT, seed=10)  # one popularity ranking

@@ -23,16 +23,7 @@ from tiered_store.row_index import DenseRowIndex, HashedRowIndex
 from tiered_store.workload import ZipfWorkload
 
 GROUP = "row-index-probe"
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
+
 BATCH = 4 * 512 * 24
 HIT_SHARE = 0.6
 ZIPF_EXPONENT = 0.9
@@ -58,10 +49,10 @@ class Indexes:
         return call
 
 
-@pytest.fixture(scope="module", params=DEVICES)
-def indexes(request, sizes) -> Indexes:
+@pytest.fixture(scope="module")
+def indexes(sizes, bench_device: torch.device) -> Indexes:
     """The tier's rows in both indexes; the batch probed once by each and compared."""
-    device = torch.device(request.param)
+    device = bench_device
     rows = sizes.index_rows
     slots = rows // 100
     rng = np.random.default_rng(5)
@@ -79,22 +70,13 @@ def indexes(request, sizes) -> Indexes:
     return Indexes(dense, hashed, ids, device)
 
 
-def test_dense_index_probe(benchmark, speed, indexes: Indexes) -> None:
+@pytest.mark.parametrize("kind", ["dense", "hashed"])
+def test_index_probe(benchmark, speed, indexes: Indexes, kind: str) -> None:
     speed.measure(
         benchmark,
-        indexes.timed(indexes.dense),
+        indexes.timed(getattr(indexes, kind)),
         group=f"{GROUP}-{indexes.device.type}",
         per_call=BATCH,
         unit="ids",
-        baseline=True,
-    )
-
-
-def test_hashed_index_probe(benchmark, speed, indexes: Indexes) -> None:
-    speed.measure(
-        benchmark,
-        indexes.timed(indexes.hashed),
-        group=f"{GROUP}-{indexes.device.type}",
-        per_call=BATCH,
-        unit="ids",
+        baseline=kind == "dense",
     )
