@@ -182,6 +182,38 @@ def _reopening_process(config, rows, seconds, queue):
     queue.put((errors, len(set(reads)), len({g for g, _ in reads})))
 
 
+def test_a_version_is_held_before_its_files_are_opened(tmp_path, monkeypatch):
+    """A compaction that removes old versions while a store is opening the current one (here:
+    between reading its manifest and its page checksums, where CI once caught it) leaves that
+    version alone: the store took its shared lock before opening any of its files."""
+    from tiered_store import cold_table
+
+    path, _ = make_table(tmp_path, rows=64, dim=4)
+    with TieredStore.open({"table": {"path": str(path)}}) as writer:
+        writer.write(torch.arange(64), torch.ones(64, 4))
+        writer.commit(1)
+    compact_table(path, progress=False)  # generation 1: every row 1.0
+    real_load = cold_table.load_page_checksums
+    removed: list[list[int]] = []
+
+    def load_while_compacting(npy, entry):
+        if not removed:  # once: the next version published, the old ones removed if unused
+            removed.append([])
+            with TieredStore.open({"table": {"path": str(path)}}) as writer:
+                writer.write(torch.arange(64), torch.full((64, 4), 2.0))
+                writer.commit(2)
+            removed[0] = compact_table(path, progress=False).removed_generations
+        return real_load(npy, entry)
+
+    monkeypatch.setattr(cold_table, "load_page_checksums", load_while_compacting)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        assert store.generation == 1 and store.is_stale()  # generation 2 is current
+        # generation 1 with its delta's last commit, which generation 2 folded in
+        assert store.committed_step == 2
+        assert torch.equal(store.lookup(torch.arange(64)), torch.full((64, 4), 2.0))
+    assert removed == [[]]  # generation 0 went at the first compaction; 1 was held
+
+
 def test_readers_during_writes_and_compactions_see_committed_versions(tmp_path):
     """A writer commits every row = step and compacts every 4th step; reader stores in threads
     and in another process (small caches, reopened when stale) never see a mix of steps, and

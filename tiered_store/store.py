@@ -98,11 +98,10 @@ class TieredStore:
         self.config = config
         tiers = config.tiers
         self.device = _compute_device(tiers.hot.device)
-        self.cold, self.generation = self._open_current_version(config)
+        # held (a shared lock) from before the open: old versions outlive their readers
+        self.cold, self.generation, self._version_hold = self._open_current_version(config)
         self._writer_lock: int | None = None
-        self._version_hold: int | None = None
         try:
-            self._version_hold = hold_version(self.cold.path)  # old versions outlive their readers
             self._check_table_matches(config)
             self.quantization = self.cold.manifest.quantization
             self.rows, self.row_bytes = self.cold.rows, self.cold.row_bytes
@@ -127,8 +126,7 @@ class TieredStore:
             )
         except BaseException:
             self.cold.close()
-            if self._version_hold is not None:
-                os.close(self._version_hold)
+            os.close(self._version_hold)
             raise
         self._lock = StoreLock(self.caches)  # tells the tiers the queue's news (store_lock.py)
         self._releasing = threading.Lock()  # announced requests released one at a time
@@ -785,20 +783,28 @@ class TieredStore:
             self._writes.overlay(ids, rows, torch.arange(ids.numel()))
         return rows
 
-    def _open_current_version(self, config: StoreConfig) -> tuple[ColdTable, int]:
-        """The table's current version (see ``delta.table_versions``) and its generation."""
+    def _open_current_version(self, config: StoreConfig) -> tuple[ColdTable, int, int]:
+        """The table's current version (see ``delta.table_versions``), its generation, and the
+        shared lock that keeps it from removal, taken before any of its files is opened (a
+        version removed after the pointer was read is then missing whole, and read again)."""
         tiers = config.tiers
         for attempt in range(3):  # a version removed between reading the pointer and opening
             path, generation = current_version(config.table.path)
+            hold = None
             try:
+                hold = hold_version(path)
                 cold = ColdTable(
                     path,
                     io=tiers.cold.io,
                     threads=tiers.cold.threads,
                     queue_depth=tiers.cold.queue_depth,
                 )
-                return cold, generation
-            except FileNotFoundError as exc:
+                return cold, generation, hold
+            except BaseException as exc:
+                if hold is not None:
+                    os.close(hold)
+                if not isinstance(exc, FileNotFoundError):
+                    raise
                 if attempt == 2 or path == current_version(config.table.path)[0]:
                     if Path(path).exists():  # a file missing beside it, its manifest say
                         raise ConfigError(f"table.path: {path}: {exc.strerror}") from None
