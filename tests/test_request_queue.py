@@ -59,6 +59,12 @@ def test_next_use_follows_requests_coming_and_going_in_any_order():
         for request in reversed(held):  # tokens increase along ``held``
             want[request.rows] = request.token
         assert torch.equal(queue.next_use(probe), want), step
+        # any order, repeats, beyond the rows used, any shape
+        shuffled = torch.from_numpy(rng.integers(0, 450, (20, 30)))
+        assert torch.equal(
+            queue.next_use(shuffled),
+            want[shuffled.clamp(max=399)].masked_fill(shuffled >= 400, NOT_QUEUED),
+        ), step
 
 
 def test_add_and_remove_say_which_rows_change_their_earliest_request():
