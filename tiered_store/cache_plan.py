@@ -36,6 +36,7 @@ class LookupPlan:
     counts: torch.Tensor  # occurrences of each unique id (CPU)
     warm_slots: torch.Tensor  # [len(unique_ids)] warm slot or -1 (CPU)
     cold_idx: torch.Tensor  # positions in unique_ids that must be read from cold (CPU)
+    cold_ids: torch.Tensor  # the ids there: unique_ids[cold_idx] (CPU)
 
     @property
     def all_hit(self) -> bool:
@@ -198,7 +199,7 @@ class CacheHierarchy:
         cpu_empty = torch.empty(0, dtype=torch.int64)
         if n_miss == 0:
             return LookupPlan(
-                hot_slots, miss_pos, cpu_empty, miss_pos, cpu_empty, cpu_empty, cpu_empty
+                hot_slots, miss_pos, cpu_empty, miss_pos, cpu_empty, cpu_empty, cpu_empty, cpu_empty
             )
         warm.observe(miss_ids)
         unique_ids, inverse, counts = unique_inverse_counts(miss_ids)
@@ -206,22 +207,23 @@ class CacheHierarchy:
         warm_slots = warm.probe(unique_cpu)
         warm_hit = warm_slots >= 0
         cold_idx = nonzero(~warm_hit)
+        cold_ids = torch.index_select(unique_cpu, 0, cold_idx)
         warm_hit_idx = nonzero(warm_hit)
         warm.record(
             torch.index_select(warm_slots, 0, warm_hit_idx),
-            torch.index_select(unique_cpu, 0, cold_idx),
+            cold_ids,
             lookups=n_miss,
             hits=int(torch.index_select(counts_cpu, 0, warm_hit_idx).sum()),
         )
         return LookupPlan(
-            hot_slots, miss_pos, unique_cpu, inverse, counts_cpu, warm_slots, cold_idx
+            hot_slots, miss_pos, unique_cpu, inverse, counts_cpu, warm_slots, cold_idx, cold_ids
         )
 
     def admit(self, plan: LookupPlan, lookahead: torch.Tensor | None = None) -> AdmitPlan:
         """Admit rows read from cold into warm, and every hot miss into hot, as the policies allow.
         Rows in ``lookahead`` (ids queued batches will use) are not chosen as victims."""
         warm_pos, warm_slots = self.warm.admit(
-            torch.index_select(plan.unique_ids, 0, plan.cold_idx),
+            plan.cold_ids,
             torch.index_select(plan.counts, 0, plan.cold_idx),
             lookahead,
         )

@@ -563,9 +563,7 @@ class TieredStore:
                         staged.index_copy_(0, warm_hit, self.warm_pool.gather(warm_slots))
         if not plan.all_hit:
             if plan.cold_idx.numel():  # outside the lock: other lookups go on meanwhile
-                rows = self.cold.read_rows(
-                    torch.index_select(plan.unique_ids, 0, plan.cold_idx).numpy()
-                )
+                rows = self.cold.read_rows(plan.cold_ids.numpy())
                 staged.index_copy_(0, plan.cold_idx, rows)
             writes = self._writes
             if writes is None:
@@ -574,7 +572,7 @@ class TieredStore:
             with self._lock:
                 if writes is not None:  # written rows over base rows, under the lock of writes
                     if plan.cold_idx.numel():
-                        writes.overlay(plan.unique_ids[plan.cold_idx], staged, plan.cold_idx)
+                        writes.overlay(plan.cold_ids, staged, plan.cold_idx)
                     device_rows = staged.to(self.device, non_blocking=True)
                 admitted = self.caches.admit(plan, lookahead)
                 self.warm_pool.write(admitted.warm_slots, staged.index_select(0, admitted.warm_src))
