@@ -133,11 +133,15 @@ class SpeedBook:
         unit: str,
         baseline: bool = False,
         setup: Callable[[], tuple[tuple, dict]] | None = None,
+        device: torch.device | None = None,
     ) -> float | None:
         """Time ``target`` (fresh arguments from ``setup`` each round); its rate in ``unit``/s.
+        On a CUDA ``device`` each call waits for the device before the clock stops.
 
         Returns None when benchmarks are disabled (``--benchmark-disable``: one untimed call).
         """
+        if device is not None and device.type == "cuda":
+            target = _synchronized(target, device)
         benchmark.group = group
         benchmark.pedantic(
             target,
@@ -174,6 +178,16 @@ class SpeedBook:
                 rate = f"{_si(entry.per_second)} {entry.unit}/s"
                 lines.append(f"{name:<24} {entry.name:<46} {rate:>18} {shown:>7}")
         return lines
+
+
+def _synchronized(target: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    """``target``, then a wait for ``device``'s queued work."""
+
+    def call(*args: Any, **kwargs: Any) -> None:
+        target(*args, **kwargs)
+        torch.cuda.synchronize(device)
+
+    return call
 
 
 def _si(x: float) -> str:

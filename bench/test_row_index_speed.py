@@ -7,7 +7,7 @@ other rows, uniform (misses). Ours: ``HashedRowIndex.get`` (16 bytes per slot). 
 ``DenseRowIndex.get``, one gather from 4 bytes per table row (1.5 GB at this size), on the same
 ids; both return the same slots (checked). Rates in ids probed per second. On the CPU the hashed
 probe is compiled (``row_index_kernels``); the ``cuda`` variant (marker ``gpu``; both indexes
-and the ids on the device, each call waiting for it) measures the torch rounds a CUDA hot tier
+and the ids on the device, each call waiting for it: ``speed.measure(device=...)``) measures the torch rounds a CUDA hot tier
 probes with.
 """
 
@@ -38,16 +38,6 @@ class Indexes:
     ids: torch.Tensor
     device: torch.device
 
-    def timed(self, index: DenseRowIndex | HashedRowIndex):
-        """One probe of the batch a call, waiting for the device."""
-
-        def call() -> None:
-            index.get(self.ids)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-
-        return call
-
 
 @pytest.fixture(scope="module")
 def indexes(sizes, bench_device: torch.device) -> Indexes:
@@ -72,11 +62,13 @@ def indexes(sizes, bench_device: torch.device) -> Indexes:
 
 @pytest.mark.parametrize("kind", ["dense", "hashed"])
 def test_index_probe(benchmark, speed, indexes: Indexes, kind: str) -> None:
+    index = getattr(indexes, kind)
     speed.measure(
         benchmark,
-        indexes.timed(getattr(indexes, kind)),
+        lambda: index.get(indexes.ids),
         group=f"{GROUP}-{indexes.device.type}",
         per_call=BATCH,
         unit="ids",
         baseline=kind == "dense",
+        device=indexes.device,
     )
