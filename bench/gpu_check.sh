@@ -11,9 +11,10 @@
 # rows from the warm tier into a CUDA hot tier against a host table's gather and copy
 # (bench/test_promotion_speed.py), the hashed row index's torch probe on the GPU at V4.1's size
 # against the dense index's gather (bench/test_row_index_speed.py), and the all-hit lookup cost
-# of online counting with the hot tier's counts on the GPU. About 5 minutes on the H200. Each step has a time limit (a hang
-# costs that step, not the run's device time); tables and pytest's temporary files go to
-# $SCRATCH (default /var/tmp/gpu-check: a disk, since O_DIRECT refuses tmpfs).
+# of online counting with the hot tier's counts on the GPU. About 5 minutes on the H200. Each
+# step has a time limit (a hang costs that step, not the run's device time); tables and
+# pytest's temporary files go to $SCRATCH (default /var/tmp/gpu-check: a disk, since O_DIRECT
+# refuses tmpfs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
