@@ -80,3 +80,22 @@ def test_online_re_pinning_with_the_hot_tier_on_cuda(tmp_path):
         assert store.hot.online.slot_count.is_cuda and store.hot.online.repins > 20
         pinned = set(store.hot.pinned_rows().cpu().tolist())
         assert len(set(heavy.tolist()) & pinned) > 250
+
+
+def test_counting_hits_on_cuda_does_not_wait_for_the_device():
+    # a window's hits are counted per batch: on CUDA that must queue work, never sync the host
+    # (boolean indexing would); the count matches the distinct slots first hit in the window
+    from tiered_store.online_repin import count_hits_torch
+
+    counts = torch.zeros(1000, device="cuda")
+    stamps = torch.full((1000,), -1, dtype=torch.int32, device="cuda")
+    slots = torch.randint(0, 1000, (5000,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first = count_hits_torch(counts, stamps, slots, 3, 1.5)
+        again = count_hits_torch(counts, stamps, slots[:100], 3, 1.5)  # counted already
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(first) == slots.unique().numel() and int(again) == 0
+    assert float(counts.sum()) == 1.5 * slots.unique().numel()

@@ -527,16 +527,17 @@ def evicted_torch(
 def count_hits_torch(
     counts: torch.Tensor, stamps: torch.Tensor, slots: torch.Tensor, window: int, weight: float
 ) -> torch.Tensor:
-    """:func:`tiered_store.sketch_kernel.slot_episodes` with torch ops, without a host sync:
+    """:func:`tiered_store.sketch_kernel.slot_episodes` with torch ops, without a host sync (no
+    boolean indexing: every hit position is written, the counted ones with ``weight`` added):
     returns the count of slots first hit in ``window`` as a tensor."""
-    fresh = slots[stamps[slots] != window]
-    counts[fresh] += weight  # a slot twice in ``fresh`` gets the same value
-    stamps[fresh] = window
+    fresh = stamps[slots] != window  # every position of a slot agrees
+    counts[slots] = counts[slots] + fresh.to(counts.dtype) * weight  # repeats write one value
+    stamps[slots] = window
     # distinct fresh slots: one position per slot wins the scatter
-    position = torch.arange(fresh.numel(), device=slots.device, dtype=torch.int32)
+    position = torch.arange(slots.numel(), device=slots.device, dtype=torch.int32)
     owner = torch.empty(counts.numel(), dtype=torch.int32, device=slots.device)
-    owner[fresh] = position
-    return (owner[fresh] == position).sum()
+    owner[slots] = position
+    return ((owner[slots] == position) & fresh).sum()
 
 
 def candidates_torch(
