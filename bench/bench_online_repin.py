@@ -227,6 +227,7 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
         "every": args.every,
         "budget": args.budget,
         "decay": args.decay,
+        "prior_weight": args.prior_weight,
         "sketch_width": args.sketch_width,
     }
     repin = {"enabled": True, **{k: v for k, v in given.items() if v is not None}}
@@ -426,6 +427,7 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=at_least(1), help="repin.every (default: the config's)")
     p.add_argument("--budget", help="repin.budget (default: the config's)")
     p.add_argument("--decay", type=float, help="repin.decay (default: the config's)")
+    p.add_argument("--prior-weight", type=float, help="repin.prior_weight (default: the config's)")
     p.add_argument(
         "--sketch-width", type=at_least(1), help="repin.sketch_width (default: the config's)"
     )

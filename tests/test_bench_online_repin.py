@@ -24,11 +24,13 @@ def test_times_only_the_replay_modes_asked_for(tmp_path):
         str(CORPUS),
         *("--skip-all-hit", "--max-tokens", "200000", "--shares", "5%"),
         *("--replay-modes", "online,lru", "--skip-bounds", "--chunk", "131072"),
-        *("--warmup", "65536", "--lookups", "1000000", "--out", str(out)),
+        *("--warmup", "65536", "--lookups", "1000000", "--prior-weight", "2", "--out", str(out)),
         tmp_path=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    cell = json.loads(out.read_text())["fetch_ratio"]["shares"]["5%"]
+    result = json.loads(out.read_text())["fetch_ratio"]
+    assert result["repin"] == {"enabled": True, "prior_weight": 2.0}  # only what was given
+    cell = result["shares"]["5%"]
     online = "zipf-tuned, online only (no profile)"
     assert list(cell) == ["lru", online]  # in the table's order, no bounds (c)
     assert cell["lru"]["replay_speed_to_lru"] == 1.0
