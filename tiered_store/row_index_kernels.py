@@ -31,10 +31,10 @@ def _home(row: np.int64, seed: np.uint64, size: np.int64) -> np.int64:
 
 
 @numba.njit(inline="always")
-def _entry_of(keys: np.ndarray, want: np.int64, seed: np.uint64) -> np.int64:
-    """The entry of ``keys`` holding ``want``, -1 where absent (its chain ends at an empty one)."""
+def _chain_entry(keys: np.ndarray, want: np.int64, entry: np.int64) -> np.int64:
+    """The entry of ``keys`` holding ``want`` on the chain from ``entry`` (its home), -1 where
+    absent (the chain ends at an empty one)."""
     size = keys.size
-    entry = _home(want, seed, size)
     while True:
         key = keys[entry]
         if key == want:
@@ -57,17 +57,8 @@ def find_slots(
     for i in range(ids.size):
         out[i] = _home(ids[i], seed, size)
     for i in range(ids.size):
-        want = ids[i]
-        entry = out[i]
-        key = keys[entry]
-        while key != want:
-            if key == EMPTY:
-                break
-            entry += 1
-            if entry == size:
-                entry = 0
-            key = keys[entry]
-        out[i] = slots[entry] if key == want else -1
+        entry = _chain_entry(keys, ids[i], out[i])
+        out[i] = slots[entry] if entry >= 0 else -1
 
 
 @numba.njit(cache=True, nogil=True)
@@ -99,7 +90,7 @@ def delete_entries(keys: np.ndarray, slots: np.ndarray, ids: np.ndarray, seed: n
     """Mark the entries of resident ``ids`` deleted; returns how many were resident."""
     gone = 0
     for i in range(ids.size):
-        entry = _entry_of(keys, ids[i], seed)
+        entry = _chain_entry(keys, ids[i], _home(ids[i], seed, keys.size))
         if entry >= 0:
             keys[entry] = DELETED
             slots[entry] = -1
