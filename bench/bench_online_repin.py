@@ -72,6 +72,7 @@ from policies.zipf_tuned import zipf_tuned_split
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import at_least, float_list, int_list, public_command
+from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader, TraceWriter
@@ -204,6 +205,29 @@ def write_trace(path: Path, layout: dict, ids: np.ndarray) -> None:
             writer.end_batch()
 
 
+def repin_overrides(args) -> dict:
+    """The ``repin`` settings given on the command line (``--every`` ... ``--sketch-width``)."""
+    given = {
+        "every": args.every,
+        "budget": args.budget,
+        "decay": args.decay,
+        "prior_weight": args.prior_weight,
+        "sketch_width": args.sketch_width,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def check_repin_overrides(args, p: argparse.ArgumentParser) -> None:
+    """Refuse a ``repin`` setting the store would refuse, naming its option, before any work."""
+    for key, value in repin_overrides(args).items():
+        tier = {"capacity": 1, "policy": "zipf-tuned", "repin": {key: value}}
+        try:
+            StoreConfig.from_dict({"table": {"path": "t.npy"}, "tiers": {"warm": tier}})
+        except ConfigError as exc:
+            reason = str(exc).rsplit(f"repin.{key}: ", 1)[-1]
+            p.error(f"--{key.replace('_', '-')} {value}: {reason}")
+
+
 def fetch_ratios(args, work: Path, analysis: Path) -> dict:
     """Rows read from cold per lookup after the warm-up, per policy and share, and the
     per-request bounds (c)."""
@@ -223,14 +247,7 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
         raise SystemExit(f"--warmup {args.warmup}: the trace has only {ids.size:,} lookups")
     write_trace(work / "full.trace", layout, ids)
     marks = chunk_marks(args.chunk, ids.size)
-    given = {
-        "every": args.every,
-        "budget": args.budget,
-        "decay": args.decay,
-        "prior_weight": args.prior_weight,
-        "sketch_width": args.sketch_width,
-    }
-    repin = {"enabled": True, **{k: v for k, v in given.items() if v is not None}}
+    repin = {"enabled": True, **repin_overrides(args)}
     former = {"enabled": True, **FORMER_SCHEDULE}
     every_mode = {
         REPLAY_MODES["lru"]: {"policy": "lru"},
@@ -505,6 +522,7 @@ def main(argv=None) -> int:
         p.error(str(exc))
     if 0 < args.chunk < BATCH:
         p.error(f"--chunk {args.chunk}: expected {chunk_expected}")
+    check_repin_overrides(args, p)
     if args.then is not None:
         args.switch_at -= args.switch_at % BATCH  # whole batches, as the trace is written
         if not (args.then / "holdout.trace").is_file():

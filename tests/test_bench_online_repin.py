@@ -99,6 +99,24 @@ def test_refuses_a_bad_list_before_any_work(tmp_path, option, value, expected):
     assert list(tmp_path.iterdir()) == []  # refused before making its work directory
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ("--prior-weight", "-1"),
+            "--prior-weight -1.0: Input should be greater than or equal to 0",
+        ),
+        (("--decay", "1.5"), "--decay 1.5: Input should be less than or equal to 1"),
+        (("--budget", "lots"), "--budget lots: got 'lots'; expected a row count >= 1 or a share"),
+    ],
+)
+def test_refuses_a_repin_setting_the_store_would_before_any_work(tmp_path, args, expected):
+    done = bench(*args, tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]  # argparse's, with the usage
+    assert expected in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before making its work directory
+
+
 def test_traffic_that_changes_kind_follows_the_first_trace_at_the_switch(tmp_path):
     first, then = tmp_path / "email", tmp_path / "json"
     for corpus, out in ((CORPUS, first), (Path(json.__file__).parent, then)):
