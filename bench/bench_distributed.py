@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from tiered_store.atomic_file import write_json
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import at_least, capacity, public_command
 from tiered_store.config import CostModelConfig
@@ -251,7 +252,7 @@ def measure_worker(rank, world, port, table, ids_path, modes, args, out) -> None
     for store in stores.values():
         store.close()
     dist.destroy_process_group()
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
+    write_json(Path(out) / f"rank{rank}.json", report)
 
 
 def run_world(world: int, table: Path, ids_path: Path, args, work: Path) -> dict:

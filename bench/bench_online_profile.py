@@ -40,6 +40,7 @@ import torch
 
 from policies.pinned_lru import pinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
+from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
 from tiered_store.cli_args import at_least
 from tiered_store.errors import ConfigError
@@ -180,8 +181,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0
 
 

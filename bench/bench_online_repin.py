@@ -70,6 +70,7 @@ import torch
 from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store import StoreConfig, TieredStore, create_table
+from tiered_store.atomic_file import write_json
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import at_least, float_list, int_list, public_command
 from tiered_store.errors import ConfigError
@@ -586,8 +587,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0
 
 

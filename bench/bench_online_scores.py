@@ -33,7 +33,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
+from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
 from tiered_store.cli_args import at_least
 from tiered_store.errors import ConfigError
@@ -204,8 +204,7 @@ def main(argv=None) -> int:
     for name, cells in captured.items():
         print(f"  {name:22s} " + " / ".join(f"{100 * np.mean(v):5.2f}%" for v in cells.values()))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0
 
 

@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import at_least
 from tiered_store.cold_table import IO_MODES, ColdTable
 from tiered_store.disk_probe import drop_page_cache
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     if args.out:
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        write_json(args.out, doc)
     return 0
 
 

@@ -52,6 +52,7 @@ import numpy as np
 from policies.pinned_lru import pinned_lru_misses
 from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
+from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
 from tiered_store.cli_args import at_least, int_list
 from tiered_store.config import StoreConfig
@@ -187,8 +188,7 @@ def main(argv=None) -> int:
     result = summarise(args, **measured)
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
         print(f"plot: {plot_results(result, Path(args.out).with_suffix('.png'))}")
     return 0
 

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import torch
 import yaml
 
+from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import at_least
 from tiered_store.serve import ServeConfig, ServedModel, parse_request
 from tiered_store.serve.client import ServeProcess, get_json, post_json, run_load, zipf_requests
@@ -341,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         for tier in ("hot", "warm")
     }
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     bad = any(r["errors"] or r["lost"] for r in report["runs"]) or report["server_exit_status"] != 0
     bad = bad or bool(report.get("soak", {}).get("errors"))
     return 1 if bad else 0

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import resource
 import sys
 import time
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from tiered_store import StoreConfig, TieredStore
+from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import at_least
 from tiered_store.corpus import resolve_corpus
 from tiered_store.engram import EngramConfig, NgramHasher
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
         "results": results,
     }
     if args.out:
-        args.out.write_text(json.dumps(doc, indent=1))
+        write_json(args.out, doc)
         print(f"wrote {args.out}")
     return 0
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from tiered_store import StoreConfig, TieredStore, create_table
+from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import at_least, fraction
 from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader
@@ -174,8 +175,7 @@ def main(argv=None) -> int:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0
 
 

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from tiered_store import TieredStore
+from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import at_least
 from tiered_store.corpus import resolve_corpus
 from tiered_store.delta.row_delta import HEADER_BYTES
@@ -447,8 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["section_seconds"] = time.perf_counter() - started
             print(json.dumps({name: results[name]}, indent=1), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_json(args.out, results)
     return 0
 
 

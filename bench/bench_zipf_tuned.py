@@ -47,6 +47,7 @@ import numpy as np
 from policies.pinned_lru import pinned_lru_misses
 from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
+from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import at_least, public_command
 from tiered_store.profile import FrequencyCounter
 from tiered_store.trace import TraceReader
@@ -226,8 +227,7 @@ def main(argv=None) -> int:
         "repin_reads_per_lookup": reads,
     }
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0
 
 

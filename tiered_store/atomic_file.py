@@ -7,6 +7,7 @@ never a torn file under the final name.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import IO, Any
 
 from .errors import TierIOError
 
-__all__ = ["AtomicFile", "atomic_write", "fsync_dir"]
+__all__ = ["AtomicFile", "atomic_write", "fsync_dir", "write_json"]
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -120,3 +121,21 @@ def atomic_write(
     """
     with AtomicFile(path, mode, **open_kwargs) as atomic:
         yield atomic.file
+
+
+def write_json(path: str | os.PathLike[str], doc: Any, *, indent: int = 2) -> Path:
+    """Write ``doc`` as indented JSON with a final newline to ``path``, atomically, creating the
+    folder it goes in; returns the path.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "results" / "run.json"
+    >>> write_json(target, {"hit_ratio": 0.5}).read_text().splitlines()
+    ['{', '  "hit_ratio": 0.5', '}']
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(doc, indent=indent) + "\n")
+    return path
