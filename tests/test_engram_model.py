@@ -315,7 +315,7 @@ def test_tiered_on_cuda_is_bit_identical(model, converted, batches):
     stores = open_tables(converted.table_paths, model.hasher, cuda_store)
     model.set_tables(stores)
     try:
-        assert all(s.warm_pool.rows.is_pinned() for s in stores.values())
+        assert all(s._pin for s in stores.values())  # rows staged for the GPU: pinned
         with torch.no_grad():
             batch = model.prefetch(batches[0])
             for i, ids in enumerate(batches):

@@ -1,4 +1,4 @@
-"""The CUDA path: hot tier on the GPU, pinned warm tier, copies on the store's side stream.
+"""The CUDA path: hot tier on the GPU, rows staged in pinned memory, work on the store's stream.
 
 Skipped without CUDA (marker ``gpu``); the same code runs on CPU in the other tests.
 """
@@ -23,10 +23,12 @@ def gpu_store(tmp_path):
         yield store, data
 
 
-def test_hot_tier_on_cuda_and_warm_pinned(gpu_store):
+def test_hot_tier_on_cuda_and_warm_pageable(gpu_store):
+    """The warm tier is pageable: pinning it would lock a power of two above its size, for
+    nothing, since its rows reach the GPU through a pinned staging buffer."""
     store, _ = gpu_store
     assert store.hot_pool.rows.is_cuda
-    assert store.warm_pool.rows.is_pinned()
+    assert not store.warm_pool.rows.is_pinned() and store._pin
     assert store.hot.index.slot_of.is_cuda
 
 
@@ -52,6 +54,65 @@ def test_prefetch_on_side_stream_is_ordered_with_compute(gpu_store):
         if i + 2 < len(batches):
             handles.append(store.prefetch(batches[i + 2]))
         assert torch.equal(out.cpu(), data[ids])
+
+
+def test_prefetching_cpu_ids_does_not_wait_for_the_callers_queued_compute(gpu_store):
+    # ids on the CPU need nothing from the caller's stream: the fetch runs while the caller's
+    # queued work (a spin of about a second) is still running, and its rows are exact
+    store, data = gpu_store
+    ids = torch.arange(0, 20000, 7)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # clock cycles on the current stream: ~1 s
+    handle = store.prefetch(ids)
+    handle.future.result(timeout=30)  # the worker has fetched them (and queued its copies)
+    assert not torch.cuda.current_stream().query()  # while the caller's work still runs
+    assert torch.equal(store.lookup(ids, handle).cpu(), data[ids])
+
+
+def test_writes_and_commits_racing_prefetches_on_cuda(tmp_path):
+    # writes, commits and prefetched lookups from two threads on a CUDA hot tier: every change to
+    # the tier's device state is on the store's stream, so each lookup sees the rows written
+    # before it and the committed rows are the written ones
+    import threading
+
+    path, data = make_table(tmp_path, rows=5000, dim=16, dtype="float32")
+    cfg = store_config(path, hot={"capacity": 500, "device": "cuda"}, warm={"capacity": 1500})
+    written = data.clone()
+    with TieredStore(cfg) as store:
+        stop = threading.Event()
+        errors = []
+
+        def read() -> None:
+            rng = torch.Generator().manual_seed(1)
+            while not stop.is_set():
+                ids = torch.randint(0, 2500, (512,), generator=rng)  # rows 2500+ are written
+                try:
+                    out = store.lookup(ids, store.prefetch(ids)).cpu()
+                    if not torch.equal(out, data[ids]):
+                        errors.append("a lookup of unwritten rows changed")
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(repr(exc))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            for step in range(1, 41):
+                ids = torch.randint(
+                    2500, 5000, (200,), generator=torch.Generator().manual_seed(step)
+                )
+                rows = torch.full((200, 16), float(step), device="cuda")
+                store.write(ids, rows)
+                written[ids] = float(step)
+                assert torch.equal(store.lookup(ids.cuda()).cpu(), written[ids])
+                if step % 5 == 0:
+                    store.commit(step)
+        finally:
+            stop.set()
+            reader.join()
+        assert not errors, errors[:3]
+        everything = torch.arange(5000)
+        assert torch.equal(store.read_committed(everything)[1], written)
+        assert torch.equal(store.lookup(everything.cuda()).cpu(), written)
 
 
 def test_concurrent_lookups_on_cuda(gpu_store):

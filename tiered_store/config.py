@@ -79,7 +79,7 @@ DEFAULTS: dict[str, Any] = {
     # stands for (1: every window)
     "repin.quiet_sample": 64,
     "hot.device": "cpu",  # compute device: "cpu", "cuda", "cuda:N"
-    "warm.pin_memory": "auto",  # pinned host RAM when the compute device is CUDA
+    "warm.pin_memory": "auto",  # rows bound for a CUDA device staged in pinned host RAM
     "cold.io": "pread",  # "mmap" (page cache) | "pread" (threads) | "direct" (threads, O_DIRECT)
     # | "uring" (O_DIRECT through io_uring, Linux x86-64)
     # warm restart: off by default, since it writes TABLE.npy.restart beside the table (which may sit
@@ -492,7 +492,8 @@ class HotTierConfig(CacheTierConfig):
 
 
 class WarmTierConfig(CacheTierConfig):
-    """The warm tier lives in host RAM, pinned when the compute device is CUDA."""
+    """The warm tier lives in pageable host RAM; ``pin_memory`` stages the rows it and the cold
+    tier send to a CUDA device in pinned buffers (auto: when the compute device is CUDA)."""
 
     section: ClassVar[tuple[str, ...]] = ("tiers", "warm")
     pin_memory: BoolOrAuto = DEFAULTS["warm.pin_memory"]

@@ -6,25 +6,15 @@ import torch
 
 
 class SlotPool:
-    """Fixed slots of rows on one device (host RAM, pinned when asked, or the compute device)."""
+    """Fixed slots of rows on one device (pageable host RAM, or the compute device).
 
-    def __init__(
-        self,
-        capacity: int,
-        dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        *,
-        pin_memory: bool = False,
-    ) -> None:
+    Host slots are never pinned: rows bound for the GPU are gathered into a pinned staging
+    buffer first, and torch's pinned allocator rounds each block up to a power of two (a 20 GiB
+    warm tier would lock 32 GiB)."""
+
+    def __init__(self, capacity: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.device = torch.device(device)
-        self.rows = torch.empty(
-            (capacity, dim),
-            dtype=dtype,
-            device=self.device,
-            pin_memory=pin_memory and self.device.type == "cpu",
-        )
-        self.pinned = pin_memory
+        self.rows = torch.empty((capacity, dim), dtype=dtype, device=self.device)
 
     @property
     def nbytes(self) -> int:

@@ -115,22 +115,19 @@ class TieredStore:
             pin = tiers.warm.pin_memory is True or (
                 tiers.warm.pin_memory == "auto" and self.device.type == "cuda"
             )
-            self._pin = pin and torch.cuda.is_available()
+            self._pin = pin and torch.cuda.is_available()  # rows staged for the GPU: pinned
             self.hot_pool = SlotPool(self.hot.capacity, self.row_width, self.row_dtype, self.device)
             self.warm_pool = SlotPool(
-                self.warm.capacity,
-                self.row_width,
-                self.row_dtype,
-                torch.device("cpu"),
-                pin_memory=self._pin,
+                self.warm.capacity, self.row_width, self.row_dtype, torch.device("cpu")
             )
         except BaseException:
             self.cold.close()
             os.close(self._version_hold)
             raise
-        self._lock = StoreLock(self.caches)  # tells the tiers the queue's news (store_lock.py)
-        self._releasing = threading.Lock()  # announced requests released one at a time
+        # every change to the tiers' device state runs on this stream (store_lock.py)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._lock = StoreLock(self.caches, self._stream)  # also tells the tiers the queue's news
+        self._releasing = threading.Lock()  # announced requests released one at a time
         self.lookup_latency = LatencyHistogram()
         self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
         self._closed = False
@@ -140,10 +137,11 @@ class TieredStore:
         if delta_path(self.cold.path).is_dir():  # a reader's view: one commit, until reopened
             with contextlib.suppress(ConfigError):  # a delta never initialised: none
                 self._open_writes(create=False, pinned=True)
-        for cache, ids, slots in self.caches.warm_start(config):
-            pool = self.hot_pool if cache is self.hot else self.warm_pool
-            order = torch.argsort(ids)
-            pool.write(slots[order.to(slots.device)], self._read_cold(ids[order]))
+        with self._lock:  # on the store's stream, which lookups gather on
+            for cache, ids, slots in self.caches.warm_start(config):
+                pool = self.hot_pool if cache is self.hot else self.warm_pool
+                order = torch.argsort(ids)
+                pool.write(slots[order.to(slots.device)], self._read_cold(ids[order]))
         self._stop = threading.Event()  # set by close(): background restore and saves end
         self._threads: list[threading.Thread] = []
         self.restore_seconds: float | None = None  # how long the last warm restart took
@@ -468,8 +466,10 @@ class TieredStore:
             self._repin_wanted.set()  # wakes the re-pin thread to end
         for thread in self._threads:
             thread.join()
-        for cache in self.caches.online:  # updates the re-pin thread had not applied yet
-            cache.online.count_pending()
+        self._prefetcher.close()  # in-flight prefetches land first: what is saved includes them
+        with self._lock:
+            for cache in self.caches.online:  # updates the re-pin thread had not applied yet
+                cache.online.count_pending()
         if self.config.tiers.restart.enabled:
             try:
                 self.save_restart()
@@ -481,7 +481,6 @@ class TieredStore:
                     stacklevel=2,
                 )
         self._closed = True
-        self._prefetcher.close()
         self.cold.close()
         if self._writes is not None:  # uncommitted writes are dropped, as a crash would
             self._closed_step = self._writes.delta.step  # for stats() after close
@@ -878,7 +877,9 @@ class TieredStore:
             )
         if ids is not handle.ids:
             flat, shape = self._validate(ids)
-            if shape != handle.shape or not torch.equal(flat, handle.flat):
+            with self._on_store_stream():  # where _validate queued the copy of the ids
+                same = shape == handle.shape and torch.equal(flat, handle.flat)
+            if not same:
                 raise PrefetchHandleError(
                     f"lookup: ids (shape {tuple(shape)}) differ from the ids this handle prefetched "
                     f"(shape {tuple(handle.shape)}); pass the same ids"
@@ -892,9 +893,12 @@ class TieredStore:
         flat = self._checked_flat(tensor)
         if self._stream is None:
             return flat.to(device=self.device, dtype=torch.int64), tuple(tensor.shape)
-        # ids may come from the caller's stream (e.g. hashed on the GPU): order the store's stream
-        # after it, and copy the ids on the store's stream, where the fetch will read them.
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        # ids on the GPU may come from the caller's stream (e.g. hashed there): order the store's
+        # stream after it. Ids on the CPU wait for nothing queued, so a prefetch overlaps the
+        # caller's queued compute. Either way they are copied on the store's stream, where the
+        # fetch reads them.
+        if flat.is_cuda:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             flat = flat.to(device=self.device, dtype=torch.int64, non_blocking=True)
         return flat, tuple(tensor.shape)
@@ -905,7 +909,8 @@ class TieredStore:
         flat = tensor.reshape(-1)
         if flat.numel() and not self.zero_out_of_range:
             lo, hi = torch.aminmax(flat)
-            if int(lo) < 0 or int(hi) >= self.rows:
+            lo, hi = torch.stack([lo, hi]).tolist() if flat.is_cuda else (int(lo), int(hi))
+            if lo < 0 or hi >= self.rows:
                 bad_pos = int(torch.nonzero((flat < 0) | (flat >= self.rows))[0])
                 raise RowIdError(
                     f"ids: value {int(flat[bad_pos])} at flat position {bad_pos} is out of range; "

@@ -6,17 +6,23 @@ here, in queue order, and never wait for the store's lock: a server's compute tu
 queueing behind lookups. Whoever holds the lock tells the tiers before deciding anything, and
 again on letting go of it (news that came meanwhile, whose senders found it taken), so no news
 waits for the next lookup.
+
+On a CUDA store the holder works on the store's stream: every change to the hot tier's device
+state (its slots, index, free list, policy and queue state) is queued on one stream, in the
+order the lock was taken, whichever thread made it. The stream first waits for the work the
+taking thread had queued on its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
+if TYPE_CHECKING:
     from .cache_plan import CacheHierarchy
     from .request_queue import QueuedRequest
 
@@ -24,24 +30,27 @@ if TYPE_CHECKING:
 class StoreLock:
     """``with lock:`` takes the store's lock with the tiers up to date with the queue."""
 
-    def __init__(self, caches: CacheHierarchy) -> None:
+    def __init__(self, caches: CacheHierarchy, stream: torch.cuda.Stream | None = None) -> None:
         self._lock = threading.Lock()
         self._caches = caches
+        self._stream = stream
+        self._on_stream: contextlib.AbstractContextManager | None = None  # the holder's
         # announced (moved None) or released requests the tiers have not been told of yet
         self._news: deque[tuple[QueuedRequest, tuple[torch.Tensor, torch.Tensor] | None]] = deque()
 
     def __enter__(self) -> StoreLock:
         self._lock.acquire()
+        self._enter_stream()
         if self._news:
             try:
                 self._tell_tiers()
             except BaseException:
-                self._lock.release()
+                self._let_go()
                 raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
+        self._let_go()
         if self._news:  # posted while it was held
             self.tell_if_free()
 
@@ -55,9 +64,29 @@ class StoreLock:
         """Tell the tiers now if the lock is free; else its holder does when it lets go."""
         if self._lock.acquire(blocking=False):
             try:
+                self._enter_stream()
                 self._tell_tiers()
             finally:
-                self._lock.release()
+                self._let_go()
+
+    def _enter_stream(self) -> None:
+        """Just taken: the holder's work goes on the store's stream, after what it queued."""
+        if self._stream is None:
+            return
+        current = torch.cuda.current_stream(self._stream.device)
+        if current != self._stream:
+            self._stream.wait_stream(current)
+        self._on_stream = torch.cuda.stream(self._stream)
+        self._on_stream.__enter__()
+
+    def _let_go(self) -> None:
+        """Back on the holder's own stream, and the lock released."""
+        on_stream, self._on_stream = self._on_stream, None
+        try:
+            if on_stream is not None:
+                on_stream.__exit__(None, None, None)
+        finally:
+            self._lock.release()
 
     def _tell_tiers(self) -> None:
         """Under the lock: the tiers learn the news so far, in the order it came."""
