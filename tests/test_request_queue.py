@@ -327,6 +327,16 @@ def test_replay_command_replays_with_a_queue(tmp_path, capsys):
         runs[queued] = json.loads((out / "replay.json").read_text())["results"][0]
     assert runs[2]["queued_requests"] == 2
     assert runs[2]["rows_moved"]["cold_reads"] == runs[0]["rows_moved"]["cold_reads"] - 20
+    # what it printed says how it batched, and which run without a queue compares
+    assert (
+        "requests of 40 tokens (--batch-tokens 10), the next 2 announced" in capsys.readouterr().out
+    )
+    whole = ["--queued-requests", "2", "--request-tokens", "40", "--out", str(tmp_path / "w")]
+    assert main([*argv[:-2], *whole]) == 0
+    printed = capsys.readouterr().out
+    assert "requests of 40 tokens (whole requests)" in printed
+    assert "without a queue, the same batches are `--batch-tokens 40`" in printed.lower()
+    assert "the trace's own" not in printed
 
 
 @settings(max_examples=150, deadline=None)

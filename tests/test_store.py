@@ -206,6 +206,23 @@ def test_preload_rows_warm_start(tmp_path, table):
         assert store.stats()["cold"]["rows_read"] == 3  # only the preload itself
 
 
+def test_a_profile_given_as_preload_rows_is_named_not_a_traceback(tmp_path, table):
+    """analyze writes both layer1.profile.npz and layer1.top_rows.npy: the mix-up is named."""
+    path, _ = table
+    np.savez(tmp_path / "layer1.profile.npz", row_ids=np.arange(3), counts=np.ones(3))
+    cfg = StoreConfig.from_dict(
+        {
+            "table": {"path": str(path)},
+            "tiers": {"warm": {"capacity": 10, "preload_rows": "layer1.profile.npz"}},
+        },
+        base_dir=tmp_path,
+    )
+    with pytest.raises(
+        ConfigError, match=r"warm\.preload_rows: .*layer1\.profile\.npz is an \.npz"
+    ):
+        TieredStore(cfg)
+
+
 # -- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("ids", "match"),

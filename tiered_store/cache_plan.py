@@ -304,6 +304,12 @@ def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:
         raise ConfigError(
             f"{key}: cannot read {path} ({exc}); expected an .npy of row ids"
         ) from None
+    if isinstance(ids, np.lib.npyio.NpzFile):  # analyze writes both: an easy mix-up
+        ids.close()
+        raise ConfigError(
+            f"{key}: {path} is an .npz archive (a profile, the `profile:` of a zipf-tuned tier); "
+            "expected a 1-D .npy of row ids, such as `tiered-store analyze`'s layer{L}.top_rows.npy"
+        )
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise ConfigError(
             f"{key}: {path} holds {ids.dtype} of shape {ids.shape}; expected a 1-D integer array"

@@ -75,7 +75,7 @@ def register(sub) -> None:
         metavar="N",
         help="replay the policies as a server that knows its next N requests of --request-tokens "
         "tokens (TieredStore.announce): rows they use are evicted last. Not applied to the "
-        "sweep, the bounds or the split (default: 0, none)",
+        "sweep, the bounds or the split; 0: none",
     )
     p.add_argument(
         "--request-tokens",
@@ -215,7 +215,14 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
         for result in results:
             result.bounds = bounds
     print_table(results)
-    if args.batch_tokens is None:
+    if args.queued_requests:
+        batching = f"--batch-tokens {args.batch_tokens}" if args.batch_tokens else "whole requests"
+        print(
+            f"batches: requests of {args.request_tokens:,} tokens ({batching}), the next "
+            f"{args.queued_requests:,} announced before each is served. Without a queue, the "
+            f"same batches are `--batch-tokens {args.batch_tokens or args.request_tokens}`"
+        )
+    elif args.batch_tokens is None:
         print(
             "batches: the trace's own (the live store's batch size). docs/policies.md and "
             "per-request simulators (libCacheSim) compare the fetch ratio at --batch-tokens 64"
