@@ -254,6 +254,19 @@ def test_holdout_trace_is_disjoint_by_document(run):
     assert found["holdout"] and found["main"]
 
 
+def test_a_corpus_of_many_paths_names_five_and_counts_the_rest(tmp_path):
+    """An unquoted glob reaches analyze as one path per file: the description stays a line."""
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"doc{i:02d}.txt")
+        paths[-1].write_text(f"document {i}\n")
+    corpus = resolve_corpus(paths)
+    assert len(corpus.files) == 12 and len(corpus.roots) == 12
+    assert corpus.description == (
+        f"12 files from {', '.join(map(str, paths[:5]))} and 7 more paths"
+    )
+
+
 def test_empty_corpus_and_missing_paths_are_clear_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

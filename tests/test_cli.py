@@ -89,13 +89,23 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
             "error: --from-safetensors needs",
         ),
         (["init", "x.npy", "--random", "10x4", "--tensor", "w"], "--tensor 'w': only with"),
-        (["info", "/nonexistent/t.npy"], "t.npy"),
+        (["info", "/nonexistent/t.npy"], "table /nonexistent/t.npy does not exist; expected a"),
+        (["info", "s.yaml"], "s.yaml is not a table (a table is NAME.npy with its manifest, and"),
+        (["init", "x.npy", "--random", "10x4", "--std", "-1"], "--std: got -1; expected a finite"),
+        (["init", "no/x.npy", "--random", "10x4"], "target directory no does not exist; expected"),
+        (["analyze", "a.txt", "--holdout", "1.5"], "--holdout: got 1.5; expected a fraction"),
+        (["analyze", "a.txt", "--max-tokens", "-5"], "--max-tokens: got -5; expected an integer"),
+        (["shard", "t.npy", "--ranks", "0"], "--ranks: got 0; expected an integer >= 1"),
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text("table: {path: t.npy}\n")  # a store config, not a table
+    assert main(["init", "t.npy", "--random", "10x4", "--quiet"]) == 0
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert "[Errno" not in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

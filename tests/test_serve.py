@@ -75,6 +75,7 @@ def test_example_config_is_valid():
         ({"tables": {"path": "t.npy"}}, "tables: unknown key"),
         ({"server": {"max_batch": 0}}, "server.max_batch"),
         ({"server": {"address": "localhost"}}, "server.address: got 'localhost'; expected 'host:port'"),
+        ({"server": {"address": "127.0.0.1:99999"}}, "server.address: port 99999 in '127.0.0.1:99999'; expected a port in 0..65535"),
         ({"store": {"table": {"path": "x.npy"}}}, "store.table"),
         ({"store": {"tiers": {"hot": {"capacity": "lots"}}}}, "tiers.hot.capacity"),
         ({"store": {"metrics": {"address": "9400"}}}, "store.metrics.address"),
@@ -278,12 +279,12 @@ def test_recorded_trace_replays_to_the_store_statistics(tmp_path, config_path, c
             for key in ("lookups", "hits", "admissions", "evictions"):
                 assert replayed.tiers[tier][key] == stats[name][tier][key], (name, tier, key)
 
-    # `tiered-store replay` reads it too, with the layer's store config as YAML.
+    # `tiered-store replay` reads it too, with the layer's store config the server wrote beside it
     from tiered_store.cli import main
 
-    store_yaml = tmp_path / "layer1-store.yaml"
-    store_yaml.write_text(
-        yaml.safe_dump({**CONFIG["store"], "table": {"path": str(server.config.table_path(1))}})
+    store_yaml = tmp_path / "served.trace.engram_layer1.store.yaml"
+    assert yaml.safe_load(store_yaml.read_text())["table"]["path"] == str(
+        server.config.table_path(1)
     )
     out = tmp_path / "replay-out"
     args = ["replay", str(store_yaml), str(tmp_path / "served.trace"), "--table", "engram_layer1"]

@@ -54,7 +54,7 @@ MALFORMED = [
     ("POST", E, b'{"Input_ids": [1]}', {}, 400, "Input_ids: unknown key"),
     ("POST", E, b'{"input_ids": [1], "return_output": true}', {}, 400, "return_output: unknown key"),
     # input_ids: types and shapes
-    ("POST", E, b'{"input_ids": []}', {}, 400, "non-empty list"),
+    ("POST", E, b'{"input_ids": []}', {}, 400, "input_ids: got an empty list; expected a non-empty"),
     ("POST", E, b'{"input_ids": null}', {}, 400, "input_ids: got null"),
     ("POST", E, b'{"input_ids": "1 2 3"}', {}, 400, "input_ids: got string"),
     ("POST", E, b'{"input_ids": 7}', {}, 400, "input_ids: got integer"),

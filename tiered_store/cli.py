@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -14,12 +15,12 @@ from pathlib import Path
 from zipf_analysis.analyze import register as register_analyze
 from zipf_analysis.replay_cli import register as register_replay
 
-from .cli_args import capacity
+from .cli_args import as_option_error, capacity
 from .cold_table import IO_MODES
 from .delta.compaction import register as register_compact
 from .demo import register as register_demo
 from .engram.training import register as register_train
-from .errors import TieredStoreError
+from .errors import ConfigError, TieredStoreError
 from .serve import register as register_serve
 from .table_format import TableExistsError
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not as an error at exit
         return code
     except TieredStoreError as exc:
-        print(f"tiered-store {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tiered-store {args.command}: error: {error_text(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -44,6 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `tiered-store info T | head -1`: the reader stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush
         return 141  # as a process killed by SIGPIPE
+
+
+def error_text(exc: BaseException) -> str:
+    """An error as a user reads it: an ``OSError``'s message without ``[Errno N]`` and without its
+    file name repeated at the end (kept where the message does not already name it).
+
+    >>> error_text(FileNotFoundError(2, "table t.npy does not exist", "t.npy"))
+    'table t.npy does not exist'
+    >>> error_text(PermissionError(13, "Permission denied", "/x/t.npy"))
+    'Permission denied: /x/t.npy'
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        name = exc.filename
+        if name is None or str(name) in exc.strerror:
+            return exc.strerror
+        return f"{exc.strerror}: {name}"
+    return str(exc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +131,8 @@ def _run_init(args) -> int:
         source = args.from_npy
     else:
         rows, dim = _parse_shape(args.random)
+        if not (math.isfinite(args.std) and args.std >= 0):
+            raise _usage(f"--std: got {args.std:g}; expected a finite standard deviation >= 0")
         source = tf.RandomSource(
             rows, dim, dtype=args.dtype or "float32", seed=args.seed, std=args.std
         )
@@ -272,7 +292,7 @@ def _add_shard(sub) -> None:
     )
     p.add_argument("table", type=Path)
     p.add_argument("--ranks", type=int, required=True, help="number of ranks (shards)")
-    p.add_argument("--by", choices=["heads", "rows"], default="heads", help="default: heads")
+    p.add_argument("--by", choices=["heads", "rows"], help="default: heads")
     p.add_argument("--out", default=None, help="shard path template with {rank} (and {ranks})")
     p.add_argument("--overwrite", action="store_true", help="replace existing shard files")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -284,21 +304,27 @@ def _run_shard(args) -> int:
 
     if args.out is not None and "{rank}" not in args.out:
         raise _usage(f"--out: got {args.out!r}; expected a path template containing {{rank}}")
+    by = args.by or "heads"
     try:
         shards = write_shards(
             args.table,
             args.ranks,
-            args.by,
+            by,
             template=args.out,
             progress=not args.quiet,
             overwrite=args.overwrite,
         )
     except TableExistsError as exc:
         raise _name_overwrite(exc) from None
+    except ConfigError as exc:  # named by the option the user typed (or left at its default)
+        error = as_option_error(exc, ["ranks", "by"])
+        if args.by is None and str(error).startswith("--by: 'heads' but"):
+            error = ConfigError(str(error).replace("'heads' but", "'heads' (the default) but", 1))
+        raise error from None
     for shard in shards:
         start, stop = shard.shard_map.shard_range(shard.rank)
         print(f"rank {shard.rank}: {shard.path} rows [{start:,}, {stop:,})")
-    print(f"by {args.by}, table version {shards[0].shard_map.table_version}")
+    print(f"by {by}, table version {shards[0].shard_map.table_version}")
     return 0
 
 
@@ -313,8 +339,6 @@ def _parse_shape(text: str) -> tuple[int, int]:
 
 
 def _usage(message: str) -> TieredStoreError:
-    from .errors import ConfigError
-
     return ConfigError(message)
 
 

@@ -1,15 +1,16 @@
 """Shared by the command line and the bench scripts: argparse types that refuse bad values by
-name, and the command line a report records."""
+name, library errors named by their option, and the command line a report records."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from .capacity import CAPACITY_HELP, check_capacity_spec
+from .errors import ConfigError
 
 
 def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
@@ -136,6 +137,19 @@ def _number_list(convert: Callable[[str], float], minimum: float, expected: str)
         return values
 
     return parse
+
+
+def as_option_error(exc: ConfigError, names: Iterable[str]) -> ConfigError:
+    """``exc`` as the command line says it: a message that starts with one of ``names`` (a
+    keyword argument of the library) starts with its option instead.
+
+    >>> str(as_option_error(ConfigError("max_tokens: got -5; expected an integer >= 1"), ["max_tokens"]))
+    '--max-tokens: got -5; expected an integer >= 1'
+    """
+    key, sep, rest = str(exc).partition(": ")
+    if sep and key in set(names):
+        return ConfigError(f"--{key.replace('_', '-')}: {rest}")
+    return exc
 
 
 def public_command(script: str, argv: Sequence[str]) -> str:

@@ -44,6 +44,7 @@ _GLOB_CHARS = frozenset("*?[")
 _SKIPPED_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
 _BINARY_PROBE = 1 << 16  # bytes searched for a NUL byte before decoding
 EXAMPLES_SHOWN = 5  # skipped files named in the warning
+NAMED_ROOTS = 5  # paths a corpus's description names; the rest are counted
 
 
 class CorpusError(TieredStoreError, ValueError):
@@ -200,7 +201,10 @@ def resolve_corpus(paths: Iterable[str | os.PathLike[str]] | None = None) -> Cor
             "directories holding them, or glob patterns"
         )
     roots = tuple(os.fspath(p) for p in paths)
-    return Corpus(tuple(files), f"{len(files):,} files from {', '.join(roots)}", roots)
+    named = ", ".join(roots[:NAMED_ROOTS])  # a shell-expanded glob: thousands of paths
+    if len(roots) > NAMED_ROOTS:
+        named += f" and {len(roots) - NAMED_ROOTS:,} more paths"
+    return Corpus(tuple(files), f"{len(files):,} files from {named}", roots)
 
 
 def default_corpus() -> Corpus:

@@ -312,6 +312,19 @@ def table_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return p, p.with_name(p.name + MANIFEST_SUFFIX)
 
 
+def not_a_table(path: str | os.PathLike[str]) -> TableFormatError | None:
+    """The error for ``path`` when it names another kind of file (a store YAML, a profile) and
+    no table goes by that name; else None."""
+    given = Path(path)
+    npy_path = table_paths(given)[0]
+    if given == npy_path or not given.is_file() or npy_path.exists():
+        return None
+    return TableFormatError(
+        f"{given} is not a table (a table is NAME.npy with its manifest, and {npy_path.name} does "
+        "not exist); expected a table made by `tiered-store init`"
+    )
+
+
 def read_manifest(path: str | os.PathLike[str]) -> TableManifest:
     """Read and validate a table's manifest.
 
@@ -343,6 +356,8 @@ def read_manifest(path: str | os.PathLike[str]) -> TableManifest:
         text = manifest_path.read_text(encoding="utf-8")
     except FileNotFoundError:
         if not npy_path.exists():  # no table at all (a mistyped name), not an incomplete one
+            if (error := not_a_table(path)) is not None:
+                raise error from None
             raise TableNotFoundError(
                 errno.ENOENT,
                 f"table {npy_path} does not exist; expected a table made by `tiered-store init`",
@@ -858,7 +873,10 @@ def _write_table(
     directory = npy_path.parent
     if not directory.is_dir():
         raise TableNotFoundError(
-            errno.ENOENT, f"target directory {directory} does not exist", str(directory)
+            errno.ENOENT,
+            f"target directory {directory} does not exist; expected an existing folder (create it "
+            "first)",
+            str(directory),
         )
     _refuse_existing(npy_path, manifest_path, overwrite)
     _, itemsize, _ = TABLE_DTYPES[reader.dtype]

@@ -257,6 +257,11 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
         )
         print(f"\nmiss ratio vs capacity (replayed policies: fetch ratio): {png}")
         print_sweep(curves, rows)
+        if bound_names:
+            print(
+                "bounds start cold; a policy with pinned or preloaded rows starts warm and can "
+                "miss less than them"
+            )
     else:  # a plot of an earlier run would sit beside this run's replay.json
         (args.out / "replay.png").unlink(missing_ok=True)
     if split is not None:
@@ -446,8 +451,9 @@ def print_table(results: list[ReplayResult]) -> None:
                     f"{c['rows_repinned']:,} rows into its pinned segment"
                 )
     print(
-        "miss: lookups served by neither cache tier; fetch: rows read from cold per lookup "
-        "(a row missed twice in one batch is read once; compare this with per-request figures)"
+        "hot hit: of all lookups; warm hit: of the lookups the hot tier missed; miss: lookups "
+        "served by neither cache tier; fetch: rows read from cold per lookup (a row missed twice "
+        "in one batch is read once; compare this with per-request figures)"
     )
     if results and results[0].bounds:
         b = results[0].bounds

@@ -418,7 +418,7 @@ def _analysis_markdown(report: Mapping[str, Any]) -> str:
         )
     md += [
         "",
-        "Top shares are of the table's rows (as in DESIGN.md); Zipf fits use ranks 1 up to the "
+        "Top shares are of the table's rows (docs/design.md); Zipf fits use ranks 1 up to the "
         "last rank with at least 10 lookups. Dedup: share of lookups removed by deduplicating "
         "within each sequence / batch. Collision rate: 1 - distinct rows / distinct N-gram keys "
         "over all heads (in brackets: the same for uniform hashing).",

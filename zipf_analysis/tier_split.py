@@ -579,6 +579,11 @@ class SplitRecommendation:
         """What ``tiered-store replay`` prints."""
         hot, warm = (self.model[t].replace("lru", "LRU") for t in ("hot", "warm"))
         tiers = f"{hot} tiers" if hot == warm else f"hot {hot}, warm {warm}"
+        shown = self.frontier
+        if len(shown) > frontier_rows:  # the cheapest, the best, and evenly in between
+            pick = np.unique(np.linspace(0, len(shown) - 1, frontier_rows).round().astype(int))
+            shown = [shown[i] for i in pick]
+        some = f" ({len(shown)} shown: the cheapest, the best, evenly between)"
         out = [
             f"tier split for table {self.table!r} ({tiers}, modelled from one "
             f"read of the trace; GPU budget {format_bytes(self.gpu_budget)}, host budget "
@@ -587,18 +592,15 @@ class SplitRecommendation:
             f"  recommended: hot {self.hot_rows:,} rows ({self.hot_rows / self.rows:.2%} of the "
             f"table, {format_bytes(self.hot_bytes)} with metadata), warm {self.warm_rows:,} rows "
             f"({self.warm_rows / self.rows:.2%}, {format_bytes(self.warm_bytes)})",
-            f"  modelled: hot hit {self.hot_hit_ratio:.2%}, warm hit {self.warm_hit_ratio:.2%}, "
+            f"  modelled: hot hit {self.hot_hit_ratio:.2%}, warm hit {self.warm_hit_ratio:.2%} (of "
+            f"the hot tier's misses), "
             f"miss {self.miss_ratio:.2%}, fetch {self.fetch_ratio:.2%}; stall "
             f"{self.stall_seconds:.4f} s over {self.batches:,} batches (fetch {self.fetch_seconds:.4f} s)",
             f"  frontier (no other split has less memory and no more stall), {len(self.frontier)} of "
-            f"{len(self.candidates)} splits:",
+            f"{len(self.candidates)} splits{some if len(shown) < len(self.frontier) else ''}:",
             f"  {'hot rows':>12}{'GPU':>11}{'warm rows':>12}{'host':>11}{'hot hit':>9}"
             f"{'warm hit':>10}{'fetch':>8}{'stall s':>10}",
         ]
-        shown = self.frontier
-        if len(shown) > frontier_rows:  # the cheapest, the best, and evenly in between
-            pick = np.unique(np.linspace(0, len(shown) - 1, frontier_rows).round().astype(int))
-            shown = [shown[i] for i in pick]
         for c in shown:
             out.append(
                 f"  {c['hot_rows']:>12,}{format_bytes(c['hot_bytes']):>11}{c['warm_rows']:>12,}"

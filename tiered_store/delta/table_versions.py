@@ -26,7 +26,7 @@ from pathlib import Path
 from ..atomic_file import atomic_write, fsync_dir
 from ..errors import TableFormatError, TierIOError
 from ..page_checksums import sidecar_path
-from ..table_format import table_paths
+from ..table_format import not_a_table, table_paths
 from .row_delta import delta_path
 
 __all__ = [
@@ -63,6 +63,8 @@ def current_version(table: str | os.PathLike[str]) -> tuple[Path, int]:
         doc = json.loads(pointer.read_text())
         generation = int(doc["generation"])
     except FileNotFoundError:
+        if (error := not_a_table(table)) is not None:
+            raise error from None
         return table_paths(table)[0], 0
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise TableFormatError(

@@ -159,7 +159,7 @@ def plan_shards(
         if heads is None:
             raise ConfigError(
                 f"by: 'heads' but {where} records no hash-head layout (metadata.engram offsets and "
-                "head_sizes); expected an Engram table, or by: 'rows'"
+                "head_sizes); expected an Engram table, or to cut by 'rows'"
             )
         bounds = _head_bounds(heads, ranks, where)
     else:

@@ -46,7 +46,9 @@ def register(sub: Any) -> None:
         "--record-trace",
         type=Path,
         metavar="PATH",
-        help="record every lookup served as a trace (read it with `tiered-store replay`)",
+        help="record every lookup served as a trace; on exit, beside it, each table's store "
+        "config as PATH.TABLE.store.yaml, for `tiered-store replay PATH.TABLE.store.yaml PATH "
+        "--table TABLE`",
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(run=run_serve)

@@ -56,11 +56,13 @@ def check_address(value: str, key: str, *, allow_empty: bool = False) -> tuple[s
         return None
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not port.isdigit():
         empty = " or '' (off)" if allow_empty else ""
         raise ConfigError(
             f"{key}: got {value!r}; expected 'host:port' like '127.0.0.1:8080'{empty}"
         )
+    if int(port) > 65535:
+        raise ConfigError(f"{key}: port {int(port)} in {value!r}; expected a port in 0..65535")
     return host, int(port)
 
 

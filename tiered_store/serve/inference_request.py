@@ -139,9 +139,9 @@ def parse_request(body: bytes, server: ServerSection, model: RequestModel) -> In
 def _id_rows(value: Any, server: ServerSection) -> list[list[int]]:
     """``input_ids`` as a list of rows of ints; sizes are checked before the ids are."""
     if not isinstance(value, list) or not value:
+        got = "an empty list" if value == [] else _json_type(value)
         raise RequestError(
-            400,
-            f"input_ids: got {_json_type(value)}; expected a non-empty list of token ids or of rows",
+            400, f"input_ids: got {got}; expected a non-empty list of token ids or of rows"
         )
     rows = value if isinstance(value[0], list) else [value]
     if all(isinstance(row, list) for row in rows):

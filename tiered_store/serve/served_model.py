@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
+from ..atomic_file import atomic_write
 from ..engram.checkpoint import ConvertedCheckpoint, load_tiered_model, save_tiered
 from ..engram.model import EngramBatch, EngramLM
 from ..errors import ConfigError, TableFormatError, TieredStoreError
@@ -176,6 +178,18 @@ class ServedModel:
                 outputs[layer] = output
 
         return hook
+
+    def write_replay_config(self, trace: Path, layer: int) -> Path:
+        """Layer ``layer``'s store config as YAML beside the recorded ``trace``
+        (``TRACE.TABLE.store.yaml``: the store section, the table by absolute path), which
+        ``tiered-store replay`` takes with the trace; returns its path."""
+        spec = {**self.config.store_spec(layer), "table": {"path": str(self.table_file(layer))}}
+        spec.pop("metrics", None)  # serving's listener: replay has none
+        path = trace.with_name(f"{trace.name}.{self.config.table_name(layer)}.store.yaml")
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(f"# {self.config.table_name(layer)} as served: replay {trace.name} with it\n")
+            f.write(yaml.safe_dump(spec, sort_keys=False))
+        return path
 
     def _open_trace(self, path: Path) -> TraceWriter:
         """A TraceWriter whose header describes every layer's table."""
@@ -357,6 +371,11 @@ class ServedModel:
         trace, self._trace = self._trace, None
         if trace is not None:
             trace.close()
+            for layer in self.layer_ids:
+                name = self.config.table_name(layer)
+                config = self.write_replay_config(trace.path, layer)
+                log.info("recorded %s; replay: tiered-store replay %s %s --table %s",
+                         trace.path, config, trace.path, name)  # fmt: skip
         control, self.control = getattr(self, "control", None), None
         if control is not None and control.rank == 0:
             try:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from tiered_store.cli_args import as_option_error
 from tiered_store.corpus import SkippedFilesWarning
+from tiered_store.errors import ConfigError
 from tiered_store.profile import DEFAULT_EPISODE_WINDOW
 
 from ..report import summary_lines
@@ -187,24 +190,10 @@ def register(sub: Any) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``tiered-store analyze`` from parsed arguments."""
-    options = AnalyzeOptions(
-        seq_len=args.seq_len,
-        batch_seqs=args.batch_seqs,
-        max_tokens=args.max_tokens,
-        workers=args.workers,
-        targets=parse_targets(args.targets),
-        holdout=args.holdout,
-        seed=args.seed,
-        shuffle=args.shuffle,
-        curves=not args.no_curves,
-        belady=not args.no_belady,
-        shards_rate=args.shards_rate,
-        belady_lookups=args.belady_lookups,
-        episode_window=args.episode_window,
-        progress=not args.quiet,
-        gpu_budget=args.gpu_budget,
-        host_budget=args.host_budget,
-    )
+    try:
+        options = _options(args)
+    except ConfigError as exc:  # named by the option the user typed
+        raise as_option_error(exc, [f.name for f in dataclasses.fields(AnalyzeOptions)]) from None
     with warnings.catch_warnings():
         warnings.simplefilter("always", SkippedFilesWarning)
         previous = warnings.showwarning
@@ -238,3 +227,25 @@ def run_analyze(args: argparse.Namespace) -> int:
                 f"rows, warm {s['warm_rows']:,} rows, modelled stall {s['stall_seconds']:.4f} s"
             )
     return 0
+
+
+def _options(args: argparse.Namespace) -> AnalyzeOptions:
+    """The parsed options as ``AnalyzeOptions`` (checked there)."""
+    return AnalyzeOptions(
+        seq_len=args.seq_len,
+        batch_seqs=args.batch_seqs,
+        max_tokens=args.max_tokens,
+        workers=args.workers,
+        targets=parse_targets(args.targets),
+        holdout=args.holdout,
+        seed=args.seed,
+        shuffle=args.shuffle,
+        curves=not args.no_curves,
+        belady=not args.no_belady,
+        shards_rate=args.shards_rate,
+        belady_lookups=args.belady_lookups,
+        episode_window=args.episode_window,
+        progress=not args.quiet,
+        gpu_budget=args.gpu_budget,
+        host_budget=args.host_budget,
+    )

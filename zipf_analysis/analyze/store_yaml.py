@@ -66,7 +66,8 @@ def store_yaml(
         "layer's concatenated table",
         f"# (create it with `tiered-store init {name}.npy ...`). Replay: "
         f"tiered-store replay {name}.store.yaml {trace} --table {name}",
-        "# Fewer misses at the same sizes (measured on held-out text, README 'Policies'): "
+        "# Fewer misses at the same sizes (measured on held-out text, docs/policies.md in "
+        "tiered-store's repository): "
         "policy: zipf-tuned. Compare on text the profile has not seen (`--holdout` writes it):",
         f"#   tiered-store replay {name}.store.yaml {HOLDOUT_NAME} --table {name} "
         "--policies lru,zipf-tuned",

@@ -348,8 +348,17 @@ def stage_traces(corpus: Corpus, part_of: np.ndarray, ctx: RunContext) -> Traced
             f"holdout: no tokens in the held-out documents (fraction {frac:g} of {len(corpus)} "
             "files); expected a larger fraction or corpus"
         )
+    unused = stats.documents - sum(b.stats.documents for b in builders)
     ctx.say(
-        f"trace: {main.tokens:,} tokens, {main.sequences:,} sequences, {main.batches:,} batches "
-        f"({stats.documents:,} documents read, {stats.skipped_count:,} skipped)"
+        f"trace: {main.tokens:,} tokens of {main.documents:,} documents, {main.sequences:,} "
+        f"sequences, {main.batches:,} batches ({stats.documents:,} documents read"
+        + (f", {unused:,} of them past the token cap" if unused > 0 else "")
+        + f", {stats.skipped_count:,} skipped)"
     )
+    if frac:
+        held = builders[1].stats
+        ctx.say(
+            f"holdout.trace: {held.tokens:,} tokens of {held.documents:,} other documents, "
+            f"{held.sequences:,} sequences, {held.batches:,} batches"
+        )
     return TracedCorpus(corpus_head, builders, stats, keys, warning)
