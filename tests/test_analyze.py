@@ -426,3 +426,10 @@ def test_example_engram_config_is_the_reference_default():
     rows = [sum(p for order in heads for p in order) for heads in table_primes(engram).values()]
     assert [round(r / 1e6, 1) for r in rows] == [10.3, 10.3]
     assert engram.layer_ids == (1, 15) and backbone.num_layers > 15
+
+
+def test_a_store_config_given_as_the_engram_config_is_named():
+    """`analyze --config` takes an Engram config; a store YAML (examples/tiers.yaml) beside it in
+    examples/ is named as such, not as unknown keys of an engram: section it does not have."""
+    with pytest.raises(ConfigError, match=r"tiers\.yaml: has table, tiers: a store config"):
+        load_engram_config(REPO / "examples" / "tiers.yaml")

@@ -505,6 +505,28 @@ def test_replay_command_refuses_a_table_without_lookups(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_replaying_one_table_with_another_tables_config_warns(tmp_path, capsys):
+    """analyze writes layer1.store.yaml (table.path: layer1.npy, made later) beside a trace of
+    layer1 and layer15: replaying layer15 with it is named, since its profile is layer1's."""
+    from tiered_store.cli import main
+
+    layout = {"tables": [{"name": "layer1", "rows": ROWS}, {"name": "layer15", "rows": ROWS}]}
+    with TraceWriter(tmp_path / "t.trace", layout) as writer:
+        writer.write(np.arange(10), "layer1")
+        writer.write(np.arange(10), "layer15")
+    (tmp_path / "layer1.store.yaml").write_text(
+        "table: {path: layer1.npy, dim: 8}\ntiers: {warm: {capacity: 100}}\n"
+    )
+    argv = ["replay", str(tmp_path / "layer1.store.yaml"), str(tmp_path / "t.trace"), "--quiet"]
+    argv += ["--sweep", "", "--no-bounds", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--table", "layer15"]) == 0
+    assert "table.path names trace table 'layer1', but this replays 'layer15'" in (
+        capsys.readouterr().err
+    )
+    assert main([*argv, "--table", "layer1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_config_of_another_row_width_is_an_error(tmp_path):
     path, _ = make_table(tmp_path, rows=ROWS, dim=8)
     layout = {"tables": [{"name": "a", "rows": ROWS, "dim": 64}]}

@@ -172,6 +172,14 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
     table = args.table if args.table is not None else 0
     index = reader.table_index(table)
     layout = reader.layout[index]
+    named = Path(config.table.path).stem  # analyze's layer1.npy, serve's engram_layer1.npy
+    if named in reader.tables and named != reader.tables[index]:
+        print(
+            f"tiered-store replay: warning: {args.config}'s table.path names trace table "
+            f"{named!r}, but this replays {reader.tables[index]!r} (--table); its profile and "
+            f"pinned rows, if any, are {named!r}'s",
+            file=sys.stderr,
+        )
     rows, row_bytes = table_geometry(config, layout)
     if reader.lookups(index) == 0:
         raise TraceFormatError(

@@ -391,6 +391,13 @@ def load_engram_config(
         )
         ignore_unknown = False
     elif "engram" not in data and "backbone" not in data:
+        if not ignore_unknown and {"tiers", "table"} & set(data):  # a store config, not a model's
+            where = f"{source}: " if isinstance(source, str | Path) else ""
+            raise ConfigError(
+                f"{where}has {', '.join(k for k in ('table', 'tiers') if k in data)}: a store "
+                "config (TieredStore.open's); expected an Engram config, with engram: (and "
+                "backbone:) sections, like examples/engram-default.yaml"
+            )
         data = {"engram": data}
     sections = EngramBackboneConfig.from_dict(data, ignore_unknown=ignore_unknown)
     return sections.engram, sections.backbone
