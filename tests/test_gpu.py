@@ -139,6 +139,7 @@ def test_online_re_pinning_with_the_hot_tier_on_cuda(tmp_path):
             assert torch.equal(store.lookup(ids.cuda()).cpu(), data[ids])
             assert store.wait_repinned(timeout=30)
         assert store.hot.online.slot_count.is_cuda and store.hot.online.repins > 20
+        torch.cuda.synchronize()  # the last re-pin's flags were set on the store's stream
         pinned = set(store.hot.pinned_rows().cpu().tolist())
         assert len(set(heavy.tolist()) & pinned) > 250
 
