@@ -126,3 +126,30 @@ def test_compiled_and_torch_probes_fill_the_same_entries():
     assert torch.equal(compiled.get(probe), rounds.get(probe))
     with pytest.raises(ValueError, match="compiled probes run on the CPU, not meta"):
         HashedRowIndex(rows, capacity, "meta", compiled=True)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_sets_deletes_and_gets_agree_with_a_dict(compiled):
+    """Both probe paths (compiled on the CPU; torch rounds, the CUDA path) over inserts, deletes
+    that leave tombstones, re-inserts and rebuilds, against a dict."""
+    rng = np.random.default_rng(3)
+    rows, capacity = 1_000_003, 500
+    index = HashedRowIndex(rows, capacity, compiled=compiled)
+    want: dict[int, int] = {}
+    for step in range(300):
+        held = np.fromiter(want, dtype=np.int64, count=len(want))
+        if held.size and rng.random() < 0.4:
+            gone = rng.choice(held, min(held.size, int(rng.integers(1, 40))), replace=False)
+            index.delete(torch.from_numpy(gone))
+            for row in gone.tolist():
+                del want[row]
+        room = capacity - len(want)
+        fresh = np.setdiff1d(rng.integers(0, rows, 60), held)[: min(room, 50)]
+        fresh = rng.permutation(fresh)
+        if fresh.size:
+            slots = rng.integers(0, capacity, fresh.size)
+            index.set(torch.from_numpy(fresh), torch.from_numpy(slots))
+            want.update(zip(fresh.tolist(), slots.tolist(), strict=True))
+        probe = np.concatenate([held, fresh, rng.integers(0, rows, 100)])
+        got = index.get(torch.from_numpy(probe)).tolist()
+        assert got == [want.get(row, -1) for row in probe.tolist()], step

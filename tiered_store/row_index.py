@@ -37,6 +37,7 @@ AUTO_HASHED_MIN_ROWS_PER_SLOT = 16  # ... over a table this much larger than the
 _EMPTY = -1  # never used: a probe ends here
 _DELETED = -2  # used and freed: a probe goes on past it, an insert may reuse it
 _SEED = 0x5EED_1DE5
+_ROUNDS_PER_CHECK = 4  # torch probe rounds between asks whether any id still probes (a sync)
 _SEED_U64 = np.uint64(_SEED)
 
 
@@ -133,17 +134,21 @@ class HashedRowIndex(RowIndex):
         return torch.remainder(mix64(ids, _SEED), self.size)
 
     def _find(self, ids: torch.Tensor) -> torch.Tensor:
-        """Entry holding each id, -1 where absent."""
+        """Entry holding each id, -1 where absent. Every id steps each round (those done stay
+        put), so a round queues work without a host sync; whether any id is still probing is
+        asked once per ``_ROUNDS_PER_CHECK`` rounds (on CUDA, the only syncs)."""
         found = torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
-        pending = torch.arange(ids.numel(), device=ids.device)
+        probing = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         entry = self._home(ids)
         want = ids.to(self.keys.dtype)
-        while pending.numel():
+        rounds = 0
+        while rounds % _ROUNDS_PER_CHECK or bool(probing.any()):
             key = self.keys[entry]
-            hit = key == want
-            found[pending[hit]] = entry[hit]
-            going = ~hit & (key != _EMPTY)
-            pending, entry, want = pending[going], (entry[going] + 1) % self.size, want[going]
+            hit = probing & (key == want)
+            found = torch.where(hit, entry, found)
+            probing &= ~hit & (key != _EMPTY)
+            entry = torch.where(probing, (entry + 1) % self.size, entry)
+            rounds += 1
         return found
 
     def _ids(self, ids: torch.Tensor):
