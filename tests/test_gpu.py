@@ -115,6 +115,28 @@ def test_writes_and_commits_racing_prefetches_on_cuda(tmp_path):
         assert torch.equal(store.lookup(everything.cuda()).cpu(), written)
 
 
+def test_a_hashed_index_and_announced_requests_on_cuda(tmp_path):
+    # the hashed index (V4.1's tables pick it) probing on the GPU inside a live store, requests
+    # announced and released with ids on the GPU, and a handle collected with equal ids that are
+    # another tensor: every lookup exact
+    path, data = make_table(tmp_path, rows=20000, dim=32, dtype="float16")
+    hot = {"capacity": 800, "device": "cuda", "index": "hashed"}
+    cfg = store_config(path, hot=hot, warm={"capacity": 3000, "index": "hashed"})
+    workload = ZipfWorkload(20000, 0.9, seed=2)
+    batches = [torch.from_numpy(workload.sample(1024)).cuda() for _ in range(24)]
+    with TieredStore(cfg) as store:
+        assert store.hot.index.kind == "hashed" and store.hot.index.keys.is_cuda
+        waiting = [store.announce(b) for b in batches[:4]]
+        for i, ids in enumerate(batches):
+            handle = store.prefetch(ids)
+            out = store.lookup(ids.clone(), handle)  # equal ids, another tensor
+            assert torch.equal(out.cpu(), data[ids.cpu()])
+            store.release(waiting.pop(0))
+            if i + 4 < len(batches):
+                waiting.append(store.announce(batches[i + 4]))
+        assert store.stats()["hot"]["hits"] > 0
+
+
 def test_concurrent_lookups_on_cuda(gpu_store):
     store, data = gpu_store
     assert_concurrent_lookups_exact(store, data, batch=1000, rounds=10)
