@@ -181,10 +181,12 @@ class ShardedStore:
         self._check_usable()
         if handle is None:
             flat, shape = self._validate(ids)
-            future = self._thread.submit(self._exchange, flat, packed)
+            future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
         else:
             future, shape = self._collect(ids, handle, packed)
         out = self._wait(future, "lookup")
+        if out.is_cuda:  # made on the collective thread's stream: kept until this one is done
+            out.record_stream(torch.cuda.current_stream(out.device))
         self.lookup_latency.observe(time.perf_counter() - start)
         return out.view(*shape, out.shape[-1])
 
@@ -196,7 +198,7 @@ class ShardedStore:
         flat, shape = self._validate(ids)
         if not self._slots.acquire(timeout=self._wait_s):
             self._fail("prefetch", None, "no earlier prefetch finished")
-        future = self._thread.submit(self._exchange, flat, packed)
+        future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
         future.add_done_callback(lambda _: self._slots.release())
         self._prefetches += 1
         return PrefetchHandle(ids, flat, shape, packed, future, self)
@@ -400,10 +402,16 @@ class ShardedStore:
         handle.consumed = True
         return handle.future, handle.shape
 
-    def _exchange(self, flat: torch.Tensor, packed: bool) -> torch.Tensor:
-        """One collective round: route unique ids to their owners, serve theirs, gather the rows."""
+    def _exchange(
+        self, flat: torch.Tensor, packed: bool, queued: torch.cuda.Event | None = None
+    ) -> torch.Tensor:
+        """One collective round: route unique ids to their owners, serve theirs, gather the rows.
+        ``queued``: recorded where the caller made ``flat`` on the GPU (this thread waits for it);
+        rows on the GPU are ready when this returns, for a caller on any stream."""
         self._heartbeat.entered += 1
         start = time.perf_counter()
+        if queued is not None:
+            torch.cuda.current_stream(flat.device).wait_event(queued)
         device = self.exchange_device
         flat = flat.to(device)
         n = flat.numel()
@@ -437,6 +445,8 @@ class ShardedStore:
         rows = rows.to(self.device)
         if self.quantization is not None and not packed:
             rows = dequantize_rows(rows, self.quantization)
+        if rows.is_cuda:
+            torch.cuda.current_stream(rows.device).synchronize()
         self._count(n, unique.numel(), sends, recvs, time.perf_counter() - start)
         return rows
 
@@ -669,3 +679,12 @@ def init_process_group_from_env(sharding: ShardingConfig, device: str) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=sharding.timeout_s))
     return True
+
+
+def _queued_on(ids: torch.Tensor) -> torch.cuda.Event | None:
+    """For ids on the GPU, an event on the caller's stream after the work that made them."""
+    if not ids.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(ids.device))
+    return event
