@@ -29,18 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, doc_parser
 from tiered_store.errors import ConfigError
 from zipf_analysis.analyze import AnalyzeOptions, analyze, parse_targets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    p = doc_parser(__doc__)
     p.add_argument(
         "--max-tokens", type=at_least(1), help="cap on tokens (default: the whole corpus)"
     )

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from tiered_store import StoreConfig, TieredStore
-from tiered_store.cli_args import at_least, int_list, public_command
+from tiered_store.cli_args import at_least, doc_parser, int_list, public_command
 from tiered_store.cold_table import ColdTable
 from tiered_store.disk_probe import fio_random_reads, probe_random_reads, probe_uring_reads
 from tiered_store.errors import TierIOError
@@ -73,10 +73,7 @@ class Variant:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--dir", type=Path, help="where the table goes (default: the temp folder)")
     p.add_argument("--table-gib", type=float, default=1.0, help="table size in GiB")
     p.add_argument("--rounds", type=at_least(1), default=5, help="measured rounds of the curves")

@@ -48,7 +48,7 @@ import torch.multiprocessing as mp
 
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import resolve_capacity
-from tiered_store.cli_args import at_least, capacity, public_command
+from tiered_store.cli_args import at_least, capacity, doc_parser, public_command
 from tiered_store.config import CostModelConfig
 from tiered_store.corpus import resolve_corpus
 from tiered_store.distributed import ShardedStore, plan_shards, write_shards
@@ -67,11 +67,7 @@ ROW_BYTES = 128  # the measured table's rows: 64 x bfloat16
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(__doc__)
     p.add_argument(
         "--dir",
         help="where the table, its shards and the id batches go, and stay (default: a temporary "

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from tiered_store.cli_args import at_least, capacity, public_command
+from tiered_store.cli_args import at_least, capacity, doc_parser, public_command
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.engram import NgramHasher
@@ -68,11 +68,7 @@ TARGET = 0.97  # (b) tokens/s >= 0.97 x (a)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(__doc__)
     p.add_argument(
         "--dir", default="/var/tmp", help="where table files go (a real disk: O_DIRECT needs one)"
     )

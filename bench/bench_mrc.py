@@ -35,18 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tiered_store.cli_args import at_least, fraction
+from tiered_store.cli_args import at_least, doc_parser, fraction
 from zipf_analysis.mrc import belady_mrc, lru_mrc, mean_absolute_error, shards_mrc
 from zipf_analysis.zipf_fit import sample_zipf
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    p = doc_parser(__doc__)
     p.add_argument(
         "--lookups",
         type=at_least(1, "a positive number of lookups"),

@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -42,7 +41,7 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, doc_parser
 from tiered_store.errors import ConfigError
 from tiered_store.online_profile import OnlineProfile
 from tiered_store.profile import FrequencyProfile
@@ -96,9 +95,7 @@ def misses_after(ids, rows, pinned_ids, recency_rows) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = doc_parser(__doc__)
     p.add_argument("analysis", type=Path, help="an `tiered-store analyze --holdout` output")
     p.add_argument("--layer", default="layer1")
     p.add_argument("--shares", default="0.05,0.1", help="tier sizes, shares of the rows")

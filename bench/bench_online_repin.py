@@ -72,7 +72,7 @@ from policies.zipf_tuned import zipf_tuned_split
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import resolve_capacity
-from tiered_store.cli_args import at_least, float_list, int_list, public_command
+from tiered_store.cli_args import at_least, doc_parser, float_list, int_list, public_command
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.table_sources import RandomSource
@@ -408,9 +408,7 @@ def online_bounds(args, ids, warmup, profile, layout, share: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = doc_parser(__doc__)
     chunk_expected = f"0 or at least {BATCH:,} lookups (a batch)"  # --chunk's, two checks
     p.add_argument("corpus", nargs="*", help="text files/dirs (default: the stdlib sources)")
     p.add_argument("--analysis", type=Path, help="reuse an `analyze --holdout` output")

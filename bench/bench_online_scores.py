@@ -32,7 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from tqdm import tqdm
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, doc_parser
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader
@@ -116,9 +115,7 @@ def future_counts(windows: list, start: int, span: int, rows: int, returns: bool
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = doc_parser(__doc__)
     p.add_argument("analysis", type=Path, help="a `tiered-store analyze --holdout` output")
     p.add_argument("--layer", default="layer1")
     p.add_argument("--shares", default="5%,10%", help="tier sizes, shares of the rows")

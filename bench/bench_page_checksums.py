@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, doc_parser
 from tiered_store.cold_table import IO_MODES, ColdTable
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.errors import TierIOError
@@ -47,10 +47,7 @@ ROW_DIM = 32  # float32 values per row: 128-byte rows, as in bench/test_cold_rea
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--dir", type=Path, help="where the table goes (default: the temp folder)")
     p.add_argument("--table-mib", type=at_least(1), default=1024, help="table size in MiB")
     p.add_argument("--pairs", type=at_least(1), default=20, help="back-to-back pairs per io mode")

@@ -54,7 +54,7 @@ from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, int_list
+from tiered_store.cli_args import at_least, doc_parser, int_list
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
@@ -70,9 +70,7 @@ LIBCACHESIM = ("LRU", "ARC", "LIRS", "TwoQ", "S3FIFO", "Sieve", "WTinyLFU")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = doc_parser(__doc__)
     p.add_argument("corpus", nargs="*", help="text files/dirs/globs (default: the stdlib sources)")
     p.add_argument(
         "--dir",

@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tiered_store.cli_args import at_least, capacity, public_command
+from tiered_store.cli_args import at_least, capacity, doc_parser, public_command
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache, fio_random_reads
 from tiered_store.engram import NgramHasher
@@ -86,11 +86,7 @@ PHASES = ("scaled", "release", "store", "cached")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--dir", default="/var/tmp", help="where table files go (O_DIRECT needs a disk)")
     p.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     p.add_argument("--release-vocab", type=at_least(2), default=RELEASE_VOCAB, help="rows per head")

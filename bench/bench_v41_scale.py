@@ -39,7 +39,7 @@ import torch
 
 from tiered_store import StoreConfig, TieredStore
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, doc_parser
 from tiered_store.corpus import resolve_corpus
 from tiered_store.engram import EngramConfig, NgramHasher
 from tiered_store.engram.corpus import read_tokens, token_batches
@@ -64,11 +64,7 @@ def index_list(text: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(__doc__)
     p.add_argument(
         "--dir", type=Path, default=Path("."), help="where the table is created (default .)"
     )

@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -37,7 +36,7 @@ import torch
 
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, fraction
+from tiered_store.cli_args import at_least, doc_parser, fraction
 from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader
 from tiered_store.warm_restart import restart_path
@@ -60,9 +59,7 @@ def serve(store: TieredStore, ids: np.ndarray, batch: int) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = doc_parser(__doc__)
     p.add_argument("trace", type=Path, help="a trace from `tiered-store analyze`")
     p.add_argument("--layer", default="layer1")
     share = fraction("a share of the rows in (0, 1], e.g. 0.01 for 1%")

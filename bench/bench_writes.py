@@ -42,7 +42,7 @@ import torch
 
 from tiered_store import TieredStore
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least
+from tiered_store.cli_args import at_least, doc_parser
 from tiered_store.corpus import resolve_corpus
 from tiered_store.delta.row_delta import HEADER_BYTES
 from tiered_store.delta.row_optimizers import make_row_optimizer
@@ -66,9 +66,7 @@ MODEL = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = doc_parser(__doc__)
     p.add_argument(
         "--dir",
         type=Path,

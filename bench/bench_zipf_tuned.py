@@ -35,7 +35,6 @@ Takes about 4 minutes on 2 cores (most of it `analyze`; ``--analysis DIR`` reuse
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, public_command
+from tiered_store.cli_args import at_least, doc_parser, public_command
 from tiered_store.profile import FrequencyCounter
 from tiered_store.trace import TraceReader
 from zipf_analysis.analyze import AnalyzeOptions, analyze
@@ -87,9 +86,7 @@ def episodes_per_row(ids: np.ndarray, rows: int, window: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = doc_parser(__doc__)
     p.add_argument("corpus", nargs="*", help="text files/dirs/globs (default: the stdlib sources)")
     p.add_argument("--dir", default="/var/tmp", help="work directory")
     p.add_argument("--max-tokens", type=at_least(1), default=5_000_000)

@@ -158,6 +158,7 @@ def test_info_and_verify_follow_a_compacted_table_to_its_current_version(tmp_pat
     import torch
 
     from tiered_store.delta.compaction import compact_table
+    from tiered_store.errors import ConfigError
     from tiered_store.store import TieredStore
 
     table = tmp_path / "t.npy"
@@ -174,7 +175,16 @@ def test_info_and_verify_follow_a_compacted_table_to_its_current_version(tmp_pat
     assert info["rows"] == 300 and info["dim"] == 8
     assert main(["verify", str(table), "--quiet"]) == 0
     assert "(t.g1.npy): OK" in capsys.readouterr().out
+    # the file `ls` shows is a version, not a table: compacting it as one would remove the file
+    # the pointer names; each command refuses it and names the table
     current = tmp_path / "t.g1.npy"
+    for command in (["compact", str(current)], ["info", str(current)]):
+        assert main(command) == 2
+        assert "generation 1 of table t.npy" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"expected the table's own name, .*t\.npy"):
+        TieredStore.open({"table": {"path": str(current)}})
+    assert current.exists() and main(["verify", str(table), "--quiet"]) == 0
+    capsys.readouterr()
     with open(current, "r+b") as f:  # corrupt the current version: verify must see it
         f.seek(current.stat().st_size - 16)
         f.write(b"\xff" * 8)

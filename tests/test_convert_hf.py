@@ -206,6 +206,14 @@ def test_a_config_without_engram_keys_is_refused(golden, tmp_path):
     (ckpt / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 16}}))
     with pytest.raises(ConfigError, match=r"config.json: text_config has no engram_layer_ids"):
         convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
+    # another model's config (no text_config) is named as such, not read as an Engram YAML
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64}
+    (ckpt / "config.json").write_text(json.dumps(llama))
+    with pytest.raises(ConfigError, match=r"config.json: text_config has no engram_layer_ids"):
+        convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config.json: not valid JSON: "):
+        convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
 
 
 def test_without_its_own_tokenizer_the_package_one_is_used_with_a_warning(golden, tmp_path):

@@ -413,6 +413,8 @@ def test_a_missing_table_or_manifest_is_named(tmp_path):
     assert str(foreign.value).startswith(
         f"table.path: {lone}: table manifest {lone}.manifest.json does not exist"
     )
+    with pytest.raises(ConfigError, match=r"table.path: .* is a directory; expected a table file"):
+        TieredStore.open({"table": {"path": str(tmp_path)}})
 
 
 def test_the_example_tier_configs_are_valid_and_the_pinned_one_opens(tmp_path):

@@ -129,6 +129,8 @@ def test_a_negative_seed_is_refused_before_any_work(tmp_path, capsys):
         ("--hot", "1GiB", "--hot: '1GiB' is 15,790,320 rows, more than the table's 10,026 rows"),
         ("--io", "bogus", "argument --io: invalid choice: 'bogus'"),
         ("--steps", "0", "--steps: expected >= 1, got 0"),
+        ("--corpus", "/nonexistent", "corpus path '/nonexistent': no such file or directory"),
+        ("--seq-len", "100000", "do not fill one batch of 2 x 100000"),
     ],
 )
 def test_bad_settings_leave_no_run_behind_and_the_corrected_command_runs(
@@ -153,3 +155,22 @@ def test_bad_settings_leave_no_run_behind_and_the_corrected_command_runs(
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["resumed_from_step"] == 0
     assert json.loads((out / "train.json").read_text())["hot"] == 100
+
+
+def test_resume_says_which_options_it_ignores(tmp_path, capsys):
+    """A resumed run keeps its saved settings: options asked for that differ are named, not
+    silently dropped; --resume with nothing to resume says it starts afresh."""
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    corpus = str(ROOT / "tiered_store" / "engram")
+    common = ["train", "--out", str(out), "--quiet", "--corpus", corpus, "--model", str(model_file)]
+    small = ["--batch-size", "2", "--seq-len", "16", "--checkpoint-every", "1"]
+    with pytest.warns(UserWarning, match="--resume: no run in .* to resume; starting a new one"):
+        assert main([*common, *small, "--steps", "1", "--resume"]) == 0
+    with pytest.warns(
+        UserWarning, match=r"ignored: --batch-size 4 \(it uses 2\), --optimizer adam"
+    ):
+        assert main([*common, "--steps", "2", "--resume", "--batch-size", "4", "--optimizer", "adam"]) == 0  # fmt: skip
+    saved = json.loads((out / "train.json").read_text())
+    assert (saved["batch_size"], saved["optimizer"], saved["steps"]) == (2, "rowwise_adagrad", 2)

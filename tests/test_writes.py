@@ -221,3 +221,29 @@ def test_rows_out_of_the_tables_range_name_the_value_and_dtype(tmp_path):
             store.write([1, 2], np.array([[1, 2, 3, 4], [5, 6, 70000, 8]], np.int64))
         with pytest.raises(RowDataError, match=r"row 0 holds a non-finite value \(nan\)"):
             store.write([1], torch.full((1, 4), float("nan")))
+
+
+def test_close_says_when_it_drops_writes_not_committed(tmp_path):
+    """close() drops writes not committed, as a crash would, and says so; after a commit, and
+    for a store that never wrote, it closes quietly. commit(True) is not a step."""
+    import warnings
+
+    from tiered_store import UncommittedWritesWarning
+    from tiered_store.errors import ConfigError
+
+    path, data = make_table(tmp_path, rows=100, dim=4)
+    cfg = store_config(path, hot={"capacity": 10})
+    store = TieredStore(cfg)
+    store.write([3, 4], torch.ones(2, 4))
+    with pytest.raises(ConfigError, match="commit: step True; expected an integer step"):
+        store.commit(True)
+    store.commit()
+    store.write([10], torch.full((1, 4), 7.0))
+    with pytest.warns(UncommittedWritesWarning, match=r"close: 1 rows written to .* since its last commit \(step 1\) are dropped"):  # fmt: skip
+        store.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncommittedWritesWarning)
+        with TieredStore(cfg) as reopened:  # the committed rows, not the dropped one
+            assert torch.equal(reopened.lookup([3, 10]), torch.stack([torch.ones(4), data[10]]))
+            reopened.write([5], torch.zeros(1, 4))
+            reopened.commit()

@@ -20,7 +20,7 @@ from .errors import (
 from .page_checksums import ChecksumError, UnverifiedTableWarning
 from .prefetch import PrefetchHandle, PrefetchHandleError
 from .request_queue import QueuedRequest, QueuedRequestError
-from .store import TieredStore
+from .store import TieredStore, UncommittedWritesWarning
 from .table_format import RandomSource, SafetensorsSource, create_table, read_manifest, verify_table
 from .warm_restart import RestartWarning
 
@@ -44,6 +44,7 @@ __all__ = [
     "TieredStore",
     "TieredStoreError",
     "TraceFormatError",
+    "UncommittedWritesWarning",
     "UnverifiedTableWarning",
     "create_table",
     "read_manifest",

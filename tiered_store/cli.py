@@ -20,7 +20,7 @@ from .cold_table import IO_MODES
 from .delta.compaction import register as register_compact
 from .demo import register as register_demo
 from .engram.training import register as register_train
-from .errors import ConfigError, TieredStoreError
+from .errors import ConfigError, TieredStoreError, error_text
 from .serve import register as register_serve
 from .table_format import TableExistsError
 
@@ -45,23 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `tiered-store info T | head -1`: the reader stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush
         return 141  # as a process killed by SIGPIPE
-
-
-def error_text(exc: BaseException) -> str:
-    """An error as a user reads it: an ``OSError``'s message without ``[Errno N]`` and without its
-    file name repeated at the end (kept where the message does not already name it).
-
-    >>> error_text(FileNotFoundError(2, "table t.npy does not exist", "t.npy"))
-    'table t.npy does not exist'
-    >>> error_text(PermissionError(13, "Permission denied", "/x/t.npy"))
-    'Permission denied: /x/t.npy'
-    """
-    if isinstance(exc, OSError) and exc.strerror:
-        name = exc.filename
-        if name is None or str(name) in exc.strerror:
-            return exc.strerror
-        return f"{exc.strerror}: {name}"
-    return str(exc)
 
 
 def build_parser() -> argparse.ArgumentParser:

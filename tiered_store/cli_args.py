@@ -139,6 +139,40 @@ def _number_list(convert: Callable[[str], float], minimum: float, expected: str)
     return parse
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default where there is one to show: not None or False, and not already
+    said in its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return action.help
+        if action.default is argparse.SUPPRESS:
+            return action.help
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return action.help
+
+
+class DocHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """:class:`DefaultsHelpFormatter` keeping a docstring's line breaks (description, epilog)."""
+
+
+def doc_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A script's parser from its module docstring: the first paragraph is the description, the
+    rest (what it measures, how long it takes, examples) the epilog; defaults are shown.
+
+    >>> p = doc_parser("Time the thing.\n\nTakes a minute.")
+    >>> _ = p.add_argument("--rounds", type=int, default=3, help="rounds")
+    >>> "rounds (default: 3)" in p.format_help() and "Takes a minute." in p.format_help()
+    True
+    """
+    head, _, rest = (doc or "").strip().partition("\n\n")
+    return argparse.ArgumentParser(
+        description=head, epilog=rest or None, formatter_class=DocHelpFormatter
+    )
+
+
 def as_option_error(exc: ConfigError, names: Iterable[str]) -> ConfigError:
     """``exc`` as the command line says it: a message that starts with one of ``names`` (a
     keyword argument of the library) starts with its option instead.

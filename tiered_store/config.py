@@ -150,7 +150,8 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path}: not valid YAML: {exc}") from None
+        kind = "JSON" if path.suffix == ".json" else "YAML"  # YAML reads JSON: say what was meant
+        raise ConfigError(f"{what} {path}: not valid {kind}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

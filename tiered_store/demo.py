@@ -179,8 +179,12 @@ def register(sub) -> None:
     p.add_argument(
         "--hidden-size", type=int, help=f"model width (default {backbone['hidden_size']})"
     )
+    engram_layers = DEMO_DEFAULTS["engram"]["layer_ids"]
     p.add_argument(
-        "--layers", type=int, help=f"Transformer layers (default {backbone['num_layers']})"
+        "--layers",
+        type=int,
+        help=f"Transformer layers (default {backbone['num_layers']}); more than the largest "
+        f"Engram layer id ({max(engram_layers)} of {engram_layers}: engram.layer_ids in --config)",
     )
     p.add_argument(
         "--hot",

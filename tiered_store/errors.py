@@ -43,3 +43,20 @@ class CommitError(TierIOError):
 
 class RowDataError(TieredStoreError, ValueError):
     """Rows given to a write have the wrong shape, type or non-finite values."""
+
+
+def error_text(exc: BaseException) -> str:
+    """An error as a user reads it: an ``OSError``'s message without ``[Errno N]`` and without its
+    file name repeated at the end (kept where the message does not already name it).
+
+    >>> error_text(FileNotFoundError(2, "table t.npy does not exist", "t.npy"))
+    'table t.npy does not exist'
+    >>> error_text(PermissionError(13, "Permission denied", "/x/t.npy"))
+    'Permission denied: /x/t.npy'
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        name = exc.filename
+        if name is None or str(name) in exc.strerror:
+            return exc.strerror
+        return f"{exc.strerror}: {name}"
+    return str(exc)

@@ -49,12 +49,17 @@ from .warm_restart import (
     table_identity,
 )
 
+
 # A warm restart reads its rows back in steps of RESTORE_CHUNK_BYTES (at most RESTORE_CHUNK_ROWS),
 # each step in one cold read sorted by row id: the saved rows of a small-row table
 # are dense in the file (several per page), so a large step reads each page once, in long extents
 # (620k 32-byte rows: 0.92 s in 65,536-row steps, 0.16 s in one). Where a tier's policy ranks
 # restored rows by their saved age (``restores_order``: LRU) each row lands with its own rank;
 # other policies take RESTORE_ORDERED_ROWS per step, one clock batch each. Least valuable first.
+class UncommittedWritesWarning(UserWarning):
+    """``close()`` dropped rows written since the last commit (as a crash would)."""
+
+
 RESTORE_CHUNK_BYTES = 64 << 20
 RESTORE_CHUNK_ROWS = 1 << 22
 RESTORE_ORDERED_ROWS = 65_536
@@ -257,8 +262,9 @@ class TieredStore:
     # -- the write interface ---------------------------------------------------------------------
     def write(self, ids: Any, rows: Any) -> None:
         """Make ``rows`` (``[..., row_width]``, as stored) the current version of ``ids``: every
-        later lookup sees them; ``commit()`` makes them durable. For a repeated id the last row
-        wins. The first write creates the table's LMDB delta (``TABLE.npy.delta/``).
+        later lookup sees them; ``commit()`` makes them durable (``close()`` drops those not
+        committed, as a crash would, with an ``UncommittedWritesWarning``). For a repeated id the
+        last row wins. The first write creates the table's LMDB delta (``TABLE.npy.delta/``).
 
         Examples
         --------
@@ -470,6 +476,16 @@ class TieredStore:
         with self._lock:
             for cache in self.caches.online:  # updates the re-pin thread had not applied yet
                 cache.online.count_pending()
+            writing = self._writes is not None and self._writer_lock is not None
+            dropped = self._writes.dirty_rows if writing else 0
+        if dropped:
+            warnings.warn(
+                f"close: {dropped:,} rows written to {self.cold.path.name} since its last commit "
+                f"(step {self._writes.delta.step}) are dropped, as a crash would drop them; call "
+                "commit() before close() to keep them",
+                UncommittedWritesWarning,
+                stacklevel=2,
+            )
         if self.config.tiers.restart.enabled:
             try:
                 self.save_restart()
@@ -785,6 +801,11 @@ class TieredStore:
         shared lock that keeps it from removal, taken before any of its files is opened (a
         version removed after the pointer was read is then missing whole, and read again)."""
         tiers = config.tiers
+        if Path(config.table.path).is_dir():
+            raise ConfigError(
+                f"table.path: {config.table.path} is a directory; expected a table file "
+                "(NAME.npy, made by `tiered-store init`)"
+            )
         for attempt in range(3):  # a version removed between reading the pointer and opening
             path, generation = current_version(config.table.path)
             hold = None
@@ -964,6 +985,8 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
 def _commit_step(step: Any, last: int) -> int:
     """A commit's ``step``, checked: an integer that fits int64, no lower than ``last``."""
     try:
+        if isinstance(step, bool):
+            raise TypeError("a bool")
         value = operator.index(step)
     except TypeError:
         raise ConfigError(f"commit: step {step!r}; expected an integer step") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -13,6 +12,7 @@ import numpy as np
 from policies.errors import PolicyError
 from policies.registry import PolicySpec, is_offline, offline_names
 from tiered_store.capacity import resolve_capacity
+from tiered_store.cli_args import DefaultsHelpFormatter
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError, TraceFormatError
 from tiered_store.trace import TraceReader
@@ -22,15 +22,6 @@ from .replay import ReplayResult, replay, table_geometry
 from .tier_split import DEFAULT_POINTS, SplitRecommendation, parse_budgets, recommend_split
 
 DEFAULT_SWEEP = "1%,5%,10%,25%"
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one to show (not None or False: the help says those)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def register(sub) -> None:
@@ -50,7 +41,7 @@ def register(sub) -> None:
         "config's policies say; other policies are modelled as LRU) with the least modelled stall "
         "whose hot tier (payload and metadata) fits the GPU budget and warm tier the host budget, "
         "modelled from one read of the trace, and replays that split to check the model.",
-        formatter_class=_HelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("config", type=Path, help="store config (YAML)")
     p.add_argument(

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from ..atomic_file import atomic_write, fsync_dir
-from ..errors import TableFormatError, TierIOError
+from ..errors import ConfigError, TableFormatError, TierIOError
 from ..page_checksums import sidecar_path
 from ..table_format import not_a_table, table_paths
 from .row_delta import delta_path
@@ -57,7 +57,9 @@ def version_path(table: str | os.PathLike[str], generation: int) -> Path:
 
 
 def current_version(table: str | os.PathLike[str]) -> tuple[Path, int]:
-    """(the ``.npy`` of the current version, its generation) of the table named ``table``."""
+    """(the ``.npy`` of the current version, its generation) of the table named ``table``.
+    Refuses a version's own file (``TABLE.gN.npy``), which names a generation, not a table."""
+    _refuse_a_version_file(table)
     pointer = pointer_path(table)
     try:
         doc = json.loads(pointer.read_text())
@@ -72,6 +74,23 @@ def current_version(table: str | os.PathLike[str]) -> tuple[Path, int]:
             '{"generation": N, "file": ...} as compaction writes it'
         ) from None
     return version_path(table, generation), generation
+
+
+def _refuse_a_version_file(table: str | os.PathLike[str]) -> None:
+    """A ``TABLE.gN.npy`` beside ``TABLE.npy.current`` is one of TABLE's versions: opened,
+    written or compacted as a table of its own, its writes would miss TABLE, and compacting it
+    would remove the file TABLE's pointer names."""
+    npy = table_paths(table)[0]
+    match = re.fullmatch(r"(.+)\.g(\d+)\.npy", npy.name)
+    if match is None:
+        return
+    base = npy.with_name(f"{match[1]}.npy")
+    if pointer_path(base).exists():
+        raise ConfigError(
+            f"{table}: generation {int(match[2])} of table {base.name} (compaction's version file, "
+            f"which {pointer_path(base).name} names while it is current); expected the table's "
+            f"own name, {base}"
+        )
 
 
 def publish_version(table: str | os.PathLike[str], generation: int) -> None:

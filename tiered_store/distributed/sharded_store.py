@@ -47,6 +47,7 @@ from ..errors import (
     ShardMismatchError,
     TieredStoreError,
     TierIOError,
+    error_text,
 )
 from ..id_ops import unique_inverse_counts
 from ..latency import LatencyHistogram
@@ -326,7 +327,7 @@ class ShardedStore:
             self.local = TieredStore(local_config)
             return info, None
         except (TieredStoreError, OSError) as exc:
-            return None, f"{type(exc).__name__}: {exc}"
+            return None, f"{type(exc).__name__}: {error_text(exc)}"
 
     def _fingerprint(self, info: ShardInfo | None, error: str | None) -> dict[str, Any]:
         """What every rank must agree on, as this rank sees it."""
@@ -624,21 +625,22 @@ class ShardedStore:
 def check_fingerprints(prints: list[dict[str, Any]], world: int) -> ShardMap:
     """The shard map every rank agrees on; else ShardMismatchError naming the rank and shard."""
     first = prints[0]
-    for rank, doc in enumerate(prints):
-        shard = doc["shard"]
-        if doc["error"] is not None:
-            raise ShardMismatchError(f"rank {rank}: cannot open its shard {shard}: {doc['error']}")
+    for rank, doc in enumerate(prints):  # the configs first: they say which shards to open
         if doc["config"] != first["config"]:
             raise ShardMismatchError(
                 f"rank {rank}: config {doc['config']} differs from rank 0's {first['config']}; "
                 "expected every rank to open the same store YAML"
             )
-        ranks = doc["config"]["ranks"]
-        if ranks != world:
-            raise ShardMismatchError(
-                f"sharding.ranks is {ranks} but the process group has {world} ranks; expected "
-                "one shard per rank"
-            )
+    ranks = first["config"]["ranks"]
+    if ranks != world:
+        raise ShardMismatchError(
+            f"sharding.ranks is {ranks} but the process group has {world} ranks; expected "
+            "one shard per rank"
+        )
+    for rank, doc in enumerate(prints):
+        shard = doc["shard"]
+        if doc["error"] is not None:
+            raise ShardMismatchError(f"rank {rank}: cannot open its shard {shard}: {doc['error']}")
         if doc["map"]["by"] != doc["config"]["by"]:
             raise ShardMismatchError(
                 f"rank {rank}: shard {shard} is cut by {doc['map']['by']!r} but sharding.by is "

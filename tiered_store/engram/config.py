@@ -385,7 +385,8 @@ def load_engram_config(
         raise ConfigError(
             f"<root>: expected a mapping with 'engram' and 'backbone', got {source!r}"
         )
-    if "text_config" in data or "engram_layer_ids" in data:  # a Hugging Face config.json
+    hf_keys = ("text_config", "engram_layer_ids", "architectures", "model_type")
+    if any(key in data for key in hf_keys):  # a Hugging Face config.json (maybe another model's)
         data = hf_engram_sections(
             data, source=str(source) if not isinstance(source, Mapping) else ""
         )

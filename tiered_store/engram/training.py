@@ -13,12 +13,12 @@ one would. ``loss.csv`` logs every step, ``loss.png`` plots it.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..atomic_file import atomic_write
 from ..capacity import resolve_capacity
-from ..cli_args import at_least, capacity
+from ..cli_args import DocHelpFormatter, at_least, capacity
 from ..cold_table import IO_MODES
 from ..corpus import resolve_corpus
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
@@ -90,6 +90,12 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
         resolve_capacity(
             getattr(settings, name), table_rows=sum(sizes), row_bytes=row_bytes, key=f"--{name}"
         )
+    # the corpus too: a path that does not exist, or too little text for one batch, is refused
+    # before the run's folder holds anything that a rerun would have to --resume
+    corpus = resolve_corpus(settings.corpus).shuffled(settings.seed)
+    per_batch = settings.batch_size * settings.seq_len
+    tokens = read_tokens(corpus, model.hasher.tokenizer, max_tokens=per_batch * settings.steps)
+    batches = token_batches(tokens, settings.batch_size, settings.seq_len)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / SETTINGS_FILE, "w") as f:
         json.dump(asdict(settings), f, indent=1)
@@ -107,12 +113,13 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
         }
     )
     try:
-        return _run(out, settings, model, TrainableTable(store, optimizer), layers, sizes, progress)
+        table = TrainableTable(store, optimizer)
+        return _run(out, settings, model, table, layers, sizes, batches, progress)
     finally:
         store.close()
 
 
-def _run(out, settings, model, table, layers, sizes, progress) -> dict:
+def _run(out, settings, model, table, layers, sizes, batches, progress) -> dict:
     """The training loop, from the table's last committed step."""
     offsets = np.cumsum([0, *sizes[:-1]])
     model.set_tables(
@@ -128,10 +135,6 @@ def _run(out, settings, model, table, layers, sizes, progress) -> dict:
         model.load_state_dict(state["model"], strict=False)
         dense.load_state_dict(state["optimizer"])
     losses = _loss_log(out, start)
-    corpus = resolve_corpus(settings.corpus).shuffled(settings.seed)
-    per_batch = settings.batch_size * settings.seq_len
-    tokens = read_tokens(corpus, model.hasher.tokenizer, max_tokens=per_batch * settings.steps)
-    batches = token_batches(tokens, settings.batch_size, settings.seq_len)
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
     began, trained = time.perf_counter(), 0
     for step in range(start + 1, settings.steps + 1):
@@ -216,8 +219,25 @@ def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
     path = out / SETTINGS_FILE
     if resume and path.exists():
         saved = TrainSettings(**json.loads(path.read_text()))
+        default = TrainSettings()
+        ignored = [  # asked for (not the default), and not what the run uses
+            f"--{f.name.replace('_', '-')} {getattr(given, f.name)} (it uses "
+            f"{getattr(saved, f.name)})"
+            for f in fields(TrainSettings)
+            if f.name != "steps"
+            and getattr(given, f.name) != getattr(default, f.name)
+            and getattr(given, f.name) != getattr(saved, f.name)
+        ]
+        if ignored:
+            warnings.warn(
+                f"--resume: the run in {out} keeps its settings (only --steps may grow); "
+                f"ignored: {', '.join(ignored)}",
+                stacklevel=3,
+            )
         saved.steps = max(saved.steps, given.steps)
         given = saved
+    elif resume:
+        warnings.warn(f"--resume: no run in {out} to resume; starting a new one", stacklevel=3)
     elif not resume and (out / TABLE_FILE).exists():
         raise ConfigError(
             f"out: {out} already holds a training run; pass --resume to continue it, or choose "
@@ -245,7 +265,7 @@ def register(sub) -> None:
         epilog="examples:\n  tiered-store train --out run1\n"
         "  tiered-store train --out run1 --resume          # after any stop, kill -9 included\n"
         "  tiered-store train --out run2 --corpus 'docs/**/*.md' --steps 50 --optimizer adam",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=DocHelpFormatter,
     )
     p.add_argument("--out", type=Path, required=True, help="run directory (tables, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
