@@ -159,7 +159,7 @@ class DocHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatt
 
 
 def doc_parser(doc: str | None) -> argparse.ArgumentParser:
-    """A script's parser from its module docstring: the first paragraph is the description, the
+    r"""A script's parser from its module docstring: the first paragraph is the description, the
     rest (what it measures, how long it takes, examples) the epilog; defaults are shown.
 
     >>> p = doc_parser("Time the thing.\n\nTakes a minute.")
