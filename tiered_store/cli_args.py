@@ -145,9 +145,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default is None or action.default is False or "default" in text:
-            return action.help
-        if action.default is argparse.SUPPRESS:
+        unshown = action.default is None or action.default is False  # 0 is a default to show
+        if unshown or action.default is argparse.SUPPRESS or "default" in text:
             return action.help
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return f"{text} (default: %(default)s)"

@@ -50,16 +50,16 @@ from .warm_restart import (
 )
 
 
+class UncommittedWritesWarning(UserWarning):
+    """``close()`` dropped rows written since the last commit (as a crash would)."""
+
+
 # A warm restart reads its rows back in steps of RESTORE_CHUNK_BYTES (at most RESTORE_CHUNK_ROWS),
 # each step in one cold read sorted by row id: the saved rows of a small-row table
 # are dense in the file (several per page), so a large step reads each page once, in long extents
 # (620k 32-byte rows: 0.92 s in 65,536-row steps, 0.16 s in one). Where a tier's policy ranks
 # restored rows by their saved age (``restores_order``: LRU) each row lands with its own rank;
 # other policies take RESTORE_ORDERED_ROWS per step, one clock batch each. Least valuable first.
-class UncommittedWritesWarning(UserWarning):
-    """``close()`` dropped rows written since the last commit (as a crash would)."""
-
-
 RESTORE_CHUNK_BYTES = 64 << 20
 RESTORE_CHUNK_ROWS = 1 << 22
 RESTORE_ORDERED_ROWS = 65_536
@@ -985,11 +985,11 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
 def _commit_step(step: Any, last: int) -> int:
     """A commit's ``step``, checked: an integer that fits int64, no lower than ``last``."""
     try:
-        if isinstance(step, bool):
-            raise TypeError("a bool")
-        value = operator.index(step)
+        value = None if isinstance(step, bool) else operator.index(step)  # True is not step 1
     except TypeError:
-        raise ConfigError(f"commit: step {step!r}; expected an integer step") from None
+        value = None
+    if value is None:
+        raise ConfigError(f"commit: step {step!r}; expected an integer step")
     if not -(2**63) <= value < 2**63:
         raise ConfigError(f"commit: step {value} does not fit 64 bits; expected an integer step")
     if value < last:

@@ -583,7 +583,9 @@ class SplitRecommendation:
         if len(shown) > frontier_rows:  # the cheapest, the best, and evenly in between
             pick = np.unique(np.linspace(0, len(shown) - 1, frontier_rows).round().astype(int))
             shown = [shown[i] for i in pick]
-        some = f" ({len(shown)} shown: the cheapest, the best, evenly between)"
+        some = ""
+        if len(shown) < len(self.frontier):
+            some = f" ({len(shown)} shown: the cheapest, the best, evenly between)"
         out = [
             f"tier split for table {self.table!r} ({tiers}, modelled from one "
             f"read of the trace; GPU budget {format_bytes(self.gpu_budget)}, host budget "
@@ -597,7 +599,7 @@ class SplitRecommendation:
             f"miss {self.miss_ratio:.2%}, fetch {self.fetch_ratio:.2%}; stall "
             f"{self.stall_seconds:.4f} s over {self.batches:,} batches (fetch {self.fetch_seconds:.4f} s)",
             f"  frontier (no other split has less memory and no more stall), {len(self.frontier)} of "
-            f"{len(self.candidates)} splits{some if len(shown) < len(self.frontier) else ''}:",
+            f"{len(self.candidates)} splits{some}:",
             f"  {'hot rows':>12}{'GPU':>11}{'warm rows':>12}{'host':>11}{'hot hit':>9}"
             f"{'warm hit':>10}{'fetch':>8}{'stall s':>10}",
         ]
