@@ -178,8 +178,11 @@ def test_static_rows_that_fill_the_tier_warn_and_the_store_serves(tmp_path, tabl
     cfg = StoreConfig.from_dict(
         {"table": {"path": str(path)}, "tiers": {"hot": tier}}, base_dir=tmp_path
     )
-    with pytest.warns(PinnedRowsWarning, match=r"hot\.static_rows: .*pinned\.npy lists 100 rows"):
+    with pytest.warns(
+        PinnedRowsWarning, match=r"hot\.static_rows: .*pinned\.npy lists 100 rows"
+    ) as got:
         store = TieredStore(cfg)
+    assert got[0].filename == __file__  # points at the caller's line
     with store:
         ids = torch.arange(90, 210)
         assert torch.equal(store.lookup(ids), data[ids])  # rows past the pins come from below
@@ -188,6 +191,39 @@ def test_static_rows_that_fill_the_tier_warn_and_the_store_serves(tmp_path, tabl
     with warnings.catch_warnings():
         warnings.simplefilter("error", PinnedRowsWarning)  # a static-only tier is meant to be full
         TieredStore(StoreConfig.from_dict(only_static, base_dir=tmp_path)).close()
+
+
+def test_settings_a_policy_ignores_are_named_at_open(tmp_path, table):
+    """A profile, a repin block or static_rows on a tier whose policy does not use them: the
+    store opens, with one IgnoredSettingWarning each, pointing at the caller's line."""
+    from tiered_store import IgnoredSettingWarning
+
+    path, data = table
+    np.save(tmp_path / "pinned.npy", np.arange(10, dtype=np.int64))
+    tiers = {
+        "hot": {"capacity": 20, "policy": "lru", "static_rows": "pinned.npy"},
+        "warm": {"capacity": 50, "policy": "sieve", "profile": "p.npz", "repin": {"every": 512}},
+    }
+    cfg = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers}, base_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = TieredStore.open(cfg)
+    with store:
+        assert torch.equal(store.lookup([3, 4]), data[[3, 4]])
+        assert store.stats()["hot"]["preloaded"] == 0  # static_rows not loaded by an lru tier
+    ignored = [w for w in caught if issubclass(w.category, IgnoredSettingWarning)]
+    assert [str(w.message) for w in ignored] == [
+        "tiers.hot.static_rows: policy 'lru' ignores it; only 'static' and 'static+<eviction>' use it",
+        "tiers.warm.profile: policy 'sieve' ignores it; only zipf-tuned uses it",
+        "tiers.warm.repin: policy 'sieve' ignores it; only zipf-tuned uses it",
+    ]
+    assert {w.filename for w in ignored} == {__file__}  # the user's open, not a library line
+    used = {"hot": {"capacity": 20, "policy": "static+lru", "static_rows": "pinned.npy"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IgnoredSettingWarning)
+        TieredStore(
+            StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": used}, base_dir=tmp_path)
+        ).close()
 
 
 def test_preload_rows_warm_start(tmp_path, table):

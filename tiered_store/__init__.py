@@ -7,6 +7,7 @@ Examples
 >>> rows = store.lookup(ids)                           # doctest: +SKIP
 """
 
+from .cache_plan import IgnoredSettingWarning, PinnedRowsWarning
 from .cold_table import ColdTable
 from .config import StoreConfig
 from .errors import (
@@ -30,6 +31,8 @@ __all__ = [
     "ChecksumError",
     "ColdTable",
     "ConfigError",
+    "IgnoredSettingWarning",
+    "PinnedRowsWarning",
     "PrefetchHandle",
     "PrefetchHandleError",
     "QueuedRequest",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +13,7 @@ from policies.zipf_tuned import zipf_tuned_split
 
 from .capacity import resolve_capacity
 from .config import CacheTierConfig, StoreConfig
-from .errors import ConfigError
+from .errors import ConfigError, warn_at_caller
 from .id_ops import nonzero, unique_inverse_counts
 from .online_repin import OnlineRepin
 from .request_queue import QueuedRequest, QueuedRequests
@@ -23,6 +22,10 @@ from .row_cache import RowCache
 
 class PinnedRowsWarning(UserWarning):
     """A tier's pinned rows fill it: nothing else can be cached there (the store still serves)."""
+
+
+class IgnoredSettingWarning(UserWarning):
+    """A tier sets something its policy does not use (the store opens without it)."""
 
 
 @dataclass
@@ -140,13 +143,12 @@ class CacheHierarchy:
                     continue
                 ids = _load_row_list(path, cache.num_rows, f"tiers.{cache.name}.{key}")
                 if pin and ids.size >= cache.capacity and cache.spec.eviction is not None:
-                    warnings.warn(
+                    warn_at_caller(
                         f"tiers.{cache.name}.static_rows: {path} lists {ids.size:,} rows and the "
                         f"tier holds {cache.capacity:,}: the first {cache.capacity:,} are pinned "
                         "and no slot is left for rows that are not (every other row is read from "
                         "below); give the tier more capacity or list fewer rows",
                         PinnedRowsWarning,
-                        stacklevel=4,
                     )
                 loaded.append(self._preload(cache, torch.from_numpy(ids), pin))
                 if pin:
@@ -287,6 +289,36 @@ def _row_cache(
     if spec.tuned and repins_online(tier) and capacity:
         cache.online = OnlineRepin(capacity, tier.repin, window=tier.recency_window, device=device)
     return cache
+
+
+def ignored_tier_settings(config: StoreConfig) -> list[str]:
+    """Each tier setting its policy does not use, as a sentence naming the key and the policy
+    (replay's ``--policies`` swaps the policy on purpose, so only ``TieredStore`` warns of these).
+
+    >>> cfg = StoreConfig.from_dict({"table": {"path": "t.npy"},
+    ...     "tiers": {"warm": {"policy": "lru", "profile": "p.npz", "repin": {"every": 4096}}}})
+    >>> for line in ignored_tier_settings(cfg):
+    ...     print(line)
+    tiers.warm.profile: policy 'lru' ignores it; only zipf-tuned uses it
+    tiers.warm.repin: policy 'lru' ignores it; only zipf-tuned uses it
+    """
+    ignored = []
+    for name, tier in (("hot", config.tiers.hot), ("warm", config.tiers.warm)):
+        spec = parse_policy(tier.policy, key=f"tiers.{name}.policy")
+        unused = {
+            "profile": tier.profile is not None and not spec.tuned,
+            "repin": "repin" in tier.model_fields_set and not spec.tuned,
+            "static_rows": tier.static_rows is not None and (spec.tuned or not spec.static),
+        }
+        for key, is_unused in unused.items():
+            if is_unused:
+                users = (
+                    "only 'static' and 'static+<eviction>' use it"
+                    if key == "static_rows"
+                    else "only zipf-tuned uses it"
+                )
+                ignored.append(f"tiers.{name}.{key}: policy {tier.policy!r} ignores it; {users}")
+    return ignored
 
 
 def repins_online(tier: CacheTierConfig) -> bool:

@@ -52,7 +52,6 @@ import itertools
 import mmap
 import os
 import threading
-import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,7 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tiered_store.errors import ConfigError, RowIdError, TierIOError
+from tiered_store.errors import ConfigError, RowIdError, TierIOError, warn_at_caller
 from tiered_store.io_uring import MAX_QUEUE_DEPTH, IoUring
 from tiered_store.page_checksums import (
     ChecksumError,
@@ -299,11 +298,10 @@ class ColdTable:
             return None
         entry = self.manifest.page_checksums
         if entry is None:
-            warnings.warn(
+            warn_at_caller(
                 f"table {self.path} has no page checksums, so its reads are not verified; add "
                 f"them with `tiered-store verify --add-page-checksums {self.path}`",
                 UnverifiedTableWarning,
-                stacklevel=3,
             )
             return None
         sums = load_page_checksums(self.path, entry)

@@ -1,4 +1,15 @@
-"""The error hierarchy: every error is a ``TieredStoreError`` and also the matching builtin."""
+"""The error hierarchy: every error is a ``TieredStoreError`` and also the matching builtin; and
+how warnings reach the user's line."""
+
+import os
+import sys
+import warnings
+
+# the library's packages: a warning points past their frames, at the line that called into them
+_LIBRARY_DIRS = tuple(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name) + os.sep
+    for name in ("tiered_store", "policies", "zipf_analysis")
+)
 
 
 class TieredStoreError(Exception):
@@ -60,3 +71,13 @@ def error_text(exc: BaseException) -> str:
             return exc.strerror
         return f"{exc.strerror}: {name}"
     return str(exc)
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointing at the first line outside this library that led here (the
+    user's ``open`` or ``close``), whatever the depth of the calls in between (what Python 3.12's
+    ``skip_file_prefixes`` does); the outermost frame when the whole stack is the library's."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

