@@ -153,3 +153,5 @@ def test_sets_deletes_and_gets_agree_with_a_dict(compiled):
         probe = np.concatenate([held, fresh, rng.integers(0, rows, 100)])
         got = index.get(torch.from_numpy(probe)).tolist()
         assert got == [want.get(row, -1) for row in probe.tolist()], step
+        assert index.live == len(want) == int((index.keys >= 0).sum())
+        assert index.deleted == int((index.keys == -2).sum()), step  # tombstones counted

@@ -178,21 +178,33 @@ class HashedRowIndex(RowIndex):
             self.deleted -= reused
             self.live += ids.numel()
             return
-        pending = torch.arange(ids.numel(), device=ids.device)
+        self.deleted -= self._claim(ids.reshape(-1), slots.reshape(-1).to(self.slots.dtype))
+        self.live += ids.numel()
+
+    def _claim(self, ids: torch.Tensor, slots: torch.Tensor) -> int:
+        """Put each id in the first free entry of its probe; returns how many were deleted
+        entries reused. Like ``_find``, every id steps each round under a mask, so a round
+        queues work without a host sync: all ids at one entry read the same key, so either all
+        claim it (free: one wins, the read-back says which) or all write its key back (taken)."""
         entry = self._home(ids)
         want = ids.to(self.keys.dtype)
-        while pending.numel():
+        pending = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        reused = torch.zeros((), dtype=torch.int64, device=ids.device)
+        rounds = 0
+        while rounds % _ROUNDS_PER_CHECK or bool(pending.any()):
             key = self.keys[entry]
-            free = (key == _EMPTY) | (key == _DELETED)
-            claim, at = want[free], entry[free]
-            self.keys[at] = claim  # several ids may claim one entry: the read-back names the winner
-            won = self.keys[at] == claim
-            self.slots[at[won]] = slots[pending[free][won]].to(torch.int32)
-            self.deleted -= int((key[free][won] == _DELETED).sum())
-            retry = ~free
-            retry[torch.nonzero(free).squeeze(1)[~won]] = True
-            pending, entry, want = pending[retry], (entry[retry] + 1) % self.size, want[retry]
-        self.live += ids.numel()
+            claiming = pending & ((key == _EMPTY) | (key == _DELETED))
+            self.keys[entry] = torch.where(claiming, want, key)
+            won = claiming & (self.keys[entry] == want)
+            # a free entry's slot is -1 and every other write puts back what is there: the
+            # winner's slot is the largest written to its entry
+            self.slots.scatter_reduce_(0, entry, torch.where(won, slots, self.slots[entry]), "amax")
+            reused += (won & (key == _DELETED)).sum()
+            pending &= ~won
+            taken = pending & ~claiming  # an entry that lost its claim is tried again
+            entry = torch.where(taken, (entry + 1) % self.size, entry)
+            rounds += 1
+        return int(reused)
 
     def delete(self, ids: torch.Tensor) -> None:
         if self.compiled:
