@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.cache_plan import parse_policy
-from tiered_store.cli_args import at_least, public_command
+from tiered_store.cli_args import ArgumentParser, at_least, public_command
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from zipf_analysis.replay import replay, with_policy
@@ -41,7 +41,7 @@ from zipf_analysis.tier_split import parse_budgets, recommend_split
 
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and write the JSON."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--analysis", type=Path, help="an `analyze` output directory to reuse")
     p.add_argument(
         "--max-tokens",

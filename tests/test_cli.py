@@ -96,6 +96,12 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
         (["analyze", "a.txt", "--holdout", "1.5"], "--holdout: got 1.5; expected a fraction"),
         (["analyze", "a.txt", "--max-tokens", "-5"], "--max-tokens: got -5; expected an integer"),
         (["shard", "t.npy", "--ranks", "0"], "--ranks: got 0; expected an integer >= 1"),
+        # a value that starts with '-' and a digit is the option's value, named by its check
+        (["init", "x.npy", "--random", "-100x5"], "--random: got '-100x5'; expected positive"),
+        (
+            ["replay", "s.yaml", "t.trace", "--gpu-budget", "-1GiB", "--host-budget", "0"],
+            "--gpu-budget: got '-1GiB'",
+        ),
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, message):

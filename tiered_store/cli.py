@@ -15,7 +15,7 @@ from pathlib import Path
 from zipf_analysis.analyze import register as register_analyze
 from zipf_analysis.replay_cli import register as register_replay
 
-from .cli_args import as_option_error, capacity
+from .cli_args import ArgumentParser, as_option_error, capacity
 from .cold_table import IO_MODES
 from .delta.compaction import register as register_compact
 from .demo import register as register_demo
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser, subcommands included."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tiered-store",
         description="A tiered (GPU / host RAM / NVMe) memory store for Engram N-gram embedding tables.",
     )

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .capacity import CAPACITY_HELP, check_capacity_spec
 from .errors import ConfigError
@@ -157,7 +159,24 @@ class DocHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatt
     """:class:`DefaultsHelpFormatter` keeping a docstring's line breaks (description, epilog)."""
 
 
-def doc_parser(doc: str | None) -> argparse.ArgumentParser:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, reading any word that starts with ``-`` and a digit as a value, as
+    argparse does only for plain numbers: ``--gpu-budget -1GiB`` then reaches the option's own
+    check (which names it and says what is expected), not "expected one argument". Its
+    subcommands' parsers are of this class too.
+
+    >>> p = ArgumentParser(prog="x")
+    >>> _ = p.add_argument("--budget")
+    >>> p.parse_args(["--budget", "-1GiB"]).budget
+    '-1GiB'
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\d")
+
+
+def doc_parser(doc: str | None) -> ArgumentParser:
     r"""A script's parser from its module docstring: the first paragraph is the description, the
     rest (what it measures, how long it takes, examples) the epilog; defaults are shown.
 
@@ -167,9 +186,7 @@ def doc_parser(doc: str | None) -> argparse.ArgumentParser:
     True
     """
     head, _, rest = (doc or "").strip().partition("\n\n")
-    return argparse.ArgumentParser(
-        description=head, epilog=rest or None, formatter_class=DocHelpFormatter
-    )
+    return ArgumentParser(description=head, epilog=rest or None, formatter_class=DocHelpFormatter)
 
 
 def as_option_error(exc: ConfigError, names: Iterable[str]) -> ConfigError:

@@ -110,13 +110,16 @@ def register(sub) -> None:
 
 def run_replay(args) -> int:
     """Replay, print the table, write JSON and the PNG."""
+    policies = _check_args(args)
     config = StoreConfig.from_yaml(args.config)
     with TraceReader(args.trace) as reader:
-        return _replay_and_report(args, config, reader)
+        return _replay_and_report(args, config, reader, policies)
 
 
 def _check_args(args) -> list[str | None]:
-    """Fail on a bad option before any work, naming it; returns the policies to replay."""
+    """Fail on a bad option before any work or file read, naming it; returns the policies to
+    replay."""
+    parse_budgets(getattr(args, "gpu_budget", None), getattr(args, "host_budget", None))
     if args.batch_tokens is not None and args.batch_tokens < 1:
         raise ConfigError(
             f"--batch-tokens: got {args.batch_tokens}; expected a positive number of tokens"
@@ -158,7 +161,9 @@ def _out_dir(out: Path) -> bool:
     return not existed
 
 
-def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
+def _replay_and_report(
+    args, config: StoreConfig, reader: TraceReader, policies: list[str | None]
+) -> int:
     """The body of ``run_replay`` with the trace open."""
     table = args.table if args.table is not None else 0
     index = reader.table_index(table)
@@ -177,7 +182,6 @@ def _replay_and_report(args, config: StoreConfig, reader: TraceReader) -> int:
             f"trace {reader.path}: table {reader.tables[index]!r} has no lookups; expected a "
             "trace with lookups of the table to replay"
         )
-    policies = _check_args(args)
     caps = _sweep_capacities(args.sweep, rows, row_bytes) if args.sweep else []
     created = _out_dir(args.out)
     try:
