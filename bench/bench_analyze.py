@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 
 from tiered_store.cli_args import at_least, doc_parser
 from tiered_store.errors import ConfigError
+from tiered_store.versions import machine_info
 from zipf_analysis.analyze import AnalyzeOptions, analyze, parse_targets
 
 
@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = {
             "benchmark": "analyze",
             "machine": {
-                "cpu_count": os.cpu_count(),
-                "processor": platform.processor() or platform.machine(),
-                "python": platform.python_version(),
+                **machine_info(),
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in os.getloadavg()],
             },

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -55,6 +53,7 @@ from tiered_store.cold_table import ColdTable
 from tiered_store.disk_probe import fio_random_reads, probe_random_reads, probe_uring_reads
 from tiered_store.errors import TierIOError
 from tiered_store.table_format import PAGE_BYTES, RandomSource, create_table, read_manifest
+from tiered_store.versions import machine_info
 
 ROW_DIM = 32  # float32 values per row: 128-byte rows, as in bench/test_lookup_speed.py
 FIO_BASELINE = "fio libaio QD32"
@@ -316,12 +315,7 @@ def summarize(
     return {
         "benchmark": "cold_path",
         "command": public_command("bench/bench_cold_path.py", sys.argv[1:]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
-            "machine": platform.machine(),
-            "fio": fio_version(args),
-        },
+        "machine": {**machine_info(), "fio": fio_version(args)},
         "table": table,
         "settings": {
             "rounds": args.rounds,

@@ -33,8 +33,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import platform
 import socket
 import statistics
 import sys
@@ -59,6 +57,7 @@ from tiered_store.engram.hashing import NgramHasher
 from tiered_store.errors import ConfigError
 from tiered_store.store import TieredStore
 from tiered_store.table_format import RandomSource, TableManifest, create_table
+from tiered_store.versions import machine_info
 from zipf_analysis.replay import batch_fetch_seconds
 
 LAYER = 1
@@ -435,7 +434,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     return {
         "benchmark": "bench_distributed",
         "command": None,  # main's: the command line without machine paths
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),
         "measured_table": {"rows": rows, "dim": dim, "heads": hasher.num_heads},
         "measured": measured,
         "model_layout": {

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -62,6 +60,7 @@ from tiered_store.engram.checkpoint import load_table_in_memory, open_tables, ra
 from tiered_store.engram.corpus import read_tokens, token_batches
 from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import PrefetchPipeline, profile_rows
+from tiered_store.versions import machine_info
 
 VARIANTS = ("memory", "tiered", "no_prefetch", "mmap")
 TARGET = 0.97  # (b) tokens/s >= 0.97 x (a)
@@ -373,14 +372,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "engram_lm_throughput",
         "command": public_command("bench/bench_engram.py", sys.argv[1:] if argv is None else argv),
-        "machine": {
-            "device": str(args.device),
-            "gpu": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None,
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(args.device),
         "model": {
             "hidden": args.hidden,
             "layers": args.layers,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import threading
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.cli_args import at_least, doc_parser, fraction
+from tiered_store.versions import machine_info
 from zipf_analysis.mrc import belady_mrc, lru_mrc, mean_absolute_error, shards_mrc
 from zipf_analysis.zipf_fit import sample_zipf
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result: dict = {
         "benchmark": "mrc",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),
         "trace": {
             "lookups": args.lookups,
             "rows": args.rows,

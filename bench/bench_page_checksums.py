@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from tiered_store.disk_probe import drop_page_cache
 from tiered_store.errors import TierIOError
 from tiered_store.page_checksums import crc32c_backend
 from tiered_store.table_format import RandomSource, create_table
+from tiered_store.versions import machine_info
 
 ROW_DIM = 32  # float32 values per row: 128-byte rows, as in bench/test_cold_read_speed.py
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": args.pairs,
         "from_disk": args.from_disk,
         "crc32c": crc32c_backend(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": sys.version},
+        "machine": machine_info(),
         "results": results,
     }
     if args.out:

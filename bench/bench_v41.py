@@ -54,7 +54,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -76,6 +75,7 @@ from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import PrefetchPipeline
 from tiered_store.profile import FrequencyCounter, FrequencyProfile
 from tiered_store.quantization import RowQuantization
+from tiered_store.versions import machine_info
 
 RELEASE_VOCAB = 16_000_000  # the release's engram_vocab_size
 RELEASE_ROWS = [384_006_168, 384_016_682]  # the release's engram_num_embeddings
@@ -666,12 +666,7 @@ def main(argv=None) -> int:
     report: dict = {
         "benchmark": "engram_v41",
         "command": public_command("bench/bench_v41.py", sys.argv[1:] if argv is None else argv),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "model": {
             "hidden": args.hidden,
             "layers": args.layers,

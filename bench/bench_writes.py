@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -51,6 +50,7 @@ from tiered_store.engram.config import ModelConfig
 from tiered_store.engram.corpus import read_tokens, token_batches
 from tiered_store.engram.model import EngramLM
 from tiered_store.table_format import RandomSource, create_table
+from tiered_store.versions import machine_info
 
 MODEL = {
     "engram": {
@@ -432,10 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         results = {
-            "machine": {
-                "cpu": platform.processor() or platform.machine(),
-                "torch_threads": threads,
-            },
+            "machine": machine_info(),
             "args": {
                 k: str(v) for k, v in vars(args).items() if k not in ("out", "dir", "baseline_root")
             },
