@@ -249,3 +249,63 @@ def test_close_says_when_it_drops_writes_not_committed(tmp_path):
             assert torch.equal(reopened.lookup([3, 10]), torch.stack([torch.ones(4), data[10]]))
             reopened.write([5], torch.zeros(1, 4))
             reopened.commit()
+
+
+def test_a_lookup_whose_cold_read_a_write_overtakes_caches_the_written_row(tmp_path):
+    """Thread T1's cold read of row 5 runs outside the lock; meanwhile the caller caches row 5
+    (warm), moves it out of hot and writes it. T1's admission must not put its base read into
+    hot over the written copy: every later lookup, and a read-modify-write, sees the write.
+    (The read is held on an event only to fix the interleaving; the window is every miss's.)"""
+    import threading
+
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    cfg = store_config(path, hot={"capacity": 1}, warm={"capacity": 20})
+    store = TieredStore(cfg)
+    store.write([50], torch.ones(1, 4))  # a writer from the start
+    reading, go = threading.Event(), threading.Event()
+    read_rows = store.cold.read_rows
+
+    def held_read(ids, *args, **kwargs):
+        rows = read_rows(ids, *args, **kwargs)
+        if threading.current_thread().name == "T1":
+            reading.set()
+            go.wait(10)
+        return rows
+
+    store.cold.read_rows = held_read
+    t1 = threading.Thread(target=store.lookup, args=([5],), name="T1")
+    t1.start()
+    assert reading.wait(10)  # T1 missed both tiers and reads row 5 from cold
+    store.lookup([5])  # row 5 into warm and hot
+    store.lookup([6])  # hot holds one row: 5 leaves hot, stays in warm
+    written = torch.full((1, 4), 7.0)
+    store.write([5], written)
+    go.set()
+    t1.join(10)
+    assert torch.equal(store.lookup([5]), written)  # not T1's base read, admitted into hot
+    store.write([5], store.lookup([5]) + 1)
+    store.commit()
+    store.close()
+    with TieredStore(cfg) as again:
+        assert torch.equal(again.lookup([5]), written + 1)
+
+
+def test_prefetches_racing_writes_never_leave_an_old_row_behind(tmp_path):
+    """No hooks: background prefetches of rows the caller looks up and writes meanwhile. A handle
+    collected after a write returns the written rows, and no tier keeps an overtaken copy."""
+    path, table = make_table(tmp_path, rows=64, dim=4)
+    cfg = store_config(path, hot={"capacity": 2}, warm={"capacity": 48})
+    reference = table.clone()
+    rng = np.random.default_rng(0)
+    with TieredStore(cfg) as store:
+        for r in range(1500):
+            ids = torch.from_numpy(rng.choice(64, 8, replace=False))
+            handle = store.prefetch(ids)
+            store.lookup(ids[:4])
+            store.lookup(torch.from_numpy(rng.integers(0, 64, 3)))
+            rows = torch.full((4, 4), float(r + 1))
+            store.write(ids[:4], rows)
+            reference[ids[:4]] = rows
+            assert torch.equal(store.lookup(ids, handle), reference[ids]), f"round {r}"
+            assert torch.equal(store.lookup(torch.arange(64)), reference), f"round {r}"
+        store.commit()

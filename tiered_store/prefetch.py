@@ -55,6 +55,9 @@ class PrefetchHandle:
         self.future = future
         self.owner = owner  # what made it (a store's prefetcher): good for its own store only
         self.consumed = False
+        self.write_seq = (
+            0  # the store's writes before it was queued (rows written later: refetched)
+        )
 
     def done(self) -> bool:
         """True once the rows are staged (on CUDA the copy may still be in flight on the store stream)."""

@@ -141,6 +141,7 @@ class TieredStore:
         self._closed = False
         self._closed_step = 0  # the committed step when close() closed the delta
         self._writes: WriteBack | None = None  # the write path, once the table has a delta
+        self._write_seq = 0  # write() calls so far: a fetch that spans one re-reads its rows
         self.commit_errors = 0
         if delta_path(self.cold.path).is_dir():  # a reader's view: one commit, until reopened
             with contextlib.suppress(ConfigError):  # a delta never initialised: none
@@ -214,7 +215,10 @@ class TieredStore:
         background too, unless ``packed``."""
         self._check_open()
         flat, shape = self._validate(ids)
-        return self._prefetcher.submit(ids, flat, shape, packed)
+        write_seq = self._write_seq  # read before the fetch can start: no write slips between
+        handle = self._prefetcher.submit(ids, flat, shape, packed)
+        handle.write_seq = write_seq
+        return handle
 
     @property
     def prefetch_wait_latency(self) -> LatencyHistogram:
@@ -296,6 +300,7 @@ class TieredStore:
         with self._lock:
             self._become_writer()
             self._writes.write(unique_ids, last_rows)
+            self._write_seq += 1
 
     def commit(self, step: int | None = None) -> int:
         """Make every write so far durable in one LMDB transaction, with ``step`` (default: the
@@ -558,6 +563,7 @@ class TieredStore:
         """Rows as stored for in-range ids, through the tiers (on the current stream)."""
         with self._lock:
             plan = self.caches.plan(flat)
+            write_seq = self._write_seq
             if self.hot.capacity:
                 out = self.hot_pool.gather(plan.hot_slots.clamp(min=0))
             else:
@@ -587,7 +593,9 @@ class TieredStore:
             lookahead = self._prefetcher.queued_ids() if self.config.prefetch.lookahead else None
             with self._lock:
                 if writes is not None:  # written rows over base rows, under the lock of writes
-                    if plan.cold_idx.numel():
+                    if self._write_seq != write_seq:  # a write landed since the rows were staged
+                        self._newest_rows(plan.unique_ids, staged)
+                    elif plan.cold_idx.numel():
                         writes.overlay(plan.cold_ids, staged, plan.cold_idx)
                     device_rows = staged.to(self.device, non_blocking=True)
                 admitted = self.caches.admit(plan, lookahead)
@@ -763,14 +771,7 @@ class TieredStore:
                 pick = torch.sort(torch.argsort(order)[:room]).values
                 sorted_ids, order, rows = sorted_ids[pick], order[pick], rows[pick]
             if self._writes is not None:
-                self._writes.overlay(sorted_ids, rows, torch.arange(sorted_ids.numel()))
-            for other, other_pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
-                if other is cache or other.capacity == 0:
-                    continue
-                slots = other.probe(sorted_ids.to(other.device))
-                held = torch.nonzero(slots >= 0).squeeze(1)
-                if held.numel():
-                    rows[held.cpu()] = other_pool.gather(slots[held]).cpu()
+                self._newest_rows(sorted_ids, rows)
             if ages is None:
                 cache.begin_batch()
             pos, slots = cache.preload(
@@ -779,6 +780,20 @@ class TieredStore:
             with self._on_store_stream():  # the stream lookups gather on: they see these rows
                 pool.write(slots, rows[pos.cpu()].to(pool.device))
             return cache.occupancy < cache.capacity
+
+    def _newest_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Replace ``rows`` (of sorted unique CPU ``ids``, read earlier) by each row's newest
+        version: the written one (committed or pending), then the copy a tier holds, which may
+        be dirty (newer still). Under the lock, with writes: a cold read or a staged copy that a
+        write overtook must not reach a tier."""
+        self._writes.overlay(ids, rows, torch.arange(ids.numel()))
+        for cache, pool in ((self.warm, self.warm_pool), (self.hot, self.hot_pool)):
+            if cache.capacity == 0:
+                continue
+            slots = cache.probe(ids.to(cache.device))
+            held = torch.nonzero(slots >= 0).squeeze(1)
+            if held.numel():
+                rows[held.cpu()] = pool.gather(slots[held]).cpu()
 
     def _save_periodically(self, every_s: float) -> None:
         """Save the tiers every ``every_s`` seconds until close (a warning when a save fails)."""
@@ -907,6 +922,8 @@ class TieredStore:
                     f"(shape {tuple(handle.shape)}); pass the same ids"
                 )
         out, event = self._prefetcher.collect(handle)
+        if handle.write_seq != self._write_seq:  # written since prefetch(): fetch it again, so
+            out, event = self._fetch(handle.flat, handle.packed)  # the writes are seen
         return out.view(*handle.shape, out.shape[-1]), event
 
     def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
