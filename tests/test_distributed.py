@@ -217,6 +217,26 @@ def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables,
     assert not torch.distributed.is_initialized()  # it made the group, it destroyed it
 
 
+def test_a_sharded_prefetch_collected_after_a_write_sees_it(tmp_path, monkeypatch):
+    """Every rank counts the same write rounds, so a handle older than one is fetched again (a
+    collective, like the prefetch), and returns the written row."""
+    table = make_plain_table(tmp_path)
+    template = shards_template(table, "rows")
+    write_shards(table, 1, "rows", template=template, progress=False)
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    sharding = {"ranks": 1, "by": "rows", "shards": template}
+    cfg = {"table": {"path": str(table)}, "sharding": sharding}
+    with ShardedStore.open(cfg) as store:
+        ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
+        handle = store.prefetch(ids)
+        store.write([400], torch.ones(1, store.row_width))
+        got = store.lookup(ids, handle)
+        assert got[0, 2].float().eq(1).all() and torch.equal(got, store.lookup(ids))
+        store.commit()
+
+
 def test_without_a_process_group_or_torchrun_environment_opening_says_so(tables, monkeypatch):
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)

@@ -139,6 +139,7 @@ class ShardedStore:
         self.lookup_latency = LatencyHistogram()
         self._slots = threading.BoundedSemaphore(config.prefetch.depth)
         self._prefetches = 0
+        self._write_rounds = 0  # write and update rounds joined: a handle older than one refetches
         try:
             info, error = self._open_local()
             prints = self._wait(
@@ -185,6 +186,10 @@ class ShardedStore:
             future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
         else:
             future, shape = self._collect(ids, handle, packed)
+            if handle.write_seq != self._write_rounds:  # rows written since prefetch(): every
+                self._wait(future, "lookup")  # rank counts the same rounds, so all fetch again
+                flat = handle.flat
+                future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
         out = self._wait(future, "lookup")
         if out.is_cuda:  # made on the collective thread's stream: kept until this one is done
             out.record_stream(torch.cuda.current_stream(out.device))
@@ -202,7 +207,9 @@ class ShardedStore:
         future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
         future.add_done_callback(lambda _: self._slots.release())
         self._prefetches += 1
-        return PrefetchHandle(ids, flat, shape, packed, future, self)
+        handle = PrefetchHandle(ids, flat, shape, packed, future, self)
+        handle.write_seq = self._write_rounds
+        return handle
 
     # -- writes and training ---------------------------------------------------------------------
     def write(self, ids: Any, rows: Any) -> None:
@@ -219,6 +226,7 @@ class ShardedStore:
         """
         self._check_usable()
         self._check_float_rows("write")
+        self._write_rounds += 1  # a round on every rank, this one's rows refused or not
         try:
             flat, shape = self._validate_write_ids(ids)
             rows = as_rows(rows, (*shape, self.row_width), self.row_dtype)
@@ -250,6 +258,7 @@ class ShardedStore:
         Returns how many rows this rank updated."""
         self._check_usable()
         self._check_float_rows("update_rows")
+        self._write_rounds += 1
         try:
             flat, _ = self._validate_write_ids(ids)
             grads = torch.as_tensor(grads).detach()
