@@ -309,3 +309,50 @@ def test_prefetches_racing_writes_never_leave_an_old_row_behind(tmp_path):
             assert torch.equal(store.lookup(ids, handle), reference[ids]), f"round {r}"
             assert torch.equal(store.lookup(torch.arange(64)), reference), f"round {r}"
         store.commit()
+
+
+def test_a_store_opened_before_the_first_commit_elsewhere_is_stale_and_may_not_write(tmp_path):
+    """Store A opens a table with no delta and caches a row; B writes it and commits. A is stale,
+    and writing through it is refused: its cached rows predate B's commit, so a read-modify-write
+    would put B's row back to the old one."""
+    import errno
+
+    from tiered_store.errors import TierIOError
+
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    cfg = store_config(path, hot={"capacity": 10})
+    with TieredStore(cfg) as a:
+        a.lookup([5])
+        with TieredStore(cfg) as b:
+            b.write([5], torch.full((1, 4), 7.0))
+            b.commit()
+        assert a.is_stale()
+        with pytest.raises(TierIOError, match="written by another process since") as got:
+            a.write([9], torch.ones(1, 4))
+        assert got.value.errno == errno.ESTALE
+    with TieredStore(cfg) as again:  # reopened: B's row, and A may write now
+        assert torch.equal(again.lookup([5]), torch.full((1, 4), 7.0))
+        again.write([9], torch.ones(1, 4))
+        again.commit()
+
+
+def test_a_delta_a_writer_died_creating_reads_as_none(tmp_path):
+    """A writer killed inside its first write() can leave TABLE.npy.delta/ as an LMDB environment
+    with no databases (made here as LMDB makes it). It holds no commit: a store is not stale over
+    it, compaction and the in-memory loader read the base, and the next writer initialises it."""
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.engram.checkpoint import load_table_in_memory
+
+    path, table = make_table(tmp_path, rows=100, dim=4)
+    lmdb.open(str(delta_path(path)), subdir=True, max_dbs=2).close()
+    cfg = store_config(path, hot={"capacity": 10})
+    with TieredStore(cfg) as store:
+        assert not store.is_stale()
+        assert torch.equal(store.lookup([3, 4]), table[[3, 4]])
+    assert torch.equal(load_table_in_memory(path).weight, table)
+    assert compact_table(path, progress=False).delta_rows == 0
+    with TieredStore(cfg) as store:
+        store.write([3], torch.ones(1, 4))
+        assert store.commit() == 1
+    with TieredStore(cfg) as store:
+        assert torch.equal(store.lookup([3, 4]), torch.cat([torch.ones(1, 4), table[[4]]]))

@@ -20,7 +20,7 @@ from .cache_plan import CacheHierarchy, IgnoredSettingWarning, ignored_tier_sett
 from .capacity import format_bytes
 from .cold_table import ColdTable
 from .config import StoreConfig
-from .delta.row_delta import RowDelta, delta_path
+from .delta.row_delta import RowDelta, committed_step, delta_path
 from .delta.table_versions import current_version, hold_version, take_writer_lock
 from .delta.write_back import WriteBack, merge_last_wins
 from .errors import (
@@ -855,8 +855,8 @@ class TieredStore:
             return True
         if self._writer_lock is not None:
             return False
-        if self._writes is None:
-            return delta_path(self.cold.path).is_dir()
+        if self._writes is None:  # opened without a delta: has one been committed to since?
+            return committed_step(self.cold.path, self.row_bytes) not in (None, self._base_step)
         return self._writes.delta.latest_step() != self._writes.delta.step
 
     def _become_writer(self) -> None:
@@ -872,15 +872,22 @@ class TieredStore:
                     f"write: {self.cold.path.name} was compacted into a newer version since this "
                     "store opened; reopen the store to write",
                 )
+            if self._writes is None:  # opened without a delta: one committed to since is news
+                moved_on = committed_step(self.cold.path, self.row_bytes) not in (
+                    None,
+                    self._base_step,
+                )
+            else:
+                moved_on = self._writes.delta.latest_step() != self._writes.delta.step
+            if moved_on:  # its cached rows are older than the commits: writing over them loses
+                os.close(self._writer_lock)
+                self._writer_lock = None
+                raise TierIOError(
+                    errno.ESTALE,
+                    f"write: {self.cold.path.name} was written by another process since this "
+                    "store opened; reopen the store to write",
+                )
             if self._writes is not None:  # was a reader: read the newest commit from now on
-                if self._writes.delta.latest_step() != self._writes.delta.step:
-                    os.close(self._writer_lock)
-                    self._writer_lock = None
-                    raise TierIOError(
-                        errno.ESTALE,
-                        f"write: {self.cold.path.name} was written by another process since this "
-                        "store opened; reopen the store to write",
-                    )
                 self._writes.delta.unpin()
         if self._writes is None:
             self._open_writes(create=True)

@@ -21,7 +21,7 @@ import torch
 from ..cold_table import ColdTable
 from ..table_format import check_table, create_table
 from ..table_sources import TABLE_DTYPES, SourceReader
-from .row_delta import RowDelta, delta_path
+from .row_delta import RowDelta, open_delta
 from .table_versions import (
     current_version,
     publish_version,
@@ -95,8 +95,7 @@ def compact_table(table: str | Path, *, progress: bool = True) -> CompactionRepo
     with writer_lock(table):
         current, generation = current_version(table)
         with ColdTable(current) as cold:
-            has_delta = delta_path(current).is_dir()
-            delta = RowDelta(delta_path(current), cold.row_bytes) if has_delta else None
+            delta = open_delta(current, cold.row_bytes)
             delta_ids = delta.ids() if delta is not None else np.zeros(0, np.int64)
             try:
                 if delta_ids.size == 0:

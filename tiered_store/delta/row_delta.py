@@ -26,7 +26,7 @@ from ..atomic_file import fsync_dir
 from ..errors import CommitError, ConfigError, DeltaCorruptError, TierIOError
 from ..page_checksums import crc32c_pages
 
-__all__ = ["RowDelta", "delta_path", "HEADER_BYTES"]
+__all__ = ["RowDelta", "committed_step", "delta_path", "open_delta", "HEADER_BYTES"]
 
 HEADER = np.dtype([("crc", "<u4"), ("width", "<u4"), ("step", "<i8"), ("row", "<i8")])
 HEADER_BYTES = HEADER.itemsize  # 24
@@ -46,6 +46,31 @@ def delta_path(table_path: str | os.PathLike[str]) -> Path:
     't.npy.delta'
     """
     return Path(f"{os.fspath(table_path)}.delta")
+
+
+def open_delta(table_path: str | os.PathLike[str], row_bytes: int) -> RowDelta | None:
+    """The delta of the table version at ``table_path``, to read; None when it has none: no
+    directory, or one a writer died creating (it holds no commit, and the next writer
+    initialises it)."""
+    path = delta_path(table_path)
+    if not path.is_dir():
+        return None
+    try:
+        return RowDelta(path, row_bytes)
+    except ConfigError:  # the directory exists, so: never initialised
+        return None
+
+
+def committed_step(table_path: str | os.PathLike[str], row_bytes: int) -> int | None:
+    """The step of the last commit to the delta of the version at ``table_path`` (the step the
+    version started from, before any); None when it has no delta (see ``open_delta``)."""
+    delta = open_delta(table_path, row_bytes)
+    if delta is None:
+        return None
+    try:
+        return delta.latest_step()
+    finally:
+        delta.close()
 
 
 class RowDelta:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..cold_table import ColdTable
-from ..delta.row_delta import RowDelta, delta_path
+from ..delta.row_delta import delta_path, open_delta
 from ..delta.table_versions import current_version
 from ..errors import TableFormatError
 from ..page_checksums import sidecar_path
@@ -161,9 +161,9 @@ def write_shards(
 
 def _refuse_uncompacted_rows(table: Path, current: Path, manifest: TableManifest) -> None:
     """A table with committed writes in its delta: shards of its file alone would lose them."""
-    if not delta_path(current).is_dir():
+    delta = open_delta(current, manifest.row_bytes)
+    if delta is None:
         return
-    delta = RowDelta(delta_path(current), manifest.row_bytes)
     try:
         rows = int(delta.ids().size)
     finally:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..delta.row_delta import RowDelta, delta_path
+from ..delta.row_delta import open_delta
 from ..delta.table_versions import current_version
 from ..errors import ConfigError, TableFormatError, TieredStoreError
 from ..quantization import RowQuantization
@@ -377,8 +377,8 @@ def load_table_in_memory(path: str | Path) -> InMemoryTable:
     path = current_version(path)[0]
     manifest = check_table(path)
     data = np.load(table_paths(path)[0])
-    if delta_path(path).is_dir():  # rows committed since this version was made
-        delta = RowDelta(delta_path(path), data.itemsize * data.shape[1])
+    delta = open_delta(path, data.itemsize * data.shape[1])
+    if delta is not None:  # rows committed since this version was made
         try:
             for ids, rows in delta.iter_rows():
                 data[ids] = np.ascontiguousarray(rows).view(data.dtype).reshape(len(ids), -1)
