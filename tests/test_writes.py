@@ -107,6 +107,56 @@ def test_a_full_map_grows_and_the_commit_goes_through(tmp_path):
     delta.close()
 
 
+def _fill(path, steps):
+    """Commit 64 rows of 4 KiB ``steps`` times to the delta at ``path`` (a map of 64 KiB)."""
+    writer = RowDelta(path, row_bytes=4096, create=True, map_bytes=1 << 16)
+    rows = np.zeros((64, 4096), dtype=np.uint8)
+    for step in range(1, steps + 1):
+        writer.commit(np.arange(64), rows + step, step=step)
+    grows = writer.map_grows
+    writer.close()
+    return grows
+
+
+def test_a_map_that_grows_never_ends_a_pinned_readers_view(tmp_path):
+    """In this process, a commit that must grow the map while another handle holds a pinned
+    commit is refused (growing would end that view), and goes through once it closes. A reader
+    pinned while another process grew the map sees that as a newer commit (stale), and opening
+    the delta again here names the store to close first."""
+    import multiprocessing
+
+    from tiered_store.delta.row_delta import GREW_STEP
+    from tiered_store.errors import CommitError, TierIOError
+
+    path = tmp_path / "t.delta"
+    writer = RowDelta(path, row_bytes=4096, create=True, map_bytes=1 << 16)
+    writer.commit(np.arange(4), np.ones((4, 4096), dtype=np.uint8), step=1)
+    reader = RowDelta(path, row_bytes=4096)
+    reader.pin()
+    rows = np.full((64, 4096), 2, dtype=np.uint8)
+    with pytest.raises(CommitError, match="another store of this table in this process holds"):
+        writer.commit(np.arange(64), rows, step=2)
+    assert reader.step == 1 and reader.read(np.array([0]))[1][0, 0] == 1  # its view, whole
+    reader.close()
+    writer.commit(np.arange(64), rows, step=2)
+    assert writer.map_grows > 0
+    writer.close()
+
+    other = tmp_path / "o.delta"
+    RowDelta(other, row_bytes=4096, create=True, map_bytes=1 << 16).close()
+    reader = RowDelta(other, row_bytes=4096, map_bytes=1 << 16)
+    reader.pin()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(_fill, (other, 4)) > 0  # another process grew the map
+    assert reader.latest_step() == GREW_STEP and reader.step == 0  # stale, its view whole
+    with pytest.raises(TierIOError, match="grew in another process .* close it, then open"):
+        RowDelta(other, row_bytes=4096)
+    reader.close()
+    again = RowDelta(other, row_bytes=4096)  # the last handle closed: the new map is read
+    assert again.latest_step() == again.step == 4
+    again.close()
+
+
 def test_a_delta_of_another_row_size_is_refused(tmp_path):
     RowDelta(tmp_path / "d", row_bytes=16, create=True).close()
     with pytest.raises(DeltaCorruptError, match="holds 16-byte rows"):

@@ -30,9 +30,10 @@ __all__ = ["RowDelta", "committed_step", "delta_path", "open_delta", "HEADER_BYT
 
 HEADER = np.dtype([("crc", "<u4"), ("width", "<u4"), ("step", "<i8"), ("row", "<i8")])
 HEADER_BYTES = HEADER.itemsize  # 24
-MIN_MAP_BYTES = (
-    64 << 20
-)  # address space, not disk: writemap is off, the file grows as pages are used
+# address space, not disk (writemap is off: the file grows as pages are used). Large, so that a map
+# never grows while a store elsewhere holds an older commit (growing it ends such views)
+MIN_MAP_BYTES = 64 << 30
+GREW_STEP = 2**63 - 1  # latest_step() when another process grew the map: later than any step
 MAX_READERS = 512  # reader slots: one per reading thread of every process (serving threads, tests)
 GROW_ATTEMPTS = 8  # a commit that fills the map doubles it and retries this many times at most
 
@@ -88,7 +89,7 @@ class RowDelta:
         The step a new environment starts at (a compacted version's last step).
     map_bytes : int or None
         Initial map size; default: room for every row of a ``table_rows`` table twice, at least
-        64 MiB. A commit that fills it doubles it and retries (``lmdb.MapFullError`` never escapes).
+        64 GiB. A commit that fills it doubles it and retries (``lmdb.MapFullError`` never escapes).
 
     Examples
     --------
@@ -133,7 +134,23 @@ class RowDelta:
                 "(or, read-only, an existing delta)"
             ) from None
         self.readonly = self.env.flags()["readonly"]
-        if create and not self.readonly:
+        try:
+            self._open_dbs(create and not self.readonly, initial_step)
+        except lmdb.MapResizedError:
+            _release_env(self.path)
+            raise TierIOError(
+                errno.ESTALE,
+                f"delta: {self.path} grew in another process past the map this process has open "
+                "(another store of this table here still holds an older commit); close it, then "
+                "open this one",
+            ) from None
+        self._check_row_bytes()
+        if not existed:
+            fsync_dir(self.path.parent)  # the environment's directory entry is durable too
+
+    def _open_dbs(self, initialise: bool, initial_step: int) -> None:
+        """Open both databases (a writer creates them first, with ``initial_step``)."""
+        if initialise:
             self._initialise(initial_step)
         try:
             if self.readonly:
@@ -151,9 +168,6 @@ class RowDelta:
                 f"delta: {self.path} was never initialised (a writer died creating it); "
                 "expected a table's write delta"
             ) from None
-        self._check_row_bytes()
-        if not existed:
-            fsync_dir(self.path.parent)  # the environment's directory entry is durable too
 
     def _open(self, map_bytes: int, existed: bool) -> lmdb.Environment:
         """The environment: durable commits, one writer, reader slots tied to threads."""
@@ -197,10 +211,15 @@ class RowDelta:
             return _int_value(txn.get(b"step", db=self.meta_db))
 
     def latest_step(self) -> int:
-        """The step of the last commit on disk now, pinned or not."""
+        """The step of the last commit on disk now, pinned or not; ``GREW_STEP`` when another
+        process grew the map, which only commits do (this process reads them once every handle
+        of its environment has closed and one reopens)."""
         self._check_process()
-        with self.env.begin(db=self.meta_db) as txn:
-            return _int_value(txn.get(b"step"))
+        try:
+            with self.env.begin(db=self.meta_db) as txn:
+                return _int_value(txn.get(b"step"))
+        except lmdb.MapResizedError:
+            return GREW_STEP
 
     def pin(self) -> None:
         """Read one committed version from now on (a long read transaction), whatever commits
@@ -208,12 +227,14 @@ class RowDelta:
         self._check_process()
         if self._pinned is None:
             self._pinned = self.env.begin()
+            _count_pin(self.path, 1)
 
     def unpin(self) -> None:
         """Read the newest commit again (a writer's view)."""
         if self._pinned is not None:
             self._pinned.abort()
             self._pinned = None
+            _count_pin(self.path, -1)
 
     @contextlib.contextmanager
     def _read_txn(self):
@@ -328,8 +349,15 @@ class RowDelta:
 
     # -- internals ---------------------------------------------------------------------------------
     def _grow(self) -> None:
-        """Double the map (no transaction of this handle is open: commits hold the store lock)."""
+        """Double the map (no transaction of this handle is open: commits hold the store lock).
+        Refused while another handle in this process holds a commit: growing would end its view."""
         size = self.env.info()["map_size"] * 2
+        if _count_pin(self.path, 0):
+            raise CommitError(
+                f"delta: {self.path}'s map ({self.env.info()['map_size']:,} bytes) is full, and "
+                "another store of this table in this process holds an older commit that growing "
+                "it would end; close or reopen that store, then commit again (the writes are kept)"
+            )
         try:
             self.env.set_mapsize(size)
         except lmdb.Error as exc:
@@ -417,7 +445,7 @@ class RowDelta:
 
 
 # LMDB allows one environment handle per file per process: handles of one path share it.
-_ENVS: dict[tuple[int, str], list] = {}  # (pid, realpath) -> [environment, handles]
+_ENVS: dict[tuple[int, str], list] = {}  # (pid, realpath) -> [environment, handles, pinned]
 _ENVS_LOCK = threading.Lock()
 
 
@@ -427,9 +455,20 @@ def _shared_env(path: Path, open_env) -> lmdb.Environment:
     with _ENVS_LOCK:
         entry = _ENVS.get(key)
         if entry is None:
-            entry = _ENVS[key] = [open_env(), 0]
+            entry = _ENVS[key] = [open_env(), 0, 0]
         entry[1] += 1
         return entry[0]
+
+
+def _count_pin(path: Path, change: int) -> int:
+    """Add ``change`` to the handles of ``path``'s environment in this process holding a pinned
+    commit; returns how many do."""
+    with _ENVS_LOCK:
+        entry = _ENVS.get((os.getpid(), os.path.realpath(path)))
+        if entry is None:
+            return 0
+        entry[2] += change
+        return entry[2]
 
 
 def _release_env(path: Path) -> None:
