@@ -302,7 +302,7 @@ def sharded_writes_worker(
     import torch.distributed as dist
 
     from tiered_store.delta.row_optimizers import make_row_optimizer
-    from tiered_store.delta.table_versions import take_writer_lock
+    from tiered_store.delta.table_versions import release, take_writer_lock
     from tiered_store.delta.trainable import TrainableTable
     from tiered_store.distributed import ShardedStore
     from tiered_store.errors import CommitError, RowIdError
@@ -341,7 +341,7 @@ def sharded_writes_worker(
                     except CommitError as exc:
                         result["commit_failed"] = str(exc)
                     if lock is not None:
-                        os.close(lock)
+                        release(lock)
                     result["step_after_failure"] = store.commit()
         adam = make_row_optimizer("adam", lr=0.05)
         cfg = _store_config(Path(trainable), world, "rows")

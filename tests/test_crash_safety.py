@@ -214,6 +214,29 @@ def test_a_version_is_held_before_its_files_are_opened(tmp_path, monkeypatch):
     assert removed == [[]]  # generation 0 went at the first compaction; 1 was held
 
 
+def test_a_version_loaded_in_memory_is_held_while_it_is_read(tmp_path, monkeypatch):
+    """load_table_in_memory holds the version it reads, as a store does: a compaction between
+    reading its file and its delta (where the delta's rows are) removes neither."""
+    from tiered_store.engram import checkpoint
+
+    path, _ = make_table(tmp_path, rows=64, dim=4)
+    with TieredStore.open({"table": {"path": str(path)}}) as writer:
+        writer.write(torch.arange(64), torch.ones(64, 4))
+        writer.commit(1)
+    real_open_delta = checkpoint.open_delta
+    removed: list[list[int]] = []
+
+    def open_while_compacting(version, row_bytes):
+        if not removed:
+            removed.append(compact_table(path, progress=False).removed_generations)
+        return real_open_delta(version, row_bytes)
+
+    monkeypatch.setattr(checkpoint, "open_delta", open_while_compacting)
+    table = checkpoint.load_table_in_memory(path)
+    assert torch.equal(table.weight, torch.ones(64, 4))  # the base with its delta's rows
+    assert removed == [[]]  # generation 0 was held while it was read
+
+
 def test_readers_during_writes_and_compactions_see_committed_versions(tmp_path):
     """A writer commits every row = step and compacts every 4th step; reader stores in threads
     and in another process (small caches, reopened when stale) never see a mix of steps, and
@@ -278,3 +301,40 @@ def test_a_reader_opened_while_a_commit_lands_serves_the_commit_it_reports(tmp_p
         want = data if reader.committed_step == 0 else torch.full((64, 4), 1.0)
         assert torch.equal(reader.lookup(torch.arange(64)), want)
     writer.close()
+
+
+def test_a_writer_killed_after_forking_leaves_no_lock_to_its_child(tmp_path):
+    """A writer forks a child (a DataLoader worker would), then dies by kill -9: the table's writer
+    lock and version hold go with it, though the child lives on (it closed its copies at fork)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path, _ = make_table(tmp_path, rows=50, dim=4)
+    child_pid = tmp_path / "child.pid"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, time, torch
+        from tiered_store import TieredStore
+        store = TieredStore.open({{"table": {{"path": {str(path)!r}}}}})
+        store.write([3], torch.ones(1, 4))
+        store.commit()  # the writer lock and the version hold are taken
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        open({str(child_pid)!r}, "w").write(str(pid))
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    writer = subprocess.run([sys.executable, "-c", script], timeout=60, check=False)
+    assert writer.returncode == -signal.SIGKILL
+    child = int(child_pid.read_text())
+    try:
+        os.kill(child, 0)  # the child is still alive
+        with TieredStore.open({"table": {"path": str(path)}}) as store:
+            store.write([4], torch.ones(1, 4))  # the writer lock is free
+            assert store.commit() == 2
+        assert compact_table(path, progress=False).removed_generations == [0]  # not held
+    finally:
+        os.kill(child, signal.SIGKILL)

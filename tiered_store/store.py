@@ -6,7 +6,6 @@ import contextlib
 import errno
 import math
 import operator
-import os
 import threading
 import time
 import warnings
@@ -21,7 +20,12 @@ from .capacity import format_bytes
 from .cold_table import ColdTable
 from .config import StoreConfig
 from .delta.row_delta import RowDelta, committed_step, delta_path
-from .delta.table_versions import current_version, hold_version, take_writer_lock
+from .delta.table_versions import (
+    current_version,
+    open_current_version,
+    release,
+    take_writer_lock,
+)
 from .delta.write_back import WriteBack, merge_last_wins
 from .errors import (
     CommitError,
@@ -130,7 +134,7 @@ class TieredStore:
             )
         except BaseException:
             self.cold.close()
-            os.close(self._version_hold)
+            release(self._version_hold)
             raise
         # every change to the tiers' device state runs on this stream (store_lock.py)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -509,7 +513,7 @@ class TieredStore:
             self._writes.delta.close()
         for fd in (self._version_hold, self._writer_lock):
             if fd is not None:
-                os.close(fd)
+                release(fd)
 
     def __enter__(self) -> TieredStore:
         return self
@@ -822,31 +826,24 @@ class TieredStore:
                 f"table.path: {config.table.path} is a directory; expected a table file "
                 "(NAME.npy, made by `tiered-store init`)"
             )
-        for attempt in range(3):  # a version removed between reading the pointer and opening
-            path, generation = current_version(config.table.path)
-            hold = None
-            try:
-                hold = hold_version(path)
-                cold = ColdTable(
-                    path,
-                    io=tiers.cold.io,
-                    threads=tiers.cold.threads,
-                    queue_depth=tiers.cold.queue_depth,
-                )
-                return cold, generation, hold
-            except BaseException as exc:
-                if hold is not None:
-                    os.close(hold)
-                if not isinstance(exc, FileNotFoundError):
-                    raise
-                if attempt == 2 or path == current_version(config.table.path)[0]:
-                    if Path(path).exists():  # a file missing beside it, its manifest say
-                        raise ConfigError(f"table.path: {path}: {exc.strerror}") from None
-                    raise ConfigError(
-                        f"table.path: {path} does not exist; expected a table made by "
-                        "`tiered-store init`"
-                    ) from None
-        raise AssertionError("unreachable")
+
+        def open_cold(path: Path) -> ColdTable:
+            return ColdTable(
+                path,
+                io=tiers.cold.io,
+                threads=tiers.cold.threads,
+                queue_depth=tiers.cold.queue_depth,
+            )
+
+        try:
+            return open_current_version(config.table.path, open_cold)
+        except FileNotFoundError as exc:
+            path = current_version(config.table.path)[0]
+            if Path(path).exists():  # a file missing beside it, its manifest say
+                raise ConfigError(f"table.path: {path}: {exc.strerror}") from None
+            raise ConfigError(
+                f"table.path: {path} does not exist; expected a table made by `tiered-store init`"
+            ) from None
 
     def is_stale(self) -> bool:
         """Whether the table on disk moved on since this store opened (a compaction made a new
@@ -865,7 +862,7 @@ class TieredStore:
         if self._writer_lock is None:
             self._writer_lock = take_writer_lock(self.config.table.path)
             if current_version(self.config.table.path)[1] != self.generation:
-                os.close(self._writer_lock)
+                release(self._writer_lock)
                 self._writer_lock = None
                 raise TierIOError(
                     errno.ESTALE,
@@ -880,7 +877,7 @@ class TieredStore:
             else:
                 moved_on = self._writes.delta.latest_step() != self._writes.delta.step
             if moved_on:  # its cached rows are older than the commits: writing over them loses
-                os.close(self._writer_lock)
+                release(self._writer_lock)
                 self._writer_lock = None
                 raise TierIOError(
                     errno.ESTALE,

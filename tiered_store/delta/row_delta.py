@@ -146,7 +146,8 @@ class RowDelta:
             ) from None
         self._check_row_bytes()
         if not existed:
-            fsync_dir(self.path.parent)  # the environment's directory entry is durable too
+            fsync_dir(self.path)  # its files' entries (data.mdb), and its own in the parent
+            fsync_dir(self.path.parent)
 
     def _open_dbs(self, initialise: bool, initial_step: int) -> None:
         """Open both databases (a writer creates them first, with ``initial_step``)."""

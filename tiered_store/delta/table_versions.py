@@ -9,7 +9,9 @@ an opener sees the old version or the new one, whole. Each version has its own d
 Who uses what is told by ``flock``s, which the kernel drops when a process dies (kill -9
 included): an open store holds a shared lock on its version's ``.npy``; one writer per table holds
 an exclusive lock on ``TABLE.npy.writer.lock``. An old version is removed once its shared lock can
-be taken exclusively (no store has it open).
+be taken exclusively (no store has it open). A forked child closes its copies of these fds at
+once (``os.register_at_fork``): a lock shared with a child (a DataLoader worker) would outlive a
+killed parent.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..atomic_file import atomic_write, fsync_dir
 from ..errors import ConfigError, TableFormatError, TierIOError
@@ -29,10 +33,26 @@ from ..page_checksums import sidecar_path
 from ..table_format import not_a_table, table_paths
 from .row_delta import delta_path
 
+T = TypeVar("T")
+
+_LOCK_FDS: set[int] = set()  # this process's writer locks and version holds
+
+
+def _forget_locks_in_child() -> None:
+    """In a forked child: close its copies of the parent's lock fds (the parent keeps the locks)."""
+    for fd in _LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
 __all__ = [
     "current_version",
     "hold_version",
     "publish_version",
+    "release",
     "remove_unused_versions",
     "version_path",
     "writer_lock",
@@ -104,7 +124,37 @@ def hold_version(npy: Path) -> int:
     """A shared lock on a version's file for as long as the returned fd stays open."""
     fd = os.open(npy, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_SH)
+    _LOCK_FDS.add(fd)
     return fd
+
+
+def release(fd: int) -> None:
+    """Close a lock's fd (from ``hold_version`` or ``take_writer_lock``): the lock goes with it."""
+    _LOCK_FDS.discard(fd)
+    os.close(fd)
+
+
+def open_current_version(
+    table: str | os.PathLike[str], open_version: Callable[[Path], T]
+) -> tuple[T, int, int]:
+    """``open_version(path)`` of the table's current version, under a shared hold on it taken
+    first: (its result, the generation, the hold's fd; closing it lets a compaction remove the
+    version). A version removed between reading the pointer and opening it is read again; on the
+    third miss, or when the pointer did not move, ``FileNotFoundError`` propagates."""
+    for attempt in range(3):
+        path, generation = current_version(table)
+        hold = None
+        try:
+            hold = hold_version(path)
+            return open_version(path), generation, hold
+        except BaseException as exc:
+            if hold is not None:
+                release(hold)
+            if not isinstance(exc, FileNotFoundError):
+                raise
+            if attempt == 2 or path == current_version(table)[0]:
+                raise
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
@@ -114,7 +164,7 @@ def writer_lock(table: str | os.PathLike[str]):
     try:
         yield fd
     finally:
-        os.close(fd)
+        release(fd)
 
 
 def take_writer_lock(table: str | os.PathLike[str]) -> int:
@@ -136,6 +186,7 @@ def take_writer_lock(table: str | os.PathLike[str]) -> int:
             f"table {table_paths(table)[0].name} is being written (or compacted) by another "
             f"process (it holds {path.name}); expected one writer at a time",
         ) from None
+    _LOCK_FDS.add(fd)
     return fd
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..delta.row_delta import open_delta
-from ..delta.table_versions import current_version
+from ..delta.table_versions import current_version, open_current_version, release
 from ..errors import ConfigError, TableFormatError, TieredStoreError
 from ..quantization import RowQuantization
 from ..table_format import (
@@ -374,21 +374,28 @@ def load_table_in_memory(path: str | Path) -> InMemoryTable:
     >>> table.rows, table.dim, table.weight.dtype  # doctest: +SKIP
     (20112, 16, torch.float32)
     """
-    path = current_version(path)[0]
-    manifest = check_table(path)
-    data = np.load(table_paths(path)[0])
-    delta = open_delta(path, data.itemsize * data.shape[1])
-    if delta is not None:  # rows committed since this version was made
-        try:
-            for ids, rows in delta.iter_rows():
-                data[ids] = np.ascontiguousarray(rows).view(data.dtype).reshape(len(ids), -1)
-        finally:
-            delta.close()
+    # held while read: a compaction meanwhile leaves this version (and its delta) in place
+    (version, manifest, data), _, hold = open_current_version(path, _read_version)
+    try:
+        delta = open_delta(version, data.itemsize * data.shape[1])
+        if delta is not None:  # rows committed since this version was made
+            try:
+                for ids, rows in delta.iter_rows():
+                    data[ids] = np.ascontiguousarray(rows).view(data.dtype).reshape(len(ids), -1)
+            finally:
+                delta.close()
+    finally:
+        release(hold)
     if manifest.dtype == "bfloat16":  # stored as raw uint16 bits
         tensor = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
     else:
         tensor = torch.from_numpy(data)
     return InMemoryTable(tensor)
+
+
+def _read_version(path: Path) -> tuple[Path, TableManifest, np.ndarray]:
+    """A table version's path, manifest and rows (checked, read whole)."""
+    return path, check_table(path), np.load(table_paths(path)[0])
 
 
 StoreSpec = Mapping[str, Any] | Callable[[int], Mapping[str, Any]]
