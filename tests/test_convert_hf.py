@@ -118,6 +118,32 @@ def test_converted_tables_serve_the_reference_rows(golden, tmp_path):
     )
 
 
+def test_the_readme_hashes_a_conversion_and_serving_one_is_refused_by_name(golden, tmp_path):
+    """README's V4.1 snippet, as written, gives rows of the converted tables; loading the
+    conversion as a whole model (what serve does) says what it is instead."""
+    import os
+
+    from tiered_store.engram import load_tiered_model
+    from tiered_store.errors import TableFormatError
+
+    out = tmp_path / "v41"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "ckpt", golden), out, progress=False)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("from tiered_store.engram import CompressedTokenizer")
+    code = readme[start : readme.index("```", start)]
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(code, namespace)  # noqa: S102 (the README's own code)
+    finally:
+        os.chdir(cwd)
+    rows = namespace["rows"]
+    assert rows.shape[-1] == namespace["hasher"].num_heads and bool((rows < 1998).all())
+    with pytest.raises(TableFormatError, match="is a DeepSeek-V4.1 conversion .* cannot be served"):
+        load_tiered_model(out)
+
+
 KILL_SCRIPT = """
 import os, sys
 import tiered_store.table_format as tf
@@ -145,6 +171,9 @@ def test_a_killed_conversion_finishes_on_rerun_keeping_complete_tables(golden, t
     assert killed.returncode == 17, killed.stderr.decode()
     assert (out / "engram_layer1.npy").exists() and not (out / "engram_layer14.npy").exists()
     assert any(p.name.endswith(".tmp") for p in out.iterdir())  # the half-written layer 14
+    with TieredStore.open(out / "layer1.yaml") as store:  # a finished layer opens at once
+        assert store.rows == 1998
+    (out / ".notes.tmp").write_text("the user's, not the tool's")
     rerun = subprocess.run(
         [sys.executable, "-m", "tiered_store.cli", "convert-hf", str(ckpt), str(out), "--quiet"],
         env=env,
@@ -154,7 +183,7 @@ def test_a_killed_conversion_finishes_on_rerun_keeping_complete_tables(golden, t
     assert rerun.returncode == 0, rerun.stderr
     assert "layer 1: " in rerun.stdout and "(already complete)" in rerun.stdout.splitlines()[0]
     assert "(already complete)" not in rerun.stdout.splitlines()[1]
-    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == [".notes.tmp"]
     for layer in (1, 14):
         verify_table(out / f"engram_layer{layer}.npy", progress=False)
 
@@ -222,6 +251,24 @@ def test_without_its_own_tokenizer_the_package_one_is_used_with_a_warning(golden
     with pytest.warns(UserWarning, match="has no tokenizer.json"):
         result = convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
     assert sorted(result.tables) == [1, 14]
+
+
+def test_one_conversion_at_a_time_into_a_directory(golden, tmp_path):
+    """A second conversion into a directory another is writing is refused, naming the lock (it
+    would remove the first's temporary files); the lock goes with the first."""
+    import fcntl
+    import os
+
+    ckpt, out = make_checkpoint(tmp_path / "ckpt", golden), tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / ".convert-hf.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running conversion holds it
+    try:
+        with pytest.raises(ConfigError, match=r"another convert-hf is writing there .*\.convert-hf\.lock"):  # fmt: skip
+            convert_hf_checkpoint(ckpt, out, progress=False)
+    finally:
+        os.close(fd)
+    assert convert_hf_checkpoint(ckpt, out, progress=False).tables.keys() == {1, 14}
 
 
 def test_an_out_dir_that_is_a_file_is_refused(golden, tmp_path):

@@ -363,6 +363,8 @@ def _add_convert_hf(sub) -> None:
 
 
 def _run_convert_hf(args) -> int:
+    import torch
+
     from .engram.hf_checkpoint import DEFAULT_STORE, convert_hf_checkpoint
     from .io_uring import uring_unavailable_reason
 
@@ -376,9 +378,23 @@ def _run_convert_hf(args) -> int:
             "cold": {**tiers["cold"], "io": io},
         },
     }
-    result = convert_hf_checkpoint(
-        args.checkpoint, args.out_dir, store=store, progress=not args.quiet
-    )
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(
+            f"note: no CUDA here; the layer configs name {args.device!r} for the machine that "
+            "serves them (TieredStore.open refuses it where CUDA is missing)",
+            file=sys.stderr,
+        )
+    try:
+        result = convert_hf_checkpoint(
+            args.checkpoint, args.out_dir, store=store, progress=not args.quiet
+        )
+    except KeyboardInterrupt:
+        print(
+            "convert-hf: stopped; finished layers are kept and open now (layerL.yaml): run the "
+            "same command again to finish the rest",
+            file=sys.stderr,
+        )
+        raise
     for layer, path in result.tables.items():
         note = " (already complete)" if layer in result.skipped else ""
         print(f"layer {layer}: {path}{note}; store config {result.store_configs[layer]}")

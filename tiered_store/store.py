@@ -591,16 +591,15 @@ class TieredStore:
             if plan.cold_idx.numel():  # outside the lock: other lookups go on meanwhile
                 rows = self.cold.read_rows(plan.cold_ids.numpy())
                 staged.index_copy_(0, plan.cold_idx, rows)
-            writes = self._writes
-            if writes is None:
+            if self._writes is None:  # (a first write landing before the lock is seen there)
                 device_rows = staged.to(self.device, non_blocking=True)
             lookahead = self._prefetcher.queued_ids() if self.config.prefetch.lookahead else None
             with self._lock:
-                if writes is not None:  # written rows over base rows, under the lock of writes
+                if self._writes is not None:  # written rows over base rows, under writes' lock
                     if self._write_seq != write_seq:  # a write landed since the rows were staged
                         self._newest_rows(plan.unique_ids, staged)
                     elif plan.cold_idx.numel():
-                        writes.overlay(plan.cold_ids, staged, plan.cold_idx)
+                        self._writes.overlay(plan.cold_ids, staged, plan.cold_idx)
                     device_rows = staged.to(self.device, non_blocking=True)
                 admitted = self.caches.admit(plan, lookahead)
                 self.warm_pool.write(admitted.warm_slots, staged.index_select(0, admitted.warm_src))

@@ -592,6 +592,13 @@ def _load_dense(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
             "convert_checkpoint"
         ) from exc
     if CONFIG_METADATA_KEY not in meta:
+        if (path.parent / "config.json").is_file():  # convert-hf's: the Engram weights alone
+            raise TableFormatError(
+                f"{path.parent} is a DeepSeek-V4.1 conversion (`tiered-store convert-hf`): it "
+                "holds the Engram tables and weights, not a whole model, so it cannot be served "
+                "or loaded as one; open each layer's table with TieredStore.open("
+                f"'{path.parent}/layer<L>.yaml') as the model's table backend (README, DeepSeek-V4.1)"
+            )
         raise TableFormatError(
             f"{path}: no {CONFIG_METADATA_KEY!r} metadata; not made by convert_checkpoint"
         )

@@ -162,6 +162,12 @@ class NgramHasher:
     """
 
     def __init__(self, config: EngramConfig, tokenizer: CompressedTokenizer | None = None) -> None:
+        if not isinstance(config, EngramConfig):
+            hint = " (load_engram_config returns (engram, backbone): pass the first)"
+            raise ConfigError(
+                f"config: a {type(config).__name__}; expected an EngramConfig"
+                + (hint if isinstance(config, tuple) else "")
+            )
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else CompressedTokenizer()
         vocab = self.tokenizer.vocab_size

@@ -19,9 +19,13 @@ tables that are already complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import json
+import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from ..atomic_file import atomic_write
 from ..capacity import resolve_capacity
 from ..config import StoreConfig
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
+from ..page_checksums import sidecar_path
 from ..table_format import (
     PackedSafetensorsSource,
     SafetensorsSource,
@@ -39,6 +44,7 @@ from ..table_format import (
     check_table,
     create_table,
     read_manifest,
+    table_paths,
 )
 from .checkpoint import check_table_file, table_file, table_metadata
 from .config import BackboneConfig, EngramConfig, load_engram_config
@@ -284,11 +290,27 @@ def convert_hf_checkpoint(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {out}: not a directory; expected a directory (made if missing)")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a killed run: never published, never opened
-        stale.unlink(missing_ok=True)
+    with _converting(out):
+        return _convert(ckpt, hasher, plans, out, store or DEFAULT_STORE, progress, chunk_bytes)
+
+
+def _convert(
+    ckpt: HFCheckpoint,
+    hasher: NgramHasher,
+    plans: list[_LayerPlan],
+    out: Path,
+    store: Mapping[str, Any],
+    progress: bool,
+    chunk_bytes: int,
+) -> HFConversion:
+    """The conversion, with ``out`` to itself: each layer's table and then its store config
+    (so a run stopped midway leaves every finished layer ready to open), then the dense weights."""
+    for name in _output_names(plans):  # a killed run's temporaries: never published, never read
+        for stale in out.glob(f".{glob.escape(name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
     _copy(ckpt.config_path, out / "config.json")
     _copy(hasher.tokenizer.tokenizer_path, out / "tokenizer.json")
-    tables, skipped = {}, []
+    tables, configs, skipped = {}, {}, []
     for plan in plans:
         path = table_file(out, plan.layer_id)
         if _complete(path, hasher, plan):
@@ -309,13 +331,39 @@ def convert_hf_checkpoint(
                 metadata=metadata,
             )
         tables[plan.layer_id] = path
+        configs[plan.layer_id] = _write_store_config(out, plan.layer_id, path, store)
     dense = out / "dense.safetensors"
     _write_dense([t for plan in plans for t in plan.dense], dense)
-    configs = {
-        layer: _write_store_config(out, layer, tables[layer], store or DEFAULT_STORE)
-        for layer in tables
-    }
     return HFConversion(out, ckpt.engram, ckpt.backbone, tables, configs, dense, tuple(skipped))
+
+
+def _output_names(plans: list[_LayerPlan]) -> list[str]:
+    """The names of every file a conversion writes into its output directory."""
+    names = ["config.json", "tokenizer.json", "dense.safetensors"]
+    for plan in plans:
+        table = table_file(Path(), plan.layer_id)
+        names += [p.name for p in table_paths(table)] + [sidecar_path(table).name]
+        names.append(f"layer{plan.layer_id}.yaml")
+    return names
+
+
+@contextlib.contextmanager
+def _converting(out: Path) -> Iterator[None]:
+    """One conversion at a time into ``out`` (``OUT/.convert-hf.lock``, dropped by the kernel when
+    the process dies): a second would remove the first's temporary files."""
+    lock = out / ".convert-hf.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"out_dir {out}: another convert-hf is writing there (it holds {lock.name}); "
+                "expected one conversion at a time into a directory"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _check_store(store: Mapping[str, Any], plan: _LayerPlan, rows: int) -> None:
