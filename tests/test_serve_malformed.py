@@ -65,7 +65,7 @@ MALFORMED = [
     ("POST", E, b'{"input_ids": [Infinity]}', {}, 400, "input_ids[0]: got float Infinity"),
     ("POST", E, b'{"input_ids": [true]}', {}, 400, "got boolean true"),
     ("POST", E, b'{"input_ids": [false, 1]}', {}, 400, "input_ids[0]: got boolean false"),
-    ("POST", E, b'{"input_ids": [null]}', {}, 400, "got null"),
+    ("POST", E, b'{"input_ids": [null]}', {}, 400, "input_ids[0]: got null; expected an integer"),
     ("POST", E, b'{"input_ids": ["1"]}', {}, 400, 'input_ids[0]: got string "1"'),
     ("POST", E, b'{"input_ids": [{"id": 1}]}', {}, 400, "input_ids[0]: got object"),
     ("POST", E, b'{"input_ids": [[1, 2], 3]}', {}, 400, "input_ids[1]: got integer"),
@@ -89,7 +89,7 @@ MALFORMED = [
     ("POST", E, b'{"input_ids": [1], "top_k": 2.0}', {}, 400, "top_k: got float 2.0"),
     ("POST", E, b'{"input_ids": [1], "top_k": "3"}', {}, 400, 'top_k: got string "3"'),
     ("POST", E, b'{"input_ids": [1], "top_k": true}', {}, 400, "top_k: got boolean true"),
-    ("POST", E, b'{"input_ids": [1], "top_k": null}', {}, 400, "top_k: got null"),
+    ("POST", E, b'{"input_ids": [1], "top_k": null}', {}, 400, "top_k: got null; expected an"),
     # text
     ("POST", E, b'{"text": 5}', {}, 400, "text: got integer; expected a string"),
     ("POST", E, b'{"text": null}', {}, 400, "text: got null; expected a string"),

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        code = int(args.run(args) or 0)
+        with warnings.catch_warnings():  # restores Python's way of showing them on return
+            warnings.showwarning = _warning_line(args.command)
+            code = int(args.run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not as an error at exit
         return code
     except TieredStoreError as exc:
@@ -45,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `tiered-store info T | head -1`: the reader stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush
         return 141  # as a process killed by SIGPIPE
+
+
+def _warning_line(command: str):
+    """``warnings.showwarning`` for the command line: one ``tiered-store CMD: warning: ...`` line,
+    without the library's file, line and source."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+        print(f"tiered-store {command}: warning: {message}", file=file or sys.stderr)
+
+    return show
 
 
 def build_parser() -> argparse.ArgumentParser:

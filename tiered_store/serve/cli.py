@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli_args import DefaultsHelpFormatter
 from .app import INFERENCE_PATH
 from .config import ServeConfig
 from .served_model import create_checkpoint
@@ -26,7 +27,7 @@ def register(sub: Any) -> None:
         f"answers POST {INFERENCE_PATH} with token ids or text (JSON), GET /healthz, /stats and "
         "/metrics. Prints one JSON line with the bound URLs once listening. SIGTERM or SIGINT "
         "drains requests in flight and exits 0. See examples/serve.yaml for the config.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("config", type=Path, help="serve config (YAML)")
     p.add_argument(

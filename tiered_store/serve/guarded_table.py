@@ -17,7 +17,13 @@ from typing import Any
 import torch
 
 from ..engram.backend import TableBackend
-from ..errors import RankFailureError, TableFormatError, TieredStoreError, TierIOError
+from ..errors import (
+    RankFailureError,
+    TableFormatError,
+    TieredStoreError,
+    TierIOError,
+    error_text,
+)
 from ..metrics import TableHealth
 from ..page_checksums import ChecksumError
 
@@ -128,6 +134,7 @@ class GuardedTable(TableBackend):
 
     def _failed(self, reason: str, cause: object) -> TableUnavailableError:
         """Count the failure, log its cause (paths and all), return the error for the client."""
-        self.health.record_lookup_failure(f"{_REASONS[reason]}: {cause}", time.monotonic())
-        log.error("table %s: lookup failed (%s): %s", self.name, reason, cause)
+        text = error_text(cause) if isinstance(cause, BaseException) else cause
+        self.health.record_lookup_failure(f"{_REASONS[reason]}: {text}", time.monotonic())
+        log.error("table %s: lookup failed (%s): %s", self.name, reason, text)
         return TableUnavailableError(self.name, reason)

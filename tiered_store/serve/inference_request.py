@@ -96,8 +96,7 @@ def parse_request(body: bytes, server: ServerSection, model: RequestModel) -> In
     if type(top_k) is not int or not 1 <= top_k <= MAX_TOP_K:
         raise RequestError(
             400,
-            f"top_k: got {_json_type(top_k)} {json.dumps(top_k)[:40]}; expected an integer from 1 "
-            f"to {MAX_TOP_K}",
+            f"top_k: got {_described(top_k)}; expected an integer from 1 to {MAX_TOP_K}",
         )
     if ("input_ids" in doc) == ("text" in doc):
         raise RequestError(400, "body: expected exactly one of 'input_ids' and 'text'")
@@ -175,8 +174,7 @@ def _raise_first_bad_id(rows: list[Any], *, nested: bool) -> None:
             if type(x) is not int:  # bool is a subclass of int: rejected too
                 raise RequestError(
                     400,
-                    f"{where}[{t}]: got {_json_type(x)} {json.dumps(x)[:40]}; expected an "
-                    "integer token id",
+                    f"{where}[{t}]: got {_described(x)}; expected an integer token id",
                 )
             if not -_ID_LIMIT < x < _ID_LIMIT:
                 raise RequestError(400, f"{where}[{t}]: token id {x:.3g} is out of range")
@@ -245,6 +243,16 @@ def _check_limits(lengths: list[int], server: ServerSection, key: str) -> None:
             f"{key}: {total:,} tokens (batch x longest sequence); this server takes at most "
             f"{server.max_tokens:,} per request (server.max_tokens)",
         )
+
+
+def _described(value: Any) -> str:
+    """A parsed value as a message shows it: its JSON type and (unless null) the value, cut short.
+
+    >>> _described(None), _described(2.5), _described("x" * 50)
+    ('null', 'float 2.5', 'string "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx')
+    """
+    kind = _json_type(value)
+    return kind if value is None else f"{kind} {json.dumps(value)[:40]}"
 
 
 def _json_type(value: Any) -> str:
