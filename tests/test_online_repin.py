@@ -660,3 +660,66 @@ def test_victims_after_a_re_pin_are_those_a_new_topk_would_choose():
             assert caches[0]._buffered is not None and caches[0]._buffered[0].numel()
             repin(False, first)
     assert not bool(torch.isin(first, caches[0].row_of_slot).any())  # evicted first
+
+
+def _repinning_hot(path) -> StoreConfig:
+    """A zipf-tuned hot tier of 64 rows that re-pins every 128 lookups, and warm restart."""
+    hot = {"capacity": 64, "policy": "zipf-tuned", "recency_window": 128}
+    hot["repin"] = {"enabled": True, "every": 128, "budget": 16}
+    tiers = {"hot": hot, "warm": {"capacity": 0}, "restart": {"enabled": True}}
+    return StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers})
+
+
+def test_a_saved_pin_a_lookup_admits_during_the_restore_comes_back_pinned(tmp_path, monkeypatch):
+    """The restore reads the saved pins it lacks from cold outside the lock; one a lookup admits
+    meanwhile is pinned under the lock (the preload skips rows resident by then). The restore's
+    read is held on an event only to fix the interleaving."""
+    import threading
+
+    from tiered_store.cold_table import ColdTable
+
+    path, _ = make_table(tmp_path, rows=2000, dim=4)
+    cfg = _repinning_hot(path)
+    rng = np.random.default_rng(1)
+    with TieredStore(cfg) as store:
+        for _ in range(200):
+            store.lookup(torch.from_numpy((rng.zipf(1.3, 128) - 1) % 2000))
+            store.wait_repinned(5)
+        saved = sorted(store.hot.pinned_rows().tolist())
+    assert saved
+    reading, go = threading.Event(), threading.Event()
+    read_rows = ColdTable.read_rows
+
+    def held(self, ids, *args, **kwargs):
+        rows = read_rows(self, ids, *args, **kwargs)
+        if threading.current_thread().name == "restore" and not go.is_set():
+            reading.set()
+            go.wait(10)
+        return rows
+
+    monkeypatch.setattr(ColdTable, "read_rows", held)
+    with TieredStore(cfg) as store:
+        assert reading.wait(10)  # the restore reads the pins it lacks
+        store.lookup([saved[0]])  # admitted, unpinned, meanwhile
+        go.set()
+        assert store.wait_restored(10)
+        assert sorted(store.hot.pinned_rows().tolist()) == saved
+
+
+def test_wait_repinned_returns_on_a_closed_store(tmp_path):
+    """A re-pin due when the store closed never runs: wait_repinned returns at once instead of
+    waking a thread that has ended (with no timeout it spun forever)."""
+    import threading
+
+    path, _ = make_table(tmp_path, rows=2000, dim=4)
+    rng = np.random.default_rng(1)
+    store = TieredStore(_repinning_hot(path))
+    for _ in range(50):
+        store.lookup(torch.from_numpy((rng.zipf(1.3, 128) - 1) % 2000))
+        store.wait_repinned(5)
+    store.lookup(torch.from_numpy((rng.zipf(1.3, 256) - 1) % 2000))  # due, then closed at once
+    store.close()
+    waiter = threading.Thread(target=store.wait_repinned, daemon=True)
+    waiter.start()
+    waiter.join(5)
+    assert not waiter.is_alive()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from pathlib import Path
 
@@ -468,3 +470,61 @@ def test_the_example_tier_configs_are_valid_and_the_pinned_one_opens(tmp_path):
         assert store.hot.pinned_count == 60_000  # the list, pinned at open
         store.lookup(torch.tensor([5, 150_000]))
         assert store.stats()["hot"]["hits"] == 1
+
+
+def test_two_threads_closing_a_store_close_it_once(tmp_path, table):
+    """close() from two threads at once: the second waits for the first and returns; the store
+    saves and releases its locks once (a second release closed whatever reused the fd)."""
+    import threading
+
+    path, _ = table
+    cfg = {
+        "table": {"path": str(path)},
+        "tiers": {"hot": {"capacity": 8}, "restart": {"enabled": True}},
+    }
+    store = TieredStore.open(cfg)
+    store.lookup([1, 2, 3])
+    saves, save = [], store.save_restart
+
+    def slow_save():
+        saves.append(threading.current_thread().name)
+        time.sleep(0.2)  # the second closer arrives while the first is inside close()
+        return save()
+
+    store.save_restart = slow_save
+    errors: list[BaseException] = []
+
+    def closer():
+        try:
+            store.close()
+        except BaseException as exc:  # noqa: BLE001 (the test reports any)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=closer, name=f"closer{i}") for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert errors == [] and len(saves) == 1
+
+
+def test_a_failed_open_leaves_no_fd_lock_or_reader_behind(tmp_path, table):
+    """An open that fails after the table and its delta are open (here: a preload list that
+    does not exist) closes them again: no fd, version hold or pinned LMDB reader is left."""
+    from tiered_store.delta import row_delta
+    from tiered_store.errors import ConfigError
+
+    path, _ = table
+    with TieredStore.open({"table": {"path": str(path)}}) as writer:  # the table has a delta
+        writer.write([1], torch.ones(1, writer.row_width))
+        writer.commit()
+    bad = {
+        "table": {"path": str(path)},
+        "tiers": {"hot": {"capacity": 8, "preload_rows": "no.npy"}},
+    }
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(ConfigError, match="preload_rows"):
+            TieredStore.open(bad)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert not any(str(path) in key[1] for key in row_delta._ENVS)  # no environment held

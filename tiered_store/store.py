@@ -143,10 +143,27 @@ class TieredStore:
         self.lookup_latency = LatencyHistogram()
         self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
         self._closed = False
+        self._closing = threading.Lock()  # one close() at a time: a second waits, then returns
         self._closed_step = 0  # the committed step when close() closed the delta
         self._writes: WriteBack | None = None  # the write path, once the table has a delta
         self._write_seq = 0  # write() calls so far: a fetch that spans one re-reads its rows
         self.commit_errors = 0
+        self._stop = threading.Event()  # set by close(): background restore and saves end
+        self._threads: list[threading.Thread] = []
+        self.restore_seconds: float | None = None  # how long the last warm restart took
+        self._hot_restored = threading.Event()  # set once the restore has done the hot tier
+        # zipf-tuned's online re-pin: lookups set this when an interval ends; a thread plans it
+        self._repin_wanted = threading.Event() if self.caches.online else None
+        try:
+            self._start(config)
+        except BaseException:  # nothing left open: no fd, lock, pinned reader or thread
+            self._stop_background()
+            self._close_files()
+            raise
+
+    def _start(self, config: StoreConfig) -> None:
+        """The rest of the open: the delta (a reader's view), the warm start, the restore, save
+        and re-pin threads."""
         if delta_path(self.cold.path).is_dir():  # a reader's view: one commit, until reopened
             with contextlib.suppress(ConfigError):  # a delta never initialised: none
                 self._open_writes(create=False, pinned=True)
@@ -155,16 +172,10 @@ class TieredStore:
                 pool = self.hot_pool if cache is self.hot else self.warm_pool
                 order = torch.argsort(ids)
                 pool.write(slots[order.to(slots.device)], self._read_cold(ids[order]))
-        self._stop = threading.Event()  # set by close(): background restore and saves end
-        self._threads: list[threading.Thread] = []
-        self.restore_seconds: float | None = None  # how long the last warm restart took
-        self._hot_restored = threading.Event()  # set once the restore has done the hot tier
-        # zipf-tuned's online re-pin: lookups set this when an interval ends; a thread plans it
-        self._repin_wanted = threading.Event() if self.caches.online else None
         for cache in self.caches.online:  # full windows are counted in that thread
             cache.online.deferred = True
-        if tiers.restart.enabled:
-            self._start_restart_threads(tiers.restart.save_every_s)
+        if config.tiers.restart.enabled:
+            self._start_restart_threads(config.tiers.restart.save_every_s)
         if self._repin_wanted is not None:
             repin = threading.Thread(target=self._repin_loop, name="repin", daemon=True)
             self._threads.append(repin)
@@ -458,14 +469,15 @@ class TieredStore:
 
     def wait_repinned(self, timeout: float | None = None) -> bool:
         """Wait until no tier waits for its online re-pin (tests and benchmarks call it after a
-        lookup to re-pin at the same batch boundary as replay); True when none does."""
+        lookup to re-pin at the same batch boundary as replay); True when none does. A closed
+        store re-pins no more: it returns at once."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.caches.repin_waiting():
+        while self.caches.repin_waiting() and not self._closed:  # closed: no thread to wait on
             if deadline is not None and time.monotonic() > deadline:
                 return False
             self._repin_wanted.set()  # updates a restore queued wake the thread too
             time.sleep(0.0005)
-        return True
+        return not self.caches.repin_waiting()
 
     def wait_restored(self, timeout: float | None = None) -> bool:
         """Wait for a background warm restart to finish; True when none is running."""
@@ -477,14 +489,23 @@ class TieredStore:
     def close(self) -> None:
         """Finish in-flight prefetches and close the table file; idempotent. With
         ``tiers.restart.enabled``, first saves which rows the tiers hold (a warning if it fails)."""
-        if self._closed:
-            return
+        with self._closing:
+            if not self._closed:
+                self._stop_background()
+                self._save_on_close()
+                self._close_files()
+
+    def _stop_background(self) -> None:
+        """End the restore, save and re-pin threads and let in-flight prefetches land."""
         self._stop.set()
         if self._repin_wanted is not None:
             self._repin_wanted.set()  # wakes the re-pin thread to end
         for thread in self._threads:
             thread.join()
         self._prefetcher.close()  # in-flight prefetches land first: what is saved includes them
+
+    def _save_on_close(self) -> None:
+        """Count what the re-pin thread left, warn of writes not committed, save the restart."""
         with self._lock:
             for cache in self.caches.online:  # updates the re-pin thread had not applied yet
                 cache.online.count_pending()
@@ -506,6 +527,9 @@ class TieredStore:
                     "the next open starts cold",
                     RestartWarning,
                 )
+
+    def _close_files(self) -> None:
+        """Close the table file and the delta, and release the version hold and writer lock."""
         self._closed = True
         self.cold.close()
         if self._writes is not None:  # uncommitted writes are dropped, as a crash would
@@ -767,6 +791,8 @@ class TieredStore:
         sorted_ids, order = torch.sort(ids)  # order: each id's position in the saved order
         rows = self.cold.read_rows(sorted_ids.numpy())
         with self._lock:
+            if pin:  # saved pins a lookup admitted meanwhile: preload skips them, so pin them here
+                cache.pin_resident(sorted_ids, only=False)
             room = cache.capacity - cache.occupancy
             if self._closed or room <= 0:
                 return False
