@@ -234,6 +234,43 @@ def test_a_reader_keeps_its_version_and_serving_swaps_to_the_new_one(tmp_path):
     served.close()
 
 
+def test_a_reload_that_cannot_open_every_table_keeps_serving_the_old_ones(tmp_path):
+    """Two tables moved on and one of them cannot be opened (its new version's manifest is
+    damaged): the server swaps neither, answers on the versions it has (before, it had closed
+    the first table's old store with the model still on it: every request failed), and says so."""
+    import json
+
+    from tests.serve_support import make_checkpoint
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.delta.table_versions import current_version
+    from tiered_store.serve import ServeConfig
+    from tiered_store.serve.inference_request import parse_request
+    from tiered_store.serve.served_model import ServedModel
+    from tiered_store.table_format import table_paths
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    served.reload_check_seconds = 3600.0
+    body = json.dumps({"input_ids": [[5, 17, 900, 17, 5, 12, 77, 5, 17]]}).encode()
+    before = served.answer(parse_request(body, config.server, served))["layer_checksums"]
+    first, *others = sorted(served.stores)
+    with TieredStore(served.stores[first].config) as writer:  # the first table: a new commit
+        writer.write([0, 1], torch.ones(2, writer.dim))
+        writer.commit()
+    last = served.stores[others[-1]].config.table.path
+    with TieredStore(served.stores[others[-1]].config) as writer:  # the last: a new version
+        writer.write([0], torch.ones(1, writer.dim))
+        writer.commit()
+    compact_table(last, progress=False)
+    table_paths(current_version(last)[0])[1].write_text("{")  # its manifest, damaged
+    stores = dict(served.stores)
+    assert served.reload_if_stale(force_check=True) == []
+    assert served.stores == stores and served.reloads == 0
+    after = served.answer(parse_request(body, config.server, served))["layer_checksums"]
+    assert after == before  # the versions open before, whole
+    served.close()
+
+
 def test_commit_steps_only_move_forward(tmp_path):
     from tiered_store.errors import ConfigError
 

@@ -30,7 +30,7 @@ import yaml
 from ..atomic_file import atomic_write
 from ..engram.checkpoint import ConvertedCheckpoint, load_tiered_model, save_tiered
 from ..engram.model import EngramBatch, EngramLM
-from ..errors import ConfigError, TableFormatError, TieredStoreError
+from ..errors import ConfigError, TableFormatError, TieredStoreError, error_text
 from ..metrics import TableHealth, verify_counted
 from ..request_queue import QueuedRequest
 from ..store import TieredStore
@@ -227,15 +227,32 @@ class ServedModel:
         if not stale:
             return []
         with self._gate.exclusive():
-            tables = {}
-            for layer in self.layer_ids:
-                name = self.config.table_name(layer)
-                if name in stale:
-                    old = self.stores[name]
-                    self.stores[name] = TieredStore(old.config)
-                    tables[layer] = GuardedTable(self.stores[name], name, self.health[name])
-                    old.close()
-            self.model.set_tables(tables)
+            opened: dict[str, TieredStore] = {}
+            try:  # all or nothing: every stale table's new store, before any swap
+                for name in stale:
+                    opened[name] = TieredStore(self.stores[name].config)
+            except (TieredStoreError, OSError) as exc:
+                for store in opened.values():
+                    store.close()
+                log.error(
+                    "could not reopen %s on its new version (%s); serving the version open now, "
+                    "trying again in %.0f s",
+                    name,
+                    error_text(exc),
+                    self.reload_check_seconds,
+                )
+                return []
+            old = {name: self.stores[name] for name in stale}
+            self.stores.update(opened)
+            self.model.set_tables(
+                {
+                    layer: GuardedTable(opened[name], name, self.health[name])
+                    for layer in self.layer_ids
+                    if (name := self.config.table_name(layer)) in opened
+                }
+            )
+            for store in old.values():
+                store.close()
             self.reloads += len(stale)
         log.info("reopened tables on a new version: %s", ", ".join(stale))
         return stale
