@@ -118,6 +118,7 @@ class RowDelta:
         self.readonly = False
         self._released = False
         self._pinned: lmdb.Transaction | None = None
+        self._pin_lock = threading.Lock()  # LMDB: one thread at a time in a transaction
         self._pid = os.getpid()
         self.commits = 0  # commits made through this handle
         self.map_grows = 0  # times a commit found the map full and doubled it
@@ -232,17 +233,20 @@ class RowDelta:
 
     def unpin(self) -> None:
         """Read the newest commit again (a writer's view)."""
-        if self._pinned is not None:
-            self._pinned.abort()
-            self._pinned = None
+        with self._pin_lock:
+            pinned, self._pinned = self._pinned, None
+        if pinned is not None:
+            pinned.abort()
             _count_pin(self.path, -1)
 
     @contextlib.contextmanager
     def _read_txn(self):
         """The pinned transaction, or a fresh one for this read."""
-        if self._pinned is not None:
-            yield self._pinned
-        else:
+        with self._pin_lock:  # stats and read_committed read it without the store's lock
+            pinned = self._pinned
+            if pinned is not None:
+                yield pinned
+        if pinned is None:
             with self.env.begin() as txn:
                 yield txn
 
