@@ -16,6 +16,7 @@ the whole trace, so replay and the miss-ratio curves run them, and a live tier's
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,6 +51,19 @@ def register_admission(name: str, factory: type[AdmissionPolicy]) -> None:
 def known_names() -> list[str]:
     """Every name a spec part may use."""
     return sorted([*EVICTION, *ADMISSION, *MODIFIERS])
+
+
+def spec_grammar() -> str:
+    """What a policy spec may be, for error messages.
+
+    >>> print(spec_grammar())
+    an eviction policy (fifo, lfu, lru, sieve), optionally with 'static+' before it and an admission filter (+tinylfu) after it, or zipf-tuned (+ an eviction policy)
+    """
+    filters = ", ".join(f"+{name}" for name in sorted(ADMISSION) if name != "all")
+    return (
+        f"an eviction policy ({', '.join(sorted(EVICTION))}), optionally with 'static+' before it "
+        f"and an admission filter ({filters}) after it, or zipf-tuned (+ an eviction policy)"
+    )
 
 
 @dataclass(frozen=True)
@@ -106,8 +120,10 @@ class PolicySpec:
                     f"expected one of {', '.join(known_names())}"
                 )
             else:
+                close = difflib.get_close_matches(part, known_names(), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
                 raise PolicyError(
-                    f"unknown policy {part!r} in {text!r}; known: {', '.join(known_names())}"
+                    f"unknown policy {part!r} in {text!r}; {hint}expected {spec_grammar()}"
                 )
         if eviction is None and not static:
             raise PolicyError(

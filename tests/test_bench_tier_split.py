@@ -108,7 +108,10 @@ def test_help_exits_zero(tmp_path):
             ("--gpu-budget=-5MiB",),
             "--gpu-budget: got '-5MiB'; expected a byte size like '8GiB', '512MB' or 0",
         ),
-        (("--policy", "fastest"), "--policy: unknown policy 'fastest' in 'fastest'; known: all"),
+        (
+            ("--policy", "fastest"),
+            "--policy: unknown policy 'fastest' in 'fastest'; expected an eviction",
+        ),
         (("--max-tokens", "-1"), "argument --max-tokens: expected at least 1 token, got '-1'"),
     ],
 )

@@ -90,7 +90,13 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
         ),
         (["init", "x.npy", "--random", "10x4", "--tensor", "w"], "--tensor 'w': only with"),
         (["info", "/nonexistent/t.npy"], "table /nonexistent/t.npy does not exist; expected a"),
-        (["info", "s.yaml"], "s.yaml is not a table (a table is NAME.npy with its manifest, and"),
+        (["info", "s.yaml"], "s.yaml is a store config, not a table; its table is t.npy"),
+        (
+            ["info", "prof.npz"],
+            "prof.npz is not a table (a table is NAME.npy with its manifest, and",
+        ),
+        (["info", "."], ". is a directory; expected a table file (NAME.npy), such as t.npy"),
+        (["convert-hf", "nope", "out"], "checkpoint nope: does not exist; expected a checkpoint"),
         (["init", "x.npy", "--random", "10x4", "--std", "-1"], "--std: got -1; expected a finite"),
         (["init", "no/x.npy", "--random", "10x4"], "target directory no does not exist; expected"),
         (["analyze", "a.txt", "--holdout", "1.5"], "--holdout: got 1.5; expected a fraction"),
@@ -107,6 +113,7 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
 def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "s.yaml").write_text("table: {path: t.npy}\n")  # a store config, not a table
+    (tmp_path / "prof.npz").write_bytes(b"PK")  # some other file
     assert main(["init", "t.npy", "--random", "10x4", "--quiet"]) == 0
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -178,10 +178,10 @@ def test_unknown_or_malformed_policy_names_are_errors(bad):
 
 
 def test_unknown_policy_error_lists_known_names():
-    with pytest.raises(PolicyError, match="known: .*lru.*static"):
+    with pytest.raises(PolicyError, match=r"expected an eviction policy \(fifo, lfu, lru, sieve\)"):
         PolicySpec.parse("bogus")
-    with pytest.raises(ConfigError, match="known: .*lru.*static"):
-        parse_policy("bogus", key="tiers.hot.policy")
+    with pytest.raises(ConfigError, match="tiers.hot.policy: unknown policy 'lur' in 'lur'; did you mean 'lru'"):  # fmt: skip
+        parse_policy("lur", key="tiers.hot.policy")
     assert "lru" in known_names()
 
 

@@ -79,6 +79,7 @@ def test_example_config_is_valid():
         ({"store": {"table": {"path": "x.npy"}}}, "store.table"),
         ({"store": {"tiers": {"hot": {"capacity": "lots"}}}}, "tiers.hot.capacity"),
         ({"store": {"metrics": {"address": "9400"}}}, "store.metrics.address"),
+        ({"store": {"tiers": {"hot": {"policy": "lur"}}}}, "config: store.tiers.hot.policy: unknown policy 'lur' in 'lur'; did you mean 'lru'?"),
         ({"model": {"engram": {"layer_ids": [1, 1]}}}, "layer_ids"),
         ({"model": [1]}, "model: got list"),
         ({"checkpoint": {"dtype": "int8"}}, "checkpoint.dtype"),
@@ -93,8 +94,12 @@ def test_config_errors_name_the_key(change, message):
 
 
 def test_a_missing_checkpoint_is_an_error_without_create(tmp_path):
+    config = ServeConfig.from_yaml(write_config(tmp_path))
+    with pytest.raises(ConfigError, match="'checkpoint' does not exist .*--create-tables"):
+        ServedModel(config)
+    config.checkpoint_dir.mkdir()  # a folder without the dense weights
     with pytest.raises(ConfigError, match="has no dense.safetensors.*--create-tables"):
-        ServedModel(ServeConfig.from_yaml(write_config(tmp_path)))
+        ServedModel(config)
 
 
 # -- answers ----------------------------------------------------------------------------------------

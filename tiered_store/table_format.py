@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from .atomic_file import AtomicFile, fsync_dir
@@ -316,13 +317,32 @@ def not_a_table(path: str | os.PathLike[str]) -> TableFormatError | None:
     """The error for ``path`` when it names another kind of file (a store YAML, a profile) and
     no table goes by that name; else None."""
     given = Path(path)
+    if given.is_dir():
+        tables = sorted(p.name for p in given.glob("*.npy"))
+        hint = f", such as {', '.join(tables[:3])}" if tables else ""
+        return TableFormatError(f"{given} is a directory; expected a table file (NAME.npy){hint}")
     npy_path = table_paths(given)[0]
     if given == npy_path or not given.is_file() or npy_path.exists():
         return None
+    table = _table_of_store_config(given)
+    if table is not None:
+        return TableFormatError(f"{given} is a store config, not a table; its table is {table}")
     return TableFormatError(
         f"{given} is not a table (a table is NAME.npy with its manifest, and {npy_path.name} does "
         "not exist); expected a table made by `tiered-store init`"
     )
+
+
+def _table_of_store_config(path: Path) -> Path | None:
+    """The table a store YAML at ``path`` names (relative to it), or None for any other file."""
+    if path.suffix not in (".yaml", ".yml"):
+        return None
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        table = Path(doc["table"]["path"])
+    except (OSError, ValueError, yaml.YAMLError, TypeError, KeyError):
+        return None
+    return table if table.is_absolute() else path.parent / table
 
 
 def read_manifest(path: str | os.PathLike[str]) -> TableManifest:

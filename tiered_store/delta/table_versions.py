@@ -79,6 +79,8 @@ def version_path(table: str | os.PathLike[str], generation: int) -> Path:
 def current_version(table: str | os.PathLike[str]) -> tuple[Path, int]:
     """(the ``.npy`` of the current version, its generation) of the table named ``table``.
     Refuses a version's own file (``TABLE.gN.npy``), which names a generation, not a table."""
+    if Path(table).is_dir():  # a folder, not a table: say so (and name the tables in it)
+        raise not_a_table(table)
     _refuse_a_version_file(table)
     pointer = pointer_path(table)
     try:

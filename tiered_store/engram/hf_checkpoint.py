@@ -105,8 +105,9 @@ class HFCheckpoint:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         if not self.directory.is_dir():
+            what = "not a directory" if self.directory.exists() else "does not exist"
             raise ConfigError(
-                f"checkpoint {self.directory}: not a directory; expected a checkpoint directory"
+                f"checkpoint {self.directory}: {what}; expected a checkpoint directory"
             )
         config_path = self.directory / "config.json"
         if not config_path.is_file():

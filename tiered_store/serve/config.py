@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, StrictBool, StrictInt
 from pydantic import ValidationError as _PydanticValidationError
 
+from ..cache_plan import parse_policy
 from ..config import ConfigModel, StoreConfig, format_validation_error, load_yaml
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
@@ -184,6 +185,10 @@ class ServeConfig:
             source=source,
         )
         probe = cfg.store_config(0)  # validates the store section once, for any layer
+        for tier in ("hot", "warm"):  # a policy typo named here, with the file, not at open
+            parse_policy(
+                getattr(probe.tiers, tier).policy, key=f"{source}: store.tiers.{tier}.policy"
+            )
         check_address(probe.metrics.address, "store.metrics.address", allow_empty=True)
         return cfg
 

@@ -116,8 +116,13 @@ class ServedModel:
         self.config = config
         if not config.dense_path.exists():
             if not (create or config.checkpoint.create):
+                what = (
+                    f"has no {config.dense_path.name}"
+                    if config.checkpoint_dir.is_dir()
+                    else f"does not exist ({config.checkpoint_dir})"
+                )
                 raise ConfigError(
-                    f"checkpoint.path: {config.checkpoint.path!r} has no {config.dense_path.name}; "
+                    f"checkpoint.path: {config.checkpoint.path!r} {what}; "
                     "expected a directory written by convert_checkpoint (or serve with "
                     "--create-tables, or run `tiered-store init-model CONFIG`, for a small "
                     "random one)"
