@@ -215,7 +215,7 @@ def test_a_killed_conversion_finishes_on_rerun_keeping_complete_tables(golden, t
         ),
         (
             {"text": {"engram_num_embeddings": [1998, 5000]}},
-            r"layer 14 states 5,000 rows but its primes sum to 5,014",
+            r"text_config.engram_num_embeddings: layer 14 states 5,000 rows but its primes sum to 5,014",
         ),
         (
             {"text": {"engram_compressed_vocab_size": 99000}},

@@ -262,8 +262,9 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
         print_sweep(curves, rows)
         if bound_names:
             print(
-                "bounds start cold; a policy with pinned or preloaded rows starts warm and can "
-                "miss less than them"
+                "belady starts cold; static-topk holds the trace's own top rows from the start (an "
+                "oracle); a policy with pinned or preloaded rows starts warm and can miss less "
+                "than belady"
             )
     else:  # a plot of an earlier run would sit beside this run's replay.json
         (args.out / "replay.png").unlink(missing_ok=True)

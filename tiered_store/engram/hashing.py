@@ -197,8 +197,13 @@ class NgramHasher:
         }
         for layer, stated in zip(self.layer_ids, config.num_embeddings or (), strict=False):
             if stated != self.table_rows(layer):
+                key = (  # as the user's file names it: a V4.1 config.json, or ours
+                    "text_config.engram_num_embeddings"
+                    if config.geometry == "deepseek-v4.1"
+                    else "engram.num_embeddings"
+                )
                 raise ConfigError(
-                    f"engram.num_embeddings: layer {layer} states {stated:,} rows but its primes "
+                    f"{key}: layer {layer} states {stated:,} rows but its primes "
                     f"sum to {self.table_rows(layer):,}; expected the same engram_vocab_size, "
                     "n_heads and layer ids the table was built with"
                 )
