@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run without fio (where it is not installed): no fio curves, and the baseline is "
         f"{PROBE_BASELINE!r} (the same random 4 KiB O_DIRECT reads, from Python)",
     )
-    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the table and the ids")
     p.add_argument("--out", type=Path, help="write the JSON here (and the PNG beside it)")
     args = p.parse_args(argv)
     if args.no_fio and 32 not in args.depths:

@@ -94,7 +94,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="hot tier capacity (of the shard, or the table): rows, bytes or a percentage",
     )
     p.add_argument("--warm", type=capacity, default="20%", help="warm tier capacity")
-    p.add_argument("--model-ranks", type=at_least(1), nargs="+", default=[8, 16, 24, 32, 48, 64])
+    p.add_argument(
+        "--model-ranks",
+        type=at_least(1),
+        nargs="+",
+        default=[8, 16, 24, 32, 48, 64],
+        help="modelled: world sizes (ranks, one GPU each)",
+    )
     p.add_argument(
         "--model-tokens",
         type=at_least(1),
@@ -106,12 +112,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--row-bytes", type=at_least(1), default=128, help="model: bytes per row (64 x bf16)"
     )
-    p.add_argument("--gpus-per-node", type=at_least(1), default=8)
+    p.add_argument(
+        "--gpus-per-node", type=at_least(1), default=8, help="modelled: ranks sharing NVLink"
+    )
     p.add_argument("--node-gbps", type=float, default=400.0, help="network per node, Gb/s")
     p.add_argument("--nvlink-gbyteps", type=float, default=450.0, help="per GPU in a node, GB/s")
     p.add_argument("--latency-us", type=float, default=15.0, help="per all-to-all round")
     p.add_argument("--overlap-ms", type=float, default=0.0, help="compute prefetch hides behind")
-    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the table and the ids")
     p.add_argument("--out", help="write the JSON report here as well as stdout")
     args = p.parse_args(argv)
     check_args(p, args)

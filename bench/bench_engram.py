@@ -94,7 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--engram-embed", type=at_least(1), default=512, help="embedding width per order"
     )
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "float16", "bfloat16"],
+        help="table rows' dtype",
+    )
     p.add_argument("--batch-size", type=at_least(1), default=4, help="sequences per batch")
     p.add_argument("--seq-len", type=at_least(1), default=512, help="tokens per sequence")
     p.add_argument(
@@ -146,7 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="where the model runs, (a)'s tables live and the stores' hot tiers are: cpu, cuda, "
         "cuda:N (warm tiers stay in host RAM, pinned on CUDA)",
     )
-    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument(
+        "--seed", type=at_least(0), default=0, help="seed of the weights, tables and text order"
+    )
     p.add_argument("--out", help="write the JSON report here as well as stdout")
     args = p.parse_args(argv)  # a bad count is refused by its type
     try:

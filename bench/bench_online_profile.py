@@ -97,7 +97,7 @@ def misses_after(ids, rows, pinned_ids, recency_rows) -> float:
 def main(argv=None) -> int:
     p = doc_parser(__doc__)
     p.add_argument("analysis", type=Path, help="an `tiered-store analyze --holdout` output")
-    p.add_argument("--layer", default="layer1")
+    p.add_argument("--layer", default="layer1", help="the trace's table to replay")
     p.add_argument("--shares", default="0.05,0.1", help="tier sizes, shares of the rows")
     lookups = at_least(1, "at least 1 lookup")
     p.add_argument(

@@ -434,7 +434,7 @@ def main(argv=None) -> int:
         default=10_000_000,
         help="(b): lookups of the analysis' trace before --then's (whole batches)",
     )
-    p.add_argument("--layer", default="layer1")
+    p.add_argument("--layer", default="layer1", help="the trace's table to replay")
     p.add_argument("--shares", default="5%", help="warm tier sizes, e.g. 5%%,10%%")
     p.add_argument("--warmup", type=at_least(0), default=5_000_000, help="lookups before the count")
     p.add_argument(

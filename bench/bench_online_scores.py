@@ -117,7 +117,7 @@ def future_counts(windows: list, start: int, span: int, rows: int, returns: bool
 def main(argv=None) -> int:
     p = doc_parser(__doc__)
     p.add_argument("analysis", type=Path, help="a `tiered-store analyze --holdout` output")
-    p.add_argument("--layer", default="layer1")
+    p.add_argument("--layer", default="layer1", help="the trace's table to score")
     p.add_argument("--shares", default="5%,10%", help="tier sizes, shares of the rows")
     lookups = at_least(1, "at least 1 lookup")
     p.add_argument(

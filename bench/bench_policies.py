@@ -112,7 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=64,
         help="tokens per replay batch for the quality table",
     )
-    p.add_argument("--policies", default=",".join(OURS))
+    p.add_argument(
+        "--policies", default=",".join(OURS), help="our policies to replay, comma-separated"
+    )
     p.add_argument(
         "--queued-requests",
         type=int_list(1),

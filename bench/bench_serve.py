@@ -131,6 +131,17 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--zipf {args.zipf}: expected a Zipf exponent > 1")
     if not args.config.is_file():
         p.error(f"--config {args.config}: no such file; expected a serve config (YAML)")
+    limits = ServeConfig.from_yaml(args.config).server  # a request the server refuses: no load
+    for flag, value, key, limit in (
+        ("--tokens", args.tokens, "max_seq_len", limits.max_seq_len),
+        ("--batch", args.batch, "max_batch", limits.max_batch),
+        ("--batch x --tokens", args.batch * args.tokens, "max_tokens", limits.max_tokens),
+    ):
+        if value > limit:
+            p.error(
+                f"{flag} {value:,}: the server takes at most {limit:,} (server.{key} in "
+                f"{args.config}); expected at most that, or a config that allows more"
+            )
 
 
 def _shown(path: Path) -> str:

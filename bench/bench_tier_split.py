@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         default=500_000,
         help="tokens to analyse (no --analysis)",
     )
-    p.add_argument("--table", default="layer1")
-    p.add_argument("--gpu-budget", default="128MiB")
-    p.add_argument("--host-budget", default="1GiB")
+    p.add_argument("--table", default="layer1", help="the trace's table to size")
+    p.add_argument("--gpu-budget", default="128MiB", help="memory for the hot tier")
+    p.add_argument("--host-budget", default="1GiB", help="memory for the warm tier")
     p.add_argument(
         "--replays",
         type=at_least(1, "at least 1 (the recommended split)"),

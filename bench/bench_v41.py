@@ -42,6 +42,17 @@ Example (the published figures; ~25 GB of tables under --dir, ~30 min on 2 cores
 
     python bench/bench_v41.py --dir /var/tmp --out bench/results/v41.json
 
+A quick try (tiny tables and model, every phase, seconds)::
+
+    python bench/bench_v41.py --dir /tmp/v41-try --release-vocab 1000 --scaled-vocab 500 \
+        --hidden 32 --layers 15 --heads 2 --batch-size 1 --seq-len 32 --rounds 1 \
+        --batches-per-round 2 --decode-batch 1 --decode-prompt 4 --decode-steps 2 \
+        --decode-rounds 1 --store-tokens 64 --store-decode-steps 2 --store-decode-batch 1 \
+        --store-torch-threads 1 --profile-tokens 2000
+
+The tables stay in --dir (``v41-VOCABxBYTES/``), reused by the next run with the same sizes; the
+run ends by saying where and how large they are.
+
 Where the work runs (CPU-only machine): torch's intra-op threads run the model; each store's
 prefetch worker resolves a batch and its reader pool issues the O_DIRECT reads meanwhile, on the
 same cores: on this machine the model's compute is ~100x the store's, which is why the store is
@@ -88,7 +99,9 @@ PHASES = ("scaled", "release", "store", "cached")
 def parse_args(argv=None) -> argparse.Namespace:
     p = doc_parser(__doc__)
     p.add_argument("--dir", default="/var/tmp", help="where table files go (O_DIRECT needs a disk)")
-    p.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    p.add_argument(
+        "--phases", nargs="+", default=list(PHASES), choices=PHASES, help="phases to run, in order"
+    )
     p.add_argument("--release-vocab", type=at_least(2), default=RELEASE_VOCAB, help="rows per head")
     p.add_argument(
         "--scaled-vocab",
@@ -119,7 +132,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=3,
         help="prefill: batches per variant per round (the first one's fetch cannot be ahead)",
     )
-    p.add_argument("--decode-batch", type=at_least(1), nargs="+", default=[1, 4, 16])
+    p.add_argument(
+        "--decode-batch",
+        type=at_least(1),
+        nargs="+",
+        default=[1, 4, 16],
+        help="decode: sequences per step, one run each",
+    )
     p.add_argument("--decode-prompt", type=at_least(1), default=128, help="decode: prompt tokens")
     p.add_argument("--decode-steps", type=at_least(1), default=32, help="decode: steps per round")
     p.add_argument(
@@ -140,7 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--hot", type=capacity, default="2%", help="hot tier capacity per table")
     p.add_argument("--warm", type=capacity, default="8%", help="warm tier capacity per table")
-    p.add_argument("--policy", default="lru")
+    p.add_argument(
+        "--policy", default="lru", help="tier policy: lru, or zipf-tuned (pins from the profile)"
+    )
     p.add_argument(
         "--io",
         default="uring",
@@ -173,7 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[1, 2],
         help="store alone: intra-op threads, one run each",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the tables, text order and model")
     p.add_argument("--out", help="write the JSON report here as well as stdout")
     args = p.parse_args(argv)
     batch = args.batch_size * args.seq_len  # refused before any table is made
@@ -782,6 +803,14 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text_out + "\n")
     print_summary(report)
+    kept = [path for group in paths.values() for path in group.values()]
+    size = sum(f.stat().st_size for path in kept for f in path.parent.glob(f"{path.name}*"))
+    dirs = sorted({str(path.parent) for path in kept})
+    print(
+        f"tables kept in {', '.join(dirs)} ({size / 2**30:.1f} GiB; reused by the next run with "
+        "the same sizes, delete them to reclaim the space)",
+        file=sys.stderr,
+    )
     return 0
 
 

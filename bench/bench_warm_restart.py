@@ -61,7 +61,7 @@ def serve(store: TieredStore, ids: np.ndarray, batch: int) -> dict[str, float]:
 def main(argv=None) -> int:
     p = doc_parser(__doc__)
     p.add_argument("trace", type=Path, help="a trace from `tiered-store analyze`")
-    p.add_argument("--layer", default="layer1")
+    p.add_argument("--layer", default="layer1", help="the trace's table to replay")
     share = fraction("a share of the rows in (0, 1], e.g. 0.01 for 1%")
     p.add_argument("--hot", type=share, default=0.01, help="hot tier, share of the rows")
     p.add_argument("--warm", type=share, default=0.05, help="warm tier, share of the rows")

@@ -89,12 +89,14 @@ def main(argv=None) -> int:
     p = doc_parser(__doc__)
     p.add_argument("corpus", nargs="*", help="text files/dirs/globs (default: the stdlib sources)")
     p.add_argument("--dir", default="/var/tmp", help="work directory")
-    p.add_argument("--max-tokens", type=at_least(1), default=5_000_000)
+    p.add_argument(
+        "--max-tokens", type=at_least(1), default=5_000_000, help="tokens analysed (both parts)"
+    )
     p.add_argument(
         "--holdout", type=float, default=0.4, help="share of the documents replayed (default 0.4)"
     )
     p.add_argument("--lookups", type=at_least(1), default=20_000_000, help="replayed lookups")
-    p.add_argument("--layer", default="layer1")
+    p.add_argument("--layer", default="layer1", help="the trace's table to replay")
     p.add_argument("--analysis", metavar="DIR", help="reuse an `analyze --holdout` output")
     p.add_argument("--repin", action="store_true", help="also sweep re-pinning and larger splits")
     p.add_argument(

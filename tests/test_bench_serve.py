@@ -107,6 +107,11 @@ def test_help_and_refusals(tmp_path):
         (("--clients", "1,0"), "--clients '1,0': expected client counts >= 1, e.g. 1,8,64"),
         (("--requests", "-3"), "argument --requests: expected at least 1 request, got '-3'"),
         (("--zipf", "0.9"), "--zipf 0.9: expected a Zipf exponent > 1"),
+        (
+            ("--tokens", "5000"),
+            "--tokens 5,000: the server takes at most 4,096 (server.max_seq_len",
+        ),
+        (("--batch", "65"), "--batch 65: the server takes at most 64 (server.max_batch in"),
     ):
         done = bench(*args, "--out", str(out), tmp_path=tmp_path)
         assert done.returncode == 2, (args, done.stderr[-3000:])  # argparse's, with the usage

@@ -50,3 +50,40 @@ def test_benchmark_suite_runs_at_tiny_size(tmp_path):
         assert info["role"] in ("baseline", "ours"), b["name"]
         if info["role"] == "ours":
             assert info["ratio_to_baseline"] > 0, b["name"]
+
+
+HELP_CHECK = """
+import argparse, runpy, sys
+from pathlib import Path
+
+class Parsed(Exception):
+    pass
+
+def capture(self, args=None, namespace=None):
+    raise Parsed(self)
+
+argparse.ArgumentParser.parse_known_args = capture
+for script in sorted(Path("bench").glob("bench_*.py")):
+    sys.argv = [str(script)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except Parsed as parsed:
+        parser = parsed.args[0]
+    else:
+        print(f"{script.name}: parsed no arguments")
+        continue
+    for action in parser._actions:
+        if not action.help and not isinstance(action, argparse._HelpAction):
+            print(f"{script.name}: {'/'.join(action.option_strings) or action.dest} has no help")
+    if "Example" not in (parser.epilog or "") + (parser.description or ""):
+        print(f"{script.name}: --help shows no example")
+"""
+
+
+def test_every_bench_option_says_what_it_does():
+    """Each bench script's --help explains every option and shows an example command."""
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_CHECK], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "", done.stdout
