@@ -30,10 +30,10 @@ def ids(n: int, rows: int | None = None) -> bytes:
 MALFORMED = [
     # not JSON, or not an object
     ("POST", E, b"{not json", {}, 400, "not valid JSON"),
-    ("POST", E, b"", {}, 400, "not valid JSON"),
-    ("POST", E, b"   ", {}, 400, "not valid JSON"),
+    ("POST", E, b"", {}, 400, "body: empty; expected a JSON object"),
+    ("POST", E, b"   ", {}, 400, "body: empty; expected a JSON object"),
     ("POST", E, b"\xff\xfe", {}, 400, "not valid JSON"),
-    ("POST", E, b'{"text": "caf\xe9"}', {}, 400, "not valid JSON"),  # Latin-1, not UTF-8
+    ("POST", E, b'{"text": "caf\xe9"}', {}, 400, "body: not UTF-8 (invalid continuation byte at byte 13)"),  # Latin-1
     ("POST", E, b'{"input_ids": [1, 2,]}', {}, 400, "not valid JSON"),
     ("POST", E, b'{"input_ids": [1]} trailing', {}, 400, "not valid JSON"),
     ("POST", E, b"{'input_ids': [1]}", {}, 400, "not valid JSON"),

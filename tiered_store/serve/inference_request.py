@@ -76,11 +76,17 @@ def parse_request(body: bytes, server: ServerSection, model: RequestModel) -> In
     Traceback (most recent call last):
     tiered_store.serve.inference_request.RequestError: input_ids[0]: got float 1.5; expected an integer token id
     """
+    if not body.strip():
+        raise RequestError(
+            400, 'body: empty; expected a JSON object like {"input_ids": [[1, 2, 3]]}'
+        )
     try:
         doc = json.loads(body)
     except RecursionError:
         raise RequestError(400, "body: JSON nested too deeply") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+    except UnicodeDecodeError as exc:
+        raise RequestError(400, f"body: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
         raise RequestError(400, f"body: not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise RequestError(
@@ -224,7 +230,8 @@ def _check_limits(lengths: list[int], server: ServerSection, key: str) -> None:
     if len(lengths) > server.max_batch:
         raise RequestError(
             413,
-            f"{key}: {len(lengths)} sequences; this server takes at most {server.max_batch} (server.max_batch)",
+            f"{key}: {len(lengths):,} sequences; this server takes at most {server.max_batch:,} "
+            "(server.max_batch)",
         )
     if min(lengths) == 0:
         raise RequestError(
@@ -233,8 +240,8 @@ def _check_limits(lengths: list[int], server: ServerSection, key: str) -> None:
     if max(lengths) > server.max_seq_len:
         raise RequestError(
             413,
-            f"{key}: a sequence of {max(lengths)} tokens; this server takes at most "
-            f"{server.max_seq_len} per sequence (server.max_seq_len)",
+            f"{key}: a sequence of {max(lengths):,} tokens; this server takes at most "
+            f"{server.max_seq_len:,} per sequence (server.max_seq_len)",
         )
     total = len(lengths) * max(lengths)
     if total > server.max_tokens:
