@@ -230,6 +230,17 @@ def test_bad_checkpoints_are_refused_before_anything_is_written(golden, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_truncated_shard_is_refused_before_anything_is_written(golden, tmp_path):
+    import os
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", golden)
+    shard = ckpt / "model-00001-of-00002.safetensors"
+    os.truncate(shard, shard.stat().st_size - 1000)  # an interrupted download
+    with pytest.raises(ConfigError, match=r"bytes, but its tensors end at byte .* fetch it again"):
+        convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_config_without_engram_keys_is_refused(golden, tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", golden)
     (ckpt / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 16}}))

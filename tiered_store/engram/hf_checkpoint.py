@@ -187,6 +187,24 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise ConfigError(f"checkpoint shard {file} does not exist (listed in the index)") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{file}: not a safetensors file ({exc})") from None
+    try:  # a truncated download: said before anything is written, not midway
+        end = (
+            8
+            + size
+            + max(
+                (e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0
+            )
+        )
+    except (KeyError, TypeError, IndexError) as exc:
+        raise ConfigError(
+            f"{file}: not a safetensors file (a tensor without data_offsets: {exc})"
+        ) from None
+    have = file.stat().st_size
+    if have < end:
+        raise ConfigError(
+            f"{file}: {have:,} bytes, but its tensors end at byte {end:,}; expected the whole "
+            "file (an interrupted download? fetch it again)"
+        )
     return {
         name: (entry["dtype"], tuple(entry["shape"]))
         for name, entry in header.items()
