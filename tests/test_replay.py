@@ -170,7 +170,7 @@ def test_trace_for_another_table_is_an_error(tmp_path):
 def test_unknown_policy_or_table_is_an_error(tmp_path):
     path, _ = make_table(tmp_path, rows=ROWS, dim=8)
     write_trace(tmp_path / "t.trace", batches=2)
-    with pytest.raises(ConfigError, match="unknown policy 'nope'.*known:"):
+    with pytest.raises(ConfigError, match="unknown policy 'nope'.*expected an eviction policy"):
         replay(store_config(path, warm={"capacity": 10}), tmp_path / "t.trace", policy="nope")
     with pytest.raises(Exception, match="zz"):
         replay(store_config(path), TraceReader(tmp_path / "t.trace"), table="zz")
