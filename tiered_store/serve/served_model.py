@@ -228,7 +228,11 @@ class ServedModel:
         if not force_check and now < self._last_version_check + self.reload_check_seconds:
             return []
         self._last_version_check = now
-        stale = [name for name, store in self.stores.items() if store.is_stale()]
+        stale = [  # a sharded table is not reopened (every rank would have to): restart the ranks
+            name
+            for name, store in self.stores.items()
+            if isinstance(store, TieredStore) and store.is_stale()
+        ]
         if not stale:
             return []
         with self._gate.exclusive():
