@@ -359,3 +359,55 @@ def sharded_writes_worker(
     except BaseException:
         result["crash"] = traceback.format_exc()
     _report(out, rank, result)
+
+
+def misuse_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank: one rank misuses a collective (float ids, a step that is not a number,
+    gradients of another width or step, a handle prefetched before a write); every outcome is
+    recorded, and a plain lookup after each shows the ranks are still in step."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {"steps": []}
+
+    def attempt(name: str, call) -> None:
+        try:
+            call()
+            result["steps"].append([name, "ok"])
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["steps"].append([name, f"{type(exc).__name__}: {exc}"])
+        rows = store.lookup(torch.tensor([0, 461]))  # in step: the same round on every rank
+        result["steps"].append(["in step", [float(v) for v in rows[:, 0]]])
+
+    try:
+        store = ShardedStore.open(_store_config(Path(plain), world, "rows"))
+        ids = torch.tensor([3, 461])
+        attempt("float ids", lambda: store.lookup(ids.float() if rank == 1 else ids))
+        attempt("commit step", lambda: store.commit(step="two" if rank == 1 else None))
+        width = 2 if rank == 0 else 3
+        keep = lambda rows, grads: rows  # noqa: E731 (an update that changes nothing)
+        attempt("grad widths", lambda: store.update_rows(ids, torch.ones(2, width), keep))
+        step = 1 if rank == 0 else 5
+        attempt("steps", lambda: store.update_rows(ids, torch.ones(2, 2), keep, step=step))
+
+        def stale_handle() -> None:  # rank 0 prefetches; rank 1 looks up at once
+            handle = store.prefetch(ids) if rank == 0 else None
+            if rank == 1:
+                store.lookup(ids)
+            store.write(ids[:1] + rank, torch.full((1, store.row_width), 7.0))
+            if handle is not None:
+                store.lookup(ids, handle)
+
+        attempt("stale handle", stale_handle)
+        store.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
+def dist_destroy() -> None:
+    """Destroy the group ``_join_group`` made."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()

@@ -218,9 +218,10 @@ def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables,
     assert not torch.distributed.is_initialized()  # it made the group, it destroyed it
 
 
-def test_a_sharded_prefetch_collected_after_a_write_sees_it(tmp_path, monkeypatch):
-    """Every rank counts the same write rounds, so a handle older than one is fetched again (a
-    collective, like the prefetch), and returns the written row."""
+def test_a_sharded_prefetch_collected_after_a_write_is_refused(tmp_path, monkeypatch):
+    """A handle prefetched before a write round may hold older rows; fetching again would be a
+    round of this rank's alone (another rank may have looked up without a handle), so it is
+    refused, locally, and the store goes on."""
     table = make_plain_table(tmp_path)
     template = shards_template(table, "rows")
     write_shards(table, 1, "rows", template=template, progress=False)
@@ -233,8 +234,9 @@ def test_a_sharded_prefetch_collected_after_a_write_sees_it(tmp_path, monkeypatc
         ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
         handle = store.prefetch(ids)
         store.write([400], torch.ones(1, store.row_width))
-        got = store.lookup(ids, handle)
-        assert got[0, 2].float().eq(1).all() and torch.equal(got, store.lookup(ids))
+        with pytest.raises(PrefetchHandleError, match="prefetched before a write or update round"):
+            store.lookup(ids, handle)
+        assert store.lookup(ids)[0, 2].float().eq(1).all()  # a lookup after the write sees it
         store.commit()
 
 
@@ -401,6 +403,101 @@ def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(
         single.close()
     for key in ("next_token_ids", "logits", "hidden_checksum", "layer_checksums"):
         assert answer[key] == expected[key] == again[key], key
+
+
+def test_one_rank_misusing_a_collective_is_refused_and_the_ranks_stay_in_step(tmp_path):
+    """Float ids, a step that is not a number, gradients of two widths or two steps, a handle
+    prefetched before a write: refused, named, on the ranks the round concerns; a lookup after
+    each meets the same round on both ranks (before, the ranks fell out of step, and a later
+    round aborted a rank, or rows were updated with spliced gradients)."""
+    from tests.distributed_support import make_plain_table, misuse_worker
+
+    plain = make_plain_table(tmp_path)
+    _shard_all({"plain": plain}, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(misuse_worker, 2, (str(plain), out), 120)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    steps = [dict(r["steps"][0::2]) for r in results]  # name -> outcome, per rank
+    assert all(step == ["in step", results[0]["steps"][1][1]] for step in results[1]["steps"][1::2])
+    assert steps[0]["float ids"] == "ok"
+    assert steps[1]["float ids"].startswith("RowIdError: ids: dtype torch.float32; expected an")
+    assert steps[1]["commit step"] == "ConfigError: commit: step 'two'; expected an integer step (or None)"  # fmt: skip
+    assert steps[0]["commit step"].startswith("CommitError") and "rank 1" in steps[0]["commit step"]
+    for rank in (0, 1):  # every rank refuses the whole round, naming rank 1
+        assert "rank 1: gradients of width 3 and step None; rank 0 sent width 2" in steps[rank]["grad widths"]  # fmt: skip
+        assert "rank 1: gradients of width 2 and step 5; rank 0 sent width 2, step 1" in steps[rank]["steps"]  # fmt: skip
+    assert steps[0]["stale handle"].startswith("PrefetchHandleError: lookup: this handle was prefetched before a write")  # fmt: skip
+    assert steps[1]["stale handle"] == "ok"
+
+
+def test_shards_cut_for_another_rank_count_are_refused_at_open():
+    """A shard set cut for 3 ranks opened by 2 (a template without {ranks} finds its files)."""
+    from tiered_store.distributed.sharded_store import check_fingerprints
+    from tiered_store.errors import ShardMismatchError
+
+    shard_map = {"by": "rows", "bounds": [0, 10, 20, 30], "table_version": "v"}
+    prints = [
+        {
+            "shard": f"s{r}.npy",
+            "error": None,
+            "config": {"ranks": 2, "by": "rows", "out_of_range": "error"},
+            "shard_rank": r,
+            "map": shard_map,
+            "rows": {},
+        }  # fmt: skip
+        for r in range(2)
+    ]
+    with pytest.raises(ShardMismatchError, match=r"rank 0: shard s0.npy is one of 3 shards, but the process group has 2 ranks"):  # fmt: skip
+        check_fingerprints(prints, 2)
+
+
+def test_reshard_with_overwrite_serves_the_tables_rows_not_the_old_shards_writes(tmp_path):
+    """An old shard's committed writes and compacted versions go with it when it is cut again."""
+    from tiered_store.delta.compaction import compact_table
+
+    table = make_plain_table(tmp_path)
+    want = np.load(table)
+    (shard,) = write_shards(table, 1, "rows", progress=False)
+    with TieredStore.open({"table": {"path": str(shard.path)}}) as store:
+        store.write([3, 461], torch.ones(2, store.row_width))
+        store.commit()
+    compact_table(shard.path, progress=False)  # a version g1, and the pointer names it
+    with TieredStore.open({"table": {"path": str(shard.path)}}) as store:
+        store.write([5], torch.ones(1, store.row_width))
+        store.commit()
+    write_shards(table, 1, "rows", progress=False, overwrite=True)
+    with TieredStore.open({"table": {"path": str(shard.path)}}) as store:
+        assert store.committed_step == 0 and store.generation == 0
+        got = store.lookup(torch.tensor([3, 5, 461])).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(got, want[[3, 5, 461]].astype(np.uint16))
+    assert (
+        sorted(p.name for p in tmp_path.iterdir() if ".g1." in p.name or p.suffix == ".current")
+        == []
+    )
+
+
+def test_closing_one_of_two_stores_leaves_the_group_to_the_other(tables, monkeypatch):
+    """Two stores open from torchrun's environment (one per Engram layer): the first made the
+    group; closing it first must not destroy the group the second still uses."""
+    import torch.distributed as dist
+
+    table = tables["plain"]
+    template = shards_template(table, "rows")
+    write_shards(table, 1, "rows", template=template, progress=False, overwrite=True)
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    cfg = {
+        "table": {"path": str(table)},
+        "sharding": {"ranks": 1, "by": "rows", "shards": template},
+    }
+    first, second = ShardedStore.open(cfg), ShardedStore.open(cfg)
+    first.close()
+    assert second.lookup(torch.tensor([1, 2])).shape[0] == 2  # the group is still there
+    second.close()
+    assert not dist.is_initialized()  # and goes with the last store
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -50,6 +50,7 @@ os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 __all__ = [
     "current_version",
+    "forget_history",
     "hold_version",
     "publish_version",
     "release",
@@ -190,6 +191,22 @@ def take_writer_lock(table: str | os.PathLike[str]) -> int:
         ) from None
     _LOCK_FDS.add(fd)
     return fd
+
+
+def forget_history(table: str | os.PathLike[str]) -> None:
+    """Remove what a table's writes left: the version pointer, every compacted version and every
+    delta, keeping generation 0's own files (which the caller is about to replace, as
+    ``tiered-store shard --overwrite`` does). Under the writer lock: refused while a writer runs."""
+    npy = table_paths(table)[0]
+    pattern = re.compile(rf"^{re.escape(npy.stem)}\.g(\d+)\.npy$")
+    with writer_lock(npy):
+        pointer_path(npy).unlink(missing_ok=True)  # first: an opener meanwhile reads generation 0
+        shutil.rmtree(delta_path(npy), ignore_errors=True)
+        for path in [p for p in npy.parent.iterdir() if pattern.match(p.name)]:
+            for part in (table_paths(path)[1], sidecar_path(path), path):  # manifest first
+                part.unlink(missing_ok=True)
+            shutil.rmtree(delta_path(path), ignore_errors=True)
+        fsync_dir(npy.parent)
 
 
 def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:

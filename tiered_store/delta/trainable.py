@@ -162,7 +162,9 @@ class TrainableTable:
         summed.index_add_(0, inverse.to(grads.device), grads)
         update_rows = getattr(self.store, "update_rows", None)
         if update_rows is not None:  # sharded: the owners apply it
-            updated = update_rows(unique, summed, partial(self.optimizer.update, step=step))
+            updated = update_rows(
+                unique, summed, partial(self.optimizer.update, step=step), step=step
+            )
         elif not unique.numel():
             updated = 0
         else:

@@ -18,7 +18,7 @@ import torch
 
 from ..cold_table import ColdTable
 from ..delta.row_delta import delta_path, open_delta
-from ..delta.table_versions import current_version
+from ..delta.table_versions import current_version, forget_history, pointer_path
 from ..errors import TableFormatError
 from ..page_checksums import sidecar_path
 from ..table_format import (
@@ -102,7 +102,9 @@ def write_shards(
     checksums, so a corrupt table is refused (``ChecksumError``), not given shards with fresh
     checksums. Refused before anything is written: a table with written rows not yet compacted
     (``tiered-store compact`` first), an existing shard file without ``overwrite``, a shard path
-    that is the table itself. A failure midway removes the shards already written.
+    that is the table itself. A failure midway removes the shards already written. With
+    ``overwrite``, an old shard's writes and compacted versions go with it (else they would be
+    served over the new shard's rows).
 
     Examples
     --------
@@ -134,6 +136,9 @@ def write_shards(
                     f"table file {path} already exists; pass overwrite=True to replace the table",
                     str(path),
                 )
+        for path in paths:  # an old shard's writes and versions would outlive its file
+            if overwrite and (path.exists() or pointer_path(path).exists()):
+                forget_history(path)
         written: list[ShardInfo] = []
         try:
             for rank, path in enumerate(paths):

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import errno
 import itertools
+import numbers
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -62,6 +64,8 @@ from .shard_map import ShardMap
 __all__ = ["ShardedStore", "init_process_group_from_env"]
 
 _instances = itertools.count()  # every rank opens its stores in the same order: same numbers
+# this process's open stores: a process group one of them made goes with the last to close
+_OPEN: weakref.WeakSet = weakref.WeakSet()
 _EXCHANGE_KEYS = (
     "lookups",
     "ids",
@@ -139,7 +143,7 @@ class ShardedStore:
         self.lookup_latency = LatencyHistogram()
         self._slots = threading.BoundedSemaphore(config.prefetch.depth)
         self._prefetches = 0
-        self._write_rounds = 0  # write and update rounds joined: a handle older than one refetches
+        self._write_rounds = 0  # write and update rounds joined: a handle older than one is refused
         try:
             info, error = self._open_local()
             prints = self._wait(
@@ -149,6 +153,7 @@ class ShardedStore:
         except BaseException:
             self._shutdown()
             raise
+        _OPEN.add(self)
         local = self.local
         self.rows = self.shard_map.rows
         self.quantization = local.quantization
@@ -186,10 +191,6 @@ class ShardedStore:
             future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
         else:
             future, shape = self._collect(ids, handle, packed)
-            if handle.write_seq != self._write_rounds:  # rows written since prefetch(): every
-                self._wait(future, "lookup")  # rank counts the same rounds, so all fetch again
-                flat = handle.flat
-                future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
         out = self._wait(future, "lookup")
         if out.is_cuda:  # made on the collective thread's stream: kept until this one is done
             out.record_stream(torch.cuda.current_stream(out.device))
@@ -244,24 +245,37 @@ class ShardedStore:
         last commit and its pending writes, and the next ``commit()`` (a higher step) commits
         them everywhere."""
         self._check_usable()
+        if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
+            self._thread.submit(self._commit_round, f"{step!r} (refused)")  # the others fail too
+            raise ConfigError(f"commit: step {step!r}; expected an integer step (or None)")
         step = None if step is None else int(step)
         result, errors = self._wait(self._thread.submit(self._commit_round, step), "commit")
         self._raise_failed("commit", errors, CommitError)
         return result
 
     def update_rows(
-        self, ids: Any, grads: torch.Tensor, update: Callable[[torch.Tensor, torch.Tensor], Any]
+        self,
+        ids: Any,
+        grads: torch.Tensor,
+        update: Callable[[torch.Tensor, torch.Tensor], Any],
+        step: int | None = None,
     ) -> int:
         """Send the gradients ``grads`` (``[n, g]``) of ``ids`` to the ranks owning them; each
         owner sums the gradients it received per row (in rank order), reads its rows and writes
         ``update(rows, summed)``; a collective (``TrainableTable.step`` through a sharded store).
-        Returns how many rows this rank updated."""
+        Every rank must send gradients of one width and, when given, the same optimizer ``step``
+        (else every rank raises, naming the ranks). Returns how many rows this rank updated."""
         self._check_usable()
         self._check_float_rows("update_rows")
         self._write_rounds += 1
         try:
             flat, _ = self._validate_write_ids(ids)
-            grads = torch.as_tensor(grads).detach()
+            try:
+                grads = torch.as_tensor(grads).detach()
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise RowDataError(
+                    f"grads: {type(grads).__name__} cannot be read as numbers ({exc})"
+                ) from None
             if not grads.is_floating_point() or grads.ndim != 2 or len(grads) != flat.numel():
                 raise RowDataError(
                     f"grads: {grads.dtype} of shape {tuple(grads.shape)}; expected floating-point "
@@ -270,12 +284,12 @@ class ShardedStore:
         except TieredStoreError:  # join the round with nothing, so the others are not kept waiting
             nothing = torch.empty((0, 0), dtype=torch.float32)
             self._thread.submit(
-                self._update_round, torch.empty(0, dtype=torch.int64), nothing, update
+                self._update_round, torch.empty(0, dtype=torch.int64), nothing, update, step
             )
             raise
         grads = grads.to("cpu", torch.float32)
         updated, errors = self._wait(
-            self._thread.submit(self._update_round, flat, grads, update), "update_rows"
+            self._thread.submit(self._update_round, flat, grads, update, step), "update_rows"
         )
         self._raise_failed("update_rows", errors)
         return updated
@@ -370,8 +384,13 @@ class ShardedStore:
 
     def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Flat int64 ids and their shape; out-of-range ids (unless ``zero``) raise RowIdError
-        after this rank joined the round with no ids, so the others are not kept waiting."""
-        tensor = as_id_tensor(ids)
+        after this rank joined the round with no ids, so the others are not kept waiting; so do
+        ids that are not integers."""
+        try:
+            tensor = as_id_tensor(ids)
+        except TieredStoreError:
+            self._thread.submit(self._exchange, torch.empty(0, dtype=torch.int64), False)
+            raise
         flat = tensor.reshape(-1).to(torch.int64)
         if flat.numel() and not self.zero_out_of_range:
             bad = (flat < 0) | (flat >= self.rows)
@@ -409,6 +428,13 @@ class ShardedStore:
                     f"lookup: ids (shape {tuple(tensor.shape)}) differ from the ids this handle "
                     f"prefetched (shape {handle.shape}); pass the same ids"
                 )
+        if handle.write_seq != self._write_rounds:  # fetching again would be a round of this
+            self._wait(handle.future, "lookup")  # rank's alone: it is let go, then refused
+            handle.consumed = True
+            raise PrefetchHandleError(
+                "lookup: this handle was prefetched before a write or update round, so its rows "
+                "may be older than them; prefetch after writing, or look up without the handle"
+            )
         handle.consumed = True
         return handle.future, handle.shape
 
@@ -530,10 +556,15 @@ class ShardedStore:
         return step, self._all_gather(self._local_error(self.local.commit, step))
 
     def _update_round(
-        self, ids: torch.Tensor, grads: torch.Tensor, update: Callable
+        self, ids: torch.Tensor, grads: torch.Tensor, update: Callable, step: int | None
     ) -> tuple[int, list[str | None]]:
-        """Route the gradients, sum them per row, apply ``update`` to this shard's rows."""
+        """Agree on the gradients' width and the step, route the gradients, sum them per row,
+        apply ``update`` to this shard's rows."""
         self._heartbeat.entered += 1
+        asked = self._all_gather((grads.shape[1] if grads.numel() else None, step))
+        refused = _disagreeing(asked)
+        if any(refused):
+            return 0, refused
         order = torch.argsort(ids, stable=True)  # grouped by owner
         local_ids, received = self._route(ids[order], grads[order])
         unique, inverse, _ = unique_inverse_counts(local_ids)
@@ -549,11 +580,12 @@ class ShardedStore:
 
     @staticmethod
     def _local_error(fn: Callable, *args: Any) -> str | None:
-        """Run this rank's part; its error as text (to tell every rank), or None."""
+        """Run this rank's part; its error as text (to tell every rank), or None: any error, so
+        that the rank stays in step with the others (an optimizer's own, too)."""
         try:
             fn(*args)
-        except (TieredStoreError, OSError) as exc:
-            return f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 (told to every rank, raised on every rank)
+            return f"{type(exc).__name__}: {error_text(exc)}"
         return None
 
     def _raise_failed(
@@ -627,8 +659,29 @@ class ShardedStore:
             self.local.close()
         if self.owns_subgroup and self._failure is None:
             dist.destroy_process_group(self.group)
+        _OPEN.discard(self)
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            if _OPEN:  # other stores (other layers) still use the group this one made: theirs now
+                next(iter(_OPEN)).owns_group = True
+            else:
+                dist.destroy_process_group()
+
+
+def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]:
+    """Per rank, why its (gradient width, step) of an update round disagrees with the first
+    rank that sent gradients (width) and with rank 0 (step); None where it agrees.
+
+    >>> _disagreeing([(4, 2), (None, 2), (6, 3)])
+    [None, None, 'gradients of width 6 and step 3; rank 0 sent width 4, step 2']
+    """
+    widths = [w for w, _ in asked if w is not None]
+    width, step = (widths[0] if widths else None), asked[0][1]
+    return [
+        None
+        if (w is None or w == width) and s == step
+        else f"gradients of width {w} and step {s}; rank 0 sent width {width}, step {step}"
+        for w, s in asked
+    ]
 
 
 def check_fingerprints(prints: list[dict[str, Any]], world: int) -> ShardMap:
@@ -650,6 +703,13 @@ def check_fingerprints(prints: list[dict[str, Any]], world: int) -> ShardMap:
         shard = doc["shard"]
         if doc["error"] is not None:
             raise ShardMismatchError(f"rank {rank}: cannot open its shard {shard}: {doc['error']}")
+        cut_for = len(doc["map"]["bounds"]) - 1
+        if cut_for != world:
+            raise ShardMismatchError(
+                f"rank {rank}: shard {shard} is one of {cut_for} shards, but the process group "
+                f"has {world} ranks; expected shards cut for {world} (`tiered-store shard --ranks "
+                f"{world}`)"
+            )
         if doc["map"]["by"] != doc["config"]["by"]:
             raise ShardMismatchError(
                 f"rank {rank}: shard {shard} is cut by {doc['map']['by']!r} but sharding.by is "
