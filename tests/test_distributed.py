@@ -426,8 +426,8 @@ def test_one_rank_misusing_a_collective_is_refused_and_the_ranks_stay_in_step(tm
     assert steps[1]["commit step"] == "ConfigError: commit: step 'two'; expected an integer step (or None)"  # fmt: skip
     assert steps[0]["commit step"].startswith("CommitError") and "rank 1" in steps[0]["commit step"]
     for rank in (0, 1):  # every rank refuses the whole round, naming rank 1
-        assert "rank 1: gradients of width 3 and step None; rank 0 sent width 2" in steps[rank]["grad widths"]  # fmt: skip
-        assert "rank 1: gradients of width 2 and step 5; rank 0 sent width 2, step 1" in steps[rank]["steps"]  # fmt: skip
+        assert "rank 1: gradients of width 3 and step None; rank 0 sent width 2, rank 0 step None" in steps[rank]["grad widths"]  # fmt: skip
+        assert "rank 1: gradients of width 2 and step 5; rank 0 sent width 2, rank 0 step 1" in steps[rank]["steps"]  # fmt: skip
     assert steps[0]["stale handle"].startswith("PrefetchHandleError: lookup: this handle was prefetched before a write")  # fmt: skip
     assert steps[1]["stale handle"] == "ok"
 

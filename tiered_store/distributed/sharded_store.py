@@ -671,15 +671,17 @@ def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]
     """Per rank, why its (gradient width, step) of an update round disagrees with the first
     rank that sent gradients (width) and with rank 0 (step); None where it agrees.
 
-    >>> _disagreeing([(4, 2), (None, 2), (6, 3)])
-    [None, None, 'gradients of width 6 and step 3; rank 0 sent width 4, step 2']
+    >>> _disagreeing([(None, 2), (4, 2), (6, 3)])
+    [None, None, 'gradients of width 6 and step 3; rank 1 sent width 4, rank 0 step 2']
     """
-    widths = [w for w, _ in asked if w is not None]
-    width, step = (widths[0] if widths else None), asked[0][1]
+    senders = [r for r, (w, _) in enumerate(asked) if w is not None]
+    first = senders[0] if senders else 0
+    width, step = asked[first][0], asked[0][1]
     return [
         None
         if (w is None or w == width) and s == step
-        else f"gradients of width {w} and step {s}; rank 0 sent width {width}, step {step}"
+        else f"gradients of width {w} and step {s}; rank {first} sent width {width}, rank 0 "
+        f"step {step}"
         for w, s in asked
     ]
 
