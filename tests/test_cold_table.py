@@ -124,7 +124,19 @@ class ColdTableContract:
                 table.read_rows(np.array([1.0, 2.0]))
             with pytest.raises(RowIdError, match="1-D integer"):
                 table.read_rows(np.array([[1, 2]]))
+            # the ends in range, one in the middle not (unsorted): it crashed the CRC kernel
+            with pytest.raises(RowIdError, match="row id 100000000 is out of range"):
+                table.read_rows(np.array([0, 100_000_000, 3]))
+            with pytest.raises(RowIdError, match="row id 18446744073709551615 is out of range"):
+                table.read_rows(np.array([0, 2**64 - 1], dtype=np.uint64))  # not -1 after a cast
             assert table.read_errors == 0
+
+    def test_a_relative_path_survives_a_chdir(self, tables, monkeypatch):
+        path, ref = tables[("float32", 32)]
+        monkeypatch.chdir(path.parent)
+        with self.open(Path(path.name)) as table:
+            monkeypatch.chdir("/")  # the table is still open, and still there
+            assert np.array_equal(table.read_rows(np.arange(10)).numpy(), ref[:10])
 
     def test_counters(self, tables):
         path, _ = tables[("float32", 32)]
@@ -267,6 +279,29 @@ class TestUring(ExtentReaderContract):
     def open(self, path: Path, threads: int = 4, queue_depth: int = 3) -> ColdTable:
         """A small queue depth, so the rings wrap and refill many times per batch."""
         return ColdTable(path, io=self.io, threads=threads, queue_depth=queue_depth)
+
+    def test_a_read_interrupted_in_flight_leaves_the_ring_clean(self, tables, monkeypatch):
+        """Ctrl-C (here: raised at the second reap) with requests queued and in flight: the ring
+        waits for them before the error goes on, and the next reads are exact."""
+        from tiered_store.io_uring import IoUring
+
+        path, ref = tables[("float32", 32)]
+        reap, calls = IoUring._reap, [0]
+
+        def interrupted(self, results):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise KeyboardInterrupt
+            return reap(self, results)
+
+        with self.open(path, threads=1, queue_depth=2) as table:
+            monkeypatch.setattr(IoUring, "_reap", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                table.read_rows(np.arange(0, ROWS, 64))  # every other page: ~47 requests
+            monkeypatch.setattr(IoUring, "_reap", reap)
+            for start in range(3):
+                ids = np.arange(start, ROWS, 5)
+                assert np.array_equal(table.read_rows(ids).numpy(), ref[ids])
 
     @pytest.mark.parametrize(("dtype", "dim"), LAYOUTS)
     @pytest.mark.parametrize(("threads", "queue_depth"), [(1, 1), (1, 128), (3, 5)])

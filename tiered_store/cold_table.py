@@ -171,7 +171,7 @@ class ColdTable:
                 f"ColdTable queue_depth={queue_depth!r}; expected an integer from 1 to "
                 f"{MAX_QUEUE_DEPTH}"
             )
-        self.path: Path = table_paths(path)[0]
+        self.path: Path = table_paths(os.path.abspath(path))[0]  # a later chdir changes nothing
         self.manifest: TableManifest = check_table(self.path)
         self.io = io
         self.threads = threads
@@ -459,7 +459,8 @@ class ColdTable:
     # ---- argument handling -----------------------------------------------------------------
 
     def _check_ids(self, ids: Any) -> np.ndarray:
-        """ids as 1-D int64 with first/last in range (sortedness is the caller's contract)."""
+        """ids as 1-D int64, all in range (sortedness is the caller's contract: unsorted ids in
+        range give unspecified rows, never bytes outside the table)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
         ids = np.asarray(ids)
@@ -468,14 +469,14 @@ class ColdTable:
                 f"row ids have shape {ids.shape} and dtype {ids.dtype}; "
                 "expected a 1-D integer array"
             )
-        ids = ids.astype(np.int64, copy=False)
-        if len(ids) and (ids[0] < 0 or ids[-1] >= self.rows):
-            bad = ids[0] if ids[0] < 0 else ids[-1]
-            raise RowIdError(
-                f"row id {int(bad)} is out of range for table {self.path}; "
-                f"expected 0 <= id < {self.rows} (ids sorted ascending)"
-            )
-        return ids
+        if len(ids):  # min and max, not the ends: the kernels index pages by every id
+            low, high = int(ids.min()), int(ids.max())  # before a cast that would wrap uint64
+            if low < 0 or high >= self.rows:
+                raise RowIdError(
+                    f"row id {low if low < 0 else high} is out of range for table {self.path}; "
+                    f"expected 0 <= id < {self.rows}"
+                )
+        return ids.astype(np.int64, copy=False)
 
     def _output(self, n: int, out: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
         """The result tensor and a NumPy view of it with the table's element type."""
@@ -697,9 +698,10 @@ class ColdTable:
         return reader
 
     def _give_reader(self, reader: _UringReader) -> None:
-        """Return a ring to the idle list (closed instead when the table is closed)."""
+        """Return a ring to the idle list (closed instead when the table is closed; one an
+        interrupted batch could not drain is closed already, and dropped)."""
         with self._lock:
-            if not self._closed:
+            if not self._closed and not reader.ring.closed:
                 self._readers.append(reader)
                 return
         reader.ring.close()

@@ -211,20 +211,30 @@ class IoUring:
         sqes["len"] = lengths
         sqes["user_data"] = np.arange(n, dtype=np.uint64)
         results = np.empty(n, dtype=np.int32)
-        enter = _syscall()
-        written = consumed = completed = 0
+        self._flight = [0, 0, 0]  # requests queued, submitted, completed
+        self._batch_start = (self._tail, self._cq_head_value())  # what _drain counts from
+        try:
+            self._run(sqes, results)
+        except BaseException:  # (a signal, Ctrl-C): what is queued or in flight must not linger
+            self._drain(n)
+            raise
+        return results
+
+    def _run(self, sqes: np.ndarray, results: np.ndarray) -> None:
+        """Submit ``sqes``, at most ``queue_depth`` in flight, and reap every completion."""
+        n, flight, enter = len(sqes), self._flight, _syscall()
         wait_for = max(1, self.queue_depth // REFILL_SHARE)  # completions per refill
-        while completed < n:
+        while flight[2] < n:
+            written, consumed, completed = flight
             room = min(self.queue_depth - (written - completed), n - written)
             if room > 0:
                 self._push(sqes[written : written + room])
-                written += room
-            outstanding = written - completed
+                flight[0] = written = written + room
             ret = enter(
                 _SYS_IO_URING_ENTER,
                 self._fd,
                 ctypes.c_uint(written - consumed),
-                ctypes.c_uint(min(outstanding, wait_for)),
+                ctypes.c_uint(min(written - completed, wait_for)),
                 ctypes.c_uint(_IORING_ENTER_GETEVENTS),
                 None,
                 ctypes.c_size_t(0),
@@ -235,9 +245,40 @@ class IoUring:
                 if err != errno.EINTR and not busy:
                     raise OSError(err, f"io_uring_enter failed: {os.strerror(err)}")
             else:
-                consumed += ret
-            completed += self._reap(results)
-        return results
+                flight[1] += ret
+            flight[2] += self._reap(results)
+
+    def _drain(self, n: int) -> None:
+        """After an interrupted batch, submit what is queued and wait for every request in
+        flight (their memory is still the caller's), so that the ring starts the next batch
+        empty; a ring that cannot be drained is closed (``closed``: never reused)."""
+        # counted from the rings themselves: the interruption may have come between a ring update
+        # and its count here (asking the kernel to submit more than is queued is harmless)
+        tail0, head0 = self._batch_start
+        queued = (self._tail - tail0) & _U32
+        scratch = np.empty(n, dtype=np.int32)
+        try:
+            enter = _syscall()
+            while (completed := (self._cq_head_value() - head0) & _U32) < queued:
+                ret = enter(
+                    _SYS_IO_URING_ENTER,
+                    self._fd,
+                    ctypes.c_uint(queued),
+                    ctypes.c_uint(queued - completed),
+                    ctypes.c_uint(_IORING_ENTER_GETEVENTS),
+                    None,
+                    ctypes.c_size_t(0),
+                )
+                if ret < 0 and ctypes.get_errno() not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
+                    raise OSError(ctypes.get_errno(), "io_uring_enter failed while draining")
+                self._reap(scratch)
+        except BaseException:
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the ring is closed (it was, or an interrupted batch could not be drained)."""
+        return self._fd < 0
 
     def close(self) -> None:
         """Unmap the rings and close the ring descriptor (idempotent)."""
@@ -301,6 +342,11 @@ class IoUring:
         self._tail = (self._tail + len(batch)) & _U32
         words, index = self._sq_tail
         words[index] = self._tail  # one aligned 32-bit store, after the SQE stores (x86 TSO)
+
+    def _cq_head_value(self) -> int:
+        """The completion ring's head: completions reaped so far (mod 2**32)."""
+        words, index = self._cq_head
+        return int(words[index])
 
     def _reap(self, results: np.ndarray) -> int:
         """Move every posted completion's ``res`` into ``results[user_data]``; how many."""
