@@ -267,6 +267,15 @@ def test_a_corpus_of_many_paths_names_five_and_counts_the_rest(tmp_path):
     )
 
 
+def test_the_output_folder_inside_the_corpus_is_not_read_as_text(tmp_path):
+    """`analyze DIR --out DIR/out` run twice: the first run's reports are not documents."""
+    (tmp_path / "doc.txt").write_text("a document\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.md").write_text("# last run's report\n")
+    assert [f.name for f in resolve_corpus([tmp_path], exclude=tmp_path / "out").files] == ["doc.txt"]  # fmt: skip
+    assert len(resolve_corpus([tmp_path]).files) == 2
+
+
 def test_empty_corpus_and_missing_paths_are_clear_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

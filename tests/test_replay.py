@@ -578,3 +578,23 @@ def test_counters_at_marks_equal_a_replay_of_the_prefix(tmp_path):
             "misses": alone.tiers["warm"]["misses"],
         }
     assert full.rows_moved["cold_reads"] > full.at_marks[-1]["cold_reads"]
+
+
+def test_a_queue_counts_batches_and_requests_in_the_units_it_is_given(tmp_path):
+    """With a queue, `batch_tokens=1` is still one lookup per batch (as without one), and a
+    request of `request_tokens=1` is one token (its heads' lookups), not one lookup."""
+    heads, tokens = 8, 500
+    rng = np.random.default_rng(0)
+    path = tmp_path / "t.trace"
+    with TraceWriter(path, {"tables": [{"name": "a", "rows": 5000, "heads": heads}]}) as w:
+        for _ in range(5):
+            w.write(rng.integers(0, 5000, (1, tokens // 5, heads)), "a")
+            w.end_batch()
+    tiers = {"hot": {"capacity": 50}, "warm": {"capacity": 200}}
+    cfg = StoreConfig.from_dict(
+        {"table": {"path": str(tmp_path / "t.npy"), "dim": 4}, "tiers": tiers}
+    )
+    plain = replay(cfg, path, batch_tokens=1)
+    queued = replay(cfg, path, batch_tokens=1, queued_requests=1, request_tokens=100)
+    assert plain.batches == queued.batches == tokens * heads
+    assert replay(cfg, path, queued_requests=1, request_tokens=1).batches == tokens

@@ -241,3 +241,28 @@ def test_npy_import_export(tmp_path):
     with pytest.raises(TraceFormatError, match="bad.npy"):
         trace_from_npy(tmp_path / "bad.npy", tmp_path / "c.trace")
     assert not os.path.exists(tmp_path / "c.trace")
+
+
+def test_two_traces_concatenated_are_refused_by_name(tmp_path):
+    """`cat a.trace b.trace > both.trace`: the last footer covers only b's half, which read
+    alone would be half the data under b's totals."""
+    parts = []
+    for name, seed in (("a", 0), ("b", 1)):
+        path = tmp_path / f"{name}.trace"
+        with TraceWriter(path, {"tables": ["t"]}) as w:
+            for batch in range(5):
+                w.write(np.random.default_rng(seed + batch).integers(0, 1000, 64), batch=batch)
+        parts.append(path.read_bytes())
+    both = tmp_path / "both.trace"
+    both.write_bytes(parts[0] + parts[1])
+    with pytest.raises(TraceFormatError, match=r"both.trace: its chunks cover bytes .* \(two traces concatenated\?\)"):  # fmt: skip
+        TraceReader(both)
+    both.write_bytes(parts[0] + parts[0])  # one appended to itself
+    with pytest.raises(TraceFormatError, match=r"two traces concatenated\?"):
+        TraceReader(both)
+
+
+def test_ids_past_int64_are_refused_not_wrapped(tmp_path):
+    wide = r"ids span \[7, 9223372036854775813\]; expected in \[0, 2\*\*63\)"
+    with TraceWriter(tmp_path / "t.trace", {"tables": ["t"]}) as w, pytest.raises(RowIdError, match=wide):  # fmt: skip
+        w.write(np.array([2**63 + 5, 7], dtype=np.uint64))

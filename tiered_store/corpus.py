@@ -160,7 +160,11 @@ def _expand(path: str | os.PathLike[str]) -> list[Path]:
     raise CorpusError(f"corpus path {text!r}: no such file or directory")
 
 
-def resolve_corpus(paths: Iterable[str | os.PathLike[str]] | None = None) -> Corpus:
+def resolve_corpus(
+    paths: Iterable[str | os.PathLike[str]] | None = None,
+    *,
+    exclude: str | os.PathLike[str] | None = None,
+) -> Corpus:
     """The corpus that ``paths`` name, or :func:`default_corpus` when there are none.
 
     Parameters
@@ -169,6 +173,9 @@ def resolve_corpus(paths: Iterable[str | os.PathLike[str]] | None = None) -> Cor
         Files, directories (walked recursively in sorted order, hidden entries, ``__pycache__``,
         ``site-packages`` and ``dist-packages`` skipped) and glob patterns (``**`` recurses).
         A file named twice is kept once, at its first place.
+    exclude : str or Path, optional
+        A folder whose files are never part of the corpus (``analyze``'s ``--out``: a previous
+        run's reports are not text to analyse).
 
     Returns
     -------
@@ -188,6 +195,8 @@ def resolve_corpus(paths: Iterable[str | os.PathLike[str]] | None = None) -> Cor
     if not paths:
         return default_corpus()
     seen: set[Path] = set()
+    if exclude is not None and Path(exclude).is_dir():  # its files count as seen: never added
+        seen.update(f.resolve() for f in _walk(Path(exclude)))
     files: list[Path] = []
     for arg in paths:
         for f in _expand(arg):

@@ -286,8 +286,8 @@ class TraceWriter:
         if flat.size:
             lo, hi = int(flat.min()), int(flat.max())
             rows = self._table_rows[t]
-            if lo < 0 or (rows is not None and hi >= rows):
-                bound = f"[0, {rows})" if rows is not None else ">= 0"
+            if lo < 0 or hi >= 2**63 or (rows is not None and hi >= rows):
+                bound = f"[0, {rows})" if rows is not None else "in [0, 2**63) (int64)"
                 name = self._tables[t]
                 raise RowIdError(
                     f"{self.path}: table {name!r} ids span [{lo}, {hi}]; expected {bound}"
@@ -427,6 +427,7 @@ class TraceReader:
             self.n_records: int = int(totals["records"])
             self.n_batches: int = int(totals["batches"])
             self._per_table: dict[str, int] = {k: int(v) for k, v in totals["per_table"].items()}
+            self._check_extent()
         except (KeyError, TypeError, ValueError) as exc:
             self._file.close()
             if isinstance(exc, TraceFormatError):
@@ -514,6 +515,28 @@ class TraceReader:
                     f"truncated: chunk needs bytes {offset}..{end}, file has {self._size}", index
                 )
             offset, index = end, index + 1
+
+    def _chunk_end(self, index: int) -> int:
+        """Where chunk ``index`` ends in the file (from its header)."""
+        offset = self.chunk_index[index][0]
+        head = self._pread(offset, _CHUNK_HEAD_SIZE)
+        if len(head) < _CHUNK_HEAD_SIZE:
+            raise self._fail("truncated chunk header", index)
+        comp_len = self._parse_chunk_head(head, index)[8]
+        return offset + _CHUNK_HEAD_SIZE + comp_len
+
+    def _check_extent(self) -> None:
+        """The chunks start where the data starts and the last ends where the footer starts:
+        a footer that covers only part of the file (two traces concatenated, one appended to
+        another) is refused, not read as half the data."""
+        first = self.chunk_index[0][0] if self.chunk_index else self._data_end
+        last = self._chunk_end(len(self.chunk_index) - 1) if self.chunk_index else first
+        if first != self._data_start or last != self._data_end:
+            raise self._fail(
+                f"its chunks cover bytes [{first:,}, {last:,}) of the data, which is "
+                f"[{self._data_start:,}, {self._data_end:,}); expected one trace file whole "
+                "(two traces concatenated?)"
+            )
 
     def _parse_chunk_head(self, head: bytes, index: int) -> tuple[Any, ...]:
         """Unpack and check one chunk header."""
@@ -643,6 +666,11 @@ class TraceReader:
         n = 0
         for chunk in self.chunks():
             n += chunk.ids.size
+        ends = [self._chunk_end(i) for i in range(self.n_chunks)]
+        starts = [c[0] for c in self.chunk_index]
+        gaps = [i for i in range(1, self.n_chunks) if starts[i] != ends[i - 1]]
+        if gaps:
+            raise self._fail("does not start where the chunk before it ends", gaps[0])
         if n != self.n_lookups:
             raise self._fail(f"chunks hold {n} ids; the footer says {self.n_lookups}")
 

@@ -200,10 +200,10 @@ def replay(
     heads = int(layout.get("heads", 1))
     if queued_requests > 0:
         stream = _served_with_queue(
-            _batches(reader, index, request_tokens, heads),
+            _batches(reader, index, request_tokens, heads, single_lookups=False),
             caches,
             queued_requests,
-            batch_tokens * heads if batch_tokens else None,
+            _batch_lookups(batch_tokens, heads) if batch_tokens else None,
         )
     else:
         stream = _batches(reader, index, batch_tokens, heads)
@@ -401,11 +401,23 @@ def with_policy(config: StoreConfig, policy: str) -> StoreConfig:
     return config.model_copy(update={"tiers": tiers})
 
 
+def _batch_lookups(batch_tokens: int, heads: int) -> int:
+    """Lookups per replayed batch: ``batch_tokens`` x heads, except that 1 is one lookup (the
+    per-request semantics of ``--batch-tokens 1``)."""
+    return 1 if batch_tokens == 1 else batch_tokens * heads
+
+
 def _batches(
-    reader: TraceReader, index: int, batch_tokens: int | None, heads: int
+    reader: TraceReader,
+    index: int,
+    batch_tokens: int | None,
+    heads: int,
+    *,
+    single_lookups: bool = True,
 ) -> Iterator[np.ndarray]:
     """The table's ids, batch by batch: the trace's own batches (records of one batch joined),
-    single lookups, or N-token groups."""
+    single lookups (``batch_tokens`` 1, unless not ``single_lookups``: a request of one token),
+    or N-token groups."""
     if batch_tokens is None:
         pending: list[np.ndarray] = []
         current = None
@@ -420,7 +432,7 @@ def _batches(
         return
     if batch_tokens < 1:
         raise ConfigError(f"batch_tokens: got {batch_tokens}; expected a positive number of tokens")
-    size = 1 if batch_tokens == 1 else batch_tokens * heads
+    size = _batch_lookups(batch_tokens, heads) if single_lookups else batch_tokens * heads
     pending: list[np.ndarray] = []
     n_pending = 0
     for ids in reader.ids(index):

@@ -123,8 +123,8 @@ def analyze(
         engram = config
     else:
         engram, _ = load_engram_config(config)
-    if not isinstance(corpus, Corpus):
-        corpus = resolve_corpus(corpus)
+    if not isinstance(corpus, Corpus):  # not this run's own output folder (a corpus dir's out/)
+        corpus = resolve_corpus(corpus, exclude=out_dir)
     if options.shuffle:
         corpus = corpus.shuffled(options.seed)
     if options.holdout:
