@@ -264,6 +264,12 @@ class ServedModel:
                 store.close()
             self.reloads += len(stale)
         log.info("reopened tables on a new version: %s", ", ".join(stale))
+        if self._trace is not None:  # the new stores start cold, with their counters at 0
+            log.warning(
+                "the trace being recorded no longer replays to the live counters of %s: "
+                "reopened, their tiers started empty",
+                ", ".join(stale),
+            )
         return stale
 
     def answer(
