@@ -211,7 +211,6 @@ class IoUring:
         sqes["len"] = lengths
         sqes["user_data"] = np.arange(n, dtype=np.uint64)
         results = np.empty(n, dtype=np.int32)
-        self._flight = [0, 0, 0]  # requests queued, submitted, completed
         self._batch_start = (self._tail, self._cq_head_value())  # what _drain counts from
         try:
             self._run(sqes, results)
@@ -222,14 +221,14 @@ class IoUring:
 
     def _run(self, sqes: np.ndarray, results: np.ndarray) -> None:
         """Submit ``sqes``, at most ``queue_depth`` in flight, and reap every completion."""
-        n, flight, enter = len(sqes), self._flight, _syscall()
+        n, enter = len(sqes), _syscall()
         wait_for = max(1, self.queue_depth // REFILL_SHARE)  # completions per refill
-        while flight[2] < n:
-            written, consumed, completed = flight
+        written = consumed = completed = 0
+        while completed < n:
             room = min(self.queue_depth - (written - completed), n - written)
             if room > 0:
                 self._push(sqes[written : written + room])
-                flight[0] = written = written + room
+                written += room
             ret = enter(
                 _SYS_IO_URING_ENTER,
                 self._fd,
@@ -245,8 +244,8 @@ class IoUring:
                 if err != errno.EINTR and not busy:
                     raise OSError(err, f"io_uring_enter failed: {os.strerror(err)}")
             else:
-                flight[1] += ret
-            flight[2] += self._reap(results)
+                consumed += ret
+            completed += self._reap(results)
 
     def _drain(self, n: int) -> None:
         """After an interrupted batch, submit what is queued and wait for every request in
