@@ -129,7 +129,7 @@ def test_a_negative_seed_is_refused_before_any_work(tmp_path, capsys):
         # 2 orders x 2 heads of 2003 / 3001 rows (primes >=), rows of 16 + 1 (Adagrad) floats
         ("--hot", "1GiB", "--hot: '1GiB' is 15,790,320 rows, more than the table's 10,026 rows"),
         ("--io", "bogus", "argument --io: invalid choice: 'bogus'"),
-        ("--steps", "0", "--steps: expected >= 1, got 0"),
+        ("--steps", "0", "argument --steps: expected at least 1 step, got '0'"),
         ("--corpus", "/nonexistent", "corpus path '/nonexistent': no such file or directory"),
         ("--seq-len", "100000", "do not fill one batch of 2 x 100000"),
     ],
@@ -175,3 +175,40 @@ def test_resume_says_which_options_it_ignores(tmp_path, capsys):
     assert re.search(r"tiered-store train: warning: .*ignored: --batch-size 4 \(it uses 2\), --optimizer adam", err)  # fmt: skip
     saved = json.loads((out / "train.json").read_text())
     assert (saved["batch_size"], saved["optimizer"], saved["steps"]) == (2, "rowwise_adagrad", 2)
+
+
+def test_resume_keeps_the_runs_step_count_and_a_compacted_run_is_still_a_run(tmp_path, capsys):
+    """A plain --resume ends at the run's own step count (it took the option's default, 200);
+    after `compact`, only TABLE.g1.npy is left: a new run there is still refused, and a resume
+    continues it without writing a fresh table beside it."""
+    from tiered_store.delta.compaction import compact_table
+
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    corpus = str(ROOT / "tiered_store" / "engram")
+    common = ["train", "--out", str(out), "--quiet", "--corpus", corpus, "--model", str(model_file)]
+    small = ["--batch-size", "2", "--seq-len", "16", "--checkpoint-every", "1"]
+    assert main([*common, *small, "--steps", "2"]) == 0
+    assert main([*common, "--resume"]) == 0
+    assert json.loads((out / "train.json").read_text())["steps"] == 2
+    compact_table(out / "tables.npy", progress=False)
+    assert not (out / "tables.npy").exists()
+    assert main([*common, *small, "--steps", "3"]) == 2
+    assert "already holds a training run; pass --resume" in capsys.readouterr().err
+    assert main([*common, "--resume", "--steps", "3"]) == 0
+    assert not (out / "tables.npy").exists() and _committed(out) == 3
+
+
+def test_a_table_whose_creation_was_killed_is_made_again(tmp_path):
+    """A kill between publishing tables.npy and its manifest leaves no run: the next run starts
+    (before, it was refused as a run, and --resume failed on the missing manifest)."""
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tables.npy").write_bytes(b"\x93NUMPY half a table")  # no manifest beside it
+    corpus = str(ROOT / "tiered_store" / "engram")
+    argv = ["train", "--out", str(out), "--quiet", "--corpus", corpus, "--model", str(model_file)]
+    assert main([*argv, "--batch-size", "2", "--seq-len", "16", "--steps", "1"]) == 0
+    assert _committed(out) == 1

@@ -28,7 +28,12 @@ __all__ = ["TableSlice", "TrainableTable", "create_trainable_table"]
 
 
 def create_trainable_table(
-    path: str | os.PathLike[str], weights: Any, optimizer: RowOptimizer, *, progress: bool = False
+    path: str | os.PathLike[str],
+    weights: Any,
+    optimizer: RowOptimizer,
+    *,
+    progress: bool = False,
+    overwrite: bool = False,
 ) -> TableManifest:
     """A table file for training: each row is ``[weights | zero optimizer state]`` (float32);
     the manifest's metadata records the weight width and the optimizer.
@@ -47,7 +52,8 @@ def create_trainable_table(
     rows, dim = weights.shape
     state = torch.zeros(rows, optimizer.state_width(dim), dtype=torch.float32)
     meta = {"trainable": {"dim": int(dim), "optimizer": optimizer.name}}
-    return create_table(path, torch.cat([weights, state], 1), metadata=meta, progress=progress)
+    rows = torch.cat([weights, state], 1)
+    return create_table(path, rows, metadata=meta, progress=progress, overwrite=overwrite)
 
 
 class _RowsWithGrad(torch.autograd.Function):

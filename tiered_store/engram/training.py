@@ -18,7 +18,7 @@ import io
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,14 @@ from ..atomic_file import atomic_write
 from ..capacity import resolve_capacity
 from ..cli_args import DocHelpFormatter, at_least, capacity
 from ..cold_table import IO_MODES
+from ..config import load_yaml
 from ..corpus import resolve_corpus
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
+from ..delta.table_versions import current_version
 from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
-from ..errors import ConfigError
+from ..errors import ConfigError, TieredStoreError
 from ..store import TieredStore
+from ..table_format import check_table
 from .config import ModelConfig
 from .corpus import read_tokens, token_batches
 from .model import EngramLM
@@ -99,9 +102,10 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / SETTINGS_FILE, "w") as f:
         json.dump(asdict(settings), f, indent=1)
-    if not (out / TABLE_FILE).exists():  # the initial rows of every layer, one after another
+    if not _holds_a_run(out):  # the initial rows of every layer, one after another (a killed
+        # creation's leftovers are replaced; a compacted run's table is its current version)
         init = torch.cat([model.tables[layer].weight.detach() for layer in layers])
-        create_trainable_table(out / TABLE_FILE, init, optimizer)
+        create_trainable_table(out / TABLE_FILE, init, optimizer, overwrite=True)
     store = TieredStore.open(
         {
             "table": {"path": str(out / TABLE_FILE)},
@@ -213,11 +217,21 @@ def _plot(path: Path, losses) -> None:
         fig.savefig(f, format="png", dpi=100)
 
 
+def _holds_a_run(out: Path) -> bool:
+    """Whether ``out`` holds a run's table, complete (its manifest written), in its current
+    version: after a compaction only ``TABLE.gN.npy`` is there."""
+    try:
+        check_table(current_version(out / TABLE_FILE)[0])
+    except (TieredStoreError, OSError):
+        return False
+    return True
+
+
 def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
-    """The run's settings, checked: saved ones on resume (the step count may grow), else
-    ``given``. Reads ``out``, writes nothing."""
+    """The run's settings, checked: saved ones on resume (the step count may grow: ``steps`` 0
+    means not asked, the run's own), else ``given``. Reads ``out``, writes nothing."""
     path = out / SETTINGS_FILE
-    if resume and path.exists():
+    if resume and path.exists() and _holds_a_run(out):
         saved = TrainSettings(**json.loads(path.read_text()))
         default = TrainSettings()
         ignored = [  # asked for (not the default), and not what the run uses
@@ -238,11 +252,13 @@ def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
         given = saved
     elif resume:
         warnings.warn(f"--resume: no run in {out} to resume; starting a new one", stacklevel=3)
-    elif not resume and (out / TABLE_FILE).exists():
+    elif _holds_a_run(out):
         raise ConfigError(
             f"out: {out} already holds a training run; pass --resume to continue it, or choose "
             "another directory"
         )
+    if not given.steps:  # not asked, and no run to take it from
+        given = replace(given, steps=TrainSettings().steps)
     if given.optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer: {given.optimizer!r}; expected one of {OPTIMIZERS}")
     if given.io not in IO_MODES:
@@ -270,7 +286,12 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory (tables, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--corpus", nargs="+", metavar="PATH", help="default: the stdlib's sources")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"(default {d.steps})")
+    p.add_argument(
+        "--steps",
+        type=at_least(1, "at least 1 step"),
+        help=f"optimizer steps in all (default {d.steps}; with --resume, the run's own unless "
+        "given, and only ever more)",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     p.add_argument(
@@ -294,10 +315,9 @@ def register(sub) -> None:
 
 def _run_train(args) -> int:
     """The command: settings from the options, the run, its summary as JSON."""
-    import yaml
 
     settings = TrainSettings(
-        steps=args.steps,
+        steps=args.steps if args.steps is not None else 0,  # 0: not asked
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         checkpoint_every=args.checkpoint_every,
@@ -311,7 +331,7 @@ def _run_train(args) -> int:
         seed=args.seed,
     )
     if args.model is not None:
-        settings.model = yaml.safe_load(args.model.read_text())
+        settings.model = load_yaml(args.model, what="--model")
     summary = train(args.out, settings, resume=args.resume, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
     return 0
