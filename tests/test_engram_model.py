@@ -351,3 +351,22 @@ def test_checkpoint_loading_follows_a_compacted_table(model, converted, hasher, 
             assert torch.isfinite(tiered(batches[0])).all()
     finally:
         tiered.close()
+
+
+def test_decode_with_a_cache_equals_one_pass_in_the_demo_geometry(model):
+    """A prompt, then one token per step, with a KV cache and hash state: each step's logits
+    equal one forward's at that position. The Engram ShortConv reaches back kernel_size x
+    max_ngram_size positions, so the cache keeps its inputs too (before, the first decoded
+    position was off by a quarter of the logits' scale)."""
+    ids = torch.from_numpy(
+        model.hasher.tokenizer.encode("def lookup(table, ids): return [table[i] for i in ids]")[
+            None
+        ]
+    )
+    with torch.no_grad():
+        full = model(ids)
+        state, cache = model.hasher.new_state(1), model.new_cache()
+        for start, stop in [(0, 4)] + [(t, t + 1) for t in range(4, ids.shape[1])]:
+            chunk = ids[:, start:stop]
+            out = model(chunk, prefetched=model.prefetch(chunk, state=state), cache=cache, logits="last")  # fmt: skip
+            torch.testing.assert_close(out, full[:, stop - 1], atol=1e-5, rtol=0)

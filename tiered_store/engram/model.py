@@ -171,13 +171,15 @@ class SwiGLU(nn.Module):
 
 
 class KVCache:
-    """Every attention layer's keys and values for the positions seen so far (decoding).
+    """Every attention layer's keys and values, and every Engram ShortConv's last inputs, for the
+    positions seen so far (decoding).
 
     Made by :meth:`EngramLM.new_cache`; each forward given the cache appends its positions.
     """
 
     def __init__(self) -> None:
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.conv: dict[int, dict[str, torch.Tensor]] = {}  # an Engram ShortConv's past inputs
         self.position = 0  # positions held (the next token's absolute position)
 
 
@@ -210,7 +212,8 @@ class DecoderLayer(nn.Module):
         if isinstance(self.engram, V41Engram):
             h = self.engram(h, row_ids, batch.token_mask.to(h.device), handle)
         elif self.engram is not None:
-            h = h + self.engram(h, row_ids=row_ids, handle=handle)
+            conv = cache.conv.setdefault(self.index, {}) if cache is not None else None
+            h = h + self.engram(h, row_ids=row_ids, handle=handle, conv_state=conv)
         past = cache.layers.get(self.index) if cache is not None else None
 
         def attend(x: torch.Tensor) -> torch.Tensor:

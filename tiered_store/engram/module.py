@@ -84,11 +84,22 @@ class ShortConv(nn.Module):
         self.norms = nn.ModuleList([nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult)])
         self.act_fn = nn.SiLU() if activation else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, hc_mult, C] -> [B, T, hc_mult, C]."""
+    def forward(
+        self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """[B, T, hc_mult, C] -> [B, T, hc_mult, C]. With ``state`` (decoding in chunks), the
+        normalised inputs of earlier chunks that the convolution still reaches come first, as
+        in one forward over every position, and the newest of them are kept in it."""
         batch, seq, branches, width = x.shape
         normed = torch.cat([self.norms[i](x[:, :, i, :]) for i in range(branches)], dim=-1)
-        y = self.conv(normed.transpose(1, 2))[..., :seq]
+        inputs = normed.transpose(1, 2)  # [B, channels, T]
+        past = 0
+        if state is not None:
+            if "inputs" in state:
+                inputs = torch.cat([state["inputs"], inputs], dim=2)
+                past = state["inputs"].shape[2]
+            state["inputs"] = inputs[..., -self.conv.padding[0] :].detach()
+        y = self.conv(inputs)[..., past : past + seq]
         y = self.act_fn(y)
         return y.transpose(1, 2).reshape(batch, seq, branches, width)
 
@@ -258,6 +269,7 @@ class Engram(nn.Module):
         *,
         row_ids: torch.Tensor | None = None,
         handle: object | None = None,
+        conv_state: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Engram output [B, T, hc_mult, hidden] for ``hidden_states`` [B, T, hc_mult, hidden].
 
@@ -271,6 +283,10 @@ class Engram(nn.Module):
             Precomputed row ids [B, T, H] in the concatenated table (``prefetch``/``row_ids``).
         handle
             The backend's prefetch handle for ``row_ids``.
+        conv_state
+            Decoding in chunks: the ShortConv's inputs of earlier chunks (a dict this call reads
+            and updates; empty at the first chunk), so that each chunk's output equals one
+            forward's over every position.
         """
         hc, hidden = self.backbone.hc_mult, self.backbone.hidden_size
         if hidden_states.ndim != 4 or tuple(hidden_states.shape[2:]) != (hc, hidden):
@@ -301,7 +317,7 @@ class Engram(nn.Module):
             gate = gate.abs().clamp_min(_GATE_EPS).sqrt() * gate.sign()
             gates.append(gate.sigmoid().unsqueeze(-1))
         value = torch.stack(gates, dim=2) * self.value_proj(embeddings).unsqueeze(2)
-        return value + self.short_conv(value)
+        return value + self.short_conv(value, conv_state)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
