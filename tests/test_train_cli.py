@@ -45,6 +45,17 @@ def _settings(corpus: Path) -> TrainSettings:
     )
 
 
+def _cli_args(tmp_path: Path) -> tuple[list[str], list[str], Path]:
+    """The train command's options for a run in ``tmp_path/run`` of the tiny model over a few
+    files of text, the options of small steps, and the run's folder."""
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    corpus = str(ROOT / "tiered_store" / "engram")
+    common = ["train", "--out", str(out), "--quiet", "--corpus", corpus, "--model", str(model_file)]
+    return common, ["--batch-size", "2", "--seq-len", "16", "--checkpoint-every", "1"], out
+
+
 def _committed(out: Path) -> int:
     try:
         with TieredStore.open({"table": {"path": str(out / "tables.npy")}}) as store:
@@ -161,12 +172,7 @@ def test_bad_settings_leave_no_run_behind_and_the_corrected_command_runs(
 def test_resume_says_which_options_it_ignores(tmp_path, capsys):
     """A resumed run keeps its saved settings: options asked for that differ are named, not
     silently dropped; --resume with nothing to resume says it starts afresh."""
-    model_file = tmp_path / "model.json"
-    model_file.write_text(json.dumps(TINY))
-    out = tmp_path / "run"
-    corpus = str(ROOT / "tiered_store" / "engram")
-    common = ["train", "--out", str(out), "--quiet", "--corpus", corpus, "--model", str(model_file)]
-    small = ["--batch-size", "2", "--seq-len", "16", "--checkpoint-every", "1"]
+    common, small, out = _cli_args(tmp_path)
     assert main([*common, *small, "--steps", "1", "--resume"]) == 0
     err = capsys.readouterr().err  # warnings on the command line: one line each
     assert re.search(r"tiered-store train: warning: --resume: no run in .* to resume; starting a new one", err)  # fmt: skip
@@ -183,12 +189,7 @@ def test_resume_keeps_the_runs_step_count_and_a_compacted_run_is_still_a_run(tmp
     continues it without writing a fresh table beside it."""
     from tiered_store.delta.compaction import compact_table
 
-    model_file = tmp_path / "model.json"
-    model_file.write_text(json.dumps(TINY))
-    out = tmp_path / "run"
-    corpus = str(ROOT / "tiered_store" / "engram")
-    common = ["train", "--out", str(out), "--quiet", "--corpus", corpus, "--model", str(model_file)]
-    small = ["--batch-size", "2", "--seq-len", "16", "--checkpoint-every", "1"]
+    common, small, out = _cli_args(tmp_path)
     assert main([*common, *small, "--steps", "2"]) == 0
     assert main([*common, "--resume"]) == 0
     assert json.loads((out / "train.json").read_text())["steps"] == 2
@@ -203,12 +204,8 @@ def test_resume_keeps_the_runs_step_count_and_a_compacted_run_is_still_a_run(tmp
 def test_a_table_whose_creation_was_killed_is_made_again(tmp_path):
     """A kill between publishing tables.npy and its manifest leaves no run: the next run starts
     (before, it was refused as a run, and --resume failed on the missing manifest)."""
-    model_file = tmp_path / "model.json"
-    model_file.write_text(json.dumps(TINY))
-    out = tmp_path / "run"
+    common, small, out = _cli_args(tmp_path)
     out.mkdir()
     (out / "tables.npy").write_bytes(b"\x93NUMPY half a table")  # no manifest beside it
-    corpus = str(ROOT / "tiered_store" / "engram")
-    argv = ["train", "--out", str(out), "--quiet", "--corpus", corpus, "--model", str(model_file)]
-    assert main([*argv, "--batch-size", "2", "--seq-len", "16", "--steps", "1"]) == 0
+    assert main([*common, *small, "--steps", "1"]) == 0
     assert _committed(out) == 1
