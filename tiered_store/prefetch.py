@@ -47,6 +47,7 @@ class PrefetchHandle:
         packed: bool,
         future: Future,
         owner: object,
+        write_seq: int = 0,
     ) -> None:
         self.ids = ids
         self.flat = flat
@@ -55,9 +56,7 @@ class PrefetchHandle:
         self.future = future
         self.owner = owner  # what made it (a store's prefetcher): good for its own store only
         self.consumed = False
-        self.write_seq = (
-            0  # the store's writes before it was queued (rows written later: refetched)
-        )
+        self.write_seq = write_seq  # the owner's writes when it was queued (later ones: newer)
 
     def done(self) -> bool:
         """True once the rows are staged (on CUDA the copy may still be in flight on the store stream)."""
@@ -82,10 +81,15 @@ class Prefetcher:
         self._numbers = itertools.count()
 
     def submit(
-        self, ids: object, flat: torch.Tensor, shape: tuple[int, ...], packed: bool = False
+        self,
+        ids: object,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        packed: bool = False,
+        write_seq: int = 0,
     ) -> PrefetchHandle:
         """Queue a fetch of ``flat`` (``ids`` validated and flattened from ``shape``); blocks while
-        ``depth`` fetches are already in flight."""
+        ``depth`` fetches are already in flight. ``write_seq``: the owner's writes so far."""
         self._in_flight.acquire()
         number = next(self._numbers)
         with self._queued_lock:
@@ -99,7 +103,7 @@ class Prefetcher:
             raise PrefetchHandleError("prefetch: the store is closed") from None
         future.add_done_callback(lambda _: self._in_flight.release())
         self.handles += 1
-        return PrefetchHandle(ids, flat, shape, packed, future, self)
+        return PrefetchHandle(ids, flat, shape, packed, future, self, write_seq)
 
     def queued_ids(self) -> torch.Tensor | None:
         """Ids of prefetches still waiting in the queue (what the store will need next)."""

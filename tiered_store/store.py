@@ -230,10 +230,8 @@ class TieredStore:
         background too, unless ``packed``."""
         self._check_open()
         flat, shape = self._validate(ids)
-        write_seq = self._write_seq  # read before the fetch can start: no write slips between
-        handle = self._prefetcher.submit(ids, flat, shape, packed)
-        handle.write_seq = write_seq
-        return handle
+        # the writes so far, read before the fetch can start: no write slips between
+        return self._prefetcher.submit(ids, flat, shape, packed, self._write_seq)
 
     @property
     def prefetch_wait_latency(self) -> LatencyHistogram:
@@ -875,8 +873,10 @@ class TieredStore:
         version, or a writer elsewhere committed): reopen to see it. A writing store never is."""
         if current_version(self.config.table.path)[1] != self.generation:
             return True
-        if self._writer_lock is not None:
-            return False
+        return self._writer_lock is None and self._committed_elsewhere()
+
+    def _committed_elsewhere(self) -> bool:
+        """Whether another process committed to this version's delta since this store's view."""
         if self._writes is None:  # opened without a delta: has one been committed to since?
             return committed_step(self.cold.path, self.row_bytes) not in (None, self._base_step)
         return self._writes.delta.latest_step() != self._writes.delta.step
@@ -894,14 +894,7 @@ class TieredStore:
                     f"write: {self.cold.path.name} was compacted into a newer version since this "
                     "store opened; reopen the store to write",
                 )
-            if self._writes is None:  # opened without a delta: one committed to since is news
-                moved_on = committed_step(self.cold.path, self.row_bytes) not in (
-                    None,
-                    self._base_step,
-                )
-            else:
-                moved_on = self._writes.delta.latest_step() != self._writes.delta.step
-            if moved_on:  # its cached rows are older than the commits: writing over them loses
+            if self._committed_elsewhere():  # its cached rows are older: writing over them loses
                 release(self._writer_lock)
                 self._writer_lock = None
                 raise TierIOError(

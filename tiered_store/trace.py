@@ -599,6 +599,11 @@ class TraceReader:
         )
         if (n_ids, n_rec) != tuple(self.chunk_index[index][1:3]):
             raise self._fail("chunk header disagrees with the footer's index", index)
+        last = index + 1 == self.n_chunks
+        if offset + _CHUNK_HEAD_SIZE + comp_len != (
+            self._data_end if last else self.chunk_index[index + 1][0]
+        ):  # the chunks fill the data back to back: verify() reading all of them sees any gap
+            raise self._fail("does not end where the next chunk (or the footer) starts", index)
         payload = self._pread(offset + _CHUNK_HEAD_SIZE, comp_len)
         if len(payload) < comp_len:
             raise self._fail(f"truncated payload ({len(payload)} of {comp_len} bytes)", index)
@@ -666,11 +671,6 @@ class TraceReader:
         n = 0
         for chunk in self.chunks():
             n += chunk.ids.size
-        ends = [self._chunk_end(i) for i in range(self.n_chunks)]
-        starts = [c[0] for c in self.chunk_index]
-        gaps = [i for i in range(1, self.n_chunks) if starts[i] != ends[i - 1]]
-        if gaps:
-            raise self._fail("does not start where the chunk before it ends", gaps[0])
         if n != self.n_lookups:
             raise self._fail(f"chunks hold {n} ids; the footer says {self.n_lookups}")
 

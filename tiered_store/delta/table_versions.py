@@ -198,15 +198,25 @@ def forget_history(table: str | os.PathLike[str]) -> None:
     delta, keeping generation 0's own files (which the caller is about to replace, as
     ``tiered-store shard --overwrite`` does). Under the writer lock: refused while a writer runs."""
     npy = table_paths(table)[0]
-    pattern = re.compile(rf"^{re.escape(npy.stem)}\.g(\d+)\.npy$")
     with writer_lock(npy):
         pointer_path(npy).unlink(missing_ok=True)  # first: an opener meanwhile reads generation 0
         shutil.rmtree(delta_path(npy), ignore_errors=True)
-        for path in [p for p in npy.parent.iterdir() if pattern.match(p.name)]:
-            for part in (table_paths(path)[1], sidecar_path(path), path):  # manifest first
-                part.unlink(missing_ok=True)
-            shutil.rmtree(delta_path(path), ignore_errors=True)
+        for generation in _compacted_generations(npy):
+            _remove_version(version_path(npy, generation))
         fsync_dir(npy.parent)
+
+
+def _compacted_generations(npy: Path) -> list[int]:
+    """The generations N >= 1 whose ``TABLE.gN.npy`` is beside the table's ``npy``."""
+    pattern = re.compile(rf"^{re.escape(npy.stem)}\.g(\d+)\.npy$")
+    return [int(m.group(1)) for p in npy.parent.iterdir() if (m := pattern.match(p.name))]
+
+
+def _remove_version(path: Path) -> None:
+    """Delete one version's files, its manifest first (never half a table), and its delta."""
+    for part in (table_paths(path)[1], sidecar_path(path), path):
+        part.unlink(missing_ok=True)
+    shutil.rmtree(delta_path(path), ignore_errors=True)
 
 
 def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:
@@ -214,8 +224,7 @@ def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:
     generations removed (others are left for a later call)."""
     _, current = current_version(table)
     npy = table_paths(table)[0]
-    pattern = re.compile(rf"^{re.escape(npy.stem)}\.g(\d+)\.npy$")
-    older = [0] + [int(m.group(1)) for p in npy.parent.iterdir() if (m := pattern.match(p.name))]
+    older = [0, *_compacted_generations(npy)]
     removed = []
     for generation in sorted(g for g in older if g < current):
         path = version_path(table, generation)
@@ -229,9 +238,7 @@ def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:
             os.close(fd)
             continue  # a store still reads it
         try:
-            for part in (table_paths(path)[1], sidecar_path(path), path):  # manifest first
-                part.unlink(missing_ok=True)
-            shutil.rmtree(delta_path(path), ignore_errors=True)
+            _remove_version(path)
             fsync_dir(path.parent)
         finally:
             os.close(fd)

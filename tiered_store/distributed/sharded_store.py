@@ -208,9 +208,7 @@ class ShardedStore:
         future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
         future.add_done_callback(lambda _: self._slots.release())
         self._prefetches += 1
-        handle = PrefetchHandle(ids, flat, shape, packed, future, self)
-        handle.write_seq = self._write_rounds
-        return handle
+        return PrefetchHandle(ids, flat, shape, packed, future, self, self._write_rounds)
 
     # -- writes and training ---------------------------------------------------------------------
     def write(self, ids: Any, rows: Any) -> None:
