@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import assert_concurrent_lookups_exact, make_table
 from tiered_store import ConfigError, StoreConfig, TieredStore
 from tiered_store.metrics import build_registry
-from tiered_store.profile import profile_ids
+from tiered_store.profile import FrequencyProfile, profile_ids
 from tiered_store.trace import TraceWriter
 from tiered_store.warm_restart import RestartWarning, restart_path
 from zipf_analysis.replay import replay
@@ -206,6 +206,27 @@ def test_an_offline_profile_is_the_start_and_re_pinning_follows_the_traffic(tmp_
         for ids in batches(new, n=30, seed=4):
             assert torch.equal(store.lookup(torch.from_numpy(ids)), data[torch.from_numpy(ids)])
         assert set(store.warm.pinned_rows().tolist()) == start
+
+
+def test_the_seeded_rows_are_the_pins_ranked_by_episodes_not_by_lookups(tmp_path):
+    path, _ = make_table(tmp_path, rows=ROWS)
+    # 20 rows looked up 100 times in one episode each, 10 rows 5 times in 5 episodes: the
+    # tier pins the 10 (most episodes), and they must start from their 5 episodes
+    bursty, steady = np.arange(20), np.arange(50, 60)
+    FrequencyProfile(
+        np.r_[bursty, steady],
+        np.r_[np.full(20, 100), np.full(10, 5)],
+        rows=ROWS,
+        episodes=np.r_[np.full(20, 1), np.full(10, 5)],
+    ).save(tmp_path / "profile.npz")
+    cfg = config(
+        path, warm=16, profile=tmp_path / "profile.npz", repin={"enabled": True, "budget": 4}
+    )
+    with TieredStore(cfg) as store:
+        pinned = store.warm.pinned_rows().tolist()
+        assert set(pinned) <= set(steady.tolist()) and pinned
+        counts = held_counts(store.warm)
+        assert all(counts[row] >= 5 for row in pinned), counts
 
 
 def held_counts(cache) -> dict[int, float]:

@@ -180,13 +180,18 @@ class OnlineProfile:
             row.scatter_reduce_(0, idx, values, reduce="amax")
 
     def seed(self, profile: FrequencyProfile, prior_weight: float = 1.0) -> None:
-        """Start from an offline profile: its top rows, with episodes x ``prior_weight``."""
+        """Start from an offline profile: its top rows by episodes (the rows a tier pins), with
+        episodes x ``prior_weight``; by lookups for a profile without episodes."""
         if prior_weight < 0:
             raise ConfigError(f"online profile prior_weight: got {prior_weight}; expected >= 0")
-        source = profile.episodes if profile.episodes is not None else profile.counts
         n = min(self.capacity, profile.row_ids.size)
-        ids = torch.from_numpy(np.ascontiguousarray(profile.row_ids[:n])).to(self.device)
-        weights = np.asarray(source[:n], dtype=np.float64) * prior_weight
+        if profile.episodes is not None:  # the order of top_rows(by="episodes")
+            top = np.argsort(-profile.episodes, kind="stable")[:n]
+            row_ids, source = profile.row_ids[top], profile.episodes[top]
+        else:
+            row_ids, source = profile.row_ids[:n], profile.counts[:n]
+        ids = torch.from_numpy(np.ascontiguousarray(row_ids)).to(self.device)
+        weights = np.asarray(source, dtype=np.float64) * prior_weight
         if not self.sketch.is_floating_point():
             weights = np.rint(weights)
         self._add(ids, torch.from_numpy(weights).to(self.device, self.sketch.dtype))
