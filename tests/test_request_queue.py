@@ -137,6 +137,17 @@ def test_when_every_row_is_queued_the_one_needed_furthest_back_goes():
     assert held(cache) == [1, 2, 5]
 
 
+def test_a_static_tier_evicts_nothing_for_the_queue_either():
+    cache = RowCache("warm", num_rows=100, capacity=4, spec=PolicySpec.parse("static"))
+    cache.attach_queue(QueuedRequests())
+    cache.preload(t(0, 1), pin=True)
+    admit(cache, 5, 6)  # fills the free slots once
+    request = cache.queue.add(t(5))
+    cache.queued(request)
+    admit(cache, 7)  # full: a static tier refuses the row, whatever the queue says
+    assert held(cache) == [0, 1, 5, 6] and cache.counters.evictions == 0
+
+
 def test_a_row_admitted_while_queued_takes_its_standing_from_the_queue():
     cache = lru_tier(2)
     request = cache.queue.add(t(7))

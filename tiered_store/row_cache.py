@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from policies import PolicySpec
-from policies.base import smallest
+from policies.base import NoEviction, smallest
 
 from .id_ops import nonzero
 from .online_repin import OnlineRepin, RepinMoves
@@ -367,7 +367,7 @@ class RowCache:
         row of ``lookahead``)."""
         evictable = self.capacity - self._n_free - self._n_pinned
         want = min(need + self.headroom_rows if need else 0, evictable)
-        if want <= 0:
+        if want <= 0 or isinstance(self.eviction, NoEviction):  # a static tier: not even by queue
             return torch.empty(0, dtype=torch.int64, device=self.device)
         protected = self._unevictable
         has_lookahead = lookahead is not None and lookahead.numel() > 0
