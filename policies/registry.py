@@ -103,13 +103,16 @@ class PolicySpec:
         if not isinstance(text, str) or not text.strip():
             raise PolicyError(f"policy {text!r}: expected a policy name like 'lru' or 'static+lru'")
         eviction, admission, static, tuned = None, "all", False, False
+        admission_named = False
         for part in (p.strip().lower() for p in text.split("+")):
             if part in EVICTION:
                 if eviction is not None:
                     raise PolicyError(f"policy {text!r} names two eviction policies; expected one")
                 eviction = part
             elif part in ADMISSION:
-                admission = part
+                if admission_named:
+                    raise PolicyError(f"policy {text!r} names two admission filters; expected one")
+                admission, admission_named = part, True
             elif part == "static":
                 static = True
             elif part == "zipf-tuned":

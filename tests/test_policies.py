@@ -539,8 +539,10 @@ def test_policy_names_parse(text, eviction, admission):
     assert (spec.eviction, spec.admission) == (eviction, admission)
 
 
-@pytest.mark.parametrize("bad", ["tinylfu", "sieve+lfu", "sieve+tinylfu+lru"])
-def test_admission_alone_or_two_evictions_is_an_error(bad):
+@pytest.mark.parametrize(
+    "bad", ["tinylfu", "sieve+lfu", "sieve+tinylfu+lru", "lru+tinylfu+all", "lru+all+tinylfu"]
+)
+def test_admission_alone_or_two_evictions_or_two_filters_is_an_error(bad):
     with pytest.raises(PolicyError, match=f"policy '{re.escape(bad)}'"):
         PolicySpec.parse(bad)
     with pytest.raises(ConfigError):
