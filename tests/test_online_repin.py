@@ -249,7 +249,10 @@ def test_restart_round_trips_the_sketch_and_the_pins(tmp_path):
         counts = {c.name: held_counts(c) for c in (store.hot, store.warm)}
         state = {c.name: c.online.state() for c in (store.hot, store.warm)}
         pins = {c.name: set(c.pinned_rows().tolist()) for c in (store.hot, store.warm)}
-    assert pins["warm"] and pins["hot"]
+        moved = {
+            c.name: (c.online.rows_pinned, c.online.rows_unpinned) for c in (store.hot, store.warm)
+        }
+    assert pins["warm"] and pins["hot"] and moved["warm"][0] > 0
     with warnings.catch_warnings():
         warnings.simplefilter("error", RestartWarning)
         with TieredStore(config(path, hot=60, restart=True)) as store:
@@ -257,6 +260,8 @@ def test_restart_round_trips_the_sketch_and_the_pins(tmp_path):
             for cache in (store.hot, store.warm):
                 assert torch.equal(cache.online.profile.sketch, sketches[cache.name])
                 assert cache.online.state() == state[cache.name]
+                # the re-pins' counters go on together (Prometheus: repins and rows moved)
+                assert (cache.online.rows_pinned, cache.online.rows_unpinned) == moved[cache.name]
                 assert set(cache.pinned_rows().tolist()) == pins[cache.name]
                 assert cache.pinned_count == len(pins[cache.name])
                 # each row restored counts at least what it had (count-min: more on collisions)

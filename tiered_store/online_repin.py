@@ -467,6 +467,8 @@ class OnlineRepin:
             "weight": self.weight,
             "since_repin": self.since_repin,
             "repins": self.repins,
+            "rows_pinned": self.rows_pinned,
+            "rows_unpinned": self.rows_unpinned,
         }
 
     def mismatch(self, state: dict[str, Any]) -> str | None:
@@ -485,6 +487,9 @@ class OnlineRepin:
         self.weight = float(state["weight"])
         self.since_repin = int(state["since_repin"])
         self.repins = int(state["repins"])
+        # the re-pins' counters go on together (a file saved before they were kept: from 0)
+        self.rows_pinned = int(state.get("rows_pinned", 0))
+        self.rows_unpinned = int(state.get("rows_unpinned", 0))
 
 
 def _int64(ids: torch.Tensor) -> np.ndarray:
