@@ -24,6 +24,7 @@ from tiered_store import (
     TieredStoreError,
     create_table,
 )
+from tiered_store.profile import FrequencyProfile
 from tiered_store.workload import ZipfWorkload
 
 ROWS, DIM = 5000, 16
@@ -204,7 +205,13 @@ def test_settings_a_policy_ignores_are_named_at_open(tmp_path, table):
     np.save(tmp_path / "pinned.npy", np.arange(10, dtype=np.int64))
     tiers = {
         "hot": {"capacity": 20, "policy": "lru", "static_rows": "pinned.npy"},
-        "warm": {"capacity": 50, "policy": "sieve", "profile": "p.npz", "repin": {"every": 512}},
+        "warm": {
+            "capacity": 50,
+            "policy": "sieve",
+            "profile": "p.npz",
+            "recency_window": 64,
+            "repin": {"every": 512},
+        },
     }
     cfg = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers}, base_dir=tmp_path)
     with warnings.catch_warnings(record=True) as caught:
@@ -217,10 +224,26 @@ def test_settings_a_policy_ignores_are_named_at_open(tmp_path, table):
     assert [str(w.message) for w in ignored] == [
         "tiers.hot.static_rows: policy 'lru' ignores it; only 'static' and 'static+<eviction>' use it",
         "tiers.warm.profile: policy 'sieve' ignores it; only zipf-tuned uses it",
+        "tiers.warm.recency_window: policy 'sieve' ignores it; only zipf-tuned uses it",
         "tiers.warm.repin: policy 'sieve' ignores it; only zipf-tuned uses it",
     ]
     assert {w.filename for w in ignored} == {__file__}  # the user's open, not a library line
-    used = {"hot": {"capacity": 20, "policy": "static+lru", "static_rows": "pinned.npy"}}
+    # a zipf-tuned tier with a profile keeps its pins fixed unless repin.enabled: its other
+    # repin settings are named, and enabling re-pinning uses them
+    FrequencyProfile(np.arange(30), np.arange(30, 0, -1), rows=len(data)).save(tmp_path / "p.npz")
+    tuned = {"capacity": 50, "policy": "zipf-tuned", "profile": "p.npz"}
+    fixed = {"warm": {**tuned, "repin": {"every": 512, "budget": 8}}}
+    cfg = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": fixed}, base_dir=tmp_path)
+    with pytest.warns(IgnoredSettingWarning) as caught:
+        TieredStore(cfg).close()
+    assert [str(w.message) for w in caught] == [
+        "tiers.warm.repin: budget, every ignored; a zipf-tuned tier with a profile keeps its "
+        "pins fixed unless repin.enabled is true"
+    ]
+    used = {
+        "hot": {"capacity": 20, "policy": "static+lru", "static_rows": "pinned.npy"},
+        "warm": {**tuned, "repin": {"enabled": True, "every": 512}},
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error", IgnoredSettingWarning)
         TieredStore(

@@ -307,6 +307,7 @@ def ignored_tier_settings(config: StoreConfig) -> list[str]:
         spec = parse_policy(tier.policy, key=f"tiers.{name}.policy")
         unused = {
             "profile": tier.profile is not None and not spec.tuned,
+            "recency_window": "recency_window" in tier.model_fields_set and not spec.tuned,
             "repin": "repin" in tier.model_fields_set and not spec.tuned,
             "static_rows": tier.static_rows is not None and (spec.tuned or not spec.static),
         }
@@ -318,6 +319,12 @@ def ignored_tier_settings(config: StoreConfig) -> list[str]:
                     else "only zipf-tuned uses it"
                 )
                 ignored.append(f"tiers.{name}.{key}: policy {tier.policy!r} ignores it; {users}")
+        set_repin = sorted(tier.repin.model_fields_set - {"enabled"})
+        if spec.tuned and set_repin and not repins_online(tier):
+            ignored.append(
+                f"tiers.{name}.repin: {', '.join(set_repin)} ignored; a zipf-tuned tier with a "
+                "profile keeps its pins fixed unless repin.enabled is true"
+            )
     return ignored
 
 
