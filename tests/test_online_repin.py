@@ -272,6 +272,33 @@ def test_restart_round_trips_the_sketch_and_the_pins(tmp_path):
             assert store.warm.online.repins > state["warm"]["repins"]
 
 
+def test_a_restart_brings_back_pins_re_pinning_moved_away_from_the_profile(tmp_path):
+    path, data = make_table(tmp_path, rows=ROWS)
+    old = np.arange(200)  # the profile's rows; the traffic has moved to others since
+    FrequencyProfile(old, np.full(200, 10), rows=ROWS, episodes=np.full(200, 10)).save(
+        tmp_path / "profile.npz"
+    )
+    cfg = config(
+        path,
+        warm=100,
+        restart=True,
+        profile=tmp_path / "profile.npz",
+        repin={"enabled": True, "every": EVERY, "budget": 20, "prior_weight": 0.01},
+    )
+    traffic = np.arange(1000, 1090)
+    rng = np.random.default_rng(0)
+    with TieredStore(cfg) as store:
+        serve(store, data, [rng.choice(traffic, size=16) for _ in range(400)])
+        pins, held = set(store.warm.pinned_rows().tolist()), set(store.warm.held_rows().tolist())
+    assert pins and pins <= set(traffic.tolist())
+    with TieredStore(cfg) as store:  # the saved pins and rows, not the profile's pins
+        assert store.wait_restored(timeout=30)
+        assert set(store.warm.pinned_rows().tolist()) == pins
+        assert set(store.warm.held_rows().tolist()) == held
+        ids = torch.from_numpy(np.sort(np.array(list(held))))
+        assert torch.equal(store.lookup(ids), data[ids])
+
+
 def _cold(store) -> None:
     """The store started with nothing restored: no pins, an empty sketch."""
     assert store.wait_restored(timeout=10)

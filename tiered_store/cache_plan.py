@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,9 +110,13 @@ class CacheHierarchy:
         warm = _row_cache("warm", tiers.warm, num_rows, row_bytes, torch.device("cpu"))
         return cls(hot, warm)
 
-    def warm_start(self, config: StoreConfig) -> list[tuple[RowCache, torch.Tensor, torch.Tensor]]:
+    def warm_start(
+        self, config: StoreConfig, restored: Collection[str] = ()
+    ) -> list[tuple[RowCache, torch.Tensor, torch.Tensor]]:
         """Load each tier's ``static_rows`` (pinned, under a static policy) and ``preload_rows``.
-        Returns (cache, row ids loaded, their slots) for the caller to fill with payload."""
+        Returns (cache, row ids loaded, their slots) for the caller to fill with payload.
+        ``restored``: re-pinning tiers whose pins and counts a warm restart brings back; their
+        profile only sizes the pinned segment (its pins would take the slots the saved ones need)."""
         loaded = []
         pinned_above = np.zeros(0, dtype=np.int64)  # rows the hot tier pins: warm skips them
         for cache, tier in ((self.hot, config.tiers.hot), (self.warm, config.tiers.warm)):
@@ -130,11 +135,16 @@ class CacheHierarchy:
                     recency_window=tier.recency_window,
                     pinned_above=pinned_above,
                 )
-                if cache.online is not None:  # the offline pins are the starting point, and
-                    # its counts: seeded first, so the pinned rows start from them
-                    cache.online.seed(profile, split.pinned_rows.size)
-                loaded.append(self._preload(cache, torch.from_numpy(split.pinned_rows), True))
-                pinned_above = np.concatenate([pinned_above, loaded[-1][1].numpy()])
+                if cache.name in restored and cache.online is not None:
+                    cache.online.offline_target = int(split.pinned_rows.size)
+                    pinned = split.pinned_rows
+                else:
+                    if cache.online is not None:  # the offline pins are the starting point, and
+                        # its counts: seeded first, so the pinned rows start from them
+                        cache.online.seed(profile, split.pinned_rows.size)
+                    loaded.append(self._preload(cache, torch.from_numpy(split.pinned_rows), True))
+                    pinned = loaded[-1][1].numpy()
+                pinned_above = np.concatenate([pinned_above, pinned])
             for key, path, pin in (
                 ("static_rows", tier.static_rows, True),
                 ("preload_rows", tier.preload_rows, False),

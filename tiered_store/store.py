@@ -167,15 +167,23 @@ class TieredStore:
         if delta_path(self.cold.path).is_dir():  # a reader's view: one commit, until reopened
             with contextlib.suppress(ConfigError):  # a delta never initialised: none
                 self._open_writes(create=False, pinned=True)
+        saved = None  # a warm restart's saved tiers, read before the warm start: a re-pinning
+        # tier whose pins come back does not preload its profile's (they would fill its slots)
+        if config.tiers.restart.enabled:
+            path = restart_path(config.table.path)
+            saved = load_restart(path, table_identity(self.cold, self.generation))
+            if saved is not None:
+                self._restore_profiles(path, saved)
+        restored = [c.name for c in self.caches.online if saved and c.name in saved.pinned]
         with self._lock:  # on the store's stream, which lookups gather on
-            for cache, ids, slots in self.caches.warm_start(config):
+            for cache, ids, slots in self.caches.warm_start(config, restored):
                 pool = self.hot_pool if cache is self.hot else self.warm_pool
                 order = torch.argsort(ids)
                 pool.write(slots[order.to(slots.device)], self._read_cold(ids[order]))
         for cache in self.caches.online:  # full windows are counted in that thread
             cache.online.deferred = True
         if config.tiers.restart.enabled:
-            self._start_restart_threads(config.tiers.restart.save_every_s)
+            self._start_restart_threads(saved, config.tiers.restart.save_every_s)
         if self._repin_wanted is not None:
             repin = threading.Thread(target=self._repin_loop, name="repin", daemon=True)
             self._threads.append(repin)
@@ -633,12 +641,11 @@ class TieredStore:
             self._repin_wanted.set()  # after this batch's admissions, where replay re-pins
         return out
 
-    def _start_restart_threads(self, save_every_s: float | None) -> None:
+    def _start_restart_threads(
+        self, saved: RestartState | None, save_every_s: float | None
+    ) -> None:
         """Read the saved tiers back in the background; save periodically if asked."""
-        path = restart_path(self.config.table.path)
-        saved = load_restart(path, table_identity(self.cold, self.generation))
         if saved is not None:
-            self._restore_profiles(path, saved)
             self._threads.append(
                 threading.Thread(target=self._restore, args=(saved,), name="restore", daemon=True)
             )
