@@ -203,6 +203,11 @@ def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables,
         ):
             store.lookup(ids, local.prefetch(ids))
         assert torch.equal(store.lookup(ids, store.prefetch(ids)).view(torch.int16), want)
+        buffer = ids.clone()
+        handle = store.prefetch(buffer)
+        buffer[0, 0] = 6  # refilled after prefetch(): other ids than the handle's
+        with pytest.raises(PrefetchHandleError, match="differ"):
+            store.lookup(buffer, handle)
         assert store.stats()["shard"] == {"rank": 0, "ranks": 1, "rows": 463}
         text = generate_latest(build_sharded_registry({"layer1": store}, process=False)).decode()
     families = list(text_string_to_metric_families(text))

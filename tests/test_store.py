@@ -150,6 +150,10 @@ def test_ids_may_be_numpy_lists_and_small_int_dtypes(table):
             store.lookup(np.array([[1], [2]], dtype=np.uint16)), data[torch.tensor([[1], [2]])]
         )
         assert torch.equal(store.lookup(torch.tensor([9], dtype=torch.int32)), data[[9]])
+        for dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has no min/max for these
+            assert torch.equal(store.lookup(torch.tensor([5, 7], dtype=dtype)), data[[5, 7]])
+        with pytest.raises(RowIdError, match="does not fit int64"):
+            store.lookup(torch.tensor([1, 2**63], dtype=torch.uint64))
 
 
 def test_static_rows_are_pinned_and_served_from_hot(tmp_path, table):
@@ -318,6 +322,12 @@ def test_handle_for_other_ids_or_used_twice_is_an_error(table):
         )  # equal ids are fine
         with pytest.raises(PrefetchHandleError, match="already consumed"):
             store.lookup(ids, handle)
+        # a buffer refilled with the next batch after prefetch() is other ids, not the handle's
+        for buffer in (torch.tensor([1, 2, 3]), np.array([1, 2, 3])):
+            handle = store.prefetch(buffer)
+            buffer[:] = torch.tensor([7, 8, 9]) if isinstance(buffer, torch.Tensor) else [7, 8, 9]
+            with pytest.raises(PrefetchHandleError, match="differ"):
+                store.lookup(buffer, handle)
 
 
 def test_a_handle_from_another_store_is_refused(tmp_path):

@@ -237,7 +237,7 @@ class TieredStore:
         ahead; a further call blocks until one finishes. Quantised rows are dequantised in the
         background too, unless ``packed``."""
         self._check_open()
-        flat, shape = self._validate(ids)
+        flat, shape = self._validate(ids, snapshot=True)
         # the writes so far, read before the fetch can start: no write slips between
         return self._prefetcher.submit(ids, flat, shape, packed, self._write_seq)
 
@@ -941,7 +941,7 @@ class TieredStore:
             raise PrefetchHandleError(
                 f"lookup: handle is {type(handle).__name__}; expected a PrefetchHandle"
             )
-        if ids is not handle.ids:
+        if ids is not handle.ids or not ids_on_gpu(ids):  # a CPU buffer may have been refilled
             flat, shape = self._validate(ids)
             with self._on_store_stream():  # where _validate queued the copy of the ids
                 same = shape == handle.shape and torch.equal(flat, handle.flat)
@@ -955,12 +955,16 @@ class TieredStore:
             out, event = self._fetch(handle.flat, handle.packed)  # the writes are seen
         return out.view(*handle.shape, out.shape[-1]), event
 
-    def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """Integer ids in [0, rows) -> flat int64 on the compute device, and the original shape."""
+    def _validate(
+        self, ids: Any, *, snapshot: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Integer ids in [0, rows) -> flat int64 on the compute device, and the original shape
+        (``snapshot``: never sharing memory with the caller's ids, which may be refilled)."""
         tensor = as_id_tensor(ids)
         flat = self._checked_flat(tensor)
         if self._stream is None:
-            return flat.to(device=self.device, dtype=torch.int64), tuple(tensor.shape)
+            flat = flat.to(device=self.device, dtype=torch.int64)
+            return snapshot_of(flat, tensor) if snapshot else flat, tuple(tensor.shape)
         # ids on the GPU may come from the caller's stream (e.g. hashed there): order the store's
         # stream after it. Ids on the CPU wait for nothing queued, so a prefetch overlaps the
         # caller's queued compute. Either way they are copied on the store's stream, where the
@@ -969,6 +973,8 @@ class TieredStore:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             flat = flat.to(device=self.device, dtype=torch.int64, non_blocking=True)
+            if snapshot:
+                flat = snapshot_of(flat, tensor)
         return flat, tuple(tensor.shape)
 
     def _checked_flat(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -1005,6 +1011,23 @@ class TieredStore:
             )
 
 
+def ids_on_gpu(ids: Any) -> bool:
+    """Whether ``ids`` is a CUDA tensor (comparing it with a handle's ids would wait for it)."""
+    return isinstance(ids, torch.Tensor) and ids.is_cuda
+
+
+def snapshot_of(flat: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``flat``, copied if it shares memory with the caller's ``tensor``."""
+    if flat.device == tensor.device and (
+        flat.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+    ):
+        return flat.clone()
+    return flat
+
+
+UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)  # torch lacks min/max for these on CPU
+
+
 def as_id_tensor(ids: Any) -> torch.Tensor:
     """Any integer tensor/array/list -> torch tensor (no copy where possible); rejects floats and bools."""
     if isinstance(ids, torch.Tensor):
@@ -1026,6 +1049,13 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
             tensor = tensor.to(torch.int64)
     if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
         raise RowIdError(f"ids: dtype {tensor.dtype}; expected an integer tensor (row ids)")
+    if tensor.dtype in UNSIGNED:
+        if tensor.dtype == torch.uint64:  # 2**63 and more read as negative int64: refuse them
+            wide = tensor.view(torch.int64) < 0
+            if bool(wide.any()):
+                value = int(np.asarray(tensor.cpu()[wide.cpu()][:1])[0])
+                raise RowIdError(f"ids: value {value} does not fit int64; expected valid row ids")
+        tensor = tensor.to(torch.int64)
     return tensor
 
 

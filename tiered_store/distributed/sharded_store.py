@@ -55,7 +55,7 @@ from ..id_ops import unique_inverse_counts
 from ..latency import LatencyHistogram
 from ..prefetch import OTHER_STORE, PrefetchHandle, PrefetchHandleError
 from ..quantization import dequantize_rows
-from ..store import TieredStore, as_id_tensor, as_rows
+from ..store import TieredStore, as_id_tensor, as_rows, ids_on_gpu, snapshot_of
 from .collective_thread import CollectiveThread
 from .liveness import Heartbeat
 from .shard_files import ShardInfo, read_shard, shard_path
@@ -203,6 +203,7 @@ class ShardedStore:
         At most ``prefetch.depth`` run ahead; a further call waits (up to the timeout)."""
         self._check_usable()
         flat, shape = self._validate(ids)
+        flat = snapshot_of(flat, as_id_tensor(ids))  # the caller may refill its ids meanwhile
         if not self._slots.acquire(timeout=self._wait_s):
             self._fail("prefetch", None, "no earlier prefetch finished")
         future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
@@ -418,7 +419,7 @@ class ShardedStore:
                 f"lookup: packed={packed} but the handle was prefetched with "
                 f"packed={handle.packed}; pass the same"
             )
-        if ids is not handle.ids:
+        if ids is not handle.ids or not ids_on_gpu(ids):  # a CPU buffer may have been refilled
             tensor = as_id_tensor(ids)
             flat = tensor.reshape(-1).to(torch.int64)
             if tuple(tensor.shape) != handle.shape or not torch.equal(flat, handle.flat):
