@@ -91,6 +91,22 @@ def test_pipeline_outputs_match_plain_forward(model, batches, want, stores, look
     assert stats.stall_seconds <= stats.lookup_seconds
 
 
+@pytest.mark.parametrize("lookahead", [1, 2])
+def test_a_source_refilling_one_buffer_gives_each_batch_its_own_tokens(
+    model, batches, want, stores, lookahead
+):
+    def refilled(kind):
+        buffer = torch.empty_like(batches[0]) if kind == "torch" else np.empty((2, 32), np.int64)
+        for ids in batches:
+            buffer[:] = ids if kind == "torch" else ids.numpy()
+            yield buffer
+
+    for kind in ("torch", "numpy"):
+        pipeline = PrefetchPipeline(model, lookahead=lookahead)
+        outs = [out for _, out in pipeline.run(refilled(kind))]
+        assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True)), kind
+
+
 @pytest.mark.parametrize("lookahead", [0, 1, 2])
 def test_fetches_start_ahead_in_order(model, random_batches, lookahead):
     batches = random_batches
