@@ -446,6 +446,13 @@ def test_lookahead_keeps_rows_of_queued_prefetches(table):
         del store._prefetcher._queued[-1]
         assert bool((store.warm.probe(keep) >= 0).all())
         assert torch.equal(store.lookup(keep), data[keep])
+    # with ids past the table read as zeros, a queued prefetch may hold some: no row to keep
+    table = cfg.table.model_copy(update={"out_of_range": "zero"})
+    with TieredStore(cfg.model_copy(update={"table": table})) as store:
+        store.lookup(torch.arange(40))  # full
+        store._prefetcher._queued[-1] = torch.tensor([-1, 5, len(data) + 3])
+        assert torch.equal(store.lookup(torch.arange(100, 110)), data[100:110])
+        assert bool((store.warm.probe(torch.tensor([5])) >= 0).all())
 
 
 def test_prefetch_worker_runs_one_intra_op_thread_and_leaves_the_callers():

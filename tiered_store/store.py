@@ -266,9 +266,7 @@ class TieredStore:
         """
         self._check_open()
         # left where the caller has them: the queue copies them to the CPU on the current stream
-        flat = self._checked_flat(as_id_tensor(ids))
-        if self.zero_out_of_range:  # ids past the table read as zeros: no row to keep
-            flat = flat[(flat >= 0) & (flat < self.rows)]
+        flat = self._in_table(self._checked_flat(as_id_tensor(ids)))
         if self.hot.queue is None:  # the tiers keep per-slot queue state from the first on
             with self._lock:
                 self.caches.attach_queue()
@@ -624,6 +622,8 @@ class TieredStore:
             if self._writes is None:  # (a first write landing before the lock is seen there)
                 device_rows = staged.to(self.device, non_blocking=True)
             lookahead = self._prefetcher.queued_ids() if self.config.prefetch.lookahead else None
+            if lookahead is not None:
+                lookahead = self._in_table(lookahead)
             with self._lock:
                 if self._writes is not None:  # written rows over base rows, under writes' lock
                     if self._write_seq != write_seq:  # a write landed since the rows were staged
@@ -990,6 +990,12 @@ class TieredStore:
                     f"ids: value {int(flat[bad_pos])} at flat position {bad_pos} is out of range; "
                     f"expected 0 <= id < {self.rows:,} (the table's rows)"
                 )
+        return flat
+
+    def _in_table(self, flat: torch.Tensor) -> torch.Tensor:
+        """Checked ids without those outside the table (read as zeros: no row to keep)."""
+        if self.zero_out_of_range:
+            return flat[(flat >= 0) & (flat < self.rows)]
         return flat
 
     def _check_open(self) -> None:
