@@ -218,6 +218,10 @@ def test_a_killed_conversion_finishes_on_rerun_keeping_complete_tables(golden, t
             r"text_config.engram_num_embeddings: layer 14 states 5,000 rows but its primes sum to 5,014",
         ),
         (
+            {"text": {"engram_head_dim": 48}},
+            r"engram_head_dim 48; expected a multiple of 32 \(one fp8 scale byte per 32 columns\)",
+        ),
+        (
             {"text": {"engram_compressed_vocab_size": 99000}},
             r"says 99,000 but the tokenizer .* compresses to 99,092",
         ),

@@ -353,11 +353,16 @@ def test_checkpoint_loading_follows_a_compacted_table(model, converted, hasher, 
         tiered.close()
 
 
-def test_decode_with_a_cache_equals_one_pass_in_the_demo_geometry(model):
+@pytest.mark.parametrize("kernel_size", [None, 1])
+def test_decode_with_a_cache_equals_one_pass_in_the_demo_geometry(model, kernel_size):
     """A prompt, then one token per step, with a KV cache and hash state: each step's logits
-    equal one forward's at that position. The Engram ShortConv reaches back kernel_size x
-    max_ngram_size positions, so the cache keeps its inputs too (before, the first decoded
-    position was off by a quarter of the logits' scale)."""
+    equal one forward's at that position. The Engram ShortConv reaches back (kernel_size - 1) x
+    max_ngram_size positions, so the cache keeps that many inputs too (before, the first decoded
+    position was off by a quarter of the logits' scale; with kernel_size 1 it kept them all)."""
+    if kernel_size is not None:
+        torch.manual_seed(0)
+        geometry = {**TINY, "engram": {**TINY["engram"], "kernel_size": kernel_size}}
+        model = EngramLM(ModelConfig.from_dict(geometry)).eval()
     ids = torch.from_numpy(
         model.hasher.tokenizer.encode("def lookup(table, ids): return [table[i] for i in ids]")[
             None
@@ -370,3 +375,6 @@ def test_decode_with_a_cache_equals_one_pass_in_the_demo_geometry(model):
             chunk = ids[:, start:stop]
             out = model(chunk, prefetched=model.prefetch(chunk, state=state), cache=cache, logits="last")  # fmt: skip
             torch.testing.assert_close(out, full[:, stop - 1], atol=1e-5, rtol=0)
+    engram = model.config.engram
+    reach = (engram.kernel_size - 1) * engram.max_ngram_size
+    assert {c["inputs"].shape[-1] for c in cache.conv.values()} == {reach}

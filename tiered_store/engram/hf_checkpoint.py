@@ -224,6 +224,11 @@ def _plan(ckpt: HFCheckpoint, hasher: NgramHasher) -> list[_LayerPlan]:
     """Every tensor the conversion reads, checked against the config before anything is written."""
     eng, bb = ckpt.engram, ckpt.backbone
     head_dim, heads = eng.head_dim, eng.num_heads
+    if head_dim % SCALE_BLOCK:
+        raise ConfigError(
+            f"{ckpt.config_path}: engram_head_dim {head_dim}; expected a multiple of "
+            f"{SCALE_BLOCK} (one fp8 scale byte per {SCALE_BLOCK} columns)"
+        )
     plans = []
     for layer in eng.layer_ids:
         rows, names = hasher.table_rows(layer), engram_tensor_names(layer)

@@ -98,7 +98,8 @@ class ShortConv(nn.Module):
             if "inputs" in state:
                 inputs = torch.cat([state["inputs"], inputs], dim=2)
                 past = state["inputs"].shape[2]
-            state["inputs"] = inputs[..., -self.conv.padding[0] :].detach()
+            reach = self.conv.padding[0]  # positions back the convolution sees (0: none)
+            state["inputs"] = inputs[..., max(0, inputs.shape[2] - reach) :].detach()
         y = self.conv(inputs)[..., past : past + seq]
         y = self.act_fn(y)
         return y.transpose(1, 2).reshape(batch, seq, branches, width)
