@@ -188,6 +188,22 @@ def test_a_killed_conversion_finishes_on_rerun_keeping_complete_tables(golden, t
         verify_table(out / f"engram_layer{layer}.npy", progress=False)
 
 
+def test_a_table_converted_from_another_checkpoint_is_converted_again(golden, tmp_path):
+    """Same geometry and tensor names, other weights (a fine-tune, a new revision): the
+    table of the first is not kept as already complete under the second's config."""
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    with safe_open(str(V41 / "golden_v41_tables.safetensors"), framework="pt") as f:
+        scale = f.get_tensor("layers.1.engram.embed.scale").view(torch.uint8)
+    tuned = {"layers.1.engram.embed.scale": (scale + 1).view(torch.float8_e8m0fnu)}
+    other = make_checkpoint(tmp_path / "b", golden, replace=tuned)
+    again = convert_hf_checkpoint(other, out, progress=False)
+    assert 1 not in again.skipped
+    with TieredStore.open(out / "layer1.yaml") as store:
+        served = store.lookup(torch.arange(5), packed=True)
+    assert torch.equal(served[:, 256:], scale[:5] + 1)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -345,7 +345,7 @@ def _convert(
                 SafetensorsSource(plan.scales.file, plan.scales.name),
             )
             metadata = table_metadata(hasher, plan.layer_id)
-            metadata["source"] = {"checkpoint_tensors": [plan.codes.name, plan.scales.name]}
+            metadata["source"] = _source(plan)
             create_table(
                 path,
                 source,
@@ -411,8 +411,17 @@ def _complete(path: Path, hasher: NgramHasher, plan: _LayerPlan) -> bool:
         manifest: TableManifest = read_manifest(path)
     except (TieredStoreError, OSError):
         return False
-    source = manifest.metadata.get("source", {}).get("checkpoint_tensors")
-    return source == [plan.codes.name, plan.scales.name]
+    return manifest.metadata.get("source") == _source(plan)
+
+
+def _source(plan: _LayerPlan) -> dict[str, Any]:
+    """What a layer's table is made from: its tensors, and the shard files holding them (name,
+    size, modification time: another checkpoint's, or a re-downloaded one, differs)."""
+    shards = []
+    for info in (plan.codes, plan.scales):
+        stat = info.file.stat()
+        shards.append({"file": info.file.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return {"checkpoint_tensors": [plan.codes.name, plan.scales.name], "shards": shards}
 
 
 def _copy(src: Path, dst: Path) -> None:
