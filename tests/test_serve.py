@@ -334,6 +334,51 @@ def test_background_scrub_finds_a_corrupt_table(tmp_path):
         server.stop()
 
 
+def _healthz_within(server, want: int, seconds: float = 15) -> tuple[int, dict]:
+    """Poll ``/healthz`` until it answers ``want`` (or the time is up); the last answer."""
+    deadline = time.monotonic() + seconds
+    while True:
+        status, health = get_json(server.url + "/healthz")
+        if status == want or time.monotonic() > deadline:
+            return status, health
+        time.sleep(0.1)
+
+
+def test_the_scrub_checks_the_served_version_and_outlives_a_missing_table(tmp_path):
+    from tiered_store import TieredStore
+    from tiered_store.delta.compaction import compact_table
+
+    config = make_checkpoint(
+        tmp_path, checkpoint={"scrub_interval_s": 0.2, "verify_on_start": True}
+    )
+    table = ServeConfig.from_yaml(config).table_path(3)
+    for step in range(2):  # twice: the second removes generation 0, which nothing holds
+        with TieredStore.open({"table": {"path": str(table)}}) as writer:
+            writer.write([5], torch.full((1, writer.dim), 0.01 * (step + 1)))
+            writer.commit()
+        compact_table(table, progress=False)
+    assert not table.exists()  # served from engram_layer3.g2.npy
+    server = start_server(config, metrics=True)  # verify_on_start checks that version
+    try:
+        assert _healthz_within(server, 200)[0] == 200
+        served = server.model.stores["engram_layer3"].cold.path
+        assert served.name == "engram_layer3.g2.npy"
+        with open(served, "r+b") as f:  # the served version goes bad: the scrub finds it
+            f.seek(4096 + 1000)
+            byte = f.read(1)
+            f.seek(4096 + 1000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        status, health = _healthz_within(server, 503)
+        assert status == 503 and "checksum pass failed" in health["problems"][0], health
+        served.rename(served.with_name(served.name + ".moved"))  # a table gone from disk
+        before = server.model.health["engram_layer3"].verifications
+        time.sleep(1.0)
+        assert server._scrubber.is_alive()  # and it goes on scrubbing: passes are counted
+        assert server.model.health["engram_layer3"].verifications > before
+    finally:
+        server.stop()
+
+
 # -- the process: SIGTERM drains ----------------------------------------------------------------------
 
 

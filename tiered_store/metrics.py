@@ -398,7 +398,8 @@ class TableHealth:
 def verify_counted(path: str | Path, health: TableHealth) -> VerifyReport | None:
     """Run ``verify_table`` over ``path`` and count the outcome in ``health``.
 
-    Returns the report, or ``None`` when the table is corrupt (``health.last_error`` says why).
+    Returns the report, or ``None`` when the table is corrupt or cannot be read (gone, an I/O
+    error: counted as failures too; ``health.last_error`` says why).
 
     Examples
     --------
@@ -411,7 +412,7 @@ def verify_counted(path: str | Path, health: TableHealth) -> VerifyReport | None
 
     try:
         report = verify_table(path, progress=False)
-    except TableFormatError as exc:
+    except (TableFormatError, OSError) as exc:  # OSError: TierIOError, a missing table too
         health.verifications += 1
         health.checksum_failures += 1
         health.last_error = str(exc)

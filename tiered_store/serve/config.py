@@ -45,8 +45,8 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "checkpoint.create": False,  # build a small seeded random checkpoint there when missing
     "checkpoint.seed": 0,  # torch seed of a created checkpoint's weights
     "checkpoint.dtype": "float32",  # table dtype of a created checkpoint
-    "checkpoint.verify_on_start": False,  # re-check every table's block checksums before serving
-    "checkpoint.scrub_interval_s": 0.0,  # seconds between background checksum passes (0: never)
+    "checkpoint.verify_on_start": False,  # re-check every served table version before serving
+    "checkpoint.scrub_interval_s": 0.0,  # seconds between checksum passes over the served versions
 }
 _SERVE_KEYS = ("checkpoint", "model", "store", "server")
 

@@ -144,12 +144,11 @@ class ServedModel:
                 self.stores[name] = table
                 self.health[name] = TableHealth()
                 guarded[layer] = GuardedTable(table, name, self.health[name])
-                if config.checkpoint.verify_on_start:
-                    path = self.table_file(layer)
-                    if verify_counted(path, self.health[name]) is None:
-                        raise TableFormatError(
-                            f"checkpoint.verify_on_start: {self.health[name].last_error}"
-                        )
+                verify = config.checkpoint.verify_on_start
+                if verify and verify_counted(self.served_file(table), self.health[name]) is None:
+                    raise TableFormatError(
+                        f"checkpoint.verify_on_start: {self.health[name].last_error}"
+                    )
             self.model.set_tables(guarded)
             # sharded tables: every rank runs this same code; rank 0 announces each request
             self.control = RankControl() if config.sharded else None
@@ -372,6 +371,11 @@ class ServedModel:
         store = self.stores[self.config.table_name(layer)]
         return Path(store.path) if self.control is not None else self.config.table_path(layer)
 
+    @staticmethod
+    def served_file(store: Any) -> Path:
+        """The file a store reads now: a table's current version, or this rank's shard."""
+        return Path(store.cold.path) if isinstance(store, TieredStore) else Path(store.path)
+
     def stats(self) -> dict[str, Any]:
         """Every store's ``stats()`` by table name."""
         return {name: store.stats() for name, store in self.stores.items()}
@@ -394,7 +398,7 @@ class ServedModel:
         failed = []
         for layer in self.layer_ids:
             name = self.config.table_name(layer)
-            if verify_counted(self.table_file(layer), self.health[name]) is None:
+            if verify_counted(self.served_file(self.stores[name]), self.health[name]) is None:
                 failed.append(name)
         return failed
 

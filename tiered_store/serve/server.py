@@ -367,7 +367,12 @@ class InferenceServer:
         """Re-verify every table's checksums every ``checkpoint.scrub_interval_s`` seconds."""
         assert self.model is not None
         while not self._scrub_stop.wait(self.config.checkpoint.scrub_interval_s):
-            for name in self.model.verify_tables():
+            try:
+                failed = self.model.verify_tables()
+            except Exception:  # never the end of scrubbing: the next pass may succeed
+                log.exception("checksum pass failed")
+                continue
+            for name in failed:
                 log.error(
                     "checksum pass over %s failed: %s", name, self.model.health[name].last_error
                 )
