@@ -46,7 +46,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "checkpoint.seed": 0,  # torch seed of a created checkpoint's weights
     "checkpoint.dtype": "float32",  # table dtype of a created checkpoint
     "checkpoint.verify_on_start": False,  # re-check every served table version before serving
-    "checkpoint.scrub_interval_s": 0.0,  # seconds between checksum passes over the served versions
+    "checkpoint.scrub_interval_s": 0.0,  # seconds between checksum passes of served tables, 0: none
 }
 _SERVE_KEYS = ("checkpoint", "model", "store", "server")
 
