@@ -379,6 +379,29 @@ def test_the_scrub_checks_the_served_version_and_outlives_a_missing_table(tmp_pa
         server.stop()
 
 
+def test_metrics_on_the_same_port_of_another_address_leave_the_endpoint_alone(tmp_path):
+    """A public endpoint with metrics on a private interface, same port: each listener serves
+    its own paths (the metrics one was told apart by its port alone: every request a 404)."""
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path)).with_overrides(
+        address=f"127.0.0.1:{port}", metrics_address=f"127.0.0.2:{port}"
+    )
+    server = InferenceServer(config)
+    server.start()
+    try:
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+        assert get_json(server.url + "/healthz")[0] == 200
+        assert server.metrics_url == f"http://127.0.0.2:{port}/metrics"
+        with urllib.request.urlopen(server.metrics_url, timeout=30) as response:
+            assert b"tiered_store_lookups_total" in response.read()
+        status, answer = get_json(f"http://127.0.0.2:{port}/healthz")
+        assert status == 404 and "on the metrics listener" in answer["error"]
+    finally:
+        server.stop()
+
+
 # -- the process: SIGTERM drains ----------------------------------------------------------------------
 
 

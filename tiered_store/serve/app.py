@@ -36,6 +36,7 @@ log = logging.getLogger("tiered_store.serve")
 
 INFERENCE_PATH = "/v1/engram"
 GET_PATHS = ("/", "/healthz", "/stats", "/metrics")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # a listener bound to these takes every address
 # Content-Types read as JSON: JSON itself, none, and what `curl -d` and plain clients send.
 _BODY_TYPES = ("application/json", "", "text/plain", "application/x-www-form-urlencoded")
 _CLIENT_GONE = 499  # recorded (never sent) when the client left before its answer
@@ -212,6 +213,14 @@ class _CountingMiddleware:
             code = _CLIENT_GONE if state["gone"] else state["status"]
             counters.end(handler, code, time.perf_counter() - start, state["tokens"])
 
+    def _on_metrics_listener(self, local: tuple[str, int] | None) -> bool:
+        """Whether a connection's local ``(host, port)`` is the metrics listener's: its port, and
+        its host unless that listener took every address (the same port on another host may be
+        the inference endpoint's)."""
+        if local is None or local[1] != self.server.metrics_port:
+            return False
+        return self.server.metrics_host in WILDCARD_HOSTS or local[0] == self.server.metrics_host
+
     def _refuse(self, scope: Scope) -> Response | None:
         """A 400 for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener
         does not serve; ``None`` to go on."""
@@ -222,12 +231,7 @@ class _CountingMiddleware:
                 {"error": f"HTTP/{version}: not supported; expected HTTP/1.0 or HTTP/1.1"},
                 {"Connection": "close"},
             )
-        server = scope.get("server")
-        if (
-            server is not None
-            and server[1] == self.server.metrics_port
-            and scope["path"] != "/metrics"
-        ):
+        if self._on_metrics_listener(scope.get("server")) and scope["path"] != "/metrics":
             return json_response(
                 404,
                 {

@@ -81,6 +81,7 @@ class InferenceServer:
         self.model: ServedModel | None = None
         self.registry: Any = None
         self.metrics_port: int | None = None
+        self.metrics_host: str | None = None  # the metrics listener's address (maybe a wildcard)
         self._sockets: list[socket.socket] = []
         self._uvicorn: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -127,7 +128,7 @@ class InferenceServer:
         if metrics is not None and not (metrics == (host, port) and port != 0):
             sock = _listen(metrics[0], metrics[1], server.backlog, "store.metrics.address")
             self._sockets.append(sock)
-            self.metrics_port = sock.getsockname()[1]
+            self.metrics_host, self.metrics_port = sock.getsockname()[:2]
             _warn_if_exposed(metrics[0], "store.metrics.address")
 
     def _serve_in_thread(self) -> None:
