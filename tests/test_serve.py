@@ -379,6 +379,46 @@ def test_the_scrub_checks_the_served_version_and_outlives_a_missing_table(tmp_pa
         server.stop()
 
 
+def test_checksum_failures_carry_across_a_reload(tmp_path):
+    """A counter that drops is a reset to Prometheus: increase() would count the failures
+    before the reload again (page failures lived in the store a reload closes)."""
+    from tiered_store import TieredStore
+
+    uncached = {"tiers": {"hot": {"capacity": 0}, "warm": {"capacity": 0}, "cold": {"io": "pread"}}}
+    config = make_checkpoint(tmp_path, store=uncached)
+    table = ServeConfig.from_yaml(config).table_path(3)
+
+    def failures() -> float:
+        text = server.metrics_text()[0].decode()
+        return next(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "tiered_store_checksum_failures_total"
+            and s.labels["table"] == "engram_layer3"
+        )
+
+    server = start_server(config)
+    try:
+        with open(table, "r+b") as f:  # a flipped byte in every page of the rows
+            for offset in range(4096 + 100, table.stat().st_size, 4096):
+                f.seek(offset)
+                byte = f.read(1)
+                f.seek(offset)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        assert server.model.verify_tables() == ["engram_layer3"]  # a failed pass
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 503
+        before = failures()
+        assert before == 2  # the pass and a page a lookup read
+        with TieredStore.open({"table": {"path": str(table)}}) as writer:  # a new version
+            writer.write([0], torch.zeros(1, writer.dim))
+            writer.commit()
+        assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert failures() == before
+    finally:
+        server.stop()
+
+
 def test_metrics_on_the_same_port_of_another_address_leave_the_endpoint_alone(tmp_path):
     """A public endpoint with metrics on a private interface, same port: each listener serves
     its own paths (the metrics one was told apart by its port alone: every request a 404)."""

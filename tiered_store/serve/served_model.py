@@ -251,7 +251,10 @@ class ServedModel:
                 )
                 return []
             old = {name: self.stores[name] for name in stale}
+            carried = {name: store.cold.checksum_failures for name, store in old.items()}
             self.stores.update(opened)
+            for name, count in carried.items():  # the counter goes on across the reload
+                self.health[name].closed_page_failures += count
             self.model.set_tables(
                 {
                     layer: GuardedTable(opened[name], name, self.health[name])
@@ -259,8 +262,11 @@ class ServedModel:
                     if (name := self.config.table_name(layer)) in opened
                 }
             )
-            for store in old.values():
-                store.close()
+            for name, store in old.items():
+                store.close()  # and what lookups in flight counted meanwhile
+                self.health[name].closed_page_failures += (
+                    store.cold.checksum_failures - carried[name]
+                )
             self.reloads += len(stale)
         log.info("reopened tables on a new version: %s", ", ".join(stale))
         if self._trace is not None:  # the new stores start cold, with their counters at 0
