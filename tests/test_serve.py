@@ -299,8 +299,9 @@ def test_recorded_trace_replays_to_the_store_statistics(tmp_path, config_path, c
     capsys.readouterr()
 
 
-def test_background_scrub_finds_a_corrupt_table(tmp_path):
-    config = make_checkpoint(tmp_path, checkpoint={"scrub_interval_s": 0.2})
+@pytest.mark.parametrize("folder", ["ckpt", "my models"])  # a space: no path left either
+def test_background_scrub_finds_a_corrupt_table(tmp_path, folder):
+    config = make_checkpoint(tmp_path / folder, checkpoint={"scrub_interval_s": 0.2})
     server = start_server(config, metrics=True)
     try:
         path = server.config.table_path(3)
@@ -320,7 +321,7 @@ def test_background_scrub_finds_a_corrupt_table(tmp_path):
         assert (
             problem.startswith("table engram_layer3: checksum pass failed") and "block 0" in problem
         )
-        assert str(tmp_path) not in problem
+        assert str(tmp_path) not in problem and "models" not in problem, problem
         with urllib.request.urlopen(server.metrics_url, timeout=30) as response:
             text = response.read().decode()
         failures = {

@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -331,15 +331,26 @@ class InferenceServer:
         for name, health in self.model.health.items():
             if health.last_error:
                 out.append(
-                    f"table {name}: checksum pass failed: {without_paths(health.last_error)}"
+                    f"table {name}: checksum pass failed: {self._without_paths(health.last_error)}"
                 )
             at = health.last_lookup_failure_at
             if at is not None and now - at < hold:
                 out.append(
                     f"table {name}: lookups failing ({health.lookup_failures} so far, the last "
-                    f"{now - at:.1f} s ago): {without_paths(health.last_lookup_error or '')}"
+                    f"{now - at:.1f} s ago): {self._without_paths(health.last_lookup_error or '')}"
                 )
         return out
+
+    def _without_paths(self, text: str) -> str:
+        """``text`` without this server's directories (the checkpoint's, the tables' own)."""
+        directories = [self.config.checkpoint_dir, *(p.parent for p in self._served_files())]
+        return without_paths(text, directories)
+
+    def _served_files(self) -> list[Path]:
+        """The files the tables are served from now (none before the model is loaded)."""
+        if self.model is None:
+            return []
+        return [self.model.served_file(store) for store in self.model.stores.values()]
 
     def stats(self) -> dict[str, Any]:
         """Store statistics and geometry per table, table health, and the request counters."""
@@ -351,7 +362,7 @@ class InferenceServer:
                 name: {
                     "verifications": h.verifications,
                     "checksum_failures": h.checksum_failures,
-                    "last_error": without_paths(h.last_error) if h.last_error else None,
+                    "last_error": self._without_paths(h.last_error) if h.last_error else None,
                     "lookup_failures": h.lookup_failures,
                 }
                 for name, h in self.model.health.items()
@@ -379,14 +390,19 @@ class InferenceServer:
                 )
 
 
-def without_paths(text: str) -> str:
-    """``text`` with the directories of absolute paths removed (file names kept).
+def without_paths(text: str, directories: Iterable[Path] = ()) -> str:
+    """``text`` with the directories of absolute paths removed (file names kept): first the
+    server's own ``directories`` as they are (spaces and all), then any other absolute path's.
 
     Examples
     --------
     >>> without_paths("table /srv/ckpt/engram_layer3.npy: block 0 fails its checksum")
     'table engram_layer3.npy: block 0 fails its checksum'
+    >>> without_paths("table /srv/my ckpt/engram_layer3.npy shrank", [Path("/srv/my ckpt")])
+    'table engram_layer3.npy shrank'
     """
+    for directory in sorted({str(d).rstrip("/") for d in directories}, key=len, reverse=True):
+        text = text.replace(directory + "/", "")
     return _DIRECTORY_PREFIX.sub("", text)
 
 
