@@ -166,8 +166,9 @@ async def _read_body(request: Request, limits: Any) -> bytes:
     except TimeoutError:
         raise RequestError(
             408,
-            f"body: {size:,} bytes received, then nothing for the rest of "
-            f"server.request_timeout_s ({limits.request_timeout_s:g} s); send the whole body",
+            f"body: {size:,} bytes received in server.request_timeout_s "
+            f"({limits.request_timeout_s:g} s), the time the whole body may take; send all of it "
+            "sooner",
         ) from None
     return b"".join(chunks)
 
