@@ -313,6 +313,22 @@ def test_unwritable_output_dir_is_a_clear_error(run, tmp_path, capsys):
     assert "tiered-store analyze: error: --out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("targets", ["hot=0.3", "warm=0.6"])
+def test_budgets_with_targets_for_one_tier_write_both_tiers(run, tmp_path, targets):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    code = main(
+        ["analyze", str(run["corpus"] / "en.txt"), "--config", str(config), "--quiet"]
+        + ["--out", str(tmp_path / "out"), "--seq-len", str(SEQ_LEN), "--no-curves"]
+        + ["--targets", targets, "--gpu-budget", "100KiB", "--host-budget", "200KiB"]
+    )
+    assert code == 0
+    split = json.loads((tmp_path / "out" / "report.json").read_text())["tables"]["layer1"]
+    stored = StoreConfig.from_yaml(tmp_path / "out" / "layer1.store.yaml").tiers
+    want = (split["tier_split"]["hot_rows"], split["tier_split"]["warm_rows"])
+    assert (stored.hot.capacity, stored.warm.capacity) == want
+
+
 def test_bad_engram_config_is_a_clear_error(run, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     for engram, key in (

@@ -27,13 +27,17 @@ def store_yaml(
     sizes that reach the hit-rate targets (``rec``)."""
     tiers: dict[str, Any] = {}
     notes = []
-    for tier, info in rec["tiers"].items():
-        tiers[tier] = {
-            "capacity": int(info["capacity"]),
+
+    def tier_entry(capacity: int) -> dict[str, Any]:
+        return {
+            "capacity": capacity,
             "policy": "lru",
             "preload_rows": top_rows,
             "profile": f"{name}.profile.npz",  # read by zipf-tuned only
         }
+
+    for tier, info in rec["tiers"].items():
+        tiers[tier] = tier_entry(int(info["capacity"]))
         notes.append(
             f"#   {tier}: target {info['target_hit_rate']:g}, reaches {info['hit_rate']:.4f} with "
             f"{info['combined_capacity']:,} rows in this and the tiers above"
@@ -45,8 +49,8 @@ def store_yaml(
         *notes,
     ]
     if split is not None:
-        for tier in ("hot", "warm"):
-            tiers[tier]["capacity"] = int(split[f"{tier}_rows"])
+        for tier in ("hot", "warm"):  # both, whichever tiers the targets named
+            tiers.setdefault(tier, tier_entry(0))["capacity"] = int(split[f"{tier}_rows"])
         sizing = [
             f"# Capacities: the hot/warm split with the least modelled stall (LRU, default cost "
             f"model) for GPU budget {format_bytes(split['gpu_budget'])} and host budget "
