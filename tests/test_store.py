@@ -255,6 +255,22 @@ def test_settings_a_policy_ignores_are_named_at_open(tmp_path, table):
         ).close()
 
 
+def test_a_profile_that_is_not_one_for_this_table_is_named(tmp_path, table):
+    path, data = table
+    np.save(tmp_path / "top_rows.npy", np.arange(10))  # analyze writes it beside the profile
+    FrequencyProfile(np.array([3, len(data) + 5]), np.array([4, 2])).save(tmp_path / "far.npz")
+    for profile, message in (
+        ("top_rows.npy", r"top_rows.npy: a .npy array .*; expected a profile .npz"),
+        ("far.npz", rf"far.npz has row ids in \[3, {len(data) + 5:,}\]; expected row ids"),
+    ):
+        tiers = {"warm": {"capacity": 50, "policy": "zipf-tuned", "profile": profile}}
+        cfg = StoreConfig.from_dict(
+            {"table": {"path": str(path)}, "tiers": tiers}, base_dir=tmp_path
+        )
+        with pytest.raises(ConfigError, match=f"tiers.warm.profile: .*{message}"):
+            TieredStore(cfg)
+
+
 def test_preload_rows_warm_start(tmp_path, table):
     path, data = table
     np.save(tmp_path / "top.npy", np.array([5, 6, 7], dtype=np.int64))

@@ -385,4 +385,10 @@ def load_tier_profile(path: str, rows: int, key: str):
         raise ConfigError(
             f"{key}: {path} profiles a table of {profile.rows:,} rows; this table has {rows:,}"
         )
+    ids = profile.row_ids
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        raise ConfigError(
+            f"{key}: {path} has row ids in [{int(ids.min()):,}, {int(ids.max()):,}]; expected "
+            f"row ids of this table, in [0, {rows:,})"
+        )
     return profile

@@ -257,7 +257,13 @@ class FrequencyProfile:
     def load(cls, path: str | os.PathLike[str]) -> FrequencyProfile:
         """Read a profile written by :meth:`save`."""
         try:
-            with np.load(path, allow_pickle=False) as z:
+            z = np.load(path, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):  # analyze writes both: an easy mix-up
+                raise TraceFormatError(
+                    f"profile {path}: a .npy array (row ids, such as analyze's "
+                    "layer{L}.top_rows.npy); expected a profile .npz (analyze's layer{L}.profile.npz)"
+                )
+            with z:
                 meta = json.loads(str(z["meta"]))
                 ids, counts = z["row_ids"], z["counts"]
                 episodes = z["episodes"] if "episodes" in z.files else None
