@@ -10,7 +10,7 @@ from tests.conftest import make_table, store_config
 from tiered_store import ConfigError, StoreConfig, TieredStore
 from tiered_store.trace import TraceReader, TraceWriter
 from tiered_store.workload import ZipfWorkload
-from zipf_analysis.replay import replay
+from zipf_analysis.replay import replay, table_geometry
 
 ROWS, HEADS = 3000, 4
 
@@ -598,3 +598,14 @@ def test_a_queue_counts_batches_and_requests_in_the_units_it_is_given(tmp_path):
     queued = replay(cfg, path, batch_tokens=1, queued_requests=1, request_tokens=100)
     assert plain.batches == queued.batches == tokens * heads
     assert replay(cfg, path, queued_requests=1, request_tokens=1).batches == tokens
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value_bytes"), [("float32", 4), ("float16", 2), ("bfloat16", 2), ("uint8", 1)]
+)
+def test_without_the_table_file_a_row_is_priced_by_its_dtype(tmp_path, dtype, value_bytes):
+    """V4.1's packed rows are uint8: 264 B a row, not twice that."""
+    cfg = StoreConfig.from_dict(
+        {"table": {"path": str(tmp_path / "absent.npy"), "dim": 264, "dtype": dtype}}
+    )
+    assert table_geometry(cfg, {"name": "t", "rows": 1000, "dim": 264}) == (1000, 264 * value_bytes)

@@ -386,7 +386,7 @@ def table_geometry(config: StoreConfig, layout: dict[str, Any]) -> tuple[int, in
             f"table.dim: got {config.table.dim} but trace table {layout.get('name')!r} has rows of "
             f"{int(trace_dim)} values; expected the row width of the table the trace was made for"
         )
-    itemsize = 4 if (config.table.dtype or "float32") == "float32" else 2
+    itemsize = getattr(torch, config.table.dtype or "float32").itemsize
     return int(trace_rows), config.table.dim * itemsize
 
 
