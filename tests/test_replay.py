@@ -216,6 +216,18 @@ def test_replay_command_writes_table_json_and_png(tmp_path, capsys):
     belady = dict(zip(doc["sweep"][-1]["capacities"], doc["sweep"][-1]["miss_ratio"], strict=True))
     assert all(belady[c] <= sweep_lru[c] + 1e-12 for c in sweep_lru)
     assert (out / "replay.png").stat().st_size > 10_000
+    # a static policy with its static_rows: each swept capacity pins them (as many as fit)
+    np.save(tmp_path / "top.npy", np.arange(20, dtype=np.int64))
+    (tmp_path / "tiers.yaml").write_text(
+        f"table: {{path: {path.name}}}\ntiers:\n"
+        "  hot: {capacity: 60, policy: static+lru, static_rows: top.npy}\n"
+        "  warm: {capacity: 5%, policy: static+lru, static_rows: top.npy}\n"
+    )
+    argv[argv.index("lru")] = "lru,static+lru"
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().err
+    doc = json.loads((out / "replay.json").read_text())
+    assert [c["name"] for c in doc["sweep"]][:2] == ["lru", "static+lru"]
 
 
 def test_offline_bounds_replay_by_name_over_the_same_ids(tmp_path):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from policies.errors import PolicyError
 from policies.registry import PolicySpec, is_offline, offline_names
+from tiered_store.cache_plan import PinnedRowsWarning
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import DefaultsHelpFormatter
 from tiered_store.config import StoreConfig
@@ -395,24 +397,28 @@ def sweep(
     curves = []
     for policy in dict.fromkeys(p for p in policies if not is_offline(p)):
         ratios = [1.0]
-        for cap in caps:
+        parsed = PolicySpec.parse(policy)
+        pins = config.tiers.warm.static_rows if parsed.static and not parsed.tuned else None
+        for cap in caps:  # a cold start, but for the rows a static policy pins
             single = config.model_copy(
                 update={
                     "tiers": config.tiers.model_copy(
                         update={
                             "hot": config.tiers.hot.model_copy(update={"capacity": 0}),
                             "warm": config.tiers.warm.model_copy(
-                                update={"capacity": cap, "static_rows": None, "preload_rows": None}
+                                update={"capacity": cap, "static_rows": pins, "preload_rows": None}
                             ),
                         }
                     )
                 }
             )
-            ratios.append(
-                replay(
-                    single, reader, table=table, batch_tokens=batch_tokens, policy=policy
-                ).fetch_ratio  # comparable with the per-request curves drawn beside it
-            )
+            with warnings.catch_warnings():  # small points of a sweep may hold pins alone
+                warnings.simplefilter("ignore", PinnedRowsWarning)
+                ratios.append(
+                    replay(
+                        single, reader, table=table, batch_tokens=batch_tokens, policy=policy
+                    ).fetch_ratio  # comparable with the per-request curves drawn beside it
+                )
         curves.append(
             MissRatioCurve(
                 policy,
