@@ -329,6 +329,28 @@ def test_budgets_with_targets_for_one_tier_write_both_tiers(run, tmp_path, targe
     assert (stored.hot.capacity, stored.warm.capacity) == want
 
 
+def test_a_belady_sample_too_small_for_any_capacity_gives_no_curve(run, tmp_path, capsys):
+    """Not a flat 1.0 above exact LRU, the policy it bounds."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    code = main(
+        ["analyze", str(run["corpus"] / "en.txt"), "--config", str(config), "--out", str(out)]
+        + ["--seq-len", str(SEQ_LEN), "--belady-lookups", "10"]
+    )
+    assert code == 0
+    said = capsys.readouterr().err  # the stages' progress lines
+    tables = json.loads((out / "report.json").read_text())["tables"]
+    skipped = [n for n, t in tables.items() if "belady" not in t["curve_grid"]["miss_ratio"]]
+    assert skipped  # the smaller table's sample resolves nothing
+    for name in skipped:
+        assert f"{name} belady skipped: a sample of 10 lookups resolves no capacity" in said
+    for table in tables.values():  # where a curve is drawn, it bounds LRU
+        ratios = table["curve_grid"]["miss_ratio"]
+        bound = ratios.get("belady", ratios["lru"])
+        assert all(b <= a + 1e-9 for a, b in zip(ratios["lru"], bound, strict=True))
+
+
 def test_bad_engram_config_is_a_clear_error(run, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     for engram, key in (

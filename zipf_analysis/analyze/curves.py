@@ -59,8 +59,9 @@ def _belady_curve(
     distinct: int,
     extra_caps: Sequence[int],
     options: AnalyzeOptions,
-) -> MissRatioCurve:
-    """Belady's MIN on a spatially sampled miniature of the table's trace (exact when small)."""
+) -> MissRatioCurve | None:
+    """Belady's MIN on a spatially sampled miniature of the table's trace (exact when small);
+    None when the sample is too small to resolve any capacity."""
     start = time.perf_counter()
     rate = min(1.0, options.belady_lookups / max(lookups, 1))
     with TraceReader(trace) as reader:
@@ -79,6 +80,8 @@ def _belady_curve(
     caps = caps[(caps > 0) & (caps <= max(distinct, 1))]
     if rate < 1.0:  # a miniature cache of c*R rows; below ~8 rows it resolves nothing
         caps = caps[caps * rate >= 8]
+        if caps.size == 0:  # no curve rather than a flat 1.0 above the policies it bounds
+            return None
     scaled = np.maximum(np.rint(caps * rate).astype(np.int64), 1)
     misses = belady_misses(ids, scaled, workers=options.threads)
     n = max(ids.size, 1)
@@ -126,6 +129,13 @@ def stage_curves(
                 extra = [v["combined_capacity"] for v in recs[n]["tiers"].values()]
                 p = profiles[n]
                 curve = _belady_curve(ctx.trace, n, rows[n], p.lookups, p.distinct, extra, options)
+                if curve is None:
+                    ctx.say(
+                        f"curves: {n} belady skipped: a sample of {options.belady_lookups:,} "
+                        f"lookups resolves no capacity up to its {p.distinct:,} distinct rows "
+                        "(raise --belady-lookups)"
+                    )
+                    continue
                 curves[n].append(curve)
                 ctx.say(
                     f"curves: {n} belady (rate {curve.metadata['rate']:.3g}) in "
