@@ -14,6 +14,19 @@ def test_a_sub_percent_share_is_its_rows_not_zero():
     assert rows == 10_344
 
 
+@pytest.mark.parametrize(
+    ("spec", "table_rows", "rows"),
+    [
+        ("32.3%", 1000, 323),
+        ("57.7%", 1000, 577),
+        ("4.35MB", 10**7, 4_350_000),
+        ("0.3KB", 10**7, 300),
+    ],
+)
+def test_decimal_specs_are_exact_not_a_row_short_to_float_rounding(spec, table_rows, rows):
+    assert resolve_capacity(spec, table_rows=table_rows, row_bytes=1, key="k") == rows
+
+
 @pytest.mark.parametrize("text", ["", ",", "0", "150%", "1.5", "-5%", "five", "5%,x"])
 def test_bad_shares_are_refused_naming_the_option_and_the_value(text):
     with pytest.raises(ConfigError) as err:

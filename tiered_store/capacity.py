@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from .errors import ConfigError
 
@@ -43,7 +44,7 @@ def parse_bytes(text: str) -> int:
         raise ConfigError(
             f"byte size {text!r}: expected a number and a unit like '512MiB' or '2GB'"
         )
-    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).upper()])
+    return int(Fraction(m.group(1)) * _BYTE_UNITS[m.group(2).upper()])  # exact: '4.35MB'
 
 
 def resolve_capacity(spec: int | str, *, table_rows: int, row_bytes: int, key: str) -> int:
@@ -55,7 +56,7 @@ def resolve_capacity(spec: int | str, *, table_rows: int, row_bytes: int, key: s
     if isinstance(spec, int):
         rows = spec
     elif m := _PERCENT_RE.match(spec):
-        pct = float(m.group(1))
+        pct = Fraction(m.group(1))  # exact, as written: 32.3% of 1,000 rows is 323
         if pct > 100:
             raise ConfigError(f"{key}: {spec!r} is more than 100% of the table; expected 0%..100%")
         rows = int(table_rows * pct / 100)
