@@ -83,6 +83,8 @@ def test_example_config_is_valid():
         ({"model": {"engram": {"layer_ids": [1, 1]}}}, "layer_ids"),
         ({"model": [1]}, "model: got list"),
         ({"checkpoint": {"dtype": "int8"}}, "checkpoint.dtype"),
+        ({"server": {"request_timeout_s": True}}, "server.request_timeout_s: expected a number, got True"),
+        ({"store": {"cost_model": {"compute_seconds_per_batch": True}}}, "cost_model.compute_seconds_per_batch: expected a number, got True"),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_key(change, message):

@@ -386,6 +386,8 @@ def test_closed_store_refuses_lookups_and_keeps_its_stats(table):
         ({"cold": {"io": "aio"}}, r"tiers\.cold\.io"),
         ({"cold": {"threads": 0}}, r"tiers\.cold\.threads"),
         ({"warm": {"capcity": 5}}, r"tiers\.warm\.capcity: unknown key"),
+        ({"warm": {"evict_headroom": True}}, r"tiers\.warm\.evict_headroom: .*got True"),
+        ({"restart": {"save_every_s": True}}, r"tiers\.restart\.save_every_s: .*got True"),
     ],
 )
 def test_bad_config_names_the_key(table, tiers, match):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, StrictBool
 from pydantic import ValidationError as _PydanticValidationError
 
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
@@ -288,6 +288,17 @@ def int_at_least(minimum: int, at_most: int | None = None) -> Any:
     return Annotated[int, PlainValidator(check)]
 
 
+def _not_a_bool(value: Any) -> Any:
+    """Refuse a bool where a number is expected (``yes`` in YAML is not 1.0)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+#: a float field that refuses bools (pydantic reads True as 1.0); constraints go in ``Field``
+Number = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
 def checked_by(check: Callable[[Any], Any], kind: type = object) -> Any:
     """The annotation of a field that ``check`` validates (and converts) entirely."""
     return Annotated[kind, PlainValidator(check)]
@@ -465,8 +476,8 @@ class RepinConfig(ConfigModel):
     enabled: BoolOrAuto = DEFAULTS["repin.enabled"]
     every: int_at_least(1) = DEFAULTS["repin.every"]
     budget: checked_by(_check_budget, int | str) = DEFAULTS["repin.budget"]
-    decay: float = Field(default=DEFAULTS["repin.decay"], gt=0.0, le=1.0)
-    prior_weight: float = Field(default=DEFAULTS["repin.prior_weight"], ge=0.0)
+    decay: Number = Field(default=DEFAULTS["repin.decay"], gt=0.0, le=1.0)
+    prior_weight: Number = Field(default=DEFAULTS["repin.prior_weight"], ge=0.0)
     sketch_width: int_at_least(1, 64) = DEFAULTS["repin.sketch_width"]
     quiet_sample: int_at_least(1) = DEFAULTS["repin.quiet_sample"]
 
@@ -481,7 +492,7 @@ class CacheTierConfig(ConfigModel):
     profile: str | None = None  # frequency profile (.npz from `tiered-store analyze`), zipf-tuned
     recency_window: int_at_least(1) = DEFAULTS["tier.recency_window"]
     index: Literal["auto", "dense", "hashed"] = DEFAULTS["tier.index"]  # row -> slot index
-    evict_headroom: float = Field(default=DEFAULTS["tier.evict_headroom"], ge=0.0, le=0.5)
+    evict_headroom: Number = Field(default=DEFAULTS["tier.evict_headroom"], ge=0.0, le=0.5)
     repin: RepinConfig = RepinConfig()  # zipf-tuned only: online counting and re-pinning
 
 
@@ -516,7 +527,7 @@ class RestartConfig(ConfigModel):
     section: ClassVar[tuple[str, ...]] = ("tiers", "restart")
     enabled: StrictBool = DEFAULTS["restart.enabled"]
     open_waits_for: Literal["none", "hot", "all"] = DEFAULTS["restart.open_waits_for"]
-    save_every_s: float | None = Field(default=None, gt=0.0)  # seconds; None: on close only
+    save_every_s: Number | None = Field(default=None, gt=0.0)  # seconds; None: on close only
 
 
 class TiersConfig(ConfigModel):
@@ -543,12 +554,12 @@ class CostModelConfig(ConfigModel):
     """Bandwidths and latencies replay uses to model fetch and stall time."""
 
     section: ClassVar[tuple[str, ...]] = ("cost_model",)
-    hbm_gbps: float = Field(default=DEFAULTS["cost_model.hbm_gbps"], gt=0)
-    pcie_gbps: float = Field(default=DEFAULTS["cost_model.pcie_gbps"], gt=0)
-    dram_gbps: float = Field(default=DEFAULTS["cost_model.dram_gbps"], gt=0)
-    nvme_read_iops: float = Field(default=DEFAULTS["cost_model.nvme_read_iops"], gt=0)
-    nvme_latency_us: float = Field(default=DEFAULTS["cost_model.nvme_latency_us"], ge=0)
-    compute_seconds_per_batch: float = Field(
+    hbm_gbps: Number = Field(default=DEFAULTS["cost_model.hbm_gbps"], gt=0)
+    pcie_gbps: Number = Field(default=DEFAULTS["cost_model.pcie_gbps"], gt=0)
+    dram_gbps: Number = Field(default=DEFAULTS["cost_model.dram_gbps"], gt=0)
+    nvme_read_iops: Number = Field(default=DEFAULTS["cost_model.nvme_read_iops"], gt=0)
+    nvme_latency_us: Number = Field(default=DEFAULTS["cost_model.nvme_latency_us"], ge=0)
+    compute_seconds_per_batch: Number = Field(
         default=DEFAULTS["cost_model.compute_seconds_per_batch"], ge=0
     )
 
@@ -579,7 +590,7 @@ class ShardingConfig(ConfigModel):
     by: Literal["heads", "rows"] = DEFAULTS["sharding.by"]
     shards: checked_by(_check_shards_template, str | None) = None
     backend: Literal["auto", "gloo", "nccl"] = DEFAULTS["sharding.backend"]
-    timeout_s: float = Field(default=DEFAULTS["sharding.timeout_s"], gt=0)
+    timeout_s: Number = Field(default=DEFAULTS["sharding.timeout_s"], gt=0)
 
 
 class StoreConfig(ConfigModel):

@@ -12,7 +12,7 @@ from pydantic import Field, StrictBool, StrictInt
 from pydantic import ValidationError as _PydanticValidationError
 
 from ..cache_plan import parse_policy
-from ..config import ConfigModel, StoreConfig, format_validation_error, load_yaml
+from ..config import ConfigModel, Number, StoreConfig, format_validation_error, load_yaml
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
 from ..errors import ConfigError
@@ -79,10 +79,10 @@ class ServerSection(ConfigModel):
     max_concurrent: StrictInt = Field(default=SERVE_DEFAULTS["server.max_concurrent"], ge=1)
     max_connections: StrictInt = Field(default=SERVE_DEFAULTS["server.max_connections"], ge=1)
     backlog: StrictInt = Field(default=SERVE_DEFAULTS["server.backlog"], ge=1)
-    keep_alive_s: float = Field(default=SERVE_DEFAULTS["server.keep_alive_s"], gt=0)
-    request_timeout_s: float = Field(default=SERVE_DEFAULTS["server.request_timeout_s"], gt=0)
+    keep_alive_s: Number = Field(default=SERVE_DEFAULTS["server.keep_alive_s"], gt=0)
+    request_timeout_s: Number = Field(default=SERVE_DEFAULTS["server.request_timeout_s"], gt=0)
     announce_requests: StrictBool = SERVE_DEFAULTS["server.announce_requests"]
-    health_hold_s: float = Field(default=SERVE_DEFAULTS["server.health_hold_s"], ge=0)
+    health_hold_s: Number = Field(default=SERVE_DEFAULTS["server.health_hold_s"], ge=0)
     torch_threads: StrictInt = Field(default=SERVE_DEFAULTS["server.torch_threads"], ge=0)
 
 
@@ -94,7 +94,7 @@ class CheckpointSection(ConfigModel):
     seed: StrictInt = Field(default=SERVE_DEFAULTS["checkpoint.seed"], ge=0)
     dtype: Literal["float32", "float16", "bfloat16"] = SERVE_DEFAULTS["checkpoint.dtype"]
     verify_on_start: StrictBool = SERVE_DEFAULTS["checkpoint.verify_on_start"]
-    scrub_interval_s: float = Field(default=SERVE_DEFAULTS["checkpoint.scrub_interval_s"], ge=0)
+    scrub_interval_s: Number = Field(default=SERVE_DEFAULTS["checkpoint.scrub_interval_s"], ge=0)
 
 
 class _Sections(ConfigModel):
