@@ -24,6 +24,7 @@ from tiered_store import (
     TieredStoreError,
     create_table,
 )
+from tiered_store.config import load_yaml
 from tiered_store.profile import FrequencyProfile
 from tiered_store.workload import ZipfWorkload
 
@@ -424,6 +425,21 @@ def test_bad_yaml_names_the_file(tmp_path):
         StoreConfig.from_yaml(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         StoreConfig.from_yaml(tmp_path / "missing.yaml")
+    # a key given twice kept the last value, silently
+    for text, line in (
+        ("table: {path: t.npy}\ntiers:\n  hot:\n    capacity: 50%\n    capacity: 10\n", 4),
+        ("tiers: {hot: {capacity: 1, capacity: 2}}\n", 1),
+    ):
+        bad.write_text(text)
+        with pytest.raises(
+            ConfigError, match=rf"key 'capacity' given twice \(first on line {line}\)"
+        ):
+            StoreConfig.from_yaml(bad)
+    # a merge key's values may be overridden: that is YAML, not a key given twice
+    bad.write_text(
+        "hot: &h {capacity: 5, policy: lru}\ntiers:\n  warm:\n    <<: *h\n    capacity: 9\n"
+    )
+    assert load_yaml(bad)["tiers"]["warm"] == {"capacity": 9, "policy": "lru"}
 
 
 def test_failed_lookup_leaves_table_file_untouched(table):

@@ -148,7 +148,7 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path}: not UTF-8 text; expected a YAML file") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         kind = "JSON" if path.suffix == ".json" else "YAML"  # YAML reads JSON: say what was meant
         raise ConfigError(f"{what} {path}: not valid {kind}: {exc}") from None
@@ -297,6 +297,30 @@ def _not_a_bool(value: Any) -> Any:
 
 #: a float field that refuses bools (pydantic reads True as 1.0); constraints go in ``Field``
 Number = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (it kept the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<': merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                mark = first.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if mark is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} given twice (first on line {mark.line + 1}); expected each key "
+                    "once",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 def checked_by(check: Callable[[Any], Any], kind: type = object) -> Any:
