@@ -422,6 +422,40 @@ def test_checksum_failures_carry_across_a_reload(tmp_path):
         server.stop()
 
 
+def test_a_table_made_anew_over_the_served_one_is_reopened(tmp_path):
+    """A conversion rerun into the checkpoint renames a new file over the table: served after
+    the reload check, as a restart would (before, every request was a 503 until one)."""
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.engram.hashing import NgramHasher
+    from tiered_store.table_format import create_table, read_manifest
+
+    config = make_checkpoint(tmp_path)
+    served = ServeConfig.from_yaml(config)
+    table = served.table_path(3)
+    server = start_server(config)
+    try:
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+        manifest = read_manifest(table)
+        rows = np.random.default_rng(1).standard_normal((manifest.rows, manifest.dim))
+        hasher = NgramHasher(served.model.engram)
+        create_table(
+            table,
+            rows.astype(np.float32),
+            progress=False,
+            overwrite=True,
+            metadata=table_metadata(hasher, 3),
+        )
+        assert server.model.stores["engram_layer3"].is_stale()
+        assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
+        ids = torch.tensor([0, 7, manifest.rows - 1])
+        assert torch.equal(
+            server.model.stores["engram_layer3"].lookup(ids), torch.from_numpy(rows[ids]).float()
+        )
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+    finally:
+        server.stop()
+
+
 def test_metrics_on_the_same_port_of_another_address_leave_the_endpoint_alone(tmp_path):
     """A public endpoint with metrics on a private interface, same port: each listener serves
     its own paths (the metrics one was told apart by its port alone: every request a 404)."""

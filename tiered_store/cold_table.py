@@ -405,6 +405,15 @@ class ColdTable:
         _release_fd_pool(self._fd, self._pool, wait=True)
         self._fd, self._pool = -1, None
 
+    def replaced(self) -> bool:
+        """Whether the path now names another file than the one open (a table made anew over
+        it, e.g. a conversion rerun): reopen to serve it. A path naming no file is not."""
+        try:
+            named = os.stat(self.path)
+        except OSError:
+            return False
+        return (named.st_dev, named.st_ino) != self._identity
+
     # ---- per-batch checks ------------------------------------------------------------------
 
     def _check_file(self) -> None:

@@ -877,8 +877,9 @@ class TieredStore:
 
     def is_stale(self) -> bool:
         """Whether the table on disk moved on since this store opened (a compaction made a new
-        version, or a writer elsewhere committed): reopen to see it. A writing store never is."""
-        if current_version(self.config.table.path)[1] != self.generation:
+        version, the file was made anew, or a writer elsewhere committed): reopen to see it. A
+        writing store never is by commits."""
+        if current_version(self.config.table.path)[1] != self.generation or self.cold.replaced():
             return True
         return self._writer_lock is None and self._committed_elsewhere()
 
