@@ -3,6 +3,7 @@ load, trace replay, scrubbing, and the SIGTERM drain."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
@@ -453,6 +454,30 @@ def test_a_table_made_anew_over_the_served_one_is_reopened(tmp_path):
         )
         assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
     finally:
+        server.stop()
+
+
+def test_connections_that_send_no_whole_request_head_are_closed_in_time(tmp_path):
+    """max_connections of them held every other client to a 503 for as long as they stayed."""
+    limits = {"max_connections": 4, "keep_alive_s": 30.0, "request_timeout_s": 1.0}
+    server = start_server(make_checkpoint(tmp_path, server=limits))
+    host, port = server.url.removeprefix("http://").split(":")
+    silent = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+    try:
+        silent[1].sendall(b"POST /v1/engram HTTP/1.1\r\nHost: x\r\n")  # a head never finished
+        for sock in silent:  # each closed by the server about 1 s in
+            assert sock.recv(1024) == b""
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+        # a kept-alive connection waits for its next request as keep_alive_s says, not 1 s
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        for _ in range(2):
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().read() and conn.sock is not None
+            time.sleep(1.5)
+        conn.close()
+    finally:
+        for sock in silent:
+            sock.close()
         server.stop()
 
 

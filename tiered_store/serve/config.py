@@ -37,7 +37,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "server.max_connections": 1024,  # open connections + requests before uvicorn answers 503
     "server.backlog": 2048,  # listen backlog: connections the kernel queues before accept
     "server.keep_alive_s": 5.0,  # seconds an idle keep-alive connection stays open
-    "server.request_timeout_s": 30.0,  # seconds: longest wait for the body, and for a turn
+    "server.request_timeout_s": 30.0,  # seconds: longest wait for a head, a body, and a turn
     "server.announce_requests": False,  # tell the tables each waiting request's rows (evicted last)
     "server.health_hold_s": 60.0,  # seconds /healthz stays 503 after a table's lookup failed
     "server.torch_threads": 0,  # intra-op threads for torch (0: leave torch's default)

@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..metrics import RequestCounters, build_registry, build_sharded_registry
 from .app import INFERENCE_PATH, build_app
 from .config import ServeConfig, check_address
+from .http_protocol import with_head_deadline
 from .inference_request import InferenceRequest, RequestError, parse_request
 from .served_model import Announced, ServedModel
 
@@ -136,7 +137,7 @@ class InferenceServer:
         server = self.config.server
         config = uvicorn.Config(
             build_app(self),
-            http="h11",
+            http=with_head_deadline(server.request_timeout_s),  # h11, idle openers timed out
             loop="asyncio",
             lifespan="off",
             backlog=server.backlog,

@@ -1,0 +1,57 @@
+"""uvicorn's h11 protocol with a deadline for each request's head.
+
+uvicorn times a connection out only after an answer (``timeout_keep_alive``); one that opens and
+sends nothing, or half a request head, is held for good, and ``server.max_connections`` of them
+leave every other client a 503. Here a connection waiting for a request head (opened, or part of
+one received) is closed once ``server.request_timeout_s`` passes without a whole head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+__all__ = ["with_head_deadline"]
+
+
+def with_head_deadline(seconds: float) -> type[H11Protocol]:
+    """An ``H11Protocol`` class (uvicorn's ``Config(http=...)``) that closes a connection whose
+    request head has not arrived ``seconds`` after it began waiting for one."""
+
+    class HeadDeadlineProtocol(H11Protocol):
+        _head_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._watch_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)  # cancels the keep-alive wait: part of a head came
+            self._watch_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_watching()
+            super().connection_lost(exc)
+
+        def _watch_head(self) -> None:
+            """Arm the deadline while a head is awaited with no keep-alive wait running (that
+            one times out an idle connection after an answer); drop it once a head came."""
+            waiting = self.conn.their_state is h11.IDLE and self.timeout_keep_alive_task is None
+            if not waiting:
+                self._stop_watching()
+            elif self._head_deadline is None:
+                self._head_deadline = self.loop.call_later(seconds, self._head_too_late)
+
+        def _stop_watching(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def _head_too_late(self) -> None:
+            self._head_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadDeadlineProtocol
