@@ -20,7 +20,10 @@ as the store's cache code at one lookup per batch, at numba speed) for:
    prefill, where a request's row ids are known before it is served): eviction passes over rows
    looked up within them, for L from one 64-token batch to 16 requests of 4,096 tokens;
 7. (``--oracle``) the pins ranked by the replayed trace's own lookups, and by its own episodes
-   (oracles: what a perfect profile of each statistic could do), with the rule's split.
+   (oracles: what a perfect profile of each statistic could do), with the rule's split;
+8. (``--segment-bound``) the same pins (zipf-tuned's, and pin-by-lookups'), with Belady's MIN
+   instead of LRU on the recency segment (of the rule's size, and of twice it with fewer pins):
+   what any eviction policy of the unpinned rows could win, given the pins.
 
 Every variant pins its segment (never evicted) and runs LRU on the rest, as zipf-tuned does.
 
@@ -30,7 +33,7 @@ Example::
 
 Takes about 4 minutes on 2 cores (most of it `analyze`; ``--analysis DIR`` reuses an
 ``analyze --holdout`` output instead); ``--repin`` adds about 5 minutes, ``--lookahead`` about 3,
-``--oracle`` about 1.
+``--oracle`` about 1, ``--segment-bound`` about 2.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from policies.offline import Belady
 from policies.pinned_lru import pinned_lru_misses
 from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
@@ -106,6 +110,11 @@ def main(argv=None) -> int:
         "--oracle",
         action="store_true",
         help="also pin by the replayed trace's own lookups and episodes (oracles)",
+    )
+    p.add_argument(
+        "--segment-bound",
+        action="store_true",
+        help="also run Belady's MIN on the recency segment behind fixed pins (a bound)",
     )
     p.add_argument("--out", help="write JSON here too")
     args = p.parse_args(argv)
@@ -188,6 +197,26 @@ def main(argv=None) -> int:
         run("oracle: pin by the replay's lookups", by_own_lookups, rule)
         by_own_episodes = np.lexsort((np.arange(rows), -own_counts, -own_episodes))
         run("oracle: pin by the replay's episodes", by_own_episodes, rule)
+    if args.segment_bound:  # the pins as they are, a clairvoyant recency segment behind them
+        for name, order in (("zipf-tuned", default), ("pin-by-lookups", by_lookups)):
+            for mult in (1, 2):
+                start = time.perf_counter()
+                cells = []
+                for share, recency in zip(SHARES, rule, strict=True):
+                    capacity = int(rows * share)
+                    segment = min(capacity, mult * recency)
+                    pinned = np.zeros(rows, np.bool_)
+                    pinned[order[: capacity - segment]] = True
+                    unpinned = ids[~pinned[ids]]
+                    cells.append(float(Belady().misses(unpinned, [segment])[0]) / ids.size)
+                label = f"{name} pins, Belady on a segment x{mult}"
+                runs[label] = cells
+                print(
+                    f"{label:<44}"
+                    + " ".join(f"{100 * c:6.2f}" for c in cells)
+                    + f"   ({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
     if args.repin:
         caps = [int(rows * s) for s in SHARES]
         for mult in (2, 3):  # at most the whole tier (1%: the rule already gives half)

@@ -4,6 +4,7 @@ refuses bad options before any work."""
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -29,7 +30,8 @@ def analysis(tmp_path_factory) -> Path:
 def sweep(analysis, tmp_path_factory):
     """One run with the oracle rows: (its JSON, the profile ids, the replayed ids, rows)."""
     out = tmp_path_factory.mktemp("zt_out") / "new" / "r.json"
-    args = ("--analysis", str(analysis), "--lookups", str(LOOKUPS), "--oracle", "--out", str(out))
+    args = ("--analysis", str(analysis), "--lookups", str(LOOKUPS), "--oracle", "--segment-bound")
+    args = (*args, "--out", str(out))
     done = run_bench("bench_zipf_tuned.py", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     with TraceReader(analysis / "trace.trace") as reader:
@@ -72,7 +74,9 @@ def test_records_the_analysis_it_replayed(sweep, analysis):
     assert result["profile_lookups"] == profile.size
     assert result["replayed_lookups"] == replayed.size == LOOKUPS  # the holdout has more
     assert result["capacity_shares"] == list(SHARES)
-    assert result["command"].endswith(f"--analysis a --lookups {LOOKUPS} --oracle --out r.json")
+    assert result["command"].endswith(
+        f"--analysis a --lookups {LOOKUPS} --oracle --segment-bound --out r.json"
+    )
     profiled = np.unique(profile).size
     for share, recency in zip(SHARES, result["recency_rows_by_rule"], strict=True):
         capacity = int(rows * share)
@@ -113,6 +117,50 @@ def test_oracles_pin_the_replay_s_own_rows(sweep):
     # from 5% on, the pins hold every row this short replay looks up: no misses at all
     assert own_lookups[1:] == own_episodes[1:] == [0.0] * 3 and min(profile) > 0
     assert 0 < own_episodes[0] < profile[0]
+
+
+def belady_misses(ids: list[int], size: int) -> int:
+    """Belady's MIN with bypass over ``ids``, per request: the row used furthest ahead (or the
+    missed row itself, when that is it) is not kept."""
+    never = len(ids)
+    upcoming: dict[int, list[int]] = {}
+    for t in reversed(range(len(ids))):
+        upcoming.setdefault(ids[t], []).append(t)
+    held: dict[int, int] = {}  # row -> its next use
+    heap: list[tuple[int, int]] = []  # (-next use, row), stale entries skipped
+    misses = 0
+    for row in ids:
+        upcoming[row].pop()
+        nxt = upcoming[row][-1] if upcoming[row] else never
+        if row not in held:
+            misses += 1
+            if len(held) >= size:
+                while heap and held.get(heap[0][1]) != -heap[0][0]:
+                    heapq.heappop(heap)
+                if size == 0 or -heap[0][0] <= nxt:
+                    continue  # the missed row is needed last: bypass
+                del held[heapq.heappop(heap)[1]]
+        held[row] = nxt
+        heapq.heappush(heap, (-nxt, row))
+    return misses
+
+
+def test_a_clairvoyant_segment_behind_the_same_pins_misses_no_more_than_lru(sweep):
+    result, profile, replayed, rows = sweep
+    figures = result["miss_ratio_per_request"]
+    for pins, lru in (
+        ("zipf-tuned", "pin by episodes W=65,536, rule split"),
+        ("pin-by-lookups", "pin by lookups, rule split"),
+    ):
+        bound = figures[f"{pins} pins, Belady on a segment x1"]
+        assert all(0 < b <= f for b, f in zip(bound, figures[lru], strict=True))
+        assert bound[0] < figures[lru][0]  # at 1% the segment's choices matter
+    # an independent Belady over the lookups of the rows pin-by-lookups does not pin
+    size = result["recency_rows_by_rule"][0]
+    pinned = top_rows(profile, rows, int(rows * SHARES[0]) - size)
+    unpinned = [row for row in replayed.tolist() if row not in pinned]
+    want = belady_misses(unpinned, size) / replayed.size
+    assert figures["pin-by-lookups pins, Belady on a segment x1"][0] == want
 
 
 def test_without_an_analysis_it_analyses_and_leaves_nothing(tmp_path):
