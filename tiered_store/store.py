@@ -167,14 +167,17 @@ class TieredStore:
         if delta_path(self.cold.path).is_dir():  # a reader's view: one commit, until reopened
             with contextlib.suppress(ConfigError):  # a delta never initialised: none
                 self._open_writes(create=False, pinned=True)
-        saved = None  # a warm restart's saved tiers, read before the warm start: a re-pinning
-        # tier whose pins come back does not preload its profile's (they would fill its slots)
+        # a warm restart's saved tiers are read before the warm start: a re-pinning tier whose
+        # pins come back does not preload its profile's (they would fill the slots they need)
+        saved = None
         if config.tiers.restart.enabled:
             path = restart_path(config.table.path)
             saved = load_restart(path, table_identity(self.cold, self.generation))
             if saved is not None:
                 self._restore_profiles(path, saved)
-        restored = [c.name for c in self.caches.online if saved and c.name in saved.pinned]
+        restored = [
+            c.name for c in self.caches.online if saved is not None and c.name in saved.pinned
+        ]
         with self._lock:  # on the store's stream, which lookups gather on
             for cache, ids, slots in self.caches.warm_start(config, restored):
                 pool = self.hot_pool if cache is self.hot else self.warm_pool

@@ -263,8 +263,8 @@ class PrefetchPipeline:
         if cuda and isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu":
             input_ids = input_ids.pin_memory()  # so the model's copy to the GPU is asynchronous
         elif self.lookahead and isinstance(input_ids, torch.Tensor | np.ndarray):
+            # a copy: the source may refill its buffer with the next batch before this one runs
             input_ids = input_ids.copy() if isinstance(input_ids, np.ndarray) else input_ids.clone()
-            # ^ a copy: the source may refill its buffer with the next batch before this one runs
         return self.model.prefetch(input_ids) if self.prefetch else self.model.hash(input_ids)
 
 
