@@ -82,6 +82,45 @@ def test_the_refusal_to_overwrite_names_the_option(table, capsys):
     assert "pass --overwrite to replace the table" in err and "overwrite=True" not in err
 
 
+def test_init_over_a_written_or_compacted_table_replaces_its_history_too(table, capsys):
+    """The old table's delta and compacted versions were served over the new rows, and the
+    next compact deleted the new file."""
+    import numpy as np
+    import torch
+
+    from tiered_store import TieredStore
+    from tiered_store.delta.compaction import compact_table
+
+    with TieredStore.open({"table": {"path": str(table)}}) as store:  # a written row
+        store.write([4], torch.ones(1, 16))
+        store.commit()
+    assert (
+        main(["init", str(table), "--random", "3000x16", "--seed", "7", "--quiet", "--overwrite"])
+        == 0
+    )
+    with TieredStore.open({"table": {"path": str(table)}}) as store:
+        assert torch.equal(store.lookup([4])[0], torch.from_numpy(np.load(table)[4]))
+    with TieredStore.open({"table": {"path": str(table)}}) as store:
+        store.write([4], torch.ones(1, 16))
+        store.commit()
+    compact_table(table, progress=False)  # now served from t.g1.npy; t.npy is gone
+    assert not table.exists()
+    capsys.readouterr()
+    assert main(["init", str(table), "--random", "10x4", "--quiet"]) == 2
+    assert "has committed writes or compacted versions beside it" in capsys.readouterr().err
+    assert main(["init", str(table), "--random", "10x4", "--quiet", "--overwrite"]) == 0
+    assert sorted(p.name for p in table.parent.iterdir() if not p.name.endswith(".lock")) == [
+        "t.npy",
+        "t.npy.manifest.json",
+        "t.npy.pages.crc32c",
+    ]
+    with TieredStore.open({"table": {"path": str(table)}}) as store:
+        assert (store.rows, store.dim) == (10, 4)
+    compact_table(table, progress=False)
+    with TieredStore.open({"table": {"path": str(table)}}) as store:
+        assert (store.rows, store.dim) == (10, 4)
+
+
 def test_a_table_larger_than_the_free_space_is_refused_before_writing(tmp_path, capsys):
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
     assert main(["init", str(tmp_path / "huge.npy"), "--random", "10000000000000x64"]) == 2

@@ -151,9 +151,7 @@ def _run_init(args) -> int:
 def _name_overwrite(exc: TableExistsError) -> TableExistsError:
     """``exc`` as the command line says it: the option to pass is ``--overwrite``."""
     return TableExistsError(
-        exc.errno,
-        f"table file {exc.filename} already exists; pass --overwrite to replace the table",
-        exc.filename,
+        exc.errno, exc.strerror.replace("overwrite=True", "--overwrite"), exc.filename
     )
 
 

@@ -898,7 +898,7 @@ def _write_table(
             "first)",
             str(directory),
         )
-    _refuse_existing(npy_path, manifest_path, overwrite)
+    refuse_existing(npy_path, manifest_path, overwrite)
     _, itemsize, _ = TABLE_DTYPES[reader.dtype]
     descr = TABLE_DTYPES[reader.dtype][0]
     row_bytes = reader.dim * itemsize
@@ -992,8 +992,11 @@ def _manifest_text(manifest: TableManifest) -> str:
     return f'{text[:-2]},\n "block_checksums": {json.dumps(sums)}\n}}\n'
 
 
-def _refuse_existing(npy_path: Path, manifest_path: Path, overwrite: bool) -> None:
-    """Raise TableExistsError if either table file exists and overwriting was not asked for."""
+def refuse_existing(npy_path: Path, manifest_path: Path, overwrite: bool) -> None:
+    """Raise TableExistsError if either table file exists, or the history of a table there (its
+    writes, compacted versions), and overwriting was not asked for."""
+    from .delta.table_versions import has_history  # noqa: PLC0415 (delta builds on this module)
+
     if overwrite:
         return
     for p in (npy_path, manifest_path):
@@ -1003,6 +1006,13 @@ def _refuse_existing(npy_path: Path, manifest_path: Path, overwrite: bool) -> No
                 f"table file {p} already exists; pass overwrite=True to replace the table",
                 str(p),
             )
+    if has_history(npy_path):
+        raise TableExistsError(
+            errno.EEXIST,
+            f"table {npy_path} has committed writes or compacted versions beside it (a table is "
+            "there); pass overwrite=True to replace the table and its history",
+            str(npy_path),
+        )
 
 
 def _commit(
@@ -1012,7 +1022,12 @@ def _commit(
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(dir_fd, fcntl.LOCK_EX)  # serialise commits of cooperating writers
-        _refuse_existing(data.path, manifest.path, overwrite)  # re-check under the lock
+        refuse_existing(data.path, manifest.path, overwrite)  # re-check under the lock
+        if overwrite:  # the old table's writes and versions would be served over the new rows
+            from .delta.table_versions import forget_history, has_history  # noqa: PLC0415
+
+            if has_history(data.path):
+                forget_history(data.path)
         if manifest.path.exists():
             manifest.path.unlink()  # old table stops being openable before its .npy changes
             fsync_dir(directory)

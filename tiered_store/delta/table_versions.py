@@ -206,6 +206,15 @@ def forget_history(table: str | os.PathLike[str]) -> None:
         fsync_dir(npy.parent)
 
 
+def has_history(table: str | os.PathLike[str]) -> bool:
+    """Whether a table's writes left anything beside its file: a version pointer, a delta or a
+    compacted version (what :func:`forget_history` removes)."""
+    npy = table_paths(table)[0]
+    if pointer_path(npy).exists() or delta_path(npy).exists():
+        return True
+    return npy.parent.is_dir() and bool(_compacted_generations(npy))
+
+
 def _compacted_generations(npy: Path) -> list[int]:
     """The generations N >= 1 whose ``TABLE.gN.npy`` is beside the table's ``npy``."""
     pattern = re.compile(rf"^{re.escape(npy.stem)}\.g(\d+)\.npy$")

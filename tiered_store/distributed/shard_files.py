@@ -8,7 +8,6 @@ metadata (the Engram layout).
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,14 @@ import torch
 
 from ..cold_table import ColdTable
 from ..delta.row_delta import delta_path, open_delta
-from ..delta.table_versions import current_version, forget_history, pointer_path
+from ..delta.table_versions import current_version
 from ..errors import TableFormatError
 from ..page_checksums import sidecar_path
 from ..table_format import (
-    TableExistsError,
     TableManifest,
     create_table,
     read_manifest,
+    refuse_existing,
     table_paths,
 )
 from ..table_sources import TABLE_DTYPES, SourceReader
@@ -130,15 +129,7 @@ def write_shards(
                 raise TableFormatError(
                     f"rank {rank}'s shard {path} is the table itself; expected another path"
                 )
-            if not overwrite and path.exists():
-                raise TableExistsError(
-                    errno.EEXIST,
-                    f"table file {path} already exists; pass overwrite=True to replace the table",
-                    str(path),
-                )
-        for path in paths:  # an old shard's writes and versions would outlive its file
-            if overwrite and (path.exists() or pointer_path(path).exists()):
-                forget_history(path)
+            refuse_existing(path, table_paths(path)[1], overwrite)
         written: list[ShardInfo] = []
         try:
             for rank, path in enumerate(paths):
