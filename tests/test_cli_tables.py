@@ -154,6 +154,26 @@ def test_an_interrupted_init_leaves_no_temporary_files(tmp_path, signum):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_shard_set_stopped_by_sigterm_leaves_no_shard_and_no_temporary_file(tmp_path):
+    """SIGTERM unwinds every command as Ctrl-C does (it left rank 0's shard and temp files)."""
+    assert main(["init", str(tmp_path / "a.npy"), "--random", "1000000x64", "--quiet"]) == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tiered_store.cli", "shard", str(tmp_path / "a.npy"),
+         "--ranks", "4", "--by", "rows", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".a.shard-1-of-4.npy*.tmp")):
+        assert proc.poll() is None and time.monotonic() < deadline, "rank 1's shard never began"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 @pytest.mark.parametrize("kind", ["empty file", "directory"])
 def test_a_source_npy_that_is_empty_or_a_directory_is_a_clear_error(tmp_path, kind, capsys):
     source = tmp_path / "src.npy"

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with warnings.catch_warnings():  # restores Python's way of showing them on return
-            warnings.showwarning = _warning_line(args.command)
+        # SIGTERM unwinds every command like Ctrl-C, so its cleanup runs (no temporary files
+        # or half a shard set left); serve installs its own handler (a drain) inside
+        with warnings.catch_warnings(), _interrupt_on_sigterm():
+            warnings.showwarning = _warning_line(args.command)  # restored on return
             code = int(args.run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not as an error at exit
         return code
@@ -133,14 +136,9 @@ def _run_init(args) -> int:
             rows, dim, dtype=args.dtype or "float32", seed=args.seed, std=args.std
         )
     try:
-        with _interrupt_on_sigterm():  # SIGTERM unwinds like Ctrl-C: temporary files removed
-            manifest = tf.create_table(
-                args.table,
-                source,
-                dtype=args.dtype,
-                progress=not args.quiet,
-                overwrite=args.overwrite,
-            )
+        manifest = tf.create_table(
+            args.table, source, dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite
+        )
     except tf.TableExistsError as exc:
         raise _name_overwrite(exc) from None
     path = tf.table_paths(args.table)[0]  # NAME.npy when given NAME
@@ -157,11 +155,15 @@ def _name_overwrite(exc: TableExistsError) -> TableExistsError:
 
 @contextlib.contextmanager
 def _interrupt_on_sigterm() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt (so cleanup code runs), as SIGINT does."""
+    """Within the block, SIGTERM raises KeyboardInterrupt (so cleanup code runs), as SIGINT does
+    (only a main thread can take signals: elsewhere, nothing changes)."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
