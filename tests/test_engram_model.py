@@ -378,3 +378,27 @@ def test_decode_with_a_cache_equals_one_pass_in_the_demo_geometry(model, kernel_
     engram = model.config.engram
     reach = (engram.kernel_size - 1) * engram.max_ngram_size
     assert {c["inputs"].shape[-1] for c in cache.conv.values()} == {reach}
+
+
+def test_an_overwrite_stopped_midway_leaves_no_checkpoint_that_looks_complete(
+    model, config, tmp_path, monkeypatch
+):
+    """dense.safetensors marks a complete checkpoint: an overwrite drops it first, so a stop
+    after the first table never leaves the new table beside the old dense weights."""
+    import tiered_store.engram.checkpoint as checkpoint
+
+    save_tiered(model, tmp_path)
+    real, calls = checkpoint.create_table, []
+
+    def stopped_at_the_second_table(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "create_table", stopped_at_the_second_table)
+    with pytest.raises(KeyboardInterrupt):
+        save_tiered(EngramLM(config), tmp_path, overwrite=True)
+    assert not (tmp_path / checkpoint.DENSE_FILE).exists()
+    with pytest.raises(ConfigError):
+        load_tiered_model(tmp_path, store=STORE)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic_file import fsync_dir
 from ..delta.row_delta import open_delta
 from ..delta.table_versions import current_version, open_current_version, release
 from ..errors import ConfigError, TableFormatError, TieredStoreError
@@ -327,6 +328,10 @@ def convert_checkpoint(
     _check_entries(entries, expected, config, strict)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    dense_path = out / DENSE_FILE  # written last: its presence marks a complete checkpoint
+    if overwrite and dense_path.exists():  # so a conversion stopped midway leaves none
+        dense_path.unlink()
+        fsync_dir(out)
     paths = {}
     for layer_id in config.engram.layer_ids:
         key = f"layers.{layer_id}.engram.{EMBEDDING_KEY}"
@@ -339,7 +344,6 @@ def convert_checkpoint(
             overwrite=overwrite,
             metadata=table_metadata(hasher, layer_id),
         )
-    dense_path = out / DENSE_FILE
     _save_dense(dense_path, {k: e.load() for k, e in entries.items()}, config)
     return ConvertedCheckpoint(out, config, dense_path, paths)
 
