@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serve_support import make_checkpoint
-from tiered_store.engram.checkpoint import table_metadata
-from tiered_store.engram.hashing import NgramHasher
+from tiered_store.page_checksums import sidecar_path
 from tiered_store.serve import ServeConfig
 from tiered_store.serve.client import (
     ServeProcess,
@@ -34,7 +34,11 @@ from tiered_store.serve.client import (
     raw_exchange,
     subprocess_env,
 )
-from tiered_store.table_format import create_table, read_manifest
+from tiered_store.table_format import (
+    add_page_checksums,
+    read_manifest,
+    table_paths,
+)
 
 LIMITS = {
     "max_body_bytes": 4 << 20,  # the default: a 3.9 MB body passes the size check
@@ -188,12 +192,20 @@ def test_clients_that_disconnect_leave_no_traceback(proc):
 
 
 def _nan_table(config: ServeConfig, layer: int) -> None:
-    """Rewrite layer ``layer``'s table as a valid table (checksums match) whose rows are NaN."""
+    """Rewrite layer ``layer``'s table in place as a valid table (checksums match) whose rows
+    are NaN: one made elsewhere (create_table refuses non-finite rows)."""
     path = config.table_path(layer)
     manifest = read_manifest(path)
-    rows = np.full((manifest.rows, manifest.dim), np.nan, dtype=np.float32)
-    hasher = NgramHasher(ServeConfig.from_yaml(config.base_dir / "serve.yaml").model.engram)
-    create_table(path, rows, progress=False, overwrite=True, metadata=table_metadata(hasher, layer))
+    nan = np.full(manifest.rows * manifest.dim, np.nan, dtype=np.float32).tobytes()
+    with open(path, "r+b") as f:
+        f.seek(manifest.data_offset)
+        f.write(nan)
+    blocks = range(0, len(nan), manifest.block_bytes)
+    doc = json.loads(table_paths(path)[1].read_text())
+    doc["block_checksums"] = [zlib.crc32(nan[i : i + manifest.block_bytes]) for i in blocks]
+    table_paths(path)[1].write_text(json.dumps(doc))
+    sidecar_path(path).unlink()
+    add_page_checksums(path, progress=False)
 
 
 def test_a_non_finite_table_value_is_a_counted_503_never_invalid_json(tmp_path):

@@ -195,6 +195,17 @@ def test_progress_bar_can_be_shown(tmp_path, capsys):
         (np.zeros((4, 3), np.float32), {"chunk_bytes": 0}, r"chunk_bytes=0"),
         (RandomSource(4, 3, seed=-1), {}, r"seed=-1"),
         (RandomSource(4, 3, dtype="float64"), {}, r"dtype is 'float64'"),
+        (
+            np.array([[1.0, 2.0], [3.0, 70000.0]], np.float32),
+            {"dtype": "float16"},
+            r"source row 1 column 1 is inf as float16: .* past float16's range \(\|x\| <= 65504\)",
+        ),
+        (np.array([[1.0, np.nan]], np.float32), {}, r"source row 0 column 1 is nan as float32"),
+        (
+            np.array([[1e39, 0.0]], np.float64),
+            {"dtype": "bfloat16"},
+            r"source row 0 column 0 is inf as bfloat16",
+        ),
     ],
 )
 def test_bad_input_is_refused_and_writes_nothing(tmp_path, source, kw, match):

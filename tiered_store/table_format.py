@@ -926,6 +926,7 @@ def _write_table(
                         f"source rows [{start}, {stop}) came back as {block.shape} "
                         f"{block.dtype.str}; expected {(stop - start, reader.dim)} {descr}"
                     )
+                _check_finite(block, reader.dtype, start)
                 data = block.reshape(-1).view(np.uint8)
                 f.write(data)
                 crc.update(memoryview(data))
@@ -990,6 +991,26 @@ def _manifest_text(manifest: TableManifest) -> str:
     sums = doc.pop("block_checksums")
     text = json.dumps(doc, indent=1)
     return f'{text[:-2]},\n "block_checksums": {json.dumps(sums)}\n}}\n'
+
+
+def _check_finite(block: np.ndarray, dtype: str, first_row: int) -> None:
+    """Refuse a chunk of float rows holding inf or NaN (in the table's dtype: a finite source
+    value past its range becomes inf), naming the row; a table is never written with them."""
+    if dtype == "uint8":  # packed quantised rows: their own format
+        return
+    values = block
+    if dtype == "bfloat16":  # stored as raw bits
+        values = torch.from_numpy(block.view(np.int16)).view(torch.bfloat16).float().numpy()
+    finite = np.isfinite(values)
+    if finite.all():
+        return
+    row, col = (int(i) for i in np.argwhere(~finite)[0])
+    limit = float(torch.finfo(TABLE_DTYPES[dtype][2]).max)
+    raise TableFormatError(
+        f"source row {first_row + row:,} column {col} is {values[row, col]} as {dtype}: the "
+        f"source holds a non-finite value there, or one past {dtype}'s range (|x| <= {limit:g}); "
+        "expected finite rows"
+    )
 
 
 def refuse_existing(npy_path: Path, manifest_path: Path, overwrite: bool) -> None:
