@@ -100,6 +100,7 @@ def test_help_explains_the_demo():
         (None, ["--corpus", "/nonexistent/*.txt"], "the pattern matches no files"),
         (None, ["--hot", "200%"], "tiers.hot.capacity: '200%' is more than 100% of the table"),
         (None, ["--warm", "1GiB"], "tiers.warm.capacity: '1GiB' is"),
+        (None, ["--device", "cuda:99"], "--device: 'cuda:99' but "),  # no such GPU, or no CUDA
     ],
 )
 def test_bad_demo_input_gives_a_clear_error(tmp_path, capsys, content, argv, message):

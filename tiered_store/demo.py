@@ -267,11 +267,12 @@ def run_demo(args) -> int:
     from .engram.corpus import read_tokens, token_batches
     from .engram.model import EngramLM
     from .engram.pipeline import profile_rows
+    from .store import compute_device
 
     settings = demo_settings(args)
     demo = DemoConfig.from_dict(settings, source="demo settings")  # checked before any work
     run = demo.run
-    device = torch.device(demo.tiers.hot.device)
+    device = compute_device(demo.tiers.hot.device, "--device")  # before any work
     torch.manual_seed(run.seed)
     if args.workdir is not None:
         try:

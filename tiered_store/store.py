@@ -107,7 +107,7 @@ class TieredStore:
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         tiers = config.tiers
-        self.device = _compute_device(tiers.hot.device)
+        self.device = compute_device(tiers.hot.device)
         # held (a shared lock) from before the open: old versions outlive their readers
         self.cold, self.generation, self._version_hold = self._open_current_version(config)
         self._writer_lock: int | None = None
@@ -1118,17 +1118,15 @@ def as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     return tensor
 
 
-def _compute_device(name: str) -> torch.device:
-    """The device ``tiers.hot.device`` names, checked to exist here (``cuda`` -> ``cuda:N``)."""
+def compute_device(name: str, key: str = "tiers.hot.device") -> torch.device:
+    """The device ``name`` (setting ``key``), checked to exist here (``cuda`` -> ``cuda:N``)."""
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(
-                f"tiers.hot.device: {name!r} but CUDA is not available here; expected 'cpu'"
-            )
+            raise ConfigError(f"{key}: {name!r} but CUDA is not available here; expected 'cpu'")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(
-                f"tiers.hot.device: {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+                f"{key}: {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
             )
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
