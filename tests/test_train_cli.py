@@ -209,3 +209,13 @@ def test_a_table_whose_creation_was_killed_is_made_again(tmp_path):
     (out / "tables.npy").write_bytes(b"\x93NUMPY half a table")  # no manifest beside it
     assert main([*common, *small, "--steps", "1"]) == 0
     assert _committed(out) == 1
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_an_out_that_cannot_be_a_directory_is_named(tmp_path, capsys, where):
+    common, small, out = _cli_args(tmp_path)
+    (tmp_path / "taken").write_text("not a directory")
+    bad = tmp_path / "taken" if where == "a file" else tmp_path / "taken" / "run"
+    common[common.index(str(out))] = str(bad)
+    assert main([*common, *small, "--steps", "1"]) == 2
+    assert f"--out {bad}: cannot make it" in capsys.readouterr().err

@@ -99,7 +99,12 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
     per_batch = settings.batch_size * settings.seq_len
     tokens = read_tokens(corpus, model.hasher.tokenizer, max_tokens=per_batch * settings.steps)
     batches = token_batches(tokens, settings.batch_size, settings.seq_len)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file there, or on its path
+        raise ConfigError(
+            f"--out {out}: cannot make it ({exc.strerror}); expected a directory for the run"
+        ) from None
     with atomic_write(out / SETTINGS_FILE, "w") as f:
         json.dump(asdict(settings), f, indent=1)
     if not _holds_a_run(out):  # the initial rows of every layer, one after another (a killed
