@@ -121,6 +121,17 @@ def test_init_over_a_written_or_compacted_table_replaces_its_history_too(table, 
         assert (store.rows, store.dim) == (10, 4)
 
 
+@pytest.mark.parametrize("part", [".npy.manifest.json", ".npy.pages.crc32c"])
+def test_a_directory_in_the_way_of_a_table_file_is_named_before_writing(table, capsys, part):
+    in_the_way = table.with_name(table.stem + part)
+    in_the_way.unlink()
+    in_the_way.mkdir()
+    before = table.read_bytes()
+    assert main(["init", str(table), "--random", "10x4", "--quiet", "--overwrite"]) == 2
+    assert f"cannot write {in_the_way}: a directory is in the way" in capsys.readouterr().err
+    assert table.read_bytes() == before and not list(table.parent.glob(".*.tmp"))
+
+
 def test_a_table_larger_than_the_free_space_is_refused_before_writing(tmp_path, capsys):
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
     assert main(["init", str(tmp_path / "huge.npy"), "--random", "10000000000000x64"]) == 2

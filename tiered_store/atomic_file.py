@@ -7,6 +7,7 @@ never a torn file under the final name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -18,6 +19,15 @@ from typing import IO, Any
 from .errors import TierIOError
 
 __all__ = ["AtomicFile", "atomic_write", "fsync_dir", "write_json"]
+
+
+def in_the_way(path: Path, what: str = "a directory", code: int = errno.EISDIR) -> TierIOError:
+    """The error for a file that cannot be written at ``path``: ``what`` is there instead."""
+    return TierIOError(
+        code,
+        f"cannot write {path}: {what} is in the way; expected a file there (or nothing): move it "
+        "aside and run again",
+    )
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -72,11 +82,7 @@ class AtomicFile:
             os.replace(self.tmp, self.path)
         except OSError as exc:
             what = "a directory" if self.path.is_dir() else exc.strerror
-            raise TierIOError(
-                exc.errno,
-                f"cannot write {self.path}: {what} is in the way; expected a file there (or "
-                "nothing): move it aside and run again",
-            ) from None
+            raise in_the_way(self.path, what, exc.errno) from None
         fsync_dir(self.path.parent)
 
     def commit(self) -> None:

@@ -49,7 +49,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .atomic_file import AtomicFile, fsync_dir
+from .atomic_file import AtomicFile, fsync_dir, in_the_way
 from .errors import TableFormatError, TierIOError
 from .page_checksums import (
     ChecksumError,
@@ -899,6 +899,9 @@ def _write_table(
             str(directory),
         )
     refuse_existing(npy_path, manifest_path, overwrite)
+    for path in (npy_path, manifest_path, sidecar_path(npy_path)):  # said before any writing
+        if path.is_dir():
+            raise in_the_way(path)
     _, itemsize, _ = TABLE_DTYPES[reader.dtype]
     descr = TABLE_DTYPES[reader.dtype][0]
     row_bytes = reader.dim * itemsize
