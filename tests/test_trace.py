@@ -228,6 +228,10 @@ def test_npy_import_export(tmp_path):
     assert back.dtype == np.int64
     np.testing.assert_array_equal(back, ids)
     r.close()
+    umask = os.umask(0)
+    os.umask(umask)  # the export's mode is the umask's, as any new file's (mkstemp's was 0600)
+    assert (tmp_path / "back.npy").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
     batched = ids[:1200].reshape(12, 10, 10)  # N-D: leading axis is the batch
     np.save(tmp_path / "b.npy", batched)

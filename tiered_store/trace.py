@@ -48,7 +48,7 @@ import errno
 import json
 import os
 import struct
-import tempfile
+import uuid
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -769,12 +769,12 @@ def trace_to_npy(
     npy_path = Path(npy_path)
     try:
         _check_npy_target(reader.path, npy_path, overwrite)
-        fd, tmp = tempfile.mkstemp(prefix=f".{npy_path.name}.", suffix=".npy", dir=npy_path.parent)
     except BaseException:
         if reader is not trace:
             reader.close()
         raise
-    os.close(fd)
+    # a new file of the umask's mode (mkstemp's 0600 kept other users and containers out)
+    tmp = npy_path.with_name(f".{npy_path.name}.{uuid.uuid4().hex}.tmp.npy")
     try:
         n = reader.lookups(table)
         if n == 0:
