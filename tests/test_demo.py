@@ -119,3 +119,12 @@ def test_a_workdir_that_cannot_be_made_is_named(tmp_path, capsys):
     workdir = tmp_path / "file" / "sub"  # under a file: it was a FileNotFoundError traceback
     assert main(["demo", *TINY_ARGS, "--workdir", str(workdir)]) == 2
     assert f"--workdir {workdir}: cannot make it (Not a directory)" in capsys.readouterr().err
+
+
+def test_a_corpus_too_small_for_one_batch_is_named_with_its_own_token_count(tmp_path, capsys):
+    (tmp_path / "small.txt").write_text("the hot rows repeat; the cold tier holds the tail. " * 10)
+    argv = [*TINY_ARGS, "--corpus", str(tmp_path / "small.txt"), "--workdir", str(tmp_path)]
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err
+    count = int(err.split("corpus: ")[1].split(" tokens")[0].replace(",", ""))
+    assert count > 0 and "do not fill one batch of 2 x 64" in err  # it said 0 tokens

@@ -293,6 +293,8 @@ def run_demo(args) -> int:
     tokens = read_tokens(
         corpus, model.hasher.tokenizer, max_tokens=profiled + run.batches * per_batch
     )
+    if len(tokens) < per_batch:  # named with the corpus's own count, before it is cut
+        token_batches(tokens, rows_per_batch, seq_len)
     # a small corpus: measured batches first, the warm-start profile gets what is left
     measured = min(run.batches, len(tokens) // per_batch) * per_batch
     profiled = min(profiled, len(tokens) - measured) // per_batch * per_batch
