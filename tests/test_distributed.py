@@ -410,6 +410,134 @@ def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(
         assert answer[key] == expected[key] == again[key], key
 
 
+def _sharded_serve_config(tmp_path: Path, **checkpoint) -> Path:
+    """The tiny serve checkpoint sharded over 2 ranks by heads (timeout_s 10)."""
+    from tests.serve_support import make_checkpoint
+    from tiered_store.serve import ServeConfig
+
+    plain = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    doc = yaml.safe_load((tmp_path / "serve.yaml").read_text())
+    doc["store"]["sharding"] = {"ranks": 2, "by": "heads", "timeout_s": 10}
+    doc["checkpoint"].update(checkpoint)
+    config_path = tmp_path / "sharded.yaml"
+    config_path.write_text(yaml.safe_dump(doc))
+    for layer in plain.model.engram.layer_ids:
+        write_shards(plain.table_path(layer), 2, "heads", progress=False)
+    return config_path
+
+
+def _serve_ranks(config_path: Path) -> list[subprocess.Popen]:
+    """Rank 0 (HTTP on a free port) and rank 1 of `tiered-store serve`, as torchrun starts them."""
+    from tiered_store.serve.client import subprocess_env
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    cmd = [sys.executable, "-m", "tiered_store.cli", "serve", str(config_path)]
+    extra = (["--address", "127.0.0.1:0", "--metrics-address", ""], ["--metrics-address", ""])
+    return [
+        subprocess.Popen(
+            [*cmd, *extra[rank]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env({**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}),
+        )
+        for rank in (0, 1)
+    ]
+
+
+def _started(ranks: list[subprocess.Popen]) -> str:
+    """Rank 0's URL, once both ranks said they are up."""
+    url = json.loads(ranks[0].stdout.readline())["url"]
+    assert json.loads(ranks[1].stdout.readline())["event"] == "following"
+    return url
+
+
+def _ended(ranks: list[subprocess.Popen]) -> list[str]:
+    """Kill what is left; each rank's stderr."""
+    for proc in ranks:
+        if proc.poll() is None:
+            proc.kill()
+    return [proc.communicate()[1] for proc in ranks]
+
+
+def test_sharded_serving_names_a_failed_rank_and_never_waits_for_it_for_good(tmp_path):
+    """A follower gone: 503s naming it and /healthz 503 (were 500s and "ok"); a follower that
+    fails its start: rank 0 stops too (it waited for it for good); --record-trace: refused (its
+    replay config named rank 0's shard)."""
+    from tiered_store.serve import ServeConfig, ServedModel
+    from tiered_store.serve.client import get_json, post_json
+
+    config_path = _sharded_serve_config(tmp_path / "one")
+    with pytest.raises(ConfigError, match="--record-trace t.trace: the tables are sharded"):
+        ServedModel(ServeConfig.from_yaml(config_path), trace="t.trace")
+    request = {"input_ids": [[5, 17, 99, 1000, 3, 3]]}
+    ranks = _serve_ranks(config_path)
+    try:
+        url = _started(ranks)
+        assert post_json(url + "/v1/engram", request)[0] == 200
+        ranks[1].kill()
+        ranks[1].wait(30)
+        status, answer = post_json(url + "/v1/engram", request)
+        assert status == 503 and "a rank holding part of the table failed" in answer["error"]
+        status, health = get_json(url + "/healthz")
+        assert status == 503 and "rank 1 stopped" in health["problems"][0], health
+        assert post_json(url + "/v1/engram", request)[0] == 503  # at once, from now on
+        ranks[0].terminate()
+        assert ranks[0].wait(30) == 0
+    finally:
+        _ended(ranks)
+
+    checked = _sharded_serve_config(tmp_path / "two", verify_on_start=True)
+    shard = tmp_path / "two" / "checkpoint" / "engram_layer1.shard-1-of-2.npy"
+    with open(shard, "r+b") as f:  # rank 1's own shard fails its check
+        f.seek(4096 + 10)
+        byte = f.read(1)
+        f.seek(4096 + 10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    ranks = _serve_ranks(checked)
+    try:
+        assert ranks[1].wait(60) == 2 and ranks[0].wait(60) == 2
+    finally:
+        errors = _ended(ranks)
+    assert "verify_on_start" in errors[1]
+    assert "start #" in errors[0] and "rank 1" in errors[0], errors[0]
+
+
+def test_sigterm_to_every_rank_at_once_drains_the_requests_in_flight(tmp_path):
+    """torchrun sends SIGTERM to every rank: the follower serves rank 0's drain until its stop
+    (it died at once, and the requests in flight failed)."""
+    import threading
+
+    from tiered_store.serve.client import post_json
+
+    ranks = _serve_ranks(_sharded_serve_config(tmp_path, verify_on_start=False))
+    answers: list[int | None] = []
+    try:
+        url = _started(ranks)
+
+        def client() -> None:
+            for _ in range(40):
+                try:
+                    status, _ = post_json(url + "/v1/engram", {"input_ids": [[5, 17, 99, 3]]})
+                except OSError:  # refused: the listener closed
+                    status = None
+                answers.append(status)
+
+        clients = [threading.Thread(target=client) for _ in range(3)]
+        for thread in clients:
+            thread.start()
+        while len(answers) < 6:
+            time.sleep(0.01)
+        for proc in ranks:
+            proc.terminate()
+        for thread in clients:
+            thread.join(60)
+        assert ranks[0].wait(60) == 0 and ranks[1].wait(60) == 0
+    finally:
+        errors = _ended(ranks)
+    assert set(answers) <= {200, None} and answers.count(200) >= 6, (answers, errors)
+
+
 def test_one_rank_misusing_a_collective_is_refused_and_the_ranks_stay_in_step(tmp_path):
     """Float ids, a step that is not a number, gradients of two widths or two steps, a handle
     prefetched before a write: refused, named, on the ranks the round concerns; a lookup after

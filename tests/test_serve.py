@@ -239,7 +239,7 @@ def test_healthz_recovers_after_the_hold(tmp_path, config_path):
     server = start_server(path)
     try:
         guarded = server.model.model.tables[1]
-        guarded._failed("read", "injected")  # noqa: SLF001 - what a failed lookup records
+        guarded.failed("read", "injected")  # what a failed lookup records
         assert get_json(server.url + "/healthz")[0] == 503
         time.sleep(0.4)
         assert get_json(server.url + "/healthz") == (200, {"status": "ok"})

@@ -630,13 +630,17 @@ class ShardedStore:
 
     def _fail(self, what: str, cause: BaseException | None, detail: str) -> None:
         """Name the failed rank(s), remember the failure, raise it."""
+        raise self.failure(what, detail) from cause
+
+    def failure(self, what: str, detail: str) -> RankFailureError:
+        """The error of a failed round of the group (``what``), naming the failed rank(s); this
+        store refuses further rounds from now on (the group's collectives are out of step)."""
         found = self._heartbeat.diagnose()
-        error = RankFailureError(
+        self._failure = RankFailureError(
             f"rank {self.rank}: {what} #{self._heartbeat.entered} failed: "
             f"{found.describe(3 * self._interval)} ({detail})"
         )
-        self._failure = error
-        raise error from cause
+        return self._failure
 
     def _check_usable(self) -> None:
         """Raise once closed or after a failure (the group's collectives are then out of step)."""

@@ -94,16 +94,16 @@ class GuardedTable(TableBackend):
         try:
             rows = self.table.lookup(row_ids, handle)
         except RankFailureError as exc:
-            raise self._failed("rank", exc) from exc
+            raise self.failed("rank", exc) from exc
         except TierIOError as exc:
-            raise self._failed("read", exc) from exc
+            raise self.failed("read", exc) from exc
         except ChecksumError as exc:
-            raise self._failed("checksum", exc) from exc
+            raise self.failed("checksum", exc) from exc
         except TableFormatError as exc:
-            raise self._failed("format", exc) from exc
+            raise self.failed("format", exc) from exc
         if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
             bad = int((~torch.isfinite(rows)).any(dim=-1).sum())
-            raise self._failed("nonfinite", f"{bad} of {rows[..., 0].numel()} rows not finite")
+            raise self.failed("nonfinite", f"{bad} of {rows[..., 0].numel()} rows not finite")
         return rows
 
     def prefetch(self, row_ids: torch.Tensor) -> object:
@@ -111,13 +111,13 @@ class GuardedTable(TableBackend):
         try:
             return self.table.prefetch(row_ids)
         except RankFailureError as exc:
-            raise self._failed("rank", exc) from exc
+            raise self.failed("rank", exc) from exc
         except TierIOError as exc:
-            raise self._failed("read", exc) from exc
+            raise self.failed("read", exc) from exc
         except ChecksumError as exc:
-            raise self._failed("checksum", exc) from exc
+            raise self.failed("checksum", exc) from exc
         except TableFormatError as exc:
-            raise self._failed("format", exc) from exc
+            raise self.failed("format", exc) from exc
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """The wrapped table's statistics."""
@@ -132,7 +132,7 @@ class GuardedTable(TableBackend):
             raise AttributeError(name)
         return getattr(self.table, name)  # device, dtype, cold, ... of the store
 
-    def _failed(self, reason: str, cause: object) -> TableUnavailableError:
+    def failed(self, reason: str, cause: object) -> TableUnavailableError:
         """Count the failure, log its cause (paths and all), return the error for the client."""
         text = error_text(cause) if isinstance(cause, BaseException) else cause
         self.health.record_lookup_failure(f"{_REASONS[reason]}: {text}", time.monotonic())

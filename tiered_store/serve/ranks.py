@@ -7,22 +7,30 @@ binds the HTTP listener and answers requests; before each request's prefetch it 
 ``ROUND`` on a control group, and every other rank joins each layer's exchange round with no ids
 of its own, serving the rows its shards own. Rank 0 broadcasts ``STOP`` when it shuts down.
 
-The control group has no practical timeout, so an idle server waits for requests as long as it
-must; a rank 0 that dies ends the wait with the backend's "connection closed" error, and the
-follower exits 1 naming it. Each rank exports its own metrics (every sample labelled ``rank``).
+On the other ranks the control group has no practical timeout, so an idle server waits for
+requests as long as it must; a rank 0 that dies ends the wait with the backend's "connection
+closed" error, and the follower exits 1 naming it. Rank 0's announcements time out after
+``sharding.timeout_s`` (a follower that hung), and once one failed it fails every request at
+once: the group's rounds are out of step, the ranks must be restarted. Each rank exports its own
+metrics (every sample labelled ``rank``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ..errors import error_text
 
 __all__ = ["ROUND", "STOP", "RankControl", "run_follower"]
 
@@ -33,32 +41,79 @@ CONTROL_TIMEOUT = timedelta(days=365)  # an idle server waits for its next reque
 
 
 class RankControl:
-    """The control group: rank 0 announces rounds, the others follow them."""
+    """The control group: rank 0 announces rounds (waiting at most ``timeout_s`` for the others to
+    take each), the others follow them."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float) -> None:
         self.rank = dist.get_rank()
-        self.group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        wait = timedelta(seconds=timeout_s) if self.rank == 0 else CONTROL_TIMEOUT
+        self.group = dist.new_group(backend="gloo", timeout=wait)
         self._lock = threading.Lock()
+        self.failure: BaseException | None = None  # the first announcement that failed
 
     def announce(self, command: int = ROUND) -> None:
-        """Rank 0: tell every rank to join one round of each table (or to stop)."""
+        """Rank 0: tell every rank to join one round of each table (or to stop). Raises the
+        backend's error when a rank is gone or did not take it in time, and from then on the
+        first such error at once."""
         with self._lock:
-            dist.broadcast(torch.tensor([command]), src=0, group=self.group)
+            if self.failure is not None:
+                raise self.failure
+            try:
+                dist.broadcast(torch.tensor([command]), src=0, group=self.group)
+            except RuntimeError as exc:
+                self.failure = exc
+                raise
+
+    def started(self) -> None:
+        """Every rank, once its model and checks are done: wait for the others (rank 0 at most
+        ``timeout_s``), so a rank that failed its start stops the others' start too."""
+        dist.barrier(group=self.group)
 
     def follow(self, stores: Sequence[Any]) -> int:
         """Other ranks: join one round of every store per announcement until ``STOP``; returns
-        the rounds joined. Raises the backend's error when rank 0 is gone."""
+        the rounds joined. Raises ``RankZeroGone`` when rank 0 is gone, and this rank's own
+        store errors as they are."""
         command = torch.zeros(1, dtype=torch.int64)
         nothing = torch.zeros(0, dtype=torch.int64)
         rounds = 0
         while True:
-            dist.broadcast(command, src=0, group=self.group)
+            try:
+                dist.broadcast(command, src=0, group=self.group)
+            except RuntimeError as exc:  # the backend's "connection closed"
+                raise RankZeroGone(str(exc)) from exc
             if int(command) == STOP:
                 return rounds
             handles = [store.prefetch(nothing) for store in stores]  # all layers at once
             for store, handle in zip(stores, handles, strict=True):
                 store.lookup(nothing, handle)
             rounds += 1
+
+
+class RankZeroGone(RuntimeError):
+    """A follower's wait for rank 0's next announcement ended: rank 0 is gone."""
+
+
+def _stay_until_stopped(rank: int, grace_s: float) -> None:
+    """SIGTERM and SIGINT on a follower (torchrun sends them to every rank at once) leave it
+    following: rank 0 drains its requests, which need this rank's shards, then announces
+    ``STOP``. A watchdog ends the process ``grace_s`` after the signal if no stop came (the
+    main thread may be waiting in the backend, where Python handlers do not run)."""
+    wake, woken = os.pipe()
+    os.set_blocking(woken, False)
+    signal.set_wakeup_fd(woken)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+
+    def watchdog() -> None:
+        os.read(wake, 1)  # the signal's byte
+        log.warning("rank %d: asked to stop; serving rank 0's last requests first", rank)
+        time.sleep(grace_s)
+        log.error(
+            "rank %d: no stop from rank 0 within %.0f s of the signal; exiting", rank, grace_s
+        )
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="stop-watchdog", daemon=True).start()
 
 
 def run_follower(config: Any) -> int:
@@ -71,6 +126,9 @@ def run_follower(config: Any) -> int:
 
     served = ServedModel(config)
     rank = served.control.rank
+    sharding = config.store_config(served.layer_ids[0]).sharding
+    # rank 0's drain (2 x request_timeout_s), then its stop, which may wait timeout_s for a rank
+    _stay_until_stopped(rank, 2 * config.server.request_timeout_s + sharding.timeout_s + 10)
     try:
         address = check_address(config.metrics_address, "store.metrics.address", allow_empty=True)
         metrics_url = None
@@ -84,8 +142,11 @@ def run_follower(config: Any) -> int:
         )
         try:
             rounds = served.control.follow(list(served.stores.values()))
-        except Exception as exc:  # rank 0 died: its connection closed
+        except RankZeroGone as exc:
             log.error("rank %d: rank 0 stopped answering (%s); exiting", rank, exc)
+            return 1
+        except Exception as exc:  # this rank's own store: the group's rounds are out of step
+            log.error("rank %d: its shards failed a round (%s); exiting", rank, error_text(exc))
             return 1
         log.info("rank %d: rank 0 stopped the server after %d requests", rank, rounds)
         return 0

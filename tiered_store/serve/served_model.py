@@ -30,13 +30,19 @@ import yaml
 from ..atomic_file import atomic_write
 from ..engram.checkpoint import ConvertedCheckpoint, load_tiered_model, save_tiered
 from ..engram.model import EngramBatch, EngramLM
-from ..errors import ConfigError, TableFormatError, TieredStoreError, error_text
+from ..errors import (
+    ConfigError,
+    RankFailureError,
+    TableFormatError,
+    TieredStoreError,
+    error_text,
+)
 from ..metrics import TableHealth, verify_counted
 from ..request_queue import QueuedRequest
 from ..store import TieredStore
 from ..trace import TraceWriter
 from .config import ServeConfig
-from .guarded_table import GuardedTable
+from .guarded_table import GuardedTable, TableUnavailableError
 from .inference_request import InferenceRequest
 from .ranks import STOP, RankControl
 
@@ -114,6 +120,12 @@ class ServedModel:
         self, config: ServeConfig, *, create: bool = False, trace: str | Path | None = None
     ) -> None:
         self.config = config
+        if trace is not None and config.sharded:
+            raise ConfigError(
+                f"--record-trace {trace}: the tables are sharded; a trace holds the whole "
+                "table's row ids, which no rank's store replays; expected an unsharded server "
+                "(record there, or on one process over the whole tables)"
+            )
         if not config.dense_path.exists():
             if not (create or config.checkpoint.create):
                 what = (
@@ -136,6 +148,13 @@ class ServedModel:
         self._trace: TraceWriter | None = None
         try:
             self.layer_ids = list(self.model.engram_layers)
+            # sharded tables: every rank runs this same code; rank 0 announces each request.
+            # The control group first: a rank whose checks below fail then leaves the others a
+            # closed connection, not a wait for it that never ends
+            self.control = None
+            if config.sharded:
+                sharding = config.store_config(self.layer_ids[0]).sharding
+                self.control = RankControl(sharding.timeout_s)
             self.stores: dict[str, TieredStore] = {}
             self.health: dict[str, TableHealth] = {}
             guarded = {}
@@ -150,8 +169,6 @@ class ServedModel:
                         f"checkpoint.verify_on_start: {self.health[name].last_error}"
                     )
             self.model.set_tables(guarded)
-            # sharded tables: every rank runs this same code; rank 0 announces each request
-            self.control = RankControl() if config.sharded else None
             self._outputs = threading.local()
             for layer, engram in self.model.engram_layers.items():
                 engram.register_forward_hook(self._recorder(layer))
@@ -162,6 +179,12 @@ class ServedModel:
             self.reloads = 0
             if trace is not None:
                 self._trace = self._open_trace(Path(trace))
+            if self.control is not None:
+                try:
+                    self.control.started()
+                except RuntimeError as exc:  # a rank failed its checks, or is gone
+                    first = next(iter(self.stores.values()))
+                    raise first.failure("start", error_text(exc)) from exc
         except BaseException:
             self.model.close()
             raise
@@ -187,7 +210,10 @@ class ServedModel:
         """Layer ``layer``'s store config as YAML beside the recorded ``trace``
         (``TRACE.TABLE.store.yaml``: the store section, the table by absolute path), which
         ``tiered-store replay`` takes with the trace; returns its path."""
-        spec = {**self.config.store_spec(layer), "table": {"path": str(self.table_file(layer))}}
+        spec = {
+            **self.config.store_spec(layer),
+            "table": {"path": str(self.config.table_path(layer))},
+        }
         spec.pop("metrics", None)  # serving's listener: replay has none
         path = trace.with_name(f"{trace.name}.{self.config.table_name(layer)}.store.yaml")
         with atomic_write(path, "w", encoding="utf-8") as f:
@@ -369,13 +395,21 @@ class ServedModel:
         """Hash (unless ``hashed``) and prefetch every layer's rows; over sharded tables, every
         rank joins."""
         if self.control is not None:
-            self.control.announce()
+            try:
+                self.control.announce()
+            except RuntimeError as exc:  # a rank gone, or hung: every table is unavailable
+                raise self._rank_failed(exc) from exc
         return self.model.prefetch(ids) if hashed is None else self.model.fetch(hashed)
 
-    def table_file(self, layer: int) -> Path:
-        """Layer ``layer``'s table file on this rank: the table, or this rank's shard of it."""
-        store = self.stores[self.config.table_name(layer)]
-        return Path(store.path) if self.control is not None else self.config.table_path(layer)
+    def _rank_failed(self, cause: RuntimeError) -> TableUnavailableError:
+        """A failed announcement as every table's failed lookup (counted, in /healthz), the
+        failed rank named by the first store's heartbeats (once: later ones repeat it)."""
+        if not isinstance(cause, RankFailureError):  # later announcements raise this one
+            first = next(iter(self.stores.values()))
+            cause = first.failure("request announcement", error_text(cause))
+            self.control.failure = cause
+        errors = [self.model.tables[layer].failed("rank", cause) for layer in self.layer_ids]
+        return errors[0]
 
     @staticmethod
     def served_file(store: Any) -> Path:
