@@ -91,6 +91,19 @@ def test_store_lookup_all_hit(benchmark, speed, all_hit: AllHit) -> None:
     benchmark.extra_info["memory_report"] = store.memory_report()
 
 
+def test_store_prefetch_then_lookup_all_hit(benchmark, speed, all_hit: AllHit) -> None:
+    """The Engram model's path: a prefetch handle (its ids snapshotted), collected by the
+    lookup (CPU ids compared with the handle's)."""
+    store = all_hit.store
+    speed.measure(
+        benchmark,
+        lambda: store.lookup(all_hit.ids, store.prefetch(all_hit.ids)),
+        group="lookup-all-hit",
+        per_call=all_hit.ids.numel(),
+        unit="rows",
+    )
+
+
 def test_store_lookup_all_hit_hashed_index(benchmark, speed, all_hit_hashed: AllHit) -> None:
     store = all_hit_hashed.store
     assert store.hot.index.kind == "hashed"

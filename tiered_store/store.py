@@ -946,9 +946,15 @@ class TieredStore:
                 f"lookup: handle is {type(handle).__name__}; expected a PrefetchHandle"
             )
         if ids is not handle.ids or not ids_on_gpu(ids):  # a CPU buffer may have been refilled
-            flat, shape = self._validate(ids)
+            if ids_on_gpu(ids):
+                flat, shape = self._validate(ids)
+            else:  # equal to the handle's checked ids, or refused: no range check of its own
+                tensor = as_id_tensor(ids)
+                flat, shape = tensor.reshape(-1), tuple(tensor.shape)
             with self._on_store_stream():  # where _validate queued the copy of the ids
-                same = shape == handle.shape and torch.equal(flat, handle.flat)
+                same = shape == handle.shape and torch.equal(
+                    flat.to(handle.flat.device, torch.int64), handle.flat
+                )
             if not same:
                 raise PrefetchHandleError(
                     f"lookup: ids (shape {tuple(shape)}) differ from the ids this handle prefetched "
