@@ -432,7 +432,10 @@ def _serve_ranks(config_path: Path) -> list[subprocess.Popen]:
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     cmd = [sys.executable, "-m", "tiered_store.cli", "serve", str(config_path)]
-    extra = (["--address", "127.0.0.1:0", "--metrics-address", ""], ["--metrics-address", ""])
+    extra = (
+        ["--address", "127.0.0.1:0", "--metrics-address", ""],
+        ["--metrics-address", "127.0.0.1:0"],
+    )
     return [
         subprocess.Popen(
             [*cmd, *extra[rank]],
@@ -445,11 +448,12 @@ def _serve_ranks(config_path: Path) -> list[subprocess.Popen]:
     ]
 
 
-def _started(ranks: list[subprocess.Popen]) -> str:
-    """Rank 0's URL, once both ranks said they are up."""
+def _started(ranks: list[subprocess.Popen]) -> tuple[str, str]:
+    """Rank 0's URL and rank 1's metrics URL, once both ranks said they are up."""
     url = json.loads(ranks[0].stdout.readline())["url"]
-    assert json.loads(ranks[1].stdout.readline())["event"] == "following"
-    return url
+    follower = json.loads(ranks[1].stdout.readline())
+    assert follower["event"] == "following"
+    return url, follower["metrics_url"]
 
 
 def _ended(ranks: list[subprocess.Popen]) -> list[str]:
@@ -463,18 +467,23 @@ def _ended(ranks: list[subprocess.Popen]) -> list[str]:
 def test_sharded_serving_names_a_failed_rank_and_never_waits_for_it_for_good(tmp_path):
     """A follower gone: 503s naming it and /healthz 503 (were 500s and "ok"); a follower that
     fails its start: rank 0 stops too (it waited for it for good); --record-trace: refused (its
-    replay config named rank 0's shard)."""
+    replay config named rank 0's shard); a follower scrubs its own shards (none did)."""
     from tiered_store.serve import ServeConfig, ServedModel
     from tiered_store.serve.client import get_json, post_json
 
-    config_path = _sharded_serve_config(tmp_path / "one")
+    config_path = _sharded_serve_config(tmp_path / "one", scrub_interval_s=0.2)
     with pytest.raises(ConfigError, match="--record-trace t.trace: the tables are sharded"):
         ServedModel(ServeConfig.from_yaml(config_path), trace="t.trace")
     request = {"input_ids": [[5, 17, 99, 1000, 3, 3]]}
     ranks = _serve_ranks(config_path)
     try:
-        url = _started(ranks)
+        url, follower_metrics = _started(ranks)
         assert post_json(url + "/v1/engram", request)[0] == 200
+        scrubbed = 'tiered_store_verifications_total{rank="1",table="engram_layer1"} 0.0'
+        deadline = time.monotonic() + 30
+        while scrubbed in urllib.request.urlopen(follower_metrics, timeout=10).read().decode():
+            assert time.monotonic() < deadline, "rank 1 never scrubbed its shards"
+            time.sleep(0.1)
         ranks[1].kill()
         ranks[1].wait(30)
         status, answer = post_json(url + "/v1/engram", request)
@@ -513,7 +522,7 @@ def test_sigterm_to_every_rank_at_once_drains_the_requests_in_flight(tmp_path):
     ranks = _serve_ranks(_sharded_serve_config(tmp_path, verify_on_start=False))
     answers: list[int | None] = []
     try:
-        url = _started(ranks)
+        url, _ = _started(ranks)
 
         def client() -> None:
             for _ in range(40):

@@ -137,6 +137,8 @@ def run_follower(config: Any) -> int:
             registry = build_sharded_registry(served.stores, served.health)
             httpd, _ = start_http_server(port + rank if port else 0, host, registry)
             metrics_url = f"http://{host}:{httpd.server_port}/metrics"
+        if config.checkpoint.scrub_interval_s > 0:  # its own shards: in its metrics and log
+            served.start_scrub(threading.Event())
         print(
             json.dumps({"event": "following", "rank": rank, "metrics_url": metrics_url}), flush=True
         )

@@ -433,6 +433,26 @@ class ServedModel:
             for name, store in self.stores.items()
         }
 
+    def start_scrub(self, stop: threading.Event) -> threading.Thread:
+        """A thread re-verifying every table this process serves (its shards, on a rank) every
+        ``checkpoint.scrub_interval_s`` seconds, until ``stop``; started."""
+
+        def scrub() -> None:
+            while not stop.wait(self.config.checkpoint.scrub_interval_s):
+                try:
+                    failed = self.verify_tables()
+                except Exception:  # never the end of scrubbing: the next pass may succeed
+                    log.exception("checksum pass failed")
+                    continue
+                for name in failed:
+                    log.error(
+                        "checksum pass over %s failed: %s", name, self.health[name].last_error
+                    )
+
+        thread = threading.Thread(target=scrub, name="tiered-store-checksum-scrub", daemon=True)
+        thread.start()
+        return thread
+
     def verify_tables(self) -> list[str]:
         """One checksum pass over every table (counted in ``health``); the tables that failed."""
         failed = []

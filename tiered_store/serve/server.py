@@ -112,10 +112,7 @@ class InferenceServer:
                 self.model.close()
             raise
         if self.config.checkpoint.scrub_interval_s > 0:
-            self._scrubber = threading.Thread(
-                target=self._scrub_loop, name="tiered-store-checksum-scrub", daemon=True
-            )
-            self._scrubber.start()
+            self._scrubber = self.model.start_scrub(self._scrub_stop)
 
     def _bind(self) -> None:
         """Listening sockets for the endpoint and (unless off or the same) the metrics listener."""
@@ -375,20 +372,6 @@ class InferenceServer:
     def metrics_text(self) -> tuple[bytes, str]:
         """The Prometheus exposition of this server's registry."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-    def _scrub_loop(self) -> None:
-        """Re-verify every table's checksums every ``checkpoint.scrub_interval_s`` seconds."""
-        assert self.model is not None
-        while not self._scrub_stop.wait(self.config.checkpoint.scrub_interval_s):
-            try:
-                failed = self.model.verify_tables()
-            except Exception:  # never the end of scrubbing: the next pass may succeed
-                log.exception("checksum pass failed")
-                continue
-            for name in failed:
-                log.error(
-                    "checksum pass over %s failed: %s", name, self.model.health[name].last_error
-                )
 
 
 def without_paths(text: str, directories: Iterable[Path] = ()) -> str:
