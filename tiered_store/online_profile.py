@@ -184,14 +184,10 @@ class OnlineProfile:
         episodes x ``prior_weight``; by lookups for a profile without episodes."""
         if prior_weight < 0:
             raise ConfigError(f"online profile prior_weight: got {prior_weight}; expected >= 0")
-        n = min(self.capacity, profile.row_ids.size)
-        if profile.episodes is not None:  # the order of top_rows(by="episodes")
-            top = np.argsort(-profile.episodes, kind="stable")[:n]
-            row_ids, source = profile.row_ids[top], profile.episodes[top]
-        else:
-            row_ids, source = profile.row_ids[:n], profile.counts[:n]
-        ids = torch.from_numpy(np.ascontiguousarray(row_ids)).to(self.device)
-        weights = np.asarray(source, dtype=np.float64) * prior_weight
+        top = profile.top_positions(self.capacity, by="episodes")
+        source = profile.episodes if profile.episodes is not None else profile.counts
+        ids = torch.from_numpy(np.ascontiguousarray(profile.row_ids[top])).to(self.device)
+        weights = np.asarray(source[top], dtype=np.float64) * prior_weight
         if not self.sketch.is_floating_point():
             weights = np.rint(weights)
         self._add(ids, torch.from_numpy(weights).to(self.device, self.sketch.dtype))

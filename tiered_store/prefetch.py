@@ -62,6 +62,17 @@ class PrefetchHandle:
         """True once the rows are staged (on CUDA the copy may still be in flight on the store stream)."""
         return self.future.done()
 
+    def check_ids(self, flat: torch.Tensor, shape: tuple[int, ...]) -> None:
+        """Refuse ids (``flat``, of ``shape``) other than those this handle prefetched, compared
+        where the handle keeps its own."""
+        if tuple(shape) != tuple(self.shape) or not torch.equal(
+            flat.to(self.flat.device, torch.int64), self.flat
+        ):
+            raise PrefetchHandleError(
+                f"lookup: ids (shape {tuple(shape)}) differ from the ids this handle prefetched "
+                f"(shape {tuple(self.shape)}); pass the same ids"
+            )
+
 
 class Prefetcher:
     """One worker thread (so batches resolve in the order they were queued) and a bound on depth."""

@@ -144,14 +144,17 @@ class FrequencyProfile:
         ``by="lookups"``: most looked up. ``by="episodes"``: most episodes, ties by lookups (falls
         back to lookups for a profile without episodes).
         """
+        return self.row_ids[self.top_positions(k, by=by)]
+
+    def top_positions(self, k: int, *, by: str = "lookups") -> np.ndarray:
+        """Where :meth:`top_rows`'s rows are in ``row_ids`` (and in ``counts`` / ``episodes``)."""
         if k < 0:
             raise ValueError(f"k: got {k}; expected k >= 0")
         if by not in ("lookups", "episodes"):
             raise ValueError(f"by: got {by!r}; expected 'lookups' or 'episodes'")
         if by == "episodes" and self.episodes is not None:
-            order = np.argsort(-self.episodes, kind="stable")[:k]  # stable: ties keep count order
-            return self.row_ids[order]
-        return self.row_ids[:k].copy()
+            return np.argsort(-self.episodes, kind="stable")[:k]  # stable: ties keep count order
+        return np.arange(min(k, self.row_ids.size))
 
     def save_top_rows(self, path: str | os.PathLike[str], k: int | None = None) -> Path:
         """Write :meth:`top_rows` as a ``.npy`` (the store's ``static_rows`` / ``preload_rows``)."""

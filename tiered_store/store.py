@@ -952,14 +952,7 @@ class TieredStore:
                 tensor = as_id_tensor(ids)
                 flat, shape = tensor.reshape(-1), tuple(tensor.shape)
             with self._on_store_stream():  # where _validate queued the copy of the ids
-                same = shape == handle.shape and torch.equal(
-                    flat.to(handle.flat.device, torch.int64), handle.flat
-                )
-            if not same:
-                raise PrefetchHandleError(
-                    f"lookup: ids (shape {tuple(shape)}) differ from the ids this handle prefetched "
-                    f"(shape {tuple(handle.shape)}); pass the same ids"
-                )
+                handle.check_ids(flat, shape)
         out, event = self._prefetcher.collect(handle)
         if handle.write_seq != self._write_seq:  # written since prefetch(): fetch it again, so
             out, event = self._fetch(handle.flat, handle.packed)  # the writes are seen

@@ -202,8 +202,7 @@ class ShardedStore:
 
         At most ``prefetch.depth`` run ahead; a further call waits (up to the timeout)."""
         self._check_usable()
-        flat, shape = self._validate(ids)
-        flat = snapshot_of(flat, as_id_tensor(ids))  # the caller may refill its ids meanwhile
+        flat, shape = self._validate(ids, snapshot=True)  # the caller may refill its ids
         if not self._slots.acquire(timeout=self._wait_s):
             self._fail("prefetch", None, "no earlier prefetch finished")
         future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
@@ -381,10 +380,12 @@ class ShardedStore:
         dist.all_gather_object(out, doc, group=self.group)
         return out
 
-    def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """Flat int64 ids and their shape; out-of-range ids (unless ``zero``) raise RowIdError
-        after this rank joined the round with no ids, so the others are not kept waiting; so do
-        ids that are not integers."""
+    def _validate(
+        self, ids: Any, *, snapshot: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Flat int64 ids and their shape (``snapshot``: never sharing memory with the caller's
+        ids); out-of-range ids (unless ``zero``) raise RowIdError after this rank joined the round
+        with no ids, so the others are not kept waiting; so do ids that are not integers."""
         try:
             tensor = as_id_tensor(ids)
         except TieredStoreError:
@@ -400,7 +401,7 @@ class ShardedStore:
                     f"ids: value {int(flat[pos])} at flat position {pos} is out of range; "
                     f"expected 0 <= id < {self.rows:,} (the table's rows, over {self.world} ranks)"
                 )
-        return flat, tuple(tensor.shape)
+        return snapshot_of(flat, tensor) if snapshot else flat, tuple(tensor.shape)
 
     def _collect(
         self, ids: Any, handle: PrefetchHandle, packed: bool
@@ -421,12 +422,7 @@ class ShardedStore:
             )
         if ids is not handle.ids or not ids_on_gpu(ids):  # a CPU buffer may have been refilled
             tensor = as_id_tensor(ids)
-            flat = tensor.reshape(-1).to(torch.int64)
-            if tuple(tensor.shape) != handle.shape or not torch.equal(flat, handle.flat):
-                raise PrefetchHandleError(
-                    f"lookup: ids (shape {tuple(tensor.shape)}) differ from the ids this handle "
-                    f"prefetched (shape {handle.shape}); pass the same ids"
-                )
+            handle.check_ids(tensor.reshape(-1), tuple(tensor.shape))
         if handle.write_seq != self._write_rounds:  # fetching again would be a round of this
             self._wait(handle.future, "lookup")  # rank's alone: it is let go, then refused
             handle.consumed = True
