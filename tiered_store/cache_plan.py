@@ -16,6 +16,7 @@ from .capacity import resolve_capacity
 from .config import CacheTierConfig, StoreConfig
 from .errors import ConfigError, warn_at_caller
 from .id_ops import nonzero, unique_inverse_counts
+from .npy_files import load_npy
 from .online_repin import OnlineRepin
 from .request_queue import QueuedRequest, QueuedRequests
 from .row_cache import RowCache
@@ -348,7 +349,7 @@ def repins_online(tier: CacheTierConfig) -> bool:
 def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:
     """An .npy of row ids (hottest first), checked for range."""
     try:
-        ids = np.load(path, mmap_mode="r")
+        ids = load_npy(path, mmap_mode="r")
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{key}: cannot read {path} ({exc}); expected an .npy of row ids"

@@ -33,6 +33,7 @@ import numpy as np
 
 from .atomic_file import atomic_write
 from .errors import RowIdError, TraceFormatError
+from .npy_files import load_npy, npy_header_lock
 
 __all__ = [
     "TOP_FRACTIONS",
@@ -260,13 +261,13 @@ class FrequencyProfile:
     def load(cls, path: str | os.PathLike[str]) -> FrequencyProfile:
         """Read a profile written by :meth:`save`."""
         try:
-            z = np.load(path, allow_pickle=False)
+            z = load_npy(path)
             if not isinstance(z, np.lib.npyio.NpzFile):  # analyze writes both: an easy mix-up
                 raise TraceFormatError(
                     f"profile {path}: a .npy array (row ids, such as analyze's "
                     "layer{L}.top_rows.npy); expected a profile .npz (analyze's layer{L}.profile.npz)"
                 )
-            with z:
+            with z, npy_header_lock:  # reading a member parses its header
                 meta = json.loads(str(z["meta"]))
                 ids, counts = z["row_ids"], z["counts"]
                 episodes = z["episodes"] if "episodes" in z.files else None

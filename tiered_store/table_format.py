@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from .atomic_file import AtomicFile, fsync_dir, in_the_way
 from .errors import TableFormatError, TierIOError
+from .npy_files import read_npy_header
 from .page_checksums import (
     ChecksumError,
     PageChecksums,
@@ -808,13 +809,7 @@ def _is_pos_int(x: object) -> bool:
 def _read_npy_header(f: Any, npy_path: Path) -> tuple[tuple[int, ...], bool, str, int]:
     """``(shape, fortran_order, descr, data_offset)`` of an open ``.npy`` file."""
     try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dt = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dt = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"unsupported .npy format version {version}")
+        shape, fortran, dt = read_npy_header(f)
     except (ValueError, OSError, SyntaxError) as exc:
         raise TableFormatError(f"{npy_path}: not a readable .npy file: {exc}") from None
     return tuple(shape), bool(fortran), dt.str, f.tell()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import TableFormatError, TierIOError
+from .npy_files import load_npy
 from .quantization import RowQuantization, pack_rows
 
 __all__ = [
@@ -452,7 +453,7 @@ def open_source(source: object, dtype: object) -> SourceReader:
                 errno.ENOENT, f"source .npy file {path} does not exist", str(path)
             )
         try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            arr = load_npy(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty file
             raise TableFormatError(f"source {path} is not a readable .npy file: {exc}") from None
         return _ArrayReader(arr, f"source .npy {path}", dtype, f"npy:{path.resolve()}")

@@ -60,6 +60,7 @@ import zstandard
 
 from .atomic_file import AtomicFile
 from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError
+from .npy_files import load_npy
 
 __all__ = [
     "FORMAT_VERSION",
@@ -735,7 +736,7 @@ def trace_from_npy(
     (10,)
     """
     try:
-        arr = np.load(npy_path, mmap_mode="r", allow_pickle=False)
+        arr = load_npy(npy_path, mmap_mode="r")
     except (OSError, ValueError) as exc:
         raise TraceFormatError(f"{npy_path}: not a readable .npy ({exc})") from None
     if batch_size is not None and batch_size < 1:
@@ -780,7 +781,7 @@ def trace_to_npy(
         if n == 0:
             np.save(tmp, np.empty(0, dtype=np.int64))
             os.replace(tmp, npy_path)
-            return np.load(npy_path)
+            return load_npy(npy_path)
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n,))
         pos = 0
         for part in reader.ids(table):
@@ -795,7 +796,7 @@ def trace_to_npy(
     finally:
         if reader is not trace:
             reader.close()
-    return np.load(npy_path, mmap_mode="r")
+    return load_npy(npy_path, mmap_mode="r")
 
 
 def _check_npy_target(trace: Path, npy_path: Path, overwrite: bool) -> None:

@@ -35,6 +35,7 @@ from ..atomic_file import fsync_dir
 from ..delta.row_delta import open_delta
 from ..delta.table_versions import current_version, open_current_version, release
 from ..errors import ConfigError, TableFormatError, TieredStoreError
+from ..npy_files import load_npy
 from ..quantization import RowQuantization
 from ..table_format import (
     RandomSource,
@@ -399,7 +400,7 @@ def load_table_in_memory(path: str | Path) -> InMemoryTable:
 
 def _read_version(path: Path) -> tuple[Path, TableManifest, np.ndarray]:
     """A table version's path, manifest and rows (checked, read whole)."""
-    return path, check_table(path), np.load(table_paths(path)[0])
+    return path, check_table(path), load_npy(table_paths(path)[0])
 
 
 StoreSpec = Mapping[str, Any] | Callable[[int], Mapping[str, Any]]

@@ -21,6 +21,7 @@ import torch
 
 from ..atomic_file import atomic_write
 from ..errors import ConfigError, RowIdError
+from ..npy_files import load_npy
 
 __all__ = ["CompressedTokenizer", "check_token_ids", "default_tokenizer_path", "encode_texts"]
 
@@ -106,7 +107,7 @@ def _is_first_appearance_order(lookup: np.ndarray) -> bool:
 def _load_cached(path: Path) -> np.ndarray | None:
     """The cached lookup at ``path``, or None if it is missing or malformed."""
     try:
-        lookup = np.load(path, allow_pickle=False)
+        lookup = load_npy(path)
     except (OSError, ValueError):
         return None
     return lookup if _is_first_appearance_order(lookup) else None
