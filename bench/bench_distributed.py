@@ -15,7 +15,7 @@ Part 2, a model driven by the same real text. For R ranks (8 per node) and a ste
 Engram layout (646,400 rows per head), deduplicated per rank and routed with the real shard map
 of each mode; from the per-(rank, rank) counts it gives the bytes each rank and each node sends,
 the exchange time on the stated network (``--node-gbps`` per node between nodes,
-``--nvlink-gbyteps`` per GPU inside a node, ``--latency-us`` per all-to-all round, 3 rounds) and
+``--nvlink-gbyteps`` per GPU inside a node, ``--latency-us`` per collective round, 4 rounds) and
 the load imbalance (most rows any rank serves over the mean), and the busiest rank's shard lookup
 (which sits between the ids round and the rows round) with the replay cost model
 (``cost_model`` defaults: an H200-class GPU, PCIe 5, a datacentre NVMe) at the hot and warm hit
@@ -117,7 +117,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--node-gbps", type=float, default=400.0, help="network per node, Gb/s")
     p.add_argument("--nvlink-gbyteps", type=float, default=450.0, help="per GPU in a node, GB/s")
-    p.add_argument("--latency-us", type=float, default=15.0, help="per all-to-all round")
+    p.add_argument(
+        "--latency-us",
+        type=float,
+        default=15.0,
+        help="per collective round (a lookup has 4: counts, ids, status, rows)",
+    )
     p.add_argument("--overlap-ms", type=float, default=0.0, help="compute prefetch hides behind")
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the table and the ids")
     p.add_argument("--out", help="write the JSON report here as well as stdout")
@@ -332,7 +337,8 @@ def model_step(ids_by_rank: list[np.ndarray], owner_of, ranks: int, args) -> dic
     )
     inter_s = node_out.max() / (args.node_gbps / 8 * 1e9)
     intra_s = gpu_intra.max() / (args.nvlink_gbyteps * 1e9)
-    exchange_s = 3 * args.latency_us * 1e-6 + max(inter_s, intra_s)
+    # four rounds: counts, ids, every shard's status (ShardedStore._check_served), rows
+    exchange_s = 4 * args.latency_us * 1e-6 + max(inter_s, intra_s)
     served = counts.sum(0)
     busiest = int(served.max())  # its shard lookup sits between the ids and the rows rounds
     hot, warm = args.hot_hit_rate, args.warm_hit_rate

@@ -218,23 +218,28 @@ KILL_TIMEOUT_S = 6.0
 
 def kill_or_stall(store: Any, rank: int, victim: int, how: str, result: dict) -> None:
     """Two good lookups; then the victim dies (SIGKILL with its exchange in flight) or stalls,
-    and the others' third lookup must fail naming it, within the timeout."""
-    from tiered_store.errors import RankFailureError, TierIOError
+    and the others' third lookup must fail naming it, within the timeout; or the victim's shard
+    cannot serve the third (``truncate``), which fails on every rank, and the fourth is served."""
+    from tiered_store.errors import RankFailureError, ShardReadError, TierIOError, error_text
 
     ids = torch.arange(40).reshape(8, 5) * 11 % store.rows
     for _ in range(2):
-        store.lookup(ids)
+        rows = store.lookup(ids)
     if how == "truncate":  # the victim's shard file shrinks: its next cold read fails
-        ids = (ids + 1) % store.rows  # rows no tier holds yet
         if rank == victim:
             os.truncate(store.path, 4096)
-            try:
-                store.lookup(ids)
-            except TierIOError as exc:
-                result["own_error"] = f"{type(exc).__name__}: {exc}"
-            store.close()
-            return
-    elif rank == victim:
+        start = time.monotonic()
+        try:
+            store.lookup((ids + 1) % store.rows)  # rows no tier holds yet
+        except ShardReadError as exc:
+            result["error"] = f"ShardReadError: {error_text(exc)}"
+        except TierIOError as exc:
+            result["error"] = f"{type(exc).__name__}: {error_text(exc)}"
+        result["seconds"] = time.monotonic() - start
+        result["served_after"] = bool(torch.equal(store.lookup(ids), rows))  # tiers hold them
+        store.close()
+        return
+    if rank == victim:
         if how == "kill":
             store.prefetch(ids)  # the exchange is in flight on the store's thread ...
             os.kill(os.getpid(), signal.SIGKILL)  # ... when the process dies

@@ -299,8 +299,6 @@ def check_named(result: dict, rank: int, victim: int, how: str) -> None:
         assert "rank 0 died" in error
     elif how == "kill":
         assert f"rank {victim} stopped" in error
-    elif how == "truncate":
-        assert f"rank {victim} failed on its own shard: TierIOError" in error
     else:
         assert f"rank {victim} is alive but has entered only 2" in error
     assert result["seconds"] <= KILL_TIMEOUT_S + 1.0  # sharding.timeout_s, plus scheduling slack
@@ -324,12 +322,24 @@ def test_rank_0_killed_a_rank_stalling_or_failing_is_named_by_every_other_rank_i
     codes = run_ranks(killed_rank_worker, world, (str(table), tmp_path, victim, how), 60)
     survivors = [r for r in range(world) if r != victim]
     assert [codes[r] for r in survivors] == [0] * len(survivors)
-    for rank in survivors:
-        check_named(json.loads((tmp_path / f"rank{rank}.json").read_text()), rank, victim, how)
-    if how == "truncate":  # the rank whose shard failed raised the shard's own error
-        assert codes[victim] == 0
-        own = json.loads((tmp_path / f"rank{victim}.json").read_text())["own_error"]
-        assert own.startswith("TierIOError") and "shard-1-of-3" in own
+    if how != "truncate":
+        for rank in survivors:
+            check_named(json.loads((tmp_path / f"rank{rank}.json").read_text()), rank, victim, how)
+        return
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    # a shard that cannot serve a lookup fails that lookup on every rank, at once, naming it (the
+    # others waited for it until the timeout, and the group failed for good); the next is served
+    assert codes[victim] == 0
+    for rank, result in enumerate(results):
+        assert "crash" not in result, result["crash"]
+        error = result["error"]
+        if rank == victim:  # the shard's own error
+            assert error.startswith("TierIOError") and "shard-1-of-3" in error, error
+        else:
+            assert error.startswith(f"ShardReadError: rank {rank}: lookup #3: 1 of 3"), error
+            assert f"rank {victim}: a cold read failed" in error, error
+        assert result["seconds"] < KILL_TIMEOUT_S / 2
+        assert result["served_after"] is True
 
 
 @pytest.mark.gpu
@@ -510,6 +520,48 @@ def test_sharded_serving_names_a_failed_rank_and_never_waits_for_it_for_good(tmp
         errors = _ended(ranks)
     assert "verify_on_start" in errors[1]
     assert "start #" in errors[0] and "rank 1" in errors[0], errors[0]
+
+
+def test_a_bad_page_in_a_followers_shard_fails_that_request_only(tmp_path):
+    """A page of rank 1's shard fails its checksum: that request is a 503 naming the cause on
+    rank 0 and counted on both ranks, and once the page is good again the next request is served
+    (rank 1 exited, and every request after was a 503, until both ranks were restarted)."""
+    from tiered_store.serve.client import get_json, post_json
+
+    config_path = _sharded_serve_config(tmp_path, verify_on_start=False)
+    shard = tmp_path / "checkpoint" / "engram_layer1.shard-1-of-2.npy"
+    pages = range(read_manifest(shard).data_offset, shard.stat().st_size, 4096)
+    original = shard.read_bytes()
+    request = {"input_ids": [[5, 17, 99, 1000, 3, 3]]}
+    ranks = _serve_ranks(config_path)
+    try:
+        url, follower_metrics = _started(ranks)
+        with open(shard, "r+b") as f:  # a flipped byte in every page of rank 1's rows
+            for offset in pages:
+                f.seek(offset)
+                f.write(bytes([original[offset] ^ 0xFF]))
+        status, answer = post_json(url + "/v1/engram", request)
+        assert status == 503, answer
+        assert answer == {
+            "error": "table data unavailable (table engram_layer1: a rank holding part of the "
+            "table could not serve its rows)"
+        }
+        status, health = get_json(url + "/healthz")
+        assert status == 503 and "rank 1: rows failed their checksum" in health["problems"][0]
+        text = urllib.request.urlopen(follower_metrics, timeout=10).read().decode()
+        failed = 'tiered_store_lookup_failures_total{rank="1",table="engram_layer1"} 1.0'
+        assert failed in text
+        assert 'tiered_store_checksum_failures_total{rank="1",table="engram_layer1"} 1.0' in text
+        shard.write_bytes(original)  # repaired: the rows were never cached, they are read again
+        status, answer = post_json(url + "/v1/engram", request)
+        assert status == 200, answer
+        assert ranks[1].poll() is None
+        ranks[0].terminate()
+        assert ranks[0].wait(30) == 0 and ranks[1].wait(30) == 0
+    finally:
+        errors = _ended(ranks)
+    assert "table engram_layer1: a lookup failed: " in errors[1], errors[1]
+    assert "failed its page checksum" in errors[1]
 
 
 def test_sigterm_to_every_rank_at_once_drains_the_requests_in_flight(tmp_path):

@@ -44,6 +44,16 @@ class RankFailureError(TieredStoreError, RuntimeError):
     """A rank of a sharded store died, hung or stopped calling lookups; the message names it."""
 
 
+class ShardReadError(TierIOError):
+    """Another rank's shard could not serve its rows of a sharded lookup (a failed read or
+    checksum there): the lookup fails on every rank, and the group stays in step. ``ranks`` maps
+    each such rank to what failed there."""
+
+    def __init__(self, message: str, ranks: dict[int, str]) -> None:
+        super().__init__(5, message)  # EIO
+        self.ranks = ranks
+
+
 class DeltaCorruptError(TableFormatError):
     """A row of a table's write delta (LMDB) fails its CRC32C or does not match the table."""
 

@@ -4,8 +4,7 @@ Every rank's ``Heartbeat`` thread writes ``"<beat> <collectives entered>"`` unde
 ``interval`` seconds, on its own connection to the group's store. When a collective fails or
 times out, ``diagnose`` reads every rank's entry twice, ``3 * interval`` apart: a rank whose beat
 did not move is dead or hung; a live rank that has entered fewer collectives than this one has
-not called the lookup the others wait in; a rank whose own shard failed says so under ``err/``. A
-store that cannot be reached means its host is gone: rank 0 (``tcp://`` or ``env://``
+not called the lookup the others wait in. A store that cannot be reached means its host is gone: rank 0 (``tcp://`` or ``env://``
 rendezvous), or torchrun's agent.
 """
 
@@ -29,12 +28,11 @@ class Diagnosis:
     silent: tuple[int, ...] = ()
     closed: tuple[int, ...] = ()  # ranks that closed their store
     behind: tuple[tuple[int, int], ...] = ()  # (rank, collectives it entered)
-    failed: tuple[tuple[int, str], ...] = ()  # (rank, the error its own shard raised)
     store_error: str | None = None
 
     def describe(self, seconds: float) -> str:
         """A sentence naming the failed ranks."""
-        parts = [f"rank {rank} failed on its own shard: {error}" for rank, error in self.failed]
+        parts = []
         if self.store_error is not None:
             parts.append(
                 "the process group's store (hosted by rank 0, or by torchrun's agent) is "
@@ -99,11 +97,6 @@ class Heartbeat:
             first = self._read(store)
             time.sleep(3 * self.interval)
             second = self._read(store)
-            failed = tuple(
-                (r, store.get(f"err/{r}").decode())
-                for r in range(self.world)
-                if r != self.rank and store.check([f"err/{r}"])
-            )
         except Exception as exc:
             return Diagnosis(store_error=str(exc).splitlines()[0][:200])
         others = [r for r in range(self.world) if r != self.rank]
@@ -116,12 +109,7 @@ class Heartbeat:
             for r in others
             if r not in silent and r not in closed and second[r][1] < self.entered
         )
-        return Diagnosis(silent=silent, closed=closed, behind=behind, failed=failed)
-
-    def report_failure(self, message: str) -> None:
-        """Tell the other ranks that this rank's own shard failed (they name it and the error)."""
-        with contextlib.suppress(Exception):  # store gone: the others see this rank silent
-            self._store.set(f"err/{self.rank}", message[:500])
+        return Diagnosis(silent=silent, closed=closed, behind=behind)
 
     def close(self) -> None:
         """Stop beating and mark this rank closed (so it is not reported as dead)."""

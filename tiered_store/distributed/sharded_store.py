@@ -11,6 +11,10 @@ Lookups and prefetches run on one background thread per store, in call order, so
 exchange overlaps the caller's compute and every rank issues its collectives in the same order.
 The caller waits at most ``sharding.timeout_s``; a failed or silent exchange then raises
 ``RankFailureError`` naming the rank that died, hung or stopped calling (see :mod:`.liveness`).
+A shard that cannot serve its rows of a lookup (a failed read, a page failing its checksum) fails
+that lookup only: the ranks tell each other in one small all-reduce before the rows travel, the
+failed rank raises its own error and the others ``ShardReadError`` naming it, and the group stays
+in step for the next lookup.
 
 Writes route the same way: ``write`` sends each row to the rank that owns it (which writes it to
 its shard's ``TieredStore``), ``commit`` commits every shard with one step, and ``update_rows``
@@ -47,12 +51,15 @@ from ..errors import (
     RowDataError,
     RowIdError,
     ShardMismatchError,
+    ShardReadError,
+    TableFormatError,
     TieredStoreError,
     TierIOError,
     error_text,
 )
 from ..id_ops import unique_inverse_counts
 from ..latency import LatencyHistogram
+from ..page_checksums import ChecksumError
 from ..prefetch import OTHER_STORE, PrefetchHandle, PrefetchHandleError
 from ..quantization import dequantize_rows
 from ..store import TieredStore, as_id_tensor, as_rows, ids_on_gpu, snapshot_of
@@ -78,12 +85,23 @@ _EXCHANGE_KEYS = (
 )
 
 
-class _LocalFailure(Exception):
-    """This rank's own shard failed inside an exchange (not a peer)."""
+class _LookupFailed(Exception):
+    """A lookup round that a shard could not serve: ``error`` is raised to the caller, and the
+    store stays usable (every rank finished the round)."""
 
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+# what a rank tells the others when its shard fails a lookup, by its error's type (the first that
+# matches; its code is the index + 1)
+_SHARD_FAILURES = (
+    (ChecksumError, "rows failed their checksum"),
+    (TableFormatError, "its shard file failed a check"),
+    ((TierIOError, OSError), "a cold read failed"),
+    (Exception, "its lookup raised an error"),
+)
 
 
 class ShardedStore:
@@ -462,9 +480,10 @@ class ShardedStore:
         asked = torch.empty(sum(recvs), dtype=torch.int64, device=device)
         dist.all_to_all_single(asked, unique - self._starts[owner], recvs, sends, group=self.group)
         try:
-            served = self.local.lookup(asked, packed=True)
-        except (TieredStoreError, OSError) as exc:
-            raise _LocalFailure(exc) from exc
+            served, failed_here = self.local.lookup(asked, packed=True), None
+        except Exception as exc:  # noqa: BLE001 (any: told to every rank, so they stay in step)
+            served, failed_here = None, exc
+        self._check_served(failed_here, device)
         payload = served.to(device).contiguous().view(torch.uint8)
         received = torch.empty((unique.numel(), self.row_bytes), dtype=torch.uint8, device=device)
         dist.all_to_all_single(received, payload, sends, recvs, group=self.group)
@@ -480,6 +499,31 @@ class ShardedStore:
             torch.cuda.current_stream(rows.device).synchronize()
         self._count(n, unique.numel(), sends, recvs, time.perf_counter() - start)
         return rows
+
+    def _check_served(self, failed_here: BaseException | None, device: torch.device) -> None:
+        """Tell every rank whether this one's shard served its rows (a collective); when any did
+        not, end the round on every rank before the rows travel: the failed rank raises its own
+        error, the others ``ShardReadError`` naming it."""
+        status = torch.zeros(self.world, dtype=torch.int64, device=device)
+        if failed_here is not None:
+            status[self.rank] = 1 + next(
+                i for i, (kind, _) in enumerate(_SHARD_FAILURES) if isinstance(failed_here, kind)
+            )
+        dist.all_reduce(status, group=self.group)
+        if not bool(status.any()):
+            return
+        if failed_here is not None:
+            raise _LookupFailed(failed_here)
+        failed = {r: _SHARD_FAILURES[int(c) - 1][1] for r, c in enumerate(status.tolist()) if c}
+        named = "; ".join(f"rank {r}: {why}" for r, why in failed.items())
+        raise _LookupFailed(
+            ShardReadError(
+                f"rank {self.rank}: lookup #{self._heartbeat.entered}: {len(failed)} of "
+                f"{self.world} rank(s) could not serve their rows ({named}; see their logs); "
+                "this lookup failed on every rank, the next is served as usual",
+                failed,
+            )
+        )
 
     def _check_float_rows(self, what: str) -> None:
         """Writes need float rows (the same answer on every rank: the layout is agreed)."""
@@ -615,9 +659,7 @@ class ShardedStore:
             return future.result(timeout=self._wait_s)
         except FutureTimeout:
             self._fail(what, None, f"no answer within sharding.timeout_s={self.timeout_s:g}")
-        except _LocalFailure as exc:
-            self._heartbeat.report_failure(f"{type(exc.error).__name__}: {exc.error}")
-            self._failure = exc.error
+        except _LookupFailed as exc:  # every rank finished the round: the store stays usable
             raise exc.error from None
         except (TieredStoreError, PrefetchHandleError):
             raise

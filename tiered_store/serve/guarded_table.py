@@ -19,6 +19,7 @@ import torch
 from ..engram.backend import TableBackend
 from ..errors import (
     RankFailureError,
+    ShardReadError,
     TableFormatError,
     TieredStoreError,
     TierIOError,
@@ -36,7 +37,8 @@ class TableUnavailableError(TieredStoreError, RuntimeError):
     """A table's rows could not be served (read failure, bad table file, non-finite values).
 
     ``table`` names the table, ``reason`` is one of ``"read"``, ``"checksum"``, ``"format"``,
-    ``"nonfinite"``;
+    ``"nonfinite"``, and over sharded tables ``"rank"`` (a rank failed: every lookup fails until a
+    restart) or ``"shard"`` (a rank could not serve its rows of this lookup);
     ``str()`` is safe to show a client (no paths); the cause is chained and logged.
     """
 
@@ -52,6 +54,7 @@ _REASONS = {
     "format": "table file failed a check",
     "nonfinite": "rows hold non-finite values",
     "rank": "a rank holding part of the table failed",
+    "shard": "a rank holding part of the table could not serve its rows",
 }
 
 
@@ -95,6 +98,8 @@ class GuardedTable(TableBackend):
             rows = self.table.lookup(row_ids, handle)
         except RankFailureError as exc:
             raise self.failed("rank", exc) from exc
+        except ShardReadError as exc:
+            raise self.failed("shard", exc) from exc
         except TierIOError as exc:
             raise self.failed("read", exc) from exc
         except ChecksumError as exc:

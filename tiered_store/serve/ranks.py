@@ -11,8 +11,10 @@ On the other ranks the control group has no practical timeout, so an idle server
 requests as long as it must; a rank 0 that dies ends the wait with the backend's "connection
 closed" error, and the follower exits 1 naming it. Rank 0's announcements time out after
 ``sharding.timeout_s`` (a follower that hung), and once one failed it fails every request at
-once: the group's rounds are out of step, the ranks must be restarted. Each rank exports its own
-metrics (every sample labelled ``rank``).
+once: the group's rounds are out of step, the ranks must be restarted. A lookup a shard cannot
+serve (a page failing its checksum) fails that request only, on every rank (rank 0 answers a 503,
+the follower counts it in its metrics and logs the cause), and the group stays in step. Each rank
+exports its own metrics (every sample labelled ``rank``).
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..errors import error_text
+from ..errors import RankFailureError, error_text
 
 __all__ = ["ROUND", "STOP", "RankControl", "run_follower"]
 
@@ -69,10 +71,11 @@ class RankControl:
         ``timeout_s``), so a rank that failed its start stops the others' start too."""
         dist.barrier(group=self.group)
 
-    def follow(self, stores: Sequence[Any]) -> int:
+    def follow(self, stores: Mapping[str, Any], failed: Callable[[str, Exception], None]) -> int:
         """Other ranks: join one round of every store per announcement until ``STOP``; returns
-        the rounds joined. Raises ``RankZeroGone`` when rank 0 is gone, and this rank's own
-        store errors as they are."""
+        the rounds joined. A lookup this rank's shard (or another's) could not serve goes to
+        ``failed(table, error)`` (the round ended on every rank: the group is in step). Raises
+        ``RankZeroGone`` when rank 0 is gone, and ``RankFailureError`` when a rank failed."""
         command = torch.zeros(1, dtype=torch.int64)
         nothing = torch.zeros(0, dtype=torch.int64)
         rounds = 0
@@ -83,9 +86,14 @@ class RankControl:
                 raise RankZeroGone(str(exc)) from exc
             if int(command) == STOP:
                 return rounds
-            handles = [store.prefetch(nothing) for store in stores]  # all layers at once
-            for store, handle in zip(stores, handles, strict=True):
-                store.lookup(nothing, handle)
+            handles = [store.prefetch(nothing) for store in stores.values()]  # all layers at once
+            for (name, store), handle in zip(stores.items(), handles, strict=True):
+                try:
+                    store.lookup(nothing, handle)
+                except RankFailureError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 (a failed lookup: rank 0 answers a 503)
+                    failed(name, exc)
             rounds += 1
 
 
@@ -142,8 +150,13 @@ def run_follower(config: Any) -> int:
         print(
             json.dumps({"event": "following", "rank": rank, "metrics_url": metrics_url}), flush=True
         )
+
+        def failed(table: str, exc: Exception) -> None:  # in this rank's metrics and log
+            served.health[table].record_lookup_failure(error_text(exc), time.monotonic())
+            log.error("rank %d: table %s: a lookup failed: %s", rank, table, error_text(exc))
+
         try:
-            rounds = served.control.follow(list(served.stores.values()))
+            rounds = served.control.follow(served.stores, failed)
         except RankZeroGone as exc:
             log.error("rank %d: rank 0 stopped answering (%s); exiting", rank, exc)
             return 1
