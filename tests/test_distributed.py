@@ -522,13 +522,28 @@ def test_sharded_serving_names_a_failed_rank_and_never_waits_for_it_for_good(tmp
     assert "start #" in errors[0] and "rank 1" in errors[0], errors[0]
 
 
+def _healthz_says(url: str, text: str, present: bool = True, within_s: float = 30) -> bool:
+    """Whether rank 0's /healthz comes to name (or, ``present=False``, stop naming) ``text``."""
+    from tiered_store.serve.client import get_json
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        problems = get_json(url + "/healthz")[1].get("problems", [])
+        if any(text in p for p in problems) == present:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_a_bad_page_in_a_followers_shard_fails_that_request_only(tmp_path):
     """A page of rank 1's shard fails its checksum: that request is a 503 naming the cause on
     rank 0 and counted on both ranks, and once the page is good again the next request is served
-    (rank 1 exited, and every request after was a 503, until both ranks were restarted)."""
+    (rank 1 exited, and every request after was a 503, until both ranks were restarted). Rank 1's
+    scrubber finds the bad pages, and rank 0's /healthz says so until a pass finds them good (it
+    showed rank 0's own tables only)."""
     from tiered_store.serve.client import get_json, post_json
 
-    config_path = _sharded_serve_config(tmp_path, verify_on_start=False)
+    config_path = _sharded_serve_config(tmp_path, verify_on_start=False, scrub_interval_s=0.2)
     shard = tmp_path / "checkpoint" / "engram_layer1.shard-1-of-2.npy"
     pages = range(read_manifest(shard).data_offset, shard.stat().st_size, 4096)
     original = shard.read_bytes()
@@ -548,14 +563,19 @@ def test_a_bad_page_in_a_followers_shard_fails_that_request_only(tmp_path):
         }
         status, health = get_json(url + "/healthz")
         assert status == 503 and "rank 1: rows failed their checksum" in health["problems"][0]
+        scrubbed = "table engram_layer1: rank 1's checksum pass failed: "
+        assert _healthz_says(url, scrubbed), "rank 1's checksum pass never reached /healthz"
+        assert str(tmp_path) not in json.dumps(get_json(url + "/healthz")[1])
         text = urllib.request.urlopen(follower_metrics, timeout=10).read().decode()
         failed = 'tiered_store_lookup_failures_total{rank="1",table="engram_layer1"} 1.0'
         assert failed in text
-        assert 'tiered_store_checksum_failures_total{rank="1",table="engram_layer1"} 1.0' in text
+        checksum = 'tiered_store_checksum_failures_total{rank="1",table="engram_layer1"} '
+        assert float(text.split(checksum)[1].split()[0]) >= 2  # the lookup's and the scrubber's
         shard.write_bytes(original)  # repaired: the rows were never cached, they are read again
         status, answer = post_json(url + "/v1/engram", request)
         assert status == 200, answer
         assert ranks[1].poll() is None
+        assert _healthz_says(url, scrubbed, present=False), "rank 1's later pass never cleared it"
         ranks[0].terminate()
         assert ranks[0].wait(30) == 0 and ranks[1].wait(30) == 0
     finally:

@@ -40,18 +40,46 @@ log = logging.getLogger("tiered_store.serve")
 
 STOP, ROUND = 0, 1
 CONTROL_TIMEOUT = timedelta(days=365)  # an idle server waits for its next request this long
+HEALTH_READ_S = 2.0  # rank 0's /healthz waits at most this long for the others' health
 
 
 class RankControl:
     """The control group: rank 0 announces rounds (waiting at most ``timeout_s`` for the others to
-    take each), the others follow them."""
+    take each), the others follow them. The others' checksum passes reach rank 0's ``/healthz``
+    through the group's key-value store."""
 
     def __init__(self, timeout_s: float) -> None:
-        self.rank = dist.get_rank()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
         wait = timedelta(seconds=timeout_s) if self.rank == 0 else CONTROL_TIMEOUT
         self.group = dist.new_group(backend="gloo", timeout=wait)
         self._lock = threading.Lock()
         self.failure: BaseException | None = None  # the first announcement that failed
+        store = dist.distributed_c10d._get_default_store().clone()  # its own connection
+        store.set_timeout(timedelta(seconds=HEALTH_READ_S))
+        self._health = dist.PrefixStore("tiered_store/serve/health/", store)
+        self._health_lock = threading.Lock()  # one request at a time on that connection
+
+    def publish_health(self, failed: Mapping[str, str]) -> None:
+        """Another rank: its tables whose last checksum pass failed (table -> error), for rank
+        0's ``/healthz``; an empty mapping once they pass again."""
+        with self._health_lock:
+            self._health.set(str(self.rank), json.dumps(dict(failed)))
+
+    def others_problems(self) -> list[str]:
+        """Rank 0: the other ranks' published checksum failures, one line each."""
+        out = []
+        with self._health_lock:
+            try:
+                for rank in range(1, self.world):
+                    if self._health.check([str(rank)]):
+                        failed = json.loads(self._health.get(str(rank)))
+                        out += [
+                            f"table {table}: rank {rank}'s checksum pass failed: {error}"
+                            for table, error in failed.items()
+                        ]
+            except RuntimeError as exc:  # the store's host is gone: the ranks are failing anyway
+                out.append(f"the other ranks' health could not be read ({error_text(exc)})")
+        return out
 
     def announce(self, command: int = ROUND) -> None:
         """Rank 0: tell every rank to join one round of each table (or to stop). Raises the

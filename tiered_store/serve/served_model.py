@@ -441,6 +441,8 @@ class ServedModel:
             while not stop.wait(self.config.checkpoint.scrub_interval_s):
                 try:
                     failed = self.verify_tables()
+                    if self.control is not None and self.control.rank != 0:  # rank 0's /healthz
+                        self.control.publish_health({n: self.health[n].last_error for n in failed})
                 except Exception:  # never the end of scrubbing: the next pass may succeed
                     log.exception("checksum pass failed")
                     continue
