@@ -481,6 +481,39 @@ def test_connections_that_send_no_whole_request_head_are_closed_in_time(tmp_path
         server.stop()
 
 
+def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(tmp_path):
+    """Over server.max_connections: a JSON 503 naming the setting (uvicorn's was plain text);
+    served again once connections close."""
+    limits = {"max_connections": 3, "keep_alive_s": 30.0, "request_timeout_s": 20.0}
+    server = start_server(make_checkpoint(tmp_path, server=limits))
+    host, port = server.url.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+    try:
+        time.sleep(0.2)  # the server has accepted them
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/healthz")  # the third connection: at the limit
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        assert response.status == 503 and response.getheader("Content-Type") == "application/json"
+        assert answer == {
+            "error": "server busy: 3 connections open, the limit (server.max_connections) is 3; "
+            "retry later"
+        }
+        assert response.getheader("Retry-After") == "1"
+        conn.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    try:
+        deadline = time.monotonic() + 10
+        while get_json(server.url + "/healthz")[0] != 200:  # the server saw them close
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+    finally:
+        server.stop()
+
+
 def test_metrics_on_the_same_port_of_another_address_leave_the_endpoint_alone(tmp_path):
     """A public endpoint with metrics on a private interface, same port: each listener serves
     its own paths (the metrics one was told apart by its port alone: every request a 404)."""
