@@ -482,8 +482,8 @@ def test_connections_that_send_no_whole_request_head_are_closed_in_time(tmp_path
 
 
 def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(tmp_path):
-    """Over server.max_connections: a JSON 503 naming the setting (uvicorn's was plain text);
-    served again once connections close."""
+    """Over server.max_connections: a JSON 503 naming the setting, counted (uvicorn's was plain
+    text, and uncounted); served again once connections close."""
     limits = {"max_connections": 3, "keep_alive_s": 30.0, "request_timeout_s": 20.0}
     server = start_server(make_checkpoint(tmp_path, server=limits))
     host, port = server.url.removeprefix("http://").split(":")
@@ -491,7 +491,7 @@ def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(t
     try:
         time.sleep(0.2)  # the server has accepted them
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
-        conn.request("GET", "/healthz")  # the third connection: at the limit
+        conn.request("GET", "/stats")  # the third connection: at the limit
         response = conn.getresponse()
         answer = json.loads(response.read())
         assert response.status == 503 and response.getheader("Content-Type") == "application/json"
@@ -510,6 +510,14 @@ def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(t
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as scraped:
+            counted = [
+                (s.labels["handler"], s.value)
+                for family in text_string_to_metric_families(scraped.read().decode())
+                for s in family.samples
+                if s.name == "tiered_store_http_requests_total" and s.labels["code"] == "503"
+            ]
+        assert ("/stats", 1.0) in counted  # uvicorn's own 503 was never counted
     finally:
         server.stop()
 

@@ -223,8 +223,22 @@ class _CountingMiddleware:
         return self.server.metrics_host in WILDCARD_HOSTS or local[0] == self.server.metrics_host
 
     def _refuse(self, scope: Scope) -> Response | None:
-        """A 400 for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener
-        does not serve; ``None`` to go on."""
+        """A 503 while the server is at ``server.max_connections`` (``http_protocol``), a 400 for
+        HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not serve;
+        ``None`` to go on."""
+        busy = scope["state"].get("busy")
+        if busy is not None:
+            connections, requests, limit = busy
+            log.warning("busy: %d connections, %d requests open (server.max_connections %d)",
+                        connections, requests, limit)  # fmt: skip
+            return json_response(
+                503,
+                {
+                    "error": f"server busy: {connections} connections open, the limit "
+                    f"(server.max_connections) is {limit}; retry later"
+                },
+                {"Connection": "close", "Retry-After": "1"},
+            )
         version = scope.get("http_version", "1.1")
         if version not in ("1.0", "1.1"):
             return json_response(

@@ -6,14 +6,14 @@ leave every other client a 503. Here a connection waiting for a request head (op
 one received) is closed once ``server.request_timeout_s`` passes without a whole head.
 
 Over ``limit_concurrency`` (``server.max_connections``) uvicorn answers a plain-text "Service
-Unavailable"; here the same limit answers JSON like every other error of the server, naming it.
+Unavailable" that the server's request counters never see; here the same limit marks the request
+busy, and the app answers it: JSON like every other error of the server, naming the limit, and
+counted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 from typing import Any
 
 import h11
@@ -21,13 +21,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["with_head_deadline"]
 
-log = logging.getLogger("tiered_store.serve")
-
 
 def with_head_deadline(seconds: float) -> type[H11Protocol]:
     """An ``H11Protocol`` class (uvicorn's ``Config(http=...)``) that closes a connection whose
-    request head has not arrived ``seconds`` after it began waiting for one, and answers a JSON
-    503 over the config's ``limit_concurrency``."""
+    request head has not arrived ``seconds`` after it began waiting for one, and marks requests
+    over the config's ``limit_concurrency`` busy (the app answers them 503) instead of answering."""
 
     class HeadDeadlineProtocol(H11Protocol):
         _head_deadline: asyncio.TimerHandle | None = None
@@ -36,7 +34,7 @@ def with_head_deadline(seconds: float) -> type[H11Protocol]:
             super().__init__(*args, **kwargs)
             limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's: plain text
             if limit is not None:
-                self.app = _busy_as_json(self.app, limit, self.connections, self.tasks)
+                self.app = _marking_busy(self.app, limit, self.connections, self.tasks)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -72,29 +70,14 @@ def with_head_deadline(seconds: float) -> type[H11Protocol]:
     return HeadDeadlineProtocol
 
 
-def _busy_as_json(app: Any, limit: int, connections: set, tasks: set) -> Any:
-    """``app``, answering 503 with a JSON error (and closing) instead while ``limit`` connections
-    are open or more than ``limit`` requests run (this one's task counted): uvicorn's test."""
+def _marking_busy(app: Any, limit: int, connections: set, tasks: set) -> Any:
+    """``app``, told in ``scope["state"]["busy"]`` when ``limit`` connections are open or more
+    than ``limit`` requests run (this one's task counted): uvicorn's test. The app answers the 503
+    (``app._CountingMiddleware``: JSON, counted like every other answer)."""
 
-    async def capped(scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or (len(connections) < limit and len(tasks) <= limit):
-            await app(scope, receive, send)
-            return
-        log.warning("busy: %d connections, %d requests open (server.max_connections %d)",
-                    len(connections), len(tasks), limit)  # fmt: skip
-        body = json.dumps(
-            {
-                "error": f"server busy: {len(connections)} connections open, the limit "
-                f"(server.max_connections) is {limit}; retry later"
-            }
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-            (b"retry-after", b"1"),
-        ]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+    async def marked(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (len(connections) >= limit or len(tasks) > limit):
+            scope.setdefault("state", {})["busy"] = (len(connections), len(tasks), limit)
+        await app(scope, receive, send)
 
-    return capped
+    return marked
