@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -785,3 +786,66 @@ def test_sharded_writes_commits_and_training_equal_one_store_given_the_same(tmp_
         torch.unique(torch.cat([train_batch(s, r)[0].reshape(-1) for r in range(world)])).numel()
         for s in range(1, TRAIN_STEPS + 1)
     )
+
+
+def test_rank_0_reads_the_others_health_in_a_thread_and_never_waits_on_a_hung_store(tmp_path):
+    """The key-value store's host (torchrun's agent) stopped: rank 0's health answers at once,
+    from its last read, and says when that read grows old (its /healthz waited on the store, and
+    froze the server's event loop with it); once the host runs again, the line goes."""
+    import os
+    import signal
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tiered_store.serve.ranks import HEALTH_READ_S, RankHealth
+
+    port = free_port()
+    host = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time, torch.distributed as dist; "
+            f"s = dist.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
+            "print('up', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert host.stdout.readline().strip() == "up"
+
+        def client() -> dist.Store:
+            store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
+            store.set_timeout(timedelta(seconds=HEALTH_READ_S))
+            return store
+
+        RankHealth(client(), 1, 2).publish({"engram_layer1": "page 3 failed its checksum"})
+        rank0, stop = RankHealth(client(), 0, 2), threading.Event()
+        rank0.watch(0.1, stop)
+        failed = "table engram_layer1: rank 1's checksum pass failed: page 3 failed its checksum"
+        deadline = time.monotonic() + 10
+        while rank0.problems() != [failed]:
+            assert time.monotonic() < deadline, rank0.problems()
+            time.sleep(0.05)
+        os.kill(host.pid, signal.SIGSTOP)
+        time.sleep(0.5)  # the watcher is waiting on the store now
+        start = time.monotonic()
+        assert rank0.problems() == [failed]
+        assert time.monotonic() - start < 0.05
+        deadline = time.monotonic() + 2 * 0.1 + HEALTH_READ_S + 10
+        while len(problems := rank0.problems()) == 1:
+            assert time.monotonic() < deadline, problems
+            time.sleep(0.1)
+        assert problems[0] == failed
+        assert problems[1].startswith("the other ranks' checksum passes were last read")
+        os.kill(host.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while rank0.problems() != [failed]:  # read again
+            assert time.monotonic() < deadline, rank0.problems()
+            time.sleep(0.1)
+        stop.set()
+    finally:
+        os.kill(host.pid, signal.SIGCONT)
+        host.kill()
+        host.wait()

@@ -34,52 +34,88 @@ import torch.distributed as dist
 
 from ..errors import RankFailureError, error_text
 
-__all__ = ["ROUND", "STOP", "RankControl", "run_follower"]
+__all__ = ["ROUND", "STOP", "RankControl", "RankHealth", "run_follower"]
 
 log = logging.getLogger("tiered_store.serve")
 
 STOP, ROUND = 0, 1
 CONTROL_TIMEOUT = timedelta(days=365)  # an idle server waits for its next request this long
-HEALTH_READ_S = 2.0  # rank 0's /healthz waits at most this long for the others' health
+HEALTH_READ_S = 2.0  # a read of the others' health waits at most this long for the store
+
+
+class RankHealth:
+    """The ranks' failed checksum passes, through the process group's key-value store: the other
+    ranks publish theirs after each pass; rank 0 reads them in a thread, so its ``/healthz``
+    never waits on the store (whose host, torchrun's agent, may hang)."""
+
+    def __init__(self, store: dist.Store, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        self._store = dist.PrefixStore("tiered_store/serve/health/", store)
+        self._lines: list[str] = []  # rank 0: the others' failures as last read
+        self._read_at = time.monotonic()
+        self._read_error: str | None = None
+        self._interval: float | None = None  # rank 0, once watching
+
+    def publish(self, failed: Mapping[str, str]) -> None:
+        """Another rank: its tables whose last checksum pass failed (table -> error), for rank
+        0's ``/healthz``; an empty mapping once they pass again."""
+        self._store.set(str(self.rank), json.dumps(dict(failed)))
+
+    def watch(self, interval_s: float, stop: threading.Event) -> threading.Thread:
+        """Rank 0: read the others' failures every ``interval_s`` until ``stop``; started."""
+        self._interval, self._read_at = interval_s, time.monotonic()
+
+        def watch() -> None:
+            while True:
+                try:
+                    self._lines, self._read_at = self._read(), time.monotonic()
+                    self._read_error = None
+                except RuntimeError as exc:  # the store's host is gone or hung: say so, go on
+                    self._read_error = error_text(exc)
+                if stop.wait(interval_s):
+                    return
+
+        thread = threading.Thread(target=watch, name="tiered-store-rank-health", daemon=True)
+        thread.start()
+        return thread
+
+    def problems(self) -> list[str]:
+        """Rank 0: the others' failed passes as last read, and a line when that read is old;
+        never waits."""
+        out = list(self._lines)
+        age = time.monotonic() - self._read_at
+        if self._interval is not None and age > 2 * self._interval + HEALTH_READ_S:
+            why = f": {self._read_error}" if self._read_error else ""
+            out.append(f"the other ranks' checksum passes were last read {age:.0f} s ago{why}")
+        return out
+
+    def _read(self) -> list[str]:
+        """The others' published failures, one line each."""
+        out = []
+        for rank in range(1, self.world):
+            if self._store.check([str(rank)]):
+                failed = json.loads(self._store.get(str(rank)))
+                out += [
+                    f"table {table}: rank {rank}'s checksum pass failed: {error}"
+                    for table, error in failed.items()
+                ]
+        return out
 
 
 class RankControl:
     """The control group: rank 0 announces rounds (waiting at most ``timeout_s`` for the others to
-    take each), the others follow them. The others' checksum passes reach rank 0's ``/healthz``
-    through the group's key-value store."""
+    take each), the others follow them; ``health`` carries the others' checksum passes to rank
+    0."""
 
     def __init__(self, timeout_s: float) -> None:
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank = dist.get_rank()
         wait = timedelta(seconds=timeout_s) if self.rank == 0 else CONTROL_TIMEOUT
         self.group = dist.new_group(backend="gloo", timeout=wait)
         self._lock = threading.Lock()
         self.failure: BaseException | None = None  # the first announcement that failed
         store = dist.distributed_c10d._get_default_store().clone()  # its own connection
         store.set_timeout(timedelta(seconds=HEALTH_READ_S))
-        self._health = dist.PrefixStore("tiered_store/serve/health/", store)
-        self._health_lock = threading.Lock()  # one request at a time on that connection
-
-    def publish_health(self, failed: Mapping[str, str]) -> None:
-        """Another rank: its tables whose last checksum pass failed (table -> error), for rank
-        0's ``/healthz``; an empty mapping once they pass again."""
-        with self._health_lock:
-            self._health.set(str(self.rank), json.dumps(dict(failed)))
-
-    def others_problems(self) -> list[str]:
-        """Rank 0: the other ranks' published checksum failures, one line each."""
-        out = []
-        with self._health_lock:
-            try:
-                for rank in range(1, self.world):
-                    if self._health.check([str(rank)]):
-                        failed = json.loads(self._health.get(str(rank)))
-                        out += [
-                            f"table {table}: rank {rank}'s checksum pass failed: {error}"
-                            for table, error in failed.items()
-                        ]
-            except RuntimeError as exc:  # the store's host is gone: the ranks are failing anyway
-                out.append(f"the other ranks' health could not be read ({error_text(exc)})")
-        return out
+        self.health = RankHealth(store, self.rank, dist.get_world_size())
 
     def announce(self, command: int = ROUND) -> None:
         """Rank 0: tell every rank to join one round of each table (or to stop). Raises the

@@ -435,14 +435,15 @@ class ServedModel:
 
     def start_scrub(self, stop: threading.Event) -> threading.Thread:
         """A thread re-verifying every table this process serves (its shards, on a rank) every
-        ``checkpoint.scrub_interval_s`` seconds, until ``stop``; started."""
+        ``checkpoint.scrub_interval_s`` seconds, until ``stop``; started. Over sharded tables the
+        other ranks publish their failed passes, and rank 0 reads them (at least every 5 s)."""
 
         def scrub() -> None:
             while not stop.wait(self.config.checkpoint.scrub_interval_s):
                 try:
                     failed = self.verify_tables()
                     if self.control is not None and self.control.rank != 0:  # rank 0's /healthz
-                        self.control.publish_health({n: self.health[n].last_error for n in failed})
+                        self.control.health.publish({n: self.health[n].last_error for n in failed})
                 except Exception:  # never the end of scrubbing: the next pass may succeed
                     log.exception("checksum pass failed")
                     continue
@@ -453,6 +454,8 @@ class ServedModel:
 
         thread = threading.Thread(target=scrub, name="tiered-store-checksum-scrub", daemon=True)
         thread.start()
+        if self.control is not None and self.control.rank == 0:  # the others' passes, read
+            self.control.health.watch(min(self.config.checkpoint.scrub_interval_s, 5.0), stop)
         return thread
 
     def verify_tables(self) -> list[str]:

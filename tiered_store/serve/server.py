@@ -338,7 +338,7 @@ class InferenceServer:
                     f"{now - at:.1f} s ago): {self._without_paths(health.last_lookup_error or '')}"
                 )
         if self.model.control is not None:  # sharded: the other ranks' checksum passes too
-            out += [self._without_paths(p) for p in self.model.control.others_problems()]
+            out += [self._without_paths(p) for p in self.model.control.health.problems()]
         return out
 
     def _without_paths(self, text: str) -> str:
