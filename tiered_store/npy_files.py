@@ -33,16 +33,15 @@ def read_npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype[Any]]
     raise ValueError(f"unsupported .npy format version {version}")
 
 
-def load_npy(
-    path: str | os.PathLike[str], *, mmap_mode: str | None = None, allow_pickle: bool = False
-) -> Any:
-    """``np.load(path, ...)``, its header parsed under :data:`npy_header_lock`.
+def load_npy(path: str | os.PathLike[str], *, mmap_mode: str | None = None) -> Any:
+    """``np.load(path, mmap_mode=mmap_mode, allow_pickle=False)``, its header parsed under
+    :data:`npy_header_lock`.
 
     An ``.npy`` read whole is memory-mapped under the lock and copied after it; an ``.npz`` is
     returned open (read its members under the lock).
     """
     with npy_header_lock:
-        loaded = np.load(path, mmap_mode=mmap_mode or "r", allow_pickle=allow_pickle)
+        loaded = np.load(path, mmap_mode=mmap_mode or "r", allow_pickle=False)
     if mmap_mode is None and isinstance(loaded, np.memmap):
         return np.array(loaded)
     return loaded
