@@ -385,24 +385,36 @@ def test_the_scrub_checks_the_served_version_and_outlives_a_missing_table(tmp_pa
 
 def test_checksum_failures_carry_across_a_reload(tmp_path):
     """A counter that drops is a reset to Prometheus: increase() would count the failures
-    before the reload again (page failures lived in the store a reload closes)."""
+    before the reload again (page failures lived in the store a reload closes), also in a
+    scrape between the swap of the stores and the count's carry (it read 0 there)."""
     from tiered_store import TieredStore
+    from tiered_store.metrics import TieredStoreCollector
+
+    class ScrapedOnUpdate(dict):
+        """The served stores, scraped right after a reload swaps them in."""
+
+        def update(self, *args, **kwargs) -> None:
+            super().update(*args, **kwargs)
+            during.append(failures())
+
+    during: list[float] = []
 
     uncached = {"tiers": {"hot": {"capacity": 0}, "warm": {"capacity": 0}, "cold": {"io": "pread"}}}
     config = make_checkpoint(tmp_path, store=uncached)
     table = ServeConfig.from_yaml(config).table_path(3)
 
     def failures() -> float:
-        text = server.metrics_text()[0].decode()
         return next(
             s.value
-            for f in text_string_to_metric_families(text)
+            for f in collector.collect()
             for s in f.samples
             if s.name == "tiered_store_checksum_failures_total"
             and s.labels["table"] == "engram_layer3"
         )
 
     server = start_server(config)
+    server.model.stores = ScrapedOnUpdate(server.model.stores)
+    collector = TieredStoreCollector(server.model.stores, server.model.health)
     try:
         with open(table, "r+b") as f:  # a flipped byte in every page of the rows
             for offset in range(4096 + 100, table.stat().st_size, 4096):
@@ -418,7 +430,7 @@ def test_checksum_failures_carry_across_a_reload(tmp_path):
             writer.write([0], torch.zeros(1, writer.dim))
             writer.commit()
         assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
-        assert failures() == before
+        assert during == [before] and failures() == before
     finally:
         server.stop()
 

@@ -269,6 +269,13 @@ class ColdTable:
                 self.read_requests += requests
         return result
 
+    def carry_checksum_failures(self, count: int) -> None:
+        """Add ``count`` to ``checksum_failures``: a table reopened on a new version goes on
+        counting where the one it replaces stopped (a counter that drops is a reset to
+        Prometheus)."""
+        with self._lock:
+            self.checksum_failures += count
+
     def close(self) -> None:
         """Stop the thread pool and close the file (idempotent)."""
         if self._closed:

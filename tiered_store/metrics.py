@@ -381,7 +381,6 @@ class TableHealth:
 
     verifications: int = 0
     checksum_failures: int = 0
-    closed_page_failures: int = 0  # failed page checks of the table's stores a reload closed
     last_error: str | None = None  # message of the latest failed pass (cleared by a clean one)
     lookup_failures: int = 0
     last_lookup_error: str | None = None  # what the latest failed lookup raised
@@ -477,9 +476,7 @@ class TieredStoreCollector(Collector):
             fam["tiered_store_verifications_total"].add_metric([table], health.verifications)
             fam["tiered_store_checksum_failures_total"].add_metric(
                 [table],
-                health.checksum_failures
-                + health.closed_page_failures
-                + store.cold.checksum_failures,
+                health.checksum_failures + store.cold.checksum_failures,
             )
             fam["tiered_store_lookup_failures_total"].add_metric([table], health.lookup_failures)
         yield from fam.values()

@@ -278,9 +278,9 @@ class ServedModel:
                 return []
             old = {name: self.stores[name] for name in stale}
             carried = {name: store.cold.checksum_failures for name, store in old.items()}
+            for name, count in carried.items():  # the counter goes on, before a scrape sees it
+                opened[name].cold.carry_checksum_failures(count)
             self.stores.update(opened)
-            for name, count in carried.items():  # the counter goes on across the reload
-                self.health[name].closed_page_failures += count
             self.model.set_tables(
                 {
                     layer: GuardedTable(opened[name], name, self.health[name])
@@ -290,7 +290,7 @@ class ServedModel:
             )
             for name, store in old.items():
                 store.close()  # and what lookups in flight counted meanwhile
-                self.health[name].closed_page_failures += (
+                opened[name].cold.carry_checksum_failures(
                     store.cold.checksum_failures - carried[name]
                 )
             self.reloads += len(stale)
