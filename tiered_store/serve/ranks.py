@@ -12,8 +12,8 @@ requests as long as it must; a rank 0 that dies ends the wait with the backend's
 closed" error, and the follower exits 1 naming it. Rank 0's announcements time out after
 ``sharding.timeout_s`` (a follower that hung), and once one failed it fails every request at
 once: the group's rounds are out of step, the ranks must be restarted. A lookup a shard cannot
-serve (a page failing its checksum) fails that request only, on every rank (rank 0 answers a 503,
-the follower counts it in its metrics and logs the cause), and the group stays in step. Each rank
+serve (a page failing its checksum) fails that request only, on every rank (rank 0 answers a 503
+and counts the failed lookup; the follower logs the cause), and the group stays in step. Each rank
 exports its own metrics (every sample labelled ``rank``).
 """
 
@@ -215,8 +215,7 @@ def run_follower(config: Any) -> int:
             json.dumps({"event": "following", "rank": rank, "metrics_url": metrics_url}), flush=True
         )
 
-        def failed(table: str, exc: Exception) -> None:  # in this rank's metrics and log
-            served.health[table].record_lookup_failure(error_text(exc), time.monotonic())
+        def failed(table: str, exc: Exception) -> None:  # rank 0 counts the lookup: one count
             log.error("rank %d: table %s: a lookup failed: %s", rank, table, error_text(exc))
 
         try:
