@@ -338,6 +338,22 @@ def test_close_says_when_it_drops_writes_not_committed(tmp_path):
             reopened.commit()
 
 
+def test_dirty_rows_count_each_written_row_once(tmp_path):
+    """A row written while cached in both tiers, or cached after an older write waits in
+    pending, is one dirty row (the gauge and close()'s warning counted each copy)."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    with TieredStore(store_config(path, hot={"capacity": 8}, warm={"capacity": 16})) as store:
+        store.lookup([7])  # cached
+        store.write([7], torch.ones(1, 4))
+        assert store.stats()["writes"]["dirty_rows"] == 1
+        store.write([5], torch.ones(1, 4))  # not cached: pending
+        store.lookup([5])  # now cached too
+        store.write([5], torch.full((1, 4), 2.0))
+        assert store.stats()["writes"]["dirty_rows"] == 2
+        store.commit()
+        assert store.stats()["writes"]["dirty_rows"] == 0
+
+
 def test_a_lookup_whose_cold_read_a_write_overtakes_caches_the_written_row(tmp_path):
     """Thread T1's cold read of row 5 runs outside the lock; meanwhile the caller caches row 5
     (warm), moves it out of hot and writes it. T1's admission must not put its base read into

@@ -106,6 +106,10 @@ class _DirtyTier:
             self.dirty[hit] = True
         return held.cpu()
 
+    def dirty_ids(self) -> torch.Tensor:
+        """The ids of the dirty slots, on the host."""
+        return self.cache.row_of_slot[torch.nonzero(self.dirty).squeeze(1)].cpu()
+
     def dirty_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, rows) of the dirty slots, on the host."""
         slots = torch.nonzero(self.dirty).squeeze(1)
@@ -144,9 +148,9 @@ class WriteBack:
 
     @property
     def dirty_rows(self) -> int:
-        """Rows written since the last commit (pending + dirty slots; a row cached in two tiers
-        counts twice)."""
-        return len(self.pending) + sum(int(t.dirty.sum()) for t in self.tiers)
+        """Distinct rows written since the last commit (pending, dirty in a tier, or both)."""
+        ids = [self.pending.ids, *(t.dirty_ids() for t in self.tiers)]
+        return int(torch.unique(torch.cat(ids)).numel())
 
     def write(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Make ``rows`` the current version of unique ``ids`` (CPU int64; rows CPU)."""
