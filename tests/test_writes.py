@@ -93,8 +93,14 @@ def test_bad_writes_are_typed_errors_and_change_nothing(tmp_path):
             store.write([1, 2], torch.tensor([[0.0] * 4, [float("nan")] * 4]))
         with pytest.raises(RowIdError, match="out of range"):
             store.write([1, 20], torch.zeros(2, 4))
+        inexact = r"row 1 holds the integer 16777217, which float32 .* cannot hold exactly"
+        with pytest.raises(RowDataError, match=inexact):  # it was stored as 16777216
+            store.write([1, 2], [[0, 1, 2, 3], [4, 5, 6, 16777217]])
         store.commit()
         assert torch.equal(store.lookup(torch.arange(20)), table)
+        store.write([3], [[1, 2, 3, 16777216]])  # integers float32 holds: written as given
+        assert store.lookup([3]).tolist() == [[1.0, 2.0, 3.0, 16777216.0]]
+        store.commit()
 
 
 def test_a_full_map_grows_and_the_commit_goes_through(tmp_path):
