@@ -1102,16 +1102,6 @@ def as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
         raise RowDataError(f"rows: dtype {tensor.dtype}; expected floating-point rows")
     given = tensor.detach().reshape(-1, shape[-1])
     tensor = given.to("cpu", dtype)
-    if not given.is_floating_point() and given.numel():  # integers the dtype rounds: refused
-        inexact = tensor.to(given.dtype) != given.cpu()
-        if bool(inexact.any()):
-            bad, col = (int(i) for i in torch.nonzero(inexact)[0])
-            raise RowDataError(
-                f"rows: row {bad} holds the integer {int(given[bad, col])}, which "
-                f"{str(dtype).removeprefix('torch.')} (the table's dtype) cannot hold exactly "
-                f"(it would be stored as {tensor[bad, col].item():g}); expected values it holds, "
-                "or float rows"
-            )
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad, col = (int(i) for i in torch.nonzero(~torch.isfinite(tensor))[0])
         value = given[bad, col].item()
@@ -1124,6 +1114,16 @@ def as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
         raise RowDataError(
             f"rows: row {bad} holds a non-finite value ({value}); expected finite rows"
         )
+    if not given.is_floating_point() and given.numel():  # integers the dtype rounds: refused
+        inexact = tensor.to(given.dtype) != given.cpu()
+        if bool(inexact.any()):
+            bad, col = (int(i) for i in torch.nonzero(inexact)[0])
+            raise RowDataError(
+                f"rows: row {bad} holds the integer {int(given[bad, col])}, which "
+                f"{str(dtype).removeprefix('torch.')} (the table's dtype) cannot hold exactly "
+                f"(it would be stored as {tensor[bad, col].item():g}); expected values it holds, "
+                "or float rows"
+            )
     return tensor
 
 
