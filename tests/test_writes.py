@@ -294,8 +294,16 @@ def test_commit_steps_only_move_forward(tmp_path):
             with pytest.raises(ConfigError, match=rf"commit: step .*{why}"):
                 store.commit(bad)
         assert store.commit() == 6  # the refused commits changed nothing
+        reader = TieredStore(store_config(path))  # opened at step 6
+        assert store.commit(6) == 6  # nothing written since: the same step again is a no-op
+        store.write([2], torch.ones(1, 4))
+        with pytest.raises(ConfigError, match="step 6 is the last committed step, and 1 written"):
+            store.commit(6)  # readers elsewhere would never see it (they compare steps)
+        assert not reader.is_stale()
+        assert store.commit(7) == 7 and reader.is_stale()
+        reader.close()
     with TieredStore(store_config(path)) as store:
-        assert store.committed_step == 6 and store.lookup([1]).tolist() == [[1.0] * 4]
+        assert store.committed_step == 7 and store.lookup([1, 2]).tolist() == [[1.0] * 4] * 2
 
 
 def test_empty_id_lists_write_and_read_nothing(tmp_path):

@@ -326,7 +326,8 @@ class TieredStore:
 
     def commit(self, step: int | None = None) -> int:
         """Make every write so far durable in one LMDB transaction, with ``step`` (default: the
-        last committed step + 1; an integer no lower than the last, else ``ConfigError``); returns
+        last committed step + 1; an integer above the last, or equal to it with nothing written
+        since, else ``ConfigError``: readers elsewhere tell commits apart by their step); returns
         the step. After it returns, a crash (kill -9, power loss) loses none of it; a crash during
         it leaves every row as of this commit or the last. Raises ``CommitError`` (the last commit
         intact, the writes still pending) when it fails."""
@@ -336,6 +337,12 @@ class TieredStore:
             delta = self._writes.delta
             step = delta.step + 1 if step is None else _commit_step(step, delta.step)
             ids, rows = self._writes.collect()
+            if ids.size and step == delta.step:
+                raise ConfigError(
+                    f"commit: step {step} is the last committed step, and {ids.size:,} written "
+                    "rows are waiting: readers in other processes tell commits apart by their "
+                    f"step, so they would never see these; expected {step + 1} or more"
+                )
             try:
                 delta.commit(ids, rows, step)
             except CommitError:
