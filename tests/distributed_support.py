@@ -171,14 +171,17 @@ def exact_lookups_worker(
                 assert stats["exchange"]["lookups"] == (7 if name == "v41" else 6)
                 result["checked"].append([name, by, stats["exchange"]["bytes_sent"]])
             single.close()
-        # refusals: one rank opens a shard of another table version, or another sharding mode
+        # refusals: one rank opens a shard of another table version, another sharding mode, or
+        # a shard never made
         other = Path(tables["plain_other"])
-        for case in ("version", "mode"):
+        for case in ("version", "mode", "missing"):
             cfg = _store_config(Path(tables["plain"]), world, "heads")
             if rank == 1 and case == "version":
                 cfg["sharding"]["shards"] = shards_template(other, "heads")
             if rank == 1 and case == "mode":
                 cfg = _store_config(Path(tables["plain"]), world, "rows")
+            if rank == 1 and case == "missing":
+                cfg["sharding"]["shards"] = str(other.with_name("none.{rank}-of-{ranks}.npy"))
             try:
                 ShardedStore.open(cfg).close()
                 result["refused"].append([case, None])

@@ -284,8 +284,10 @@ def test_sharded_lookups_are_bit_exact_and_mismatched_shards_are_refused_on_ever
             ["v41", "rows"],
         ]
         assert all(c[2] > 0 for c in result["checked"])  # rows really crossed between ranks
-        assert [case for case, _ in result["refused"]] == ["version", "mode"]
-        (_, version_msg), (_, mode_msg) = result["refused"]
+        assert [case for case, _ in result["refused"]] == ["version", "mode", "missing"]
+        (_, version_msg), (_, mode_msg), (_, missing_msg) = result["refused"]
+        assert missing_msg is not None and "none.1-of-" in missing_msg
+        assert "does not exist; expected the shards `tiered-store shard " in missing_msg
         assert version_msg is not None and "rank 1: shard" in version_msg
         assert "other/plain.heads.shard-1-of" in version_msg and "table version" in version_msg
         assert mode_msg is not None and "rank 1: config" in mode_msg
@@ -764,7 +766,7 @@ def test_sharded_writes_commits_and_training_equal_one_store_given_the_same(tmp_
             assert np.array_equal(np.load(out / f"{by}_reopened_rank{rank}.npy"), want)
         # a shard whose commit fails is named on every rank; the next commit reunites the steps
         assert f"rank {world - 1}: TierIOError" in result["commit_failed"]
-        assert "being written (or compacted) by another process" in result["commit_failed"]
+        assert "being written (or compacted) by another store" in result["commit_failed"]
         assert result["step_after_failure"] == 4
 
     adam = make_row_optimizer("adam", lr=0.05)

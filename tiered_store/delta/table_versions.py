@@ -187,7 +187,8 @@ def take_writer_lock(table: str | os.PathLike[str]) -> int:
         raise TierIOError(
             errno.EBUSY,
             f"table {table_paths(table)[0].name} is being written (or compacted) by another "
-            f"process (it holds {path.name}); expected one writer at a time",
+            f"store, in this process or another (it holds {path.name}); expected one writer at a "
+            "time",
         ) from None
     _LOCK_FDS.add(fd)
     return fd

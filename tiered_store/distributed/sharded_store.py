@@ -358,6 +358,13 @@ class ShardedStore:
     # -- internals ---------------------------------------------------------------------------------
     def _open_local(self) -> tuple[ShardInfo | None, str | None]:
         """Open this rank's shard; an error is kept to be reported to every rank."""
+        if not Path(self.path).exists():
+            sharding = self.config.sharding
+            out = f" --out '{sharding.shards}'" if sharding.shards else ""
+            return None, (
+                f"{self.path} does not exist; expected the shards `tiered-store shard "
+                f"{self.config.table.path} --ranks {sharding.ranks} --by {sharding.by}{out}` makes"
+            )
         try:
             info = read_shard(self.path)
             local_config = self.config.model_copy(
@@ -712,8 +719,10 @@ def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]
     """Per rank, why its (gradient width, step) of an update round disagrees with the first
     rank that sent gradients (width) and with rank 0 (step); None where it agrees.
 
-    >>> _disagreeing([(None, 2), (4, 2), (6, 3)])
-    [None, None, 'gradients of width 6 and step 3; rank 1 sent width 4, rank 0 step 2']
+    >>> _disagreeing([(None, 2), (4, 2), (6, 3)])[:2]
+    [None, None]
+    >>> _disagreeing([(None, 2), (4, 2), (6, 3)])[2]  # doctest: +ELLIPSIS
+    'gradients of width 6 and step 3; rank 1 sent width 4, rank 0 step 2: expected one width...'
     """
     senders = [r for r, (w, _) in enumerate(asked) if w is not None]
     first = senders[0] if senders else 0
@@ -722,7 +731,7 @@ def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]
         None
         if (w is None or w == width) and s == step
         else f"gradients of width {w} and step {s}; rank {first} sent width {width}, rank 0 "
-        f"step {step}"
+        f"step {step}: expected one width and one step on every rank"
         for w, s in asked
     ]
 

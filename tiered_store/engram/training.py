@@ -247,6 +247,8 @@ def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
             and getattr(given, f.name) != getattr(default, f.name)
             and getattr(given, f.name) != getattr(saved, f.name)
         ]
+        if given.steps and given.steps < saved.steps:  # asked for fewer: the run has more
+            ignored.append(f"--steps {given.steps} (it runs {saved.steps}; steps only grow)")
         if ignored:
             warnings.warn(
                 f"--resume: the run in {out} keeps its settings (only --steps may grow); "
@@ -303,8 +305,10 @@ def register(sub) -> None:
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps per commit"
     )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="table optimizer")
-    p.add_argument("--table-lr", type=float, default=d.table_lr)
-    p.add_argument("--dense-lr", type=float, default=d.dense_lr)
+    p.add_argument("--table-lr", type=float, default=d.table_lr, help="the tables' learning rate")
+    p.add_argument(
+        "--dense-lr", type=float, default=d.dense_lr, help="the dense model's learning rate (Adam)"
+    )
     p.add_argument(
         "--hot", type=capacity, default=d.hot, help="hot tier capacity (rows, bytes or %%)"
     )
@@ -313,7 +317,9 @@ def register(sub) -> None:
     )
     p.add_argument("--io", choices=IO_MODES, default=d.io, help="cold tier I/O")
     p.add_argument("--model", type=Path, help="YAML/JSON of engram/backbone/transformer sections")
-    p.add_argument("--seed", type=at_least(0), default=d.seed)
+    p.add_argument(
+        "--seed", type=at_least(0), default=d.seed, help="seed of the weights and the batches"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
