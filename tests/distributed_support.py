@@ -414,6 +414,33 @@ def misuse_worker(rank: int, world: int, port: int, plain: str, out: Path) -> No
     _report(out, rank, result)
 
 
+def crossed_rounds_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Rank 0 looks up while rank 1 takes a training step: both name the other's kind of round.
+    The group is broken after it: the process leaves without its teardown."""
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.errors import RankFailureError
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        config = _store_config(Path(plain), world, "rows")
+        config["sharding"]["timeout_s"] = 4
+        store = ShardedStore.open(config)
+        ids = torch.tensor([3, 461])
+        store.lookup(ids)  # in step
+        try:
+            if rank == 0:
+                store.lookup(ids)
+            else:
+                store.update_rows(ids, torch.ones(2, 2), lambda rows, grads: rows)
+        except RankFailureError as exc:
+            result["error"] = str(exc)
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+    os._exit(0)
+
+
 def dist_destroy() -> None:
     """Destroy the group ``_join_group`` made."""
     import torch.distributed as dist

@@ -649,6 +649,22 @@ def test_one_rank_misusing_a_collective_is_refused_and_the_ranks_stay_in_step(tm
     assert steps[1]["stale handle"] == "ok"
 
 
+def test_ranks_in_different_collectives_are_named_with_the_kinds_of_round(tmp_path):
+    """Rank 0 looks up while rank 1 takes a training step: each names the other and both kinds
+    (it said "no rank was found silent or behind")."""
+    from tests.distributed_support import crossed_rounds_worker, make_plain_table
+
+    plain = make_plain_table(tmp_path)
+    _shard_all({"plain": plain}, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    run_ranks(crossed_rounds_worker, 2, (str(plain), out), 60)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert not any("crash" in r for r in results), results
+    assert "rank 1 is in an update round where this rank is in a lookup one" in results[0]["error"]
+    assert "rank 0 is in a lookup round where this rank is in an update one" in results[1]["error"]
+
+
 def test_shards_cut_for_another_rank_count_are_refused_at_open():
     """A shard set cut for 3 ranks opened by 2 (a template without {ranks} finds its files)."""
     from tiered_store.distributed.sharded_store import check_fingerprints

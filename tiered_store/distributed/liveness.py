@@ -1,10 +1,11 @@
 """Which rank failed: heartbeats through the process group's key-value store.
 
-Every rank's ``Heartbeat`` thread writes ``"<beat> <collectives entered>"`` under its rank every
-``interval`` seconds, on its own connection to the group's store. When a collective fails or
-times out, ``diagnose`` reads every rank's entry twice, ``3 * interval`` apart: a rank whose beat
-did not move is dead or hung; a live rank that has entered fewer collectives than this one has
-not called the lookup the others wait in. A store that cannot be reached means its host is gone: rank 0 (``tcp://`` or ``env://``
+Every rank's ``Heartbeat`` thread writes ``"<beat> <collectives entered> <state> <kind>"`` under
+its rank every ``interval`` seconds, on its own connection to the group's store. When a collective
+fails or times out, ``diagnose`` reads every rank's entry twice, ``3 * interval`` apart: a rank
+whose beat did not move is dead or hung; a live rank that has entered fewer collectives than this
+one has not called the lookup the others wait in; one that entered as many, but of another kind
+(a training step where this rank looks up), called another collective. A store that cannot be reached means its host is gone: rank 0 (``tcp://`` or ``env://``
 rendezvous), or torchrun's agent.
 """
 
@@ -28,6 +29,8 @@ class Diagnosis:
     silent: tuple[int, ...] = ()
     closed: tuple[int, ...] = ()  # ranks that closed their store
     behind: tuple[tuple[int, int], ...] = ()  # (rank, collectives it entered)
+    elsewhere: tuple[tuple[int, str], ...] = ()  # (rank, the kind of round it is in)
+    kind: str = ""  # the kind of round this rank is in
     store_error: str | None = None
 
     def describe(self, seconds: float) -> str:
@@ -49,6 +52,12 @@ class Diagnosis:
                 f"rank {rank} is alive but has entered only {entered} collective lookup(s): it is "
                 "not calling lookup/prefetch as often as the others"
             )
+        for rank, kind in self.elsewhere:
+            parts.append(
+                f"rank {rank} is in {_a(kind)} round where this rank is in {_a(self.kind)} one: "
+                "every rank must call lookup/prefetch, write, commit and training steps in the "
+                "same order"
+            )
         return "; ".join(parts) or "no rank was found silent or behind"
 
 
@@ -58,6 +67,7 @@ class Heartbeat:
     def __init__(self, store: dist.Store, rank: int, world: int, interval: float) -> None:
         self.rank, self.world, self.interval = rank, world, interval
         self.entered = 0  # collectives this rank has entered (set by the store's thread)
+        self.kind = "none"  # the kind of the last one: lookup, write, commit, update
         self._store = store.clone()  # its own connection: safe beside the group's own use
         self._store.set_timeout(timedelta(seconds=max(2 * interval, 1.0)))
         self._beat = 0
@@ -69,7 +79,12 @@ class Heartbeat:
     def _publish(self, state: str = "open") -> None:
         """Write this rank's entry once."""
         self._beat += 1
-        self._store.set(f"hb/{self.rank}", f"{self._beat} {self.entered} {state}")
+        self._store.set(f"hb/{self.rank}", f"{self._beat} {self.entered} {state} {self.kind}")
+
+    def enter(self, kind: str) -> None:
+        """This rank enters one more collective round, of ``kind`` (the store's thread)."""
+        self.entered += 1
+        self.kind = kind
 
     def _run(self) -> None:
         """Beat until stopped; a store that went away ends the thread quietly."""
@@ -79,14 +94,14 @@ class Heartbeat:
             except Exception:  # the store's host died: diagnose reports it
                 return
 
-    def _read(self, store: dist.Store) -> dict[int, tuple[int, int, str]]:
-        """Every other rank's (beat, entered, state); ranks without an entry are missing."""
+    def _read(self, store: dist.Store) -> dict[int, tuple[int, int, str, str]]:
+        """Every other rank's (beat, entered, state, kind); ranks without an entry are missing."""
         out = {}
         for rank in range(self.world):
             key = f"hb/{rank}"
             if rank != self.rank and store.check([key]):
-                beat, entered, state = store.get(key).decode().split()
-                out[rank] = (int(beat), int(entered), state)
+                beat, entered, state, kind = store.get(key).decode().split()
+                out[rank] = (int(beat), int(entered), state, kind)
         return out
 
     def diagnose(self) -> Diagnosis:
@@ -109,7 +124,17 @@ class Heartbeat:
             for r in others
             if r not in silent and r not in closed and second[r][1] < self.entered
         )
-        return Diagnosis(silent=silent, closed=closed, behind=behind)
+        elsewhere = tuple(
+            (r, second[r][3])
+            for r in others
+            if r not in silent
+            and r not in closed
+            and second[r][1] == self.entered
+            and second[r][3] != self.kind
+        )
+        return Diagnosis(
+            silent=silent, closed=closed, behind=behind, elsewhere=elsewhere, kind=self.kind
+        )
 
     def close(self) -> None:
         """Stop beating and mark this rank closed (so it is not reported as dead)."""
@@ -117,3 +142,8 @@ class Heartbeat:
         self._thread.join(self.interval + 1.0)
         with contextlib.suppress(Exception):  # the store is gone already
             self._publish("closed")
+
+
+def _a(kind: str) -> str:
+    """``kind`` with its article: "a lookup", "an update"."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"

@@ -464,7 +464,7 @@ class ShardedStore:
         """One collective round: route unique ids to their owners, serve theirs, gather the rows.
         ``queued``: recorded where the caller made ``flat`` on the GPU (this thread waits for it);
         rows on the GPU are ready when this returns, for a caller on any stream."""
-        self._heartbeat.entered += 1
+        self._heartbeat.enter("lookup")
         start = time.perf_counter()
         if queued is not None:
             torch.cuda.current_stream(flat.device).wait_event(queued)
@@ -581,13 +581,13 @@ class ShardedStore:
 
     def _write_round(self, ids: torch.Tensor, rows: torch.Tensor) -> list[str | None]:
         """One write: route the rows, write them to this shard; every rank's error (or None)."""
-        self._heartbeat.entered += 1
+        self._heartbeat.enter("write")
         local_ids, received = self._route(ids, rows)
         return self._all_gather(self._local_error(self.local.write, local_ids, received))
 
     def _commit_round(self, step: int | None) -> tuple[int, list[str | None]]:
         """Agree on the step, commit this shard; (the step, every rank's error or None)."""
-        self._heartbeat.entered += 1
+        self._heartbeat.enter("commit")
         asked = self._all_gather((self.local.committed_step, step))
         steps = {s for _, s in asked}
         if len(steps) > 1:
@@ -606,7 +606,7 @@ class ShardedStore:
     ) -> tuple[int, list[str | None]]:
         """Agree on the gradients' width and the step, route the gradients, sum them per row,
         apply ``update`` to this shard's rows."""
-        self._heartbeat.entered += 1
+        self._heartbeat.enter("update")
         asked = self._all_gather((grads.shape[1] if grads.numel() else None, step))
         refused = _disagreeing(asked)
         if any(refused):
