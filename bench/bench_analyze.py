@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tiered_store.cli_args import at_least, doc_parser
+from tiered_store.atomic_file import write_json
+from tiered_store.cli_args import at_least, doc_parser, output_file
 from tiered_store.errors import ConfigError
 from tiered_store.versions import machine_info
 from zipf_analysis.analyze import AnalyzeOptions, analyze, parse_targets
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-belady", action="store_true", help="skip Belady")
     p.add_argument("--work-dir", type=Path, help="analysis output folder (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the analysis output folder")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--out", type=output_file, help="also write the JSON here")
     p.add_argument("--progress", action="store_true", help="show the progress bar")
     args = p.parse_args(argv)
     check_args(p, args)
@@ -171,8 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        write_json(args.out, out)
     if args.keep or args.work_dir:
         print(f"analysis output: {work}", file=sys.stderr)
     return out

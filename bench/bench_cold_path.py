@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -48,7 +47,8 @@ import numpy as np
 import torch
 
 from tiered_store import StoreConfig, TieredStore
-from tiered_store.cli_args import at_least, doc_parser, int_list, public_command
+from tiered_store.atomic_file import write_json
+from tiered_store.cli_args import at_least, doc_parser, int_list, output_file, public_command
 from tiered_store.cold_table import ColdTable
 from tiered_store.disk_probe import fio_random_reads, probe_random_reads, probe_uring_reads
 from tiered_store.errors import TierIOError
@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{PROBE_BASELINE!r} (the same random 4 KiB O_DIRECT reads, from Python)",
     )
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the table and the ids")
-    p.add_argument("--out", type=Path, help="write the JSON here (and the PNG beside it)")
+    p.add_argument("--out", type=output_file, help="write the JSON here (and the PNG beside it)")
     args = p.parse_args(argv)
     if args.no_fio and 32 not in args.depths:
         p.error(
@@ -404,10 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         table = {"rows": m.rows, "row_bytes": m.row_bytes, "bytes": m.file_bytes}
         points, rounds, pairs = measure(args, path)
     report = summarize(args, points, rounds, pairs, table)
-    text = json.dumps(report, indent=2)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        write_json(args.out, report)
         plot(report, args.out.with_suffix(".png"))
     print(f"\n{'variant':<30} {'rate/s':>10} {'vs baseline':>12} {'requests/s':>11} {'CPU':>5}")
     for name, e in report["results"].items():

@@ -46,7 +46,7 @@ import torch.multiprocessing as mp
 
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import resolve_capacity
-from tiered_store.cli_args import at_least, capacity, doc_parser, public_command
+from tiered_store.cli_args import at_least, capacity, doc_parser, output_file, public_command
 from tiered_store.config import CostModelConfig
 from tiered_store.corpus import resolve_corpus
 from tiered_store.distributed import ShardedStore, plan_shards, write_shards
@@ -125,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--overlap-ms", type=float, default=0.0, help="compute prefetch hides behind")
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the table and the ids")
-    p.add_argument("--out", help="write the JSON report here as well as stdout")
+    p.add_argument("--out", type=output_file, help="write the JSON report here as well as stdout")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -404,8 +404,7 @@ def main(argv=None) -> int:
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json(args.out, report, indent=1)
     print_table(report)
     return 0
 

@@ -52,7 +52,8 @@ from pathlib import Path
 
 import torch
 
-from tiered_store.cli_args import at_least, capacity, doc_parser, public_command
+from tiered_store.atomic_file import write_json
+from tiered_store.cli_args import at_least, capacity, doc_parser, output_file, public_command
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.engram import NgramHasher
@@ -154,7 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--seed", type=at_least(0), default=0, help="seed of the weights, tables and text order"
     )
-    p.add_argument("--out", help="write the JSON report here as well as stdout")
+    p.add_argument("--out", type=output_file, help="write the JSON report here as well as stdout")
     args = p.parse_args(argv)  # a bad count is refused by its type
     try:
         args.device = compute_device(args.device)
@@ -420,8 +421,7 @@ def main(argv=None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json(args.out, report)
     print_table(report, file=sys.stderr)
     return 0
 

@@ -30,11 +30,11 @@ import resource
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
-from tiered_store.cli_args import at_least, doc_parser, fraction
+from tiered_store.atomic_file import write_json
+from tiered_store.cli_args import at_least, doc_parser, fraction, output_file
 from tiered_store.versions import machine_info
 from zipf_analysis.mrc import belady_mrc, lru_mrc, mean_absolute_error, shards_mrc
 from zipf_analysis.zipf_fit import sample_zipf
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Belady capacities to compute (log-spaced; 0 to skip, slow: O(N log C) each)",
     )
     p.add_argument("--seed", type=at_least(0, "a seed >= 0"), default=0, help="trace seed")
-    p.add_argument("--out", help="write JSON here as well as stdout")
+    p.add_argument("--out", type=output_file, help="write JSON here as well as stdout")
     args = p.parse_args(argv)
     if not args.exponent >= 0.0:  # NaN too; the counts and --rate are refused by their types
         p.error(f"--exponent {args.exponent}: expected a Zipf exponent >= 0")
@@ -226,8 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json(args.out, result, indent=1)
     return result
 
 

@@ -41,7 +41,7 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, doc_parser
+from tiered_store.cli_args import at_least, doc_parser, output_file
 from tiered_store.errors import ConfigError
 from tiered_store.online_profile import OnlineProfile
 from tiered_store.profile import FrequencyProfile
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--window", type=lookups, default=DEFAULT_RECENCY_WINDOW, help="lookups per window"
     )
-    p.add_argument("--out", help="write JSON here too")
+    p.add_argument("--out", type=output_file, help="write JSON here too")
     args = p.parse_args(argv)  # a count below 1 is refused by its type
     try:
         shares = parse_shares(args.shares, key="--shares")

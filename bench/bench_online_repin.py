@@ -72,7 +72,14 @@ from policies.zipf_tuned import zipf_tuned_split
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import resolve_capacity
-from tiered_store.cli_args import at_least, doc_parser, float_list, int_list, public_command
+from tiered_store.cli_args import (
+    at_least,
+    doc_parser,
+    float_list,
+    int_list,
+    output_file,
+    public_command,
+)
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.table_sources import RandomSource
@@ -513,7 +520,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-replay", action="store_true", help="(a) only")
     p.add_argument("--skip-all-hit", action="store_true", help="(b) only")
     p.add_argument("--dir", default="/var/tmp", help="work directory's parent (deleted at the end)")
-    p.add_argument("--out", help="write JSON here too")
+    p.add_argument("--out", type=output_file, help="write JSON here too")
     args = p.parse_args(argv)  # clear errors before any work: a bad count refused by its type
     try:
         args.replay_modes = replay_modes(args.replay_modes)

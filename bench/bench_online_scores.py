@@ -41,7 +41,7 @@ from tqdm import tqdm
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, doc_parser
+from tiered_store.cli_args import at_least, doc_parser, output_file
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         help="what the top rows are scored by: the next lookups' episodes, or only their "
         "returns (episodes after a window without the row: what an LRU misses)",
     )
-    p.add_argument("--out", help="write JSON here too")
+    p.add_argument("--out", type=output_file, help="write JSON here too")
     args = p.parse_args(argv)
     try:
         shares = parse_shares(args.shares, key="--shares")

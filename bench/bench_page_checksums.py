@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser
+from tiered_store.cli_args import at_least, doc_parser, output_file
 from tiered_store.cold_table import IO_MODES, ColdTable
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.errors import TierIOError
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="drop the table's page cache before every read (pread and mmap then read the disk)",
     )
-    p.add_argument("--out", type=Path, help="write the results here (JSON)")
+    p.add_argument("--out", type=output_file, help="write the results here (JSON)")
     args = p.parse_args(argv)  # a bad count is refused by its type
     args.io = [m for m in args.io.split(",") if m]
     unknown = sorted(set(args.io) - set(IO_MODES))

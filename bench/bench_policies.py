@@ -54,7 +54,7 @@ from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, doc_parser, int_list
+from tiered_store.cli_args import at_least, doc_parser, int_list, output_file
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
@@ -129,7 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=4096,
         help="tokens per request for --queued-requests",
     )
-    p.add_argument("--out", help="write JSON here too, and the plot beside it (.png)")
+    p.add_argument(
+        "--out", type=output_file, help="write JSON here too, and the plot beside it (.png)"
+    )
     p.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier --out")
     args = p.parse_args(argv)
     try:  # refused before any work, not after the analysis

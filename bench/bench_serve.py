@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser
+from tiered_store.cli_args import at_least, doc_parser, output_file
 from tiered_store.serve import ServeConfig, ServedModel, parse_request
 from tiered_store.serve.client import ServeProcess, get_json, post_json, run_load, zipf_requests
 
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and a second one that announces each waiting request (server.announce_requests): "
         "its cost or gain in requests/s",
     )
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--out", type=output_file, help="write the results as JSON here")
     args = p.parse_args(argv)
     check_args(p, args)
     return args

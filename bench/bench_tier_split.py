@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tiered_store.atomic_file import write_json
 from tiered_store.cache_plan import parse_policy
-from tiered_store.cli_args import ArgumentParser, at_least, public_command
+from tiered_store.cli_args import ArgumentParser, at_least, output_file, public_command
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from zipf_analysis.replay import replay, with_policy
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         help="both tiers' policy (default: the store config's), e.g. zipf-tuned (its profile: "
         "the analysis's)",
     )
-    p.add_argument("--out", type=Path, help="JSON results")
+    p.add_argument("--out", type=output_file, help="JSON results")
     args = p.parse_args(argv)
     check_args(p, args)
     work = args.analysis
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(doc, indent=2)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
+        write_json(args.out, doc)
     return 0
 
 

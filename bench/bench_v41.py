@@ -74,7 +74,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tiered_store.cli_args import at_least, capacity, doc_parser, public_command
+from tiered_store.atomic_file import write_json
+from tiered_store.cli_args import at_least, capacity, doc_parser, output_file, public_command
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache, fio_random_reads
 from tiered_store.engram import NgramHasher
@@ -195,7 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="store alone: intra-op threads, one run each",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the tables, text order and model")
-    p.add_argument("--out", help="write the JSON report here as well as stdout")
+    p.add_argument("--out", type=output_file, help="write the JSON report here as well as stdout")
     args = p.parse_args(argv)
     batch = args.batch_size * args.seq_len  # refused before any table is made
     if args.row_values % 32:
@@ -800,8 +801,7 @@ def main(argv=None) -> int:
     text_out = json.dumps(report, indent=2, default=lambda o: o.item())  # NumPy scalars
     print(text_out)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text_out + "\n")
+        write_json(args.out, json.loads(text_out))  # the NumPy scalars made plain
     print_summary(report)
     kept = [path for group in paths.values() for path in group.values()]
     size = sum(f.stat().st_size for path in kept for f in path.parent.glob(f"{path.name}*"))

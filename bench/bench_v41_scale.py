@@ -39,7 +39,7 @@ import torch
 
 from tiered_store import StoreConfig, TieredStore
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser
+from tiered_store.cli_args import at_least, doc_parser, output_file
 from tiered_store.corpus import resolve_corpus
 from tiered_store.engram import EngramConfig, NgramHasher
 from tiered_store.engram.corpus import read_tokens, token_batches
@@ -115,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="timings of 4 all-hit lookups of the last batch, the stores taking turns, once "
         "every index has replayed; their median is reported (default 7)",
     )
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--out", type=output_file, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.tokens < args.batch_size * args.seq_len:  # refused before the table is made
         p.error(

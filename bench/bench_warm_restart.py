@@ -36,7 +36,7 @@ import torch
 
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, fraction
+from tiered_store.cli_args import at_least, doc_parser, fraction, output_file
 from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader
 from tiered_store.warm_restart import restart_path
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=at_least(1), default=8, help="row width of the table (float32)")
     p.add_argument("--io", default="pread", help="tiers.cold.io of the stores (pread, mmap, ...)")
     p.add_argument("--dir", type=Path, help="where the table goes (default: a temporary dir)")
-    p.add_argument("--out", help="write JSON here too")
+    p.add_argument("--out", type=output_file, help="write JSON here too")
     args = p.parse_args(argv)  # a bad share or count is refused by its type
     torch.set_num_threads(1)  # 2 shared cores: extra threads only spin
     with TraceReader(args.trace) as reader:

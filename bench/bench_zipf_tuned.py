@@ -51,7 +51,7 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, public_command
+from tiered_store.cli_args import at_least, doc_parser, output_file, public_command
 from tiered_store.profile import FrequencyCounter
 from tiered_store.trace import TraceReader
 from zipf_analysis.analyze import AnalyzeOptions, analyze
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="also run Belady's MIN on the recency segment behind fixed pins (a bound)",
     )
-    p.add_argument("--out", help="write JSON here too")
+    p.add_argument("--out", type=output_file, help="write JSON here too")
     args = p.parse_args(argv)
     if not 0 < args.holdout < 1:  # NaN too
         p.error(f"--holdout {args.holdout}: expected a share of the documents in (0, 1)")

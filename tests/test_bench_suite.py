@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,21 @@ def test_every_bench_option_says_what_it_does():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == "", done.stdout
+
+
+def test_every_bench_script_checks_its_out_before_the_work(tmp_path):
+    """A directory as --out is refused at once, naming it (every script did all its work first,
+    then failed to write); the results are written atomically, through write_json."""
+    scripts = sorted((ROOT / "bench").glob("bench_*.py"))
+    for script in scripts:
+        source = script.read_text()
+        assert re.search(r'"--out",\s*type=output_file', source), script.name
+        assert ".write_text(" not in source or script.name == "bench_serve.py", script.name
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_mrc.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"argument --out: '{tmp_path}' is a directory; expected a file to write" in done.stderr

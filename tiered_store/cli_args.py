@@ -44,6 +44,32 @@ def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
     return parse
 
 
+def output_file(text: str) -> Path:
+    """An argparse ``type``: a file to write when the work is done, checked before it starts: a
+    directory there, or a file where a folder on its way should be, is refused (a missing folder
+    is made when it is written).
+
+    >>> output_file("results/run.json").name
+    'run.json'
+    >>> output_file("/")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '/' is a directory; expected a file to write (or nothing there)
+    """
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a directory; expected a file to write (or nothing there)"
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(
+                    f"{text!r}: {str(parent)!r} is a file; expected a folder on the way"
+                )
+            break
+    return path
+
+
 def fraction(what: str | None = None) -> Callable[[str], float]:
     """An argparse ``type``: a number F with 0 < F <= 1 (a share, a sampling rate); anything else,
     NaN included, is refused with the value, as ``expected WHAT, got 'TEXT'``.
