@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file
+from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
 from tiered_store.errors import ConfigError
 from tiered_store.versions import machine_info
 from zipf_analysis.analyze import AnalyzeOptions, analyze, parse_targets
@@ -179,4 +179,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -48,7 +48,15 @@ import torch
 
 from tiered_store import StoreConfig, TieredStore
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, int_list, output_file, public_command
+from tiered_store.cli_args import (
+    at_least,
+    doc_parser,
+    int_list,
+    output_file,
+    positive_number,
+    public_command,
+    run_script,
+)
 from tiered_store.cold_table import ColdTable
 from tiered_store.disk_probe import fio_random_reads, probe_random_reads, probe_uring_reads
 from tiered_store.errors import TierIOError
@@ -77,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--table-gib", type=float, default=1.0, help="table size in GiB")
     p.add_argument("--rounds", type=at_least(1), default=5, help="measured rounds of the curves")
     p.add_argument("--pairs", type=at_least(1), default=20, help="headline pairs (baseline, store)")
-    p.add_argument("--seconds", type=float, default=1.0, help="time per variant per round")
+    p.add_argument(
+        "--seconds", type=positive_number, default=1.0, help="time per variant per round"
+    )
     p.add_argument(
         "--batch", type=at_least(1), default=16384, help="ids per read_rows / lookup call"
     )
@@ -424,4 +434,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

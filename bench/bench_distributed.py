@@ -46,7 +46,14 @@ import torch.multiprocessing as mp
 
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import resolve_capacity
-from tiered_store.cli_args import at_least, capacity, doc_parser, output_file, public_command
+from tiered_store.cli_args import (
+    at_least,
+    capacity,
+    doc_parser,
+    output_file,
+    public_command,
+    run_script,
+)
 from tiered_store.config import CostModelConfig
 from tiered_store.corpus import resolve_corpus
 from tiered_store.distributed import ShardedStore, plan_shards, write_shards
@@ -493,4 +500,4 @@ def print_table(report: dict, file=sys.stderr) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -53,7 +53,15 @@ from pathlib import Path
 import torch
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, capacity, doc_parser, output_file, public_command
+from tiered_store.cli_args import (
+    at_least,
+    capacity,
+    doc_parser,
+    output_file,
+    policy,
+    public_command,
+    run_script,
+)
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.engram import NgramHasher
@@ -114,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--hot", type=capacity, default="5%", help="hot tier capacity per table")
     p.add_argument("--warm", type=capacity, default="20%", help="warm tier capacity per table")
-    p.add_argument("--policy", default="lru", help="policy of both cache tiers")
+    p.add_argument("--policy", type=policy, default="lru", help="policy of both cache tiers")
     p.add_argument(
         "--io",
         default="direct",
@@ -473,4 +481,4 @@ def print_table(report: dict, file=sys.stderr) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, fraction, output_file
+from tiered_store.cli_args import at_least, doc_parser, fraction, output_file, run_script
 from tiered_store.versions import machine_info
 from zipf_analysis.mrc import belady_mrc, lru_mrc, mean_absolute_error, shards_mrc
 from zipf_analysis.zipf_fit import sample_zipf
@@ -231,4 +231,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(run_script(main))  # main: the report (empty: failed)

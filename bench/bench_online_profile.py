@@ -41,7 +41,7 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, doc_parser, output_file
+from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
 from tiered_store.errors import ConfigError
 from tiered_store.online_profile import OnlineProfile
 from tiered_store.profile import FrequencyProfile
@@ -183,4 +183,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -47,9 +47,9 @@ Example::
         --shuffle --no-curves --out B
     python bench/bench_online_repin.py --analysis B --profile-from A --skip-all-hit
     # the traffic itself changes kind: 10M lookups of code (A), then the Vim help (B)
-    python bench/bench_online_repin.py --analysis A --then B --switch-at 10000000 \
+    python bench/bench_online_repin.py --analysis A --then B --switch-at 10000000 \\
         --lookups 30000000 --skip-all-hit --replay-modes online --skip-bounds --chunk 5000000
-    python bench/bench_online_repin.py --skip-all-hit --skip-replay \
+    python bench/bench_online_repin.py --skip-all-hit --skip-replay \\
         --large-rows 16000000 --large-slots 4000000         # (d): a 2 GB table, 4M slots
 """
 
@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -79,6 +80,7 @@ from tiered_store.cli_args import (
     int_list,
     output_file,
     public_command,
+    run_script,
 )
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
@@ -496,7 +498,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--hit-batches", type=int_list(1), default="65536,1024", help="(a): lookups per batch"
     )
-    p.add_argument("--hit-device", default="cpu", help="(a): the hot tier's device: cpu, cuda")
+    p.add_argument(
+        "--hit-device", choices=("cpu", "cuda"), default="cpu", help="(a): the hot tier's device"
+    )
     p.add_argument(
         "--hit-zipf",
         type=float_list(0),
@@ -522,6 +526,11 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="/var/tmp", help="work directory's parent (deleted at the end)")
     p.add_argument("--out", type=output_file, help="write JSON here too")
     args = p.parse_args(argv)  # clear errors before any work: a bad count refused by its type
+    if args.skip_replay and args.skip_all_hit and not args.large_rows:
+        p.error("--skip-replay and --skip-all-hit: nothing left to measure; drop one")
+    for share in args.shares.split(","):  # each one a warm tier's capacity, and a result's key
+        if not re.fullmatch(r"\d+(\.\d+)?%", share.strip()) or not 0 < float(share[:-1]) <= 100:
+            p.error(f"--shares {args.shares!r}: expected percentages of the rows, e.g. 5%,10%")
     try:
         args.replay_modes = replay_modes(args.replay_modes)
     except ValueError as exc:
@@ -597,4 +606,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, doc_parser, output_file
+from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader
@@ -206,4 +206,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

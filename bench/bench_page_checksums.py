@@ -18,7 +18,7 @@ cold read is when the table is larger than RAM). Writes ``--out`` (JSON, no abso
 Example::
 
     python bench/bench_page_checksums.py --out bench/results/page_checksums.json  # ~2 min
-    python bench/bench_page_checksums.py --io pread,mmap --from-disk \
+    python bench/bench_page_checksums.py --io pread,mmap --from-disk \\
         --out bench/results/page_checksums_from_disk.json
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file
+from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
 from tiered_store.cold_table import IO_MODES, ColdTable
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.errors import TierIOError
@@ -151,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

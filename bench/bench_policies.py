@@ -54,7 +54,7 @@ from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, doc_parser, int_list, output_file
+from tiered_store.cli_args import at_least, doc_parser, int_list, output_file, run_script
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
@@ -448,4 +448,4 @@ def plot_results(result: dict, png: Path) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file
+from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
 from tiered_store.serve import ServeConfig, ServedModel, parse_request
 from tiered_store.serve.client import ServeProcess, get_json, post_json, run_load, zipf_requests
 
@@ -357,4 +357,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

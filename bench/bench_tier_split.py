@@ -33,7 +33,7 @@ import numpy as np
 
 from tiered_store.atomic_file import write_json
 from tiered_store.cache_plan import parse_policy
-from tiered_store.cli_args import ArgumentParser, at_least, output_file, public_command
+from tiered_store.cli_args import at_least, doc_parser, output_file, public_command, run_script
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from zipf_analysis.replay import replay, with_policy
@@ -42,7 +42,7 @@ from zipf_analysis.tier_split import parse_budgets, recommend_split
 
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and write the JSON."""
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = doc_parser(__doc__)  # the whole docstring, and every default
     p.add_argument("--analysis", type=Path, help="an `analyze` output directory to reuse")
     p.add_argument(
         "--max-tokens",
@@ -191,4 +191,4 @@ def run(work: Path, args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

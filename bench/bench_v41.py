@@ -44,10 +44,10 @@ Example (the published figures; ~25 GB of tables under --dir, ~30 min on 2 cores
 
 A quick try (tiny tables and model, every phase, seconds)::
 
-    python bench/bench_v41.py --dir /tmp/v41-try --release-vocab 1000 --scaled-vocab 500 \
-        --hidden 32 --layers 15 --heads 2 --batch-size 1 --seq-len 32 --rounds 1 \
-        --batches-per-round 2 --decode-batch 1 --decode-prompt 4 --decode-steps 2 \
-        --decode-rounds 1 --store-tokens 64 --store-decode-steps 2 --store-decode-batch 1 \
+    python bench/bench_v41.py --dir /tmp/v41-try --release-vocab 1000 --scaled-vocab 500 \\
+        --hidden 32 --layers 15 --heads 2 --batch-size 1 --seq-len 32 --rounds 1 \\
+        --batches-per-round 2 --decode-batch 1 --decode-prompt 4 --decode-steps 2 \\
+        --decode-rounds 1 --store-tokens 64 --store-decode-steps 2 --store-decode-batch 1 \\
         --store-torch-threads 1 --profile-tokens 2000
 
 The tables stay in --dir (``v41-VOCABxBYTES/``), reused by the next run with the same sizes; the
@@ -75,7 +75,15 @@ import numpy as np
 import torch
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, capacity, doc_parser, output_file, public_command
+from tiered_store.cli_args import (
+    at_least,
+    capacity,
+    doc_parser,
+    output_file,
+    policy,
+    public_command,
+    run_script,
+)
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache, fio_random_reads
 from tiered_store.engram import NgramHasher
@@ -161,7 +169,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hot", type=capacity, default="2%", help="hot tier capacity per table")
     p.add_argument("--warm", type=capacity, default="8%", help="warm tier capacity per table")
     p.add_argument(
-        "--policy", default="lru", help="tier policy: lru, or zipf-tuned (pins from the profile)"
+        "--policy",
+        type=policy,
+        default="lru",
+        help="tier policy: lru, or zipf-tuned (pins from the profile)",
     )
     p.add_argument(
         "--io",
@@ -879,4 +890,4 @@ def print_summary(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

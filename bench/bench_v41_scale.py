@@ -39,7 +39,7 @@ import torch
 
 from tiered_store import StoreConfig, TieredStore
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file
+from tiered_store.cli_args import at_least, doc_parser, existing_file, output_file, run_script
 from tiered_store.corpus import resolve_corpus
 from tiered_store.engram import EngramConfig, NgramHasher
 from tiered_store.engram.corpus import read_tokens, token_batches
@@ -68,7 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--dir", type=Path, default=Path("."), help="where the table is created (default .)"
     )
-    p.add_argument("--table", type=Path, help="reuse this table instead of creating one")
+    p.add_argument(
+        "--table", type=existing_file, help="reuse this table (it must exist) instead of making one"
+    )
     p.add_argument(
         "--vocab",
         type=at_least(2),
@@ -315,4 +317,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

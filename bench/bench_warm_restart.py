@@ -36,7 +36,7 @@ import torch
 
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, fraction, output_file
+from tiered_store.cli_args import at_least, doc_parser, fraction, output_file, run_script
 from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader
 from tiered_store.warm_restart import restart_path
@@ -177,4 +177,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

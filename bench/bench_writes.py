@@ -16,7 +16,7 @@ read path of tables that were never written, each as a ratio against a baseline 
 
 Example::
 
-    TIERED_STORE_BENCH_TORCH_THREADS=1 python bench/bench_writes.py \
+    TIERED_STORE_BENCH_TORCH_THREADS=1 python bench/bench_writes.py \\
         --baseline-root /path/to/main --out bench/results/writes.json   # ~10 min
 """
 
@@ -41,7 +41,7 @@ import torch
 
 from tiered_store import TieredStore
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file
+from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
 from tiered_store.corpus import resolve_corpus
 from tiered_store.delta.row_delta import HEADER_BYTES
 from tiered_store.delta.row_optimizers import make_row_optimizer
@@ -143,6 +143,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--dir {args.dir}: not a directory")
     if args.baseline_root is not None and not (args.baseline_root / "tiered_store").is_dir():
         p.error(f"--baseline-root {args.baseline_root}: expected a checkout holding tiered_store/")
+    if args.only.strip() == "readpath" and args.baseline_root is None:
+        p.error("--only readpath: needs --baseline-root (a checkout of main to compare with)")
 
 
 class DenseRows:
@@ -448,4 +450,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

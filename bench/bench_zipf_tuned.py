@@ -51,7 +51,7 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file, public_command
+from tiered_store.cli_args import at_least, doc_parser, output_file, public_command, run_script
 from tiered_store.profile import FrequencyCounter
 from tiered_store.trace import TraceReader
 from zipf_analysis.analyze import AnalyzeOptions, analyze
@@ -260,4 +260,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

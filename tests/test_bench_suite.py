@@ -106,3 +106,47 @@ def test_every_bench_script_checks_its_out_before_the_work(tmp_path):
     )
     assert done.returncode == 2
     assert f"argument --out: '{tmp_path}' is a directory; expected a file to write" in done.stderr
+
+
+def test_a_bench_script_names_what_the_library_refused_without_a_traceback(tmp_path):
+    """A missing analysis: one line naming it and exit 2, as the tiered-store commands answer
+    (every script printed a traceback)."""
+    for script in sorted((ROOT / "bench").glob("bench_*.py")):
+        assert "sys.exit(run_script(main))" in script.read_text(), script.name
+    missing = tmp_path / "no-analysis"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_online_profile.py"), str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"bench_online_profile.py: error: profile {missing}/layer1")
+    assert "Traceback" not in done.stderr
+
+
+def test_bench_scripts_refuse_bad_settings_before_any_work(tmp_path):
+    """Each refused at once, naming the option (they were taken, then failed after building
+    tables or an analysis, made a table where --table named none, or ran with nothing to do)."""
+    cases = {
+        ("bench_engram.py", "--policy", "bogus"): "argument --policy: unknown policy 'bogus'",
+        ("bench_v41.py", "--hot", "200%"): "argument --hot: expected at most 100% of the table",
+        ("bench_online_repin.py", "--shares", "5"): "--shares '5': expected percentages",
+        ("bench_online_repin.py", "--skip-replay", "--skip-all-hit"): "nothing left to measure",
+        ("bench_cold_path.py", "--seconds", "-1"): "argument --seconds: expected a number > 0",
+        ("bench_writes.py", "--only", "readpath"): "--only readpath: needs --baseline-root",
+        ("bench_v41_scale.py", "--table", str(tmp_path / "none.npy")): "does not exist",
+    }
+    runs = {
+        case: subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / case[0]), *case[1:]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for case in cases
+    }
+    for case, proc in runs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and cases[case] in err, (case, err[-500:])
+    assert not (tmp_path / "none.npy").exists()

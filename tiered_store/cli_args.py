@@ -7,12 +7,16 @@ import argparse
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from policies import PolicySpec
+from policies.errors import PolicyError
+
 from .capacity import CAPACITY_HELP, check_capacity_spec
-from .errors import ConfigError
+from .errors import ConfigError, TieredStoreError, error_text
 
 
 def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
@@ -44,6 +48,39 @@ def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
     return parse
 
 
+def run_script(main: Callable[[], Any]) -> int:
+    """A bench script's exit status: ``main()``'s (an int; None: 0; anything else: 0 when true,
+    1 when false), or 2 with one line naming the
+    problem when the library refuses something (a missing analysis, a bad setting), as the
+    ``tiered-store`` commands do, instead of a traceback; 130 when interrupted."""
+    script = os.path.basename(sys.argv[0]) or "bench"
+    try:
+        code = main()
+    except TieredStoreError as exc:
+        print(f"{script}: error: {error_text(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    return 0 if code is None or code else 1
+
+
+def existing_file(text: str) -> Path:
+    """An argparse ``type``: a file that exists (a table, a trace to reuse).
+
+    >>> existing_file("/nonexistent.npy")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '/nonexistent.npy' does not exist; expected an existing file
+    """
+    path = Path(text)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text!r} {what}; expected an existing file")
+    return path
+
+
 def output_file(text: str) -> Path:
     """An argparse ``type``: a file to write when the work is done, checked before it starts: a
     directory there, or a file where a folder on its way should be, is refused (a missing folder
@@ -68,6 +105,24 @@ def output_file(text: str) -> Path:
                 )
             break
     return path
+
+
+def positive_number(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (seconds, a rate).
+
+    >>> positive_number("0.5")
+    0.5
+    >>> positive_number("-1")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected a number > 0, got '-1'
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < math.inf:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 def fraction(what: str | None = None) -> Callable[[str], float]:
@@ -106,12 +161,34 @@ def capacity(text: str) -> int | str:
     >>> capacity("lots")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: expected a row count (int), a byte size like '512MiB' or '2GiB', or a percentage like '10%', got 'lots'
+    >>> capacity("200%")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected at most 100% of the table, got '200%'
     """
     spec = int(text) if text.strip().isdigit() else text
     try:
-        return check_capacity_spec(spec)
+        check_capacity_spec(spec)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {CAPACITY_HELP}, got {text!r}") from None
+    if isinstance(spec, str) and spec.strip().endswith("%") and float(spec.strip()[:-1]) > 100:
+        raise argparse.ArgumentTypeError(f"expected at most 100% of the table, got {text!r}")
+    return spec
+
+
+def policy(text: str) -> str:
+    """An argparse ``type``: a tier policy spec as a config's ``policy`` takes it.
+
+    >>> policy("static+lru")
+    'static+lru'
+    >>> policy("lur")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: unknown policy 'lur' in 'lur'; did you mean 'lru'? expected ...
+    """
+    try:
+        PolicySpec.parse(text)
+    except PolicyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def int_list(minimum: int, what: str | None = None) -> Callable[[str], list[int]]:
