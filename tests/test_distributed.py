@@ -574,7 +574,10 @@ def test_a_bad_page_in_a_followers_shard_fails_that_request_only(tmp_path):
         assert once in text  # rank 0 counts the lookup: a sum over ranks counts it once
         checksum = 'tiered_store_checksum_failures_total{rank="1",table="engram_layer1"} '
         assert float(text.split(checksum)[1].split()[0]) >= 2  # the lookup's and the scrubber's
-        shard.write_bytes(original)  # repaired: the rows were never cached, they are read again
+        with open(shard, "r+b") as f:  # repaired in place: the rows were never cached
+            for offset in pages:
+                f.seek(offset)
+                f.write(original[offset : offset + 1])
         status, answer = post_json(url + "/v1/engram", request)
         assert status == 200, answer
         assert ranks[1].poll() is None
@@ -850,7 +853,7 @@ def test_rank_0_reads_the_others_health_in_a_thread_and_never_waits_on_a_hung_st
         time.sleep(0.5)  # the watcher is waiting on the store now
         start = time.monotonic()
         assert rank0.problems() == [failed]
-        assert time.monotonic() - start < 0.05
+        assert time.monotonic() - start < 1.0  # a read of the stopped store never returns
         deadline = time.monotonic() + 2 * 0.1 + HEALTH_READ_S + 10
         while len(problems := rank0.problems()) == 1:
             assert time.monotonic() < deadline, problems

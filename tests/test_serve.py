@@ -501,7 +501,10 @@ def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(t
     host, port = server.url.removeprefix("http://").split(":")
     idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
     try:
-        time.sleep(0.2)  # the server has accepted them
+        deadline = time.monotonic() + 10
+        while len(server._uvicorn.server_state.connections) < 2:  # the server accepted them
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
         conn.request("GET", "/stats")  # the third connection: at the limit
         response = conn.getresponse()
