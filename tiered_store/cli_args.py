@@ -50,9 +50,9 @@ def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
 
 def run_script(main: Callable[[], Any]) -> int:
     """A bench script's exit status: ``main()``'s (an int; None: 0; anything else: 0 when true,
-    1 when false), or 2 with one line naming the
-    problem when the library refuses something (a missing analysis, a bad setting), as the
-    ``tiered-store`` commands do, instead of a traceback; 130 when interrupted."""
+    1 when false); 2 with one line naming the problem when the library refuses something (a
+    missing analysis, a bad setting), as the ``tiered-store`` commands answer, instead of a
+    traceback; 130 when interrupted."""
     script = os.path.basename(sys.argv[0]) or "bench"
     try:
         code = main()

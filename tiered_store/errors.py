@@ -1,6 +1,7 @@
 """The error hierarchy: every error is a ``TieredStoreError`` and also the matching builtin; and
 how warnings reach the user's line."""
 
+import errno
 import os
 import sys
 import warnings
@@ -50,8 +51,11 @@ class ShardReadError(TierIOError):
     each such rank to what failed there."""
 
     def __init__(self, message: str, ranks: dict[int, str]) -> None:
-        super().__init__(5, message)  # EIO
+        super().__init__(errno.EIO, message)
         self.ranks = ranks
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.strerror, self.ranks)
 
 
 class DeltaCorruptError(TableFormatError):
