@@ -130,7 +130,7 @@ def test_bench_scripts_refuse_bad_settings_before_any_work(tmp_path):
     tables or an analysis, made a table where --table named none, or ran with nothing to do)."""
     cases = {
         ("bench_engram.py", "--policy", "bogus"): "argument --policy: unknown policy 'bogus'",
-        ("bench_v41.py", "--hot", "200%"): "argument --hot: expected at most 100% of the table",
+        ("bench_v41.py", "--hot", "200%"): "argument --hot: '200%' is more than 100% of the table",
         ("bench_online_repin.py", "--shares", "5"): "--shares '5': expected percentages",
         ("bench_online_repin.py", "--skip-replay", "--skip-all-hit"): "nothing left to measure",
         ("bench_cold_path.py", "--seconds", "-1"): "argument --seconds: expected a number > 0",

@@ -161,17 +161,27 @@ def capacity(text: str) -> int | str:
     >>> capacity("lots")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: expected a row count (int), a byte size like '512MiB' or '2GiB', or a percentage like '10%', got 'lots'
-    >>> capacity("200%")
-    Traceback (most recent call last):
-    argparse.ArgumentTypeError: expected at most 100% of the table, got '200%'
     """
     spec = int(text) if text.strip().isdigit() else text
     try:
-        check_capacity_spec(spec)
+        return check_capacity_spec(spec)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {CAPACITY_HELP}, got {text!r}") from None
+
+
+def capacity_of_a_table(text: str) -> int | str:
+    """:func:`capacity`, refusing a percentage over 100 at once: for scripts that build their
+    stores only after minutes of setup (the config would refuse it there).
+
+    >>> capacity_of_a_table("200%")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '200%' is more than 100% of the table; expected 0%..100%
+    """
+    spec = capacity(text)
     if isinstance(spec, str) and spec.strip().endswith("%") and float(spec.strip()[:-1]) > 100:
-        raise argparse.ArgumentTypeError(f"expected at most 100% of the table, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than 100% of the table; expected 0%..100%"
+        )
     return spec
 
 
