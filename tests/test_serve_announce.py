@@ -78,3 +78,46 @@ def test_announcing_server_answers_alike_and_releases_every_request(tmp_path):
     finally:
         plain.stop()
         announcing.stop()
+
+
+def test_a_request_waiting_for_its_turn_is_announced_while_every_worker_computes(tmp_path):
+    """max_concurrent 1: while request 1 computes, request 2 is parsed and announced as it waits
+    (it was announced only once request 1 finished: announcing used the compute threads)."""
+    import threading
+    import time
+
+    limits = {"announce_requests": True, "max_concurrent": 1}
+    server = start_server(make_checkpoint(tmp_path, server=limits))
+    try:
+        computing, go_on = threading.Event(), threading.Event()
+        answer = server.model.answer
+
+        def held_answer(request, announced=None):
+            if not computing.is_set():
+                computing.set()
+                go_on.wait(30)  # request 1 computes until the test has looked
+            return answer(request, announced)
+
+        server.model.answer = held_answer
+        url = server.url + "/v1/engram"
+        statuses: list[int] = []
+        first = threading.Thread(
+            target=lambda: statuses.append(post_json(url, {"input_ids": [[5, 17, 900]]})[0])
+        )
+        first.start()
+        assert computing.wait(30)
+        second = threading.Thread(
+            target=lambda: statuses.append(post_json(url, {"input_ids": [[1, 2, 3]]})[0])
+        )
+        second.start()
+        deadline = time.monotonic() + 20
+        while queued_requests(server) != [2, 2]:  # both announced, one computing
+            assert time.monotonic() < deadline, queued_requests(server)
+            time.sleep(0.02)
+        go_on.set()
+        first.join(30)
+        second.join(30)
+        assert statuses == [200, 200] and queued_requests(server) == [0, 0]
+    finally:
+        go_on.set()
+        server.stop()

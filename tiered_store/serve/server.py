@@ -93,6 +93,7 @@ class InferenceServer:
         self._scrubber: threading.Thread | None = None
         self._compute: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         self._workers: anyio.CapacityLimiter | None = None
+        self._announcers: anyio.CapacityLimiter | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -243,7 +244,7 @@ class InferenceServer:
         if not self.config.server.announce_requests:
             return await self.run_in_worker(self.infer, body)
         request, announced = await anyio.to_thread.run_sync(
-            self._parse_and_announce, body, limiter=self._limiters()[1]
+            self._parse_and_announce, body, limiter=self._limiters()[2]
         )
         try:
             return await self.run_in_worker(self._run, request, announced)
@@ -253,7 +254,7 @@ class InferenceServer:
     async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in a worker thread once a compute turn is free (at most
         ``server.max_concurrent`` at once); 503 after waiting ``request_timeout_s`` for a turn."""
-        compute, workers = self._limiters()
+        compute, workers, _ = self._limiters()
         with anyio.move_on_after(self.config.server.request_timeout_s) as waited:
             await compute.acquire()
         if waited.cancelled_caught:
@@ -263,13 +264,18 @@ class InferenceServer:
         finally:
             compute.release()
 
-    def _limiters(self) -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
-        """(compute turns, worker threads): ``server.max_concurrent`` each, made on first use
-        (inside the event loop)."""
+    def _limiters(
+        self,
+    ) -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter, anyio.CapacityLimiter]:
+        """(compute turns, their worker threads, the threads that parse and announce waiting
+        requests): ``server.max_concurrent`` each, made on first use (inside the event loop).
+        Announcing has threads of its own: on the compute ones, a request that waits for its
+        turn was announced only once a computing one finished."""
         if self._compute is None:
             self._compute = anyio.CapacityLimiter(self.config.server.max_concurrent)
             self._workers = anyio.CapacityLimiter(self.config.server.max_concurrent)
-        return self._compute, self._workers
+            self._announcers = anyio.CapacityLimiter(self.config.server.max_concurrent)
+        return self._compute, self._workers, self._announcers
 
     def infer(self, body: bytes) -> tuple[dict[str, Any], int]:
         """Parse, tokenise and run one request body (in a worker thread); returns (the JSON
