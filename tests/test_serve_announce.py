@@ -121,3 +121,31 @@ def test_a_request_waiting_for_its_turn_is_announced_while_every_worker_computes
     finally:
         go_on.set()
         server.stop()
+
+
+def test_a_reload_tells_the_reopened_tables_about_the_requests_still_waiting(tmp_path):
+    """A table reopened on a new version while a request waits: its rows are announced to the new
+    store, and the release reaches it (they went to the closed store, and the new one's rows of
+    the waiting request ranked as never needed)."""
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"announce_requests": True}))
+    served = ServedModel(config)
+    try:
+        body = json.dumps({"input_ids": [[5, 17, 900, 17, 5, 12]]}).encode()
+        request = parse_request(body, config.server, served)
+        announced = served.announce(request)  # waiting for its compute turn
+        name = "engram_layer1"
+        with TieredStore(served.stores[name].config) as writer:  # a trainer commits
+            writer.write(torch.arange(4), torch.ones(4, writer.dim))
+            writer.commit()
+        assert served.reload_if_stale(force_check=True) == [name]
+        reopened = served.stores[name]
+        assert len(reopened.caches.queue) == 1 and reopened.stats()["queue"]["requests"] == 1
+        expected = {store: queued.rows for store, queued in announced.queued}
+        assert torch.equal(expected[reopened], torch.unique(announced.batch.row_ids[1]))
+        served.answer(request, announced)
+        served.release(announced)
+        assert [len(s.caches.queue) for s in served.stores.values()] == [0, 0]
+    finally:
+        served.close()

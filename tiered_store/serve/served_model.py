@@ -85,7 +85,7 @@ def create_checkpoint(config: ServeConfig, *, progress: bool = False) -> Convert
     )
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: a ServedModel keeps the ones waiting in a set
 class Announced:
     """A waiting request's hashed rows and what each table was told (``ServedModel.announce``)."""
 
@@ -174,6 +174,8 @@ class ServedModel:
                 engram.register_forward_hook(self._recorder(layer))
             self._submit_lock = threading.Lock()
             self._gate = RequestGate()
+            self._waiting: set[Announced] = set()  # announced, not released: a reload re-tells
+            self._waiting_lock = threading.Lock()
             self.reload_check_seconds = RELOAD_CHECK_SECONDS  # how often requests check
             self._last_version_check = time.monotonic()
             self.reloads = 0
@@ -280,6 +282,7 @@ class ServedModel:
             carried = {name: store.cold.checksum_failures for name, store in old.items()}
             for name, count in carried.items():  # the counter goes on, before a scrape sees it
                 opened[name].cold.carry_checksum_failures(count)
+            self._announce_again({old[name]: opened[name] for name in stale})
             self.stores.update(opened)
             self.model.set_tables(
                 {
@@ -375,21 +378,37 @@ class ServedModel:
             if self.control is not None:
                 return announced
             try:
-                for layer, ids in batch.row_ids.items():
-                    store = self.stores[self.config.table_name(layer)]
-                    announced.queued.append((store, store.announce(ids)))
+                with self._waiting_lock:
+                    self._waiting.add(announced)
+                    for layer, ids in batch.row_ids.items():
+                        store = self.stores[self.config.table_name(layer)]
+                        announced.queued.append((store, store.announce(ids)))
             except BaseException:
                 self.release(announced)
                 raise
         return announced
 
-    @staticmethod
-    def release(announced: Announced) -> None:
+    def release(self, announced: Announced) -> None:
         """Release what ``announce`` announced (answered, failed or cancelled); once: a second
         call does nothing."""
-        while announced.queued:
-            store, request = announced.queued.pop()
-            store.release(request)
+        with self._waiting_lock:
+            self._waiting.discard(announced)
+            while announced.queued:
+                store, request = announced.queued.pop()
+                store.release(request)
+
+    def _announce_again(self, reopened: dict[TieredStore, TieredStore]) -> None:
+        """Tell the stores a reload opened (``reopened``: old store -> new) about the requests
+        still waiting, in the order they were announced (the new stores start with no queue)."""
+        with self._waiting_lock:
+            waiting = sorted(
+                self._waiting, key=lambda a: min((r.token for _, r in a.queued), default=0)
+            )
+            for announced in waiting:
+                for i, (store, request) in enumerate(announced.queued):
+                    if store in reopened:
+                        new = reopened[store]
+                        announced.queued[i] = (new, new.announce(request.rows))
 
     def _prefetch(self, ids: torch.Tensor, hashed: EngramBatch | None) -> EngramBatch:
         """Hash (unless ``hashed``) and prefetch every layer's rows; over sharded tables, every
