@@ -610,6 +610,8 @@ def test_a_queue_counts_batches_and_requests_in_the_units_it_is_given(tmp_path):
     queued = replay(cfg, path, batch_tokens=1, queued_requests=1, request_tokens=100)
     assert plain.batches == queued.batches == tokens * heads
     assert replay(cfg, path, queued_requests=1, request_tokens=1).batches == tokens
+    with pytest.raises(ConfigError, match="lookahead=2 with queued_requests=1: expected one"):
+        replay(cfg, path, queued_requests=1, lookahead=2)  # it released requests still waiting
 
 
 @pytest.mark.parametrize(

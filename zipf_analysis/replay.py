@@ -120,7 +120,8 @@ def replay(
     queued_requests : int
         Requests the server is taken to have queued: the trace is cut into requests of
         ``request_tokens`` tokens, and before one is served the next ``queued_requests`` are
-        announced (``CacheHierarchy.announce``), so rows they use are evicted last.
+        announced (``CacheHierarchy.announce``), so rows they use are evicted last. Not with
+        ``lookahead``.
     request_tokens : int
         Tokens per request when ``queued_requests`` is set.
     marks : sequence of int
@@ -148,6 +149,11 @@ def replay(
         raise ConfigError(
             f"queued_requests={queued_requests}, request_tokens={request_tokens}: expected "
             "queued_requests >= 0 and request_tokens >= 1"
+        )
+    if queued_requests and lookahead:  # a request would be released while its batches wait
+        raise ConfigError(
+            f"lookahead={lookahead} with queued_requests={queued_requests}: expected one of "
+            "them (the queue already knows the requests ahead)"
         )
     reader = trace
     index = reader.table_index(table if table is not None else 0)
