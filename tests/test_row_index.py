@@ -155,3 +155,16 @@ def test_sets_deletes_and_gets_agree_with_a_dict(compiled):
         assert got == [want.get(row, -1) for row in probe.tolist()], step
         assert index.live == len(want) == int((index.keys >= 0).sum())
         assert index.deleted == int((index.keys == -2).sum()), step  # tombstones counted
+
+
+def test_the_hashed_index_refuses_ids_outside_the_table_and_rows_past_its_capacity():
+    """As the dense index refuses them (an id of 2**32 + 5 took row 5's slot, 2**32 - 1 became
+    the empty marker and hid a resident row; a tenth row into a capacity of 4 never returned)."""
+    index = HashedRowIndex(num_rows=100, capacity=4)
+    index.set(torch.tensor([5, 15]), torch.tensor([0, 1]))
+    for ids in ([2**32 + 5], [2**32 - 1], [-1], [100]):
+        with pytest.raises(IndexError, match=r"expected ids in \[0, 100\)"):
+            index.set(torch.tensor(ids), torch.tensor([2]))
+    with pytest.raises(ValueError, match="7 rows; expected at most its capacity, 4"):
+        index.set(torch.arange(20, 25), torch.arange(2, 7))
+    assert index.get(torch.tensor([5, 15])).tolist() == [0, 1] and index.live == 2

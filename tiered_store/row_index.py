@@ -117,7 +117,7 @@ class HashedRowIndex(RowIndex):
         max_load: float = 0.5,
         compiled: bool | None = None,
     ) -> None:
-        self.capacity = capacity
+        self.num_rows, self.capacity = num_rows, capacity
         self.size = _hashed_entries(capacity, max_load)
         key_dtype = torch.int32 if num_rows < 2**31 else torch.int64
         self.keys = torch.full((self.size,), _EMPTY, dtype=key_dtype, device=device)
@@ -167,6 +167,21 @@ class HashedRowIndex(RowIndex):
         return slots.view(ids.shape)
 
     def set(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        # refused as the dense index refuses them: an id past the keys' width wraps onto another
+        # row, or onto the empty marker (checked on the CPU: on CUDA it would be a host sync per
+        # admission; the store checks every id first anyway); past ``capacity`` the probes find
+        # no free entry
+        if ids.numel() and ids.device.type == "cpu":
+            low, high = (int(v) for v in torch.aminmax(ids))
+            if not 0 <= low <= high < self.num_rows:
+                raise IndexError(
+                    f"hashed row index: ids {low}..{high}; expected ids in [0, {self.num_rows:,})"
+                )
+        if self.live + ids.numel() > self.capacity:
+            raise ValueError(
+                f"hashed row index: {self.live + ids.numel():,} rows; expected at most its "
+                f"capacity, {self.capacity:,}"
+            )
         if self.live + self.deleted + ids.numel() > self.size * 3 // 4:
             self._rebuild()
         if self.compiled:
