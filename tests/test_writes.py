@@ -495,3 +495,29 @@ def test_a_prefetch_racing_a_tables_first_write_caches_no_old_row(tmp_path):
                 assert torch.equal(store.lookup(ids, handle), reference[ids]), (trial, r)
                 assert torch.equal(store.lookup(torch.arange(64)), reference), (trial, r)
             store.commit()
+
+
+def test_a_store_of_a_table_made_anew_since_it_opened_may_not_write(tmp_path):
+    """create_table(overwrite=True) while stores are open: their writes are refused (one with a
+    delta committed into the removed delta, commit() returning and the row lost; one without
+    committed into the new table's delta)."""
+    import numpy as np
+
+    from tiered_store import create_table
+    from tiered_store.errors import TierIOError
+
+    for name, written in (("a.npy", True), ("b.npy", False)):
+        path = tmp_path / name
+        create_table(path, np.zeros((100, 4), np.float32), progress=False)
+        if written:
+            with TieredStore.open({"table": {"path": str(path)}}) as writer:
+                writer.write([1], torch.ones(1, 4))
+                writer.commit()
+        stale = TieredStore.open({"table": {"path": str(path)}})
+        create_table(path, np.full((100, 4), 7, np.float32), progress=False, overwrite=True)
+        with pytest.raises(TierIOError, match="was made anew .* reopen the store to write"):
+            stale.write([2], torch.full((1, 4), 5.0))
+        stale.close()
+        with TieredStore.open({"table": {"path": str(path)}}) as reopened:
+            assert reopened.lookup([1, 2]).tolist() == [[7.0] * 4] * 2
+            assert reopened.committed_step == 0

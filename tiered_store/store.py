@@ -912,6 +912,14 @@ class TieredStore:
                     f"write: {self.cold.path.name} was compacted into a newer version since this "
                     "store opened; reopen the store to write",
                 )
+            if self.cold.replaced() or not self.cold.path.exists():  # its delta went with it
+                release(self._writer_lock)
+                self._writer_lock = None
+                raise TierIOError(
+                    errno.ESTALE,
+                    f"write: {self.cold.path.name} was made anew (or removed) since this store "
+                    "opened, and the history it read with it; reopen the store to write",
+                )
             if self._committed_elsewhere():  # its cached rows are older: writing over them loses
                 release(self._writer_lock)
                 self._writer_lock = None
