@@ -338,3 +338,39 @@ def test_a_writer_killed_after_forking_leaves_no_lock_to_its_child(tmp_path):
         assert compact_table(path, progress=False).removed_generations == [0]  # not held
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+_OVERWRITE_KILLED_AFTER_THE_DELTA = r"""
+import os, shutil, signal, sys
+import numpy as np
+from tiered_store import create_table
+_rmtree = shutil.rmtree
+def rmtree(*args, **kwargs):  # the old delta is gone: killed before the new table is published
+    _rmtree(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+shutil.rmtree = rmtree
+create_table(sys.argv[1], np.full((100, 4), 7, np.float32), progress=False, overwrite=True)
+"""
+
+
+def test_an_overwrite_killed_part_way_leaves_no_old_rows_without_their_writes(tmp_path):
+    """Killed after the old delta went and before the new table: nothing opens, and a rerun
+    makes the new table (the old base opened without the writes committed over it)."""
+    import subprocess
+    import sys
+
+    from tiered_store import create_table
+    from tiered_store.errors import TieredStoreError
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((100, 4), np.float32), progress=False)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        store.write([5], torch.ones(1, 4))
+        store.commit()
+    killed = subprocess.run([sys.executable, "-c", _OVERWRITE_KILLED_AFTER_THE_DELTA, str(path)])
+    assert killed.returncode == -signal.SIGKILL
+    with pytest.raises((TieredStoreError, OSError)):
+        TieredStore.open({"table": {"path": str(path)}}).close()
+    create_table(path, np.full((100, 4), 7, np.float32), progress=False, overwrite=True)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        assert store.lookup([5, 0]).tolist() == [[7.0] * 4] * 2

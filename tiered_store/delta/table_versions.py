@@ -196,11 +196,15 @@ def take_writer_lock(table: str | os.PathLike[str]) -> int:
 
 def forget_history(table: str | os.PathLike[str]) -> None:
     """Remove what a table's writes left: the version pointer, every compacted version and every
-    delta, keeping generation 0's own files (which the caller is about to replace, as
-    ``tiered-store shard --overwrite`` does). Under the writer lock: refused while a writer runs."""
-    npy = table_paths(table)[0]
+    delta, keeping generation 0's own files but its manifest, which goes first (the caller is
+    about to replace them): a crash part way leaves no table to open, never generation 0's old
+    rows without the writes made over them. Under the writer lock: refused while a writer runs."""
+    npy, manifest = table_paths(table)
     with writer_lock(npy):
-        pointer_path(npy).unlink(missing_ok=True)  # first: an opener meanwhile reads generation 0
+        if manifest.exists():
+            manifest.unlink()
+            fsync_dir(npy.parent)
+        pointer_path(npy).unlink(missing_ok=True)
         shutil.rmtree(delta_path(npy), ignore_errors=True)
         for generation in _compacted_generations(npy):
             _remove_version(version_path(npy, generation))
