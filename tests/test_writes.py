@@ -521,3 +521,60 @@ def test_a_store_of_a_table_made_anew_since_it_opened_may_not_write(tmp_path):
         with TieredStore.open({"table": {"path": str(path)}}) as reopened:
             assert reopened.lookup([1, 2]).tolist() == [[7.0] * 4] * 2
             assert reopened.committed_step == 0
+
+
+def test_compaction_through_a_symlink_uses_the_tables_own_pointer_lock_and_delta(tmp_path):
+    """A table opened and compacted through a link to its file: the store resolves the link, so
+    compaction must too (it found no delta beside the link and did nothing, and ran while the
+    table's writer held its lock)."""
+    import os
+
+    import numpy as np
+
+    from tiered_store import create_table
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.errors import TierIOError
+
+    real, links = tmp_path / "real", tmp_path / "links"
+    real.mkdir()
+    links.mkdir()
+    create_table(real / "t.npy", np.zeros((100, 4), np.float32), progress=False)
+    os.symlink(real / "t.npy", links / "t.npy")
+    config = {"table": {"path": str(links / "t.npy")}}
+    with TieredStore.open(config) as store:
+        store.write([3], torch.ones(1, 4))
+        store.commit()
+        with pytest.raises(TierIOError, match="being written"):
+            compact_table(links / "t.npy", progress=False)  # the writer holds the table's lock
+    report = compact_table(links / "t.npy", progress=False)
+    assert (report.new_generation, report.delta_rows) == (1, 1)
+    with TieredStore.open(config) as store:
+        assert store.generation == 1 and store.lookup([3]).tolist() == [[1.0] * 4]
+
+
+def test_a_compaction_that_another_finished_meanwhile_compacts_the_new_version(
+    tmp_path, monkeypatch
+):
+    """Another compaction published a version and removed the one this one read, before its
+    lock: it reads the pointer again (it said the table does not exist)."""
+    import numpy as np
+
+    from tiered_store import create_table
+    from tiered_store.delta import compaction
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((100, 4), np.float32), progress=False)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        store.write([3], torch.ones(1, 4))
+        store.commit()
+    check, raced = compaction.check_table, []
+
+    def check_after_another_compaction(npy):
+        if not raced:
+            raced.append(None)
+            raced[0] = compaction.compact_table(path, progress=False)  # g1 out, g0 removed
+        return check(npy)
+
+    monkeypatch.setattr(compaction, "check_table", check_after_another_compaction)
+    report = compaction.compact_table(path, progress=False)
+    assert raced[0].new_generation == 1 and report.old_generation == report.new_generation == 1

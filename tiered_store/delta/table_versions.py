@@ -60,9 +60,15 @@ __all__ = [
 ]
 
 
+def _npy(table: str | os.PathLike[str]) -> Path:
+    """The table's ``.npy``, symlinks resolved: every entry point (a store, compaction, an
+    overwrite) finds one pointer, one writer lock and one delta, whichever link it was given."""
+    return table_paths(table)[0].resolve()
+
+
 def pointer_path(table: str | os.PathLike[str]) -> Path:
     """``TABLE.npy.current``: names the current version (absent: generation 0)."""
-    return Path(f"{table_paths(table)[0]}.current")
+    return Path(f"{_npy(table)}.current")
 
 
 def version_path(table: str | os.PathLike[str], generation: int) -> Path:
@@ -73,7 +79,7 @@ def version_path(table: str | os.PathLike[str], generation: int) -> Path:
     >>> version_path("/d/t.npy", 0).name, version_path("/d/t.npy", 3).name
     ('t.npy', 't.g3.npy')
     """
-    npy = table_paths(table)[0]
+    npy = _npy(table)
     return npy if generation == 0 else npy.with_name(f"{npy.stem}.g{generation}.npy")
 
 
@@ -90,7 +96,7 @@ def current_version(table: str | os.PathLike[str]) -> tuple[Path, int]:
     except FileNotFoundError:
         if (error := not_a_table(table)) is not None:
             raise error from None
-        return table_paths(table)[0], 0
+        return _npy(table), 0
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise TableFormatError(
             f"table version pointer {pointer} is unreadable ({exc}); expected "
@@ -103,7 +109,7 @@ def _refuse_a_version_file(table: str | os.PathLike[str]) -> None:
     """A ``TABLE.gN.npy`` beside ``TABLE.npy.current`` is one of TABLE's versions: opened,
     written or compacted as a table of its own, its writes would miss TABLE, and compacting it
     would remove the file TABLE's pointer names."""
-    npy = table_paths(table)[0]
+    npy = _npy(table)
     match = re.fullmatch(r"(.+)\.g(\d+)\.npy", npy.name)
     if match is None:
         return
@@ -172,7 +178,7 @@ def writer_lock(table: str | os.PathLike[str]):
 
 def take_writer_lock(table: str | os.PathLike[str]) -> int:
     """Take the single-writer lock; the caller closes the fd to release it."""
-    path = Path(f"{table_paths(table)[0]}.writer.lock")
+    path = Path(f"{_npy(table)}.writer.lock")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
@@ -186,7 +192,7 @@ def take_writer_lock(table: str | os.PathLike[str]) -> int:
         os.close(fd)
         raise TierIOError(
             errno.EBUSY,
-            f"table {table_paths(table)[0].name} is being written (or compacted) by another "
+            f"table {_npy(table).name} is being written (or compacted) by another "
             f"store, in this process or another (it holds {path.name}); expected one writer at a "
             "time",
         ) from None
@@ -199,7 +205,8 @@ def forget_history(table: str | os.PathLike[str]) -> None:
     delta, keeping generation 0's own files but its manifest, which goes first (the caller is
     about to replace them): a crash part way leaves no table to open, never generation 0's old
     rows without the writes made over them. Under the writer lock: refused while a writer runs."""
-    npy, manifest = table_paths(table)
+    npy = _npy(table)
+    manifest = table_paths(npy)[1]
     with writer_lock(npy):
         if manifest.exists():
             manifest.unlink()
@@ -214,7 +221,7 @@ def forget_history(table: str | os.PathLike[str]) -> None:
 def has_history(table: str | os.PathLike[str]) -> bool:
     """Whether a table's writes left anything beside its file: a version pointer, a delta or a
     compacted version (what :func:`forget_history` removes)."""
-    npy = table_paths(table)[0]
+    npy = _npy(table)
     if pointer_path(npy).exists() or delta_path(npy).exists():
         return True
     return npy.parent.is_dir() and bool(_compacted_generations(npy))
@@ -237,7 +244,7 @@ def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:
     """Delete every version older than the current one that no store has open; returns the
     generations removed (others are left for a later call)."""
     _, current = current_version(table)
-    npy = table_paths(table)[0]
+    npy = _npy(table)
     older = [0, *_compacted_generations(npy)]
     removed = []
     for generation in sorted(g for g in older if g < current):
