@@ -776,3 +776,95 @@ def test_wait_repinned_returns_on_a_closed_store(tmp_path):
     waiter.start()
     waiter.join(5)
     assert not waiter.is_alive()
+
+
+def _restart_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, RestartWarning)]
+
+
+def test_a_restart_drops_a_profile_counted_under_another_window_or_offline_profile(tmp_path):
+    """Counts made with another recency_window, or seeded from another offline profile, start
+    afresh with a warning; a new offline profile then seeds and pins (both were restored
+    silently: the new profile's rows were neither pinned nor counted)."""
+    path, data = make_table(tmp_path, rows=ROWS)
+    offline = tmp_path / "p.profile.npz"
+    old, new = np.arange(0, 60), np.arange(2000, 2060)
+    FrequencyProfile(old, np.full(60, 50), rows=ROWS, episodes=np.full(60, 50)).save(offline)
+    with TieredStore(config(path, restart=True, repin={"enabled": True}, profile=offline)) as s:
+        serve(s, data, batches(hot_set(), n=10))
+    FrequencyProfile(new, np.full(60, 50), rows=ROWS, episodes=np.full(60, 50)).save(offline)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cfg = config(path, restart=True, repin={"enabled": True}, profile=offline)
+        with TieredStore(cfg) as s:
+            assert s.wait_restored(timeout=30)
+            pinned = set(s.warm.pinned_rows().tolist())
+    assert set(new.tolist()) <= pinned and not pinned & set(old.tolist())
+    (why,) = [w for w in _restart_warnings(record) if "online profile" in w]
+    assert "saved for another tier: offline_profile" in why and "starts counting afresh" in why
+    doc = config(path, restart=True).model_dump()
+    doc["tiers"]["warm"]["recency_window"] = WINDOW // 2
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with TieredStore(StoreConfig.from_dict(doc)) as s:
+            assert s.wait_restored(timeout=30) and s.warm.online.profile.windows == 0
+    assert any(
+        f"recency_window {WINDOW} (tier now {WINDOW // 2})" in w for w in _restart_warnings(record)
+    )
+
+
+def test_a_store_left_on_an_older_version_does_not_save_over_the_current_ones_file(tmp_path):
+    """A compaction since it opened: its close keeps the current version's restart file (it
+    wrote its old state there, and the next open started cold)."""
+    from tiered_store.delta.compaction import compact_table
+
+    path, data = make_table(tmp_path, rows=ROWS)
+    old = TieredStore(config(path, restart=True))
+    serve(old, data, batches(hot_set(), n=5))
+    with TieredStore.open({"table": {"path": str(path)}}) as writer:
+        writer.write([7], torch.ones(1, data.shape[1]))
+        writer.commit()
+    compact_table(path, progress=False)
+    data[7] = 1.0
+    with TieredStore(config(path, restart=True)) as current:
+        serve(current, data, batches(hot_set(), n=20))
+        held = current.warm.occupancy
+    with pytest.warns(RestartWarning, match="moved on to a newer version since this store opened"):
+        old.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RestartWarning)
+        with TieredStore(config(path, restart=True)) as again:
+            assert again.wait_restored(timeout=30) and again.warm.occupancy == held
+
+
+def test_a_well_checksummed_file_whose_counters_do_not_load_starts_them_afresh(tmp_path):
+    """A profile's counters missing or not numbers: a warning and fresh counts (open raised)."""
+    import json
+    import struct
+
+    import crc32c
+
+    from tiered_store.warm_restart import MAGIC
+
+    path, data = make_table(tmp_path, rows=ROWS)
+    with TieredStore(config(path, restart=True)) as s:
+        serve(s, data, batches(hot_set(), n=10))
+    raw = restart_path(path).read_bytes()
+    (size,) = struct.unpack_from("<I", raw, len(MAGIC))
+    start = len(MAGIC) + 4
+    header, rest = json.loads(raw[start : start + size]), raw[start + size : -4]
+    header["profiles"]["warm"]["windows"] = "many"
+    text = json.dumps(header).encode()
+    body = MAGIC + struct.pack("<I", len(text)) + text + rest
+    restart_path(path).write_bytes(body + struct.pack("<I", crc32c.crc32c(body)))
+    warned = pytest.warns(RestartWarning, match="its counters do not load")
+    with warned, TieredStore(config(path, restart=True)) as s:
+        assert s.wait_restored(timeout=30) and s.warm.online.profile.windows == 0
+
+
+def test_a_save_interval_no_wait_can_take_is_refused():
+    """save_every_s: .inf was taken, and the saving thread died on its first wait."""
+    with pytest.raises(ConfigError, match="tiers.restart.save_every_s: Input should be less"):
+        StoreConfig.from_dict(
+            {"table": {"path": "t.npy"}, "tiers": {"restart": {"save_every_s": float("inf")}}}
+        )

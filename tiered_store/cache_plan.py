@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -298,8 +299,26 @@ def _row_cache(
         index=tier.index,
     )
     if spec.tuned and repins_online(tier) and capacity:
-        cache.online = OnlineRepin(capacity, tier.repin, window=tier.recency_window, device=device)
+        cache.online = OnlineRepin(
+            capacity,
+            tier.repin,
+            window=tier.recency_window,
+            device=device,
+            offline_profile=_file_identity(tier.profile),
+        )
     return cache
+
+
+def _file_identity(path: str | None) -> str | None:
+    """A file as a warm restart tells it apart: its path, size and modification time (None for
+    none; a file gone reads as its path alone)."""
+    if path is None:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return str(path)
+    return f"{path} ({stat.st_size} B, modified {stat.st_mtime_ns} ns)"
 
 
 def ignored_tier_settings(config: StoreConfig) -> list[str]:

@@ -17,6 +17,7 @@ Example ``tiers.yaml``::
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -551,7 +552,11 @@ class RestartConfig(ConfigModel):
     section: ClassVar[tuple[str, ...]] = ("tiers", "restart")
     enabled: StrictBool = DEFAULTS["restart.enabled"]
     open_waits_for: Literal["none", "hot", "all"] = DEFAULTS["restart.open_waits_for"]
-    save_every_s: Number | None = Field(default=None, gt=0.0)  # seconds; None: on close only
+    save_every_s: Number | None = Field(  # seconds; None: on close only
+        default=None,
+        gt=0.0,
+        le=threading.TIMEOUT_MAX,  # an event's wait takes no more
+    )
 
 
 class TiersConfig(ConfigModel):

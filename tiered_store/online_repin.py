@@ -127,8 +127,10 @@ class OnlineRepin:
         window: int,
         device: torch.device | str = "cpu",
         deferred: bool = False,
+        offline_profile: str | None = None,
     ) -> None:
         self.capacity = int(capacity)
+        self.offline_profile = offline_profile  # which offline profile seeds it (a warm restart)
         self.every = config.every
         self.budget = config.budget
         self.decay = config.decay
@@ -464,6 +466,8 @@ class OnlineRepin:
         return {
             **self.profile.state(),
             "capacity": self.capacity,
+            "recency_window": self.window,
+            "offline_profile": self.offline_profile,
             "weight": self.weight,
             "since_repin": self.since_repin,
             "repins": self.repins,
@@ -472,11 +476,13 @@ class OnlineRepin:
         }
 
     def mismatch(self, state: dict[str, Any]) -> str | None:
-        """Why a saved state cannot be restored into this tier (None when it can)."""
-        have = {"capacity": self.capacity, **self.profile.state()}
+        """Why a saved state cannot be restored into this tier (None when it can): another
+        tier size or sketch, episode window, or offline profile (its counts and pins came from
+        the one it was saved with)."""
+        have = {**self.state(), **self.profile.state()}
         bad = [
             f"{k} {state.get(k)!r} (tier now {have[k]!r})"
-            for k in ("capacity", "depth", "width")
+            for k in ("capacity", "depth", "width", "recency_window", "offline_profile")
             if state.get(k) != have[k]
         ]
         return ", ".join(bad) or None

@@ -478,6 +478,12 @@ class TieredStore:
                 },
             )
         path = restart_path(self.config.table.path)
+        if current_version(self.config.table.path)[1] != self.generation or self.cold.replaced():
+            raise TierIOError(  # the file is the current version's: a newer store saves it
+                errno.ESTALE,
+                f"warm restart: {path.name} not saved: {self.cold.path.name} moved on to a newer "
+                "version since this store opened",
+            )
         save_restart(path, table_identity(self.cold, self.generation), state)
         return path
 
@@ -536,9 +542,14 @@ class TieredStore:
             try:
                 self.save_restart()
             except OSError as exc:
+                kept = exc.errno == errno.ESTALE  # the newer version's file stays as it is
                 warn_at_caller(
                     f"warm restart: could not save {restart_path(self.config.table.path)} ({exc}); "
-                    "the next open starts cold",
+                    + (
+                        "the newer version's own file is kept"
+                        if kept
+                        else "the next open starts cold"
+                    ),
                     RestartWarning,
                 )
 
@@ -674,8 +685,9 @@ class TieredStore:
             self.wait_restored()
 
     def _restore_profiles(self, path: Path, saved: RestartState) -> None:
-        """Load each re-pinning tier's saved online profile now; a profile saved for another
-        tier size is dropped (with its pins), with a warning naming the file and the mismatch."""
+        """Load each re-pinning tier's saved online profile now; one saved for another tier size,
+        episode window or offline profile, or one that does not load, is dropped (with its pins),
+        with a warning naming the file and the mismatch."""
         for cache in self.caches.online:
             if cache.name not in saved.profiles:
                 saved.pinned.pop(cache.name, None)
@@ -684,15 +696,20 @@ class TieredStore:
             why = cache.online.mismatch(meta)
             if why is None and sketch.shape != tuple(cache.online.profile.sketch.shape):
                 why = f"sketch shape {sketch.shape}"
-            if why is not None:
-                saved.pinned.pop(cache.name, None)
-                restart_warning(
-                    path,
-                    f"the {cache.name} tier's online profile was saved for another tier size: "
-                    f"{why}; it starts counting afresh",
-                )
-                continue
-            cache.online.load_state(meta, sketch)
+            if why is None:
+                fresh = cache.online.state(), cache.online.profile.sketch.cpu().numpy().copy()
+                try:
+                    cache.online.load_state(meta, sketch)
+                    continue
+                except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                    cache.online.load_state(*fresh)  # what it had: nothing counted yet
+                    why = f"its counters do not load ({type(exc).__name__}: {exc})"
+            saved.pinned.pop(cache.name, None)
+            restart_warning(
+                path,
+                f"the {cache.name} tier's online profile was saved for another tier: {why}; it "
+                "starts counting afresh",
+            )
 
     def _restore(self, saved: RestartState) -> None:
         """Preload the saved rows, chunk by chunk, into free slots (lookups go on meanwhile):
