@@ -416,7 +416,7 @@ def misuse_worker(rank: int, world: int, port: int, plain: str, out: Path) -> No
 
 def crossed_rounds_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Rank 0 looks up while rank 1 takes a training step: both name the other's kind of round.
-    The group is broken after it: the process leaves without its teardown."""
+    The group is broken after it: the process leaves without its teardown, once both reported."""
     from tiered_store.distributed import ShardedStore
     from tiered_store.errors import RankFailureError
 
@@ -438,6 +438,9 @@ def crossed_rounds_worker(rank: int, world: int, port: int, plain: str, out: Pat
     except BaseException:
         result["crash"] = traceback.format_exc()
     _report(out, rank, result)
+    deadline = time.monotonic() + 60  # rank 0 hosts the group's store: the other's diagnosis
+    while not (out / f"rank{1 - rank}.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # reads it, so neither leaves before both have reported
     os._exit(0)
 
 
