@@ -478,7 +478,7 @@ class TieredStore:
                 },
             )
         path = restart_path(self.config.table.path)
-        if current_version(self.config.table.path)[1] != self.generation or self.cold.replaced():
+        if self._moved_on() is not None:
             raise TierIOError(  # the file is the current version's: a newer store saves it
                 errno.ESTALE,
                 f"warm restart: {path.name} not saved: {self.cold.path.name} moved on to a newer "
@@ -906,9 +906,16 @@ class TieredStore:
         """Whether the table on disk moved on since this store opened (a compaction made a new
         version, the file was made anew, or a writer elsewhere committed): reopen to see it. A
         writing store never is by commits."""
-        if current_version(self.config.table.path)[1] != self.generation or self.cold.replaced():
+        if self._moved_on() is not None:
             return True
         return self._writer_lock is None and self._committed_elsewhere()
+
+    def _moved_on(self) -> str | None:
+        """How the table's path moved on from the version this store opened (None: it did not):
+        compacted into a newer version, or made anew over the path."""
+        if current_version(self.config.table.path)[1] != self.generation:
+            return "was compacted into a newer version"
+        return "was made anew" if self.cold.replaced() else None
 
     def _committed_elsewhere(self) -> bool:
         """Whether another process committed to this version's delta since this store's view."""
@@ -921,29 +928,18 @@ class TieredStore:
         newest commit from now on."""
         if self._writer_lock is None:
             self._writer_lock = take_writer_lock(self.config.table.path)
-            if current_version(self.config.table.path)[1] != self.generation:
+            why = self._moved_on()  # made anew or removed: its delta went with the old file
+            if why is None and not self.cold.path.exists():
+                why = "was removed"
+            if why is None and self._committed_elsewhere():  # its cached rows are older
+                why = "was written by another process"
+            if why is not None:
                 release(self._writer_lock)
                 self._writer_lock = None
                 raise TierIOError(
                     errno.ESTALE,
-                    f"write: {self.cold.path.name} was compacted into a newer version since this "
-                    "store opened; reopen the store to write",
-                )
-            if self.cold.replaced() or not self.cold.path.exists():  # its delta went with it
-                release(self._writer_lock)
-                self._writer_lock = None
-                raise TierIOError(
-                    errno.ESTALE,
-                    f"write: {self.cold.path.name} was made anew (or removed) since this store "
-                    "opened, and the history it read with it; reopen the store to write",
-                )
-            if self._committed_elsewhere():  # its cached rows are older: writing over them loses
-                release(self._writer_lock)
-                self._writer_lock = None
-                raise TierIOError(
-                    errno.ESTALE,
-                    f"write: {self.cold.path.name} was written by another process since this "
-                    "store opened; reopen the store to write",
+                    f"write: {self.cold.path.name} {why} since this store opened; reopen the "
+                    "store to write",
                 )
             if self._writes is not None:  # was a reader: read the newest commit from now on
                 self._writes.delta.unpin()

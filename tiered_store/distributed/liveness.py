@@ -5,8 +5,8 @@ its rank every ``interval`` seconds, on its own connection to the group's store.
 fails or times out, ``diagnose`` reads every rank's entry twice, ``3 * interval`` apart: a rank
 whose beat did not move is dead or hung; a live rank that has entered fewer collectives than this
 one has not called the lookup the others wait in; one that entered as many, but of another kind
-(a training step where this rank looks up), called another collective. A store that cannot be reached means its host is gone: rank 0 (``tcp://`` or ``env://``
-rendezvous), or torchrun's agent.
+(a training step where this rank looks up), called another collective. A store that cannot be
+reached means its host is gone: rank 0 (``tcp://`` or ``env://`` rendezvous), or torchrun's agent.
 """
 
 from __future__ import annotations
