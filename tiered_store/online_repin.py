@@ -479,7 +479,7 @@ class OnlineRepin:
         """Why a saved state cannot be restored into this tier (None when it can): another
         tier size or sketch, episode window, or offline profile (its counts and pins came from
         the one it was saved with)."""
-        have = {**self.state(), **self.profile.state()}
+        have = self.state()  # the profile's own state within it
         bad = [
             f"{k} {state.get(k)!r} (tier now {have[k]!r})"
             for k in ("capacity", "depth", "width", "recency_window", "offline_profile")

@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -135,11 +135,12 @@ class RankControl:
         ``timeout_s``), so a rank that failed its start stops the others' start too."""
         dist.barrier(group=self.group)
 
-    def follow(self, stores: Mapping[str, Any], failed: Callable[[str, Exception], None]) -> int:
-        """Other ranks: join one round of every store per announcement until ``STOP``; returns
-        the rounds joined. A lookup this rank's shard (or another's) could not serve goes to
-        ``failed(table, error)`` (the round ended on every rank: the group is in step). Raises
-        ``RankZeroGone`` when rank 0 is gone, and ``RankFailureError`` when a rank failed."""
+    def follow(self, stores: Mapping[str, Any]) -> int:
+        """Other ranks: join one round of every store (table name -> store) per announcement
+        until ``STOP``; returns the rounds joined. A lookup this rank's shard (or another's) could
+        not serve is logged (the round ended on every rank: the group is in step; rank 0 counts
+        it). Raises ``RankZeroGone`` when rank 0 is gone, ``RankFailureError`` when a rank
+        failed."""
         command = torch.zeros(1, dtype=torch.int64)
         nothing = torch.zeros(0, dtype=torch.int64)
         rounds = 0
@@ -157,7 +158,9 @@ class RankControl:
                 except RankFailureError:
                     raise
                 except Exception as exc:  # noqa: BLE001 (a failed lookup: rank 0 answers a 503)
-                    failed(name, exc)
+                    log.error(
+                        "rank %d: table %s: a lookup failed: %s", self.rank, name, error_text(exc)
+                    )
             rounds += 1
 
 
@@ -214,12 +217,8 @@ def run_follower(config: Any) -> int:
         print(
             json.dumps({"event": "following", "rank": rank, "metrics_url": metrics_url}), flush=True
         )
-
-        def failed(table: str, exc: Exception) -> None:  # rank 0 counts the lookup: one count
-            log.error("rank %d: table %s: a lookup failed: %s", rank, table, error_text(exc))
-
         try:
-            rounds = served.control.follow(served.stores, failed)
+            rounds = served.control.follow(served.stores)
         except RankZeroGone as exc:
             log.error("rank %d: rank 0 stopped answering (%s); exiting", rank, exc)
             return 1
