@@ -17,12 +17,12 @@ from pathlib import Path
 from zipf_analysis.analyze import register as register_analyze
 from zipf_analysis.replay_cli import register as register_replay
 
-from .cli_args import ArgumentParser, as_option_error, capacity
+from .cli_args import ArgumentParser, as_option_error, capacity, run_script
 from .cold_table import IO_MODES
 from .delta.compaction import register as register_compact
 from .demo import register as register_demo
 from .engram.training import register as register_train
-from .errors import ConfigError, TieredStoreError, error_text
+from .errors import ConfigError, TieredStoreError
 from .serve import register as register_serve
 from .table_format import TableExistsError
 
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    try:
+
+    def run() -> int:
         # SIGTERM unwinds every command like Ctrl-C, so its cleanup runs (no temporary files
         # or half a shard set left); serve installs its own handler (a drain) inside
         with warnings.catch_warnings(), _interrupt_on_sigterm():
@@ -42,12 +43,9 @@ def main(argv: list[str] | None = None) -> int:
             code = int(args.run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not as an error at exit
         return code
-    except TieredStoreError as exc:
-        print(f"tiered-store {args.command}: error: {error_text(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    try:
+        return run_script(run, f"tiered-store {args.command}")
     except BrokenPipeError:  # `tiered-store info T | head -1`: the reader stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush
         return 141  # as a process killed by SIGPIPE

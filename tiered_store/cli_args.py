@@ -48,12 +48,12 @@ def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
     return parse
 
 
-def run_script(main: Callable[[], Any]) -> int:
-    """A bench script's exit status: ``main()``'s (an int; None: 0; anything else: 0 when true,
-    1 when false); 2 with one line naming the problem when the library refuses something (a
-    missing analysis, a bad setting), as the ``tiered-store`` commands answer, instead of a
-    traceback; 130 when interrupted."""
-    script = os.path.basename(sys.argv[0]) or "bench"
+def run_script(main: Callable[[], Any], name: str | None = None) -> int:
+    """The exit status of a command (a bench script, a ``tiered-store`` command): ``main()``'s
+    (an int; None: 0; anything else: 0 when true, 1 when false); 2 with one line, ``NAME: error:
+    ...``, when the library refuses something (a missing analysis, a bad setting) instead of a
+    traceback; 130 when interrupted. ``name``: the script's file name unless given."""
+    script = name or os.path.basename(sys.argv[0]) or "bench"
     try:
         code = main()
     except TieredStoreError as exc:
