@@ -374,3 +374,47 @@ def test_an_overwrite_killed_part_way_leaves_no_old_rows_without_their_writes(tm
     create_table(path, np.full((100, 4), 7, np.float32), progress=False, overwrite=True)
     with TieredStore.open({"table": {"path": str(path)}}) as store:
         assert store.lookup([5, 0]).tolist() == [[7.0] * 4] * 2
+
+
+_COMPACTION_KILLED_AT = r"""
+import os, signal, sys
+from tiered_store import atomic_file
+from tiered_store.delta import compaction
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[2] == "temporaries":  # the new version written under hidden names, none renamed
+    atomic_file.AtomicFile.publish = die
+else:  # the new version complete, the pointer not switched to it
+    compaction.publish_version = die
+compaction.compact_table(sys.argv[1], progress=False)
+"""
+
+
+@pytest.mark.parametrize("killed_at", ["temporaries", "unpublished"])
+def test_the_next_compaction_removes_what_a_killed_one_left(tmp_path, killed_at):
+    """A compaction killed before its pointer switched leaves a whole table's worth of files;
+    the next one removes them (before writing its own copy) and reports them."""
+    import subprocess
+    import sys
+
+    from tiered_store import create_table
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((300, 4), np.float32), progress=False)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        store.write([5], torch.ones(1, 4))
+        store.commit()
+    before = {p.name for p in tmp_path.iterdir()}
+    killed = subprocess.run([sys.executable, "-c", _COMPACTION_KILLED_AT, str(path), killed_at])
+    assert killed.returncode == -signal.SIGKILL
+    left = sorted({p.name for p in tmp_path.iterdir()} - before)
+    assert left and all(("t.g1.npy" in name) for name in left), left
+
+    report = compact_table(path, progress=False)
+    assert sorted(report.removed_leftovers) == left
+    assert report.new_generation == 1 and report.removed_generations == [0]
+    after = sorted(p.name for p in tmp_path.iterdir())
+    assert not [name for name in after if name.endswith(".tmp")], after
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        assert store.lookup([5, 6]).tolist() == [[1.0] * 4, [0.0] * 4]
+    assert compact_table(path, progress=False).removed_leftovers == []

@@ -5,7 +5,8 @@ in chunks (page checksums verified), the delta's rows of each chunk (CRC-checked
 and ``create_table`` writes ``TABLE.gN.npy`` with its manifest and page checksums (temporary
 names, fsync, rename; manifest last). Then the pointer switches to generation N in one atomic
 rename: the delta is retired with its version (the new version has none). A crash anywhere
-leaves the old version + its delta, or the new version, both complete. Stores that have the old
+leaves the old version + its delta, or the new version, both complete; the next compaction
+removes what the crashed one left (an unpublished version, hidden temporaries). Stores that have the old
 version open keep reading it undisturbed; ``remove_unused_versions`` deletes it once none has.
 """
 
@@ -26,6 +27,7 @@ from .row_delta import RowDelta, open_delta
 from .table_versions import (
     current_version,
     publish_version,
+    remove_abandoned_versions,
     remove_unused_versions,
     version_path,
     writer_lock,
@@ -45,6 +47,7 @@ class CompactionReport:
     delta_rows: int
     seconds: float
     removed_generations: list[int]
+    removed_leftovers: list[str]  # files an earlier compaction, killed part way, left
 
     def to_json(self) -> dict:
         """Plain dict for printing."""
@@ -107,6 +110,7 @@ def compact_table(table: str | Path, *, progress: bool = True) -> CompactionRepo
     start = time.perf_counter()
     _check_current(table)  # no table: say so, before making its writer lock
     with writer_lock(table):
+        leftovers = remove_abandoned_versions(table)  # before writing another copy of the table
         current, generation = current_version(table)
         with ColdTable(current) as cold:
             delta = open_delta(current, cold.row_bytes)
@@ -137,6 +141,7 @@ def compact_table(table: str | Path, *, progress: bool = True) -> CompactionRepo
             int(delta_ids.size),
             time.perf_counter() - start,
             removed,
+            leftovers,
         )
 
 
@@ -148,8 +153,9 @@ def register(sub) -> None:
         description="Stream the current version of TABLE and its delta in row order into "
         "TABLE.gN.npy (manifest and page checksums included), switch the table's version "
         "pointer to it atomically (stores opened afterwards read it; open ones finish on the "
-        "old version), then remove old versions no store has open. Needs the table's writer "
-        "lock: fails if a process is writing the table.",
+        "old version), then remove old versions no store has open. First removes what a "
+        "compaction killed part way left (an unpublished version, hidden .tmp files). Needs "
+        "the table's writer lock: fails if a process is writing the table.",
     )
     p.add_argument("table", type=Path, help="the table's .npy path (its first version)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -233,11 +233,39 @@ def _compacted_generations(npy: Path) -> list[int]:
     return [int(m.group(1)) for p in npy.parent.iterdir() if (m := pattern.match(p.name))]
 
 
+def _version_files(path: Path) -> tuple[Path, ...]:
+    """One version's files, its manifest first, then its delta's folder."""
+    return table_paths(path)[1], sidecar_path(path), path, delta_path(path)
+
+
 def _remove_version(path: Path) -> None:
     """Delete one version's files, its manifest first (never half a table), and its delta."""
-    for part in (table_paths(path)[1], sidecar_path(path), path):
+    *files, delta = _version_files(path)
+    for part in files:
         part.unlink(missing_ok=True)
-    shutil.rmtree(delta_path(path), ignore_errors=True)
+    shutil.rmtree(delta, ignore_errors=True)
+
+
+def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
+    """Delete what a compaction killed part way left: versions newer than the current one (never
+    published) and the hidden temporaries of version files (``.TABLE.gN.npy*.tmp``); returns
+    the names removed. Call under the writer lock, which every compaction holds while it writes
+    them."""
+    npy = _npy(table)
+    _, current = current_version(table)
+    temporary = re.compile(rf"^\.{re.escape(npy.stem)}\.g\d+\.npy.*\.tmp$")
+    removed = []
+    for generation in sorted(g for g in _compacted_generations(npy) if g > current):
+        path = version_path(npy, generation)
+        removed += [part.name for part in _version_files(path) if part.exists()]
+        _remove_version(path)
+    for path in sorted(npy.parent.iterdir()):
+        if temporary.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if removed:
+        fsync_dir(npy.parent)
+    return removed
 
 
 def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:
