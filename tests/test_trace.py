@@ -270,3 +270,20 @@ def test_ids_past_int64_are_refused_not_wrapped(tmp_path):
     wide = r"ids span \[7, 9223372036854775813\]; expected in \[0, 2\*\*63\)"
     with TraceWriter(tmp_path / "t.trace", {"tables": ["t"]}) as w, pytest.raises(RowIdError, match=wide):  # fmt: skip
         w.write(np.array([2**63 + 5, 7], dtype=np.uint64))
+
+
+def test_a_table_index_means_the_same_position_to_writer_and_reader(tmp_path):
+    """Without a header's table list, an index is a position: the next one registers as its
+    own name, a gap is refused (an index the reader would take for another table)."""
+    path = tmp_path / "t.trace"
+    with TraceWriter(path) as w:
+        w.write(np.array([1, 2]), 0)
+        w.write(np.array([3]), "layer5")
+        w.write(np.array([4]), 1)  # the position of "layer5"
+        w.write(np.array([5]), 2)  # registers "2"
+        with pytest.raises(TraceFormatError, match=r"table index 4 with 3 tables .* up to 3"):
+            w.write(np.array([6]), 4)
+    with TraceReader(path) as r:
+        assert r.tables == ["0", "layer5", "2"]
+        assert [r.read_all(t).tolist() for t in (0, 1, 2)] == [[1, 2], [3, 4], [5]]
+        assert r.read_all("layer5").tolist() == [3, 4]

@@ -240,15 +240,23 @@ class TraceWriter:
         return self._batch
 
     def _table_index(self, table: str | int) -> int:
-        """Resolve a table name or index, registering it when there is no layout."""
+        """Resolve a table name or index (a position in the table list, as readers take it),
+        registering it when there is no layout: the next index registers as its own name."""
         if isinstance(table, int | np.integer) and not isinstance(table, bool):
-            if self._layout is not None:
-                if not 0 <= table < len(self._tables):
-                    raise TraceFormatError(
-                        f"{self.path}: table index {table} out of range; the header lists "
-                        f"{len(self._tables)} tables"
-                    )
+            if 0 <= table < len(self._tables):
                 return int(table)
+            if self._layout is not None:
+                raise TraceFormatError(
+                    f"{self.path}: table index {table} out of range; the header lists "
+                    f"{len(self._tables)} tables"
+                )
+            if table != len(self._tables):
+                raise TraceFormatError(
+                    f"{self.path}: table index {table} with {len(self._tables)} tables written so "
+                    f"far; expected an index up to {len(self._tables)} (tables are numbered in the "
+                    "order they are first written; readers take an index as that position) or "
+                    "a table name"
+                )
             table = str(int(table))
         if not isinstance(table, str):
             raise TraceFormatError(f"{self.path}: table {table!r}; expected a name or an index")
