@@ -192,3 +192,23 @@ def test_a_re_pinning_sketch_counts_its_windows_conservatively(path):
     assert (estimate <= added).all()
     assert (estimate - episodes).sum() < 0.6 * (added - episodes).sum()  # about half here
     assert sketch.mean_distinct_per_window == np.mean([np.unique(w).size for w in windows])
+
+
+def test_the_cpu_kernel_and_the_cuda_ops_count_a_window_the_same():
+    # a CPU store and a GPU store fed the same traffic must learn the same pins: both raise a
+    # window's rows from the counters' minima before the window, whatever the order of its ids
+    import torch
+
+    from tiered_store.online_profile import OnlineProfile
+
+    rng = np.random.default_rng(0)
+    kernel, ops, shuffled = (OnlineProfile(16, heavy_hitters=False) for _ in range(3))
+    ops._kernel = False  # the torch ops CUDA runs, on CPU tensors here
+    for _ in range(30):
+        window = (rng.zipf(1.3, 50) - 1) % 200  # 200 rows on a 64-counter sketch: collisions
+        kernel.update(torch.from_numpy(window))
+        ops.update(torch.from_numpy(window))
+        shuffled.update(torch.from_numpy(rng.permutation(window)))
+    assert kernel.width < 200 and int(kernel.sketch.sum()) > 0
+    assert torch.equal(kernel.sketch, ops.sketch)
+    assert torch.equal(kernel.sketch, shuffled.sketch)

@@ -105,6 +105,18 @@ def test_stale_file_warns_and_starts_cold(tmp_path):
         serve(store, new)
 
 
+def test_a_file_with_a_field_the_table_lacks_names_it(tmp_path):
+    from tiered_store.warm_restart import RestartState, load_restart, save_restart
+
+    path = tmp_path / "t.npy.restart"
+    saved = {"generation": 0, "rows": 10, "block_checksums_crc32c": 7}
+    save_restart(path, saved, RestartState({"hot": np.array([1])}))
+    with pytest.warns(
+        RestartWarning, match=r"version: block_checksums_crc32c 7 \(table now None\)"
+    ):
+        assert load_restart(path, {"generation": 0, "rows": 10}) is None
+
+
 @pytest.mark.parametrize(
     "damage, why",
     [

@@ -147,7 +147,7 @@ class OnlineProfile:
         if self.heavy_hitters:
             weights = torch.full((ids.numel(),), weight, dtype=self.sketch.dtype, device=ids.device)
             self._add(ids, weights)
-        else:  # conservatively, as the CPU kernel does (CUDA)
+        else:  # conservatively, from the minima before the window, as the CPU kernel does
             buckets = self._buckets(ids)
             raised = torch.gather(self.sketch, 1, buckets).amin(dim=0) + weight
             self._raise_torch(self.sketch, buckets, raised)

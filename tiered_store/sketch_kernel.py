@@ -44,11 +44,13 @@ def sketch_add(
 def sketch_add_window(sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray, weight: float) -> int:
     """Count one window of ids (duplicates included) once per distinct id, conservatively: the
     id's counters (``h_d = splitmix64(id + seeds[d]) & (width - 1)`` in each row ``d``) are
-    raised to their minimum plus ``weight``. Duplicates are found with an open-addressing set of
-    the window's ids (twice as many places as ids), so the window needs no sort. A row's estimate
-    (its counters' minimum) stays an upper bound on the windows it appeared in, and overshoots
-    less than adding ``weight`` to every counter: a collision only raises a counter to what the
-    row sharing it has. Returns the window's distinct ids."""
+    raised to their minimum before the window plus ``weight`` (every minimum is read before any
+    counter moves, so the order of the window's ids does not matter and the torch path on CUDA
+    counts the same). Duplicates are found with an open-addressing set of the window's ids
+    (twice as many places as ids), so the window needs no sort. A row's estimate (its counters'
+    minimum) stays an upper bound on the windows it appeared in, and overshoots less than adding
+    ``weight`` to every counter: a collision only raises a counter to what the row sharing it
+    has. Returns the window's distinct ids."""
     n = ids.size
     size = 2
     while size < 2 * n:
@@ -59,7 +61,8 @@ def sketch_add_window(sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray, we
     mask = np.uint64(sketch.shape[1] - 1)
     step = sketch.dtype.type(weight)
     depth = sketch.shape[0]
-    at = np.empty(depth, np.int64)  # the id's counter in each row
+    at = np.empty((n, depth), np.int64)  # each distinct id's counter in each row
+    raised = np.empty(n, sketch.dtype)
     distinct = 0
     for i in range(n):
         x = ids[i]
@@ -69,15 +72,16 @@ def sketch_add_window(sketch: np.ndarray, seeds: np.ndarray, ids: np.ndarray, we
         if taken[p]:  # a duplicate: counted once per window
             continue
         taken[p], keys[p] = True, x
-        distinct += 1
         for d in range(depth):
-            at[d] = np.int64(_mix(np.uint64(x) + seeds[d]) & mask)
-        low = sketch[0, at[0]]
+            at[distinct, d] = np.int64(_mix(np.uint64(x) + seeds[d]) & mask)
+        low = sketch[0, at[distinct, 0]]
         for d in range(1, depth):
-            low = min(low, sketch[d, at[d]])
-        raised = low + step
+            low = min(low, sketch[d, at[distinct, d]])
+        raised[distinct] = low + step
+        distinct += 1
+    for j in range(distinct):
         for d in range(depth):
-            sketch[d, at[d]] = max(sketch[d, at[d]], raised)
+            sketch[d, at[j, d]] = max(sketch[d, at[j, d]], raised[j])
     return distinct
 
 

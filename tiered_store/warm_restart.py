@@ -171,9 +171,9 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
         return _cold_start(path, f"its header is unreadable ({exc})")
     if saved != identity:
         diff = ", ".join(
-            f"{k} {saved.get(k)!r} (table now {identity[k]!r})"
-            for k in identity
-            if saved.get(k) != identity[k]
+            f"{k} {saved.get(k)!r} (table now {identity.get(k)!r})"
+            for k in sorted({*identity, *saved}, key=[*identity, *saved].index)
+            if saved.get(k) != identity.get(k)
         )
         return _cold_start(path, f"it was saved for another table version: {diff}")
     n_ids = sum(counts.values()) + sum(pinned.values())

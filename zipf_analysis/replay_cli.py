@@ -478,9 +478,18 @@ def print_table(results: list[ReplayResult]) -> None:
 
 
 def print_sweep(curves: list[MissRatioCurve], rows: int) -> None:
-    """Miss ratio per curve at each swept capacity."""
+    """Miss ratio per curve at each swept capacity, headed by the capacity in rows and as a
+    share of the table (to three significant digits: 1,000 of 10.3M rows is 0.00971%).
+
+    >>> curve = MissRatioCurve("lru", np.array([0, 1000, 2000]), np.array([1.0, 0.5, 0.25]), 4)
+    >>> print_sweep([curve], 10_300_000)
+    rows                          1,000    2,000
+    share of the table         0.00971%  0.0194%
+    lru                           50.0%    25.0%
+    """
     caps = curves[0].capacities[1:]
-    print(f"{'curve':<26}" + "".join(f"{c / rows:>9.1%}" for c in caps))
+    print(f"{'rows':<26}" + "".join(f"{int(c):>9,}" for c in caps))
+    print(f"{'share of the table':<26}" + "".join(f"{f'{100 * c / rows:.3g}%':>9}" for c in caps))
     for c in curves:
         print(f"{c.name:<26}" + "".join(f"{c.at(int(cap)):>9.1%}" for cap in caps))
 
