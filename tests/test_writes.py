@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import make_table, store_config
 from tiered_store import TieredStore
+from tiered_store.delta.compaction import compact_table
 from tiered_store.delta.row_delta import RowDelta, delta_path
 from tiered_store.errors import DeltaCorruptError, RowDataError, RowIdError
 
@@ -101,6 +102,31 @@ def test_bad_writes_are_typed_errors_and_change_nothing(tmp_path):
         store.write([3], [[1, 2, 3, 16777216]])  # integers float32 holds: written as given
         assert store.lookup([3]).tolist() == [[1.0, 2.0, 3.0, 16777216.0]]
         store.commit()
+
+
+@pytest.mark.parametrize(
+    "tiers", [{}, {"hot": {"capacity": 4}}, {"hot": {"capacity": 4, "index": "hashed"}}]
+)
+def test_ids_outside_the_table_read_as_zeros_but_are_never_written(tmp_path, tiers):
+    """``out_of_range: zero`` is for lookups: a write or a committed read outside the table is a
+    RowIdError, and nothing reaches the delta (an id -1 there sorted last in it, and compaction
+    then put committed rows back to their base or wrote rows no one wrote)."""
+    path, table = make_table(tmp_path, rows=20, dim=4)
+    config = {"table": {"path": str(path), "out_of_range": "zero"}, "tiers": tiers}
+    with TieredStore.open(config) as store:
+        assert store.lookup([-1, 20]).abs().sum() == 0
+        for ids in ([5, -1], [5, 10, 20]):
+            with pytest.raises(RowIdError, match=r"out of range; expected 0 <= id < 20"):
+                store.write(ids, torch.full((len(ids), 4), 7.0))
+            with pytest.raises(RowIdError, match="out of range"):
+                store.read_committed(ids)
+        store.write([5], torch.full((1, 4), 7.0))
+        store.commit()
+    compact_table(path, progress=False)
+    with TieredStore.open(config) as store:
+        expected = table.clone()
+        expected[5] = 7.0
+        assert torch.equal(store.lookup(torch.arange(20)), expected)
 
 
 def test_a_full_map_grows_and_the_commit_goes_through(tmp_path):

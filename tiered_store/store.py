@@ -316,7 +316,7 @@ class TieredStore:
                 f"write: {self.cold.path.name} holds packed quantised rows; writes need a table "
                 "of float rows"
             )
-        flat, shape = self._validate(ids)
+        flat, shape = self._validate(ids, inside=True)  # out_of_range: zero reads, never writes
         rows = as_rows(rows, (*shape, self.row_width), self.row_dtype)
         unique_ids, last_rows = merge_last_wins([flat.cpu()], [rows])
         with self._lock:
@@ -356,7 +356,7 @@ class TieredStore:
         base table: never an uncommitted write, never a mix of two commits. Bypasses the caches
         (a reader's view, for checks and other processes' readers; lookups see writes at once)."""
         self._check_open()
-        flat, shape = self._validate(ids)
+        flat, shape = self._validate(ids, inside=True)
         unique, inverse = torch.unique(flat.cpu(), return_inverse=True)
         rows = self.cold.read_rows(unique.numpy())
         step = self._base_step
@@ -987,12 +987,13 @@ class TieredStore:
         return out.view(*handle.shape, out.shape[-1]), event
 
     def _validate(
-        self, ids: Any, *, snapshot: bool = False
+        self, ids: Any, *, snapshot: bool = False, inside: bool = False
     ) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Integer ids in [0, rows) -> flat int64 on the compute device, and the original shape
-        (``snapshot``: never sharing memory with the caller's ids, which may be refilled)."""
+        (``snapshot``: never sharing memory with the caller's ids, which may be refilled;
+        ``inside``: every id in the table even with ``out_of_range: zero``, as writes need)."""
         tensor = as_id_tensor(ids)
-        flat = self._checked_flat(tensor)
+        flat = self._checked_flat(tensor, inside=inside)
         if self._stream is None:
             flat = flat.to(device=self.device, dtype=torch.int64)
             return snapshot_of(flat, tensor) if snapshot else flat, tuple(tensor.shape)
@@ -1008,11 +1009,11 @@ class TieredStore:
                 flat = snapshot_of(flat, tensor)
         return flat, tuple(tensor.shape)
 
-    def _checked_flat(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _checked_flat(self, tensor: torch.Tensor, *, inside: bool = False) -> torch.Tensor:
         """``tensor`` flattened, where it is, after checking its ids are in [0, rows) (unless
-        out-of-range ids read as zeros)."""
+        out-of-range ids read as zeros and ``inside`` is not asked for)."""
         flat = tensor.reshape(-1)
-        if flat.numel() and not self.zero_out_of_range:
+        if flat.numel() and (inside or not self.zero_out_of_range):
             lo, hi = torch.aminmax(flat)
             lo, hi = torch.stack([lo, hi]).tolist() if flat.is_cuda else (int(lo), int(hi))
             if lo < 0 or hi >= self.rows:

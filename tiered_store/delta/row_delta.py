@@ -317,6 +317,8 @@ class RowDelta:
                 f"delta: {self.path} is in a read-only directory; expected a writable one to commit"
             )
         ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and int(ids.min()) < 0:  # keys sort by their bytes: a negative id sorts last
+            raise ValueError(f"delta commit: id {int(ids.min())}; expected ids >= 0")
         if rows.shape != (ids.size, self.row_bytes):
             raise ValueError(
                 f"delta commit: rows of shape {rows.shape}; expected ({ids.size}, {self.row_bytes})"
