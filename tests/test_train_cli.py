@@ -222,3 +222,32 @@ def test_an_out_that_cannot_be_a_directory_is_named(tmp_path, capsys, where):
     common[common.index(str(out))] = str(bad)
     assert main([*common, *small, "--steps", "1"]) == 2
     assert f"--out {bad}: cannot make it" in capsys.readouterr().err
+
+
+def test_a_run_is_never_made_anew_when_its_table_cannot_be_read(tmp_path, capsys, monkeypatch):
+    """A run's table that fails its check is refused with the reason, its committed steps kept
+    (before, the run counted as absent and the next train overwrote it from step 0); and a
+    compaction switching versions while the check reads them is not "no run" either."""
+    from tiered_store.delta import table_versions
+    from tiered_store.delta.compaction import compact_table
+
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "2"]) == 0
+    before = table_versions.current_version(out / "tables.npy")[0]
+    compact_table(out / "tables.npy", progress=False)
+    assert not before.exists()
+    read = table_versions.current_version
+    stale = iter([(before, 0)])  # the pointer as read just before the compaction switched it
+    monkeypatch.setattr(table_versions, "current_version", lambda t: next(stale, None) or read(t))
+    assert main([*common, "--resume", "--steps", "3"]) == 0
+    assert _committed(out) == 3
+    monkeypatch.undo()
+
+    manifest = out / "tables.g1.npy.manifest.json"
+    saved = manifest.read_bytes()
+    manifest.write_text("{ damaged")
+    for args in ([*common, "--resume", "--steps", "4"], [*common, *small, "--steps", "4"]):
+        assert main(args) == 2
+        assert "holds a training run whose table fails its check" in capsys.readouterr().err
+    manifest.write_bytes(saved)
+    assert _committed(out) == 3  # nothing was made anew over it

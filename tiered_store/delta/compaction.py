@@ -12,7 +12,6 @@ version open keep reading it undisturbed; ``remove_unused_versions`` deletes it 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +20,11 @@ import numpy as np
 import torch
 
 from ..cold_table import ColdTable
-from ..table_format import check_table, create_table
+from ..table_format import create_table
 from ..table_sources import TABLE_DTYPES, SourceReader
 from .row_delta import RowDelta, open_delta
 from .table_versions import (
+    check_current_version,
     current_version,
     publish_version,
     remove_abandoned_versions,
@@ -75,19 +75,6 @@ class _MergedRows(SourceReader):
         return rows.view(torch.uint8).numpy().view(TABLE_DTYPES[self.dtype][0])
 
 
-def _check_current(table: str | os.PathLike[str]) -> None:
-    """``check_table`` on the table's current version, read again when a compaction elsewhere
-    moved the pointer and removed the version read (before, that was "does not exist")."""
-    while True:
-        current = current_version(table)[0]
-        try:
-            check_table(current)
-            return
-        except FileNotFoundError:
-            if current_version(table)[0] == current:
-                raise
-
-
 def compact_table(table: str | Path, *, progress: bool = True) -> CompactionReport:
     """Write the table's next version (base + delta) and make it current; remove old versions
     no store has open.
@@ -108,7 +95,7 @@ def compact_table(table: str | Path, *, progress: bool = True) -> CompactionRepo
     (1, 1, [[1.0, 1.0], [0.0, 0.0]])
     """
     start = time.perf_counter()
-    _check_current(table)  # no table: say so, before making its writer lock
+    check_current_version(table)  # no table: say so, before making its writer lock
     with writer_lock(table):
         leftovers = remove_abandoned_versions(table)  # before writing another copy of the table
         current, generation = current_version(table)

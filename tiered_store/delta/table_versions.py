@@ -30,7 +30,7 @@ from typing import TypeVar
 from ..atomic_file import atomic_write, fsync_dir
 from ..errors import ConfigError, TableFormatError, TierIOError
 from ..page_checksums import sidecar_path
-from ..table_format import not_a_table, table_paths
+from ..table_format import check_table, not_a_table, table_paths
 from .row_delta import delta_path
 
 T = TypeVar("T")
@@ -103,6 +103,19 @@ def current_version(table: str | os.PathLike[str]) -> tuple[Path, int]:
             '{"generation": N, "file": ...} as compaction writes it'
         ) from None
     return version_path(table, generation), generation
+
+
+def check_current_version(table: str | os.PathLike[str]) -> None:
+    """``check_table`` on the table's current version, read again when a compaction elsewhere
+    moved the pointer and removed the version read (else that race reads "does not exist")."""
+    while True:
+        current = current_version(table)[0]
+        try:
+            check_table(current)
+            return
+        except FileNotFoundError:
+            if current_version(table)[0] == current:
+                raise
 
 
 def _refuse_a_version_file(table: str | os.PathLike[str]) -> None:

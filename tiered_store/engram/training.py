@@ -33,11 +33,11 @@ from ..cold_table import IO_MODES
 from ..config import load_yaml
 from ..corpus import resolve_corpus
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
-from ..delta.table_versions import current_version
+from ..delta.table_versions import check_current_version, has_history
 from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
 from ..errors import ConfigError, TieredStoreError
 from ..store import TieredStore
-from ..table_format import check_table
+from ..table_format import table_paths
 from .config import ModelConfig
 from .corpus import read_tokens, token_batches
 from .model import EngramLM
@@ -223,12 +223,20 @@ def _plot(path: Path, losses) -> None:
 
 
 def _holds_a_run(out: Path) -> bool:
-    """Whether ``out`` holds a run's table, complete (its manifest written), in its current
-    version: after a compaction only ``TABLE.gN.npy`` is there."""
-    try:
-        check_table(current_version(out / TABLE_FILE)[0])
-    except (TieredStoreError, OSError):
+    """Whether ``out`` holds a run's table (after a compaction only ``TABLE.gN.npy`` is there);
+    False when nothing is there or a creation was killed before its manifest, which it writes
+    last. A run's table that fails its check raises: it is never made anew over committed steps
+    (nor when a compaction elsewhere switches versions while this reads them)."""
+    table = out / TABLE_FILE
+    if not has_history(table) and not table_paths(table)[1].exists():
         return False
+    try:
+        check_current_version(table)
+    except (TieredStoreError, OSError) as exc:
+        raise ConfigError(
+            f"out: {out} holds a training run whose table fails its check ({exc}); expected a "
+            "readable table to resume (repair or move it, or choose another --out)"
+        ) from None
     return True
 
 
