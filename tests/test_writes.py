@@ -586,14 +586,14 @@ def test_a_compaction_that_another_finished_meanwhile_compacts_the_new_version(
     import numpy as np
 
     from tiered_store import create_table
-    from tiered_store.delta import compaction
+    from tiered_store.delta import compaction, table_versions
 
     path = tmp_path / "t.npy"
     create_table(path, np.zeros((100, 4), np.float32), progress=False)
     with TieredStore.open({"table": {"path": str(path)}}) as store:
         store.write([3], torch.ones(1, 4))
         store.commit()
-    check, raced = compaction.check_table, []
+    check, raced = table_versions.check_table, []
 
     def check_after_another_compaction(npy):
         if not raced:
@@ -601,6 +601,6 @@ def test_a_compaction_that_another_finished_meanwhile_compacts_the_new_version(
             raced[0] = compaction.compact_table(path, progress=False)  # g1 out, g0 removed
         return check(npy)
 
-    monkeypatch.setattr(compaction, "check_table", check_after_another_compaction)
+    monkeypatch.setattr(table_versions, "check_table", check_after_another_compaction)
     report = compaction.compact_table(path, progress=False)
     assert raced[0].new_generation == 1 and report.old_generation == report.new_generation == 1
