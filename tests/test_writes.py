@@ -604,3 +604,24 @@ def test_a_compaction_that_another_finished_meanwhile_compacts_the_new_version(
     monkeypatch.setattr(table_versions, "check_table", check_after_another_compaction)
     report = compaction.compact_table(path, progress=False)
     assert raced[0].new_generation == 1 and report.old_generation == report.new_generation == 1
+
+
+def test_a_table_made_anew_through_a_symlink_is_written_where_it_points(tmp_path):
+    """The link stays a link: stores opened through it read the new rows (the link was replaced
+    by a file beside it, the old table left where stores resolving the link still found it)."""
+    import os
+
+    import numpy as np
+
+    from tiered_store import create_table
+
+    real, links = tmp_path / "real", tmp_path / "links"
+    real.mkdir()
+    links.mkdir()
+    create_table(real / "t.npy", np.zeros((10, 4), np.float32), progress=False)
+    os.symlink(real / "t.npy", links / "t.npy")
+    create_table(links / "t.npy", np.ones((10, 4), np.float32), progress=False, overwrite=True)
+    assert (links / "t.npy").is_symlink() and sorted(os.listdir(links)) == ["t.npy"]
+    for path in (links / "t.npy", real / "t.npy"):
+        with TieredStore.open({"table": {"path": str(path)}}) as store:
+            assert store.lookup([0, 9]).tolist() == [[1.0] * 4] * 2

@@ -496,7 +496,8 @@ def create_table(
     ----------
     path
         Target ``NAME.npy`` (``.npy`` is appended if missing). The manifest goes to
-        ``NAME.npy.manifest.json``.
+        ``NAME.npy.manifest.json``. A symbolic link is followed: the table is written where
+        it points (where stores opened through the link read it), the link kept.
     source
         One of: a 2-D ``np.ndarray`` or ``torch.Tensor``; a path to a 2-D ``.npy`` file (read
         through mmap); ``SafetensorsSource(path, tensor_name)`` (read in slices); or
@@ -549,6 +550,8 @@ def create_table(
     dtype('uint16')
     """
     npy_path, manifest_path = table_paths(path)
+    if npy_path.is_symlink():  # a link to the table's file: write there, as stores read there
+        npy_path, manifest_path = table_paths(npy_path.resolve())
     if not _is_pos_int(block_bytes) or block_bytes % PAGE_BYTES:
         raise TableFormatError(f"block_bytes={block_bytes!r}; expected a positive multiple of 4096")
     if not _is_pos_int(chunk_bytes):
