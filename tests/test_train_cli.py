@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,8 @@ def test_a_negative_seed_is_refused_before_any_work(tmp_path, capsys):
         ("--steps", "0", "argument --steps: expected at least 1 step, got '0'"),
         ("--corpus", "/nonexistent", "corpus path '/nonexistent': no such file or directory"),
         ("--seq-len", "100000", "do not fill one batch of 2 x 100000"),
+        ("--dense-lr", "-1", "argument --dense-lr: expected a number > 0, got '-1'"),
+        ("--table-lr", "nan", "argument --table-lr: expected a number > 0, got 'nan'"),
     ],
 )
 def test_bad_settings_leave_no_run_behind_and_the_corrected_command_runs(
@@ -167,6 +170,17 @@ def test_bad_settings_leave_no_run_behind_and_the_corrected_command_runs(
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["resumed_from_step"] == 0
     assert json.loads((out / "train.json").read_text())["hot"] == 100
+
+
+def test_learning_rates_given_in_python_are_checked_before_any_work(tmp_path):
+    from tiered_store.errors import ConfigError
+
+    for name, value in (("dense_lr", -1.0), ("table_lr", float("inf"))):
+        settings = replace(_settings(ROOT / "tiered_store" / "engram"), **{name: value})
+        option = "--" + name.replace("_", "-")
+        with pytest.raises(ConfigError, match=rf"{option}: got {value}; expected a positive"):
+            train(tmp_path / "run", settings, resume=False, progress=False)
+        assert not (tmp_path / "run").exists()
 
 
 def test_resume_says_which_options_it_ignores(tmp_path, capsys):

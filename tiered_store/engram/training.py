@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from ..atomic_file import atomic_write
 from ..capacity import resolve_capacity
-from ..cli_args import DocHelpFormatter, at_least, capacity
+from ..cli_args import DocHelpFormatter, at_least, capacity, positive_number
 from ..cold_table import IO_MODES
 from ..config import load_yaml
 from ..corpus import resolve_corpus
@@ -283,6 +284,12 @@ def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
             raise ConfigError(
                 f"--{name.replace('_', '-')}: expected >= 1, got {getattr(given, name)}"
             )
+    for name in ("table_lr", "dense_lr"):
+        lr = getattr(given, name)
+        if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+            raise ConfigError(
+                f"--{name.replace('_', '-')}: got {lr!r}; expected a positive finite learning rate"
+            )
     return given
 
 
@@ -313,9 +320,14 @@ def register(sub) -> None:
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps per commit"
     )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="table optimizer")
-    p.add_argument("--table-lr", type=float, default=d.table_lr, help="the tables' learning rate")
     p.add_argument(
-        "--dense-lr", type=float, default=d.dense_lr, help="the dense model's learning rate (Adam)"
+        "--table-lr", type=positive_number, default=d.table_lr, help="the tables' learning rate"
+    )
+    p.add_argument(
+        "--dense-lr",
+        type=positive_number,
+        default=d.dense_lr,
+        help="the dense model's learning rate (Adam)",
     )
     p.add_argument(
         "--hot", type=capacity, default=d.hot, help="hot tier capacity (rows, bytes or %%)"
