@@ -95,6 +95,7 @@ def test_help_explains_the_demo():
         ("run: {speed: 3}", [], "run.speed: unknown key"),
         ("engram: {layer_ids: [9]}", [], "engram.layer_ids[0]: expected a layer id below"),
         (None, ["--batches", "0"], "run.batches: expected an integer >= 1"),
+        (None, ["--batch-size", "100"], "run.batch_size: expected a multiple of run.seq_len="),
         ("run: {dtype: int8}", [], "run.dtype: expected float32, float16 or bfloat16"),
         ("run: {corpus: docs}", [], "run.corpus: expected a list of paths"),
         (None, ["--corpus", "/nonexistent/*.txt"], "the pattern matches no files"),

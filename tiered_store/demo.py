@@ -19,12 +19,21 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from pydantic import model_validator
 from tqdm.auto import tqdm
 
 from .capacity import format_bytes, resolve_capacity
 from .cli_args import capacity
 from .cold_table import IO_MODES
-from .config import ConfigModel, PrefetchConfig, TiersConfig, checked_by, int_at_least, load_yaml
+from .config import (
+    ConfigModel,
+    FieldError,
+    PrefetchConfig,
+    TiersConfig,
+    checked_by,
+    int_at_least,
+    load_yaml,
+)
 from .engram.config import ModelConfig
 from .errors import ConfigError
 from .stats import hit_ratio
@@ -48,7 +57,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "prefetch": {"depth": 2},
     "run": {
         "batches": 16,  # measured batches (each run once per variant)
-        "batch_size": 2048,  # tokens per batch
+        "batch_size": 2048,  # tokens per batch (whole sequences: a multiple of seq_len)
         "seq_len": 256,  # tokens per sequence
         "rounds": 4,  # the two variants alternate this many times
         "lookahead": 1,  # batches prefetched ahead of the one computing
@@ -122,6 +131,17 @@ class DemoConfig(ModelConfig):
     prefetch: PrefetchConfig
     run: RunConfig
 
+    @model_validator(mode="after")
+    def _check_whole_sequences(self) -> DemoConfig:
+        """A batch is whole sequences: its tokens a multiple of the sequence length."""
+        if self.run.batch_size % self.run.seq_len:
+            raise FieldError(
+                ("run", "batch_size"),
+                f"expected a multiple of run.seq_len={self.run.seq_len} (a batch is whole "
+                f"sequences), got {self.run.batch_size}",
+            )
+        return self
+
     @property
     def model(self) -> ModelConfig:
         """The model's sections alone."""
@@ -156,7 +176,11 @@ def register(sub) -> None:
         help="files, directories (*.py below) or globs (default: the Python stdlib's sources)",
     )
     p.add_argument("--batches", type=int, help=f"measured batches (default {run['batches']})")
-    p.add_argument("--batch-size", type=int, help=f"tokens per batch (default {run['batch_size']})")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"tokens per batch, a multiple of --seq-len (default {run['batch_size']})",
+    )
     p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {run['seq_len']})")
     p.add_argument(
         "--rounds", type=int, help=f"times the two variants alternate (default {run['rounds']})"
@@ -287,7 +311,7 @@ def run_demo(args) -> int:
     _check_capacities(demo, model)  # before the warm-start profile and the conversion
     corpus = resolve_corpus(run.corpus).shuffled(run.seed)  # sample the whole corpus
     seq_len = run.seq_len
-    rows_per_batch = max(1, run.batch_size // seq_len)
+    rows_per_batch = run.batch_size // seq_len
     per_batch = rows_per_batch * seq_len
     profiled = -(-run.warm_start_tokens // per_batch) * per_batch
     tokens = read_tokens(
