@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -69,6 +70,20 @@ def test_init_random_is_seeded_and_refuses_overwrite(tmp_path, capsys):
     assert not np.array_equal(np.load(a), np.load(b))
 
 
+def test_a_bfloat16_table_copied_with_init_warns_of_nothing(tmp_path, capsys):
+    # its finite check read the memory-mapped source through torch, which warned of a read-only
+    # array in the command's output
+    src, dst = tmp_path / "src.npy", tmp_path / "dst.npy"
+    assert main(["init", str(src), "--random", "10x4", "--dtype", "bfloat16", "--quiet"]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        argv = ["init", str(dst), "--from-npy", str(src), "--dtype", "bfloat16", "--quiet"]
+        assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert np.array_equal(np.load(src), np.load(dst))
+
+
 def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
     table = tmp_path / "t.npy"
     argv = ["init", str(table), "--random", "100x8", "--dtype", "float16", "--quiet"]
@@ -98,6 +113,15 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
         (["info", "."], ". is a directory; expected a table file (NAME.npy), such as t.npy"),
         (["convert-hf", "nope", "out"], "checkpoint nope: does not exist; expected a checkpoint"),
         (["init", "x.npy", "--random", "10x4", "--std", "-1"], "--std: got -1; expected a finite"),
+        (["init", "x.npy", "--random", "10x4", "--seed", "-1"], "--seed: expected an integer >= 0"),
+        (
+            ["init", "x.npy", "--from-npy", "f64.npy"],
+            "float64; expected float32, float16 or bfloat16 (pass --dtype to convert it)",
+        ),
+        (
+            ["init", "x.npy", "--from-npy", "u16.npy"],
+            "uint16; pass --dtype bfloat16 if it holds raw",
+        ),
         (["init", "no/x.npy", "--random", "10x4"], "target directory no does not exist; expected"),
         (["analyze", "a.txt", "--holdout", "1.5"], "--holdout: got 1.5; expected a fraction"),
         (["analyze", "a.txt", "--max-tokens", "-5"], "--max-tokens: got -5; expected an integer"),
@@ -114,8 +138,14 @@ def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, me
     monkeypatch.chdir(tmp_path)
     (tmp_path / "s.yaml").write_text("table: {path: t.npy}\n")  # a store config, not a table
     (tmp_path / "prof.npz").write_bytes(b"PK")  # some other file
+    np.save(tmp_path / "f64.npy", np.ones((4, 4)))
+    np.save(tmp_path / "u16.npy", np.ones((4, 4), np.uint16))
     assert main(["init", "t.npy", "--random", "10x4", "--quiet"]) == 0
-    assert main(argv) == 2
+    try:  # a check of the command's, or argparse's (which exits): both 2
+        code = main(argv)
+    except SystemExit as exited:
+        code = exited.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err
     assert "[Errno" not in err and "Traceback" not in err

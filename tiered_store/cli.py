@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 from zipf_analysis.analyze import register as register_analyze
 from zipf_analysis.replay_cli import register as register_replay
 
-from .cli_args import ArgumentParser, as_option_error, capacity, run_script
+from .cli_args import ArgumentParser, as_option_error, at_least, capacity, run_script
 from .cold_table import IO_MODES
 from .delta.compaction import register as register_compact
 from .demo import register as register_demo
@@ -104,7 +105,9 @@ def _add_init(sub) -> None:
     p.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"], help="store as this dtype"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
+    p.add_argument(
+        "--seed", type=at_least(0), default=0, help="seed for --random, >= 0 (default 0)"
+    )
     p.add_argument(
         "--std", type=float, default=1.0, help="standard deviation for --random (default 1.0)"
     )
@@ -139,6 +142,9 @@ def _run_init(args) -> int:
         )
     except tf.TableExistsError as exc:
         raise _name_overwrite(exc) from None
+    except tf.TableFormatError as exc:  # its dtype= hints, as the command line says them
+        text = re.sub(r"dtype='(\w+)'", r"--dtype \1", str(exc)).replace("dtype=", "--dtype")
+        raise tf.TableFormatError(text) from None
     path = tf.table_paths(args.table)[0]  # NAME.npy when given NAME
     print(f"created {path}: {manifest.rows:,} x {manifest.dim} {manifest.dtype}")
     return 0

@@ -319,7 +319,7 @@ def not_a_table(path: str | os.PathLike[str]) -> TableFormatError | None:
     no table goes by that name; else None."""
     given = Path(path)
     if given.is_dir():
-        tables = sorted(p.name for p in given.glob("*.npy"))
+        tables = sorted(p.name for p in given.glob("*.npy") if table_paths(p)[1].exists())
         hint = f", such as {', '.join(tables[:3])}" if tables else ""
         return TableFormatError(f"{given} is a directory; expected a table file (NAME.npy){hint}")
     npy_path = table_paths(given)[0]
@@ -1000,8 +1000,9 @@ def _check_finite(block: np.ndarray, dtype: str, first_row: int) -> None:
     if dtype == "uint8":  # packed quantised rows: their own format
         return
     values = block
-    if dtype == "bfloat16":  # stored as raw bits
-        values = torch.from_numpy(block.view(np.int16)).view(torch.bfloat16).float().numpy()
+    if dtype == "bfloat16":  # stored as raw bits: the high half of a float32's (no copy made
+        # through torch, which warns about a read-only memory map)
+        values = (block.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     finite = np.isfinite(values)
     if finite.all():
         return

@@ -223,9 +223,9 @@ def _pick_dtype(src_kind: str, requested: object, what: str) -> str:
         raise TableFormatError(
             f"{what} has dtype uint16; pass dtype='bfloat16' if it holds raw bfloat16 bits"
         )
+    convert = " (pass dtype= to convert it)" if src_kind == "float64" else ""
     raise TableFormatError(
-        f"{what} has dtype {src_kind}; expected float32, float16 or bfloat16 "
-        "(pass dtype= to convert from float64)"
+        f"{what} has dtype {src_kind}; expected float32, float16 or bfloat16{convert}"
     )
 
 
