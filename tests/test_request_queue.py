@@ -94,6 +94,8 @@ def test_a_request_released_twice_or_to_another_queue_is_refused():
     queue.remove(request)
     with pytest.raises(QueuedRequestError, match="was already released"):
         queue.remove(request)
+    with pytest.raises(QueuedRequestError, match=r"got int 12345; expected the QueuedRequest"):
+        queue.remove(12345)  # was an AttributeError
 
 
 def lru_tier(capacity: int) -> RowCache:

@@ -77,6 +77,11 @@ class QueuedRequests:
         (``NOT_QUEUED`` where none does)."""
         from . import request_queue_kernels as kernels
 
+        if not isinstance(request, QueuedRequest):
+            raise QueuedRequestError(
+                f"release: got {type(request).__name__} {request!r}; expected the QueuedRequest "
+                "that announce() returned"
+            )
         with self._lock:
             if request.owner is not self or request.token not in self._requests:
                 where = "was already released" if request.owner is self else "is another store's"
