@@ -448,10 +448,13 @@ def print_table(results: list[ReplayResult]) -> None:
     print("-" * len(head))
     for r in results:
         label = f"{r.policy} (offline)" if r.offline else r.policy
+        # an offline bound counts per request: no batches, so no rows per batch and no stall
+        unique = f"{'-':>12}" if r.offline else f"{r.unique_rows_per_batch:>12,.0f}"
+        stall = f"{'-':>10}" if r.offline else f"{r.modelled_stall_seconds:>10.3f}"
         print(
             f"{label:<22}{r.tiers['hot']['hit_ratio']:>9.1%}{r.tiers['warm']['hit_ratio']:>10.1%}"
-            f"{r.miss_ratio:>8.1%}{r.fetch_ratio:>8.1%}{r.unique_rows_per_batch:>12,.0f}{r.bytes_moved['host_to_device'] / 2**20:>9,.0f} MiB"
-            f"{r.modelled_stall_seconds:>10.3f}{r.lookups_per_second / 1e6:>11.2f}"
+            f"{r.miss_ratio:>8.1%}{r.fetch_ratio:>8.1%}{unique}{r.bytes_moved['host_to_device'] / 2**20:>9,.0f} MiB"
+            f"{stall}{r.lookups_per_second / 1e6:>11.2f}"
         )
     for r in results:  # zipf-tuned tiers that learnt while replaying (repin.enabled)
         for tier, c in r.tiers.items():
@@ -464,6 +467,11 @@ def print_table(results: list[ReplayResult]) -> None:
         "hot hit: of all lookups; warm hit: of the lookups the hot tier missed; miss: lookups "
         "served by neither cache tier; fetch: rows read from cold per lookup (a row missed twice "
         "in one batch is read once; compare this with per-request figures)"
+        + (
+            "; an offline bound replays per request, so it has no rows per batch or stall (-)"
+            if any(r.offline for r in results)
+            else ""
+        )
     )
     if results and results[0].bounds:
         b = results[0].bounds
