@@ -79,6 +79,22 @@ class ColdTableContract:
                 assert got.dtype == table.dtype and got.shape == (k, dim)
                 assert np.array_equal(raw(got), raw(ref[ids]))
 
+    @pytest.mark.parametrize("verify_pages", [True, False])
+    @pytest.mark.parametrize(("dtype", "dim"), LAYOUTS[:2])
+    def test_ids_in_any_order_read_the_rows_asked_for(self, tables, dtype, dim, verify_pages):
+        # unsorted ids planned negative page counts: uring then read past its buffer (a
+        # segfault without page checks), pread and direct raised a numpy ValueError
+        path, ref = tables[(dtype, dim)]
+        ids = np.random.default_rng(5).integers(0, ROWS, 300)  # unsorted, with repeats
+        ids[:2] = [ROWS - 1, 0]
+        with ColdTable(path, io=self.io, threads=2, verify_pages=verify_pages) as table:
+            assert np.array_equal(raw(table.read_rows(ids)), raw(ref[ids]))
+            out = torch.empty((len(ids), dim), dtype=table.dtype)
+            assert table.read_rows(ids[::-1].copy(), out) is out
+            assert np.array_equal(raw(out), raw(ref[ids[::-1]]))
+            with pytest.raises(RowIdError, match=f"row id {ROWS} is out of range"):
+                table.read_rows(np.array([5, ROWS, 1]))
+
     @pytest.mark.parametrize(("dtype", "dim"), LAYOUTS)
     def test_table_ends_and_edges(self, tables, dtype, dim):
         path, ref = tables[(dtype, dim)]

@@ -62,6 +62,8 @@ def test_end_of_file_and_errors_per_request(data):
         bad = ring.read_batch(-1, np.array([0]), np.array([16]), np.array([buf.ctypes.data]))
         assert bad.tolist() == [-errno.EBADF]
         assert ring.read_batch(fd, np.array([], np.int64), np.array([]), np.array([])).size == 0
+        with pytest.raises(ValueError, match="a length of -4096"):  # as u32: 4 GB past buf
+            ring.read_batch(fd, np.array([0]), np.array([-4096]), np.array([buf.ctypes.data]))
 
 
 def test_close_is_idempotent_and_final(data):

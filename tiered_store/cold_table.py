@@ -217,9 +217,8 @@ class ColdTable:
         Parameters
         ----------
         ids
-            1-D integer array of row ids, **sorted ascending** (the caller guarantees this;
-            it is not checked, and unsorted ids give unspecified rows or a read error but never
-            touch memory or bytes outside the table). Repeated ids are allowed.
+            1-D integer array of row ids, in any order, repeats allowed. The table is read in
+            ascending order of id: ids already sorted (as a store passes them) skip a sort.
         out
             Optional CPU tensor ``[len(ids), dim]`` of the table dtype, C-contiguous (it may be
             pinned); the rows are written into it and it is returned.
@@ -248,7 +247,12 @@ class ColdTable:
         """
         if self._closed:
             raise TierIOError(errno.EBADF, f"ColdTable {self.path} is closed", str(self.path))
-        ids = self._check_ids(ids)
+        ids, order = self._check_ids(ids)
+        if order is not None:  # read in ascending order, then put each row where it was asked
+            rows = self.read_rows(ids)
+            result, _ = self._output(len(ids), out)
+            result[torch.from_numpy(order)] = rows
+            return result
         result, out_np = self._output(len(ids), out)
         if len(ids):
             self._check_file()
@@ -474,9 +478,9 @@ class ColdTable:
 
     # ---- argument handling -----------------------------------------------------------------
 
-    def _check_ids(self, ids: Any) -> np.ndarray:
-        """ids as 1-D int64, all in range (sortedness is the caller's contract: unsorted ids in
-        range give unspecified rows, never bytes outside the table)."""
+    def _check_ids(self, ids: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """ids as 1-D int64, all in range, sorted; and where each sorted id was in ``ids`` when
+        they were not sorted (else None)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
         ids = np.asarray(ids)
@@ -485,14 +489,18 @@ class ColdTable:
                 f"row ids have shape {ids.shape} and dtype {ids.dtype}; "
                 "expected a 1-D integer array"
             )
-        if len(ids):  # min and max, not the ends: the kernels index pages by every id
-            low, high = int(ids.min()), int(ids.max())  # before a cast that would wrap uint64
+        order = None
+        if len(ids) > 1 and bool((ids[1:] < ids[:-1]).any()):
+            order = np.argsort(ids, kind="stable")
+            ids = ids[order]
+        if len(ids):  # sorted: the ends are the min and max (before a cast that wraps uint64)
+            low, high = int(ids[0]), int(ids[-1])
             if low < 0 or high >= self.rows:
                 raise RowIdError(
                     f"row id {low if low < 0 else high} is out of range for table {self.path}; "
                     f"expected 0 <= id < {self.rows}"
                 )
-        return ids.astype(np.int64, copy=False)
+        return ids.astype(np.int64, copy=False), order
 
     def _output(self, n: int, out: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
         """The result tensor and a NumPy view of it with the table's element type."""

@@ -203,6 +203,11 @@ class IoUring:
         if self._fd < 0:
             raise OSError(errno.EBADF, "io_uring is closed")
         n = len(offsets)
+        if n and (int(np.min(lengths)) < 0 or int(np.min(offsets)) < 0):  # as u32/u64: huge
+            raise ValueError(
+                f"io_uring read: a length of {int(np.min(lengths))} or an offset of "
+                f"{int(np.min(offsets))}; expected both >= 0"
+            )
         sqes = np.zeros(n, dtype=SQE_DTYPE)
         sqes["opcode"] = _IORING_OP_READ
         sqes["fd"] = fd
