@@ -14,6 +14,14 @@ def test_a_sub_percent_share_is_its_rows_not_zero():
     assert rows == 10_344
 
 
+@pytest.mark.parametrize("spec", ["32B", "0.06KB", "0.05%"])
+def test_a_capacity_under_one_row_is_refused_not_a_tier_turned_off(spec):
+    with pytest.raises(ConfigError, match=rf"tiers.warm.capacity: '{spec}' is less than one row"):
+        resolve_capacity(spec, table_rows=1000, row_bytes=64, key="tiers.warm.capacity")
+    for off in (0, "0%", "0B"):  # asked for: off
+        assert resolve_capacity(off, table_rows=1000, row_bytes=64, key="k") == 0
+
+
 @pytest.mark.parametrize(
     ("spec", "table_rows", "rows"),
     [

@@ -85,6 +85,11 @@ def test_example_config_is_valid():
         ({"model": [1]}, "model: got list"),
         ({"checkpoint": {"dtype": "int8"}}, "checkpoint.dtype"),
         ({"server": {"request_timeout_s": True}}, "server.request_timeout_s: expected a number, got True"),
+        # values a thread's wait, torch's thread pool or its seed cannot take: they failed later
+        ({"checkpoint": {"scrub_interval_s": float("inf")}}, "checkpoint.scrub_interval_s: Input should be less than or equal to"),
+        ({"server": {"keep_alive_s": 1e300}}, "server.keep_alive_s: Input should be less than or equal to"),
+        ({"server": {"torch_threads": 2**31}}, "server.torch_threads: Input should be less than or equal to 4096"),
+        ({"checkpoint": {"seed": 2**70}}, "checkpoint.seed: Input should be less than or equal to 18446744073709551615"),
         ({"store": {"cost_model": {"compute_seconds_per_batch": True}}}, "cost_model.compute_seconds_per_batch: expected a number, got True"),
     ],
 )  # fmt: skip

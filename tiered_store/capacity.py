@@ -54,14 +54,21 @@ def resolve_capacity(spec: int | str, *, table_rows: int, row_bytes: int, key: s
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from None
     if isinstance(spec, int):
-        rows = spec
+        rows = asked = spec
     elif m := _PERCENT_RE.match(spec):
-        pct = Fraction(m.group(1))  # exact, as written: 32.3% of 1,000 rows is 323
+        pct = asked = Fraction(m.group(1))  # exact, as written: 32.3% of 1,000 rows is 323
         if pct > 100:
             raise ConfigError(f"{key}: {spec!r} is more than 100% of the table; expected 0%..100%")
         rows = int(table_rows * pct / 100)
     else:
-        rows = parse_bytes(spec) // row_bytes
+        asked = parse_bytes(spec)
+        rows = asked // row_bytes
+    if asked and not rows:  # a tier of 0 rows is off: only when asked for
+        raise ConfigError(
+            f"{key}: {spec!r} is less than one row of this table ({row_bytes:,} bytes, "
+            f"{100 / table_rows:.3g}% of {table_rows:,} rows); expected at least one row, or 0 "
+            "to turn the tier off"
+        )
     if rows > table_rows:
         raise ConfigError(
             f"{key}: {spec!r} is {rows:,} rows, more than the table's {table_rows:,} rows; "

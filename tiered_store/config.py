@@ -619,7 +619,9 @@ class ShardingConfig(ConfigModel):
     by: Literal["heads", "rows"] = DEFAULTS["sharding.by"]
     shards: checked_by(_check_shards_template, str | None) = None
     backend: Literal["auto", "gloo", "nccl"] = DEFAULTS["sharding.backend"]
-    timeout_s: Number = Field(default=DEFAULTS["sharding.timeout_s"], gt=0)
+    timeout_s: Number = Field(
+        default=DEFAULTS["sharding.timeout_s"], gt=0, le=threading.TIMEOUT_MAX
+    )
 
 
 class StoreConfig(ConfigModel):

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from threading import TIMEOUT_MAX  # the longest wait a thread takes (seconds)
 from typing import Any, Literal
 
 from pydantic import Field, StrictBool, StrictInt
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 # Every default, with its unit.
+MAX_TORCH_THREADS = 4096  # server.torch_threads: more is a typo, not a machine
 SERVE_DEFAULTS: dict[str, Any] = {
     "server.address": "127.0.0.1:8080",  # host:port of the inference endpoint (port 0: any free)
     "server.max_batch": 64,  # sequences per request
@@ -79,11 +81,19 @@ class ServerSection(ConfigModel):
     max_concurrent: StrictInt = Field(default=SERVE_DEFAULTS["server.max_concurrent"], ge=1)
     max_connections: StrictInt = Field(default=SERVE_DEFAULTS["server.max_connections"], ge=1)
     backlog: StrictInt = Field(default=SERVE_DEFAULTS["server.backlog"], ge=1)
-    keep_alive_s: Number = Field(default=SERVE_DEFAULTS["server.keep_alive_s"], gt=0)
-    request_timeout_s: Number = Field(default=SERVE_DEFAULTS["server.request_timeout_s"], gt=0)
+    keep_alive_s: Number = Field(
+        default=SERVE_DEFAULTS["server.keep_alive_s"], gt=0, le=TIMEOUT_MAX
+    )
+    request_timeout_s: Number = Field(
+        default=SERVE_DEFAULTS["server.request_timeout_s"], gt=0, le=TIMEOUT_MAX
+    )
     announce_requests: StrictBool = SERVE_DEFAULTS["server.announce_requests"]
-    health_hold_s: Number = Field(default=SERVE_DEFAULTS["server.health_hold_s"], ge=0)
-    torch_threads: StrictInt = Field(default=SERVE_DEFAULTS["server.torch_threads"], ge=0)
+    health_hold_s: Number = Field(
+        default=SERVE_DEFAULTS["server.health_hold_s"], ge=0, le=TIMEOUT_MAX
+    )
+    torch_threads: StrictInt = Field(
+        default=SERVE_DEFAULTS["server.torch_threads"], ge=0, le=MAX_TORCH_THREADS
+    )
 
 
 class CheckpointSection(ConfigModel):
@@ -91,10 +101,12 @@ class CheckpointSection(ConfigModel):
 
     path: str = SERVE_DEFAULTS["checkpoint.path"]
     create: StrictBool = SERVE_DEFAULTS["checkpoint.create"]
-    seed: StrictInt = Field(default=SERVE_DEFAULTS["checkpoint.seed"], ge=0)
+    seed: StrictInt = Field(default=SERVE_DEFAULTS["checkpoint.seed"], ge=0, le=2**64 - 1)
     dtype: Literal["float32", "float16", "bfloat16"] = SERVE_DEFAULTS["checkpoint.dtype"]
     verify_on_start: StrictBool = SERVE_DEFAULTS["checkpoint.verify_on_start"]
-    scrub_interval_s: Number = Field(default=SERVE_DEFAULTS["checkpoint.scrub_interval_s"], ge=0)
+    scrub_interval_s: Number = Field(
+        default=SERVE_DEFAULTS["checkpoint.scrub_interval_s"], ge=0, le=TIMEOUT_MAX
+    )
 
 
 class _Sections(ConfigModel):
