@@ -210,6 +210,13 @@ def test_bad_token_ids_fail_before_any_lookup(converted, hasher, batches):
         batch = tiered.prefetch(batches[0])
         with pytest.raises(ConfigError, match="made for other input_ids"):
             tiered(batches[1], prefetched=batch)
+        buffer = batches[0].clone()  # one buffer, refilled in place after its prefetch
+        batch = tiered.prefetch(buffer)
+        buffer.copy_(batches[1])
+        with pytest.raises(ConfigError, match="made for other input_ids"):
+            tiered(buffer, prefetched=batch)  # it passed, with the rows of the old ids
+        buffer.copy_(batches[0])  # refilled back: the ids it hashed
+        torch.testing.assert_close(tiered(buffer, prefetched=batch), tiered(batches[0]))
     finally:
         tiered.close()
 

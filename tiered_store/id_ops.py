@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["nonzero", "unique_inverse_counts"]
+__all__ = ["ids_on_gpu", "nonzero", "snapshot_of", "unique_inverse_counts"]
 
 # below this many ids torch's CPU unique is the faster in use: replaying a real trace (the Vim
 # help's, one LRU tier at 5%, four runs each way) took 5.4-5.7 s with torch's at 1,024 ids a
@@ -65,3 +65,23 @@ def unique_inverse_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     inverse = torch.empty(n, dtype=torch.int64).index_copy_(0, torch.from_numpy(order), group)
     counts = np.diff(starts, append=n)
     return torch.from_numpy(sorted_ids[starts]), inverse, torch.from_numpy(counts)
+
+
+def ids_on_gpu(ids: object) -> bool:
+    """Whether ``ids`` is a CUDA tensor (comparing it with ids kept earlier would wait for it)."""
+    return isinstance(ids, torch.Tensor) and ids.is_cuda
+
+
+def snapshot_of(ids: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """``ids`` (checked or converted from the caller's ``given``), copied if they share memory
+    with it: a caller may refill its buffer before the ids are used.
+
+    >>> buffer = torch.arange(3)
+    >>> snapshot_of(buffer.view(-1), buffer) is not buffer, snapshot_of(buffer + 1, buffer).tolist()
+    (True, [1, 2, 3])
+    """
+    if ids.device == given.device and (
+        ids.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
+    ):
+        return ids.clone()
+    return ids

@@ -36,7 +36,7 @@ from .errors import (
     TierIOError,
     warn_at_caller,
 )
-from .id_ops import nonzero
+from .id_ops import ids_on_gpu, nonzero, snapshot_of
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
@@ -1047,20 +1047,6 @@ class TieredStore:
             raise ConfigError(
                 f"table.dtype: config says {want.dtype!r}, but {self.cold.path} holds {have_dtype!r}"
             )
-
-
-def ids_on_gpu(ids: Any) -> bool:
-    """Whether ``ids`` is a CUDA tensor (comparing it with a handle's ids would wait for it)."""
-    return isinstance(ids, torch.Tensor) and ids.is_cuda
-
-
-def snapshot_of(flat: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-    """``flat``, copied if it shares memory with the caller's ``tensor``."""
-    if flat.device == tensor.device and (
-        flat.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
-    ):
-        return flat.clone()
-    return flat
 
 
 UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)  # torch lacks min/max for these on CPU

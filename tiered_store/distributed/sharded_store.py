@@ -57,12 +57,12 @@ from ..errors import (
     TierIOError,
     error_text,
 )
-from ..id_ops import unique_inverse_counts
+from ..id_ops import ids_on_gpu, snapshot_of, unique_inverse_counts
 from ..latency import LatencyHistogram
 from ..page_checksums import ChecksumError
 from ..prefetch import OTHER_STORE, PrefetchHandle, PrefetchHandleError
 from ..quantization import dequantize_rows
-from ..store import TieredStore, as_id_tensor, as_rows, ids_on_gpu, snapshot_of
+from ..store import TieredStore, as_id_tensor, as_rows
 from .collective_thread import CollectiveThread
 from .liveness import Heartbeat
 from .shard_files import ShardInfo, read_shard, shard_path

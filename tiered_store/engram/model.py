@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..id_ops import ids_on_gpu, snapshot_of
 from ..quantization import RowQuantization, quantize_rows
 from .backend import PackedInMemoryTable, TableBackend
 from .config import ModelConfig, TransformerConfig
@@ -88,6 +89,7 @@ class EngramBatch:
     handles: dict[int, object | None]
     token_mask: torch.Tensor  # [B, T] bool: False marks dead tokens (all True for plain text)
     position: int = 0  # absolute position of the first token (its HashState's position)
+    given: Any = field(default=None, repr=False)  # the ids as the caller gave them to hash()
 
     @property
     def tokens(self) -> int:
@@ -383,10 +385,14 @@ class EngramLM(nn.Module):
         ``hasher.new_state(B)``) continues sequences hashed before (chunked prefill, decode) and
         is advanced past these ids."""
         ids = self._check_input(input_ids)
+        if isinstance(input_ids, torch.Tensor):  # the batch's own: the caller may refill its ids
+            ids = snapshot_of(ids, input_ids)
         mask = _token_mask(token_mask, ids)
         position = state.position if state is not None else 0
         rows = self.hasher.row_ids(ids, token_mask=mask, state=state)
-        return EngramBatch(ids, rows, dict.fromkeys(self.engram_layers), mask, position)
+        batch = EngramBatch(ids, rows, dict.fromkeys(self.engram_layers), mask, position)
+        batch.given = input_ids
+        return batch
 
     def prefetch(
         self, input_ids: Any, token_mask: Any = None, state: HashState | None = None
@@ -439,7 +445,9 @@ class EngramLM(nn.Module):
         """
         if prefetched is None:
             prefetched = self.prefetch(input_ids)
-        elif input_ids is not prefetched.input_ids:
+        elif not (input_ids is prefetched.given and ids_on_gpu(input_ids)):
+            # ids on the GPU, the same object: trusted (comparing would wait for the GPU); on
+            # the CPU a buffer refilled since prefetch() must not pass for the ids it hashed
             ids = self._check_input(input_ids)
             if ids.shape != prefetched.input_ids.shape or not torch.equal(
                 ids.cpu(), prefetched.input_ids.cpu()
