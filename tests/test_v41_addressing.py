@@ -138,9 +138,30 @@ def test_mismatched_checkpoint_facts_are_refused_naming_both(golden):
     with pytest.raises(ConfigError, match="text_config has no engram_layer_ids"):
         load_engram_config({"text_config": {"hidden_size": 16}})
     with pytest.raises(
-        ConfigError, match="engram.num_embeddings: expected one row count per layer"
+        ConfigError, match="text_config.engram_num_embeddings: expected one row count per layer"
     ):
         load_engram_config(hf_config(meta, engram_num_embeddings=[1998]))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("engram_head_dim", 0, "an integer >= 1, got 0"),
+        ("engram_pad_token_id", -1, "an integer >= 0, got -1"),
+        ("engram_n_heads", 0, "an integer >= 1, got 0"),
+        ("engram_max_ngram_size", 1, "an integer >= 2, got 1"),
+        ("num_hidden_layers", 0, "an integer >= 1, got 0"),
+    ],
+)
+def test_a_bad_config_json_value_is_named_by_the_files_own_key(
+    golden, tmp_path, key, value, expected
+):
+    # it was named by this library's field (engram.n_embed_per_ngram, engram.pad_id, ...)
+    meta, _ = golden
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf_config(meta, **{key: value})))
+    with pytest.raises(ConfigError, match=rf"config.json: text_config.{key}: expected {expected}"):
+        load_engram_config(path)
 
 
 def test_bad_mask_and_state_are_refused(golden, hasher):

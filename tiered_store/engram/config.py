@@ -20,6 +20,7 @@ the project. Example ``engram.yaml``::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -65,6 +66,12 @@ HF_ENGRAM_KEYS = {
     "engram_head_dim": "n_embed_per_ngram",  # x n_heads
     "engram_pad_token_id": "pad_id",
     "engram_compressed_vocab_size": "compressed_vocab_size",
+}
+HF_BACKBONE_KEYS = {
+    "hidden_size": "hidden_size",
+    "hc_mult": "hc_mult",
+    "vocab_size": "vocab_size",
+    "num_hidden_layers": "num_layers",
 }
 BACKBONE_DEFAULTS: dict[str, Any] = {
     "hidden_size": 1024,  # model width per hyper-connection branch
@@ -174,8 +181,9 @@ class EngramConfig(ConfigModel):
         """A scalar ``engram_vocab_size`` stands for the same size at every order."""
         if isinstance(data, Mapping) and isinstance(data.get("engram_vocab_size"), int):
             n = data.get("max_ngram_size", ENGRAM_DEFAULTS["max_ngram_size"])
-            if isinstance(n, int) and not isinstance(n, bool) and n >= 2:
-                data = {**data, "engram_vocab_size": (data["engram_vocab_size"],) * (n - 1)}
+            valid = isinstance(n, int) and not isinstance(n, bool) and n >= 2
+            orders = n - 1 if valid else 1  # else max_ngram_size's own error is the one to read
+            data = {**data, "engram_vocab_size": (data["engram_vocab_size"],) * orders}
         return data
 
     @model_validator(mode="after")
@@ -390,7 +398,12 @@ def load_engram_config(
         data = hf_engram_sections(
             data, source=str(source) if not isinstance(source, Mapping) else ""
         )
-        ignore_unknown = False
+        try:
+            sections = EngramBackboneConfig.from_dict(data)
+        except ConfigError as exc:
+            where = f"{source}: " if isinstance(source, str | Path) else ""
+            raise ConfigError(f"{where}{_in_hf_names(exc)}") from None
+        return sections.engram, sections.backbone
     elif "engram" not in data and "backbone" not in data:
         if not ignore_unknown and {"tiers", "table"} & set(data):  # a store config, not a model's
             where = f"{source}: " if isinstance(source, str | Path) else ""
@@ -430,19 +443,23 @@ def hf_engram_sections(config: Mapping[str, Any], *, source: str = "") -> dict[s
         )
     engram = {field: text[key] for key, field in HF_ENGRAM_KEYS.items()}
     heads, head_dim = text["engram_n_heads"], text["engram_head_dim"]
-    if isinstance(heads, int) and isinstance(head_dim, int):
-        engram["n_embed_per_ngram"] = heads * head_dim
+    if isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim < 1:
+        raise ConfigError(
+            f"{where}text_config.engram_head_dim: expected an integer >= 1, got {head_dim}"
+        )
+    if isinstance(heads, int) and isinstance(head_dim, int):  # (bad heads: their own error)
+        engram["n_embed_per_ngram"] = heads * head_dim if heads >= 1 else head_dim
     engram["geometry"] = "deepseek-v4.1"
     if "rms_norm_eps" in text:
         engram["norm_eps"] = text["rms_norm_eps"]
-    backbone = {
-        field: text[key]
-        for key, field in (
-            ("hidden_size", "hidden_size"),
-            ("hc_mult", "hc_mult"),
-            ("vocab_size", "vocab_size"),
-            ("num_hidden_layers", "num_layers"),
-        )
-        if key in text
-    }
+    backbone = {field: text[key] for key, field in HF_BACKBONE_KEYS.items() if key in text}
     return {"engram": engram, "backbone": backbone}
+
+
+def _in_hf_names(exc: ConfigError) -> ConfigError:
+    """``exc`` about sections ``hf_engram_sections`` made, naming the config.json's own keys."""
+    names = {f"engram.{field}": key for key, field in HF_ENGRAM_KEYS.items()}
+    names |= {f"backbone.{field}": key for key, field in HF_BACKBONE_KEYS.items()}
+    names["engram.norm_eps"] = "rms_norm_eps"
+    pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, names)) + r")(?![\w])")
+    return ConfigError(pattern.sub(lambda m: f"text_config.{names[m[1]]}", str(exc)))
