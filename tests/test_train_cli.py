@@ -183,6 +183,16 @@ def test_learning_rates_given_in_python_are_checked_before_any_work(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_a_model_of_fp8_tables_is_refused_before_any_work(tmp_path, capsys):
+    common, small, out = _cli_args(tmp_path)
+    v41 = {**TINY, "engram": {**TINY["engram"], "geometry": "deepseek-v4.1"}}
+    v41["engram"].update(engram_vocab_size=211, n_head_per_ngram=8, n_embed_per_ngram=256)
+    (tmp_path / "model.json").write_text(json.dumps(v41))
+    assert main([*common, *small, "--steps", "1"]) == 2  # was an AttributeError traceback
+    assert "engram.geometry 'deepseek-v4.1' has packed fp8 tables" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_resume_says_which_options_it_ignores(tmp_path, capsys):
     """A resumed run keeps its saved settings: options asked for that differ are named, not
     silently dropped; --resume with nothing to resume says it starts afresh."""

@@ -84,7 +84,13 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
     settings are refused before ``out`` is touched, so a corrected command can start afresh."""
     settings = _settings(out, settings, resume)
     torch.manual_seed(settings.seed)
-    model = EngramLM(ModelConfig.from_dict(settings.model))
+    config = ModelConfig.from_dict(settings.model)
+    if config.engram.is_v41:
+        raise ConfigError(
+            "--model: engram.geometry 'deepseek-v4.1' has packed fp8 tables, which training "
+            "cannot update; expected a model of float tables (geometry 'demo')"
+        )
+    model = EngramLM(config)
     optimizer = make_row_optimizer(settings.optimizer, lr=settings.table_lr)
     layers = list(model.engram_layers)
     sizes = [model.tables[layer].rows for layer in layers]
