@@ -6,8 +6,9 @@ and ``create_table`` writes ``TABLE.gN.npy`` with its manifest and page checksum
 names, fsync, rename; manifest last). Then the pointer switches to generation N in one atomic
 rename: the delta is retired with its version (the new version has none). A crash anywhere
 leaves the old version + its delta, or the new version, both complete; the next compaction
-removes what the crashed one left (an unpublished version, hidden temporaries). Stores that have the old
-version open keep reading it undisturbed; ``remove_unused_versions`` deletes it once none has.
+removes what the crashed one left (an unpublished version, hidden temporaries). Stores that have
+the old version open keep reading it undisturbed; ``remove_unused_versions`` deletes it once none
+has.
 """
 
 from __future__ import annotations

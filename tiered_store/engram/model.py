@@ -390,9 +390,8 @@ class EngramLM(nn.Module):
         mask = _token_mask(token_mask, ids)
         position = state.position if state is not None else 0
         rows = self.hasher.row_ids(ids, token_mask=mask, state=state)
-        batch = EngramBatch(ids, rows, dict.fromkeys(self.engram_layers), mask, position)
-        batch.given = input_ids
-        return batch
+        layers = dict.fromkeys(self.engram_layers)
+        return EngramBatch(ids, rows, layers, mask, position, given=input_ids)
 
     def prefetch(
         self, input_ids: Any, token_mask: Any = None, state: HashState | None = None
