@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.forkserver import run_script
 from tiered_store.io_uring import uring_unavailable_reason
 from tiered_store.serve.client import subprocess_env
 
@@ -19,10 +20,10 @@ CORPUS = Path(email.__file__).parent  # the standard library's email package: ab
 def run_bench(
     script: str, *args: str, env: dict[str, str] | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
-    """``python bench/SCRIPT ARGS`` from the repository root, ``env`` over this process's."""
+    """``python bench/SCRIPT ARGS`` from the repository root, ``env`` over this process's (in a
+    process of the tests' forkserver, which has imported the library: see ``tests.forkserver``)."""
     env = subprocess_env(env)
-    cmd = [sys.executable, f"bench/{script}", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_script(ROOT / "bench" / script, list(args), env=env, cwd=ROOT, timeout=timeout)
 
 
 def analyze(

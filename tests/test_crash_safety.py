@@ -3,7 +3,6 @@ and the next run resumes from it; readers only ever see committed versions."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import threading
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests import crash_writer
+from tests import crash_writer, forkserver
 from tests.conftest import make_table
 from tiered_store import TieredStore
 from tiered_store.delta.compaction import compact_table
@@ -22,9 +21,7 @@ from tiered_store.delta.row_delta import RowDelta, delta_path
 
 def _context():
     """A forkserver that has imported the store once: each writer starts in milliseconds."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["tests.crash_writer", "tiered_store.store", "tests.crash_warmup"])
-    return ctx
+    return forkserver.context()
 
 
 def _check_reopened(config, base, log_dir) -> tuple[int, int]:
