@@ -6,10 +6,9 @@ import email
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.forkserver import run_script
+from tests.forkserver import run_python
 from tiered_store.io_uring import uring_unavailable_reason
 from tiered_store.serve.client import subprocess_env
 
@@ -23,7 +22,7 @@ def run_bench(
     """``python bench/SCRIPT ARGS`` from the repository root, ``env`` over this process's (in a
     process of the tests' forkserver, which has imported the library: see ``tests.forkserver``)."""
     env = subprocess_env(env)
-    return run_script(ROOT / "bench" / script, list(args), env=env, cwd=ROOT, timeout=timeout)
+    return run_python([ROOT / "bench" / script, *args], env=env, cwd=ROOT, timeout=timeout)
 
 
 def analyze(
@@ -35,13 +34,13 @@ def analyze(
     corpus: Path = CORPUS,
 ) -> Path:
     """``tiered-store analyze`` of ``corpus`` without curves into ``out``, which it returns."""
-    cmd = [sys.executable, "-m", "tiered_store.cli", "analyze", str(corpus)]
+    cmd = ["-m", "tiered_store.cli", "analyze", str(corpus)]
     if holdout is not None:
         cmd += ["--holdout", str(holdout)]
     if shuffle:
         cmd += ["--shuffle"]
     cmd += ["--max-tokens", str(max_tokens), "--no-curves", "--quiet", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_python(cmd, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 

@@ -2,9 +2,9 @@
 tests' writer) once, so each process it forks starts in milliseconds rather than the second and
 more a fresh interpreter takes to import torch and the store.
 
-``run_script`` runs a script as ``python SCRIPT ARGS`` would, in such a process: its own working
-directory, environment, ``sys.argv``, ``sys.path[0]`` (the script's folder) and standard streams,
-the script executed afresh as ``__main__``, its exit status that of ``sys.exit`` (1 and the
+``run_python`` runs ``python SCRIPT ARGS`` (or ``python -m MODULE ARGS``) in such a process: its
+own working directory, environment, ``sys.argv``, ``sys.path[0]`` and standard streams, the
+script or module executed afresh as ``__main__``, its exit status that of ``sys.exit`` (1 and the
 traceback on stderr for an uncaught exception, as Python gives).
 """
 
@@ -36,9 +36,9 @@ def context() -> multiprocessing.context.ForkServerContext:
     return ctx
 
 
-def _as_python_runs(script: str, args: list[str], env: dict, cwd: str, out: str, err: str) -> None:
-    """In the forked process: become ``python SCRIPT ARGS`` run in ``cwd`` with ``env``, its
-    output into the files ``out`` and ``err``."""
+def _as_python_runs(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
+    """In the forked process: become ``python ARGV`` (a script and its arguments, or ``-m
+    MODULE`` and its) run in ``cwd`` with ``env``, its output into the files ``out`` and ``err``."""
     for fd, path in ((1, out), (2, err)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(target, fd)
@@ -49,27 +49,34 @@ def _as_python_runs(script: str, args: list[str], env: dict, cwd: str, out: str,
     os.environ.clear()
     os.environ.update(env)
     tempfile.tempdir = None  # read TMPDIR again
-    sys.argv = [script, *args]
-    sys.path.insert(0, str(Path(script).parent))
-    runpy.run_path(script, run_name="__main__")  # SystemExit's code is the process's status
+    if argv[0] == "-m":  # as python -m: the working directory first on the path
+        sys.argv = [argv[1], *argv[2:]]
+        sys.path.insert(0, cwd)
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        sys.path.insert(0, str(Path(argv[0]).parent))
+        runpy.run_path(argv[0], run_name="__main__")  # SystemExit's code is the exit status
 
 
-def run_script(
-    script: str | os.PathLike[str],
-    args: list[str],
+def run_python(
+    argv: list[str | os.PathLike[str]],
     *,
-    env: dict[str, str],
-    cwd: str | os.PathLike[str],
-    timeout: float,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike[str] = ".",
+    timeout: float = 300,
 ) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGS`` in a forked process; what ``subprocess.run(..., text=True,
-    capture_output=True)`` returns, and ``TimeoutExpired`` (the process killed) after ``timeout``
-    seconds."""
-    cmd = [sys.executable, str(script), *args]
-    with tempfile.TemporaryDirectory(prefix="script-output-") as d:
+    """``python ARGV`` (``[SCRIPT, ARG...]`` or ``["-m", MODULE, ARG...]``) in a forked process,
+    ``env`` (default: this process's) its whole environment; what ``subprocess.run(...,
+    text=True, capture_output=True)`` returns, and ``TimeoutExpired`` (the process killed) after
+    ``timeout`` seconds."""
+    argv = [str(a) for a in argv]
+    env = dict(os.environ if env is None else env)
+    cmd = [sys.executable, *argv]
+    with tempfile.TemporaryDirectory(prefix="python-output-") as d:
         out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
         process = context().Process(
-            target=_as_python_runs, args=(str(script), list(args), dict(env), str(cwd), out, err)
+            target=_as_python_runs, args=(argv, env, os.path.abspath(cwd), out, err)
         )
         process.start()
         process.join(timeout)

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.forkserver import run_python
+
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {
     "lookup-all-hit",
@@ -98,12 +100,7 @@ def test_every_bench_script_checks_its_out_before_the_work(tmp_path):
         source = script.read_text()
         assert re.search(r'"--out",\s*type=output_file', source), script.name
         assert ".write_text(" not in source or script.name == "bench_serve.py", script.name
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_mrc.py"), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_python([ROOT / "bench" / "bench_mrc.py", "--out", tmp_path], timeout=60)
     assert done.returncode == 2
     assert f"argument --out: '{tmp_path}' is a directory; expected a file to write" in done.stderr
 
@@ -114,12 +111,7 @@ def test_a_bench_script_names_what_the_library_refused_without_a_traceback(tmp_p
     for script in sorted((ROOT / "bench").glob("bench_*.py")):
         assert "sys.exit(run_script(main))" in script.read_text(), script.name
     missing = tmp_path / "no-analysis"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_online_profile.py"), str(missing)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_python([ROOT / "bench" / "bench_online_profile.py", missing], timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"bench_online_profile.py: error: profile {missing}/layer1")
     assert "Traceback" not in done.stderr

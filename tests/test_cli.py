@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 
+from tests.forkserver import run_python
 from tiered_store.cli import build_parser, main
 
 
 def test_every_command_has_help():
-    out = subprocess.run(
-        [sys.executable, "-m", "tiered_store.cli", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = run_python(["-m", "tiered_store.cli", "--help"])
+    assert out.returncode == 0, out.stderr
     commands = ["init", "info", "verify", "demo"]
     for command in commands:
         assert command in out.stdout
-        sub = subprocess.run(
-            [sys.executable, "-m", "tiered_store.cli", command, "--help"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        sub = run_python(["-m", "tiered_store.cli", command, "--help"])
+        assert sub.returncode == 0, sub.stderr
         assert "usage: tiered-store " + command in sub.stdout
 
 
