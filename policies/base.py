@@ -128,3 +128,8 @@ class AdmissionPolicy:
         """Bool mask over ``candidates``: True admits. ``victims`` are the rows they would displace
         (same order, -1 for a free slot)."""
         return torch.ones(candidates.shape[0], dtype=torch.bool, device=candidates.device)
+
+    def best_first(self, candidates: torch.Tensor) -> torch.Tensor | None:
+        """An order of ``candidates``, the likeliest to be admitted first (a tier pairs them so
+        with its victims in eviction order); None: any order."""
+        return None

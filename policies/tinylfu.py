@@ -193,6 +193,11 @@ class TinyLFU(AdmissionPolicy):
         ids = ids.to(self.device)
         return torch.gather(self.sketch, 1, self._buckets(ids)).amin(dim=0).int()
 
+    def best_first(self, candidates: torch.Tensor) -> torch.Tensor:
+        """The most frequent first (ties in the order given)."""
+        freq = self.frequency(candidates.to(self.device))
+        return torch.sort(freq, descending=True, stable=True).indices.to(candidates.device)
+
     def admit(self, candidates: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
         victims = victims.to(self.device)
         n = candidates.numel()

@@ -496,3 +496,51 @@ def test_a_released_request_leaves_no_candidates_behind():
     cache.unqueued(requests[-1], *cache.queue.remove(requests[-1]))  # its 7 rows held go
     assert requests[-1].token not in run.buckets.keys() | run.pending.keys()
     assert requests[-2].token in run.buckets.keys() | run.pending.keys()
+
+
+def test_tinylfu_admission_keeps_the_queues_order_and_its_own_rule(tmp_path):
+    """A batch's candidates, most frequent first, face the victims in eviction order, and
+    admission stops at the first refused: it paired them by position, so a refused weak
+    candidate kept an unqueued row while a strong one evicted a row a request needs."""
+    path, data = make_table(tmp_path, rows=100, dim=4)
+    config = store_config(path, hot={"capacity": 2, "policy": "lru+tinylfu"}, warm={"capacity": 0})
+    with TieredStore(config) as store:
+        for ids in ([10], [11], *[[10]] * 4):  # 10 looked up five times, 11 once
+            store.lookup(ids)
+        request = store.announce([11])
+        ids = torch.tensor([20, 30, 30, 30])  # 30 beats 11 but not 10, which goes first
+        assert torch.equal(store.lookup(ids), data[ids])
+        assert held(store.hot) == [10, 11]
+        for _ in range(3):
+            store.lookup([30, 30])  # now 30 (7) beats 10 (5): 10 goes, the queued 11 stays
+        assert held(store.hot) == [11, 30]
+        store.release(request)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), capacity=st.integers(2, 12))
+def test_tinylfu_never_evicts_a_queued_row_before_an_unqueued_one(seed, capacity):
+    rng = np.random.default_rng(seed)
+    cache = RowCache("hot", num_rows=60, capacity=capacity, spec=PolicySpec.parse("lru+tinylfu"))
+    cache.attach_queue(QueuedRequests())
+    requests = []
+    for _ in range(60):
+        if rng.random() < 0.3:
+            requests.append(cache.queue.add(torch.from_numpy(rng.integers(0, 60, 4))))
+            cache.queued(requests[-1])
+        elif requests and rng.random() < 0.2:
+            gone = requests.pop(int(rng.integers(len(requests))))
+            cache.unqueued(gone, *cache.queue.remove(gone))
+        ids = torch.from_numpy(np.unique(rng.zipf(1.3, 8) % 60))
+        cache.begin_batch()
+        cache.admission.on_access(ids)
+        before = set(held(cache))
+        queued = {
+            r for r in before if int(cache.queue.next_use(torch.tensor([r]))[0]) != NOT_QUEUED
+        }
+        cache.admit(ids, torch.ones(len(ids), dtype=torch.int64))
+        after = set(held(cache))
+        evicted, kept = before - after, before & after
+        if evicted & queued:
+            assert not (kept - queued), (sorted(evicted), sorted(kept), sorted(queued))
+        check_cache_invariants(cache)

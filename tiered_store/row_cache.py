@@ -284,6 +284,9 @@ class RowCache:
             order = torch.sort(cand_counts, descending=True, stable=True).indices[:room]
             self.counters.rejections += cand.numel() - room
             cand = torch.index_select(cand, 0, order)
+        best_first = self.admission.best_first(torch.index_select(ids, 0, cand))
+        if best_first is not None:  # paired so with the victims, in eviction order
+            cand = torch.index_select(cand, 0, best_first)
         n = cand.numel()
         take_free = min(n, self._n_free)
         victims = self._choose_victims(
@@ -298,14 +301,19 @@ class RowCache:
         new_ids = torch.index_select(ids, 0, cand)
         victim_rows = torch.index_select(self.row_of_slot, 0, slots)  # -1 for the free ones
         ok = self.admission.admit(new_ids, victim_rows)
-        if not bool(ok.all()):  # refused candidates: their victims stay, their free slots return
+        if not bool(ok.all()):  # refused candidates: their free slots return; victims go in
+            # eviction order, each while the next candidate beats it (a row an announced request
+            # needs never goes before one no request needs, nor a row that beat its candidate)
+            victim_slots = slots[take_free:]
+            admitted_over_victims = int(ok[take_free:].to(torch.int64).cumprod(0).sum())
+            ok[take_free + admitted_over_victims :] = False
             self.counters.rejections += int((~ok).sum())
             self._push_free(free_slots[~ok[:take_free]])
-            self._reinstate(slots[take_free:][~ok[take_free:]])
-            keep = torch.nonzero(ok).squeeze(1)
-            cand, slots, new_ids, victim_rows = (
-                torch.index_select(t, 0, keep) for t in (cand, slots, new_ids, victim_rows)
-            )
+            self._reinstate(victim_slots[admitted_over_victims:])
+            keep = nonzero(ok)
+            cand, new_ids = (torch.index_select(t, 0, keep) for t in (cand, new_ids))
+            slots = torch.cat([free_slots[ok[:take_free]], victim_slots[:admitted_over_victims]])
+            victim_rows = torch.index_select(self.row_of_slot, 0, slots)
         if self.before_evict is not None:
             self.before_evict(torch.cat([slots[victim_rows >= 0], extra]))
         evicted = torch.cat([victim_rows, torch.index_select(self.row_of_slot, 0, extra)])
