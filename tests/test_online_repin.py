@@ -111,6 +111,25 @@ def test_zipf_tuned_without_a_profile_serves_and_pins_the_heavy_rows(tmp_path):
     assert sketch_bytes <= 400 * 80 + WINDOW * 8  # sized by the tier, not the table's rows
 
 
+@pytest.mark.parametrize("capacity", [1, 2])
+def test_a_small_tier_keeps_a_slot_to_follow_the_traffic(tmp_path, capacity):
+    """A re-pinning tier never pins all its slots: a tier of 1 pinned its only slot at its first
+    re-pin, then admitted nothing, so it never re-pinned again and missed every lookup."""
+    path, data = make_table(tmp_path, rows=100, dim=4)
+    tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
+    tiers = {"hot": {"capacity": capacity, **tier}, "warm": {"capacity": 0}}
+    with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
+        for i in range(20):  # row 5 hot
+            store.lookup([5] * 9 + [60 + i])
+            store.wait_repinned(timeout=10)
+        assert store.hot.pinned_count < capacity
+        hits = store.hot.counters.hits
+        for _ in range(30):  # then only row 7
+            assert torch.equal(store.lookup([7] * 10), data[[7] * 10])
+            store.wait_repinned(timeout=10)
+        assert store.hot.counters.hits - hits >= 290 and store.hot.pinned_count < capacity
+
+
 def test_budget_as_a_share_and_no_repin_when_disabled(tmp_path):
     path, data = make_table(tmp_path, rows=ROWS)
     work = batches(hot_set(), n=30)

@@ -370,13 +370,14 @@ class OnlineRepin:
 
     def pinned_target(self) -> int:
         """Rows the pinned segment aims at: the offline rule's, else the tier minus the measured
-        distinct rows per window (at most half the tier); 0 before a window was counted."""
+        distinct rows per window (at most half the tier); 0 before a window was counted. Never
+        the whole tier: a tier pinned full admits nothing, so it would never re-pin again."""
         if self.offline_target is not None:
-            return self.offline_target
+            return min(self.offline_target, self.capacity - 1)
         if self.profile.windows == 0:
             return 0
         recency = min(self.capacity // 2, math.ceil(self.profile.mean_distinct_per_window))
-        return self.capacity - recency
+        return self.capacity - max(1, recency)
 
     def budget_rows(self, target: int) -> int:
         """Rows one re-pin may move in (and out): ``budget``, or its share of ``target``."""
