@@ -276,6 +276,23 @@ def test_the_output_folder_inside_the_corpus_is_not_read_as_text(tmp_path):
     assert len(resolve_corpus([tmp_path]).files) == 2
 
 
+def test_a_file_is_one_document_whatever_its_names_and_linked_folders_are_walked(tmp_path):
+    """A hard link counted twice could land in the profile and the holdout both; a linked
+    folder was dropped without a word; a link loop is walked once."""
+    import os
+
+    corpus, more = tmp_path / "corpus", tmp_path / "more"
+    corpus.mkdir()
+    more.mkdir()
+    (corpus / "a.txt").write_text("alpha")
+    os.link(corpus / "a.txt", corpus / "a-again.txt")  # one file, two names
+    (more / "b.txt").write_text("beta")
+    os.symlink(more, corpus / "more")  # a linked folder
+    os.symlink(corpus, more / "loop")  # and a loop back
+    names = [f.relative_to(corpus).as_posix() for f in resolve_corpus([corpus]).files]
+    assert names == ["a-again.txt", "more/b.txt"]
+
+
 def test_empty_corpus_and_missing_paths_are_clear_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -480,3 +497,57 @@ def test_a_store_config_given_as_the_engram_config_is_named():
     examples/ is named as such, not as unknown keys of an engram: section it does not have."""
     with pytest.raises(ConfigError, match=r"tiers\.yaml: has table, tiers: a store config"):
         load_engram_config(REPO / "examples" / "tiers.yaml")
+
+
+def test_the_token_cap_is_kept_and_reported_at_a_document_boundary(tmp_path):
+    """A cap met exactly at a document's end left the later documents out without marking the
+    run truncated; with a holdout the two parts took one token more than the cap; and a small
+    cap read and tokenised a whole 4 MiB group of documents."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = [
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "tier",
+        "hot",
+        "warm",
+        "cold",
+        "row",
+        "lookup",
+        "cache",
+        "engram",
+    ]
+    for i in range(40):
+        (corpus / f"d{i:02d}.txt").write_text(" ".join(f"{w}{i}" for w in words * (3 + i)))
+    tokenizer = CompressedTokenizer()
+    first_two = sum(len(tokenizer.encode((corpus / f"d0{i}.txt").read_text())) for i in (0, 1))
+    options = dict(seq_len=SEQ_LEN, workers=1, progress=False, curves=False)
+    for max_tokens, holdout in ((first_two, 0.0), (10, 0.05)):
+        out = tmp_path / f"out{max_tokens}"
+        opts = AnalyzeOptions(max_tokens=max_tokens, holdout=holdout, **options)
+        analyze([corpus], out, config=config, options=opts)
+        report = json.loads((out / "report.json").read_text())["corpus"]
+        parts = [
+            TraceReader(out / name)
+            for name in ("trace.trace", "holdout.trace")[: 1 + bool(holdout)]
+        ]
+        tokens = [p.header["corpus"] for p in parts]
+        assert report["truncated"] and report["read"]["documents"] < 40
+        if holdout:
+            assert sum(t["max_tokens_part"] for t in tokens) == 10
+        else:
+            assert report["documents"] == 2 and report["tokens"] == first_two
+            assert "truncated by --max-tokens" in (out / "report.md").read_text()
+    with pytest.raises(ConfigError, match="--max-tokens 1: too few to split with --holdout 0.5"):
+        analyze(
+            [corpus],
+            tmp_path / "o",
+            config=config,
+            options=AnalyzeOptions(max_tokens=1, holdout=0.5, **options),
+        )
+    with pytest.raises(ConfigError, match=r"--targets: got ','; expected e.g. hot=0.3,warm=0.6"):
+        parse_targets(",")

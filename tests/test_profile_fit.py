@@ -9,7 +9,7 @@ from tiered_store.errors import RowIdError, TraceFormatError
 from tiered_store.profile import FrequencyCounter, FrequencyProfile, profile_ids
 from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.plots import plot_rank_frequency
-from zipf_analysis.profile import profile_trace
+from zipf_analysis.profile import profile_summary, profile_trace
 from zipf_analysis.zipf_fit import (
     default_rank_range,
     fit_least_squares,
@@ -193,6 +193,15 @@ def test_fits_on_exact_power_law_and_ranges():
     assert default_rank_range([50, 20, 10, 10, 9, 1]) == (1, 4)
     with pytest.raises(ValueError, match="rank range"):
         fit_mle([5, 3], rank_min=2, rank_max=2)
+    # one row, or none, with min_count lookups: no fit, said so (it fitted ranks 1..2 of one
+    # lookup each: s = 0, R^2 = 1); a profile's summary reports it as not possible
+    for counts in ([1] * 40, [12] + [1] * 39):
+        with pytest.raises(ValueError, match="a Zipf fit needs two or more"):
+            fit_least_squares(counts)
+        with pytest.raises(ValueError, match="a Zipf fit needs two or more"):
+            fit_mle(counts)
+    summary = profile_summary(profile_ids(np.arange(40), rows=40))
+    assert "a Zipf fit needs two or more" in summary["zipf"]["error"]
 
 
 def test_rank_frequency_plot_is_a_png(tmp_path):

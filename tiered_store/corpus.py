@@ -133,12 +133,32 @@ class Corpus:
 
 
 def _walk(directory: Path) -> Iterator[Path]:
-    """Regular files under ``directory``, sorted, skipping hidden entries and cache folders."""
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIPPED_DIRS)
+    """Regular files under ``directory``, sorted, skipping hidden entries and cache folders;
+    links to folders are followed, each folder walked once (a link loop ends there)."""
+    walked = {_identity(directory)}
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        kept = []
+        for d in sorted(dirs):
+            if d.startswith(".") or d in _SKIPPED_DIRS:
+                continue
+            identity = _identity(Path(root) / d)
+            if identity is not None and identity not in walked:
+                walked.add(identity)
+                kept.append(d)
+        dirs[:] = kept
         for name in sorted(files):
             if not name.startswith("."):
                 yield Path(root) / name
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` names, through links: one file or folder, however many
+    names it has (hard links, symbolic links); None when it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _expand(path: str | os.PathLike[str]) -> list[Path]:
@@ -172,7 +192,8 @@ def resolve_corpus(
     paths : iterable of str or Path, optional
         Files, directories (walked recursively in sorted order, hidden entries, ``__pycache__``,
         ``site-packages`` and ``dist-packages`` skipped) and glob patterns (``**`` recurses).
-        A file named twice is kept once, at its first place.
+        A file named twice (or under two names: links) is kept once, at its first place;
+        links to folders are walked, each folder once.
     exclude : str or Path, optional
         A folder whose files are never part of the corpus (``analyze``'s ``--out``: a previous
         run's reports are not text to analyse).
@@ -194,13 +215,13 @@ def resolve_corpus(
     paths = list(paths or [])
     if not paths:
         return default_corpus()
-    seen: set[Path] = set()
+    seen: set[object] = set()  # a file by (device, inode): one document whatever its names
     if exclude is not None and Path(exclude).is_dir():  # its files count as seen: never added
-        seen.update(f.resolve() for f in _walk(Path(exclude)))
+        seen.update(_identity(f) or f.resolve() for f in _walk(Path(exclude)))
     files: list[Path] = []
     for arg in paths:
         for f in _expand(arg):
-            key = f.resolve()
+            key = _identity(f) or f.resolve()
             if key not in seen:
                 seen.add(key)
                 files.append(f)

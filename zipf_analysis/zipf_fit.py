@@ -94,27 +94,38 @@ def _sorted_counts(counts: np.ndarray | Sequence[int]) -> np.ndarray:
 def default_rank_range(
     counts: np.ndarray | Sequence[int], min_count: int = DEFAULT_MIN_COUNT
 ) -> tuple[int, int]:
-    """``(1, last rank with count >= min_count)`` for counts in any order.
+    """``(1, last rank with count >= min_count)`` for counts in any order; a ValueError when
+    fewer than two ranks reach ``min_count`` (no range to fit a slope on).
 
     Examples
     --------
     >>> default_rank_range([100, 50, 12, 9, 4, 1])
     (1, 3)
+    >>> default_rank_range([12, 3, 1])
+    Traceback (most recent call last):
+    ValueError: 1 row has at least 10 lookups; a Zipf fit needs two or more (lower min_count, or pass rank_max)
     """
     c = _sorted_counts(counts)
     if c.size == 0:
         raise ValueError("no lookups to fit")
     last = int(np.searchsorted(-c, -min_count, side="right"))
-    return 1, max(last, min(2, c.size))
+    if last < 2:
+        raise ValueError(
+            f"{last} row{'s' if last != 1 else ''} {'has' if last == 1 else 'have'} at least "
+            f"{min_count} lookups; a Zipf fit needs two or more (lower min_count, or pass rank_max)"
+        )
+    return 1, last
 
 
 def _resolve_range(
     c: np.ndarray, rank_min: int | None, rank_max: int | None, min_count: int
 ) -> tuple[int, int]:
     """Fill in and check a rank range against the counts."""
-    lo, hi = default_rank_range(c, min_count)
+    if rank_max is None:
+        lo, hi = default_rank_range(c, min_count)
+    else:
+        lo, hi = 1, min(int(rank_max), c.size)
     lo = lo if rank_min is None else int(rank_min)
-    hi = hi if rank_max is None else min(int(rank_max), c.size)
     if not 1 <= lo < hi:
         raise ValueError(
             f"rank range [{lo}, {hi}]: expected 1 <= rank_min < rank_max <= {c.size} (ranks with "

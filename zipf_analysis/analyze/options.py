@@ -201,4 +201,6 @@ def parse_targets(text: str) -> dict[str, float]:
         if not sep or rate is None:
             raise ConfigError(f"--targets: got {part!r}; expected TIER=RATE like hot=0.3")
         out[name.strip()] = rate
+    if not out:
+        raise ConfigError(f"--targets: got {text!r}; expected e.g. hot=0.3,warm=0.6")
     return check_targets(out)

@@ -21,7 +21,7 @@ import numpy as np
 from tiered_store.corpus import Corpus, CorpusError, ReadStats, SkippedFilesWarning, iter_texts
 from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher
 from tiered_store.engram.tokenizer import encode_texts
-from tiered_store.errors import warn_at_caller
+from tiered_store.errors import ConfigError, warn_at_caller
 from tiered_store.trace import TraceReader, TraceWriter
 from tiered_store.versions import package_version
 
@@ -131,6 +131,7 @@ _DONE = object()
 def _tokenise_worker(
     files: Sequence[Path],
     wanted: Callable[[int], bool],
+    group_bytes: Callable[[], int],
     tokenizer: Any,
     out: queue.Queue,
     stats: ReadStats,
@@ -149,7 +150,7 @@ def _tokenise_worker(
             if item is not None:
                 group.append(item)
                 size += len(item[1])
-            if group and (item is None or size >= GROUP_BYTES):
+            if group and (item is None or size >= group_bytes()):
                 with times.stage("tokenise"):
                     ids = encode_texts(tokenizer, [t for _, t in group])
                 out.put([(i, x) for (i, _), x in zip(group, ids, strict=True)])
@@ -175,17 +176,24 @@ def _build_traces(
 
     work: queue.Queue = queue.Queue(maxsize=QUEUE_GROUPS)
     stop = threading.Event()
+    reached = [0]  # files up to here were offered to a part (read, or refused: its cap reached)
+
+    def wanted(i: int) -> bool:
+        reached[0] = i + 1
+        builder = builders[part_of[i]]
+        builder.stats.truncated |= builder.full  # a document left out by the cap
+        return not builder.full
+
+    def group_bytes() -> int:
+        """Text to read before tokenising it: what the parts still take, at up to 8 bytes a
+        token (text runs 3-5), so a small cap does not read and tokenise a whole group."""
+        left = sum(b.max_tokens - b.stats.tokens for b in builders if b.max_tokens is not None)
+        open_ended = any(b.max_tokens is None for b in builders)
+        return GROUP_BYTES if open_ended else min(GROUP_BYTES, max(8 * left, 4096))
+
     thread = threading.Thread(
         target=_tokenise_worker,
-        args=(
-            corpus.files,
-            lambda i: not builders[part_of[i]].full,
-            tokenizer.tokenizer,
-            work,
-            stats,
-            times,
-            stop,
-        ),
+        args=(corpus.files, wanted, group_bytes, tokenizer.tokenizer, work, stats, times, stop),
         name="analyze-tokenise",
         daemon=True,
     )
@@ -206,7 +214,8 @@ def _build_traces(
             bar.set_postfix(tokens=f"{sum(b.stats.tokens for b in builders):,}", refresh=False)
             if all(b.full for b in builders):
                 stop.set()
-        for b in builders:
+        for part, b in enumerate(builders):
+            b.stats.truncated |= b.full and bool((part_of[reached[0] :] == part).any())
             b.finish()
     finally:
         stop.set()
@@ -287,9 +296,14 @@ def stage_traces(corpus: Corpus, part_of: np.ndarray, ctx: RunContext) -> Traced
     options, hasher, engram = ctx.options, ctx.hasher, ctx.engram
     frac = float(options.holdout)
     caps: list[int | None] = [options.max_tokens, None]
-    if options.max_tokens is not None and frac:
-        held = int(options.max_tokens * frac)
-        caps = [options.max_tokens - held, max(held, 1)]
+    if options.max_tokens is not None and frac:  # the two parts' caps add up to the cap
+        held = max(int(options.max_tokens * frac), 1)
+        if options.max_tokens - held < 1:
+            raise ConfigError(
+                f"--max-tokens {options.max_tokens}: too few to split with --holdout {frac:g}; "
+                "expected at least 2 tokens (one for each part)"
+            )
+        caps = [options.max_tokens - held, held]
     corpus_head = {
         "description": corpus.description,
         "roots": list(corpus.roots),
