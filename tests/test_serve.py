@@ -388,6 +388,31 @@ def test_the_scrub_checks_the_served_version_and_outlives_a_missing_table(tmp_pa
         server.stop()
 
 
+def test_a_table_of_another_shape_is_refused_at_reload_and_the_stats_stay_true(tmp_path):
+    """A table made anew with other rows: the check came after the stores were swapped, so the
+    request answered 500, /stats described the refused table and the model kept the old one."""
+    import numpy as np
+
+    from tiered_store import create_table
+
+    config = make_checkpoint(tmp_path)
+    table = ServeConfig.from_yaml(config).table_path(3)
+    server = start_server(config)
+    try:
+        rows = server.model.stores["engram_layer3"].rows
+        dim = server.model.stores["engram_layer3"].dim
+        create_table(table, np.zeros((rows // 2, dim), np.float32), progress=False, overwrite=True)
+        assert server.model.reload_if_stale(force_check=True) == []
+        code, body = post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})
+        assert code == 503, body  # the replaced file: its rows are gone, not a server error
+        assert get_json(server.url + "/stats")[1]["geometry"]["engram_layer3"]["rows"] == rows
+        create_table(table, np.zeros((rows, dim), np.float32), progress=False, overwrite=True)
+        assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+    finally:
+        server.stop()
+
+
 def test_checksum_failures_carry_across_a_reload(tmp_path):
     """A counter that drops is a reset to Prometheus: increase() would count the failures
     before the reload again (page failures lived in the store a reload closes), also in a

@@ -264,16 +264,23 @@ class ServedModel:
             return []
         with self._gate.exclusive():
             opened: dict[str, TieredStore] = {}
-            try:  # all or nothing: every stale table's new store, before any swap
+            try:  # all or nothing: every stale table's new store, checked, before any swap
                 for name in stale:
                     opened[name] = TieredStore(self.stores[name].config)
-            except (TieredStoreError, OSError) as exc:
+                self.model.set_tables(  # checks every table's geometry, then swaps them all
+                    {
+                        layer: GuardedTable(opened[table], table, self.health[table])
+                        for layer in self.layer_ids
+                        if (table := self.config.table_name(layer)) in opened
+                    }
+                )
+            except (TieredStoreError, OSError) as exc:  # ConfigError: another geometry
                 for store in opened.values():
                     store.close()
                 log.error(
                     "could not reopen %s on its new version (%s); serving the version open now, "
                     "trying again in %.0f s",
-                    name,
+                    ", ".join(stale),
                     error_text(exc),
                     self.reload_check_seconds,
                 )
@@ -284,13 +291,6 @@ class ServedModel:
                 opened[name].cold.carry_checksum_failures(count)
             self._announce_again({old[name]: opened[name] for name in stale})
             self.stores.update(opened)
-            self.model.set_tables(
-                {
-                    layer: GuardedTable(opened[name], name, self.health[name])
-                    for layer in self.layer_ids
-                    if (name := self.config.table_name(layer)) in opened
-                }
-            )
             for name, store in old.items():
                 store.close()  # and what lookups in flight counted meanwhile
                 opened[name].cold.carry_checksum_failures(
