@@ -525,9 +525,10 @@ def test_connections_that_send_no_whole_request_head_are_closed_in_time(tmp_path
 
 def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(tmp_path):
     """Over server.max_connections: a JSON 503 naming the setting, counted (uvicorn's was plain
-    text, and uncounted); served again once connections close."""
+    text, and uncounted); served again once connections close. The metrics listener answers
+    meanwhile (it shared the endpoint's limit: a flood of connections hid the server's state)."""
     limits = {"max_connections": 3, "keep_alive_s": 30.0, "request_timeout_s": 20.0}
-    server = start_server(make_checkpoint(tmp_path, server=limits))
+    server = start_server(make_checkpoint(tmp_path, server=limits), metrics=True)
     host, port = server.url.removeprefix("http://").split(":")
     idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
     try:
@@ -546,6 +547,8 @@ def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(t
         }
         assert response.getheader("Retry-After") == "1"
         conn.close()
+        with urllib.request.urlopen(server.metrics_url, timeout=30) as scraped:
+            assert scraped.status == 200 and b"tiered_store_lookups_total" in scraped.read()
     finally:
         for sock in idle:
             sock.close()
