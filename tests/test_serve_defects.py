@@ -191,6 +191,22 @@ def test_clients_that_disconnect_leave_no_traceback(proc):
     _no_trouble_in(proc.log())
 
 
+def test_a_client_that_half_closes_after_its_request_reads_the_answer(proc):
+    """HTTP/1.1 lets a client shut its sending side and read: the server closed the connection
+    at the end of the stream, the answer computed and counted 200 but never sent."""
+    host, port = proc.url.removeprefix("http://").split(":")
+    body = json.dumps({"input_ids": [[3, 4, 5]]}).encode()
+    head = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["logits"]
+
+
 def _nan_table(config: ServeConfig, layer: int) -> None:
     """Rewrite layer ``layer``'s table in place as a valid table (checksums match) whose rows
     are NaN: one made elsewhere (create_table refuses non-finite rows)."""

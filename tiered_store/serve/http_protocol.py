@@ -1,4 +1,5 @@
-"""uvicorn's h11 protocol with a deadline for each request's head, and a JSON 503 when busy.
+"""uvicorn's h11 protocol with a deadline for each request's head, a JSON 503 when busy, and an
+answer for a client that half-closed after its request.
 
 uvicorn times a connection out only after an answer (``timeout_keep_alive``); one that opens and
 sends nothing, or half a request head, is held for good, and ``server.max_connections`` of them
@@ -51,6 +52,15 @@ def with_head_deadline(
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_watching()
             super().connection_lost(exc)
+
+        def eof_received(self) -> bool:  # type: ignore[override]
+            """The client shut its sending side: answer the request in flight, then close
+            (HTTP/1.1 lets a client half-close and read its answer; uvicorn's returned None,
+            which closes the connection at once, the answer unsent)."""
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.keep_alive = False  # closed once the answer is written
+                return True
+            return False
 
         def _watch_head(self) -> None:
             """Arm the deadline while a head is awaited with no keep-alive wait running (that
