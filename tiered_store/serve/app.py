@@ -223,11 +223,12 @@ class _CountingMiddleware:
         return self.server.metrics_host in WILDCARD_HOSTS or local[0] == self.server.metrics_host
 
     def _refuse(self, scope: Scope) -> Response | None:
-        """A 503 while the server is at ``server.max_connections`` (``http_protocol``), a 400 for
-        HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not serve;
-        ``None`` to go on."""
+        """A 503 while the server is at ``server.max_connections`` (``http_protocol``; never on the
+        metrics listener: a scrape is answered while the endpoint's connections are all taken),
+        a 400 for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not
+        serve; ``None`` to go on."""
         busy = scope["state"].get("busy")
-        if busy is not None:
+        if busy is not None and not self._on_metrics_listener(scope.get("server")):
             connections, requests, limit = busy
             log.warning("busy: %d connections, %d requests open (server.max_connections %d)",
                         connections, requests, limit)  # fmt: skip

@@ -23,14 +23,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 __all__ = ["with_head_deadline"]
 
 
-def with_head_deadline(
-    seconds: float, unlimited: frozenset[tuple[str, int]] = frozenset()
-) -> type[H11Protocol]:
+def with_head_deadline(seconds: float) -> type[H11Protocol]:
     """An ``H11Protocol`` class (uvicorn's ``Config(http=...)``) that closes a connection whose
     request head has not arrived ``seconds`` after it began waiting for one, and marks requests
-    over the config's ``limit_concurrency`` busy (the app answers them 503) instead of answering;
-    never those to a listener in ``unlimited`` (host, port): the metrics listener answers a
-    scrape while the endpoint's connections are all taken."""
+    over the config's ``limit_concurrency`` busy (the app answers them 503) instead of answering."""
 
     class HeadDeadlineProtocol(H11Protocol):
         _head_deadline: asyncio.TimerHandle | None = None
@@ -39,7 +35,7 @@ def with_head_deadline(
             super().__init__(*args, **kwargs)
             limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's: plain text
             if limit is not None:
-                self.app = _marking_busy(self.app, limit, self.connections, self.tasks, unlimited)
+                self.app = _marking_busy(self.app, limit, self.connections, self.tasks)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -84,18 +80,13 @@ def with_head_deadline(
     return HeadDeadlineProtocol
 
 
-def _marking_busy(
-    app: Any, limit: int, connections: set, tasks: set, unlimited: frozenset[tuple[str, int]]
-) -> Any:
+def _marking_busy(app: Any, limit: int, connections: set, tasks: set) -> Any:
     """``app``, told in ``scope["state"]["busy"]`` when ``limit`` connections are open or more
     than ``limit`` requests run (this one's task counted): uvicorn's test. The app answers the 503
-    (``app._CountingMiddleware``: JSON, counted like every other answer). Requests to a listener
-    in ``unlimited`` are never busy."""
+    (``app._CountingMiddleware``: JSON, counted like every other answer)."""
 
     async def marked(scope: dict, receive: Any, send: Any) -> None:
-        listener = tuple(scope.get("server") or ())
-        busy = len(connections) >= limit or len(tasks) > limit
-        if scope["type"] == "http" and busy and listener not in unlimited:
+        if scope["type"] == "http" and (len(connections) >= limit or len(tasks) > limit):
             scope.setdefault("state", {})["busy"] = (len(connections), len(tasks), limit)
         await app(scope, receive, send)
 

@@ -130,19 +130,12 @@ class InferenceServer:
             self.metrics_host, self.metrics_port = sock.getsockname()[:2]
             _warn_if_exposed(metrics[0], "store.metrics.address")
 
-    def _metrics_listener(self) -> frozenset[tuple[str, int]]:
-        """(host, port) of the metrics listener when it has its own, as requests name theirs."""
-        if len(self._sockets) < 2:
-            return frozenset()
-        return frozenset({tuple(self._sockets[1].getsockname()[:2])})
-
     def _serve_in_thread(self) -> None:
         """uvicorn over both sockets in a daemon thread (its own event loop)."""
         server = self.config.server
         config = uvicorn.Config(
             build_app(self),
-            # h11, idle openers timed out; a scrape of the metrics listener is never busy
-            http=with_head_deadline(server.request_timeout_s, self._metrics_listener()),
+            http=with_head_deadline(server.request_timeout_s),  # h11, idle openers timed out
             loop="asyncio",
             lifespan="off",
             backlog=server.backlog,
