@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -191,20 +192,42 @@ def test_clients_that_disconnect_leave_no_traceback(proc):
     _no_trouble_in(proc.log())
 
 
-def test_a_client_that_half_closes_after_its_request_reads_the_answer(proc):
+def _gone_answers(url: str) -> float:
+    """Inference requests counted 499 (the client left before its answer) so far."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as scraped:
+        text = scraped.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "tiered_store_http_requests_total"
+        and s.labels == {"handler": "/v1/engram", "code": "499"}
+    )
+
+
+def test_clients_that_end_their_stream_before_the_answer_are_counted_499(proc):
     """HTTP/1.1 lets a client shut its sending side and read: the server closed the connection
-    at the end of the stream, the answer computed and counted 200 but never sent."""
+    at the end of the stream, the answer computed and counted 200 but never sent. It is sent
+    now; that request and one whose client closed for good (the server cannot tell them apart
+    before it writes) are counted 499, as nginx counts them (both were 200)."""
     host, port = proc.url.removeprefix("http://").split(":")
     body = json.dumps({"input_ids": [[3, 4, 5]]}).encode()
-    head = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    request = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    before = _gone_answers(proc.url)
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(head.encode() + body)
+        sock.sendall(request.encode() + body)
         sock.shutdown(socket.SHUT_WR)
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["logits"]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request.encode() + body)  # and gone
+    deadline = time.monotonic() + 30
+    while _gone_answers(proc.url) < before + 2:
+        assert time.monotonic() < deadline, _gone_answers(proc.url) - before
+        time.sleep(0.1)
 
 
 def _nan_table(config: ServeConfig, layer: int) -> None:

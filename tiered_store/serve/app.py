@@ -39,7 +39,8 @@ GET_PATHS = ("/", "/healthz", "/stats", "/metrics")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # a listener bound to these takes every address
 # Content-Types read as JSON: JSON itself, none, and what `curl -d` and plain clients send.
 _BODY_TYPES = ("application/json", "", "text/plain", "application/x-www-form-urlencoded")
-_CLIENT_GONE = 499  # recorded (never sent) when the client left before its answer
+_CLIENT_GONE = 499  # recorded (never sent) when the client left, or ended its stream, before
+# its answer (nginx's code: a client that half-closed is sent its answer all the same)
 
 
 def json_response(status: int, doc: Any, headers: dict[str, str] | None = None) -> Response:
@@ -70,6 +71,9 @@ def build_app(server: InferenceServer) -> ASGIApp:
             return Response(status_code=400)  # goes nowhere: the client is gone
         except Exception as exc:  # every failure becomes a JSON answer; none escapes to uvicorn
             return _error_response(exc, request)
+        if await request.is_disconnected():  # left while it was computed: uvicorn would drop
+            request.scope["state"]["gone"] = True  # the answer without a word, counted 200
+            return Response(status_code=400)  # goes nowhere
         doc["elapsed_ms"] = round((time.perf_counter() - received) * 1e3, 3)
         try:
             response = json_response(200, doc)
@@ -211,7 +215,7 @@ class _CountingMiddleware:
             log.exception("unhandled error serving %s %s", scope["method"], path)
             state["status"] = 500
         finally:
-            code = _CLIENT_GONE if state["gone"] else state["status"]
+            code = _CLIENT_GONE if state["gone"] or state.get("client_ended") else state["status"]
             counters.end(handler, code, time.perf_counter() - start, state["tokens"])
 
     def _on_metrics_listener(self, local: tuple[str, int] | None) -> bool:

@@ -52,9 +52,12 @@ def with_head_deadline(seconds: float) -> type[H11Protocol]:
         def eof_received(self) -> bool:  # type: ignore[override]
             """The client shut its sending side: answer the request in flight, then close
             (HTTP/1.1 lets a client half-close and read its answer; uvicorn's returned None,
-            which closes the connection at once, the answer unsent)."""
+            which closes the connection at once, the answer unsent). The request is counted as
+            one whose client left (499): one that closed for good ends its stream the same way."""
             if self.cycle is not None and not self.cycle.response_complete:
                 self.cycle.keep_alive = False  # closed once the answer is written
+                # counted 499 as nginx does: a client that closed looks the same until written to
+                self.cycle.scope.setdefault("state", {})["client_ended"] = True
                 return True
             return False
 
