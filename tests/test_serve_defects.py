@@ -161,6 +161,20 @@ def test_a_client_stalling_mid_body_gets_408_without_a_traceback(proc):
     _no_trouble_in(proc.log())
 
 
+def _answers(url: str, code: str, handler: str | None = None) -> float:
+    """Requests (to ``handler``, or any) answered ``code`` so far, as /metrics counts them."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as scraped:
+        text = scraped.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "tiered_store_http_requests_total"
+        and s.labels["code"] == code
+        and handler in (None, s.labels["handler"])
+    )
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -173,10 +187,15 @@ def test_a_client_stalling_mid_body_gets_408_without_a_traceback(proc):
         b"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n",
     ],
 )
-def test_protocol_errors_get_a_400_status_line(proc, data):
-    status, head, _ = raw_exchange(proc.url, data)
+def test_protocol_errors_get_a_json_400_and_are_counted(proc, data):
+    """Requests h11 could not parse got uvicorn's plain-text 400, which no counter saw."""
+    before = _answers(proc.url, "400")
+    status, head, body = raw_exchange(proc.url, data)
     assert status == 400 and head.startswith(b"HTTP/1.1 400 Bad Request"), head[:100]
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]
     assert get_json(proc.url + "/healthz")[0] == 200
+    assert _answers(proc.url, "400") == before + 1
 
 
 def test_clients_that_disconnect_leave_no_traceback(proc):
@@ -192,19 +211,6 @@ def test_clients_that_disconnect_leave_no_traceback(proc):
     _no_trouble_in(proc.log())
 
 
-def _gone_answers(url: str) -> float:
-    """Inference requests counted 499 (the client left before its answer) so far."""
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as scraped:
-        text = scraped.read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "tiered_store_http_requests_total"
-        and s.labels == {"handler": "/v1/engram", "code": "499"}
-    )
-
-
 def test_clients_that_end_their_stream_before_the_answer_are_counted_499(proc):
     """HTTP/1.1 lets a client shut its sending side and read: the server closed the connection
     at the end of the stream, the answer computed and counted 200 but never sent. It is sent
@@ -213,7 +219,7 @@ def test_clients_that_end_their_stream_before_the_answer_are_counted_499(proc):
     host, port = proc.url.removeprefix("http://").split(":")
     body = json.dumps({"input_ids": [[3, 4, 5]]}).encode()
     request = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
-    before = _gone_answers(proc.url)
+    before = _answers(proc.url, "499", "/v1/engram")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(request.encode() + body)
         sock.shutdown(socket.SHUT_WR)
@@ -225,8 +231,8 @@ def test_clients_that_end_their_stream_before_the_answer_are_counted_499(proc):
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(request.encode() + body)  # and gone
     deadline = time.monotonic() + 30
-    while _gone_answers(proc.url) < before + 2:
-        assert time.monotonic() < deadline, _gone_answers(proc.url) - before
+    while _answers(proc.url, "499", "/v1/engram") < before + 2:
+        assert time.monotonic() < deadline, _answers(proc.url, "499", "/v1/engram") - before
         time.sleep(0.1)
 
 

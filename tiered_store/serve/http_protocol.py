@@ -1,5 +1,5 @@
-"""uvicorn's h11 protocol with a deadline for each request's head, a JSON 503 when busy, and an
-answer for a client that half-closed after its request.
+"""uvicorn's h11 protocol with a deadline for each request's head, a JSON 503 when busy, a JSON
+400 for a request h11 cannot parse, and an answer for a client that half-closed after its request.
 
 uvicorn times a connection out only after an answer (``timeout_keep_alive``); one that opens and
 sends nothing, or half a request head, is held for good, and ``server.max_connections`` of them
@@ -15,6 +15,8 @@ counted.
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -22,11 +24,20 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["with_head_deadline"]
 
+_MALFORMED = (
+    "malformed HTTP request (its request line, a header or the body's framing); expected "
+    "HTTP/1.1 with Content-Length or chunked transfer encoding"
+)
 
-def with_head_deadline(seconds: float) -> type[H11Protocol]:
+
+def with_head_deadline(
+    seconds: float, on_malformed: Callable[[], None] = lambda: None
+) -> type[H11Protocol]:
     """An ``H11Protocol`` class (uvicorn's ``Config(http=...)``) that closes a connection whose
     request head has not arrived ``seconds`` after it began waiting for one, and marks requests
-    over the config's ``limit_concurrency`` busy (the app answers them 503) instead of answering."""
+    over the config's ``limit_concurrency`` busy (the app answers them 503) instead of answering.
+    A request h11 cannot parse is answered a JSON 400 (uvicorn's was plain text), and
+    ``on_malformed`` called to count it (no app sees it)."""
 
     class HeadDeadlineProtocol(H11Protocol):
         _head_deadline: asyncio.TimerHandle | None = None
@@ -60,6 +71,19 @@ def with_head_deadline(seconds: float) -> type[H11Protocol]:
                 self.cycle.scope.setdefault("state", {})["client_ended"] = True
                 return True
             return False
+
+        def send_400_response(self, msg: str) -> None:
+            """A JSON 400 for a request that is not HTTP/1.1 as h11 reads it, then close."""
+            on_malformed()
+            body = json.dumps({"error": _MALFORMED}).encode() + b"\n"
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (
+                h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def _watch_head(self) -> None:
             """Arm the deadline while a head is awaited with no keep-alive wait running (that

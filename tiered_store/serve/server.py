@@ -130,12 +130,18 @@ class InferenceServer:
             self.metrics_host, self.metrics_port = sock.getsockname()[:2]
             _warn_if_exposed(metrics[0], "store.metrics.address")
 
+    def _count_malformed(self) -> None:
+        """Count a request h11 could not parse, answered 400 before any handler saw it."""
+        self.requests.begin()
+        self.requests.end("other", 400, 0.0)
+
     def _serve_in_thread(self) -> None:
         """uvicorn over both sockets in a daemon thread (its own event loop)."""
         server = self.config.server
         config = uvicorn.Config(
             build_app(self),
-            http=with_head_deadline(server.request_timeout_s),  # h11, idle openers timed out
+            # h11, idle openers timed out, malformed requests counted (as "other", 400)
+            http=with_head_deadline(server.request_timeout_s, self._count_malformed),
             loop="asyncio",
             lifespan="off",
             backlog=server.backlog,
