@@ -449,3 +449,24 @@ def dist_destroy() -> None:
     import torch.distributed as dist
 
     dist.destroy_process_group()
+
+
+def reopen_worker(rank: int, world: int, port: int, table: str, out: Path) -> None:
+    """Every rank: open a store from torchrun's environment, look up, close; four times in a
+    row. The group the first open made stays for the next (destroyed at close, a rank reopening
+    at once joined the old rendezvous, still up on a rank not through its close)."""
+    import torch.distributed as dist
+
+    from tiered_store.distributed import ShardedStore
+
+    _init(rank, world, port)
+    cfg = _store_config(Path(table), world, "rows")
+    single = TieredStore.open({"table": cfg["table"]})
+    opened = []
+    for round_ in range(4):
+        with ShardedStore.open(cfg) as store:
+            ids = torch.arange(round_, single.rows, 37)
+            assert torch.equal(_bits(store.lookup(ids)), _bits(single.lookup(ids)))
+        opened.append(dist.is_initialized())
+    single.close()
+    _report(out, rank, {"opened": opened})

@@ -28,6 +28,7 @@ from tests.distributed_support import (
     killed_rank_worker,
     make_plain_table,
     make_v41_table,
+    reopen_worker,
     run_ranks,
     shards_template,
 )
@@ -39,6 +40,16 @@ from tiered_store.metrics import METRICS, SERVER_METRICS, SHARDED_METRICS, build
 from tiered_store.prefetch import PrefetchHandleError
 from tiered_store.store import TieredStore
 from tiered_store.table_format import create_table, read_manifest
+
+
+@pytest.fixture(autouse=True)
+def _no_group_left_behind():
+    """A group a store made from the environment (monkeypatched here) outlives the store, as
+    it does a process's stores: gone after each test, as at a process's exit."""
+    yield
+    from tiered_store.distributed.sharded_store import _destroy_env_group
+
+    _destroy_env_group()
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +232,7 @@ def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables,
     assert value[("tiered_store_exchange_rounds_total", None)] == 4
     assert value[("tiered_store_exchange_ids_total", None)] == 6 + 0 + 6 + 6
     assert value[("tiered_store_shard_rows", None)] == 463
-    assert not torch.distributed.is_initialized()  # it made the group, it destroyed it
+    assert torch.distributed.is_initialized()  # it made the group: kept for the next store
 
 
 def test_a_sharded_prefetch_collected_after_a_write_is_refused(tmp_path, monkeypatch):
@@ -714,6 +725,18 @@ def test_reshard_with_overwrite_serves_the_tables_rows_not_the_old_shards_writes
     )
 
 
+def test_ranks_reopen_a_store_from_the_environment_again_and_again(tables, tmp_path):
+    """Closing destroyed the group it made from torchrun's environment, and the next open on
+    the same port could join the old rendezvous of a rank still closing: raw gloo errors or a
+    hang past timeout_s, by the second to fifth reopen."""
+    write_shards(tables["plain"], 2, "rows", template=shards_template(tables["plain"], "rows"),
+                 progress=False, overwrite=True)  # fmt: skip
+    codes = run_ranks(reopen_worker, 2, (str(tables["plain"]), tmp_path), 120)
+    assert codes == [0, 0], codes
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text())["opened"] == [True] * 4
+
+
 def test_closing_one_of_two_stores_leaves_the_group_to_the_other(tables, monkeypatch):
     """Two stores open from torchrun's environment (one per Engram layer): the first made the
     group; closing it first must not destroy the group the second still uses."""
@@ -733,7 +756,7 @@ def test_closing_one_of_two_stores_leaves_the_group_to_the_other(tables, monkeyp
     first.close()
     assert second.lookup(torch.tensor([1, 2])).shape[0] == 2  # the group is still there
     second.close()
-    assert not dist.is_initialized()  # and goes with the last store
+    assert dist.is_initialized()  # and stays for the next store of this process
 
 
 @pytest.mark.parametrize("world", [2, 3])

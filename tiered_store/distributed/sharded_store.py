@@ -25,6 +25,7 @@ shard's failure raises on every rank, naming it.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import itertools
 import numbers
@@ -71,8 +72,11 @@ from .shard_map import ShardMap
 __all__ = ["ShardedStore", "init_process_group_from_env"]
 
 _instances = itertools.count()  # every rank opens its stores in the same order: same numbers
-# this process's open stores: a process group one of them made goes with the last to close
+# this process's open stores
 _OPEN: weakref.WeakSet = weakref.WeakSet()
+# the default group init_process_group_from_env made, if any, and whether a store failed on it
+# (then it goes with the last store to close; else at exit)
+_ENV_GROUP: list[Any] = [None, False]
 _EXCHANGE_KEYS = (
     "lookups",
     "ids",
@@ -708,11 +712,14 @@ class ShardedStore:
         if self.owns_subgroup and self._failure is None:
             dist.destroy_process_group(self.group)
         _OPEN.discard(self)
-        if self.owns_group and dist.is_initialized():
-            if _OPEN:  # other stores (other layers) still use the group this one made: theirs now
-                next(iter(_OPEN)).owns_group = True
-            else:
-                dist.destroy_process_group()
+        if self.owns_group and self._failure is not None:
+            _ENV_GROUP[1] = True  # failed: a reopen needs the ranks restarted
+        if self.owns_group and dist.is_initialized() and not _OPEN and _ENV_GROUP[1]:
+            # a sound group stays for the next store of this process (and goes at exit): were it
+            # destroyed here, a rank reopening at once joined the old rendezvous, still up on a
+            # rank not yet through its own close
+            dist.destroy_process_group()
+            _ENV_GROUP[:] = [None, False]
 
 
 def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]:
@@ -783,10 +790,11 @@ def check_fingerprints(prints: list[dict[str, Any]], world: int) -> ShardMap:
 
 
 def init_process_group_from_env(sharding: ShardingConfig, device: str) -> bool:
-    """Initialise the default process group from torchrun's environment unless one exists;
-    True if this call created it."""
+    """Initialise the default process group from torchrun's environment unless one exists; True
+    if it is one this function made (now or for an earlier store: it outlives the stores, until
+    the process exits)."""
     if dist.is_initialized():
-        return False
+        return _ENV_GROUP[0] is not None and _ENV_GROUP[0] is dist.group.WORLD
     missing = [
         k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if k not in os.environ
     ]
@@ -801,7 +809,16 @@ def init_process_group_from_env(sharding: ShardingConfig, device: str) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=sharding.timeout_s))
+    if _ENV_GROUP[0] is None:
+        atexit.register(_destroy_env_group)
+    _ENV_GROUP[0] = dist.group.WORLD
     return True
+
+
+def _destroy_env_group() -> None:
+    """At exit: destroy the default group made from the environment, if it is still up."""
+    if dist.is_initialized() and dist.group.WORLD is _ENV_GROUP[0]:
+        dist.destroy_process_group()
 
 
 def _queued_on(ids: torch.Tensor) -> torch.cuda.Event | None:
