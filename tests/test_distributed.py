@@ -167,6 +167,9 @@ def test_shard_refuses_an_existing_shard_or_the_table_itself_before_writing_any(
     assert read_manifest(path).metadata == {}  # still the table, not a shard of it
     assert cli_main([*argv, str(tmp_path / "s{rank}"), "--ranks", "2"]) == 0  # .npy appended
     assert f"rank 1: {tmp_path / 's1.npy'} rows [15, 30)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"names one file for several ranks"):  # one file
+        write_shards(path, 2, "rows", template=str(tmp_path / "one.npy"), progress=False)
+    assert not (tmp_path / "one.npy").exists()  # (it held the last rank's shard alone)
 
 
 def test_the_sharding_section_is_validated_and_its_paths_resolved(tmp_path):

@@ -18,7 +18,7 @@ import torch
 from ..cold_table import ColdTable
 from ..delta.row_delta import delta_path, open_delta
 from ..delta.table_versions import current_version
-from ..errors import TableFormatError
+from ..errors import ConfigError, TableFormatError
 from ..page_checksums import sidecar_path
 from ..table_format import (
     TableManifest,
@@ -124,6 +124,11 @@ def write_shards(
         _refuse_uncompacted_rows(npy, current, manifest)
         shard_map = plan_shards(manifest, ranks, by, str(npy))
         paths = [table_paths(shard_path(npy, r, ranks, template))[0] for r in range(ranks)]
+        if len({p.resolve() for p in paths}) < len(paths):  # a template without {rank}
+            raise ConfigError(
+                f"shard paths: {template!r} names one file for several ranks; expected a path "
+                "template containing {rank}"
+            )
         for rank, path in enumerate(paths):
             if path.exists() and path.samefile(current):
                 raise TableFormatError(
