@@ -172,6 +172,42 @@ def test_shard_refuses_an_existing_shard_or_the_table_itself_before_writing_any(
     assert not (tmp_path / "one.npy").exists()  # (it held the last rank's shard alone)
 
 
+def test_a_shard_takes_the_rows_it_holds_from_lists_and_profiles_of_its_table(tmp_path):
+    """Row lists and profiles (what `analyze` writes) name the table's rows: each shard preloads
+    or pins those it holds, as its own rows. They were read as the shard's ids: a whole-table
+    list failed the open, or preloaded other rows where the ids fitted."""
+    from tiered_store.profile import profile_ids
+
+    table = make_plain_table(tmp_path)
+    template = shards_template(table, "rows")
+    write_shards(table, 2, "rows", template=template, progress=False, overwrite=True)
+    shard = Path(template.format(rank=1, ranks=2))
+    start = read_shard(shard).shard_map.shard_range(1)[0]
+    hot_rows = np.array([400, 300, 5, start, start + 1, start - 1])  # table rows, hottest first
+    np.save(tmp_path / "hot.npy", hot_rows)
+    held = [r - start for r in hot_rows if r >= start]
+    tiers = {
+        "hot": {"capacity": 0},
+        "warm": {"capacity": 16, "preload_rows": str(tmp_path / "hot.npy")},
+    }
+    with TieredStore.open({"table": {"path": str(shard)}, "tiers": tiers}) as store:
+        preloaded = store.warm.row_of_slot[store.warm.row_of_slot >= 0]
+        assert sorted(preloaded.tolist()) == sorted(held)
+        full = np.load(table)
+        assert np.array_equal(
+            store.lookup(held).view(torch.int16).numpy(),
+            full[hot_rows[hot_rows >= start]].view(np.int16),
+        )
+    counts = np.repeat(hot_rows, [60, 50, 40, 30, 20, 10])
+    profile_ids(counts, rows=463).save(tmp_path / "profile.npz")
+    tuned = {"capacity": 4, "policy": "zipf-tuned", "profile": str(tmp_path / "profile.npz")}
+    with TieredStore.open(
+        {"table": {"path": str(shard)}, "tiers": {"hot": {"capacity": 0}, "warm": tuned}}
+    ) as store:
+        pinned = store.warm.row_of_slot[store.warm.pinned_mask()].tolist()
+        assert pinned and set(pinned) <= set(held)
+
+
 def test_the_sharding_section_is_validated_and_its_paths_resolved(tmp_path):
     cfg = StoreConfig.from_dict(
         {"table": {"path": "t.npy"}, "sharding": {"ranks": 4, "shards": "s/{rank}.npy"}},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -113,12 +113,18 @@ class CacheHierarchy:
         return cls(hot, warm)
 
     def warm_start(
-        self, config: StoreConfig, restored: Collection[str] = ()
+        self,
+        config: StoreConfig,
+        restored: Collection[str] = (),
+        shard: tuple[int, int, int] | None = None,
     ) -> list[tuple[RowCache, torch.Tensor, torch.Tensor]]:
         """Load each tier's ``static_rows`` (pinned, under a static policy) and ``preload_rows``.
         Returns (cache, row ids loaded, their slots) for the caller to fill with payload.
         ``restored``: re-pinning tiers whose pins and counts a warm restart brings back; their
-        profile only sizes the pinned segment (its pins would take the slots the saved ones need)."""
+        profile only sizes the pinned segment (its pins would take the slots the saved ones need).
+        ``shard``: ``(start, stop, rows)`` when the table is rows [start, stop) of a table of
+        ``rows`` rows (see :func:`shard_rows`): the lists and profiles name that table's rows,
+        and the shard takes those it holds."""
         loaded = []
         pinned_above = np.zeros(0, dtype=np.int64)  # rows the hot tier pins: warm skips them
         for cache, tier in ((self.hot, config.tiers.hot), (self.warm, config.tiers.warm)):
@@ -128,7 +134,7 @@ class CacheHierarchy:
                 # pinned rows come from the profile, sized by zipf_tuned_split; without one the
                 # tier starts as its recency policy and online re-pinning learns what to pin
                 profile = load_tier_profile(
-                    tier.profile, cache.num_rows, f"tiers.{cache.name}.profile"
+                    tier.profile, cache.num_rows, f"tiers.{cache.name}.profile", shard
                 )
                 split = zipf_tuned_split(
                     profile.top_rows(cache.capacity + pinned_above.size, by="episodes"),
@@ -153,7 +159,7 @@ class CacheHierarchy:
             ):
                 if path is None or (pin and (not cache.spec.static or cache.spec.tuned)):
                     continue
-                ids = _load_row_list(path, cache.num_rows, f"tiers.{cache.name}.{key}")
+                ids = _load_row_list(path, cache.num_rows, f"tiers.{cache.name}.{key}", shard)
                 if pin and ids.size >= cache.capacity and cache.spec.eviction is not None:
                     warn_at_caller(
                         f"tiers.{cache.name}.static_rows: {path} lists {ids.size:,} rows and the "
@@ -365,8 +371,33 @@ def repins_online(tier: CacheTierConfig) -> bool:
     return enabled is True or (enabled == "auto" and tier.profile is None)
 
 
-def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:
-    """An .npy of row ids (hottest first), checked for range."""
+def shard_rows(metadata: dict) -> tuple[int, int, int] | None:
+    """``(start, stop, rows)`` of a shard's table (``tiered-store shard``'s manifest metadata:
+    its rank and the shard map's bounds): the rows [start, stop) of a table of ``rows``; None
+    for a table that is not a shard."""
+    shard = metadata.get("shard")
+    try:
+        bounds, rank = [int(b) for b in shard["bounds"]], int(shard["rank"])
+        return bounds[rank], bounds[rank + 1], bounds[-1]
+    except (TypeError, KeyError, ValueError, IndexError):
+        return None
+
+
+def _table_ids(ids: np.ndarray, rows: int, shard: tuple[int, int, int] | None) -> tuple:
+    """The ids of a list or profile as this table's rows: for a shard, those it holds, shifted
+    to its own rows (and a mask of them); the range they must be in; what the table is."""
+    if shard is None:
+        return ids, np.ones(ids.size, bool), rows, "this table"
+    start, stop, table_rows = shard
+    held = (ids >= start) & (ids < stop)
+    return ids[held] - start, held, table_rows, "the table this shard is cut from"
+
+
+def _load_row_list(
+    path: str, rows: int, key: str, shard: tuple[int, int, int] | None = None
+) -> np.ndarray:
+    """An .npy of row ids (hottest first), checked for range; for a shard, the table's ids
+    it holds, as its own rows."""
     try:
         ids = load_npy(path, mmap_mode="r")
     except (OSError, ValueError) as exc:
@@ -384,15 +415,17 @@ def _load_row_list(path: str, rows: int, key: str) -> np.ndarray:
             f"{key}: {path} holds {ids.dtype} of shape {ids.shape}; expected a 1-D integer array"
         )
     ids = np.array(ids, dtype=np.int64)  # a private writable copy
-    if ids.size and (ids.min() < 0 or ids.max() >= rows):
+    local, _, table_rows, table = _table_ids(ids, rows, shard)
+    if ids.size and (ids.min() < 0 or ids.max() >= table_rows):
         raise ConfigError(
-            f"{key}: {path} has ids outside [0, {rows:,}); expected row ids of this table"
+            f"{key}: {path} has ids outside [0, {table_rows:,}); expected row ids of {table}"
         )
-    return ids
+    return local
 
 
-def load_tier_profile(path: str, rows: int, key: str):
-    """A tier's FrequencyProfile for a table of ``rows`` rows; errors name the key (``key``)."""
+def load_tier_profile(path: str, rows: int, key: str, shard: tuple[int, int, int] | None = None):
+    """A tier's FrequencyProfile for a table of ``rows`` rows; errors name the key (``key``). For
+    a shard (``shard``: see ``warm_start``), the profile of its table, cut to the rows it holds."""
     from .profile import FrequencyProfile
 
     try:
@@ -401,14 +434,20 @@ def load_tier_profile(path: str, rows: int, key: str):
         raise ConfigError(
             f"{key}: cannot read {path} ({exc}); expected a profile .npz from `tiered-store analyze`"
         ) from None
-    if profile.rows is not None and profile.rows != rows:
-        raise ConfigError(
-            f"{key}: {path} profiles a table of {profile.rows:,} rows; this table has {rows:,}"
-        )
     ids = profile.row_ids
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+    local, held, table_rows, table = _table_ids(ids, rows, shard)
+    if profile.rows is not None and profile.rows != table_rows:
+        raise ConfigError(
+            f"{key}: {path} profiles a table of {profile.rows:,} rows; {table} has {table_rows:,}"
+        )
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= table_rows):
         raise ConfigError(
             f"{key}: {path} has row ids in [{int(ids.min()):,}, {int(ids.max()):,}]; expected "
-            f"row ids of this table, in [0, {rows:,})"
+            f"row ids of {table}, in [0, {table_rows:,})"
         )
-    return profile
+    if shard is None:
+        return profile
+    episodes = None if profile.episodes is None else profile.episodes[held]
+    return replace(
+        profile, row_ids=local, counts=profile.counts[held], episodes=episodes, rows=rows
+    )

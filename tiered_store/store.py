@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache_plan import CacheHierarchy, IgnoredSettingWarning, ignored_tier_settings
+from .cache_plan import CacheHierarchy, IgnoredSettingWarning, ignored_tier_settings, shard_rows
 from .capacity import format_bytes
 from .cold_table import ColdTable
 from .config import StoreConfig
@@ -179,7 +179,8 @@ class TieredStore:
             c.name for c in self.caches.online if saved is not None and c.name in saved.pinned
         ]
         with self._lock:  # on the store's stream, which lookups gather on
-            for cache, ids, slots in self.caches.warm_start(config, restored):
+            shard = shard_rows(self.cold.manifest.metadata)  # a shard: lists name table rows
+            for cache, ids, slots in self.caches.warm_start(config, restored, shard):
                 pool = self.hot_pool if cache is self.hot else self.warm_pool
                 order = torch.argsort(ids)
                 pool.write(slots[order.to(slots.device)], self._read_cold(ids[order]))
