@@ -388,7 +388,7 @@ def test_the_scrub_checks_the_served_version_and_outlives_a_missing_table(tmp_pa
         server.stop()
 
 
-def test_a_table_of_another_shape_is_refused_at_reload_and_the_stats_stay_true(tmp_path):
+def test_a_table_of_another_shape_is_refused_at_reload_and_the_stats_stay_true(tmp_path, caplog):
     """A table made anew with other rows: the check came after the stores were swapped, so the
     request answered 500, /stats described the refused table and the model kept the old one."""
     import numpy as np
@@ -403,6 +403,9 @@ def test_a_table_of_another_shape_is_refused_at_reload_and_the_stats_stay_true(t
         dim = server.model.stores["engram_layer3"].dim
         create_table(table, np.zeros((rows // 2, dim), np.float32), progress=False, overwrite=True)
         assert server.model.reload_if_stale(force_check=True) == []
+        assert server.model.reload_if_stale(force_check=True) == []  # logged once, not per check
+        refused = [r for r in caplog.records if "could not reopen engram_layer3" in r.getMessage()]
+        assert len(refused) == 1 and "expected a table of" in refused[0].getMessage()
         code, body = post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})
         assert code == 503, body  # the replaced file: its rows are gone, not a server error
         assert get_json(server.url + "/stats")[1]["geometry"]["engram_layer3"]["rows"] == rows

@@ -178,6 +178,7 @@ class ServedModel:
             self._waiting_lock = threading.Lock()
             self.reload_check_seconds = RELOAD_CHECK_SECONDS  # how often requests check
             self._last_version_check = time.monotonic()
+            self._reload_refused: str | None = None  # why the last reload failed (logged once)
             self.reloads = 0
             if trace is not None:
                 self._trace = self._open_trace(Path(trace))
@@ -277,14 +278,17 @@ class ServedModel:
             except (TieredStoreError, OSError) as exc:  # ConfigError: another geometry
                 for store in opened.values():
                     store.close()
-                log.error(
-                    "could not reopen %s on its new version (%s); serving the version open now, "
-                    "trying again in %.0f s",
-                    ", ".join(stale),
-                    error_text(exc),
-                    self.reload_check_seconds,
-                )
+                refused = f"{', '.join(stale)} ({error_text(exc)})"
+                if refused != self._reload_refused:  # once per reason, not at every check
+                    log.error(
+                        "could not reopen %s on its new version; serving the version open now, "
+                        "trying again every %.0f s",
+                        refused,
+                        self.reload_check_seconds,
+                    )
+                self._reload_refused = refused
                 return []
+            self._reload_refused = None
             old = {name: self.stores[name] for name in stale}
             carried = {name: store.cold.checksum_failures for name, store in old.items()}
             for name, count in carried.items():  # the counter goes on, before a scrape sees it
