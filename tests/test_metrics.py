@@ -217,6 +217,19 @@ def test_rules_and_dashboard_use_only_real_metrics():
     for topic in ("hit ratio", "lookups/s", "latency", "stall", "occupancy", "cold read"):
         assert topic in titles, topic
 
+    for panel in dashboard["panels"]:  # a panel in seconds plots seconds, or says otherwise
+        config = panel.get("fieldConfig", {})
+        if config.get("defaults", {}).get("unit") != "s":
+            continue
+        overridden = {
+            o["matcher"]["options"]
+            for o in config.get("overrides", [])
+            if any(prop["id"] == "unit" for prop in o["properties"])
+        }
+        for target in panel["targets"]:
+            if "_seconds" not in target["expr"]:  # a count shown as seconds (in flight: "3 s")
+                assert target["legendFormat"] in overridden, (panel["title"], target["expr"])
+
 
 @pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"

@@ -154,4 +154,22 @@ def test_bad_quantised_sources_name_the_tensor_and_leave_nothing(tmp_path):
         create_table(
             tmp_path / "x.npy", np.zeros((4, 264), np.float32), dtype="uint8", progress=False
         )
+    # uint8 rows without their layout: the table served its raw code and scale bytes as rows
+    with pytest.raises(TableFormatError, match="uint8 rows without their quantization"):
+        create_table(tmp_path / "x.npy", np.zeros((4, 264), np.uint8), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_manifest_of_uint8_rows_without_their_layout_is_refused(tmp_path):
+    import json
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((4, 264), np.uint8), quantization=Q, progress=False)
+    manifest = tmp_path / "t.npy.manifest.json"
+    doc = json.loads(manifest.read_text())
+    del doc["quantization"]
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(
+        TableFormatError, match="field 'quantization' is '<missing>'; expected the layout"
+    ):
+        read_manifest(path)

@@ -264,6 +264,8 @@ class TableManifest:
                 raise bad(
                     "shape", f"[rows, {quantization.packed_bytes}] uint8 for packed quantised rows"
                 )
+        elif dtype == "uint8":  # packed rows without their layout: lookups would be raw bytes
+            raise bad("quantization", "the layout of its packed uint8 rows")
         page_checksums = None
         if "page_checksums" in doc:
             page_checksums = PageChecksums.from_json(
@@ -587,6 +589,13 @@ def _row_quantization(
         raise TableFormatError(
             f"quantization {quant.to_json()} needs uint8 rows of {quant.packed_bytes} bytes; "
             f"the source has {reader.dtype} rows of {reader.dim} values"
+        )
+    if quant is None and reader.dtype == "uint8":  # served as values, they would be raw bytes
+        raise TableFormatError(
+            f"{reader.description}: uint8 rows without their quantization; uint8 tables hold "
+            "packed quantised rows (fp8 codes, then scale bytes), made with quantization= (see "
+            "tiered_store.quantization.quantize_rows) or by `tiered-store convert-hf`; expected "
+            "float rows otherwise"
         )
     return quant
 
