@@ -296,7 +296,11 @@ def test_extents_that_share_the_short_last_page_verify(tmp_path, io):
     (a row straddles the split), so the packed buffer holds it twice; both copies are checked as
     short pages (found by the V4.1 module test: every full-table read failed)."""
     path = tmp_path / "packed.npy"
-    create_table(path, RandomSource(1998, 264, "uint8", seed=2), progress=False)
+    create_table(
+        path,
+        RandomSource(1998, 264, "uint8", seed=2, quantization=RowQuantization(256, 32)),
+        progress=False,
+    )
     with ColdTable(path, io=io, threads=2) as table:
         ids = np.arange(1998)
         assert np.array_equal(table.read_rows(ids).numpy(), np.load(path))
