@@ -350,6 +350,14 @@ def test_replay_command_replays_with_a_queue(tmp_path, capsys):
     assert "requests of 40 tokens (whole requests)" in printed
     assert "without a queue, the same batches are `--batch-tokens 40`" in printed.lower()
     assert "the trace's own" not in printed
+    # requests of 40 tokens in batches of 15 end in a batch of 10: no run without a queue
+    # cuts those (it said `--batch-tokens 15` did)
+    assert main([*argv[:-2], *whole, "--batch-tokens", "15"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert (
+        "No replay without a queue cuts the same batches: each request ends in a batch of 10 tokens"
+        in printed
+    )
 
 
 @settings(max_examples=150, deadline=None)

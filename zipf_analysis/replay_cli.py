@@ -222,10 +222,19 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
     print_table(results)
     if args.queued_requests:
         batching = f"--batch-tokens {args.batch_tokens}" if args.batch_tokens else "whole requests"
+        batch = args.batch_tokens or args.request_tokens
+        if batch == 1:  # --batch-tokens 1 replays one lookup a batch, not one token
+            same = "No replay without a queue cuts the same batches (one token's lookups each)"
+        elif args.request_tokens % batch:
+            same = (
+                f"No replay without a queue cuts the same batches: each request ends in a "
+                f"batch of {args.request_tokens % batch:,} tokens"
+            )
+        else:
+            same = f"Without a queue, the same batches are `--batch-tokens {batch}`"
         print(
             f"batches: requests of {args.request_tokens:,} tokens ({batching}), the next "
-            f"{args.queued_requests:,} announced before each is served. Without a queue, the "
-            f"same batches are `--batch-tokens {args.batch_tokens or args.request_tokens}`"
+            f"{args.queued_requests:,} announced before each is served. {same}"
         )
     elif args.batch_tokens is None:
         print(
