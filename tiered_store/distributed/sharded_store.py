@@ -36,6 +36,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,19 @@ __all__ = ["ShardedStore", "init_process_group_from_env"]
 _instances = itertools.count()  # every rank opens its stores in the same order: same numbers
 # this process's open stores
 _OPEN: weakref.WeakSet = weakref.WeakSet()
-# the default group init_process_group_from_env made, if any, and whether a store failed on it
-# (then it goes with the last store to close; else at exit)
-_ENV_GROUP: list[Any] = [None, False]
+
+
+@dataclass
+class _EnvGroup:
+    """The default group ``init_process_group_from_env`` made, if any, and whether a store failed
+    on it (then it goes with the last store to close; else at exit)."""
+
+    group: Any = None
+    failed: bool = False
+
+
+_ENV_GROUP = _EnvGroup()
+
 _EXCHANGE_KEYS = (
     "lookups",
     "ids",
@@ -713,13 +724,13 @@ class ShardedStore:
             dist.destroy_process_group(self.group)
         _OPEN.discard(self)
         if self.owns_group and self._failure is not None:
-            _ENV_GROUP[1] = True  # failed: a reopen needs the ranks restarted
-        if self.owns_group and dist.is_initialized() and not _OPEN and _ENV_GROUP[1]:
+            _ENV_GROUP.failed = True  # a reopen needs the ranks restarted
+        if self.owns_group and dist.is_initialized() and not _OPEN and _ENV_GROUP.failed:
             # a sound group stays for the next store of this process (and goes at exit): were it
             # destroyed here, a rank reopening at once joined the old rendezvous, still up on a
             # rank not yet through its own close
             dist.destroy_process_group()
-            _ENV_GROUP[:] = [None, False]
+            _ENV_GROUP.group, _ENV_GROUP.failed = None, False
 
 
 def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]:
@@ -794,7 +805,7 @@ def init_process_group_from_env(sharding: ShardingConfig, device: str) -> bool:
     if it is one this function made (now or for an earlier store: it outlives the stores, until
     the process exits)."""
     if dist.is_initialized():
-        return _ENV_GROUP[0] is not None and _ENV_GROUP[0] is dist.group.WORLD
+        return _ENV_GROUP.group is dist.group.WORLD
     missing = [
         k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if k not in os.environ
     ]
@@ -809,16 +820,17 @@ def init_process_group_from_env(sharding: ShardingConfig, device: str) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=sharding.timeout_s))
-    if _ENV_GROUP[0] is None:
-        atexit.register(_destroy_env_group)
-    _ENV_GROUP[0] = dist.group.WORLD
+    _ENV_GROUP.group = dist.group.WORLD
     return True
 
 
 def _destroy_env_group() -> None:
     """At exit: destroy the default group made from the environment, if it is still up."""
-    if dist.is_initialized() and dist.group.WORLD is _ENV_GROUP[0]:
+    if dist.is_initialized() and dist.group.WORLD is _ENV_GROUP.group:
         dist.destroy_process_group()
+
+
+atexit.register(_destroy_env_group)
 
 
 def _queued_on(ids: torch.Tensor) -> torch.cuda.Event | None:
