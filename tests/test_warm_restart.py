@@ -16,14 +16,14 @@ from tiered_store.warm_restart import RestartWarning, restart_path
 from tiered_store.workload import ZipfWorkload
 
 
-def config(path, restart=None, hot=64, warm=512, hot_policy="lru") -> StoreConfig:
-    """Hot and warm LRU tiers over ``path`` with warm restart on."""
+def config(path, restart=None, hot=64, warm=512, hot_policy="lru", warm_policy="lru"):
+    """Hot and warm tiers (LRU unless said) over ``path`` with warm restart on."""
     return StoreConfig.from_dict(
         {
             "table": {"path": str(path)},
             "tiers": {
                 "hot": {"capacity": hot, "policy": hot_policy},
-                "warm": {"capacity": warm},
+                "warm": {"capacity": warm, "policy": warm_policy},
                 "restart": restart or {"enabled": True},
             },
         }
@@ -180,19 +180,53 @@ def test_off_by_default_and_periodic_save(tmp_path):
         assert restart_path(path).exists()
 
 
-def test_close_during_restore_stops_it_and_saves(tmp_path, monkeypatch):
+def test_close_during_restore_stops_it_and_keeps_the_saved_rows(tmp_path, monkeypatch):
     path, data = make_table(tmp_path, rows=60_000, dim=8)
     with TieredStore(config(path, hot=0, warm=40_000)) as store:
         store.lookup(torch.arange(40_000))
+        saved = store.warm.held_rows()
     monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 100)
     store = TieredStore(config(path, hot=0, warm=40_000))
+    store.lookup(torch.arange(50_000, 50_010))  # admitted by a lookup: the newest rows
     store.close()  # at once: the restore stops after its current chunk
     assert store.restore_seconds is not None
-    with TieredStore(config(path, hot=0, warm=40_000)) as again:  # what the tier held then
+    assert store.warm.occupancy < 40_000  # it did stop part way
+    with TieredStore(config(path, hot=0, warm=40_000)) as again:
+        # what it was given, read back or not, behind the rows lookups admitted meanwhile
         assert again.wait_restored(timeout=60)
-        assert again.warm.occupancy == store.warm.occupancy
+        order = again.warm.held_rows()
+        assert set(order[:10].tolist()) == set(range(50_000, 50_010))
+        assert torch.equal(order[10:], saved[:-10])
         ids = torch.randint(0, 60_000, (5_000,))
         assert torch.equal(again.lookup(ids), data[ids])
+
+
+@pytest.mark.parametrize("policy", ["lru", "sieve"])
+def test_rows_lookups_admit_during_a_restore_displace_the_least_valuable(
+    tmp_path, monkeypatch, policy
+):
+    path, data = make_table(tmp_path, rows=10_000, dim=8)
+    cfg = config(path, hot=0, warm=1_000, warm_policy=policy)
+    with TieredStore(cfg) as store:
+        for row in range(1_000):
+            store.lookup(torch.tensor([row]))
+        saved = store.warm.held_rows().tolist()  # most valuable first, by the policy
+    assert sorted(saved) == list(range(1_000))
+    monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 100)  # LRU: ten steps
+    monkeypatch.setattr(store_module, "RESTORE_ORDERED_ROWS", 100)  # the others: ten steps
+    steps = store_module.TieredStore._restore_steps
+
+    def steps_after_lookups(self, n, **kwargs):
+        """Lookups of other rows land as the warm tier's restore starts, as serving goes on."""
+        if n:  # the warm tier's rows (hot has none)
+            assert torch.equal(self.lookup(torch.arange(5_000, 5_200)), data[5_000:5_200])
+        return steps(self, n, **kwargs)
+
+    monkeypatch.setattr(store_module.TieredStore, "_restore_steps", steps_after_lookups)
+    with TieredStore(cfg) as store:
+        assert store.wait_restored(timeout=60)
+        now = set(store.warm.held_rows().tolist())
+    assert now == set(saved[:800]) | set(range(5_000, 5_200))
 
 
 @pytest.mark.gpu

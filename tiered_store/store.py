@@ -152,6 +152,7 @@ class TieredStore:
         self._threads: list[threading.Thread] = []
         self.restore_seconds: float | None = None  # how long the last warm restart took
         self._hot_restored = threading.Event()  # set once the restore has done the hot tier
+        self._unrestored = RestartState({})  # per tier, saved rows until the restore is done
         # zipf-tuned's online re-pin: lookups set this when an interval ends; a thread plans it
         self._repin_wanted = threading.Event() if self.caches.online else None
         try:
@@ -175,6 +176,7 @@ class TieredStore:
             saved = load_restart(path, table_identity(self.cold, self.generation))
             if saved is not None:
                 self._restore_profiles(path, saved)
+                self._unrestored = RestartState(dict(saved.held), dict(saved.pinned))
         restored = [
             c.name for c in self.caches.online if saved is not None and c.name in saved.pinned
         ]
@@ -471,8 +473,11 @@ class TieredStore:
             for cache in self.caches.online:  # the counts as the lookups so far leave them
                 cache.online.count_pending()
             state = RestartState(
-                {cache.name: cache.held_rows().cpu().numpy() for cache in (self.hot, self.warm)},
-                {c.name: c.pinned_rows().cpu().numpy() for c in self.caches.online},
+                {cache.name: self._rows_to_save(cache) for cache in (self.hot, self.warm)},
+                {
+                    c.name: self._unrestored.pinned.get(c.name, c.pinned_rows().cpu().numpy())
+                    for c in self.caches.online
+                },
                 {
                     c.name: (c.online.state(), c.online.sketch_with_resident(c.row_of_slot))
                     for c in self.caches.online
@@ -487,6 +492,17 @@ class TieredStore:
             )
         save_restart(path, table_identity(self.cold, self.generation), state)
         return path
+
+    def _rows_to_save(self, cache: Any) -> np.ndarray:
+        """The rows ``cache`` holds, most valuable first; while the restore has not done the
+        tier, those lookups admitted, then the saved rows in their saved order (read back or not):
+        a store closed before its restore finished keeps what it was given."""
+        held = cache.held_rows().cpu().numpy()
+        saved = self._unrestored.held.get(cache.name)
+        if saved is None:
+            return held
+        admitted = held[~np.isin(held, saved)]
+        return np.concatenate([admitted, saved])[: cache.capacity]
 
     def wait_repinned(self, timeout: float | None = None) -> bool:
         """Wait until no tier waits for its online re-pin (tests and benchmarks call it after a
@@ -727,6 +743,10 @@ class TieredStore:
             for cache, pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
                 if cache.online is not None and cache.name in saved.pinned:
                     self._restore_pins(cache, pool, torch.from_numpy(saved.pinned[cache.name]))
+                    if self._stop.is_set():
+                        return
+                    with self._lock:
+                        self._unrestored.pinned.pop(cache.name, None)
                 ids = torch.from_numpy(saved.held.get(cache.name, np.zeros(0, np.int64)))
                 with self._lock:  # the saved pins (and rows lookups admitted) are in already
                     held = (cache.probe(ids.to(cache.device)) >= 0).cpu()
@@ -735,9 +755,16 @@ class TieredStore:
                 for at, end in self._restore_steps(ids.numel(), ranked=ranked):
                     if self._stop.is_set():
                         return
+                    # lookups took free slots meanwhile: what is left to read is ids[:end], so
+                    # the least valuable of it gives way (this step's tail, or the whole step)
+                    end = min(end, cache.capacity - cache.occupancy)
+                    if end <= at:
+                        continue
                     ages = torch.arange(at, end) if ranked else None
                     if not self._restore_chunk(cache, pool, ids[at:end], ages=ages):
                         break
+                with self._lock:  # this tier is done: saves list what it holds
+                    self._unrestored.held.pop(cache.name, None)
                 if cache is self.hot:
                     self._hot_restored.set()  # what open waits for with open_waits_for: hot
         except (TieredStoreError, OSError) as exc:  # a failed cold read: lookups go on, cold
