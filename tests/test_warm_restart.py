@@ -323,8 +323,9 @@ def test_a_well_checksummed_file_with_a_malformed_header_starts_cold(tmp_path):
             {"identity": {}, "tiers": {"warm": -1}, "pinned": {}, "profiles": {}},
             "header is unreadable",
         ),
+        ('{"identity": ' + "[" * 100_000 + "]" * 100_000 + "}", "header is unreadable"),
     ]:
-        raw = json.dumps(header).encode()
+        raw = (header if isinstance(header, str) else json.dumps(header)).encode()
         body = MAGIC + struct.pack("<I", len(raw)) + raw
         saved.write_bytes(body + struct.pack("<I", crc32c.crc32c(body)))
         with pytest.warns(RestartWarning, match=rf"{saved.name} not used, its {why}"):
@@ -332,3 +333,15 @@ def test_a_well_checksummed_file_with_a_malformed_header_starts_cold(tmp_path):
         with store:
             assert store.wait_restored(timeout=5) and store.warm.occupancy == 0
             serve(store, data)
+
+
+def test_a_fifo_at_the_restart_path_starts_cold_without_blocking(tmp_path):
+    import os
+
+    path, data = make_table(tmp_path, rows=3000, dim=8)
+    os.mkfifo(restart_path(path))  # reading it would wait for a writer forever
+    with pytest.warns(RestartWarning, match=r"not used, it is not a regular file"):
+        store = TieredStore(config(path, hot=16, warm=64))
+    with store:
+        serve(store, data, batches=2)
+    assert restart_path(path).is_file()  # the close saved a file in its place

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,8 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
     else None (with a ``RestartWarning`` naming the file and the mismatch, unless the file is
     simply absent)."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device would block or never end
+            return _cold_start(path, "it is not a regular file")
         data = path.read_bytes()
     except FileNotFoundError:
         return None
@@ -167,8 +170,8 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
         sizes = [*counts.values(), *pinned.values(), *(d for s in shapes.values() for d in s)]
         if any(v < 0 for v in sizes):
             raise ValueError(f"a negative row count or sketch size ({min(sizes)})")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        return _cold_start(path, f"its header is unreadable ({exc})")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        return _cold_start(path, f"its header is unreadable ({type(exc).__name__}: {exc})")
     if saved != identity:
         diff = ", ".join(
             f"{k} {saved.get(k)!r} (table now {identity.get(k)!r})"
