@@ -489,15 +489,16 @@ def _sharded_serve_config(tmp_path: Path, **checkpoint) -> Path:
     return config_path
 
 
-def _serve_ranks(config_path: Path) -> list[subprocess.Popen]:
-    """Rank 0 (HTTP on a free port) and rank 1 of `tiered-store serve`, as torchrun starts them."""
+def _serve_ranks(config_path: Path, metrics: str = "127.0.0.1:0") -> list[subprocess.Popen]:
+    """Rank 0 (HTTP on a free port) and rank 1 of `tiered-store serve`, as torchrun starts them
+    (rank 1's metrics on ``metrics``: its port + 1, or a free one)."""
     from tiered_store.serve.client import subprocess_env
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     cmd = [sys.executable, "-m", "tiered_store.cli", "serve", str(config_path)]
     extra = (
         ["--address", "127.0.0.1:0", "--metrics-address", ""],
-        ["--metrics-address", "127.0.0.1:0"],
+        ["--metrics-address", metrics],
     )
     return [
         subprocess.Popen(
@@ -586,6 +587,56 @@ def _healthz_says(url: str, text: str, present: bool = True, within_s: float = 3
             return True
         time.sleep(0.1)
     return False
+
+
+def test_healthz_names_a_rank_that_died_between_requests_and_stays_503_after_the_hold(tmp_path):
+    """A follower killed while the server is idle: rank 0's /healthz names it within seconds,
+    before any request (it said "ok" until a request failed); after a failed request, /healthz
+    stays 503 past ``server.health_hold_s`` while every request is refused (it turned "ok")."""
+    from tiered_store.serve.client import get_json, post_json
+
+    config_path = _sharded_serve_config(tmp_path)
+    doc = yaml.safe_load(config_path.read_text())
+    doc.setdefault("server", {})["health_hold_s"] = 0.5
+    config_path.write_text(yaml.safe_dump(doc))
+    request = {"input_ids": [[5, 17, 99, 1000, 3, 3]]}
+    ranks = _serve_ranks(config_path)
+    try:
+        url, _ = _started(ranks)
+        assert post_json(url + "/v1/engram", request)[0] == 200
+        assert get_json(url + "/healthz") == (200, {"status": "ok"})
+        ranks[1].kill()
+        ranks[1].wait(30)
+        assert _healthz_says(url, "rank 1 stopped: no heartbeat"), get_json(url + "/healthz")
+        assert post_json(url + "/v1/engram", request)[0] == 503
+        time.sleep(1.0)  # past the hold
+        status, health = get_json(url + "/healthz")
+        assert status == 503, health
+        assert any(p.startswith("ranks failed: ") for p in health["problems"]), health
+        assert post_json(url + "/v1/engram", request)[0] == 503
+        ranks[0].terminate()
+        assert ranks[0].wait(30) == 0
+    finally:
+        _ended(ranks)
+
+
+def test_a_follower_that_cannot_bind_its_metrics_stops_every_rank_with_a_clear_error(tmp_path):
+    """Rank 1's metrics port (the address's port + 1) taken: both ranks exit at start, rank 1
+    naming the key and the address (it bound after the start barrier: a raw traceback, and rank
+    0 served "ok" with every request a 503)."""
+    import socket
+
+    config_path = _sharded_serve_config(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1] - 1
+        ranks = _serve_ranks(config_path, metrics=f"127.0.0.1:{port}")
+        try:
+            assert ranks[1].wait(60) == 2 and ranks[0].wait(60) != 0
+        finally:
+            errors = _ended(ranks)
+    want = f"store.metrics.address: rank 1 cannot listen on 127.0.0.1:{port + 1}"
+    assert want in errors[1] and "Traceback" not in errors[1], errors[1]
+    assert "start #" in errors[0] and "rank 1" in errors[0], errors[0]
 
 
 def test_a_bad_page_in_a_followers_shard_fails_that_request_only(tmp_path):

@@ -72,6 +72,8 @@ class Heartbeat:
         self._store.set_timeout(timedelta(seconds=max(2 * interval, 1.0)))
         self._beat = 0
         self._stop = threading.Event()
+        self._watch: dist.Store | None = None  # ``stopped``'s own connection, once it reads
+        self._seen: dict[int, tuple[tuple | None, float]] = {}  # rank -> entry, when it changed
         self._publish()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{rank}", daemon=True)
         self._thread.start()
@@ -134,6 +136,32 @@ class Heartbeat:
         )
         return Diagnosis(
             silent=silent, closed=closed, behind=behind, elsewhere=elsewhere, kind=self.kind
+        )
+
+    def stopped(self) -> str | None:
+        """Between rounds (rank 0's health watch, every few seconds): a sentence naming the other
+        ranks whose entry has not moved for ``3 * interval`` (died or hung while idle) or that
+        closed their store; None when every one beats."""
+        now = time.monotonic()
+        try:
+            if self._watch is None:
+                self._watch = self._store.clone()
+                self._watch.set_timeout(timedelta(seconds=max(2 * self.interval, 1.0)))
+            entries = self._read(self._watch)
+        except Exception as exc:  # the store's host is gone or hung
+            return Diagnosis(store_error=str(exc).splitlines()[0][:200]).describe(0)
+        others = [r for r in range(self.world) if r != self.rank]
+        for rank in others:
+            entry = entries.get(rank)
+            if rank not in self._seen or self._seen[rank][0] != entry:
+                self._seen[rank] = (entry, now)
+        closed = tuple(r for r in others if entries.get(r, (0, 0, ""))[2] == "closed")
+        ages = {r: now - self._seen[r][1] for r in others if r not in closed}
+        silent = tuple(r for r, age in ages.items() if age > 3 * self.interval)
+        if not silent and not closed:
+            return None
+        return Diagnosis(silent=silent, closed=closed).describe(
+            max((ages[r] for r in silent), default=0.0)
         )
 
     def close(self) -> None:

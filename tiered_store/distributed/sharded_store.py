@@ -702,6 +702,21 @@ class ShardedStore:
         )
         return self._failure
 
+    @property
+    def failed(self) -> BaseException | None:
+        """The failed round that made this store unusable, or None."""
+        return self._failure
+
+    def stopped_ranks(self) -> str | None:
+        """Between rounds: a sentence naming the ranks whose heartbeat stopped or that closed
+        their store (see ``Heartbeat.stopped``); None when every one beats."""
+        return self._heartbeat.stopped()
+
+    @property
+    def heartbeat_s(self) -> float:
+        """Seconds between this rank's heartbeats."""
+        return self._interval
+
     def _check_usable(self) -> None:
         """Raise once closed or after a failure (the group's collectives are then out of step)."""
         if self._closed:

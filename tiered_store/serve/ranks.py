@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -46,7 +46,8 @@ HEALTH_READ_S = 2.0  # a read of the others' health waits at most this long for 
 class RankHealth:
     """The ranks' failed checksum passes, through the process group's key-value store: the other
     ranks publish theirs after each pass; rank 0 reads them in a thread, so its ``/healthz``
-    never waits on the store (whose host, torchrun's agent, may hang)."""
+    never waits on the store (whose host, torchrun's agent, may hang). That thread also asks
+    whether every rank still beats (a rank may die or hang between requests)."""
 
     def __init__(self, store: dist.Store, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
@@ -55,18 +56,26 @@ class RankHealth:
         self._read_at = time.monotonic()
         self._read_error: str | None = None
         self._interval: float | None = None  # rank 0, once watching
+        self._stopped: str | None = None  # rank 0: the ranks that stopped beating, as last read
 
     def publish(self, failed: Mapping[str, str]) -> None:
         """Another rank: its tables whose last checksum pass failed (table -> error), for rank
         0's ``/healthz``; an empty mapping once they pass again."""
         self._store.set(str(self.rank), json.dumps(dict(failed)))
 
-    def watch(self, interval_s: float, stop: threading.Event) -> threading.Thread:
-        """Rank 0: read the others' failures every ``interval_s`` until ``stop``; started."""
+    def watch(
+        self,
+        interval_s: float,
+        stop: threading.Event,
+        stopped: Callable[[], str | None] = lambda: None,
+    ) -> threading.Thread:
+        """Rank 0: read the others' failures, and ``stopped()`` (the ranks that stopped beating,
+        or None), every ``interval_s`` until ``stop``; started."""
         self._interval, self._read_at = interval_s, time.monotonic()
 
         def watch() -> None:
             while True:
+                self._stopped = stopped()
                 try:
                     self._lines, self._read_at = self._read(), time.monotonic()
                     self._read_error = None
@@ -82,7 +91,7 @@ class RankHealth:
     def problems(self) -> list[str]:
         """Rank 0: the others' failed passes as last read, and a line when that read is old;
         never waits."""
-        out = list(self._lines)
+        out = list(self._lines) + ([self._stopped] if self._stopped else [])
         age = time.monotonic() - self._read_at
         if self._interval is not None and age > 2 * self._interval + HEALTH_READ_S:
             why = f": {self._read_error}" if self._read_error else ""
@@ -193,30 +202,19 @@ def _stay_until_stopped(rank: int, grace_s: float) -> None:
 
 def run_follower(config: Any) -> int:
     """A rank other than 0: open the model's stores, export metrics, follow rank 0; exit status."""
-    from prometheus_client import start_http_server
-
-    from ..metrics import build_sharded_registry
-    from .config import check_address
     from .served_model import ServedModel
 
-    served = ServedModel(config)
+    metrics_url: list[str] = []  # the listener's, once bound
+    served = ServedModel(config, before_start=lambda s: metrics_url.extend(_export_metrics(s)))
     rank = served.control.rank
     sharding = config.store_config(served.layer_ids[0]).sharding
     # rank 0's drain (2 x request_timeout_s), then its stop, which may wait timeout_s for a rank
     _stay_until_stopped(rank, 2 * config.server.request_timeout_s + sharding.timeout_s + 10)
     try:
-        address = check_address(config.metrics_address, "store.metrics.address", allow_empty=True)
-        metrics_url = None
-        if address is not None:
-            host, port = address
-            registry = build_sharded_registry(served.stores, served.health)
-            httpd, _ = start_http_server(port + rank if port else 0, host, registry)
-            metrics_url = f"http://{host}:{httpd.server_port}/metrics"
         if config.checkpoint.scrub_interval_s > 0:  # its own shards: in its metrics and log
             served.start_scrub(threading.Event())
-        print(
-            json.dumps({"event": "following", "rank": rank, "metrics_url": metrics_url}), flush=True
-        )
+        url = metrics_url[0] if metrics_url else None
+        print(json.dumps({"event": "following", "rank": rank, "metrics_url": url}), flush=True)
         try:
             rounds = served.control.follow(served.stores)
         except RankZeroGone as exc:
@@ -229,3 +227,37 @@ def run_follower(config: Any) -> int:
         return 0
     finally:
         served.close()
+
+
+def _export_metrics(served: Any) -> list[str]:
+    """A follower's metrics listener (``store.metrics.address``'s port + rank), bound before the
+    ranks' start barrier, so that one it cannot bind stops every rank; its URL (none when off)."""
+    from prometheus_client import start_http_server
+
+    from ..errors import ConfigError
+    from ..metrics import build_sharded_registry
+    from .config import check_address
+
+    address = check_address(
+        served.config.metrics_address, "store.metrics.address", allow_empty=True
+    )
+    if address is None:
+        return []
+    host, base = address
+    rank = served.control.rank
+    port = base + rank if base else 0
+    if port > 65535:
+        raise ConfigError(
+            f"store.metrics.address: port {base} + rank {rank} is {port}; expected a port at "
+            f"most {65535 - rank} (rank R exports its metrics on the port + R)"
+        )
+    registry = build_sharded_registry(served.stores, served.health)
+    try:
+        httpd, _ = start_http_server(port, host, registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"store.metrics.address: rank {rank} cannot listen on {host}:{port} "
+            f"({os.strerror(exc.errno) if exc.errno else exc}); expected a free address (rank R "
+            "exports its metrics on the port + R)"
+        ) from None
+    return [f"http://{host}:{httpd.server_port}/metrics"]

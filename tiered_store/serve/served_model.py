@@ -117,7 +117,12 @@ class ServedModel:
     """
 
     def __init__(
-        self, config: ServeConfig, *, create: bool = False, trace: str | Path | None = None
+        self,
+        config: ServeConfig,
+        *,
+        create: bool = False,
+        trace: str | Path | None = None,
+        before_start: Callable[[ServedModel], None] | None = None,
     ) -> None:
         self.config = config
         if trace is not None and config.sharded:
@@ -182,6 +187,8 @@ class ServedModel:
             self.reloads = 0
             if trace is not None:
                 self._trace = self._open_trace(Path(trace))
+            if before_start is not None:  # a rank's own checks: one failing stops every rank
+                before_start(self)
             if self.control is not None:
                 try:
                     self.control.started()
@@ -459,7 +466,7 @@ class ServedModel:
     def start_scrub(self, stop: threading.Event) -> threading.Thread:
         """A thread re-verifying every table this process serves (its shards, on a rank) every
         ``checkpoint.scrub_interval_s`` seconds, until ``stop``; started. Over sharded tables the
-        other ranks publish their failed passes, and rank 0 reads them (at least every 5 s)."""
+        other ranks publish their failed passes, and rank 0 reads them (``watch_ranks``)."""
 
         def scrub() -> None:
             while not stop.wait(self.config.checkpoint.scrub_interval_s):
@@ -477,9 +484,25 @@ class ServedModel:
 
         thread = threading.Thread(target=scrub, name="tiered-store-checksum-scrub", daemon=True)
         thread.start()
-        if self.control is not None and self.control.rank == 0:  # the others' passes, read
-            self.control.health.watch(min(self.config.checkpoint.scrub_interval_s, 5.0), stop)
         return thread
+
+    def watch_ranks(self, stop: threading.Event) -> None:
+        """Rank 0 over sharded tables: a thread reading, until ``stop``, the other ranks'
+        checksum passes and whether each still beats (within about three heartbeats and a read,
+        a rank that died or hung between requests is in ``/healthz``)."""
+        first = next(iter(self.stores.values()))
+        every = min(3 * first.heartbeat_s, 5.0)
+        if self.config.checkpoint.scrub_interval_s > 0:
+            every = min(every, self.config.checkpoint.scrub_interval_s)
+        self.control.health.watch(every, stop, first.stopped_ranks)
+
+    def rank_failure(self) -> str | None:
+        """Over sharded tables: the failed round that makes every request fail from now on (a
+        rank died or hung, or the ranks fell out of step), until the ranks are restarted."""
+        if self.control is None:
+            return None
+        failed = [self.control.failure, *(store.failed for store in self.stores.values())]
+        return next((error_text(f) for f in failed if f is not None), None)
 
     def verify_tables(self) -> list[str]:
         """One checksum pass over every table (counted in ``health``); the tables that failed."""

@@ -89,7 +89,7 @@ class InferenceServer:
         self._draining = False
         self._stopped = False
         self._started_at = time.time()
-        self._scrub_stop = threading.Event()
+        self._background_stop = threading.Event()
         self._scrubber: threading.Thread | None = None
         self._compute: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         self._workers: anyio.CapacityLimiter | None = None
@@ -113,7 +113,9 @@ class InferenceServer:
                 self.model.close()
             raise
         if self.config.checkpoint.scrub_interval_s > 0:
-            self._scrubber = self.model.start_scrub(self._scrub_stop)
+            self._scrubber = self.model.start_scrub(self._background_stop)
+        if self.model.control is not None:  # sharded: rank 0 watches the other ranks
+            self.model.watch_ranks(self._background_stop)
 
     def _bind(self) -> None:
         """Listening sockets for the endpoint and (unless off or the same) the metrics listener."""
@@ -185,7 +187,7 @@ class InferenceServer:
             return
         self._stopped = True
         self._draining = True
-        self._scrub_stop.set()
+        self._background_stop.set()
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
         if self._thread is not None:
@@ -350,6 +352,12 @@ class InferenceServer:
                     f"{now - at:.1f} s ago): {self._without_paths(health.last_lookup_error or '')}"
                 )
         if self.model.control is not None:  # sharded: the other ranks' checksum passes too
+            failure = self.model.rank_failure()
+            if failure is not None:  # every request fails from now on: no hold
+                out.append(
+                    f"ranks failed: {self._without_paths(failure)}; every request is refused "
+                    "until the ranks are restarted"
+                )
             out += [self._without_paths(p) for p in self.model.control.health.problems()]
         return out
 
