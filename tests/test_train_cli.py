@@ -275,3 +275,73 @@ def test_a_run_is_never_made_anew_when_its_table_cannot_be_read(tmp_path, capsys
         assert "holds a training run whose table fails its check" in capsys.readouterr().err
     manifest.write_bytes(saved)
     assert _committed(out) == 3  # nothing was made anew over it
+
+
+def test_a_killed_checkpoints_temporaries_go_when_the_run_resumes(tmp_path):
+    """A kill while dense-S.pt or loss.csv was being written leaves its hidden temporary; the
+    resumed run removes them (they stayed for good: a dense model and its Adam state each)."""
+    from tiered_store.atomic_file import AtomicFile
+
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "1"]) == 0
+    killed = [AtomicFile(out / "dense-2.pt"), AtomicFile(out / "loss.csv", "w")]
+    for f in killed:  # written, never published: what a killed writer leaves
+        f.file.write(b"partial" if "b" in f.file.mode else "partial")
+        f.file.close()
+    other = out / ".notes.0123456789ab.tmp"  # not the run's
+    other.write_text("mine")
+    assert all(f.tmp.exists() for f in killed)
+    assert main([*common, "--resume", "--steps", "2"]) == 0
+    assert not any(f.tmp.exists() for f in killed) and other.exists()
+    assert _committed(out) == 2
+
+
+def test_resume_from_another_directory_reads_the_same_corpus(tmp_path, monkeypatch):
+    """A corpus given relative to the directory the run started in is saved absolute: a resume
+    from elsewhere (a scheduler's restart) reads the same text (it was refused, or read another
+    folder of that name)."""
+    common, small, out = _cli_args(tmp_path)
+    at = common.index("--corpus") + 1
+    monkeypatch.chdir(ROOT)
+    common[at] = "tiered_store/engram"
+    assert main([*common, *small, "--steps", "1"]) == 0
+    saved = json.loads((out / "train.json").read_text())["corpus"]
+    assert saved == [str(ROOT / "tiered_store" / "engram")]
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", str(out), "--quiet", "--resume", "--steps", "2"]) == 0
+    assert _committed(out) == 2
+
+
+@pytest.mark.parametrize(
+    "saved, why",
+    [
+        ("{ damaged", "Expecting property name"),
+        ('{"steps": 1, "renamed_option": 3}', "unknown field 'renamed_option'"),
+        ('{"steps": "5"}', "steps: got '5', expected an integer"),
+        ('{"corpus": [3]}', "corpus: got \\[3\\], expected a list of paths"),
+        ("[1]", "a JSON list, not an object"),
+    ],
+)
+def test_a_damaged_settings_file_is_named_and_the_run_kept(tmp_path, capsys, saved, why):
+    """A train.json that is damaged or not one `train` saved: a clear error naming the file (it
+    was a raw traceback); the run's table is left as it was."""
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "1"]) == 0
+    (out / "train.json").write_text(saved)
+    assert main([*common, "--resume", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"--resume: .*train\.json: .*{why}.*expected the settings `train` saved", err)
+    assert _committed(out) == 1
+
+
+def test_resume_without_the_settings_file_is_refused(tmp_path, capsys):
+    """train.json gone beside a run's table: --resume is refused (it said "starting a new one"
+    and went on with the run under other settings, overwriting train.json)."""
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "1"]) == 0
+    (out / "train.json").unlink()
+    assert main([*common, *small, "--resume", "--steps", "2", "--table-lr", "0.5"]) == 2
+    assert "holds a training run without its settings (train.json is missing)" in (
+        capsys.readouterr().err
+    )
+    assert _committed(out) == 1 and not (out / "train.json").exists()

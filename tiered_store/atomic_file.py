@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import IO, Any
 
 from .errors import TierIOError
 
-__all__ = ["AtomicFile", "atomic_write", "fsync_dir", "write_json"]
+__all__ = ["AtomicFile", "atomic_write", "fsync_dir", "hidden_temporaries", "write_json"]
 
 
 def in_the_way(path: Path, what: str = "a directory", code: int = errno.EISDIR) -> TierIOError:
@@ -42,6 +43,20 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def hidden_temporaries(directory: Path, names: str) -> list[Path]:
+    r"""The temporaries that killed ``AtomicFile`` writers left in ``directory``, of the files
+    whose names match the regular expression ``names``.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / ".dense-4.pt.0123456789ab.tmp").write_bytes(b"")
+    >>> [p.name for p in hidden_temporaries(d, r"dense-\d+\.pt")]
+    ['.dense-4.pt.0123456789ab.tmp']
+    """
+    pattern = re.compile(rf"\.(?:{names})\.[0-9a-f]{{12}}\.tmp")
+    return sorted(p for p in directory.iterdir() if pattern.fullmatch(p.name))
 
 
 class AtomicFile:

@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic_file import atomic_write
+from ..atomic_file import atomic_write, hidden_temporaries
 from ..capacity import resolve_capacity
 from ..cli_args import DocHelpFormatter, at_least, capacity, positive_number
 from ..cold_table import IO_MODES
@@ -83,6 +84,8 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
     """Run (or resume) training in ``out``; returns the summary printed by the command. Bad
     settings are refused before ``out`` is touched, so a corrected command can start afresh."""
     settings = _settings(out, settings, resume)
+    if settings.corpus:  # saved as found from here: a resume may run in another directory
+        settings = replace(settings, corpus=[os.path.abspath(c) for c in settings.corpus])
     torch.manual_seed(settings.seed)
     config = ModelConfig.from_dict(settings.model)
     if config.engram.is_v41:
@@ -129,6 +132,8 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
         }
     )
     try:
+        for leftover in hidden_temporaries(out, r"dense-\d+\.pt|loss\.csv|loss\.png"):
+            leftover.unlink(missing_ok=True)  # a killed checkpoint's (this run holds the table)
         table = TrainableTable(store, optimizer)
         return _run(out, settings, model, table, layers, sizes, batches, progress)
     finally:
@@ -251,8 +256,14 @@ def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
     """The run's settings, checked: saved ones on resume (the step count may grow: ``steps`` 0
     means not asked, the run's own), else ``given``. Reads ``out``, writes nothing."""
     path = out / SETTINGS_FILE
+    if resume and not path.exists() and _holds_a_run(out):
+        raise ConfigError(
+            f"--resume: {out} holds a training run without its settings ({path.name} is "
+            f"missing); expected the {path.name} that run saved (restore it, or choose another "
+            "--out)"
+        )
     if resume and path.exists() and _holds_a_run(out):
-        saved = TrainSettings(**json.loads(path.read_text()))
+        saved = _saved_settings(path)
         default = TrainSettings()
         ignored = [  # asked for (not the default), and not what the run uses
             f"--{f.name.replace('_', '-')} {getattr(given, f.name)} (it uses "
@@ -297,6 +308,41 @@ def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
                 f"--{name.replace('_', '-')}: got {lr!r}; expected a positive finite learning rate"
             )
     return given
+
+
+_SAVED_TYPES = {  # a field's type in train.json, and how a message names it
+    **dict.fromkeys(
+        ("steps", "batch_size", "seq_len", "checkpoint_every", "seed"), (int, "an integer")
+    ),
+    **dict.fromkeys(("table_lr", "dense_lr"), (int | float, "a number")),
+    **dict.fromkeys(("optimizer", "io"), (str, "a string")),
+    **dict.fromkeys(("hot", "warm"), (int | str, "a row count or size")),
+    "corpus": (list | type(None), "a list of paths or null"),
+    "model": (dict, "an object"),
+}
+
+
+def _saved_settings(path: Path) -> TrainSettings:
+    """A run's saved settings; ``ConfigError`` naming the file when it is damaged or not one
+    that ``train`` saved (a field missing is its default)."""
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+        for name, value in doc.items():
+            kind, what = _SAVED_TYPES.get(name, (None, None))
+            if kind is None:
+                raise ValueError(f"unknown field {name!r}")
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"{name}: got {value!r}, expected {what}")
+        if any(not isinstance(c, str) for c in doc.get("corpus") or []):
+            raise ValueError(f"corpus: got {doc['corpus']!r}, expected a list of paths")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--resume: {path}: {exc}; expected the settings `train` saved there (restore "
+            "them, or choose another --out)"
+        ) from None
+    return TrainSettings(**doc)
 
 
 def register(sub) -> None:
