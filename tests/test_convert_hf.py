@@ -261,6 +261,38 @@ def test_a_truncated_shard_is_refused_before_anything_is_written(golden, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda header: list(header), r"its header is a JSON list; expected an object of tensors"),
+        (
+            lambda header: header | {"x": {"shape": [2], "data_offsets": [0, 2]}},
+            r"tensor 'x': .*expected an object with dtype, shape and data_offsets",
+        ),
+        (
+            lambda header: (
+                header | {"x": {"dtype": "U8", "shape": ["two"], "data_offsets": [0, 2]}}
+            ),  # fmt: skip
+            r"a tensor's data_offsets or shape: invalid literal",
+        ),
+    ],
+)
+def test_a_shard_with_a_malformed_header_is_refused_by_name(golden, tmp_path, damage, message):
+    """A shard whose JSON header is not the safetensors layout (a raw AttributeError or
+    KeyError before): a ConfigError naming the file, before anything is written."""
+    import json
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", golden)
+    shard = ckpt / "model-00001-of-00002.safetensors"
+    raw = shard.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(damage(json.loads(raw[8 : 8 + size]))).encode()
+    shard.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + size :])
+    with pytest.raises(ConfigError, match=rf"{shard.name}: not a safetensors file \({message}"):
+        convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_config_without_engram_keys_is_refused(golden, tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", golden)
     (ckpt / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 16}}))

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tiered_store.cold_table import ColdTable
 from tiered_store.errors import TableFormatError, TieredStoreError
 from tiered_store.serve.client import subprocess_env
 from tiered_store.table_format import (
@@ -238,6 +239,30 @@ def test_missing_source_files(tmp_path):
     with pytest.raises(TableFormatError, match="not a readable .npy"):
         create_table(tmp_path / "t.npy", tmp_path / "junk.npy", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["junk.npy"]
+
+
+def test_a_garbled_npy_header_and_an_npz_source_are_named(tmp_path):
+    """A header whose brackets do not balance (numpy raises tokenize.TokenError) is "not a
+    readable .npy file", as a table and as a source; an .npz given as a source names its members
+    (both were raw tracebacks, from `verify` and `init --from-npy` too)."""
+    path, _ = make(tmp_path, np.ones((16, 4), np.float32))
+    source = tmp_path / "src.npy"
+    np.save(source, np.ones((4, 8), np.float32))
+    for npy in (path, source):
+        with open(npy, "r+b") as f:
+            f.seek(10)
+            f.write(b"{'descr': '<f4', 'shape': ((((")
+    garbled = r"not a readable .npy file: its header does not parse \(TokenError"
+    with pytest.raises(TableFormatError, match=garbled):
+        check_table(path)
+    with pytest.raises(TableFormatError, match=garbled):
+        ColdTable(path)
+    with pytest.raises(TableFormatError, match=garbled):
+        create_table(tmp_path / "new.npy", source, progress=False)
+    np.savez(tmp_path / "w.npz", table=np.ones((4, 8), np.float32))
+    with pytest.raises(TableFormatError, match=r"w.npz is an .npz archive \(members: table\)"):
+        create_table(tmp_path / "new.npy", tmp_path / "w.npz", progress=False)
+    assert not (tmp_path / "new.npy").exists()
 
 
 def test_no_overwrite_without_flag(tmp_path):

@@ -10,8 +10,11 @@ reload, scrub and request threads at once, so every header the library reads is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import tokenize
+from collections.abc import Iterator
 from typing import IO, Any
 
 import numpy as np
@@ -24,13 +27,23 @@ npy_header_lock = threading.RLock()
 
 def read_npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
     """``(shape, fortran_order, dtype)`` of the open ``.npy`` file ``f``, left at its data."""
-    with npy_header_lock:
+    with npy_header_lock, _header_errors_as_value_errors():
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             return np.lib.format.read_array_header_1_0(f)
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(f)
     raise ValueError(f"unsupported .npy format version {version}")
+
+
+@contextlib.contextmanager
+def _header_errors_as_value_errors() -> Iterator[None]:
+    """A garbled header's parse errors (numpy raises ``tokenize.TokenError`` for unbalanced
+    brackets) as the ``ValueError`` every caller handles."""
+    try:
+        yield
+    except (SyntaxError, tokenize.TokenError) as exc:
+        raise ValueError(f"its header does not parse ({type(exc).__name__}: {exc})") from None
 
 
 def load_npy(path: str | os.PathLike[str], *, mmap_mode: str | None = None) -> Any:
@@ -40,7 +53,7 @@ def load_npy(path: str | os.PathLike[str], *, mmap_mode: str | None = None) -> A
     An ``.npy`` read whole is memory-mapped under the lock and copied after it; an ``.npz`` is
     returned open (read its members under the lock).
     """
-    with npy_header_lock:
+    with npy_header_lock, _header_errors_as_value_errors():
         loaded = np.load(path, mmap_mode=mmap_mode or "r", allow_pickle=False)
     if mmap_mode is None and isinstance(loaded, np.memmap):
         return np.array(loaded)

@@ -456,6 +456,13 @@ def open_source(source: object, dtype: object) -> SourceReader:
             arr = load_npy(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty file
             raise TableFormatError(f"source {path} is not a readable .npy file: {exc}") from None
+        if not isinstance(arr, np.ndarray):  # an .npz archive
+            members = ", ".join(arr.files)
+            arr.close()
+            raise TableFormatError(
+                f"source {path} is an .npz archive (members: {members or 'none'}); expected a "
+                "2-D .npy file (save the table's array with np.save)"
+            )
         return _ArrayReader(arr, f"source .npy {path}", dtype, f"npy:{path.resolve()}")
     raise TableFormatError(
         f"source is a {type(source).__name__}; expected np.ndarray, torch.Tensor, a .npy path, "

@@ -187,17 +187,24 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise ConfigError(f"checkpoint shard {file} does not exist (listed in the index)") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{file}: not a safetensors file ({exc})") from None
-    try:  # a truncated download: said before anything is written, not midway
-        end = (
-            8
-            + size
-            + max(
-                (e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0
-            )
-        )
-    except (KeyError, TypeError, IndexError) as exc:
+    if not isinstance(header, dict):
         raise ConfigError(
-            f"{file}: not a safetensors file (a tensor without data_offsets: {exc})"
+            f"{file}: not a safetensors file (its header is a JSON {type(header).__name__}; "
+            "expected an object of tensors)"
+        )
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    for name, entry in tensors.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise ConfigError(
+                f"{file}: not a safetensors file (tensor {name!r}: {entry!r:.100}; expected an "
+                "object with dtype, shape and data_offsets)"
+            )
+    try:  # a truncated download: said before anything is written, not midway
+        end = 8 + size + max((int(e["data_offsets"][1]) for e in tensors.values()), default=0)
+        shapes = {name: tuple(int(d) for d in e["shape"]) for name, e in tensors.items()}
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ConfigError(
+            f"{file}: not a safetensors file (a tensor's data_offsets or shape: {exc})"
         ) from None
     have = file.stat().st_size
     if have < end:
@@ -205,11 +212,7 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             f"{file}: {have:,} bytes, but its tensors end at byte {end:,}; expected the whole "
             "file (an interrupted download? fetch it again)"
         )
-    return {
-        name: (entry["dtype"], tuple(entry["shape"]))
-        for name, entry in header.items()
-        if name != "__metadata__"
-    }
+    return {name: (str(entry["dtype"]), shapes[name]) for name, entry in tensors.items()}
 
 
 @dataclass(frozen=True)
