@@ -397,6 +397,14 @@ def test_bad_config_names_the_key(table, tiers, match):
         TieredStore(store_config(path, **tiers))
 
 
+@pytest.mark.parametrize("key", ["nvme_latency_us", "hbm_gbps", "compute_seconds_per_batch"])
+def test_an_infinite_cost_is_refused_naming_the_key(key):
+    """``.inf`` passed (only NaN and out-of-range values were refused): every modelled stall was
+    infinite, the split compared infinities, and replay.json held ``Infinity`` (not JSON)."""
+    with pytest.raises(ConfigError, match=rf"cost_model\.{key}: expected a finite number, got inf"):
+        StoreConfig.from_dict({"table": {"path": "t.npy"}, "cost_model": {key: float("inf")}})
+
+
 def test_config_dim_or_dtype_mismatch_and_missing_table(tmp_path, table):
     path, _ = table
     with pytest.raises(ConfigError, match="table.dim: config says 8"):

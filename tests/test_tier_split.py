@@ -565,6 +565,12 @@ def test_policies_the_model_does_not_know_are_modelled_as_lru_and_said_so(short_
     assert "(hot zipf-tuned, warm LRU," in text and "note: tiers.warm.policy 'sieve'" in text
     # the warm tier's budget counts SIEVE's metadata, as a live tier would keep it
     assert rec.warm_bytes == tier_bytes(rec.warm_rows, rows=80084, row_bytes=64, policy="sieve")
+    # static keeps no eviction metadata, but its split is replayed (and printed) as LRU: it is
+    # sized as LRU, within the budget (it was sized with none, 8% over as the LRU tier)
+    static = _tuned(short_trace, "zipf-tuned", "static")
+    rec = recommend_split(static, short_trace, gpu_budget=0, host_budget="500KB", points=4)
+    assert rec.warm_bytes == tier_bytes(rec.warm_rows, rows=80084, row_bytes=64, policy="lru")
+    assert 0 < rec.warm_bytes <= 500_000
 
     def hot_only(hot_tier):
         """The model of ``config`` with this hot tier, and no warm tier."""

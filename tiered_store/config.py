@@ -17,6 +17,7 @@ Example ``tiers.yaml``::
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,7 +26,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, StrictBool
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+)
 from pydantic import ValidationError as _PydanticValidationError
 
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
@@ -296,8 +305,16 @@ def _not_a_bool(value: Any) -> Any:
     return value
 
 
-#: a float field that refuses bools (pydantic reads True as 1.0); constraints go in ``Field``
-Number = Annotated[float, BeforeValidator(_not_a_bool)]
+def _finite(value: float) -> float:
+    """Refuse infinity and NaN (``.inf`` in YAML): every number here is a finite quantity."""
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return value
+
+
+#: a finite float field that refuses bools (pydantic reads True as 1.0); constraints go in
+#: ``Field``
+Number = Annotated[float, BeforeValidator(_not_a_bool), AfterValidator(_finite)]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

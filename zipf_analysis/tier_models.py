@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies import PolicySpec
+from policies.registry import EVICTION
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, recency_segment_rows
 from tiered_store.cache_plan import load_tier_profile, parse_policy, repins_online
 from tiered_store.config import StoreConfig
@@ -83,7 +84,7 @@ def tier_models(config: StoreConfig, rows: int) -> dict[str, TierModel]:
         spec = parse_policy(tier.policy, key=f"tiers.{name}.policy")
         why = _not_modelled(name, tier, spec)
         if spec.text == "lru" or why is not None:
-            out[name] = TierModel(name, spec.text, bytes_policy=spec.eviction, note=why)
+            out[name] = TierModel(name, spec.text, bytes_policy=_sized_as(spec), note=why)
             continue
         profile = load_tier_profile(tier.profile, rows, f"tiers.{name}.profile")
         out[name] = TierModel(
@@ -95,6 +96,13 @@ def tier_models(config: StoreConfig, rows: int) -> dict[str, TierModel]:
             bytes_policy=spec.eviction,
         )
     return out
+
+
+def _sized_as(spec: PolicySpec) -> str | None:
+    """The eviction policy whose metadata a tier modelled as LRU is sized with: its own, or
+    LRU's where that is more (its split is replayed as LRU: ``static`` keeps none)."""
+    own = EVICTION[spec.eviction].bytes_per_slot if spec.eviction else 0
+    return spec.eviction if own >= EVICTION["lru"].bytes_per_slot else "lru"
 
 
 def _not_modelled(name: str, tier, spec: PolicySpec) -> str | None:

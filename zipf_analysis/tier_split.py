@@ -100,12 +100,15 @@ _CHUNK_EVENTS = 1 << 22  # lookups deduplicated at once
 
 
 def parse_budget(text: str | int, *, flag: str) -> int:
-    """A memory budget in bytes from ``'8GiB'``, ``'512MB'`` or ``0``; errors name ``flag``.
+    """A memory budget in bytes from ``'8GiB'``, ``'512MB'``, a plain number of bytes or ``0``;
+    errors name ``flag``.
 
     Examples
     --------
     >>> parse_budget("8GiB", flag="--gpu-budget"), parse_budget("0", flag="--gpu-budget")
     (8589934592, 0)
+    >>> parse_budget("400281", flag="--gpu-budget")  # as the too-small error states a minimum
+    400281
     >>> parse_budget("lots", flag="--host-budget")
     Traceback (most recent call last):
     ...
@@ -113,8 +116,8 @@ def parse_budget(text: str | int, *, flag: str) -> int:
     """
     if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
         return text
-    if isinstance(text, str) and text.strip() == "0":
-        return 0
+    if isinstance(text, str) and text.strip().isascii() and text.strip().isdigit():
+        return int(text)
     try:
         return parse_bytes(str(text))
     except ConfigError:
