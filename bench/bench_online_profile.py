@@ -25,6 +25,9 @@ Example::
     tiered-store analyze /usr/share/vim/vim90/doc --max-tokens 5000000 --holdout 0.4 \\
         --shuffle --no-curves --out A
     python bench/bench_online_profile.py A --out bench/results/online_profile_vim.json
+
+On 2 shared cores the default run took about 2 minutes on the Vim-help analysis above
+(20M replayed lookups at 5% and 10%).
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ Example::
 
     tiered-store analyze --max-tokens 5000000 --holdout 0.4 --shuffle --no-curves --out A
     python bench/bench_online_scores.py A --out bench/results/online_scores_code.json
+
+On 2 shared cores the default run took about 1.5 minutes on a 5M-token analysis of the Vim
+help.
 """
 
 from __future__ import annotations
