@@ -312,7 +312,7 @@ class ServedModel:
         if self._trace is not None:  # the new stores start cold, with their counters at 0
             log.warning(
                 "the trace being recorded no longer replays to the live counters of %s: "
-                "reopened, their tiers started empty",
+                "reopened, their tiers and counters started anew",
                 ", ".join(stale),
             )
         return stale
