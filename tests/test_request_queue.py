@@ -358,6 +358,23 @@ def test_replay_command_replays_with_a_queue(tmp_path, capsys):
         "No replay without a queue cuts the same batches: each request ends in a batch of 10 tokens"
         in printed
     )
+    # batches larger than a request are the request: `--batch-tokens 40` cuts those (it said
+    # no run did)
+    assert main([*argv[:-2], *whole, "--batch-tokens", "80"]) == 0
+    assert "without a queue, the same batches are `--batch-tokens 40`" in (
+        capsys.readouterr().out.lower()
+    )
+    # the sweep replays with the queue too, and says so (it replayed without, unlabelled)
+    swept = tmp_path / "swept"
+    argv[argv.index("--sweep") + 1] = "60"
+    assert (
+        main([*argv, "--queued-requests", "2", "--request-tokens", "40", "--out", str(swept)]) == 0
+    )
+    doc = json.loads((swept / "replay.json").read_text())
+    curve = next(c for c in doc["sweep"] if c["name"] == "lru")
+    assert curve["metadata"]["queued_requests"] == 2
+    at_60 = curve["miss_ratio"][curve["capacities"].index(60)]
+    assert at_60 == pytest.approx(doc["results"][0]["fetch_ratio"], abs=1e-9) and at_60 < 1
 
 
 @settings(max_examples=150, deadline=None)

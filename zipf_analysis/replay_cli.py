@@ -222,7 +222,7 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
     print_table(results)
     if args.queued_requests:
         batching = f"--batch-tokens {args.batch_tokens}" if args.batch_tokens else "whole requests"
-        batch = args.batch_tokens or args.request_tokens
+        batch = min(args.batch_tokens or args.request_tokens, args.request_tokens)
         if batch == 1:  # --batch-tokens 1 replays one lookup a batch, not one token
             same = "No replay without a queue cuts the same batches (one token's lookups each)"
         elif args.request_tokens % batch:
@@ -259,6 +259,7 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
             rows,
             row_bytes,
             bound_names,
+            queue=(args.queued_requests, args.request_tokens),
         )
         doc["sweep"] = [c.to_dict() for c in curves]
         from .plots import plot_miss_ratio_curves
@@ -325,6 +326,11 @@ def _report_split(args, config: StoreConfig, reader, table, split: SplitRecommen
     print()
     for line in split.lines():
         print(line)
+    if args.queued_requests:
+        print(
+            "note: the split is modelled and checked without a queue (--queued-requests applies "
+            "to the policy rows and the sweep)"
+        )
     policies = {
         t: getattr(config.tiers, t).policy if split.model[t] == "zipf-tuned" else "lru"
         for t in ("hot", "warm")
@@ -396,11 +402,22 @@ def _sweep_capacities(spec: str, rows: int, row_bytes: int) -> list[int]:
 
 
 def sweep(
-    config, reader, table, policies, caps, batch_tokens, rows, row_bytes, bound_names
+    config,
+    reader,
+    table,
+    policies,
+    caps,
+    batch_tokens,
+    rows,
+    row_bytes,
+    bound_names,
+    queue: tuple[int, int] = (0, 4096),
 ) -> list[MissRatioCurve]:
     """One cache tier (warm) at each capacity ``caps`` (rows, ascending, see
     :func:`_sweep_capacities`), per online policy, beside exact LRU and the offline bounds
-    ``bound_names`` (per request, over the table's whole trace)."""
+    ``bound_names`` (per request, over the table's whole trace). ``queue``: requests announced
+    ahead and their tokens, as the policy rows replay them (0: none)."""
+    queued, request_tokens = queue
     grid = [0, *caps]
     ids = reader.read_all(table) if bound_names else None
     curves = []
@@ -425,7 +442,13 @@ def sweep(
                 warnings.simplefilter("ignore", PinnedRowsWarning)
                 ratios.append(
                     replay(
-                        single, reader, table=table, batch_tokens=batch_tokens, policy=policy
+                        single,
+                        reader,
+                        table=table,
+                        batch_tokens=batch_tokens,
+                        policy=policy,
+                        queued_requests=queued,
+                        request_tokens=request_tokens,
                     ).fetch_ratio  # comparable with the per-request curves drawn beside it
                 )
         curves.append(
@@ -438,6 +461,11 @@ def sweep(
                 metadata={
                     "method": "replay",
                     "batch_tokens": batch_tokens,
+                    **(
+                        {"queued_requests": queued, "request_tokens": request_tokens}
+                        if queued
+                        else {}
+                    ),  # fmt: skip
                     "metric": "rows read from cold per lookup",
                 },
             )
