@@ -335,6 +335,56 @@ def test_a_well_checksummed_file_with_a_malformed_header_starts_cold(tmp_path):
             serve(store, data)
 
 
+def test_lookups_of_saved_rows_during_a_restore_take_no_saved_rows_room(tmp_path, monkeypatch):
+    """Lookups at a restart ask for the saved, popular rows: those need no slot of their own,
+    so every saved row still comes back (a cut to the free slots left 200 of them cold)."""
+    path, data = make_table(tmp_path, rows=10_000, dim=8)
+    cfg = config(path, hot=0, warm=1_000)
+    with TieredStore(cfg) as store:
+        for row in range(1_000):
+            store.lookup(torch.tensor([row]))
+        saved = store.warm.held_rows().tolist()
+    monkeypatch.setattr(store_module, "RESTORE_CHUNK_ROWS", 100)
+    steps = store_module.TieredStore._restore_steps
+
+    def steps_after_lookups(self, n, **kwargs):
+        if n:  # the 200 most valuable saved rows, asked for as the warm tier's restore starts
+            ids = torch.tensor(saved[:200])
+            assert torch.equal(self.lookup(ids), data[ids])
+        return steps(self, n, **kwargs)
+
+    monkeypatch.setattr(store_module.TieredStore, "_restore_steps", steps_after_lookups)
+    with TieredStore(cfg) as store:
+        assert store.wait_restored(timeout=60)
+        assert set(store.warm.held_rows().tolist()) == set(saved)
+
+
+def test_after_a_failed_restore_saves_list_what_the_tiers_hold(tmp_path):
+    """A restore that stops on a cold read error (a page failing its checksum): later saves list
+    the rows the tiers hold (they listed the old saved rows, for the rest of the store's life)."""
+    from tiered_store.table_format import read_manifest
+    from tiered_store.warm_restart import load_restart, table_identity
+
+    path, data = make_table(tmp_path, rows=20_000, dim=8)
+    cfg = config(path, hot=0, warm=1_000)
+    with TieredStore(cfg) as store:
+        store.lookup(torch.arange(1_000))
+    offset = read_manifest(path).data_offset + 10  # row 0's page fails its checksum now
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.warns(RestartWarning, match="reading the saved rows back .* failed"):
+        store = TieredStore(cfg)
+        assert store.wait_restored(timeout=30)
+    with store:
+        store.lookup(torch.arange(5_000, 6_000))  # serving goes on: the tier fills anew
+        held_now = set(store.warm.held_rows().tolist())
+        saved = load_restart(store.save_restart(), table_identity(store.cold, store.generation))
+    assert set(saved.held["warm"].tolist()) == held_now == set(range(5_000, 6_000))
+
+
 def test_a_fifo_at_the_restart_path_starts_cold_without_blocking(tmp_path):
     import os
 

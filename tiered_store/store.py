@@ -755,9 +755,7 @@ class TieredStore:
                 for at, end in self._restore_steps(ids.numel(), ranked=ranked):
                     if self._stop.is_set():
                         return
-                    # lookups took free slots meanwhile: what is left to read is ids[:end], so
-                    # the least valuable of it gives way (this step's tail, or the whole step)
-                    end = min(end, cache.capacity - cache.occupancy)
+                    end = self._restorable_end(cache, ids, end)
                     if end <= at:
                         continue
                     ages = torch.arange(at, end) if ranked else None
@@ -768,6 +766,8 @@ class TieredStore:
                 if cache is self.hot:
                     self._hot_restored.set()  # what open waits for with open_waits_for: hot
         except (TieredStoreError, OSError) as exc:  # a failed cold read: lookups go on, cold
+            with self._lock:  # saves list what the tiers hold from now on
+                self._unrestored = RestartState({})
             warnings.warn(
                 f"warm restart: reading the saved rows back from {self.cold.path} failed "
                 f"({exc}); the rest start cold (serving is unaffected)",
@@ -777,6 +777,19 @@ class TieredStore:
         finally:
             self.restore_seconds = time.perf_counter() - start
             self._hot_restored.set()
+
+    def _restorable_end(self, cache: Any, ids: torch.Tensor, end: int) -> int:
+        """How much of the saved ``ids[:end]`` (most valuable first) is left to read once
+        lookups took free slots meanwhile: the rows not held yet are cut to the free slots from
+        the least valuable end (rows a lookup admitted from the list take no slot of their own)."""
+        with self._lock:
+            room = cache.capacity - cache.occupancy
+            if room >= end:  # all of it fits: no probe
+                return end
+            missing = torch.nonzero(cache.probe(ids[:end].to(cache.device)) < 0).squeeze(1)
+        if missing.numel() <= room:
+            return end
+        return int(missing[room - 1]) + 1 if room > 0 else 0  # just past the room-th missing row
 
     def _restore_pins(self, cache: Any, pool: SlotPool, pins: torch.Tensor) -> None:
         """The saved pinned rows replace the tier's pins: those it holds are pinned at once, the
