@@ -983,3 +983,56 @@ def test_rank_0_reads_the_others_health_in_a_thread_and_never_waits_on_a_hung_st
         os.kill(host.pid, signal.SIGCONT)
         host.kill()
         host.wait()
+
+
+def test_a_heartbeat_write_that_fails_is_tried_again_and_the_rank_counts_as_alive():
+    """The key-value store's host goes and another takes its address (writes fail meanwhile):
+    each rank beats on, on a new connection (its heartbeat thread ended at the first failed
+    write, and rank 0's /healthz watch said the rank had stopped for good, while it served)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tiered_store.distributed.liveness import Heartbeat
+
+    port = free_port()
+
+    def store_host() -> subprocess.Popen:
+        host = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time, torch.distributed as dist; "
+                f"s = dist.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False)"
+                "; print('up', flush=True); time.sleep(120)",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert host.stdout.readline().strip() == "up"
+        return host
+
+    host = store_host()
+    try:
+
+        def client() -> dist.Store:
+            return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
+
+        rank0, rank1 = Heartbeat(client(), 0, 2, 0.2), Heartbeat(client(), 1, 2, 0.2)
+        assert rank0.stopped() is None
+        host.kill()
+        host.wait()
+        time.sleep(1.0)  # rank 1's writes fail meanwhile
+        host = store_host()
+        deadline = time.monotonic() + 20
+        while (said := rank0.stopped()) is not None or not rank1._thread.is_alive():
+            assert time.monotonic() < deadline, said
+            time.sleep(0.2)
+        time.sleep(1.0)  # and it stays so: rank 1 beats on
+        assert rank0.stopped() is None
+        rank1.close()
+        assert rank0.stopped() == "rank 1 closed its store"
+        rank0.close()
+    finally:
+        host.kill()
+        host.wait()

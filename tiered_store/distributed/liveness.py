@@ -68,6 +68,7 @@ class Heartbeat:
         self.rank, self.world, self.interval = rank, world, interval
         self.entered = 0  # collectives this rank has entered (set by the store's thread)
         self.kind = "none"  # the kind of the last one: lookup, write, commit, update
+        self._group_store = store
         self._store = store.clone()  # its own connection: safe beside the group's own use
         self._store.set_timeout(timedelta(seconds=max(2 * interval, 1.0)))
         self._beat = 0
@@ -89,12 +90,14 @@ class Heartbeat:
         self.kind = kind
 
     def _run(self) -> None:
-        """Beat until stopped; a store that went away ends the thread quietly."""
+        """Beat until stopped. A write that fails (a timeout, the store's host gone) is tried
+        again at the next beat on a new connection: a live rank that stopped beating would be
+        reported as dead."""
         while not self._stop.wait(self.interval):
             try:
                 self._publish()
-            except Exception:  # the store's host died: diagnose reports it
-                return
+            except Exception:  # noqa: BLE001 (the store's host died or hung: diagnose says so)
+                self._store = self._fresh_connection() or self._store
 
     def _read(self, store: dist.Store) -> dict[int, tuple[int, int, str, str]]:
         """Every other rank's (beat, entered, state, kind); ranks without an entry are missing."""
@@ -138,17 +141,28 @@ class Heartbeat:
             silent=silent, closed=closed, behind=behind, elsewhere=elsewhere, kind=self.kind
         )
 
+    def _fresh_connection(self) -> dist.Store | None:
+        """A new connection to the group's store (a timed-out one may hold a late reply), with
+        this class's timeout; None when the store cannot be reached."""
+        try:
+            store = self._group_store.clone()
+            store.set_timeout(timedelta(seconds=max(2 * self.interval, 1.0)))
+        except Exception:  # noqa: BLE001
+            return None
+        return store
+
     def stopped(self) -> str | None:
         """Between rounds (rank 0's health watch, every few seconds): a sentence naming the other
         ranks whose entry has not moved for ``3 * interval`` (died or hung while idle) or that
         closed their store; None when every one beats."""
         now = time.monotonic()
         try:
+            self._watch = self._watch or self._fresh_connection()
             if self._watch is None:
-                self._watch = self._store.clone()
-                self._watch.set_timeout(timedelta(seconds=max(2 * self.interval, 1.0)))
+                raise RuntimeError("cannot connect to it")
             entries = self._read(self._watch)
-        except Exception as exc:  # the store's host is gone or hung
+        except Exception as exc:  # the store's host is gone or hung: a new connection next time
+            self._watch = None
             return Diagnosis(store_error=str(exc).splitlines()[0][:200]).describe(0)
         others = [r for r in range(self.world) if r != self.rank]
         for rank in others:

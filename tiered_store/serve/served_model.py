@@ -488,10 +488,10 @@ class ServedModel:
 
     def watch_ranks(self, stop: threading.Event) -> None:
         """Rank 0 over sharded tables: a thread reading, until ``stop``, the other ranks'
-        checksum passes and whether each still beats (within about three heartbeats and a read,
-        a rank that died or hung between requests is in ``/healthz``)."""
+        checksum passes and whether each still beats, once a heartbeat (a rank that died or hung
+        between requests is in ``/healthz`` within about four heartbeats)."""
         first = next(iter(self.stores.values()))
-        every = min(3 * first.heartbeat_s, 5.0)
+        every = min(first.heartbeat_s, 5.0)
         if self.config.checkpoint.scrub_interval_s > 0:
             every = min(every, self.config.checkpoint.scrub_interval_s)
         self.control.health.watch(every, stop, first.stopped_ranks)
