@@ -294,6 +294,9 @@ def test_config_errors(config, hasher, converted):
         ModelConfig.from_dict({**TINY, "backbone": {**TINY["backbone"], "num_layers": 3}})
     with pytest.raises(ConfigError, match="transformer.dropout: unknown key"):
         ModelConfig.from_dict({**TINY, "transformer": {"dropout": 0.1}})
+    for bad in (float("nan"), float("inf")):  # was taken: NaN outputs, or torch's raw error
+        with pytest.raises(ConfigError, match=r"transformer.rope_theta: expected a finite number"):
+            ModelConfig.from_dict({**TINY, "transformer": {"rope_theta": bad}})
     small = ModelConfig.from_dict({**TINY, "backbone": {**TINY["backbone"], "vocab_size": 1000}})
     with pytest.raises(ConfigError, match="vocab_size: expected at least the tokenizer's 129280"):
         EngramLM(small, hasher=hasher)

@@ -93,6 +93,15 @@ def test_an_address_in_use_exits_non_zero_at_once_naming_it(config_path, which):
     assert "Traceback" not in out.stderr and out.stdout == ""
 
 
+def test_a_host_name_that_does_not_resolve_is_named_as_such():
+    """`socket.gaierror`'s code is not an errno: the message said "Unknown error -2"."""
+    from tiered_store.errors import ConfigError
+    from tiered_store.serve.server import _listen
+
+    with pytest.raises(ConfigError, match=r"no-such-host.invalid:9 \((Name or service not known|.*not known|Temporary failure in name resolution)\); expected an address this host can listen on"):  # fmt: skip
+        _listen("no-such-host.invalid", 9, 16, "server.address")
+
+
 def test_200_concurrent_connections_and_100_simultaneous_posts_without_a_reset(proc):
     host, port = proc.url.removeprefix("http://").split(":")
     sockets = [socket.create_connection((host, int(port)), timeout=30) for _ in range(200)]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -307,6 +308,9 @@ def test_resume_from_another_directory_reads_the_same_corpus(tmp_path, monkeypat
     assert main([*common, *small, "--steps", "1"]) == 0
     saved = json.loads((out / "train.json").read_text())["corpus"]
     assert saved == [str(ROOT / "tiered_store" / "engram")]
+    with warnings.catch_warnings():  # the same command, resumed here: nothing is ignored
+        warnings.simplefilter("error")
+        assert main([*common, "--resume", "--steps", "1"]) == 0
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--out", str(out), "--quiet", "--resume", "--steps", "2"]) == 0
     assert _committed(out) == 2

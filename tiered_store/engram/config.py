@@ -20,6 +20,7 @@ the project. Example ``engram.yaml``::
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -97,9 +98,10 @@ def _as_tuple(value: Any) -> tuple:
 
 
 def _positive_number(value: Any) -> float:
-    """A number > 0, as a float."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError(f"expected a number > 0, got {value!r}")
+    """A finite number > 0, as a float."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a finite number > 0, got {value!r}")
     return float(value)
 
 

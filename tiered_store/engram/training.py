@@ -83,9 +83,9 @@ class TrainSettings:
 def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = True) -> dict:
     """Run (or resume) training in ``out``; returns the summary printed by the command. Bad
     settings are refused before ``out`` is touched, so a corrected command can start afresh."""
-    settings = _settings(out, settings, resume)
-    if settings.corpus:  # saved as found from here: a resume may run in another directory
+    if settings.corpus:  # as found from here (a resume may run in another directory)
         settings = replace(settings, corpus=[os.path.abspath(c) for c in settings.corpus])
+    settings = _settings(out, settings, resume)
     torch.manual_seed(settings.seed)
     config = ModelConfig.from_dict(settings.model)
     if config.engram.is_v41:

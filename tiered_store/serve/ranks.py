@@ -237,6 +237,7 @@ def _export_metrics(served: Any) -> list[str]:
     from ..errors import ConfigError
     from ..metrics import build_sharded_registry
     from .config import check_address
+    from .server import listen_error
 
     address = check_address(
         served.config.metrics_address, "store.metrics.address", allow_empty=True
@@ -257,7 +258,7 @@ def _export_metrics(served: Any) -> list[str]:
     except OSError as exc:
         raise ConfigError(
             f"store.metrics.address: rank {rank} cannot listen on {host}:{port} "
-            f"({os.strerror(exc.errno) if exc.errno else exc}); expected a free address (rank R "
-            "exports its metrics on the port + R)"
+            f"({listen_error(exc)}); expected an address this host can listen on: a local host "
+            "name or IP and a free port (rank R exports its metrics on the port + R)"
         ) from None
     return [f"http://{host}:{httpd.server_port}/metrics"]

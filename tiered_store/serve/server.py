@@ -412,6 +412,14 @@ def without_paths(text: str, directories: Iterable[Path] = ()) -> str:
     return _DIRECTORY_PREFIX.sub("", text)
 
 
+def listen_error(exc: OSError) -> str:
+    """Why a socket could not listen, as a user reads it: a host name that does not resolve has
+    a resolver's code (negative, ``socket.gaierror``'s), not an errno."""
+    if exc.errno is not None and exc.errno > 0 and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno)
+    return (exc.strerror or str(exc)).split(" (while attempting")[0]
+
+
 def _listen(host: str, port: int, backlog: int, key: str) -> socket.socket:
     """A listening TCP socket on (host, port); ``ConfigError`` naming ``key`` and the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -420,8 +428,8 @@ def _listen(host: str, port: int, backlog: int, key: str) -> socket.socket:
     except OSError as exc:
         raise ConfigError(
             f"{key}: cannot listen on {host}:{port} "
-            f"({os.strerror(exc.errno) if exc.errno else exc}); expected a free "
-            "address (is another server running there?)"
+            f"({listen_error(exc)}); expected an address this host can listen on: a local "
+            "host name or IP and a free port (is another server running there?)"
         ) from None
     # Answers go out as several writes (head, body): without TCP_NODELAY, Nagle's algorithm holds
     # the body until the client's delayed ACK (40 ms). asyncio sets it only on sockets created
