@@ -237,7 +237,7 @@ def _export_metrics(served: Any) -> list[str]:
     from ..errors import ConfigError
     from ..metrics import build_sharded_registry
     from .config import check_address
-    from .server import listen_error
+    from .server import http_url, listen_error
 
     address = check_address(
         served.config.metrics_address, "store.metrics.address", allow_empty=True
@@ -261,4 +261,4 @@ def _export_metrics(served: Any) -> list[str]:
             f"({listen_error(exc)}); expected an address this host can listen on: a local host "
             "name or IP and a free port (rank R exports its metrics on the port + R)"
         ) from None
-    return [f"http://{host}:{httpd.server_port}/metrics"]
+    return [http_url((host, httpd.server_port)) + "/metrics"]

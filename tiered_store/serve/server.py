@@ -172,14 +172,14 @@ class InferenceServer:
     def url(self) -> str:
         """``http://host:port`` of the inference endpoint (after ``start``)."""
         assert self._sockets, "start() first"
-        return _http_url(self._sockets[0].getsockname())
+        return http_url(self._sockets[0].getsockname())
 
     @property
     def metrics_url(self) -> str | None:
         """``http://host:port/metrics`` of the separate metrics listener, if any."""
         if self.metrics_port is None:
             return None
-        return _http_url(self._sockets[1].getsockname()) + "/metrics"
+        return http_url(self._sockets[1].getsockname()) + "/metrics"
 
     def stop(self) -> None:
         """Stop accepting, finish requests in flight, close the trace and the tables; idempotent."""
@@ -438,7 +438,7 @@ def _listen(host: str, port: int, backlog: int, key: str) -> socket.socket:
     return sock
 
 
-def _http_url(address: tuple) -> str:
+def http_url(address: tuple) -> str:
     """``http://host:port`` of a bound socket address."""
     host, port = address[0], address[1]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
