@@ -610,3 +610,96 @@ def test_a_failed_open_leaves_no_fd_lock_or_reader_behind(tmp_path, table):
             TieredStore.open(bad)
     assert len(os.listdir("/proc/self/fd")) == fds
     assert not any(str(path) in key[1] for key in row_delta._ENVS)  # no environment held
+
+
+@pytest.mark.parametrize("io", ["mmap", "pread"])
+def test_a_close_waits_for_lookups_under_way_and_refuses_later_ones(tmp_path, io):
+    """Threads look up while another closes the store: each lookup returns the table's rows or
+    raises "store is closed" (a lookup under way read the closed table: a raw RuntimeError from
+    the reader pool, or numba's TypingError on the unmapped file)."""
+    import threading
+
+    from tiered_store import TieredStoreError
+
+    path, data = make_table(tmp_path, rows=100_000, dim=8)
+    outcomes: list[str] = []
+
+    def looker(store, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            ids = torch.randint(0, data.shape[0], (20_000,), generator=gen)
+            try:
+                rows = store.lookup(ids)
+            except TieredStoreError as exc:
+                outcomes.append(str(exc))
+                return
+            except Exception as exc:  # noqa: BLE001 (what the test is for)
+                outcomes.append(f"raw {type(exc).__name__}: {exc}")
+                return
+            if not torch.equal(rows, data[ids]):
+                outcomes.append("wrong rows")
+
+    for trial in range(6):
+        config = store_config(path, hot={"capacity": 100}, warm={"capacity": 1_000})
+        config = config.model_copy(
+            update={
+                "tiers": config.tiers.model_copy(
+                    update={"cold": config.tiers.cold.model_copy(update={"io": io, "threads": 2})}
+                )
+            }  # fmt: skip
+        )
+        store = TieredStore(config)
+        threads = [threading.Thread(target=looker, args=(store, s)) for s in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.02 + 0.02 * trial)
+        store.close()
+        for t in threads:
+            t.join()
+    assert set(outcomes) == {"store is closed; open a new TieredStore"}, outcomes
+
+
+def test_after_close_a_handle_is_refused_and_stats_add_up_under_concurrency(tmp_path):
+    """A handle collected after close is refused (it returned the rows it staged, with a write
+    close had dropped); stats() reads both tiers as one batch left them (warm's lookups were not
+    always hot's misses while lookups ran); a 0-d NumPy id gives one row, [dim] (it gave [1, dim])."""
+    import threading
+
+    from tiered_store import TieredStoreError
+
+    path, data = make_table(tmp_path, rows=5_000, dim=4)
+    store = TieredStore(store_config(path, hot={"capacity": 50}, warm={"capacity": 200}))
+    assert store.lookup(np.array(7)).shape == (4,) == store.lookup(torch.tensor(7)).shape
+    stop, torn = threading.Event(), []
+
+    def looker(seed: int) -> None:
+        gen = np.random.default_rng(seed)
+        while not stop.is_set():
+            store.lookup(torch.from_numpy(gen.integers(0, 5_000, 8)))
+
+    threads = [threading.Thread(target=looker, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(2_000):
+        stats = store.stats()
+        hot, warm = stats["hot"], stats["warm"]
+        if warm["lookups"] != hot["misses"] or hot["hits"] + hot["misses"] != hot["lookups"]:
+            torn.append((hot, warm))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert torn == []
+    handle = store.prefetch([1, 2, 3])
+    store.close()
+    with pytest.raises(TieredStoreError, match="store is closed"):
+        store.lookup([1, 2, 3], handle)
+
+
+def test_the_concurrency_helper_fails_when_lookups_raise(tmp_path):
+    """assert_concurrent_lookups_exact recorded only wrong rows: a lookup that raised ended its
+    thread and the helper passed."""
+    path, data = make_table(tmp_path, rows=100, dim=4)
+    store = TieredStore(store_config(path))
+    store.close()  # every lookup raises now
+    with pytest.raises(AssertionError, match="TieredStoreError: store is closed"):
+        assert_concurrent_lookups_exact(store, data, batch=10, rounds=2, threads=2)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import math
 import operator
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from .quantization import dequantize_rows
 from .request_queue import QueuedRequest
 from .slot_pool import SlotPool
 from .stats import hit_ratio
-from .store_lock import StoreLock
+from .store_lock import InFlight, StoreLock
 from .warm_restart import (
     RestartState,
     RestartWarning,
@@ -68,6 +70,17 @@ class UncommittedWritesWarning(UserWarning):
 RESTORE_CHUNK_BYTES = 64 << 20
 RESTORE_CHUNK_ROWS = 1 << 22
 RESTORE_ORDERED_ROWS = 65_536
+
+
+def _touches_files(method: Callable) -> Callable:
+    """A call that reads or writes the table's files: ``close()`` waits for it to end."""
+
+    @functools.wraps(method)
+    def counted(self: TieredStore, *args: Any, **kwargs: Any) -> Any:
+        with self._file_calls.entered():
+            return method(self, *args, **kwargs)
+
+    return counted
 
 
 class TieredStore:
@@ -144,6 +157,7 @@ class TieredStore:
         self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
         self._closed = False
         self._closing = threading.Lock()  # one close() at a time: a second waits, then returns
+        self._file_calls = InFlight()  # calls reading or writing the files: close() waits for them
         self._closed_step = 0  # the committed step when close() closed the delta
         self._writes: WriteBack | None = None  # the write path, once the table has a delta
         self._write_seq = 0  # write() calls so far: a fetch that spans one re-reads its rows
@@ -220,6 +234,7 @@ class TieredStore:
         a prefetch handle carries the form it was prefetched in."""
         start = time.perf_counter()
         if handle is not None:
+            self._check_open()  # the rows it staged may hold writes that close dropped
             if packed != handle.packed:
                 raise PrefetchHandleError(
                     f"lookup: packed={packed} but the handle was prefetched with "
@@ -292,6 +307,7 @@ class TieredStore:
         self._lock.tell_if_free()  # never waits for the lock
 
     # -- the write interface ---------------------------------------------------------------------
+    @_touches_files
     def write(self, ids: Any, rows: Any) -> None:
         """Make ``rows`` (``[..., row_width]``, as stored) the current version of ``ids``: every
         later lookup sees them; ``commit()`` makes them durable (``close()`` drops those not
@@ -327,6 +343,7 @@ class TieredStore:
             self._writes.write(unique_ids, last_rows)
             self._write_seq += 1
 
+    @_touches_files
     def commit(self, step: int | None = None) -> int:
         """Make every write so far durable in one LMDB transaction, with ``step`` (default: the
         last committed step + 1; an integer above the last, or equal to it with nothing written
@@ -354,6 +371,7 @@ class TieredStore:
             self._writes.committed(ids)
         return step
 
+    @_touches_files
     def read_committed(self, ids: Any) -> tuple[int, torch.Tensor]:
         """(step, rows) of ``ids`` as of the last commit, from one LMDB read transaction over the
         base table: never an uncommitted write, never a mix of two commits. Bypasses the caches
@@ -384,8 +402,10 @@ class TieredStore:
         """Per tier: lookups, hits, misses, hit_rate, admissions, evictions, bytes_in, occupancy,
         capacity; cold: rows and bytes read, read requests, errors and checksum failures; prefetch: handles and stall seconds; queue: requests announced and not released, and their distinct rows."""
         out: dict[str, dict[str, float]] = {}
+        with self._lock:  # both tiers as one batch left them (warm's lookups are hot's misses)
+            counters = {cache.name: cache.counters.as_dict() for cache in (self.hot, self.warm)}
         for cache in (self.hot, self.warm):
-            c = cache.counters.as_dict()
+            c = counters[cache.name]
             c["hit_rate"] = hit_ratio(c["hits"], c["lookups"])
             c["bytes_in"] = (c["admissions"] + c["preloaded"]) * self.row_bytes
             c["occupancy"] = cache.occupancy
@@ -529,6 +549,7 @@ class TieredStore:
         with self._closing:
             if not self._closed:
                 self._stop_background()
+                self._file_calls.close()  # lookups, writes and reads under way end first
                 self._save_on_close()
                 self._close_files()
 
@@ -605,8 +626,7 @@ class TieredStore:
         self, flat: torch.Tensor, packed: bool = False
     ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Resolve one batch of validated ids; returns ([n, dim] on the device, ready-event or None)."""
-        self._check_open()
-        with self._on_store_stream():
+        with self._file_calls.entered(), self._on_store_stream():
             inside = None
             if self.zero_out_of_range:
                 inside = (flat >= 0) & (flat < self.rows)
@@ -1102,7 +1122,7 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
             raise RowIdError(f"ids: dtype {ids.dtype}; expected an integer array")
         if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
             raise RowIdError(f"ids: value {ids.max()} does not fit int64; expected valid row ids")
-        tensor = torch.from_numpy(np.ascontiguousarray(ids).astype(np.int64, copy=False))
+        tensor = torch.from_numpy(np.asarray(ids, order="C").astype(np.int64, copy=False))
     else:
         try:
             tensor = torch.as_tensor(ids)

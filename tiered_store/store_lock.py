@@ -1,4 +1,5 @@
-"""The store's lock, which also passes the request queue's news on to the tiers.
+"""The store's lock, which also passes the request queue's news on to the tiers; and the count of
+calls under way that ``close()`` waits for (``InFlight``).
 
 ``TieredStore.announce`` and ``release`` change the queue under its own lock, then post the news
 (the request; for a release, the rows it was the earliest request for and their next request)
@@ -18,9 +19,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .errors import TieredStoreError
 
 if TYPE_CHECKING:
     from .cache_plan import CacheHierarchy
@@ -96,3 +100,33 @@ class StoreLock:
                 self._caches.queued(request)
             else:
                 self._caches.unqueued(request, moved)
+
+
+class InFlight:
+    """Calls under way that read or write a store's files: ``close()`` refuses new ones and waits
+    for these to end before it closes the files (a lookup racing a close read a closed table)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+        self._closing = False
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """One call's passage; ``TieredStoreError`` once the store is closing."""
+        with self._cond:
+            if self._closing:
+                raise TieredStoreError("store is closed; open a new TieredStore")
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Refuse new calls; return once those under way have ended."""
+        with self._cond:
+            self._closing = True
+            self._cond.wait_for(lambda: self._count == 0)
