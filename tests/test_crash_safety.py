@@ -415,3 +415,121 @@ def test_the_next_compaction_removes_what_a_killed_one_left(tmp_path, killed_at)
     with TieredStore.open({"table": {"path": str(path)}}) as store:
         assert store.lookup([5, 6]).tolist() == [[1.0] * 4, [0.0] * 4]
     assert compact_table(path, progress=False).removed_leftovers == []
+
+
+_READER_THAT_WAITS = r"""
+import sys, time
+from tiered_store import TieredStore
+store = TieredStore.open({"table": {"path": sys.argv[1]}})
+store.lookup([1, 2, 3])  # a reader store: one commit pinned, an LMDB reader slot taken
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_reader_killed_with_kill_9_keeps_no_old_pages_from_reuse(tmp_path):
+    """A reader process killed (kill -9) while it holds a commit leaves its LMDB reader slot
+    behind, pinning that commit's pages. The writer frees such slots before each commit: commits
+    rewriting the same rows reuse the old pages, and the delta stays its size."""
+    import subprocess
+    import sys
+
+    from tiered_store import create_table
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((2000, 64), np.float32), progress=False)
+    config = {"table": {"path": str(path)}, "tiers": {"hot": {"capacity": 16}}}
+
+    def commit_every_row(store, times):
+        for step in range(times):
+            store.write(torch.arange(2000), torch.full((2000, 64), float(step)))
+            store.commit()
+
+    with TieredStore.open(config) as writer:
+        commit_every_row(writer, 3)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _READER_THAT_WAITS, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout.readline().strip() == "ready"
+        writer = TieredStore.open(config)  # opened while the reader lives: its slot is live
+        commit_every_row(writer, 1)
+    finally:
+        reader.kill()
+        reader.wait()
+    data = delta_path(path) / "data.mdb"
+    size = data.stat().st_size
+    commit_every_row(writer, 12)  # ~0.5 MB of rows each: 6 MB more if no page were reused
+    writer.close()
+    assert data.stat().st_size <= size * 1.5, (size, data.stat().st_size)
+
+
+_REMOVAL_KILLED_AT_THE_DELTA = r"""
+import os, signal, sys
+from tiered_store.delta import compaction, table_versions
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+table_versions.shutil.rmtree = die  # killed removing the old version's delta
+compaction.compact_table(sys.argv[1], progress=False)
+"""
+
+
+def test_a_removal_killed_at_the_delta_leaves_the_version_for_the_next_compaction(tmp_path):
+    """The old version's delta goes before its .npy: a compaction killed while removing it leaves
+    the .npy, by which the next compaction finds the version and removes the rest."""
+    import subprocess
+    import sys
+
+    from tiered_store import create_table
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((300, 4), np.float32), progress=False)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        store.write([5], torch.ones(1, 4))
+        store.commit()
+    killed = subprocess.run([sys.executable, "-c", _REMOVAL_KILLED_AT_THE_DELTA, str(path)])
+    assert killed.returncode == -signal.SIGKILL
+    assert path.exists() and delta_path(path).is_dir()  # generation 0, half removed
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        assert store.generation == 1
+        store.write([6], torch.ones(1, 4))
+        store.commit()
+    report = compact_table(path, progress=False)
+    assert report.new_generation == 2 and report.removed_generations == [0, 1]
+    assert sorted(p.name for p in tmp_path.iterdir() if "g2" not in p.name) == [
+        "t.npy.current",
+        "t.npy.writer.lock",
+    ]
+
+
+def test_a_delta_left_without_its_version_is_removed_never_a_held_or_current_one(tmp_path):
+    """A delta whose version's .npy is gone (a removal killed part way by code that unlinked the
+    .npy first) is removed by the next compaction's cleanup; the delta of a version a store holds
+    and the current version's delta stay."""
+    from tiered_store import create_table
+    from tiered_store.delta.table_versions import (
+        remove_abandoned_versions,
+        version_path,
+        writer_lock,
+    )
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((300, 4), np.float32), progress=False)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        store.write([5], torch.ones(1, 4))
+        store.commit()
+    old_reader = TieredStore.open({"table": {"path": str(path)}})  # holds generation 0
+    assert compact_table(path, progress=False).removed_generations == []
+    with TieredStore.open({"table": {"path": str(path)}}) as store:  # generation 1's own delta
+        store.write([6], torch.ones(1, 4))
+        store.commit()
+    with writer_lock(path):
+        assert remove_abandoned_versions(path) == []  # generation 0 is held, 1 is current
+    old_reader.close()
+    for name in ("t.npy.manifest.json", "t.npy.pages.crc32c", "t.npy"):  # what such code left
+        (tmp_path / name).unlink()
+    with writer_lock(path):
+        assert remove_abandoned_versions(path) == ["t.npy.delta"]
+    assert not delta_path(path).exists() and delta_path(version_path(path, 1)).is_dir()
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        assert store.committed_step == 2 and store.lookup([5, 6]).tolist() == [[1.0] * 4] * 2

@@ -1,12 +1,17 @@
 """Faults on the write path, on a real filesystem that fills up or turns read-only (a small tmpfs
-mounted for the test; skipped where mounting is not allowed): typed errors, the last committed
-state intact, the failures counted."""
+mounted for the test; skipped where mounting is not allowed), and readers running as another
+user than the writer (skipped without root): typed errors, the last committed state intact, the
+failures counted."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +20,7 @@ import torch
 from tests.conftest import store_config
 from tiered_store import TieredStore, create_table
 from tiered_store.delta.compaction import compact_table
+from tiered_store.delta.row_delta import RowDelta
 from tiered_store.errors import CommitError, TierIOError
 
 
@@ -87,3 +93,72 @@ def test_a_read_only_directory_reads_committed_rows_and_refuses_writes(small_fs)
         assert store.lookup([5, 6]).tolist() == [[1.0] * 4, [0.0] * 4]
         with pytest.raises(TierIOError, match="writer lock .* cannot create it"):
             store.write([6], torch.ones(1, 4))
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user may read (pytest's own are root's alone)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run a reader as another user")
+    path = Path(tempfile.mkdtemp(prefix="tiered-store-other-user-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+_OTHER_USER_READER = r"""
+import os, sys
+import numpy as np
+from tiered_store.delta.row_delta import RowDelta
+from tiered_store.page_checksums import crc32c_backend
+crc32c_backend()  # compiled as root, before the user changes
+os.setgid(65534); os.setuid(65534)  # nobody: may read the delta's files, write none
+try:
+    delta = RowDelta(sys.argv[1], row_bytes=16)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}", flush=True); sys.exit(0)
+delta.pin()
+print(f"pinned {delta.step}", flush=True)
+sys.stdin.readline()  # the writer commits meanwhile
+step, found, rows = delta.snapshot(np.arange(4000))
+print(f"step {step} rows {sorted(set(rows[found, 0].tolist()))[:4]}", flush=True)
+"""
+
+
+def test_a_reader_of_another_user_registers_in_the_lock_file_or_is_refused(shared_dir):
+    """A reader running as another user than the writer may not skip LMDB's lock file (the writer
+    would reuse the pages of the commit it reads): without write access to it, opening says so;
+    with it (and no write access to the data file), it reads its pinned commit whole while the
+    writer commits over the same rows."""
+    path = shared_dir / "t.delta"
+    writer = RowDelta(path, row_bytes=16, create=True)
+    writer.commit(np.arange(4000), np.full((4000, 16), 1, np.uint8), step=1)
+    for part in path.iterdir():
+        part.chmod(0o644)
+    path.chmod(0o755)
+    refused = subprocess.run(
+        [sys.executable, "-c", _OTHER_USER_READER, str(path)], capture_output=True, text=True
+    )
+    assert refused.stdout.startswith("TierIOError: "), refused.stdout + refused.stderr[-2000:]
+    assert f"{path / 'lock.mdb'} is not writable by this process" in refused.stdout
+    assert "need write access to it" in refused.stdout
+
+    (path / "lock.mdb").chmod(0o666)  # readers may register; the data stays the writer's
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_USER_READER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout.readline().strip() == "pinned 1", reader.stderr.read()[-2000:]
+        for step in range(2, 30):  # every row rewritten: only the reader keeps step 1 pages
+            rows = np.full((4000, 16), step, np.uint8)
+            writer.commit(np.arange(4000), rows, step=step)
+        out, err = reader.communicate("\n", timeout=60)
+    finally:
+        reader.kill()
+        reader.wait()
+    writer.close()
+    assert out.strip() == "step 1 rows [1]", out + err[-2000:]

@@ -189,6 +189,94 @@ def test_a_map_that_grows_never_ends_a_pinned_readers_view(tmp_path):
     again.close()
 
 
+def test_reads_in_other_threads_never_fail_while_a_commit_grows_the_map(tmp_path):
+    """LMDB forbids resizing the map while a transaction of the process is open: reads in other
+    threads (``read_committed``, ``stats``, ``committed_step`` run without the store lock) and
+    the commit's resize wait for each other; no read fails, none sees two commits at once."""
+    import threading
+
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def read(delta):
+        while not stop.is_set():
+            try:
+                step, found, rows = delta.snapshot(np.arange(256))
+                if (rows[found] != step % 251).any():
+                    errors.append(f"step {step} read rows {np.unique(rows[found])[:4]}")
+                if delta.step < step:  # the property reads a transaction of its own
+                    errors.append(f"step {delta.step} after step {step}")
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    grows = 0
+    for attempt in range(6):  # a fresh small map each time: several resizes per delta
+        delta = RowDelta(
+            tmp_path / f"t{attempt}.delta", row_bytes=1024, create=True, map_bytes=1 << 16
+        )
+        readers = [threading.Thread(target=read, args=(delta,)) for _ in range(2)]
+        for thread in readers:
+            thread.start()
+        for step in range(1, 9):
+            rows = np.full((32 * step, 1024), step % 251, dtype=np.uint8)
+            delta.commit(np.arange(32 * step), rows, step=step)
+        stop.set()
+        for thread in readers:
+            thread.join()
+        stop.clear()
+        grows += delta.map_grows
+        delta.close()
+    assert grows >= 12 and not errors, (grows, errors[:3])
+
+
+def test_commit_steps_stay_below_the_grown_map_marker(tmp_path):
+    """2**63 - 1 is ``GREW_STEP`` (a map grown elsewhere, later than any step): a commit may not
+    have it, given or as the step after 2**63 - 2; the refusals name the step and the limit."""
+    from tiered_store import UncommittedWritesWarning
+    from tiered_store.delta.row_delta import GREW_STEP
+    from tiered_store.errors import ConfigError
+
+    limit = rf"step {GREW_STEP} is outside .* from -2\*\*63 to {GREW_STEP - 1}"
+    path, _ = make_table(tmp_path, rows=20, dim=4)
+    store = TieredStore(store_config(path))
+    store.write([1], torch.ones(1, 4))
+    with pytest.raises(ConfigError, match=limit):
+        store.commit(GREW_STEP)
+    assert store.commit(GREW_STEP - 1) == GREW_STEP - 1
+    store.write([2], torch.ones(1, 4))
+    with pytest.raises(ConfigError, match=limit):
+        store.commit()  # the step after the last: 2**63 - 1
+    assert store.committed_step == GREW_STEP - 1 and not store.is_stale()
+    with pytest.warns(UncommittedWritesWarning):
+        store.close()
+    delta = RowDelta(tmp_path / "d", row_bytes=4, create=True)
+    for step in (GREW_STEP, 2**63, -(2**63) - 1):
+        with pytest.raises(ConfigError, match=rf"step {step} is outside"):
+            delta.commit(np.array([0]), np.zeros((1, 4), np.uint8), step=step)
+    assert delta.step == 0
+    delta.close()
+
+
+def test_a_commit_whose_delta_grew_in_another_process_is_a_commit_error(tmp_path):
+    """A handle whose map another process outgrew can neither write nor read the step; its commit
+    says so as a ``CommitError`` (it raised the lmdb error of reading the step for its message)."""
+    import multiprocessing
+
+    from tiered_store.errors import CommitError
+
+    path = tmp_path / "t.delta"
+    delta = RowDelta(path, row_bytes=4096, create=True, map_bytes=1 << 16)
+    delta.commit(np.arange(4), np.ones((4, 4096), dtype=np.uint8), step=1)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(_fill, (path, 4)) > 0  # another process grew the map
+    with pytest.raises(CommitError, match="commit of step 5 to .* previous commit is intact"):
+        delta.commit(np.arange(4), np.zeros((4, 4096), dtype=np.uint8), step=5)
+    delta.close()
+    again = RowDelta(path, row_bytes=4096)  # the last handle closed: the grown map is read
+    assert again.step == 4
+    again.close()
+
+
 def test_a_delta_of_another_row_size_is_refused(tmp_path):
     RowDelta(tmp_path / "d", row_bytes=16, create=True).close()
     with pytest.raises(DeltaCorruptError, match="holds 16-byte rows"):

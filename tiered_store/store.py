@@ -21,7 +21,7 @@ from .cache_plan import CacheHierarchy, IgnoredSettingWarning, ignored_tier_sett
 from .capacity import format_bytes
 from .cold_table import ColdTable
 from .config import StoreConfig
-from .delta.row_delta import RowDelta, committed_step, delta_path
+from .delta.row_delta import GREW_STEP, RowDelta, committed_step, delta_path
 from .delta.table_versions import (
     current_version,
     open_current_version,
@@ -347,7 +347,8 @@ class TieredStore:
     def commit(self, step: int | None = None) -> int:
         """Make every write so far durable in one LMDB transaction, with ``step`` (default: the
         last committed step + 1; an integer above the last, or equal to it with nothing written
-        since, else ``ConfigError``: readers elsewhere tell commits apart by their step); returns
+        since, and below 2**63 - 1, else ``ConfigError``: readers elsewhere tell commits apart by
+        their step, and 2**63 - 1 marks a map grown in another process); returns
         the step. After it returns, a crash (kill -9, power loss) loses none of it; a crash during
         it leaves every row as of this commit or the last. Raises ``CommitError`` (the last commit
         intact, the writes still pending) when it fails."""
@@ -355,7 +356,8 @@ class TieredStore:
         with self._lock:
             self._become_writer()
             delta = self._writes.delta
-            step = delta.step + 1 if step is None else _commit_step(step, delta.step)
+            last = delta.step
+            step = _commit_step(last + 1 if step is None else step, last)
             ids, rows = self._writes.collect()
             if ids.size and step == delta.step:
                 raise ConfigError(
@@ -1145,15 +1147,20 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
 
 
 def _commit_step(step: Any, last: int) -> int:
-    """A commit's ``step``, checked: an integer that fits int64, no lower than ``last``."""
+    """A commit's ``step``, checked: an integer that fits int64, below ``GREW_STEP`` (which
+    marks a map grown elsewhere), no lower than ``last``."""
     try:
         value = None if isinstance(step, bool) else operator.index(step)  # True is not step 1
     except TypeError:
         value = None
     if value is None:
         raise ConfigError(f"commit: step {step!r}; expected an integer step")
-    if not -(2**63) <= value < 2**63:
-        raise ConfigError(f"commit: step {value} does not fit 64 bits; expected an integer step")
+    if not -(2**63) <= value < GREW_STEP:
+        raise ConfigError(
+            f"commit: step {value} is outside the steps a commit may have; expected an integer "
+            f"step from -2**63 to {GREW_STEP - 1} (2**63 - 2: {GREW_STEP} marks a map grown in "
+            "another process)"
+        )
     if value < last:
         raise ConfigError(
             f"commit: step {value} is lower than the last committed step {last}; expected "

@@ -128,7 +128,7 @@ class RowDelta:
         if not existed and not create:
             raise ConfigError(f"delta: {self.path} does not exist; expected a table's write delta")
         try:
-            self.env = _shared_env(self.path, lambda: self._open(wanted, existed))
+            self.env, self._grow_lock = _shared_env(self.path, lambda: self._open(wanted, existed))
         except lmdb.Error as exc:
             raise TierIOError(
                 f"delta: cannot open {self.path} ({exc}); expected a writable directory "
@@ -155,15 +155,16 @@ class RowDelta:
         if initialise:
             self._initialise(initial_step)
         try:
-            if self.readonly:
-                self.rows_db = self.env.open_db(b"rows", create=False)
-                self.meta_db = self.env.open_db(b"meta", create=False)
-            else:  # in a write transaction of our own: open_db's implicit one waits for the
-                # writer's transaction holding the GIL that writer needs (a deadlock); this one
-                # changes nothing, so its commit writes nothing
-                with self.env.begin(write=True) as txn:
-                    self.rows_db = self.env.open_db(b"rows", txn=txn, create=False)
-                    self.meta_db = self.env.open_db(b"meta", txn=txn, create=False)
+            with self._grow_lock.shared():
+                if self.readonly:
+                    self.rows_db = self.env.open_db(b"rows", create=False)
+                    self.meta_db = self.env.open_db(b"meta", create=False)
+                else:  # in a write transaction of our own: open_db's implicit one waits for the
+                    # writer's transaction holding the GIL that writer needs (a deadlock); this one
+                    # changes nothing, so its commit writes nothing
+                    with self.env.begin(write=True) as txn:
+                        self.rows_db = self.env.open_db(b"rows", txn=txn, create=False)
+                        self.meta_db = self.env.open_db(b"meta", txn=txn, create=False)
         except lmdb.NotFoundError:
             _release_env(self.path)
             raise ConfigError(
@@ -172,45 +173,69 @@ class RowDelta:
             ) from None
 
     def _open(self, map_bytes: int, existed: bool) -> lmdb.Environment:
-        """The environment: durable commits, one writer, reader slots tied to threads."""
+        """The environment: durable commits, one writer, reader slots tied to threads; read-only
+        where this process may not write the delta (see ``_open_read_only``)."""
         try:
-            return lmdb.open(
-                str(self.path),
-                map_size=map_bytes,
-                subdir=True,
-                sync=True,  # fsync the data pages at commit: durable on return
-                metasync=True,  # ... and the meta page: a power loss keeps the last commit
-                writemap=False,  # a stray write through the map cannot corrupt the file
-                max_readers=MAX_READERS,
-                max_dbs=2,
-                readahead=False,  # random row reads: readahead only evicts other pages
-                lock=True,
-                max_spare_txns=0,  # read transactions really commit: a reader's open_db sticks
-            )
+            env = self._lmdb_open(map_bytes, readonly=False, lock=True)
         except lmdb.Error as exc:
-            # a read-only directory: the lock file cannot be made. With no writer possible there,
-            # lock-free read-only access is safe.
-            if existed and _is_permission_error(exc):
-                self.readonly = True
-                return lmdb.open(
-                    str(self.path),
-                    map_size=map_bytes,
-                    subdir=True,
-                    readonly=True,
-                    lock=False,
-                    max_dbs=2,
-                    readahead=False,
-                    max_spare_txns=0,
-                )
-            raise
+            if not (existed and _is_permission_error(exc)):
+                raise
+            env = self._open_read_only(map_bytes)
+        if not _lock_free(env):
+            env.reader_check()  # free the slots of readers killed (kill -9) with a read open
+        return env
+
+    def _open_read_only(self, map_bytes: int) -> lmdb.Environment:
+        """Read-only, for a process that may not write the delta: registered in the lock file's
+        reader table where it may write that file (the writer then keeps its commit's pages);
+        without locks only on a read-only filesystem, where no writer can run."""
+        self.readonly = True
+        if _read_only_filesystem(self.path):
+            return self._lmdb_open(map_bytes, readonly=True, lock=False)
+        try:
+            return self._lmdb_open(map_bytes, readonly=True, lock=True)
+        except lmdb.Error as exc:
+            if not _is_permission_error(exc):
+                raise
+        # unregistered, a writer (another user's, say) would reuse the pages of the commit this
+        # reader reads: it would read later rows, or rows that fail their CRC
+        lock_file = self.path / "lock.mdb"
+        raise TierIOError(
+            errno.EACCES,
+            f"delta: {lock_file} is not writable by this process (uid {os.getuid()}); readers "
+            "register in it so that a writer keeps the pages of the commit they read, so they "
+            "need write access to it (e.g. a group shared with the writer and g+w), or serve a "
+            "compacted version that has no delta",
+        )
+
+    def _lmdb_open(self, map_bytes: int, *, readonly: bool, lock: bool) -> lmdb.Environment:
+        """``lmdb.open`` with this module's settings."""
+        return lmdb.open(
+            str(self.path),
+            map_size=map_bytes,
+            subdir=True,
+            readonly=readonly,
+            sync=True,  # fsync the data pages at commit: durable on return
+            metasync=True,  # ... and the meta page: a power loss keeps the last commit
+            writemap=False,  # a stray write through the map cannot corrupt the file
+            max_readers=MAX_READERS,
+            max_dbs=2,
+            readahead=False,  # random row reads: readahead only evicts other pages
+            lock=lock,
+            max_spare_txns=0,  # read transactions really commit: a reader's open_db sticks
+        )
 
     # -- queries -----------------------------------------------------------------------------------
     @property
     def step(self) -> int:
         """The step of the last commit (0 before any); of the pinned snapshot while pinned."""
         self._check_process()
-        with self._read_txn() as txn:
-            return _int_value(txn.get(b"step", db=self.meta_db))
+        try:
+            with self._read_txn() as txn:
+                return _int_value(txn.get(b"step", db=self.meta_db))
+        except lmdb.Error as exc:
+            self.read_errors += 1
+            raise TierIOError(f"delta: reading the step of {self.path} failed ({exc})") from None
 
     def latest_step(self) -> int:
         """The step of the last commit on disk now, pinned or not; ``GREW_STEP`` when another
@@ -218,7 +243,7 @@ class RowDelta:
         of its environment has closed and one reopens)."""
         self._check_process()
         try:
-            with self.env.begin(db=self.meta_db) as txn:
+            with self._grow_lock.shared(), self.env.begin(db=self.meta_db) as txn:
                 return _int_value(txn.get(b"step"))
         except lmdb.MapResizedError:
             return GREW_STEP
@@ -228,8 +253,9 @@ class RowDelta:
         land meanwhile: a read-only store's view stays whole until it is reopened."""
         self._check_process()
         if self._pinned is None:
-            self._pinned = self.env.begin()
-            _count_pin(self.path, 1)
+            with self._grow_lock.shared():  # counted before a resize can look: it refuses then
+                self._pinned = self.env.begin()
+                _count_pin(self.path, 1)
 
     def unpin(self) -> None:
         """Read the newest commit again (a writer's view)."""
@@ -241,13 +267,14 @@ class RowDelta:
 
     @contextlib.contextmanager
     def _read_txn(self):
-        """The pinned transaction, or a fresh one for this read."""
-        with self._pin_lock:  # stats and read_committed read it without the store's lock
+        """The pinned transaction, or a fresh one for this read (held from a map resize by
+        another thread: stats and read_committed read without the store's lock)."""
+        with self._pin_lock:
             pinned = self._pinned
             if pinned is not None:
                 yield pinned
         if pinned is None:
-            with self.env.begin() as txn:
+            with self._grow_lock.shared(), self.env.begin() as txn:
                 yield txn
 
     def ids(self) -> np.ndarray:
@@ -259,7 +286,7 @@ class RowDelta:
 
     def __len__(self) -> int:
         self._check_process()
-        with self.env.begin(db=self.rows_db) as txn:
+        with self._grow_lock.shared(), self.env.begin(db=self.rows_db) as txn:
             return txn.stat(self.rows_db)["entries"]
 
     def read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -295,7 +322,7 @@ class RowDelta:
     def iter_rows(self, chunk_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, rows) in row order, ``chunk_rows`` at a time, from one read transaction."""
         self._check_process()
-        with self.env.begin(db=self.rows_db) as txn:
+        with self._grow_lock.shared(), self.env.begin(db=self.rows_db) as txn:
             cursor = txn.cursor()
             batch: list[tuple[bytes, bytes]] = []
             for pair in cursor.iternext():
@@ -310,7 +337,8 @@ class RowDelta:
     def commit(self, ids: np.ndarray, rows: np.ndarray, step: int, *, clear: bool = False) -> None:
         """Write ``rows`` (``uint8 [n, row_bytes]``) for unique ``ids`` and ``step`` in one durable
         transaction (``clear``: drop every other row first, as compaction does). Raises
-        ``CommitError`` when it cannot; the previous commit then stands."""
+        ``CommitError`` when it cannot (``ConfigError`` for a step of ``GREW_STEP`` or beyond);
+        the previous commit then stands."""
         self._check_process()
         if self.readonly:
             raise CommitError(
@@ -323,11 +351,13 @@ class RowDelta:
             raise ValueError(
                 f"delta commit: rows of shape {rows.shape}; expected ({ids.size}, {self.row_bytes})"
             )
+        step_bytes = _step_bytes(step)
         keys, values = self._encode(ids, rows, step)
-        step_bytes = int(step).to_bytes(8, "little", signed=True)
+        previous = self._step_before_commit(step)  # after a failed write, reading may fail too
+        self.env.reader_check()  # a killed reader's slot would keep every old page from reuse
         for _ in range(GROW_ATTEMPTS):
             try:
-                with self.env.begin(write=True) as txn:
+                with self._grow_lock.shared(), self.env.begin(write=True) as txn:
                     if clear:
                         txn.drop(self.rows_db, delete=False)
                     if keys:
@@ -340,7 +370,7 @@ class RowDelta:
             except lmdb.Error as exc:
                 raise CommitError(
                     f"delta: commit of step {step} ({ids.size:,} rows) to {self.path} failed "
-                    f"({exc}); the previous commit (step {self.step}) is intact"
+                    f"({exc}); the previous commit (step {previous}) is intact"
                 ) from None
         raise CommitError(
             f"delta: commit of step {step} to {self.path} still does not fit a "
@@ -356,22 +386,34 @@ class RowDelta:
 
     # -- internals ---------------------------------------------------------------------------------
     def _grow(self) -> None:
-        """Double the map (no transaction of this handle is open: commits hold the store lock).
-        Refused while another handle in this process holds a commit: growing would end its view."""
-        size = self.env.info()["map_size"] * 2
-        if _count_pin(self.path, 0):
-            raise CommitError(
-                f"delta: {self.path}'s map ({self.env.info()['map_size']:,} bytes) is full, and "
-                "another store of this table in this process holds an older commit that growing "
-                "it would end; close or reopen that store, then commit again (the writes are kept)"
-            )
-        try:
-            self.env.set_mapsize(size)
-        except lmdb.Error as exc:
-            raise CommitError(
-                f"delta: cannot grow {self.path}'s map to {size:,} bytes ({exc})"
-            ) from None
+        """Double the map once no read transaction of this process is open on it (LMDB forbids
+        a resize during one; new ones wait). Refused while another handle in this process holds
+        a commit: growing would end its view."""
+        with self._grow_lock.exclusive():
+            size = self.env.info()["map_size"] * 2
+            if _count_pin(self.path, 0):
+                raise CommitError(
+                    f"delta: {self.path}'s map ({size // 2:,} bytes) is full, and another store "
+                    "of this table in this process holds an older commit that growing it would "
+                    "end; close or reopen that store, then commit again (the writes are kept)"
+                )
+            try:
+                self.env.set_mapsize(size)
+            except lmdb.Error as exc:
+                raise CommitError(
+                    f"delta: cannot grow {self.path}'s map to {size:,} bytes ({exc})"
+                ) from None
         self.map_grows += 1
+
+    def _step_before_commit(self, step: int) -> int:
+        """The last committed step, read before a commit of ``step`` writes anything."""
+        try:
+            return self.step
+        except TierIOError as exc:
+            raise CommitError(
+                f"delta: commit of step {step} to {self.path} not attempted: {exc}; the previous "
+                "commit is intact"
+            ) from None
 
     def _encode(self, ids: np.ndarray, rows: np.ndarray, step: int) -> tuple[list, list]:
         """Keys and values (bytes objects, as putmulti takes them) for a batch of rows."""
@@ -424,17 +466,17 @@ class RowDelta:
     def _initialise(self, initial_step: int) -> None:
         """Create both databases, the row size and the initial step in one transaction (a
         writer, once): an environment is complete or holds none of them."""
-        with self.env.begin(write=True) as txn:
+        with self._grow_lock.shared(), self.env.begin(write=True) as txn:
             rows_db = self.env.open_db(b"rows", txn=txn, create=True)
             meta_db = self.env.open_db(b"meta", txn=txn, create=True)
             del rows_db
             if txn.get(b"row_bytes", db=meta_db) is None:
                 txn.put(b"row_bytes", self.row_bytes.to_bytes(8, "little"), db=meta_db)
-                txn.put(b"step", int(initial_step).to_bytes(8, "little", signed=True), db=meta_db)
+                txn.put(b"step", _step_bytes(initial_step), db=meta_db)
 
     def _check_row_bytes(self) -> None:
         """The environment was made for rows of this size."""
-        with self.env.begin(db=self.meta_db) as txn:
+        with self._grow_lock.shared(), self.env.begin(db=self.meta_db) as txn:
             have = txn.get(b"row_bytes")
         if have is not None and _int_value(have) != self.row_bytes:
             raise DeltaCorruptError(
@@ -451,20 +493,73 @@ class RowDelta:
             )
 
 
+class _GrowLock:
+    """Read transactions of one environment hold it shared for their whole life, a map resize
+    exclusively: LMDB forbids ``set_mapsize`` while any transaction of the process is open (one
+    starting meanwhile fails with EINVAL). A waiting resize holds new transactions back, so a
+    stream of reads cannot starve it; a thread already holding it shared may take it again."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._holders: dict[int, int] = {}  # thread id -> shared holds it has
+        self._resizing = False  # a resize waits or runs
+
+    @contextlib.contextmanager
+    def shared(self):
+        """Hold off resizes while the block runs."""
+        me = threading.get_ident()  # the thread that took it, even if another one releases it
+        with self._cond:
+            while self._resizing and not self._holders.get(me):
+                self._cond.wait()
+            self._holders[me] = self._holders.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders[me] -= 1
+                if not self._holders[me]:
+                    del self._holders[me]
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Run the block once no transaction is open (none starts meanwhile)."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._holders.get(me):
+                raise CommitError(
+                    "delta: a commit had to grow the map while this thread reads the same delta "
+                    "(iterating its rows?); finish the read, then commit"
+                )
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._holders:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
 # LMDB allows one environment handle per file per process: handles of one path share it.
-_ENVS: dict[tuple[int, str], list] = {}  # (pid, realpath) -> [environment, handles, pinned]
+# (pid, realpath) -> [environment, handles, pinned, its _GrowLock]
+_ENVS: dict[tuple[int, str], list] = {}
 _ENVS_LOCK = threading.Lock()
 
 
-def _shared_env(path: Path, open_env) -> lmdb.Environment:
-    """This process's environment for ``path``, opened by ``open_env`` on first use."""
+def _shared_env(path: Path, open_env) -> tuple[lmdb.Environment, _GrowLock]:
+    """This process's environment for ``path`` (opened by ``open_env`` on first use) and the lock
+    its read transactions and resizes share."""
     key = (os.getpid(), os.path.realpath(path))  # never an environment across fork()
     with _ENVS_LOCK:
         entry = _ENVS.get(key)
         if entry is None:
-            entry = _ENVS[key] = [open_env(), 0, 0]
+            entry = _ENVS[key] = [open_env(), 0, 0, _GrowLock()]
         entry[1] += 1
-        return entry[0]
+        return entry[0], entry[3]
 
 
 def _count_pin(path: Path, change: int) -> int:
@@ -494,6 +589,29 @@ def _release_env(path: Path) -> None:
 def _int_value(raw: bytes | None) -> int:
     """An int64 stored little-endian (0 when absent)."""
     return 0 if raw is None else int.from_bytes(raw, "little", signed=True)
+
+
+def _step_bytes(step: int) -> bytes:
+    """A commit step as stored (int64 little-endian); refuses ``GREW_STEP`` and beyond."""
+    if not -(2**63) <= step < GREW_STEP:
+        raise ConfigError(
+            f"delta: step {step} is outside the steps a delta stores, -2**63 to {GREW_STEP - 1} "
+            f"(2**63 - 2); {GREW_STEP} (2**63 - 1) marks a map grown in another process"
+        )
+    return int(step).to_bytes(8, "little", signed=True)
+
+
+def _lock_free(env: lmdb.Environment) -> bool:
+    """Whether ``env`` was opened without LMDB's lock file (a read-only filesystem)."""
+    return not env.flags().get("lock", True)
+
+
+def _read_only_filesystem(path: Path) -> bool:
+    """Whether ``path`` is on a filesystem mounted read-only (no process can write there)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _is_permission_error(exc: lmdb.Error) -> bool:

@@ -247,23 +247,42 @@ def _compacted_generations(npy: Path) -> list[int]:
 
 
 def _version_files(path: Path) -> tuple[Path, ...]:
-    """One version's files, its manifest first, then its delta's folder."""
-    return table_paths(path)[1], sidecar_path(path), path, delta_path(path)
+    """One version's files in the order they are removed: its manifest first, its ``.npy``
+    last (cleanups find versions by it)."""
+    return table_paths(path)[1], sidecar_path(path), delta_path(path), path
 
 
 def _remove_version(path: Path) -> None:
-    """Delete one version's files, its manifest first (never half a table), and its delta."""
-    *files, delta = _version_files(path)
-    for part in files:
-        part.unlink(missing_ok=True)
+    """Delete one version's files, its manifest first (never half a table), its delta before
+    its ``.npy``: a removal killed part way leaves the ``.npy``, which the next cleanup finds."""
+    manifest, sidecar, delta, npy = _version_files(path)
+    manifest.unlink(missing_ok=True)
+    sidecar.unlink(missing_ok=True)
     shutil.rmtree(delta, ignore_errors=True)
+    npy.unlink(missing_ok=True)
+
+
+def _orphaned_deltas(npy: Path, current: int) -> list[Path]:
+    """Delta folders of generations older than ``current`` whose ``.npy`` is gone (a removal
+    killed part way by code that unlinked the ``.npy`` first). No store reads them: a store
+    holds its version's ``.npy`` before opening any of its files, and removal takes it first."""
+    pattern = re.compile(rf"^{re.escape(npy.stem)}(?:\.g(\d+))?\.npy\.delta$")
+    orphans = []
+    for path in sorted(npy.parent.iterdir()):
+        match = pattern.match(path.name)
+        if match is None or not path.is_dir():
+            continue
+        generation = int(match[1] or 0)
+        if generation < current and not version_path(npy, generation).exists():
+            orphans.append(path)
+    return orphans
 
 
 def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
     """Delete what a compaction killed part way left: versions newer than the current one (never
-    published) and the hidden temporaries of version files (``.TABLE.gN.npy*.tmp``); returns
-    the names removed. Call under the writer lock, which every compaction holds while it writes
-    them."""
+    published), the hidden temporaries of version files (``.TABLE.gN.npy*.tmp``) and the deltas
+    of older versions whose ``.npy`` is gone (a removal killed part way); returns the names
+    removed. Call under the writer lock, which every compaction holds while it writes them."""
     npy = _npy(table)
     _, current = current_version(table)
     temporary = re.compile(rf"^\.{re.escape(npy.stem)}\.g\d+\.npy.*\.tmp$")
@@ -276,6 +295,9 @@ def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
         if temporary.match(path.name):
             path.unlink(missing_ok=True)
             removed.append(path.name)
+    for path in _orphaned_deltas(npy, current):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
     if removed:
         fsync_dir(npy.parent)
     return removed
