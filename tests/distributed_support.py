@@ -313,7 +313,7 @@ def sharded_writes_worker(
     from tiered_store.delta.table_versions import release, take_writer_lock
     from tiered_store.delta.trainable import TrainableTable
     from tiered_store.distributed import ShardedStore
-    from tiered_store.errors import CommitError, RowIdError
+    from tiered_store.errors import CommitError, RowIdError, StepMismatchError
 
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
@@ -332,7 +332,7 @@ def sharded_writes_worker(
                     result["bad_id"] = str(exc)
                 try:
                     store.commit(step=9 if rank == world - 1 else None)
-                except CommitError as exc:
+                except StepMismatchError as exc:
                     result[f"{by}_mismatch"] = str(exc)
                 result[f"{by}_step"] = store.commit()
                 everything = torch.arange(store.rows)
@@ -407,7 +407,82 @@ def misuse_worker(rank: int, world: int, port: int, plain: str, out: Path) -> No
                 store.lookup(ids, handle)
 
         attempt("stale handle", stale_handle)
+        seen: list = []
+        record = lambda rows, grads: seen.append(grads.tolist()) or rows  # noqa: E731
+        owned = torch.tensor([400, 401, 402]) if rank == 0 else torch.tensor([450])  # rank 1's
+        grads = torch.empty((3, 0)) if rank == 0 else torch.arange(1.0, 9.0).view(1, 8)
+        attempt("zero width", lambda: store.update_rows(owned, grads, record))
+        result["zero width seen"] = seen
         store.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
+def training_misuse_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
+    """Every rank: a training step rank 1 refuses (it repeats the last step), then steps the
+    ranks disagree on; after each, the step every rank agrees on applies the gradients kept."""
+    from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.trainable import TrainableTable
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(trainable), world, "rows")
+    cfg["sharding"]["timeout_s"] = 5  # a rank left waiting fails the test in seconds
+    try:
+        table = TrainableTable(ShardedStore.open(cfg), make_row_optimizer("adam", lr=0.05))
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        for name, step, agreed in (("repeated", 1 if rank == 1 else 2, 2), ("differ", 3 + rank, 5)):
+            table.lookup(ids).sum().backward()
+            if name == "repeated":
+                result["first"] = table.step(1)
+                table.lookup(ids).sum().backward()
+            try:
+                table.step(step)
+            except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                result[name] = f"{type(exc).__name__}: {exc}"
+            result[f"{name} retried"] = table.step(agreed)  # the gradients kept
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
+def torn_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank, over shards committed at different steps (a torn commit): reopened, every
+    rank warns and reports the oldest step, and the step redone on every rank commits, on the
+    shard already at it too; reopened again, the table is whole."""
+    import warnings
+
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.errors import TornCommitWarning
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(plain), world, "rows")
+
+    def reopened(name: str) -> ShardedStore:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            store = ShardedStore.open(cfg)
+        result[f"{name} warnings"] = [
+            str(w.message) for w in caught if issubclass(w.category, TornCommitWarning)
+        ]
+        result[f"{name} step"] = store.committed_step
+        result[f"{name} rows"] = [float(v) for v in store.lookup(torch.tensor([3, 460]))[:, 0]]
+        return store
+
+    try:
+        with reopened("torn") as store:
+            mine = torch.tensor([3 if rank == 0 else 460])  # a row of this rank's shard
+            store.write(mine, torch.full((1, store.row_width), 3.0))  # the step redone
+            result["redone"] = store.commit(result["torn step"] + 1)
+            result["redone step"] = store.committed_step
+        with reopened("after"):
+            pass
         dist_destroy()
     except BaseException:
         result["crash"] = traceback.format_exc()

@@ -176,7 +176,7 @@ def test_a_shard_set_stopped_by_sigterm_leaves_no_shard_and_no_temporary_file(tm
         env=subprocess_env(),
     )  # fmt: skip
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".a.shard-1-of-4.npy*.tmp")):
+    while not list(tmp_path.glob(".*a.shard-1-of-4.npy*.tmp")):  # its hidden files
         assert proc.poll() is None and time.monotonic() < deadline, "rank 1's shard never began"
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)

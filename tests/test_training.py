@@ -235,6 +235,25 @@ def test_step_numbers_are_checked_before_the_gradients_are_used(tmp_path):
     table.close()
 
 
+def test_a_step_whose_write_is_refused_keeps_its_gradients(tmp_path):
+    """Infinite gradients make rows the store refuses to write: no row changes, and the step's
+    gradients stay for the next (they were dropped first: the next step updated no row)."""
+    from tiered_store.errors import RowDataError
+
+    sgd = make_row_optimizer("sgd", lr=0.5)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.ones((20, 2)), sgd)
+    table = TrainableTable(TieredStore(store_config(path)), sgd)
+    table.lookup([3, 4]).sum().mul(float("inf")).backward()
+    for step in (1, 2):
+        with pytest.raises(RowDataError, match="finite"):
+            table.step(step)
+    assert table.store.lookup([3, 4]).tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    table.zero_grad()
+    assert table.step(1) == 0
+    table.close()
+
+
 def test_a_slice_refuses_ids_outside_itself(tmp_path):
     from tiered_store.delta.trainable import TableSlice
     from tiered_store.errors import ConfigError, RowIdError

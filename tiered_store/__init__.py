@@ -16,6 +16,7 @@ from .errors import (
     TableFormatError,
     TieredStoreError,
     TierIOError,
+    TornCommitWarning,
     TraceFormatError,
 )
 from .page_checksums import ChecksumError, UnverifiedTableWarning
@@ -46,6 +47,7 @@ __all__ = [
     "TierIOError",
     "TieredStore",
     "TieredStoreError",
+    "TornCommitWarning",
     "TraceFormatError",
     "UncommittedWritesWarning",
     "UnverifiedTableWarning",

@@ -41,6 +41,16 @@ class ShardMismatchError(ConfigError):
     """Ranks opened shards of different shard maps, table versions or configurations."""
 
 
+class StepMismatchError(ConfigError):
+    """Ranks of a sharded store passed different steps (or gradient widths) to one commit or
+    training round: nothing was done on any shard, and the ranks stay in step."""
+
+
+class TornCommitWarning(UserWarning):
+    """The shards of a sharded table were opened at different committed steps: a commit was
+    interrupted (a rank killed inside it) after some shards had committed."""
+
+
 class RankFailureError(TieredStoreError, RuntimeError):
     """A rank of a sharded store died, hung or stopped calling lookups; the message names it."""
 

@@ -344,14 +344,15 @@ class TieredStore:
             self._write_seq += 1
 
     @_touches_files
-    def commit(self, step: int | None = None) -> int:
+    def commit(self, step: int | None = None, *, redo: bool = False) -> int:
         """Make every write so far durable in one LMDB transaction, with ``step`` (default: the
         last committed step + 1; an integer above the last, or equal to it with nothing written
         since, and below 2**63 - 1, else ``ConfigError``: readers elsewhere tell commits apart by
         their step, and 2**63 - 1 marks a map grown in another process); returns
         the step. After it returns, a crash (kill -9, power loss) loses none of it; a crash during
         it leaves every row as of this commit or the last. Raises ``CommitError`` (the last commit
-        intact, the writes still pending) when it fails."""
+        intact, the writes still pending) when it fails. ``redo``: writes may be committed at the
+        last step again (a sharded store redoing the step a torn commit left on this shard)."""
         self._check_open()
         with self._lock:
             self._become_writer()
@@ -359,7 +360,7 @@ class TieredStore:
             last = delta.step
             step = _commit_step(last + 1 if step is None else step, last)
             ids, rows = self._writes.collect()
-            if ids.size and step == delta.step:
+            if ids.size and step == delta.step and not redo:
                 raise ConfigError(
                     f"commit: step {step} is the last committed step, and {ids.size:,} written "
                     "rows are waiting: readers in other processes tell commits apart by their "

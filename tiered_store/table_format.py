@@ -1047,6 +1047,35 @@ def refuse_existing(npy_path: Path, manifest_path: Path, overwrite: bool) -> Non
         )
 
 
+def replace_table(
+    finished: str | os.PathLike[str], target: str | os.PathLike[str], overwrite: bool
+) -> None:
+    """Move the table at ``finished`` (made by ``create_table`` in ``target``'s folder) to
+    ``target`` by renames; with ``overwrite``, over a table there, dropping its history as
+    ``create_table(overwrite=True)`` does: the old manifest goes first and the new one comes
+    last, so neither half opens."""
+    new_npy, new_manifest = table_paths(finished)
+    npy, manifest = table_paths(target)
+    dir_fd = os.open(npy.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)  # serialise with create_table's commits
+        refuse_existing(npy, manifest, overwrite)  # re-checked under the lock, as _commit does
+        from .delta.table_versions import forget_history, has_history  # noqa: PLC0415
+
+        if has_history(npy):
+            forget_history(npy)
+        if manifest.exists():
+            manifest.unlink()
+            fsync_dir(npy.parent)
+        os.replace(new_npy, npy)
+        os.replace(sidecar_path(new_npy), sidecar_path(npy))
+        fsync_dir(npy.parent)
+        os.replace(new_manifest, manifest)
+        fsync_dir(npy.parent)
+    finally:
+        os.close(dir_fd)  # also releases the lock
+
+
 def _commit(
     directory: Path, data: AtomicFile, sidecar: AtomicFile, manifest: AtomicFile, overwrite: bool
 ) -> None:

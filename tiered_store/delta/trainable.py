@@ -10,6 +10,7 @@ store, the optimizer's new rows, ``store.write``. ``commit()`` makes the step du
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 from functools import partial
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, RowIdError
+from ..errors import ConfigError, RowIdError, StepMismatchError, TierIOError
 from ..id_ops import unique_inverse_counts
 from ..store import as_id_tensor
 from ..table_format import TableManifest, create_table
@@ -144,42 +145,65 @@ class TrainableTable:
 
         Over a ``ShardedStore`` it is a collective (every rank calls it, with gradients or not):
         the gradients go to the ranks owning their rows, which sum them and apply the optimizer
-        (``ShardedStore.update_rows``); it returns the rows this rank updated."""
+        (``ShardedStore.update_rows``); it returns the rows this rank updated. A step refused on
+        one rank is refused on every rank (the others get ``StepMismatchError``), as are ranks
+        passing different steps; no row changes and every rank keeps its gradients. When a
+        shard fails to apply its rows (the others applied theirs), the gradients are dropped."""
         try:
             number = operator.index(step)
         except TypeError:
             number = 0
         if number < 1:
-            raise ConfigError(f"step: {step!r}; expected an integer >= 1 (steps count from 1)")
+            self._refuse(step, f"step: {step!r}; expected an integer >= 1 (steps count from 1)")
         if number <= self._last_step:
-            raise ConfigError(
+            self._refuse(
+                step,
                 f"step: {number}; expected more than the last step, {self._last_step} (each "
-                "optimizer step is applied once)"
+                "optimizer step is applied once)",
             )
-        step = number
+        unique, summed = self._summed_gradients()
+        update_rows = getattr(self.store, "update_rows", None)
+        if update_rows is not None:  # sharded: the owners apply it
+            try:
+                updated = update_rows(
+                    unique, summed, partial(self.optimizer.update, step=number), step=number
+                )
+            except TierIOError:  # a shard failed its update, the others made theirs: not twice
+                self._gradients.clear()
+                raise
+        elif not unique.numel():
+            updated = 0
+        else:  # the write is the last thing done: when anything fails, no row changed
+            current = self.store.lookup(unique)
+            new_rows = self.optimizer.update(current, summed.to(current), number)
+            self.store.write(unique, new_rows)
+            updated = unique.numel()
+        self._gradients.clear()
+        self._last_step = number
+        return updated
+
+    def _refuse(self, step: Any, message: str) -> None:
+        """Raise ``ConfigError(message)``; over a sharded store after joining the update round
+        with no gradients and a step no other rank passes, so every rank refuses it."""
+        update_rows = getattr(self.store, "update_rows", None)
+        if update_rows is not None:
+            nothing = torch.empty(0, dtype=torch.int64), torch.empty((0, self.dim))
+            # the others' StepMismatchError names this rank; its own error says more
+            with contextlib.suppress(StepMismatchError):
+                update_rows(*nothing, self.optimizer.update, step=f"{step!r} (refused)")
+        raise ConfigError(message)
+
+    def _summed_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unique ids and their summed gradients since the last step (the gradients are kept)."""
         gradients = self._gradients or [
             (torch.empty(0, dtype=torch.int64), torch.empty((0, self.dim), dtype=torch.float32))
         ]
         ids = torch.cat([i.reshape(-1) for i, _ in gradients])
         grads = torch.cat([g.reshape(-1, self.dim) for _, g in gradients])
-        self._gradients.clear()
         unique, inverse, _ = unique_inverse_counts(ids)
         summed = torch.zeros((unique.numel(), self.dim), dtype=grads.dtype, device=grads.device)
         summed.index_add_(0, inverse.to(grads.device), grads)
-        update_rows = getattr(self.store, "update_rows", None)
-        if update_rows is not None:  # sharded: the owners apply it
-            updated = update_rows(
-                unique, summed, partial(self.optimizer.update, step=step), step=step
-            )
-        elif not unique.numel():
-            updated = 0
-        else:
-            current = self.store.lookup(unique)
-            new_rows = self.optimizer.update(current, summed.to(current), step)
-            self.store.write(unique, new_rows)
-            updated = unique.numel()
-        self._last_step = step
-        return updated
+        return unique, summed
 
     def zero_grad(self) -> None:
         """Drop row gradients not yet applied."""

@@ -9,6 +9,7 @@ metadata (the Engram layout).
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from ..table_format import (
     create_table,
     read_manifest,
     refuse_existing,
+    replace_table,
     table_paths,
 )
 from ..table_sources import TABLE_DTYPES, SourceReader
@@ -101,9 +103,10 @@ def write_shards(
     checksums, so a corrupt table is refused (``ChecksumError``), not given shards with fresh
     checksums. Refused before anything is written: a table with written rows not yet compacted
     (``tiered-store compact`` first), an existing shard file without ``overwrite``, a shard path
-    that is the table itself. A failure midway removes the shards already written. With
-    ``overwrite``, an old shard's writes and compacted versions go with it (else they would be
-    served over the new shard's rows).
+    that is the table itself. Every shard is written under a hidden name first and moved into
+    place once all are: a failure midway removes them and leaves the old shards as they were.
+    With ``overwrite``, an old shard's writes and compacted versions go with it (else they would
+    be served over the new shard's rows).
 
     Examples
     --------
@@ -136,6 +139,8 @@ def write_shards(
                 )
             refuse_existing(path, table_paths(path)[1], overwrite)
         written: list[ShardInfo] = []
+        # every new shard under a hidden name first: a failure midway leaves the old set whole
+        finished: list[tuple[Path, Path]] = []
         try:
             for rank, path in enumerate(paths):
                 start, stop = shard_map.shard_range(rank)
@@ -143,21 +148,30 @@ def write_shards(
                     **manifest.metadata,
                     "shard": {**shard_map.to_json(), "rank": rank, "table": npy.name},
                 }
+                target = path.resolve() if path.is_symlink() else path  # as create_table writes
+                new = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.new.npy")
+                finished.append((new, target))
                 shard_manifest = create_table(
-                    path,
+                    new,
                     _ShardRows(cold, start, stop),
                     quantization=manifest.quantization,
                     metadata=metadata,
                     progress=progress,
-                    overwrite=overwrite,
                 )
                 written.append(ShardInfo(path, rank, shard_map, shard_manifest))
         except BaseException:
-            for shard in written:  # no shard set that is part old, part new, or incomplete
-                for part in (table_paths(shard.path)[1], sidecar_path(shard.path), shard.path):
-                    part.unlink(missing_ok=True)  # the manifest first: never half a table
+            for new, _ in finished:  # (the one that failed left nothing: create_table's own)
+                _remove_table(new)
             raise
+        for new, target in finished:
+            replace_table(new, target, overwrite)
     return written
+
+
+def _remove_table(path: Path) -> None:
+    """Delete a table's files, the manifest first (never half a table)."""
+    for part in (table_paths(path)[1], sidecar_path(path), path):
+        part.unlink(missing_ok=True)
 
 
 def _refuse_uncompacted_rows(table: Path, current: Path, manifest: TableManifest) -> None:

@@ -54,10 +54,13 @@ from ..errors import (
     RowIdError,
     ShardMismatchError,
     ShardReadError,
+    StepMismatchError,
     TableFormatError,
     TieredStoreError,
     TierIOError,
+    TornCommitWarning,
     error_text,
+    warn_at_caller,
 )
 from ..id_ops import ids_on_gpu, snapshot_of, unique_inverse_counts
 from ..latency import LatencyHistogram
@@ -198,6 +201,10 @@ class ShardedStore:
         self.dim, self.dtype, self.device = local.dim, local.dtype, local.device
         self.zero_out_of_range = local.zero_out_of_range
         self._starts = self.shard_map.starts(self.exchange_device)
+        # every shard's committed step at open, kept while they differ (a torn commit)
+        self._torn_steps = _torn_steps([doc["committed_step"] for doc in prints])
+        if self._torn_steps is not None:
+            warn_at_caller(_torn_message(self.rank, self._torn_steps), TornCommitWarning)
 
     @classmethod
     def open(
@@ -271,10 +278,12 @@ class ShardedStore:
 
     def commit(self, step: int | None = None) -> int:
         """Commit every rank's shard with one ``step`` (default: the highest last committed step
-        of the ranks + 1); a collective. Returns the step. If a shard's commit fails, every rank
-        raises ``CommitError`` naming it; the others have committed, the failed shard keeps its
-        last commit and its pending writes, and the next ``commit()`` (a higher step) commits
-        them everywhere."""
+        of the ranks + 1); a collective. Returns the step. Ranks passing different steps raise
+        ``StepMismatchError`` on every rank (nothing committed anywhere). If a shard's commit
+        fails, every rank raises ``CommitError`` naming it; the others have committed, the failed
+        shard keeps its last commit and its pending writes, and the next ``commit()`` (a higher
+        step) commits them everywhere. After a torn commit (see ``committed_step``), a shard
+        already at ``step`` commits its redone writes at that step again."""
         self._check_usable()
         if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
             self._thread.submit(self._commit_round, f"{step!r} (refused)")  # the others fail too
@@ -282,6 +291,7 @@ class ShardedStore:
         step = None if step is None else int(step)
         result, errors = self._wait(self._thread.submit(self._commit_round, step), "commit")
         self._raise_failed("commit", errors, CommitError)
+        self._torn_steps = None  # every shard is at ``result`` now
         return result
 
     def update_rows(
@@ -294,8 +304,9 @@ class ShardedStore:
         """Send the gradients ``grads`` (``[n, g]``) of ``ids`` to the ranks owning them; each
         owner sums the gradients it received per row (in rank order), reads its rows and writes
         ``update(rows, summed)``; a collective (``TrainableTable.step`` through a sharded store).
-        Every rank must send gradients of one width and, when given, the same optimizer ``step``
-        (else every rank raises, naming the ranks). Returns how many rows this rank updated."""
+        Every rank must send gradients of one width (at least 1) and, when given, the same
+        optimizer ``step`` (else every rank raises ``StepMismatchError``, naming the ranks, and
+        no row changes). Returns how many rows this rank updated."""
         self._check_usable()
         self._check_float_rows("update_rows")
         self._write_rounds += 1
@@ -307,10 +318,15 @@ class ShardedStore:
                 raise RowDataError(
                     f"grads: {type(grads).__name__} cannot be read as numbers ({exc})"
                 ) from None
-            if not grads.is_floating_point() or grads.ndim != 2 or len(grads) != flat.numel():
+            if (
+                not grads.is_floating_point()
+                or grads.ndim != 2
+                or len(grads) != flat.numel()
+                or (len(grads) and grads.shape[1] == 0)
+            ):
                 raise RowDataError(
                     f"grads: {grads.dtype} of shape {tuple(grads.shape)}; expected floating-point "
-                    f"[{flat.numel()}, width], one row per id"
+                    f"[{flat.numel()}, width], one row per id, width >= 1"
                 )
         except TieredStoreError:  # join the round with nothing, so the others are not kept waiting
             nothing = torch.empty((0, 0), dtype=torch.float32)
@@ -327,7 +343,12 @@ class ShardedStore:
 
     @property
     def committed_step(self) -> int:
-        """The step of this rank's shard's last commit (every rank's, after a good commit)."""
+        """The step of this rank's shard's last commit (every rank's, after a good commit); when
+        the shards were opened at different steps (a commit interrupted on some ranks), the
+        oldest of them on every rank until a commit succeeds everywhere: a training job resumes
+        from it and redoes the newer steps on every shard."""
+        if self._torn_steps is not None:
+            return min(self._torn_steps)
         return self.local.committed_step
 
     @property
@@ -396,6 +417,7 @@ class ShardedStore:
         doc: dict[str, Any] = {
             "shard": str(self.path),
             "error": error,
+            "committed_step": None if self.local is None else self.local.committed_step,
             "world": self.world,
             "config": {
                 "ranks": sharding.ranks,
@@ -600,21 +622,25 @@ class ShardedStore:
         local_ids, received = self._route(ids, rows)
         return self._all_gather(self._local_error(self.local.write, local_ids, received))
 
-    def _commit_round(self, step: int | None) -> tuple[int, list[str | None]]:
+    def _commit_round(self, step: int | str | None) -> tuple[int, list[str | None]]:
         """Agree on the step, commit this shard; (the step, every rank's error or None)."""
         self._heartbeat.enter("commit")
         asked = self._all_gather((self.local.committed_step, step))
-        steps = {s for _, s in asked}
-        if len(steps) > 1:
-            return -1, [
-                f"commit(step={s}) while rank 0 passed step={asked[0][1]}; expected the same step "
-                "on every rank"
-                if s != asked[0][1]
-                else None
-                for _, s in asked
-            ]
+        if len({s for _, s in asked}) > 1:  # raised on every rank: they stay in step
+            raise StepMismatchError(
+                f"rank {self.rank}: commit: ranks passed different steps "
+                f"({_ranks_by_value([s for _, s in asked])}); expected the same step on every "
+                "rank (or None on all); nothing was committed on any shard"
+            )
         step = max(c for c, _ in asked) + 1 if step is None else step
-        return step, self._all_gather(self._local_error(self.local.commit, step))
+        return step, self._all_gather(self._local_error(self._commit_shard, step))
+
+    def _commit_shard(self, step: int) -> None:
+        """Commit this shard; after a torn commit, a shard already at ``step`` takes the redone
+        step's writes at that step (its newer rows are rewritten, the others reach it)."""
+        torn = self._torn_steps
+        redo = torn is not None and step == self.local.committed_step and step <= max(torn)
+        self.local.commit(step, redo=redo)
 
     def _update_round(
         self, ids: torch.Tensor, grads: torch.Tensor, update: Callable, step: int | None
@@ -622,10 +648,14 @@ class ShardedStore:
         """Agree on the gradients' width and the step, route the gradients, sum them per row,
         apply ``update`` to this shard's rows."""
         self._heartbeat.enter("update")
-        asked = self._all_gather((grads.shape[1] if grads.numel() else None, step))
+        # the width from the shape: [n, 0] gradients are refused before, never read as "none"
+        asked = self._all_gather((grads.shape[1] if len(grads) else None, step))
         refused = _disagreeing(asked)
-        if any(refused):
-            return 0, refused
+        if any(refused):  # raised on every rank: they stay in step
+            named = "; ".join(f"rank {r}: {why}" for r, why in enumerate(refused) if why)
+            raise StepMismatchError(
+                f"rank {self.rank}: update_rows: {named}; nothing was updated on any shard"
+            )
         order = torch.argsort(ids, stable=True)  # grouped by owner
         local_ids, received = self._route(ids[order], grads[order])
         unique, inverse, _ = unique_inverse_counts(local_ids)
@@ -767,6 +797,40 @@ def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]
         f"step {step}: expected one width and one step on every rank"
         for w, s in asked
     ]
+
+
+def _ranks_by_value(values: list[Any]) -> str:
+    """Each distinct value with the ranks that passed it, in rank order.
+
+    >>> _ranks_by_value([9, None, None])
+    'rank 0: 9; ranks 1, 2: None'
+    """
+    groups: dict[str, list[int]] = {}
+    for rank, value in enumerate(values):
+        groups.setdefault(str(value), []).append(rank)
+    return "; ".join(
+        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {value}"
+        for value, ranks in groups.items()
+    )
+
+
+def _torn_steps(steps: list[int | None]) -> list[int] | None:
+    """Every shard's committed step when they differ (a torn commit); None when they agree."""
+    return list(steps) if len(set(steps)) > 1 else None
+
+
+def _torn_message(rank: int, steps: list[int]) -> str:
+    """What a rank says when it opened shards at different committed steps.
+
+    >>> _torn_message(1, [1, 2])  # doctest: +ELLIPSIS
+    'rank 1: the shards were committed at different steps (rank 0: 1; rank 1: 2): a commit...'
+    """
+    return (
+        f"rank {rank}: the shards were committed at different steps ({_ranks_by_value(steps)}): "
+        "a commit was interrupted after some ranks had committed, so lookups mix steps; "
+        f"committed_step is the oldest, {min(steps)}, on every rank: resume from it and redo the "
+        "later steps on every rank (a shard already at a redone step commits it again)"
+    )
 
 
 def check_fingerprints(prints: list[dict[str, Any]], world: int) -> ShardMap:
