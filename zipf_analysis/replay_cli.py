@@ -531,12 +531,19 @@ def print_sweep(curves: list[MissRatioCurve], rows: int) -> None:
     rows                          1,000    2,000
     share of the table         0.00971%  0.0194%
     lru                           50.0%    25.0%
+    >>> wide = MissRatioCurve("lru", np.array([0, 517_208, 1_034_416]), np.array([1, .4, .3]), 4)
+    >>> print_sweep([wide], 10_344_160)   # columns as wide as the widest count, and a space
+    rows                          517,208  1,034,416
+    share of the table                 5%        10%
+    lru                             40.0%      30.0%
     """
     caps = curves[0].capacities[1:]
-    print(f"{'rows':<26}" + "".join(f"{int(c):>9,}" for c in caps))
-    print(f"{'share of the table':<26}" + "".join(f"{f'{100 * c / rows:.3g}%':>9}" for c in caps))
+    width = max([9, *(len(f"{int(c):,}") + 2 for c in caps)])
+    print(f"{'rows':<26}" + "".join(f"{int(c):>{width},}" for c in caps))
+    shares = (f"{100 * c / rows:.3g}%" for c in caps)
+    print(f"{'share of the table':<26}" + "".join(f"{share:>{width}}" for share in shares))
     for c in curves:
-        print(f"{c.name:<26}" + "".join(f"{c.at(int(cap)):>9.1%}" for cap in caps))
+        print(f"{c.name:<26}" + "".join(f"{c.at(int(cap)):>{width}.1%}" for cap in caps))
 
 
 def _spec(text: str) -> int | str:
