@@ -264,3 +264,21 @@ def test_export_trace_to_a_bad_output_path_is_a_clear_error(trace, tmp_path, whe
     err = capsys.readouterr().err
     assert err.startswith("tiered-store export-trace: error: ") and str(out) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]  # no temporary file left
+
+
+def test_export_trace_of_several_tables_needs_one_named(tmp_path, capsys):
+    """Each table numbers its rows from 0: without --table, a trace of several wrote them all into
+    one id space, where row 5 of one table and of another read as one row."""
+    from tiered_store.trace import TraceWriter
+
+    path = tmp_path / "two.trace"
+    tables = [{"name": "a", "rows": 100}, {"name": "b", "rows": 100}]
+    with TraceWriter(path, {"tables": tables}) as writer:
+        writer.write(np.arange(5), "a")
+        writer.write(np.arange(3), "b")
+        writer.end_batch()
+    out = tmp_path / "ids.npy"
+    assert main(["export-trace", str(path), str(out)]) == 2
+    assert "--table: " in capsys.readouterr().err and not out.exists()
+    assert main(["export-trace", str(path), str(out), "--table", "b"]) == 0
+    assert np.load(out).tolist() == [0, 1, 2]

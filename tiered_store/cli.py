@@ -185,15 +185,26 @@ def _add_export_trace(sub) -> None:
     )
     p.add_argument("trace", type=Path, help="trace file")
     p.add_argument("out", type=Path, help="output .npy")
-    p.add_argument("--table", help="which table of the trace (default: every table, in order)")
+    p.add_argument(
+        "--table",
+        help="which table of the trace (default: its only one; a trace of several needs it, as "
+        "each table numbers its rows from 0)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(run=_run_export_trace)
 
 
 def _run_export_trace(args) -> int:
+    from .errors import ConfigError
     from .trace import TraceReader, trace_to_npy
 
     with TraceReader(args.trace) as reader:
+        if args.table is None and len(reader.tables) > 1:  # one id space would mix their rows
+            raise ConfigError(
+                f"--table: {args.trace} holds {len(reader.tables)} tables "
+                f"({', '.join(reader.tables)}); expected --table naming one (each numbers its "
+                "rows from 0, so their ids would mix in one file)"
+            )
         table = None if args.table is None else reader.table_index(args.table)
         ids = trace_to_npy(reader, args.out, table=table, overwrite=args.overwrite)
     print(f"wrote {args.out}: {ids.size:,} row ids (int64)")
