@@ -389,6 +389,10 @@ def test_closed_store_refuses_lookups_and_keeps_its_stats(table):
         ({"warm": {"capcity": 5}}, r"tiers\.warm\.capcity: unknown key"),
         ({"warm": {"evict_headroom": True}}, r"tiers\.warm\.evict_headroom: .*got True"),
         ({"restart": {"save_every_s": True}}, r"tiers\.restart\.save_every_s: .*got True"),
+        (  # ids inline: "Input should be a valid string" before
+            {"warm": {"policy": "static+lru", "static_rows": [0, 1, 2]}},
+            r"tiers\.warm\.static_rows: got \[0, 1, 2\]; expected the path of a file \(row lists: a \.npy",
+        ),
     ],
 )
 def test_bad_config_names_the_key(table, tiers, match):

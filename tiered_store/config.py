@@ -317,6 +317,21 @@ def _finite(value: float) -> float:
 Number = Annotated[float, BeforeValidator(_not_a_bool), AfterValidator(_finite)]
 
 
+def _a_path(value: Any) -> Any:
+    """A file's path, or None; a list or number (ids given inline) named as such."""
+    if value is None or isinstance(value, str | Path):
+        return None if value is None else str(value)
+    shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."
+    raise ValueError(
+        f"got {shown}; expected the path of a file (row lists: a .npy of row ids, such as "
+        "`analyze`'s layer1.top_rows.npy; profiles: its .npz)"
+    )
+
+
+#: the path of a file the config names (row lists, profiles), or None
+FilePath = Annotated[str | None, BeforeValidator(_a_path)]
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (it kept the last)."""
 
@@ -529,9 +544,9 @@ class CacheTierConfig(ConfigModel):
 
     capacity: Capacity = DEFAULTS["tier.capacity"]
     policy: str = DEFAULTS["tier.policy"]
-    static_rows: str | None = None  # .npy of row ids (hottest first) pinned by a 'static' policy
-    preload_rows: str | None = None  # .npy of row ids loaded at open (warm start, not pinned)
-    profile: str | None = None  # frequency profile (.npz from `tiered-store analyze`), zipf-tuned
+    static_rows: FilePath = None  # .npy of row ids (hottest first) pinned by a 'static' policy
+    preload_rows: FilePath = None  # .npy of row ids loaded at open (warm start, not pinned)
+    profile: FilePath = None  # frequency profile (.npz from `tiered-store analyze`), zipf-tuned
     recency_window: int_at_least(1) = DEFAULTS["tier.recency_window"]
     index: Literal["auto", "dense", "hashed"] = DEFAULTS["tier.index"]  # row -> slot index
     evict_headroom: Number = Field(default=DEFAULTS["tier.evict_headroom"], ge=0.0, le=0.5)
