@@ -403,12 +403,13 @@ class TieredStore:
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per tier: lookups, hits, misses, hit_rate, admissions, evictions, bytes_in, occupancy,
-        capacity; cold: rows and bytes read, read requests, errors and checksum failures; prefetch: handles and stall seconds; queue: requests announced and not released, and their distinct rows."""
+        capacity; cold: rows and bytes read, read requests, errors and checksum failures; prefetch: handles and stall seconds; queue: requests announced and not released, and their distinct rows.
+        Read without the store's lock, so a scrape never waits for lookups or a commit: while
+        lookups run, the two tiers may be read a batch apart (warm's lookups are hot's misses
+        once they pause)."""
         out: dict[str, dict[str, float]] = {}
-        with self._lock:  # both tiers as one batch left them (warm's lookups are hot's misses)
-            counters = {cache.name: cache.counters.as_dict() for cache in (self.hot, self.warm)}
-        for cache in (self.hot, self.warm):
-            c = counters[cache.name]
+        for cache in (self.hot, self.warm):  # never waits on the store lock (a commit's fsync)
+            c = cache.counters.as_dict()
             c["hit_rate"] = hit_ratio(c["hits"], c["lookups"])
             c["bytes_in"] = (c["admissions"] + c["preloaded"]) * self.row_bytes
             c["occupancy"] = cache.occupancy
@@ -546,13 +547,15 @@ class TieredStore:
             thread.join(timeout)
         return not any(t.is_alive() for t in restoring)
 
-    def close(self) -> None:
-        """Finish in-flight prefetches and close the table file; idempotent. With
-        ``tiers.restart.enabled``, first saves which rows the tiers hold (a warning if it fails)."""
+    def close(self, *, wait_s: float | None = None) -> None:
+        """Finish in-flight prefetches, wait for lookups, writes and committed reads under way
+        (at most ``wait_s`` seconds; None: until they end) and refuse new ones, then close the
+        table file; idempotent. With ``tiers.restart.enabled``, first saves which rows the tiers
+        hold (a warning if it fails)."""
         with self._closing:
             if not self._closed:
                 self._stop_background()
-                self._file_calls.close()  # lookups, writes and reads under way end first
+                self._file_calls.close(wait_s)  # those under way end first (or are given up)
                 self._save_on_close()
                 self._close_files()
 
@@ -893,7 +896,10 @@ class TieredStore:
             if self._closed or room <= 0:
                 return False
             if room < sorted_ids.numel():  # lookups took free slots meanwhile: the most valuable
-                pick = torch.sort(torch.argsort(order)[:room]).values
+                # of the rows not held yet (a lookup's admission of a saved row takes no room)
+                missing = nonzero(cache.probe(sorted_ids.to(cache.device)) < 0).cpu()
+                best = missing[torch.argsort(order[missing])[:room]]
+                pick = torch.sort(best).values
                 sorted_ids, order, rows = sorted_ids[pick], order[pick], rows[pick]
             if self._writes is not None:
                 self._newest_rows(sorted_ids, rows)

@@ -125,8 +125,9 @@ class InFlight:
                 self._count -= 1
                 self._cond.notify_all()
 
-    def close(self) -> None:
-        """Refuse new calls; return once those under way have ended."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Refuse new calls; return once those under way have ended (True), or after
+        ``timeout`` seconds with some still running (False)."""
         with self._cond:
             self._closing = True
-            self._cond.wait_for(lambda: self._count == 0)
+            return self._cond.wait_for(lambda: self._count == 0, timeout)

@@ -761,10 +761,11 @@ class ShardedStore:
         """Stop the threads, close the shard, destroy a group this store created."""
         # after a failure a collective may still be stuck on the dead or silent rank until the
         # backend's own timeout (``sharding.timeout_s`` for a group this store made) ends it
+        deadline = time.monotonic() + self.timeout_s
         self._thread.close(self.timeout_s)
         self._heartbeat.close()
-        if self.local is not None:
-            self.local.close()
+        if self.local is not None:  # a lookup of the stuck collective may still read the shard
+            self.local.close(wait_s=max(deadline - time.monotonic(), 0.0))
         if self.owns_subgroup and self._failure is None:
             dist.destroy_process_group(self.group)
         _OPEN.discard(self)
