@@ -478,6 +478,12 @@ def torn_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) 
     try:
         with reopened("torn") as store:
             mine = torch.tensor([3 if rank == 0 else 460])  # a row of this rank's shard
+            store.write(mine, torch.full((1, store.row_width), 9.0))  # at the oldest step: refused
+            try:
+                store.commit(result["torn step"])
+            except Exception as exc:  # noqa: BLE001
+                result["older"] = type(exc).__name__
+        with reopened("refused") as store:  # the oldest shard's step 1 kept its rows
             store.write(mine, torch.full((1, store.row_width), 3.0))  # the step redone
             result["redone"] = store.commit(result["torn step"] + 1)
             result["redone step"] = store.committed_step

@@ -35,7 +35,7 @@ from tests.distributed_support import (
 from tiered_store.cli import main as cli_main
 from tiered_store.config import StoreConfig
 from tiered_store.distributed import ShardedStore, plan_shards, read_shard, write_shards
-from tiered_store.errors import ConfigError, RowIdError, TableFormatError
+from tiered_store.errors import ConfigError, RowIdError, TableFormatError, TierIOError
 from tiered_store.metrics import METRICS, SERVER_METRICS, SHARDED_METRICS, build_sharded_registry
 from tiered_store.page_checksums import ChecksumError
 from tiered_store.prefetch import PrefetchHandleError
@@ -756,11 +756,12 @@ def test_one_rank_misusing_a_collective_is_refused_and_the_ranks_stay_in_step(tm
         assert "rank 1: gradients of width 2 and step 5; rank 0 sent width 2, rank 0 step 1" in steps[rank]["steps"]  # fmt: skip
     assert steps[0]["stale handle"].startswith("PrefetchHandleError: lookup: this handle was prefetched before a write")  # fmt: skip
     assert steps[1]["stale handle"] == "ok"
-    # [3, 0] gradients: refused on rank 0, never spliced onto rows (the owner got 8 values of 1)
+    # [3, 0] gradients: refused on rank 0, never spliced onto rows (the owner got 8 values of 1);
+    # an update refused on one rank is refused on every rank (applied on the others, the ranks'
+    # optimizer steps came apart)
     assert steps[0]["zero width"] == "RowDataError: grads: torch.float32 of shape (3, 0); expected floating-point [3, width], one row per id, width >= 1"  # fmt: skip
-    assert steps[1]["zero width"] == "ok"
-    assert results[1]["zero width seen"] == [[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]]]
-    assert results[0]["zero width seen"] == []
+    assert steps[1]["zero width"] == "StepMismatchError: rank 1: update_rows: rank 0: its gradients or step were refused there (see its own error); nothing was updated on any shard"  # fmt: skip
+    assert results[0]["zero width seen"] == results[1]["zero width seen"] == []
 
 
 def test_a_training_step_refused_on_one_rank_is_refused_on_all_and_keeps_the_gradients(tmp_path):
@@ -778,7 +779,7 @@ def test_a_training_step_refused_on_one_rank_is_refused_on_all_and_keeps_the_gra
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     assert results[1]["repeated"] == "ConfigError: step: 1; expected more than the last step, 1 (each optimizer step is applied once)"  # fmt: skip
-    assert results[0]["repeated"].startswith("StepMismatchError: rank 0: update_rows: rank 1: gradients of width None and step 1 (refused); rank 0 sent width 4, rank 0 step 2")  # fmt: skip
+    assert results[0]["repeated"].startswith("StepMismatchError: rank 0: update_rows: rank 1: its gradients or step were refused there (see its own error)")  # fmt: skip
     for rank, result in enumerate(results):
         assert result["differ"].startswith(f"StepMismatchError: rank {rank}: update_rows: rank 1: gradients of width 4 and step 4; rank 0 sent width 4, rank 0 step 3")  # fmt: skip
         assert result["differ"].endswith("nothing was updated on any shard")
@@ -811,6 +812,8 @@ def test_shards_opened_at_different_steps_warn_report_the_oldest_and_take_the_re
         (warning,) = result["torn warnings"]
         assert warning.startswith(f"rank {rank}: the shards were committed at different steps (rank 0: 1; rank 1: 2): a commit was interrupted")  # fmt: skip
         assert result["torn step"] == 1 and result["torn rows"] == [1.0, 2.0]
+        # a commit at the oldest step is refused, its rows kept (it rewrote rank 0's step 1)
+        assert result["older"] == "CommitError" and result["refused rows"] == [1.0, 2.0]
         assert result["redone"] == result["redone step"] == result["after step"] == 2
         assert result["after warnings"] == [] and result["after rows"] == [3.0, 3.0]
 
@@ -832,6 +835,20 @@ def test_a_failed_overwrite_of_shards_leaves_the_old_shards_and_their_writes(tmp
         write_shards(path, 2, "rows", progress=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no new shard, no temporary
     assert [read_shard(s.path).manifest for s in old] == [s.manifest for s in old]
+    with TieredStore.open({"table": {"path": str(old[0].path)}}) as store:
+        assert store.committed_step == 1 and store.lookup([3])[0].tolist() == [7.0] * 4
+    create_table(path, np.ones((3000, 4), dtype=np.float32), progress=False, overwrite=True)
+    # a run killed before its renames left a whole hidden shard: the next run removes it
+    hidden = old[1].path.with_name(f".{old[1].path.name}.0123456789ab.new.npy")
+    create_table(hidden, np.ones((4, 4), dtype=np.float32), progress=False)
+    # a shard being written meanwhile: refused before any shard is replaced (shard 0 was, and
+    # lost its writes; shard 1's new copy stayed hidden)
+    with TieredStore.open({"table": {"path": str(old[1].path)}}) as writer:
+        writer.write([0], torch.full((1, 4), 5.0))
+        with pytest.raises(TierIOError, match="being written"):
+            write_shards(path, 2, "rows", progress=False, overwrite=True)
+        writer.commit()
+    assert not [p.name for p in tmp_path.iterdir() if ".new.npy" in p.name]
     with TieredStore.open({"table": {"path": str(old[0].path)}}) as store:
         assert store.committed_step == 1 and store.lookup([3])[0].tolist() == [7.0] * 4
 

@@ -9,6 +9,7 @@ metadata (the Engram layout).
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from ..cold_table import ColdTable
 from ..delta.row_delta import delta_path, open_delta
-from ..delta.table_versions import current_version
+from ..delta.table_versions import current_version, writer_lock
 from ..errors import ConfigError, TableFormatError
 from ..page_checksums import sidecar_path
 from ..table_format import (
@@ -139,8 +140,11 @@ def write_shards(
                 )
             refuse_existing(path, table_paths(path)[1], overwrite)
         written: list[ShardInfo] = []
+        for path in paths:  # what a run killed before its renames left (a whole hidden table)
+            _remove_unrenamed(path.resolve() if path.is_symlink() else path)
         # every new shard under a hidden name first: a failure midway leaves the old set whole
         finished: list[tuple[Path, Path]] = []
+        replaced = 0
         try:
             for rank, path in enumerate(paths):
                 start, stop = shard_map.shard_range(rank)
@@ -159,13 +163,27 @@ def write_shards(
                     progress=progress,
                 )
                 written.append(ShardInfo(path, rank, shard_map, shard_manifest))
+            for _, target in finished:  # a shard a store writes now: refused before any rename
+                if target.exists():
+                    with writer_lock(target):
+                        pass
+            for new, target in finished:
+                replace_table(new, target, overwrite)
+                replaced += 1
         except BaseException:
-            for new, _ in finished:  # (the one that failed left nothing: create_table's own)
+            for new, _ in finished[replaced:]:  # (one that failed left nothing: create_table's)
                 _remove_table(new)
             raise
-        for new, target in finished:
-            replace_table(new, target, overwrite)
     return written
+
+
+def _remove_unrenamed(target: Path) -> None:
+    """Remove the hidden new shards (and their temporaries) a run killed before its renames left
+    beside ``target``."""
+    pattern = re.compile(rf"\.{{1,2}}{re.escape(target.name)}\.[0-9a-f]{{12}}\.new\.npy.*")
+    for path in target.parent.iterdir():
+        if pattern.fullmatch(path.name):
+            path.unlink(missing_ok=True)
 
 
 def _remove_table(path: Path) -> None:

@@ -328,10 +328,12 @@ class ShardedStore:
                     f"grads: {grads.dtype} of shape {tuple(grads.shape)}; expected floating-point "
                     f"[{flat.numel()}, width], one row per id, width >= 1"
                 )
-        except TieredStoreError:  # join the round with nothing, so the others are not kept waiting
+        except TieredStoreError:  # join the round with nothing and a step no rank passes: every
+            # rank refuses the round (an optimizer step is applied everywhere or nowhere)
             nothing = torch.empty((0, 0), dtype=torch.float32)
+            refused = f"{step!r} (refused)"
             self._thread.submit(
-                self._update_round, torch.empty(0, dtype=torch.int64), nothing, update, step
+                self._update_round, torch.empty(0, dtype=torch.int64), nothing, update, refused
             )
             raise
         grads = grads.to("cpu", torch.float32)
@@ -639,7 +641,8 @@ class ShardedStore:
         """Commit this shard; after a torn commit, a shard already at ``step`` takes the redone
         step's writes at that step (its newer rows are rewritten, the others reach it)."""
         torn = self._torn_steps
-        redo = torn is not None and step == self.local.committed_step and step <= max(torn)
+        # only a shard ahead of the oldest redoes its step (never the oldest's own, committed whole)
+        redo = torn is not None and min(torn) < step == self.local.committed_step <= max(torn)
         self.local.commit(step, redo=redo)
 
     def _update_round(
@@ -788,6 +791,9 @@ def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]
     >>> _disagreeing([(None, 2), (4, 2), (6, 3)])[2]  # doctest: +ELLIPSIS
     'gradients of width 6 and step 3; rank 1 sent width 4, rank 0 step 2: expected one width...'
     """
+    refused = [isinstance(s, str) and s.endswith("(refused)") for _, s in asked]
+    if any(refused):  # a rank refused its own input: it alone is named
+        return ["its gradients or step were refused there (see its own error)" if r else None for r in refused]  # fmt: skip
     senders = [r for r, (w, _) in enumerate(asked) if w is not None]
     first = senders[0] if senders else 0
     width, step = asked[first][0], asked[0][1]
