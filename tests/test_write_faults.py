@@ -142,6 +142,13 @@ def test_a_reader_of_another_user_registers_in_the_lock_file_or_is_refused(share
     assert refused.stdout.startswith("TierIOError: "), refused.stdout + refused.stderr[-2000:]
     assert f"{path / 'lock.mdb'} is not writable by this process" in refused.stdout
     assert "need write access to it" in refused.stdout
+    (path / "lock.mdb").chmod(0o666)  # the lock file writable, the data not readable: named so
+    (path / "data.mdb").chmod(0o600)  # (it blamed the lock file)
+    refused = subprocess.run(
+        [sys.executable, "-c", _OTHER_USER_READER, str(path)], capture_output=True, text=True
+    )
+    assert f"{path / 'data.mdb'} is not readable by this process" in refused.stdout, refused.stdout
+    (path / "data.mdb").chmod(0o644)
 
     (path / "lock.mdb").chmod(0o666)  # readers may register; the data stays the writer's
     reader = subprocess.Popen(

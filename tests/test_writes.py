@@ -229,6 +229,44 @@ def test_reads_in_other_threads_never_fail_while_a_commit_grows_the_map(tmp_path
     assert grows >= 12 and not errors, (grows, errors[:3])
 
 
+def test_a_read_left_open_fails_a_growing_commit_in_time_and_reads_go_on(tmp_path, monkeypatch):
+    """A row iterator left part way in one thread holds its read open: a commit in another
+    thread that must grow the map gives up with a CommitError (writes kept) after GROW_WAIT_S,
+    and reads in a third thread go on (the commit, and every read after it, waited for good)."""
+    import threading
+    import time
+
+    from tiered_store.delta import row_delta
+    from tiered_store.errors import CommitError
+
+    monkeypatch.setattr(row_delta, "GROW_WAIT_S", 0.5)
+    delta = RowDelta(tmp_path / "t.delta", row_bytes=64, create=True, map_bytes=1 << 20)
+    delta.commit(np.arange(10), np.zeros((10, 64), np.uint8), step=1)
+    rows = delta.iter_rows(chunk_rows=2)
+    next(rows)  # a consumer that paused
+    outcome: dict[str, object] = {}
+
+    def commit() -> None:
+        try:
+            delta.commit(np.arange(100_000), np.ones((100_000, 64), np.uint8), step=2)
+        except CommitError as exc:
+            outcome["commit"] = str(exc)
+
+    writer = threading.Thread(target=commit)
+    start = time.monotonic()
+    writer.start()
+    writer.join(20)
+    assert "stayed open for 0.5 s" in str(outcome.get("commit")) and time.monotonic() - start < 10
+    reader = threading.Thread(target=lambda: outcome.update(read=delta.read(np.array([1]))))
+    reader.start()
+    reader.join(20)
+    assert "read" in outcome and delta.step == 1
+    rows.close()  # the read ends: the commit goes through, growing the map
+    delta.commit(np.arange(100_000), np.ones((100_000, 64), np.uint8), step=2)
+    assert delta.step == 2 and delta.map_grows >= 1
+    delta.close()
+
+
 def test_commit_steps_stay_below_the_grown_map_marker(tmp_path):
     """2**63 - 1 is ``GREW_STEP`` (a map grown elsewhere, later than any step): a commit may not
     have it, given or as the step after 2**63 - 2; the refusals name the step and the limit."""

@@ -199,7 +199,13 @@ class RowDelta:
                 raise
         # unregistered, a writer (another user's, say) would reuse the pages of the commit this
         # reader reads: it would read later rows, or rows that fail their CRC
-        lock_file = self.path / "lock.mdb"
+        data_file, lock_file = self.path / "data.mdb", self.path / "lock.mdb"
+        if not os.access(data_file, os.R_OK):
+            raise TierIOError(
+                errno.EACCES,
+                f"delta: {data_file} is not readable by this process (uid {os.getuid()}); "
+                "expected read access to it (e.g. a group shared with the writer and g+r)",
+            )
         raise TierIOError(
             errno.EACCES,
             f"delta: {lock_file} is not writable by this process (uid {os.getuid()}); readers "
@@ -354,7 +360,13 @@ class RowDelta:
         step_bytes = _step_bytes(step)
         keys, values = self._encode(ids, rows, step)
         previous = self._step_before_commit(step)  # after a failed write, reading may fail too
-        self.env.reader_check()  # a killed reader's slot would keep every old page from reuse
+        try:
+            self.env.reader_check()  # a killed reader's slot would keep every old page from reuse
+        except lmdb.Error as exc:
+            raise CommitError(
+                f"delta: commit of step {step} to {self.path} not attempted: its reader table "
+                f"could not be checked ({exc}); the previous commit (step {previous}) is intact"
+            ) from None
         for _ in range(GROW_ATTEMPTS):
             try:
                 with self._grow_lock.shared(), self.env.begin(write=True) as txn:
@@ -493,6 +505,9 @@ class RowDelta:
             )
 
 
+GROW_WAIT_S = 2.0  # how long a map resize waits for reads in other threads (lookups wait too)
+
+
 class _GrowLock:
     """Read transactions of one environment hold it shared for their whole life, a map resize
     exclusively: LMDB forbids ``set_mapsize`` while any transaction of the process is open (one
@@ -523,8 +538,10 @@ class _GrowLock:
 
     @contextlib.contextmanager
     def exclusive(self):
-        """Run the block once no transaction is open (none starts meanwhile)."""
-        me = threading.get_ident()
+        """Run the block once no transaction is open (none starts meanwhile); ``CommitError``
+        after ``GROW_WAIT_S`` seconds of a read still open (a row iterator left part way), and
+        new reads go on."""
+        me, timeout = threading.get_ident(), GROW_WAIT_S
         with self._cond:
             if self._holders.get(me):
                 raise CommitError(
@@ -534,8 +551,14 @@ class _GrowLock:
             while self._resizing:
                 self._cond.wait()
             self._resizing = True
-            while self._holders:
-                self._cond.wait()
+            if not self._cond.wait_for(lambda: not self._holders, timeout):
+                self._resizing = False
+                self._cond.notify_all()
+                raise CommitError(
+                    f"delta: a commit had to grow the map, and a read of the same delta in "
+                    f"another thread stayed open for {timeout:g} s (a row iterator left part "
+                    "way?); the writes are kept: commit again once it has ended"
+                )
         try:
             yield
         finally:
