@@ -818,7 +818,7 @@ def test_shards_opened_at_different_steps_warn_report_the_oldest_and_take_the_re
         assert result["after warnings"] == [] and result["after rows"] == [3.0, 3.0]
 
 
-def test_a_failed_overwrite_of_shards_leaves_the_old_shards_and_their_writes(tmp_path):
+def test_a_failed_overwrite_of_shards_leaves_the_old_shards_and_their_writes(tmp_path, monkeypatch):
     """`shard --overwrite` failing at rank 1's shard (a page of the table fails its checksum):
     it had replaced rank 0's shard and dropped its writes, then removed it: no shard set left."""
     path = tmp_path / "t.npy"
@@ -851,6 +851,27 @@ def test_a_failed_overwrite_of_shards_leaves_the_old_shards_and_their_writes(tmp
     assert not [p.name for p in tmp_path.iterdir() if ".new.npy" in p.name]
     with TieredStore.open({"table": {"path": str(old[0].path)}}) as store:
         assert store.committed_step == 1 and store.lookup([3])[0].tolist() == [7.0] * 4
+    # a writer starting between the renames is refused (the shards' writer locks are held until
+    # all are renamed; checked and let go before, shard 1 was refused after shard 0 was replaced)
+    from tiered_store.distributed import shard_files
+
+    real, refused = shard_files.replace_table, []
+
+    def replace_then_a_writer_starts(*args, **kwargs):
+        real(*args, **kwargs)
+        try:
+            TieredStore.open({"table": {"path": str(old[1].path)}}).write([0], torch.ones(1, 4))
+        except TierIOError as exc:
+            refused.append(str(exc))
+
+    monkeypatch.setattr(shard_files, "replace_table", replace_then_a_writer_starts)
+    write_shards(path, 2, "rows", progress=False, overwrite=True)
+    assert len(refused) == 2 and all("being written" in r for r in refused), refused
+    # a missing output folder is named (it was a raw FileNotFoundError)
+    from tiered_store.table_sources import TableNotFoundError
+
+    with pytest.raises(TableNotFoundError, match="target directory .* does not exist"):
+        write_shards(path, 2, "rows", template=str(tmp_path / "no" / "s{rank}.npy"), progress=False)
 
 
 def test_ranks_in_different_collectives_are_named_with_the_kinds_of_round(tmp_path):

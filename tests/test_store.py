@@ -689,8 +689,12 @@ def test_the_concurrency_helper_fails_when_lookups_raise(tmp_path):
 
 def test_close_gives_up_waiting_after_wait_s(tmp_path):
     """A call under way that never ends (a hung cold read) holds close() at most wait_s (a
-    sharded store closes its shard within sharding.timeout_s so); without it, until it ends."""
+    sharded store closes its shard within sharding.timeout_s so): new calls are refused at once,
+    the files stay open under the call (closed under it, a read went on through a reused fd),
+    and the call closes them as it ends."""
     import threading
+
+    from tiered_store import TieredStoreError
 
     path, _ = make_table(tmp_path, rows=100, dim=4)
     store = TieredStore(store_config(path))
@@ -705,7 +709,12 @@ def test_close_gives_up_waiting_after_wait_s(tmp_path):
     thread.start()
     entered.wait(10)
     start = time.monotonic()
-    store.close(wait_s=0.3)
+    with pytest.warns(RuntimeWarning, match="still under way after 0.3 s"):
+        store.close(wait_s=0.3)
     assert 0.25 < time.monotonic() - start < 5
+    with pytest.raises(TieredStoreError, match="store is closed"):
+        store.lookup([1])
+    assert not store.cold._closed  # still open under the call
     release.set()
     thread.join()
+    assert store.cold._closed  # the call closed it as it ended

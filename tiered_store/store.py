@@ -549,15 +549,26 @@ class TieredStore:
 
     def close(self, *, wait_s: float | None = None) -> None:
         """Finish in-flight prefetches, wait for lookups, writes and committed reads under way
-        (at most ``wait_s`` seconds; None: until they end) and refuse new ones, then close the
-        table file; idempotent. With ``tiers.restart.enabled``, first saves which rows the tiers
-        hold (a warning if it fails)."""
+        and refuse new ones, then close the table file; idempotent. With
+        ``tiers.restart.enabled``, first saves which rows the tiers hold (a warning if it fails).
+        ``wait_s``: return after at most this long with calls still under way (a read hung on a
+        dying disk); the store is closed to new calls, and the last of those closes the files
+        (no save: it needs the store's lock, which such a call may hold)."""
         with self._closing:
-            if not self._closed:
-                self._stop_background()
-                self._file_calls.close(wait_s)  # those under way end first (or are given up)
+            if self._closed:
+                return
+            self._stop_background()
+            if self._file_calls.close(wait_s):
                 self._save_on_close()
                 self._close_files()
+                return
+            self._closed = True  # new calls are refused; the files stay open under those running
+            warn_at_caller(
+                f"close: calls to {self.cold.path.name} still under way after {wait_s:g} s; the "
+                "last of them to end closes its files (no warm-restart save)",
+                RuntimeWarning,
+            )
+            self._file_calls.then(self._close_files_late)
 
     def _stop_background(self) -> None:
         """End the restore, save and re-pin threads and let in-flight prefetches land."""
@@ -607,6 +618,16 @@ class TieredStore:
         for fd in (self._version_hold, self._writer_lock):
             if fd is not None:
                 release(fd)
+
+    def _close_files_late(self) -> None:
+        """``_close_files`` from the last call that outlived a timed-out close: a failure is a
+        warning, never that call's error."""
+        try:
+            self._close_files()
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(
+                f"close: closing {self.cold.path.name} failed ({exc})", RuntimeWarning, stacklevel=2
+            )
 
     def __enter__(self) -> TieredStore:
         return self

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -104,12 +104,14 @@ class StoreLock:
 
 class InFlight:
     """Calls under way that read or write a store's files: ``close()`` refuses new ones and waits
-    for these to end before it closes the files (a lookup racing a close read a closed table)."""
+    for these to end before it closes the files (a lookup racing a close read a closed table);
+    when it gives up waiting, the last of them to end closes the files (``then``)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._count = 0
         self._closing = False
+        self._then: Callable[[], None] | None = None  # run by the last call to end
 
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
@@ -124,6 +126,10 @@ class InFlight:
             with self._cond:
                 self._count -= 1
                 self._cond.notify_all()
+                then = self._then if self._count == 0 else None
+                self._then = None if then is not None else self._then
+            if then is not None:
+                then()
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new calls; return once those under way have ended (True), or after
@@ -131,3 +137,11 @@ class InFlight:
         with self._cond:
             self._closing = True
             return self._cond.wait_for(lambda: self._count == 0, timeout)
+
+    def then(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once no call is under way: now, or as the last one ends."""
+        with self._cond:
+            if self._count:
+                self._then = action
+                return
+        action()

@@ -1048,12 +1048,16 @@ def refuse_existing(npy_path: Path, manifest_path: Path, overwrite: bool) -> Non
 
 
 def replace_table(
-    finished: str | os.PathLike[str], target: str | os.PathLike[str], overwrite: bool
+    finished: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    overwrite: bool,
+    *,
+    writer_locked: bool = False,
 ) -> None:
     """Move the table at ``finished`` (made by ``create_table`` in ``target``'s folder) to
     ``target`` by renames; with ``overwrite``, over a table there, dropping its history as
     ``create_table(overwrite=True)`` does: the old manifest goes first and the new one comes
-    last, so neither half opens."""
+    last, so neither half opens. ``writer_locked``: the caller holds ``target``'s writer lock."""
     new_npy, new_manifest = table_paths(finished)
     npy, manifest = table_paths(target)
     dir_fd = os.open(npy.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -1063,7 +1067,7 @@ def replace_table(
         from .delta.table_versions import forget_history, has_history  # noqa: PLC0415
 
         if has_history(npy):
-            forget_history(npy)
+            forget_history(npy, writer_locked=writer_locked)
         if manifest.exists():
             manifest.unlink()
             fsync_dir(npy.parent)

@@ -213,14 +213,15 @@ def take_writer_lock(table: str | os.PathLike[str]) -> int:
     return fd
 
 
-def forget_history(table: str | os.PathLike[str]) -> None:
+def forget_history(table: str | os.PathLike[str], *, writer_locked: bool = False) -> None:
     """Remove what a table's writes left: the version pointer, every compacted version and every
     delta, keeping generation 0's own files but its manifest, which goes first (the caller is
     about to replace them): a crash part way leaves no table to open, never generation 0's old
-    rows without the writes made over them. Under the writer lock: refused while a writer runs."""
+    rows without the writes made over them. Under the writer lock (taken here unless the caller
+    holds it, ``writer_locked``): refused while a writer runs."""
     npy = _npy(table)
     manifest = table_paths(npy)[1]
-    with writer_lock(npy):
+    with contextlib.nullcontext() if writer_locked else writer_lock(npy):
         if manifest.exists():
             manifest.unlink()
             fsync_dir(npy.parent)

@@ -19,7 +19,7 @@ import torch
 
 from ..cold_table import ColdTable
 from ..delta.row_delta import delta_path, open_delta
-from ..delta.table_versions import current_version, writer_lock
+from ..delta.table_versions import current_version, release, take_writer_lock
 from ..errors import ConfigError, TableFormatError
 from ..page_checksums import sidecar_path
 from ..table_format import (
@@ -163,13 +163,19 @@ def write_shards(
                     progress=progress,
                 )
                 written.append(ShardInfo(path, rank, shard_map, shard_manifest))
-            for _, target in finished:  # a shard a store writes now: refused before any rename
-                if target.exists():
-                    with writer_lock(target):
-                        pass
-            for new, target in finished:
-                replace_table(new, target, overwrite)
-                replaced += 1
+            # every existing shard's writer lock, held across the renames: a shard a store writes
+            # is refused before any rename, and no writer starts on one until all are renamed
+            locks: list[int] = []
+            try:
+                for _, target in finished:
+                    if target.exists():
+                        locks.append(take_writer_lock(target))  # one by one: each is let go
+                for new, target in finished:
+                    replace_table(new, target, overwrite, writer_locked=True)
+                    replaced += 1
+            finally:
+                for fd in locks:
+                    release(fd)
         except BaseException:
             for new, _ in finished[replaced:]:  # (one that failed left nothing: create_table's)
                 _remove_table(new)
@@ -180,6 +186,8 @@ def write_shards(
 def _remove_unrenamed(target: Path) -> None:
     """Remove the hidden new shards (and their temporaries) a run killed before its renames left
     beside ``target``."""
+    if not target.parent.is_dir():  # create_table names the missing folder
+        return
     pattern = re.compile(rf"\.{{1,2}}{re.escape(target.name)}\.[0-9a-f]{{12}}\.new\.npy.*")
     for path in target.parent.iterdir():
         if pattern.fullmatch(path.name):
