@@ -398,6 +398,7 @@ def test_a_table_of_another_shape_is_refused_at_reload_and_the_stats_stay_true(t
     config = make_checkpoint(tmp_path)
     table = ServeConfig.from_yaml(config).table_path(3)
     server = start_server(config)
+    server.model.reload_check_seconds = 3600.0  # checks only when the test asks
     try:
         rows = server.model.stores["engram_layer3"].rows
         dim = server.model.stores["engram_layer3"].dim
@@ -446,6 +447,7 @@ def test_checksum_failures_carry_across_a_reload(tmp_path):
         )
 
     server = start_server(config)
+    server.model.reload_check_seconds = 3600.0  # checks only when the test asks
     server.model.stores = ScrapedOnUpdate(server.model.stores)
     collector = TieredStoreCollector(server.model.stores, server.model.health)
     try:
@@ -479,6 +481,7 @@ def test_a_table_made_anew_over_the_served_one_is_reopened(tmp_path):
     served = ServeConfig.from_yaml(config)
     table = served.table_path(3)
     server = start_server(config)
+    server.model.reload_check_seconds = 3600.0  # checks only when the test asks
     try:
         assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
         manifest = read_manifest(table)
@@ -691,3 +694,28 @@ def test_the_answers_logit_summary_does_not_depend_on_the_thread_count():
     assert summaries[0] == summaries[1] == summaries[2]
     assert summaries[0]["mean"] == pytest.approx(float(logits.double().mean()), abs=1e-12)
     assert summaries[0]["rms"] == pytest.approx(float(logits.double().square().mean().sqrt()))
+
+
+def test_an_idle_server_opens_a_new_table_version_without_a_request(tmp_path):
+    """A trainer commits while no request comes (only scrapes): the server reopens the table on
+    the new commit by itself (it checked only when a request came, and its pinned commit kept
+    every page the trainer freed: the delta grew with each commit)."""
+    from tiered_store import TieredStore
+
+    config = make_checkpoint(tmp_path)
+    table = ServeConfig.from_yaml(config).table_path(3)
+    server = start_server(config)
+    try:
+        before = server.model.stores["engram_layer3"]
+        with TieredStore.open({"table": {"path": str(table)}}) as writer:
+            writer.write([0], torch.full((1, writer.dim), 2.0))
+            writer.commit()
+        deadline = time.monotonic() + 30
+        while server.model.stores["engram_layer3"] is before:
+            assert time.monotonic() < deadline, "the idle server never reopened the table"
+            assert get_json(server.url + "/healthz")[0] == 200
+            time.sleep(0.1)
+        assert server.model.stores["engram_layer3"].lookup([0])[0].tolist() == [2.0] * before.dim
+        assert before.closed and server.model.reloads == 1
+    finally:
+        server.stop()

@@ -392,6 +392,65 @@ def test_a_reader_keeps_its_version_and_serving_swaps_to_the_new_one(tmp_path):
     served.close()
 
 
+def test_serving_reopens_a_table_whose_delta_map_a_writer_elsewhere_grew(tmp_path, monkeypatch):
+    """A trainer in another process outgrows the delta's map: the server's open environment
+    refuses a second store of the table in its process, so the reload closes the old store first
+    (every reload was refused, and the server served the old commit until restarted). The map's
+    floor is lowered in both processes, so that a few commits outgrow it."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.serve_support import make_checkpoint
+    from tiered_store.delta import row_delta
+    from tiered_store.serve import ServeConfig
+    from tiered_store.serve.client import subprocess_env
+    from tiered_store.serve.inference_request import parse_request
+    from tiered_store.serve.served_model import ServedModel
+
+    monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 4 << 20)
+    config_path = make_checkpoint(tmp_path)
+    config = ServeConfig.from_yaml(config_path)
+    body = json.dumps({"input_ids": [[5, 17, 900, 17, 5, 12, 77, 5, 17]]}).encode()
+
+    def ask(model):
+        return model.answer(parse_request(body, model.config.server, model))["layer_checksums"]
+
+    def trainer(value: float, commits: int) -> int:
+        """Whole-table commits from another process; the map grows it made."""
+        code = textwrap.dedent(f"""
+            import torch, tiered_store.delta.row_delta as row_delta
+            row_delta.MIN_MAP_BYTES = 4 << 20
+            from tiered_store import TieredStore
+            from tiered_store.serve import ServeConfig
+            s = TieredStore(ServeConfig.from_yaml({str(config_path)!r}).store_config(1))
+            for k in range({commits}):
+                rows = torch.full((s.rows, s.row_width), {value} + k * 1e-4, dtype=s.row_dtype)
+                s.write(torch.arange(s.rows), rows)
+                s.commit()
+            print(s._writes.delta.map_grows)
+            s.close()
+        """)
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.split()[-1])
+
+    served = ServedModel(config)
+    served.reload_check_seconds = 3600.0
+    trainer(0.01, 1)  # a delta exists
+    assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+    assert trainer(0.02, 12) > 0  # the server holds its commit while the map grows
+    assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+    now = ask(served)
+    served.close()
+    fresh = ServedModel(config)
+    assert ask(fresh) == now
+    fresh.close()
+
+
 def test_a_reload_that_cannot_open_every_table_keeps_serving_the_old_ones(tmp_path):
     """Two tables moved on and one of them cannot be opened (its new version's manifest is
     damaged): the server swaps neither, answers on the versions it has (before, it had closed

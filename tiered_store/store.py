@@ -993,6 +993,11 @@ class TieredStore:
                 f"table.path: {path} does not exist; expected a table made by `tiered-store init`"
             ) from None
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` has closed this store."""
+        return self._closed
+
     def is_stale(self) -> bool:
         """Whether the table on disk moved on since this store opened (a compaction made a new
         version, the file was made anew, or a writer elsewhere committed): reopen to see it. A

@@ -13,6 +13,7 @@ a writer's commit moved it on (``reload_if_stale``, checked by requests once a s
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 import time
@@ -35,6 +36,7 @@ from ..errors import (
     RankFailureError,
     TableFormatError,
     TieredStoreError,
+    TierIOError,
     error_text,
 )
 from ..metrics import TableHealth, verify_counted
@@ -182,6 +184,7 @@ class ServedModel:
             self._waiting: set[Announced] = set()  # announced, not released: a reload re-tells
             self._waiting_lock = threading.Lock()
             self.reload_check_seconds = RELOAD_CHECK_SECONDS  # how often requests check
+            self._reloading = threading.Lock()  # one check and swap at a time
             self._last_version_check = time.monotonic()
             self._reload_refused: str | None = None  # why the last reload failed (logged once)
             self.reloads = 0
@@ -262,11 +265,20 @@ class ServedModel:
         now = time.monotonic()
         if not force_check and now < self._last_version_check + self.reload_check_seconds:
             return []
-        self._last_version_check = now
+        if not self._reloading.acquire(blocking=False):  # another thread checks now
+            return []
+        try:
+            self._last_version_check = now
+            return self._reload_stale()
+        finally:
+            self._reloading.release()
+
+    def _reload_stale(self) -> list[str]:
+        """``reload_if_stale``'s check and swap, by one thread at a time."""
         stale = [  # a sharded table is not reopened (every rank would have to): restart the ranks
             name
             for name, store in self.stores.items()
-            if isinstance(store, TieredStore) and store.is_stale()
+            if isinstance(store, TieredStore) and (store.closed or store.is_stale())
         ]
         if not stale:
             return []
@@ -274,7 +286,7 @@ class ServedModel:
             opened: dict[str, TieredStore] = {}
             try:  # all or nothing: every stale table's new store, checked, before any swap
                 for name in stale:
-                    opened[name] = TieredStore(self.stores[name].config)
+                    opened[name] = self._open_new_version(name)
                 self.model.set_tables(  # checks every table's geometry, then swaps them all
                     {
                         layer: GuardedTable(opened[table], table, self.health[table])
@@ -316,6 +328,20 @@ class ServedModel:
                 ", ".join(stale),
             )
         return stale
+
+    def _open_new_version(self, name: str) -> TieredStore:
+        """A store of table ``name``'s version now. When a writer elsewhere grew the delta's map,
+        this process's environment (the old store's) refuses a second store: the old store is
+        closed first (no request runs, the caller holds the gate exclusively). Should the new one
+        still not open, requests get 503 until a later check opens it."""
+        old = self.stores[name]
+        try:
+            return TieredStore(old.config)
+        except TierIOError as exc:
+            if exc.errno != errno.ESTALE or old.closed:
+                raise
+        old.close()
+        return TieredStore(old.config)
 
     def answer(
         self, request: InferenceRequest, announced: Announced | None = None
@@ -483,6 +509,22 @@ class ServedModel:
                     )
 
         thread = threading.Thread(target=scrub, name="tiered-store-checksum-scrub", daemon=True)
+        thread.start()
+        return thread
+
+    def watch_versions(self, stop: threading.Event) -> threading.Thread:
+        """A thread checking for new table versions every ``reload_check_seconds`` until
+        ``stop``, requests or not: an idle server reopens too (its stores' pinned commits kept
+        every page a trainer freed since, and the delta grew with each commit); started."""
+
+        def watch() -> None:
+            while not stop.wait(self.reload_check_seconds):
+                try:
+                    self.reload_if_stale()
+                except Exception:  # noqa: BLE001 (the next check may succeed; requests go on)
+                    log.exception("checking the tables for a new version failed")
+
+        thread = threading.Thread(target=watch, name="tiered-store-version-watch", daemon=True)
         thread.start()
         return thread
 

@@ -91,6 +91,7 @@ class InferenceServer:
         self._started_at = time.time()
         self._background_stop = threading.Event()
         self._scrubber: threading.Thread | None = None
+        self._version_watch: threading.Thread | None = None
         self._compute: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         self._workers: anyio.CapacityLimiter | None = None
         self._announcers: anyio.CapacityLimiter | None = None
@@ -116,6 +117,8 @@ class InferenceServer:
             self._scrubber = self.model.start_scrub(self._background_stop)
         if self.model.control is not None:  # sharded: rank 0 watches the other ranks
             self.model.watch_ranks(self._background_stop)
+        else:  # new table versions are opened between requests, and while none come
+            self._version_watch = self.model.watch_versions(self._background_stop)
 
     def _bind(self) -> None:
         """Listening sockets for the endpoint and (unless off or the same) the metrics listener."""
@@ -193,8 +196,9 @@ class InferenceServer:
         if self._thread is not None:
             self._thread.join()
         self._close_sockets()
-        if self._scrubber is not None:
-            self._scrubber.join(timeout=30)
+        for thread in (self._scrubber, self._version_watch):
+            if thread is not None:
+                thread.join(timeout=30)
         if self.model is not None:
             self.model.close()
 
