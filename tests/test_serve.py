@@ -719,3 +719,26 @@ def test_an_idle_server_opens_a_new_table_version_without_a_request(tmp_path):
         assert before.closed and server.model.reloads == 1
     finally:
         server.stop()
+
+
+def test_a_closed_model_never_reopens_and_a_closed_store_answers_503(tmp_path):
+    """A version check after ServedModel.close() reopened every table (a closed model served
+    again, its new stores left open); a table whose store is closed answered 500 with /healthz
+    ok: it is now a counted 503 ("closed")."""
+    from tiered_store import TieredStore
+    from tiered_store.serve.guarded_table import GuardedTable, TableUnavailableError
+    from tiered_store.serve.served_model import ServedModel
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    store = served.stores["engram_layer3"]
+    with TieredStore(store.config) as writer:  # a new commit: the table is stale
+        writer.write([0], torch.ones(1, writer.dim))
+        writer.commit()
+    served.close()
+    assert served.reload_if_stale(force_check=True) == [] and store.closed
+    guarded = GuardedTable(store, "engram_layer3", served.health["engram_layer3"])
+    with pytest.raises(TableUnavailableError, match="store is closed until a reload") as caught:
+        guarded.lookup(torch.tensor([1, 2]))
+    assert caught.value.reason == "closed"
+    assert served.health["engram_layer3"].lookup_failures == 1

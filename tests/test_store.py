@@ -683,7 +683,7 @@ def test_the_concurrency_helper_fails_when_lookups_raise(tmp_path):
     path, data = make_table(tmp_path, rows=100, dim=4)
     store = TieredStore(store_config(path))
     store.close()  # every lookup raises now
-    with pytest.raises(AssertionError, match="TieredStoreError: store is closed"):
+    with pytest.raises(AssertionError, match="StoreClosedError: store is closed"):
         assert_concurrent_lookups_exact(store, data, batch=10, rounds=2, threads=2)
 
 
@@ -698,6 +698,8 @@ def test_close_gives_up_waiting_after_wait_s(tmp_path):
 
     path, _ = make_table(tmp_path, rows=100, dim=4)
     store = TieredStore(store_config(path))
+    store.write([1], torch.ones(1, 4))
+    store.commit(5)
     entered, release = threading.Event(), threading.Event()
 
     def stuck() -> None:  # a call under way, as a lookup blocked in a read is
@@ -715,6 +717,33 @@ def test_close_gives_up_waiting_after_wait_s(tmp_path):
     with pytest.raises(TieredStoreError, match="store is closed"):
         store.lookup([1])
     assert not store.cold._closed  # still open under the call
+    assert store.stats()["writes"]["committed_step"] == 5  # (it read 0 until the late close)
     release.set()
     thread.join()
     assert store.cold._closed  # the call closed it as it ended
+
+
+def test_close_gives_up_on_a_prefetch_whose_read_hangs(tmp_path, monkeypatch):
+    """A prefetch's cold read that does not return (a dying disk: the read is made to wait here)
+    held close(wait_s=...) for good: the prefetch worker was joined without a limit."""
+    import threading
+
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    store = TieredStore(store_config(path, hot={"capacity": 0}, warm={"capacity": 0}))
+    entered, release = threading.Event(), threading.Event()
+    read_rows = store.cold.read_rows
+
+    def hung_read(ids):
+        entered.set()
+        release.wait(30)
+        return read_rows(ids)
+
+    monkeypatch.setattr(store.cold, "read_rows", hung_read)
+    handle = store.prefetch([1, 2, 3])
+    assert entered.wait(10)
+    start = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="still under way"):
+        store.close(wait_s=0.3)
+    assert time.monotonic() - start < 5
+    release.set()
+    assert torch.equal(handle.future.result(10)[0], data[[1, 2, 3]])  # it ended on its own

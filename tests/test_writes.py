@@ -404,10 +404,12 @@ def test_serving_reopens_a_table_whose_delta_map_a_writer_elsewhere_grew(tmp_pat
 
     from tests.serve_support import make_checkpoint
     from tiered_store.delta import row_delta
+    from tiered_store.delta.table_versions import current_version
     from tiered_store.serve import ServeConfig
     from tiered_store.serve.client import subprocess_env
     from tiered_store.serve.inference_request import parse_request
     from tiered_store.serve.served_model import ServedModel
+    from tiered_store.table_format import table_paths
 
     monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 4 << 20)
     config_path = make_checkpoint(tmp_path)
@@ -445,10 +447,22 @@ def test_serving_reopens_a_table_whose_delta_map_a_writer_elsewhere_grew(tmp_pat
     assert trainer(0.02, 12) > 0  # the server holds its commit while the map grows
     assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
     now = ask(served)
-    served.close()
     fresh = ServedModel(config)
     assert ask(fresh) == now
     fresh.close()
+    # again, with the other table's new version unopenable in the same check: the grown table
+    # is reopened alone (its old store, closed first, stayed closed: every request failed)
+    assert trainer(0.03, 12) > 0
+    other = served.stores["engram_layer3"].config.table.path
+    with TieredStore(served.stores["engram_layer3"].config) as writer:
+        writer.write([0], torch.ones(1, writer.dim))
+        writer.commit()
+    compact_table(other, progress=False)
+    table_paths(current_version(other)[0])[1].write_text("{")  # its manifest, damaged
+    assert served.reload_if_stale(force_check=True) == []
+    assert not served.stores["engram_layer1"].closed and served.reloads == 3
+    ask(served)  # answered: layer 1 on its new commit, layer 3 on the version it had
+    served.close()
 
 
 def test_a_reload_that_cannot_open_every_table_keeps_serving_the_old_ones(tmp_path):

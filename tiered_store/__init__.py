@@ -13,6 +13,7 @@ from .config import StoreConfig
 from .errors import (
     ConfigError,
     RowIdError,
+    StoreClosedError,
     TableFormatError,
     TieredStoreError,
     TierIOError,
@@ -42,6 +43,7 @@ __all__ = [
     "RestartWarning",
     "RowIdError",
     "SafetensorsSource",
+    "StoreClosedError",
     "StoreConfig",
     "TableFormatError",
     "TierIOError",

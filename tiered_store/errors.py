@@ -29,6 +29,10 @@ class TierIOError(TieredStoreError, OSError):
     """Reading or writing a tier's backing storage failed."""
 
 
+class StoreClosedError(TieredStoreError):
+    """A call to a store that is closed (or closing)."""
+
+
 class RowIdError(TieredStoreError, IndexError):
     """Row ids are out of range, negative, or not integers."""
 

@@ -6,6 +6,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -90,6 +91,7 @@ class Prefetcher:
         self._queued: dict[int, torch.Tensor] = {}  # handle number -> ids not yet being fetched
         self._queued_lock = threading.Lock()
         self._numbers = itertools.count()
+        self._last: Future | None = None  # the fetch queued last
 
     def submit(
         self,
@@ -113,6 +115,7 @@ class Prefetcher:
             self._in_flight.release()
             raise PrefetchHandleError("prefetch: the store is closed") from None
         future.add_done_callback(lambda _: self._in_flight.release())
+        self._last = future
         self.handles += 1
         return PrefetchHandle(ids, flat, shape, packed, future, self, write_seq)
 
@@ -142,6 +145,11 @@ class Prefetcher:
         self.wait_histogram.observe(time.perf_counter() - start)
         return result
 
-    def close(self) -> None:
-        """Finish queued work and stop the worker."""
-        self._pool.shutdown(wait=True)
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish queued work and stop the worker, waiting at most ``timeout`` seconds (None: until
+        it is done); False when a fetch still runs (it ends on its own)."""
+        self._pool.shutdown(wait=False)
+        last = self._last
+        if last is not None:
+            futures.wait([last], timeout)  # one worker: the last queued ends last
+        return last is None or last.done()

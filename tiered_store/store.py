@@ -34,6 +34,7 @@ from .errors import (
     ConfigError,
     RowDataError,
     RowIdError,
+    StoreClosedError,
     TieredStoreError,
     TierIOError,
     warn_at_caller,
@@ -557,11 +558,15 @@ class TieredStore:
         with self._closing:
             if self._closed:
                 return
-            self._stop_background()
-            if self._file_calls.close(wait_s):
+            deadline = None if wait_s is None else time.monotonic() + wait_s
+            self._stop_background(deadline)
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if self._file_calls.close(left):
                 self._save_on_close()
                 self._close_files()
                 return
+            if self._writes is not None:  # for stats() meanwhile (the delta closes later)
+                self._closed_step = self._writes.delta.step
             self._closed = True  # new calls are refused; the files stay open under those running
             warn_at_caller(
                 f"close: calls to {self.cold.path.name} still under way after {wait_s:g} s; the "
@@ -570,14 +575,19 @@ class TieredStore:
             )
             self._file_calls.then(self._close_files_late)
 
-    def _stop_background(self) -> None:
-        """End the restore, save and re-pin threads and let in-flight prefetches land."""
+    def _stop_background(self, deadline: float | None = None) -> None:
+        """End the restore, save and re-pin threads and let in-flight prefetches land, waiting
+        until ``deadline`` (``time.monotonic()``; None: until they end)."""
         self._stop.set()
         if self._repin_wanted is not None:
             self._repin_wanted.set()  # wakes the re-pin thread to end
+
+        def left() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
         for thread in self._threads:
-            thread.join()
-        self._prefetcher.close()  # in-flight prefetches land first: what is saved includes them
+            thread.join(left())
+        self._prefetcher.close(left())  # they land first: what is saved includes them
 
     def _save_on_close(self) -> None:
         """Count what the re-pin thread left, warn of writes not committed, save the restart."""
@@ -812,6 +822,8 @@ class TieredStore:
                     self._unrestored.held.pop(cache.name, None)
                 if cache is self.hot:
                     self._hot_restored.set()  # what open waits for with open_waits_for: hot
+        except StoreClosedError:  # closing: what is left stays in the saved list
+            return
         except (TieredStoreError, OSError) as exc:  # a failed cold read: lookups go on, cold
             with self._lock:  # saves list what the tiers hold from now on
                 self._unrestored = RestartState({})
@@ -909,7 +921,8 @@ class TieredStore:
         if self._closed:
             return False
         sorted_ids, order = torch.sort(ids)  # order: each id's position in the saved order
-        rows = self.cold.read_rows(sorted_ids.numpy())
+        with self._file_calls.entered():  # a close waits for the read (or leaves it the files)
+            rows = self.cold.read_rows(sorted_ids.numpy())
         with self._lock:
             if pin:  # saved pins a lookup admitted meanwhile: preload skips them, so pin them here
                 cache.pin_resident(sorted_ids, only=False)
@@ -1127,9 +1140,9 @@ class TieredStore:
         return flat
 
     def _check_open(self) -> None:
-        """Raise TieredStoreError once the store is closed."""
+        """Raise StoreClosedError once the store is closed."""
         if self._closed:
-            raise TieredStoreError("store is closed; open a new TieredStore")
+            raise StoreClosedError("store is closed; open a new TieredStore")
 
     def _check_table_matches(self, config: StoreConfig) -> None:
         """The YAML's optional dim/dtype must agree with the table's manifest."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import TieredStoreError
+from .errors import StoreClosedError
 
 if TYPE_CHECKING:
     from .cache_plan import CacheHierarchy
@@ -115,10 +115,10 @@ class InFlight:
 
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
-        """One call's passage; ``TieredStoreError`` once the store is closing."""
+        """One call's passage; ``StoreClosedError`` once the store is closing."""
         with self._cond:
             if self._closing:
-                raise TieredStoreError("store is closed; open a new TieredStore")
+                raise StoreClosedError("store is closed; open a new TieredStore")
             self._count += 1
         try:
             yield

@@ -20,6 +20,7 @@ from ..engram.backend import TableBackend
 from ..errors import (
     RankFailureError,
     ShardReadError,
+    StoreClosedError,
     TableFormatError,
     TieredStoreError,
     TierIOError,
@@ -37,7 +38,8 @@ class TableUnavailableError(TieredStoreError, RuntimeError):
     """A table's rows could not be served (read failure, bad table file, non-finite values).
 
     ``table`` names the table, ``reason`` is one of ``"read"``, ``"checksum"``, ``"format"``,
-    ``"nonfinite"``, and over sharded tables ``"rank"`` (a rank failed: every lookup fails until a
+    ``"nonfinite"``, ``"closed"`` (a reload closed its store and could not open the new
+    version yet), and over sharded tables ``"rank"`` (a rank failed: every lookup fails until a
     restart) or ``"shard"`` (a rank could not serve its rows of this lookup);
     ``str()`` is safe to show a client (no paths); the cause is chained and logged.
     """
@@ -55,6 +57,7 @@ _REASONS = {
     "nonfinite": "rows hold non-finite values",
     "rank": "a rank holding part of the table failed",
     "shard": "a rank holding part of the table could not serve its rows",
+    "closed": "the table's store is closed until a reload opens its new version",
 }
 
 
@@ -106,6 +109,8 @@ class GuardedTable(TableBackend):
             raise self.failed("checksum", exc) from exc
         except TableFormatError as exc:
             raise self.failed("format", exc) from exc
+        except StoreClosedError as exc:  # a reload could not reopen it yet
+            raise self.failed("closed", exc) from exc
         if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
             bad = int((~torch.isfinite(rows)).any(dim=-1).sum())
             raise self.failed("nonfinite", f"{bad} of {rows[..., 0].numel()} rows not finite")
@@ -123,6 +128,8 @@ class GuardedTable(TableBackend):
             raise self.failed("checksum", exc) from exc
         except TableFormatError as exc:
             raise self.failed("format", exc) from exc
+        except StoreClosedError as exc:
+            raise self.failed("closed", exc) from exc
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """The wrapped table's statistics."""

@@ -185,6 +185,7 @@ class ServedModel:
             self._waiting_lock = threading.Lock()
             self.reload_check_seconds = RELOAD_CHECK_SECONDS  # how often requests check
             self._reloading = threading.Lock()  # one check and swap at a time
+            self._closed = False  # a closed model never reopens its tables
             self._last_version_check = time.monotonic()
             self._reload_refused: str | None = None  # why the last reload failed (logged once)
             self.reloads = 0
@@ -265,9 +266,11 @@ class ServedModel:
         now = time.monotonic()
         if not force_check and now < self._last_version_check + self.reload_check_seconds:
             return []
-        if not self._reloading.acquire(blocking=False):  # another thread checks now
+        if self._closed or not self._reloading.acquire(blocking=False):  # or another checks now
             return []
         try:
+            if self._closed:  # closed while this waited for the lock
+                return []
             self._last_version_check = now
             return self._reload_stale()
         finally:
@@ -297,6 +300,7 @@ class ServedModel:
             except (TieredStoreError, OSError) as exc:  # ConfigError: another geometry
                 for store in opened.values():
                     store.close()
+                self._reopen_closed(stale)
                 refused = f"{', '.join(stale)} ({error_text(exc)})"
                 if refused != self._reload_refused:  # once per reason, not at every check
                     log.error(
@@ -328,6 +332,33 @@ class ServedModel:
                 ", ".join(stale),
             )
         return stale
+
+    def _reopen_closed(self, names: list[str]) -> None:
+        """After a refused swap: each table whose old store it closed (a map grown elsewhere)
+        on its new version alone, so that another table's failure does not take it down; one
+        that does not open answers 503 until a check opens it."""
+        for name in names:
+            old = self.stores[name]
+            if not old.closed:
+                continue
+            new = None
+            try:
+                new = TieredStore(old.config)
+                self.model.set_tables(
+                    {
+                        layer: GuardedTable(new, name, self.health[name])
+                        for layer in self.layer_ids
+                        if self.config.table_name(layer) == name
+                    }
+                )
+            except (TieredStoreError, OSError) as exc:
+                if new is not None:
+                    new.close()
+                log.error("could not reopen %s (%s); it answers 503", name, error_text(exc))
+                continue
+            self._announce_again({old: new})
+            self.stores[name] = new
+            self.reloads += 1
 
     def _open_new_version(self, name: str) -> TieredStore:
         """A store of table ``name``'s version now. When a writer elsewhere grew the delta's map,
@@ -557,6 +588,8 @@ class ServedModel:
 
     def close(self) -> None:
         """Close the trace (written atomically) and every store; idempotent."""
+        with self._reloading:  # a reload under way ends first; none starts after
+            self._closed = True
         trace, self._trace = self._trace, None
         if trace is not None:
             trace.close()
