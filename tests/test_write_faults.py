@@ -107,11 +107,15 @@ def shared_dir():
 
 
 _OTHER_USER_READER = r"""
-import os, sys
+import os, sys, tempfile
 import numpy as np
 from tiered_store.delta.row_delta import RowDelta
 from tiered_store.page_checksums import crc32c_backend
 crc32c_backend()  # compiled as root, before the user changes
+with tempfile.TemporaryDirectory() as scratch:  # every module a delta imports, imported as root
+    warm = RowDelta(os.path.join(scratch, "d"), row_bytes=16, create=True)  # (the checkout may
+    warm.commit(np.arange(2), np.zeros((2, 16), np.uint8), step=1)  # be unreadable to nobody)
+    warm.pin(); warm.snapshot(np.arange(2)); warm.close()
 os.setgid(65534); os.setuid(65534)  # nobody: may read the delta's files, write none
 try:
     delta = RowDelta(sys.argv[1], row_bytes=16)
