@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -249,7 +250,7 @@ class RowDelta:
         of its environment has closed and one reopens)."""
         self._check_process()
         try:
-            with self._grow_lock.shared(), self.env.begin(db=self.meta_db) as txn:
+            with self._txn(db=self.meta_db) as txn:
                 return _int_value(txn.get(b"step"))
         except lmdb.MapResizedError:
             return GREW_STEP
@@ -272,6 +273,13 @@ class RowDelta:
             _count_pin(self.path, -1)
 
     @contextlib.contextmanager
+    def _txn(self, **kwargs: Any) -> Iterator[lmdb.Transaction]:
+        """A transaction of this environment (``env.begin(**kwargs)``), held from a map resize
+        for its whole life: LMDB forbids one while any transaction of the process is open."""
+        with self._grow_lock.shared(), self.env.begin(**kwargs) as txn:
+            yield txn
+
+    @contextlib.contextmanager
     def _read_txn(self):
         """The pinned transaction, or a fresh one for this read (held from a map resize by
         another thread: stats and read_committed read without the store's lock)."""
@@ -280,7 +288,7 @@ class RowDelta:
             if pinned is not None:
                 yield pinned
         if pinned is None:
-            with self._grow_lock.shared(), self.env.begin() as txn:
+            with self._txn() as txn:
                 yield txn
 
     def ids(self) -> np.ndarray:
@@ -292,7 +300,7 @@ class RowDelta:
 
     def __len__(self) -> int:
         self._check_process()
-        with self._grow_lock.shared(), self.env.begin(db=self.rows_db) as txn:
+        with self._txn(db=self.rows_db) as txn:
             return txn.stat(self.rows_db)["entries"]
 
     def read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -328,7 +336,7 @@ class RowDelta:
     def iter_rows(self, chunk_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, rows) in row order, ``chunk_rows`` at a time, from one read transaction."""
         self._check_process()
-        with self._grow_lock.shared(), self.env.begin(db=self.rows_db) as txn:
+        with self._txn(db=self.rows_db) as txn:
             cursor = txn.cursor()
             batch: list[tuple[bytes, bytes]] = []
             for pair in cursor.iternext():
@@ -369,7 +377,7 @@ class RowDelta:
             ) from None
         for _ in range(GROW_ATTEMPTS):
             try:
-                with self._grow_lock.shared(), self.env.begin(write=True) as txn:
+                with self._txn(write=True) as txn:
                     if clear:
                         txn.drop(self.rows_db, delete=False)
                     if keys:
@@ -478,7 +486,7 @@ class RowDelta:
     def _initialise(self, initial_step: int) -> None:
         """Create both databases, the row size and the initial step in one transaction (a
         writer, once): an environment is complete or holds none of them."""
-        with self._grow_lock.shared(), self.env.begin(write=True) as txn:
+        with self._txn(write=True) as txn:
             rows_db = self.env.open_db(b"rows", txn=txn, create=True)
             meta_db = self.env.open_db(b"meta", txn=txn, create=True)
             del rows_db
@@ -488,7 +496,7 @@ class RowDelta:
 
     def _check_row_bytes(self) -> None:
         """The environment was made for rows of this size."""
-        with self._grow_lock.shared(), self.env.begin(db=self.meta_db) as txn:
+        with self._txn(db=self.meta_db) as txn:
             have = txn.get(b"row_bytes")
         if have is not None and _int_value(have) != self.row_bytes:
             raise DeltaCorruptError(
