@@ -69,8 +69,7 @@ class Heartbeat:
         self.entered = 0  # collectives this rank has entered (set by the store's thread)
         self.kind = "none"  # the kind of the last one: lookup, write, commit, update
         self._group_store = store
-        self._store = store.clone()  # its own connection: safe beside the group's own use
-        self._store.set_timeout(timedelta(seconds=max(2 * interval, 1.0)))
+        self._store = self._connect()  # its own connection: safe beside the group's own use
         self._beat = 0
         self._stop = threading.Event()
         self._watch: dist.Store | None = None  # ``stopped``'s own connection, once it reads
@@ -97,7 +96,8 @@ class Heartbeat:
             try:
                 self._publish()
             except Exception:  # noqa: BLE001 (the store's host died or hung: diagnose says so)
-                self._store = self._fresh_connection() or self._store
+                with contextlib.suppress(Exception):  # a timed-out one may hold a late reply
+                    self._store = self._connect()
 
     def _read(self, store: dist.Store) -> dict[int, tuple[int, int, str, str]]:
         """Every other rank's (beat, entered, state, kind); ranks without an entry are missing."""
@@ -112,8 +112,7 @@ class Heartbeat:
     def diagnose(self) -> Diagnosis:
         """Read the others' heartbeats twice, ``3 * interval`` apart, and name who failed."""
         try:
-            store = self._store.clone()
-            store.set_timeout(timedelta(seconds=max(2 * self.interval, 1.0)))
+            store = self._connect()
             first = self._read(store)
             time.sleep(3 * self.interval)
             second = self._read(store)
@@ -141,14 +140,10 @@ class Heartbeat:
             silent=silent, closed=closed, behind=behind, elsewhere=elsewhere, kind=self.kind
         )
 
-    def _fresh_connection(self) -> dist.Store | None:
-        """A new connection to the group's store (a timed-out one may hold a late reply), with
-        this class's timeout; None when the store cannot be reached."""
-        try:
-            store = self._group_store.clone()
-            store.set_timeout(timedelta(seconds=max(2 * self.interval, 1.0)))
-        except Exception:  # noqa: BLE001
-            return None
+    def _connect(self) -> dist.Store:
+        """A new connection to the group's store, with this class's timeout."""
+        store = self._group_store.clone()
+        store.set_timeout(timedelta(seconds=max(2 * self.interval, 1.0)))
         return store
 
     def stopped(self) -> str | None:
@@ -157,9 +152,7 @@ class Heartbeat:
         closed their store; None when every one beats."""
         now = time.monotonic()
         try:
-            self._watch = self._watch or self._fresh_connection()
-            if self._watch is None:
-                raise RuntimeError("cannot connect to it")
+            self._watch = self._watch or self._connect()
             entries = self._read(self._watch)
         except Exception as exc:  # the store's host is gone or hung: a new connection next time
             self._watch = None
