@@ -290,13 +290,8 @@ class ServedModel:
             try:  # all or nothing: every stale table's new store, checked, before any swap
                 for name in stale:
                     opened[name] = self._open_new_version(name)
-                self.model.set_tables(  # checks every table's geometry, then swaps them all
-                    {
-                        layer: GuardedTable(opened[table], table, self.health[table])
-                        for layer in self.layer_ids
-                        if (table := self.config.table_name(layer)) in opened
-                    }
-                )
+                # checks every table's geometry, then swaps them all
+                self.model.set_tables(self._guarded(opened))
             except (TieredStoreError, OSError) as exc:  # ConfigError: another geometry
                 for store in opened.values():
                     store.close()
@@ -312,18 +307,7 @@ class ServedModel:
                 self._reload_refused = refused
                 return []
             self._reload_refused = None
-            old = {name: self.stores[name] for name in stale}
-            carried = {name: store.cold.checksum_failures for name, store in old.items()}
-            for name, count in carried.items():  # the counter goes on, before a scrape sees it
-                opened[name].cold.carry_checksum_failures(count)
-            self._announce_again({old[name]: opened[name] for name in stale})
-            self.stores.update(opened)
-            for name, store in old.items():
-                store.close()  # and what lookups in flight counted meanwhile
-                opened[name].cold.carry_checksum_failures(
-                    store.cold.checksum_failures - carried[name]
-                )
-            self.reloads += len(stale)
+            self._swap_in(opened)
         log.info("reopened tables on a new version: %s", ", ".join(stale))
         if self._trace is not None:  # the new stores start cold, with their counters at 0
             log.warning(
@@ -344,21 +328,36 @@ class ServedModel:
             new = None
             try:
                 new = TieredStore(old.config)
-                self.model.set_tables(
-                    {
-                        layer: GuardedTable(new, name, self.health[name])
-                        for layer in self.layer_ids
-                        if self.config.table_name(layer) == name
-                    }
-                )
+                self.model.set_tables(self._guarded({name: new}))
             except (TieredStoreError, OSError) as exc:
                 if new is not None:
                     new.close()
                 log.error("could not reopen %s (%s); it answers 503", name, error_text(exc))
                 continue
-            self._announce_again({old: new})
-            self.stores[name] = new
-            self.reloads += 1
+            self._swap_in({name: new})
+
+    def _guarded(self, stores: dict[str, TieredStore]) -> dict[int, GuardedTable]:
+        """The model's tables for ``stores`` (table name -> store), by Engram layer."""
+        return {
+            layer: GuardedTable(stores[table], table, self.health[table])
+            for layer in self.layer_ids
+            if (table := self.config.table_name(layer)) in stores
+        }
+
+    def _swap_in(self, opened: dict[str, TieredStore]) -> None:
+        """After the model took ``opened`` (table name -> its store on the new version): the
+        checksum failures counted go on in the new stores, the requests waiting are announced
+        to them, and the old stores close."""
+        old = {name: self.stores[name] for name in opened}
+        carried = {name: store.cold.checksum_failures for name, store in old.items()}
+        for name, count in carried.items():  # the counter goes on, before a scrape sees it
+            opened[name].cold.carry_checksum_failures(count)
+        self._announce_again({old[name]: opened[name] for name in opened})
+        self.stores.update(opened)
+        for name, store in old.items():
+            store.close()  # and what lookups in flight counted meanwhile
+            opened[name].cold.carry_checksum_failures(store.cold.checksum_failures - carried[name])
+        self.reloads += len(opened)
 
     def _open_new_version(self, name: str) -> TieredStore:
         """A store of table ``name``'s version now. When a writer elsewhere grew the delta's map,
