@@ -38,7 +38,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -968,7 +968,7 @@ def _write_table(
         )
         manifest_file.file.write(_manifest_text(manifest))
         manifest_file.finish()
-        _commit(directory, data_file, sidecar, manifest_file, overwrite)
+        _commit(data_file, sidecar, manifest_file, overwrite)
     except BaseException:
         data_file.abort()
         sidecar.abort()
@@ -1055,49 +1055,56 @@ def replace_table(
     writer_locked: bool = False,
 ) -> None:
     """Move the table at ``finished`` (made by ``create_table`` in ``target``'s folder) to
-    ``target`` by renames; with ``overwrite``, over a table there, dropping its history as
-    ``create_table(overwrite=True)`` does: the old manifest goes first and the new one comes
-    last, so neither half opens. ``writer_locked``: the caller holds ``target``'s writer lock."""
+    ``target`` by renames, published as ``create_table`` publishes its own (``_publish``);
+    ``writer_locked``: the caller holds ``target``'s writer lock."""
     new_npy, new_manifest = table_paths(finished)
     npy, manifest = table_paths(target)
-    dir_fd = os.open(npy.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(dir_fd, fcntl.LOCK_EX)  # serialise with create_table's commits
-        refuse_existing(npy, manifest, overwrite)  # re-checked under the lock, as _commit does
-        from .delta.table_versions import forget_history, has_history  # noqa: PLC0415
 
-        if has_history(npy):
-            forget_history(npy, writer_locked=writer_locked)
-        if manifest.exists():
-            manifest.unlink()
-            fsync_dir(npy.parent)
+    def move() -> None:
         os.replace(new_npy, npy)
         os.replace(sidecar_path(new_npy), sidecar_path(npy))
         fsync_dir(npy.parent)
         os.replace(new_manifest, manifest)
         fsync_dir(npy.parent)
-    finally:
-        os.close(dir_fd)  # also releases the lock
+
+    _publish(npy, manifest, overwrite, move, writer_locked=writer_locked)
 
 
-def _commit(
-    directory: Path, data: AtomicFile, sidecar: AtomicFile, manifest: AtomicFile, overwrite: bool
+def _commit(data: AtomicFile, sidecar: AtomicFile, manifest: AtomicFile, overwrite: bool) -> None:
+    """Publish the finished files (``_publish``)."""
+
+    def move() -> None:
+        for finished in (data, sidecar, manifest):
+            finished.publish()
+
+    _publish(data.path, manifest.path, overwrite, move)
+
+
+def _publish(
+    npy: Path,
+    manifest: Path,
+    overwrite: bool,
+    move: Callable[[], None],
+    *,
+    writer_locked: bool = False,
 ) -> None:
-    """Publish the finished files; the manifest appears last, so a half-done commit never opens."""
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    """Under the folder's lock (cooperating writers serialise), and with ``overwrite`` over a
+    table there: drop its writes and versions (they would be served over the new rows; under
+    its writer lock unless ``writer_locked``) and unlink its manifest (the old table stops being
+    openable before its ``.npy`` changes); then ``move`` the new files into place, the manifest
+    last, so a half-done publish never opens."""
+    dir_fd = os.open(npy.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(dir_fd, fcntl.LOCK_EX)  # serialise commits of cooperating writers
-        refuse_existing(data.path, manifest.path, overwrite)  # re-check under the lock
-        if overwrite:  # the old table's writes and versions would be served over the new rows
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        refuse_existing(npy, manifest, overwrite)  # re-checked under the lock
+        if overwrite:
             from .delta.table_versions import forget_history, has_history  # noqa: PLC0415
 
-            if has_history(data.path):
-                forget_history(data.path)
-        if manifest.path.exists():
-            manifest.path.unlink()  # old table stops being openable before its .npy changes
-            fsync_dir(directory)
-        data.publish()
-        sidecar.publish()
-        manifest.publish()
+            if has_history(npy):
+                forget_history(npy, writer_locked=writer_locked)
+        if manifest.exists():
+            manifest.unlink()
+            fsync_dir(npy.parent)
+        move()
     finally:
         os.close(dir_fd)  # also releases the lock
