@@ -54,6 +54,7 @@ __all__ = [
     "hold_version",
     "publish_version",
     "release",
+    "remove_table_files",
     "remove_unused_versions",
     "version_path",
     "writer_lock",
@@ -228,7 +229,7 @@ def forget_history(table: str | os.PathLike[str], *, writer_locked: bool = False
         pointer_path(npy).unlink(missing_ok=True)
         shutil.rmtree(delta_path(npy), ignore_errors=True)
         for generation in _compacted_generations(npy):
-            _remove_version(version_path(npy, generation))
+            remove_table_files(version_path(npy, generation))
         fsync_dir(npy.parent)
 
 
@@ -253,9 +254,10 @@ def _version_files(path: Path) -> tuple[Path, ...]:
     return table_paths(path)[1], sidecar_path(path), delta_path(path), path
 
 
-def _remove_version(path: Path) -> None:
-    """Delete one version's files, its manifest first (never half a table), its delta before
-    its ``.npy``: a removal killed part way leaves the ``.npy``, which the next cleanup finds."""
+def remove_table_files(path: Path) -> None:
+    """Delete a table's files (one version's), its manifest first (never half a table), its
+    delta before its ``.npy``: a removal killed part way leaves the ``.npy``, which the next
+    cleanup finds."""
     manifest, sidecar, delta, npy = _version_files(path)
     manifest.unlink(missing_ok=True)
     sidecar.unlink(missing_ok=True)
@@ -291,7 +293,7 @@ def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
     for generation in sorted(g for g in _compacted_generations(npy) if g > current):
         path = version_path(npy, generation)
         removed += [part.name for part in _version_files(path) if part.exists()]
-        _remove_version(path)
+        remove_table_files(path)
     for path in sorted(npy.parent.iterdir()):
         if temporary.match(path.name):
             path.unlink(missing_ok=True)
@@ -323,7 +325,7 @@ def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:
             os.close(fd)
             continue  # a store still reads it
         try:
-            _remove_version(path)
+            remove_table_files(path)
             fsync_dir(path.parent)
         finally:
             os.close(fd)

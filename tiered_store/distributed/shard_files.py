@@ -19,9 +19,13 @@ import torch
 
 from ..cold_table import ColdTable
 from ..delta.row_delta import delta_path, open_delta
-from ..delta.table_versions import current_version, release, take_writer_lock
+from ..delta.table_versions import (
+    current_version,
+    release,
+    remove_table_files,
+    take_writer_lock,
+)
 from ..errors import ConfigError, TableFormatError
-from ..page_checksums import sidecar_path
 from ..table_format import (
     TableManifest,
     create_table,
@@ -178,7 +182,7 @@ def write_shards(
                     release(fd)
         except BaseException:
             for new, _ in finished[replaced:]:  # (one that failed left nothing: create_table's)
-                _remove_table(new)
+                remove_table_files(new)
             raise
     return written
 
@@ -192,12 +196,6 @@ def _remove_unrenamed(target: Path) -> None:
     for path in target.parent.iterdir():
         if pattern.fullmatch(path.name):
             path.unlink(missing_ok=True)
-
-
-def _remove_table(path: Path) -> None:
-    """Delete a table's files, the manifest first (never half a table)."""
-    for part in (table_paths(path)[1], sidecar_path(path), path):
-        part.unlink(missing_ok=True)
 
 
 def _refuse_uncompacted_rows(table: Path, current: Path, manifest: TableManifest) -> None:
