@@ -73,6 +73,11 @@ RESTORE_CHUNK_ROWS = 1 << 22
 RESTORE_ORDERED_ROWS = 65_536
 
 
+def _seconds_left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (``time.monotonic()``), at least 0; None for no deadline."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
 def _touches_files(method: Callable) -> Callable:
     """A call that reads or writes the table's files: ``close()`` waits for it to end."""
 
@@ -560,8 +565,7 @@ class TieredStore:
                 return
             deadline = None if wait_s is None else time.monotonic() + wait_s
             self._stop_background(deadline)
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            if self._file_calls.close(left):
+            if self._file_calls.close(_seconds_left(deadline)):
                 self._save_on_close()
                 self._close_files()
                 return
@@ -581,13 +585,9 @@ class TieredStore:
         self._stop.set()
         if self._repin_wanted is not None:
             self._repin_wanted.set()  # wakes the re-pin thread to end
-
-        def left() -> float | None:
-            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
-
         for thread in self._threads:
-            thread.join(left())
-        self._prefetcher.close(left())  # they land first: what is saved includes them
+            thread.join(_seconds_left(deadline))
+        self._prefetcher.close(_seconds_left(deadline))  # they land first: the save has them
 
     def _save_on_close(self) -> None:
         """Count what the re-pin thread left, warn of writes not committed, save the restart."""
