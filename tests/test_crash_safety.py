@@ -337,6 +337,27 @@ def test_a_writer_killed_after_forking_leaves_no_lock_to_its_child(tmp_path):
         os.kill(child, signal.SIGKILL)
 
 
+def _table_with_a_commit(tmp_path, rows: int):
+    """``tmp_path/t.npy``: ``rows`` x 4 zeros, and row 5 written as ones and committed."""
+    from tiered_store import create_table
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((rows, 4), np.float32), progress=False)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        store.write([5], torch.ones(1, 4))
+        store.commit()
+    return path
+
+
+def _run_until_killed(script: str, *args) -> None:
+    """Run ``script`` (``python -c``) with ``args``: it kills itself (SIGKILL) part way."""
+    import subprocess
+    import sys
+
+    killed = subprocess.run([sys.executable, "-c", script, *map(str, args)])
+    assert killed.returncode == -signal.SIGKILL
+
+
 _OVERWRITE_KILLED_AFTER_THE_DELTA = r"""
 import os, shutil, signal, sys
 import numpy as np
@@ -353,19 +374,12 @@ create_table(sys.argv[1], np.full((100, 4), 7, np.float32), progress=False, over
 def test_an_overwrite_killed_part_way_leaves_no_old_rows_without_their_writes(tmp_path):
     """Killed after the old delta went and before the new table: nothing opens, and a rerun
     makes the new table (the old base opened without the writes committed over it)."""
-    import subprocess
-    import sys
 
     from tiered_store import create_table
     from tiered_store.errors import TieredStoreError
 
-    path = tmp_path / "t.npy"
-    create_table(path, np.zeros((100, 4), np.float32), progress=False)
-    with TieredStore.open({"table": {"path": str(path)}}) as store:
-        store.write([5], torch.ones(1, 4))
-        store.commit()
-    killed = subprocess.run([sys.executable, "-c", _OVERWRITE_KILLED_AFTER_THE_DELTA, str(path)])
-    assert killed.returncode == -signal.SIGKILL
+    path = _table_with_a_commit(tmp_path, 100)
+    _run_until_killed(_OVERWRITE_KILLED_AFTER_THE_DELTA, path)
     with pytest.raises((TieredStoreError, OSError)):
         TieredStore.open({"table": {"path": str(path)}}).close()
     create_table(path, np.full((100, 4), 7, np.float32), progress=False, overwrite=True)
@@ -391,19 +405,10 @@ compaction.compact_table(sys.argv[1], progress=False)
 def test_the_next_compaction_removes_what_a_killed_one_left(tmp_path, killed_at):
     """A compaction killed before its pointer switched leaves a whole table's worth of files;
     the next one removes them (before writing its own copy) and reports them."""
-    import subprocess
-    import sys
 
-    from tiered_store import create_table
-
-    path = tmp_path / "t.npy"
-    create_table(path, np.zeros((300, 4), np.float32), progress=False)
-    with TieredStore.open({"table": {"path": str(path)}}) as store:
-        store.write([5], torch.ones(1, 4))
-        store.commit()
+    path = _table_with_a_commit(tmp_path, 300)
     before = {p.name for p in tmp_path.iterdir()}
-    killed = subprocess.run([sys.executable, "-c", _COMPACTION_KILLED_AT, str(path), killed_at])
-    assert killed.returncode == -signal.SIGKILL
+    _run_until_killed(_COMPACTION_KILLED_AT, path, killed_at)
     left = sorted({p.name for p in tmp_path.iterdir()} - before)
     assert left and all(("t.g1.npy" in name) for name in left), left
 
@@ -477,18 +482,9 @@ compaction.compact_table(sys.argv[1], progress=False)
 def test_a_removal_killed_at_the_delta_leaves_the_version_for_the_next_compaction(tmp_path):
     """The old version's delta goes before its .npy: a compaction killed while removing it leaves
     the .npy, by which the next compaction finds the version and removes the rest."""
-    import subprocess
-    import sys
 
-    from tiered_store import create_table
-
-    path = tmp_path / "t.npy"
-    create_table(path, np.zeros((300, 4), np.float32), progress=False)
-    with TieredStore.open({"table": {"path": str(path)}}) as store:
-        store.write([5], torch.ones(1, 4))
-        store.commit()
-    killed = subprocess.run([sys.executable, "-c", _REMOVAL_KILLED_AT_THE_DELTA, str(path)])
-    assert killed.returncode == -signal.SIGKILL
+    path = _table_with_a_commit(tmp_path, 300)
+    _run_until_killed(_REMOVAL_KILLED_AT_THE_DELTA, path)
     assert path.exists() and delta_path(path).is_dir()  # generation 0, half removed
     with TieredStore.open({"table": {"path": str(path)}}) as store:
         assert store.generation == 1
@@ -506,18 +502,13 @@ def test_a_delta_left_without_its_version_is_removed_never_a_held_or_current_one
     """A delta whose version's .npy is gone (a removal killed part way by code that unlinked the
     .npy first) is removed by the next compaction's cleanup; the delta of a version a store holds
     and the current version's delta stay."""
-    from tiered_store import create_table
     from tiered_store.delta.table_versions import (
         remove_abandoned_versions,
         version_path,
         writer_lock,
     )
 
-    path = tmp_path / "t.npy"
-    create_table(path, np.zeros((300, 4), np.float32), progress=False)
-    with TieredStore.open({"table": {"path": str(path)}}) as store:
-        store.write([5], torch.ones(1, 4))
-        store.commit()
+    path = _table_with_a_commit(tmp_path, 300)
     old_reader = TieredStore.open({"table": {"path": str(path)}})  # holds generation 0
     assert compact_table(path, progress=False).removed_generations == []
     with TieredStore.open({"table": {"path": str(path)}}) as store:  # generation 1's own delta
