@@ -10,7 +10,6 @@ store, the optimizer's new rows, ``store.write``. ``commit()`` makes the step du
 
 from __future__ import annotations
 
-import contextlib
 import operator
 import os
 from functools import partial
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, RowIdError, StepMismatchError, TierIOError
+from ..errors import ConfigError, RowIdError, TierIOError
 from ..id_ops import unique_inverse_counts
 from ..store import as_id_tensor
 from ..table_format import TableManifest, create_table
@@ -185,12 +184,9 @@ class TrainableTable:
     def _refuse(self, step: Any, message: str) -> None:
         """Raise ``ConfigError(message)``; over a sharded store after joining the update round
         with no gradients and a step no other rank passes, so every rank refuses it."""
-        update_rows = getattr(self.store, "update_rows", None)
-        if update_rows is not None:
-            nothing = torch.empty(0, dtype=torch.int64), torch.empty((0, self.dim))
-            # the others' StepMismatchError names this rank; its own error says more
-            with contextlib.suppress(StepMismatchError):
-                update_rows(*nothing, self.optimizer.update, step=f"{step!r} (refused)")
+        refuse_update = getattr(self.store, "refuse_update", None)
+        if refuse_update is not None:  # the others' StepMismatchError names this rank
+            refuse_update(step)
         raise ConfigError(message)
 
     def _summed_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -286,7 +286,7 @@ class ShardedStore:
         already at ``step`` commits its redone writes at that step again."""
         self._check_usable()
         if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
-            self._thread.submit(self._commit_round, f"{step!r} (refused)")  # the others fail too
+            self._thread.submit(self._commit_round, _refused(step))  # the others fail too
             raise ConfigError(f"commit: step {step!r}; expected an integer step (or None)")
         step = None if step is None else int(step)
         result, errors = self._wait(self._thread.submit(self._commit_round, step), "commit")
@@ -328,13 +328,8 @@ class ShardedStore:
                     f"grads: {grads.dtype} of shape {tuple(grads.shape)}; expected floating-point "
                     f"[{flat.numel()}, width], one row per id, width >= 1"
                 )
-        except TieredStoreError:  # join the round with nothing and a step no rank passes: every
-            # rank refuses the round (an optimizer step is applied everywhere or nowhere)
-            nothing = torch.empty((0, 0), dtype=torch.float32)
-            refused = f"{step!r} (refused)"
-            self._thread.submit(
-                self._update_round, torch.empty(0, dtype=torch.int64), nothing, update, refused
-            )
+        except TieredStoreError:
+            self._join_refused(update, step)
             raise
         grads = grads.to("cpu", torch.float32)
         updated, errors = self._wait(
@@ -342,6 +337,22 @@ class ShardedStore:
         )
         self._raise_failed("update_rows", errors)
         return updated
+
+    def refuse_update(self, step: Any) -> None:
+        """This rank refused its part of an update round (``TrainableTable.step`` with a step
+        below 1 or not above the last): join the round with nothing, so every rank refuses it
+        (the others raise ``StepMismatchError`` naming this rank); the caller raises its own."""
+        self._check_usable()
+        self._write_rounds += 1
+        self._join_refused(lambda rows, grads: rows, step)
+
+    def _join_refused(self, update: Callable, step: Any) -> None:
+        """Join an update round with no gradients and a step no rank passes: every rank refuses
+        the round (an optimizer step is applied everywhere or nowhere)."""
+        nothing = torch.empty((0, 0), dtype=torch.float32)
+        self._thread.submit(
+            self._update_round, torch.empty(0, dtype=torch.int64), nothing, update, _refused(step)
+        )
 
     @property
     def committed_step(self) -> int:
@@ -791,7 +802,7 @@ def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]
     >>> _disagreeing([(None, 2), (4, 2), (6, 3)])[2]  # doctest: +ELLIPSIS
     'gradients of width 6 and step 3; rank 1 sent width 4, rank 0 step 2: expected one width...'
     """
-    refused = [isinstance(s, str) and s.endswith("(refused)") for _, s in asked]
+    refused = [isinstance(s, str) and s.endswith(_REFUSED) for _, s in asked]
     if any(refused):  # a rank refused its own input: it alone is named
         return ["its gradients or step were refused there (see its own error)" if r else None for r in refused]  # fmt: skip
     senders = [r for r, (w, _) in enumerate(asked) if w is not None]
@@ -804,6 +815,14 @@ def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]
         f"step {step}: expected one width and one step on every rank"
         for w, s in asked
     ]
+
+
+_REFUSED = " (refused)"  # the step a rank passes into a round it refused its own input to
+
+
+def _refused(step: Any) -> str:
+    """The step a rank that refused its input passes into the round: no rank passes it."""
+    return f"{step!r}{_REFUSED}"
 
 
 def _ranks_by_value(values: list[Any]) -> str:
