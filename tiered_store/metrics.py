@@ -82,7 +82,8 @@ and since the process started (what ``TieredStore.stats()[tier]["hit_rate"]`` re
     tiered_store_lookups_total{result="hit"}
       / ignoring(result) sum without(result) (tiered_store_lookups_total)
 
-``deploy/prometheus-rules.yml`` records both, and the share of all lookups each tier serves.
+``deploy/prometheus-rules.yml`` records the first (per table and over every table), and the share
+of all lookups each tier serves.
 """
 
 from __future__ import annotations

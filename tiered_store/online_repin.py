@@ -471,9 +471,6 @@ class OnlineRepin:
             "offline_profile": self.offline_profile,
             "weight": self.weight,
             "since_repin": self.since_repin,
-            "repins": self.repins,
-            "rows_pinned": self.rows_pinned,
-            "rows_unpinned": self.rows_unpinned,
         }
 
     def mismatch(self, state: dict[str, Any]) -> str | None:
@@ -489,14 +486,12 @@ class OnlineRepin:
         return ", ".join(bad) or None
 
     def load_state(self, state: dict[str, Any], sketch: np.ndarray) -> None:
-        """Restore a saved state (checked with :meth:`mismatch` first)."""
+        """Restore a saved state (checked with :meth:`mismatch` first). The re-pins' counters
+        are this process's (exported as Prometheus counters) and start from 0: a restart file
+        saved a while before a crash would otherwise take them back below what was scraped."""
         self.profile.load_state(state, sketch)
         self.weight = float(state["weight"])
         self.since_repin = int(state["since_repin"])
-        self.repins = int(state["repins"])
-        # the re-pins' counters go on together (a file saved before they were kept: from 0)
-        self.rows_pinned = int(state.get("rows_pinned", 0))
-        self.rows_unpinned = int(state.get("rows_unpinned", 0))
 
 
 def _int64(ids: torch.Tensor) -> np.ndarray:
