@@ -17,7 +17,8 @@ class LFU(EvictionPolicy):
     A hit adds one per access (a slot read three times in a batch gains 3); a new row starts at
     1. Every ``aging_period`` accesses seen by the policy (hits plus insertions) all counts are
     halved, so a row that was hot an hour ago does not stay forever; in a batch that crosses
-    ``k`` period boundaries counts are halved ``k`` times after its accesses are counted.
+    ``k`` period boundaries counts are halved ``k`` times after all its accesses are counted (at
+    the next batch's start, before its victims are chosen).
     Recency is an access sequence number: within a batch it follows the order of the hook
     calls (hits in lookup order, then insertions), so no two slots tie and the victims are the
     same on every device.
@@ -63,6 +64,12 @@ class LFU(EvictionPolicy):
         self.accesses = 0  # since the last halving
         self.agings = 0
 
+    def on_batch(self) -> None:
+        halvings, self.accesses = divmod(self.accesses, self.aging_period)
+        if halvings:
+            self.count >>= min(halvings, 31)
+            self.agings += halvings
+
     def on_hit(self, slots: torch.Tensor) -> None:
         slots = slots.to(self.device).long()
         if slots.numel() == 0:
@@ -70,7 +77,7 @@ class LFU(EvictionPolicy):
         self.count.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
         self.count[slots] = self.count[slots].clamp(max=_COUNT_MAX)
         self.last_used.scatter_reduce_(0, slots, self._next_seq(slots.numel()), reduce="amax")
-        self._age(slots.numel())
+        self.accesses += slots.numel()
 
     def on_insert(self, slots: torch.Tensor) -> None:
         slots = slots.to(self.device).long()
@@ -78,7 +85,7 @@ class LFU(EvictionPolicy):
             return
         self.count[slots] = 1
         self.last_used[slots] = self._next_seq(slots.numel())
-        self._age(slots.numel())
+        self.accesses += slots.numel()
 
     def victim_priority(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         count, last = self.count, self.last_used
@@ -94,11 +101,3 @@ class LFU(EvictionPolicy):
             self.seq = self.capacity
         start, self.seq = self.seq, self.seq + m
         return torch.arange(start, self.seq, device=self.device)
-
-    def _age(self, accesses: int) -> None:
-        """Count accesses; halve every count once per completed period."""
-        self.accesses += accesses
-        halvings, self.accesses = divmod(self.accesses, self.aging_period)
-        if halvings:
-            self.count >>= min(halvings, 31)
-            self.agings += halvings

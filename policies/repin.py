@@ -104,12 +104,13 @@ def repinned_lru_misses(
     prior = np.asarray(prior, dtype=np.float64)
     rows = prior.size
     ids = trace_ids(ids, rows, "repinned_lru_misses", "one prior score per row")
-    if min(pinned_rows, lru_rows) < 0 or interval <= 0:
+    budget = pinned_rows if budget is None else int(budget)
+    if min(pinned_rows, lru_rows, budget) < 0 or interval <= 0:
         raise PolicyError(
             f"repinned_lru_misses: got pinned_rows={pinned_rows}, lru_rows={lru_rows}, "
-            f"interval={interval}; expected rows >= 0 and interval > 0"
+            f"interval={interval}, budget={budget}; expected rows and budget >= 0 and "
+            "interval > 0"
         )
-    budget = pinned_rows if budget is None else int(budget)
     pinned = np.zeros(rows, np.bool_)
     if initial is None:
         score = prior_weight * prior

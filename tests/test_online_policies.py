@@ -54,6 +54,8 @@ def test_repin_follows_a_drifting_hot_set_within_its_budget(zipf_ids):
 def test_repin_refuses_ids_outside_the_prior():
     with pytest.raises(PolicyError, match=r"ids in \[0, 12\]; expected row ids in \[0, 10\)"):
         repinned_lru_misses(np.array([0, 12]), np.zeros(10), 1, 1)
+    with pytest.raises(PolicyError, match=r"budget=-1; expected rows and budget >= 0"):
+        repinned_lru_misses(np.array([0, 1]), np.zeros(10), 1, 1, budget=-1)
 
 
 def lookahead_lru_misses_reference(ids, pinned, lru_rows, lookahead):

@@ -364,12 +364,29 @@ class TestLFU(EvictionContract):
         assert LFU(capacity=7).aging_period == 70  # default: ten turnovers of the tier
         lfu.on_batch()
         lfu.on_insert(torch.tensor([0, 1]))  # 2 accesses
+        lfu.on_batch()
         lfu.on_hit(torch.tensor([0] * 7))  # 9
+        lfu.on_batch()
         assert lfu.count.tolist() == [8, 1] and lfu.agings == 0
-        lfu.on_hit(torch.tensor([1]))  # 10: halve
+        lfu.on_hit(torch.tensor([1]))  # 10: the period ends ...
+        assert lfu.count.tolist() == [8, 2] and lfu.agings == 0
+        lfu.on_batch()  # ... halved once the batch is counted, before the next one
         assert lfu.count.tolist() == [4, 1] and lfu.agings == 1
         lfu.on_hit(torch.tensor([0] * 25))  # 35: two more periods end in one batch
+        lfu.on_batch()
         assert lfu.count.tolist() == [(4 + 25) >> 2, 1 >> 2] and lfu.agings == 3
+
+    def test_a_batch_is_halved_after_all_its_accesses(self):
+        """The batch that ends a period is halved as a whole: its insertions do not escape it
+        because its hits completed the period."""
+        lfu = LFU(capacity=4, aging_period=4)
+        lfu.on_batch()
+        lfu.on_insert(torch.tensor([0, 1]))
+        lfu.on_batch()
+        lfu.on_hit(torch.tensor([0, 0]))  # the period ends here
+        lfu.on_insert(torch.tensor([2, 3]))  # the same batch: counted before the halving
+        lfu.on_batch()
+        assert lfu.count.tolist() == [1, 0, 0, 0] and lfu.agings == 1
 
     def test_aging_retires_rows_that_stopped_being_hot(self):
         """Rows 0-7 are hot, then traffic moves to 10-13 plus one-off rows: with aging the old
