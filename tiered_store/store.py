@@ -1112,6 +1112,10 @@ class TieredStore:
         # fetch reads them.
         if flat.is_cuda:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            # the store's stream reads the caller's memory: keep the allocator from handing it
+            # out again before that (the caller may free its ids as soon as this returns)
+            if flat.device == self._stream.device:
+                flat.record_stream(self._stream)
         with torch.cuda.stream(self._stream):
             flat = flat.to(device=self.device, dtype=torch.int64, non_blocking=True)
             if snapshot:
