@@ -38,6 +38,14 @@ def test_init_info_verify_round_trip(tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
 
 
+def test_verify_labels_a_table_given_by_a_relative_path_as_given(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "t.npy", "--random", "10x4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["verify", "t.npy", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("t.npy: OK: ")  # no "(t.npy)": not compacted
+
+
 def test_verify_names_the_bad_block(tmp_path, capsys):
     table = tmp_path / "t.npy"
     assert main(["init", str(table), "--random", "5000x64", "--quiet"]) == 0
@@ -103,6 +111,9 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
             "prof.npz is not a table (a table is NAME.npy with its manifest, and",
         ),
         (["info", "."], ". is a directory; expected a table file (NAME.npy), such as t.npy"),
+        # a usage error (2), not a table that failed its checks (1)
+        (["verify", "."], ". is a directory; expected a table file (NAME.npy), such as t.npy"),
+        (["verify", "s.yaml"], "s.yaml is a store config, not a table; its table is t.npy"),
         (["convert-hf", "nope", "out"], "checkpoint nope: does not exist; expected a checkpoint"),
         (["init", "x.npy", "--random", "10x4", "--std", "-1"], "--std: got -1; expected a finite"),
         (["init", "x.npy", "--random", "10x4", "--seed", "-1"], "--seed: expected an integer >= 0"),
@@ -124,6 +135,9 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
             ["replay", "s.yaml", "t.trace", "--gpu-budget", "-1GiB", "--host-budget", "0"],
             "--gpu-budget: got '-1GiB'",
         ),
+        # refused before serving, not when the trace is closed after hours of recording
+        (["serve", "s.yaml", "--record-trace", "."], "'.' is a directory; expected a file"),
+        (["serve", "s.yaml", "--record-trace", "s.yaml/t.trace"], "'s.yaml' is a file; expected"),
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, message):

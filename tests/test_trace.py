@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from tiered_store.errors import RowIdError, TraceFormatError
+from tiered_store.errors import RowIdError, TierIOError, TraceFormatError
 from tiered_store.trace import TraceReader, TraceWriter, trace_from_npy, trace_to_npy
 
 LAYOUT = {
@@ -112,6 +112,17 @@ def test_write_is_atomic(tmp_path):
         w2.write(np.arange(10), 0)
         raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]  # no temp left behind
+
+
+def test_a_path_that_cannot_be_written_is_refused_when_the_writer_opens(tmp_path):
+    """Before any lookup is recorded (a server records for hours before it closes the trace)."""
+    (tmp_path / "a_dir.trace").mkdir()
+    with pytest.raises(TierIOError, match=r"a_dir.trace: a directory is in the way"):
+        TraceWriter(tmp_path / "a_dir.trace")
+    (tmp_path / "notes").write_text("")
+    with pytest.raises(TierIOError, match=r"cannot write trace .*notes/t.trace: "):
+        TraceWriter(tmp_path / "notes" / "t.trace")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir.trace", "notes"]
 
 
 def _chunk_offsets(path):

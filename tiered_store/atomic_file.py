@@ -80,6 +80,8 @@ class AtomicFile:
         if "w" not in mode:
             raise ValueError(f"AtomicFile mode: got {mode!r}; expected a write mode ('w' or 'wb')")
         self.path = Path(path)
+        if self.path.is_dir():  # refused now, not at publish() after all the writing
+            raise in_the_way(self.path)
         self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
         self.file: IO[Any] = open(self.tmp, mode.replace("w", "x"), **open_kwargs)  # noqa: SIM115
 

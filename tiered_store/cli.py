@@ -258,8 +258,11 @@ def _add_verify(sub) -> None:
 def _run_verify(args) -> int:
     from .delta.table_versions import current_version
     from .errors import TableFormatError
-    from .table_format import add_page_checksums, verify_table
+    from .table_format import add_page_checksums, not_a_table, table_paths, verify_table
 
+    wrong = not_a_table(args.table)
+    if wrong is not None:  # a usage error (exit 2), not a table that failed its checks (1)
+        raise wrong
     try:
         path = current_version(args.table)[0]
         if args.add_page_checksums:
@@ -269,7 +272,8 @@ def _run_verify(args) -> int:
     except TableFormatError as exc:
         print(f"tiered-store verify: FAILED: {exc}", file=sys.stderr)
         return 1
-    label = args.table if path == Path(args.table) else f"{args.table} ({path.name})"
+    same = path.resolve() == table_paths(args.table)[0].resolve()
+    label = args.table if same else f"{args.table} ({path.name})"
     seconds = max(report.seconds, 1e-9)
     speed = f"in {report.seconds:.2f} s ({report.bytes_checked / seconds / 1e6:,.0f} MB/s)"
     blocks = f"{report.blocks_checked:,} blocks, {report.bytes_checked:,} bytes"

@@ -59,7 +59,7 @@ import numpy as np
 import zstandard
 
 from .atomic_file import AtomicFile
-from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError
+from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError, error_text
 from .npy_files import load_npy
 
 __all__ = [
@@ -203,7 +203,12 @@ class TraceWriter:
         self._records = 0
         self._lookups = 0
         self._closed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TierIOError(
+                exc.errno, f"cannot write trace {self.path}: {error_text(exc)}", str(self.path)
+            ) from None
         self._out = AtomicFile(self.path, "wb")
         self._file: BinaryIO = self._out.file
         self._file.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(head)))

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli_args import DefaultsHelpFormatter
+from ..cli_args import DefaultsHelpFormatter, output_file
 from .app import INFERENCE_PATH
 from .config import ServeConfig
 from .served_model import create_checkpoint
@@ -45,7 +45,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--record-trace",
-        type=Path,
+        type=output_file,
         metavar="PATH",
         help="record every lookup served as a trace; on exit, beside it, each table's store "
         "config as PATH.TABLE.store.yaml, for `tiered-store replay PATH.TABLE.store.yaml PATH "
