@@ -135,6 +135,10 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
             ["replay", "s.yaml", "t.trace", "--gpu-budget", "-1GiB", "--host-budget", "0"],
             "--gpu-budget: got '-1GiB'",
         ),
+        # the option typed, not the key of the YAML it would have written
+        (["convert-hf", "ck", "out", "--hot", "200%"], "--hot: '200%' is more than 100% of"),
+        (["convert-hf", "ck", "out", "--device", "gpu"], "--device: got 'gpu'; expected 'cpu',"),
+        (["demo", "--warm", "101%"], "--warm: '101%' is more than 100% of the table"),
         # refused before serving, not when the trace is closed after hours of recording
         (["serve", "s.yaml", "--record-trace", "."], "'.' is a directory; expected a file"),
         (["serve", "s.yaml", "--record-trace", "s.yaml/t.trace"], "'s.yaml' is a file; expected"),

@@ -18,7 +18,14 @@ from pathlib import Path
 from zipf_analysis.analyze import register as register_analyze
 from zipf_analysis.replay_cli import register as register_replay
 
-from .cli_args import ArgumentParser, as_option_error, at_least, capacity, run_script
+from .cli_args import (
+    ArgumentParser,
+    as_option_error,
+    at_least,
+    capacity_of_a_table,
+    device_name,
+    run_script,
+)
 from .cold_table import IO_MODES
 from .delta.compaction import register as register_compact
 from .demo import register as register_demo
@@ -373,17 +380,22 @@ def _add_convert_hf(sub) -> None:
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     p.add_argument(
         "--hot",
-        type=capacity,
+        type=capacity_of_a_table,
         default="1%",
         help="hot tier capacity in layer{L}.yaml: rows, bytes or %% (default 1%%)",
     )
     p.add_argument(
         "--warm",
-        type=capacity,
+        type=capacity_of_a_table,
         default="5%",
         help="warm tier capacity in layer{L}.yaml: rows, bytes or %% (default 5%%)",
     )
-    p.add_argument("--device", default="cpu", help="hot tier device in layer{L}.yaml (default cpu)")
+    p.add_argument(
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="hot tier device in layer{L}.yaml: cpu, cuda or cuda:N (default cpu)",
+    )
     p.add_argument(
         "--io",
         choices=list(IO_MODES),
@@ -398,16 +410,14 @@ def _run_convert_hf(args) -> int:
     import torch
 
     from .engram.hf_checkpoint import DEFAULT_STORE, convert_hf_checkpoint
-    from .io_uring import uring_unavailable_reason
 
     tiers = DEFAULT_STORE["tiers"]
-    io = args.io or ("direct" if uring_unavailable_reason() else "uring")
     store = {
         **DEFAULT_STORE,
         "tiers": {
             "hot": {**tiers["hot"], "capacity": args.hot, "device": args.device},
             "warm": {**tiers["warm"], "capacity": args.warm},
-            "cold": {**tiers["cold"], "io": io},
+            "cold": {**tiers["cold"], "io": args.io},
         },
     }
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -16,6 +16,7 @@ from policies import PolicySpec
 from policies.errors import PolicyError
 
 from .capacity import CAPACITY_HELP, check_capacity_spec
+from .config import check_device
 from .errors import ConfigError, TieredStoreError, error_text
 
 
@@ -183,6 +184,21 @@ def capacity_of_a_table(text: str) -> int | str:
             f"{text!r} is more than 100% of the table; expected 0%..100%"
         )
     return spec
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type``: a compute device name as a config's ``device`` takes it.
+
+    >>> device_name("cuda:1")
+    'cuda:1'
+    >>> device_name("gpu")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: got 'gpu'; expected 'cpu', 'cuda' or 'cuda:N'
+    """
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def policy(text: str) -> str:

@@ -477,7 +477,7 @@ def _known_keys(model: type[BaseModel], parts: tuple[str | int, ...]) -> list[st
 # -- the store's sections ---------------------------------------------------------------------------
 
 
-def _check_device(value: Any) -> str:
+def check_device(value: Any) -> str:
     """A compute device name: ``cpu``, ``cuda`` or ``cuda:N``."""
     if isinstance(value, str) and (
         value in ("cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
@@ -494,7 +494,7 @@ def _check_bool_or_auto(value: Any) -> bool | str:
 
 
 Capacity = checked_by(check_capacity_spec, int | str)
-Device = checked_by(_check_device, str)
+Device = checked_by(check_device, str)
 BoolOrAuto = checked_by(_check_bool_or_auto, bool | str)
 
 

@@ -23,7 +23,7 @@ from pydantic import model_validator
 from tqdm.auto import tqdm
 
 from .capacity import format_bytes, resolve_capacity
-from .cli_args import capacity
+from .cli_args import capacity_of_a_table, device_name
 from .cold_table import IO_MODES
 from .config import (
     ConfigModel,
@@ -212,13 +212,13 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--hot",
-        type=capacity,
+        type=capacity_of_a_table,
         help="hot tier capacity per table: rows, bytes like 64MiB, or %% of the table "
         f"(default {tiers['hot']['capacity']})".replace("%)", "%%)"),
     )
     p.add_argument(
         "--warm",
-        type=capacity,
+        type=capacity_of_a_table,
         help=f"warm tier capacity per table (default {tiers['warm']['capacity']})".replace(
             "%)", "%%)"
         ),
@@ -230,6 +230,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--device",
+        type=device_name,
         help=f"compute device and hot tier: cpu, cuda, cuda:N (default {tiers['hot']['device']})",
     )
     p.add_argument(
