@@ -125,6 +125,23 @@ def test_train_resumes_after_kill_9_and_ends_as_an_uninterrupted_run(tmp_path):
     assert len((killed / "loss.csv").read_text().splitlines()) == 11
 
 
+def test_an_interrupted_run_says_where_it_stands_as_the_command_line_reads_it(tmp_path):
+    """SIGTERM (as Ctrl-C) after a checkpoint: exit 130, and what --resume starts from, not the
+    library's advice to call commit() before close()."""
+    common, small, out = _cli_args(tmp_path)
+    cmd = [sys.executable, "-m", "tiered_store.cli", *common, *small, "--steps", "100000"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _committed(out) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err[-2000:]
+    kept = int(re.search(r"holds step (\d+), its last checkpoint: run the same command", err)[1])
+    assert kept == _committed(out) >= 2
+    assert "commit()" not in err and "Traceback" not in err
+
+
 def test_a_negative_seed_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exited:

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -38,7 +39,7 @@ from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
 from ..delta.table_versions import check_current_version, has_history
 from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
 from ..errors import ConfigError, TieredStoreError
-from ..store import TieredStore
+from ..store import TieredStore, UncommittedWritesWarning
 from ..table_format import table_paths
 from .config import ModelConfig
 from .corpus import read_tokens, token_batches
@@ -136,6 +137,17 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
             leftover.unlink(missing_ok=True)  # a killed checkpoint's (this run holds the table)
         table = TrainableTable(store, optimizer)
         return _run(out, settings, model, table, layers, sizes, batches, progress)
+    except KeyboardInterrupt:
+        kept = store.committed_step
+        with warnings.catch_warnings():  # the steps since the checkpoint go, as after a kill
+            warnings.simplefilter("ignore", UncommittedWritesWarning)
+            store.close()
+        print(
+            f"train: stopped; {out} holds step {kept}, its last checkpoint: run the same "
+            "command with --resume to go on from there",
+            file=sys.stderr,
+        )
+        raise
     finally:
         store.close()
 
@@ -158,22 +170,24 @@ def _run(out, settings, model, table, layers, sizes, batches, progress) -> dict:
     losses = _loss_log(out, start)
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
     began, trained = time.perf_counter(), 0
-    for step in range(start + 1, settings.steps + 1):
-        batch = batches[(step - 1) % len(batches)]
-        tick = time.perf_counter()
-        loss = model.loss(batch)
-        dense.zero_grad()
-        loss.backward()
-        dense.step()
-        table.step(step)
-        rate = batch.numel() / (time.perf_counter() - tick)
-        losses.append((step, loss.item(), rate))
-        trained += batch.numel()
-        bar.set_postfix(loss=f"{losses[-1][1]:.3f}", tok_s=f"{rate:,.0f}")
-        bar.update(1)
-        if step % settings.checkpoint_every == 0 or step == settings.steps:
-            _checkpoint(out, model, dense, table, step, losses)
-    bar.close()
+    try:
+        for step in range(start + 1, settings.steps + 1):
+            batch = batches[(step - 1) % len(batches)]
+            tick = time.perf_counter()
+            loss = model.loss(batch)
+            dense.zero_grad()
+            loss.backward()
+            dense.step()
+            table.step(step)
+            rate = batch.numel() / (time.perf_counter() - tick)
+            losses.append((step, loss.item(), rate))
+            trained += batch.numel()
+            bar.set_postfix(loss=f"{losses[-1][1]:.3f}", tok_s=f"{rate:,.0f}")
+            bar.update(1)
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                _checkpoint(out, model, dense, table, step, losses)
+    finally:
+        bar.close()  # before an interruption's message, not redrawn after it
     if losses:
         _plot(out / "loss.png", losses)
     seconds = time.perf_counter() - began
