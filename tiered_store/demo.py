@@ -239,7 +239,10 @@ def register(sub) -> None:
         help=f"table dtype on disk (default {run['dtype']})",
     )
     p.add_argument(
-        "--workdir", type=Path, help="where the checkpoint goes (default: a temporary directory)"
+        "--workdir",
+        type=Path,
+        help="where the run's temporary folder (the checkpoint's tables, removed at exit) goes, "
+        "e.g. on the NVMe disk to measure (default: the system's temporary directory)",
     )
     p.add_argument(
         "--seed", type=int, help=f"seed of the weights and file order (default {run['seed']})"
