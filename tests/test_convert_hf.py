@@ -261,6 +261,15 @@ def test_a_truncated_shard_is_refused_before_anything_is_written(golden, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+CODES_14 = "layers.14.engram.embed.weight"
+
+
+def _codes_over_another_layers(header: dict) -> dict:
+    """Layer 14's codes claim layer 1's bytes (still inside the file)."""
+    begin = header["layers.1.engram.embed.weight"]["data_offsets"][0]
+    return header | {CODES_14: {**header[CODES_14], "data_offsets": [begin, begin + 5014 * 256]}}
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -273,13 +282,36 @@ def test_a_truncated_shard_is_refused_before_anything_is_written(golden, tmp_pat
             lambda header: (
                 header | {"x": {"dtype": "U8", "shape": ["two"], "data_offsets": [0, 2]}}
             ),  # fmt: skip
-            r"a tensor's data_offsets or shape: invalid literal",
+            r"tensor 'x': shape \['two'\]; expected a list of sizes >= 0",
+        ),
+        (
+            lambda header: (
+                header
+                | {"x": {"dtype": "U8", "shape": [2], "data_offsets": {"begin": 0, "end": 2}}}
+            ),  # fmt: skip
+            r"tensor 'x': data_offsets \{'begin': 0, 'end': 2\}; expected \[begin, end\]",
+        ),
+        (
+            _codes_over_another_layers,
+            r"tensor 'layers.14.engram.embed.weight': data_offsets \[1966592, 3250176\]; "
+            r"expected \[2478080, 3761664\]",
+        ),
+        (
+            lambda header: header | {CODES_14: {**header[CODES_14], "dtype": "BF16"}},
+            r"tensor 'layers.14.engram.embed.weight': data_offsets \[2478080, 3761664\]; "
+            r"expected \[2478080, 5045248\]: its BF16 \[5014, 256\]",
+        ),
+        (
+            lambda header: {name: e for name, e in header.items() if name != CODES_14},
+            r"[\d,]+ bytes, but its tensors end at byte [\d,]+; expected them to fill it",
         ),
     ],
 )
 def test_a_shard_with_a_malformed_header_is_refused_by_name(golden, tmp_path, damage, message):
     """A shard whose JSON header is not the safetensors layout (a raw AttributeError or
-    KeyError before): a ConfigError naming the file, before anything is written."""
+    KeyError before), or whose tensors' bytes overlap, leave gaps or do not match their dtype and
+    shape (refused by safetensors midway, after files were written): a ConfigError naming the
+    file, before anything is written."""
     import json
 
     ckpt = make_checkpoint(tmp_path / "ckpt", golden)

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import glob
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -60,6 +61,18 @@ __all__ = [
 ]
 
 SCALE_BLOCK = 32  # columns per ue8m0 scale byte in V4.1's tables
+_DTYPE_BITS = {  # bits per element of every safetensors dtype
+    name: bits
+    for bits, names in {
+        4: ("F4",),
+        6: ("F6_E2M3", "F6_E3M2"),
+        8: ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"),
+        16: ("I16", "U16", "F16", "BF16"),
+        32: ("I32", "U32", "F32"),
+        64: ("I64", "U64", "F64", "C64"),
+    }.items()
+    for name in names
+}
 # The store config written beside each table; users edit it to their machine.
 DEFAULT_STORE: dict[str, Any] = {
     "tiers": {
@@ -193,26 +206,59 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             "expected an object of tensors)"
         )
     tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    spans = []  # (begin, end, name, dtype, shape) of every tensor's data
     for name, entry in tensors.items():
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise ConfigError(
                 f"{file}: not a safetensors file (tensor {name!r}: {entry!r:.100}; expected an "
                 "object with dtype, shape and data_offsets)"
             )
-    try:  # a truncated download: said before anything is written, not midway
-        end = 8 + size + max((int(e["data_offsets"][1]) for e in tensors.values()), default=0)
-        shapes = {name: tuple(int(d) for d in e["shape"]) for name, e in tensors.items()}
-    except (TypeError, ValueError, IndexError) as exc:
-        raise ConfigError(
-            f"{file}: not a safetensors file (a tensor's data_offsets or shape: {exc})"
-        ) from None
-    have = file.stat().st_size
-    if have < end:
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
+            raise ConfigError(
+                f"{file}: not a safetensors file (tensor {name!r}: dtype {dtype!r:.50}; expected "
+                f"one of {', '.join(_DTYPE_BITS)})"
+            )
+        if not _naturals(shape):
+            raise ConfigError(
+                f"{file}: not a safetensors file (tensor {name!r}: shape {shape!r:.100}; expected "
+                "a list of sizes >= 0)"
+            )
+        if not _naturals(offsets) or len(offsets) != 2:
+            raise ConfigError(
+                f"{file}: not a safetensors file (tensor {name!r}: data_offsets {offsets!r:.100}; "
+                "expected [begin, end], byte offsets >= 0)"
+            )
+        spans.append((*offsets, name, dtype, shape))
+    at = 0  # as safetensors reads them: in offset order, each right after the one before
+    for begin, end, name, dtype, shape in sorted(spans):
+        bits = math.prod(shape) * _DTYPE_BITS[dtype]
+        if begin != at or (end - begin) * 8 != bits:
+            raise ConfigError(
+                f"{file}: not a safetensors file (tensor {name!r}: data_offsets [{begin}, {end}]; "
+                f"expected [{at}, {at + -(-bits // 8)}]: its {dtype} {shape} right after the "
+                "data before it)"
+            )
+        at = end
+    end, have = 8 + size + at, file.stat().st_size
+    if have < end:  # a truncated download: said before anything is written, not midway
         raise ConfigError(
             f"{file}: {have:,} bytes, but its tensors end at byte {end:,}; expected the whole "
             "file (an interrupted download? fetch it again)"
         )
-    return {name: (str(entry["dtype"]), shapes[name]) for name, entry in tensors.items()}
+    if have > end:
+        raise ConfigError(
+            f"{file}: not a safetensors file ({have:,} bytes, but its tensors end at byte "
+            f"{end:,}; expected them to fill it)"
+        )
+    return {name: (dtype, tuple(shape)) for _, _, name, dtype, shape in spans}
+
+
+def _naturals(value: Any) -> bool:
+    """True for a JSON list of integers >= 0."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
 
 
 @dataclass(frozen=True)
@@ -299,9 +345,10 @@ def convert_hf_checkpoint(
     Raises
     ------
     ConfigError
-        The config has no Engram keys; a tensor is missing or has another dtype or shape than the
-        config implies; the tokenizer's compressed size differs from the config's. Nothing is
-        written in these cases.
+        The config has no Engram keys; a shard is truncated or its header is not valid
+        safetensors (its tensors' bytes overlap, leave gaps or differ from their dtype and shape);
+        a tensor is missing or has another dtype or shape than the config implies; the
+        tokenizer's compressed size differs from the config's. Nothing is written in these cases.
 
     Examples
     --------
