@@ -325,6 +325,23 @@ def test_a_shard_with_a_malformed_header_is_refused_by_name(golden, tmp_path, da
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("weight_map", "message"),
+    [
+        (["model-00001-of-00002.safetensors"], r"its weight_map is a JSON list"),
+        ({"layers.1.engram.q_weight": 5}, r"its weight_map\['layers.1.engram.q_weight'\] is 5"),
+    ],
+)
+def test_a_malformed_index_is_refused_by_name(golden, tmp_path, weight_map, message):
+    """A raw AttributeError or TypeError before."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", golden)
+    index = ckpt / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ConfigError, match=rf"{index.name}: not a safetensors index \({message}\)"):
+        convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_config_without_engram_keys_is_refused(golden, tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", golden)
     (ckpt / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 16}}))

@@ -141,9 +141,15 @@ class HFCheckpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError(f"its weight_map is a JSON {type(weight_map).__name__}")
+                for name, shard in weight_map.items():
+                    if not isinstance(shard, str):
+                        raise TypeError(f"its weight_map[{name!r}] is {shard!r:.50}")
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(
-                    f"{index}: not a safetensors index ({exc}); expected a weight_map"
+                    f"{index}: not a safetensors index ({exc}); expected a weight_map of tensor "
+                    "names to shard file names"
                 ) from None
             files = sorted({self.directory / f for f in weight_map.values()})
         elif (self.directory / "model.safetensors").is_file():
