@@ -188,6 +188,16 @@ def test_a_killed_conversion_finishes_on_rerun_keeping_complete_tables(golden, t
         verify_table(out / f"engram_layer{layer}.npy", progress=False)
 
 
+def test_a_conversion_removes_only_its_own_temporaries(golden, tmp_path):
+    """A killed run's (hidden, 12 hex digits) go; a user's file of a like name stays (it went)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".layer1.yaml.0123456789ab.tmp").write_text("a killed run's")
+    (out / ".layer1.yaml.my-tiers.tmp").write_text("the user's")
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "ckpt", golden), out, progress=False)
+    assert [p.name for p in out.glob("*.tmp")] == [".layer1.yaml.my-tiers.tmp"]
+
+
 def test_a_table_converted_from_another_checkpoint_is_converted_again(golden, tmp_path):
     """Same geometry and tensor names, other weights (a fine-tune, a new revision): the
     table of the first is not kept as already complete under the second's config."""

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from ..atomic_file import atomic_write
+from ..atomic_file import atomic_write, hidden_temporaries
 from ..capacity import resolve_capacity
 from ..config import StoreConfig
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
@@ -385,9 +385,9 @@ def _convert(
 ) -> HFConversion:
     """The conversion, with ``out`` to itself: each layer's table and then its store config
     (so a run stopped midway leaves every finished layer ready to open), then the dense weights."""
-    for name in _output_names(plans):  # a killed run's temporaries: never published, never read
-        for stale in out.glob(f".{glob.escape(name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
+    names = "|".join(map(re.escape, _output_names(plans)))
+    for stale in hidden_temporaries(out, names):  # a killed run's: never published, never read
+        stale.unlink(missing_ok=True)
     _copy(ckpt.config_path, out / "config.json")
     _copy(hasher.tokenizer.tokenizer_path, out / "tokenizer.json")
     tables, configs, skipped = {}, {}, []
