@@ -165,6 +165,15 @@ def test_lookup_disk_cache_round_trip_and_corruption(tmp_path, monkeypatch, tok)
     np.testing.assert_array_equal(np.load(cached), tok.lookup)
 
 
+def test_a_tokenizer_path_that_is_a_directory_is_refused_by_name(tmp_path):
+    """With the disk cache too (it read the bytes first: a raw IsADirectoryError before)."""
+    for cache in (True, False):
+        with pytest.raises(
+            ConfigError, match=rf"'{tmp_path}' is a directory; expected a tokenizer"
+        ):
+            CompressedTokenizer(tmp_path, cache=cache, cache_dir=tmp_path)
+
+
 # -- hashing ----------------------------------------------------------------------------------
 
 

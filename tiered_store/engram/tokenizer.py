@@ -266,6 +266,9 @@ class CompressedTokenizer:
             stat = path.stat()
         except OSError as exc:
             raise ConfigError(f"tokenizer_path: cannot read {str(path)!r}: {exc}") from exc
+        if not path.is_file():
+            what = "a directory" if path.is_dir() else "not a regular file"
+            raise ConfigError(f"tokenizer_path: {str(path)!r} is {what}; expected a tokenizer.json")
         self.tokenizer_path = path
         memo_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         lookup = _LOOKUP_MEMO.get(memo_key)
