@@ -272,7 +272,11 @@ def test_hash_rejects_bad_ids_before_compute(golden):
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"max_ngram_size": 1}, r"engram\.max_ngram_size: expected an integer >= 2, got 1"),
+        ({"max_ngram_size": 1}, r"engram\.max_ngram_size: expected an integer from 2 to 64"),
+        (  # one size for every order: refused before it is repeated (an OverflowError before)
+            {"engram_vocab_size": 31, "max_ngram_size": 10**30},
+            rf"engram\.max_ngram_size: expected an integer from 2 to 64, got {10**30}",
+        ),
         ({"engram_vocab_size": [100]}, r"engram\.engram_vocab_size: expected 2 entries"),
         ({"engram_vocab_size": [100, "x"]}, r"engram\.engram_vocab_size\[1\]"),
         ({"layer_ids": [1, 1]}, r"engram\.layer_ids: expected distinct layer ids, got 1 twice"),

@@ -147,9 +147,10 @@ def test_mismatched_checkpoint_facts_are_refused_naming_both(golden):
     ("key", "value", "expected"),
     [
         ("engram_head_dim", 0, "an integer >= 1, got 0"),
+        ("engram_head_dim", True, "an integer >= 1, got True"),  # was read as head_dim 1
         ("engram_pad_token_id", -1, "an integer >= 0, got -1"),
         ("engram_n_heads", 0, "an integer >= 1, got 0"),
-        ("engram_max_ngram_size", 1, "an integer >= 2, got 1"),
+        ("engram_max_ngram_size", 1, "an integer from 2 to 64, got 1"),
         ("num_hidden_layers", 0, "an integer >= 1, got 0"),
     ],
 )

@@ -57,6 +57,7 @@ ENGRAM_DEFAULTS: dict[str, Any] = {
     "norm_eps": 1e-20,  # RMS epsilon of the V4.1 gate
 }
 GEOMETRIES = ("demo", "deepseek-v4.1")
+MAX_NGRAM_SIZE = 64  # far past any model's (3 in the reference, 4 in V4.1); bounds the orders
 # A DeepSeek-V4.1 Hugging Face config.json's text_config keys -> EngramConfig fields.
 HF_ENGRAM_KEYS = {
     "engram_layer_ids": "layer_ids",
@@ -160,12 +161,12 @@ class EngramConfig(ConfigModel):
     >>> EngramConfig.from_dict({"max_ngram_size": 1})
     Traceback (most recent call last):
     ...
-    tiered_store.errors.ConfigError: engram.max_ngram_size: expected an integer >= 2, got 1
+    tiered_store.errors.ConfigError: engram.max_ngram_size: expected an integer from 2 to 64, got 1
     """
 
     section: ClassVar[tuple[str, ...]] = ("engram",)
     engram_vocab_size: RowCounts = ENGRAM_DEFAULTS["engram_vocab_size"]
-    max_ngram_size: int_at_least(2) = ENGRAM_DEFAULTS["max_ngram_size"]
+    max_ngram_size: int_at_least(2, MAX_NGRAM_SIZE) = ENGRAM_DEFAULTS["max_ngram_size"]
     n_embed_per_ngram: Count = ENGRAM_DEFAULTS["n_embed_per_ngram"]
     n_head_per_ngram: Count = ENGRAM_DEFAULTS["n_head_per_ngram"]
     layer_ids: LayerIds = ENGRAM_DEFAULTS["layer_ids"]
@@ -183,7 +184,7 @@ class EngramConfig(ConfigModel):
         """A scalar ``engram_vocab_size`` stands for the same size at every order."""
         if isinstance(data, Mapping) and isinstance(data.get("engram_vocab_size"), int):
             n = data.get("max_ngram_size", ENGRAM_DEFAULTS["max_ngram_size"])
-            valid = isinstance(n, int) and not isinstance(n, bool) and n >= 2
+            valid = isinstance(n, int) and not isinstance(n, bool) and 2 <= n <= MAX_NGRAM_SIZE
             orders = n - 1 if valid else 1  # else max_ngram_size's own error is the one to read
             data = {**data, "engram_vocab_size": (data["engram_vocab_size"],) * orders}
         return data
@@ -445,7 +446,7 @@ def hf_engram_sections(config: Mapping[str, Any], *, source: str = "") -> dict[s
         )
     engram = {field: text[key] for key, field in HF_ENGRAM_KEYS.items()}
     heads, head_dim = text["engram_n_heads"], text["engram_head_dim"]
-    if isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim < 1:
+    if isinstance(head_dim, bool) or (isinstance(head_dim, int) and head_dim < 1):
         raise ConfigError(
             f"{where}text_config.engram_head_dim: expected an integer >= 1, got {head_dim}"
         )
