@@ -97,6 +97,10 @@ def test_bad_layouts_are_refused_with_the_key():
         RowQuantization(values=256, scheme="int8")
     with pytest.raises(ValueError, match=r"expected uint8 \[\.\.\., 264\]"):
         dequantize_rows(torch.zeros(2, 256, dtype=torch.uint8), Q)
+    with pytest.raises(ValueError, match=r"got torch.uint8 \[\.\.\., \?\]"):  # not an IndexError
+        dequantize_rows(torch.tensor(7, dtype=torch.uint8), Q)
+    with pytest.raises(ValueError, match=r"quantize_rows: rows of \? values; expected 256"):
+        quantize_rows(torch.tensor(1.0), Q)
     with pytest.raises(ValueError, match="unknown keys"):
         RowQuantization.from_json({"values": 256, "blocks": 32})
 

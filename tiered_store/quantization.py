@@ -101,7 +101,7 @@ def dequantize_rows(
     >>> dequantize_rows(row, q).tolist()  # codes 1.0, 2.0, -1.0, 0.0; scales 2^0, 2^1
     [[1.0, 2.0, -2.0, 0.0]]
     """
-    if packed.dtype != torch.uint8 or packed.shape[-1] != quant.packed_bytes:
+    if packed.dim() == 0 or packed.dtype != torch.uint8 or packed.shape[-1] != quant.packed_bytes:
         raise ValueError(
             f"packed rows: got {packed.dtype} [..., {packed.shape[-1] if packed.dim() else '?'}]; "
             f"expected uint8 [..., {quant.packed_bytes}]"
@@ -141,9 +141,10 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
     >>> dequantize_rows(quantize_rows(x, q), q, torch.float32).tolist()
     [[1.0, 2.0, -576.0, 0.5]]
     """
-    if values.shape[-1] != quant.values:
+    if values.dim() == 0 or values.shape[-1] != quant.values:
         raise ValueError(
-            f"quantize_rows: rows of {values.shape[-1]} values; expected {quant.values}"
+            f"quantize_rows: rows of {values.shape[-1] if values.dim() else '?'} values; "
+            f"expected {quant.values}"
         )
     lead = values.shape[:-1]
     blocks = values.float().reshape(*lead, quant.scales, quant.block)
