@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import file_size_limit
 from tiered_store.cli import main
 from tiered_store.serve.client import subprocess_env
 
@@ -141,6 +142,21 @@ def test_a_table_larger_than_the_free_space_is_refused_before_writing(tmp_path, 
     )
     stated_free = int(err.split(" has ")[1].split(" bytes")[0].replace(",", ""))
     assert abs(stated_free - free) < 1 << 30
+    assert list(tmp_path.iterdir()) == []  # not even a temporary file
+
+
+def test_a_table_that_cannot_be_written_is_a_clear_error_and_leaves_nothing(tmp_path, capsys):
+    """A write failing part way (here a file-size limit: EFBIG; a full disk or a read-only file
+    system alike) names the table and the step (it was a bare OSError: a traceback, exit 1)."""
+    path = tmp_path / "big.npy"
+    with file_size_limit(200_000):
+        code = main(["init", str(path), "--random", "2000x100", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == (
+        f"tiered-store init: error: cannot write table {path}: writing its data failed: File too "
+        "large; nothing was published (expected a writable file system with room for it)\n"
+    )
     assert list(tmp_path.iterdir()) == []  # not even a temporary file
 
 

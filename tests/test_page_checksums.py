@@ -20,7 +20,7 @@ import torch
 
 import tiered_store.cold_table as ct
 import tiered_store.page_checksums as pc
-from tests.conftest import store_config
+from tests.conftest import file_size_limit, store_config
 from tiered_store import ChecksumError, UnverifiedTableWarning, crc32c_kernel
 from tiered_store.cli import main
 from tiered_store.cold_table import IO_MODES, ColdTable
@@ -382,6 +382,25 @@ def test_add_page_checksums_with_a_directory_in_the_way_names_it_and_changes_not
         "t.npy.manifest.json",
         "t.npy.pages.crc32c",
     ]
+
+
+def test_add_page_checksums_that_cannot_write_names_the_table_and_changes_nothing(tmp_path, capsys):
+    """A write failing (a file-size limit: EFBIG, at the flush of the buffered page checksum file)
+    is an error naming the table (exit 2; it was a bare OSError, exit 1, read as "checksum
+    failed"), and no temporary file is left (closing the file flushed again, failed, and skipped
+    removing it)."""
+    path = make(tmp_path)
+    strip_page_checksums(path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with file_size_limit(100):
+        code = main(["verify", str(path), "--add-page-checksums", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert (
+        f"cannot add page checksums to table {path}: writing its page checksum file failed: File "
+        "too large; the table was left as it was" in err
+    )
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_add_page_checksums_refuses_a_corrupt_table_and_writes_nothing(tmp_path):

@@ -6,6 +6,7 @@ failures counted."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from tiered_store import TieredStore, create_table
 from tiered_store.delta.compaction import compact_table
 from tiered_store.delta.row_delta import RowDelta
 from tiered_store.errors import CommitError, TierIOError
+from tiered_store.table_format import add_page_checksums
 
 
 @pytest.fixture
@@ -93,6 +95,24 @@ def test_a_read_only_directory_reads_committed_rows_and_refuses_writes(small_fs)
         assert store.lookup([5, 6]).tolist() == [[1.0] * 4, [0.0] * 4]
         with pytest.raises(TierIOError, match="writer lock .* cannot create it"):
             store.write([6], torch.ones(1, 4))
+
+
+def test_a_read_only_file_system_refuses_a_table_and_page_checksums_naming_the_table(small_fs):
+    """Refused with the table and the step named, not the hidden temporary file (it was a bare
+    OSError naming that file)."""
+    path = small_fs / "t.npy"
+    create_table(path, np.zeros((100, 4), np.float32), progress=False)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    new = small_fs / "new.npy"
+    failed = "creating its temporary files failed: Read-only file system"
+    with pytest.raises(
+        TierIOError, match=re.escape(f"cannot write table {new}: {failed}; nothing was published")
+    ):
+        create_table(new, np.zeros((10, 4), np.float32), progress=False)
+    with pytest.raises(
+        TierIOError, match=re.escape(f"cannot add page checksums to table {path}: {failed}")
+    ):
+        add_page_checksums(path, progress=False)
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import TierIOError
+from .errors import TieredStoreError, TierIOError
 
 __all__ = ["AtomicFile", "atomic_write", "fsync_dir", "hidden_temporaries", "write_json"]
 
@@ -29,6 +29,21 @@ def in_the_way(path: Path, what: str = "a directory", code: int = errno.EISDIR) 
         f"cannot write {path}: {what} is in the way; expected a file there (or nothing): move it "
         "aside and run again",
     )
+
+
+@contextmanager
+def write_step(what: str, step: str, outcome: str) -> Iterator[None]:
+    """An ``OSError`` in the block (disk full, read-only FS, ...) as a TierIOError: ``what: step``."""
+    try:
+        yield
+    except TieredStoreError:
+        raise
+    except OSError as exc:
+        raise TierIOError(
+            exc.errno or errno.EIO,
+            f"{what}: {step} failed: {exc.strerror or exc}; {outcome} (expected a writable file "
+            "system with room for it)",
+        ) from exc
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -83,7 +98,10 @@ class AtomicFile:
         if self.path.is_dir():  # refused now, not at publish() after all the writing
             raise in_the_way(self.path)
         self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
-        self.file: IO[Any] = open(self.tmp, mode.replace("w", "x"), **open_kwargs)  # noqa: SIM115
+        try:
+            self.file: IO[Any] = open(self.tmp, mode.replace("w", "x"), **open_kwargs)  # noqa: SIM115
+        except OSError as exc:  # named by the file it writes, not by the hidden temporary
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def finish(self) -> None:
         """Flush, fsync and close the temporary file."""
@@ -110,7 +128,8 @@ class AtomicFile:
     def abort(self) -> None:
         """Close and remove the temporary file; ``path`` is left as it was."""
         if not self.file.closed:
-            self.file.close()
+            with suppress(OSError):  # flushing what a failed write left buffered fails again
+                self.file.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> AtomicFile:

@@ -49,7 +49,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .atomic_file import AtomicFile, fsync_dir, in_the_way
+from .atomic_file import AtomicFile, fsync_dir, in_the_way, write_step
 from .errors import TableFormatError, TierIOError
 from .npy_files import read_npy_header
 from .page_checksums import (
@@ -538,6 +538,9 @@ def create_table(
         The source file does not exist.
     TableExistsError
         The target exists and ``overwrite`` is False.
+    TierIOError
+        The file system has no room for the table, or a write failed (disk full, read-only file
+        system, file-size limit): the message names the table and the step.
 
     A failed call leaves nothing behind (its temporary files are removed) and never touches an
     existing table; a crashed process may leave hidden ``.NAME.npy.*.tmp`` files, never a table.
@@ -672,6 +675,8 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
     ------
     TableFormatError
         The structure is wrong, a block fails its checksum, or the table changed while it ran.
+    TierIOError
+        A write failed (disk full, read-only file system, file-size limit); the table is unchanged.
 
     Examples
     --------
@@ -689,13 +694,18 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
     entry = PageChecksums(
         pages=len(sums), file_crc32c=file_checksum(content), page_bytes=PAGE_BYTES
     )
-    sidecar = AtomicFile(sidecar_path(npy_path), "wb")
-    manifest_file = AtomicFile(manifest_path, "w", encoding="utf-8")
+    what = f"cannot add page checksums to table {npy_path}"
+    unchanged = "the table was left as it was"
+    with write_step(what, "creating its temporary files", unchanged):
+        sidecar = AtomicFile(sidecar_path(npy_path), "wb")
+        manifest_file = AtomicFile(manifest_path, "w", encoding="utf-8")
     try:
-        sidecar.file.write(content)
-        sidecar.finish()
-        manifest_file.file.write(_manifest_text(replace(manifest, page_checksums=entry)))
-        manifest_file.finish()
+        with write_step(what, "writing its page checksum file", unchanged):
+            sidecar.file.write(content)
+            sidecar.finish()
+        with write_step(what, "writing its manifest", unchanged):
+            manifest_file.file.write(_manifest_text(replace(manifest, page_checksums=entry)))
+            manifest_file.finish()
         dir_fd = os.open(npy_path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX)  # as _commit: no table commit in between
@@ -914,9 +924,11 @@ def _write_table(
     row_bytes = reader.dim * itemsize
     _check_free_space(directory, DATA_OFFSET + reader.rows * row_bytes, npy_path)
     header = _npy_header(descr, reader.rows, reader.dim)
-    data_file = AtomicFile(npy_path, "wb")
-    sidecar = AtomicFile(sidecar_path(npy_path), "wb")
-    manifest_file = AtomicFile(manifest_path, "w", encoding="utf-8")
+    what, unpublished = f"cannot write table {npy_path}", "nothing was published"
+    with write_step(what, "creating its temporary files", unpublished):
+        data_file = AtomicFile(npy_path, "wb")
+        sidecar = AtomicFile(sidecar_path(npy_path), "wb")
+        manifest_file = AtomicFile(manifest_path, "w", encoding="utf-8")
     crc = _BlockCrc(block_bytes)
     page_crc = PageCrcAccumulator(PAGE_BYTES)
     try:
@@ -928,7 +940,8 @@ def _write_table(
             disable=not progress,
             desc=f"create {npy_path.name}",
         ) as bar:
-            f.write(header)
+            with write_step(what, "writing its data", unpublished):
+                f.write(header)
             for start, stop in _chunks(reader, chunk_bytes):
                 block = reader.read(start, stop)
                 if block.shape != (stop - start, reader.dim) or block.dtype.str != descr:
@@ -938,14 +951,17 @@ def _write_table(
                     )
                 _check_finite(block, reader.dtype, start)
                 data = block.reshape(-1).view(np.uint8)
-                f.write(data)
+                with write_step(what, "writing its data", unpublished):
+                    f.write(data)
                 crc.update(memoryview(data))
                 page_crc.update(data)
                 bar.update(len(data))
-        data_file.finish()
+        with write_step(what, "writing its data", unpublished):
+            data_file.finish()
         page_sums = sidecar_bytes(page_crc.finish())
-        sidecar.file.write(page_sums)
-        sidecar.finish()
+        with write_step(what, "writing its page checksum file", unpublished):
+            sidecar.file.write(page_sums)
+            sidecar.finish()
         manifest = TableManifest(
             rows=reader.rows,
             dim=reader.dim,
@@ -966,8 +982,9 @@ def _write_table(
                 page_bytes=PAGE_BYTES,
             ),
         )
-        manifest_file.file.write(_manifest_text(manifest))
-        manifest_file.finish()
+        with write_step(what, "writing its manifest", unpublished):
+            manifest_file.file.write(_manifest_text(manifest))
+            manifest_file.finish()
         _commit(data_file, sidecar, manifest_file, overwrite)
     except BaseException:
         data_file.abort()
