@@ -115,6 +115,36 @@ def test_a_read_only_file_system_refuses_a_table_and_page_checksums_naming_the_t
         add_page_checksums(path, progress=False)
 
 
+@pytest.mark.parametrize("block_bytes", [1 << 20, 4096])
+def test_a_table_near_the_free_space_is_written_whole_or_refused_before_writing(
+    small_fs, block_bytes
+):
+    """Each of a table's files takes whole file-system blocks, and its manifest grows with the
+    number of ``block_bytes`` blocks: the free-space check counted the manifest and the page
+    checksums as a few bytes (and with 1 MiB blocks), so a table within a few blocks of the free
+    space passed it, then ran out of room after writing its data."""
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    most = (free - 4096) // 200  # rows of 200 bytes: the most whose data alone fits
+    outcomes = set()
+    for rows in range(most - 150, most + 1, 5):
+        try:
+            create_table(
+                small_fs / "t.npy",
+                np.zeros((rows, 50), np.float32),
+                block_bytes=block_bytes,
+                progress=False,
+            )
+        except TierIOError as exc:
+            assert "needs" in str(exc), f"{rows} rows: {exc}"  # refused up front
+            assert list(small_fs.iterdir()) == []
+            outcomes.add("refused")
+        else:
+            outcomes.add("written")
+            for path in small_fs.iterdir():
+                path.unlink()
+    assert outcomes == {"refused", "written"}
+
+
 @pytest.fixture
 def shared_dir():
     """A directory every user may read (pytest's own are root's alone)."""

@@ -922,7 +922,7 @@ def _write_table(
     _, itemsize, _ = TABLE_DTYPES[reader.dtype]
     descr = TABLE_DTYPES[reader.dtype][0]
     row_bytes = reader.dim * itemsize
-    _check_free_space(directory, DATA_OFFSET + reader.rows * row_bytes, npy_path)
+    _check_free_space(directory, DATA_OFFSET + reader.rows * row_bytes, block_bytes, npy_path)
     header = _npy_header(descr, reader.rows, reader.dim)
     what, unpublished = f"cannot write table {npy_path}", "nothing was published"
     with write_step(what, "creating its temporary files", unpublished):
@@ -994,15 +994,19 @@ def _write_table(
     return manifest
 
 
-def _check_free_space(directory: Path, data_bytes: int, npy_path: Path) -> None:
+def _check_free_space(directory: Path, data_bytes: int, block_bytes: int, npy_path: Path) -> None:
     """Refuse (before writing a byte) a table that the file system has no room for.
 
-    The manifest is small next to the data, but its checksum list grows with it: 11 bytes of
-    JSON per 1 MiB block at most, plus a page for the rest; the page checksums take 4 bytes per
-    4 KiB page."""
-    pages = data_bytes // PAGE_BYTES + 1
-    needed = data_bytes + PAGE_BYTES + 11 * (data_bytes // DEFAULT_BLOCK_BYTES + 1) + 4 * pages
+    Each of its three files takes whole file-system blocks: the data; the page checksums, 4 bytes
+    per 4 KiB page; the manifest, a page for its fields and up to 12 bytes of JSON per
+    ``block_bytes`` block (a CRC-32 of 10 digits and ", ")."""
     stat = os.statvfs(directory)
+    sizes = (
+        data_bytes,
+        4 * -(-data_bytes // PAGE_BYTES),
+        PAGE_BYTES + 12 * -(-data_bytes // block_bytes),
+    )
+    needed = sum(-(-size // stat.f_frsize) * stat.f_frsize for size in sizes)
     free = stat.f_bavail * stat.f_frsize
     if needed > free:
         raise TierIOError(
