@@ -194,6 +194,18 @@ def test_warm_start_from_a_profile(model, batches, tmp_path):
             store.close()
 
 
+def test_a_table_first_written_during_the_run_reports_its_writes(model, batches, stores):
+    store = stores[1]
+    assert "writes" not in store.stats()  # the section appears with the first write
+    pipeline = PrefetchPipeline(model, lookahead=1)
+    for i, _ in enumerate(pipeline.run(batches[:3])):
+        if i == 0:  # e.g. a trainer writing updated rows back between batches
+            store.write([5], torch.zeros(1, store.dim))
+            store.commit()
+    assert pipeline.stats.tables[1]["writes"]["rows_written"] == 1
+    assert "writes" not in pipeline.stats.tables[3]
+
+
 def test_stats_delta_and_bad_arguments(model):
     before = {
         "hot": {"lookups": 10, "hits": 5, "capacity": 9, "occupancy": 3},

@@ -291,8 +291,9 @@ def table_stats_delta(before: dict | None, after: dict | None) -> dict[str, dict
         return {}
     out: dict[str, dict[str, float]] = {}
     for section, values in after.items():
+        prev = before.get(section, {})  # a section may appear later (``writes``: first write)
         out[section] = {
-            k: (v if k in ("capacity", "occupancy") else v - before[section].get(k, 0))
+            k: (v if k in ("capacity", "occupancy") else v - prev.get(k, 0))
             for k, v in values.items()
         }
     for tier in ("hot", "warm"):
