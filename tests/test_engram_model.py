@@ -217,6 +217,13 @@ def test_bad_token_ids_fail_before_any_lookup(converted, hasher, batches):
             tiered(buffer, prefetched=batch)  # it passed, with the rows of the old ids
         buffer.copy_(batches[0])  # refilled back: the ids it hashed
         torch.testing.assert_close(tiered(buffer, prefetched=batch), tiered(batches[0]))
+        array = batches[0].numpy().copy()  # a NumPy int64 buffer, refilled the same way
+        batch = tiered.prefetch(array)
+        array[:] = batches[1].numpy()
+        with pytest.raises(ConfigError, match="made for other input_ids"):
+            tiered(array, prefetched=batch)  # it passed: it compared the buffer with itself
+        array[:] = batches[0].numpy()
+        torch.testing.assert_close(tiered(array, prefetched=batch), tiered(batches[0]))
     finally:
         tiered.close()
 

@@ -387,6 +387,10 @@ class EngramLM(nn.Module):
         ids = self._check_input(input_ids)
         if isinstance(input_ids, torch.Tensor):  # the batch's own: the caller may refill its ids
             ids = snapshot_of(ids, input_ids)
+        elif not isinstance(input_ids, (list, tuple)) and np.may_share_memory(
+            ids.numpy(), input_ids
+        ):  # an int64 array (or other buffer) kept as given: copied, as a refilled tensor's ids
+            ids = ids.clone()
         mask = _token_mask(token_mask, ids)
         position = state.position if state is not None else 0
         rows = self.hasher.row_ids(ids, token_mask=mask, state=state)
