@@ -235,6 +235,15 @@ def test_empty_batch_and_ragged_ids_are_named(model, batches):
         model([[1, 2, 3], [1, 2]])
 
 
+def test_loss_of_one_token_sequences_is_refused(model, batches):
+    one = batches[0][:, :1]  # no next token to predict: the mean over nothing was NaN
+    with pytest.raises(ConfigError, match=r"input_ids: .*T >= 2 .*got \[3, 1\]"):
+        model.loss(one)
+    with pytest.raises(ConfigError, match=r"input_ids: .*T >= 2 .*got \[3, 1\]"):
+        model.loss(one, prefetched=model.prefetch(one))
+    assert torch.isfinite(model.loss(batches[0][:, :2]))
+
+
 def test_set_tables_swaps_all_or_nothing(model, batches):
     memory = model.tables
     wrong = InMemoryTable(torch.zeros(memory[3].rows, memory[3].dim))  # layer 3's shape

@@ -484,8 +484,13 @@ class EngramLM(nn.Module):
 
     def loss(self, input_ids: Any, *, prefetched: EngramBatch | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over ``input_ids`` [B, T] (position t predicts t + 1)."""
-        logits = self(input_ids, prefetched=prefetched)
         ids = prefetched.input_ids if prefetched is not None else self._check_input(input_ids)
+        if ids.shape[1] < 2:
+            raise ConfigError(
+                f"input_ids: expected shape [B, T] with T >= 2 for a next-token loss (position t "
+                f"predicts t + 1), got {list(ids.shape)}"
+            )
+        logits = self(input_ids, prefetched=prefetched)
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device)
         )
