@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from tests.conftest import golden_dir
 from tiered_store import StoreConfig, TieredStore
 from tiered_store.engram.backend import InMemoryTable, PackedInMemoryTable
 from tiered_store.engram.v41_module import V41Engram
+from tiered_store.errors import ConfigError
 from tiered_store.quantization import RowQuantization, dequantize_rows, pack_rows
 from tiered_store.table_format import PackedSafetensorsSource, SafetensorsSource, create_table
 
@@ -54,6 +57,21 @@ def test_forward_matches_the_reference_to_one_bf16_ulp(golden, layer):
     assert _ulps(kv, _bf16(golden["fwd_kv_bf16bits"])) <= 1
     assert _ulps(out, _bf16(golden["fwd_out_bf16bits"])) <= 1
     assert torch.equal(out[~mask], x[~mask])  # dead tokens pass through unchanged
+
+
+def test_row_ids_or_token_mask_of_another_batch_or_length_are_refused(golden, layer):
+    x = _bf16(golden["fwd_x_bf16bits"])  # [B=2, T=24, hc, dim]
+    ids = torch.from_numpy(golden["fwd_row_ids"])
+    mask = torch.from_numpy(golden["fwd_token_mask"])
+    with torch.no_grad():  # each broadcast against x without an error
+        for bad in (ids[:1], ids[:, :1], ids[:1, :1]):
+            with pytest.raises(ConfigError, match=re.escape(f"row_ids: shape {tuple(bad.shape)}")):
+                layer(x, bad, mask)
+        for bad in (mask[:1], mask[:, :1]):
+            with pytest.raises(
+                ConfigError, match=re.escape(f"token_mask: shape {tuple(bad.shape)}")
+            ):
+                layer(x, ids, bad)
 
 
 def test_from_the_reference_kv_the_output_is_bit_exact(golden, layer):

@@ -115,8 +115,18 @@ class V41Engram(nn.Module):
                 f"V41Engram input: x {tuple(x.shape)} and row ids {tuple(row_ids.shape)}; expected "
                 f"[..., {self.hc_mult}, {self.dim}] and [..., {self.num_heads}]"
             )
+        if row_ids.shape[:-1] != x.shape[:-2]:
+            raise ConfigError(
+                f"row_ids: shape {tuple(row_ids.shape)}; expected "
+                f"{(*x.shape[:-2], self.num_heads)} (the [B, T] of x {tuple(x.shape)}, H heads)"
+            )
         if token_mask is None:
             token_mask = torch.ones(x.shape[:-2], dtype=torch.bool, device=x.device)
+        elif token_mask.shape != x.shape[:-2]:
+            raise ConfigError(
+                f"token_mask: shape {tuple(token_mask.shape)}; expected {tuple(x.shape[:-2])} "
+                f"(the [B, T] of x {tuple(x.shape)})"
+            )
         kv = self.project(self.table.lookup(row_ids, handle).to(x.device))
         keys = kv[..., : self.hc_mult * self.dim].unflatten(-1, (self.hc_mult, self.dim))
         value = kv[..., self.hc_mult * self.dim :].float()
