@@ -164,6 +164,14 @@ def test_input_and_backend_errors(setup):
         engram(data["layer1.hidden_states"], row_ids=torch.zeros(3, 32, 5, dtype=torch.long))
     with pytest.raises(IndexError, match="outside the tokenizer vocabulary"):  # RowIdError
         engram(data["layer1.hidden_states"], torch.full((3, 32), 129280))
+    hidden = data["layer1.hidden_states"]  # [3, 32, ...]: ids of another length named as such
+    for ids in (data["input_ids"][:, :31], data["input_ids"][:, :31].numpy()):
+        with pytest.raises(ConfigError, match=r"input_ids: expected shape \[3, 32\] .*\[3, 31\]"):
+            engram(hidden, ids)  # reported as a row_ids shape, an argument not given
+    with pytest.raises(ConfigError, match=r"input_ids: expected a rectangular array"):
+        engram(hidden, [[1, 2], [3]])  # NumPy's raw ValueError
+    with pytest.raises(ConfigError, match=r"input_ids: expected a rectangular array"):
+        engram.prefetch([[1, 2], [3]])
 
 
 def test_bad_row_ids_and_integer_tables_are_named(setup):

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from .backend import InMemoryTable, TableBackend
 from .config import BackboneConfig, EngramConfig
 from .hashing import NgramHasher
+from .tokenizer import check_token_ids
 
 __all__ = [
     "EMBEDDING_KEY",
@@ -252,9 +253,13 @@ class Engram(nn.Module):
 
     def row_ids(self, input_ids: Any) -> torch.Tensor:
         """Row ids of this layer's concatenated table for ``input_ids`` [B, T]: int64 [B, T, H]."""
-        if not isinstance(input_ids, torch.Tensor):
-            input_ids = torch.as_tensor(np.asarray(input_ids))
-        return self.hasher.row_ids_layer(input_ids, self.layer_id)
+        return self.hasher.row_ids_layer(self._id_tensor(input_ids), self.layer_id)
+
+    def _id_tensor(self, input_ids: Any) -> torch.Tensor:
+        """``input_ids`` as a tensor (arrays and lists checked: ragged lists raise ConfigError)."""
+        if isinstance(input_ids, torch.Tensor):
+            return input_ids
+        return torch.as_tensor(check_token_ids(input_ids, self.hasher.tokenizer.vocab_size))
 
     def prefetch(self, input_ids: Any) -> tuple[torch.Tensor, object]:
         """Hash ``input_ids`` and start fetching the rows: ``(row_ids, handle)`` for ``forward``."""
@@ -300,6 +305,12 @@ class Engram(nn.Module):
                 raise ConfigError("input_ids: required when row_ids is not given")
             if isinstance(input_ids, torch.Tensor):
                 input_ids = input_ids.to(hidden_states.device)
+            input_ids = self._id_tensor(input_ids)
+            if tuple(input_ids.shape) != tuple(hidden_states.shape[:2]):
+                raise ConfigError(
+                    f"input_ids: expected shape {list(hidden_states.shape[:2])} ([B, T] of "
+                    f"hidden_states), got {list(input_ids.shape)}"
+                )
             row_ids = self.row_ids(input_ids)
         expected = (*hidden_states.shape[:2], self.config.num_heads)
         if tuple(row_ids.shape) != expected:
