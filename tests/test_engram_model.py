@@ -244,6 +244,24 @@ def test_loss_of_one_token_sequences_is_refused(model, batches):
     assert torch.isfinite(model.loss(batches[0][:, :2]))
 
 
+def test_a_forward_uses_its_rotary_tables_though_another_replaced_them(model, batches):
+    """Forwards on the server's worker threads share the rotary table cache: one that grew it
+    must not read back the shorter table another forward stored just after (it failed in the
+    rotation: size 32 against 8)."""
+
+    class Racing(dict):
+        """The cache, with another forward's shorter table stored right after each store."""
+
+        def __setitem__(self, key, tables):
+            super().__setitem__(key, tables)
+            super().__setitem__(key, tuple(t[:8] for t in tables))
+
+    with torch.no_grad():
+        want = model(batches[0])
+        model._rope = Racing()
+        torch.testing.assert_close(model(batches[0]), want, atol=0, rtol=0)
+
+
 def test_set_tables_swaps_all_or_nothing(model, batches):
     memory = model.tables
     wrong = InMemoryTable(torch.zeros(memory[3].rows, memory[3].dim))  # layer 3's shape

@@ -588,14 +588,18 @@ class EngramLM(nn.Module):
         embedding (slices of tables kept per device/dtype, doubled in length when outgrown)."""
         key = (device, dtype)
         stop = start + seq
-        if key not in self._rope or self._rope[key][0].shape[0] < stop:
-            length = max(stop, 2 * self._rope[key][0].shape[0] if key in self._rope else 0)
+        tables = self._rope.get(key)
+        if tables is None or tables[0].shape[0] < stop:
+            length = max(stop, 2 * tables[0].shape[0] if tables is not None else 0)
             tc = self.config.transformer
             half = self.config.backbone.hidden_size // tc.num_attention_heads // 2
             inv = tc.rope_theta ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
             angles = torch.outer(torch.arange(length, dtype=torch.float64, device=device), inv)
-            self._rope[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
-        cos, sin = self._rope[key]
+            tables = (angles.cos().to(dtype), angles.sin().to(dtype))
+            kept = self._rope.get(key)
+            if kept is None or kept[0].shape[0] < length:  # never replaced by a shorter one
+                self._rope[key] = tables
+        cos, sin = tables  # not read back: a forward on another thread may have replaced it
         return cos[start:stop], sin[start:stop]
 
 
