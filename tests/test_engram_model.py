@@ -22,7 +22,7 @@ from tiered_store.engram.checkpoint import (
     save_tiered,
 )
 from tiered_store.engram.model import EngramLM, HyperConnection, ModelConfig
-from tiered_store.errors import ConfigError, RowIdError
+from tiered_store.errors import ConfigError, RowIdError, StoreClosedError
 from tiered_store.store import TieredStore
 from tiered_store.table_format import create_table
 
@@ -422,6 +422,40 @@ def test_decode_with_a_cache_equals_one_pass_in_the_demo_geometry(model, kernel_
     engram = model.config.engram
     reach = (engram.kernel_size - 1) * engram.max_ngram_size
     assert {c["inputs"].shape[-1] for c in cache.conv.values()} == {reach}
+
+
+def test_a_step_that_failed_midway_leaves_the_cache_as_before(model, converted, batches):
+    """A decode step whose layer-3 lookup fails (its store closed) had already extended layers 0
+    to 2's keys/values and layer 1's ShortConv inputs, the position not advanced: retried on a
+    reopened store, it attended to the step's own position twice."""
+    prompt, step = batches[0][:, :24], batches[0][:, 24:25]
+    memory, stores = model.tables, open_tables(converted.table_paths, model.hasher, STORE)
+    try:
+        with torch.no_grad():
+            want = model(batches[0][:, :25], logits="last")
+            model.set_tables(stores)
+            for first in (prompt, None):  # a failing prefill leaves the new cache empty
+                state, cache = model.hasher.new_state(3), model.new_cache()
+                if first is not None:
+                    model(first, prefetched=model.prefetch(first, state=state), cache=cache)
+                before = {i: (kv[0].clone(), kv[1].clone()) for i, kv in cache.layers.items()}
+                ids = step if first is not None else batches[0][:, :25]
+                batch = model.hash(ids, state=state)
+                stores[3].close()
+                with pytest.raises(StoreClosedError):
+                    model(ids, prefetched=batch, cache=cache, logits="last")
+                assert cache.position == (24 if first is not None else 0)
+                assert cache.layers.keys() == before.keys()
+                for i, (k, v) in cache.layers.items():
+                    assert torch.equal(k, before[i][0]) and torch.equal(v, before[i][1])
+                stores[3] = open_tables({3: converted.table_paths[3]}, model.hasher, STORE)[3]
+                model.set_tables({3: stores[3]})
+                got = model(ids, prefetched=batch, cache=cache, logits="last")  # the retry
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    finally:
+        model.set_tables(memory)
+        for store in stores.values():
+            store.close()
 
 
 def test_an_overwrite_stopped_midway_leaves_no_checkpoint_that_looks_complete(

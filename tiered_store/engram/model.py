@@ -176,13 +176,21 @@ class KVCache:
     """Every attention layer's keys and values, and every Engram ShortConv's last inputs, for the
     positions seen so far (decoding).
 
-    Made by :meth:`EngramLM.new_cache`; each forward given the cache appends its positions.
+    Made by :meth:`EngramLM.new_cache`; each forward given the cache appends its positions (none
+    when it raises: the cache is as before it, so the same batch may be run again).
     """
 
     def __init__(self) -> None:
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.conv: dict[int, dict[str, torch.Tensor]] = {}  # an Engram ShortConv's past inputs
         self.position = 0  # positions held (the next token's absolute position)
+
+    def _restore(self, conv: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Back to ``position`` positions (views, no copy) and the ShortConv inputs ``conv``."""
+        held = self.position
+        kept = self.layers.items() if held else ()
+        self.layers = {i: (k[:, :, :held], v[:, :, :held]) for i, (k, v) in kept}
+        self.conv = conv
 
 
 class DecoderLayer(nn.Module):
@@ -472,8 +480,14 @@ class EngramLM(nn.Module):
         hc = self.config.backbone.hc_mult
         h = self.embed(ids).unsqueeze(2).expand(-1, -1, hc, -1)
         rope = self._rope_tables(start, ids.shape[1], h.device, h.dtype)
-        for layer in self.layers:
-            h = layer(h, rope, prefetched, cache)
+        conv = {i: dict(inputs) for i, inputs in cache.conv.items()} if cache is not None else {}
+        try:
+            for layer in self.layers:
+                h = layer(h, rope, prefetched, cache)
+        except BaseException:
+            if cache is not None:  # layers before the failing one extended it: a retry would
+                cache._restore(conv)  # attend to their positions twice
+            raise
         if cache is not None:
             cache.position += ids.shape[1]
         x = h.sum(dim=2)
