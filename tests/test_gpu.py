@@ -183,3 +183,14 @@ def test_counting_hits_on_cuda_does_not_wait_for_the_device():
         torch.cuda.set_sync_debug_mode(0)
     assert int(first) == slots.unique().numel() and int(again) == 0
     assert float(counts.sum()) == 1.5 * slots.unique().numel()
+
+
+def test_a_snapshot_of_pinned_ids_is_pinned():
+    """The pipeline pins a batch's ids so the model's copy to the GPU is asynchronous; the
+    model's snapshot of them (the caller may refill its buffer) must not undo that."""
+    from tiered_store.id_ops import snapshot_of
+
+    buffer = torch.arange(6).reshape(2, 3).pin_memory()
+    copy = snapshot_of(buffer.view(-1), buffer)
+    assert copy.is_pinned() and copy.data_ptr() != buffer.data_ptr()
+    assert copy.tolist() == list(range(6))

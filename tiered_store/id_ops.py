@@ -83,5 +83,7 @@ def snapshot_of(ids: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
     if ids.device == given.device and (
         ids.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
     ):
+        if ids.is_pinned():  # a copy pinned too, or the copy to the GPU stops being asynchronous
+            return torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True).copy_(ids)
         return ids.clone()
     return ids
