@@ -224,6 +224,13 @@ def test_stats_delta_and_bad_arguments(model):
         "hit_rate": 0.75,
     }
     assert delta["prefetch"]["handles"] == 3
+    # levels are reported as they are after, not as differences (which could go negative)
+    before["writes"] = {"commits": 1, "dirty_rows": 50, "committed_step": 3}
+    after["writes"] = {"commits": 2, "dirty_rows": 20, "committed_step": 4}
+    before["queue"], after["queue"] = {"requests": 4, "rows": 900}, {"requests": 1, "rows": 30}
+    delta = table_stats_delta(before, after)
+    assert delta["writes"] == {"commits": 1, "dirty_rows": 20, "committed_step": 4}
+    assert delta["queue"] == {"requests": 1, "rows": 30}
     assert table_stats_delta(None, None) == {}
     with pytest.raises(ConfigError, match="lookahead: expected an integer >= 0"):
         PrefetchPipeline(model, lookahead=-1)

@@ -284,18 +284,26 @@ def _waits(tables: dict[int, TableBackend]) -> tuple[float, float]:
     return lookup, stall
 
 
+# ``TieredStore.stats()`` values that are levels, not counts: a delta reports them as they are
+_LEVELS = {
+    "hot": ("capacity", "occupancy", "pinned"),
+    "warm": ("capacity", "occupancy", "pinned"),
+    "queue": ("requests", "rows"),
+    "writes": ("dirty_rows", "committed_step"),
+}
+
+
 def table_stats_delta(before: dict | None, after: dict | None) -> dict[str, dict[str, float]]:
     """Counters of ``TieredStore.stats()`` accumulated between two snapshots (hit rates
-    recomputed; capacity and occupancy as of ``after``); empty when the table keeps none."""
+    recomputed; levels such as capacity, occupancy and dirty rows as of ``after``); empty when
+    the table keeps none."""
     if before is None or after is None:
         return {}
     out: dict[str, dict[str, float]] = {}
     for section, values in after.items():
         prev = before.get(section, {})  # a section may appear later (``writes``: first write)
-        out[section] = {
-            k: (v if k in ("capacity", "occupancy") else v - prev.get(k, 0))
-            for k, v in values.items()
-        }
+        levels = _LEVELS.get(section, ())
+        out[section] = {k: (v if k in levels else v - prev.get(k, 0)) for k, v in values.items()}
     for tier in ("hot", "warm"):
         if tier in out:
             t = out[tier]
