@@ -224,6 +224,8 @@ def test_bad_token_ids_fail_before_any_lookup(converted, hasher, batches):
             tiered(array, prefetched=batch)  # it passed: it compared the buffer with itself
         array[:] = batches[0].numpy()
         torch.testing.assert_close(tiered(array, prefetched=batch), tiered(batches[0]))
+        reversed_ids = batches[0].numpy()[:, ::-1]  # a view with negative strides
+        torch.testing.assert_close(tiered(reversed_ids), tiered(batches[0].flip(1)))
     finally:
         tiered.close()
 
