@@ -551,3 +551,24 @@ def test_the_token_cap_is_kept_and_reported_at_a_document_boundary(tmp_path):
         )
     with pytest.raises(ConfigError, match=r"--targets: got ','; expected e.g. hot=0.3,warm=0.6"):
         parse_targets(",")
+
+
+def test_a_document_dropped_after_the_cap_in_the_same_group_marks_the_run_truncated(tmp_path):
+    """The cap met exactly at a document's end: the next document, read in the same group (no
+    later file left to refuse), was dropped while the report said truncated: false."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(TEXTS["en.txt"])
+    (corpus / "b.txt").write_text(TEXTS["fr.md"])
+    tokenizer = CompressedTokenizer()
+    cap = len(tokenizer.encode(TEXTS["en.txt"]))
+    result = analyze(
+        [corpus],
+        tmp_path / "out",
+        config=EngramConfig.from_dict(TINY["engram"]),
+        tokenizer=tokenizer,
+        options=AnalyzeOptions(max_tokens=cap, workers=1, curves=False, progress=False),
+    )
+    report = result.report["corpus"]
+    assert (report["read"]["documents"], report["documents"], report["tokens"]) == (2, 1, cap)
+    assert report["truncated"]

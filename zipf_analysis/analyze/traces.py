@@ -83,6 +83,7 @@ class TraceBuilder:
     def add_document(self, ids: np.ndarray) -> None:
         """Cut one document's token ids into sequences and queue them (batches go out when full)."""
         if self.full or ids.size == 0:
+            self.stats.truncated |= self.full and ids.size > 0  # a document left out by the cap
             return
         if self.max_tokens is not None and self.stats.tokens + ids.size > self.max_tokens:
             ids = ids[: self.max_tokens - self.stats.tokens]
