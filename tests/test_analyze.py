@@ -387,6 +387,22 @@ def test_bad_engram_config_is_a_clear_error(run, tmp_path, capsys):
         AnalyzeOptions(seq_len=0)
 
 
+def test_a_seed_outside_0_to_2_64_is_a_clear_error(tmp_path, capsys):
+    """--seed -1 was accepted, then the run died with a traceback (numpy's holdout split, or
+    SHARDS's uint64 seed after the whole trace was built)."""
+    for seed in (-1, 2**64, 1.5):
+        with pytest.raises(ConfigError, match=rf"seed: got {seed}; expected an integer in \[0, 2\*\*64\)"):  # fmt: skip
+            AnalyzeOptions(seed=seed)
+    argv = ["analyze", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet", "--seed"]
+    assert main([*argv, str(2**64)]) == 2
+    assert f"tiered-store analyze: error: --seed: got {2**64}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --seed: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+    assert AnalyzeOptions(seed=2**64 - 1).seed == 2**64 - 1
+
+
 def test_cli_runs_end_to_end_and_help_explains_the_options(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["analyze", "--help"])

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tiered_store.cli_args import as_option_error
+from tiered_store.cli_args import as_option_error, at_least
 from tiered_store.corpus import SkippedFilesWarning
 from tiered_store.errors import ConfigError
 from tiered_store.profile import DEFAULT_EPISODE_WINDOW
@@ -133,9 +133,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=at_least(0),
         default=0,
-        help="seed for the holdout split, --shuffle and the samplers (default 0)",
+        help="seed for the holdout split, --shuffle and the samplers, >= 0 (default 0)",
     )
     p.add_argument(
         "--shuffle",

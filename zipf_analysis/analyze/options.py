@@ -63,7 +63,7 @@ class AnalyzeOptions:
     holdout : float
         Fraction of the documents written to a second, disjoint trace (0 = none).
     seed : int
-        Seed of the holdout split, the shuffle and the samplers.
+        Seed of the holdout split, the shuffle and the samplers, in [0, 2**64).
     shuffle : bool
         Process documents in a seeded random order instead of path order.
     curves : bool
@@ -128,6 +128,12 @@ class AnalyzeOptions:
             raise ConfigError(f"max_tokens: got {self.max_tokens!r}; expected an integer >= 1")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise ConfigError(f"workers: got {self.workers!r}; expected an integer >= 1")
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**64
+        ):
+            raise ConfigError(f"seed: got {self.seed!r}; expected an integer in [0, 2**64)")
         if not 0.0 <= float(self.holdout) < 1.0:
             raise ConfigError(f"holdout: got {self.holdout!r}; expected a fraction in [0, 1)")
         if not 0.0 < float(self.shards_rate) <= 1.0:
