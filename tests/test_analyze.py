@@ -276,6 +276,19 @@ def test_the_output_folder_inside_the_corpus_is_not_read_as_text(tmp_path):
     assert len(resolve_corpus([tmp_path]).files) == 2
 
 
+def test_an_output_folder_above_the_corpus_is_named_as_why_no_file_is_left(tmp_path, capsys):
+    """`analyze data/texts --out data` excludes every corpus file: the error blamed the corpus
+    ("no files found; expected text files") for a folder full of them."""
+    (tmp_path / "texts").mkdir()
+    for i in range(3):
+        (tmp_path / "texts" / f"{i}.txt").write_text("a document\n")
+    with pytest.raises(CorpusError, match=r"every file found \(3\) is in the excluded folder"):
+        resolve_corpus([tmp_path / "texts"], exclude=tmp_path)
+    assert main(["analyze", str(tmp_path / "texts"), "--out", str(tmp_path), "--quiet"]) == 2
+    assert f"is in the excluded folder {tmp_path} (analyze's --out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["texts"]  # nothing staged
+
+
 def test_a_file_is_one_document_whatever_its_names_and_linked_folders_are_walked(tmp_path):
     """A hard link counted twice could land in the profile and the holdout both; a linked
     folder was dropped without a word; a link loop is walked once."""

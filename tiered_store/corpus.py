@@ -205,7 +205,8 @@ def resolve_corpus(
     Raises
     ------
     CorpusError
-        A path does not exist, a pattern matches nothing, or no file is found at all.
+        A path does not exist, a pattern matches nothing, or no file is found at all (or only
+        files in ``exclude``, which the error names).
 
     Examples
     --------
@@ -216,19 +217,30 @@ def resolve_corpus(
     if not paths:
         return default_corpus()
     seen: set[object] = set()  # a file by (device, inode): one document whatever its names
-    if exclude is not None and Path(exclude).is_dir():  # its files count as seen: never added
-        seen.update(_identity(f) or f.resolve() for f in _walk(Path(exclude)))
+    excluded: set[object] = set()
+    if exclude is not None and Path(exclude).is_dir():  # its files are never added
+        excluded.update(_identity(f) or f.resolve() for f in _walk(Path(exclude)))
     files: list[Path] = []
+    left_out: set[object] = set()  # files found in the excluded folder
     for arg in paths:
         for f in _expand(arg):
             key = _identity(f) or f.resolve()
-            if key not in seen:
+            if key in excluded:
+                left_out.add(key)
+            elif key not in seen:
                 seen.add(key)
                 files.append(f)
     if not files:
         raise CorpusError(
-            f"corpus {', '.join(map(os.fspath, paths))}: no files found; expected text files, "
-            "directories holding them, or glob patterns"
+            f"corpus {', '.join(map(os.fspath, paths))}: "
+            + (
+                f"every file found ({len(left_out):,}) is in the excluded folder "
+                f"{os.fspath(exclude)} (analyze's --out, never read as text); expected an "
+                "output folder that does not hold the corpus"
+                if left_out
+                else "no files found; expected text files, directories holding them, or glob "
+                "patterns"
+            )
         )
     roots = tuple(os.fspath(p) for p in paths)
     named = ", ".join(roots[:NAMED_ROOTS])  # a shell-expanded glob: thousands of paths
