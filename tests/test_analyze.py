@@ -306,6 +306,70 @@ def test_a_file_is_one_document_whatever_its_names_and_linked_folders_are_walked
     assert names == ["a-again.txt", "more/b.txt"]
 
 
+def test_pipes_and_devices_in_a_folder_are_skipped_and_one_named_is_a_clear_error(tmp_path):
+    """A FIFO in a corpus folder was read as a document: the read waited for a writer forever
+    (and a link to /dev/zero grew without end). They are skipped as not regular files."""
+    import os
+    import threading
+
+    from tiered_store.corpus import ReadStats, iter_texts
+
+    (tmp_path / "a.txt").write_text("a document\n")
+    os.mkfifo(tmp_path / "pipe.txt")
+    os.symlink("/dev/zero", tmp_path / "zero.txt")  # after the pipe: never reached if it blocks
+    corpus = resolve_corpus([tmp_path])
+    assert [f.name for f in corpus.files] == ["a.txt", "pipe.txt", "zero.txt"]
+    stats, texts = ReadStats(), []
+    reader = threading.Thread(target=lambda: texts.extend(iter_texts(corpus.files, stats)), daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(5)
+    assert not reader.is_alive(), "reading the corpus blocked on its FIFO"
+    assert [i for i, _ in texts] == [0]
+    assert stats.to_dict()["skipped_by_reason"]["not a regular file"] == 2
+    assert "pipe.txt (not a regular file)" in stats.warning()
+    for name in ("pipe.txt", "zero.txt"):  # named by itself: an error, not a run of nothing
+        with pytest.raises(CorpusError, match=f"{name}': not a regular file or directory"):
+            resolve_corpus([tmp_path / name])
+
+
+def test_an_interrupt_while_a_read_never_returns_ends_the_run(tmp_path, monkeypatch):
+    """Ctrl-C (SIGTERM: the same) while the reader thread was stuck in a read waited for that
+    thread forever; the run now stops waiting for it (a daemon) and removes its staging."""
+    import signal
+    import threading
+    import time
+
+    from tiered_store import corpus as corpus_module
+    from zipf_analysis.analyze import traces
+
+    real_read_text, release = corpus_module.read_text, threading.Event()
+
+    def stuck_read(path):
+        time.sleep(0.3)  # the main thread waits for the first group by now
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C, meanwhile
+        release.wait(8)  # a read that does not return (before the fix: the run's whole wait)
+        return real_read_text(path)
+
+    monkeypatch.setattr(corpus_module, "read_text", stuck_read)
+    monkeypatch.setattr(traces, "READER_WAIT_SECONDS", 0.3, raising=False)
+    (tmp_path / "a.txt").write_text(TEXTS["en.txt"])
+    tokenizer = CompressedTokenizer()
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            analyze(
+                [tmp_path / "a.txt"],
+                tmp_path / "out",
+                config=EngramConfig.from_dict(TINY["engram"]),
+                tokenizer=tokenizer,
+                options=AnalyzeOptions(workers=1, progress=False),
+            )
+        assert time.monotonic() - start < 3
+    finally:
+        release.set()
+    assert not (tmp_path / "out").exists()  # the staging folder is gone, and the folder made
+
+
 def test_empty_corpus_and_missing_paths_are_clear_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

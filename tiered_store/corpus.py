@@ -9,8 +9,9 @@ from machine to machine).
 Files are read as UTF-8 (a byte-order mark is dropped); a ``*.gz`` file is decompressed first, so
 Debian's compressed manual pages and documentation (``/usr/share/man``, ``/usr/share/doc``) are
 text too. A file with a NUL byte is binary, a file
-that does not decode is not UTF-8, a file with only whitespace is empty: all three are skipped and
-counted in :class:`ReadStats`, whose :meth:`ReadStats.warning` names a few of them.
+that does not decode is not UTF-8, a file with only whitespace is empty, and a pipe, socket or
+device in a folder (or a link to one) is not a regular file: all four are skipped and counted in
+:class:`ReadStats`, whose :meth:`ReadStats.warning` names a few of them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import glob
 import gzip
 import os
+import stat
 import sysconfig
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,7 +54,7 @@ class CorpusError(TieredStoreError, ValueError):
 
 
 class SkippedFilesWarning(UserWarning):
-    """Some corpus files were skipped (binary, not UTF-8, or empty)."""
+    """Some corpus files were skipped (binary, not UTF-8, empty, or not a regular file)."""
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,9 @@ class Corpus:
 
 
 def _walk(directory: Path) -> Iterator[Path]:
-    """Regular files under ``directory``, sorted, skipping hidden entries and cache folders;
-    links to folders are followed, each folder walked once (a link loop ends there)."""
+    """Files under ``directory``, sorted, skipping hidden entries and cache folders (pipes and
+    devices too: :func:`read_text` skips them); links to folders are followed, each folder walked
+    once (a link loop ends there)."""
     walked = {_identity(directory)}
     for root, dirs, files in os.walk(directory, followlinks=True):
         kept = []
@@ -169,6 +172,11 @@ def _expand(path: str | os.PathLike[str]) -> list[Path]:
         return list(_walk(p))
     if p.is_file():
         return [p]
+    if p.exists():  # a pipe (``<(cmd)``), socket or device: reading it may never end
+        raise CorpusError(
+            f"corpus path {text!r}: not a regular file or directory; expected text files, "
+            "directories holding them, or glob patterns"
+        )
     if _GLOB_CHARS & set(text):
         out: list[Path] = []
         for match in sorted(glob.glob(os.path.expanduser(text), recursive=True)):
@@ -274,7 +282,13 @@ class ReadStats:
     documents: int = 0
     bytes_read: int = 0
     skipped: dict[str, list[str]] = field(
-        default_factory=lambda: {"binary": [], "not UTF-8": [], "empty": [], "unreadable": []}
+        default_factory=lambda: {
+            "binary": [],
+            "not UTF-8": [],
+            "empty": [],
+            "not a regular file": [],
+            "unreadable": [],
+        }
     )
 
     @property
@@ -311,8 +325,9 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
     """``(text, None, size)`` for a UTF-8 text file, else ``(None, reason, size)``.
 
     Reasons: ``"binary"`` (a NUL byte in the first 64 KiB), ``"not UTF-8"``, ``"empty"``
-    (nothing but whitespace) and ``"unreadable"`` (an OS error, or a ``*.gz`` file that does not
-    decompress). A ``*.gz`` file is decompressed first; ``size`` is its decompressed size.
+    (nothing but whitespace), ``"not a regular file"`` (a pipe, socket or device, or a link to
+    one: never opened, as its read may wait for a writer or never end) and ``"unreadable"`` (an
+    OS error, or a ``*.gz`` file that does not decompress). A ``*.gz`` file is decompressed first; ``size`` is its decompressed size.
 
     Examples
     --------
@@ -323,6 +338,8 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
     ('Grüße', None, 7)
     """
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None, "not a regular file", 0
         data = path.read_bytes()
         if path.suffix == ".gz":
             data = gzip.decompress(data)

@@ -40,7 +40,7 @@ Documents (one per file) are tokenised with the DeepSeek tokenizer, cut into seq
 --seq-len tokens (each starting with fresh pad context, as the model does), grouped into batches
 of --batch-seqs sequences and hashed into every Engram layer's rows. With no PATH the corpus is
 the Python standard library's own *.py sources, which every machine has. Binary, non-UTF-8 and
-empty files are skipped with a warning.
+empty files, and pipes or devices in a folder, are skipped with a warning.
 
 Output (DIR): trace.trace (and holdout.trace), layer{L}.top_rows.npy (row ids, hottest first:
 usable as static_rows / preload_rows), layer{L}.profile.npz (lookups per touched row),

@@ -19,6 +19,7 @@ __all__ = [
     "GROUP_BYTES",
     "HOLDOUT_NAME",
     "QUEUE_GROUPS",
+    "READER_WAIT_SECONDS",
     "TRACE_NAME",
     "AnalyzeOptions",
     "check_targets",
@@ -34,6 +35,7 @@ DEFAULT_BELADY_LOOKUPS = 4_000_000  # lookups per table Belady's MIN runs on (sa
 DEFAULT_BELADY_POINTS = 10  # capacities Belady is evaluated at (plus the recommended ones)
 GROUP_BYTES = 4 << 20  # text handed to one encode_batch call (bytes)
 QUEUE_GROUPS = 2  # tokenised groups buffered between the tokeniser thread and the hasher
+READER_WAIT_SECONDS = 5.0  # on an error or interrupt, wait this long for the reader thread
 
 # Output file names (in the output folder).
 TRACE_NAME = "trace.trace"

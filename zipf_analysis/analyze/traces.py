@@ -26,7 +26,14 @@ from tiered_store.trace import TraceReader, TraceWriter
 from tiered_store.versions import package_version
 
 from .ngram_keys import NgramKeyCounter
-from .options import GROUP_BYTES, HOLDOUT_NAME, QUEUE_GROUPS, TRACE_NAME, AnalyzeOptions
+from .options import (
+    GROUP_BYTES,
+    HOLDOUT_NAME,
+    QUEUE_GROUPS,
+    READER_WAIT_SECONDS,
+    TRACE_NAME,
+    AnalyzeOptions,
+)
 from .run_context import RunContext, StageTimes
 
 __all__ = [
@@ -220,10 +227,12 @@ def _build_traces(
             b.finish()
     finally:
         stop.set()
-        while thread.is_alive():  # unblock the worker if it waits on a full queue
+        # unblock the worker if it waits on a full queue; a read that never returns (a hung
+        # network file system) leaves its daemon thread behind after READER_WAIT_SECONDS
+        deadline = time.monotonic() + READER_WAIT_SECONDS
+        while thread.is_alive() and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
                 work.get(timeout=0.05)
-        thread.join()
         bar.close()
 
 
