@@ -442,7 +442,40 @@ def test_a_belady_sample_too_small_for_any_capacity_gives_no_curve(run, tmp_path
     for table in tables.values():  # where a curve is drawn, it bounds LRU
         ratios = table["curve_grid"]["miss_ratio"]
         bound = ratios.get("belady", ratios["lru"])
-        assert all(b <= a + 1e-9 for a, b in zip(ratios["lru"], bound, strict=True))
+        assert all(b is None or b <= a + 1e-9 for a, b in zip(ratios["lru"], bound, strict=True))
+
+
+def test_a_sampled_belady_curve_shows_no_miss_ratio_below_its_first_capacity(tmp_path):
+    """Below the miniature's first capacity the report read Belady's miss ratio off the line
+    from (0, 1.0): 0.94 where exact LRU, which it bounds, misses 0.67. Now None ("-" in the
+    Markdown) there, and those capacities are left out of its error against exact LRU."""
+    from tiered_store.profile import profile_ids
+    from tiered_store.trace import TraceWriter
+    from zipf_analysis.analyze.curves import _belady_curve, curve_summary
+    from zipf_analysis.mrc import MissRatioCurve, mean_absolute_error
+    from zipf_analysis.report import write_report
+    from zipf_analysis.zipf_fit import sample_zipf
+
+    rows = 20_000
+    ids = sample_zipf(200_000, rows, 1.0, seed=0)
+    with TraceWriter(tmp_path / "t.trace", {"tables": [{"name": "layer1", "rows": rows}]}) as w:
+        w.write(ids, "layer1")
+        w.end_batch()
+    profile = profile_ids(ids, rows=rows)
+    options = AnalyzeOptions(belady_lookups=2_000, workers=1, progress=False)
+    lru = lru_mrc(ids, table_rows=rows)
+    bel = _belady_curve(tmp_path / "t.trace", "layer1", rows, profile.lookups, profile.distinct, [], options)  # fmt: skip
+    first = int(bel.capacities[1])  # the first with 8 rows in the miniature: 800 and up
+    assert bel.metadata["rate"] == 0.01 and 800 <= first < 2_000
+    grid = curve_summary([lru, bel], rows, profile.distinct)["curve_grid"]
+    caps, ratios = grid["capacities"], grid["miss_ratio"]["belady"]
+    assert [c for c, r in zip(caps, ratios, strict=True) if r is None] == [20, 200]
+    assert all(isinstance(r, float) for c, r in zip(caps, ratios, strict=True) if c >= first)
+    assert bel.min_capacity == first
+    flat = MissRatioCurve("belady", bel.capacities, np.r_[0.0, bel.miss_ratio[1:]], bel.lookups, metadata=bel.metadata)  # fmt: skip
+    assert mean_absolute_error(flat, lru) == mean_absolute_error(bel, lru)  # not read below
+    md = write_report(tmp_path / "r", None, [lru, bel], plots=False)["markdown"].read_text()
+    assert "| belady | - | - | 0." in md
 
 
 def test_bad_engram_config_is_a_clear_error(run, tmp_path, capsys):

@@ -89,7 +89,9 @@ class MissRatioCurve:
     table_rows : int or None
         Rows of the table, to express capacities as a share of it.
     metadata : dict
-        JSON-serialisable details: method, sampling rate, distinct rows, timings.
+        JSON-serialisable details: method, sampling rate, distinct rows, timings; and
+        ``min_capacity`` where the curve resolves no capacity between 0 and it (a miniature
+        simulation on a sample: see :attr:`min_capacity`).
 
     Examples
     --------
@@ -134,6 +136,16 @@ class MissRatioCurve:
     def max_capacity(self) -> int:
         """Largest capacity on the curve; beyond it the miss ratio stays flat."""
         return int(self.capacities[-1])
+
+    @property
+    def min_capacity(self) -> int:
+        """Smallest capacity above 0 the curve resolves (``metadata["min_capacity"]``, else 0)."""
+        return int(self.metadata.get("min_capacity", 0))
+
+    def resolved_at(self, capacity: float) -> float | None:
+        """Miss ratio at ``capacity`` as :meth:`at`, or None between 0 and :attr:`min_capacity`
+        (where :meth:`at` could only interpolate from the point (0, 1.0))."""
+        return None if 0 < capacity < self.min_capacity else float(self.at(capacity))
 
     def at(self, capacity: float | np.ndarray) -> float | np.ndarray:
         """Miss ratio at ``capacity`` rows: exact on grid points, linear in between, flat past the
@@ -804,7 +816,8 @@ def mean_absolute_error(
     points: int = 1000,
     spacing: str = "linear",
 ) -> float:
-    """Mean |miss ratio difference| over ``points`` capacities in (0, reference's largest].
+    """Mean |miss ratio difference| over ``points`` capacities in (0, reference's largest],
+    less those below either curve's :attr:`~MissRatioCurve.min_capacity` (not resolved).
 
     ``spacing="linear"`` (as in the SHARDS paper: evenly spaced cache sizes) or ``"log"``
     (weights small caches, where sampling is weakest, as much as large ones).
@@ -823,4 +836,5 @@ def mean_absolute_error(
     else:
         raise ValueError(f"spacing: got {spacing!r}; expected 'linear' or 'log'")
     grid = np.unique(np.maximum(np.rint(grid), 1))
+    grid = grid[grid >= max(curve.min_capacity, reference.min_capacity)]
     return float(np.mean(np.abs(np.asarray(curve.at(grid)) - np.asarray(reference.at(grid)))))

@@ -329,7 +329,7 @@ def write_report(
             if reference is not None and c is not reference:
                 mae = mean_absolute_error(c, reference)
                 errors[c.name] = mae
-            cells = " | ".join(f"{float(c.at(x)):.4f}" for x in caps)
+            cells = " | ".join(format_cell(c.resolved_at(x)) for x in caps)
             md.append(f"| {c.name} | {cells} | {format_cell(mae)} |")
         data["mae_vs_exact_lru"] = errors
         md.append("")

@@ -98,6 +98,7 @@ def _belady_curve(
             "rate": rate,
             "sampled_lookups": int(ids.size),
             "seconds": round(time.perf_counter() - start, 3),
+            **({} if rate >= 1.0 else {"min_capacity": int(caps[0])}),  # none resolved below
         },
     )
     return curve
@@ -157,6 +158,6 @@ def curve_summary(curves: Sequence[MissRatioCurve], rows: int, distinct: int) ->
         else {},
         "curve_grid": {
             "capacities": grid,
-            "miss_ratio": {c.name: [float(c.at(x)) for x in grid] for c in curves},
+            "miss_ratio": {c.name: [c.resolved_at(x) for x in grid] for c in curves},
         },
     }
