@@ -51,6 +51,7 @@ from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import (
     at_least,
     doc_parser,
+    existing_dir,
     int_list,
     output_file,
     positive_number,
@@ -81,8 +82,13 @@ class Variant:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = doc_parser(__doc__)
-    p.add_argument("--dir", type=Path, help="where the table goes (default: the temp folder)")
-    p.add_argument("--table-gib", type=float, default=1.0, help="table size in GiB")
+    p.add_argument(
+        "--dir",
+        type=existing_dir,
+        help="where the temporary folder of the table goes (deleted at the end; default: the "
+        "system's temporary directory)",
+    )
+    p.add_argument("--table-gib", type=positive_number, default=1.0, help="table size in GiB")
     p.add_argument("--rounds", type=at_least(1), default=5, help="measured rounds of the curves")
     p.add_argument("--pairs", type=at_least(1), default=20, help="headline pairs (baseline, store)")
     p.add_argument(
@@ -119,9 +125,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the table and the ids")
     p.add_argument("--out", type=output_file, help="write the JSON here (and the PNG beside it)")
     args = p.parse_args(argv)
-    if args.no_fio and 32 not in args.depths:
+    if 32 not in args.depths:
+        p.error(f"--depths {args.depths}: the baseline reads at queue depth 32; expected it listed")
+    rows = int(args.table_gib * 2**30) // (ROW_DIM * 4)
+    if args.batch > rows:  # a batch is distinct rows
         p.error(
-            f"--no-fio: the baseline reads at queue depth 32, which --depths {args.depths} lacks"
+            f"--batch {args.batch:,}: more than the table's {rows:,} rows (--table-gib "
+            f"{args.table_gib}); expected <= {rows:,}"
         )
     if args.headline_depth not in args.store_depths:
         p.error(f"--headline-depth {args.headline_depth} is not in --store-depths")

@@ -79,6 +79,7 @@ from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import (
     at_least,
     doc_parser,
+    existing_dir,
     float_list,
     int_list,
     output_file,
@@ -526,7 +527,12 @@ def main(argv=None) -> int:
     p.add_argument("--large-batches", type=at_least(1), default=40, help="(d): batches per round")
     p.add_argument("--skip-replay", action="store_true", help="(a) only")
     p.add_argument("--skip-all-hit", action="store_true", help="(b) only")
-    p.add_argument("--dir", default="/var/tmp", help="work directory's parent (deleted at the end)")
+    p.add_argument(
+        "--dir",
+        type=existing_dir,
+        default="/var/tmp",
+        help="where the temporary work folder goes (deleted at the end)",
+    )
     p.add_argument("--out", type=output_file, help="write JSON here too")
     args = p.parse_args(argv)  # clear errors before any work: a bad count refused by its type
     if args.skip_replay and args.skip_all_hit and not args.large_rows:

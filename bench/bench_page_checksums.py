@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, existing_dir, output_file, run_script
 from tiered_store.cold_table import IO_MODES, ColdTable
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.errors import TierIOError
@@ -48,7 +48,12 @@ ROW_DIM = 32  # float32 values per row: 128-byte rows, as in bench/test_cold_rea
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = doc_parser(__doc__)
-    p.add_argument("--dir", type=Path, help="where the table goes (default: the temp folder)")
+    p.add_argument(
+        "--dir",
+        type=existing_dir,
+        help="where the temporary folder of the table goes (deleted at the end; default: the "
+        "system's temporary directory)",
+    )
     p.add_argument("--table-mib", type=at_least(1), default=1024, help="table size in MiB")
     p.add_argument("--pairs", type=at_least(1), default=20, help="back-to-back pairs per io mode")
     p.add_argument("--batch", type=at_least(1), default=16384, help="ids per read_rows call")
@@ -67,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.io) - set(IO_MODES))
     if unknown:
         p.error(f"--io: {unknown} unknown; expected some of {', '.join(IO_MODES)}")
+    rows = (args.table_mib << 20) // (ROW_DIM * 4)
+    if args.batch > rows:  # a batch is distinct rows
+        p.error(
+            f"--batch {args.batch:,}: more than the table's {rows:,} rows; expected <= {rows:,}"
+        )
     return args
 
 
@@ -120,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="page-checksums-") as tmp:
         path = Path(tmp) / "cold.npy"
-        rows = (args.table_mib << 20) // (ROW_DIM * 4)
+        rows = (args.table_mib << 20) // (ROW_DIM * 4)  # as parse_args checked them
         create_table(path, RandomSource(rows, ROW_DIM, seed=3), progress=False)
         for io in modes:
             result = measure(path, io, args)

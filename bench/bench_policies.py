@@ -54,7 +54,14 @@ from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, doc_parser, int_list, output_file, run_script
+from tiered_store.cli_args import (
+    at_least,
+    doc_parser,
+    existing_dir,
+    int_list,
+    output_file,
+    run_script,
+)
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
@@ -74,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("corpus", nargs="*", help="text files/dirs/globs (default: the stdlib sources)")
     p.add_argument(
         "--dir",
+        type=existing_dir,
         default="/var/tmp",
         help="where the work directory goes (traces: a few hundred MB; deleted at the end unless --keep)",
     )

@@ -38,7 +38,14 @@ import torch
 
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, fraction, output_file, run_script
+from tiered_store.cli_args import (
+    at_least,
+    doc_parser,
+    existing_dir,
+    fraction,
+    output_file,
+    run_script,
+)
 from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader
 from tiered_store.warm_restart import restart_path
@@ -76,7 +83,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=at_least(1), default=4096, help="ids per lookup call")
     p.add_argument("--dim", type=at_least(1), default=8, help="row width of the table (float32)")
     p.add_argument("--io", default="pread", help="tiers.cold.io of the stores (pread, mmap, ...)")
-    p.add_argument("--dir", type=Path, help="where the table goes (default: a temporary dir)")
+    p.add_argument(
+        "--dir",
+        type=existing_dir,
+        help="keep the table and the restart files in a new folder made here (its name is "
+        "printed); default: a temporary folder, deleted at the end",
+    )
     p.add_argument("--out", type=output_file, help="write JSON here too")
     args = p.parse_args(argv)  # a bad share or count is refused by its type
     torch.set_num_threads(1)  # 2 shared cores: extra threads only spin
@@ -86,12 +98,11 @@ def main(argv=None) -> int:
     if ids.size < args.warmup + args.lookups:
         p.error(f"{args.trace} holds {ids.size:,} lookups of {args.layer}; need warmup + lookups")
     warmup, measured = ids[: args.warmup], ids[args.warmup :]
-    work = args.dir or Path(tempfile.mkdtemp(prefix="bench_warm_restart."))
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench_warm_restart.", dir=args.dir))
     table = work / "table.npy"
     try:
         print(f"creating {table} ({rows:,} x {args.dim} float32)", flush=True)
-        create_table(table, RandomSource(rows, args.dim), progress=False, overwrite=True)
+        create_table(table, RandomSource(rows, args.dim), progress=False)
 
         def config(restart: bool, waits_for: str = "none") -> StoreConfig:
             """The store: hot and warm LRU tiers, warm restart on or off (what open waits for)."""
@@ -173,6 +184,8 @@ def main(argv=None) -> int:
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept: {work}", flush=True)
     if args.out:
         write_json(args.out, result)
     return 0

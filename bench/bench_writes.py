@@ -41,7 +41,7 @@ import torch
 
 from tiered_store import TieredStore
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, existing_dir, output_file, run_script
 from tiered_store.corpus import resolve_corpus
 from tiered_store.delta.row_delta import HEADER_BYTES
 from tiered_store.delta.row_optimizers import make_row_optimizer
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = doc_parser(__doc__)
     p.add_argument(
         "--dir",
-        type=Path,
+        type=existing_dir,
         help="where the temporary directory of the tables goes (deleted at the end; default: "
         "the system's temporary directory)",
     )
@@ -139,8 +139,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             f"--recovery-rows {args.recovery_rows!r}: expected table sizes of at least 10 rows "
             "(the delta holds a tenth), comma-separated"
         )
-    if args.dir is not None and not args.dir.is_dir():
-        p.error(f"--dir {args.dir}: not a directory")
     if args.baseline_root is not None and not (args.baseline_root / "tiered_store").is_dir():
         p.error(f"--baseline-root {args.baseline_root}: expected a checkout holding tiered_store/")
     if args.only.strip() == "readpath" and args.baseline_root is None:

@@ -51,7 +51,14 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file, public_command, run_script
+from tiered_store.cli_args import (
+    at_least,
+    doc_parser,
+    existing_dir,
+    output_file,
+    public_command,
+    run_script,
+)
 from tiered_store.profile import FrequencyCounter
 from tiered_store.trace import TraceReader
 from zipf_analysis.analyze import AnalyzeOptions, analyze
@@ -92,7 +99,12 @@ def episodes_per_row(ids: np.ndarray, rows: int, window: int):
 def main(argv=None) -> int:
     p = doc_parser(__doc__)
     p.add_argument("corpus", nargs="*", help="text files/dirs/globs (default: the stdlib sources)")
-    p.add_argument("--dir", default="/var/tmp", help="work directory")
+    p.add_argument(
+        "--dir",
+        type=existing_dir,
+        default="/var/tmp",
+        help="where the temporary work folder goes (deleted at the end)",
+    )
     p.add_argument(
         "--max-tokens", type=at_least(1), default=5_000_000, help="tokens analysed (both parts)"
     )

@@ -70,11 +70,26 @@ def test_runs_without_fio_against_the_python_probe(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report"]  # the table was deleted
 
 
-def test_refuses_no_fio_without_the_baselines_depth(tmp_path):
-    args = ("--no-fio", "--dir", str(tmp_path), "--depths", "1,8")
-    done = run_bench("bench_cold_path.py", *args, timeout=120)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # fio's baseline too reads at depth 32: it crashed after every round without it
+        (("--depths", "1,8"), "--depths [1, 8]: the baseline reads at queue depth 32; expected"),
+        (("--no-fio", "--depths", "1,8"), "--depths [1, 8]: the baseline reads at queue depth 32"),
+        (("--table-gib", "0.001"), "--batch 16,384: more than the table's 8,388 rows"),
+        (("--table-gib", "0"), "argument --table-gib: expected a number > 0, got '0'"),
+    ],
+)
+def test_refuses_settings_it_cannot_run_before_any_work(tmp_path, args, message):
+    done = run_bench("bench_cold_path.py", "--dir", str(tmp_path), *args, timeout=120)
     assert done.returncode == 2
-    assert "--no-fio: the baseline reads at queue depth 32, which --depths [1, 8] lacks" in (
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_a_dir_that_does_not_exist(tmp_path):
+    done = run_bench("bench_cold_path.py", "--dir", str(tmp_path / "no"), timeout=120)
+    assert done.returncode == 2
+    assert f"argument --dir: '{tmp_path / 'no'}' does not exist; expected an existing" in (
         done.stderr
     )
-    assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,6 @@
 """bench/bench_warm_restart.py on a small trace: every restart restores the rows the first store
-saved, the miss ratios agree with each other, and its files stay only with --dir (run as a user)."""
+saved, the miss ratios agree with each other, and its files stay only with --dir, in a folder of
+their own (run as a user)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,15 @@ def trace(tmp_path_factory) -> Path:
 
 
 def test_restarts_restore_the_saved_rows_and_serve_the_same_lookups(trace, tmp_path):
-    work, out = tmp_path / "work", tmp_path / "r.json"
-    args = (str(trace), *SMALL, "--lookups", "100000", "--dir", str(work), "--out", str(out))
+    user, out = tmp_path / "user", tmp_path / "r.json"
+    user.mkdir()
+    (user / "table.npy").write_text("the user's own")  # never overwritten
+    args = (str(trace), *SMALL, "--lookups", "100000", "--dir", str(user), "--out", str(out))
     done = bench(*args, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    (work,) = (p for p in user.iterdir() if p.is_dir())  # a new folder, kept and named
+    assert f"kept: {work}" in done.stdout
+    assert (user / "table.npy").read_text() == "the user's own"
     result = json.loads(out.read_text())
     with TraceReader(trace) as reader:
         rows = int(reader.layout[reader.table_index("layer1")]["rows"])
@@ -69,7 +75,7 @@ def test_restarts_restore_the_saved_rows_and_serve_the_same_lookups(trace, tmp_p
         result["restart_hot_tier_first"]["hot_miss"] == result["restart_restored_first"]["hot_miss"]
     )
     assert result["restart_restored_first"]["cold_miss"] < result["cold_start"]["cold_miss"]
-    # --dir: the table and the restart files stay there
+    # --dir: the table and the restart files stay in its new folder
     assert {"table.npy", "table.npy.restart", "restart.saved"} <= {p.name for p in work.iterdir()}
 
 

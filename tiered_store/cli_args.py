@@ -82,6 +82,20 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def existing_dir(text: str) -> Path:
+    """An argparse ``type``: a folder that exists (where a script makes its work folder).
+
+    >>> existing_dir("/nonexistent")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '/nonexistent' does not exist; expected an existing folder
+    """
+    path = Path(text)
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text!r} {what}; expected an existing folder")
+    return path
+
+
 def output_file(text: str) -> Path:
     """An argparse ``type``: a file to write when the work is done, checked before it starts: a
     directory there, or a file where a folder on its way should be, is refused (a missing folder
