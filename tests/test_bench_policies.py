@@ -5,10 +5,15 @@ imported, as a user runs it)."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from tests.bench_support import CORPUS, run_bench
+from tests.bench_support import CORPUS, ROOT, run_bench
+from tiered_store.serve.client import subprocess_env
 
 pytest.importorskip("libcachesim")
 
@@ -81,3 +86,20 @@ def test_a_bad_value_is_refused_before_any_work(args, message, tmp_path):
     assert message in done.stderr
     assert "trace:" not in done.stdout + done.stderr  # no analysis of the default corpus first
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_deletes_the_work_directory(tmp_path):
+    """SIGTERM (kill's default) unwinds as Ctrl-C does: the traces under --dir go (it left them)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    script = [sys.executable, str(ROOT / "bench" / "bench_policies.py"), str(CORPUS)]
+    args = ["--max-tokens", "200000", "--dir", str(work)]
+    proc = subprocess.Popen([*script, *args], env=subprocess_env(), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(work.iterdir()) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert any(work.iterdir())  # its work directory, while it analyses
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert list(work.iterdir()) == []

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
-import signal
 import sys
-import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 from zipf_analysis.analyze import register as register_analyze
@@ -44,9 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def run() -> int:
-        # SIGTERM unwinds every command like Ctrl-C, so its cleanup runs (no temporary files
-        # or half a shard set left); serve installs its own handler (a drain) inside
-        with warnings.catch_warnings(), _interrupt_on_sigterm():
+        # serve installs its own SIGTERM handler (a drain) inside run_script's
+        with warnings.catch_warnings():
             warnings.showwarning = _warning_line(args.command)  # restored on return
             code = int(args.run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not as an error at exit
@@ -162,24 +157,6 @@ def _name_overwrite(exc: TableExistsError) -> TableExistsError:
     return TableExistsError(
         exc.errno, exc.strerror.replace("overwrite=True", "--overwrite"), exc.filename
     )
-
-
-@contextlib.contextmanager
-def _interrupt_on_sigterm() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt (so cleanup code runs), as SIGINT does
-    (only a main thread can take signals: elsewhere, nothing changes)."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _add_export_trace(sub) -> None:

@@ -4,11 +4,14 @@ name, library errors named by their option, and the command line a report record
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
+import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +56,12 @@ def run_script(main: Callable[[], Any], name: str | None = None) -> int:
     """The exit status of a command (a bench script, a ``tiered-store`` command): ``main()``'s
     (an int; None: 0; anything else: 0 when true, 1 when false); 2 with one line, ``NAME: error:
     ...``, when the library refuses something (a missing analysis, a bad setting) instead of a
-    traceback; 130 when interrupted. ``name``: the script's file name unless given."""
+    traceback; 130 when interrupted (Ctrl-C, or SIGTERM, which unwinds the same way so cleanup
+    runs). ``name``: the script's file name unless given."""
     script = name or os.path.basename(sys.argv[0]) or "bench"
     try:
-        code = main()
+        with interrupt_on_sigterm():  # so cleanup runs: no work folder or half a file left
+            code = main()
     except TieredStoreError as exc:
         print(f"{script}: error: {error_text(exc)}", file=sys.stderr)
         return 2
@@ -66,6 +71,24 @@ def run_script(main: Callable[[], Any], name: str | None = None) -> int:
     if isinstance(code, int) and not isinstance(code, bool):
         return code
     return 0 if code is None or code else 1
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt (so cleanup code runs), as SIGINT does
+    (only a main thread can take signals: elsewhere, nothing changes)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def existing_file(text: str) -> Path:
