@@ -88,6 +88,9 @@ def test_multilingual_round_trip(tok, text):
     compressed = tok.compress(ids)
     np.testing.assert_array_equal(compressed, tok.lookup[ids])
     np.testing.assert_array_equal(tok.compress(torch.from_numpy(ids)).numpy(), compressed)
+    # any shape: a reversed view (negative strides), a 0-d id
+    np.testing.assert_array_equal(tok.compress(ids[::-1]), compressed[::-1])
+    assert tok.compress(np.array(ids[0])).shape == () == tok.compress(torch.tensor(ids[0])).shape
     assert ((compressed >= 0) & (compressed < tok.num_compressed)).all()
     # Two tokens share a compressed id exactly when their normalised keys agree.
     keys = [tok.key(int(i)) for i in ids]

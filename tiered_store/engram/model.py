@@ -484,17 +484,18 @@ class EngramLM(nn.Module):
         try:
             for layer in self.layers:
                 h = layer(h, rope, prefetched, cache)
+            x = h.sum(dim=2)
+            if logits == "last":
+                x = x[:, -1]
+            x = self.final_norm(x)
+            out = x if logits == "none" else F.linear(x, self.embed.weight)  # (the largest)
         except BaseException:
-            if cache is not None:  # layers before the failing one extended it: a retry would
+            if cache is not None:  # layers before the failure extended it: a retry would
                 cache._restore(conv)  # attend to their positions twice
             raise
         if cache is not None:
             cache.position += ids.shape[1]
-        x = h.sum(dim=2)
-        if logits == "last":
-            x = x[:, -1]
-        x = self.final_norm(x)
-        return x if logits == "none" else F.linear(x, self.embed.weight)
+        return out
 
     def loss(self, input_ids: Any, *, prefetched: EngramBatch | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over ``input_ids`` [B, T] (position t predicts t + 1)."""

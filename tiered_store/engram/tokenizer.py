@@ -207,7 +207,7 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids")
         if low < 0 or high >= vocab_size:
             bad = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= vocab_size))[0])
             _raise_out_of_vocab(name, int(ids[bad]), bad, vocab_size)
-    return np.ascontiguousarray(ids, dtype=np.int64)  # torch takes no negative strides
+    return ids.astype(np.int64, order="C", copy=False)  # torch takes no negative strides
 
 
 def _raise_out_of_vocab(name: str, value: int, index: tuple[int, ...], vocab_size: int) -> None:
