@@ -281,12 +281,22 @@ def run_world(world: int, table: Path, ids_path: Path, args, work: Path) -> dict
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(
+    ranks = mp.start_processes(
         measure_worker,
         args=(world, port, table, ids_path, modes, args, out),
         nprocs=world,
+        join=False,
         start_method="spawn",
     )
+    try:
+        while not ranks.join():
+            pass
+    except BaseException:  # Ctrl-C or SIGTERM: the ranks stop too, before the work folder goes
+        for rank in ranks.processes:
+            rank.terminate()
+        for rank in ranks.processes:
+            rank.join(10)
+        raise
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
     result = {"world": world}
     local_step = [max(r["times"]["local"][i] for r in ranks) for i in range(args.rounds)]

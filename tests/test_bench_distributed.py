@@ -6,12 +6,16 @@ work."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.bench_support import options_in_help, run_bench
+from tests.bench_support import ROOT, options_in_help, run_bench
+from tiered_store.serve.client import subprocess_env
 
 VOCAB, TOKENS, ROUNDS, HEADS = 2000, 256, 3, 16  # 2 n-gram orders x 8 heads: 16 ids a token
 ID_BYTES, ROW_BYTES = 8, 128  # what crosses per id asked and per row served (64 x bfloat16)
@@ -173,4 +177,23 @@ def test_a_bad_value_is_refused_before_any_work(args, message, tmp_path):
     assert message in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == "" and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]  # no work folder made
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_sigterm_stops_its_ranks_and_removes_its_scratch(tmp_path):
+    """SIGTERM unwinds the script as Ctrl-C does; its spawned ranks stop with it rather than
+    measuring on (they kept the process alive for minutes, then wrote into a removed folder)."""
+    (tmp_path / "tmp").mkdir()
+    args = (*SMALL[:4], "--rounds", "400", "--ranks", "2", *SMALL[8:])
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_distributed.py"), *args]
+    env = subprocess_env({"TMPDIR": str(tmp_path / "tmp")})
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for line in proc.stderr:  # the ranks are spawned right after this line
+        if line.startswith(b"measuring 2 rank(s)"):
+            break
+    time.sleep(1)  # spawned, starting (they take seconds to import torch), then measuring
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 130
+    time.sleep(2)  # a rank still running would write its results again
     assert list((tmp_path / "tmp").iterdir()) == []
