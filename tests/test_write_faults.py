@@ -115,16 +115,17 @@ def test_a_read_only_file_system_refuses_a_table_and_page_checksums_naming_the_t
         add_page_checksums(path, progress=False)
 
 
-@pytest.mark.parametrize("block_bytes", [1 << 20, 4096])
+@pytest.mark.parametrize(("block_bytes", "notes"), [(1 << 20, 0), (4096, 0), (1 << 20, 300_000)])
 def test_a_table_near_the_free_space_is_written_whole_or_refused_before_writing(
-    small_fs, block_bytes
+    small_fs, block_bytes, notes
 ):
     """Each of a table's files takes whole file-system blocks, and its manifest grows with the
-    number of ``block_bytes`` blocks: the free-space check counted the manifest and the page
-    checksums as a few bytes (and with 1 MiB blocks), so a table within a few blocks of the free
-    space passed it, then ran out of room after writing its data."""
+    number of ``block_bytes`` blocks and with the user's metadata: the free-space check counted
+    the manifest and the page checksums as a few bytes (and with 1 MiB blocks), so a table
+    within a few blocks of the free space passed it, then ran out of room after writing its
+    data."""
     free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
-    most = (free - 4096) // 200  # rows of 200 bytes: the most whose data alone fits
+    most = (free - 4096 - notes) // 200  # rows of 200 bytes: the most whose data alone fits
     outcomes = set()
     for rows in range(most - 150, most + 1, 5):
         try:
@@ -132,6 +133,7 @@ def test_a_table_near_the_free_space_is_written_whole_or_refused_before_writing(
                 small_fs / "t.npy",
                 np.zeros((rows, 50), np.float32),
                 block_bytes=block_bytes,
+                metadata={"notes": "n" * notes} if notes else None,
                 progress=False,
             )
         except TierIOError as exc:
@@ -143,6 +145,46 @@ def test_a_table_near_the_free_space_is_written_whole_or_refused_before_writing(
             for path in small_fs.iterdir():
                 path.unlink()
     assert outcomes == {"refused", "written"}
+
+
+def test_a_table_whose_temporary_files_cannot_all_be_opened_leaves_none(tmp_path):
+    """A table's three temporary files are opened one after another: when a later one cannot be
+    (no file descriptor left here; no inode or quota elsewhere), the earlier ones were left on
+    disk and open."""
+    code = f"""
+import os, resource, sys
+import numpy as np
+from tiered_store import create_table
+from tiered_store.errors import TierIOError
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+for spare in range(1, 6):  # 1..5 descriptors free: some run fails between two opens
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    held = []
+    try:
+        while True:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    for fd in held[len(held) - spare :]:
+        os.close(fd)
+    try:
+        create_table({str(tmp_path / "t.npy")!r}, np.zeros((100, 4), np.float32), progress=False)
+        failed = None
+    except TierIOError as exc:
+        failed = exc
+    for fd in held[: len(held) - spare]:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    left = sorted(os.listdir({str(tmp_path)!r}))
+    print(spare, "failed" if failed else "written", left, flush=True)
+    for name in left:
+        os.unlink(os.path.join({str(tmp_path)!r}, name))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = [line.split(" ", 2) for line in done.stdout.splitlines()]
+    assert {outcome for _, outcome, _ in runs} == {"failed", "written"}
+    assert all(left == "[]" for _, outcome, left in runs if outcome == "failed")
 
 
 @pytest.fixture

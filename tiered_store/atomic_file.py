@@ -46,6 +46,20 @@ def write_step(what: str, step: str, outcome: str) -> Iterator[None]:
         ) from exc
 
 
+def atomic_files(*targets: tuple[Path, str]) -> list[AtomicFile]:
+    """An :class:`AtomicFile` for each ``(path, mode)`` (text modes in UTF-8), or none: when one
+    cannot be opened, those already opened are aborted (no temporary file or descriptor left)."""
+    opened: list[AtomicFile] = []
+    try:
+        for path, mode in targets:
+            opened.append(AtomicFile(path, mode, **({} if "b" in mode else {"encoding": "utf-8"})))
+    except BaseException:
+        for f in opened:
+            f.abort()
+        raise
+    return opened
+
+
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """fsync a directory so that renames inside it are durable (no-op where unsupported)."""
     try:

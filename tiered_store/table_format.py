@@ -49,7 +49,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .atomic_file import AtomicFile, fsync_dir, in_the_way, write_step
+from .atomic_file import AtomicFile, atomic_files, fsync_dir, in_the_way, write_step
 from .errors import TableFormatError, TierIOError
 from .npy_files import read_npy_header
 from .page_checksums import (
@@ -697,8 +697,7 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
     what = f"cannot add page checksums to table {npy_path}"
     unchanged = "the table was left as it was"
     with write_step(what, "creating its temporary files", unchanged):
-        sidecar = AtomicFile(sidecar_path(npy_path), "wb")
-        manifest_file = AtomicFile(manifest_path, "w", encoding="utf-8")
+        sidecar, manifest_file = atomic_files((sidecar_path(npy_path), "wb"), (manifest_path, "w"))
     try:
         with write_step(what, "writing its page checksum file", unchanged):
             sidecar.file.write(content)
@@ -922,13 +921,15 @@ def _write_table(
     _, itemsize, _ = TABLE_DTYPES[reader.dtype]
     descr = TABLE_DTYPES[reader.dtype][0]
     row_bytes = reader.dim * itemsize
-    _check_free_space(directory, DATA_OFFSET + reader.rows * row_bytes, block_bytes, npy_path)
+    _check_free_space(
+        directory, DATA_OFFSET + reader.rows * row_bytes, block_bytes, metadata, npy_path
+    )
     header = _npy_header(descr, reader.rows, reader.dim)
     what, unpublished = f"cannot write table {npy_path}", "nothing was published"
     with write_step(what, "creating its temporary files", unpublished):
-        data_file = AtomicFile(npy_path, "wb")
-        sidecar = AtomicFile(sidecar_path(npy_path), "wb")
-        manifest_file = AtomicFile(manifest_path, "w", encoding="utf-8")
+        data_file, sidecar, manifest_file = atomic_files(
+            (npy_path, "wb"), (sidecar_path(npy_path), "wb"), (manifest_path, "w")
+        )
     crc = _BlockCrc(block_bytes)
     page_crc = PageCrcAccumulator(PAGE_BYTES)
     try:
@@ -994,17 +995,21 @@ def _write_table(
     return manifest
 
 
-def _check_free_space(directory: Path, data_bytes: int, block_bytes: int, npy_path: Path) -> None:
+def _check_free_space(
+    directory: Path, data_bytes: int, block_bytes: int, metadata: dict[str, Any], npy_path: Path
+) -> None:
     """Refuse (before writing a byte) a table that the file system has no room for.
 
     Each of its three files takes whole file-system blocks: the data; the page checksums, 4 bytes
-    per 4 KiB page; the manifest, a page for its fields and up to 12 bytes of JSON per
-    ``block_bytes`` block (a CRC-32 of 10 digits and ", ")."""
+    per 4 KiB page; the manifest, a page for its fixed fields, the user's ``metadata`` (as JSON,
+    a space more per line for its indent there) and up to 12 bytes of JSON per ``block_bytes``
+    block (a CRC-32 of 10 digits and ", ")."""
     stat = os.statvfs(directory)
+    user = json.dumps(metadata, indent=1, default=str)
     sizes = (
         data_bytes,
         4 * -(-data_bytes // PAGE_BYTES),
-        PAGE_BYTES + 12 * -(-data_bytes // block_bytes),
+        PAGE_BYTES + len(user.encode()) + user.count("\n") + 12 * -(-data_bytes // block_bytes),
     )
     needed = sum(-(-size // stat.f_frsize) * stat.f_frsize for size in sizes)
     free = stat.f_bavail * stat.f_frsize
