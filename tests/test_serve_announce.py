@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tests.serve_support import make_checkpoint
@@ -12,6 +13,7 @@ from tests.test_serve import start_server
 from tiered_store.errors import TierIOError
 from tiered_store.serve import ServeConfig, ServedModel, parse_request
 from tiered_store.serve.client import post_json, run_load, zipf_requests
+from tiered_store.serve.guarded_table import TableUnavailableError
 
 
 def queued_requests(server) -> list[int]:
@@ -147,5 +149,26 @@ def test_a_reload_tells_the_reopened_tables_about_the_requests_still_waiting(tmp
         served.answer(request, announced)
         served.release(announced)
         assert [len(s.caches.queue) for s in served.stores.values()] == [0, 0]
+    finally:
+        served.close()
+
+
+def test_a_closed_table_is_not_announced_to_and_its_answer_says_closed(tmp_path):
+    """A store left closed (a reload that could not reopen it) refused the announcement with
+    StoreClosedError, which the server answered as a 500; announcing is advice: the request goes
+    on, and its lookup answers with the table unavailable ("closed", a 503)."""
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        body = json.dumps({"input_ids": [[5, 17, 900, 17]]}).encode()
+        request = parse_request(body, config.server, served)
+        closed, *others = served.stores.values()
+        closed.close()
+        announced = served.announce(request)
+        assert [store for store, _ in announced.queued] == others
+        with pytest.raises(TableUnavailableError, match="closed"):
+            served.answer(request, announced)
+        served.release(announced)
+        assert all(len(store.caches.queue) == 0 for store in others)
     finally:
         served.close()

@@ -25,6 +25,7 @@ from tiered_store import (
     create_table,
 )
 from tiered_store.config import load_yaml
+from tiered_store.errors import StoreClosedError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.workload import ZipfWorkload
 
@@ -747,3 +748,15 @@ def test_close_gives_up_on_a_prefetch_whose_read_hangs(tmp_path, monkeypatch):
     assert time.monotonic() - start < 5
     release.set()
     assert torch.equal(handle.future.result(10)[0], data[[1, 2, 3]])  # it ended on its own
+
+
+def test_a_prefetch_that_races_close_is_refused_as_the_store_closed(tmp_path):
+    """close() can shut the fetch pool between a prefetch's open check and its submit: the
+    prefetch is refused as a call to a closed store (a server answers 503 "closed"), not as a bad
+    handle (a 500)."""
+    path, _ = make_table(tmp_path, rows=100)
+    with TieredStore(store_config(path)) as store:
+        store._prefetcher.close(5.0)  # as close() does, just after the open check
+        ids = torch.arange(3)
+        with pytest.raises(StoreClosedError, match="prefetch: the store is closed"):
+            store._prefetcher.submit(ids, ids, (3,))

@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .errors import TieredStoreError
+from .errors import StoreClosedError, TieredStoreError
 from .latency import LatencyHistogram
 
 
@@ -113,7 +113,9 @@ class Prefetcher:
             with self._queued_lock:
                 self._queued.pop(number, None)
             self._in_flight.release()
-            raise PrefetchHandleError("prefetch: the store is closed") from None
+            raise StoreClosedError(
+                "prefetch: the store is closed; open a new TieredStore"
+            ) from None
         future.add_done_callback(lambda _: self._in_flight.release())
         self._last = future
         self.handles += 1

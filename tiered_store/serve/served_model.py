@@ -34,6 +34,7 @@ from ..engram.model import EngramBatch, EngramLM
 from ..errors import (
     ConfigError,
     RankFailureError,
+    StoreClosedError,
     TableFormatError,
     TieredStoreError,
     TierIOError,
@@ -449,7 +450,11 @@ class ServedModel:
                     self._waiting.add(announced)
                     for layer, ids in batch.row_ids.items():
                         store = self.stores[self.config.table_name(layer)]
-                        announced.queued.append((store, store.announce(ids)))
+                        try:
+                            queued = store.announce(ids)
+                        except StoreClosedError:  # a reload could not reopen it: the answer's
+                            continue  # lookup says so (503 "closed"); announcing is advice
+                        announced.queued.append((store, queued))
             except BaseException:
                 self.release(announced)
                 raise
