@@ -267,6 +267,9 @@ def test_hash_rejects_bad_ids_before_compute(golden):
         hasher.hash(torch.tensor([[-3, 2]]))
     with pytest.raises(ConfigError, match="layer_id"):
         hasher.hash_layer(np.array([[1, 2]]), 99)
+    for scalar in (5, np.int64(5), np.array(5), torch.tensor(5)):  # not a one-token sequence
+        with pytest.raises(ConfigError, match=r"expected shape \[\.\.\., T\], got a scalar"):
+            hasher.hash(scalar)
 
 
 # -- configuration ----------------------------------------------------------------------------

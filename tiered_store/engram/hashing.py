@@ -332,7 +332,7 @@ class NgramHasher:
         ids = check_token_ids(input_ids, self.tokenizer.vocab_size)
         from_numpy = not isinstance(ids, torch.Tensor)
         if from_numpy:
-            ids = torch.from_numpy(np.ascontiguousarray(ids))  # zero-copy; torch's % is faster
+            ids = torch.from_numpy(ids)  # contiguous (check_token_ids); torch's % is faster
         if ids.ndim == 0:
             raise ConfigError("input_ids: expected shape [..., T], got a scalar")
         x = self.tokenizer.lookup_tensor(ids.device)[ids]
