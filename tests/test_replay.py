@@ -214,7 +214,10 @@ def test_replay_command_writes_table_json_and_png(tmp_path, capsys):
     assert names[0] == "lru" and "belady" in names
     sweep_lru = dict(zip(doc["sweep"][0]["capacities"], doc["sweep"][0]["miss_ratio"], strict=True))
     belady = dict(zip(doc["sweep"][-1]["capacities"], doc["sweep"][-1]["miss_ratio"], strict=True))
-    assert all(belady[c] <= sweep_lru[c] + 1e-12 for c in sweep_lru)
+    assert all(belady[c] <= sweep_lru[c] + 1e-12 for c in sweep_lru if c)
+    # at 0 a batch reads each of its distinct rows once (it was drawn at 1.0), per request 1.0
+    assert 0 < sweep_lru[0] < 1 == belady[0]
+    assert doc["sweep"][0]["lookups"] == result["lookups"]  # was 0 with --no-bounds
     assert (out / "replay.png").stat().st_size > 10_000
     # a static policy with its static_rows: each swept capacity pins them (as many as fit)
     np.save(tmp_path / "top.npy", np.arange(20, dtype=np.int64))

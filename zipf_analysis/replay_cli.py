@@ -67,8 +67,8 @@ def register(sub) -> None:
         default=0,
         metavar="N",
         help="replay the policies as a server that knows its next N requests of --request-tokens "
-        "tokens (TieredStore.announce): rows they use are evicted last. Not applied to the "
-        "sweep, the bounds or the split; 0: none",
+        "tokens (TieredStore.announce): rows they use are evicted last. Applied to the policy "
+        "rows and the sweep, not to the bounds or the split; 0: none",
     )
     p.add_argument(
         "--request-tokens",
@@ -422,10 +422,11 @@ def sweep(
     ids = reader.read_all(table) if bound_names else None
     curves = []
     for policy in dict.fromkeys(p for p in policies if not is_offline(p)):
-        ratios = [1.0]
+        ratios = []
         parsed = PolicySpec.parse(policy)
         pins = config.tiers.warm.static_rows if parsed.static and not parsed.tuned else None
-        for cap in caps:  # a cold start, but for the rows a static policy pins
+        for cap in grid:  # a cold start, but for the rows a static policy pins; at 0, a batch
+            # reads each of its distinct rows once (below 1 unless batches are single lookups)
             single = config.model_copy(
                 update={
                     "tiers": config.tiers.model_copy(
@@ -456,7 +457,7 @@ def sweep(
                 policy,
                 np.array(grid),
                 np.array(ratios),
-                int(ids.size) if ids is not None else 0,
+                reader.lookups(table),
                 table_rows=rows,
                 metadata={
                     "method": "replay",
