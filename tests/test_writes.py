@@ -824,3 +824,64 @@ def test_a_table_made_anew_through_a_symlink_is_written_where_it_points(tmp_path
     for path in (links / "t.npy", real / "t.npy"):
         with TieredStore.open({"table": {"path": str(path)}}) as store:
             assert store.lookup([0, 9]).tolist() == [[1.0] * 4] * 2
+
+
+def test_a_commit_to_a_table_made_anew_while_a_store_of_it_is_open_is_kept(tmp_path):
+    """A reader store of the old table stays open in this process while the table is made anew
+    and a new store commits: the commit went into the old, removed delta (shared by path), so
+    commit() returned and the row was lost."""
+    from tiered_store import create_table
+
+    path = tmp_path / "t.npy"
+    config = {"table": {"path": str(path)}}
+    create_table(path, np.zeros((10, 2), np.float32), progress=False)
+    with TieredStore.open(config) as store:
+        store.write([1], torch.full((1, 2), 7.0))
+        store.commit()
+    reader = TieredStore.open(config)
+    create_table(path, np.ones((10, 2), np.float32), progress=False, overwrite=True)
+    with TieredStore.open(config) as writer:
+        writer.write([2], torch.full((1, 2), 9.0))
+        assert writer.commit() == 1  # the new table's first commit
+    assert delta_path(path).is_dir()
+    reader.close()
+    with TieredStore.open(config) as store:
+        assert store.lookup([1, 2]).tolist() == [[1.0, 1.0], [9.0, 9.0]]
+        assert store.committed_step == 1
+
+
+def test_a_store_opened_beside_one_of_a_table_made_anew_elsewhere_reads_the_new_delta(tmp_path):
+    """A server reloads a table (the new store opened before the old one closes) that another
+    process made anew and wrote: the new store read the old store's environment, of the removed
+    delta (the old table's rows over the new base, the new commit missing)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tiered_store import create_table
+    from tiered_store.serve.client import subprocess_env
+
+    path = tmp_path / "t.npy"
+    config = {"table": {"path": str(path)}}
+    create_table(path, np.zeros((10, 2), np.float32), progress=False)
+    with TieredStore.open(config) as store:
+        store.write([1], torch.full((1, 2), 7.0))
+        store.commit()
+    old = TieredStore.open(config)
+    code = textwrap.dedent(f"""
+        import numpy as np, torch
+        from tiered_store import TieredStore, create_table
+        create_table({str(path)!r}, np.ones((10, 2), np.float32), progress=False, overwrite=True)
+        with TieredStore.open({{"table": {{"path": {str(path)!r}}}}}) as s:
+            s.write([2], torch.full((1, 2), 9.0))
+            s.commit()
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert old.is_stale()
+    with TieredStore.open(config) as new:
+        assert new.lookup([1, 2]).tolist() == [[1.0, 1.0], [9.0, 9.0]]
+        assert new.committed_step == 1
+    old.close()

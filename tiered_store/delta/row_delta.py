@@ -129,7 +129,9 @@ class RowDelta:
         if not existed and not create:
             raise ConfigError(f"delta: {self.path} does not exist; expected a table's write delta")
         try:
-            self.env, self._grow_lock = _shared_env(self.path, lambda: self._open(wanted, existed))
+            self._env_key, self.env, self._grow_lock = _shared_env(
+                self.path, lambda: self._open(wanted, existed)
+            )
         except lmdb.Error as exc:
             raise TierIOError(
                 f"delta: cannot open {self.path} ({exc}); expected a writable directory "
@@ -139,7 +141,7 @@ class RowDelta:
         try:
             self._open_dbs(create and not self.readonly, initial_step)
         except lmdb.MapResizedError:
-            _release_env(self.path)
+            _release_env(self._env_key)
             raise TierIOError(
                 errno.ESTALE,
                 f"delta: {self.path} grew in another process past the map this process has open "
@@ -167,7 +169,7 @@ class RowDelta:
                         self.rows_db = self.env.open_db(b"rows", txn=txn, create=False)
                         self.meta_db = self.env.open_db(b"meta", txn=txn, create=False)
         except lmdb.NotFoundError:
-            _release_env(self.path)
+            _release_env(self._env_key)
             raise ConfigError(
                 f"delta: {self.path} was never initialised (a writer died creating it); "
                 "expected a table's write delta"
@@ -262,7 +264,7 @@ class RowDelta:
         if self._pinned is None:
             with self._grow_lock.shared():  # counted before a resize can look: it refuses then
                 self._pinned = self.env.begin()
-                _count_pin(self.path, 1)
+                _count_pin(self._env_key, 1)
 
     def unpin(self) -> None:
         """Read the newest commit again (a writer's view)."""
@@ -270,7 +272,7 @@ class RowDelta:
             pinned, self._pinned = self._pinned, None
         if pinned is not None:
             pinned.abort()
-            _count_pin(self.path, -1)
+            _count_pin(self._env_key, -1)
 
     @contextlib.contextmanager
     def _txn(self, **kwargs: Any) -> Iterator[lmdb.Transaction]:
@@ -402,7 +404,7 @@ class RowDelta:
         if os.getpid() == self._pid and not self._released:
             self.unpin()
             self._released = True
-            _release_env(self.path)
+            _release_env(self._env_key)
 
     # -- internals ---------------------------------------------------------------------------------
     def _grow(self) -> None:
@@ -411,7 +413,7 @@ class RowDelta:
         a commit: growing would end its view."""
         with self._grow_lock.exclusive():
             size = self.env.info()["map_size"] * 2
-            if _count_pin(self.path, 0):
+            if _count_pin(self._env_key, 0):
                 raise CommitError(
                     f"delta: {self.path}'s map ({size // 2:,} bytes) is full, and another store "
                     "of this table in this process holds an older commit that growing it would "
@@ -575,38 +577,67 @@ class _GrowLock:
                 self._cond.notify_all()
 
 
-# LMDB allows one environment handle per file per process: handles of one path share it.
-# (pid, realpath) -> [environment, handles, pinned, its _GrowLock]
-_ENVS: dict[tuple[int, str], list] = {}
+# LMDB allows one environment handle per file per process: handles of one delta share it. Keyed
+# by its data file's identity too: a delta removed and made anew at the same path (a table made
+# anew) is another environment, while handles of the removed one keep theirs
+# (pid, realpath, (st_dev, st_ino) of data.mdb) -> [environment, handles, pinned, its _GrowLock]
+_ENVS: dict[tuple[int, str, tuple[int, int]], list] = {}
 _ENVS_LOCK = threading.Lock()
+OPEN_ATTEMPTS = 4  # opens of a delta whose data file another process replaced meanwhile
 
 
-def _shared_env(path: Path, open_env) -> tuple[lmdb.Environment, _GrowLock]:
-    """This process's environment for ``path`` (opened by ``open_env`` on first use) and the lock
-    its read transactions and resizes share."""
-    key = (os.getpid(), os.path.realpath(path))  # never an environment across fork()
+def _shared_env(path: Path, open_env) -> tuple[tuple, lmdb.Environment, _GrowLock]:
+    """This process's environment for the delta at ``path`` now (opened by ``open_env`` unless
+    one of this very data file is open), its key (for ``_release_env``) and the lock its read
+    transactions and resizes share."""
+    real = os.path.realpath(path)
+    with _ENVS_LOCK:
+        for _ in range(OPEN_ATTEMPTS):
+            before = _data_file_id(real)
+            key = (os.getpid(), real, before)  # never an environment across fork()
+            entry = _ENVS.get(key)
+            if entry is None:
+                env = open_env()
+                if before is None or _data_file_id(real) != before:  # made or replaced as it
+                    env.close()  # opened: which file it has is unknown; again (now it is there)
+                    continue
+                entry = _ENVS[key] = [env, 0, 0, _GrowLock()]
+            entry[1] += 1
+            return key, entry[0], entry[3]
+    raise TierIOError(
+        errno.ESTALE,
+        f"delta: {path} was replaced while it opened, {OPEN_ATTEMPTS} times; expected a delta "
+        "that stays put while a store opens (is a conversion or create_table rerunning?)",
+    )
+
+
+def _data_file_id(real: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the delta's data file; None when it has none."""
+    data_file = os.path.join(real, "data.mdb")
+    try:
+        st = os.stat(data_file)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TierIOError(
+            exc.errno, f"delta: cannot stat {data_file} ({exc.strerror}); expected a readable delta"
+        ) from None
+    return st.st_dev, st.st_ino
+
+
+def _count_pin(key: tuple, change: int) -> int:
+    """Add ``change`` to the handles of the environment ``key`` holding a pinned commit; returns
+    how many do."""
     with _ENVS_LOCK:
         entry = _ENVS.get(key)
-        if entry is None:
-            entry = _ENVS[key] = [open_env(), 0, 0, _GrowLock()]
-        entry[1] += 1
-        return entry[0], entry[3]
-
-
-def _count_pin(path: Path, change: int) -> int:
-    """Add ``change`` to the handles of ``path``'s environment in this process holding a pinned
-    commit; returns how many do."""
-    with _ENVS_LOCK:
-        entry = _ENVS.get((os.getpid(), os.path.realpath(path)))
         if entry is None:
             return 0
         entry[2] += change
         return entry[2]
 
 
-def _release_env(path: Path) -> None:
-    """Drop one handle; close the environment with the last."""
-    key = (os.getpid(), os.path.realpath(path))
+def _release_env(key: tuple) -> None:
+    """Drop one handle of the environment ``key``; close it with the last."""
     with _ENVS_LOCK:
         entry = _ENVS.get(key)
         if entry is None:
