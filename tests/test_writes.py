@@ -321,6 +321,33 @@ def test_a_delta_of_another_row_size_is_refused(tmp_path):
         RowDelta(tmp_path / "d", row_bytes=32)
 
 
+def test_a_refused_delta_is_let_go_and_a_write_after_its_removal_makes_a_new_one(tmp_path):
+    """A store refusing a delta of another row size releases its environment (it stayed open for
+    the life of the process, and every later open of the table, its delta removed, was refused
+    the same way)."""
+    import shutil
+
+    from tiered_store import create_table
+    from tiered_store.delta import row_delta
+
+    t, u = tmp_path / "t.npy", tmp_path / "u.npy"
+    create_table(t, np.zeros((10, 2), np.float32), progress=False)
+    create_table(u, np.zeros((10, 3), np.float32), progress=False)
+    with TieredStore.open({"table": {"path": str(t)}}) as store:
+        store.write([1], torch.ones(1, 2))
+        store.commit()
+    shutil.copytree(delta_path(t), delta_path(u))  # another table's delta beside u.npy
+    with pytest.raises(DeltaCorruptError, match="holds 8-byte rows; the table's rows are 12"):
+        TieredStore.open({"table": {"path": str(u)}})
+    assert not any(key[1] == str(delta_path(u)) for key in row_delta._ENVS)
+    shutil.rmtree(delta_path(u))
+    with TieredStore.open({"table": {"path": str(u)}}) as store:
+        store.write([1], torch.full((1, 3), 5.0))
+        store.commit()
+    with TieredStore.open({"table": {"path": str(u)}}) as store:
+        assert store.lookup([1]).tolist() == [[5.0] * 3]
+
+
 def test_compaction_makes_a_new_version_old_readers_finish_undisturbed(tmp_path):
     from tiered_store.delta.compaction import compact_table
     from tiered_store.delta.table_versions import remove_unused_versions, version_path

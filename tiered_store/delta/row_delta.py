@@ -137,21 +137,24 @@ class RowDelta:
                 f"delta: cannot open {self.path} ({exc}); expected a writable directory "
                 "(or, read-only, an existing delta)"
             ) from None
-        self.readonly = self.env.flags()["readonly"]
-        try:
-            self._open_dbs(create and not self.readonly, initial_step)
-        except lmdb.MapResizedError:
+        try:  # a refused open releases its handle: the environment must not outlive it
+            self.readonly = self.env.flags()["readonly"]
+            try:
+                self._open_dbs(create and not self.readonly, initial_step)
+            except lmdb.MapResizedError:
+                raise TierIOError(
+                    errno.ESTALE,
+                    f"delta: {self.path} grew in another process past the map this process has "
+                    "open (another store of this table here still holds an older commit); close "
+                    "it, then open this one",
+                ) from None
+            self._check_row_bytes()
+            if not existed:
+                fsync_dir(self.path)  # its files' entries (data.mdb), and its own in the parent
+                fsync_dir(self.path.parent)
+        except BaseException:
             _release_env(self._env_key)
-            raise TierIOError(
-                errno.ESTALE,
-                f"delta: {self.path} grew in another process past the map this process has open "
-                "(another store of this table here still holds an older commit); close it, then "
-                "open this one",
-            ) from None
-        self._check_row_bytes()
-        if not existed:
-            fsync_dir(self.path)  # its files' entries (data.mdb), and its own in the parent
-            fsync_dir(self.path.parent)
+            raise
 
     def _open_dbs(self, initialise: bool, initial_step: int) -> None:
         """Open both databases (a writer creates them first, with ``initial_step``)."""
@@ -169,7 +172,6 @@ class RowDelta:
                         self.rows_db = self.env.open_db(b"rows", txn=txn, create=False)
                         self.meta_db = self.env.open_db(b"meta", txn=txn, create=False)
         except lmdb.NotFoundError:
-            _release_env(self._env_key)
             raise ConfigError(
                 f"delta: {self.path} was never initialised (a writer died creating it); "
                 "expected a table's write delta"
