@@ -254,6 +254,23 @@ def test_a_step_whose_write_is_refused_keeps_its_gradients(tmp_path):
     table.close()
 
 
+def test_ids_outside_a_table_read_as_zeros_get_no_update(tmp_path):
+    """Over a store with ``out_of_range: zero``, lookups of ids outside the table (zero rows) kept
+    gradients that step() wrote: RowIdError, on that step and every later one."""
+    sgd = make_row_optimizer("sgd", lr=1.0)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.zeros((10, 2)), sgd)
+    config = {"table": {"path": str(path), "out_of_range": "zero"}}
+    table = TrainableTable(TieredStore.open(config), sgd)
+    for step in (1, 2):
+        table.lookup(torch.tensor([1, 12, -1])).sum().backward()
+        assert table.step(step) == 1
+    with torch.no_grad():
+        assert table.lookup(torch.tensor([1, 12])).tolist() == [[-2.0, -2.0], [0.0, 0.0]]
+    table.commit(2)
+    table.close()
+
+
 def test_a_slice_refuses_ids_outside_itself(tmp_path):
     from tiered_store.delta.trainable import TableSlice
     from tiered_store.errors import ConfigError, RowIdError

@@ -190,12 +190,15 @@ class TrainableTable:
         raise ConfigError(message)
 
     def _summed_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unique ids and their summed gradients since the last step (the gradients are kept)."""
+        """Unique ids in the table and their summed gradients since the last step (kept)."""
         gradients = self._gradients or [
             (torch.empty(0, dtype=torch.int64), torch.empty((0, self.dim), dtype=torch.float32))
         ]
         ids = torch.cat([i.reshape(-1) for i, _ in gradients])
         grads = torch.cat([g.reshape(-1, self.dim) for _, g in gradients])
+        if getattr(self.store, "zero_out_of_range", False):  # read as zeros: no row to update
+            inside = (ids >= 0) & (ids < self.rows)
+            ids, grads = ids[inside], grads[inside.to(grads.device)]
         unique, inverse, _ = unique_inverse_counts(ids)
         summed = torch.zeros((unique.numel(), self.dim), dtype=grads.dtype, device=grads.device)
         summed.index_add_(0, inverse.to(grads.device), grads)
