@@ -305,6 +305,35 @@ def test_announce_and_release_do_not_wait_for_a_lookup_holding_the_lock(tmp_path
         assert held(late.warm) == held(told.warm)
 
 
+def test_a_release_during_an_admission_never_hands_a_slot_out_twice(tmp_path):
+    """release() does not wait for the store's lock: one landing between a lookup's choice of
+    victims by the queue and the refusal of its candidate (lru+tinylfu) made the refused
+    victims go back onto the LRU victim buffer, which held them still; the next admission of
+    two rows put both in one slot, and a lookup of one returned the other's row."""
+    path, data = make_table(tmp_path, rows=ROWS, dim=4)
+    config = store_config(path, hot={"capacity": 8, "policy": "lru+tinylfu"}, warm={"capacity": 0})
+    with TieredStore(config) as store:
+        for _ in range(5):  # a full tier of frequent rows
+            store.lookup(torch.arange(8).repeat(5))
+        store.lookup(torch.tensor([100] * 60))  # admitted over a victim: the buffer holds more
+        request = store.announce(torch.tensor([150]))  # victims now come from the queue search
+        admit = store.hot.admission.admit
+
+        def released_meanwhile(candidates, victims):  # as another thread's release() can
+            store.release(request)
+            store.hot.admission.admit = admit
+            return admit(candidates, victims)
+
+        store.hot.admission.admit = released_meanwhile
+        store.lookup(torch.tensor([120]))  # a rare row: refused, its victim stays
+        buffered = store.hot._buffered
+        assert buffered is None or buffered[0].unique().numel() == buffered[0].numel()
+        store.lookup(torch.tensor([130] * 60 + [131] * 60))  # two victims at once
+        for row in (130, 131, 100, *range(8)):
+            assert torch.equal(store.lookup(torch.tensor([row])), data[[row]]), row
+        check_cache_invariants(store.hot)
+
+
 def test_store_announce_checks_ids_and_release_checks_the_request(tmp_path):
     path, _ = make_table(tmp_path, rows=ROWS, dim=8)
     config = store_config(path, warm={"capacity": 100})

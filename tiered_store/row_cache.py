@@ -96,6 +96,7 @@ class RowCache:
         # next victims of a policy whose keys only grow (LRU), best first: (slots, keys then)
         self._victim_buffer = victim_buffer if self.eviction.keys_only_grow else 0
         self._buffered: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._victims_buffered = False  # the last victims came from the front of ``_buffered``
         # called with the slots about to be emptied or reused, before their rows are dropped (the
         # store's write-back copies dirty rows out here); None for read-only stores
         self.before_evict: Callable[[torch.Tensor], None] | None = None
@@ -380,6 +381,7 @@ class RowCache:
         protected = self._unevictable
         has_lookahead = lookahead is not None and lookahead.numel() > 0
         queued = self._next_use is not None and len(self.queue) > 0
+        self._victims_buffered = self._victim_buffer and not has_lookahead and not queued
         if self._victim_buffer and not has_lookahead:
             if not queued:
                 return self._buffered_victims(want)
@@ -490,8 +492,8 @@ class RowCache:
         first in line again."""
         self.eviction.on_reinstate(slots)
         self._queue_changed(slots)
-        if self._next_use is not None and len(self.queue):
-            self._buffered = None  # picked past queued rows: not the buffer's front
+        if not self._victims_buffered:  # picked by the queue or a search, the buffer may hold
+            self._buffered = None  # them still: put back, they would be in it twice
         elif self._buffered is not None and slots.numel():
             keys = self.eviction.victim_priority(slots)
             self._buffered = (
