@@ -305,6 +305,38 @@ def test_announce_and_release_do_not_wait_for_a_lookup_holding_the_lock(tmp_path
         assert held(late.warm) == held(told.warm)
 
 
+def test_announcing_faster_than_a_lookup_tells_the_tiers_waits_for_the_lock(tmp_path):
+    """announce/release post news without the lock and its holder passes it on: a thread
+    announcing in a loop kept one lookup telling the tiers for seconds (78,569 news items in
+    one 16-id lookup). Past NEWS_BACKLOG waiting, a poster waits for the lock and tells them."""
+    import threading
+
+    from tiered_store.store_lock import NEWS_BACKLOG
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=4)
+    with TieredStore(store_config(path, hot={"capacity": 8}, warm={"capacity": 8})) as store:
+        store.release(store.announce([5]))  # the first announce attaches the queue (locked)
+        posted = []
+
+        def announce_in_a_loop():
+            for row in range(3 * NEWS_BACKLOG):
+                posted.append(store.announce([row]))
+
+        with store._lock:  # a lookup holding the lock
+            thread = threading.Thread(target=announce_in_a_loop)
+            thread.start()
+            thread.join(timeout=5)
+            assert thread.is_alive()  # it waits for the lock ...
+            assert len(store._lock._news) == NEWS_BACKLOG + 1  # ... once past this backlog
+            assert len(posted) == NEWS_BACKLOG  # (the last announce waits to return)
+        thread.join(timeout=30)
+        assert not thread.is_alive() and len(posted) == 3 * NEWS_BACKLOG
+        for request in posted:
+            store.release(request)
+        store.lookup([1])  # tells the tiers the rest
+        assert len(store._lock._news) == 0 and len(store.caches.queue) == 0
+
+
 def test_a_release_during_an_admission_never_hands_a_slot_out_twice(tmp_path):
     """release() does not wait for the store's lock: one landing between a lookup's choice of
     victims by the queue and the refusal of its candidate (lru+tinylfu) made the refused

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from .request_queue import QueuedRequest
 
 
+NEWS_BACKLOG = 64  # news waiting before a poster waits for the lock to tell the tiers itself
+
+
 class StoreLock:
     """``with lock:`` takes the store's lock with the tiers up to date with the queue."""
 
@@ -65,8 +68,10 @@ class StoreLock:
         self._news.append((request, moved))
 
     def tell_if_free(self) -> None:
-        """Tell the tiers now if the lock is free; else its holder does when it lets go."""
-        if self._lock.acquire(blocking=False):
+        """Tell the tiers now if the lock is free; else its holder does when it lets go. Past
+        ``NEWS_BACKLOG`` waiting, wait for the lock: news posted faster than a holder passes it
+        on would otherwise keep that holder (a lookup) telling for ever."""
+        if self._lock.acquire(blocking=len(self._news) > NEWS_BACKLOG):
             try:
                 self._enter_stream()
                 self._tell_tiers()
@@ -93,8 +98,9 @@ class StoreLock:
             self._lock.release()
 
     def _tell_tiers(self) -> None:
-        """Under the lock: the tiers learn the news so far, in the order it came."""
-        while self._news:
+        """Under the lock: the tiers learn the news so far, in the order it came (what comes
+        meanwhile waits for the next holder, which tells it before its own work)."""
+        for _ in range(len(self._news)):
             request, moved = self._news.popleft()
             if moved is None:
                 self._caches.queued(request)
