@@ -591,6 +591,10 @@ def test_policies_the_model_does_not_know_are_modelled_as_lru_and_said_so(short_
     assert rec.notes[0] == (
         "tiers.hot.policy 'zipf-tuned' re-pins online (tiers.hot.repin.enabled): modelled as LRU"
     )
+    # eviction headroom (more rows evicted than needed) is not modelled either, and said so
+    rec = hot_only(config.tiers.hot.model_copy(update={"evict_headroom": 0.3}))
+    assert rec.model["hot"] == "zipf-tuned"
+    assert rec.notes[0] == "tiers.hot.evict_headroom 0.3: modelled as exact eviction (no headroom)"
 
 
 def test_replay_command_checks_a_zipf_tuned_split_with_its_policies(text_trace, tmp_path, capsys):

@@ -49,7 +49,7 @@ class TierModel:
     counts: np.ndarray | None = None  # the profile's lookups per row: they size the recency segment
     recency_window: int = DEFAULT_RECENCY_WINDOW
     bytes_policy: str | None = "lru"  # the eviction policy whose metadata a slot carries
-    note: str | None = None  # why a tier whose policy is not LRU is modelled as LRU
+    note: str | None = None  # what of the tier is not modelled as configured
 
     @property
     def kind(self) -> str:
@@ -83,8 +83,15 @@ def tier_models(config: StoreConfig, rows: int) -> dict[str, TierModel]:
         tier = getattr(config.tiers, name)
         spec = parse_policy(tier.policy, key=f"tiers.{name}.policy")
         why = _not_modelled(name, tier, spec)
+        headroom = (
+            f"tiers.{name}.evict_headroom {tier.evict_headroom:g}: modelled as exact eviction "
+            "(no headroom)"
+            if tier.evict_headroom
+            else None
+        )
         if spec.text == "lru" or why is not None:
-            out[name] = TierModel(name, spec.text, bytes_policy=_sized_as(spec), note=why)
+            note = "; ".join(n for n in (why, headroom) if n) or None
+            out[name] = TierModel(name, spec.text, bytes_policy=_sized_as(spec), note=note)
             continue
         profile = load_tier_profile(tier.profile, rows, f"tiers.{name}.profile")
         out[name] = TierModel(
@@ -94,6 +101,7 @@ def tier_models(config: StoreConfig, rows: int) -> dict[str, TierModel]:
             np.asarray(profile.counts),
             tier.recency_window,
             bytes_policy=spec.eviction,
+            note=headroom,
         )
     return out
 
