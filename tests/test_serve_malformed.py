@@ -83,6 +83,8 @@ MALFORMED = [
     ("POST", E, b'{"input_ids": [-4611686018427387904]}', {}, 400, "out of range"),
     ("POST", E, b'{"input_ids": [99999999999999999999999]}', {}, 400, "out of range"),
     ("POST", E, b'{"input_ids": [-99999999999999999999999]}', {}, 400, "out of range"),
+    ("POST", E, b'{"input_ids": [1' + b"0" * 400 + b"]}", {}, 400, "input_ids[0]: token id 10000000000000000000... (401 digits) is out of range"),
+    ("POST", E, b'{"input_ids": [[1, -1' + b"0" * 400 + b"]]}", {}, 400, "input_ids[0][1]: token id -1000000000000000000... (401 digits)"),
     # top_k
     ("POST", E, b'{"input_ids": [1], "top_k": 0}', {}, 400, "top_k: got integer 0; expected an integer from 1 to 20"),
     ("POST", E, b'{"input_ids": [1], "top_k": 21}', {}, 400, "top_k: got integer 21"),

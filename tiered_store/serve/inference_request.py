@@ -182,8 +182,11 @@ def _raise_first_bad_id(rows: list[Any], *, nested: bool) -> None:
                     400,
                     f"{where}[{t}]: got {_described(x)}; expected an integer token id",
                 )
-            if not -_ID_LIMIT < x < _ID_LIMIT:
-                raise RequestError(400, f"{where}[{t}]: token id {x:.3g} is out of range")
+            if not -_ID_LIMIT < x < _ID_LIMIT:  # its digits: past ~1.8e308 an int is no float
+                digits = str(x)
+                if len(digits) > 24:
+                    digits = f"{digits[:20]}... ({len(digits.lstrip('-'))} digits)"
+                raise RequestError(400, f"{where}[{t}]: token id {digits} is out of range")
 
 
 def _tokenize(value: Any, server: ServerSection, model: RequestModel) -> list[list[int]]:
