@@ -170,6 +170,20 @@ def test_a_client_stalling_mid_body_gets_408_without_a_traceback(proc):
     _no_trouble_in(proc.log())
 
 
+def test_an_oversized_body_gets_its_413_not_a_connection_reset(proc):
+    """The 413 was written and the connection closed with the body unread: the kernel reset it,
+    and a client still sending (post_json sends it all before reading) got ConnectionResetError."""
+    doc = {"text": "x" * 6_000_000}  # over max_body_bytes (4 MiB), announced in Content-Length
+    for _ in range(3):
+        status, answer = post_json(proc.url + "/v1/engram", doc)
+        assert status == 413 and "server.max_body_bytes" in answer["error"], answer
+    body = json.dumps(doc).encode()
+    head = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    status, head, _ = raw_exchange(proc.url, head.encode() + body)
+    assert status == 413 and b"connection: close" in head.lower()
+    _no_trouble_in(proc.log())
+
+
 def _answers(url: str, code: str, handler: str | None = None) -> float:
     """Requests (to ``handler``, or any) answered ``code`` so far, as /metrics counts them."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as scraped:

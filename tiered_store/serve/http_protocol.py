@@ -6,6 +6,13 @@ sends nothing, or half a request head, is held for good, and ``server.max_connec
 leave every other client a 503. Here a connection waiting for a request head (opened, or part of
 one received) is closed once ``server.request_timeout_s`` passes without a whole head.
 
+A connection closed while the client may still be sending a body no one reads (a 413 or 408
+marked ``Connection: close``) lingers as nginx's does: the answer is followed by a half-close,
+and what comes is read and dropped for up to ``server.request_timeout_s`` (or 64 MiB) before
+the close. Closing with the client's bytes unread makes the kernel reset the connection, and a
+client still sending (``http.client`` sends the whole body before it reads) got the reset, not
+its answer.
+
 Over ``limit_concurrency`` (``server.max_connections``) uvicorn answers a plain-text "Service
 Unavailable" that the server's request counters never see; here the same limit marks the request
 busy, and the app answers it: JSON like every other error of the server, naming the limit, and
@@ -28,6 +35,7 @@ _MALFORMED = (
     "malformed HTTP request (its request line, a header or the body's framing); expected "
     "HTTP/1.1 with Content-Length or chunked transfer encoding"
 )
+_LINGER_BYTES = 64 << 20  # the most of an unread body a closing connection reads and drops
 
 
 def with_head_deadline(
@@ -40,7 +48,11 @@ def with_head_deadline(
     ``on_malformed`` called to count it (no app sees it)."""
 
     class HeadDeadlineProtocol(H11Protocol):
+        _raw_transport: asyncio.Transport  # uvicorn sees it as a _LingeringTransport
         _head_deadline: asyncio.TimerHandle | None = None
+        _linger: asyncio.TimerHandle | None = None  # set while closing: the close's deadline
+        _dropped = 0  # bytes read and dropped while lingering
+        _client_ended = False  # the client shut its sending side
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -49,15 +61,23 @@ def with_head_deadline(
                 self.app = _marking_busy(self.app, limit, self.connections, self.tasks)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            self._raw_transport = transport
+            super().connection_made(_LingeringTransport(transport, self._close, self._closing))
             self._watch_head()
 
         def data_received(self, data: bytes) -> None:
+            if self._linger is not None:  # closing: the rest of a body no one reads, dropped
+                self._dropped += len(data)
+                if self._dropped > _LINGER_BYTES:
+                    self._raw_transport.close()
+                return
             super().data_received(data)  # cancels the keep-alive wait: part of a head came
             self._watch_head()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_watching()
+            if self._linger is not None:
+                self._linger.cancel()
             super().connection_lost(exc)
 
         def eof_received(self) -> bool:  # type: ignore[override]
@@ -65,6 +85,7 @@ def with_head_deadline(
             (HTTP/1.1 lets a client half-close and read its answer; uvicorn's returned None,
             which closes the connection at once, the answer unsent). The request is counted as
             one whose client left (499): one that closed for good ends its stream the same way."""
+            self._client_ended = True
             if self.cycle is not None and not self.cycle.response_complete:
                 self.cycle.keep_alive = False  # closed once the answer is written
                 # counted 499 as nginx does: a client that closed looks the same until written to
@@ -84,6 +105,26 @@ def with_head_deadline(
             ):
                 self.transport.write(self.conn.send(event))
             self.transport.close()
+
+        def _close(self) -> None:
+            """Close the connection, lingering first while the client may send a body no one reads."""
+            lingering = (
+                self.conn.their_state is h11.SEND_BODY
+                and self._linger is None
+                and not self._client_ended
+                and not self._raw_transport.is_closing()
+                and self._raw_transport.can_write_eof()
+            )
+            if not lingering:
+                self._raw_transport.close()
+                return
+            self._raw_transport.write_eof()  # after the answer: the client sees its end
+            self.flow.resume_reading()  # paused if the unread body filled uvicorn's buffer
+            self._linger = self.loop.call_later(seconds, self._raw_transport.close)
+
+        def _closing(self) -> bool:
+            """Whether the connection is closed or closing (lingering counts)."""
+            return self._linger is not None or self._raw_transport.is_closing()
 
         def _watch_head(self) -> None:
             """Arm the deadline while a head is awaited with no keep-alive wait running (that
@@ -105,6 +146,20 @@ def with_head_deadline(
                 self.transport.close()
 
     return HeadDeadlineProtocol
+
+
+class _LingeringTransport:
+    """A transport as uvicorn sees it: ``close`` and ``is_closing`` the protocol's, all else its own."""
+
+    def __init__(
+        self, transport: asyncio.Transport, close: Callable[[], None], closing: Callable[[], bool]
+    ) -> None:
+        self._transport = transport
+        self.close = close
+        self.is_closing = closing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def _marking_busy(app: Any, limit: int, connections: set, tasks: set) -> Any:
