@@ -529,6 +529,42 @@ def test_connections_that_send_no_whole_request_head_are_closed_in_time(tmp_path
         server.stop()
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
+        b"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 100000\r\n\r\n",  # 415, the body unread
+        b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",  # 404
+    ],
+)
+def test_a_client_trickling_a_body_no_one_reads_is_closed_in_time(tmp_path, config_path, head):
+    """An answer given before the body was all in kept the connection alive, each body byte
+    cancelling the keep-alive wait: a byte now and then held it past both limits for good."""
+    path = write_config(
+        tmp_path,
+        checkpoint={"path": str(config_path.parent / "checkpoint")},
+        server={"keep_alive_s": 30.0, "request_timeout_s": 1.0},
+    )
+    server = start_server(path)
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert b"\r\nconnection: close\r\n" in answer.lower(), answer
+            start = time.monotonic()
+            with pytest.raises(OSError):  # the server closed: a send is reset
+                while time.monotonic() - start < 4:
+                    sock.sendall(b"x")
+                    time.sleep(0.1)
+            assert time.monotonic() - start < 3  # request_timeout_s after the answer, at most
+    finally:
+        server.stop()
+
+
 def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(tmp_path):
     """Over server.max_connections: a JSON 503 naming the setting, counted (uvicorn's was plain
     text, and uncounted); served again once connections close. The metrics listener answers

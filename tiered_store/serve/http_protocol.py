@@ -6,12 +6,14 @@ sends nothing, or half a request head, is held for good, and ``server.max_connec
 leave every other client a 503. Here a connection waiting for a request head (opened, or part of
 one received) is closed once ``server.request_timeout_s`` passes without a whole head.
 
-A connection closed while the client may still be sending a body no one reads (a 413 or 408
-marked ``Connection: close``) lingers as nginx's does: the answer is followed by a half-close,
-and what comes is read and dropped for up to ``server.request_timeout_s`` (or 64 MiB) before
-the close. Closing with the client's bytes unread makes the kernel reset the connection, and a
-client still sending (``http.client`` sends the whole body before it reads) got the reset, not
-its answer.
+An answer given before the request's body was all in (a GET with a body, a POST refused 404, 405
+or 415 unread, a 413 or 408) is marked ``Connection: close``: uvicorn kept such a connection
+alive, dropping the body's bytes as they came, and each byte cancelled its keep-alive wait, so a
+client sending one now and then held the connection for good. Such a connection lingers as
+nginx's does: the answer is followed by a half-close, and what comes is read and dropped for up
+to ``server.request_timeout_s`` (or 64 MiB) before the close. Closing with the client's bytes
+unread makes the kernel reset the connection, and a client still sending (``http.client`` sends
+the whole body before it reads) got the reset, not its answer.
 
 Over ``limit_concurrency`` (``server.max_connections``) uvicorn answers a plain-text "Service
 Unavailable" that the server's request counters never see; here the same limit marks the request
@@ -35,6 +37,7 @@ _MALFORMED = (
     "malformed HTTP request (its request line, a header or the body's framing); expected "
     "HTTP/1.1 with Content-Length or chunked transfer encoding"
 )
+_CLOSE = (b"connection", b"close")
 _LINGER_BYTES = 64 << 20  # the most of an unread body a closing connection reads and drops
 
 
@@ -45,7 +48,8 @@ def with_head_deadline(
     request head has not arrived ``seconds`` after it began waiting for one, and marks requests
     over the config's ``limit_concurrency`` busy (the app answers them 503) instead of answering.
     A request h11 cannot parse is answered a JSON 400 (uvicorn's was plain text), and
-    ``on_malformed`` called to count it (no app sees it)."""
+    ``on_malformed`` called to count it (no app sees it). An answer begun before the body was all
+    in closes the connection, lingering up to ``seconds`` to drop the rest of the body."""
 
     class HeadDeadlineProtocol(H11Protocol):
         _raw_transport: asyncio.Transport  # uvicorn sees it as a _LingeringTransport
@@ -59,6 +63,7 @@ def with_head_deadline(
             limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's: plain text
             if limit is not None:
                 self.app = _marking_busy(self.app, limit, self.connections, self.tasks)
+            self.app = _closing_on_unread_body(self.app, self.conn)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._raw_transport = transport
@@ -160,6 +165,22 @@ class _LingeringTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+def _closing_on_unread_body(app: Any, conn: h11.Connection) -> Any:
+    """``app``, its answer marked ``Connection: close`` when begun before the body was all in."""
+
+    async def closing(scope: dict, receive: Any, send: Any) -> None:
+        async def send_closing(message: dict) -> None:
+            if message["type"] == "http.response.start" and conn.their_state is h11.SEND_BODY:
+                headers = list(message.get("headers", []))
+                if _CLOSE not in headers:
+                    message = {**message, "headers": [*headers, _CLOSE]}
+            await send(message)
+
+        await app(scope, receive, send_closing)
+
+    return closing
 
 
 def _marking_busy(app: Any, limit: int, connections: set, tasks: set) -> Any:
