@@ -630,3 +630,36 @@ def test_without_the_table_file_a_row_is_priced_by_its_dtype(tmp_path, dtype, va
         {"table": {"path": str(tmp_path / "absent.npy"), "dim": 264, "dtype": dtype}}
     )
     assert table_geometry(cfg, {"name": "t", "rows": 1000, "dim": 264}) == (1000, 264 * value_bytes)
+
+
+def test_a_trace_without_rows_whose_ids_pass_the_table_is_refused_by_name(tmp_path):
+    """A trace layout may leave out ``rows`` (the table file gives them): ids past the table's
+    rows crashed replay with an IndexError from the row index, and the tier split recommended
+    tiers for rows the table does not have."""
+    from tiered_store import RowIdError
+    from zipf_analysis.tier_split import recommend_split
+
+    path, _ = make_table(tmp_path, rows=500, dim=4)
+    trace = tmp_path / "t.trace"
+    with TraceWriter(trace, {"tables": [{"name": "a", "heads": 2}]}) as writer:
+        for batch in range(4):
+            writer.write(np.arange(batch * 400, batch * 400 + 40).reshape(1, 20, 2), "a")
+            writer.end_batch()
+    config = StoreConfig.from_dict(
+        {
+            "table": {"path": str(path)},
+            "tiers": {"hot": {"capacity": 50}, "warm": {"capacity": 100}},
+        }
+    )
+    expected = r"; expected ids in \[0, 500\) \(the table's rows\)"
+    for index in ("dense", "hashed"):
+        tiers = {t: {**config.tiers.model_dump()[t], "index": index} for t in ("hot", "warm")}
+        indexed = config.model_copy(update={"tiers": config.tiers.model_validate(tiers)})
+        first_past = r"trace table 'a': row ids in \[800, 839\]"  # the first batch past it
+        with pytest.raises(RowIdError, match=first_past + expected):
+            replay(indexed, trace)
+    with (
+        TraceReader(trace) as reader,
+        pytest.raises(RowIdError, match=r"row ids in \[0, 1,239\]" + expected),
+    ):
+        recommend_split(config, reader, gpu_budget="4KiB", host_budget="8KiB", points=2)

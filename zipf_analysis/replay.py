@@ -31,7 +31,7 @@ from policies.registry import is_offline, offline_bound
 from tiered_store.cache_plan import CacheHierarchy
 from tiered_store.capacity import resolve_capacity
 from tiered_store.config import CostModelConfig, StoreConfig
-from tiered_store.errors import ConfigError, TraceFormatError
+from tiered_store.errors import ConfigError, RowIdError, TraceFormatError
 from tiered_store.request_queue import QueuedRequest
 from tiered_store.stats import hit_ratio
 from tiered_store.table_format import PAGE_BYTES, read_manifest
@@ -213,6 +213,8 @@ def replay(
         )
     else:
         stream = _batches(reader, index, batch_tokens, heads)
+    if "rows" not in layout:  # the writer checked ids against its rows; here nothing did
+        stream = _inside(stream, rows, f"trace table {layout.get('name')!r}")
     for ids, ahead in _with_lookahead(stream, lookahead):
         if bar is not None:
             bar.update(ids.size)
@@ -452,6 +454,22 @@ def _batches(
         pending, n_pending = [flat[cut:]], flat.size - cut
     if n_pending:
         yield np.concatenate(pending)
+
+
+def _inside(batches: Iterator[np.ndarray], rows: int, what: str) -> Iterator[np.ndarray]:
+    """``batches``, each checked to hold row ids in ``[0, rows)``."""
+    for ids in batches:
+        check_row_ids(ids, rows, what)
+        yield ids
+
+
+def check_row_ids(ids: np.ndarray, rows: int, what: str) -> None:
+    """Refuse ``ids`` outside ``[0, rows)`` (a trace of another table), naming ``what``."""
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        raise RowIdError(
+            f"{what}: row ids in [{int(ids.min()):,}, {int(ids.max()):,}]; expected ids in "
+            f"[0, {rows:,}) (the table's rows): a trace of another table?"
+        )
 
 
 def _served_with_queue(

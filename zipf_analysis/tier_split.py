@@ -73,7 +73,7 @@ from tiered_store.trace import TraceReader
 
 from . import mrc_kernels as kernels
 from .mrc import MIN_TIME_CAPACITY, TIME_AXIS_GROWTH, compact_time_axis, time_axis
-from .replay import batch_fetch_seconds, table_geometry
+from .replay import batch_fetch_seconds, check_row_ids, table_geometry
 from .tier_models import PinRanks, TierModel, tier_models
 
 __all__ = [
@@ -705,6 +705,7 @@ def recommend_split(
             grids["hot"] = np.union1d(grids["hot"], [h])
             grids["warm"] = np.union1d(grids["warm"], [w])
     events = batch_events(trace, index, batch_tokens)
+    check_row_ids(events.ids, rows, f"trace table {layout.get('name')!r}")
     grid = split_grid(events, config.cost_model, row_bytes, grids["hot"], grids["warm"], models)
     nbytes = {
         t: np.array([tier_bytes(int(c), **size[t]) for c in g])
