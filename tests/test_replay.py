@@ -658,6 +658,9 @@ def test_a_trace_without_rows_whose_ids_pass_the_table_is_refused_by_name(tmp_pa
         first_past = r"trace table 'a': row ids in \[800, 839\]"  # the first batch past it
         with pytest.raises(RowIdError, match=first_past + expected):
             replay(indexed, trace)
+    for kw in ({"queued_requests": 2, "request_tokens": 20}, {"policy": "belady"}):
+        with pytest.raises(RowIdError, match=r"row ids in \[\d+, [\d,]+\]" + expected):
+            replay(config, trace, **kw)  # announced to the queue, or offline: checked first
     with (
         TraceReader(trace) as reader,
         pytest.raises(RowIdError, match=r"row ids in \[0, 1,239\]" + expected),

@@ -159,10 +159,15 @@ def replay(
     index = reader.table_index(table if table is not None else 0)
     layout = reader.layout[index]
     rows, row_bytes = table_geometry(config, layout)
+    unchecked = "rows" not in layout  # the writer checked ids against its rows; here nothing did
+    what = f"trace table {layout.get('name')!r}"
     if policy is not None and is_offline(policy):
+        ids = reader.read_all(index)
+        if unchecked:
+            check_row_ids(ids, rows, what)
         return replay_offline(
             config,
-            reader.read_all(index),
+            ids,
             policy,
             rows=rows,
             row_bytes=row_bytes,
@@ -205,16 +210,16 @@ def replay(
     reach(0)
     heads = int(layout.get("heads", 1))
     if queued_requests > 0:
+        requests = _batches(reader, index, request_tokens, heads, single_lookups=False)
         stream = _served_with_queue(
-            _batches(reader, index, request_tokens, heads, single_lookups=False),
+            _inside(requests, rows, what) if unchecked else requests,
             caches,
             queued_requests,
             _batch_lookups(batch_tokens, heads) if batch_tokens else None,
         )
     else:
         stream = _batches(reader, index, batch_tokens, heads)
-    if "rows" not in layout:  # the writer checked ids against its rows; here nothing did
-        stream = _inside(stream, rows, f"trace table {layout.get('name')!r}")
+        stream = _inside(stream, rows, what) if unchecked else stream
     for ids, ahead in _with_lookahead(stream, lookahead):
         if bar is not None:
             bar.update(ids.size)
