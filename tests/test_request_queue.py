@@ -305,14 +305,16 @@ def test_announce_and_release_do_not_wait_for_a_lookup_holding_the_lock(tmp_path
         assert held(late.warm) == held(told.warm)
 
 
-def test_announcing_faster_than_a_lookup_tells_the_tiers_waits_for_the_lock(tmp_path):
+def test_announcing_faster_than_a_lookup_tells_the_tiers_waits_for_the_lock(tmp_path, monkeypatch):
     """announce/release post news without the lock and its holder passes it on: a thread
     announcing in a loop kept one lookup telling the tiers for seconds (78,569 news items in
     one 16-id lookup). Past NEWS_BACKLOG waiting, a poster waits for the lock and tells them."""
     import threading
 
-    from tiered_store.store_lock import NEWS_BACKLOG
+    from tiered_store import store_lock
 
+    monkeypatch.setattr(store_lock, "NEWS_BACKLOG", 16)  # (1,024: a loop of announces)
+    NEWS_BACKLOG = store_lock.NEWS_BACKLOG
     path, _ = make_table(tmp_path, rows=ROWS, dim=4)
     with TieredStore(store_config(path, hot={"capacity": 8}, warm={"capacity": 8})) as store:
         store.release(store.announce([5]))  # the first announce attaches the queue (locked)
@@ -335,6 +337,35 @@ def test_announcing_faster_than_a_lookup_tells_the_tiers_waits_for_the_lock(tmp_
             store.release(request)
         store.lookup([1])  # tells the tiers the rest
         assert len(store._lock._news) == 0 and len(store.caches.queue) == 0
+
+
+def test_news_posted_while_an_announce_tells_the_tiers_is_told_before_it_returns(tmp_path):
+    """A holder tells the tiers the news there when it took the lock; news posted meanwhile (its
+    poster found the lock taken) is told when it lets go, not left for the next lookup."""
+    import threading
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=4)
+    with TieredStore(store_config(path, hot={"capacity": 16}, warm={"capacity": 0})) as store:
+        store.lookup(torch.arange(8))
+        store.announce(torch.tensor([0]))  # the queue attached
+        telling, posted = threading.Event(), threading.Event()
+        queued = store.caches.queued
+
+        def slowly_queued(request):  # the first announce's telling, held until the second posted
+            if not telling.is_set():
+                telling.set()
+                posted.wait(10)
+            return queued(request)
+
+        store.caches.queued = slowly_queued
+        first = threading.Thread(target=lambda: store.announce(torch.tensor([1, 2])))
+        first.start()
+        telling.wait(10)
+        late = store.announce(torch.tensor([3, 4]))  # the lock is taken: left to its holder
+        posted.set()
+        first.join(timeout=30)
+        assert len(store._lock._news) == 0
+        assert int(store.hot._next_use[store.hot.probe(torch.tensor([3]))[0]]) == late.token
 
 
 def test_a_release_during_an_admission_never_hands_a_slot_out_twice(tmp_path):

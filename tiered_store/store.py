@@ -299,7 +299,7 @@ class TieredStore:
                 self.caches.attach_queue()
         request = self.caches.queue.add(flat)  # its own lock: lookups go on meanwhile
         self._lock.post(request, None)
-        self._lock.tell_if_free()  # never waits for the lock
+        self._lock.tell_if_free()  # waits for the lock only past a backlog of news (NEWS_BACKLOG)
         return request
 
     def release(self, request: QueuedRequest) -> None:
@@ -310,7 +310,7 @@ class TieredStore:
         with self._releasing:  # one release at a time: each reads the queue the last one left
             moved = self.caches.queue.remove(request)  # its own lock: lookups go on meanwhile
             self._lock.post(request, moved)
-        self._lock.tell_if_free()  # never waits for the lock
+        self._lock.tell_if_free()  # waits for the lock only past a backlog of news (NEWS_BACKLOG)
 
     # -- the write interface ---------------------------------------------------------------------
     @_touches_files

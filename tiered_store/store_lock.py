@@ -3,10 +3,12 @@ calls under way that ``close()`` waits for (``InFlight``).
 
 ``TieredStore.announce`` and ``release`` change the queue under its own lock, then post the news
 (the request; for a release, the rows it was the earliest request for and their next request)
-here, in queue order, and never wait for the store's lock: a server's compute turn is not spent
-queueing behind lookups. Whoever holds the lock tells the tiers before deciding anything, and
-again on letting go of it (news that came meanwhile, whose senders found it taken), so no news
-waits for the next lookup.
+here, in queue order, and do not wait for the store's lock: a server's compute turn is not spent
+queueing behind lookups. Whoever holds the lock tells the tiers before deciding anything (the
+news there when it took it: news that keeps coming cannot hold a lookup for ever), and again on
+letting go of it (news that came meanwhile, whose senders found it taken), so no news waits for
+the next lookup. Only a poster that finds more than ``NEWS_BACKLOG`` news waiting (posting
+faster than the tiers take it in) waits for the lock, and tells the tiers itself.
 
 On a CUDA store the holder works on the store's stream: every change to the hot tier's device
 state (its slots, index, free list, policy and queue state) is queued on one stream, in the
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
     from .request_queue import QueuedRequest
 
 
-NEWS_BACKLOG = 64  # news waiting before a poster waits for the lock to tell the tiers itself
+NEWS_BACKLOG = 1024  # news waiting before a poster waits for the lock to tell the tiers itself
+TELL_PASSES = 8  # passes of news a thread letting go of the lock tells at most (then the next)
 
 
 class StoreLock:
@@ -68,10 +71,13 @@ class StoreLock:
         self._news.append((request, moved))
 
     def tell_if_free(self) -> None:
-        """Tell the tiers now if the lock is free; else its holder does when it lets go. Past
-        ``NEWS_BACKLOG`` waiting, wait for the lock: news posted faster than a holder passes it
-        on would otherwise keep that holder (a lookup) telling for ever."""
-        if self._lock.acquire(blocking=len(self._news) > NEWS_BACKLOG):
+        """Tell the tiers now if the lock is free, again while news came meanwhile (its posters
+        found the lock taken; at most ``TELL_PASSES`` times: the next holder tells the rest);
+        else its holder does when it lets go. Past ``NEWS_BACKLOG`` waiting, wait for the lock:
+        news posted faster than the tiers take it in would otherwise grow without end."""
+        for _ in range(TELL_PASSES):
+            if not self._news or not self._lock.acquire(blocking=len(self._news) > NEWS_BACKLOG):
+                return
             try:
                 self._enter_stream()
                 self._tell_tiers()
