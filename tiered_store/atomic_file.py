@@ -33,7 +33,8 @@ def in_the_way(path: Path, what: str = "a directory", code: int = errno.EISDIR) 
 
 @contextmanager
 def write_step(what: str, step: str, outcome: str) -> Iterator[None]:
-    """An ``OSError`` in the block (disk full, read-only FS, ...) as a TierIOError: ``what: step``."""
+    """An ``OSError`` in the block (disk full, read-only FS, ...) as a TierIOError naming
+    ``what`` and ``step``."""
     try:
         yield
     except TieredStoreError:
@@ -112,8 +113,9 @@ class AtomicFile:
         if self.path.is_dir():  # refused now, not at publish() after all the writing
             raise in_the_way(self.path)
         self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        exclusive = mode.replace("w", "x")
         try:
-            self.file: IO[Any] = open(self.tmp, mode.replace("w", "x"), **open_kwargs)  # noqa: SIM115
+            self.file: IO[Any] = open(self.tmp, exclusive, **open_kwargs)  # noqa: SIM115
         except OSError as exc:  # named by the file it writes, not by the hidden temporary
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 

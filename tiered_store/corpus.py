@@ -327,7 +327,8 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
     Reasons: ``"binary"`` (a NUL byte in the first 64 KiB), ``"not UTF-8"``, ``"empty"``
     (nothing but whitespace), ``"not a regular file"`` (a pipe, socket or device, or a link to
     one: never opened, as its read may wait for a writer or never end) and ``"unreadable"`` (an
-    OS error, or a ``*.gz`` file that does not decompress). A ``*.gz`` file is decompressed first; ``size`` is its decompressed size.
+    OS error, or a ``*.gz`` file that does not decompress). A ``*.gz`` file is decompressed
+    first; ``size`` is its decompressed size.
 
     Examples
     --------

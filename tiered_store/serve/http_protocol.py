@@ -112,7 +112,8 @@ def with_head_deadline(
             self.transport.close()
 
         def _close(self) -> None:
-            """Close the connection, lingering first while the client may send a body no one reads."""
+            """Close the connection, lingering first while the client may still send a body no
+            one reads."""
             lingering = (
                 self.conn.their_state is h11.SEND_BODY
                 and self._linger is None
@@ -154,7 +155,8 @@ def with_head_deadline(
 
 
 class _LingeringTransport:
-    """A transport as uvicorn sees it: ``close`` and ``is_closing`` the protocol's, all else its own."""
+    """A transport as uvicorn sees it: ``close`` and ``is_closing`` the protocol's, all else
+    its own."""
 
     def __init__(
         self, transport: asyncio.Transport, close: Callable[[], None], closing: Callable[[], bool]
