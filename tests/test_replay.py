@@ -632,7 +632,8 @@ def test_without_the_table_file_a_row_is_priced_by_its_dtype(tmp_path, dtype, va
     assert table_geometry(cfg, {"name": "t", "rows": 1000, "dim": 264}) == (1000, 264 * value_bytes)
 
 
-def test_a_trace_without_rows_whose_ids_pass_the_table_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("said", [{}, {"rows": None}])  # no rows in the layout, or a null
+def test_a_trace_without_rows_whose_ids_pass_the_table_is_refused_by_name(tmp_path, said):
     """A trace layout may leave out ``rows`` (the table file gives them): ids past the table's
     rows crashed replay with an IndexError from the row index, and the tier split recommended
     tiers for rows the table does not have."""
@@ -641,7 +642,7 @@ def test_a_trace_without_rows_whose_ids_pass_the_table_is_refused_by_name(tmp_pa
 
     path, _ = make_table(tmp_path, rows=500, dim=4)
     trace = tmp_path / "t.trace"
-    with TraceWriter(trace, {"tables": [{"name": "a", "heads": 2}]}) as writer:
+    with TraceWriter(trace, {"tables": [{"name": "a", "heads": 2, **said}]}) as writer:
         for batch in range(4):
             writer.write(np.arange(batch * 400, batch * 400 + 40).reshape(1, 20, 2), "a")
             writer.end_batch()

@@ -159,7 +159,7 @@ def replay(
     index = reader.table_index(table if table is not None else 0)
     layout = reader.layout[index]
     rows, row_bytes = table_geometry(config, layout)
-    unchecked = "rows" not in layout  # the writer checked ids against its rows; here nothing did
+    unchecked = not ids_checked(layout)
     what = f"trace table {layout.get('name')!r}"
     if policy is not None and is_offline(policy):
         ids = reader.read_all(index)
@@ -466,6 +466,12 @@ def _inside(batches: Iterator[np.ndarray], rows: int, what: str) -> Iterator[np.
     for ids in batches:
         check_row_ids(ids, rows, what)
         yield ids
+
+
+def ids_checked(layout: dict[str, Any]) -> bool:
+    """Whether a trace table's writer checked its ids: it does against the ``rows`` it declares."""
+    rows = layout.get("rows")
+    return isinstance(rows, int) and not isinstance(rows, bool)
 
 
 def check_row_ids(ids: np.ndarray, rows: int, what: str) -> None:

@@ -20,7 +20,7 @@ from tiered_store.errors import ConfigError, TraceFormatError
 from tiered_store.trace import TraceReader
 
 from .mrc import MissRatioCurve, lru_mrc, offline_mrc
-from .replay import ReplayResult, check_row_ids, replay, table_geometry
+from .replay import ReplayResult, check_row_ids, ids_checked, replay, table_geometry
 from .tier_split import DEFAULT_POINTS, SplitRecommendation, parse_budgets, recommend_split
 
 DEFAULT_SWEEP = "1%,5%,10%,25%"
@@ -421,7 +421,7 @@ def sweep(
     grid = [0, *caps]
     ids = reader.read_all(table) if bound_names else None
     layout = reader.layout[reader.table_index(table)]
-    if ids is not None and "rows" not in layout:  # as replay checks its batches
+    if ids is not None and not ids_checked(layout):  # as replay checks its batches
         check_row_ids(ids, rows, f"trace table {layout.get('name')!r}")
     curves = []
     for policy in dict.fromkeys(p for p in policies if not is_offline(p)):
