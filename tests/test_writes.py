@@ -3,6 +3,8 @@ bad input, and a table without a delta left alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lmdb
 import numpy as np
 import pytest
@@ -853,10 +855,8 @@ def test_a_table_made_anew_through_a_symlink_is_written_where_it_points(tmp_path
             assert store.lookup([0, 9]).tolist() == [[1.0] * 4] * 2
 
 
-def test_a_commit_to_a_table_made_anew_while_a_store_of_it_is_open_is_kept(tmp_path):
-    """A reader store of the old table stays open in this process while the table is made anew
-    and a new store commits: the commit went into the old, removed delta (shared by path), so
-    commit() returned and the row was lost."""
+def _a_table_with_a_commit(tmp_path: Path) -> tuple[Path, dict]:
+    """A 10 x 2 table of zeros whose delta holds row 1 = 7 at step 1; its path and store config."""
     from tiered_store import create_table
 
     path = tmp_path / "t.npy"
@@ -865,6 +865,16 @@ def test_a_commit_to_a_table_made_anew_while_a_store_of_it_is_open_is_kept(tmp_p
     with TieredStore.open(config) as store:
         store.write([1], torch.full((1, 2), 7.0))
         store.commit()
+    return path, config
+
+
+def test_a_commit_to_a_table_made_anew_while_a_store_of_it_is_open_is_kept(tmp_path):
+    """A reader store of the old table stays open in this process while the table is made anew
+    and a new store commits: the commit went into the old, removed delta (shared by path), so
+    commit() returned and the row was lost."""
+    from tiered_store import create_table
+
+    path, config = _a_table_with_a_commit(tmp_path)
     reader = TieredStore.open(config)
     create_table(path, np.ones((10, 2), np.float32), progress=False, overwrite=True)
     with TieredStore.open(config) as writer:
@@ -885,15 +895,9 @@ def test_a_store_opened_beside_one_of_a_table_made_anew_elsewhere_reads_the_new_
     import sys
     import textwrap
 
-    from tiered_store import create_table
     from tiered_store.serve.client import subprocess_env
 
-    path = tmp_path / "t.npy"
-    config = {"table": {"path": str(path)}}
-    create_table(path, np.zeros((10, 2), np.float32), progress=False)
-    with TieredStore.open(config) as store:
-        store.write([1], torch.full((1, 2), 7.0))
-        store.commit()
+    path, config = _a_table_with_a_commit(tmp_path)
     old = TieredStore.open(config)
     code = textwrap.dedent(f"""
         import numpy as np, torch
