@@ -49,7 +49,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .atomic_file import AtomicFile, atomic_files, fsync_dir, in_the_way, write_step
+from .atomic_file import AtomicFile, atomic_files, fsync_dir, write_step
 from .errors import TableFormatError, TierIOError
 from .npy_files import read_npy_header
 from .page_checksums import (
@@ -914,10 +914,7 @@ def _write_table(
             "first)",
             str(directory),
         )
-    refuse_existing(npy_path, manifest_path, overwrite)
-    for path in (npy_path, manifest_path, sidecar_path(npy_path)):  # said before any writing
-        if path.is_dir():
-            raise in_the_way(path)
+    refuse_existing(npy_path, manifest_path, overwrite)  # (a directory in the way: AtomicFile)
     _, itemsize, _ = TABLE_DTYPES[reader.dtype]
     descr = TABLE_DTYPES[reader.dtype][0]
     row_bytes = reader.dim * itemsize
