@@ -119,6 +119,22 @@ def test_the_shard_command_cuts_by_rows_and_refuses_heads_without_a_head_layout(
         read_shard(path)
 
 
+def test_the_shard_command_refuses_malformed_head_metadata_naming_the_table(tmp_path, capsys):
+    for name, engram in (
+        ("len", {"offsets": [0, 3, 7], "head_sizes": [3, 4]}),  # lengths differ
+        ("type", {"offsets": [0, 3], "head_sizes": 10}),  # not a list
+        ("text", {"offsets": [0, "three"], "head_sizes": [3, 7]}),
+    ):
+        path = tmp_path / f"{name}.npy"
+        create_table(
+            path, np.ones((10, 4), dtype=np.float32), progress=False, metadata={"engram": engram}
+        )
+        assert cli_main(["shard", str(path), "--ranks", "2", "--by", "heads", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: metadata.engram offsets {engram['offsets']!r}" in err
+        assert "expected two integer lists of one length" in err
+
+
 def test_a_corrupt_table_is_not_sharded_into_shards_with_fresh_checksums(tmp_path, capsys):
     path = tmp_path / "t.npy"
     create_table(path, np.ones((3000, 4), dtype=np.float32), progress=False)

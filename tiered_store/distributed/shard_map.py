@@ -111,7 +111,16 @@ def head_ranges(manifest: TableManifest, where: str = "table") -> list[tuple[int
     engram = manifest.metadata.get("engram") if isinstance(manifest.metadata, dict) else None
     if not isinstance(engram, dict) or "offsets" not in engram or "head_sizes" not in engram:
         return None
-    heads = [(int(o), int(s)) for o, s in zip(engram["offsets"], engram["head_sizes"], strict=True)]
+    offsets, sizes = engram["offsets"], engram["head_sizes"]
+    try:  # lists: a string of digits would zip as one
+        if not isinstance(offsets, list) or not isinstance(sizes, list):
+            raise TypeError
+        heads = [(int(o), int(s)) for o, s in zip(offsets, sizes, strict=True)]
+    except (TypeError, ValueError):
+        raise TableFormatError(
+            f"{where}: metadata.engram offsets {offsets!r} / head_sizes {sizes!r}: expected two "
+            "integer lists of one length"
+        ) from None
     expected = 0
     for offset, size in heads:
         if offset != expected or size < 1:
