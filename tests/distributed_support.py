@@ -525,6 +525,58 @@ def crossed_rounds_worker(rank: int, world: int, port: int, plain: str, out: Pat
     os._exit(0)
 
 
+def subgroup_heartbeats_worker(rank: int, world: int, port: int, table: str, out: Path) -> None:
+    """4 ranks. Ranks 2 and 3 open one store more (on their subgroup), then every rank opens
+    one over all: rank 0 must hear every rank beat. Then a store on each of the subgroups
+    [0, 1] and [2, 3] (ranks 0 and 1 having opened one more: each rank has opened as many);
+    rank 1 dies and rank 0's lookup must name it stopped, while rank 3 beats on its own."""
+    import torch.distributed as dist
+
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.errors import RankFailureError
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        timeout = timedelta(seconds=3)
+        pair = [dist.new_group(ranks, timeout=timeout) for ranks in ([0, 1], [2, 3])][rank // 2]
+        ids = torch.arange(0, 463, 7)
+        cfg = _store_config(Path(table), 2, "rows")
+        cfg["sharding"]["timeout_s"] = 3
+        if rank >= 2:  # 2 and 3 open one store more than 0 and 1
+            ShardedStore.open(cfg, pair).close()
+        whole = _store_config(Path(table), world, "rows")
+        whole["sharding"]["timeout_s"] = 3
+        with ShardedStore.open(whole) as store:
+            store.lookup(ids)
+            if rank == 0:
+                store.stopped_ranks()
+                time.sleep(4 * store.heartbeat_s)
+                result["stopped"] = store.stopped_ranks()
+            store.lookup(ids)  # every rank still beats while rank 0 reads
+        if rank < 2:  # now every rank has opened as many stores
+            ShardedStore.open(cfg, pair).close()
+        store = ShardedStore.open(cfg, pair)
+        store.lookup(ids)
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if rank == 0:
+            try:
+                store.lookup(ids)
+            except RankFailureError as exc:
+                result["error"] = str(exc)
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+    deadline = time.monotonic() + 30  # rank 0 hosts the key-value store; 2 and 3 beat until
+    waits_for = [2, 3] if rank == 0 else [0]  # rank 0 has reported
+    while not all((out / f"rank{r}.json").exists() for r in waits_for):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    os._exit(0)
+
+
 def dist_destroy() -> None:
     """Destroy the group ``_join_group`` made."""
     import torch.distributed as dist

@@ -906,6 +906,26 @@ def test_ranks_in_different_collectives_are_named_with_the_kinds_of_round(tmp_pa
     assert "rank 0 is in a lookup round where this rank is in an update one" in results[1]["error"]
 
 
+def test_stores_on_other_groups_or_opened_after_other_stores_never_share_heartbeats(tmp_path):
+    """Heartbeat keys came from a count of the stores each process opened and named a rank by
+    its rank in the group: stores on the subgroups [0, 1] and [2, 3] shared them (rank 1 dead
+    read as alive, from rank 3's beats), and ranks that had opened more stores beat elsewhere
+    (a healthy rank read as stopped)."""
+    from tests.distributed_support import subgroup_heartbeats_worker
+
+    table = make_plain_table(tmp_path)
+    for world in (2, 4):
+        write_shards(table, world, "rows", template=shards_template(table, "rows"), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(subgroup_heartbeats_worker, 4, (str(table), out), 60)
+    assert codes[0] == 0 and codes[1] != 0, codes
+    rank0 = _results(out, 1)[0]
+    assert "crash" not in rank0, rank0["crash"]
+    assert rank0["stopped"] is None
+    assert "rank 1 stopped: no heartbeat for" in rank0["error"], rank0["error"]
+
+
 def test_shards_cut_for_another_rank_count_are_refused_at_open():
     """A shard set cut for 3 ranks opened by 2 (a template without {ranks} finds its files)."""
     from tiered_store.distributed.sharded_store import check_fingerprints

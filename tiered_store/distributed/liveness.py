@@ -171,10 +171,14 @@ class Heartbeat:
             max((ages[r] for r in silent), default=0.0)
         )
 
-    def close(self) -> None:
-        """Stop beating and mark this rank closed (so it is not reported as dead)."""
+    def stop(self) -> None:
+        """Stop beating; the entry stays as last written."""
         self._stop.set()
         self._thread.join(self.interval + 1.0)
+
+    def close(self) -> None:
+        """Stop beating and mark this rank closed (so it is not reported as dead)."""
+        self.stop()
         with contextlib.suppress(Exception):  # the store is gone already
             self._publish("closed")
 

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import atexit
 import errno
-import itertools
+import hashlib
 import numbers
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -75,7 +76,6 @@ from .shard_map import ShardMap
 
 __all__ = ["ShardedStore", "init_process_group_from_env"]
 
-_instances = itertools.count()  # every rank opens its stores in the same order: same numbers
 # this process's open stores
 _OPEN: weakref.WeakSet = weakref.WeakSet()
 
@@ -168,10 +168,9 @@ class ShardedStore:
         self._interval = min(max(self.timeout_s / 12, 0.05), 2.0)
         self._wait_s = max(self.timeout_s - 3 * self._interval - 0.1, 0.1)
         self._thread = CollectiveThread(f"sharded-store-rank{self.rank}")
-        store = dist.PrefixStore(
-            f"tiered_store/sharded/{next(_instances)}/", dist.distributed_c10d._get_default_store()
-        )
-        self._heartbeat = Heartbeat(store, self.rank, self.world, self._interval)
+        # until the open's exchange agrees on this store's own keys, the beats go under keys of
+        # the group's ranks (an entry left by an earlier open over them does not move: stopped)
+        self._heartbeat = self._beat_under(f"opening/{_ranks_digest(self.group)}")
         self._failure: BaseException | None = None
         self._closed = False
         self.local: TieredStore | None = None
@@ -185,6 +184,9 @@ class ShardedStore:
             prints = self._wait(
                 self._thread.submit(self._all_gather, self._fingerprint(info, error)), "open"
             )
+            # keys no other store shares, whatever its group or the stores each rank opened before
+            opening, self._heartbeat = self._heartbeat, self._beat_under(prints[0]["heartbeat"])
+            opening.stop()
             self.shard_map: ShardMap = check_fingerprints(prints, self.world)
         except BaseException:
             self._shutdown()
@@ -430,6 +432,7 @@ class ShardedStore:
         doc: dict[str, Any] = {
             "shard": str(self.path),
             "error": error,
+            "heartbeat": uuid.uuid4().hex,  # rank 0's names this store's heartbeat keys
             "committed_step": None if self.local is None else self.local.committed_step,
             "world": self.world,
             "config": {
@@ -448,6 +451,13 @@ class ShardedStore:
                 "quantization": quant.to_json() if quant else None,
             }
         return doc
+
+    def _beat_under(self, key: str) -> Heartbeat:
+        """This rank's heartbeat under ``tiered_store/sharded/<key>/`` of the default store."""
+        store = dist.PrefixStore(
+            f"tiered_store/sharded/{key}/", dist.distributed_c10d._get_default_store()
+        )
+        return Heartbeat(store, self.rank, self.world, self._interval)
 
     def _all_gather(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
         """Every rank's ``doc``, in rank order."""
@@ -791,6 +801,13 @@ class ShardedStore:
             # rank not yet through its own close
             dist.destroy_process_group()
             _ENV_GROUP.group, _ENV_GROUP.failed = None, False
+
+
+def _ranks_digest(group: dist.ProcessGroup) -> str:
+    """A short digest of the group's global ranks: the same on each of them, another group's
+    differs unless it has the same ranks."""
+    ranks = ",".join(map(str, dist.get_process_group_ranks(group)))
+    return hashlib.sha256(ranks.encode()).hexdigest()[:16]
 
 
 def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]:
