@@ -35,7 +35,13 @@ from tests.distributed_support import (
 from tiered_store.cli import main as cli_main
 from tiered_store.config import StoreConfig
 from tiered_store.distributed import ShardedStore, plan_shards, read_shard, write_shards
-from tiered_store.errors import ConfigError, RowIdError, TableFormatError, TierIOError
+from tiered_store.errors import (
+    ConfigError,
+    RowIdError,
+    StoreClosedError,
+    TableFormatError,
+    TierIOError,
+)
 from tiered_store.metrics import METRICS, SERVER_METRICS, SHARDED_METRICS, build_sharded_registry
 from tiered_store.page_checksums import ChecksumError
 from tiered_store.prefetch import PrefetchHandleError
@@ -311,6 +317,34 @@ def test_a_sharded_prefetch_collected_after_a_write_is_refused(tmp_path, monkeyp
             store.lookup(ids, handle)
         assert store.lookup(ids)[0, 2].float().eq(1).all()  # a lookup after the write sees it
         store.commit()
+
+
+def test_a_lookup_queued_behind_a_concurrent_close_fails_at_once_as_closed(tmp_path, monkeypatch):
+    """A lookup that passed the closed check, then queued its exchange after close() had
+    stopped the store's thread, was never run: it waited out the timeout and raised
+    RankFailureError (and marked the store failed) for a store that was only closed."""
+    table = make_plain_table(tmp_path)
+    template = shards_template(table, "rows")
+    write_shards(table, 1, "rows", template=template, progress=False)
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    sharding = {"ranks": 1, "by": "rows", "shards": template, "timeout_s": 2}
+    store = ShardedStore.open({"table": {"path": str(table)}, "sharding": sharding})
+    validate = store._validate
+
+    def closed_meanwhile(ids):  # close() of another thread, between the check and the queueing
+        checked = validate(ids)
+        store.close()
+        return checked
+
+    monkeypatch.setattr(store, "_validate", closed_meanwhile)
+    start = time.monotonic()
+    with pytest.raises(StoreClosedError, match="sharded store is closed"):
+        store.lookup(torch.tensor([1, 2]))
+    assert time.monotonic() - start < 1.0 and store.failed is None
+    with pytest.raises(StoreClosedError, match="sharded store is closed"):
+        store.lookup(torch.tensor([1, 2]))
 
 
 def test_without_a_process_group_or_torchrun_environment_opening_says_so(tables, monkeypatch):

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from ..errors import StoreClosedError
+
 __all__ = ["CollectiveThread"]
 
 
@@ -21,18 +23,29 @@ class CollectiveThread:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # nothing is queued behind the stop marker
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Queue ``fn(*args)``; the Future holds its result or exception."""
+        """Queue ``fn(*args)``; the Future holds its result or exception (StoreClosedError at
+        once when ``close`` came first: the thread would never run it)."""
         future: Future = Future()
-        self._queue.put((future, fn, args))
+        with self._lock:
+            if self._closing:
+                future.set_exception(
+                    StoreClosedError("sharded store is closed; open a new ShardedStore")
+                )
+            else:
+                self._queue.put((future, fn, args))
         return future
 
     def close(self, timeout: float | None) -> bool:
         """Stop after the queued calls; wait up to ``timeout`` s; True if the thread ended."""
-        self._queue.put(None)
+        with self._lock:
+            self._closing = True
+            self._queue.put(None)
         self._thread.join(timeout)
         return not self._thread.is_alive()
 

@@ -56,6 +56,7 @@ from ..errors import (
     ShardMismatchError,
     ShardReadError,
     StepMismatchError,
+    StoreClosedError,
     TableFormatError,
     TieredStoreError,
     TierIOError,
@@ -774,7 +775,7 @@ class ShardedStore:
     def _check_usable(self) -> None:
         """Raise once closed or after a failure (the group's collectives are then out of step)."""
         if self._closed:
-            raise TieredStoreError("sharded store is closed; open a new ShardedStore")
+            raise StoreClosedError("sharded store is closed; open a new ShardedStore")
         if self._failure is not None:
             raise RankFailureError(
                 f"rank {self.rank}: this sharded store failed earlier ({self._failure}); close it "
