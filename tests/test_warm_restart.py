@@ -313,10 +313,12 @@ def test_a_well_checksummed_file_with_a_malformed_header_starts_cold(tmp_path):
 
     import crc32c
 
-    from tiered_store.warm_restart import MAGIC
+    from tiered_store.warm_restart import MAGIC, table_identity
 
     path, data = make_table(tmp_path, rows=3000, dim=8)
     saved = restart_path(path)
+    with TieredStore(config(path, hot=16, warm=64)) as store:
+        ident = table_identity(store.cold, store.generation)  # past the identity check
     for header, why in [
         ({"identity": [1], "tiers": {}, "pinned": {}, "profiles": {}}, "header is unreadable"),
         (
@@ -324,6 +326,19 @@ def test_a_well_checksummed_file_with_a_malformed_header_starts_cold(tmp_path):
             "header is unreadable",
         ),
         ('{"identity": ' + "[" * 100_000 + "]" * 100_000 + "}", "header is unreadable"),
+        # a row count of Infinity (OverflowError), and sketch shapes whose size wraps round in
+        # int64 or does not fit numpy: these crashed the open
+        (
+            {"identity": ident, "tiers": {"warm": float("inf")}, "pinned": {}, "profiles": {}},
+            "header is unreadable",
+        ),
+        *(
+            (
+                {"identity": ident, "tiers": {}, "pinned": {}, "profiles": {"warm": {"shape": s}}},
+                "header is unreadable",
+            )
+            for s in ([1 << 40, 1 << 40], [0, 1 << 70], [2, 2, 0])
+        ),
     ]:
         raw = (header if isinstance(header, str) else json.dumps(header)).encode()
         body = MAGIC + struct.pack("<I", len(raw)) + raw

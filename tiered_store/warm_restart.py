@@ -16,6 +16,7 @@ cold.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import struct
@@ -167,10 +168,17 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
         shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in profiles.items()}
         if not isinstance(saved, dict):
             raise TypeError(f"identity is a {type(saved).__name__}, not an object")
+        for name, shape in shapes.items():
+            if len(shape) != 2:
+                raise ValueError(f"the {name} tier's sketch shape is {shape}; expected 2-D")
         sizes = [*counts.values(), *pinned.values(), *(d for s in shapes.values() for d in s)]
         if any(v < 0 for v in sizes):
             raise ValueError(f"a negative row count or sketch size ({min(sizes)})")
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        if any(v > len(data) for v in sizes):  # more than the file holds (numpy would overflow)
+            raise ValueError(
+                f"a row count or sketch size of {max(sizes)} in a {len(data)}-byte file"
+            )
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
         return _cold_start(path, f"its header is unreadable ({type(exc).__name__}: {exc})")
     if saved != identity:
         diff = ", ".join(
@@ -180,7 +188,7 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
         )
         return _cold_start(path, f"it was saved for another table version: {diff}")
     n_ids = sum(counts.values()) + sum(pinned.values())
-    n_counters = sum(int(np.prod(s)) for s in shapes.values())
+    n_counters = sum(math.prod(s) for s in shapes.values())  # Python ints: no wrap-around
     if len(body) - start - n != 8 * n_ids + 4 * n_counters:
         return _cold_start(
             path,
@@ -200,7 +208,7 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
     )
     at = 0
     for name, shape in shapes.items():
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         sketch = sketches[at : at + size].astype(np.float32).reshape(shape)
         state.profiles[name] = (profiles[name], sketch)
         at += size
