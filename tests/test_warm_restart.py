@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 import warnings
 
@@ -415,3 +416,86 @@ def test_a_fifo_at_the_restart_path_starts_cold_without_blocking(tmp_path):
     with store:
         serve(store, data, batches=2)
     assert restart_path(path).is_file()  # the close saved a file in its place
+
+
+def _save_stopped_before_its_rename(path, how, conn) -> None:
+    """In a process of its own: open a store on ``path`` and hold rows; once told, save, and stop
+    with the temporary written, before its rename: killed there (``how="killed"``) or waiting
+    (a save under way). Sends "open", then the temporary's name."""
+    import os
+
+    from tiered_store import atomic_file
+
+    store = TieredStore(config(path, hot=0, warm=100))
+    store.lookup(list(range(100)))
+    conn.send("open")
+    conn.recv()  # both processes opened (an open removes a killed save's temporary): save
+
+    def stop(self):
+        conn.send(self.tmp.name)
+        if how == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)
+
+    atomic_file.AtomicFile.publish = stop
+    store.save_restart()
+
+
+def test_an_open_removes_what_a_killed_save_left_but_not_a_live_save_s(tmp_path):
+    """A save killed before its rename leaves a hidden whole copy of the file beside the table:
+    the next open removes it (they piled up, one a crash); a save another process has under way
+    keeps its temporary (it holds a lock on it) until it dies, and the open after that removes it."""
+    from tests import forkserver
+
+    path, data = make_table(tmp_path, rows=3000, dim=8)
+    ctx = forkserver.context()
+    conns = {how: ctx.Pipe() for how in ("killed", "live")}
+    killed, live = (
+        ctx.Process(target=_save_stopped_before_its_rename, args=(path, how, conns[how][1]))
+        for how in ("killed", "live")
+    )
+    try:
+        killed.start()
+        live.start()
+        ours = [conns[how][0] for how in ("killed", "live")]
+        assert [conn.recv() for conn in ours] == ["open", "open"]
+        for conn in ours:
+            conn.send("save")
+        dead_tmp, live_tmp = (conn.recv() for conn in ours)
+        killed.join(timeout=30)
+        assert killed.exitcode == -signal.SIGKILL
+        assert {p.name for p in tmp_path.glob(".*.tmp")} == {dead_tmp, live_tmp}
+        with TieredStore(config(path, hot=16, warm=64)) as store:
+            assert {p.name for p in tmp_path.glob(".*.tmp")} == {live_tmp}
+            serve(store, data, batches=2)
+        assert {p.name for p in tmp_path.glob(".*.tmp")} == {live_tmp}  # the close saved
+    finally:
+        live.kill()
+        live.join()
+    with TieredStore(config(path, hot=16, warm=64)) as store:
+        assert not list(tmp_path.glob(".*.tmp"))
+        assert store.wait_restored(timeout=10) and store.warm.occupancy > 0
+
+
+def test_a_save_whose_temporary_an_open_removed_before_its_lock_writes_another(
+    tmp_path, monkeypatch
+):
+    """An open's cleanup can find a save's temporary in the moment between its creation and its
+    lock, and remove it: the save makes another and completes."""
+    from tiered_store import warm_restart
+    from tiered_store.atomic_file import AtomicFile
+
+    made = []
+
+    def then_an_open(path, mode):
+        out = AtomicFile(path, mode)
+        made.append(out.tmp.name)
+        if len(made) == 1:  # not locked yet: another store's open removes it
+            assert warm_restart.remove_abandoned_saves(path) == [out.tmp.name]
+        return out
+
+    monkeypatch.setattr(warm_restart, "AtomicFile", then_an_open)
+    path = tmp_path / "t.npy.restart"
+    warm_restart.save_restart(path, {"rows": 10}, warm_restart.RestartState({"hot": np.array([1])}))
+    assert len(made) == 2 and not list(tmp_path.glob(".*.tmp"))
+    assert warm_restart.load_restart(path, {"rows": 10}).held["hot"].tolist() == [1]

@@ -51,6 +51,7 @@ from .warm_restart import (
     RestartState,
     RestartWarning,
     load_restart,
+    remove_abandoned_saves,
     restart_path,
     restart_warning,
     save_restart,
@@ -193,6 +194,7 @@ class TieredStore:
         saved = None
         if config.tiers.restart.enabled:
             path = restart_path(config.table.path)
+            remove_abandoned_saves(path)  # a killed save's temporary (a whole copy of the file)
             saved = load_restart(path, table_identity(self.cold, self.generation))
             if saved is not None:
                 self._restore_profiles(path, saved)
