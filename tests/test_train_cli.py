@@ -366,3 +366,37 @@ def test_resume_without_the_settings_file_is_refused(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert _committed(out) == 1 and not (out / "train.json").exists()
+
+
+def test_a_run_being_trained_is_refused_before_anything_in_it_changes(tmp_path, capsys):
+    """A second trainer of a run that is training (its table's writer lock held, as the running
+    trainer holds it) is refused up front, naming the run: a --resume rewrote train.json, deleted
+    the running trainer's checkpoint temporary and read its dense-S.pt, and was refused only at
+    its first write; a new run into a folder whose trainer has not made its table yet too."""
+    from tiered_store.delta.table_versions import release, take_writer_lock
+
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "1"]) == 0
+    capsys.readouterr()
+    running = take_writer_lock(out / "tables.npy")  # the trainer running the run
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    starting = take_writer_lock(fresh / "tables.npy")  # a trainer yet to make its table
+    try:
+        (out / ".dense-2.pt.0123456789ab.tmp").write_bytes(b"its checkpoint being written")
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        assert main([*common, "--resume", "--steps", "3"]) == 2
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+        assert f"out: {out} is being trained (or compacted) by another process" in (
+            capsys.readouterr().err
+        )
+        common[common.index(str(out))] = str(fresh)
+        assert main([*common, *small, "--steps", "1"]) == 2
+        assert f"out: {fresh} is being trained" in capsys.readouterr().err
+        assert [p.name for p in fresh.iterdir()] == ["tables.npy.writer.lock"]
+    finally:
+        release(running)
+        release(starting)
+    common[common.index(str(fresh))] = str(out)
+    assert main([*common, "--resume", "--steps", "2"]) == 0  # the run, once its trainer ended
+    assert _committed(out) == 2

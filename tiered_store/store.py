@@ -383,6 +383,21 @@ class TieredStore:
         return step
 
     @_touches_files
+    def adopt_writer_lock(self, lock: int) -> None:
+        """Become the table's writer under ``lock``, its writer lock (``take_writer_lock``) that
+        the caller took before opening this store, so that no other writer came between (as
+        ``tiered-store train`` holds its run's before touching it). Adopted, ``close()`` releases
+        it; refused because the table moved on since the open (``TierIOError``), it is released."""
+        self._check_open()
+        with self._lock:
+            if self._writer_lock is not None:
+                raise ConfigError(
+                    f"adopt_writer_lock: this store already holds {self.cold.path.name}'s writer "
+                    "lock; expected a store that has not written yet"
+                )
+            self._become_writer(lock)
+
+    @_touches_files
     def read_committed(self, ids: Any) -> tuple[int, torch.Tensor]:
         """(step, rows) of ``ids`` as of the last commit, from one LMDB read transaction over the
         base table: never an uncommitted write, never a mix of two commits. Bypasses the caches
@@ -1034,11 +1049,11 @@ class TieredStore:
             return committed_step(self.cold.path, self.row_bytes) not in (None, self._base_step)
         return self._writes.delta.latest_step() != self._writes.delta.step
 
-    def _become_writer(self) -> None:
-        """Take the table's single-writer lock (once), then open or create the delta and read its
-        newest commit from now on."""
+    def _become_writer(self, lock: int | None = None) -> None:
+        """Take the table's single-writer lock (once; ``lock``: the one the caller took), then open
+        or create the delta and read its newest commit from now on."""
         if self._writer_lock is None:
-            self._writer_lock = take_writer_lock(self.config.table.path)
+            self._writer_lock = take_writer_lock(self.config.table.path) if lock is None else lock
             why = self._moved_on()  # made anew or removed: its delta went with the old file
             if why is None and not self.cold.path.exists():
                 why = "was removed"

@@ -14,6 +14,7 @@ one would. ``loss.csv`` logs every step, ``loss.png`` plots it.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -36,9 +37,14 @@ from ..cold_table import IO_MODES
 from ..config import load_yaml
 from ..corpus import resolve_corpus
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
-from ..delta.table_versions import check_current_version, has_history
+from ..delta.table_versions import (
+    check_current_version,
+    has_history,
+    release,
+    take_writer_lock,
+)
 from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
-from ..errors import ConfigError, TieredStoreError
+from ..errors import ConfigError, TieredStoreError, TierIOError
 from ..store import TieredStore, UncommittedWritesWarning
 from ..table_format import table_paths
 from .config import ModelConfig
@@ -116,23 +122,29 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
         raise ConfigError(
             f"--out {out}: cannot make it ({exc.strerror}); expected a directory for the run"
         ) from None
-    with atomic_write(out / SETTINGS_FILE, "w") as f:
-        json.dump(asdict(settings), f, indent=1)
-    if not _holds_a_run(out):  # the initial rows of every layer, one after another (a killed
-        # creation's leftovers are replaced; a compacted run's table is its current version)
-        init = torch.cat([model.tables[layer].weight.detach() for layer in layers])
-        create_trainable_table(out / TABLE_FILE, init, optimizer, overwrite=True)
-    store = TieredStore.open(
-        {
-            "table": {"path": str(out / TABLE_FILE)},
-            "tiers": {
-                "hot": {"capacity": settings.hot},
-                "warm": {"capacity": settings.warm},
-                "cold": {"io": settings.io},
-            },
-        }
-    )
+    lock = _take_run_lock(out)  # before anything in out is written; the store adopts it
     try:
+        with atomic_write(out / SETTINGS_FILE, "w") as f:
+            json.dump(asdict(settings), f, indent=1)
+        if not _holds_a_run(out):  # the initial rows of every layer, one after another (a killed
+            # creation's leftovers are replaced; a compacted run's table is its current version)
+            init = torch.cat([model.tables[layer].weight.detach() for layer in layers])
+            create_trainable_table(out / TABLE_FILE, init, optimizer, overwrite=True)
+        store = TieredStore.open(
+            {
+                "table": {"path": str(out / TABLE_FILE)},
+                "tiers": {
+                    "hot": {"capacity": settings.hot},
+                    "warm": {"capacity": settings.warm},
+                    "cold": {"io": settings.io},
+                },
+            }
+        )
+    except BaseException:
+        release(lock)
+        raise
+    try:
+        store.adopt_writer_lock(lock)
         for leftover in hidden_temporaries(out, r"dense-\d+\.pt|loss\.csv|loss\.png"):
             leftover.unlink(missing_ok=True)  # a killed checkpoint's (this run holds the table)
         table = TrainableTable(store, optimizer)
@@ -246,6 +258,22 @@ def _plot(path: Path, losses) -> None:
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=100)
+
+
+def _take_run_lock(out: Path) -> int:
+    """The run's table writer lock (``take_writer_lock``): a second trainer of the run, or a
+    compaction of its table, is refused before either touches the other's files."""
+    try:
+        return take_writer_lock(out / TABLE_FILE)
+    except TierIOError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        raise TierIOError(
+            errno.EBUSY,
+            f"out: {out} is being trained (or compacted) by another process (it holds "
+            f"{TABLE_FILE}.writer.lock); expected one trainer per run: wait for it to end, or "
+            "choose another --out",
+        ) from None
 
 
 def _holds_a_run(out: Path) -> bool:
