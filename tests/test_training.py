@@ -197,10 +197,23 @@ def test_bad_optimizer_arguments_are_config_errors():
         ({"lr": None}, r"optimizer\.lr: None; expected a positive finite"),
         ({"lr": 0.1, "betaX": 0.3}, r"optimizer\.betaX: unknown option; expected one of"),
         ({"lr": 0.1, "beta1": 1.0}, r"optimizer\.beta1: 1\.0; expected 0 <= beta1 < 1"),
-        ({"lr": 0.1, "eps": -1.0}, r"optimizer\.eps: -1\.0; expected a finite eps >= 0"),
+        ({"lr": 0.1, "eps": -1.0}, r"optimizer\.eps: -1\.0; expected a finite eps > 0"),
     ]:
         with pytest.raises(ConfigError, match=why):
             make_row_optimizer("adam", **kwargs)
+
+
+@pytest.mark.parametrize("name", ["rowwise_adagrad", "adam"])
+def test_eps_zero_is_refused_as_it_makes_a_touched_row_nan(name):
+    """eps=0 was accepted: a touched row with a zero gradient and zero state became NaN
+    (0 / (sqrt(0) + 0)), and was committed; torch.optim.SparseAdam refuses it too."""
+    from tiered_store.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optimizer\.eps: 0\.0; expected a finite eps > 0"):
+        make_row_optimizer(name, lr=0.1, eps=0.0)
+    opt = make_row_optimizer(name, lr=0.1, eps=1e-12)  # the smallest eps still gives numbers
+    rows = torch.cat([torch.ones(1, 4), torch.zeros(1, opt.state_width(4))], 1)
+    assert torch.equal(opt.update(rows, torch.zeros(1, 4), step=1), rows)
 
 
 def test_a_table_without_optimizer_state_is_refused_by_a_stateful_optimizer(tmp_path):

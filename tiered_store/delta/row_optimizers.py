@@ -96,8 +96,9 @@ def make_row_optimizer(name: str, lr: float, **options: float) -> RowOptimizer:
             raise ConfigError(
                 f"optimizer.{key}: unknown option; expected one of {', '.join(OPTIONS)}"
             )
-        if key == "eps" and not _holds(lambda v=value: v >= 0 and math.isfinite(v)):
-            raise ConfigError(f"optimizer.eps: {value!r}; expected a finite eps >= 0")
+        if key == "eps" and not _holds(lambda v=value: v > 0 and math.isfinite(v)):
+            # 0 divides a touched row's zero gradient by its zero state: NaN (SparseAdam refuses it)
+            raise ConfigError(f"optimizer.eps: {value!r}; expected a finite eps > 0")
         if key != "eps" and not _holds(lambda v=value: 0 <= v < 1):
             raise ConfigError(f"optimizer.{key}: {value!r}; expected 0 <= {key} < 1")
     return RowOptimizer(name, float(lr), **{k: float(v) for k, v in options.items()})
