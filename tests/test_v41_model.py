@@ -3,6 +3,9 @@ both table backends (prefill and decode), dead tokens passed through, decode equ
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -191,3 +194,30 @@ def test_bad_tables_masks_and_positions_are_refused(model, config, hasher, token
     bad = {**V41, "engram": {**V41["engram"], "n_embed_per_ngram": 8 * 16}}
     with pytest.raises(ConfigError, match="rows of 16 values per head; expected a multiple of 32"):
         EngramLM(ModelConfig.from_dict(bad))
+
+
+def test_a_v41_model_is_refused_by_its_geometry_where_float_tables_are_written(
+    model, tmp_path, capsys
+):
+    """save_tiered (convert_checkpoint), the demo and serve's checkpoint.create wrote a V4.1
+    model's tables from its state_dict, which holds none (they are packed, in its tables): each
+    failed on "...embedding.weight: missing from the checkpoint", the demo after building the
+    model and reading its corpus. Each now names the geometry and convert-hf, before any work."""
+    from tiered_store.cli import main
+    from tiered_store.engram.checkpoint import save_tiered
+    from tiered_store.serve.config import ServeConfig
+    from tiered_store.serve.served_model import create_checkpoint
+
+    refused = r"engram\.geometry 'deepseek-v4\.1' has packed fp8 tables, .*tiered-store convert-hf"
+    with pytest.raises(ConfigError, match=refused):
+        save_tiered(model, tmp_path / "saved")
+    served = {"checkpoint": {"path": str(tmp_path / "served"), "create": True}, "model": V41}
+    with pytest.raises(ConfigError, match=refused):
+        create_checkpoint(ServeConfig.from_dict(served))
+    (tmp_path / "demo.yaml").write_text(json.dumps(V41))
+    work = tmp_path / "work"
+    assert main(["demo", "--config", str(tmp_path / "demo.yaml"), "--workdir", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"engram\.geometry: 'deepseek-v4\.1' has packed fp8 tables", err), err
+    assert "convert-hf" in err and "missing from the checkpoint" not in err
+    assert not any((tmp_path / name).exists() for name in ("saved", "served", "work"))

@@ -34,7 +34,7 @@ from .config import (
     int_at_least,
     load_yaml,
 )
-from .engram.config import ModelConfig
+from .engram.config import ModelConfig, v41_refusal
 from .errors import ConfigError
 from .stats import hit_ratio
 
@@ -139,6 +139,17 @@ class DemoConfig(ModelConfig):
                 ("run", "batch_size"),
                 f"expected a multiple of run.seq_len={self.run.seq_len} (a batch is whole "
                 f"sequences), got {self.run.batch_size}",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_float_tables(self) -> DemoConfig:
+        """The demo converts its model with ``save_tiered``: float tables only."""
+        if self.engram.is_v41:
+            raise FieldError(
+                ("engram", "geometry"),
+                f"{v41_refusal('the demo cannot convert into table files')}; a DeepSeek-V4.1 "
+                "checkpoint converts with `tiered-store convert-hf`",
             )
         return self
 

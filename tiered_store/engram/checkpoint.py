@@ -47,7 +47,7 @@ from ..table_format import (
     table_paths,
 )
 from .backend import InMemoryTable
-from .config import EngramConfig  # noqa: F401  (doctest examples)
+from .config import EngramConfig, v41_refusal  # noqa: F401  (EngramConfig: doctest examples)
 from .hashing import NgramHasher
 from .model import EngramLM, ModelConfig, expected_shapes
 from .module import EMBEDDING_KEY, is_engram_module_key
@@ -310,7 +310,8 @@ def convert_checkpoint(
     ------
     ConfigError
         A shape disagrees with ``config`` (the key, both shapes and the config facts are named),
-        a key is unknown, or (strict) a key is missing. Checked before anything is written.
+        a key is unknown, or (strict) a key is missing; or ``config`` has DeepSeek-V4.1's
+        geometry (``tiered-store convert-hf`` converts those). Checked before anything is written.
 
     Examples
     --------
@@ -321,6 +322,11 @@ def convert_checkpoint(
     >>> out = convert_checkpoint(model.state_dict(), cfg, "/tmp/ckpt", overwrite=True)  # doctest: +SKIP
     >>> tiered = load_tiered_model("/tmp/ckpt", store={"tiers": {"warm": {"capacity": "25%"}}})  # doctest: +SKIP
     """
+    if config.engram.is_v41:  # an EngramLM keeps them outside its state_dict
+        raise ConfigError(
+            f"config: engram.geometry {v41_refusal('convert_checkpoint cannot write')}; a "
+            "DeepSeek-V4.1 checkpoint converts with `tiered-store convert-hf`"
+        )
     hasher = hasher if hasher is not None else NgramHasher(config.engram)
     if hasher.config != config.engram:
         raise ConfigError("hasher: its EngramConfig differs from config.engram")

@@ -249,6 +249,14 @@ class EngramConfig(ConfigModel):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_dump().items()}
 
 
+def v41_refusal(what: str) -> str:
+    """Why ``what`` (``"training cannot update"``) refuses ``engram.geometry`` 'deepseek-v4.1'."""
+    return (
+        f"'deepseek-v4.1' has packed fp8 tables, which {what}; expected a model of float tables "
+        "(geometry 'demo')"
+    )
+
+
 class BackboneConfig(ConfigModel):
     """The backbone facts an Engram module needs (the reference ``BackBoneConfig``).
 

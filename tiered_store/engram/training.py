@@ -47,7 +47,7 @@ from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
 from ..errors import ConfigError, TieredStoreError, TierIOError
 from ..store import TieredStore, UncommittedWritesWarning
 from ..table_format import table_paths
-from .config import ModelConfig
+from .config import ModelConfig, v41_refusal
 from .corpus import read_tokens, token_batches
 from .model import EngramLM
 
@@ -96,10 +96,7 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
     torch.manual_seed(settings.seed)
     config = ModelConfig.from_dict(settings.model)
     if config.engram.is_v41:
-        raise ConfigError(
-            "--model: engram.geometry 'deepseek-v4.1' has packed fp8 tables, which training "
-            "cannot update; expected a model of float tables (geometry 'demo')"
-        )
+        raise ConfigError(f"--model: engram.geometry {v41_refusal('training cannot update')}")
     model = EngramLM(config)
     optimizer = make_row_optimizer(settings.optimizer, lr=settings.table_lr)
     layers = list(model.engram_layers)

@@ -30,6 +30,7 @@ import yaml
 
 from ..atomic_file import atomic_write
 from ..engram.checkpoint import ConvertedCheckpoint, load_tiered_model, save_tiered
+from ..engram.config import v41_refusal
 from ..engram.model import EngramBatch, EngramLM
 from ..errors import (
     ConfigError,
@@ -74,6 +75,12 @@ def create_checkpoint(config: ServeConfig, *, progress: bool = False) -> Convert
         raise ConfigError(
             f"{config.source}: model: missing; creating a checkpoint needs the model's shapes "
             "(engram, backbone, transformer sections; see examples/serve.yaml)"
+        )
+    if config.model.engram.is_v41:  # before the model is built: save_tiered refuses it
+        raise ConfigError(
+            f"{config.source}: model.engram.geometry "
+            f"{v41_refusal('a created checkpoint cannot hold')}; serve a DeepSeek-V4.1 checkpoint "
+            "converted by `tiered-store convert-hf`"
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.checkpoint.seed)
