@@ -298,3 +298,21 @@ def test_a_table_index_means_the_same_position_to_writer_and_reader(tmp_path):
         assert r.tables == ["0", "layer5", "2"]
         assert [r.read_all(t).tolist() for t in (0, 1, 2)] == [[1, 2], [3, 4], [5]]
         assert r.read_all("layer5").tolist() == [3, 4]
+
+
+def test_a_reused_buffer_does_not_change_records_already_written(tmp_path):
+    """A caller refilling one staging buffer each batch: the writer keeps its own copy of the
+    ids until the chunk is flushed, not a view of the caller's array."""
+    path = tmp_path / "t.trace"
+    buf = np.empty((2, 4), dtype=np.int64)
+    written = []
+    with TraceWriter(path, {"tables": [{"name": "t", "rows": 1000}]}) as w:
+        for step in range(3):
+            buf[:] = np.arange(8).reshape(2, 4) + 100 * step
+            written.append(buf.copy())
+            w.write(buf, "t")
+            w.end_batch()
+        buf[:] = 999  # changed after the last write, before the chunk is flushed at close
+    with TraceReader(path) as r:
+        got = [b.ids for b in r.batches()]
+    assert [g.tolist() for g in got] == [a.tolist() for a in written]

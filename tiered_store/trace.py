@@ -309,7 +309,7 @@ class TraceWriter:
         shape = list(ids.shape) + [0] * (_MAX_NDIM - ids.ndim)
         if self._buf_n and self._buf_n + flat.size > self._chunk_ids:
             self._flush()
-        self._buf_ids.append(flat.astype(np.int64, copy=False))
+        self._buf_ids.append(np.array(flat, dtype=np.int64))  # a copy: callers reuse buffers
         self._buf_meta.append([self._batch, t, flat.size, ids.ndim, *shape])
         self._buf_n += flat.size
         self._per_table[t] += flat.size
