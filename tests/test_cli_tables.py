@@ -213,7 +213,7 @@ def test_a_source_npy_that_is_empty_or_a_directory_is_a_clear_error(tmp_path, ki
     if kind == "directory":
         assert f"source .npy file {source} is a directory; expected a 2-D .npy file" in err
     else:
-        assert f"source {source} is not a readable .npy file: No data left in file" in err
+        assert f"source {source} is not a readable .npy file: empty or cut off (No data" in err
     assert [p.name for p in tmp_path.iterdir()] == ["src.npy"]
 
 

@@ -273,6 +273,37 @@ def test_a_profile_that_is_not_one_for_this_table_is_named(tmp_path, table):
             TieredStore(cfg)
 
 
+def test_an_empty_or_cut_off_profile_or_row_list_is_named(tmp_path, table):
+    """An empty file, an .npz cut off (no zip directory) or with a corrupt member: a ConfigError
+    naming the key and the file, not numpy's EOFError or zipfile's BadZipFile."""
+    path, _ = table
+    FrequencyProfile(np.arange(50), np.arange(50, 0, -1)).save(tmp_path / "good.npz")
+    raw = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "half.npz").write_bytes(raw[: len(raw) // 2])
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF  # inside a member: its CRC fails when it is read
+    (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
+    for tier, key, name, message in (
+        ("warm", "profile", "empty.npz", "empty or cut off"),
+        ("warm", "profile", "half.npz", "empty or cut off"),
+        ("warm", "profile", "flipped.npz", "Bad CRC-32"),
+        ("hot", "static_rows", "empty.npy", "empty or cut off"),
+        ("warm", "preload_rows", "half.npz", "empty or cut off"),
+    ):
+        settings = {"capacity": 50, key: name}
+        if key == "profile":
+            settings["policy"] = "zipf-tuned"
+        elif key == "static_rows":
+            settings["policy"] = "static+lru"
+        cfg = StoreConfig.from_dict(
+            {"table": {"path": str(path)}, "tiers": {tier: settings}}, base_dir=tmp_path
+        )
+        with pytest.raises(ConfigError, match=rf"tiers\.{tier}\.{key}: .*{name}.*{message}"):
+            TieredStore(cfg)
+
+
 def test_preload_rows_warm_start(tmp_path, table):
     path, data = table
     np.save(tmp_path / "top.npy", np.array([5, 6, 7], dtype=np.int64))

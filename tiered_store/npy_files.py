@@ -14,6 +14,7 @@ import contextlib
 import os
 import threading
 import tokenize
+import zipfile
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -51,10 +52,14 @@ def load_npy(path: str | os.PathLike[str], *, mmap_mode: str | None = None) -> A
     :data:`npy_header_lock`.
 
     An ``.npy`` read whole is memory-mapped under the lock and copied after it; an ``.npz`` is
-    returned open (read its members under the lock).
+    returned open (read its members under the lock). An empty or cut-off file is the
+    ``ValueError`` every caller handles.
     """
     with npy_header_lock, _header_errors_as_value_errors():
-        loaded = np.load(path, mmap_mode=mmap_mode or "r", allow_pickle=False)
+        try:
+            loaded = np.load(path, mmap_mode=mmap_mode or "r", allow_pickle=False)
+        except (EOFError, zipfile.BadZipFile) as exc:  # an empty file; a cut-off .npz
+            raise ValueError(f"empty or cut off ({exc})") from None
     if mmap_mode is None and isinstance(loaded, np.memmap):
         return np.array(loaded)
     return loaded

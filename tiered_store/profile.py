@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,7 +272,7 @@ class FrequencyProfile:
                 meta = json.loads(str(z["meta"]))
                 ids, counts = z["row_ids"], z["counts"]
                 episodes = z["episodes"] if "episodes" in z.files else None
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a member's bad CRC
             raise TraceFormatError(f"profile {path}: not a readable profile ({exc})") from None
         if meta.get("format") != PROFILE_FORMAT:
             raise TraceFormatError(

@@ -454,7 +454,7 @@ def open_source(source: object, dtype: object) -> SourceReader:
             )
         try:
             arr = load_npy(path, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty file
+        except (ValueError, OSError) as exc:
             raise TableFormatError(f"source {path} is not a readable .npy file: {exc}") from None
         if not isinstance(arr, np.ndarray):  # an .npz archive
             members = ", ".join(arr.files)
