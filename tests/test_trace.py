@@ -316,3 +316,28 @@ def test_a_reused_buffer_does_not_change_records_already_written(tmp_path):
     with TraceReader(path) as r:
         got = [b.ids for b in r.batches()]
     assert [g.tolist() for g in got] == [a.tolist() for a in written]
+
+
+def test_an_npy_that_holds_no_row_ids_is_refused_by_name(tmp_path):
+    """An empty file, a 0-d array and an .npz: a TraceFormatError naming the file, no trace."""
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "scalar.npy", np.int64(3))
+    np.savez(tmp_path / "ids.npz", ids=np.arange(3))
+    for name, message in (
+        ("empty.npy", r"not a readable .npy \(empty or cut off"),
+        ("scalar.npy", "a 0-d array"),
+        ("ids.npz", "an .npz archive; expected an .npy of row ids"),
+    ):
+        with pytest.raises(TraceFormatError, match=rf"{name}: {message}"):
+            trace_from_npy(tmp_path / name, tmp_path / "t.trace")
+    assert not (tmp_path / "t.trace").exists()
+
+
+@pytest.mark.parametrize("rows", ["1000", True, -1, 0, 1000.0])
+def test_layout_rows_that_are_not_a_positive_integer_are_refused(tmp_path, rows):
+    """Refused when the writer opens, not as a TypeError (or every id rejected) on a write."""
+    layout = {"tables": ["a", {"name": "b", "rows": rows}]}
+    with pytest.raises(TraceFormatError, match=r"'tables\[1\]\.rows': got .*; expected an integer"):
+        TraceWriter(tmp_path / "t.trace", layout)
+    with TraceWriter(tmp_path / "t.trace", {"tables": [{"name": "b", "rows": None}]}) as w:
+        w.write(np.array([0, 10**12]), "b")  # null rows: ids not checked against a size

@@ -233,6 +233,14 @@ class TraceWriter:
                 raise TraceFormatError(
                     f"trace header 'tables[{i}]': got {t!r}; expected a name or a dict with 'name'"
                 )
+            rows = entry.get("rows")
+            if rows is not None and (
+                not isinstance(rows, int) or isinstance(rows, bool) or rows < 1
+            ):
+                raise TraceFormatError(
+                    f"trace header 'tables[{i}].rows': got {rows!r}; expected an integer >= 1 "
+                    "(or null: ids not checked against a table size)"
+                )
             out.append(entry)
         names = [t["name"] for t in out]
         if len(set(names)) != len(names):
@@ -752,6 +760,13 @@ def trace_from_npy(
         arr = load_npy(npy_path, mmap_mode="r")
     except (OSError, ValueError) as exc:
         raise TraceFormatError(f"{npy_path}: not a readable .npy ({exc})") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        arr.close()
+        raise TraceFormatError(f"{npy_path}: an .npz archive; expected an .npy of row ids")
+    if arr.ndim == 0:
+        raise TraceFormatError(
+            f"{npy_path}: a 0-d array (one value); expected row ids: 1-D, or N-D with a batch axis"
+        )
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size: got {batch_size}; expected a positive integer")
     with TraceWriter(trace_path, header, chunk_ids=chunk_ids) as w:
