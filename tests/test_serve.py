@@ -91,6 +91,9 @@ def test_example_config_is_valid():
         ({"server": {"torch_threads": 2**31}}, "server.torch_threads: Input should be less than or equal to 4096"),
         ({"checkpoint": {"seed": 2**70}}, "checkpoint.seed: Input should be less than or equal to 18446744073709551615"),
         ({"store": {"cost_model": {"compute_seconds_per_batch": True}}}, "cost_model.compute_seconds_per_batch: expected a number, got True"),
+        # a key that is not a string (YAML's no: or 1:) raised pydantic's bare TypeError
+        ({"server": {1: 2}}, "config: invalid configuration\n  server: key 1: expected a string key"),
+        ({"store": {"tiers": {"hot": {False: 1}}}}, "tiers.hot: key False: expected a string key"),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_key(change, message):

@@ -486,6 +486,26 @@ def test_bad_yaml_names_the_file(tmp_path):
     assert load_yaml(bad)["tiers"]["warm"] == {"capacity": 9, "policy": "lru"}
 
 
+def test_a_key_that_is_not_a_string_is_named(tmp_path):
+    """YAML 1.1 reads no/on/1 as a bool or an int: a ConfigError naming the file and line (or,
+    in a dict given directly, the key path), not pydantic's "keywords must be strings"."""
+    bad = tmp_path / "bad.yaml"
+    for text, key, line in (
+        ("table: {path: t.npy}\ntiers:\n  hot: {capacity: 5%}\n  no: {capacity: 1}\n", False, 4),
+        ("table: {path: t.npy}\n1: 2\n", 1, 2),
+        ("table: {path: t.npy, on: 1}\n", True, 1),
+    ):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=rf"bad.yaml: .*key {key}: expected a string key; quote it(.|\n)*line {line}"):  # fmt: skip
+            StoreConfig.from_yaml(bad)
+    for data, where in (
+        ({"table": {"path": "t.npy"}, 1: 2}, "config: invalid configuration\n  key 1"),
+        ({"table": {"path": "t.npy"}, "tiers": {"warm": {False: 1}}}, "  tiers.warm: key False"),
+    ):
+        with pytest.raises(ConfigError, match=rf"{where}: expected a string key"):
+            StoreConfig.from_dict(data)
+
+
 def test_failed_lookup_leaves_table_file_untouched(table):
     path, _ = table
     before = path.read_bytes()

@@ -332,8 +332,32 @@ def _a_path(value: Any) -> Any:
 FilePath = Annotated[str | None, BeforeValidator(_a_path)]
 
 
+def _non_string_key_message(key: Any) -> str:
+    """What is wrong with a mapping key that is not a string."""
+    return (
+        f"key {key!r}: expected a string key; quote it (YAML reads unquoted no/yes/on/off as "
+        "booleans, and digits as numbers)"
+    )
+
+
+def _find_non_string_key(model: type[BaseModel], data: Mapping, parts: tuple) -> str | None:
+    """The first key of ``data`` or of its sections that is not a string, as an error line."""
+    for key, value in data.items():
+        if not isinstance(key, str):
+            where = f"{_key_path(parts)}: " if parts else ""
+            return f"{where}{_non_string_key_message(key)}"
+        field = model.model_fields.get(key)
+        section = _section_model(field.annotation) if field is not None else None
+        if section is not None and isinstance(value, Mapping):
+            found = _find_non_string_key(section, value, (*parts, key))
+            if found is not None:
+                return found
+    return None
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (it kept the last)."""
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (it kept the last) and
+    a key that is not a string."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first: dict[Any, yaml.Mark] = {}
@@ -341,6 +365,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # '<<': merged keys may be overridden
                 continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):  # pydantic fails on it with a bare TypeError
+                raise yaml.constructor.ConstructorError(
+                    None, None, _non_string_key_message(key), key_node.start_mark
+                )
             try:
                 mark = first.setdefault(key, key_node.start_mark)
             except TypeError:  # an unhashable key: SafeLoader's own error follows
@@ -426,6 +454,11 @@ class ConfigModel(BaseModel):
             raise ConfigError(f"{where}: got {type(data).__name__}; expected a mapping")
         if ignore_unknown:
             data = drop_unknown_keys(cls, data)
+        bad_key = _find_non_string_key(cls, data, cls.section)
+        if bad_key is not None:
+            raise ConfigError(
+                bad_key if source is None else f"{source}: invalid configuration\n  {bad_key}"
+            )
         try:
             return cls.model_validate(dict(data))
         except _PydanticValidationError as exc:

@@ -10,10 +10,9 @@ from threading import TIMEOUT_MAX  # the longest wait a thread takes (seconds)
 from typing import Any, Literal
 
 from pydantic import Field, StrictBool, StrictInt
-from pydantic import ValidationError as _PydanticValidationError
 
 from ..cache_plan import parse_policy
-from ..config import ConfigModel, Number, StoreConfig, format_validation_error, load_yaml
+from ..config import ConfigModel, Number, StoreConfig, load_yaml
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
 from ..errors import ConfigError
@@ -165,12 +164,9 @@ class ServeConfig:
             raise ConfigError(
                 f"{source}: {unknown[0]}: unknown key; expected one of {', '.join(_SERVE_KEYS)}"
             )
-        try:
-            sections = _Sections.model_validate(
-                {k: data[k] for k in ("checkpoint", "server") if data.get(k) is not None}
-            )
-        except _PydanticValidationError as exc:
-            raise ConfigError(format_validation_error(exc, source)) from None
+        sections = _Sections.from_dict(
+            {k: data[k] for k in ("checkpoint", "server") if data.get(k) is not None}, source=source
+        )
         model = None
         if data.get("model") is not None:
             if not isinstance(data["model"], Mapping):
