@@ -433,6 +433,18 @@ def test_bad_config_names_the_key(table, tiers, match):
         TieredStore(store_config(path, **tiers))
 
 
+def test_an_unknown_sharding_key_lists_the_known_ones_and_can_be_dropped():
+    """sharding: is optional (``ShardingConfig | None``): its keys were not listed, and
+    ignore_unknown kept an unknown key in it, refused then all the same."""
+    data = {"table": {"path": "t.npy"}, "sharding": {"ranks": 2, "rnaks_by": "rows"}}
+    with pytest.raises(
+        ConfigError,
+        match=r"sharding\.rnaks_by: unknown key; expected one of backend, by, ranks, shards, timeout_s",
+    ):
+        StoreConfig.from_dict(data)
+    assert StoreConfig.from_dict(data, ignore_unknown=True).sharding.ranks == 2
+
+
 @pytest.mark.parametrize("key", ["nvme_latency_us", "hbm_gbps", "compute_seconds_per_batch"])
 def test_an_infinite_cost_is_refused_naming_the_key(key):
     """``.inf`` passed (only NaN and out-of-range values were refused): every modelled stall was

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -490,10 +491,11 @@ def _key_path(parts: tuple[str | int, ...]) -> str:
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The model class of a nested section's annotation, else None."""
-    return (
-        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    """The model class of a nested section's annotation (``Section | None`` too), else None."""
+    options = (
+        get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
     )
+    return next((t for t in options if isinstance(t, type) and issubclass(t, BaseModel)), None)
 
 
 def _known_keys(model: type[BaseModel], parts: tuple[str | int, ...]) -> list[str] | None:
