@@ -75,7 +75,14 @@ def test_example_config_is_valid():
         ({"bogus": {}}, "bogus: unknown key"),
         ({"tables": {"path": "t.npy"}}, "tables: unknown key"),
         ({"server": {"max_batch": 0}}, "server.max_batch"),
-        ({"server": {"address": "localhost"}}, "server.address: got 'localhost'; expected 'host:port'"),
+        ({"server": {"address": "localhost"}}, "config: server.address: got 'localhost'; expected 'host:port'"),
+        # a port of digits that are not ASCII ("²" passes str.isdigit, then int() raised)
+        ({"server": {"address": "127.0.0.1:\u00b2"}}, "config: server.address: got '127.0.0.1:\u00b2'; expected 'host:port'"),
+        ({"store": {"metrics": {"address": "h:\u00b9"}}}, "config: store.metrics.address: got 'h:\u00b9'; expected 'host:port'"),
+        # a store section that is not a mapping, not taken for an empty one
+        ({"store": []}, "config: store: got list; expected a mapping"),
+        ({"store": False}, "config: store: got bool; expected a mapping"),
+        ({"store": 0}, "config: store: got int; expected a mapping"),
         ({"server": {"address": "127.0.0.1:99999"}}, "server.address: port 99999 in '127.0.0.1:99999'; expected a port in 0..65535"),
         ({"store": {"table": {"path": "x.npy"}}}, "store.table"),
         ({"store": {"tiers": {"hot": {"capacity": "lots"}}}}, "tiers.hot.capacity"),

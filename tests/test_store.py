@@ -415,6 +415,7 @@ def test_closed_store_refuses_lookups_and_keeps_its_stats(table):
         ({"hot": {"capacity": "12 bananas"}}, r"tiers\.hot\.capacity: got '12 bananas'"),
         ({"hot": {"policy": "mru"}}, r"tiers\.hot\.policy: unknown policy 'mru'"),
         ({"hot": {"device": "tpu"}}, r"tiers\.hot\.device"),
+        ({"hot": {"device": "cuda:\u00b2"}}, r"tiers\.hot\.device: got 'cuda:\u00b2'"),  # not int()
         ({"hot": {"capacity": 10, "policy": "static"}}, r"tiers\.hot\.static_rows"),
         ({"cold": {"io": "aio"}}, r"tiers\.cold\.io"),
         ({"cold": {"threads": 0}}, r"tiers\.cold\.threads"),

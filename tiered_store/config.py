@@ -515,7 +515,8 @@ def _known_keys(model: type[BaseModel], parts: tuple[str | int, ...]) -> list[st
 def check_device(value: Any) -> str:
     """A compute device name: ``cpu``, ``cuda`` or ``cuda:N``."""
     if isinstance(value, str) and (
-        value in ("cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+        value in ("cpu", "cuda")
+        or (value.startswith("cuda:") and value[5:].isascii() and value[5:].isdigit())
     ):
         return value
     raise ValueError(f"got {value!r}; expected 'cpu', 'cuda' or 'cuda:N'")

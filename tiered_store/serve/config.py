@@ -58,7 +58,7 @@ def check_address(value: str, key: str, *, allow_empty: bool = False) -> tuple[s
         return None
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):  # not "²"
         empty = " or '' (off)" if allow_empty else ""
         raise ConfigError(
             f"{key}: got {value!r}; expected 'host:port' like '127.0.0.1:8080'{empty}"
@@ -175,7 +175,8 @@ class ServeConfig:
                     "with engram, backbone and transformer sections"
                 )
             model = ModelConfig.from_dict(dict(data["model"]), source=f"{source}: model")
-        store = data.get("store") or {}
+        store = data.get("store")
+        store = {} if store is None else store
         if not isinstance(store, Mapping):
             raise ConfigError(f"{source}: store: got {type(store).__name__}; expected a mapping")
         if "table" in store:
@@ -183,7 +184,7 @@ class ServeConfig:
                 f"{source}: store.table: each Engram layer's table comes from the checkpoint "
                 "(checkpoint.path); remove it"
             )
-        check_address(sections.server.address, "server.address")
+        check_address(sections.server.address, f"{source}: server.address")
         cfg = cls(
             checkpoint=sections.checkpoint,
             server=sections.server,
@@ -197,7 +198,7 @@ class ServeConfig:
             parse_policy(
                 getattr(probe.tiers, tier).policy, key=f"{source}: store.tiers.{tier}.policy"
             )
-        check_address(probe.metrics.address, "store.metrics.address", allow_empty=True)
+        check_address(probe.metrics.address, f"{source}: store.metrics.address", allow_empty=True)
         return cfg
 
     @classmethod
