@@ -130,6 +130,9 @@ def test_the_shard_command_refuses_malformed_head_metadata_naming_the_table(tmp_
         ("len", {"offsets": [0, 3, 7], "head_sizes": [3, 4]}),  # lengths differ
         ("type", {"offsets": [0, 3], "head_sizes": 10}),  # not a list
         ("text", {"offsets": [0, "three"], "head_sizes": [3, 7]}),
+        ("digits", {"offsets": [0, "3"], "head_sizes": [3, 7]}),  # int() would take these
+        ("float", {"offsets": [0, 3], "head_sizes": [3.9, 7.5]}),  # and truncate these
+        ("inf", {"offsets": [0, 3], "head_sizes": [3, float("inf")]}),  # OverflowError
     ):
         path = tmp_path / f"{name}.npy"
         create_table(

@@ -411,11 +411,14 @@ def test_a_fifo_at_the_restart_path_starts_cold_without_blocking(tmp_path):
 
     path, data = make_table(tmp_path, rows=3000, dim=8)
     os.mkfifo(restart_path(path))  # reading it would wait for a writer forever
+    fifo_tmp = path.parent / f".{restart_path(path).name}.0123456789ab.tmp"
+    os.mkfifo(fifo_tmp)  # named like a save's temporary: the open's clean-up passes it by
     with pytest.warns(RestartWarning, match=r"not used, it is not a regular file"):
         store = TieredStore(config(path, hot=16, warm=64))
     with store:
         serve(store, data, batches=2)
     assert restart_path(path).is_file()  # the close saved a file in its place
+    assert fifo_tmp.exists()  # no save made it: not the clean-up's to remove
 
 
 def _save_stopped_before_its_rename(path, how, conn) -> None:

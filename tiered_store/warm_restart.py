@@ -139,13 +139,15 @@ def _locked_temporary(path: Path) -> tuple[AtomicFile, int]:
     leaves it alone. One that a cleanup removed before it was locked is made again."""
     while True:
         out = AtomicFile(path, "wb")
-        lock = os.dup(out.file.fileno())
+        lock = -1
         try:
+            lock = os.dup(out.file.fileno())
             fcntl.flock(lock, fcntl.LOCK_EX)
             if os.fstat(lock).st_nlink:  # else removed as abandoned before this lock
                 return out, lock
         except BaseException:
-            os.close(lock)
+            if lock >= 0:
+                os.close(lock)
             out.abort()
             raise
         os.close(lock)
@@ -163,11 +165,13 @@ def remove_abandoned_saves(path: Path) -> list[str]:
         return []
     removed = []
     for tmp in leftovers:
-        try:
-            fd = os.open(tmp, os.O_RDONLY)
-        except OSError:  # renamed into place (or removed) meanwhile
+        try:  # never blocking on a FIFO named like one
+            fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError:  # renamed into place (or removed) meanwhile, or a link
             continue
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # no save made it: not ours to remove
+                continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live save's
             tmp.unlink()
             removed.append(tmp.name)

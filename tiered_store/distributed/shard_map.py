@@ -112,15 +112,17 @@ def head_ranges(manifest: TableManifest, where: str = "table") -> list[tuple[int
     if not isinstance(engram, dict) or "offsets" not in engram or "head_sizes" not in engram:
         return None
     offsets, sizes = engram["offsets"], engram["head_sizes"]
-    try:  # lists: a string of digits would zip as one
-        if not isinstance(offsets, list) or not isinstance(sizes, list):
-            raise TypeError
-        heads = [(int(o), int(s)) for o, s in zip(offsets, sizes, strict=True)]
-    except (TypeError, ValueError):
+    if (  # JSON integers only: int() would take "3" and truncate 3.9 (Infinity: OverflowError)
+        not isinstance(offsets, list)
+        or not isinstance(sizes, list)
+        or len(offsets) != len(sizes)
+        or any(type(v) is not int for v in (*offsets, *sizes))
+    ):
         raise TableFormatError(
             f"{where}: metadata.engram offsets {offsets!r} / head_sizes {sizes!r}: expected two "
             "integer lists of one length"
-        ) from None
+        )
+    heads = list(zip(offsets, sizes, strict=True))
     expected = 0
     for offset, size in heads:
         if offset != expected or size < 1:
