@@ -185,10 +185,10 @@ class ShardedStore:
             prints = self._wait(
                 self._thread.submit(self._all_gather, self._fingerprint(info, error)), "open"
             )
+            self.shard_map: ShardMap = check_fingerprints(prints, self.world)
             # keys no other store shares, whatever its group or the stores each rank opened before
             opening, self._heartbeat = self._heartbeat, self._beat_under(prints[0]["heartbeat"])
             opening.stop()
-            self.shard_map: ShardMap = check_fingerprints(prints, self.world)
         except BaseException:
             self._shutdown()
             raise
