@@ -19,6 +19,7 @@ import torch
 from tiered_store import TieredStore
 from tiered_store.cli import main
 from tiered_store.engram.training import TrainSettings, train
+from tiered_store.errors import ConfigError
 from tiered_store.serve.client import subprocess_env
 
 TINY = {
@@ -366,6 +367,32 @@ def test_resume_without_the_settings_file_is_refused(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert _committed(out) == 1 and not (out / "train.json").exists()
+
+
+def test_a_run_made_while_another_trainer_set_up_is_not_taken_over(tmp_path, monkeypatch):
+    """Trainer B decides "new run" while --out is empty; trainer A makes (and ends) a run there
+    before B takes the run's lock. B is refused then, and A's train.json stays A's: B used to
+    overwrite it with its own settings and train on A's run as if it had been told --resume."""
+    import tiered_store.engram.training as training
+
+    out, base = tmp_path / "run", replace(_settings(ROOT / "tiered_store" / "engram"), steps=2)
+    read_tokens, a_ran = training.read_tokens, []
+
+    def a_runs_meanwhile(*args, **kwargs):  # B is past its checks, reading its corpus
+        if not a_ran:
+            a_ran.append("A")  # before: A reads its corpus here too
+            train(out, replace(base, table_lr=0.05), resume=False, progress=False)
+        return read_tokens(*args, **kwargs)
+
+    monkeypatch.setattr(training, "read_tokens", a_runs_meanwhile)
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        train(out, replace(base, table_lr=0.5), resume=False, progress=False)
+    assert a_ran and json.loads((out / "train.json").read_text())["table_lr"] == 0.05
+    a_ran.clear()
+    out = tmp_path / "other"  # a --resume that finds no run, while A makes one there: refused
+    with pytest.warns(UserWarning, match="no run in"), pytest.raises(ConfigError, match="changed"):
+        train(out, replace(base, table_lr=0.5), resume=True, progress=False)
+    assert a_ran and json.loads((out / "train.json").read_text())["table_lr"] == 0.05
 
 
 def test_a_run_being_trained_is_refused_before_anything_in_it_changes(tmp_path, capsys):

@@ -209,8 +209,9 @@ def test_eps_zero_is_refused_as_it_makes_a_touched_row_nan(name):
     (0 / (sqrt(0) + 0)), and was committed; torch.optim.SparseAdam refuses it too."""
     from tiered_store.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"optimizer\.eps: 0\.0; expected a finite eps > 0"):
-        make_row_optimizer(name, lr=0.1, eps=0.0)
+    for eps in (0.0, 1e-46, 5e-324):  # and those that are 0 in float32, as the rows are
+        with pytest.raises(ConfigError, match=rf"optimizer\.eps: {eps}; expected a finite eps > 0"):
+            make_row_optimizer(name, lr=0.1, eps=eps)
     opt = make_row_optimizer(name, lr=0.1, eps=1e-12)  # the smallest eps still gives numbers
     rows = torch.cat([torch.ones(1, 4), torch.zeros(1, opt.state_width(4))], 1)
     assert torch.equal(opt.update(rows, torch.zeros(1, 4), step=1), rows)

@@ -96,12 +96,19 @@ def make_row_optimizer(name: str, lr: float, **options: float) -> RowOptimizer:
             raise ConfigError(
                 f"optimizer.{key}: unknown option; expected one of {', '.join(OPTIONS)}"
             )
-        if key == "eps" and not _holds(lambda v=value: v > 0 and math.isfinite(v)):
-            # 0 divides a touched row's zero gradient by its zero state: NaN (SparseAdam refuses it)
-            raise ConfigError(f"optimizer.eps: {value!r}; expected a finite eps > 0")
+        if key == "eps" and not _holds(lambda v=value: v >= _EPS_MIN and math.isfinite(v)):
+            # 0 divides a touched row's zero gradient by its zero state: NaN (SparseAdam refuses it);
+            # so does an eps that is 0 once in float32, as the rows are
+            raise ConfigError(
+                f"optimizer.eps: {value!r}; expected a finite eps > 0 (at least {_EPS_MIN:.3g}, "
+                "the smallest normal float32: the rows are float32)"
+            )
         if key != "eps" and not _holds(lambda v=value: 0 <= v < 1):
             raise ConfigError(f"optimizer.{key}: {value!r}; expected 0 <= {key} < 1")
     return RowOptimizer(name, float(lr), **{k: float(v) for k, v in options.items()})
+
+
+_EPS_MIN = float(torch.finfo(torch.float32).tiny)
 
 
 def _holds(check) -> bool:

@@ -92,7 +92,7 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
     settings are refused before ``out`` is touched, so a corrected command can start afresh."""
     if settings.corpus:  # as found from here (a resume may run in another directory)
         settings = replace(settings, corpus=[os.path.abspath(c) for c in settings.corpus])
-    settings = _settings(out, settings, resume)
+    asked, settings = settings, _settings(out, settings, resume)
     torch.manual_seed(settings.seed)
     config = ModelConfig.from_dict(settings.model)
     if config.engram.is_v41:
@@ -121,6 +121,13 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
         ) from None
     lock = _take_run_lock(out)  # before anything in out is written; the store adopts it
     try:
+        with warnings.catch_warnings():  # said once already
+            warnings.simplefilter("ignore")
+            if _settings(out, asked, resume) != settings:  # ConfigError if a run was made here
+                raise ConfigError(
+                    f"out: {out} changed while this run was being set up (another trainer made "
+                    "or ended a run there); nothing was written: run the command again"
+                )
         with atomic_write(out / SETTINGS_FILE, "w") as f:
             json.dump(asdict(settings), f, indent=1)
         if not _holds_a_run(out):  # the initial rows of every layer, one after another (a killed
