@@ -14,6 +14,15 @@ from tiered_store.workload import ZipfWorkload
 
 pytestmark = pytest.mark.gpu
 
+SPIN = 2_000_000_000  # clock cycles of torch.cuda._sleep: about a second
+
+
+def _busy(stream: torch.cuda.Stream) -> None:
+    """Keep ``stream`` busy for about a second, after every earlier piece of work is done."""
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(SPIN)
+
 
 @pytest.fixture
 def gpu_store(tmp_path):
@@ -194,3 +203,27 @@ def test_a_snapshot_of_pinned_ids_is_pinned():
     copy = snapshot_of(buffer.view(-1), buffer)
     assert copy.is_pinned() and copy.data_ptr() != buffer.data_ptr()
     assert copy.tolist() == list(range(6))
+
+
+def test_write_and_read_committed_take_their_ids_while_the_store_stream_is_busy(gpu_store):
+    # write() and read_committed() use their ids on the host: with the store's stream busy (as
+    # queued fetches keep it) they must not read a copy of the ids that stream has yet to make
+    # (CPU ids, copied there without waiting, and int32 ids on the GPU, converted there)
+    store, data = gpu_store
+    ids, ids32, unwritten = (
+        torch.arange(1000, 1256),
+        torch.arange(2000, 2100),
+        torch.arange(3000, 3100),
+    )
+    rows = (10 + torch.arange(256.0)).unsqueeze(1).expand(256, 32).to(torch.float16)
+    _busy(store._stream)
+    store.write(ids, rows)
+    _busy(store._stream)
+    store.write(ids32.to("cuda", torch.int32), -rows[:100])
+    store.commit()
+    assert torch.equal(store.read_committed(ids)[1], rows)
+    everything = torch.cat([ids, ids32, unwritten])
+    _busy(store._stream)
+    step, got = store.read_committed(everything)
+    assert step == 1 and torch.equal(got, torch.cat([rows, -rows[:100], data[unwritten]]))
+    assert torch.equal(store.lookup(everything.cuda()).cpu(), got)

@@ -343,9 +343,9 @@ class TieredStore:
                 f"write: {self.cold.path.name} holds packed quantised rows; writes need a table "
                 "of float rows"
             )
-        flat, shape = self._validate(ids, inside=True)  # out_of_range: zero reads, never writes
+        flat, shape = self._host_ids(ids)  # out_of_range: zero reads, never writes
         rows = as_rows(rows, (*shape, self.row_width), self.row_dtype)
-        unique_ids, last_rows = merge_last_wins([flat.cpu()], [rows])
+        unique_ids, last_rows = merge_last_wins([flat], [rows])
         with self._lock:
             self._become_writer()
             self._writes.write(unique_ids, last_rows)
@@ -403,8 +403,8 @@ class TieredStore:
         base table: never an uncommitted write, never a mix of two commits. Bypasses the caches
         (a reader's view, for checks and other processes' readers; lookups see writes at once)."""
         self._check_open()
-        flat, shape = self._validate(ids, inside=True)
-        unique, inverse = torch.unique(flat.cpu(), return_inverse=True)
+        flat, shape = self._host_ids(ids)
+        unique, inverse = torch.unique(flat, return_inverse=True)
         rows = self.cold.read_rows(unique.numpy())
         step = self._base_step
         if self._writes is not None:
@@ -1113,13 +1113,12 @@ class TieredStore:
         return out.view(*handle.shape, out.shape[-1]), event
 
     def _validate(
-        self, ids: Any, *, snapshot: bool = False, inside: bool = False
+        self, ids: Any, *, snapshot: bool = False
     ) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Integer ids in [0, rows) -> flat int64 on the compute device, and the original shape
-        (``snapshot``: never sharing memory with the caller's ids, which may be refilled;
-        ``inside``: every id in the table even with ``out_of_range: zero``, as writes need)."""
+        (``snapshot``: never sharing memory with the caller's ids, which may be refilled)."""
         tensor = as_id_tensor(ids)
-        flat = self._checked_flat(tensor, inside=inside)
+        flat = self._checked_flat(tensor)
         if self._stream is None:
             flat = flat.to(device=self.device, dtype=torch.int64)
             return snapshot_of(flat, tensor) if snapshot else flat, tuple(tensor.shape)
@@ -1138,6 +1137,14 @@ class TieredStore:
             if snapshot:
                 flat = snapshot_of(flat, tensor)
         return flat, tuple(tensor.shape)
+
+    def _host_ids(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Ids every one inside the table -> flat int64 on the CPU, and the original shape."""
+        # used on the host: copied there on the caller's stream (which made any CUDA ids), never
+        # through the store's, whose copy would land after queued fetches and unseen by the host
+        tensor = as_id_tensor(ids)
+        flat = self._checked_flat(tensor, inside=True)
+        return flat.to("cpu", torch.int64), tuple(tensor.shape)
 
     def _checked_flat(self, tensor: torch.Tensor, *, inside: bool = False) -> torch.Tensor:
         """``tensor`` flattened, where it is, after checking its ids are in [0, rows) (unless
