@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_concurrent_lookups_exact, make_table, store_config
-from tiered_store import TieredStore
+from tiered_store import PrefetchHandleError, TieredStore
 from tiered_store.workload import ZipfWorkload
 
 pytestmark = pytest.mark.gpu
@@ -227,3 +227,18 @@ def test_write_and_read_committed_take_their_ids_while_the_store_stream_is_busy(
     step, got = store.read_committed(everything)
     assert step == 1 and torch.equal(got, torch.cat([rows, -rows[:100], data[unwritten]]))
     assert torch.equal(store.lookup(everything.cuda()).cpu(), got)
+
+
+def test_pinned_ids_may_be_refilled_as_soon_as_prefetch_returns(gpu_store):
+    # with the store's stream busy (earlier fetches queued) the asynchronous copy of pinned ids
+    # to the device has not run when prefetch returns: it must copy the ids as prefetched, not
+    # the caller's buffer refilled meanwhile
+    store, data = gpu_store
+    ids = torch.arange(0, 20000, 9)
+    buffer = ids.pin_memory()
+    _busy(store._stream)
+    handle = store.prefetch(buffer)
+    buffer.fill_(0)
+    with pytest.raises(PrefetchHandleError):
+        store.lookup(buffer, handle)  # other ids now
+    assert torch.equal(store.lookup(ids, handle).cpu(), data[ids])

@@ -266,9 +266,20 @@ class TieredStore:
         ahead; a further call blocks until one finishes. Quantised rows are dequantised in the
         background too, unless ``packed``."""
         self._check_open()
-        flat, shape = self._validate(ids, snapshot=True)
+        tensor = as_id_tensor(ids)
+        flat = self._checked_flat(tensor)
+        if flat.is_cuda:
+            flat = self._to_device(flat, given=tensor)
+        else:
+            # the caller may refill its ids as soon as this returns. From pinned ids the copy to
+            # the device is asynchronous, queued behind earlier fetches, and would read the
+            # refilled buffer: it copies a snapshot on the host, pinned too (torch's pinned
+            # allocator reuses its memory only once the copy is done). From pageable ids CUDA
+            # stages the copy before it returns, so the snapshot only costs a small memcpy there.
+            host = snapshot_of(flat.to(torch.int64), tensor)
+            flat = self._to_device(host)
         # the writes so far, read before the fetch can start: no write slips between
-        return self._prefetcher.submit(ids, flat, shape, packed, self._write_seq)
+        return self._prefetcher.submit(ids, flat, tuple(tensor.shape), packed, self._write_seq)
 
     @property
     def prefetch_wait_latency(self) -> LatencyHistogram:
@@ -1112,16 +1123,17 @@ class TieredStore:
             out, event = self._fetch(handle.flat, handle.packed)  # the writes are seen
         return out.view(*handle.shape, out.shape[-1]), event
 
-    def _validate(
-        self, ids: Any, *, snapshot: bool = False
-    ) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """Integer ids in [0, rows) -> flat int64 on the compute device, and the original shape
-        (``snapshot``: never sharing memory with the caller's ids, which may be refilled)."""
+    def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Integer ids in [0, rows) -> flat int64 on the compute device, and the original shape."""
         tensor = as_id_tensor(ids)
-        flat = self._checked_flat(tensor)
+        return self._to_device(self._checked_flat(tensor)), tuple(tensor.shape)
+
+    def _to_device(self, flat: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+        """Checked flat ids -> int64 on the compute device (``given``: the caller's ids, which
+        the result must not share memory with: they may be refilled)."""
         if self._stream is None:
             flat = flat.to(device=self.device, dtype=torch.int64)
-            return snapshot_of(flat, tensor) if snapshot else flat, tuple(tensor.shape)
+            return flat if given is None else snapshot_of(flat, given)
         # ids on the GPU may come from the caller's stream (e.g. hashed there): order the store's
         # stream after it. Ids on the CPU wait for nothing queued, so a prefetch overlaps the
         # caller's queued compute. Either way they are copied on the store's stream, where the
@@ -1134,9 +1146,9 @@ class TieredStore:
                 flat.record_stream(self._stream)
         with torch.cuda.stream(self._stream):
             flat = flat.to(device=self.device, dtype=torch.int64, non_blocking=True)
-            if snapshot:
-                flat = snapshot_of(flat, tensor)
-        return flat, tuple(tensor.shape)
+            if given is not None:
+                flat = snapshot_of(flat, given)
+        return flat
 
     def _host_ids(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Ids every one inside the table -> flat int64 on the CPU, and the original shape."""
