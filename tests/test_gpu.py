@@ -242,3 +242,19 @@ def test_pinned_ids_may_be_refilled_as_soon_as_prefetch_returns(gpu_store):
     with pytest.raises(PrefetchHandleError):
         store.lookup(buffer, handle)  # other ids now
     assert torch.equal(store.lookup(ids, handle).cpu(), data[ids])
+
+
+def test_collecting_a_prefetch_of_cpu_ids_does_not_synchronize(gpu_store):
+    # lookup(ids, handle) checks ids on the CPU against the handle's snapshot on the host: no
+    # copy to the device, no wait for the store's stream (which may hold later batches' copies)
+    store, data = gpu_store
+    ids = torch.arange(0, 20000, 13)
+    handle = store.prefetch(ids)
+    handle.future.result(timeout=30)  # the worker's own syncs done: the debug mode is global
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = store.lookup(ids.clone(), handle)  # equal ids, another buffer: checked
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(out.cpu(), data[ids])

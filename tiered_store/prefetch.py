@@ -49,9 +49,11 @@ class PrefetchHandle:
         future: Future,
         owner: object,
         write_seq: int = 0,
+        host: torch.Tensor | None = None,
     ) -> None:
         self.ids = ids
         self.flat = flat
+        self.host = host  # the ids given on the CPU, flat, as prefetched (None: on the GPU)
         self.shape = shape
         self.packed = packed  # rows staged as stored (quantised tables), not dequantised
         self.future = future
@@ -65,9 +67,12 @@ class PrefetchHandle:
 
     def check_ids(self, flat: torch.Tensor, shape: tuple[int, ...]) -> None:
         """Refuse ids (``flat``, of ``shape``) other than those this handle prefetched, compared
-        where the handle keeps its own."""
+        where the handle keeps its own: ids on the CPU with its host copy, if it has one."""
+        # on the host a check waits for nothing (on the device it would wait for the store's
+        # stream, later batches' copies included)
+        kept = self.flat if self.host is None or flat.is_cuda else self.host
         if tuple(shape) != tuple(self.shape) or not torch.equal(
-            flat.to(self.flat.device, torch.int64), self.flat
+            flat.to(kept.device, torch.int64), kept
         ):
             raise PrefetchHandleError(
                 f"lookup: ids (shape {tuple(shape)}) differ from the ids this handle prefetched "
@@ -100,9 +105,11 @@ class Prefetcher:
         shape: tuple[int, ...],
         packed: bool = False,
         write_seq: int = 0,
+        host: torch.Tensor | None = None,
     ) -> PrefetchHandle:
         """Queue a fetch of ``flat`` (``ids`` validated and flattened from ``shape``); blocks while
-        ``depth`` fetches are already in flight. ``write_seq``: the owner's writes so far."""
+        ``depth`` fetches are already in flight. ``write_seq``: the owner's writes so far;
+        ``host``: a CPU snapshot of the ids given on the CPU, which lookup checks against."""
         self._in_flight.acquire()
         number = next(self._numbers)
         with self._queued_lock:
@@ -119,7 +126,7 @@ class Prefetcher:
         future.add_done_callback(lambda _: self._in_flight.release())
         self._last = future
         self.handles += 1
-        return PrefetchHandle(ids, flat, shape, packed, future, self, write_seq)
+        return PrefetchHandle(ids, flat, shape, packed, future, self, write_seq, host)
 
     def queued_ids(self) -> torch.Tensor | None:
         """Ids of prefetches still waiting in the queue (what the store will need next)."""

@@ -267,7 +267,7 @@ class TieredStore:
         background too, unless ``packed``."""
         self._check_open()
         tensor = as_id_tensor(ids)
-        flat = self._checked_flat(tensor)
+        flat, host = self._checked_flat(tensor), None
         if flat.is_cuda:
             flat = self._to_device(flat, given=tensor)
         else:
@@ -275,11 +275,14 @@ class TieredStore:
             # the device is asynchronous, queued behind earlier fetches, and would read the
             # refilled buffer: it copies a snapshot on the host, pinned too (torch's pinned
             # allocator reuses its memory only once the copy is done). From pageable ids CUDA
-            # stages the copy before it returns, so the snapshot only costs a small memcpy there.
+            # stages the copy before it returns. The handle keeps the snapshot: lookup(ids,
+            # handle) compares the caller's ids with it on the host, waiting for no device work.
             host = snapshot_of(flat.to(torch.int64), tensor)
             flat = self._to_device(host)
         # the writes so far, read before the fetch can start: no write slips between
-        return self._prefetcher.submit(ids, flat, tuple(tensor.shape), packed, self._write_seq)
+        return self._prefetcher.submit(
+            ids, flat, tuple(tensor.shape), packed, self._write_seq, host
+        )
 
     @property
     def prefetch_wait_latency(self) -> LatencyHistogram:
@@ -1116,8 +1119,8 @@ class TieredStore:
             else:  # equal to the handle's checked ids, or refused: no range check of its own
                 tensor = as_id_tensor(ids)
                 flat, shape = tensor.reshape(-1), tuple(tensor.shape)
-            with self._on_store_stream():  # where _validate queued the copy of the ids
-                handle.check_ids(flat, shape)
+            with self._on_store_stream():  # where _validate queued the copy of CUDA ids
+                handle.check_ids(flat, shape)  # CPU ids: with the handle's host snapshot
         out, event = self._prefetcher.collect(handle)
         if handle.write_seq != self._write_seq:  # written since prefetch(): fetch it again, so
             out, event = self._fetch(handle.flat, handle.packed)  # the writes are seen
