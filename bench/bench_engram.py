@@ -38,7 +38,8 @@ hides the read latency but not the store's CPU time (about 0.1 CPU-s per 2,048-t
 both layers, measured against ~12 CPU-s of model compute per batch); on a GPU server the model
 runs on the device and the store's work uses host cores that are otherwise idle. ``--device
 cuda`` measures that: the model, (a)'s tables and the stores' hot tiers on the GPU (rows copied
-host-to-device on each store's side stream), the warm tiers in pinned host RAM.
+host-to-device on each store's side stream), the warm tiers in pageable host RAM (rows bound for
+the GPU are staged in a pinned buffer per batch).
 
 The default run took 7 minutes on this project's 2 shared cores (both ways, its rounds
 alternating); ``--rounds`` and ``--batches-per-round`` scale it.
@@ -165,7 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--device",
         default="cpu",
         help="where the model runs, (a)'s tables live and the stores' hot tiers are: cpu, cuda, "
-        "cuda:N (warm tiers stay in host RAM, pinned on CUDA)",
+        "cuda:N (warm tiers stay in pageable host RAM; on CUDA their rows reach the GPU through a "
+        "pinned staging buffer)",
     )
     p.add_argument(
         "--seed", type=at_least(0), default=0, help="seed of the weights, tables and text order"
