@@ -258,3 +258,27 @@ def test_collecting_a_prefetch_of_cpu_ids_does_not_synchronize(gpu_store):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(out.cpu(), data[ids])
+
+
+def test_announce_release_and_save_leave_prefetches_free_of_the_callers_queued_compute(gpu_store):
+    # announce, release and a save need nothing the caller queued on its stream (their inputs
+    # are on the host): a prefetch after each still runs while the caller's queued work (a spin
+    # of about a second) does. Each round fetches rows none fetched before, so the fetch reads
+    # its misses' ids on the host and waits for everything its stream was made to wait for
+    store, data = gpu_store
+    store.release(store.announce(torch.arange(5)))  # the first of each compiles or imports:
+    store.save_restart()  # done before the spins, which the rounds must end well within
+    request = None
+    for i, step in enumerate(("announce", "release", "save")):
+        ids = torch.arange(i, 20000, 11)
+        _busy(torch.cuda.current_stream())
+        if step == "announce":
+            request = store.announce(ids)
+        elif step == "release":
+            store.release(request)
+        else:
+            store.save_restart()
+        handle = store.prefetch(ids)
+        handle.future.result(timeout=30)
+        assert not torch.cuda.current_stream().query(), step
+        assert torch.equal(store.lookup(ids, handle).cpu(), data[ids])

@@ -202,7 +202,8 @@ class TieredStore:
         restored = [
             c.name for c in self.caches.online if saved is not None and c.name in saved.pinned
         ]
-        with self._lock:  # on the store's stream, which lookups gather on
+        # on the store's stream, which lookups gather on, after the tiers' state made so far
+        with self._lock:
             shard = shard_rows(self.cold.manifest.metadata)  # a shard: lists name table rows
             for cache, ids, slots in self.caches.warm_start(config, restored, shard):
                 pool = self.hot_pool if cache is self.hot else self.warm_pool
@@ -311,7 +312,7 @@ class TieredStore:
         # left where the caller has them: the queue copies them to the CPU on the current stream
         flat = self._in_table(self._checked_flat(as_id_tensor(ids)))
         if self.hot.queue is None:  # the tiers keep per-slot queue state from the first on
-            with self._lock:
+            with self._lock.host_inputs():  # made on the store's stream: no wait for the caller's
                 self.caches.attach_queue()
         request = self.caches.queue.add(flat)  # its own lock: lookups go on meanwhile
         self._lock.post(request, None)
@@ -530,7 +531,7 @@ class TieredStore:
         ...     store.wait_restored(), sorted(store.warm.held_rows().tolist())
         (True, [5, 6, 7])
         """
-        with self._lock:
+        with self._lock.host_inputs():  # it reads the tiers' state: nothing the caller queued
             for cache in self.caches.online:  # the counts as the lookups so far leave them
                 cache.online.count_pending()
             state = RestartState(
@@ -622,7 +623,7 @@ class TieredStore:
 
     def _save_on_close(self) -> None:
         """Count what the re-pin thread left, warn of writes not committed, save the restart."""
-        with self._lock:
+        with self._lock.host_inputs():
             for cache in self.caches.online:  # updates the re-pin thread had not applied yet
                 cache.online.count_pending()
             writing = self._writes is not None and self._writer_lock is not None
@@ -827,16 +828,20 @@ class TieredStore:
         is one batch of the policy's clock. Rows lookups need meanwhile are admitted by those
         lookups as usual (and skipped here)."""
         start = time.perf_counter()
+        # the lock is taken with host_inputs() here: the saved rows are on the host, and a wait
+        # for this thread's stream (the default one, where a model queues its forward passes)
+        # would hold every prefetch copy queued after it
         try:
             for cache, pool in ((self.hot, self.hot_pool), (self.warm, self.warm_pool)):
                 if cache.online is not None and cache.name in saved.pinned:
                     self._restore_pins(cache, pool, torch.from_numpy(saved.pinned[cache.name]))
                     if self._stop.is_set():
                         return
-                    with self._lock:
+                    with self._lock.host_inputs():
                         self._unrestored.pinned.pop(cache.name, None)
                 ids = torch.from_numpy(saved.held.get(cache.name, np.zeros(0, np.int64)))
-                with self._lock:  # the saved pins (and rows lookups admitted) are in already
+                # the saved pins (and rows lookups admitted) are in already
+                with self._lock.host_inputs():
                     held = (cache.probe(ids.to(cache.device)) >= 0).cpu()
                     ids = ids[~held][: cache.capacity - cache.occupancy]
                 ranked = cache.eviction.restores_order
@@ -849,14 +854,14 @@ class TieredStore:
                     ages = torch.arange(at, end) if ranked else None
                     if not self._restore_chunk(cache, pool, ids[at:end], ages=ages):
                         break
-                with self._lock:  # this tier is done: saves list what it holds
+                with self._lock.host_inputs():  # this tier is done: saves list what it holds
                     self._unrestored.held.pop(cache.name, None)
                 if cache is self.hot:
                     self._hot_restored.set()  # what open waits for with open_waits_for: hot
         except StoreClosedError:  # closing: what is left stays in the saved list
             return
         except (TieredStoreError, OSError) as exc:  # a failed cold read: lookups go on, cold
-            with self._lock:  # saves list what the tiers hold from now on
+            with self._lock.host_inputs():  # saves list what the tiers hold from now on
                 self._unrestored = RestartState({})
             warnings.warn(
                 f"warm restart: reading the saved rows back from {self.cold.path} failed "
@@ -872,7 +877,7 @@ class TieredStore:
         """How much of the saved ``ids[:end]`` (most valuable first) is left to read once
         lookups took free slots meanwhile: the rows not held yet are cut to the free slots from
         the least valuable end (rows a lookup admitted from the list take no slot of their own)."""
-        with self._lock:
+        with self._lock.host_inputs():
             room = cache.capacity - cache.occupancy
             if room >= end:  # all of it fits: no probe
                 return end
@@ -884,7 +889,7 @@ class TieredStore:
     def _restore_pins(self, cache: Any, pool: SlotPool, pins: torch.Tensor) -> None:
         """The saved pinned rows replace the tier's pins: those it holds are pinned at once, the
         others read back (pinned) into free slots, chunk by chunk."""
-        with self._lock:
+        with self._lock.host_inputs():
             cache.pin_resident(pins, only=True)
             missing = pins[(cache.probe(pins.to(cache.device)) < 0).cpu()]
         for at, end in self._restore_steps(missing.numel(), ranked=True):
@@ -930,7 +935,7 @@ class TieredStore:
                         RuntimeWarning,
                         stacklevel=1,
                     )
-                    with self._lock:
+                    with self._lock.host_inputs():
                         cache.online.drop_pending()
                         cache.online.finish(0, 0)
 
@@ -954,7 +959,7 @@ class TieredStore:
         sorted_ids, order = torch.sort(ids)  # order: each id's position in the saved order
         with self._file_calls.entered():  # a close waits for the read (or leaves it the files)
             rows = self.cold.read_rows(sorted_ids.numpy())
-        with self._lock:
+        with self._lock.host_inputs():
             if pin:  # saved pins a lookup admitted meanwhile: preload skips them, so pin them here
                 cache.pin_resident(sorted_ids, only=False)
             room = cache.capacity - cache.occupancy

@@ -13,7 +13,9 @@ faster than the tiers take it in) waits for the lock, and tells the tiers itself
 On a CUDA store the holder works on the store's stream: every change to the hot tier's device
 state (its slots, index, free list, policy and queue state) is queued on one stream, in the
 order the lock was taken, whichever thread made it. The stream first waits for the work the
-taking thread had queued on its own.
+taking thread had queued on its own, unless it takes the lock with ``host_inputs()``: work whose
+inputs are all on the host (telling the news, a warm restart, a save) needs none of it, and later
+prefetch copies on the stream would wait for it too (a model's whole queued forward pass).
 """
 
 from __future__ import annotations
@@ -49,8 +51,22 @@ class StoreLock:
         self._news: deque[tuple[QueuedRequest, tuple[torch.Tensor, torch.Tensor] | None]] = deque()
 
     def __enter__(self) -> StoreLock:
+        return self._take(after_caller=True)
+
+    @contextlib.contextmanager
+    def host_inputs(self) -> Iterator[StoreLock]:
+        """``with lock.host_inputs():`` the lock for work whose inputs are all on the host: the
+        store's stream does not wait for what the taking thread queued on its own."""
+        self._take(after_caller=False)
+        try:
+            yield self
+        finally:
+            self.__exit__()
+
+    def _take(self, *, after_caller: bool) -> StoreLock:
+        """Take the lock, on the store's stream, and tell the tiers the news waiting."""
         self._lock.acquire()
-        self._enter_stream()
+        self._enter_stream(after_caller)
         if self._news:
             try:
                 self._tell_tiers()
@@ -79,17 +95,18 @@ class StoreLock:
             if not self._news or not self._lock.acquire(blocking=len(self._news) > NEWS_BACKLOG):
                 return
             try:
-                self._enter_stream()
+                self._enter_stream(after_caller=False)  # the news is on the host (its rows)
                 self._tell_tiers()
             finally:
                 self._let_go()
 
-    def _enter_stream(self) -> None:
-        """Just taken: the holder's work goes on the store's stream, after what it queued."""
+    def _enter_stream(self, after_caller: bool) -> None:
+        """Just taken: the holder's work goes on the store's stream (``after_caller``: after
+        what the holder queued on its own)."""
         if self._stream is None:
             return
         current = torch.cuda.current_stream(self._stream.device)
-        if current != self._stream:
+        if after_caller and current != self._stream:
             self._stream.wait_stream(current)
         self._on_stream = torch.cuda.stream(self._stream)
         self._on_stream.__enter__()
