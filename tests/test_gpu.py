@@ -70,6 +70,7 @@ def test_prefetching_cpu_ids_does_not_wait_for_the_callers_queued_compute(gpu_st
     # queued work (a spin of about a second) is still running, and its rows are exact
     store, data = gpu_store
     ids = torch.arange(0, 20000, 7)
+    store.lookup(ids + 3)  # misses of other rows: kernels loaded (lazily: it may sync) before
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # clock cycles on the current stream: ~1 s
     handle = store.prefetch(ids)
@@ -266,19 +267,21 @@ def test_announce_release_and_save_leave_prefetches_free_of_the_callers_queued_c
     # of about a second) does. Each round fetches rows none fetched before, so the fetch reads
     # its misses' ids on the host and waits for everything its stream was made to wait for
     store, data = gpu_store
-    store.release(store.announce(torch.arange(5)))  # the first of each compiles or imports:
-    store.save_restart()  # done before the spins, which the rounds must end well within
-    request = None
-    for i, step in enumerate(("announce", "release", "save")):
-        ids = torch.arange(i, 20000, 11)
-        _busy(torch.cuda.current_stream())
-        if step == "announce":
-            request = store.announce(ids)
-        elif step == "release":
-            store.release(request)
-        else:
-            store.save_restart()
-        handle = store.prefetch(ids)
-        handle.future.result(timeout=30)
-        assert not torch.cuda.current_stream().query(), step
-        assert torch.equal(store.lookup(ids, handle).cpu(), data[ids])
+    # a first round without spins: the first run of each step compiles, imports or loads its
+    # kernels (CUDA loads them lazily, which may synchronize), which the spins must not wait for
+    for spin in (False, True):
+        request = None
+        for i, step in enumerate(("announce", "release", "save")):
+            ids = torch.arange(i + 3 * spin, 20000, 11)  # rows no round fetched before
+            if spin:
+                _busy(torch.cuda.current_stream())
+            if step == "announce":
+                request = store.announce(ids)
+            elif step == "release":
+                store.release(request)
+            else:
+                store.save_restart()
+            handle = store.prefetch(ids)
+            handle.future.result(timeout=30)
+            assert not spin or not torch.cuda.current_stream().query(), step
+            assert torch.equal(store.lookup(ids, handle).cpu(), data[ids])

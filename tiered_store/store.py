@@ -279,6 +279,8 @@ class TieredStore:
             # stages the copy before it returns. The handle keeps the snapshot: lookup(ids,
             # handle) compares the caller's ids with it on the host, waiting for no device work.
             host = snapshot_of(flat.to(torch.int64), tensor)
+            if tensor.is_pinned() and not host.is_pinned():  # converted (int32, strided): pinned
+                host = host.pin_memory()  # again, or the copy would stop being asynchronous
             flat = self._to_device(host)
         # the writes so far, read before the fetch can start: no write slips between
         return self._prefetcher.submit(
@@ -881,7 +883,9 @@ class TieredStore:
             room = cache.capacity - cache.occupancy
             if room >= end:  # all of it fits: no probe
                 return end
-            missing = torch.nonzero(cache.probe(ids[:end].to(cache.device)) < 0).squeeze(1)
+            # read on the host under the lock: made on the store's stream, which this thread's
+            # own stream does not wait for
+            missing = torch.nonzero(cache.probe(ids[:end].to(cache.device)) < 0).squeeze(1).cpu()
         if missing.numel() <= room:
             return end
         return int(missing[room - 1]) + 1 if room > 0 else 0  # just past the room-th missing row
