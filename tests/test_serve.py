@@ -404,23 +404,61 @@ def test_a_table_of_another_shape_is_refused_at_reload_and_the_stats_stay_true(t
     import numpy as np
 
     from tiered_store import create_table
+    from tiered_store.engram.checkpoint import table_metadata
 
     config = make_checkpoint(tmp_path)
     table = ServeConfig.from_yaml(config).table_path(3)
     server = start_server(config)
     server.model.reload_check_seconds = 3600.0  # checks only when the test asks
+    layout = table_metadata(server.model.model.hasher, 3)
     try:
         rows = server.model.stores["engram_layer3"].rows
         dim = server.model.stores["engram_layer3"].dim
-        create_table(table, np.zeros((rows // 2, dim), np.float32), progress=False, overwrite=True)
+        half = np.zeros((rows // 2, dim), np.float32)
+        create_table(table, half, progress=False, overwrite=True, metadata=layout)
         assert server.model.reload_if_stale(force_check=True) == []
         assert server.model.reload_if_stale(force_check=True) == []  # logged once, not per check
         refused = [r for r in caplog.records if "could not reopen engram_layer3" in r.getMessage()]
-        assert len(refused) == 1 and "expected a table of" in refused[0].getMessage()
+        assert len(refused) == 1 and "does not match its own metadata" in refused[0].getMessage()
         code, body = post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})
         assert code == 503, body  # the replaced file: its rows are gone, not a server error
         assert get_json(server.url + "/stats")[1]["geometry"]["engram_layer3"]["rows"] == rows
-        create_table(table, np.zeros((rows, dim), np.float32), progress=False, overwrite=True)
+        whole = np.zeros((rows, dim), np.float32)
+        create_table(table, whole, progress=False, overwrite=True, metadata=layout)
+        assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+    finally:
+        server.stop()
+
+
+def test_a_table_made_anew_for_another_engram_layout_is_refused_at_reload(tmp_path, caplog):
+    """A table of the same rows x dim made anew over the served one for another Engram layout
+    (another hash seed: `init-model --overwrite` for another model): the reload swapped it in
+    without the layout check loading makes, serving rows hashed for another model."""
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.engram.hashing import NgramHasher
+    from tiered_store.engram.model import ModelConfig
+    from tiered_store.table_format import create_table
+
+    config = make_checkpoint(tmp_path)
+    table = ServeConfig.from_yaml(config).table_path(3)
+    server = start_server(config)
+    server.model.reload_check_seconds = 3600.0  # checks only when the test asks
+    model = server.model.model
+    seeded = ModelConfig.from_dict(
+        {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
+    )
+    other = table_metadata(NgramHasher(seeded.engram), 3)
+    assert other["engram"]["rows"] == model.hasher.table_rows(3)  # set_tables lets it through
+    try:
+        rows = np.ones((model.tables[3].rows, model.tables[3].dim), np.float32)
+        create_table(table, rows, progress=False, overwrite=True, metadata=other)
+        assert server.model.reload_if_stale(force_check=True) == []
+        refused = [r for r in caplog.records if "could not reopen engram_layer3" in r.getMessage()]
+        assert len(refused) == 1 and "expects seed=0" in refused[0].getMessage()
+        assert server.model.reloads == 0
+        layout = table_metadata(model.hasher, 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=layout)
         assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
         assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
     finally:

@@ -138,11 +138,17 @@ def _open_shard(config: Any, hasher: NgramHasher, layer_id: int) -> Any:
 
 
 def check_table_file(
-    path: str | Path, hasher: NgramHasher, layer_id: int, *, rows: int | None = None
+    path: str | Path,
+    hasher: NgramHasher,
+    layer_id: int,
+    *,
+    rows: int | None = None,
+    manifest: TableManifest | None = None,
 ) -> TableManifest:
     """Refuse a table file that was not built for this model's Engram layer ``layer_id``
     (``rows``: the whole table's rows, for a shard of it). A compacted table is checked in its
-    current version (the file ``TABLE.npy.current`` names).
+    current version (the file ``TABLE.npy.current`` names), or in ``manifest``: the version a
+    store opened over ``path`` reads.
 
     Raises
     ------
@@ -153,7 +159,8 @@ def check_table_file(
     TableNotFoundError, TableFormatError
         The file or its manifest is missing or malformed.
     """
-    manifest = read_manifest(current_version(path)[0])
+    if manifest is None:
+        manifest = read_manifest(current_version(path)[0])
     have = manifest.metadata.get("engram") if isinstance(manifest.metadata, dict) else None
     want = table_metadata(hasher, layer_id)["engram"]
     if not isinstance(have, dict):

@@ -29,7 +29,12 @@ import torch.nn.functional as F
 import yaml
 
 from ..atomic_file import atomic_write
-from ..engram.checkpoint import ConvertedCheckpoint, load_tiered_model, save_tiered
+from ..engram.checkpoint import (
+    ConvertedCheckpoint,
+    check_table_file,
+    load_tiered_model,
+    save_tiered,
+)
 from ..engram.config import v41_refusal
 from ..engram.model import EngramBatch, EngramLM
 from ..errors import (
@@ -335,7 +340,7 @@ class ServedModel:
                 continue
             new = None
             try:
-                new = TieredStore(old.config)
+                new = self._open_checked(name, old)
                 self.model.set_tables(self._guarded({name: new}))
             except (TieredStoreError, OSError) as exc:
                 if new is not None:
@@ -374,12 +379,27 @@ class ServedModel:
         still not open, requests get 503 until a later check opens it."""
         old = self.stores[name]
         try:
-            return TieredStore(old.config)
+            return self._open_checked(name, old)
         except TierIOError as exc:
             if exc.errno != errno.ESTALE or old.closed:
                 raise
         old.close()
-        return TieredStore(old.config)
+        return self._open_checked(name, old)
+
+    def _open_checked(self, name: str, old: TieredStore) -> TieredStore:
+        """A new store over ``old``'s table ``name`` that passed the check loading makes
+        (``check_table_file`` on the version it opened: a table made anew for another model, of
+        another seed, primes or layer, is refused); closed again when it fails."""
+        new = TieredStore(old.config)
+        try:
+            layer = next(k for k in self.layer_ids if self.config.table_name(k) == name)
+            check_table_file(
+                old.config.table.path, self.model.hasher, layer, manifest=new.cold.manifest
+            )
+        except BaseException:
+            new.close()
+            raise
+        return new
 
     def answer(
         self, request: InferenceRequest, announced: Announced | None = None
