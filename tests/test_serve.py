@@ -465,6 +465,48 @@ def test_a_table_made_anew_for_another_engram_layout_is_refused_at_reload(tmp_pa
         server.stop()
 
 
+def test_a_conversion_rerun_is_not_served_under_the_dense_weights_loaded(
+    tmp_path, caplog, monkeypatch
+):
+    """save_tiered(overwrite=True) over the served checkpoint (a retrained model): the reload
+    swapped the new tables in under the dense weights loaded at start, a model neither
+    checkpoint is, and logged nothing; also midway through the rerun (one table new, one old).
+    Now nothing is reopened, an error says once that a restart serves the new checkpoint, and
+    /healthz says so; the rows still cached answer as before."""
+    import tiered_store.engram.checkpoint as checkpoint
+    from tiered_store.engram.model import EngramLM
+
+    config = make_checkpoint(tmp_path)
+    server = start_server(config)
+    server.model.reload_check_seconds = 3600.0  # checks only when the test asks
+    request = {"input_ids": [[5, 6, 7, 8, 9, 10, 11, 12]]}
+    real, midway = checkpoint.create_table, []
+
+    def reload_after_each_table(*args, **kwargs):
+        real(*args, **kwargs)
+        midway.append(server.model.reload_if_stale(force_check=True))
+
+    monkeypatch.setattr(checkpoint, "create_table", reload_after_each_table)
+    try:
+        code, before = post_json(server.url + "/v1/engram", request)
+        assert code == 200, before
+        torch.manual_seed(123)  # the retrained model: the same config, new weights
+        checkpoint.save_tiered(
+            EngramLM(server.model.model.config), server.config.checkpoint_dir, overwrite=True
+        )
+        assert midway == [[], []]
+        assert server.model.reload_if_stale(force_check=True) == []
+        assert server.model.reloads == 0
+        logged = [r.getMessage() for r in caplog.records if "converted anew" in r.getMessage()]
+        assert len(logged) == 1 and "restart the server" in logged[0], logged
+        code, after = post_json(server.url + "/v1/engram", request)
+        assert code == 200 and after["logits"] == before["logits"]  # cached: the loaded model
+        code, health = get_json(server.url + "/healthz")
+        assert code == 503 and "dense.safetensors is not the file" in health["problems"][0]
+    finally:
+        server.stop()
+
+
 def test_checksum_failures_carry_across_a_reload(tmp_path):
     """A counter that drops is a reset to Prometheus: increase() would count the failures
     before the reload again (page failures lived in the store a reload closes), also in a

@@ -160,6 +160,8 @@ class ServedModel:
                     "random one)"
                 )
             create_checkpoint(config)
+        # taken before the dense file is read: a reload swaps no table in once it changed
+        self._dense_identity = _file_identity(config.dense_path)
         self.model: EngramLM = load_tiered_model(config.checkpoint_dir, store=config.store_spec)
         self.model.eval()
         stores = list(self.model.tables.values())
@@ -201,6 +203,7 @@ class ServedModel:
             self._closed = False  # a closed model never reopens its tables
             self._last_version_check = time.monotonic()
             self._reload_refused: str | None = None  # why the last reload failed (logged once)
+            self.converted_anew: str | None = None  # set once the dense file changed (restart)
             self.reloads = 0
             if trace is not None:
                 self._trace = self._open_trace(Path(trace))
@@ -291,6 +294,8 @@ class ServedModel:
 
     def _reload_stale(self) -> list[str]:
         """``reload_if_stale``'s check and swap, by one thread at a time."""
+        if self.converted_anew is not None:  # its tables never run under the dense weights loaded
+            return []
         stale = [  # a sharded table is not reopened (every rank would have to): restart the ranks
             name
             for name, store in self.stores.items()
@@ -309,6 +314,12 @@ class ServedModel:
                 for store in opened.values():
                     store.close()
                 self._reopen_closed(stale)
+                if self.converted_anew is not None:  # logged once: no check follows
+                    log.error(
+                        "%s; until then, lookups that read a replaced table file answer 503",
+                        self.converted_anew,
+                    )
+                    return []
                 refused = f"{', '.join(stale)} ({error_text(exc)})"
                 if refused != self._reload_refused:  # once per reason, not at every check
                     log.error(
@@ -396,10 +407,25 @@ class ServedModel:
             check_table_file(
                 old.config.table.path, self.model.hasher, layer, manifest=new.cold.manifest
             )
+            self._check_dense()  # after the open: a table a conversion made is then caught
         except BaseException:
             new.close()
             raise
         return new
+
+    def _check_dense(self) -> None:
+        """Raise ConfigError once the dense file is not the one loaded: the checkpoint was
+        converted anew (a conversion removes it first and writes it last), and its tables would
+        run under the old dense weights, a model neither checkpoint is."""
+        if self.converted_anew is None:
+            if _file_identity(self.config.dense_path) == self._dense_identity:
+                return
+            self.converted_anew = (
+                f"{self.config.dense_path} is not the file this server loaded: the checkpoint was "
+                "converted anew, and its tables are not served under the dense weights loaded; "
+                "restart the server to serve the new checkpoint"
+            )
+        raise ConfigError(self.converted_anew)
 
     def answer(
         self, request: InferenceRequest, announced: Announced | None = None
@@ -673,6 +699,15 @@ class RequestGate:
             with self._cond:
                 self._exclusive = False
                 self._cond.notify_all()
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """(st_dev, st_ino, st_size, st_mtime_ns) of ``path``; None when no file is there."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _cpu32(tensor: torch.Tensor) -> torch.Tensor:

@@ -355,6 +355,8 @@ class InferenceServer:
                     f"table {name}: lookups failing ({health.lookup_failures} so far, the last "
                     f"{now - at:.1f} s ago): {self._without_paths(health.last_lookup_error or '')}"
                 )
+        if self.model.converted_anew is not None:  # no table reopens until a restart
+            out.append(self._without_paths(self.model.converted_anew))
         if self.model.control is not None:  # sharded: the other ranks' checksum passes too
             failure = self.model.rank_failure()
             if failure is not None:  # every request fails from now on: no hold
