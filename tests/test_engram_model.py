@@ -20,6 +20,7 @@ from tiered_store.engram.checkpoint import (
     load_tiered_model,
     open_tables,
     save_tiered,
+    table_file,
 )
 from tiered_store.engram.model import EngramLM, HyperConnection, ModelConfig
 from tiered_store.errors import ConfigError, RowIdError, StoreClosedError
@@ -508,3 +509,22 @@ def test_an_overwrite_stopped_midway_leaves_no_checkpoint_that_looks_complete(
     assert not (tmp_path / checkpoint.DENSE_FILE).exists()
     with pytest.raises(ConfigError):
         load_tiered_model(tmp_path, store=STORE)
+
+
+def test_converting_into_a_checkpoint_without_overwrite_leaves_its_dense_file(config, tmp_path):
+    """Another model converted into a directory holding a checkpoint (overwrite=False): only the
+    table files were refused, so one of other Engram layers replaced the dense weights and the
+    model config there."""
+    from tiered_store.engram.checkpoint import DENSE_FILE
+    from tiered_store.table_format import TableExistsError
+
+    save_tiered(EngramLM(config), tmp_path)
+    before = (tmp_path / DENSE_FILE).read_bytes()
+    other = ModelConfig.from_dict({**TINY, "engram": {**TINY["engram"], "layer_ids": [2]}})
+    with pytest.raises(
+        TableExistsError, match=r"dense\.safetensors already exists: .*overwrite=True"
+    ):
+        convert_checkpoint(EngramLM(other).state_dict(), other, tmp_path)
+    assert (tmp_path / DENSE_FILE).read_bytes() == before
+    assert not table_file(tmp_path, 2).exists()  # nothing written
+    load_tiered_model(tmp_path, store=STORE).close()

@@ -21,6 +21,7 @@ table file's metadata against the model's Engram layout: a table built for anoth
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -40,6 +41,7 @@ from ..quantization import RowQuantization
 from ..table_format import (
     RandomSource,
     SafetensorsSource,
+    TableExistsError,
     TableManifest,
     check_table,
     create_table,
@@ -303,7 +305,8 @@ def convert_checkpoint(
         Every key of the model must be present (``False``: only the tables must be, e.g. an
         Engram-only checkpoint). Unknown keys and wrong shapes are errors either way.
     overwrite
-        Replace existing table files.
+        Replace an existing checkpoint (its dense file and table files); without it, a dense
+        file there is refused before anything is written.
     progress
         tqdm progress bars while writing tables.
     hasher
@@ -319,6 +322,9 @@ def convert_checkpoint(
         A shape disagrees with ``config`` (the key, both shapes and the config facts are named),
         a key is unknown, or (strict) a key is missing; or ``config`` has DeepSeek-V4.1's
         geometry (``tiered-store convert-hf`` converts those). Checked before anything is written.
+    TableExistsError
+        ``out_dir`` holds a checkpoint (its ``dense.safetensors``, or a table file) and not
+        ``overwrite``.
 
     Examples
     --------
@@ -341,8 +347,15 @@ def convert_checkpoint(
     expected = expected_checkpoint_shapes(config, hasher)
     _check_entries(entries, expected, config, strict)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dense_path = out / DENSE_FILE  # written last: its presence marks a complete checkpoint
+    if not overwrite and dense_path.exists():  # another checkpoint's weights and config
+        raise TableExistsError(
+            errno.EEXIST,
+            f"{dense_path} already exists: {out} holds a converted checkpoint; pass "
+            "overwrite=True to replace it (its dense weights, model config and tables)",
+            str(dense_path),
+        )
+    out.mkdir(parents=True, exist_ok=True)
     if overwrite and dense_path.exists():  # so a conversion stopped midway leaves none
         dense_path.unlink()
         fsync_dir(out)
