@@ -528,3 +528,22 @@ def test_converting_into_a_checkpoint_without_overwrite_leaves_its_dense_file(co
     assert (tmp_path / DENSE_FILE).read_bytes() == before
     assert not table_file(tmp_path, 2).exists()  # nothing written
     load_tiered_model(tmp_path, store=STORE).close()
+
+
+def test_a_dense_file_with_a_key_the_model_lacks_is_a_config_error_naming_it(config, tmp_path):
+    """torch's load_state_dict raised a RuntimeError naming neither the file nor the checkpoint
+    (``tiered-store serve`` printed its traceback)."""
+    from safetensors.torch import load_file, save_file
+
+    from tiered_store.engram.checkpoint import CONFIG_METADATA_KEY, DENSE_FILE
+
+    converted = save_tiered(EngramLM(config), tmp_path)
+    dense = load_file(converted.dense_path)
+    dense["layers.0.extra.weight"] = torch.zeros(2)
+    metadata = {CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
+    save_file(dense, str(converted.dense_path), metadata=metadata)
+    with pytest.raises(
+        ConfigError, match=rf"{DENSE_FILE}: layers\.0\.extra\.weight: not a key of this EngramLM"
+    ):
+        load_tiered_model(tmp_path, store=STORE)
+    load_tiered_model(tmp_path, store=STORE, strict=False).close()  # ignored, as torch does

@@ -93,6 +93,25 @@ def test_an_address_in_use_exits_non_zero_at_once_naming_it(config_path, which):
     assert "Traceback" not in out.stderr and out.stdout == ""
 
 
+def test_a_dense_file_missing_a_key_exits_2_naming_the_file_and_the_key(tmp_path):
+    """A partial checkpoint (convert_checkpoint(strict=False)) made serve die with torch's
+    RuntimeError traceback from load_state_dict (exit 1), naming neither the file nor the CLI."""
+    from tiered_store.engram.checkpoint import convert_checkpoint
+    from tiered_store.engram.model import EngramLM
+
+    config = make_checkpoint(tmp_path)
+    served = ServeConfig.from_yaml(config)
+    state = EngramLM(served.model).state_dict()
+    del state["final_norm.weight"]
+    convert_checkpoint(state, served.model, served.checkpoint_dir, strict=False, overwrite=True)
+    out = subprocess.run(
+        _serve_cmd(config, "127.0.0.1:0", ""), capture_output=True, text=True, timeout=60,
+        env=subprocess_env(),
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "dense.safetensors: final_norm.weight: missing from the dense checkpoint" in out.stderr
+
+
 def test_a_host_name_that_does_not_resolve_is_named_as_such():
     """`socket.gaierror`'s code is not an errno: the message said "Unknown error -2"."""
     from tiered_store.errors import ConfigError

@@ -518,6 +518,8 @@ def load_tiered_model(
     stores = open_tables(paths, hasher, store)
     try:
         model = EngramLM(config, hasher=hasher, tables=stores)
+        if strict:
+            _check_dense_keys(directory / DENSE_FILE, dense, model)
         model.load_state_dict(dense, strict=strict)
     except BaseException:
         for opened in stores.values():
@@ -607,6 +609,26 @@ def _save_dense(path: Path, tensors: dict[str, torch.Tensor], config: ModelConfi
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     save_file(contiguous, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(config.to_dict())})
     tmp.replace(path)
+
+
+def _check_dense_keys(path: Path, dense: Mapping[str, torch.Tensor], model: EngramLM) -> None:
+    """ConfigError naming ``path`` and the first key of ``model`` the dense file lacks, or of the
+    file ``model`` lacks (torch's load_state_dict raises a RuntimeError naming neither the file)."""
+    expected = model.state_dict().keys()
+    missing = sorted(expected - dense.keys())
+    if missing:
+        raise ConfigError(
+            f"{path}: {missing[0]}: missing from the dense checkpoint ({len(missing)} keys "
+            "missing); a partial checkpoint (converted with strict=False) loads only with "
+            "load_tiered_model(..., strict=False)"
+        )
+    unexpected = sorted(dense.keys() - expected)
+    if unexpected:
+        raise ConfigError(
+            f"{path}: {unexpected[0]}: not a key of this EngramLM's state_dict "
+            f"({len(unexpected)} unknown keys); expected the dense file convert_checkpoint "
+            "writes for the model configuration in its metadata"
+        )
 
 
 def _load_dense(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
