@@ -530,6 +530,22 @@ def test_converting_into_a_checkpoint_without_overwrite_leaves_its_dense_file(co
     load_tiered_model(tmp_path, store=STORE).close()
 
 
+def test_the_dense_file_gets_the_mode_of_the_table_files(config, tmp_path):
+    """safetensors writes its file owner-only (0600) whatever the umask: a server running as
+    another user read every table but not the dense weights."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        converted = save_tiered(EngramLM(config), tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes[converted.dense_path.name] == modes[converted.table_paths[1].name] == 0o644
+    assert sorted(modes) == sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+
+
 def test_a_dense_file_with_a_key_the_model_lacks_is_a_config_error_naming_it(config, tmp_path):
     """torch's load_state_dict raised a RuntimeError naming neither the file nor the checkpoint
     (``tiered-store serve`` printed its traceback)."""

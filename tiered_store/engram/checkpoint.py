@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic_file import fsync_dir
+from ..atomic_file import AtomicFile, fsync_dir, hidden_temporaries
 from ..delta.row_delta import open_delta
 from ..delta.table_versions import current_version, open_current_version, release
 from ..errors import ConfigError, TableFormatError, TieredStoreError
@@ -356,6 +358,8 @@ def convert_checkpoint(
             str(dense_path),
         )
     out.mkdir(parents=True, exist_ok=True)
+    for stale in hidden_temporaries(out, re.escape(DENSE_FILE)):  # a killed conversion's
+        stale.unlink(missing_ok=True)
     if overwrite and dense_path.exists():  # so a conversion stopped midway leaves none
         dense_path.unlink()
         fsync_dir(out)
@@ -602,13 +606,19 @@ def _check_entries(
 
 
 def _save_dense(path: Path, tensors: dict[str, torch.Tensor], config: ModelConfig) -> None:
-    """Write the dense tensors with the model configuration in the file's metadata."""
+    """Write the dense tensors with the model configuration in the file's metadata, atomically
+    and readable as the table files are (the mode a new file gets under the umask)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(contiguous, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(config.to_dict())})
-    tmp.replace(path)
+    metadata = {CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
+    with AtomicFile(path) as atomic:  # its temporary: a new file of the umask's mode
+        atomic.file.close()
+        mode = stat.S_IMODE(atomic.tmp.stat().st_mode)
+        save_file(contiguous, str(atomic.tmp), metadata=metadata)  # a new file, owner-only
+        os.chmod(atomic.tmp, mode)
+        with open(atomic.tmp, "rb") as written:
+            os.fsync(written.fileno())
 
 
 def _check_dense_keys(path: Path, dense: Mapping[str, torch.Tensor], model: EngramLM) -> None:
