@@ -507,6 +507,27 @@ def test_a_conversion_rerun_is_not_served_under_the_dense_weights_loaded(
         server.stop()
 
 
+def test_a_conversion_rerun_of_another_model_is_said_to_need_a_restart(tmp_path):
+    """A rerun of another model (another hash seed) over the served checkpoint: the reload's
+    layout check refused its tables before the dense file was looked at, so the server never
+    said a restart was needed, and reopened (and closed) every table at every check, forever."""
+    from tiered_store.engram.checkpoint import save_tiered
+    from tiered_store.engram.model import EngramLM, ModelConfig
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        engram = {**CONFIG["model"]["engram"], "seed": 7}
+        other = ModelConfig.from_dict({**CONFIG["model"], "engram": engram})
+        save_tiered(EngramLM(other), config.checkpoint_dir, overwrite=True)
+        assert served.reload_if_stale(force_check=True) == []
+        assert "restart the server" in (served.converted_anew or "")
+        assert served.reload_if_stale(force_check=True) == [] and served.reloads == 0
+    finally:
+        served.close()
+
+
 def test_checksum_failures_carry_across_a_reload(tmp_path):
     """A counter that drops is a reset to Prometheus: increase() would count the failures
     before the reload again (page failures lived in the store a reload closes), also in a

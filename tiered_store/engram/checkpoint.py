@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic_file import AtomicFile, fsync_dir, hidden_temporaries
+from ..atomic_file import atomic_write, fsync_dir, hidden_temporaries
 from ..delta.row_delta import open_delta
 from ..delta.table_versions import current_version, open_current_version, release
 from ..errors import ConfigError, TableFormatError, TieredStoreError
@@ -608,17 +606,15 @@ def _check_entries(
 def _save_dense(path: Path, tensors: dict[str, torch.Tensor], config: ModelConfig) -> None:
     """Write the dense tensors with the model configuration in the file's metadata, atomically
     and readable as the table files are (the mode a new file gets under the umask)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
-    with AtomicFile(path) as atomic:  # its temporary: a new file of the umask's mode
-        atomic.file.close()
-        mode = stat.S_IMODE(atomic.tmp.stat().st_mode)
-        save_file(contiguous, str(atomic.tmp), metadata=metadata)  # a new file, owner-only
-        os.chmod(atomic.tmp, mode)
-        with open(atomic.tmp, "rb") as written:
-            os.fsync(written.fileno())
+    # bytes written through atomic_write: save_file would make a temporary of its own (owner-only,
+    # named as no clean-up knows) and rename it over ours
+    data = save(contiguous, metadata=metadata)
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def _check_dense_keys(path: Path, dense: Mapping[str, torch.Tensor], model: EngramLM) -> None:

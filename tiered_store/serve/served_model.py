@@ -404,9 +404,13 @@ class ServedModel:
         new = TieredStore(old.config)
         try:
             layer = next(k for k in self.layer_ids if self.config.table_name(k) == name)
-            check_table_file(
-                old.config.table.path, self.model.hasher, layer, manifest=new.cold.manifest
-            )
+            try:
+                check_table_file(
+                    old.config.table.path, self.model.hasher, layer, manifest=new.cold.manifest
+                )
+            except ConfigError:  # another model's table: from a conversion rerun, if the dense
+                self._check_dense()  # file changed too (then that is what is said)
+                raise
             self._check_dense()  # after the open: a table a conversion made is then caught
         except BaseException:
             new.close()
