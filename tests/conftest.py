@@ -28,9 +28,15 @@ def make_table(tmp_path, rows: int = 5000, dim: int = 16, dtype: str = "float32"
     return path, tensor
 
 
-def store_config(path, **tiers) -> StoreConfig:
-    """A StoreConfig for ``path`` with per-tier overrides, e.g. hot={"capacity": 10}."""
-    return StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers})
+def store_config(
+    path, *, table: dict | None = None, prefetch: dict | None = None, **tiers
+) -> StoreConfig:
+    """A StoreConfig for ``path`` with per-tier overrides, e.g. hot={"capacity": 10}; ``table``
+    and ``prefetch``: more of those sections, e.g. table={"out_of_range": "zero"}."""
+    config = {"table": {"path": str(path), **(table or {})}, "tiers": tiers}
+    if prefetch is not None:
+        config["prefetch"] = prefetch
+    return StoreConfig.from_dict(config)
 
 
 @pytest.fixture
