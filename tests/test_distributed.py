@@ -49,6 +49,13 @@ from tiered_store.store import TieredStore
 from tiered_store.table_format import create_table, read_manifest
 
 
+def _one_rank_group_env(monkeypatch) -> None:
+    """torchrun's environment for a group of this process alone, on a free port."""
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+
 @pytest.fixture(autouse=True)
 def _no_group_left_behind():
     """A group a store made from the environment (monkeypatched here) outlives the store, as
@@ -257,10 +264,7 @@ def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables,
     write_shards(
         table, 1, "rows", template=shards_template(table, "rows"), progress=False, overwrite=True
     )
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    _one_rank_group_env(monkeypatch)
     cfg = {
         "table": {"path": str(table)},
         "sharding": {"ranks": 1, "by": "rows", "shards": shards_template(table, "rows")},
@@ -307,9 +311,7 @@ def test_a_sharded_prefetch_collected_after_a_write_is_refused(tmp_path, monkeyp
     table = make_plain_table(tmp_path)
     template = shards_template(table, "rows")
     write_shards(table, 1, "rows", template=template, progress=False)
-    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    _one_rank_group_env(monkeypatch)
     sharding = {"ranks": 1, "by": "rows", "shards": template}
     cfg = {"table": {"path": str(table)}, "sharding": sharding}
     with ShardedStore.open(cfg) as store:
@@ -329,9 +331,7 @@ def test_a_lookup_queued_behind_a_concurrent_close_fails_at_once_as_closed(tmp_p
     table = make_plain_table(tmp_path)
     template = shards_template(table, "rows")
     write_shards(table, 1, "rows", template=template, progress=False)
-    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    _one_rank_group_env(monkeypatch)
     sharding = {"ranks": 1, "by": "rows", "shards": template, "timeout_s": 2}
     store = ShardedStore.open({"table": {"path": str(table)}, "sharding": sharding})
     validate = store._validate
@@ -457,9 +457,7 @@ def test_on_cuda_the_exchange_runs_on_nccl_and_rows_stay_packed_until_the_gather
     write_shards(
         table, 1, "heads", template=shards_template(table, "heads"), progress=False, overwrite=True
     )
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    _one_rank_group_env(monkeypatch)
     table_cfg = {"path": str(table), "out_of_range": "zero"}
     tiers = {"hot": {"capacity": 64, "device": "cuda"}, "warm": {"capacity": 256}}
     cfg = {
@@ -1029,9 +1027,7 @@ def test_closing_one_of_two_stores_leaves_the_group_to_the_other(tables, monkeyp
     table = tables["plain"]
     template = shards_template(table, "rows")
     write_shards(table, 1, "rows", template=template, progress=False, overwrite=True)
-    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    _one_rank_group_env(monkeypatch)
     cfg = {
         "table": {"path": str(table)},
         "sharding": {"ranks": 1, "by": "rows", "shards": template},
