@@ -126,7 +126,7 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
             if _settings(out, asked, resume) != settings:  # ConfigError if a run was made here
                 raise ConfigError(
                     f"out: {out} changed while this run was being set up (another trainer made "
-                    "or ended a run there); nothing was written: run the command again"
+                    "or ended a run there); nothing of that run was changed: run the command again"
                 )
         with atomic_write(out / SETTINGS_FILE, "w") as f:
             json.dump(asdict(settings), f, indent=1)
