@@ -224,6 +224,10 @@ def test_resume_says_which_options_it_ignores(tmp_path, capsys):
     assert re.search(r"tiered-store train: warning: .*ignored: --batch-size 4 \(it uses 2\), --optimizer adam", err)  # fmt: skip
     saved = json.loads((out / "train.json").read_text())
     assert (saved["batch_size"], saved["optimizer"], saved["steps"]) == (2, "rowwise_adagrad", 2)
+    assert main([*common, "--resume", "--batch-size", "8"]) == 0  # given, though the default
+    assert re.search(
+        r"warning: .*ignored: --batch-size 8 \(it uses 2\)$", capsys.readouterr().err, re.M
+    )
     assert main([*common, "--steps", "1", "--resume"]) == 0  # fewer steps than the run's
     err = capsys.readouterr().err
     assert re.search(r"warning: .*ignored: --steps 1 \(it runs 2; steps only grow\)", err)

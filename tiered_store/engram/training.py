@@ -13,6 +13,7 @@ one would. ``loss.csv`` logs every step, ``loss.png`` plots it.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import errno
 import io
@@ -22,6 +23,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -87,12 +89,21 @@ class TrainSettings:
     )
 
 
-def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = True) -> dict:
+def train(
+    out: Path,
+    settings: TrainSettings,
+    *,
+    resume: bool,
+    progress: bool = True,
+    given: Collection[str] | None = None,
+) -> dict:
     """Run (or resume) training in ``out``; returns the summary printed by the command. Bad
-    settings are refused before ``out`` is touched, so a corrected command can start afresh."""
+    settings are refused before ``out`` is touched, so a corrected command can start afresh.
+    ``given``: the settings the user set (the command's options); a resume names those it
+    ignores (default: those that differ from ``TrainSettings()``'s)."""
     if settings.corpus:  # as found from here (a resume may run in another directory)
         settings = replace(settings, corpus=[os.path.abspath(c) for c in settings.corpus])
-    asked, settings = settings, _settings(out, settings, resume)
+    asked, settings = settings, _settings(out, settings, resume, given)
     torch.manual_seed(settings.seed)
     config = ModelConfig.from_dict(settings.model)
     if config.engram.is_v41:
@@ -123,7 +134,8 @@ def train(out: Path, settings: TrainSettings, *, resume: bool, progress: bool = 
     try:
         with warnings.catch_warnings():  # said once already
             warnings.simplefilter("ignore")
-            if _settings(out, asked, resume) != settings:  # ConfigError if a run was made here
+            # a ConfigError if a run was made here meanwhile
+            if _settings(out, asked, resume, given) != settings:
                 raise ConfigError(
                     f"out: {out} changed while this run was being set up (another trainer made "
                     "or ended a run there); nothing of that run was changed: run the command again"
@@ -298,9 +310,12 @@ def _holds_a_run(out: Path) -> bool:
     return True
 
 
-def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
+def _settings(
+    out: Path, given: TrainSettings, resume: bool, asked: Collection[str] | None = None
+) -> TrainSettings:
     """The run's settings, checked: saved ones on resume (the step count may grow: ``steps`` 0
-    means not asked, the run's own), else ``given``. Reads ``out``, writes nothing."""
+    means not asked, the run's own), else ``given``; a resume warns of the ``asked`` settings
+    (default: those not at their default) it ignores. Reads ``out``, writes nothing."""
     path = out / SETTINGS_FILE
     if resume and not path.exists() and _holds_a_run(out):
         raise ConfigError(
@@ -311,12 +326,16 @@ def _settings(out: Path, given: TrainSettings, resume: bool) -> TrainSettings:
     if resume and path.exists() and _holds_a_run(out):
         saved = _saved_settings(path)
         default = TrainSettings()
-        ignored = [  # asked for (not the default), and not what the run uses
+        ignored = [  # asked for (a default value too), and not what the run uses
             f"--{f.name.replace('_', '-')} {getattr(given, f.name)} (it uses "
             f"{getattr(saved, f.name)})"
             for f in fields(TrainSettings)
             if f.name != "steps"
-            and getattr(given, f.name) != getattr(default, f.name)
+            and (
+                f.name in asked
+                if asked is not None
+                else getattr(given, f.name) != getattr(default, f.name)
+            )
             and getattr(given, f.name) != getattr(saved, f.name)
         ]
         if given.steps and given.steps < saved.steps:  # asked for fewer: the run has more
@@ -391,6 +410,15 @@ def _saved_settings(path: Path) -> TrainSettings:
     return TrainSettings(**doc)
 
 
+class _Given(argparse.Action):
+    """Store the option's value and note it as given: a --resume names the options given that
+    it ignores, one set to its default value too."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
 def register(sub) -> None:
     """Add ``tiered-store train``."""
     d = TrainSettings()
@@ -405,38 +433,76 @@ def register(sub) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="run directory (tables, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--corpus", nargs="+", metavar="PATH", help="default: the stdlib's sources")
+    p.add_argument(
+        "--corpus", action=_Given, nargs="+", metavar="PATH", help="default: the stdlib's sources"
+    )
     p.add_argument(
         "--steps",
         type=at_least(1, "at least 1 step"),
         help=f"optimizer steps in all (default {d.steps}; with --resume, the run's own unless "
         "given, and only ever more)",
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     p.add_argument(
-        "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps per commit"
+        "--batch-size", action=_Given, type=int, default=d.batch_size, help="sequences per step"
     )
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="table optimizer")
     p.add_argument(
-        "--table-lr", type=positive_number, default=d.table_lr, help="the tables' learning rate"
+        "--seq-len", action=_Given, type=int, default=d.seq_len, help="tokens per sequence"
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        action=_Given,
+        type=int,
+        default=d.checkpoint_every,
+        help="steps per commit",
+    )
+    p.add_argument(
+        "--optimizer",
+        action=_Given,
+        choices=OPTIMIZERS,
+        default=d.optimizer,
+        help="table optimizer",
+    )
+    p.add_argument(
+        "--table-lr",
+        action=_Given,
+        type=positive_number,
+        default=d.table_lr,
+        help="the tables' learning rate",
     )
     p.add_argument(
         "--dense-lr",
+        action=_Given,
         type=positive_number,
         default=d.dense_lr,
         help="the dense model's learning rate (Adam)",
     )
     p.add_argument(
-        "--hot", type=capacity, default=d.hot, help="hot tier capacity (rows, bytes or %%)"
+        "--hot",
+        action=_Given,
+        type=capacity,
+        default=d.hot,
+        help="hot tier capacity (rows, bytes or %%)",
     )
     p.add_argument(
-        "--warm", type=capacity, default=d.warm, help="warm tier capacity (rows, bytes or %%)"
+        "--warm",
+        action=_Given,
+        type=capacity,
+        default=d.warm,
+        help="warm tier capacity (rows, bytes or %%)",
     )
-    p.add_argument("--io", choices=IO_MODES, default=d.io, help="cold tier I/O")
-    p.add_argument("--model", type=Path, help="YAML/JSON of engram/backbone/transformer sections")
+    p.add_argument("--io", action=_Given, choices=IO_MODES, default=d.io, help="cold tier I/O")
     p.add_argument(
-        "--seed", type=at_least(0), default=d.seed, help="seed of the weights and the batches"
+        "--model",
+        action=_Given,
+        type=Path,
+        help="YAML/JSON of engram/backbone/transformer sections",
+    )
+    p.add_argument(
+        "--seed",
+        action=_Given,
+        type=at_least(0),
+        default=d.seed,
+        help="seed of the weights and the batches",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
@@ -461,6 +527,12 @@ def _run_train(args) -> int:
     )
     if args.model is not None:
         settings.model = load_yaml(args.model, what="--model")
-    summary = train(args.out, settings, resume=args.resume, progress=not args.quiet)
+    summary = train(
+        args.out,
+        settings,
+        resume=args.resume,
+        progress=not args.quiet,
+        given=getattr(args, "given", set()),
+    )
     print(json.dumps(summary, indent=1))
     return 0
