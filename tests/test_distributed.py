@@ -373,7 +373,11 @@ def test_sharded_lookups_are_bit_exact_and_mismatched_shards_are_refused_on_ever
     victim = 2 if world == 3 else None  # and at 3 ranks, rank 2 is killed mid-lookup at the end
     paths = {k: str(v) for k, v in tables.items()}
     codes = run_ranks(exact_lookups_worker, world, (paths, tmp_path, victim), 120)
-    assert codes == [0 if r != victim else -9 for r in range(world)]
+    reports = [tmp_path / f"rank{r}.json" for r in range(world)]
+    crashes = {  # what a rank that ended otherwise than expected said
+        r: json.loads(p.read_text()).get("crash") for r, p in enumerate(reports) if p.exists()
+    }
+    assert codes == [0 if r != victim else -9 for r in range(world)], (codes, crashes)
     results = _results(tmp_path, world)
     if victim is not None:
         for rank in range(world):
