@@ -442,68 +442,28 @@ def register(sub) -> None:
         help=f"optimizer steps in all (default {d.steps}; with --resume, the run's own unless "
         "given, and only ever more)",
     )
-    p.add_argument(
-        "--batch-size", action=_Given, type=int, default=d.batch_size, help="sequences per step"
-    )
-    p.add_argument(
-        "--seq-len", action=_Given, type=int, default=d.seq_len, help="tokens per sequence"
-    )
-    p.add_argument(
-        "--checkpoint-every",
-        action=_Given,
-        type=int,
-        default=d.checkpoint_every,
-        help="steps per commit",
-    )
-    p.add_argument(
-        "--optimizer",
-        action=_Given,
-        choices=OPTIMIZERS,
-        default=d.optimizer,
-        help="table optimizer",
-    )
-    p.add_argument(
-        "--table-lr",
-        action=_Given,
-        type=positive_number,
-        default=d.table_lr,
-        help="the tables' learning rate",
-    )
-    p.add_argument(
-        "--dense-lr",
-        action=_Given,
-        type=positive_number,
-        default=d.dense_lr,
-        help="the dense model's learning rate (Adam)",
-    )
-    p.add_argument(
-        "--hot",
-        action=_Given,
-        type=capacity,
-        default=d.hot,
-        help="hot tier capacity (rows, bytes or %%)",
-    )
-    p.add_argument(
-        "--warm",
-        action=_Given,
-        type=capacity,
-        default=d.warm,
-        help="warm tier capacity (rows, bytes or %%)",
-    )
-    p.add_argument("--io", action=_Given, choices=IO_MODES, default=d.io, help="cold tier I/O")
+
+    def setting(flag: str, help: str, **kwargs: Any) -> None:
+        """An option of a TrainSettings field, its default the field's, noted when given."""
+        default = getattr(d, flag[2:].replace("-", "_"))
+        p.add_argument(flag, action=_Given, default=default, help=help, **kwargs)
+
+    setting("--batch-size", "sequences per step", type=int)
+    setting("--seq-len", "tokens per sequence", type=int)
+    setting("--checkpoint-every", "steps per commit", type=int)
+    setting("--optimizer", "table optimizer", choices=OPTIMIZERS)
+    setting("--table-lr", "the tables' learning rate", type=positive_number)
+    setting("--dense-lr", "the dense model's learning rate (Adam)", type=positive_number)
+    setting("--hot", "hot tier capacity (rows, bytes or %%)", type=capacity)
+    setting("--warm", "warm tier capacity (rows, bytes or %%)", type=capacity)
+    setting("--io", "cold tier I/O", choices=IO_MODES)
     p.add_argument(
         "--model",
         action=_Given,
         type=Path,
         help="YAML/JSON of engram/backbone/transformer sections",
     )
-    p.add_argument(
-        "--seed",
-        action=_Given,
-        type=at_least(0),
-        default=d.seed,
-        help="seed of the weights and the batches",
-    )
+    setting("--seed", "seed of the weights and the batches", type=at_least(0))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
