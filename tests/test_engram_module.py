@@ -174,6 +174,27 @@ def test_input_and_backend_errors(setup):
         engram.prefetch([[1, 2], [3]])
 
 
+def test_chunked_decode_hashes_with_the_sequences_state(setup):
+    """input_ids decoded in chunks with conv_state and a HashState give one forward's output at
+    every position; without the state, a chunk after the first is refused (it would be hashed as
+    if the sequence started there)."""
+    config, backbone, hasher, data, path = setup
+    engram = Engram.from_checkpoint(path, config, backbone, 1, hasher=hasher)
+    hidden, ids = data["layer1.hidden_states"], data["input_ids"]
+    conv, state = {}, hasher.new_state(ids.shape[0])
+    with torch.no_grad():
+        outs = [engram(hidden[:, :5], ids[:, :5], conv_state=conv, state=state)]
+        rows, handle = engram.prefetch(ids[:, 5:6].numpy(), state=state)
+        outs.append(engram(hidden[:, 5:6], row_ids=rows, handle=handle, conv_state=conv))
+        for t in range(6, ids.shape[1]):
+            step = ids[:, t : t + 1]
+            outs.append(engram(hidden[:, t : t + 1], step, conv_state=conv, state=state))
+        torch.testing.assert_close(torch.cat(outs, dim=1), data["layer1.output"], atol=1e-5, rtol=0)
+        assert state.position == ids.shape[1]
+        with pytest.raises(ConfigError, match=r"state: got None .*conv_state holds earlier"):
+            engram(hidden[:, :1], ids[:, :1], conv_state=conv)
+
+
 def test_bad_row_ids_and_integer_tables_are_named(setup):
     """Row ids given to forward are checked by the in-memory table (not an IndexError from torch);
     an integer table (e.g. packed fp8 bytes or rounded rows) is refused, not silently cast."""

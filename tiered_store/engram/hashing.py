@@ -315,10 +315,12 @@ class NgramHasher:
         """
         return self._run(input_ids, self.layer_ids, True, token_mask, state)
 
-    def row_ids_layer(self, input_ids: Any, layer_id: int, token_mask: Any = None) -> Any:
-        """Row ids of one layer's concatenated table, int64 [..., T, H]."""
+    def row_ids_layer(
+        self, input_ids: Any, layer_id: int, token_mask: Any = None, state: HashState | None = None
+    ) -> Any:
+        """Row ids of one layer's concatenated table, int64 [..., T, H] (``state`` as in ``hash``)."""
         self._check_layer(layer_id)
-        return self._run(input_ids, (layer_id,), True, token_mask, None)[layer_id]
+        return self._run(input_ids, (layer_id,), True, token_mask, state)[layer_id]
 
     def _run(
         self,

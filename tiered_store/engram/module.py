@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import ConfigError
 from .backend import InMemoryTable, TableBackend
 from .config import BackboneConfig, EngramConfig
-from .hashing import NgramHasher
+from .hashing import HashState, NgramHasher
 from .tokenizer import check_token_ids
 
 __all__ = [
@@ -181,6 +181,16 @@ class Engram(nn.Module):
     True
     >>> rows, handle = engram.prefetch(data["input_ids"])     # e.g. at batch start
     >>> out2 = engram(data["layer1.hidden_states"], row_ids=rows, handle=handle)
+
+    Decoding in chunks: ``conv_state`` carries the ShortConv's inputs, a ``HashState`` the
+    N-gram look-back, from one chunk to the next:
+
+    >>> ids, hidden = data["input_ids"], data["layer1.hidden_states"]
+    >>> conv, state = {}, engram.hasher.new_state(3)
+    >>> parts = [engram(hidden[:, :20], ids[:, :20], conv_state=conv, state=state),
+    ...          engram(hidden[:, 20:], ids[:, 20:], conv_state=conv, state=state)]
+    >>> bool(torch.allclose(torch.cat(parts, dim=1), out, atol=1e-5))
+    True
     """
 
     def __init__(
@@ -251,9 +261,11 @@ class Engram(nn.Module):
 
     # -- addressing -----------------------------------------------------------------------------
 
-    def row_ids(self, input_ids: Any) -> torch.Tensor:
-        """Row ids of this layer's concatenated table for ``input_ids`` [B, T]: int64 [B, T, H]."""
-        return self.hasher.row_ids_layer(self._id_tensor(input_ids), self.layer_id)
+    def row_ids(self, input_ids: Any, *, state: HashState | None = None) -> torch.Tensor:
+        """Row ids of this layer's concatenated table for ``input_ids`` [B, T]: int64 [B, T, H]
+        (with ``state``, the ids continue its sequences and it is advanced past them)."""
+        ids = self._id_tensor(input_ids)
+        return self.hasher.row_ids_layer(ids, self.layer_id, state=state)
 
     def _id_tensor(self, input_ids: Any) -> torch.Tensor:
         """``input_ids`` as a tensor (arrays and lists checked: ragged lists raise ConfigError)."""
@@ -261,9 +273,12 @@ class Engram(nn.Module):
             return input_ids
         return torch.as_tensor(check_token_ids(input_ids, self.hasher.tokenizer.vocab_size))
 
-    def prefetch(self, input_ids: Any) -> tuple[torch.Tensor, object]:
-        """Hash ``input_ids`` and start fetching the rows: ``(row_ids, handle)`` for ``forward``."""
-        row_ids = self.row_ids(input_ids)
+    def prefetch(
+        self, input_ids: Any, *, state: HashState | None = None
+    ) -> tuple[torch.Tensor, object]:
+        """Hash ``input_ids`` (continuing ``state``, as in ``row_ids``) and start fetching the
+        rows: ``(row_ids, handle)`` for ``forward``."""
+        row_ids = self.row_ids(input_ids, state=state)
         return row_ids, self.table.prefetch(row_ids)
 
     # -- forward --------------------------------------------------------------------------------
@@ -276,6 +291,7 @@ class Engram(nn.Module):
         row_ids: torch.Tensor | None = None,
         handle: object | None = None,
         conv_state: dict[str, torch.Tensor] | None = None,
+        state: HashState | None = None,
     ) -> torch.Tensor:
         """Engram output [B, T, hc_mult, hidden] for ``hidden_states`` [B, T, hc_mult, hidden].
 
@@ -292,7 +308,19 @@ class Engram(nn.Module):
         conv_state
             Decoding in chunks: the ShortConv's inputs of earlier chunks (a dict this call reads
             and updates; empty at the first chunk), so that each chunk's output equals one
-            forward's over every position.
+            forward's over every position. Chunks given as ``input_ids`` need ``state`` too (or
+            ``row_ids`` hashed with one).
+        state
+            The sequences' ``HashState`` (``hasher.new_state(B)`` at the first chunk) when
+            ``input_ids`` continue earlier chunks: they are hashed with its N-gram look-back and
+            it is advanced past them (unused with ``row_ids``). One per layer that hashes its own
+            ids (``EngramLM`` hashes every layer at once, with one).
+
+        Raises
+        ------
+        ConfigError
+            A shape disagrees, or ``conv_state`` holds earlier chunks but ``input_ids`` come
+            without ``state``.
         """
         hc, hidden = self.backbone.hc_mult, self.backbone.hidden_size
         if hidden_states.ndim != 4 or tuple(hidden_states.shape[2:]) != (hc, hidden):
@@ -303,6 +331,13 @@ class Engram(nn.Module):
         if row_ids is None:
             if input_ids is None:
                 raise ConfigError("input_ids: required when row_ids is not given")
+            if conv_state and state is None:
+                raise ConfigError(
+                    "state: got None with input_ids while conv_state holds earlier chunks; "
+                    "expected the HashState that hashed them (hasher.new_state(B) at the first "
+                    "chunk), or row_ids hashed with it: without one the ids are hashed as if the "
+                    "sequence started here"
+                )
             if isinstance(input_ids, torch.Tensor):
                 input_ids = input_ids.to(hidden_states.device)
             input_ids = self._id_tensor(input_ids)
@@ -311,7 +346,7 @@ class Engram(nn.Module):
                     f"input_ids: expected shape {list(hidden_states.shape[:2])} ([B, T] of "
                     f"hidden_states), got {list(input_ids.shape)}"
                 )
-            row_ids = self.row_ids(input_ids)
+            row_ids = self.row_ids(input_ids, state=state)
         expected = (*hidden_states.shape[:2], self.config.num_heads)
         if tuple(row_ids.shape) != expected:
             raise ConfigError(
