@@ -90,6 +90,8 @@ def test_dead_tokens_hash_as_all_pad_ngrams(golden, hasher):
     rows = hasher.row_ids(ids, token_mask=mask)[1]
     pad_rows = hasher.row_ids(np.full((1, 1), 2))[1][0, 0]
     assert (rows[~mask] == pad_rows).all()  # every dead position reads the all-pad rows
+    flipped = hasher.row_ids(ids, token_mask=mask[:, ::-1])[1]  # negative strides, as ids take
+    assert np.array_equal(flipped, hasher.row_ids(ids, token_mask=mask[:, ::-1].copy())[1])
 
 
 def test_chunked_prefill_then_decode_equals_one_pass(golden, hasher):

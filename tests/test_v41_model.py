@@ -178,6 +178,13 @@ def test_dead_tokens_pass_through_the_engram_layer_unchanged(model, tokens):
         assert not torch.equal(after[mask], before[mask])
 
 
+def test_a_numpy_mask_with_negative_strides_is_taken(model, tokens):
+    mask = np.ones(tokens.shape, dtype=bool)
+    mask[:, 30:] = False
+    batch = model.hash(tokens, token_mask=mask[:, ::-1])  # as ids with negative strides are
+    assert torch.equal(batch.token_mask, torch.from_numpy(mask[:, ::-1].copy()))
+
+
 def test_bad_tables_masks_and_positions_are_refused(model, config, hasher, tokens):
     wrong = PackedInMemoryTable(torch.zeros(10, QUANT.packed_bytes, dtype=torch.uint8), QUANT)
     with pytest.raises(ConfigError, match=r"tables\[14\]: a table of 10 rows x 32; expected"):

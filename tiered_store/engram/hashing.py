@@ -347,9 +347,9 @@ class NgramHasher:
     @staticmethod
     def _mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
         """``token_mask`` as a bool tensor shaped like ``ids``, on its device."""
-        mask = torch.as_tensor(
-            np.asarray(token_mask) if not isinstance(token_mask, torch.Tensor) else token_mask
-        )
+        if not isinstance(token_mask, torch.Tensor):
+            token_mask = np.ascontiguousarray(token_mask)  # torch takes no negative strides
+        mask = torch.as_tensor(token_mask)
         if mask.dtype != torch.bool or mask.shape != ids.shape:
             raise ConfigError(
                 f"token_mask: got {mask.dtype} {tuple(mask.shape)}; expected bool "

@@ -623,7 +623,7 @@ def _token_mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
     if token_mask is None:
         return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     if not isinstance(token_mask, torch.Tensor):
-        token_mask = torch.from_numpy(np.asarray(token_mask))
+        token_mask = torch.from_numpy(np.ascontiguousarray(token_mask))  # no negative strides
     if token_mask.dtype != torch.bool or token_mask.shape != ids.shape:
         raise ConfigError(
             f"token_mask: got {token_mask.dtype} {tuple(token_mask.shape)}; expected bool "
