@@ -185,6 +185,19 @@ def test_a_numpy_mask_with_negative_strides_is_taken(model, tokens):
     assert torch.equal(batch.token_mask, torch.from_numpy(mask[:, ::-1].copy()))
 
 
+def test_a_mask_buffer_refilled_after_prefetch_leaves_the_batch_as_hashed(model, tokens):
+    """The batch keeps the mask its rows were hashed with, as it keeps its ids: a caller that
+    refills its mask buffer (NumPy or torch) before the forward gets the logits of that mask."""
+    mask = np.ones(tokens.shape, dtype=bool)
+    mask[:, 5:9] = False
+    with torch.no_grad():
+        want = model(tokens, prefetched=model.prefetch(tokens, token_mask=mask.copy()))
+        for buffer in (mask.copy(), torch.from_numpy(mask.copy())):
+            batch = model.prefetch(tokens, token_mask=buffer)
+            buffer[:] = True  # the next request's mask
+            torch.testing.assert_close(model(tokens, prefetched=batch), want, atol=0, rtol=0)
+
+
 def test_bad_tables_masks_and_positions_are_refused(model, config, hasher, tokens):
     wrong = PackedInMemoryTable(torch.zeros(10, QUANT.packed_bytes, dtype=torch.uint8), QUANT)
     with pytest.raises(ConfigError, match=r"tables\[14\]: a table of 10 rows x 32; expected"):

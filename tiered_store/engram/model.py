@@ -392,14 +392,8 @@ class EngramLM(nn.Module):
         ``token_mask`` (bool [B, T], default all True) marks dead tokens; ``state`` (from
         ``hasher.new_state(B)``) continues sequences hashed before (chunked prefill, decode) and
         is advanced past these ids."""
-        ids = self._check_input(input_ids)
-        if isinstance(input_ids, torch.Tensor):  # the batch's own: the caller may refill its ids
-            ids = snapshot_of(ids, input_ids)
-        elif not isinstance(input_ids, (list, tuple)) and np.may_share_memory(
-            ids.numpy(), input_ids
-        ):  # an int64 array (or other buffer) kept as given: copied, as a refilled tensor's ids
-            ids = ids.clone()
-        mask = _token_mask(token_mask, ids)
+        ids = _snapshot(self._check_input(input_ids), input_ids)
+        mask = _snapshot(_token_mask(token_mask, ids), token_mask)
         position = state.position if state is not None else 0
         rows = self.hasher.row_ids(ids, token_mask=mask, state=state)
         layers = dict.fromkeys(self.engram_layers)
@@ -616,6 +610,17 @@ class EngramLM(nn.Module):
                 self._rope[key] = tables
         cos, sin = tables  # not read back: a forward on another thread may have replaced it
         return cos[start:stop], sin[start:stop]
+
+
+def _snapshot(checked: torch.Tensor, given: Any) -> torch.Tensor:
+    """``checked`` (made from the caller's ``given``), copied if it shares the caller's memory:
+    the batch's own, as the caller may refill its buffer (ids or mask) before the forward."""
+    if isinstance(given, torch.Tensor):
+        return snapshot_of(checked, given)
+    if given is None or isinstance(given, (list, tuple)) or checked.device.type != "cpu":
+        return checked  # made here (from a list, or copied to the device)
+    # an array (or other buffer) kept as given: copied, as a refilled tensor's
+    return checked.clone() if np.may_share_memory(checked.numpy(), given) else checked
 
 
 def _token_mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
