@@ -265,6 +265,9 @@ def test_hash_rejects_bad_ids_before_compute(golden):
         hasher.hash(np.array([[1, 2, 200000]]))
     with pytest.raises(RowIdError, match="token id -3"):
         hasher.hash(torch.tensor([[-3, 2]]))
+    big = 2**64 - 1  # named as given, not as its int64 cast (-1)
+    with pytest.raises(RowIdError, match=rf"token id {big} at index \(0, 1\)"):
+        hasher.hash(torch.tensor([[5, big]], dtype=torch.uint64))
     with pytest.raises(ConfigError, match="layer_id"):
         hasher.hash_layer(np.array([[1, 2]]), 99)
     for scalar in (5, np.int64(5), np.array(5), torch.tensor(5)):  # not a one-token sequence

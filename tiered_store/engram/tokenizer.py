@@ -190,7 +190,8 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids")
             low, high = int(low), int(high)
             if low < 0 or high >= vocab_size:
                 bad = ids.lt(0).logical_or(ids.ge(vocab_size)).nonzero()[0].tolist()
-                _raise_out_of_vocab(name, int(ids[tuple(bad)]), tuple(bad), vocab_size)
+                value = input_ids[tuple(bad)].item()  # as given: a uint64 above 2**63 wraps
+                _raise_out_of_vocab(name, value, tuple(bad), vocab_size)
         return ids
     try:
         ids = np.asarray(input_ids)
