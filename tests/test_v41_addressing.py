@@ -4,6 +4,7 @@ decode, bit-exact with the reference's golden row ids (small tables and the rele
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -176,3 +177,8 @@ def test_bad_mask_and_state_are_refused(golden, hasher):
         hasher.row_ids(ids, token_mask=np.ones((2, 3), dtype=np.int64))
     with pytest.raises(ConfigError, match=r"state: carries \(3,\) sequences; expected \(2,\)"):
         hasher.row_ids(ids, state=hasher.new_state(3))
+    for batch_size in (-1, 2.5, (2, 3), True):  # torch's raw RuntimeError/TypeError before
+        got = re.escape(repr(batch_size))
+        with pytest.raises(ConfigError, match=rf"batch_size: expected an integer >= 0, got {got}"):
+            hasher.new_state(batch_size)
+    assert hasher.new_state(np.int64(2)).tail.shape[0] == 2

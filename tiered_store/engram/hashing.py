@@ -243,6 +243,11 @@ class NgramHasher:
     def new_state(self, batch_size: int, device: torch.device | str = "cpu") -> HashState:
         """Look-back state for ``batch_size`` sequences that start now (see :class:`HashState`).
 
+        Raises
+        ------
+        ConfigError
+            ``batch_size`` is not an integer >= 0.
+
         Examples
         --------
         >>> cfg = EngramConfig(engram_vocab_size=(2003, 3001), n_embed_per_ngram=64,
@@ -256,8 +261,14 @@ class NgramHasher:
         >>> state.position == ids.shape[1]
         True
         """
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int | np.integer)
+            or batch_size < 0
+        ):
+            raise ConfigError(f"batch_size: expected an integer >= 0, got {batch_size!r}")
         width = self.config.max_ngram_size - 1
-        tail = torch.full((batch_size, width), DEAD, dtype=torch.int64, device=device)
+        tail = torch.full((int(batch_size), width), DEAD, dtype=torch.int64, device=device)
         return HashState(tail)
 
     def hash(
