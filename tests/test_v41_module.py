@@ -74,6 +74,15 @@ def test_row_ids_or_token_mask_of_another_batch_or_length_are_refused(golden, la
                 layer(x, ids, bad)
 
 
+def test_a_token_mask_not_bool_is_refused(golden, layer):
+    x = _bf16(golden["fwd_x_bf16bits"])
+    ids = torch.from_numpy(golden["fwd_row_ids"])
+    mask = torch.from_numpy(golden["fwd_token_mask"])
+    for bad in (mask.long(), mask.float()):  # torch.where's raw RuntimeError before
+        with pytest.raises(ConfigError, match=rf"token_mask: got {bad.dtype}; expected bool"):
+            layer(x, ids, bad)
+
+
 def test_from_the_reference_kv_the_output_is_bit_exact(golden, layer):
     x = _bf16(golden["fwd_x_bf16bits"])
     mask = torch.from_numpy(golden["fwd_token_mask"])

@@ -127,6 +127,11 @@ class V41Engram(nn.Module):
                 f"token_mask: shape {tuple(token_mask.shape)}; expected {tuple(x.shape[:-2])} "
                 f"(the [B, T] of x {tuple(x.shape)})"
             )
+        elif token_mask.dtype != torch.bool:
+            raise ConfigError(
+                f"token_mask: got {token_mask.dtype}; expected bool (True where a token is live: "
+                "a 0/1 mask as mask.bool())"
+            )
         kv = self.project(self.table.lookup(row_ids, handle).to(x.device))
         keys = kv[..., : self.hc_mult * self.dim].unflatten(-1, (self.hc_mult, self.dim))
         value = kv[..., self.hc_mult * self.dim :].float()
