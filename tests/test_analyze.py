@@ -306,6 +306,27 @@ def test_a_file_is_one_document_whatever_its_names_and_linked_folders_are_walked
     assert names == ["a-again.txt", "more/b.txt"]
 
 
+def test_a_link_loop_to_a_file_is_skipped_as_unreadable(tmp_path):
+    """`loop -> loop` (or `a -> b -> a`) in the corpus or --out folder crashed resolving the
+    corpus (RuntimeError: Symlink loop); like a broken link, it is now skipped as unreadable."""
+    import os
+
+    from tiered_store.corpus import ReadStats, iter_texts
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "doc.txt").write_text("a document\n")
+    os.symlink("loop", tmp_path / "loop")
+    os.symlink("b", tmp_path / "a")
+    os.symlink("a", tmp_path / "b")
+    os.symlink("loop", tmp_path / "out" / "loop")
+    corpus = resolve_corpus([tmp_path], exclude=tmp_path / "out")
+    assert [f.name for f in corpus.files] == ["a", "b", "doc.txt", "loop"]
+    stats = ReadStats()
+    assert [i for i, _ in iter_texts(corpus.files, stats)] == [2]
+    assert stats.to_dict()["skipped_by_reason"]["unreadable"] == 3
+    assert "loop (unreadable)" in stats.warning()
+
+
 def test_pipes_and_devices_in_a_folder_are_skipped_and_one_named_is_a_clear_error(tmp_path):
     """A FIFO in a corpus folder was read as a document: the read waited for a writer forever
     (and a link to /dev/zero grew without end). They are skipped as not regular files."""

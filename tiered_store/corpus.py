@@ -164,6 +164,12 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _file_key(path: Path) -> object:
+    """What makes two names one file: its identity, else (a broken or looping link) the path it
+    resolves to; os.path.realpath, as Path.resolve raises RuntimeError on a link loop."""
+    return _identity(path) or Path(os.path.realpath(path))
+
+
 def _expand(path: str | os.PathLike[str]) -> list[Path]:
     """The files one corpus argument names (a file, a directory, or a glob pattern)."""
     text = os.fspath(path)
@@ -227,12 +233,12 @@ def resolve_corpus(
     seen: set[object] = set()  # a file by (device, inode): one document whatever its names
     excluded: set[object] = set()
     if exclude is not None and Path(exclude).is_dir():  # its files are never added
-        excluded.update(_identity(f) or f.resolve() for f in _walk(Path(exclude)))
+        excluded.update(_file_key(f) for f in _walk(Path(exclude)))
     files: list[Path] = []
     left_out: set[object] = set()  # files found in the excluded folder
     for arg in paths:
         for f in _expand(arg):
-            key = _identity(f) or f.resolve()
+            key = _file_key(f)
             if key in excluded:
                 left_out.add(key)
             elif key not in seen:
