@@ -327,6 +327,29 @@ def test_a_link_loop_to_a_file_is_skipped_as_unreadable(tmp_path):
     assert "loop (unreadable)" in stats.warning()
 
 
+def test_names_that_are_not_utf8_are_escaped_in_the_report(tmp_path):
+    """A corpus folder or a skipped file named in latin-1 (b'caf\\xe9') killed the run at its
+    end: writing report.md raised UnicodeEncodeError, and nothing was published."""
+    import os
+
+    corpus = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(TEXTS["en.txt"])
+    (corpus / os.fsdecode(b"caf\xe9.bin")).write_bytes(b"\x00\x01" * 100)  # skipped: binary
+    with pytest.warns(SkippedFilesWarning, match=r"caf\udce9\.bin \(binary\)"):
+        result = analyze(
+            [corpus],
+            tmp_path / "out",
+            config=EngramConfig.from_dict(TINY["engram"]),
+            options=AnalyzeOptions(workers=1, curves=False, progress=False),
+        )
+    assert result.report["complete"]
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "caf\\udce9/caf\\udce9.bin (binary)" in md
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert report["corpus"]["read"]["skipped_files"]["binary"] == [str(corpus / "caf\udce9.bin")]
+
+
 def test_pipes_and_devices_in_a_folder_are_skipped_and_one_named_is_a_clear_error(tmp_path):
     """A FIFO in a corpus folder was read as a document: the read waited for a writer forever
     (and a link to /dev/zero grew without end). They are skipped as not regular files."""

@@ -363,7 +363,7 @@ def write_report(
             md += ["![miss-ratio curves](miss_ratio.png)", ""]
 
     paths["markdown"] = out / REPORT_MD
-    paths["markdown"].write_text("\n".join(md))
+    paths["markdown"].write_text("\n".join(md), encoding="utf-8", errors="backslashreplace")
     paths["json"] = out / REPORT_JSON
     paths["json"].write_text(json.dumps(data, indent=1))
     return paths
@@ -624,6 +624,8 @@ def write_analysis_report(
     """
     out = Path(folder)
     paths = {"markdown": out / REPORT_MD, "json": out / REPORT_JSON}
-    paths["markdown"].write_text(_analysis_markdown(report))
+    paths["markdown"].write_text(
+        _analysis_markdown(report), encoding="utf-8", errors="backslashreplace"
+    )
     paths["json"].write_text(json.dumps(jsonable(report), indent=1))
     return paths
