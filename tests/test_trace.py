@@ -222,6 +222,39 @@ def test_header_that_is_not_a_json_object(tmp_path, head):
         TraceReader(p)
 
 
+def _rewrite_footer(path, edit):
+    """Apply ``edit`` to the trace's footer dict and write it back with a matching checksum, as a
+    buggy or foreign writer would."""
+    import json
+    import zlib
+
+    from tiered_store.trace import _TRAILER, END_MAGIC
+
+    data = path.read_bytes()
+    start = len(data) - _TRAILER.size - _TRAILER.unpack(data[-_TRAILER.size :])[0]
+    footer = json.loads(data[start : -_TRAILER.size])
+    edit(footer)
+    raw = json.dumps(footer).encode()
+    path.write_bytes(data[:start] + raw + _TRAILER.pack(len(raw), zlib.crc32(raw), 0, END_MAGIC))
+
+
+@pytest.mark.parametrize(
+    ("field", "edit"),
+    [
+        ("chunks: [[]]", lambda f: f.update(chunks=[[]])),
+        ("per_table: a list", lambda f: f["totals"].update(per_table=[50])),
+    ],
+)
+def test_a_footer_of_the_wrong_shape_is_refused_by_name(tmp_path, field, edit):
+    """A footer whose checksum matches but whose fields have the wrong shape escaped as a bare
+    IndexError or AttributeError that named no file."""
+    path = tmp_path / "t.trace"
+    _write_sample(path)
+    _rewrite_footer(path, edit)
+    with pytest.raises(TraceFormatError, match=f"{re.escape(str(path))}: malformed footer"):
+        TraceReader(path)
+
+
 def test_npy_import_export(tmp_path):
     ids = np.random.default_rng(3).integers(0, 5000, size=1234)
     np.save(tmp_path / "ids.npy", ids.astype(np.int32))

@@ -450,7 +450,7 @@ class TraceReader:
             self.n_batches: int = int(totals["batches"])
             self._per_table: dict[str, int] = {k: int(v) for k, v in totals["per_table"].items()}
             self._check_extent()
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             self._file.close()
             if isinstance(exc, TraceFormatError):
                 raise
