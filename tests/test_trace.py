@@ -255,6 +255,27 @@ def test_a_footer_of_the_wrong_shape_is_refused_by_name(tmp_path, field, edit):
         TraceReader(path)
 
 
+@pytest.mark.parametrize("extra", [5, -5, -50])
+def test_an_export_whose_footer_miscounts_the_ids_is_refused_and_writes_nothing(tmp_path, extra):
+    """A footer that over-counted a table's ids was exported padded with row id 0 (under-counted:
+    a bare numpy broadcast error); it is now the TraceFormatError read_all raises."""
+    path = tmp_path / "t.trace"
+    with TraceWriter(path, {"tables": ["a"]}) as w:
+        w.write(np.arange(1, 51), "a")
+
+    def miscount(footer):
+        footer["totals"]["lookups"] += extra
+        footer["totals"]["per_table"]["a"] += extra
+
+    _rewrite_footer(path, miscount)
+    message = f"{re.escape(str(path))}: chunks hold 50 ids; the footer says {50 + extra}$"
+    with TraceReader(path) as r, pytest.raises(TraceFormatError, match=message):
+        r.read_all("a")
+    with pytest.raises(TraceFormatError, match=message):
+        trace_to_npy(path, tmp_path / "out.npy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]
+
+
 def test_npy_import_export(tmp_path):
     ids = np.random.default_rng(3).integers(0, 5000, size=1234)
     np.save(tmp_path / "ids.npy", ids.astype(np.int32))

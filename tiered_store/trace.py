@@ -680,13 +680,19 @@ class TraceReader:
     def read_all(self, table: str | int | None = None) -> np.ndarray:
         """All ids (or one table's) as one flat int64 array: only for traces that fit in RAM."""
         out = np.empty(self.lookups(table), dtype=np.int64)
+        self._read_into(out, table)
+        return out
+
+    def _read_into(self, out: np.ndarray, table: str | int | None) -> None:
+        """Fill ``out``, sized by the footer, with the ids (or one table's); raise when the
+        chunks hold another count."""
         pos = 0
         for part in self.ids(table):
-            out[pos : pos + part.size] = part
+            if pos + part.size <= out.size:
+                out[pos : pos + part.size] = part
             pos += part.size
         if pos != out.size:
             raise self._fail(f"chunks hold {pos} ids; the footer says {out.size}")
-        return out
 
     def verify(self) -> None:
         """Read and check every chunk and the totals; raise on the first problem."""
@@ -807,14 +813,13 @@ def trace_to_npy(
     try:
         n = reader.lookups(table)
         if n == 0:
-            np.save(tmp, np.empty(0, dtype=np.int64))
+            empty = np.empty(0, dtype=np.int64)
+            reader._read_into(empty, table)  # the chunks agree with the footer: no ids
+            np.save(tmp, empty)
             os.replace(tmp, npy_path)
             return load_npy(npy_path)
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n,))
-        pos = 0
-        for part in reader.ids(table):
-            out[pos : pos + part.size] = part
-            pos += part.size
+        reader._read_into(out, table)
         out.flush()
         del out
         os.replace(tmp, npy_path)
