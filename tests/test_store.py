@@ -158,6 +158,20 @@ def test_ids_may_be_numpy_lists_and_small_int_dtypes(table):
             store.lookup(torch.tensor([1, 2**63], dtype=torch.uint64))
 
 
+def test_numpy_uint64_scalars_and_lists_of_them_are_ids(table):
+    """np.uint64(7) and [np.uint64(7), np.uint64(8)] were refused as "cannot be read as
+    integers" (torch reads no uint64 scalar), while a uint64 array or np.uint32(7) was taken."""
+    path, data = table
+    with TieredStore(store_config(path, hot={"capacity": 10})) as store:
+        assert torch.equal(store.lookup(np.uint64(7)), data[7])
+        pair = [np.uint64(7), np.uint64(8)]
+        assert torch.equal(store.lookup(pair), data[[7, 8]])
+        store.release(store.announce(pair))
+        for wide in (np.uint64(2**63), [np.uint64(1), np.uint64(2**63)], [2**63]):
+            with pytest.raises(RowIdError, match=r"value 9223372036854775808 does not fit int64"):
+                store.lookup(wide)
+
+
 def test_static_rows_are_pinned_and_served_from_hot(tmp_path, table):
     path, data = table
     hot_rows = np.arange(100, 150, dtype=np.int64)

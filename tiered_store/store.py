@@ -1227,6 +1227,12 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
         try:
             tensor = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError) as exc:
+            try:  # NumPy uint64 scalars (or lists of them), ints past int64: torch refuses them
+                array = np.asarray(ids)
+            except (TypeError, ValueError):
+                array = None
+            if array is not None and array.dtype.kind in "iu":
+                return as_id_tensor(array)  # the ndarray branch checks uint64's range
             raise RowIdError(
                 f"ids: {type(ids).__name__} cannot be read as integers ({exc})"
             ) from None
