@@ -21,7 +21,7 @@ import torch
 from tests.conftest import store_config
 from tiered_store import TieredStore, create_table
 from tiered_store.delta.compaction import compact_table
-from tiered_store.delta.row_delta import RowDelta
+from tiered_store.delta.row_delta import RowDelta, committed_step, delta_path
 from tiered_store.errors import CommitError, TierIOError
 from tiered_store.table_format import add_page_checksums
 
@@ -81,6 +81,61 @@ def test_enospc_in_commit_and_compaction_keeps_the_last_commit(small_fs):
     with TieredStore(cfg) as reader:
         assert reader.generation == 0 and reader.committed_step == 2
         assert bool((reader.lookup(torch.arange(2000)) == 2.0).all())
+
+
+def test_a_first_write_near_the_free_space_creates_the_delta_whole_or_not_at_all(small_fs):
+    """Creating the delta on a nearly full filesystem left a data file of one of LMDB's two meta
+    pages (every later open of the table failed with ``MDB_INVALID``, though it was never
+    committed to), or raised LMDB's own error when its first transaction found no room."""
+    path = small_fs / "t.npy"
+    create_table(path, np.zeros((1000, 64), np.float32), progress=False)
+    cfg = store_config(path, hot={"capacity": 8})
+    outcomes = set()
+    for leave in range(4096, 98304, 4096):
+        store = TieredStore(cfg)
+        filler = _fill(small_fs, leave)
+        try:
+            store.write([1], torch.ones(1, 64))
+            store.commit()
+            outcomes.add("committed")
+        except CommitError:  # the delta was made: the commit failed, the writes stay pending
+            outcomes.add("not committed")
+        except TierIOError as exc:  # making the delta failed: none is left
+            assert str(delta_path(path)) in str(exc), f"{leave} bytes free: {exc}"
+            assert not delta_path(path).exists(), f"{leave} bytes free"
+            outcomes.add("refused")
+        filler.unlink()
+        store.write([1], torch.ones(1, 64))  # the same store, once there is room
+        assert store.commit() >= 1
+        store.close()
+        with TieredStore(cfg) as reader:
+            assert reader.committed_step >= 1 and reader.lookup([1]).tolist() == [[1.0] * 64]
+        shutil.rmtree(delta_path(path))
+    assert outcomes == {"refused", "not committed", "committed"}
+
+
+def test_a_delta_a_writer_died_creating_reads_as_none_and_is_made_anew(tmp_path):
+    """A writer killed while LMDB wrote the delta's meta pages leaves a data file shorter than
+    both: the table opens, reads, compacts and reports its step as without a delta, and the
+    next write makes the delta anew."""
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((100, 4), np.float32), progress=False)
+    whole = RowDelta(tmp_path / "whole.delta", row_bytes=16, create=True)
+    whole.close()
+    delta_path(path).mkdir()
+    for name, size in (("data.mdb", 4096), ("lock.mdb", None)):  # one meta page of two
+        (delta_path(path) / name).write_bytes((whole.path / name).read_bytes()[:size])
+    cfg = store_config(path, hot={"capacity": 4})
+    with TieredStore(cfg) as reader:
+        assert reader.committed_step == 0 and not reader.is_stale()
+        assert reader.lookup([1]).tolist() == [[0.0] * 4]
+    assert committed_step(path, 16) is None
+    assert compact_table(path, progress=False).new_generation == 0
+    with TieredStore(cfg) as writer:
+        writer.write([1], torch.ones(1, 4))
+        assert writer.commit() == 1
+    with TieredStore(cfg) as reader:
+        assert reader.committed_step == 1 and reader.lookup([1]).tolist() == [[1.0] * 4]
 
 
 def test_a_read_only_directory_reads_committed_rows_and_refuses_writes(small_fs):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,8 @@ HEADER_BYTES = HEADER.itemsize  # 24
 # never grows while a store elsewhere holds an older commit (growing it ends such views)
 MIN_MAP_BYTES = 64 << 30
 GREW_STEP = 2**63 - 1  # latest_step() when another process grew the map: later than any step
+# LMDB's two meta pages, of 4 KiB (the smallest pages it uses): a data file shorter holds no commit
+META_PAGES_BYTES = 2 * 4096
 MAX_READERS = 512  # reader slots: one per reading thread of every process (serving threads, tests)
 GROW_ATTEMPTS = 8  # a commit that fills the map doubles it and retries this many times at most
 
@@ -126,8 +129,25 @@ class RowDelta:
         self.read_errors = 0  # reads that failed or found a corrupt row
         wanted = map_bytes or max(MIN_MAP_BYTES, 2 * table_rows * (self.value_bytes + 64))
         existed = self.path.is_dir()
+        if existed and _half_made(self.path):  # holds no commit: none to read, made anew to write
+            if not create:
+                raise ConfigError(
+                    f"delta: {self.path} was never initialised (a writer died or failed creating "
+                    "it); expected a table's write delta"
+                )
+            _remove_half_made(self.path)
+            existed = False
         if not existed and not create:
             raise ConfigError(f"delta: {self.path} does not exist; expected a table's write delta")
+        try:
+            self._set_up(wanted, existed, create, initial_step)
+        except BaseException:  # a new delta is made whole or not at all: the next writer makes it
+            if not existed:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def _set_up(self, wanted: int, existed: bool, create: bool, initial_step: int) -> None:
+        """Open the environment and its databases (a writer creates them)."""
         try:
             self._env_key, self.env, self._grow_lock = _shared_env(
                 self.path, lambda: self._open(wanted, existed)
@@ -147,6 +167,11 @@ class RowDelta:
                     f"delta: {self.path} grew in another process past the map this process has "
                     "open (another store of this table here still holds an older commit); close "
                     "it, then open this one",
+                ) from None
+            except lmdb.Error as exc:  # a writer's first transaction, say, on a full disk
+                raise TierIOError(
+                    f"delta: cannot open the databases of {self.path} ({exc}); expected a "
+                    "delta whose databases open (a new one needs room for their first pages)"
                 ) from None
             self._check_row_bytes()
             if not existed:
@@ -625,6 +650,29 @@ def _data_file_id(real: str) -> tuple[int, int] | None:
             exc.errno, f"delta: cannot stat {data_file} ({exc.strerror}); expected a readable delta"
         ) from None
     return st.st_dev, st.st_ino
+
+
+def _half_made(path: Path) -> bool:
+    """Whether the delta directory ``path`` is one a writer died or failed creating: no data file,
+    or one shorter than LMDB's two meta pages (which LMDB refuses: ``MDB_INVALID``)."""
+    try:
+        return os.stat(path / "data.mdb").st_size < META_PAGES_BYTES
+    except FileNotFoundError:
+        return True
+    except OSError:  # unreadable: opening it says why
+        return False
+
+
+def _remove_half_made(path: Path) -> None:
+    """Remove a delta a writer died or failed creating (it holds no commit), to make it anew."""
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        raise TierIOError(
+            exc.errno,
+            f"delta: cannot remove {path}, which a writer died or failed creating ({exc.strerror}); "
+            "expected a writable directory, to create the delta anew",
+        ) from None
 
 
 def _count_pin(key: tuple, change: int) -> int:
