@@ -21,7 +21,7 @@ import torch
 from tests.conftest import store_config
 from tiered_store import TieredStore, create_table
 from tiered_store.delta.compaction import compact_table
-from tiered_store.delta.row_delta import RowDelta, committed_step, delta_path
+from tiered_store.delta.row_delta import LOCK_FILE_BYTES, RowDelta, committed_step, delta_path
 from tiered_store.errors import CommitError, TierIOError
 from tiered_store.table_format import add_page_checksums
 
@@ -112,6 +112,38 @@ def test_a_first_write_near_the_free_space_creates_the_delta_whole_or_not_at_all
             assert reader.committed_step >= 1 and reader.lookup([1]).tolist() == [[1.0] * 64]
         shutil.rmtree(delta_path(path))
     assert outcomes == {"refused", "not committed", "committed"}
+
+
+_FIRST_WRITE = r"""
+import sys, torch
+from tiered_store import TieredStore
+from tiered_store.errors import TierIOError
+with TieredStore.open({"table": {"path": sys.argv[1]}}) as store:
+    try:
+        store.write([1], torch.ones(1, 64))
+    except TierIOError as exc:
+        print(f"TierIOError: {exc}")
+"""
+
+
+def test_a_first_write_on_a_full_filesystem_is_refused_not_killed(small_fs):
+    """LMDB maps a new lock file without reserving its space: on a full filesystem its first
+    write to the map killed the writer (SIGBUS) inside ``lmdb.open``."""
+    path = small_fs / "t.npy"
+    create_table(path, np.zeros((1000, 64), np.float32), progress=False)
+    filler = _fill(small_fs, 0)
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_WRITE, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert f"delta: cannot create {delta_path(path)} (No space left on device)" in done.stdout
+    assert not delta_path(path).exists()
+    filler.unlink()
+    with TieredStore(store_config(path, hot={"capacity": 8})) as store:
+        store.write([1], torch.ones(1, 64))
+        assert store.commit() == 1
+    lock_file = os.stat(delta_path(path) / "lock.mdb")  # reserved whole, at the size LMDB uses
+    assert lock_file.st_size == LOCK_FILE_BYTES <= lock_file.st_blocks * 512
 
 
 def test_a_delta_a_writer_died_creating_reads_as_none_and_is_made_anew(tmp_path):

@@ -39,6 +39,7 @@ GREW_STEP = 2**63 - 1  # latest_step() when another process grew the map: later 
 # LMDB's two meta pages, of 4 KiB (the smallest pages it uses): a data file shorter holds no commit
 META_PAGES_BYTES = 2 * 4096
 MAX_READERS = 512  # reader slots: one per reading thread of every process (serving threads, tests)
+LOCK_FILE_BYTES = 128 + MAX_READERS * 64  # LMDB's lock file: a header, a 64-byte slot per reader
 GROW_ATTEMPTS = 8  # a commit that fills the map doubles it and retries this many times at most
 
 
@@ -148,6 +149,8 @@ class RowDelta:
 
     def _set_up(self, wanted: int, existed: bool, create: bool, initial_step: int) -> None:
         """Open the environment and its databases (a writer creates them)."""
+        if not existed:
+            _make_with_lock_file(self.path)
         try:
             self._env_key, self.env, self._grow_lock = _shared_env(
                 self.path, lambda: self._open(wanted, existed)
@@ -672,6 +675,29 @@ def _remove_half_made(path: Path) -> None:
             exc.errno,
             f"delta: cannot remove {path}, which a writer died or failed creating ({exc.strerror}); "
             "expected a writable directory, to create the delta anew",
+        ) from None
+
+
+def _make_with_lock_file(path: Path) -> None:
+    """Make a new delta's directory and LMDB's lock file, its space reserved: LMDB maps the lock
+    file without reserving any, so on a full disk its first write to the map would kill the process
+    (SIGBUS) inside ``lmdb.open``."""
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o755)  # the modes lmdb.open gives them
+        fd = os.open(path / "lock.mdb", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # (a filesystem that cannot
+                raise  # reserve space: LMDB's own open, unreserved)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise TierIOError(
+            exc.errno,
+            f"delta: cannot create {path} ({exc.strerror}); expected a writable directory with "
+            f"room for its lock file ({LOCK_FILE_BYTES:,} bytes, LMDB's reader table)",
         ) from None
 
 
