@@ -170,6 +170,41 @@ def test_a_delta_a_writer_died_creating_reads_as_none_and_is_made_anew(tmp_path)
         assert reader.committed_step == 1 and reader.lookup([1]).tolist() == [[1.0] * 4]
 
 
+_COMMIT_PAST_THE_FILE_SIZE_LIMIT = r"""
+import resource, sys
+import numpy as np
+from tiered_store.delta.row_delta import RowDelta
+from tiered_store.errors import CommitError
+delta = RowDelta(sys.argv[1], row_bytes=256, create=True)
+delta.commit(np.arange(10), np.zeros((10, 256), np.uint8), step=1)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+try:
+    delta.commit(np.arange(100), np.ones((100, 256), np.uint8), step=2)
+except CommitError as exc:
+    print(exc)
+"""
+
+
+def test_a_commit_cut_short_by_the_file_size_limit_or_a_full_disk_says_which(tmp_path, small_fs):
+    """LMDB reports a short write as EIO: a commit that reached the file-size limit
+    (RLIMIT_FSIZE) or filled the disk said 'Input/output error', as a failing disk would."""
+    path = tmp_path / "t.delta"
+    done = subprocess.run(
+        [sys.executable, "-c", _COMMIT_PAST_THE_FILE_SIZE_LIMIT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    limit = f"{path / 'data.mdb'} reached this process's file-size limit (RLIMIT_FSIZE, 65,536"
+    assert limit in done.stdout and "File too large" in done.stdout, done.stdout + done.stderr
+    assert "previous commit (step 1) is intact" in done.stdout
+    delta = RowDelta(small_fs / "t.delta", row_bytes=256, create=True)
+    _fill(small_fs, 64 << 10)
+    with pytest.raises(CommitError, match="No space left on device"):
+        delta.commit(np.arange(2000), np.ones((2000, 256), np.uint8), step=1)
+    delta.close()
+
+
 def test_a_read_only_directory_reads_committed_rows_and_refuses_writes(small_fs):
     path = small_fs / "t.npy"
     create_table(path, np.zeros((100, 4), np.float32), progress=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import shutil
 import threading
 from collections.abc import Iterator
@@ -173,8 +174,9 @@ class RowDelta:
                 ) from None
             except lmdb.Error as exc:  # a writer's first transaction, say, on a full disk
                 raise TierIOError(
-                    f"delta: cannot open the databases of {self.path} ({exc}); expected a "
-                    "delta whose databases open (a new one needs room for their first pages)"
+                    f"delta: cannot open the databases of {self.path} "
+                    f"({_write_failure(exc, self.path)}); expected a delta whose databases open "
+                    "(a new one needs room for their first pages)"
                 ) from None
             self._check_row_bytes()
             if not existed:
@@ -422,7 +424,8 @@ class RowDelta:
             except lmdb.Error as exc:
                 raise CommitError(
                     f"delta: commit of step {step} ({ids.size:,} rows) to {self.path} failed "
-                    f"({exc}); the previous commit (step {previous}) is intact"
+                    f"({_write_failure(exc, self.path)}); the previous commit (step {previous}) "
+                    "is intact"
                 ) from None
         raise CommitError(
             f"delta: commit of step {step} to {self.path} still does not fit a "
@@ -699,6 +702,26 @@ def _make_with_lock_file(path: Path) -> None:
             f"delta: cannot create {path} ({exc.strerror}); expected a writable directory with "
             f"room for its lock file ({LOCK_FILE_BYTES:,} bytes, LMDB's reader table)",
         ) from None
+
+
+def _write_failure(exc: lmdb.Error, path: Path) -> str:
+    """LMDB's error, with the cause of a short write, which it reports as EIO: its data file at
+    this process's file-size limit (RLIMIT_FSIZE), or no space left."""
+    text = str(exc)
+    if os.strerror(errno.EIO) not in text:
+        return text
+    data_file, limit = path / "data.mdb", resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        if limit != resource.RLIM_INFINITY and os.stat(data_file).st_size >= limit:
+            return (
+                f"{text}: a short write, {data_file} reached this process's file-size limit "
+                f"(RLIMIT_FSIZE, {limit:,} bytes): {os.strerror(errno.EFBIG)}"
+            )
+        if os.statvfs(path).f_bavail == 0:
+            return f"{text}: a short write, {os.strerror(errno.ENOSPC)}"
+    except OSError:  # the cause unknown: LMDB's word alone
+        pass
+    return text
 
 
 def _count_pin(key: tuple, change: int) -> int:
