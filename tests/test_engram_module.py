@@ -195,6 +195,26 @@ def test_chunked_decode_hashes_with_the_sequences_state(setup):
             engram(hidden[:, :1], ids[:, :1], conv_state=conv)
 
 
+def test_a_state_that_is_no_hash_state_is_named(setup):
+    """Engram.row_ids, prefetch and forward refuse a state that is no HashState by its type (a
+    raw AttributeError about ``tail`` from the hasher before), leaving conv_state as it was."""
+    config, backbone, hasher, data, path = setup
+    engram = Engram.from_checkpoint(path, config, backbone, 1, hasher=hasher)
+    hidden, ids = data["layer1.hidden_states"][:, :2], data["input_ids"][:, :2]
+    conv: dict[str, torch.Tensor] = {}
+    calls = (
+        lambda bad: engram.row_ids(ids, state=bad),
+        lambda bad: engram.prefetch(ids.numpy(), state=bad),
+        lambda bad: engram(hidden, ids, conv_state=conv, state=bad),
+    )
+    with torch.no_grad():
+        for bad in ({}, torch.full((3, 2), -1), 3):
+            for call in calls:
+                with pytest.raises(ConfigError, match=rf"state: got a {type(bad).__name__}; "):
+                    call(bad)
+    assert not conv
+
+
 def test_bad_row_ids_and_integer_tables_are_named(setup):
     """Row ids given to forward are checked by the in-memory table (not an IndexError from torch);
     an integer table (e.g. packed fp8 bytes or rounded rows) is refused, not silently cast."""

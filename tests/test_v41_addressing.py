@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import golden_dir
-from tiered_store.engram import NgramHasher, load_engram_config
+from tiered_store.engram import HashState, NgramHasher, load_engram_config
 from tiered_store.errors import ConfigError
 
 CASES = (0, 1, 2, 3)
@@ -182,3 +182,24 @@ def test_bad_mask_and_state_are_refused(golden, hasher):
         with pytest.raises(ConfigError, match=rf"batch_size: expected an integer >= 0, got {got}"):
             hasher.new_state(batch_size)
     assert hasher.new_state(np.int64(2)).tail.shape[0] == 2
+
+
+def test_a_state_not_from_new_state_is_refused_naming_what_is_wrong(golden, hasher):
+    """A state that is no HashState is named by its type (a raw AttributeError about ``tail``
+    before); one of another max_ngram_size is named by its tail's width, not as another batch."""
+    _, data = golden
+    ids, _ = _inputs(data, 2)  # [2, 24]
+    for bad in ({}, torch.full((2, 3), -1), 3):
+        for call in (hasher.row_ids, lambda i, state: hasher.row_ids_layer(i, 1, state=state)):
+            with pytest.raises(
+                ConfigError,
+                match=rf"state: got a {type(bad).__name__}; expected "
+                r"a HashState from hasher.new_state\(B\)",
+            ):
+                call(ids, state=bad)
+    narrow = HashState(torch.full((2, 1), -1))  # a hasher of max_ngram_size 2's
+    with pytest.raises(
+        ConfigError, match=r"state: a look-back tail of shape \(2, 1\); expected \(2, 3\), 3 ids"
+    ):
+        hasher.row_ids(ids, state=narrow)
+    assert narrow.position == 0

@@ -299,6 +299,9 @@ class NgramHasher:
         RowIdError
             An id is outside the tokenizer vocabulary, or the ids are not integers (checked before
             any hashing).
+        ConfigError
+            ``token_mask`` or ``state`` does not fit ``input_ids`` (a state not from
+            ``new_state``, or of another batch or ``max_ngram_size``).
         """
         return self._run(input_ids, self.layer_ids, False, token_mask, state)
 
@@ -375,10 +378,21 @@ class NgramHasher:
         lead, steps = x.shape[:-1], x.shape[-1]
         if state is None:
             before = torch.full((*lead, width), DEAD, dtype=torch.int64, device=x.device)
-        elif tuple(state.tail.shape) != (*lead, width):
+        elif not isinstance(state, HashState):
+            raise ConfigError(
+                f"state: got a {type(state).__name__}; expected a HashState from "
+                "hasher.new_state(B) (or None)"
+            )
+        elif tuple(state.tail.shape[:-1]) != tuple(lead):
             raise ConfigError(
                 f"state: carries {tuple(state.tail.shape[:-1])} sequences; expected "
                 f"{tuple(lead)}, the batch of input_ids (make it with new_state)"
+            )
+        elif tuple(state.tail.shape[-1:]) != (width,):
+            raise ConfigError(
+                f"state: a look-back tail of shape {tuple(state.tail.shape)}; expected "
+                f"{(*lead, width)}, {width} ids per sequence (max_ngram_size "
+                f"{self.config.max_ngram_size} - 1): a state from this hasher's new_state"
             )
         else:
             before = state.tail.to(x.device)
