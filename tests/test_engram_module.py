@@ -195,6 +195,26 @@ def test_chunked_decode_hashes_with_the_sequences_state(setup):
             engram(hidden[:, :1], ids[:, :1], conv_state=conv)
 
 
+def test_a_chunk_of_no_tokens_changes_nothing(setup):
+    """A 0-token forward (torch's raw Conv1d RuntimeError before), first or not, with or without
+    conv_state, gives an empty output and leaves both states as they were."""
+    config, backbone, hasher, data, path = setup
+    engram = Engram.from_checkpoint(path, config, backbone, 1, hasher=hasher)
+    hidden, ids = data["layer1.hidden_states"], data["input_ids"]
+    conv, state = {}, hasher.new_state(ids.shape[0])
+    with torch.no_grad():
+        assert engram(hidden[:, :0], ids[:, :0]).shape == (3, 0, 4, 48)
+        outs = []
+        for a, b in ((0, 0), (0, 7), (7, 7), (7, 32), (32, 32)):
+            tail, inputs = state.tail.clone(), conv.get("inputs")
+            outs.append(engram(hidden[:, a:b], ids[:, a:b], conv_state=conv, state=state))
+            if a == b:
+                assert outs[-1].shape == (3, 0, 4, 48) and torch.equal(state.tail, tail)
+                assert conv.get("inputs") is inputs
+        torch.testing.assert_close(torch.cat(outs, dim=1), data["layer1.output"], atol=1e-5, rtol=0)
+        assert state.position == ids.shape[1]
+
+
 def test_a_state_that_is_no_hash_state_is_named(setup):
     """Engram.row_ids, prefetch and forward refuse a state that is no HashState by its type (a
     raw AttributeError about ``tail`` from the hasher before), leaving conv_state as it was."""

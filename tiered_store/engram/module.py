@@ -92,6 +92,8 @@ class ShortConv(nn.Module):
         normalised inputs of earlier chunks that the convolution still reaches come first, as
         in one forward over every position, and the newest of them are kept in it."""
         batch, seq, branches, width = x.shape
+        if seq == 0:  # no positions: Conv1d refuses an empty input; the state is left as it was
+            return torch.zeros_like(x)
         normed = torch.cat([self.norms[i](x[:, :, i, :]) for i in range(branches)], dim=-1)
         inputs = normed.transpose(1, 2)  # [B, channels, T]
         past = 0
