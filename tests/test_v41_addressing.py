@@ -177,11 +177,13 @@ def test_bad_mask_and_state_are_refused(golden, hasher):
         hasher.row_ids(ids, token_mask=np.ones((2, 3), dtype=np.int64))
     with pytest.raises(ConfigError, match=r"state: carries \(3,\) sequences; expected \(2,\)"):
         hasher.row_ids(ids, state=hasher.new_state(3))
-    for batch_size in (-1, 2.5, (2, 3), True):  # torch's raw RuntimeError/TypeError before
+    bad_sizes = (-1, 2.5, (2, 3), True, torch.tensor(True), torch.tensor(2.0), torch.tensor(-1))
+    for batch_size in bad_sizes:  # torch's raw RuntimeError/TypeError before
         got = re.escape(repr(batch_size))
         with pytest.raises(ConfigError, match=rf"batch_size: expected an integer >= 0, got {got}"):
             hasher.new_state(batch_size)
-    assert hasher.new_state(np.int64(2)).tail.shape[0] == 2
+    for batch_size in (np.int64(2), np.array(2), torch.tensor(2)):  # integers, as torch took
+        assert hasher.new_state(batch_size).tail.shape == (2, 3)
 
 
 def test_a_state_not_from_new_state_is_refused_naming_what_is_wrong(golden, hasher):

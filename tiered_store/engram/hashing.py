@@ -15,6 +15,7 @@ prefill and one-token decode steps give the row ids of one pass over the whole s
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,14 +262,15 @@ class NgramHasher:
         >>> state.position == ids.shape[1]
         True
         """
-        if (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, int | np.integer)
-            or batch_size < 0
-        ):
+        is_bool = isinstance(batch_size, bool) or getattr(batch_size, "dtype", None) == torch.bool
+        try:
+            size = operator.index(batch_size)  # int, NumPy or torch integer, as torch.full took
+        except TypeError:
+            size = None
+        if is_bool or size is None or size < 0:
             raise ConfigError(f"batch_size: expected an integer >= 0, got {batch_size!r}")
         width = self.config.max_ngram_size - 1
-        tail = torch.full((int(batch_size), width), DEAD, dtype=torch.int64, device=device)
+        tail = torch.full((size, width), DEAD, dtype=torch.int64, device=device)
         return HashState(tail)
 
     def hash(
