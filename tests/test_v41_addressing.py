@@ -93,6 +93,15 @@ def test_dead_tokens_hash_as_all_pad_ngrams(golden, hasher):
     assert (rows[~mask] == pad_rows).all()  # every dead position reads the all-pad rows
     flipped = hasher.row_ids(ids, token_mask=mask[:, ::-1])[1]  # negative strides, as ids take
     assert np.array_equal(flipped, hasher.row_ids(ids, token_mask=mask[:, ::-1].copy())[1])
+    one = np.array([[True, False]])[:, :1][:, ::-1]  # one element, a negative stride
+    assert np.array_equal(
+        hasher.row_ids(ids[:1, :1], token_mask=one)[1], hasher.row_ids(ids[:1, :1])[1]
+    )
+    for scalar in (False, np.bool_(False), np.array(False)):  # not a mask of one token
+        with pytest.raises(
+            ConfigError, match=r"token_mask: got torch.bool \(\); expected bool \(1,\)"
+        ):
+            hasher.row_ids(ids[0, :1], token_mask=scalar)
 
 
 def test_chunked_prefill_then_decode_equals_one_pass(golden, hasher):

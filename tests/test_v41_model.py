@@ -183,6 +183,12 @@ def test_a_numpy_mask_with_negative_strides_is_taken(model, tokens):
     mask[:, 30:] = False
     batch = model.hash(tokens, token_mask=mask[:, ::-1])  # as ids with negative strides are
     assert torch.equal(batch.token_mask, torch.from_numpy(mask[:, ::-1].copy()))
+    one = mask[:1, :1][:, ::-1]  # one element: NumPy calls it contiguous
+    assert model.hash(tokens[:1, :1], token_mask=one).token_mask.tolist() == [[True]]
+    with pytest.raises(
+        ConfigError, match=r"token_mask: got torch.bool \(\); expected bool \(1, 1\)"
+    ):
+        model.hash(tokens[:1, :1], token_mask=np.array(True))  # a scalar, named as one
 
 
 def test_a_mask_buffer_refilled_after_prefetch_leaves_the_batch_as_hashed(model, tokens):

@@ -10,10 +10,12 @@ ascending order.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-__all__ = ["ids_on_gpu", "nonzero", "snapshot_of", "unique_inverse_counts"]
+__all__ = ["array_for_torch", "ids_on_gpu", "nonzero", "snapshot_of", "unique_inverse_counts"]
 
 # below this many ids torch's CPU unique is the faster in use: replaying a real trace (the Vim
 # help's, one LRU tier at 5%, four runs each way) took 5.4-5.7 s with torch's at 1,024 ids a
@@ -65,6 +67,15 @@ def unique_inverse_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     inverse = torch.empty(n, dtype=torch.int64).index_copy_(0, torch.from_numpy(order), group)
     counts = np.diff(starts, append=n)
     return torch.from_numpy(sorted_ids[starts]), inverse, torch.from_numpy(counts)
+
+
+def array_for_torch(value: Any) -> np.ndarray:
+    """``value`` as an ndarray of its own shape (0-d stays 0-d) that torch.from_numpy takes."""
+    array = np.asarray(value)
+    # torch takes no negative strides, which NumPy calls contiguous in an array of one element
+    if not array.flags.c_contiguous or any(stride < 0 for stride in array.strides):
+        array = array.copy()
+    return array
 
 
 def ids_on_gpu(ids: object) -> bool:

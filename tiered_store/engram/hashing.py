@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..id_ops import array_for_torch
 from .config import EngramConfig
 from .tokenizer import CompressedTokenizer, check_token_ids
 
@@ -364,7 +365,7 @@ class NgramHasher:
     def _mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
         """``token_mask`` as a bool tensor shaped like ``ids``, on its device."""
         if not isinstance(token_mask, torch.Tensor):
-            token_mask = np.ascontiguousarray(token_mask)  # torch takes no negative strides
+            token_mask = array_for_torch(token_mask)  # no negative strides; a scalar stays 0-d
         mask = torch.as_tensor(token_mask)
         if mask.dtype != torch.bool or mask.shape != ids.shape:
             raise ConfigError(

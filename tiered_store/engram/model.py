@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..id_ops import ids_on_gpu, snapshot_of
+from ..id_ops import array_for_torch, ids_on_gpu, snapshot_of
 from ..quantization import RowQuantization, quantize_rows
 from .backend import PackedInMemoryTable, TableBackend
 from .config import ModelConfig, TransformerConfig
@@ -628,7 +628,7 @@ def _token_mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
     if token_mask is None:
         return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     if not isinstance(token_mask, torch.Tensor):
-        token_mask = torch.from_numpy(np.ascontiguousarray(token_mask))  # no negative strides
+        token_mask = torch.from_numpy(array_for_torch(token_mask))  # a scalar stays 0-d
     if token_mask.dtype != torch.bool or token_mask.shape != ids.shape:
         raise ConfigError(
             f"token_mask: got {token_mask.dtype} {tuple(token_mask.shape)}; expected bool "
