@@ -81,6 +81,10 @@ def test_a_token_mask_not_bool_is_refused(golden, layer):
     for bad in (mask.long(), mask.float()):  # torch.where's raw RuntimeError before
         with pytest.raises(ConfigError, match=rf"token_mask: got {bad.dtype}; expected bool"):
             layer(x, ids, bad)
+    for bad in (mask.numpy(), mask.tolist()):  # "got bool; expected bool" for an array before
+        name = type(bad).__name__
+        with pytest.raises(ConfigError, match=rf"token_mask: got a {name}; expected a bool torch"):
+            layer(x, ids, bad)
 
 
 def test_from_the_reference_kv_the_output_is_bit_exact(golden, layer):

@@ -122,6 +122,11 @@ class V41Engram(nn.Module):
             )
         if token_mask is None:
             token_mask = torch.ones(x.shape[:-2], dtype=torch.bool, device=x.device)
+        elif not isinstance(token_mask, torch.Tensor):
+            raise ConfigError(
+                f"token_mask: got a {type(token_mask).__name__}; expected a bool torch.Tensor of "
+                f"shape {tuple(x.shape[:-2])}, the [B, T] of x (torch.from_numpy for an array)"
+            )
         elif token_mask.shape != x.shape[:-2]:
             raise ConfigError(
                 f"token_mask: shape {tuple(token_mask.shape)}; expected {tuple(x.shape[:-2])} "
