@@ -195,6 +195,31 @@ def test_chunked_decode_hashes_with_the_sequences_state(setup):
             engram(hidden[:, :1], ids[:, :1], conv_state=conv)
 
 
+def test_a_state_and_conv_state_of_other_chunks_are_refused(setup):
+    """input_ids with a HashState and a conv_state that disagree on the earlier chunks (a fresh
+    state at chunk 2, or conv_state left out or fresh) are refused, each naming the side that is
+    missing; they gave outputs up to 2.1 off one forward's in silence before."""
+    config, backbone, hasher, data, path = setup
+    engram = Engram.from_checkpoint(path, config, backbone, 1, hasher=hasher)
+    hidden, ids = data["layer1.hidden_states"], data["input_ids"]
+    conv, state = {}, hasher.new_state(ids.shape[0])
+    with torch.no_grad():
+        engram(hidden[:, :10], ids[:, :10], conv_state=conv, state=state)
+        held = conv["inputs"]
+        rest = hidden[:, 10:], ids[:, 10:]
+        fresh = hasher.new_state(ids.shape[0])
+        with pytest.raises(ConfigError, match=r"state: at position 0 while conv_state holds"):
+            engram(*rest, conv_state=conv, state=fresh)
+        for other, said in ((None, "got None"), ({}, "holds no earlier chunks")):
+            with pytest.raises(
+                ConfigError, match=rf"conv_state: {said} while state is at position 10"
+            ):
+                engram(*rest, conv_state=other, state=state)
+        assert fresh.position == 0 and state.position == 10 and conv["inputs"] is held
+        out = engram(*rest, conv_state=conv, state=state)  # the two that go together
+        torch.testing.assert_close(out, data["layer1.output"][:, 10:], atol=1e-5, rtol=0)
+
+
 def test_a_chunk_of_no_tokens_changes_nothing(setup):
     """A 0-token forward (torch's raw Conv1d RuntimeError before), first or not, with or without
     conv_state, gives an empty output and leaves both states as they were."""

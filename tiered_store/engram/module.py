@@ -316,13 +316,15 @@ class Engram(nn.Module):
             The sequences' ``HashState`` (``hasher.new_state(B)`` at the first chunk) when
             ``input_ids`` continue earlier chunks: they are hashed with its N-gram look-back and
             it is advanced past them (unused with ``row_ids``). One per layer that hashes its own
-            ids (``EngramLM`` hashes every layer at once, with one).
+            ids (``EngramLM`` hashes every layer at once, with one). With ``input_ids``, it and
+            ``conv_state`` must have seen the same chunks: both none, or both the earlier ones.
 
         Raises
         ------
         ConfigError
-            A shape disagrees, or ``conv_state`` holds earlier chunks but ``input_ids`` come
-            without ``state``.
+            A shape disagrees, or ``input_ids`` come with a ``state`` and a ``conv_state`` that
+            disagree on earlier chunks (one of them is missing, fresh or empty while the other
+            holds them).
         """
         hc, hidden = self.backbone.hc_mult, self.backbone.hidden_size
         if hidden_states.ndim != 4 or tuple(hidden_states.shape[2:]) != (hc, hidden):
@@ -333,13 +335,7 @@ class Engram(nn.Module):
         if row_ids is None:
             if input_ids is None:
                 raise ConfigError("input_ids: required when row_ids is not given")
-            if conv_state and state is None:
-                raise ConfigError(
-                    "state: got None with input_ids while conv_state holds earlier chunks; "
-                    "expected the HashState that hashed them (hasher.new_state(B) at the first "
-                    "chunk), or row_ids hashed with it: without one the ids are hashed as if the "
-                    "sequence started here"
-                )
+            self._check_chunk_states(conv_state, state)
             if isinstance(input_ids, torch.Tensor):
                 input_ids = input_ids.to(hidden_states.device)
             input_ids = self._id_tensor(input_ids)
@@ -367,6 +363,35 @@ class Engram(nn.Module):
             gates.append(gate.sigmoid().unsqueeze(-1))
         value = torch.stack(gates, dim=2) * self.value_proj(embeddings).unsqueeze(2)
         return value + self.short_conv(value, conv_state)
+
+    @staticmethod
+    def _check_chunk_states(conv_state: dict[str, torch.Tensor] | None, state: Any) -> None:
+        """ConfigError unless both ``conv_state`` and ``state`` carry earlier chunks, or neither."""
+        held = conv_state is not None and "inputs" in conv_state  # ShortConv's, once a chunk ran
+        if state is None:
+            if held:
+                raise ConfigError(
+                    "state: got None with input_ids while conv_state holds earlier chunks; "
+                    "expected the HashState that hashed them (hasher.new_state(B) at the first "
+                    "chunk), or row_ids hashed with it: without one the ids are hashed as if the "
+                    "sequence started here"
+                )
+        elif not isinstance(state, HashState):
+            return  # refused by the hasher, naming its type
+        elif held and state.position == 0:
+            raise ConfigError(
+                "state: at position 0 while conv_state holds earlier chunks; expected the "
+                "HashState that hashed them, advanced past them (a fresh hasher.new_state(B) "
+                "only at the first chunk): with this one the ids are hashed as if the sequence "
+                "started here"
+            )
+        elif not held and state.position > 0:
+            raise ConfigError(
+                f"conv_state: {'got None' if conv_state is None else 'holds no earlier chunks'} "
+                f"while state is at position {state.position}; expected the dict the forward of "
+                "the earlier chunks filled (empty only at the first chunk, with a fresh state; "
+                "one state per layer): without it the ShortConv restarts here"
+            )
 
     # -- checkpoints ----------------------------------------------------------------------------
 
