@@ -185,10 +185,11 @@ class Engram(nn.Module):
     >>> out2 = engram(data["layer1.hidden_states"], row_ids=rows, handle=handle)
 
     Decoding in chunks: ``conv_state`` carries the ShortConv's inputs, a ``HashState`` the
-    N-gram look-back, from one chunk to the next:
+    N-gram look-back, from one chunk to the next (made on the device the ids are hashed on,
+    the hidden states' for tensor ids, so that no chunk copies it there and back):
 
     >>> ids, hidden = data["input_ids"], data["layer1.hidden_states"]
-    >>> conv, state = {}, engram.hasher.new_state(3)
+    >>> conv, state = {}, engram.hasher.new_state(3, device=hidden.device)
     >>> parts = [engram(hidden[:, :20], ids[:, :20], conv_state=conv, state=state),
     ...          engram(hidden[:, 20:], ids[:, 20:], conv_state=conv, state=state)]
     >>> bool(torch.allclose(torch.cat(parts, dim=1), out, atol=1e-5))
@@ -313,11 +314,13 @@ class Engram(nn.Module):
             forward's over every position. Chunks given as ``input_ids`` need ``state`` too (or
             ``row_ids`` hashed with one).
         state
-            The sequences' ``HashState`` (``hasher.new_state(B)`` at the first chunk) when
-            ``input_ids`` continue earlier chunks: they are hashed with its N-gram look-back and
-            it is advanced past them (unused with ``row_ids``). One per layer that hashes its own
-            ids (``EngramLM`` hashes every layer at once, with one). With ``input_ids``, it and
-            ``conv_state`` must have seen the same chunks: both none, or both the earlier ones.
+            The sequences' ``HashState`` (``hasher.new_state(B, device=...)`` at the first
+            chunk, on the device the ids are hashed on: ``hidden_states``' for tensor ids, the
+            CPU for arrays and lists) when ``input_ids`` continue earlier chunks: they are hashed
+            with its N-gram look-back and it is advanced past them (unused with ``row_ids``). One
+            per layer that hashes its own ids (``EngramLM`` hashes every layer at once, with
+            one). With ``input_ids``, it and ``conv_state`` must have seen the same chunks: both
+            none, or both the earlier ones.
 
         Raises
         ------
