@@ -97,6 +97,8 @@ def test_dead_tokens_hash_as_all_pad_ngrams(golden, hasher):
     assert np.array_equal(
         hasher.row_ids(ids[:1, :1], token_mask=one)[1], hasher.row_ids(ids[:1, :1])[1]
     )
+    one_id = np.asarray(ids)[:1, :1][:, ::-1]  # the ids too: one element, a negative stride
+    assert np.array_equal(hasher.row_ids(one_id)[1], hasher.row_ids(ids[:1, :1])[1])
     for scalar in (False, np.bool_(False), np.array(False)):  # not a mask of one token
         with pytest.raises(
             ConfigError, match=r"token_mask: got torch.bool \(\); expected bool \(1,\)"

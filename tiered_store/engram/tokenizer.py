@@ -21,6 +21,7 @@ import torch
 
 from ..atomic_file import atomic_write
 from ..errors import ConfigError, RowIdError
+from ..id_ops import array_for_torch
 from ..npy_files import load_npy
 
 __all__ = ["CompressedTokenizer", "check_token_ids", "default_tokenizer_path", "encode_texts"]
@@ -208,7 +209,7 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids")
         if low < 0 or high >= vocab_size:
             bad = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= vocab_size))[0])
             _raise_out_of_vocab(name, int(ids[bad]), bad, vocab_size)
-    return ids.astype(np.int64, order="C", copy=False)  # torch takes no negative strides
+    return array_for_torch(ids.astype(np.int64, copy=False))
 
 
 def _raise_out_of_vocab(name: str, value: int, index: tuple[int, ...], vocab_size: int) -> None:
