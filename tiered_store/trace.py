@@ -47,6 +47,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import reprlib
 import struct
 import uuid
 import zlib
@@ -86,6 +87,8 @@ _META_COLS = 8  # batch, table, ids, ndim, dim0..dim3
 _MAX_NDIM = 4
 _SHUFFLED = 1
 
+_CHUNK_ENTRY = "[offset, ids, records, first batch, last batch]"  # a footer chunk: 5 integers
+
 DEFAULT_CHUNK_IDS = 1 << 22  # ids per chunk before it is flushed (32 MiB of int64)
 DEFAULT_LEVEL = 3  # zstd level: ~0.7 GB/s on shuffled ids, within 5% of level 9's ratio
 
@@ -122,6 +125,11 @@ def _shuffle(ids: np.ndarray, width: int) -> bytes:
     """Byte-shuffle ``ids`` as unsigned ``width``-byte integers."""
     raw = ids.astype(f"<u{width}", copy=False)
     return raw.view(np.uint8).reshape(-1, width).T.tobytes()
+
+
+def _is_chunk_entry(entry: Any) -> bool:
+    """Whether a footer chunk entry is a list of five ints (not bools)."""
+    return type(entry) is list and len(entry) == 5 and all(type(v) is int for v in entry)
 
 
 def _unshuffle(buf: bytes | memoryview, n: int, width: int) -> np.ndarray:
@@ -443,7 +451,7 @@ class TraceReader:
             self.header = self._read_header()
             footer = self._read_footer()
             self.tables: list[str] = list(footer["tables"])
-            self.chunk_index: list[list[int]] = [list(c) for c in footer["chunks"]]
+            self.chunk_index: list[list[int]] = self._check_chunk_index(footer["chunks"])
             totals = footer["totals"]
             self.n_lookups: int = int(totals["lookups"])
             self.n_records: int = int(totals["records"])
@@ -518,6 +526,55 @@ class TraceReader:
                     return footer
                 raise self._fail("footer checksum mismatch (corrupt footer)")
         raise self._scan_for_damage()
+
+    def _check_chunk_index(self, chunks: Any) -> list[list[int]]:
+        """The footer's chunk list, checked whole before any chunk is read (and any offset used)."""
+        if not isinstance(chunks, list):
+            raise self._malformed(f"chunks is {type(chunks).__name__}; expected a list")
+        if not chunks:
+            return chunks
+        table = np.array(chunks, dtype=object)  # [chunks, 5] when every entry has five fields
+        shaped = table.ndim == 2 and table.shape[1] == 5
+        if not shaped or set(map(type, table.ravel().tolist())) != {int}:  # bool is not int here
+            i = next(i for i, c in enumerate(chunks) if not _is_chunk_entry(c))
+            raise self._malformed(
+                f"chunk {i} is {reprlib.repr(chunks[i])}; expected {_CHUNK_ENTRY}, integers"
+            )
+        try:
+            values = table.astype(np.int64)
+        except OverflowError:
+            i = next(i for i, c in enumerate(chunks) if not all(-(2**63) <= v < 2**63 for v in c))
+            raise self._malformed(
+                f"chunk {i} is {reprlib.repr(chunks[i])}; expected {_CHUNK_ENTRY}, integers "
+                "that fit int64"
+            ) from None
+        offsets = values[:, 0]
+        outside = (offsets < self._data_start) | (offsets >= self._data_end)
+        if outside.any():
+            i = int(outside.argmax())
+            raise self._malformed(
+                f"chunk {i} at offset {offsets[i]}; expected an offset inside the data, bytes "
+                f"[{self._data_start:,}, {self._data_end:,})"
+            )
+        back = np.diff(offsets) <= 0
+        if back.any():
+            i = int(back.argmax()) + 1
+            raise self._malformed(
+                f"chunk {i} at offset {offsets[i]}, chunk {i - 1} at {offsets[i - 1]}; expected "
+                "offsets that increase chunk by chunk"
+            )
+        negative = (values[:, 1:3] < 0).any(axis=1)
+        if negative.any():
+            i = int(negative.argmax())
+            raise self._malformed(
+                f"chunk {i} holds {values[i, 1]} ids in {values[i, 2]} records; expected counts "
+                ">= 0"
+            )
+        return chunks
+
+    def _malformed(self, what: str) -> TraceFormatError:
+        """A malformed-footer error naming the file."""
+        return self._fail(f"malformed footer ({what})")
 
     def _scan_for_damage(self) -> TraceFormatError:
         """Walk chunk headers from the start; name the first chunk that is cut off or corrupt."""
