@@ -295,6 +295,50 @@ def test_a_footer_chunk_entry_that_cannot_be_read_is_refused_at_open(tmp_path, e
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]
 
 
+def _set_count(table, value):
+    """A footer edit that sets (or, with None, drops) one table's count in totals.per_table."""
+
+    def edit(footer):
+        footer["totals"]["per_table"].pop(table, None)
+        if value is not None:
+            footer["totals"]["per_table"][table] = value
+
+    return edit
+
+
+def _count_both(footer):
+    """Over-count table a by 10**30 in totals.per_table and totals.lookups alike."""
+    footer["totals"]["per_table"]["a"] += 10**30
+    footer["totals"]["lookups"] += 10**30
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set_count("a", -5), r"totals.per_table\['a'\] is -5; expected a count of ids, an integer in \[0, 2\*\*63\)"),
+        (_set_count("a", 10**30), r"totals.per_table\['a'\] is 10+; expected a count of ids"),
+        (_count_both, r"totals.per_table\['a'\] is 10+50; expected a count of ids"),
+        (_set_count("a", True), r"totals.per_table\['a'\] is True; expected a count of ids"),
+        (_set_count("a", None), r"totals.per_table counts the ids of tables \['b'\]; expected the footer's tables \['a', 'b'\]"),
+        (_set_count("c", 0), r"totals.per_table counts the ids of tables \['a', 'b', 'c'\]; expected the footer's tables \['a', 'b'\]"),
+        (_set_count("b", 3), r"totals.per_table adds up to 53 ids; expected totals.lookups, 50"),
+    ],
+)  # fmt: skip
+def test_a_footer_count_per_table_that_cannot_be_right_is_refused_at_open(tmp_path, edit, message):
+    """A table's count in totals.per_table that was negative, past int64 or missing escaped
+    read_all and tiered-store export-trace as a bare ValueError (negative dimensions),
+    OverflowError or KeyError naming no file."""
+    path = tmp_path / "t.trace"
+    with TraceWriter(path, {"tables": ["a", "b"]}) as w:
+        w.write(np.arange(50), "a")
+    _rewrite_footer(path, edit)
+    with pytest.raises(TraceFormatError, match=f"^trace {re.escape(str(path))}: malformed footer \\({message}"):  # fmt: skip
+        TraceReader(path)
+    with pytest.raises(TraceFormatError, match="malformed footer"):
+        trace_to_npy(path, tmp_path / "out.npy", table="a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]
+
+
 @pytest.mark.parametrize("extra", [5, -5, -50])
 def test_an_export_whose_footer_miscounts_the_ids_is_refused_and_writes_nothing(tmp_path, extra):
     """A footer that over-counted a table's ids was exported padded with row id 0 (under-counted:

@@ -456,7 +456,7 @@ class TraceReader:
             self.n_lookups: int = int(totals["lookups"])
             self.n_records: int = int(totals["records"])
             self.n_batches: int = int(totals["batches"])
-            self._per_table: dict[str, int] = {k: int(v) for k, v in totals["per_table"].items()}
+            self._per_table: dict[str, int] = self._check_per_table(totals["per_table"])
             self._check_extent()
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             self._file.close()
@@ -571,6 +571,31 @@ class TraceReader:
                 ">= 0"
             )
         return chunks
+
+    def _check_per_table(self, per_table: Any) -> dict[str, int]:
+        """The footer's ids per table, checked: a count for each table, adding up to the lookups."""
+        if not isinstance(per_table, dict):
+            raise self._malformed(
+                f"totals.per_table is {type(per_table).__name__}; expected an object of "
+                "table name: ids"
+            )
+        if set(per_table) != set(self.tables):
+            raise self._malformed(
+                f"totals.per_table counts the ids of tables {list(per_table)}; expected the "
+                f"footer's tables {self.tables}"
+            )
+        for name, n in per_table.items():
+            if type(n) is not int or not 0 <= n < 2**63:  # bool is not int here
+                raise self._malformed(
+                    f"totals.per_table[{name!r}] is {reprlib.repr(n)}; expected a count of ids, "
+                    "an integer in [0, 2**63)"
+                )
+        if sum(per_table.values()) != self.n_lookups:
+            raise self._malformed(
+                f"totals.per_table adds up to {sum(per_table.values())} ids; expected "
+                f"totals.lookups, {self.n_lookups}"
+            )
+        return per_table
 
     def _malformed(self, what: str) -> TraceFormatError:
         """A malformed-footer error naming the file."""
