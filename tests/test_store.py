@@ -172,6 +172,23 @@ def test_numpy_uint64_scalars_and_lists_of_them_are_ids(table):
                 store.lookup(wide)
 
 
+def test_a_bool_among_numpy_uint64_ids_is_refused(table):
+    """[np.uint64(7), True] was looked up as rows [7, 1] (NumPy reads a bool beside a uint64 as
+    1), though bools are refused as ids."""
+    path, data = table
+    with TieredStore(store_config(path, hot={"capacity": 10})) as store:
+        for ids, value in (
+            ([np.uint64(7), True], "True"),
+            ([np.uint64(7), np.False_], r"np.False_"),
+            ([[np.uint64(1)], [True]], "True"),
+        ):
+            with pytest.raises(RowIdError, match=rf"^ids: {value} is a bool; expected integer row ids$"):  # fmt: skip
+                store.lookup(ids)
+            with pytest.raises(RowIdError, match="is a bool"):
+                store.announce(ids)
+        assert torch.equal(store.lookup([np.uint64(7), np.uint64(1)]), data[[7, 1]])
+
+
 def test_static_rows_are_pinned_and_served_from_hot(tmp_path, table):
     path, data = table
     hot_rows = np.arange(100, 150, dtype=np.int64)

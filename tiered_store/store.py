@@ -1227,11 +1227,8 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
         try:
             tensor = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError) as exc:
-            try:  # NumPy uint64 scalars (or lists of them), ints past int64: torch refuses them
-                array = np.asarray(ids)
-            except (TypeError, ValueError):
-                array = None
-            if array is not None and array.dtype.kind in "iu":
+            array = _ids_numpy_reads(ids)
+            if array is not None:
                 return as_id_tensor(array)  # the ndarray branch checks uint64's range
             raise RowIdError(
                 f"ids: {type(ids).__name__} cannot be read as integers ({exc})"
@@ -1248,6 +1245,21 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
                 raise RowIdError(f"ids: value {value} does not fit int64; expected valid row ids")
         tensor = tensor.to(torch.int64)
     return tensor
+
+
+def _ids_numpy_reads(ids: Any) -> np.ndarray | None:
+    """Ids torch refuses (NumPy uint64 scalars or lists of them) as NumPy reads them, or None."""
+    try:
+        array = np.asarray(ids)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if array.dtype.kind not in "iu":
+        return None
+    leaves = np.asarray(ids, dtype=object).ravel().tolist()  # as given: NumPy read True as 1
+    if not set(map(type, leaves)).isdisjoint((bool, np.bool_)):
+        value = next(v for v in leaves if isinstance(v, bool | np.bool_))
+        raise RowIdError(f"ids: {value!r} is a bool; expected integer row ids")
+    return array
 
 
 def _commit_step(step: Any, last: int) -> int:
