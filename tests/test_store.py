@@ -189,6 +189,33 @@ def test_a_bool_among_numpy_uint64_ids_is_refused(table):
         assert torch.equal(store.lookup([np.uint64(7), np.uint64(1)]), data[[7, 1]])
 
 
+def test_numpy_uint64_ids_mixed_with_signed_ints_are_ids(table):
+    """[np.uint64(7), np.int64(8)] was refused as "cannot be read as integers" (NumPy reads
+    uint64 beside a signed int as float64); an int of 2**64 or more said Overflow when
+    unpacking long long."""
+    path, data = table
+    with TieredStore(store_config(path, hot={"capacity": 10})) as store:
+        for ids in (
+            [np.uint64(7), np.int64(8)],
+            [np.int64(7), np.uint64(8)],
+            [np.uint64(7), np.int32(8)],
+        ):
+            assert torch.equal(store.lookup(ids), data[[7, 8]])
+        pairs = [[np.uint64(7), np.int64(8)], [np.int8(1), 2]]
+        assert torch.equal(store.lookup(pairs), data[torch.tensor([[7, 8], [1, 2]])])
+        store.release(store.announce([np.uint64(7), np.int64(8)]))
+        for wide, value in (
+            ([np.uint64(2**63), np.int64(1)], 2**63),
+            ([np.int64(1), 2**64], 2**64),
+            (2**64, 2**64),
+            ([-(2**63) - 1], -(2**63) - 1),
+        ):
+            with pytest.raises(RowIdError, match=rf"^ids: value {value} does not fit int64; expected valid row ids$"):  # fmt: skip
+                store.lookup(wide)
+        with pytest.raises(RowIdError, match=r"list cannot be read as integers \(None is not an integer\)"):  # fmt: skip
+            store.lookup([np.uint64(7), None])
+
+
 def test_static_rows_are_pinned_and_served_from_hot(tmp_path, table):
     path, data = table
     hot_rows = np.arange(100, 150, dtype=np.int64)

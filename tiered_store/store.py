@@ -7,6 +7,7 @@ import errno
 import functools
 import math
 import operator
+import reprlib
 import threading
 import time
 import warnings
@@ -1253,13 +1254,28 @@ def _ids_numpy_reads(ids: Any) -> np.ndarray | None:
         array = np.asarray(ids)
     except (TypeError, ValueError, OverflowError):
         return None
-    if array.dtype.kind not in "iu":
+    if array.dtype.kind not in "iufO":
         return None
-    leaves = np.asarray(ids, dtype=object).ravel().tolist()  # as given: NumPy read True as 1
+    given = np.asarray(ids, dtype=object)
+    leaves = given.ravel().tolist()  # as given: NumPy read True as 1
     if not set(map(type, leaves)).isdisjoint((bool, np.bool_)):
         value = next(v for v in leaves if isinstance(v, bool | np.bool_))
         raise RowIdError(f"ids: {value!r} is a bool; expected integer row ids")
-    return array
+    if array.dtype.kind in "iu":
+        return array
+    values = []  # uint64 beside a signed int: NumPy reads float64; an int past int64: object
+    for value in leaves:
+        try:
+            values.append(operator.index(value))
+        except TypeError:
+            raise RowIdError(
+                f"ids: {type(ids).__name__} cannot be read as integers ({reprlib.repr(value)} is not an "
+                "integer)"
+            ) from None
+    wide = next((v for v in values if not -(2**63) <= v < 2**63), None)
+    if wide is not None:
+        raise RowIdError(f"ids: value {wide} does not fit int64; expected valid row ids")
+    return np.array(values, dtype=np.int64).reshape(given.shape)
 
 
 def _commit_step(step: Any, last: int) -> int:
