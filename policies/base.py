@@ -121,6 +121,13 @@ class AdmissionPolicy:
         self.num_rows = num_rows
         self.device = torch.device(device)
 
+    @classmethod
+    def bytes_for(cls, capacity: int) -> dict[str, int]:
+        """Bytes the filter of a tier of ``capacity`` slots keeps, without building it:
+        ``per_table_row`` and ``per_tier``, as ``bytes_per_row`` and ``bytes_per_tier`` say once
+        it is built (a filter sized by its tier overrides this)."""
+        return {"per_table_row": cls.bytes_per_row, "per_tier": cls.bytes_per_tier}
+
     def on_access(self, ids: torch.Tensor) -> None:
         """Ids (duplicates included) looked up in this tier in the current batch."""
 

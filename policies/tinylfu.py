@@ -17,6 +17,8 @@ from .errors import PolicyError
 from .hash_mix import MIX_GOLDEN, MIX_M1, MIX_M2, splitmix64
 
 MASK64 = (1 << 64) - 1
+DEPTH = 4  # sketch rows (independent hashes), as Caffeine
+WIDTH_FACTOR = 8  # counters per sketch row per slot, rounded up to a power of two
 _SORT_LIMIT = 1 << 14  # sketch increments per batch up to which sorting them is the cheaper sum
 
 
@@ -64,6 +66,11 @@ def sketch_width(capacity: int, width_factor: int) -> int:
     """Counters per sketch row: the power of two at or above ``width_factor * capacity`` (>= 16)."""
     need = max(width_factor * capacity, 16)
     return 1 << (need - 1).bit_length()
+
+
+def sketch_bytes(depth: int, width: int) -> int:
+    """Bytes of a sketch of ``depth`` rows of ``width`` uint8 counters plus its int32 scratch row."""
+    return depth * width + 4 * width
 
 
 class TinyLFU(AdmissionPolicy):
@@ -131,8 +138,8 @@ class TinyLFU(AdmissionPolicy):
         device: torch.device | str = "cpu",
         *,
         capacity: int,
-        depth: int = 4,
-        width_factor: int = 8,
+        depth: int = DEPTH,
+        width_factor: int = WIDTH_FACTOR,
         max_count: int = 15,
         sample_factor: int = 10,
         seed: int = 0,
@@ -154,11 +161,19 @@ class TinyLFU(AdmissionPolicy):
         self.additions = 0  # lookups counted since the last halving (halved with the counters)
         self.resets = 0
 
+    @classmethod
+    def bytes_for(cls, capacity: int) -> dict[str, int]:
+        """Bytes the filter the registry builds for ``capacity`` slots keeps (default shape)."""
+        return {
+            "per_table_row": cls.bytes_per_row,
+            "per_tier": sketch_bytes(DEPTH, sketch_width(capacity, WIDTH_FACTOR)),
+        }
+
     @property
     def bytes_per_tier(self) -> int:
         """Bytes the filter holds for its tier, whatever the table size: the sketch plus the
         int32 scratch row (counted even before a large batch has allocated it)."""
-        return self.sketch.nbytes + 4 * self.width
+        return sketch_bytes(self.sketch.shape[0], self.width)
 
     def _buckets(self, ids: torch.Tensor) -> torch.Tensor:
         """``[depth, len(ids)]``: the bucket of each id in each sketch row."""

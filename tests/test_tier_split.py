@@ -252,15 +252,25 @@ def test_batched_stack_distances_survive_time_axis_compaction():
 
 @pytest.mark.parametrize(
     ("index", "policy"),
-    [("dense", "lru"), ("hashed", "lru"), ("dense", "zipf-tuned"), ("hashed", "sieve")],
+    [
+        ("dense", "lru"),
+        ("hashed", "lru"),
+        ("dense", "zipf-tuned"),
+        ("hashed", "sieve"),
+        ("dense", "lru+tinylfu"),
+        ("hashed", "sieve+tinylfu"),
+    ],
 )
 def test_tier_bytes_count_what_a_row_cache_keeps(index, policy):
     rows, capacity, row_bytes = 50_000, 700, 256
     spec = PolicySpec.parse(policy)
     cache = RowCache("hot", num_rows=rows, capacity=capacity, spec=spec, index=index)
     meta = cache.metadata_bytes()
-    expect = capacity * (row_bytes + meta["per_slot"]) + rows * meta["per_table_row"]
-    size = {"rows": rows, "row_bytes": row_bytes, "index": index, "policy": spec.eviction}
+    expect = (
+        capacity * (row_bytes + meta["per_slot"]) + rows * meta["per_table_row"] + meta["per_tier"]
+    )
+    size = {"rows": rows, "row_bytes": row_bytes, "index": index}
+    size |= {"policy": spec.eviction, "admission": spec.admission}
     assert tier_bytes(capacity, **size) == int(np.ceil(expect))
     assert max_capacity(tier_bytes(capacity, **size), **size) == capacity
 
@@ -415,6 +425,25 @@ def test_tier_bytes_equal_a_live_stores_memory_report(tmp_path):
             + meta["per_tier"]
         )
         assert tier_bytes(capacity, rows=4000, row_bytes=64) == live, tier
+
+
+def test_a_tinylfu_tier_is_sized_with_its_sketch_and_fits_its_budget(short_trace):
+    # the sketch (64-128 B a slot) was left out: a 1 MiB tier took 1.5 MiB once built
+    config = StoreConfig.from_dict(
+        {
+            "table": {"path": "absent.npy", "dim": 16},
+            "tiers": {"hot": {"policy": "lru+tinylfu"}, "warm": {"policy": "lru+tinylfu"}},
+            "cost_model": COST,
+        }
+    )
+    budget = 1 << 20
+    rec = recommend_split(config, short_trace, gpu_budget=budget, host_budget=budget, points=4)
+    for tier in ("hot", "warm"):
+        capacity = getattr(rec, f"{tier}_rows")
+        spec = PolicySpec.parse("lru+tinylfu")
+        meta = RowCache(tier, num_rows=80084, capacity=capacity, spec=spec).metadata_bytes()
+        live = capacity * (64 + meta["per_slot"]) + 80084 * meta["per_table_row"] + meta["per_tier"]
+        assert meta["per_tier"] > 0 and getattr(rec, f"{tier}_bytes") == live <= budget, tier
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class TierModel:
     counts: np.ndarray | None = None  # the profile's lookups per row: they size the recency segment
     recency_window: int = DEFAULT_RECENCY_WINDOW
     bytes_policy: str | None = "lru"  # the eviction policy whose metadata a slot carries
+    bytes_admission: str = "all"  # the admission filter whose metadata the tier carries
     note: str | None = None  # what of the tier is not modelled as configured
 
     @property
@@ -91,7 +92,13 @@ def tier_models(config: StoreConfig, rows: int) -> dict[str, TierModel]:
         )
         if spec.text == "lru" or why is not None:
             note = "; ".join(n for n in (why, headroom) if n) or None
-            out[name] = TierModel(name, spec.text, bytes_policy=_sized_as(spec), note=note)
+            out[name] = TierModel(
+                name,
+                spec.text,
+                bytes_policy=_sized_as(spec),
+                bytes_admission=spec.admission,
+                note=note,
+            )
             continue
         profile = load_tier_profile(tier.profile, rows, f"tiers.{name}.profile")
         out[name] = TierModel(
@@ -101,6 +108,7 @@ def tier_models(config: StoreConfig, rows: int) -> dict[str, TierModel]:
             np.asarray(profile.counts),
             tier.recency_window,
             bytes_policy=spec.eviction,
+            bytes_admission=spec.admission,
             note=headroom,
         )
     return out

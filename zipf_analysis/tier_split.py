@@ -45,7 +45,8 @@ RAM, as for :func:`zipf_analysis.replay.replay_offline`.
 Memory counted against a budget: each tier's payload (rows x row bytes) plus its metadata, as
 :meth:`tiered_store.row_cache.RowCache.metadata_bytes` counts it (slot owner, flags and free list,
 the eviction policy's key, e.g. the LRU clock of an LRU or zipf-tuned tier, the row index: dense
-per table row or hashed per slot, ``tiers.*.index``).
+per table row or hashed per slot, ``tiers.*.index``; the admission filter's, e.g. a ``+tinylfu``
+tier's sketch, sized by the tier).
 
 Examples
 --------
@@ -63,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from policies.registry import EVICTION
+from policies.registry import ADMISSION, EVICTION
 from tiered_store.capacity import format_bytes, parse_bytes
 from tiered_store.config import CostModelConfig, StoreConfig
 from tiered_store.errors import ConfigError
@@ -152,26 +153,37 @@ def parse_budgets(gpu: str | int | None, host: str | int | None) -> tuple[int, i
 
 
 def tier_bytes(
-    capacity: int, *, rows: int, row_bytes: int, index: str = "auto", policy: str | None = "lru"
+    capacity: int,
+    *,
+    rows: int,
+    row_bytes: int,
+    index: str = "auto",
+    policy: str | None = "lru",
+    admission: str = "all",
 ) -> int:
     """Bytes a cache tier of ``capacity`` rows takes: payload plus the metadata a ``RowCache``
     keeps (per slot: owner, flags, free list, the eviction policy's key, a hashed index's entries;
-    per table row: a dense index). ``policy``: the eviction policy (a ``PolicySpec.eviction``;
-    None: none, as ``static``). An empty tier takes nothing.
+    per table row: a dense index; the admission filter's, e.g. a TinyLFU sketch sized by the
+    tier). ``policy``: the eviction policy (a ``PolicySpec.eviction``; None: none, as ``static``);
+    ``admission``: the filter (a ``PolicySpec.admission``). An empty tier takes nothing.
 
     Examples
     --------
     >>> tier_bytes(1000, rows=100_000, row_bytes=256)   # 256 B payload + 25 B per slot, 4 B per table row
     681000
+    >>> tier_bytes(1000, rows=100_000, row_bytes=256, admission="tinylfu")  # + 8 x 8,192 B sketch
+    746536
     >>> tier_bytes(0, rows=100_000, row_bytes=256)
     0
     """
     if capacity <= 0:
         return 0
     idx = index_bytes(index, rows, capacity)
+    filt = ADMISSION[admission].bytes_for(capacity)
     policy_bytes = EVICTION[policy].bytes_per_slot if policy else 0
     per_slot = row_bytes + SLOT_BYTES + policy_bytes + idx["per_slot"]
-    return int(np.ceil(capacity * per_slot + rows * idx["per_table_row"]))
+    per_row = idx["per_table_row"] + filt["per_table_row"]
+    return int(np.ceil(capacity * per_slot + rows * per_row + filt["per_tier"]))
 
 
 def max_capacity(
@@ -182,6 +194,7 @@ def max_capacity(
     index: str = "auto",
     flag: str = "budget",
     policy: str | None = "lru",
+    admission: str = "all",
 ) -> int:
     """The most rows (at most the table's) whose tier fits in ``budget`` bytes; 0 for a zero
     budget. A positive budget too small for one row is an error naming ``flag``.
@@ -197,7 +210,8 @@ def max_capacity(
     """
     if budget <= 0:
         return 0
-    need = tier_bytes(1, rows=rows, row_bytes=row_bytes, index=index, policy=policy)
+    size = dict(rows=rows, row_bytes=row_bytes, index=index, policy=policy, admission=admission)
+    need = tier_bytes(1, **size)
     if budget < need:
         fixed = int(rows * index_bytes(index, rows, 1)["per_table_row"])
         dense = f", {fixed:,} of them a dense index over the table's {rows:,} rows" if fixed else ""
@@ -209,7 +223,7 @@ def max_capacity(
     lo, hi = 1, rows  # bytes grow with capacity (see tiered_store.row_index: auto goes dense
     while lo < hi:  # only where dense costs more), so bisect
         mid = (lo + hi + 1) // 2
-        if tier_bytes(mid, rows=rows, row_bytes=row_bytes, index=index, policy=policy) <= budget:
+        if tier_bytes(mid, **size) <= budget:
             lo = mid
         else:
             hi = mid - 1
@@ -689,12 +703,13 @@ def recommend_split(
     kinds = {"hot": config.tiers.hot.index, "warm": config.tiers.warm.index}
     flags = {"hot": "--gpu-budget", "warm": "--host-budget"}
     models = tier_models(config, rows)
-    size = {  # what tier_bytes needs: the table, the tier's index and its eviction metadata
+    size = {  # what tier_bytes needs: the table, the tier's index and its policies' metadata
         t: {
             "rows": rows,
             "row_bytes": row_bytes,
             "index": kinds[t],
             "policy": models[t].bytes_policy,
+            "admission": models[t].bytes_admission,
         }
         for t in kinds
     }
