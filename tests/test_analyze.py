@@ -229,7 +229,7 @@ def test_recommended_store_config_parses_and_reaches_the_targets(run):
             np.testing.assert_array_equal(preload, np.load(out / f"{table}.top_rows.npy"))
             lru = lru_mrc(reader.read_all(table), table_rows=layout["rows"])
             hot, warm = config.tiers.hot.capacity, config.tiers.warm.capacity
-            assert 0 < hot <= warm  # inclusive tiers: warm holds hot's rows too
+            assert 0 < hot <= warm  # warm sized as one cache reaching the combined target
             assert 1 - lru.at(hot) >= targets["hot"]
             assert 1 - lru.at(warm) >= targets["warm"]
             assert 1 - lru.at(hot - 1) < targets["hot"]  # and no larger than needed

@@ -93,14 +93,18 @@ def recommend_tier_sizes(
     curve: str | None = None,
     inclusive: bool = True,
 ) -> dict[str, Any]:
-    """Capacities (rows) that reach target hit rates, read off a miss-ratio curve.
+    """Capacities (rows) that reach target hit rates on a miss-ratio curve of one cache.
 
     Targets are cumulative, tier by tier in the order given: the first tier's (``hot``) is the
     share of lookups it serves itself; the next (``warm``) is the combined hit rate of it and
-    every tier before it. The combined rate of the first k tiers needs a cache of C_k rows, the
-    smallest capacity whose hit ratio reaches the target. With ``inclusive`` (default, as in the
-    store, where warm keeps the rows it passes up to hot) tier k gets C_k rows; with
-    ``inclusive=False`` (exclusive tiers) it gets C_k - C_(k-1).
+    every tier before it. The combined rate of the first k tiers is read as that of one cache of
+    C_k rows, the smallest capacity whose hit ratio reaches the target. With ``inclusive``
+    (default) tier k gets C_k rows; with ``inclusive=False`` (exclusive tiers) C_k - C_(k-1).
+    Neither is the store's hierarchy: its warm tier is an LRU over hot's misses
+    (:mod:`zipf_analysis.tier_split`), so ``hit_rate`` is an estimate of what the tiers reach
+    together (on Zipf traces they often fall a little short of it). ``tiered-store replay``
+    checks sizes; :func:`zipf_analysis.tier_split.recommend_split` sizes both tiers with the
+    exact model.
 
     Parameters
     ----------
@@ -118,7 +122,8 @@ def recommend_tier_sizes(
     -------
     dict
         ``"curve"``, ``"inclusive"``, ``"tiers"`` (per tier: ``target_hit_rate``, ``capacity``
-        rows, ``combined_capacity``, ``hit_rate`` reached, ``reachable``, ``percent_of_table``),
+        rows, ``combined_capacity``, ``hit_rate`` (the curve's at ``combined_capacity``),
+        ``reachable``, ``percent_of_table``),
         ``"by_curve"`` (tier -> capacity for every curve) and ``"yaml"``. An unreachable target
         (above the curve's best hit ratio: compulsory misses) gets every distinct row and
         ``reachable: False``.
@@ -339,10 +344,12 @@ def write_report(
             md += [
                 "## Recommended tier sizes",
                 "",
-                f"From the `{rec['curve']}` curve; targets are cumulative hit rates "
-                f"({'inclusive' if rec['inclusive'] else 'exclusive'} tiers).",
+                f"Read off the `{rec['curve']}` curve of one cache; targets are cumulative hit "
+                "rates, and a tier's hit rate is the curve's at the rows of it and the tiers "
+                "above: an estimate, since the store's warm tier is an LRU over hot's misses "
+                "(`tiered-store replay` checks the sizes).",
                 "",
-                "| tier | target | capacity (rows) | % of table | hit rate reached |",
+                "| tier | target | capacity (rows) | % of table | curve's hit rate |",
                 "| --- | --- | --- | --- | --- |",
             ]
             for tier, info in rec["tiers"].items():
@@ -569,7 +576,9 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
         rec = tab["recommendation"]["tiers"]
         lines.append(
             f"{name:>9}: recommended "
-            + ", ".join(f"{k} {v['capacity']:,} rows ({v['hit_rate']:.3f})" for k, v in rec.items())
+            + ", ".join(
+                f"{k} {v['capacity']:,} rows (curve {v['hit_rate']:.3f})" for k, v in rec.items()
+            )
             + (
                 " for the targets (the store config takes the tier split for the budgets)"
                 if "tier_split" in tab

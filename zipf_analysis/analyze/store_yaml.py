@@ -39,13 +39,14 @@ def store_yaml(
     for tier, info in rec["tiers"].items():
         tiers[tier] = tier_entry(int(info["capacity"]))
         notes.append(
-            f"#   {tier}: target {info['target_hit_rate']:g}, reaches {info['hit_rate']:.4f} with "
-            f"{info['combined_capacity']:,} rows in this and the tiers above"
+            f"#   {tier}: target {info['target_hit_rate']:g}, the curve gives {info['hit_rate']:.4f} "
+            f"at {info['combined_capacity']:,} rows (this and the tiers above as one cache)"
             + ("" if info["reachable"] else " (UNREACHABLE: every distinct row)")
         )
     sizing = [
-        f"# Capacities read off the {rec['curve']!r} miss-ratio curve of {trace} "
-        f"({'inclusive' if rec['inclusive'] else 'exclusive'} tiers, cumulative targets):",
+        f"# Capacities read off the {rec['curve']!r} miss-ratio curve of {trace} (one cache, "
+        "cumulative targets): an estimate,",
+        "# since warm is an LRU over hot's misses; replay (below) gives what the tiers reach:",
         *notes,
     ]
     if split is not None:
