@@ -63,20 +63,32 @@ class _Queued:
         waiting = sum(t.numel() for chunks in self.pending.values() for t in chunks)
         return waiting + sum(b.numel() for b in self.buckets.values())
 
-    def bucket(self, token: int) -> torch.Tensor:
-        """A token's slots, ascending, with those waiting merged in."""
-        chunks = self.pending.pop(token, [])
-        old = self.buckets.pop(token, None)
-        if not chunks:
-            return old
-        if old is not None:
-            chunks.append(old)
-        return torch.unique(torch.cat(chunks))  # sorted, each slot once
-
     def forget(self, token: int) -> None:
         """A released token: no slot waits for it any more."""
         self.buckets.pop(token, None)
         self.pending.pop(token, None)
+
+    def take_out(self, tokens: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots of ``tokens`` (descending), those waiting merged in, out of the class: by
+        token as given, then ascending, each once; and each one's token. ``size``: the tier's
+        slots."""
+        parts: list[torch.Tensor] = []
+        owner: list[int] = []  # each part's place in ``tokens``
+        for i, token in enumerate(tokens):
+            chunks = self.pending.pop(token, [])
+            old = self.buckets.pop(token, None)
+            parts += chunks if old is None else [*chunks, old]
+            owner += [i] * (len(chunks) + (old is not None))
+        slots = torch.cat(parts)  # not empty: each token has a bucket or a list waiting
+        lengths = torch.tensor([p.numel() for p in parts], device=slots.device)
+        at = torch.repeat_interleave(torch.tensor(owner, device=slots.device), lengths)
+        key = torch.unique(at * size + slots)  # sorted: by place, then by slot; each once
+        token_of = torch.tensor(tokens, dtype=torch.int64, device=slots.device)
+        return key % size, token_of[key // size]
+
+    def put_back(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """``slots`` (by token, then ascending) go back into their tokens' buckets."""
+        self.buckets.update(_by_token(slots, tokens))
 
 
 def furthest_first(slots: torch.Tensor, next_use: torch.Tensor, k: int) -> torch.Tensor:
@@ -210,23 +222,17 @@ class QueueVictims:
         """The first ``n`` valid queued candidates, furthest token first, then by slot."""
         for _ in range(2):
             run = self.queued if self.queued is not None else self._fill_queued(n)
+            tokens = sorted(run.buckets.keys() | run.pending.keys(), reverse=True)
             taken: list[torch.Tensor] = []
-            got = 0
-            for token in sorted(run.buckets.keys() | run.pending.keys(), reverse=True):
-                slots = run.bucket(token)  # a loop per request, not per row
-                for head in (4 * (n - got) + 64, slots.numel()):
-                    part = slots[:head]
-                    valid = part[~self.unevictable[part] & (self.next_use[part] == token)]
-                    if valid.numel() >= n - got or head >= slots.numel():
-                        break
-                take = valid[: n - got]
-                rest = torch.cat([valid[take.numel() :], slots[head:]])
-                if rest.numel():
-                    run.buckets[token] = rest
-                taken.append(take)
-                got += take.numel()
-                if got == n:
-                    break
+            got, start, width = 0, 0, 16
+            while got < n and start < len(tokens):  # tokens in growing groups: a loop per group
+                slots, owner = run.take_out(tokens[start : start + width], self.next_use.numel())
+                start, width = start + width, 2 * width
+                valid = nonzero(~self.unevictable[slots] & (self.next_use[slots] == owner))
+                taken.append(slots.index_select(0, valid[: n - got]))
+                rest = valid[n - got :]  # stale entries go
+                run.put_back(slots.index_select(0, rest), owner.index_select(0, rest))
+                got += taken[-1].numel()
             if got == n or run.complete:
                 return torch.cat(taken) if taken else self.next_use.new_empty(0)
             self.queued = None  # ran short before its limit
@@ -238,10 +244,8 @@ class QueueVictims:
         slots, next_use = self._pass(queued=True)
         order = furthest_first(slots, next_use, min(self.spare(n), slots.numel()))
         complete = order.numel() == slots.numel()
-        slots, next_use = slots[order], next_use[order]
-        tokens, counts = torch.unique_consecutive(next_use, return_counts=True)
-        buckets = dict(zip(tokens.tolist(), torch.split(slots, counts.tolist()), strict=True))
-        self.queued = _Queued(buckets, int(tokens[-1]) if tokens.numel() else 0, complete)
+        buckets = _by_token(slots[order], next_use[order])
+        self.queued = _Queued(buckets, min(buckets, default=0), complete)
         return self.queued
 
     def _merge_queued(self, slots: torch.Tensor, next_use: torch.Tensor) -> None:
@@ -255,21 +259,19 @@ class QueueVictims:
             slots, next_use = slots[within], next_use[within]
         if not slots.numel():
             return
-        for token in torch.unique(next_use).tolist():  # a loop per request, not per row
-            run.pending.setdefault(token, []).append(slots[next_use == token])
+        next_use, order = torch.sort(next_use, stable=True)  # a token's slots in the order given
+        for token, part in _by_token(slots[order], next_use).items():  # per request, not per row
+            run.pending.setdefault(token, []).append(part)
         keep = self.spare(1)
         if run.size() > GROW * keep:  # keep the furthest tokens' slots, stop growing
-            kept = 0
-            for token in sorted(run.buckets.keys() | run.pending.keys(), reverse=True):
-                if kept >= keep:
-                    run.forget(token)
-                    run.complete = False
-                else:
-                    bucket = run.bucket(token)
-                    bucket = bucket[~self.unevictable[bucket] & (self.next_use[bucket] == token)]
-                    run.buckets[token] = bucket
-                    kept += bucket.numel()
-                    run.limit = token
+            tokens = sorted(run.buckets.keys() | run.pending.keys(), reverse=True)
+            slots, owner = run.take_out(tokens, self.next_use.numel())
+            valid = nonzero(~self.unevictable[slots] & (self.next_use[slots] == owner))
+            slots, owner = slots.index_select(0, valid), owner.index_select(0, valid)
+            run.limit = int(owner[keep - 1]) if slots.numel() >= keep else tokens[-1]
+            run.complete = run.complete and run.limit == tokens[-1]  # none forgotten
+            kept = nonzero(owner >= run.limit)  # up to the token of the keep-th slot
+            run.put_back(slots.index_select(0, kept), owner.index_select(0, kept))
 
     # -- the pass ---------------------------------------------------------------------------------
     def _pass(self, *, queued: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,6 +282,12 @@ class QueueVictims:
         next_use = self.next_use[evictable]
         in_class = nonzero(next_use != NOT_QUEUED if queued else next_use == NOT_QUEUED)
         return evictable.index_select(0, in_class), next_use.index_select(0, in_class)
+
+
+def _by_token(slots: torch.Tensor, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``slots`` grouped by their ``tokens`` (runs of equal tokens: sorted by token), in order."""
+    values, counts = torch.unique_consecutive(tokens, return_counts=True)
+    return dict(zip(values.tolist(), torch.split(slots, counts.tolist()), strict=True))
 
 
 def _merged(
