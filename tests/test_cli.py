@@ -114,6 +114,11 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
         # a usage error (2), not a table that failed its checks (1)
         (["verify", "."], ". is a directory; expected a table file (NAME.npy), such as t.npy"),
         (["verify", "s.yaml"], "s.yaml is a store config, not a table; its table is t.npy"),
+        # init and shard said the same, not pathlib's "PosixPath('.') has an empty name"
+        (["init", ".", "--random", "10x4"], ". is a directory; expected a table file (NAME.npy)"),
+        (["init", "", "--random", "10x4"], ". is a directory; expected a table file (NAME.npy)"),
+        (["shard", ".", "--ranks", "2"], ". is a directory; expected a table file (NAME.npy)"),
+        (["shard", "", "--ranks", "2"], ". is a directory; expected a table file (NAME.npy)"),
         (["convert-hf", "nope", "out"], "checkpoint nope: does not exist; expected a checkpoint"),
         (["init", "x.npy", "--random", "10x4", "--std", "-1"], "--std: got -1; expected a finite"),
         (["init", "x.npy", "--random", "10x4", "--seed", "-1"], "--seed: expected an integer >= 0"),
@@ -159,6 +164,22 @@ def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, me
     err = capsys.readouterr().err
     assert message in err
     assert "[Errno" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("target", ["d", "d/", "..", "d.npy"])
+def test_init_refuses_a_directory_and_writes_nothing_beside_it(
+    tmp_path, monkeypatch, capsys, target
+):
+    """``init d`` made d.npy next to the folder (which info and verify then refused as d), and
+    ``init ..`` a hidden '...npy' (a d.npy folder was called an existing table)."""
+    work = tmp_path / "work"
+    (work / "d").mkdir(parents=True)
+    (work / "d.npy").mkdir()
+    monkeypatch.chdir(work)
+    assert main(["init", target, "--random", "10x4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"init: error: {target.rstrip('/')} is a directory; expected a table file" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d", "d.npy", "work"]
 
 
 @pytest.mark.parametrize(

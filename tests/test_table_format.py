@@ -170,6 +170,16 @@ def test_path_without_npy_suffix_gets_one(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("path", [".", "", "/", "..", "sub/.."])
+def test_a_path_that_names_a_directory_is_refused(tmp_path, monkeypatch, path):
+    """No table file has such a name (pathlib refused '.', and '..' made a hidden '...npy')."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(TableFormatError, match=rf"table path '{path}' names a directory; expected"):
+        create_table(path, np.ones((2, 2), np.float32), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
 def test_progress_bar_can_be_shown(tmp_path, capsys):
     create_table(tmp_path / "p.npy", np.ones((10, 4), np.float32), progress=True)
     verify_table(tmp_path / "p.npy", progress=True)

@@ -121,6 +121,8 @@ def _add_init(sub) -> None:
 def _run_init(args) -> int:
     from . import table_format as tf
 
+    if args.table.is_dir():  # NAME.npy beside it would not open as NAME: info and verify refuse it
+        raise tf.not_a_table(args.table)
     if args.from_safetensors is not None:
         if not args.tensor:
             raise _usage("--from-safetensors needs --tensor NAME (the tensor inside the file)")
@@ -300,7 +302,11 @@ def _add_shard(sub) -> None:
 
 def _run_shard(args) -> int:
     from .distributed import write_shards
+    from .table_format import not_a_table
 
+    wrong = not_a_table(args.table)
+    if wrong is not None:
+        raise wrong
     if args.out is not None and "{rank}" not in args.out:
         raise _usage(f"--out: got {args.out!r}; expected a path template containing {{rank}}")
     by = args.by or "heads"

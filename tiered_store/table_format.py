@@ -309,6 +309,10 @@ class VerifyReport:
 def table_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """``(npy_path, manifest_path)`` for a table given as ``NAME.npy``, its manifest, or ``NAME``."""
     p = Path(path)
+    if p.name in ("", ".."):  # '.', '/', '..': a directory, which no table file can be named
+        raise TableFormatError(
+            f"table path {os.fspath(path)!r} names a directory; expected a table file (NAME.npy)"
+        )
     if p.name.endswith(MANIFEST_SUFFIX):
         p = p.with_name(p.name[: -len(MANIFEST_SUFFIX)])
     if p.suffix != ".npy":
