@@ -120,6 +120,32 @@ def test_bad_demo_input_gives_a_clear_error(tmp_path, capsys, content, argv, mes
     assert "profiling" not in out  # refused before the warm-start profile and the conversion
 
 
+@pytest.mark.parametrize(
+    ("argv", "setting", "part"),
+    [
+        (["--rows", "100000000000"], "--rows 100000000000", "Engram tables 23.3 TiB"),
+        (["--hidden-size", "1000000000"], "--hidden-size 1000000000", "dense weights"),
+        (
+            ["--config", "huge.yaml"],
+            "engram.engram_vocab_size [10000000000, 1000]",
+            "Engram tables",
+        ),
+    ],
+)
+def test_a_model_too_large_for_the_memory_is_named_by_its_setting(
+    tmp_path, monkeypatch, capsys, argv, setting, part
+):
+    """It was the allocator's traceback (DefaultCPUAllocator: can't allocate memory)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "huge.yaml").write_text("engram: {engram_vocab_size: [10000000000, 1000]}\n")
+    args = [a for a in TINY_ARGS if a not in ("--rows", "4000", "--hidden-size", "32")]
+    assert main(["demo", *args, *argv, "--workdir", str(tmp_path / "work")]) == 2
+    out, err = capsys.readouterr()
+    assert f"demo: error: {setting}: the model needs " in err and part in err
+    assert "of host RAM" in err and "is available; expected a smaller model" in err
+    assert "building" not in out and not (tmp_path / "work").exists()  # refused before any work
+
+
 def test_a_workdir_that_cannot_be_made_is_named(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     workdir = tmp_path / "file" / "sub"  # under a file: it was a FileNotFoundError traceback

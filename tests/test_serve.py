@@ -801,6 +801,22 @@ def test_init_model_writes_a_checkpoint_that_serve_opens(tmp_path, capsys):
         served.close()
 
 
+def test_init_model_refuses_a_model_too_large_for_the_memory(tmp_path, capsys):
+    """It was the allocator's traceback (DefaultCPUAllocator: can't allocate memory)."""
+    from tiered_store.cli import main
+
+    engram = {**CONFIG["model"]["engram"], "engram_vocab_size": [50_000_000_000, 3001]}
+    config = write_config(tmp_path, model={"engram": engram})
+    assert main(["init-model", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "tiered-store init-model: error: engram.engram_vocab_size [50000000000, 3001]: the model "
+        "needs 11.6 TiB of host RAM (Engram tables 11.6 TiB, dense weights "
+    )
+    assert "is available; expected a smaller model" in err
+    assert not (tmp_path / "checkpoint").exists()
+
+
 @pytest.mark.gpu
 def test_a_cuda_hot_tier_gives_the_cpu_answer(config_path, tmp_path):
     """The model moves to the hot tier's device; answers equal the CPU server's up to float

@@ -212,6 +212,17 @@ def test_a_model_of_fp8_tables_is_refused_before_any_work(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_model_too_large_for_the_memory_is_refused_before_any_work(tmp_path, capsys):
+    common, small, out = _cli_args(tmp_path)
+    huge = {**TINY, "engram": {**TINY["engram"], "engram_vocab_size": [2003, 50_000_000_000]}}
+    (tmp_path / "model.json").write_text(json.dumps(huge))
+    assert main([*common, *small, "--steps", "1"]) == 2  # was the allocator's traceback
+    err = capsys.readouterr().err
+    assert "engram.engram_vocab_size [2003, 50000000000]: the model needs " in err
+    assert "of host RAM (Engram tables " in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_resume_says_which_options_it_ignores(tmp_path, capsys):
     """A resumed run keeps its saved settings: options asked for that differ are named, not
     silently dropped; --resume with nothing to resume says it starts afresh."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -104,3 +105,14 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def available_host_memory() -> int | None:
+    """Bytes of RAM available now (``MemAvailable`` of /proc/meminfo), or None where it is not known."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text().split("\n")
+        return next(
+            int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")
+        )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None

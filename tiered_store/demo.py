@@ -304,7 +304,7 @@ def run_demo(args) -> int:
     from .corpus import resolve_corpus
     from .engram.checkpoint import load_table_in_memory, open_tables, save_tiered
     from .engram.corpus import read_tokens, token_batches
-    from .engram.model import EngramLM
+    from .engram.model import EngramLM, check_model_memory
     from .engram.pipeline import profile_rows
     from .store import compute_device
 
@@ -312,6 +312,7 @@ def run_demo(args) -> int:
     demo = DemoConfig.from_dict(settings, source="demo settings")  # checked before any work
     run = demo.run
     device = compute_device(demo.tiers.hot.device, "--device")  # before any work
+    check_model_memory(demo.model, names=_model_options(args))
     torch.manual_seed(run.seed)
     if args.workdir is not None:
         try:
@@ -362,6 +363,16 @@ def run_demo(args) -> int:
             for store_ in tiered.tables.values():
                 store_.close()
     return 0
+
+
+def _model_options(args) -> dict[str, str]:
+    """The model settings given as options, as the command line says them."""
+    names = {}
+    if args.rows is not None:
+        names["engram.engram_vocab_size"] = f"--rows {args.rows}"
+    if args.hidden_size is not None:
+        names["backbone.hidden_size"] = f"--hidden-size {args.hidden_size}"
+    return names
 
 
 def demo_settings(args) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .cache_plan import CacheHierarchy, IgnoredSettingWarning, ignored_tier_settings, shard_rows
-from .capacity import format_bytes
+from .capacity import available_host_memory, format_bytes
 from .cold_table import ColdTable
 from .config import StoreConfig
 from .delta.row_delta import GREW_STEP, RowDelta, committed_step, delta_path
@@ -1359,14 +1359,8 @@ def compute_device(name: str, key: str = "tiers.hot.device") -> torch.device:
 
 def _check_host_memory(nbytes: int, key: str) -> None:
     """Refuse a warm tier that cannot fit in the RAM available now."""
-    try:
-        meminfo = Path("/proc/meminfo").read_text().split("\n")
-        available = next(
-            int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")
-        )
-    except (OSError, StopIteration, ValueError):
-        return
-    if nbytes > available:
+    available = available_host_memory()
+    if available is not None and nbytes > available:
         raise ConfigError(
             f"{key}: needs {format_bytes(nbytes)} of host RAM but only {format_bytes(available)} is "
             "available; expected a smaller capacity"

@@ -43,7 +43,7 @@ row ids and attention of one full pass::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capacity import available_host_memory, format_bytes
 from ..errors import ConfigError
 from ..id_ops import array_for_torch, ids_on_gpu, snapshot_of
 from ..quantization import RowQuantization, quantize_rows
@@ -317,6 +318,7 @@ class EngramLM(nn.Module):
                 f"tables: layer {extra[0]} has no Engram (engram.layer_ids = "
                 f"{list(config.engram.layer_ids)})"
             )
+        check_model_memory(config, given=tables)  # before the allocator fails on absurd sizes
         self.embed = nn.Embedding(backbone.vocab_size, backbone.hidden_size)
         layers = []
         for index in range(backbone.num_layers):
@@ -610,6 +612,40 @@ class EngramLM(nn.Module):
                 self._rope[key] = tables
         cos, sin = tables  # not read back: a forward on another thread may have replaced it
         return cos[start:stop], sin[start:stop]
+
+
+def check_model_memory(
+    config: ModelConfig, given: Collection[int] = (), names: Mapping[str, str] | None = None
+) -> None:
+    """Refuse a model whose weights ``EngramLM(config)`` would allocate exceed the RAM available
+    now: the Engram tables (but those of the layers in ``given``, given as backends) and the dense
+    weights, estimated from the config. The error names the setting behind the larger part, as
+    ``names`` says it (``{"backbone.hidden_size": "--hidden-size 4096"}``) or as its key."""
+    available = available_host_memory()
+    if available is None:
+        return
+    engram, backbone = config.engram, config.backbone
+    hidden, hc = backbone.hidden_size, backbone.hc_mult
+    rows = sum(engram.engram_vocab_size) * engram.n_head_per_ngram  # at least: primes round up
+    made = [layer for layer in engram.layer_ids if layer not in given]
+    tables = len(made) * rows * engram.head_dim
+    per_layer = 4 * hidden * hidden + 3 * hidden * config.transformer.mlp_size(hidden)
+    projections = len(engram.layer_ids) * (hc + 1) * engram.engram_hidden_size * hidden
+    dense = backbone.vocab_size * hidden + backbone.num_layers * per_layer + projections
+    width = torch.get_default_dtype().itemsize
+    needed = (tables + dense) * width
+    if needed <= available:
+        return
+    if tables >= dense:
+        key, value = "engram.engram_vocab_size", list(engram.engram_vocab_size)
+    else:
+        key, value = "backbone.hidden_size", hidden
+    setting = (names or {}).get(key, f"{key} {value}")
+    raise ConfigError(
+        f"{setting}: the model needs {format_bytes(needed)} of host RAM (Engram tables "
+        f"{format_bytes(tables * width)}, dense weights {format_bytes(dense * width)}) but only "
+        f"{format_bytes(available)} is available; expected a smaller model"
+    )
 
 
 def _snapshot(checked: torch.Tensor, given: Any) -> torch.Tensor:
