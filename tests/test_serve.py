@@ -87,6 +87,8 @@ def test_example_config_is_valid():
         ({"store": {"table": {"path": "x.npy"}}}, "store.table"),
         ({"store": {"tiers": {"hot": {"capacity": "lots"}}}}, "tiers.hot.capacity"),
         ({"store": {"metrics": {"address": "9400"}}}, "store.metrics.address"),
+        # not "(store section, layer 0)": the model's Engram layers are 1 and 3
+        ({"store": {"prefetch": {"depht": 2}}}, "config (store section): invalid configuration\n  prefetch.depht: unknown key; expected one of depth, lookahead"),
         ({"store": {"tiers": {"hot": {"policy": "lur"}}}}, "config: store.tiers.hot.policy: unknown policy 'lur' in 'lur'; did you mean 'lru'?"),
         ({"model": {"engram": {"layer_ids": [1, 1]}}}, "layer_ids"),
         ({"model": [1]}, "model: got list"),

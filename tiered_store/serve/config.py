@@ -193,7 +193,9 @@ class ServeConfig:
             base_dir=(base_dir or Path.cwd()).resolve(),
             source=source,
         )
-        probe = cfg.store_config(0)  # validates the store section once, for any layer
+        # validates the store section once, for every layer: an error names no layer of its own
+        layer = model.engram.layer_ids[0] if model is not None else 0
+        probe = cfg._store_config(layer, f"{source} (store section)")
         for tier in ("hot", "warm"):  # a policy typo named here, with the file, not at open
             parse_policy(
                 getattr(probe.tiers, tier).policy, key=f"{source}: store.tiers.{tier}.policy"
@@ -246,11 +248,13 @@ class ServeConfig:
 
     def store_config(self, layer: int) -> StoreConfig:
         """The ``StoreConfig`` of layer ``layer``: the store section plus its table path."""
+        return self._store_config(layer, f"{self.source} (store section, layer {layer})")
+
+    def _store_config(self, layer: int, source: str) -> StoreConfig:
+        """``store_config(layer)``, its errors named after ``source``."""
         data = self.store_spec(layer)
         data["table"] = {"path": str(self.table_path(layer))}
-        return StoreConfig.from_dict(
-            data, base_dir=self.base_dir, source=f"{self.source} (store section, layer {layer})"
-        )
+        return StoreConfig.from_dict(data, base_dir=self.base_dir, source=source)
 
     @property
     def metrics_address(self) -> str:
