@@ -89,7 +89,7 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
     argv = ["init", str(table), "--random", "100x8", "--dtype", "float16", "--quiet"]
     assert main([*argv, "--std", "1e10"]) != 0
     err = capsys.readouterr().err
-    assert "std=1e+10 with dtype float16" in err and "expected std <= 6550.4" in err
+    assert "init: error: --std 1e+10 with dtype float16" in err and "expected std <= 6550.4" in err
     assert not table.exists()
     assert main([*argv, "--std", "6000"]) == 0
     assert np.isfinite(np.load(table).astype(np.float32)).all()

@@ -95,7 +95,9 @@ def test_example_config_is_valid():
         ({"checkpoint": {"dtype": "int8"}}, "checkpoint.dtype"),
         ({"server": {"request_timeout_s": True}}, "server.request_timeout_s: expected a number, got True"),
         # values a thread's wait, torch's thread pool or its seed cannot take: they failed later
-        ({"checkpoint": {"scrub_interval_s": float("inf")}}, "checkpoint.scrub_interval_s: Input should be less than or equal to"),
+        ({"checkpoint": {"scrub_interval_s": float("inf")}}, "checkpoint.scrub_interval_s: expected a finite number, got inf"),
+        # not "less than or equal to 9223372036 (got nan)", which did not say NaN was the fault
+        ({"server": {"request_timeout_s": float("nan")}}, "server.request_timeout_s: expected a finite number, got nan"),
         ({"server": {"keep_alive_s": 1e300}}, "server.keep_alive_s: Input should be less than or equal to"),
         ({"server": {"torch_threads": 2**31}}, "server.torch_threads: Input should be less than or equal to 4096"),
         ({"checkpoint": {"seed": 2**70}}, "checkpoint.seed: Input should be less than or equal to 18446744073709551615"),

@@ -146,8 +146,9 @@ def _run_init(args) -> int:
         )
     except tf.TableExistsError as exc:
         raise _name_overwrite(exc) from None
-    except tf.TableFormatError as exc:  # its dtype= hints, as the command line says them
+    except tf.TableFormatError as exc:  # its dtype= and std= hints, as the command line says them
         text = re.sub(r"dtype='(\w+)'", r"--dtype \1", str(exc)).replace("dtype=", "--dtype")
+        text = text.replace("RandomSource std=", "--std ")
         raise tf.TableFormatError(text) from None
     path = tf.table_paths(args.table)[0]  # NAME.npy when given NAME
     print(f"created {path}: {manifest.rows:,} x {manifest.dim} {manifest.dtype}")

@@ -300,10 +300,11 @@ def int_at_least(minimum: int, at_most: int | None = None) -> Any:
 
 
 def _not_a_bool(value: Any) -> Any:
-    """Refuse a bool where a number is expected (``yes`` in YAML is not 1.0)."""
+    """Refuse a bool where a number is expected (``yes`` in YAML is not 1.0), and NaN or infinity
+    before a bound does (which said ``less than or equal to`` of NaN)."""
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
-    return value
+    return _finite(value) if isinstance(value, float) else value
 
 
 def _finite(value: float) -> float:
