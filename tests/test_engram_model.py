@@ -15,6 +15,7 @@ from tiered_store.engram import EMBEDDING_KEY, InMemoryTable, NgramHasher, Table
 from tiered_store.engram.checkpoint import (
     check_table_file,
     convert_checkpoint,
+    expected_checkpoint_shapes,
     from_reference_layout,
     load_table_in_memory,
     load_tiered_model,
@@ -563,3 +564,20 @@ def test_a_dense_file_with_a_key_the_model_lacks_is_a_config_error_naming_it(con
     ):
         load_tiered_model(tmp_path, store=STORE)
     load_tiered_model(tmp_path, store=STORE, strict=False).close()  # ignored, as torch does
+
+
+def test_a_model_too_large_for_the_memory_is_refused_only_where_it_would_be_allocated():
+    """On the meta device (a checkpoint's expected shapes, read before a save) nothing is
+    allocated: it was refused as the CPU build is. The refusal names the setting that is large."""
+    huge = {**TINY["engram"], "engram_vocab_size": [50_000_000_000, 3001]}
+    config = ModelConfig.from_dict({**TINY, "engram": huge})
+    with torch.device("meta"):
+        assert EngramLM(config).embed.weight.is_meta
+    hasher = NgramHasher(config.engram)
+    assert expected_checkpoint_shapes(config, hasher)["embed.weight"] == (129280, 64)
+    with pytest.raises(ConfigError, match=r"^engram.engram_vocab_size \[50000000000, 3001\]: "):
+        EngramLM(config, hasher=hasher)
+    for key, value in (("vocab_size", 10_000_000_000), ("num_layers", 10_000_000)):
+        wide = ModelConfig.from_dict({**TINY, "backbone": {**TINY["backbone"], key: value}})
+        with pytest.raises(ConfigError, match=rf"^backbone.{key} {value}: the model needs "):
+            EngramLM(wide)

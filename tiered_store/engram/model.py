@@ -318,7 +318,8 @@ class EngramLM(nn.Module):
                 f"tables: layer {extra[0]} has no Engram (engram.layer_ids = "
                 f"{list(config.engram.layer_ids)})"
             )
-        check_model_memory(config, given=tables)  # before the allocator fails on absurd sizes
+        if torch.empty(0).device.type == "cpu":  # not on meta (shapes only) nor on a GPU
+            check_model_memory(config, given=tables)  # before the allocator fails on absurd sizes
         self.embed = nn.Embedding(backbone.vocab_size, backbone.hidden_size)
         layers = []
         for index in range(backbone.num_layers):
@@ -619,7 +620,7 @@ def check_model_memory(
 ) -> None:
     """Refuse a model whose weights ``EngramLM(config)`` would allocate exceed the RAM available
     now: the Engram tables (but those of the layers in ``given``, given as backends) and the dense
-    weights, estimated from the config. The error names the setting behind the larger part, as
+    weights, estimated from the config. The error names the setting behind the largest part, as
     ``names`` says it (``{"backbone.hidden_size": "--hidden-size 4096"}``) or as its key."""
     available = available_host_memory()
     if available is None:
@@ -631,15 +632,27 @@ def check_model_memory(
     tables = len(made) * rows * engram.head_dim
     per_layer = 4 * hidden * hidden + 3 * hidden * config.transformer.mlp_size(hidden)
     projections = len(engram.layer_ids) * (hc + 1) * engram.engram_hidden_size * hidden
-    dense = backbone.vocab_size * hidden + backbone.num_layers * per_layer + projections
+    # each part in elements, by the setting that makes it large: the transformer layers by the
+    # layer count or the width, whichever is out of proportion
+    layers_key = "backbone.num_layers" if backbone.num_layers > hidden else "backbone.hidden_size"
+    parts = {
+        "engram.engram_vocab_size": tables,
+        "backbone.vocab_size": backbone.vocab_size * hidden,
+        layers_key: backbone.num_layers * per_layer,
+    }
+    parts["backbone.hidden_size"] = parts.get("backbone.hidden_size", 0) + projections
+    dense = sum(parts.values()) - tables
     width = torch.get_default_dtype().itemsize
     needed = (tables + dense) * width
     if needed <= available:
         return
-    if tables >= dense:
-        key, value = "engram.engram_vocab_size", list(engram.engram_vocab_size)
-    else:
-        key, value = "backbone.hidden_size", hidden
+    key = max(parts, key=parts.get)
+    value = {
+        "engram.engram_vocab_size": list(engram.engram_vocab_size),
+        "backbone.vocab_size": backbone.vocab_size,
+        "backbone.num_layers": backbone.num_layers,
+        "backbone.hidden_size": hidden,
+    }[key]
     setting = (names or {}).get(key, f"{key} {value}")
     raise ConfigError(
         f"{setting}: the model needs {format_bytes(needed)} of host RAM (Engram tables "
