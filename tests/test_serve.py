@@ -98,6 +98,7 @@ def test_example_config_is_valid():
         ({"checkpoint": {"scrub_interval_s": float("inf")}}, "checkpoint.scrub_interval_s: expected a finite number, got inf"),
         # not "less than or equal to 9223372036 (got nan)", which did not say NaN was the fault
         ({"server": {"request_timeout_s": float("nan")}}, "server.request_timeout_s: expected a finite number, got nan"),
+        ({"server": {"request_timeout_s": "1e999"}}, "server.request_timeout_s: expected a finite number, got inf"),  # quoted in the YAML
         ({"server": {"keep_alive_s": 1e300}}, "server.keep_alive_s: Input should be less than or equal to"),
         ({"server": {"torch_threads": 2**31}}, "server.torch_threads: Input should be less than or equal to 4096"),
         ({"checkpoint": {"seed": 2**70}}, "checkpoint.seed: Input should be less than or equal to 18446744073709551615"),

@@ -304,6 +304,13 @@ def _not_a_bool(value: Any) -> Any:
     before a bound does (which said ``less than or equal to`` of NaN)."""
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, str):  # "nan" or "1e999" in quotes, which pydantic reads as a float
+        try:
+            number = float(value)
+        except ValueError:
+            return value  # not a number: pydantic says so
+        _finite(number)
+        return value
     return _finite(value) if isinstance(value, float) else value
 
 
