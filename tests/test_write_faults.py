@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from tests.conftest import store_config
 from tiered_store import TieredStore, create_table
+from tiered_store.delta import row_delta
 from tiered_store.delta.compaction import compact_table
 from tiered_store.delta.row_delta import LOCK_FILE_BYTES, RowDelta, committed_step, delta_path
 from tiered_store.errors import CommitError, TierIOError
@@ -168,6 +170,201 @@ def test_a_delta_a_writer_died_creating_reads_as_none_and_is_made_anew(tmp_path)
         assert writer.commit() == 1
     with TieredStore(cfg) as reader:
         assert reader.committed_step == 1 and reader.lookup([1]).tolist() == [[1.0] * 4]
+
+
+def _wait_for(flag: Path, seconds: float = 60.0) -> None:
+    """Until another process has made the file ``flag`` (a step of a staged race)."""
+    end = time.monotonic() + seconds
+    while not flag.exists():
+        assert time.monotonic() < end, f"no {flag.name} after {seconds:g} s"
+        time.sleep(0.01)
+
+
+_WAIT_FOR = r"""
+import os, time
+def wait_for(flag, seconds=60.0):
+    end = time.monotonic() + seconds
+    while not os.path.exists(flag) and time.monotonic() < end:
+        time.sleep(0.01)
+    return os.path.exists(flag)
+"""
+
+_READER_PAST_THE_CHECK = (
+    _WAIT_FOR
+    + r"""
+import sys
+import tiered_store.delta.row_delta as rd
+table, flags = sys.argv[1], sys.argv[2]
+real = rd._shared_env
+def past_the_check(path, open_env):  # took the delta for whole: held until the writer is done
+    open(f"{flags}/reader_in", "w").close()
+    wait_for(f"{flags}/writer_done")
+    return real(path, open_env)
+rd._shared_env = past_the_check
+open(f"{flags}/reader_ready", "w").close()
+while not os.path.exists(f"{flags}/writer_done"):
+    try:
+        delta = rd.open_delta(table, 8)
+    except Exception as exc:
+        print(type(exc).__name__, exc)
+    else:
+        if delta is not None:
+            delta.close()
+"""
+)
+
+_WRITER_OUT_OF_ROOM = (
+    _WAIT_FOR
+    + r"""
+import sys
+import lmdb
+from tiered_store.delta.row_delta import RowDelta
+from tiered_store.errors import TierIOError
+delta, flags = sys.argv[1], sys.argv[2]
+real = lmdb.open
+def meta_pages_written(path, **kwargs):  # the delta at its own path: a reader may look now
+    env = real(path, **kwargs)
+    if path == delta:
+        wait_for(f"{flags}/reader_in", 20.0)
+    return env
+lmdb.open = meta_pages_written
+try:
+    RowDelta(delta, 8, create=True).close()
+except TierIOError as exc:
+    print("TierIOError:", exc)
+open(f"{flags}/writer_done", "w").close()
+"""
+)
+
+
+def test_a_reader_racing_a_failed_creation_never_makes_a_delta_without_its_lock_file(
+    tmp_path, small_fs
+):
+    """A creation whose first transaction found no room removed the delta while a reader, which
+    had taken it for whole, opened it: the reader's ``lmdb.open`` made the delta again, without
+    a reserved lock file, and died of SIGBUS writing it on the full disk (or left a delta with
+    no lock file, which the next writer's open died on)."""
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    table = small_fs / "t.npy"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _READER_PAST_THE_CHECK, str(table), str(flags)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(flags / "reader_ready")
+        filler = _fill(small_fs, 11 * 4096)  # the lock file and the meta pages, no more
+        writer = subprocess.run(
+            [sys.executable, "-c", _WRITER_OUT_OF_ROOM, str(delta_path(table)), str(flags)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert writer.returncode == 0, f"writer: exit {writer.returncode}: {writer.stderr}"
+        assert "TierIOError: delta: cannot " in writer.stdout, writer.stdout  # no room
+        assert str(delta_path(table)) in writer.stdout, writer.stdout
+        out, _ = reader.communicate(timeout=120)
+    finally:
+        reader.kill()
+    assert reader.returncode == 0, f"reader: exit {reader.returncode} (-7: SIGBUS): {out}"
+    assert not delta_path(table).exists(), os.listdir(delta_path(table))
+    assert [p.name for p in small_fs.iterdir()] == ["filler"]
+    filler.unlink()
+    delta = RowDelta(delta_path(table), 8, create=True)
+    delta.commit(np.arange(2), np.ones((2, 8), np.uint8), step=1)
+    delta.close()
+    assert committed_step(table, 8) == 1
+
+
+_CREATOR_HELD = (
+    _WAIT_FOR
+    + r"""
+import sys
+import lmdb
+import tiered_store.delta.row_delta as rd
+delta, flags, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+if mode == "interrupted":  # fails opening the delta it creates once the other one committed
+    real = lmdb.open
+    def interrupted(path, **kwargs):
+        lmdb.open = real
+        open(f"{flags}/b_waiting", "w").close()
+        wait_for(f"{flags}/a_committed")
+        real(path, **kwargs).close()
+        raise KeyboardInterrupt
+    lmdb.open = interrupted
+else:  # found the delta half-made, then waits (descheduled) before replacing it
+    real = rd._half_made
+    def half_made(path):
+        found = real(path)
+        if found and not os.path.exists(f"{flags}/b_waiting"):
+            open(f"{flags}/b_waiting", "w").close()
+            wait_for(f"{flags}/a_committed")
+        return found
+    rd._half_made = half_made
+try:
+    rd.RowDelta(delta, 8, create=True).close()
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+)
+
+
+@pytest.mark.parametrize("mode", ["interrupted", "half-made"])
+def test_a_creator_without_the_writer_lock_never_removes_another_ones_delta(tmp_path, mode):
+    """``RowDelta(create=True)`` decided a delta was missing or half-made, then removed the
+    delta's path: another process's delta, created and committed to meanwhile, went with it
+    (a creation that failed removed it, or the half-made one was removed after its check)."""
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    path = tmp_path / "t.npy.delta"
+    if mode == "half-made":  # an older version's writer died there: one meta page of two
+        whole = RowDelta(tmp_path / "whole.delta", row_bytes=8, create=True)
+        whole.close()
+        path.mkdir()
+        (path / "data.mdb").write_bytes((whole.path / "data.mdb").read_bytes()[:4096])
+        shutil.rmtree(whole.path)
+    b = subprocess.Popen(
+        [sys.executable, "-c", _CREATOR_HELD, str(path), str(flags), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(flags / "b_waiting")
+        a = RowDelta(path, 8, create=True)
+        a.commit(np.arange(4), np.ones((4, 8), np.uint8), step=5)
+        a.close()
+        (flags / "a_committed").touch()
+        out, _ = b.communicate(timeout=120)
+    finally:
+        b.kill()
+    assert b.returncode == 0, out
+    assert committed_step(tmp_path / "t.npy", 8) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flags", "t.npy.delta"]
+
+
+def test_a_half_made_delta_completed_after_its_check_is_kept(tmp_path, monkeypatch):
+    """A writer replaces a half-made delta by renaming it aside, and removes it only if it is
+    half-made there still: one completed in place meanwhile (an older version's writer) goes
+    back, with its commit."""
+    path = tmp_path / "t.npy.delta"
+    whole = RowDelta(path, 8, create=True)
+    whole.commit(np.arange(2), np.ones((2, 8), np.uint8), step=5)
+    whole.close()
+    real, looks = row_delta._half_made, []
+
+    def half_made_twice(p):  # the check, then the one before renaming it aside: seen half-made
+        looks.append(p.name)
+        return len(looks) <= 2 or real(p)
+
+    monkeypatch.setattr(row_delta, "_half_made", half_made_twice)
+    delta = RowDelta(path, 8, create=True)
+    assert delta.step == 5 and len(delta) == 2
+    delta.close()
+    assert looks[2].endswith(".old")  # renamed aside, found whole, renamed back
+    assert [p.name for p in tmp_path.iterdir()] == ["t.npy.delta"]
 
 
 _COMMIT_PAST_THE_FILE_SIZE_LIMIT = r"""

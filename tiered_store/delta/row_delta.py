@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import re
 import resource
 import shutil
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,14 @@ from ..atomic_file import fsync_dir
 from ..errors import CommitError, ConfigError, DeltaCorruptError, TierIOError
 from ..page_checksums import crc32c_pages
 
-__all__ = ["RowDelta", "committed_step", "delta_path", "open_delta", "HEADER_BYTES"]
+__all__ = [
+    "RowDelta",
+    "committed_step",
+    "delta_path",
+    "open_delta",
+    "remove_delta_temporaries",
+    "HEADER_BYTES",
+]
 
 HEADER = np.dtype([("crc", "<u4"), ("width", "<u4"), ("step", "<i8"), ("row", "<i8")])
 HEADER_BYTES = HEADER.itemsize  # 24
@@ -57,8 +67,8 @@ def delta_path(table_path: str | os.PathLike[str]) -> Path:
 
 def open_delta(table_path: str | os.PathLike[str], row_bytes: int) -> RowDelta | None:
     """The delta of the table version at ``table_path``, to read; None when it has none: no
-    directory, or one a writer died creating (it holds no commit, and the next writer
-    initialises it)."""
+    directory, or one a writer of an older version died creating in place (it holds no commit,
+    and the next writer replaces it)."""
     path = delta_path(table_path)
     if not path.is_dir():
         return None
@@ -130,31 +140,68 @@ class RowDelta:
         self.map_grows = 0  # times a commit found the map full and doubled it
         self.read_errors = 0  # reads that failed or found a corrupt row
         wanted = map_bytes or max(MIN_MAP_BYTES, 2 * table_rows * (self.value_bytes + 64))
-        existed = self.path.is_dir()
-        if existed and _half_made(self.path):  # holds no commit: none to read, made anew to write
-            if not create:
-                raise ConfigError(
-                    f"delta: {self.path} was never initialised (a writer died or failed creating "
-                    "it); expected a table's write delta"
-                )
-            _remove_half_made(self.path)
-            existed = False
-        if not existed and not create:
+        if create:  # made whole beside it and renamed into place: never half-made at its path
+            if not self.path.is_dir() or _half_made(self.path):
+                self._create(wanted, initial_step)
+        elif not self.path.is_dir():
             raise ConfigError(f"delta: {self.path} does not exist; expected a table's write delta")
-        try:
-            self._set_up(wanted, existed, create, initial_step)
-        except BaseException:  # a new delta is made whole or not at all: the next writer makes it
-            if not existed:
-                shutil.rmtree(self.path, ignore_errors=True)
-            raise
+        elif _half_made(self.path):  # a leftover of an older version: holds no commit
+            raise ConfigError(
+                f"delta: {self.path} was never initialised (a writer died or failed creating "
+                "it); expected a table's write delta"
+            )
+        self._set_up(wanted, create, initial_step)
 
-    def _set_up(self, wanted: int, existed: bool, create: bool, initial_step: int) -> None:
-        """Open the environment and its databases (a writer creates them)."""
-        if not existed:
-            _make_with_lock_file(self.path)
+    def _create(self, map_bytes: int, initial_step: int) -> None:
+        """Make the delta in a private directory beside it (``.NAME.<hex>.new``), with its
+        databases, row size and first step committed and on disk, then rename it into place:
+        readers never see a delta half-made, and a creation that fails removes only its own
+        directory. Where another creator got there first, its delta stands and this one goes."""
+        remove_delta_temporaries(self.path)  # of creations killed part way
+        fd, new = _private_dir(self.path)
+        published = False
+        try:
+            try:
+                self._make_whole(new, map_bytes, initial_step)
+            except OSError as exc:
+                raise TierIOError(
+                    exc.errno,
+                    f"delta: cannot create {self.path} ({exc.strerror}); expected a writable "
+                    f"directory with room for its lock file ({LOCK_FILE_BYTES:,} bytes, LMDB's "
+                    "reader table) and first pages",
+                ) from None
+            except lmdb.Error as exc:
+                raise TierIOError(
+                    f"delta: cannot create {self.path} ({_write_failure(exc, new)}); expected "
+                    "room for its lock file and first pages"
+                ) from None
+            published = _publish(new, self.path)
+        finally:
+            if not published:
+                shutil.rmtree(new, ignore_errors=True)
+            os.close(fd)  # its lock: a cleanup may take the name now
+
+    def _make_whole(self, directory: Path, map_bytes: int, initial_step: int) -> None:
+        """A complete environment in ``directory``: the lock file (space reserved), both
+        databases, the row size and ``initial_step`` in one durable transaction; then closed."""
+        _reserve_lock_file(directory)
+        env = self._lmdb_open(map_bytes, readonly=False, lock=True, path=directory)
+        try:
+            with env.begin(write=True) as txn:
+                env.open_db(b"rows", txn=txn, create=True)
+                meta_db = env.open_db(b"meta", txn=txn, create=True)
+                txn.put(b"row_bytes", self.row_bytes.to_bytes(8, "little"), db=meta_db)
+                txn.put(b"step", _step_bytes(initial_step), db=meta_db)
+        finally:
+            env.close()
+        fsync_dir(directory)  # its files' entries; the transaction itself is synced
+
+    def _set_up(self, wanted: int, create: bool, initial_step: int) -> None:
+        """Open the environment and its databases (a writer completes them where an older
+        version left them uncreated)."""
         try:
             self._env_key, self.env, self._grow_lock = _shared_env(
-                self.path, lambda: self._open(wanted, existed)
+                self.path, lambda: self._open(wanted)
             )
         except lmdb.Error as exc:
             raise TierIOError(
@@ -179,9 +226,6 @@ class RowDelta:
                     "(a new one needs room for their first pages)"
                 ) from None
             self._check_row_bytes()
-            if not existed:
-                fsync_dir(self.path)  # its files' entries (data.mdb), and its own in the parent
-                fsync_dir(self.path.parent)
         except BaseException:
             _release_env(self._env_key)
             raise
@@ -207,13 +251,13 @@ class RowDelta:
                 "expected a table's write delta"
             ) from None
 
-    def _open(self, map_bytes: int, existed: bool) -> lmdb.Environment:
+    def _open(self, map_bytes: int) -> lmdb.Environment:
         """The environment: durable commits, one writer, reader slots tied to threads; read-only
         where this process may not write the delta (see ``_open_read_only``)."""
         try:
             env = self._lmdb_open(map_bytes, readonly=False, lock=True)
         except lmdb.Error as exc:
-            if not (existed and _is_permission_error(exc)):
+            if not _is_permission_error(exc):
                 raise
             env = self._open_read_only(map_bytes)
         if not _lock_free(env):
@@ -249,12 +293,15 @@ class RowDelta:
             "compacted version that has no delta",
         )
 
-    def _lmdb_open(self, map_bytes: int, *, readonly: bool, lock: bool) -> lmdb.Environment:
-        """``lmdb.open`` with this module's settings."""
+    def _lmdb_open(
+        self, map_bytes: int, *, readonly: bool, lock: bool, path: Path | None = None
+    ) -> lmdb.Environment:
+        """``lmdb.open`` with this module's settings, of the delta (or of ``path``)."""
         return lmdb.open(
-            str(self.path),
+            str(self.path if path is None else path),
             map_size=map_bytes,
             subdir=True,
+            create=False,  # never a directory of its own: a delta is made whole, then renamed in
             readonly=readonly,
             sync=True,  # fsync the data pages at commit: durable on return
             metasync=True,  # ... and the meta page: a power loss keeps the last commit
@@ -659,8 +706,9 @@ def _data_file_id(real: str) -> tuple[int, int] | None:
 
 
 def _half_made(path: Path) -> bool:
-    """Whether the delta directory ``path`` is one a writer died or failed creating: no data file,
-    or one shorter than LMDB's two meta pages (which LMDB refuses: ``MDB_INVALID``)."""
+    """Whether the delta directory ``path`` is one a writer of an older version died or failed
+    creating in place: no data file, or one shorter than LMDB's two meta pages (which LMDB
+    refuses: ``MDB_INVALID``)."""
     try:
         return os.stat(path / "data.mdb").st_size < META_PAGES_BYTES
     except FileNotFoundError:
@@ -669,39 +717,156 @@ def _half_made(path: Path) -> bool:
         return False
 
 
-def _remove_half_made(path: Path) -> None:
-    """Remove a delta a writer died or failed creating (it holds no commit), to make it anew."""
+def _temporary_name(path: Path, kind: str) -> Path:
+    """A private name beside the delta ``path``: ``.NAME.<12 hex>.new`` (a delta being made) or
+    ``.old`` (a half-made one renamed aside to be replaced); nothing else reads such names."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{kind}")
+
+
+def _private_dir(path: Path) -> tuple[int, Path]:
+    """A new private directory to make the delta ``path`` in, and an open descriptor of it that
+    holds its ``flock`` (``remove_delta_temporaries`` leaves a locked one alone)."""
+    for _ in range(OPEN_ATTEMPTS):
+        new = _temporary_name(path, "new")
+        try:
+            os.mkdir(new, 0o755)  # the mode lmdb.open gives a directory
+            fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise TierIOError(
+                exc.errno,
+                f"delta: cannot create {path} ({exc.strerror}); expected a writable directory",
+            ) from None
+        # a cleanup holds the lock only while it removes the directory; a filesystem without
+        # flock fails here and in every cleanup, which then leaves the directory alone
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            return fd, new
+        os.close(fd)  # a cleanup removed it before it was locked: another name
+    raise TierIOError(
+        errno.ESTALE, f"delta: cannot create {path}: its private directories kept vanishing"
+    )
+
+
+def _taken(exc: OSError) -> bool:
+    """Whether a rename failed because its target name is taken (by a directory not empty)."""
+    return exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
+
+
+def _publish(new: Path, path: Path) -> bool:
+    """Rename the whole delta ``new`` to ``path`` (atomic: readers find none or this one); False
+    where another creator's delta is there (it stands; ``new`` is the caller's to remove). A
+    half-made delta at ``path`` (an older version's leftover) is first renamed aside, and removed
+    only if it is half-made there still: one completed in place meanwhile is renamed back."""
+    for _ in range(OPEN_ATTEMPTS):
+        if _rename_into_place(new, path):
+            return True
+        if not _half_made(path):
+            return False  # another creator's delta
+        aside = _temporary_name(path, "old")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:  # renamed aside by another writer meanwhile
+            continue
+        except OSError as exc:
+            raise TierIOError(
+                exc.errno,
+                f"delta: cannot rename {path}, which a writer died or failed creating, aside "
+                f"({exc.strerror}); expected a writable directory, to create the delta anew",
+            ) from None
+        if _half_made(aside):  # as it was: it holds no commit, and no reader opens it
+            try:
+                if _rename_into_place(new, path):
+                    return True
+            finally:
+                shutil.rmtree(aside, ignore_errors=True)
+                fsync_dir(path.parent)
+            continue
+        with contextlib.suppress(OSError):  # completed in place meanwhile: put it back (taken:
+            os.rename(aside, path)  # another creator's stands; this one is left, never removed)
+    raise TierIOError(
+        errno.ESTALE,
+        f"delta: {path} was replaced while it was created, {OPEN_ATTEMPTS} times; expected one "
+        "writer at a time",
+    )
+
+
+def _rename_into_place(new: Path, path: Path) -> bool:
+    """Rename the delta made in ``new`` to ``path`` and make the rename durable; False where
+    ``path`` is taken."""
     try:
-        shutil.rmtree(path)
+        os.rename(new, path)  # onto a missing name (or an empty directory: it holds nothing)
     except OSError as exc:
+        if _taken(exc):
+            return False
         raise TierIOError(
             exc.errno,
-            f"delta: cannot remove {path}, which a writer died or failed creating ({exc.strerror}); "
-            "expected a writable directory, to create the delta anew",
+            f"delta: cannot rename {new} to {path} ({exc.strerror}); expected a writable directory",
         ) from None
+    fsync_dir(path.parent)
+    return True
 
 
-def _make_with_lock_file(path: Path) -> None:
-    """Make a new delta's directory and LMDB's lock file, its space reserved: LMDB maps the lock
-    file without reserving any, so on a full disk its first write to the map would kill the process
-    (SIGBUS) inside ``lmdb.open``."""
+def remove_delta_temporaries(path: str | os.PathLike[str]) -> list[str]:
+    """Remove what creations of the delta ``path`` killed part way left beside it: private
+    directories of deltas being made (``.NAME.<hex>.new``: none is locked by a live creator)
+    and half-made deltas renamed aside (``.NAME.<hex>.old``); returns the names removed. One that
+    holds a commit is never removed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> (d / ".t.npy.delta.0123456789ab.new").mkdir()
+    >>> remove_delta_temporaries(d / "t.npy.delta"), list(d.iterdir())
+    (['.t.npy.delta.0123456789ab.new'], [])
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.(new|old)")
     try:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o755)  # the modes lmdb.open gives them
-        fd = os.open(path / "lock.mdb", os.O_RDWR | os.O_CREAT, 0o644)
+        names = sorted(os.listdir(path.parent))
+    except OSError:  # an unreadable folder: nothing to remove that a creator could see
+        return []
+    removed = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        leftover = path.parent / name
         try:
-            os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # (a filesystem that cannot
-                raise  # reserve space: LMDB's own open, unreserved)
+            fd = os.open(leftover, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:  # renamed into place or removed meanwhile, or not a directory
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a creation under way
+            st, here = os.fstat(fd), os.stat(leftover, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != (here.st_dev, here.st_ino):
+                continue  # renamed into place while this waited: not a leftover
+            if match[1] == "old" and not _half_made(leftover):
+                continue  # holds a commit (completed in place after it was set aside): kept
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(name)
+        except OSError:
+            continue
         finally:
             os.close(fd)
+    if removed:
+        fsync_dir(path.parent)
+    return removed
+
+
+def _reserve_lock_file(path: Path) -> None:
+    """Make LMDB's lock file in the delta directory ``path`` with its space reserved: LMDB maps
+    the lock file without reserving any, so on a full disk its first write to the map would kill
+    the process (SIGBUS) inside ``lmdb.open``."""
+    fd = os.open(path / "lock.mdb", os.O_RDWR | os.O_CREAT, 0o644)  # the mode lmdb.open gives
+    try:
+        os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
     except OSError as exc:
-        raise TierIOError(
-            exc.errno,
-            f"delta: cannot create {path} ({exc.strerror}); expected a writable directory with "
-            f"room for its lock file ({LOCK_FILE_BYTES:,} bytes, LMDB's reader table)",
-        ) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # (a filesystem that cannot
+            raise  # reserve space: LMDB's own open, unreserved)
+    finally:
+        os.close(fd)
 
 
 def _write_failure(exc: lmdb.Error, path: Path) -> str:

@@ -31,7 +31,7 @@ from ..atomic_file import atomic_write, fsync_dir
 from ..errors import ConfigError, TableFormatError, TierIOError
 from ..page_checksums import sidecar_path
 from ..table_format import check_table, not_a_table, table_paths
-from .row_delta import delta_path
+from .row_delta import delta_path, remove_delta_temporaries
 
 T = TypeVar("T")
 
@@ -228,6 +228,7 @@ def forget_history(table: str | os.PathLike[str], *, writer_locked: bool = False
             fsync_dir(npy.parent)
         pointer_path(npy).unlink(missing_ok=True)
         shutil.rmtree(delta_path(npy), ignore_errors=True)
+        remove_delta_temporaries(delta_path(npy))
         for generation in _compacted_generations(npy):
             remove_table_files(version_path(npy, generation))
         fsync_dir(npy.parent)
@@ -262,6 +263,7 @@ def remove_table_files(path: Path) -> None:
     manifest.unlink(missing_ok=True)
     sidecar.unlink(missing_ok=True)
     shutil.rmtree(delta, ignore_errors=True)
+    remove_delta_temporaries(delta)  # what creations of it killed part way left
     npy.unlink(missing_ok=True)
 
 
