@@ -367,6 +367,45 @@ def test_a_half_made_delta_completed_after_its_check_is_kept(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["t.npy.delta"]
 
 
+_OPEN_ON_A_FULL_DISK = r"""
+import sys
+from tiered_store.delta.row_delta import RowDelta
+try:
+    RowDelta(sys.argv[1], 8, create=sys.argv[2] == "writer").close()
+    print("opened")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_delta_without_its_lock_file_on_a_full_disk_is_refused_not_killed(small_fs):
+    """The lock file was reserved only when the delta was new: a delta copied without it (as
+    ``mdb_copy`` or ``rsync --exclude lock.mdb`` leave one) killed its first writer or reader
+    on a full disk with SIGBUS inside ``lmdb.open``."""
+    path = small_fs / "t.npy.delta"
+    delta = RowDelta(path, 8, create=True)
+    delta.commit(np.arange(3), np.ones((3, 8), np.uint8), step=7)
+    delta.close()
+    (path / "lock.mdb").unlink()
+    filler = _fill(small_fs, 0)
+    for role in ("writer", "reader"):
+        done = subprocess.run(
+            [sys.executable, "-c", _OPEN_ON_A_FULL_DISK, str(path), role],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, f"{role}: exit {done.returncode} (-7: SIGBUS): {done.stderr}"
+        lock_file = path / "lock.mdb"
+        assert f"cannot reserve its lock file {lock_file} (No space left" in done.stdout, (
+            done.stdout
+        )
+    filler.unlink()
+    assert committed_step(small_fs / "t.npy", 8) == 7
+    lock_file = os.stat(path / "lock.mdb")
+    assert lock_file.st_size == LOCK_FILE_BYTES <= lock_file.st_blocks * 512
+
+
 _COMMIT_PAST_THE_FILE_SIZE_LIMIT = r"""
 import resource, sys
 import numpy as np

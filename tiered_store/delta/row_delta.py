@@ -254,6 +254,7 @@ class RowDelta:
     def _open(self, map_bytes: int) -> lmdb.Environment:
         """The environment: durable commits, one writer, reader slots tied to threads; read-only
         where this process may not write the delta (see ``_open_read_only``)."""
+        self._reserve_lock_file()
         try:
             env = self._lmdb_open(map_bytes, readonly=False, lock=True)
         except lmdb.Error as exc:
@@ -263,6 +264,23 @@ class RowDelta:
         if not _lock_free(env):
             env.reader_check()  # free the slots of readers killed (kill -9) with a read open
         return env
+
+    def _reserve_lock_file(self) -> None:
+        """Reserve the space of LMDB's lock file before an open that may write it, whatever made
+        the delta (one copied without its lock file, as ``mdb_copy`` or ``rsync --exclude``
+        leave it, has none): on a full disk LMDB's first write to an unreserved one kills the
+        process (SIGBUS). Where this process may not write it, ``lmdb.open`` says so."""
+        try:
+            _reserve_lock_file(self.path)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+                return  # read-only (opened so below), or gone: lmdb.open says which
+            raise TierIOError(
+                exc.errno,
+                f"delta: cannot open {self.path}: cannot reserve its lock file "
+                f"{self.path / 'lock.mdb'} ({exc.strerror}); expected room for it "
+                f"({LOCK_FILE_BYTES:,} bytes, LMDB's reader table)",
+            ) from None
 
     def _open_read_only(self, map_bytes: int) -> lmdb.Environment:
         """Read-only, for a process that may not write the delta: registered in the lock file's
@@ -856,15 +874,21 @@ def remove_delta_temporaries(path: str | os.PathLike[str]) -> list[str]:
 
 
 def _reserve_lock_file(path: Path) -> None:
-    """Make LMDB's lock file in the delta directory ``path`` with its space reserved: LMDB maps
-    the lock file without reserving any, so on a full disk its first write to the map would kill
-    the process (SIGBUS) inside ``lmdb.open``."""
+    """Make LMDB's lock file in the delta directory ``path``, or keep the one there (never
+    truncated), with its space reserved: LMDB maps the lock file without reserving any, so on a
+    full disk its first write to the map would kill the process (SIGBUS) inside ``lmdb.open``."""
     fd = os.open(path / "lock.mdb", os.O_RDWR | os.O_CREAT, 0o644)  # the mode lmdb.open gives
     try:
+        st = os.fstat(fd)
+        if st.st_blocks * 512 >= max(st.st_size, LOCK_FILE_BYTES):
+            return  # reserved already (and where posix_fallocate is emulated, it would write
+            # zeros into the live reader table of a file in use)
         os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
     except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # (a filesystem that cannot
-            raise  # reserve space: LMDB's own open, unreserved)
+        # a filesystem that cannot reserve space, or a sandbox refusing the call (seccomp):
+        # LMDB's own open, unreserved
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
     finally:
         os.close(fd)
 
