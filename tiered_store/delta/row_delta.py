@@ -895,7 +895,9 @@ def _reserve_lock_file(path: Path) -> None:
 
 def _write_failure(exc: lmdb.Error, path: Path) -> str:
     """LMDB's error, with the cause of a short write, which it reports as EIO: its data file at
-    this process's file-size limit (RLIMIT_FSIZE), or no space left."""
+    this process's file-size limit (RLIMIT_FSIZE), or no space left for this process (no block
+    free at all for root, which may use the blocks reserved for it; none available otherwise).
+    Any other cause (a quota, say) is not on record here: LMDB's word alone."""
     text = str(exc)
     if os.strerror(errno.EIO) not in text:
         return text
@@ -906,7 +908,8 @@ def _write_failure(exc: lmdb.Error, path: Path) -> str:
                 f"{text}: a short write, {data_file} reached this process's file-size limit "
                 f"(RLIMIT_FSIZE, {limit:,} bytes): {os.strerror(errno.EFBIG)}"
             )
-        if os.statvfs(path).f_bavail == 0:
+        fs = os.statvfs(path)
+        if (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) == 0:
             return f"{text}: a short write, {os.strerror(errno.ENOSPC)}"
     except OSError:  # the cause unknown: LMDB's word alone
         pass
