@@ -22,9 +22,9 @@ def test_times_only_the_replay_modes_asked_for(tmp_path):
     out = tmp_path / "r.json"
     done = bench(
         str(CORPUS),
-        *("--skip-all-hit", "--max-tokens", "200000", "--shares", "5%"),
+        *("--skip-all-hit", "--max-tokens", "60000", "--shares", "5%"),
         *("--replay-modes", "online,lru", "--skip-bounds", "--chunk", "131072"),
-        *("--warmup", "65536", "--lookups", "1000000", "--prior-weight", "2", "--out", str(out)),
+        *("--warmup", "65536", "--lookups", "400000", "--prior-weight", "2", "--out", str(out)),
         tmp_path=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
