@@ -44,6 +44,18 @@ def table(tmp_path):
     return make_table(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def email_analysis(tmp_path_factory) -> Path:
+    """``tiered-store analyze --holdout 0.5 --shuffle`` of the email package, 60k tokens (about
+    350k held-out lookups of layer 1, the rest in trace.trace), made once for the bench tests
+    that only read an analysis (an analysis takes seconds at any of these sizes)."""
+    from tests.bench_support import analyze
+
+    return analyze(
+        tmp_path_factory.mktemp("email") / "A", max_tokens=60000, holdout=0.5, shuffle=True
+    )
+
+
 @contextmanager
 def file_size_limit(limit: int) -> Iterator[None]:
     """Writes past ``limit`` bytes of a file fail with EFBIG (RLIMIT_FSIZE, SIGXFSZ ignored)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench_support import CORPUS, analyze, run_bench
+from tests.bench_support import CORPUS, run_bench
 from tiered_store.trace import TraceReader
 
 MODES = (  # docs/policies.md's columns
@@ -28,10 +28,9 @@ def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def analysis(tmp_path_factory) -> Path:
-    """``tiered-store analyze --holdout 0.5`` of the email package (350k held-out lookups)."""
-    out = tmp_path_factory.mktemp("email") / "A"
-    return analyze(out, max_tokens=60000, holdout=0.5, shuffle=True)
+def analysis(email_analysis) -> Path:
+    """``tiered-store analyze --holdout 0.5`` of the email package (the tests' shared one)."""
+    return email_analysis
 
 
 def test_each_share_is_labelled_as_given_and_a_bigger_tier_misses_less(analysis, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.bench_support import analyze, run_bench
+from tests.bench_support import run_bench
 from tiered_store.trace import TraceReader
 
 WINDOW, WARMUP, EVERY = 16384, 100_000, 65536
@@ -22,10 +22,9 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def analysis(tmp_path_factory) -> Path:
-    """``tiered-store analyze --holdout 0.5`` of the email package (350k held-out lookups)."""
-    out = tmp_path_factory.mktemp("email") / "A"
-    return analyze(out, max_tokens=60000, holdout=0.5, shuffle=True)
+def analysis(email_analysis) -> Path:
+    """``tiered-store analyze --holdout 0.5`` of the email package (the tests' shared one)."""
+    return email_analysis
 
 
 @pytest.mark.parametrize("future", ["episodes", "returns"])

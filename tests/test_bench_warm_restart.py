@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench_support import CORPUS, analyze, run_bench
+from tests.bench_support import CORPUS, run_bench
 from tiered_store.trace import TraceReader
 
 RESTARTS = ("restart_serving_at_once", "restart_hot_tier_first", "restart_restored_first")
@@ -25,9 +25,10 @@ def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trace(tmp_path_factory) -> Path:
-    """``tiered-store analyze`` of the email package (20k tokens: 320k lookups of layer 1)."""
-    return analyze(tmp_path_factory.mktemp("email") / "A", max_tokens=20000) / "trace.trace"
+def trace(email_analysis) -> Path:
+    """The profile part of the tests' shared analysis of the email package (about 30k tokens:
+    hundreds of thousands of lookups of layer 1)."""
+    return email_analysis / "trace.trace"
 
 
 def test_restarts_restore_the_saved_rows_and_serve_the_same_lookups(trace, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.bench_support import CORPUS, analyze, options_in_help, run_bench
+from tests.bench_support import CORPUS, options_in_help, run_bench
 from tiered_store.trace import TraceReader
 
 LOOKUPS = 200_000
@@ -20,10 +20,9 @@ SHARES = (0.01, 0.05, 0.10, 0.25)  # the script's
 
 
 @pytest.fixture(scope="module")
-def analysis(tmp_path_factory) -> Path:
-    return analyze(
-        tmp_path_factory.mktemp("zt") / "a", max_tokens=50_000, holdout=0.4, shuffle=True
-    )
+def analysis(email_analysis) -> Path:
+    """``tiered-store analyze --holdout 0.5`` of the email package (the tests' shared one)."""
+    return email_analysis
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_records_the_analysis_it_replayed(sweep, analysis):
     assert result["replayed_lookups"] == replayed.size == LOOKUPS  # the holdout has more
     assert result["capacity_shares"] == list(SHARES)
     assert result["command"].endswith(
-        f"--analysis a --lookups {LOOKUPS} --oracle --segment-bound --out r.json"
+        f"--analysis A --lookups {LOOKUPS} --oracle --segment-bound --out r.json"
     )
     profiled = np.unique(profile).size
     for share, recency in zip(SHARES, result["recency_rows_by_rule"], strict=True):
