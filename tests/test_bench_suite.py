@@ -129,16 +129,7 @@ def test_bench_scripts_refuse_bad_settings_before_any_work(tmp_path):
         ("bench_writes.py", "--only", "readpath"): "--only readpath: needs --baseline-root",
         ("bench_v41_scale.py", "--table", str(tmp_path / "none.npy")): "does not exist",
     }
-    runs = {
-        case: subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / case[0]), *case[1:]],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for case in cases
-    }
-    for case, proc in runs.items():
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2 and cases[case] in err, (case, err[-500:])
+    for case, expected in cases.items():  # each as `python bench/SCRIPT ARGS`, forked
+        done = run_python([ROOT / "bench" / case[0], *case[1:]], timeout=120)
+        assert done.returncode == 2 and expected in done.stderr, (case, done.stderr[-500:])
     assert not (tmp_path / "none.npy").exists()
