@@ -24,7 +24,7 @@ def test_small_tiers_are_sized_and_the_corpus_recorded(tmp_path):
     done = run_bench(
         "bench_policies.py",
         str(CORPUS),
-        *("--max-tokens", "200000", "--lookups", "300000", "--policies", "lru,zipf-tuned"),
+        *("--max-tokens", "60000", "--lookups", "150000", "--policies", "lru,zipf-tuned"),
         *("--shares", "0.1%,0.5%", "--out", str(out), "--dir", str(work)),
         *("--queued-requests", "2", "--request-tokens", "512"),
     )
@@ -60,7 +60,7 @@ def test_keep_keeps_the_work_directory_and_says_where(tmp_path):
     done = run_bench(
         "bench_policies.py",
         str(CORPUS),
-        *("--max-tokens", "100000", "--lookups", "100000", "--policies", "lru"),
+        *("--max-tokens", "20000", "--lookups", "20000", "--policies", "lru"),
         *("--shares", "1%", "--keep", "--dir", str(work)),
     )
     assert done.returncode == 0, done.stderr[-3000:]
