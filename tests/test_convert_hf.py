@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import golden_dir
+from tests.forkserver import run_python
 from tiered_store import TieredStore
 from tiered_store.engram.hf_checkpoint import convert_hf_checkpoint
 from tiered_store.engram.tokenizer import default_tokenizer_path
@@ -163,23 +164,18 @@ def test_a_killed_conversion_finishes_on_rerun_keeping_complete_tables(golden, t
     ckpt, out = make_checkpoint(tmp_path / "ckpt", golden), tmp_path / "out"
     env = subprocess_env()
     layer1_chunks = -(-1998 // 64)
-    killed = subprocess.run(
-        [sys.executable, "-c", KILL_SCRIPT, str(ckpt), str(out), str(layer1_chunks + 5)],
-        env=env,
-        capture_output=True,
-    )
-    assert killed.returncode == 17, killed.stderr.decode()
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    # both runs as `python ...` in processes of the tests' forkserver (a fresh interpreter is
+    # not what is tested: the kill is os._exit mid-table, the rerun a new process)
+    killed = run_python([script, ckpt, out, str(layer1_chunks + 5)], env=env)
+    assert killed.returncode == 17, killed.stderr
     assert (out / "engram_layer1.npy").exists() and not (out / "engram_layer14.npy").exists()
     assert any(p.name.endswith(".tmp") for p in out.iterdir())  # the half-written layer 14
     with TieredStore.open(out / "layer1.yaml") as store:  # a finished layer opens at once
         assert store.rows == 1998
     (out / ".notes.tmp").write_text("the user's, not the tool's")
-    rerun = subprocess.run(
-        [sys.executable, "-m", "tiered_store.cli", "convert-hf", str(ckpt), str(out), "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    rerun = run_python(["-m", "tiered_store.cli", "convert-hf", ckpt, out, "--quiet"], env=env)
     assert rerun.returncode == 0, rerun.stderr
     assert "layer 1: " in rerun.stdout and "(already complete)" in rerun.stdout.splitlines()[0]
     assert "(already complete)" not in rerun.stdout.splitlines()[1]
