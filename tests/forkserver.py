@@ -25,6 +25,7 @@ PRELOAD = [
     "tiered_store.store",
     "tiered_store.cli",
     "zipf_analysis.analyze",
+    "zipf_analysis.plots",  # matplotlib: 0.4-0.7 s of every forked analyze that plots
     "policies.pinned_lru",
 ]
 
