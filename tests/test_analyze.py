@@ -27,6 +27,7 @@ from zipf_analysis.analyze import (
     OutputDirError,
     analyze,
     parse_targets,
+    summary_lines,
 )
 from zipf_analysis.analyze.profile_pass import DedupCounter
 from zipf_analysis.mrc import lru_mrc
@@ -235,6 +236,41 @@ def test_recommended_store_config_parses_and_reaches_the_targets(run):
             assert 1 - lru.at(hot - 1) < targets["hot"]  # and no larger than needed
             tuned = replay(config, reader, table=table, policy="zipf-tuned")  # as its comment says
             assert tuned.tiers["warm"]["preloaded"] > 0
+
+
+def test_target_sizes_from_static_topk_name_that_curve_not_the_lru_hierarchy(tmp_path):
+    """With --no-curves the --targets sizes come off the static top-K curve, but store.yaml and
+    report.md explained the figure as the LRU curve's estimate, "since warm is an LRU over hot's
+    misses", for the `policy: lru` tiers they write (a hot tier the curve put at 0.30 hit 0.45 on
+    the exact LRU curve), and the summary line said "(curve 0.300)" without naming the curve."""
+    with pytest.warns(SkippedFilesWarning):
+        result = analyze(
+            [_write_corpus(tmp_path)],
+            tmp_path / "out",
+            config=EngramConfig.from_dict(TINY["engram"]),
+            options=AnalyzeOptions(
+                seq_len=SEQ_LEN,
+                workers=1,
+                curves=False,
+                progress=False,
+                targets={"hot": 0.2, "warm": 0.5},
+            ),
+        )
+    rec = result.report["tables"]["layer1"]["recommendation"]
+    assert rec["curve"] == "static-topk"
+    text = (tmp_path / "out" / "layer1.store.yaml").read_text()
+    md = (tmp_path / "out" / "layer1" / "report.md").read_text()
+    for said in (text, md):
+        assert "warm is an LRU over hot's misses" not in said
+        assert (
+            "static top-K curve (the K most frequent rows pinned), which LRU tiers do not"
+            in " ".join(said.replace("#", "").split())
+        )
+    hot = rec["tiers"]["hot"]
+    line = next(
+        x for x in summary_lines(result.report) if x.strip().startswith("layer1: recommended")
+    )
+    assert f"hot {hot['capacity']:,} rows (static-topk curve {hot['hit_rate']:.3f})" in line
 
 
 def test_holdout_trace_is_disjoint_by_document(run):

@@ -27,6 +27,7 @@ __all__ = [
     "REPORT_JSON",
     "REPORT_MD",
     "SHARE_FRACTIONS",
+    "curve_basis",
     "format_cell",
     "recommend_tier_sizes",
     "share_capacities",
@@ -60,6 +61,32 @@ def format_cell(value: Any, digits: int = 4, pct: bool = False) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def curve_basis(curve: str) -> str:
+    """What a tier's hit rate read off the miss-ratio curve named ``curve`` is to the store's LRU
+    tiers (:func:`recommend_tier_sizes`' ``hit_rate``), as the store config and report.md say it.
+
+    Examples
+    --------
+    >>> curve_basis("lru")
+    "the exact LRU curve of one cache: an estimate, since the store's warm tier is an LRU over hot's misses"
+    >>> curve_basis("static-topk")  # doctest: +ELLIPSIS
+    'the static top-K curve (the K most frequent rows pinned), which LRU tiers do not follow: ...'
+    """
+    hierarchy = "the store's warm tier is an LRU over hot's misses"
+    if curve == "lru":
+        return f"the exact LRU curve of one cache: an estimate, since {hierarchy}"
+    if curve == "shards":
+        return f"the sampled (SHARDS) LRU curve of one cache: an estimate, since {hierarchy}"
+    if curve == "static-topk":
+        return (
+            "the static top-K curve (the K most frequent rows pinned), which LRU tiers do not "
+            "follow: at the same rows they may hit more or less"
+        )
+    if curve == "belady":
+        return "Belady's MIN (the fewest misses any cache can have), a bound LRU tiers do not reach"
+    return f"the {curve!r} curve, not an LRU's, which LRU tiers need not follow"
 
 
 def share_capacities(rows: int, distinct: int) -> list[int]:
@@ -101,8 +128,9 @@ def recommend_tier_sizes(
     C_k rows, the smallest capacity whose hit ratio reaches the target. With ``inclusive``
     (default) tier k gets C_k rows; with ``inclusive=False`` (exclusive tiers) C_k - C_(k-1).
     Neither is the store's hierarchy: its warm tier is an LRU over hot's misses
-    (:mod:`zipf_analysis.tier_split`), so ``hit_rate`` is an estimate of what the tiers reach
-    together (on Zipf traces they often fall a little short of it). ``tiered-store replay``
+    (:mod:`zipf_analysis.tier_split`), so ``hit_rate`` is at best an estimate of what the tiers
+    reach together (on an LRU curve; on Zipf traces they often fall a little short of it; another
+    curve, e.g. static top-K, is not an LRU's at all: :func:`curve_basis`). ``tiered-store replay``
     checks sizes; :func:`zipf_analysis.tier_split.recommend_split` sizes both tiers with the
     exact model.
 
@@ -344,10 +372,9 @@ def write_report(
             md += [
                 "## Recommended tier sizes",
                 "",
-                f"Read off the `{rec['curve']}` curve of one cache; targets are cumulative hit "
-                "rates, and a tier's hit rate is the curve's at the rows of it and the tiers "
-                "above: an estimate, since the store's warm tier is an LRU over hot's misses "
-                "(`tiered-store replay` checks the sizes).",
+                f"Read off the `{rec['curve']}` curve; targets are cumulative hit rates, and a "
+                "tier's hit rate is the curve's at the rows of it and the tiers above, on "
+                f"{curve_basis(rec['curve'])} (`tiered-store replay` checks the sizes).",
                 "",
                 "| tier | target | capacity (rows) | % of table | curve's hit rate |",
                 "| --- | --- | --- | --- | --- |",
@@ -573,11 +600,12 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
             f"{format_cell(col, pct=True)}"
         )
     for name, tab in report["tables"].items():
-        rec = tab["recommendation"]["tiers"]
+        curve, rec = tab["recommendation"]["curve"], tab["recommendation"]["tiers"]
         lines.append(
             f"{name:>9}: recommended "
             + ", ".join(
-                f"{k} {v['capacity']:,} rows (curve {v['hit_rate']:.3f})" for k, v in rec.items()
+                f"{k} {v['capacity']:,} rows ({curve} curve {v['hit_rate']:.3f})"
+                for k, v in rec.items()
             )
             + (
                 " for the targets (the store config takes the tier split for the budgets)"

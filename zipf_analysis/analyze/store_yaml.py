@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,6 +10,7 @@ import yaml
 
 from tiered_store.capacity import format_bytes
 
+from ..report import curve_basis
 from .options import HOLDOUT_NAME
 
 __all__ = ["store_yaml"]
@@ -43,10 +45,14 @@ def store_yaml(
             f"at {info['combined_capacity']:,} rows (this and the tiers above as one cache)"
             + ("" if info["reachable"] else " (UNREACHABLE: every distinct row)")
         )
+    basis = (
+        f"Capacities read off the {rec['curve']!r} miss-ratio curve of {trace} (cumulative "
+        f"targets); it is {curve_basis(rec['curve'])}; replay (below) gives what the tiers reach:"
+    )
     sizing = [
-        f"# Capacities read off the {rec['curve']!r} miss-ratio curve of {trace} (one cache, "
-        "cumulative targets): an estimate,",
-        "# since warm is an LRU over hot's misses; replay (below) gives what the tiers reach:",
+        *textwrap.wrap(
+            basis, 98, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False
+        ),
         *notes,
     ]
     if split is not None:
