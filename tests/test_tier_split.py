@@ -446,6 +446,46 @@ def test_a_tinylfu_tier_is_sized_with_its_sketch_and_fits_its_budget(short_trace
         assert meta["per_tier"] > 0 and getattr(rec, f"{tier}_bytes") == live <= budget, tier
 
 
+@pytest.mark.parametrize("policy", ["zipf-tuned", "zipf-tuned+tinylfu"])
+def test_a_zipf_tuned_tier_re_pinning_online_is_sized_with_its_state_and_fits_its_budget(
+    tmp_path, short_trace, policy
+):
+    # without a profile a zipf-tuned tier re-pins online: its counts and stamps per slot and its
+    # sketch (40-72 B a slot) were left out: a 512 KiB hot tier took 662 KiB once the store built it
+    from tests.conftest import make_table, store_config
+    from tiered_store import TieredStore
+
+    path, _ = make_table(tmp_path, rows=80084, dim=16)
+    tiers = {"hot": {"policy": policy}, "warm": {"policy": policy}}
+    config = StoreConfig.from_dict(
+        {"table": {"path": str(path)}, "tiers": tiers, "cost_model": COST}
+    )
+    budgets = {"hot": 1 << 19, "warm": 1 << 20}
+    gpu, host = budgets["hot"], budgets["warm"]
+    rec = recommend_split(config, short_trace, gpu_budget=gpu, host_budget=host, points=4)
+    rows = {t: getattr(rec, f"{t}_rows") for t in ("hot", "warm")}
+    sized = store_config(path, **{t: {"policy": policy, "capacity": rows[t]} for t in rows})
+    with TieredStore(sized) as store:
+        report = store.memory_report()
+        online = {t: getattr(store, t).online.nbytes for t in rows}
+    spec = PolicySpec.parse(policy)
+    for tier, capacity in rows.items():
+        meta = RowCache(tier, num_rows=80084, capacity=capacity, spec=spec).metadata_bytes()
+        cache = (
+            capacity * (64 + meta["per_slot"]) + 80084 * meta["per_table_row"] + meta["per_tier"]
+        )
+        built = cache + online[tier]  # the tier's RowCache and the re-pin state the store gave it
+        meta = report[f"{tier}_metadata"]
+        reported = (
+            report[f"{tier}_payload_bytes"]
+            + capacity * meta["per_slot"]
+            + 80084 * meta["per_table_row"]
+            + meta["per_tier"]
+        )
+        assert online[tier] > 0 and getattr(rec, f"{tier}_bytes") == built == reported
+        assert built <= budgets[tier], tier
+
+
 # ---------------------------------------------------------------------------------------------
 # zipf-tuned tiers: profile pins plus an LRU recency segment, re-sized at every capacity
 # ---------------------------------------------------------------------------------------------

@@ -103,6 +103,25 @@ class OnlineProfile:
         """Bytes held: the sketch and the heavy-hitter ids (estimates are recomputed)."""
         return self.sketch.nbytes + self.rows.nbytes
 
+    @staticmethod
+    def bytes_for(
+        candidates: int,
+        *,
+        depth: int = 4,
+        width_factor: int = 4,
+        heavy_hitters: bool = True,
+        dtype: torch.dtype = torch.int32,
+    ) -> int:
+        """:attr:`nbytes` of the profile these arguments build, without building it.
+
+        Examples
+        --------
+        >>> OnlineProfile.bytes_for(1000) == OnlineProfile(1000).nbytes == 4 * 4 * 4096 + 8 * 1000
+        True
+        """
+        width = sketch_width(int(candidates), width_factor)
+        return depth * width * dtype.itemsize + (8 * int(candidates) if heavy_hitters else 0)
+
     @property
     def mean_distinct_per_window(self) -> float:
         """Distinct rows per window so far (what a recency segment covering one must hold)."""

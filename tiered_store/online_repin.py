@@ -73,6 +73,9 @@ RENORMALISE_AT = 1e20  # window weight above which the sketch is divided back to
 FORGET_AFTER = 1e30  # decay past which counts are forgotten (renormalised to about 0)
 MAX_PENDING_WINDOWS = 8  # windows queued for the counting before the next one is dropped
 QUIET_AFTER = 4  # windows in a row without an admission or eviction: the tier is quiet
+SLOT_STATE_BYTES = 8  # per slot: the held row's count (float32) and its window stamp (int32)
+PLAN_KEY_BYTES = 2  # per slot, on the CPU: a plan's 16-bit key (sketch_kernel.repin_candidates)
+COUNT_DTYPE = torch.float32  # the sketch's counters: weighted (decayed) episodes
 
 
 @dataclass
@@ -142,7 +145,7 @@ class OnlineRepin:
             max(1, self.capacity),
             width_factor=config.sketch_width,
             heavy_hitters=False,
-            dtype=torch.float32,
+            dtype=COUNT_DTYPE,
             device=self.device,
         )
         self.weight = 1.0  # what one episode adds now: 1 / decay ** intervals (renormalised)
@@ -208,6 +211,34 @@ class OnlineRepin:
         lookups' hit slots and misses are held besides until counted: 8 B a lookup, at most
         ``MAX_PENDING_WINDOWS + 1`` windows)."""
         return self.profile.nbytes + self._per_slot.nbytes + self._plan_keys.nbytes
+
+    @property
+    def bytes_per(self) -> dict[str, int]:
+        """:attr:`nbytes` as :meth:`bytes_for` splits it, read off what this state holds."""
+        per_slot = (self._per_slot.nbytes + self._plan_keys.nbytes) // max(1, self.capacity)
+        return {"per_slot": per_slot, "per_tier": self.profile.nbytes}
+
+    @staticmethod
+    def bytes_for(capacity: int, sketch_width: int, device: torch.device | str = "cpu") -> dict:
+        """Bytes the state of a tier of ``capacity`` slots re-pinning with ``repin.sketch_width``
+        ``sketch_width`` holds for good (:attr:`nbytes`), without building it: ``per_slot`` (a
+        count and a stamp, and on the CPU a plan's key) and ``per_tier`` (the sketch, 4 rows of
+        ``sketch_width x capacity`` float32 counters rounded up to a power of two).
+
+        Examples
+        --------
+        >>> from tiered_store.config import RepinConfig
+        >>> OnlineRepin.bytes_for(1000, 2)  # 10 B a slot, 4 x 2,048 x 4 B sketch
+        {'per_slot': 10, 'per_tier': 32768}
+        >>> r = OnlineRepin(1000, RepinConfig(sketch_width=2), window=64)
+        >>> r.bytes_per, r.nbytes == 1000 * 10 + 32768
+        ({'per_slot': 10, 'per_tier': 32768}, True)
+        """
+        cpu = torch.device(device).type == "cpu"
+        sketch = OnlineProfile.bytes_for(
+            max(1, int(capacity)), width_factor=sketch_width, heavy_hitters=False, dtype=COUNT_DTYPE
+        )
+        return {"per_slot": SLOT_STATE_BYTES + (PLAN_KEY_BYTES if cpu else 0), "per_tier": sketch}
 
     # -- the lookup side: each update applied at once (replay) or queued in order (the store) ----
     def count(self, hit_slots: torch.Tensor, miss_ids: torch.Tensor, *, lookups: int) -> None:

@@ -117,13 +117,18 @@ class RowCache:
         return self.capacity - self._n_free
 
     def metadata_bytes(self) -> dict[str, float]:
-        """Bytes of index and policy metadata: per table row, per slot, and fixed per tier."""
+        """Bytes of index and policy metadata: per table row, per slot, and fixed per tier (with
+        a zipf-tuned tier's online re-pin state, :attr:`online`, once attached)."""
         index = self.index.bytes_per() if self.index else {"per_table_row": 0, "per_slot": 0}
         per_slot = SLOT_BYTES + self.eviction.bytes_per_slot + index["per_slot"]
         if self._next_use is not None:  # once a request was announced: its next use per slot
             per_slot += QUEUE_SLOT_BYTES
         per_row = index["per_table_row"] + self.admission.bytes_per_row
         per_tier = self.admission.bytes_per_tier if self.capacity else 0
+        if self.online is not None:  # its counts and stamps per slot, its sketch per tier
+            repin = self.online.bytes_per
+            per_slot += repin["per_slot"]
+            per_tier += repin["per_tier"]
         return {"per_table_row": per_row, "per_slot": per_slot, "per_tier": per_tier}
 
     def held_rows(self) -> torch.Tensor:

@@ -50,6 +50,7 @@ class TierModel:
     recency_window: int = DEFAULT_RECENCY_WINDOW
     bytes_policy: str | None = "lru"  # the eviction policy whose metadata a slot carries
     bytes_admission: str = "all"  # the admission filter whose metadata the tier carries
+    bytes_repin: int | None = None  # repin.sketch_width of a tier re-pinning online (its state)
     note: str | None = None  # what of the tier is not modelled as configured
 
     @property
@@ -97,6 +98,7 @@ def tier_models(config: StoreConfig, rows: int) -> dict[str, TierModel]:
                 spec.text,
                 bytes_policy=_sized_as(spec),
                 bytes_admission=spec.admission,
+                bytes_repin=tier.repin.sketch_width if spec.tuned and repins_online(tier) else None,
                 note=note,
             )
             continue

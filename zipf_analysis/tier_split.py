@@ -46,7 +46,8 @@ Memory counted against a budget: each tier's payload (rows x row bytes) plus its
 :meth:`tiered_store.row_cache.RowCache.metadata_bytes` counts it (slot owner, flags and free list,
 the eviction policy's key, e.g. the LRU clock of an LRU or zipf-tuned tier, the row index: dense
 per table row or hashed per slot, ``tiers.*.index``; the admission filter's, e.g. a ``+tinylfu``
-tier's sketch, sized by the tier).
+tier's sketch, sized by the tier; a zipf-tuned tier's online re-pin state, where it re-pins
+online: a count and stamp per slot and a sketch, :class:`tiered_store.online_repin.OnlineRepin`).
 
 Examples
 --------
@@ -68,6 +69,7 @@ from policies.registry import ADMISSION, EVICTION
 from tiered_store.capacity import format_bytes, parse_bytes
 from tiered_store.config import CostModelConfig, StoreConfig
 from tiered_store.errors import ConfigError
+from tiered_store.online_repin import OnlineRepin
 from tiered_store.row_cache import SLOT_BYTES
 from tiered_store.row_index import index_bytes
 from tiered_store.trace import TraceReader
@@ -160,12 +162,17 @@ def tier_bytes(
     index: str = "auto",
     policy: str | None = "lru",
     admission: str = "all",
+    repin: int | None = None,
 ) -> int:
     """Bytes a cache tier of ``capacity`` rows takes: payload plus the metadata a ``RowCache``
     keeps (per slot: owner, flags, free list, the eviction policy's key, a hashed index's entries;
     per table row: a dense index; the admission filter's, e.g. a TinyLFU sketch sized by the
-    tier). ``policy``: the eviction policy (a ``PolicySpec.eviction``; None: none, as ``static``);
-    ``admission``: the filter (a ``PolicySpec.admission``). An empty tier takes nothing.
+    tier; a zipf-tuned tier's online re-pin state). ``policy``: the eviction policy (a
+    ``PolicySpec.eviction``; None: none, as ``static``); ``admission``: the filter (a
+    ``PolicySpec.admission``); ``repin``: the ``repin.sketch_width`` of a tier that re-pins
+    online (a count and stamp per slot and a sketch:
+    :meth:`tiered_store.online_repin.OnlineRepin.bytes_for`, priced as on the CPU, where a plan's
+    key adds 2 B a slot), None for one that does not. An empty tier takes nothing.
 
     Examples
     --------
@@ -173,6 +180,8 @@ def tier_bytes(
     681000
     >>> tier_bytes(1000, rows=100_000, row_bytes=256, admission="tinylfu")  # + 8 x 8,192 B sketch
     746536
+    >>> tier_bytes(1000, rows=100_000, row_bytes=256, repin=2)  # + 10 B per slot, 32,768 B sketch
+    723768
     >>> tier_bytes(0, rows=100_000, row_bytes=256)
     0
     """
@@ -180,10 +189,12 @@ def tier_bytes(
         return 0
     idx = index_bytes(index, rows, capacity)
     filt = ADMISSION[admission].bytes_for(capacity)
+    online = OnlineRepin.bytes_for(capacity, repin) if repin else {"per_slot": 0, "per_tier": 0}
     policy_bytes = EVICTION[policy].bytes_per_slot if policy else 0
-    per_slot = row_bytes + SLOT_BYTES + policy_bytes + idx["per_slot"]
+    per_slot = row_bytes + SLOT_BYTES + policy_bytes + idx["per_slot"] + online["per_slot"]
     per_row = idx["per_table_row"] + filt["per_table_row"]
-    return int(np.ceil(capacity * per_slot + rows * per_row + filt["per_tier"]))
+    per_tier = filt["per_tier"] + online["per_tier"]
+    return int(np.ceil(capacity * per_slot + rows * per_row + per_tier))
 
 
 def max_capacity(
@@ -195,6 +206,7 @@ def max_capacity(
     flag: str = "budget",
     policy: str | None = "lru",
     admission: str = "all",
+    repin: int | None = None,
 ) -> int:
     """The most rows (at most the table's) whose tier fits in ``budget`` bytes; 0 for a zero
     budget. A positive budget too small for one row is an error naming ``flag``.
@@ -211,6 +223,7 @@ def max_capacity(
     if budget <= 0:
         return 0
     size = dict(rows=rows, row_bytes=row_bytes, index=index, policy=policy, admission=admission)
+    size["repin"] = repin
     need = tier_bytes(1, **size)
     if budget < need:
         fixed = int(rows * index_bytes(index, rows, 1)["per_table_row"])
@@ -710,6 +723,7 @@ def recommend_split(
             "index": kinds[t],
             "policy": models[t].bytes_policy,
             "admission": models[t].bytes_admission,
+            "repin": models[t].bytes_repin,
         }
         for t in kinds
     }
