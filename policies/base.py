@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import PolicyError
+
 # a search for the smallest keys looks at the unprotected slots alone (a pass over the flags, then
 # a topk over them) where at most 1/SPARSE_SHARE of the slots are unprotected: a zipf-tuned tier
 # pins most of its slots, and a topk over all of them cost a 4M-slot tier's lookups about a sixth
@@ -125,8 +127,31 @@ class AdmissionPolicy:
     def bytes_for(cls, capacity: int) -> dict[str, int]:
         """Bytes the filter of a tier of ``capacity`` slots keeps, without building it:
         ``per_table_row`` and ``per_tier``, as ``bytes_per_row`` and ``bytes_per_tier`` say once
-        it is built (a filter sized by its tier overrides this)."""
-        return {"per_table_row": cls.bytes_per_row, "per_tier": cls.bytes_per_tier}
+        it is built. This default reads them off the class, where they are numbers; a filter whose
+        bytes are known only once built (a property sized by its tier, as TinyLFU's sketch) must
+        override this, else it is a :class:`PolicyError` naming the filter (building one per
+        capacity a budget tries could allocate its whole state many times over).
+
+        Examples
+        --------
+        >>> AdmissionPolicy.bytes_for(1000)
+        {'per_table_row': 0, 'per_tier': 0}
+        """
+        out = {"per_table_row": cls.bytes_per_row, "per_tier": cls.bytes_per_tier}
+        unknown = [
+            attr
+            for attr, value in zip(("bytes_per_row", "bytes_per_tier"), out.values(), strict=True)
+            if isinstance(value, bool) or not isinstance(value, int | float)
+        ]
+        if unknown:
+            raise PolicyError(
+                f"admission filter {cls.name!r} ({cls.__module__}.{cls.__qualname__}): "
+                f"{' and '.join(unknown)} is known only once the filter is built (not a number on "
+                "the class), so a memory budget cannot price its tier; expected the filter to "
+                "override AdmissionPolicy.bytes_for(capacity) to give its bytes for a tier of "
+                "that many slots (as policies.tinylfu.TinyLFU does)"
+            )
+        return out
 
     def on_access(self, ids: torch.Tensor) -> None:
         """Ids (duplicates included) looked up in this tier in the current batch."""

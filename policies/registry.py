@@ -7,8 +7,9 @@ the ``static`` modifier (pin the tier's ``static_rows``). Examples: ``lru``, ``s
 chosen, so it differs from per-request SIEVE by sparing rows the batch reads, e.g. 54.41% against
 71.35% rows from cold on an Engram prose trace at 1% of the rows; see ``policies.sieve.SIEVE``),
 ``fifo``; admission: ``all`` (default), ``tinylfu``. An admission class that declares
-``sized_by_capacity = True`` also receives ``capacity=`` (the tier's slots). A bad spec raises
-:class:`~policies.errors.PolicyError`.
+``sized_by_capacity = True`` also receives ``capacity=`` (the tier's slots); one whose bytes are
+known only once built (``bytes_per_tier`` a property) overrides ``AdmissionPolicy.bytes_for`` so
+memory budgets can price its tier. A bad spec raises :class:`~policies.errors.PolicyError`.
 
 Offline bounds (``belady``, ``static-topk``) are registry names too, of their own kind: they see
 the whole trace, so replay and the miss-ratio curves run them, and a live tier's spec refuses them.

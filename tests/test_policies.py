@@ -30,7 +30,9 @@ from policies import (
     known_names,
     tinylfu,
 )
+from policies.base import AdmissionPolicy
 from policies.errors import PolicyError
+from policies.registry import ADMISSION, register_admission
 from policies.tinylfu import mix64, mix64_int, row_seeds
 from tests.conftest import check_cache_invariants, run_batch
 from tiered_store.cache_plan import parse_policy
@@ -571,6 +573,54 @@ def test_bad_policy_parameters_are_policy_errors():
         TinyLFU(num_rows=10, capacity=4, max_count=0)
     with pytest.raises(PolicyError, match="lfu aging_period: got 0; expected >= 1"):
         LFU(capacity=4, aging_period=0)
+
+
+class _Doorkeeper(AdmissionPolicy):
+    """A filter sized by its tier whose bytes are a property, as TinyLFU's (admits every row)."""
+
+    name = "doorkeeper"
+    sized_by_capacity = True
+
+    def __init__(self, num_rows: int, device: torch.device | str = "cpu", *, capacity: int):
+        super().__init__(num_rows, device)
+        self.bits = torch.zeros(8 * capacity, dtype=torch.bool, device=self.device)
+
+    @property
+    def bytes_per_tier(self) -> int:
+        return self.bits.nbytes
+
+
+class _SizedDoorkeeper(_Doorkeeper):
+    name = "sized-doorkeeper"
+
+    @classmethod
+    def bytes_for(cls, capacity: int) -> dict[str, int]:
+        return {"per_table_row": 0, "per_tier": 8 * capacity}
+
+
+def test_a_registered_filter_sized_by_a_property_must_say_its_bytes_for_a_budget():
+    # the default bytes_for returned the property object: tier_bytes failed with "unsupported
+    # operand type(s) for +: 'int' and 'property'", and so did --gpu-budget/--host-budget
+    from zipf_analysis.tier_split import max_capacity, tier_bytes
+
+    size = {"rows": 100_000, "row_bytes": 256}
+    try:
+        register_admission("doorkeeper", _Doorkeeper)
+        register_admission("sized-doorkeeper", _SizedDoorkeeper)
+        with pytest.raises(PolicyError, match=r"'doorkeeper' \(.*_Doorkeeper\): bytes_per_tier "):
+            tier_bytes(1000, **size, admission="doorkeeper")
+        with pytest.raises(PolicyError, match=r"override AdmissionPolicy.bytes_for\(capacity\)"):
+            max_capacity(1 << 20, **size, admission="doorkeeper")
+        capacity = max_capacity(1 << 20, **size, admission="sized-doorkeeper")
+        spec = PolicySpec.parse("lru+sized-doorkeeper")
+        cache = RowCache("hot", num_rows=100_000, capacity=capacity, spec=spec)
+        meta = cache.metadata_bytes()
+        built = capacity * (256 + meta["per_slot"]) + 100_000 * meta["per_table_row"]
+        assert meta["per_tier"] == 8 * capacity > 0
+        assert tier_bytes(capacity, **size, admission="sized-doorkeeper") == built + 8 * capacity
+    finally:
+        ADMISSION.pop("doorkeeper", None)
+        ADMISSION.pop("sized-doorkeeper", None)
 
 
 @pytest.mark.parametrize("spec", ["fifo", "sieve", "lfu", "sieve+tinylfu", "lfu+tinylfu"])
