@@ -623,3 +623,61 @@ def test_a_reader_of_another_user_registers_in_the_lock_file_or_is_refused(share
         reader.wait()
     writer.close()
     assert out.strip() == "step 1 rows [1]", out + err[-2000:]
+
+
+_CREATOR_PAUSED_AFTER_MKDIR = (
+    _WAIT_FOR
+    + r"""
+import os, sys
+import tiered_store.delta.row_delta as rd
+delta, flags = sys.argv[1], sys.argv[2]
+real = os.mkdir
+def mkdir(path, *args, **kwargs):  # made, not yet opened: a cleanup may remove it now
+    real(path, *args, **kwargs)
+    if os.path.basename(path).endswith(".new") and not os.path.exists(f"{flags}/paused"):
+        open(f"{flags}/paused", "w").close()
+        wait_for(f"{flags}/removed")
+os.mkdir = mkdir
+rd.RowDelta(delta, 8, create=True, initial_step=5).close()
+"""
+)
+
+
+def test_a_creator_whose_new_directory_a_cleanup_removed_takes_another_name(tmp_path):
+    """Another creation's clean-up of killed creations removed this one's new private directory
+    between its mkdir and its open (before its lock): the creation failed with ENOENT."""
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    path = tmp_path / "t.npy.delta"
+    creator = subprocess.Popen(
+        [sys.executable, "-c", _CREATOR_PAUSED_AFTER_MKDIR, str(path), str(flags)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(flags / "paused")
+        assert row_delta.remove_delta_temporaries(path), "nothing to remove: not in the gap"
+        (flags / "removed").touch()
+        _, err = creator.communicate(timeout=120)
+    finally:
+        creator.kill()
+    assert creator.returncode == 0, err[-2000:]
+    assert committed_step(tmp_path / "t.npy", 8) == 5
+
+
+def test_a_writer_opening_a_delta_makes_its_name_durable_before_it_commits(tmp_path, monkeypatch):
+    """A creator killed between its rename into place and the parent directory's fsync left the
+    name unsaid; the next writer opened the delta as it found it and committed into it without
+    an fsync of the directory, so a power loss could take the name and the commit with it."""
+    path = tmp_path / "t.npy.delta"
+    RowDelta(path, 8, create=True).close()
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):  # the real fsync, each one noted
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    RowDelta(path, 8, create=True).close()
+    assert str(tmp_path) in synced, synced

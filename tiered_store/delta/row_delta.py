@@ -143,6 +143,8 @@ class RowDelta:
         if create:  # made whole beside it and renamed into place: never half-made at its path
             if not self.path.is_dir() or _half_made(self.path):
                 self._create(wanted, initial_step)
+            else:  # its name on disk before this writer's first commit: a creator killed
+                fsync_dir(self.path.parent)  # between its rename and its fsync left it unsaid
         elif not self.path.is_dir():
             raise ConfigError(f"delta: {self.path} does not exist; expected a table's write delta")
         elif _half_made(self.path):  # a leftover of an older version: holds no commit
@@ -176,6 +178,8 @@ class RowDelta:
                     "room for its lock file and first pages"
                 ) from None
             published = _publish(new, self.path)
+            if not published:  # another creator's: its name on disk before this one commits
+                fsync_dir(self.path.parent)
         finally:
             if not published:
                 shutil.rmtree(new, ignore_errors=True)
@@ -749,6 +753,8 @@ def _private_dir(path: Path) -> tuple[int, Path]:
         try:
             os.mkdir(new, 0o755)  # the mode lmdb.open gives a directory
             fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # a cleanup removed it before it was opened: another name
+            continue
         except OSError as exc:
             raise TierIOError(
                 exc.errno,
