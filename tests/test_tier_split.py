@@ -417,13 +417,7 @@ def test_tier_bytes_equal_a_live_stores_memory_report(tmp_path):
     with TieredStore(store_config(path, hot={"capacity": 300}, warm={"capacity": 1200})) as store:
         report = store.memory_report()
     for tier, capacity in (("hot", 300), ("warm", 1200)):
-        meta = report[f"{tier}_metadata"]
-        live = (
-            report[f"{tier}_payload_bytes"]
-            + capacity * meta["per_slot"]
-            + 4000 * meta["per_table_row"]
-            + meta["per_tier"]
-        )
+        live = _reported_bytes(report, tier, capacity, rows=4000)
         assert tier_bytes(capacity, rows=4000, row_bytes=64) == live, tier
 
 
@@ -475,13 +469,7 @@ def test_a_zipf_tuned_tier_re_pinning_online_is_sized_with_its_state_and_fits_it
             capacity * (64 + meta["per_slot"]) + 80084 * meta["per_table_row"] + meta["per_tier"]
         )
         built = cache + online[tier]  # the tier's RowCache and the re-pin state the store gave it
-        meta = report[f"{tier}_metadata"]
-        reported = (
-            report[f"{tier}_payload_bytes"]
-            + capacity * meta["per_slot"]
-            + 80084 * meta["per_table_row"]
-            + meta["per_tier"]
-        )
+        reported = _reported_bytes(report, tier, capacity, rows=80084)
         assert online[tier] > 0 and getattr(rec, f"{tier}_bytes") == built == reported
         assert built <= budgets[tier], tier
 
@@ -681,4 +669,15 @@ def test_replay_command_checks_a_zipf_tuned_split_with_its_policies(text_trace, 
     assert doc["replayed"]["policy"] == "zipf-tuned/zipf-tuned"
     assert doc["replayed"]["modelled_stall_seconds"] == pytest.approx(
         doc["stall_seconds"], rel=STALL_TOLERANCE
+    )
+
+
+def _reported_bytes(report: dict, tier: str, capacity: int, *, rows: int) -> int:
+    """A tier's bytes as the store's ``memory_report`` gives them: payload and metadata."""
+    meta = report[f"{tier}_metadata"]
+    return (
+        report[f"{tier}_payload_bytes"]
+        + capacity * meta["per_slot"]
+        + rows * meta["per_table_row"]
+        + meta["per_tier"]
     )

@@ -189,6 +189,18 @@ def wait_for(flag, seconds=60.0):
     return os.path.exists(flag)
 """
 
+
+def _staged(script: str, flags: Path, *args: str) -> subprocess.Popen:
+    """``python -c script ARGS FLAGS``: one side of a staged race, its output in one pipe."""
+    flags.mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args, str(flags)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 _READER_PAST_THE_CHECK = (
     _WAIT_FOR
     + r"""
@@ -245,14 +257,8 @@ def test_a_reader_racing_a_failed_creation_never_makes_a_delta_without_its_lock_
     a reserved lock file, and died of SIGBUS writing it on the full disk (or left a delta with
     no lock file, which the next writer's open died on)."""
     flags = tmp_path / "flags"
-    flags.mkdir()
     table = small_fs / "t.npy"
-    reader = subprocess.Popen(
-        [sys.executable, "-c", _READER_PAST_THE_CHECK, str(table), str(flags)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    reader = _staged(_READER_PAST_THE_CHECK, flags, str(table))
     try:
         _wait_for(flags / "reader_ready")
         filler = _fill(small_fs, 11 * 4096)  # the lock file and the meta pages, no more
@@ -284,7 +290,7 @@ _CREATOR_HELD = (
 import sys
 import lmdb
 import tiered_store.delta.row_delta as rd
-delta, flags, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+delta, mode, flags = sys.argv[1], sys.argv[2], sys.argv[3]
 if mode == "interrupted":  # fails opening the delta it creates once the other one committed
     real = lmdb.open
     def interrupted(path, **kwargs):
@@ -317,7 +323,6 @@ def test_a_creator_without_the_writer_lock_never_removes_another_ones_delta(tmp_
     delta's path: another process's delta, created and committed to meanwhile, went with it
     (a creation that failed removed it, or the half-made one was removed after its check)."""
     flags = tmp_path / "flags"
-    flags.mkdir()
     path = tmp_path / "t.npy.delta"
     if mode == "half-made":  # an older version's writer died there: one meta page of two
         whole = RowDelta(tmp_path / "whole.delta", row_bytes=8, create=True)
@@ -325,12 +330,7 @@ def test_a_creator_without_the_writer_lock_never_removes_another_ones_delta(tmp_
         path.mkdir()
         (path / "data.mdb").write_bytes((whole.path / "data.mdb").read_bytes()[:4096])
         shutil.rmtree(whole.path)
-    b = subprocess.Popen(
-        [sys.executable, "-c", _CREATOR_HELD, str(path), str(flags), mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    b = _staged(_CREATOR_HELD, flags, str(path), mode)
     try:
         _wait_for(flags / "b_waiting")
         a = RowDelta(path, 8, create=True)
@@ -647,21 +647,16 @@ def test_a_creator_whose_new_directory_a_cleanup_removed_takes_another_name(tmp_
     """Another creation's clean-up of killed creations removed this one's new private directory
     between its mkdir and its open (before its lock): the creation failed with ENOENT."""
     flags = tmp_path / "flags"
-    flags.mkdir()
     path = tmp_path / "t.npy.delta"
-    creator = subprocess.Popen(
-        [sys.executable, "-c", _CREATOR_PAUSED_AFTER_MKDIR, str(path), str(flags)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    creator = _staged(_CREATOR_PAUSED_AFTER_MKDIR, flags, str(path))
     try:
         _wait_for(flags / "paused")
         assert row_delta.remove_delta_temporaries(path), "nothing to remove: not in the gap"
         (flags / "removed").touch()
-        _, err = creator.communicate(timeout=120)
+        out, _ = creator.communicate(timeout=120)
     finally:
         creator.kill()
-    assert creator.returncode == 0, err[-2000:]
+    assert creator.returncode == 0, out[-2000:]
     assert committed_step(tmp_path / "t.npy", 8) == 5
 
 
