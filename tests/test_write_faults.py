@@ -404,6 +404,15 @@ def test_a_delta_without_its_lock_file_on_a_full_disk_is_refused_not_killed(smal
     assert committed_step(small_fs / "t.npy", 8) == 7
     lock_file = os.stat(path / "lock.mdb")
     assert lock_file.st_size == LOCK_FILE_BYTES <= lock_file.st_blocks * 512
+    # an older version's lock file (LMDB's: whole-sized, its first page written) is not refused
+    # on a full disk: its readers opened there, and still do
+    (path / "lock.mdb").unlink()
+    with open(path / "lock.mdb", "wb") as f:
+        f.write(bytes(4096))
+        f.truncate(LOCK_FILE_BYTES)
+    filler = _fill(small_fs, 0)
+    assert committed_step(small_fs / "t.npy", 8) == 7
+    filler.unlink()
 
 
 _COMMIT_PAST_THE_FILE_SIZE_LIMIT = r"""

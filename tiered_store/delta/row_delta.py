@@ -892,8 +892,10 @@ def _reserve_lock_file(path: Path) -> None:
         os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
     except OSError as exc:
         # a filesystem that cannot reserve space, or a sandbox refusing the call (seccomp):
-        # LMDB's own open, unreserved
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+        # LMDB's own open, unreserved; so too, on a full disk, a lock file LMDB made whole-sized
+        # (older versions: its first page written, the reader slots there), which opens as it did
+        unreserved = exc.errno == errno.ENOSPC and st.st_size >= LOCK_FILE_BYTES
+        if not unreserved and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
     finally:
         os.close(fd)
