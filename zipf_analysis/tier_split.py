@@ -222,8 +222,14 @@ def max_capacity(
     """
     if budget <= 0:
         return 0
-    size = dict(rows=rows, row_bytes=row_bytes, index=index, policy=policy, admission=admission)
-    size["repin"] = repin
+    size = {
+        "rows": rows,
+        "row_bytes": row_bytes,
+        "index": index,
+        "policy": policy,
+        "admission": admission,
+        "repin": repin,
+    }
     need = tier_bytes(1, **size)
     if budget < need:
         fixed = int(rows * index_bytes(index, rows, 1)["per_table_row"])

@@ -43,6 +43,7 @@ row ids and attention of one full pass::
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -634,19 +635,18 @@ def check_model_memory(
     projections = len(engram.layer_ids) * (hc + 1) * engram.engram_hidden_size * hidden
     # each part in elements, by the setting that makes it large: the transformer layers by the
     # layer count or the width, whichever is out of proportion
-    layers_key = "backbone.num_layers" if backbone.num_layers > hidden else "backbone.hidden_size"
-    parts = {
-        "engram.engram_vocab_size": tables,
-        "backbone.vocab_size": backbone.vocab_size * hidden,
-        layers_key: backbone.num_layers * per_layer,
-    }
-    parts["backbone.hidden_size"] = parts.get("backbone.hidden_size", 0) + projections
+    layers_by = "backbone.num_layers" if backbone.num_layers > hidden else "backbone.hidden_size"
+    parts: dict[str, int] = defaultdict(int)
+    parts["engram.engram_vocab_size"] += tables
+    parts["backbone.vocab_size"] += backbone.vocab_size * hidden
+    parts[layers_by] += backbone.num_layers * per_layer
+    parts["backbone.hidden_size"] += projections
     dense = sum(parts.values()) - tables
     width = torch.get_default_dtype().itemsize
     needed = (tables + dense) * width
     if needed <= available:
         return
-    key = max(parts, key=parts.get)
+    key = max(parts, key=parts.__getitem__)
     value = {
         "engram.engram_vocab_size": list(engram.engram_vocab_size),
         "backbone.vocab_size": backbone.vocab_size,
