@@ -166,6 +166,79 @@ def test_written_rows_survive_a_restart(tmp_path):
         serve(store, expect, seed=3)
 
 
+def _trained_restart(tmp_path):
+    """A table whose 1,000 even rows of 0..1,999 a commit wrote (ones), the 2,000 rows saved as
+    the warm tier's; returns (config, the table's rows now)."""
+    path, data = make_table(tmp_path, rows=10_000, dim=8)
+    cfg = config(path, hot=0, warm=2_000)
+    with TieredStore(cfg) as store:
+        store.lookup(torch.arange(2_000))
+        store.write(torch.arange(0, 2_000, 2), torch.ones(1_000, 8))
+        store.commit()
+    now = data.clone()
+    now[0:2_000:2] = 1.0
+    return cfg, now
+
+
+def _in_the_restore(monkeypatch, then):
+    """Run ``then()`` where the restore thread reads the delta (after the read), once."""
+    from tiered_store.delta.row_delta import RowDelta
+
+    snapshot = RowDelta.snapshot
+
+    def read_then(self, ids):
+        found = snapshot(self, ids)
+        if threading.current_thread().name == "restore" and not then.done:
+            then.done = True
+            then()
+        return found
+
+    then.done = False
+    monkeypatch.setattr(RowDelta, "snapshot", read_then)
+
+
+def test_lookups_go_on_while_a_restore_reads_the_delta(tmp_path, monkeypatch):
+    """The restore reads the delta's rows of each step off the store's lock: under it, a delta
+    of 1M rows (a trained table not yet compacted) held every lookup 3.4 s."""
+    cfg, now = _trained_restart(tmp_path)
+    reading, looked_up = threading.Event(), threading.Event()
+    waits = []
+
+    def wait_for_a_lookup():
+        reading.set()
+        waits.append(looked_up.wait(10))  # a lookup runs meanwhile: it needs the store's lock
+
+    _in_the_restore(monkeypatch, wait_for_a_lookup)
+    with TieredStore(cfg) as store:
+        assert reading.wait(30)
+        assert torch.equal(store.lookup(torch.tensor([9_999, 0])), now[[9_999, 0]])
+        looked_up.set()
+        assert store.wait_restored(timeout=30)
+        assert waits == [True]
+        assert store.warm.occupancy == 2_000
+        assert torch.equal(store.lookup(torch.arange(10_000)), now)
+
+
+def test_a_commit_between_a_restores_delta_read_and_its_landing_is_not_lost(tmp_path, monkeypatch):
+    """A commit after the restore read the delta's rows (off the lock) and before they land:
+    they are read again under the lock, so the rows it committed land (pending before, they are
+    in the delta alone by then)."""
+    cfg, now = _trained_restart(tmp_path)
+    written = torch.tensor([0, 1])  # a row the delta held, and one it did not
+    reading, committed = threading.Event(), threading.Event()
+    _in_the_restore(monkeypatch, lambda: (reading.set(), committed.wait(10)))
+    now[written] = 7.0
+    with TieredStore(cfg) as store:
+        assert reading.wait(30)
+        store.write(written, torch.full((2, 8), 7.0))
+        store.commit()
+        committed.set()
+        assert store.wait_restored(timeout=30)
+        assert store.warm.occupancy == 2_000
+        assert set(written.tolist()) <= set(store.warm.held_rows().tolist())
+        assert torch.equal(store.lookup(torch.arange(10_000)), now)
+
+
 def test_off_by_default_and_periodic_save(tmp_path):
     path, data = make_table(tmp_path)
     off = StoreConfig.from_dict(

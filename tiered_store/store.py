@@ -958,12 +958,19 @@ class TieredStore:
         fit; False once the tier is full. Rows the tier holds by then (a lookup admitted them) are
         skipped. The cold read runs outside the lock (sorted by id: each page read once); under
         it, written rows and copies another tier holds (maybe dirty) replace them, as a lookup's
-        admission does."""
+        admission does; the delta's rows are read with the cold ones, off the lock (a delta of
+        many rows held every lookup for seconds), and again under it only if a commit came
+        between."""
         if self._closed:
             return False
         sorted_ids, order = torch.sort(ids)  # order: each id's position in the saved order
-        with self._file_calls.entered():  # a close waits for the read (or leaves it the files)
+        writes, delta_ids = self._writes, None
+        with self._file_calls.entered():  # a close waits for the reads (or leaves it the files)
             rows = self.cold.read_rows(sorted_ids.numpy())
+            if writes is not None:
+                delta_ids = writes.delta_ids  # a commit of rows replaces it
+                every = torch.arange(sorted_ids.numel())
+                writes.overlay_committed(sorted_ids, rows, every, delta_ids)
         with self._lock.host_inputs():
             if pin:  # saved pins a lookup admitted meanwhile: preload skips them, so pin them here
                 cache.pin_resident(sorted_ids, only=False)
@@ -977,7 +984,8 @@ class TieredStore:
                 pick = torch.sort(best).values
                 sorted_ids, order, rows = sorted_ids[pick], order[pick], rows[pick]
             if self._writes is not None:
-                self._newest_rows(sorted_ids, rows)
+                read = self._writes is writes and writes.delta_ids is delta_ids
+                self._newest_rows(sorted_ids, rows, committed=not read)
             if ages is None:
                 cache.begin_batch()
             pos, slots = cache.preload(
@@ -987,12 +995,18 @@ class TieredStore:
                 pool.write(slots, rows[pos.cpu()].to(pool.device))
             return cache.occupancy < cache.capacity
 
-    def _newest_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+    def _newest_rows(
+        self, ids: torch.Tensor, rows: torch.Tensor, *, committed: bool = True
+    ) -> None:
         """Replace ``rows`` (of sorted unique CPU ``ids``, read earlier) by each row's newest
         version: the written one (committed or pending), then the copy a tier holds, which may
         be dirty (newer still). Under the lock, with writes: a cold read or a staged copy that a
-        write overtook must not reach a tier."""
-        self._writes.overlay(ids, rows, torch.arange(ids.numel()))
+        write overtook must not reach a tier. ``committed=False``: the delta's rows are in
+        ``rows`` already (read since the last commit)."""
+        every = torch.arange(ids.numel())
+        if committed:
+            self._writes.overlay_committed(ids, rows, every, self._writes.delta_ids)
+        self._writes.overlay_pending(ids, rows, every)
         for cache, pool in ((self.warm, self.warm_pool), (self.hot, self.hot_pool)):
             if cache.capacity == 0:
                 continue

@@ -165,9 +165,22 @@ class WriteBack:
     def overlay(self, ids: torch.Tensor, staged: torch.Tensor, positions: torch.Tensor) -> None:
         """Replace base rows read from cold (``staged[positions]``, of sorted unique ``ids``) by
         their newest written version: the committed delta, then pending."""
-        if self.delta_ids.size:
+        self.overlay_committed(ids, staged, positions, self.delta_ids)
+        self.overlay_pending(ids, staged, positions)
+
+    def overlay_committed(
+        self,
+        ids: torch.Tensor,
+        staged: torch.Tensor,
+        positions: torch.Tensor,
+        delta_ids: np.ndarray,
+    ) -> None:
+        """``overlay``'s first half: the rows of ``delta_ids`` (``self.delta_ids`` as the caller
+        read it; each commit of rows replaces that array) from the delta. Safe off the store's
+        lock: a commit meanwhile shows as ``self.delta_ids is not delta_ids``."""
+        if delta_ids.size:
             ids_np = ids.numpy()
-            in_delta = np.isin(ids_np, self.delta_ids, assume_unique=True)
+            in_delta = np.isin(ids_np, delta_ids, assume_unique=True)
             if in_delta.any():
                 found, raw = self.delta.read(ids_np[in_delta])
                 if not found.all():  # the index says these rows are committed: they must be
@@ -180,6 +193,11 @@ class WriteBack:
                 rows = torch.from_numpy(raw).view(self.dtype)
                 at = torch.from_numpy(np.flatnonzero(in_delta))
                 staged.index_copy_(0, positions[at], rows)
+
+    def overlay_pending(
+        self, ids: torch.Tensor, staged: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """``overlay``'s second half: the rows written (or spilled) since the last commit."""
         if len(self.pending):
             held, pos = self.pending.find(ids)
             if bool(held.any()):
