@@ -480,6 +480,35 @@ def test_after_a_failed_restore_saves_list_what_the_tiers_hold(tmp_path):
     assert set(saved.held["warm"].tolist()) == held_now == set(range(5_000, 6_000))
 
 
+def test_a_save_on_close_that_cannot_read_the_version_pointer_warns_and_closes(tmp_path):
+    """The save checks the table's version pointer (TABLE.npy.current); unreadable there (a
+    disk error, or a file compaction did not write), close() raised TableFormatError and left
+    the store open: its writer lock held, so no store in the process could write the table."""
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    cfg = config(path, hot=0, warm=100, restart={"enabled": True, "save_every_s": 0.01})
+    store = TieredStore(cfg)
+    store.write([1], torch.ones(1, 4))
+    store.commit()
+    pointer = tmp_path / f"{path.name}.current"
+    pointer.write_bytes(b"")
+    with warnings.catch_warnings(record=True) as got:  # periodic saves warn (the thread died)
+        warnings.simplefilter("always")
+        deadline = time.monotonic() + 10
+        while not [w for w in got if "periodic save failed" in str(w.message)]:
+            assert time.monotonic() < deadline, [str(w.message) for w in got]
+            time.sleep(0.01)
+    with pytest.warns(
+        RestartWarning, match=r"could not save .*\.npy\.restart.*pointer.*unreadable"
+    ):
+        store.close()
+    assert store.closed
+    pointer.unlink()
+    with TieredStore(cfg) as again:  # the writer lock went with the store
+        again.write([2], torch.ones(1, 4))
+        again.commit()
+        assert torch.equal(again.lookup([1, 2, 3])[:, 0], torch.tensor([1.0, 1.0, data[3, 0]]))
+
+
 def test_a_fifo_at_the_restart_path_starts_cold_without_blocking(tmp_path):
     import os
 

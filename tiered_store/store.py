@@ -641,8 +641,8 @@ class TieredStore:
         if self.config.tiers.restart.enabled:
             try:
                 self.save_restart()
-            except OSError as exc:
-                kept = exc.errno == errno.ESTALE  # the newer version's file stays as it is
+            except (OSError, TieredStoreError) as exc:  # an unreadable version pointer too
+                kept = getattr(exc, "errno", None) == errno.ESTALE  # the newer version's file stays
                 warn_at_caller(
                     f"warm restart: could not save {restart_path(self.config.table.path)} ({exc}); "
                     + (
@@ -1020,7 +1020,7 @@ class TieredStore:
         while not self._stop.wait(every_s):
             try:
                 self.save_restart()
-            except OSError as exc:
+            except (OSError, TieredStoreError) as exc:
                 warnings.warn(
                     f"warm restart: periodic save failed ({exc})", RestartWarning, stacklevel=2
                 )
