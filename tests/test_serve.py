@@ -791,6 +791,48 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path, config_pa
         assert reader.n_batches == 2 and reader.tables == TABLES
 
 
+def test_a_request_outlasting_the_drain_gets_a_json_503_and_its_lookups_finish_first(
+    tmp_path, caplog
+):
+    """A request still computing when the drain (2 x request_timeout_s) ends: uvicorn cancelled
+    it, logged a CancelledError traceback and sent a plain-text 500; and the tables were closed
+    under its worker, whose next lookup was logged and counted as a failed one (/healthz, metrics).
+    It now gets a JSON 503, and the tables close once its worker is done."""
+    import threading
+
+    server = start_server(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
+    store = server.model.stores["engram_layer3"]
+    lookup, reading, done = store.lookup, threading.Event(), threading.Event()
+
+    def slow_read(*args, **kwargs):  # a cold read outlasting the drain
+        reading.set()
+        time.sleep(2.0)
+        try:
+            return lookup(*args, **kwargs)
+        finally:
+            done.set()
+
+    store.lookup = slow_read
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"input_ids": [[7, 8, 9]]}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert reading.wait(30)
+        server.stop()
+        assert done.is_set()  # the tables closed after its lookups, not under them
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"application/json" in head, answer[:300]
+    assert "drain" in json.loads(payload)["error"]
+    assert store.closed and [h.lookup_failures for h in server.model.health.values()] == [0, 0]
+    assert "Traceback" not in caplog.text and "lookup failed" not in caplog.text, caplog.text
+
+
 def test_init_model_writes_a_checkpoint_that_serve_opens(tmp_path, capsys):
     from tiered_store.cli import main
 

@@ -48,8 +48,9 @@ Errors are ``{"error": "message"}``: 4xx for the client's mistakes (bad JSON, wr
 outside the vocabulary, limits exceeded, a body that stalls: 408), 503 when a table's rows
 cannot be served (a failed read, a bad table file, non-finite values) or no compute turn frees
 up in time, 500 otherwise. Messages never carry server paths; tracebacks only go to the log.
-SIGTERM or SIGINT stops accepting connections, lets requests in flight finish, closes the trace
-and the table files, and exits 0.
+SIGTERM or SIGINT stops accepting connections, lets requests in flight finish (one still running
+after ``2 x server.request_timeout_s`` is answered 503; the tables close once its worker is done),
+closes the trace and the table files, and exits 0.
 
 Examples
 --------

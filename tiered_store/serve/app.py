@@ -69,6 +69,8 @@ def build_app(server: InferenceServer) -> ASGIApp:
         except ClientDisconnect:
             request.scope["state"]["gone"] = True
             return Response(status_code=400)  # goes nowhere: the client is gone
+        except anyio.get_cancelled_exc_class():  # uvicorn's drain ran out: its 500, a traceback
+            return json_response(503, {"error": _DRAIN_OVER}, {"Connection": "close"})
         except Exception as exc:  # every failure becomes a JSON answer; none escapes to uvicorn
             return _error_response(exc, request)
         if await request.is_disconnected():  # left while it was computed: uvicorn would drop
@@ -116,6 +118,10 @@ def build_app(server: InferenceServer) -> ASGIApp:
 
 
 _INTERNAL = "internal server error (details are in the server log)"
+_DRAIN_OVER = (
+    "server shutting down: the request was still running when the drain ended "
+    "(2 x server.request_timeout_s); retry it"
+)
 
 
 def _error_response(exc: Exception, request: Request) -> Response:

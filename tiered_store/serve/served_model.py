@@ -441,6 +441,8 @@ class ServedModel:
         ``NonFiniteOutputError`` when the output is not finite."""
         self.reload_if_stale()
         with self._gate.shared():
+            if self._closed:  # a worker the drain gave up on, come after close(): no lookups
+                raise StoreClosedError("the served model is closed; open a new ServedModel")
             return self._answer(request, announced.batch if announced is not None else None)
 
     def _answer(self, request: InferenceRequest, hashed: EngramBatch | None) -> dict[str, Any]:
@@ -648,9 +650,15 @@ class ServedModel:
         return failed
 
     def close(self) -> None:
-        """Close the trace (written atomically) and every store; idempotent."""
+        """Wait for the answers in flight, then close the trace (written atomically) and every
+        store; idempotent."""
         with self._reloading:  # a reload under way ends first; none starts after
             self._closed = True
+        with self._gate.exclusive():  # a worker the drain gave up on still computes: its lookups
+            self._close()  # would find the stores closed (counted, logged as failed lookups)
+
+    def _close(self) -> None:
+        """``close`` once no answer is in flight."""
         trace, self._trace = self._trace, None
         if trace is not None:
             trace.close()
