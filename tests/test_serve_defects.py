@@ -240,6 +240,34 @@ def test_protocol_errors_get_a_json_400_and_are_counted(proc, data):
     assert _answers(proc.url, "400") == before + 1
 
 
+@pytest.mark.parametrize(
+    "data",
+    [  # answered unread (415, 404) by the app; the chunk size is not hex
+        b"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+        b"POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+    ],
+)
+def test_a_body_whose_framing_breaks_is_one_400_without_a_traceback(proc, data):
+    """A request whose head the app took, its body's framing broken in the same packet: the
+    protocol answered 400 (counted), then the app's own answer raised h11's LocalProtocolError
+    (a traceback, and a 500 counted for the same request)."""
+    before = {code: _answers(proc.url, code) for code in ("400", "500")}
+    status, head, body = raw_exchange(proc.url, data)
+    assert status == 400 and b"content-type: application/json" in head.lower(), head[:100]
+    assert b'{"error": "malformed HTTP request' in body  # chunked: the request was HTTP/1.1
+    deadline = time.monotonic() + 10
+    while _answers(proc.url, "400") < before["400"] + 1:  # the app counts it once it ended
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert {code: _answers(proc.url, code) for code in ("400", "500")} == {
+        "400": before["400"] + 1,
+        "500": before["500"],
+    }
+    _no_trouble_in(proc.log())
+
+
 def test_clients_that_disconnect_leave_no_traceback(proc):
     host, port = proc.url.removeprefix("http://").split(":")
     body = json.dumps({"input_ids": [[3] * 200] * 4}).encode()

@@ -222,6 +222,8 @@ class _CountingMiddleware:
             state["status"] = 500
         finally:
             code = _CLIENT_GONE if state["gone"] or state.get("client_ended") else state["status"]
+            if state.get("malformed"):  # its body's framing broke: the protocol answered 400
+                code = 400
             counters.end(handler, code, time.perf_counter() - start, state["tokens"])
 
     def _on_metrics_listener(self, local: tuple[str, int] | None) -> bool:

@@ -99,8 +99,19 @@ def with_head_deadline(
             return False
 
         def send_400_response(self, msg: str) -> None:
-            """A JSON 400 for a request that is not HTTP/1.1 as h11 reads it, then close."""
-            on_malformed()
+            """A JSON 400 for a request that is not HTTP/1.1 as h11 reads it, then close. A request
+            the app has (its body's framing broke) is the app's to count, as 400, and its own
+            answer goes nowhere (sent after this one, it raised h11's LocalProtocolError)."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:  # no app has this request
+                on_malformed()
+            else:
+                cycle.scope.setdefault("state", {})["malformed"] = True
+                cycle.disconnected = True  # what it sends is dropped; its body read ends
+                cycle.message_event.set()
+                if cycle.response_started:  # no room for a 400 in its answer
+                    self.transport.close()
+                    return
             body = json.dumps({"error": _MALFORMED}).encode() + b"\n"
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
             for event in (
