@@ -1237,3 +1237,41 @@ def test_a_heartbeat_write_that_fails_is_tried_again_and_the_rank_counts_as_aliv
     finally:
         host.kill()
         host.wait()
+
+
+def test_closing_a_heartbeat_whose_store_host_is_gone_ends_its_thread():
+    """The store's host gone (rank 0 exited first): close ends the heartbeat thread (it stayed
+    in a reconnect for the group store's whole timeout, past close's wait, and a rank that exited
+    meanwhile aborted with SIGABRT when that call returned into the finalising interpreter)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tiered_store.distributed.liveness import Heartbeat
+
+    port = free_port()
+    host = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time, torch.distributed as dist; "
+            f"s = dist.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False)"
+            "; print('up', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert host.stdout.readline().strip() == "up"
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=20))
+        beat = Heartbeat(store, 1, 2, 0.2)
+        host.kill()
+        host.wait()
+        time.sleep(1.0)  # beats fail: the thread reconnects
+        start = time.monotonic()
+        beat.close()
+        assert not beat._thread.is_alive(), "the heartbeat thread outlived close"
+        assert time.monotonic() - start < 10  # not the group store's 20 s timeout
+    finally:
+        host.kill()
+        host.wait()

@@ -68,8 +68,11 @@ class Heartbeat:
         self.rank, self.world, self.interval = rank, world, interval
         self.entered = 0  # collectives this rank has entered (set by the store's thread)
         self.kind = "none"  # the kind of the last one: lookup, write, commit, update
-        self._group_store = store
-        self._store = self._connect()  # its own connection: safe beside the group's own use
+        self._timeout = timedelta(seconds=max(2 * interval, 1.0))
+        # its own connection: safe beside the group's own use; later ones are cloned from it, so
+        # they connect within this class's timeout (not the group store's: a reconnect to a gone
+        # host then outlasted ``stop``'s wait, and returned into an exiting interpreter)
+        self._store = self._connect(store)
         self._beat = 0
         self._stop = threading.Event()
         self._watch: dist.Store | None = None  # ``stopped``'s own connection, once it reads
@@ -96,6 +99,8 @@ class Heartbeat:
             try:
                 self._publish()
             except Exception:  # noqa: BLE001 (the store's host died or hung: diagnose says so)
+                if self._stop.is_set():
+                    return
                 with contextlib.suppress(Exception):  # a timed-out one may hold a late reply
                     self._store = self._connect()
 
@@ -140,10 +145,11 @@ class Heartbeat:
             silent=silent, closed=closed, behind=behind, elsewhere=elsewhere, kind=self.kind
         )
 
-    def _connect(self) -> dist.Store:
-        """A new connection to the group's store, with this class's timeout."""
-        store = self._group_store.clone()
-        store.set_timeout(timedelta(seconds=max(2 * self.interval, 1.0)))
+    def _connect(self, source: dist.Store | None = None) -> dist.Store:
+        """A new connection to the group's store (cloned from ``source``, by default this
+        heartbeat's own: its connect then waits this class's timeout), with that timeout."""
+        store = (source or self._store).clone()
+        store.set_timeout(self._timeout)
         return store
 
     def stopped(self) -> str | None:
@@ -172,9 +178,11 @@ class Heartbeat:
         )
 
     def stop(self) -> None:
-        """Stop beating; the entry stays as last written."""
+        """Stop beating; the entry stays as last written. Waits out a beat under way: a write
+        and a reconnect, each within the timeout (a thread left in the store's C++ code aborts
+        the process if that call returns while the interpreter exits)."""
         self._stop.set()
-        self._thread.join(self.interval + 1.0)
+        self._thread.join(self.interval + 4 * self._timeout.total_seconds() + 1.0)
 
     def close(self) -> None:
         """Stop beating and mark this rank closed (so it is not reported as dead)."""
