@@ -210,9 +210,10 @@ def run_follower(config: Any) -> int:
     sharding = config.store_config(served.layer_ids[0]).sharding
     # rank 0's drain (2 x request_timeout_s), then its stop, which may wait timeout_s for a rank
     _stay_until_stopped(rank, 2 * config.server.request_timeout_s + sharding.timeout_s + 10)
+    stop_scrub, scrubber = threading.Event(), None
     try:
         if config.checkpoint.scrub_interval_s > 0:  # its own shards: in its metrics and log
-            served.start_scrub(threading.Event())
+            scrubber = served.start_scrub(stop_scrub)
         url = metrics_url[0] if metrics_url else None
         print(json.dumps({"event": "following", "rank": rank, "metrics_url": url}), flush=True)
         try:
@@ -226,6 +227,9 @@ def run_follower(config: Any) -> int:
         log.info("rank %d: rank 0 stopped the server after %d requests", rank, rounds)
         return 0
     finally:
+        stop_scrub.set()  # joined first, as rank 0 does: a pass left in the store's C++ at exit
+        if scrubber is not None:  # could abort the process (its health publish is a TCPStore set)
+            scrubber.join(timeout=30)
         served.close()
 
 
