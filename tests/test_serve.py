@@ -797,16 +797,17 @@ def test_a_request_outlasting_the_drain_gets_a_json_503_and_its_lookups_finish_f
     """A request still computing when the drain (2 x request_timeout_s) ends: uvicorn cancelled
     it, logged a CancelledError traceback and sent a plain-text 500; and the tables were closed
     under its worker, whose next lookup was logged and counted as a failed one (/healthz, metrics).
-    It now gets a JSON 503, and the tables close once its worker is done."""
+    It now gets a JSON 503, and the tables close once its worker is done (within
+    request_timeout_s more: a read that outlasts the drain by less)."""
     import threading
 
-    server = start_server(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
+    server = start_server(make_checkpoint(tmp_path, server={"request_timeout_s": 1.0}))
     store = server.model.stores["engram_layer3"]
     lookup, reading, done = store.lookup, threading.Event(), threading.Event()
 
-    def slow_read(*args, **kwargs):  # a cold read outlasting the drain
+    def slow_read(*args, **kwargs):  # a cold read outlasting the drain (2 s), not the close (3 s)
         reading.set()
-        time.sleep(2.0)
+        time.sleep(2.5)
         try:
             return lookup(*args, **kwargs)
         finally:
@@ -831,6 +832,59 @@ def test_a_request_outlasting_the_drain_gets_a_json_503_and_its_lookups_finish_f
     assert "drain" in json.loads(payload)["error"]
     assert store.closed and [h.lookup_failures for h in server.model.health.values()] == [0, 0]
     assert "Traceback" not in caplog.text and "lookup failed" not in caplog.text, caplog.text
+
+
+_STUCK_READ_HOOK = """
+import os, threading
+from tiered_store.store import TieredStore
+
+_lookup = TieredStore.lookup
+
+
+def _stuck(self, *args, **kwargs):  # a cold read of engram_layer3 hung for good (a dead disk)
+    if "engram_layer3" in str(self.config.table.path):
+        open(os.environ["STUCK_MARK"], "w").close()
+        threading.Event().wait()
+    return _lookup(self, *args, **kwargs)
+
+
+TieredStore.lookup = _stuck
+"""
+
+
+def test_sigterm_exits_while_a_lookup_hangs_for_good(tmp_path):
+    """A worker hung in a lookup for good (a cold read on a dead disk or NFS): SIGTERM never
+    ended the process, close() waiting for that answer without end. It now waits
+    request_timeout_s after the drain, logs how many answers still ran, closes and exits 0."""
+    hook, mark = tmp_path / "hook", tmp_path / "stuck"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_STUCK_READ_HOOK)  # imported by the server at start
+    config = make_checkpoint(tmp_path, server={"request_timeout_s": 0.5})
+    env = {"PYTHONPATH": str(hook), "STUCK_MARK": str(mark)}
+    with ServeProcess(config, metrics=False, env=env) as proc:
+        host, port = proc.url.removeprefix("http://").split(":")
+        body = json.dumps({"input_ids": [[7, 8, 9]]}).encode()
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(
+                f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            deadline = time.monotonic() + 30
+            while not mark.exists():
+                assert time.monotonic() < deadline, "the lookup never started"
+                time.sleep(0.05)
+            proc.proc.terminate()  # SIGTERM: drain 1 s, then at most 0.5 s for the hung worker
+            try:
+                status = proc.proc.wait(15)
+            except Exception:
+                proc.proc.kill()
+                pytest.fail(f"still running 15 s after SIGTERM; its log:\n{proc.log()[-2000:]}")
+            answer = sock.recv(65536)
+        assert status == 0, proc.log()
+        assert answer.startswith(b"HTTP/1.1 503") and b"drain" in answer, answer[:300]
+        log = proc.log()
+        assert "closing the tables with 1 answer(s) still running" in log, log
+        assert "Traceback" not in log, log
 
 
 def test_init_model_writes_a_checkpoint_that_serve_opens(tmp_path, capsys):

@@ -49,8 +49,9 @@ outside the vocabulary, limits exceeded, a body that stalls: 408), 503 when a ta
 cannot be served (a failed read, a bad table file, non-finite values) or no compute turn frees
 up in time, 500 otherwise. Messages never carry server paths; tracebacks only go to the log.
 SIGTERM or SIGINT stops accepting connections, lets requests in flight finish (one still running
-after ``2 x server.request_timeout_s`` is answered 503; the tables close once its worker is done),
-closes the trace and the table files, and exits 0.
+after ``2 x server.request_timeout_s`` is answered 503; the tables close once its worker is done,
+or ``server.request_timeout_s`` later if it hangs), closes the trace and the table files, and
+exits 0.
 
 Examples
 --------

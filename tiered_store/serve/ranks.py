@@ -208,8 +208,9 @@ def run_follower(config: Any) -> int:
     served = ServedModel(config, before_start=lambda s: metrics_url.extend(_export_metrics(s)))
     rank = served.control.rank
     sharding = config.store_config(served.layer_ids[0]).sharding
-    # rank 0's drain (2 x request_timeout_s), then its stop, which may wait timeout_s for a rank
-    _stay_until_stopped(rank, 2 * config.server.request_timeout_s + sharding.timeout_s + 10)
+    # rank 0's drain (2 x request_timeout_s), its wait for the workers still computing
+    # (request_timeout_s), then its stop, which may wait timeout_s for a rank
+    _stay_until_stopped(rank, 3 * config.server.request_timeout_s + sharding.timeout_s + 10)
     stop_scrub, scrubber = threading.Event(), None
     try:
         if config.checkpoint.scrub_interval_s > 0:  # its own shards: in its metrics and log

@@ -650,12 +650,22 @@ class ServedModel:
         return failed
 
     def close(self) -> None:
-        """Wait for the answers in flight, then close the trace (written atomically) and every
-        store; idempotent."""
+        """Wait for the answers in flight (at most ``server.request_timeout_s``: a worker hung on
+        a read never ends), then close the trace (written atomically) and every store;
+        idempotent."""
         with self._reloading:  # a reload under way ends first; none starts after
             self._closed = True
-        with self._gate.exclusive():  # a worker the drain gave up on still computes: its lookups
-            self._close()  # would find the stores closed (counted, logged as failed lookups)
+        bound = self.config.server.request_timeout_s
+        # a worker the drain gave up on still computes: its lookups would find the stores closed
+        with self._gate.exclusive(timeout=bound) as running:  # (counted, logged as failed)
+            if running:
+                log.warning(
+                    "closing the tables with %d answer(s) still running %g s after the close "
+                    "began (server.request_timeout_s): their lookups fail",
+                    running,
+                    bound,
+                )
+            self._close()
 
     def _close(self) -> None:
         """``close`` once no answer is in flight."""
@@ -699,14 +709,16 @@ class RequestGate:
                 self._cond.notify_all()
 
     @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """The swap's passage."""
+    def exclusive(self, timeout: float | None = None) -> Iterator[int]:
+        """The swap's passage; the requests still in flight (0 unless ``timeout`` seconds passed
+        first: it goes on with them)."""
         with self._cond:
             self._cond.wait_for(lambda: not self._exclusive)
             self._exclusive = True
-            self._cond.wait_for(lambda: self._active == 0)
+            self._cond.wait_for(lambda: self._active == 0, timeout)
+            running = self._active
         try:
-            yield
+            yield running
         finally:
             with self._cond:
                 self._exclusive = False

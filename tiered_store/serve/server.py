@@ -3,7 +3,8 @@
 Lifecycle: ``start()`` binds both listeners first (an address in use fails at once, naming it),
 then opens the checkpoint (``ServedModel``), then runs uvicorn over the app (``app.build_app``)
 in a background thread. ``stop()`` drains: uvicorn stops accepting, lets requests in flight
-finish (up to ``2 x server.request_timeout_s``), then the trace and the tables are closed.
+finish (up to ``2 x server.request_timeout_s``), then the trace and the tables are closed (once
+the workers still computing are done, or ``server.request_timeout_s`` later).
 ``serve_until_signal()`` does both around SIGTERM/SIGINT, in the main thread.
 """
 
