@@ -166,7 +166,8 @@ def test_batched_model_is_within_tolerance_of_replay(text_trace, batch_tokens):
 
 
 @pytest.mark.parametrize("policies", [None, ("zipf-tuned", "zipf-tuned")], ids=["lru", "tuned"])
-@pytest.mark.parametrize("batch_tokens", [None, 1])
+# per request (15-30 s each) under -m slow: the per-request tests below check the model exact
+@pytest.mark.parametrize("batch_tokens", [None, pytest.param(1, marks=pytest.mark.slow)])
 def test_recommended_split_has_the_least_replayed_stall(
     text_trace, short_trace, batch_tokens, policies
 ):
