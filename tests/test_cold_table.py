@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import subprocess
+import sys
+import textwrap
 import threading
 import uuid
 from pathlib import Path
@@ -391,6 +395,95 @@ class TestUring(ExtentReaderContract):
             TierIOError, match=r"io='uring' on table .*float32_32.npy is unavailable.*io='direct'"
         ):
             ColdTable(path, io="uring")
+
+    def test_a_ring_that_cannot_be_set_up_at_read_time_is_a_tier_io_error(self, tables):
+        """Rings past the first are made by the first batch that needs them: one the kernel
+        refuses then (here a real RLIMIT_NOFILE, in a child process) fails the read as a
+        counted TierIOError naming the table, and the table reads on once there is room."""
+        path, _ = tables[("float32", 37)]
+        script = textwrap.dedent(
+            f"""
+            import os, resource, sys
+            import numpy as np
+            from tiered_store.cold_table import ColdTable
+            from tiered_store.errors import TierIOError
+            table = ColdTable({str(path)!r}, io="uring", threads=4, queue_depth=3)
+            ids = np.arange(0, {ROWS}, 7)
+            table.read_rows(ids[:3])  # everything compiled and loaded
+            busy = table._take_reader(4096)  # the one idle ring (the probe's) busy: a batch makes its own
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+            held = []  # every descriptor number left below the limit: no room for a ring
+            try:
+                while True:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            try:
+                table.read_rows(ids)
+            except TierIOError as exc:
+                print("TierIOError", exc.errno, table.read_errors, exc)
+            finally:
+                for fd in held:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            table._give_reader(busy)
+            print("then", table.read_rows(ids).shape[0] == len(ids))
+            """
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert len(lines) == 2, proc.stdout
+        first, then = lines
+        assert re.match(
+            rf"TierIOError {errno.EMFILE} [1-9]\d* .*io='uring' on table .*float32_37.npy: cannot "
+            r"set up another ring .*Too many open files.*io='direct'",
+            first,
+        ), first
+        assert then == "then True"
+
+    def test_a_ring_the_kernel_refuses_at_read_time_is_a_tier_io_error(self, tables):
+        """A table opened with a working ring, then a seccomp filter (real, in a child process)
+        answering io_uring_enter with EPERM: the read fails as a counted TierIOError naming the
+        table, not a bare PermissionError."""
+        path, _ = tables[("float32", 37)]
+        script = textwrap.dedent(
+            f"""
+            import ctypes, struct
+            import numpy as np
+            from tiered_store.cold_table import ColdTable
+            from tiered_store.errors import TierIOError
+            table = ColdTable({str(path)!r}, io="uring", threads=1, queue_depth=3)
+            table.read_rows(np.arange(3))
+            # a BPF filter: io_uring_enter (426) -> EPERM, everything else allowed
+            insn = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)
+            prog = ctypes.create_string_buffer(
+                insn(0x20, 0) + insn(0x15, 426, 0, 1) + insn(0x06, 0x50000 | 1)
+                + insn(0x06, 0x7FFF0000)
+            )
+            fprog = struct.pack("HxxxxxxQ", 4, ctypes.addressof(prog))
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+            assert libc.prctl(22, 2, fprog, 0, 0) == 0, ctypes.get_errno()  # SECCOMP_MODE_FILTER
+            try:
+                table.read_rows(np.arange(0, {ROWS}, 3))
+            except TierIOError as exc:
+                print("TierIOError", exc.errno, table.read_errors, exc)
+            """
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert re.fullmatch(
+            rf"TierIOError {errno.EPERM} 1 .*io='uring' on table .*float32_37.npy: the ring's read "
+            r"failed \(io_uring_enter failed: Operation not permitted\); use io='direct' .*\n",
+            proc.stdout,
+        ), proc.stdout
 
     @pytest.mark.parametrize("depth", [0, 4097, True, 2.0])
     def test_bad_queue_depth(self, tables, depth):

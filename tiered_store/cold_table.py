@@ -673,7 +673,12 @@ class ColdTable:
         moved = [0] * (len(edges) - 1)
 
         def work(g: int) -> None:
-            reader = self._take_reader(buffer_bytes)
+            try:
+                reader = self._take_reader(buffer_bytes)
+            except OSError as exc:  # a ring made at read time (EMFILE, ENOMEM): a read failure
+                raise self._ring_failure(
+                    exc, "cannot set up another ring for this read", "lower cold.threads, or "
+                ) from exc
             try:
                 e, e_end = edges[g], edges[g + 1]
                 while e < e_end:  # one iteration per buffer-full of extents
@@ -701,15 +706,28 @@ class ColdTable:
         """Read extents [e0, e1) back to back into the reader's buffer; bytes read."""
         place = plan.ext_vpos[e0:e1] - plan.ext_vpos[e0]
         want = expected[e0:e1]
-        got = reader.ring.read_batch(
-            self._fd, offsets[e0:e1], plan.pages[e0:e1] << _PAGE_SHIFT, reader.address + place
-        )
+        try:
+            got = reader.ring.read_batch(
+                self._fd, offsets[e0:e1], plan.pages[e0:e1] << _PAGE_SHIFT, reader.address + place
+            )
+        except OSError as exc:  # io_uring_enter refused (a sandbox, ENOMEM): a read failure
+            raise self._ring_failure(exc, "the ring's read failed") from exc
         failed = got != want
         total = int(want.sum()) - int(want[failed].sum())
         for k in np.flatnonzero(failed).tolist():  # errors, short reads: the careful path (rare)
             start, length = int(place[k]), int(plan.pages[e0 + k]) << _PAGE_SHIFT
             total += self._read_extent(reader.view[start : start + length], int(offsets[e0 + k]))
         return total
+
+    def _ring_failure(self, exc: OSError, what: str, advice: str = "") -> TierIOError:
+        """A ring that failed at read time, as a counted TierIOError naming the table."""
+        self._count_error()
+        return TierIOError(
+            exc.errno,
+            f"io='uring' on table {self.path}: {what} ({exc.strerror}); {advice}use io='direct' "
+            "if it persists",
+            str(self.path),
+        )
 
     def _take_reader(self, buffer_bytes: int) -> _UringReader:
         """An idle ring with a buffer of at least ``buffer_bytes`` (made when none is idle)."""
