@@ -40,8 +40,9 @@ and reads unverified; ``verify_pages=False`` skips the checks (the benchmarks' b
 Before each batch the open file is checked against its path (``fstat`` and ``stat``): a file
 that shrank, was removed or was replaced raises ``TierIOError``. For mmap this is what keeps a
 truncated table from killing the process with SIGBUS; the check cannot close the window between
-it and the gather (a truncation in those microseconds still faults), which the other modes do not
-have: their reads past the end come back short and raise.
+it and the end of the gather (a truncation then still faults; for a large batch read from disk,
+hundreds of milliseconds), which the other modes do not have: their reads past the end come back
+short and raise.
 """
 
 from __future__ import annotations
