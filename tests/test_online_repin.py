@@ -777,6 +777,69 @@ def test_a_saved_pin_a_lookup_admits_during_the_restore_comes_back_pinned(tmp_pa
         assert sorted(store.hot.pinned_rows().tolist()) == saved
 
 
+@pytest.mark.parametrize("hold_plan", [True, False], ids=["planned-before", "applied-before"])
+def test_a_re_pin_during_the_restore_of_the_saved_pins_never_pins_the_whole_tier(
+    tmp_path, monkeypatch, hold_plan
+):
+    """A re-pin planned (or applied) on rows lookups admitted while the restore read the saved
+    pins from cold added its pins beside those the restore then loaded: every slot of the tier
+    pinned, so it admitted nothing, never re-pinned again and missed every other row for good.
+    Re-pins now wait for the saved pins. The restore's read and the plan are held on events only
+    to fix the interleaving."""
+    import threading
+
+    from tiered_store.cold_table import ColdTable
+    from tiered_store.online_repin import OnlineRepin
+
+    path, data = make_table(tmp_path, rows=200, dim=4)
+    hot = {"capacity": 8, "policy": "zipf-tuned", "recency_window": 4}
+    hot["repin"] = {"enabled": True, "every": 4, "budget": "100%"}
+    tiers = {"hot": hot, "warm": {"capacity": 0}, "restart": {"enabled": True}}
+    cfg = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers})
+    with TieredStore(cfg) as store:
+        for i in range(200):  # one row a window: 7 of the 10 rows pinned
+            store.lookup([i % 10] * 4)
+            store.wait_repinned(5)
+        assert store.hot.pinned_count == 7
+    reading, go, planning, plan_go = (threading.Event() for _ in range(4))
+    if not hold_plan:
+        plan_go.set()
+    read_rows, plan = ColdTable.read_rows, OnlineRepin.plan
+
+    def held_read(self, ids, *args, **kwargs):
+        rows = read_rows(self, ids, *args, **kwargs)
+        if threading.current_thread().name == "restore" and not go.is_set():
+            reading.set()
+            go.wait(10)
+        return rows
+
+    def held_plan(self, *args, **kwargs):
+        if not plan_go.is_set():
+            planning.set()
+            plan_go.wait(10)
+        return plan(self, *args, **kwargs)
+
+    monkeypatch.setattr(ColdTable, "read_rows", held_read)
+    monkeypatch.setattr(OnlineRepin, "plan", held_plan)
+    with TieredStore(cfg) as store:
+        assert reading.wait(10)  # the restore reads the saved pins
+        store.lookup([100, 101, 102, 100])  # 3 rows admitted meanwhile: a re-pin is due
+        planning.wait(1)  # (held_plan) it may plan on the tier without the saved pins
+        store.wait_repinned(1)  # (applied-before) or apply its pins
+        go.set()
+        assert store.wait_restored(10)
+        plan_go.set()
+        assert store.wait_repinned(10)
+        assert store.hot.pinned_count < store.hot.capacity
+        hits = store.hot.counters.hits
+        for row in range(150, 160):  # other rows come in and hit
+            for _ in range(3):
+                assert torch.equal(store.lookup([row] * 4), data[[row] * 4])
+                store.wait_repinned(5)
+        assert store.hot.counters.hits - hits >= 80
+        assert store.hot.pinned_count < store.hot.capacity
+
+
 def test_wait_repinned_returns_on_a_closed_store(tmp_path):
     """A re-pin due when the store closed never runs: wait_repinned returns at once instead of
     waking a thread that has ended (with no timeout it spun forever)."""

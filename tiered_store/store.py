@@ -926,6 +926,7 @@ class TieredStore:
                         # the tier as the updates queued so far leave it: copied off the lock
                         # (lookups running meanwhile may show in it; apply checks each slot)
                         queued, due = len(cache.online.pending), cache.online.due
+                        due = due and not self._restoring_pins(cache)
                         if due:
                             snapshot = (cache.row_of_slot.clone(), cache.pin_flags().clone())
                         cache.online.count_pending(queued)
@@ -933,6 +934,8 @@ class TieredStore:
                             continue
                         moves = cache.online.plan(*snapshot)
                         with self._lock:  # apply checks each slot still holds the planned row
+                            if self._restoring_pins(cache):  # planned before the restore began
+                                continue
                             cache.online.finish(*cache.apply_repin(moves))
                 except (RuntimeError, ValueError) as exc:  # serving goes on with the pins it has
                     warnings.warn(
@@ -943,6 +946,12 @@ class TieredStore:
                     with self._lock.host_inputs():
                         cache.online.drop_pending()
                         cache.online.finish(0, 0)
+
+    def _restoring_pins(self, cache: Any) -> bool:
+        """The warm restart has not brought ``cache``'s saved pins back yet: they replace its
+        pins, so a re-pin waits for them (pins it added meanwhile would stay beside them, up to
+        every slot of the tier pinned: one that admits nothing, so never re-pins again)."""
+        return cache.name in self._unrestored.pinned
 
     def _restore_chunk(
         self,
