@@ -840,6 +840,29 @@ def test_a_re_pin_during_the_restore_of_the_saved_pins_never_pins_the_whole_tier
         assert store.hot.pinned_count < store.hot.capacity
 
 
+def test_a_budget_past_the_tier_re_pins_as_the_whole_tier_does(tmp_path):
+    """A ``repin.budget`` above int64 (the config takes any row count) reached the numba plan
+    as is: the re-pin thread died with a TypingError, without a warning, so the tier never
+    re-pinned again and its queued updates grew with every admission. A budget is now at most
+    the tier's slots: one past it re-pins as a budget of the whole tier."""
+    path, data = make_table(tmp_path, rows=2000, dim=4)
+    pinned = []
+    for budget in (10**30, 64):
+        hot = {"capacity": 64, "policy": "zipf-tuned", "recency_window": 128}
+        hot["repin"] = {"enabled": True, "every": 128, "budget": budget}
+        tiers = {"hot": hot, "warm": {"capacity": 0}}
+        cfg = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers})
+        rng = np.random.default_rng(1)
+        with TieredStore(cfg) as store:
+            for _ in range(60):
+                ids = torch.from_numpy((rng.zipf(1.3, 128) - 1) % 2000)
+                assert torch.equal(store.lookup(ids), data[ids])
+                assert store.wait_repinned(10)
+            assert store.hot.online.repins == 60 and not store.hot.online.pending
+            pinned.append(sorted(store.hot.pinned_rows().tolist()))
+    assert pinned[0] == pinned[1] and pinned[0]
+
+
 def test_wait_repinned_returns_on_a_closed_store(tmp_path):
     """A re-pin due when the store closed never runs: wait_repinned returns at once instead of
     waking a thread that has ended (with no timeout it spun forever)."""

@@ -411,9 +411,10 @@ class OnlineRepin:
         return self.capacity - max(1, recency)
 
     def budget_rows(self, target: int) -> int:
-        """Rows one re-pin may move in (and out): ``budget``, or its share of ``target``."""
+        """Rows one re-pin may move in (and out): ``budget`` (no more than the tier holds), or
+        its share of ``target``."""
         if isinstance(self.budget, int):
-            return self.budget
+            return min(self.budget, self.capacity)
         share = float(self.budget.strip()[:-1]) / 100
         return max(1, math.ceil(share * target))
 
