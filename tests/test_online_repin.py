@@ -977,3 +977,34 @@ def test_a_wait_no_thread_can_take_is_refused():
         StoreConfig.from_dict(
             {"table": {"path": "t.npy"}, "sharding": {"ranks": 2, "timeout_s": float("inf")}}
         )
+
+
+def _counts_over_windows(first_window: int, device: str) -> tuple[list[float], list[float]]:
+    """Slot counts and sketch estimates after 6 windows of hits, misses, admissions and evictions
+    on a tier whose window numbers start at ``first_window``."""
+    from tiered_store.config import RepinConfig
+    from tiered_store.online_repin import OnlineRepin
+
+    r = OnlineRepin(8, RepinConfig(every=6, budget=2), window=3, device=device)
+    r.window_no = first_window
+    on = torch.device(device)
+    r.admitted(torch.tensor([0, 1], device=on), torch.tensor([5, 1], device=on), looked_up=False)
+    for k in range(6):
+        r.count(torch.tensor([0, k % 2, 1], device=on), torch.tensor([2, 3], device=on), lookups=3)
+        if k == 2:  # row 1 leaves slot 1 mid-run, row 7 comes in
+            r.evicted(torch.tensor([1], device=on), torch.tensor([1], device=on))
+            r.admitted(torch.tensor([1], device=on), torch.tensor([7], device=on), looked_up=True)
+    rows = torch.tensor([2, 3, 1], device=on)
+    return r.slot_count[:2].tolist(), r.profile.estimates(rows).tolist()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")])
+def test_counting_goes_on_past_two_to_the_31_windows(device):
+    """Slot stamps are int32; window numbers are not: past 2**31 windows (25 days at a window a
+    batch and 1,000 batches/s) the CUDA path refused to stamp (counting and re-pinning stopped).
+    The counts across the wrap equal those from window 0."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    expected = _counts_over_windows(0, device)
+    for first in (2**31 - 3, 2**32 - 3, 2**40):
+        assert _counts_over_windows(first, device) == expected, first

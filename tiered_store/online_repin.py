@@ -346,7 +346,7 @@ class OnlineRepin:
         if kind == "hits":  # an episode for each slot first hit in its window
             _, parts, window, _ = update
             slots = parts[0] if len(parts) == 1 else torch.cat(parts)
-            self._hits_distinct += self._count_hits(slots.to(self.device), window, step)
+            self._hits_distinct += self._count_hits(slots.to(self.device), _stamp(window), step)
         elif kind == "end":  # the window's misses into the sketch, once per distinct row
             _, window, misses, _ = update
             self._misses.extend(m.reshape(-1).to(self.device) for m in misses)
@@ -360,7 +360,7 @@ class OnlineRepin:
         elif kind == "admit":  # from the sketch's estimate, plus the miss's episode if uncounted
             _, slots, rows, window, _ = update
             extra = step if window is not None and self.counted_through <= window else 0.0
-            stamp = -1 if window is None else window
+            stamp = -1 if window is None else _stamp(window)
             if self.device.type == "cpu":  # one numba pass
                 from .sketch_kernel import slots_admitted  # noqa: PLC0415 (imports numba)
 
@@ -374,12 +374,12 @@ class OnlineRepin:
             if self.device.type == "cpu":  # one numba pass
                 from .sketch_kernel import slots_evicted  # noqa: PLC0415 (imports numba)
 
-                args = (_int64(slots), _int64(rows), window, step)
+                args = (_int64(slots), _int64(rows), _stamp(window), step)
                 in_window = torch.from_numpy(
                     slots_evicted(self._per_slot.numpy(), *self.profile.numpy_sketch(), *args)
                 )
             else:
-                args = (self.profile, slots, rows, window, step)
+                args = (self.profile, slots, rows, _stamp(window), step)
                 in_window = evicted_torch(self.slot_count, self.slot_stamp, *args)
             if step:  # a window not counted keeps none of its misses
                 self._misses.append(rows[in_window].to(self.device))
@@ -524,6 +524,12 @@ class OnlineRepin:
         self.profile.load_state(state, sketch)
         self.weight = float(state["weight"])
         self.since_repin = int(state["since_repin"])
+
+
+def _stamp(window: int) -> int:
+    """A window number as the int32 slot stamps hold it, wrapped (stamps are only compared for
+    equality; a CUDA tensor refused a number past 2**31: counting stopped after 2**31 windows)."""
+    return (window + 2**31) % 2**32 - 2**31
 
 
 def _int64(ids: torch.Tensor) -> np.ndarray:
