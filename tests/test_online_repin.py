@@ -1008,3 +1008,31 @@ def test_counting_goes_on_past_two_to_the_31_windows(device):
     expected = _counts_over_windows(0, device)
     for first in (2**31 - 3, 2**32 - 3, 2**40):
         assert _counts_over_windows(first, device) == expected, first
+
+
+def test_a_re_pin_that_fails_with_any_error_warns_and_the_next_one_runs(tmp_path, monkeypatch):
+    """Only RuntimeError and ValueError were caught: any other failure of a plan (a numba
+    TypingError, a TypeError) ended the re-pin thread without a word, so the tier never re-pinned
+    again and wait_repinned() without a timeout never returned."""
+    from tiered_store.online_repin import OnlineRepin
+
+    path, data = make_table(tmp_path, rows=100, dim=4)
+    tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
+    tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
+    plan, failures = OnlineRepin.plan, []
+
+    def fails_once(self, *args):  # a fault in the first plan only
+        if not failures:
+            failures.append(1)
+            raise TypeError("a plan that fails")
+        return plan(self, *args)
+
+    monkeypatch.setattr(OnlineRepin, "plan", fails_once)
+    with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
+        with pytest.warns(
+            RuntimeWarning, match="re-pin of the warm tier failed .a plan that fails"
+        ):
+            for i in range(40):  # row 5 hot
+                assert torch.equal(store.lookup([5] * 9 + [60 + i]), data[[5] * 9 + [60 + i]])
+                assert store.wait_repinned(timeout=10)
+        assert failures and store.warm.online.repins > 0 and 5 in store.warm.pinned_rows()

@@ -11,7 +11,7 @@ each distinct row of a window once, which is an episode count at the window's gr
 
 plus the mean number of distinct rows per window, which is what zipf-tuned's recency segment must
 hold (the offline rule estimates it from the whole frequency curve, which a bounded counter does
-not keep). Memory: ``4 * depth * width + 12 * candidates`` bytes, whatever the table's rows
+not keep). Memory: ``4 * depth * width + 8 * candidates`` bytes, whatever the table's rows
 (without the heavy-hitter list, as the store's re-pinning uses it, the sketch alone, and each
 window's rows are counted conservatively: see :meth:`OnlineProfile.update`).
 

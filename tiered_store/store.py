@@ -937,7 +937,8 @@ class TieredStore:
                             if self._restoring_pins(cache):  # planned before the restore began
                                 continue
                             cache.online.finish(*cache.apply_repin(moves))
-                except (RuntimeError, ValueError) as exc:  # serving goes on with the pins it has
+                except Exception as exc:  # noqa: BLE001 (serving goes on with the pins it has;
+                    # a thread that died here left its tier's updates queued and never re-pinned)
                     warnings.warn(
                         f"online re-pin of the {cache.name} tier failed ({exc}); its pins stay",
                         RuntimeWarning,
