@@ -1183,6 +1183,23 @@ def test_rank_0_reads_the_others_health_in_a_thread_and_never_waits_on_a_hung_st
         host.wait()
 
 
+def _store_host(port: int) -> subprocess.Popen:
+    """A process hosting a TCPStore on ``port`` (as rank 0 hosts the group's), once it is up."""
+    host = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time, torch.distributed as dist; "
+            f"s = dist.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False)"
+            "; print('up', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert host.stdout.readline().strip() == "up"
+    return host
+
+
 def test_a_heartbeat_write_that_fails_is_tried_again_and_the_rank_counts_as_alive():
     """The key-value store's host goes and another takes its address (writes fail meanwhile):
     each rank beats on, on a new connection (its heartbeat thread ended at the first failed
@@ -1194,23 +1211,7 @@ def test_a_heartbeat_write_that_fails_is_tried_again_and_the_rank_counts_as_aliv
     from tiered_store.distributed.liveness import Heartbeat
 
     port = free_port()
-
-    def store_host() -> subprocess.Popen:
-        host = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import time, torch.distributed as dist; "
-                f"s = dist.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False)"
-                "; print('up', flush=True); time.sleep(120)",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert host.stdout.readline().strip() == "up"
-        return host
-
-    host = store_host()
+    host = _store_host(port)
     try:
 
         def client() -> dist.Store:
@@ -1221,7 +1222,7 @@ def test_a_heartbeat_write_that_fails_is_tried_again_and_the_rank_counts_as_aliv
         host.kill()
         host.wait()
         time.sleep(1.0)  # rank 1's writes fail meanwhile
-        host = store_host()
+        host = _store_host(port)
         deadline, calm_since = time.monotonic() + 30, None
         while calm_since is None or time.monotonic() - calm_since < 1.5:  # 7 beats in a row
             assert time.monotonic() < deadline, said
@@ -1250,19 +1251,8 @@ def test_closing_a_heartbeat_whose_store_host_is_gone_ends_its_thread():
     from tiered_store.distributed.liveness import Heartbeat
 
     port = free_port()
-    host = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time, torch.distributed as dist; "
-            f"s = dist.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False)"
-            "; print('up', flush=True); time.sleep(120)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    host = _store_host(port)
     try:
-        assert host.stdout.readline().strip() == "up"
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=20))
         beat = Heartbeat(store, 1, 2, 0.2)
         host.kill()

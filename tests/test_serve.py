@@ -817,10 +817,7 @@ def test_a_request_outlasting_the_drain_gets_a_json_503_and_its_lookups_finish_f
     host, port = server.url.removeprefix("http://").split(":")
     body = json.dumps({"input_ids": [[7, 8, 9]]}).encode()
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(
-            f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+        _send_infer(sock, body)
         assert reading.wait(30)
         server.stop()
         assert done.is_set()  # the tables closed after its lookups, not under them
@@ -832,6 +829,12 @@ def test_a_request_outlasting_the_drain_gets_a_json_503_and_its_lookups_finish_f
     assert "drain" in json.loads(payload)["error"]
     assert store.closed and [h.lookup_failures for h in server.model.health.values()] == [0, 0]
     assert "Traceback" not in caplog.text and "lookup failed" not in caplog.text, caplog.text
+
+
+def _send_infer(sock: socket.socket, body: bytes) -> None:
+    """An inference request on a raw socket (its answer is read as the test needs)."""
+    head = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    sock.sendall(head.encode() + body)
 
 
 _STUCK_READ_HOOK = """
@@ -865,10 +868,7 @@ def test_sigterm_exits_while_a_lookup_hangs_for_good(tmp_path):
         host, port = proc.url.removeprefix("http://").split(":")
         body = json.dumps({"input_ids": [[7, 8, 9]]}).encode()
         with socket.create_connection((host, int(port)), timeout=30) as sock:
-            sock.sendall(
-                f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
+            _send_infer(sock, body)
             deadline = time.monotonic() + 30
             while not mark.exists():
                 assert time.monotonic() < deadline, "the lookup never started"
