@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import warnings
 
 import numpy as np
@@ -1036,3 +1037,42 @@ def test_a_re_pin_that_fails_with_any_error_warns_and_the_next_one_runs(tmp_path
                 assert torch.equal(store.lookup([5] * 9 + [60 + i]), data[[5] * 9 + [60 + i]])
                 assert store.wait_repinned(timeout=10)
         assert failures and store.warm.online.repins > 0 and 5 in store.warm.pinned_rows()
+
+
+def test_a_restore_that_fails_with_any_error_starts_cold_and_re_pinning_goes_on(
+    tmp_path, monkeypatch
+):
+    """Only a failed read (TieredStoreError, OSError) ended the restore with a warning: any other
+    error (no memory for a step) killed its thread with the tier still waiting for its saved
+    pins, so it never re-pinned again. The rest now start cold, with the same warning."""
+    from tiered_store.cold_table import ColdTable
+    from tiered_store.warm_restart import RestartWarning
+
+    path, data = make_table(tmp_path, rows=200, dim=4)
+    hot = {"capacity": 8, "policy": "zipf-tuned", "recency_window": 4}
+    hot["repin"] = {"enabled": True, "every": 4, "budget": "100%"}
+    tiers = {"hot": hot, "warm": {"capacity": 0}, "restart": {"enabled": True}}
+    cfg = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers})
+    with TieredStore(cfg) as store:
+        for i in range(200):  # one row a window: 7 of the 10 rows pinned
+            store.lookup([i % 10] * 4)
+            store.wait_repinned(5)
+        assert store.hot.pinned_count == 7
+    read_rows = ColdTable.read_rows
+
+    def no_memory(self, ids, *args, **kwargs):  # the restore's read fails (lookups' reads do not)
+        if threading.current_thread().name == "restore":
+            raise MemoryError("no memory for the step")
+        return read_rows(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(ColdTable, "read_rows", no_memory)
+    with (
+        pytest.warns(RestartWarning, match="reading the saved rows back .*no memory for the step"),
+        TieredStore(cfg) as store,
+    ):
+        assert store.wait_restored(10)
+        for row in range(150, 160):  # other rows come in, are counted and pinned
+            for _ in range(3):
+                assert torch.equal(store.lookup([row] * 4), data[[row] * 4])
+                assert store.wait_repinned(5)
+        assert store.hot.online.repins > 0 and store.hot.pinned_count > 0

@@ -863,7 +863,8 @@ class TieredStore:
                     self._hot_restored.set()  # what open waits for with open_waits_for: hot
         except StoreClosedError:  # closing: what is left stays in the saved list
             return
-        except (TieredStoreError, OSError) as exc:  # a failed cold read: lookups go on, cold
+        except Exception as exc:  # noqa: BLE001 (a failed read, no memory: lookups go on, cold;
+            # a thread dead of it left a tier waiting for its saved pins, never re-pinning again)
             with self._lock.host_inputs():  # saves list what the tiers hold from now on
                 self._unrestored = RestartState({})
             warnings.warn(
