@@ -875,10 +875,10 @@ def test_sigterm_exits_while_a_lookup_hangs_for_good(tmp_path):
                 time.sleep(0.05)
             proc.proc.terminate()  # SIGTERM: drain 1 s, then at most 0.5 s for the hung worker
             try:
-                status = proc.proc.wait(15)
-            except Exception:
+                status = proc.proc.wait(60)  # 1.5 s of drain and close, then the exit (slow
+            except Exception:  # on a busy machine); the hung lookup held it for good before
                 proc.proc.kill()
-                pytest.fail(f"still running 15 s after SIGTERM; its log:\n{proc.log()[-2000:]}")
+                pytest.fail(f"still running 60 s after SIGTERM; its log:\n{proc.log()[-2000:]}")
             answer = sock.recv(65536)
         assert status == 0, proc.log()
         assert answer.startswith(b"HTTP/1.1 503") and b"drain" in answer, answer[:300]
