@@ -488,6 +488,41 @@ def test_a_step_that_failed_after_its_layers_leaves_the_cache_as_before(model, b
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_a_prefetched_batch_runs_again_after_a_failure_and_twice(model, converted, batches):
+    """KVCache's promise, that a step which raised may be run again, failed for a batch prefetched
+    from tiered stores: its layers had consumed their handles, so the retry raised "already
+    consumed; prefetch again" (and prefetching again would hash past the HashState's position).
+    A forward now drops each handle it consumes; a rerun looks those rows up."""
+    prompt, step = batches[0][:, :24], batches[0][:, 24:25]
+
+    def out_of_memory(*_):
+        raise RuntimeError("out of memory (a forward hook of the final norm)")
+
+    stores = open_tables(converted.table_paths, model.hasher, STORE)
+    try:
+        with torch.no_grad():
+            want = model(batches[0][:, :25], logits="last")
+            model.set_tables(stores)
+            state, cache = model.hasher.new_state(3), model.new_cache()
+            model(prompt, prefetched=model.prefetch(prompt, state=state), cache=cache)
+            batch = model.prefetch(step, state=state)
+            hook = model.final_norm.register_forward_hook(out_of_memory)
+            try:
+                with pytest.raises(RuntimeError, match="out of memory"):
+                    model(step, prefetched=batch, cache=cache, logits="last")
+            finally:
+                hook.remove()
+            assert batch.handles == {1: None, 3: None}
+            got = model(step, prefetched=batch, cache=cache, logits="last")  # the retry
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            whole = model.prefetch(batches[1])
+            first = model(batches[1], prefetched=whole)
+            assert torch.equal(model(batches[1], prefetched=whole), first)  # run twice
+    finally:
+        for store in stores.values():
+            store.close()
+
+
 def test_an_overwrite_stopped_midway_leaves_no_checkpoint_that_looks_complete(
     model, config, tmp_path, monkeypatch
 ):

@@ -83,7 +83,8 @@ class EngramBatch:
     """A batch whose Engram row ids are hashed (every layer, one pass) and whose fetches started.
 
     ``handles[layer]`` is the table's prefetch handle (``None`` when nothing was prefetched or the
-    table has nothing to wait for). A handle is consumed by one forward.
+    table has nothing to wait for). The first forward to reach a layer consumes its handle (and
+    sets it to ``None``): a later forward of the batch, a retry after a failure, looks the rows up.
     """
 
     input_ids: torch.Tensor  # [B, T] original token ids
@@ -221,6 +222,8 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """[B, T, hc, D] -> [B, T, hc, D] (appends this layer's keys/values to ``cache``)."""
         row_ids, handle = batch.row_ids.get(self.index), batch.handles.get(self.index)
+        if handle is not None:  # this forward consumes it: a rerun of the batch looks rows up
+            batch.handles[self.index] = None
         if isinstance(self.engram, V41Engram):
             h = self.engram(h, row_ids, batch.token_mask.to(h.device), handle)
         elif self.engram is not None:
