@@ -437,6 +437,18 @@ def test_handle_for_other_ids_or_used_twice_is_an_error(table):
                 store.lookup(buffer, handle)
 
 
+def test_something_other_than_a_handle_is_refused_as_one(table):
+    """lookup(ids, handle) read ``handle.packed`` before checking it was a handle: a wrong argument
+    (a row count, the ids again) gave AttributeError "'int' object has no attribute 'packed'"."""
+    path, data = table
+    with TieredStore(store_config(path)) as store:
+        ids = torch.tensor([1, 2, 3])
+        for wrong, name in ((3, "int"), (ids, "Tensor"), ("handle", "str")):
+            with pytest.raises(PrefetchHandleError, match=f"handle is {name}; expected a Prefetch"):
+                store.lookup(ids, wrong)
+        assert torch.equal(store.lookup(ids, store.prefetch(ids)), data[ids])
+
+
 def test_a_handle_from_another_store_is_refused(tmp_path):
     """Its rows are the other table's: they were once returned as this one's."""
     (path_a, data_a), (path_b, _) = make_table(tmp_path, seed=1), make_table(tmp_path, 4000)

@@ -245,12 +245,7 @@ class TieredStore:
         start = time.perf_counter()
         if handle is not None:
             self._check_open()  # the rows it staged may hold writes that close dropped
-            if packed != handle.packed:
-                raise PrefetchHandleError(
-                    f"lookup: packed={packed} but the handle was prefetched with "
-                    f"packed={handle.packed}; pass the same"
-                )
-            out, event = self._collect(ids, handle)
+            out, event = self._collect(ids, handle, packed)
         else:
             flat, shape = self._validate(ids)
             out, event = self._fetch(flat, packed)
@@ -1142,11 +1137,16 @@ class TieredStore:
             self.row_dtype,
         )
 
-    def _collect(self, ids: Any, handle: PrefetchHandle) -> tuple[torch.Tensor, Any]:
-        """Check a handle belongs to ``ids`` and wait for it."""
+    def _collect(self, ids: Any, handle: PrefetchHandle, packed: bool) -> tuple[torch.Tensor, Any]:
+        """Check a handle belongs to ``ids`` and to this call's ``packed``, and wait for it."""
         if not isinstance(handle, PrefetchHandle):
             raise PrefetchHandleError(
                 f"lookup: handle is {type(handle).__name__}; expected a PrefetchHandle"
+            )
+        if packed != handle.packed:
+            raise PrefetchHandleError(
+                f"lookup: packed={packed} but the handle was prefetched with "
+                f"packed={handle.packed}; pass the same"
             )
         if ids is not handle.ids or not ids_on_gpu(ids):  # a CPU buffer may have been refilled
             if ids_on_gpu(ids):
