@@ -887,6 +887,78 @@ def test_sigterm_exits_while_a_lookup_hangs_for_good(tmp_path):
         assert "Traceback" not in log, log
 
 
+_HELD_READ_HOOK = """
+import os, time
+from tiered_store.store import TieredStore
+
+_lookup = TieredStore.lookup
+_held = []
+
+
+def _held_read(self, *args, **kwargs):  # one cold read of engram_layer3 hangs until released
+    if "engram_layer3" in str(self.config.table.path) and not _held:
+        _held.append(1)
+        open(os.environ["STUCK_MARK"], "w").close()
+        while not os.path.exists(os.environ["STUCK_RELEASE"]):
+            time.sleep(0.05)
+    return _lookup(self, *args, **kwargs)
+
+
+TieredStore.lookup = _held_read
+"""
+
+
+def test_a_reload_gives_up_on_a_hung_answer_and_requests_go_on(tmp_path):
+    """A new table version while a worker hung in a lookup: the reload waited for that answer
+    without end, holding every new request back (the server stopped answering) and close()
+    (SIGTERM) behind it. It now waits request_timeout_s, logs it, requests go on over the
+    version open now, and the new version is opened once the hung answer ends."""
+    from tiered_store import TieredStore
+    from tiered_store.delta.compaction import compact_table
+
+    hook, mark, release = tmp_path / "hook", tmp_path / "stuck", tmp_path / "release"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HELD_READ_HOOK)  # imported by the server at start
+    config = make_checkpoint(tmp_path, server={"request_timeout_s": 1.0})
+    table = ServeConfig.from_yaml(config).table_path(1)
+    env = {"PYTHONPATH": str(hook), "STUCK_MARK": str(mark), "STUCK_RELEASE": str(release)}
+    with ServeProcess(config, metrics=False, env=env) as proc:
+        files = lambda: get_json(proc.url + "/stats")[1]["geometry"]["engram_layer1"]["file"]  # noqa: E731
+        host, port = proc.url.removeprefix("http://").split(":")
+        body = json.dumps({"input_ids": [[7, 8, 9]]}).encode()
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(
+                f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            deadline = time.monotonic() + 30
+            while not mark.exists():
+                assert time.monotonic() < deadline, "the lookup never started"
+                time.sleep(0.05)
+            with TieredStore.open({"table": {"path": str(table)}}) as writer:
+                writer.write([0], torch.full((1, writer.dim), 2.0))
+                writer.commit()
+            assert compact_table(table, progress=False).new_generation == 1
+            deadline = time.monotonic() + 30
+            while "postponed reopening engram_layer1" not in proc.log():
+                assert time.monotonic() < deadline, f"no reload gave up: {proc.log()[-2000:]}"
+                time.sleep(0.1)
+            for _ in range(3):  # answered at once, over the version open now
+                started = time.monotonic()
+                status, _ = post_json(proc.url + "/v1/engram", {"input_ids": [[1, 2, 3]]}, 10)
+                assert status == 200 and time.monotonic() - started < 1.0
+            assert files() == "engram_layer1.npy"
+            release.touch()
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 30
+        while files() != "engram_layer1.g1.npy":  # tried again once the hung answer ended
+            assert time.monotonic() < deadline, "the new version was never opened"
+            time.sleep(0.1)
+        log = proc.log()
+        assert proc.stop() == 0, log
+        assert "Traceback" not in log, log
+
+
 def test_init_model_writes_a_checkpoint_that_serve_opens(tmp_path, capsys):
     from tiered_store.cli import main
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import threading
 import time
@@ -203,6 +204,7 @@ class ServedModel:
             self._closed = False  # a closed model never reopens its tables
             self._last_version_check = time.monotonic()
             self._reload_refused: str | None = None  # why the last reload failed (logged once)
+            self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
             self.reloads = 0
             if trace is not None:
@@ -277,8 +279,10 @@ class ServedModel:
         """Reopen the stores whose table moved on (a compaction's new version, a writer's new
         commit), at most once per ``reload_check_seconds``; returns the tables reopened. The swap
         waits for requests in flight and holds new ones back, so every request runs on one
-        version of every table from its prefetch to its answer. ``reload_check_seconds`` sets
-        the interval (``force_check`` checks now)."""
+        version of every table from its prefetch to its answer; for at most
+        ``server.request_timeout_s``: answers still running then (a worker hung on a read) are
+        logged, requests go on over the version open now, and the swap is tried again once those
+        answers end. ``reload_check_seconds`` sets the interval (``force_check`` checks now)."""
         now = time.monotonic()
         if not force_check and now < self._last_version_check + self.reload_check_seconds:
             return []
@@ -301,9 +305,22 @@ class ServedModel:
             for name, store in self.stores.items()
             if isinstance(store, TieredStore) and (store.closed or store.is_stale())
         ]
-        if not stale:
+        if not stale or self._outlasted & self._gate.in_flight():  # tried once they end
             return []
-        with self._gate.exclusive():
+        bound = self.config.server.request_timeout_s
+        with self._gate.exclusive(timeout=bound) as running:
+            if running:  # a worker hung on a read: requests go on over the version open now
+                self._outlasted = self._gate.in_flight()
+                log.warning(
+                    "postponed reopening %s on its new version: %d answer(s) still running %g s "
+                    "after the reload began waiting for them (server.request_timeout_s); serving "
+                    "the version open now, trying again once they end",
+                    ", ".join(stale),
+                    running,
+                    bound,
+                )
+                return []
+            self._outlasted = frozenset()
             opened: dict[str, TieredStore] = {}
             try:  # all or nothing: every stale table's new store, checked, before any swap
                 for name in stale:
@@ -692,7 +709,8 @@ class RequestGate:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._active = 0
+        self._active: set[int] = set()  # the passages in flight, by number
+        self._numbers = itertools.count()
         self._exclusive = False
 
     @contextlib.contextmanager
@@ -700,13 +718,19 @@ class RequestGate:
         """One request's passage."""
         with self._cond:
             self._cond.wait_for(lambda: not self._exclusive)
-            self._active += 1
+            number = next(self._numbers)
+            self._active.add(number)
         try:
             yield
         finally:
             with self._cond:
-                self._active -= 1
+                self._active.discard(number)
                 self._cond.notify_all()
+
+    def in_flight(self) -> frozenset[int]:
+        """The numbers of the passages in flight now (each passage has its own)."""
+        with self._cond:
+            return frozenset(self._active)
 
     @contextlib.contextmanager
     def exclusive(self, timeout: float | None = None) -> Iterator[int]:
@@ -715,8 +739,8 @@ class RequestGate:
         with self._cond:
             self._cond.wait_for(lambda: not self._exclusive)
             self._exclusive = True
-            self._cond.wait_for(lambda: self._active == 0, timeout)
-            running = self._active
+            self._cond.wait_for(lambda: not self._active, timeout)
+            running = len(self._active)
         try:
             yield running
         finally:
