@@ -887,6 +887,67 @@ def test_sigterm_exits_while_a_lookup_hangs_for_good(tmp_path):
         assert "Traceback" not in log, log
 
 
+def test_a_damaged_version_pointer_keeps_the_served_version_and_healthz_says_so(tmp_path):
+    """A version pointer that is not JSON: every version check raised, the watch thread logged a
+    traceback every second, a request that made the check got a 503, and /healthz said ok. A
+    pointer naming a missing file was logged, /healthz said nothing. Both now keep the version
+    open now served (200), are logged once and listed in /healthz's warnings, and a later good
+    version is opened (the warning gone)."""
+    from tiered_store import TieredStore
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.delta.table_versions import pointer_path, publish_version
+
+    config = make_checkpoint(tmp_path)
+    table = ServeConfig.from_yaml(config).table_path(3)
+
+    def new_version(value: float) -> int:
+        with TieredStore.open({"table": {"path": str(table)}}) as writer:
+            writer.write([0], torch.full((1, writer.dim), value))
+            writer.commit()
+        return compact_table(table, progress=False).new_generation
+
+    with ServeProcess(config, metrics=False) as proc:
+
+        def served_file() -> str:
+            return get_json(proc.url + "/stats")[1]["geometry"]["engram_layer3"]["file"]
+
+        def wait_for(generation: int) -> None:
+            deadline = time.monotonic() + 30
+            while served_file() != f"engram_layer3.g{generation}.npy":
+                assert time.monotonic() < deadline, f"generation {generation} never served"
+                time.sleep(0.1)
+
+        served = new_version(1.0)
+        wait_for(served)
+        damages = {
+            "is unreadable": lambda: pointer_path(table).write_text("{not json"),
+            "engram_layer3.g9.npy does not exist": lambda: publish_version(table, 9),
+        }
+        for said, damage in damages.items():
+            damage()
+            end = time.monotonic() + 3  # three version checks, by requests and by the watch
+            while time.monotonic() < end:
+                status, doc = post_json(proc.url + "/v1/engram", {"input_ids": [[7, 8, 9]]})
+                assert status == 200, doc
+            status, health = get_json(proc.url + "/healthz")
+            assert status == 200 and health["status"] == "ok", health
+            [warning] = health["warnings"]
+            assert (
+                warning.startswith("not reopened on a new version: engram_layer3 (")
+                and said in warning
+            )
+            assert str(tmp_path) not in warning
+            assert served_file() == f"engram_layer3.g{served}.npy"
+            assert proc.log().count(said) == 1, proc.log()  # logged once, not at every check
+            publish_version(table, served)  # repaired; then a new version comes
+            served = new_version(2.0)
+            wait_for(served)
+            assert get_json(proc.url + "/healthz") == (200, {"status": "ok"})
+        log = proc.log()
+        assert proc.stop() == 0, log
+        assert "Traceback" not in log and log.count("could not reopen engram_layer3") == 2, log
+
+
 _HELD_READ_HOOK = """
 import os, time
 from tiered_store.store import TieredStore

@@ -203,7 +203,7 @@ class ServedModel:
             self._reloading = threading.Lock()  # one check and swap at a time
             self._closed = False  # a closed model never reopens its tables
             self._last_version_check = time.monotonic()
-            self._reload_refused: str | None = None  # why the last reload failed (logged once)
+            self.reload_refused: str | None = None  # why new versions are not served (/healthz)
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
             self.reloads = 0
@@ -300,12 +300,19 @@ class ServedModel:
         """``reload_if_stale``'s check and swap, by one thread at a time."""
         if self.converted_anew is not None:  # its tables never run under the dense weights loaded
             return []
-        stale = [  # a sharded table is not reopened (every rank would have to): restart the ranks
-            name
-            for name, store in self.stores.items()
-            if isinstance(store, TieredStore) and (store.closed or store.is_stale())
-        ]
-        if not stale or self._outlasted & self._gate.in_flight():  # tried once they end
+        stale, unreadable = [], []
+        for name, store in self.stores.items():
+            if not isinstance(store, TieredStore):  # sharded: every rank would have to reopen
+                continue
+            try:
+                if store.closed or store.is_stale():
+                    stale.append(name)
+            except (TieredStoreError, OSError) as exc:  # a damaged version pointer: serve on
+                unreadable.append(f"{name} (cannot tell its version: {error_text(exc)})")
+        if not stale:
+            self._refused(unreadable)
+            return []
+        if self._outlasted & self._gate.in_flight():  # tried again once they end
             return []
         bound = self.config.server.request_timeout_s
         with self._gate.exclusive(timeout=bound) as running:
@@ -318,6 +325,9 @@ class ServedModel:
                     ", ".join(stale),
                     running,
                     bound,
+                )
+                self.reload_refused = "; ".join(
+                    [*unreadable, f"{', '.join(stale)} (postponed: {running} answer(s) running)"]
                 )
                 return []
             self._outlasted = frozenset()
@@ -337,17 +347,9 @@ class ServedModel:
                         self.converted_anew,
                     )
                     return []
-                refused = f"{', '.join(stale)} ({error_text(exc)})"
-                if refused != self._reload_refused:  # once per reason, not at every check
-                    log.error(
-                        "could not reopen %s on its new version; serving the version open now, "
-                        "trying again every %.0f s",
-                        refused,
-                        self.reload_check_seconds,
-                    )
-                self._reload_refused = refused
+                self._refused([*unreadable, f"{', '.join(stale)} ({error_text(exc)})"])
                 return []
-            self._reload_refused = None
+            self._refused(unreadable)
             self._swap_in(opened)
         log.info("reopened tables on a new version: %s", ", ".join(stale))
         if self._trace is not None:  # the new stores start cold, with their counters at 0
@@ -357,6 +359,19 @@ class ServedModel:
                 ", ".join(stale),
             )
         return stale
+
+    def _refused(self, reasons: list[str]) -> None:
+        """Note why tables keep the version open now (``reasons``; none: every table is on its
+        current one): logged once per reason, not at every check, and in /healthz."""
+        refused = "; ".join(reasons) or None
+        if refused is not None and refused != self.reload_refused:
+            log.error(
+                "could not reopen %s on its new version; serving the version open now, trying "
+                "again every %.0f s",
+                refused,
+                self.reload_check_seconds,
+            )
+        self.reload_refused = refused
 
     def _reopen_closed(self, names: list[str]) -> None:
         """After a refused swap: each table whose old store it closed (a map grown elsewhere)

@@ -322,9 +322,11 @@ class InferenceServer:
         """The JSON answers of the GET endpoints other than /metrics."""
         if path == "/healthz":
             problems = self.problems()
+            warnings = self.warnings()
+            doc = {"warnings": warnings} if warnings else {}
             if problems:
-                return 503, {"status": "unhealthy", "problems": problems}
-            return 200, {"status": "ok"}
+                return 503, {"status": "unhealthy", "problems": problems, **doc}
+            return 200, {"status": "ok", **doc}
         if path == "/stats":
             return 200, self.stats()
         assert self.model is not None
@@ -367,6 +369,16 @@ class InferenceServer:
                 )
             out += [self._without_paths(p) for p in self.model.control.health.problems()]
         return out
+
+    def warnings(self) -> list[str]:
+        """What /healthz says while the server still serves right: a table's new version that
+        could not be opened (the version open now is served meanwhile); no server paths."""
+        if self.model is None or self.model.reload_refused is None:
+            return []
+        return [
+            f"not reopened on a new version: {self._without_paths(self.model.reload_refused)}; "
+            "serving the version open now"
+        ]
 
     def _without_paths(self, text: str) -> str:
         """``text`` without this server's directories (the checkpoint's, the tables' own)."""
