@@ -84,7 +84,8 @@ class EngramBatch:
 
     ``handles[layer]`` is the table's prefetch handle (``None`` when nothing was prefetched or the
     table has nothing to wait for). The first forward to reach a layer consumes its handle (and
-    sets it to ``None``): a later forward of the batch, a retry after a failure, looks the rows up.
+    sets it to ``None``): a later forward of the batch, a retry after a failure, looks the rows up
+    (over a ``ShardedStore`` that lookup is a collective round: every rank must rerun the batch).
     """
 
     input_ids: torch.Tensor  # [B, T] original token ids
