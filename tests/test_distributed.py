@@ -1265,3 +1265,36 @@ def test_closing_a_heartbeat_whose_store_host_is_gone_ends_its_thread():
     finally:
         host.kill()
         host.wait()
+
+
+def test_diagnose_waits_for_a_store_host_slow_to_answer_before_calling_it_unreachable():
+    """diagnose's connection to the group's store was cloned from the heartbeat's short-timeout
+    one, so it had 1 s to connect: a host slow to accept (a loaded machine; here, one that comes
+    back after 2 s) was reported unreachable, "rank 0 died", where the rank that stopped should
+    have been named. It connects with the group store's timeout again; only the beat's own
+    reconnects are short."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tiered_store.distributed.liveness import Heartbeat
+
+    port = free_port()
+    hosts = [_store_host(port)]
+    try:
+        group = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=20))
+        store = dist.PrefixStore("hb-test/", group)  # as ShardedStore gives its heartbeats
+        rank0, rank1 = Heartbeat(store, 0, 2, 0.2), Heartbeat(store.clone(), 1, 2, 0.2)
+        rank1.stop()  # rank 1 stops beating: diagnose must name it
+        hosts[0].kill()
+        hosts[0].wait()
+        threading.Timer(2.0, lambda: hosts.append(_store_host(port))).start()
+        diagnosis = rank0.diagnose()
+        assert diagnosis.store_error is None, diagnosis
+        assert diagnosis.silent == (1,), diagnosis
+        rank0.close()
+    finally:
+        time.sleep(0.5)  # the timer's host, if it was late
+        for host in hosts:
+            host.kill()
+            host.wait()

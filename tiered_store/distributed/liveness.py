@@ -69,9 +69,10 @@ class Heartbeat:
         self.entered = 0  # collectives this rank has entered (set by the store's thread)
         self.kind = "none"  # the kind of the last one: lookup, write, commit, update
         self._timeout = timedelta(seconds=max(2 * interval, 1.0))
-        # its own connection: safe beside the group's own use; later ones are cloned from it, so
-        # they connect within this class's timeout (not the group store's: a reconnect to a gone
-        # host then outlasted ``stop``'s wait, and returned into an exiting interpreter)
+        self._group_store = store  # diagnose's and stopped's connections: its connect timeout
+        # its own connection: safe beside the group's own use; the beat's reconnects are cloned
+        # from it, so they connect within this class's timeout (not the group store's: one to a
+        # gone host then outlasted ``stop``'s wait, and returned into an exiting interpreter)
         self._store = self._connect(store)
         self._beat = 0
         self._stop = threading.Event()
@@ -102,7 +103,7 @@ class Heartbeat:
                 if self._stop.is_set():
                     return
                 with contextlib.suppress(Exception):  # a timed-out one may hold a late reply
-                    self._store = self._connect()
+                    self._store = self._connect(self._store)
 
     def _read(self, store: dist.Store) -> dict[int, tuple[int, int, str, str]]:
         """Every other rank's (beat, entered, state, kind); ranks without an entry are missing."""
@@ -117,7 +118,7 @@ class Heartbeat:
     def diagnose(self) -> Diagnosis:
         """Read the others' heartbeats twice, ``3 * interval`` apart, and name who failed."""
         try:
-            store = self._connect()
+            store = self._connect(self._group_store)
             first = self._read(store)
             time.sleep(3 * self.interval)
             second = self._read(store)
@@ -145,10 +146,12 @@ class Heartbeat:
             silent=silent, closed=closed, behind=behind, elsewhere=elsewhere, kind=self.kind
         )
 
-    def _connect(self, source: dist.Store | None = None) -> dist.Store:
-        """A new connection to the group's store (cloned from ``source``, by default this
-        heartbeat's own: its connect then waits this class's timeout), with that timeout."""
-        store = (source or self._store).clone()
+    def _connect(self, source: dist.Store) -> dist.Store:
+        """A new connection to the group's store, cloned from ``source`` (its connect waits the
+        source's timeout: this heartbeat's own is short, the group store's long enough for a
+        busy host, which diagnose needs to tell a dead host from a slow one), with this class's
+        timeout for what it then reads and writes."""
+        store = source.clone()
         store.set_timeout(self._timeout)
         return store
 
@@ -158,7 +161,7 @@ class Heartbeat:
         closed their store; None when every one beats."""
         now = time.monotonic()
         try:
-            self._watch = self._watch or self._connect()
+            self._watch = self._watch or self._connect(self._group_store)
             entries = self._read(self._watch)
         except Exception as exc:  # the store's host is gone or hung: a new connection next time
             self._watch = None
