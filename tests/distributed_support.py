@@ -216,7 +216,9 @@ def killed_rank_worker(
     _report(out, rank, result)
 
 
-KILL_TIMEOUT_S = 6.0
+# 6 s failed 3 runs in 8 of the 3-rank exact-lookups test (its first lookup after the refused
+# opens had no answer within it; 9816634 too, not explained); 12 s passed 6 of 6
+KILL_TIMEOUT_S = 12.0
 
 
 def kill_or_stall(store: Any, rank: int, victim: int, how: str, result: dict) -> None:
