@@ -462,26 +462,32 @@ def test_a_step_that_failed_midway_leaves_the_cache_as_before(model, converted, 
             store.close()
 
 
+def _fails_after_its_layers(model, step, batch, cache) -> None:
+    """One forward of ``batch`` that raises after every layer ran (out of memory in the final
+    norm, a forward hook)."""
+
+    def out_of_memory(*_):
+        raise RuntimeError("out of memory (a forward hook of the final norm)")
+
+    hook = model.final_norm.register_forward_hook(out_of_memory)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            model(step, prefetched=batch, cache=cache, logits="last")
+    finally:
+        hook.remove()
+
+
 def test_a_step_that_failed_after_its_layers_leaves_the_cache_as_before(model, batches):
     """The final norm and the vocabulary projection (the step's largest allocation: where an
     out-of-memory error is likeliest) run after every layer extended the cache: a failure there
     left it extended and its position advanced, so the retry was refused."""
     prompt, step = batches[0][:, :24], batches[0][:, 24:25]
-
-    def out_of_memory(*_):
-        raise RuntimeError("out of memory (a forward hook of the final norm)")
-
     with torch.no_grad():
         want = model(batches[0][:, :25], logits="last")
         state, cache = model.hasher.new_state(3), model.new_cache()
         model(prompt, prefetched=model.prefetch(prompt, state=state), cache=cache)
         batch = model.hash(step, state=state)
-        hook = model.final_norm.register_forward_hook(out_of_memory)
-        try:
-            with pytest.raises(RuntimeError, match="out of memory"):
-                model(step, prefetched=batch, cache=cache, logits="last")
-        finally:
-            hook.remove()
+        _fails_after_its_layers(model, step, batch, cache)
         assert cache.position == 24
         assert all(k.shape[2] == v.shape[2] == 24 for k, v in cache.layers.values())
         got = model(step, prefetched=batch, cache=cache, logits="last")  # the retry
@@ -494,10 +500,6 @@ def test_a_prefetched_batch_runs_again_after_a_failure_and_twice(model, converte
     consumed; prefetch again" (and prefetching again would hash past the HashState's position).
     A forward now drops each handle it consumes; a rerun looks those rows up."""
     prompt, step = batches[0][:, :24], batches[0][:, 24:25]
-
-    def out_of_memory(*_):
-        raise RuntimeError("out of memory (a forward hook of the final norm)")
-
     stores = open_tables(converted.table_paths, model.hasher, STORE)
     try:
         with torch.no_grad():
@@ -506,12 +508,7 @@ def test_a_prefetched_batch_runs_again_after_a_failure_and_twice(model, converte
             state, cache = model.hasher.new_state(3), model.new_cache()
             model(prompt, prefetched=model.prefetch(prompt, state=state), cache=cache)
             batch = model.prefetch(step, state=state)
-            hook = model.final_norm.register_forward_hook(out_of_memory)
-            try:
-                with pytest.raises(RuntimeError, match="out of memory"):
-                    model(step, prefetched=batch, cache=cache, logits="last")
-            finally:
-                hook.remove()
+            _fails_after_its_layers(model, step, batch, cache)
             assert batch.handles == {1: None, 3: None}
             got = model(step, prefetched=batch, cache=cache, logits="last")  # the retry
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -778,6 +778,22 @@ def test_a_saved_pin_a_lookup_admits_during_the_restore_comes_back_pinned(tmp_pa
         assert sorted(store.hot.pinned_rows().tolist()) == saved
 
 
+def _saved_with_pins(tmp_path) -> tuple[StoreConfig, torch.Tensor]:
+    """A re-pinning hot tier of 8 slots whose warm-restart file holds 7 pinned rows: its config
+    and the table's rows."""
+    path, data = make_table(tmp_path, rows=200, dim=4)
+    hot = {"capacity": 8, "policy": "zipf-tuned", "recency_window": 4}
+    hot["repin"] = {"enabled": True, "every": 4, "budget": "100%"}
+    tiers = {"hot": hot, "warm": {"capacity": 0}, "restart": {"enabled": True}}
+    cfg = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers})
+    with TieredStore(cfg) as store:
+        for i in range(200):  # one row a window: 7 of the 10 rows pinned
+            store.lookup([i % 10] * 4)
+            store.wait_repinned(5)
+        assert store.hot.pinned_count == 7
+    return cfg, data
+
+
 @pytest.mark.parametrize("hold_plan", [True, False], ids=["planned-before", "applied-before"])
 def test_a_re_pin_during_the_restore_of_the_saved_pins_never_pins_the_whole_tier(
     tmp_path, monkeypatch, hold_plan
@@ -792,16 +808,7 @@ def test_a_re_pin_during_the_restore_of_the_saved_pins_never_pins_the_whole_tier
     from tiered_store.cold_table import ColdTable
     from tiered_store.online_repin import OnlineRepin
 
-    path, data = make_table(tmp_path, rows=200, dim=4)
-    hot = {"capacity": 8, "policy": "zipf-tuned", "recency_window": 4}
-    hot["repin"] = {"enabled": True, "every": 4, "budget": "100%"}
-    tiers = {"hot": hot, "warm": {"capacity": 0}, "restart": {"enabled": True}}
-    cfg = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers})
-    with TieredStore(cfg) as store:
-        for i in range(200):  # one row a window: 7 of the 10 rows pinned
-            store.lookup([i % 10] * 4)
-            store.wait_repinned(5)
-        assert store.hot.pinned_count == 7
+    cfg, data = _saved_with_pins(tmp_path)
     reading, go, planning, plan_go = (threading.Event() for _ in range(4))
     if not hold_plan:
         plan_go.set()
@@ -1048,16 +1055,7 @@ def test_a_restore_that_fails_with_any_error_starts_cold_and_re_pinning_goes_on(
     from tiered_store.cold_table import ColdTable
     from tiered_store.warm_restart import RestartWarning
 
-    path, data = make_table(tmp_path, rows=200, dim=4)
-    hot = {"capacity": 8, "policy": "zipf-tuned", "recency_window": 4}
-    hot["repin"] = {"enabled": True, "every": 4, "budget": "100%"}
-    tiers = {"hot": hot, "warm": {"capacity": 0}, "restart": {"enabled": True}}
-    cfg = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers})
-    with TieredStore(cfg) as store:
-        for i in range(200):  # one row a window: 7 of the 10 rows pinned
-            store.lookup([i % 10] * 4)
-            store.wait_repinned(5)
-        assert store.hot.pinned_count == 7
+    cfg, data = _saved_with_pins(tmp_path)
     read_rows = ColdTable.read_rows
 
     def no_memory(self, ids, *args, **kwargs):  # the restore's read fails (lookups' reads do not)
