@@ -1011,8 +1011,9 @@ class TieredStore:
         ``rows`` already (read since the last commit)."""
         every = torch.arange(ids.numel())
         if committed:
-            self._writes.overlay_committed(ids, rows, every, self._writes.delta_ids)
-        self._writes.overlay_pending(ids, rows, every)
+            self._writes.overlay(ids, rows, every)
+        else:
+            self._writes.overlay_pending(ids, rows, every)
         for cache, pool in ((self.warm, self.warm_pool), (self.hot, self.hot_pool)):
             if cache.capacity == 0:
                 continue
