@@ -837,42 +837,57 @@ def _send_infer(sock: socket.socket, body: bytes) -> None:
     sock.sendall(head.encode() + body)
 
 
-_STUCK_READ_HOOK = """
-import os, threading
+_HUNG_READ_HOOK = """
+import os, time
 from tiered_store.store import TieredStore
 
 _lookup = TieredStore.lookup
+_held = []
 
 
-def _stuck(self, *args, **kwargs):  # a cold read of engram_layer3 hung for good (a dead disk)
-    if "engram_layer3" in str(self.config.table.path):
+def _hung_read(self, *args, **kwargs):  # the first cold read of engram_layer3 hangs until released
+    if "engram_layer3" in str(self.config.table.path) and not _held:
+        _held.append(1)
         open(os.environ["STUCK_MARK"], "w").close()
-        threading.Event().wait()
+        while not os.path.exists(os.environ["STUCK_RELEASE"]):  # never made: a dead disk
+            time.sleep(0.05)
     return _lookup(self, *args, **kwargs)
 
 
-TieredStore.lookup = _stuck
+TieredStore.lookup = _hung_read
 """
+
+
+def _hung_read_env(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
+    """A server environment whose first lookup of engram_layer3 hangs until the release file is
+    made (for good without it): the environment, the file the lookup makes as it hangs, the
+    release file."""
+    hook, mark, release = tmp_path / "hook", tmp_path / "stuck", tmp_path / "release"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HUNG_READ_HOOK)  # imported by the server at start
+    env = {"PYTHONPATH": str(hook), "STUCK_MARK": str(mark), "STUCK_RELEASE": str(release)}
+    return env, mark, release
+
+
+def _send_until_hung(sock: socket.socket, mark: Path) -> None:
+    """An inference request on ``sock``, once its lookup hangs (``mark`` made)."""
+    _send_infer(sock, json.dumps({"input_ids": [[7, 8, 9]]}).encode())
+    deadline = time.monotonic() + 30
+    while not mark.exists():
+        assert time.monotonic() < deadline, "the lookup never started"
+        time.sleep(0.05)
 
 
 def test_sigterm_exits_while_a_lookup_hangs_for_good(tmp_path):
     """A worker hung in a lookup for good (a cold read on a dead disk or NFS): SIGTERM never
     ended the process, close() waiting for that answer without end. It now waits
     request_timeout_s after the drain, logs how many answers still ran, closes and exits 0."""
-    hook, mark = tmp_path / "hook", tmp_path / "stuck"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_STUCK_READ_HOOK)  # imported by the server at start
+    env, mark, _ = _hung_read_env(tmp_path)
     config = make_checkpoint(tmp_path, server={"request_timeout_s": 0.5})
-    env = {"PYTHONPATH": str(hook), "STUCK_MARK": str(mark)}
     with ServeProcess(config, metrics=False, env=env) as proc:
         host, port = proc.url.removeprefix("http://").split(":")
-        body = json.dumps({"input_ids": [[7, 8, 9]]}).encode()
         with socket.create_connection((host, int(port)), timeout=30) as sock:
-            _send_infer(sock, body)
-            deadline = time.monotonic() + 30
-            while not mark.exists():
-                assert time.monotonic() < deadline, "the lookup never started"
-                time.sleep(0.05)
+            _send_until_hung(sock, mark)
             proc.proc.terminate()  # SIGTERM: drain 1 s, then at most 0.5 s for the hung worker
             try:
                 status = proc.proc.wait(60)  # 1.5 s of drain and close, then the exit (slow
@@ -948,27 +963,6 @@ def test_a_damaged_version_pointer_keeps_the_served_version_and_healthz_says_so(
         assert "Traceback" not in log and log.count("could not reopen engram_layer3") == 2, log
 
 
-_HELD_READ_HOOK = """
-import os, time
-from tiered_store.store import TieredStore
-
-_lookup = TieredStore.lookup
-_held = []
-
-
-def _held_read(self, *args, **kwargs):  # one cold read of engram_layer3 hangs until released
-    if "engram_layer3" in str(self.config.table.path) and not _held:
-        _held.append(1)
-        open(os.environ["STUCK_MARK"], "w").close()
-        while not os.path.exists(os.environ["STUCK_RELEASE"]):
-            time.sleep(0.05)
-    return _lookup(self, *args, **kwargs)
-
-
-TieredStore.lookup = _held_read
-"""
-
-
 def test_a_reload_gives_up_on_a_hung_answer_and_requests_go_on(tmp_path):
     """A new table version while a worker hung in a lookup: the reload waited for that answer
     without end, holding every new request back (the server stopped answering) and close()
@@ -977,25 +971,14 @@ def test_a_reload_gives_up_on_a_hung_answer_and_requests_go_on(tmp_path):
     from tiered_store import TieredStore
     from tiered_store.delta.compaction import compact_table
 
-    hook, mark, release = tmp_path / "hook", tmp_path / "stuck", tmp_path / "release"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_HELD_READ_HOOK)  # imported by the server at start
+    env, mark, release = _hung_read_env(tmp_path)
     config = make_checkpoint(tmp_path, server={"request_timeout_s": 1.0})
     table = ServeConfig.from_yaml(config).table_path(1)
-    env = {"PYTHONPATH": str(hook), "STUCK_MARK": str(mark), "STUCK_RELEASE": str(release)}
     with ServeProcess(config, metrics=False, env=env) as proc:
         files = lambda: get_json(proc.url + "/stats")[1]["geometry"]["engram_layer1"]["file"]  # noqa: E731
         host, port = proc.url.removeprefix("http://").split(":")
-        body = json.dumps({"input_ids": [[7, 8, 9]]}).encode()
         with socket.create_connection((host, int(port)), timeout=60) as sock:
-            sock.sendall(
-                f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-            deadline = time.monotonic() + 30
-            while not mark.exists():
-                assert time.monotonic() < deadline, "the lookup never started"
-                time.sleep(0.05)
+            _send_until_hung(sock, mark)
             with TieredStore.open({"table": {"path": str(table)}}) as writer:
                 writer.write([0], torch.full((1, writer.dim), 2.0))
                 writer.commit()
