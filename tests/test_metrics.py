@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,34 @@ def test_a_scrape_changes_no_counter(store):
     before = store.stats()
     first, second = generate_latest(registry), generate_latest(registry)
     assert store.stats() == before and first == second
+
+
+def test_a_scrape_during_a_lookup_never_counts_more_misses_than_the_next(store, monkeypatch):
+    from tiered_store.row_cache import TierCounters
+
+    counting, release = threading.Event(), threading.Event()
+
+    def hits_wait(self, name, value):  # a hit count's rise waits, its lookups already counted
+        if name == "hits" and value > getattr(self, "hits", 0) and not counting.is_set():
+            counting.set()
+            release.wait(30)
+        object.__setattr__(self, name, value)
+
+    monkeypatch.setattr(TierCounters, "__setattr__", hits_wait)
+    registry = build_registry({"layer1": store}, process=False)
+    lookup = threading.Thread(target=store.lookup, args=(torch.arange(50),))
+    lookup.start()
+    assert counting.wait(30), "the lookup counted no hit"
+    during = _samples(registry)
+    release.set()
+    lookup.join(30)
+    after = _samples(registry)
+    for tier in ("hot", "warm"):
+        key = (
+            "tiered_store_lookups_total",
+            (("result", "miss"), ("table", "layer1"), ("tier", tier)),
+        )
+        assert during[key] <= after[key] == store.stats()[tier]["misses"], tier  # never drops
 
 
 def test_tables_can_be_a_callable_read_at_each_scrape(store):

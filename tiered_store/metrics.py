@@ -489,9 +489,10 @@ class TieredStoreCollector(Collector):
         for cache in (store.hot, store.warm):
             c = cache.counters
             labels = [table, cache.name]
-            hits, lookups = c.hits, c.lookups  # read once: hit + miss == lookups in the output
-            fam["tiered_store_lookups_total"].add_metric([*labels, "hit"], hits)
-            fam["tiered_store_lookups_total"].add_metric([*labels, "miss"], lookups - hits)
+            # each its own counter: lookups - hits, read while a lookup counts, can exceed the
+            # misses the next scrape reads (a counter that drops is a reset to Prometheus)
+            fam["tiered_store_lookups_total"].add_metric([*labels, "hit"], c.hits)
+            fam["tiered_store_lookups_total"].add_metric([*labels, "miss"], c.misses)
             fam["tiered_store_admissions_total"].add_metric(labels, c.admissions)
             fam["tiered_store_evictions_total"].add_metric(labels, c.evictions)
             fam["tiered_store_rejections_total"].add_metric(labels, c.rejections)
