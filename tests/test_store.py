@@ -894,3 +894,48 @@ def test_a_prefetch_that_races_close_is_refused_as_the_store_closed(tmp_path):
         ids = torch.arange(3)
         with pytest.raises(StoreClosedError, match="prefetch: the store is closed"):
             store._prefetcher.submit(ids, ids, (3,))
+
+
+def test_close_waits_for_the_prefetch_queued_last_by_any_thread(tmp_path):
+    """Two threads prefetching at once could record the fetch queued last out of order (the
+    earlier submit set it after the later one): close() then waited for the earlier fetch only,
+    closed the files, and the later prefetch, queued before close(), failed as a call to a
+    closed store instead of landing. The hooks only add waits to stage that order."""
+    import threading
+
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    store = TieredStore(store_config(path, hot={"capacity": 0}, warm={"capacity": 0}))
+    fetcher = store._prefetcher
+    submit, fetch = fetcher._pool.submit, fetcher._fetch
+    first_queued, second_queued, closed = threading.Event(), threading.Event(), threading.Event()
+
+    def staged_submit(*args):  # the first submit pauses after queueing until the second queued
+        future = submit(*args)
+        if threading.current_thread().name == "first":
+            first_queued.set()
+            second_queued.wait(1.0)  # (with the fix the second waits for this one to finish)
+        else:
+            second_queued.set()
+        return future
+
+    def staged_fetch(flat, packed):  # the second fetch starts only after close() returned
+        if int(flat[0]) == 500:
+            closed.wait(1.0)  # (with the fix close() waits for it: the wait times out)
+        return fetch(flat, packed)
+
+    fetcher._pool.submit, fetcher._fetch = staged_submit, staged_fetch
+    handles = {}
+
+    def prefetch(name: str, ids: list[int]) -> None:
+        handles[name] = store.prefetch(ids)
+
+    first = threading.Thread(target=prefetch, args=("first", [1, 2]), name="first")
+    first.start()
+    assert first_queued.wait(10)
+    second = threading.Thread(target=prefetch, args=("second", [500, 501]), name="second")
+    second.start()
+    first.join(10)
+    second.join(10)
+    store.close()
+    closed.set()
+    assert torch.equal(handles["second"].future.result(10)[0], data[[500, 501]])

@@ -97,6 +97,7 @@ class Prefetcher:
         self._queued_lock = threading.Lock()
         self._numbers = itertools.count()
         self._last: Future | None = None  # the fetch queued last
+        self._submitting = threading.Lock()  # a submit queues and records it as last at once
 
     def submit(
         self,
@@ -114,17 +115,18 @@ class Prefetcher:
         number = next(self._numbers)
         with self._queued_lock:
             self._queued[number] = flat
-        try:
-            future = self._pool.submit(self._run, number, flat, packed)
-        except RuntimeError:
-            with self._queued_lock:
-                self._queued.pop(number, None)
-            self._in_flight.release()
-            raise StoreClosedError(
-                "prefetch: the store is closed; open a new TieredStore"
-            ) from None
-        future.add_done_callback(lambda _: self._in_flight.release())
-        self._last = future
+        with self._submitting:  # else a submit racing another could record the earlier fetch
+            try:
+                future = self._pool.submit(self._run, number, flat, packed)
+            except RuntimeError:
+                with self._queued_lock:
+                    self._queued.pop(number, None)
+                self._in_flight.release()
+                raise StoreClosedError(
+                    "prefetch: the store is closed; open a new TieredStore"
+                ) from None
+            future.add_done_callback(lambda _: self._in_flight.release())
+            self._last = future
         self.handles += 1
         return PrefetchHandle(ids, flat, shape, packed, future, self, write_seq, host)
 
@@ -157,8 +159,9 @@ class Prefetcher:
     def close(self, timeout: float | None = None) -> bool:
         """Finish queued work and stop the worker, waiting at most ``timeout`` seconds (None: until
         it is done); False when a fetch still runs (it ends on its own)."""
-        self._pool.shutdown(wait=False)
-        last = self._last
+        with self._submitting:  # no submit between: the last queued is the one recorded
+            self._pool.shutdown(wait=False)
+            last = self._last
         if last is not None:
             futures.wait([last], timeout)  # one worker: the last queued ends last
         return last is None or last.done()
