@@ -402,3 +402,30 @@ def test_the_lookup_failure_alert_fires(tmp_path):
         ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_prefetch_that_failed_counts_its_wait_in_the_stall_histogram(tmp_path, monkeypatch):
+    """A lookup that waited on a prefetch whose fetch then failed (the table shrank under the
+    store) recorded no stall: the histogram showed fewer waits, and less time, than lookups
+    spent waiting. The read is made to take a while here (a slow disk) before it fails."""
+    import os
+    import time
+
+    from tiered_store import TieredStoreError
+
+    path, _ = make_table(tmp_path, rows=2000, dim=8)
+    with TieredStore(store_config(path, hot={"capacity": 0}, warm={"capacity": 0})) as store:
+        read_rows = store.cold.read_rows
+
+        def slow_read(ids):
+            time.sleep(0.3)
+            return read_rows(ids)
+
+        monkeypatch.setattr(store.cold, "read_rows", slow_read)
+        os.truncate(path, 4096 + 4096)  # rows past the first page can no longer be read
+        handle = store.prefetch([1500, 1501])
+        with pytest.raises(TieredStoreError, match="shrank"):
+            store.lookup([1500, 1501], handle)
+        samples = _samples(build_registry({"layer1": store}, process=False))
+        assert samples[("tiered_store_prefetch_stall_seconds_count", (("table", "layer1"),))] == 1
+        assert store.stats()["prefetch"]["wait_seconds_total"] > 0.1

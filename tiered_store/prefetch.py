@@ -152,9 +152,10 @@ class Prefetcher:
             )
         handle.consumed = True
         start = time.perf_counter()
-        result = handle.future.result()
-        self.wait_histogram.observe(time.perf_counter() - start)
-        return result
+        try:
+            return handle.future.result()
+        finally:  # a fetch that failed was waited for too
+            self.wait_histogram.observe(time.perf_counter() - start)
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish queued work and stop the worker, waiting at most ``timeout`` seconds (None: until
