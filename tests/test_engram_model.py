@@ -613,3 +613,20 @@ def test_a_model_too_large_for_the_memory_is_refused_only_where_it_would_be_allo
         wide = ModelConfig.from_dict({**TINY, "backbone": {**TINY["backbone"], key: value}})
         with pytest.raises(ConfigError, match=rf"^backbone.{key} {value}: the model needs "):
             EngramLM(wide)
+
+
+def test_a_checkpoint_missing_a_table_names_what_makes_a_checkpoints_tables(converted):
+    """A checkpoint whose layer table is gone was refused with `tiered-store init` as the way to
+    make it: that command makes a plain table, which the layout check then refuses. The error
+    names the layer and the commands that write a checkpoint's tables."""
+    from tiered_store.table_format import TableNotFoundError
+
+    directory = converted.table_paths[3].parent
+    for file in directory.glob("engram_layer3.npy*"):
+        file.unlink()
+    with pytest.raises(TableNotFoundError) as missing:
+        load_tiered_model(directory, store=STORE)
+    message = str(missing.value)
+    assert "tiered-store init`" not in message
+    assert f"Engram layer 3: table {directory / 'engram_layer3.npy'} does not exist" in message
+    assert "convert_checkpoint" in message and "`tiered-store init-model CONFIG`" in message

@@ -247,3 +247,12 @@ def test_a_v41_model_is_refused_by_its_geometry_where_float_tables_are_written(
     assert re.search(r"engram\.geometry: 'deepseek-v4\.1' has packed fp8 tables", err), err
     assert "convert-hf" in err and "missing from the checkpoint" not in err
     assert not any((tmp_path / name).exists() for name in ("saved", "served", "work"))
+
+
+def test_a_missing_v41_table_names_convert_hf(hasher, tmp_path):
+    """A V4.1 layer's table that does not exist is made by `tiered-store convert-hf` (the error
+    named `tiered-store init`, whose plain tables the layout check refuses)."""
+    from tiered_store.table_format import TableNotFoundError
+
+    with pytest.raises(TableNotFoundError, match=r"Engram layer 1: .*`tiered-store convert-hf`"):
+        open_tables({1: table_file(tmp_path, 1)}, hasher, STORE)

@@ -43,6 +43,7 @@ from ..table_format import (
     SafetensorsSource,
     TableExistsError,
     TableManifest,
+    TableNotFoundError,
     check_table,
     create_table,
     read_manifest,
@@ -488,7 +489,13 @@ def open_tables(
             if config.sharding is not None:  # this rank's shard of the layer's table
                 stores[layer_id] = _open_shard(config, hasher, layer_id)
                 continue
-            manifest = check_table_file(path, hasher, layer_id)
+            try:
+                manifest = check_table_file(path, hasher, layer_id)
+            except TableNotFoundError:
+                version, generation = current_version(path)
+                if generation or version.exists():  # a version or a manifest gone: said so
+                    raise
+                raise _missing_table(path, hasher, layer_id) from None
             if warm_start is not None and layer_id in warm_start:
                 spec = _with_preload(spec, manifest, Path(path), warm_start[layer_id])
                 config = StoreConfig.from_dict(spec, base_dir=Path.cwd(), source=source)
@@ -498,6 +505,23 @@ def open_tables(
             opened.close()
         raise
     return stores
+
+
+def _missing_table(path: str | Path, hasher: NgramHasher, layer_id: int) -> TableNotFoundError:
+    """The error for a layer's table that does not exist, naming what writes a checkpoint's."""
+    if hasher.config.is_v41:
+        maker = "`tiered-store convert-hf` from the DeepSeek-V4.1 checkpoint"
+    else:
+        maker = (
+            "convert_checkpoint or save_tiered (`tiered-store init-model CONFIG` writes a small "
+            "random checkpoint)"
+        )
+    return TableNotFoundError(
+        errno.ENOENT,
+        f"Engram layer {layer_id}: table {path} does not exist; expected the table a checkpoint "
+        f"holds for it, made by {maker}",
+        str(path),
+    )
 
 
 def load_tiered_model(
