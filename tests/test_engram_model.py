@@ -630,3 +630,25 @@ def test_a_checkpoint_missing_a_table_names_what_makes_a_checkpoints_tables(conv
     assert "tiered-store init`" not in message
     assert f"Engram layer 3: table {directory / 'engram_layer3.npy'} does not exist" in message
     assert "convert_checkpoint" in message and "`tiered-store init-model CONFIG`" in message
+
+
+def test_a_batch_hashed_by_a_model_with_other_engram_layers_is_refused(model, converted, batches):
+    """An EngramBatch made by a model with other Engram layers failed with an unrelated error
+    (forward: "input_ids: required when row_ids is not given"; fetch: KeyError 3). Both name the
+    layers the batch holds and the ones this model expects, before any lookup."""
+    torch.manual_seed(0)
+    other = EngramLM(
+        ModelConfig.from_dict({**TINY, "engram": {**TINY["engram"], "layer_ids": [1]}})
+    )
+    stores = open_tables(converted.table_paths, model.hasher, STORE)
+    model.set_tables(stores)
+    try:
+        said = r"holds rows of Engram layers \[1\]; expected this model's Engram layers \[1, 3\]"
+        with pytest.raises(ConfigError, match=said):
+            model(batches[0], prefetched=other.prefetch(batches[0]))
+        with pytest.raises(ConfigError, match=said):
+            model.fetch(other.hash(batches[0]))
+        assert all(s.stats()["lookup"]["calls"] == 0 for s in stores.values())
+        assert all(s.prefetches_started == 0 for s in stores.values())
+    finally:
+        model.close()

@@ -417,6 +417,7 @@ class EngramLM(nn.Module):
     def fetch(self, batch: EngramBatch) -> EngramBatch:
         """Start each table's fetch of a batch ``hash`` made (``prefetch`` without the hashing:
         for rows hashed earlier, e.g. to announce a queued request)."""
+        self._check_layers(batch)
         for layer_id, table in self.tables.items():
             batch.handles[layer_id] = table.prefetch(batch.row_ids[layer_id])
         return batch
@@ -453,8 +454,9 @@ class EngramLM(nn.Module):
         RowIdError
             A token id is outside the tokenizer vocabulary (checked before any compute).
         ConfigError
-            ``input_ids`` is not [B, T], ``prefetched`` belongs to other ids, or it was hashed at
-            another position than the cache holds.
+            ``input_ids`` is not [B, T], ``prefetched`` belongs to other ids or holds other
+            Engram layers (another model's), or it was hashed at another position than the cache
+            holds.
         """
         if prefetched is None:
             prefetched = self.prefetch(input_ids)
@@ -469,6 +471,7 @@ class EngramLM(nn.Module):
                     "prefetched: this EngramBatch was made for other input_ids; pass the ids "
                     "given to prefetch()"
                 )
+        self._check_layers(prefetched)
         if logits not in ("all", "last", "none"):
             raise ConfigError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
         start = cache.position if cache is not None else 0
@@ -545,6 +548,16 @@ class EngramLM(nn.Module):
                 f"input_ids: expected shape [B, T] with B >= 1 and T >= 1, got {list(ids.shape)}"
             )
         return ids
+
+    def _check_layers(self, batch: EngramBatch) -> None:
+        """Refuse an ``EngramBatch`` hashed for other Engram layers (made by another model)."""
+        found, expected = sorted(batch.row_ids), sorted(self.config.engram.layer_ids)
+        if found != expected:
+            raise ConfigError(
+                f"prefetched: this EngramBatch holds rows of Engram layers {found}; expected "
+                f"this model's Engram layers {expected} (the batch was made by another model: "
+                "hash or prefetch with this one)"
+            )
 
     def _v41_engram(self, layer_id: int, table: TableBackend | None) -> V41Engram:
         """Layer ``layer_id``'s V4.1 Engram module over ``table`` (default: random fp8 rows)."""
