@@ -127,7 +127,7 @@ class Prefetcher:
                 ) from None
             future.add_done_callback(lambda _: self._in_flight.release())
             self._last = future
-        self.handles += 1
+            self.handles += 1
         return PrefetchHandle(ids, flat, shape, packed, future, self, write_seq, host)
 
     def queued_ids(self) -> torch.Tensor | None:
