@@ -371,6 +371,35 @@ def test_a_damaged_settings_file_is_named_and_the_run_kept(tmp_path, capsys, sav
     assert _committed(out) == 1
 
 
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        ("missing", "No such file or directory"),
+        ("garbage", "not a checkpoint torch.save wrote, or a damaged one"),
+        ("empty", "not a checkpoint torch.save wrote, or a damaged one"),
+        ("not train's", "not train's dense checkpoint"),
+    ],
+)
+def test_a_missing_or_damaged_dense_checkpoint_is_named_on_resume(tmp_path, capsys, damage, why):
+    """The committed step's dense-S.pt gone or damaged: --resume names the file and the step (it
+    was a raw FileNotFoundError or UnpicklingError traceback); the run's table is left as it was."""
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "2"]) == 0
+    dense = out / "dense-2.pt"
+    if damage == "missing":
+        dense.unlink()
+    elif damage == "not train's":
+        torch.save({"weights": torch.zeros(2)}, dense)
+    else:
+        dense.write_bytes(b"" if damage == "empty" else b"not a checkpoint")
+    assert main([*common, "--resume", "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"--resume: .*dense-2\.pt: {why}.*written with the table's commit of step 2", err
+    ), err
+    assert "Traceback" not in err and _committed(out) == 2
+
+
 def test_resume_without_the_settings_file_is_refused(tmp_path, capsys):
     """train.json gone beside a run's table: --resume is refused (it said "starting a new one"
     and went on with the run under other settings, overwriting train.json)."""

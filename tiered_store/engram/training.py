@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -192,9 +193,7 @@ def _run(out, settings, model, table, layers, sizes, batches, progress) -> dict:
     dense = torch.optim.Adam(model.parameters(), lr=settings.dense_lr)
     start = table.store.committed_step
     if start:
-        state = torch.load(out / f"dense-{start}.pt", weights_only=True)
-        model.load_state_dict(state["model"], strict=False)
-        dense.load_state_dict(state["optimizer"])
+        _load_dense(out / f"dense-{start}.pt", start, model, dense)
     losses = _loss_log(out, start)
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
     began, trained = time.perf_counter(), 0
@@ -227,6 +226,34 @@ def _run(out, settings, model, table, layers, sizes, batches, progress) -> dict:
         "tokens_per_second": trained / seconds if seconds > 0 else None,
         "store": table.store.stats().get("writes", {}),
     }
+
+
+def _load_dense(path: Path, step: int, model, dense) -> None:
+    """The dense weights and Adam state of committed step ``step``; ``ConfigError`` naming the
+    file when it is missing or is not the checkpoint ``train`` wrote."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError):  # torch's hints mislead
+        why = "not a checkpoint torch.save wrote, or a damaged one"
+    else:
+        why = (
+            None
+            if isinstance(state, dict) and {"model", "optimizer"} <= state.keys()
+            else ("not train's dense checkpoint (expected a dict of 'model' and 'optimizer')")
+        )
+    if why is None:
+        try:
+            model.load_state_dict(state["model"], strict=False)  # another model's: ConfigError
+            dense.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:  # Adam state of other parameters
+            why = f"its Adam state does not fit the model ({exc})"
+    if why is not None:
+        raise ConfigError(
+            f"--resume: {path}: {why}; expected the dense checkpoint written with the table's "
+            f"commit of step {step} (restore it, or choose another --out)"
+        )
 
 
 def _checkpoint(out: Path, model, dense, table, step: int, losses) -> None:
