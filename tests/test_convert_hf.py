@@ -412,6 +412,17 @@ def test_an_out_dir_that_is_a_file_is_refused(golden, tmp_path):
     assert out.read_text() == "keep"
 
 
+def test_an_out_dir_that_cannot_be_made_is_named_by_the_command(golden, tmp_path):
+    """OUT_DIR below a file: exit 2 naming OUT_DIR (it was a NotADirectoryError traceback)."""
+    ckpt, taken = make_checkpoint(tmp_path / "ckpt", golden), tmp_path / "taken"
+    taken.write_text("keep")
+    cmd = ["-m", "tiered_store.cli", "convert-hf", ckpt, taken / "out", "--quiet"]
+    result = run_python(cmd, env=subprocess_env())
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"out_dir {taken / 'out'}: cannot make it (Not a directory)" in result.stderr
+    assert "Traceback" not in result.stderr and taken.read_text() == "keep"
+
+
 @pytest.mark.parametrize(
     ("tiers", "message"),
     [

@@ -354,7 +354,8 @@ def convert_hf_checkpoint(
         The config has no Engram keys; a shard is truncated or its header is not valid
         safetensors (its tensors' bytes overlap, leave gaps or differ from their dtype and shape);
         a tensor is missing or has another dtype or shape than the config implies; the
-        tokenizer's compressed size differs from the config's. Nothing is written in these cases.
+        tokenizer's compressed size differs from the config's; ``out_dir`` is a file or cannot
+        be made. Nothing is written in these cases.
 
     Examples
     --------
@@ -369,7 +370,13 @@ def convert_hf_checkpoint(
         _check_store(store or DEFAULT_STORE, plan, hasher.table_rows(plan.layer_id))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {out}: not a directory; expected a directory (made if missing)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on its path, no such place, no permission
+        raise ConfigError(
+            f"out_dir {out}: cannot make it ({exc.strerror}); expected a directory (made if "
+            "missing)"
+        ) from None
     with _converting(out):
         return _convert(ckpt, hasher, plans, out, store or DEFAULT_STORE, progress, chunk_bytes)
 
