@@ -435,6 +435,9 @@ def test_an_interrupt_while_a_read_never_returns_ends_the_run(tmp_path, monkeypa
     (tmp_path / "a.txt").write_text(TEXTS["en.txt"])
     tokenizer = CompressedTokenizer()
     start = time.monotonic()
+    # Python's Ctrl-C handler even in a background job (`cmd &` in a script), which starts with
+    # SIGINT ignored: the signal would then never reach the run
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             analyze(
@@ -447,6 +450,7 @@ def test_an_interrupt_while_a_read_never_returns_ends_the_run(tmp_path, monkeypa
         assert time.monotonic() - start < 3
     finally:
         release.set()
+        signal.signal(signal.SIGINT, default)
     assert not (tmp_path / "out").exists()  # the staging folder is gone, and the folder made
 
 
