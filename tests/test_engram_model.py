@@ -652,3 +652,22 @@ def test_a_batch_hashed_by_a_model_with_other_engram_layers_is_refused(model, co
         assert all(s.prefetches_started == 0 for s in stores.values())
     finally:
         model.close()
+
+
+def test_a_batch_hashed_by_a_model_with_another_engram_config_is_refused(model, batches):
+    """A batch hashed by a model with the same Engram layers but another hash seed passed, and
+    the forward ran on that model's row ids: wrong logits, no error. It is refused, naming the
+    field; a model of an equal config (its own hasher) still takes it."""
+    torch.manual_seed(0)
+    reseeded = EngramLM(ModelConfig.from_dict({**TINY, "engram": {**TINY["engram"], "seed": 7}}))
+    said = r"hashed with engram\.seed=7; this model's is \d+ \(the batch was made by another model"
+    with pytest.raises(ConfigError, match=said):
+        model(batches[0], prefetched=reseeded.prefetch(batches[0]))
+    with pytest.raises(ConfigError, match=said):
+        model.fetch(reseeded.hash(batches[0]))
+    twin = EngramLM(model.config)
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(
+            model(batches[0], prefetched=twin.prefetch(batches[0])), model(batches[0])
+        )

@@ -94,6 +94,7 @@ class EngramBatch:
     token_mask: torch.Tensor  # [B, T] bool: False marks dead tokens (all True for plain text)
     position: int = 0  # absolute position of the first token (its HashState's position)
     given: Any = field(default=None, repr=False)  # the ids as the caller gave them to hash()
+    hasher: NgramHasher | None = field(default=None, repr=False)  # the hasher that hashed them
 
     @property
     def tokens(self) -> int:
@@ -405,7 +406,7 @@ class EngramLM(nn.Module):
         position = state.position if state is not None else 0
         rows = self.hasher.row_ids(ids, token_mask=mask, state=state)
         layers = dict.fromkeys(self.engram_layers)
-        return EngramBatch(ids, rows, layers, mask, position, given=input_ids)
+        return EngramBatch(ids, rows, layers, mask, position, given=input_ids, hasher=self.hasher)
 
     def prefetch(
         self, input_ids: Any, token_mask: Any = None, state: HashState | None = None
@@ -454,9 +455,9 @@ class EngramLM(nn.Module):
         RowIdError
             A token id is outside the tokenizer vocabulary (checked before any compute).
         ConfigError
-            ``input_ids`` is not [B, T], ``prefetched`` belongs to other ids or holds other
-            Engram layers (another model's), or it was hashed at another position than the cache
-            holds.
+            ``input_ids`` is not [B, T], ``prefetched`` belongs to other ids or was hashed by
+            another model (other Engram layers, Engram config or tokenizer), or it was hashed at
+            another position than the cache holds.
         """
         if prefetched is None:
             prefetched = self.prefetch(input_ids)
@@ -550,13 +551,29 @@ class EngramLM(nn.Module):
         return ids
 
     def _check_layers(self, batch: EngramBatch) -> None:
-        """Refuse an ``EngramBatch`` hashed for other Engram layers (made by another model)."""
+        """Refuse an ``EngramBatch`` hashed for other Engram layers, or with another Engram config
+        or tokenizer (made by another model)."""
         found, expected = sorted(batch.row_ids), sorted(self.config.engram.layer_ids)
         if found != expected:
             raise ConfigError(
                 f"prefetched: this EngramBatch holds rows of Engram layers {found}; expected "
                 f"this model's Engram layers {expected} (the batch was made by another model: "
                 "hash or prefetch with this one)"
+            )
+        made, own = batch.hasher, self.hasher
+        if made is None or made is own:
+            return
+        got, want = made.config.to_dict(), own.config.to_dict()
+        differ = [
+            f"engram.{k}={got[k]!r}; this model's is {want[k]!r}" for k in want if got[k] != want[k]
+        ]
+        if not differ and not np.array_equal(made.tokenizer.lookup, own.tokenizer.lookup):
+            path, expected = made.tokenizer.tokenizer_path, own.tokenizer.tokenizer_path
+            differ = [f"the tokenizer {path}; this model's is {expected}"]
+        if differ:
+            raise ConfigError(
+                f"prefetched: this EngramBatch was hashed with {differ[0]} (the batch was made by "
+                "another model: hash or prefetch with this one)"
             )
 
     def _v41_engram(self, layer_id: int, table: TableBackend | None) -> V41Engram:
