@@ -586,6 +586,46 @@ def dist_destroy() -> None:
     dist.destroy_process_group()
 
 
+# what torch's connect to a store costs when the resolver loses the reverse-DNS query it makes for
+# the peer's address (glibc's timeout), on either end of the connection
+LOST_DNS_QUERY_S = 5.0
+
+
+def slow_connect_reopen_worker(rank: int, world: int, port: int, table: str, out: Path) -> None:
+    """Every rank: open a store, look up, close; then, with each new connection to the group's
+    store waiting ``LOST_DNS_QUERY_S`` on rank 1, open one with a 6 s timeout and look up twice."""
+    import torch.distributed as dist
+
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        cfg = _store_config(Path(table), world, "rows")
+        single = TieredStore.open({"table": cfg["table"]})
+        ids = torch.arange(rank, single.rows, 7)
+        with ShardedStore.open(cfg) as store:
+            store.lookup(ids)
+        if rank == 1:
+            clone = dist.Store.clone
+
+            def slow_clone(store: Any) -> Any:
+                time.sleep(LOST_DNS_QUERY_S)
+                return clone(store)
+
+            dist.Store.clone = slow_clone
+        cfg["sharding"]["timeout_s"] = 6
+        with ShardedStore.open(cfg) as store:
+            for _ in range(2):
+                assert torch.equal(_bits(store.lookup(ids)), _bits(single.lookup(ids)))
+        result["served"] = True
+        single.close()
+        dist.destroy_process_group()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def reopen_worker(rank: int, world: int, port: int, table: str, out: Path) -> None:
     """Every rank: open a store from torchrun's environment, look up, close; four times in a
     row. The group the first open made stays for the next (destroyed at close, a rank reopening

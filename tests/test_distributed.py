@@ -31,6 +31,7 @@ from tests.distributed_support import (
     reopen_worker,
     run_ranks,
     shards_template,
+    slow_connect_reopen_worker,
 )
 from tiered_store.cli import main as cli_main
 from tiered_store.config import StoreConfig
@@ -1023,6 +1024,22 @@ def test_ranks_reopen_a_store_from_the_environment_again_and_again(tables, tmp_p
     assert codes == [0, 0], codes
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text())["opened"] == [True] * 4
+
+
+def test_a_store_reopened_with_a_short_timeout_never_waits_for_a_new_store_connection(
+    tables, tmp_path
+):
+    """Each open made two new connections to the group's store (its heartbeats'), one between
+    the open's exchange and the first lookup; one that took 5 s (torch's reverse-DNS look-up of
+    the peer losing its query) failed that lookup, or the open, on the other ranks at a 6 s
+    timeout. The heartbeats of a process now share one connection, made at its first open."""
+    write_shards(tables["plain"], 2, "rows", template=shards_template(tables["plain"], "rows"),
+                 progress=False, overwrite=True)  # fmt: skip
+    codes = run_ranks(slow_connect_reopen_worker, 2, (str(tables["plain"]), tmp_path), 90)
+    reports = [tmp_path / f"rank{r}.json" for r in range(2)]
+    results = [json.loads(p.read_text()) if p.exists() else None for p in reports]
+    assert codes == [0, 0], (codes, results)  # before: rank 0 'open #0 failed', rank 1 hung
+    assert [r.get("served") for r in results] == [True, True], results
 
 
 def test_closing_one_of_two_stores_leaves_the_group_to_the_other(tables, monkeypatch):

@@ -7,6 +7,12 @@ whose beat did not move is dead or hung; a live rank that has entered fewer coll
 one has not called the lookup the others wait in; one that entered as many, but of another kind
 (a training step where this rank looks up), called another collective. A store that cannot be
 reached means its host is gone: rank 0 (``tcp://`` or ``env://`` rendezvous), or torchrun's agent.
+
+The heartbeats of a process write on one connection (``shared_connection``), made once: torch
+looks the peer's name up at both ends of every new connection to the store (a reverse DNS query
+for a numeric address too), and a query the resolver loses costs its 5 s timeout, on the store
+host's one serving thread as well; opened in a store's ``__init__``, that many seconds could go to
+the first collective round of a store, past a short ``sharding.timeout_s``.
 """
 
 from __future__ import annotations
@@ -14,12 +20,28 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["Diagnosis", "Heartbeat"]
+__all__ = ["Diagnosis", "Heartbeat", "shared_connection"]
+
+# (the store, weakly: a store kept alive would keep rank 0's host listening; the connection)
+_SHARED: list[tuple[weakref.ref, dist.Store]] = []
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_connection(store: dist.Store) -> dist.Store:
+    """This process's connection to ``store``'s host for heartbeats (1 s timeout): made on the
+    first call for ``store``, the same one after (a new ``store`` replaces it)."""
+    with _SHARED_LOCK:
+        if not _SHARED or _SHARED[0][0]() is not store:
+            connection = store.clone()
+            connection.set_timeout(timedelta(seconds=1.0))  # at most any heartbeat's own
+            _SHARED[:] = [(weakref.ref(store), connection)]
+        return _SHARED[0][1]
 
 
 @dataclass(frozen=True)
@@ -64,7 +86,16 @@ class Diagnosis:
 class Heartbeat:
     """Publish this rank's liveness and progress; name the ranks that stopped."""
 
-    def __init__(self, store: dist.Store, rank: int, world: int, interval: float) -> None:
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        world: int,
+        interval: float,
+        connection: dist.Store | None = None,
+    ) -> None:
+        """``connection``: ``store`` over a connection already made (``shared_connection``, with
+        ``store``'s prefix) to write on; default: a new one."""
         self.rank, self.world, self.interval = rank, world, interval
         self.entered = 0  # collectives this rank has entered (set by the store's thread)
         self.kind = "none"  # the kind of the last one: lookup, write, commit, update
@@ -73,7 +104,7 @@ class Heartbeat:
         # its own connection: safe beside the group's own use; the beat's reconnects are cloned
         # from it, so they connect within this class's timeout (not the group store's: one to a
         # gone host then outlasted ``stop``'s wait, and returned into an exiting interpreter)
-        self._store = self._connect(store)
+        self._store = self._connect(store) if connection is None else connection
         self._beat = 0
         self._stop = threading.Event()
         self._watch: dist.Store | None = None  # ``stopped``'s own connection, once it reads

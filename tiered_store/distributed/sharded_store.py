@@ -71,7 +71,7 @@ from ..prefetch import OTHER_STORE, PrefetchHandle, PrefetchHandleError
 from ..quantization import dequantize_rows
 from ..store import TieredStore, as_id_tensor, as_rows
 from .collective_thread import CollectiveThread
-from .liveness import Heartbeat
+from .liveness import Heartbeat, shared_connection
 from .shard_files import ShardInfo, read_shard, shard_path
 from .shard_map import ShardMap
 
@@ -454,11 +454,13 @@ class ShardedStore:
         return doc
 
     def _beat_under(self, key: str) -> Heartbeat:
-        """This rank's heartbeat under ``tiered_store/sharded/<key>/`` of the default store."""
-        store = dist.PrefixStore(
-            f"tiered_store/sharded/{key}/", dist.distributed_c10d._get_default_store()
+        """This rank's heartbeat under ``tiered_store/sharded/<key>/`` of the default store, on
+        this process's heartbeat connection (no new connection after the first store's open)."""
+        prefix, default = f"tiered_store/sharded/{key}/", dist.distributed_c10d._get_default_store()
+        store, connection = dist.PrefixStore(prefix, default), shared_connection(default)
+        return Heartbeat(
+            store, self.rank, self.world, self._interval, dist.PrefixStore(prefix, connection)
         )
-        return Heartbeat(store, self.rank, self.world, self._interval)
 
     def _all_gather(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
         """Every rank's ``doc``, in rank order."""
