@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -546,12 +547,19 @@ def _sharded_serve_config(tmp_path: Path, **checkpoint) -> Path:
     return config_path
 
 
-def _serve_ranks(config_path: Path, metrics: str = "127.0.0.1:0") -> list[subprocess.Popen]:
+def _serve_ranks(
+    config_path: Path, metrics: str = "127.0.0.1:0", env: dict[str, str] | None = None
+) -> list[subprocess.Popen]:
     """Rank 0 (HTTP on a free port) and rank 1 of `tiered-store serve`, as torchrun starts them
-    (rank 1's metrics on ``metrics``: its port + 1, or a free one)."""
+    (rank 1's metrics on ``metrics``: its port + 1, or a free one; ``env`` added to both)."""
     from tiered_store.serve.client import subprocess_env
 
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    env = {
+        **(env or {}),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+    }
     cmd = [sys.executable, "-m", "tiered_store.cli", "serve", str(config_path)]
     extra = (
         ["--address", "127.0.0.1:0", "--metrics-address", ""],
@@ -783,6 +791,67 @@ def test_sigterm_to_every_rank_at_once_drains_the_requests_in_flight(tmp_path):
         errors = _ended(ranks)
     assert codes == [0, 0], (codes, [e[-3000:] for e in errors])  # what a crashed rank said
     assert set(answers) <= {200, None} and answers.count(200) >= 6, (answers, errors)
+
+
+_SLOW_PASS_HOOK = """
+import os, time
+if os.environ["RANK"] == os.environ["SLOW_RANK"]:  # one rank's first checksum pass is slow
+    from tiered_store.serve.served_model import ServedModel
+
+    _verify = ServedModel.verify_tables
+
+    def _slow_pass(self):  # a pass over a big shard
+        if not os.path.exists(os.environ["SLOW_MARK"]):
+            open(os.environ["SLOW_MARK"], "w").close()
+            time.sleep(float(os.environ["SLOW_S"]))
+        return _verify(self)
+
+    ServedModel.verify_tables = _slow_pass
+"""
+
+
+def _sigterm_during_a_slow_pass(
+    tmp_path: Path, rank: int, seconds: float
+) -> tuple[list[int], list[str], float]:
+    """Both ranks (request_timeout_s 0.5, sharding.timeout_s 1: the follower waited 12.5 s for
+    rank 0's stop) sent SIGTERM once ``rank``'s first checksum pass has begun, a pass that takes
+    ``seconds``: each rank's exit status and stderr, and the seconds both took to exit."""
+    config_path = _sharded_serve_config(tmp_path, verify_on_start=False, scrub_interval_s=0.2)
+    doc = yaml.safe_load(config_path.read_text())
+    doc["server"]["request_timeout_s"] = 0.5
+    doc["store"]["sharding"]["timeout_s"] = 1
+    config_path.write_text(yaml.safe_dump(doc))
+    hook, mark = tmp_path / "hook", tmp_path / "slow"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SLOW_PASS_HOOK)  # imported by the ranks at start
+    env = {"PYTHONPATH": str(hook), "SLOW_RANK": str(rank), "SLOW_MARK": str(mark)}
+    ranks = _serve_ranks(config_path, env={**env, "SLOW_S": str(seconds)})
+    try:
+        _started(ranks)
+        deadline = time.monotonic() + 30
+        while not mark.exists():
+            assert time.monotonic() < deadline, "the slow pass never began"
+            time.sleep(0.05)
+        started = time.monotonic()
+        for proc in ranks:
+            proc.terminate()
+        with ThreadPoolExecutor(2) as pool:  # their logs read meanwhile: a full pipe blocks
+            errors = list(pool.map(lambda proc: proc.communicate(timeout=90)[1], ranks))
+        took = time.monotonic() - started
+    finally:
+        _ended(ranks)
+    return [proc.returncode for proc in ranks], errors, took
+
+
+def test_a_follower_stopped_by_rank_0_finishes_its_close_past_the_stop_grace(tmp_path):
+    """The follower's watchdog (for a stop from rank 0 that never comes) stayed armed after the
+    stop came: a follower still joining its checksum pass (or saving its warm restart) when the
+    grace ran out was ended mid-close with exit status 1, saying no stop came. It now waits for a
+    stop only."""
+    codes, errors, took = _sigterm_during_a_slow_pass(tmp_path, rank=1, seconds=14)
+    assert codes == [0, 0], (codes, took, [e[-3000:] for e in errors])
+    assert "no stop from rank 0" not in errors[1], errors[1]
+    assert "rank 0 stopped the server" in errors[1], errors[1]
 
 
 def test_one_rank_misusing_a_collective_is_refused_and_the_ranks_stay_in_step(tmp_path):

@@ -177,11 +177,13 @@ class RankZeroGone(RuntimeError):
     """A follower's wait for rank 0's next announcement ended: rank 0 is gone."""
 
 
-def _stay_until_stopped(rank: int, grace_s: float) -> None:
+def _stay_until_stopped(rank: int, grace_s: float) -> threading.Event:
     """SIGTERM and SIGINT on a follower (torchrun sends them to every rank at once) leave it
     following: rank 0 drains its requests, which need this rank's shards, then announces
-    ``STOP``. A watchdog ends the process ``grace_s`` after the signal if no stop came (the
-    main thread may be waiting in the backend, where Python handlers do not run)."""
+    ``STOP``. A watchdog ends the process ``grace_s`` after the signal unless the event returned
+    is set first, once the following ended (the main thread may be waiting in the backend, where
+    Python handlers do not run; the close after a stop is not cut short)."""
+    followed = threading.Event()
     wake, woken = os.pipe()
     os.set_blocking(woken, False)
     signal.set_wakeup_fd(woken)
@@ -191,13 +193,15 @@ def _stay_until_stopped(rank: int, grace_s: float) -> None:
     def watchdog() -> None:
         os.read(wake, 1)  # the signal's byte
         log.warning("rank %d: asked to stop; serving rank 0's last requests first", rank)
-        time.sleep(grace_s)
+        if followed.wait(grace_s):
+            return
         log.error(
             "rank %d: no stop from rank 0 within %.0f s of the signal; exiting", rank, grace_s
         )
         os._exit(1)
 
     threading.Thread(target=watchdog, name="stop-watchdog", daemon=True).start()
+    return followed
 
 
 def run_follower(config: Any) -> int:
@@ -210,7 +214,9 @@ def run_follower(config: Any) -> int:
     sharding = config.store_config(served.layer_ids[0]).sharding
     # rank 0's drain (2 x request_timeout_s), its wait for the workers still computing
     # (request_timeout_s), then its stop, which may wait timeout_s for a rank
-    _stay_until_stopped(rank, 3 * config.server.request_timeout_s + sharding.timeout_s + 10)
+    followed = _stay_until_stopped(
+        rank, 3 * config.server.request_timeout_s + sharding.timeout_s + 10
+    )
     stop_scrub, scrubber = threading.Event(), None
     try:
         if config.checkpoint.scrub_interval_s > 0:  # its own shards: in its metrics and log
@@ -228,6 +234,7 @@ def run_follower(config: Any) -> int:
         log.info("rank %d: rank 0 stopped the server after %d requests", rank, rounds)
         return 0
     finally:
+        followed.set()  # the watchdog waits for a stop only, never cuts this close short
         stop_scrub.set()  # joined first, as rank 0 does: a pass left in the store's C++ at exit
         if scrubber is not None:  # could abort the process (its health publish is a TCPStore set)
             scrubber.join(timeout=30)
