@@ -854,6 +854,19 @@ def test_a_follower_stopped_by_rank_0_finishes_its_close_past_the_stop_grace(tmp
     assert "rank 0 stopped the server" in errors[1], errors[1]
 
 
+def test_a_follower_serves_until_rank_0s_stop_while_rank_0_waits_for_its_checksum_pass(tmp_path):
+    """Rank 0's stop waits up to 30 s for a checksum pass under way before its STOP, which the
+    follower's watchdog did not count (3 x request_timeout_s + sharding.timeout_s + 10 s): a
+    pass over a big shard on rank 0 at SIGTERM, and the follower exited 1 before the stop came
+    (rank 0's answers still computing then, which need its shards, could not be served). The
+    watchdog now waits as long as rank 0's own stop may take, derived from the same settings."""
+    codes, errors, took = _sigterm_during_a_slow_pass(tmp_path, rank=0, seconds=14)
+    assert codes == [0, 0], (codes, took, [e[-3000:] for e in errors])
+    assert "no stop from rank 0" not in errors[1], errors[1]
+    assert "rank 0 stopped the server" in errors[1], errors[1]
+    assert "could not tell the other ranks to stop" not in errors[0], errors[0]
+
+
 def test_one_rank_misusing_a_collective_is_refused_and_the_ranks_stay_in_step(tmp_path):
     """Float ids, a step that is not a number, gradients of two widths or two steps, a handle
     prefetched before a write: refused, named, on the ranks the round concerns; a lookup after

@@ -207,16 +207,12 @@ def _stay_until_stopped(rank: int, grace_s: float) -> threading.Event:
 def run_follower(config: Any) -> int:
     """A rank other than 0: open the model's stores, export metrics, follow rank 0; exit status."""
     from .served_model import ServedModel
+    from .server import BACKGROUND_JOIN_S, stop_announced_within_s
 
     metrics_url: list[str] = []  # the listener's, once bound
     served = ServedModel(config, before_start=lambda s: metrics_url.extend(_export_metrics(s)))
     rank = served.control.rank
-    sharding = config.store_config(served.layer_ids[0]).sharding
-    # rank 0's drain (2 x request_timeout_s), its wait for the workers still computing
-    # (request_timeout_s), then its stop, which may wait timeout_s for a rank
-    followed = _stay_until_stopped(
-        rank, 3 * config.server.request_timeout_s + sharding.timeout_s + 10
-    )
+    followed = _stay_until_stopped(rank, stop_announced_within_s(config))  # rank 0's own bound
     stop_scrub, scrubber = threading.Event(), None
     try:
         if config.checkpoint.scrub_interval_s > 0:  # its own shards: in its metrics and log
@@ -237,7 +233,7 @@ def run_follower(config: Any) -> int:
         followed.set()  # the watchdog waits for a stop only, never cuts this close short
         stop_scrub.set()  # joined first, as rank 0 does: a pass left in the store's C++ at exit
         if scrubber is not None:  # could abort the process (its health publish is a TCPStore set)
-            scrubber.join(timeout=30)
+            scrubber.join(timeout=BACKGROUND_JOIN_S)
         served.close()
 
 

@@ -41,6 +41,24 @@ __all__ = ["InferenceServer"]
 log = logging.getLogger("tiered_store.serve")
 T = TypeVar("T")
 _DIRECTORY_PREFIX = re.compile(r"(?<![\w.])/(?:[^\s/'\":,()\[\]]+/)+")  # '/abs/dir/' of a path
+BACKGROUND_JOIN_S = 30.0  # stop() waits this long for a background thread (a checksum pass)
+STOP_SLACK_S = 10.0  # the rest of a stop: the signal seen, uvicorn's own steps, the exit
+
+
+def drain_s(config: ServeConfig) -> float:
+    """How long ``stop()`` lets the requests in flight finish: 2 x ``server.request_timeout_s``."""
+    return 2 * config.server.request_timeout_s
+
+
+def stop_announced_within_s(config: ServeConfig) -> float:
+    """Over sharded tables, the longest rank 0 takes from a signal to its ``STOP`` to the other
+    ranks (which serve its last requests until then): ``stop()``'s drain, its wait for a checksum
+    pass under way, ``ServedModel.close``'s for the answers still computing
+    (``server.request_timeout_s``), the announcement (``sharding.timeout_s``), and the rest."""
+    scrub = BACKGROUND_JOIN_S if config.checkpoint.scrub_interval_s > 0 else 0.0
+    announce = config.store_config(0).sharding.timeout_s  # a number: the same for every layer
+    close = config.server.request_timeout_s
+    return drain_s(config) + scrub + close + announce + STOP_SLACK_S
 
 
 class InferenceServer:
@@ -153,7 +171,7 @@ class InferenceServer:
             backlog=server.backlog,
             limit_concurrency=server.max_connections,
             timeout_keep_alive=server.keep_alive_s,
-            timeout_graceful_shutdown=2 * server.request_timeout_s,
+            timeout_graceful_shutdown=drain_s(self.config),
             log_config=None,  # our logging.basicConfig decides where uvicorn's logs go
             access_log=self.access_log,
             server_header=False,
@@ -199,7 +217,7 @@ class InferenceServer:
         self._close_sockets()
         for thread in (self._scrubber, self._version_watch):
             if thread is not None:
-                thread.join(timeout=30)
+                thread.join(timeout=BACKGROUND_JOIN_S)
         if self.model is not None:
             self.model.close()
 
