@@ -497,6 +497,30 @@ def torn_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) 
     _report(out, rank, result)
 
 
+def compacted_shard_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank, over shards of which one was compacted: open, read rows of both shards, write
+    and commit one more step, reopen and read them again."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(plain), world, "rows")
+    ids = torch.tensor([3, 460])  # one row of each rank's shard
+    try:
+        with ShardedStore.open(cfg) as store:
+            result["step"] = store.committed_step
+            result["rows"] = [float(v) for v in store.lookup(ids)[:, 0]]
+            store.write(ids[rank : rank + 1], torch.full((1, store.row_width), 4.0))
+            result["committed"] = store.commit()
+        with ShardedStore.open(cfg) as store:
+            result["reopened step"] = store.committed_step
+            result["reopened rows"] = [float(v) for v in store.lookup(ids)[:, 0]]
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def crossed_rounds_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Rank 0 looks up while rank 1 takes a training step: both name the other's kind of round.
     The group is broken after it: the process leaves without its teardown, once both reported."""

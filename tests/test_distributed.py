@@ -958,6 +958,33 @@ def test_shards_opened_at_different_steps_warn_report_the_oldest_and_take_the_re
         assert result["after warnings"] == [] and result["after rows"] == [3.0, 3.0]
 
 
+def test_a_compacted_shard_opens_with_its_committed_rows_on_every_rank(tmp_path):
+    """`tiered-store compact` on a shard (its delta folded into generation 1, generation 0
+    removed) made every rank's open fail, "shard-1-of-2.npy does not exist": the store looked
+    for the shard's first file. It opens the current version, with its rows and step."""
+    from tests.distributed_support import compacted_shard_worker
+    from tiered_store.delta.compaction import compact_table
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    start = shards[1].shard_map.shard_range(1)[0]
+    for shard, row in ((shards[0], 3), (shards[1], 460 - start)):
+        with TieredStore.open({"table": {"path": str(shard.path)}}) as store:
+            store.write([row], torch.full((1, store.row_width), 2.0))
+            store.commit()
+    assert compact_table(shards[1].path, progress=False).removed_generations == [0]
+    assert not shards[1].path.exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(compacted_shard_worker, 2, (str(plain), out), 60)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert result["step"] == 1 and result["rows"] == [2.0, 2.0]
+        assert result["committed"] == result["reopened step"] == 2
+        assert result["reopened rows"] == [4.0, 4.0]
+
+
 def test_a_failed_overwrite_of_shards_leaves_the_old_shards_and_their_writes(tmp_path, monkeypatch):
     """`shard --overwrite` failing at rank 1's shard (a page of the table fails its checksum):
     it had replaced rank 0's shard and dropped its writes, then removed it: no shard set left."""

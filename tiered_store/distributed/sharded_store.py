@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ShardingConfig, StoreConfig
+from ..delta.table_versions import pointer_path
 from ..delta.write_back import merge_last_wins
 from ..errors import (
     CommitError,
@@ -409,8 +410,9 @@ class ShardedStore:
 
     # -- internals ---------------------------------------------------------------------------------
     def _open_local(self) -> tuple[ShardInfo | None, str | None]:
-        """Open this rank's shard; an error is kept to be reported to every rank."""
-        if not Path(self.path).exists():
+        """Open this rank's shard (its current version: a compacted shard's first file is gone);
+        an error is kept to be reported to every rank."""
+        if not Path(self.path).exists() and not pointer_path(self.path).exists():
             sharding = self.config.sharding
             out = f" --out '{sharding.shards}'" if sharding.shards else ""
             return None, (
@@ -418,12 +420,11 @@ class ShardedStore:
                 f"{self.config.table.path} --ranks {sharding.ranks} --by {sharding.by}{out}` makes"
             )
         try:
-            info = read_shard(self.path)
             local_config = self.config.model_copy(
                 update={"table": self.config.table.model_copy(update={"path": str(self.path)})}
             )
             self.local = TieredStore(local_config)
-            return info, None
+            return read_shard(self.local.cold.path), None  # the version the store holds
         except (TieredStoreError, OSError) as exc:
             return None, f"{type(exc).__name__}: {error_text(exc)}"
 
