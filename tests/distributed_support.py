@@ -497,6 +497,57 @@ def torn_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) 
     _report(out, rank, result)
 
 
+def killed_in_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """On a group of the caller's (its store's timeout 60 s): one commit, then rank 0 is killed
+    (SIGKILL) inside the next, after the step was agreed and before its shard commits; the other
+    ranks commit theirs and must name rank 0 within ``sharding.timeout_s``."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        cfg = _store_config(Path(plain), world, "rows")
+        cfg["sharding"]["timeout_s"] = 6
+        store = ShardedStore.open(cfg)
+        ids = torch.tensor([3, 460])  # one row of each rank's shard
+        for value in (1.0, 2.0):
+            store.write(ids, torch.full((2, store.row_width), value))
+            if value == 2.0 and rank == 0:
+                store.local.commit = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+            start = time.monotonic()
+            try:
+                result[f"step {value:g}"] = store.commit()
+            except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                result["error"] = f"{type(exc).__name__}: {exc}"
+            result["seconds"] = time.monotonic() - start
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+    os._exit(0)  # the group is broken: no teardown
+
+
+def torn_reopen_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank reopens shards a killed commit left at two steps: its warnings, step, rows."""
+    import warnings
+
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            store = ShardedStore.open(_store_config(Path(plain), world, "rows"))
+        result["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+        result["step"] = store.committed_step
+        result["rows"] = [float(v) for v in store.lookup(torch.tensor([3, 460]))[:, 0]]
+        store.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def compacted_shard_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank, over shards of which one was compacted: open, read rows of both shards, write
     and commit one more step, reopen and read them again."""

@@ -958,6 +958,36 @@ def test_shards_opened_at_different_steps_warn_report_the_oldest_and_take_the_re
         assert result["after warnings"] == [] and result["after rows"] == [3.0, 3.0]
 
 
+def test_a_rank_0_killed_inside_a_commit_is_named_in_time_and_the_torn_commit_found_at_open(
+    tmp_path,
+):
+    """Rank 0 (the group store's host) SIGKILLed inside a commit, on a group the caller made
+    (its store's timeout 60 s, torch's default 30 min): rank 1's commit waited that long to
+    connect to the gone store before naming it, past sharding.timeout_s (6 s). It names rank 0
+    within the timeout; reopened on new ranks, every rank warns of the two steps and reports
+    the oldest."""
+    from tests.distributed_support import killed_in_commit_worker, torn_reopen_worker
+
+    plain = make_plain_table(tmp_path)
+    write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(killed_in_commit_worker, 2, (str(plain), out), 45)
+    assert codes == [-9, 0], codes
+    result = json.loads((out / "rank1.json").read_text())
+    assert "crash" not in result and result["step 1"] == 1 and "step 2" not in result, result
+    assert result["error"].startswith("RankFailureError: rank 1: commit #4 failed: the process group's store (hosted by rank 0, or by torchrun's agent) is unreachable")  # fmt: skip
+    assert "rank 0 died" in result["error"], result
+    assert result["seconds"] <= 2 * 6, result  # the timeout, plus slack on a loaded machine
+    codes = run_ranks(torn_reopen_worker, 2, (str(plain), out), 60)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for rank, result in enumerate(results):
+        (warning,) = result["warnings"]
+        assert warning.startswith(f"TornCommitWarning: rank {rank}: the shards were committed at different steps (rank 0: 1; rank 1: 2)")  # fmt: skip
+        assert result["step"] == 1 and result["rows"] == [1.0, 2.0]
+
+
 def test_a_compacted_shard_opens_with_its_committed_rows_on_every_rank(tmp_path):
     """`tiered-store compact` on a shard (its delta folded into generation 1, generation 0
     removed) made every rank's open fail, "shard-1-of-2.npy does not exist": the store looked

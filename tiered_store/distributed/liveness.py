@@ -28,20 +28,25 @@ import torch.distributed as dist
 
 __all__ = ["Diagnosis", "Heartbeat", "shared_connection"]
 
-# (the store, weakly: a store kept alive would keep rank 0's host listening; the connection)
-_SHARED: list[tuple[weakref.ref, dist.Store]] = []
+# use -> (the store, weakly: a store kept alive would keep rank 0's host listening; the
+# connection)
+_SHARED: dict[str, tuple[weakref.ref, dist.Store]] = {}
 _SHARED_LOCK = threading.Lock()
+_CLONING = threading.Lock()  # a diagnosis template's timeout is set for one clone at a time
 
 
-def shared_connection(store: dist.Store) -> dist.Store:
-    """This process's connection to ``store``'s host for heartbeats (1 s timeout): made on the
-    first call for ``store``, the same one after (a new ``store`` replaces it)."""
+def shared_connection(store: dist.Store, use: str = "heartbeats") -> dist.Store:
+    """This process's connection to ``store``'s host for ``use``: ``"heartbeats"``, written on
+    (1 s timeout), or ``"diagnosis"``, never read or written, what ``Heartbeat.diagnose`` and
+    ``stopped`` clone theirs from. Made on the first call for ``store`` and ``use``, the same
+    one after (a new ``store`` replaces it)."""
     with _SHARED_LOCK:
-        if not _SHARED or _SHARED[0][0]() is not store:
+        made = _SHARED.get(use)
+        if made is None or made[0]() is not store:
             connection = store.clone()
             connection.set_timeout(timedelta(seconds=1.0))  # at most any heartbeat's own
-            _SHARED[:] = [(weakref.ref(store), connection)]
-        return _SHARED[0][1]
+            _SHARED[use] = (weakref.ref(store), connection)
+        return _SHARED[use][1]
 
 
 @dataclass(frozen=True)
@@ -93,14 +98,21 @@ class Heartbeat:
         world: int,
         interval: float,
         connection: dist.Store | None = None,
+        diagnose_from: dist.Store | None = None,
+        connect_timeout: float = 0.0,
     ) -> None:
         """``connection``: ``store`` over a connection already made (``shared_connection``, with
-        ``store``'s prefix) to write on; default: a new one."""
+        ``store``'s prefix) to write on; default: a new one. ``diagnose_from``: ``store`` over
+        the ``"diagnosis"`` connection, which ``diagnose`` and ``stopped`` clone theirs from, to
+        connect within ``connect_timeout`` seconds; default: ``store``, within the group store's
+        timeout (on a group made with torch's default, a rank whose store host died waited 30
+        minutes to say so)."""
         self.rank, self.world, self.interval = rank, world, interval
         self.entered = 0  # collectives this rank has entered (set by the store's thread)
         self.kind = "none"  # the kind of the last one: lookup, write, commit, update
         self._timeout = timedelta(seconds=max(2 * interval, 1.0))
-        self._group_store = store  # diagnose's and stopped's connections: its connect timeout
+        self._group_store = store
+        self._diagnose_from, self._connect_timeout = diagnose_from, connect_timeout
         # its own connection: safe beside the group's own use; the beat's reconnects are cloned
         # from it, so they connect within this class's timeout (not the group store's: one to a
         # gone host then outlasted ``stop``'s wait, and returned into an exiting interpreter)
@@ -149,7 +161,7 @@ class Heartbeat:
     def diagnose(self) -> Diagnosis:
         """Read the others' heartbeats twice, ``3 * interval`` apart, and name who failed."""
         try:
-            store = self._connect(self._group_store)
+            store = self._diagnosis_connection()
             first = self._read(store)
             time.sleep(3 * self.interval)
             second = self._read(store)
@@ -186,13 +198,22 @@ class Heartbeat:
         store.set_timeout(self._timeout)
         return store
 
+    def _diagnosis_connection(self) -> dist.Store:
+        """A new connection for ``diagnose`` or ``stopped``, connecting within the group store's
+        timeout or, given a ``diagnose_from`` template, within ``connect_timeout``."""
+        if self._diagnose_from is None:
+            return self._connect(self._group_store)
+        with _CLONING:
+            self._diagnose_from.set_timeout(timedelta(seconds=self._connect_timeout))
+            return self._connect(self._diagnose_from)
+
     def stopped(self) -> str | None:
         """Between rounds (rank 0's health watch, every few seconds): a sentence naming the other
         ranks whose entry has not moved for ``3 * interval`` (died or hung while idle) or that
         closed their store; None when every one beats."""
         now = time.monotonic()
         try:
-            self._watch = self._watch or self._connect(self._group_store)
+            self._watch = self._watch or self._diagnosis_connection()
             entries = self._read(self._watch)
         except Exception as exc:  # the store's host is gone or hung: a new connection next time
             self._watch = None

@@ -458,9 +458,16 @@ class ShardedStore:
         """This rank's heartbeat under ``tiered_store/sharded/<key>/`` of the default store, on
         this process's heartbeat connection (no new connection after the first store's open)."""
         prefix, default = f"tiered_store/sharded/{key}/", dist.distributed_c10d._get_default_store()
-        store, connection = dist.PrefixStore(prefix, default), shared_connection(default)
+        beats = dist.PrefixStore(prefix, shared_connection(default))
+        diagnosis = dist.PrefixStore(prefix, shared_connection(default, "diagnosis"))
         return Heartbeat(
-            store, self.rank, self.world, self._interval, dist.PrefixStore(prefix, connection)
+            dist.PrefixStore(prefix, default),
+            self.rank,
+            self.world,
+            self._interval,
+            beats,
+            diagnosis,
+            self.timeout_s / 2,  # the diagnosis within timeout_s: a gone host's connect, twice
         )
 
     def _all_gather(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
