@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -471,3 +472,122 @@ def test_a_run_being_trained_is_refused_before_anything_in_it_changes(tmp_path, 
     common[common.index(str(fresh))] = str(out)
     assert main([*common, "--resume", "--steps", "2"]) == 0  # the run, once its trainer ended
     assert _committed(out) == 2
+
+
+def _run_files(out: Path) -> dict[str, bytes]:
+    """Every file of the run, by its path in ``out`` (the delta's too)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_a_run_whose_table_lost_its_commits_is_refused_not_restarted(tmp_path, capsys):
+    """A run copied without -r (cp RUN/* COPY: its table's delta folder left behind): --resume
+    found a table at step 0, started over without a word, deleted dense-4.pt and rewrote
+    loss.csv, the 4 committed steps gone. It is refused now, every file as it was; once the
+    delta is back it goes on from step 4."""
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "4"]) == 0
+    capsys.readouterr()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    cp = subprocess.run(f"cp {out}/* {copy}/", shell=True, capture_output=True, text=True)
+    assert "omitting directory" in cp.stderr and not (copy / "tables.npy.delta").exists()
+    common[common.index(str(out))] = str(copy)
+    before = _run_files(copy)
+    resume = [sys.executable, "-m", "tiered_store.cli", *common, "--resume", "--steps", "6"]
+    proc = subprocess.run(resume, env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        f"out: {copy} recorded committed step 4 (committed.json) but holds a table at step 0 "
+        "(its delta, tables.npy.delta/, is missing or older)"
+    ) in proc.stderr
+    assert "restore the run's table files" in proc.stderr and "Traceback" not in proc.stderr
+    assert _run_files(copy) == before  # dense-4.pt, loss.csv, train.json; no delta made
+    assert json.loads((copy / "committed.json").read_text()) == {"committed_step": 4}
+    subprocess.run(["cp", "-r", str(out / "tables.npy.delta"), str(copy)], check=True)
+    assert main([*common, "--resume", "--steps", "6"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 4
+    assert _committed(copy) == 6 and len((copy / "loss.csv").read_text().splitlines()) == 7
+
+    shutil.rmtree(copy / "tables.npy.delta")  # the table gone whole: no new run over the rest
+    for name in ("tables.npy", "tables.npy.manifest.json", "tables.npy.pages.crc32c"):
+        (copy / name).unlink()
+    before = _run_files(copy)
+    for args in ([*common, "--resume"], [*common, *small, "--steps", "6"]):
+        assert main(args) == 2
+        assert "recorded committed step 6 (committed.json) but holds no table" in (
+            capsys.readouterr().err
+        )
+    assert _run_files(copy) == before
+
+    (out / "committed.json").write_text("{ damaged")
+    common[common.index(str(copy))] = str(out)
+    assert main([*common, "--resume"]) == 2
+    assert f"out: {out / 'committed.json'}: Expecting property name" in capsys.readouterr().err
+    (out / "committed.json").unlink()  # as a run made before the record: resumes as it did
+    assert main([*common, "--resume", "--steps", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 4
+    assert json.loads((out / "committed.json").read_text()) == {"committed_step": 5}
+
+
+def test_a_compacted_run_that_lost_its_delta_is_refused(tmp_path, capsys):
+    """A compacted run resumes from the step in its version's manifest; the commits since, in
+    the new version's delta, lost: refused as for a first version's."""
+    from tiered_store.delta.compaction import compact_table
+
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "2"]) == 0
+    capsys.readouterr()
+    compact_table(out / "tables.npy", progress=False)
+    assert main([*common, "--resume", "--steps", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 2
+    shutil.rmtree(out / "tables.g1.npy.delta")
+    assert main([*common, "--resume", "--steps", "4"]) == 2
+    assert (
+        "recorded committed step 3 (committed.json) but holds a table at step 2 "
+        "(its delta, tables.g1.npy.delta/, is missing or older)"
+    ) in capsys.readouterr().err
+    assert (out / "dense-3.pt").exists() and _committed(out) == 2
+
+
+_WAIT_AFTER_COMMIT = """
+import os, time
+from tiered_store.store import TieredStore
+
+_commit = TieredStore.commit
+
+
+def _commit_then_wait(self, step=None, **kwargs):  # the commit of that step lands, then waits
+    done = _commit(self, step, **kwargs)
+    if step == int(os.environ["WAIT_AFTER_COMMIT"]):
+        open(os.environ["WAIT_MARK"], "w").close()
+        while True:
+            time.sleep(1)
+    return done
+
+
+TieredStore.commit = _commit_then_wait
+"""
+
+
+def test_a_kill_between_the_commit_and_its_record_resumes_from_the_table(tmp_path, capsys):
+    """SIGKILL after the table's commit of step 4, before committed.json records it (it says 3):
+    the table ahead of the record is a normal crash, and the run goes on from step 4."""
+    common, small, out = _cli_args(tmp_path)
+    hook, mark = tmp_path / "hook", tmp_path / "committed"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_WAIT_AFTER_COMMIT)  # imported by the run at start
+    extra = {"PYTHONPATH": str(hook), "WAIT_AFTER_COMMIT": "4", "WAIT_MARK": str(mark)}
+    cmd = [sys.executable, "-m", "tiered_store.cli", *common, *small, "--steps", "6"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(extra), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not mark.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == -signal.SIGKILL and mark.exists(), err[-2000:]
+    assert _committed(out) == 4
+    assert json.loads((out / "committed.json").read_text()) == {"committed_step": 3}
+    assert main([*common, "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 4
+    assert json.loads((out / "committed.json").read_text()) == {"committed_step": 6}
+    assert _committed(out) == 6 and len((out / "loss.csv").read_text().splitlines()) == 7

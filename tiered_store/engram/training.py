@@ -5,10 +5,12 @@ Every Engram layer's table is one slice of a single trainable table file (``tabl
 commit makes a step durable for every layer. The dense weights train with Adam.
 
 A checkpoint at step S: ``dense-S.pt`` (dense weights + Adam state, written atomically), then
-``loss.csv``, then ``store.commit(S)`` (the commit point), then older ``dense-*.pt`` are removed. ``--resume`` reads
-the table's committed step S and ``dense-S.pt``: a run stopped anyhow (kill -9 included) goes on
-from its last checkpoint, and deterministically: the resumed run computes what an uninterrupted
-one would. ``loss.csv`` logs every step, ``loss.png`` plots it.
+``loss.csv``, then ``store.commit(S)`` (the commit point), then ``committed.json`` records S, then
+older ``dense-*.pt`` are removed. ``--resume`` reads the table's committed step S and ``dense-S.pt``:
+a run stopped anyhow (kill -9 included) goes on from its last checkpoint, and deterministically:
+the resumed run computes what an uninterrupted one would. A table behind the step the run
+recorded (its delta lost, say by a copy without -r) is refused, nothing changed. ``loss.csv`` logs
+every step, ``loss.png`` plots it.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from ..cli_args import DocHelpFormatter, at_least, capacity, positive_number
 from ..cold_table import IO_MODES
 from ..config import load_yaml
 from ..corpus import resolve_corpus
+from ..delta.row_delta import delta_path
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
 from ..delta.table_versions import (
     check_current_version,
+    current_version,
     has_history,
     release,
     take_writer_lock,
@@ -58,6 +62,7 @@ __all__ = ["TrainSettings", "train", "register"]
 
 TABLE_FILE = "tables.npy"
 SETTINGS_FILE = "train.json"
+COMMITTED_FILE = "committed.json"  # the step of the table's last commit, as the run recorded it
 
 
 @dataclass
@@ -141,10 +146,10 @@ def train(
                     f"out: {out} changed while this run was being set up (another trainer made "
                     "or ended a run there); nothing of that run was changed: run the command again"
                 )
-        with atomic_write(out / SETTINGS_FILE, "w") as f:
-            json.dump(asdict(settings), f, indent=1)
-        if not _holds_a_run(out):  # the initial rows of every layer, one after another (a killed
-            # creation's leftovers are replaced; a compacted run's table is its current version)
+        made = not _holds_a_run(out)
+        if made:  # the initial rows of every layer, one after another (a killed creation's
+            # leftovers are replaced; a compacted run's table is its current version)
+            _save_settings(out, settings)  # before the table: a run's table has its settings
             init = torch.cat([model.tables[layer].weight.detach() for layer in layers])
             create_trainable_table(out / TABLE_FILE, init, optimizer, overwrite=True)
         store = TieredStore.open(
@@ -157,12 +162,21 @@ def train(
                 },
             }
         )
+        try:  # before anything of the run changes (becoming its writer makes a delta)
+            _check_progress(out, store.committed_step)
+        except BaseException:
+            store.close()
+            raise
     except BaseException:
         release(lock)
         raise
     try:
         store.adopt_writer_lock(lock)
-        for leftover in hidden_temporaries(out, r"dense-\d+\.pt|loss\.csv|loss\.png"):
+        if not made:  # a resume's step count may have grown
+            _save_settings(out, settings)
+        for leftover in hidden_temporaries(
+            out, r"dense-\d+\.pt|loss\.csv|loss\.png|committed\.json"
+        ):
             leftover.unlink(missing_ok=True)  # a killed checkpoint's (this run holds the table)
         table = TrainableTable(store, optimizer)
         return _run(out, settings, model, table, layers, sizes, batches, progress)
@@ -257,9 +271,10 @@ def _load_dense(path: Path, step: int, model, dense) -> None:
 
 
 def _checkpoint(out: Path, model, dense, table, step: int, losses) -> None:
-    """dense-S.pt and loss.csv, then the table commit (the commit point), then older dense
-    checkpoints go. A kill before the commit leaves step S-K's files valid (``loss.csv`` rows
-    past the committed step are dropped on resume)."""
+    """dense-S.pt and loss.csv, then the table commit (the commit point), then its record
+    (``committed.json``), then older dense checkpoints go. A kill before the commit leaves step
+    S-K's files valid (``loss.csv`` rows past the committed step are dropped on resume); one
+    before the record leaves the table a step ahead of it, which resumes from the table's."""
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": dense.state_dict()}, buffer)
     with atomic_write(out / f"dense-{step}.pt") as f:
@@ -269,9 +284,52 @@ def _checkpoint(out: Path, model, dense, table, step: int, losses) -> None:
         writer.writerow(["step", "loss", "tokens_per_second"])
         writer.writerows(losses)
     table.commit(step)
+    with atomic_write(out / COMMITTED_FILE, "w") as f:
+        json.dump({"committed_step": step}, f)
     for old in out.glob("dense-*.pt"):
         if int(old.stem.split("-")[1]) < step:
             old.unlink()
+
+
+def _recorded_step(out: Path) -> int | None:
+    """The committed step the run recorded in ``committed.json`` (None: none recorded, as by
+    runs before the record); ``ConfigError`` naming the file when it is damaged."""
+    path = out / COMMITTED_FILE
+    try:
+        step = json.loads(path.read_text())["committed_step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ValueError(f"committed_step: got {step!r}, expected an integer >= 1")
+    except (FileNotFoundError, NotADirectoryError):  # no run there (or no folder)
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ConfigError(
+            f"out: {path}: {why}; expected the step the run recorded at its last commit "
+            f'({{"committed_step": N}}): restore it, or remove it to go on from the table\'s step'
+        ) from None
+    return step
+
+
+def _check_progress(out: Path, table_step: int | None) -> None:
+    """``ConfigError`` when the run's table (``table_step``; None: no table) holds an earlier
+    step than the run recorded: its later commits are lost, and going on would delete their
+    dense checkpoint and log. A table ahead of the record (a kill before it) is fine."""
+    recorded = _recorded_step(out)
+    if recorded is None or (table_step is not None and table_step >= recorded):
+        return
+    if table_step is None:
+        held = f"no table (no {TABLE_FILE} with its manifest)"
+    else:
+        delta = delta_path(current_version(out / TABLE_FILE)[0]).name
+        held = f"a table at step {table_step} (its delta, {delta}/, is missing or older)"
+    raise ConfigError(
+        f"out: {out} recorded committed step {recorded} ({COMMITTED_FILE}) but holds {held}: "
+        f"steps {(table_step or 0) + 1}..{recorded} are lost to it, and going on would rewrite "
+        f"loss.csv and replace dense-{recorded}.pt; nothing was changed: restore the run's table "
+        f"files as they were at step {recorded} (a copy of the run made with cp -r keeps the "
+        f"delta folder), or choose another --out (to go on from step {table_step or 0} anyway, "
+        f"remove {COMMITTED_FILE})"
+    )
 
 
 def _loss_log(out: Path, upto: int) -> list[tuple[int, float, float]]:
@@ -344,6 +402,8 @@ def _settings(
     means not asked, the run's own), else ``given``; a resume warns of the ``asked`` settings
     (default: those not at their default) it ignores. Reads ``out``, writes nothing."""
     path = out / SETTINGS_FILE
+    if not _holds_a_run(out):  # the table of a run that committed steps gone: refused
+        _check_progress(out, None)
     if resume and not path.exists() and _holds_a_run(out):
         raise ConfigError(
             f"--resume: {out} holds a training run without its settings ({path.name} is "
@@ -412,6 +472,12 @@ _SAVED_TYPES = {  # a field's type in train.json, and how a message names it
     "corpus": (list | type(None), "a list of paths or null"),
     "model": (dict, "an object"),
 }
+
+
+def _save_settings(out: Path, settings: TrainSettings) -> None:
+    """Write the run's ``train.json`` (atomically)."""
+    with atomic_write(out / SETTINGS_FILE, "w") as f:
+        json.dump(asdict(settings), f, indent=1)
 
 
 def _saved_settings(path: Path) -> TrainSettings:
