@@ -467,7 +467,7 @@ class ShardedStore:
             self._interval,
             beats,
             diagnosis,
-            self.timeout_s / 2,  # the diagnosis within timeout_s: a gone host's connect, twice
+            self.timeout_s / 4,  # the diagnosis within timeout_s: a gone host takes 2-3 x that
         )
 
     def _all_gather(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
