@@ -795,43 +795,48 @@ def test_sigterm_to_every_rank_at_once_drains_the_requests_in_flight(tmp_path):
     assert set(answers) <= {200, None} and answers.count(200) >= 6, (answers, errors)
 
 
-_SLOW_PASS_HOOK = """
+_SLOW_HOOK = """
 import os, time
-if os.environ["RANK"] == os.environ["SLOW_RANK"]:  # one rank's first checksum pass is slow
-    from tiered_store.serve.served_model import ServedModel
+if os.environ["RANK"] == os.environ["SLOW_RANK"]:  # one rank's first checksum pass, or its close,
+    from tiered_store.serve.served_model import ServedModel  # is slow
 
-    _verify = ServedModel.verify_tables
+    def _slow(method):
+        def slow(self):  # a pass over a big shard, a warm-restart save of a big table
+            if not os.path.exists(os.environ["SLOW_MARK"]):
+                open(os.environ["SLOW_MARK"], "w").close()
+                time.sleep(float(os.environ["SLOW_S"]))
+            return method(self)
 
-    def _slow_pass(self):  # a pass over a big shard
-        if not os.path.exists(os.environ["SLOW_MARK"]):
-            open(os.environ["SLOW_MARK"], "w").close()
-            time.sleep(float(os.environ["SLOW_S"]))
-        return _verify(self)
+        return slow
 
-    ServedModel.verify_tables = _slow_pass
+    name = os.environ["SLOW_STEP"]
+    setattr(ServedModel, name, _slow(getattr(ServedModel, name)))
 """
 
 
-def _sigterm_during_a_slow_pass(
-    tmp_path: Path, rank: int, seconds: float
+def _sigterm_with_a_slow_step(
+    tmp_path: Path, rank: int, seconds: float, step: str = "verify_tables"
 ) -> tuple[list[int], list[str], float]:
-    """Both ranks (request_timeout_s 0.5, sharding.timeout_s 1: the follower waited 12.5 s for
-    rank 0's stop) sent SIGTERM once ``rank``'s first checksum pass has begun, a pass that takes
-    ``seconds``: each rank's exit status and stderr, and the seconds both took to exit."""
-    config_path = _sharded_serve_config(tmp_path, verify_on_start=False, scrub_interval_s=0.2)
+    """Both ranks (request_timeout_s 0.5, sharding.timeout_s 1) sent SIGTERM, ``rank``'s
+    ``ServedModel.<step>`` taking ``seconds`` the first time: its first checksum pass (every
+    0.2 s; the signal once it has begun), or its ``close`` (no checksum passes: the follower
+    waits 12.5 s for rank 0's stop). Each rank's exit status and stderr, and the seconds both
+    took to exit."""
+    scrub = 0.2 if step == "verify_tables" else 0
+    config_path = _sharded_serve_config(tmp_path, verify_on_start=False, scrub_interval_s=scrub)
     doc = yaml.safe_load(config_path.read_text())
     doc["server"]["request_timeout_s"] = 0.5
     doc["store"]["sharding"]["timeout_s"] = 1
     config_path.write_text(yaml.safe_dump(doc))
     hook, mark = tmp_path / "hook", tmp_path / "slow"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_SLOW_PASS_HOOK)  # imported by the ranks at start
+    (hook / "sitecustomize.py").write_text(_SLOW_HOOK)  # imported by the ranks at start
     env = {"PYTHONPATH": str(hook), "SLOW_RANK": str(rank), "SLOW_MARK": str(mark)}
-    ranks = _serve_ranks(config_path, env={**env, "SLOW_S": str(seconds)})
+    ranks = _serve_ranks(config_path, env={**env, "SLOW_S": str(seconds), "SLOW_STEP": step})
     try:
         _started(ranks)
         deadline = time.monotonic() + 30
-        while not mark.exists():
+        while step == "verify_tables" and not mark.exists():
             assert time.monotonic() < deadline, "the slow pass never began"
             time.sleep(0.05)
         started = time.monotonic()
@@ -842,18 +847,20 @@ def _sigterm_during_a_slow_pass(
         took = time.monotonic() - started
     finally:
         _ended(ranks)
+    assert mark.exists(), "the slow step never ran"
     return [proc.returncode for proc in ranks], errors, took
 
 
 def test_a_follower_stopped_by_rank_0_finishes_its_close_past_the_stop_grace(tmp_path):
     """The follower's watchdog (for a stop from rank 0 that never comes) stayed armed after the
-    stop came: a follower still joining its checksum pass (or saving its warm restart) when the
-    grace ran out was ended mid-close with exit status 1, saying no stop came. It now waits for a
-    stop only."""
-    codes, errors, took = _sigterm_during_a_slow_pass(tmp_path, rank=1, seconds=14)
+    stop came: a follower still closing (a warm-restart save, or joining its checksum pass) when
+    the grace ran out was ended mid-close with exit status 1, saying no stop came. It now waits
+    for a stop only."""
+    codes, errors, took = _sigterm_with_a_slow_step(tmp_path, rank=1, seconds=14, step="close")
     assert codes == [0, 0], (codes, took, [e[-3000:] for e in errors])
     assert "no stop from rank 0" not in errors[1], errors[1]
     assert "rank 0 stopped the server" in errors[1], errors[1]
+    assert took > 14, took  # the close was slow indeed, past the grace of 12.5 s
 
 
 def test_a_follower_serves_until_rank_0s_stop_while_rank_0_waits_for_its_checksum_pass(tmp_path):
@@ -862,7 +869,7 @@ def test_a_follower_serves_until_rank_0s_stop_while_rank_0_waits_for_its_checksu
     pass over a big shard on rank 0 at SIGTERM, and the follower exited 1 before the stop came
     (rank 0's answers still computing then, which need its shards, could not be served). The
     watchdog now waits as long as rank 0's own stop may take, derived from the same settings."""
-    codes, errors, took = _sigterm_during_a_slow_pass(tmp_path, rank=0, seconds=14)
+    codes, errors, took = _sigterm_with_a_slow_step(tmp_path, rank=0, seconds=14)
     assert codes == [0, 0], (codes, took, [e[-3000:] for e in errors])
     assert "no stop from rank 0" not in errors[1], errors[1]
     assert "rank 0 stopped the server" in errors[1], errors[1]
