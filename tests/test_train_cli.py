@@ -379,6 +379,8 @@ def test_a_damaged_settings_file_is_named_and_the_run_kept(tmp_path, capsys, sav
         ("garbage", "not a checkpoint torch.save wrote, or a damaged one"),
         ("empty", "not a checkpoint torch.save wrote, or a damaged one"),
         ("not train's", "not train's dense checkpoint"),
+        ("weights not tensors", "not train's dense checkpoint"),
+        ("weights not a dict", "not train's dense checkpoint"),
     ],
 )
 def test_a_missing_or_damaged_dense_checkpoint_is_named_on_resume(tmp_path, capsys, damage, why):
@@ -391,6 +393,9 @@ def test_a_missing_or_damaged_dense_checkpoint_is_named_on_resume(tmp_path, caps
         dense.unlink()
     elif damage == "not train's":
         torch.save({"weights": torch.zeros(2)}, dense)
+    elif damage.startswith("weights not"):  # an AttributeError, a RuntimeError traceback before
+        weights = [1] if damage.endswith("a dict") else {"embed.weight": 1}
+        torch.save({"model": weights, "optimizer": {}}, dense)
     else:
         dense.write_bytes(b"" if damage == "empty" else b"not a checkpoint")
     assert main([*common, "--resume", "--steps", "3"]) == 2

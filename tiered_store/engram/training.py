@@ -252,10 +252,16 @@ def _load_dense(path: Path, step: int, model, dense) -> None:
     except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError):  # torch's hints mislead
         why = "not a checkpoint torch.save wrote, or a damaged one"
     else:
+        weights = state.get("model") if isinstance(state, dict) else None
         why = (
             None
-            if isinstance(state, dict) and {"model", "optimizer"} <= state.keys()
-            else ("not train's dense checkpoint (expected a dict of 'model' and 'optimizer')")
+            if isinstance(weights, dict)  # (None unless the checkpoint is a dict)
+            and "optimizer" in state
+            and all(isinstance(v, torch.Tensor) for v in weights.values())
+            else (
+                "not train's dense checkpoint (expected a dict of 'model', a state dict of "
+                "tensors, and 'optimizer')"
+            )
         )
     if why is None:
         try:
