@@ -246,7 +246,7 @@ def _load_dense(path: Path, step: int, model, dense) -> None:
     """The dense weights and Adam state of committed step ``step``; ``ConfigError`` naming the
     file when it is missing or is not the checkpoint ``train`` wrote."""
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # a GPU-saved one too
     except OSError as exc:
         why = exc.strerror or str(exc)
     except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError):  # torch's hints mislead
