@@ -1162,6 +1162,29 @@ def test_reshard_with_overwrite_serves_the_tables_rows_not_the_old_shards_writes
     )
 
 
+def test_reshard_with_overwrite_refuses_a_compacted_shard_being_written(tmp_path):
+    """`shard --overwrite` took the writer lock only of shards whose first file exists, so over
+    a compacted one (generation 0 removed) a store writing it was not refused: its versions were
+    removed under it, and its next commit returned a step that no reopen found."""
+    from tiered_store.delta.compaction import compact_table
+
+    table = make_plain_table(tmp_path)
+    (shard,) = write_shards(table, 1, "rows", progress=False)
+    with TieredStore.open({"table": {"path": str(shard.path)}}) as store:
+        store.write([3], torch.full((1, store.row_width), 2.0))
+        store.commit()
+    assert compact_table(shard.path, progress=False).removed_generations == [0]
+    with TieredStore.open({"table": {"path": str(shard.path)}}) as writer:
+        writer.write([5], torch.full((1, writer.row_width), 7.0))
+        with pytest.raises(TierIOError, match="being written"):
+            write_shards(table, 1, "rows", progress=False, overwrite=True)
+        assert writer.commit() == 2
+    assert not [p.name for p in tmp_path.iterdir() if ".new.npy" in p.name]
+    with TieredStore.open({"table": {"path": str(shard.path)}}) as store:
+        assert store.committed_step == 2
+        assert store.lookup([3, 5])[:, 0].tolist() == [2.0, 7.0]
+
+
 def test_ranks_reopen_a_store_from_the_environment_again_and_again(tables, tmp_path):
     """Closing destroyed the group it made from torchrun's environment, and the next open on
     the same port could join the old rendezvous of a rank still closing: raw gloo errors or a

@@ -21,6 +21,7 @@ from ..cold_table import ColdTable
 from ..delta.row_delta import delta_path, open_delta
 from ..delta.table_versions import (
     current_version,
+    has_history,
     release,
     remove_table_files,
     take_writer_lock,
@@ -172,7 +173,7 @@ def write_shards(
             locks: list[int] = []
             try:
                 for _, target in finished:
-                    if target.exists():
+                    if target.exists() or has_history(target):  # a compacted one's file is gone
                         locks.append(take_writer_lock(target))  # one by one: each is let go
                 for new, target in finished:
                     replace_table(new, target, overwrite, writer_locked=True)
