@@ -643,6 +643,41 @@ def test_sharded_serving_names_a_failed_rank_and_never_waits_for_it_for_good(tmp
     assert "start #" in errors[0] and "rank 1" in errors[0], errors[0]
 
 
+def test_serving_compacted_shards_checks_and_scrubs_the_versions_they_serve(tmp_path):
+    """A follower's shard compacted (generation 0 removed): the store opened its current version,
+    but verify_on_start and the scrubber checked the shard's first file, so the follower failed
+    its start ("does not exist") and every rank with it. Both check the version served."""
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.serve.client import get_json, post_json
+
+    config_path = _sharded_serve_config(tmp_path, verify_on_start=True, scrub_interval_s=0.2)
+    shards = sorted((tmp_path / "checkpoint").glob("*.shard-1-of-2.npy"))
+    assert shards
+    for shard in shards:
+        with TieredStore.open({"table": {"path": str(shard)}}) as store:
+            store.write([0], store.lookup([0], packed=True))
+            store.commit()
+        assert compact_table(shard, progress=False).removed_generations == [0]
+    ranks = _serve_ranks(config_path)
+    try:
+        url, follower_metrics = _started(ranks)
+        assert post_json(url + "/v1/engram", {"input_ids": [[5, 17, 99, 1000, 3, 3]]})[0] == 200
+        passed = 'tiered_store_verifications_total{rank="1",table="engram_layer1"} 2.0'
+        deadline = time.monotonic() + 30
+        while passed not in (
+            text := urllib.request.urlopen(follower_metrics, timeout=10).read().decode()
+        ):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        assert 'tiered_store_checksum_failures_total{rank="1",table="engram_layer1"} 0.0' in text
+        assert get_json(url + "/healthz")[0] == 200
+        ranks[0].terminate()
+        assert ranks[0].wait(30) == 0 and ranks[1].wait(30) == 0
+    finally:
+        errors = _ended(ranks)
+    assert "does not exist" not in errors[1], errors[1]
+
+
 def _healthz_says(url: str, text: str, present: bool = True, within_s: float = 30) -> bool:
     """Whether rank 0's /healthz comes to name (or, ``present=False``, stop naming) ``text``."""
     from tiered_store.serve.client import get_json

@@ -595,8 +595,8 @@ class ServedModel:
 
     @staticmethod
     def served_file(store: Any) -> Path:
-        """The file a store reads now: a table's current version, or this rank's shard."""
-        return Path(store.cold.path) if isinstance(store, TieredStore) else Path(store.path)
+        """The file a store reads now: its table's current version, or its shard's (on this rank)."""
+        return Path(store.cold.path)
 
     def stats(self) -> dict[str, Any]:
         """Every store's ``stats()`` by table name."""
