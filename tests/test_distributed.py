@@ -207,6 +207,27 @@ def test_shard_refuses_an_existing_shard_or_the_table_itself_before_writing_any(
     assert not (tmp_path / "one.npy").exists()  # (it held the last rank's shard alone)
 
 
+def test_shard_refuses_the_path_of_a_compacted_table_itself(tmp_path, capsys):
+    """A compacted table (its generation 0 removed) was not recognised as the table itself by its
+    path: `shard --overwrite` replaced it with its shard 0, half its rows, and removed the
+    version holding them all and its writes."""
+    from tiered_store.delta.compaction import compact_table
+
+    path = tmp_path / "t0.npy"
+    create_table(path, np.ones((30, 4), dtype=np.float32), progress=False)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        store.write([3], torch.full((1, 4), 9.0))
+        store.commit()
+    assert compact_table(path, progress=False).removed_generations == [0]
+    argv = ["shard", str(path), "--by", "rows", "--quiet", "--ranks", "2", "--overwrite"]
+    assert cli_main([*argv, "--out", str(tmp_path / "t{rank}.npy")]) == 2
+    assert f"rank 0's shard {path} is the table itself" in capsys.readouterr().err
+    assert not (tmp_path / "t1.npy").exists()
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        assert store.rows == 30 and store.committed_step == 1
+        assert store.lookup([3])[0].tolist() == [9.0] * 4
+
+
 def test_a_shard_takes_the_rows_it_holds_from_lists_and_profiles_of_its_table(tmp_path):
     """Row lists and profiles (what `analyze` writes) name the table's rows: each shard preloads
     or pins those it holds, as its own rows. They were read as the shard's ids: a whole-table
