@@ -1542,3 +1542,48 @@ def test_diagnose_waits_for_a_store_host_slow_to_answer_before_calling_it_unreac
         for host in hosts:
             host.kill()
             host.wait()
+
+
+@pytest.mark.parametrize("timeout_s, named_within_s", [(2.0, 10.0), (12.0, 12.0)])
+def test_a_sharded_stores_diagnosis_waits_for_a_slow_host_yet_names_a_gone_one_in_time(
+    timeout_s, named_within_s
+):
+    """A ShardedStore's diagnosis connects through the process's diagnosis template within
+    diagnosis_connect_s(timeout_s): with timeout_s / 2 alone, a store host back after 2 s was
+    called unreachable ("rank 0 died") at timeout_s = 2; and a host that never comes back must
+    be named within timeout_s (with the group's own timeout it took 25-32 s at 12), or within
+    2-3 x the 3 s floor under a timeout_s that small."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tiered_store.distributed.liveness import Heartbeat, shared_connection
+    from tiered_store.distributed.sharded_store import diagnosis_connect_s
+
+    port = free_port()
+    hosts = [_store_host(port)]
+    try:
+        group = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+        template = dist.PrefixStore("hb-test/", shared_connection(group, "diagnosis"))
+        store = dist.PrefixStore("hb-test/", group)
+        rank0 = Heartbeat(store, 0, 2, 0.2, None, template, diagnosis_connect_s(timeout_s))
+        rank1 = Heartbeat(store.clone(), 1, 2, 0.2)
+        rank1.stop()  # rank 1 stops beating: diagnose must name it
+        hosts[0].kill()
+        hosts[0].wait()
+        threading.Timer(2.0, lambda: hosts.append(_store_host(port))).start()
+        diagnosis = rank0.diagnose()
+        assert diagnosis.store_error is None and diagnosis.silent == (1,), diagnosis
+        time.sleep(0.5)  # the timer's host is up
+        for host in hosts:  # now the host is gone for good
+            host.kill()
+            host.wait()
+        start = time.monotonic()
+        diagnosis = rank0.diagnose()
+        assert diagnosis.store_error is not None, diagnosis
+        assert time.monotonic() - start <= named_within_s
+        rank0.stop()
+    finally:
+        for host in hosts:
+            host.kill()
+            host.wait()

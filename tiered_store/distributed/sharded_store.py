@@ -124,6 +124,14 @@ _SHARD_FAILURES = (
 )
 
 
+def diagnosis_connect_s(timeout_s: float) -> float:
+    """Seconds a failure's diagnosis waits to connect to the group's store: ``timeout_s / 4``,
+    so that a gone host (torch's client tries twice, with a back-off: 2-3 x this in all) is named
+    within ``timeout_s``; at least 3 s, or a host slow to accept under a small ``timeout_s``
+    would be called dead."""
+    return max(timeout_s / 4, 3.0)
+
+
 class ShardedStore:
     """One table over the ranks of a process group; each rank's shard is a ``TieredStore``.
 
@@ -467,7 +475,7 @@ class ShardedStore:
             self._interval,
             beats,
             diagnosis,
-            self.timeout_s / 4,  # the diagnosis within timeout_s: a gone host takes 2-3 x that
+            diagnosis_connect_s(self.timeout_s),
         )
 
     def _all_gather(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
