@@ -18,13 +18,13 @@ from tiered_store.serve.client import subprocess_env
 pytest.importorskip("libcachesim")
 
 
-def test_small_tiers_are_sized_and_the_corpus_recorded(tmp_path):
+def test_small_tiers_are_sized_and_the_corpus_recorded(email_analysis, tmp_path):
     work, out = tmp_path / "work", tmp_path / "r.json"
     work.mkdir()
-    done = run_bench(
+    done = run_bench(  # on the tests' shared analysis; test_keep... runs one of its own
         "bench_policies.py",
-        str(CORPUS),
-        *("--max-tokens", "60000", "--lookups", "150000", "--policies", "lru,zipf-tuned"),
+        *("--analysis", str(email_analysis)),
+        *("--lookups", "150000", "--policies", "lru,zipf-tuned"),
         *("--shares", "0.1%,0.5%", "--out", str(out), "--dir", str(work)),
         *("--queued-requests", "2", "--request-tokens", "512"),
     )
