@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 
+from tests import forkserver
 from tiered_store import TieredStore
 from tiered_store.table_format import PackedSafetensorsSource, SafetensorsSource, create_table
 
@@ -63,12 +63,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _host_store(port: int, up: Any) -> None:
+    """Host a TCPStore on ``port`` (as rank 0 hosts the group's) until killed."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841
+    up.set()
+    time.sleep(120)
+
+
+def store_host(port: int) -> Any:
+    """A process (of the tests' forkserver) hosting a TCPStore on ``port``, once it is up."""
+    ctx = forkserver.context()
+    up = ctx.Event()
+    host = ctx.Process(target=_host_store, args=(port, up), daemon=True)
+    host.start()
+    assert up.wait(60), "the store host never came up"
+    return host
+
+
+def _as_rank(target, env: dict[str, str], *args: Any) -> None:
+    """In the forked process: the test's environment (not the forkserver's), then the worker."""
+    os.environ.clear()
+    os.environ.update(env)
+    target(*args)
+
+
 def run_ranks(target, world: int, args: tuple, deadline_s: float) -> list[int | None]:
-    """Start ``world`` spawned processes ``target(rank, world, port, *args)``; exit codes (None:
-    still running at the deadline, then killed)."""
-    ctx = mp.get_context("spawn")
+    """Start ``world`` processes ``target(rank, world, port, *args)``, forked by the tests'
+    forkserver (torch and the store imported once, not by each rank); exit codes (None: still
+    running at the deadline, then killed)."""
+    ctx = forkserver.context()
     port = free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    env = dict(os.environ)
+    procs = [
+        ctx.Process(target=_as_rank, args=(target, env, r, world, port, *args))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     end = time.monotonic() + deadline_s

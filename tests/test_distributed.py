@@ -33,6 +33,7 @@ from tests.distributed_support import (
     run_ranks,
     shards_template,
     slow_connect_reopen_worker,
+    store_host,
 )
 from tiered_store.cli import main as cli_main
 from tiered_store.config import StoreConfig
@@ -1377,19 +1378,8 @@ def test_rank_0_reads_the_others_health_in_a_thread_and_never_waits_on_a_hung_st
     from tiered_store.serve.ranks import HEALTH_READ_S, RankHealth
 
     port = free_port()
-    host = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time, torch.distributed as dist; "
-            f"s = dist.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
-            "print('up', flush=True); time.sleep(120)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    host = store_host(port)
     try:
-        assert host.stdout.readline().strip() == "up"
 
         def client() -> dist.Store:
             store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
@@ -1424,24 +1414,7 @@ def test_rank_0_reads_the_others_health_in_a_thread_and_never_waits_on_a_hung_st
     finally:
         os.kill(host.pid, signal.SIGCONT)
         host.kill()
-        host.wait()
-
-
-def _store_host(port: int) -> subprocess.Popen:
-    """A process hosting a TCPStore on ``port`` (as rank 0 hosts the group's), once it is up."""
-    host = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time, torch.distributed as dist; "
-            f"s = dist.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False)"
-            "; print('up', flush=True); time.sleep(120)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert host.stdout.readline().strip() == "up"
-    return host
+        host.join()
 
 
 def test_a_heartbeat_write_that_fails_is_tried_again_and_the_rank_counts_as_alive():
@@ -1455,7 +1428,7 @@ def test_a_heartbeat_write_that_fails_is_tried_again_and_the_rank_counts_as_aliv
     from tiered_store.distributed.liveness import Heartbeat
 
     port = free_port()
-    host = _store_host(port)
+    host = store_host(port)
     try:
 
         def client() -> dist.Store:
@@ -1464,9 +1437,9 @@ def test_a_heartbeat_write_that_fails_is_tried_again_and_the_rank_counts_as_aliv
         rank0, rank1 = Heartbeat(client(), 0, 2, 0.2), Heartbeat(client(), 1, 2, 0.2)
         assert (said := rank0.stopped()) is None
         host.kill()
-        host.wait()
+        host.join()
         time.sleep(1.0)  # rank 1's writes fail meanwhile
-        host = _store_host(port)
+        host = store_host(port)
         deadline, calm_since = time.monotonic() + 30, None
         while calm_since is None or time.monotonic() - calm_since < 1.5:  # 7 beats in a row
             assert time.monotonic() < deadline, said
@@ -1481,7 +1454,7 @@ def test_a_heartbeat_write_that_fails_is_tried_again_and_the_rank_counts_as_aliv
         rank0.close()
     finally:
         host.kill()
-        host.wait()
+        host.join()
 
 
 def test_closing_a_heartbeat_whose_store_host_is_gone_ends_its_thread():
@@ -1495,12 +1468,12 @@ def test_closing_a_heartbeat_whose_store_host_is_gone_ends_its_thread():
     from tiered_store.distributed.liveness import Heartbeat
 
     port = free_port()
-    host = _store_host(port)
+    host = store_host(port)
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=20))
         beat = Heartbeat(store, 1, 2, 0.2)
         host.kill()
-        host.wait()
+        host.join()
         time.sleep(1.0)  # beats fail: the thread reconnects
         start = time.monotonic()
         beat.close()
@@ -1508,7 +1481,7 @@ def test_closing_a_heartbeat_whose_store_host_is_gone_ends_its_thread():
         assert time.monotonic() - start < 10  # not the group store's 20 s timeout
     finally:
         host.kill()
-        host.wait()
+        host.join()
 
 
 def test_diagnose_waits_for_a_store_host_slow_to_answer_before_calling_it_unreachable():
@@ -1524,15 +1497,15 @@ def test_diagnose_waits_for_a_store_host_slow_to_answer_before_calling_it_unreac
     from tiered_store.distributed.liveness import Heartbeat
 
     port = free_port()
-    hosts = [_store_host(port)]
+    hosts = [store_host(port)]
     try:
         group = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=20))
         store = dist.PrefixStore("hb-test/", group)  # as ShardedStore gives its heartbeats
         rank0, rank1 = Heartbeat(store, 0, 2, 0.2), Heartbeat(store.clone(), 1, 2, 0.2)
         rank1.stop()  # rank 1 stops beating: diagnose must name it
         hosts[0].kill()
-        hosts[0].wait()
-        threading.Timer(2.0, lambda: hosts.append(_store_host(port))).start()
+        hosts[0].join()
+        threading.Timer(2.0, lambda: hosts.append(store_host(port))).start()
         diagnosis = rank0.diagnose()
         assert diagnosis.store_error is None, diagnosis
         assert diagnosis.silent == (1,), diagnosis
@@ -1541,7 +1514,7 @@ def test_diagnose_waits_for_a_store_host_slow_to_answer_before_calling_it_unreac
         time.sleep(0.5)  # the timer's host, if it was late
         for host in hosts:
             host.kill()
-            host.wait()
+            host.join()
 
 
 @pytest.mark.parametrize("timeout_s, named_within_s", [(2.0, 10.0), (12.0, 12.0)])
@@ -1561,7 +1534,7 @@ def test_a_sharded_stores_diagnosis_waits_for_a_slow_host_yet_names_a_gone_one_i
     from tiered_store.distributed.sharded_store import diagnosis_connect_s
 
     port = free_port()
-    hosts = [_store_host(port)]
+    hosts = [store_host(port)]
     try:
         group = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
         template = dist.PrefixStore("hb-test/", shared_connection(group, "diagnosis"))
@@ -1570,14 +1543,14 @@ def test_a_sharded_stores_diagnosis_waits_for_a_slow_host_yet_names_a_gone_one_i
         rank1 = Heartbeat(store.clone(), 1, 2, 0.2)
         rank1.stop()  # rank 1 stops beating: diagnose must name it
         hosts[0].kill()
-        hosts[0].wait()
-        threading.Timer(2.0, lambda: hosts.append(_store_host(port))).start()
+        hosts[0].join()
+        threading.Timer(2.0, lambda: hosts.append(store_host(port))).start()
         diagnosis = rank0.diagnose()
         assert diagnosis.store_error is None and diagnosis.silent == (1,), diagnosis
         time.sleep(0.5)  # the timer's host is up
         for host in hosts:  # now the host is gone for good
             host.kill()
-            host.wait()
+            host.join()
         start = time.monotonic()
         diagnosis = rank0.diagnose()
         assert diagnosis.store_error is not None, diagnosis
@@ -1586,4 +1559,4 @@ def test_a_sharded_stores_diagnosis_waits_for_a_slow_host_yet_names_a_gone_one_i
     finally:
         for host in hosts:
             host.kill()
-            host.wait()
+            host.join()
