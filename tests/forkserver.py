@@ -10,12 +10,15 @@ traceback on stderr for an uncaught exception, as Python gives).
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import runpy
 import subprocess
 import sys
 import tempfile
+import threading
+from multiprocessing import reduction
 from pathlib import Path
 
 # one list for every user: the server starts once per test session, with the first user's list
@@ -58,6 +61,133 @@ def _as_python_runs(argv: list[str], env: dict, cwd: str, out: str, err: str) ->
         sys.argv = list(argv)
         sys.path.insert(0, str(Path(argv[0]).parent))
         runpy.run_path(argv[0], run_name="__main__")  # SystemExit's code is the exit status
+
+
+class _ChildFd:
+    """One of this process's file descriptors, sent to the process the forkserver forks."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        return (_detach, (reduction.DupFd(self.fd),))
+
+
+def _detach(duplicate) -> int:
+    """The forked process's copy of a ``_ChildFd``."""
+    return duplicate.detach()
+
+
+def _as_python_starts(argv: list[str], env: dict, cwd: str, fds: tuple, prelude: str) -> None:
+    """In the forked process: ``python ARGV`` as ``_as_python_runs``, its stdout and stderr the
+    pipes ``fds``; ``prelude`` (a file, or "") run first, as a ``sitecustomize`` would be; the
+    atexit functions run at the end, as at an interpreter's exit."""
+    for fd, target in zip((1, 2), fds, strict=True):
+        target = os.open(os.devnull, os.O_WRONLY) if target is None else target
+        os.dup2(target, fd)
+        os.close(target)
+    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 (flushed at exit)
+    sys.stderr = open(2, "w", encoding="utf-8", closefd=False, buffering=1)  # noqa: SIM115
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile.tempdir = None
+    try:
+        if prelude:
+            runpy.run_path(prelude, run_name="sitecustomize")
+        sys.argv = [argv[1], *argv[2:]]
+        sys.path.insert(0, cwd)
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    finally:
+        atexit._run_exitfuncs()
+
+
+class PythonProcess:
+    """``python -m MODULE ARGS`` in a process of the forkserver, as ``subprocess.Popen(...,
+    stdout=PIPE, stderr=PIPE, text=True)`` gives it: ``pid``, ``stdout``, ``stderr``,
+    ``returncode``, ``poll``, ``wait``, ``terminate``, ``kill``, ``send_signal``,
+    ``communicate``."""
+
+    def __init__(
+        self,
+        argv: list[str | os.PathLike[str]],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike[str] = ".",
+        prelude: str | os.PathLike[str] | None = None,
+        stderr: bool = True,
+    ) -> None:
+        """``stderr=False``: the process's stderr to /dev/null (``self.stderr`` reads nothing)."""
+        self.args = [sys.executable, *map(str, argv)]
+        if argv[0] != "-m":
+            raise ValueError(f"argv: {argv!r}; expected ['-m', MODULE, ARG...]")
+        env = dict(os.environ if env is None else env)
+        pipes = [os.pipe() for _ in range(2)]
+        sent = (_ChildFd(pipes[0][1]), _ChildFd(pipes[1][1]) if stderr else None)
+        self._process = context().Process(
+            target=_as_python_starts,
+            args=(
+                self.args[1:],
+                env,
+                os.path.abspath(cwd),
+                sent,
+                str(prelude or ""),
+            ),
+        )
+        try:
+            self._process.start()
+        finally:
+            for _, w in pipes:
+                os.close(w)
+        self.stdout, self.stderr = (open(r, encoding="utf-8", errors="replace") for r, _ in pipes)  # noqa: SIM115
+        self.pid = self._process.pid
+        self._read: dict[str, str] = {}
+        self._readers: list[threading.Thread] = []
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        if self._process.exitcode is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self._process.terminate()
+
+    def kill(self) -> None:
+        self._process.kill()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """The rest of stdout and stderr, once the process exited."""
+        if not self._readers:  # one reader a stream, for every call
+            self._readers = [
+                threading.Thread(target=self._read_all, args=(name,), daemon=True)
+                for name in ("stdout", "stderr")
+            ]
+            for reader in self._readers:
+                reader.start()
+        for reader in self._readers:
+            reader.join(timeout)
+        if any(r.is_alive() for r in self._readers):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(timeout)
+        return self._read["stdout"], self._read["stderr"]
+
+    def _read_all(self, name: str) -> None:
+        """Read one stream to its end."""
+        stream = getattr(self, name)
+        self._read[name] = stream.read()
+        stream.close()
 
 
 def run_python(

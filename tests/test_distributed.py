@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 import threading
 import time
 import urllib.request
@@ -35,6 +34,7 @@ from tests.distributed_support import (
     slow_connect_reopen_worker,
     store_host,
 )
+from tests.forkserver import PythonProcess
 from tiered_store.cli import main as cli_main
 from tiered_store.config import StoreConfig
 from tiered_store.distributed import ShardedStore, plan_shards, read_shard, write_shards
@@ -511,7 +511,7 @@ def test_on_cuda_the_exchange_runs_on_nccl_and_rows_stay_packed_until_the_gather
 def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(tmp_path):
     from tests.serve_support import make_checkpoint
     from tiered_store.serve import ServeConfig, ServedModel, parse_request
-    from tiered_store.serve.client import ServeProcess, post_json, subprocess_env
+    from tiered_store.serve.client import ServeProcess, post_json
 
     plain = ServeConfig.from_yaml(make_checkpoint(tmp_path / "one"))
     sharding = {"ranks": 2, "by": "heads", "timeout_s": 30}
@@ -522,12 +522,10 @@ def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(
     for layer in plain.model.engram.layer_ids:
         write_shards(plain.table_path(layer), 2, "heads", progress=False)
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    cmd = [sys.executable, "-m", "tiered_store.cli", "serve", str(config_path)]
-    follower = subprocess.Popen(
-        [*cmd, "--metrics-address", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=subprocess_env({**env, "RANK": "1", "LOCAL_RANK": "1"}),
+    follower = PythonProcess(  # a process of the tests' forkserver
+        ["-m", "tiered_store.cli", "serve", str(config_path), "--metrics-address", "127.0.0.1:0"],
+        env={**os.environ, **env, "RANK": "1", "LOCAL_RANK": "1"},
+        stderr=False,
     )
     try:
         with ServeProcess(config_path, env={**env, "RANK": "0", "LOCAL_RANK": "0"}) as server:
@@ -572,36 +570,38 @@ def _sharded_serve_config(tmp_path: Path, **checkpoint) -> Path:
 
 
 def _serve_ranks(
-    config_path: Path, metrics: str = "127.0.0.1:0", env: dict[str, str] | None = None
-) -> list[subprocess.Popen]:
+    config_path: Path,
+    metrics: str = "127.0.0.1:0",
+    env: dict[str, str] | None = None,
+    prelude: Path | None = None,
+) -> list[PythonProcess]:
     """Rank 0 (HTTP on a free port) and rank 1 of `tiered-store serve`, as torchrun starts them
-    (rank 1's metrics on ``metrics``: its port + 1, or a free one; ``env`` added to both)."""
-    from tiered_store.serve.client import subprocess_env
-
+    (rank 1's metrics on ``metrics``: its port + 1, or a free one; ``env`` added to both), in
+    processes of the tests' forkserver (``prelude``: a file each runs first, as a
+    ``sitecustomize``)."""
     env = {
+        **os.environ,
         **(env or {}),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": "2",
     }
-    cmd = [sys.executable, "-m", "tiered_store.cli", "serve", str(config_path)]
+    cmd = ["-m", "tiered_store.cli", "serve", str(config_path)]
     extra = (
         ["--address", "127.0.0.1:0", "--metrics-address", ""],
         ["--metrics-address", metrics],
     )
     return [
-        subprocess.Popen(
+        PythonProcess(
             [*cmd, *extra[rank]],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=subprocess_env({**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}),
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            prelude=prelude,
         )
         for rank in (0, 1)
     ]
 
 
-def _started(ranks: list[subprocess.Popen]) -> tuple[str, str]:
+def _started(ranks: list[PythonProcess]) -> tuple[str, str]:
     """Rank 0's URL and rank 1's metrics URL, once both ranks said they are up."""
     url = json.loads(ranks[0].stdout.readline())["url"]
     follower = json.loads(ranks[1].stdout.readline())
@@ -609,7 +609,7 @@ def _started(ranks: list[subprocess.Popen]) -> tuple[str, str]:
     return url, follower["metrics_url"]
 
 
-def _ended(ranks: list[subprocess.Popen]) -> list[str]:
+def _ended(ranks: list[PythonProcess]) -> list[str]:
     """Kill what is left; each rank's stderr."""
     for proc in ranks:
         if proc.poll() is None:
@@ -885,11 +885,10 @@ def _sigterm_with_a_slow_step(
     doc["server"]["request_timeout_s"] = 0.5
     doc["store"]["sharding"]["timeout_s"] = 1
     config_path.write_text(yaml.safe_dump(doc))
-    hook, mark = tmp_path / "hook", tmp_path / "slow"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_SLOW_HOOK)  # imported by the ranks at start
-    env = {"PYTHONPATH": str(hook), "SLOW_RANK": str(rank), "SLOW_MARK": str(mark)}
-    ranks = _serve_ranks(config_path, env={**env, "SLOW_S": str(seconds), "SLOW_STEP": step})
+    hook, mark = tmp_path / "hook.py", tmp_path / "slow"
+    hook.write_text(_SLOW_HOOK)  # run by the ranks at start
+    env = {"SLOW_RANK": str(rank), "SLOW_MARK": str(mark), "SLOW_S": str(seconds)}
+    ranks = _serve_ranks(config_path, env={**env, "SLOW_STEP": step}, prelude=hook)
     try:
         _started(ranks)
         deadline = time.monotonic() + 30
