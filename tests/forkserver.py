@@ -43,8 +43,18 @@ def context() -> multiprocessing.context.ForkServerContext:
 def _as_python_runs(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
     """In the forked process: become ``python ARGV`` (a script and its arguments, or ``-m
     MODULE`` and its) run in ``cwd`` with ``env``, its output into the files ``out`` and ``err``."""
-    for fd, path in ((1, out), (2, err)):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) for path in (out, err)]
+    _become_python(argv, env, cwd, fds, "", False)
+
+
+def _become_python(
+    argv: list[str], env: dict, cwd: str, fds: list, prelude: str, exit_funcs: bool
+) -> None:
+    """``python ARGV`` with ``fds`` (None: /dev/null) as its stdout and stderr; ``prelude`` (a
+    file, or "") run first, as a ``sitecustomize`` is; ``exit_funcs``: the atexit functions run
+    at the end, as at an interpreter's exit."""
+    for fd, target in zip((1, 2), fds, strict=True):
+        target = os.open(os.devnull, os.O_WRONLY) if target is None else target
         os.dup2(target, fd)
         os.close(target)
     sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 (flushed at exit)
@@ -53,14 +63,20 @@ def _as_python_runs(argv: list[str], env: dict, cwd: str, out: str, err: str) ->
     os.environ.clear()
     os.environ.update(env)
     tempfile.tempdir = None  # read TMPDIR again
-    if argv[0] == "-m":  # as python -m: the working directory first on the path
-        sys.argv = [argv[1], *argv[2:]]
-        sys.path.insert(0, cwd)
-        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = list(argv)
-        sys.path.insert(0, str(Path(argv[0]).parent))
-        runpy.run_path(argv[0], run_name="__main__")  # SystemExit's code is the exit status
+    try:
+        if prelude:
+            runpy.run_path(prelude, run_name="sitecustomize")
+        if argv[0] == "-m":  # as python -m: the working directory first on the path
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path.insert(0, cwd)
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(argv)
+            sys.path.insert(0, str(Path(argv[0]).parent))
+            runpy.run_path(argv[0], run_name="__main__")  # SystemExit's code is the exit status
+    finally:
+        if exit_funcs:
+            atexit._run_exitfuncs()
 
 
 class _ChildFd:
@@ -78,32 +94,8 @@ def _detach(duplicate) -> int:
     return duplicate.detach()
 
 
-def _as_python_starts(argv: list[str], env: dict, cwd: str, fds: tuple, prelude: str) -> None:
-    """In the forked process: ``python ARGV`` as ``_as_python_runs``, its stdout and stderr the
-    pipes ``fds``; ``prelude`` (a file, or "") run first, as a ``sitecustomize`` would be; the
-    atexit functions run at the end, as at an interpreter's exit."""
-    for fd, target in zip((1, 2), fds, strict=True):
-        target = os.open(os.devnull, os.O_WRONLY) if target is None else target
-        os.dup2(target, fd)
-        os.close(target)
-    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 (flushed at exit)
-    sys.stderr = open(2, "w", encoding="utf-8", closefd=False, buffering=1)  # noqa: SIM115
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    tempfile.tempdir = None
-    try:
-        if prelude:
-            runpy.run_path(prelude, run_name="sitecustomize")
-        sys.argv = [argv[1], *argv[2:]]
-        sys.path.insert(0, cwd)
-        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-    finally:
-        atexit._run_exitfuncs()
-
-
 class PythonProcess:
-    """``python -m MODULE ARGS`` in a process of the forkserver, as ``subprocess.Popen(...,
+    """``python ARGV`` (as ``run_python``) in a process of the forkserver, as ``subprocess.Popen(...,
     stdout=PIPE, stderr=PIPE, text=True)`` gives it: ``pid``, ``stdout``, ``stderr``,
     ``returncode``, ``poll``, ``wait``, ``terminate``, ``kill``, ``send_signal``,
     ``communicate``."""
@@ -119,19 +111,18 @@ class PythonProcess:
     ) -> None:
         """``stderr=False``: the process's stderr to /dev/null (``self.stderr`` reads nothing)."""
         self.args = [sys.executable, *map(str, argv)]
-        if argv[0] != "-m":
-            raise ValueError(f"argv: {argv!r}; expected ['-m', MODULE, ARG...]")
         env = dict(os.environ if env is None else env)
         pipes = [os.pipe() for _ in range(2)]
         sent = (_ChildFd(pipes[0][1]), _ChildFd(pipes[1][1]) if stderr else None)
         self._process = context().Process(
-            target=_as_python_starts,
+            target=_become_python,
             args=(
                 self.args[1:],
                 env,
                 os.path.abspath(cwd),
-                sent,
+                list(sent),
                 str(prelude or ""),
+                True,
             ),
         )
         try:

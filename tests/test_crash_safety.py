@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,8 +304,6 @@ def test_a_reader_opened_while_a_commit_lands_serves_the_commit_it_reports(tmp_p
 def test_a_writer_killed_after_forking_leaves_no_lock_to_its_child(tmp_path):
     """A writer forks a child (a DataLoader worker would), then dies by kill -9: the table's writer
     lock and version hold go with it, though the child lives on (it closed its copies at fork)."""
-    import subprocess
-    import sys
     import textwrap
 
     path, _ = make_table(tmp_path, rows=50, dim=4)
@@ -324,7 +323,8 @@ def test_a_writer_killed_after_forking_leaves_no_lock_to_its_child(tmp_path):
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )
-    writer = subprocess.run([sys.executable, "-c", script], timeout=60, check=False)
+    (tmp_path / "writer.py").write_text(script)
+    writer = forkserver.run_python([tmp_path / "writer.py"], timeout=60)
     assert writer.returncode == -signal.SIGKILL
     child = int(child_pid.read_text())
     try:
@@ -350,12 +350,14 @@ def _table_with_a_commit(tmp_path, rows: int):
 
 
 def _run_until_killed(script: str, *args) -> None:
-    """Run ``script`` (``python -c``) with ``args``: it kills itself (SIGKILL) part way."""
-    import subprocess
-    import sys
+    """Run ``script`` with ``args`` (in a process of the forkserver): it kills itself (SIGKILL)
+    part way."""
+    import tempfile
 
-    killed = subprocess.run([sys.executable, "-c", script, *map(str, args)])
-    assert killed.returncode == -signal.SIGKILL
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "killed.py").write_text(script)
+        killed = forkserver.run_python([Path(d) / "killed.py", *args])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
 
 
 _OVERWRITE_KILLED_AFTER_THE_DELTA = r"""
@@ -436,9 +438,6 @@ def test_a_reader_killed_with_kill_9_keeps_no_old_pages_from_reuse(tmp_path):
     """A reader process killed (kill -9) while it holds a commit leaves its LMDB reader slot
     behind, pinning that commit's pages. The writer frees such slots before each commit: commits
     rewriting the same rows reuse the old pages, and the delta stays its size."""
-    import subprocess
-    import sys
-
     from tiered_store import create_table
 
     path = tmp_path / "t.npy"
@@ -452,9 +451,8 @@ def test_a_reader_killed_with_kill_9_keeps_no_old_pages_from_reuse(tmp_path):
 
     with TieredStore.open(config) as writer:
         commit_every_row(writer, 3)
-    reader = subprocess.Popen(
-        [sys.executable, "-c", _READER_THAT_WAITS, str(path)], stdout=subprocess.PIPE, text=True
-    )
+    (tmp_path / "reader.py").write_text(_READER_THAT_WAITS)
+    reader = forkserver.PythonProcess([tmp_path / "reader.py", path], stderr=False)
     try:
         assert reader.stdout.readline().strip() == "ready"
         writer = TieredStore.open(config)  # opened while the reader lives: its slot is live

@@ -157,8 +157,7 @@ def test_a_map_that_grows_never_ends_a_pinned_readers_view(tmp_path):
     commit is refused (growing would end that view), and goes through once it closes. A reader
     pinned while another process grew the map sees that as a newer commit (stale), and opening
     the delta again here names the store to close first."""
-    import multiprocessing
-
+    from tests import forkserver
     from tiered_store.delta.row_delta import GREW_STEP
     from tiered_store.errors import CommitError, TierIOError
 
@@ -180,7 +179,7 @@ def test_a_map_that_grows_never_ends_a_pinned_readers_view(tmp_path):
     RowDelta(other, row_bytes=4096, create=True, map_bytes=1 << 16).close()
     reader = RowDelta(other, row_bytes=4096, map_bytes=1 << 16)
     reader.pin()
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    with forkserver.context().Pool(1) as pool:
         assert pool.apply(_fill, (other, 4)) > 0  # another process grew the map
     assert reader.latest_step() == GREW_STEP and reader.step == 0  # stale, its view whole
     with pytest.raises(TierIOError, match="grew in another process .* close it, then open"):
@@ -300,14 +299,13 @@ def test_commit_steps_stay_below_the_grown_map_marker(tmp_path):
 def test_a_commit_whose_delta_grew_in_another_process_is_a_commit_error(tmp_path):
     """A handle whose map another process outgrew can neither write nor read the step; its commit
     says so as a ``CommitError`` (it raised the lmdb error of reading the step for its message)."""
-    import multiprocessing
-
+    from tests import forkserver
     from tiered_store.errors import CommitError
 
     path = tmp_path / "t.delta"
     delta = RowDelta(path, row_bytes=4096, create=True, map_bytes=1 << 16)
     delta.commit(np.arange(4), np.ones((4, 4096), dtype=np.uint8), step=1)
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    with forkserver.context().Pool(1) as pool:
         assert pool.apply(_fill, (path, 4)) > 0  # another process grew the map
     with pytest.raises(CommitError, match="commit of step 5 to .* previous commit is intact"):
         delta.commit(np.arange(4), np.zeros((4, 4096), dtype=np.uint8), step=5)
@@ -427,15 +425,13 @@ def test_serving_reopens_a_table_whose_delta_map_a_writer_elsewhere_grew(tmp_pat
     (every reload was refused, and the server served the old commit until restarted). The map's
     floor is lowered in both processes, so that a few commits outgrow it."""
     import json
-    import subprocess
-    import sys
     import textwrap
 
+    from tests.forkserver import run_python
     from tests.serve_support import make_checkpoint
     from tiered_store.delta import row_delta
     from tiered_store.delta.table_versions import current_version
     from tiered_store.serve import ServeConfig
-    from tiered_store.serve.client import subprocess_env
     from tiered_store.serve.inference_request import parse_request
     from tiered_store.serve.served_model import ServedModel
     from tiered_store.table_format import table_paths
@@ -463,9 +459,9 @@ def test_serving_reopens_a_table_whose_delta_map_a_writer_elsewhere_grew(tmp_pat
             print(s._writes.delta.map_grows)
             s.close()
         """)
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
-        )
+        script = tmp_path / "trainer.py"
+        script.write_text(code)
+        done = run_python([script])  # in a process of the tests' forkserver
         assert done.returncode == 0, done.stderr[-2000:]
         return int(done.stdout.split()[-1])
 
@@ -891,11 +887,9 @@ def test_a_store_opened_beside_one_of_a_table_made_anew_elsewhere_reads_the_new_
     """A server reloads a table (the new store opened before the old one closes) that another
     process made anew and wrote: the new store read the old store's environment, of the removed
     delta (the old table's rows over the new base, the new commit missing)."""
-    import subprocess
-    import sys
     import textwrap
 
-    from tiered_store.serve.client import subprocess_env
+    from tests.forkserver import run_python
 
     path, config = _a_table_with_a_commit(tmp_path)
     old = TieredStore.open(config)
@@ -907,9 +901,9 @@ def test_a_store_opened_beside_one_of_a_table_made_anew_elsewhere_reads_the_new_
             s.write([2], torch.full((1, 2), 9.0))
             s.commit()
     """)
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
-    )
+    script = tmp_path / "make_anew.py"
+    script.write_text(code)
+    done = run_python([script])  # in a process of the tests' forkserver
     assert done.returncode == 0, done.stderr[-2000:]
     assert old.is_stale()
     with TieredStore.open(config) as new:
