@@ -1516,15 +1516,13 @@ def test_diagnose_waits_for_a_store_host_slow_to_answer_before_calling_it_unreac
             host.join()
 
 
-@pytest.mark.parametrize("timeout_s, named_within_s", [(2.0, 10.0), (12.0, 12.0)])
-def test_a_sharded_stores_diagnosis_waits_for_a_slow_host_yet_names_a_gone_one_in_time(
-    timeout_s, named_within_s
-):
+def test_a_sharded_stores_diagnosis_waits_for_a_slow_host_yet_names_a_gone_one_in_time():
     """A ShardedStore's diagnosis connects through the process's diagnosis template within
     diagnosis_connect_s(timeout_s): with timeout_s / 2 alone, a store host back after 2 s was
-    called unreachable ("rank 0 died") at timeout_s = 2; and a host that never comes back must
-    be named within timeout_s (with the group's own timeout it took 25-32 s at 12), or within
-    2-3 x the 3 s floor under a timeout_s that small."""
+    called unreachable ("rank 0 died") at timeout_s = 2; a host that never comes back is named
+    within 2-3 x the 3 s floor (at a timeout_s of 12 and more, within the timeout: the killed
+    rank 0 tests; with the group's own timeout it took 25-32 s at 12)."""
+    timeout_s, named_within_s = 2.0, 10.0
     from datetime import timedelta
 
     import torch.distributed as dist
