@@ -491,7 +491,6 @@ def torn_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) 
     import warnings
 
     from tiered_store.distributed import ShardedStore
-    from tiered_store.errors import TornCommitWarning
 
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
@@ -501,9 +500,7 @@ def torn_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             store = ShardedStore.open(cfg)
-        result[f"{name} warnings"] = [
-            str(w.message) for w in caught if issubclass(w.category, TornCommitWarning)
-        ]
+        result[f"{name} warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
         result[f"{name} step"] = store.committed_step
         result[f"{name} rows"] = [float(v) for v in store.lookup(torch.tensor([3, 460]))[:, 0]]
         return store
@@ -555,28 +552,6 @@ def killed_in_commit_worker(rank: int, world: int, port: int, plain: str, out: P
         result["crash"] = traceback.format_exc()
     _report(out, rank, result)
     os._exit(0)  # the group is broken: no teardown
-
-
-def torn_reopen_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
-    """Every rank reopens shards a killed commit left at two steps: its warnings, step, rows."""
-    import warnings
-
-    from tiered_store.distributed import ShardedStore
-
-    _join_group(rank, world, port)
-    result: dict[str, Any] = {}
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            store = ShardedStore.open(_store_config(Path(plain), world, "rows"))
-        result["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
-        result["step"] = store.committed_step
-        result["rows"] = [float(v) for v in store.lookup(torch.tensor([3, 460]))[:, 0]]
-        store.close()
-        dist_destroy()
-    except BaseException:
-        result["crash"] = traceback.format_exc()
-    _report(out, rank, result)
 
 
 def compacted_shard_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:

@@ -998,7 +998,6 @@ def test_shards_opened_at_different_steps_warn_report_the_oldest_and_take_the_re
     warned of nothing, each rank reported its own step and lookups mixed two steps. Now
     every rank warns, naming each shard's step, reports the oldest; the step redone on every
     rank commits (on the shard already at it too), and the table opens whole again."""
-    from tests.distributed_support import torn_commit_worker
 
     plain = make_plain_table(tmp_path)
     shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
@@ -1010,12 +1009,22 @@ def test_shards_opened_at_different_steps_warn_report_the_oldest_and_take_the_re
                 store.commit()
     out = tmp_path / "out"
     out.mkdir()
+    _check_torn_commit_is_found_and_redone(plain, out)
+
+
+def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
+    """Over shards of ``plain`` that a torn commit left at steps 1 (rank 0) and 2 (rank 1), one
+    row of each written 1.0 and 2.0 at those steps: reopened on two new ranks, every rank warns,
+    naming both steps, and reports the oldest; a commit at it is refused; the step redone on
+    every rank commits, and the table reopens whole."""
+    from tests.distributed_support import torn_commit_worker
+
     codes = run_ranks(torn_commit_worker, 2, (str(plain), out), 60)
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for rank, result in enumerate(results):
         (warning,) = result["torn warnings"]
-        assert warning.startswith(f"rank {rank}: the shards were committed at different steps (rank 0: 1; rank 1: 2): a commit was interrupted")  # fmt: skip
+        assert warning.startswith(f"TornCommitWarning: rank {rank}: the shards were committed at different steps (rank 0: 1; rank 1: 2): a commit was interrupted")  # fmt: skip
         assert result["torn step"] == 1 and result["torn rows"] == [1.0, 2.0]
         # a commit at the oldest step is refused, its rows kept (it rewrote rank 0's step 1)
         assert result["older"] == "CommitError" and result["refused rows"] == [1.0, 2.0]
@@ -1030,8 +1039,8 @@ def test_a_rank_0_killed_inside_a_commit_is_named_in_time_and_the_torn_commit_fo
     (its store's timeout 60 s, torch's default 30 min): rank 1's commit waited that long to
     connect to the gone store before naming it, past sharding.timeout_s (6 s). It names rank 0
     within the timeout; reopened on new ranks, every rank warns of the two steps and reports
-    the oldest."""
-    from tests.distributed_support import killed_in_commit_worker, torn_reopen_worker
+    the oldest, and the step redone commits."""
+    from tests.distributed_support import killed_in_commit_worker
 
     plain = make_plain_table(tmp_path)
     write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
@@ -1044,13 +1053,7 @@ def test_a_rank_0_killed_inside_a_commit_is_named_in_time_and_the_torn_commit_fo
     assert result["error"].startswith("RankFailureError: rank 1: commit #4 failed: the process group's store (hosted by rank 0, or by torchrun's agent) is unreachable")  # fmt: skip
     assert "rank 0 died" in result["error"], result
     assert result["seconds"] <= 2 * 6, result  # the timeout, plus slack on a loaded machine
-    codes = run_ranks(torn_reopen_worker, 2, (str(plain), out), 60)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert codes == [0, 0] and not any("crash" in r for r in results), results
-    for rank, result in enumerate(results):
-        (warning,) = result["warnings"]
-        assert warning.startswith(f"TornCommitWarning: rank {rank}: the shards were committed at different steps (rank 0: 1; rank 1: 2)")  # fmt: skip
-        assert result["step"] == 1 and result["rows"] == [1.0, 2.0]
+    _check_torn_commit_is_found_and_redone(plain, out)
 
 
 def test_a_compacted_shard_opens_with_its_committed_rows_on_every_rank(tmp_path):
