@@ -418,7 +418,7 @@ class EngramLM(nn.Module):
     def fetch(self, batch: EngramBatch) -> EngramBatch:
         """Start each table's fetch of a batch ``hash`` made (``prefetch`` without the hashing:
         for rows hashed earlier, e.g. to announce a queued request)."""
-        self._check_layers(batch)
+        self._check_batch_origin(batch)
         for layer_id, table in self.tables.items():
             batch.handles[layer_id] = table.prefetch(batch.row_ids[layer_id])
         return batch
@@ -472,7 +472,7 @@ class EngramLM(nn.Module):
                     "prefetched: this EngramBatch was made for other input_ids; pass the ids "
                     "given to prefetch()"
                 )
-        self._check_layers(prefetched)
+        self._check_batch_origin(prefetched)
         if logits not in ("all", "last", "none"):
             raise ConfigError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
         start = cache.position if cache is not None else 0
@@ -550,7 +550,7 @@ class EngramLM(nn.Module):
             )
         return ids
 
-    def _check_layers(self, batch: EngramBatch) -> None:
+    def _check_batch_origin(self, batch: EngramBatch) -> None:
         """Refuse an ``EngramBatch`` hashed for other Engram layers, or with another Engram config
         or tokenizer (made by another model)."""
         found, expected = sorted(batch.row_ids), sorted(self.config.engram.layer_ids)
