@@ -41,6 +41,7 @@ from tiered_store.distributed import ShardedStore, plan_shards, read_shard, writ
 from tiered_store.errors import (
     ConfigError,
     RowIdError,
+    ShardMismatchError,
     StoreClosedError,
     TableFormatError,
     TierIOError,
@@ -328,6 +329,34 @@ def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables,
     assert value[("tiered_store_exchange_ids_total", None)] == 6 + 0 + 6 + 6 + 6 + 6
     assert value[("tiered_store_shard_rows", None)] == 463
     assert torch.distributed.is_initialized()  # it made the group: kept for the next store
+
+
+def test_a_sharded_checkpoint_missing_a_table_names_what_makes_it_and_its_shards(
+    tmp_path, monkeypatch
+):
+    """A sharded open of a checkpoint whose layer's table and shards are gone said only
+    `tiered-store shard TABLE` makes the shard; that command, over the missing table, then says
+    'expected a table made by `tiered-store init`', a plain table the layout check refuses. The
+    shard's error now says the table is missing too, naming what writes a checkpoint's."""
+    from tests.serve_support import make_checkpoint
+    from tiered_store.engram.checkpoint import load_tiered_model
+    from tiered_store.serve import ServeConfig
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    for layer in config.model.engram.layer_ids:
+        write_shards(config.table_path(layer), 1, "heads", progress=False)
+    table = config.table_path(3)
+    for path in table.parent.glob("engram_layer3*"):
+        path.unlink()
+    _one_rank_group_env(monkeypatch)
+    store = {"tiers": {"hot": {"capacity": 0}}, "sharding": {"ranks": 1, "timeout_s": 10}}
+    with pytest.raises(ShardMismatchError) as missing:
+        load_tiered_model(config.checkpoint_dir, store=store)
+    message = str(missing.value)
+    assert "engram_layer3.shard-0-of-1.npy does not exist" in message
+    assert f"`tiered-store shard {table} --ranks 1 --by heads` makes" in message
+    assert f"Engram layer 3: table {table} does not exist" in message
+    assert "convert_checkpoint" in message and "`tiered-store init-model CONFIG`" in message
 
 
 def test_a_sharded_prefetch_collected_after_a_write_is_refused(tmp_path, monkeypatch):

@@ -533,6 +533,35 @@ def test_a_conversion_rerun_of_another_model_is_said_to_need_a_restart(tmp_path)
         served.close()
 
 
+def test_a_table_gone_at_reload_names_what_makes_a_checkpoints_tables(tmp_path):
+    """A compacted table removed (to convert it anew) while served: its store is stale (another
+    generation) and the reload's reopen said 'expected a table made by `tiered-store init`',
+    a plain table the layout check refuses. It names what loading names: the checkpoint's maker."""
+    import shutil
+
+    from tiered_store import TieredStore
+    from tiered_store.delta.compaction import compact_table
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    with TieredStore.open({"table": {"path": str(table)}}) as writer:
+        writer.write([0], torch.ones(1, writer.dim))
+        writer.commit()
+    compact_table(table, progress=False)
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for path in table.parent.glob("engram_layer3*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        assert served.reload_if_stale(force_check=True) == []
+        refused = served.reload_refused or ""
+        assert "tiered-store init`" not in refused, refused
+        assert f"Engram layer 3: table {table} does not exist" in refused
+        assert "convert_checkpoint" in refused and "`tiered-store init-model CONFIG`" in refused
+    finally:
+        served.close()
+
+
 def test_checksum_failures_carry_across_a_reload(tmp_path):
     """A counter that drops is a reset to Prometheus: increase() would count the failures
     before the reload again (page failures lived in the store a reload closes), also in a

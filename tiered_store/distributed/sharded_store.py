@@ -149,15 +149,24 @@ class ShardedStore:
 
     keeps_stats = True
 
-    def __init__(self, config: StoreConfig, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        config: StoreConfig,
+        group: dist.ProcessGroup | None = None,
+        *,
+        missing_table: Callable[[], BaseException | None] | None = None,
+    ) -> None:
         """Open this rank's shard and check that every rank agrees; ``group``: the ranks to use
-        (default: a new group of all ranks, made by every rank together)."""
+        (default: a new group of all ranks, made by every rank together); ``missing_table``: on a
+        rank whose shard does not exist, the error for the whole table when it is missing too
+        (an Engram checkpoint's names what writes it), said with the shard's."""
         if config.sharding is None:
             raise ConfigError(
                 "sharding: missing; expected a sharding section (ranks, by) to open a ShardedStore"
             )
         sharding: ShardingConfig = config.sharding
         self.config = config
+        self._missing_table = missing_table
         self.timeout_s = sharding.timeout_s
         self.owns_group = init_process_group_from_env(sharding, config.tiers.hot.device)
         # its own group: several stores (one per Engram layer) then never interleave their
@@ -423,9 +432,19 @@ class ShardedStore:
         if not Path(self.path).exists() and not pointer_path(self.path).exists():
             sharding = self.config.sharding
             out = f" --out '{sharding.shards}'" if sharding.shards else ""
+            try:
+                table = self._missing_table() if self._missing_table is not None else None
+            except (TieredStoreError, OSError) as exc:  # its version pointer unreadable: said
+                table = exc
+            gone = (
+                ""
+                if table is None
+                else f", from its table, which is missing too: {error_text(table)}"
+            )
             return None, (
                 f"{self.path} does not exist; expected the shards `tiered-store shard "
-                f"{self.config.table.path} --ranks {sharding.ranks} --by {sharding.by}{out}` makes"
+                f"{self.config.table.path} --ranks {sharding.ranks} --by {sharding.by}{out}` "
+                f"makes{gone}"
             )
         try:
             local_config = self.config.model_copy(

@@ -131,7 +131,10 @@ def _open_shard(config: Any, hasher: NgramHasher, layer_id: int) -> Any:
     after checking that the shards were cut from a table built for this layer."""
     from ..distributed import ShardedStore
 
-    store = ShardedStore(config)
+    # a rank whose shard is missing names the whole table when it is missing too
+    store = ShardedStore(
+        config, missing_table=lambda: missing_table_error(config.table.path, hasher, layer_id)
+    )
     try:
         check_table_file(store.path, hasher, layer_id, rows=store.rows)
     except BaseException:
@@ -508,10 +511,9 @@ def open_tables(
             try:
                 manifest = check_table_file(path, hasher, layer_id)
             except TableNotFoundError:
-                version, generation = current_version(path)
-                if generation or version.exists():  # a version or a manifest gone: said so
-                    raise
-                raise _missing_table(path, hasher, layer_id) from None
+                if (missing := missing_table_error(path, hasher, layer_id)) is not None:
+                    raise missing from None
+                raise  # a version or a manifest gone: said so
             if warm_start is not None and layer_id in warm_start:
                 spec = _with_preload(spec, manifest, Path(path), warm_start[layer_id])
                 config = StoreConfig.from_dict(spec, base_dir=Path.cwd(), source=source)
@@ -523,8 +525,14 @@ def open_tables(
     return stores
 
 
-def _missing_table(path: str | Path, hasher: NgramHasher, layer_id: int) -> TableNotFoundError:
-    """The error for a layer's table that does not exist, naming what writes a checkpoint's."""
+def missing_table_error(
+    path: str | Path, hasher: NgramHasher, layer_id: int
+) -> TableNotFoundError | None:
+    """The error for layer ``layer_id``'s table when no file of it exists, naming what writes a
+    checkpoint's tables; None when it exists (a version or a manifest of it gone: its own error)."""
+    version, generation = current_version(path)
+    if generation or version.exists():
+        return None
     if hasher.config.is_v41:
         maker = "`tiered-store convert-hf` from the DeepSeek-V4.1 checkpoint"
     else:

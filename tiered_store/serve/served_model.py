@@ -34,6 +34,7 @@ from ..engram.checkpoint import (
     ConvertedCheckpoint,
     check_table_file,
     load_tiered_model,
+    missing_table_error,
     save_tiered,
 )
 from ..engram.config import v41_refusal
@@ -433,9 +434,15 @@ class ServedModel:
         """A new store over ``old``'s table ``name`` that passed the check loading makes
         (``check_table_file`` on the version it opened: a table made anew for another model, of
         another seed, primes or layer, is refused); closed again when it fails."""
-        new = TieredStore(old.config)
+        layer = next(k for k in self.layer_ids if self.config.table_name(k) == name)
         try:
-            layer = next(k for k in self.layer_ids if self.config.table_name(k) == name)
+            new = TieredStore(old.config)
+        except (TieredStoreError, OSError):  # a table gone: named as loading names it
+            missing = missing_table_error(old.config.table.path, self.model.hasher, layer)
+            if missing is not None:
+                raise missing from None
+            raise
+        try:
             try:
                 check_table_file(
                     old.config.table.path, self.model.hasher, layer, manifest=new.cold.manifest
