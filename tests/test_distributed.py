@@ -326,6 +326,8 @@ def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables,
     # 3 lookups, 3 prefetches (2 of them refused at collection); the lookup refused for its
     # ids joined its round with no ids
     assert value[("tiered_store_exchange_rounds_total", None)] == 6
+    # every lookup call is timed, the 4 refused ones too
+    assert value[("tiered_store_sharded_lookup_duration_seconds_count", None)] == 7
     assert value[("tiered_store_exchange_ids_total", None)] == 6 + 0 + 6 + 6 + 6 + 6
     assert value[("tiered_store_shard_rows", None)] == 463
     assert torch.distributed.is_initialized()  # it made the group: kept for the next store

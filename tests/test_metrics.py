@@ -429,3 +429,30 @@ def test_a_prefetch_that_failed_counts_its_wait_in_the_stall_histogram(tmp_path,
         samples = _samples(build_registry({"layer1": store}, process=False))
         assert samples[("tiered_store_prefetch_stall_seconds_count", (("table", "layer1"),))] == 1
         assert store.stats()["prefetch"]["wait_seconds_total"] > 0.1
+
+
+def test_lookups_that_raised_are_counted_in_the_lookup_duration_histogram(tmp_path):
+    """A lookup that raised (bad ids, a failed cold read, a closed store) was not observed: the
+    histogram's count, and stats()'s lookup calls, showed fewer calls than were made, and the
+    time failing calls took (as the stall histogram counts a failed fetch's wait) was missing."""
+    import os
+
+    from tiered_store import TieredStoreError
+
+    path, _ = make_table(tmp_path, rows=2000, dim=8)
+    store = TieredStore(store_config(path, hot={"capacity": 0}, warm={"capacity": 0}))
+    store.lookup([1, 2])
+    with pytest.raises(TieredStoreError, match="5000"):
+        store.lookup([1, 5000])  # an id past the table's rows
+    os.truncate(path, 4096 + 4096)  # rows past the first page can no longer be read
+    with pytest.raises(TieredStoreError, match="shrank"):
+        store.lookup([1500])
+    registry = build_registry({"layer1": store}, process=False)
+    store.close()
+    with pytest.raises(TieredStoreError, match="closed"):
+        store.lookup([1])
+    samples = _samples(registry)
+    table = (("table", "layer1"),)
+    assert samples[("tiered_store_lookup_duration_seconds_count", table)] == 4
+    assert samples[("tiered_store_lookup_duration_seconds_bucket", (("le", "+Inf"), *table))] == 4
+    assert store.stats()["lookup"]["calls"] == 4

@@ -234,7 +234,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tiered_store_lookup_duration_seconds": (
         "histogram",
         ("table",),
-        "Wall time of one store lookup call (including any wait for its prefetch).",
+        "Wall time of one store lookup call (including any wait for its prefetch); every call, "
+        "those that raised too (bad ids, a failed read, a closed store).",
     ),
     "tiered_store_prefetch_stall_seconds": (
         "histogram",
@@ -363,7 +364,8 @@ SHARDED_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tiered_store_sharded_lookup_duration_seconds": (
         "histogram",
         ("table", "rank"),
-        "Wall time of one sharded lookup call on this rank (exchange included).",
+        "Wall time of one sharded lookup call on this rank (exchange included); every call, those "
+        "that raised too (bad ids, a failed shard or rank).",
     ),
     "tiered_store_shard_rows": ("gauge", ("table", "rank"), "Rows of this rank's shard."),
 }

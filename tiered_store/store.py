@@ -243,18 +243,20 @@ class TieredStore:
         ``packed=True`` (quantised tables) returns the rows as stored, ``uint8 [..., row_width]``;
         a prefetch handle carries the form it was prefetched in."""
         start = time.perf_counter()
-        if handle is not None:
-            self._check_open()  # the rows it staged may hold writes that close dropped
-            out, event = self._collect(ids, handle, packed)
-        else:
-            flat, shape = self._validate(ids)
-            out, event = self._fetch(flat, packed)
-            out = out.view(*shape, out.shape[-1])
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-            out.record_stream(torch.cuda.current_stream(self.device))
-        self.lookup_latency.observe(time.perf_counter() - start)
-        return out
+        try:
+            if handle is not None:
+                self._check_open()  # the rows it staged may hold writes that close dropped
+                out, event = self._collect(ids, handle, packed)
+            else:
+                flat, shape = self._validate(ids)
+                out, event = self._fetch(flat, packed)
+                out = out.view(*shape, out.shape[-1])
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+                out.record_stream(torch.cuda.current_stream(self.device))
+            return out
+        finally:  # every call, returned or raised (as the prefetch stall counts a failed fetch)
+            self.lookup_latency.observe(time.perf_counter() - start)
 
     def prefetch(self, ids: Any, *, packed: bool = False) -> PrefetchHandle:
         """Start fetching ``ids`` in the background; pass the handle to ``lookup(ids, handle)``.

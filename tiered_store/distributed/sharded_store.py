@@ -246,17 +246,19 @@ class ShardedStore:
 
         With ``handle`` from ``prefetch(ids)``, collects that exchange instead of starting one."""
         start = time.perf_counter()
-        self._check_usable()
-        if handle is None:
-            flat, shape = self._validate(ids)
-            future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
-        else:
-            future, shape = self._collect(ids, handle, packed)
-        out = self._wait(future, "lookup")
-        if out.is_cuda:  # made on the collective thread's stream: kept until this one is done
-            out.record_stream(torch.cuda.current_stream(out.device))
-        self.lookup_latency.observe(time.perf_counter() - start)
-        return out.view(*shape, out.shape[-1])
+        try:
+            self._check_usable()
+            if handle is None:
+                flat, shape = self._validate(ids)
+                future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
+            else:
+                future, shape = self._collect(ids, handle, packed)
+            out = self._wait(future, "lookup")
+            if out.is_cuda:  # made on the collective thread's stream: kept until this one is done
+                out.record_stream(torch.cuda.current_stream(out.device))
+            return out.view(*shape, out.shape[-1])
+        finally:  # every call, returned or raised (a failed rank's wait included)
+            self.lookup_latency.observe(time.perf_counter() - start)
 
     def prefetch(self, ids: Any, *, packed: bool = False) -> PrefetchHandle:
         """Start the exchange for ``ids`` in the background (a collective, like ``lookup``).
