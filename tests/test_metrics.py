@@ -341,10 +341,12 @@ def test_promtool_unit_tests_the_hit_ratio_rules(tmp_path):
 def test_the_latency_buckets_cover_the_slowest_requests():
     """A request may wait request_timeout_s for its body and as long for a compute turn: the top
     finite bucket holds it, only a stuck one lands in +Inf."""
-    from tiered_store.latency import DEFAULT_BUCKETS, LatencyHistogram
+    from tiered_store.latency import DEFAULT_BUCKETS, LatencyHistogram, buckets_covering
     from tiered_store.serve import SERVE_DEFAULTS
 
     assert DEFAULT_BUCKETS[-1] >= 2 * SERVE_DEFAULTS["server.request_timeout_s"]
+    assert buckets_covering(2 * SERVE_DEFAULTS["server.request_timeout_s"]) == DEFAULT_BUCKETS
+    assert buckets_covering(2 * 1000.0) == (*DEFAULT_BUCKETS, 120.0, 300.0, 600.0, 1200.0, 3000.0)
     hist = LatencyHistogram()
     for seconds in (0.003, 4.0, 24.5, 59.0):
         hist.observe(seconds)

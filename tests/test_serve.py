@@ -757,6 +757,37 @@ def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(t
         server.stop()
 
 
+def _duration_bounds(url: str) -> list[float]:
+    """The finite bucket bounds of the request-duration histogram ``url`` exports."""
+    with urllib.request.urlopen(url, timeout=30) as scraped:
+        families = text_string_to_metric_families(scraped.read().decode())
+        bounds = {
+            float(s.labels["le"])
+            for family in families
+            for s in family.samples
+            if s.name == "tiered_store_http_request_duration_seconds_bucket"
+        }
+    return sorted(bounds - {float("inf")})
+
+
+def test_request_duration_buckets_cover_a_long_request_timeout(tmp_path, server):
+    """The request-duration buckets stopped at 60 s whatever server.request_timeout_s was: at
+    300 s a request may wait 300 s for its body and 300 s for a turn, and every request slower
+    than 60 s landed in +Inf. The buckets now reach 2 x request_timeout_s; a config whose
+    requests fit in 60 s (the default) keeps the buckets dashboards were made for."""
+    from tiered_store.latency import DEFAULT_BUCKETS
+
+    assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+    assert _duration_bounds(server.url + "/metrics") == list(DEFAULT_BUCKETS)
+    slow = start_server(make_checkpoint(tmp_path, server={"request_timeout_s": 300.0}))
+    try:
+        assert post_json(slow.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+        bounds = _duration_bounds(slow.url + "/metrics")
+    finally:
+        slow.stop()
+    assert bounds == [*DEFAULT_BUCKETS, 120.0, 300.0, 600.0]
+
+
 def test_metrics_on_the_same_port_of_another_address_leave_the_endpoint_alone(tmp_path):
     """A public endpoint with metrics on a private interface, same port: each listener serves
     its own paths (the metrics one was told apart by its port alone: every request a 404)."""

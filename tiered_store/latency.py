@@ -7,7 +7,8 @@ import threading
 
 # Upper bounds in seconds (Prometheus-style, +Inf implied). The top ones cover the slowest HTTP
 # requests: a request may wait server.request_timeout_s (30 s) for its body and as long again for
-# a compute slot, so buckets go up to 60 s and only stuck requests land in +Inf.
+# a compute slot, so buckets go up to 60 s and only stuck requests land in +Inf (a longer
+# request_timeout_s adds bounds above: ``buckets_covering``).
 DEFAULT_BUCKETS = (
     1e-5,
     2.5e-5,
@@ -31,6 +32,24 @@ DEFAULT_BUCKETS = (
     30.0,
     60.0,
 )
+
+
+def buckets_covering(
+    seconds: float, buckets: tuple[float, ...] = DEFAULT_BUCKETS
+) -> tuple[float, ...]:
+    """``buckets`` with bounds added above their top (it x 2, 5, 10, 20, 50, ...) until one is at
+    least ``seconds``; ``buckets`` themselves when their top covers it.
+
+    >>> buckets_covering(60.0)[-3:]
+    (10.0, 30.0, 60.0)
+    >>> buckets_covering(600.0)[-3:]
+    (120.0, 300.0, 600.0)
+    """
+    top, extra, step = buckets[-1], [], 0
+    while (extra[-1] if extra else top) < seconds:
+        extra.append(top * (2, 5, 10)[step % 3] * 10 ** (step // 3))
+        step += 1
+    return (*buckets, *extra)
 
 
 class LatencyHistogram:

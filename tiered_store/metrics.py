@@ -533,6 +533,7 @@ class RequestCounters:
 
     by_handler_code: dict[tuple[str, int], int] = field(default_factory=dict)
     durations: dict[str, LatencyHistogram] = field(default_factory=dict)
+    buckets: tuple[float, ...] = DEFAULT_BUCKETS  # the durations' (the server's cover its longest)
     in_flight: int = 0
     served_tokens: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -551,7 +552,7 @@ class RequestCounters:
             self.served_tokens += tokens
             hist = self.durations.get(handler)
             if hist is None:
-                hist = self.durations[handler] = LatencyHistogram(DEFAULT_BUCKETS)
+                hist = self.durations[handler] = LatencyHistogram(self.buckets)
         hist.observe(seconds)
 
     def totals(self) -> RequestTotals:

@@ -29,6 +29,7 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import ConfigError
+from ..latency import buckets_covering
 from ..metrics import RequestCounters, build_registry, build_sharded_registry
 from .app import INFERENCE_PATH, build_app
 from .config import ServeConfig, check_address
@@ -97,7 +98,8 @@ class InferenceServer:
         self.create_tables = create_tables
         self.trace_path = trace
         self.access_log = access_log
-        self.requests = RequestCounters()
+        # a request may take drain_s: its body's wait and its turn's, each request_timeout_s
+        self.requests = RequestCounters(buckets=buckets_covering(drain_s(config)))
         self.model: ServedModel | None = None
         self.registry: Any = None
         self.metrics_port: int | None = None
