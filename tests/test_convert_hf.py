@@ -256,6 +256,25 @@ def test_bad_checkpoints_are_refused_before_anything_is_written(golden, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("equal", [False, True])
+def test_a_tensor_under_two_names_is_refused_naming_both(golden, tmp_path, equal):
+    """A tensor stored both with and without the leading 'model.': one of the two was taken
+    silently (the last read). Refused naming both, equal copies too (telling them apart would
+    read both in full), before anything is written."""
+    _, data = golden
+    q = _bf16(data["fwd_q_weight_bf16bits"]) if equal else torch.zeros(4, 16, dtype=torch.bfloat16)
+    ckpt = make_checkpoint(tmp_path / "ckpt", golden, replace={"model.layers.1.engram.q_weight": q})
+    with pytest.raises(
+        ConfigError,
+        match=r"tensor 'layers.1.engram.q_weight' is stored twice, as 'layers.1.engram.q_weight' "
+        r"in model-00001-of-00002.safetensors and as 'model.layers.1.engram.q_weight' in "
+        r"model-00001-of-00002.safetensors; expected each tensor once .* refused even if their "
+        r"contents are equal",
+    ):
+        convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_truncated_shard_is_refused_before_anything_is_written(golden, tmp_path):
     import os
 

@@ -9,12 +9,12 @@ A checkpoint directory holds ``config.json`` (Engram keys under ``text_config``)
 
 and the dense Engram weights are ``layers.{L}.engram.wkv.weight`` (with ``.scale`` when fp8),
 ``layers.{L}.engram.q_weight`` and ``layers.{L}.engram.k_weight`` (a leading ``model.`` on every
-name is accepted). :func:`convert_hf_checkpoint` checks every tensor against the config before it
-writes anything, then streams each table into ``engram_layer{L}.npy`` (packed rows, 264 B each in
-the release) in bounded memory, copies the dense tensors into ``dense.safetensors``, the config and
-tokenizer beside them, and writes ``layer{L}.yaml``: a store config that ``TieredStore.open``
-accepts. Every file is published atomically; a rerun after a kill finishes the work, skipping
-tables that are already complete.
+name is accepted; a tensor stored under both names is refused). :func:`convert_hf_checkpoint`
+checks every tensor against the config before it writes anything, then streams each table into
+``engram_layer{L}.npy`` (packed rows, 264 B each in the release) in bounded memory, copies the
+dense tensors into ``dense.safetensors``, the config and tokenizer beside them, and writes
+``layer{L}.yaml``: a store config that ``TieredStore.open`` accepts. Every file is published
+atomically; a rerun after a kill finishes the work, skipping tables that are already complete.
 """
 
 from __future__ import annotations
@@ -162,6 +162,15 @@ class HFCheckpoint:
         for file in files:
             for name, (dtype, shape) in _header(file).items():
                 key = name.removeprefix("model.")
+                if key in tensors:  # which one is meant cannot be told: refused, not guessed
+                    first = tensors[key]
+                    raise ConfigError(
+                        f"checkpoint {self.directory}: tensor {key!r} is stored twice, as "
+                        f"{first.name!r} in {first.file.name} and as {name!r} in {file.name}; "
+                        "expected each tensor once (a leading 'model.' is optional, so both "
+                        "names are the same tensor; refused even if their contents are equal, "
+                        "which would take reading both: remove one from the checkpoint)"
+                    )
                 tensors[key] = _TensorInfo(file, name, dtype, shape)
         return tensors
 
