@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,97 @@ def test_a_killed_conversion_finishes_on_rerun_keeping_complete_tables(golden, t
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == [".notes.tmp"]
     for layer in (1, 14):
         verify_table(out / f"engram_layer{layer}.npy", progress=False)
+
+
+KILLED_AT_TABLE = """
+import os, signal, sys
+import tiered_store.engram.hf_checkpoint as hf
+real, calls = hf.create_table, [0]
+def create_table(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+hf.create_table = create_table
+hf.convert_hf_checkpoint(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def _other_geometry(directory: Path, golden) -> Path:
+    """A checkpoint of another geometry: engram_vocab_size 37, whose primes give layers 1 and 14
+    tables of 2,116 and 5,142 rows (the golden's are 1,998 and 5,014)."""
+    rows, tensors = {1: 2116, 14: 5142}, {}
+    generator = torch.Generator().manual_seed(0)
+    for layer, n in rows.items():
+        codes = torch.randint(0, 120, (n, 256), dtype=torch.uint8, generator=generator)
+        tensors[f"layers.{layer}.engram.embed.weight"] = codes.view(torch.float8_e4m3fn)
+        scales = torch.full((n, 8), 127, dtype=torch.uint8)
+        tensors[f"layers.{layer}.engram.embed.scale"] = scales.view(torch.float8_e8m0fnu)
+    text = {"engram_vocab_size": 37, "engram_num_embeddings": list(rows.values())}
+    return make_checkpoint(directory, golden, replace=tensors, text=text)
+
+
+def _fine_tune(directory: Path, golden) -> Path:
+    """The golden checkpoint's geometry and config.json, other table weights (both layers)."""
+    with safe_open(str(V41 / "golden_v41_tables.safetensors"), framework="pt") as f:
+        tuned = {
+            name: (f.get_tensor(name).view(torch.uint8) + 1).view(torch.float8_e8m0fnu)
+            for name in ("layers.1.engram.embed.scale", "layers.14.engram.embed.scale")
+        }
+    return make_checkpoint(directory, golden, replace=tuned)
+
+
+@pytest.mark.parametrize(
+    ("other", "killed_at_table"),
+    [(_other_geometry, 1), (_fine_tune, 2)],
+    ids=["another-geometry-before-its-tables", "same-config-between-its-tables"],
+)
+def test_a_killed_reconversion_leaves_no_config_beside_tables_it_does_not_describe(
+    golden, tmp_path, other, killed_at_table
+):
+    """A conversion into a folder holding another checkpoint's, killed (SIGKILL) before or
+    between its tables: it wrote config.json and tokenizer.json first, so the folder opened with
+    the new config over the old tables (another geometry's row counts; or one layer of each
+    checkpoint), without a word. config.json, a complete conversion's mark, is now removed
+    first and written last; the rerun finishes the new conversion."""
+    from tiered_store.engram import CompressedTokenizer, NgramHasher, load_engram_config
+    from tiered_store.engram.checkpoint import check_table_file
+
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    ckpt = other(tmp_path / "b", golden)
+    script = tmp_path / "kill.py"
+    script.write_text(KILLED_AT_TABLE)
+    killed = run_python([script, ckpt, out, str(killed_at_table)], env=subprocess_env())
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "config.json").exists() and not (out / "tokenizer.json").exists()
+    with pytest.raises(ConfigError, match=r"out/config.json: cannot read \(No such file"):
+        load_engram_config(out / "config.json")  # the folder does not open as a model
+
+    again = convert_hf_checkpoint(ckpt, out, progress=False)
+    assert again.skipped == (() if killed_at_table == 1 else (1,))
+    assert (out / "config.json").read_bytes() == (ckpt / "config.json").read_bytes()
+    engram, _ = load_engram_config(out / "config.json")
+    hasher = NgramHasher(engram, CompressedTokenizer(out / "tokenizer.json"))
+    for layer in (1, 14):
+        check_table_file(out / f"engram_layer{layer}.npy", hasher, layer)
+        assert (
+            read_manifest(out / f"engram_layer{layer}.npy").metadata["source"]["shards"][0][
+                "mtime_ns"
+            ]
+            == (ckpt / "model-00001-of-00002.safetensors").stat().st_mtime_ns
+        )
+
+
+def test_a_conversion_into_the_checkpoints_own_folder_keeps_its_config(golden, tmp_path):
+    """OUT_DIR the checkpoint's folder: its config.json and tokenizer.json are the conversion's
+    (never removed as another conversion's), and a rerun finds every table complete."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", golden)
+    config, tokenizer = (ckpt / "config.json").read_bytes(), (ckpt / "tokenizer.json").read_bytes()
+    assert convert_hf_checkpoint(ckpt, ckpt, progress=False).skipped == ()
+    assert convert_hf_checkpoint(ckpt, ckpt, progress=False).skipped == (1, 14)
+    assert (ckpt / "config.json").read_bytes() == config
+    assert (ckpt / "tokenizer.json").read_bytes() == tokenizer
 
 
 def test_a_conversion_removes_only_its_own_temporaries(golden, tmp_path):

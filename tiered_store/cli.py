@@ -358,7 +358,8 @@ def _add_convert_hf(sub) -> None:
         "(engram_layer{L}.npy), dense.safetensors (wkv, q_weight, k_weight), config.json, "
         "tokenizer.json and layer{L}.yaml, a store config for TieredStore.open. Tables stream in "
         "bounded memory; every file is published atomically; rerun after a kill to finish (complete "
-        "tables are kept).",
+        "tables are kept). config.json is written last: until a conversion into an OUT_DIR that "
+        "held another is complete, OUT_DIR has none.",
     )
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")

@@ -11,16 +11,20 @@ and the dense Engram weights are ``layers.{L}.engram.wkv.weight`` (with ``.scale
 ``layers.{L}.engram.q_weight`` and ``layers.{L}.engram.k_weight`` (a leading ``model.`` on every
 name is accepted; a tensor stored under both names is refused). :func:`convert_hf_checkpoint`
 checks every tensor against the config before it writes anything, then streams each table into
-``engram_layer{L}.npy`` (packed rows, 264 B each in the release) in bounded memory, copies the
-dense tensors into ``dense.safetensors``, the config and tokenizer beside them, and writes
-``layer{L}.yaml``: a store config that ``TieredStore.open`` accepts. Every file is published
+``engram_layer{L}.npy`` (packed rows, 264 B each in the release) in bounded memory, each followed
+by ``layer{L}.yaml`` (a store config that ``TieredStore.open`` accepts), copies the dense tensors
+into ``dense.safetensors``, and last the tokenizer and the config. Every file is published
 atomically; a rerun after a kill finishes the work, skipping tables that are already complete.
+``config.json`` marks a complete conversion: a rerun that changes anything in ``out_dir`` removes
+the one there first, so a killed re-conversion never leaves a config beside tables it does not
+describe.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import filecmp
 import json
 import math
 import os
@@ -33,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from ..atomic_file import atomic_write, hidden_temporaries
+from ..atomic_file import atomic_write, fsync_dir, hidden_temporaries
 from ..capacity import resolve_capacity
 from ..config import StoreConfig
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
@@ -400,16 +404,33 @@ def _convert(
     chunk_bytes: int,
 ) -> HFConversion:
     """The conversion, with ``out`` to itself: each layer's table and then its store config
-    (so a run stopped midway leaves every finished layer ready to open), then the dense weights."""
+    (so a run stopped midway leaves every finished layer ready to open), then the dense weights,
+    the tokenizer and the config (a config and tokenizer there that would not describe every
+    table while this runs are removed first)."""
     names = "|".join(map(re.escape, _output_names(plans)))
     for stale in hidden_temporaries(out, names):  # a killed run's: never published, never read
         stale.unlink(missing_ok=True)
-    _copy(ckpt.config_path, out / "config.json")
-    _copy(hasher.tokenizer.tokenizer_path, out / "tokenizer.json")
+    complete = {
+        plan.layer_id: _complete(table_file(out, plan.layer_id), hasher, plan) for plan in plans
+    }
+    model_files = {
+        dst: src
+        for dst, src in (
+            (out / "tokenizer.json", hasher.tokenizer.tokenizer_path),
+            (out / "config.json", ckpt.config_path),  # last: a complete conversion's mark
+        )
+        if not (dst.exists() and dst.samefile(src))  # into the checkpoint's folder: its own
+    }
+    if not all(complete.values()) or not all(
+        dst.is_file() and filecmp.cmp(src, dst, shallow=False) for dst, src in model_files.items()
+    ):
+        for dst in model_files:
+            dst.unlink(missing_ok=True)
+        fsync_dir(out)
     tables, configs, skipped = {}, {}, []
     for plan in plans:
         path = table_file(out, plan.layer_id)
-        if _complete(path, hasher, plan):
+        if complete[plan.layer_id]:
             skipped.append(plan.layer_id)
         else:
             source = PackedSafetensorsSource(
@@ -430,6 +451,8 @@ def _convert(
         configs[plan.layer_id] = _write_store_config(out, plan.layer_id, path, store)
     dense = out / "dense.safetensors"
     _write_dense([t for plan in plans for t in plan.dense], dense)
+    for dst, src in model_files.items():
+        _copy(src, dst)
     return HFConversion(out, ckpt.engram, ckpt.backbone, tables, configs, dense, tuple(skipped))
 
 
