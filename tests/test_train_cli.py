@@ -507,7 +507,7 @@ def test_a_run_whose_table_lost_its_commits_is_refused_not_restarted(tmp_path, c
     ) in proc.stderr
     assert "restore the run's table files" in proc.stderr and "Traceback" not in proc.stderr
     assert _run_files(copy) == before  # dense-4.pt, loss.csv, train.json; no delta made
-    assert json.loads((copy / "committed.json").read_text()) == {"committed_step": 4}
+    assert json.loads((copy / "committed.json").read_text())["committed_step"] == 4
     subprocess.run(["cp", "-r", str(out / "tables.npy.delta"), str(copy)], check=True)
     assert main([*common, "--resume", "--steps", "6"]) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 4
@@ -531,7 +531,47 @@ def test_a_run_whose_table_lost_its_commits_is_refused_not_restarted(tmp_path, c
     (out / "committed.json").unlink()  # as a run made before the record: resumes as it did
     assert main([*common, "--resume", "--steps", "5"]) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 4
-    assert json.loads((out / "committed.json").read_text()) == {"committed_step": 5}
+    assert json.loads((out / "committed.json").read_text())["committed_step"] == 5
+
+
+def _record(run: Path) -> dict:
+    return json.loads((run / "committed.json").read_text())
+
+
+def test_another_runs_committed_json_is_refused_naming_it(tmp_path, capsys):
+    """committed.json copied in from another run: --resume trusted it as this run's (one behind
+    the table went unnoticed and was overwritten; one ahead said this run's commits were lost).
+    The record names the run, as the table's manifest does: another run's is refused naming the
+    file, every file as it was; the run's own record back, it resumes."""
+    from tiered_store.table_format import read_manifest
+
+    common, small, out = _cli_args(tmp_path)
+    other = tmp_path / "other"
+    other_common = [str(other) if arg == str(out) else arg for arg in common]
+    assert main([*common, *small, "--steps", "4"]) == 0
+    assert main([*other_common, *small, "--steps", "2"]) == 0
+    capsys.readouterr()
+    records = {run: _record(run) for run in (out, other)}
+    for run, source, args in ((out, other, common), (other, out, other_common)):
+        own, foreign = (run / "committed.json").read_bytes(), _record(source)
+        shutil.copy(source / "committed.json", run / "committed.json")  # behind, then ahead
+        before = _run_files(run)
+        assert main([*args, "--resume", "--steps", "5"]) == 2
+        table_run = read_manifest(run / "tables.npy").metadata["trainable"]["run_id"]
+        assert records[run]["run_id"] == table_run != foreign["run_id"]
+        assert (
+            f"out: {run / 'committed.json'}: records committed step "
+            f"{foreign['committed_step']} of run '{foreign['run_id']}', but the "
+            f"table there (tables.npy) belongs to run '{records[run]['run_id']}': the record is "
+            "another run's"
+        ) in capsys.readouterr().err
+        assert _run_files(run) == before
+        (run / "committed.json").write_bytes(own)
+        assert main([*args, "--resume", "--steps", "5"]) == 0
+        assert (
+            json.loads(capsys.readouterr().out)["resumed_from_step"]
+            == (records[run]["committed_step"])
+        )
 
 
 def test_a_compacted_run_that_lost_its_delta_is_refused(tmp_path, capsys):
@@ -591,8 +631,8 @@ def test_a_kill_between_the_commit_and_its_record_resumes_from_the_table(tmp_pat
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == -signal.SIGKILL and mark.exists(), err[-2000:]
     assert _committed(out) == 4
-    assert json.loads((out / "committed.json").read_text()) == {"committed_step": 3}
+    assert json.loads((out / "committed.json").read_text())["committed_step"] == 3
     assert main([*common, "--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 4
-    assert json.loads((out / "committed.json").read_text()) == {"committed_step": 6}
+    assert json.loads((out / "committed.json").read_text())["committed_step"] == 6
     assert _committed(out) == 6 and len((out / "loss.csv").read_text().splitlines()) == 7

@@ -34,9 +34,11 @@ def create_trainable_table(
     *,
     progress: bool = False,
     overwrite: bool = False,
+    run_id: str | None = None,
 ) -> TableManifest:
     """A table file for training: each row is ``[weights | zero optimizer state]`` (float32);
-    the manifest's metadata records the weight width and the optimizer.
+    the manifest's metadata records the weight width, the optimizer and ``run_id`` (the training
+    run the table belongs to, when given).
 
     Examples
     --------
@@ -52,6 +54,8 @@ def create_trainable_table(
     rows, dim = weights.shape
     state = torch.zeros(rows, optimizer.state_width(dim), dtype=torch.float32)
     meta = {"trainable": {"dim": int(dim), "optimizer": optimizer.name}}
+    if run_id is not None:
+        meta["trainable"]["run_id"] = run_id
     rows = torch.cat([weights, state], 1)
     return create_table(path, rows, metadata=meta, progress=progress, overwrite=overwrite)
 

@@ -5,11 +5,12 @@ Every Engram layer's table is one slice of a single trainable table file (``tabl
 commit makes a step durable for every layer. The dense weights train with Adam.
 
 A checkpoint at step S: ``dense-S.pt`` (dense weights + Adam state, written atomically), then
-``loss.csv``, then ``store.commit(S)`` (the commit point), then ``committed.json`` records S, then
-older ``dense-*.pt`` are removed. ``--resume`` reads the table's committed step S and ``dense-S.pt``:
-a run stopped anyhow (kill -9 included) goes on from its last checkpoint, and deterministically:
-the resumed run computes what an uninterrupted one would. A table behind the step the run
-recorded (its delta lost, say by a copy without -r) is refused, nothing changed. ``loss.csv`` logs
+``loss.csv``, then ``store.commit(S)`` (the commit point), then ``committed.json`` records S (and
+the run's id, which the table's manifest holds too), then older ``dense-*.pt`` are removed.
+``--resume`` reads the table's committed step S and ``dense-S.pt``: a run stopped anyhow (kill -9
+included) goes on from its last checkpoint, and deterministically: the resumed run computes what
+an uninterrupted one would. A table behind the step the run recorded (its delta lost, say by a
+copy without -r), or a record of another run's, is refused, nothing changed. ``loss.csv`` logs
 every step, ``loss.png`` plots it.
 """
 
@@ -25,6 +26,7 @@ import os
 import pickle
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -63,6 +65,7 @@ __all__ = ["TrainSettings", "train", "register"]
 TABLE_FILE = "tables.npy"
 SETTINGS_FILE = "train.json"
 COMMITTED_FILE = "committed.json"  # the step of the table's last commit, as the run recorded it
+RUN_ID_KEY = "run_id"  # in committed.json and the table's "trainable" metadata: whose record
 
 
 @dataclass
@@ -151,7 +154,9 @@ def train(
             # leftovers are replaced; a compacted run's table is its current version)
             _save_settings(out, settings)  # before the table: a run's table has its settings
             init = torch.cat([model.tables[layer].weight.detach() for layer in layers])
-            create_trainable_table(out / TABLE_FILE, init, optimizer, overwrite=True)
+            create_trainable_table(
+                out / TABLE_FILE, init, optimizer, overwrite=True, run_id=uuid.uuid4().hex
+            )
         store = TieredStore.open(
             {
                 "table": {"path": str(out / TABLE_FILE)},
@@ -163,7 +168,7 @@ def train(
             }
         )
         try:  # before anything of the run changes (becoming its writer makes a delta)
-            _check_progress(out, store.committed_step)
+            _check_progress(out, store.committed_step, _run_id(store))
         except BaseException:
             store.close()
             raise
@@ -291,37 +296,59 @@ def _checkpoint(out: Path, model, dense, table, step: int, losses) -> None:
         writer.writerows(losses)
     table.commit(step)
     with atomic_write(out / COMMITTED_FILE, "w") as f:
-        json.dump({"committed_step": step}, f)
+        json.dump({"committed_step": step, RUN_ID_KEY: _run_id(table.store)}, f)
     for old in out.glob("dense-*.pt"):
         if int(old.stem.split("-")[1]) < step:
             old.unlink()
 
 
-def _recorded_step(out: Path) -> int | None:
-    """The committed step the run recorded in ``committed.json`` (None: none recorded, as by
-    runs before the record); ``ConfigError`` naming the file when it is damaged."""
+def _run_id(store: TieredStore) -> str | None:
+    """The id of the run whose table ``store`` serves (None: a table made before run ids)."""
+    return (store.cold.manifest.metadata or {}).get("trainable", {}).get(RUN_ID_KEY)
+
+
+def _record(out: Path) -> tuple[int, str | None] | None:
+    """The committed step and run id the run recorded in ``committed.json`` (None: none
+    recorded, as by runs before the record; a run id None: a record or table before run ids);
+    ``ConfigError`` naming the file when it is damaged."""
     path = out / COMMITTED_FILE
     try:
-        step = json.loads(path.read_text())["committed_step"]
+        record = json.loads(path.read_text())
+        step, run = record["committed_step"], record.get(RUN_ID_KEY)
         if not isinstance(step, int) or isinstance(step, bool) or step < 1:
             raise ValueError(f"committed_step: got {step!r}, expected an integer >= 1")
+        if run is not None and not isinstance(run, str):
+            raise ValueError(f"{RUN_ID_KEY}: got {run!r}, expected the run's id (a string)")
     except (FileNotFoundError, NotADirectoryError):  # no run there (or no folder)
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         why = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
         raise ConfigError(
             f"out: {path}: {why}; expected the step the run recorded at its last commit "
-            f'({{"committed_step": N}}): restore it, or remove it to go on from the table\'s step'
+            f'({{"committed_step": N, "{RUN_ID_KEY}": ...}}): restore it, or remove it to go on '
+            "from the table's step"
         ) from None
-    return step
+    return step, run
 
 
-def _check_progress(out: Path, table_step: int | None) -> None:
+def _check_progress(out: Path, table_step: int | None, table_run: str | None = None) -> None:
     """``ConfigError`` when the run's table (``table_step``; None: no table) holds an earlier
     step than the run recorded: its later commits are lost, and going on would delete their
-    dense checkpoint and log. A table ahead of the record (a kill before it) is fine."""
-    recorded = _recorded_step(out)
-    if recorded is None or (table_step is not None and table_step >= recorded):
+    dense checkpoint and log; or when the record is another run's (its run id is not the
+    table's ``table_run``). A table ahead of the record (a kill before it) is fine."""
+    record = _record(out)
+    if record is None:
+        return
+    recorded, recorded_run = record
+    if table_step is not None and recorded_run != table_run:
+        raise ConfigError(
+            f"out: {out / COMMITTED_FILE}: records committed step {recorded} of run "
+            f"{recorded_run!r}, but the table there ({TABLE_FILE}) belongs to run {table_run!r}: "
+            "the record is another run's (copied in?) and says nothing of this run's commits; "
+            f"nothing was changed: restore this run's {COMMITTED_FILE}, or remove it to go on "
+            f"from the table's step {table_step}"
+        )
+    if table_step is not None and table_step >= recorded:
         return
     if table_step is None:
         held = f"no table (no {TABLE_FILE} with its manifest)"
