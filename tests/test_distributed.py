@@ -361,6 +361,48 @@ def test_a_sharded_checkpoint_missing_a_table_names_what_makes_it_and_its_shards
     assert "convert_checkpoint" in message and "`tiered-store init-model CONFIG`" in message
 
 
+def test_a_missing_shards_table_that_cannot_be_read_is_not_said_to_be_missing(
+    tmp_path, monkeypatch
+):
+    """A missing shard's table whose version pointer is unreadable was said to be 'missing too'
+    (it is there: compacted); and a missing_table hint that failed otherwise raised on its rank
+    alone, the others' open then failing on a closed connection. Both are said with the shard's
+    error, in the ShardMismatchError every rank raises."""
+    from tests.serve_support import make_checkpoint
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.delta.table_versions import pointer_path
+    from tiered_store.engram.checkpoint import load_tiered_model
+    from tiered_store.serve import ServeConfig
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    with TieredStore.open({"table": {"path": str(table)}}) as writer:
+        writer.write([0], torch.ones(1, writer.dim))
+        writer.commit()
+    compact_table(table, progress=False)
+    for layer in config.model.engram.layer_ids:
+        write_shards(config.table_path(layer), 1, "heads", progress=False)
+    for path in table.parent.glob("engram_layer3.shard-*"):
+        path.unlink()
+    pointer_path(table).write_text("not json")
+    _one_rank_group_env(monkeypatch)
+    store = {"tiers": {"hot": {"capacity": 0}}, "sharding": {"ranks": 1, "timeout_s": 10}}
+    with pytest.raises(ShardMismatchError) as unreadable:
+        load_tiered_model(config.checkpoint_dir, store=store)
+    message = str(unreadable.value)
+    assert "engram_layer3.shard-0-of-1.npy does not exist" in message
+    assert "missing too" not in message, message
+    assert f"its table {table} cannot be read either (TableFormatError: " in message
+    assert "engram_layer3.npy.current is unreadable" in message
+
+    def failing_hint() -> None:
+        raise ValueError("the hint's own bug")
+
+    spec = {**store, "table": {"path": str(table)}}
+    with pytest.raises(ShardMismatchError, match=r"\(ValueError: the hint's own bug\)"):
+        ShardedStore(StoreConfig.from_dict(spec, base_dir=tmp_path), missing_table=failing_hint)
+
+
 def test_a_sharded_prefetch_collected_after_a_write_is_refused(tmp_path, monkeypatch):
     """A handle prefetched before a write round may hold older rows; fetching again would be a
     round of this rank's alone (another rank may have looked up without a handle), so it is

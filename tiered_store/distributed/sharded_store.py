@@ -159,7 +159,8 @@ class ShardedStore:
         """Open this rank's shard and check that every rank agrees; ``group``: the ranks to use
         (default: a new group of all ranks, made by every rank together); ``missing_table``: on a
         rank whose shard does not exist, the error for the whole table when it is missing too
-        (an Engram checkpoint's names what writes it), said with the shard's."""
+        (an Engram checkpoint's names what writes it), said with the shard's (as is an error it
+        raises, on every rank)."""
         if config.sharding is None:
             raise ConfigError(
                 "sharding: missing; expected a sharding section (ranks, by) to open a ShardedStore"
@@ -434,15 +435,15 @@ class ShardedStore:
         if not Path(self.path).exists() and not pointer_path(self.path).exists():
             sharding = self.config.sharding
             out = f" --out '{sharding.shards}'" if sharding.shards else ""
+            gone = ""
             try:
-                table = self._missing_table() if self._missing_table is not None else None
-            except (TieredStoreError, OSError) as exc:  # its version pointer unreadable: said
-                table = exc
-            gone = (
-                ""
-                if table is None
-                else f", from its table, which is missing too: {error_text(table)}"
-            )
+                if self._missing_table is not None and (table := self._missing_table()):
+                    gone = f", from its table, which is missing too: {error_text(table)}"
+            except Exception as exc:  # noqa: BLE001 (any: told to every rank, so they stay in step)
+                gone = (  # not known to be missing: its version pointer unreadable, say
+                    f"; its table {self.config.table.path} cannot be read either "
+                    f"({type(exc).__name__}: {error_text(exc)})"
+                )
             return None, (
                 f"{self.path} does not exist; expected the shards `tiered-store shard "
                 f"{self.config.table.path} --ranks {sharding.ranks} --by {sharding.by}{out}` "
