@@ -347,6 +347,11 @@ def test_the_latency_buckets_cover_the_slowest_requests():
     assert DEFAULT_BUCKETS[-1] >= 2 * SERVE_DEFAULTS["server.request_timeout_s"]
     assert buckets_covering(2 * SERVE_DEFAULTS["server.request_timeout_s"]) == DEFAULT_BUCKETS
     assert buckets_covering(2 * 1000.0) == (*DEFAULT_BUCKETS, 120.0, 300.0, 600.0, 1200.0, 3000.0)
+    assert buckets_covering(0.0) == buckets_covering(-1.0) == DEFAULT_BUCKETS
+    # an infinite bound was added (941 buckets for inf): a second le="+Inf" bucket in the export
+    for seconds in (float("inf"), 1.5e308, float("nan")):
+        with pytest.raises(ValueError, match=re.escape(f"seconds: {seconds!r}; expected a")):
+            buckets_covering(seconds)
     hist = LatencyHistogram()
     for seconds in (0.003, 4.0, 24.5, 59.0):
         hist.observe(seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 
 # Upper bounds in seconds (Prometheus-style, +Inf implied). The top ones cover the slowest HTTP
@@ -38,16 +39,23 @@ def buckets_covering(
     seconds: float, buckets: tuple[float, ...] = DEFAULT_BUCKETS
 ) -> tuple[float, ...]:
     """``buckets`` with bounds added above their top (it x 2, 5, 10, 20, 50, ...) until one is at
-    least ``seconds``; ``buckets`` themselves when their top covers it.
+    least ``seconds``; ``buckets`` themselves when their top covers it. ValueError for NaN or
+    a ``seconds`` only an infinite bound would cover (a second +Inf bucket).
 
     >>> buckets_covering(60.0)[-3:]
     (10.0, 30.0, 60.0)
     >>> buckets_covering(600.0)[-3:]
     (120.0, 300.0, 600.0)
     """
+    refused = f"seconds: {seconds!r}; expected a number a finite bucket bound covers"
+    if math.isnan(seconds):  # compares as covered by any bound
+        raise ValueError(refused)
     top, extra, step = buckets[-1], [], 0
     while (extra[-1] if extra else top) < seconds:
-        extra.append(top * (2, 5, 10)[step % 3] * 10 ** (step // 3))
+        bound = top * (2, 5, 10)[step % 3] * 10 ** (step // 3)
+        if not math.isfinite(bound):  # an infinite bound would be a second +Inf bucket
+            raise ValueError(refused)
+        extra.append(bound)
         step += 1
     return (*buckets, *extra)
 
