@@ -367,6 +367,41 @@ def test_a_tensor_under_two_names_is_refused_naming_both(golden, tmp_path, equal
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "overlay", ["model-overlay-00001.safetensors", "model-00000-overlay.safetensors"]
+)
+def test_a_copy_the_index_supersedes_is_ignored(golden, tmp_path, overlay):
+    """An index that maps tensors to an overlay shard, their stale copies left in the base shards
+    (as community checkpoints ship): the copy read last was taken, then every such checkpoint was
+    refused as holding a tensor twice. The index's copy is taken, wherever its shard sorts."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", golden)
+    q = torch.full((4, 16), 0.5, dtype=torch.bfloat16)
+    with safe_open(str(V41 / "golden_v41_tables.safetensors"), framework="pt") as f:
+        scale = (f.get_tensor("layers.1.engram.embed.scale").view(torch.uint8) + 1).view(
+            torch.float8_e8m0fnu
+        )
+    new = {"layers.1.engram.q_weight": q, "layers.1.engram.embed.scale": scale}
+    save_file(new, ckpt / overlay, metadata={"format": "pt"})
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(new, overlay))
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
+    assert torch.equal(load_file(result.dense)["layers.1.engram.q_weight"], q)
+    shards = read_manifest(result.tables[1]).metadata["source"]["shards"]
+    assert [s["file"] for s in shards] == ["model-00001-of-00002.safetensors", overlay]
+    with TieredStore.open(result.store_configs[1]) as store:
+        packed = store.lookup(torch.arange(3), packed=True).view(torch.uint8)
+    assert torch.equal(packed[:, 256:], scale[:3].view(torch.uint8))
+    index["weight_map"]["layers.1.engram.k_weight"] = overlay  # where it is not: said so
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ConfigError,
+        match=rf"no tensor 'layers.1.engram.k_weight' in {overlay}, where the index puts it; "
+        r"expected BF16/F32 \[4, 16\]",
+    ):
+        convert_hf_checkpoint(ckpt, tmp_path / "out2", progress=False)
+
+
 def test_a_truncated_shard_is_refused_before_anything_is_written(golden, tmp_path):
     import os
 

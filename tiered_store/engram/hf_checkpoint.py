@@ -9,15 +9,16 @@ A checkpoint directory holds ``config.json`` (Engram keys under ``text_config``)
 
 and the dense Engram weights are ``layers.{L}.engram.wkv.weight`` (with ``.scale`` when fp8),
 ``layers.{L}.engram.q_weight`` and ``layers.{L}.engram.k_weight`` (a leading ``model.`` on every
-name is accepted; a tensor stored under both names is refused). :func:`convert_hf_checkpoint`
-checks every tensor against the config before it writes anything, then streams each table into
-``engram_layer{L}.npy`` (packed rows, 264 B each in the release) in bounded memory, each followed
-by ``layer{L}.yaml`` (a store config that ``TieredStore.open`` accepts), copies the dense tensors
-into ``dense.safetensors``, and last the tokenizer and the config. Every file is published
-atomically; a rerun after a kill finishes the work, skipping tables that are already complete.
-``config.json`` marks a complete conversion: a rerun that changes anything in ``out_dir`` removes
-the one there first, so a killed re-conversion never leaves a config beside tables it does not
-describe.
+name is accepted; a tensor stored under both names is refused; with an index, each tensor is read
+from the shard its ``weight_map`` names, a superseded copy left in another shard is ignored).
+:func:`convert_hf_checkpoint` checks every tensor against the config before it writes anything,
+then streams each table into ``engram_layer{L}.npy`` (packed rows, 264 B each in the release) in
+bounded memory, each followed by ``layer{L}.yaml`` (a store config that ``TieredStore.open``
+accepts), copies the dense tensors into ``dense.safetensors``, and last the tokenizer and the
+config. Every file is published atomically; a rerun after a kill finishes the work, skipping
+tables that are already complete. ``config.json`` marks a complete conversion: a rerun that
+changes anything in ``out_dir`` removes the one there first, so a killed re-conversion never
+leaves a config beside tables it does not describe.
 """
 
 from __future__ import annotations
@@ -156,24 +157,32 @@ class HFCheckpoint:
                     "names to shard file names"
                 ) from None
             files = sorted({self.directory / f for f in weight_map.values()})
+            assigned = {name: self.directory / f for name, f in weight_map.items()}
         elif (self.directory / "model.safetensors").is_file():
-            files = [self.directory / "model.safetensors"]
+            files, assigned = [self.directory / "model.safetensors"], {}
         else:
             raise ConfigError(
                 f"checkpoint {self.directory}: no model.safetensors or model.safetensors.index.json"
             )
+        self._assigned = assigned  # tensor name -> the shard the index puts it in
         tensors: dict[str, _TensorInfo] = {}
         for file in files:
             for name, (dtype, shape) in _header(file).items():
+                if assigned.get(name, file) != file:  # superseded: the index has it elsewhere
+                    continue
                 key = name.removeprefix("model.")
                 if key in tensors:  # which one is meant cannot be told: refused, not guessed
                     first = tensors[key]
+                    same = (
+                        "a leading 'model.' is optional, so both names are the same tensor; "
+                        if first.name != name
+                        else "the index assigns it to neither; "
+                    )
                     raise ConfigError(
                         f"checkpoint {self.directory}: tensor {key!r} is stored twice, as "
                         f"{first.name!r} in {first.file.name} and as {name!r} in {file.name}; "
-                        "expected each tensor once (a leading 'model.' is optional, so both "
-                        "names are the same tensor; refused even if their contents are equal, "
-                        "which would take reading both: remove one from the checkpoint)"
+                        f"expected each tensor once ({same}refused even if their contents are "
+                        "equal, which would take reading both: remove one from the checkpoint)"
                     )
                 tensors[key] = _TensorInfo(file, name, dtype, shape)
         return tensors
@@ -182,8 +191,10 @@ class HFCheckpoint:
         """The tensor ``name``, checked to have one of ``dtypes`` and exactly ``shape``."""
         info = self.tensors.get(name)
         if info is None:
+            listed = self._assigned.get(name) or self._assigned.get("model." + name)
+            where = f"in {listed.name}, where the index puts it" if listed else "in any shard"
             raise ConfigError(
-                f"checkpoint {self.directory}: no tensor {name!r} in any shard; expected "
+                f"checkpoint {self.directory}: no tensor {name!r} {where}; expected "
                 f"{'/'.join(dtypes)} {list(shape)}"
             )
         if info.dtype not in dtypes or info.shape != shape:
