@@ -34,6 +34,8 @@ GROUPS = {
 def test_benchmark_suite_runs_at_tiny_size(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, TIERED_STORE_BENCH_SIZE="tiny", TIERED_STORE_BENCH_DIR=str(tmp_path))
+    # not an xdist worker's: pytest-benchmark disables itself in a process that has them
+    env = {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST_")}
     env["TIERED_STORE_BENCH_TORCH_THREADS"] = "1"
     cmd = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider"]
     cmd += ["--benchmark-enable", f"--benchmark-json={out}"]
