@@ -996,7 +996,9 @@ def test_a_damaged_version_pointer_keeps_the_served_version_and_healthz_says_so(
         wait_for(served)
         damages = {
             "is unreadable": lambda: pointer_path(table).write_text("{not json"),
-            "engram_layer3.g9.npy does not exist": lambda: publish_version(table, 9),
+            "names generation 9, engram_layer3.g9.npy, which does not exist": lambda: (
+                publish_version(table, 9)
+            ),
         }
         for said, damage in damages.items():
             damage()

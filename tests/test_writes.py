@@ -773,6 +773,25 @@ def test_a_store_of_a_table_made_anew_since_it_opened_may_not_write(tmp_path):
             assert reopened.committed_step == 0
 
 
+def test_a_current_version_gone_from_beside_its_pointer_is_named_as_such(tmp_path):
+    from tiered_store.delta.table_versions import version_path
+    from tiered_store.errors import ConfigError
+
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    cfg = store_config(path)
+    with TieredStore(cfg) as store:
+        store.write([1], torch.ones(1, 4))
+        store.commit()
+    compact_table(path, progress=False)
+    version_path(path, 1).unlink()  # a copy that took NAME.npy* only, say
+    expected = r"pointer table_100x4_float32.npy.current names generation 1, .*g1.npy, which does not exist"
+    with pytest.raises(ConfigError, match=expected) as opened:
+        TieredStore(cfg)
+    assert "tiered-store init" not in str(opened.value)
+    with pytest.raises(FileNotFoundError, match=expected):
+        compact_table(path, progress=False)
+
+
 def test_compaction_through_a_symlink_uses_the_tables_own_pointer_lock_and_delta(tmp_path):
     """A table opened and compacted through a link to its file: the store resolves the link, so
     compaction must too (it found no delta beside the link and did nothing, and ran while the

@@ -1063,9 +1063,11 @@ class TieredStore:
         try:
             return open_current_version(config.table.path, open_cold)
         except FileNotFoundError as exc:
-            path = current_version(config.table.path)[0]
+            path, generation = current_version(config.table.path)
             if Path(path).exists():  # a file missing beside it, its manifest say
                 raise ConfigError(f"table.path: {path}: {exc.strerror}") from None
+            if generation:  # compaction's current version gone from beside its pointer
+                raise ConfigError(f"table.path: {exc.strerror}") from None
             raise ConfigError(
                 f"table.path: {path} does not exist; expected a table made by `tiered-store init`"
             ) from None

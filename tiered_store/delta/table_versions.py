@@ -31,6 +31,7 @@ from ..atomic_file import atomic_write, fsync_dir
 from ..errors import ConfigError, TableFormatError, TierIOError
 from ..page_checksums import sidecar_path
 from ..table_format import check_table, not_a_table, table_paths
+from ..table_sources import TableNotFoundError
 from .row_delta import delta_path, remove_delta_temporaries
 
 T = TypeVar("T")
@@ -110,13 +111,26 @@ def check_current_version(table: str | os.PathLike[str]) -> None:
     """``check_table`` on the table's current version, read again when a compaction elsewhere
     moved the pointer and removed the version read (else that race reads "does not exist")."""
     while True:
-        current = current_version(table)[0]
+        current, generation = current_version(table)
         try:
             check_table(current)
             return
         except FileNotFoundError:
             if current_version(table)[0] == current:
+                _refuse_a_missing_version(table, current, generation)
                 raise
+
+
+def _refuse_a_missing_version(table: str | os.PathLike[str], path: Path, generation: int) -> None:
+    """Say that the version the pointer names is gone, not that the table was never made."""
+    if generation and not path.exists():
+        raise TableNotFoundError(
+            errno.ENOENT,
+            f"table {table}: its version pointer {pointer_path(table).name} names generation "
+            f"{generation}, {path.name}, which does not exist; expected it beside the pointer "
+            "(a table's files are NAME.npy*, NAME.gN.npy*: copy or restore them together)",
+            str(path),
+        ) from None
 
 
 def _refuse_a_version_file(table: str | os.PathLike[str]) -> None:
@@ -176,6 +190,7 @@ def open_current_version(
             if not isinstance(exc, FileNotFoundError):
                 raise
             if attempt == 2 or path == current_version(table)[0]:
+                _refuse_a_missing_version(table, path, generation)
                 raise
     raise AssertionError("unreachable")
 
