@@ -22,7 +22,7 @@ from tests.forkserver import run_python
 from tiered_store import TieredStore
 from tiered_store.engram.hf_checkpoint import convert_hf_checkpoint
 from tiered_store.engram.tokenizer import default_tokenizer_path
-from tiered_store.errors import ConfigError
+from tiered_store.errors import ConfigError, TableFormatError
 from tiered_store.quantization import RowQuantization
 from tiered_store.serve.client import subprocess_env
 from tiered_store.table_format import read_manifest, verify_table
@@ -126,7 +126,6 @@ def test_the_readme_hashes_a_conversion_and_serving_one_is_refused_by_name(golde
     import os
 
     from tiered_store.engram import load_tiered_model
-    from tiered_store.errors import TableFormatError
 
     out = tmp_path / "v41"
     convert_hf_checkpoint(make_checkpoint(tmp_path / "ckpt", golden), out, progress=False)
@@ -236,7 +235,12 @@ def test_a_killed_reconversion_leaves_no_config_beside_tables_it_does_not_descri
     the new config over the old tables (another geometry's row counts; or one layer of each
     checkpoint), without a word. config.json, a complete conversion's mark, is now removed
     first and written last; the rerun finishes the new conversion."""
-    from tiered_store.engram import CompressedTokenizer, NgramHasher, load_engram_config
+    from tiered_store.engram import (
+        CompressedTokenizer,
+        NgramHasher,
+        load_engram_config,
+        load_tiered_model,
+    )
     from tiered_store.engram.checkpoint import check_table_file
 
     out = tmp_path / "out"
@@ -247,8 +251,11 @@ def test_a_killed_reconversion_leaves_no_config_beside_tables_it_does_not_descri
     killed = run_python([script, ckpt, out, str(killed_at_table)], env=subprocess_env())
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / "config.json").exists() and not (out / "tokenizer.json").exists()
-    with pytest.raises(ConfigError, match=r"out/config.json: cannot read \(No such file"):
+    unfinished = r"out holds a `tiered-store convert-hf` conversion that did not finish"
+    with pytest.raises(ConfigError, match=unfinished):
         load_engram_config(out / "config.json")  # the folder does not open as a model
+    with pytest.raises(TableFormatError, match=unfinished):
+        load_tiered_model(out)  # nor as a whole model's checkpoint
 
     again = convert_hf_checkpoint(ckpt, out, progress=False)
     assert again.skipped == (() if killed_at_table == 1 else (1,))

@@ -50,7 +50,11 @@ from ..table_format import (
     table_paths,
 )
 from .backend import InMemoryTable
-from .config import EngramConfig, v41_refusal  # noqa: F401  (EngramConfig: doctest examples)
+from .config import (  # noqa: F401  (EngramConfig: doctest examples)
+    EngramConfig,
+    unfinished_conversion,
+    v41_refusal,
+)
 from .hashing import NgramHasher
 from .model import EngramLM, ModelConfig, expected_shapes
 from .module import EMBEDDING_KEY, is_engram_module_key
@@ -699,6 +703,8 @@ def _load_dense(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
             "convert_checkpoint"
         ) from exc
     if CONFIG_METADATA_KEY not in meta:
+        if (unfinished := unfinished_conversion(path.parent)) is not None:
+            raise TableFormatError(unfinished)
         if (path.parent / "config.json").is_file():  # convert-hf's: the Engram weights alone
             raise TableFormatError(
                 f"{path.parent} is a DeepSeek-V4.1 conversion (`tiered-store convert-hf`): it "

@@ -364,6 +364,20 @@ class ModelConfig(EngramBackboneConfig):
         }
 
 
+CONVERT_HF_LOCK = ".convert-hf.lock"  # in convert-hf's OUT_DIR from its first step on
+
+
+def unfinished_conversion(folder: Path) -> str | None:
+    """What to do about ``folder`` when a convert-hf into it has not finished (its lock is there,
+    its config.json, written last, is not); else None."""
+    if (folder / CONVERT_HF_LOCK).exists() and not (folder / "config.json").exists():
+        return (
+            f"{folder} holds a `tiered-store convert-hf` conversion that did not finish (it writes "
+            "config.json last); expected a finished one: run the same convert-hf into it again"
+        )
+    return None
+
+
 def load_engram_config(
     source: str | Path | Mapping[str, Any], *, ignore_unknown: bool = False
 ) -> tuple[EngramConfig, BackboneConfig]:
@@ -397,7 +411,13 @@ def load_engram_config(
     ((1, 4), 48, 4)
     """
     if isinstance(source, str | Path):
-        data = load_yaml(source, what="Engram config")
+        try:
+            data = load_yaml(source, what="Engram config")
+        except ConfigError:
+            hint = unfinished_conversion(Path(source).parent)
+            if Path(source).name == "config.json" and hint is not None:
+                raise ConfigError(f"{source}: {hint}") from None
+            raise
     elif isinstance(source, Mapping):
         data = source
     else:

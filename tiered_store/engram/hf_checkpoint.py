@@ -53,7 +53,7 @@ from ..table_format import (
     table_paths,
 )
 from .checkpoint import check_table_file, table_file, table_metadata
-from .config import BackboneConfig, EngramConfig, load_engram_config
+from .config import CONVERT_HF_LOCK, BackboneConfig, EngramConfig, load_engram_config
 from .hashing import NgramHasher
 from .tokenizer import CompressedTokenizer
 
@@ -481,7 +481,7 @@ def _output_names(plans: list[_LayerPlan]) -> list[str]:
 def _converting(out: Path) -> Iterator[None]:
     """One conversion at a time into ``out`` (``OUT/.convert-hf.lock``, dropped by the kernel when
     the process dies): a second would remove the first's temporary files."""
-    lock = out / ".convert-hf.lock"
+    lock = out / CONVERT_HF_LOCK
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
