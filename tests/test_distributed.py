@@ -1633,3 +1633,37 @@ def test_a_sharded_stores_diagnosis_waits_for_a_slow_host_yet_names_a_gone_one_i
         for host in hosts:
             host.kill()
             host.join()
+
+
+def test_rank_0s_watch_of_the_other_ranks_ends_with_its_server(tmp_path, monkeypatch):
+    """Rank 0's thread reading the other ranks' health was never joined: stop() returned, and
+    the process exited, with it possibly inside a TCPStore call, which aborts the process if
+    the call returns while the interpreter exits. stop() now ends it."""
+    from tests.serve_support import make_checkpoint
+    from tiered_store.serve import ServeConfig
+    from tiered_store.serve.ranks import RankHealth
+    from tiered_store.serve.server import InferenceServer
+
+    _one_rank_group_env(monkeypatch)
+    plain = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    doc = yaml.safe_load((tmp_path / "serve.yaml").read_text())
+    doc["store"]["sharding"] = {"ranks": 1, "by": "heads", "timeout_s": 10}
+    (tmp_path / "sharded.yaml").write_text(yaml.safe_dump(doc))
+    for layer in plain.model.engram.layer_ids:
+        write_shards(plain.table_path(layer), 1, "heads", progress=False)
+    read = RankHealth._read
+    reading = threading.Event()
+
+    def slow_read(self):  # a read of a slow store: under way when stop() comes
+        reading.set()
+        time.sleep(3.0)
+        return read(self)
+
+    monkeypatch.setattr(RankHealth, "_read", slow_read)
+    config = ServeConfig.from_yaml(tmp_path / "sharded.yaml")
+    server = InferenceServer(config.with_overrides(address="127.0.0.1:0", metrics_address=""))
+    server.start()
+    watching = [t for t in threading.enumerate() if t.name == "tiered-store-rank-health"]
+    assert reading.wait(10)
+    server.stop()
+    assert len(watching) == 1 and not watching[0].is_alive()

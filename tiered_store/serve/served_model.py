@@ -661,7 +661,7 @@ class ServedModel:
         thread.start()
         return thread
 
-    def watch_ranks(self, stop: threading.Event) -> None:
+    def watch_ranks(self, stop: threading.Event) -> threading.Thread:
         """Rank 0 over sharded tables: a thread reading, until ``stop``, the other ranks'
         checksum passes and whether each still beats, once a heartbeat (a rank that died or hung
         between requests is in ``/healthz`` within about four heartbeats)."""
@@ -669,7 +669,7 @@ class ServedModel:
         every = min(first.heartbeat_s, 5.0)
         if self.config.checkpoint.scrub_interval_s > 0:
             every = min(every, self.config.checkpoint.scrub_interval_s)
-        self.control.health.watch(every, stop, first.stopped_ranks)
+        return self.control.health.watch(every, stop, first.stopped_ranks)
 
     def rank_failure(self) -> str | None:
         """Over sharded tables: the failed round that makes every request fail from now on (a

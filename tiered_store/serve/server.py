@@ -35,6 +35,7 @@ from .app import INFERENCE_PATH, build_app
 from .config import ServeConfig, check_address
 from .http_protocol import with_head_deadline
 from .inference_request import InferenceRequest, RequestError, parse_request
+from .ranks import HEALTH_READ_S
 from .served_model import Announced, ServedModel
 
 __all__ = ["InferenceServer"]
@@ -43,6 +44,8 @@ log = logging.getLogger("tiered_store.serve")
 T = TypeVar("T")
 _DIRECTORY_PREFIX = re.compile(r"(?<![\w.])/(?:[^\s/'\":,()\[\]]+/)+")  # '/abs/dir/' of a path
 BACKGROUND_JOIN_S = 30.0  # stop() waits this long for a background thread (a checksum pass)
+RANK_WATCH_JOIN_S = 2 * HEALTH_READ_S  # and this long for rank 0's watch of the others (its
+# reads of a healthy store take milliseconds; a thread left in one aborts the process at exit)
 STOP_SLACK_S = 10.0  # the rest of a stop: the signal seen, uvicorn's own steps, the exit
 
 
@@ -113,6 +116,7 @@ class InferenceServer:
         self._background_stop = threading.Event()
         self._scrubber: threading.Thread | None = None
         self._version_watch: threading.Thread | None = None
+        self._rank_watch: threading.Thread | None = None
         self._compute: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         self._workers: anyio.CapacityLimiter | None = None
         self._announcers: anyio.CapacityLimiter | None = None
@@ -137,7 +141,7 @@ class InferenceServer:
         if self.config.checkpoint.scrub_interval_s > 0:
             self._scrubber = self.model.start_scrub(self._background_stop)
         if self.model.control is not None:  # sharded: rank 0 watches the other ranks
-            self.model.watch_ranks(self._background_stop)
+            self._rank_watch = self.model.watch_ranks(self._background_stop)
         else:  # new table versions are opened between requests, and while none come
             self._version_watch = self.model.watch_versions(self._background_stop)
 
@@ -220,6 +224,8 @@ class InferenceServer:
         for thread in (self._scrubber, self._version_watch):
             if thread is not None:
                 thread.join(timeout=BACKGROUND_JOIN_S)
+        if self._rank_watch is not None:  # within STOP_SLACK_S, which the followers allow for
+            self._rank_watch.join(timeout=RANK_WATCH_JOIN_S)
         if self.model is not None:
             self.model.close()
 
