@@ -73,8 +73,8 @@ def store_yaml(
         f"# Recommended by `tiered-store analyze` for Engram table {name} "
         f"({int(layout['rows']):,} rows x {int(layout['dim'])}).",
         *sizing,
-        "# preload_rows: the profile's hottest rows first (warm start). table.path is the "
-        "layer's concatenated table",
+        "# preload_rows: the profile's hottest rows first (warm start); profile: read by "
+        "policy zipf-tuned only (below). table.path is the layer's concatenated table",
         f"# (create it with `tiered-store init {name}.npy ...`). Replay: "
         f"tiered-store replay {name}.store.yaml {trace} --table {name}",
         "# Fewer misses at the same sizes (measured on held-out text, docs/policies.md in "
