@@ -1317,6 +1317,49 @@ def test_reshard_with_overwrite_refuses_a_compacted_shard_being_written(tmp_path
         assert store.lookup([3, 5])[:, 0].tolist() == [2.0, 7.0]
 
 
+def test_a_table_trained_through_a_sharded_store_unshards_with_its_run_id_and_step(
+    tmp_path, monkeypatch
+):
+    """`tiered-store unshard` after sharded training: the whole table holds the trained rows,
+    optimizer state included, keeps the run id and optimizer a resumed run checks, and opens at
+    the step the shards were committed at, from which training goes on unsharded."""
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.trainable import TrainableTable, create_trainable_table
+    from tiered_store.distributed import join_shards
+
+    table = tmp_path / "trainable.npy"
+    adam = make_row_optimizer("adam", lr=0.05)
+    weights = np.random.default_rng(3).standard_normal((40, 4)).astype(np.float32)
+    create_trainable_table(table, weights, adam, run_id="run-a")
+    write_shards(table, 1, "rows", template=shards_template(table, "rows"), progress=False)
+    _one_rank_group_env(monkeypatch)
+    cfg = {
+        "table": {"path": str(table)},
+        "sharding": {"ranks": 1, "by": "rows", "shards": shards_template(table, "rows")},
+    }
+    trained = TrainableTable(ShardedStore.open(cfg), adam)
+    for step in (1, 2):
+        trained.lookup(torch.tensor([[3, 17, 39]])).sum().backward()
+        assert trained.step(step) == 3
+        assert trained.commit() == step
+    want = trained.store.lookup(torch.arange(40)).numpy()  # weights and Adam's moments
+    trained.close()
+    compact_table(shards_template(table, "rows").format(rank=0, ranks=1), progress=False)
+    join_shards(table, ranks=1, template=shards_template(table, "rows"), overwrite=True)
+    assert read_manifest(table).metadata == {
+        "trainable": {"dim": 4, "optimizer": "adam", "run_id": "run-a"},
+        "committed_step": 2,
+    }
+    assert np.array_equal(np.load(table), want) and not np.array_equal(want[:, :4], weights)
+    resumed = TrainableTable(TieredStore.open({"table": {"path": str(table)}}), adam)
+    assert resumed.store.committed_step == 2
+    resumed.lookup(torch.tensor([3])).sum().backward()
+    resumed.step(3)
+    assert resumed.commit() == 3
+    resumed.close()
+
+
 def test_ranks_reopen_a_store_from_the_environment_again_and_again(tables, tmp_path):
     """Closing destroyed the group it made from torchrun's environment, and the next open on
     the same port could join the old rendezvous of a rank still closing: raw gloo errors or a

@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_verify(sub)
     _add_shard(sub)
+    _add_unshard(sub)
     _add_convert_hf(sub)
     _add_export_trace(sub)
     for register in (
@@ -331,6 +332,86 @@ def _run_shard(args) -> int:
         start, stop = shard.shard_map.shard_range(shard.rank)
         print(f"rank {shard.rank}: {shard.path} rows [{start:,}, {stop:,})")
     print(f"by {by}, table version {shards[0].shard_map.table_version}")
+    return 0
+
+
+def _add_unshard(sub) -> None:
+    p = sub.add_parser(
+        "unshard",
+        help="join a table's (trained) shards back into one whole table",
+        description="Write TABLE from its shards: every shard's current rows (a compacted shard's "
+        "current version) in global row order, read through their page checksums, with the "
+        "table's metadata (the Engram layout; a trainable table's optimizer and run id) and the "
+        "shards' committed step; the shard metadata is dropped. Name the shards as `shard` wrote "
+        "them, --ranks N (NAME.shard-R-of-N.npy next to TABLE, or --shards with the template "
+        "given to `shard --out`), or list the shard files after TABLE. TABLE is published "
+        "atomically: a run that fails or is killed leaves no half table and an old one as it was; "
+        "an existing TABLE (the table the shards were cut from) needs --overwrite, which drops its "
+        "writes and versions. Refused before writing: a missing shard, shards of different shard "
+        "maps or table versions, two shards of one rank, shards at different committed steps (a "
+        "torn commit: resume and commit again on every rank), a shard with written rows not yet "
+        "compacted (`tiered-store compact` each shard first), a shard being written, TABLE being "
+        "one of the shards. To re-shard for another number of ranks: unshard, then `tiered-store "
+        "shard TABLE --ranks M`.",
+    )
+    p.add_argument("table", type=Path, help="the whole table to write (.npy)")
+    p.add_argument(
+        "shard_files", nargs="*", type=Path, metavar="SHARD", help="the shard files (or --ranks)"
+    )
+    p.add_argument("--ranks", type=int, help="number of shards `shard --ranks` cut TABLE into")
+    p.add_argument(
+        "--shards",
+        default=None,
+        metavar="TEMPLATE",
+        help="with --ranks: the shard path template with {rank} given to `shard --out`",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing TABLE")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_unshard)
+
+
+def _run_unshard(args) -> int:
+    from .distributed import join_shards
+    from .table_format import table_paths
+
+    if args.table.is_dir():
+        raise _usage(f"TABLE: {args.table} is a directory; expected the table file to write (.npy)")
+    if args.shard_files and args.ranks is not None:
+        raise _usage(
+            f"--ranks {args.ranks} with shard files; expected one: --ranks N (the shards `shard` "
+            "wrote for TABLE) or the shard files"
+        )
+    if args.shards is not None and args.ranks is None:
+        raise _usage(f"--shards {args.shards!r} without --ranks; expected --ranks N with it")
+    if args.shards is not None and "{rank}" not in args.shards:
+        raise _usage(f"--shards: got {args.shards!r}; expected a path template containing {{rank}}")
+    if not args.shard_files and args.ranks is None:
+        raise _usage(
+            "no shards: expected --ranks N (the shards `tiered-store shard TABLE --ranks N` "
+            "wrote) or the shard files after TABLE"
+        )
+    try:
+        if args.shard_files:
+            manifest = join_shards(
+                args.shard_files, args.table, progress=not args.quiet, overwrite=args.overwrite
+            )
+        else:
+            manifest = join_shards(
+                args.table,
+                ranks=args.ranks,
+                template=args.shards,
+                progress=not args.quiet,
+                overwrite=args.overwrite,
+            )
+    except TableExistsError as exc:
+        raise _name_overwrite(exc) from None
+    except ConfigError as exc:
+        raise as_option_error(exc, ["ranks"]) from None
+    shards = len(args.shard_files) or args.ranks
+    print(
+        f"wrote {table_paths(args.table)[0]}: {manifest.rows:,} x {manifest.dim} {manifest.dtype} "
+        f"from {shards} shards, committed step {manifest.metadata.get('committed_step', 0)}"
+    )
     return 0
 
 

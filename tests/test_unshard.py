@@ -1,0 +1,238 @@
+"""`tiered-store unshard` (``join_shards``): a table's trained shards folded back into one table."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.distributed_support import HEADS, head_metadata, make_plain_table
+from tiered_store.cli import main as cli_main
+from tiered_store.delta.compaction import compact_table
+from tiered_store.delta.table_versions import current_version
+from tiered_store.distributed import join_shards, read_shard, write_shards
+from tiered_store.errors import (
+    ConfigError,
+    ShardMismatchError,
+    TableFormatError,
+    TierIOError,
+)
+from tiered_store.page_checksums import ChecksumError
+from tiered_store.store import TieredStore, UncommittedWritesWarning
+from tiered_store.table_format import TableExistsError, create_table, read_manifest, verify_table
+from tiered_store.table_sources import TableNotFoundError
+
+
+def _commit(shard: Path, writes: dict[int, float], step: int | None = None) -> int:
+    """Write ``writes`` (local row -> value in every column) to a shard and commit them."""
+    with TieredStore.open({"table": {"path": str(shard)}}) as store:
+        for row, value in writes.items():
+            store.write([row], torch.full((1, store.row_width), value))
+        return store.commit(step)
+
+
+def _bf16_bits(value: float) -> int:
+    """The bfloat16 bits a written ``value`` is stored as (the plain table's dtype)."""
+    return int(torch.tensor(value).bfloat16().view(torch.int16).item()) & 0xFFFF
+
+
+def test_unshard_folds_trained_compacted_shards_back_and_a_recut_carries_on(tmp_path, capsys):
+    """Shards trained for three steps (every shard commits each step, as ShardedStore's commit
+    does; one of them wrote nothing at some) and compacted fold back into the table: every
+    shard's current rows in row order, the Engram layout kept, the shard metadata dropped,
+    the common step kept; cut again for 2 ranks, the shards go on from that step."""
+    table = make_plain_table(tmp_path)  # 463 bfloat16 rows of 7 hash heads
+    want = np.load(table)
+    shards = write_shards(table, 3, "heads", progress=False)
+    steps = ({0: {3: 1.0}, 1: {0: 2.0}, 2: {5: 3.0}}, {0: {4: 4.0}, 1: {0: 5.0}, 2: {}})
+    for step, writes in enumerate(steps, 1):
+        for shard in shards:
+            assert _commit(shard.path, writes[shard.rank], step) == step
+            start = shard.shard_map.bounds[shard.rank]
+            for row, value in writes[shard.rank].items():
+                want[start + row] = _bf16_bits(value)
+    for shard in shards:
+        assert compact_table(shard.path, progress=False).new_generation == 1
+        assert _commit(shard.path, {}, 3) == 3  # a step after compaction with no row written
+    argv = ["unshard", str(table), "--ranks", "3", "--quiet"]
+    assert cli_main(argv) == 2  # the table they were cut from is there
+    assert f"table file {table} already exists; pass --overwrite" in capsys.readouterr().err
+    assert cli_main([*argv, "--overwrite"]) == 0
+    assert capsys.readouterr().out == (
+        f"wrote {table}: 463 x 8 bfloat16 from 3 shards, committed step 3\n"
+    )
+    assert np.array_equal(np.load(table), want)
+    assert read_manifest(table).metadata == {**head_metadata(HEADS), "committed_step": 3}
+    assert verify_table(table, progress=False).pages_checked > 0
+    with TieredStore.open({"table": {"path": str(table)}}) as store:
+        assert store.committed_step == 3 and store.generation == 0
+    # another world size: cut again, written at the next step, joined from a list of files
+    again = write_shards(table, 2, "rows", progress=False)
+    assert [read_shard(s.path).manifest.metadata["committed_step"] for s in again] == [3, 3]
+    for shard in again:
+        assert _commit(shard.path, {7: 6.0 + shard.rank}) == 4
+        want[shard.shard_map.bounds[shard.rank] + 7] = _bf16_bits(6.0 + shard.rank)
+        compact_table(shard.path, progress=False)
+    whole = tmp_path / "whole.npy"
+    manifest = join_shards([s.path for s in again[::-1]], whole, progress=False)
+    assert manifest.metadata == {**head_metadata(HEADS), "committed_step": 4}
+    assert np.array_equal(np.load(whole), want)
+
+
+@pytest.fixture
+def cut(tmp_path):
+    """A 30 x 4 float32 table (row r holds 4r..4r+3) cut into 3 shards of 10 rows."""
+    table = tmp_path / "t.npy"
+    create_table(table, np.arange(120, dtype=np.float32).reshape(30, 4), progress=False)
+    return table, [s.path for s in write_shards(table, 3, "rows", progress=False)]
+
+
+def _listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".writer.lock"))
+
+
+def test_unshard_refuses_a_missing_mixed_or_doubled_shard_set_before_writing(cut, tmp_path):
+    """Each refusal names the files, what they hold and what was expected; nothing is written."""
+    table, (s0, s1, s2) = cut
+    out = tmp_path / "w.npy"
+    shutil.move(s1, tmp_path / "away.npy")
+    with pytest.raises(TableNotFoundError, match=rf"rank 1's shard {s1} \(of 3\) does not exist"):
+        join_shards(table, out, ranks=3, progress=False)
+    shutil.move(tmp_path / "away.npy", s1)
+    with pytest.raises(ShardMismatchError, match=r"no shard of rank\(s\) 1 among 2 shard\(s\)"):
+        join_shards([s0, s2], out, progress=False)
+    others = [
+        s.path
+        for s in write_shards(table, 3, "rows", template=str(tmp_path / "b{rank}"), progress=False)
+    ]
+    with pytest.raises(ShardMismatchError, match=rf"{s1} and {others[1]} are both rank 1's shard"):
+        join_shards([s0, s1, others[1], s2], out, progress=False)
+    with pytest.raises(ConfigError, match=rf"shards: {s1} is given twice"):
+        join_shards([s0, s1, s1, s2], out, progress=False)
+    two = write_shards(table, 2, "rows", template=str(tmp_path / "c{rank}"), progress=False)[0].path
+    with pytest.raises(ShardMismatchError, match=r"shard map \(by rows over 2 ranks, bounds \[0, 15, 30\]\) differs"):  # fmt: skip
+        join_shards([s0, s1, two], out, progress=False)
+    with pytest.raises(ShardMismatchError, match=rf"rank 0's shard {s0} is rank 0's shard of 3; expected rank 0's of 2"):  # fmt: skip
+        join_shards(table, out, ranks=2, template=str(tmp_path / "t.shard-{rank}-of-3"))
+    create_table(tmp_path / "u.npy", np.ones((30, 4), np.float32), progress=False)
+    alien = write_shards(tmp_path / "u.npy", 3, "rows", progress=False)[2].path
+    with pytest.raises(ShardMismatchError, match=rf"{alien} is a shard of table version \w+ and {s0} of version"):  # fmt: skip
+        join_shards([s0, s1, alien], out, progress=False)
+    with pytest.raises(TableFormatError, match="no shard metadata"):
+        join_shards([s0, s1, tmp_path / "u.npy"], out, progress=False)
+    with pytest.raises(TableFormatError, match=rf"out {s1} is rank 1's shard {s1}; expected another path"):  # fmt: skip
+        join_shards(table, s1, ranks=3, overwrite=True, progress=False)
+    with pytest.raises(TableExistsError, match=rf"{table} already exists; pass overwrite=True"):
+        join_shards(table, ranks=3, progress=False)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("w.", ".w."))]
+    assert not out.exists() and read_manifest(table).metadata == {}  # the table untouched
+
+
+def test_unshard_refuses_uncompacted_torn_or_busy_shards_and_a_corrupt_one_leaves_no_table(
+    cut, tmp_path, capsys
+):
+    """A shard's uncompacted rows, shards at two steps (a torn commit) and a shard being
+    written are refused; once compacted and redone, the shards join (files given in any
+    order); a corrupt page fails the join and leaves the table it was to replace as it was."""
+    table, (s0, s1, s2) = cut
+    out = tmp_path / "w.npy"
+    assert _commit(s1, {2: -1.0}) == 1  # rank 1 alone: a torn commit, and not compacted
+    with pytest.raises(TableFormatError, match=rf"written rows not yet compacted: rank 1's shard {s1} has 1 in its delta \(t.shard-1-of-3.npy.delta\); expected none: run `tiered-store compact SHARD` on it first"):  # fmt: skip
+        join_shards(table, out, ranks=3, progress=False)
+    compact_table(s1, progress=False)
+    with pytest.raises(ShardMismatchError, match=rf"committed at different steps \(rank 0 \({s0}\): 0; rank 1 \({s1}\): 1; rank 2 \({s2}\): 0\).*resume from step 0 and commit up to step 1 again"):  # fmt: skip
+        join_shards(table, out, ranks=3, progress=False)
+    compacted = current_version(s1)[0]  # t.shard-1-of-3.g1.npy: the shard's rows now
+    with pytest.raises(TableFormatError, match=rf"out {compacted} is rank 1's shard"):
+        join_shards([s0, s1, s2], compacted, overwrite=True, progress=False)
+    for shard in (s0, s2):
+        assert _commit(shard, {}, 1) == 1  # the step redone on the other ranks
+    with (
+        pytest.warns(UncommittedWritesWarning),
+        TieredStore.open({"table": {"path": str(s0)}}) as writer,
+    ):
+        writer.write([0], torch.zeros(1, 4))  # a store writing a shard meanwhile
+        with pytest.raises(TierIOError, match="being written"):
+            join_shards(table, out, ranks=3, progress=False)
+    assert not out.exists()
+    assert cli_main(["unshard", str(out), str(s2), str(s0), str(s1), "--quiet"]) == 0
+    assert "from 3 shards, committed step 1" in capsys.readouterr().out
+    want = np.arange(120, dtype=np.float32).reshape(30, 4)
+    want[12] = -1.0
+    assert np.array_equal(np.load(out), want)
+    # a page of rank 2's shard flipped: refused, never given fresh checksums; the table that
+    # was to be replaced stays as it was, and nothing is left of the new one
+    with open(s2, "r+b") as f:
+        f.seek(4096 + 5 * 16)
+        f.write(b"\x7f")
+    before = _listing(tmp_path)
+    with pytest.raises(ChecksumError, match="its page checksum"):
+        join_shards([s0, s1, s2], out, overwrite=True, progress=False)
+    assert _listing(tmp_path) == before
+    assert np.array_equal(np.load(out), want) and verify_table(out, progress=False)
+
+
+def test_the_unshard_command_names_the_shards_it_needs(cut, tmp_path, capsys):
+    table, _ = cut
+    for argv, said in (
+        ([], "no shards: expected --ranks N"),
+        ([str(tmp_path / "x.npy"), "--ranks", "3"], "--ranks 3 with shard files"),
+        (["--shards", "s{rank}"], "--shards 's{rank}' without --ranks"),
+        (["--ranks", "3", "--shards", "s.npy"], "expected a path template containing {rank}"),
+        (["--ranks", "0"], "--ranks: got 0"),
+    ):
+        assert cli_main(["unshard", str(tmp_path / "w.npy"), *argv, "--quiet"]) == 2, argv
+        assert said in capsys.readouterr().err, argv
+    assert cli_main(["unshard", str(tmp_path / "w.npy"), "--ranks", "3", "--quiet"]) == 2
+    assert f"rank 0's shard {tmp_path / 'w.shard-0-of-3.npy'} (of 3) does not exist" in capsys.readouterr().err  # fmt: skip
+    argv = ["unshard", str(tmp_path / "w.npy"), "--ranks", "3", "--quiet", "--shards"]
+    assert cli_main([*argv, str(tmp_path / "t.shard-{rank}-of-{ranks}.npy")]) == 0
+    assert np.array_equal(np.load(tmp_path / "w.npy"), np.load(table))
+    assert read_manifest(tmp_path / "w.npy").metadata == {}
+
+
+_UNSHARD_KILLED_PART_WAY = r"""
+import functools, os, signal, sys
+from tiered_store import table_format
+from tiered_store.distributed import shard_files
+# small chunks, and a kill -9 at the third: the new table part written, under hidden names
+shard_files.create_table = functools.partial(table_format.create_table, chunk_bytes=4096)
+read, calls = shard_files._JoinedRows.read, []
+def read_then_die(self, start, stop):
+    calls.append(start)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return read(self, start, stop)
+shard_files._JoinedRows.read = read_then_die
+shard_files.join_shards(sys.argv[1], ranks=3, overwrite=True, progress=False)
+"""
+
+
+def test_an_unshard_killed_part_way_leaves_no_half_table_and_a_rerun_finishes(tmp_path):
+    """kill -9 while the shards are streamed over the table they were cut from: the new table
+    was under hidden names alone (the old one opens as it was, never half replaced), no shard's
+    writer lock is left held, and the same call run again writes the whole table."""
+    from tests import forkserver
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    table = tables / "t.npy"
+    create_table(table, np.arange(12_000, dtype=np.float32).reshape(3000, 4), progress=False)
+    shards = [s.path for s in write_shards(table, 3, "rows", progress=False)]
+    assert _commit(shards[2], {9: -1.0}, 1) == 1 and _commit(shards[0], {}, 1) == 1
+    assert _commit(shards[1], {}, 1) == 1
+    compact_table(shards[2], progress=False)
+    script = tmp_path / "killed.py"
+    script.write_text(_UNSHARD_KILLED_PART_WAY)
+    killed = forkserver.run_python([script, table])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    want = np.arange(12_000, dtype=np.float32).reshape(3000, 4)  # the old table, as it was
+    assert np.array_equal(np.load(table), want) and verify_table(table, progress=False)
+    left = {p.name for p in tables.iterdir()} - {p.name for p in tables.glob("t*")}
+    assert left and all(n.startswith(".t.npy.") and n.endswith(".tmp") for n in left), left
+    join_shards(table, ranks=3, overwrite=True, progress=False)  # no lock left behind
+    want[2009] = -1.0
+    assert np.array_equal(np.load(table), want) and verify_table(table, progress=False)
