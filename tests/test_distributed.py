@@ -1710,3 +1710,67 @@ def test_rank_0s_watch_of_the_other_ranks_ends_with_its_server(tmp_path, monkeyp
     assert reading.wait(10)
     server.stop()
     assert len(watching) == 1 and not watching[0].is_alive()
+
+
+_GONE_HOST_FOLLOWER = """
+import sys, time
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+from tiered_store.distributed.liveness import Heartbeat
+
+port, gone = int(sys.argv[1]), Path(sys.argv[2])
+store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=20))
+beat = Heartbeat(dist.PrefixStore("hb-test", store), 1, 2, 0.2)
+print("beating", flush=True)
+while not gone.exists():  # the test's stop file
+    time.sleep(0.05)
+beat.close()
+print(beat._thread.is_alive(), flush=True)
+"""
+
+
+def test_a_heartbeat_whose_store_host_is_gone_logs_two_lines_not_a_stack_per_beat(tmp_path):
+    """A follower outliving its store's host (rank 0 exited or crashed first) wrote torch's C++
+    warnings, each with its whole stack, to stderr at every beat (17 KB in 3 s at a 0.2 s beat;
+    kilobytes a beat at the default one) for as long as it lived. Now: the first failed write's
+    warning (torch's, before any Python sees the error), one line when the beats start failing,
+    one when a host is back, whose store then holds the rank's beat promptly."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    script, stop = tmp_path / "follower.py", tmp_path / "stop"
+    script.write_text(_GONE_HOST_FOLLOWER)
+    port = free_port()
+    host = store_host(port)
+    follower = PythonProcess([script, port, stop])
+    try:
+        assert follower.stdout.readline() == "beating\n"
+        host.kill()
+        host.join()
+        time.sleep(4.0)  # 20 beats with the host gone
+        host = store_host(port)
+        client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=20))
+        store = dist.PrefixStore("hb-test", client)  # the follower's keys
+        start = time.monotonic()
+        while not store.check(["hb/1"]):
+            assert time.monotonic() - start < 5.0, "the rank's beat never reached the new host"
+            time.sleep(0.05)
+        stop.touch()
+        out, err = follower.communicate(timeout=60)
+        assert store.get("hb/1").decode().split()[2] == "closed"
+    finally:
+        stop.touch()
+        if follower.poll() is None:
+            follower.kill()
+        host.kill()
+        host.join()
+    assert follower.returncode == 0, err
+    assert out == "False\n"  # the heartbeat thread ended at close
+    assert err.count("[c10d]") <= 1, err  # torch's warning of the first failed write alone
+    assert len(err) < 4000, f"{len(err)} bytes on stderr:\n{err}"
+    assert err.count("cannot reach the process group's store") == 1, err
+    assert err.count("reaches the process group's store again") == 1, err

@@ -13,11 +13,18 @@ looks the peer's name up at both ends of every new connection to the store (a re
 for a numeric address too), and a query the resolver loses costs its 5 s timeout, on the store
 host's one serving thread as well; opened in a store's ``__init__``, that many seconds could go to
 the first collective round of a store, past a short ``sharding.timeout_s``.
+
+A beat whose write failed reconnects at the next beat, once a plain socket reaches the store's
+host: torch writes every failed connect and write to stderr with its C++ stack (kilobytes, with no
+Python call to silence it), so a follower outliving rank 0 logged that every beat; it logs one
+line when its beats start failing and one when they reach the store again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import socket
 import threading
 import time
 import weakref
@@ -27,6 +34,8 @@ from datetime import timedelta
 import torch.distributed as dist
 
 __all__ = ["Diagnosis", "Heartbeat", "shared_connection"]
+
+log = logging.getLogger("tiered_store.distributed")
 
 # use -> (the store, weakly: a store kept alive would keep rank 0's host listening; the
 # connection)
@@ -117,6 +126,7 @@ class Heartbeat:
         # from it, so they connect within this class's timeout (not the group store's: one to a
         # gone host then outlasted ``stop``'s wait, and returned into an exiting interpreter)
         self._store = self._connect(store) if connection is None else connection
+        self._broken = False  # the last write on ``_store`` failed: a new connection first
         self._beat = 0
         self._stop = threading.Event()
         self._watch: dist.Store | None = None  # ``stopped``'s own connection, once it reads
@@ -138,15 +148,47 @@ class Heartbeat:
     def _run(self) -> None:
         """Beat until stopped. A write that fails (a timeout, the store's host gone) is tried
         again at the next beat on a new connection: a live rank that stopped beating would be
-        reported as dead."""
+        reported as dead. One log line when the beats start failing, one when they recover."""
+        failing_since, failed = 0.0, 0
         while not self._stop.wait(self.interval):
             try:
-                self._publish()
-            except Exception:  # noqa: BLE001 (the store's host died or hung: diagnose says so)
+                self._write()
+            except Exception as exc:  # noqa: BLE001 (the store's host died or hung: diagnose says so)
                 if self._stop.is_set():
                     return
-                with contextlib.suppress(Exception):  # a timed-out one may hold a late reply
-                    self._store = self._connect(self._store)
+                failed += 1
+                if failed == 1:
+                    failing_since = time.monotonic()
+                    log.warning(
+                        "rank %d: its heartbeat cannot reach the process group's store (%s); "
+                        "trying again every %.1f s",
+                        self.rank,
+                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                        self.interval,
+                    )
+                continue
+            if failed:
+                log.warning(
+                    "rank %d: its heartbeat reaches the process group's store again, after %.1f s "
+                    "(%d beat(s) failed)",
+                    self.rank,
+                    time.monotonic() - failing_since,
+                    failed,
+                )
+                failed = 0
+
+    def _write(self, state: str = "open") -> None:
+        """Write this rank's entry; after a failed write, on a new connection (a timed-out one
+        may hold a late reply), made only once a plain socket reaches the store's host."""
+        if self._broken:
+            _check_reachable(self._store, self._timeout.total_seconds())
+            self._store = self._connect(self._store)
+            self._broken = False
+        try:
+            self._publish(state)
+        except Exception:
+            self._broken = True
+            raise
 
     def _read(self, store: dist.Store) -> dict[int, tuple[int, int, str, str]]:
         """Every other rank's (beat, entered, state, kind); ranks without an entry are missing."""
@@ -233,9 +275,10 @@ class Heartbeat:
         )
 
     def stop(self) -> None:
-        """Stop beating; the entry stays as last written. Waits out a beat under way: a write
-        and a reconnect, each within the timeout (a thread left in the store's C++ code aborts
-        the process if that call returns while the interpreter exits)."""
+        """Stop beating; the entry stays as last written. Waits out a beat under way: a probe of
+        the host, a reconnect and a write, within the timeout each (torch's connect tries twice; a
+        thread left in the store's C++ code aborts the process if that call returns while the
+        interpreter exits)."""
         self._stop.set()
         self._thread.join(self.interval + 4 * self._timeout.total_seconds() + 1.0)
 
@@ -243,7 +286,17 @@ class Heartbeat:
         """Stop beating and mark this rank closed (so it is not reported as dead)."""
         self.stop()
         with contextlib.suppress(Exception):  # the store is gone already
-            self._publish("closed")
+            self._write("closed")
+
+
+def _check_reachable(store: dist.Store, timeout: float) -> None:
+    """Raise ``OSError`` unless the host of ``store`` (a ``TCPStore``, maybe under prefixes; any
+    other kind passes) accepts a plain connection within ``timeout`` seconds: torch's own connect
+    to a gone host writes its C++ stack to stderr for each try."""
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    if isinstance(store, dist.TCPStore):
+        socket.create_connection((store.host, store.port), timeout=timeout).close()
 
 
 def _a(kind: str) -> str:
