@@ -305,6 +305,27 @@ def test_export_trace_to_a_bad_output_path_is_a_clear_error(trace, tmp_path, whe
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]  # no temporary file left
 
 
+def test_export_trace_that_cannot_be_written_is_a_clear_error_and_leaves_nothing(tmp_path, capsys):
+    """A write failing part way (a file-size limit: EFBIG; a full disk or a read-only file system
+    alike) escaped export-trace as a bare OSError from numpy's open_memmap: a traceback."""
+    from tests.conftest import file_size_limit
+    from tiered_store.trace import TraceWriter
+
+    path = tmp_path / "t.trace"
+    with TraceWriter(path, {"tables": [{"name": "a", "rows": 100_000}]}) as writer:
+        writer.write(np.arange(50_000), "a")
+    out = tmp_path / "ids.npy"
+    with file_size_limit(200_000):
+        code = main(["export-trace", str(path), str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == (
+        f"tiered-store export-trace: error: cannot write {out}: writing the row ids failed: File "
+        "too large; nothing was written there (expected a writable file system with room for it)\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]  # no temporary file left
+
+
 def test_export_trace_of_several_tables_needs_one_named(tmp_path, capsys):
     """Each table numbers its rows from 0: without --table, a trace of several wrote them all into
     one id space, where row 5 of one table and of another read as one row."""

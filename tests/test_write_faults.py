@@ -148,6 +148,31 @@ def test_a_first_write_on_a_full_filesystem_is_refused_not_killed(small_fs):
     assert lock_file.st_size == LOCK_FILE_BYTES <= lock_file.st_blocks * 512
 
 
+def test_an_export_trace_onto_a_full_filesystem_is_refused_not_killed(small_fs, tmp_path):
+    """export-trace wrote its .npy into a memory map of a sparse file: on a full filesystem the
+    first store past the free space killed it (SIGBUS, exit 135, no message) and left its hidden
+    temporary file taking the disk's last bytes."""
+    from tiered_store.trace import TraceWriter
+
+    trace = tmp_path / "t.trace"
+    with TraceWriter(trace, {"tables": [{"name": "a", "rows": 1 << 20}]}) as writer:
+        writer.write(np.arange(1 << 20), "a")  # 8 MiB of int64 ids: twice the disk
+    out = small_fs / "ids.npy"
+    done = subprocess.run(
+        [sys.executable, "-m", "tiered_store.cli", "export-trace", str(trace), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stderr == (
+        f"tiered-store export-trace: error: cannot write {out}: writing the row ids failed: No "
+        "space left on device; nothing was written there (expected a writable file system with "
+        "room for it)\n"
+    )
+    assert list(small_fs.iterdir()) == []
+
+
 def test_a_delta_a_writer_died_creating_reads_as_none_and_is_made_anew(tmp_path):
     """A writer killed while LMDB wrote the delta's meta pages leaves a data file shorter than
     both: the table opens, reads, compacts and reports its step as without a delta, and the

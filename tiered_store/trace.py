@@ -49,7 +49,6 @@ import json
 import os
 import reprlib
 import struct
-import uuid
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import zstandard
 
-from .atomic_file import AtomicFile
+from .atomic_file import AtomicFile, write_step
 from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError, error_text
 from .npy_files import load_npy
 
@@ -890,28 +889,32 @@ def trace_to_npy(
         if reader is not trace:
             reader.close()
         raise
-    # a new file of the umask's mode (mkstemp's 0600 kept other users and containers out)
-    tmp = npy_path.with_name(f".{npy_path.name}.{uuid.uuid4().hex}.tmp.npy")
+    # streamed with plain writes, not into a memory map of a sparse file: on a full disk a write
+    # is an error to report, where a store into a map kills the process (SIGBUS)
+    writing = (f"cannot write {npy_path}", "writing the row ids", "nothing was written there")
     try:
         n = reader.lookups(table)
-        if n == 0:
-            empty = np.empty(0, dtype=np.int64)
-            reader._read_into(empty, table)  # the chunks agree with the footer: no ids
-            np.save(tmp, empty)
-            os.replace(tmp, npy_path)
-            return load_npy(npy_path)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n,))
-        reader._read_into(out, table)
-        out.flush()
-        del out
-        os.replace(tmp, npy_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with write_step(*writing):
+            out = AtomicFile(npy_path, "wb")
+        try:
+            with write_step(*writing):
+                header = {"descr": "<i8", "fortran_order": False, "shape": (n,)}
+                np.lib.format.write_array_header_1_0(out.file, header)
+                pos = 0
+                for part in reader.ids(table):
+                    if pos + part.size <= n:
+                        out.file.write(part.astype("<i8", copy=False).tobytes())
+                    pos += part.size
+                if pos != n:
+                    raise reader._fail(f"chunks hold {pos} ids; the footer says {n}")
+                out.commit()
+        except BaseException:
+            out.abort()
+            raise
     finally:
         if reader is not trace:
             reader.close()
-    return load_npy(npy_path, mmap_mode="r")
+    return load_npy(npy_path, mmap_mode="r") if n else load_npy(npy_path)  # no map of 0 bytes
 
 
 def _check_npy_target(trace: Path, npy_path: Path, overwrite: bool) -> None:
