@@ -667,3 +667,28 @@ def test_a_trace_without_rows_whose_ids_pass_the_table_is_refused_by_name(tmp_pa
         pytest.raises(RowIdError, match=r"row ids in \[0, 1,239\]" + expected),
     ):
         recommend_split(config, reader, gpu_budget="4KiB", host_budget="8KiB", points=2)
+
+
+def test_replay_command_that_cannot_write_its_results_is_a_clear_error(tmp_path, capsys):
+    """A write failing (a file-size limit: EFBIG; a full disk alike) escaped replay as a bare
+    OSError from the PNG encoder, a traceback, leaving a torn replay.png in --out."""
+    from tests.conftest import file_size_limit
+    from tiered_store.cli import main
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", batches=2)
+    (tmp_path / "tiers.yaml").write_text(
+        f"table: {{path: {path.name}}}\ntiers: {{warm: {{capacity: 60}}}}\n"
+    )
+    out = tmp_path / "out"
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--out", str(out)]
+    with file_size_limit(4096):
+        code = main([*argv, "--quiet", "--no-bounds", "--sweep", "5%"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == (
+        f"tiered-store replay: error: cannot write {out / 'replay.png'}: writing the plot failed: "
+        "File too large; nothing was written there (expected a writable file system with room "
+        "for it)\n"
+    )
+    assert not out.exists()  # the folder this run made, empty, is gone too

@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from tiered_store.atomic_file import atomic_write, write_step
 from tiered_store.profile import FrequencyProfile
 
 from .mrc import MissRatioCurve
@@ -45,11 +46,13 @@ def _thin(n: int, max_points: int = _MAX_POINTS) -> np.ndarray:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Render to PNG at ``path``."""
+    """Render to PNG at ``path``, atomically; a failed write is a TierIOError naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, format="png")
+    with write_step(f"cannot write {path}", "writing the plot", "nothing was written there"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        FigureCanvasAgg(fig)
+        with atomic_write(path) as f:
+            fig.savefig(f, dpi=120, format="png")
     return path
 
 

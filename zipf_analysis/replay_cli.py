@@ -12,6 +12,7 @@ import numpy as np
 
 from policies.errors import PolicyError
 from policies.registry import PolicySpec, is_offline, offline_names
+from tiered_store.atomic_file import atomic_write, write_step
 from tiered_store.cache_plan import PinnedRowsWarning
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import DefaultsHelpFormatter
@@ -282,7 +283,12 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
         (args.out / "replay.png").unlink(missing_ok=True)
     if split is not None:
         doc["tier_split"] = _report_split(args, config, reader, table, split)
-    (args.out / "replay.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
+    results = args.out / "replay.json"
+    with (
+        write_step(f"cannot write {results}", "writing the results", "nothing was written there"),
+        atomic_write(results, "w", encoding="utf-8") as f,
+    ):
+        f.write(json.dumps(doc, indent=2, default=float) + "\n")
     print(f"results: {args.out / 'replay.json'}")
     return 0
 
