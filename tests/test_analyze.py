@@ -491,6 +491,28 @@ def test_unwritable_output_dir_is_a_clear_error(run, tmp_path, capsys):
     assert "tiered-store analyze: error: --out" in capsys.readouterr().err
 
 
+def test_an_analysis_that_cannot_be_written_is_a_clear_error_and_leaves_nothing(
+    run, tmp_path, capsys
+):
+    """A write into the output folder failing (a file-size limit: EFBIG; a full disk alike)
+    escaped analyze as a bare OSError from the trace writer: a traceback."""
+    from tests.conftest import file_size_limit
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    argv = ["analyze", str(run["corpus"] / "en.txt"), "--config", str(config), "--out", str(out)]
+    with file_size_limit(1000):
+        code = main([*argv, "--quiet", "--seq-len", str(SEQ_LEN)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == (
+        f"tiered-store analyze: error: --out {out}: writing the analysis failed: File too large; "
+        f"{out} is left as it was (expected a writable file system with room for it)\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # no folder, no staging
+
+
 @pytest.mark.parametrize("targets", ["hot=0.3", "warm=0.6"])
 def test_budgets_with_targets_for_one_tier_write_both_tiers(run, tmp_path, targets):
     config = tmp_path / "tiny.yaml"

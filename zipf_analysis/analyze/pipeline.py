@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tiered_store.atomic_file import write_step
 from tiered_store.corpus import Corpus, resolve_corpus
 from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher, load_engram_config
 from tiered_store.profile import FrequencyProfile
@@ -153,20 +154,23 @@ def analyze(
     staging = prepare_out_dir(out)
     torch_threads = _set_torch_threads(options.threads)
     try:
-        ctx = RunContext(engram, hasher, tok_info, layouts, options, staging, times, say)
-        report = _run(corpus, part_of, ctx)
-        report["timings"] = stage_timings(
-            report,
-            times,
-            time.perf_counter() - wall_start,
-            time.process_time() - cpu_start,
-            options,
-        )
-        report["files"] = file_sizes(staging)
-        report["files"][REPORT_MD] = None  # written below; sizes unknown yet
-        report["files"][REPORT_JSON] = None
-        report["complete"] = True
-        write_analysis_report(report, staging)
+        # a write into the staging folder that fails (a full disk) names --out; the corpus
+        # reader skips files it cannot read, so an OSError here is one of those writes
+        with write_step(f"--out {out}", "writing the analysis", f"{out} is left as it was"):
+            ctx = RunContext(engram, hasher, tok_info, layouts, options, staging, times, say)
+            report = _run(corpus, part_of, ctx)
+            report["timings"] = stage_timings(
+                report,
+                times,
+                time.perf_counter() - wall_start,
+                time.process_time() - cpu_start,
+                options,
+            )
+            report["files"] = file_sizes(staging)
+            report["files"][REPORT_MD] = None  # written below; sizes unknown yet
+            report["files"][REPORT_JSON] = None
+            report["complete"] = True
+            write_analysis_report(report, staging)
         publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
