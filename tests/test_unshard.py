@@ -194,6 +194,23 @@ def test_the_unshard_command_names_the_shards_it_needs(cut, tmp_path, capsys):
     assert read_manifest(tmp_path / "w.npy").metadata == {}
 
 
+def test_the_unshard_command_takes_shard_files_after_its_options(cut, tmp_path, capsys):
+    """`unshard OUT --overwrite S...` (an option between OUT and the shards, or among them) was
+    refused as "unrecognized arguments: S..."; shards after --ranks were too, not as shards
+    given with --ranks; with no TABLE, argparse named SHARD as required too."""
+    table, (s0, s1, s2) = cut
+    out = tmp_path / "w.npy"
+    create_table(out, np.zeros((30, 4), np.float32), progress=False)  # to be replaced
+    argv = ["unshard", str(out), "--overwrite", str(s2), "--quiet", str(s0), str(s1)]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    assert "wrote" in capsys.readouterr().out and np.array_equal(np.load(out), np.load(table))
+    assert cli_main(["unshard", str(out), "--ranks", "3", str(s0), "--quiet"]) == 2
+    assert "--ranks 3 with shard files; expected one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["unshard", "--ranks", "3"])
+    assert capsys.readouterr().err.endswith("the following arguments are required: table\n")
+
+
 _UNSHARD_KILLED_PART_WAY = r"""
 import functools, os, signal, sys
 from tiered_store import table_format

@@ -16,6 +16,7 @@ from zipf_analysis.replay_cli import register as register_replay
 
 from .cli_args import (
     ArgumentParser,
+    IntermixedParser,
     as_option_error,
     at_least,
     capacity_of_a_table,
@@ -354,9 +355,15 @@ def _add_unshard(sub) -> None:
         "one of the shards. To re-shard for another number of ranks: unshard, then `tiered-store "
         "shard TABLE --ranks M`.",
     )
+    p.__class__ = IntermixedParser  # `unshard OUT --overwrite SHARD...`: the shards after options
     p.add_argument("table", type=Path, help="the whole table to write (.npy)")
     p.add_argument(
-        "shard_files", nargs="*", type=Path, metavar="SHARD", help="the shard files (or --ranks)"
+        "shard_files",
+        nargs="*",
+        default=[],  # (without it, argparse names SHARD as required when TABLE is missing)
+        type=Path,
+        metavar="SHARD",
+        help="the shard files (or --ranks)",
     )
     p.add_argument("--ranks", type=int, help="number of shards `shard --ranks` cut TABLE into")
     p.add_argument(

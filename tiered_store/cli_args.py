@@ -342,6 +342,24 @@ class ArgumentParser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-\d")
 
 
+class IntermixedParser(ArgumentParser):
+    """A subcommand's parser whose list of positionals may have options between its words
+    (``unshard OUT --overwrite S0 S1``): argparse alone ends the list at the first option and
+    calls the words after it unrecognized."""
+
+    _parsing = False  # parse_known_intermixed_args calls parse_known_args (Python 3.11, 3.12)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Options and positionals in any order."""
+        if self._parsing:
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+
 def doc_parser(doc: str | None) -> ArgumentParser:
     r"""A script's parser from its module docstring: the first paragraph is the description, the
     rest (what it measures, how long it takes, examples) the epilog; defaults are shown.
