@@ -189,6 +189,30 @@ def test_shards_hold_the_written_rows_of_a_compacted_table_and_refuse_uncompacte
     assert np.load(tmp_path / "t.shard-1-of-2.npy")[10].tolist() == [1.0] * 4
 
 
+def test_shards_of_a_table_whose_last_commit_wrote_no_rows_open_at_its_step(tmp_path):
+    """A commit that writes no rows (after a compaction, or on a table never compacted) moves the
+    table's step in its delta alone; its shards held the file's step (5, or none: 0), so a
+    store on them, a ShardedStore or a resumed run went on from an older step than the
+    table's."""
+    from tiered_store.delta.compaction import compact_table
+
+    compacted, fresh = tmp_path / "c.npy", tmp_path / "f.npy"
+    for path in (compacted, fresh):
+        create_table(path, np.zeros((30, 4), dtype=np.float32), progress=False)
+    with TieredStore.open({"table": {"path": str(compacted)}}) as store:
+        store.write([25], torch.ones(1, 4))
+        assert store.commit(5) == 5
+    compact_table(compacted, progress=False)
+    for path in (compacted, fresh):
+        with TieredStore.open({"table": {"path": str(path)}}) as store:
+            assert store.commit(6) == 6  # no row written
+        for shard in write_shards(path, 2, "rows", progress=False):
+            assert read_shard(shard.path).manifest.metadata["committed_step"] == 6
+            with TieredStore.open({"table": {"path": str(shard.path)}}) as store:
+                assert store.committed_step == 6
+    assert np.load(tmp_path / "c.shard-1-of-2.npy")[10].tolist() == [1.0] * 4
+
+
 def test_shard_refuses_an_existing_shard_or_the_table_itself_before_writing_any(tmp_path, capsys):
     path = tmp_path / "t0.npy"
     create_table(path, np.ones((30, 4), dtype=np.float32), progress=False)

@@ -136,7 +136,7 @@ def write_shards(
     current = current_version(npy)[0]
     with ColdTable(current) as cold:
         manifest = cold.manifest
-        _refuse_uncompacted_rows(npy, current, manifest)
+        step = _refuse_uncompacted_rows(npy, current, manifest)
         shard_map = plan_shards(manifest, ranks, by, str(npy))
         paths = [table_paths(shard_path(npy, r, ranks, template))[0] for r in range(ranks)]
         if len({p.resolve() for p in paths}) < len(paths):  # a template without {rank}
@@ -162,6 +162,7 @@ def write_shards(
                 start, stop = shard_map.shard_range(rank)
                 metadata = {
                     **manifest.metadata,
+                    **({"committed_step": step} if step else {}),  # a commit of no rows too
                     "shard": {**shard_map.to_json(), "rank": rank, "table": npy.name},
                 }
                 target = path.resolve() if path.is_symlink() else path  # as create_table writes
@@ -206,21 +207,29 @@ def _remove_unrenamed(target: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _refuse_uncompacted_rows(table: Path, current: Path, manifest: TableManifest) -> None:
-    """A table with committed writes in its delta: shards of its file alone would lose them."""
+def _written(current: Path, manifest: TableManifest) -> tuple[int, int]:
+    """(the written rows the delta of the version ``current`` holds; its committed step, as a
+    store opening it reports it: the delta's last commit, else the version's)."""
     delta = open_delta(current, manifest.row_bytes)
     if delta is None:
-        return
+        return 0, int((manifest.metadata or {}).get("committed_step", 0))
     try:
-        rows = int(delta.ids().size)
+        return int(delta.ids().size), delta.latest_step()
     finally:
         delta.close()
+
+
+def _refuse_uncompacted_rows(table: Path, current: Path, manifest: TableManifest) -> int:
+    """A table with committed writes in its delta: shards of its file alone would lose them.
+    Returns the table's committed step (a delta's commit of no rows is later than its file's)."""
+    rows, step = _written(current, manifest)
     if rows:
         raise TableFormatError(
             f"table {table} has {rows:,} written row(s) in its delta ({delta_path(current).name}) "
             f"that shards of its file would not hold; expected none: run `tiered-store compact "
             f"{table}` first"
         )
+    return step
 
 
 def join_shards(
@@ -357,13 +366,7 @@ def _current_shard(path: Path) -> tuple[ShardInfo, Path, int, int]:
     delta holds; its committed step, as a store opening it reports it)."""
     current = current_version(path)[0]
     info = dataclasses.replace(read_shard(current), path=path)
-    delta = open_delta(current, info.manifest.row_bytes)
-    if delta is None:
-        return info, current, 0, int(info.manifest.metadata.get("committed_step", 0))
-    try:
-        return info, current, int(delta.ids().size), delta.latest_step()
-    finally:
-        delta.close()
+    return info, current, *_written(current, info.manifest)
 
 
 def _describe(shard_map: ShardMap) -> str:
