@@ -138,12 +138,7 @@ def write_shards(
         manifest = cold.manifest
         step = _refuse_uncompacted_rows(npy, current, manifest)
         shard_map = plan_shards(manifest, ranks, by, str(npy))
-        paths = [table_paths(shard_path(npy, r, ranks, template))[0] for r in range(ranks)]
-        if len({p.resolve() for p in paths}) < len(paths):  # a template without {rank}
-            raise ConfigError(
-                f"shard paths: {template!r} names one file for several ranks; expected a path "
-                "template containing {rank}"
-            )
+        paths = _shard_files(npy, ranks, template)
         for rank, path in enumerate(paths):
             # (a compacted table's own path has no file: its version, named by a pointer, has)
             if (path.exists() and path.samefile(current)) or path.resolve() == npy.resolve():
@@ -194,6 +189,17 @@ def write_shards(
                 remove_table_files(new)
             raise
     return written
+
+
+def _shard_files(table: str | os.PathLike[str], ranks: int, template: str | None) -> list[Path]:
+    """Every rank's shard ``.npy`` of ``table``; a template naming one file for two is refused."""
+    paths = [table_paths(shard_path(table, r, ranks, template))[0] for r in range(ranks)]
+    if len({p.resolve() for p in paths}) < len(paths):  # a template without {rank}
+        raise ConfigError(
+            f"shard paths: {template!r} names one file for several ranks; expected a path "
+            "template containing {rank}"
+        )
+    return paths
 
 
 def _remove_unrenamed(target: Path) -> None:
@@ -278,7 +284,7 @@ def join_shards(
             "out: None with a list of shard files; expected the whole table's path (it "
             "defaults to the table only when the table and ranks name the shards)"
         )
-    out_npy, out_manifest = table_paths(shards if out is None else out)  # type: ignore[arg-type]
+    out_npy = table_paths(shards if out is None else out)[0]  # type: ignore[arg-type]
     for rank, path in enumerate(paths):  # before the writer locks, which make a file beside it
         _refuse_missing(path, rank if expected is not None else None, expected)
     with contextlib.ExitStack() as stack:
@@ -290,7 +296,6 @@ def join_shards(
         _refuse_out(out_npy, found)
         _refuse_uncompacted_shards(found)
         step = _common_step(found)
-        refuse_existing(out_npy, out_manifest, overwrite)
         colds = [stack.enter_context(ColdTable(current)) for _, current, _, _ in found]
         first = found[0][0].manifest
         metadata = {k: v for k, v in first.metadata.items() if k not in _PER_SHARD_KEYS}
@@ -323,13 +328,7 @@ def _shard_paths(
                 f"ranks: got {ranks!r} with the table {os.fspath(shards)}; expected the number of "
                 "shards it was cut into, an integer >= 1 (or a list of the shard files)"
             )
-        paths = [table_paths(shard_path(shards, r, ranks, template))[0] for r in range(ranks)]
-        if len({p.resolve() for p in paths}) < len(paths):  # a template without {rank}
-            raise ConfigError(
-                f"shard paths: {template!r} names one file for several ranks; expected a path "
-                "template containing {rank}"
-            )
-        return paths, ranks
+        return _shard_files(shards, ranks, template), ranks
     if ranks is not None or template is not None:
         raise ConfigError(
             f"ranks: got {ranks!r} and template {template!r} with a list of shard files; expected "
@@ -478,9 +477,9 @@ class _JoinedRows(SourceReader):
     checksums, for ``create_table``."""
 
     def __init__(self, colds: list[ColdTable], shard_map: ShardMap, first: Path) -> None:
-        self.colds, self.bounds = colds, np.asarray(shard_map.bounds, dtype=np.int64)
-        self.rows, self.dim = shard_map.rows, colds[0].dim
-        self.dtype = "uint8" if colds[0].manifest.quantization else colds[0].manifest.dtype
+        self.shards = [_ShardRows(cold, 0, cold.manifest.rows) for cold in colds]
+        self.bounds = np.asarray(shard_map.bounds, dtype=np.int64)
+        self.rows, self.dim, self.dtype = shard_map.rows, colds[0].dim, self.shards[0].dtype
         self.description = f"{shard_map.ranks} shards like {first.name}"
         self.quantization = colds[0].manifest.quantization
 
@@ -489,13 +488,9 @@ class _JoinedRows(SourceReader):
         first, last = np.searchsorted(self.bounds, [start, stop - 1], side="right") - 1
         parts = []
         for rank in range(int(first), int(last) + 1):  # one read per shard, never per row
-            base = int(self.bounds[rank])
-            lo, hi = max(start, base), min(stop, int(self.bounds[rank + 1]))
-            parts.append(
-                self.colds[rank].read_rows(np.arange(lo - base, hi - base, dtype=np.int64))
-            )
-        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return rows.view(torch.uint8).numpy().view(TABLE_DTYPES[self.dtype][0])
+            base, end = int(self.bounds[rank]), int(self.bounds[rank + 1])
+            parts.append(self.shards[rank].read(max(start, base) - base, min(stop, end) - base))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class _ShardRows(SourceReader):
