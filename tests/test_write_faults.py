@@ -173,6 +173,66 @@ def test_an_export_trace_onto_a_full_filesystem_is_refused_not_killed(small_fs, 
     assert list(small_fs.iterdir()) == []
 
 
+@pytest.fixture
+def loop_fs(tmp_path):
+    """A 16 MiB ext4 on a loop device of its own: ``(mount point, device, image)``."""
+    image, mount_point = tmp_path / "fs.img", tmp_path / f"loop-{uuid.uuid4().hex[:6]}"
+    mount_point.mkdir()
+    image.write_bytes(b"")
+    os.truncate(image, 16 << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make an ext4 image here ({made.stderr.strip()})")
+    done = subprocess.run(
+        ["mount", "-o", "loop", str(image), str(mount_point)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here ({done.stderr.strip()}); needs root")
+    device = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", str(mount_point)], capture_output=True, text=True
+    ).stdout.strip()
+    yield mount_point, device, image
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_an_export_trace_whose_trace_fails_a_read_blames_the_trace(loop_fs, tmp_path, capsys):
+    """A read of the trace failing (EIO: a disk error) inside export-trace's write step was
+    reported as 'cannot write OUT: writing the row ids failed: Input/output error', sending the
+    user to the output's disk, which was fine."""
+    from tiered_store.cli import main
+    from tiered_store.trace import TraceReader, TraceWriter
+
+    mount_point, device, image = loop_fs
+    trace, page = mount_point / "t.trace", 4096
+
+    def write(pad: int) -> tuple[int, int]:
+        rng = np.random.default_rng(0)
+        header = {"tables": [{"name": "a", "rows": 1 << 40}], "pad": "x" * pad}
+        with TraceWriter(trace, header, chunk_ids=1 << 16) as writer:
+            for batch in range(8):
+                writer.write(rng.integers(0, 1 << 40, 1 << 16), "a", batch=batch)
+        with TraceReader(trace) as reader:
+            return reader.chunk_index[1][0], reader.chunk_index[-1][0]
+
+    second, last = write(-write(0)[0] % page)  # chunk 1 starts a page: its first read fails whole
+    assert second % page == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+    fd = os.open(trace, os.O_RDONLY)  # the pages of chunks 1.. (not the last) read from the disk
+    os.posix_fadvise(fd, second, last // page * page - second, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    os.truncate(image, 0)  # the device ends at 0: those reads fail with EIO
+    subprocess.run(["losetup", "-c", device], check=True)
+    out = tmp_path / "ids.npy"
+    code = main(["export-trace", str(trace), str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == (
+        f"tiered-store export-trace: error: trace {trace}: cannot read 48 bytes at byte "
+        f"{second:,} (Input/output error); expected a readable file\n"
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".ids", "ids"))]
+
+
 def test_a_delta_a_writer_died_creating_reads_as_none_and_is_made_anew(tmp_path):
     """A writer killed while LMDB wrote the delta's meta pages leaves a data file shorter than
     both: the table opens, reads, compacts and reports its step as without a delta, and the

@@ -475,8 +475,16 @@ class TraceReader:
         return TraceFormatError(f"{where}: {what}")
 
     def _pread(self, offset: int, size: int) -> bytes:
-        """Read exactly what is there of ``size`` bytes at ``offset``."""
-        return os.pread(self._file.fileno(), size, offset)
+        """Read exactly what is there of ``size`` bytes at ``offset``; a failed read (a disk
+        error) is a TierIOError naming the trace, not an error of what the ids are written to."""
+        try:
+            return os.pread(self._file.fileno(), size, offset)
+        except OSError as exc:
+            raise TierIOError(
+                exc.errno or errno.EIO,
+                f"trace {self.path}: cannot read {size:,} bytes at byte {offset:,} "
+                f"({exc.strerror or exc}); expected a readable file",
+            ) from exc
 
     def _read_header(self) -> dict[str, Any]:
         """Check the preamble and return the header dict."""
