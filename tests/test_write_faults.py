@@ -173,6 +173,43 @@ def test_an_export_trace_onto_a_full_filesystem_is_refused_not_killed(small_fs, 
     assert list(small_fs.iterdir()) == []
 
 
+def test_a_replay_that_fills_the_disk_leaves_the_earlier_runs_results_as_they_were(
+    small_fs, tmp_path, capsys
+):
+    """replay wrote its plot, then replay.json: on a disk with room for the plot only, the new
+    replay.png was left beside the earlier run's replay.json (another run's results, without the
+    sweep the plot shows) while the error said nothing was written there."""
+    from tests.conftest import make_table
+    from tests.test_replay import ROWS, write_trace
+    from tiered_store.cli import main
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", batches=2)
+    (tmp_path / "tiers.yaml").write_text(
+        f"table: {{path: {path}}}\ntiers: {{warm: {{capacity: 60}}}}\n"
+    )
+
+    def replay(out: Path, sweep: str) -> int:
+        argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace")]
+        return main([*argv, "--out", str(out), "--quiet", "--no-bounds", "--sweep", sweep])
+
+    assert replay(tmp_path / "probe", "5%") == 0  # this run's plot, to size the disk by
+    plot = (tmp_path / "probe" / "replay.png").stat().st_size
+    out = small_fs / "out"
+    assert replay(out, "") == 0  # an earlier run: results without a sweep, no plot
+    earlier = (out / "replay.json").read_text()
+    _fill(small_fs, (plot + 4095) // 4096 * 4096)  # room for the plot, none for replay.json
+    capsys.readouterr()
+    assert replay(out, "5%") == 2
+    assert capsys.readouterr().err == (
+        f"tiered-store replay: error: cannot write {out / 'replay.json'}: writing the results "
+        "failed: No space left on device; nothing was written there (expected a writable file "
+        "system with room for it)\n"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["replay.json"]
+    assert (out / "replay.json").read_text() == earlier
+
+
 @pytest.fixture
 def loop_fs(tmp_path):
     """A 16 MiB ext4 on a loop device of its own: ``(mount point, device, image)``."""

@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -45,14 +46,19 @@ def _thin(n: int, max_points: int = _MAX_POINTS) -> np.ndarray:
     return np.unique(np.concatenate([idx, [n - 1]]))
 
 
+def write_png(fig: Figure, file: BinaryIO) -> None:
+    """Render ``fig`` as PNG into an open binary file."""
+    FigureCanvasAgg(fig)
+    fig.savefig(file, dpi=120, format="png")
+
+
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Render to PNG at ``path``, atomically; a failed write is a TierIOError naming it."""
     path = Path(path)
     with write_step(f"cannot write {path}", "writing the plot", "nothing was written there"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        FigureCanvasAgg(fig)
         with atomic_write(path) as f:
-            fig.savefig(f, dpi=120, format="png")
+            write_png(fig, f)
     return path
 
 
@@ -179,6 +185,13 @@ def plot_miss_ratio_curves(
     >>> png.stat().st_size > 10_000
     True
     """
+    return _save(miss_ratio_figure(curves, table_rows=table_rows, title=title), path)
+
+
+def miss_ratio_figure(
+    curves: Iterable[MissRatioCurve], *, table_rows: int | None = None, title: str | None = None
+) -> Figure:
+    """The figure :func:`plot_miss_ratio_curves` writes, not yet written anywhere."""
     curves = list(curves)
     if table_rows is None:
         table_rows = next((c.table_rows for c in curves if c.table_rows), None)
@@ -220,4 +233,4 @@ def plot_miss_ratio_curves(
     lookups = curves[0].lookups if curves else 0
     ax.set_title(title or f"miss-ratio curves, {lookups:,} lookups", pad=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig

@@ -7,12 +7,13 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from policies.errors import PolicyError
 from policies.registry import PolicySpec, is_offline, offline_names
-from tiered_store.atomic_file import atomic_write, write_step
+from tiered_store.atomic_file import AtomicFile, write_step
 from tiered_store.cache_plan import PinnedRowsWarning
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import DefaultsHelpFormatter
@@ -23,6 +24,9 @@ from tiered_store.trace import TraceReader
 from .mrc import MissRatioCurve, lru_mrc, offline_mrc
 from .replay import ReplayResult, check_row_ids, ids_checked, replay, table_geometry
 from .tier_split import DEFAULT_POINTS, SplitRecommendation, parse_budgets, recommend_split
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_SWEEP = "1%,5%,10%,25%"
 
@@ -249,6 +253,7 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
         "row_bytes": row_bytes,
         "results": [r.to_dict() for r in results],
     }
+    figure = None
     if caps:
         curves = sweep(
             config,
@@ -263,14 +268,12 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
             queue=(args.queued_requests, args.request_tokens),
         )
         doc["sweep"] = [c.to_dict() for c in curves]
-        from .plots import plot_miss_ratio_curves
+        from .plots import miss_ratio_figure
 
-        png = plot_miss_ratio_curves(
-            curves,
-            args.out / "replay.png",
-            table_rows=rows,
-            title=f"replay: {layout.get('name', table)}",
+        figure = miss_ratio_figure(
+            curves, table_rows=rows, title=f"replay: {layout.get('name', table)}"
         )
+        png = args.out / "replay.png"  # written with replay.json, below
         print(f"\nmiss ratio vs capacity (replayed policies: fetch ratio): {png}")
         print_sweep(curves, rows)
         if bound_names:
@@ -279,18 +282,44 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
                 "oracle); a policy with pinned or preloaded rows starts warm and can miss less "
                 "than belady"
             )
-    else:  # a plot of an earlier run would sit beside this run's replay.json
-        (args.out / "replay.png").unlink(missing_ok=True)
     if split is not None:
         doc["tier_split"] = _report_split(args, config, reader, table, split)
-    results = args.out / "replay.json"
-    with (
-        write_step(f"cannot write {results}", "writing the results", "nothing was written there"),
-        atomic_write(results, "w", encoding="utf-8") as f,
-    ):
-        f.write(json.dumps(doc, indent=2, default=float) + "\n")
+    _write_results(args.out, doc, figure)
     print(f"results: {args.out / 'replay.json'}")
     return 0
+
+
+def _write_results(out: Path, doc: dict, figure: Figure | None) -> None:
+    """replay.json and its plot (none without a sweep) into ``out``, both written under
+    temporary names before either replaces an earlier run's: a failed write leaves the earlier
+    run's files as they were, not this run's plot beside that run's results."""
+    written: list[AtomicFile] = []
+    try:
+        if figure is not None:
+            plot = out / "replay.png"
+            with write_step(
+                f"cannot write {plot}", "writing the plot", "nothing was written there"
+            ):
+                from .plots import write_png
+
+                written.append(AtomicFile(plot, "wb"))
+                write_png(figure, written[-1].file)
+                written[-1].finish()
+        results = out / "replay.json"
+        with write_step(
+            f"cannot write {results}", "writing the results", "nothing was written there"
+        ):
+            written.append(AtomicFile(results, "w", encoding="utf-8"))
+            written[-1].file.write(json.dumps(doc, indent=2, default=float) + "\n")
+            written[-1].finish()
+    except BaseException:
+        for f in written:
+            f.abort()
+        raise
+    if figure is None:  # a plot of an earlier run would sit beside this run's replay.json
+        (out / "replay.png").unlink(missing_ok=True)
+    for f in written:
+        f.publish()
 
 
 def _recommend(args, config: StoreConfig, reader, table) -> SplitRecommendation | None:
