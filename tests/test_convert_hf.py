@@ -272,6 +272,30 @@ def test_a_killed_reconversion_leaves_no_config_beside_tables_it_does_not_descri
         )
 
 
+def test_a_first_conversion_killed_between_its_tables_is_named_unfinished(golden, tmp_path):
+    """A first conversion into a new folder, killed (SIGKILL) before it wrote dense.safetensors:
+    loaded as a model, the folder was 'OUT/dense.safetensors: cannot read the dense checkpoint
+    (No such file or directory ...); expected a directory made by convert_checkpoint', where a
+    killed reconversion (an earlier dense file there) said the conversion did not finish."""
+    from tiered_store.engram import load_engram_config, load_tiered_model
+
+    out, ckpt = tmp_path / "out", make_checkpoint(tmp_path / "a", golden)
+    script = tmp_path / "kill.py"
+    script.write_text(KILLED_AT_TABLE)
+    killed = run_python([script, ckpt, out, "2"], env=subprocess_env())
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (out / "engram_layer1.npy").exists() and not (out / "dense.safetensors").exists()
+    unfinished = r"out holds a `tiered-store convert-hf` conversion that did not finish"
+    with pytest.raises(ConfigError, match=unfinished):
+        load_engram_config(out / "config.json")
+    with pytest.raises(TableFormatError, match=unfinished):
+        load_tiered_model(out)
+
+    assert convert_hf_checkpoint(ckpt, out, progress=False).skipped == (1,)  # as it says
+    with pytest.raises(TableFormatError, match="is a DeepSeek-V4.1 conversion"):
+        load_tiered_model(out)  # finished: the Engram weights alone, refused by name
+
+
 def test_a_conversion_into_the_checkpoints_own_folder_keeps_its_config(golden, tmp_path):
     """OUT_DIR the checkpoint's folder: its config.json and tokenizer.json are the conversion's
     (never removed as another conversion's), and a rerun finds every table complete."""

@@ -698,6 +698,8 @@ def _load_dense(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in list(f.keys())}
     except (OSError, SafetensorError) as exc:
+        if (unfinished := unfinished_conversion(path.parent)) is not None:  # killed before it
+            raise TableFormatError(unfinished) from None
         raise ConfigError(
             f"{path}: cannot read the dense checkpoint ({exc}); expected a directory made by "
             "convert_checkpoint"
