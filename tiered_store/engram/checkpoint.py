@@ -689,6 +689,24 @@ def _check_dense_keys(path: Path, dense: Mapping[str, torch.Tensor], model: Engr
         )
 
 
+def _refuse_a_conversion(folder: Path) -> None:
+    """A ``convert-hf`` output, finished or not, is the Engram weights alone, not a whole model:
+    say so, and what opens its tables; any other folder passes."""
+    unfinished = unfinished_conversion(folder)
+    if unfinished is None and not (folder / "config.json").is_file():
+        return
+    what = (
+        f"{folder} is a DeepSeek-V4.1 conversion (`tiered-store convert-hf`): it"
+        if unfinished is None
+        else f"{unfinished}; even finished, it"
+    )
+    raise TableFormatError(
+        f"{what} holds the Engram tables and weights, not a whole model, so it cannot be served "
+        "or loaded as one; open each layer's table with TieredStore.open("
+        f"'{folder}/layer<L>.yaml') as the model's table backend (README, DeepSeek-V4.1)"
+    )
+
+
 def _load_dense(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Dense tensors and the ModelConfig stored with them."""
     from safetensors import SafetensorError, safe_open
@@ -698,22 +716,14 @@ def _load_dense(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in list(f.keys())}
     except (OSError, SafetensorError) as exc:
-        if (unfinished := unfinished_conversion(path.parent)) is not None:  # killed before it
-            raise TableFormatError(unfinished) from None
+        if unfinished_conversion(path.parent) is not None:  # killed before it wrote this file
+            _refuse_a_conversion(path.parent)
         raise ConfigError(
             f"{path}: cannot read the dense checkpoint ({exc}); expected a directory made by "
             "convert_checkpoint"
         ) from exc
     if CONFIG_METADATA_KEY not in meta:
-        if (unfinished := unfinished_conversion(path.parent)) is not None:
-            raise TableFormatError(unfinished)
-        if (path.parent / "config.json").is_file():  # convert-hf's: the Engram weights alone
-            raise TableFormatError(
-                f"{path.parent} is a DeepSeek-V4.1 conversion (`tiered-store convert-hf`): it "
-                "holds the Engram tables and weights, not a whole model, so it cannot be served "
-                "or loaded as one; open each layer's table with TieredStore.open("
-                f"'{path.parent}/layer<L>.yaml') as the model's table backend (README, DeepSeek-V4.1)"
-            )
+        _refuse_a_conversion(path.parent)
         raise TableFormatError(
             f"{path}: no {CONFIG_METADATA_KEY!r} metadata; not made by convert_checkpoint"
         )
