@@ -329,6 +329,31 @@ def test_a_profile_that_is_not_one_for_this_table_is_named(tmp_path, table):
         )
         with pytest.raises(ConfigError, match=f"tiers.warm.profile: .*{message}"):
             TieredStore(cfg)
+    # one sentence naming the file once, what it holds and what was expected: not the loader's
+    # error wrapped in the config's "cannot read ... (...)" again
+    tiers = {"warm": {"capacity": 50, "policy": "zipf-tuned", "profile": "top_rows.npy"}}
+    cfg = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers}, base_dir=tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        TieredStore(cfg)
+    assert str(caught.value) == (
+        f"tiers.warm.profile: profile {tmp_path / 'top_rows.npy'}: a .npy array (row ids, such "
+        "as analyze's layer{L}.top_rows.npy); expected a profile .npz (analyze's "
+        "layer{L}.profile.npz)"
+    )
+    with pytest.raises(ConfigError) as caught:
+        TieredStore(
+            StoreConfig.from_dict(
+                {
+                    "table": {"path": str(path)},
+                    "tiers": {"warm": {**tiers["warm"], "profile": "gone.npz"}},
+                },
+                base_dir=tmp_path,
+            )
+        )
+    assert str(caught.value) == (
+        f"tiers.warm.profile: profile {tmp_path / 'gone.npz'}: not a readable profile (No such "
+        "file or directory); expected a profile .npz (analyze's layer{L}.profile.npz)"
+    )
 
 
 def test_an_empty_or_cut_off_profile_or_row_list_is_named(tmp_path, table):

@@ -15,7 +15,7 @@ from policies.zipf_tuned import zipf_tuned_split
 
 from .capacity import resolve_capacity
 from .config import CacheTierConfig, StoreConfig
-from .errors import ConfigError, warn_at_caller
+from .errors import ConfigError, TraceFormatError, warn_at_caller
 from .id_ops import nonzero, unique_inverse_counts
 from .npy_files import load_npy
 from .online_repin import OnlineRepin
@@ -430,10 +430,8 @@ def load_tier_profile(path: str, rows: int, key: str, shard: tuple[int, int, int
 
     try:
         profile = FrequencyProfile.load(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(
-            f"{key}: cannot read {path} ({exc}); expected a profile .npz from `tiered-store analyze`"
-        ) from None
+    except TraceFormatError as exc:  # it names the file, what it holds and what was expected
+        raise ConfigError(f"{key}: {exc}") from None
     ids = profile.row_ids
     local, held, table_rows, table = _table_ids(ids, rows, shard)
     if profile.rows is not None and profile.rows != table_rows:

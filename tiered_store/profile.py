@@ -260,34 +260,44 @@ class FrequencyProfile:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FrequencyProfile:
-        """Read a profile written by :meth:`save`."""
+        """Read a profile written by :meth:`save`; a TraceFormatError names the file, what it
+        holds and what was expected (callers add their context, not another wrapping)."""
+        expected = "expected a profile .npz (analyze's layer{L}.profile.npz)"
         try:
             z = load_npy(path)
             if not isinstance(z, np.lib.npyio.NpzFile):  # analyze writes both: an easy mix-up
                 raise TraceFormatError(
                     f"profile {path}: a .npy array (row ids, such as analyze's "
-                    "layer{L}.top_rows.npy); expected a profile .npz (analyze's layer{L}.profile.npz)"
+                    f"layer{{L}}.top_rows.npy); {expected}"
                 )
             with z, npy_header_lock:  # reading a member parses its header
                 meta = json.loads(str(z["meta"]))
                 ids, counts = z["row_ids"], z["counts"]
                 episodes = z["episodes"] if "episodes" in z.files else None
+        except TraceFormatError:
+            raise
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a member's bad CRC
-            raise TraceFormatError(f"profile {path}: not a readable profile ({exc})") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise TraceFormatError(
+                f"profile {path}: not a readable profile ({reason}); {expected}"
+            ) from None
         if meta.get("format") != PROFILE_FORMAT:
             raise TraceFormatError(
                 f"profile {path}: format {meta.get('format')!r}; expected {PROFILE_FORMAT}"
             )
-        return cls(
-            ids,
-            counts,
-            meta.get("rows"),
-            meta.get("name", ""),
-            meta.get("ngram_keys"),
-            meta.get("metadata") or {},
-            episodes,
-            meta.get("episode_window"),
-        )
+        try:
+            return cls(
+                ids,
+                counts,
+                meta.get("rows"),
+                meta.get("name", ""),
+                meta.get("ngram_keys"),
+                meta.get("metadata") or {},
+                episodes,
+                meta.get("episode_window"),
+            )
+        except ValueError as exc:  # its arrays disagree: written by hand, or damaged
+            raise TraceFormatError(f"profile {path}: not a readable profile ({exc})") from None
 
     def __repr__(self) -> str:
         return (
