@@ -491,6 +491,9 @@ def test_replay_command_refuses_bad_options_before_any_work(tmp_path, capsys, mo
     for extra, needle in [
         (["--sweep", "1%,lots"], "--sweep: got 'lots'; expected a row count"),
         (["--sweep", "150%"], "--sweep: '150%' is more than 100% of the table"),
+        # skipped the sweep without a word (and removed an earlier run's replay.png)
+        (["--sweep", "0"], "--sweep: got '0', only capacity 0 (every curve starts at 0"),
+        (["--sweep", "0%,0"], "expected capacities above 0, such as 1%,5%, or '' to skip"),
         (["--policies", "lru,nope"], "--policies: unknown policy 'nope'"),
         (["--policies", "lru,,sieve"], "--policies: policy '': expected a policy name"),
         (["--batch-tokens", "0"], "--batch-tokens: got 0; expected a positive number"),

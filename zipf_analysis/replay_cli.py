@@ -83,7 +83,10 @@ def register(sub) -> None:
         help="tokens per request for --queued-requests",
     )
     p.add_argument(
-        "--sweep", default=DEFAULT_SWEEP, help="capacities for the miss-ratio plot ('' to skip)"
+        "--sweep",
+        default=DEFAULT_SWEEP,
+        help="capacities for the miss-ratio plot (rows, %% or bytes; the plot starts at 0 "
+        "anyway; '' to skip)",
     )
     p.add_argument(
         "--out", type=Path, default=Path("replay-out"), help="directory for replay.json and PNG"
@@ -425,15 +428,19 @@ def offline_bounds(
 
 
 def _sweep_capacities(spec: str, rows: int, row_bytes: int) -> list[int]:
-    """The ``--sweep`` capacities in rows, ascending, without 0; errors name --sweep."""
-    return sorted(
-        {
-            resolve_capacity(_spec(s), table_rows=rows, row_bytes=row_bytes, key="--sweep")
-            for s in spec.split(",")
-            if s.strip()
-        }
-        - {0}
-    )
+    """The ``--sweep`` capacities in rows, ascending, without 0 (every curve starts there);
+    errors name --sweep, and a sweep of 0 alone (no curve to draw) is one."""
+    asked = {
+        resolve_capacity(_spec(s), table_rows=rows, row_bytes=row_bytes, key="--sweep")
+        for s in spec.split(",")
+        if s.strip()
+    }
+    if asked == {0}:  # would skip the sweep, silently, and drop an earlier run's plot
+        raise ConfigError(
+            f"--sweep: got {spec!r}, only capacity 0 (every curve starts at 0 anyway); expected "
+            "capacities above 0, such as 1%,5%, or '' to skip the sweep"
+        )
+    return sorted(asked - {0})
 
 
 def sweep(
