@@ -670,6 +670,21 @@ def test_cli_runs_end_to_end_and_help_explains_the_options(run, tmp_path, capsys
     )
 
 
+def test_cli_without_quiet_says_the_tokenizer_once(run, tmp_path, capsys):
+    """The stage messages said it at the start and the summary again at the end."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    argv = ["analyze", str(run["corpus"] / "en.txt"), "--config", str(config), "--out"]
+    argv += [str(tmp_path / "out"), "--seq-len", "32", "--max-tokens", "300", "--no-curves"]
+    assert main(argv) == 0
+    said = capsys.readouterr()
+    lines = (said.out + said.err).splitlines()
+    said_tokenizer = [x for x in lines if x.startswith("tokenizer:")]
+    assert len(said_tokenizer) == 1 and said_tokenizer[0].endswith("(23.35% reduction)")
+    assert said.out.startswith("tokenizer: ")  # in the summary, as with --quiet
+    assert "corpus: " in said.err  # the stage messages are still there
+
+
 def test_a_new_run_leaves_no_file_of_the_previous_one(run, tmp_path):
     import shutil
 

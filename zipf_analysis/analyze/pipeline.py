@@ -140,11 +140,7 @@ def analyze(
     names = [t["name"] for t in layouts]
     rows = {t["name"]: int(t["rows"]) for t in layouts}
     _check_budgets(layouts, options)
-    tok_info = tokenizer_info(tok)
-    say(
-        f"tokenizer: {tok_info['package']} {tok_info['version']}: {tok.vocab_size:,} ids -> "
-        f"{tok.num_compressed:,} compressed ({100 * tok.reduction:.2f}% reduction)"
-    )
+    tok_info = tokenizer_info(tok)  # reported in the summary (summary_lines), not as a stage
     say(
         f"corpus: {corpus.description}; Engram layers {list(engram.layer_ids)}: "
         + ", ".join(f"{n} {r:,} rows" for n, r in rows.items())
