@@ -186,6 +186,16 @@ def test_the_unshard_command_names_the_shards_it_needs(cut, tmp_path, capsys):
     ):
         assert cli_main(["unshard", str(tmp_path / "w.npy"), *argv, "--quiet"]) == 2, argv
         assert said in capsys.readouterr().err, argv
+    # TABLE left out: the first shard taken as the table to write was "no shard of rank(s) 0"
+    _, (s0, s1, s2) = cut
+    before = _listing(tmp_path), s0.read_bytes()
+    assert cli_main(["unshard", str(s0), str(s1), str(s2), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"tiered-store unshard: error: out {s0} is rank 0's shard of 3, the rank the shards given "
+        "lack; expected the whole table to write as out, then every rank's shard (on the command "
+        "line the table comes first: `tiered-store unshard TABLE SHARD...`)\n"
+    )
+    assert (_listing(tmp_path), s0.read_bytes()) == before
     assert cli_main(["unshard", str(tmp_path / "w.npy"), "--ranks", "3", "--quiet"]) == 2
     assert f"rank 0's shard {tmp_path / 'w.shard-0-of-3.npy'} (of 3) does not exist" in capsys.readouterr().err  # fmt: skip
     argv = ["unshard", str(tmp_path / "w.npy"), "--ranks", "3", "--quiet", "--shards"]

@@ -291,6 +291,7 @@ def join_shards(
         for path in paths:  # held until the table is published: no writer, no compaction meanwhile
             stack.callback(release, take_writer_lock(path))
         found = [_current_shard(path) for path in paths]
+        _refuse_a_shard_left_out_as_out(out_npy, [f[0] for f in found])
         shard_map = _check_shard_set([f[0] for f in found], expected)
         found.sort(key=lambda f: f[0].rank)
         _refuse_out(out_npy, found)
@@ -441,6 +442,22 @@ def _refuse_out(out: Path, found: list[tuple[ShardInfo, Path, int, int]]) -> Non
                 f"out {out} is rank {info.rank}'s shard {info.path}; expected another path (the "
                 "shards are read while the whole table is written)"
             )
+
+
+def _refuse_a_shard_left_out_as_out(out: Path, infos: list[ShardInfo]) -> None:
+    """``out`` a shard of the shards' map that they lack: the whole table's path was left out
+    (``tiered-store unshard S0 S1 S2`` takes S0 as the table to write)."""
+    try:
+        info = read_shard(current_version(out)[0])
+    except (OSError, ValueError):  # no table (the usual), a plain one, a version file's name
+        return
+    if info.shard_map != infos[0].shard_map or info.rank in {i.rank for i in infos}:
+        return
+    raise ConfigError(
+        f"out {out} is rank {info.rank}'s shard of {info.shard_map.ranks}, the rank the shards "
+        "given lack; expected the whole table to write as out, then every rank's shard (on the "
+        "command line the table comes first: `tiered-store unshard TABLE SHARD...`)"
+    )
 
 
 def _refuse_uncompacted_shards(found: list[tuple[ShardInfo, Path, int, int]]) -> None:
