@@ -574,6 +574,30 @@ def test_another_runs_committed_json_is_refused_naming_it(tmp_path, capsys):
         )
 
 
+def test_a_record_without_a_run_id_is_refused_saying_so(tmp_path, capsys):
+    """A run of this version resumed once by an older one (its committed.json without a run id)
+    was refused as another run's record, "of run None". The refusal now says the record has no
+    run id and how to go on; done as it says, the run resumes."""
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "2"]) == 0
+    run = _record(out)["run_id"]
+    (out / "committed.json").write_text(json.dumps({"committed_step": 2}))  # an older version's
+    capsys.readouterr()
+    before = _run_files(out)
+    assert main([*common, *small, "--resume", "--steps", "3"]) == 2
+    assert capsys.readouterr().err == (
+        f"tiered-store train: error: out: {out / 'committed.json'}: records committed step 2 but "
+        "no run id (written by an older version of tiered-store, or by hand), so it cannot be "
+        "told from another run's record; the table there (tables.npy, at step 2) belongs to run "
+        f"'{run}'; nothing was changed: if the record is this run's (an older version resumed "
+        f'it), add "run_id": "{run}" to it; else remove it to go on from the table\'s step 2\n'
+    )
+    assert _run_files(out) == before
+    (out / "committed.json").write_text(json.dumps({"committed_step": 2, "run_id": run}))
+    assert main([*common, *small, "--resume", "--steps", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 2
+
+
 def test_a_compacted_run_that_lost_its_delta_is_refused(tmp_path, capsys):
     """A compacted run resumes from the step in its version's manifest; the commits since, in
     the new version's delta, lost: refused as for a first version's."""

@@ -335,15 +335,26 @@ def _check_progress(out: Path, table_step: int | None, table_run: str | None = N
     """``ConfigError`` when the run's table (``table_step``; None: no table) holds an earlier
     step than the run recorded: its later commits are lost, and going on would delete their
     dense checkpoint and log; or when the record is another run's (its run id is not the
-    table's ``table_run``). A table ahead of the record (a kill before it) is fine."""
+    table's ``table_run``), or cannot be told from one (no run id, beside a table with one). A
+    table ahead of the record (a kill before it) is fine."""
     record = _record(out)
     if record is None:
         return
     recorded, recorded_run = record
+    if table_step is not None and recorded_run is None and table_run is not None:
+        raise ConfigError(  # not told from another run's record: this run's, by an older version?
+            f"out: {out / COMMITTED_FILE}: records committed step {recorded} but no run id "
+            "(written by an older version of tiered-store, or by hand), so it cannot be told from "
+            f"another run's record; the table there ({TABLE_FILE}, at step {table_step}) belongs "
+            f"to run {table_run!r}; nothing was changed: if the record is this run's (an older "
+            f'version resumed it), add "{RUN_ID_KEY}": "{table_run}" to it; else remove it to go '
+            f"on from the table's step {table_step}"
+        )
     if table_step is not None and recorded_run != table_run:
+        whose = f"belongs to run {table_run!r}" if table_run else "has no run id (made before them)"
         raise ConfigError(
             f"out: {out / COMMITTED_FILE}: records committed step {recorded} of run "
-            f"{recorded_run!r}, but the table there ({TABLE_FILE}) belongs to run {table_run!r}: "
+            f"{recorded_run!r}, but the table there ({TABLE_FILE}) {whose}: "
             "the record is another run's (copied in?) and says nothing of this run's commits; "
             f"nothing was changed: restore this run's {COMMITTED_FILE}, or remove it to go on "
             f"from the table's step {table_step}"
