@@ -1798,3 +1798,38 @@ def test_a_heartbeat_whose_store_host_is_gone_logs_two_lines_not_a_stack_per_bea
     assert len(err) < 4000, f"{len(err)} bytes on stderr:\n{err}"
     assert err.count("cannot reach the process group's store") == 1, err
     assert err.count("reaches the process group's store again") == 1, err
+
+
+def test_a_heartbeat_closes_at_once_when_its_store_host_accepts_but_never_answers(tmp_path):
+    """A beat's write failed (the host gone), then something took the host's address that accepts
+    connections and never answers (a hung host: the kernel accepts for it). close() made a new
+    connection to write 'closed' on, and torch's connect waits for its handshake's answer with no
+    timeout: the rank's close, and its exit, hung for good. close() now writes on a sound
+    connection only."""
+    import socket
+
+    script, stop = tmp_path / "follower.py", tmp_path / "stop"
+    script.write_text(_GONE_HOST_FOLLOWER)
+    port = free_port()
+    host = store_host(port)
+    follower, mute = PythonProcess([script, port, stop]), None
+    try:
+        assert follower.stdout.readline() == "beating\n"
+        host.kill()
+        host.join()
+        time.sleep(1.0)  # the beats fail meanwhile
+        mute = socket.create_server(("127.0.0.1", port), backlog=16)  # never accepts
+        time.sleep(1.0)  # a beat's reconnect is waiting on it now
+        stop.touch()
+        start = time.monotonic()
+        out, err = follower.communicate(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        stop.touch()
+        if follower.poll() is None:
+            follower.kill()
+        if mute is not None:
+            mute.close()
+    assert follower.returncode == 0, err
+    assert took < 20, f"close took {took:.1f} s"  # stop()'s bound on the stuck beat: 5.2 s
+    assert err.count("cannot reach the process group's store") == 1, err

@@ -283,10 +283,15 @@ class Heartbeat:
         self._thread.join(self.interval + 4 * self._timeout.total_seconds() + 1.0)
 
     def close(self) -> None:
-        """Stop beating and mark this rank closed (so it is not reported as dead)."""
+        """Stop beating and mark this rank closed (so it is not reported as dead), on the beat's
+        connection once its last write went through: never a new one here (torch's connect waits
+        for its handshake's answer with no timeout, for good on a host that accepts and never
+        answers; a beat stuck so is left behind by ``stop``)."""
         self.stop()
+        if self._broken or self._thread.is_alive():
+            return
         with contextlib.suppress(Exception):  # the store is gone already
-            self._write("closed")
+            self._publish("closed")
 
 
 def _check_reachable(store: dist.Store, timeout: float) -> None:
