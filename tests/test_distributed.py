@@ -1736,6 +1736,58 @@ def test_rank_0s_watch_of_the_other_ranks_ends_with_its_server(tmp_path, monkeyp
     assert len(watching) == 1 and not watching[0].is_alive()
 
 
+def test_rank_0s_watch_ends_with_its_server_when_torchruns_store_host_is_gone(
+    tmp_path, monkeypatch
+):
+    """The group's store hosted by torchrun's agent, which died while rank 0 served: each read of
+    the watch connected to it anew, which torch tries twice (5 s at a 10 s timeout_s, 30-45 s at
+    the default), and stop() left the thread inside that connect after its 4 s wait (it aborts
+    the process if the call returns while the interpreter exits). It connects once a plain
+    socket reaches the host now."""
+    from tests.serve_support import make_checkpoint
+    from tiered_store.distributed.liveness import Heartbeat
+    from tiered_store.serve import ServeConfig
+    from tiered_store.serve.served_model import ServedModel
+    from tiered_store.serve.server import InferenceServer
+
+    port = free_port()
+    host = store_host(port)
+    _one_rank_group_env(monkeypatch)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # rank 0 a client, as torchrun's
+    plain = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    doc = yaml.safe_load((tmp_path / "serve.yaml").read_text())
+    doc["store"]["sharding"] = {"ranks": 1, "by": "heads", "timeout_s": 10}
+    (tmp_path / "sharded.yaml").write_text(yaml.safe_dump(doc))
+    for layer in plain.model.engram.layer_ids:
+        write_shards(plain.table_path(layer), 1, "heads", progress=False)
+    watch, stopped, reading = ServedModel.watch_ranks, Heartbeat.stopped, threading.Event()
+
+    def host_gone_first(self, stop):  # the stores are open: the agent dies before the first read
+        host.kill()
+        host.join()
+        return watch(self, stop)
+
+    def noted(self):
+        reading.set()
+        return stopped(self)
+
+    monkeypatch.setattr(ServedModel, "watch_ranks", host_gone_first)
+    monkeypatch.setattr(Heartbeat, "stopped", noted)
+    config = ServeConfig.from_yaml(tmp_path / "sharded.yaml")
+    server = InferenceServer(config.with_overrides(address="127.0.0.1:0", metrics_address=""))
+    try:
+        server.start()
+        watching = [t for t in threading.enumerate() if t.name == "tiered-store-rank-health"]
+        assert reading.wait(10)
+        server.stop()
+        assert len(watching) == 1 and not watching[0].is_alive()
+    finally:
+        server.stop()
+        host.kill()
+        host.join()
+
+
 _GONE_HOST_FOLLOWER = """
 import sys, time
 from datetime import timedelta

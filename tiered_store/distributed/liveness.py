@@ -255,6 +255,12 @@ class Heartbeat:
         closed their store; None when every one beats."""
         now = time.monotonic()
         try:
+            if self._watch is None:  # a new connection once a plain socket reaches the host: to a
+                # gone one torch's connect tries twice, 2-3 x ``connect_timeout`` (rank 0's stop
+                # waits for its watch far less), writing its C++ stack to stderr each time
+                _check_reachable(
+                    self._diagnose_from or self._group_store, self._timeout.total_seconds()
+                )
             self._watch = self._watch or self._diagnosis_connection()
             entries = self._read(self._watch)
         except Exception as exc:  # the store's host is gone or hung: a new connection next time
