@@ -177,7 +177,7 @@ class Heartbeat:
                 )
                 failed = 0
 
-    def _write(self, state: str = "open") -> None:
+    def _write(self) -> None:
         """Write this rank's entry; after a failed write, on a new connection (a timed-out one
         may hold a late reply), made only once a plain socket reaches the store's host."""
         if self._broken:
@@ -185,7 +185,7 @@ class Heartbeat:
             self._store = self._connect(self._store)
             self._broken = False
         try:
-            self._publish(state)
+            self._publish()
         except Exception:
             self._broken = True
             raise
