@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -385,6 +386,28 @@ def test_an_empty_or_cut_off_profile_or_row_list_is_named(tmp_path, table):
         )
         with pytest.raises(ConfigError, match=rf"tiers\.{tier}\.{key}: .*{name}.*{message}"):
             TieredStore(cfg)
+
+
+def test_a_damaged_profile_whose_meta_disagrees_with_its_arrays_is_named(tmp_path, table):
+    """A profile whose meta is not a mapping, or gives rows its row ids exceed (or a rows that
+    is no number), raised AttributeError, RowIdError ("profile '': row ids span ...", naming
+    neither the file nor the key) or numpy's UFuncTypeError from TieredStore."""
+    path, _ = table
+    for name, meta in (
+        ("list.npz", [1]),
+        ("rows.npz", {"format": 1, "rows": 10}),
+        ("text.npz", {"format": 1, "rows": "many"}),
+    ):
+        np.savez(tmp_path / name, meta=json.dumps(meta), row_ids=np.array([50, 3]), counts=[5, 2])
+        tiers = {"warm": {"capacity": 50, "policy": "zipf-tuned", "profile": name}}
+        cfg = StoreConfig.from_dict(
+            {"table": {"path": str(path)}, "tiers": tiers}, base_dir=tmp_path
+        )
+        with pytest.raises(ConfigError) as caught:
+            TieredStore(cfg)
+        said = str(caught.value)
+        assert said.startswith(f"tiers.warm.profile: profile {tmp_path / name}: "), said
+        assert said.endswith("expected a profile .npz (analyze's layer{L}.profile.npz)"), said
 
 
 def test_preload_rows_warm_start(tmp_path, table):

@@ -281,6 +281,10 @@ class FrequencyProfile:
             raise TraceFormatError(
                 f"profile {path}: not a readable profile ({reason}); {expected}"
             ) from None
+        if not isinstance(meta, dict):  # damaged, or written by hand
+            raise TraceFormatError(
+                f"profile {path}: its meta is {json.dumps(meta)[:80]}; {expected}"
+            )
         if meta.get("format") != PROFILE_FORMAT:
             raise TraceFormatError(
                 f"profile {path}: format {meta.get('format')!r}; expected {PROFILE_FORMAT}"
@@ -296,8 +300,10 @@ class FrequencyProfile:
                 episodes,
                 meta.get("episode_window"),
             )
-        except ValueError as exc:  # its arrays disagree: written by hand, or damaged
-            raise TraceFormatError(f"profile {path}: not a readable profile ({exc})") from None
+        except (ValueError, TypeError, RowIdError) as exc:  # its arrays or meta disagree: damaged
+            raise TraceFormatError(
+                f"profile {path}: not a readable profile ({exc}); {expected}"
+            ) from None
 
     def __repr__(self) -> str:
         return (
