@@ -224,17 +224,17 @@ def test_the_unshard_command_takes_shard_files_after_its_options(cut, tmp_path, 
 _UNSHARD_KILLED_PART_WAY = r"""
 import functools, os, signal, sys
 from tiered_store import table_format
-from tiered_store.distributed import shard_files
+from tiered_store.distributed import shard_join
 # small chunks, and a kill -9 at the third: the new table part written, under hidden names
-shard_files.create_table = functools.partial(table_format.create_table, chunk_bytes=4096)
-read, calls = shard_files._JoinedRows.read, []
+shard_join.create_table = functools.partial(table_format.create_table, chunk_bytes=4096)
+read, calls = shard_join._JoinedRows.read, []
 def read_then_die(self, start, stop):
     calls.append(start)
     if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     return read(self, start, stop)
-shard_files._JoinedRows.read = read_then_die
-shard_files.join_shards(sys.argv[1], ranks=3, overwrite=True, progress=False)
+shard_join._JoinedRows.read = read_then_die
+shard_join.join_shards(sys.argv[1], ranks=3, overwrite=True, progress=False)
 """
 
 
