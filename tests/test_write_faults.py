@@ -807,3 +807,28 @@ def test_a_writer_opening_a_delta_makes_its_name_durable_before_it_commits(tmp_p
     monkeypatch.setattr(os, "fsync", fsync)
     RowDelta(path, 8, create=True).close()
     assert str(tmp_path) in synced, synced
+
+
+def test_a_table_interrupted_right_after_a_temporary_file_was_made_leaves_none(
+    tmp_path, monkeypatch
+):
+    """A SIGINT or SIGTERM (a KeyboardInterrupt here) that came while a table's second
+    temporary file was being created was raised just after it existed, before the list of
+    opened files held it: that file was left on disk (seen as a leftover `..NAME.new.npy.pages.
+    crc32c.HEX.tmp` of a `shard` stopped by SIGTERM). The hook raises where the signal landed."""
+    from tiered_store import atomic_file, create_table
+
+    made = []
+    real_init = atomic_file.AtomicFile.__init__
+
+    def init_then_interrupted(self, path, *args, **kwargs):
+        real_init(self, path, *args, **kwargs)
+        made.append(self.tmp)
+        if len(made) == 2:  # the page checksums' file, made: the signal is handled now
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic_file.AtomicFile, "__init__", init_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        create_table(tmp_path / "t.npy", np.zeros((100, 4), np.float32), progress=False)
+    assert len(made) == 2 and all(".tmp" in p.name for p in made)
+    assert list(tmp_path.iterdir()) == []

@@ -51,14 +51,24 @@ def atomic_files(*targets: tuple[Path, str]) -> list[AtomicFile]:
     """An :class:`AtomicFile` for each ``(path, mode)`` (text modes in UTF-8), or none: when one
     cannot be opened, those already opened are aborted (no temporary file or descriptor left)."""
     opened: list[AtomicFile] = []
-    try:
+    names: list[Path] = []  # each chosen before its file exists: a signal's KeyboardInterrupt
+    try:  # right after a file was made, before the list holds it, leaves nothing either
         for path, mode in targets:
-            opened.append(AtomicFile(path, mode, **({} if "b" in mode else {"encoding": "utf-8"})))
+            names.append(temporary_name(Path(path)))
+            text = {} if "b" in mode else {"encoding": "utf-8"}
+            opened.append(AtomicFile(path, mode, tmp=names[-1], **text))
     except BaseException:
         for f in opened:
             f.abort()
+        for name in names[len(opened) :]:
+            name.unlink(missing_ok=True)
         raise
     return opened
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden name beside ``path`` for the file that will replace it (``.NAME.HEX.tmp``)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -106,13 +116,21 @@ class AtomicFile:
     'done'
     """
 
-    def __init__(self, path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        mode: str = "wb",
+        *,
+        tmp: Path | None = None,
+        **open_kwargs: Any,
+    ) -> None:
+        """``tmp``: the temporary's name (default: a new ``temporary_name``)."""
         if "w" not in mode:
             raise ValueError(f"AtomicFile mode: got {mode!r}; expected a write mode ('w' or 'wb')")
         self.path = Path(path)
         if self.path.is_dir():  # refused now, not at publish() after all the writing
             raise in_the_way(self.path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        self.tmp = temporary_name(self.path) if tmp is None else tmp
         exclusive = mode.replace("w", "x")
         try:
             self.file: IO[Any] = open(self.tmp, exclusive, **open_kwargs)  # noqa: SIM115

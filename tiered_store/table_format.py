@@ -927,12 +927,12 @@ def _write_table(
     )
     header = _npy_header(descr, reader.rows, reader.dim)
     what, unpublished = f"cannot write table {npy_path}", "nothing was published"
+    crc = _BlockCrc(block_bytes)
+    page_crc = PageCrcAccumulator(PAGE_BYTES)
     with write_step(what, "creating its temporary files", unpublished):
         data_file, sidecar, manifest_file = atomic_files(
             (npy_path, "wb"), (sidecar_path(npy_path), "wb"), (manifest_path, "w")
         )
-    crc = _BlockCrc(block_bytes)
-    page_crc = PageCrcAccumulator(PAGE_BYTES)
     try:
         f = data_file.file
         with tqdm(
