@@ -357,6 +357,19 @@ def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables,
     assert torch.distributed.is_initialized()  # it made the group: kept for the next store
 
 
+ONE_RANK_STORE = {"tiers": {"hot": {"capacity": 0}}, "sharding": {"ranks": 1, "timeout_s": 10}}
+
+
+def _one_rank_sharded_open_error(checkpoint: Path, monkeypatch) -> str:
+    """The ShardMismatchError of loading ``checkpoint`` sharded over a one-rank group."""
+    from tiered_store.engram.checkpoint import load_tiered_model
+
+    _one_rank_group_env(monkeypatch)
+    with pytest.raises(ShardMismatchError) as refused:
+        load_tiered_model(checkpoint, store=ONE_RANK_STORE)
+    return str(refused.value)
+
+
 def test_a_sharded_checkpoint_missing_a_table_names_what_makes_it_and_its_shards(
     tmp_path, monkeypatch
 ):
@@ -365,7 +378,6 @@ def test_a_sharded_checkpoint_missing_a_table_names_what_makes_it_and_its_shards
     'expected a table made by `tiered-store init`', a plain table the layout check refuses. The
     shard's error now says the table is missing too, naming what writes a checkpoint's."""
     from tests.serve_support import make_checkpoint
-    from tiered_store.engram.checkpoint import load_tiered_model
     from tiered_store.serve import ServeConfig
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
@@ -374,11 +386,7 @@ def test_a_sharded_checkpoint_missing_a_table_names_what_makes_it_and_its_shards
     table = config.table_path(3)
     for path in table.parent.glob("engram_layer3*"):
         path.unlink()
-    _one_rank_group_env(monkeypatch)
-    store = {"tiers": {"hot": {"capacity": 0}}, "sharding": {"ranks": 1, "timeout_s": 10}}
-    with pytest.raises(ShardMismatchError) as missing:
-        load_tiered_model(config.checkpoint_dir, store=store)
-    message = str(missing.value)
+    message = _one_rank_sharded_open_error(config.checkpoint_dir, monkeypatch)
     assert "engram_layer3.shard-0-of-1.npy does not exist" in message
     assert f"`tiered-store shard {table} --ranks 1 --by heads` makes" in message
     assert f"Engram layer 3: table {table} does not exist" in message
@@ -395,7 +403,6 @@ def test_a_missing_shards_table_that_cannot_be_read_is_not_said_to_be_missing(
     from tests.serve_support import make_checkpoint
     from tiered_store.delta.compaction import compact_table
     from tiered_store.delta.table_versions import pointer_path
-    from tiered_store.engram.checkpoint import load_tiered_model
     from tiered_store.serve import ServeConfig
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
@@ -409,11 +416,7 @@ def test_a_missing_shards_table_that_cannot_be_read_is_not_said_to_be_missing(
     for path in table.parent.glob("engram_layer3.shard-*"):
         path.unlink()
     pointer_path(table).write_text("not json")
-    _one_rank_group_env(monkeypatch)
-    store = {"tiers": {"hot": {"capacity": 0}}, "sharding": {"ranks": 1, "timeout_s": 10}}
-    with pytest.raises(ShardMismatchError) as unreadable:
-        load_tiered_model(config.checkpoint_dir, store=store)
-    message = str(unreadable.value)
+    message = _one_rank_sharded_open_error(config.checkpoint_dir, monkeypatch)
     assert "engram_layer3.shard-0-of-1.npy does not exist" in message
     assert "missing too" not in message, message
     assert f"its table {table} cannot be read either (TableFormatError: " in message
@@ -422,7 +425,7 @@ def test_a_missing_shards_table_that_cannot_be_read_is_not_said_to_be_missing(
     def failing_hint() -> None:
         raise ValueError("the hint's own bug")
 
-    spec = {**store, "table": {"path": str(table)}}
+    spec = {**ONE_RANK_STORE, "table": {"path": str(table)}}
     with pytest.raises(ShardMismatchError, match=r"\(ValueError: the hint's own bug\)"):
         ShardedStore(StoreConfig.from_dict(spec, base_dir=tmp_path), missing_table=failing_hint)
 
