@@ -653,19 +653,19 @@ def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(
         assert answer[key] == expected[key] == again[key], key
 
 
-def _sharded_serve_config(tmp_path: Path, **checkpoint) -> Path:
-    """The tiny serve checkpoint sharded over 2 ranks by heads (timeout_s 10)."""
+def _sharded_serve_config(tmp_path: Path, ranks: int = 2, **checkpoint) -> Path:
+    """The tiny serve checkpoint sharded over ``ranks`` ranks by heads (timeout_s 10)."""
     from tests.serve_support import make_checkpoint
     from tiered_store.serve import ServeConfig
 
     plain = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     doc = yaml.safe_load((tmp_path / "serve.yaml").read_text())
-    doc["store"]["sharding"] = {"ranks": 2, "by": "heads", "timeout_s": 10}
+    doc["store"]["sharding"] = {"ranks": ranks, "by": "heads", "timeout_s": 10}
     doc["checkpoint"].update(checkpoint)
     config_path = tmp_path / "sharded.yaml"
     config_path.write_text(yaml.safe_dump(doc))
     for layer in plain.model.engram.layer_ids:
-        write_shards(plain.table_path(layer), 2, "heads", progress=False)
+        write_shards(plain.table_path(layer), ranks, "heads", progress=False)
     return config_path
 
 
@@ -1709,18 +1709,12 @@ def test_rank_0s_watch_of_the_other_ranks_ends_with_its_server(tmp_path, monkeyp
     """Rank 0's thread reading the other ranks' health was never joined: stop() returned, and
     the process exited, with it possibly inside a TCPStore call, which aborts the process if
     the call returns while the interpreter exits. stop() now ends it."""
-    from tests.serve_support import make_checkpoint
     from tiered_store.serve import ServeConfig
     from tiered_store.serve.ranks import RankHealth
     from tiered_store.serve.server import InferenceServer
 
     _one_rank_group_env(monkeypatch)
-    plain = ServeConfig.from_yaml(make_checkpoint(tmp_path))
-    doc = yaml.safe_load((tmp_path / "serve.yaml").read_text())
-    doc["store"]["sharding"] = {"ranks": 1, "by": "heads", "timeout_s": 10}
-    (tmp_path / "sharded.yaml").write_text(yaml.safe_dump(doc))
-    for layer in plain.model.engram.layer_ids:
-        write_shards(plain.table_path(layer), 1, "heads", progress=False)
+    config_path = _sharded_serve_config(tmp_path, ranks=1)
     read = RankHealth._read
     reading = threading.Event()
 
@@ -1730,7 +1724,7 @@ def test_rank_0s_watch_of_the_other_ranks_ends_with_its_server(tmp_path, monkeyp
         return read(self)
 
     monkeypatch.setattr(RankHealth, "_read", slow_read)
-    config = ServeConfig.from_yaml(tmp_path / "sharded.yaml")
+    config = ServeConfig.from_yaml(config_path)
     server = InferenceServer(config.with_overrides(address="127.0.0.1:0", metrics_address=""))
     server.start()
     watching = [t for t in threading.enumerate() if t.name == "tiered-store-rank-health"]
@@ -1747,7 +1741,6 @@ def test_rank_0s_watch_ends_with_its_server_when_torchruns_store_host_is_gone(
     the default), and stop() left the thread inside that connect after its 4 s wait (it aborts
     the process if the call returns while the interpreter exits). It connects once a plain
     socket reaches the host now."""
-    from tests.serve_support import make_checkpoint
     from tiered_store.distributed.liveness import Heartbeat
     from tiered_store.serve import ServeConfig
     from tiered_store.serve.served_model import ServedModel
@@ -1758,12 +1751,7 @@ def test_rank_0s_watch_ends_with_its_server_when_torchruns_store_host_is_gone(
     _one_rank_group_env(monkeypatch)
     monkeypatch.setenv("MASTER_PORT", str(port))
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # rank 0 a client, as torchrun's
-    plain = ServeConfig.from_yaml(make_checkpoint(tmp_path))
-    doc = yaml.safe_load((tmp_path / "serve.yaml").read_text())
-    doc["store"]["sharding"] = {"ranks": 1, "by": "heads", "timeout_s": 10}
-    (tmp_path / "sharded.yaml").write_text(yaml.safe_dump(doc))
-    for layer in plain.model.engram.layer_ids:
-        write_shards(plain.table_path(layer), 1, "heads", progress=False)
+    config_path = _sharded_serve_config(tmp_path, ranks=1)
     watch, stopped, reading = ServedModel.watch_ranks, Heartbeat.stopped, threading.Event()
 
     def host_gone_first(self, stop):  # the stores are open: the agent dies before the first read
@@ -1777,7 +1765,7 @@ def test_rank_0s_watch_ends_with_its_server_when_torchruns_store_host_is_gone(
 
     monkeypatch.setattr(ServedModel, "watch_ranks", host_gone_first)
     monkeypatch.setattr(Heartbeat, "stopped", noted)
-    config = ServeConfig.from_yaml(tmp_path / "sharded.yaml")
+    config = ServeConfig.from_yaml(config_path)
     server = InferenceServer(config.with_overrides(address="127.0.0.1:0", metrics_address=""))
     try:
         server.start()
