@@ -13,7 +13,7 @@ import numpy as np
 
 from policies.errors import PolicyError
 from policies.registry import PolicySpec, is_offline, offline_names
-from tiered_store.atomic_file import AtomicFile, write_step
+from tiered_store.atomic_file import atomic_files, write_step
 from tiered_store.cache_plan import PinnedRowsWarning
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import DefaultsHelpFormatter
@@ -296,32 +296,26 @@ def _write_results(out: Path, doc: dict, figure: Figure | None) -> None:
     """replay.json and its plot (none without a sweep) into ``out``, both written under
     temporary names before either replaces an earlier run's: a failed write leaves the earlier
     run's files as they were, not this run's plot beside that run's results."""
-    written: list[AtomicFile] = []
+    plot, results, nothing = out / "replay.png", out / "replay.json", "nothing was written there"
+    with write_step(f"cannot write {results}", "creating its temporary files", nothing):
+        files = atomic_files(*([(plot, "wb")] if figure is not None else []), (results, "w"))
     try:
         if figure is not None:
-            plot = out / "replay.png"
-            with write_step(
-                f"cannot write {plot}", "writing the plot", "nothing was written there"
-            ):
+            with write_step(f"cannot write {plot}", "writing the plot", nothing):
                 from .plots import write_png
 
-                written.append(AtomicFile(plot, "wb"))
-                write_png(figure, written[-1].file)
-                written[-1].finish()
-        results = out / "replay.json"
-        with write_step(
-            f"cannot write {results}", "writing the results", "nothing was written there"
-        ):
-            written.append(AtomicFile(results, "w", encoding="utf-8"))
-            written[-1].file.write(json.dumps(doc, indent=2, default=float) + "\n")
-            written[-1].finish()
+                write_png(figure, files[0].file)
+                files[0].finish()
+        with write_step(f"cannot write {results}", "writing the results", nothing):
+            files[-1].file.write(json.dumps(doc, indent=2, default=float) + "\n")
+            files[-1].finish()
     except BaseException:
-        for f in written:
+        for f in files:
             f.abort()
         raise
     if figure is None:  # a plot of an earlier run would sit beside this run's replay.json
-        (out / "replay.png").unlink(missing_ok=True)
-    for f in written:
+        plot.unlink(missing_ok=True)
+    for f in files:
         f.publish()
 
 
