@@ -231,6 +231,25 @@ def test_a_missing_table_is_named_as_missing(tmp_path, command, capsys):
     assert list(tmp_path.iterdir()) == []  # compact: not even a writer lock file
 
 
+@pytest.mark.parametrize("command", ["info", "verify", "shard"])
+def test_a_current_version_gone_is_named_by_every_command(table, command, capsys):
+    """A compacted table whose current version file is gone: verify and shard said "table data
+    file ... does not exist", info printed the gone version's manifest; each names the pointer."""
+    import torch
+
+    from tiered_store import TieredStore
+
+    with TieredStore.open({"table": {"path": str(table)}}) as store:
+        store.write([1], torch.ones(1, 16))
+        store.commit()
+    assert main(["compact", str(table), "--quiet"]) == 0
+    Path(str(table).replace(".npy", ".g1.npy")).unlink()
+    extra = ["--ranks", "2"] if command == "shard" else []
+    assert main([command, str(table), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "its version pointer t.npy.current names generation 1, t.g1.npy, which does not exist" in err  # fmt: skip
+
+
 def test_info_into_a_closed_pipe_prints_no_traceback(table):
     """``tiered-store info T | head -1``: the reader leaving early is no error to report."""
     proc = subprocess.Popen(

@@ -212,10 +212,10 @@ def _add_info(sub) -> None:
 
 
 def _run_info(args) -> int:
-    from .delta.table_versions import current_version
+    from .delta.table_versions import present_version
     from .table_format import read_manifest
 
-    path, generation = current_version(args.table)
+    path, generation = present_version(args.table)
     manifest = read_manifest(path)
     info = {"file": str(path), "generation": generation, **manifest.to_json()}
     info["rows"], info["dim"] = manifest.rows, manifest.dim
@@ -245,7 +245,7 @@ def _add_verify(sub) -> None:
 
 
 def _run_verify(args) -> int:
-    from .delta.table_versions import current_version
+    from .delta.table_versions import present_version
     from .errors import TableFormatError
     from .table_format import add_page_checksums, not_a_table, table_paths, verify_table
 
@@ -253,7 +253,7 @@ def _run_verify(args) -> int:
     if wrong is not None:  # a usage error (exit 2), not a table that failed its checks (1)
         raise wrong
     try:
-        path = current_version(args.table)[0]
+        path = present_version(args.table)[0]
         if args.add_page_checksums:
             report = add_page_checksums(path, progress=not args.quiet)
         else:

@@ -107,6 +107,13 @@ def current_version(table: str | os.PathLike[str]) -> tuple[Path, int]:
     return version_path(table, generation), generation
 
 
+def present_version(table: str | os.PathLike[str]) -> tuple[Path, int]:
+    """``current_version``, refused (naming the pointer) when the version it names is gone."""
+    path, generation = current_version(table)
+    _refuse_a_missing_version(table, path, generation)
+    return path, generation
+
+
 def check_current_version(table: str | os.PathLike[str]) -> None:
     """``check_table`` on the table's current version, read again when a compaction elsewhere
     moved the pointer and removed the version read (else that race reads "does not exist")."""

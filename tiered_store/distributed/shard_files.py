@@ -20,8 +20,8 @@ import torch
 from ..cold_table import ColdTable
 from ..delta.row_delta import delta_path, open_delta
 from ..delta.table_versions import (
-    current_version,
     has_history,
+    present_version,
     release,
     remove_table_files,
     take_writer_lock,
@@ -127,7 +127,7 @@ def write_shards(
     [12.0, 13.0, 14.0, 15.0]
     """
     npy, _ = table_paths(table)
-    current = current_version(npy)[0]
+    current = present_version(npy)[0]
     with ColdTable(current) as cold:
         manifest = cold.manifest
         step = _refuse_uncompacted_rows(npy, current, manifest)
