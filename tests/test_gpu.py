@@ -285,3 +285,17 @@ def test_announce_release_and_save_leave_prefetches_free_of_the_callers_queued_c
             handle.future.result(timeout=30)
             assert not spin or not torch.cuda.current_stream().query(), step
             assert torch.equal(store.lookup(ids, handle).cpu(), data[ids])
+
+
+def test_close_leaves_no_work_queued_on_the_store_stream(tmp_path):
+    # the tiers' device memory (slots, index, policy state) is allocated on the opener's stream
+    # and written on the store's: once the store is closed and dropped, the allocator hands that
+    # memory to the opener's next tensors, so close must not return while the store's stream
+    # still runs work on it (here a spin of about a second; in use, the admissions of a prefetch
+    # nobody collected)
+    path, _ = make_table(tmp_path, rows=20000, dim=32, dtype="float16")
+    store = TieredStore(store_config(path, hot={"capacity": 2000, "device": "cuda"}))
+    store.lookup(torch.arange(0, 20000, 7))  # kernels loaded (lazily: it may sync) before
+    _busy(store._stream)
+    store.close()
+    assert store._stream.query()

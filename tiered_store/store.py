@@ -653,6 +653,10 @@ class TieredStore:
     def _close_files(self) -> None:
         """Close the table file and the delta, and release the version hold and writer lock."""
         self._closed = True
+        if self._stream is not None:  # the tiers' device memory, allocated on the opener's
+            # stream, is freed with the store: no work of the store's stream may still use it
+            # (admissions of a prefetch never collected), or the allocator hands it out meanwhile
+            self._stream.synchronize()
         self.cold.close()
         if self._writes is not None:  # uncommitted writes are dropped, as a crash would
             self._closed_step = self._writes.delta.step  # for stats() after close
