@@ -486,6 +486,32 @@ def test_without_a_process_group_or_torchrun_environment_opening_says_so(tables,
         ShardedStore.open({"table": {"path": str(tables["plain"])}})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    ("device", "backend", "key"),
+    [
+        ("cuda", "auto", "tiers.hot.device"),
+        ("cuda", "gloo", "tiers.hot.device"),
+        ("cuda:1", "nccl", "tiers.hot.device"),
+        ("cpu", "nccl", "sharding.backend"),
+    ],
+)
+def test_cuda_or_nccl_without_cuda_is_refused_naming_the_setting(
+    tables, monkeypatch, device, backend, key
+):
+    # refused before the group is made (torch's own error was an AttributeError about
+    # torch._C._cuda_setDevice), as a single store refuses a CUDA hot tier here
+    _one_rank_group_env(monkeypatch)
+    cfg = {
+        "table": {"path": str(tables["plain"])},
+        "tiers": {"hot": {"capacity": 8, "device": device}},
+        "sharding": {"ranks": 1, "by": "rows", "backend": backend},
+    }
+    with pytest.raises(ConfigError, match=rf"^{key}: .* but CUDA is not available here"):
+        ShardedStore.open(cfg)
+    assert not torch.distributed.is_initialized()
+
+
 # -- several ranks, spawned processes ----------------------------------------------------------------
 def _results(out: Path, world: int) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]

@@ -70,7 +70,7 @@ from ..latency import LatencyHistogram
 from ..page_checksums import ChecksumError
 from ..prefetch import OTHER_STORE, PrefetchHandle, PrefetchHandleError
 from ..quantization import dequantize_rows
-from ..store import TieredStore, as_id_tensor, as_rows
+from ..store import TieredStore, as_id_tensor, as_rows, compute_device
 from .collective_thread import CollectiveThread
 from .liveness import Heartbeat, shared_connection
 from .shard_files import ShardInfo, read_shard, shard_path
@@ -977,10 +977,17 @@ def init_process_group_from_env(sharding: ShardingConfig, device: str) -> bool:
             f"no torch.distributed process group and {', '.join(missing)} not set; expected to "
             "run under torchrun, or after torch.distributed.init_process_group"
         )
+    if device.startswith("cuda"):  # without CUDA: a ConfigError naming the setting, not torch's
+        compute_device(device)
     backend = sharding.backend
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "sharding.backend: 'nccl' but CUDA is not available here; expected 'gloo' (or "
+                "'auto': gloo for a hot tier on the CPU)"
+            )
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=sharding.timeout_s))
     _ENV_GROUP.group = dist.group.WORLD
