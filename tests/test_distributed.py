@@ -633,6 +633,29 @@ def test_on_cuda_the_exchange_runs_on_nccl_and_rows_stay_packed_until_the_gather
         assert torch.equal(store.lookup(ids, packed=True), want_packed)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_cuda_hot_tier_over_gloo_is_on_the_local_ranks_gpu(tables, monkeypatch):
+    # under torchrun each rank of a node sees every GPU: a hot tier on `cuda` goes to the
+    # LOCAL_RANK's, whichever backend exchanges the rows (gloo here: on the CPU)
+    table, template = tables["plain"], shards_template(tables["plain"], "rows")
+    write_shards(table, 1, "rows", template=template, progress=False, overwrite=True)
+    _one_rank_group_env(monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = {
+        "table": {"path": str(table)},
+        "tiers": {"hot": {"capacity": 64, "device": "cuda"}, "warm": {"capacity": 256}},
+        "sharding": {"ranks": 1, "by": "rows", "shards": template, "backend": "gloo"},
+    }
+    try:
+        with ShardedStore.open(cfg) as store:
+            assert torch.distributed.get_backend(store.group) == "gloo"
+            assert store.device == torch.device("cuda", 1)
+            assert store.lookup(torch.tensor([3, 7])).device == torch.device("cuda", 1)
+    finally:
+        torch.cuda.set_device(0)
+
+
 # -- serving across ranks: real `tiered-store serve` processes -----------------------------------------
 def test_serve_over_two_ranks_answers_as_one_process_and_rank_0_stops_the_other(tmp_path):
     from tests.serve_support import make_checkpoint

@@ -982,12 +982,12 @@ def init_process_group_from_env(sharding: ShardingConfig, device: str) -> bool:
     backend = sharding.backend
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "sharding.backend: 'nccl' but CUDA is not available here; expected 'gloo' (or "
-                "'auto': gloo for a hot tier on the CPU)"
-            )
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError(
+            "sharding.backend: 'nccl' but CUDA is not available here; expected 'gloo' (or "
+            "'auto': gloo for a hot tier on the CPU)"
+        )
+    if backend == "nccl" or device.startswith("cuda"):  # a node's ranks: each on its own GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=sharding.timeout_s))
     _ENV_GROUP.group = dist.group.WORLD
