@@ -23,7 +23,7 @@ import torch
 from ..cold_table import ColdTable
 from ..table_format import create_table
 from ..table_sources import TABLE_DTYPES, SourceReader
-from .row_delta import RowDelta, open_delta
+from .row_delta import RowDelta, open_delta, refuse_staged
 from .table_versions import (
     check_current_version,
     current_version,
@@ -102,8 +102,10 @@ def compact_table(table: str | Path, *, progress: bool = True) -> CompactionRepo
         current, generation = current_version(table)
         with ColdTable(current) as cold:
             delta = open_delta(current, cold.row_bytes)
-            delta_ids = delta.ids() if delta is not None else np.zeros(0, np.int64)
             try:
+                if delta is not None:
+                    refuse_staged(delta, f"compaction of {table}")
+                delta_ids = delta.ids() if delta is not None else np.zeros(0, np.int64)
                 if delta_ids.size == 0:
                     new_generation = generation
                 else:

@@ -5,7 +5,10 @@
 bytes, commit step, row id) followed by the row as stored (optimizer state included for trained
 tables). One write transaction per commit writes all of a commit's rows and the step number
 (``meta`` database) together, so a commit is all or nothing; the environment runs with
-``sync=True, metasync=True`` so the transaction is on disk when ``commit`` returns. Every read
+``sync=True, metasync=True`` so the transaction is on disk when ``commit`` returns. A sharded
+store commits in two phases: ``stage`` puts a commit's records in the ``staged`` database (and
+its step in ``meta``) without touching the committed rows, ``commit_staged`` moves them into
+``rows`` and sets the step in one transaction, ``drop_staged`` discards them. Every read
 recomputes the per-row CRC32C (one compiled call per batch) and raises ``DeltaCorruptError`` on a
 mismatch. The knobs and why: docs/design.md#writes-and-the-lmdb-delta.
 """
@@ -21,7 +24,7 @@ import resource
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ import lmdb
 import numpy as np
 
 from ..atomic_file import fsync_dir
-from ..errors import CommitError, ConfigError, DeltaCorruptError, TierIOError
+from ..errors import CommitError, ConfigError, DeltaCorruptError, TableFormatError, TierIOError
 from ..page_checksums import crc32c_pages
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "committed_step",
     "delta_path",
     "open_delta",
+    "refuse_staged",
     "remove_delta_temporaries",
     "HEADER_BYTES",
 ]
@@ -52,6 +56,8 @@ META_PAGES_BYTES = 2 * 4096
 MAX_READERS = 512  # reader slots: one per reading thread of every process (serving threads, tests)
 LOCK_FILE_BYTES = 128 + MAX_READERS * 64  # LMDB's lock file: a header, a 64-byte slot per reader
 GROW_ATTEMPTS = 8  # a commit that fills the map doubles it and retries this many times at most
+STAGED_DB = b"staged"  # a sharded commit's first phase: records put aside, not yet committed
+STAGED_STEP_KEY = b"staged_step"  # in ``meta``: the step of the staged records (absent: none)
 
 
 def delta_path(table_path: str | os.PathLike[str]) -> Path:
@@ -88,6 +94,18 @@ def committed_step(table_path: str | os.PathLike[str], row_bytes: int) -> int | 
         return delta.latest_step()
     finally:
         delta.close()
+
+
+def refuse_staged(delta: RowDelta, what: str) -> None:
+    """Refuse ``what`` (a compaction, an unshard) of a delta holding staged records: folding the
+    committed rows alone would lose or keep a step the shards' decision is pending on."""
+    staged = delta.staged_step
+    if staged is not None:
+        raise TableFormatError(
+            f"{what}: {delta.path} holds step {staged} staged by a sharded commit that was "
+            "interrupted between its two phases; expected none staged: open the shards with "
+            "ShardedStore (on every rank) to finish or drop it, then retry"
+        )
 
 
 class RowDelta:
@@ -329,7 +347,7 @@ class RowDelta:
             metasync=True,  # ... and the meta page: a power loss keeps the last commit
             writemap=False,  # a stray write through the map cannot corrupt the file
             max_readers=MAX_READERS,
-            max_dbs=2,
+            max_dbs=3,  # rows, meta and (a sharded commit's first phase) staged
             readahead=False,  # random row reads: readahead only evicts other pages
             lock=lock,
             max_spare_txns=0,  # read transactions really commit: a reader's open_db sticks
@@ -456,50 +474,91 @@ class RowDelta:
         transaction (``clear``: drop every other row first, as compaction does). Raises
         ``CommitError`` when it cannot (``ConfigError`` for a step of ``GREW_STEP`` or beyond);
         the previous commit then stands."""
+        keys, values, step_bytes = self._records(ids, rows, step, "commit")
+
+        def write(txn: lmdb.Transaction) -> None:
+            if clear:
+                txn.drop(self.rows_db, delete=False)
+            if keys:
+                txn.cursor(db=self.rows_db).putmulti(zip(keys, values, strict=True))
+            txn.put(b"step", step_bytes, db=self.meta_db)
+
+        self._write(f"commit of step {step}", write, len(keys))
+        self.commits += 1
+
+    @property
+    def staged_step(self) -> int | None:
+        """The step ``stage`` put aside and no ``commit_staged`` or ``drop_staged`` ended (a
+        sharded commit interrupted between its phases); None when nothing is staged. Of the
+        pinned snapshot while pinned, as ``step``."""
         self._check_process()
-        if self.readonly:
-            raise CommitError(
-                f"delta: {self.path} is in a read-only directory; expected a writable one to commit"
-            )
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and int(ids.min()) < 0:  # keys sort by their bytes: a negative id sorts last
-            raise ValueError(f"delta commit: id {int(ids.min())}; expected ids >= 0")
-        if rows.shape != (ids.size, self.row_bytes):
-            raise ValueError(
-                f"delta commit: rows of shape {rows.shape}; expected ({ids.size}, {self.row_bytes})"
-            )
-        step_bytes = _step_bytes(step)
-        keys, values = self._encode(ids, rows, step)
-        previous = self._step_before_commit(step)  # after a failed write, reading may fail too
         try:
-            self.env.reader_check()  # a killed reader's slot would keep every old page from reuse
+            with self._read_txn() as txn:
+                raw = txn.get(STAGED_STEP_KEY, db=self.meta_db)
         except lmdb.Error as exc:
-            raise CommitError(
-                f"delta: commit of step {step} to {self.path} not attempted: its reader table "
-                f"could not be checked ({exc}); the previous commit (step {previous}) is intact"
+            self.read_errors += 1
+            raise TierIOError(
+                f"delta: reading the staged step of {self.path} failed ({exc})"
             ) from None
-        for _ in range(GROW_ATTEMPTS):
-            try:
-                with self._txn(write=True) as txn:
-                    if clear:
-                        txn.drop(self.rows_db, delete=False)
-                    if keys:
-                        txn.cursor(db=self.rows_db).putmulti(zip(keys, values, strict=True))
-                    txn.put(b"step", step_bytes, db=self.meta_db)
-                self.commits += 1
-                return
-            except lmdb.MapFullError:
-                self._grow()
-            except lmdb.Error as exc:
-                raise CommitError(
-                    f"delta: commit of step {step} ({ids.size:,} rows) to {self.path} failed "
-                    f"({_write_failure(exc, self.path)}); the previous commit (step {previous}) "
-                    "is intact"
-                ) from None
-        raise CommitError(
-            f"delta: commit of step {step} to {self.path} still does not fit a "
-            f"{self.env.info()['map_size']:,}-byte map after {GROW_ATTEMPTS} doublings"
-        )
+        return None if raw is None else _int_value(raw)
+
+    def stage(self, ids: np.ndarray, rows: np.ndarray, step: int) -> None:
+        """A sharded commit's first phase: put the records of ``rows`` for unique ``ids`` at
+        ``step`` aside (replacing any staged before) in one durable transaction; the committed
+        rows and step are untouched, and no reader sees the staged ones. ``CommitError`` as
+        ``commit``; the previous commit and what was staged before then stand."""
+        keys, values, step_bytes = self._records(ids, rows, step, "stage")
+
+        def write(txn: lmdb.Transaction) -> None:
+            staged = self._staged_db(txn)
+            txn.drop(staged, delete=False)
+            if keys:
+                txn.cursor(db=staged).putmulti(zip(keys, values, strict=True))
+            txn.put(STAGED_STEP_KEY, step_bytes, db=self.meta_db)
+
+        self._write(f"staging of step {step}", write, len(keys))
+
+    def commit_staged(self, step: int) -> np.ndarray:
+        """A sharded commit's second phase: move the records staged at ``step`` into the rows and
+        make ``step`` the committed step, in one durable transaction; returns their ids (sorted).
+        ``CommitError`` when nothing or another step is staged, or it cannot write (the staged
+        records then stay staged)."""
+        self._check_writable(f"commit the staged step {step}")
+        staged_step = self._staged_step_now()
+        if staged_step != step:
+            raise CommitError(
+                f"delta: commit of the staged step {step} to {self.path}: "
+                f"{'nothing is staged' if staged_step is None else f'step {staged_step} is staged'}"
+                f"; expected step {step} staged (by ``stage``)"
+            )
+        moved: list[np.ndarray] = []
+
+        def write(txn: lmdb.Transaction) -> None:
+            staged = self._staged_db(txn)
+            pairs = list(txn.cursor(db=staged).iternext())
+            if pairs:
+                txn.cursor(db=self.rows_db).putmulti(pairs)
+            txn.drop(staged, delete=False)
+            txn.delete(STAGED_STEP_KEY, db=self.meta_db)
+            txn.put(b"step", _step_bytes(step), db=self.meta_db)
+            keys = b"".join(k for k, _ in pairs)
+            moved[:] = [np.frombuffer(keys, dtype=">i8").astype(np.int64)]
+
+        self._write(f"commit of the staged step {step}", write)
+        self.commits += 1
+        return moved[0]
+
+    def drop_staged(self) -> None:
+        """Discard what ``stage`` put aside (nothing staged: nothing to do), durably."""
+        self._check_writable("drop its staged records")
+        if self._staged_step_now() is None:
+            return
+
+        def write(txn: lmdb.Transaction) -> None:
+            txn.drop(self._staged_db(txn), delete=False)
+            txn.delete(STAGED_STEP_KEY, db=self.meta_db)
+
+        self._write("drop of the staged records", write)
 
     def close(self) -> None:
         """Release the environment (closed with its last handle in this process); idempotent."""
@@ -509,6 +568,70 @@ class RowDelta:
             _release_env(self._env_key)
 
     # -- internals ---------------------------------------------------------------------------------
+    def _check_writable(self, what: str) -> None:
+        """Refuse a write (``what``) through a read-only handle, or across fork()."""
+        self._check_process()
+        if self.readonly:
+            raise CommitError(
+                f"delta: {self.path} is in a read-only directory; expected a writable one to {what}"
+            )
+
+    def _records(
+        self, ids: np.ndarray, rows: np.ndarray, step: int, what: str
+    ) -> tuple[list, list, bytes]:
+        """Keys, values and the step's bytes of a batch to ``what`` (commit or stage), checked."""
+        self._check_writable(what)
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and int(ids.min()) < 0:  # keys sort by their bytes: a negative id sorts last
+            raise ValueError(f"delta {what}: id {int(ids.min())}; expected ids >= 0")
+        if rows.shape != (ids.size, self.row_bytes):
+            raise ValueError(
+                f"delta {what}: rows of shape {rows.shape}; expected ({ids.size}, {self.row_bytes})"
+            )
+        step_bytes = _step_bytes(step)
+        return (*self._encode(ids, rows, step), step_bytes)
+
+    def _write(self, what: str, body: Callable, rows: int | None = None) -> None:
+        """Run ``body(txn)`` in one durable write transaction (``what``, of ``rows`` rows: named
+        in errors): the map doubled and the transaction retried when full; ``CommitError`` when
+        it fails (the previous commit intact)."""
+        previous = self._step_before_commit(what)  # after a failed write, reading may fail too
+        try:
+            self.env.reader_check()  # a killed reader's slot would keep every old page from reuse
+        except lmdb.Error as exc:
+            raise CommitError(
+                f"delta: {what} to {self.path} not attempted: its reader table could not be "
+                f"checked ({exc}); the previous commit (step {previous}) is intact"
+            ) from None
+        for _ in range(GROW_ATTEMPTS):
+            try:
+                with self._txn(write=True) as txn:
+                    body(txn)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.Error as exc:
+                counted = "" if rows is None else f" ({rows:,} rows)"
+                raise CommitError(
+                    f"delta: {what}{counted} to {self.path} failed "
+                    f"({_write_failure(exc, self.path)}); the previous commit (step {previous}) "
+                    "is intact"
+                ) from None
+        raise CommitError(
+            f"delta: {what} to {self.path} still does not fit a "
+            f"{self.env.info()['map_size']:,}-byte map after {GROW_ATTEMPTS} doublings"
+        )
+
+    def _staged_db(self, txn: lmdb.Transaction):
+        """The ``staged`` database, created in ``txn`` on first use (older deltas have none)."""
+        return self.env.open_db(STAGED_DB, txn=txn, create=True)
+
+    def _staged_step_now(self) -> int | None:
+        """The staged step on disk now (a writer's view, never a pinned one)."""
+        with self._txn(db=self.meta_db) as txn:
+            raw = txn.get(STAGED_STEP_KEY)
+        return None if raw is None else _int_value(raw)
+
     def _grow(self) -> None:
         """Double the map once no read transaction of this process is open on it (LMDB forbids
         a resize during one; new ones wait). Refused while another handle in this process holds
@@ -529,14 +652,13 @@ class RowDelta:
                 ) from None
         self.map_grows += 1
 
-    def _step_before_commit(self, step: int) -> int:
-        """The last committed step, read before a commit of ``step`` writes anything."""
+    def _step_before_commit(self, what: str) -> int:
+        """The last committed step, read before ``what`` (a commit) writes anything."""
         try:
             return self.step
         except TierIOError as exc:
             raise CommitError(
-                f"delta: commit of step {step} to {self.path} not attempted: {exc}; the previous "
-                "commit is intact"
+                f"delta: {what} to {self.path} not attempted: {exc}; the previous commit is intact"
             ) from None
 
     def _encode(self, ids: np.ndarray, rows: np.ndarray, step: int) -> tuple[list, list]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..cold_table import ColdTable
-from ..delta.row_delta import delta_path, open_delta
+from ..delta.row_delta import delta_path, open_delta, refuse_staged
 from ..delta.table_versions import (
     has_history,
     present_version,
@@ -214,6 +214,7 @@ def written_rows_and_step(current: Path, manifest: TableManifest) -> tuple[int, 
     if delta is None:
         return 0, int((manifest.metadata or {}).get("committed_step", 0))
     try:
+        refuse_staged(delta, f"table version {current}")
         return int(delta.ids().size), delta.latest_step()
     finally:
         delta.close()
