@@ -525,10 +525,14 @@ def torn_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) 
     _report(out, rank, result)
 
 
-def killed_in_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
-    """On a group of the caller's (its store's timeout 60 s): one commit, then rank 0 is killed
-    (SIGKILL) inside the next, after the step was agreed and before its shard commits; the other
-    ranks commit theirs and must name rank 0 within ``sharding.timeout_s``."""
+def killed_in_commit_worker(
+    rank: int, world: int, port: int, plain: str, out: Path, phase: str
+) -> None:
+    """On a group of the caller's (its store's timeout 6 s): one commit, then rank 0 is killed
+    (SIGKILL) inside the next, after the step was agreed, as its shard enters ``phase``
+    (``prepare_commit``: before it staged; ``finish_commit``: after every shard staged, before
+    it committed); the other ranks go on with that commit and must name rank 0 within
+    ``sharding.timeout_s``."""
     from tiered_store.distributed import ShardedStore
 
     _join_group(rank, world, port)
@@ -541,7 +545,7 @@ def killed_in_commit_worker(rank: int, world: int, port: int, plain: str, out: P
         for value in (1.0, 2.0):
             store.write(ids, torch.full((2, store.row_width), value))
             if value == 2.0 and rank == 0:
-                store.local.commit = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+                setattr(store.local, phase, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
             start = time.monotonic()
             try:
                 result[f"step {value:g}"] = store.commit()
@@ -552,6 +556,146 @@ def killed_in_commit_worker(rank: int, world: int, port: int, plain: str, out: P
         result["crash"] = traceback.format_exc()
     _report(out, rank, result)
     os._exit(0)  # the group is broken: no teardown
+
+
+def resumed_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank, over shards a killed sharded commit of rows 3 and 460 (2.0, step 2) left
+    behind: reopened (warnings, step, every row, this shard's staged step), the step redone
+    where the shards are at step 1, and reopened again."""
+    import warnings
+
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(plain), world, "rows")
+
+    def reopened(name: str) -> ShardedStore:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            store = ShardedStore.open(cfg)
+        result[f"{name} warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+        result[f"{name} step"] = store.committed_step
+        result[f"{name} staged"] = store.local.staged_step
+        result[f"{name} rows"] = store.lookup(torch.arange(store.rows)).float().tolist()
+        return store
+
+    try:
+        with reopened("reopened") as store:
+            if result["reopened step"] == 1:  # the step redone, with the killed step's writes
+                store.write(torch.tensor([3, 460]), torch.full((2, store.row_width), 2.0))
+                result["redone"] = store.commit()
+        with reopened("after"):
+            pass
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
+def locked_staged_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank, over shards with step 2 staged on each and rank 0's writer lock held by
+    another process: opened (warnings, step, this shard's staged step, rows 3 and 460), then a
+    commit of nothing tried."""
+    import warnings
+
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            store = ShardedStore.open(_store_config(Path(plain), world, "rows"))
+        result["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+        result["step"] = store.committed_step
+        result["staged"] = store.local.staged_step
+        result["rows"] = [float(v) for v in store.lookup(torch.tensor([3, 460]))[:, 0]]
+        try:  # nothing written (a write takes the writer lock held elsewhere: refused as ever)
+            store.commit()
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["commit"] = f"{type(exc).__name__}: {exc}"
+        result["staged after"] = store.local.staged_step
+        store.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
+def failed_phase_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank, rows 3 and 460 (one per shard) written v and committed for v = 1, 2, ...:
+    rank 1's shard fails to stage step 2 (once), then to commit what it staged at steps 3, 5 and
+    6 (6: at close too); after each, what every rank sees, the commit or open that follows."""
+    import warnings
+
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.errors import CommitError
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(plain), world, "rows")
+    ids = torch.tensor([3, 460])
+    mine = ids[rank : rank + 1]  # this rank's shard's row
+
+    def fail_once(name: str, times: int = 1) -> None:
+        """Rank 1's shard: the next ``times`` calls of ``name`` raise, as a full disk's would."""
+        if rank != 1:
+            return
+        real, left = getattr(store.local, name), [times]
+
+        def failing(*args: Any, **kwargs: Any) -> None:
+            left[0] -= 1
+            if not left[0]:
+                setattr(store.local, name, real)
+            raise CommitError(f"{name}: no space left on device (the test's)")
+
+        setattr(store.local, name, failing)
+
+    def commit(name: str, value: float) -> None:
+        store.write(ids, torch.full((2, store.row_width), value))
+        try:
+            result[name] = store.commit()
+        except CommitError as exc:
+            result[name] = f"CommitError: {exc}"
+        result[f"{name} step"] = store.committed_step
+        result[f"{name} staged"] = store.local.staged_step
+        step, rows = store.local.read_committed(mine - store.shard_map.shard_range(rank)[0])
+        result[f"{name} committed here"] = [step, float(rows[0, 0])]
+        result[f"{name} rows"] = [float(v) for v in store.lookup(ids)[:, 0]]
+
+    try:
+        store = ShardedStore.open(cfg)
+        commit("first", 1.0)
+        fail_once("prepare_commit")
+        commit("unstaged", 2.0)
+        commit("after unstaged", 2.0)
+        fail_once("finish_commit")
+        commit("unfinished", 3.0)
+        commit("after unfinished", 4.0)
+        fail_once("finish_commit")
+        commit("unfinished at close", 5.0)
+        store.close()  # commits it
+        store = ShardedStore.open(cfg)
+        result["closed step"] = store.committed_step
+        result["closed staged"] = store.local.staged_step
+        fail_once("finish_commit", times=2)  # in the commit, and at close
+        commit("unfinished again", 6.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its writes, staged: the next open commits them
+            store.close()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            store = ShardedStore.open(cfg)
+        result["reopened warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+        with store:
+            result["reopened step"] = store.committed_step
+            result["reopened staged"] = store.local.staged_step
+            result["reopened rows"] = [float(v) for v in store.lookup(ids)[:, 0]]
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
 
 
 def compacted_shard_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:

@@ -49,7 +49,7 @@ from tiered_store.errors import (
 from tiered_store.metrics import METRICS, SERVER_METRICS, SHARDED_METRICS, build_sharded_registry
 from tiered_store.page_checksums import ChecksumError
 from tiered_store.prefetch import PrefetchHandleError
-from tiered_store.store import TieredStore
+from tiered_store.store import TieredStore, UncommittedWritesWarning
 from tiered_store.table_format import create_table, read_manifest
 
 
@@ -1181,28 +1181,136 @@ def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
         assert result["after warnings"] == [] and result["after rows"] == [3.0, 3.0]
 
 
-def test_a_rank_0_killed_inside_a_commit_is_named_in_time_and_the_torn_commit_found_at_open(
-    tmp_path,
+@pytest.mark.parametrize(
+    ("phase", "resumed_at"),
+    [("prepare_commit", 1), ("finish_commit", 2)],
+    ids=["before-staging", "after-every-shard-staged"],
+)
+def test_a_rank_0_killed_inside_a_commit_is_named_in_time_and_the_shards_reopen_at_one_step(
+    tmp_path, phase, resumed_at
 ):
     """Rank 0 (the group store's host) SIGKILLed inside a commit, on a group the caller made
     (its store's timeout 60 s, torch's default 30 min): rank 1's commit waited that long to
     connect to the gone store before naming it, past sharding.timeout_s (6 s). It names rank 0
-    within the timeout; reopened on new ranks, every rank warns of the two steps and reports
-    the oldest, and the step redone commits."""
-    from tests.distributed_support import killed_in_commit_worker
+    within the timeout. Then each shard committed in its own transaction, so rank 1's shard
+    was at step 2 and rank 0's at step 1 (a torn commit: the redone step applied twice there).
+    Now the commit has two phases: killed before its shard staged, rank 1's staged step is
+    dropped and both shards reopen at step 1 (the step redone gives the uninterrupted rows);
+    killed after every shard staged, rank 0's staged step is committed at the reopen and both
+    are at step 2 with the rows written; no TornCommitWarning either way."""
+    from tests.distributed_support import killed_in_commit_worker, resumed_commit_worker
 
     plain = make_plain_table(tmp_path)
     write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
     out = tmp_path / "out"
     out.mkdir()
-    codes = run_ranks(killed_in_commit_worker, 2, (str(plain), out), 45)
+    codes = run_ranks(killed_in_commit_worker, 2, (str(plain), out, phase), 45)
     assert codes == [-9, 0], codes
     result = json.loads((out / "rank1.json").read_text())
     assert "crash" not in result and result["step 1"] == 1 and "step 2" not in result, result
     assert result["error"].startswith("RankFailureError: rank 1: commit #4 failed: the process group's store (hosted by rank 0, or by torchrun's agent) is unreachable")  # fmt: skip
     assert "rank 0 died" in result["error"], result
     assert result["seconds"] <= 2 * 6, result  # the timeout, plus slack on a loaded machine
-    _check_torn_commit_is_found_and_redone(plain, out)
+    codes = run_ranks(resumed_commit_worker, 2, (str(plain), out), 60)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    uninterrupted = {}
+    for value in (1.0, 2.0):  # every row as an uninterrupted run leaves it after each step
+        with TieredStore.open({"table": {"path": str(plain)}}) as store:
+            rows = store.lookup(torch.arange(store.rows)).float()
+        rows[[3, 460]] = value
+        uninterrupted[value] = rows.tolist()
+    for result in results:
+        assert result["reopened warnings"] == [] and result["after warnings"] == []
+        assert result["reopened step"] == resumed_at and result["reopened staged"] is None
+        assert result["reopened rows"] == uninterrupted[float(resumed_at)]
+        assert result.get("redone") == (2 if resumed_at == 1 else None)
+        assert result["after step"] == 2 and result["after staged"] is None
+        assert result["after rows"] == uninterrupted[2.0]
+
+
+def test_a_staged_step_whose_shard_another_process_writes_is_left_to_it_until_reopened(
+    tmp_path,
+):
+    """Both shards hold step 2 staged (a sharded commit killed once every shard had staged),
+    and another process holds rank 0's writer lock (its writer may be finishing that commit):
+    the open leaves that shard as it is, every rank warns and reports step 2, and a commit is
+    refused on every rank with nothing staged or committed; once that process let go, the
+    shards reopen at step 2 with the staged rows."""
+    from tests.distributed_support import locked_staged_worker, resumed_commit_worker
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    start = shards[1].shard_map.shard_range(1)[0]
+    writers = []
+    for shard, row in ((shards[0], 3), (shards[1], 460 - start)):
+        store = TieredStore.open({"table": {"path": str(shard.path)}})
+        for value in (1.0, 2.0):
+            store.write([row], torch.full((1, store.row_width), value))
+            (store.commit if value == 1.0 else store.prepare_commit)(int(value))
+        writers.append(store)
+    with pytest.warns(UncommittedWritesWarning):
+        writers.pop().close()  # rank 1's: its writer gone; rank 0's stays open, its lock held
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(locked_staged_worker, 2, (str(plain), out), 60)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for rank, result in enumerate(results):
+        (warning,) = result["warnings"]
+        assert warning.startswith(f"TornCommitWarning: rank {rank}: a sharded commit left staged rows (interrupted between its phases, or under way in the writer holding a shard's lock) that this open could not resolve on 1 shard(s) (rank 0: TierIOError: table plain.rows.shard-0-of-2.npy is being written (or compacted) by another store")  # fmt: skip
+        assert result["step"] == 2 and result["rows"] == [1.0, 2.0]
+        assert result["staged"] == (2 if rank == 0 else None)
+        assert result["commit"].startswith(f"CommitError: [Errno 5] rank {rank}: sharded commit of step 3 (its first phase, staging) failed on 1 of 2 rank(s): rank 0: CommitError: rank 0: its shard ")  # fmt: skip
+        assert "holds step 2 staged by an interrupted sharded commit, which this store's open could not commit" in result["commit"]  # fmt: skip
+        assert result["staged after"] == result["staged"]
+    with pytest.warns(UncommittedWritesWarning):
+        writers.pop().close()
+    codes = run_ranks(resumed_commit_worker, 2, (str(plain), out), 60)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert result["reopened warnings"] == [] and result["reopened step"] == 2
+        assert result["reopened staged"] is None and "redone" not in result
+        assert [result["reopened rows"][i][0] for i in (3, 460)] == [2.0, 2.0]
+
+
+def test_a_shard_failing_either_phase_of_a_commit_leaves_every_shard_at_one_step(tmp_path):
+    """A shard's commit that failed (a full disk) while the others succeeded left the shards at
+    two steps with every rank alive. Now a shard failing to stage fails the commit on every
+    rank with nothing committed anywhere and the writes kept (the next commit makes them);
+    a shard failing to commit what it staged (every shard had staged it) leaves the step
+    decided: every rank reports it, and the next commit, its close or the next open commits it
+    there."""
+    from tests.distributed_support import failed_phase_worker
+
+    plain = make_plain_table(tmp_path)
+    write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(failed_phase_worker, 2, (str(plain), out), 90)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for rank, r in enumerate(results):
+        assert r["first"] == r["first step"] == 1 and r["first committed here"] == [1, 1.0]
+        assert r["unstaged"] == f"CommitError: [Errno 5] rank {rank}: sharded commit of step 2 (its first phase, staging) failed on 1 of 2 rank(s): rank 1: CommitError: prepare_commit: no space left on device (the test's); nothing was committed on any shard (what the others staged was dropped) and the writes are kept: commit again"  # fmt: skip
+        assert (r["unstaged step"], r["unstaged staged"]) == (1, None)
+        assert r["unstaged committed here"] == [1, 1.0] and r["unstaged rows"] == [2.0, 2.0]
+        assert r["after unstaged"] == 2 and r["after unstaged committed here"] == [2, 2.0]
+        assert r["unfinished"] == f"CommitError: [Errno 5] rank {rank}: sharded commit of step 3 (its second phase) failed on 1 of 2 rank(s): rank 1: CommitError: finish_commit: no space left on device (the test's); every shard had staged it, so step 3 is committed: the other shards hold it, and the failed ones keep it staged and finish it at the next commit() or when the shards are next opened"  # fmt: skip
+        assert r["unfinished step"] == 3 and r["unfinished rows"] == [3.0, 3.0]
+        assert r["unfinished staged"] == (3 if rank == 1 else None)
+        assert r["unfinished committed here"] == ([2, 2.0] if rank == 1 else [3, 3.0])
+        assert r["after unfinished"] == r["after unfinished step"] == 4
+        assert r["after unfinished staged"] is None
+        assert r["after unfinished committed here"] == [4, 4.0]
+        assert r["unfinished at close step"] == 5
+        assert r["unfinished at close staged"] == (5 if rank == 1 else None)
+        assert (r["closed step"], r["closed staged"]) == (5, None)  # committed by close()
+        assert r["unfinished again step"] == 6 and r["unfinished again"].startswith("CommitError")
+        assert r["unfinished again staged"] == (6 if rank == 1 else None)
+        assert r["reopened warnings"] == [] and r["reopened step"] == 6
+        assert r["reopened staged"] is None and r["reopened rows"] == [6.0, 6.0]
 
 
 def test_a_compacted_shard_opens_with_its_committed_rows_on_every_rank(tmp_path):
@@ -1533,10 +1641,12 @@ def test_sharded_writes_commits_and_training_equal_one_store_given_the_same(tmp_
             assert result[f"{by}_step"] == result[f"{by}_reopened_step"] == 2
             assert np.array_equal(np.load(out / f"{by}_rank{rank}.npy"), want)
             assert np.array_equal(np.load(out / f"{by}_reopened_rank{rank}.npy"), want)
-        # a shard whose commit fails is named on every rank; the next commit reunites the steps
+        # a shard whose commit fails is named on every rank, and no shard committed (the others
+        # had, at step 3, leaving the shards at two steps): the next commit takes step 3
         assert f"rank {world - 1}: TierIOError" in result["commit_failed"]
         assert "being written (or compacted) by another store" in result["commit_failed"]
-        assert result["step_after_failure"] == 4
+        assert "nothing was committed on any shard" in result["commit_failed"]
+        assert result["step_after_failure"] == 3
 
     adam = make_row_optimizer("adam", lr=0.05)
     table = TrainableTable(TieredStore.open({"table": {"path": str(ref_trainable)}}), adam)

@@ -175,6 +175,32 @@ def test_unshard_refuses_uncompacted_torn_or_busy_shards_and_a_corrupt_one_leave
     assert np.array_equal(np.load(out), want) and verify_table(out, progress=False)
 
 
+def test_unshard_refuses_a_shard_holding_the_staged_rows_of_an_interrupted_sharded_commit(
+    cut, tmp_path
+):
+    """A sharded commit interrupted between its two phases leaves a shard's rows staged beside
+    its last commit: folding the shards then would drop a step the other shards may hold. The
+    join is refused, naming the shard and what resolves it; once the staged rows are dropped,
+    the shards join as they were committed."""
+    table, (s0, s1, s2) = cut
+    out = tmp_path / "w.npy"
+    with (
+        pytest.warns(UncommittedWritesWarning),
+        TieredStore.open({"table": {"path": str(s1)}}) as store,
+    ):
+        store.write([2], torch.full((1, 4), -1.0))
+        assert store.prepare_commit(1) == 1
+        assert (store.staged_step, store.committed_step) == (1, 0)
+    with pytest.raises(TableFormatError, match=r"t\.shard-1-of-3\.npy\.delta holds step 1 staged by a sharded commit that was interrupted between its two phases; expected none staged: open the shards with ShardedStore \(on every rank\) to finish or drop it"):  # fmt: skip
+        join_shards(table, out, ranks=3, progress=False)
+    assert not out.exists()
+    with TieredStore.open({"table": {"path": str(s1)}}) as store:
+        store.abort_commit()
+        assert (store.staged_step, store.committed_step) == (None, 0)
+    join_shards(table, out, ranks=3, progress=False)
+    assert np.array_equal(np.load(out), np.arange(120, dtype=np.float32).reshape(30, 4))
+
+
 def test_the_unshard_command_names_the_shards_it_needs(cut, tmp_path, capsys):
     table, _ = cut
     for argv, said in (

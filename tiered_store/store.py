@@ -168,6 +168,7 @@ class TieredStore:
         self._file_calls = InFlight()  # calls reading or writing the files: close() waits for them
         self._closed_step = 0  # the committed step when close() closed the delta
         self._writes: WriteBack | None = None  # the write path, once the table has a delta
+        self._staged: tuple[int, np.ndarray, int] | None = None  # prepare_commit's step, ids, seq
         self._write_seq = 0  # write() calls so far: a fetch that spans one re-reads its rows
         self.commit_errors = 0
         self._stop = threading.Event()  # set by close(): background restore and saves end
@@ -378,24 +379,85 @@ class TieredStore:
         last step again (a sharded store redoing the step a torn commit left on this shard)."""
         self._check_open()
         with self._lock:
-            self._become_writer()
-            delta = self._writes.delta
-            last = delta.step
-            step = _commit_step(last + 1 if step is None else step, last)
-            ids, rows = self._writes.collect()
-            if ids.size and step == delta.step and not redo:
-                raise ConfigError(
-                    f"commit: step {step} is the last committed step, and {ids.size:,} written "
-                    "rows are waiting: readers in other processes tell commits apart by their "
-                    f"step, so they would never see these; expected {step + 1} or more"
-                )
+            step, ids, rows = self._rows_to_commit(step, redo)
             try:
-                delta.commit(ids, rows, step)
+                self._writes.delta.commit(ids, rows, step)
             except CommitError:
                 self.commit_errors += 1
                 raise
             self._writes.committed(ids)
         return step
+
+    # -- the two phases of a sharded commit (ShardedStore's building blocks) ---------------------
+    @_touches_files
+    def prepare_commit(self, step: int, *, redo: bool = False) -> int:
+        """Phase 1: stage every write so far at ``step`` (checked as ``commit`` checks it) in one
+        durable transaction beside the last commit, which stays the committed step (no reader
+        sees the staged rows); the writes stay pending. Returns the step. ``CommitError`` when
+        it fails (what was staged before stands)."""
+        self._check_open()
+        with self._lock:
+            step, ids, rows = self._rows_to_commit(step, redo)
+            try:
+                self._writes.delta.stage(ids, rows, step)
+            except CommitError:
+                self.commit_errors += 1
+                raise
+            self._staged = (step, ids, self._write_seq)
+        return step
+
+    @_touches_files
+    def finish_commit(self, step: int) -> None:
+        """Phase 2: commit the rows staged at ``step`` in one durable transaction; the writes
+        they hold are committed, as by ``commit`` (written again since the staging, they stay
+        pending). ``CommitError`` when it fails (they stay staged). Rows another store staged
+        are committed too, but this store's cached copies of them stay older: reopen it."""
+        self._check_open()
+        with self._lock:
+            self._become_writer()
+            try:
+                self._writes.delta.commit_staged(step)
+            except CommitError:
+                self.commit_errors += 1
+                raise
+            staged, self._staged = self._staged, None
+            if staged is not None and staged[0] == step and staged[2] == self._write_seq:
+                self._writes.committed(staged[1])
+
+    @_touches_files
+    def abort_commit(self) -> None:
+        """Drop the rows staged on disk (by ``prepare_commit`` here or elsewhere), durably; the
+        writes stay pending. ``CommitError`` when it fails."""
+        self._check_open()
+        with self._lock:
+            self._become_writer()
+            self._staged = None
+            try:
+                self._writes.delta.drop_staged()
+            except CommitError:
+                self.commit_errors += 1
+                raise
+
+    @property
+    def staged_step(self) -> int | None:
+        """The step staged on disk (as of this store's view) and not yet committed or dropped:
+        a sharded commit interrupted between its phases; None when nothing is."""
+        return None if self._writes is None else self._writes.delta.staged_step
+
+    def _rows_to_commit(self, step: int | None, redo: bool) -> tuple[int, np.ndarray, np.ndarray]:
+        """As the writer: the commit's step, checked, and every row written since the last
+        (sorted unique ids, rows as stored bytes); ``redo``: the last step may take them again."""
+        self._become_writer()
+        last = self._writes.delta.step
+        step = _commit_step(last + 1 if step is None else step, last)
+        ids, rows = self._writes.collect()
+        if ids.size and step == last and not redo:
+            raise ConfigError(
+                f"commit: step {step} is the last committed step, and {ids.size:,} written "
+                "rows are waiting: readers in other processes tell commits apart by their "
+                f"step, so they would never see these; expected {step + 1} or more"
+            )
+        return step, ids, rows
 
     @_touches_files
     def adopt_writer_lock(self, lock: int) -> None:

@@ -26,6 +26,7 @@ shard's failure raises on every rank, naming it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import hashlib
 import numbers
@@ -199,6 +200,8 @@ class ShardedStore:
         self._slots = threading.BoundedSemaphore(config.prefetch.depth)
         self._prefetches = 0
         self._write_rounds = 0  # write and update rounds joined: a handle older than one is refused
+        self._unfinished: int | None = None  # a decided step this shard holds staged, uncommitted
+        self._unresolved: str | None = None  # why the open left this shard's staged step as it was
         try:
             info, error = self._open_local()
             prints = self._wait(
@@ -208,6 +211,7 @@ class ShardedStore:
             # keys no other store shares, whatever its group or the stores each rank opened before
             opening, self._heartbeat = self._heartbeat, self._beat_under(prints[0]["heartbeat"])
             opening.stop()
+            steps = self._resolve_staged(prints)
         except BaseException:
             self._shutdown()
             raise
@@ -224,7 +228,7 @@ class ShardedStore:
         self.zero_out_of_range = local.zero_out_of_range
         self._starts = self.shard_map.starts(self.exchange_device)
         # every shard's committed step at open, kept while they differ (a torn commit)
-        self._torn_steps = _torn_steps([doc["committed_step"] for doc in prints])
+        self._torn_steps = _torn_steps(steps)
         if self._torn_steps is not None:
             warn_at_caller(_torn_message(self.rank, self._torn_steps), TornCommitWarning)
 
@@ -303,19 +307,43 @@ class ShardedStore:
     def commit(self, step: int | None = None) -> int:
         """Commit every rank's shard with one ``step`` (default: the highest last committed step
         of the ranks + 1); a collective. Returns the step. Ranks passing different steps raise
-        ``StepMismatchError`` on every rank (nothing committed anywhere). If a shard's commit
-        fails, every rank raises ``CommitError`` naming it; the others have committed, the failed
-        shard keeps its last commit and its pending writes, and the next ``commit()`` (a higher
-        step) commits them everywhere. After a torn commit (see ``committed_step``), a shard
-        already at ``step`` commits its redone writes at that step again."""
+        ``StepMismatchError`` on every rank (nothing committed anywhere).
+
+        Two phases, so that the shards end at one step whatever fails: first every shard stages
+        its writes (``TieredStore.prepare_commit``: durable, beside its last commit, unseen by
+        readers); if any shard fails to, every rank drops what it staged and raises
+        ``CommitError`` naming it: nothing was committed on any shard, and the writes are kept
+        for the next ``commit()``. Once every shard has staged, the step is decided: every shard
+        commits what it staged (``finish_commit``). A shard that fails to keeps it staged, every
+        rank raises ``CommitError`` naming it, ``committed_step`` is ``step`` on every rank, and
+        the shard finishes it at the next ``commit()``, or the shards' next open does (as it
+        does for a rank killed in either phase: docs/design.md, "Torn commits"). After a
+        torn commit of an older version (see ``committed_step``), a shard already at ``step``
+        commits its redone writes at that step again."""
         self._check_usable()
         if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
             self._thread.submit(self._commit_round, _refused(step))  # the others fail too
             raise ConfigError(f"commit: step {step!r}; expected an integer step (or None)")
         step = None if step is None else int(step)
-        result, errors = self._wait(self._thread.submit(self._commit_round, step), "commit")
-        self._raise_failed("commit", errors, CommitError)
-        self._torn_steps = None  # every shard is at ``result`` now
+        result, staged, finished = self._wait(
+            self._thread.submit(self._commit_round, step), "commit"
+        )
+        self._raise_failed(
+            f"commit of step {result} (its first phase, staging)",
+            staged,
+            CommitError,
+            "nothing was committed on any shard (what the others staged was dropped) and the "
+            "writes are kept: commit again",
+        )
+        self._torn_steps = None  # every shard is at ``result`` now, or finishes it
+        self._raise_failed(
+            f"commit of step {result} (its second phase)",
+            finished,
+            CommitError,
+            f"every shard had staged it, so step {result} is committed: the other shards hold "
+            "it, and the failed ones keep it staged and finish it at the next commit() or when "
+            "the shards are next opened",
+        )
         return result
 
     def update_rows(
@@ -386,6 +414,8 @@ class ShardedStore:
         from it and redoes the newer steps on every shard."""
         if self._torn_steps is not None:
             return min(self._torn_steps)
+        if self._unfinished is not None:  # decided: staged here, committed on the others
+            return self._unfinished
         return self.local.committed_step
 
     @property
@@ -408,11 +438,17 @@ class ShardedStore:
         return out
 
     def close(self) -> None:
-        """Finish queued exchanges (up to the timeout), close the shard; idempotent. Not a
-        collective; a process group opened from the environment is destroyed."""
+        """Finish queued exchanges (up to the timeout) and a commit whose second phase failed
+        here, close the shard; idempotent. Not a collective; a process group opened from the
+        environment is destroyed."""
         if self._closed:
             return
         self._closed = True
+        if self._unfinished is not None and self._failure is None:  # a decided step, still
+            # staged here: committed now (after the queued exchanges), else by the next open
+            done = self._thread.submit(self._local_error, self._finish_shard, self._unfinished)
+            with contextlib.suppress(Exception):
+                done.result(timeout=self._wait_s)
         self._shutdown()
 
     def __enter__(self) -> ShardedStore:
@@ -466,6 +502,7 @@ class ShardedStore:
             "error": error,
             "heartbeat": uuid.uuid4().hex,  # rank 0's names this store's heartbeat keys
             "committed_step": None if self.local is None else self.local.committed_step,
+            "staged_step": None if self.local is None else self.local.staged_step,
             "world": self.world,
             "config": {
                 "ranks": sharding.ranks,
@@ -483,6 +520,58 @@ class ShardedStore:
                 "quantization": quant.to_json() if quant else None,
             }
         return doc
+
+    def _resolve_staged(self, prints: list[dict[str, Any]]) -> list[int]:
+        """Finish or drop what a two-phase commit interrupted between its phases left staged on
+        the shards (``staged_outcome`` decides, the same on every rank); every shard's committed
+        step once that is done. A shard that cannot (its writer lock held elsewhere: that
+        writer's commit may be under way; a read-only delta) is left as it is, with a warning on
+        every rank; this store then refuses to commit until reopened."""
+        committed = [doc["committed_step"] for doc in prints]
+        staged = [doc["staged_step"] for doc in prints]
+        steps = staged_outcome(committed, staged)
+        if all(s is None for s in staged):
+            return steps  # the usual open: no further round
+        mine, finish = staged[self.rank], steps[self.rank] != committed[self.rank]
+        action, error = "commit" if finish else "drop", None
+        if mine is not None:
+            error = self._local_error(
+                self.local.finish_commit if finish else self.local.abort_commit,
+                *((mine,) if finish else ()),
+            )
+            if error is None:  # its tiers were filled before: reopened, they hold the new rows
+                self.local.close()
+                self.local = None
+                _, error = self._open_local()
+                if error is not None:
+                    error = f"reopening its shard after the {action} failed: {error}"
+            else:
+                self._unfinished = mine if finish else None  # decided: committed_step says so
+                self._unresolved = (
+                    f"rank {self.rank}: its shard {self.path} holds step {mine} staged by an "
+                    f"interrupted sharded commit, which this store's open could not {action} "
+                    f"({error}); expected it resolved: close "
+                    "every store of this table, then reopen the ShardedStore on every rank"
+                )
+        doc = {"error": error, "reopened": self.local is not None}
+        errors = self._wait(self._thread.submit(self._all_gather, doc), "open")
+        if not all(e["reopened"] for e in errors):  # raised on every rank: they stay in step
+            raise ShardMismatchError(
+                f"rank {self.rank}: resolving a sharded commit interrupted between its phases: "
+                + "; ".join(f"rank {r}: {e['error']}" for r, e in enumerate(errors) if e["error"])
+            )
+        left = [f"rank {r}: {e['error']}" for r, e in enumerate(errors) if e["error"]]
+        if left:
+            warn_at_caller(
+                f"rank {self.rank}: a sharded commit left staged rows (interrupted between its "
+                "phases, or under way in the writer holding a shard's lock) that this open "
+                f"could not resolve on {len(left)} shard(s) ({'; '.join(left)}); lookups there "
+                "show the step before, and this store refuses to commit: close every store of "
+                "this table (a writer holding a shard's lock finishes its own commit), then "
+                "reopen on every rank",
+                TornCommitWarning,
+            )
+        return steps
 
     def _beat_under(self, key: str) -> Heartbeat:
         """This rank's heartbeat under ``tiered_store/sharded/<key>/`` of the default store, on
@@ -686,8 +775,11 @@ class ShardedStore:
         local_ids, received = self._route(ids, rows)
         return self._all_gather(self._local_error(self.local.write, local_ids, received))
 
-    def _commit_round(self, step: int | str | None) -> tuple[int, list[str | None]]:
-        """Agree on the step, commit this shard; (the step, every rank's error or None)."""
+    def _commit_round(
+        self, step: int | str | None
+    ) -> tuple[int, list[str | None], list[str | None]]:
+        """Agree on the step, stage this shard's writes, then (every shard staged) commit them;
+        (the step, every rank's error of each phase or None: no second phase, none)."""
         self._heartbeat.enter("commit")
         asked = self._all_gather((self.local.committed_step, step))
         if len({s for _, s in asked}) > 1:  # raised on every rank: they stay in step
@@ -697,15 +789,34 @@ class ShardedStore:
                 "rank (or None on all); nothing was committed on any shard"
             )
         step = max(c for c, _ in asked) + 1 if step is None else step
-        return step, self._all_gather(self._local_error(self._commit_shard, step))
+        staged = self._all_gather(self._local_error(self._prepare_shard, step))
+        if any(e is not None for e in staged):
+            if staged[self.rank] is None:  # a drop that fails leaves it to the next open
+                self._local_error(self.local.abort_commit)  # (a shard did not stage: dropped)
+            return step, staged, [None] * self.world
+        return step, staged, self._all_gather(self._local_error(self._finish_shard, step))
 
-    def _commit_shard(self, step: int) -> None:
-        """Commit this shard; after a torn commit, a shard already at ``step`` takes the redone
-        step's writes at that step (its newer rows are rewritten, the others reach it)."""
+    def _prepare_shard(self, step: int) -> None:
+        """Phase 1 on this shard: finish the step it staged and failed to commit in an earlier
+        round, then stage ``step``; after a torn commit, a shard already at ``step`` takes the
+        redone step's writes at that step (its newer rows are rewritten, the others reach it)."""
+        if self._unresolved is not None:
+            raise CommitError(self._unresolved)
+        if self._unfinished is not None:
+            self._finish_shard(self._unfinished)
         torn = self._torn_steps
         # only a shard ahead of the oldest redoes its step (never the oldest's own, committed whole)
         redo = torn is not None and min(torn) < step == self.local.committed_step <= max(torn)
-        self.local.commit(step, redo=redo)
+        self.local.prepare_commit(step, redo=redo)
+
+    def _finish_shard(self, step: int) -> None:
+        """Phase 2 on this shard: commit what it staged; failing, it stays staged, decided."""
+        try:
+            self.local.finish_commit(step)
+        except Exception:
+            self._unfinished = step
+            raise
+        self._unfinished = None
 
     def _update_round(
         self, ids: torch.Tensor, grads: torch.Tensor, update: Callable, step: int | None
@@ -745,14 +856,19 @@ class ShardedStore:
         return None
 
     def _raise_failed(
-        self, what: str, errors: list[str | None], error_type: type[TierIOError] = TierIOError
+        self,
+        what: str,
+        errors: list[str | None],
+        error_type: type[TierIOError] = TierIOError,
+        then: str = "",
     ) -> None:
-        """Raise on every rank when any rank's part of ``what`` failed, naming those ranks."""
+        """Raise on every rank when any rank's part of ``what`` failed, naming those ranks (and
+        ``then``: what became of the round)."""
         failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
         if failed:
             message = (
                 f"rank {self.rank}: sharded {what} failed on {len(failed)} of {self.world} "
-                f"rank(s): {'; '.join(failed)}"
+                f"rank(s): {'; '.join(failed)}{f'; {then}' if then else ''}"
             )
             raise error_type(errno.EIO, message)
 
@@ -896,6 +1012,32 @@ def _ranks_by_value(values: list[Any]) -> str:
         f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {value}"
         for value, ranks in groups.items()
     )
+
+
+def staged_outcome(committed: list[int], staged: list[int | None]) -> list[int]:
+    """The step each shard ends at once what a two-phase commit left staged is resolved, from
+    every shard's committed and staged step: a shard's staged step S is committed (rolled
+    forward) when some shard committed S or every shard staged or committed it (every shard had
+    staged it: it was decided); else (some shard neither staged nor committed S, so none can
+    have committed it) it is dropped, as is one at or below its shard's committed step (left
+    behind by single-process commits since).
+
+    >>> staged_outcome([2, 1], [None, 2])  # rank 1 killed before committing: rolled forward
+    [2, 2]
+    >>> staged_outcome([1, 1], [2, None])  # rank 1 killed before staging: dropped
+    [1, 1]
+    >>> staged_outcome([1, 1, 1], [2, 2, 2])  # killed once every shard had staged
+    [2, 2, 2]
+    """
+
+    def decided(step: int | None, last: int) -> bool:
+        """Whether a shard at ``last`` with ``step`` staged commits it."""
+        if step is None or step <= last:
+            return False
+        held = [c == step or t == step for c, t in zip(committed, staged, strict=True)]
+        return step in committed or all(held)
+
+    return [s if decided(s, c) else c for c, s in zip(committed, staged, strict=True)]
 
 
 def _torn_steps(steps: list[int | None]) -> list[int] | None:
