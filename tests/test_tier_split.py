@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from zipf_analysis.analyze import AnalyzeOptions, analyze, summary_lines
 from zipf_analysis.replay import replay
 from zipf_analysis.tier_models import tier_models
 from zipf_analysis.tier_split import (
+    _frontier,
     batch_events,
     batched_stack_distances,
     max_capacity,
@@ -325,6 +328,51 @@ def test_replay_command_recommends_a_split_and_names_bad_budgets(text_trace, tmp
     assert "--gpu-budget" in help_text
     assert "(default: None)" not in help_text and "(default: False)" not in help_text
     assert "(default: the first)" in help_text and "(default: 16)" in help_text
+
+
+_FINE_GRID_IN_BOUNDED_MEMORY = r"""
+import resource, sys
+from tiered_store.config import StoreConfig
+from zipf_analysis.tier_split import recommend_split
+config = StoreConfig.from_dict({"table": {"path": "absent.npy", "dim": 16}})
+mapped = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, ((mapped << 10) + (2 << 30), resource.RLIM_INFINITY))
+rec = recommend_split(config, sys.argv[1], gpu_budget="4MiB", host_budget="4MiB", points=300)
+print(len(rec.candidates), len(rec.frontier))
+"""
+
+
+def test_a_fine_split_grid_finds_its_frontier_in_bounded_memory(short_trace):
+    """--split-points 300 (about 80,000 splits) within 2 GiB more than the imports take: the
+    frontier compared every pair of splits at once (a bool matrix per memory and stall, 7.6 GiB
+    each here), so a finer grid died of MemoryError after the model itself had finished."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FINE_GRID_IN_BOUNDED_MEMORY, str(short_trace)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    candidates, frontier = (int(n) for n in done.stdout.split())
+    assert candidates > 50_000 and 0 < frontier < candidates
+
+
+def test_the_frontier_is_every_split_no_other_beats_on_memory_and_stall():
+    """Against the definition, pair by pair, with ties in every figure."""
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        candidates = [
+            {"hot_bytes": int(g), "warm_bytes": int(h), "stall_seconds": float(s)}
+            for g, h, s in rng.integers(0, 5, size=(int(rng.integers(1, 60)), 3))
+        ]
+        g, h, s = (np.array([c[k] for c in candidates]) for k in candidates[0])
+        no_worse = (g[:, None] <= g) & (h[:, None] <= h) & (s[:, None] <= s)
+        better = (g[:, None] < g) | (h[:, None] < h) | (s[:, None] < s)
+        kept = [
+            c for c, d in zip(candidates, (no_worse & better).any(axis=0), strict=True) if not d
+        ]
+        want = sorted(kept, key=lambda c: (-c["stall_seconds"], c["hot_bytes"], c["warm_bytes"]))
+        assert _frontier(candidates) == want
 
 
 def test_budget_errors_name_the_flag():

@@ -807,12 +807,21 @@ def _candidates(grid: SplitGrid, nbytes: dict[str, np.ndarray]) -> list[dict[str
 
 
 def _frontier(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The candidates no other beats on GPU bytes, host bytes and stall at once, by stall."""
-    g = np.array([c["hot_bytes"] for c in candidates])
-    h = np.array([c["warm_bytes"] for c in candidates])
-    s = np.array([c["stall_seconds"] for c in candidates])
-    no_worse = (g[:, None] <= g) & (h[:, None] <= h) & (s[:, None] <= s)
-    better = (g[:, None] < g) | (h[:, None] < h) | (s[:, None] < s)
-    dominated = (no_worse & better).any(axis=0)
+    """The candidates no other beats on GPU bytes, host bytes and stall at once, by stall.
+
+    Memory grows with the candidates, not their square: each (GPU bytes, host bytes) pair is a
+    cell of a grid holding its least stall (every pair of the two capacity grids, so as many cells
+    as candidates); a candidate is beaten by another cell iff the least stall over the cells with
+    no more of either memory (its own left out) is no more than its own, and within its cell iff
+    another candidate there stalls less."""
+    g_at, gi = np.unique([c["hot_bytes"] for c in candidates], return_inverse=True)
+    h_at, hi = np.unique([c["warm_bytes"] for c in candidates], return_inverse=True)
+    s = np.array([c["stall_seconds"] for c in candidates], dtype=np.float64)
+    cell = np.full((g_at.size, h_at.size), np.inf)
+    np.minimum.at(cell, (gi, hi), s)
+    least = np.minimum.accumulate(np.minimum.accumulate(cell, axis=0), axis=1)
+    less_gpu = np.vstack([np.full((1, h_at.size), np.inf), least[:-1]])  # cells i' < i, j' <= j
+    less_host = np.hstack([np.full((g_at.size, 1), np.inf), least[:, :-1]])  # i' <= i, j' < j
+    dominated = (np.minimum(less_gpu, less_host)[gi, hi] <= s) | (cell[gi, hi] < s)
     keep = [c for c, d in zip(candidates, dominated, strict=True) if not d]
     return sorted(keep, key=lambda c: (-c["stall_seconds"], c["hot_bytes"], c["warm_bytes"]))
