@@ -22,6 +22,15 @@ def test_a_capacity_under_one_row_is_refused_not_a_tier_turned_off(spec):
         assert resolve_capacity(off, table_rows=1000, row_bytes=64, key="k") == 0
 
 
+@pytest.mark.parametrize("spec", ["0.5B", "0.0001KiB"])
+def test_a_byte_size_under_one_byte_is_refused_not_a_tier_turned_off(spec):
+    """It read as 0 bytes, which is 0 rows asked for: the tier was off, with no error."""
+    with pytest.raises(
+        ConfigError, match=rf"tiers.hot.capacity: byte size '{spec}': less than one"
+    ):
+        resolve_capacity(spec, table_rows=1000, row_bytes=64, key="tiers.hot.capacity")
+
+
 @pytest.mark.parametrize(
     ("spec", "table_rows", "rows"),
     [

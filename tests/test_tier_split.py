@@ -380,6 +380,12 @@ def test_budget_errors_name_the_flag():
         recommend_split(_config(), "unused.trace", gpu_budget=0, host_budget="12 parsecs")
 
 
+def test_a_budget_under_one_byte_is_refused_not_taken_as_no_tier():
+    """'0.5B' read as 0 bytes, a budget of 0: no hot tier, where '1B' is refused as too small."""
+    with pytest.raises(ConfigError, match="--gpu-budget: got '0.5B'"):
+        recommend_split(_config(), "unused.trace", gpu_budget="0.5B", host_budget=0)
+
+
 def test_analyze_writes_the_split_for_its_budgets_into_the_store_config(text_trace):
     out = text_trace.parent
     config = StoreConfig.from_yaml(out / "layer1.store.yaml")

@@ -45,7 +45,10 @@ def parse_bytes(text: str) -> int:
         raise ConfigError(
             f"byte size {text!r}: expected a number and a unit like '512MiB' or '2GB'"
         )
-    return int(Fraction(m.group(1)) * _BYTE_UNITS[m.group(2).upper()])  # exact: '4.35MB'
+    size = Fraction(m.group(1)) * _BYTE_UNITS[m.group(2).upper()]  # exact: '4.35MB'
+    if 0 < size < 1:  # would read as 0, which turns a tier off
+        raise ConfigError(f"byte size {text!r}: less than one byte; expected at least 1 B, or 0")
+    return int(size)
 
 
 def resolve_capacity(spec: int | str, *, table_rows: int, row_bytes: int, key: str) -> int:
@@ -62,7 +65,10 @@ def resolve_capacity(spec: int | str, *, table_rows: int, row_bytes: int, key: s
             raise ConfigError(f"{key}: {spec!r} is more than 100% of the table; expected 0%..100%")
         rows = int(table_rows * pct / 100)
     else:
-        asked = parse_bytes(spec)
+        try:
+            asked = parse_bytes(spec)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
         rows = asked // row_bytes
     if asked and not rows:  # a tier of 0 rows is off: only when asked for
         raise ConfigError(
