@@ -255,6 +255,55 @@ def test_a_footer_of_the_wrong_shape_is_refused_by_name(tmp_path, field, edit):
         TraceReader(path)
 
 
+def _rewrite_records(path, edit):
+    """Apply ``edit`` to the record table of a one-chunk trace and write the chunk back with
+    matching sizes and checksums, as a buggy or foreign writer would."""
+    import struct
+    import zlib
+
+    import zstandard
+
+    from tiered_store.trace import _CHUNK_HEAD, _CHUNK_HEAD_SIZE, _META_COLS
+
+    data = path.read_bytes()
+    with TraceReader(path) as r:
+        assert r.n_chunks == 1
+        offset, _, n_rec = r.chunk_index[0][:3]
+    fields = list(_CHUNK_HEAD.unpack(data[offset : offset + _CHUNK_HEAD.size]))
+    start = offset + _CHUNK_HEAD_SIZE
+    raw = bytearray(zstandard.ZstdDecompressor().decompress(data[start : start + fields[8]]))
+    records = np.frombuffer(raw, "<i8", n_rec * _META_COLS).reshape(n_rec, _META_COLS).copy()
+    edit(records)
+    raw[: records.nbytes] = records.astype("<i8").tobytes()
+    payload = zstandard.ZstdCompressor().compress(bytes(raw))
+    fields[8], fields[9] = len(payload), zlib.crc32(payload)
+    head = _CHUNK_HEAD.pack(*fields)
+    rest = data[start + _CHUNK_HEAD.unpack(data[offset : offset + _CHUNK_HEAD.size])[8] :]
+    path.write_bytes(data[:offset] + head + struct.pack("<I", zlib.crc32(head)) + payload + rest)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r.__setitem__((1, 1), 5), "record 1 has table index 5; expected a table index"),
+        (lambda r: r.__setitem__((1, 4), 7), r"record 1 has 20 ids in shape \(7, 5, 2\)"),
+        (lambda r: r.__setitem__((0, 3), 9), "record 0 has 9 dims; expected 0 to 4 dims"),
+        (lambda r: r.__setitem__((3, 0), 0), "record 3 has batch 0 after an earlier record's"),
+    ],
+)
+def test_a_record_table_that_cannot_be_right_is_refused_by_name(tmp_path, edit, message):
+    """Records whose checksums match but that name a table the footer does not list, give a
+    shape that does not hold their ids, or go back a batch: replay dropped the first record's ids
+    without a word, raised a bare ValueError reshaping the second and third, and joined batches
+    out of order for the fourth."""
+    path = tmp_path / "t.trace"
+    _write_sample(path, chunk_ids=1 << 20)
+    _rewrite_records(path, edit)
+    where = re.escape(f"trace {path}, chunk 0: ")
+    with TraceReader(path) as r, pytest.raises(TraceFormatError, match=where + message):
+        list(r.batches())
+
+
 def _set_chunk(index, field, value):
     """A footer edit that sets one field of one chunk entry."""
 

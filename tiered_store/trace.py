@@ -737,7 +737,56 @@ class TraceReader:
             ids = np.frombuffer(body, dtype=f"<u{width}", count=n_ids).astype(np.int64)
         if int(records[:, 2].sum()) != n_ids:
             raise self._fail("record table does not add up to the chunk's ids", index)
+        self._check_records(records, index)
         return TraceChunk(index, records.astype(np.int64), ids)
+
+    def _check_records(self, records: np.ndarray, index: int) -> None:
+        """Each record of chunk ``index`` names a table of the footer, holds as many ids as its
+        shape, and comes in batch order from the footer's first batch of the chunk to its last."""
+        batch, table, n, ndim, dims = (
+            records[:, 0],
+            records[:, 1],
+            records[:, 2],
+            records[:, 3],
+            records[:, 4:],
+        )
+        used = np.arange(_MAX_NDIM) < ndim[:, None]
+        size = np.where(used, dims, 1).astype(np.float64).prod(axis=1)  # no int64 wrap
+        problems = [
+            (
+                (table < 0) | (table >= len(self.tables)),
+                "table index {t}",
+                f"a table index below {len(self.tables)} (the footer's tables)",
+            ),
+            ((ndim < 0) | (ndim > _MAX_NDIM), "{d} dims", f"0 to {_MAX_NDIM} dims"),
+            (
+                (n < 0)
+                | (dims < 0).any(axis=1)
+                | (size != n)
+                | (np.where(used, 0, dims) != 0).any(axis=1),
+                "{n} ids in shape {shape}",
+                "a shape of that many ids",
+            ),
+            (
+                np.concatenate([[False], np.diff(batch) < 0]),
+                "batch {b} after an earlier record's later batch",
+                "batches that only go forward",
+            ),
+        ]
+        for bad, what, expected in problems:
+            if bad.any():
+                i = int(bad.argmax())
+                rec = [int(v) for v in records[i]]
+                shape = tuple(rec[4 : 4 + min(max(rec[3], 0), _MAX_NDIM)])
+                got = what.format(t=rec[1], d=rec[3], n=rec[2], shape=shape, b=rec[0])
+                raise self._fail(f"record {i} has {got}; expected {expected}", index)
+        first, last = self.chunk_index[index][3:5]
+        if records.shape[0] and (int(batch[0]), int(batch[-1])) != (first, last):
+            raise self._fail(
+                f"records span batches {int(batch[0])}..{int(batch[-1])}; expected the footer's "
+                f"{first}..{last}",
+                index,
+            )
 
     def chunks(self) -> Iterator[TraceChunk]:
         """Every chunk, decoded, in order."""
