@@ -28,6 +28,8 @@ GROUPS = {
     "replay-lru",
     "repin-plan",
     "victim-refill",
+    "sharded-commit-phases-128B",
+    "sharded-commit-phases-1KiB",
 }
 
 

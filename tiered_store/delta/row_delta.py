@@ -518,11 +518,11 @@ class RowDelta:
 
         self._write(f"staging of step {step}", write, len(keys))
 
-    def commit_staged(self, step: int) -> np.ndarray:
+    def commit_staged(self, step: int) -> None:
         """A sharded commit's second phase: move the records staged at ``step`` into the rows and
-        make ``step`` the committed step, in one durable transaction; returns their ids (sorted).
-        ``CommitError`` when nothing or another step is staged, or it cannot write (the staged
-        records then stay staged)."""
+        make ``step`` the committed step, in one durable transaction. ``CommitError`` when
+        nothing or another step is staged, or it cannot write (the staged records then stay
+        staged)."""
         self._check_writable(f"commit the staged step {step}")
         staged_step = self._staged_step_now()
         if staged_step != step:
@@ -531,22 +531,16 @@ class RowDelta:
                 f"{'nothing is staged' if staged_step is None else f'step {staged_step} is staged'}"
                 f"; expected step {step} staged (by ``stage``)"
             )
-        moved: list[np.ndarray] = []
 
         def write(txn: lmdb.Transaction) -> None:
             staged = self._staged_db(txn)
-            pairs = list(txn.cursor(db=staged).iternext())
-            if pairs:
-                txn.cursor(db=self.rows_db).putmulti(pairs)
+            txn.cursor(db=self.rows_db).putmulti(txn.cursor(db=staged).iternext())
             txn.drop(staged, delete=False)
             txn.delete(STAGED_STEP_KEY, db=self.meta_db)
             txn.put(b"step", _step_bytes(step), db=self.meta_db)
-            keys = b"".join(k for k, _ in pairs)
-            moved[:] = [np.frombuffer(keys, dtype=">i8").astype(np.int64)]
 
         self._write(f"commit of the staged step {step}", write)
         self.commits += 1
-        return moved[0]
 
     def drop_staged(self) -> None:
         """Discard what ``stage`` put aside (nothing staged: nothing to do), durably."""
