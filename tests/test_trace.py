@@ -304,6 +304,24 @@ def test_a_record_table_that_cannot_be_right_is_refused_by_name(tmp_path, edit, 
         list(r.batches())
 
 
+def test_chunks_going_back_a_batch_are_refused_at_open(tmp_path):
+    """Each chunk's records were checked to go forward, but not one chunk against the next: a
+    writer that went back a batch in a new chunk wrote a trace that read as if it were sound,
+    its batches joined out of order."""
+    path = tmp_path / "t.trace"
+    with TraceWriter(path, {"tables": ["a"]}, chunk_ids=4) as w:
+        for batch in range(3):
+            w.write(np.arange(4) + batch, "a", batch=batch)
+        w._batch = 0  # a buggy writer: back to batch 0, in a chunk of its own
+        w.write(np.arange(4), "a")
+    with pytest.raises(
+        TraceFormatError,
+        match=f"^trace {re.escape(str(path))}: malformed footer \\(chunk 3 starts at batch 0, "
+        "chunk 2 ends at batch 2; expected batches that only go forward",
+    ):
+        TraceReader(path)
+
+
 def _set_chunk(index, field, value):
     """A footer edit that sets one field of one chunk entry."""
 

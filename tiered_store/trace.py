@@ -577,6 +577,13 @@ class TraceReader:
                 f"chunk {i} holds {values[i, 1]} ids in {values[i, 2]} records; expected counts "
                 ">= 0"
             )
+        back = values[1:, 3] < values[:-1, 4]  # each chunk's records are checked against these
+        if back.any():
+            i = int(back.argmax()) + 1
+            raise self._malformed(
+                f"chunk {i} starts at batch {values[i, 3]}, chunk {i - 1} ends at batch "
+                f"{values[i - 1, 4]}; expected batches that only go forward"
+            )
         return chunks
 
     def _check_per_table(self, per_table: Any) -> dict[str, int]:
