@@ -816,12 +816,15 @@ def _frontier(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     another candidate there stalls less."""
     g_at, gi = np.unique([c["hot_bytes"] for c in candidates], return_inverse=True)
     h_at, hi = np.unique([c["warm_bytes"] for c in candidates], return_inverse=True)
-    s = np.array([c["stall_seconds"] for c in candidates], dtype=np.float64)
-    cell = np.full((g_at.size, h_at.size), np.inf)
+    # stalls by rank: an empty cell ranks above every stall, one that overflowed to inf included
+    _, s = np.unique([c["stall_seconds"] for c in candidates], return_inverse=True)
+    s = s.reshape(-1)
+    none = s.size
+    cell = np.full((g_at.size, h_at.size), none)
     np.minimum.at(cell, (gi, hi), s)
     least = np.minimum.accumulate(np.minimum.accumulate(cell, axis=0), axis=1)
-    less_gpu = np.vstack([np.full((1, h_at.size), np.inf), least[:-1]])  # cells i' < i, j' <= j
-    less_host = np.hstack([np.full((g_at.size, 1), np.inf), least[:, :-1]])  # i' <= i, j' < j
+    less_gpu = np.vstack([np.full((1, h_at.size), none), least[:-1]])  # cells i' < i, j' <= j
+    less_host = np.hstack([np.full((g_at.size, 1), none), least[:, :-1]])  # i' <= i, j' < j
     dominated = (np.minimum(less_gpu, less_host)[gi, hi] <= s) | (cell[gi, hi] < s)
     keep = [c for c, d in zip(candidates, dominated, strict=True) if not d]
     return sorted(keep, key=lambda c: (-c["stall_seconds"], c["hot_bytes"], c["warm_bytes"]))
