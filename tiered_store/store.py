@@ -715,17 +715,19 @@ class TieredStore:
     def _close_files(self) -> None:
         """Close the table file and the delta, and release the version hold and writer lock."""
         self._closed = True
-        if self._stream is not None:  # the tiers' device memory, allocated on the opener's
-            # stream, is freed with the store: no work of the store's stream may still use it
-            # (admissions of a prefetch never collected), or the allocator hands it out meanwhile
-            self._stream.synchronize()
-        self.cold.close()
-        if self._writes is not None:  # uncommitted writes are dropped, as a crash would
-            self._closed_step = self._writes.delta.step  # for stats() after close
-            self._writes.delta.close()
-        for fd in (self._version_hold, self._writer_lock):
-            if fd is not None:
-                release(fd)
+        try:
+            if self._stream is not None:  # the tiers' device memory, allocated on the opener's
+                # stream, is freed with the store: no work of the store's stream may still use
+                # it (a prefetch's admissions never collected), or the allocator hands it out
+                self._stream.synchronize()
+        finally:  # a device error raised there still closes the files and releases the locks
+            self.cold.close()
+            if self._writes is not None:  # uncommitted writes are dropped, as a crash would
+                self._closed_step = self._writes.delta.step  # for stats() after close
+                self._writes.delta.close()
+            for fd in (self._version_hold, self._writer_lock):
+                if fd is not None:
+                    release(fd)
 
     def _close_files_late(self) -> None:
         """``_close_files`` from the last call that outlived a timed-out close: a failure is a
