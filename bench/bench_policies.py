@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,7 +50,7 @@ import numpy as np
 from policies.pinned_lru import pinned_lru_misses
 from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
-from tiered_store.atomic_file import write_json
+from tiered_store.atomic_file import scratch_directory, write_json
 from tiered_store.capacity import parse_shares
 from tiered_store.cli_args import (
     at_least,
@@ -187,14 +185,12 @@ def main(argv=None) -> int:
         result = json.loads(Path(args.replot).read_text())
         print(f"plot: {plot_results(result, Path(args.replot).with_suffix('.png'))}")
         return 0
-    work = Path(tempfile.mkdtemp(prefix="bench-policies-", dir=args.dir))
-    try:
-        measured = measure(args, work)
-    finally:
-        if args.keep:
-            print(f"work directory kept: {work}", flush=True)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    with scratch_directory("bench-policies-", args.dir, keep=args.keep) as work:
+        try:
+            measured = measure(args, work)
+        finally:
+            if args.keep:
+                print(f"work directory kept: {work}", flush=True)
     result = summarise(args, **measured)
     print(json.dumps(result, indent=2))
     if args.out:

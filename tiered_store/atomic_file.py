@@ -11,6 +11,8 @@ import errno
 import json
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -19,7 +21,14 @@ from typing import IO, Any
 
 from .errors import TieredStoreError, TierIOError
 
-__all__ = ["AtomicFile", "atomic_write", "fsync_dir", "hidden_temporaries", "write_json"]
+__all__ = [
+    "AtomicFile",
+    "atomic_write",
+    "fsync_dir",
+    "hidden_temporaries",
+    "scratch_directory",
+    "write_json",
+]
 
 
 def in_the_way(path: Path, what: str = "a directory", code: int = errno.EISDIR) -> TierIOError:
@@ -64,6 +73,30 @@ def atomic_files(*targets: tuple[Path, str]) -> list[AtomicFile]:
             name.unlink(missing_ok=True)
         raise
     return opened
+
+
+@contextmanager
+def scratch_directory(
+    prefix: str, parent: str | os.PathLike[str] | None = None, *, keep: bool = False
+) -> Iterator[Path]:
+    """A new directory under ``parent`` (default: the system's temporary folder), removed with
+    everything in it when the block ends, unless ``keep``. Named before it is made, so an
+    interrupt at any point (SIGINT, or SIGTERM as the CLI unwinds it) leaves none behind, where
+    ``tempfile.mkdtemp`` could be interrupted after making it and before returning its name.
+
+    >>> with scratch_directory("example-") as d:
+    ...     (d / "f").write_text("x") and d.is_dir()
+    True
+    >>> d.exists()
+    False
+    """
+    path = Path(parent or tempfile.gettempdir()) / f"{prefix}{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+        yield path
+    finally:
+        if not keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def temporary_name(path: Path) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +21,7 @@ import torch
 from pydantic import model_validator
 from tqdm.auto import tqdm
 
+from .atomic_file import scratch_directory
 from .capacity import format_bytes, resolve_capacity
 from .cli_args import capacity_of_a_table, device_name
 from .cold_table import IO_MODES
@@ -339,7 +339,7 @@ def run_demo(args) -> int:
     measured = min(run.batches, len(tokens) // per_batch) * per_batch
     profiled = min(profiled, len(tokens) - measured) // per_batch * per_batch
     batches = token_batches(tokens[profiled : profiled + measured], rows_per_batch, seq_len)
-    with tempfile.TemporaryDirectory(prefix="tiered-store-demo-", dir=args.workdir) as tmp:
+    with scratch_directory("tiered-store-demo-", args.workdir) as tmp:
         print(f"converting the checkpoint into {tmp} ...", flush=True)
         converted = save_tiered(model, tmp, dtype=run.dtype)
         memory = _Variant(
