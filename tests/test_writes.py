@@ -1005,3 +1005,32 @@ def test_staged_records_that_grow_the_map_then_dropped_leave_the_commit_as_it_wa
         again.commit_staged(5)
     again.close()
     assert compact_table(path, progress=False).delta_rows == 1
+
+
+def test_a_commit_over_staged_records_is_refused_and_keeps_the_writes(tmp_path):
+    """A shard holding a sharded commit's staged step (its rank killed in phase 2, the other
+    shards at that step): a plain store's commit there made the same step of its own writes,
+    and the shards' next open then dropped the staged rows as older, losing the decided step on
+    this shard. The commit is refused, naming the staged step and the fix; nothing committed,
+    the writes kept, and once the staged step is resolved the commit goes through."""
+    path, table = make_table(tmp_path, rows=100, dim=1024)
+    with (
+        pytest.warns(UserWarning, match="rows written"),
+        TieredStore(store_config(path)) as store,
+    ):
+        store.write([2], torch.full((1, 1024), 1.0))
+        store.commit(1)
+        store.write([2], torch.full((1, 1024), 2.0))
+        assert store.prepare_commit(2) == 2
+    with TieredStore(store_config(path)) as store:
+        store.write([5], torch.full((1, 1024), 7.0))
+        with pytest.raises(CommitError, match=r"commit of step 2 to .*\.npy\.delta refused: it holds step 2 staged by a sharded commit that was interrupted between its two phases \(the other shards may hold that step\); expected none staged: open the shards with ShardedStore"):  # fmt: skip
+            store.commit()
+        assert (store.committed_step, store.staged_step, store.commit_errors) == (1, 2, 1)
+        assert store.read_committed([2, 5])[1][:, 0].tolist() == [1.0, float(table[5, 0])]
+        assert store.lookup([5])[0, 0] == 7.0  # kept
+        store.finish_commit(2)  # as the shards' open does for a decided step
+        assert store.commit() == 3
+    with TieredStore(store_config(path)) as store:
+        assert store.committed_step == 3 and store.staged_step is None
+        assert store.lookup([2, 5])[:, 0].tolist() == [2.0, 7.0]

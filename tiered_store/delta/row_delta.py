@@ -472,11 +472,22 @@ class RowDelta:
     def commit(self, ids: np.ndarray, rows: np.ndarray, step: int, *, clear: bool = False) -> None:
         """Write ``rows`` (``uint8 [n, row_bytes]``) for unique ``ids`` and ``step`` in one durable
         transaction (``clear``: drop every other row first, as compaction does). Raises
-        ``CommitError`` when it cannot (``ConfigError`` for a step of ``GREW_STEP`` or beyond);
-        the previous commit then stands."""
+        ``CommitError`` when it cannot, or when the delta holds a sharded commit's staged records
+        (committed over, a step the other shards hold would be lost here: ``ShardedStore``'s
+        open finishes or drops them); ``ConfigError`` for a step of ``GREW_STEP`` or beyond. The
+        previous commit then stands."""
         keys, values, step_bytes = self._records(ids, rows, step, "commit")
 
         def write(txn: lmdb.Transaction) -> None:
+            staged = txn.get(STAGED_STEP_KEY, db=self.meta_db)
+            if staged is not None:  # read in the commit's own transaction: no stage slips in
+                raise CommitError(
+                    f"delta: commit of step {step} to {self.path} refused: it holds step "
+                    f"{_int_value(staged)} staged by a sharded commit that was interrupted "
+                    "between its two phases (the other shards may hold that step); expected "
+                    "none staged: open the shards with ShardedStore (on every rank) to finish or "
+                    "drop it, then commit again (the writes are kept)"
+                )
             if clear:
                 txn.drop(self.rows_db, delete=False)
             if keys:
