@@ -626,7 +626,8 @@ def locked_staged_worker(rank: int, world: int, port: int, plain: str, out: Path
 def failed_phase_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank, rows 3 and 460 (one per shard) written v and committed for v = 1, 2, ...:
     rank 1's shard fails to stage step 2 (once), then to commit what it staged at steps 3, 5 and
-    6 (6: at close too); after each, what every rank sees, the commit or open that follows."""
+    6 (6: at close too, whose warnings are kept); after each, what every rank sees, the commit or
+    open that follows."""
     import warnings
 
     from tiered_store.distributed import ShardedStore
@@ -681,9 +682,10 @@ def failed_phase_worker(rank: int, world: int, port: int, plain: str, out: Path)
         result["closed staged"] = store.local.staged_step
         fail_once("finish_commit", times=2)  # in the commit, and at close
         commit("unfinished again", 6.0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # its writes, staged: the next open commits them
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # its writes, staged: the next open commits them
             store.close()
+        result["closed again warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             store = ShardedStore.open(cfg)

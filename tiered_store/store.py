@@ -61,7 +61,8 @@ from .warm_restart import (
 
 
 class UncommittedWritesWarning(UserWarning):
-    """``close()`` dropped rows written since the last commit (as a crash would)."""
+    """``close()`` dropped rows written since the last commit (as a crash would), or left them
+    staged by a sharded commit that did not finish (the shards' next open resolves them)."""
 
 
 # A warm restart reads its rows back in steps of RESTORE_CHUNK_BYTES (at most RESTORE_CHUNK_ROWS),
@@ -691,10 +692,18 @@ class TieredStore:
             writing = self._writes is not None and self._writer_lock is not None
             dropped = self._writes.dirty_rows if writing else 0
         if dropped:
+            staged = self._staged  # prepare_commit's, not committed or dropped since
+            since = (
+                f"close: {dropped:,} rows written to {self.cold.path.name} since its last "
+                f"commit (step {self._writes.delta.step})"
+            )
             warn_at_caller(
-                f"close: {dropped:,} rows written to {self.cold.path.name} since its last commit "
-                f"(step {self._writes.delta.step}) are dropped, as a crash would drop them; call "
-                "commit() before close() to keep them",
+                f"{since} are not committed here, but staged at step {staged[0]} by a sharded "
+                "commit whose second phase did not finish: the shards' next open (ShardedStore, "
+                "on every rank) commits them if every shard staged that step, else drops them"
+                if staged is not None and staged[2] == self._write_seq  # no write since
+                else f"{since} are dropped, as a crash would drop them; call commit() before "
+                "close() to keep them",
                 UncommittedWritesWarning,
             )
         if self.config.tiers.restart.enabled:
