@@ -625,9 +625,9 @@ def locked_staged_worker(rank: int, world: int, port: int, plain: str, out: Path
 
 def failed_phase_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank, rows 3 and 460 (one per shard) written v and committed for v = 1, 2, ...:
-    rank 1's shard fails to stage step 2 (once), then to commit what it staged at steps 3, 5 and
-    6 (6: at close too, whose warnings are kept); after each, what every rank sees, the commit or
-    open that follows."""
+    rank 1's shard fails to stage step 2 (once, and rank 0's to drop what it staged then), then
+    to commit what it staged at steps 3, 5 and 6 (6: at close too, whose warnings are kept);
+    after each, what every rank sees, the commit or open that follows."""
     import warnings
 
     from tiered_store.distributed import ShardedStore
@@ -639,19 +639,21 @@ def failed_phase_worker(rank: int, world: int, port: int, plain: str, out: Path)
     ids = torch.tensor([3, 460])
     mine = ids[rank : rank + 1]  # this rank's shard's row
 
-    def fail_once(name: str, times: int = 1) -> None:
-        """Rank 1's shard: the next ``times`` calls of ``name`` raise, as a full disk's would."""
-        if rank != 1:
+    def fail_once(name: str, times: int = 1, on: int = 1, delta: bool = False) -> None:
+        """Rank ``on``'s shard (its delta: ``delta``): the next ``times`` calls of ``name``
+        raise, as a full disk's would."""
+        if rank != on:
             return
-        real, left = getattr(store.local, name), [times]
+        owner = store.local._writes.delta if delta else store.local
+        real, left = getattr(owner, name), [times]
 
         def failing(*args: Any, **kwargs: Any) -> None:
             left[0] -= 1
             if not left[0]:
-                setattr(store.local, name, real)
+                setattr(owner, name, real)
             raise CommitError(f"{name}: no space left on device (the test's)")
 
-        setattr(store.local, name, failing)
+        setattr(owner, name, failing)
 
     def commit(name: str, value: float) -> None:
         store.write(ids, torch.full((2, store.row_width), value))
@@ -669,6 +671,7 @@ def failed_phase_worker(rank: int, world: int, port: int, plain: str, out: Path)
         store = ShardedStore.open(cfg)
         commit("first", 1.0)
         fail_once("prepare_commit")
+        fail_once("drop_staged", on=0, delta=True)  # step 2 stays staged there
         commit("unstaged", 2.0)
         commit("after unstaged", 2.0)
         fail_once("finish_commit")

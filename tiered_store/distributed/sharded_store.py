@@ -325,15 +325,21 @@ class ShardedStore:
             self._thread.submit(self._commit_round, _refused(step))  # the others fail too
             raise ConfigError(f"commit: step {step!r}; expected an integer step (or None)")
         step = None if step is None else int(step)
-        result, staged, finished = self._wait(
+        result, staged, finished, undropped = self._wait(
             self._thread.submit(self._commit_round, step), "commit"
         )
         self._raise_failed(
             f"commit of step {result} (its first phase, staging)",
             staged,
             CommitError,
-            "nothing was committed on any shard (what the others staged was dropped) and the "
-            "writes are kept: commit again",
+            "nothing was committed on any shard (what the others staged was dropped"
+            + (
+                ""
+                if undropped is None
+                else f", but not this rank's: {undropped}; it stays staged, unseen by readers, "
+                "until the next commit stages over it or the shards' next open drops it"
+            )
+            + ") and the writes are kept: commit again",
         )
         self._torn_steps = None  # every shard is at ``result`` now, or finishes it
         self._raise_failed(
@@ -777,9 +783,10 @@ class ShardedStore:
 
     def _commit_round(
         self, step: int | str | None
-    ) -> tuple[int, list[str | None], list[str | None]]:
+    ) -> tuple[int, list[str | None], list[str | None], str | None]:
         """Agree on the step, stage this shard's writes, then (every shard staged) commit them;
-        (the step, every rank's error of each phase or None: no second phase, none)."""
+        (the step, every rank's error of each phase or None: no second phase, none; this rank's
+        error dropping what it staged after a failed first phase, or None)."""
         self._heartbeat.enter("commit")
         asked = self._all_gather((self.local.committed_step, step))
         if len({s for _, s in asked}) > 1:  # raised on every rank: they stay in step
@@ -791,10 +798,13 @@ class ShardedStore:
         step = max(c for c, _ in asked) + 1 if step is None else step
         staged = self._all_gather(self._local_error(self._prepare_shard, step))
         if any(e is not None for e in staged):
-            if staged[self.rank] is None:  # a drop that fails leaves it to the next open
-                self._local_error(self.local.abort_commit)  # (a shard did not stage: dropped)
-            return step, staged, [None] * self.world
-        return step, staged, self._all_gather(self._local_error(self._finish_shard, step))
+            # every rank that staged drops it; a failed drop leaves it to the next commit's
+            # staging or the next open (a shard did not stage it: the open drops it)
+            undropped = None
+            if staged[self.rank] is None:
+                undropped = self._local_error(self.local.abort_commit)
+            return step, staged, [None] * self.world, undropped
+        return step, staged, self._all_gather(self._local_error(self._finish_shard, step)), None
 
     def _prepare_shard(self, step: int) -> None:
         """Phase 1 on this shard: finish the step it staged and failed to commit in an earlier
