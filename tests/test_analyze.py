@@ -476,6 +476,31 @@ def test_empty_corpus_and_missing_paths_are_clear_errors(tmp_path):
     assert not (tmp_path / "out").exists()  # the staging folder is gone, and the folder made
 
 
+def test_a_holdout_that_takes_every_document_with_text_says_so(tmp_path):
+    """One text file among binaries, drawn into the holdout: the error said the corpus had no
+    tokens to analyse, naming only the skipped files."""
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    (corpus_dir / "a.txt").write_text(TEXTS["en.txt"])
+    for i in range(3):
+        (corpus_dir / f"b{i}.bin").write_bytes(b"\x00\x01" * 10)
+    corpus = resolve_corpus([corpus_dir])
+    seed = next(s for s in range(100) if corpus.holdout_mask(0.5, s)[0])
+    options = AnalyzeOptions(seq_len=SEQ_LEN, holdout=0.5, seed=seed, progress=False)
+    with (
+        pytest.raises(
+            CorpusError,
+            match=r"holdout: every document with text \(1 of 4 files, 3 "
+            r"skipped\) fell in the held-out part .* expected a smaller fraction",
+        ),
+        pytest.warns(SkippedFilesWarning),
+    ):
+        analyze(
+            corpus, tmp_path / "out", config=EngramConfig.from_dict(TINY["engram"]), options=options
+        )
+    assert not (tmp_path / "out").exists()
+
+
 def test_unwritable_output_dir_is_a_clear_error(run, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

@@ -362,6 +362,13 @@ def stage_traces(corpus: Corpus, part_of: np.ndarray, ctx: RunContext) -> Traced
     if warning:
         warn_at_caller(warning, SkippedFilesWarning)
     main = builders[0].stats
+    if main.tokens == 0 and frac and builders[1].stats.tokens:
+        raise CorpusError(
+            f"holdout: every document with text ({builders[1].stats.documents:,} of "
+            f"{len(corpus):,} files, {stats.skipped_count:,} skipped) fell in the held-out part "
+            f"(fraction {frac:g}, seed {options.seed}), none in the main trace; expected a "
+            "smaller fraction or more text files"
+        )
     if main.tokens == 0:
         raise CorpusError(
             f"corpus {corpus.description}: no tokens to analyse"
