@@ -160,3 +160,17 @@ def test_a_corpus_too_small_for_one_batch_is_named_with_its_own_token_count(tmp_
     err = capsys.readouterr().err
     count = int(err.split("corpus: ")[1].split(" tokens")[0].replace(",", ""))
     assert count > 0 and "do not fill one batch of 2 x 64" in err  # it said 0 tokens
+
+
+def test_files_the_demo_cannot_read_as_text_are_named(tmp_path, capsys):
+    # a binary and a latin-1 file in --corpus were dropped without a word
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "small.txt").write_text("the hot rows repeat; the cold tier holds the tail. " * 10)
+    (corpus / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    (corpus / "latin.txt").write_bytes("café crème".encode("latin-1"))
+    argv = [*TINY_ARGS, "--corpus", str(corpus), "--workdir", str(tmp_path)]
+    assert main(["demo", *argv]) == 2  # too small for a batch: the warning comes first
+    err = capsys.readouterr().err
+    assert "tiered-store demo: warning: skipped 2 files (1 binary, 1 not UTF-8): " in err
+    assert f"{corpus / 'blob.bin'} (binary), {corpus / 'latin.txt'} (not UTF-8)" in err

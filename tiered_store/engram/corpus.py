@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..corpus import Corpus, CorpusError, ReadStats, iter_texts
-from ..errors import ConfigError
+from ..corpus import Corpus, CorpusError, ReadStats, SkippedFilesWarning, iter_texts
+from ..errors import ConfigError, warn_at_caller
 from .tokenizer import CompressedTokenizer, encode_texts
 
 __all__ = ["iter_batches", "read_tokens", "token_batches"]
@@ -24,7 +24,8 @@ _ENCODE_CHUNK_FILES = 64  # documents tokenised per encode_batch call (parallel 
 
 def read_tokens(corpus: Corpus, tokenizer: CompressedTokenizer, *, max_tokens: int) -> np.ndarray:
     """Token ids of the corpus's documents in its order, each followed by the end-of-sentence
-    token, at most ``max_tokens`` (int64 [N]); reading stops once enough are read.
+    token, at most ``max_tokens`` (int64 [N]); reading stops once enough are read. Files skipped
+    on the way (binary, not UTF-8, empty, unreadable) are named in a ``SkippedFilesWarning``.
 
     Examples
     --------
@@ -39,6 +40,7 @@ def read_tokens(corpus: Corpus, tokenizer: CompressedTokenizer, *, max_tokens: i
     parts: list[np.ndarray] = []
     total = 0
     texts: list[str] = []
+    stats = ReadStats()
 
     def encode() -> None:
         nonlocal total
@@ -49,13 +51,15 @@ def read_tokens(corpus: Corpus, tokenizer: CompressedTokenizer, *, max_tokens: i
             total += len(ids)
         texts.clear()
 
-    for _, text in iter_texts(corpus.files, ReadStats()):
+    for _, text in iter_texts(corpus.files, stats):
         texts.append(text)
         if len(texts) == _ENCODE_CHUNK_FILES:
             encode()
             if total >= max_tokens:
                 break
     encode()
+    if warning := stats.warning():
+        warn_at_caller(warning, SkippedFilesWarning)
     if not parts:
         raise CorpusError(f"corpus {corpus.description}: no readable text in {len(corpus)} files")
     return np.concatenate(parts)[:max_tokens]
