@@ -18,6 +18,7 @@ from tiered_store.cli import main
 from tiered_store.config import StoreConfig
 from tiered_store.corpus import CorpusError, SkippedFilesWarning, read_text, resolve_corpus
 from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher, load_engram_config
+from tiered_store.engram import tokenizer as tokenizer_module
 from tiered_store.engram.hashing import table_primes
 from tiered_store.errors import ConfigError
 from tiered_store.trace import TraceReader
@@ -823,6 +824,48 @@ def test_the_token_cap_is_kept_and_reported_at_a_document_boundary(tmp_path):
         )
     with pytest.raises(ConfigError, match=r"--targets: got ','; expected e.g. hot=0.3,warm=0.6"):
         parse_targets(",")
+
+
+def test_a_token_cap_tokenises_a_long_document_only_so_far(tmp_path, monkeypatch):
+    """--max-tokens 1000 on one huge file tokenised all of it (a minute per 100 MB) to keep the
+    first thousand tokens; now only its first pieces are, giving the same tokens."""
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 300)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = TEXTS["en.txt"] * 300  # 40,000 characters: 134 pieces
+    (corpus / "big.txt").write_text(text)
+    tokenizer = CompressedTokenizer()
+    rust = tokenizer.tokenizer
+    handed = []
+
+    class Counting:  # the real tokenizer; records how much text it is handed
+        def encode_batch_fast(self, texts, add_special_tokens):
+            handed.append(sum(map(len, texts)))
+            return rust.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+
+    tokenizer.tokenizer = Counting()
+    cap = 2 * SEQ_LEN
+    result = analyze(
+        [corpus],
+        tmp_path / "out",
+        config=EngramConfig.from_dict(TINY["engram"]),
+        tokenizer=tokenizer,
+        options=AnalyzeOptions(
+            seq_len=SEQ_LEN, max_tokens=cap, workers=1, curves=False, progress=False
+        ),
+    )
+    assert sum(handed) <= 8 * (cap + 1) + 300  # what the cap needs at 8 characters a token
+    report = result.report["corpus"]
+    assert (report["documents"], report["tokens"], report["truncated"]) == (1, cap, True)
+    whole = tokenizer_module.encode_texts(rust, [text])[0]  # the same pieces, all of them
+    hasher = NgramHasher(EngramConfig.from_dict(TINY["engram"]), tokenizer)
+    with TraceReader(tmp_path / "out" / "trace.trace") as reader:
+        for layer in hasher.layer_ids:
+            got = _sequences(reader, f"layer{layer}")
+            assert len(got) == 2
+            for k, seq in enumerate(got):
+                tokens = whole[k * SEQ_LEN : (k + 1) * SEQ_LEN]
+                np.testing.assert_array_equal(seq, hasher.row_ids(tokens[None])[layer][0])
 
 
 def test_a_document_dropped_after_the_cap_in_the_same_group_marks_the_run_truncated(tmp_path):

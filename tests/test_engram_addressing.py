@@ -142,6 +142,12 @@ def test_long_texts_are_encoded_in_pieces_of_bounded_size(tok, monkeypatch):
         assert ids.tolist() == [i for piece in by_piece for i in piece]
         whole = rust.encode(text, add_special_tokens=False).ids
         assert abs(len(ids) - len(whole)) <= len(pieces)  # a merge or so differs at a cut
+    calls.clear()  # with limits: a prefix of the same ids, more than the limit, less text read
+    limited = tokenizer_module.encode_texts(Counting(), [source, short, one_line], [5, 0, None])
+    assert sum(calls) < len(source) + len(short) + len(one_line)
+    for ids, whole, limit in zip(limited, out, [5, 0, None], strict=True):
+        assert ids.tolist() == whole[: len(ids)].tolist()
+        assert len(ids) == len(whole) if limit is None else len(ids) > limit
 
 
 def test_compress_rejects_out_of_vocab_and_non_integer_ids(tok):

@@ -44,7 +44,8 @@ def read_tokens(corpus: Corpus, tokenizer: CompressedTokenizer, *, max_tokens: i
 
     def encode() -> None:
         nonlocal total
-        for ids in encode_texts(tokenizer.tokenizer, texts):
+        left = [max_tokens - total] * len(texts)  # a long document is tokenised only so far
+        for ids in encode_texts(tokenizer.tokenizer, texts, left):
             if eos is not None:
                 ids = np.append(ids, eos)
             parts.append(ids)

@@ -35,6 +35,7 @@ _REPLACEMENT_CHAR = "\ufffd"  # decoded text of a partial UTF-8 byte sequence
 # one 100 MB single-line file would take gigabytes, on one thread
 PIECE_CHARS = 1 << 20
 CALL_CHARS = 8 * PIECE_CHARS  # characters handed to one encode_batch call (more if one text is)
+_CHARS_PER_TOKEN = 8  # text queued per token a limited text still needs (text runs 3-5)
 _LOOKUP_MEMO: dict[tuple[str, int, int], np.ndarray] = {}  # (path, size, mtime_ns) -> lookup
 
 
@@ -124,11 +125,15 @@ def _save_cached(path: Path, lookup: np.ndarray) -> None:
         pass
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[np.ndarray]:
+def encode_texts(
+    tokenizer: Any, texts: Sequence[str], limits: Sequence[int | None] | None = None
+) -> list[np.ndarray]:
     """Token ids (int64, no special tokens) of each text, in one parallel ``encode_batch`` of the
     Rust ``tokenizer``. A text longer than ``PIECE_CHARS`` is encoded in pieces cut before a line
     break or a space, so its memory stays bounded; the ids at a cut can differ from the whole
-    text's by a merge across it (a token or so per million characters).
+    text's by a merge across it (a token or so per million characters). With ``limits``, text i's
+    later pieces are not encoded once it has more than ``limits[i]`` tokens (None: no limit): its
+    ids are then a prefix of the unlimited ones, longer than the limit.
 
     Examples
     --------
@@ -141,20 +146,34 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[np.ndarray]:
         for piece in _cut(text, PIECE_CHARS):
             pieces.append(piece)
             owner.append(i)
+    limits = list(limits) if limits is not None else [None] * len(texts)
     encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
-    encoded: list[np.ndarray] = []
-    start = 0
-    while start < len(pieces):  # calls of at most CALL_CHARS characters
-        end, chars = start, 0
-        while end < len(pieces) and (end == start or chars + len(pieces[end]) <= CALL_CHARS):
-            chars += len(pieces[end])
-            end += 1
-        batch = encode(pieces[start:end], add_special_tokens=False)
-        encoded.extend(np.asarray(e.ids, dtype=np.int64) for e in batch)
-        start = end
     out: list[list[np.ndarray]] = [[] for _ in texts]
-    for i, ids in zip(owner, encoded, strict=True):
-        out[i].append(ids)
+    counts = [0] * len(texts)
+    pending = list(range(len(pieces)))
+    while pending:  # calls of at most CALL_CHARS characters
+        call, chars, deferred = [], 0, []
+        queued = [0] * len(texts)  # characters of each text in this call
+        for k, p in enumerate(pending):
+            i, limit = owner[p], limits[owner[p]]
+            if limit is not None and out[i] and counts[i] > limit:
+                continue  # enough of this text: its later pieces are never encoded
+            if call and chars + len(pieces[p]) > CALL_CHARS:
+                deferred.extend(pending[k:])
+                break
+            if limit is not None and queued[i] >= max(
+                _CHARS_PER_TOKEN * (limit + 1 - counts[i]), 1
+            ):
+                deferred.append(p)  # enough text queued for its limit: see what it gives first
+                continue
+            call.append(p)
+            chars += len(pieces[p])
+            queued[owner[p]] += len(pieces[p])
+        batch = encode([pieces[p] for p in call], add_special_tokens=False) if call else []
+        for p, e in zip(call, batch, strict=True):
+            out[owner[p]].append(np.asarray(e.ids, dtype=np.int64))
+            counts[owner[p]] += len(e.ids)
+        pending = deferred
     return [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in out]
 
 

@@ -140,6 +140,7 @@ def _tokenise_worker(
     files: Sequence[Path],
     wanted: Callable[[int], bool],
     group_bytes: Callable[[], int],
+    token_limit: Callable[[int], int | None],
     tokenizer: Any,
     out: queue.Queue,
     stats: ReadStats,
@@ -160,7 +161,8 @@ def _tokenise_worker(
                 size += len(item[1])
             if group and (item is None or size >= group_bytes()):
                 with times.stage("tokenise"):
-                    ids = encode_texts(tokenizer, [t for _, t in group])
+                    limits = [token_limit(i) for i, _ in group]
+                    ids = encode_texts(tokenizer, [t for _, t in group], limits)
                 out.put([(i, x) for (i, _), x in zip(group, ids, strict=True)])
                 group, size = [], 0
             if item is None:
@@ -199,9 +201,25 @@ def _build_traces(
         open_ended = any(b.max_tokens is None for b in builders)
         return GROUP_BYTES if open_ended else min(GROUP_BYTES, max(8 * left, 4096))
 
+    def token_limit(i: int) -> int | None:
+        """Tokens document i's part still takes (None: no cap): a long document is tokenised
+        only so far (the count only falls as documents are added, so it never cuts short)."""
+        builder = builders[part_of[i]]
+        return None if builder.max_tokens is None else builder.max_tokens - builder.stats.tokens
+
     thread = threading.Thread(
         target=_tokenise_worker,
-        args=(corpus.files, wanted, group_bytes, tokenizer.tokenizer, work, stats, times, stop),
+        args=(
+            corpus.files,
+            wanted,
+            group_bytes,
+            token_limit,
+            tokenizer.tokenizer,
+            work,
+            stats,
+            times,
+            stop,
+        ),
         name="analyze-tokenise",
         daemon=True,
     )
