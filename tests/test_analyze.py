@@ -364,6 +364,49 @@ def test_a_link_loop_to_a_file_is_skipped_as_unreadable(tmp_path):
     assert "loop (unreadable)" in stats.warning()
 
 
+def test_a_folder_that_cannot_be_listed_is_named_as_unreadable():
+    """A folder the user may not read, inside the corpus, was left out without a word (os.walk
+    drops what it cannot list), where an unreadable file is named; it is now named too."""
+    import os
+    import shutil
+    import tempfile
+
+    from tiered_store.corpus import ReadStats, iter_texts
+
+    root = Path(tempfile.mkdtemp())  # not under pytest's private base: the other user reads it
+    (root / "locked").mkdir()
+    (root / "a.txt").write_text("a document\n")
+    (root / "locked" / "b.txt").write_text("a document the user may not read\n")
+    os.chmod(root, 0o755)
+    os.chmod(root / "locked", 0)
+    b"x".decode("utf-8-sig")  # load the codec now: the other user may not read the stdlib
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the check, in a process of a user without the permission (root reads all)
+        try:
+            os.close(read)
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            corpus = resolve_corpus([root])
+            stats = ReadStats()
+            texts = [text for _, text in iter_texts(corpus.files, stats)]
+            os.write(write, json.dumps([len(corpus), texts, stats.warning()]).encode())
+        except BaseException as exc:
+            os.write(write, repr(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        found = f.read()
+    os.chmod(root / "locked", 0o755)
+    shutil.rmtree(root)
+    files, texts, warning = json.loads(found)
+    assert (files, texts) == (2, ["a document\n"])
+    assert warning == f"skipped 1 file (1 unreadable): {root / 'locked'} (unreadable)"
+
+
 def test_names_that_are_not_utf8_are_escaped_in_the_report(tmp_path):
     """A corpus folder or a skipped file named in latin-1 (b'caf\\xe9') killed the run at its
     end: writing report.md raised UnicodeEncodeError, and nothing was published."""

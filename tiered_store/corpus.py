@@ -137,9 +137,15 @@ class Corpus:
 def _walk(directory: Path) -> Iterator[Path]:
     """Files under ``directory``, sorted, skipping hidden entries and cache folders (pipes and
     devices too: :func:`read_text` skips them); links to folders are followed, each folder walked
-    once (a link loop ends there)."""
+    once (a link loop ends there). A folder that cannot be listed is yielded itself, for
+    :func:`read_text` to name as unreadable."""
     walked = {_identity(directory)}
-    for root, dirs, files in os.walk(directory, followlinks=True):
+    unlisted: list[Path] = []
+    for root, dirs, files in os.walk(
+        directory, onerror=lambda e: unlisted.append(Path(e.filename)), followlinks=True
+    ):
+        yield from unlisted
+        unlisted.clear()
         kept = []
         for d in sorted(dirs):
             if d.startswith(".") or d in _SKIPPED_DIRS:
@@ -152,6 +158,7 @@ def _walk(directory: Path) -> Iterator[Path]:
         for name in sorted(files):
             if not name.startswith("."):
                 yield Path(root) / name
+    yield from unlisted
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -333,8 +340,8 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
     Reasons: ``"binary"`` (a NUL byte in the first 64 KiB), ``"not UTF-8"``, ``"empty"``
     (nothing but whitespace), ``"not a regular file"`` (a pipe, socket or device, or a link to
     one: never opened, as its read may wait for a writer or never end) and ``"unreadable"`` (an
-    OS error, or a ``*.gz`` file that does not decompress). A ``*.gz`` file is decompressed
-    first; ``size`` is its decompressed size.
+    OS error, a ``*.gz`` file that does not decompress, or a folder that could not be listed). A
+    ``*.gz`` file is decompressed first; ``size`` is its decompressed size.
 
     Examples
     --------
@@ -345,7 +352,10 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
     ('Grüße', None, 7)
     """
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):  # a folder of the corpus that could not be listed
+            return None, "unreadable", 0
+        if not stat.S_ISREG(mode):
             return None, "not a regular file", 0
         data = path.read_bytes()
         if path.suffix == ".gz":
