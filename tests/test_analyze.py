@@ -430,6 +430,25 @@ def test_names_that_are_not_utf8_are_escaped_in_the_report(tmp_path):
     assert report["corpus"]["read"]["skipped_files"]["binary"] == [str(corpus / "caf\udce9.bin")]
 
 
+def test_a_large_binary_file_is_not_read_whole_to_be_skipped(tmp_path):
+    """Model weights or a disk image in a corpus folder were read whole into memory to find the
+    NUL byte in their first 64 KiB (a 30 GiB image: a MemoryError or an out-of-memory kill)."""
+    import tracemalloc
+
+    weights = tmp_path / "weights.safetensors"
+    with open(weights, "wb") as f:  # sparse: no disk used
+        f.write(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+        f.truncate(256 << 20)
+    tracemalloc.start()
+    try:
+        found = read_text(weights)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert found == (None, "binary", 64 << 10)
+
+
 def test_pipes_and_devices_in_a_folder_are_skipped_and_one_named_is_a_clear_error(tmp_path):
     """A FIFO in a corpus folder was read as a document: the read waited for a writer forever
     (and a link to /dev/zero grew without end). They are skipped as not regular files."""
