@@ -739,3 +739,30 @@ def _reported_bytes(report: dict, tier: str, capacity: int, *, rows: int) -> int
         + rows * meta["per_table_row"]
         + meta["per_tier"]
     )
+
+
+def test_analyze_store_config_says_its_stall_is_modelled_cold_and_its_preload_starts_warm(
+    text_trace,
+):
+    # the comment stated the modelled (cold-start) stall of a config that preloads both tiers, so
+    # replaying the file gave another stall than the one it stated, without a word why
+    path = text_trace.parent / "layer1.store.yaml"
+    text = path.read_text()
+    config = StoreConfig.from_yaml(path)
+    assert config.tiers.hot.preload_rows and config.tiers.warm.preload_rows  # warm start kept
+    stated = float(text.split(", stall ", 1)[1].split(" s ", 1)[0])
+    cold = config.tiers.model_copy(
+        update={
+            t: getattr(config.tiers, t).model_copy(update={"preload_rows": None})
+            for t in ("hot", "warm")
+        }
+    )
+    cold_stall = replay(
+        config.model_copy(update={"tiers": cold}), text_trace
+    ).modelled_stall_seconds
+    warm_stall = replay(config, text_trace).modelled_stall_seconds
+    assert cold_stall == pytest.approx(stated, rel=STALL_TOLERANCE)
+    assert warm_stall < stated * (1 - STALL_TOLERANCE)  # preloading: less, and not the figure
+    comment = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    assert "modelled from a cold start" in comment
+    assert "preload_rows below start both tiers warm" in comment

@@ -65,7 +65,10 @@ def store_yaml(
             f"# from {trace}: hot {format_bytes(split['hot_bytes'])}, warm "
             f"{format_bytes(split['warm_bytes'])}; modelled hot hit {split['hot_hit_ratio']:.4f}, "
             f"warm hit {split['warm_hit_ratio']:.4f}, fetch {split['fetch_ratio']:.4f}, stall "
-            f"{split['stall_seconds']:.4f} s (report.json: tier_split). The targets gave:",
+            f"{split['stall_seconds']:.4f} s (report.json: tier_split), modelled from a cold start;",
+            "# the preload_rows below start both tiers warm, so replaying this file gives another, "
+            "usually lower, stall",
+            "# (replay it without preload_rows to check the model). The targets gave:",
             *notes,
         ]
     doc = {"table": {"path": f"{name}.npy", "dim": int(layout["dim"])}, "tiers": tiers}
