@@ -24,7 +24,7 @@ import yaml
 from policies import PolicySpec
 from tiered_store.cli import main
 from tiered_store.config import StoreConfig
-from tiered_store.errors import ConfigError
+from tiered_store.errors import ConfigError, TraceFormatError
 from tiered_store.row_cache import RowCache
 from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.analyze import AnalyzeOptions, analyze, summary_lines
@@ -425,6 +425,17 @@ def test_analyze_writes_the_split_for_its_budgets_into_the_store_config(text_tra
     ]
     assert "for the targets (the store config takes the tier split" in line
     assert "-> layer1.store.yaml" not in line
+
+
+def test_a_table_with_no_lookups_is_refused_not_sized(tmp_path):
+    # through the Python API it gave a 0/0 recommendation over 0 batches (the CLI refused earlier)
+    path = tmp_path / "two.trace"
+    with TraceWriter(
+        path, {"tables": [{"name": "a", "rows": 1000}, {"name": "b", "rows": 1000}]}
+    ) as w:
+        w.write(np.arange(50), "a")
+    with pytest.raises(TraceFormatError, match="two.trace: table 'b' has no lookups"):
+        recommend_split(_config(), path, table="b", gpu_budget="64KiB", host_budget="64KiB")
 
 
 def test_analyze_refuses_bad_budgets_before_any_work(tmp_path):

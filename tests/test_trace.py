@@ -222,6 +222,30 @@ def test_header_that_is_not_a_json_object(tmp_path, head):
         TraceReader(p)
 
 
+@pytest.mark.parametrize("rows", [b'"lots"', b"1.5   ", b"0     ", b"true  "])
+def test_a_header_whose_table_rows_are_not_a_row_count_is_refused(tmp_path, rows):
+    # a foreign writer's "rows": "lots" was read without a check and gave replay and tier sizing
+    # a bare int() ValueError; 1.5 was taken as 1 row
+    import struct
+    import zlib
+
+    from tiered_store.trace import _PREAMBLE
+
+    p = tmp_path / "odd.trace"
+    with TraceWriter(p, {"tables": [{"name": "a", "rows": 100000}]}) as w:
+        w.write(np.arange(5), "a")
+    data = bytearray(p.read_bytes())
+    n = _PREAMBLE.unpack(data[: _PREAMBLE.size])[3]
+    head = bytes(data[_PREAMBLE.size : _PREAMBLE.size + n]).replace(b"100000", rows, 1)
+    data[_PREAMBLE.size : _PREAMBLE.size + n + 4] = head + struct.pack("<I", zlib.crc32(head))
+    p.write_bytes(data)
+    with pytest.raises(
+        TraceFormatError,
+        match=r"odd.trace: trace header 'tables\[0\].rows': got .*; expected an integer >= 1",
+    ):
+        TraceReader(p)
+
+
 def _rewrite_footer(path, edit):
     """Apply ``edit`` to the trace's footer dict and write it back with a matching checksum, as a
     buggy or foreign writer would."""

@@ -512,6 +512,10 @@ class TraceReader:
             raise self._fail(f"header is {json.dumps(header)[:40]}; expected a JSON object")
         if header.get("magic") != HEADER_MAGIC:
             raise self._fail(f"header magic {header.get('magic')!r}; expected {HEADER_MAGIC!r}")
+        try:  # the table layout the writer checks (a foreign writer's may not hold)
+            TraceWriter._parse_layout(header.get("tables"))
+        except TraceFormatError as exc:
+            raise self._fail(str(exc)) from None
         self._data_start = _PREAMBLE.size + head_len + 4
         return header
 

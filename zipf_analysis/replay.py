@@ -474,6 +474,15 @@ def ids_checked(layout: dict[str, Any]) -> bool:
     return isinstance(rows, int) and not isinstance(rows, bool)
 
 
+def require_lookups(reader: TraceReader, index: int) -> None:
+    """Refuse a trace table with no lookups (nothing to replay or model), naming the trace and table."""
+    if reader.lookups(index) == 0:
+        raise TraceFormatError(
+            f"trace {reader.path}: table {reader.tables[index]!r} has no lookups; expected a "
+            "trace with lookups of the table to replay"
+        )
+
+
 def check_row_ids(ids: np.ndarray, rows: int, what: str) -> None:
     """Refuse ``ids`` outside ``[0, rows)`` (a trace of another table), naming ``what``."""
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):

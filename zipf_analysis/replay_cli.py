@@ -18,11 +18,18 @@ from tiered_store.cache_plan import PinnedRowsWarning
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import DefaultsHelpFormatter
 from tiered_store.config import StoreConfig
-from tiered_store.errors import ConfigError, TraceFormatError
+from tiered_store.errors import ConfigError
 from tiered_store.trace import TraceReader
 
 from .mrc import MissRatioCurve, lru_mrc, offline_mrc
-from .replay import ReplayResult, check_row_ids, ids_checked, replay, table_geometry
+from .replay import (
+    ReplayResult,
+    check_row_ids,
+    ids_checked,
+    replay,
+    require_lookups,
+    table_geometry,
+)
 from .tier_split import DEFAULT_POINTS, SplitRecommendation, parse_budgets, recommend_split
 
 if TYPE_CHECKING:
@@ -187,11 +194,7 @@ def _replay_and_report(
             file=sys.stderr,
         )
     rows, row_bytes = table_geometry(config, layout)
-    if reader.lookups(index) == 0:
-        raise TraceFormatError(
-            f"trace {reader.path}: table {reader.tables[index]!r} has no lookups; expected a "
-            "trace with lookups of the table to replay"
-        )
+    require_lookups(reader, index)
     caps = _sweep_capacities(args.sweep, rows, row_bytes) if args.sweep else []
     created = _out_dir(args.out)
     try:

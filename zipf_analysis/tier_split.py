@@ -76,7 +76,7 @@ from tiered_store.trace import TraceReader
 
 from . import mrc_kernels as kernels
 from .mrc import MIN_TIME_CAPACITY, TIME_AXIS_GROWTH, compact_time_axis, time_axis
-from .replay import batch_fetch_seconds, check_row_ids, table_geometry
+from .replay import batch_fetch_seconds, check_row_ids, require_lookups, table_geometry
 from .tier_models import PinRanks, TierModel, tier_models
 
 __all__ = [
@@ -719,6 +719,7 @@ def recommend_split(
     index = trace.table_index(table if table is not None else 0)
     layout = trace.layout[index]
     rows, row_bytes = table_geometry(config, layout)
+    require_lookups(trace, index)
     kinds = {"hot": config.tiers.hot.index, "warm": config.tiers.warm.index}
     flags = {"hot": "--gpu-budget", "warm": "--host-budget"}
     models = tier_models(config, rows)
