@@ -27,6 +27,10 @@ DEFAULT_VICTIM_BUFFER = 4096
 VICTIM_BUFFER_BATCHES = 8
 VICTIM_BUFFER_SHARE = 16
 SLOT_BYTES = 8 + 1 + 8  # per slot, whatever the policy: owner row, unevictable flag, free list
+# per slot of a tier whose policy's keys only grow (LRU, zipf-tuned's recency segment): the victim
+# buffer's slot and key (8 + 8 B), counted at its most, one entry per slot (a batch that needs
+# many victims refills it with up to every evictable slot)
+VICTIM_BUFFER_SLOT_BYTES = 8 + 8
 QUEUE_SLOT_BYTES = 8  # per slot once a request was announced: the token of its row's next use
 # With requests queued (tiered_store.request_queue), a victim search looks over the policy's next
 # QUEUE_SCAN x victims needed, at least QUEUE_SCAN_MIN, for rows no queued request looks up
@@ -118,9 +122,12 @@ class RowCache:
 
     def metadata_bytes(self) -> dict[str, float]:
         """Bytes of index and policy metadata: per table row, per slot, and fixed per tier (with
-        a zipf-tuned tier's online re-pin state, :attr:`online`, once attached)."""
+        the victim buffer of a policy whose keys only grow, at its most, and a zipf-tuned tier's
+        online re-pin state, :attr:`online`, once attached)."""
         index = self.index.bytes_per() if self.index else {"per_table_row": 0, "per_slot": 0}
         per_slot = SLOT_BYTES + self.eviction.bytes_per_slot + index["per_slot"]
+        if self._victim_buffer:  # at its most: one entry per slot
+            per_slot += VICTIM_BUFFER_SLOT_BYTES
         if self._next_use is not None:  # once a request was announced: its next use per slot
             per_slot += QUEUE_SLOT_BYTES
         per_row = index["per_table_row"] + self.admission.bytes_per_row

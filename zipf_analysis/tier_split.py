@@ -44,7 +44,8 @@ RAM, as for :func:`zipf_analysis.replay.replay_offline`.
 
 Memory counted against a budget: each tier's payload (rows x row bytes) plus its metadata, as
 :meth:`tiered_store.row_cache.RowCache.metadata_bytes` counts it (slot owner, flags and free list,
-the eviction policy's key, e.g. the LRU clock of an LRU or zipf-tuned tier, the row index: dense
+the eviction policy's key, e.g. the LRU clock of an LRU or zipf-tuned tier, and such a tier's
+victim buffer at its most, 16 B per slot; the row index: dense
 per table row or hashed per slot, ``tiers.*.index``; the admission filter's, e.g. a ``+tinylfu``
 tier's sketch, sized by the tier; a zipf-tuned tier's online re-pin state, where it re-pins
 online: a count and stamp per slot and a sketch, :class:`tiered_store.online_repin.OnlineRepin`).
@@ -70,7 +71,7 @@ from tiered_store.capacity import format_bytes, parse_bytes
 from tiered_store.config import CostModelConfig, StoreConfig
 from tiered_store.errors import ConfigError
 from tiered_store.online_repin import OnlineRepin
-from tiered_store.row_cache import SLOT_BYTES
+from tiered_store.row_cache import SLOT_BYTES, VICTIM_BUFFER_SLOT_BYTES
 from tiered_store.row_index import index_bytes
 from tiered_store.trace import TraceReader
 
@@ -110,8 +111,8 @@ def parse_budget(text: str | int, *, flag: str) -> int:
     --------
     >>> parse_budget("8GiB", flag="--gpu-budget"), parse_budget("0", flag="--gpu-budget")
     (8589934592, 0)
-    >>> parse_budget("400281", flag="--gpu-budget")  # as the too-small error states a minimum
-    400281
+    >>> parse_budget("400297", flag="--gpu-budget")  # as the too-small error states a minimum
+    400297
     >>> parse_budget("lots", flag="--host-budget")
     Traceback (most recent call last):
     ...
@@ -165,7 +166,8 @@ def tier_bytes(
     repin: int | None = None,
 ) -> int:
     """Bytes a cache tier of ``capacity`` rows takes: payload plus the metadata a ``RowCache``
-    keeps (per slot: owner, flags, free list, the eviction policy's key, a hashed index's entries;
+    keeps (per slot: owner, flags, free list, the eviction policy's key and, for a policy whose
+    keys only grow (LRU), its victim buffer at its most, a hashed index's entries;
     per table row: a dense index; the admission filter's, e.g. a TinyLFU sketch sized by the
     tier; a zipf-tuned tier's online re-pin state). ``policy``: the eviction policy (a
     ``PolicySpec.eviction``; None: none, as ``static``); ``admission``: the filter (a
@@ -176,12 +178,12 @@ def tier_bytes(
 
     Examples
     --------
-    >>> tier_bytes(1000, rows=100_000, row_bytes=256)   # 256 B payload + 25 B per slot, 4 B per table row
-    681000
+    >>> tier_bytes(1000, rows=100_000, row_bytes=256)   # 256 B payload + 41 B per slot, 4 B per table row
+    697000
     >>> tier_bytes(1000, rows=100_000, row_bytes=256, admission="tinylfu")  # + 8 x 8,192 B sketch
-    746536
+    762536
     >>> tier_bytes(1000, rows=100_000, row_bytes=256, repin=2)  # + 10 B per slot, 32,768 B sketch
-    723768
+    739768
     >>> tier_bytes(0, rows=100_000, row_bytes=256)
     0
     """
@@ -191,6 +193,8 @@ def tier_bytes(
     filt = ADMISSION[admission].bytes_for(capacity)
     online = OnlineRepin.bytes_for(capacity, repin) if repin else {"per_slot": 0, "per_tier": 0}
     policy_bytes = EVICTION[policy].bytes_per_slot if policy else 0
+    if policy and EVICTION[policy].keys_only_grow:  # its victim buffer, at its most
+        policy_bytes += VICTIM_BUFFER_SLOT_BYTES
     per_slot = row_bytes + SLOT_BYTES + policy_bytes + idx["per_slot"] + online["per_slot"]
     per_row = idx["per_table_row"] + filt["per_table_row"]
     per_tier = filt["per_tier"] + online["per_tier"]
@@ -213,12 +217,12 @@ def max_capacity(
 
     Examples
     --------
-    >>> max_capacity(681_000, rows=100_000, row_bytes=256)
+    >>> max_capacity(697_000, rows=100_000, row_bytes=256)
     1000
     >>> max_capacity(1000, rows=100_000, row_bytes=256, flag="--gpu-budget")
     Traceback (most recent call last):
     ...
-    tiered_store.errors.ConfigError: --gpu-budget: 1000 bytes (1000 B) holds no row of this table; expected at least 400281 bytes (390.9 KiB: one 256-byte row and the tier's metadata, 400,000 of them a dense index over the table's 100,000 rows), or 0 for no tier
+    tiered_store.errors.ConfigError: --gpu-budget: 1000 bytes (1000 B) holds no row of this table; expected at least 400297 bytes (390.9 KiB: one 256-byte row and the tier's metadata, 400,000 of them a dense index over the table's 100,000 rows), or 0 for no tier
     """
     if budget <= 0:
         return 0
