@@ -695,3 +695,26 @@ def test_replay_command_that_cannot_write_its_results_is_a_clear_error(tmp_path,
         "for it)\n"
     )
     assert not out.exists()  # the folder this run made, empty, is gone too
+
+
+@pytest.mark.parametrize("dim", [66, 64, 1500])  # 264 B rows (V4.1's width), 256 B, 6,000 B
+def test_the_cost_model_prices_the_pages_the_cold_reader_reads(tmp_path, dim):
+    # a cold row was priced at ceil(row_bytes / 4096) pages, but the reader reads every page a row
+    # lies in: 264 B rows cross a page boundary at 1 row position in 16, 6,000 B rows cost 2.46
+    from tiered_store.cold_table import ColdTable
+    from tiered_store.config import CostModelConfig
+    from tiered_store.table_format import PAGE_BYTES
+    from zipf_analysis.replay import batch_fetch_seconds
+
+    row_bytes = 4 * dim
+    period = PAGE_BYTES // np.gcd(row_bytes, PAGE_BYTES)  # row offsets in a page repeat after it
+    step = -(-(row_bytes + PAGE_BYTES) // row_bytes) | 1  # odd, so coprime with the period (a
+    # power of 2): rows k * step take every offset once; and far enough that no two share a page
+    path, _ = make_table(tmp_path, rows=step * period, dim=dim)
+    ids = np.arange(period) * step
+    with ColdTable(path, threads=1) as table:
+        table.read_rows(ids)
+        pages_read = table.bytes_read / PAGE_BYTES
+    cost = CostModelConfig(nvme_latency_us=0.0, hbm_gbps=1e9, dram_gbps=1e9, pcie_gbps=1e9)
+    modelled = batch_fetch_seconds(cost, row_bytes, 0, 0, 0, ids.size) * cost.nvme_read_iops
+    assert modelled == pytest.approx(pages_read, rel=1e-6)
