@@ -834,9 +834,7 @@ def test_a_table_interrupted_right_after_a_temporary_file_was_made_leaves_none(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_scratch_directory_interrupted_right_after_it_was_made_leaves_none(
-    tmp_path, monkeypatch
-):
+def test_a_scratch_directory_interrupted_right_after_it_was_made_leaves_none(tmp_path, monkeypatch):
     """bench_policies.py stopped by SIGTERM as it made its work directory (`tempfile.mkdtemp`,
     then `try`) left `bench-policies-XXXX` behind: the signal's KeyboardInterrupt came after
     the directory existed, before the cleanup held its name (seen once in a full test run). A
