@@ -1301,7 +1301,7 @@ def test_a_shard_failing_either_phase_of_a_commit_leaves_every_shard_at_one_step
         assert r["unstaged committed here"] == [1, 1.0] and r["unstaged rows"] == [2.0, 2.0]
         assert r["after unstaged"] == 2 and r["after unstaged committed here"] == [2, 2.0]
         assert r["after unstaged staged"] is None  # staged over, then committed
-        assert r["unfinished"] == f"CommitError: [Errno 5] rank {rank}: sharded commit of step 3 (its second phase) failed on 1 of 2 rank(s): rank 1: CommitError: finish_commit: no space left on device (the test's); every shard had staged it, so step 3 is committed: the other shards hold it, and the failed ones keep it staged and finish it at the next commit() or when the shards are next opened"  # fmt: skip
+        assert r["unfinished"] == f"CommitError: [Errno 5] rank {rank}: sharded commit of step 3 (its second phase) failed on 1 of 2 rank(s): rank 1: CommitError: finish_commit: no space left on device (the test's); every shard had staged it, so step 3 is committed: the failed shards keep it staged and finish it at the next commit() or when the shards are next opened"  # fmt: skip
         assert r["unfinished step"] == 3 and r["unfinished rows"] == [3.0, 3.0]
         assert r["unfinished staged"] == (3 if rank == 1 else None)
         assert r["unfinished committed here"] == ([2, 2.0] if rank == 1 else [3, 3.0])

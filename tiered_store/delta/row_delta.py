@@ -540,7 +540,7 @@ class RowDelta:
             raise CommitError(
                 f"delta: commit of the staged step {step} to {self.path}: "
                 f"{'nothing is staged' if staged_step is None else f'step {staged_step} is staged'}"
-                f"; expected step {step} staged (by ``stage``)"
+                f"; expected step {step} staged (by stage)"
             )
 
         def write(txn: lmdb.Transaction) -> None:

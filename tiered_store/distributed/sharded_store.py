@@ -346,9 +346,8 @@ class ShardedStore:
             f"commit of step {result} (its second phase)",
             finished,
             CommitError,
-            f"every shard had staged it, so step {result} is committed: the other shards hold "
-            "it, and the failed ones keep it staged and finish it at the next commit() or when "
-            "the shards are next opened",
+            f"every shard had staged it, so step {result} is committed: the failed shards keep "
+            "it staged and finish it at the next commit() or when the shards are next opened",
         )
         return result
 
@@ -414,10 +413,11 @@ class ShardedStore:
 
     @property
     def committed_step(self) -> int:
-        """The step of this rank's shard's last commit (every rank's, after a good commit); when
-        the shards were opened at different steps (a commit interrupted on some ranks), the
-        oldest of them on every rank until a commit succeeds everywhere: a training job resumes
-        from it and redoes the newer steps on every shard."""
+        """The step of the shards' last commit, the same on every rank: after a commit whose
+        second phase failed on some shards, its step (decided; they finish it later). When the
+        shards were opened at different steps (shards committed one by one, or by a version
+        before the two-phase commit), the oldest of them on every rank until a commit succeeds
+        everywhere: a training job resumes from it and redoes the newer steps on every shard."""
         if self._torn_steps is not None:
             return min(self._torn_steps)
         if self._unfinished is not None:  # decided: staged here, committed on the others
