@@ -484,11 +484,33 @@ def training_misuse_worker(rank: int, world: int, port: int, trainable: str, out
     _report(out, rank, result)
 
 
+def _opened_and_recorded(
+    cfg: dict, result: dict, name: str, ids: torch.Tensor | None = None
+) -> Any:
+    """``ShardedStore.open(cfg)``, recording under ``name`` its warnings, committed step, this
+    shard's staged step and the rows of ``ids`` (each row's first value; every row, whole, when
+    None)."""
+    import warnings
+
+    from tiered_store.distributed import ShardedStore
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = ShardedStore.open(cfg)
+    result[f"{name} warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+    result[f"{name} step"] = store.committed_step
+    result[f"{name} staged"] = store.local.staged_step
+    if ids is None:
+        result[f"{name} rows"] = store.lookup(torch.arange(store.rows)).float().tolist()
+    else:
+        result[f"{name} rows"] = [float(v) for v in store.lookup(ids)[:, 0]]
+    return store
+
+
 def torn_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank, over shards committed at different steps (a torn commit): reopened, every
     rank warns and reports the oldest step, and the step redone on every rank commits, on the
     shard already at it too; reopened again, the table is whole."""
-    import warnings
 
     from tiered_store.distributed import ShardedStore
 
@@ -497,13 +519,7 @@ def torn_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) 
     cfg = _store_config(Path(plain), world, "rows")
 
     def reopened(name: str) -> ShardedStore:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            store = ShardedStore.open(cfg)
-        result[f"{name} warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
-        result[f"{name} step"] = store.committed_step
-        result[f"{name} rows"] = [float(v) for v in store.lookup(torch.tensor([3, 460]))[:, 0]]
-        return store
+        return _opened_and_recorded(cfg, result, name, torch.tensor([3, 460]))
 
     try:
         with reopened("torn") as store:
@@ -562,7 +578,6 @@ def resumed_commit_worker(rank: int, world: int, port: int, plain: str, out: Pat
     """Every rank, over shards a killed sharded commit of rows 3 and 460 (2.0, step 2) left
     behind: reopened (warnings, step, every row, this shard's staged step), the step redone
     where the shards are at step 1, and reopened again."""
-    import warnings
 
     from tiered_store.distributed import ShardedStore
 
@@ -571,14 +586,7 @@ def resumed_commit_worker(rank: int, world: int, port: int, plain: str, out: Pat
     cfg = _store_config(Path(plain), world, "rows")
 
     def reopened(name: str) -> ShardedStore:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            store = ShardedStore.open(cfg)
-        result[f"{name} warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
-        result[f"{name} step"] = store.committed_step
-        result[f"{name} staged"] = store.local.staged_step
-        result[f"{name} rows"] = store.lookup(torch.arange(store.rows)).float().tolist()
-        return store
+        return _opened_and_recorded(cfg, result, name)
 
     try:
         with reopened("reopened") as store:
@@ -689,14 +697,7 @@ def failed_phase_worker(rank: int, world: int, port: int, plain: str, out: Path)
             warnings.simplefilter("always")  # its writes, staged: the next open commits them
             store.close()
         result["closed again warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            store = ShardedStore.open(cfg)
-        result["reopened warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
-        with store:
-            result["reopened step"] = store.committed_step
-            result["reopened staged"] = store.local.staged_step
-            result["reopened rows"] = [float(v) for v in store.lookup(ids)[:, 0]]
+        _opened_and_recorded(cfg, result, "reopened", ids).close()
         dist_destroy()
     except BaseException:
         result["crash"] = traceback.format_exc()

@@ -1093,7 +1093,7 @@ def test_one_rank_misusing_a_collective_is_refused_and_the_ranks_stay_in_step(tm
     out = tmp_path / "out"
     out.mkdir()
     codes = run_ranks(misuse_worker, 2, (str(plain), out), 120)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     steps = [dict(r["steps"][0::2]) for r in results]  # name -> outcome, per rank
     assert all(step == ["in step", results[0]["steps"][1][1]] for step in results[1]["steps"][1::2])
@@ -1130,7 +1130,7 @@ def test_a_training_step_refused_on_one_rank_is_refused_on_all_and_keeps_the_gra
     out = tmp_path / "out"
     out.mkdir()
     codes = run_ranks(training_misuse_worker, 2, (str(trainable), out), 60)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     assert results[1]["repeated"] == "ConfigError: step: 1; expected more than the last step, 1 (each optimizer step is applied once)"  # fmt: skip
     assert results[0]["repeated"].startswith("StepMismatchError: rank 0: update_rows: rank 1: its gradients or step were refused there (see its own error)")  # fmt: skip
@@ -1169,7 +1169,7 @@ def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
     from tests.distributed_support import torn_commit_worker
 
     codes = run_ranks(torn_commit_worker, 2, (str(plain), out), 60)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for rank, result in enumerate(results):
         (warning,) = result["torn warnings"]
@@ -1212,7 +1212,7 @@ def test_a_rank_0_killed_inside_a_commit_is_named_in_time_and_the_shards_reopen_
     assert "rank 0 died" in result["error"], result
     assert result["seconds"] <= 2 * 6, result  # the timeout, plus slack on a loaded machine
     codes = run_ranks(resumed_commit_worker, 2, (str(plain), out), 60)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     uninterrupted = {}
     for value in (1.0, 2.0):  # every row as an uninterrupted run leaves it after each step
@@ -1254,7 +1254,7 @@ def test_a_staged_step_whose_shard_another_process_writes_is_left_to_it_until_re
     out = tmp_path / "out"
     out.mkdir()
     codes = run_ranks(locked_staged_worker, 2, (str(plain), out), 60)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for rank, result in enumerate(results):
         (warning,) = result["warnings"]
@@ -1267,7 +1267,7 @@ def test_a_staged_step_whose_shard_another_process_writes_is_left_to_it_until_re
     with pytest.warns(UncommittedWritesWarning):
         writers.pop().close()
     codes = run_ranks(resumed_commit_worker, 2, (str(plain), out), 60)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for result in results:
         assert result["reopened warnings"] == [] and result["reopened step"] == 2
@@ -1290,7 +1290,7 @@ def test_a_shard_failing_either_phase_of_a_commit_leaves_every_shard_at_one_step
     out = tmp_path / "out"
     out.mkdir()
     codes = run_ranks(failed_phase_worker, 2, (str(plain), out), 90)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for rank, r in enumerate(results):
         assert r["first"] == r["first step"] == 1 and r["first committed here"] == [1, 1.0]
@@ -1339,7 +1339,7 @@ def test_a_compacted_shard_opens_with_its_committed_rows_on_every_rank(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     codes = run_ranks(compacted_shard_worker, 2, (str(plain), out), 60)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for result in results:
         assert result["step"] == 1 and result["rows"] == [2.0, 2.0]
@@ -1413,7 +1413,7 @@ def test_ranks_in_different_collectives_are_named_with_the_kinds_of_round(tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     run_ranks(crossed_rounds_worker, 2, (str(plain), out), 60)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = _results(out, 2)
     assert not any("crash" in r for r in results), results
     assert "rank 1 is in an update round where this rank is in a lookup one" in results[0]["error"]
     assert "rank 0 is in a lookup round where this rank is in an update one" in results[1]["error"]
@@ -1627,7 +1627,7 @@ def test_sharded_writes_commits_and_training_equal_one_store_given_the_same(tmp_
     out = tmp_path / "out"
     out.mkdir()
     codes = run_ranks(sharded_writes_worker, world, (str(plain), str(trainable), out), 120)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    results = _results(out, world)
     assert codes == [0] * world and not any("crash" in r for r in results), [
         r.get("crash") for r in results
     ]

@@ -1063,7 +1063,8 @@ def _torn_message(rank: int, steps: list[int]) -> str:
     """
     return (
         f"rank {rank}: the shards were committed at different steps ({_ranks_by_value(steps)}): "
-        "a commit was interrupted after some ranks had committed, so lookups mix steps; "
+        "a commit was interrupted after some ranks had committed (by a version before the "
+        "two-phase commit), or shards were committed one by one, so lookups mix steps; "
         f"committed_step is the oldest, {min(steps)}, on every rank: resume from it and redo the "
         "later steps on every rank (a shard already at a redone step commits it again)"
     )
