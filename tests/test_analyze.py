@@ -449,6 +449,28 @@ def test_a_large_binary_file_is_not_read_whole_to_be_skipped(tmp_path):
     assert found == (None, "binary", 64 << 10)
 
 
+def test_a_large_gzipped_binary_file_is_not_decompressed_whole_to_be_skipped(tmp_path):
+    """A gzipped binary (a disk image, a .tar.gz: NUL bytes in its first 64 KiB) was decompressed
+    whole into memory to be skipped: a 2 MB file of 400 MiB took 800 MiB."""
+    import tracemalloc
+    import zlib
+
+    image = tmp_path / "disk.img.gz"
+    packer = zlib.compressobj(1, zlib.DEFLATED, 31)  # gzip framing
+    with open(image, "wb") as f:
+        for _ in range(64):  # 64 MiB of NUL bytes, about 300 kB gzipped
+            f.write(packer.compress(bytes(1 << 20)))
+        f.write(packer.flush())
+    tracemalloc.start()
+    try:
+        found = read_text(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+    assert found == (None, "binary", 64 << 10)
+
+
 def test_pipes_and_devices_in_a_folder_are_skipped_and_one_named_is_a_clear_error(tmp_path):
     """A FIFO in a corpus folder was read as a document: the read waited for a writer forever
     (and a link to /dev/zero grew without end). They are skipped as not regular files."""

@@ -341,8 +341,8 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
     (nothing but whitespace), ``"not a regular file"`` (a pipe, socket or device, or a link to
     one: never opened, as its read may wait for a writer or never end) and ``"unreadable"`` (an
     OS error, a ``*.gz`` file that does not decompress, or a folder that could not be listed). A
-    ``*.gz`` file is decompressed first; ``size`` is its decompressed size. Of another binary file
-    only the first 64 KiB are read (and counted in ``size``).
+    ``*.gz`` file is decompressed first; ``size`` is its decompressed size. Of a binary file (a
+    ``*.gz`` one too) only the first 64 KiB are read or decompressed (and counted in ``size``).
 
     Examples
     --------
@@ -358,14 +358,12 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
             return None, "unreadable", 0
         if not stat.S_ISREG(mode):
             return None, "not a regular file", 0
-        if path.suffix == ".gz":
-            data = gzip.decompress(path.read_bytes())
-        else:
-            with open(path, "rb") as f:  # a binary file is read no further than its probe
-                data = f.read(_BINARY_PROBE)
-                if b"\x00" not in data:
-                    f.seek(0)
-                    data = f.read()
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:  # a binary file is read no further than its probe
+            data = f.read(_BINARY_PROBE)
+            if b"\x00" not in data:
+                f.seek(0)  # one buffer of the whole text (a *.gz one rewinds and decompresses)
+                data = f.read()
     except (OSError, EOFError, zlib.error):
         return None, "unreadable", 0
     if b"\x00" in data[:_BINARY_PROBE]:
