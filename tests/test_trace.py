@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -244,6 +245,30 @@ def test_a_header_whose_table_rows_are_not_a_row_count_is_refused(tmp_path, rows
         match=r"odd.trace: trace header 'tables\[0\].rows': got .*; expected an integer >= 1",
     ):
         TraceReader(p)
+
+
+@pytest.mark.parametrize("dim", [b'"lots"', b"1.5   ", b"0     ", b"true  "])
+def test_a_header_whose_table_dim_is_not_a_row_width_is_refused(tmp_path, dim):
+    # "dim": "lots" gave replay and tier sizing a bare int() ValueError; 1.5 and true were taken
+    # as rows of 1 value
+    import struct
+    import zlib
+
+    from tiered_store.trace import _PREAMBLE
+
+    p = tmp_path / "odd.trace"
+    with TraceWriter(p, {"tables": [{"name": "a", "rows": 100, "dim": 100000}]}) as w:
+        w.write(np.arange(5), "a")
+    data = bytearray(p.read_bytes())
+    n = _PREAMBLE.unpack(data[: _PREAMBLE.size])[3]
+    head = bytes(data[_PREAMBLE.size : _PREAMBLE.size + n]).replace(b"100000", dim, 1)
+    data[_PREAMBLE.size : _PREAMBLE.size + n + 4] = head + struct.pack("<I", zlib.crc32(head))
+    p.write_bytes(data)
+    expected = r"trace header 'tables\[0\].dim': got .*; expected an integer >= 1"
+    with pytest.raises(TraceFormatError, match=rf"odd.trace: {expected}"):
+        TraceReader(p)
+    with pytest.raises(TraceFormatError, match=expected):  # nor is it written
+        TraceWriter(tmp_path / "new.trace", {"tables": [{"name": "a", "dim": json.loads(dim)}]})
 
 
 def _rewrite_footer(path, edit):
