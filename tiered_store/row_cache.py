@@ -10,6 +10,7 @@ import torch
 
 from policies import PolicySpec
 from policies.base import NoEviction, smallest
+from policies.registry import EVICTION
 
 from .id_ops import nonzero
 from .online_repin import OnlineRepin, RepinMoves
@@ -37,6 +38,15 @@ QUEUE_SLOT_BYTES = 8  # per slot once a request was announced: the token of its 
 # before it passes over every evictable slot
 QUEUE_SCAN = 16
 QUEUE_SCAN_MIN = 1024
+
+
+def eviction_slot_bytes(policy: str | None) -> int:
+    """Bytes per slot a tier's eviction ``policy`` (a registry name; None: none) keeps: its key
+    and, for a policy whose keys only grow, the victim buffer at its most."""
+    if policy is None:
+        return 0
+    eviction = EVICTION[policy]
+    return eviction.bytes_per_slot + (VICTIM_BUFFER_SLOT_BYTES if eviction.keys_only_grow else 0)
 
 
 @dataclass

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies import PolicySpec
-from policies.registry import EVICTION
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, recency_segment_rows
 from tiered_store.cache_plan import load_tier_profile, parse_policy, repins_online
 from tiered_store.config import StoreConfig
+from tiered_store.row_cache import eviction_slot_bytes
 
 __all__ = ["PinRanks", "TierModel", "tier_models"]
 
@@ -118,9 +118,10 @@ def tier_models(config: StoreConfig, rows: int) -> dict[str, TierModel]:
 
 def _sized_as(spec: PolicySpec) -> str | None:
     """The eviction policy whose metadata a tier modelled as LRU is sized with: its own, or
-    LRU's where that is more (its split is replayed as LRU: ``static`` keeps none)."""
-    own = EVICTION[spec.eviction].bytes_per_slot if spec.eviction else 0
-    return spec.eviction if own >= EVICTION["lru"].bytes_per_slot else "lru"
+    LRU's (its clock and victim buffer) where that is more (its split is replayed and printed as
+    LRU: ``static`` keeps none, SIEVE and LFU less)."""
+    own = eviction_slot_bytes(spec.eviction)
+    return spec.eviction if own >= eviction_slot_bytes("lru") else "lru"
 
 
 def _not_modelled(name: str, tier, spec: PolicySpec) -> str | None:

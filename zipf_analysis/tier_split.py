@@ -66,12 +66,12 @@ from typing import Any
 
 import numpy as np
 
-from policies.registry import ADMISSION, EVICTION
+from policies.registry import ADMISSION
 from tiered_store.capacity import format_bytes, parse_bytes
 from tiered_store.config import CostModelConfig, StoreConfig
 from tiered_store.errors import ConfigError
 from tiered_store.online_repin import OnlineRepin
-from tiered_store.row_cache import SLOT_BYTES, VICTIM_BUFFER_SLOT_BYTES
+from tiered_store.row_cache import SLOT_BYTES, eviction_slot_bytes
 from tiered_store.row_index import index_bytes
 from tiered_store.trace import TraceReader
 
@@ -192,9 +192,7 @@ def tier_bytes(
     idx = index_bytes(index, rows, capacity)
     filt = ADMISSION[admission].bytes_for(capacity)
     online = OnlineRepin.bytes_for(capacity, repin) if repin else {"per_slot": 0, "per_tier": 0}
-    policy_bytes = EVICTION[policy].bytes_per_slot if policy else 0
-    if policy and EVICTION[policy].keys_only_grow:  # its victim buffer, at its most
-        policy_bytes += VICTIM_BUFFER_SLOT_BYTES
+    policy_bytes = eviction_slot_bytes(policy)  # with a victim buffer, at its most
     per_slot = row_bytes + SLOT_BYTES + policy_bytes + idx["per_slot"] + online["per_slot"]
     per_row = idx["per_table_row"] + filt["per_table_row"]
     per_tier = filt["per_tier"] + online["per_tier"]
