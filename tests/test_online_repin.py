@@ -667,6 +667,28 @@ def test_decay_over_a_long_quiet_spell_forgets_past_counts_without_overflow():
     assert repin.slot_count[:2].tolist() == pytest.approx([0.0, 1.0])  # counting goes on
 
 
+def test_decay_is_per_every_lookups_whatever_the_batch_size():
+    # batches of 50,000 lookups against every = 65,536: a re-pin is due every second batch, but
+    # past counts must decay once per 65,536 lookups (the lookups past an interval count towards
+    # the next), not once per re-pin (200 re-pins where 20M lookups are 305 intervals)
+    from tiered_store.config import RepinConfig
+    from tiered_store.online_repin import OnlineRepin
+
+    repin = OnlineRepin(64, RepinConfig(), window=65_536)
+    none = torch.tensor([], dtype=torch.int64)
+    for i in range(400):  # a row comes and goes in every batch: each interval is due
+        slot = torch.tensor([i % 64])
+        repin.evicted(slot, torch.tensor([i]))
+        repin.admitted(slot, torch.tensor([i + 1000]), looked_up=False)
+        repin.count(torch.tensor([0]), none, lookups=50_000)
+        if repin.due:
+            repin.finish(0, 0)
+    assert repin.every == 65_536 and repin.decay == 0.9934
+    intervals = 400 * 50_000 // 65_536
+    assert repin.repins == intervals
+    assert repin.weight == pytest.approx(1 / 0.9934**intervals, rel=1e-9)
+
+
 def test_a_quiet_tier_counts_one_window_in_quiet_sample_standing_for_them_all():
     # rows that stay put QUIET_AFTER windows in a row: one window in ``quiet_sample`` is counted,
     # weighted by it (the count stays about the episodes); the first admission ends it

@@ -184,7 +184,7 @@ class OnlineRepin:
         self._skipped = 0  # quiet windows sampled out since the last counted one
         self._counting = threading.Lock()  # one thread applies ``pending`` at a time
         self.windows_dropped = 0  # windows not counted: the background count fell behind
-        self.since_repin = 0  # lookups since the last re-pin
+        self.since_repin = 0  # lookups since the last re-pin, less its whole intervals
         # admissions and evictions (lookup side): so far, at the last re-pin, at the window's start
         self._changes = self._changes_at_repin = self._changes_at_window = 0
         self.quiet_windows = 0  # windows in a row that ended without an admission or eviction
@@ -470,12 +470,14 @@ class OnlineRepin:
 
     def finish(self, moved_in: int, moved_out: int) -> None:
         """Close an interval after its re-pin was applied: decay past counts, once per interval
-        of ``every`` lookups since the last re-pin (those that waited for a change too)."""
+        of ``every`` lookups since the last re-pin (those that waited for a change too); the
+        lookups past the last whole interval count towards the next (a re-pin runs at the first
+        batch boundary past them)."""
         intervals = max(1, self.since_repin // self.every)
         if self.decay < 1:  # past FORGET_AFTER the counts are gone anyway (no float overflow)
             intervals = min(intervals, math.ceil(math.log(FORGET_AFTER) / -math.log(self.decay)))
         self._changes_at_repin = self._changes
-        self.since_repin = 0
+        self.since_repin %= self.every
         self.repins += 1
         self.rows_pinned += moved_in
         self.rows_unpinned += moved_out
