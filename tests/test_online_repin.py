@@ -756,6 +756,47 @@ def test_victims_after_a_re_pin_are_those_a_new_topk_would_choose():
     assert not bool(torch.isin(first, caches[0].row_of_slot).any())  # evicted first
 
 
+def test_a_miss_admitted_after_other_batches_began_a_window_counts_in_its_own(
+    tmp_path, monkeypatch
+):
+    """A lookup reads its misses from cold outside the lock; batches of other threads may end
+    its window and begin the next meanwhile. Its rows count one episode, in its own window, not
+    one more in the window of the batch counted last. The read is held on an event only to fix
+    the interleaving."""
+    from tiered_store.cold_table import ColdTable
+
+    path, data = make_table(tmp_path, rows=ROWS)
+    slow = 4321  # looked up once, by the held lookup (window 0)
+    reading, go = threading.Event(), threading.Event()
+    read_rows = ColdTable.read_rows
+
+    def held(self, ids, *args, **kwargs):
+        if slow in ids.tolist() and not go.is_set():
+            reading.set()
+            go.wait(10)
+        return read_rows(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(ColdTable, "read_rows", held)
+    repin = {"every": 10**9, "budget": 1, "decay": 1.0, "sketch_width": 64}  # no collisions
+    with TieredStore(config(path, warm=400, repin=repin)) as store:
+        first = torch.tensor([slow, *range(99)])  # window 0: WINDOW = 200 lookups
+        lookup = threading.Thread(target=lambda: store.lookup(first))
+        lookup.start()
+        assert reading.wait(10)
+        assert torch.equal(store.lookup(torch.arange(100, 200)), data[100:200])  # ends window 0
+        assert torch.equal(store.lookup(torch.arange(200, 300)), data[200:300])  # window 1
+        go.set()
+        lookup.join(10)
+        store.lookup(torch.arange(300, 400))  # ends window 1
+        assert store.wait_repinned(timeout=30)
+        online = store.warm.online
+        online.count_pending()
+        assert online.window_no == 2
+        slots = store.warm.probe(first)
+        assert bool((slots >= 0).all())
+        assert online.slot_count[slots].tolist() == [1.0] * 100  # not 2
+
+
 def _repinning_hot(path) -> StoreConfig:
     """A zipf-tuned hot tier of 64 rows that re-pins every 128 lookups, and warm restart."""
     hot = {"capacity": 64, "policy": "zipf-tuned", "recency_window": 128}

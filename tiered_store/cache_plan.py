@@ -43,6 +43,9 @@ class LookupPlan:
     warm_slots: torch.Tensor  # [len(unique_ids)] warm slot or -1 (CPU)
     cold_idx: torch.Tensor  # positions in unique_ids that must be read from cold (CPU)
     cold_ids: torch.Tensor  # the ids there: unique_ids[cold_idx] (CPU)
+    # each tier's online-count window of this batch, for its admissions (None: no online count)
+    hot_window: int | None = None
+    warm_window: int | None = None
 
     @property
     def all_hit(self) -> bool:
@@ -236,8 +239,9 @@ class CacheHierarchy:
             hits=int(torch.index_select(counts_cpu, 0, warm_hit_idx).sum()),
         )
         return LookupPlan(
-            hot_slots, miss_pos, unique_cpu, inverse, counts_cpu, warm_slots, cold_idx, cold_ids
-        )
+            hot_slots, miss_pos, unique_cpu, inverse, counts_cpu, warm_slots, cold_idx, cold_ids,
+            _batch_window(hot), _batch_window(warm),
+        )  # fmt: skip
 
     def admit(self, plan: LookupPlan, lookahead: torch.Tensor | None = None) -> AdmitPlan:
         """Admit rows read from cold into warm, and every hot miss into hot, as the policies allow.
@@ -246,8 +250,11 @@ class CacheHierarchy:
             plan.cold_ids,
             torch.index_select(plan.counts, 0, plan.cold_idx),
             lookahead,
+            plan.warm_window,
         )
-        hot_src, hot_slots = self.hot.admit(plan.unique_ids, plan.counts, lookahead)
+        hot_src, hot_slots = self.hot.admit(
+            plan.unique_ids, plan.counts, lookahead, plan.hot_window
+        )
         return AdmitPlan(
             torch.index_select(plan.cold_idx, 0, warm_pos.cpu()), warm_slots, hot_src, hot_slots
         )
@@ -313,6 +320,11 @@ def _row_cache(
             offline_profile=_file_identity(tier.profile),
         )
     return cache
+
+
+def _batch_window(cache: RowCache) -> int | None:
+    """The online-count window of the batch ``cache`` recorded last (None: it counts none)."""
+    return None if cache.online is None else cache.online.batch_window
 
 
 def _file_identity(path: str | None) -> str | None:

@@ -294,11 +294,23 @@ class OnlineRepin:
         if not self._backlog:
             self._scale, self._skipped = 1, 0
 
-    def admitted(self, slots: torch.Tensor, rows: torch.Tensor, *, looked_up: bool) -> None:
-        """``rows`` now held in ``slots`` (``looked_up``: admitted after a miss of this batch)."""
+    @property
+    def batch_window(self) -> int:
+        """The window of the batch counted last (the one its admissions belong to)."""
+        return self._batch_window
+
+    def admitted(
+        self, slots: torch.Tensor, rows: torch.Tensor, *, looked_up: bool, window: int | None = None
+    ) -> None:
+        """``rows`` now held in ``slots`` (``looked_up``: admitted after a miss of a batch, of
+        window ``window``: by default the batch counted last; the store admits a batch's misses
+        once read outside its lock, when later batches may have begun another window)."""
         if slots.numel():
             self._changed()
-            window = self._batch_window if looked_up else None
+            if not looked_up:
+                window = None
+            elif window is None:
+                window = self._batch_window
             self._apply(("admit", slots, rows, window, self._scale))
 
     def evicted(self, slots: torch.Tensor, rows: torch.Tensor) -> None:

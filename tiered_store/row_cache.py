@@ -290,11 +290,16 @@ class RowCache:
         return new.numel()
 
     def admit(
-        self, ids: torch.Tensor, counts: torch.Tensor, lookahead: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        counts: torch.Tensor,
+        lookahead: torch.Tensor | None = None,
+        window: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Try to admit unique ``ids`` (with in-batch ``counts``); returns (positions in ``ids``
         admitted, their slots). Rows already resident are skipped; evicts as the policy says, never
-        a row in ``lookahead`` (ids that queued batches will look up)."""
+        a row in ``lookahead`` (ids that queued batches will look up). ``window``: the online
+        count's window of the batch that missed them (default: the batch recorded last)."""
         empty = torch.empty(0, dtype=torch.int64, device=self.device)
         if self.capacity == 0 or ids.numel() == 0:
             return empty, empty
@@ -353,7 +358,7 @@ class RowCache:
         self.eviction.on_insert(slots)
         self._queue_changed(slots)
         if self.online is not None:
-            self.online.admitted(slots, new_ids, looked_up=True)
+            self.online.admitted(slots, new_ids, looked_up=True, window=window)
         self.counters.admissions += cand.numel()
         return cand, slots
 
