@@ -25,6 +25,7 @@ heavy-hitter candidates), so the design can be swept on 20M-lookup traces.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numba
@@ -110,6 +111,13 @@ def repinned_lru_misses(
             f"repinned_lru_misses: got pinned_rows={pinned_rows}, lru_rows={lru_rows}, "
             f"interval={interval}, budget={budget}; expected rows and budget >= 0 and "
             "interval > 0"
+        )
+    # NaN fails every comparison: these are written so that it is refused too
+    if not (0 < decay <= 1 and 0 <= prior_weight < math.inf and episode_window >= 0):
+        raise PolicyError(
+            f"repinned_lru_misses: got decay={decay}, prior_weight={prior_weight}, "
+            f"episode_window={episode_window}; expected decay in (0, 1], a finite "
+            "prior_weight >= 0 and episode_window >= 0"
         )
     pinned = np.zeros(rows, np.bool_)
     if initial is None:

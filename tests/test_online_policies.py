@@ -58,6 +58,25 @@ def test_repin_refuses_ids_outside_the_prior():
         repinned_lru_misses(np.array([0, 1]), np.zeros(10), 1, 1, budget=-1)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"decay": float("nan")},
+        {"decay": 0.0},
+        {"decay": 1.5},
+        {"prior_weight": float("nan")},
+        {"prior_weight": -1.0},
+        {"episode_window": -5},
+    ],
+)
+def test_repin_refuses_a_decay_prior_weight_or_window_out_of_range(kw):
+    # a NaN decay made every score NaN, so re-pins silently pinned nothing
+    ids = np.random.default_rng(0).integers(0, 100, 5000)
+    name, value = next(iter(kw.items()))
+    with pytest.raises(PolicyError, match=rf"{name}={value}\b.*; expected decay in \(0, 1\]"):
+        repinned_lru_misses(ids, np.ones(100), 10, 10, interval=500, budget=5, **kw)
+
+
 def lookahead_lru_misses_reference(ids, pinned, lru_rows, lookahead):
     """Pinned rows + LRU whose eviction passes over rows looked up within ``lookahead``, in Python."""
     lru, misses = OrderedDict(), 0  # least recent first
