@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tiered_store.online_repin import candidates_torch
+from tiered_store.row_cache import merge_sorted
 from tiered_store.sketch_kernel import repin_candidates
 
 GROUP = "repin-plan"
@@ -97,3 +98,52 @@ def test_repin_candidates(benchmark, speed, tier: Tier) -> None:
         unit="slots",
     )
     benchmark.extra_info["budget"] = tier.budget
+
+
+# -- a re-pin's unpinned slots joining the victim buffer ------------------------------------------
+BUFFER_GROUP = "repin-buffer-merge"
+UNPINNED_PER_REPIN = 200  # slots a re-pin unpins that join the buffer (a budget's worth, small)
+
+
+@pytest.fixture(scope="module")
+def buffer(sizes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A victim buffer of ``hit_rows / 4`` slots (250,000 at the default size: a sixteenth of a
+    4M-slot tier) with LRU keys (one stamp per 4,096-slot batch, so keys repeat), and the slots
+    a re-pin unpins with their keys; both merges give the same buffer."""
+    n = max(1, sizes.hit_rows // 4)
+    gen = torch.Generator().manual_seed(11)
+    keys = torch.arange(n, dtype=torch.int64) // 4096
+    slots = torch.randperm(4 * n, generator=gen)[: n + UNPINNED_PER_REPIN]
+    new_keys = torch.randint(0, int(keys[-1]) + 1, (UNPINNED_PER_REPIN,), generator=gen)
+    out = (slots[:n], keys, slots[n:], new_keys)
+    ours, base = merge_sorted(*out), _sort_of_both(*out)
+    assert torch.equal(ours[0], base[0]) and torch.equal(ours[1], base[1])
+    return out
+
+
+def _sort_of_both(slots, keys, new_slots, new_keys) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stable sort of the buffer and the new slots together (the merge before)."""
+    keys = torch.cat([keys, new_keys])
+    order = torch.argsort(keys, stable=True)
+    return torch.cat([slots, new_slots])[order], keys[order]
+
+
+def test_stable_sort_of_the_buffer(benchmark, speed, buffer) -> None:
+    speed.measure(
+        benchmark,
+        lambda: _sort_of_both(*buffer),
+        group=BUFFER_GROUP,
+        per_call=buffer[0].numel(),
+        unit="slots",
+        baseline=True,
+    )
+
+
+def test_merge_sorted_into_the_buffer(benchmark, speed, buffer) -> None:
+    speed.measure(
+        benchmark,
+        lambda: merge_sorted(*buffer),
+        group=BUFFER_GROUP,
+        per_call=buffer[0].numel(),
+        unit="slots",
+    )

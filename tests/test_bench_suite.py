@@ -27,6 +27,7 @@ GROUPS = {
     "hasher",
     "replay-lru",
     "repin-plan",
+    "repin-buffer-merge",
     "victim-refill",
     "sharded-commit-phases-128B",
     "sharded-commit-phases-1KiB",

@@ -266,11 +266,9 @@ class RowCache:
         unpin_keys = self.eviction.victim_priority(unpin)
         buffered = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
         buffered[slots] = True  # a mark per slot, not an isin (a sort of both)
-        join = (unpin_keys < keys.max()) & ~buffered[unpin]
+        join = (unpin_keys < keys[-1]) & ~buffered[unpin]
         if bool(join.any()):
-            keys = torch.cat([keys, unpin_keys[join]])
-            order = torch.argsort(keys, stable=True)
-            self._buffered = (torch.cat([slots, unpin[join]])[order], keys[order])
+            self._buffered = merge_sorted(slots, keys, unpin[join], unpin_keys[join])
 
     def pin_resident(self, ids: torch.Tensor, *, only: bool) -> int:
         """Pin the rows of ``ids`` the tier holds; with ``only``, unpin every other row first
@@ -561,3 +559,26 @@ def _first_occurrence(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=ids.device), reduce="amin")
     first = torch.sort(first).values
     return ids[first], first
+
+
+def merge_sorted(
+    slots: torch.Tensor, keys: torch.Tensor, new_slots: torch.Tensor, new_keys: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, keys) in key order with (new_slots, new_keys) merged in: what a stable sort of
+    both concatenated gives (a new key after the old ones equal to it), in a sort of the new
+    only (a re-pin's few) and one pass, not a sort of the buffer under the store's lock.
+
+    >>> merge_sorted(torch.tensor([7, 8, 9]), torch.tensor([1, 3, 3]),
+    ...              torch.tensor([5, 6]), torch.tensor([3, 0]))
+    (tensor([6, 7, 8, 9, 5]), tensor([0, 1, 3, 3, 3]))
+    """
+    new_keys, order = torch.sort(new_keys, stable=True)
+    place = torch.searchsorted(keys, new_keys, right=True)
+    place += torch.arange(new_keys.numel(), device=place.device)
+    n = keys.numel() + new_keys.numel()
+    old = torch.ones(n, dtype=torch.bool, device=keys.device)
+    old[place] = False
+    merged_slots, merged_keys = slots.new_empty(n), keys.new_empty(n)
+    merged_slots[place], merged_keys[place] = new_slots[order], new_keys
+    merged_slots[old], merged_keys[old] = slots, keys
+    return merged_slots, merged_keys
