@@ -378,8 +378,8 @@ class TieredStore:
         it leaves every row as of this commit or the last. Raises ``CommitError`` (the last commit
         intact, the writes still pending) when it fails, and while the table holds a sharded
         commit's staged step (``ShardedStore``'s open finishes or drops it). ``redo``: writes may
-        be committed at the last step again (a shard redoing the step of shards left at two steps: ``prepare_commit``
-        takes the same flag for a sharded store)."""
+        be committed at the last step again (a shard redoing the step of shards left at two
+        steps; ``prepare_commit`` takes the same flag for a sharded store)."""
         self._check_open()
         with self._lock:
             step, ids, rows = self._rows_to_commit(step, redo)

@@ -381,9 +381,7 @@ def row_pages(row_bytes: int) -> float:
     >>> row_pages(256), row_pages(264), row_pages(6144), row_pages(6000)
     (1.0, 1.0625, 2.0, 2.4609375)
     """
-    period = PAGE_BYTES // math.gcd(
-        row_bytes, PAGE_BYTES
-    )  # rows until the offsets in a page repeat
+    period = PAGE_BYTES // math.gcd(row_bytes, PAGE_BYTES)  # rows until the offsets repeat
     start = np.arange(period, dtype=np.int64) * row_bytes % PAGE_BYTES
     return float(np.mean((start + row_bytes - 1) // PAGE_BYTES + 1))
 
