@@ -634,7 +634,7 @@ def test_on_cuda_the_exchange_runs_on_nccl_and_rows_stay_packed_until_the_gather
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs CUDA: two devices")
 def test_a_cuda_hot_tier_over_gloo_is_on_the_local_ranks_gpu(tables, monkeypatch):
     # under torchrun each rank of a node sees every GPU: a hot tier on `cuda` goes to the
     # LOCAL_RANK's, whichever backend exchanges the rows (gloo here: on the CPU)
