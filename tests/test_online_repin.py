@@ -797,6 +797,66 @@ def test_a_miss_admitted_after_other_batches_began_a_window_counts_in_its_own(
         assert online.slot_count[slots].tolist() == [1.0] * 100  # not 2
 
 
+def test_a_row_another_lookup_missed_in_the_open_window_counts_it_once_admitted(
+    tmp_path, monkeypatch
+):
+    """Two lookups miss a row, in windows 0 and 1; the first admits it after the second planned
+    (so the second skips it): the row counts both episodes, not only its admitting lookup's (the
+    sketch counts window 1's miss at its end, after the slot took its count). The reads are held
+    on events only to fix the interleaving."""
+    from tiered_store.cold_table import ColdTable
+
+    path, data = make_table(tmp_path, rows=ROWS)
+    slow = 4321
+    held_reads = [(threading.Event(), threading.Event()) for _ in range(2)]
+    waiting = list(held_reads)
+    read_rows = ColdTable.read_rows
+
+    def held(self, ids, *args, **kwargs):
+        if slow in ids.tolist() and waiting:
+            reading, go = waiting.pop(0)
+            reading.set()
+            go.wait(10)
+        return read_rows(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(ColdTable, "read_rows", held)
+    repin = {"every": 10**9, "budget": 1, "decay": 1.0, "sketch_width": 64}  # no collisions
+    with TieredStore(config(path, warm=400, repin=repin)) as store:
+        lookups = []
+        for window, others in enumerate((range(99), range(200, 299))):
+            ids = torch.tensor([slow, *others])
+            lookups.append(threading.Thread(target=lambda ids=ids: store.lookup(ids)))
+            lookups[-1].start()
+            assert held_reads[window][0].wait(10)
+            if window == 0:
+                assert torch.equal(store.lookup(torch.arange(100, 200)), data[100:200])  # ends 0
+        for (_, go), lookup in zip(held_reads, lookups, strict=True):  # the first admits, then
+            go.set()
+            lookup.join(10)
+        store.lookup(torch.arange(300, 400))  # ends window 1
+        assert store.wait_repinned(timeout=30)
+        online = store.warm.online
+        online.count_pending()
+        assert online.window_no == 2
+        slot = store.warm.probe(torch.tensor([slow]))
+        assert online.profile.estimates(torch.tensor([slow])).tolist() == [2.0]
+        assert online.slot_count[slot].tolist() == [2.0]  # not 1
+
+
+def test_a_row_restored_after_a_lookup_missed_it_in_the_open_window_counts_that_miss():
+    # a warm restart's preload lands a row a lookup of the open window missed (and then skips):
+    # the sketch counts that miss at the window's end, so the slot takes it now
+    from tiered_store.config import RepinConfig
+    from tiered_store.online_repin import OnlineRepin
+
+    r = OnlineRepin(8, RepinConfig(sketch_width=64), window=3)
+    r.count(torch.tensor([], dtype=torch.int64), torch.tensor([7]), lookups=1)  # window 0
+    r.admitted(torch.tensor([0]), torch.tensor([7]), looked_up=False)  # restored
+    r.count(torch.tensor([], dtype=torch.int64), torch.tensor([3]), lookups=2)  # ends window 0
+    assert r.window_no == 1 and r.profile.estimates(torch.tensor([7])).tolist() == [1.0]
+    assert r.slot_count[0].item() == 1.0  # one episode: window 0 (not 0, not 2)
+
+
 def _repinning_hot(path) -> StoreConfig:
     """A zipf-tuned hot tier of 64 rows that re-pins every 128 lookups, and warm restart."""
     hot = {"capacity": 64, "policy": "zipf-tuned", "recency_window": 128}

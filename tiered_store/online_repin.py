@@ -304,13 +304,22 @@ class OnlineRepin:
     ) -> None:
         """``rows`` now held in ``slots`` (``looked_up``: admitted after a miss of a batch, of
         window ``window``: by default the batch counted last; the store admits a batch's misses
-        once read outside its lock, when later batches may have begun another window)."""
+        once read outside its lock, when later batches may have begun another window). Rows
+        that lookups missed in the open window meanwhile count its episode too: the sketch
+        counts those misses at the window's end, after it took their slots' counts."""
+        if not slots.numel():
+            return
+        self._changed()
+        if not looked_up:
+            window = None
+        elif window is None:
+            window = self._batch_window
+        if window != self.window_no and self._miss_parts:  # a window began since (or a restore)
+            late = torch.isin(rows, torch.cat(self._miss_parts).to(rows.device))
+            if bool(late.any()):
+                self._apply(("admit", slots[late], rows[late], self.window_no, self._scale))
+                slots, rows = slots[~late], rows[~late]
         if slots.numel():
-            self._changed()
-            if not looked_up:
-                window = None
-            elif window is None:
-                window = self._batch_window
             self._apply(("admit", slots, rows, window, self._scale))
 
     def evicted(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
