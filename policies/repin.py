@@ -119,6 +119,13 @@ def repinned_lru_misses(
             f"episode_window={episode_window}; expected decay in (0, 1], a finite "
             "prior_weight >= 0 and episode_window >= 0"
         )
+    bad = ~(np.isfinite(prior) & (prior >= 0))
+    if bad.any():  # a NaN score ranks nowhere: its row would never be pinned, nor said why
+        row = int(np.argmax(bad))
+        raise PolicyError(
+            f"repinned_lru_misses: prior[{row}] = {prior[row]} ({int(bad.sum()):,} such rows); "
+            "expected finite scores >= 0 (a profile's episodes or lookups)"
+        )
     pinned = np.zeros(rows, np.bool_)
     if initial is None:
         score = prior_weight * prior

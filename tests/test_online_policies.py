@@ -77,6 +77,16 @@ def test_repin_refuses_a_decay_prior_weight_or_window_out_of_range(kw):
         repinned_lru_misses(ids, np.ones(100), 10, 10, interval=500, budget=5, **kw)
 
 
+@pytest.mark.parametrize("score", [np.nan, -1.0, np.inf])
+def test_repin_refuses_a_prior_score_that_is_not_a_count(score):
+    # a NaN in the prior made that row's score NaN: it ranked nowhere and was never pinned
+    ids = np.random.default_rng(0).integers(0, 100, 5000)
+    prior = np.ones(100)
+    prior[42] = score
+    with pytest.raises(PolicyError, match=rf"prior\[42\] = {score} \(1 such rows\); expected"):
+        repinned_lru_misses(ids, prior, 10, 10, interval=500, budget=5)
+
+
 def lookahead_lru_misses_reference(ids, pinned, lru_rows, lookahead):
     """Pinned rows + LRU whose eviction passes over rows looked up within ``lookahead``, in Python."""
     lru, misses = OrderedDict(), 0  # least recent first
