@@ -763,20 +763,9 @@ def test_a_miss_admitted_after_other_batches_began_a_window_counts_in_its_own(
     its window and begin the next meanwhile. Its rows count one episode, in its own window, not
     one more in the window of the batch counted last. The read is held on an event only to fix
     the interleaving."""
-    from tiered_store.cold_table import ColdTable
-
     path, data = make_table(tmp_path, rows=ROWS)
     slow = 4321  # looked up once, by the held lookup (window 0)
-    reading, go = threading.Event(), threading.Event()
-    read_rows = ColdTable.read_rows
-
-    def held(self, ids, *args, **kwargs):
-        if slow in ids.tolist() and not go.is_set():
-            reading.set()
-            go.wait(10)
-        return read_rows(self, ids, *args, **kwargs)
-
-    monkeypatch.setattr(ColdTable, "read_rows", held)
+    ((reading, go),) = _hold_cold_reads_of(slow, 1, monkeypatch)
     repin = {"every": 10**9, "budget": 1, "decay": 1.0, "sketch_width": 64}  # no collisions
     with TieredStore(config(path, warm=400, repin=repin)) as store:
         first = torch.tensor([slow, *range(99)])  # window 0: WINDOW = 200 lookups
@@ -797,6 +786,26 @@ def test_a_miss_admitted_after_other_batches_began_a_window_counts_in_its_own(
         assert online.slot_count[slots].tolist() == [1.0] * 100  # not 2
 
 
+def _hold_cold_reads_of(row: int, n: int, monkeypatch) -> list[tuple]:
+    """(reading, go) events of the next ``n`` cold reads that include ``row``: each sets its
+    ``reading`` and waits for its ``go`` (only to fix an interleaving of lookups)."""
+    from tiered_store.cold_table import ColdTable
+
+    held = [(threading.Event(), threading.Event()) for _ in range(n)]
+    waiting = list(held)
+    read_rows = ColdTable.read_rows
+
+    def read_held(self, ids, *args, **kwargs):
+        if row in ids.tolist() and waiting:
+            reading, go = waiting.pop(0)
+            reading.set()
+            go.wait(10)
+        return read_rows(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(ColdTable, "read_rows", read_held)
+    return held
+
+
 def test_a_row_another_lookup_missed_in_the_open_window_counts_it_once_admitted(
     tmp_path, monkeypatch
 ):
@@ -804,22 +813,9 @@ def test_a_row_another_lookup_missed_in_the_open_window_counts_it_once_admitted(
     (so the second skips it): the row counts both episodes, not only its admitting lookup's (the
     sketch counts window 1's miss at its end, after the slot took its count). The reads are held
     on events only to fix the interleaving."""
-    from tiered_store.cold_table import ColdTable
-
     path, data = make_table(tmp_path, rows=ROWS)
     slow = 4321
-    held_reads = [(threading.Event(), threading.Event()) for _ in range(2)]
-    waiting = list(held_reads)
-    read_rows = ColdTable.read_rows
-
-    def held(self, ids, *args, **kwargs):
-        if slow in ids.tolist() and waiting:
-            reading, go = waiting.pop(0)
-            reading.set()
-            go.wait(10)
-        return read_rows(self, ids, *args, **kwargs)
-
-    monkeypatch.setattr(ColdTable, "read_rows", held)
+    held_reads = _hold_cold_reads_of(slow, 2, monkeypatch)
     repin = {"every": 10**9, "budget": 1, "decay": 1.0, "sketch_width": 64}  # no collisions
     with TieredStore(config(path, warm=400, repin=repin)) as store:
         lookups = []
