@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -276,13 +278,7 @@ def test_replay_command_lists_offline_bounds_beside_policies(tmp_path, capsys):
 
     from tiered_store.cli import main
 
-    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
-    write_trace(tmp_path / "t.trace", batches=6)
-    (tmp_path / "tiers.yaml").write_text(
-        f"table: {{path: {path.name}}}\ntiers:\n  hot: {{capacity: 60}}\n  warm: {{capacity: 5%}}\n"
-    )
-    out = tmp_path / "out"
-    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--out", str(out)]
+    argv, out = _replay_command(tmp_path, 6, "{hot: {capacity: 60}, warm: {capacity: 5%}}")
     assert main([*argv, "--policies", "lru,belady,static-topk", "--sweep", "1%,5%"]) == 0
     printed = capsys.readouterr().out
     belady = next(line.split() for line in printed.splitlines() if line.startswith("belady"))
@@ -302,6 +298,23 @@ def test_replay_command_lists_offline_bounds_beside_policies(tmp_path, capsys):
     doc = json.loads((out / "replay.json").read_text())
     assert doc["results"][0]["bounds"] == {} and doc["results"][0]["offline"]
     assert [c["name"] for c in doc["sweep"]] == ["lru (exact, per request)", "belady"]
+
+
+def _replay_command(tmp_path, batches: int, tiers: str) -> tuple[list[str], Path]:
+    """A table, a trace of ``batches`` batches and a store config whose ``tiers:`` is ``tiers``
+    (YAML flow) in ``tmp_path``: ``tiered-store replay``'s arguments for them with ``--out``, and
+    that folder."""
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", batches=batches)
+    (tmp_path / "tiers.yaml").write_text(f"table: {{path: {path.name}}}\ntiers: {tiers}\n")
+    out = tmp_path / "out"
+    return [
+        "replay",
+        str(tmp_path / "tiers.yaml"),
+        str(tmp_path / "t.trace"),
+        "--out",
+        str(out),
+    ], out
 
 
 def _trace_of(path, batches, rows=ROWS):
@@ -452,14 +465,8 @@ def test_replay_command_says_how_often_an_online_tier_re_pinned(tmp_path, capsys
 
     from tiered_store.cli import main
 
-    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
-    write_trace(tmp_path / "t.trace", batches=30)
-    (tmp_path / "tiers.yaml").write_text(
-        f"table: {{path: {path.name}}}\ntiers:\n  warm: {{capacity: 5%, policy: zipf-tuned, "
-        "recency_window: 400, repin: {every: 400}}\n"
-    )
-    out = tmp_path / "out"
-    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--out", str(out)]
+    tiers = "{warm: {capacity: 5%, policy: zipf-tuned, recency_window: 400, repin: {every: 400}}}"
+    argv, out = _replay_command(tmp_path, 30, tiers)
     assert main([*argv, "--no-bounds", "--batch-tokens", "8"]) == 0
     text = capsys.readouterr().out
     warm = json.loads((out / "replay.json").read_text())["results"][0]["tiers"]["warm"]
@@ -570,13 +577,7 @@ def test_a_config_of_another_row_width_is_an_error(tmp_path):
 def test_replay_command_leaves_no_plot_of_an_earlier_run(tmp_path):
     from tiered_store.cli import main
 
-    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
-    write_trace(tmp_path / "t.trace", batches=2)
-    (tmp_path / "tiers.yaml").write_text(
-        f"table: {{path: {path.name}}}\ntiers: {{warm: {{capacity: 60}}}}\n"
-    )
-    out = tmp_path / "out"
-    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--out", str(out)]
+    argv, out = _replay_command(tmp_path, 2, "{warm: {capacity: 60}}")
     assert main([*argv, "--quiet", "--no-bounds", "--sweep", "5%"]) == 0
     assert (out / "replay.png").exists()
     assert main([*argv, "--quiet", "--no-bounds", "--sweep", ""]) == 0
@@ -678,13 +679,7 @@ def test_replay_command_that_cannot_write_its_results_is_a_clear_error(tmp_path,
     from tests.conftest import file_size_limit
     from tiered_store.cli import main
 
-    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
-    write_trace(tmp_path / "t.trace", batches=2)
-    (tmp_path / "tiers.yaml").write_text(
-        f"table: {{path: {path.name}}}\ntiers: {{warm: {{capacity: 60}}}}\n"
-    )
-    out = tmp_path / "out"
-    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--out", str(out)]
+    argv, out = _replay_command(tmp_path, 2, "{warm: {capacity: 60}}")
     with file_size_limit(4096):
         code = main([*argv, "--quiet", "--no-bounds", "--sweep", "5%"])
     err = capsys.readouterr().err
