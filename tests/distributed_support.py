@@ -605,20 +605,11 @@ def locked_staged_worker(rank: int, world: int, port: int, plain: str, out: Path
     """Every rank, over shards with step 2 staged on each and rank 0's writer lock held by
     another process: opened (warnings, step, this shard's staged step, rows 3 and 460), then a
     commit of nothing tried."""
-    import warnings
-
-    from tiered_store.distributed import ShardedStore
-
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            store = ShardedStore.open(_store_config(Path(plain), world, "rows"))
-        result["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
-        result["step"] = store.committed_step
-        result["staged"] = store.local.staged_step
-        result["rows"] = [float(v) for v in store.lookup(torch.tensor([3, 460]))[:, 0]]
+        cfg = _store_config(Path(plain), world, "rows")
+        store = _opened_and_recorded(cfg, result, "opened", torch.tensor([3, 460]))
         try:  # nothing written (a write takes the writer lock held elsewhere: refused as ever)
             store.commit()
         except Exception as exc:  # noqa: BLE001 (recorded for the test)

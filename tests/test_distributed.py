@@ -1257,13 +1257,13 @@ def test_a_staged_step_whose_shard_another_process_writes_is_left_to_it_until_re
     results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for rank, result in enumerate(results):
-        (warning,) = result["warnings"]
+        (warning,) = result["opened warnings"]
         assert warning.startswith(f"TornCommitWarning: rank {rank}: a sharded commit left staged rows (interrupted between its phases, or under way in the writer holding a shard's lock) that this open could not resolve on 1 shard(s) (rank 0: TierIOError: table plain.rows.shard-0-of-2.npy is being written (or compacted) by another store")  # fmt: skip
-        assert result["step"] == 2 and result["rows"] == [1.0, 2.0]
-        assert result["staged"] == (2 if rank == 0 else None)
+        assert result["opened step"] == 2 and result["opened rows"] == [1.0, 2.0]
+        assert result["opened staged"] == (2 if rank == 0 else None)
         assert result["commit"].startswith(f"CommitError: [Errno 5] rank {rank}: sharded commit of step 3 (its first phase, staging) failed on 1 of 2 rank(s): rank 0: CommitError: rank 0: its shard ")  # fmt: skip
         assert "holds step 2 staged by an interrupted sharded commit, which this store's open could not commit" in result["commit"]  # fmt: skip
-        assert result["staged after"] == result["staged"]
+        assert result["staged after"] == result["opened staged"]
     with pytest.warns(UncommittedWritesWarning):
         writers.pop().close()
     codes = run_ranks(resumed_commit_worker, 2, (str(plain), out), 60)
