@@ -776,14 +776,21 @@ def test_a_miss_admitted_after_other_batches_began_a_window_counts_in_its_own(
         assert torch.equal(store.lookup(torch.arange(200, 300)), data[200:300])  # window 1
         go.set()
         lookup.join(10)
-        store.lookup(torch.arange(300, 400))  # ends window 1
-        assert store.wait_repinned(timeout=30)
-        online = store.warm.online
-        online.count_pending()
-        assert online.window_no == 2
+        online = _counted_through_window_1(store)
         slots = store.warm.probe(first)
         assert bool((slots >= 0).all())
         assert online.slot_count[slots].tolist() == [1.0] * 100  # not 2
+
+
+def _counted_through_window_1(store: TieredStore):
+    """End the warm tier's window 1 (WINDOW = 200 lookups) with a lookup of rows 300-399, apply
+    every queued count, and return the tier's online state."""
+    store.lookup(torch.arange(300, 400))
+    assert store.wait_repinned(timeout=30)
+    online = store.warm.online
+    online.count_pending()
+    assert online.window_no == 2
+    return online
 
 
 def _hold_cold_reads_of(row: int, n: int, monkeypatch) -> list[tuple]:
@@ -829,11 +836,7 @@ def test_a_row_another_lookup_missed_in_the_open_window_counts_it_once_admitted(
         for (_, go), lookup in zip(held_reads, lookups, strict=True):  # the first admits, then
             go.set()
             lookup.join(10)
-        store.lookup(torch.arange(300, 400))  # ends window 1
-        assert store.wait_repinned(timeout=30)
-        online = store.warm.online
-        online.count_pending()
-        assert online.window_no == 2
+        online = _counted_through_window_1(store)
         slot = store.warm.probe(torch.tensor([slow]))
         assert online.profile.estimates(torch.tensor([slow])).tolist() == [2.0]
         assert online.slot_count[slot].tolist() == [2.0]  # not 1
