@@ -61,10 +61,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,7 +72,7 @@ import torch
 from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store import StoreConfig, TieredStore, create_table
-from tiered_store.atomic_file import write_json
+from tiered_store.atomic_file import scratch_directory, write_json
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import (
     at_least,
@@ -552,9 +550,8 @@ def main(argv=None) -> int:
         if not (args.then / "holdout.trace").is_file():
             p.error(f"--then {args.then}: no holdout.trace there (analyze --holdout)")
     torch.set_num_threads(1)  # shared cores: extra threads only spin
-    work = Path(tempfile.mkdtemp(prefix="bench-online-repin-", dir=args.dir))
     result = {"command": public_command("bench/bench_online_repin.py", argv or sys.argv[1:])}
-    try:
+    with scratch_directory("bench-online-repin-", args.dir) as work:
         result["all_hit"] = {}
         zipfs = [] if args.skip_all_hit else args.hit_zipf
         for zipf in zipfs:
@@ -606,8 +603,6 @@ def main(argv=None) -> int:
                 ),
                 flush=True,
             )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
     if args.out:
         write_json(args.out, result)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from tiered_store import StoreConfig, TieredStore, create_table
-from tiered_store.atomic_file import write_json
+from tiered_store.atomic_file import scratch_directory, write_json
 from tiered_store.cli_args import (
     at_least,
     doc_parser,
@@ -98,9 +97,10 @@ def main(argv=None) -> int:
     if ids.size < args.warmup + args.lookups:
         p.error(f"{args.trace} holds {ids.size:,} lookups of {args.layer}; need warmup + lookups")
     warmup, measured = ids[: args.warmup], ids[args.warmup :]
-    work = Path(tempfile.mkdtemp(prefix="bench_warm_restart.", dir=args.dir))
-    table = work / "table.npy"
-    try:
+    with scratch_directory("bench_warm_restart.", args.dir, keep=args.dir is not None) as work:
+        if args.dir is not None:
+            print(f"kept: {work}", flush=True)
+        table = work / "table.npy"
         print(f"creating {table} ({rows:,} x {args.dim} float32)", flush=True)
         create_table(table, RandomSource(rows, args.dim), progress=False)
 
@@ -181,11 +181,6 @@ def main(argv=None) -> int:
                 ),
                 flush=True,
             )
-    finally:
-        if args.dir is None:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept: {work}", flush=True)
     if args.out:
         write_json(args.out, result)
     return 0
