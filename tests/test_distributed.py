@@ -38,6 +38,7 @@ from tests.forkserver import PythonProcess
 from tiered_store.cli import main as cli_main
 from tiered_store.config import StoreConfig
 from tiered_store.distributed import ShardedStore, plan_shards, read_shard, write_shards
+from tiered_store.distributed.sharded_store import local_gpu
 from tiered_store.errors import (
     ConfigError,
     RowIdError,
@@ -654,6 +655,18 @@ def test_a_cuda_hot_tier_over_gloo_is_on_the_local_ranks_gpu(tables, monkeypatch
             assert store.lookup(torch.tensor([3, 7])).device == torch.device("cuda", 1)
     finally:
         torch.cuda.set_device(0)
+
+
+def test_a_rank_finds_its_gpu_whether_it_sees_the_nodes_or_only_its_own():
+    # torchrun's usual set-up (every rank sees the node's GPUs) and a per-rank
+    # CUDA_VISIBLE_DEVICES (each sees one, at ordinal 0); anything else is named, not torch's
+    # bare "invalid device ordinal"
+    assert local_gpu("3", 8) == 3 and local_gpu("0", 8) == 0
+    assert local_gpu("3", 1) == 0
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=3 but this process sees 2 GPU\(s\)"):
+        local_gpu("3", 2)
+    with pytest.raises(ConfigError, match="LOCAL_RANK='x' is not an integer"):
+        local_gpu("x", 2)
 
 
 # -- serving across ranks: real `tiered-store serve` processes -----------------------------------------

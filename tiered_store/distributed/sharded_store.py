@@ -1141,10 +1141,30 @@ def init_process_group_from_env(sharding: ShardingConfig, device: str) -> bool:
             "'auto': gloo for a hot tier on the CPU)"
         )
     if backend == "nccl" or device.startswith("cuda"):  # a node's ranks: each on its own GPU
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(
+            local_gpu(os.environ.get("LOCAL_RANK", "0"), torch.cuda.device_count())
+        )
     dist.init_process_group(backend, timeout=timedelta(seconds=sharding.timeout_s))
     _ENV_GROUP.group = dist.group.WORLD
     return True
+
+
+def local_gpu(local_rank: str, visible: int) -> int:
+    """The GPU a node's rank ``local_rank`` uses among the ``visible`` ones: its own, or the only
+    one when each rank is given one (a per-rank ``CUDA_VISIBLE_DEVICES``)."""
+    try:
+        rank = int(local_rank)
+    except ValueError:
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank!r} is not an integer; expected torchrun's"
+        ) from None
+    if visible == 1 or 0 <= rank < visible:
+        return 0 if visible == 1 else rank
+    raise ConfigError(
+        f"LOCAL_RANK={rank} but this process sees {visible} GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); expected one "
+        "GPU per rank of the node: as many visible as the node's ranks, or one per process"
+    )
 
 
 def _destroy_env_group() -> None:
