@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -57,6 +58,23 @@ def test_forward_matches_the_reference_to_one_bf16_ulp(golden, layer):
     assert _ulps(kv, _bf16(golden["fwd_kv_bf16bits"])) <= 1
     assert _ulps(out, _bf16(golden["fwd_out_bf16bits"])) <= 1
     assert torch.equal(out[~mask], x[~mask])  # dead tokens pass through unchanged
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_gpu_a_cpu_token_mask_and_cpu_row_ids_are_taken(golden, layer):
+    # the mask a tokenizer gives is on the CPU, as the row ids the hasher makes
+    x = _bf16(golden["fwd_x_bf16bits"])
+    ids = torch.from_numpy(golden["fwd_row_ids"])
+    mask = torch.from_numpy(golden["fwd_token_mask"])
+    on_gpu = copy.deepcopy(layer).cuda()
+    with torch.no_grad():
+        want, got = layer(x, ids, mask), on_gpu(x.cuda(), ids, mask)
+    assert got.is_cuda
+    torch.testing.assert_close(
+        got.cpu(), want
+    )  # bf16's tolerance: the GPU's matmul may round apart
+    assert torch.equal(got.cpu()[~mask], x[~mask])
 
 
 def test_row_ids_or_token_mask_of_another_batch_or_length_are_refused(golden, layer):

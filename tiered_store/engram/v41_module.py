@@ -137,6 +137,7 @@ class V41Engram(nn.Module):
                 f"token_mask: got {token_mask.dtype}; expected bool (True where a token is live: "
                 "a 0/1 mask as mask.bool())"
             )
+        token_mask = token_mask.to(x.device)  # a tokenizer's mask is on the CPU, x maybe not
         kv = self.project(self.table.lookup(row_ids, handle).to(x.device))
         keys = kv[..., : self.hc_mult * self.dim].unflatten(-1, (self.hc_mult, self.dim))
         value = kv[..., self.hc_mult * self.dim :].float()
