@@ -165,7 +165,8 @@ def test_engram_lm_trains_through_the_store_as_in_memory(tmp_path):
 @pytest.mark.gpu
 def test_training_with_a_cuda_hot_tier(tmp_path):
     """Rows updated where they are cached on the GPU, written back to host RAM and the delta:
-    the same rows as the CPU in-memory reference (float rounding of the GPU's arithmetic)."""
+    the same rows as the CPU in-memory reference (float rounding of the GPU's arithmetic), with
+    a step's ids given on both devices."""
     opt = make_row_optimizer("adam", lr=0.05)
     init = torch.from_numpy(
         np.random.default_rng(0).standard_normal((ROWS, DIM)).astype(np.float32)
@@ -176,7 +177,9 @@ def test_training_with_a_cuda_hot_tier(tmp_path):
     table = TrainableTable(TieredStore(store_config(path, **tiers)), opt)
     reference = torch.cat([init, torch.zeros(ROWS, opt.state_width(DIM))], 1)
     for step, (ids, _) in enumerate(_batch(np.random.default_rng(1), 20), start=1):
-        table.lookup(ids.cuda()).pow(2).sum().backward()
+        # half the batch's ids on the GPU, half on the CPU (as a hasher gives them): one step
+        on_gpu, on_cpu = table.lookup(ids[:3].cuda()), table.lookup(ids[3:])
+        (on_gpu.pow(2).sum() + on_cpu.pow(2).sum()).backward()
         table.step(step)
         weights = reference[:, :DIM].clone().requires_grad_(True)
         weights[ids].pow(2).sum().backward()

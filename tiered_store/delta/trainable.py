@@ -198,8 +198,9 @@ class TrainableTable:
         gradients = self._gradients or [
             (torch.empty(0, dtype=torch.int64), torch.empty((0, self.dim), dtype=torch.float32))
         ]
-        ids = torch.cat([i.reshape(-1) for i, _ in gradients])
-        grads = torch.cat([g.reshape(-1, self.dim) for _, g in gradients])
+        id_device, grad_device = gradients[0][0].device, gradients[0][1].device  # ids may mix
+        ids = torch.cat([i.reshape(-1).to(id_device) for i, _ in gradients])
+        grads = torch.cat([g.reshape(-1, self.dim).to(grad_device) for _, g in gradients])
         if getattr(self.store, "zero_out_of_range", False):  # read as zeros: no row to update
             inside = (ids >= 0) & (ids < self.rows)
             ids, grads = ids[inside], grads[inside.to(grads.device)]
