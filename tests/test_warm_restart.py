@@ -285,6 +285,41 @@ def test_off_by_default_and_periodic_save(tmp_path):
         assert restart_path(path).exists()
 
 
+def test_lookups_go_on_while_a_save_ranks_the_rows_held(tmp_path, monkeypatch):
+    # ranking a tier's rows is a sort of every slot (0.3-0.7 s at 4M slots): a periodic save
+    # must not hold the store's lock through it, or every lookup stalls that long
+    path, data = make_table(tmp_path)
+    ranking, go_on = threading.Event(), threading.Event()
+    rank = store_module.most_valuable_first
+
+    def held_up(row_of_slot, priority):
+        ranking.set()
+        go_on.wait(30)
+        return rank(row_of_slot, priority)
+
+    with TieredStore(config(path)) as store:
+        serve(store, data, batches=2)
+        monkeypatch.setattr(store_module, "most_valuable_first", held_up)
+        saver = threading.Thread(target=store.save_restart)
+        saver.start()
+        ids, got = torch.tensor([1, 2, 3]), []
+        looker = threading.Thread(target=lambda: got.append(store.lookup(ids)))
+        try:
+            assert ranking.wait(30)
+            looker.start()
+            looker.join(10)
+            assert got and torch.equal(got[0], data[ids])  # while the save ranks its rows
+        finally:
+            go_on.set()
+            saver.join()
+            looker.join()
+        monkeypatch.undo()
+        before = held(store)  # close saves them
+    with TieredStore(config(path)) as store:
+        assert store.wait_restored(timeout=30)
+        assert held(store) == before
+
+
 def test_close_during_restore_stops_it_and_keeps_the_saved_rows(tmp_path, monkeypatch):
     path, data = make_table(tmp_path, rows=60_000, dim=8)
     with TieredStore(config(path, hot=0, warm=40_000)) as store:

@@ -150,13 +150,17 @@ class RowCache:
 
     def held_rows(self) -> torch.Tensor:
         """Row ids held now, most valuable first (last to be evicted) where the policy ranks them."""
-        slots = torch.nonzero(self.row_of_slot >= 0).squeeze(1)
+        return most_valuable_first(*self.held())
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Copies of the row id of every slot (-1: free) and of the slots' eviction priorities
+        (None for a policy that never evicts), to rank with :func:`most_valuable_first` once the
+        lock is let go."""
         try:
-            priority = self.eviction.victim_priority(slots)
+            priority = self.eviction.victim_priority()
         except NotImplementedError:  # a policy that never evicts has no order
-            return self.row_of_slot[slots]
-        order = torch.sort(priority, descending=True, stable=True).indices
-        return self.row_of_slot[slots[order]]
+            priority = None
+        return self.row_of_slot.clone(), priority
 
     def probe(self, ids: torch.Tensor) -> torch.Tensor:
         """Slot of each id (int64), -1 where the row is not resident."""
@@ -582,3 +586,12 @@ def merge_sorted(
     merged_slots[place], merged_keys[place] = new_slots[order], new_keys
     merged_slots[old], merged_keys[old] = slots, keys
     return merged_slots, merged_keys
+
+
+def most_valuable_first(row_of_slot: torch.Tensor, priority: torch.Tensor | None) -> torch.Tensor:
+    """The rows held (``row_of_slot`` >= 0) by descending eviction ``priority`` (last to be
+    evicted first; ties in slot order); in slot order where there is no priority."""
+    slots = torch.nonzero(row_of_slot >= 0).squeeze(1)
+    if priority is not None:
+        slots = slots[torch.sort(priority[slots], descending=True, stable=True).indices]
+    return row_of_slot[slots]

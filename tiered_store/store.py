@@ -45,6 +45,7 @@ from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
 from .request_queue import QueuedRequest
+from .row_cache import most_valuable_first
 from .slot_pool import SlotPool
 from .stats import hit_ratio
 from .store_lock import InFlight, StoreLock
@@ -599,17 +600,20 @@ class TieredStore:
         with self._lock.host_inputs():  # it reads the tiers' state: nothing the caller queued
             for cache in self.caches.online:  # the counts as the lookups so far leave them
                 cache.online.count_pending()
-            state = RestartState(
-                {cache.name: self._rows_to_save(cache) for cache in (self.hot, self.warm)},
-                {
-                    c.name: self._unrestored.pinned.get(c.name, c.pinned_rows().cpu().numpy())
-                    for c in self.caches.online
-                },
-                {
-                    c.name: (c.online.state(), c.online.sketch_with_resident(c.row_of_slot))
-                    for c in self.caches.online
-                },
-            )
+            held = {  # copies, ranked once the lock is let go: lookups never wait on the sort
+                cache.name: (*cache.held(), self._unrestored.held.get(cache.name), cache.capacity)
+                for cache in (self.hot, self.warm)
+            }
+            pinned = {
+                c.name: self._unrestored.pinned.get(c.name, c.pinned_rows().cpu().numpy())
+                for c in self.caches.online
+            }
+            profiles = {
+                c.name: (c.online.state(), c.online.sketch_with_resident(c.row_of_slot))
+                for c in self.caches.online
+            }
+        held_rows = {name: _rows_to_save(*parts) for name, parts in held.items()}
+        state = RestartState(held_rows, pinned, profiles)
         path = restart_path(self.config.table.path)
         if self._moved_on() is not None:
             raise TierIOError(  # the file is the current version's: a newer store saves it
@@ -619,17 +623,6 @@ class TieredStore:
             )
         save_restart(path, table_identity(self.cold, self.generation), state)
         return path
-
-    def _rows_to_save(self, cache: Any) -> np.ndarray:
-        """The rows ``cache`` holds, most valuable first; while the restore has not done the
-        tier, those lookups admitted, then the saved rows in their saved order (read back or not):
-        a store closed before its restore finished keeps what it was given."""
-        held = cache.held_rows().cpu().numpy()
-        saved = self._unrestored.held.get(cache.name)
-        if saved is None:
-            return held
-        admitted = held[~np.isin(held, saved)]
-        return np.concatenate([admitted, saved])[: cache.capacity]
 
     def wait_repinned(self, timeout: float | None = None) -> bool:
         """Wait until no tier waits for its online re-pin (tests and benchmarks call it after a
@@ -1474,3 +1467,19 @@ def _check_host_memory(nbytes: int, key: str) -> None:
             f"{key}: needs {format_bytes(nbytes)} of host RAM but only {format_bytes(available)} is "
             "available; expected a smaller capacity"
         )
+
+
+def _rows_to_save(
+    row_of_slot: torch.Tensor,
+    priority: torch.Tensor | None,
+    saved: np.ndarray | None,
+    capacity: int,
+) -> np.ndarray:
+    """The rows a tier holds (``RowCache.held``), most valuable first; while the restore has not
+    done the tier, those lookups admitted, then the saved rows in their saved order (read back or
+    not): a store closed before its restore finished keeps what it was given."""
+    held = most_valuable_first(row_of_slot, priority).cpu().numpy()
+    if saved is None:
+        return held
+    admitted = held[~np.isin(held, saved)]
+    return np.concatenate([admitted, saved])[:capacity]
