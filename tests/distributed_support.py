@@ -6,6 +6,7 @@ each writes what it saw to ``OUT/rank{R}.json`` so the test can check every rank
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -616,6 +617,54 @@ def locked_staged_worker(rank: int, world: int, port: int, plain: str, out: Path
             result["commit"] = f"{type(exc).__name__}: {exc}"
         result["staged after"] = store.local.staged_step
         store.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
+def briefly_locked_staged_worker(
+    rank: int, world: int, port: int, plain: str, out: Path, tried: str, before: bool
+) -> None:
+    """As ``locked_staged_worker``, but another process lets go of rank 0's writer lock once
+    rank 0 found it taken (the hook touches ``tried`` at its first refused ``flock``; with
+    ``before``, as it first tries, and waits for ``tried.go`` before it does): opened (warnings,
+    step, staged step, rows 3 and 460), then rows 3 and 460 written 3.0 and committed (or the
+    error)."""
+    from tiered_store.delta import table_versions
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+
+    class _Flock:  # the module's fcntl, telling the test when the writer lock was tried
+        def __getattr__(self, name: str) -> Any:
+            return getattr(fcntl, name)
+
+        @staticmethod
+        def flock(fd: int, how: int) -> None:
+            if before and how & fcntl.LOCK_NB and not Path(tried).exists():  # a writer lock
+                Path(tried).touch()
+                end = time.monotonic() + 60
+                while not Path(f"{tried}.go").exists() and time.monotonic() < end:
+                    time.sleep(0.01)
+            try:
+                fcntl.flock(fd, how)
+            except BlockingIOError:
+                Path(tried).touch()
+                raise
+
+    try:
+        if rank == 0:
+            table_versions.fcntl = _Flock()
+        cfg = _store_config(Path(plain), world, "rows")
+        ids = torch.tensor([3, 460])
+        with _opened_and_recorded(cfg, result, "opened", ids) as store:
+            try:  # a write takes the lock the holder let go of
+                store.write(ids[rank : rank + 1], torch.full((1, store.row_width), 3.0))
+                result["committed"] = store.commit()
+            except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                result["commit"] = f"{type(exc).__name__}: {exc}"
+            result["committed rows"] = [float(v) for v in store.lookup(ids)[:, 0]]
         dist_destroy()
     except BaseException:
         result["crash"] = traceback.format_exc()

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -1286,6 +1287,119 @@ def test_a_staged_step_whose_shard_another_process_writes_is_left_to_it_until_re
         assert result["reopened warnings"] == [] and result["reopened step"] == 2
         assert result["reopened staged"] is None and "redone" not in result
         assert [result["reopened rows"][i][0] for i in (3, 460)] == [2.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("resolved_there", "before"),
+    [(False, False), (True, False), (True, True)],
+    ids=["left-staged", "committed-there", "committed-before-the-lock-was-tried"],
+)
+def test_a_staged_step_whose_shards_lock_is_let_go_soon_is_resolved_at_open(
+    tmp_path, resolved_there, before
+):
+    """Both shards hold step 2 staged, and another process holds rank 0's writer lock for a
+    moment (another store's open, committing that shard's step meanwhile: ``committed-there``;
+    or a store let go of without: ``left-staged``). The open gave up at once: it warned, left
+    rank 0's step staged and every commit was refused until every store was closed; and when
+    that store had committed it before rank 0 tried the lock, rank 0 refused its own older view
+    of the shard ("written by another process"), with the same result. It waits for the lock
+    (a few seconds) and reads the shard again: every rank opens at step 2 with the staged rows,
+    without a warning, and the next commit succeeds."""
+    from tests.distributed_support import briefly_locked_staged_worker
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    start = shards[1].shard_map.shard_range(1)[0]
+    writers = []
+    for shard, row in ((shards[0], 3), (shards[1], 460 - start)):
+        store = TieredStore.open({"table": {"path": str(shard.path)}})
+        for value in (1.0, 2.0):
+            store.write([row], torch.full((1, store.row_width), value))
+            (store.commit if value == 1.0 else store.prepare_commit)(int(value))
+        writers.append(store)
+    with pytest.warns(UncommittedWritesWarning):
+        writers.pop().close()  # rank 1's: its writer gone; rank 0's holds its lock
+    holder, tried = writers.pop(), tmp_path / "tried"
+
+    def let_go() -> None:  # once rank 0 found the lock taken (else at the deadline)
+        end = time.monotonic() + 60
+        while not tried.exists() and time.monotonic() < end:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        if resolved_there:  # as another store's open resolving it does, under the lock
+            holder.finish_commit(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UncommittedWritesWarning)
+            holder.close()
+        Path(f"{tried}.go").touch()  # with ``before``: now rank 0 tries the lock
+
+    releaser = threading.Thread(target=let_go)
+    releaser.start()
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(briefly_locked_staged_worker, 2, (str(plain), out, str(tried), before), 60)
+    releaser.join()
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    assert tried.exists()  # rank 0 did find the lock taken
+    for result in results:
+        assert result["opened warnings"] == [], result
+        assert result["opened step"] == 2 and result["opened staged"] is None
+        assert result["opened rows"] == [2.0, 2.0]
+        assert result["committed"] == 3 and result["committed rows"] == [3.0, 3.0]
+
+
+def test_a_drop_decided_before_waiting_for_a_shards_lock_is_left_to_the_next_open(tmp_path):
+    """Only rank 0's shard holds step 2 staged (rank 1's never staged it), and another process
+    holds rank 0's writer lock for a moment: the open decided to drop it, but the holder may
+    have been that commit's writer, which went on with it once every shard staged (the
+    decision was made before). Past the wait, rank 0 leaves it staged and every rank warns;
+    the next open drops it."""
+    from tests.distributed_support import briefly_locked_staged_worker, resumed_commit_worker
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    start = shards[1].shard_map.shard_range(1)[0]
+    for shard, row in ((shards[1], 460 - start), (shards[0], 3)):
+        holder = TieredStore.open({"table": {"path": str(shard.path)}})
+        holder.write([row], torch.full((1, holder.row_width), 1.0))
+        holder.commit(1)
+        if shard is shards[1]:
+            holder.close()
+    holder.write([3], torch.full((1, holder.row_width), 2.0))
+    holder.prepare_commit(2)  # rank 0's shard only; the other store let go of, at step 1
+    tried = tmp_path / "tried"
+
+    def let_go() -> None:  # once rank 0 found the lock taken (else at the deadline)
+        end = time.monotonic() + 60
+        while not tried.exists() and time.monotonic() < end:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UncommittedWritesWarning)
+            holder.close()
+
+    releaser = threading.Thread(target=let_go)
+    releaser.start()
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(briefly_locked_staged_worker, 2, (str(plain), out, str(tried), False), 60)
+    releaser.join()
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for rank, result in enumerate(results):
+        (warning,) = result["opened warnings"]
+        assert warning.startswith(f"TornCommitWarning: rank {rank}: a sharded commit left staged rows")  # fmt: skip
+        assert "rank 0: its writer lock was held by another store as this open decided to drop step 2, which that store may have been committing" in warning  # fmt: skip
+        assert result["opened step"] == 1 and result["opened rows"] == [1.0, 1.0]
+        assert result["opened staged"] == (2 if rank == 0 else None)
+        assert result["commit"].startswith("CommitError")
+    codes = run_ranks(resumed_commit_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert result["reopened warnings"] == [] and result["reopened step"] == 1
+        assert result["reopened staged"] is None
 
 
 def test_a_shard_failing_either_phase_of_a_commit_leaves_every_shard_at_one_step(tmp_path):

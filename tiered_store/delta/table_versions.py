@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -37,6 +38,7 @@ from .row_delta import delta_path, remove_delta_temporaries
 T = TypeVar("T")
 
 _LOCK_FDS: set[int] = set()  # this process's writer locks and version holds
+_LOCK_RETRY_S = 0.02  # between tries of a writer lock waited for
 
 
 def _forget_locks_in_child() -> None:
@@ -212,8 +214,9 @@ def writer_lock(table: str | os.PathLike[str]):
         release(fd)
 
 
-def take_writer_lock(table: str | os.PathLike[str]) -> int:
-    """Take the single-writer lock; the caller closes the fd to release it."""
+def take_writer_lock(table: str | os.PathLike[str], wait_s: float = 0.0) -> int:
+    """Take the single-writer lock, trying again for up to ``wait_s`` seconds while another
+    store holds it; the caller closes the fd to release it."""
     path = Path(f"{_npy(table)}.writer.lock")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -222,16 +225,23 @@ def take_writer_lock(table: str | os.PathLike[str]) -> int:
             exc.errno or errno.EIO,
             f"writer lock {path}: cannot create it ({exc.strerror}); expected a writable directory",
         ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TierIOError(
-            errno.EBUSY,
-            f"table {_npy(table).name} is being written (or compacted) by another "
-            f"store, in this process or another (it holds {path.name}); expected one writer at a "
-            "time",
-        ) from None
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < end:
+                time.sleep(min(_LOCK_RETRY_S, max(end - time.monotonic(), 0.0)))
+                continue
+            os.close(fd)
+            waited = f", still after {wait_s:g} s" if wait_s > 0 else ""
+            raise TierIOError(
+                errno.EBUSY,
+                f"table {_npy(table).name} is being written (or compacted) by another "
+                f"store, in this process or another (it holds {path.name}{waited}); expected one "
+                "writer at a time",
+            ) from None
     _LOCK_FDS.add(fd)
     return fd
 

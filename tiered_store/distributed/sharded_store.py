@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ShardingConfig, StoreConfig
-from ..delta.table_versions import pointer_path
+from ..delta.table_versions import pointer_path, release, take_writer_lock
 from ..delta.write_back import merge_last_wins
 from ..errors import (
     CommitError,
@@ -94,6 +94,7 @@ class _EnvGroup:
 
 _ENV_GROUP = _EnvGroup()
 
+RESOLVE_LOCK_WAIT_S = 5.0  # an open waits this long (at most timeout_s / 4) for a shard's lock
 _EXCHANGE_KEYS = (
     "lookups",
     "ids",
@@ -530,9 +531,9 @@ class ShardedStore:
     def _resolve_staged(self, prints: list[dict[str, Any]]) -> list[int]:
         """Finish or drop what a two-phase commit interrupted between its phases left staged on
         the shards (``staged_outcome`` decides, the same on every rank); every shard's committed
-        step once that is done. A shard that cannot (its writer lock held elsewhere: that
-        writer's commit may be under way; a read-only delta) is left as it is, with a warning on
-        every rank; this store then refuses to commit until reopened."""
+        step once that is done. A shard that cannot (its writer lock held elsewhere past a short
+        wait: that writer's commit may be under way; a read-only delta) is left as it is, with a
+        warning on every rank; this store then refuses to commit until reopened."""
         committed = [doc["committed_step"] for doc in prints]
         staged = [doc["staged_step"] for doc in prints]
         steps = staged_outcome(committed, staged)
@@ -541,11 +542,8 @@ class ShardedStore:
         mine, finish = staged[self.rank], steps[self.rank] != committed[self.rank]
         action, error = "commit" if finish else "drop", None
         if mine is not None:
-            error = self._local_error(
-                self.local.finish_commit if finish else self.local.abort_commit,
-                *((mine,) if finish else ()),
-            )
-            if error is None:  # its tiers were filled before: reopened, they hold the new rows
+            error = self._resolve_mine(mine, finish)
+            if error is None and self.local is not None:  # tiers filled before: reopened
                 self.local.close()
                 self.local = None
                 _, error = self._open_local()
@@ -578,6 +576,56 @@ class ShardedStore:
                 TornCommitWarning,
             )
         return steps
+
+    def _resolve_mine(self, mine: int, finish: bool) -> str | None:
+        """Commit (``finish``) or drop the step ``mine`` staged on this shard, under its writer
+        lock, waited for a moment while another store holds it (another store's open resolving
+        it); then read again: a shard another store resolved meanwhile is left as it is. A drop
+        decided before a wait is not made (the holder may have been that commit's writer, going
+        on with it). This rank's error as text, or None."""
+        waited = False
+        try:
+            try:
+                lock = take_writer_lock(self.path)
+            except TierIOError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                waited = True
+                lock = take_writer_lock(self.path, min(RESOLVE_LOCK_WAIT_S, self.timeout_s / 4))
+        except Exception as exc:  # noqa: BLE001 (told to every rank, raised on every rank)
+            return f"{type(exc).__name__}: {error_text(exc)}"
+        left: str | None = None  # why the shard is left as the lock's holder left it
+        try:
+            if waited or self.local.is_stale():  # its view predates what that store did
+                self.local.close()
+                self.local = None
+                _, error = self._open_local()
+                if error is not None:
+                    left = f"reopening its shard after waiting for its writer lock: {error}"
+            if left is None and self.local.staged_step != mine:
+                left = ""  # resolved by the store that held the lock
+            if left is None and waited and not finish:
+                left = (
+                    f"its writer lock was held by another store as this open decided to drop step "
+                    f"{mine}, which that store may have been committing"
+                )
+        except Exception as exc:  # noqa: BLE001 (told to every rank, raised on every rank)
+            left = f"{type(exc).__name__}: {error_text(exc)}"
+        except BaseException:
+            release(lock)
+            raise
+        if left is not None:
+            release(lock)
+            return left or None
+
+        def resolve() -> None:
+            self.local.adopt_writer_lock(lock)  # released with the store, or when refused
+            if finish:
+                self.local.finish_commit(mine)
+            else:
+                self.local.abort_commit()
+
+        return self._local_error(resolve)
 
     def _beat_under(self, key: str) -> Heartbeat:
         """This rank's heartbeat under ``tiered_store/sharded/<key>/`` of the default store, on
