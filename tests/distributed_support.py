@@ -488,9 +488,9 @@ def training_misuse_worker(rank: int, world: int, port: int, trainable: str, out
 def _opened_and_recorded(
     cfg: dict, result: dict, name: str, ids: torch.Tensor | None = None
 ) -> Any:
-    """``ShardedStore.open(cfg)``, recording under ``name`` its warnings, committed step, this
-    shard's staged step and the rows of ``ids`` (each row's first value; every row, whole, when
-    None)."""
+    """``ShardedStore.open(cfg)``, recording under ``name`` its warnings, committed step (and
+    as ``stats()`` says it), this shard's staged step and the rows of ``ids`` (each row's first
+    value; every row, whole, when None)."""
     import warnings
 
     from tiered_store.distributed import ShardedStore
@@ -500,6 +500,7 @@ def _opened_and_recorded(
         store = ShardedStore.open(cfg)
     result[f"{name} warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
     result[f"{name} step"] = store.committed_step
+    result[f"{name} stats step"] = store.stats().get("writes", {}).get("committed_step")
     result[f"{name} staged"] = store.local.staged_step
     if ids is None:
         result[f"{name} rows"] = store.lookup(torch.arange(store.rows)).float().tolist()
@@ -710,6 +711,7 @@ def failed_phase_worker(rank: int, world: int, port: int, plain: str, out: Path)
         except CommitError as exc:
             result[name] = f"CommitError: {exc}"
         result[f"{name} step"] = store.committed_step
+        result[f"{name} stats step"] = store.stats()["writes"]["committed_step"]
         result[f"{name} staged"] = store.local.staged_step
         step, rows = store.local.read_committed(mine - store.shard_map.shard_range(rank)[0])
         result[f"{name} committed here"] = [step, float(rows[0, 0])]

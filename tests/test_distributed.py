@@ -1188,7 +1188,8 @@ def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
     for rank, result in enumerate(results):
         (warning,) = result["torn warnings"]
         assert warning.startswith(f"TornCommitWarning: rank {rank}: the shards were committed at different steps (rank 0: 1; rank 1: 2): a commit was interrupted")  # fmt: skip
-        assert result["torn step"] == 1 and result["torn rows"] == [1.0, 2.0]
+        assert result["torn step"] == result["torn stats step"] == 1
+        assert result["torn rows"] == [1.0, 2.0]
         # a commit at the oldest step is refused, its rows kept (it rewrote rank 0's step 1)
         assert result["older"] == "CommitError" and result["refused rows"] == [1.0, 2.0]
         assert result["redone"] == result["redone step"] == result["after step"] == 2
@@ -1445,6 +1446,11 @@ def test_a_shard_failing_either_phase_of_a_commit_leaves_every_shard_at_one_step
         assert r["closed again warnings"] == (["UncommittedWritesWarning: close: 1 rows written to plain.rows.shard-1-of-2.npy since its last commit (step 5) are not committed here, but staged at step 6 by a sharded commit whose second phase did not finish: the shards' next open (ShardedStore, on every rank) commits them if every shard staged that step, else drops them"] if rank == 1 else [])  # fmt: skip
         assert r["reopened warnings"] == [] and r["reopened step"] == 6
         assert r["reopened staged"] is None and r["reopened rows"] == [6.0, 6.0]
+        for name in ("first", "unstaged", "after unstaged", "unfinished", "after unfinished"):
+            # stats() said the shard's own older step where its second phase failed
+            assert r[f"{name} stats step"] == r[f"{name} step"], (name, r)
+        for name in ("unfinished at close", "unfinished again"):
+            assert r[f"{name} stats step"] == r[f"{name} step"], (name, r)
 
 
 def test_a_compacted_shard_opens_with_its_committed_rows_on_every_rank(tmp_path):

@@ -437,8 +437,12 @@ class ShardedStore:
 
     def stats(self) -> dict[str, dict[str, float]]:
         """The local shard's ``TieredStore.stats()``, plus ``exchange`` (ids, rows and bytes this
-        rank sent to and received from the others) and ``shard`` (rank, ranks, rows)."""
+        rank sent to and received from the others) and ``shard`` (rank, ranks, rows); its
+        ``writes`` say the shards' ``committed_step``, as every rank does (not the local shard's
+        own, older where its second phase failed)."""
         out = self.local.stats()
+        if "writes" in out and (self._torn_steps is not None or self._unfinished is not None):
+            out["writes"]["committed_step"] = self.committed_step  # never the closed local's
         out["exchange"] = dict(self.exchange)
         start, stop = self.shard_map.shard_range(self.rank)
         out["shard"] = {"rank": self.rank, "ranks": self.world, "rows": stop - start}
