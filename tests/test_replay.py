@@ -692,6 +692,44 @@ def test_replay_command_that_cannot_write_its_results_is_a_clear_error(tmp_path,
     assert not out.exists()  # the folder this run made, empty, is gone too
 
 
+def test_replay_command_names_its_plot_only_once_written(tmp_path, capsys):
+    """stdout named replay.png before it was written: a plot that could not be written (a folder
+    in the way) was still announced as there."""
+    from tiered_store.cli import main
+
+    argv, out = _replay_command(tmp_path, 2, "{warm: {capacity: 60}}")
+    (out / "replay.png").mkdir(parents=True)
+    assert main([*argv, "--no-bounds", "--sweep", "5%"]) == 2
+    said = capsys.readouterr()
+    assert "cannot write" in said.err and str(out / "replay.png") not in said.out
+    (out / "replay.png").rmdir()
+    assert main([*argv, "--no-bounds", "--sweep", "5%"]) == 0
+    assert f"plot: {out / 'replay.png'}\n" in capsys.readouterr().out
+
+
+def test_replay_command_whose_results_cannot_be_renamed_leaves_no_temporary(
+    tmp_path, capsys, monkeypatch
+):
+    """replay.png was renamed into place, then replay.json's rename failed (a folder made there
+    meanwhile): its hidden temporary file stayed in --out."""
+    from tiered_store.cli import main
+    from zipf_analysis import plots
+
+    argv, out = _replay_command(tmp_path, 2, "{warm: {capacity: 60}}")
+    write_png = plots.write_png
+
+    def then_a_folder_appears(figure, f):
+        write_png(figure, f)
+        (out / "replay.json").mkdir()  # another process, between the checks and the rename
+
+    monkeypatch.setattr(plots, "write_png", then_a_folder_appears)
+    assert main([*argv, "--quiet", "--no-bounds", "--sweep", "5%"]) == 2
+    assert f"cannot write {out / 'replay.json'}: a directory is in the way" in (
+        capsys.readouterr().err
+    )
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("dim", [66, 64, 1500])  # 264 B rows (V4.1's width), 256 B, 6,000 B
 def test_the_cost_model_prices_the_pages_the_cold_reader_reads(tmp_path, dim):
     # a cold row was priced at ceil(row_bytes / 4096) pages, but the reader reads every page a row

@@ -279,8 +279,7 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
         figure = miss_ratio_figure(
             curves, table_rows=rows, title=f"replay: {layout.get('name', table)}"
         )
-        png = args.out / "replay.png"  # written with replay.json, below
-        print(f"\nmiss ratio vs capacity (replayed policies: fetch ratio): {png}")
+        print("\nmiss ratio vs capacity (replayed policies: fetch ratio):")
         print_sweep(curves, rows)
         if bound_names:
             print(
@@ -290,7 +289,9 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
             )
     if split is not None:
         doc["tier_split"] = _report_split(args, config, reader, table, split)
-    _write_results(args.out, doc, figure)
+    _write_results(args.out, doc, figure)  # named once written, not before
+    if figure is not None:
+        print(f"plot: {args.out / 'replay.png'}")
     print(f"results: {args.out / 'replay.json'}")
     return 0
 
@@ -312,14 +313,13 @@ def _write_results(out: Path, doc: dict, figure: Figure | None) -> None:
         with write_step(f"cannot write {results}", "writing the results", nothing):
             files[-1].file.write(json.dumps(doc, indent=2, default=float) + "\n")
             files[-1].finish()
-    except BaseException:
+        if figure is None:  # a plot of an earlier run would sit beside this run's replay.json
+            plot.unlink(missing_ok=True)
+        for f in files:
+            f.publish()
+    finally:  # after a failed write or rename: no temporary left (a published one is gone already)
         for f in files:
             f.abort()
-        raise
-    if figure is None:  # a plot of an earlier run would sit beside this run's replay.json
-        plot.unlink(missing_ok=True)
-    for f in files:
-        f.publish()
 
 
 def _recommend(args, config: StoreConfig, reader, table) -> SplitRecommendation | None:
