@@ -574,6 +574,26 @@ def test_memory_report_counts_the_next_use_per_slot_once_a_queue_is_attached():
     assert cache.metadata_bytes()["per_slot"] == alone + QUEUE_SLOT_BYTES == alone + 8
 
 
+def test_memory_report_counts_what_announced_requests_hold(tmp_path):
+    """memory_report() left out the queue's (row, request) pairs and the tiers' victim
+    candidates: 40 announced requests of 5,000 lookups held 3.2 MB it did not report."""
+    path, _ = make_table(tmp_path, rows=ROWS, dim=4)
+    rng = np.random.default_rng(0)
+    with TieredStore(store_config(path, hot={"capacity": 64}, warm={"capacity": 256})) as store:
+        assert store.memory_report()["queue_bytes"] == 0  # nothing announced yet
+        requests = [store.announce(torch.from_numpy(rng.integers(0, ROWS, 500))) for _ in range(40)]
+        for _ in range(5):  # evictions by the queue's order keep candidates
+            store.lookup(torch.from_numpy(rng.integers(0, ROWS, 400)))
+        pairs = 16 * sum(r.rows.numel() for r in requests)  # a row and a token, 8 B each
+        candidates = store.hot.queue_candidate_bytes() + store.warm.queue_candidate_bytes()
+        assert candidates > 0
+        assert store.memory_report()["queue_bytes"] == pairs + candidates > 16 * 40 * 400
+        for request in requests:
+            store.release(request)
+        left = store.memory_report()["queue_bytes"]  # the pairs go with their requests
+        assert left == store.hot.queue_candidate_bytes() + store.warm.queue_candidate_bytes()
+
+
 def test_queued_candidates_refilled_after_the_furthest_requests_run_out():
     """Every row queued: victims come from the furthest requests' rows, and once those kept by a
     pass are evicted, a new pass finds the next ones; slot for slot as a pass per eviction."""

@@ -58,6 +58,12 @@ class _Queued:
     complete: bool
     pending: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the slots held, stale and waiting ones included."""
+        waiting = sum(t.nbytes for chunks in self.pending.values() for t in chunks)
+        return waiting + sum(b.nbytes for b in self.buckets.values())
+
     def size(self) -> int:
         """Entries held, stale ones included."""
         waiting = sum(t.numel() for chunks in self.pending.values() for t in chunks)
@@ -123,6 +129,13 @@ class QueueVictims:
         self.unqueued: _Unqueued | None = None
         self.queued: _Queued | None = None
         self.passes = 0  # passes over the tier's slots (a benchmark's and the tests' figure)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the candidates held now, both classes."""
+        run = self.unqueued
+        unqueued = 0 if run is None else run.slots.nbytes + run.keys.nbytes
+        return unqueued + (0 if self.queued is None else self.queued.nbytes)
 
     def pick(self, need: int, want: int) -> torch.Tensor:
         """Up to ``want`` unqueued victims in the policy's order; if fewer exist, all of them and

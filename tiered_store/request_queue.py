@@ -56,6 +56,12 @@ class QueuedRequests:
         pairs = self._pair_rows
         return int(np.count_nonzero(pairs[1:] != pairs[:-1])) + int(pairs.size > 0)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the (row, request) pairs held now."""
+        with self._lock:
+            return self._pair_rows.nbytes + self._pair_tokens.nbytes
+
     def add(self, ids: torch.Tensor) -> QueuedRequest:
         """Queue a request that will look up ``ids`` (any shape); its ``first_rows`` are those no
         request queued before it looks up: they now wait for it."""

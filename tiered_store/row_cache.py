@@ -148,6 +148,11 @@ class RowCache:
             per_tier += repin["per_tier"]
         return {"per_table_row": per_row, "per_slot": per_slot, "per_tier": per_tier}
 
+    def queue_candidate_bytes(self) -> int:
+        """Bytes of the victim candidates kept by the request queue's order now (0 before the
+        first announce, or for a policy that passes over the slots instead)."""
+        return 0 if self._queue_victims is None else self._queue_victims.nbytes
+
     def held_rows(self) -> torch.Tensor:
         """Row ids held now, most valuable first (last to be evicted) where the policy ranks them."""
         return most_valuable_first(*self.held())

@@ -571,12 +571,17 @@ class TieredStore:
         }
 
     def memory_report(self) -> dict[str, Any]:
-        """Payload bytes per tier and metadata bytes per table row and per cached slot."""
+        """Payload bytes per tier, metadata bytes per table row and per cached slot, and the bytes
+        announced requests hold now (``queue_bytes``: the queue's (row, request) pairs and both
+        tiers' victim candidates in its order)."""
+        with self._lock.host_inputs():  # the tiers' candidates change under lookups
+            queued = sum(c.queue_candidate_bytes() for c in (self.hot, self.warm))
         return {
             "hot_payload_bytes": self.hot_pool.nbytes,
             "warm_payload_bytes": self.warm_pool.nbytes,
             "hot_metadata": self.hot.metadata_bytes(),
             "warm_metadata": self.warm.metadata_bytes(),
+            "queue_bytes": self.caches.queue.nbytes + queued,
         }
 
     def save_restart(self) -> Path:
