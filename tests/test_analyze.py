@@ -430,6 +430,20 @@ def test_names_that_are_not_utf8_are_escaped_in_the_report(tmp_path):
     assert report["corpus"]["read"]["skipped_files"]["binary"] == [str(corpus / "caf\udce9.bin")]
 
 
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_text_with_a_utf16_or_utf32_byte_order_mark_is_read_as_text(tmp_path, codec):
+    """A UTF-16 file (Windows Notepad's "Unicode") holds NUL bytes, so it was skipped as binary;
+    its byte-order mark says how to decode it. Past the 64 KiB probe too, and a file whose mark
+    lies (it does not decode) is still binary."""
+    text = "Grüße aus Köln, 東京 und 🙂\n" * 4000  # about 100,000 characters
+    data = "\ufeff".encode(codec) + text.encode(codec)
+    (tmp_path / "doc.txt").write_bytes(data)
+    assert read_text(tmp_path / "doc.txt") == (text, None, len(data))
+    junk = "\ufeff".encode(codec) + bytes(3)  # a code unit cut short
+    (tmp_path / "junk.bin").write_bytes(junk)
+    assert read_text(tmp_path / "junk.bin") == (None, "binary", len(junk))
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "gzipped"])
 def test_a_large_binary_file_is_not_read_whole_to_be_skipped(tmp_path, packed):
     """Model weights or a disk image in a corpus folder were read whole into memory to find the

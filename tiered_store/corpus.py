@@ -6,9 +6,10 @@ embedded default every machine has: the Python standard library's own ``*.py`` f
 (``sysconfig.get_paths()["stdlib"]``, without ``site-packages``/``dist-packages``, which differ
 from machine to machine).
 
-Files are read as UTF-8 (a byte-order mark is dropped); a ``*.gz`` file is decompressed first, so
+Files are read as UTF-8 (a byte-order mark is dropped), or as UTF-16 or UTF-32 where one of
+their byte-order marks begins the file; a ``*.gz`` file is decompressed first, so
 Debian's compressed manual pages and documentation (``/usr/share/man``, ``/usr/share/doc``) are
-text too. A file with a NUL byte is binary, a file
+text too. A file with a NUL byte (and no such mark it decodes by) is binary, a file
 that does not decode is not UTF-8, a file with only whitespace is empty, and a pipe, socket or
 device in a folder (or a link to one) is not a regular file: all four are skipped and counted in
 :class:`ReadStats`, whose :meth:`ReadStats.warning` names a few of them.
@@ -16,6 +17,7 @@ device in a folder (or a link to one) is not a regular file: all four are skippe
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import gzip
@@ -45,6 +47,14 @@ __all__ = [
 _GLOB_CHARS = frozenset("*?[")
 _SKIPPED_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
 _BINARY_PROBE = 1 << 16  # bytes searched for a NUL byte before decoding
+# byte-order marks of the encodings whose text holds NUL bytes: such a file is text, not binary
+# (UTF-32's first: its little-endian mark begins with UTF-16's)
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 EXAMPLES_SHOWN = 5  # skipped files named in the warning
 NAMED_ROOTS = 5  # paths a corpus's description names; the rest are counted
 
@@ -335,9 +345,11 @@ class ReadStats:
 
 
 def read_text(path: Path) -> tuple[str | None, str | None, int]:
-    """``(text, None, size)`` for a UTF-8 text file, else ``(None, reason, size)``.
+    """``(text, None, size)`` for a text file (UTF-8; UTF-16 or UTF-32 with a byte-order mark),
+    else ``(None, reason, size)``.
 
-    Reasons: ``"binary"`` (a NUL byte in the first 64 KiB), ``"not UTF-8"``, ``"empty"``
+    Reasons: ``"binary"`` (a NUL byte in the first 64 KiB, but for a file that decodes by its
+    UTF-16 or UTF-32 byte-order mark), ``"not UTF-8"``, ``"empty"``
     (nothing but whitespace), ``"not a regular file"`` (a pipe, socket or device, or a link to
     one: never opened, as its read may wait for a writer or never end) and ``"unreadable"`` (an
     OS error, a ``*.gz`` file that does not decompress, or a folder that could not be listed). A
@@ -361,15 +373,20 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:  # a binary file is read no further than its probe
             data = f.read(_BINARY_PROBE)
-            if b"\x00" not in data:
+            encoding = next((e for bom, e in _WIDE_BOMS if data.startswith(bom)), None)
+            if encoding or b"\x00" not in data:
                 f.seek(0)  # one buffer of the whole text (a *.gz one rewinds and decompresses)
                 data = f.read()
     except (OSError, EOFError, zlib.error):
         return None, "unreadable", 0
-    if b"\x00" in data[:_BINARY_PROBE]:
+    text = None
+    if encoding is not None:  # else, not what its mark says: binary, as any file with a NUL
+        with contextlib.suppress(UnicodeDecodeError):
+            text = data.decode(encoding)
+    if text is None and b"\x00" in data[:_BINARY_PROBE]:
         return None, "binary", len(data)
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig") if text is None else text
     except UnicodeDecodeError:
         return None, "not UTF-8", len(data)
     if not text.strip():
