@@ -364,9 +364,11 @@ def test_a_link_loop_to_a_file_is_skipped_as_unreadable(tmp_path):
     assert "loop (unreadable)" in stats.warning()
 
 
-def test_a_folder_that_cannot_be_listed_is_named_as_unreadable():
+@pytest.mark.parametrize("pattern", ["", "**/*.txt", "**"])
+def test_a_folder_that_cannot_be_listed_is_named_as_unreadable(pattern):
     """A folder the user may not read, inside the corpus, was left out without a word (os.walk
-    drops what it cannot list), where an unreadable file is named; it is now named too."""
+    drops what it cannot list), where an unreadable file is named; it is now named too. So by a
+    glob's ``**`` (glob drops it alike)."""
     import os
     import shutil
     import tempfile
@@ -388,7 +390,7 @@ def test_a_folder_that_cannot_be_listed_is_named_as_unreadable():
             if os.geteuid() == 0:
                 os.setgid(65534)
                 os.setuid(65534)
-            corpus = resolve_corpus([root])
+            corpus = resolve_corpus([root / pattern if pattern else root])
             stats = ReadStats()
             texts = [text for _, text in iter_texts(corpus.files, stats)]
             os.write(write, json.dumps([len(corpus), texts, stats.warning()]).encode())

@@ -202,13 +202,30 @@ def _expand(path: str | os.PathLike[str]) -> list[Path]:
         )
     if _GLOB_CHARS & set(text):
         out: list[Path] = []
-        for match in sorted(glob.glob(os.path.expanduser(text), recursive=True)):
+        pattern = os.path.expanduser(text)
+        for match in sorted(glob.glob(pattern, recursive=True)):
             m = Path(match)
             out.extend(_walk(m) if m.is_dir() else [m] if m.is_file() else [])
+        out.extend(_unlisted(pattern))
         if not out:
             raise CorpusError(f"corpus path {text!r}: the pattern matches no files")
         return out
     raise CorpusError(f"corpus path {text!r}: no such file or directory")
+
+
+def _unlisted(pattern: str) -> list[Path]:
+    """The folders the ``**`` of ``pattern`` descends into (not hidden ones, as glob) but cannot
+    list, which glob leaves out without a word: for :func:`read_text` to name as unreadable."""
+    parts = Path(pattern).parts
+    if "**" not in parts:
+        return []
+    head = os.path.join(*parts[: parts.index("**")]) if parts.index("**") else os.curdir
+    unlisted: list[Path] = []
+    roots = sorted(glob.glob(head)) if _GLOB_CHARS & set(head) else [head]
+    for root in filter(os.path.isdir, roots):  # none: the pattern matches nothing (an error)
+        for _, dirs, _ in os.walk(root, onerror=lambda e: unlisted.append(Path(e.filename))):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+    return unlisted
 
 
 def resolve_corpus(
