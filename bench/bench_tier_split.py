@@ -116,6 +116,13 @@ def run(work: Path, args: argparse.Namespace) -> dict:
     config = StoreConfig.from_yaml(work / f"{args.table}.store.yaml")
     if args.policy:
         config = with_policy(config, args.policy)
+        if parse_policy(args.policy, key="--policy").tuned:  # store.yaml's LRU tiers name none
+            profile = str(work / f"{args.table}.profile.npz")
+            tiers = {
+                t: getattr(config.tiers, t).model_copy(update={"profile": profile})
+                for t in ("hot", "warm")
+            }
+            config = config.model_copy(update={"tiers": config.tiers.model_copy(update=tiers)})
     trace = work / "trace.trace"
     budgets = {"gpu_budget": args.gpu_budget, "host_budget": args.host_budget}
     start = time.perf_counter()

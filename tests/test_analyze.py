@@ -235,8 +235,43 @@ def test_recommended_store_config_parses_and_reaches_the_targets(run):
             assert 1 - lru.at(hot) >= targets["hot"]
             assert 1 - lru.at(warm) >= targets["warm"]
             assert 1 - lru.at(hot - 1) < targets["hot"]  # and no larger than needed
-            tuned = replay(config, reader, table=table, policy="zipf-tuned")  # as its comment says
+            profile = str(out / f"{table}.profile.npz")  # as its comment says
+            tuned = config.tiers.model_copy(
+                update={
+                    t: getattr(config.tiers, t).model_copy(
+                        update={"policy": "zipf-tuned", "profile": profile}
+                    )
+                    for t in ("hot", "warm")
+                }
+            )
+            tuned = replay(config.model_copy(update={"tiers": tuned}), reader, table=table)
             assert tuned.tiers["warm"]["preloaded"] > 0
+            assert (
+                f"profile: {table}.profile.npz in both tiers"
+                in (out / f"{table}.store.yaml").read_text()
+            )
+
+
+def test_recommended_store_config_opens_without_a_warning(run, tmp_path):
+    """analyze wrote `profile:` into its LRU tiers, so opening its store.yaml (TieredStore, or
+    `tiered-store serve --config`) warned IgnoredSettingWarning for a setting the file's own
+    policy ignores."""
+    import shutil
+    import warnings
+
+    from tiered_store import TieredStore, create_table
+
+    out = run["out"]
+    for name in ("layer1.store.yaml", "layer1.top_rows.npy"):
+        shutil.copy(out / name, tmp_path / name)
+    config = StoreConfig.from_yaml(tmp_path / "layer1.store.yaml")
+    with TraceReader(out / "trace.trace") as reader:
+        rows = reader.layout[reader.table_index("layer1")]["rows"]
+    create_table(config.table.path, np.zeros((rows, config.table.dim), np.float32), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with TieredStore.open(tmp_path / "layer1.store.yaml") as store:
+            assert store.warm.counters.preloaded > 0  # its preload_rows, read
 
 
 def test_target_sizes_from_static_topk_name_that_curve_not_the_lru_hierarchy(tmp_path):

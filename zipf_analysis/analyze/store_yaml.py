@@ -34,8 +34,7 @@ def store_yaml(
         return {
             "capacity": capacity,
             "policy": "lru",
-            "preload_rows": top_rows,
-            "profile": f"{name}.profile.npz",  # read by zipf-tuned only
+            "preload_rows": top_rows,  # no profile: an LRU tier ignores it (a warning at open)
         }
 
     for tier, info in rec["tiers"].items():
@@ -76,14 +75,15 @@ def store_yaml(
         f"# Recommended by `tiered-store analyze` for Engram table {name} "
         f"({int(layout['rows']):,} rows x {int(layout['dim'])}).",
         *sizing,
-        "# preload_rows: the profile's hottest rows first (warm start); profile: read by "
-        "policy zipf-tuned only (below). table.path is the layer's concatenated table",
+        "# preload_rows: the profile's hottest rows first (warm start). table.path is the "
+        "layer's concatenated table",
         f"# (create it with `tiered-store init {name}.npy ...`). Replay: "
         f"tiered-store replay {name}.store.yaml {trace} --table {name}",
         "# Fewer misses at the same sizes (measured on held-out text, docs/policies.md in "
         "tiered-store's repository): "
-        "policy: zipf-tuned. Compare on text the profile has not seen (`--holdout` writes it):",
-        f"#   tiered-store replay {name}.store.yaml {HOLDOUT_NAME} --table {name} "
-        "--policies lru,zipf-tuned",
+        f"policy: zipf-tuned with profile: {name}.profile.npz in both tiers.",
+        "# Compare on text the profile has not seen (`--holdout` writes it): replay this file "
+        "and the one so changed,",
+        f"#   tiered-store replay {name}.store.yaml {HOLDOUT_NAME} --table {name}",
     ]
     return "\n".join(head) + "\n" + yaml.safe_dump(doc, sort_keys=False)
