@@ -1196,3 +1196,31 @@ def test_a_restore_that_fails_with_any_error_starts_cold_and_re_pinning_goes_on(
                 assert torch.equal(store.lookup([row] * 4), data[[row] * 4])
                 assert store.wait_repinned(5)
         assert store.hot.online.repins > 0 and store.hot.pinned_count > 0
+
+
+def test_a_count_that_fails_before_an_interval_is_over_decays_nothing(tmp_path, monkeypatch):
+    """The re-pin thread's error path closed an interval whether or not one was due: a count
+    that failed 10 lookups into an interval of 1,000 decayed the tier's counts by a whole
+    interval (and recorded a re-pin), so its counts aged one interval more than its lookups."""
+    from tiered_store.online_repin import OnlineRepin
+
+    path, data = make_table(tmp_path, rows=100, dim=4)
+    tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 1000, "budget": 1}}
+    tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
+    count_pending, failures = OnlineRepin.count_pending, []
+
+    def fails_once(self, *args):  # a fault in the first count only
+        if not failures:
+            failures.append(1)
+            raise TypeError("a count that fails")
+        return count_pending(self, *args)
+
+    monkeypatch.setattr(OnlineRepin, "count_pending", fails_once)
+    with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
+        with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a count that"):
+            ids = list(range(10))  # one window, a hundredth of an interval
+            assert torch.equal(store.lookup(ids), data[ids])
+            assert store.wait_repinned(timeout=10)
+        online = store.warm.online
+        assert failures and online.since_repin == 10
+        assert online.weight == 1.0 and online.repins == 0

@@ -1021,7 +1021,8 @@ class TieredStore:
                     )
                     with self._lock.host_inputs():
                         cache.online.drop_pending()
-                        cache.online.finish(0, 0)
+                        if cache.online.due:  # close the interval it failed in (decayed once
+                            cache.online.finish(0, 0)  # per interval, as by a re-pin that ran)
 
     def _restoring_pins(self, cache: Any) -> bool:
         """The warm restart has not brought ``cache``'s saved pins back yet: they replace its
