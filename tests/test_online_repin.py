@@ -660,10 +660,10 @@ def test_decay_over_a_long_quiet_spell_forgets_past_counts_without_overflow():
     repin.admitted(torch.tensor([0, 1]), torch.tensor([5, 1]), looked_up=False)
     repin.count(torch.tensor([0, 0, 1]), torch.tensor([], dtype=torch.int64), lookups=3)
     assert repin.slot_count[:2].tolist() == [1.0, 1.0]
-    repin.since_repin = 10**15  # a quiet tier: 3e14 intervals since its last re-pin
-    repin.finish(0, 0)
-    assert repin.weight == 1.0 and repin.slot_count[:2].max() < 1e-29  # renormalised: forgotten
-    repin.count(torch.tensor([1]), torch.tensor([], dtype=torch.int64), lookups=3)
+    none = torch.tensor([], dtype=torch.int64)
+    repin.count(none, none, lookups=10**15)  # a quiet tier: 3e14 intervals, no re-pin
+    repin.count(torch.tensor([1]), none, lookups=3)  # renormalised: the past forgotten
+    assert repin.weight == 1.0 and repin.slot_count[0] < 1e-29 and repin.repins == 0
     assert repin.slot_count[:2].tolist() == pytest.approx([0.0, 1.0])  # counting goes on
 
 
@@ -686,7 +686,26 @@ def test_decay_is_per_every_lookups_whatever_the_batch_size():
     assert repin.every == 65_536 and repin.decay == 0.9934
     intervals = 400 * 50_000 // 65_536
     assert repin.repins == intervals
-    assert repin.weight == pytest.approx(1 / 0.9934**intervals, rel=1e-9)
+    # what an episode counted next adds
+    assert repin.state()["weight"] == pytest.approx(1 / 0.9934**intervals, rel=1e-9)
+
+
+def test_counts_decay_by_the_lookups_since_them_whether_or_not_a_re_pin_ran():
+    # counts aged only when a re-pin ran: through a quiet spell (nothing came or went, so no
+    # re-pin) a row's episode at the end of 40 intervals weighed like one at their start,
+    # until the next re-pin (row 1's one episode counted 1 / 40 of row 5's 40 old ones)
+    from tiered_store.config import RepinConfig
+    from tiered_store.online_repin import OnlineRepin
+
+    none = torch.tensor([], dtype=torch.int64)
+    repin = OnlineRepin(8, RepinConfig(every=2, budget=1, decay=0.25, quiet_sample=1), window=2)
+    repin.admitted(torch.tensor([0, 1]), torch.tensor([5, 1]), looked_up=False)
+    for _ in range(40):  # row 5 in each of intervals 0-39, nothing comes or goes
+        repin.count(torch.tensor([0, 0]), none, lookups=2)
+    repin.count(torch.tensor([1, 1]), none, lookups=2)  # row 1 once, in interval 40
+    assert repin.repins == 0
+    row_5, row_1 = repin.slot_count[:2].tolist()  # 4**40 against (4**40 - 1) / 3
+    assert row_1 / row_5 == pytest.approx(3.0, rel=1e-5)
 
 
 def test_a_quiet_tier_counts_one_window_in_quiet_sample_standing_for_them_all():

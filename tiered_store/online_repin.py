@@ -41,9 +41,10 @@ given, start from its episodes times ``prior_weight``, seeded into the sketch), 
 aims at the top ``target`` of them, and at most ``budget`` rows move in (the top-counted unpinned
 residents) and out (the lowest pinned rows) per re-pin. ``target`` follows zipf-tuned's split
 rule: the offline profile's when one was given, else the tier minus the measured mean distinct
-rows per window (at most half the tier). Past counts decay by ``decay`` per interval: new episodes
-are added with a weight growing by ``1 / decay`` instead (no pass over the counters), renormalised
-when the weight gets large.
+rows per window (at most half the tier). Past counts decay by ``decay`` per interval of ``every``
+lookups since they were made, whether or not a re-pin ran (each update carries the interval its
+batch began in): new episodes are added with a weight growing by ``1 / decay`` instead (no pass
+over the counters), renormalised when the weight gets large.
 
 :meth:`OnlineRepin.plan` (two passes over the slots' counts) reads the tier and changes
 nothing; :meth:`tiered_store.row_cache.RowCache.apply_repin` flips the pin flags of the chosen
@@ -148,7 +149,7 @@ class OnlineRepin:
             dtype=COUNT_DTYPE,
             device=self.device,
         )
-        self.weight = 1.0  # what one episode adds now: 1 / decay ** intervals (renormalised)
+        self.weight = 1.0  # what one episode adds: 1 / decay ** intervals (renormalised)
         self.offline_target: int | None = None  # pinned rows by the offline profile's rule
         # per slot, side by side (a hit touches one 8-byte pair): the held row's episodes
         # (float32, decay-weighted) and the window it was last counted in (int32)
@@ -185,6 +186,10 @@ class OnlineRepin:
         self._counting = threading.Lock()  # one thread applies ``pending`` at a time
         self.windows_dropped = 0  # windows not counted: the background count fell behind
         self.since_repin = 0  # lookups since the last re-pin, less its whole intervals
+        # the decay's clock (lookup side): lookups so far (congruent to since_repin modulo
+        # ``every``), and the interval of ``every`` lookups the batch counted last began in
+        self._clock = self._interval = 0
+        self._weight_interval = 0  # the counting side: the interval ``weight`` is of
         # admissions and evictions (lookup side): so far, at the last re-pin, at the window's start
         self._changes = self._changes_at_repin = self._changes_at_window = 0
         self.quiet_windows = 0  # windows in a row that ended without an admission or eviction
@@ -249,6 +254,8 @@ class OnlineRepin:
         handed on before an admission or eviction (their order matters) and at the window's
         end, so a window that only hits is one update."""
         window = self._batch_window = self.window_no
+        self._interval = self._clock // self.every  # its updates weigh as of the lookups before
+        self._clock += lookups
         if self._scale:
             if hit_slots.numel():
                 self._hit_parts.append(hit_slots)
@@ -259,7 +266,7 @@ class OnlineRepin:
         if self._in_window >= self.window:  # the window ends with this batch
             self._hand_on_hits()
             if self._scale:  # a window not counted leaves nothing to do at its end
-                self._apply(("end", window, self._miss_parts, self._scale))
+                self._apply(("end", window, self._miss_parts, self._weighs))
             self._miss_parts = []
             self.windows_dropped += self._backlog
             if not self._backlog:  # a counted window stood for those skipped before it
@@ -317,21 +324,21 @@ class OnlineRepin:
         if window != self.window_no and self._miss_parts:  # a window began since (or a restore)
             late = torch.isin(rows, torch.cat(self._miss_parts).to(rows.device))
             if bool(late.any()):
-                self._apply(("admit", slots[late], rows[late], self.window_no, self._scale))
+                self._apply(("admit", slots[late], rows[late], self.window_no, self._weighs))
                 slots, rows = slots[~late], rows[~late]
         if slots.numel():
-            self._apply(("admit", slots, rows, window, self._scale))
+            self._apply(("admit", slots, rows, window, self._weighs))
 
     def evicted(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """``rows`` leave ``slots``."""
         if slots.numel():
             self._changed()
-            self._apply(("evict", slots, rows, self.window_no, self._scale))
+            self._apply(("evict", slots, rows, self.window_no, self._weighs))
 
     def _hand_on_hits(self) -> None:
         """Apply (or queue) the hits kept since the last hand-on."""
         if self._hit_parts:
-            self._apply(("hits", self._hit_parts, self.window_no, self._scale))
+            self._apply(("hits", self._hit_parts, self.window_no, self._weighs))
             self._hit_parts = []
 
     def _apply(self, update: tuple) -> None:
@@ -341,6 +348,12 @@ class OnlineRepin:
             self.pending.append(update)
         else:
             self._run(update)
+
+    @property
+    def _weighs(self) -> tuple[int, int]:
+        """What an update made now weighs: the decay interval of the batch counted last, and the
+        windows its episodes stand for (``_scale``)."""
+        return self._interval, self._scale
 
     def count_pending(self, limit: int | None = None) -> None:
         """Apply the updates a deferred tier queued, in order (the store's background thread);
@@ -363,7 +376,8 @@ class OnlineRepin:
     def _run(self, update: tuple) -> None:
         """Apply one update to the slot counts and the sketch."""
         kind = update[0]
-        step = self.weight * update[-1]  # every update ends with what its window's episodes weigh
+        interval, scale = update[-1]  # every update ends with what its episodes weigh
+        step = self._weight_at(interval) * scale
         if kind == "hits":  # an episode for each slot first hit in its window
             _, parts, window, _ = update
             slots = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -404,6 +418,27 @@ class OnlineRepin:
                 in_window = evicted_torch(self.slot_count, self.slot_stamp, *args)
             if step:  # a window not counted keeps none of its misses
                 self._misses.append(rows[in_window].to(self.device))
+
+    def _weight_at(self, interval: int) -> float:
+        """What one episode of decay interval ``interval`` adds (updates come in order): the
+        weight divided by ``decay`` once per interval begun since the last update, whether or not
+        a re-pin ran, and renormalised past ``RENORMALISE_AT``."""
+        self.weight *= self._growth(interval - self._weight_interval)
+        self._weight_interval = max(interval, self._weight_interval)
+        if self.weight > RENORMALISE_AT:
+            self.profile.sketch.div_(self.weight)
+            self.slot_count.div_(self.weight)
+            self.weight = 1.0
+        return self.weight
+
+    def _growth(self, intervals: int) -> float:
+        """``1 / decay ** intervals`` (1 for none), the intervals capped where the counts before
+        them are gone anyway (past ``FORGET_AFTER``: no float overflow)."""
+        if intervals <= 0 or self.decay == 1:
+            return 1.0
+        return self.decay ** -min(
+            intervals, math.ceil(math.log(FORGET_AFTER) / -math.log(self.decay))
+        )
 
     def _count_hits(self, slots: torch.Tensor, window: int, step: float) -> int | torch.Tensor:
         """Add ``step`` to each slot first hit in ``window``; returns how many."""
@@ -490,23 +525,15 @@ class OnlineRepin:
             return candidates_torch(row_of_slot, pinned, self.slot_count, k)
 
     def finish(self, moved_in: int, moved_out: int) -> None:
-        """Close an interval after its re-pin was applied: decay past counts, once per interval
-        of ``every`` lookups since the last re-pin (those that waited for a change too); the
-        lookups past the last whole interval count towards the next (a re-pin runs at the first
-        batch boundary past them)."""
-        intervals = max(1, self.since_repin // self.every)
-        if self.decay < 1:  # past FORGET_AFTER the counts are gone anyway (no float overflow)
-            intervals = min(intervals, math.ceil(math.log(FORGET_AFTER) / -math.log(self.decay)))
+        """Close an interval after its re-pin was applied; the lookups past the last whole
+        interval count towards the next (a re-pin runs at the first batch boundary past them).
+        Past counts decay by the lookups since they were made, re-pins or not
+        (:meth:`_weight_at`)."""
         self._changes_at_repin = self._changes
         self.since_repin %= self.every
         self.repins += 1
         self.rows_pinned += moved_in
         self.rows_unpinned += moved_out
-        self.weight /= self.decay**intervals
-        if self.weight > RENORMALISE_AT:
-            self.profile.sketch.div_(self.weight)
-            self.slot_count.div_(self.weight)
-            self.weight = 1.0
 
     # -- warm restart ----------------------------------------------------------------------------
     def sketch_with_resident(self, row_of_slot: torch.Tensor) -> np.ndarray:
@@ -518,13 +545,15 @@ class OnlineRepin:
         return sketch.cpu().numpy()
 
     def state(self) -> dict[str, Any]:
-        """What a warm restart saves besides the sketch (plain numbers)."""
+        """What a warm restart saves besides the sketch (plain numbers; ``weight``: what an
+        episode counted next adds, decayed for the intervals begun since the last update)."""
+        ahead = self._growth(self._clock // self.every - self._weight_interval)
         return {
             **self.profile.state(),
             "capacity": self.capacity,
             "recency_window": self.window,
             "offline_profile": self.offline_profile,
-            "weight": self.weight,
+            "weight": self.weight * ahead,
             "since_repin": self.since_repin,
         }
 
@@ -547,6 +576,8 @@ class OnlineRepin:
         self.profile.load_state(state, sketch)
         self.weight = float(state["weight"])
         self.since_repin = int(state["since_repin"])
+        self._clock, self._interval = self.since_repin % self.every, 0  # the weight's interval
+        self._weight_interval = 0
 
 
 def _stamp(window: int) -> int:
