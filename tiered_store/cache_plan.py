@@ -18,7 +18,7 @@ from .config import CacheTierConfig, StoreConfig
 from .errors import ConfigError, TraceFormatError, warn_at_caller
 from .id_ops import nonzero, unique_inverse_counts
 from .npy_files import load_npy
-from .online_repin import OnlineRepin
+from .online_repin import OnlineRepin, RepinMoves
 from .request_queue import QueuedRequest, QueuedRequests
 from .row_cache import RowCache
 
@@ -199,8 +199,34 @@ class CacheHierarchy:
         that ends the interval; the store plans in the background and applies under its lock)."""
         for cache in self.online:
             if cache.online.due:
-                moves = cache.online.plan(cache.row_of_slot, cache.pin_flags())
-                cache.online.finish(*cache.apply_repin(moves))
+                self.apply_repin(cache, cache.online.plan(cache.row_of_slot, cache.pin_flags()))
+
+    def apply_repin(self, cache: RowCache, moves: RepinMoves) -> None:
+        """Apply a re-pin of ``cache`` (checked slot by slot) and close its interval. Rows the hot
+        tier pins are never looked up in warm (hot serves them), so a re-pinning warm tier unpins
+        them and leaves them out of its re-pins until hot unpins them (a row pinned in both held
+        a warm slot that served nothing)."""
+        cache.online.finish(*cache.apply_repin(moves))
+        if cache is not self.hot or self.warm.online is None:
+            return
+        hot, warm = self.hot, self.warm
+        pinned = hot.pin_flags()
+        pin, unpin = moves.pin_slots.to(hot.device), moves.unpin_slots.to(hot.device)
+        pin_rows, unpin_rows = moves.pin_rows.to(hot.device), moves.unpin_rows.to(hot.device)
+        pinned_now = pin_rows[pinned[pin] & (hot.row_of_slot[pin] == pin_rows)].cpu()
+        released = unpin_rows[~pinned[unpin] & (hot.row_of_slot[unpin] == unpin_rows)].cpu()
+        if not pinned_now.numel() and not released.numel():
+            return
+        slots = warm.probe(pinned_now)
+        held = slots >= 0
+        slots, rows = slots[held], pinned_now[held]
+        warm.online.pinned_above(slots, rows, released)
+        also = warm.pin_flags()[slots]
+        if bool(also.any()):
+            none = torch.empty(0, dtype=torch.int64)
+            warm.online.rows_unpinned += warm.apply_repin(
+                RepinMoves(none, none, slots[also], rows[also])
+            )[1]
 
     def plan(self, flat_ids: torch.Tensor) -> LookupPlan:
         """Probe hot, then warm for the (deduplicated) hot misses; record hits with the policies."""

@@ -39,12 +39,14 @@ it already holds (frequent rows are resident through the recency segment, so not
 cold): the resident rows are ranked by their slot counts (which, when an offline profile was
 given, start from its episodes times ``prior_weight``, seeded into the sketch), the pinned segment
 aims at the top ``target`` of them, and at most ``budget`` rows move in (the top-counted unpinned
-residents) and out (the lowest pinned rows) per re-pin. ``target`` follows zipf-tuned's split
-rule: the offline profile's when one was given, else the tier minus the measured mean distinct
-rows per window (at most half the tier). Past counts decay by ``decay`` per interval of ``every``
-lookups since they were made, whether or not a re-pin ran (each update carries the interval its
-batch began in): new episodes are added with a weight growing by ``1 / decay`` instead (no pass
-over the counters), renormalised when the weight gets large.
+residents) and out (the lowest pinned rows) per re-pin; rows the tier above pins (hot, over
+warm) are left out (:meth:`OnlineRepin.pinned_above`: lookups of them never reach this tier).
+``target`` follows zipf-tuned's split rule: the offline profile's when one was given, else the
+tier minus the measured mean distinct rows per window (at most half the tier). Past counts decay
+by ``decay`` per interval of ``every`` lookups since they were made, whether or not a re-pin ran
+(each update carries the interval its batch began in): new episodes are added with a weight
+growing by ``1 / decay`` instead (no pass over the counters), renormalised when the weight gets
+large.
 
 :meth:`OnlineRepin.plan` (two passes over the slots' counts) reads the tier and changes
 nothing; :meth:`tiered_store.row_cache.RowCache.apply_repin` flips the pin flags of the chosen
@@ -193,6 +195,9 @@ class OnlineRepin:
         # admissions and evictions (lookup side): so far, at the last re-pin, at the window's start
         self._changes = self._changes_at_repin = self._changes_at_window = 0
         self.quiet_windows = 0  # windows in a row that ended without an admission or eviction
+        # slots holding rows the tier above pins, and those rows: plans leave them out
+        none = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._above = (none, none)
         self.repins = 0
         self.rows_pinned = 0  # rows moved into the pinned segment by re-pins, in all
         self.rows_unpinned = 0
@@ -477,12 +482,14 @@ class OnlineRepin:
     def plan(self, row_of_slot: torch.Tensor, pinned: torch.Tensor) -> RepinMoves:
         """Which resident slots to pin and unpin, from a snapshot of the tier (``row_of_slot``:
         -1 for free slots; ``pinned``: pin flag per slot, read only where a row is resident),
-        ranked by the slots' counts. Reads only.
+        ranked by the slots' counts, leaving out rows the tier above pins (:meth:`pinned_above`).
+        Reads only (but forgets those of them this tier no longer holds).
 
         The best unpinned rows fill the pinned segment up to its target, then replace the
         lowest pinned rows while they count more; at most ``budget`` rows in and out. Its cost is
         two passes over the slots that find the ``budget`` best and lowest (:meth:`_candidates`).
         """
+        row_of_slot = self._without_above(row_of_slot)
         most = self.budget_rows(min(self.pinned_target(), self.capacity))  # budget <= this
         best, best_score, low, low_score, resident, n_held = self._candidates(
             row_of_slot, pinned, most
@@ -506,6 +513,29 @@ class OnlineRepin:
         incoming = incoming[: fill + swaps]
         outgoing = low[: min(shrink, k_out) + swaps]
         return RepinMoves(incoming, row_of_slot[incoming], outgoing, row_of_slot[outgoing])
+
+    def pinned_above(self, slots: torch.Tensor, rows: torch.Tensor, released: torch.Tensor) -> None:
+        """The tier above (hot, over warm) now pins ``rows``, held here in ``slots``, and no longer
+        pins ``released``: plans leave the former out while this tier holds them there (lookups
+        of them never reach it)."""
+        held_slots, held_rows = self._above
+        kept = ~torch.isin(held_rows, released.to(self.device))
+        self._above = (
+            torch.cat([held_slots[kept], slots.to(self.device)]),
+            torch.cat([held_rows[kept], rows.to(self.device)]),
+        )
+
+    def _without_above(self, row_of_slot: torch.Tensor) -> torch.Tensor:
+        """``row_of_slot`` with the slots holding rows the tier above pins read as free (a copy
+        where there are any); forgets those whose slot holds another row now."""
+        slots, rows = self._above
+        if not slots.numel():
+            return row_of_slot
+        still = row_of_slot[slots] == rows
+        self._above = slots, rows = slots[still], rows[still]
+        row_of_slot = row_of_slot.clone()
+        row_of_slot[slots] = -1
+        return row_of_slot
 
     def _candidates(
         self, row_of_slot: torch.Tensor, pinned: torch.Tensor, k: int

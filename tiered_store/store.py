@@ -1011,7 +1011,7 @@ class TieredStore:
                         with self._lock:  # apply checks each slot still holds the planned row
                             if self._restoring_pins(cache):  # planned before the restore began
                                 continue
-                            cache.online.finish(*cache.apply_repin(moves))
+                            self.caches.apply_repin(cache, moves)
                 except Exception as exc:  # noqa: BLE001 (serving goes on with the pins it has;
                     # a thread that died here left its tier's updates queued and never re-pinned)
                     warnings.warn(
