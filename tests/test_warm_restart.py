@@ -14,7 +14,13 @@ import torch
 from tests.conftest import assert_concurrent_lookups_exact, make_table
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store import store as store_module
-from tiered_store.warm_restart import RestartWarning, remove_abandoned_saves, restart_path
+from tiered_store.warm_restart import (
+    RestartWarning,
+    load_restart,
+    remove_abandoned_saves,
+    restart_path,
+    table_identity,
+)
 from tiered_store.workload import ZipfWorkload
 
 
@@ -369,17 +375,16 @@ def test_rows_lookups_admit_during_a_restore_displace_the_least_valuable(
     assert now == set(saved[:800]) | set(range(5_000, 5_200))
 
 
+def on_cuda(cfg):
+    """``cfg`` with its hot tier on the GPU."""
+    hot = cfg.tiers.hot.model_copy(update={"device": "cuda"})
+    return cfg.model_copy(update={"tiers": cfg.tiers.model_copy(update={"hot": hot})})
+
+
 @pytest.mark.gpu
 def test_restart_with_the_hot_tier_on_cuda(tmp_path, monkeypatch):
     path, data = make_table(tmp_path, rows=60_000, dim=8)
-    cfg = config(path, hot=4_000, warm=20_000)
-    cfg = cfg.model_copy(
-        update={
-            "tiers": cfg.tiers.model_copy(
-                update={"hot": cfg.tiers.hot.model_copy(update={"device": "cuda"})}
-            )
-        }
-    )
+    cfg = on_cuda(config(path, hot=4_000, warm=20_000))
     with TieredStore(cfg) as store:
         for start in range(0, 20_000, 2_000):
             store.lookup(torch.arange(start, start + 2_000))
@@ -393,6 +398,23 @@ def test_restart_with_the_hot_tier_on_cuda(tmp_path, monkeypatch):
     with TieredStore(cfg) as store:  # lookups while the rows come back
         assert_concurrent_lookups_exact(store, data, batch=2_000, rounds=5, threads=2)
         assert store.wait_restored(timeout=60)
+
+
+@pytest.mark.gpu
+def test_a_save_ranks_a_cuda_tiers_rows_once_the_stores_stream_copied_them(tmp_path):
+    # the save copies the hot tier's slots on the store's stream, under the lock, and ranks them
+    # after letting it go: on the saving thread's own stream it would read the copies unmade
+    path, data = make_table(tmp_path, rows=60_000, dim=8)
+    with TieredStore(on_cuda(config(path, hot=4_000, warm=20_000))) as store:
+        for start in range(0, 20_000, 2_000):
+            store.lookup(torch.arange(start, start + 2_000))
+        torch.cuda.synchronize()
+        want = store.hot.held_rows().cpu().numpy()
+        with torch.cuda.stream(store._stream):  # busy: the copies queued after it land late
+            torch.cuda._sleep(500_000_000)  # clock cycles, a few tenths of a second
+        store.save_restart()
+        saved = load_restart(restart_path(path), table_identity(store.cold, store.generation))
+        np.testing.assert_array_equal(saved.held["hot"], want)
 
 
 def test_restored_lru_order_follows_the_saved_rank(tmp_path, monkeypatch):

@@ -617,7 +617,8 @@ class TieredStore:
                 c.name: (c.online.state(), c.online.sketch_with_resident(c.row_of_slot))
                 for c in self.caches.online
             }
-        held_rows = {name: _rows_to_save(*parts) for name, parts in held.items()}
+        with self._on_store_stream():  # where the copies were queued: read after they are made
+            held_rows = {name: _rows_to_save(*parts) for name, parts in held.items()}
         state = RestartState(held_rows, pinned, profiles)
         path = restart_path(self.config.table.path)
         if self._moved_on() is not None:
