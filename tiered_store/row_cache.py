@@ -33,6 +33,9 @@ SLOT_BYTES = 8 + 1 + 8  # per slot, whatever the policy: owner row, unevictable 
 # many victims refills it with up to every evictable slot)
 VICTIM_BUFFER_SLOT_BYTES = 8 + 8
 QUEUE_SLOT_BYTES = 8  # per slot once a request was announced: the token of its row's next use
+# per slot of a tier whose policy has no victims by the queue's runs (keys that do not only grow):
+# the slots given a queued next use, at their most one entry per slot
+QUEUED_SLOTS_SLOT_BYTES = 8
 # With requests queued (tiered_store.request_queue), a victim search looks over the policy's next
 # QUEUE_SCAN x victims needed, at least QUEUE_SCAN_MIN, for rows no queued request looks up
 # before it passes over every evictable slot
@@ -123,6 +126,10 @@ class RowCache:
         # victims by the queue, from runs of candidates a pass over the slots found (keys that
         # only grow and a victim buffer); None: a pass per eviction
         self._queue_victims: QueueVictims | None = None
+        # a policy without those runs: slots given a queued next use (ascending, then those added
+        # since; stale ones pruned by the next search), so that a search by the queue looks at
+        # those, not at every slot; None otherwise
+        self._queued_slots: torch.Tensor | None = None
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -140,6 +147,8 @@ class RowCache:
             per_slot += VICTIM_BUFFER_SLOT_BYTES
         if self._next_use is not None:  # once a request was announced: its next use per slot
             per_slot += QUEUE_SLOT_BYTES
+            if self._queued_slots is not None:
+                per_slot += QUEUED_SLOTS_SLOT_BYTES
         per_row = index["per_table_row"] + self.admission.bytes_per_row
         per_tier = self.admission.bytes_per_tier if self.capacity else 0
         if self.online is not None:  # its counts and stamps per slot, its sketch per tier
@@ -186,6 +195,8 @@ class RowCache:
             self._queue_victims = QueueVictims(
                 self.eviction, self._unevictable, self._next_use, self._buffer_size
             )
+        elif not self.eviction.keys_only_grow:
+            self._queued_slots = nonzero(self._next_use != NOT_QUEUED)
 
     def queued(self, request: QueuedRequest) -> None:
         """``request`` joined the queue, the latest: its ``first_rows`` held here now wait for
@@ -195,6 +206,7 @@ class RowCache:
             slots = slots[slots >= 0]
             self._next_use[slots] = request.token  # no other queued request looks them up
             self._queue_changed(slots)  # now queued, furthest back
+            self._note_queued(slots)
 
     def unqueued(self, request: QueuedRequest, rows: torch.Tensor, next_use: torch.Tensor) -> None:
         """``request`` left the queue: ``rows``, those it was the earliest request for, held here
@@ -362,6 +374,7 @@ class RowCache:
         if self._next_use is not None:
             self._next_use[extra] = NOT_QUEUED
             self._next_use[slots] = self.queue.next_use(new_ids)
+            self._note_queued(slots)
         self.eviction.on_insert(slots)
         self._queue_changed(slots)
         if self.online is not None:
@@ -390,6 +403,7 @@ class RowCache:
         self.row_of_slot.index_copy_(0, slots, ids[cand])
         if self._next_use is not None:
             self._next_use[slots] = self.queue.next_use(ids[cand])
+            self._note_queued(slots)
         if self.online is not None:
             self.online.admitted(slots, ids[cand], looked_up=False)
         if ages is not None:
@@ -439,32 +453,67 @@ class RowCache:
         """``need`` victims (``want`` with headroom) by the queue: rows no queued request looks up,
         in the policy's order; if those run short, the queued rows whose next request is furthest
         back. The policy's next ``QUEUE_SCAN`` x ``want`` candidates usually hold enough unqueued
-        rows; otherwise every evictable slot is looked at."""
-        if self.eviction.keys_only_grow:
-            scan = min(evictable, max(QUEUE_SCAN * want, QUEUE_SCAN_MIN))
-            candidates = self.eviction.smallest_keys(scan, protected)[1]  # in the policy's order
-            unqueued = candidates[self._next_use[candidates] == NOT_QUEUED]
-            if unqueued.numel() >= want:  # the first unqueued rows in the policy's order
-                return unqueued[:want]
+        rows; otherwise every evictable slot is looked at. A policy whose keys do not only grow
+        (SIEVE, FIFO, LFU) searches as it does without a queue, the queued slots (kept in
+        ``_queued_slots``, not found by a pass over the tier) blocked."""
+        if not self.eviction.keys_only_grow:
+            queued = self._queued_now()
+            queued = queued.index_select(0, nonzero(~protected[queued]))  # evictable, ascending
+            first = self._unqueued_victims(min(want, evictable - queued.numel()), protected, queued)
+            return self._then_furthest(first, need, queued, self._next_use[queued])
+        scan = min(evictable, max(QUEUE_SCAN * want, QUEUE_SCAN_MIN))
+        candidates = self.eviction.smallest_keys(scan, protected)[1]  # in the policy's order
+        unqueued = candidates[self._next_use[candidates] == NOT_QUEUED]
+        if unqueued.numel() >= want:  # the first unqueued rows in the policy's order
+            return unqueued[:want]
         candidates = nonzero(~protected)
         next_use = self._next_use[candidates]
         queued = next_use != NOT_QUEUED
         unqueued = candidates[~queued]
         take = min(want, unqueued.numel())
-        if self.eviction.keys_only_grow:  # distinct keys: the smallest are the policy's pick
-            keys = self.eviction.victim_priority(unqueued)
-            first = unqueued[smallest(keys, take, distinct=True)[1]]
-        elif take:
-            blocked = protected.clone()
-            blocked[candidates[queued]] = True
-            first = self.eviction.choose_victims(take, blocked)
-        else:
-            first = unqueued
+        keys = self.eviction.victim_priority(unqueued)  # distinct: the smallest are the policy's
+        first = unqueued[smallest(keys, take, distinct=True)[1]]
+        return self._then_furthest(first, need, candidates[queued], next_use[queued])
+
+    def _then_furthest(
+        self, first: torch.Tensor, need: int, queued: torch.Tensor, next_use: torch.Tensor
+    ) -> torch.Tensor:
+        """``first`` (unqueued victims), then the ``queued`` slots (ascending; with their
+        ``next_use``) needed furthest back, up to ``need`` in all."""
         short = need - first.numel()
         if short <= 0:
             return first
-        furthest = furthest_first(candidates[queued], next_use[queued], short)[:short]
-        return torch.cat([first, candidates[queued][furthest]])
+        furthest = furthest_first(queued, next_use, short)[:short]
+        return torch.cat([first, queued[furthest]])
+
+    def _unqueued_victims(
+        self, take: int, protected: torch.Tensor, queued: torch.Tensor
+    ) -> torch.Tensor:
+        """``take`` victims by the policy among the slots neither ``protected`` nor ``queued``
+        (those flagged in ``protected`` for the search, then cleared: no copy of the flags)."""
+        if take <= 0:
+            return queued.new_empty(0)
+        protected[queued] = True
+        try:
+            return self.eviction.choose_victims(take, protected)
+        finally:
+            protected[queued] = False
+
+    def _note_queued(self, slots: torch.Tensor) -> None:
+        """``slots`` were given a next use: those now queued join ``_queued_slots``."""
+        if self._queued_slots is None or not slots.numel():
+            return
+        queued = slots.index_select(0, nonzero(self._next_use[slots] != NOT_QUEUED))
+        self._queued_slots = torch.cat([self._queued_slots, queued])
+        if self._queued_slots.numel() > self.capacity:  # at most one entry per slot kept
+            self._queued_now()
+
+    def _queued_now(self) -> torch.Tensor:
+        """The slots whose row a queued request looks up, ascending, each once (``_queued_slots``
+        pruned of slots that left the queue or were reused since)."""
+        slots = torch.unique(self._queued_slots)
+        self._queued_slots = slots.index_select(0, nonzero(self._next_use[slots] != NOT_QUEUED))
+        return self._queued_slots
 
     def _buffered_victims(self, want: int) -> torch.Tensor:
         """``want`` victims from the buffer, refilled when it runs short by one ``topk`` that also
