@@ -601,6 +601,49 @@ def test_a_queue_costs_a_sieve_tier_no_pass_over_its_slots_per_eviction(policy):
     assert int(caches[True].probe(t(5))) >= 0  # the queued row stayed
 
 
+def test_the_queues_passes_let_other_threads_run():
+    """An announcement merges its rows into every queued (row, request) pair and a release drops
+    its own in one compiled pass each, on a server's thread; both held the GIL throughout, so
+    lookups, compute and the event loop stood still for the whole pass over a large queue."""
+    from tiered_store import request_queue_kernels as kernels
+
+    pairs = np.arange(10_000_000, dtype=np.int64)  # a queue of 10M pairs, one request's
+    tokens = np.ones_like(pairs)
+    rows = np.arange(1, pairs.size, 7, dtype=np.int64)
+    merged = kernels.merge_request(pairs, tokens, rows, np.int64(2))[:2]
+    passes = {
+        "announce": lambda: kernels.merge_request(pairs, tokens, rows, np.int64(2)),
+        "release": lambda: kernels.drop_request(*merged, np.int64(2), np.int64(NOT_QUEUED)),
+    }
+    for name, one_pass in passes.items():
+        longest, took = _longest_stall_during(one_pass)
+        assert longest < 0.3 * took, (name, longest, took)
+
+
+def _longest_stall_during(call) -> tuple[float, float]:
+    """Run ``call()`` in another thread: the longest this thread went without running meanwhile
+    (it ticks every millisecond), and how long the call took."""
+    import threading
+    import time
+
+    took: list[float] = []
+
+    def timed() -> None:
+        start = time.perf_counter()
+        call()
+        took.append(time.perf_counter() - start)
+
+    thread = threading.Thread(target=timed)
+    longest, last = 0.0, time.perf_counter()
+    thread.start()
+    while thread.is_alive():
+        time.sleep(0.001)
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    thread.join()
+    return longest, took[0]
+
+
 def test_memory_report_counts_the_next_use_per_slot_once_a_queue_is_attached():
     cache = RowCache("warm", num_rows=100, capacity=10, spec=PolicySpec.parse("lru"))
     alone = cache.metadata_bytes()["per_slot"]

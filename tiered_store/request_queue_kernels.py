@@ -3,7 +3,9 @@
 ``QueuedRequests`` keeps every queued row with each request that looks it up, sorted by row and
 then by request. A request coming is a merge of its sorted rows into that array, a request going
 a pass that drops its pairs; with numpy either is several whole-array operations, each holding
-the GIL, on a server's threads. Importing this module imports numba (~0.5 s): ``request_queue``
+the GIL, on a server's threads. Both run without the GIL (``nogil``: the queue's lock keeps its
+arrays, which are replaced, never changed in place): a server's lookups, compute and event loop
+go on during a pass over a large queue. Importing this module imports numba (~0.5 s): ``request_queue``
 imports it at the first announce.
 """
 
@@ -13,7 +15,7 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def merge_request(
     pair_rows: np.ndarray, pair_tokens: np.ndarray, rows: np.ndarray, token: np.int64
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -42,7 +44,7 @@ def merge_request(
     return out_rows, out_tokens, first
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def drop_request(
     pair_rows: np.ndarray, pair_tokens: np.ndarray, token: np.int64, none: np.int64
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
