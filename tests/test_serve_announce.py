@@ -125,6 +125,66 @@ def test_a_request_waiting_for_its_turn_is_announced_while_every_worker_computes
         server.stop()
 
 
+def test_a_request_that_never_got_its_turn_is_released_off_the_event_loop(tmp_path):
+    """A request that waited in vain for a compute turn (503) was released on the event loop, and
+    a release waits for the model's announcements (their lock) and passes over each table's
+    queue: while another request's announcement ran, the server answered nothing, not even
+    /healthz."""
+    import threading
+    import time
+    import urllib.request
+
+    limits = {"announce_requests": True, "max_concurrent": 1, "request_timeout_s": 1.0}
+    server = start_server(make_checkpoint(tmp_path, server=limits))
+    try:
+        computing, go_on = threading.Event(), threading.Event()
+        answer = server.model.answer
+
+        def held_answer(request, announced=None):
+            if not computing.is_set():
+                computing.set()
+                go_on.wait(30)  # request 1 holds the only compute turn
+            return answer(request, announced)
+
+        releasing = threading.Event()
+        release = server.model.release
+
+        def observed_release(announced):
+            releasing.set()  # the first release: request 2's, once its wait for a turn ended
+            return release(announced)
+
+        server.model.answer, server.model.release = held_answer, observed_release
+        url = server.url + "/v1/engram"
+        statuses: list[int] = []
+
+        def post(ids):
+            return threading.Thread(target=lambda: statuses.append(post_json(url, ids)[0]))
+
+        first, second = post({"input_ids": [[5, 17, 900]]}), post({"input_ids": [[1, 2, 3]]})
+        first.start()
+        assert computing.wait(30)
+        second.start()
+        deadline = time.monotonic() + 20
+        while queued_requests(server) != [2, 2]:  # request 2 announced, waiting for its turn
+            assert time.monotonic() < deadline, queued_requests(server)
+            time.sleep(0.02)
+        health: list[float] = []
+        with server.model._waiting_lock:  # another request's announcement, under way
+            assert releasing.wait(30)  # request 2 timed out (503) and is released meanwhile
+            start = time.monotonic()
+            with urllib.request.urlopen(server.url + "/healthz", timeout=5) as reply:
+                health.append(reply.status)
+            waited = time.monotonic() - start
+        go_on.set()
+        first.join(30)
+        second.join(30)
+        assert health == [200] and waited < 5, waited
+        assert statuses == [503, 200] and queued_requests(server) == [0, 0]
+    finally:
+        go_on.set()
+        server.stop()
+
+
 def test_a_reload_tells_the_reopened_tables_about_the_requests_still_waiting(tmp_path):
     """A table reopened on a new version while a request waits: its rows are announced to the new
     store, and the release reaches it (they went to the closed store, and the new one's rows of

@@ -108,6 +108,7 @@ class Announced:
 
     batch: EngramBatch
     queued: list[tuple[TieredStore, QueuedRequest]] = field(default_factory=list)
+    released: bool = False  # set by ``ServedModel.release``
 
 
 class ServedModel:
@@ -562,6 +563,7 @@ class ServedModel:
         """Release what ``announce`` announced (answered, failed or cancelled); once: a second
         call does nothing."""
         with self._waiting_lock:
+            announced.released = True
             self._waiting.discard(announced)
             while announced.queued:
                 store, request = announced.queued.pop()

@@ -287,8 +287,11 @@ class InferenceServer:
         )
         try:
             return await self.run_in_worker(self._run, request, announced)
-        finally:  # released in the worker once answered; here only when it never ran
-            self.model.release(announced)
+        finally:  # released in the worker once answered; here only when it never ran, and in a
+            # thread too: a release waits for other requests' announcements (the event loop would)
+            if not announced.released:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.model.release, announced)
 
     async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in a worker thread once a compute turn is free (at most
