@@ -73,7 +73,8 @@ class EvictionPolicy:
 
     def victim_priority(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         """Eviction priority of every slot, or of ``slots`` (lower goes first); any dtype ``topk``
-        accepts."""
+        accepts. A new tensor, never the policy's own state: a warm-restart save reads it after
+        letting the store's lock go."""
         raise NotImplementedError
 
     def choose_victims(self, n: int, protected: torch.Tensor) -> torch.Tensor:

@@ -291,6 +291,40 @@ def test_restart_round_trips_the_sketch_and_the_pins(tmp_path):
             assert store.warm.online.repins > 0
 
 
+def test_lookups_go_on_while_a_save_folds_the_resident_counts_into_the_sketch(
+    tmp_path, monkeypatch
+):
+    # the fold is a pass over every resident row (1-1.7 s at a 4M-slot tier): a periodic save
+    # holding the store's lock through it stalled every lookup that long
+    path, data = make_table(tmp_path, rows=ROWS)
+    folding, go_on = threading.Event(), threading.Event()
+    with TieredStore(config(path, hot=60, restart=True)) as store:
+        serve(store, data, batches(hot_set(), n=20))
+        profile = store.warm.online.profile
+        raise_to = profile.raise_to
+
+        def held_up(ids, values, sketch=None):
+            if sketch is not None:  # into a copy: the save's fold
+                folding.set()
+                go_on.wait(30)
+            return raise_to(ids, values, sketch=sketch)
+
+        monkeypatch.setattr(profile, "raise_to", held_up)
+        saver = threading.Thread(target=store.save_restart)
+        saver.start()
+        ids, got = torch.tensor([1, 2, 3]), []
+        looker = threading.Thread(target=lambda: got.append(store.lookup(ids)))
+        try:
+            assert folding.wait(30)
+            looker.start()
+            looker.join(10)
+            assert got and torch.equal(got[0], data[ids])  # while the save folds its counts
+        finally:
+            go_on.set()
+            saver.join()
+            looker.join()
+
+
 def test_a_restart_brings_back_pins_re_pinning_moved_away_from_the_profile(tmp_path):
     path, data = make_table(tmp_path, rows=ROWS)
     old = np.arange(200)  # the profile's rows; the traffic has moved to others since

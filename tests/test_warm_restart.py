@@ -326,6 +326,35 @@ def test_lookups_go_on_while_a_save_ranks_the_rows_held(tmp_path, monkeypatch):
         assert held(store) == before
 
 
+def test_a_save_taken_before_another_never_replaces_its_file(tmp_path, monkeypatch):
+    # a periodic save ranks its rows outside the lock: one still ranking when a later save
+    # (close's) writes must not land its older rows over the later file
+    path, data = make_table(tmp_path)
+    ranking, go_on = threading.Event(), threading.Event()
+    rank = store_module.most_valuable_first
+
+    def first_held_up(row_of_slot, priority):
+        if not ranking.is_set():
+            ranking.set()
+            go_on.wait(30)
+        return rank(row_of_slot, priority)
+
+    with TieredStore(config(path)) as store:
+        serve(store, data, batches=2)
+        monkeypatch.setattr(store_module, "most_valuable_first", first_held_up)
+        earlier = threading.Thread(target=store.save_restart)
+        earlier.start()
+        try:
+            assert ranking.wait(30)
+            store.lookup(torch.tensor([4321]))  # only the later save sees it
+            store.save_restart()
+        finally:
+            go_on.set()
+            earlier.join()
+        saved = load_restart(restart_path(path), table_identity(store.cold, store.generation))
+        assert saved.held["hot"][0] == 4321
+
+
 def test_close_during_restore_stops_it_and_keeps_the_saved_rows(tmp_path, monkeypatch):
     path, data = make_table(tmp_path, rows=60_000, dim=8)
     with TieredStore(config(path, hot=0, warm=40_000)) as store:

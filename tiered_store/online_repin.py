@@ -569,9 +569,22 @@ class OnlineRepin:
     def sketch_with_resident(self, row_of_slot: torch.Tensor) -> np.ndarray:
         """A copy of the sketch with the resident rows' counts folded in (what a warm restart
         saves: the rows' counts come back from it when they are reloaded)."""
-        sketch = self.profile.sketch.clone()
+        return self.fold_resident(self.resident_counts(row_of_slot))
+
+    def resident_counts(
+        self, row_of_slot: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copies of the sketch and of each slot's row (-1: free) and count: under the store's
+        lock, for :meth:`fold_resident` once it is let go (a pass over every resident row)."""
+        return self.profile.sketch.clone(), row_of_slot.clone(), self.slot_count.clone()
+
+    def fold_resident(
+        self, resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> np.ndarray:
+        """:meth:`sketch_with_resident` from :meth:`resident_counts`' copies."""
+        sketch, row_of_slot, counts = resident
         slots = torch.nonzero(row_of_slot >= 0).squeeze(1)
-        self.profile.raise_to(row_of_slot[slots], self.slot_count[slots], sketch=sketch)
+        self.profile.raise_to(row_of_slot[slots], counts[slots], sketch=sketch)
         return sketch.cpu().numpy()
 
     def state(self) -> dict[str, Any]:

@@ -167,6 +167,8 @@ class TieredStore:
         self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
         self._closed = False
         self._closing = threading.Lock()  # one close() at a time: a second waits, then returns
+        self._save_order = threading.Lock()  # warm-restart saves: the files land in taken order
+        self._saves_taken = self._saves_written = 0
         self._file_calls = InFlight()  # calls reading or writing the files: close() waits for them
         self._closed_step = 0  # the committed step when close() closed the delta
         self._writes: WriteBack | None = None  # the write path, once the table has a delta
@@ -613,12 +615,17 @@ class TieredStore:
                 c.name: self._unrestored.pinned.get(c.name, c.pinned_rows().cpu().numpy())
                 for c in self.caches.online
             }
-            profiles = {
-                c.name: (c.online.state(), c.online.sketch_with_resident(c.row_of_slot))
+            resident = {  # copies, folded into the sketches once the lock is let go
+                c.name: (c.online.state(), c.online.resident_counts(c.row_of_slot))
                 for c in self.caches.online
             }
+            taken = self._saves_taken = self._saves_taken + 1
         with self._on_store_stream():  # where the copies were queued: read after they are made
             held_rows = {name: _rows_to_save(*parts) for name, parts in held.items()}
+            profiles = {
+                c.name: (resident[c.name][0], c.online.fold_resident(resident[c.name][1]))
+                for c in self.caches.online
+            }
         state = RestartState(held_rows, pinned, profiles)
         path = restart_path(self.config.table.path)
         if self._moved_on() is not None:
@@ -627,7 +634,10 @@ class TieredStore:
                 f"warm restart: {path.name} not saved: {self.cold.path.name} moved on to a newer "
                 "version since this store opened",
             )
-        save_restart(path, table_identity(self.cold, self.generation), state)
+        with self._save_order:  # a save taken earlier never replaces a later one's file
+            if taken > self._saves_written:
+                save_restart(path, table_identity(self.cold, self.generation), state)
+                self._saves_written = taken
         return path
 
     def wait_repinned(self, timeout: float | None = None) -> bool:
