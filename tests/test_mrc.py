@@ -26,7 +26,7 @@ from zipf_analysis.mrc import (
     shards_mrc,
     static_topk_mrc,
 )
-from zipf_analysis.plots import plot_miss_ratio_curves
+from zipf_analysis.plots import miss_ratio_figure, plot_miss_ratio_curves
 from zipf_analysis.replay import replay
 from zipf_analysis.report import recommend_tier_sizes, write_report
 from zipf_analysis.zipf_fit import sample_zipf
@@ -305,3 +305,31 @@ def test_report_and_plots(tmp_path):
     assert data["mae_vs_exact_lru"]["shards"] < 0.05
     text = paths["markdown"].read_text()
     assert "```yaml\ntiers:" in text and "of touched rows" in text and "rank range" in text
+
+
+@pytest.mark.parametrize(("top", "rows"), [(1_000, 10_000), (100_000, 10_000_000)])
+def test_percent_axis_labels_do_not_overlap(top, rows):
+    # analyze draws capacities from 1 row to the distinct rows of a table of millions: the top
+    # axis spans 5+ decades, and its 2x/5x minor labels used to print over each other
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    caps = np.concatenate([[0], np.unique(np.geomspace(1, top, 200).astype(np.int64))])
+    curve = MissRatioCurve("lru", caps, np.linspace(1.0, 0.3, caps.size), 1000, table_rows=rows)
+    fig = miss_ratio_figure([curve])
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (axis,) = fig.axes[0].child_axes  # the % of the table axis
+    ticks = axis.xaxis.get_majorticklabels() + axis.xaxis.get_minorticklabels()
+    box = fig.axes[0].get_window_extent(renderer)
+    shown = sorted(
+        (t.get_window_extent(renderer) for t in ticks if t.get_visible() and t.get_text()),
+        key=lambda e: e.x0,
+    )
+    shown = [e for e in shown if e.x1 >= box.x0 and e.x0 <= box.x1]
+    assert len(shown) >= 3
+    assert all(a.x1 <= b.x0 for a, b in zip(shown[:-1], shown[1:], strict=True)), (
+        "tick labels overlap"
+    )
+    if top == 1_000:  # a narrow axis keeps its 2x and 5x labels
+        assert {"0.02%", "0.5%"} <= {t.get_text() for t in ticks}

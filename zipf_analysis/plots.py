@@ -15,7 +15,7 @@ from typing import BinaryIO
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import Formatter, FuncFormatter
 
 from tiered_store.atomic_file import atomic_write, write_step
 from tiered_store.profile import FrequencyProfile
@@ -35,6 +35,7 @@ _STYLE = {  # per curve name: colour, line style, marker
 }
 _SPARE_COLOURS = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
 _FEW_POINTS = 16  # curves with at most this many capacities are sweeps: drawn as points
+_MINOR_LABEL_DECADES = 3.35  # a log % axis wider than this labels only its powers of 10
 _FIT_STYLE = {"least_squares": ("tab:orange", "--"), "mle": ("tab:red", ":")}
 
 
@@ -141,12 +142,16 @@ def plot_rank_frequency(
     return _save(fig, path)
 
 
-def _minor_percent(value: float, _pos: int) -> str:
-    """Label the 2x and 5x minor ticks of a log percent axis (others stay bare, uncrowded)."""
-    if value <= 0:
-        return ""
-    lead = value / 10 ** math.floor(math.log10(value) + 1e-9)
-    return f"{value:g}%" if round(lead, 6) in (2.0, 5.0) else ""
+class _MinorPercent(Formatter):
+    """Labels the 2x and 5x minor ticks of a log percent axis (others stay bare), and none when
+    the axis spans more than ``_MINOR_LABEL_DECADES`` decades, where they would overlap."""
+
+    def __call__(self, value: float, pos: int | None = None) -> str:
+        low, high = sorted(self.axis.get_view_interval()) if self.axis else (0.0, 0.0)
+        if value <= 0 or (low > 0 and math.log10(high / low) > _MINOR_LABEL_DECADES):
+            return ""
+        lead = value / 10 ** math.floor(math.log10(value) + 1e-9)
+        return f"{value:g}%" if round(lead, 6) in (2.0, 5.0) else ""
 
 
 def plot_miss_ratio_curves(
@@ -228,7 +233,7 @@ def miss_ratio_figure(
         scale = 100.0 / table_rows
         top = ax.secondary_xaxis("top", functions=(lambda x: x * scale, lambda p: p / scale))
         top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
-        top.xaxis.set_minor_formatter(FuncFormatter(_minor_percent))
+        top.xaxis.set_minor_formatter(_MinorPercent())
         top.set_xlabel("capacity (% of the table's rows)")
     lookups = curves[0].lookups if curves else 0
     ax.set_title(title or f"miss-ratio curves, {lookups:,} lookups", pad=10)
