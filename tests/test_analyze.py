@@ -979,6 +979,15 @@ def test_the_token_cap_is_kept_and_reported_at_a_document_boundary(tmp_path):
         parse_targets(",")
 
 
+def test_a_tier_named_twice_in_targets_is_a_clear_error():
+    # "hot=0.3,hot=0.6" (a typo for warm) used to size the hot tier alone for 0.6, no warm tier
+    with pytest.raises(
+        ConfigError, match=r"--targets: got 'hot=0.3,hot=0.6', which names hot twice"
+    ):
+        parse_targets("hot=0.3,hot=0.6")
+    assert parse_targets("warm=0.6, hot=0.3") == {"hot": 0.3, "warm": 0.6}
+
+
 def test_a_token_cap_tokenises_a_long_document_only_so_far(tmp_path, monkeypatch):
     """--max-tokens 1000 on one huge file tokenised all of it (a minute per 100 MB) to keep the
     first thousand tokens; now only its first pieces are, giving the same tokens."""

@@ -188,7 +188,7 @@ def parse_targets(text: str) -> dict[str, float]:
     Raises
     ------
     ConfigError
-        A part that is not ``TIER=RATE``, an unknown tier, a rate outside (0, 1], or warm < hot.
+        A part that is not ``TIER=RATE``, a tier named twice, an unknown tier, a rate outside (0, 1], or warm < hot.
 
     Examples
     --------
@@ -208,6 +208,11 @@ def parse_targets(text: str) -> dict[str, float]:
             rate = None
         if not sep or rate is None:
             raise ConfigError(f"--targets: got {part!r}; expected TIER=RATE like hot=0.3")
+        if name.strip() in out:
+            raise ConfigError(
+                f"--targets: got {text!r}, which names {name.strip()} twice; expected each tier "
+                "once, like hot=0.3,warm=0.6"
+            )
         out[name.strip()] = rate
     if not out:
         raise ConfigError(f"--targets: got {text!r}; expected e.g. hot=0.3,warm=0.6")
