@@ -833,6 +833,22 @@ def test_cli_without_quiet_says_the_tokenizer_once(run, tmp_path, capsys):
     assert "corpus: " in said.err  # the stage messages are still there
 
 
+def test_with_a_token_cap_the_progress_bar_counts_tokens_up_to_it(run, tmp_path, capsys):
+    """With --max-tokens the run stops at the cap, not at the last file: a bar over the files
+    sat at a few percent with an ETA for the whole corpus, then vanished."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    argv = ["analyze", str(run["corpus"]), "--config", str(config), "--out", str(tmp_path / "o")]
+    argv += ["--seq-len", "32", "--max-tokens", "300", "--no-curves"]
+    assert main(argv) == 0
+    bars = [x for x in capsys.readouterr().err.split("\r") if x.startswith("analyze:")]
+    assert bars and all("/300 [" in x and "token" in x for x in bars), bars
+    assert main(argv[:-3] + ["--no-curves"]) == 0  # no cap: a bar over the files
+    bars = [x for x in capsys.readouterr().err.split("\r") if x.startswith("analyze:")]
+    files = len(resolve_corpus([run["corpus"]]).files)
+    assert bars and all(f"/{files} [" in x and "doc" in x for x in bars), bars
+
+
 def test_a_checkpoints_own_tokenizer_beside_the_config_is_the_one_used(
     run, tmp_path, capsys, monkeypatch
 ):

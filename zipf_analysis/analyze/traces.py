@@ -228,8 +228,15 @@ def _build_traces(
         name="analyze-tokenise",
         daemon=True,
     )
+    caps = [b.max_tokens for b in builders]
+    by_tokens = None not in caps  # every part stops at its cap, often long before the last file
     bar = tqdm(
-        total=len(corpus.files), unit="doc", desc="analyze", disable=not progress, leave=False
+        total=sum(c or 0 for c in caps) if by_tokens else len(corpus.files),
+        unit="token" if by_tokens else "doc",
+        unit_scale=by_tokens,
+        desc="analyze",
+        disable=not progress,
+        leave=False,
     )
     thread.start()
     try:
@@ -241,8 +248,12 @@ def _build_traces(
                 raise item
             for i, ids in item:
                 builders[part_of[i]].add_document(ids)
-            bar.update(len(item))
-            bar.set_postfix(tokens=f"{sum(b.stats.tokens for b in builders):,}", refresh=False)
+            tokens = sum(b.stats.tokens for b in builders)
+            if by_tokens:
+                bar.update(tokens - bar.n)
+            else:
+                bar.update(len(item))
+                bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
             if all(b.full for b in builders):
                 stop.set()
         for part, b in enumerate(builders):
