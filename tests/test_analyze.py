@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tqdm import tqdm
 
 from tiered_store.cli import main
 from tiered_store.config import StoreConfig
@@ -847,6 +848,18 @@ def test_with_a_token_cap_the_progress_bar_counts_tokens_up_to_it(run, tmp_path,
     bars = [x for x in capsys.readouterr().err.split("\r") if x.startswith("analyze:")]
     files = len(resolve_corpus([run["corpus"]]).files)
     assert bars and all(f"/{files} [" in x and "doc" in x for x in bars), bars
+
+
+def test_the_profile_pass_shows_a_progress_bar_of_the_trace_lookups(run, tmp_path, capsys):
+    """Stage 5 reads the whole trace again (a minute on the standard library): it was silent."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    argv = ["analyze", str(run["corpus"]), "--config", str(config), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--seq-len", "32", "--max-tokens", "300", "--no-curves"]) == 0
+    lookups = json.loads((tmp_path / "o" / "report.json").read_text())["traces"]["main"]["lookups"]
+    bars = [x for x in capsys.readouterr().err.split("\r") if x.startswith("profile:")]
+    total = tqdm.format_sizeof(lookups)  # as the bar writes it: 2.40k
+    assert any(f"/{total} [" in x and "lookup/s" in x for x in bars), bars
 
 
 def test_a_checkpoints_own_tokenizer_beside_the_config_is_the_one_used(

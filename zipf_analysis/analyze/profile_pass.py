@@ -69,26 +69,41 @@ class DedupCounter:
 
 
 def profile_pass(
-    reader: TraceReader, rows: Mapping[str, int], dedup: bool = True, episode_window: int = 0
+    reader: TraceReader,
+    rows: Mapping[str, int],
+    dedup: bool = True,
+    episode_window: int = 0,
+    progress: bool = False,
 ) -> tuple[dict[str, FrequencyCounter], dict[str, DedupCounter]]:
     """One streaming pass: lookups (and episodes) per row, and deduplication per sequence/batch,
-    per table."""
+    per table (``progress``: a bar of the lookups read on stderr)."""
+    from tqdm.auto import tqdm
+
     counters = {
         name: FrequencyCounter(rows[name], episode_window=episode_window) for name in reader.tables
     }
     dedups = {name: DedupCounter(rows[name]) for name in reader.tables} if dedup else {}
-    for chunk in reader.chunks():
-        records = chunk.records
-        for t, name in enumerate(reader.tables):
-            counters[name].update(chunk.table_ids(t))
-        if dedup:
-            ends = np.cumsum(records[:, 2])
-            for rec, end in zip(records, ends, strict=True):
-                batch, t, n, ndim = (int(v) for v in rec[:4])
-                if n:
-                    shape = tuple(int(d) for d in rec[4 : 4 + ndim])
-                    ids = chunk.ids[int(end) - n : int(end)].reshape(shape)
-                    dedups[reader.tables[t]].update(ids, batch)
+    with tqdm(
+        total=reader.n_lookups,
+        unit="lookup",
+        unit_scale=True,
+        desc="profile",
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        for chunk in reader.chunks():
+            records = chunk.records
+            for t, name in enumerate(reader.tables):
+                counters[name].update(chunk.table_ids(t))
+            if dedup:
+                ends = np.cumsum(records[:, 2])
+                for rec, end in zip(records, ends, strict=True):
+                    batch, t, n, ndim = (int(v) for v in rec[:4])
+                    if n:
+                        shape = tuple(int(d) for d in rec[4 : 4 + ndim])
+                        ids = chunk.ids[int(end) - n : int(end)].reshape(shape)
+                        dedups[reader.tables[t]].update(ids, batch)
+            bar.update(chunk.ids.size)
     return counters, dedups
 
 
@@ -150,7 +165,10 @@ def stage_profile(ctx: RunContext, keys: NgramKeyCounter) -> ProfileStage:
     with ctx.times.stage("profile"):
         with TraceReader(ctx.trace) as reader:
             counters, dedups = profile_pass(
-                reader, ctx.rows, episode_window=ctx.options.episode_window
+                reader,
+                ctx.rows,
+                episode_window=ctx.options.episode_window,
+                progress=ctx.options.progress,
             )
         distinct_keys = keys.distinct()
         profiles: dict[str, FrequencyProfile] = {}
