@@ -1350,6 +1350,63 @@ def test_a_staged_step_whose_shards_lock_is_let_go_soon_is_resolved_at_open(
         assert result["committed"] == 3 and result["committed rows"] == [3.0, 3.0]
 
 
+@pytest.mark.parametrize(
+    "decided", [2, 1], ids=["holder-dropped-a-roll-forward", "holder-committed-a-drop"]
+)
+def test_a_shard_whose_lock_holder_resolved_it_otherwise_opens_torn_on_every_rank(
+    tmp_path, decided
+):
+    """Rank 0's shard holds step 2 staged by a store holding its writer lock (rank 1's shard
+    staged it too: the open rolls it forward; or stayed at step 1: the open drops it), and that
+    store, as the open waits for its lock, does the other thing (drops it; commits it). The
+    open took the shard as resolved: rank 0 opened at one step and rank 1 at another, without a
+    warning (committed_step differed between the ranks; a roll-forward's rows were gone on one
+    shard). Every rank now opens torn: a warning naming both steps, committed_step 1 on each."""
+    from tests.distributed_support import briefly_locked_staged_worker
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    start = shards[1].shard_map.shard_range(1)[0]
+    for shard, row in ((shards[1], 460 - start), (shards[0], 3)):
+        holder = TieredStore.open({"table": {"path": str(shard.path)}})
+        for value in range(1, decided + 1 if shard is shards[1] else 3):
+            holder.write([row], torch.full((1, holder.row_width), float(value)))
+            (holder.commit if value == 1 else holder.prepare_commit)(value)
+        if shard is shards[1]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UncommittedWritesWarning)
+                holder.close()
+    tried = tmp_path / "tried"
+
+    def let_go() -> None:  # once rank 0 found the lock taken (else at the deadline)
+        end = time.monotonic() + 60
+        while not tried.exists() and time.monotonic() < end:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        holder.abort_commit() if decided == 2 else holder.finish_commit(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UncommittedWritesWarning)
+            holder.close()
+
+    releaser = threading.Thread(target=let_go)
+    releaser.start()
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(briefly_locked_staged_worker, 2, (str(plain), out, str(tried), False), 60)
+    releaser.join()
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    assert tried.exists()
+    shard_steps = {2: "rank 0: 1; rank 1: 2", 1: "rank 0: 2; rank 1: 1"}[decided]
+    for rank, result in enumerate(results):
+        (warning,) = result["opened warnings"]
+        assert warning.startswith(f"TornCommitWarning: rank {rank}: the shards were committed at different steps ({shard_steps})"), result  # fmt: skip
+        assert result["opened step"] == result["opened stats step"] == 1, result
+        assert result["opened staged"] is None
+        assert result["opened rows"] == ([1.0, 2.0] if decided == 2 else [2.0, 1.0])
+        assert result["committed"] == 3 and result["committed rows"] == [3.0, 3.0]
+
+
 def test_a_drop_decided_before_waiting_for_a_shards_lock_is_left_to_the_next_open(tmp_path):
     """Only rank 0's shard holds step 2 staged (rank 1's never staged it), and another process
     holds rank 0's writer lock for a moment: the open decided to drop it, but the holder may

@@ -535,7 +535,8 @@ class ShardedStore:
     def _resolve_staged(self, prints: list[dict[str, Any]]) -> list[int]:
         """Finish or drop what a two-phase commit interrupted between its phases left staged on
         the shards (``staged_outcome`` decides, the same on every rank); every shard's committed
-        step once that is done. A shard that cannot (its writer lock held elsewhere past a short
+        step once that is done (a shard another store resolved otherwise meanwhile: its own). A
+        shard that cannot (its writer lock held elsewhere past a short
         wait: that writer's commit may be under way; a read-only delta) is left as it is, with a
         warning on every rank; this store then refuses to commit until reopened."""
         committed = [doc["committed_step"] for doc in prints]
@@ -561,7 +562,9 @@ class ShardedStore:
                     f"({error}); expected it resolved: close "
                     "every store of this table, then reopen the ShardedStore on every rank"
                 )
-        doc = {"error": error, "reopened": self.local is not None}
+        # the step this shard is at: another store holding its lock may have resolved it otherwise
+        step = steps[self.rank] if mine is None or error else self.local.committed_step
+        doc = {"error": error, "reopened": self.local is not None, "step": step}
         errors = self._wait(self._thread.submit(self._all_gather, doc), "open")
         if not all(e["reopened"] for e in errors):  # raised on every rank: they stay in step
             raise ShardMismatchError(
@@ -579,7 +582,7 @@ class ShardedStore:
                 "reopen on every rank",
                 TornCommitWarning,
             )
-        return steps
+        return [e["step"] for e in errors]
 
     def _resolve_mine(self, mine: int, finish: bool) -> str | None:
         """Commit (``finish``) or drop the step ``mine`` staged on this shard, under its writer
