@@ -1351,17 +1351,27 @@ def test_a_staged_step_whose_shards_lock_is_let_go_soon_is_resolved_at_open(
 
 
 @pytest.mark.parametrize(
-    "decided", [2, 1], ids=["holder-dropped-a-roll-forward", "holder-committed-a-drop"]
+    ("decided", "before"),
+    [(2, False), (1, False), (2, True), (1, True)],
+    ids=[
+        "holder-dropped-a-roll-forward",
+        "holder-committed-a-drop",
+        "dropped-before-the-lock-was-tried",
+        "committed-before-the-lock-was-tried",
+    ],
 )
 def test_a_shard_whose_lock_holder_resolved_it_otherwise_opens_torn_on_every_rank(
-    tmp_path, decided
+    tmp_path, decided, before
 ):
     """Rank 0's shard holds step 2 staged by a store holding its writer lock (rank 1's shard
     staged it too: the open rolls it forward; or stayed at step 1: the open drops it), and that
-    store, as the open waits for its lock, does the other thing (drops it; commits it). The
-    open took the shard as resolved: rank 0 opened at one step and rank 1 at another, without a
-    warning (committed_step differed between the ranks; a roll-forward's rows were gone on one
-    shard). Every rank now opens torn: a warning naming both steps, committed_step 1 on each."""
+    store, as the open waits for its lock (or, ``before``, just before the open tries it), does
+    the other thing (drops it; commits it). The open took the shard as resolved: rank 0 opened
+    at one step and rank 1 at another, without a warning (committed_step differed between the
+    ranks; a roll-forward's rows were gone on one shard); and with a drop made before it tried
+    the lock (unseen by its view), it failed to commit nothing staged, warned so, and said step 2
+    on every rank. Every rank now opens torn: a warning naming both steps, committed_step 1 on
+    each."""
     from tests.distributed_support import briefly_locked_staged_worker
 
     plain = make_plain_table(tmp_path)
@@ -1387,12 +1397,13 @@ def test_a_shard_whose_lock_holder_resolved_it_otherwise_opens_torn_on_every_ran
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UncommittedWritesWarning)
             holder.close()
+        Path(f"{tried}.go").touch()  # with ``before``: now rank 0 tries the lock
 
     releaser = threading.Thread(target=let_go)
     releaser.start()
     out = tmp_path / "out"
     out.mkdir()
-    codes = run_ranks(briefly_locked_staged_worker, 2, (str(plain), out, str(tried), False), 60)
+    codes = run_ranks(briefly_locked_staged_worker, 2, (str(plain), out, str(tried), before), 60)
     releaser.join()
     results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results

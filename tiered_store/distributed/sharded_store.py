@@ -627,6 +627,8 @@ class ShardedStore:
 
         def resolve() -> None:
             self.local.adopt_writer_lock(lock)  # released with the store, or when refused
+            if self.local.staged_step != mine:  # read now: a drop made before this open's lock
+                return  # (unseen by its view, which a drop does not make stale)
             if finish:
                 self.local.finish_commit(mine)
             else:
