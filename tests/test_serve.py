@@ -101,6 +101,8 @@ def test_example_config_is_valid():
         ({"server": {"request_timeout_s": "1e999"}}, "server.request_timeout_s: expected a finite number, got inf"),  # quoted in the YAML
         ({"server": {"keep_alive_s": 1e300}}, "server.keep_alive_s: Input should be less than or equal to"),
         ({"server": {"torch_threads": 2**31}}, "server.torch_threads: Input should be less than or equal to 4096"),
+        ({"server": {"max_announced": 0}}, "server.max_announced: Input should be greater than or equal to 1 (got 0)"),
+        ({"server": {"max_announced": True}}, "server.max_announced: Input should be a valid integer (got True)"),
         ({"checkpoint": {"seed": 2**70}}, "checkpoint.seed: Input should be less than or equal to 18446744073709551615"),
         ({"store": {"cost_model": {"compute_seconds_per_batch": True}}}, "cost_model.compute_seconds_per_batch: expected a number, got True"),
         # a key that is not a string (YAML's no: or 1:) raised pydantic's bare TypeError

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.serve_support import make_checkpoint
+from tests.serve_support import make_checkpoint, write_config
 from tests.test_serve import start_server
 from tiered_store.errors import TierIOError
 from tiered_store.serve import ServeConfig, ServedModel, parse_request
@@ -232,3 +232,187 @@ def test_a_closed_table_is_not_announced_to_and_its_answer_says_closed(tmp_path)
         assert all(len(store.caches.queue) == 0 for store in others)
     finally:
         served.close()
+
+
+def queued_metric(server) -> list[float]:
+    """``tiered_store_queued_requests`` per table, as /metrics exports it."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    return [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "tiered_store_queued_requests"
+        for sample in family.samples
+    ]
+
+
+class HeldTurns:
+    """Holds each answer's computation (inside its compute turn) until the test lets it go on
+    (``go``: a wait only), noting whether each request (by its first token id) was announced
+    then."""
+
+    def __init__(self, server) -> None:
+        import threading
+
+        self.model = server.model
+        self.compute = server.model._answer
+        self.started: list[tuple[int, bool]] = []  # (first token id, announced at its turn)
+        self.cond = threading.Condition()
+        self.let_go: set[int] = set()
+        server.model._answer = self.held
+
+    def held(self, request, hashed):
+        k = int(request.input_ids[0, 0])
+        with self.model._waiting_lock:
+            told = any(a.batch is hashed for a in self.model._waiting)
+        with self.cond:
+            self.started.append((k, told))
+            self.cond.notify_all()
+            assert self.cond.wait_for(lambda: k in self.let_go, 30)
+        return self.compute(request, hashed)
+
+    def go(self, *ks: int) -> None:
+        with self.cond:
+            self.let_go.update(ks)
+            self.cond.notify_all()
+
+    def wait_started(self, count: int) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.started) >= count, 30), self.started
+
+
+def wait_for(check, what) -> None:
+    """Poll ``check()`` until it is true (20 s at most)."""
+    import time
+
+    deadline = time.monotonic() + 20
+    while not check():
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.02)
+
+
+def test_at_most_max_announced_requests_are_announced_the_rest_as_earlier_ones_go(tmp_path):
+    """server.max_announced 2 with 5 requests waiting: the queue holds 2 (it held all 5, and an
+    announcement's cost grows with the queue); as answers end the next ones are announced, in
+    arrival order, each before its turn, and the queue ends empty."""
+    import threading
+
+    limits = {
+        "announce_requests": True,
+        "max_announced": 2,
+        "max_concurrent": 1,
+        "request_timeout_s": 30.0,
+    }
+    server = start_server(make_checkpoint(tmp_path, server=limits))
+    turns = HeldTurns(server)
+    url = server.url + "/v1/engram"
+    statuses: list[int] = []
+    posts = [
+        threading.Thread(
+            target=lambda k=k: statuses.append(post_json(url, {"input_ids": [[k, 7, 900]]})[0])
+        )
+        for k in range(1, 6)
+    ]
+    try:
+        posts[0].start()
+        turns.wait_started(1)  # request 1 computes
+        for k, post in enumerate(posts[1:], start=2):  # one by one: their arrival order is 2..5
+            post.start()
+            wait_for(
+                lambda k=k: len(server.model._waiting) + len(server.model._unannounced) == k,
+                lambda: (len(server.model._waiting), len(server.model._unannounced)),
+            )
+        assert queued_requests(server) == [2, 2] and queued_metric(server) == [2.0, 2.0]
+        assert [s["queue"]["requests"] for s in server.model.stats().values()] == [2, 2]
+        for k in range(2, 6):  # request k-1 answered: k takes its turn, announced already
+            turns.go(k - 1)
+            turns.wait_started(k)
+            expected = min(2, 6 - k)  # k computing, and the next one if any
+            wait_for(
+                lambda e=expected: queued_requests(server) == [e, e],
+                lambda: queued_requests(server),
+            )
+            assert len(server.model._unannounced) == max(0, 5 - k - 1)
+        turns.go(5)
+        for post in posts:
+            post.join(30)
+        assert statuses == [200] * 5
+        assert turns.started == [(k, True) for k in range(1, 6)]
+        assert queued_requests(server) == [0, 0] and queued_metric(server) == [0.0, 0.0]
+        assert not server.model._waiting and not server.model._unannounced
+    finally:
+        turns.go(*range(1, 6))
+        server.stop()
+
+
+def test_a_request_whose_turn_comes_before_its_announcement_is_served_unannounced(tmp_path):
+    """max_announced 1, two compute turns: request 2 computes unannounced, so request 1's release
+    does not announce it then (it would hold rows for an answer already running, and be released
+    by nobody or twice); a request that timed out waiting unannounced (503) leaves the line."""
+    import threading
+
+    limits = {
+        "announce_requests": True,
+        "max_announced": 1,
+        "max_concurrent": 2,
+        "request_timeout_s": 1.0,
+    }
+    server = start_server(make_checkpoint(tmp_path, server=limits))
+    turns = HeldTurns(server)
+    url = server.url + "/v1/engram"
+    statuses: dict[int, int] = {}
+
+    def post(k):
+        thread = threading.Thread(
+            target=lambda: statuses.update({k: post_json(url, {"input_ids": [[k, 7, 900]]})[0]})
+        )
+        thread.start()
+        return thread
+
+    try:
+        first = post(1)
+        turns.wait_started(1)
+        second = post(2)
+        turns.wait_started(2)  # both compute turns taken
+        third = post(3)  # waits unannounced for a turn, and gives up after 1 s (503)
+        third.join(30)
+        assert statuses == {3: 503} and not server.model._unannounced
+        assert turns.started == [(1, True), (2, False)]
+        assert queued_requests(server) == [1, 1]
+        turns.go(1)  # request 1 answered and released: 2 computes, and stays unannounced
+        wait_for(lambda: len(statuses) == 2, lambda: statuses)
+        assert queued_requests(server) == [0, 0]
+        turns.go(2)
+        first.join(30)
+        second.join(30)
+        assert statuses == {1: 200, 2: 200, 3: 503}
+        assert queued_requests(server) == [0, 0]
+        assert not server.model._waiting and not server.model._unannounced
+    finally:
+        turns.go(1, 2)
+        server.stop()
+
+
+def test_a_max_announced_that_is_not_a_positive_integer_is_refused_at_startup(tmp_path):
+    """The serve command exits 2 naming the key, the value and what it takes."""
+    import subprocess
+    import sys
+
+    from tiered_store.serve.client import subprocess_env
+
+    for value, expected in [
+        (0, "greater than or equal to 1 (got 0)"),
+        ("8", "a valid integer (got '8')"),
+    ]:
+        config = write_config(tmp_path / str(value), server={"max_announced": value})
+        out = subprocess.run(
+            [sys.executable, "-m", "tiered_store.cli", "serve", str(config),
+             "--address", "127.0.0.1:0", "--metrics-address", ""],
+            capture_output=True, text=True, timeout=60, env=subprocess_env(),
+        )  # fmt: skip
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert f"server.max_announced: Input should be {expected}" in out.stderr, out.stderr

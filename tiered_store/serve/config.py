@@ -40,6 +40,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "server.keep_alive_s": 5.0,  # seconds an idle keep-alive connection stays open
     "server.request_timeout_s": 30.0,  # seconds: longest wait for a head, a body, and a turn
     "server.announce_requests": False,  # tell the tables each waiting request's rows (evicted last)
+    "server.max_announced": 64,  # requests announced at once; later ones wait unannounced
     "server.health_hold_s": 60.0,  # seconds /healthz stays 503 after a table's lookup failed
     "server.torch_threads": 0,  # intra-op threads for torch (0: leave torch's default)
     "checkpoint.path": "checkpoint",  # directory written by convert_checkpoint
@@ -87,6 +88,7 @@ class ServerSection(ConfigModel):
         default=SERVE_DEFAULTS["server.request_timeout_s"], gt=0, le=TIMEOUT_MAX
     )
     announce_requests: StrictBool = SERVE_DEFAULTS["server.announce_requests"]
+    max_announced: StrictInt = Field(default=SERVE_DEFAULTS["server.max_announced"], ge=1)
     health_hold_s: Number = Field(
         default=SERVE_DEFAULTS["server.health_hold_s"], ge=0, le=TIMEOUT_MAX
     )

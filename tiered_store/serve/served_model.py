@@ -200,6 +200,8 @@ class ServedModel:
             self._submit_lock = threading.Lock()
             self._gate = RequestGate()
             self._waiting: set[Announced] = set()  # announced, not released: a reload re-tells
+            # past server.max_announced: waiting unannounced, in arrival order (a dict's keys)
+            self._unannounced: dict[Announced, None] = {}
             self._waiting_lock = threading.Lock()
             self.reload_check_seconds = RELOAD_CHECK_SECONDS  # how often requests check
             self._reloading = threading.Lock()  # one check and swap at a time
@@ -479,6 +481,8 @@ class ServedModel:
 
         Raises ``TableUnavailableError`` when a table's rows cannot be served and
         ``NonFiniteOutputError`` when the output is not finite."""
+        if announced is not None:
+            self._take_turn(announced)
         self.reload_if_stale()
         with self._gate.shared():
             if self._closed:  # a worker the drain gave up on, come after close(): no lookups
@@ -535,39 +539,82 @@ class ServedModel:
         }
 
     def announce(self, request: InferenceRequest) -> Announced:
-        """Hash a waiting request and announce its rows to every table (``TieredStore.announce``);
-        pass the result to ``answer`` (which then does not hash again) and to ``release`` once
+        """Hash a waiting request and announce its rows to every table (``TieredStore.announce``)
+        once fewer than ``server.max_announced`` requests are announced; until then it waits
+        unannounced, and those waiting so are announced in arrival order as announced ones are
+        released (``release``), unless their turn comes first (``answer``: served unannounced).
+        Pass the result to ``answer`` (which then does not hash again) and to ``release`` once
         it is answered. Sharded tables are not told (each rank's store sees only the rows it
         owns of its own requests)."""
         with self._gate.shared():  # not while a reload swaps the tables
-            batch = self.model.hash(torch.from_numpy(request.input_ids))
-            announced = Announced(batch)
+            announced = Announced(self.model.hash(torch.from_numpy(request.input_ids)))
             if self.control is not None:
                 return announced
-            try:
-                with self._waiting_lock:
-                    self._waiting.add(announced)
-                    for layer, ids in batch.row_ids.items():
-                        store = self.stores[self.config.table_name(layer)]
-                        try:
-                            queued = store.announce(ids)
-                        except StoreClosedError:  # a reload could not reopen it: the answer's
-                            continue  # lookup says so (503 "closed"); announcing is advice
-                        announced.queued.append((store, queued))
-            except BaseException:
-                self.release(announced)
-                raise
+            with self._waiting_lock:
+                self._unannounced[announced] = None  # behind those waiting unannounced
+                try:
+                    self._announce_waiting()
+                except BaseException:  # this one's announcement was undone, or never made
+                    announced.released = True
+                    self._unannounced.pop(announced, None)
+                    raise
         return announced
 
     def release(self, announced: Announced) -> None:
-        """Release what ``announce`` announced (answered, failed or cancelled); once: a second
-        call does nothing."""
+        """Release what ``announce`` announced (answered, failed or cancelled; one never
+        announced only leaves the line), then announce those waiting unannounced that now fit
+        under ``server.max_announced``; once: a second call does nothing."""
         with self._waiting_lock:
             announced.released = True
+            self._unannounced.pop(announced, None)
+            if announced not in self._waiting:
+                return
             self._waiting.discard(announced)
-            while announced.queued:
-                store, request = announced.queued.pop()
-                store.release(request)
+            self._withdraw(announced)
+            if not self._unannounced:
+                return
+        with self._gate.shared():  # not while a reload swaps the tables
+            if self._closed:
+                return
+            with self._waiting_lock:
+                try:
+                    self._announce_waiting()
+                except Exception:  # noqa: BLE001 (advice: the request is served unannounced)
+                    log.exception("announcing a waiting request failed")
+
+    def _take_turn(self, announced: Announced) -> None:
+        """``announced`` gets its compute turn: if it still waits unannounced, it is served so
+        (no release will announce it now)."""
+        if announced in self._unannounced:  # else announced already, or being announced now
+            with self._waiting_lock:
+                self._unannounced.pop(announced, None)
+
+    def _announce_waiting(self) -> None:
+        """Announce those waiting unannounced, in arrival order, while fewer than
+        ``server.max_announced`` are announced (``_waiting_lock`` held, inside the gate)."""
+        while self._unannounced and len(self._waiting) < self.config.server.max_announced:
+            announced = next(iter(self._unannounced))
+            del self._unannounced[announced]
+            self._waiting.add(announced)
+            try:
+                for layer, ids in announced.batch.row_ids.items():
+                    store = self.stores[self.config.table_name(layer)]
+                    try:
+                        queued = store.announce(ids)
+                    except StoreClosedError:  # a reload could not reopen it: the answer's
+                        continue  # lookup says so (503 "closed"); announcing is advice
+                    announced.queued.append((store, queued))
+            except BaseException:
+                self._waiting.discard(announced)
+                self._withdraw(announced)
+                raise
+
+    @staticmethod
+    def _withdraw(announced: Announced) -> None:
+        """Release ``announced``'s rows from every table told (``_waiting_lock`` held)."""
+        while announced.queued:
+            store, request = announced.queued.pop()
+            store.release(request)
 
     def _announce_again(self, reopened: dict[TieredStore, TieredStore]) -> None:
         """Tell the stores a reload opened (``reopened``: old store -> new) about the requests

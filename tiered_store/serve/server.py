@@ -278,7 +278,8 @@ class InferenceServer:
     async def answer(self, body: bytes) -> tuple[dict[str, Any], int]:
         """One POST body: parsed and run in a worker once a compute turn is free; returns (the
         JSON answer without timing, tokens served). With ``server.announce_requests`` it is
-        parsed first and its rows announced to the tables while it waits for its turn, so that
+        parsed first and its rows announced to the tables while it waits for its turn (once
+        fewer than ``server.max_announced`` are announced: ``ServedModel.announce``), so that
         rows waiting requests will look up are evicted last (``TieredStore.announce``)."""
         if not self.config.server.announce_requests:
             return await self.run_in_worker(self.infer, body)
