@@ -52,6 +52,7 @@ def test_writes_are_seen_evicted_written_back_and_committed(tmp_path):
         assert stats["spilled_rows"] > 0  # dirty rows left the small tiers through write-back
         assert stats["commits"] == 60 // 7
         assert torch.equal(store.lookup(torch.arange(300)), reference)  # uncommitted still seen
+    assert store.committed_step == 60 // 7 == store.stats()["writes"]["committed_step"]  # closed
     with TieredStore(cfg) as store:  # reopened: exactly the last commit, uncommitted rows gone
         assert store.committed_step == 60 // 7
         assert torch.equal(store.lookup(torch.arange(300)), committed)

@@ -499,8 +499,10 @@ class TieredStore:
     @property
     def committed_step(self) -> int:
         """The step of the table's last commit (0 for a table never written), across
-        compactions."""
-        return self._base_step if self._writes is None else self._writes.delta.step
+        compactions; after close, as close left it."""
+        if self._writes is None:
+            return self._base_step
+        return self._closed_step if self._closed else self._writes.delta.step
 
     @property
     def _base_step(self) -> int:
@@ -734,6 +736,9 @@ class TieredStore:
 
     def _close_files(self) -> None:
         """Close the table file and the delta, and release the version hold and writer lock."""
+        if self._writes is not None:  # for committed_step and stats() after close
+            with contextlib.suppress(TierIOError):  # unreadable: close goes on all the same
+                self._closed_step = self._writes.delta.step
         self._closed = True
         try:
             if self._stream is not None:  # the tiers' device memory, allocated on the opener's
@@ -743,7 +748,6 @@ class TieredStore:
         finally:  # a device error raised there still closes the files and releases the locks
             self.cold.close()
             if self._writes is not None:  # uncommitted writes are dropped, as a crash would
-                self._closed_step = self._writes.delta.step  # for stats() after close
                 self._writes.delta.close()
             for fd in (self._version_hold, self._writer_lock):
                 if fd is not None:
