@@ -209,12 +209,25 @@ class CacheHierarchy:
         cache.online.finish(*cache.apply_repin(moves))
         if cache is not self.hot or self.warm.online is None:
             return
-        hot, warm = self.hot, self.warm
+        hot = self.hot
         pinned = hot.pin_flags()
         pin, unpin = moves.pin_slots.to(hot.device), moves.unpin_slots.to(hot.device)
         pin_rows, unpin_rows = moves.pin_rows.to(hot.device), moves.unpin_rows.to(hot.device)
         pinned_now = pin_rows[pinned[pin] & (hot.row_of_slot[pin] == pin_rows)].cpu()
         released = unpin_rows[~pinned[unpin] & (hot.row_of_slot[unpin] == unpin_rows)].cpu()
+        self._leave_to_hot(pinned_now, released)
+
+    def leave_hot_pins_to_hot(self) -> None:
+        """A re-pinning warm tier unpins and leaves out of its re-pins every row it holds that hot
+        pins now (after a warm restart: it saves no list of them, and brings them back into warm)."""
+        if self.warm.online is not None:
+            pinned = self.hot.pinned_rows().cpu()
+            self._leave_to_hot(pinned, released=pinned)  # each listed once, as of now
+
+    def _leave_to_hot(self, pinned_now: torch.Tensor, released: torch.Tensor) -> None:
+        """Hot pins ``pinned_now`` and no longer pins ``released``: warm unpins the former and
+        leaves them out of its re-pins while it holds them, and considers the latter again."""
+        warm = self.warm
         if not pinned_now.numel() and not released.numel():
             return
         slots = warm.probe(pinned_now)

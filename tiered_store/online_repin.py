@@ -195,9 +195,11 @@ class OnlineRepin:
         # admissions and evictions (lookup side): so far, at the last re-pin, at the window's start
         self._changes = self._changes_at_repin = self._changes_at_window = 0
         self.quiet_windows = 0  # windows in a row that ended without an admission or eviction
-        # slots holding rows the tier above pins, and those rows: plans leave them out
+        # slots holding rows the tier above pins, and those rows: plans leave them out (a plan
+        # reads them off the store's lock, a warm restart's thread sets them under it)
         none = torch.empty(0, dtype=torch.int64, device=self.device)
         self._above = (none, none)
+        self._above_lock = threading.Lock()
         self.repins = 0
         self.rows_pinned = 0  # rows moved into the pinned segment by re-pins, in all
         self.rows_unpinned = 0
@@ -518,21 +520,23 @@ class OnlineRepin:
         """The tier above (hot, over warm) now pins ``rows``, held here in ``slots``, and no longer
         pins ``released``: plans leave the former out while this tier holds them there (lookups
         of them never reach it)."""
-        held_slots, held_rows = self._above
-        kept = ~torch.isin(held_rows, released.to(self.device))
-        self._above = (
-            torch.cat([held_slots[kept], slots.to(self.device)]),
-            torch.cat([held_rows[kept], rows.to(self.device)]),
-        )
+        with self._above_lock:
+            held_slots, held_rows = self._above
+            kept = ~torch.isin(held_rows, released.to(self.device))
+            self._above = (
+                torch.cat([held_slots[kept], slots.to(self.device)]),
+                torch.cat([held_rows[kept], rows.to(self.device)]),
+            )
 
     def _without_above(self, row_of_slot: torch.Tensor) -> torch.Tensor:
         """``row_of_slot`` with the slots holding rows the tier above pins read as free (a copy
         where there are any); forgets those whose slot holds another row now."""
-        slots, rows = self._above
-        if not slots.numel():
-            return row_of_slot
-        still = row_of_slot[slots] == rows
-        self._above = slots, rows = slots[still], rows[still]
+        with self._above_lock:
+            slots, rows = self._above
+            if not slots.numel():
+                return row_of_slot
+            still = row_of_slot[slots] == rows
+            self._above = slots, rows = slots[still], rows[still]
         row_of_slot = row_of_slot.clone()
         row_of_slot[slots] = -1
         return row_of_slot

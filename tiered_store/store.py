@@ -948,6 +948,8 @@ class TieredStore:
                         break
                 with self._lock.host_inputs():  # this tier is done: saves list what it holds
                     self._unrestored.held.pop(cache.name, None)
+                    if cache is self.warm:  # rows it holds again that hot pins: left to hot
+                        self.caches.leave_hot_pins_to_hot()
                 if cache is self.hot:
                     self._hot_restored.set()  # what open waits for with open_waits_for: hot
         except StoreClosedError:  # closing: what is left stays in the saved list
