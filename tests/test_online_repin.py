@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import warnings
 
@@ -699,6 +700,22 @@ def test_decay_over_a_long_quiet_spell_forgets_past_counts_without_overflow():
     repin.count(torch.tensor([1]), none, lookups=3)  # renormalised: the past forgotten
     assert repin.weight == 1.0 and repin.slot_count[0] < 1e-29 and repin.repins == 0
     assert repin.slot_count[:2].tolist() == pytest.approx([0.0, 1.0])  # counting goes on
+
+
+def test_a_decay_below_one_over_the_largest_float_forgets_without_overflow():
+    # repin.decay accepts any number above 0; one under 1 / 1.8e308 (5e-324) made the counting
+    # raise OverflowError at each interval's first update (1 / decay is past the largest float):
+    # replay stopped with a traceback, the store's re-pin thread failed every interval
+    from tiered_store.config import RepinConfig
+    from tiered_store.online_repin import OnlineRepin
+
+    none = torch.tensor([], dtype=torch.int64)
+    repin = OnlineRepin(8, RepinConfig(every=2, budget=1, decay=5e-324), window=2)
+    repin.admitted(torch.tensor([0, 1]), torch.tensor([5, 1]), looked_up=False)
+    repin.count(torch.tensor([0, 0]), none, lookups=2)  # row 5 in interval 0
+    repin.count(torch.tensor([1]), none, lookups=2)  # row 1 in interval 1: row 5 forgotten
+    assert repin.weight == 1.0 and repin.slot_count[:2].tolist() == pytest.approx([0.0, 1.0])
+    assert math.isfinite(repin.state()["weight"])
 
 
 def test_decay_is_per_every_lookups_whatever_the_batch_size():

@@ -443,9 +443,11 @@ class OnlineRepin:
         them are gone anyway (past ``FORGET_AFTER``: no float overflow)."""
         if intervals <= 0 or self.decay == 1:
             return 1.0
-        return self.decay ** -min(
-            intervals, math.ceil(math.log(FORGET_AFTER) / -math.log(self.decay))
-        )
+        intervals = min(intervals, math.ceil(math.log(FORGET_AFTER) / -math.log(self.decay)))
+        try:
+            return self.decay**-intervals
+        except OverflowError:  # a decay below 1 / the largest float: all before is forgotten
+            return FORGET_AFTER
 
     def _count_hits(self, slots: torch.Tensor, window: int, step: float) -> int | torch.Tensor:
         """Add ``step`` to each slot first hit in ``window``; returns how many."""
