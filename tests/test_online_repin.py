@@ -1219,12 +1219,13 @@ def test_a_re_pin_that_fails_with_any_error_warns_and_the_next_one_runs(tmp_path
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
     tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
-    plan, failures = OnlineRepin.plan, []
+    plan, failures, planned = OnlineRepin.plan, [], []
 
     def fails_once(self, *args):  # a fault in the first plan only
         if not failures:
             failures.append(1)
             raise TypeError("a plan that fails")
+        planned.append(1)
         return plan(self, *args)
 
     monkeypatch.setattr(OnlineRepin, "plan", fails_once)
@@ -1236,6 +1237,7 @@ def test_a_re_pin_that_fails_with_any_error_warns_and_the_next_one_runs(tmp_path
                 assert torch.equal(store.lookup([5] * 9 + [60 + i]), data[[5] * 9 + [60 + i]])
                 assert store.wait_repinned(timeout=10)
         assert failures and store.warm.online.repins > 0 and 5 in store.warm.pinned_rows()
+        assert store.warm.online.repins == len(planned)  # the failed one is not counted
 
 
 def test_a_restore_that_fails_with_any_error_starts_cold_and_re_pinning_goes_on(

@@ -571,6 +571,11 @@ class OnlineRepin:
         self.rows_pinned += moved_in
         self.rows_unpinned += moved_out
 
+    def skip(self) -> None:
+        """Close an interval whose re-pin failed, counting no re-pin: the next interval tries
+        again (the lookups past this one count towards it, as after :meth:`finish`)."""
+        self.since_repin %= self.every
+
     # -- warm restart ----------------------------------------------------------------------------
     def sketch_with_resident(self, row_of_slot: torch.Tensor) -> np.ndarray:
         """A copy of the sketch with the resident rows' counts folded in (what a warm restart

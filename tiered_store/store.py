@@ -1038,8 +1038,8 @@ class TieredStore:
                     )
                     with self._lock.host_inputs():
                         cache.online.drop_pending()
-                        if cache.online.due:  # close the interval it failed in (decayed once
-                            cache.online.finish(0, 0)  # per interval, as by a re-pin that ran)
+                        if cache.online.due:  # close the interval it failed in: the next
+                            cache.online.skip()  # one tries again (no re-pin counted)
 
     def _restoring_pins(self, cache: Any) -> bool:
         """The warm restart has not brought ``cache``'s saved pins back yet: they replace its
