@@ -644,6 +644,42 @@ def _longest_stall_during(call) -> tuple[float, float]:
     return longest, took[0]
 
 
+@pytest.mark.parametrize("policy", ["sieve", "fifo", "lfu", "zipf-tuned+sieve"])
+def test_a_search_by_the_queue_never_shows_queued_rows_as_pinned(policy):
+    """A SIEVE, FIFO or LFU tier blocked the queued slots for its victim search by setting their
+    flags in its own pin flags until the search ended; the store's re-pin thread copies those
+    flags off the lock (``cache.pin_flags().clone()``), so a copy taken meanwhile showed queued,
+    unpinned rows as pinned, and the re-pin planned with pins the tier did not have."""
+    import threading
+
+    cache = RowCache("warm", num_rows=400, capacity=100, spec=PolicySpec.parse(policy))
+    cache.admit(torch.arange(100), torch.ones(100, dtype=torch.int64))
+    cache.attach_queue(QueuedRequests())
+    cache.queued(cache.queue.add(t(5, 7, 399)))
+    pinned_before = cache.pin_flags().clone()
+    searching, copied = threading.Event(), threading.Event()
+    search, copies = cache.eviction.choose_victims, []
+
+    def staged_search(n, protected):  # a hook that only waits: the copy is taken mid-search
+        searching.set()
+        assert copied.wait(30)
+        return search(n, protected)
+
+    def repin_thread() -> None:
+        assert searching.wait(30)
+        copies.append(cache.pin_flags().clone())  # as the store's re-pin thread copies them
+        copied.set()
+
+    cache.eviction.choose_victims = staged_search
+    thread = threading.Thread(target=repin_thread)
+    thread.start()
+    run_batch(cache, torch.arange(200, 210))
+    thread.join(30)
+    queued = cache.probe(t(5, 7))
+    assert bool((queued >= 0).all()) and len(copies) == 1
+    assert copies[0][queued].tolist() == pinned_before[queued].tolist() == [False, False]
+
+
 def test_memory_report_counts_the_next_use_per_slot_once_a_queue_is_attached():
     cache = RowCache("warm", num_rows=100, capacity=10, spec=PolicySpec.parse("lru"))
     alone = cache.metadata_bytes()["per_slot"]

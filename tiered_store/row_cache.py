@@ -490,14 +490,14 @@ class RowCache:
         self, take: int, protected: torch.Tensor, queued: torch.Tensor
     ) -> torch.Tensor:
         """``take`` victims by the policy among the slots neither ``protected`` nor ``queued``
-        (those flagged in ``protected`` for the search, then cleared: no copy of the flags)."""
+        (blocked in a copy: ``protected`` may be the tier's own pin flags, which the re-pin
+        thread copies off the lock)."""
         if take <= 0:
             return queued.new_empty(0)
-        protected[queued] = True
-        try:
-            return self.eviction.choose_victims(take, protected)
-        finally:
-            protected[queued] = False
+        if queued.numel():
+            protected = protected.clone()
+            protected[queued] = True
+        return self.eviction.choose_victims(take, protected)
 
     def _note_queued(self, slots: torch.Tensor) -> None:
         """``slots`` were given a next use: those now queued join ``_queued_slots``."""
