@@ -9,6 +9,11 @@ policy tables. Ours: 16 requests of 4,096 tokens announced ahead of the one serv
 tokens queued as 1,024 requests of 64 (each batch a request: what a queue of many short prompts
 costs, per announcement and release, where the queued lookups are the same). Baseline: no queue.
 Rates in lookups per second; the ratio is what a queue costs replay.
+
+Admissions to a full SIEVE tier of ``hit_rows`` slots (1M at the default size), 64 new rows each,
+with one request announced (one row it looks up held, one not) against the same tier without a
+queue: a SIEVE tier's search by the queue blocks the queued slots it keeps apart, where it once
+passed over every slot to find them per admission. Rates in rows admitted per second.
 """
 
 from __future__ import annotations
@@ -17,8 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from policies import PolicySpec
 from tiered_store.config import StoreConfig
+from tiered_store.request_queue import QueuedRequests
+from tiered_store.row_cache import RowCache
 from tiered_store.trace import TraceWriter
 from tiered_store.workload import ZipfWorkload
 from zipf_analysis.replay import replay
@@ -31,6 +40,9 @@ BATCH_TOKENS = 64
 QUEUED = 16  # requests announced ahead
 REQUEST_TOKENS = 4096
 SHORT_QUEUED = QUEUED * REQUEST_TOKENS // BATCH_TOKENS  # as many tokens queued, a batch a request
+ADMIT_GROUP = "admission-queued-sieve"
+ADMIT_ROWS = 64  # new rows an admission
+ADMITS = 64  # admissions a timed call
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +99,52 @@ def test_replay_with_16_requests_queued(benchmark, speed, trace) -> None:
 
 def test_replay_with_1024_short_requests_queued(benchmark, speed, trace) -> None:
     _measure(benchmark, speed, trace, SHORT_QUEUED, BATCH_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def sieve_tiers(sizes) -> dict[bool, list]:
+    """Per ``queued``: a full SIEVE tier (with one request announced, or none) and the first of
+    the rows not admitted yet."""
+    capacity = sizes.hit_rows
+    tiers: dict[bool, list] = {}
+    for queued in (False, True):
+        cache = RowCache(
+            "warm", num_rows=4 * capacity, capacity=capacity, spec=PolicySpec.parse("sieve")
+        )
+        cache.admit(torch.arange(capacity), torch.ones(capacity, dtype=torch.int64))
+        if queued:
+            cache.attach_queue(QueuedRequests())
+            cache.queued(cache.queue.add(torch.tensor([5, 4 * capacity - 1])))
+        tiers[queued] = [cache, capacity]
+    return tiers
+
+
+def _admit_rows(benchmark, speed, sieve_tiers, queued: bool) -> None:
+    tier = sieve_tiers[queued]
+    cache = tier[0]
+
+    def admissions() -> None:
+        for _ in range(ADMITS):
+            ids = torch.arange(tier[1], tier[1] + ADMIT_ROWS)
+            cache.admit(ids, torch.ones(ADMIT_ROWS, dtype=torch.int64))
+            tier[1] += ADMIT_ROWS
+
+    speed.measure(
+        benchmark,
+        admissions,
+        group=ADMIT_GROUP,
+        per_call=ADMITS * ADMIT_ROWS,
+        unit="rows",
+        baseline=not queued,
+    )
+    assert cache.occupancy == cache.capacity
+    assert not queued or int(cache.probe(torch.tensor([5]))) >= 0  # the queued row stays
+    benchmark.extra_info.update(capacity=cache.capacity, queued_requests=int(queued))
+
+
+def test_sieve_admissions_without_a_queue(benchmark, speed, sieve_tiers) -> None:
+    _admit_rows(benchmark, speed, sieve_tiers, False)
+
+
+def test_sieve_admissions_with_a_request_queued(benchmark, speed, sieve_tiers) -> None:
+    _admit_rows(benchmark, speed, sieve_tiers, True)
