@@ -11,9 +11,10 @@ costs, per announcement and release, where the queued lookups are the same). Bas
 Rates in lookups per second; the ratio is what a queue costs replay.
 
 Admissions to a full SIEVE tier of ``hit_rows`` slots (1M at the default size), 64 new rows each,
-with one request announced (one row it looks up held, one not) against the same tier without a
-queue: a SIEVE tier's search by the queue blocks the queued slots it keeps apart, where it once
-passed over every slot to find them per admission. Rates in rows admitted per second.
+with one request announced (one row it looks up held, one not; or every other row of the tier)
+against the same tier without a queue: a SIEVE tier's search by the queue blocks the queued slots
+it keeps apart, where it once passed over every slot to find them per admission. Rates in rows
+admitted per second.
 """
 
 from __future__ import annotations
@@ -102,25 +103,26 @@ def test_replay_with_1024_short_requests_queued(benchmark, speed, trace) -> None
 
 
 @pytest.fixture(scope="module")
-def sieve_tiers(sizes) -> dict[bool, list]:
-    """Per ``queued``: a full SIEVE tier (with one request announced, or none) and the first of
-    the rows not admitted yet."""
+def sieve_tiers(sizes) -> dict[str, list]:
+    """Per case: a full SIEVE tier (no request announced; one, with one row held; one looking
+    up every other row held) and the first of the rows not admitted yet."""
     capacity = sizes.hit_rows
-    tiers: dict[bool, list] = {}
-    for queued in (False, True):
+    announced = {"one": torch.tensor([4, 4 * capacity - 1]), "half": torch.arange(0, capacity, 2)}
+    tiers: dict[str, list] = {}
+    for case in ("none", "one", "half"):
         cache = RowCache(
             "warm", num_rows=4 * capacity, capacity=capacity, spec=PolicySpec.parse("sieve")
         )
         cache.admit(torch.arange(capacity), torch.ones(capacity, dtype=torch.int64))
-        if queued:
+        if case in announced:
             cache.attach_queue(QueuedRequests())
-            cache.queued(cache.queue.add(torch.tensor([5, 4 * capacity - 1])))
-        tiers[queued] = [cache, capacity]
+            cache.queued(cache.queue.add(announced[case]))
+        tiers[case] = [cache, capacity]
     return tiers
 
 
-def _admit_rows(benchmark, speed, sieve_tiers, queued: bool) -> None:
-    tier = sieve_tiers[queued]
+def _admit_rows(benchmark, speed, sieve_tiers, case: str) -> None:
+    tier = sieve_tiers[case]
     cache = tier[0]
 
     def admissions() -> None:
@@ -135,16 +137,21 @@ def _admit_rows(benchmark, speed, sieve_tiers, queued: bool) -> None:
         group=ADMIT_GROUP,
         per_call=ADMITS * ADMIT_ROWS,
         unit="rows",
-        baseline=not queued,
+        baseline=case == "none",
     )
     assert cache.occupancy == cache.capacity
-    assert not queued or int(cache.probe(torch.tensor([5]))) >= 0  # the queued row stays
-    benchmark.extra_info.update(capacity=cache.capacity, queued_requests=int(queued))
+    assert case == "none" or int(cache.probe(torch.tensor([4]))) >= 0  # a queued row stays
+    queued_rows = 0 if cache.queue is None else cache.queue.rows
+    benchmark.extra_info.update(capacity=cache.capacity, queued_rows=queued_rows)
 
 
 def test_sieve_admissions_without_a_queue(benchmark, speed, sieve_tiers) -> None:
-    _admit_rows(benchmark, speed, sieve_tiers, False)
+    _admit_rows(benchmark, speed, sieve_tiers, "none")
 
 
 def test_sieve_admissions_with_a_request_queued(benchmark, speed, sieve_tiers) -> None:
-    _admit_rows(benchmark, speed, sieve_tiers, True)
+    _admit_rows(benchmark, speed, sieve_tiers, "one")
+
+
+def test_sieve_admissions_with_half_the_tier_queued(benchmark, speed, sieve_tiers) -> None:
+    _admit_rows(benchmark, speed, sieve_tiers, "half")

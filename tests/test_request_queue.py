@@ -610,6 +610,50 @@ def test_a_queue_costs_a_sieve_tier_no_pass_over_its_slots_per_eviction(policy, 
     assert searched and max(searched) <= 64, max(searched)  # a batch's rows, never the tier
 
 
+@pytest.mark.parametrize("policy", ["sieve", "lfu"])
+def test_a_tier_half_queued_sorts_no_more_than_the_new_queued_slots_per_admission(
+    policy, monkeypatch
+):
+    """A SIEVE, FIFO or LFU tier kept its queued slots apart but sorted all of them (a
+    ``unique``) on each admission: with half a 1M-slot SIEVE tier queued, slower than the pass
+    over every slot it replaced (bench/test_queued_replay.py). The slots queued since the last
+    search are merged into the sorted ones now; victims: those of the tier with them pinned."""
+    capacity = 4096
+
+    def half_queued_tier(queued: bool) -> RowCache:
+        cache = RowCache(
+            "warm", num_rows=4 * capacity, capacity=capacity, spec=PolicySpec.parse(policy)
+        )
+        cache.admit(torch.arange(capacity), torch.ones(capacity, dtype=torch.int64))
+        rows = torch.arange(0, capacity, 2)
+        if queued:
+            cache.attach_queue(QueuedRequests())
+            cache.queued(cache.queue.add(rows))
+        else:
+            cache.pin_resident(rows, only=False)
+        return cache
+
+    pinned, queued = half_queued_tier(False), half_queued_tier(True)
+    sorted_sizes: list[int] = []
+    unique = torch.unique
+
+    def recorded(values: torch.Tensor, *args, **kwargs):
+        sorted_sizes.append(values.numel())
+        return unique(values, *args, **kwargs)
+
+    for first in range(capacity, 2 * capacity, 64):
+        batch = torch.arange(first, first + 64)
+        run_batch(pinned, batch)
+        uniq, counts = torch.unique(batch, return_counts=True)
+        monkeypatch.setattr(torch, "unique", recorded)
+        queued.admit(uniq, counts)
+        monkeypatch.setattr(torch, "unique", unique)
+        assert torch.equal(queued.row_of_slot, pinned.row_of_slot), first
+    assert queued.counters.evictions == capacity
+    # the announced rows' slots once, at the first search; then at most a batch's new slots
+    assert sorted_sizes[0] == capacity // 2 and max(sorted_sizes[1:]) <= 64, sorted_sizes[:4]
+
+
 def test_the_queues_passes_let_other_threads_run():
     """An announcement merges its rows into every queued (row, request) pair and a release drops
     its own in one compiled pass each, on a server's thread; both held the GIL throughout, so

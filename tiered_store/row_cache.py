@@ -130,6 +130,7 @@ class RowCache:
         # since; stale ones pruned by the next search), so that a search by the queue looks at
         # those, not at every slot; None otherwise
         self._queued_slots: torch.Tensor | None = None
+        self._queued_sorted = 0  # of ``_queued_slots``, the ascending prefix (each slot once)
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -197,6 +198,7 @@ class RowCache:
             )
         elif not self.eviction.keys_only_grow:
             self._queued_slots = nonzero(self._next_use != NOT_QUEUED)
+            self._queued_sorted = self._queued_slots.numel()
 
     def queued(self, request: QueuedRequest) -> None:
         """``request`` joined the queue, the latest: its ``first_rows`` held here now wait for
@@ -458,9 +460,12 @@ class RowCache:
         ``_queued_slots``, not found by a pass over the tier) blocked."""
         if not self.eviction.keys_only_grow:
             queued = self._queued_now()
-            queued = queued.index_select(0, nonzero(~protected[queued]))  # evictable, ascending
+            evictable_queued = nonzero(~protected.index_select(0, queued))
+            queued = queued.index_select(0, evictable_queued)  # ascending
             first = self._unqueued_victims(min(want, evictable - queued.numel()), protected, queued)
-            return self._then_furthest(first, need, queued, self._next_use[queued])
+            if first.numel() >= need:
+                return first
+            return self._then_furthest(first, need, queued, self._next_use.index_select(0, queued))
         scan = min(evictable, max(QUEUE_SCAN * want, QUEUE_SCAN_MIN))
         candidates = self.eviction.smallest_keys(scan, protected)[1]  # in the policy's order
         unqueued = candidates[self._next_use[candidates] == NOT_QUEUED]
@@ -495,8 +500,7 @@ class RowCache:
         if take <= 0:
             return queued.new_empty(0)
         if queued.numel():
-            protected = protected.clone()
-            protected[queued] = True
+            protected = protected.clone().index_fill_(0, queued, True)
         return self.eviction.choose_victims(take, protected)
 
     def _note_queued(self, slots: torch.Tensor) -> None:
@@ -510,10 +514,18 @@ class RowCache:
 
     def _queued_now(self) -> torch.Tensor:
         """The slots whose row a queued request looks up, ascending, each once (``_queued_slots``
-        pruned of slots that left the queue or were reused since)."""
-        slots = torch.unique(self._queued_slots)
-        self._queued_slots = slots.index_select(0, nonzero(self._next_use[slots] != NOT_QUEUED))
-        return self._queued_slots
+        pruned of slots that left the queue or were reused since). Those added since the last
+        call are merged into the ascending prefix: no sort of every queued slot per search."""
+        slots = self._queued_slots[: self._queued_sorted]
+        added = torch.unique(self._queued_slots[self._queued_sorted :])  # the few added since
+        if added.numel() and slots.numel():
+            at = torch.searchsorted(slots, added).clamp(max=slots.numel() - 1)
+            added = added.index_select(0, nonzero(slots.index_select(0, at) != added))
+        if added.numel():
+            slots = merge_sorted(slots, slots, added, added)[0]
+        slots = slots.index_select(0, nonzero(self._next_use.index_select(0, slots) != NOT_QUEUED))
+        self._queued_slots, self._queued_sorted = slots, slots.numel()
+        return slots
 
     def _buffered_victims(self, want: int) -> torch.Tensor:
         """``want`` victims from the buffer, refilled when it runs short by one ``topk`` that also
