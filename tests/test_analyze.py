@@ -482,6 +482,27 @@ def test_text_with_a_utf16_or_utf32_byte_order_mark_is_read_as_text(tmp_path, co
     assert read_text(tmp_path / "junk.bin") == (None, "binary", len(junk))
 
 
+@pytest.mark.parametrize("mark", ["utf-16", "utf-32"])
+def test_a_binary_file_that_begins_with_a_wide_byte_order_mark_is_binary(tmp_path, mark):
+    """A disk image that began with a UTF-16 or UTF-32 byte-order mark was read whole (256 MiB
+    took 640 MiB) and, its NUL bytes decoding to U+0000, returned as text; one whose bytes do not
+    decode by the mark was read whole to find that out."""
+    import tracemalloc
+
+    for name, after in (("nul.img", b"\x08\x00\x00\x00{}"), ("odd.img", b"\x00\xdc\x00\x00" * 2)):
+        path = tmp_path / name
+        with open(path, "wb") as f:  # sparse: no disk used
+            f.write("\ufeff".encode(f"{mark}-le") + after)  # \x00\xdc: a lone surrogate
+            f.truncate(256 << 20)
+        tracemalloc.start()
+        try:
+            found = read_text(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (found, peak < 4 << 20) == ((None, "binary", 64 << 10), True)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "gzipped"])
 def test_a_large_binary_file_is_not_read_whole_to_be_skipped(tmp_path, packed):
     """Model weights or a disk image in a corpus folder were read whole into memory to find the

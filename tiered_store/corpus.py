@@ -9,7 +9,7 @@ from machine to machine).
 Files are read as UTF-8 (a byte-order mark is dropped), or as UTF-16 or UTF-32 where one of
 their byte-order marks begins the file; a ``*.gz`` file is decompressed first, so
 Debian's compressed manual pages and documentation (``/usr/share/man``, ``/usr/share/doc``) are
-text too. A file with a NUL byte (and no such mark it decodes by) is binary, a file
+text too. A file with a NUL byte (past such a mark, a NUL character) is binary, a file
 that does not decode is not UTF-8, a file with only whitespace is empty, and a pipe, socket or
 device in a folder (or a link to one) is not a regular file: all four are skipped and counted in
 :class:`ReadStats`, whose :meth:`ReadStats.warning` names a few of them.
@@ -365,8 +365,8 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
     """``(text, None, size)`` for a text file (UTF-8; UTF-16 or UTF-32 with a byte-order mark),
     else ``(None, reason, size)``.
 
-    Reasons: ``"binary"`` (a NUL byte in the first 64 KiB, but for a file that decodes by its
-    UTF-16 or UTF-32 byte-order mark), ``"not UTF-8"``, ``"empty"``
+    Reasons: ``"binary"`` (a NUL byte in the first 64 KiB; past a UTF-16 or UTF-32 byte-order
+    mark, a NUL character there or bytes that do not decode by it), ``"not UTF-8"``, ``"empty"``
     (nothing but whitespace), ``"not a regular file"`` (a pipe, socket or device, or a link to
     one: never opened, as its read may wait for a writer or never end) and ``"unreadable"`` (an
     OS error, a ``*.gz`` file that does not decompress, or a folder that could not be listed). A
@@ -391,11 +391,14 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
         with opener(path, "rb") as f:  # a binary file is read no further than its probe
             data = f.read(_BINARY_PROBE)
             encoding = next((e for bom, e in _WIDE_BOMS if data.startswith(bom)), None)
-            if encoding or b"\x00" not in data:
+            binary = _binary(data, encoding)
+            if not binary:
                 f.seek(0)  # one buffer of the whole text (a *.gz one rewinds and decompresses)
                 data = f.read()
     except (OSError, EOFError, zlib.error):
         return None, "unreadable", 0
+    if binary:
+        return None, "binary", len(data)
     text = None
     if encoding is not None:  # else, not what its mark says: binary, as any file with a NUL
         with contextlib.suppress(UnicodeDecodeError):
@@ -409,6 +412,17 @@ def read_text(path: Path) -> tuple[str | None, str | None, int]:
     if not text.strip():
         return None, "empty", len(data)
     return text, None, len(data)
+
+
+def _binary(probe: bytes, encoding: str | None) -> bool:
+    """Whether a file's first bytes say binary: a NUL byte; where a UTF-16 or UTF-32 byte-order
+    mark (``encoding``) begins them, a NUL character or bytes that do not decode by it."""
+    if encoding is None:
+        return b"\x00" in probe
+    try:  # a code unit cut at the probe's end waits (final=False): not an error
+        return "\x00" in codecs.getincrementaldecoder(encoding)().decode(probe)
+    except UnicodeDecodeError:
+        return True
 
 
 def iter_texts(
