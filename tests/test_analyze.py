@@ -683,6 +683,42 @@ def test_an_analysis_that_cannot_be_written_is_a_clear_error_and_leaves_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # no folder, no staging
 
 
+@pytest.mark.parametrize("name", ["layer1.store.yaml", "report.json", "layer1"])
+def test_an_output_with_something_in_its_way_is_a_clear_error_and_moves_nothing(
+    run, tmp_path, capsys, name
+):
+    """A folder where analyze writes a file (layer1.store.yaml, report.json) escaped as a bare
+    IsADirectoryError (a traceback) halfway through moving the outputs in: the earlier run's
+    report gone, some files of this run in. A file where its per-table folder goes, alike."""
+    import shutil
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    argv = ["analyze", str(run["corpus"] / "en.txt"), "--config", str(config), "--out", str(out)]
+    argv += ["--quiet", "--seq-len", str(SEQ_LEN)]
+    assert main(argv) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    blocker = out / name
+    if name == "layer1":
+        shutil.rmtree(blocker)
+        blocker.write_text("not a folder")
+        what, expected = "a file", "a folder"
+    else:
+        blocker.unlink()
+        blocker.mkdir()
+        what, expected = "a directory", "a file"
+    before[name] = blocker.stat().st_mtime_ns
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.endswith(
+        f"tiered-store analyze: error: cannot write {blocker}: {what} is in the way; expected "
+        f"{expected} there (or nothing): move it aside and run again; {out} is left as it was\n"
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # no staging either
+
+
 @pytest.mark.parametrize("targets", ["hot=0.3", "warm=0.6"])
 def test_budgets_with_targets_for_one_tier_write_both_tiers(run, tmp_path, targets):
     config = tmp_path / "tiny.yaml"

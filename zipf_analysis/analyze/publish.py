@@ -43,6 +43,7 @@ def prepare_out_dir(out_dir: Path) -> Path:
 def publish(staging: Path, out_dir: Path) -> None:
     """Move staged outputs into ``out_dir``: the old report first out, then the old run's files
     this run does not replace (a holdout trace, another config's layers), the new report last in."""
+    _check_in_the_way(staging, out_dir)  # before anything moves: out_dir is left as it was
     stale = _previous_files(out_dir) - set(file_sizes(staging)) - {REPORT_JSON, REPORT_MD}
     for marker in (REPORT_JSON, REPORT_MD):
         (out_dir / marker).unlink(missing_ok=True)
@@ -63,6 +64,24 @@ def publish(staging: Path, out_dir: Path) -> None:
         os.replace(entry, target)
     staging.rmdir()
     fsync_dir(out_dir)  # the renames above are durable once this returns
+
+
+def _check_in_the_way(staging: Path, out_dir: Path) -> None:
+    """Raise OutputDirError naming an output whose place in ``out_dir`` a rename cannot take: a
+    folder where a file goes, a file or link where a folder goes."""
+    for entry in sorted(staging.iterdir()):
+        target = out_dir / entry.name
+        if entry.is_dir():
+            blocked = os.path.lexists(target) and (target.is_symlink() or not target.is_dir())
+            what, expected = "a file", "a folder"
+        else:
+            blocked = target.is_dir() and not target.is_symlink()
+            what, expected = "a directory", "a file"
+        if blocked:
+            raise OutputDirError(
+                f"cannot write {target}: {what} is in the way; expected {expected} there (or "
+                f"nothing): move it aside and run again; {out_dir} is left as it was"
+            )
 
 
 def _previous_files(out_dir: Path) -> set[str]:
