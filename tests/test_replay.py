@@ -707,6 +707,19 @@ def test_replay_command_names_its_plot_only_once_written(tmp_path, capsys):
     assert f"plot: {out / 'replay.png'}\n" in capsys.readouterr().out
 
 
+def test_replay_command_without_a_plot_leaves_a_folder_named_as_the_plot(tmp_path, capsys):
+    """Without a sweep replay removes an earlier run's replay.png; a folder of that name made it
+    fail with a bare IsADirectoryError (a traceback) and no replay.json. It is no plot: left."""
+    from tiered_store.cli import main
+
+    argv, out = _replay_command(tmp_path, 2, "{warm: {capacity: 60}}")
+    (out / "replay.png").mkdir(parents=True)
+    assert main([*argv, "--quiet", "--no-bounds", "--sweep", ""]) == 0
+    assert f"results: {out / 'replay.json'}\n" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["replay.json", "replay.png"]
+    assert (out / "replay.png").is_dir()
+
+
 def test_replay_command_whose_results_cannot_be_renamed_leaves_no_temporary(
     tmp_path, capsys, monkeypatch
 ):

@@ -313,8 +313,8 @@ def _write_results(out: Path, doc: dict, figure: Figure | None) -> None:
         with write_step(f"cannot write {results}", "writing the results", nothing):
             files[-1].file.write(json.dumps(doc, indent=2, default=float) + "\n")
             files[-1].finish()
-        if figure is None:  # a plot of an earlier run would sit beside this run's replay.json
-            plot.unlink(missing_ok=True)
+        if figure is None and not plot.is_dir():  # an earlier run's plot would sit beside
+            plot.unlink(missing_ok=True)  # this run's replay.json (a folder there is none)
         for f in files:
             f.publish()
     finally:  # after a failed write or rename: no temporary left (a published one is gone already)
