@@ -379,6 +379,32 @@ def test_a_file_is_one_document_whatever_its_names_and_linked_folders_are_walked
     assert names == ["a-again.txt", "more/b.txt"]
 
 
+def test_a_glob_with_two_links_to_a_parent_under_its_double_star_ends(tmp_path):
+    """glob's ** goes round a link loop until the path holds 40 links: through two links to a
+    parent folder (llvm-14's build/Release and build/Debug+Asserts -> ..) that is 2^40 paths, so
+    `tiered-store analyze '/usr/lib/**/*.h'` never ended. Each folder is now walked once."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "a.txt").write_text("a document\n")
+    os.symlink("..", tmp_path / "build" / "Release")
+    os.symlink("..", tmp_path / "build" / "Debug")
+    code = (
+        "import sys; from tiered_store.corpus import resolve_corpus; "
+        "print([str(f) for f in resolve_corpus([sys.argv[1]]).files])"
+    )
+    found = subprocess.run(  # a process: a walk that does not end is stopped
+        [sys.executable, "-c", code, str(tmp_path / "**" / "*.txt")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert found.stdout == f"{[str(tmp_path / 'build' / 'a.txt')]}\n"
+
+
 def test_a_link_loop_to_a_file_is_skipped_as_unreadable(tmp_path):
     """`loop -> loop` (or `a -> b -> a`) in the corpus or --out folder crashed resolving the
     corpus (RuntimeError: Symlink loop); like a broken link, it is now skipped as unreadable."""

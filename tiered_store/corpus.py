@@ -149,26 +149,36 @@ def _walk(directory: Path) -> Iterator[Path]:
     devices too: :func:`read_text` skips them); links to folders are followed, each folder walked
     once (a link loop ends there). A folder that cannot be listed is yielded itself, for
     :func:`read_text` to name as unreadable."""
-    walked = {_identity(directory)}
     unlisted: list[Path] = []
+    for root, files in _folders(directory, unlisted, _SKIPPED_DIRS):
+        yield from unlisted
+        unlisted.clear()
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(root) / name
+    yield from unlisted
+
+
+def _folders(
+    directory: str | os.PathLike[str], unlisted: list[Path], skip: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, file names)`` from ``directory`` down, subfolders by name, leaving out hidden and
+    ``skip`` folders; links to folders are followed, each folder once (a link loop ends there).
+    The folders it cannot list are appended to ``unlisted`` as it comes to them."""
+    walked = {_identity(Path(directory))}
     for root, dirs, files in os.walk(
         directory, onerror=lambda e: unlisted.append(Path(e.filename)), followlinks=True
     ):
-        yield from unlisted
-        unlisted.clear()
         kept = []
         for d in sorted(dirs):
-            if d.startswith(".") or d in _SKIPPED_DIRS:
+            if d.startswith(".") or d in skip:
                 continue
             identity = _identity(Path(root) / d)
             if identity is not None and identity not in walked:
                 walked.add(identity)
                 kept.append(d)
         dirs[:] = kept
-        for name in sorted(files):
-            if not name.startswith("."):
-                yield Path(root) / name
-    yield from unlisted
+        yield root, files
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -202,30 +212,41 @@ def _expand(path: str | os.PathLike[str]) -> list[Path]:
         )
     if _GLOB_CHARS & set(text):
         out: list[Path] = []
-        pattern = os.path.expanduser(text)
-        for match in sorted(glob.glob(pattern, recursive=True)):
+        unlisted: list[Path] = []
+        for match in sorted(_glob(os.path.expanduser(text), unlisted)):
             m = Path(match)
             out.extend(_walk(m) if m.is_dir() else [m] if m.is_file() else [])
-        out.extend(_unlisted(pattern))
+        out.extend(unlisted)
         if not out:
             raise CorpusError(f"corpus path {text!r}: the pattern matches no files")
         return out
     raise CorpusError(f"corpus path {text!r}: no such file or directory")
 
 
-def _unlisted(pattern: str) -> list[Path]:
-    """The folders the ``**`` of ``pattern`` descends into (not hidden ones, as glob) but cannot
-    list, which glob leaves out without a word: for :func:`read_text` to name as unreadable."""
+def _glob(pattern: str, unlisted: list[Path]) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, but a ``**`` descends into each folder once (glob
+    goes round a link loop up to the system's limit of links in a path: with two links to a
+    parent folder, 2^40 paths) and appends to ``unlisted`` the folders it cannot list (which
+    glob leaves out without a word), for :func:`read_text` to name as unreadable."""
     parts = Path(pattern).parts
     if "**" not in parts:
-        return []
-    head = os.path.join(*parts[: parts.index("**")]) if parts.index("**") else os.curdir
-    unlisted: list[Path] = []
-    roots = sorted(glob.glob(head)) if _GLOB_CHARS & set(head) else [head]
+        return glob.glob(pattern)
+    at = parts.index("**")
+    head, rest = (os.path.join(*parts[:at]) if at else os.curdir), parts[at + 1 :]
+    roots = glob.glob(head) if _GLOB_CHARS & set(head) else [head]
+    folders_only = pattern.endswith(os.sep)  # as glob: a pattern ending in / matches folders
+    out: list[str] = []
     for root in filter(os.path.isdir, roots):  # none: the pattern matches nothing (an error)
-        for _, dirs, _ in os.walk(root, onerror=lambda e: unlisted.append(Path(e.filename))):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-    return unlisted
+        for folder, files in _folders(root, unlisted):  # hidden folders left out, as by glob
+            if rest:  # the part after ** in each folder (another ** walks on from there)
+                below = os.path.join(glob.escape(folder), *rest) + os.sep * folders_only
+                out += _glob(below, unlisted)
+            else:  # a trailing **: every folder and file below, as glob
+                out.append(folder)
+                out += (
+                    [] if folders_only else [os.path.join(folder, f) for f in files if f[0] != "."]
+                )
+    return out
 
 
 def resolve_corpus(
