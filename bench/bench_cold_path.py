@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from tiered_store import StoreConfig, TieredStore
-from tiered_store.atomic_file import write_json
+from tiered_store.atomic_file import atomic_write, write_json
 from tiered_store.cli_args import (
     at_least,
     doc_parser,
@@ -408,7 +408,8 @@ def plot(report: dict, path: Path) -> None:
         f"{h['ratio_median']:.2f}x {h['baseline']} (median of {len(h['ratio_per_pair'])} pairs)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as f:  # a folder in the way: a clear error; no half-written plot
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 

@@ -50,7 +50,7 @@ import numpy as np
 from policies.pinned_lru import pinned_lru_misses
 from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
-from tiered_store.atomic_file import scratch_directory, write_json
+from tiered_store.atomic_file import atomic_write, scratch_directory, write_json
 from tiered_store.capacity import parse_shares
 from tiered_store.cli_args import (
     at_least,
@@ -447,7 +447,8 @@ def plot_results(result: dict, png: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with atomic_write(png) as f:  # a folder in the way: a clear error; no half-written plot
+        fig.savefig(f, format="png", dpi=110)
     return png
 
 

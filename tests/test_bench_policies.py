@@ -103,3 +103,26 @@ def test_sigterm_deletes_the_work_directory(tmp_path):
     err = proc.communicate(timeout=60)[1].decode()
     assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
     assert list(work.iterdir()) == []
+
+
+def test_replot_with_a_folder_in_the_way_of_the_plot_is_a_clear_error(tmp_path):
+    """The plot was saved in place: a folder named R.png failed with a bare IsADirectoryError
+    (a traceback), and a run stopped while saving left a half-written R.png."""
+    result = {
+        "layer": "layer1",
+        "corpus": "a corpus",
+        "capacity_shares": [0.01, 0.05],
+        "ours_miss_ratio": {"lru": [0.5, 0.4]},
+        "libcachesim_miss_ratio": {"LRU": [0.55, 0.45], "Belady": [0.3, 0.2]},
+    }
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    (tmp_path / "r.png").mkdir()
+    done = run_bench("bench_policies.py", "--replot", str(tmp_path / "r.json"))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"cannot write {tmp_path / 'r.png'}: a directory is in the way" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]  # no temporary
+    (tmp_path / "r.png").rmdir()
+    done = run_bench("bench_policies.py", "--replot", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
