@@ -149,9 +149,9 @@ def test_a_request_that_never_got_its_turn_is_released_off_the_event_loop(tmp_pa
         releasing = threading.Event()
         release = server.model.release
 
-        def observed_release(announced):
+        def observed_release(announced, **kwargs):
             releasing.set()  # the first release: request 2's, once its wait for a turn ended
-            return release(announced)
+            return release(announced, **kwargs)
 
         server.model.answer, server.model.release = held_answer, observed_release
         url = server.url + "/v1/engram"
@@ -416,3 +416,80 @@ def test_a_max_announced_that_is_not_a_positive_integer_is_refused_at_startup(tm
         )  # fmt: skip
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert f"server.max_announced: Input should be {expected}" in out.stderr, out.stderr
+
+
+def test_a_release_frees_its_compute_turn_before_announcing_the_next_waiting_request(tmp_path):
+    """max_concurrent 1, max_announced 2: request 1 computes, 2 waits announced, 3 unannounced.
+    Request 1's release announced 3 in 1's worker, inside its compute turn: request 2 waited
+    for 3's announcement (a merge into every queued request's rows) before it could compute, so
+    past the cap every turn also paid for an announcement. Request 2 now computes meanwhile."""
+    import threading
+
+    limits = {
+        "announce_requests": True,
+        "max_announced": 2,
+        "max_concurrent": 1,
+        "request_timeout_s": 30.0,
+    }
+    server = start_server(make_checkpoint(tmp_path, server=limits))
+    model, url = server.model, server.url + "/v1/engram"
+    started: list[int] = []
+    let_go, cond = set(), threading.Condition()
+    compute = model._answer
+
+    def held(request, hashed):  # each answer waits inside its compute turn until let go
+        k = int(request.input_ids[0, 0])
+        with cond:
+            started.append(k)
+            cond.notify_all()
+            assert cond.wait_for(lambda: k in let_go, 30)
+        return compute(request, hashed)
+
+    def go(*ks: int) -> None:
+        with cond:
+            let_go.update(ks)
+            cond.notify_all()
+
+    announcing, announce_on = threading.Event(), threading.Event()
+    store = next(iter(model.stores.values()))
+    announce = store.announce
+
+    def held_announce(ids):  # the announcement a release makes, held until the test looks
+        if announce_on.is_set():
+            announcing.set()
+            with cond:
+                assert cond.wait_for(lambda: 0 in let_go, 30)
+        return announce(ids)
+
+    model._answer, store.announce = held, held_announce
+    statuses: dict[int, int] = {}
+
+    def post(k):
+        thread = threading.Thread(
+            target=lambda: statuses.update({k: post_json(url, {"input_ids": [[k, 7, 900]]})[0]})
+        )
+        thread.start()
+        return thread
+
+    posts = []
+    try:
+        posts.append(post(1))
+        wait_for(lambda: started == [1], lambda: started)
+        posts.append(post(2))
+        wait_for(lambda: len(model._waiting) == 2, lambda: len(model._waiting))
+        posts.append(post(3))
+        wait_for(lambda: len(model._unannounced) == 1, lambda: len(model._unannounced))
+        announce_on.set()
+        go(1)  # request 1 answered: its release announces request 3, held there
+        assert announcing.wait(30)
+        with cond:  # request 2 takes the compute turn while 3's announcement is under way
+            assert cond.wait_for(lambda: started == [1, 2], 10), started
+        go(0, 2, 3)
+        for thread in posts:
+            thread.join(30)
+        assert statuses == {1: 200, 2: 200, 3: 200}
+        assert queued_requests(server) == [0, 0]
+        assert not model._waiting and not model._unannounced
+    finally:
+        go(0, 1, 2, 3)
+        server.stop()

@@ -560,10 +560,11 @@ class ServedModel:
                     raise
         return announced
 
-    def release(self, announced: Announced) -> None:
+    def release(self, announced: Announced, *, announce_waiting: bool = True) -> None:
         """Release what ``announce`` announced (answered, failed or cancelled; one never
         announced only leaves the line), then announce those waiting unannounced that now fit
-        under ``server.max_announced``; once: a second call does nothing."""
+        under ``server.max_announced`` (``announce_waiting`` False: the caller calls
+        :meth:`announce_waiting` later); once: a second call does nothing."""
         with self._waiting_lock:
             announced.released = True
             self._unannounced.pop(announced, None)
@@ -571,8 +572,19 @@ class ServedModel:
                 return
             self._waiting.discard(announced)
             self._withdraw(announced)
-            if not self._unannounced:
-                return
+        if announce_waiting:
+            self.announce_waiting()
+
+    @property
+    def waiting_unannounced(self) -> int:
+        """How many requests wait unannounced (past ``server.max_announced``)."""
+        return len(self._unannounced)
+
+    def announce_waiting(self) -> None:
+        """Announce those waiting unannounced that fit under ``server.max_announced`` now (after
+        a ``release``); a failure is logged (announcing is advice: they are served unannounced)."""
+        if not self._unannounced:
+            return
         with self._gate.shared():  # not while a reload swaps the tables
             if self._closed:
                 return

@@ -290,9 +290,13 @@ class InferenceServer:
             return await self.run_in_worker(self._run, request, announced)
         finally:  # released in the worker once answered; here only when it never ran, and in a
             # thread too: a release waits for other requests' announcements (the event loop would)
-            if not announced.released:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if not announced.released:
                     await anyio.to_thread.run_sync(self.model.release, announced)
+                elif self.model.waiting_unannounced:  # past its compute turn: the next computes
+                    await anyio.to_thread.run_sync(
+                        self.model.announce_waiting, limiter=self._limiters()[2]
+                    )
 
     async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in a worker thread once a compute turn is free (at most
@@ -340,9 +344,10 @@ class InferenceServer:
         assert self.model is not None
         try:
             doc = self.model.answer(request, announced)
-        finally:  # in this worker thread: a release waits for the tables' locks
+        finally:  # in this worker thread: a release waits for the tables' locks (those waiting
+            # unannounced are announced by ``answer`` once the compute turn is free)
             if announced is not None:
-                self.model.release(announced)
+                self.model.release(announced, announce_waiting=False)
         doc["lengths"] = request.lengths
         if request.from_text:
             doc["input_ids"] = request.input_ids.tolist()
