@@ -4,6 +4,7 @@ do not change, and every announcement is released, whatever became of the reques
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
 import torch
@@ -328,6 +329,8 @@ def test_at_most_max_announced_requests_are_announced_the_rest_as_earlier_ones_g
             )
         assert queued_requests(server) == [2, 2] and queued_metric(server) == [2.0, 2.0]
         assert [s["queue"]["requests"] for s in server.model.stats().values()] == [2, 2]
+        with urllib.request.urlopen(server.url + "/stats", timeout=30) as response:
+            assert json.load(response)["server"]["waiting_unannounced"] == 3  # 3, 4 and 5
         for k in range(2, 6):  # request k-1 answered: k takes its turn, announced already
             turns.go(k - 1)
             turns.wait_started(k)

@@ -441,7 +441,10 @@ class InferenceServer:
                 }
                 for name, h in self.model.health.items()
             },
-            "server": self.requests.snapshot(),
+            "server": {  # and requests past server.max_announced, waiting unannounced
+                **self.requests.snapshot(),
+                "waiting_unannounced": self.model.waiting_unannounced,
+            },
             "uptime_s": round(time.time() - self._started_at, 3),
         }
 
