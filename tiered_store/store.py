@@ -630,13 +630,13 @@ class TieredStore:
             }
         state = RestartState(held_rows, pinned, profiles)
         path = restart_path(self.config.table.path)
-        if self._moved_on() is not None:
-            raise TierIOError(  # the file is the current version's: a newer store saves it
-                errno.ESTALE,
-                f"warm restart: {path.name} not saved: {self.cold.path.name} moved on to a newer "
-                "version since this store opened",
-            )
         with self._save_order:  # a save taken earlier never replaces a later one's file
+            if self._moved_on() is not None:
+                raise TierIOError(  # the file is the current version's: a newer store saves it
+                    errno.ESTALE,
+                    f"warm restart: {path.name} not saved: {self.cold.path.name} moved on to a "
+                    "newer version since this store opened",
+                )
             if taken > self._saves_written:
                 save_restart(path, table_identity(self.cold, self.generation), state)
                 self._saves_written = taken
