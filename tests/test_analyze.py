@@ -275,6 +275,107 @@ def test_recommended_store_config_opens_without_a_warning(run, tmp_path):
             assert store.warm.counters.preloaded > 0  # its preload_rows, read
 
 
+@pytest.fixture(scope="module")
+def seeded(run, tmp_path_factory):
+    """The corpus analysed twice with Engram configs that differ only in the hash seed (7, 9),
+    and layer 1's table (random rows) made by the library for seed 9."""
+    from tiered_store.engram.checkpoint import random_tables, table_file
+
+    root = tmp_path_factory.mktemp("seeded")
+    out = {}
+    for seed in (7, 9):
+        config = root / f"seed{seed}.yaml"
+        config.write_text(yaml.safe_dump({"engram": {**TINY["engram"], "seed": seed}}))
+        argv = ["analyze", str(run["corpus"] / "en.txt"), str(run["corpus"] / "code.py")]
+        argv += ["--config", str(config), "--out", str(root / f"seed{seed}"), "--quiet"]
+        assert main([*argv, "--seq-len", "32", "--max-tokens", "50000", "--no-curves"]) == 0
+        out[seed] = root / f"seed{seed}"
+        if seed == 9:
+            engram, _ = load_engram_config(config)
+            random_tables(root / "tables", NgramHasher(engram))
+            out["table"] = table_file(root / "tables", 1)
+    return out
+
+
+def _tuned_store(table: Path, profile: Path) -> dict:
+    """A store config over ``table`` whose warm tier pins from ``profile``."""
+    tiers = {"warm": {"capacity": "30%", "policy": "zipf-tuned", "profile": str(profile)}}
+    return {"table": {"path": str(table)}, "tiers": tiers}
+
+
+def test_a_profile_of_a_table_hashed_with_another_seed_is_refused_at_open(seeded, tmp_path):
+    """A profile analyze made with seed 7 opened over a table built with seed 9 (same rows):
+    only the row count was checked, so the tier pinned rows that hold other N-grams."""
+    import warnings
+
+    from tiered_store import TieredStore, create_table
+    from tiered_store.profile import profile_ids
+
+    table, other, own = (
+        seeded["table"],
+        seeded[7] / "layer1.profile.npz",
+        seeded[9] / "layer1.profile.npz",
+    )
+    with pytest.raises(ConfigError) as caught:
+        TieredStore.open(_tuned_store(table, other))
+    assert str(caught.value).startswith(
+        f"tiers.warm.profile: {other} was made with seed=7 but the table {table} has seed=9;"
+    )
+    layer4 = seeded[9] / "layer4.profile.npz"  # the right seed, another layer's rows
+    with pytest.raises(ConfigError, match=f"{layer4} was made with layer_id=4 but the table"):
+        TieredStore.open(_tuned_store(table, layer4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with TieredStore.open(_tuned_store(table, own)) as store:
+            assert store.warm.counters.preloaded > 0  # its pins, read
+    # no layout on one side: accepted as before (a plain table; a profile made by hand)
+    plain = tmp_path / "plain.npy"
+    rows = int(np.load(table, mmap_mode="r").shape[0])
+    create_table(plain, np.zeros((rows, 16), np.float32), progress=False)
+    TieredStore.open(_tuned_store(plain, other)).close()
+    profile_ids(np.arange(50), rows=rows).save(tmp_path / "hand.npz")
+    TieredStore.open(_tuned_store(table, tmp_path / "hand.npz")).close()
+
+
+def test_replay_refuses_a_profile_hashed_otherwise_than_its_trace_or_table(
+    seeded, tmp_path, capsys
+):
+    """`tiered-store replay` (and the split it recommends) ran a seed-7 profile over a seed-9
+    trace, or over a seed-9 table, without a word."""
+    from zipf_analysis.tier_split import recommend_split
+
+    trace7, trace9 = seeded[7] / "trace.trace", seeded[9] / "trace.trace"
+    profile7 = seeded[7] / "layer1.profile.npz"
+    missing = tmp_path / "none.npy"  # no table file: the trace's layout alone
+    for table, trace, against in (
+        (missing, trace9, f"trace {trace9}"),
+        (seeded["table"], trace7, "the table"),
+    ):
+        config = tmp_path / "store.yaml"
+        store = _tuned_store(table, profile7)
+        store["table"]["dim"] = 16
+        config.write_text(yaml.safe_dump(store))
+        argv = ["replay", str(config), str(trace), "--table", "layer1", "--quiet", "--no-bounds"]
+        assert main([*argv, "--sweep", "", "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert f"tiers.warm.profile: {profile7} was made with seed=7 but {against}" in err, err
+        assert "has seed=9" in err
+        with pytest.raises(ConfigError, match=f"was made with seed=7 but {against}"):
+            recommend_split(
+                StoreConfig.from_yaml(config),
+                trace,
+                gpu_budget="0",
+                host_budget="1MiB",
+                table="layer1",
+            )
+    config.write_text(
+        yaml.safe_dump(_tuned_store(seeded["table"], seeded[9] / "layer1.profile.npz"))
+    )
+    argv = ["replay", str(config), str(trace9), "--table", "layer1", "--quiet", "--no-bounds"]
+    assert main([*argv, "--sweep", "", "--out", str(tmp_path / "r")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_target_sizes_from_static_topk_name_that_curve_not_the_lru_hierarchy(tmp_path):
     """With --no-curves the --targets sizes come off the static top-K curve, but store.yaml and
     report.md explained the figure as the LRU curve's estimate, "since warm is an LRU over hot's

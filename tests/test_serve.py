@@ -324,6 +324,52 @@ def test_recorded_trace_replays_to_the_store_statistics(tmp_path, config_path, c
     capsys.readouterr()
 
 
+def test_replay_refuses_a_profile_hashed_otherwise_than_a_recorded_trace(tmp_path, config_path):
+    """A served trace records its Engram config as {"engram": ..., "source": ...}: replay took a
+    profile of another hash seed over it (or one made from it over a table of another seed)."""
+    from dataclasses import replace as replace_fields
+
+    from tiered_store import TieredStore
+    from tiered_store.config import StoreConfig
+    from tiered_store.table_format import read_manifest
+    from zipf_analysis.profile import profile_trace
+
+    trace = tmp_path / "served.trace"
+    server = start_server(config_path, trace=trace)
+    bodies = zipf_requests(8, batch=2, tokens=24, seed=2)
+    assert run_load(server.url + "/v1/engram", bodies, clients=1).answered == 8
+    table = server.config.table_path(1)
+    server.stop()
+    with TraceReader(trace) as reader:
+        own = profile_trace(reader, "engram_layer1")
+    config = own.metadata["config"]
+    seed = config["engram"]["seed"]
+    other = replace_fields(
+        own,
+        metadata={
+            **own.metadata,
+            "config": {**config, "engram": {**config["engram"], "seed": seed + 1}},
+        },
+    )
+    own.save(tmp_path / "own.npz")
+    other.save(tmp_path / "other.npz")
+    tiers = {
+        "warm": {"capacity": 64, "policy": "zipf-tuned", "profile": str(tmp_path / "other.npz")}
+    }
+    dim = read_manifest(table).values_per_row
+    store = {"table": {"path": str(tmp_path / "none.npy"), "dim": dim}, "tiers": tiers}
+    with pytest.raises(
+        ConfigError, match=f"other.npz was made with seed={seed + 1} but trace {trace}"
+    ):
+        replay(StoreConfig.from_dict(store), trace, table="engram_layer1")
+    with pytest.raises(ConfigError, match=f"other.npz was made with seed={seed + 1} but the table"):
+        TieredStore.open({**store, "table": {"path": str(table)}}).close()
+    tiers["warm"]["profile"] = str(tmp_path / "own.npz")
+    replayed = replay(StoreConfig.from_dict(store), trace, table="engram_layer1")
+    assert replayed.tiers["warm"]["lookups"] > 0
+    TieredStore.open({**store, "table": {"path": str(table)}}).close()
+
+
 @pytest.mark.parametrize("folder", ["ckpt", "my models"])  # a space: no path left either
 def test_background_scrub_finds_a_corrupt_table(tmp_path, folder):
     config = make_checkpoint(tmp_path / folder, checkpoint={"scrub_interval_s": 0.2})

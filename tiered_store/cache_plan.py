@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from .npy_files import load_npy
 from .online_repin import OnlineRepin, RepinMoves
 from .request_queue import QueuedRequest, QueuedRequests
 from .row_cache import RowCache
+
+if TYPE_CHECKING:
+    from .profile import FrequencyProfile
 
 
 class PinnedRowsWarning(UserWarning):
@@ -120,6 +124,7 @@ class CacheHierarchy:
         config: StoreConfig,
         restored: Collection[str] = (),
         shard: tuple[int, int, int] | None = None,
+        layouts: Sequence[tuple[str, Mapping[str, Any]]] = (),
     ) -> list[tuple[RowCache, torch.Tensor, torch.Tensor]]:
         """Load each tier's ``static_rows`` (pinned, under a static policy) and ``preload_rows``.
         Returns (cache, row ids loaded, their slots) for the caller to fill with payload.
@@ -127,7 +132,8 @@ class CacheHierarchy:
         profile only sizes the pinned segment (its pins would take the slots the saved ones need).
         ``shard``: ``(start, stop, rows)`` when the table is rows [start, stop) of a table of
         ``rows`` rows (see :func:`shard_rows`): the lists and profiles name that table's rows,
-        and the shard takes those it holds."""
+        and the shard takes those it holds. ``layouts``: what the table's rows are, to check each
+        profile against (see :func:`load_tier_profile`)."""
         loaded = []
         pinned_above = np.zeros(0, dtype=np.int64)  # rows the hot tier pins: warm skips them
         for cache, tier in ((self.hot, config.tiers.hot), (self.warm, config.tiers.warm)):
@@ -137,7 +143,7 @@ class CacheHierarchy:
                 # pinned rows come from the profile, sized by zipf_tuned_split; without one the
                 # tier starts as its recency policy and online re-pinning learns what to pin
                 profile = load_tier_profile(
-                    tier.profile, cache.num_rows, f"tiers.{cache.name}.profile", shard
+                    tier.profile, cache.num_rows, f"tiers.{cache.name}.profile", shard, layouts
                 )
                 split = zipf_tuned_split(
                     profile.top_rows(cache.capacity + pinned_above.size, by="episodes"),
@@ -474,15 +480,26 @@ def _load_row_list(
     return local
 
 
-def load_tier_profile(path: str, rows: int, key: str, shard: tuple[int, int, int] | None = None):
+def load_tier_profile(
+    path: str,
+    rows: int,
+    key: str,
+    shard: tuple[int, int, int] | None = None,
+    layouts: Sequence[tuple[str, Mapping[str, Any]]] = (),
+):
     """A tier's FrequencyProfile for a table of ``rows`` rows; errors name the key (``key``). For
-    a shard (``shard``: see ``warm_start``), the profile of its table, cut to the rows it holds."""
+    a shard (``shard``: see ``warm_start``), the profile of its table, cut to the rows it holds.
+    ``layouts``: ``(what, Engram layout)`` of the table (its manifest's ``metadata["engram"]``, or
+    a trace's ``recorded_layout``): a profile hashed another way is refused (see
+    :func:`check_profile_addressing`)."""
     from .profile import FrequencyProfile
 
     try:
         profile = FrequencyProfile.load(path)
     except TraceFormatError as exc:  # it names the file, what it holds and what was expected
         raise ConfigError(f"{key}: {exc}") from None
+    for what, layout in layouts:
+        check_profile_addressing(profile, path, key, what, layout)
     ids = profile.row_ids
     local, held, table_rows, table = _table_ids(ids, rows, shard)
     if profile.rows is not None and profile.rows != table_rows:
@@ -499,4 +516,26 @@ def load_tier_profile(path: str, rows: int, key: str, shard: tuple[int, int, int
     episodes = None if profile.episodes is None else profile.episodes[held]
     return replace(
         profile, row_ids=local, counts=profile.counts[held], episodes=episodes, rows=rows
+    )
+
+
+def check_profile_addressing(
+    profile: FrequencyProfile, path: str, key: str, what: str, layout: Mapping[str, Any]
+) -> None:
+    """ConfigError naming ``key``, the file, the field and both values when ``profile`` counts
+    rows of a table hashed another way (seed, primes, orders, heads, pad id, tokenizer, layer)
+    than ``layout`` (of ``what``) says; a profile or layout that records none passes."""
+    from .engram.layout import addressing_mismatch, recorded_layout, short
+
+    meta = profile.metadata
+    recorded = recorded_layout(meta, meta.get("layer"), profile.name)
+    if recorded is not None and "layer_id" not in recorded:  # its layer unknown: the table's
+        recorded = recorded_layout(meta, layout.get("layer_id"))
+    if recorded is None or (diff := addressing_mismatch(recorded, layout)) is None:
+        return
+    field, made, expected = diff
+    raise ConfigError(
+        f"{key}: {path} was made with {field}={short(made)} but {what} has {field}="
+        f"{short(expected)}; expected a profile of the same Engram config (its row ids name "
+        "other N-grams)"
     )

@@ -210,8 +210,13 @@ class TieredStore:
         ]
         # on the store's stream, which lookups gather on, after the tiers' state made so far
         with self._lock:
-            shard = shard_rows(self.cold.manifest.metadata)  # a shard: lists name table rows
-            for cache, ids, slots in self.caches.warm_start(config, restored, shard):
+            metadata = self.cold.manifest.metadata
+            shard = shard_rows(metadata)  # a shard: lists name table rows
+            layout = metadata.get("engram")  # the Engram layout convert/init recorded
+            layouts = (
+                [(f"the table {config.table.path}", layout)] if isinstance(layout, dict) else []
+            )
+            for cache, ids, slots in self.caches.warm_start(config, restored, shard, layouts):
                 pool = self.hot_pool if cache is self.hot else self.warm_pool
                 order = torch.argsort(ids)
                 pool.write(slots[order.to(slots.device)], self._read_cold(ids[order]))

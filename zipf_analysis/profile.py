@@ -67,14 +67,16 @@ def profile_trace(
     >>> profile_trace(TraceReader(path), "l2").summary()["top_shares"]["of_table"]["10%"]
     1.0
     """
-    if table is not None and rows is None:
-        entry = reader.layout[reader.table_index(table)]
+    entry = reader.layout[reader.table_index(table)] if table is not None else {}
+    if rows is None:
         rows = entry.get("rows")
     header = reader.header
     meta = {"trace": str(reader.path), "table": table}
     for key in ("config", "tokenizer"):
         if key in header:
             meta[key] = header[key]
+    if "layer" in entry:  # the Engram layer whose rows these are (checked against a table's)
+        meta["layer"] = entry["layer"]
     counter = FrequencyCounter(rows)
     for chunk in reader.ids(table):
         counter.update(chunk)

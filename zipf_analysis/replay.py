@@ -178,7 +178,7 @@ def replay(
     if policy is not None:
         config = with_policy(config, policy)
     caches = CacheHierarchy.from_config(config, rows, row_bytes, "cpu")
-    caches.warm_start(config)
+    caches.warm_start(config, layouts=profile_layouts(config, reader, layout))
     cost = config.cost_model
     moved = {"cold_reads": 0, "into_warm": 0, "into_hot": 0, "host_to_device": 0}
     batches = lookups = unique_fetched = 0
@@ -384,6 +384,26 @@ def row_pages(row_bytes: int) -> float:
     period = PAGE_BYTES // math.gcd(row_bytes, PAGE_BYTES)  # rows until the offsets repeat
     start = np.arange(period, dtype=np.int64) * row_bytes % PAGE_BYTES
     return float(np.mean((start + row_bytes - 1) // PAGE_BYTES + 1))
+
+
+def profile_layouts(
+    config: StoreConfig, reader: TraceReader, layout: dict[str, Any]
+) -> list[tuple[str, dict[str, Any]]]:
+    """What a tier's profile must match to replay the trace table ``layout``: the Engram config
+    the trace header records, and the table file's layout when it exists and records one."""
+    from tiered_store.engram.layout import recorded_layout
+
+    name = layout.get("name")
+    out = []
+    recorded = recorded_layout(reader.header, layout.get("layer"), str(name))
+    if recorded is not None:
+        out.append((f"trace {reader.path} (table {name!r})", recorded))
+    path = Path(config.table.path)
+    if path.exists():
+        engram = read_manifest(path).metadata.get("engram")
+        if isinstance(engram, dict):
+            out.append((f"the table {path}", engram))
+    return out
 
 
 def table_geometry(config: StoreConfig, layout: dict[str, Any]) -> tuple[int, int]:

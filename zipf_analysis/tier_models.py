@@ -23,7 +23,9 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -77,9 +79,12 @@ class TierModel:
         return np.minimum(caps - recency.reshape(caps.shape), avail)
 
 
-def tier_models(config: StoreConfig, rows: int) -> dict[str, TierModel]:
+def tier_models(
+    config: StoreConfig, rows: int, layouts: Sequence[tuple[str, Mapping[str, Any]]] = ()
+) -> dict[str, TierModel]:
     """How the split model treats the config's hot and warm tiers, for a table of ``rows`` rows.
-    A zipf-tuned tier's profile is read and checked as the store reads it (same errors)."""
+    A zipf-tuned tier's profile is read and checked as the store reads it (same errors), against
+    ``layouts`` (see ``load_tier_profile``)."""
     out = {}
     for name in ("hot", "warm"):
         tier = getattr(config.tiers, name)
@@ -102,7 +107,7 @@ def tier_models(config: StoreConfig, rows: int) -> dict[str, TierModel]:
                 note=note,
             )
             continue
-        profile = load_tier_profile(tier.profile, rows, f"tiers.{name}.profile")
+        profile = load_tier_profile(tier.profile, rows, f"tiers.{name}.profile", layouts=layouts)
         out[name] = TierModel(
             name,
             spec.text,

@@ -77,7 +77,13 @@ from tiered_store.trace import TraceReader
 
 from . import mrc_kernels as kernels
 from .mrc import MIN_TIME_CAPACITY, TIME_AXIS_GROWTH, compact_time_axis, time_axis
-from .replay import batch_fetch_seconds, check_row_ids, require_lookups, table_geometry
+from .replay import (
+    batch_fetch_seconds,
+    check_row_ids,
+    profile_layouts,
+    require_lookups,
+    table_geometry,
+)
 from .tier_models import PinRanks, TierModel, tier_models
 
 __all__ = [
@@ -724,7 +730,7 @@ def recommend_split(
     require_lookups(trace, index)
     kinds = {"hot": config.tiers.hot.index, "warm": config.tiers.warm.index}
     flags = {"hot": "--gpu-budget", "warm": "--host-budget"}
-    models = tier_models(config, rows)
+    models = tier_models(config, rows, profile_layouts(config, trace, layout))
     size = {  # what tier_bytes needs: the table, the tier's index and its policies' metadata
         t: {
             "rows": rows,

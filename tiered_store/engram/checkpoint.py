@@ -56,6 +56,7 @@ from .config import (  # noqa: F401  (EngramConfig: doctest examples)
     v41_refusal,
 )
 from .hashing import NgramHasher
+from .layout import layout_mismatch, short, table_metadata
 from .model import EngramLM, ModelConfig, expected_shapes
 from .module import EMBEDDING_KEY, is_engram_module_key
 
@@ -77,57 +78,13 @@ __all__ = [
 
 DENSE_FILE = "dense.safetensors"
 CONFIG_METADATA_KEY = "tiered_store.model_config"  # safetensors metadata: the ModelConfig as JSON
-LAYOUT_VERSION = 1
 _TABLE_KEY = re.compile(r"^layers\.(\d+)\.engram\." + re.escape(EMBEDDING_KEY) + "$")
 _REFERENCE_KEY = re.compile(r"^layer(\d+)\.(.+)$")
-# Facts a table file must share with the model to be read by it (the rest follows from them).
-_LAYOUT_FIELDS = (
-    "layer_id",
-    "rows",
-    "dim",
-    "head_sizes",
-    "max_ngram_size",
-    "n_head_per_ngram",
-    "seed",
-    "pad_id",
-    "compressed_vocab_size",
-)
 
 
 def table_file(directory: str | Path, layer_id: int) -> Path:
     """Path of layer ``layer_id``'s table file in a converted checkpoint directory."""
     return Path(directory) / f"engram_layer{layer_id}.npy"
-
-
-def table_metadata(hasher: NgramHasher, layer_id: int) -> dict[str, Any]:
-    """The manifest metadata that describes layer ``layer_id``'s table layout.
-
-    Examples
-    --------
-    >>> cfg = EngramConfig(engram_vocab_size=(2003, 3001), n_embed_per_ngram=64,
-    ...                    n_head_per_ngram=4, layer_ids=(1, 4))
-    >>> meta = table_metadata(NgramHasher(cfg), 4)["engram"]
-    >>> meta["rows"], meta["dim"], meta["head_sizes"][:2], meta["offsets"][:2]
-    (20372, 16, [2029, 2039], [0, 2029])
-    """
-    config = hasher.config
-    return {
-        "engram": {
-            "layout_version": LAYOUT_VERSION,
-            "layer_id": int(layer_id),
-            "rows": hasher.table_rows(layer_id),
-            "dim": config.head_dim,
-            "head_sizes": [int(p) for p in hasher.head_sizes(layer_id)],
-            "offsets": [int(o) for o in hasher.offsets(layer_id)],
-            "max_ngram_size": config.max_ngram_size,
-            "n_head_per_ngram": config.n_head_per_ngram,
-            "seed": config.seed,
-            "pad_id": config.pad_id,
-            "compressed_vocab_size": hasher.tokenizer.num_compressed,
-            "tokenizer_vocab_size": hasher.tokenizer.vocab_size,
-            "config": config.to_dict(),
-        }
-    }
 
 
 def _open_shard(config: Any, hasher: NgramHasher, layer_id: int) -> Any:
@@ -178,13 +135,13 @@ def check_table_file(
             f"{path}: the table's manifest has no Engram layout metadata; expected a table made "
             f"by convert_checkpoint for Engram layer {layer_id} ({want['rows']:,} x {want['dim']})"
         )
-    for key in _LAYOUT_FIELDS:
-        if have.get(key) != want[key]:
-            raise ConfigError(
-                f"{path}: table built for {key}={_short(have.get(key))}, but this model's Engram "
-                f"layer {layer_id} expects {key}={_short(want[key])} (the table was made for "
-                f"another configuration: engram config {have.get('config')})"
-            )
+    if (diff := layout_mismatch(have, want)) is not None:
+        key, built, expected = diff
+        raise ConfigError(
+            f"{path}: table built for {key}={short(built)}, but this model's Engram "
+            f"layer {layer_id} expects {key}={short(expected)} (the table was made for "
+            f"another configuration: engram config {have.get('config')})"
+        )
     if (rows or manifest.rows, manifest.values_per_row) != (want["rows"], want["dim"]):
         raise ConfigError(
             f"{path}: table shape {list(manifest.shape)} does not match its own metadata "
@@ -760,10 +717,3 @@ def _with_preload(
             np.save(target, rows)
             section["preload_rows"] = str(target)
     return {**spec, "tiers": tiers}
-
-
-def _short(value: Any) -> str:
-    """A value for an error message, long lists abbreviated."""
-    if isinstance(value, list) and len(value) > 6:
-        return f"[{', '.join(map(str, value[:4]))}, ... ({len(value)} values)]"
-    return repr(value)

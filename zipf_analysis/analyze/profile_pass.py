@@ -177,7 +177,9 @@ def stage_profile(ctx: RunContext, keys: NgramKeyCounter) -> ProfileStage:
         for layout in ctx.layouts:
             name = layout["name"]
             keys_over_heads = sum(distinct_keys.get(int(o), 0) for o in layout["orders"])
-            prof = counters.pop(name).profile(name=name, ngram_keys=keys_over_heads, metadata=meta)
+            prof = counters.pop(name).profile(
+                name=name, ngram_keys=keys_over_heads, metadata={**meta, "layer": layout["layer"]}
+            )
             profiles[name] = prof
             prof.save(ctx.staging / f"{name}.profile.npz")
             prof.save_top_rows(ctx.staging / f"{name}.top_rows.npy")
