@@ -1034,6 +1034,22 @@ def test_with_a_token_cap_the_progress_bar_counts_tokens_up_to_it(run, tmp_path,
     assert bars and all(f"/{files} [" in x and "doc" in x for x in bars), bars
 
 
+def test_with_a_token_cap_above_the_corpus_the_bar_counts_to_the_corpus_tokens(
+    run, tmp_path, capsys
+):
+    """A cap above what the corpus holds (--max-tokens as a safety limit): the bar counted toward
+    the cap, so it sat at 0% of 1.00G tokens with an ETA of hours, then vanished."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    argv = ["analyze", str(run["corpus"]), "--config", str(config), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--seq-len", "32", "--max-tokens", "1000000000", "--no-curves"]) == 0
+    tokens = json.loads((tmp_path / "o" / "report.json").read_text())["corpus"]["tokens"]
+    bars = [x for x in capsys.readouterr().err.split("\r") if x.startswith("analyze:")]
+    assert bars[0].endswith("/1.00G [00:00<?, ?token/s]")  # nothing read yet: the cap
+    total = tqdm.format_sizeof(tokens)  # as the bar writes it: 3.20k
+    assert len(bars) > 1 and all(f"/{total} [" in x for x in bars[1:]), bars
+
+
 def test_the_profile_pass_shows_a_progress_bar_of_the_trace_lookups(run, tmp_path, capsys):
     """Stage 5 reads the whole trace again (a minute on the standard library): it was silent."""
     config = tmp_path / "tiny.yaml"

@@ -8,6 +8,7 @@ Engram layer's rows and written in the order the model requests them: per batch,
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
 import time
@@ -230,8 +231,9 @@ def _build_traces(
     )
     caps = [b.max_tokens for b in builders]
     by_tokens = None not in caps  # every part stops at its cap, often long before the last file
+    cap = sum(c or 0 for c in caps)
     bar = tqdm(
-        total=sum(c or 0 for c in caps) if by_tokens else len(corpus.files),
+        total=cap if by_tokens else len(corpus.files),
         unit="token" if by_tokens else "doc",
         unit_scale=by_tokens,
         desc="analyze",
@@ -249,8 +251,12 @@ def _build_traces(
             for i, ids in item:
                 builders[part_of[i]].add_document(ids)
             tokens = sum(b.stats.tokens for b in builders)
-            if by_tokens:
+            if by_tokens:  # files are read in order: those up to this group's last are done
+                total = _expected_tokens(cap, tokens, item[-1][0] + 1, len(corpus.files))
                 bar.update(tokens - bar.n)
+                if total != bar.total:  # the corpus holds fewer tokens than the caps: say so
+                    bar.total = total
+                    bar.refresh()
             else:
                 bar.update(len(item))
                 bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
@@ -268,6 +274,14 @@ def _build_traces(
             with contextlib.suppress(queue.Empty):
                 work.get(timeout=0.05)
         bar.close()
+
+
+def _expected_tokens(cap: int, tokens: int, files_done: int, files: int) -> int:
+    """Tokens a capped run will read: the caps' sum ``cap``, or fewer when the files done say the
+    corpus holds fewer (``tokens``, read from ``files_done`` of ``files``, scaled to all)."""
+    if not tokens:
+        return cap
+    return min(cap, math.ceil(tokens * files / files_done))
 
 
 def generator_name() -> str:
