@@ -963,6 +963,7 @@ class TieredStore:
             # a thread dead of it left a tier waiting for its saved pins, never re-pinning again)
             with self._lock.host_inputs():  # saves list what the tiers hold from now on
                 self._unrestored = RestartState({})
+                self.caches.leave_hot_pins_to_hot()  # those warm got back before it stopped
             warnings.warn(
                 f"warm restart: reading the saved rows back from {self.cold.path} failed "
                 f"({exc}); the rest start cold (serving is unaffected)",
