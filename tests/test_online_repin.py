@@ -1374,3 +1374,61 @@ def test_a_warm_restart_that_fails_part_way_leaves_the_rows_hot_pins_to_hot(tmp_
         assert store.warm.online.repins >= 3
         both = np.intersect1d(store.hot.pinned_rows().numpy(), store.warm.pinned_rows().numpy())
         assert not both.size
+
+
+def test_a_warm_re_pin_planned_before_a_restore_left_hots_pins_to_hot_leaves_them(
+    tmp_path, monkeypatch
+):
+    # warm's re-pin is planned off the lock: one planned just before a warm restore's thread left
+    # hot's pins to hot, applied just after, pinned them in warm again (3 in this run), and as
+    # warm's plans read those slots as hot's, no later re-pin of warm unpinned them
+    from tiered_store.cache_plan import CacheHierarchy
+    from tiered_store.online_repin import OnlineRepin
+
+    path, data = make_table(tmp_path, rows=ROWS)
+    work = batches(hot_set(), n=80, seed=5)
+    cfg = config(path, hot=60, warm=300, restart=True)
+    with TieredStore(cfg) as store:
+        serve(store, data, work[:10])
+        hot_pins = store.hot.pinned_rows()
+        assert (store.warm.probe(hot_pins) >= 0).any()
+    landed, planned, left = threading.Event(), threading.Event(), threading.Event()
+    warm: list[OnlineRepin] = []
+    restore_chunk, plan = TieredStore._restore_chunk, OnlineRepin.plan
+    leave = CacheHierarchy.leave_hot_pins_to_hot
+
+    def chunk(self, cache, *args, **kwargs):  # warm's rows are back: wait for its plan
+        done = restore_chunk(self, cache, *args, **kwargs)
+        if cache is self.warm and not kwargs.get("pin"):
+            landed.set()
+            planned.wait(30)
+        return done
+
+    def planning(self, *args):  # warm's plan made: wait for the restore to leave hot's pins
+        moves = plan(self, *args)
+        if warm and self is warm[0] and landed.is_set() and not left.is_set():
+            planned.set()
+            left.wait(30)
+        return moves
+
+    def leaving(self):
+        leave(self)
+        left.set()
+
+    monkeypatch.setattr(TieredStore, "_restore_chunk", chunk)
+    monkeypatch.setattr(OnlineRepin, "plan", planning)
+    monkeypatch.setattr(CacheHierarchy, "leave_hot_pins_to_hot", leaving)
+    store = TieredStore(cfg)
+    warm.append(store.warm.online)
+    with store:
+        assert landed.wait(30)
+        for ids in work[10:40]:  # lookups until warm's interval is due and its plan made
+            t = torch.from_numpy(ids)
+            assert torch.equal(store.lookup(t), data[t])
+            if planned.is_set():
+                break
+        assert planned.is_set() and store.wait_restored(timeout=30) and left.wait(30)
+        serve(store, data, work[40:])
+        assert store.warm.online.repins >= 3
+        both = np.intersect1d(store.hot.pinned_rows().numpy(), store.warm.pinned_rows().numpy())
+        assert not both.size

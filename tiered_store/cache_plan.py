@@ -212,6 +212,7 @@ class CacheHierarchy:
         tier pins are never looked up in warm (hot serves them), so a re-pinning warm tier unpins
         them and leaves them out of its re-pins until hot unpins them (a row pinned in both held
         a warm slot that served nothing)."""
+        moves = cache.online.leave_above(moves)  # hot pins since the plan (a restore thread)
         cache.online.finish(*cache.apply_repin(moves))
         if cache is not self.hot or self.warm.online is None:
             return

@@ -530,6 +530,18 @@ class OnlineRepin:
                 torch.cat([held_rows[kept], rows.to(self.device)]),
             )
 
+    def leave_above(self, moves: RepinMoves) -> RepinMoves:
+        """``moves`` without its pins of rows the tier above pins (a warm restart's thread may
+        have listed them after the plan was made, off the lock)."""
+        with self._above_lock:
+            rows = self._above[1]
+        if not rows.numel() or not moves.pin_rows.numel():
+            return moves
+        keep = ~torch.isin(moves.pin_rows.to(self.device), rows).to(moves.pin_rows.device)
+        return RepinMoves(
+            moves.pin_slots[keep], moves.pin_rows[keep], moves.unpin_slots, moves.unpin_rows
+        )
+
     def _without_above(self, row_of_slot: torch.Tensor) -> torch.Tensor:
         """``row_of_slot`` with the slots holding rows the tier above pins read as free (a copy
         where there are any); forgets those whose slot holds another row now."""
