@@ -846,6 +846,35 @@ def test_an_output_with_something_in_its_way_is_a_clear_error_and_moves_nothing(
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # no staging either
 
 
+def test_a_pipe_named_report_json_in_out_is_replaced_not_read(tmp_path, run):
+    """Publishing reads the earlier run's report.json for the files it lists: a pipe of that name
+    in --out (a link to a device, alike) was opened and analyze, its work done, waited for a
+    writer for ever. Only a regular file is read; the pipe is replaced by this run's report."""
+    import os
+    import threading
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    out.mkdir()
+    pipe = out / "report.json"
+    os.mkfifo(pipe)
+    argv = ["analyze", str(run["corpus"] / "en.txt"), "--config", str(config), "--out", str(out)]
+    codes: list[int] = []
+    argv += ["--quiet", "--seq-len", str(SEQ_LEN)]
+    worker = threading.Thread(target=lambda: codes.append(main(argv)))
+    worker.start()
+    worker.join(timeout=120)
+    waited = worker.is_alive()
+    if waited:  # a writer ends the read, so that the test ends
+        with open(pipe, "w") as f:
+            f.write("{}")
+        worker.join()
+    assert not waited, "analyze waited for a writer to the pipe named report.json"
+    assert codes == [0]
+    assert pipe.is_file() and json.loads(pipe.read_text())["files"]
+
+
 @pytest.mark.parametrize("targets", ["hot=0.3", "warm=0.6"])
 def test_budgets_with_targets_for_one_tier_write_both_tiers(run, tmp_path, targets):
     config = tmp_path / "tiny.yaml"

@@ -86,9 +86,12 @@ def _check_in_the_way(staging: Path, out_dir: Path) -> None:
 
 def _previous_files(out_dir: Path) -> set[str]:
     """The files a previous run's ``report.json`` in ``out_dir`` lists (names inside the folder
-    only); none when there is no readable one."""
+    only); none when there is no readable one (a pipe there would wait for a writer for ever)."""
+    report = out_dir / REPORT_JSON
+    if not report.is_file():  # a pipe, a device, a folder (or a link to one): no earlier report
+        return set()
     try:
-        files = json.loads((out_dir / REPORT_JSON).read_text()).get("files") or {}
+        files = json.loads(report.read_text()).get("files") or {}
     except (OSError, ValueError, AttributeError):
         return set()
     inside = set()
