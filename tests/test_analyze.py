@@ -810,13 +810,14 @@ def test_an_analysis_that_cannot_be_written_is_a_clear_error_and_leaves_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # no folder, no staging
 
 
-@pytest.mark.parametrize("name", ["layer1.store.yaml", "report.json", "layer1"])
+@pytest.mark.parametrize("name", ["layer1.store.yaml", "report.json", "layer1", "layer1 link"])
 def test_an_output_with_something_in_its_way_is_a_clear_error_and_moves_nothing(
     run, tmp_path, capsys, name
 ):
     """A folder where analyze writes a file (layer1.store.yaml, report.json) escaped as a bare
     IsADirectoryError (a traceback) halfway through moving the outputs in: the earlier run's
-    report gone, some files of this run in. A file where its per-table folder goes, alike."""
+    report gone, some files of this run in. A file where its per-table folder goes, alike; a link
+    there (to a folder) is named a link, not a file."""
     import shutil
 
     config = tmp_path / "tiny.yaml"
@@ -826,8 +827,14 @@ def test_an_output_with_something_in_its_way_is_a_clear_error_and_moves_nothing(
     argv += ["--quiet", "--seq-len", str(SEQ_LEN)]
     assert main(argv) == 0
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    link = name.endswith(" link")
+    name = name.removesuffix(" link")
     blocker = out / name
-    if name == "layer1":
+    if link:  # the per-table folder moved elsewhere, a link to it in its place
+        blocker.rename(tmp_path / "elsewhere")
+        blocker.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+        what, expected = "a link", "a folder"
+    elif name == "layer1":
         shutil.rmtree(blocker)
         blocker.write_text("not a folder")
         what, expected = "a file", "a folder"

@@ -73,7 +73,7 @@ def _check_in_the_way(staging: Path, out_dir: Path) -> None:
         target = out_dir / entry.name
         if entry.is_dir():
             blocked = os.path.lexists(target) and (target.is_symlink() or not target.is_dir())
-            what, expected = "a file", "a folder"
+            what, expected = "a link" if target.is_symlink() else "a file", "a folder"
         else:
             blocked = target.is_dir() and not target.is_symlink()
             what, expected = "a directory", "a file"
