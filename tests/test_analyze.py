@@ -1086,6 +1086,33 @@ def test_with_a_token_cap_above_the_corpus_the_bar_counts_to_the_corpus_tokens(
     assert len(bars) > 1 and all(f"/{total} [" in x for x in bars[1:]), bars
 
 
+def test_the_token_bar_never_counts_past_its_total(tmp_path):
+    """A light first file (dots: 128 characters a token) read alone, then a dense one: the bar
+    counted the second file's tokens before it raised its total from the first file's estimate,
+    so it drew 5.62k tokens of 1.25k, which tqdm shows as a bare count, its bar and total gone."""
+    import os
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("." * 80_000)  # 8 x the cap in characters: a group of its own
+    (corpus / "b.txt").write_text("0" * 15_000)  # about 5,000 tokens
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    argv = ["analyze", str(corpus), "--config", str(config), "--out", str(tmp_path / "o")]
+    argv += ["--seq-len", "32", "--max-tokens", "10000", "--no-curves"]
+    code = "import sys; from tiered_store.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "TQDM_MININTERVAL": "0"}  # every update drawn: no timing in the test
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    bars = [x for x in done.stderr.splitlines() if x.startswith("analyze:")]  # text: \r is \n
+    assert any("625/1.25k [" in x for x in bars), done.stderr  # the first file's estimate
+    assert all("/" in x.split("[")[0] for x in bars), done.stderr
+
+
 def test_the_profile_pass_shows_a_progress_bar_of_the_trace_lookups(run, tmp_path, capsys):
     """Stage 5 reads the whole trace again (a minute on the standard library): it was silent."""
     config = tmp_path / "tiny.yaml"

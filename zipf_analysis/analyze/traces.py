@@ -253,9 +253,9 @@ def _build_traces(
             tokens = sum(b.stats.tokens for b in builders)
             if by_tokens:  # files are read in order: those up to this group's last are done
                 total = _expected_tokens(cap, tokens, item[-1][0] + 1, len(corpus.files))
+                changed, bar.total = total != bar.total, total  # before the count: never past it
                 bar.update(tokens - bar.n)
-                if total != bar.total:  # the corpus holds fewer tokens than the caps: say so
-                    bar.total = total
+                if changed:  # the corpus holds fewer tokens than the caps: say so
                     bar.refresh()
             else:
                 bar.update(len(item))
