@@ -347,9 +347,15 @@ def test_replay_refuses_a_profile_hashed_otherwise_than_its_trace_or_table(
     trace7, trace9 = seeded[7] / "trace.trace", seeded[9] / "trace.trace"
     profile7 = seeded[7] / "layer1.profile.npz"
     missing = tmp_path / "none.npy"  # no table file: the trace's layout alone
-    for table, trace, against in (
-        (missing, trace9, f"trace {trace9}"),
-        (seeded["table"], trace7, "the table"),
+    built = seeded["table"]
+    for table, trace, expected in (
+        (
+            missing,
+            trace9,
+            f"tiers.warm.profile: {profile7} was made with seed=7 but trace {trace9}",
+        ),
+        # the seed-7 trace itself does not fit the seed-9 table: refused before its profile
+        (built, trace7, f"table.path: {built} was built for seed=9 but trace table 'layer1'"),
     ):
         config = tmp_path / "store.yaml"
         store = _tuned_store(table, profile7)
@@ -358,9 +364,8 @@ def test_replay_refuses_a_profile_hashed_otherwise_than_its_trace_or_table(
         argv = ["replay", str(config), str(trace), "--table", "layer1", "--quiet", "--no-bounds"]
         assert main([*argv, "--sweep", "", "--out", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err
-        assert f"tiers.warm.profile: {profile7} was made with seed=7 but {against}" in err, err
-        assert "has seed=9" in err
-        with pytest.raises(ConfigError, match=f"was made with seed=7 but {against}"):
+        assert expected in err and "seed=9" in err, err
+        with pytest.raises(ConfigError, match=expected):
             recommend_split(
                 StoreConfig.from_yaml(config),
                 trace,
@@ -374,6 +379,37 @@ def test_replay_refuses_a_profile_hashed_otherwise_than_its_trace_or_table(
     argv = ["replay", str(config), str(trace9), "--table", "layer1", "--quiet", "--no-bounds"]
     assert main([*argv, "--sweep", "", "--out", str(tmp_path / "r")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_replay_refuses_a_trace_hashed_otherwise_than_its_table(seeded, tmp_path, capsys):
+    """A seed-7 trace replayed over a seed-9 table of the same rows (no profile at all): the
+    replay, its sweep and its split ran without a word on rows that hold other N-grams."""
+    from zipf_analysis.tier_split import recommend_split
+
+    table, trace7 = seeded["table"], seeded[7] / "trace.trace"
+    config = tmp_path / "store.yaml"
+    config.write_text(
+        yaml.safe_dump({"table": {"path": str(table)}, "tiers": {"warm": {"capacity": 30}}})
+    )
+    expected = (
+        f"table.path: {table} was built for seed=9 but trace table 'layer1' was hashed with "
+        "seed=7; expected the table the trace was made for"
+    )
+    argv = ["replay", str(config), str(trace7), "--table", "layer1", "--quiet", "--no-bounds"]
+    assert main([*argv, "--sweep", "10,20", "--out", str(tmp_path / "r")]) == 2
+    assert expected in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=expected):
+        replay(StoreConfig.from_yaml(config), trace7, table="layer1")
+    with pytest.raises(ConfigError, match=expected):
+        recommend_split(
+            StoreConfig.from_yaml(config),
+            trace7,
+            gpu_budget="0",
+            host_budget="1MiB",
+            table="layer1",
+        )
+    argv[2] = str(seeded[9] / "trace.trace")  # its own trace replays
+    assert main([*argv, "--sweep", "10,20", "--out", str(tmp_path / "r")]) == 0
 
 
 def test_target_sizes_from_static_topk_name_that_curve_not_the_lru_hierarchy(tmp_path):

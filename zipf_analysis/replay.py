@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -160,7 +160,7 @@ def replay(
     reader = trace
     index = reader.table_index(table if table is not None else 0)
     layout = reader.layout[index]
-    rows, row_bytes = table_geometry(config, layout)
+    rows, row_bytes = table_geometry(config, layout, reader.header)
     unchecked = not ids_checked(layout)
     what = f"trace table {layout.get('name')!r}"
     if policy is not None and is_offline(policy):
@@ -406,10 +406,15 @@ def profile_layouts(
     return out
 
 
-def table_geometry(config: StoreConfig, layout: dict[str, Any]) -> tuple[int, int]:
+def table_geometry(
+    config: StoreConfig, layout: dict[str, Any], header: Mapping[str, Any] | None = None
+) -> tuple[int, int]:
     """(rows, row_bytes) of the replayed table: from the table file when it exists (checked against
     the trace), else from the trace layout and the config's ``table.dim``/``table.dtype``. A row
-    width the trace layout gives (``dim``) must match the table's or the config's."""
+    width the trace layout gives (``dim``) must match the table's or the config's, and the Engram
+    config the trace ``header`` records the one the table file's manifest records."""
+    from tiered_store.engram.layout import addressing_mismatch, recorded_layout, short
+
     trace_rows, trace_dim = layout.get("rows"), layout.get("dim")
     path = Path(config.table.path)
     if path.exists():
@@ -423,6 +428,16 @@ def table_geometry(config: StoreConfig, layout: dict[str, Any]) -> tuple[int, in
             raise ConfigError(
                 f"table.path: {path} has rows of {manifest.values_per_row} values but trace table "
                 f"{layout.get('name')!r} has {int(trace_dim)}; expected the table the trace was made for"
+            )
+        hashed = recorded_layout(header or {}, layout.get("layer"), str(layout.get("name")))
+        built = manifest.metadata.get("engram")
+        diff = addressing_mismatch(hashed, built) if hashed and isinstance(built, dict) else None
+        if diff is not None:
+            key, traced, expected = diff
+            raise ConfigError(
+                f"table.path: {path} was built for {key}={short(expected)} but trace table "
+                f"{layout.get('name')!r} was hashed with {key}={short(traced)}; expected the "
+                "table the trace was made for (its row ids name other N-grams)"
             )
         return manifest.rows, manifest.row_bytes
     if trace_rows is None:

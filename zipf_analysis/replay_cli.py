@@ -193,7 +193,7 @@ def _replay_and_report(
             f"pinned rows, if any, are {named!r}'s",
             file=sys.stderr,
         )
-    rows, row_bytes = table_geometry(config, layout)
+    rows, row_bytes = table_geometry(config, layout, reader.header)
     require_lookups(reader, index)
     caps = _sweep_capacities(args.sweep, rows, row_bytes) if args.sweep else []
     created = _out_dir(args.out)
@@ -330,7 +330,7 @@ def _recommend(args, config: StoreConfig, reader, table) -> SplitRecommendation 
         return None
     gpu, host = budgets
     layout = reader.layout[reader.table_index(table)]
-    rows, row_bytes = table_geometry(config, layout)
+    rows, row_bytes = table_geometry(config, layout, reader.header)
     current = tuple(  # the config's own split is a candidate too, when it fits
         resolve_capacity(
             t.capacity, table_rows=rows, row_bytes=row_bytes, key=f"tiers.{n}.capacity"

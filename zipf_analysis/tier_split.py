@@ -726,7 +726,7 @@ def recommend_split(
         raise ConfigError(f"points: got {points}; expected at least 1 capacity per tier")
     index = trace.table_index(table if table is not None else 0)
     layout = trace.layout[index]
-    rows, row_bytes = table_geometry(config, layout)
+    rows, row_bytes = table_geometry(config, layout, trace.header)
     require_lookups(trace, index)
     kinds = {"hot": config.tiers.hot.index, "warm": config.tiers.warm.index}
     flags = {"hot": "--gpu-budget", "warm": "--host-budget"}
