@@ -337,6 +337,26 @@ def test_a_profile_of_a_table_hashed_with_another_seed_is_refused_at_open(seeded
     TieredStore.open(_tuned_store(table, tmp_path / "hand.npz")).close()
 
 
+@pytest.mark.parametrize(("name", "metadata"), [("p", [1, 2]), ("p", "made by hand"), (5, None)])
+def test_a_profile_with_odd_metadata_or_name_opens_on_its_row_count(
+    seeded, tmp_path, name, metadata
+):
+    """A hand-made profile whose metadata is not a mapping, or whose name is not a string (a
+    number), crashed the open with AttributeError / TypeError once profiles were checked against
+    the table's layout; it records no usable Engram config, so it is taken on its row count."""
+    from dataclasses import replace as replace_fields
+
+    from tiered_store import TieredStore
+    from tiered_store.profile import FrequencyProfile
+
+    own = FrequencyProfile.load(seeded[9] / "layer1.profile.npz")
+    older = {k: v for k, v in own.metadata.items() if k != "layer"}  # its name gives the layer
+    made = replace_fields(own, name=name, metadata=older if metadata is None else metadata)
+    made.save(tmp_path / "made.npz")
+    with TieredStore.open(_tuned_store(seeded["table"], tmp_path / "made.npz")) as store:
+        assert store.warm.counters.preloaded > 0
+
+
 def test_replay_refuses_a_profile_hashed_otherwise_than_its_trace_or_table(
     seeded, tmp_path, capsys
 ):

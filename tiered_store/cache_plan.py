@@ -528,8 +528,8 @@ def check_profile_addressing(
     than ``layout`` (of ``what``) says; a profile or layout that records none passes."""
     from .engram.layout import addressing_mismatch, recorded_layout, short
 
-    meta = profile.metadata
-    recorded = recorded_layout(meta, meta.get("layer"), profile.name)
+    meta = profile.metadata if isinstance(profile.metadata, Mapping) else {}  # hand-made: none
+    recorded = recorded_layout(meta, meta.get("layer"), str(profile.name))
     if recorded is not None and "layer_id" not in recorded:  # its layer unknown: the table's
         recorded = recorded_layout(meta, layout.get("layer_id"))
     if recorded is None or (diff := addressing_mismatch(recorded, layout)) is None:
