@@ -1290,6 +1290,37 @@ def test_a_staged_step_whose_shard_another_process_writes_is_left_to_it_until_re
         assert [result["reopened rows"][i][0] for i in (3, 460)] == [2.0, 2.0]
 
 
+def _opened_while_held(tmp_path, plain, holder, resolve, before: bool) -> list[dict]:
+    """Two ranks open ``plain``'s shards (``briefly_locked_staged_worker``) while ``holder``
+    holds rank 0's shard's writer lock: 0.3 s after rank 0 found it taken, ``resolve(holder)``
+    and close it (with ``before``, rank 0 tries the lock only then); the ranks' results."""
+    from tests.distributed_support import briefly_locked_staged_worker
+
+    tried = tmp_path / "tried"
+
+    def let_go() -> None:  # once rank 0 found the lock taken (else at the deadline)
+        end = time.monotonic() + 60
+        while not tried.exists() and time.monotonic() < end:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        resolve(holder)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UncommittedWritesWarning)
+            holder.close()
+        Path(f"{tried}.go").touch()  # with ``before``: now rank 0 tries the lock
+
+    releaser = threading.Thread(target=let_go)
+    releaser.start()
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(briefly_locked_staged_worker, 2, (str(plain), out, str(tried), before), 60)
+    releaser.join()
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    assert tried.exists()  # rank 0 did find the lock taken
+    return results
+
+
 @pytest.mark.parametrize(
     ("resolved_there", "before"),
     [(False, False), (True, False), (True, True)],
@@ -1306,8 +1337,6 @@ def test_a_staged_step_whose_shards_lock_is_let_go_soon_is_resolved_at_open(
     of the shard ("written by another process"), with the same result. It waits for the lock
     (a few seconds) and reads the shard again: every rank opens at step 2 with the staged rows,
     without a warning, and the next commit succeeds."""
-    from tests.distributed_support import briefly_locked_staged_worker
-
     plain = make_plain_table(tmp_path)
     shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
     start = shards[1].shard_map.shard_range(1)[0]
@@ -1320,30 +1349,12 @@ def test_a_staged_step_whose_shards_lock_is_let_go_soon_is_resolved_at_open(
         writers.append(store)
     with pytest.warns(UncommittedWritesWarning):
         writers.pop().close()  # rank 1's: its writer gone; rank 0's holds its lock
-    holder, tried = writers.pop(), tmp_path / "tried"
 
-    def let_go() -> None:  # once rank 0 found the lock taken (else at the deadline)
-        end = time.monotonic() + 60
-        while not tried.exists() and time.monotonic() < end:
-            time.sleep(0.01)
-        time.sleep(0.3)
-        if resolved_there:  # as another store's open resolving it does, under the lock
+    def resolve(holder: TieredStore) -> None:  # as another store's open does, under the lock
+        if resolved_there:
             holder.finish_commit(2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UncommittedWritesWarning)
-            holder.close()
-        Path(f"{tried}.go").touch()  # with ``before``: now rank 0 tries the lock
 
-    releaser = threading.Thread(target=let_go)
-    releaser.start()
-    out = tmp_path / "out"
-    out.mkdir()
-    codes = run_ranks(briefly_locked_staged_worker, 2, (str(plain), out, str(tried), before), 60)
-    releaser.join()
-    results = _results(out, 2)
-    assert codes == [0, 0] and not any("crash" in r for r in results), results
-    assert tried.exists()  # rank 0 did find the lock taken
-    for result in results:
+    for result in _opened_while_held(tmp_path, plain, writers.pop(), resolve, before):
         assert result["opened warnings"] == [], result
         assert result["opened step"] == 2 and result["opened staged"] is None
         assert result["opened rows"] == [2.0, 2.0]
@@ -1372,8 +1383,6 @@ def test_a_shard_whose_lock_holder_resolved_it_otherwise_opens_torn_on_every_ran
     the lock (unseen by its view), it failed to commit nothing staged, warned so, and said step 2
     on every rank. Every rank now opens torn: a warning naming both steps, committed_step 1 on
     each."""
-    from tests.distributed_support import briefly_locked_staged_worker
-
     plain = make_plain_table(tmp_path)
     shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
     start = shards[1].shard_map.shard_range(1)[0]
@@ -1386,28 +1395,11 @@ def test_a_shard_whose_lock_holder_resolved_it_otherwise_opens_torn_on_every_ran
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UncommittedWritesWarning)
                 holder.close()
-    tried = tmp_path / "tried"
 
-    def let_go() -> None:  # once rank 0 found the lock taken (else at the deadline)
-        end = time.monotonic() + 60
-        while not tried.exists() and time.monotonic() < end:
-            time.sleep(0.01)
-        time.sleep(0.3)
+    def otherwise(holder: TieredStore) -> None:  # the other thing than the open decided
         holder.abort_commit() if decided == 2 else holder.finish_commit(2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UncommittedWritesWarning)
-            holder.close()
-        Path(f"{tried}.go").touch()  # with ``before``: now rank 0 tries the lock
 
-    releaser = threading.Thread(target=let_go)
-    releaser.start()
-    out = tmp_path / "out"
-    out.mkdir()
-    codes = run_ranks(briefly_locked_staged_worker, 2, (str(plain), out, str(tried), before), 60)
-    releaser.join()
-    results = _results(out, 2)
-    assert codes == [0, 0] and not any("crash" in r for r in results), results
-    assert tried.exists()
+    results = _opened_while_held(tmp_path, plain, holder, otherwise, before)
     shard_steps = {2: "rank 0: 1; rank 1: 2", 1: "rank 0: 2; rank 1: 1"}[decided]
     for rank, result in enumerate(results):
         (warning,) = result["opened warnings"]
