@@ -251,6 +251,18 @@ def queued_metric(server) -> list[float]:
     ]
 
 
+def _capped_server(tmp_path, *, max_announced: int, max_concurrent: int, timeout_s: float):
+    """A server announcing requests, at most ``max_announced`` at once, and its /v1/engram URL."""
+    limits = {
+        "announce_requests": True,
+        "max_announced": max_announced,
+        "max_concurrent": max_concurrent,
+        "request_timeout_s": timeout_s,
+    }
+    server = start_server(make_checkpoint(tmp_path, server=limits))
+    return server, server.url + "/v1/engram"
+
+
 class HeldTurns:
     """Holds each answer's computation (inside its compute turn) until the test lets it go on
     (``go``: a wait only), noting whether each request (by its first token id) was announced
@@ -302,15 +314,8 @@ def test_at_most_max_announced_requests_are_announced_the_rest_as_earlier_ones_g
     arrival order, each before its turn, and the queue ends empty."""
     import threading
 
-    limits = {
-        "announce_requests": True,
-        "max_announced": 2,
-        "max_concurrent": 1,
-        "request_timeout_s": 30.0,
-    }
-    server = start_server(make_checkpoint(tmp_path, server=limits))
+    server, url = _capped_server(tmp_path, max_announced=2, max_concurrent=1, timeout_s=30.0)
     turns = HeldTurns(server)
-    url = server.url + "/v1/engram"
     statuses: list[int] = []
     posts = [
         threading.Thread(
@@ -358,15 +363,8 @@ def test_a_request_whose_turn_comes_before_its_announcement_is_served_unannounce
     by nobody or twice); a request that timed out waiting unannounced (503) leaves the line."""
     import threading
 
-    limits = {
-        "announce_requests": True,
-        "max_announced": 1,
-        "max_concurrent": 2,
-        "request_timeout_s": 1.0,
-    }
-    server = start_server(make_checkpoint(tmp_path, server=limits))
+    server, url = _capped_server(tmp_path, max_announced=1, max_concurrent=2, timeout_s=1.0)
     turns = HeldTurns(server)
-    url = server.url + "/v1/engram"
     statuses: dict[int, int] = {}
 
     def post(k):
@@ -428,14 +426,8 @@ def test_a_release_frees_its_compute_turn_before_announcing_the_next_waiting_req
     past the cap every turn also paid for an announcement. Request 2 now computes meanwhile."""
     import threading
 
-    limits = {
-        "announce_requests": True,
-        "max_announced": 2,
-        "max_concurrent": 1,
-        "request_timeout_s": 30.0,
-    }
-    server = start_server(make_checkpoint(tmp_path, server=limits))
-    model, url = server.model, server.url + "/v1/engram"
+    server, url = _capped_server(tmp_path, max_announced=2, max_concurrent=1, timeout_s=30.0)
+    model = server.model
     started: list[int] = []
     let_go, cond = set(), threading.Condition()
     compute = model._answer
