@@ -96,6 +96,27 @@ def golden_dir(required_file: str = "engram_default.npz") -> Path:
     return root
 
 
+def assert_lookups_go_on_during(
+    store, data: torch.Tensor, call, reached: threading.Event, go_on: threading.Event
+) -> None:
+    """Run ``call`` in a thread: once a hook in it set ``reached`` (and waits for ``go_on``), a
+    lookup from another thread must finish, exact, before ``go_on`` lets ``call`` go on."""
+    worker = threading.Thread(target=call)
+    worker.start()
+    ids, got = torch.tensor([1, 2, 3]), []
+    looker = threading.Thread(target=lambda: got.append(store.lookup(ids)))
+    try:
+        assert reached.wait(30)
+        looker.start()
+        looker.join(10)
+        assert got and torch.equal(got[0], data[ids])  # while ``call`` is held
+    finally:
+        go_on.set()
+        worker.join()
+        if looker.ident is not None:
+            looker.join()
+
+
 def assert_concurrent_lookups_exact(
     store, data: torch.Tensor, *, batch: int, rounds: int, threads: int = 4
 ) -> None:

@@ -13,7 +13,11 @@ import torch
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import assert_concurrent_lookups_exact, make_table
+from tests.conftest import (
+    assert_concurrent_lookups_exact,
+    assert_lookups_go_on_during,
+    make_table,
+)
 from tiered_store import ConfigError, StoreConfig, TieredStore
 from tiered_store.metrics import build_registry
 from tiered_store.profile import FrequencyProfile, profile_ids
@@ -311,19 +315,7 @@ def test_lookups_go_on_while_a_save_folds_the_resident_counts_into_the_sketch(
             return raise_to(ids, values, sketch=sketch)
 
         monkeypatch.setattr(profile, "raise_to", held_up)
-        saver = threading.Thread(target=store.save_restart)
-        saver.start()
-        ids, got = torch.tensor([1, 2, 3]), []
-        looker = threading.Thread(target=lambda: got.append(store.lookup(ids)))
-        try:
-            assert folding.wait(30)
-            looker.start()
-            looker.join(10)
-            assert got and torch.equal(got[0], data[ids])  # while the save folds its counts
-        finally:
-            go_on.set()
-            saver.join()
-            looker.join()
+        assert_lookups_go_on_during(store, data, store.save_restart, folding, go_on)
 
 
 def test_a_restart_brings_back_pins_re_pinning_moved_away_from_the_profile(tmp_path):

@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_concurrent_lookups_exact, make_table
+from tests.conftest import (
+    assert_concurrent_lookups_exact,
+    assert_lookups_go_on_during,
+    make_table,
+)
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store import store as store_module
 from tiered_store.warm_restart import (
@@ -306,19 +310,7 @@ def test_lookups_go_on_while_a_save_ranks_the_rows_held(tmp_path, monkeypatch):
     with TieredStore(config(path)) as store:
         serve(store, data, batches=2)
         monkeypatch.setattr(store_module, "most_valuable_first", held_up)
-        saver = threading.Thread(target=store.save_restart)
-        saver.start()
-        ids, got = torch.tensor([1, 2, 3]), []
-        looker = threading.Thread(target=lambda: got.append(store.lookup(ids)))
-        try:
-            assert ranking.wait(30)
-            looker.start()
-            looker.join(10)
-            assert got and torch.equal(got[0], data[ids])  # while the save ranks its rows
-        finally:
-            go_on.set()
-            saver.join()
-            looker.join()
+        assert_lookups_go_on_during(store, data, store.save_restart, ranking, go_on)
         monkeypatch.undo()
         before = held(store)  # close saves them
     with TieredStore(config(path)) as store:
