@@ -670,19 +670,13 @@ def test_a_binary_file_that_begins_with_a_wide_byte_order_mark_is_binary(tmp_pat
     """A disk image that began with a UTF-16 or UTF-32 byte-order mark was read whole (256 MiB
     took 640 MiB) and, its NUL bytes decoding to U+0000, returned as text; one whose bytes do not
     decode by the mark was read whole to find that out."""
-    import tracemalloc
 
     for name, after in (("nul.img", b"\x08\x00\x00\x00{}"), ("odd.img", b"\x00\xdc\x00\x00" * 2)):
         path = tmp_path / name
         with open(path, "wb") as f:  # sparse: no disk used
             f.write("\ufeff".encode(f"{mark}-le") + after)  # \x00\xdc: a lone surrogate
             f.truncate(256 << 20)
-        tracemalloc.start()
-        try:
-            found = read_text(path)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        found, peak = _read_with_peak(path)
         assert (found, peak < 4 << 20) == ((None, "binary", 64 << 10), True)
 
 
@@ -691,7 +685,6 @@ def test_a_large_binary_file_is_not_read_whole_to_be_skipped(tmp_path, packed):
     """Model weights or a disk image in a corpus folder were read whole into memory to find the
     NUL byte in their first 64 KiB (a 30 GiB image: a MemoryError or an out-of-memory kill); a
     gzipped one (a .tar.gz) was decompressed whole (a 2 MB file of 400 MiB took 800 MiB)."""
-    import tracemalloc
     import zlib
 
     path = tmp_path / ("disk.img.gz" if packed else "weights.safetensors")
@@ -704,14 +697,20 @@ def test_a_large_binary_file_is_not_read_whole_to_be_skipped(tmp_path, packed):
         else:  # sparse: no disk used
             f.write(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
             f.truncate(256 << 20)
-    tracemalloc.start()
-    try:
-        found = read_text(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    found, peak = _read_with_peak(path)
     assert peak < 4 << 20
     assert found == (None, "binary", 64 << 10)
+
+
+def _read_with_peak(path):
+    """``read_text(path)`` and the most memory Python held meanwhile."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return read_text(path), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def test_pipes_and_devices_in_a_folder_are_skipped_and_one_named_is_a_clear_error(tmp_path):
