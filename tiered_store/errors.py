@@ -51,8 +51,11 @@ class StepMismatchError(ConfigError):
 
 
 class TornCommitWarning(UserWarning):
-    """The shards of a sharded table were opened at different committed steps: a commit was
-    interrupted (a rank killed inside it) after some shards had committed."""
+    """The shards of a sharded table were opened at different committed steps (a commit made
+    shard by shard was interrupted after some shards had committed, or another store resolved a
+    staged step otherwise than this open decided), or a shard's staged step was left unresolved
+    (its writer lock held by another process, a drop decided before waiting for it, or a
+    read-only delta): the message says which, and what to do."""
 
 
 class RankFailureError(TieredStoreError, RuntimeError):

@@ -553,7 +553,7 @@ class ShardedStore:
                 self.local = None
                 _, error = self._open_local()
                 if error is not None:
-                    error = f"reopening its shard after the {action} failed: {error}"
+                    error = f"the {action} was made, but reopening its shard failed: {error}"
             else:
                 self._unfinished = mine if finish else None  # decided: committed_step says so
                 self._unresolved = (
