@@ -259,20 +259,23 @@ def test_a_restores_delta_read_holds_a_pinned_view_for_one_slice_at_a_time(tmp_p
 
     cfg, now = _trained_restart(tmp_path)
     monkeypatch.setattr(write_back, "DELTA_READ_ROWS", 100, raising=False)
-    snapshot, sizes, looked_up = RowDelta.snapshot, [], []
+    snapshot, sizes, looked_up, opened = RowDelta.snapshot, [], [], []
+    open_returned = threading.Event()  # the restore starts inside the open, before ``store`` is
 
     def read(self, ids):
         assert self._pinned is not None  # a reader's view (the writer closed)
         if threading.current_thread().name == "restore":
             sizes.append(len(ids))
-            if len(sizes) == 1:  # between two of its reads, a lookup of a delta row
-                got = threading.Thread(target=lambda: looked_up.append(store.lookup([1_998])))
+            if len(sizes) == 1 and open_returned.wait(30):  # between two of its reads, a lookup
+                got = threading.Thread(target=lambda: looked_up.append(opened[0].lookup([1_998])))
                 got.start()
                 got.join(10)
         return snapshot(self, ids)
 
     monkeypatch.setattr(RowDelta, "snapshot", read)
     with TieredStore(cfg) as store:
+        opened.append(store)
+        open_returned.set()
         assert store.wait_restored(timeout=30)
         assert sum(sizes) == 1_000 and max(sizes) <= 100, sizes
         assert len(looked_up) == 1 and torch.equal(looked_up[0], now[[1_998]])
