@@ -268,7 +268,9 @@ def test_restart_round_trips_the_sketch_and_the_pins(tmp_path):
         serve(store, data, batches(hot_set(), n=60))
         # saved: the sketch with the resident rows' counts folded in
         sketches = {
-            c.name: torch.from_numpy(c.online.sketch_with_resident(c.row_of_slot))
+            c.name: torch.from_numpy(
+                c.online.fold_resident(c.online.resident_counts(c.row_of_slot))
+            )
             for c in (store.hot, store.warm)
         }
         counts = {c.name: held_counts(c) for c in (store.hot, store.warm)}

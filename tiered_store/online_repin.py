@@ -589,11 +589,6 @@ class OnlineRepin:
         self.since_repin %= self.every
 
     # -- warm restart ----------------------------------------------------------------------------
-    def sketch_with_resident(self, row_of_slot: torch.Tensor) -> np.ndarray:
-        """A copy of the sketch with the resident rows' counts folded in (what a warm restart
-        saves: the rows' counts come back from it when they are reloaded)."""
-        return self.fold_resident(self.resident_counts(row_of_slot))
-
     def resident_counts(
         self, row_of_slot: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -604,7 +599,9 @@ class OnlineRepin:
     def fold_resident(
         self, resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     ) -> np.ndarray:
-        """:meth:`sketch_with_resident` from :meth:`resident_counts`' copies."""
+        """A copy of the sketch with the resident rows' counts folded in, from
+        :meth:`resident_counts`' copies (what a warm restart saves: the rows' counts come back
+        from it when they are reloaded)."""
         sketch, row_of_slot, counts = resident
         slots = torch.nonzero(row_of_slot >= 0).squeeze(1)
         self.profile.raise_to(row_of_slot[slots], counts[slots], sketch=sketch)
