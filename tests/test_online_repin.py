@@ -269,7 +269,7 @@ def test_restart_round_trips_the_sketch_and_the_pins(tmp_path):
         # saved: the sketch with the resident rows' counts folded in
         sketches = {
             c.name: torch.from_numpy(
-                c.online.fold_resident(c.online.resident_counts(c.row_of_slot))
+                c.online.saved_profile(c.online.save_point(c.row_of_slot.clone()))[1]
             )
             for c in (store.hot, store.warm)
         }
@@ -318,6 +318,30 @@ def test_lookups_go_on_while_a_save_folds_the_resident_counts_into_the_sketch(
 
         monkeypatch.setattr(profile, "raise_to", held_up)
         assert_lookups_go_on_during(store, data, store.save_restart, folding, go_on)
+
+
+def test_lookups_go_on_while_a_save_waits_to_count_and_copy_the_sketch(tmp_path):
+    # the save counted the queued updates and copied the sketch (134 MB at a 4M-slot tier)
+    # under the store's lock: while the counting was busy, or through the copy, lookups waited
+    path, data = make_table(tmp_path, rows=ROWS)
+    counting, go_on = threading.Event(), threading.Event()
+    with TieredStore(config(path, hot=60, restart=True)) as store:
+        serve(store, data, batches(hot_set(), n=20))
+        online = store.warm.online
+        lock = online._counting
+
+        class HeldUp:  # the save's turn at the counting lock waits (the re-pin thread's do not)
+            def __enter__(self):
+                if threading.current_thread() not in store._threads:
+                    counting.set()
+                    go_on.wait(30)
+                return lock.__enter__()
+
+            def __exit__(self, *exc):
+                return lock.__exit__(*exc)
+
+        online._counting = HeldUp()
+        assert_lookups_go_on_during(store, data, store.save_restart, counting, go_on)
 
 
 def test_a_restart_brings_back_pins_re_pinning_moved_away_from_the_profile(tmp_path):

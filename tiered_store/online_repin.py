@@ -91,6 +91,16 @@ class RepinMoves:
     unpin_rows: torch.Tensor
 
 
+@dataclass(frozen=True)
+class SavePoint:
+    """The moment a warm restart saves the counts as of (:meth:`OnlineRepin.save_point`)."""
+
+    queued: int  # updates queued before it (those the saved counts include)
+    clock: int  # the lookup side's lookups so far, and since the last re-pin
+    since_repin: int
+    row_of_slot: torch.Tensor  # a copy: each slot's row then (-1: free)
+
+
 class OnlineRepin:
     """One tier's online episode counts and re-pin schedule.
 
@@ -177,6 +187,7 @@ class OnlineRepin:
         self.deferred = deferred
         # updates waiting for count_pending(), in the order they happened (see _apply)
         self.pending: deque[tuple] = deque()
+        self._queued_total = self._applied_total = 0  # updates ever queued, applied or dropped
         # window ends queued and applied: each written by one thread (the lookups, the counting)
         self._ends_queued = self._ends_applied = 0
         # what the open window's episodes weigh, times ``weight``: 0 when it is not counted
@@ -352,6 +363,7 @@ class OnlineRepin:
         """Apply an update now, or queue it for :meth:`count_pending` when ``deferred``."""
         if self.deferred:
             self._ends_queued += update[0] == "end"
+            self._queued_total += 1
             self.pending.append(update)
         else:
             self._run(update)
@@ -366,15 +378,22 @@ class OnlineRepin:
         """Apply the updates a deferred tier queued, in order (the store's background thread);
         at most ``limit`` (those queued before a snapshot of the tier)."""
         with self._counting:
-            for _ in range(len(self.pending) if limit is None else limit):
-                if not self.pending:
-                    return
-                self._run(self.pending[0])
-                self.pending.popleft()  # removed once applied: empty means all were
+            self._count_first(len(self.pending) if limit is None else limit)
+
+    def _count_first(self, n: int) -> None:
+        """Apply the first ``n`` queued updates (fewer if fewer are queued); holds the counting
+        lock."""
+        for _ in range(n):
+            if not self.pending:
+                return
+            self._run(self.pending[0])
+            self.pending.popleft()  # removed once applied: empty means all were
+            self._applied_total += 1
 
     def drop_pending(self) -> None:
         """Forget the queued updates (after a failure: rows admitted meanwhile count from 0)."""
         with self._counting:
+            self._applied_total += len(self.pending)
             self.pending.clear()
             self._ends_applied = self._ends_queued
             self._misses, self._hits_distinct = [], 0
@@ -589,35 +608,41 @@ class OnlineRepin:
         self.since_repin %= self.every
 
     # -- warm restart ----------------------------------------------------------------------------
-    def resident_counts(
-        self, row_of_slot: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Copies of the sketch and of each slot's row (-1: free) and count: under the store's
-        lock, for :meth:`fold_resident` once it is let go (a pass over every resident row)."""
-        return self.profile.sketch.clone(), row_of_slot.clone(), self.slot_count.clone()
+    def save_point(self, row_of_slot: torch.Tensor) -> SavePoint:
+        """Where a warm restart saves the counts as of, under the store's lock: the updates
+        queued so far, the lookup side's clock, and ``row_of_slot`` (a copy the caller made of
+        the tier's, -1: free). :meth:`saved_profile` reads the counts off the lock."""
+        return SavePoint(self._queued_total, self._clock, self.since_repin, row_of_slot)
 
-    def fold_resident(
-        self, resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    ) -> np.ndarray:
-        """A copy of the sketch with the resident rows' counts folded in, from
-        :meth:`resident_counts`' copies (what a warm restart saves: the rows' counts come back
-        from it when they are reloaded)."""
-        sketch, row_of_slot, counts = resident
-        slots = torch.nonzero(row_of_slot >= 0).squeeze(1)
-        self.profile.raise_to(row_of_slot[slots], counts[slots], sketch=sketch)
-        return sketch.cpu().numpy()
+    def saved_profile(self, point: SavePoint) -> tuple[dict[str, Any], np.ndarray]:
+        """What a warm restart saves at ``point``, off the store's lock: :meth:`state` and a copy
+        of the sketch with the resident rows' counts folded in (their counts come back from it
+        when the rows are reloaded). It applies the updates queued before the point and copies
+        the counts under the counting lock only (lookups go on; the counting waits for the
+        copy), then folds in the copy."""
+        with self._counting:
+            self._count_first(point.queued - self._applied_total)
+            state = self._state(point.clock, point.since_repin)
+            sketch, counts = self.profile.sketch.clone(), self.slot_count.clone()
+        slots = torch.nonzero(point.row_of_slot >= 0).squeeze(1)
+        self.profile.raise_to(point.row_of_slot[slots], counts[slots], sketch=sketch)
+        return state, sketch.cpu().numpy()
 
     def state(self) -> dict[str, Any]:
         """What a warm restart saves besides the sketch (plain numbers; ``weight``: what an
         episode counted next adds, decayed for the intervals begun since the last update)."""
-        ahead = self._growth(self._clock // self.every - self._weight_interval)
+        return self._state(self._clock, self.since_repin)
+
+    def _state(self, clock: int, since_repin: int) -> dict[str, Any]:
+        """:meth:`state` with the lookup side's ``clock`` and ``since_repin`` given."""
+        ahead = self._growth(clock // self.every - self._weight_interval)
         return {
             **self.profile.state(),
             "capacity": self.capacity,
             "recency_window": self.window,
             "offline_profile": self.offline_profile,
             "weight": self.weight * ahead,
-            "since_repin": self.since_repin,
+            "since_repin": since_repin,
         }
 
     def mismatch(self, state: dict[str, Any]) -> str | None:

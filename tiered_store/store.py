@@ -612,27 +612,22 @@ class TieredStore:
         (True, [5, 6, 7])
         """
         with self._lock.host_inputs():  # it reads the tiers' state: nothing the caller queued
-            for cache in self.caches.online:  # the counts as the lookups so far leave them
-                cache.online.count_pending()
             held = {  # copies, ranked once the lock is let go: lookups never wait on the sort
                 cache.name: (*cache.held(), self._unrestored.held.get(cache.name), cache.capacity)
                 for cache in (self.hot, self.warm)
             }
-            pinned = {
-                c.name: self._unrestored.pinned.get(c.name, c.pinned_rows().cpu().numpy())
-                for c in self.caches.online
-            }
-            resident = {  # copies, folded into the sketches once the lock is let go
-                c.name: (c.online.state(), c.online.resident_counts(c.row_of_slot))
-                for c in self.caches.online
-            }
+            saved_pins = {c.name: self._unrestored.pinned.get(c.name) for c in self.caches.online}
+            pin_flags = {c.name: c.pin_flags().clone() for c in self.caches.online}
+            # the counts as the lookups so far leave them: counted and copied off the lock
+            points = {c.name: c.online.save_point(held[c.name][0]) for c in self.caches.online}
             taken = self._saves_taken = self._saves_taken + 1
         with self._on_store_stream():  # where the copies were queued: read after they are made
             held_rows = {name: _rows_to_save(*parts) for name, parts in held.items()}
-            profiles = {
-                c.name: (resident[c.name][0], c.online.fold_resident(resident[c.name][1]))
-                for c in self.caches.online
+            pinned = {  # a free slot's flag is set: only those of held slots mean pinned
+                name: saved if saved is not None else _pinned_rows(held[name][0], pin_flags[name])
+                for name, saved in saved_pins.items()
             }
+            profiles = {c.name: c.online.saved_profile(points[c.name]) for c in self.caches.online}
         state = RestartState(held_rows, pinned, profiles)
         path = restart_path(self.config.table.path)
         with self._save_order:  # a save taken earlier never replaces a later one's file
@@ -1496,6 +1491,11 @@ def _check_host_memory(nbytes: int, key: str) -> None:
             f"{key}: needs {format_bytes(nbytes)} of host RAM but only {format_bytes(available)} is "
             "available; expected a smaller capacity"
         )
+
+
+def _pinned_rows(row_of_slot: torch.Tensor, pin_flags: torch.Tensor) -> np.ndarray:
+    """The rows pinned, from copies of a tier's ``row_of_slot`` and ``pin_flags`` (slot order)."""
+    return row_of_slot[pin_flags & (row_of_slot >= 0)].cpu().numpy()
 
 
 def _rows_to_save(
