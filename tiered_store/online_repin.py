@@ -619,7 +619,9 @@ class OnlineRepin:
         of the sketch with the resident rows' counts folded in (their counts come back from it
         when the rows are reloaded). It applies the updates queued before the point and copies
         the counts under the counting lock only (lookups go on; the counting waits for the
-        copy), then folds in the copy."""
+        copy), then folds in the copy. Where the re-pin thread counted past the point, a slot's
+        count may be that of a row admitted since, folded into the row the slot held at the
+        point (an over-count, as count-min's collisions are)."""
         with self._counting:
             self._count_first(point.queued - self._applied_total)
             state = self._state(point.clock, point.since_repin)
