@@ -452,6 +452,33 @@ def test_a_sharded_prefetch_collected_after_a_write_is_refused(tmp_path, monkeyp
         store.commit()
 
 
+def test_a_sharded_stores_prefetches_and_their_stalls_are_in_its_stats_and_metrics(
+    tmp_path, monkeypatch
+):
+    """A rank's prefetches, and its lookups' waits for their handles, went uncounted: stats()'s
+    prefetch section and tiered_store_prefetches_total / _prefetch_stall_seconds came from its
+    shard's store, which never prefetches (the rounds fetch its rows), so they said 0."""
+    table = make_plain_table(tmp_path)
+    template = shards_template(table, "rows")
+    write_shards(table, 1, "rows", template=template, progress=False)
+    _one_rank_group_env(monkeypatch)
+    sharding = {"ranks": 1, "by": "rows", "shards": template}
+    with ShardedStore.open({"table": {"path": str(table)}, "sharding": sharding}) as store:
+        ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
+        for _ in range(3):
+            store.lookup(ids, store.prefetch(ids))
+        store.lookup(ids)  # no handle: no stall
+        stats = store.stats()["prefetch"]
+        text = generate_latest(build_sharded_registry({"layer1": store}, process=False)).decode()
+    value = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert stats["handles"] == value["tiered_store_prefetches_total"] == 3
+    assert value["tiered_store_prefetch_stall_seconds_count"] == 3
+    assert stats["wait_seconds_total"] > 0
+    assert stats["wait_seconds_total"] == pytest.approx(
+        value["tiered_store_prefetch_stall_seconds_sum"]
+    )
+
+
 def test_a_lookup_queued_behind_a_concurrent_close_fails_at_once_as_closed(tmp_path, monkeypatch):
     """A lookup that passed the closed check, then queued its exchange after close() had
     stopped the store's thread, was never run: it waited out the timeout and raised

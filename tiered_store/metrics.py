@@ -435,6 +435,9 @@ class TieredStoreCollector(Collector):
         at every scrape, so tables may come and go).
     health
         Table name -> ``TableHealth`` of its checksum passes; tables without one report zeros.
+    prefetchers
+        Table name -> what counts its prefetches, where not the store itself (a ``ShardedStore``,
+        whose shard's store never prefetches).
 
     Examples
     --------
@@ -449,9 +452,11 @@ class TieredStoreCollector(Collector):
         self,
         stores: Mapping[str, TieredStore] | Callable[[], Mapping[str, TieredStore]],
         health: Mapping[str, TableHealth] | None = None,
+        prefetchers: Mapping[str, Any] | None = None,
     ) -> None:
         self._stores = stores
         self._health = health if health is not None else {}
+        self._prefetchers = prefetchers if prefetchers is not None else {}
 
     def describe(self) -> Iterable[Metric]:
         """Empty families with this collector's names (lets the registry spot name clashes)."""
@@ -469,10 +474,13 @@ class TieredStoreCollector(Collector):
             _add_histogram(
                 fam["tiered_store_lookup_duration_seconds"], [table], store.lookup_latency
             )
+            prefetcher = self._prefetchers.get(table, store)
             _add_histogram(
-                fam["tiered_store_prefetch_stall_seconds"], [table], store.prefetch_wait_latency
+                fam["tiered_store_prefetch_stall_seconds"],
+                [table],
+                prefetcher.prefetch_wait_latency,
             )
-            fam["tiered_store_prefetches_total"].add_metric([table], store.prefetches_started)
+            fam["tiered_store_prefetches_total"].add_metric([table], prefetcher.prefetches_started)
             fam["tiered_store_queued_requests"].add_metric([table], len(store.caches.queue))
             fam["tiered_store_queued_rows"].add_metric([table], store.caches.queue.rows)
             health = self._health.get(table) or TableHealth()
@@ -712,7 +720,7 @@ def build_sharded_registry(
     rank = ranks.pop() if ranks else 0
     registry = CollectorRegistry()
     local = {table: store.local for table, store in stores.items()}
-    registry.register(_RankLabelled(TieredStoreCollector(local, health), rank))
+    registry.register(_RankLabelled(TieredStoreCollector(local, health, stores), rank))
     registry.register(ShardedStoreCollector(stores))
     if requests is not None:
         registry.register(_RankLabelled(ServerCollector(requests), rank))

@@ -198,6 +198,7 @@ class ShardedStore:
         self.local: TieredStore | None = None
         self.exchange = dict.fromkeys(_EXCHANGE_KEYS, 0.0)
         self.lookup_latency = LatencyHistogram()
+        self.prefetch_wait_latency = LatencyHistogram()  # lookups waiting for their handles
         self._slots = threading.BoundedSemaphore(config.prefetch.depth)
         self._prefetches = 0
         self._write_rounds = 0  # write and update rounds joined: a handle older than one is refused
@@ -259,7 +260,12 @@ class ShardedStore:
                 future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
             else:
                 future, shape = self._collect(ids, handle, packed)
-            out = self._wait(future, "lookup")
+            waited = time.perf_counter()
+            try:
+                out = self._wait(future, "lookup")
+            finally:  # a collected handle's stall, its round failed or not
+                if handle is not None:
+                    self.prefetch_wait_latency.observe(time.perf_counter() - waited)
             if out.is_cuda:  # made on the collective thread's stream: kept until this one is done
                 out.record_stream(torch.cuda.current_stream(out.device))
             return out.view(*shape, out.shape[-1])
@@ -436,13 +442,19 @@ class ShardedStore:
         return self._prefetches
 
     def stats(self) -> dict[str, dict[str, float]]:
-        """The local shard's ``TieredStore.stats()``, plus ``exchange`` (ids, rows and bytes this
-        rank sent to and received from the others) and ``shard`` (rank, ranks, rows); its
+        """The local shard's ``TieredStore.stats()`` with this store's ``prefetch`` (handles and
+        stall seconds), plus ``exchange`` (ids, rows and bytes this rank sent to and received from
+        the others) and ``shard`` (rank, ranks, rows); its
         ``writes`` say the shards' ``committed_step``, as every rank does (not the local shard's
         own, older where its second phase failed)."""
         out = self.local.stats()
         if "writes" in out and (self._torn_steps is not None or self._unfinished is not None):
             out["writes"]["committed_step"] = self.committed_step  # never the closed local's
+        # this store's prefetches (its shard's store never prefetches: the rounds fetch its rows)
+        out["prefetch"] = {
+            "handles": self._prefetches,
+            "wait_seconds_total": self.prefetch_wait_latency.sum,
+        }
         out["exchange"] = dict(self.exchange)
         start, stop = self.shard_map.shard_range(self.rank)
         out["shard"] = {"rank": self.rank, "ranks": self.world, "rows": stop - start}
