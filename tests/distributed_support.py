@@ -800,6 +800,31 @@ def crossed_rounds_worker(rank: int, world: int, port: int, plain: str, out: Pat
     os._exit(0)
 
 
+def failed_round_counts_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Two lookups; rank 1's shard file shrinks before the second, which fails on every rank;
+    each rank reports its exchange counters and the rounds its heartbeat entered."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        store = ShardedStore.open(_store_config(Path(plain), world, "rows"))
+        store.lookup(torch.tensor([0, 1, 300, 301]))
+        if rank == 1:  # its next cold read fails
+            os.truncate(store.path, 4096)
+        try:
+            store.lookup(torch.tensor([2, 3, 302, 303]))  # rows no tier holds yet
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["error"] = type(exc).__name__
+        result["exchange"] = store.stats()["exchange"]
+        result["entered"] = store._heartbeat.entered
+        store.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def subgroup_heartbeats_worker(rank: int, world: int, port: int, table: str, out: Path) -> None:
     """4 ranks. Ranks 2 and 3 open one store more (on their subgroup), then every rank opens
     one over all: rank 0 must hear every rank beat. Then a store on each of the subgroups

@@ -1159,6 +1159,30 @@ def test_one_rank_misusing_a_collective_is_refused_and_the_ranks_stay_in_step(tm
     assert results[0]["zero width seen"] == results[1]["zero width seen"] == []
 
 
+def test_a_lookup_a_shard_failed_is_counted_as_a_round_whose_ids_crossed_and_rows_did_not(
+    tmp_path,
+):
+    """A round ended by a shard that could not serve its rows was left out of the exchange
+    counters on every rank (tiered_store_exchange_rounds_total one short of the rounds the ranks
+    joined, its ids never counted though they crossed); it counts now, without rows."""
+    from tests.distributed_support import failed_round_counts_worker, make_plain_table
+
+    plain = make_plain_table(tmp_path)
+    _shard_all({"plain": plain}, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(failed_round_counts_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    assert [r["error"] for r in results] == ["ShardReadError", "TierIOError"]
+    for result in results:  # 2 of the 4 ids of each round are the other rank's
+        ex, row_bytes = result["exchange"], 8 * 2
+        assert ex["lookups"] == result["entered"] == 2
+        assert (ex["ids"], ex["unique_ids"], ex["ids_sent"]) == (8, 8, 4)
+        assert ex["rows_served"] == 2  # the first round's only
+        assert ex["bytes_sent"] == ex["bytes_received"] == 2 * 8 + 4 * 8 + 2 * row_bytes
+
+
 def test_a_training_step_refused_on_one_rank_is_refused_on_all_and_keeps_the_gradients(tmp_path):
     """Rank 1 repeats the last step: it raises its ConfigError, the others StepMismatchError
     naming it, at once (before, rank 1 raised before joining the round: the others waited out

@@ -755,7 +755,11 @@ class ShardedStore:
             served, failed_here = self.local.lookup(asked, packed=True), None
         except Exception as exc:  # noqa: BLE001 (any: told to every rank, so they stay in step)
             served, failed_here = None, exc
-        self._check_served(failed_here, device)
+        try:
+            self._check_served(failed_here, device)
+        except _LookupFailed:  # a round joined all the same: its ids crossed, its rows did not
+            self._count(n, unique.numel(), sends, recvs, time.perf_counter() - start, rows=False)
+            raise
         payload = served.to(device).contiguous().view(torch.uint8)
         received = torch.empty((unique.numel(), self.row_bytes), dtype=torch.uint8, device=device)
         dist.all_to_all_single(received, payload, sends, recvs, group=self.group)
@@ -951,18 +955,21 @@ class ShardedStore:
             )
             raise error_type(errno.EIO, message)
 
-    def _count(self, n: int, unique: int, sends: list, recvs: list, seconds: float) -> None:
-        """Add one round to the exchange counters (bytes that crossed between ranks only)."""
+    def _count(
+        self, n: int, unique: int, sends: list, recvs: list, seconds: float, rows: bool = True
+    ) -> None:
+        """Add one round to the exchange counters (bytes that crossed between ranks only;
+        ``rows``: False for a round that ended before the rows travelled)."""
         ids_out, ids_in = sum(sends) - sends[self.rank], sum(recvs) - recvs[self.rank]
-        counts = 8 * (self.world - 1)
+        counts, row_bytes = 8 * (self.world - 1), self.row_bytes if rows else 0
         ex = self.exchange
         ex["lookups"] += 1
         ex["ids"] += n
         ex["unique_ids"] += unique
         ex["ids_sent"] += ids_out
-        ex["rows_served"] += ids_in
-        ex["bytes_sent"] += counts + 8 * ids_out + self.row_bytes * ids_in
-        ex["bytes_received"] += counts + 8 * ids_in + self.row_bytes * ids_out
+        ex["rows_served"] += ids_in if rows else 0
+        ex["bytes_sent"] += counts + 8 * ids_out + row_bytes * ids_in
+        ex["bytes_received"] += counts + 8 * ids_in + row_bytes * ids_out
         ex["seconds_total"] += seconds
 
     def _wait(self, future: Future, what: str) -> Any:
