@@ -825,6 +825,27 @@ def failed_round_counts_worker(rank: int, world: int, port: int, plain: str, out
     _report(out, rank, result)
 
 
+def lookup_seconds_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Rank 1 joins the second of two lookups a second late; each rank reports its stats()'s
+    lookup section and its lookups' own times."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {"seconds": []}
+    try:
+        with ShardedStore.open(_store_config(Path(plain), world, "rows")) as store:
+            for late in (0.0, 1.0 if rank == 1 else 0.0):
+                time.sleep(late)
+                start = time.perf_counter()
+                store.lookup(torch.tensor([0, 1, 300, 301]))
+                result["seconds"].append(time.perf_counter() - start)
+            result["lookup"] = store.stats()["lookup"]
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def subgroup_heartbeats_worker(rank: int, world: int, port: int, table: str, out: Path) -> None:
     """4 ranks. Ranks 2 and 3 open one store more (on their subgroup), then every rank opens
     one over all: rank 0 must hear every rank beat. Then a store on each of the subgroups

@@ -1183,6 +1183,26 @@ def test_a_lookup_a_shard_failed_is_counted_as_a_round_whose_ids_crossed_and_row
         assert ex["bytes_sent"] == ex["bytes_received"] == 2 * 8 + 4 * 8 + 2 * row_bytes
 
 
+def test_a_sharded_stores_lookup_stats_time_its_lookups_not_its_shards_share_of_them(tmp_path):
+    """stats()["lookup"] was the shard's own TieredStore's: the time it spent serving each round's
+    rows, without the exchange or the wait for the other ranks, so a rank whose lookup waited a
+    second for another said it spent milliseconds (and the Engram pipeline's lookup seconds over
+    sharded tables, which it sums, came out below its prefetch stall)."""
+    from tests.distributed_support import lookup_seconds_worker, make_plain_table
+
+    plain = make_plain_table(tmp_path)
+    _shard_all({"plain": plain}, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(lookup_seconds_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    waited = results[0]
+    assert waited["seconds"][1] > 0.5  # rank 0 waited for rank 1 (a second, less its lead)
+    assert waited["lookup"]["calls"] == 2
+    assert waited["lookup"]["seconds_total"] == pytest.approx(sum(waited["seconds"]), abs=0.05)
+
+
 def test_a_training_step_refused_on_one_rank_is_refused_on_all_and_keeps_the_gradients(tmp_path):
     """Rank 1 repeats the last step: it raises its ConfigError, the others StepMismatchError
     naming it, at once (before, rank 1 raised before joining the round: the others waited out

@@ -443,17 +443,23 @@ class ShardedStore:
 
     def stats(self) -> dict[str, dict[str, float]]:
         """The local shard's ``TieredStore.stats()`` with this store's ``prefetch`` (handles and
-        stall seconds), plus ``exchange`` (ids, rows and bytes this rank sent to and received from
+        stall seconds) and ``lookup`` (this rank's calls and their seconds, exchange and waits for
+        the other ranks included), plus ``exchange`` (ids, rows and bytes this rank sent to and received from
         the others) and ``shard`` (rank, ranks, rows); its
         ``writes`` say the shards' ``committed_step``, as every rank does (not the local shard's
         own, older where its second phase failed)."""
         out = self.local.stats()
         if "writes" in out and (self._torn_steps is not None or self._unfinished is not None):
             out["writes"]["committed_step"] = self.committed_step  # never the closed local's
-        # this store's prefetches (its shard's store never prefetches: the rounds fetch its rows)
+        # this store's prefetches and lookups, not its shard's store's share of the rounds (it
+        # never prefetches; its lookups serve the rounds' rows, every rank's)
         out["prefetch"] = {
             "handles": self._prefetches,
             "wait_seconds_total": self.prefetch_wait_latency.sum,
+        }
+        out["lookup"] = {
+            "calls": self.lookup_latency.count,
+            "seconds_total": self.lookup_latency.sum,
         }
         out["exchange"] = dict(self.exchange)
         start, stop = self.shard_map.shard_range(self.rank)
