@@ -252,6 +252,31 @@ def test_a_header_whose_table_rows_or_dim_are_not_counts_is_refused(tmp_path, ke
             )
 
 
+def test_ids_past_the_rows_the_header_gives_are_refused_when_read(tmp_path):
+    """The writer checks ids against a table's rows, and replay trusts a table that gives them;
+    a foreign writer's ids past them were read without a word, and replay's caches met them as a
+    bare IndexError."""
+    import struct
+    import zlib
+
+    from tiered_store.trace import _PREAMBLE
+
+    p = tmp_path / "odd.trace"
+    with TraceWriter(p, {"tables": [{"name": "a", "rows": 9000}, {"name": "b"}]}) as w:
+        w.write(np.arange(5), "b")
+        w.write(np.array([[1, 2], [8000, 3]]), "a")
+    data = bytearray(p.read_bytes())
+    n = _PREAMBLE.unpack(data[: _PREAMBLE.size])[3]
+    head = bytes(data[_PREAMBLE.size : _PREAMBLE.size + n]).replace(b"9000", b"3000", 1)
+    data[_PREAMBLE.size : _PREAMBLE.size + n + 4] = head + struct.pack("<I", zlib.crc32(head))
+    p.write_bytes(data)
+    expected = "record 1 holds row id 8,000 of table 'a'; expected ids below the 3,000 rows"
+    with TraceReader(p) as r:
+        for read in (r.read_all, r.verify, lambda: list(r.batches("b"))):
+            with pytest.raises(TraceFormatError, match=re.escape(f"{p}, chunk 0: {expected}")):
+                read()
+
+
 def _rewrite_footer(path, edit):
     """Apply ``edit`` to the trace's footer dict and write it back with a matching checksum, as a
     buggy or foreign writer would."""
@@ -273,6 +298,7 @@ def _rewrite_footer(path, edit):
     [
         ("chunks: [[]]", lambda f: f.update(chunks=[[]])),
         ("per_table: a list", lambda f: f["totals"].update(per_table=[50])),
+        ("tables: not the header's", lambda f: f.update(tables=f["tables"][::-1])),
     ],
 )
 def test_a_footer_of_the_wrong_shape_is_refused_by_name(tmp_path, field, edit):

@@ -19,7 +19,8 @@ The **header** JSON is the caller's dict plus ``"magic": "engram-trace"`` and
 ``"format_version": 1``. By convention it holds ``"tables"``: a list of table names or of dicts
 with at least ``"name"`` (and, as the caller sees fit, ``"rows"``, ``"dim"``, ``"heads"``,
 ``"primes"``, ``"offsets"``, ``"layer"``; ``"rows"`` and ``"dim"`` integers >= 1 where given), ``"config"`` and ``"tokenizer"``. When ``"tables"`` is given, writes
-must name one of those tables, and ids are checked against a table's ``"rows"`` when present;
+must name one of those tables, and ids are checked against a table's ``"rows"`` when present
+(by the writer, and by the reader as it decodes each chunk);
 without it, tables are registered by name as they are first written.
 
 A **chunk header** is ``4s b"TRCK" | u32 chunk index | u64 ids | u32 records | u8 id width (4 or
@@ -456,6 +457,7 @@ class TraceReader:
             self.header = self._read_header()
             footer = self._read_footer()
             self.tables: list[str] = list(footer["tables"])
+            self._rows = self._declared_rows()
             self.chunk_index: list[list[int]] = self._check_chunk_index(footer["chunks"])
             totals = footer["totals"]
             self.n_lookups: int = int(totals["lookups"])
@@ -595,6 +597,19 @@ class TraceReader:
                 f"{values[i - 1, 4]}; expected batches that only go forward"
             )
         return chunks
+
+    def _declared_rows(self) -> np.ndarray:
+        """Each footer table's rows as the header's layout gives them (int64 max where it gives
+        none); a layout that is not the footer's tables, in order, is refused."""
+        unbounded = np.iinfo(np.int64).max
+        declared = self.header.get("tables")
+        if declared is None:
+            return np.full(len(self.tables), unbounded, dtype=np.int64)
+        layout = TraceWriter._parse_layout(declared)  # checked when the header was read
+        names = [t["name"] for t in layout]
+        if names != self.tables:
+            raise self._malformed(f"tables {self.tables}; expected the header's tables {names}")
+        return np.array([t.get("rows") or unbounded for t in layout], dtype=np.int64)
 
     def _check_per_table(self, per_table: Any) -> dict[str, int]:
         """The footer's ids per table, checked: a count for each table, adding up to the lookups."""
@@ -755,7 +770,28 @@ class TraceReader:
         if int(records[:, 2].sum()) != n_ids:
             raise self._fail("record table does not add up to the chunk's ids", index)
         self._check_records(records, index)
+        self._check_ids(records, ids, index)
         return TraceChunk(index, records.astype(np.int64), ids)
+
+    def _check_ids(self, records: np.ndarray, ids: np.ndarray, index: int) -> None:
+        """Each record's ids of chunk ``index`` lie below its table's rows (the header's), as the
+        writer checks: replay trusts a table that declares its rows, and met a foreign writer's
+        ids past them as a bare IndexError."""
+        if not ids.size:
+            return
+        bound = self._rows[records[:, 1]]
+        if (bound == bound[0]).all() and int(ids.max()) < bound[0]:
+            return
+        bad = ids >= np.repeat(bound, records[:, 2])
+        if bad.any():
+            i = int(bad.argmax())
+            rec = int(np.searchsorted(np.cumsum(records[:, 2]), i, side="right"))
+            name = self.tables[int(records[rec, 1])]
+            raise self._fail(
+                f"record {rec} holds row id {int(ids[i]):,} of table {name!r}; expected ids "
+                f"below the {int(bound[rec]):,} rows the header gives it",
+                index,
+            )
 
     def _check_records(self, records: np.ndarray, index: int) -> None:
         """Each record of chunk ``index`` names a table of the footer, holds as many ids as its
