@@ -115,6 +115,39 @@ def test_write_is_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]  # no temp left behind
 
 
+def test_a_trace_whose_writer_was_killed_names_what_it_left_and_where_that_stops(tmp_path):
+    """A recording killed (SIGKILL) before it closed leaves no trace under its name, only its
+    partial temporary beside it: opening the trace said "No such file or directory", not that a
+    partial one is there, nor where it stops."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import numpy as np\n"
+        "from tiered_store.trace import TraceWriter\n"
+        f"w = TraceWriter({str(tmp_path / 't.trace')!r}, {{'tables': ['a']}}, chunk_ids=100)\n"
+        "for b in range(10**9):\n"
+        "    w.write(np.arange(30), 'a'); w.end_batch()\n"
+        "    if b == 2000: print('ready', flush=True)\n"  # chunks past its write buffer
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env) as proc:
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    [left] = [p.name for p in tmp_path.iterdir()]
+    with pytest.raises(TraceFormatError) as err:
+        TraceReader(tmp_path / "t.trace")
+    assert re.search(
+        rf"t\.trace: cannot open \(No such file or directory\); a writer killed before it "
+        rf"closed the trace left {re.escape(left)} \([\d,]+ bytes, chunk \d+: truncated",
+        str(err.value),
+    ), err.value
+
+
 def test_a_path_that_cannot_be_written_is_refused_when_the_writer_opens(tmp_path):
     """Before any lookup is recorded (a server records for hours before it closes the trace)."""
     (tmp_path / "a_dir.trace").mkdir()

@@ -48,6 +48,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import reprlib
 import struct
 import zlib
@@ -59,7 +60,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import zstandard
 
-from .atomic_file import AtomicFile, write_step
+from .atomic_file import AtomicFile, hidden_temporaries, write_step
 from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError, error_text
 from .npy_files import load_npy
 
@@ -451,7 +452,9 @@ class TraceReader:
         try:
             self._file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()
         except OSError as exc:
-            raise TraceFormatError(f"trace {self.path}: cannot open ({exc.strerror})") from None
+            raise TraceFormatError(
+                f"trace {self.path}: cannot open ({exc.strerror}){_left_behind(self.path)}"
+            ) from None
         try:
             self._size = os.fstat(self._file.fileno()).st_size
             self.header = self._read_header()
@@ -908,6 +911,29 @@ class TraceReader:
             f"TraceReader({str(self.path)!r}, tables={self.tables}, lookups={self.n_lookups}, "
             f"batches={self.n_batches}, chunks={self.n_chunks})"
         )
+
+
+def _left_behind(path: Path) -> str:
+    """For a trace that cannot be opened: the partial file a writer killed before it closed left
+    beside it, and where that stops ('' when there is none)."""
+    try:
+        left = hidden_temporaries(path.parent, re.escape(path.name))
+        newest = max(left, key=lambda p: p.stat().st_mtime) if left else None
+        size = newest.stat().st_size if newest else 0
+    except OSError:  # no folder there, or the partial file just went
+        return ""
+    if newest is None:
+        return ""
+    try:
+        TraceReader(newest).close()
+        stopped = ": whole, but never renamed into place"
+    except TraceFormatError as exc:
+        stopped = str(exc).removeprefix(f"trace {newest}")
+    return (
+        f"; a writer killed before it closed the trace left {newest.name} ({size:,} bytes"
+        f"{stopped}); a trace is whole only once its writer closes it (`tiered-store serve "
+        "--record-trace` closes it on SIGTERM)"
+    )
 
 
 def trace_from_npy(
