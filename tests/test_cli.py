@@ -316,7 +316,7 @@ def test_export_trace_that_cannot_be_written_is_a_clear_error_and_leaves_nothing
         writer.write(np.arange(50_000), "a")
     out = tmp_path / "ids.npy"
     with file_size_limit(200_000):
-        code = main(["export-trace", str(path), str(out)])
+        code = main(["export-trace", str(path), str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err == (
@@ -324,6 +324,21 @@ def test_export_trace_that_cannot_be_written_is_a_clear_error_and_leaves_nothing
         "too large; nothing was written there (expected a writable file system with room for it)\n"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]  # no temporary file left
+
+
+def test_export_trace_shows_a_progress_bar_unless_quiet(tmp_path, capsys):
+    """Exporting streams the whole trace (minutes for a corpus's): it showed nothing until done,
+    and had no --quiet as the other long commands have."""
+    from tiered_store.trace import TraceWriter
+
+    path = tmp_path / "t.trace"
+    with TraceWriter(path, {"tables": [{"name": "a", "rows": 100_000}]}, chunk_ids=10_000) as w:
+        w.write(np.arange(50_000), "a")
+    out = tmp_path / "ids.npy"
+    assert main(["export-trace", str(path), str(out)]) == 0
+    assert "export t.trace: " in capsys.readouterr().err
+    assert main(["export-trace", str(path), str(out), "--overwrite", "--quiet"]) == 0
+    assert capsys.readouterr().err == "" and np.load(out).tolist() == list(range(50_000))
 
 
 def test_export_trace_of_several_tables_needs_one_named(tmp_path, capsys):

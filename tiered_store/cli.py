@@ -180,6 +180,7 @@ def _add_export_trace(sub) -> None:
         "each table numbers its rows from 0)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_export_trace)
 
 
@@ -195,7 +196,9 @@ def _run_export_trace(args) -> int:
                 "rows from 0, so their ids would mix in one file)"
             )
         table = None if args.table is None else reader.table_index(args.table)
-        ids = trace_to_npy(reader, args.out, table=table, overwrite=args.overwrite)
+        ids = trace_to_npy(
+            reader, args.out, table=table, overwrite=args.overwrite, progress=not args.quiet
+        )
     print(f"wrote {args.out}: {ids.size:,} row ids (int64)")
     return 0
 

@@ -59,6 +59,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import zstandard
+from tqdm.auto import tqdm
 
 from .atomic_file import AtomicFile, hidden_temporaries, write_step
 from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError, error_text
@@ -1009,8 +1010,10 @@ def trace_to_npy(
     *,
     table: str | int | None = None,
     overwrite: bool = True,
+    progress: bool = False,
 ) -> np.ndarray:
-    """Write a trace's ids (or one table's) as one flat int64 ``.npy``, streaming.
+    """Write a trace's ids (or one table's) as one flat int64 ``.npy``, streaming (``progress``:
+    a bar of the ids written, on stderr).
 
     Returns the written array, memory-mapped read-only. Batch and table boundaries are dropped;
     see :func:`trace_from_npy` for an example. An existing ``npy_path`` is replaced only with
@@ -1037,10 +1040,20 @@ def trace_to_npy(
                 header = {"descr": "<i8", "fortran_order": False, "shape": (n,)}
                 np.lib.format.write_array_header_1_0(out.file, header)
                 pos = 0
-                for part in reader.ids(table):
-                    if pos + part.size <= n:
-                        out.file.write(part.astype("<i8", copy=False).tobytes())
-                    pos += part.size
+                bar = tqdm(
+                    total=n,
+                    unit="id",
+                    unit_scale=True,
+                    disable=not progress,
+                    desc=f"export {reader.path.name}",
+                    leave=False,
+                )
+                with bar:
+                    for part in reader.ids(table):
+                        if pos + part.size <= n:
+                            out.file.write(part.astype("<i8", copy=False).tobytes())
+                        pos += part.size
+                        bar.update(part.size)
                 if pos != n:
                     raise reader._fail(f"chunks hold {pos} ids; the footer says {n}")
                 out.commit()
