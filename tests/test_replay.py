@@ -235,6 +235,25 @@ def test_replay_command_writes_table_json_and_png(tmp_path, capsys):
     assert [c["name"] for c in doc["sweep"]][:2] == ["lru", "static+lru"]
 
 
+def test_replay_command_shows_a_bar_for_each_replay_of_its_sweep_unless_quiet(tmp_path, capsys):
+    """The sweep replays the whole trace once per policy and capacity (most of the command's time
+    on a corpus's trace) without a progress bar: the command looked hung after its replays."""
+    from tiered_store.cli import main
+
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    write_trace(tmp_path / "t.trace", batches=10)
+    (tmp_path / "tiers.yaml").write_text(
+        f"table: {{path: {path.name}}}\ntiers: {{hot: {{capacity: 60}}, warm: {{capacity: 5%}}}}\n"
+    )
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--no-bounds"]
+    argv += ["--policies", "lru", "--sweep", "1%,5%", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert all(f"sweep lru at {cap} rows" in err for cap in (0, 30, 150)), err
+    assert main([*argv, "--quiet"]) == 0
+    assert "sweep" not in capsys.readouterr().err
+
+
 def test_offline_bounds_replay_by_name_over_the_same_ids(tmp_path):
     from zipf_analysis.mrc import belady_misses, static_topk_mrc
 

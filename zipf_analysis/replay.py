@@ -99,6 +99,7 @@ def replay(
     request_tokens: int = 4096,
     marks: Sequence[int] = (),
     progress: bool = False,
+    desc: str | None = None,
 ) -> ReplayResult:
     """Replay one table of a trace through the cache tiers a config describes.
 
@@ -132,6 +133,8 @@ def replay(
         replay.
     progress : bool
         Show a progress bar (lookups replayed) on stderr.
+    desc : str, optional
+        The bar's label (default: ``replay`` and the warm tier's policy).
     """
     if not isinstance(trace, TraceReader):
         with TraceReader(trace) as reader:
@@ -146,6 +149,7 @@ def replay(
                 request_tokens=request_tokens,
                 marks=marks,
                 progress=progress,
+                desc=desc,
             )
     if queued_requests < 0 or request_tokens < 1:
         raise ConfigError(
@@ -187,7 +191,7 @@ def replay(
     bar = (
         tqdm(
             total=reader.lookups(index),
-            desc=f"replay {caches.warm.spec.text}",
+            desc=desc or f"replay {caches.warm.spec.text}",
             unit="lookup",
             unit_scale=True,
             leave=False,

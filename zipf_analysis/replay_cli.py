@@ -272,6 +272,7 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
             row_bytes,
             bound_names,
             queue=(args.queued_requests, args.request_tokens),
+            progress=not args.quiet,
         )
         doc["sweep"] = [c.to_dict() for c in curves]
         from .plots import miss_ratio_figure
@@ -451,11 +452,13 @@ def sweep(
     row_bytes,
     bound_names,
     queue: tuple[int, int] = (0, 4096),
+    progress: bool = False,
 ) -> list[MissRatioCurve]:
     """One cache tier (warm) at each capacity ``caps`` (rows, ascending, see
     :func:`_sweep_capacities`), per online policy, beside exact LRU and the offline bounds
     ``bound_names`` (per request, over the table's whole trace). ``queue``: requests announced
-    ahead and their tokens, as the policy rows replay them (0: none)."""
+    ahead and their tokens, as the policy rows replay them (0: none); ``progress``: a bar per
+    replay on stderr."""
     queued, request_tokens = queue
     grid = [0, *caps]
     ids = reader.read_all(table) if bound_names else None
@@ -492,6 +495,8 @@ def sweep(
                         policy=policy,
                         queued_requests=queued,
                         request_tokens=request_tokens,
+                        progress=progress,
+                        desc=f"sweep {policy} at {cap:,} rows",
                     ).fetch_ratio  # comparable with the per-request curves drawn beside it
                 )
         curves.append(
