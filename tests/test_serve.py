@@ -324,6 +324,25 @@ def test_recorded_trace_replays_to_the_store_statistics(tmp_path, config_path, c
     capsys.readouterr()
 
 
+def test_a_recorded_trace_is_not_replayed_with_another_row_width(tmp_path, config_path):
+    """A served trace gave its tables' rows but not their row width: replayed without the table
+    file, a config's table.dim of another width was taken without a word (bytes moved, stall)."""
+    from tiered_store.config import StoreConfig
+    from tiered_store.table_format import read_manifest
+
+    trace = tmp_path / "served.trace"
+    server = start_server(config_path, trace=trace)
+    bodies = zipf_requests(2, batch=1, tokens=8, seed=2)
+    assert run_load(server.url + "/v1/engram", bodies, clients=1).answered == 2
+    dim = read_manifest(server.config.table_path(1)).values_per_row
+    server.stop()
+    store = {"table": {"path": str(tmp_path / "none.npy"), "dim": 2 * dim}}
+    with pytest.raises(ConfigError, match=f"table.dim: got {2 * dim} but trace table"):
+        replay(StoreConfig.from_dict(store), trace, table="engram_layer1")
+    store["table"]["dim"] = dim
+    assert replay(StoreConfig.from_dict(store), trace, table="engram_layer1").lookups > 0
+
+
 def test_replay_refuses_a_profile_hashed_otherwise_than_a_recorded_trace(tmp_path, config_path):
     """A served trace records its Engram config as {"engram": ..., "source": ...}: replay took a
     profile of another hash seed over it (or one made from it over a table of another seed)."""

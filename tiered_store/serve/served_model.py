@@ -264,6 +264,7 @@ class ServedModel:
             {
                 "name": self.config.table_name(layer),
                 "rows": hasher.table_rows(layer),
+                "dim": self.stores[self.config.table_name(layer)].dim,
                 "heads": hasher.num_heads,
                 "primes": hasher.head_sizes(layer),
                 "offsets": hasher.offsets(layer).tolist(),
