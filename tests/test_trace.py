@@ -344,9 +344,10 @@ def test_a_footer_of_the_wrong_shape_is_refused_by_name(tmp_path, field, edit):
         TraceReader(path)
 
 
-def _rewrite_records(path, edit):
-    """Apply ``edit`` to the record table of a one-chunk trace and write the chunk back with
-    matching sizes and checksums, as a buggy or foreign writer would."""
+def _rewrite_records(path, edit, edit_ids=None):
+    """Apply ``edit`` to the record table of a one-chunk trace (and ``edit_ids`` to its id bytes,
+    byte-shuffled) and write the chunk back with matching sizes and checksums, as a buggy or
+    foreign writer would."""
     import struct
     import zlib
 
@@ -364,6 +365,8 @@ def _rewrite_records(path, edit):
     records = np.frombuffer(raw, "<i8", n_rec * _META_COLS).reshape(n_rec, _META_COLS).copy()
     edit(records)
     raw[: records.nbytes] = records.astype("<i8").tobytes()
+    if edit_ids is not None:
+        raw[records.nbytes :] = edit_ids(bytearray(raw[records.nbytes :]))
     payload = zstandard.ZstdCompressor().compress(bytes(raw))
     fields[8], fields[9] = len(payload), zlib.crc32(payload)
     head = _CHUNK_HEAD.pack(*fields)
@@ -391,6 +394,24 @@ def test_a_record_table_that_cannot_be_right_is_refused_by_name(tmp_path, edit, 
     where = re.escape(f"trace {path}, chunk 0: ")
     with TraceReader(path) as r, pytest.raises(TraceFormatError, match=where + message):
         list(r.batches())
+
+
+def test_an_id_past_int64_in_a_chunk_is_refused_not_read_negative(tmp_path):
+    """8-byte ids are stored unsigned: one past 2**63 (no writer writes it) was read as a
+    negative row id, exported so and handed to replay."""
+
+    def set_top_bit(body: bytearray) -> bytearray:
+        body[-3 + 1] |= 0x80  # the top byte plane comes last: id 1 of 3 gains 2**63
+        return body
+
+    path = tmp_path / "t.trace"
+    with TraceWriter(path, {"tables": ["a"]}) as w:
+        w.write(np.array([1, 2, 2**40]), "a")
+    _rewrite_records(path, lambda r: None, set_top_bit)
+    expected = f"record 0 holds row id {2**63 + 2:,} of table 'a'; expected ids below 2**63"
+    with TraceReader(path) as r, pytest.raises(TraceFormatError, match=re.escape(expected)):
+        trace_to_npy(r, tmp_path / "ids.npy")
+    assert not (tmp_path / "ids.npy").exists()
 
 
 def test_chunks_going_back_a_batch_are_refused_at_open(tmp_path):

@@ -780,20 +780,27 @@ class TraceReader:
     def _check_ids(self, records: np.ndarray, ids: np.ndarray, index: int) -> None:
         """Each record's ids of chunk ``index`` lie below its table's rows (the header's), as the
         writer checks: replay trusts a table that declares its rows, and met a foreign writer's
-        ids past them as a bare IndexError."""
+        ids past them as a bare IndexError. An 8-byte id past int64 (which no writer writes)
+        decodes negative, and is refused too."""
         if not ids.size:
             return
         bound = self._rows[records[:, 1]]
-        if (bound == bound[0]).all() and int(ids.max()) < bound[0]:
+        if (bound == bound[0]).all() and int(ids.min()) >= 0 and int(ids.max()) < bound[0]:
             return
-        bad = ids >= np.repeat(bound, records[:, 2])
+        bad = (ids < 0) | (ids >= np.repeat(bound, records[:, 2]))
         if bad.any():
             i = int(bad.argmax())
             rec = int(np.searchsorted(np.cumsum(records[:, 2]), i, side="right"))
             name = self.tables[int(records[rec, 1])]
+            limit = int(bound[rec])
+            below = (
+                "2**63 (int64)"
+                if limit == np.iinfo(np.int64).max
+                else f"the {limit:,} rows the header gives it"
+            )
             raise self._fail(
-                f"record {rec} holds row id {int(ids[i]):,} of table {name!r}; expected ids "
-                f"below the {int(bound[rec]):,} rows the header gives it",
+                f"record {rec} holds row id {int(ids[i]) % 2**64:,} of table {name!r}; "
+                f"expected ids below {below}",
                 index,
             )
 
