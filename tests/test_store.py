@@ -637,6 +637,28 @@ def test_a_key_that_is_not_a_string_is_named(tmp_path):
             StoreConfig.from_dict(data)
 
 
+def test_an_alias_bomb_is_refused_at_once(tmp_path):
+    """Nine lines of nested aliases (9**9 values) were validated, and every error message
+    written out, value by value: minutes of CPU and gigabytes before any answer."""
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join([*lines, "table: {path: t.npy}"]) + "\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"bomb.yaml: its aliases \(\*name\) expand it to more"):
+        StoreConfig.from_yaml(bomb)
+    assert time.monotonic() - started < 5
+    bomb.write_text("table: &t {path: t.npy, again: *t}\n")  # into itself: no end
+    with pytest.raises(
+        ConfigError, match="expand it to more than 1,000,000 values, or into itself"
+    ):
+        StoreConfig.from_yaml(bomb)
+    bomb.write_text(
+        "\n".join([*lines[:4], "table: {path: t.npy}"]) + "\n"
+    )  # 9**4: an alias is fine
+    assert len(load_yaml(bomb)["a3"]) == 9
+
+
 def test_failed_lookup_leaves_table_file_untouched(table):
     path, _ = table
     before = path.read_bytes()

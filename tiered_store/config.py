@@ -158,11 +158,21 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path}: not UTF-8 text; expected a YAML file") from None
+    loader = _UniqueKeyLoader(text)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        node = loader.get_single_node()
+        expanded = _expanded_size(node)
+        if expanded > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{what} {path}: its aliases (*name) expand it to more than {MAX_YAML_VALUES:,} "
+                "values, or into itself; expected a configuration of at most that many"
+            )
+        data = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
         kind = "JSON" if path.suffix == ".json" else "YAML"  # YAML reads JSON: say what was meant
         raise ConfigError(f"{what} {path}: not valid {kind}: {exc}") from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -362,6 +372,44 @@ def _find_non_string_key(model: type[BaseModel], data: Mapping, parts: tuple) ->
             if found is not None:
                 return found
     return None
+
+
+#: values (scalars and collections) a configuration file may hold once its aliases are expanded:
+#: every check and error message walks them, so a few lines of nested aliases must not make billions
+MAX_YAML_VALUES = 1_000_000
+
+
+def _expanded_size(root: yaml.Node | None) -> int:
+    """How many values the YAML node graph ``root`` holds with its aliases expanded (a node
+    reached through N aliases counts N times), counted once per node; a node that contains itself
+    counts as more than ``MAX_YAML_VALUES``."""
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [] if root is None else [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in size:
+            continue
+        children = _child_nodes(node)
+        if children_done:
+            open_nodes.discard(id(node))
+            size[id(node)] = min(1 + sum(size[id(c)] for c in children), MAX_YAML_VALUES + 1)
+            continue
+        if id(node) in open_nodes:  # a recursive alias: it expands without end
+            return MAX_YAML_VALUES + 1
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+    return 0 if root is None else size[id(root)]
+
+
+def _child_nodes(node: yaml.Node) -> list[yaml.Node]:
+    """The nodes a sequence or mapping node holds (keys and values); none for a scalar."""
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
