@@ -162,6 +162,21 @@ def test_a_corpus_too_small_for_one_batch_is_named_with_its_own_token_count(tmp_
     assert count > 0 and "do not fill one batch of 2 x 64" in err  # it said 0 tokens
 
 
+def test_paths_in_the_config_file_are_relative_to_it(tmp_path, capsys, monkeypatch):
+    """run.corpus in --config was read against the working directory, while every other config
+    file's paths are relative to the file: the corpus beside the YAML was not found."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "small.txt").write_text("the hot rows repeat; the cold tier holds. " * 10)
+    config = tmp_path / "conf" / "demo.yaml"
+    config.write_text("run: {corpus: [small.txt]}\ntiers: {hot: {preload_rows: hot.npy}}\n")
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    args = [a for a in TINY_ARGS if "json" not in a and a != "--corpus"]
+    settings = demo_settings(_parse([*args, "--config", str(config)]))
+    assert settings["tiers"]["hot"]["preload_rows"] == str(tmp_path / "conf" / "hot.npy")
+    assert main(["demo", *args, "--config", str(config), "--workdir", str(tmp_path)]) == 2
+    assert "do not fill one batch of 2 x 64" in capsys.readouterr().err  # it was read
+
+
 def test_files_the_demo_cannot_read_as_text_are_named(tmp_path, capsys):
     # a binary and a latin-1 file in --corpus were dropped without a word
     corpus = tmp_path / "corpus"

@@ -12,6 +12,7 @@ and checks that the tiered logits are bit-identical to the in-memory ones.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,6 +420,26 @@ def _read_config(path: Path) -> dict[str, Any]:
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: {key}: expected a mapping, got {type(value).__name__}")
+    return _relative_to(path.parent, data)
+
+
+def _relative_to(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its relative paths (``run.corpus``, the tiers' row lists and profiles) made
+    relative to ``folder``, the YAML's, as every config file's paths are."""
+
+    def under(text: Any) -> Any:
+        if not isinstance(text, str):
+            return text  # DemoConfig names what is wrong with it
+        text = os.path.expanduser(text)
+        return text if os.path.isabs(text) else str(folder / text)
+
+    run = data.get("run") or {}
+    if isinstance(run.get("corpus"), list):
+        run["corpus"] = [under(entry) for entry in run["corpus"]]
+    for tier in (data.get("tiers") or {}).values():
+        for key in ("static_rows", "preload_rows", "profile"):
+            if isinstance(tier, dict) and key in tier:
+                tier[key] = under(tier[key])
     return data
 
 
