@@ -59,7 +59,7 @@ import torch
 from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import (
     at_least,
-    capacity_of_a_table,
+    capacity,
     doc_parser,
     output_file,
     policy,
@@ -124,12 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1,
         help="batches per variant per round (1: the variants' measurements are closest in time)",
     )
-    p.add_argument(
-        "--hot", type=capacity_of_a_table, default="5%", help="hot tier capacity per table"
-    )
-    p.add_argument(
-        "--warm", type=capacity_of_a_table, default="20%", help="warm tier capacity per table"
-    )
+    p.add_argument("--hot", type=capacity, default="5%", help="hot tier capacity per table")
+    p.add_argument("--warm", type=capacity, default="20%", help="warm tier capacity per table")
     p.add_argument("--policy", type=policy, default="lru", help="policy of both cache tiers")
     p.add_argument(
         "--io",

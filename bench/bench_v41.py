@@ -77,7 +77,7 @@ import torch
 from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import (
     at_least,
-    capacity_of_a_table,
+    capacity,
     doc_parser,
     output_file,
     policy,
@@ -166,12 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[16, 256],
         help="store alone: sequences per decode step, one run each",
     )
-    p.add_argument(
-        "--hot", type=capacity_of_a_table, default="2%", help="hot tier capacity per table"
-    )
-    p.add_argument(
-        "--warm", type=capacity_of_a_table, default="8%", help="warm tier capacity per table"
-    )
+    p.add_argument("--hot", type=capacity, default="2%", help="hot tier capacity per table")
+    p.add_argument("--warm", type=capacity, default="8%", help="warm tier capacity per table")
     p.add_argument(
         "--policy",
         type=policy,

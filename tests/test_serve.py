@@ -86,6 +86,8 @@ def test_example_config_is_valid():
         ({"server": {"address": "127.0.0.1:99999"}}, "server.address: port 99999 in '127.0.0.1:99999'; expected a port in 0..65535"),
         ({"store": {"table": {"path": "x.npy"}}}, "store.table"),
         ({"store": {"tiers": {"hot": {"capacity": "lots"}}}}, "tiers.hot.capacity"),
+        # no table has more than 100%: refused when read, not after --create-tables built one
+        ({"store": {"tiers": {"warm": {"capacity": "200%"}}}}, "config (store section): invalid configuration\n  tiers.warm.capacity: '200%' is more than 100% of the table"),
         ({"store": {"metrics": {"address": "9400"}}}, "store.metrics.address"),
         # not "(store section, layer 0)": the model's Engram layers are 1 and 3
         ({"store": {"prefetch": {"depht": 2}}}, "config (store section): invalid configuration\n  prefetch.depht: unknown key; expected one of depth, lookahead"),

@@ -564,6 +564,18 @@ def test_an_unknown_sharding_key_lists_the_known_ones_and_can_be_dropped():
     assert StoreConfig.from_dict(data, ignore_unknown=True).sharding.ranks == 2
 
 
+def test_a_capacity_over_100_percent_is_refused_when_the_config_is_read(tmp_path):
+    """No table has more than 100% of its rows: the config took '101%' and only the open, once
+    the table was read, refused it (serve --create-tables first built the whole checkpoint)."""
+    config = tmp_path / "tiers.yaml"
+    config.write_text("table: {path: missing.npy}\ntiers: {warm: {capacity: 101%}}\n")
+    with pytest.raises(ConfigError, match=r"tiers.yaml: invalid configuration\n  tiers\.warm\.capacity: '101%' is more than 100% of the table; expected 0%\.\.100%"):  # fmt: skip
+        StoreConfig.from_yaml(config)
+    assert StoreConfig.from_dict(
+        {"table": {"path": "t.npy"}, "tiers": {"warm": {"capacity": "100%"}}}
+    )
+
+
 @pytest.mark.parametrize("key", ["nvme_latency_us", "hbm_gbps", "compute_seconds_per_batch"])
 def test_an_infinite_cost_is_refused_naming_the_key(key):
     """``.inf`` passed (only NaN and out-of-range values were refused): every modelled stall was

@@ -35,7 +35,15 @@ def check_capacity_spec(spec: int | str) -> int | str:
         return spec
     if not (_BYTES_RE.match(spec) or _PERCENT_RE.match(spec)):
         raise ValueError(f"got {spec!r}; expected {CAPACITY_HELP}")
+    check_share(spec)
     return spec
+
+
+def check_share(spec: int | str) -> None:
+    """Refuse a percentage over 100, which no table can give (a ValueError saying so)."""
+    m = _PERCENT_RE.match(spec) if isinstance(spec, str) else None
+    if m and Fraction(m.group(1)) > 100:
+        raise ValueError(f"{spec!r} is more than 100% of the table; expected 0%..100%")
 
 
 def parse_bytes(text: str) -> int:
@@ -61,8 +69,6 @@ def resolve_capacity(spec: int | str, *, table_rows: int, row_bytes: int, key: s
         rows = asked = spec
     elif m := _PERCENT_RE.match(spec):
         pct = asked = Fraction(m.group(1))  # exact, as written: 32.3% of 1,000 rows is 323
-        if pct > 100:
-            raise ConfigError(f"{key}: {spec!r} is more than 100% of the table; expected 0%..100%")
         rows = int(table_rows * pct / 100)
     else:
         try:

@@ -19,7 +19,7 @@ from .cli_args import (
     IntermixedParser,
     as_option_error,
     at_least,
-    capacity_of_a_table,
+    capacity,
     device_name,
     run_script,
 )
@@ -456,13 +456,13 @@ def _add_convert_hf(sub) -> None:
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     p.add_argument(
         "--hot",
-        type=capacity_of_a_table,
+        type=capacity,
         default="1%",
         help="hot tier capacity in layer{L}.yaml: rows, bytes or %% (default 1%%)",
     )
     p.add_argument(
         "--warm",
-        type=capacity_of_a_table,
+        type=capacity,
         default="5%",
         help="warm tier capacity in layer{L}.yaml: rows, bytes or %% (default 5%%)",
     )

@@ -18,7 +18,7 @@ from typing import Any
 from policies import PolicySpec
 from policies.errors import PolicyError
 
-from .capacity import CAPACITY_HELP, check_capacity_spec
+from .capacity import CAPACITY_HELP, check_capacity_spec, check_share
 from .config import check_device
 from .errors import ConfigError, TieredStoreError, error_text
 
@@ -199,28 +199,19 @@ def capacity(text: str) -> int | str:
     >>> capacity("lots")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: expected a row count (int), a byte size like '512MiB' or '2GiB', or a percentage like '10%', got 'lots'
+    >>> capacity("200%")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '200%' is more than 100% of the table; expected 0%..100%
     """
     spec = int(text) if text.strip().isdigit() else text
+    try:
+        check_share(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     try:
         return check_capacity_spec(spec)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {CAPACITY_HELP}, got {text!r}") from None
-
-
-def capacity_of_a_table(text: str) -> int | str:
-    """:func:`capacity`, refusing a percentage over 100 at once: for scripts that build their
-    stores only after minutes of setup (the config would refuse it there).
-
-    >>> capacity_of_a_table("200%")
-    Traceback (most recent call last):
-    argparse.ArgumentTypeError: '200%' is more than 100% of the table; expected 0%..100%
-    """
-    spec = capacity(text)
-    if isinstance(spec, str) and spec.strip().endswith("%") and float(spec.strip()[:-1]) > 100:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is more than 100% of the table; expected 0%..100%"
-        )
-    return spec
 
 
 def device_name(text: str) -> str:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .atomic_file import scratch_directory
 from .capacity import format_bytes, resolve_capacity
-from .cli_args import capacity_of_a_table, device_name
+from .cli_args import capacity, device_name
 from .cold_table import IO_MODES
 from .config import (
     ConfigModel,
@@ -224,13 +224,13 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--hot",
-        type=capacity_of_a_table,
+        type=capacity,
         help="hot tier capacity per table: rows, bytes like 64MiB, or %% of the table "
         f"(default {tiers['hot']['capacity']})".replace("%)", "%%)"),
     )
     p.add_argument(
         "--warm",
-        type=capacity_of_a_table,
+        type=capacity,
         help=f"warm tier capacity per table (default {tiers['warm']['capacity']})".replace(
             "%)", "%%)"
         ),
