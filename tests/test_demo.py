@@ -162,6 +162,14 @@ def test_a_corpus_too_small_for_one_batch_is_named_with_its_own_token_count(tmp_
     assert count > 0 and "do not fill one batch of 2 x 64" in err  # it said 0 tokens
 
 
+def test_a_section_left_empty_in_the_config_file_takes_the_defaults(tmp_path):
+    """``prefetch:`` with its keys commented out was "expected a mapping, got NoneType"."""
+    config = tmp_path / "demo.yaml"
+    config.write_text("prefetch:\n  # depth: 4\nrun:\n  batches: 3\n")
+    settings = demo_settings(_parse(["--config", str(config)]))
+    assert settings["prefetch"] == DEMO_DEFAULTS["prefetch"] and settings["run"]["batches"] == 3
+
+
 def test_paths_in_the_config_file_are_relative_to_it(tmp_path, capsys, monkeypatch):
     """run.corpus in --config was read against the working directory, while every other config
     file's paths are relative to the file: the corpus beside the YAML was not found."""

@@ -25,7 +25,7 @@ from tiered_store import (
     TieredStoreError,
     create_table,
 )
-from tiered_store.config import load_yaml
+from tiered_store.config import PrefetchConfig, load_yaml
 from tiered_store.errors import StoreClosedError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.workload import ZipfWorkload
@@ -627,6 +627,23 @@ def test_bad_yaml_names_the_file(tmp_path):
         "hot: &h {capacity: 5, policy: lru}\ntiers:\n  warm:\n    <<: *h\n    capacity: 9\n"
     )
     assert load_yaml(bad)["tiers"]["warm"] == {"capacity": 9, "policy": "lru"}
+
+
+def test_a_section_left_empty_takes_its_defaults(tmp_path):
+    """A section whose keys are all commented out (YAML's null, as in the commented examples)
+    was refused ("prefetch: expected a mapping (got None)"), while serve's config, and an empty
+    file, take it as the defaults."""
+    config = tmp_path / "tiers.yaml"
+    config.write_text(
+        "table: {path: t.npy}\ntiers:\n  hot: {capacity: 5%}\n  restart:\n    # enabled: true\n"
+        "prefetch:\n  # depth: 4\nsharding:\n"
+    )
+    cfg = StoreConfig.from_yaml(config)
+    assert cfg.prefetch == PrefetchConfig() and cfg.tiers.restart.enabled is False
+    assert cfg.tiers.hot.capacity == "5%" and cfg.sharding is None
+    config.write_text("table:\n  # path: t.npy\n")  # a section without defaults: still named
+    with pytest.raises(ConfigError, match=r"table: expected a mapping \(got None\)"):
+        StoreConfig.from_yaml(config)
 
 
 def test_a_key_that_is_not_a_string_is_named(tmp_path):

@@ -35,6 +35,7 @@ from pydantic import (
     Field,
     PlainValidator,
     StrictBool,
+    model_validator,
 )
 from pydantic import ValidationError as _PydanticValidationError
 
@@ -495,6 +496,19 @@ class ConfigModel(BaseModel):
             cls = type(self)
             raise ConfigError(format_validation_error(exc, model=cls, prefix=cls.section)) from None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_take_defaults(cls, data: Any) -> Any:
+        """A section left empty (``prefetch:`` with its keys commented out: YAML's null) takes
+        its defaults, as an empty file does; a section that has none is still missing."""
+        if not isinstance(data, Mapping):
+            return data
+        return {
+            key: value
+            for key, value in data.items()
+            if not (value is None and _has_default_section(cls, key))
+        }
+
     @classmethod
     def model_validate(cls: type[ConfigT], obj: Any, **options: Any) -> ConfigT:
         """Pydantic's ``model_validate`` (raises its ``ValidationError``), sections checked whole."""
@@ -552,6 +566,16 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
         get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
     )
     return next((t for t in options if isinstance(t, type) and issubclass(t, BaseModel)), None)
+
+
+def _has_default_section(model: type[BaseModel], key: Any) -> bool:
+    """Whether ``key`` of ``model`` is a nested section that has a default."""
+    field = model.model_fields.get(key) if isinstance(key, str) else None
+    return (
+        field is not None
+        and not field.is_required()
+        and _section_model(field.annotation) is not None
+    )
 
 
 def _known_keys(model: type[BaseModel], parts: tuple[str | int, ...]) -> list[str] | None:

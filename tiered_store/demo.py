@@ -413,6 +413,8 @@ def demo_settings(args) -> dict[str, Any]:
 def _read_config(path: Path) -> dict[str, Any]:
     """The demo YAML: known sections only, each a mapping (their keys are DemoConfig's to check)."""
     data = load_yaml(path, what="--config")
+    # a known section left empty (its keys commented out) takes the defaults
+    data = {k: v for k, v in data.items() if v is not None or k not in DEMO_DEFAULTS}
     for key, value in data.items():
         if key not in DEMO_DEFAULTS:
             raise ConfigError(
