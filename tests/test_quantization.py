@@ -177,3 +177,16 @@ def test_a_manifest_of_uint8_rows_without_their_layout_is_refused(tmp_path):
         TableFormatError, match="field 'quantization' is '<missing>'; expected the layout"
     ):
         read_manifest(path)
+
+
+@pytest.mark.parametrize(("column", "byte"), [(3, 0x7F), (40, 0xFF), (64, 0xFF)])
+def test_packed_rows_with_a_nan_code_or_scale_are_refused_and_leave_nothing(tmp_path, column, byte):
+    """A NaN fp8 code or scale byte (quantize_rows makes them of a NaN value) was written and
+    served as NaN rows, where float rows with a NaN are refused."""
+    q = RowQuantization(values=64, block=32)
+    rows = quantize_rows(torch.randn(6, 64), q).numpy()
+    rows[4, column] = byte
+    what = "scale byte" if column >= 64 else "fp8 code"
+    with pytest.raises(TableFormatError, match=rf"source row 4 column {column} is {what} "):
+        create_table(tmp_path / "t.npy", rows, quantization=q, progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -951,7 +951,7 @@ def _write_table(
                         f"source rows [{start}, {stop}) came back as {block.shape} "
                         f"{block.dtype.str}; expected {(stop - start, reader.dim)} {descr}"
                     )
-                _check_finite(block, reader.dtype, start)
+                _check_finite(block, reader.dtype, start, reader.quantization)
                 data = block.reshape(-1).view(np.uint8)
                 with write_step(what, "writing its data", unpublished):
                     f.write(data)
@@ -1030,10 +1030,24 @@ def _manifest_text(manifest: TableManifest) -> str:
     return f'{text[:-2]},\n "block_checksums": {json.dumps(sums)}\n}}\n'
 
 
-def _check_finite(block: np.ndarray, dtype: str, first_row: int) -> None:
+def _check_finite(
+    block: np.ndarray, dtype: str, first_row: int, quant: RowQuantization | None = None
+) -> None:
     """Refuse a chunk of float rows holding inf or NaN (in the table's dtype: a finite source
-    value past its range becomes inf), naming the row; a table is never written with them."""
-    if dtype == "uint8":  # packed quantised rows: their own format
+    value past its range becomes inf), or of packed rows holding a NaN fp8 code or scale byte,
+    naming the row; a table is never written with them."""
+    if quant is not None:
+        nan = np.concatenate(
+            [(block[:, : quant.values] & 0x7F) == 0x7F, block[:, quant.values :] == 0xFF], axis=1
+        )
+        if nan.any():
+            row, col = (int(i) for i in np.argwhere(nan)[0])
+            what = "fp8 code" if col < quant.values else "scale byte"
+            raise TableFormatError(
+                f"source row {first_row + row:,} column {col} is {what} 0x{block[row, col]:02x}, "
+                "which is NaN (fp8 e4m3 codes 0x7F and 0xFF, ue8m0 scale byte 0xFF); expected "
+                "finite packed rows"
+            )
         return
     values = block
     if dtype == "bfloat16":  # stored as raw bits: the high half of a float32's (no copy made
