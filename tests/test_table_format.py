@@ -469,3 +469,19 @@ def test_manifest_keeps_caller_metadata(tmp_path):
     layout = {"engram": {"layer_id": 2, "head_sizes": [5, 7]}}
     create(tmp_path / "m.npy", np.zeros((12, 4), np.float32), progress=False, metadata=layout)
     assert read(tmp_path / "m.npy").metadata == layout
+
+
+@pytest.mark.parametrize(
+    ("make_source", "message"),
+    [
+        (lambda: torch.empty(4, 8, device="meta"), "is on the meta device"),
+        (lambda: torch.eye(8).to_sparse(), r"has layout torch.sparse_coo; expected a dense"),
+    ],
+    ids=["meta", "sparse"],
+)
+def test_a_tensor_without_readable_rows_is_named(tmp_path, make_source, message):
+    """A meta or sparse tensor failed mid-creation with torch's NotImplementedError, naming
+    neither the source nor what was expected."""
+    with pytest.raises(TableFormatError, match=rf"source torch.Tensor float32 .*{message}"):
+        create_table(tmp_path / "t.npy", make_source(), progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -427,6 +427,20 @@ class _RandomReader(SourceReader):
         return pack_rows(codes, scales)
 
 
+def _check_tensor_holds_rows(tensor: torch.Tensor, desc: str) -> None:
+    """Refuse a tensor whose rows cannot be read in slices: a meta one, or a sparse one."""
+    if tensor.is_meta:
+        raise TableFormatError(
+            f"source {desc} is on the meta device (a shape without data); expected a tensor "
+            "holding the rows (load or initialise them first)"
+        )
+    if tensor.layout != torch.strided:
+        raise TableFormatError(
+            f"source {desc} has layout {tensor.layout}; expected a dense (strided) tensor "
+            "(pass tensor.to_dense())"
+        )
+
+
 def open_source(source: object, dtype: object) -> SourceReader:
     """Wrap any supported source in a reader; validates before anything touches disk."""
     if isinstance(source, SourceReader):  # a reader made by the caller (e.g. compaction)
@@ -439,6 +453,7 @@ def open_source(source: object, dtype: object) -> SourceReader:
         return _PackedSafetensorsReader(source, dtype)
     if isinstance(source, torch.Tensor):
         desc = f"torch.Tensor {str(source.dtype).removeprefix('torch.')} {tuple(source.shape)}"
+        _check_tensor_holds_rows(source, desc)
         return _ArrayReader(source, "source tensor", dtype, desc)
     if isinstance(source, np.ndarray):
         return _ArrayReader(source, "source array", dtype, f"ndarray {source.dtype} {source.shape}")
