@@ -472,6 +472,26 @@ def test_manifest_keeps_caller_metadata(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"heads": np.int64(2)}, "Object of type int64 is not JSON serializable"),
+        ({"made_from": Path("/x")}, "Object of type PosixPath is not JSON serializable"),
+        ({"scale": float("nan")}, "Out of range float values are not JSON compliant"),
+        ([("heads", 2)], "metadata is a list; expected a dict"),
+    ],
+    ids=["numpy-int", "path", "nan", "list"],
+)
+def test_metadata_the_manifest_cannot_hold_is_refused_before_writing(tmp_path, metadata, message):
+    """Such metadata failed with a bare TypeError only after every row was written (NaN went
+    into the manifest as 'NaN', which is not JSON)."""
+    with pytest.raises(TableFormatError, match=message):
+        create_table(
+            tmp_path / "t.npy", np.zeros((12, 4), np.float32), progress=False, metadata=metadata
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     ("make_source", "message"),
     [
         (lambda: torch.empty(4, 8, device="meta"), "is on the meta device"),

@@ -565,6 +565,7 @@ def create_table(
         raise TableFormatError(f"block_bytes={block_bytes!r}; expected a positive multiple of 4096")
     if not _is_pos_int(chunk_bytes):
         raise TableFormatError(f"chunk_bytes={chunk_bytes!r}; expected a positive integer")
+    _check_metadata(metadata)
     reader = open_source(source, dtype)
     try:
         reader.quantization = _row_quantization(reader, quantization)
@@ -580,6 +581,21 @@ def create_table(
         )
     finally:
         reader.close()
+
+
+def _check_metadata(metadata: object) -> None:
+    """Refuse, before a byte is written, caller metadata that the JSON manifest cannot hold."""
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TableFormatError(
+            f"metadata is a {type(metadata).__name__}; expected a dict of JSON values or None"
+        )
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TableFormatError(
+            f"metadata cannot be stored in the table's JSON manifest ({exc}); expected str, int, "
+            "float, bool and None values, lists, and dicts with str keys (no NaN or inf)"
+        ) from None
 
 
 def _row_quantization(
