@@ -275,7 +275,9 @@ def test_healthz_recovers_after_the_hold(tmp_path, config_path):
 
 
 def test_small_load_no_errors_no_lost_requests(server):
-    before = get_json(server.url + "/stats")[1]["server"]["requests"]["/v1/engram"].get("200", 0)
+    # the module's server: earlier tests may have served requests (or none, run alone)
+    served = get_json(server.url + "/stats")[1]["server"]["requests"]
+    before = served.get("/v1/engram", {}).get("200", 0)
     bodies = zipf_requests(48, batch=2, tokens=32, seed=3)
     result = run_load(
         server.url + "/v1/engram", bodies, clients=4, check=lambda a: "hidden_checksum" in a
