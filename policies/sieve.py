@@ -125,9 +125,9 @@ class SIEVE(EvictionPolicy):
                 cut = int(torch.searchsorted(run, need))  # index of the need-th fresh entry
                 chosen.append(seg[: cut + 1][fresh[: cut + 1]])
                 self.visited[seg[:cut][seen[:cut]]] = False
-                after = pos + cut + 1
-                # the hand points at the victim's newer neighbour; none: back to the oldest
-                self.hand = after if self._queued_from(after, taken) else 0
+                # the hand points at the victim's newer neighbour (never a victim of this call:
+                # one whose candidate is refused stays, passed); none: back to the oldest
+                self.hand = self._next_queued(pos + cut + 1, taken)
                 need = 0
             else:
                 take = seg[fresh]
@@ -144,9 +144,9 @@ class SIEVE(EvictionPolicy):
                 window *= 2
         return torch.cat(chosen)
 
-    def _queued_from(self, start: int, taken: torch.Tensor | None) -> bool:
-        """Whether any slot still queued (not a hole, not taken by this call) sits at or after
-        ring position ``start``; scans outward in growing windows, usually one."""
+    def _next_queued(self, start: int, taken: torch.Tensor | None) -> int:
+        """Ring position of the first slot still queued (not a hole, not taken by this call) at
+        or after ``start``, 0 if none; scans outward in growing windows, usually one."""
         window = 64
         while start < self.tail:
             end = min(start + window, self.tail)
@@ -155,9 +155,9 @@ class SIEVE(EvictionPolicy):
             if taken is not None:
                 queued &= ~taken[seg.clamp(min=0)]
             if bool(queued.any()):
-                return True
+                return start + int(torch.argmax(queued.to(torch.uint8)))
             start, window = end, window * 4
-        return False
+        return 0
 
     def _compact(self) -> None:
         """Move the live entries to the front of the ring, keeping order and the hand's place."""

@@ -267,6 +267,50 @@ class TestSieve(EvictionContract):
         sieve.on_hit(torch.tensor([2]))
         assert sieve.choose_victims(2, none).tolist() == [1, 3]  # 2 spared by its new bit
 
+    def test_refused_victims_of_a_wrapping_choice_stay_behind_the_hand(self):
+        """Victims an admission filter turns away stay, passed by the hand: a choice that wrapped
+        left the hand on its first victim (1), which the next eviction took again at once."""
+        sieve = SIEVE(capacity=3)
+        none = torch.zeros(3, dtype=torch.bool)
+        sieve.on_insert(torch.tensor([0, 1, 2]))
+        assert sieve.choose_victims(1, none).tolist() == [0]  # refused: 0 stays, hand at 1
+        sieve.on_hit(torch.tensor([2]))
+        assert sieve.choose_victims(2, none).tolist() == [1, 0]  # 2 spared, wraps to 0
+        sieve.on_reinstate(torch.tensor([1, 0]))  # both refused
+        assert sieve.choose_victims(1, none).tolist() == [2]  # 0's newer neighbour, as 1 is gone
+
+    @settings(max_examples=40, deadline=None)
+    @given(seed=st.integers(0, 2**32 - 1), capacity=st.integers(1, 12), rounds=st.integers(1, 8))
+    def test_refused_victims_equal_scalar_evictions_put_back(self, seed, capacity, rounds):
+        """k victims at once, all refused, = k scalar evictions one after another, then each victim
+        back in its place with its bit clear and the hand where the evictions left it."""
+        rng = np.random.default_rng(seed)
+        sieve, ref = SIEVE(capacity), ScalarSieve(capacity)
+        none = torch.zeros(capacity, dtype=torch.bool)
+        sieve.on_insert(torch.arange(capacity))
+        for slot in range(capacity):
+            ref._insert(slot)
+        for _ in range(rounds):
+            hits = rng.integers(0, capacity, int(rng.integers(0, capacity + 1))).tolist()
+            sieve.on_hit(torch.tensor(hits, dtype=torch.int64))
+            for slot in hits:
+                ref._hit(slot)
+            k = int(rng.integers(1, capacity + 1))
+            got = sieve.choose_victims(k, none).tolist()
+            queue, want = list(ref.queue), []
+            for _ in range(k):
+                want.append(ref._victim())
+                ref._remove(want[-1])
+            assert got == want
+            if rng.random() < 0.5:  # refused: every victim stays where it was, bit clear
+                sieve.on_reinstate(torch.tensor(got))
+                ref.queue = queue
+                ref.visited.update(dict.fromkeys(got, False))
+            else:  # admitted: new rows at the newest end
+                sieve.on_insert(torch.tensor(got))
+                for slot in got:
+                    ref._insert(slot)
+
     def test_ring_compaction_keeps_order(self):
         sieve, ref = SIEVE(capacity=3), ScalarSieve(3)
         cache_rows: dict[int, int] = {}  # slot -> row, mirrors ref
