@@ -67,6 +67,10 @@ class EvictionPolicy:
         rows already resident). Only where ``restores_order`` is True."""
         raise NotImplementedError
 
+    def on_free(self, slots: torch.Tensor) -> None:
+        """Slots (unique) emptied without a new row (``evict_headroom``): they leave the policy's
+        order until a row is inserted into them again."""
+
     def on_reinstate(self, slots: torch.Tensor) -> None:
         """Victims from the last ``choose_victims`` that stay resident after all (their candidates
         were refused admission), oldest first; they keep their old standing."""

@@ -30,7 +30,8 @@ class SIEVE(EvictionPolicy):
     since (as in the paper's code and libCacheSim). ``choose_victims(n)`` gives exactly the
     ``n`` slots that ``n`` successive single evictions would (tests prove it against
     ``policies.reference.ScalarSieve``, and libCacheSim's ``Sieve`` at batch size 1). Pinned
-    and free slots are passed over untouched. A victim that the admission filter turns away
+    slots are passed over untouched; a slot emptied without a new row (``on_free``) leaves the
+    queue. A victim that the admission filter turns away
     stays cached with its bit clear; the hand has moved past it.
 
     Batched, not per request: the tier sets the bits of all of a batch's hits before it asks for
@@ -96,6 +97,13 @@ class SIEVE(EvictionPolicy):
             self.tail, self.tail + k, dtype=torch.int32, device=self.device
         )
         self.tail += k
+        self.visited[slots] = False
+
+    def on_free(self, slots: torch.Tensor) -> None:
+        slots = slots.to(self.device).long()
+        old = self.position[slots].long()
+        self.ring[old[old >= 0]] = -1  # a hole: the hand never rests on an empty slot
+        self.position[slots] = -1
         self.visited[slots] = False
 
     def choose_victims(self, n: int, protected: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,21 @@ class TestFIFO(EvictionContract):
         fifo.on_hit(torch.tensor([2]))
         assert fifo.choose_victims(2, torch.zeros(3, dtype=torch.bool)).tolist() == [2, 0]
 
+    def test_a_slot_emptied_by_headroom_leaves_the_queue(self):
+        """A slot that ``evict_headroom`` emptied stayed in the queue: a refused victim that was
+        the newest row left the hand on that slot, not at the oldest row, and once the slot took
+        a new row the next eviction started there, passing over the oldest (1)."""
+        spec = PolicySpec.parse("fifo+tinylfu")
+        cache = RowCache("t", num_rows=8, capacity=2, spec=spec, evict_headroom=0.5)
+        run_batch(cache, [4, 1])  # queue 1 4
+        run_batch(cache, [3])  # victims 1 and 4 (headroom): 3 refused (1 vs 1), 4's slot emptied
+        run_batch(cache, [4, 0])  # 4 takes the empty slot; 0 refused (1 vs 1), 1 is the newest
+        assert sorted(cache.held_rows().tolist()) == [1, 4]
+        # the hand starts again from the oldest: 3 (seen twice) replaces 1 (once), 4 is headroom;
+        # it started at 4 instead, which 3 did not beat (2 vs 2), and 1 went as the headroom
+        run_batch(cache, [3])
+        assert cache.held_rows().tolist() == [3]
+
 
 class TestSieve(EvictionContract):
     spec = "sieve"

@@ -604,6 +604,7 @@ class RowCache:
         if freed_slots.numel():
             self.row_of_slot.index_fill_(0, freed_slots, -1)
             self._push_free(freed_slots)
+            self.eviction.on_free(freed_slots)
 
     def _pop_free(self, k: int) -> torch.Tensor:
         """Take ``k`` slots off the free list."""
