@@ -106,6 +106,15 @@ class SIEVE(EvictionPolicy):
         self.position[slots] = -1
         self.visited[slots] = False
 
+    def victim_priority(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """The order the hand would evict in: slots whose bit is clear, from the hand on
+        (wrapping), then those whose bit is set, in the same order; slots not queued last."""
+        position = self.position if slots is None else self.position[slots]
+        visited = self.visited if slots is None else self.visited[slots]
+        laps = max(self.tail, 1)
+        key = torch.remainder(position.long() - self.hand, laps) + visited.long() * laps
+        return torch.where(position >= 0, key, 2 * laps)
+
     def choose_victims(self, n: int, protected: torch.Tensor) -> torch.Tensor:
         chosen: list[torch.Tensor] = []
         if n <= 0:

@@ -326,6 +326,37 @@ class TestSieve(EvictionContract):
                 for slot in got:
                     ref._insert(slot)
 
+    @settings(max_examples=40, deadline=None)
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        capacity=st.integers(1, 20),
+        rounds=st.integers(0, 6),
+        policy=st.sampled_from([SIEVE, FIFO]),
+    )
+    def test_victim_priority_is_the_order_the_hand_evicts_in(self, seed, capacity, rounds, policy):
+        """A warm-restart save lists a tier's rows most valuable first by ``victim_priority``;
+        SIEVE and FIFO had none, so their rows went in slot order, whatever the hand would do."""
+        rng = np.random.default_rng(seed)
+        sieve = policy(capacity)
+        none = torch.zeros(capacity, dtype=torch.bool)
+        sieve.on_insert(torch.from_numpy(rng.permutation(capacity)))
+        for _ in range(rounds + 1):
+            sieve.on_hit(torch.from_numpy(rng.integers(0, capacity, int(rng.integers(0, 5)))))
+            if _ < rounds:  # some victims come back as new rows
+                sieve.on_insert(sieve.choose_victims(int(rng.integers(1, capacity + 1)), none))
+        order = torch.argsort(sieve.victim_priority()).tolist()
+        assert order == copy.deepcopy(sieve).choose_victims(capacity, none).tolist()
+        assert sieve.victim_priority(torch.tensor(order[::-1])).tolist() == sorted(
+            sieve.victim_priority().tolist(), reverse=True
+        )
+
+    def test_a_tier_lists_its_rows_in_the_order_it_would_keep_them(self):
+        for spec, hits, want in (("fifo", [], [8, 7, 6]), ("sieve", [6], [6, 8, 7])):
+            cache = RowCache("t", num_rows=10, capacity=3, spec=PolicySpec.parse(spec))
+            for batch in ([5], [6], [7], [8], hits):  # 8 replaces 5, the oldest, in slot 0
+                run_batch(cache, batch)
+            assert cache.held_rows().tolist() == want, spec  # was slot order: 8 6 7
+
     def test_ring_compaction_keeps_order(self):
         sieve, ref = SIEVE(capacity=3), ScalarSieve(3)
         cache_rows: dict[int, int] = {}  # slot -> row, mirrors ref
