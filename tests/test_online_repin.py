@@ -320,28 +320,60 @@ def test_lookups_go_on_while_a_save_folds_the_resident_counts_into_the_sketch(
         assert_lookups_go_on_during(store, data, store.save_restart, folding, go_on)
 
 
+def hold_the_saves_counting(store, online) -> tuple[threading.Event, threading.Event]:
+    """Make a save's turn at ``online``'s counting lock wait (the re-pin thread's do not): set
+    the first event there and wait for the second."""
+    lock, counting, go_on = online._counting, threading.Event(), threading.Event()
+
+    class HeldUp:
+        def __enter__(self):
+            if threading.current_thread() not in store._threads:
+                counting.set()
+                go_on.wait(30)
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            return lock.__exit__(*exc)
+
+    online._counting = HeldUp()
+    return counting, go_on
+
+
 def test_lookups_go_on_while_a_save_waits_to_count_and_copy_the_sketch(tmp_path):
     # the save counted the queued updates and copied the sketch (134 MB at a 4M-slot tier)
     # under the store's lock: while the counting was busy, or through the copy, lookups waited
     path, data = make_table(tmp_path, rows=ROWS)
-    counting, go_on = threading.Event(), threading.Event()
     with TieredStore(config(path, hot=60, restart=True)) as store:
         serve(store, data, batches(hot_set(), n=20))
-        online = store.warm.online
-        lock = online._counting
-
-        class HeldUp:  # the save's turn at the counting lock waits (the re-pin thread's do not)
-            def __enter__(self):
-                if threading.current_thread() not in store._threads:
-                    counting.set()
-                    go_on.wait(30)
-                return lock.__enter__()
-
-            def __exit__(self, *exc):
-                return lock.__exit__(*exc)
-
-        online._counting = HeldUp()
+        counting, go_on = hold_the_saves_counting(store, store.warm.online)
         assert_lookups_go_on_during(store, data, store.save_restart, counting, go_on)
+
+
+def test_a_save_the_re_pin_thread_counted_past_saves_the_weight_of_its_point(tmp_path):
+    # lookups went on into the next decay interval while the save waited to count, and the
+    # re-pin thread counted them: the save kept its point's since_repin (500) but the later
+    # interval's weight (4, not 2), so the restarted tier decayed its past counts once more
+    from tiered_store.warm_restart import load_restart, table_identity
+
+    path, data = make_table(tmp_path, rows=ROWS)
+    repin = {"every": EVERY, "budget": BUDGET, "decay": 0.5}
+    work = batches(hot_set(), n=30)
+    with TieredStore(config(path, restart=True, repin=repin)) as store:
+        serve(store, data, work[:15])  # 1,500 lookups: mid-interval
+        at_point = store.warm.online.state()
+        counting, go_on = hold_the_saves_counting(store, store.warm.online)
+        saver = threading.Thread(target=store.save_restart)
+        saver.start()
+        try:
+            assert counting.wait(30)
+            serve(store, data, work[15:])  # into the next interval, counted by the thread
+            assert store.warm.online._weight_interval == 2  # the point's is 1
+        finally:
+            go_on.set()
+            saver.join()
+        saved = load_restart(restart_path(path), table_identity(store.cold, store.generation))
+    state = saved.profiles["warm"][0]
+    assert (state["weight"], state["since_repin"]) == (at_point["weight"], 500) == (2.0, 500)
 
 
 def test_a_restart_brings_back_pins_re_pinning_moved_away_from_the_profile(tmp_path):

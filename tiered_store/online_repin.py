@@ -621,7 +621,8 @@ class OnlineRepin:
         the counts under the counting lock only (lookups go on; the counting waits for the
         copy), then folds in the copy. Where the re-pin thread counted past the point, a slot's
         count may be that of a row admitted since, folded into the row the slot held at the
-        point (an over-count, as count-min's collisions are)."""
+        point (an over-count, as count-min's collisions are), and the state's weight is still the
+        point's interval's (the episodes counted past it weigh a later interval's)."""
         with self._counting:
             self._count_first(point.queued - self._applied_total)
             state = self._state(point.clock, point.since_repin)
@@ -636,14 +637,16 @@ class OnlineRepin:
         return self._state(self._clock, self.since_repin)
 
     def _state(self, clock: int, since_repin: int) -> dict[str, Any]:
-        """:meth:`state` with the lookup side's ``clock`` and ``since_repin`` given."""
-        ahead = self._growth(clock // self.every - self._weight_interval)
+        """:meth:`state` with the lookup side's ``clock`` and ``since_repin`` given (a save point's
+        clock may be behind the counts: then the weight of its interval, in the counts' scale)."""
+        ahead = clock // self.every - self._weight_interval
+        weight = self.weight * self._growth(ahead) / self._growth(-ahead)
         return {
             **self.profile.state(),
             "capacity": self.capacity,
             "recency_window": self.window,
             "offline_profile": self.offline_profile,
-            "weight": self.weight * ahead,
+            "weight": weight,
             "since_repin": since_repin,
         }
 
