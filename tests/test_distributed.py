@@ -40,6 +40,7 @@ from tiered_store.cli import main as cli_main
 from tiered_store.config import StoreConfig
 from tiered_store.distributed import ShardedStore, plan_shards, read_shard, write_shards
 from tiered_store.distributed.sharded_store import local_gpu
+from tiered_store.engram.pipeline import table_stats_delta
 from tiered_store.errors import (
     ConfigError,
     RowIdError,
@@ -477,6 +478,26 @@ def test_a_sharded_stores_prefetches_and_their_stalls_are_in_its_stats_and_metri
     assert stats["wait_seconds_total"] == pytest.approx(
         value["tiered_store_prefetch_stall_seconds_sum"]
     )
+
+
+def test_the_pipelines_stats_delta_of_a_sharded_table_keeps_its_shard_as_it_is(
+    tmp_path, monkeypatch
+):
+    """The Engram pipeline's per-table statistics over a sharded table subtracted the shard
+    section (its rank, ranks and rows: levels, not counts) like a counter: rank 0, ranks 0 and
+    rows 0 in every run's report."""
+    table = make_plain_table(tmp_path)
+    template = shards_template(table, "rows")
+    write_shards(table, 1, "rows", template=template, progress=False)
+    _one_rank_group_env(monkeypatch)
+    sharding = {"ranks": 1, "by": "rows", "shards": template}
+    with ShardedStore.open({"table": {"path": str(table)}, "sharding": sharding}) as store:
+        before = store.stats()
+        store.lookup(torch.tensor([5, 400]))
+        after = store.stats()
+    delta = table_stats_delta(before, after)
+    assert delta["shard"] == after["shard"] == {"rank": 0, "ranks": 1, "rows": 463}
+    assert delta["exchange"]["lookups"] == delta["lookup"]["calls"] == 1  # counters: deltas
 
 
 def test_a_lookup_queued_behind_a_concurrent_close_fails_at_once_as_closed(tmp_path, monkeypatch):

@@ -290,6 +290,7 @@ _LEVELS = {
     "warm": ("capacity", "occupancy", "pinned"),
     "queue": ("requests", "rows"),
     "writes": ("dirty_rows", "committed_step"),
+    "shard": ("rank", "ranks", "rows"),  # a ShardedStore's
 }
 
 
