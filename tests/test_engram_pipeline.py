@@ -236,3 +236,44 @@ def test_stats_delta_and_bad_arguments(model):
         PrefetchPipeline(model, lookahead=-1)
     with pytest.raises(ConfigError, match="logits"):
         PrefetchPipeline(model, logits="first")
+
+
+def test_layers_sharing_one_store_count_its_seconds_once(model, batches, tmp_path):
+    """Engram layers over slices of one shared table (``TableSlice``, as training makes them) all
+    report its store's statistics: a run summed them once per layer, so its lookup and stall
+    seconds were the store's times the layers (here two), above the steps' own time in decode."""
+    from tiered_store import TieredStore
+    from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.trainable import TableSlice, TrainableTable, create_trainable_table
+
+    memory = model.tables
+    weights = [memory[layer].weight.detach().float().numpy() for layer in memory]
+    sgd = make_row_optimizer("sgd", lr=1.0)
+    create_trainable_table(tmp_path / "t.npy", np.concatenate(weights), sgd)
+    shared = TrainableTable(TieredStore.open({"table": {"path": str(tmp_path / "t.npy")}}), sgd)
+    offsets = np.cumsum([0, *[w.shape[0] for w in weights[:-1]]])
+    slices = {
+        layer: TableSlice(shared, int(offset), w.shape[0])
+        for layer, offset, w in zip(memory, offsets, weights, strict=True)
+    }
+    model.set_tables(slices)
+    try:
+        before = shared.stats()
+        pipeline = PrefetchPipeline(model, lookahead=1)
+        for _ in pipeline.run(batches):
+            pass
+        after = shared.stats()
+        _, steps = pipeline.decode(batches[0], prompt=24)
+    finally:
+        model.set_tables(memory)
+        shared.close()
+    run = pipeline.stats
+    assert len(run.tables) == 2 and after["lookup"]["calls"] - before["lookup"]["calls"] == 12
+    for section, key, summed in (
+        ("lookup", "seconds_total", run.lookup_seconds),
+        ("prefetch", "wait_seconds_total", run.stall_seconds),
+    ):
+        assert summed == pytest.approx(after[section][key] - before[section][key], abs=1e-9)
+    decoded = next(iter(steps.tables.values()))  # the store's counters over the decode steps
+    assert steps.lookup_seconds.sum() == pytest.approx(decoded["lookup"]["seconds_total"])
+    assert steps.stall_seconds.sum() == pytest.approx(decoded["prefetch"]["wait_seconds_total"])

@@ -255,6 +255,12 @@ class TableSlice:
             )
         self.table, self.offset, self.rows, self.dim = table, offset, rows, table.dim
 
+    @property
+    def stats_owner(self) -> TrainableTable:
+        """The table whose counters ``stats()`` reports, every slice of it alike (a sum over
+        Engram layers counts it once)."""
+        return self.table
+
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """The shared table's rows ``row_ids + offset`` (``row_ids`` in ``[0, rows)``, else
         ``RowIdError``: never another slice's rows)."""

@@ -29,7 +29,9 @@ class TableBackend(Protocol):
     later ``lookup`` of the same ids consumes (``None`` when there is nothing to wait for).
 
     Capabilities are declared, not probed: ``keeps_stats`` says whether ``stats()`` returns
-    counters (``TieredStore.stats()``'s layout); ``close()`` releases files and threads. A backend
+    counters (``TieredStore.stats()``'s layout), and a table whose counters are another's, shared
+    with other tables (``TableSlice``), names that one as ``stats_owner`` (sums over Engram layers
+    count it once); ``close()`` releases files and threads. A backend
     that subclasses this class inherits the defaults (no statistics, nothing to close); the
     ``TieredStore`` declares all of it itself.
 

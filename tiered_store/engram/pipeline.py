@@ -58,9 +58,10 @@ class PipelineStats:
     tokens: int = 0
     forward_seconds: float = 0.0  # inside the model's forward (synchronised on CUDA)
     prepare_seconds: float = 0.0  # hashing + prefetch submission on the calling thread
-    lookup_seconds: float = 0.0  # inside table lookups (tables that keep statistics)
+    lookup_seconds: float = 0.0  # inside table lookups (stores that keep statistics, once each)
     stall_seconds: float = 0.0  # of which waiting for prefetched rows
-    tables: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)  # per layer
+    # per layer (layers sharing one store, ``TableSlice``s, each show the store's counters)
+    tables: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -194,10 +195,12 @@ class PrefetchPipeline:
                 stats.tokens += batch.tokens
                 yield batch, out
         finally:
+            summed = _one_per_store(tables)
             for layer, table in tables.items():
                 delta = table_stats_delta(before[layer], _snapshot(table))
                 if delta:
                     stats.tables[layer] = delta
+                if delta and layer in summed:
                     stats.lookup_seconds += delta["lookup"]["seconds_total"]
                     stats.stall_seconds += delta["prefetch"]["wait_seconds_total"]
 
@@ -274,14 +277,24 @@ def _snapshot(table: TableBackend) -> dict | None:
 
 
 def _waits(tables: dict[int, TableBackend]) -> tuple[float, float]:
-    """Seconds inside lookups and waiting for prefetches, summed over tables that keep stats."""
+    """Seconds inside lookups and waiting for prefetches, summed over the stores of the tables
+    that keep stats."""
     lookup = stall = 0.0
-    for table in tables.values():
-        if table.keeps_stats:
-            stats = table.stats()
-            lookup += stats["lookup"]["seconds_total"]
-            stall += stats["prefetch"]["wait_seconds_total"]
+    for layer in _one_per_store(tables):
+        stats = tables[layer].stats()
+        lookup += stats["lookup"]["seconds_total"]
+        stall += stats["prefetch"]["wait_seconds_total"]
     return lookup, stall
+
+
+def _one_per_store(tables: dict[int, TableBackend]) -> list[int]:
+    """The layers whose tables keep stats, one for each store they report (slices of one shared
+    table, ``TableSlice``, all report its store's: summed once)."""
+    first: dict[int, int] = {}
+    for layer, table in tables.items():
+        if table.keeps_stats:
+            first.setdefault(id(getattr(table, "stats_owner", table)), layer)
+    return list(first.values())
 
 
 # ``TieredStore.stats()`` values that are levels, not counts: a delta reports them as they are
