@@ -55,7 +55,10 @@ tiered_store_served_tokens_total               counter    (none)              to
 =============================================  =========  ==================  ==================
 
 A ``ShardedStore`` (one process per rank) exports its shard's metrics above with a ``rank`` label
-on every sample (``build_sharded_registry``), and these (``SHARDED_METRICS``):
+on every sample (``build_sharded_registry``), except the prefetch ones, which are the rank's own
+(its lookups' handles and waits: the shard never prefetches); ``tiered_store_lookup_duration_seconds``
+there times the shard serving each round's rows, the rank's whole lookup calls being
+``tiered_store_sharded_lookup_duration_seconds`` below. And these (``SHARDED_METRICS``):
 
 =============================================  =========  ==================  ==================
 name                                           type       labels              meaning
