@@ -19,7 +19,9 @@ from tests.conftest import (
     make_table,
 )
 from tiered_store import ConfigError, StoreConfig, TieredStore
+from tiered_store.config import RepinConfig
 from tiered_store.metrics import build_registry
+from tiered_store.online_repin import OnlineRepin
 from tiered_store.profile import FrequencyProfile, profile_ids
 from tiered_store.trace import TraceWriter
 from tiered_store.warm_restart import RestartWarning, restart_path
@@ -252,6 +254,21 @@ def test_the_seeded_rows_are_the_pins_ranked_by_episodes_not_by_lookups(tmp_path
         assert set(pinned) <= set(steady.tolist()) and pinned
         counts = held_counts(store.warm)
         assert all(counts[row] >= 5 for row in pinned), counts
+
+
+def test_rows_admitted_in_updates_a_failure_dropped_count_from_zero():
+    # the dropped admissions left their slots the counts of the rows they replaced: a row just
+    # admitted into a well-counted row's slot was re-pinned as if it were that row
+    r = OnlineRepin(4, RepinConfig(every=1000), window=2, deferred=True)
+    r.admitted(torch.tensor([0, 1]), torch.tensor([5, 6]), looked_up=False)
+    for _ in range(3):
+        r.count(torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64), lookups=2)
+    r.count_pending()
+    assert r.slot_count[0] == 3
+    r.evicted(torch.tensor([0]), torch.tensor([5]))
+    r.admitted(torch.tensor([0]), torch.tensor([9]), looked_up=False)
+    r.drop_pending()
+    assert r.slot_count[:2].tolist() == [0.0, 0.0] and r.slot_stamp[0] == -1
 
 
 def held_counts(cache) -> dict[int, float]:
@@ -526,8 +543,6 @@ def test_a_plan_moves_the_rows_that_ranking_every_resident_would():
     # a real tier of 4,096 slots over 6,000 rows, re-pinned every window; each plan is checked
     # against the plan by definition over the same counts
     from policies import PolicySpec
-    from tiered_store.config import RepinConfig
-    from tiered_store.online_repin import OnlineRepin
     from tiered_store.row_cache import RowCache
 
     from .conftest import run_batch
@@ -556,8 +571,6 @@ def test_a_rows_count_is_its_episodes_across_evictions(deferred):
     # count is exactly the windows it was looked up in since the start, though rows come and go
     # (evicted: folded into the sketch; admitted again: counted on from it)
     from policies import PolicySpec
-    from tiered_store.config import RepinConfig
-    from tiered_store.online_repin import OnlineRepin
     from tiered_store.row_cache import RowCache
 
     from .conftest import run_batch
@@ -672,7 +685,6 @@ def test_a_counting_backlog_drops_whole_windows_and_then_counts_again():
     # other 12 are not queued (admissions and evictions are: the counts follow the rows), and
     # once it catches up, counting goes on as before
     from policies import PolicySpec
-    from tiered_store.config import RepinConfig
     from tiered_store.online_repin import MAX_PENDING_WINDOWS, OnlineRepin
     from tiered_store.row_cache import RowCache
 
@@ -738,8 +750,6 @@ def test_a_tier_whose_rows_stay_put_waits_for_a_change_to_re_pin(tmp_path):
 
 
 def test_decay_over_a_long_quiet_spell_forgets_past_counts_without_overflow():
-    from tiered_store.config import RepinConfig
-    from tiered_store.online_repin import OnlineRepin
 
     repin = OnlineRepin(8, RepinConfig(every=3, budget=2, decay=0.5), window=3)
     repin.admitted(torch.tensor([0, 1]), torch.tensor([5, 1]), looked_up=False)
@@ -756,8 +766,6 @@ def test_a_decay_below_one_over_the_largest_float_forgets_without_overflow():
     # repin.decay accepts any number above 0; one under 1 / 1.8e308 (5e-324) made the counting
     # raise OverflowError at each interval's first update (1 / decay is past the largest float):
     # replay stopped with a traceback, the store's re-pin thread failed every interval
-    from tiered_store.config import RepinConfig
-    from tiered_store.online_repin import OnlineRepin
 
     none = torch.tensor([], dtype=torch.int64)
     repin = OnlineRepin(8, RepinConfig(every=2, budget=1, decay=5e-324), window=2)
@@ -772,8 +780,6 @@ def test_decay_is_per_every_lookups_whatever_the_batch_size():
     # batches of 50,000 lookups against every = 65,536: a re-pin is due every second batch, but
     # past counts must decay once per 65,536 lookups (the lookups past an interval count towards
     # the next), not once per re-pin (200 re-pins where 20M lookups are 305 intervals)
-    from tiered_store.config import RepinConfig
-    from tiered_store.online_repin import OnlineRepin
 
     repin = OnlineRepin(64, RepinConfig(), window=65_536)
     none = torch.tensor([], dtype=torch.int64)
@@ -795,8 +801,6 @@ def test_counts_decay_by_the_lookups_since_them_whether_or_not_a_re_pin_ran():
     # counts aged only when a re-pin ran: through a quiet spell (nothing came or went, so no
     # re-pin) a row's episode at the end of 40 intervals weighed like one at their start,
     # until the next re-pin (row 1's one episode counted 1 / 40 of row 5's 40 old ones)
-    from tiered_store.config import RepinConfig
-    from tiered_store.online_repin import OnlineRepin
 
     none = torch.tensor([], dtype=torch.int64)
     repin = OnlineRepin(8, RepinConfig(every=2, budget=1, decay=0.25, quiet_sample=1), window=2)
@@ -812,7 +816,6 @@ def test_counts_decay_by_the_lookups_since_them_whether_or_not_a_re_pin_ran():
 def test_a_quiet_tier_counts_one_window_in_quiet_sample_standing_for_them_all():
     # rows that stay put QUIET_AFTER windows in a row: one window in ``quiet_sample`` is counted,
     # weighted by it (the count stays about the episodes); the first admission ends it
-    from tiered_store.config import RepinConfig
     from tiered_store.online_repin import QUIET_AFTER, OnlineRepin
 
     repin = OnlineRepin(8, RepinConfig(every=10**9, decay=1.0, quiet_sample=4), window=2)
@@ -965,8 +968,6 @@ def test_a_row_another_lookup_missed_in_the_open_window_counts_it_once_admitted(
 def test_a_row_restored_after_a_lookup_missed_it_in_the_open_window_counts_that_miss():
     # a warm restart's preload lands a row a lookup of the open window missed (and then skips):
     # the sketch counts that miss at the window's end, so the slot takes it now
-    from tiered_store.config import RepinConfig
-    from tiered_store.online_repin import OnlineRepin
 
     r = OnlineRepin(8, RepinConfig(sketch_width=64), window=3)
     r.count(torch.tensor([], dtype=torch.int64), torch.tensor([7]), lookups=1)  # window 0
@@ -1048,7 +1049,6 @@ def test_a_re_pin_during_the_restore_of_the_saved_pins_never_pins_the_whole_tier
     import threading
 
     from tiered_store.cold_table import ColdTable
-    from tiered_store.online_repin import OnlineRepin
 
     cfg, data = _saved_with_pins(tmp_path)
     reading, go, planning, plan_go = (threading.Event() for _ in range(4))
@@ -1232,8 +1232,6 @@ def test_a_wait_no_thread_can_take_is_refused():
 def _counts_over_windows(first_window: int, device: str) -> tuple[list[float], list[float]]:
     """Slot counts and sketch estimates after 6 windows of hits, misses, admissions and evictions
     on a tier whose window numbers start at ``first_window``."""
-    from tiered_store.config import RepinConfig
-    from tiered_store.online_repin import OnlineRepin
 
     r = OnlineRepin(8, RepinConfig(every=6, budget=2), window=3, device=device)
     r.window_no = first_window
@@ -1264,7 +1262,6 @@ def test_a_re_pin_that_fails_with_any_error_warns_and_the_next_one_runs(tmp_path
     """Only RuntimeError and ValueError were caught: any other failure of a plan (a numba
     TypingError, a TypeError) ended the re-pin thread without a word, so the tier never re-pinned
     again and wait_repinned() without a timeout never returned."""
-    from tiered_store.online_repin import OnlineRepin
 
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
@@ -1324,7 +1321,6 @@ def test_a_count_that_fails_before_an_interval_is_over_decays_nothing(tmp_path, 
     """The re-pin thread's error path closed an interval whether or not one was due: a count
     that failed 10 lookups into an interval of 1,000 decayed the tier's counts by a whole
     interval (and recorded a re-pin), so its counts aged one interval more than its lookups."""
-    from tiered_store.online_repin import OnlineRepin
 
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 1000, "budget": 1}}
@@ -1433,7 +1429,6 @@ def test_a_warm_re_pin_planned_before_a_restore_left_hots_pins_to_hot_leaves_the
     # hot's pins to hot, applied just after, pinned them in warm again (3 in this run), and as
     # warm's plans read those slots as hot's, no later re-pin of warm unpinned them
     from tiered_store.cache_plan import CacheHierarchy
-    from tiered_store.online_repin import OnlineRepin
 
     path, data = make_table(tmp_path, rows=ROWS)
     work = batches(hot_set(), n=80, seed=5)

@@ -393,6 +393,11 @@ class OnlineRepin:
     def drop_pending(self) -> None:
         """Forget the queued updates (after a failure: rows admitted meanwhile count from 0)."""
         with self._counting:
+            admitted = [update[1] for update in self.pending if update[0] == "admit"]
+            if admitted:  # their slots held other rows before: those counts are not theirs
+                slots = torch.cat(admitted).to(self.device)
+                self.slot_count[slots] = 0
+                self.slot_stamp[slots] = -1
             self._applied_total += len(self.pending)
             self.pending.clear()
             self._ends_applied = self._ends_queued
