@@ -271,6 +271,20 @@ def test_rows_admitted_in_updates_a_failure_dropped_count_from_zero():
     assert r.slot_count[:2].tolist() == [0.0, 0.0] and r.slot_stamp[0] == -1
 
 
+def test_a_count_through_a_mark_applies_none_queued_after_it():
+    # the re-pin thread read len(pending) with its snapshot and applied that many: where a save
+    # had counted some meanwhile, it applied updates queued after its snapshot
+    r = OnlineRepin(4, RepinConfig(every=1000), window=2, deferred=True)
+    r.admitted(torch.tensor([0, 1]), torch.tensor([5, 6]), looked_up=False)
+    mark = r.queued_total  # with a snapshot of the tier
+    r.count_pending()  # another caller (a save) counts what is queued
+    r.evicted(torch.tensor([0]), torch.tensor([5]))  # after the snapshot
+    r.count_pending(mark)
+    assert len(r.pending) == 1
+    r.count_pending(r.queued_total)
+    assert not r.pending
+
+
 def held_counts(cache) -> dict[int, float]:
     """Row -> its slot's count, for the rows the tier holds."""
     slots = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)

@@ -374,11 +374,19 @@ class OnlineRepin:
         windows its episodes stand for (``_scale``)."""
         return self._interval, self._scale
 
-    def count_pending(self, limit: int | None = None) -> None:
+    @property
+    def queued_total(self) -> int:
+        """Updates queued so far (applied or not): a mark for :meth:`count_pending`."""
+        return self._queued_total
+
+    def count_pending(self, through: int | None = None) -> None:
         """Apply the updates a deferred tier queued, in order (the store's background thread);
-        at most ``limit`` (those queued before a snapshot of the tier)."""
+        with ``through`` (a :attr:`queued_total` read earlier, with a snapshot of the tier) only
+        those queued before it (none, where another caller applied them since)."""
         with self._counting:
-            self._count_first(len(self.pending) if limit is None else limit)
+            self._count_first(
+                len(self.pending) if through is None else through - self._applied_total
+            )
 
     def _count_first(self, n: int) -> None:
         """Apply the first ``n`` queued updates (fewer if fewer are queued); holds the counting
@@ -629,7 +637,7 @@ class OnlineRepin:
         point (an over-count, as count-min's collisions are), and the state's weight is still the
         point's interval's (the episodes counted past it weigh a later interval's)."""
         with self._counting:
-            self._count_first(point.queued - self._applied_total)
+            self._count_first(point.queued - self._applied_total)  # none where counted since
             state = self._state(point.clock, point.since_repin)
             sketch, counts = self.profile.sketch.clone(), self.slot_count.clone()
         slots = torch.nonzero(point.row_of_slot >= 0).squeeze(1)

@@ -1018,7 +1018,7 @@ class TieredStore:
                     with self._on_store_stream():
                         # the tier as the updates queued so far leave it: copied off the lock
                         # (lookups running meanwhile may show in it; apply checks each slot)
-                        queued, due = len(cache.online.pending), cache.online.due
+                        queued, due = cache.online.queued_total, cache.online.due
                         due = due and not self._restoring_pins(cache)
                         if due:
                             snapshot = (cache.row_of_slot.clone(), cache.pin_flags().clone())
