@@ -10,6 +10,7 @@ import yaml
 
 from tiered_store.cli import build_parser, main
 from tiered_store.config import StoreConfig
+from tiered_store.corpus import resolve_corpus
 from tiered_store.demo import DEMO_DEFAULTS, demo_settings
 from tiered_store.engram.model import ModelConfig
 
@@ -85,6 +86,16 @@ def test_help_explains_the_demo():
         "tiered",
     ):
         assert word in text
+
+
+def test_help_says_which_files_of_a_corpus_folder_the_demo_reads(tmp_path):
+    # --help said "directories (*.py below)", but the demo reads every text file of a folder
+    (tmp_path / "notes.md").write_text("the hot rows repeat")
+    assert [f.name for f in resolve_corpus([str(tmp_path)]).files] == ["notes.md"]
+    text = " ".join(
+        build_parser()._subparsers._group_actions[0].choices["demo"].format_help().split()
+    )
+    assert "*.py below" not in text and "directories (every text file below)" in text
 
 
 @pytest.mark.parametrize(

@@ -185,7 +185,8 @@ def register(sub) -> None:
         "--corpus",
         nargs="+",
         metavar="PATH",
-        help="files, directories (*.py below) or globs (default: the Python stdlib's sources)",
+        help="files, directories (every text file below) or globs (default: the Python stdlib's "
+        "sources)",
     )
     p.add_argument("--batches", type=int, help=f"measured batches (default {run['batches']})")
     p.add_argument(
