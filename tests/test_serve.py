@@ -347,6 +347,48 @@ def test_a_recorded_trace_is_not_replayed_with_another_row_width(tmp_path, confi
     assert replay(StoreConfig.from_dict(store), trace, table="engram_layer1").lookups > 0
 
 
+def test_closing_under_a_recording_worker_the_drain_gave_up_on(tmp_path):
+    """close() took the trace away without the lock its writers hold, while a worker the drain
+    gave up on (its prefetch outlasting server.request_timeout_s) still ran: its next write met
+    None and failed with a bare AttributeError. Its batch is now left out of the closed trace,
+    which holds whole batches, and the worker fails as any lookup on a closed table does."""
+    import threading
+
+    from tiered_store.serve.guarded_table import TableUnavailableError
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
+    trace = tmp_path / "served.trace"
+    served = ServedModel(config, trace=trace)
+    body = json.dumps({"input_ids": [[7, 8, 9]]}).encode()
+    served.answer(parse_request(body, config.server, served))
+    prefetch, prefetched = served.model.prefetch, threading.Event()
+
+    def slow_prefetch(*args, **kwargs):  # a wait only: done after the close stopped waiting
+        out = prefetch(*args, **kwargs)
+        prefetched.set()
+        time.sleep(1.5)
+        return out
+
+    served.model.prefetch = slow_prefetch
+    errors = []
+
+    def worker():
+        try:
+            served.answer(parse_request(body, config.server, served))
+        except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert prefetched.wait(30)
+    served.close()
+    thread.join(30)
+    assert [type(e) for e in errors] == [TableUnavailableError], errors
+    with TraceReader(trace) as reader:
+        reader.verify()
+        assert reader.n_batches == 2 and [b.table for b in reader.batches()] == TABLES
+
+
 def test_replay_refuses_a_profile_hashed_otherwise_than_a_recorded_trace(tmp_path, config_path):
     """A served trace records its Engram config as {"engram": ..., "source": ...}: replay took a
     profile of another hash seed over it (or one made from it over a table of another seed)."""

@@ -171,6 +171,7 @@ class ServedModel:
         self.device = stores[0].device if stores else torch.device("cpu")
         self.model.to(self.device)  # the dense weights where the hot tier hands out rows
         self._trace: TraceWriter | None = None
+        self._trace_lock = threading.Lock()  # the trace's writes and its close
         try:
             self.layer_ids = list(self.model.engram_layers)
             # sharded tables: every rank runs this same code; rank 0 announces each request.
@@ -490,6 +491,16 @@ class ServedModel:
                 raise StoreClosedError("the served model is closed; open a new ServedModel")
             return self._answer(request, announced.batch if announced is not None else None)
 
+    def _record(self, batch: EngramBatch) -> None:
+        """Write one batch's row ids of every layer to the trace, whole, unless ``_close`` (which
+        does not wait for a worker the drain gave up on) took the trace away."""
+        with self._trace_lock:
+            if self._trace is None:
+                return
+            for layer in self.layer_ids:
+                self._trace.write(batch.row_ids[layer].cpu().numpy(), self.config.table_name(layer))
+                self._trace.end_batch()
+
     def _answer(self, request: InferenceRequest, hashed: EngramBatch | None) -> dict[str, Any]:
         """``answer`` on the tables of one version."""
         ids = torch.from_numpy(request.input_ids)
@@ -498,11 +509,7 @@ class ServedModel:
             # order the store resolved them (replay then reproduces its counters exactly).
             with self._submit_lock:
                 batch = self._prefetch(ids, hashed)
-                for layer in self.layer_ids:
-                    self._trace.write(
-                        batch.row_ids[layer].cpu().numpy(), self.config.table_name(layer)
-                    )
-                    self._trace.end_batch()
+                self._record(batch)
         else:
             batch = self._prefetch(ids, hashed)
         self._outputs.by_layer = {}
@@ -770,7 +777,8 @@ class ServedModel:
 
     def _close(self) -> None:
         """``close`` once no answer is in flight."""
-        trace, self._trace = self._trace, None
+        with self._trace_lock:  # not _submit_lock: a worker may hold it, hung in a prefetch
+            trace, self._trace = self._trace, None
         if trace is not None:
             trace.close()
             for layer in self.layer_ids:
