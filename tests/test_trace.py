@@ -148,6 +148,47 @@ def test_a_trace_whose_writer_was_killed_names_what_it_left_and_where_that_stops
     ), err.value
 
 
+def test_a_trace_being_recorded_by_a_live_writer_is_not_called_killed(tmp_path):
+    """Opening a trace another process is recording now (replay run beside a serve
+    --record-trace) said a writer killed before it closed the trace left its temporary; the
+    writer now holds a lock on its temporary, and the reader says it is being recorded. Once the
+    writer is killed, the same file is named as a killed writer's, beside an older one."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    old = tmp_path / ".t.trace.0123456789ab.tmp"  # an earlier killed recording's
+    old.write_bytes(b"")
+    os.utime(old, (1, 1))
+    code = (
+        "import sys, numpy as np\n"
+        "from tiered_store.trace import TraceWriter\n"
+        f"w = TraceWriter({str(tmp_path / 't.trace')!r}, {{'tables': ['a']}}, chunk_ids=4)\n"
+        "w.write(np.arange(8), 'a')\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    popen = [sys.executable, "-c", code]
+    with subprocess.Popen(popen, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) as proc:
+        assert proc.stdout.readline() == b"ready\n"
+        [live] = [p.name for p in tmp_path.iterdir() if p != old]
+        with pytest.raises(TraceFormatError) as err:
+            TraceReader(tmp_path / "t.trace")
+        proc.send_signal(signal.SIGKILL)
+    assert re.search(
+        rf"; a writer is recording it now, into {re.escape(live)} \([\d,]+ bytes so far\) "
+        r"\(and 1 older partial file\(s\)\): the trace appears under its name once its writer "
+        "closes it",
+        str(err.value),
+    ), err.value
+    assert "killed" not in str(err.value)
+    with pytest.raises(TraceFormatError, match=f"killed before it closed the trace left {live} "):
+        TraceReader(tmp_path / "t.trace")
+
+
 def test_a_path_that_cannot_be_written_is_refused_when_the_writer_opens(tmp_path):
     """Before any lookup is recorded (a server records for hours before it closes the trace)."""
     (tmp_path / "a_dir.trace").mkdir()

@@ -46,10 +46,12 @@ raises :class:`~tiered_store.errors.TraceFormatError` naming the file and the ch
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
 import reprlib
+import stat
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
@@ -221,6 +223,10 @@ class TraceWriter:
             ) from None
         self._out = AtomicFile(self.path, "wb")
         self._file: BinaryIO = self._out.file
+        # held up to the rename (past the file's close): a reader tells this live writer's
+        # temporary from one a killed writer left (the kernel drops the lock when it dies)
+        self._lock = os.dup(self._file.fileno())
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         self._file.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(head)))
         self._file.write(head)
         self._file.write(struct.pack("<I", zlib.crc32(head)))
@@ -401,11 +407,19 @@ class TraceWriter:
             self.abort()
             raise
         self._closed = True
+        self._unlock()
 
     def abort(self) -> None:
         """Discard the partial trace; the destination is left untouched."""
         self._closed = True
         self._out.abort()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        """Drop the lock that marks the temporary as a live writer's."""
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -921,17 +935,44 @@ class TraceReader:
         )
 
 
-def _left_behind(path: Path) -> str:
-    """For a trace that cannot be opened: the partial file a writer killed before it closed left
-    beside it, and where that stops ('' when there is none)."""
+def _writer_alive(tmp: Path) -> bool | None:
+    """Whether a live :class:`TraceWriter` holds ``tmp`` (its lock); None when ``tmp`` is not a
+    regular file there (gone, renamed, a link or a FIFO named like one)."""
     try:
-        left = hidden_temporaries(path.parent, re.escape(path.name))
-        newest = max(left, key=lambda p: p.stat().st_mtime) if left else None
+        fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _left_behind(path: Path) -> str:
+    """For a trace that cannot be opened: the partial file beside it of a writer recording it now
+    or of one killed before it closed, and where that stops ('' when there is none)."""
+    try:
+        found = hidden_temporaries(path.parent, re.escape(path.name))
+        alive = {tmp: _writer_alive(tmp) for tmp in found}
+        left = sorted((t for t in found if alive[t] is not None), key=lambda p: p.stat().st_mtime)
+        newest = next((t for t in left if alive[t]), left[-1]) if left else None
         size = newest.stat().st_size if newest else 0
     except OSError:  # no folder there, or the partial file just went
         return ""
     if newest is None:
         return ""
+    more = f" (and {len(left) - 1} older partial file(s))" if len(left) > 1 else ""
+    if alive[newest]:
+        return (
+            f"; a writer is recording it now, into {newest.name} ({size:,} bytes so far){more}: "
+            "the trace appears under its name once its writer closes it (`tiered-store serve "
+            "--record-trace` closes it on SIGTERM)"
+        )
     try:
         TraceReader(newest).close()
         stopped = ": whole, but never renamed into place"
@@ -939,7 +980,7 @@ def _left_behind(path: Path) -> str:
         stopped = str(exc).removeprefix(f"trace {newest}")
     return (
         f"; a writer killed before it closed the trace left {newest.name} ({size:,} bytes"
-        f"{stopped}); a trace is whole only once its writer closes it (`tiered-store serve "
+        f"{stopped}){more}; a trace is whole only once its writer closes it (`tiered-store serve "
         "--record-trace` closes it on SIGTERM)"
     )
 
