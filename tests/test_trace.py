@@ -455,6 +455,28 @@ def test_an_id_past_int64_in_a_chunk_is_refused_not_read_negative(tmp_path):
     assert not (tmp_path / "ids.npy").exists()
 
 
+@pytest.mark.parametrize(
+    "tables, ids",
+    [
+        (["a"], [0, 2**63 - 1]),  # no rows given: any int64 id, as the writer takes
+        (None, [2**63 - 1]),
+        ([{"name": "a", "rows": 2**64}], [5, 2**63 - 1]),  # rows past int64
+        ([{"name": "a", "rows": 2**63}], [2**63 - 1]),
+        ([{"name": "a", "rows": 2**40}], [0, 2**40 - 1]),  # 8-byte ids up to rows - 1
+        ([{"name": "a", "rows": 2**32}], [2**32 - 1]),  # 4-byte ids up to rows - 1
+    ],
+)
+def test_every_id_the_writer_takes_reads_back(tmp_path, tables, ids):
+    """The reader's check of each chunk's ids refused id 2**63 - 1 of a table without rows
+    ('expected ids below 2**63' of an id that is), and a header's rows past int64 (which the writer
+    takes) failed the open with a bare OverflowError."""
+    path = tmp_path / "t.trace"
+    with TraceWriter(path, None if tables is None else {"tables": tables}) as w:
+        w.write(np.array(ids, dtype=np.uint64), 0 if tables is None else "a")
+    with TraceReader(path) as r:
+        assert r.read_all().tolist() == ids
+
+
 def test_chunks_going_back_a_batch_are_refused_at_open(tmp_path):
     """Each chunk's records were checked to go forward, but not one chunk against the next: a
     writer that went back a batch in a new chunk wrote a trace that read as if it were sound,

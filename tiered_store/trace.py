@@ -475,7 +475,7 @@ class TraceReader:
             self.header = self._read_header()
             footer = self._read_footer()
             self.tables: list[str] = list(footer["tables"])
-            self._rows = self._declared_rows()
+            self._last_ids = self._declared_last_ids()
             self.chunk_index: list[list[int]] = self._check_chunk_index(footer["chunks"])
             totals = footer["totals"]
             self.n_lookups: int = int(totals["lookups"])
@@ -616,18 +616,18 @@ class TraceReader:
             )
         return chunks
 
-    def _declared_rows(self) -> np.ndarray:
-        """Each footer table's rows as the header's layout gives them (int64 max where it gives
-        none); a layout that is not the footer's tables, in order, is refused."""
-        unbounded = np.iinfo(np.int64).max
+    def _declared_last_ids(self) -> np.ndarray:
+        """Each footer table's last valid id: its rows - 1 as the header's layout gives them, and
+        2**63 - 1 (int64's, which the writer takes) where it gives none or more; a layout that is
+        not the footer's tables, in order, is refused."""
         declared = self.header.get("tables")
         if declared is None:
-            return np.full(len(self.tables), unbounded, dtype=np.int64)
+            return np.full(len(self.tables), 2**63 - 1, dtype=np.int64)
         layout = TraceWriter._parse_layout(declared)  # checked when the header was read
         names = [t["name"] for t in layout]
         if names != self.tables:
             raise self._malformed(f"tables {self.tables}; expected the header's tables {names}")
-        return np.array([t.get("rows") or unbounded for t in layout], dtype=np.int64)
+        return np.array([min(t.get("rows") or 2**63, 2**63) - 1 for t in layout], dtype=np.int64)
 
     def _check_per_table(self, per_table: Any) -> dict[str, int]:
         """The footer's ids per table, checked: a count for each table, adding up to the lookups."""
@@ -798,20 +798,16 @@ class TraceReader:
         decodes negative, and is refused too."""
         if not ids.size:
             return
-        bound = self._rows[records[:, 1]]
-        if (bound == bound[0]).all() and int(ids.min()) >= 0 and int(ids.max()) < bound[0]:
+        last = self._last_ids[records[:, 1]]
+        if (last == last[0]).all() and int(ids.min()) >= 0 and int(ids.max()) <= last[0]:
             return
-        bad = (ids < 0) | (ids >= np.repeat(bound, records[:, 2]))
+        bad = (ids < 0) | (ids > np.repeat(last, records[:, 2]))
         if bad.any():
             i = int(bad.argmax())
             rec = int(np.searchsorted(np.cumsum(records[:, 2]), i, side="right"))
             name = self.tables[int(records[rec, 1])]
-            limit = int(bound[rec])
-            below = (
-                "2**63 (int64)"
-                if limit == np.iinfo(np.int64).max
-                else f"the {limit:,} rows the header gives it"
-            )
+            limit = int(last[rec]) + 1
+            below = "2**63 (int64)" if limit == 2**63 else f"the {limit:,} rows the header gives it"
             raise self._fail(
                 f"record {rec} holds row id {int(ids[i]) % 2**64:,} of table {name!r}; "
                 f"expected ids below {below}",
