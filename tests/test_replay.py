@@ -593,6 +593,31 @@ def test_a_config_of_another_row_width_is_an_error(tmp_path):
             replay(config, tmp_path / "t.trace")
 
 
+def test_a_packed_fp8_table_replays_without_its_file_with_the_config_its_store_takes(tmp_path):
+    """A served trace gives a table's dim as its store does, in values (256 for V4.1's fp8 rows);
+    a uint8 table's table.dim is the bytes of its packed rows (264: codes, then a scale byte per
+    32), which its store requires. Without the table file, replay refused that config and took
+    dim 256 (which the store refuses), pricing 256-byte rows."""
+    from tiered_store.quantization import RowQuantization, quantize_rows
+    from tiered_store.table_format import create_table
+
+    quant = RowQuantization(values=256)
+    create_table(tmp_path / "t.npy", quantize_rows(torch.randn(ROWS, 256), quant), progress=False,
+                 quantization=quant)  # fmt: skip
+    table = {"path": str(tmp_path / "t.npy"), "dim": 264, "dtype": "uint8"}
+    with TieredStore(StoreConfig.from_dict({"table": table})) as store:
+        layout = {"name": "a", "rows": ROWS, "dim": store.dim}
+    with TraceWriter(tmp_path / "t.trace", {"tables": [layout]}) as writer:
+        writer.write(np.arange(10), "a")
+    table["path"] = str(tmp_path / "none.npy")
+    assert table_geometry(StoreConfig.from_dict({"table": table}), layout) == (ROWS, 264)
+    assert replay(StoreConfig.from_dict({"table": table}), tmp_path / "t.trace").lookups == 10
+    for dim in (256, 520, 255):  # the values, another width's packing, no packing of 256
+        table["dim"] = dim
+        with pytest.raises(ConfigError, match=rf"table.dim: got {dim} \(uint8: the bytes of its "):
+            replay(StoreConfig.from_dict({"table": table}), tmp_path / "t.trace")
+
+
 def test_replay_command_leaves_no_plot_of_an_earlier_run(tmp_path):
     from tiered_store.cli import main
 
@@ -648,11 +673,13 @@ def test_a_queue_counts_batches_and_requests_in_the_units_it_is_given(tmp_path):
     ("dtype", "value_bytes"), [("float32", 4), ("float16", 2), ("bfloat16", 2), ("uint8", 1)]
 )
 def test_without_the_table_file_a_row_is_priced_by_its_dtype(tmp_path, dtype, value_bytes):
-    """V4.1's packed rows are uint8: 264 B a row, not twice that."""
+    """V4.1's packed rows are uint8: 264 B a row (256 values), not twice that."""
     cfg = StoreConfig.from_dict(
         {"table": {"path": str(tmp_path / "absent.npy"), "dim": 264, "dtype": dtype}}
     )
-    assert table_geometry(cfg, {"name": "t", "rows": 1000, "dim": 264}) == (1000, 264 * value_bytes)
+    values = 256 if dtype == "uint8" else 264  # a trace gives a row's values, as its store does
+    layout = {"name": "t", "rows": 1000, "dim": values}
+    assert table_geometry(cfg, layout) == (1000, 264 * value_bytes)
 
 
 @pytest.mark.parametrize("said", [{}, {"rows": None}])  # no rows in the layout, or a null

@@ -453,13 +453,25 @@ def table_geometry(
         raise ConfigError(
             f"table.dim: needed to replay without the table file {path}; expected the row width"
         )
-    if trace_dim is not None and int(trace_dim) != config.table.dim:
+    if trace_dim is not None and not _packs(int(trace_dim), config.table):
+        packed = " (uint8: the bytes of its packed fp8 rows, codes then scales)"
         raise ConfigError(
-            f"table.dim: got {config.table.dim} but trace table {layout.get('name')!r} has rows of "
-            f"{int(trace_dim)} values; expected the row width of the table the trace was made for"
+            f"table.dim: got {config.table.dim}{packed if config.table.dtype == 'uint8' else ''} "
+            f"but trace table {layout.get('name')!r} has rows of {int(trace_dim)} values; expected "
+            "the row width of the table the trace was made for"
         )
     itemsize = getattr(torch, config.table.dtype or "float32").itemsize
     return int(trace_rows), config.table.dim * itemsize
+
+
+def _packs(values: int, table: Any) -> bool:
+    """Whether a config's ``table`` holds rows of ``values`` values: ``dim`` of them, or for a
+    ``uint8`` table (packed quantised rows, whose ``dim`` is bytes, as its manifest's) their fp8
+    codes and one scale byte per whole block."""
+    if table.dtype != "uint8":
+        return table.dim == values
+    scales = table.dim - values
+    return scales >= 1 and values % scales == 0
 
 
 def with_policy(config: StoreConfig, policy: str) -> StoreConfig:
