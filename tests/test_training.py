@@ -306,3 +306,27 @@ def test_a_slice_refuses_ids_outside_itself(tmp_path):
         with pytest.raises(RowIdError, match=rf"slice: id {bad[0]}"):
             first.prefetch(torch.tensor(bad))
     table.close()
+
+
+@pytest.mark.parametrize("name", ["sgd", "rowwise_adagrad", "adam"])
+def test_a_step_with_non_finite_rows_names_the_row_id_and_the_cause(tmp_path, name):
+    """A NaN gradient of row 7, or one whose square overflows float32, was refused as "rows: row 1
+    holds a non-finite value": the row's place among the step's rows, read as another row's id."""
+    from tiered_store.errors import RowDataError
+
+    opt = make_row_optimizer(name, lr=0.1)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.ones((10, 2)), opt)
+    table = TrainableTable(TieredStore(store_config(path)), opt)
+    before = table.store.lookup(torch.arange(10)).clone()
+    grads = torch.tensor([[1.0, 1.0], [1.0, float("nan")]])
+    (table.lookup(torch.tensor([3, 7])) * grads).sum().backward()
+    with pytest.raises(RowDataError, match=r"step 1: the gradient of row 7 holds a non-finite"):
+        table.step(1)
+    table.zero_grad()
+    if name != "sgd":  # finite, but its square is not: the optimizer state overflows
+        (table.lookup(torch.tensor([3, 7])) * grads.nan_to_num(1e30)).sum().backward()
+        with pytest.raises(RowDataError, match=rf"step 1: the {name} update of row 7 .* state"):
+            table.step(1)
+    assert torch.equal(table.store.lookup(torch.arange(10)), before)
+    table.close()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, RowIdError, TierIOError
+from ..errors import ConfigError, RowDataError, RowIdError, TierIOError
 from ..id_ops import unique_inverse_counts
 from ..store import as_id_tensor
 from ..table_format import TableManifest, create_table
@@ -179,11 +179,36 @@ class TrainableTable:
         else:  # the write is the last thing done: when anything fails, no row changed
             current = self.store.lookup(unique)
             new_rows = self.optimizer.update(current, summed.to(current), number)
+            self._check_finite(unique, summed, new_rows, number)
             self.store.write(unique, new_rows)
             updated = unique.numel()
         self._gradients.clear()
         self._last_step = number
         return updated
+
+    def _check_finite(
+        self, ids: torch.Tensor, summed: torch.Tensor, new_rows: torch.Tensor, step: int
+    ) -> None:
+        """``RowDataError`` naming the first row id whose gradient or updated row is not finite."""
+        bad = ~torch.isfinite(new_rows).all(1)
+        if not bool(bad.any()):
+            return
+        first = int(torch.nonzero(bad)[0])
+        row, grad = int(ids[first]), summed[first]
+        kept = "no row changed; the gradients are kept, zero_grad() drops them"
+        if not bool(torch.isfinite(grad).all()):
+            value = grad[~torch.isfinite(grad)][0].item()
+            raise RowDataError(
+                f"step {step}: the gradient of row {row} holds a non-finite value ({value}); "
+                f"expected finite gradients ({kept})"
+            )
+        weights = not bool(torch.isfinite(new_rows[first, : self.dim]).all())
+        part = "weights overflow" if weights else "state overflows"
+        raise RowDataError(
+            f"step {step}: the {self.optimizer.name} update of row {row} is not finite (its "
+            f"{part} {str(new_rows.dtype).removeprefix('torch.')}: a gradient too large); "
+            f"expected finite rows ({kept})"
+        )
 
     def _refuse(self, step: Any, message: str) -> None:
         """Raise ``ConfigError(message)``; over a sharded store after joining the update round
