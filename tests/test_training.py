@@ -330,3 +330,22 @@ def test_a_step_with_non_finite_rows_names_the_row_id_and_the_cause(tmp_path, na
             table.step(1)
     assert torch.equal(table.store.lookup(torch.arange(10)), before)
     table.close()
+
+
+def test_ids_changed_in_place_before_backward_are_an_error_as_in_torch(tmp_path):
+    """A reused id buffer refilled between lookup and backward: nn.Embedding's backward raises;
+    the table's took the ids the buffer held then and updated those rows (7, never looked up)."""
+    sgd = make_row_optimizer("sgd", lr=1.0)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.zeros((10, 2)), sgd)
+    table = TrainableTable(TieredStore(store_config(path)), sgd)
+    embedding = torch.nn.Embedding(10, 2)
+    for lookup in (embedding, table.lookup):
+        ids = torch.tensor([1, 2])
+        loss = lookup(ids).sum()
+        ids.fill_(7)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    assert table.step(1) == 0
+    assert not table.store.lookup(torch.arange(10)).any()
+    table.close()

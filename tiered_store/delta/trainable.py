@@ -65,12 +65,14 @@ class _RowsWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, rows, row_ids, table):  # noqa: ARG004 (anchor: graph membership)
-        ctx.table, ctx.row_ids = table, row_ids
+        ctx.table = table
+        ctx.save_for_backward(row_ids)  # ids changed in place since: an error, as nn.Embedding's
         return rows.view_as(rows)
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.table._gradients.append((ctx.row_ids, grad))
+        (row_ids,) = ctx.saved_tensors
+        ctx.table._gradients.append((row_ids, grad))
         return None, None, None, None
 
 
