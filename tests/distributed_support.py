@@ -485,6 +485,42 @@ def training_misuse_worker(rank: int, world: int, port: int, trainable: str, out
     _report(out, rank, result)
 
 
+def nonfinite_gradient_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
+    """Every rank: a training step in which rank 0's gradient of rank 1's row is NaN, then the
+    same step again once rank 0 dropped its gradients."""
+    from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.trainable import TrainableTable
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(trainable), world, "rows")
+    cfg["sharding"]["timeout_s"] = 5  # a rank left waiting fails the test in seconds
+    try:
+        table = TrainableTable(ShardedStore.open(cfg), make_row_optimizer("adam", lr=0.05))
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        with torch.no_grad():
+            before = table.lookup(ids)
+        grads = torch.ones(2, TRAIN_DIM)
+        if rank == 0:
+            grads[1, 0] = float("nan")
+        (table.lookup(ids) * grads).sum().backward()
+        try:
+            table.step(1)
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["nan"] = f"{type(exc).__name__}: {exc}"
+        with torch.no_grad():
+            result["unchanged"] = torch.equal(table.lookup(ids), before)
+        if rank == 0:
+            table.zero_grad()
+        result["retried"] = table.step(1)  # rank 1's gradients kept
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def _opened_and_recorded(
     cfg: dict, result: dict, name: str, ids: torch.Tensor | None = None
 ) -> Any:

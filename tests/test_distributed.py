@@ -1246,6 +1246,26 @@ def test_a_training_step_refused_on_one_rank_is_refused_on_all_and_keeps_the_gra
         assert result["first"] == result["repeated retried"] == result["differ retried"] == 1
 
 
+def test_a_non_finite_gradient_on_one_rank_is_refused_on_all_before_any_shard_steps(tmp_path):
+    """Rank 0's NaN gradient of a row on rank 1's shard: rank 1's write failed, rank 0's shard
+    applied the optimizer step to its rows, and every rank dropped its gradients: the shards came
+    apart by one step. It is refused before the round now (RowDataError naming the row there,
+    StepMismatchError elsewhere): no shard changes, the other ranks keep their gradients."""
+    from tests.distributed_support import make_trainable, nonfinite_gradient_worker
+
+    trainable = make_trainable(tmp_path / "trainable.npy")
+    write_shards(trainable, 2, "rows", template=shards_template(trainable, "rows"), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(nonfinite_gradient_worker, 2, (str(trainable), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    assert results[0]["nan"].startswith("RowDataError: grads: the gradient of row 95 holds a non-finite value (nan)")  # fmt: skip
+    assert results[1]["nan"].startswith("StepMismatchError: rank 1: update_rows: rank 0: its gradients or step were refused there")  # fmt: skip
+    assert [r["unchanged"] for r in results] == [True, True]
+    assert [r["retried"] for r in results] == [1, 1]  # rank 1's row, on rank 1's gradient
+
+
 def test_shards_opened_at_different_steps_warn_report_the_oldest_and_take_the_redone_step(
     tmp_path,
 ):

@@ -370,7 +370,8 @@ class ShardedStore:
         ``update(rows, summed)``; a collective (``TrainableTable.step`` through a sharded store).
         Every rank must send gradients of one width (at least 1) and, when given, the same
         optimizer ``step`` (else every rank raises ``StepMismatchError``, naming the ranks, and
-        no row changes). Returns how many rows this rank updated."""
+        no row changes); a non-finite gradient is refused likewise (``RowDataError`` on its
+        rank). Returns how many rows this rank updated."""
         self._check_usable()
         self._check_float_rows("update_rows")
         self._write_rounds += 1
@@ -391,6 +392,14 @@ class ShardedStore:
                 raise RowDataError(
                     f"grads: {grads.dtype} of shape {tuple(grads.shape)}; expected floating-point "
                     f"[{flat.numel()}, width], one row per id, width >= 1"
+                )
+            finite = torch.isfinite(grads).all(1).cpu()  # else one shard fails, the others step
+            if not bool(finite.all()):
+                pos = int(torch.nonzero(~finite)[0])
+                value = grads[pos][~torch.isfinite(grads[pos])][0].item()
+                raise RowDataError(
+                    f"grads: the gradient of row {int(flat[pos])} holds a non-finite value "
+                    f"({value}); expected finite gradients (no shard's rows changed)"
                 )
         except TieredStoreError:
             self._join_refused(update, step)
