@@ -349,3 +349,17 @@ def test_ids_changed_in_place_before_backward_are_an_error_as_in_torch(tmp_path)
     assert table.step(1) == 0
     assert not table.store.lookup(torch.arange(10)).any()
     table.close()
+
+
+def test_a_trainable_table_is_made_from_a_models_embedding_weight_as_it_is(tmp_path):
+    """``create_trainable_table(path, embedding.weight, opt)`` raised numpy's "Can't call numpy()
+    on Tensor that requires grad", and bfloat16 weights "unsupported ScalarType BFloat16"."""
+    adam = make_row_optimizer("adam", lr=0.1)
+    embedding = torch.nn.Embedding(10, 4)
+    for name, weights in (("param", embedding.weight), ("bf16", embedding.weight.bfloat16())):
+        path = tmp_path / f"{name}.npy"
+        assert create_trainable_table(path, weights, adam).dim == 12
+        with TieredStore(store_config(path)) as store:
+            rows = store.lookup(torch.arange(10))
+        assert torch.equal(rows[:, :4], weights.detach().float())
+        assert not rows[:, 4:].any()

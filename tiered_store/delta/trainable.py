@@ -48,7 +48,10 @@ def create_trainable_table(
     >>> create_trainable_table(path, np.ones((5, 4)), make_row_optimizer("adam", lr=0.1)).dim
     12
     """
-    weights = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+    if isinstance(weights, torch.Tensor):  # a model's parameter (grad), bf16, on a GPU: as is
+        weights = weights.detach().to("cpu", torch.float32)
+    else:
+        weights = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
     if weights.ndim != 2:
         raise ConfigError(f"weights: shape {tuple(weights.shape)}; expected [rows, dim]")
     rows, dim = weights.shape
