@@ -11,7 +11,7 @@ import yaml
 from tiered_store.cli import build_parser, main
 from tiered_store.config import StoreConfig
 from tiered_store.corpus import resolve_corpus
-from tiered_store.demo import DEMO_DEFAULTS, demo_settings
+from tiered_store.demo import DEMO_DEFAULTS, DemoConfig, demo_settings
 from tiered_store.engram.model import ModelConfig
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "engram-demo.yaml"
@@ -179,6 +179,18 @@ def test_a_section_left_empty_in_the_config_file_takes_the_defaults(tmp_path):
     config.write_text("prefetch:\n  # depth: 4\nrun:\n  batches: 3\n")
     settings = demo_settings(_parse(["--config", str(config)]))
     assert settings["prefetch"] == DEMO_DEFAULTS["prefetch"] and settings["run"]["batches"] == 3
+
+
+def test_a_tier_left_empty_in_the_config_file_takes_the_demo_defaults(tmp_path):
+    """``tiers.hot:`` with its keys commented out replaced the demo's hot tier with null: the
+    demo ran with no hot tier (the store's default capacity, 0), and --hot was a TypeError."""
+    config = tmp_path / "demo.yaml"
+    config.write_text("tiers:\n  hot:\n    # capacity: 5%\n  warm: {capacity: 10%}\n")
+    settings = demo_settings(_parse(["--config", str(config)]))
+    assert settings["tiers"]["hot"] == DEMO_DEFAULTS["tiers"]["hot"]
+    assert DemoConfig.from_dict(settings).tiers.warm.capacity == "10%"
+    settings = demo_settings(_parse(["--config", str(config), "--hot", "1%"]))
+    assert settings["tiers"]["hot"] == {**DEMO_DEFAULTS["tiers"]["hot"], "capacity": "1%"}
 
 
 def test_paths_in_the_config_file_are_relative_to_it(tmp_path, capsys, monkeypatch):

@@ -447,11 +447,12 @@ def _relative_to(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Deep copy of ``base`` with ``over`` merged in (mappings recursively, the rest replaced)."""
+    """Deep copy of ``base`` with ``over`` merged in (mappings recursively, the rest replaced; a
+    mapping left empty in ``over``, YAML's null, keeps ``base``'s)."""
     out = {k: _merge(v, {}) if isinstance(v, dict) else v for k, v in base.items()}
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        if isinstance(out.get(key), dict) and (value is None or isinstance(value, dict)):
+            out[key] = _merge(out[key], value or {})
         else:
             out[key] = value
     return out
