@@ -115,6 +115,31 @@ def test_bad_writes_are_typed_errors_and_change_nothing(tmp_path):
         store.commit()
 
 
+def test_meta_and_sparse_tensors_as_rows_or_ids_are_named_and_change_nothing(tmp_path):
+    """A meta or sparse tensor given to write or lookup failed with torch's own error ('Cannot
+    copy out of meta tensor', 'reshape is not implemented for sparse tensors', 'Tensor.item()
+    cannot be called on meta tensors'), naming neither the argument nor what was expected."""
+    path, table = make_table(tmp_path, rows=20, dim=4)
+    meta = r"tensor {} is on the meta device \(a shape without data\); expected a tensor holding"
+    sparse = r"tensor {} has layout torch.sparse_coo; expected a dense \(strided\) tensor"
+    with TieredStore(store_config(path)) as store:
+        with pytest.raises(RowDataError, match="^rows: " + meta.format(r"float32 \(2, 4\)")):
+            store.write([1, 2], torch.empty(2, 4, device="meta"))
+        with pytest.raises(RowDataError, match="^rows: " + sparse.format(r"float32 \(2, 4\)")):
+            store.write([1, 2], torch.ones(2, 4).to_sparse())
+        for ids, message in (
+            (torch.empty(2, dtype=torch.int64, device="meta"), meta),
+            (torch.tensor([1, 0, 2]).to_sparse(), sparse),
+        ):
+            shape = rf"int64 \({ids.shape[0]},\)"
+            with pytest.raises(RowIdError, match="^ids: " + message.format(shape)):
+                store.lookup(ids)
+            with pytest.raises(RowIdError, match="^ids: " + message.format(shape)):
+                store.write(ids, torch.ones(ids.shape[0], 4))
+        store.commit()
+        assert torch.equal(store.lookup(torch.arange(20)), table)
+
+
 @pytest.mark.parametrize(
     "tiers", [{}, {"hot": {"capacity": 4}}, {"hot": {"capacity": 4, "index": "hashed"}}]
 )

@@ -49,6 +49,7 @@ from .row_cache import most_valuable_first
 from .slot_pool import SlotPool
 from .stats import hit_ratio
 from .store_lock import InFlight, StoreLock
+from .table_sources import tensor_without_values
 from .warm_restart import (
     RestartState,
     RestartWarning,
@@ -1344,6 +1345,9 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
     """Any integer tensor/array/list -> torch tensor (no copy where possible); rejects floats and bools."""
     if isinstance(ids, torch.Tensor):
         tensor = ids
+        problem = tensor_without_values(tensor)
+        if problem is not None:
+            raise RowIdError(f"ids: tensor {_described(tensor)} {problem}")
     elif isinstance(ids, np.ndarray):
         if ids.dtype.kind not in "iu":
             raise RowIdError(f"ids: dtype {ids.dtype}; expected an integer array")
@@ -1372,6 +1376,11 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
                 raise RowIdError(f"ids: value {value} does not fit int64; expected valid row ids")
         tensor = tensor.to(torch.int64)
     return tensor
+
+
+def _described(tensor: torch.Tensor) -> str:
+    """A tensor's dtype and shape for an error message: ``float32 (2, 8)``."""
+    return f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}"
 
 
 def _ids_numpy_reads(ids: Any) -> np.ndarray | None:
@@ -1435,6 +1444,9 @@ def as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
         raise RowDataError(
             f"rows: {type(rows).__name__} cannot be read as numbers ({exc})"
         ) from None
+    problem = tensor_without_values(tensor)
+    if problem is not None:
+        raise RowDataError(f"rows: tensor {_described(tensor)} {problem}")
     if tuple(tensor.shape) != shape:
         raise RowDataError(
             f"rows: shape {tuple(tensor.shape)}; expected {shape} (the ids' shape + the row width)"

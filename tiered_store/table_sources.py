@@ -427,18 +427,27 @@ class _RandomReader(SourceReader):
         return pack_rows(codes, scales)
 
 
-def _check_tensor_holds_rows(tensor: torch.Tensor, desc: str) -> None:
-    """Refuse a tensor whose rows cannot be read in slices: a meta one, or a sparse one."""
+def tensor_without_values(tensor: torch.Tensor) -> str | None:
+    """Why ``tensor``'s values cannot be read as a dense array (a meta or a sparse tensor), as
+    the end of an error message; None when they can."""
     if tensor.is_meta:
-        raise TableFormatError(
-            f"source {desc} is on the meta device (a shape without data); expected a tensor "
-            "holding the rows (load or initialise them first)"
+        return (
+            "is on the meta device (a shape without data); expected a tensor holding its values "
+            "(load or initialise them first)"
         )
     if tensor.layout != torch.strided:
-        raise TableFormatError(
-            f"source {desc} has layout {tensor.layout}; expected a dense (strided) tensor "
+        return (
+            f"has layout {tensor.layout}; expected a dense (strided) tensor "
             "(pass tensor.to_dense())"
         )
+    return None
+
+
+def _check_tensor_holds_rows(tensor: torch.Tensor, desc: str) -> None:
+    """Refuse a tensor whose rows cannot be read in slices: a meta one, or a sparse one."""
+    problem = tensor_without_values(tensor)
+    if problem is not None:
+        raise TableFormatError(f"source {desc} {problem}")
 
 
 def open_source(source: object, dtype: object) -> SourceReader:
