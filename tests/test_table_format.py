@@ -466,7 +466,7 @@ def test_manifest_keeps_caller_metadata(tmp_path):
     from tiered_store.table_format import create_table as create
     from tiered_store.table_format import read_manifest as read
 
-    layout = {"engram": {"layer_id": 2, "head_sizes": [5, 7]}}
+    layout = {"engram": {"layer_id": 2, "head_sizes": [5, 7]}, "ünï": [True, None, 2**70, -0.0]}
     create(tmp_path / "m.npy", np.zeros((12, 4), np.float32), progress=False, metadata=layout)
     assert read(tmp_path / "m.npy").metadata == layout
 
@@ -478,8 +478,12 @@ def test_manifest_keeps_caller_metadata(tmp_path):
         ({"made_from": Path("/x")}, "Object of type PosixPath is not JSON serializable"),
         ({"scale": float("nan")}, "Out of range float values are not JSON compliant"),
         ([("heads", 2)], "metadata is a list; expected a dict"),
+        # JSON keeps keys as strings: {0: 5} was read back as {"0": 5}, {1: "x", "1": "y"} lost x
+        ({"sizes": {0: 5}}, r"metadata\['sizes'\] has the key 0 \(int\); expected str keys"),
+        ({"a": [{"1": "y", 1: "x"}]}, r"metadata\['a'\]\[0\] has the key 1 \(int\)"),
+        ({True: 1}, r"metadata has the key True \(bool\); .* read back as 'true'"),
     ],
-    ids=["numpy-int", "path", "nan", "list"],
+    ids=["numpy-int", "path", "nan", "list", "int-key", "colliding-keys", "bool-key"],
 )
 def test_metadata_the_manifest_cannot_hold_is_refused_before_writing(tmp_path, metadata, message):
     """Such metadata failed with a bare TypeError only after every row was written (NaN went

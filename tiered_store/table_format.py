@@ -596,6 +596,30 @@ def _check_metadata(metadata: object) -> None:
             f"metadata cannot be stored in the table's JSON manifest ({exc}); expected str, int, "
             "float, bool and None values, lists, and dicts with str keys (no NaN or inf)"
         ) from None
+    found = _non_string_key(metadata)
+    if found is not None:
+        where, key = found
+        raise TableFormatError(
+            f"{where} has the key {key!r} ({type(key).__name__}); expected str keys (JSON keeps "
+            f"keys as strings: it would be read back as {json.dumps(key)!r})"
+        )
+
+
+def _non_string_key(value: object, where: str = "metadata") -> tuple[str, object] | None:
+    """The first dict key in ``value`` that is not a str, and where that dict is; or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return where, key
+            found = _non_string_key(item, f"{where}[{key!r}]")
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _non_string_key(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _row_quantization(
