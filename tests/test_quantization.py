@@ -190,3 +190,28 @@ def test_packed_rows_with_a_nan_code_or_scale_are_refused_and_leave_nothing(tmp_
     with pytest.raises(TableFormatError, match=rf"source row 4 column {column} is {what} "):
         create_table(tmp_path / "t.npy", rows, quantization=q, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_packed_rows_that_dequantise_to_inf_are_refused_and_extremes_are_kept(tmp_path):
+    """quantize_rows of an inf gives code 0x7E (448) with scale byte 0xFE (2**127), finite bytes
+    that lookups dequantised to inf: such a table was written and served inf rows."""
+    q = RowQuantization(values=64, block=32)
+    values = torch.randn(6, 64)
+    values[4, 40] = float("inf")
+    rows = quantize_rows(values, q).numpy()
+    assert (rows[4, 40], rows[4, 65]) == (0x7E, 0xFE)
+    with pytest.raises(
+        TableFormatError,
+        match=r"source row 4 column \d+ is fp8 code 0x.. with scale byte 0xfe \(column 65\), "
+        r"which dequantise past bfloat16's range .* to inf",
+    ):
+        create_table(tmp_path / "t.npy", rows, quantization=q, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    # the extremes that stay finite: -0.0 and 448 codes, scale bytes 0 and 246 (448 * 2**119),
+    # and scale byte 254 (2**127) over codes below 2
+    rows = quantize_rows(torch.randn(6, 64), q).numpy()
+    rows[0, :4], rows[0, 64:] = [0x80, 0x7E, 0xFE, 0x00], [0x00, 246]
+    rows[1, 32:64], rows[1, 65] = 0x38, 0xFE  # 1.0 x 2**127
+    create_table(tmp_path / "t.npy", rows, quantization=q, progress=False)
+    read = dequantize_rows(torch.from_numpy(rows), q)
+    assert bool(torch.isfinite(read).all()) and read[0, 1] == 448 * 2.0**-127

@@ -62,7 +62,7 @@ from .page_checksums import (
     sidecar_bytes,
     sidecar_path,
 )
-from .quantization import RowQuantization
+from .quantization import FP8_E4M3_MAX, SCALE_BIAS, RowQuantization, dequantize_rows
 from .table_sources import (  # the sources are create_table's arguments: importable from here too
     TABLE_DTYPES,
     PackedSafetensorsSource,
@@ -1074,20 +1074,10 @@ def _check_finite(
     block: np.ndarray, dtype: str, first_row: int, quant: RowQuantization | None = None
 ) -> None:
     """Refuse a chunk of float rows holding inf or NaN (in the table's dtype: a finite source
-    value past its range becomes inf), or of packed rows holding a NaN fp8 code or scale byte,
-    naming the row; a table is never written with them."""
+    value past its range becomes inf), or of packed rows that dequantise to NaN or inf, naming
+    the row; a table is never written with them."""
     if quant is not None:
-        nan = np.concatenate(
-            [(block[:, : quant.values] & 0x7F) == 0x7F, block[:, quant.values :] == 0xFF], axis=1
-        )
-        if nan.any():
-            row, col = (int(i) for i in np.argwhere(nan)[0])
-            what = "fp8 code" if col < quant.values else "scale byte"
-            raise TableFormatError(
-                f"source row {first_row + row:,} column {col} is {what} 0x{block[row, col]:02x}, "
-                "which is NaN (fp8 e4m3 codes 0x7F and 0xFF, ue8m0 scale byte 0xFF); expected "
-                "finite packed rows"
-            )
+        _check_packed(block, quant, first_row)
         return
     values = block
     if dtype == "bfloat16":  # stored as raw bits: the high half of a float32's (no copy made
@@ -1102,6 +1092,41 @@ def _check_finite(
         f"source row {first_row + row:,} column {col} is {values[row, col]} as {dtype}: the "
         f"source holds a non-finite value there, or one past {dtype}'s range (|x| <= {limit:g}); "
         "expected finite rows"
+    )
+
+
+#: the smallest scale byte whose blocks may dequantise past bfloat16's range (lookups' dtype):
+#: 448 (e4m3's largest) x 2**(byte - 127); the blocks of such a scale are checked value by value
+_OVERFLOW_SCALE = SCALE_BIAS + int(math.log2(float(torch.finfo(torch.bfloat16).max) / FP8_E4M3_MAX))
+
+
+def _check_packed(block: np.ndarray, quant: RowQuantization, first_row: int) -> None:
+    """Refuse packed rows holding a NaN fp8 code or scale byte, or finite codes and scales that
+    dequantise past bfloat16's range (``quantize_rows`` of an inf gives code 0x7E with scale byte
+    0xFE): lookups would serve NaN or inf rows. The error names the row, column and bytes."""
+    codes, scales = block[:, : quant.values], block[:, quant.values :]
+    if (codes & 0x7F).max(initial=0) < 0x7F and scales.max(initial=0) < _OVERFLOW_SCALE:
+        return  # every chunk of a sound table: two reductions, no array of flags
+    nan = np.concatenate([(codes & 0x7F) == 0x7F, scales == 0xFF], axis=1)
+    if nan.any():
+        row, col = (int(i) for i in np.argwhere(nan)[0])
+        what = "fp8 code" if col < quant.values else "scale byte"
+        raise TableFormatError(
+            f"source row {first_row + row:,} column {col} is {what} 0x{block[row, col]:02x}, "
+            "which is NaN (fp8 e4m3 codes 0x7F and 0xFF, ue8m0 scale byte 0xFF); expected "
+            "finite packed rows"
+        )
+    suspect = np.flatnonzero((scales >= _OVERFLOW_SCALE).any(axis=1))
+    finite = torch.isfinite(dequantize_rows(torch.from_numpy(block[suspect]), quant))
+    if bool(finite.all()):
+        return
+    at, col = (int(i) for i in torch.nonzero(~finite)[0])
+    row, scale_col = int(suspect[at]), quant.values + col // quant.block
+    raise TableFormatError(
+        f"source row {first_row + row:,} column {col} is fp8 code 0x{block[row, col]:02x} with "
+        f"scale byte 0x{block[row, scale_col]:02x} (column {scale_col}), which dequantise past "
+        f"bfloat16's range (|x| <= {float(torch.finfo(torch.bfloat16).max):g}) to inf; expected "
+        "finite packed rows"
     )
 
 
