@@ -5,6 +5,7 @@ before anything is written."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -317,6 +318,27 @@ def test_a_conversion_removes_only_its_own_temporaries(golden, tmp_path):
     (out / ".layer1.yaml.my-tiers.tmp").write_text("the user's")
     convert_hf_checkpoint(make_checkpoint(tmp_path / "ckpt", golden), out, progress=False)
     assert [p.name for p in out.glob("*.tmp")] == [".layer1.yaml.my-tiers.tmp"]
+
+
+def test_a_nan_code_in_a_checkpoint_names_its_table_and_tensor(golden, tmp_path):
+    """A NaN fp8 code in one layer's weight was refused as 'source row 7 column 3 is fp8 code
+    0x7f', naming neither the layer's table nor the checkpoint's tensor or file."""
+    with safe_open(str(V41 / "golden_v41_tables.safetensors"), framework="pt") as f:
+        weight = f.get_tensor("layers.14.engram.embed.weight").clone()
+    weight.view(torch.uint8)[7, 3] = 0x7F
+    ckpt = make_checkpoint(
+        tmp_path / "ckpt", golden, replace={"layers.14.engram.embed.weight": weight}
+    )
+    out = tmp_path / "out"
+    with pytest.raises(
+        TableFormatError,
+        match=rf"^cannot write table {re.escape(str(out / 'engram_layer14.npy'))} from safetensors:"
+        r"model-00001-of-00002.safetensors#layers.14.engram.embed.weight \+ "
+        r"model-00002-of-00002.safetensors#layers.14.engram.embed.scale: "
+        r"source row 7 column 3 is fp8 code 0x7f, which is NaN",
+    ):
+        convert_hf_checkpoint(ckpt, out, progress=False)
+    assert not (out / "engram_layer14.npy").exists()
 
 
 def test_a_table_converted_from_another_checkpoint_is_converted_again(golden, tmp_path):

@@ -991,7 +991,10 @@ def _write_table(
                         f"source rows [{start}, {stop}) came back as {block.shape} "
                         f"{block.dtype.str}; expected {(stop - start, reader.dim)} {descr}"
                     )
-                _check_finite(block, reader.dtype, start, reader.quantization)
+                try:
+                    _check_finite(block, reader.dtype, start, reader.quantization)
+                except TableFormatError as exc:  # which table, from what (convert-hf makes many)
+                    raise TableFormatError(f"{what} from {reader.description}: {exc}") from None
                 data = block.reshape(-1).view(np.uint8)
                 with write_step(what, "writing its data", unpublished):
                     f.write(data)
