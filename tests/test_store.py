@@ -629,6 +629,16 @@ def test_bad_yaml_names_the_file(tmp_path):
     assert load_yaml(bad)["tiers"]["warm"] == {"capacity": 9, "policy": "lru"}
 
 
+def test_a_control_character_in_a_config_is_not_valid_yaml_naming_the_file(tmp_path):
+    """A NUL or a stray BEL in a config file was a bare yaml ReaderError traceback (since the
+    alias-bomb check made the loader before its try), not a ConfigError naming the file."""
+    bad = tmp_path / "bad.yaml"
+    for text in ("table: {path: t.npy}\x07\n", "table:\n  path: t.npy\x00\n"):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML: unacceptable character"):
+            StoreConfig.from_yaml(bad)
+
+
 def test_a_section_left_empty_takes_its_defaults(tmp_path):
     """A section whose keys are all commented out (YAML's null, as in the commented examples)
     was refused ("prefetch: expected a mapping (got None)"), while serve's config, and an empty

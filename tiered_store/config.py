@@ -159,8 +159,9 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path}: not UTF-8 text; expected a YAML file") from None
-    loader = _UniqueKeyLoader(text)
+    loader = None
     try:
+        loader = _UniqueKeyLoader(text)  # reads the text: a control character is a YAMLError
         node = loader.get_single_node()
         expanded = _expanded_size(node)
         if expanded > MAX_YAML_VALUES:
@@ -173,7 +174,8 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
         kind = "JSON" if path.suffix == ".json" else "YAML"  # YAML reads JSON: say what was meant
         raise ConfigError(f"{what} {path}: not valid {kind}: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
