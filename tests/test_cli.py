@@ -114,6 +114,8 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
         # a usage error (2), not a table that failed its checks (1)
         (["verify", "."], ". is a directory; expected a table file (NAME.npy), such as t.npy"),
         (["verify", "s.yaml"], "s.yaml is a store config, not a table; its table is t.npy"),
+        # nested deeper than PyYAML's recursion reaches: it was a RecursionError traceback
+        (["info", "deep.yaml"], "deep.yaml is not a table (a table is NAME.npy with its"),
         # init and shard said the same, not pathlib's "PosixPath('.') has an empty name"
         (["init", ".", "--random", "10x4"], ". is a directory; expected a table file (NAME.npy)"),
         (["init", "", "--random", "10x4"], ". is a directory; expected a table file (NAME.npy)"),
@@ -153,6 +155,7 @@ def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, me
     monkeypatch.chdir(tmp_path)
     (tmp_path / "s.yaml").write_text("table: {path: t.npy}\n")  # a store config, not a table
     (tmp_path / "prof.npz").write_bytes(b"PK")  # some other file
+    (tmp_path / "deep.yaml").write_text("x: " + "[" * 1000 + "]" * 1000 + "\n")
     np.save(tmp_path / "f64.npy", np.ones((4, 4)))
     np.save(tmp_path / "u16.npy", np.ones((4, 4), np.uint16))
     assert main(["init", "t.npy", "--random", "10x4", "--quiet"]) == 0

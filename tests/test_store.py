@@ -639,6 +639,18 @@ def test_a_control_character_in_a_config_is_not_valid_yaml_naming_the_file(tmp_p
             StoreConfig.from_yaml(bad)
 
 
+def test_a_config_nested_past_the_recursion_limit_is_named(tmp_path):
+    """A thousand nested brackets (PyYAML composes them recursively) was a bare RecursionError
+    traceback, not a ConfigError naming the file."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("table: {path: t.npy}\nx: " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep.yaml: its collections are nested deeper than"):
+        StoreConfig.from_yaml(deep)
+    deep.write_text("table: {path: t.npy}\nx: " + "[" * 50 + "]" * 50 + "\n")  # read, then named
+    with pytest.raises(ConfigError, match=r"x: unknown key"):
+        StoreConfig.from_yaml(deep)
+
+
 def test_a_section_left_empty_takes_its_defaults(tmp_path):
     """A section whose keys are all commented out (YAML's null, as in the commented examples)
     was refused ("prefetch: expected a mapping (got None)"), while serve's config, and an empty

@@ -173,6 +173,11 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     except yaml.YAMLError as exc:
         kind = "JSON" if path.suffix == ".json" else "YAML"  # YAML reads JSON: say what was meant
         raise ConfigError(f"{what} {path}: not valid {kind}: {exc}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(
+            f"{what} {path}: its collections are nested deeper than YAML can be read here; "
+            "expected a configuration of a few levels of sections"
+        ) from None
     finally:
         if loader is not None:
             loader.dispose()

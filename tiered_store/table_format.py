@@ -347,7 +347,7 @@ def _table_of_store_config(path: Path) -> Path | None:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         table = Path(doc["table"]["path"])
-    except (OSError, ValueError, yaml.YAMLError, TypeError, KeyError):
+    except (OSError, ValueError, yaml.YAMLError, TypeError, KeyError, RecursionError):
         return None
     return table if table.is_absolute() else path.parent / table
 
