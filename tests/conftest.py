@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from tiered_store.config import StoreConfig
-from tiered_store.table_format import create_table
+from tiered_store.manifest_checksum import manifest_crc32c
+from tiered_store.table_format import create_table, read_manifest, table_paths
 
 
 def make_table(tmp_path, rows: int = 5000, dim: int = 16, dtype: str = "float32", seed: int = 0):
@@ -26,6 +28,16 @@ def make_table(tmp_path, rows: int = 5000, dim: int = 16, dtype: str = "float32"
     path = tmp_path / f"table_{rows}x{dim}_{dtype}.npy"
     create_table(path, tensor, progress=False)
     return path, tensor
+
+
+def assert_sealed_manifest(npy: str | os.PathLike[str]) -> int:
+    """Check that table ``npy``'s manifest file holds its own checksum, and that it is right."""
+    doc = json.loads(table_paths(npy)[1].read_text())
+    assert doc.get("manifest_crc32c") == manifest_crc32c(doc), (
+        f"{npy}: {doc.get('manifest_crc32c')}"
+    )
+    assert read_manifest(npy).manifest_crc32c == doc["manifest_crc32c"]
+    return doc["manifest_crc32c"]
 
 
 def store_config(

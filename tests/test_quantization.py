@@ -9,6 +9,7 @@ import torch
 
 from tests.conftest import golden_dir
 from tiered_store.errors import TableFormatError
+from tiered_store.manifest_checksum import sealed
 from tiered_store.quantization import (
     RowQuantization,
     dequantize_rows,
@@ -172,7 +173,7 @@ def test_a_manifest_of_uint8_rows_without_their_layout_is_refused(tmp_path):
     manifest = tmp_path / "t.npy.manifest.json"
     doc = json.loads(manifest.read_text())
     del doc["quantization"]
-    manifest.write_text(json.dumps(doc))
+    manifest.write_text(json.dumps(sealed(doc)))
     with pytest.raises(
         TableFormatError, match="field 'quantization' is '<missing>'; expected the layout"
     ):

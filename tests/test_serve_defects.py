@@ -26,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serve_support import make_checkpoint
+from tiered_store.manifest_checksum import sealed
 from tiered_store.page_checksums import sidecar_path
 from tiered_store.serve import ServeConfig
 from tiered_store.serve.client import (
@@ -318,7 +319,7 @@ def _nan_table(config: ServeConfig, layer: int) -> None:
     blocks = range(0, len(nan), manifest.block_bytes)
     doc = json.loads(table_paths(path)[1].read_text())
     doc["block_checksums"] = [zlib.crc32(nan[i : i + manifest.block_bytes]) for i in blocks]
-    table_paths(path)[1].write_text(json.dumps(doc))
+    table_paths(path)[1].write_text(json.dumps(sealed(doc)))
     sidecar_path(path).unlink()
     add_page_checksums(path, progress=False)
 

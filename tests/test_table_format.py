@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 
 from tiered_store.cold_table import ColdTable
 from tiered_store.errors import TableFormatError, TieredStoreError
+from tiered_store.manifest_checksum import sealed
 from tiered_store.serve.client import subprocess_env
 from tiered_store.table_format import (
     DATA_OFFSET,
@@ -340,7 +342,7 @@ def test_header_dtype_vs_manifest_mismatch(tmp_path):
     mpath = tmp_path / "t.npy.manifest.json"
     doc = json.loads(mpath.read_text())
     doc.update(dtype="float16", npy_descr="<f2", row_bytes=8, data_bytes=128, file_bytes=4096 + 128)
-    mpath.write_text(json.dumps(doc))
+    mpath.write_text(json.dumps(sealed(doc)))  # consistent, but not with the .npy
     with pytest.raises(TableFormatError, match=r"header dtype '<f4' != '<f2'.*float16"):
         check_table(path)
 
@@ -358,7 +360,7 @@ def test_header_dtype_vs_manifest_mismatch(tmp_path):
 def test_bad_manifest_fields(tmp_path, edit, match):
     path, _ = make(tmp_path, np.ones((16, 4), np.float32))
     mpath = tmp_path / "t.npy.manifest.json"
-    mpath.write_text(json.dumps({**json.loads(mpath.read_text()), **edit}))
+    mpath.write_text(json.dumps(sealed({**json.loads(mpath.read_text()), **edit})))
     with pytest.raises(TableFormatError, match=match):
         read_manifest(path)
     mpath.write_text("{not json")
@@ -375,6 +377,98 @@ def test_missing_manifest_or_data(tmp_path):
     path.unlink()
     with pytest.raises(TableNotFoundError, match="data file .*u.npy does not exist"):
         check_table(path)
+
+
+# ---- the manifest's own checksum ----------------------------------------------------------------
+
+
+META = {"engram": {"layer_id": 2, "heads": [3, 5, 7], "std": 0.02, "name": "caf\u00e9"}}
+
+
+def _flip(mpath: Path, offset: int, bit: int) -> None:
+    """Flip one bit of the manifest file in place (flipping it again restores it)."""
+    with open(mpath, "r+b") as f:
+        byte = os.pread(f.fileno(), 1, offset)[0] ^ (1 << bit)
+        os.pwrite(f.fileno(), bytes([byte]), offset)
+
+
+def test_every_bit_flip_of_a_manifest_is_refused_naming_it_or_changes_nothing(tmp_path):
+    """A one-bit flip in the "page_checksums" key opened the table unverified (a warning only),
+    one in "metadata" silently dropped its Engram layout: the manifest had no checksum."""
+    path, _ = make(tmp_path, RandomSource(1000, 8, seed=1), metadata=META, block_bytes=8192)
+    mpath = table_paths(path)[1]
+    original, good = mpath.read_bytes(), read_manifest(path)
+    assert good.manifest_crc32c is not None and good.page_checksums is not None
+    refused = same = 0
+    for offset in range(len(original)):
+        for bit in range(8):
+            _flip(mpath, offset, bit)
+            try:
+                got = read_manifest(path)
+            except TableFormatError as exc:
+                assert str(mpath) in str(exc), exc
+                refused += 1
+                continue
+            finally:
+                _flip(mpath, offset, bit)
+            where = f"byte {offset} bit {bit}: {original[offset - 20 : offset + 20]!r}"
+            assert got.to_json() == good.to_json(), where  # metadata, page checksums, ...
+            assert got.manifest_crc32c == good.manifest_crc32c, where
+            same += 1
+    assert refused + same == 8 * len(original) and refused > 0.99 * (refused + same)
+    assert mpath.read_bytes() == original
+    # the review's two flips, where a store opens its table: refused, saying what is wrong
+    for key in ('"page_checksums"', '"metadata"'):
+        _flip(mpath, original.index(key.encode()) + 3, 0)
+        with pytest.raises(TableFormatError, match=rf"manifest {mpath} is corrupt: it fails"):
+            ColdTable(path)
+        _flip(mpath, original.index(key.encode()) + 3, 0)
+
+
+def test_a_manifest_without_its_checksum_still_opens_but_not_with_an_unknown_field(tmp_path):
+    """Manifests written before the checksum open as before (only a field name no version wrote,
+    such as a damaged "metadata", is refused); verify notes the missing checksum."""
+    from tiered_store.cli import main  # noqa: PLC0415
+
+    path, made = make(tmp_path, RandomSource(1000, 8, seed=1), metadata=META)
+    mpath = table_paths(path)[1]
+    doc = json.loads(mpath.read_text())
+    del doc["manifest_crc32c"]
+    mpath.write_text(json.dumps(doc, indent=1))  # as an older version wrote it
+    old = read_manifest(path)
+    assert old.manifest_crc32c is None and old.to_json() == made.to_json()
+    with ColdTable(path) as cold:
+        assert torch.equal(cold.read_rows(np.arange(3)), cold.read_rows(np.arange(3)))
+    assert verify_table(path, progress=False).manifest_checksum is False
+    for field, damaged in (("metadata", "metadatq"), ("page_checksums", "page_checjsums")):
+        mpath.write_text(json.dumps({damaged if k == field else k: v for k, v in doc.items()}))
+        with pytest.raises(TableFormatError, match=rf"{mpath} is corrupt: .*field '{damaged}'"):
+            read_manifest(path)
+    created = {**doc, "created": {"sourcf": "x", "time": "", "library_version": ""}}
+    mpath.write_text(json.dumps(created))
+    with pytest.raises(TableFormatError, match=r"field 'created.sourcf'"):
+        read_manifest(path)
+    mpath.write_text(json.dumps(doc))
+    assert main(["verify", str(path), "--quiet"]) == 0  # a note, not a failure
+
+
+@pytest.mark.parametrize("value", [-1, 2**32, "0x1", True, None])
+def test_a_manifest_checksum_that_is_no_uint32_is_refused(tmp_path, value):
+    path, _ = make(tmp_path, np.ones((16, 4), np.float32))
+    mpath = table_paths(path)[1]
+    mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "manifest_crc32c": value}))
+    with pytest.raises(TableFormatError, match=rf"{mpath} is corrupt: field 'manifest_crc32c' is"):
+        read_manifest(path)
+
+
+def test_the_manifest_checksum_covers_metadata_as_a_reader_parses_it(tmp_path):
+    """Tuples, int keys and non-ASCII text change form on the way to JSON: the checksum is of the
+    parsed form, so such metadata opens."""
+    meta = {"t": (1, 2), "n": {10: "a", 9: "b"}, "s": "\u00e9\u2603", "f": 0.1}
+    path, made = make(tmp_path, np.ones((16, 4), np.float32), metadata=meta)
+    got = read_manifest(path)
+    assert got.manifest_crc32c == made.manifest_crc32c
+    assert got.metadata == {"t": [1, 2], "n": {"10": "a", "9": "b"}, "s": "\u00e9\u2603", "f": 0.1}
 
 
 # ---- atomic creation ---------------------------------------------------------------------------

@@ -8,7 +8,9 @@ Layout of a table called ``NAME``:
   ``mmap_mode="r"``. bfloat16 has no NumPy dtype and is stored as ``'<u2'`` (the raw bits).
 - ``NAME.npy.manifest.json``: format version, shape, dtype (``bfloat16`` spelled out), row_bytes,
   data_offset, block_bytes, one CRC-32 (zlib) per ``block_bytes`` block of the data region, and
-  how/when/by which library version the table was made; ``page_checksums`` describes the next file.
+  how/when/by which library version the table was made; ``page_checksums`` describes the next file;
+  ``manifest_crc32c`` is the CRC32C of the rest of the manifest, checked on every read
+  (:mod:`tiered_store.manifest_checksum`; manifests written before it open without it).
 - ``NAME.npy.pages.crc32c``: one CRC32C per 4 KiB page of the data region, which every cold read
   checks (:mod:`tiered_store.page_checksums`). Tables made before it have no such file and no
   ``page_checksums`` entry (readers that predate the entry ignore it): they open with a warning and
@@ -51,6 +53,7 @@ from tqdm.auto import tqdm
 
 from .atomic_file import AtomicFile, atomic_files, fsync_dir, write_step
 from .errors import TableFormatError, TierIOError
+from .manifest_checksum import check_manifest_checksum, sealed
 from .npy_files import read_npy_header
 from .page_checksums import (
     ChecksumError,
@@ -129,6 +132,9 @@ class TableManifest:
     )  # caller's, e.g. Engram layout
     quantization: RowQuantization | None = None  # rows are packed quantised values (dtype uint8)
     page_checksums: PageChecksums | None = None  # the CRC32C-per-page sidecar (None: unverified)
+    manifest_crc32c: int | None = field(  # the manifest's own (None: written before them)
+        default=None, compare=False
+    )
 
     @property
     def values_per_row(self) -> int:
@@ -208,6 +214,7 @@ class TableManifest:
             value = doc.get(key, "<missing>") if isinstance(doc, dict) else doc
             return TableFormatError(f"{where}: field {key!r} is {value!r}; expected {expected}")
 
+        manifest_crc32c = check_manifest_checksum(doc, where) if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise bad("format", repr(FORMAT_NAME))
         version = doc.get("format_version")
@@ -287,6 +294,7 @@ class TableManifest:
             metadata=metadata,
             quantization=quantization,
             page_checksums=page_checksums,
+            manifest_crc32c=manifest_crc32c,
         )
 
 
@@ -299,6 +307,7 @@ class VerifyReport:
     bytes_checked: int
     seconds: float
     pages_checked: int = 0  # page CRC32Cs checked (0: the table has no page checksums)
+    manifest_checksum: bool = True  # False: its manifest was written before manifest checksums
 
     @property
     def bytes_per_second(self) -> float:
@@ -370,7 +379,8 @@ def read_manifest(path: str | os.PathLike[str]) -> TableManifest:
     TableNotFoundError
         The table does not exist, or its manifest does not (the table was never completed).
     TableFormatError
-        The manifest is not valid JSON or a field is missing or inconsistent.
+        The manifest is not valid JSON, fails its own checksum (``manifest_crc32c``: "is
+        corrupt"), or a field is missing or inconsistent.
 
     Examples
     --------
@@ -691,6 +701,7 @@ def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
         bytes_checked=manifest.data_bytes,
         seconds=time.perf_counter() - t0,
         pages_checked=0 if sums is None else len(sums),
+        manifest_checksum=manifest.manifest_crc32c is not None,
     )
 
 
@@ -747,7 +758,7 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
             sidecar.file.write(content)
             sidecar.finish()
         with write_step(what, "writing its manifest", unchanged):
-            manifest_file.file.write(_manifest_text(replace(manifest, page_checksums=entry)))
+            manifest_file.file.write(_manifest_text(replace(manifest, page_checksums=entry))[1])
             manifest_file.finish()
         dir_fd = os.open(npy_path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -1027,8 +1038,9 @@ def _write_table(
                 page_bytes=PAGE_BYTES,
             ),
         )
+        manifest, text = _manifest_text(manifest)
         with write_step(what, "writing its manifest", unpublished):
-            manifest_file.file.write(_manifest_text(manifest))
+            manifest_file.file.write(text)
             manifest_file.finish()
         _commit(data_file, sidecar, manifest_file, overwrite)
     except BaseException:
@@ -1065,12 +1077,14 @@ def _check_free_space(
         )
 
 
-def _manifest_text(manifest: TableManifest) -> str:
-    """Indented JSON with the (possibly long) checksum list kept on one line at the end."""
-    doc = manifest.to_json()
+def _manifest_text(manifest: TableManifest) -> tuple[TableManifest, str]:
+    """The manifest with its own checksum, and its file's text: indented JSON, the checksum
+    after the fields it covers, the (possibly long) block checksum list on one line at the end."""
+    doc = sealed(manifest.to_json())
     sums = doc.pop("block_checksums")
     text = json.dumps(doc, indent=1)
-    return f'{text[:-2]},\n "block_checksums": {json.dumps(sums)}\n}}\n'
+    text = f'{text[:-2]},\n "block_checksums": {json.dumps(sums)}\n}}\n'
+    return replace(manifest, manifest_crc32c=doc["manifest_crc32c"]), text
 
 
 def _check_finite(
