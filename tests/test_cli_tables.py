@@ -227,6 +227,70 @@ def test_an_interrupted_init_leaves_no_temporary_files(tmp_path, signum):
     assert list(tmp_path.iterdir()) == []
 
 
+STOPPED_CREATE = """
+import os, signal, sys, time
+from pathlib import Path
+import tiered_store.table_format as tf
+calls, real = [0], tf._BlockCrc.update
+def update(self, data):
+    calls[0] += 1
+    if calls[0] == 3 and sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)  # killed mid-table: no cleanup runs
+    if calls[0] == 3:  # a live writer, paused mid-table with its temporaries open
+        Path(sys.argv[3]).touch()
+        while not Path(sys.argv[4]).exists():
+            time.sleep(0.01)
+    real(self, data)
+tf._BlockCrc.update = update
+source = tf.RandomSource(100_000, 64, seed=int(sys.argv[5]))
+tf.create_table(sys.argv[1], source, chunk_bytes=1 << 20, progress=False, overwrite=True)
+"""
+
+
+def test_a_rerun_of_a_killed_init_removes_its_temporaries_but_not_a_live_writers(tmp_path, capsys):
+    """A killed creation's hidden temporaries (770 MB for a 3M x 64 table) stayed for good, not
+    even removed by a rerun; a rerun now removes them, saying how many bytes, and leaves those of
+    a creation still running in another process (it holds a flock on each)."""
+    import numpy as np
+
+    from tests.forkserver import run_python
+    from tiered_store.table_format import read_manifest, verify_table
+
+    script, table = tmp_path / "create.py", tmp_path / "data" / "t.npy"
+    script.write_text(STOPPED_CREATE)
+    table.parent.mkdir()
+    paused, go = tmp_path / "paused", tmp_path / "go"
+    live = subprocess.Popen(
+        [sys.executable, str(script), str(table), "pause", str(paused), str(go), "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not paused.exists():
+            assert live.poll() is None and time.monotonic() < deadline, live.stderr.read()
+            time.sleep(0.02)
+        others = {p.name for p in table.parent.iterdir()}
+        assert len(others) == 3  # the live writer's
+        killed = run_python([script, table, "kill", "-", "-", "1"], env=subprocess_env())
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        left = {p.name: p.stat().st_size for p in table.parent.iterdir() if p.name not in others}
+        assert len(left) == 3 and sum(left.values()) > 2e6  # what the kill left
+        capsys.readouterr()
+        assert main(["init", str(table), "--random", "1000x8", "--quiet"]) == 0
+        assert capsys.readouterr().err == (
+            f"tiered-store init: warning: table {table}: removed 3 temporary files "
+            f"({sum(left.values()):,} bytes) that a creation killed part way left\n"
+        )
+        assert {p.name for p in table.parent.glob(".*.tmp")} == others  # the live one's, kept
+        assert read_manifest(table).shape == (1000, 8)
+    finally:
+        go.touch()
+        _, live_err = live.communicate(timeout=120)
+    assert live.returncode == 0, live_err  # it published over the rerun's table
+    assert verify_table(table, progress=False).bytes_checked == 100_000 * 64 * 4
+    assert np.load(table).shape == (100_000, 64) and list(table.parent.glob(".*.tmp")) == []
+
+
 def test_a_shard_set_stopped_by_sigterm_leaves_no_shard_and_no_temporary_file(tmp_path):
     """SIGTERM unwinds every command as Ctrl-C does (it left rank 0's shard and temp files)."""
     assert main(["init", str(tmp_path / "a.npy"), "--random", "1000000x64", "--quiet"]) == 0

@@ -704,19 +704,20 @@ def test_a_save_whose_temporary_an_open_removed_before_its_lock_writes_another(
 ):
     """An open's cleanup can find a save's temporary in the moment between its creation and its
     lock, and remove it: the save makes another and completes."""
-    from tiered_store import warm_restart
-    from tiered_store.atomic_file import AtomicFile
+    import os
+
+    from tiered_store import atomic_file, warm_restart
 
     made = []
+    lock = atomic_file._lock_temporary
 
-    def then_an_open(path, mode):
-        out = AtomicFile(path, mode)
-        made.append(out.tmp.name)
+    def then_an_open(fd):
+        made.append(os.readlink(f"/proc/self/fd/{fd}"))
         if len(made) == 1:  # not locked yet: another store's open removes it
-            assert warm_restart.remove_abandoned_saves(path) == [out.tmp.name]
-        return out
+            assert warm_restart.remove_abandoned_saves(path) == [os.path.basename(made[0])]
+        lock(fd)
 
-    monkeypatch.setattr(warm_restart, "AtomicFile", then_an_open)
+    monkeypatch.setattr(atomic_file, "_lock_temporary", then_an_open)
     path = tmp_path / "t.npy.restart"
     warm_restart.save_restart(path, {"rows": 10}, warm_restart.RestartState({"hot": np.array([1])}))
     assert len(made) == 2 and not list(tmp_path.glob(".*.tmp"))

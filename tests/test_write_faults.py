@@ -646,7 +646,7 @@ import numpy as np
 from tiered_store import create_table
 from tiered_store.errors import TierIOError
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-for spare in range(1, 6):  # 1..5 descriptors free: some run fails between two opens
+for spare in range(1, 10):  # 1..9 free (two a temporary: it, its lock): a run fails between
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
     held = []
     try:

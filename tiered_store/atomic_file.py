@@ -8,10 +8,12 @@ never a torn file under the final name.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "hidden_temporaries",
+    "remove_abandoned_temporaries",
     "scratch_directory",
     "write_json",
 ]
@@ -56,16 +59,17 @@ def write_step(what: str, step: str, outcome: str) -> Iterator[None]:
         ) from exc
 
 
-def atomic_files(*targets: tuple[Path, str]) -> list[AtomicFile]:
-    """An :class:`AtomicFile` for each ``(path, mode)`` (text modes in UTF-8), or none: when one
-    cannot be opened, those already opened are aborted (no temporary file or descriptor left)."""
+def atomic_files(*targets: tuple[Path, str], lock: bool = False) -> list[AtomicFile]:
+    """An :class:`AtomicFile` for each ``(path, mode)`` (text modes in UTF-8; ``lock`` as there),
+    or none: when one cannot be opened, those already opened are aborted (no temporary file or
+    descriptor left)."""
     opened: list[AtomicFile] = []
     names: list[Path] = []  # each chosen before its file exists: a signal's KeyboardInterrupt
     try:  # right after a file was made, before the list holds it, leaves nothing either
         for path, mode in targets:
             names.append(temporary_name(Path(path)))
             text = {} if "b" in mode else {"encoding": "utf-8"}
-            opened.append(AtomicFile(path, mode, tmp=names[-1], **text))
+            opened.append(AtomicFile(path, mode, tmp=names[-1], lock=lock, **text))
     except BaseException:
         for f in opened:
             f.abort()
@@ -132,12 +136,53 @@ def hidden_temporaries(directory: Path, names: str) -> list[Path]:
     return sorted(p for p in directory.iterdir() if pattern.fullmatch(p.name))
 
 
+def remove_abandoned_temporaries(directory: Path, names: str) -> list[tuple[str, int]]:
+    """Delete the temporaries in ``directory`` of files whose names match ``names`` (as
+    :func:`hidden_temporaries`) that no writer holds: ``(name, bytes)`` of each removed. A
+    writer made with ``AtomicFile(lock=True)``, in this process or another, holds a ``flock`` on
+    its temporary until its rename (the kernel drops it when the process dies): that one is left
+    to it, as is anything not a regular file."""
+    try:
+        leftovers = hidden_temporaries(directory, names)
+    except OSError:  # an unreadable folder: nothing to remove that a writer could see
+        return []
+    removed = []
+    for tmp in leftovers:
+        try:  # never blocking on a FIFO named like one
+            fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError:  # renamed into place (or removed) meanwhile, or a link
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):  # no writer made it: not ours to remove
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer's
+            tmp.unlink()
+            removed.append((tmp.name, info.st_size))
+        except OSError:  # a live writer's, renamed meanwhile, or a read-only folder: left
+            pass
+        finally:
+            os.close(fd)
+    if removed:
+        fsync_dir(directory)
+    return removed
+
+
+def _lock_temporary(fd: int) -> None:
+    """Take the exclusive ``flock`` a writer holds on its temporary (blocks while a cleanup
+    holds it; a test hook can stage a cleanup before it)."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
 class AtomicFile:
     """A file written under a hidden temporary name beside ``path`` and published by rename.
 
     ``finish()`` flushes, fsyncs and closes it; ``publish()`` renames it over ``path`` and fsyncs
     the directory (``commit()`` does both); ``abort()`` removes it. Two-step use lets a caller
     publish several files in an order of its choosing (a table's data before its manifest).
+    With ``lock``, an exclusive ``flock`` is held on the temporary from its creation until it is
+    renamed or removed, so :func:`remove_abandoned_temporaries` leaves it alone; one that a
+    cleanup removed before it was locked is made again.
 
     Examples
     --------
@@ -155,9 +200,11 @@ class AtomicFile:
         mode: str = "wb",
         *,
         tmp: Path | None = None,
+        lock: bool = False,
         **open_kwargs: Any,
     ) -> None:
-        """``tmp``: the temporary's name (default: a new ``temporary_name``)."""
+        """``tmp``: the temporary's name (default: a new ``temporary_name``); ``lock``: hold a
+        ``flock`` on it (class docstring)."""
         if "w" not in mode:
             raise ValueError(f"AtomicFile mode: got {mode!r}; expected a write mode ('w' or 'wb')")
         self.path = Path(path)
@@ -165,10 +212,30 @@ class AtomicFile:
             raise in_the_way(self.path)
         self.tmp = temporary_name(self.path) if tmp is None else tmp
         exclusive = mode.replace("w", "x")
-        try:
-            self.file: IO[Any] = open(self.tmp, exclusive, **open_kwargs)  # noqa: SIM115
-        except OSError as exc:  # named by the file it writes, not by the hidden temporary
-            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+        self._lock = -1  # the descriptor holding the temporary's flock (-1: none)
+        while True:
+            try:
+                self.file: IO[Any] = open(self.tmp, exclusive, **open_kwargs)  # noqa: SIM115
+            except OSError as exc:  # named by the file it writes, not by the hidden temporary
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+            if not lock:
+                return
+            try:
+                self._lock = os.dup(self.file.fileno())
+                _lock_temporary(self._lock)
+                if os.fstat(self._lock).st_nlink:  # else a cleanup removed it before the lock
+                    return
+            except BaseException:
+                self.abort()
+                raise
+            self.file.close()  # the name is free again: made anew under it
+            self._unlock()
+
+    def _unlock(self) -> None:
+        """Close the descriptor holding the temporary's flock, if any."""
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     def finish(self) -> None:
         """Flush, fsync and close the temporary file."""
@@ -185,6 +252,7 @@ class AtomicFile:
         except OSError as exc:
             what = "a directory" if self.path.is_dir() else exc.strerror
             raise in_the_way(self.path, what, exc.errno) from None
+        self._unlock()  # renamed: no cleanup can find it under its temporary name
         fsync_dir(self.path.parent)
 
     def commit(self) -> None:
@@ -198,6 +266,7 @@ class AtomicFile:
             with suppress(OSError):  # flushing what a failed write left buffered fails again
                 self.file.close()
         self.tmp.unlink(missing_ok=True)
+        self._unlock()
 
     def __enter__(self) -> AtomicFile:
         return self

@@ -27,7 +27,10 @@ file size. Creation writes the files under temporary names in the target directo
 then commits: remove the old manifest (if overwriting), rename the ``.npy``, then the page
 checksums, and the manifest last, fsyncing the directory after each step. A crash at any point therefore leaves either the old
 table (crash before commit), no openable table (crash during commit), or the new table.
-Stale temporary files (``.NAME.npy.*.tmp``) may remain after a crash; they are never opened.
+Stale temporary files (``.NAME.npy.*.tmp``) may remain after a crash; they are never opened, and
+the next creation of that table removes them. Every writer holds a ``flock`` on its temporaries
+until they are renamed (the kernel drops it when the process dies), so a creation still running,
+in this process or another, keeps its own.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import struct
 import time
 import zlib
@@ -51,8 +55,14 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .atomic_file import AtomicFile, atomic_files, fsync_dir, write_step
-from .errors import TableFormatError, TierIOError
+from .atomic_file import (
+    AtomicFile,
+    atomic_files,
+    fsync_dir,
+    remove_abandoned_temporaries,
+    write_step,
+)
+from .errors import TableFormatError, TierIOError, warn_at_caller
 from .manifest_checksum import check_manifest_checksum, sealed
 from .npy_files import read_npy_header
 from .page_checksums import (
@@ -557,7 +567,9 @@ def create_table(
         system, file-size limit): the message names the table and the step.
 
     A failed call leaves nothing behind (its temporary files are removed) and never touches an
-    existing table; a crashed process may leave hidden ``.NAME.npy.*.tmp`` files, never a table.
+    existing table; a crashed process may leave hidden ``.NAME.npy.*.tmp`` files, never a table,
+    and the next call for that table removes them (with a warning saying how many bytes), leaving
+    those of a creation still running elsewhere.
 
     Examples
     --------
@@ -752,7 +764,9 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
     what = f"cannot add page checksums to table {npy_path}"
     unchanged = "the table was left as it was"
     with write_step(what, "creating its temporary files", unchanged):
-        sidecar, manifest_file = atomic_files((sidecar_path(npy_path), "wb"), (manifest_path, "w"))
+        sidecar, manifest_file = atomic_files(
+            (sidecar_path(npy_path), "wb"), (manifest_path, "w"), lock=True
+        )
     try:
         with write_step(what, "writing its page checksum file", unchanged):
             sidecar.file.write(content)
@@ -970,6 +984,7 @@ def _write_table(
             str(directory),
         )
     refuse_existing(npy_path, manifest_path, overwrite)  # (a directory in the way: AtomicFile)
+    remove_abandoned_creations(npy_path)  # before the free space is counted: they take it
     _, itemsize, _ = TABLE_DTYPES[reader.dtype]
     descr = TABLE_DTYPES[reader.dtype][0]
     row_bytes = reader.dim * itemsize
@@ -982,7 +997,7 @@ def _write_table(
     page_crc = PageCrcAccumulator(PAGE_BYTES)
     with write_step(what, "creating its temporary files", unpublished):
         data_file, sidecar, manifest_file = atomic_files(
-            (npy_path, "wb"), (sidecar_path(npy_path), "wb"), (manifest_path, "w")
+            (npy_path, "wb"), (sidecar_path(npy_path), "wb"), (manifest_path, "w"), lock=True
         )
     try:
         f = data_file.file
@@ -1049,6 +1064,26 @@ def _write_table(
         manifest_file.abort()
         raise
     return manifest
+
+
+def remove_abandoned_creations(npy_path: Path) -> list[tuple[str, int]]:
+    """Delete the hidden temporaries (``.NAME.npy*.HEX.tmp``) that creations of the table
+    ``npy_path`` (or additions of its page checksums) killed part way left, with a warning
+    saying how many bytes that freed; ``(name, bytes)`` of each. Every writer holds a ``flock``
+    on its temporaries until they are renamed, so a live one's, in any process, are left."""
+    names = "|".join(re.escape(p.name) for p in (npy_path, sidecar_path(npy_path)))
+    removed = remove_abandoned_temporaries(
+        npy_path.parent, f"{names}|{re.escape(table_paths(npy_path)[1].name)}"
+    )
+    if removed:
+        freed = sum(size for _, size in removed)
+        warn_at_caller(
+            f"table {npy_path}: removed {len(removed)} temporary file"
+            f"{'s' if len(removed) > 1 else ''} ({freed:,} bytes) that a creation killed part way "
+            "left",
+            UserWarning,
+        )
+    return removed
 
 
 def _check_free_space(

@@ -15,7 +15,6 @@ cold.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from .atomic_file import AtomicFile, fsync_dir, hidden_temporaries
+from .atomic_file import AtomicFile, remove_abandoned_temporaries
 from .cold_table import ColdTable
 from .errors import warn_at_caller
 from .table_format import table_paths
@@ -121,7 +120,7 @@ def save_restart(path: Path, identity: dict[str, Any], state: RestartState) -> N
         + [np.ascontiguousarray(v, dtype="<i8").tobytes() for v in state.pinned.values()]
         + [np.ascontiguousarray(s, dtype="<f4").tobytes() for _, s in state.profiles.values()]
     )
-    out, lock = _locked_temporary(path)
+    out = AtomicFile(path, "wb", lock=True)  # remove_abandoned_saves leaves it alone
     try:
         out.file.write(body)
         out.file.write(_LEN.pack(crc32c.crc32c(body)))
@@ -129,59 +128,13 @@ def save_restart(path: Path, identity: dict[str, Any], state: RestartState) -> N
     except BaseException:
         out.abort()
         raise
-    finally:
-        os.close(lock)
-
-
-def _locked_temporary(path: Path) -> tuple[AtomicFile, int]:
-    """An ``AtomicFile`` for ``path`` and an fd holding an exclusive ``flock`` on its temporary
-    until closed (past the file's own close, up to the rename): :func:`remove_abandoned_saves`
-    leaves it alone. One that a cleanup removed before it was locked is made again."""
-    while True:
-        out = AtomicFile(path, "wb")
-        lock = -1
-        try:
-            lock = os.dup(out.file.fileno())
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if os.fstat(lock).st_nlink:  # else removed as abandoned before this lock
-                return out, lock
-        except BaseException:
-            if lock >= 0:
-                os.close(lock)
-            out.abort()
-            raise
-        os.close(lock)
-        out.abort()
 
 
 def remove_abandoned_saves(path: Path) -> list[str]:
     """Delete the temporaries (``.TABLE.npy.restart.<hex>.tmp``, a whole copy each) of saves to
     ``path`` killed before their rename; returns the names removed. A save under way, in this
-    process or another, holds a ``flock`` on its temporary (the kernel drops it when the process
-    dies): that one is left to it."""
-    try:
-        leftovers = hidden_temporaries(path.parent, re.escape(path.name))
-    except OSError:  # an unreadable folder: nothing to remove that a save could see
-        return []
-    removed = []
-    for tmp in leftovers:
-        try:  # never blocking on a FIFO named like one
-            fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-        except OSError:  # renamed into place (or removed) meanwhile, or a link
-            continue
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # no save made it: not ours to remove
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live save's
-            tmp.unlink()
-            removed.append(tmp.name)
-        except OSError:  # a live save's, renamed meanwhile, or a read-only folder: left
-            pass
-        finally:
-            os.close(fd)
-    if removed:
-        fsync_dir(path.parent)
-    return removed
+    process or another, holds a ``flock`` on its temporary: that one is left to it."""
+    return [name for name, _ in remove_abandoned_temporaries(path.parent, re.escape(path.name))]
 
 
 def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
