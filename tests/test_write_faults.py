@@ -159,7 +159,7 @@ def test_an_export_trace_onto_a_full_filesystem_is_refused_not_killed(small_fs, 
         writer.write(np.arange(1 << 20), "a")  # 8 MiB of int64 ids: twice the disk
     out = small_fs / "ids.npy"
     done = subprocess.run(
-        [sys.executable, "-m", "tiered_store.cli", "export-trace", str(trace), str(out)],
+        [sys.executable, "-m", "tiered_store.cli", "export-trace", str(trace), str(out), "--quiet"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -260,7 +260,7 @@ def test_an_export_trace_whose_trace_fails_a_read_blames_the_trace(loop_fs, tmp_
     os.truncate(image, 0)  # the device ends at 0: those reads fail with EIO
     subprocess.run(["losetup", "-c", device], check=True)
     out = tmp_path / "ids.npy"
-    code = main(["export-trace", str(trace), str(out)])
+    code = main(["export-trace", str(trace), str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err == (
