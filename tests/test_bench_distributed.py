@@ -158,10 +158,12 @@ def test_help_names_only_options_it_takes(tmp_path):
             "argument --hot: expected a row count (int), a byte size like '512MiB' "
             "or '2GiB', or a percentage like '10%', got 'lots'",
         ),
+        (("--warm", "150%"), "argument --warm: '150%' is more than 100% of the table"),
         (
-            ("--warm", "150%"),
-            "--warm: '150%' is more than 100% of the table; expected 0%..100% (a tier's "
-            "capacity is of each shard: the smallest measured has",
+            ("--warm", "999999999"),
+            "--warm: 999999999 is 999,999,999 rows, more than the table's 128,068 rows; expected "
+            "at most 128,068 rows (16,392,704 bytes or 100%) (a tier's capacity is of each "
+            "shard: the smallest measured has 128,068 rows)",
         ),
         (
             ("--model-vocab", "2", "--model-ranks", "64"),
