@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import warnings
 
@@ -360,3 +361,81 @@ def test_export_trace_of_several_tables_needs_one_named(tmp_path, capsys):
     assert "--table: " in capsys.readouterr().err and not out.exists()
     assert main(["export-trace", str(path), str(out), "--table", "b"]) == 0
     assert np.load(out).tolist() == [0, 1, 2]
+
+
+def test_recover_trace_makes_a_killed_recording_one_that_replay_and_export_trace_read(
+    tmp_path, capsys
+):
+    """A recording SIGKILLed before it closed left only its hidden temporary, whose chunks no
+    command could use: its recorded traffic was lost with the footer."""
+    from tests.test_trace import kill_a_recording, recorded_batches
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    left = kill_a_recording(rec)
+    assert main(["recover-trace", str(left)]) == 0
+    out, err = capsys.readouterr()
+    assert f"scan {left.name}: " in err and "write t.trace: " in err  # the bars
+    kept = re.search(r"recovered (\S+): ([\d,]+) chunks, ([\d,]+) row ids in ([\d,]+) batches", out)
+    assert kept and kept[1] == str(rec / "t.trace"), out
+    batches = int(kept[4].replace(",", ""))
+    assert int(kept[3].replace(",", "")) == 30 * batches > 0
+    stop = rf"stopped at chunk {kept[2]}, byte [\d,]+: (truncated|the leftover's end)"
+    assert re.search(stop, out), out
+    assert f"{left} is kept" in out and left.exists()
+    ids = tmp_path / "ids.npy"
+    assert main(["export-trace", str(rec / "t.trace"), str(ids), "--quiet"]) == 0
+    assert np.array_equal(np.load(ids), recorded_batches(batches))
+    assert main(["init", str(tmp_path / "a.npy"), "--random", "1000x4", "--quiet"]) == 0
+    (tmp_path / "a.yaml").write_text("table: {path: a.npy}\ntiers: {hot: {capacity: 60}}\n")
+    argv = ["replay", str(tmp_path / "a.yaml"), str(rec / "t.trace"), "--policies", "lru"]
+    argv += ["--sweep", "", "--no-bounds", "--quiet", "--out", str(tmp_path / "replay")]
+    assert main(argv) == 0, capsys.readouterr().err
+    [run] = json.loads((tmp_path / "replay" / "replay.json").read_text())["results"]
+    assert (run["batches"], run["lookups"]) == (batches, 30 * batches)
+
+
+def test_recover_trace_refuses_to_replace_a_file_without_overwrite(tmp_path, capsys):
+    from tiered_store.trace import TraceReader, TraceWriter
+
+    with TraceWriter(tmp_path / "whole.trace", chunk_ids=5) as writer:
+        for b in range(4):
+            writer.write(np.arange(5) + b, "a")
+            writer.end_batch()
+    with TraceReader(tmp_path / "whole.trace") as reader:
+        end, at = reader._data_end, reader.chunk_index[3][0]
+    left = tmp_path / ".t.trace.0123456789ab.tmp"
+    left.write_bytes((tmp_path / "whole.trace").read_bytes()[: end - 3])  # chunk 3 cut off
+    (tmp_path / "t.trace").write_bytes(b"keep")
+    assert main(["recover-trace", str(left), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"tiered-store recover-trace: error: output {tmp_path / 't.trace'} already exists; pass "
+        "--overwrite to replace it\n"
+    )
+    assert (tmp_path / "t.trace").read_bytes() == b"keep"
+    assert main(["recover-trace", str(left), "--quiet", "--overwrite"]) == 0
+    payload = end - at - 48  # after its 48-byte header
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"stopped at chunk 3, byte {at:,}: truncated payload ({payload - 3} of {payload} bytes)"
+    )
+    with TraceReader(tmp_path / "t.trace") as reader:
+        assert reader.read_all().tolist() == [i + b for b in range(3) for i in range(5)]
+
+
+def test_recover_trace_help_says_what_it_keeps_and_writes():
+    out = run_python(["-m", "tiered_store.cli", "recover-trace", "--help"])
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert text.startswith("usage: tiered-store recover-trace [-h] [--out TRACE] [--overwrite]")
+    for part in (
+        "keeps every whole one whose header and payload checksums and records check",
+        "stops at the first one cut off or corrupt",
+        "rebuilds the footer",
+        "default: NAME, beside LEFTOVER",
+        "replace an existing TRACE",
+        "no progress bars",
+    ):
+        assert part in text, part
+    listing = run_python(["-m", "tiered_store.cli", "--help"])
+    assert "recover-trace" in listing.stdout

@@ -9,8 +9,14 @@ import re
 import numpy as np
 import pytest
 
-from tiered_store.errors import RowIdError, TierIOError, TraceFormatError
-from tiered_store.trace import TraceReader, TraceWriter, trace_from_npy, trace_to_npy
+from tiered_store.errors import ConfigError, RowIdError, TierIOError, TraceFormatError
+from tiered_store.trace import (
+    TraceReader,
+    TraceWriter,
+    recover_trace,
+    trace_from_npy,
+    trace_to_npy,
+)
 
 LAYOUT = {
     "tables": [
@@ -115,10 +121,10 @@ def test_write_is_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]  # no temp left behind
 
 
-def test_a_trace_whose_writer_was_killed_names_what_it_left_and_where_that_stops(tmp_path):
-    """A recording killed (SIGKILL) before it closed leaves no trace under its name, only its
-    partial temporary beside it: opening the trace said "No such file or directory", not that a
-    partial one is there, nor where it stops."""
+def kill_a_recording(folder):
+    """The leftover of a TraceWriter in a real process SIGKILLed mid-recording: table 'a' (1,000
+    rows), batch b one record of ``recorded_batches``' ids, chunks of at most 100 ids (3 batches);
+    killed once it has written batch 2,000."""
     import signal
     import subprocess
     import sys
@@ -127,9 +133,10 @@ def test_a_trace_whose_writer_was_killed_names_what_it_left_and_where_that_stops
     code = (
         "import numpy as np\n"
         "from tiered_store.trace import TraceWriter\n"
-        f"w = TraceWriter({str(tmp_path / 't.trace')!r}, {{'tables': ['a']}}, chunk_ids=100)\n"
+        f"w = TraceWriter({str(folder / 't.trace')!r}, {{'tables': [{{'name': 'a', 'rows': 1000}}]}}, "
+        "chunk_ids=100)\n"
         "for b in range(10**9):\n"
-        "    w.write(np.arange(30), 'a'); w.end_batch()\n"
+        "    w.write((np.arange(30) + b) % 1000, 'a'); w.end_batch()\n"
         "    if b == 2000: print('ready', flush=True)\n"  # chunks past its write buffer
     )
     root = str(Path(__file__).resolve().parents[1])
@@ -138,14 +145,181 @@ def test_a_trace_whose_writer_was_killed_names_what_it_left_and_where_that_stops
         assert proc.stdout.readline() == b"ready\n"
         proc.send_signal(signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
-    [left] = [p.name for p in tmp_path.iterdir()]
+    [left] = list(folder.iterdir())
+    return left
+
+
+def recorded_batches(n):
+    """The ids :func:`kill_a_recording`'s writer wrote in its first ``n`` batches, flat."""
+    return ((np.arange(30)[None, :] + np.arange(n)[:, None]) % 1000).ravel()
+
+
+def test_a_trace_whose_writer_was_killed_names_what_it_left_and_where_that_stops(tmp_path):
+    """A recording killed (SIGKILL) before it closed leaves no trace under its name, only its
+    partial temporary beside it: opening the trace said "No such file or directory", not that a
+    partial one is there, nor where it stops, nor how to recover it."""
+    left = kill_a_recording(tmp_path)
     with pytest.raises(TraceFormatError) as err:
         TraceReader(tmp_path / "t.trace")
     assert re.search(
         rf"t\.trace: cannot open \(No such file or directory\); a writer killed before it "
-        rf"closed the trace left {re.escape(left)} \([\d,]+ bytes, chunk \d+: truncated",
+        rf"closed the trace left {re.escape(left.name)} \([\d,]+ bytes, chunk \d+: truncated",
         str(err.value),
     ), err.value
+    assert f"`tiered-store recover-trace {left}` makes a trace of its whole chunks" in str(
+        err.value
+    )
+
+
+def test_a_killed_recording_is_recovered_up_to_its_last_whole_chunk(tmp_path):
+    """Its chunks could not be used: hours of recorded traffic lost with the footer."""
+    left = kill_a_recording(tmp_path)
+    got = recover_trace(left)
+    assert got.trace == tmp_path / "t.trace" and left.exists()  # the leftover is kept
+    with TraceReader(got.trace) as r:
+        r.verify()
+        assert (r.tables, r.n_chunks, r.n_batches) == (["a"], got.chunks, got.batches)
+        assert r.n_lookups == got.lookups == 30 * got.batches
+        assert np.array_equal(r.read_all(), recorded_batches(got.batches))
+        assert [b.batch for b in r.batches()] == list(range(got.batches))
+    assert got.chunks > 0 and got.stopped and got.kept_bytes <= got.size  # no footer: stopped
+    assert np.array_equal(
+        trace_to_npy(got.trace, tmp_path / "a.npy"), recorded_batches(got.batches)
+    )
+
+
+def _leftover(tmp_path, **sample):
+    """A two-table trace's bytes without its footer (as a killed writer leaves them), its chunk
+    offsets, and what was written."""
+    whole = tmp_path / "whole.trace"
+    written = _write_sample(whole, **sample)
+    with TraceReader(whole) as r:
+        offsets, end = [c[0] for c in r.chunk_index], r._data_end
+    left = tmp_path / ".t.trace.0123456789ab.tmp"
+    left.write_bytes(whole.read_bytes()[:end])
+    whole.unlink()
+    return left, offsets + [end], written
+
+
+def _kept(written, trace):
+    """``written``'s records that the trace holds (its first ones), checked equal."""
+    with TraceReader(trace) as r:
+        r.verify()
+        got = [(b.batch, b.table, b.ids) for b in r.batches()]
+    assert 0 < len(got) < len(written)
+    for (batch, table, ids), want in zip(got, written, strict=False):
+        assert (batch, table) == want[:2] and np.array_equal(ids, want[2])
+    return got
+
+
+@pytest.mark.parametrize(
+    ("damage", "kept", "reason"),
+    [
+        ("torn in chunk 3's payload", 3, "truncated payload"),
+        ("a byte flipped in chunk 2's payload", 2, "payload checksum mismatch (corrupt chunk)"),
+        ("a byte flipped in chunk 2's header", 2, "chunk header checksum mismatch"),
+        ("torn in chunk 3's header", 3, "chunk 3 missing or cut off at byte"),
+    ],
+)
+def test_a_leftover_keeps_its_chunks_up_to_the_first_torn_or_corrupt_one(
+    tmp_path, damage, kept, reason
+):
+    left, offsets, written = _leftover(tmp_path)
+    data = bytearray(left.read_bytes())
+    at = offsets[kept]
+    if damage.startswith("torn"):
+        data = data[: at + (60 if "payload" in damage else 20)]
+    else:
+        data[at + (70 if "payload" in damage else 9)] ^= 0x01
+    left.write_bytes(bytes(data))
+    got = recover_trace(left, overwrite=False)
+    assert (got.chunks, got.kept_bytes, got.size) == (kept, at, len(data))
+    assert reason in got.stopped, got.stopped
+    records = _kept(written, got.trace)
+    assert got.records == len(records) and got.lookups == sum(ids.size for *_, ids in records)
+    assert got.batches == records[-1][0] + 1
+    if "flipped" in damage and "payload" in damage:  # the headers past it are read: what is lost
+        assert got.lost_chunks == len(offsets) - 1 - kept
+        assert got.lookups + got.lost_lookups == sum(ids.size for *_, ids in written)
+        assert got.lost_to_batch == written[-1][0]
+    elif "payload" in damage:  # the torn chunk's header counts its ids
+        assert got.lost_chunks == 1 and got.lost_lookups > 0
+    else:
+        assert (got.lost_chunks, got.lost_lookups, got.lost_to_batch) == (0, 0, None)
+
+
+@pytest.mark.parametrize(
+    ("cut", "message"),
+    [
+        ("inside chunk 0", "no whole chunk to recover (chunk 0, at byte"),
+        ("the file empty", "truncated: 0 bytes is shorter than the preamble"),
+        ("inside the header", "truncated inside the header"),
+    ],
+)
+def test_a_leftover_without_a_whole_chunk_is_refused_and_nothing_written(tmp_path, cut, message):
+    left, offsets, _ = _leftover(tmp_path)
+    size = {"inside chunk 0": offsets[0] + 60, "the file empty": 0, "inside the header": 30}[cut]
+    left.write_bytes(left.read_bytes()[:size])
+    with pytest.raises(TraceFormatError, match=re.escape(message)) as err:
+        recover_trace(left)
+    assert str(left) in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [left.name]
+
+
+def test_a_whole_leftover_keeps_everything(tmp_path):
+    """A writer killed between writing its footer and the rename left a whole trace."""
+    whole = tmp_path / "whole.trace"
+    written = _write_sample(whole)
+    left = tmp_path / ".t.trace.0123456789ab.tmp"
+    whole.rename(left)
+    got = recover_trace(left)
+    assert (got.stopped, got.lost_chunks, got.kept_bytes < got.size) == ("", 0, True)
+    with TraceReader(got.trace) as r:
+        assert len(list(r.batches())) == len(written) == got.records
+
+
+def test_a_leftover_without_a_table_layout_names_its_tables_by_index(tmp_path):
+    """Tables registered as first written are named only in the footer the writer never wrote."""
+    path = tmp_path / "t.trace"
+    with TraceWriter(path, chunk_ids=10) as w:
+        for b in range(8):
+            w.write(np.arange(6) + b, "x")
+            w.write(np.arange(4) + b, "y")
+            w.end_batch()
+    with TraceReader(path) as r:
+        end, last = r._data_end, r.chunk_index[-1][0]
+    (tmp_path / "t.partial").write_bytes(path.read_bytes()[: last + 50])
+    got = recover_trace(tmp_path / "t.partial", tmp_path / "r.trace")
+    with TraceReader(got.trace) as r:
+        assert r.tables == ["0", "1"] and r.lookups("0") + r.lookups("1") == r.n_lookups
+        assert r.lookups("1") > 0 and np.array_equal(r.read_all("1")[:4], np.arange(4))
+    assert got.kept_bytes == last < end
+
+
+def test_recovery_refuses_the_file_of_a_writer_recording_now(tmp_path):
+    with TraceWriter(tmp_path / "t.trace", chunk_ids=5) as w:
+        w.write(np.arange(10), "a")
+        [live] = list(tmp_path.iterdir())
+        with pytest.raises(ConfigError, match="a writer is recording into it now"):
+            recover_trace(live)
+        assert list(tmp_path.iterdir()) == [live]
+    assert list(tmp_path.iterdir()) == [tmp_path / "t.trace"]
+
+
+def test_recovery_refuses_to_replace_a_file_or_guess_a_name(tmp_path):
+    left, _, _ = _leftover(tmp_path)
+    (tmp_path / "t.trace").write_bytes(b"keep")
+    with pytest.raises(ConfigError, match=r"t\.trace already exists; pass --overwrite"):
+        recover_trace(left)
+    assert (tmp_path / "t.trace").read_bytes() == b"keep"
+    with pytest.raises(ConfigError, match="is the leftover itself"):
+        recover_trace(left, left, overwrite=True)
+    renamed = left.rename(tmp_path / "partial")
+    with pytest.raises(ConfigError, match="expected --out TRACE"):
+        recover_trace(renamed)
+    recover_trace(renamed, tmp_path / "t.trace", overwrite=True)
+    TraceReader(tmp_path / "t.trace").verify()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partial", "t.trace"]
 
 
 def test_a_trace_being_recorded_by_a_live_writer_is_not_called_killed(tmp_path):

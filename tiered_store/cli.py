@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_unshard(sub)
     _add_convert_hf(sub)
     _add_export_trace(sub)
+    _add_recover_trace(sub)
     for register in (
         register_demo,
         register_replay,
@@ -200,6 +201,63 @@ def _run_export_trace(args) -> int:
             reader, args.out, table=table, overwrite=args.overwrite, progress=not args.quiet
         )
     print(f"wrote {args.out}: {ids.size:,} row ids (int64)")
+    return 0
+
+
+def _add_recover_trace(sub) -> None:
+    p = sub.add_parser(
+        "recover-trace",
+        help="make a trace of what a recording killed before it closed left (its whole chunks)",
+        description="A trace recording killed before it closed (`serve --record-trace` "
+        "SIGKILLed or OOM-killed, a TraceWriter in a process that died) leaves no trace, only "
+        "its hidden temporary .NAME.HEX.tmp beside NAME (replay and export-trace name it). "
+        "This reads LEFTOVER's chunks from the start, keeps every whole one whose header and "
+        "payload checksums and records check, stops at the first one cut off or corrupt (saying "
+        "at which byte and chunk, and what was kept and lost), rebuilds the footer (chunk index, "
+        "totals per table) and writes a complete trace that replay and export-trace read. What "
+        "the writer still held in memory (its chunk being filled) is lost. The last batch kept "
+        "may lack the tables the writer had yet to write for it. TRACE is written under a "
+        "temporary name and moved into place at the end; LEFTOVER is left as it was.",
+    )
+    p.add_argument("leftover", type=Path, help="the killed writer's .NAME.HEX.tmp")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="TRACE",
+        help="the trace to write (default: NAME, beside LEFTOVER)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing TRACE")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_recover_trace)
+
+
+def _run_recover_trace(args) -> int:
+    from .trace import recover_trace
+
+    got = recover_trace(args.leftover, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(
+        f"recovered {got.trace}: {got.chunks:,} chunks, {got.lookups:,} row ids in "
+        f"{got.batches:,} batches (bytes 0..{got.kept_bytes:,} of {got.leftover}'s {got.size:,})"
+    )
+    if not got.stopped:
+        print(f"{got.leftover} was whole: nothing lost")
+        return 0
+    rest = got.size - got.kept_bytes
+    why = "the leftover's end (every chunk in it whole)" if rest == 0 else got.stopped
+    print(f"stopped at chunk {got.chunks:,}, byte {got.kept_bytes:,}: {why}")
+    unwritten = "what the writer had not yet written (the chunk it was filling)"
+    if got.lost_chunks:
+        chunks = "chunk" if got.lost_chunks == 1 else "chunks"
+        lost = f"{got.lost_lookups:,} row ids in {got.lost_chunks:,} {chunks} from there on"
+        lost += " (their headers' counts)"
+        if got.lost_to_batch is not None:
+            lost += f", batches up to {got.lost_to_batch:,}"
+        lost += f", and {unwritten}"
+    elif rest:
+        lost = f"its last {rest:,} bytes (no readable chunk header), and {unwritten}"
+    else:
+        lost = f"only {unwritten}"
+    print(f"lost: {lost}; {got.leftover} is kept: remove it once {got.trace} is checked")
     return 0
 
 

@@ -40,7 +40,9 @@ The **footer** JSON holds ``"tables"`` (names, in table-index order), ``"chunks"
 ``[offset, ids, records, first batch, last batch]`` per chunk) and ``"totals"`` (``lookups``,
 ``records``, ``batches``, ``per_table``). A trace is written to a temporary name beside the
 target, fsynced and renamed, so a file with this name is complete; a truncated or corrupt one
-raises :class:`~tiered_store.errors.TraceFormatError` naming the file and the chunk.
+raises :class:`~tiered_store.errors.TraceFormatError` naming the file and the chunk. Of the
+temporary a writer killed before it closed leaves, :func:`recover_trace` makes a complete trace:
+its chunks from the start that check, up to the first one cut off or corrupt, under a new footer.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import stat
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -72,7 +75,9 @@ __all__ = [
     "TraceBatch",
     "TraceChunk",
     "TraceReader",
+    "TraceRecovery",
     "TraceWriter",
+    "recover_trace",
     "trace_from_npy",
     "trace_to_npy",
 ]
@@ -140,6 +145,25 @@ def _unshuffle(buf: bytes | memoryview, n: int, width: int) -> np.ndarray:
     """Invert :func:`_shuffle`, giving int64."""
     planes = np.frombuffer(buf, dtype=np.uint8, count=n * width).reshape(width, n)
     return np.ascontiguousarray(planes.T).view(f"<u{width}").reshape(n).astype(np.int64)
+
+
+def _footer(
+    tables: list[str], chunks: list[list[int]], records: int, last_batch: int, per_table: list[int]
+) -> bytes:
+    """The footer and trailer that close a trace: its tables, chunk index and totals."""
+    footer = json.dumps(
+        {
+            "tables": tables,
+            "chunks": chunks,
+            "totals": {
+                "lookups": sum(per_table),
+                "records": records,
+                "batches": last_batch + 1,
+                "per_table": dict(zip(tables, per_table, strict=True)),
+            },
+        }
+    ).encode()
+    return footer + _TRAILER.pack(len(footer), zlib.crc32(footer), 0, END_MAGIC)
 
 
 class TraceWriter:
@@ -213,7 +237,6 @@ class TraceWriter:
         self._batch = 0
         self._last_batch = -1
         self._records = 0
-        self._lookups = 0
         self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,7 +367,6 @@ class TraceWriter:
         self._buf_n += flat.size
         self._per_table[t] += flat.size
         self._records += 1
-        self._lookups += flat.size
         self._last_batch = self._batch
         if self._buf_n >= self._chunk_ids:
             self._flush()
@@ -388,20 +410,11 @@ class TraceWriter:
             return
         try:
             self._flush()
-            footer = json.dumps(
-                {
-                    "tables": self._tables,
-                    "chunks": self._chunks,
-                    "totals": {
-                        "lookups": self._lookups,
-                        "records": self._records,
-                        "batches": self._last_batch + 1,
-                        "per_table": dict(zip(self._tables, self._per_table, strict=True)),
-                    },
-                }
-            ).encode()
-            self._file.write(footer)
-            self._file.write(_TRAILER.pack(len(footer), zlib.crc32(footer), 0, END_MAGIC))
+            self._file.write(
+                _footer(
+                    self._tables, self._chunks, self._records, self._last_batch, self._per_table
+                )
+            )
             self._out.commit()
         except BaseException:
             self.abort()
@@ -463,15 +476,8 @@ class TraceReader:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self._open(path)
         try:
-            self._file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()
-        except OSError as exc:
-            raise TraceFormatError(
-                f"trace {self.path}: cannot open ({exc.strerror}){_left_behind(self.path)}"
-            ) from None
-        try:
-            self._size = os.fstat(self._file.fileno()).st_size
             self.header = self._read_header()
             footer = self._read_footer()
             self.tables: list[str] = list(footer["tables"])
@@ -493,7 +499,41 @@ class TraceReader:
             raise
         self._decompressor = zstandard.ZstdDecompressor()
 
+    @classmethod
+    def _leftover(cls, path: str | os.PathLike[str]) -> TraceReader:
+        """A reader of a trace without a footer (what a killed writer left): its header checked,
+        its tables the header's (none when it lists none), no chunks yet; see :func:`recover_trace`."""
+        self = cls.__new__(cls)
+        self._open(path)
+        try:
+            self.header = self._read_header()
+            layout = TraceWriter._parse_layout(self.header.get("tables"))
+            self.tables = [t["name"] for t in layout] if layout is not None else []
+            self._last_ids = self._declared_last_ids()
+        except BaseException:
+            self._file.close()
+            raise
+        self.chunk_index = []
+        self._data_end = self._size
+        self._decompressor = zstandard.ZstdDecompressor()
+        return self
+
     # -- opening ---------------------------------------------------------------------------------
+
+    def _open(self, path: str | os.PathLike[str]) -> None:
+        """Open the file and take its size; a missing one names what a killed writer left."""
+        self.path = Path(path)
+        try:
+            self._file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise TraceFormatError(
+                f"trace {self.path}: cannot open ({exc.strerror}){_left_behind(self.path)}"
+            ) from None
+        try:
+            self._size = os.fstat(self._file.fileno()).st_size
+        except BaseException:
+            self._file.close()
+            raise
 
     def _fail(self, what: str, chunk: int | None = None) -> TraceFormatError:
         """An error naming the file (and chunk)."""
@@ -660,22 +700,34 @@ class TraceReader:
 
     def _scan_for_damage(self) -> TraceFormatError:
         """Walk chunk headers from the start; name the first chunk that is cut off or corrupt."""
+        try:
+            for index, offset, fields in self._chunk_heads():
+                end = offset + _CHUNK_HEAD_SIZE + fields[8]
+                if end > self._size:
+                    return self._fail(
+                        f"truncated: chunk needs bytes {offset}..{end}, file has {self._size}",
+                        index,
+                    )
+        except TraceFormatError as exc:
+            return exc
+        raise AssertionError("unreachable: the walk ends by raising")  # pragma: no cover
+
+    def _chunk_heads(self) -> Iterator[tuple[int, int, tuple[Any, ...]]]:
+        """Walk a trace's chunk headers from the start, as if it had no footer: each chunk's index,
+        offset and checked header (its payload may run past the file's end), until a header that
+        is missing, cut off or corrupt, which is raised naming the chunk and its byte."""
         offset, index = self._data_start, 0
         while True:
             head = self._pread(offset, _CHUNK_HEAD_SIZE)
             if len(head) < _CHUNK_HEAD_SIZE or head[:4] != CHUNK_MAGIC:
-                return self._fail(
+                raise self._fail(
                     f"truncated or incomplete: no valid footer; {index} complete chunks, chunk "
                     f"{index} missing or cut off at byte {offset} of {self._size}",
                     index,
                 )
             fields = self._parse_chunk_head(head, index)
-            end = offset + _CHUNK_HEAD_SIZE + fields[8]
-            if end > self._size:
-                return self._fail(
-                    f"truncated: chunk needs bytes {offset}..{end}, file has {self._size}", index
-                )
-            offset, index = end, index + 1
+            yield index, offset, fields
+            offset, index = offset + _CHUNK_HEAD_SIZE + fields[8], index + 1
 
     def _chunk_end(self, index: int) -> int:
         """Where chunk ``index`` ends in the file (from its header)."""
@@ -755,9 +807,8 @@ class TraceReader:
         head = self._pread(offset, _CHUNK_HEAD_SIZE)
         if len(head) < _CHUNK_HEAD_SIZE:
             raise self._fail("truncated chunk header", index)
-        _, _, n_ids, n_rec, width, flags, _, raw_len, comp_len, crc = self._parse_chunk_head(
-            head, index
-        )
+        fields = self._parse_chunk_head(head, index)
+        n_ids, n_rec, comp_len = fields[2], fields[3], fields[8]
         if (n_ids, n_rec) != tuple(self.chunk_index[index][1:3]):
             raise self._fail("chunk header disagrees with the footer's index", index)
         last = index + 1 == self.n_chunks
@@ -765,6 +816,14 @@ class TraceReader:
             self._data_end if last else self.chunk_index[index + 1][0]
         ):  # the chunks fill the data back to back: verify() reading all of them sees any gap
             raise self._fail("does not end where the next chunk (or the footer) starts", index)
+        return self._decode_chunk(index, offset, fields, self.chunk_index[index][3:5])
+
+    def _decode_chunk(
+        self, index: int, offset: int, fields: tuple[Any, ...], span: list[int] | None
+    ) -> TraceChunk:
+        """Read, check and decode the payload of chunk ``index`` at ``offset``, whose checked
+        header is ``fields``; its records must span the batches ``span`` (first, last) if given."""
+        _, _, n_ids, n_rec, width, flags, _, raw_len, comp_len, crc = fields
         payload = self._pread(offset + _CHUNK_HEAD_SIZE, comp_len)
         if len(payload) < comp_len:
             raise self._fail(f"truncated payload ({len(payload)} of {comp_len} bytes)", index)
@@ -787,7 +846,7 @@ class TraceReader:
             ids = np.frombuffer(body, dtype=f"<u{width}", count=n_ids).astype(np.int64)
         if int(records[:, 2].sum()) != n_ids:
             raise self._fail("record table does not add up to the chunk's ids", index)
-        self._check_records(records, index)
+        self._check_records(records, index, span)
         self._check_ids(records, ids, index)
         return TraceChunk(index, records.astype(np.int64), ids)
 
@@ -814,9 +873,10 @@ class TraceReader:
                 index,
             )
 
-    def _check_records(self, records: np.ndarray, index: int) -> None:
+    def _check_records(self, records: np.ndarray, index: int, span: list[int] | None) -> None:
         """Each record of chunk ``index`` names a table of the footer, holds as many ids as its
-        shape, and comes in batch order from the footer's first batch of the chunk to its last."""
+        shape, and comes in batch order from the first batch of ``span`` (the footer's, when
+        there is one) to its last."""
         batch, table, n, ndim, dims = (
             records[:, 0],
             records[:, 1],
@@ -854,7 +914,9 @@ class TraceReader:
                 shape = tuple(rec[4 : 4 + min(max(rec[3], 0), _MAX_NDIM)])
                 got = what.format(t=rec[1], d=rec[3], n=rec[2], shape=shape, b=rec[0])
                 raise self._fail(f"record {i} has {got}; expected {expected}", index)
-        first, last = self.chunk_index[index][3:5]
+        if span is None:
+            return
+        first, last = span
         if records.shape[0] and (int(batch[0]), int(batch[-1])) != (first, last):
             raise self._fail(
                 f"records span batches {int(batch[0])}..{int(batch[-1])}; expected the footer's "
@@ -977,8 +1039,232 @@ def _left_behind(path: Path) -> str:
     return (
         f"; a writer killed before it closed the trace left {newest.name} ({size:,} bytes"
         f"{stopped}){more}; a trace is whole only once its writer closes it (`tiered-store serve "
-        "--record-trace` closes it on SIGTERM)"
+        "--record-trace` closes it on SIGTERM); `tiered-store recover-trace "
+        f"{newest}` makes a trace of its whole chunks"
     )
+
+
+@dataclass(frozen=True)
+class TraceRecovery:
+    """What :func:`recover_trace` kept of a killed writer's leftover, and what it could not."""
+
+    leftover: Path
+    trace: Path
+    chunks: int  # whole chunks kept: 0 .. chunks - 1
+    records: int
+    lookups: int
+    batches: int  # 0 .. batches - 1; the last may lack the tables the writer had yet to write
+    kept_bytes: int  # the leftover's bytes up to the end of the last chunk kept
+    size: int  # the leftover's bytes
+    stopped: str  # why chunk ``chunks`` was not kept ('' when the leftover was whole)
+    lost_lookups: int  # the ids the readable chunk headers from there on count
+    lost_chunks: int  # chunks from there on whose headers could be read
+    lost_to_batch: int | None  # the last batch of a whole chunk past the stop, if one decodes
+
+
+@dataclass
+class _Scan:
+    """What :func:`_scan_leftover` found: the kept chunks' index and totals, where it stopped."""
+
+    index: list[list[int]]
+    per_table: np.ndarray  # ids per table, int64
+    kept_bytes: int
+    records: int = 0
+    batches: int = 0
+    stopped: str = ""
+    lost_lookups: int = 0
+    lost_chunks: int = 0
+    lost_to_batch: int | None = None
+
+
+def recover_trace(
+    leftover: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> TraceRecovery:
+    """Make a complete trace of what a writer killed before it closed left (``.NAME.HEX.tmp``
+    beside NAME): every chunk from the start whose header and payload pass the reader's checks,
+    up to the first one cut off or corrupt, under a rebuilt footer (``progress``: bars on stderr).
+
+    ``out`` defaults to NAME beside the leftover; an existing file there is replaced only with
+    ``overwrite`` (``ConfigError``), and a file a live writer is recording into is refused. The trace is published atomically and the leftover left as
+    it was. A leftover without one whole chunk is a ``TraceFormatError`` saying where chunk 0
+    stops, and nothing is written. Without a ``"tables"`` layout in its header, the tables (named
+    only in the footer) are named by their index.
+    """
+    leftover = Path(leftover)
+    if _writer_alive(leftover):
+        raise ConfigError(
+            f"{leftover}: a writer is recording into it now (it holds the file's lock); expected "
+            "what a writer killed before it closed left: its trace appears once it closes "
+            "(`tiered-store serve --record-trace` closes it on SIGTERM)"
+        )
+    out = _recovery_target(leftover, out, overwrite)
+    try:  # a writer killed between its footer and the rename left a whole trace
+        with TraceReader(leftover) as whole:
+            whole_end: int | None = whole._data_end
+    except TraceFormatError:
+        whole_end = None
+    writing = (f"cannot write {out}", "writing the recovered trace", "nothing was written there")
+    with TraceReader._leftover(leftover) as reader:
+        scan = _scan_leftover(reader, whole_end, progress)
+        if not scan.index:
+            raise reader._fail(
+                f"no whole chunk to recover (chunk 0, at byte {scan.kept_bytes:,}: "
+                f"{scan.stopped}); nothing was written"
+            )
+        with write_step(*writing):
+            atomic = AtomicFile(out, "wb")
+        try:
+            with write_step(*writing):
+                _copy_start(reader, atomic.file, scan.kept_bytes, out, progress)
+                atomic.file.write(
+                    _footer(
+                        reader.tables,
+                        scan.index,
+                        scan.records,
+                        scan.batches - 1,
+                        scan.per_table.tolist(),
+                    )
+                )
+                atomic.finish()
+            TraceReader(atomic.tmp).close()  # its footer checks, as replay will check it
+            atomic.publish()
+        except BaseException:
+            atomic.abort()
+            raise
+        size = reader._size
+    return TraceRecovery(
+        leftover=leftover,
+        trace=out,
+        chunks=len(scan.index),
+        records=scan.records,
+        lookups=int(scan.per_table.sum()),
+        batches=scan.batches,
+        kept_bytes=scan.kept_bytes,
+        size=size,
+        stopped=scan.stopped,
+        lost_lookups=scan.lost_lookups,
+        lost_chunks=scan.lost_chunks,
+        lost_to_batch=scan.lost_to_batch,
+    )
+
+
+def _recovery_target(leftover: Path, out: str | os.PathLike[str] | None, overwrite: bool) -> Path:
+    """The trace :func:`recover_trace` writes (NAME for ``.NAME.HEX.tmp`` unless ``out``),
+    refused when it is the leftover, a directory, or exists without ``overwrite``."""
+    if out is None:
+        match = re.fullmatch(r"\.(.+)\.[0-9a-f]{12}\.tmp", leftover.name)
+        if match is None:
+            raise ConfigError(
+                f"{leftover}: not named as a killed writer's leftover (.NAME.HEX.tmp), so the "
+                "trace it was to become is unknown; expected --out TRACE"
+            )
+        out = leftover.with_name(match.group(1))
+    out = Path(out)
+    if out.exists() and leftover.exists() and out.samefile(leftover):
+        raise ConfigError(f"output {out} is the leftover itself; expected another file")
+    if out.is_dir():
+        raise TierIOError(errno.EISDIR, f"output {out} is a directory; expected a file path")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output {out} already exists; pass --overwrite to replace it")
+    return out
+
+
+def _scan_leftover(reader: TraceReader, whole_end: int | None, progress: bool) -> _Scan:
+    """Decode a footerless trace's chunks from the start, with the reader's checks, up to the
+    first that fails them (or ``whole_end``, where a whole trace's footer starts); then count
+    what the readable chunk headers after it hold."""
+    scan = _Scan([], np.zeros(len(reader.tables), np.int64), reader._data_start)
+    named = "tables" in reader.header  # else the names were in the footer: name them by index
+    heads = reader._chunk_heads()
+
+    def decode(index: int, offset: int, fields: tuple[Any, ...]) -> TraceChunk:
+        if not named:  # a chunk registers at most one new table per record
+            reader.tables = [str(i) for i in range(scan.per_table.size + fields[3])]
+            reader._last_ids = reader._declared_last_ids()
+        return reader._decode_chunk(index, offset, fields, None)
+
+    def reason(exc: TraceFormatError) -> str:
+        where = f"trace {reader.path}, chunk {len(scan.index)}: "
+        return str(exc).removeprefix(where)
+
+    bar = tqdm(
+        total=reader._size,
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"scan {reader.path.name}",
+        leave=False,
+    )
+    with bar:
+        bar.update(scan.kept_bytes)
+        try:
+            for index, offset, fields in heads:
+                try:
+                    chunk = decode(index, offset, fields)
+                    batch, table, n = (chunk.records[:, c] for c in range(3))
+                    if scan.index and batch.size and batch[0] < scan.index[-1][4]:
+                        raise reader._fail(
+                            f"starts at batch {batch[0]}, after chunk {index - 1} ended at batch "
+                            f"{scan.index[-1][4]}; expected batches that only go forward",
+                            index,
+                        )
+                except TraceFormatError as exc:
+                    scan.stopped = reason(exc)
+                    scan.lost_lookups, scan.lost_chunks = fields[2], 1
+                    break
+                previous = scan.index[-1][4] if scan.index else 0
+                first, last = (int(batch[0]), int(batch[-1])) if batch.size else (previous,) * 2
+                scan.index.append([offset, int(n.sum()), int(batch.size), first, last])
+                grow = int(table.max(initial=-1)) + 1 - scan.per_table.size
+                scan.per_table = np.pad(scan.per_table, (0, max(grow, 0)))
+                np.add.at(scan.per_table, table, n)
+                scan.records += int(batch.size)
+                scan.batches = last + 1 if batch.size else scan.batches
+                end = offset + _CHUNK_HEAD_SIZE + fields[8]
+                bar.update(end - scan.kept_bytes)
+                scan.kept_bytes = end
+        except TraceFormatError as exc:  # a chunk header missing, cut off or corrupt
+            if scan.kept_bytes != whole_end:
+                scan.stopped = reason(exc)
+            heads.close()
+        try:  # what the readable headers past a chunk that failed its checks count
+            for index, offset, fields in heads:
+                scan.lost_lookups += fields[2]
+                scan.lost_chunks += 1
+                with suppress(TraceFormatError):
+                    records = decode(index, offset, fields).records
+                    if records.size:
+                        scan.lost_to_batch = int(records[-1, 0])
+        except TraceFormatError:
+            pass
+    if not named:
+        reader.tables = [str(i) for i in range(scan.per_table.size)]
+    return scan
+
+
+def _copy_start(reader: TraceReader, file: BinaryIO, end: int, out: Path, progress: bool) -> None:
+    """Copy the first ``end`` bytes of the reader's file to ``file`` (a bar on stderr)."""
+    bar = tqdm(
+        total=end,
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"write {out.name}",
+        leave=False,
+    )
+    with bar:
+        pos = 0
+        while pos < end:
+            block = reader._pread(pos, min(8 << 20, end - pos))
+            if not block:
+                raise reader._fail(f"shrank to {pos:,} bytes while it was being recovered")
+            file.write(block)
+            pos += len(block)
+            bar.update(len(block))
 
 
 def trace_from_npy(
