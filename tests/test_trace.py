@@ -121,10 +121,11 @@ def test_write_is_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]  # no temp left behind
 
 
-def kill_a_recording(folder):
+def kill_a_recording(folder, *, pause=False):
     """The leftover of a TraceWriter in a real process SIGKILLed mid-recording: table 'a' (1,000
     rows), batch b one record of ``recorded_batches``' ids, chunks of at most 100 ids (3 batches);
-    killed once it has written batch 2,000."""
+    killed once it has written batch 2,000 (``pause``: waiting there, chunks through batch 1,997
+    finished, not writing on until the signal lands)."""
     import signal
     import subprocess
     import sys
@@ -138,6 +139,7 @@ def kill_a_recording(folder):
         "for b in range(10**9):\n"
         "    w.write((np.arange(30) + b) % 1000, 'a'); w.end_batch()\n"
         "    if b == 2000: print('ready', flush=True)\n"  # chunks past its write buffer
+        + ("    if b == 2000: import time; time.sleep(600)\n" if pause else "")
     )
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": root}
@@ -186,6 +188,16 @@ def test_a_killed_recording_is_recovered_up_to_its_last_whole_chunk(tmp_path):
     assert np.array_equal(
         trace_to_npy(got.trace, tmp_path / "a.npy"), recorded_batches(got.batches)
     )
+
+
+def test_a_killed_writer_loses_only_the_chunk_it_was_filling(tmp_path):
+    """Finished chunks waited in the file object's buffer (8 KiB of small chunks) for later ones:
+    a writer killed then lost them too, not only the chunk it was filling."""
+    got = recover_trace(kill_a_recording(tmp_path, pause=True))
+    assert (got.chunks, got.batches, got.lost_lookups) == (666, 1998, 0), got
+    assert got.kept_bytes == got.size  # no chunk cut off: nothing past the finished ones
+    with TraceReader(got.trace) as r:
+        assert np.array_equal(r.read_all(), recorded_batches(1998))
 
 
 def _leftover(tmp_path, **sample):

@@ -377,7 +377,8 @@ class TraceWriter:
         return self._batch
 
     def _flush(self) -> None:
-        """Compress and write the buffered records as one chunk."""
+        """Compress and write the buffered records as one chunk, handed to the OS (no fsync):
+        :func:`recover_trace` finds it in what a writer killed after it left."""
         if not self._buf_meta:
             return
         ids = np.concatenate(self._buf_ids) if len(self._buf_ids) > 1 else self._buf_ids[0]
@@ -401,6 +402,7 @@ class TraceWriter:
         offset = self._file.tell()
         self._file.write(head + struct.pack("<I", zlib.crc32(head)))
         self._file.write(payload)
+        self._file.flush()  # to the OS, not left in the buffer: a writer killed loses no whole chunk
         self._chunks.append([offset, int(ids.size), len(meta), int(meta[0, 0]), int(meta[-1, 0])])
         self._buf_ids, self._buf_meta, self._buf_n = [], [], 0
 
