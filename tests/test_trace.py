@@ -13,10 +13,10 @@ from tiered_store.errors import ConfigError, RowIdError, TierIOError, TraceForma
 from tiered_store.trace import (
     TraceReader,
     TraceWriter,
-    recover_trace,
     trace_from_npy,
     trace_to_npy,
 )
+from tiered_store.trace_recovery import recover_trace
 
 LAYOUT = {
     "tables": [

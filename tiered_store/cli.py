@@ -232,7 +232,7 @@ def _add_recover_trace(sub) -> None:
 
 
 def _run_recover_trace(args) -> int:
-    from .trace import recover_trace
+    from .trace_recovery import recover_trace
 
     got = recover_trace(args.leftover, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(
