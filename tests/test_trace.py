@@ -375,6 +375,24 @@ def test_a_trace_being_recorded_by_a_live_writer_is_not_called_killed(tmp_path):
         TraceReader(tmp_path / "t.trace")
 
 
+def test_a_writer_dropped_unclosed_lets_go_of_its_lock_and_descriptor(tmp_path):
+    """A TraceWriter dropped without close() or abort() (its caller failed) kept the descriptor
+    holding its lock: each such writer leaked one, and readers in the same process said the trace
+    was being recorded now, by no writer at all."""
+    import gc
+
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        writer = TraceWriter(tmp_path / "t.trace", {"tables": ["a"]})
+        writer.write(np.arange(3), "a")
+        del writer
+        gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    with pytest.raises(TraceFormatError, match="killed before it closed the trace") as err:
+        TraceReader(tmp_path / "t.trace")
+    assert "recording it now" not in str(err.value)
+
+
 def test_a_path_that_cannot_be_written_is_refused_when_the_writer_opens(tmp_path):
     """Before any lookup is recorded (a server records for hours before it closes the trace)."""
     (tmp_path / "a_dir.trace").mkdir()

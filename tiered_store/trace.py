@@ -55,6 +55,7 @@ import re
 import reprlib
 import stat
 import struct
+import weakref
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -244,9 +245,11 @@ class TraceWriter:
         self._out = AtomicFile(self.path, "wb")
         self._file: BinaryIO = self._out.file
         # held up to the rename (past the file's close): a reader tells this live writer's
-        # temporary from one a killed writer left (the kernel drops the lock when it dies)
-        self._lock = os.dup(self._file.fileno())
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        # temporary from one a killed writer left (the kernel drops the lock when it dies; a
+        # writer dropped unclosed drops it when collected, as its file's descriptor is closed)
+        lock = os.dup(self._file.fileno())
+        self._unlock = weakref.finalize(self, os.close, lock)  # once: at close, abort or collection
+        fcntl.flock(lock, fcntl.LOCK_EX)
         self._file.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(head)))
         self._file.write(head)
         self._file.write(struct.pack("<I", zlib.crc32(head)))
@@ -426,12 +429,6 @@ class TraceWriter:
         self._closed = True
         self._out.abort()
         self._unlock()
-
-    def _unlock(self) -> None:
-        """Drop the lock that marks the temporary as a live writer's."""
-        if self._lock >= 0:
-            os.close(self._lock)
-            self._lock = -1
 
     def __enter__(self) -> TraceWriter:
         return self
