@@ -223,6 +223,8 @@ class ServedModel:
                     first = next(iter(self.stores.values()))
                     raise first.failure("start", error_text(exc)) from exc
         except BaseException:
+            if self._trace is not None:  # nothing recorded: its partial file goes too
+                self._trace.abort()
             self.model.close()
             raise
         self.tokenizer = self.model.hasher.tokenizer
