@@ -285,6 +285,46 @@ def test_a_count_through_a_mark_applies_none_queued_after_it():
     assert not r.pending
 
 
+def test_a_re_pin_never_plans_a_row_with_the_count_of_the_row_its_slot_held_before(tmp_path):
+    # the re-pin thread marked the queued updates, then copied the tier: lookups between the two
+    # evicted the counted rows and admitted new ones, which the copy showed in their slots with
+    # the evicted rows' counts (their updates past the mark), so rows looked up once were pinned
+    path, data = make_table(tmp_path, rows=1000)
+    tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 140, "budget": 20}}
+    cfg = StoreConfig.from_dict(
+        {
+            "table": {"path": str(path)},
+            "tiers": {"hot": {**tier, "capacity": 0}, "warm": {**tier, "capacity": 40}},
+        }
+    )
+    heavy, fill, new = np.arange(100, 110), np.arange(200, 230), np.arange(300, 310)
+    with TieredStore(cfg) as store:
+        began, go_on, first = threading.Event(), threading.Event(), [True]
+        restoring = store._restoring_pins
+
+        def held_up(cache):  # a wait only: the re-pin thread's first check, before its copy
+            if first[0] and threading.current_thread() in store._threads:
+                first[0] = False
+                began.set()
+                go_on.wait(30)
+            return restoring(cache)
+
+        store._restoring_pins = held_up
+        work = [heavy] * 8 + [part for _ in range(2) for part in fill.reshape(3, 10)]
+        for i, ids in enumerate(work):  # heavy: 8 episodes each; fill: 2, and more recent
+            store.lookup(torch.from_numpy(ids))
+            if i + 1 < len(work):  # counted as it goes; the last batch makes a re-pin due
+                assert store.wait_repinned(timeout=30)
+        assert began.wait(30)
+        store.lookup(torch.from_numpy(new))  # evicts the heavy rows, the least recent
+        go_on.set()
+        assert store.wait_repinned(timeout=30) and store.warm.online.repins == 1
+        pinned = set(store.warm.pinned_rows().tolist())
+        held = set(store.warm.held_rows().tolist())
+    assert not set(heavy.tolist()) & held
+    assert len(pinned) == 20 and pinned <= set(fill.tolist()), sorted(pinned)
+
+
 def held_counts(cache) -> dict[int, float]:
     """Row -> its slot's count, for the rows the tier holds."""
     slots = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)

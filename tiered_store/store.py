@@ -1017,12 +1017,16 @@ class TieredStore:
             for cache in self.caches.online:
                 try:
                     with self._on_store_stream():
-                        # the tier as the updates queued so far leave it: copied off the lock
-                        # (lookups running meanwhile may show in it; apply checks each slot)
-                        queued, due = cache.online.queued_total, cache.online.due
-                        due = due and not self._restoring_pins(cache)
+                        # the tier copied off the lock, then the updates queued so far marked
+                        # under it: every row the copy shows has its admission counted, so no
+                        # slot is planned with the count of the row it held before (a count
+                        # newer than the copy is caught: apply checks each slot's row)
+                        queued = None
+                        due = cache.online.due and not self._restoring_pins(cache)
                         if due:
                             snapshot = (cache.row_of_slot.clone(), cache.pin_flags().clone())
+                            with self._lock.host_inputs():
+                                queued = cache.online.queued_total
                         cache.online.count_pending(queued)
                         if not due:
                             continue
