@@ -6,7 +6,10 @@ import json
 import os
 import resource
 import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +41,50 @@ def assert_sealed_manifest(npy: str | os.PathLike[str]) -> int:
     )
     assert read_manifest(npy).manifest_crc32c == doc["manifest_crc32c"]
     return doc["manifest_crc32c"]
+
+
+_PAUSED_ADDING_PAGE_CHECKSUMS = r"""
+import sys, time
+from pathlib import Path
+import tiered_store.table_format as tf
+_atomic_files = tf.atomic_files
+def atomic_files(*args, **kwargs):  # its temporaries made (and locked): wait for the test
+    files = _atomic_files(*args, **kwargs)
+    Path(sys.argv[2]).touch()
+    while not Path(sys.argv[3]).exists():
+        time.sleep(0.01)
+    return files
+tf.atomic_files = atomic_files
+tf.add_page_checksums(sys.argv[1], progress=False)
+"""
+
+
+@contextmanager
+def paused_page_checksum_addition(table: Path, scratch: Path) -> Iterator[list[str]]:
+    """``add_page_checksums(table)`` in another process, paused with its (locked) temporaries
+    made: yields their names; on leaving, lets it go on and checks that it completed."""
+    from tiered_store.serve.client import subprocess_env
+
+    scratch.mkdir()
+    script, paused, go = scratch / "add.py", scratch / "paused", scratch / "go"
+    script.write_text(_PAUSED_ADDING_PAGE_CHECKSUMS)
+    adding = subprocess.Popen(
+        [sys.executable, str(script), str(table), str(paused), str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not paused.exists():
+            assert adding.poll() is None and time.monotonic() < deadline, adding.stderr.read()
+            time.sleep(0.02)
+        live = sorted(p.name for p in table.parent.glob(f".{table.name}*.tmp"))
+        assert len(live) == 2, live  # its page checksum file's and its manifest's
+        yield live
+    finally:
+        go.touch()
+        _, err = adding.communicate(timeout=120)
+    assert adding.returncode == 0, err[-2000:]
+    assert not list(table.parent.glob(f".{table.name}*.tmp"))
 
 
 def store_config(

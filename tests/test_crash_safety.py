@@ -424,6 +424,21 @@ def test_the_next_compaction_removes_what_a_killed_one_left(tmp_path, killed_at)
     assert compact_table(path, progress=False).removed_leftovers == []
 
 
+def test_a_compaction_leaves_the_temporaries_of_a_live_page_checksum_addition(tmp_path):
+    """A compaction removed every hidden ``.TABLE.gN.npy*.tmp`` as a killed compaction's, also
+    those of a `verify --add-page-checksums` running on the current version in another process,
+    which then failed at its rename; it now removes only those whose writer's lock it can take."""
+    from tests.conftest import paused_page_checksum_addition
+    from tiered_store.delta.table_versions import present_version
+
+    path = _table_with_a_commit(tmp_path, 300)
+    assert compact_table(path, progress=False).new_generation == 1
+    with paused_page_checksum_addition(present_version(path)[0], tmp_path / "add") as live:
+        assert compact_table(path, progress=False).removed_leftovers == []
+        assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == live
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 _READER_THAT_WAITS = r"""
 import sys, time
 from tiered_store import TieredStore

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from ..atomic_file import atomic_write, fsync_dir
+from ..atomic_file import atomic_write, fsync_dir, remove_abandoned_temporaries
 from ..errors import ConfigError, TableFormatError, TierIOError
 from ..page_checksums import sidecar_path
 from ..table_format import check_table, not_a_table, table_paths
@@ -317,21 +317,19 @@ def _orphaned_deltas(npy: Path, current: int) -> list[Path]:
 
 def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
     """Delete what a compaction killed part way left: versions newer than the current one (never
-    published), the hidden temporaries of version files (``.TABLE.gN.npy*.tmp``) and the deltas
-    of older versions whose ``.npy`` is gone (a removal killed part way); returns the names
-    removed. Call under the writer lock, which every compaction holds while it writes them."""
+    published), the hidden temporaries of version files (``.TABLE.gN.npy*.HEX.tmp``) that no live
+    writer holds, and the deltas of older versions whose ``.npy`` is gone (a removal killed part
+    way); returns the names removed. Call under the writer lock, which every compaction holds while it writes them."""
     npy = _npy(table)
     _, current = current_version(table)
-    temporary = re.compile(rf"^\.{re.escape(npy.stem)}\.g\d+\.npy.*\.tmp$")
     removed = []
     for generation in sorted(g for g in _compacted_generations(npy) if g > current):
         path = version_path(npy, generation)
         removed += [part.name for part in _version_files(path) if part.exists()]
         remove_table_files(path)
-    for path in sorted(npy.parent.iterdir()):
-        if temporary.match(path.name):
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
+    # a live writer of a version's files (`verify --add-page-checksums`) holds its temporaries' lock
+    versions = rf"{re.escape(npy.stem)}\.g\d+\.npy.*"
+    removed += [name for name, _ in remove_abandoned_temporaries(npy.parent, versions)]
     for path in _orphaned_deltas(npy, current):
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
