@@ -320,6 +320,19 @@ def test_a_conversion_removes_only_its_own_temporaries(golden, tmp_path):
     assert [p.name for p in out.glob("*.tmp")] == [".layer1.yaml.my-tiers.tmp"]
 
 
+def test_a_conversion_leaves_the_temporaries_of_a_live_writer_of_its_tables(golden, tmp_path):
+    """A rerun removed every hidden temporary of its output files as a killed run's, also those
+    of a `verify --add-page-checksums` running on one of its tables in another process, which
+    then failed at its rename; it now removes only those whose writer's lock it can take."""
+    from tests.conftest import paused_page_checksum_addition
+
+    ckpt, out = make_checkpoint(tmp_path / "ckpt", golden), tmp_path / "out"
+    table = convert_hf_checkpoint(ckpt, out, progress=False).tables[1]
+    with paused_page_checksum_addition(table, tmp_path / "add") as live:
+        assert convert_hf_checkpoint(ckpt, out, progress=False).skipped == (1, 14)
+        assert sorted(p.name for p in out.glob(".*.tmp")) == live
+
+
 def test_a_nan_code_in_a_checkpoint_names_its_table_and_tensor(golden, tmp_path):
     """A NaN fp8 code in one layer's weight was refused as 'source row 7 column 3 is fp8 code
     0x7f', naming neither the layer's table nor the checkpoint's tensor or file."""

@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from ..atomic_file import atomic_write, fsync_dir, hidden_temporaries
+from ..atomic_file import atomic_write, fsync_dir, remove_abandoned_temporaries
 from ..capacity import resolve_capacity
 from ..config import StoreConfig
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
@@ -419,8 +419,8 @@ def _convert(
     the tokenizer and the config (a config and tokenizer there that would not describe every
     table while this runs are removed first)."""
     names = "|".join(map(re.escape, _output_names(plans)))
-    for stale in hidden_temporaries(out, names):  # a killed run's: never published, never read
-        stale.unlink(missing_ok=True)
+    # a killed run's: never published, never read (a live writer's, locked, stays)
+    remove_abandoned_temporaries(out, names)
     complete = {
         plan.layer_id: _complete(table_file(out, plan.layer_id), hasher, plan) for plan in plans
     }
