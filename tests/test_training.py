@@ -351,6 +351,24 @@ def test_ids_changed_in_place_before_backward_are_an_error_as_in_torch(tmp_path)
     table.close()
 
 
+def test_gradients_accumulated_over_a_refilled_id_buffer_reach_the_rows_looked_up(tmp_path):
+    """Gradient accumulation over one id buffer, refilled after each backward (legal for
+    nn.Embedding, whose backward is done then): the first micro-batch's gradients went to the rows
+    the buffer held at step() (5 and 6 got both, 1 and 2 none)."""
+    sgd = make_row_optimizer("sgd", lr=1.0)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.zeros((10, 2)), sgd)
+    table = TrainableTable(TieredStore(store_config(path)), sgd)
+    ids = torch.tensor([1, 2])
+    table.lookup(ids).sum().backward()
+    ids.copy_(torch.tensor([5, 6]))  # the next micro-batch
+    table.lookup(ids).sum().backward()
+    assert table.step(1) == 4
+    got = table.store.lookup(torch.arange(10)).sum(1)
+    assert got.tolist() == [0, -2, -2, 0, 0, -2, -2, 0, 0, 0]
+    table.close()
+
+
 def test_a_trainable_table_is_made_from_a_models_embedding_weight_as_it_is(tmp_path):
     """``create_trainable_table(path, embedding.weight, opt)`` raised numpy's "Can't call numpy()
     on Tensor that requires grad", and bfloat16 weights "unsupported ScalarType BFloat16"."""

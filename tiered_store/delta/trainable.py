@@ -75,7 +75,8 @@ class _RowsWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (row_ids,) = ctx.saved_tensors
-        ctx.table._gradients.append((row_ids, grad))
+        # a copy: the caller may refill its id buffer before step() (gradient accumulation)
+        ctx.table._gradients.append((row_ids.clone(), grad))
         return None, None, None, None
 
 
