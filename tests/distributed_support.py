@@ -485,9 +485,12 @@ def training_misuse_worker(rank: int, world: int, port: int, trainable: str, out
     _report(out, rank, result)
 
 
-def nonfinite_gradient_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
-    """Every rank: a training step in which rank 0's gradient of rank 1's row is NaN, then the
-    same step again once rank 0 dropped its gradients."""
+def nonfinite_gradient_worker(
+    rank: int, world: int, port: int, trainable: str, out: Path, bad: float = float("nan")
+) -> None:
+    """Every rank: a training step in which rank 0's gradient of rank 1's row is ``bad`` (NaN, or
+    finite but too large for Adam's state), then the same step again once rank 0 dropped its
+    gradients."""
     from tiered_store.delta.row_optimizers import make_row_optimizer
     from tiered_store.delta.trainable import TrainableTable
     from tiered_store.distributed import ShardedStore
@@ -503,7 +506,7 @@ def nonfinite_gradient_worker(rank: int, world: int, port: int, trainable: str, 
             before = table.lookup(ids)
         grads = torch.ones(2, TRAIN_DIM)
         if rank == 0:
-            grads[1, 0] = float("nan")
+            grads[1, 0] = bad
         (table.lookup(ids) * grads).sum().backward()
         try:
             table.step(1)

@@ -1272,6 +1272,30 @@ def test_a_non_finite_gradient_on_one_rank_is_refused_on_all_before_any_shard_st
     assert [r["retried"] for r in results] == [1, 1]  # rank 1's row, on rank 1's gradient
 
 
+def test_an_optimizer_update_overflowing_on_one_shard_is_refused_on_all_before_any_writes(
+    tmp_path,
+):
+    """Rank 0's finite but huge gradient (1e30) of a row on rank 1's shard overflows Adam's state
+    there: rank 1's write failed ("rows: row 0 holds a non-finite value"), rank 0's shard applied
+    its rows, every rank dropped its gradients, and the shards came a step apart. Every shard's
+    update is checked before any is written now: no shard changes, the error names the row id,
+    and the ranks keep their gradients (as for a refused step)."""
+    from tests.distributed_support import make_trainable, nonfinite_gradient_worker
+
+    trainable = make_trainable(tmp_path / "trainable.npy")
+    write_shards(trainable, 2, "rows", template=shards_template(trainable, "rows"), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(nonfinite_gradient_worker, 2, (str(trainable), out, 1e30), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for rank, result in enumerate(results):
+        assert result["nan"].startswith(f"RowDataError: rank {rank}: update_rows: rank 1: RowDataError: the update of row 95 is not finite")  # fmt: skip
+        assert result["nan"].endswith("nothing was updated on any shard")
+    assert [r["unchanged"] for r in results] == [True, True]
+    assert [r["retried"] for r in results] == [1, 1]  # rank 1's row, on rank 1's gradient
+
+
 def test_shards_opened_at_different_steps_warn_report_the_oldest_and_take_the_redone_step(
     tmp_path,
 ):

@@ -371,7 +371,8 @@ class ShardedStore:
         Every rank must send gradients of one width (at least 1) and, when given, the same
         optimizer ``step`` (else every rank raises ``StepMismatchError``, naming the ranks, and
         no row changes); a non-finite gradient is refused likewise (``RowDataError`` on its
-        rank). Returns how many rows this rank updated."""
+        rank), and an update that is not finite on any shard (``RowDataError`` on every rank,
+        before any shard writes). Returns how many rows this rank updated."""
         self._check_usable()
         self._check_float_rows("update_rows")
         self._write_rounds += 1
@@ -936,12 +937,46 @@ class ShardedStore:
         summed = torch.zeros((unique.numel(), received.shape[1]), dtype=received.dtype)
         summed.index_add_(0, inverse, received)
 
-        def apply() -> None:
+        new_rows: list[torch.Tensor] = []
+
+        def compute() -> None:
             if unique.numel():
                 current = self.local.lookup(unique)
-                self.local.write(unique, update(current, summed.to(current)))
+                new_rows.append(self._finite_update(unique, update(current, summed.to(current))))
 
-        return unique.numel(), self._all_gather(self._local_error(apply))
+        # every shard's new rows are made and checked before any is written: applied on the
+        # others, a step one shard refuses (an optimizer state overflowing) set them a step apart
+        refused = self._all_gather(self._local_error(compute))
+        if all(e is None or e.startswith("RowDataError") for e in refused):
+            failed = [f"rank {r}: {e}" for r, e in enumerate(refused) if e is not None]
+            if failed:
+                raise RowDataError(
+                    f"rank {self.rank}: update_rows: {'; '.join(failed)}; nothing was updated on "
+                    "any shard"
+                )
+        else:
+            self._raise_failed("update_rows", refused, then="nothing was updated on any shard")
+
+        def write() -> None:
+            if new_rows:
+                self.local.write(unique, new_rows[0])
+
+        return unique.numel(), self._all_gather(self._local_error(write))
+
+    def _finite_update(self, local_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (the optimizer's update of this shard's ``local_ids``), or ``RowDataError``
+        naming the first row id whose update is not finite."""
+        if bool(torch.isfinite(rows.sum())):  # one reduction: a NaN or inf makes the sum one
+            return rows
+        bad = ~torch.isfinite(rows).all(1)
+        if bool(bad.any()):
+            row = int(local_ids[int(torch.nonzero(bad)[0])]) + int(self._starts[self.rank])
+            raise RowDataError(
+                f"the update of row {row} is not finite (its weights or optimizer state overflow "
+                f"{str(rows.dtype).removeprefix('torch.')}: a gradient too large); expected "
+                "finite rows"
+            )
+        return rows
 
     @staticmethod
     def _local_error(fn: Callable, *args: Any) -> str | None:
