@@ -16,6 +16,7 @@ from tiered_store.delta.trainable import TrainableTable, create_trainable_table
 from tiered_store.engram.backend import InMemoryTable
 from tiered_store.engram.config import ModelConfig
 from tiered_store.engram.model import EngramLM
+from tiered_store.errors import TableFormatError
 
 ROWS, DIM = 300, 8
 SMALL_TIERS = {"hot": {"capacity": 12}, "warm": {"capacity": 24}}  # 12% of the table: evictions
@@ -381,3 +382,20 @@ def test_a_trainable_table_is_made_from_a_models_embedding_weight_as_it_is(tmp_p
             rows = store.lookup(torch.arange(10))
         assert torch.equal(rows[:, :4], weights.detach().float())
         assert not rows[:, 4:].any()
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: torch.nn.Embedding(10, 4, device="meta").weight, "is on the meta device"),
+        (lambda: torch.eye(4).to_sparse(), "has layout torch.sparse_coo"),
+    ],
+)
+def test_a_trainable_table_refuses_a_tensor_without_rows_naming_it(tmp_path, make, expected):
+    """A model's weight on the meta device (built for its shapes) or a sparse tensor failed with
+    torch's bare NotImplementedError ('Cannot copy out of meta tensor') or RuntimeError, where
+    create_table names the tensor and what to pass; it is refused so now, and no file is left."""
+    path = tmp_path / "t.npy"
+    with pytest.raises(TableFormatError, match=rf"source weights \(torch.Tensor .*\) {expected}"):
+        create_trainable_table(path, make(), make_row_optimizer("adam", lr=0.1))
+    assert not path.exists()

@@ -443,7 +443,7 @@ def tensor_without_values(tensor: torch.Tensor) -> str | None:
     return None
 
 
-def _check_tensor_holds_rows(tensor: torch.Tensor, desc: str) -> None:
+def check_tensor_holds_rows(tensor: torch.Tensor, desc: str) -> None:
     """Refuse a tensor whose rows cannot be read in slices: a meta one, or a sparse one."""
     problem = tensor_without_values(tensor)
     if problem is not None:
@@ -462,7 +462,7 @@ def open_source(source: object, dtype: object) -> SourceReader:
         return _PackedSafetensorsReader(source, dtype)
     if isinstance(source, torch.Tensor):
         desc = f"torch.Tensor {str(source.dtype).removeprefix('torch.')} {tuple(source.shape)}"
-        _check_tensor_holds_rows(source, desc)
+        check_tensor_holds_rows(source, desc)
         return _ArrayReader(source, "source tensor", dtype, desc)
     if isinstance(source, np.ndarray):
         return _ArrayReader(source, "source array", dtype, f"ndarray {source.dtype} {source.shape}")
