@@ -475,6 +475,26 @@ def test_policies_without_saved_ranks_restore_the_rows_held(tmp_path, policy):
         serve(store, data, seed=2)
 
 
+@pytest.mark.parametrize("policy", ["sieve", "fifo", "lfu"])
+def test_policies_without_saved_ranks_restore_a_step_least_valuable_first(tmp_path, policy):
+    """A step of the restore (every row of a tier under 64Ki rows) went in sorted by row id: a
+    sieve, fifo or lfu tier filled newest row first came back in the opposite order, and the
+    first misses after the restart evicted its most valuable rows. Rows join in their saved
+    order now, least valuable first: the tier evicts what it would have before."""
+    path, data = make_table(tmp_path)
+    with TieredStore(config(path, hot=0, warm=8, warm_policy=policy)) as store:
+        for row in range(7, -1, -1):  # row 7 the oldest, 0 the newest
+            store.lookup(torch.tensor([row]))
+        saved = store.warm.held_rows()
+    assert saved.tolist() == list(range(8))  # most valuable first
+    with TieredStore(config(path, hot=0, warm=8, warm_policy=policy)) as store:
+        assert store.wait_restored(timeout=30)
+        assert torch.equal(store.warm.held_rows(), saved)
+        fresh = torch.tensor([50, 51])
+        assert torch.equal(store.lookup(fresh), data[fresh])
+        assert sorted(store.warm.held_rows().tolist()) == [0, 1, 2, 3, 4, 5, 50, 51]
+
+
 @pytest.mark.parametrize("waits_for", ["hot", "all"])
 def test_open_can_wait_for_the_hot_tier_or_the_whole_restore(tmp_path, monkeypatch, waits_for):
     path, data = make_table(tmp_path)

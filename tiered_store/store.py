@@ -918,7 +918,7 @@ class TieredStore:
         it did when saved (LRU: the most recent last), above the rows lookups admitted before they
         landed. Where the policy ranks restored rows by their saved age (``restores_order``: LRU),
         steps are large (fast reads) and each row lands with its saved rank; otherwise each step
-        is one batch of the policy's clock. Rows lookups need meanwhile are admitted by those
+        is one batch of the policy's clock, its rows inserted least valuable first. Rows lookups need meanwhile are admitted by those
         lookups as usual (and skipped here)."""
         start = time.perf_counter()
         # the lock is taken with host_inputs() here: the saved rows are on the host, and a wait
@@ -1095,8 +1095,10 @@ class TieredStore:
             if self._writes is not None:
                 read = self._writes is writes and writes.delta_ids is delta_ids
                 self._newest_rows(sorted_ids, rows, committed=not read)
-            if ages is None:
+            if ages is None:  # one batch, its rows queued as they go in: least valuable first
                 cache.begin_batch()
+                back = torch.argsort(order, descending=True)
+                sorted_ids, order, rows = sorted_ids[back], order[back], rows[back]
             pos, slots = cache.preload(
                 sorted_ids, pin=pin, ages=None if ages is None else ages[order]
             )
