@@ -370,6 +370,26 @@ def test_gradients_accumulated_over_a_refilled_id_buffer_reach_the_rows_looked_u
     table.close()
 
 
+def test_a_numpy_id_buffer_refilled_before_backward_sends_the_gradients_to_the_rows_read(
+    tmp_path,
+):
+    """NumPy ids are read without a copy, and an array has no version counter that autograd
+    checks: a buffer refilled between lookup and backward silently sent the gradients to the
+    rows it held then (5 and 6, never looked up). The lookup keeps the ids it read."""
+    sgd = make_row_optimizer("sgd", lr=1.0)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.zeros((10, 2)), sgd)
+    table = TrainableTable(TieredStore(store_config(path)), sgd)
+    ids = np.array([1, 2])
+    loss = table.lookup(ids).sum()
+    ids[:] = [5, 6]
+    loss.backward()
+    assert table.step(1) == 2
+    got = table.store.lookup(torch.arange(10)).sum(1)
+    assert got.tolist() == [0, -2, -2, 0, 0, 0, 0, 0, 0, 0]
+    table.close()
+
+
 def test_a_trainable_table_is_made_from_a_models_embedding_weight_as_it_is(tmp_path):
     """``create_trainable_table(path, embedding.weight, opt)`` raised numpy's "Can't call numpy()
     on Tensor that requires grad", and bfloat16 weights "unsupported ScalarType BFloat16"."""

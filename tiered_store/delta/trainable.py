@@ -144,7 +144,10 @@ class TrainableTable:
         rows = self.store.lookup(row_ids, handle)[..., : self.dim]
         if not torch.is_grad_enabled():
             return rows
-        return _RowsWithGrad.apply(self._anchor, rows, as_id_tensor(row_ids), self)
+        ids = as_id_tensor(row_ids)
+        if not isinstance(row_ids, torch.Tensor):  # a view of a NumPy buffer has no version
+            ids = ids.clone()  # counter to refuse a refill before backward: the ids as read now
+        return _RowsWithGrad.apply(self._anchor, rows, ids, self)
 
     def prefetch(self, row_ids: torch.Tensor) -> object:
         """Start fetching ``row_ids`` (weights and state come together)."""
