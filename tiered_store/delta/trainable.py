@@ -202,6 +202,8 @@ class TrainableTable:
         self, ids: torch.Tensor, summed: torch.Tensor, new_rows: torch.Tensor, step: int
     ) -> None:
         """``RowDataError`` naming the first row id whose gradient or updated row is not finite."""
+        if bool(torch.isfinite(new_rows.sum())):  # one reduction: a NaN or inf makes the sum one
+            return
         bad = ~torch.isfinite(new_rows).all(1)
         if not bool(bad.any()):
             return

@@ -394,8 +394,10 @@ class ShardedStore:
                     f"grads: {grads.dtype} of shape {tuple(grads.shape)}; expected floating-point "
                     f"[{flat.numel()}, width], one row per id, width >= 1"
                 )
-            finite = torch.isfinite(grads).all(1).cpu()  # else one shard fails, the others step
-            if not bool(finite.all()):
+            # else one shard fails, the others step; the sum first: one reduction, not finite
+            # where any value is not (or where finite values overflow it: then the full check)
+            finite = torch.isfinite(grads).all(1) if not torch.isfinite(grads.sum()) else None
+            if finite is not None and not bool(finite.all()):
                 pos = int(torch.nonzero(~finite)[0])
                 value = grads[pos][~torch.isfinite(grads[pos])][0].item()
                 raise RowDataError(
