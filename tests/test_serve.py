@@ -105,6 +105,8 @@ def test_example_config_is_valid():
         ({"server": {"torch_threads": 2**31}}, "server.torch_threads: Input should be less than or equal to 4096"),
         ({"server": {"max_announced": 0}}, "server.max_announced: Input should be greater than or equal to 1 (got 0)"),
         ({"server": {"max_announced": True}}, "server.max_announced: Input should be a valid integer (got True)"),
+        ({"server": {"record_flush_s": -1}}, "server.record_flush_s: Input should be greater than or equal to 0"),
+        ({"server": {"record_flush_s": True}}, "server.record_flush_s: expected a number, got True"),
         ({"checkpoint": {"seed": 2**70}}, "checkpoint.seed: Input should be less than or equal to 18446744073709551615"),
         ({"store": {"cost_model": {"compute_seconds_per_batch": True}}}, "cost_model.compute_seconds_per_batch: expected a number, got True"),
         # a key that is not a string (YAML's no: or 1:) raised pydantic's bare TypeError
@@ -939,6 +941,35 @@ def test_metrics_on_the_same_port_of_another_address_leave_the_endpoint_alone(tm
 
 
 # -- the process: SIGTERM drains ----------------------------------------------------------------------
+
+
+def test_a_killed_recording_server_leaves_its_requests_ids_to_recover(tmp_path):
+    """A lightly loaded server recording a trace held its requests' ids in its 4Mi-id chunk, so
+    SIGKILL lost them all (the temporary lacked even its header). A request ends the chunk once
+    the last one is server.record_flush_s old: what came before it is in the file, recoverable."""
+    from tiered_store.cli import main
+    from tiered_store.engram.hashing import NgramHasher
+
+    config_path = make_checkpoint(tmp_path, server={"record_flush_s": 0.2})
+    trace = tmp_path / "killed.trace"
+    requests = [[[5, 6, 7, 8]], [[9, 10, 11]], [[7, 8, 9, 10]], [[1, 2], [3, 4]]]
+    with ServeProcess(config_path, "--record-trace", str(trace), metrics=False) as proc:
+        for i, input_ids in enumerate(requests):
+            if i == len(requests) - 1:
+                time.sleep(0.3)  # the last chunk (or the header) is now older than record_flush_s
+            assert post_json(proc.url + "/v1/engram", {"input_ids": input_ids})[0] == 200
+        proc.proc.kill()  # SIGKILL: no drain, no close
+        assert proc.proc.wait(30) == -9
+    (leftover,) = tmp_path.glob(".killed.trace.*.tmp")
+    assert not trace.exists()
+    assert main(["recover-trace", str(leftover), "--quiet"]) == 0
+    hasher = NgramHasher(ServeConfig.from_yaml(config_path).model.engram)
+    with TraceReader(trace) as reader:
+        assert reader.tables == TABLES and reader.n_batches == 2 * len(requests)
+        for layer, name in zip((1, 3), TABLES, strict=True):
+            want = [hasher.row_ids(np.array(ids))[layer].reshape(-1) for ids in requests]
+            got = np.concatenate(list(reader.ids(name)))
+            np.testing.assert_array_equal(got, np.concatenate(want))
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path, config_path):

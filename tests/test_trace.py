@@ -87,6 +87,39 @@ def test_large_record_gets_its_own_chunk_and_wide_ids(tmp_path):
         assert [b.batch for b in r.batches()] == [0, 0, 3]
 
 
+def test_a_chunk_ended_early_keeps_records_whole_and_batches_in_order(tmp_path):
+    """end_chunk (serve's bound in time) writes what is buffered as a chunk through the one chunk
+    path: records whole, batches in order, and a writer killed then loses none of it."""
+    path = tmp_path / "early.trace"
+    w = TraceWriter(path, {"tables": ["a", "b"]}, chunk_ids=100)
+    w.end_chunk()  # nothing buffered: no chunk
+    w.write(np.array([[1, 2], [3, 4]]), "a")
+    w.write(np.array([5]), "b")
+    w.end_chunk()
+    w.end_chunk()  # again: nothing new, no empty chunk
+    w.write(np.array([6, 7]), "a", batch=2)
+    w.end_chunk()
+    w.write(np.array([8]), "b")  # buffered, never ended: the one record a kill loses
+    left = tmp_path / ".kept.trace.0123456789ab.tmp"  # its bytes now, as a kill would leave them
+    left.write_bytes(next(tmp_path.glob(".early.trace.*.tmp")).read_bytes())
+    got = recover_trace(left)
+    w.close()
+    assert got.chunks == 2 and got.lookups == 7
+    with TraceReader(tmp_path / "kept.trace") as r:
+        r.verify()
+        assert [(b.batch, b.table, b.ids.tolist()) for b in r.batches()] == [
+            (0, "a", [[1, 2], [3, 4]]),
+            (0, "b", [5]),
+            (2, "a", [6, 7]),
+        ]
+    with TraceReader(path) as r:
+        r.verify()
+        assert r.n_chunks == 3 and [c[1] for c in r.chunk_index] == [5, 2, 1]
+        assert [(c[3], c[4]) for c in r.chunk_index] == [(0, 0), (2, 2), (2, 2)]
+    with pytest.raises(TraceFormatError, match="end_chunk after close"):
+        w.end_chunk()
+
+
 def test_layout_is_enforced(tmp_path):
     with TraceWriter(tmp_path / "x.trace", LAYOUT) as w:
         with pytest.raises(TraceFormatError, match="not in the header's tables"):

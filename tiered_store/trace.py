@@ -55,6 +55,7 @@ import re
 import reprlib
 import stat
 import struct
+import time
 import weakref
 import zlib
 from collections.abc import Iterator, Mapping
@@ -236,6 +237,7 @@ class TraceWriter:
         self._last_batch = -1
         self._records = 0
         self._closed = False
+        self.chunk_written_at = time.monotonic()  # the last chunk written (or the writer opened)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -376,6 +378,13 @@ class TraceWriter:
         self._batch += 1
         return self._batch
 
+    def end_chunk(self) -> None:
+        """Write the records buffered so far as a chunk now, however few (none: nothing), so a
+        writer killed later loses none of them (:func:`recover_trace`); records stay whole."""
+        if self._closed:
+            raise TraceFormatError(f"{self.path}: end_chunk after close")
+        self._flush()
+
     def _flush(self) -> None:
         """Compress and write the buffered records as one chunk, handed to the OS (no fsync):
         :func:`recover_trace` finds it in what a writer killed after it left."""
@@ -405,6 +414,7 @@ class TraceWriter:
         self._file.flush()  # to the OS, not left in the buffer: a writer killed loses no whole chunk
         self._chunks.append([offset, int(ids.size), len(meta), int(meta[0, 0]), int(meta[-1, 0])])
         self._buf_ids, self._buf_meta, self._buf_n = [], [], 0
+        self.chunk_written_at = time.monotonic()
 
     def close(self) -> None:
         """Flush, write the footer, fsync and rename into place."""

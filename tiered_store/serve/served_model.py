@@ -123,7 +123,8 @@ class ServedModel:
         ``checkpoint.create: true`` does.
     trace
         Record every lookup served into this trace file (``tiered-store replay`` reads it);
-        written when ``close`` is called.
+        written when ``close`` is called; its chunks reach the file every
+        ``server.record_flush_s`` (``tiered-store recover-trace`` after a kill).
 
     Examples
     --------
@@ -495,13 +496,17 @@ class ServedModel:
 
     def _record(self, batch: EngramBatch) -> None:
         """Write one batch's row ids of every layer to the trace, whole, unless ``_close`` (which
-        does not wait for a worker the drain gave up on) took the trace away."""
+        does not wait for a worker the drain gave up on) took the trace away; and end the chunk
+        when the last one is ``server.record_flush_s`` old, so a killed server loses no more."""
         with self._trace_lock:
             if self._trace is None:
                 return
             for layer in self.layer_ids:
                 self._trace.write(batch.row_ids[layer].cpu().numpy(), self.config.table_name(layer))
                 self._trace.end_batch()
+            age = time.monotonic() - self._trace.chunk_written_at
+            if age >= self.config.server.record_flush_s:
+                self._trace.end_chunk()
 
     def _answer(self, request: InferenceRequest, hashed: EngramBatch | None) -> dict[str, Any]:
         """``answer`` on the tables of one version."""
