@@ -964,12 +964,35 @@ def test_a_killed_recording_server_leaves_its_requests_ids_to_recover(tmp_path):
     assert not trace.exists()
     assert main(["recover-trace", str(leftover), "--quiet"]) == 0
     hasher = NgramHasher(ServeConfig.from_yaml(config_path).model.engram)
+    recorded = {}
     with TraceReader(trace) as reader:
         assert reader.tables == TABLES and reader.n_batches == 2 * len(requests)
         for layer, name in zip((1, 3), TABLES, strict=True):
             want = [hasher.row_ids(np.array(ids))[layer].reshape(-1) for ids in requests]
             got = np.concatenate(list(reader.ids(name)))
             np.testing.assert_array_equal(got, np.concatenate(want))
+            recorded[name] = got.size
+    # the store configs replay needs were written when the recording started, not at close
+    store_yaml = tmp_path / "killed.trace.engram_layer1.store.yaml"
+    out = tmp_path / "replay-out"
+    args = ["replay", str(store_yaml), str(trace), "--table", "engram_layer1", "--no-bounds"]
+    assert main([*args, "--sweep", "", "--out", str(out)]) == 0
+    hot = json.loads((out / "replay.json").read_text())["results"][0]["tiers"]["hot"]
+    assert hot["lookups"] == recorded["engram_layer1"] > 0  # the hot tier sees every id
+
+
+def test_a_recording_server_that_fails_its_start_leaves_no_trace_temporary(tmp_path, config_path):
+    """The trace opens before a server's last start checks; one failing left the trace's
+    temporary (a killed recording's look, with nothing recorded) beside the store configs."""
+    trace = tmp_path / "failed.trace"
+
+    def refuse(model):
+        assert (tmp_path / "failed.trace.engram_layer3.store.yaml").is_file()
+        raise ConfigError("a rank's check failed")
+
+    with pytest.raises(ConfigError, match="a rank's check failed"):
+        ServedModel(ServeConfig.from_yaml(config_path), trace=trace, before_start=refuse)
+    assert not list(tmp_path.glob(".failed.trace.*")) and not trace.exists()
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path, config_path):

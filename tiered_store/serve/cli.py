@@ -47,9 +47,10 @@ def register(sub: Any) -> None:
         "--record-trace",
         type=output_file,
         metavar="PATH",
-        help="record every lookup served as a trace; on exit, beside it, each table's store "
-        "config as PATH.TABLE.store.yaml, for `tiered-store replay PATH.TABLE.store.yaml PATH "
-        "--table TABLE`",
+        help="record every lookup served as a trace (in place on exit; `tiered-store "
+        "recover-trace` for a server killed); beside it, when recording starts, each table's "
+        "store config as PATH.TABLE.store.yaml, for `tiered-store replay PATH.TABLE.store.yaml "
+        "PATH --table TABLE`",
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(run=run_serve)

@@ -172,6 +172,7 @@ class ServedModel:
         self.device = stores[0].device if stores else torch.device("cpu")
         self.model.to(self.device)  # the dense weights where the hot tier hands out rows
         self._trace: TraceWriter | None = None
+        self._replay_configs: list[Path] = []  # each layer's store config beside the trace
         self._trace_lock = threading.Lock()  # the trace's writes and its close
         try:
             self.layer_ids = list(self.model.engram_layers)
@@ -215,6 +216,10 @@ class ServedModel:
             self.reloads = 0
             if trace is not None:
                 self._trace = self._open_trace(Path(trace))
+                # now, not at close: a server killed meanwhile leaves them for its recovered trace
+                self._replay_configs = [
+                    self.write_replay_config(self._trace.path, layer) for layer in self.layer_ids
+                ]
             if before_start is not None:  # a rank's own checks: one failing stops every rank
                 before_start(self)
             if self.control is not None:
@@ -788,9 +793,8 @@ class ServedModel:
             trace, self._trace = self._trace, None
         if trace is not None:
             trace.close()
-            for layer in self.layer_ids:
+            for layer, config in zip(self.layer_ids, self._replay_configs, strict=True):
                 name = self.config.table_name(layer)
-                config = self.write_replay_config(trace.path, layer)
                 log.info("recorded %s; replay: tiered-store replay %s %s --table %s",
                          trace.path, config, trace.path, name)  # fmt: skip
         control, self.control = getattr(self, "control", None), None
