@@ -349,20 +349,6 @@ def test_a_recorded_trace_is_not_replayed_with_another_row_width(tmp_path, confi
     assert replay(StoreConfig.from_dict(store), trace, table="engram_layer1").lookups > 0
 
 
-def test_a_start_that_fails_after_opening_the_trace_leaves_no_partial_file(tmp_path):
-    """A ServedModel whose start failed after it opened its trace (a rank's own checks, run by
-    before_start) closed its tables but left the trace's writer open: its partial temporary
-    stayed beside the trace, named by readers as a killed writer's."""
-
-    def failing_check(served):
-        raise RuntimeError("a rank's check failed")
-
-    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
-    with pytest.raises(RuntimeError, match="a rank's check failed"):
-        ServedModel(config, trace=tmp_path / "served.trace", before_start=failing_check)
-    assert not [p.name for p in tmp_path.iterdir() if "served.trace" in p.name]
-
-
 def test_closing_under_a_recording_worker_the_drain_gave_up_on(tmp_path):
     """close() took the trace away without the lock its writers hold, while a worker the drain
     gave up on (its prefetch outlasting server.request_timeout_s) still ran: its next write met
