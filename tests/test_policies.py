@@ -228,6 +228,33 @@ class TestFIFO(EvictionContract):
         assert cache.held_rows().tolist() == [3]
 
 
+def _sieve_beside_reference(order: list[int]) -> tuple[SIEVE, ScalarSieve]:
+    """A SIEVE and the scalar reference, each given the slots of ``order`` as new rows."""
+    sieve, ref = SIEVE(len(order)), ScalarSieve(len(order))
+    sieve.on_insert(torch.tensor(order, dtype=torch.int64))
+    for slot in order:
+        ref._insert(slot)
+    return sieve, ref
+
+
+def _hit_both(sieve: SIEVE, ref: ScalarSieve, rng: np.random.Generator) -> None:
+    """The same random hits (duplicates too) on both."""
+    capacity = sieve.capacity
+    hits = rng.integers(0, capacity, int(rng.integers(0, capacity + 1))).tolist()
+    sieve.on_hit(torch.tensor(hits, dtype=torch.int64))
+    for slot in hits:
+        ref._hit(slot)
+
+
+def _scalar_evictions(ref: ScalarSieve, k: int) -> list[int]:
+    """``k`` evictions of the reference, one after another."""
+    victims = []
+    for _ in range(k):
+        victims.append(ref._victim())
+        ref._remove(victims[-1])
+    return victims
+
+
 class TestSieve(EvictionContract):
     spec = "sieve"
 
@@ -248,24 +275,13 @@ class TestSieve(EvictionContract):
         """Batched eviction of k slots = k evictions of the reference, one after another
         (slots stand for rows); the victims then come back as new rows, in random order."""
         rng = np.random.default_rng(seed)
-        sieve, ref = SIEVE(capacity), ScalarSieve(capacity)
+        sieve, ref = _sieve_beside_reference(rng.permutation(capacity).tolist())
         none = torch.zeros(capacity, dtype=torch.bool)
-        order = rng.permutation(capacity).tolist()
-        sieve.on_insert(torch.tensor(order))
-        for slot in order:
-            ref._insert(slot)
         for _ in range(rounds):
-            hits = rng.integers(0, capacity, int(rng.integers(0, capacity + 1))).tolist()
-            sieve.on_hit(torch.tensor(hits, dtype=torch.int64))
-            for slot in hits:
-                ref._hit(slot)
+            _hit_both(sieve, ref, rng)
             k = int(rng.integers(1, capacity + 1))
             got = sieve.choose_victims(k, none).tolist()
-            want = []
-            for _ in range(k):
-                want.append(ref._victim())
-                ref._remove(want[-1])
-            assert got == want
+            assert got == _scalar_evictions(ref, k)
             back = rng.permutation(got).tolist()
             sieve.on_insert(torch.tensor(back))
             for slot in back:
@@ -300,23 +316,14 @@ class TestSieve(EvictionContract):
         """k victims at once, all refused, = k scalar evictions one after another, then each victim
         back in its place with its bit clear and the hand where the evictions left it."""
         rng = np.random.default_rng(seed)
-        sieve, ref = SIEVE(capacity), ScalarSieve(capacity)
+        sieve, ref = _sieve_beside_reference(list(range(capacity)))
         none = torch.zeros(capacity, dtype=torch.bool)
-        sieve.on_insert(torch.arange(capacity))
-        for slot in range(capacity):
-            ref._insert(slot)
         for _ in range(rounds):
-            hits = rng.integers(0, capacity, int(rng.integers(0, capacity + 1))).tolist()
-            sieve.on_hit(torch.tensor(hits, dtype=torch.int64))
-            for slot in hits:
-                ref._hit(slot)
+            _hit_both(sieve, ref, rng)
             k = int(rng.integers(1, capacity + 1))
             got = sieve.choose_victims(k, none).tolist()
-            queue, want = list(ref.queue), []
-            for _ in range(k):
-                want.append(ref._victim())
-                ref._remove(want[-1])
-            assert got == want
+            queue = list(ref.queue)
+            assert got == _scalar_evictions(ref, k)
             if rng.random() < 0.5:  # refused: every victim stays where it was, bit clear
                 sieve.on_reinstate(torch.tensor(got))
                 ref.queue = queue
