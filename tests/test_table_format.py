@@ -594,8 +594,13 @@ def test_metadata_the_manifest_cannot_hold_is_refused_before_writing(tmp_path, m
     [
         (lambda: torch.empty(4, 8, device="meta"), "is on the meta device"),
         (lambda: torch.eye(8).to_sparse(), r"has layout torch.sparse_coo; expected a dense"),
+        (lambda: torch.eye(8).to_sparse_csr(), r"has layout torch.sparse_csr; expected a dense"),
+        (  # a strided nested tensor's .shape raises: the message says how many entries
+            lambda: torch.nested.nested_tensor([torch.ones(8), torch.ones(7)]),
+            r"nested \(2 tensors\) is a nested tensor .*to_padded_tensor",
+        ),
     ],
-    ids=["meta", "sparse"],
+    ids=["meta", "sparse", "csr", "nested"],
 )
 def test_a_tensor_without_readable_rows_is_named(tmp_path, make_source, message):
     """A meta or sparse tensor failed mid-creation with torch's NotImplementedError, naming

@@ -136,6 +136,23 @@ def test_meta_and_sparse_tensors_as_rows_or_ids_are_named_and_change_nothing(tmp
                 store.lookup(ids)
             with pytest.raises(RowIdError, match="^ids: " + message.format(shape)):
                 store.write(ids, torch.ones(ids.shape[0], 4))
+        # nested tensors (strided: .shape raises; jagged): torch's 'NestedTensorImpl doesn't
+        # support sizes' or a reshape error, and for jagged a to_dense() hint that fails too
+        nested = r"is a nested tensor \(its entries may differ in shape\); expected a dense tensor"
+        strided = torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])])
+        jagged = torch.nested.nested_tensor(
+            [torch.tensor([1, 2]), torch.tensor([3])], layout=torch.jagged
+        )
+        for ids, shape in ((strided, r"nested \(2 tensors\)"), (jagged, r"\(2, j\d+\)")):
+            with pytest.raises(RowIdError, match=rf"^ids: tensor int64 {shape} {nested}"):
+                store.lookup(ids)
+            with pytest.raises(RowIdError, match=rf"^ids: tensor int64 {shape} {nested}"):
+                store.write(ids, torch.ones(2, 4))
+        rows = torch.nested.nested_tensor([torch.ones(4), torch.ones(4)])
+        with pytest.raises(
+            RowDataError, match=rf"^rows: tensor float32 nested \(2 tensors\) {nested}"
+        ):
+            store.write([1, 2], rows)
         store.commit()
         assert torch.equal(store.lookup(torch.arange(20)), table)
 

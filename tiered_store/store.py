@@ -49,7 +49,7 @@ from .row_cache import most_valuable_first
 from .slot_pool import SlotPool
 from .stats import hit_ratio
 from .store_lock import InFlight, StoreLock
-from .table_sources import tensor_without_values
+from .table_sources import describe_tensor, tensor_without_values
 from .warm_restart import (
     RestartState,
     RestartWarning,
@@ -1353,7 +1353,7 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
         tensor = ids
         problem = tensor_without_values(tensor)
         if problem is not None:
-            raise RowIdError(f"ids: tensor {_described(tensor)} {problem}")
+            raise RowIdError(f"ids: tensor {describe_tensor(tensor)} {problem}")
     elif isinstance(ids, np.ndarray):
         if ids.dtype.kind not in "iu":
             raise RowIdError(f"ids: dtype {ids.dtype}; expected an integer array")
@@ -1382,11 +1382,6 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
                 raise RowIdError(f"ids: value {value} does not fit int64; expected valid row ids")
         tensor = tensor.to(torch.int64)
     return tensor
-
-
-def _described(tensor: torch.Tensor) -> str:
-    """A tensor's dtype and shape for an error message: ``float32 (2, 8)``."""
-    return f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}"
 
 
 def _ids_numpy_reads(ids: Any) -> np.ndarray | None:
@@ -1452,7 +1447,7 @@ def as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
         ) from None
     problem = tensor_without_values(tensor)
     if problem is not None:
-        raise RowDataError(f"rows: tensor {_described(tensor)} {problem}")
+        raise RowDataError(f"rows: tensor {describe_tensor(tensor)} {problem}")
     if tuple(tensor.shape) != shape:
         raise RowDataError(
             f"rows: shape {tuple(tensor.shape)}; expected {shape} (the ids' shape + the row width)"

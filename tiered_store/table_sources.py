@@ -435,12 +435,26 @@ def tensor_without_values(tensor: torch.Tensor) -> str | None:
             "is on the meta device (a shape without data); expected a tensor holding its values "
             "(load or initialise them first)"
         )
+    if tensor.is_nested:  # strided or jagged: its rows differ in length, to_dense() fails
+        return (
+            "is a nested tensor (its entries may differ in shape); expected a dense tensor "
+            "(pass tensor.to_padded_tensor(0.0) or torch.stack(tensor.unbind()))"
+        )
     if tensor.layout != torch.strided:
         return (
             f"has layout {tensor.layout}; expected a dense (strided) tensor "
             "(pass tensor.to_dense())"
         )
     return None
+
+
+def describe_tensor(tensor: torch.Tensor) -> str:
+    """A tensor's dtype and shape for an error message: ``float32 (2, 8)``; a nested tensor, whose
+    entries may differ in shape, by its count of them."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if tensor.is_nested and tensor.layout == torch.strided:  # .shape raises for these
+        return f"{dtype} nested ({tensor.size(0)} tensors)"
+    return f"{dtype} {tuple(tensor.shape)}"
 
 
 def check_tensor_holds_rows(tensor: torch.Tensor, desc: str) -> None:
@@ -461,7 +475,7 @@ def open_source(source: object, dtype: object) -> SourceReader:
     if isinstance(source, PackedSafetensorsSource):
         return _PackedSafetensorsReader(source, dtype)
     if isinstance(source, torch.Tensor):
-        desc = f"torch.Tensor {str(source.dtype).removeprefix('torch.')} {tuple(source.shape)}"
+        desc = f"torch.Tensor {describe_tensor(source)}"
         check_tensor_holds_rows(source, desc)
         return _ArrayReader(source, "source tensor", dtype, desc)
     if isinstance(source, np.ndarray):
