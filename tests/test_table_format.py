@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -576,8 +577,10 @@ def test_manifest_keeps_caller_metadata(tmp_path):
         ({"sizes": {0: 5}}, r"metadata\['sizes'\] has the key 0 \(int\); expected str keys"),
         ({"a": [{"1": "y", 1: "x"}]}, r"metadata\['a'\]\[0\] has the key 1 \(int\)"),
         ({True: 1}, r"metadata has the key True \(bool\); .* read back as 'true'"),
+        # nested past the recursion limit: json.dumps's bare RecursionError
+        ({"x": functools.reduce(lambda inner, _: [inner], range(5000), [])}, "nested deeper"),
     ],
-    ids=["numpy-int", "path", "nan", "list", "int-key", "colliding-keys", "bool-key"],
+    ids=["numpy-int", "path", "nan", "list", "int-key", "colliding-keys", "bool-key", "deep"],
 )
 def test_metadata_the_manifest_cannot_hold_is_refused_before_writing(tmp_path, metadata, message):
     """Such metadata failed with a bare TypeError only after every row was written (NaN went

@@ -613,12 +613,17 @@ def _check_metadata(metadata: object) -> None:
         )
     try:
         json.dumps(metadata, allow_nan=False)
+        found = _non_string_key(metadata)
+    except RecursionError:  # both walk the nesting recursively
+        raise TableFormatError(
+            "metadata is nested deeper than Python's recursion limit lets its JSON manifest be "
+            "written or read; expected a few levels of dicts and lists"
+        ) from None
     except (TypeError, ValueError) as exc:
         raise TableFormatError(
             f"metadata cannot be stored in the table's JSON manifest ({exc}); expected str, int, "
             "float, bool and None values, lists, and dicts with str keys (no NaN or inf)"
         ) from None
-    found = _non_string_key(metadata)
     if found is not None:
         where, key = found
         raise TableFormatError(
