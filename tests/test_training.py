@@ -409,8 +409,13 @@ def test_a_trainable_table_is_made_from_a_models_embedding_weight_as_it_is(tmp_p
     [
         (lambda: torch.nn.Embedding(10, 4, device="meta").weight, "is on the meta device"),
         (lambda: torch.eye(4).to_sparse(), "has layout torch.sparse_coo"),
+        (  # its .shape raises: it was described with it
+            lambda: torch.nested.nested_tensor([torch.ones(2, 4), torch.ones(3, 4)]),
+            "is a nested tensor",
+        ),
     ],
 )
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_a_trainable_table_refuses_a_tensor_without_rows_naming_it(tmp_path, make, expected):
     """A model's weight on the meta device (built for its shapes) or a sparse tensor failed with
     torch's bare NotImplementedError ('Cannot copy out of meta tensor') or RuntimeError, where

@@ -22,7 +22,7 @@ from ..errors import ConfigError, RowDataError, RowIdError, TierIOError
 from ..id_ops import unique_inverse_counts
 from ..store import as_id_tensor
 from ..table_format import TableManifest, create_table
-from ..table_sources import check_tensor_holds_rows
+from ..table_sources import check_tensor_holds_rows, describe_tensor
 from .row_optimizers import RowOptimizer
 
 __all__ = ["TableSlice", "TrainableTable", "create_trainable_table"]
@@ -50,8 +50,7 @@ def create_trainable_table(
     12
     """
     if isinstance(weights, torch.Tensor):  # a model's parameter (grad), bf16, on a GPU: as is
-        dtype = str(weights.dtype).removeprefix("torch.")
-        check_tensor_holds_rows(weights, f"weights (torch.Tensor {dtype} {tuple(weights.shape)})")
+        check_tensor_holds_rows(weights, f"weights (torch.Tensor {describe_tensor(weights)})")
         weights = weights.detach().to("cpu", torch.float32)
     else:
         weights = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
