@@ -524,6 +524,52 @@ def nonfinite_gradient_worker(
     _report(out, rank, result)
 
 
+def unreadable_shard_step_worker(
+    rank: int, world: int, port: int, trainable: str, out: Path
+) -> None:
+    """Every rank: a training step whose rows rank 1's shard cannot read (its file cut short:
+    no shard writes), then the same step again once the file is whole."""
+    import torch.distributed as dist
+
+    from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.trainable import TrainableTable
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.errors import TierIOError
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(trainable), world, "rows")
+    cfg["sharding"]["timeout_s"] = 5  # a rank left waiting fails the test in seconds
+    try:
+        store = ShardedStore.open(cfg)
+        table = TrainableTable(store, make_row_optimizer("adam", lr=0.05))
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        table.lookup(ids).sum().backward()
+        with torch.no_grad():  # the tiers evict those rows: the step reads them from the shards
+            for row in range(2, 42):
+                table.lookup(torch.tensor([row, TRAIN_ROWS - 1 - row]))
+        path = Path(store.local.cold.path)
+        whole = path.read_bytes()
+        if rank == 1:
+            os.truncate(path, 128)
+        dist.barrier()
+        try:
+            table.step(1)
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["failed"] = f"{type(exc).__name__}: {exc}"
+            result["failed is TierIOError"] = isinstance(exc, TierIOError)
+        dist.barrier()
+        if rank == 1:
+            path.write_bytes(whole)  # the same file (inode), whole again
+        dist.barrier()
+        result["retried"] = table.step(1)  # the gradients kept
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def _opened_and_recorded(
     cfg: dict, result: dict, name: str, ids: torch.Tensor | None = None
 ) -> Any:

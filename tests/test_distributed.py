@@ -1296,6 +1296,30 @@ def test_an_optimizer_update_overflowing_on_one_shard_is_refused_on_all_before_a
     assert [r["retried"] for r in results] == [1, 1]  # rank 1's row, on rank 1's gradient
 
 
+def test_a_shard_that_cannot_read_its_rows_for_a_step_leaves_every_rank_its_gradients(
+    tmp_path,
+):
+    """Rank 1's shard could not read its rows for the step (its file cut short): the round
+    stopped before any shard wrote, 'nothing was updated on any shard', yet every rank dropped
+    its gradients (as when a shard failed its write after the others wrote theirs), so the step
+    retried once the shard read again updated nothing. They are kept now."""
+    from tests.distributed_support import make_trainable, unreadable_shard_step_worker
+
+    trainable = make_trainable(tmp_path / "trainable.npy")
+    write_shards(trainable, 2, "rows", template=shards_template(trainable, "rows"), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(unreadable_shard_step_worker, 2, (str(trainable), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    assert [r["retried"] for r in results] == [1, 1]  # each shard's row, on the kept gradients
+    for result in results:
+        assert result["failed is TierIOError"] is True  # as before
+        assert result["failed"].startswith("UpdateRefusedError: [Errno 5] rank "), result["failed"]
+        assert "rank 1: TierIOError: table " in result["failed"], result["failed"]
+        assert result["failed"].endswith("nothing was updated on any shard"), result["failed"]
+
+
 def test_shards_opened_at_different_steps_warn_report_the_oldest_and_take_the_redone_step(
     tmp_path,
 ):

@@ -75,6 +75,12 @@ class ShardReadError(TierIOError):
         return type(self), (self.strerror, self.ranks)
 
 
+class UpdateRefusedError(TierIOError):
+    """A sharded update round failed on some rank before any shard wrote (a shard could not read
+    or update its rows): no row changed on any shard, and ``TrainableTable.step`` keeps its
+    gradients."""
+
+
 class DeltaCorruptError(TableFormatError):
     """A row of a table's write delta (LMDB) fails its CRC32C or does not match the table."""
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, RowDataError, RowIdError, TierIOError
+from ..errors import ConfigError, RowDataError, RowIdError, TierIOError, UpdateRefusedError
 from ..id_ops import unique_inverse_counts
 from ..store import as_id_tensor
 from ..table_format import TableManifest, create_table
@@ -161,8 +161,10 @@ class TrainableTable:
         the gradients go to the ranks owning their rows, which sum them and apply the optimizer
         (``ShardedStore.update_rows``); it returns the rows this rank updated. A step refused on
         one rank is refused on every rank (the others get ``StepMismatchError``), as are ranks
-        passing different steps; no row changes and every rank keeps its gradients. When a
-        shard fails to apply its rows (the others applied theirs), the gradients are dropped."""
+        passing different steps; no row changes and every rank keeps its gradients. A shard that
+        cannot read or update its rows fails the step on every rank before any shard writes
+        (``UpdateRefusedError``, the gradients kept); when a shard fails to write its rows (the
+        others wrote theirs), the gradients are dropped."""
         try:
             number = operator.index(step)
         except TypeError:
@@ -182,6 +184,8 @@ class TrainableTable:
                 updated = update_rows(
                     unique, summed, partial(self.optimizer.update, step=number), step=number
                 )
+            except UpdateRefusedError:  # failed before any shard wrote: kept for a retry
+                raise
             except TierIOError:  # a shard failed its update, the others made theirs: not twice
                 self._gradients.clear()
                 raise

@@ -63,6 +63,7 @@ from ..errors import (
     TieredStoreError,
     TierIOError,
     TornCommitWarning,
+    UpdateRefusedError,
     error_text,
     warn_at_caller,
 )
@@ -957,7 +958,12 @@ class ShardedStore:
                     "any shard"
                 )
         else:
-            self._raise_failed("update_rows", refused, then="nothing was updated on any shard")
+            self._raise_failed(  # no shard wrote: the caller keeps its gradients
+                "update_rows",
+                refused,
+                UpdateRefusedError,
+                then="nothing was updated on any shard",
+            )
 
         def write() -> None:
             if new_rows:
