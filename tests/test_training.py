@@ -424,3 +424,23 @@ def test_a_trainable_table_refuses_a_tensor_without_rows_naming_it(tmp_path, mak
     with pytest.raises(TableFormatError, match=rf"source weights \(torch.Tensor .*\) {expected}"):
         create_trainable_table(path, make(), make_row_optimizer("adam", lr=0.1))
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: torch.ones(5, 4, dtype=torch.complex64), r"torch.Tensor complex64 \(5, 4\)"),
+        (lambda: np.ones((5, 4), np.complex128), r"ndarray complex128 \(5, 4\)"),
+        (lambda: torch.quantize_per_tensor(torch.ones(5, 4), 0.1, 0, torch.qint8), "qint8"),
+        (lambda: np.array([[1.0, "a"]], dtype=object), r"ndarray object \(1, 2\)"),
+    ],
+)
+def test_a_trainable_table_refuses_weights_that_are_not_real_numbers(tmp_path, make, expected):
+    """Complex weights were written as their real parts (the imaginary ones dropped with only
+    torch's ComplexWarning), where create_table refuses a complex source; a quantized tensor or an
+    object array failed with torch's bare RuntimeError or TypeError. They are refused naming the
+    weights' dtype, and no file is left."""
+    path = tmp_path / "t.npy"
+    with pytest.raises(TableFormatError, match=rf"source weights \(.*{expected}.*expected real"):
+        create_trainable_table(path, make(), make_row_optimizer("adam", lr=0.1))
+    assert not path.exists()

@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, RowDataError, RowIdError, TierIOError, UpdateRefusedError
+from ..errors import (
+    ConfigError,
+    RowDataError,
+    RowIdError,
+    TableFormatError,
+    TierIOError,
+    UpdateRefusedError,
+)
 from ..id_ops import unique_inverse_counts
 from ..store import as_id_tensor
 from ..table_format import TableManifest, create_table
@@ -50,10 +57,23 @@ def create_trainable_table(
     12
     """
     if isinstance(weights, torch.Tensor):  # a model's parameter (grad), bf16, on a GPU: as is
-        check_tensor_holds_rows(weights, f"weights (torch.Tensor {describe_tensor(weights)})")
+        dtype = str(weights.dtype).removeprefix("torch.")
+        desc = f"weights (torch.Tensor {describe_tensor(weights)})"
+        check_tensor_holds_rows(weights, desc)
+        real = not (weights.is_complex() or weights.is_quantized)
+    else:
+        weights = np.asarray(weights)
+        dtype = str(weights.dtype)
+        desc = f"weights (ndarray {dtype} {weights.shape})"
+        real = weights.dtype.kind in "biuf"
+    if not real:  # converted, a complex one lost its imaginary parts with only a warning
+        raise TableFormatError(
+            f"source {desc} has dtype {dtype}; expected real numbers (floating-point or integer)"
+        )
+    if isinstance(weights, torch.Tensor):
         weights = weights.detach().to("cpu", torch.float32)
     else:
-        weights = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+        weights = torch.as_tensor(weights, dtype=torch.float32)
     if weights.ndim != 2:
         raise ConfigError(f"weights: shape {tuple(weights.shape)}; expected [rows, dim]")
     rows, dim = weights.shape
