@@ -537,3 +537,55 @@ def test_a_delta_left_without_its_version_is_removed_never_a_held_or_current_one
     assert not delta_path(path).exists() and delta_path(version_path(path, 1)).is_dir()
     with TieredStore.open({"table": {"path": str(path)}}) as store:
         assert store.committed_step == 2 and store.lookup([5, 6]).tolist() == [[1.0] * 4] * 2
+
+
+_COMPACTION_KILLED_WITH_A_WORKER = r"""
+import os, signal, sys, threading, time
+import tiered_store.table_format as tf
+from tiered_store.delta import compaction
+made, forked = threading.Event(), threading.Event()
+_atomic_files = tf.atomic_files
+def atomic_files(*args, **kwargs):  # the new version's temporaries made: wait for the fork
+    files = _atomic_files(*args, **kwargs)
+    made.set()
+    forked.wait()
+    return files
+tf.atomic_files = atomic_files
+threading.Thread(target=compaction.compact_table, args=(sys.argv[1],), kwargs={"progress": False},
+                 daemon=True).start()
+made.wait()
+pid = os.fork()  # a worker started meanwhile (a DataLoader's): it outlives its parent's kill
+if pid == 0:
+    time.sleep(120)
+    os._exit(0)
+open(sys.argv[2], "w").write(str(pid))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_compaction_killed_after_forking_a_worker_leaves_nothing_locked(tmp_path):
+    """A compaction killed while a child it forked (a DataLoader worker) lived on left its
+    temporaries locked through the child's copies of their descriptors: the next compaction took
+    them for a live writer's and left them (hundreds of MB) for as long as the child lived."""
+    import subprocess
+    import sys
+
+    from tiered_store.serve.client import subprocess_env
+
+    path = _table_with_a_commit(tmp_path, 300)
+    script, child, log = tmp_path / "killed.py", tmp_path / "child.pid", tmp_path / "log"
+    script.write_text(_COMPACTION_KILLED_WITH_A_WORKER)
+    with log.open("w") as out:  # not a pipe: waiting for it would wait for the worker too
+        killed = subprocess.run(
+            [sys.executable, str(script), str(path), str(child)],
+            stdout=out, stderr=out, env=subprocess_env(), timeout=300,
+        )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    worker = int(child.read_text())
+    try:
+        left = sorted(p.name for p in tmp_path.glob(".t.g1.npy*.tmp"))
+        assert len(left) == 3, left  # the new version's data, page checksums and manifest
+        assert sorted(compact_table(path, progress=False).removed_leftovers) == left
+        assert not list(tmp_path.glob(".*.tmp"))
+    finally:
+        os.kill(worker, signal.SIGKILL)

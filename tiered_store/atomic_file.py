@@ -168,6 +168,44 @@ def remove_abandoned_temporaries(directory: Path, names: str) -> list[tuple[str,
     return removed
 
 
+_LOCK_FDS: set[int] = set()  # the descriptors holding this process's temporaries' flocks
+
+
+def _forget_locks_in_child() -> None:
+    """In a forked child: close its copies of the temporaries' lock descriptors (the parent keeps
+    the locks), so a child (a DataLoader worker) never holds one past a killed parent."""
+    for fd in _LOCK_FDS:
+        with suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def open_lock(tmp: Path, file: IO[Any]) -> int | None:
+    """A descriptor of ``tmp`` (which ``file`` writes) with its own open file description, for
+    its writer's ``flock``: a forked child's copy of it is closed, and the child's copy of
+    ``file`` holds no lock. None when a cleanup removed ``tmp`` first."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    _LOCK_FDS.add(fd)
+    mine, theirs = os.fstat(fd), os.fstat(file.fileno())
+    if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):  # pragma: no cover
+        close_lock(fd)  # no writer makes a file under another's random name: treat it as gone
+        return None
+    return fd
+
+
+def close_lock(fd: int) -> None:
+    """Close a descriptor from :func:`open_lock` (its lock goes with it), unless a fork closed it."""
+    if fd in _LOCK_FDS:
+        _LOCK_FDS.discard(fd)
+        os.close(fd)
+
+
 def _lock_temporary(fd: int) -> None:
     """Take the exclusive ``flock`` a writer holds on its temporary (blocks while a cleanup
     holds it; a test hook can stage a cleanup before it)."""
@@ -221,10 +259,12 @@ class AtomicFile:
             if not lock:
                 return
             try:
-                self._lock = os.dup(self.file.fileno())
-                _lock_temporary(self._lock)
-                if os.fstat(self._lock).st_nlink:  # else a cleanup removed it before the lock
-                    return
+                fd = open_lock(self.tmp, self.file)  # None: a cleanup removed it
+                if fd is not None:
+                    self._lock = fd
+                    _lock_temporary(fd)
+                    if os.fstat(self._lock).st_nlink:  # else a cleanup removed it before the lock
+                        return
             except BaseException:
                 self.abort()
                 raise
@@ -234,7 +274,7 @@ class AtomicFile:
     def _unlock(self) -> None:
         """Close the descriptor holding the temporary's flock, if any."""
         if self._lock >= 0:
-            os.close(self._lock)
+            close_lock(self._lock)
             self._lock = -1
 
     def finish(self) -> None:

@@ -67,7 +67,7 @@ import numpy as np
 import zstandard
 from tqdm.auto import tqdm
 
-from .atomic_file import AtomicFile, hidden_temporaries, write_step
+from .atomic_file import AtomicFile, close_lock, hidden_temporaries, open_lock, write_step
 from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError, error_text
 from .npy_files import load_npy
 
@@ -248,9 +248,13 @@ class TraceWriter:
         self._file: BinaryIO = self._out.file
         # held up to the rename (past the file's close): a reader tells this live writer's
         # temporary from one a killed writer left (the kernel drops the lock when it dies; a
-        # writer dropped unclosed drops it when collected, as its file's descriptor is closed)
-        lock = os.dup(self._file.fileno())
-        self._unlock = weakref.finalize(self, os.close, lock)  # once: at close, abort or collection
+        # writer dropped unclosed drops it when collected; a forked child never holds it)
+        lock = open_lock(self._out.tmp, self._file)
+        if lock is None:  # removed as it was made: no cleanup takes a trace's, so never
+            self._out.abort()
+            raise TierIOError(errno.ENOENT, f"cannot write trace {self.path}: its temporary "
+                              "vanished as it was made", str(self.path))  # fmt: skip
+        self._unlock = weakref.finalize(self, close_lock, lock)  # once: close, abort, collection
         fcntl.flock(lock, fcntl.LOCK_EX)
         self._file.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(head)))
         self._file.write(head)
