@@ -573,6 +573,19 @@ def _results(out: Path, world: int) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def _two_ranks_over_plain_shards(tmp_path, worker, timeout: float) -> tuple[list[int], list[dict]]:
+    """A plain table sharded over 2 ranks; ``worker(rank, world, table, out)`` run on each: the
+    ranks' exit codes and the results they wrote."""
+    from tests.distributed_support import make_plain_table
+
+    plain = make_plain_table(tmp_path)
+    _shard_all({"plain": plain}, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(worker, 2, (str(plain), out), timeout)
+    return codes, _results(out, 2)
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_sharded_lookups_are_bit_exact_and_mismatched_shards_are_refused_on_every_rank(
     tables, tmp_path, world
@@ -1154,14 +1167,9 @@ def test_one_rank_misusing_a_collective_is_refused_and_the_ranks_stay_in_step(tm
     prefetched before a write: refused, named, on the ranks the round concerns; a lookup after
     each meets the same round on both ranks (before, the ranks fell out of step, and a later
     round aborted a rank, or rows were updated with spliced gradients)."""
-    from tests.distributed_support import make_plain_table, misuse_worker
+    from tests.distributed_support import misuse_worker
 
-    plain = make_plain_table(tmp_path)
-    _shard_all({"plain": plain}, 2)
-    out = tmp_path / "out"
-    out.mkdir()
-    codes = run_ranks(misuse_worker, 2, (str(plain), out), 120)
-    results = _results(out, 2)
+    codes, results = _two_ranks_over_plain_shards(tmp_path, misuse_worker, 120)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     steps = [dict(r["steps"][0::2]) for r in results]  # name -> outcome, per rank
     assert all(step == ["in step", results[0]["steps"][1][1]] for step in results[1]["steps"][1::2])
@@ -1192,14 +1200,9 @@ def test_a_lookup_a_shard_failed_is_counted_as_a_round_whose_ids_crossed_and_row
     """A round ended by a shard that could not serve its rows was left out of the exchange
     counters on every rank (tiered_store_exchange_rounds_total one short of the rounds the ranks
     joined, its ids never counted though they crossed); it counts now, without rows."""
-    from tests.distributed_support import failed_round_counts_worker, make_plain_table
+    from tests.distributed_support import failed_round_counts_worker
 
-    plain = make_plain_table(tmp_path)
-    _shard_all({"plain": plain}, 2)
-    out = tmp_path / "out"
-    out.mkdir()
-    codes = run_ranks(failed_round_counts_worker, 2, (str(plain), out), 60)
-    results = _results(out, 2)
+    codes, results = _two_ranks_over_plain_shards(tmp_path, failed_round_counts_worker, 60)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     assert [r["error"] for r in results] == ["ShardReadError", "TierIOError"]
     for result in results:  # 2 of the 4 ids of each round are the other rank's
@@ -1215,14 +1218,9 @@ def test_a_sharded_stores_lookup_stats_time_its_lookups_not_its_shards_share_of_
     rows, without the exchange or the wait for the other ranks, so a rank whose lookup waited a
     second for another said it spent milliseconds (and the Engram pipeline's lookup seconds over
     sharded tables, which it sums, came out below its prefetch stall)."""
-    from tests.distributed_support import lookup_seconds_worker, make_plain_table
+    from tests.distributed_support import lookup_seconds_worker
 
-    plain = make_plain_table(tmp_path)
-    _shard_all({"plain": plain}, 2)
-    out = tmp_path / "out"
-    out.mkdir()
-    codes = run_ranks(lookup_seconds_worker, 2, (str(plain), out), 60)
-    results = _results(out, 2)
+    codes, results = _two_ranks_over_plain_shards(tmp_path, lookup_seconds_worker, 60)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     waited = results[0]
     assert waited["seconds"][1] > 0.5  # rank 0 waited for rank 1 (a second, less its lead)
@@ -1765,14 +1763,9 @@ def test_a_failed_overwrite_of_shards_leaves_the_old_shards_and_their_writes(tmp
 def test_ranks_in_different_collectives_are_named_with_the_kinds_of_round(tmp_path):
     """Rank 0 looks up while rank 1 takes a training step: each names the other and both kinds
     (it said "no rank was found silent or behind")."""
-    from tests.distributed_support import crossed_rounds_worker, make_plain_table
+    from tests.distributed_support import crossed_rounds_worker
 
-    plain = make_plain_table(tmp_path)
-    _shard_all({"plain": plain}, 2)
-    out = tmp_path / "out"
-    out.mkdir()
-    run_ranks(crossed_rounds_worker, 2, (str(plain), out), 60)
-    results = _results(out, 2)
+    _, results = _two_ranks_over_plain_shards(tmp_path, crossed_rounds_worker, 60)
     assert not any("crash" in r for r in results), results
     assert "rank 1 is in an update round where this rank is in a lookup one" in results[0]["error"]
     assert "rank 0 is in a lookup round where this rank is in an update one" in results[1]["error"]
