@@ -252,7 +252,7 @@ class RowCache:
 
     def pinned_rows(self) -> torch.Tensor:
         """Row ids pinned now (slot order)."""
-        return self.row_of_slot[self.pinned_mask()]
+        return pinned_rows_of(self.row_of_slot, self._unevictable)
 
     def observe(self, ids: torch.Tensor) -> None:
         """Let a frequency-learning admission filter see the ids looked up here."""
@@ -653,6 +653,12 @@ def merge_sorted(
     merged_slots[place], merged_keys[place] = new_slots[order], new_keys
     merged_slots[old], merged_keys[old] = slots, keys
     return merged_slots, merged_keys
+
+
+def pinned_rows_of(row_of_slot: torch.Tensor, pin_flags: torch.Tensor) -> torch.Tensor:
+    """The rows pinned (slot order), from a tier's ``row_of_slot`` and ``pin_flags`` or copies
+    of them: a free slot's flag is set, so only those of held slots mean pinned."""
+    return row_of_slot[pin_flags & (row_of_slot >= 0)]
 
 
 def most_valuable_first(row_of_slot: torch.Tensor, priority: torch.Tensor | None) -> torch.Tensor:

@@ -45,7 +45,7 @@ from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
 from .request_queue import QueuedRequest
-from .row_cache import most_valuable_first
+from .row_cache import most_valuable_first, pinned_rows_of
 from .slot_pool import SlotPool
 from .stats import hit_ratio
 from .store_lock import InFlight, StoreLock
@@ -624,8 +624,10 @@ class TieredStore:
             taken = self._saves_taken = self._saves_taken + 1
         with self._on_store_stream():  # where the copies were queued: read after they are made
             held_rows = {name: _rows_to_save(*parts) for name, parts in held.items()}
-            pinned = {  # a free slot's flag is set: only those of held slots mean pinned
-                name: saved if saved is not None else _pinned_rows(held[name][0], pin_flags[name])
+            pinned = {
+                name: pinned_rows_of(held[name][0], pin_flags[name]).cpu().numpy()
+                if saved is None
+                else saved
                 for name, saved in saved_pins.items()
             }
             profiles = {c.name: c.online.saved_profile(points[c.name]) for c in self.caches.online}
@@ -1504,11 +1506,6 @@ def _check_host_memory(nbytes: int, key: str) -> None:
             f"{key}: needs {format_bytes(nbytes)} of host RAM but only {format_bytes(available)} is "
             "available; expected a smaller capacity"
         )
-
-
-def _pinned_rows(row_of_slot: torch.Tensor, pin_flags: torch.Tensor) -> np.ndarray:
-    """The rows pinned, from copies of a tier's ``row_of_slot`` and ``pin_flags`` (slot order)."""
-    return row_of_slot[pin_flags & (row_of_slot >= 0)].cpu().numpy()
 
 
 def _rows_to_save(

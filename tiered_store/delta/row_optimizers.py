@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["RowOptimizer", "make_row_optimizer", "OPTIMIZERS"]
+__all__ = ["RowOptimizer", "first_non_finite_row", "make_row_optimizer", "OPTIMIZERS"]
 
 
 @dataclass(frozen=True)
@@ -117,3 +117,20 @@ def _holds(check) -> bool:
         return bool(check())
     except TypeError:
         return False
+
+
+def first_non_finite_row(rows: torch.Tensor) -> int | None:
+    """The index of the first row of ``rows`` ``[n, width]`` (gradients, or an optimizer's
+    update) holding a NaN or an inf; None where every value is finite. The sum first: one
+    reduction, not finite where any value is not (nor where finite values overflow it: then the
+    check row by row).
+
+    >>> first_non_finite_row(torch.tensor([[1.0, 2.0], [3.0, float("nan")]]))
+    1
+    >>> first_non_finite_row(torch.full((2, 2), 3e38)) is None  # the sum overflows, no value does
+    True
+    """
+    if bool(torch.isfinite(rows.sum())):
+        return None
+    bad = ~torch.isfinite(rows).all(1)
+    return int(torch.nonzero(bad)[0]) if bool(bad.any()) else None

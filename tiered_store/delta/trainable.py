@@ -30,7 +30,7 @@ from ..id_ops import unique_inverse_counts
 from ..store import as_id_tensor
 from ..table_format import TableManifest, create_table
 from ..table_sources import check_tensor_holds_rows, describe_tensor
-from .row_optimizers import RowOptimizer
+from .row_optimizers import RowOptimizer, first_non_finite_row
 
 __all__ = ["TableSlice", "TrainableTable", "create_trainable_table"]
 
@@ -225,12 +225,9 @@ class TrainableTable:
         self, ids: torch.Tensor, summed: torch.Tensor, new_rows: torch.Tensor, step: int
     ) -> None:
         """``RowDataError`` naming the first row id whose gradient or updated row is not finite."""
-        if bool(torch.isfinite(new_rows.sum())):  # one reduction: a NaN or inf makes the sum one
+        first = first_non_finite_row(new_rows)
+        if first is None:
             return
-        bad = ~torch.isfinite(new_rows).all(1)
-        if not bool(bad.any()):
-            return
-        first = int(torch.nonzero(bad)[0])
         row, grad = int(ids[first]), summed[first]
         kept = "no row changed; the gradients are kept, zero_grad() drops them"
         if not bool(torch.isfinite(grad).all()):

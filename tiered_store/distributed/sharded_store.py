@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ShardingConfig, StoreConfig
+from ..delta.row_optimizers import first_non_finite_row
 from ..delta.table_versions import pointer_path, release, take_writer_lock
 from ..delta.write_back import merge_last_wins
 from ..errors import (
@@ -395,11 +396,8 @@ class ShardedStore:
                     f"grads: {grads.dtype} of shape {tuple(grads.shape)}; expected floating-point "
                     f"[{flat.numel()}, width], one row per id, width >= 1"
                 )
-            # else one shard fails, the others step; the sum first: one reduction, not finite
-            # where any value is not (or where finite values overflow it: then the full check)
-            finite = torch.isfinite(grads).all(1) if not torch.isfinite(grads.sum()) else None
-            if finite is not None and not bool(finite.all()):
-                pos = int(torch.nonzero(~finite)[0])
+            pos = first_non_finite_row(grads)  # else one shard fails, the others step
+            if pos is not None:
                 value = grads[pos][~torch.isfinite(grads[pos])][0].item()
                 raise RowDataError(
                     f"grads: the gradient of row {int(flat[pos])} holds a non-finite value "
@@ -974,11 +972,9 @@ class ShardedStore:
     def _finite_update(self, local_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` (the optimizer's update of this shard's ``local_ids``), or ``RowDataError``
         naming the first row id whose update is not finite."""
-        if bool(torch.isfinite(rows.sum())):  # one reduction: a NaN or inf makes the sum one
-            return rows
-        bad = ~torch.isfinite(rows).all(1)
-        if bool(bad.any()):
-            row = int(local_ids[int(torch.nonzero(bad)[0])]) + int(self._starts[self.rank])
+        first = first_non_finite_row(rows)
+        if first is not None:
+            row = int(local_ids[first]) + int(self._starts[self.rank])
             raise RowDataError(
                 f"the update of row {row} is not finite (its weights or optimizer state overflow "
                 f"{str(rows.dtype).removeprefix('torch.')}: a gradient too large); expected "
