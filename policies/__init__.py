@@ -1,39 +1,7 @@
 """Eviction policies and admission filters for the store's cache tiers, composed by name."""
 
-from .base import AdmissionPolicy, EvictionPolicy, NoEviction
-from .errors import PolicyError
-from .lfu import LFU
-from .lru import LRU
-from .reference import (
-    ScalarCache,
-    ScalarFIFO,
-    ScalarLFU,
-    ScalarLRU,
-    ScalarSieve,
-    ScalarTinyLFU,
-)
-from .registry import PolicySpec, known_names, register_admission, register_eviction
-from .sieve import FIFO, SIEVE
-from .tinylfu import TinyLFU
+import lazy_loader
 
-__all__ = [
-    "FIFO",
-    "LFU",
-    "LRU",
-    "SIEVE",
-    "AdmissionPolicy",
-    "EvictionPolicy",
-    "NoEviction",
-    "PolicyError",
-    "PolicySpec",
-    "ScalarCache",
-    "ScalarFIFO",
-    "ScalarLFU",
-    "ScalarLRU",
-    "ScalarSieve",
-    "ScalarTinyLFU",
-    "TinyLFU",
-    "known_names",
-    "register_admission",
-    "register_eviction",
-]
+# Exports load on first use (the stub beside this file lists them), so that the command
+# line's --help and light tools need not import torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

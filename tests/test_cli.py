@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 from tests.forkserver import run_python
 from tiered_store.cli import build_parser, main
+from tiered_store.cli_args import COMMANDS
 
 
 def test_every_command_has_help():
@@ -23,6 +26,55 @@ def test_every_command_has_help():
         sub = run_python(["-m", "tiered_store.cli", command, "--help"])
         assert sub.returncode == 0, sub.stderr
         assert "usage: tiered-store " + command in sub.stdout
+
+
+def test_top_level_help_and_a_mistyped_command_import_no_torch():
+    """A fresh interpreter (not the forkserver, which holds torch): `--help` lists every command
+    and a typo is named, with none of torch, numba or the store imported."""
+    code = (
+        "import sys\nfrom tiered_store.cli import main\n"
+        "for argv in (['--help'], ['replya', 'x']):\n"
+        "    try:\n        main(argv)\n    except SystemExit as exit:\n        print('exit', exit.code)\n"
+        "print('heavy', sorted(m for m in ('torch', 'numba', 'tiered_store.store') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "heavy []", out.stdout
+    assert "exit 0" in out.stdout and "exit 2" in out.stdout
+    assert "invalid choice: 'replya'" in out.stderr
+    listed = out.stdout.split("positional arguments:")[1]
+    assert all(name in listed for name in COMMANDS)
+
+
+def test_each_command_builds_alone_with_its_listed_help():
+    everything = build_parser()
+    assert list(everything._subparsers._group_actions[0].choices) == list(COMMANDS)
+    for name, (_, help_line) in COMMANDS.items():
+        alone = build_parser([name])._subparsers._group_actions[0]
+        built = [a.dest for a in alone._choices_actions if a.help == help_line]
+        assert built == [name]
+        assert alone.choices[name]._actions[1:], f"{name}: no arguments built"  # past -h
+        with pytest.raises(SystemExit) as exit_:
+            build_parser([name]).parse_args([name, "--help"])
+        assert exit_.value.code == 0
+
+
+@pytest.mark.parametrize(
+    "package",
+    [
+        "policies",
+        "tiered_store",
+        "tiered_store.distributed",
+        "tiered_store.engram",
+        "tiered_store.serve",
+        "zipf_analysis.analyze",
+    ],
+)
+def test_every_lazy_export_resolves(package):
+    module = importlib.import_module(package)
+    assert module.__all__
+    missing = [name for name in module.__all__ if getattr(module, name, None) is None]
+    assert not missing, f"{package}: {missing}"
 
 
 def test_init_info_verify_round_trip(tmp_path, capsys):

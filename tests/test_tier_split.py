@@ -27,8 +27,9 @@ from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError, TraceFormatError
 from tiered_store.row_cache import RowCache
 from tiered_store.trace import TraceReader, TraceWriter
-from zipf_analysis.analyze import AnalyzeOptions, analyze, summary_lines
+from zipf_analysis.analyze import AnalyzeOptions, analyze
 from zipf_analysis.replay import replay
+from zipf_analysis.report import summary_lines
 from zipf_analysis.tier_models import tier_models
 from zipf_analysis.tier_split import (
     _frontier,

@@ -3,38 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
 import re
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-
-from zipf_analysis.analyze import register as register_analyze
-from zipf_analysis.replay_cli import register as register_replay
+from typing import TYPE_CHECKING
 
 from .cli_args import (
+    COMMANDS,
     ArgumentParser,
     IntermixedParser,
     as_option_error,
     at_least,
     capacity,
+    command_help,
     device_name,
     run_script,
 )
-from .cold_table import IO_MODES
-from .delta.compaction import register as register_compact
-from .demo import register as register_demo
-from .engram.training import register as register_train
 from .errors import ConfigError, TieredStoreError
-from .serve import register as register_serve
-from .table_format import TableExistsError
+
+if TYPE_CHECKING:
+    from .table_format import TableExistsError
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tiered-store`` console script."""
-    parser = build_parser()
+    args_given = sys.argv[1:] if argv is None else argv
+    named = next((a for a in args_given if not a.startswith("-")), None)
+    parser = build_parser([named] if named in COMMANDS else [])
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
@@ -65,37 +66,27 @@ def _warning_line(command: str):
     return show
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser, subcommands included."""
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with ``commands``' parsers built (default: all); every other subcommand is
+    listed, with its help, but parses nothing."""
     parser = ArgumentParser(
         prog="tiered-store",
         description="A tiered (GPU / host RAM / NVMe) memory store for Engram N-gram embedding tables.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_init(sub)
-    _add_info(sub)
-    _add_verify(sub)
-    _add_shard(sub)
-    _add_unshard(sub)
-    _add_convert_hf(sub)
-    _add_export_trace(sub)
-    _add_recover_trace(sub)
-    for register in (
-        register_demo,
-        register_replay,
-        register_analyze,
-        register_serve,
-        register_compact,
-        register_train,
-    ):
-        register(sub)
+    for name, (target, help_line) in COMMANDS.items():
+        if commands is None or name in commands:
+            module, function = target.split(":")
+            getattr(importlib.import_module(module), function)(sub)
+        else:
+            sub.add_parser(name, help=help_line)
     return parser
 
 
 def _add_init(sub) -> None:
     p = sub.add_parser(
         "init",
-        help="create a table file (cold tier) from an array, a safetensors tensor, or random init",
+        help=command_help("init"),
         description="Create TABLE.npy and its manifest atomically, streaming in chunks. "
         "Exactly one source: --from-npy, --from-safetensors with --tensor, or --random ROWSxDIM.",
     )
@@ -160,6 +151,8 @@ def _run_init(args) -> int:
 
 def _name_overwrite(exc: TableExistsError) -> TableExistsError:
     """``exc`` as the command line says it: the option to pass is ``--overwrite``."""
+    from .table_format import TableExistsError
+
     return TableExistsError(
         exc.errno, exc.strerror.replace("overwrite=True", "--overwrite"), exc.filename
     )
@@ -168,7 +161,7 @@ def _name_overwrite(exc: TableExistsError) -> TableExistsError:
 def _add_export_trace(sub) -> None:
     p = sub.add_parser(
         "export-trace",
-        help="write one table's row ids of a trace as a flat int64 .npy (for other simulators)",
+        help=command_help("export-trace"),
         description="Stream the row ids of one table of a trace (from `tiered-store analyze` or "
         "TraceWriter) into OUT.npy, one int64 per lookup in request order; batch boundaries are "
         "dropped. The file is written under a temporary name and moved into place at the end.",
@@ -207,7 +200,7 @@ def _run_export_trace(args) -> int:
 def _add_recover_trace(sub) -> None:
     p = sub.add_parser(
         "recover-trace",
-        help="make a trace of what a recording killed before it closed left (its whole chunks)",
+        help=command_help("recover-trace"),
         description="A trace recording killed before it closed (`serve --record-trace` "
         "SIGKILLed or OOM-killed, a TraceWriter in a process that died) leaves no trace, only "
         "its hidden temporary .NAME.HEX.tmp beside NAME (replay and export-trace name it). "
@@ -264,7 +257,7 @@ def _run_recover_trace(args) -> int:
 def _add_info(sub) -> None:
     p = sub.add_parser(
         "info",
-        help="print a table's manifest",
+        help=command_help("info"),
         description="Print the manifest of a table's current version as JSON (after compaction "
         "TABLE.npy.current names the file that holds it; `file` and `generation` say which).",
     )
@@ -289,7 +282,7 @@ def _run_info(args) -> int:
 def _add_verify(sub) -> None:
     p = sub.add_parser(
         "verify",
-        help="re-check every block and page checksum of a table (or add its page checksums)",
+        help=command_help("verify"),
         description="Re-read the whole table and check every block's CRC-32 and every page's "
         "CRC32C; exit 1 naming the first bad block or page. With --add-page-checksums: check the "
         "blocks, then write the page checksums (NAME.npy.pages.crc32c, which every cold read "
@@ -352,7 +345,7 @@ def _run_verify(args) -> int:
 def _add_shard(sub) -> None:
     p = sub.add_parser(
         "shard",
-        help="split a table into one shard table per rank (for ShardedStore)",
+        help=command_help("shard"),
         description="Cut TABLE into RANKS shard tables, NAME.shard-R-of-RANKS.npy next to it (or "
         "--out with {rank} and {ranks}), each with its manifest and page checksums, published "
         "atomically. --by heads (default) cuts at the hash-head boundaries the manifest's Engram "
@@ -374,7 +367,7 @@ def _add_shard(sub) -> None:
 
 def _run_shard(args) -> int:
     from .distributed import write_shards
-    from .table_format import not_a_table
+    from .table_format import TableExistsError, not_a_table
 
     wrong = not_a_table(args.table)
     if wrong is not None:
@@ -408,7 +401,7 @@ def _run_shard(args) -> int:
 def _add_unshard(sub) -> None:
     p = sub.add_parser(
         "unshard",
-        help="join a table's (trained) shards back into one whole table",
+        help=command_help("unshard"),
         description="Write TABLE from its shards: every shard's current rows (a compacted shard's "
         "current version) in global row order, read through their page checksums, with the "
         "table's metadata (the Engram layout; a trainable table's optimizer and run id) and the "
@@ -448,7 +441,7 @@ def _add_unshard(sub) -> None:
 
 def _run_unshard(args) -> int:
     from .distributed import join_shards
-    from .table_format import table_paths
+    from .table_format import TableExistsError, table_paths
 
     if args.table.is_dir():
         raise _usage(f"TABLE: {args.table} is a directory; expected the table file to write (.npy)")
@@ -506,9 +499,11 @@ def _usage(message: str) -> TieredStoreError:
 
 
 def _add_convert_hf(sub) -> None:
+    from .cold_table import IO_MODES
+
     p = sub.add_parser(
         "convert-hf",
-        help="turn a DeepSeek-V4.1 Hugging Face checkpoint into tables and store configs",
+        help=command_help("convert-hf"),
         description="Read CHECKPOINT_DIR (config.json, model.safetensors or shards with "
         "model.safetensors.index.json, optionally tokenizer.json), check every Engram tensor "
         "against the config, then write to OUT_DIR one table of packed fp8 rows per Engram layer "

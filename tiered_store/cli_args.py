@@ -15,9 +15,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from policies import PolicySpec
-from policies.errors import PolicyError
-
 from .capacity import CAPACITY_HELP, check_capacity_spec, check_share
 from .config import check_device
 from .errors import ConfigError, TieredStoreError, error_text
@@ -238,6 +235,9 @@ def policy(text: str) -> str:
     Traceback (most recent call last):
     argparse.ArgumentTypeError: unknown policy 'lur' in 'lur'; did you mean 'lru'? expected ...
     """
+    from policies import PolicySpec  # at parse time: --help need not import the policies
+    from policies.errors import PolicyError
+
     try:
         PolicySpec.parse(text)
     except PolicyError as exc:
@@ -392,3 +392,72 @@ def public_command(script: str, argv: Sequence[str]) -> str:
         return Path(arg).name if os.path.isabs(arg) else arg
 
     return " ".join(["python", script, *map(public, argv)])
+
+
+# Every subcommand: the function that adds its parser (module:function) and its one-line help.
+# Only the command a run names is imported and built, so that `tiered-store --help` and a
+# mistyped command answer without importing torch.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init": (
+        "tiered_store.cli:_add_init",
+        "create a table file (cold tier) from an array, a safetensors tensor, or random init",
+    ),
+    "info": ("tiered_store.cli:_add_info", "print a table's manifest"),
+    "verify": (
+        "tiered_store.cli:_add_verify",
+        "re-check every block and page checksum of a table (or add its page checksums)",
+    ),
+    "shard": (
+        "tiered_store.cli:_add_shard",
+        "split a table into one shard table per rank (for ShardedStore)",
+    ),
+    "unshard": (
+        "tiered_store.cli:_add_unshard",
+        "join a table's (trained) shards back into one whole table",
+    ),
+    "convert-hf": (
+        "tiered_store.cli:_add_convert_hf",
+        "turn a DeepSeek-V4.1 Hugging Face checkpoint into tables and store configs",
+    ),
+    "export-trace": (
+        "tiered_store.cli:_add_export_trace",
+        "write one table's row ids of a trace as a flat int64 .npy (for other simulators)",
+    ),
+    "recover-trace": (
+        "tiered_store.cli:_add_recover_trace",
+        "make a trace of what a recording killed before it closed left (its whole chunks)",
+    ),
+    "demo": (
+        "tiered_store.demo:register",
+        "run an Engram LM over real text with its tables in memory vs in the tiered store",
+    ),
+    "replay": (
+        "zipf_analysis.replay_cli:register",
+        "replay an access trace through the cache tiers and report hit rates per tier",
+    ),
+    "analyze": (
+        "zipf_analysis.analyze.cli:register",
+        "corpus -> Engram traces, profiles, miss-ratio curves, tier sizes and a report",
+    ),
+    "serve": (
+        "tiered_store.serve.cli:register_serve",
+        "serve a converted Engram checkpoint over tiered stores via HTTP, with metrics",
+    ),
+    "init-model": (
+        "tiered_store.serve.cli:register_init_model",
+        "write a small seeded random Engram checkpoint for `serve` to try",
+    ),
+    "compact": (
+        "tiered_store.delta.compaction:register",
+        "fold a table's written rows (its LMDB delta) into a new table version",
+    ),
+    "train": (
+        "tiered_store.engram.training:register",
+        "train a small EngramLM with its Engram tables in the tiered store",
+    ),
+}
+
+
+def command_help(name: str) -> str:
+    """The one-line help of subcommand ``name`` (as the top-level ``--help`` lists it)."""
+    return COMMANDS[name][1]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .atomic_file import scratch_directory
 from .capacity import format_bytes, resolve_capacity
-from .cli_args import capacity, device_name
+from .cli_args import capacity, command_help, device_name
 from .cold_table import IO_MODES
 from .config import (
     ConfigModel,
@@ -166,7 +166,7 @@ def register(sub) -> None:
     backbone = DEMO_DEFAULTS["backbone"]
     p = sub.add_parser(
         "demo",
-        help="run an Engram LM over real text with its tables in memory vs in the tiered store",
+        help=command_help("demo"),
         description=__doc__.split("\n\n", 1)[1].replace("``", "")
         + "\nNo arguments needed; options override the built-in defaults and --config.",
         epilog="examples:\n"

@@ -16,7 +16,7 @@ from policies.registry import PolicySpec, is_offline, offline_names
 from tiered_store.atomic_file import atomic_files, write_step
 from tiered_store.cache_plan import PinnedRowsWarning
 from tiered_store.capacity import resolve_capacity
-from tiered_store.cli_args import DefaultsHelpFormatter
+from tiered_store.cli_args import DefaultsHelpFormatter, command_help
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from tiered_store.trace import TraceReader
@@ -42,7 +42,7 @@ def register(sub) -> None:
     """Add the ``replay`` subcommand."""
     p = sub.add_parser(
         "replay",
-        help="replay an access trace through the cache tiers and report hit rates per tier",
+        help=command_help("replay"),
         description="Runs the store's own cache code (no payload) over one table of a trace, for the "
         "config's policies or each of --policies. Reports per tier the hit ratio per lookup, unique rows "
         "fetched per batch, rows and bytes moved, and a modelled stall time (the config's cost_model), "

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli_args import command_help
 from ..cold_table import ColdTable
 from ..table_format import create_table
 from ..table_sources import TABLE_DTYPES, SourceReader
@@ -139,7 +140,7 @@ def register(sub) -> None:
     """Add ``tiered-store compact`` to the command line."""
     p = sub.add_parser(
         "compact",
-        help="fold a table's written rows (its LMDB delta) into a new table version",
+        help=command_help("compact"),
         description="Stream the current version of TABLE and its delta in row order into "
         "TABLE.gN.npy (manifest and page checksums included), switch the table's version "
         "pointer to it atomically (stores opened afterwards read it; open ones finish on the "

@@ -7,21 +7,8 @@ rank ``r``'s shard as its own ``TieredStore`` on every rank and answers lookups 
 exchanging ids and rows with ``all_to_all_single`` (:mod:`.sharded_store`).
 """
 
-from .shard_files import ShardInfo, read_shard, shard_path, write_shards
-from .shard_join import join_shards
-from .shard_map import SHARD_MODES, ShardMap, plan_shards, table_version
-from .sharded_store import ShardedStore, init_process_group_from_env
+import lazy_loader
 
-__all__ = [
-    "SHARD_MODES",
-    "ShardInfo",
-    "ShardMap",
-    "ShardedStore",
-    "init_process_group_from_env",
-    "join_shards",
-    "plan_shards",
-    "read_shard",
-    "shard_path",
-    "table_version",
-    "write_shards",
-]
+# Exports load on first use (the stub beside this file lists them), so that the command
+# line's --help and light tools need not import torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -39,7 +39,13 @@ from tqdm import tqdm
 
 from ..atomic_file import atomic_write, hidden_temporaries
 from ..capacity import resolve_capacity
-from ..cli_args import DocHelpFormatter, at_least, capacity, positive_number
+from ..cli_args import (
+    DocHelpFormatter,
+    at_least,
+    capacity,
+    command_help,
+    positive_number,
+)
 from ..cold_table import IO_MODES
 from ..config import load_yaml
 from ..corpus import resolve_corpus
@@ -561,7 +567,7 @@ def register(sub) -> None:
     d = TrainSettings()
     p = sub.add_parser(
         "train",
-        help="train a small EngramLM with its Engram tables in the tiered store",
+        help=command_help("train"),
         description=__doc__.split("\n\n", 1)[1],
         epilog="examples:\n  tiered-store train --out run1\n"
         "  tiered-store train --out run1 --resume          # after any stop, kill -9 included\n"

@@ -63,33 +63,8 @@ Examples
 >>> server.stop()  # doctest: +SKIP
 """
 
-from .app import INFERENCE_PATH, build_app
-from .cli import register, run_init_model, run_serve
-from .config import SERVE_DEFAULTS, CheckpointSection, ServeConfig, ServerSection, check_address
-from .guarded_table import GuardedTable, TableUnavailableError
-from .inference_request import InferenceRequest, RequestError, parse_request
-from .served_model import NonFiniteOutputError, ServedModel, create_checkpoint
-from .server import InferenceServer, without_paths
+import lazy_loader
 
-__all__ = [
-    "INFERENCE_PATH",
-    "SERVE_DEFAULTS",
-    "CheckpointSection",
-    "GuardedTable",
-    "InferenceRequest",
-    "InferenceServer",
-    "NonFiniteOutputError",
-    "RequestError",
-    "ServeConfig",
-    "ServedModel",
-    "ServerSection",
-    "TableUnavailableError",
-    "build_app",
-    "check_address",
-    "create_checkpoint",
-    "parse_request",
-    "register",
-    "run_init_model",
-    "run_serve",
-    "without_paths",
-]
+# Exports load on first use (the stub beside this file lists them), so that the command
+# line's --help and light tools need not import torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

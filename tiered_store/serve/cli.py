@@ -8,20 +8,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli_args import DefaultsHelpFormatter, output_file
+from ..cli_args import DefaultsHelpFormatter, command_help, output_file
 from .app import INFERENCE_PATH
 from .config import ServeConfig
 from .served_model import create_checkpoint
 from .server import InferenceServer
 
-__all__ = ["register", "run_init_model", "run_serve"]
+__all__ = ["register_init_model", "register_serve", "run_init_model", "run_serve"]
 
 
-def register(sub: Any) -> None:
-    """Add the ``serve`` and ``init-model`` subcommands."""
+def register_serve(sub: Any) -> None:
+    """Add the ``serve`` subcommand."""
     p = sub.add_parser(
         "serve",
-        help="serve a converted Engram checkpoint over tiered stores via HTTP, with metrics",
+        help=command_help("serve"),
         description="Opens the checkpoint (checkpoint.path: a directory written by "
         "convert_checkpoint) with one tiered store per Engram layer and runs its EngramLM; "
         f"answers POST {INFERENCE_PATH} with token ids or text (JSON), GET /healthz, /stats and "
@@ -55,9 +55,12 @@ def register(sub: Any) -> None:
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(run=run_serve)
 
+
+def register_init_model(sub: Any) -> None:
+    """Add the ``init-model`` subcommand."""
     p = sub.add_parser(
         "init-model",
-        help="write a small seeded random Engram checkpoint for `serve` to try",
+        help=command_help("init-model"),
         description="Build an EngramLM with the config's model section (seed checkpoint.seed) "
         "and convert it into checkpoint.path: one table file per Engram layer and "
         "dense.safetensors, exactly as convert_checkpoint writes a real model.",

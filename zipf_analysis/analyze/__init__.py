@@ -30,21 +30,8 @@ consistent run. :mod:`.options` holds every default, :mod:`.pipeline` runs the s
 :mod:`.cli` is the subcommand.
 """
 
-from ..report import summary_lines
-from .cli import register, run_analyze
-from .ngram_keys import NgramKeyCounter
-from .options import AnalyzeOptions, parse_targets
-from .pipeline import AnalysisResult, analyze
-from .publish import OutputDirError
+import lazy_loader
 
-__all__ = [
-    "AnalysisResult",
-    "AnalyzeOptions",
-    "NgramKeyCounter",
-    "OutputDirError",
-    "analyze",
-    "parse_targets",
-    "register",
-    "run_analyze",
-    "summary_lines",
-]
+# Exports load on first use (the stub beside this file lists them), so that the command
+# line's --help and light tools need not import torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

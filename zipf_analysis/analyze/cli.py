@@ -9,12 +9,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tiered_store.cli_args import as_option_error, at_least
-from tiered_store.corpus import SkippedFilesWarning
+from tiered_store.cli_args import as_option_error, at_least, command_help
 from tiered_store.errors import ConfigError
 from tiered_store.profile import DEFAULT_EPISODE_WINDOW
 
-from ..report import summary_lines
 from .options import (
     DEFAULT_BATCH_SEQS,
     DEFAULT_BELADY_LOOKUPS,
@@ -24,7 +22,6 @@ from .options import (
     AnalyzeOptions,
     parse_targets,
 )
-from .pipeline import analyze
 
 __all__ = ["register", "run_analyze"]
 
@@ -65,7 +62,7 @@ def register(sub: Any) -> None:
     """Add the ``analyze`` subcommand to the ``tiered-store`` parser."""
     p = sub.add_parser(
         "analyze",
-        help="corpus -> Engram traces, profiles, miss-ratio curves, tier sizes and a report",
+        help=command_help("analyze"),
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -193,6 +190,11 @@ def register(sub: Any) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``tiered-store analyze`` from parsed arguments."""
+    from tiered_store.corpus import SkippedFilesWarning  # here: --help imports none of the run
+
+    from ..report import summary_lines
+    from .pipeline import analyze
+
     try:
         options = _options(args)
     except ConfigError as exc:  # named by the option the user typed
