@@ -589,3 +589,60 @@ def test_a_compaction_killed_after_forking_a_worker_leaves_nothing_locked(tmp_pa
         assert not list(tmp_path.glob(".*.tmp"))
     finally:
         os.kill(worker, signal.SIGKILL)
+
+
+_PUBLISH_KILLED_WITH_A_WORKER = r"""
+import os, signal, sys, threading, time
+import numpy as np
+import tiered_store.table_format as tf
+locked, forked = threading.Event(), threading.Event()
+_refuse_existing, calls = tf.refuse_existing, []
+def refuse_existing(*args, **kwargs):  # its second call is under the folder's lock: wait there
+    calls.append(args)
+    if len(calls) == 2:
+        locked.set()
+        forked.wait()
+    return _refuse_existing(*args, **kwargs)
+tf.refuse_existing = refuse_existing
+threading.Thread(target=tf.create_table, args=(sys.argv[1], np.zeros((8, 4), np.float32)),
+                 kwargs={"progress": False}, daemon=True).start()
+locked.wait()
+pid = os.fork()  # a worker started meanwhile (a DataLoader's): it outlives its parent's kill
+if pid == 0:
+    time.sleep(120)
+    os._exit(0)
+open(sys.argv[2], "w").write(str(pid))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_table_publish_killed_after_forking_a_worker_leaves_the_folder_unlocked(tmp_path):
+    """A table writer killed inside its publish (under the folder's lock) while a child it forked
+    lived on left the folder locked through the child's copy of its descriptor: every later
+    create_table or compaction in that folder waited for the child."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from tiered_store import create_table
+    from tiered_store.serve.client import subprocess_env
+
+    script, child, log = tmp_path / "killed.py", tmp_path / "child.pid", tmp_path / "log"
+    script.write_text(_PUBLISH_KILLED_WITH_A_WORKER)
+    with log.open("w") as out:  # not a pipe: waiting for it would wait for the worker too
+        killed = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "a.npy"), str(child)],
+            stdout=out, stderr=out, env=subprocess_env(), timeout=300,
+        )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    worker = int(child.read_text())
+    try:
+        os.kill(worker, 0)  # the child is still alive
+        folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: the child's
+        finally:
+            os.close(folder)
+        create_table(tmp_path / "b.npy", np.ones((8, 4), np.float32), progress=False)
+    finally:
+        os.kill(worker, signal.SIGKILL)

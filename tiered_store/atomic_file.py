@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import TieredStoreError, TierIOError
+from .process_locks import open_held, release
 
 __all__ = [
     "AtomicFile",
@@ -149,7 +150,7 @@ def remove_abandoned_temporaries(directory: Path, names: str) -> list[tuple[str,
     removed = []
     for tmp in leftovers:
         try:  # never blocking on a FIFO named like one
-            fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+            fd = open_held(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError:  # renamed into place (or removed) meanwhile, or a link
             continue
         try:
@@ -162,25 +163,10 @@ def remove_abandoned_temporaries(directory: Path, names: str) -> list[tuple[str,
         except OSError:  # a live writer's, renamed meanwhile, or a read-only folder: left
             pass
         finally:
-            os.close(fd)
+            release(fd)
     if removed:
         fsync_dir(directory)
     return removed
-
-
-_LOCK_FDS: set[int] = set()  # the descriptors holding this process's temporaries' flocks
-
-
-def _forget_locks_in_child() -> None:
-    """In a forked child: close its copies of the temporaries' lock descriptors (the parent keeps
-    the locks), so a child (a DataLoader worker) never holds one past a killed parent."""
-    for fd in _LOCK_FDS:
-        with suppress(OSError):
-            os.close(fd)
-    _LOCK_FDS.clear()
-
-
-os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def open_lock(tmp: Path, file: IO[Any]) -> int | None:
@@ -188,22 +174,14 @@ def open_lock(tmp: Path, file: IO[Any]) -> int | None:
     its writer's ``flock``: a forked child's copy of it is closed, and the child's copy of
     ``file`` holds no lock. None when a cleanup removed ``tmp`` first."""
     try:
-        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_held(tmp, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
-    _LOCK_FDS.add(fd)
     mine, theirs = os.fstat(fd), os.fstat(file.fileno())
     if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):  # pragma: no cover
-        close_lock(fd)  # no writer makes a file under another's random name: treat it as gone
+        release(fd)  # no writer makes a file under another's random name: treat it as gone
         return None
     return fd
-
-
-def close_lock(fd: int) -> None:
-    """Close a descriptor from :func:`open_lock` (its lock goes with it), unless a fork closed it."""
-    if fd in _LOCK_FDS:
-        _LOCK_FDS.discard(fd)
-        os.close(fd)
 
 
 def _lock_temporary(fd: int) -> None:
@@ -274,7 +252,7 @@ class AtomicFile:
     def _unlock(self) -> None:
         """Close the descriptor holding the temporary's flock, if any."""
         if self._lock >= 0:
-            close_lock(self._lock)
+            release(self._lock)
             self._lock = -1
 
     def finish(self) -> None:

@@ -36,7 +36,6 @@ in this process or another, keeps its own.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import math
 import os
@@ -75,6 +74,7 @@ from .page_checksums import (
     sidecar_bytes,
     sidecar_path,
 )
+from .process_locks import locked_folder
 from .quantization import FP8_E4M3_MAX, SCALE_BIAS, RowQuantization, dequantize_rows
 from .table_sources import (  # the sources are create_table's arguments: importable from here too
     TABLE_DTYPES,
@@ -779,9 +779,7 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
         with write_step(what, "writing its manifest", unchanged):
             manifest_file.file.write(_manifest_text(replace(manifest, page_checksums=entry))[1])
             manifest_file.finish()
-        dir_fd = os.open(npy_path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(dir_fd, fcntl.LOCK_EX)  # as _commit: no table commit in between
+        with locked_folder(npy_path.parent):  # as _commit: no table commit in between
             if not manifest_path.exists() or manifest_path.read_bytes() != before:
                 raise TableFormatError(
                     f"table {npy_path} changed while its page checksums were computed; "
@@ -789,8 +787,6 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
                 )
             sidecar.publish()
             manifest_file.publish()
-        finally:
-            os.close(dir_fd)
     except BaseException:
         sidecar.abort()
         manifest_file.abort()
@@ -1256,9 +1252,7 @@ def _publish(
     its writer lock unless ``writer_locked``) and unlink its manifest (the old table stops being
     openable before its ``.npy`` changes); then ``move`` the new files into place, the manifest
     last, so a half-done publish never opens."""
-    dir_fd = os.open(npy.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+    with locked_folder(npy.parent):
         refuse_existing(npy, manifest, overwrite)  # re-checked under the lock
         if overwrite:
             from .delta.table_versions import forget_history, has_history  # noqa: PLC0415
@@ -1269,5 +1263,3 @@ def _publish(
             manifest.unlink()
             fsync_dir(npy.parent)
         move()
-    finally:
-        os.close(dir_fd)  # also releases the lock

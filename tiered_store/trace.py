@@ -67,9 +67,10 @@ import numpy as np
 import zstandard
 from tqdm.auto import tqdm
 
-from .atomic_file import AtomicFile, close_lock, hidden_temporaries, open_lock, write_step
+from .atomic_file import AtomicFile, hidden_temporaries, open_lock, write_step
 from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError, error_text
 from .npy_files import load_npy
+from .process_locks import open_held, release
 
 __all__ = [
     "FORMAT_VERSION",
@@ -254,7 +255,7 @@ class TraceWriter:
             self._out.abort()
             raise TierIOError(errno.ENOENT, f"cannot write trace {self.path}: its temporary "
                               "vanished as it was made", str(self.path))  # fmt: skip
-        self._unlock = weakref.finalize(self, close_lock, lock)  # once: close, abort, collection
+        self._unlock = weakref.finalize(self, release, lock)  # once: close, abort, collection
         fcntl.flock(lock, fcntl.LOCK_EX)
         self._file.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(head)))
         self._file.write(head)
@@ -1007,7 +1008,7 @@ def _writer_alive(tmp: Path) -> bool | None:
     """Whether a live :class:`TraceWriter` holds ``tmp`` (its lock); None when ``tmp`` is not a
     regular file there (gone, renamed, a link or a FIFO named like one)."""
     try:
-        fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        fd = open_held(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -1018,7 +1019,7 @@ def _writer_alive(tmp: Path) -> bool | None:
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)
+        release(fd)
 
 
 def _left_behind(path: Path) -> str:

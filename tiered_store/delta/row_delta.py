@@ -34,6 +34,7 @@ import numpy as np
 from ..atomic_file import fsync_dir
 from ..errors import CommitError, ConfigError, DeltaCorruptError, TableFormatError, TierIOError
 from ..page_checksums import crc32c_pages
+from ..process_locks import open_held, release
 
 __all__ = [
     "RowDelta",
@@ -201,7 +202,7 @@ class RowDelta:
         finally:
             if not published:
                 shutil.rmtree(new, ignore_errors=True)
-            os.close(fd)  # its lock: a cleanup may take the name now
+            release(fd)  # its lock: a cleanup may take the name now
 
     def _make_whole(self, directory: Path, map_bytes: int, initial_step: int) -> None:
         """A complete environment in ``directory``: the lock file (space reserved), both
@@ -879,7 +880,7 @@ def _private_dir(path: Path) -> tuple[int, Path]:
         new = _temporary_name(path, "new")
         try:
             os.mkdir(new, 0o755)  # the mode lmdb.open gives a directory
-            fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+            fd = open_held(new, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:  # a cleanup removed it before it was opened: another name
             continue
         except OSError as exc:
@@ -893,7 +894,7 @@ def _private_dir(path: Path) -> tuple[int, Path]:
             fcntl.flock(fd, fcntl.LOCK_EX)
         if os.fstat(fd).st_nlink:
             return fd, new
-        os.close(fd)  # a cleanup removed it before it was locked: another name
+        release(fd)  # a cleanup removed it before it was locked: another name
     raise TierIOError(
         errno.ESTALE, f"delta: cannot create {path}: its private directories kept vanishing"
     )
@@ -985,7 +986,7 @@ def remove_delta_temporaries(path: str | os.PathLike[str]) -> list[str]:
             continue
         leftover = path.parent / name
         try:
-            fd = os.open(leftover, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            fd = open_held(leftover, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:  # renamed into place or removed meanwhile, or not a directory
             continue
         try:
@@ -1000,7 +1001,7 @@ def remove_delta_temporaries(path: str | os.PathLike[str]) -> list[str]:
         except OSError:
             continue
         finally:
-            os.close(fd)
+            release(fd)
     if removed:
         fsync_dir(path.parent)
     return removed

@@ -10,8 +10,8 @@ Who uses what is told by ``flock``s, which the kernel drops when a process dies 
 included): an open store holds a shared lock on its version's ``.npy``; one writer per table holds
 an exclusive lock on ``TABLE.npy.writer.lock``. An old version is removed once its shared lock can
 be taken exclusively (no store has it open). A forked child closes its copies of these fds at
-once (``os.register_at_fork``): a lock shared with a child (a DataLoader worker) would outlive a
-killed parent.
+once (:mod:`tiered_store.process_locks`): a lock shared with a child (a DataLoader worker) would
+outlive a killed parent.
 """
 
 from __future__ import annotations
@@ -31,25 +31,15 @@ from typing import TypeVar
 from ..atomic_file import atomic_write, fsync_dir, remove_abandoned_temporaries
 from ..errors import ConfigError, TableFormatError, TierIOError
 from ..page_checksums import sidecar_path
+from ..process_locks import open_held, release
 from ..table_format import check_table, not_a_table, table_paths
 from ..table_sources import TableNotFoundError
 from .row_delta import delta_path, remove_delta_temporaries
 
 T = TypeVar("T")
 
-_LOCK_FDS: set[int] = set()  # this process's writer locks and version holds
 _LOCK_RETRY_S = 0.02  # between tries of a writer lock waited for
 
-
-def _forget_locks_in_child() -> None:
-    """In a forked child: close its copies of the parent's lock fds (the parent keeps the locks)."""
-    for fd in _LOCK_FDS:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _LOCK_FDS.clear()
-
-
-os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 __all__ = [
     "current_version",
@@ -168,16 +158,13 @@ def publish_version(table: str | os.PathLike[str], generation: int) -> None:
 
 def hold_version(npy: Path) -> int:
     """A shared lock on a version's file for as long as the returned fd stays open."""
-    fd = os.open(npy, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    _LOCK_FDS.add(fd)
+    fd = open_held(npy, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        release(fd)
+        raise
     return fd
-
-
-def release(fd: int) -> None:
-    """Close a lock's fd (from ``hold_version`` or ``take_writer_lock``): the lock goes with it."""
-    _LOCK_FDS.discard(fd)
-    os.close(fd)
 
 
 def open_current_version(
@@ -216,10 +203,10 @@ def writer_lock(table: str | os.PathLike[str]):
 
 def take_writer_lock(table: str | os.PathLike[str], wait_s: float = 0.0) -> int:
     """Take the single-writer lock, trying again for up to ``wait_s`` seconds while another
-    store holds it; the caller closes the fd to release it."""
+    store holds it; the caller releases it with ``process_locks.release``."""
     path = Path(f"{_npy(table)}.writer.lock")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_held(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise TierIOError(
             exc.errno or errno.EIO,
@@ -234,7 +221,7 @@ def take_writer_lock(table: str | os.PathLike[str], wait_s: float = 0.0) -> int:
             if time.monotonic() < end:
                 time.sleep(min(_LOCK_RETRY_S, max(end - time.monotonic(), 0.0)))
                 continue
-            os.close(fd)
+            release(fd)
             waited = f", still after {wait_s:g} s" if wait_s > 0 else ""
             raise TierIOError(
                 errno.EBUSY,
@@ -242,7 +229,6 @@ def take_writer_lock(table: str | os.PathLike[str], wait_s: float = 0.0) -> int:
                 f"store, in this process or another (it holds {path.name}{waited}); expected one "
                 "writer at a time",
             ) from None
-    _LOCK_FDS.add(fd)
     return fd
 
 
@@ -348,18 +334,18 @@ def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:
     for generation in sorted(g for g in older if g < current):
         path = version_path(table, generation)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_held(path, os.O_RDONLY)
         except FileNotFoundError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
+            release(fd)
             continue  # a store still reads it
         try:
             remove_table_files(path)
             fsync_dir(path.parent)
         finally:
-            os.close(fd)
+            release(fd)
         removed.append(generation)
     return removed

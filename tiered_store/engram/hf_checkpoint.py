@@ -43,6 +43,7 @@ from ..capacity import resolve_capacity
 from ..config import StoreConfig
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
 from ..page_checksums import sidecar_path
+from ..process_locks import open_held, release
 from ..table_format import (
     PackedSafetensorsSource,
     SafetensorsSource,
@@ -482,7 +483,7 @@ def _converting(out: Path) -> Iterator[None]:
     """One conversion at a time into ``out`` (``OUT/.convert-hf.lock``, dropped by the kernel when
     the process dies): a second would remove the first's temporary files."""
     lock = out / CONVERT_HF_LOCK
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_held(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -493,7 +494,7 @@ def _converting(out: Path) -> Iterator[None]:
             ) from None
         yield
     finally:
-        os.close(fd)
+        release(fd)
 
 
 def _check_store(store: Mapping[str, Any], plan: _LayerPlan, rows: int) -> None:
