@@ -13,8 +13,8 @@ from tests.conftest import golden_dir
 from tiered_store import StoreConfig, TieredStore
 from tiered_store.engram.backend import InMemoryTable, PackedInMemoryTable
 from tiered_store.engram.v41_module import V41Engram
-from tiered_store.errors import ConfigError
-from tiered_store.quantization import RowQuantization, dequantize_rows, pack_rows
+from tiered_store.errors import ConfigError, RowIdError
+from tiered_store.quantization import RowQuantization, dequantize_rows, pack_rows, quantize_rows
 from tiered_store.table_format import PackedSafetensorsSource, SafetensorsSource, create_table
 
 Q = RowQuantization(values=256, block=32)
@@ -151,3 +151,21 @@ def test_both_table_backends_give_the_same_output(golden, layer, tmp_path):
                 outputs.append(engram(x, ids, mask, backend.prefetch(ids)))
     assert torch.equal(outputs[0], outputs[1])
     assert _ulps(outputs[0], _bf16(golden["fwd_out_bf16bits"])) <= 1
+
+
+def test_the_packed_table_refuses_row_ids_not_integers_and_reads_uint8_ids_as_ids():
+    # before: bool ids silently read rows 0 and 1, float ids failed with torch's bare IndexError
+    # and uint8 ids were taken as a boolean mask (wrong rows, or an IndexError on the shape)
+    quant = RowQuantization(values=8, block=4)
+    table = PackedInMemoryTable(quantize_rows(torch.randn(4, 8), quant), quant)
+    engram = V41Engram(table, num_heads=2, dim=4, hc_mult=2)
+    x = torch.randn(1, 2, 2, 4, dtype=torch.bfloat16)
+    for bad in (torch.tensor([[True, False]]), torch.tensor([[1.0, 2.0]])):
+        with pytest.raises(RowIdError, match=rf"ids: dtype {bad.dtype}; expected an integer"):
+            table.lookup(bad)
+        with pytest.raises(RowIdError, match=rf"ids: dtype {bad.dtype}"):
+            engram(x, bad.reshape(1, 1, 2).expand(1, 2, 2))
+    ids = torch.tensor([3, 0, 1, 3])  # as many ids as rows: a mask of that shape indexes
+    want = table.lookup(ids)
+    for dtype in (torch.uint8, torch.int32, torch.int16):
+        assert torch.equal(table.lookup(ids.to(dtype)), want)

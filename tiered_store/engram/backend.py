@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError, RowIdError
 from ..quantization import RowQuantization, dequantize_rows
+from ..store import as_id_tensor
 
 __all__ = ["InMemoryTable", "PackedInMemoryTable", "TableBackend"]
 
@@ -225,8 +226,13 @@ class PackedInMemoryTable(TableBackend):
             return cls(rows, cold.manifest.quantization, device)
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
-        """Dequantised rows ``[..., dim]`` bfloat16; all-zero where an id is outside the table."""
-        ids = row_ids.to(self.packed.device)
+        """Dequantised rows ``[..., dim]`` bfloat16; all-zero where an id is outside the table.
+
+        Raises RowIdError for ids that are not integers (bool, float), as the ``TieredStore`` does.
+        """
+        ids = as_id_tensor(row_ids).to(
+            self.packed.device, torch.int64
+        )  # uint8 would index as a mask
         inside = (ids >= 0) & (ids < self.rows)
         rows = self.packed[torch.where(inside, ids, 0)]
         rows = torch.where(inside.unsqueeze(-1), rows, 0)
