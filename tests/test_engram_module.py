@@ -274,6 +274,9 @@ def test_bad_row_ids_and_integer_tables_are_named(setup):
         engram(hidden, row_ids=torch.full((3, 32, 8), -1))
     with pytest.raises(RowIdError, match=r"row_ids: expected integer row ids, got torch.float32"):
         engram(hidden, row_ids=torch.zeros(3, 32, 8))
+    table = InMemoryTable(torch.eye(4))
+    for dtype in (torch.uint8, torch.int16, torch.int32):  # torch's bare RuntimeError but int32
+        assert torch.equal(table.lookup(torch.tensor([3, 1], dtype=dtype)), torch.eye(4)[[3, 1]])
     with pytest.raises(
         ConfigError, match=r"weight: expected a floating-point table, got torch.int64"
     ):

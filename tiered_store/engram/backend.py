@@ -146,7 +146,7 @@ class InMemoryTable(nn.Module, TableBackend):
             or row_ids.dtype == torch.bool
         ):
             raise RowIdError(f"row_ids: expected integer row ids, got {row_ids.dtype}")
-        ids = row_ids.to(self.weight.device)
+        ids = row_ids.to(self.weight.device, torch.int64)  # F.embedding takes int32/int64 only
         try:
             return F.embedding(ids, self.weight)
         except IndexError:  # torch's bounds check failed: name the id (no cost when none is bad)
