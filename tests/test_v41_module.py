@@ -169,3 +169,19 @@ def test_the_packed_table_refuses_row_ids_not_integers_and_reads_uint8_ids_as_id
     want = table.lookup(ids)
     for dtype in (torch.uint8, torch.int32, torch.int16):
         assert torch.equal(table.lookup(ids.to(dtype)), want)
+
+
+def test_a_dead_tokens_gate_is_zero_even_when_its_row_is_nan():
+    # before: the gate was multiplied by the mask, so a NaN row (scale byte 255) gave NaN * 0
+    quant = RowQuantization(values=8, block=4)
+    packed = quantize_rows(torch.randn(4, 8), quant)
+    packed[3, 8] = 255  # NaN, as the reference reads the edge byte
+    layer = V41Engram(PackedInMemoryTable(packed, quant), num_heads=2, dim=4, hc_mult=2)
+    x = torch.randn(1, 2, 2, 4, dtype=torch.bfloat16)
+    ids, mask = torch.tensor([[[3, 2], [3, 1]]]), torch.tensor([[False, True]])
+    with torch.no_grad():
+        kv = layer.project(layer.table.lookup(ids))
+        gate = layer.gate(x, kv[..., :8].unflatten(-1, (2, 4)), mask)
+        out = layer(x, ids, mask)
+    assert torch.equal(gate[0, 0], torch.zeros(2)) and gate[0, 1].isnan().all()  # live: as given
+    assert torch.equal(out[0, 0], x[0, 0])

@@ -96,7 +96,7 @@ class V41Engram(nn.Module):
         )
         dot = dot / math.sqrt(self.dim)
         gate = torch.sigmoid(torch.copysign(dot.abs().clamp_min(GATE_CLAMP).sqrt(), dot))
-        return gate * token_mask.unsqueeze(-1)
+        return torch.where(token_mask.unsqueeze(-1).bool(), gate, 0.0)  # 0, even from a NaN row
 
     def forward(
         self,
