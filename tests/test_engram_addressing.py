@@ -279,6 +279,11 @@ def test_hash_rejects_bad_ids_before_compute(golden):
     for scalar in (5, np.int64(5), np.array(5), torch.tensor(5)):  # not a one-token sequence
         with pytest.raises(ConfigError, match=r"expected shape \[\.\.\., T\], got a scalar"):
             hasher.hash(scalar)
+    ragged = torch.nested.nested_tensor([torch.tensor([1, 2, 3]), torch.tensor([4, 5])])
+    meta = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    for ids, what in ((ragged, "is a nested tensor"), (meta, "is on the meta device")):
+        with pytest.raises(RowIdError, match=rf"input_ids: tensor .* {what}"):  # torch's before
+            hasher.hash(ids)
 
 
 # -- configuration ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ..atomic_file import atomic_write
 from ..errors import ConfigError, RowIdError
 from ..id_ops import array_for_torch
 from ..npy_files import load_npy
+from ..table_sources import describe_tensor, tensor_without_values
 
 __all__ = ["CompressedTokenizer", "check_token_ids", "default_tokenizer_path", "encode_texts"]
 
@@ -200,6 +201,8 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids")
     Accepts NumPy arrays, torch tensors (any device) and nested lists of integers.
     """
     if isinstance(input_ids, torch.Tensor):
+        if (problem := tensor_without_values(input_ids)) is not None:  # aminmax's bare error
+            raise RowIdError(f"{name}: tensor {describe_tensor(input_ids)} {problem}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
             raise RowIdError(f"{name}: expected integer token ids, got dtype {input_ids.dtype}")
         if input_ids.dtype == torch.bool:
