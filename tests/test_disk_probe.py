@@ -62,6 +62,14 @@ def test_missing_file_is_a_tier_io_error(tmp_path):
         probe_random_reads(tmp_path / "nothing.bin")
 
 
+@pytest.mark.parametrize("probe", [probe_random_reads, probe_uring_reads])
+def test_a_folder_is_named_as_one(tmp_path, probe):
+    """A folder, not a file system refusing O_DIRECT (Linux answers EINVAL for both)."""
+    with pytest.raises(TierIOError, match=r"cannot probe .*: it is a folder; expected a file") as e:
+        probe(tmp_path, reads=10)
+    assert "refuses O_DIRECT" not in str(e.value)
+
+
 def test_o_direct_refusal_says_so(data_file, monkeypatch):
     def no_direct(path, flags, *args):
         raise OSError(errno.EINVAL, "Invalid argument")

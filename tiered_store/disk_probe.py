@@ -102,7 +102,7 @@ def probe_random_reads(
     ConfigError
         A count or range is out of bounds.
     TierIOError
-        The file cannot be opened with ``O_DIRECT`` or a read fails.
+        The file cannot be opened with ``O_DIRECT`` (or is a folder) or a read fails.
 
     Examples
     --------
@@ -164,7 +164,8 @@ def probe_uring_reads(
     ConfigError
         A count or range is out of bounds.
     TierIOError
-        The file cannot be opened with ``O_DIRECT``, io_uring is unavailable, or a read fails.
+        The file cannot be opened with ``O_DIRECT`` (or is a folder), io_uring is unavailable, or
+        a read fails.
 
     Examples
     --------
@@ -253,6 +254,13 @@ def _open_direct(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
+        if path.is_dir():  # Linux answers EINVAL, as for a file system without O_DIRECT
+            raise TierIOError(
+                errno.EISDIR,
+                f"cannot probe {path}: it is a folder; expected a file on the disk to probe (a "
+                "large file in that folder)",
+                str(path),
+            ) from exc
         hint = "; the file system refuses O_DIRECT here" if exc.errno == errno.EINVAL else ""
         raise TierIOError(
             exc.errno, f"cannot open {path} for O_DIRECT reads ({exc.strerror}){hint}", str(path)
