@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -55,6 +57,28 @@ def test_zero_seconds_means_zero_rate():
 def test_bad_arguments_name_the_value(data_file, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         probe_random_reads(data_file, **kwargs)
+
+
+@pytest.mark.parametrize("probe", [probe_random_reads, probe_uring_reads])
+def test_a_block_larger_than_one_read_is_refused(tmp_path, probe):
+    """Linux transfers at most 2 GiB - 4 KiB per read: a 2 GiB block would be read short."""
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(2 * disk_probe.MAX_BLOCK_BYTES)  # sparse: no disk space used
+    with pytest.raises(ConfigError, match=r"block_bytes: got 2147483648; .* at most 2,147,479,552"):
+        probe(path, reads=1, block_bytes=2**31)
+    assert probe(path, reads=1, block_bytes=16 * 4096).reads == 1
+
+
+def test_a_file_truncated_while_probed_fails(data_file):
+    """Reads past the new end come back empty: an error, not reads counted as done."""
+    truncate = threading.Thread(target=lambda: (time.sleep(0.3), os.truncate(data_file, 0)))
+    truncate.start()
+    try:
+        with pytest.raises(TierIOError, match=r"short read at offset \d+: got 0 of 4096 bytes"):
+            probe_random_reads(data_file, reads=1_000_000, threads=1)
+    finally:
+        truncate.join()
 
 
 def test_missing_file_is_a_tier_io_error(tmp_path):

@@ -34,6 +34,7 @@ from tiered_store.io_uring import MAX_QUEUE_DEPTH, IoUring
 from tiered_store.table_format import PAGE_BYTES
 
 READS_PER_CLAIM = 64  # offsets a thread takes from the shared queue at a time
+MAX_BLOCK_BYTES = 0x7FFFF000  # 2 GiB - 4 KiB: the most one read transfers (Linux's MAX_RW_COUNT)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def probe_random_reads(
     threads : int
         Python threads issuing reads (each one request at a time: the queue depth).
     block_bytes : int
-        Bytes per read, a positive multiple of 4096 (the ``O_DIRECT`` alignment unit).
+        Bytes per read, a positive multiple of 4096 (the ``O_DIRECT`` alignment unit), at most
+        ``MAX_BLOCK_BYTES`` (what one read can transfer).
     start, stop : int
         Byte range the reads fall in (default: the whole file). Only whole blocks inside it are
         read.
@@ -219,9 +221,14 @@ def _draw_offsets(
 ) -> np.ndarray:
     """``reads`` uniform-random whole-block byte offsets in ``[start, stop)`` of the open file."""
     _check_count("reads", reads)
-    if _is_bool_or_not_int(block_bytes) or block_bytes < PAGE_BYTES or block_bytes % PAGE_BYTES:
+    if (
+        _is_bool_or_not_int(block_bytes)
+        or not PAGE_BYTES <= block_bytes <= MAX_BLOCK_BYTES
+        or block_bytes % PAGE_BYTES
+    ):
         raise ConfigError(
-            f"block_bytes: got {block_bytes!r}; expected a positive multiple of {PAGE_BYTES}"
+            f"block_bytes: got {block_bytes!r}; expected a positive multiple of {PAGE_BYTES} "
+            f"of at most {MAX_BLOCK_BYTES:,} (what one read can transfer)"
         )
     size = os.fstat(fd).st_size
     stop = size if stop is None else stop
@@ -282,7 +289,12 @@ def _read_all(fd: int, path: Path, offsets: list[int], threads: int, block_bytes
                 if first >= len(offsets):
                     return
                 for offset in offsets[first : first + READS_PER_CLAIM]:
-                    os.preadv(fd, [buf], offset)
+                    if (got := os.preadv(fd, [buf], offset)) != block_bytes:
+                        raise OSError(
+                            errno.EIO,
+                            f"short read at offset {offset}: got {got} of {block_bytes} bytes "
+                            "(file truncated while probed?)",
+                        )
         except OSError as exc:
             errors.append(exc)
         finally:
