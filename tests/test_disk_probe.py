@@ -52,6 +52,10 @@ def test_zero_seconds_means_zero_rate():
         ({"block_bytes": 1000}, r"block_bytes: got 1000; expected a positive multiple of 4096"),
         ({"start": 4096, "stop": 8191}, r"hold no whole 4096-byte block"),
         ({"start": -1}, r"bytes \[-1, "),
+        ({"start": 1.5}, r"start: got 1.5; expected a byte offset \(an integer\)"),
+        ({"stop": True}, r"stop: got True; expected a byte offset \(an integer\)"),
+        ({"seed": -1}, r"seed: got -1; expected an integer >= 0"),
+        ({"seed": "x"}, r"seed: got 'x'; expected an integer >= 0"),
     ],
 )
 def test_bad_arguments_name_the_value(data_file, kwargs, message):

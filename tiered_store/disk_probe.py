@@ -230,6 +230,11 @@ def _draw_offsets(
             f"block_bytes: got {block_bytes!r}; expected a positive multiple of {PAGE_BYTES} "
             f"of at most {MAX_BLOCK_BYTES:,} (what one read can transfer)"
         )
+    for name, value in (("start", start), ("stop", stop)):
+        if value is not None and _is_bool_or_not_int(value):
+            raise ConfigError(f"{name}: got {value!r}; expected a byte offset (an integer)")
+    if _is_bool_or_not_int(seed) or seed < 0:
+        raise ConfigError(f"seed: got {seed!r}; expected an integer >= 0")
     size = os.fstat(fd).st_size
     stop = size if stop is None else stop
     first, end = -(-start // block_bytes), min(stop, size) // block_bytes
