@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -83,6 +86,31 @@ def test_a_file_truncated_while_probed_fails(data_file):
             probe_random_reads(data_file, reads=1_000_000, threads=1)
     finally:
         truncate.join()
+
+
+def test_a_thread_without_a_buffer_fails_instead_of_hanging(tmp_path):
+    """Under an address-space limit no thread can map its 512 MiB buffer: an error naming it,
+    not a probe waiting forever for threads that never reach the starting line."""
+    code = textwrap.dedent(
+        f"""
+        import resource
+        from tiered_store.disk_probe import probe_random_reads
+        from tiered_store.errors import TierIOError
+        path = {str(tmp_path / "sparse.bin")!r}
+        with open(path, "wb") as f:
+            f.truncate(1 << 30)
+        status = open("/proc/self/status").read()
+        vm = int(status.split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), vm + (256 << 20)))
+        try:
+            probe_random_reads(path, reads=4, threads=2, block_bytes=512 << 20)
+        except TierIOError as exc:
+            print(exc)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "sparse.bin failed (no 536,870,912-byte buffer: Cannot allocate memory)" in done.stdout
 
 
 def test_missing_file_is_a_tier_io_error(tmp_path):

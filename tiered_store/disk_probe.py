@@ -286,9 +286,14 @@ def _read_all(fd: int, path: Path, offsets: list[int], threads: int, block_bytes
     errors: list[OSError] = []
 
     def worker() -> None:
-        buf = mmap.mmap(-1, block_bytes)  # page-aligned, as O_DIRECT needs
-        ready.wait()
         try:
+            buf = mmap.mmap(-1, block_bytes)  # page-aligned, as O_DIRECT needs
+        except OSError as exc:  # the clock and the other threads must not wait for this one
+            errors.append(OSError(exc.errno, f"no {block_bytes:,}-byte buffer: {exc.strerror}"))
+            ready.abort()
+            return
+        try:
+            ready.wait()
             while True:
                 first = next(claims) * READS_PER_CLAIM
                 if first >= len(offsets):
@@ -300,15 +305,23 @@ def _read_all(fd: int, path: Path, offsets: list[int], threads: int, block_bytes
                             f"short read at offset {offset}: got {got} of {block_bytes} bytes "
                             "(file truncated while probed?)",
                         )
+        except threading.BrokenBarrierError:  # a thread had no buffer: nobody reads
+            pass
         except OSError as exc:
             errors.append(exc)
         finally:
             buf.close()
 
     pool = [threading.Thread(target=worker, name=f"disk-probe-{k}") for k in range(threads)]
-    for thread in pool:
-        thread.start()
-    ready.wait()
+    try:
+        for thread in pool:
+            thread.start()
+        ready.wait()
+    except threading.BrokenBarrierError:  # the error a worker left is raised below
+        pass
+    except BaseException:  # no thread for a worker, Ctrl-C: release those already waiting
+        ready.abort()
+        raise
     start = time.perf_counter()
     for thread in pool:
         thread.join()
