@@ -286,11 +286,13 @@ def test_clients_that_end_their_stream_before_the_answer_are_counted_499(proc):
     """HTTP/1.1 lets a client shut its sending side and read: the server closed the connection
     at the end of the stream, the answer computed and counted 200 but never sent. It is sent
     now; that request and one whose client closed for good (the server cannot tell them apart
-    before it writes) are counted 499, as nginx counts them (both were 200)."""
+    before it writes) are counted 499, as nginx counts them (both were 200). Their tokens are not
+    counted served (tiered_store_served_tokens_total: of requests answered 200; they were)."""
     host, port = proc.url.removeprefix("http://").split(":")
     body = json.dumps({"input_ids": [[3, 4, 5]]}).encode()
     request = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
     before = _answers(proc.url, "499", "/v1/engram")
+    tokens = get_json(proc.url + "/stats")[1]["server"]["served_tokens"]
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(request.encode() + body)
         sock.shutdown(socket.SHUT_WR)
@@ -305,6 +307,7 @@ def test_clients_that_end_their_stream_before_the_answer_are_counted_499(proc):
     while _answers(proc.url, "499", "/v1/engram") < before + 2:
         assert time.monotonic() < deadline, _answers(proc.url, "499", "/v1/engram") - before
         time.sleep(0.1)
+    assert get_json(proc.url + "/stats")[1]["server"]["served_tokens"] == tokens
 
 
 def _nan_table(config: ServeConfig, layer: int) -> None:

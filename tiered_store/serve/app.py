@@ -224,7 +224,8 @@ class _CountingMiddleware:
             code = _CLIENT_GONE if state["gone"] or state.get("client_ended") else state["status"]
             if state.get("malformed"):  # its body's framing broke: the protocol answered 400
                 code = 400
-            counters.end(handler, code, time.perf_counter() - start, state["tokens"])
+            tokens = state["tokens"] if code == 200 else 0  # served: answered 200 (not 499)
+            counters.end(handler, code, time.perf_counter() - start, tokens)
 
     def _on_metrics_listener(self, local: tuple[str, int] | None) -> bool:
         """Whether a connection's local ``(host, port)`` is the metrics listener's: its port, and
