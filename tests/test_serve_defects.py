@@ -190,6 +190,31 @@ def test_a_client_stalling_mid_body_gets_408_without_a_traceback(proc):
     _no_trouble_in(proc.log())
 
 
+@pytest.mark.parametrize("framing", ["Content-Length: 100", "Transfer-Encoding: chunked"])
+def test_a_client_ending_its_stream_mid_body_gets_its_400_at_once(proc, framing):
+    """A client that shut its sending side with its body part sent was left waiting
+    server.request_timeout_s (30 s by default) for bytes that could never come, its connection
+    held, then told 408 "send all of it sooner". It is answered a counted 400 at once."""
+    host, port = proc.url.removeprefix("http://").split(":")
+    head = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n".encode()
+    part = b'{"input_ids"' if "Length" in framing else b'c\r\n{"input_ids"\r\n'
+    before = _answers(proc.url, "400", "/v1/engram")
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + part)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert time.monotonic() - start < LIMITS["request_timeout_s"] / 2
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    body = answer.partition(b"\r\n\r\n")[2]  # one chunk
+    error = json.loads(body[body.index(b"{") : body.rindex(b"}") + 1])["error"]
+    assert error.startswith("body: the client ended its stream before the whole body"), error
+    assert _answers(proc.url, "400", "/v1/engram") == before + 1
+    _no_trouble_in(proc.log())
+
+
 def test_an_oversized_body_gets_its_413_not_a_connection_reset(proc):
     """The 413 was written and the connection closed with the body unread: the kernel reset it,
     and a client still sending (post_json sends it all before reading) got ConnectionResetError."""

@@ -37,6 +37,10 @@ _MALFORMED = (
     "malformed HTTP request (its request line, a header or the body's framing); expected "
     "HTTP/1.1 with Content-Length or chunked transfer encoding"
 )
+_ENDED_MID_BODY = (
+    "body: the client ended its stream before the whole body (its Content-Length, or its chunked "
+    "encoding's last chunk) was sent; expected the whole body, then the end of the stream"
+)
 _CLOSE = (b"connection", b"close")
 _LINGER_BYTES = 64 << 20  # the most of an unread body a closing connection reads and drops
 
@@ -57,6 +61,7 @@ def with_head_deadline(
         _linger: asyncio.TimerHandle | None = None  # set while closing: the close's deadline
         _dropped = 0  # bytes read and dropped while lingering
         _client_ended = False  # the client shut its sending side
+        _ended_mid_body = False  # ... before its request's body was all in
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -89,9 +94,15 @@ def with_head_deadline(
             """The client shut its sending side: answer the request in flight, then close
             (HTTP/1.1 lets a client half-close and read its answer; uvicorn's returned None,
             which closes the connection at once, the answer unsent). The request is counted as
-            one whose client left (499): one that closed for good ends its stream the same way."""
+            one whose client left (499): one that closed for good ends its stream the same way.
+            One that ended it before its body was all in is answered a counted 400 at once."""
             self._client_ended = True
             if self.cycle is not None and not self.cycle.response_complete:
+                if self.conn.their_state is h11.SEND_BODY:  # its body can never be whole now:
+                    self._ended_mid_body = True  # h11 refuses it, send_400_response answers
+                    self.conn.receive_data(b"")  # at once (not request_timeout_s's 408 later)
+                    self.handle_events()
+                    return True
                 self.cycle.keep_alive = False  # closed once the answer is written
                 # counted 499 as nginx does: a client that closed looks the same until written to
                 self.cycle.scope.setdefault("state", {})["client_ended"] = True
@@ -112,7 +123,8 @@ def with_head_deadline(
                 if cycle.response_started:  # no room for a 400 in its answer
                     self.transport.close()
                     return
-            body = json.dumps({"error": _MALFORMED}).encode() + b"\n"
+            error = _ENDED_MID_BODY if self._ended_mid_body else _MALFORMED
+            body = json.dumps({"error": error}).encode() + b"\n"
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
             for event in (
                 h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
