@@ -53,6 +53,8 @@ MALFORMED = [
     ("POST", E, b'{"prompt": "hi"}', {}, 400, "prompt: unknown key; expected one of input_ids, text, top_k"),
     ("POST", E, b'{"Input_ids": [1]}', {}, 400, "Input_ids: unknown key"),
     ("POST", E, b'{"input_ids": [1], "return_output": true}', {}, 400, "return_output: unknown key"),
+    ("POST", E, b'{"input_ids": [1, 2], "input_ids": [3]}', {}, 400, 'body: key "input_ids" appears twice; expected each key once'),
+    ("POST", E, b'{"text": "a", "top_k": 2, "top_k": 3}', {}, 400, 'body: key "top_k" appears twice'),
     # input_ids: types and shapes
     ("POST", E, b'{"input_ids": []}', {}, 400, "input_ids: got an empty list; expected a non-empty"),
     ("POST", E, b'{"input_ids": null}', {}, 400, "input_ids: got null"),

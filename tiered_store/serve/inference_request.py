@@ -81,7 +81,9 @@ def parse_request(body: bytes, server: ServerSection, model: RequestModel) -> In
             400, 'body: empty; expected a JSON object like {"input_ids": [[1, 2, 3]]}'
         )
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, object_pairs_hook=_object_of_distinct_keys)
+    except RequestError:
+        raise
     except RecursionError:
         raise RequestError(400, "body: JSON nested too deeply") from None
     except UnicodeDecodeError as exc:
@@ -139,6 +141,21 @@ def parse_request(body: bytes, server: ServerSection, model: RequestModel) -> In
                 f"0 <= id < {model.vocab_size}",
             )
     return InferenceRequest(ids, lengths, from_text, top_k)
+
+
+def _object_of_distinct_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; a key given twice is refused (json.loads keeps the last)."""
+    doc = dict(pairs)
+    if len(doc) == len(pairs):
+        return doc
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise RequestError(
+                400, f"body: key {json.dumps(key)[:40]} appears twice; expected each key once"
+            )
+        seen.add(key)
+    return doc
 
 
 def _id_rows(value: Any, server: ServerSection) -> list[list[int]]:
