@@ -420,3 +420,25 @@ def test_keep_alive_answers_are_not_held_back_by_nagle(proc):
     finally:
         conn.close()
     assert statistics.median(times) < 0.02, times
+
+
+def test_post_json_on_a_keep_alive_connection_the_server_closed_idle_reconnects(tmp_path):
+    """A connection left idle past server.keep_alive_s is closed by the server; post_json sent
+    its next request on it all the same and raised BrokenPipeError (or RemoteDisconnected), the
+    request lost though the server never saw it."""
+    import http.client
+
+    config_path = make_checkpoint(tmp_path, server={**LIMITS, "keep_alive_s": 0.2})
+    with ServeProcess(config_path, metrics=False) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            for _ in range(3):
+                status, answer = post_json(
+                    server.url + "/v1/engram", {"input_ids": [[3, 4, 5]]}, connection=conn
+                )
+                assert status == 200 and answer["shape"] == [1, 3], answer
+                time.sleep(1.0)  # the server closes the idle connection meanwhile
+        finally:
+            conn.close()
+        assert _answers(server.url, "200", "/v1/engram") == 3

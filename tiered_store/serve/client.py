@@ -22,6 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -200,7 +201,8 @@ def post_json(
     timeout
         Seconds for connecting and for each socket read.
     connection
-        A keep-alive connection to reuse (left open); default: a new one, closed after.
+        A keep-alive connection to reuse (left open; one the server closed while it was idle,
+        after ``server.keep_alive_s``, is opened anew); default: a new one, closed after.
 
     Examples
     --------
@@ -210,6 +212,7 @@ def post_json(
     """
     parts = urlsplit(url)
     conn = connection or http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    _close_if_closed_by_server(conn)
     try:
         body = json.dumps(doc).encode()
         conn.request("POST", parts.path, body, {"Content-Type": "application/json"})
@@ -221,6 +224,13 @@ def post_json(
     finally:
         if connection is None:
             conn.close()
+
+
+def _close_if_closed_by_server(conn: http.client.HTTPConnection) -> None:
+    """Close an idle keep-alive ``conn`` that the server closed (its next request reconnects):
+    between answers the server sends nothing, so a readable socket holds its end or an error."""
+    if conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:
+        conn.close()
 
 
 def get_json(url: str, timeout: float = 30.0) -> tuple[int, Any]:
