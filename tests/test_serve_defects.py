@@ -442,3 +442,41 @@ def test_post_json_on_a_keep_alive_connection_the_server_closed_idle_reconnects(
         finally:
             conn.close()
         assert _answers(server.url, "200", "/v1/engram") == 3
+
+
+def test_get_json_and_post_json_name_an_answer_that_is_not_json():
+    """An answer that is not JSON (a proxy's 502 page, a plain-text 500) raised json's bare
+    "Expecting value: line 1 column 1 (char 0)": neither the URL, the status nor the body."""
+    import http.server
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def _bad_gateway(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            page = b"<html><body>502 Bad Gateway</body></html>"
+            self.send_response(502)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        do_GET = do_POST = _bad_gateway
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy) as proxy:
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{proxy.server_address[1]}"
+        try:
+            for call in (
+                lambda: get_json(url + "/stats"),
+                lambda: post_json(url + "/v1/engram", {"input_ids": [[1]]}),
+            ):
+                with pytest.raises(ValueError) as raised:
+                    call()
+                message = str(raised.value)
+                assert message.startswith(f"{url}/"), message
+                assert "502 Bad Gateway" in message and "not JSON (text/html)" in message
+                assert "<html><body>502 Bad Gateway" in message
+        finally:
+            proxy.shutdown()

@@ -190,7 +190,8 @@ def post_json(
     *,
     connection: http.client.HTTPConnection | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """POST ``doc`` as JSON to ``url``; returns (status, decoded JSON answer).
+    """POST ``doc`` as JSON to ``url``; returns (status, decoded JSON answer) (an answer that is
+    not JSON: ``ValueError`` naming the URL, the status and the body's start).
 
     Parameters
     ----------
@@ -217,13 +218,27 @@ def post_json(
         body = json.dumps(doc).encode()
         conn.request("POST", parts.path, body, {"Content-Type": "application/json"})
         response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"null")
+        return response.status, _json_answer(url, response)
     except BaseException:
         conn.close()  # a broken keep-alive connection reconnects on its next request
         raise
     finally:
         if connection is None:
             conn.close()
+
+
+def _json_answer(url: str, response: http.client.HTTPResponse) -> Any:
+    """The decoded JSON body of ``response`` (``None`` when empty); a ``ValueError`` naming the
+    URL, the status, the Content-Type and the body's start when it is not JSON."""
+    raw = response.read()
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        kind = response.getheader("Content-Type", "no Content-Type")
+        raise ValueError(
+            f"{url}: answered {response.status} {response.reason} with a body that is not JSON "
+            f"({kind}): {raw[:200]!r}"
+        ) from None
 
 
 def _close_if_closed_by_server(conn: http.client.HTTPConnection) -> None:
@@ -234,7 +249,7 @@ def _close_if_closed_by_server(conn: http.client.HTTPConnection) -> None:
 
 
 def get_json(url: str, timeout: float = 30.0) -> tuple[int, Any]:
-    """GET ``url``; returns (status, decoded JSON answer).
+    """GET ``url``; returns (status, decoded JSON answer) (one that is not JSON: ``ValueError``).
 
     Parameters
     ----------
@@ -253,7 +268,7 @@ def get_json(url: str, timeout: float = 30.0) -> tuple[int, Any]:
     try:
         conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
         response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"null")
+        return response.status, _json_answer(url, response)
     finally:
         conn.close()
 
