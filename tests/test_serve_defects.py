@@ -480,3 +480,12 @@ def test_get_json_and_post_json_name_an_answer_that_is_not_json():
                 assert "<html><body>502 Bad Gateway" in message
         finally:
             proxy.shutdown()
+
+
+def test_a_stopped_serve_process_still_shows_its_log(config_path):
+    """ServeProcess.log() after stop() raised "I/O operation on closed file", so what the server
+    logged while it drained and exited could not be read."""
+    with ServeProcess(config_path, metrics=False) as server:
+        assert server.stop() == 0
+        log = server.log()
+        assert "SIGTERM: draining" in log and log.rstrip().endswith("stopped"), log[-2000:]

@@ -138,8 +138,9 @@ class ServeProcess:
         return json.loads(box[0])
 
     def log(self) -> str:
-        """What the server wrote to stderr so far."""
-        self._log.flush()
+        """What the server wrote to stderr so far (all of it, after ``stop``)."""
+        if not self._log.closed:  # closed by stop(): the file holds all there is
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def rss_bytes(self) -> int:
