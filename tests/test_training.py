@@ -16,7 +16,7 @@ from tiered_store.delta.trainable import TrainableTable, create_trainable_table
 from tiered_store.engram.backend import InMemoryTable
 from tiered_store.engram.config import ModelConfig
 from tiered_store.engram.model import EngramLM
-from tiered_store.errors import TableFormatError
+from tiered_store.errors import ConfigError, TableFormatError
 
 ROWS, DIM = 300, 8
 SMALL_TIERS = {"hot": {"capacity": 12}, "warm": {"capacity": 24}}  # 12% of the table: evictions
@@ -444,3 +444,42 @@ def test_a_trainable_table_refuses_weights_that_are_not_real_numbers(tmp_path, m
     with pytest.raises(TableFormatError, match=rf"source weights \(.*{expected}.*expected real"):
         create_trainable_table(path, make(), make_row_optimizer("adam", lr=0.1))
     assert not path.exists()
+
+
+def test_a_reopened_table_goes_on_from_the_step_of_its_last_commit(tmp_path):
+    """Adam's bias correction depends on the step: a reopened table restarted its step count at 0,
+    so step(1) over state made at step 2 was taken (a bias correction for the wrong step). The
+    commit carries the step; after a reopen the steps go on from it, and three steps with a
+    reopen between equal three without."""
+    adam = make_row_optimizer("adam", lr=0.1)
+    ids, weights = torch.tensor([1, 3, 3]), torch.tensor([[1.0], [2.0], [-1.0]])
+
+    def train(table, steps):
+        for step in steps:
+            (table.lookup(ids) * weights).sum().backward()
+            table.step(step)
+
+    paths = [tmp_path / "straight.npy", tmp_path / "reopened.npy"]
+    for path in paths:
+        create_trainable_table(path, np.ones((6, 2)), adam)
+    straight = TrainableTable(TieredStore.open(store_config(paths[0])), adam)
+    train(straight, (1, 2, 3))
+    table = TrainableTable(TieredStore.open(store_config(paths[1])), adam)
+    train(table, (1, 2))
+    assert table.commit() == 2  # the last step applied
+    table.close()
+    table = TrainableTable(TieredStore.open(store_config(paths[1])), adam)
+    (table.lookup(ids) * weights).sum().backward()
+    with pytest.raises(
+        ConfigError,
+        match=r"step: 1; expected more than the last step, 2 \(the step of the table's last commit",
+    ):
+        table.step(1)  # the gradients are kept
+    table.step(3)
+    with pytest.raises(ConfigError, match=r"step: 2; expected at least the last optimizer step"):
+        table.commit(2)
+    assert table.commit() == 3
+    with torch.no_grad():
+        assert torch.equal(table.lookup(torch.arange(6)), straight.lookup(torch.arange(6)))
+    table.close()
+    straight.close()

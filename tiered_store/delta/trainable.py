@@ -156,7 +156,9 @@ class TrainableTable:
         self.rows = store.rows
         self._anchor = torch.zeros((), requires_grad=True)  # puts lookups on the autograd graph
         self._gradients: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._last_step = 0  # the last optimizer step applied
+        # the last optimizer step applied: a reopened table goes on from its last commit, which
+        # carries the step its rows' optimizer state was made at (Adam's bias correction)
+        self._last_step = self._committed_at_open = store.committed_step
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """Weights ``[..., dim]`` of ``row_ids``; with grad enabled, on the autograd graph."""
@@ -175,7 +177,8 @@ class TrainableTable:
     def step(self, step: int) -> int:
         """Apply the optimizer to every row with a gradient since the last step; returns how many
         rows it updated. ``step`` counts optimizer steps from 1 (Adam's bias correction), each
-        higher than the last (else ``ConfigError``, the gradients kept).
+        higher than the last (else ``ConfigError``, the gradients kept); a reopened table's last
+        step is its last commit's (see :meth:`commit`).
 
         Over a ``ShardedStore`` it is a collective (every rank calls it, with gradients or not):
         the gradients go to the ranks owning their rows, which sum them and apply the optimizer
@@ -192,10 +195,13 @@ class TrainableTable:
         if number < 1:
             self._refuse(step, f"step: {step!r}; expected an integer >= 1 (steps count from 1)")
         if number <= self._last_step:
+            why = (
+                "the step of the table's last commit: a reopened table goes on from it"
+                if self._last_step == self._committed_at_open
+                else "each optimizer step is applied once"
+            )
             self._refuse(
-                step,
-                f"step: {number}; expected more than the last step, {self._last_step} (each "
-                "optimizer step is applied once)",
+                step, f"step: {number}; expected more than the last step, {self._last_step} ({why})"
             )
         unique, summed = self._summed_gradients()
         update_rows = getattr(self.store, "update_rows", None)
@@ -273,7 +279,18 @@ class TrainableTable:
         self._gradients.clear()
 
     def commit(self, step: int | None = None) -> int:
-        """``store.commit(step)``: every updated row and its state durable."""
+        """``store.commit(step)``: every updated row and its state durable, at the last optimizer
+        step applied (default), or a later ``step``; returns the step. The commit carries the
+        optimizer step its rows' state was made at, so a reopened table's ``step()`` goes on
+        after it: a ``step`` below the last applied is refused (``ConfigError``), since a
+        reopened table would apply those steps twice (Adam's bias correction)."""
+        if step is None:
+            step = max(self._last_step, self.store.committed_step)
+        elif isinstance(step, int) and not isinstance(step, bool) and step < self._last_step:
+            raise ConfigError(
+                f"step: {step}; expected at least the last optimizer step applied, "
+                f"{self._last_step} (a reopened table goes on from its commit's step)"
+            )
         return self.store.commit(step)
 
     def stats(self) -> dict[str, dict[str, Any]]:
