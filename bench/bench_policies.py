@@ -51,6 +51,7 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store.atomic_file import atomic_write, scratch_directory, write_json
+from tiered_store.cache_plan import parse_policy
 from tiered_store.capacity import parse_shares
 from tiered_store.cli_args import (
     at_least,
@@ -142,6 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:  # refused before any work, not after the analysis
         args.shares = parse_shares(args.shares, key="--shares")
+        for name in args.policies.split(","):  # replay_tier's names: the baseline, a bound, a spec
+            if name != BASELINE and not is_offline(name):
+                parse_policy(name, key="--policies")
     except ConfigError as exc:
         p.error(str(exc))
     return args

@@ -78,6 +78,8 @@ def test_keep_keeps_the_work_directory_and_says_where(tmp_path):
             ("--queued-requests", "4,0"),
             "argument --queued-requests: expected a comma-separated list of integers >= 1",
         ),
+        # refused only once the analysis (minutes by default) had run
+        (("--policies", "lru,lur"), "--policies: unknown policy 'lur' in 'lur'; did you mean"),
     ],
 )
 def test_a_bad_value_is_refused_before_any_work(args, message, tmp_path):
