@@ -57,6 +57,7 @@ from tiered_store.cli_args import (
     at_least,
     doc_parser,
     existing_dir,
+    existing_file,
     int_list,
     output_file,
     run_script,
@@ -139,7 +140,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=output_file, help="write JSON here too, and the plot beside it (.png)"
     )
-    p.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier --out")
+    p.add_argument(
+        "--replot",
+        type=existing_file,
+        metavar="JSON",
+        help="only redraw the plot of an earlier --out",
+    )
     args = p.parse_args(argv)
     try:  # refused before any work, not after the analysis
         args.shares = parse_shares(args.shares, key="--shares")
@@ -186,7 +192,10 @@ def analyze_corpus(corpus: list[str], out_dir: Path, max_tokens: int, holdout: f
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.replot:
-        result = json.loads(Path(args.replot).read_text())
+        try:
+            result = json.loads(args.replot.read_text())
+        except ValueError as exc:  # not JSON, not UTF-8
+            raise ConfigError(f"--replot {args.replot}: {exc}; expected an earlier --out") from None
         print(f"plot: {plot_results(result, Path(args.replot).with_suffix('.png'))}")
         return 0
     with scratch_directory("bench-policies-", args.dir, keep=args.keep) as work:

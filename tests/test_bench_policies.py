@@ -128,3 +128,19 @@ def test_replot_with_a_folder_in_the_way_of_the_plot_is_a_clear_error(tmp_path):
     done = run_bench("bench_policies.py", "--replot", str(tmp_path / "r.json"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_replot_of_a_missing_or_broken_report_is_a_clear_error(tmp_path):
+    """--replot of a file that is not there, or not JSON, ended in a traceback."""
+    missing = tmp_path / "missing.json"
+    done = run_bench("bench_policies.py", "--replot", str(missing))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"argument --replot: '{missing}' does not exist; expected an existing file" in (
+        done.stderr
+    )
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    done = run_bench("bench_policies.py", "--replot", str(broken))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"--replot {broken}: " in done.stderr and "expected an earlier --out" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json"]  # no plot
