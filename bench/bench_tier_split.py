@@ -25,16 +25,15 @@ On 2 shared cores the first example (its own small analysis) took about 20 secon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tiered_store.atomic_file import write_json
+from tiered_store.atomic_file import scratch_directory, write_json
 from tiered_store.cache_plan import parse_policy
 from tiered_store.cli_args import at_least, doc_parser, output_file, public_command, run_script
 from tiered_store.config import StoreConfig
@@ -70,26 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=output_file, help="JSON results")
     args = p.parse_args(argv)
     check_args(p, args)
-    work = args.analysis
-    scratch = None
-    if work is None:
-        from zipf_analysis.analyze import AnalyzeOptions, analyze
+    # the scratch analysis goes however the run ends (an error, Ctrl-C, SIGTERM while analysing)
+    with contextlib.ExitStack() as cleanup:
+        work = args.analysis
+        if work is None:
+            from zipf_analysis.analyze import AnalyzeOptions, analyze
 
-        scratch = Path(tempfile.mkdtemp(prefix="bench_tier_split_"))
-        work = scratch / "analysis"
-        analyze(
-            None,
-            work,
-            options=AnalyzeOptions(max_tokens=args.max_tokens, curves=False, progress=False),
-        )
-    try:
-        doc = run(work, args)  # a budget that holds no row of this table: a ConfigError
-        doc["corpus"] = json.loads((work / "report.json").read_text())["corpus"]["description"]
-    except ConfigError as exc:
-        raise SystemExit(str(exc)) from None
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+            work = cleanup.enter_context(scratch_directory("bench_tier_split_")) / "analysis"
+            analyze(
+                None,
+                work,
+                options=AnalyzeOptions(max_tokens=args.max_tokens, curves=False, progress=False),
+            )
+        try:
+            doc = run(work, args)  # a budget that holds no row of this table: a ConfigError
+            doc["corpus"] = json.loads((work / "report.json").read_text())["corpus"]["description"]
+        except ConfigError as exc:
+            raise SystemExit(str(exc)) from None
     doc["command"] = public_command(
         "bench/bench_tier_split.py", sys.argv[1:] if argv is None else argv
     )

@@ -4,12 +4,16 @@ replay counted it, with what it ran on, and its scratch analysis deleted (run as
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.bench_support import CORPUS, analyze, run_bench
+from tests.bench_support import CORPUS, ROOT, analyze, run_bench
+from tiered_store.serve.client import subprocess_env
 from zipf_analysis.tier_split import parse_budget
 
 # small budgets that still hold rows of layer 1 (its dense row index alone is 39.5 MiB)
@@ -89,6 +93,24 @@ def test_without_analysis_it_analyses_the_stdlib_and_deletes_its_scratch(tmp_pat
     assert result["lru_model_seconds"] > 0  # the LRU model of the same grid, timed as baseline
     assert len(result["checks"]) == 1  # --replays 1: the recommended split alone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # the scratch is gone
+
+
+def test_sigterm_while_analysing_deletes_the_scratch(tmp_path):
+    """The scratch analysis was made before the block that deletes it: SIGTERM (or Ctrl-C, or
+    an error) while analysing left it, traces and all, in the temporary folder."""
+    script = [sys.executable, str(ROOT / "bench" / "bench_tier_split.py")]
+    env = subprocess_env({"TMPDIR": str(tmp_path)})
+    proc = subprocess.Popen([*script, "--max-tokens", "300000"], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.rglob("*.trace*")) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert any(tmp_path.iterdir())  # its scratch analysis, while it analyses
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_help_exits_zero(tmp_path):
