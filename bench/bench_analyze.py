@@ -30,7 +30,7 @@ from typing import Any
 
 from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
-from tiered_store.errors import ConfigError
+from tiered_store.errors import ConfigError, TieredStoreError, error_text
 from tiered_store.versions import machine_info
 from zipf_analysis.analyze import AnalyzeOptions, analyze, parse_targets
 
@@ -127,7 +127,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = os.getloadavg()
     start = time.perf_counter()
     try:
-        result = analyze(None, work, config=args.config, options=options)
+        try:
+            result = analyze(None, work, config=args.config, options=options)
+        except TieredStoreError as exc:  # analyze names its folder as its command does: --out
+            text = error_text(exc)
+            if args.work_dir is None or not text.startswith(f"--out {work}"):
+                raise
+            raise ConfigError(f"--work-dir{text.removeprefix('--out')}") from None
         wall = time.perf_counter() - start
         report = result.report
         t = report["timings"]

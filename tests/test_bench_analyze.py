@@ -114,3 +114,15 @@ def test_help_and_refusals(tmp_path):
         assert done.stdout == ""
     # refused before any work: no temporary folder made (one was made, and left, before)
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_work_dir_that_cannot_be_a_folder_is_named_as_work_dir(tmp_path):
+    """analyze's error named the folder as its command's option, --out: a user who gave no --out
+    was told that --out FILE was not a writable directory."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = bench("--work-dir", str(blocker), "--max-tokens", "100", tmp_path=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"error: --work-dir {blocker}: cannot create or write the output folder" in (done.stderr)
+    assert "--out" not in done.stderr
+    assert blocker.read_text() == ""
