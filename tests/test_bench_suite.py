@@ -110,6 +110,18 @@ def test_every_bench_script_checks_its_out_before_the_work(tmp_path):
     assert f"argument --out: '{tmp_path}' is a directory; expected a file to write" in done.stderr
 
 
+def test_an_out_where_no_folder_can_be_made_is_refused_before_the_work():
+    """--out in a folder that cannot be made (here under /proc, where even root makes nothing)
+    passed the check: the script did its work, then ended in a FileNotFoundError traceback."""
+    out = "/proc/no-such-folder/r.json"
+    args = ["--lookups", "2000", "--rows", "1000", "--fixed-size", "0", "--out", out]
+    done = run_python([ROOT / "bench" / "bench_mrc.py", *args], timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    expected = f"argument --out: '{out}': cannot make '/proc/no-such-folder' ("
+    assert expected in done.stderr and "expected a writable folder" in done.stderr
+    assert done.stdout == ""  # refused before the work
+
+
 def test_a_bench_script_names_what_the_library_refused_without_a_traceback(tmp_path):
     """A missing analysis: one line naming it and exit 2, as the tiered-store commands answer
     (every script printed a traceback)."""

@@ -118,28 +118,48 @@ def existing_dir(text: str) -> Path:
 
 def output_file(text: str) -> Path:
     """An argparse ``type``: a file to write when the work is done, checked before it starts: a
-    directory there, or a file where a folder on its way should be, is refused (a missing folder
-    is made when it is written).
+    directory there, a file where a folder on its way should be, or a folder where nothing can be
+    made is refused (a missing folder is made when it is written).
 
     >>> output_file("results/run.json").name
     'run.json'
     >>> output_file("/")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '/' is a directory; expected a file to write (or nothing there)
+    >>> output_file("/proc/results/run.json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '/proc/results/run.json': cannot make '/proc/results' (...); expected a writable folder
     """
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(
             f"{text!r} is a directory; expected a file to write (or nothing there)"
         )
-    for parent in path.parents:
+    for first, parent in zip((path, *path.parents), path.parents, strict=False):
         if parent.exists():
             if not parent.is_dir():
                 raise argparse.ArgumentTypeError(
                     f"{text!r}: {str(parent)!r} is a file; expected a folder on the way"
                 )
+            _check_can_make(text, first)
             break
     return path
+
+
+def _check_can_make(text: str, first: Path) -> None:
+    """Make and remove what writing the file ``text`` makes first, ``first`` (a missing folder,
+    or the file: a folder of a temporary name beside it stands in), so that a place where nothing
+    can be made is refused by name now, not with an OSError once the work is done."""
+    is_file = first == Path(text)
+    probe = first.with_name(f".{first.name}.{os.getpid()}.probe") if is_file else first
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        where = f"write in {str(first.parent)!r}" if is_file else f"make {str(first)!r}"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: cannot {where} ({exc.strerror or exc}); expected a writable folder"
+        ) from None
 
 
 def positive_number(text: str) -> float:
