@@ -79,6 +79,7 @@ from tiered_store.cli_args import (
     doc_parser,
     existing_dir,
     float_list,
+    fraction,
     int_list,
     output_file,
     public_command,
@@ -426,7 +427,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--max-tokens", type=at_least(1), default=2_000_000, help="tokens analysed (both parts)"
     )
-    p.add_argument("--holdout", type=float, default=0.5, help="share of documents replayed")
+    p.add_argument(
+        "--holdout",
+        type=fraction("a share of the documents in (0, 1)", below_one=True),
+        default=0.5,
+        help="share of documents replayed",
+    )
     p.add_argument(
         "--profile-from",
         type=Path,

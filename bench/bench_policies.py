@@ -58,6 +58,7 @@ from tiered_store.cli_args import (
     doc_parser,
     existing_dir,
     existing_file,
+    fraction,
     int_list,
     output_file,
     run_script,
@@ -103,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--holdout",
-        type=float,
+        type=fraction("a share of the documents in (0, 1)", below_one=True),
         default=0.4,
         help="share of the documents replayed (the rest: profile)",
     )

@@ -89,6 +89,9 @@ def test_names_an_unknown_replay_mode_before_any_work(tmp_path):
         ("--hit-batches", "", "a comma-separated list of integers >= 1"),
         ("--hit-zipf", "0,-0.5", "a comma-separated list of numbers >= 0"),
         ("--hit-zipf", "0.75,nan", "a comma-separated list of numbers >= 0"),
+        # refused by the analysis, after the all-hit part's minutes
+        ("--holdout", "1.5", "a share of the documents in (0, 1)"),
+        ("--holdout", "0", "a share of the documents in (0, 1)"),
     ],
 )
 def test_refuses_a_bad_list_before_any_work(tmp_path, option, value, expected):

@@ -80,6 +80,11 @@ def test_keep_keeps_the_work_directory_and_says_where(tmp_path):
         ),
         # refused only once the analysis (minutes by default) had run
         (("--policies", "lru,lur"), "--policies: unknown policy 'lur' in 'lur'; did you mean"),
+        # 0 analysed the corpus, then failed to open the holdout trace it had not written
+        (
+            ("--holdout", "0", "--max-tokens", "20000"),
+            "argument --holdout: expected a share of the documents in (0, 1), got '0'",
+        ),
     ],
 )
 def test_a_bad_value_is_refused_before_any_work(args, message, tmp_path):

@@ -180,8 +180,9 @@ def positive_number(text: str) -> float:
     return value
 
 
-def fraction(what: str | None = None) -> Callable[[str], float]:
-    """An argparse ``type``: a number F with 0 < F <= 1 (a share, a sampling rate); anything else,
+def fraction(what: str | None = None, *, below_one: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a number F with 0 < F <= 1 (a share, a sampling rate), or F < 1 with
+    ``below_one`` (a held-out share, which leaves something on the other side); anything else,
     NaN included, is refused with the value, as ``expected WHAT, got 'TEXT'``.
 
     >>> fraction()("0.25")
@@ -192,15 +193,18 @@ def fraction(what: str | None = None) -> Callable[[str], float]:
     >>> fraction("a share of the rows in (0, 1]")("nan")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: expected a share of the rows in (0, 1], got 'nan'
+    >>> fraction(below_one=True)("1")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected a number in (0, 1), got '1'
     """
-    expected = "a number in (0, 1]" if what is None else what
+    expected = what or ("a number in (0, 1)" if below_one else "a number in (0, 1]")
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not 0.0 < value <= 1.0:  # NaN too
+        if not (0.0 < value < 1.0 if below_one else 0.0 < value <= 1.0):  # NaN too
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
