@@ -176,6 +176,15 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         except ConfigError as exc:
             shard = f"the smallest measured has {smallest:,} rows"
             p.error(f"{exc} (a tier's capacity is of each shard: {shard})")
+    if args.dir is not None:  # the user's folder, made here: last, once every value is good
+        try:
+            Path(args.dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            why = "a file is there" if Path(args.dir).exists() else exc.strerror or exc
+            p.error(
+                f"--dir {args.dir}: cannot make the folder ({why}); expected a folder, or a "
+                "place where one can be made"
+            )
 
 
 def layout_manifest(hasher: NgramHasher) -> TableManifest:
@@ -410,8 +419,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     if args.dir is None:  # scratch: removed at the end, failed or not
         scratch = tempfile.TemporaryDirectory(prefix="bench-distributed-")
-    else:  # the user's: what is written there stays
-        Path(args.dir).mkdir(parents=True, exist_ok=True)
+    else:  # the user's (made by check_args): what is written there stays
         scratch = contextlib.nullcontext(args.dir)
     with scratch as work:
         report = run(args, Path(work))

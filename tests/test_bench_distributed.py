@@ -182,6 +182,19 @@ def test_a_bad_value_is_refused_before_any_work(args, message, tmp_path):
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_a_dir_where_no_folder_can_be_made_is_refused_by_name(tmp_path):
+    """--dir naming a file, or a folder that cannot be made, ended in a FileExistsError or
+    FileNotFoundError traceback from its mkdir."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for where, why in ((blocker, "a file is there"), ("/proc/no-such-folder", "No such file")):
+        done = bench("--dir", str(where), "--ranks", "1", tmp_path=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert f"--dir {where}: cannot make the folder ({why}" in done.stderr
+        assert "expected a folder, or a place where one can be made" in done.stderr
+    assert blocker.read_text() == ""
+
+
 def test_sigterm_stops_its_ranks_and_removes_its_scratch(tmp_path):
     """SIGTERM unwinds the script as Ctrl-C does; its spawned ranks stop with it rather than
     measuring on (they kept the process alive for minutes, then wrote into a removed folder)."""
