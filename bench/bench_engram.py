@@ -61,6 +61,7 @@ from tiered_store.cli_args import (
     at_least,
     capacity,
     doc_parser,
+    folder,
     output_file,
     policy,
     public_command,
@@ -82,7 +83,10 @@ TARGET = 0.97  # (b) tokens/s >= 0.97 x (a)
 def parse_args(argv=None) -> argparse.Namespace:
     p = doc_parser(__doc__)
     p.add_argument(
-        "--dir", default="/var/tmp", help="where table files go (a real disk: O_DIRECT needs one)"
+        "--dir",
+        type=folder,
+        default="/var/tmp",
+        help="where table files go (a real disk: O_DIRECT needs one)",
     )
     p.add_argument("--hidden", type=at_least(1), default=1024, help="backbone width")
     p.add_argument("--layers", type=at_least(1), default=8, help="Transformer layers")

@@ -79,6 +79,7 @@ from tiered_store.cli_args import (
     at_least,
     capacity,
     doc_parser,
+    folder,
     output_file,
     policy,
     public_command,
@@ -107,7 +108,12 @@ PHASES = ("scaled", "release", "store", "cached")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = doc_parser(__doc__)
-    p.add_argument("--dir", default="/var/tmp", help="where table files go (O_DIRECT needs a disk)")
+    p.add_argument(
+        "--dir",
+        type=folder,
+        default="/var/tmp",
+        help="where table files go (O_DIRECT needs a disk)",
+    )
     p.add_argument(
         "--phases", nargs="+", default=list(PHASES), choices=PHASES, help="phases to run, in order"
     )

@@ -73,3 +73,17 @@ def test_refuses_a_bad_count_before_any_work(tmp_path):
     assert done.returncode == 2
     assert "argument --rounds: expected an integer >= 1, got '0'" in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before writing a table
+
+
+def test_a_dir_that_is_a_file_is_refused_by_name(tmp_path):
+    """--dir FILE ended in a NotADirectoryError traceback when the tables were made."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for where, expected in (
+        (blocker, f"argument --dir: '{blocker}' is a file; expected a folder (or nothing there)"),
+        (blocker / "sub", f"argument --dir: '{blocker / 'sub'}': '{blocker}' is a file"),
+    ):
+        done = run_bench("bench_engram.py", "--dir", str(where))
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert expected in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

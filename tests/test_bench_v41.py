@@ -261,3 +261,15 @@ def test_bad_sizes_are_refused_before_any_work(tmp_path, option, value, expected
     assert done.returncode == 2
     assert f"argument {option}: {expected}" in done.stderr
     assert not (tmp_path / "tables").exists()
+
+
+def test_a_dir_that_is_a_file_is_refused_by_name(tmp_path):
+    """--dir FILE ended in a NotADirectoryError traceback when the tables were made."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = run_bench("bench_v41.py", "--dir", str(blocker))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"argument --dir: '{blocker}' is a file; expected a folder (or nothing there)" in (
+        done.stderr
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -162,6 +162,26 @@ def _check_can_make(text: str, first: Path) -> None:
         ) from None
 
 
+def folder(text: str) -> Path:
+    """An argparse ``type``: a folder that is there, or that can be made (it is made when written
+    to): a file there or on its way, or a place where nothing can be made, is refused.
+
+    >>> folder("/") == Path("/")
+    True
+    >>> folder("/dev/null")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '/dev/null' is a file; expected a folder (or nothing there)
+    """
+    path = Path(text)
+    if not path.is_dir():
+        output_file(text)  # what is refused on the way to a file is refused on the way to a folder
+        if path.exists():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a file; expected a folder (or nothing there)"
+            )
+    return path
+
+
 def positive_number(text: str) -> float:
     """An argparse ``type``: a finite number > 0 (seconds, a rate).
 
