@@ -277,6 +277,16 @@ def test_bad_row_ids_and_integer_tables_are_named(setup):
     table = InMemoryTable(torch.eye(4))
     for dtype in (torch.uint8, torch.int16, torch.int32):  # torch's bare RuntimeError but int32
         assert torch.equal(table.lookup(torch.tensor([3, 1], dtype=dtype)), torch.eye(4)[[3, 1]])
+    # before: a uint64 id past int64 was named by its wrapped negative value, a meta or sparse
+    # tensor failed with torch's bare error
+    with pytest.raises(RowIdError, match=r"ids: value 9223372036854775813 does not fit int64"):
+        table.lookup(torch.tensor([1, 2**63 + 5], dtype=torch.uint64))
+    for ids, what in (
+        (torch.zeros(2, dtype=torch.long, device="meta"), "is on the meta device"),
+        (torch.tensor([[0, 1]]).to_sparse(), "has layout torch.sparse_coo"),
+    ):
+        with pytest.raises(RowIdError, match=rf"ids: tensor int64 .* {what}"):
+            table.lookup(ids)
     with pytest.raises(
         ConfigError, match=r"weight: expected a floating-point table, got torch.int64"
     ):

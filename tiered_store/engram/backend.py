@@ -138,7 +138,8 @@ class InMemoryTable(nn.Module, TableBackend):
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """Rows for ``row_ids`` (any shape) as [..., dim] on the table's device.
 
-        Raises RowIdError for non-integer ids, and (on a CPU table) for ids outside the table.
+        Raises RowIdError for non-integer ids, ids without values (meta, sparse, nested), uint64
+        ids that do not fit int64, and (on a CPU table) ids outside the table.
         """
         if (
             row_ids.dtype.is_floating_point
@@ -146,7 +147,9 @@ class InMemoryTable(nn.Module, TableBackend):
             or row_ids.dtype == torch.bool
         ):
             raise RowIdError(f"row_ids: expected integer row ids, got {row_ids.dtype}")
-        ids = row_ids.to(self.weight.device, torch.int64)  # F.embedding takes int32/int64 only
+        # as the store reads them (a uint64 past int64 would wrap to a negative id); F.embedding
+        # takes int32/int64 only
+        ids = as_id_tensor(row_ids).to(self.weight.device, torch.int64)
         try:
             return F.embedding(ids, self.weight)
         except IndexError:  # torch's bounds check failed: name the id (no cost when none is bad)
