@@ -286,6 +286,22 @@ def test_hash_rejects_bad_ids_before_compute(golden):
             hasher.hash(ids)
 
 
+def test_a_token_mask_without_values_is_named(golden):
+    """A meta, nested or sparse token_mask: named, not torch's bare NotImplementedError (.to,
+    torch.where) or 'NestedTensorImpl doesn't support sizes'."""
+    _, _, hasher = golden
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    masks = (
+        (torch.ones(2, 3, dtype=torch.bool, device="meta"), "is on the meta device"),
+        (torch.nested.nested_tensor([torch.ones(3).bool(), torch.ones(2).bool()]), "is a nested"),
+        (torch.ones(2, 3, dtype=torch.bool).to_sparse(), "has layout torch.sparse_coo"),
+    )
+    for mask, what in masks:
+        for call in (hasher.hash, hasher.row_ids):
+            with pytest.raises(ConfigError, match=rf"token_mask: tensor bool .* {what}"):
+                call(ids, token_mask=mask)
+
+
 # -- configuration ----------------------------------------------------------------------------
 
 

@@ -212,6 +212,9 @@ def test_bad_tables_masks_and_positions_are_refused(model, config, hasher, token
         model.set_tables({1: wrong})
     with pytest.raises(ConfigError, match=r"token_mask: got torch.int64 \(3, 2\); expected bool"):
         model.prefetch(tokens, token_mask=torch.ones(3, 2, dtype=torch.int64))
+    nested = torch.nested.nested_tensor(list(torch.ones(tokens.shape, dtype=torch.bool)))
+    with pytest.raises(ConfigError, match=r"token_mask: tensor bool nested .* is a nested tensor"):
+        model.prefetch(tokens, token_mask=nested)  # torch's bare error from .shape before
     state, cache = hasher.new_state(3), model.new_cache()
     with torch.no_grad():
         model(tokens[:, :8], prefetched=model.prefetch(tokens[:, :8], state=state), cache=cache)

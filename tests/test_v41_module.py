@@ -103,6 +103,13 @@ def test_a_token_mask_not_bool_is_refused(golden, layer):
         name = type(bad).__name__
         with pytest.raises(ConfigError, match=rf"token_mask: got a {name}; expected a bool torch"):
             layer(x, ids, bad)
+    for bad, what in (  # torch's bare error from .to, .shape or torch.where before
+        (mask.to("meta"), "is on the meta device"),
+        (torch.nested.nested_tensor(list(mask)), "is a nested tensor"),
+        (mask.to_sparse(), "has layout torch.sparse_coo"),
+    ):
+        with pytest.raises(ConfigError, match=rf"token_mask: tensor bool .* {what}"):
+            layer(x, ids, bad)
 
 
 def test_from_the_reference_kv_the_output_is_bit_exact(golden, layer):

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..id_ops import array_for_torch
+from ..table_sources import describe_tensor, tensor_without_values
 from .config import EngramConfig
 from .tokenizer import CompressedTokenizer, check_token_ids
 
@@ -367,6 +368,8 @@ class NgramHasher:
         if not isinstance(token_mask, torch.Tensor):
             token_mask = array_for_torch(token_mask)  # no negative strides; a scalar stays 0-d
         mask = torch.as_tensor(token_mask)
+        if (problem := tensor_without_values(mask)) is not None:  # torch's bare error from .shape
+            raise ConfigError(f"token_mask: tensor {describe_tensor(mask)} {problem}")
         if mask.dtype != torch.bool or mask.shape != ids.shape:
             raise ConfigError(
                 f"token_mask: got {mask.dtype} {tuple(mask.shape)}; expected bool "

@@ -55,7 +55,7 @@ from torch import nn
 
 from ..capacity import available_host_memory, format_bytes
 from ..errors import ConfigError
-from ..id_ops import array_for_torch, ids_on_gpu, snapshot_of
+from ..id_ops import ids_on_gpu, snapshot_of
 from ..quantization import RowQuantization, quantize_rows
 from .backend import PackedInMemoryTable, TableBackend
 from .config import ModelConfig, TransformerConfig
@@ -710,14 +710,7 @@ def _token_mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
     """``token_mask`` as bool [B, T] on the ids' device (all True when ``None``)."""
     if token_mask is None:
         return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    if not isinstance(token_mask, torch.Tensor):
-        token_mask = torch.from_numpy(array_for_torch(token_mask))  # a scalar stays 0-d
-    if token_mask.dtype != torch.bool or token_mask.shape != ids.shape:
-        raise ConfigError(
-            f"token_mask: got {token_mask.dtype} {tuple(token_mask.shape)}; expected bool "
-            f"{tuple(ids.shape)}, the shape of input_ids"
-        )
-    return token_mask.to(ids.device)
+    return NgramHasher._mask(token_mask, ids)  # the hasher's checks (one set of messages)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..table_sources import describe_tensor, tensor_without_values
 from .backend import TableBackend
 
 __all__ = ["GATE_CLAMP", "V41Engram"]
@@ -127,6 +128,8 @@ class V41Engram(nn.Module):
                 f"token_mask: got a {type(token_mask).__name__}; expected a bool torch.Tensor of "
                 f"shape {tuple(x.shape[:-2])}, the [B, T] of x (torch.from_numpy for an array)"
             )
+        elif (problem := tensor_without_values(token_mask)) is not None:  # .shape's bare error
+            raise ConfigError(f"token_mask: tensor {describe_tensor(token_mask)} {problem}")
         elif token_mask.shape != x.shape[:-2]:
             raise ConfigError(
                 f"token_mask: shape {tuple(token_mask.shape)}; expected {tuple(x.shape[:-2])} "
