@@ -67,6 +67,18 @@ def test_bad_arguments_name_the_value(data_file, kwargs, message):
 
 
 @pytest.mark.parametrize("probe", [probe_random_reads, probe_uring_reads])
+def test_numpy_integers_are_integers(data_file, probe):
+    """start, stop and seed from NumPy arithmetic or a NumPy rng: taken as before 8cd2e87, which
+    refused them as 'expected a byte offset (an integer)'."""
+    kwargs = {"start": np.int64(4096), "stop": np.uint32(5 * 4096), "seed": np.int64(7)}
+    assert probe(data_file, reads=20, **kwargs).reads == 20
+    with pytest.raises(ConfigError, match=r"start: got None; expected a byte offset"):
+        probe(data_file, start=None)
+    with pytest.raises(ConfigError, match=r"seed: got np.True_; expected an integer >= 0"):
+        probe(data_file, seed=np.True_)
+
+
+@pytest.mark.parametrize("probe", [probe_random_reads, probe_uring_reads])
 def test_a_block_larger_than_one_read_is_refused(tmp_path, probe):
     """Linux transfers at most 2 GiB - 4 KiB per read: a 2 GiB block would be read short."""
     path = tmp_path / "sparse.bin"
