@@ -92,15 +92,15 @@ def test_a_block_larger_than_one_read_is_refused(tmp_path, probe):
 def test_a_file_truncated_while_probed_fails(data_file):
     """Reads past the new end come back empty: an error, not reads counted as done."""
 
-    def truncate_once_open() -> None:  # the probe holds the file open: it is reading
-        target, give_up = os.path.realpath(data_file), time.monotonic() + 60
+    def truncate_once_reading() -> None:  # its threads start once the file's size is read
+        give_up = time.monotonic() + 60
         while time.monotonic() < give_up and not any(
-            os.path.realpath(f"/proc/self/fd/{fd}") == target for fd in os.listdir("/proc/self/fd")
+            thread.name.startswith("disk-probe-") for thread in threading.enumerate()
         ):
             time.sleep(0.001)
         os.truncate(data_file, 0)
 
-    truncate = threading.Thread(target=truncate_once_open)
+    truncate = threading.Thread(target=truncate_once_reading)
     truncate.start()
     try:
         with pytest.raises(TierIOError, match=r"short read at offset \d+: got 0 of 4096 bytes"):
