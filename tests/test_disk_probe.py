@@ -134,6 +134,40 @@ def test_a_thread_without_a_buffer_fails_instead_of_hanging(tmp_path):
     assert "sparse.bin failed (no 536,870,912-byte buffer: Cannot allocate memory)" in done.stdout
 
 
+def test_ctrl_c_stops_every_reading_thread(data_file):
+    """Ctrl-C while the threads read: before, they read on through the file's descriptor number,
+    which the next open took (the caller's file), and kept the interpreter from exiting."""
+    code = textwrap.dedent(
+        f"""
+        import os, signal, threading, time
+        from tiered_store.disk_probe import probe_random_reads
+        path = {str(data_file)!r}
+
+        def interrupt():
+            while not any(t.name.startswith("disk-probe-") for t in threading.enumerate()):
+                time.sleep(0.001)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        def bytes_read():
+            return int(open("/proc/self/io").read().split("rchar:")[1].split()[0])
+
+        threading.Thread(target=interrupt, daemon=True).start()
+        try:
+            probe_random_reads(path, reads=2_000_000, threads=3)
+        except KeyboardInterrupt:
+            fd = os.open(path, os.O_RDONLY)  # takes the number the probe's descriptor had
+            before = bytes_read()
+            time.sleep(0.3)
+            print("interrupted; bytes read since:", bytes_read() - before)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "interrupted; bytes read since: " in done.stdout
+    assert int(done.stdout.split("since: ")[1]) < 4096, done.stdout
+
+
 def test_missing_file_is_a_tier_io_error(tmp_path):
     with pytest.raises(TierIOError, match=r"cannot open .*nothing.bin for O_DIRECT reads"):
         probe_random_reads(tmp_path / "nothing.bin")

@@ -296,9 +296,10 @@ def _read_all(fd: int, path: Path, offsets: list[int], threads: int, block_bytes
     """Seconds for ``threads`` threads to ``preadv`` one block at each offset (shared queue)."""
     claims = itertools.count()  # next() on a count is atomic under the GIL
     ready = threading.Barrier(threads + 1)
+    stop = threading.Event()  # set on a failed read or a Ctrl-C: no thread reads on
     errors: list[OSError] = []
 
-    def worker() -> None:
+    def read_blocks() -> None:
         try:
             buf = mmap.mmap(-1, block_bytes)  # page-aligned, as O_DIRECT needs
         except OSError as exc:  # the clock and the other threads must not wait for this one
@@ -307,7 +308,7 @@ def _read_all(fd: int, path: Path, offsets: list[int], threads: int, block_bytes
             return
         try:
             ready.wait()
-            while True:
+            while not stop.is_set():
                 first = next(claims) * READS_PER_CLAIM
                 if first >= len(offsets):
                     return
@@ -322,22 +323,39 @@ def _read_all(fd: int, path: Path, offsets: list[int], threads: int, block_bytes
             pass
         except OSError as exc:
             errors.append(exc)
+            stop.set()  # the probe fails: the other threads need not read on
         finally:
             buf.close()
 
-    pool = [threading.Thread(target=worker, name=f"disk-probe-{k}") for k in range(threads)]
+    def worker(done: threading.Event) -> None:
+        try:
+            read_blocks()
+        finally:  # waited on, not joined: a join that Ctrl-C interrupts marks a live thread ended
+            done.set()
+
+    ended = [threading.Event() for _ in range(threads)]
+    pool = [
+        threading.Thread(target=worker, args=(done,), name=f"disk-probe-{k}")
+        for k, done in enumerate(ended)
+    ]
+    started = 0
     try:
-        for thread in pool:
-            thread.start()
-        ready.wait()
-    except threading.BrokenBarrierError:  # the error a worker left is raised below
-        pass
-    except BaseException:  # no thread for a worker, Ctrl-C: release those already waiting
-        ready.abort()
+        try:
+            for thread in pool:
+                thread.start()
+                started += 1
+            ready.wait()
+        except threading.BrokenBarrierError:  # the error a worker left is raised below
+            pass
+        start = time.perf_counter()
+        for done in ended:
+            done.wait()
+    except BaseException:  # no thread for a worker, Ctrl-C: every thread stops reading before
+        ready.abort()  # the caller closes the file, whose number the next open takes
+        stop.set()
+        for done in ended[:started]:
+            done.wait()
         raise
-    start = time.perf_counter()
-    for thread in pool:
-        thread.join()
     seconds = time.perf_counter() - start
     if errors:
         exc = errors[0]
