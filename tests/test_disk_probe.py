@@ -134,6 +134,34 @@ def test_a_thread_without_a_buffer_fails_instead_of_hanging(tmp_path):
     assert "sparse.bin failed (no 536,870,912-byte buffer: Cannot allocate memory)" in done.stdout
 
 
+def test_a_uring_buffer_that_cannot_be_had_is_named(tmp_path):
+    """Under an address-space limit the uring probe's 576 MiB buffer cannot be had: a TierIOError
+    naming it (numpy's bare MemoryError before), as probe_random_reads names its threads'."""
+    code = textwrap.dedent(
+        f"""
+        import resource
+        from tiered_store.disk_probe import probe_uring_reads
+        from tiered_store.errors import TierIOError
+        path = {str(tmp_path / "sparse.bin")!r}
+        with open(path, "wb") as f:
+            f.truncate(1 << 30)
+        status = open("/proc/self/status").read()
+        vm = int(status.split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), vm + (256 << 20)))
+        try:
+            probe_uring_reads(path, reads=4, queue_depth=4, block_bytes=64 << 20)
+        except TierIOError as exc:
+            print(exc)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (
+        "sparse.bin: no 603,979,776-byte buffer (2 x queue_depth 4 blocks of 67,108,864 bytes"
+        in done.stdout
+    ), done.stdout
+
+
 def test_ctrl_c_stops_every_reading_thread(data_file):
     """Ctrl-C while the threads read: before, they read on through the file's descriptor number,
     which the next open took (the caller's file), and kept the interpreter from exiting."""

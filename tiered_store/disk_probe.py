@@ -167,8 +167,8 @@ def probe_uring_reads(
     ConfigError
         A count or range is out of bounds.
     TierIOError
-        The file cannot be opened with ``O_DIRECT`` (or is a folder), io_uring is unavailable, or
-        a read fails.
+        The file cannot be opened with ``O_DIRECT`` (or is a folder), io_uring is unavailable,
+        there is no memory for the ``(2 * queue_depth + 1) * block_bytes`` buffer, or a read fails.
 
     Examples
     --------
@@ -194,7 +194,7 @@ def probe_uring_reads(
             raise TierIOError(exc.errno, f"probing {path}: {exc.strerror}", str(path)) from exc
         with ring:
             slots = 2 * queue_depth
-            raw = np.empty((slots + 1) * block_bytes, dtype=np.uint8)
+            raw = _buffer(path, (slots + 1) * block_bytes, queue_depth, block_bytes)
             base = raw.ctypes.data + (-raw.ctypes.data % PAGE_BYTES)
             addresses = base + (np.arange(reads, dtype=np.int64) % slots) * block_bytes
             lengths = np.full(reads, block_bytes, dtype=np.int64)
@@ -215,6 +215,20 @@ def probe_uring_reads(
     return RandomReadRate(
         reads=reads, seconds=seconds, threads=1, block_bytes=block_bytes, queue_depth=queue_depth
     )
+
+
+def _buffer(path: Path, nbytes: int, queue_depth: int, block_bytes: int) -> np.ndarray:
+    """The uring probe's read buffer; TierIOError naming its size when there is no memory for it."""
+    try:
+        return np.empty(nbytes, dtype=np.uint8)
+    except MemoryError:
+        raise TierIOError(
+            errno.ENOMEM,
+            f"probing {path}: no {nbytes:,}-byte buffer (2 x queue_depth {queue_depth} blocks of "
+            f"{block_bytes:,} bytes, and one for alignment); expected a smaller queue_depth or "
+            "block_bytes",
+            str(path),
+        ) from None
 
 
 def _draw_offsets(
