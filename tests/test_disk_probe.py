@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -206,6 +207,31 @@ def test_a_folder_is_named_as_one(tmp_path, probe):
     """A folder, not a file system refusing O_DIRECT (Linux answers EINVAL for both)."""
     with pytest.raises(TierIOError, match=r"cannot probe .*: it is a folder; expected a file") as e:
         probe(tmp_path, reads=10)
+    assert "refuses O_DIRECT" not in str(e.value)
+
+
+@pytest.mark.parametrize("probe", [probe_random_reads, probe_uring_reads])
+def test_a_fifo_or_a_device_is_named_as_one(tmp_path, probe):
+    """A FIFO's open waited forever for a writer, and a character device was said to be on a file
+    system refusing O_DIRECT (Linux answers EINVAL)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def unblock() -> None:  # a writer ends a probe stuck in the FIFO's open (then it fails)
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    watchdog = threading.Timer(10, unblock)
+    watchdog.start()
+    try:
+        with pytest.raises(TierIOError, match=r"cannot probe .*pipe: it is a FIFO \(named pipe\)"):
+            probe(fifo, reads=10)
+    finally:
+        watchdog.cancel()
+    with pytest.raises(
+        TierIOError, match=r"cannot probe /dev/zero: it is a character device;"
+    ) as e:
+        probe("/dev/zero", reads=10)
     assert "refuses O_DIRECT" not in str(e.value)
 
 

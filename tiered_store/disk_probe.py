@@ -21,6 +21,7 @@ import mmap
 import operator
 import os
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -36,6 +37,12 @@ from tiered_store.table_format import PAGE_BYTES
 
 READS_PER_CLAIM = 64  # offsets a thread takes from the shared queue at a time
 MAX_BLOCK_BYTES = 0x7FFFF000  # 2 GiB - 4 KiB: the most one read transfers (Linux's MAX_RW_COUNT)
+_NOT_FILES = (  # what a path that is not a regular file is, for the probes' error
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,8 @@ def probe_random_reads(
     ConfigError
         A count or range is out of bounds.
     TierIOError
-        The file cannot be opened with ``O_DIRECT`` (or is a folder) or a read fails.
+        The file cannot be opened with ``O_DIRECT`` (or is not a regular file: a folder, a FIFO,
+        a device) or a read fails.
 
     Examples
     --------
@@ -167,8 +175,9 @@ def probe_uring_reads(
     ConfigError
         A count or range is out of bounds.
     TierIOError
-        The file cannot be opened with ``O_DIRECT`` (or is a folder), io_uring is unavailable,
-        there is no memory for the ``(2 * queue_depth + 1) * block_bytes`` buffer, or a read fails.
+        The file cannot be opened with ``O_DIRECT`` (or is not a regular file), io_uring is
+        unavailable, there is no memory for the ``(2 * queue_depth + 1) * block_bytes`` buffer,
+        or a read fails.
 
     Examples
     --------
@@ -291,15 +300,26 @@ def _open_direct(path: Path) -> int:
     if not hasattr(os, "O_DIRECT"):
         raise TierIOError(errno.EINVAL, "O_DIRECT reads: this OS has no O_DIRECT", str(path))
     try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = stat.S_IFREG  # the open below says why
+    if stat.S_ISDIR(mode):  # Linux's open answers EINVAL, as for a file system without O_DIRECT
+        raise TierIOError(
+            errno.EISDIR,
+            f"cannot probe {path}: it is a folder; expected a file on the disk to probe (a "
+            "large file in that folder)",
+            str(path),
+        )
+    if not stat.S_ISREG(mode):  # a FIFO's open waits for a writer; a device's size reads as 0
+        kind = next((what for test, what in _NOT_FILES if test(mode)), "not a regular file")
+        raise TierIOError(
+            errno.EINVAL,
+            f"cannot probe {path}: it is {kind}; expected a file on the disk to probe",
+            str(path),
+        )
+    try:
         return os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        if path.is_dir():  # Linux answers EINVAL, as for a file system without O_DIRECT
-            raise TierIOError(
-                errno.EISDIR,
-                f"cannot probe {path}: it is a folder; expected a file on the disk to probe (a "
-                "large file in that folder)",
-                str(path),
-            ) from exc
         hint = "; the file system refuses O_DIRECT here" if exc.errno == errno.EINVAL else ""
         raise TierIOError(
             exc.errno, f"cannot open {path} for O_DIRECT reads ({exc.strerror}){hint}", str(path)
