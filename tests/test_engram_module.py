@@ -274,6 +274,11 @@ def test_bad_row_ids_and_integer_tables_are_named(setup):
         engram(hidden, row_ids=torch.full((3, 32, 8), -1))
     with pytest.raises(RowIdError, match=r"row_ids: expected integer row ids, got torch.float32"):
         engram(hidden, row_ids=torch.zeros(3, 32, 8))
+    nested = torch.nested.nested_tensor(list(torch.zeros(3, 32, 8, dtype=torch.long)))
+    with pytest.raises(RowIdError, match=r"row_ids: tensor int64 nested \(3 tensors\) is a nested"):
+        engram(hidden, row_ids=nested)  # torch's 'NestedTensorImpl doesn't support sizes' before
+    with pytest.raises(RowIdError, match=r"input_ids: tensor int64 \(3, 32\) is on the meta"):
+        engram(hidden, data["input_ids"].to("meta"))  # 'Cannot copy out of meta tensor' before
     table = InMemoryTable(torch.eye(4))
     for dtype in (torch.uint8, torch.int16, torch.int32):  # torch's bare RuntimeError but int32
         assert torch.equal(table.lookup(torch.tensor([3, 1], dtype=dtype)), torch.eye(4)[[3, 1]])

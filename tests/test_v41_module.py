@@ -172,6 +172,9 @@ def test_the_packed_table_refuses_row_ids_not_integers_and_reads_uint8_ids_as_id
             table.lookup(bad)
         with pytest.raises(RowIdError, match=rf"ids: dtype {bad.dtype}"):
             engram(x, bad.reshape(1, 1, 2).expand(1, 2, 2))
+    nested = torch.nested.nested_tensor([torch.tensor([[0, 1], [2, 3]])])
+    with pytest.raises(RowIdError, match=r"row_ids: tensor int64 nested \(1 tensors\) is a nested"):
+        engram(x, nested)  # torch's 'NestedTensorImpl doesn't support sizes' before
     ids = torch.tensor([3, 0, 1, 3])  # as many ids as rows: a mask of that shape indexes
     want = table.lookup(ids)
     for dtype in (torch.uint8, torch.int32, torch.int16):

@@ -17,8 +17,15 @@ from torch import nn
 from ..errors import ConfigError, RowIdError
 from ..quantization import RowQuantization, dequantize_rows
 from ..store import as_id_tensor
+from ..table_sources import describe_tensor, tensor_without_values
 
 __all__ = ["InMemoryTable", "PackedInMemoryTable", "TableBackend"]
+
+
+def check_row_id_values(row_ids: object) -> None:
+    """Refuse a row id tensor without values (nested, meta, sparse) before its shape is read."""
+    if isinstance(row_ids, torch.Tensor) and (problem := tensor_without_values(row_ids)):
+        raise RowIdError(f"row_ids: tensor {describe_tensor(row_ids)} {problem}")
 
 
 @runtime_checkable

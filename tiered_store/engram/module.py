@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .backend import InMemoryTable, TableBackend
+from ..table_sources import tensor_without_values
+from .backend import InMemoryTable, TableBackend, check_row_id_values
 from .config import BackboneConfig, EngramConfig
 from .hashing import HashState, NgramHasher
 from .tokenizer import check_token_ids
@@ -339,8 +340,8 @@ class Engram(nn.Module):
             if input_ids is None:
                 raise ConfigError("input_ids: required when row_ids is not given")
             self._check_chunk_states(conv_state, state)
-            if isinstance(input_ids, torch.Tensor):
-                input_ids = input_ids.to(hidden_states.device)
+            if isinstance(input_ids, torch.Tensor) and tensor_without_values(input_ids) is None:
+                input_ids = input_ids.to(hidden_states.device)  # a meta one: named just below
             input_ids = self._id_tensor(input_ids)
             if tuple(input_ids.shape) != tuple(hidden_states.shape[:2]):
                 raise ConfigError(
@@ -348,6 +349,7 @@ class Engram(nn.Module):
                     f"hidden_states), got {list(input_ids.shape)}"
                 )
             row_ids = self.row_ids(input_ids, state=state)
+        check_row_id_values(row_ids)
         expected = (*hidden_states.shape[:2], self.config.num_heads)
         if tuple(row_ids.shape) != expected:
             raise ConfigError(

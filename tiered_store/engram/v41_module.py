@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..table_sources import describe_tensor, tensor_without_values
-from .backend import TableBackend
+from .backend import TableBackend, check_row_id_values
 
 __all__ = ["GATE_CLAMP", "V41Engram"]
 
@@ -111,6 +111,7 @@ class V41Engram(nn.Module):
         ``token_mask`` (bool [B, T], default all True) marks live tokens: a dead token's gate is
         zero and its stream passes through unchanged. ``handle`` is the table's prefetch handle.
         """
+        check_row_id_values(row_ids)
         if x.shape[-2:] != (self.hc_mult, self.dim) or row_ids.shape[-1] != self.num_heads:
             raise ConfigError(
                 f"V41Engram input: x {tuple(x.shape)} and row ids {tuple(row_ids.shape)}; expected "
