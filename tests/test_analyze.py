@@ -29,11 +29,11 @@ from zipf_analysis.analyze import (
     OutputDirError,
     analyze,
     parse_targets,
-    summary_lines,
 )
 from zipf_analysis.analyze.profile_pass import DedupCounter
 from zipf_analysis.mrc import lru_mrc
 from zipf_analysis.replay import replay
+from zipf_analysis.report import summary_lines
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 64
