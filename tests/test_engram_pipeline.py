@@ -13,7 +13,12 @@ from tests.test_engram_model import STORE, TEXT, TINY
 from tiered_store.engram import NgramHasher, TableBackend
 from tiered_store.engram.checkpoint import open_tables, save_tiered
 from tiered_store.engram.model import EngramLM, ModelConfig
-from tiered_store.engram.pipeline import PrefetchPipeline, profile_rows, table_stats_delta
+from tiered_store.engram.pipeline import (
+    DecodeStats,
+    PrefetchPipeline,
+    profile_rows,
+    table_stats_delta,
+)
 from tiered_store.errors import ConfigError
 
 
@@ -277,3 +282,12 @@ def test_layers_sharing_one_store_count_its_seconds_once(model, batches, tmp_pat
     decoded = next(iter(steps.tables.values()))  # the store's counters over the decode steps
     assert steps.lookup_seconds.sum() == pytest.approx(decoded["lookup"]["seconds_total"])
     assert steps.stall_seconds.sum() == pytest.approx(decoded["prefetch"]["wait_seconds_total"])
+
+
+def test_decode_stats_summary_of_no_steps_is_a_clear_error():
+    empty = np.zeros(0)
+    with pytest.raises(ConfigError, match=r"step_seconds is empty \(0 decode steps"):
+        DecodeStats(2, 8, 0.1, empty, empty, empty, empty).summary()
+    one = np.array([0.002])
+    summary = DecodeStats(2, 8, 0.1, one, one / 4, one / 8, one / 16).summary()
+    assert summary["steps"] == 1 and summary["stall_ms_p99"] == pytest.approx(0.125)

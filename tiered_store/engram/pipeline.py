@@ -95,8 +95,14 @@ class DecodeStats:
         return self.prepare_seconds + self.lookup_seconds
 
     def summary(self) -> dict[str, float]:
-        """Medians and means per step, and the stall's and the store's share of the step."""
+        """Medians and means per step, and the stall's and the store's share of the step; a
+        ``ConfigError`` when no step was recorded (there is nothing to summarise)."""
         step, stall, store = self.step_seconds, self.stall_seconds, self.store_seconds
+        if step.size == 0:
+            raise ConfigError(
+                "DecodeStats.summary: step_seconds is empty (0 decode steps recorded); "
+                "expected at least one step to summarise"
+            )
         return {
             "steps": int(step.size),
             "step_ms_median": 1e3 * float(np.median(step)),
