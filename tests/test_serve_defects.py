@@ -34,6 +34,7 @@ from tiered_store.serve.client import (
     get_json,
     post_json,
     raw_exchange,
+    run_load,
     subprocess_env,
 )
 from tiered_store.table_format import (
@@ -480,6 +481,24 @@ def test_get_json_and_post_json_name_an_answer_that_is_not_json():
                 assert "<html><body>502 Bad Gateway" in message
         finally:
             proxy.shutdown()
+
+
+def _unused_port() -> int:
+    """A local port that nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_load_run_with_no_answer_writes_null_percentiles_not_nan():
+    """With no latency recorded, to_dict() wrote NaN p50/p95/p99, which json.dumps writes as the
+    bare token NaN: strict JSON parsers refuse the result."""
+    url = f"http://127.0.0.1:{_unused_port()}/v1/engram"
+    result = run_load(url, [{"input_ids": [[1, 2]]}] * 3, clients=2)
+    assert result.answered == 0 and result.errors == {"ConnectionRefusedError": 3}
+    doc = result.to_dict()
+    assert doc["p50_ms"] is None and doc["p95_ms"] is None and doc["p99_ms"] is None
+    json.dumps(doc, allow_nan=False)  # strict JSON
 
 
 def test_a_stopped_serve_process_still_shows_its_log(config_path):

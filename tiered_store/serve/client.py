@@ -374,15 +374,12 @@ class LoadResult:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (no per-request latencies)."""
+        """JSON-ready summary (no per-request latencies); the percentiles are ``None`` (JSON
+        null, not NaN, which strict JSON refuses) when no request was answered."""
         out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
-        out.update(
-            lost=self.lost,
-            requests_per_second=round(self.requests_per_second, 1),
-            p50_ms=round(self.percentile_ms(50), 2),
-            p95_ms=round(self.percentile_ms(95), 2),
-            p99_ms=round(self.percentile_ms(99), 2),
-        )
+        out.update(lost=self.lost, requests_per_second=round(self.requests_per_second, 1))
+        for q in (50, 95, 99):
+            out[f"p{q}_ms"] = round(self.percentile_ms(q), 2) if self.latencies_ms else None
         return out
 
 
