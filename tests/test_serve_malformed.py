@@ -53,6 +53,7 @@ MALFORMED = [
     ("POST", E, b'{"prompt": "hi"}', {}, 400, "prompt: unknown key; expected one of input_ids, text, top_k"),
     ("POST", E, b'{"Input_ids": [1]}', {}, 400, "Input_ids: unknown key"),
     ("POST", E, b'{"input_ids": [1], "return_output": true}', {}, 400, "return_output: unknown key"),
+    ("POST", E, json.dumps({"k" * 60000: 1}).encode(), {}, 400, "k... (60,000 characters): unknown key; expected one of"),
     ("POST", E, b'{"input_ids": [1, 2], "input_ids": [3]}', {}, 400, 'body: key "input_ids" appears twice; expected each key once'),
     ("POST", E, b'{"text": "a", "top_k": 2, "top_k": 3}', {}, 400, 'body: key "top_k" appears twice'),
     # input_ids: types and shapes
@@ -179,6 +180,7 @@ def test_a_malformed_request_gets_its_4xx_naming_the_problem(
     assert isinstance(answer, dict) and set(answer) == {"error"}, answer
     assert words in answer["error"], answer
     assert "Traceback" not in answer["error"] and "/tmp" not in answer["error"]
+    assert len(raw) < 500, raw[:200]  # a long key or value in the body is cut short
     if status == 405:
         assert response.headers["Allow"] in ("GET, HEAD", "POST")
 

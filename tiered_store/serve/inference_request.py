@@ -98,7 +98,8 @@ def parse_request(body: bytes, server: ServerSection, model: RequestModel) -> In
     unknown = sorted(k for k in doc if k not in _REQUEST_KEYS)
     if unknown:
         raise RequestError(
-            400, f"{unknown[0]}: unknown key; expected one of {', '.join(_REQUEST_KEYS)}"
+            400,
+            f"{_key_shown(unknown[0])}: unknown key; expected one of {', '.join(_REQUEST_KEYS)}",
         )
     top_k = doc.get("top_k", 1)
     if type(top_k) is not int or not 1 <= top_k <= MAX_TOP_K:
@@ -270,6 +271,15 @@ def _check_limits(lengths: list[int], server: ServerSection, key: str) -> None:
             f"{key}: {total:,} tokens (batch x longest sequence); this server takes at most "
             f"{server.max_tokens:,} per request (server.max_tokens)",
         )
+
+
+def _key_shown(key: str) -> str:
+    """A body's key as a message names it: whole up to 40 characters, else cut to 40 and its length.
+
+    >>> _key_shown("prompt"), _key_shown("k" * 50)
+    ('prompt', 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk... (50 characters)')
+    """
+    return key if len(key) <= 40 else f"{key[:40]}... ({len(key):,} characters)"
 
 
 def _described(value: Any) -> str:
