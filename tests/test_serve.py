@@ -872,6 +872,43 @@ def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(t
         server.stop()
 
 
+def test_a_request_that_gets_no_compute_turn_in_time_is_told_when_to_retry(tmp_path):
+    """The compute-busy 503 (no free turn within request_timeout_s) had no Retry-After, unlike
+    the connection-limit 503: a client could not tell when to come back."""
+    import threading
+
+    limits = {"max_concurrent": 1, "request_timeout_s": 1.0}
+    server = start_server(make_checkpoint(tmp_path, server=limits))
+    computing, go_on = threading.Event(), threading.Event()
+    answer = server.model.answer
+
+    def held_answer(*args, **kwargs):
+        computing.set()
+        go_on.wait(30)  # the first request holds the only compute turn
+        return answer(*args, **kwargs)
+
+    server.model.answer = held_answer
+    first = threading.Thread(
+        target=lambda: post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})
+    )
+    try:
+        first.start()
+        assert computing.wait(30)
+        host, port = server.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", "/v1/engram", json.dumps({"input_ids": [[4, 5, 6]]}))
+        response = conn.getresponse()
+        answer_doc = json.loads(response.read())
+        conn.close()
+        assert response.status == 503, answer_doc
+        assert answer_doc == {"error": "server busy: no free compute slot in time; retry later"}
+        assert response.getheader("Retry-After") == "1"
+    finally:
+        go_on.set()
+        first.join(30)
+        server.stop()
+
+
 def _duration_bounds(url: str) -> list[float]:
     """The finite bucket bounds of the request-duration histogram ``url`` exports."""
     with urllib.request.urlopen(url, timeout=30) as scraped:

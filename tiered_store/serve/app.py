@@ -130,6 +130,8 @@ def _error_response(exc: Exception, request: Request) -> Response:
         headers = {"Allow": exc.allow} if exc.allow else {}
         if exc.status in (408, 413):  # the body was not read to its end: close the connection
             headers["Connection"] = "close"
+        if exc.status == 503:  # busy (no compute turn in time): as the connection limit's 503
+            headers["Retry-After"] = "1"
         return json_response(exc.status, {"error": exc.message}, headers)
     if isinstance(exc, RowIdError):  # ids the request checks let through but the model refused
         return json_response(400, {"error": str(exc)})
