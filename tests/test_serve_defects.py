@@ -501,6 +501,21 @@ def test_a_load_run_with_no_answer_writes_null_percentiles_not_nan():
     json.dumps(doc, allow_nan=False)  # strict JSON
 
 
+def test_a_refused_connection_names_the_url():
+    """get_json and post_json with no server listening raised a bare
+    "ConnectionRefusedError: [Errno 111] Connection refused", naming neither the URL nor the port."""
+    url = f"http://127.0.0.1:{_unused_port()}"
+    for path, call in (
+        ("/stats", lambda: get_json(url + "/stats")),
+        ("/v1/engram", lambda: post_json(url + "/v1/engram", {"input_ids": [[1]]})),
+    ):
+        with pytest.raises(ConnectionRefusedError) as raised:  # still an OSError, as before
+            call()
+        assert f"{url}{path}: connection refused (nothing listens on {url[7:]})" in str(
+            raised.value
+        )
+
+
 def test_a_stopped_serve_process_still_shows_its_log(config_path):
     """ServeProcess.log() after stop() raised "I/O operation on closed file", so what the server
     logged while it drained and exited could not be read."""

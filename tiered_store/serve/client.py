@@ -29,7 +29,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,8 @@ def post_json(
     _close_if_closed_by_server(conn)
     try:
         body = json.dumps(doc).encode()
-        conn.request("POST", parts.path, body, {"Content-Type": "application/json"})
+        with _refusal_named(url):
+            conn.request("POST", parts.path, body, {"Content-Type": "application/json"})
         response = conn.getresponse()
         return response.status, _json_answer(url, response)
     except BaseException:
@@ -226,6 +228,18 @@ def post_json(
     finally:
         if connection is None:
             conn.close()
+
+
+@contextmanager
+def _refusal_named(url: str) -> Iterator[None]:
+    """A refused connection re-raised as a ``ConnectionRefusedError`` that names ``url``."""
+    try:
+        yield
+    except ConnectionRefusedError as exc:
+        where = urlsplit(url).netloc
+        raise ConnectionRefusedError(
+            exc.errno, f"{url}: connection refused (nothing listens on {where}); is the server up?"
+        ) from exc
 
 
 def _json_answer(url: str, response: http.client.HTTPResponse) -> Any:
@@ -267,7 +281,8 @@ def get_json(url: str, timeout: float = 30.0) -> tuple[int, Any]:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+        with _refusal_named(url):
+            conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
         response = conn.getresponse()
         return response.status, _json_answer(url, response)
     finally:
