@@ -259,3 +259,37 @@ def test_a_missing_v41_table_names_convert_hf(hasher, tmp_path):
 
     with pytest.raises(TableNotFoundError, match=r"Engram layer 1: .*`tiered-store convert-hf`"):
         open_tables({1: table_file(tmp_path, 1)}, hasher, STORE)
+
+
+_BUILD_PEAK = """
+import json, resource, sys
+from tiered_store.engram import NgramHasher
+from tiered_store.engram.model import EngramLM, ModelConfig
+config = ModelConfig.from_dict(json.loads(sys.argv[1]))
+hasher = NgramHasher(config.engram)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = EngramLM(config, hasher=hasher)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(json.dumps({"grown": grown, "rows": [int(model.tables[k].rows) for k in (1, 14)]}))
+"""
+
+
+def test_random_v41_tables_are_built_without_a_whole_float32_table(tmp_path):
+    """A V4.1 model without tables drew each table's rows whole in float32 (4 B a value, 3 copies
+    while quantising: 590 GB at the release's 384M rows x 128) to keep 33/32 B a value, past
+    what check_model_memory allows for; the rows are now drawn in bounded chunks."""
+    import subprocess
+    import sys
+
+    from tiered_store.serve.client import subprocess_env
+
+    geometry = {**V41, "engram": {**V41["engram"], "engram_vocab_size": 100_003}}
+    out = subprocess.run(
+        [sys.executable, "-c", _BUILD_PEAK, json.dumps(geometry)],
+        capture_output=True, text=True, timeout=300, env=subprocess_env(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    built = json.loads(out.stdout)
+    rows = sum(built["rows"])
+    assert rows > 4_800_000  # float32: 4 x 32 B a row, 310 MB a table
+    assert built["grown"] < rows * QUANT.packed_bytes + (128 << 20), built

@@ -74,6 +74,7 @@ __all__ = [
 ]
 
 V41_SCALE_BLOCK = 32  # columns per ue8m0 scale byte in V4.1's packed rows
+_RANDOM_CHUNK_VALUES = 1 << 22  # float32 values drawn at a time for a random packed table (16 MiB)
 
 Logits = Literal["all", "last", "none"]
 
@@ -600,8 +601,13 @@ class EngramLM(nn.Module):
                 "V4.1 geometry"
             )
         quant = RowQuantization(values=dim, block=V41_SCALE_BLOCK)
-        values = torch.randn(self.hasher.table_rows(layer_id), dim)
-        return PackedInMemoryTable(quantize_rows(values, quant), quant)
+        rows = self.hasher.table_rows(layer_id)
+        packed = torch.empty(rows, quant.packed_bytes, dtype=torch.uint8)
+        step = max(1, _RANDOM_CHUNK_VALUES // dim)
+        for start in range(0, rows, step):  # the whole table in float32 would be 4x the packed one
+            stop = min(start + step, rows)
+            packed[start:stop] = quantize_rows(torch.randn(stop - start, dim), quant)
+        return PackedInMemoryTable(packed, quant)
 
     def _check_v41_table(self, layer_id: int, table: Any) -> None:
         """Raise ConfigError unless ``table`` is a TableBackend with the layer's rows and dim."""
