@@ -671,3 +671,30 @@ def test_a_batch_hashed_by_a_model_with_another_engram_config_is_refused(model, 
         assert torch.equal(
             model(batches[0], prefetched=twin.prefetch(batches[0])), model(batches[0])
         )
+
+
+def test_reading_a_corpus_with_a_tokenizer_without_eos_says_so_and_batches_take_integers(
+    tmp_path,
+):
+    """read_tokens left out the document separator without a word when the tokenizer has no
+    end-of-sentence token; token_batches took batch_size=True for 1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tiered_store.corpus import resolve_corpus
+    from tiered_store.engram import CompressedTokenizer
+    from tiered_store.engram.corpus import read_tokens, token_batches
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "<pad>": 1, "hello": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tmp_path / "tokenizer.json"))
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_text("hello hello\n")
+    tokenizer = CompressedTokenizer(tmp_path / "tokenizer.json", pad_id=1, cache=False)
+    corpus = resolve_corpus([str(tmp_path / "*.txt")])
+    with pytest.warns(UserWarning, match=r"tokenizer\.json' has no end-of-sentence token"):
+        assert read_tokens(corpus, tokenizer, max_tokens=100).tolist() == [2] * 6
+    tokens = np.arange(32)
+    for bad in ((True, 4), (2, False), (2.0, 4), (2, 0)):
+        with pytest.raises(ConfigError, match=r"batch: expected integers batch_size >= 1"):
+            token_batches(tokens, *bad)
+    assert [tuple(b.shape) for b in token_batches(tokens, 2, 4)] == [(2, 4)] * 4

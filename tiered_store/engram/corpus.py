@@ -25,7 +25,8 @@ _ENCODE_CHUNK_FILES = 64  # documents tokenised per encode_batch call (parallel 
 def read_tokens(corpus: Corpus, tokenizer: CompressedTokenizer, *, max_tokens: int) -> np.ndarray:
     """Token ids of the corpus's documents in its order, each followed by the end-of-sentence
     token, at most ``max_tokens`` (int64 [N]); reading stops once enough are read. Files skipped
-    on the way (binary, not UTF-8, empty, unreadable) are named in a ``SkippedFilesWarning``.
+    on the way (binary, not UTF-8, empty, unreadable) are named in a ``SkippedFilesWarning``; a
+    tokenizer without that token gets a ``UserWarning`` (documents then follow each other unsplit).
 
     Examples
     --------
@@ -37,6 +38,12 @@ def read_tokens(corpus: Corpus, tokenizer: CompressedTokenizer, *, max_tokens: i
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ConfigError(f"max_tokens: expected an integer >= 1, got {max_tokens!r}")
     eos = tokenizer.tokenizer.token_to_id(EOS_TOKEN)
+    if eos is None:
+        warn_at_caller(
+            f"tokenizer {str(tokenizer.tokenizer_path)!r} has no end-of-sentence token "
+            f"{EOS_TOKEN!r}: the corpus's documents follow each other without a separator",
+            UserWarning,
+        )
     parts: list[np.ndarray] = []
     total = 0
     texts: list[str] = []
@@ -74,9 +81,10 @@ def token_batches(tokens: np.ndarray, batch_size: int, seq_len: int) -> list[tor
     >>> [tuple(b.shape) for b in token_batches(np.arange(100), 2, 16)]
     [(2, 16), (2, 16), (2, 16)]
     """
-    if batch_size < 1 or seq_len < 1:
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in (batch_size, seq_len)):
         raise ConfigError(
-            f"batch: expected batch_size >= 1 and seq_len >= 1, got {batch_size} x {seq_len}"
+            f"batch: expected integers batch_size >= 1 and seq_len >= 1, got {batch_size!r} x "
+            f"{seq_len!r}"
         )
     per_batch = batch_size * seq_len
     count = len(tokens) // per_batch
