@@ -293,3 +293,21 @@ def test_random_v41_tables_are_built_without_a_whole_float32_table(tmp_path):
     rows = sum(built["rows"])
     assert rows > 4_800_000  # float32: 4 x 32 B a row, 310 MB a table
     assert built["grown"] < rows * QUANT.packed_bytes + (128 << 20), built
+
+
+def test_the_memory_check_counts_v41_tables_packed_and_names_convert_hf():
+    """check_model_memory counted V4.1's tables at 4 B a value (float32), 4x what the packed
+    tables take: it refused models that fit, its message gave the wrong size and said only
+    "expected a smaller model"."""
+    from tiered_store.capacity import format_bytes
+    from tiered_store.engram.model import check_model_memory
+
+    engram = {**V41["engram"], "engram_vocab_size": 10**10, "n_embed_per_ngram": 8 * 128}
+    with pytest.raises(ConfigError) as refused:
+        check_model_memory(ModelConfig.from_dict({**V41, "engram": engram}))
+    packed = 2 * 3 * 10**10 * 8 * (128 + 4)  # 2 layers x 3 orders x 8 heads, 128 B + 4 scales
+    assert f"(Engram tables {format_bytes(packed)}, dense weights " in str(refused.value)
+    assert str(refused.value).endswith(
+        "expected a smaller model, or the tables of a converted checkpoint (tiered-store "
+        "convert-hf) as tiered stores"
+    )

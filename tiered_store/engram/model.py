@@ -660,9 +660,10 @@ def check_model_memory(
     config: ModelConfig, given: Collection[int] = (), names: Mapping[str, str] | None = None
 ) -> None:
     """Refuse a model whose weights ``EngramLM(config)`` would allocate exceed the RAM available
-    now: the Engram tables (but those of the layers in ``given``, given as backends) and the dense
-    weights, estimated from the config. The error names the setting behind the largest part, as
-    ``names`` says it (``{"backbone.hidden_size": "--hidden-size 4096"}``) or as its key."""
+    now: the Engram tables (but those of the layers in ``given``, given as backends; V4.1's packed,
+    1 B a value + 1 per scale block) and the dense weights, estimated from the config. The error
+    names the setting behind the largest part, as ``names`` says it
+    (``{"backbone.hidden_size": "--hidden-size 4096"}``) or as its key."""
     available = available_host_memory()
     if available is None:
         return
@@ -671,19 +672,21 @@ def check_model_memory(
     rows = sum(engram.engram_vocab_size) * engram.n_head_per_ngram  # at least: primes round up
     made = [layer for layer in engram.layer_ids if layer not in given]
     tables = len(made) * rows * engram.head_dim
+    width = torch.get_default_dtype().itemsize
+    # V4.1's tables are packed fp8 rows (drawn in chunks: never a whole float table)
+    table_bytes = tables + tables // V41_SCALE_BLOCK if engram.is_v41 else tables * width
     per_layer = 4 * hidden * hidden + 3 * hidden * config.transformer.mlp_size(hidden)
     projections = len(engram.layer_ids) * (hc + 1) * engram.engram_hidden_size * hidden
-    # each part in elements, by the setting that makes it large: the transformer layers by the
-    # layer count or the width, whichever is out of proportion
+    # each part in dense elements, by the setting that makes it large: the transformer layers by
+    # the layer count or the width, whichever is out of proportion
     layers_by = "backbone.num_layers" if backbone.num_layers > hidden else "backbone.hidden_size"
     parts: dict[str, int] = defaultdict(int)
-    parts["engram.engram_vocab_size"] += tables
+    parts["engram.engram_vocab_size"] += -(-table_bytes // width)
     parts["backbone.vocab_size"] += backbone.vocab_size * hidden
     parts[layers_by] += backbone.num_layers * per_layer
     parts["backbone.hidden_size"] += projections
-    dense = sum(parts.values()) - tables
-    width = torch.get_default_dtype().itemsize
-    needed = (tables + dense) * width
+    dense = sum(parts.values()) - parts["engram.engram_vocab_size"]
+    needed = table_bytes + dense * width
     if needed <= available:
         return
     key = max(parts, key=parts.__getitem__)
@@ -694,10 +697,15 @@ def check_model_memory(
         "backbone.hidden_size": hidden,
     }[key]
     setting = (names or {}).get(key, f"{key} {value}")
+    instead = ""
+    if engram.is_v41 and key == "engram.engram_vocab_size":
+        instead = (
+            ", or the tables of a converted checkpoint (tiered-store convert-hf) as tiered stores"
+        )
     raise ConfigError(
         f"{setting}: the model needs {format_bytes(needed)} of host RAM (Engram tables "
-        f"{format_bytes(tables * width)}, dense weights {format_bytes(dense * width)}) but only "
-        f"{format_bytes(available)} is available; expected a smaller model"
+        f"{format_bytes(table_bytes)}, dense weights {format_bytes(dense * width)}) but only "
+        f"{format_bytes(available)} is available; expected a smaller model{instead}"
     )
 
 
