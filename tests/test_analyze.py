@@ -497,6 +497,15 @@ def test_a_corpus_of_many_paths_names_five_and_counts_the_rest(tmp_path):
     )
 
 
+def test_one_path_given_alone_is_one_path_not_its_characters(tmp_path):
+    """resolve_corpus("texts") (analyze's corpus=) walked the name's characters: "/" first, and
+    failed on whatever the machine's root held (PermissionError on /proc/1/cwd)."""
+    (tmp_path / "doc.txt").write_text("a document\n")
+    for one in (str(tmp_path), tmp_path):
+        corpus = resolve_corpus(one)
+        assert corpus.files == resolve_corpus([tmp_path]).files and corpus.roots == (str(tmp_path),)
+
+
 def test_the_output_folder_inside_the_corpus_is_not_read_as_text(tmp_path):
     """`analyze DIR --out DIR/out` run twice: the first run's reports are not documents."""
     (tmp_path / "doc.txt").write_text("a document\n")

@@ -258,7 +258,7 @@ def resolve_corpus(
 
     Parameters
     ----------
-    paths : iterable of str or Path, optional
+    paths : str, Path or an iterable of them, optional
         Files, directories (walked recursively in sorted order, hidden entries, ``__pycache__``,
         ``site-packages`` and ``dist-packages`` skipped) and glob patterns (``**`` recurses).
         A file named twice (or under two names: links) is kept once, at its first place;
@@ -282,6 +282,8 @@ def resolve_corpus(
     >>> resolve_corpus().description.startswith("Python standard library")
     True
     """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]  # one path, not the characters of its name
     paths = list(paths or [])
     if not paths:
         return default_corpus()
