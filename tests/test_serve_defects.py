@@ -523,3 +523,31 @@ def test_a_stopped_serve_process_still_shows_its_log(config_path):
         assert server.stop() == 0
         log = server.log()
         assert "SIGTERM: draining" in log and log.rstrip().endswith("stopped"), log[-2000:]
+
+
+def test_post_json_reuses_a_keep_alive_connection_whose_descriptor_is_past_1023(proc):
+    """post_json's check for a connection the server closed used select.select, which refuses a
+    descriptor past 1023 (FD_SETSIZE): in a process with that many files open, every request
+    on a reused connection raised "ValueError: filedescriptor out of range in select()"."""
+    import http.client
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit {hard} leaves no descriptor past 1023")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    host, port = proc.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        for _ in range(2):
+            status, answer = post_json(
+                proc.url + "/v1/engram", {"input_ids": [[3, 4, 5]]}, connection=conn
+            )
+            assert status == 200 and answer["shape"] == [1, 3], answer
+            assert conn.sock is not None and conn.sock.fileno() > 1023
+    finally:
+        conn.close()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -258,8 +258,14 @@ def _json_answer(url: str, response: http.client.HTTPResponse) -> Any:
 
 def _close_if_closed_by_server(conn: http.client.HTTPConnection) -> None:
     """Close an idle keep-alive ``conn`` that the server closed (its next request reconnects):
-    between answers the server sends nothing, so a readable socket holds its end or an error."""
-    if conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:
+    between answers the server sends nothing, so a readable socket holds its end or an error.
+    A selector, not ``select.select``: that refuses descriptors past 1023 (``FD_SETSIZE``)."""
+    if conn.sock is None:
+        return
+    with selectors.DefaultSelector() as selector:
+        selector.register(conn.sock, selectors.EVENT_READ)
+        readable = selector.select(0)
+    if readable:
         conn.close()
 
 
