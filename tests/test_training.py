@@ -483,3 +483,26 @@ def test_a_reopened_table_goes_on_from_the_step_of_its_last_commit(tmp_path):
         assert torch.equal(table.lookup(torch.arange(6)), straight.lookup(torch.arange(6)))
     table.close()
     straight.close()
+
+
+def test_a_commit_at_a_later_step_is_where_the_next_step_goes_on(tmp_path):
+    """commit(5) after step(1) says the rows' state was made at step 5, and a reopened table goes
+    on from it; the open one took step(2) all the same (Adam's bias correction of step 2 over
+    state a reopen would correct for step 6), and its next commit() raised the store's "step 5
+    is the last committed step" for a step the caller never gave."""
+    adam = make_row_optimizer("adam", lr=0.1)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.ones((6, 2)), adam)
+    table = TrainableTable(TieredStore.open(store_config(path)), adam)
+    table.lookup(torch.tensor([1])).sum().backward()
+    table.step(1)
+    assert table.commit(5) == 5
+    table.lookup(torch.tensor([1])).sum().backward()
+    with pytest.raises(
+        ConfigError,
+        match=r"step: 2; expected more than the last step, 5 \(the step of the table's last commit",
+    ):
+        table.step(2)  # the gradients are kept
+    assert table.step(6) == 1
+    assert table.commit() == 6
+    table.close()

@@ -157,8 +157,9 @@ class TrainableTable:
         self._anchor = torch.zeros((), requires_grad=True)  # puts lookups on the autograd graph
         self._gradients: list[tuple[torch.Tensor, torch.Tensor]] = []
         # the last optimizer step applied: a reopened table goes on from its last commit, which
-        # carries the step its rows' optimizer state was made at (Adam's bias correction)
-        self._last_step = self._committed_at_open = store.committed_step
+        # carries the step its rows' optimizer state was made at (Adam's bias correction); so
+        # does this one after a commit at a later step (``_committed``: the last commit's step)
+        self._last_step = self._committed = store.committed_step
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """Weights ``[..., dim]`` of ``row_ids``; with grad enabled, on the autograd graph."""
@@ -197,7 +198,7 @@ class TrainableTable:
         if number <= self._last_step:
             why = (
                 "the step of the table's last commit: a reopened table goes on from it"
-                if self._last_step == self._committed_at_open
+                if self._last_step == self._committed
                 else "each optimizer step is applied once"
             )
             self._refuse(
@@ -280,10 +281,11 @@ class TrainableTable:
 
     def commit(self, step: int | None = None) -> int:
         """``store.commit(step)``: every updated row and its state durable, at the last optimizer
-        step applied (default), or a later ``step``; returns the step. The commit carries the
-        optimizer step its rows' state was made at, so a reopened table's ``step()`` goes on
-        after it: a ``step`` below the last applied is refused (``ConfigError``), since a
-        reopened table would apply those steps twice (Adam's bias correction)."""
+        step applied (default), or a later ``step`` (the next ``step()`` goes on after it, as a
+        reopened table's would); returns the step. The commit carries the optimizer step its
+        rows' state was made at, so a reopened table's ``step()`` goes on after it: a ``step``
+        below the last applied is refused (``ConfigError``), since a reopened table would apply
+        those steps twice (Adam's bias correction)."""
         if step is None:
             step = max(self._last_step, self.store.committed_step)
         elif isinstance(step, int) and not isinstance(step, bool) and step < self._last_step:
@@ -291,7 +293,11 @@ class TrainableTable:
                 f"step: {step}; expected at least the last optimizer step applied, "
                 f"{self._last_step} (a reopened table goes on from its commit's step)"
             )
-        return self.store.commit(step)
+        self._committed = self.store.commit(step)
+        # a later step's commit says the state was made at it: the next step goes on after it,
+        # here as after a reopen
+        self._last_step = max(self._last_step, self._committed)
+        return self._committed
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """The store's statistics."""
