@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -213,6 +214,42 @@ def test_a_client_ending_its_stream_mid_body_gets_its_400_at_once(proc, framing)
     error = json.loads(body[body.index(b"{") : body.rindex(b"}") + 1])["error"]
     assert error.startswith("body: the client ended its stream before the whole body"), error
     assert _answers(proc.url, "400", "/v1/engram") == before + 1
+    _no_trouble_in(proc.log())
+
+
+@pytest.mark.parametrize(
+    ("pipelined", "codes"),
+    [("whole", [b"200", b"200", b"200"]), ("half a body", [b"200", b"200", b"400"])],
+)
+def test_requests_pipelined_before_the_end_of_the_stream_are_each_answered(proc, pipelined, codes):
+    """A client that pipelined requests, then shut its sending side, was answered the first
+    alone: the end of the stream closed the connection after it, the requests behind it neither
+    answered nor counted (one whose body was cut short, not told its 400)."""
+    host, port = proc.url.removeprefix("http://").split(":")
+    body = json.dumps({"input_ids": [[3, 4, 5]]}).encode()
+    request = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    request = request.encode() + body
+    last = request if pipelined == "whole" else request[:-5]
+
+    def counted() -> dict[str, float]:
+        """Whole requests counted (499: their client ended its stream; 200 if an answer was out
+        before the end came), and those cut short (400)."""
+        n = {code: _answers(proc.url, code, "/v1/engram") for code in ("200", "400", "499")}
+        return {"whole": n["200"] + n["499"], "cut short": n["400"]}
+
+    before = counted()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request * 2 + last)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == codes, answer[-500:]
+    want = {"whole": codes.count(b"200"), "cut short": codes.count(b"400")}
+    deadline = time.monotonic() + 10
+    while (got := {code: n - before[code] for code, n in counted().items()}) != want:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.1)
     _no_trouble_in(proc.log())
 
 

@@ -62,6 +62,7 @@ def with_head_deadline(
         _dropped = 0  # bytes read and dropped while lingering
         _client_ended = False  # the client shut its sending side
         _ended_mid_body = False  # ... before its request's body was all in
+        _eof_pending = False  # ... with pipelined requests after the one in flight, unread yet
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -95,9 +96,16 @@ def with_head_deadline(
             (HTTP/1.1 lets a client half-close and read its answer; uvicorn's returned None,
             which closes the connection at once, the answer unsent). The request is counted as
             one whose client left (499): one that closed for good ends its stream the same way.
-            One that ended it before its body was all in is answered a counted 400 at once."""
+            One that ended it before its body was all in is answered a counted 400 at once.
+            Requests pipelined after the one in flight are each answered so in turn, once their
+            turn comes (``on_response_complete``)."""
             self._client_ended = True
+            self._eof_pending = False
             if self.cycle is not None and not self.cycle.response_complete:
+                if self.conn.their_state is h11.DONE and self.conn.trailing_data[0]:
+                    self._eof_pending = True  # the end comes after them: keep the connection
+                    self.cycle.scope.setdefault("state", {})["client_ended"] = True
+                    return True
                 if self.conn.their_state is h11.SEND_BODY:  # its body can never be whole now:
                     self._ended_mid_body = True  # h11 refuses it, send_400_response answers
                     self.conn.receive_data(b"")  # at once (not request_timeout_s's 408 later)
@@ -108,6 +116,14 @@ def with_head_deadline(
                 self.cycle.scope.setdefault("state", {})["client_ended"] = True
                 return True
             return False
+
+        def on_response_complete(self) -> None:
+            """uvicorn's (the next pipelined request, if any, begins); then, when the client
+            ended its stream after pipelined requests, that end applies to the request now
+            begun: answered as ``eof_received`` says, or the connection closed if none began."""
+            super().on_response_complete()
+            if self._eof_pending and not self.transport.is_closing() and not self.eof_received():
+                self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
             """A JSON 400 for a request that is not HTTP/1.1 as h11 reads it, then close. A request
