@@ -482,9 +482,9 @@ def test_post_json_on_a_keep_alive_connection_the_server_closed_idle_reconnects(
         assert _answers(server.url, "200", "/v1/engram") == 3
 
 
-def test_get_json_and_post_json_name_an_answer_that_is_not_json():
-    """An answer that is not JSON (a proxy's 502 page, a plain-text 500) raised json's bare
-    "Expecting value: line 1 column 1 (char 0)": neither the URL, the status nor the body."""
+@pytest.fixture
+def bad_gateway():
+    """The URL of a proxy answering every GET and POST with a 502 HTML page."""
     import http.server
 
     class Proxy(http.server.BaseHTTPRequestHandler):
@@ -504,20 +504,33 @@ def test_get_json_and_post_json_name_an_answer_that_is_not_json():
 
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy) as proxy:
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{proxy.server_address[1]}"
         try:
-            for call in (
-                lambda: get_json(url + "/stats"),
-                lambda: post_json(url + "/v1/engram", {"input_ids": [[1]]}),
-            ):
-                with pytest.raises(ValueError) as raised:
-                    call()
-                message = str(raised.value)
-                assert message.startswith(f"{url}/"), message
-                assert "502 Bad Gateway" in message and "not JSON (text/html)" in message
-                assert "<html><body>502 Bad Gateway" in message
+            yield f"http://127.0.0.1:{proxy.server_address[1]}"
         finally:
             proxy.shutdown()
+
+
+def test_get_json_and_post_json_name_an_answer_that_is_not_json(bad_gateway):
+    """An answer that is not JSON (a proxy's 502 page, a plain-text 500) raised json's bare
+    "Expecting value: line 1 column 1 (char 0)": neither the URL, the status nor the body."""
+    url = bad_gateway
+    for call in (
+        lambda: get_json(url + "/stats"),
+        lambda: post_json(url + "/v1/engram", {"input_ids": [[1]]}),
+    ):
+        with pytest.raises(ValueError) as raised:
+            call()
+        message = str(raised.value)
+        assert message.startswith(f"{url}/"), message
+        assert "502 Bad Gateway" in message and "not JSON (text/html)" in message
+        assert "<html><body>502 Bad Gateway" in message
+
+
+def test_run_load_counts_an_answer_that_is_not_json_by_its_status_not_lost(bad_gateway):
+    """A proxy's 502 page is an answer: run_load counted it "ValueError", a lost request (one
+    that got no HTTP answer at all), hiding the status the proxy gave."""
+    result = run_load(bad_gateway + "/v1/engram", [{"input_ids": [[1]]}] * 3, clients=2)
+    assert result.errors == {"502": 3} and result.lost == 0 and result.answered == 0, result
 
 
 def _unused_port() -> int:

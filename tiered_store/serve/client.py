@@ -242,6 +242,14 @@ def _refusal_named(url: str) -> Iterator[None]:
         ) from exc
 
 
+class _AnswerNotJSON(ValueError):
+    """An HTTP answer whose body is not JSON (``status``: its status code)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _json_answer(url: str, response: http.client.HTTPResponse) -> Any:
     """The decoded JSON body of ``response`` (``None`` when empty); a ``ValueError`` naming the
     URL, the status, the Content-Type and the body's start when it is not JSON."""
@@ -250,9 +258,10 @@ def _json_answer(url: str, response: http.client.HTTPResponse) -> Any:
         return json.loads(raw or b"null")
     except ValueError:
         kind = response.getheader("Content-Type", "no Content-Type")
-        raise ValueError(
+        raise _AnswerNotJSON(
             f"{url}: answered {response.status} {response.reason} with a body that is not JSON "
-            f"({kind}): {raw[:200]!r}"
+            f"({kind}): {raw[:200]!r}",
+            response.status,
         ) from None
 
 
@@ -416,8 +425,8 @@ def run_load(
     """Send every body in ``bodies`` to ``url`` from ``clients`` threads; count answers and errors.
 
     A request counts as answered when it gets 200 (and ``check(answer)`` holds, when given);
-    any other status or exception is an error, by name. The run is bounded: a fixed number of
-    requests, each with ``timeout``.
+    any other status (its body JSON or not: a proxy's 502 page) or exception is an error, by
+    name. The run is bounded: a fixed number of requests, each with ``timeout``.
 
     Parameters
     ----------
@@ -464,6 +473,8 @@ def run_load(
                 status, answer = post_json(url, bodies[i], timeout=timeout, connection=conn)
                 ok = status == 200 and (check is None or check(answer))
                 key = "200" if ok else (str(status) if status != 200 else "bad-answer")
+            except _AnswerNotJSON as exc:  # answered all the same (a proxy's 502 page): not lost
+                key, ok = (str(exc.status) if exc.status != 200 else "bad-answer"), False
             except Exception as exc:  # a lost request: name it, keep going
                 key, ok = type(exc).__name__, False
             elapsed = (time.perf_counter() - start) * 1e3
