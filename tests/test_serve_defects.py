@@ -16,6 +16,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -573,6 +574,24 @@ def test_a_stopped_serve_process_still_shows_its_log(config_path):
         assert server.stop() == 0
         log = server.log()
         assert "SIGTERM: draining" in log and log.rstrip().endswith("stopped"), log[-2000:]
+
+
+def test_a_server_whose_first_line_is_not_json_is_killed_and_named(config_path, tmp_path):
+    """An interpreter that printed a banner before the server's JSON line (a sitecustomize, a
+    wrapper) made ServeProcess raise json's bare "Expecting value" and left the server running,
+    its log file and pipe open."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\nprint('hello from', os.getpid(), flush=True)\n"
+    )
+    before = set(Path(tempfile.gettempdir()).glob("serve-*.log"))
+    with pytest.raises(RuntimeError, match=r"printed 'hello from (\d+)' where its JSON") as raised:
+        ServeProcess(config_path, metrics=False, env={"PYTHONPATH": str(site)})
+    pid = int(re.search(r"hello from (\d+)", str(raised.value))[1])
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)
+    assert set(Path(tempfile.gettempdir()).glob("serve-*.log")) <= before
 
 
 def test_post_json_reuses_a_keep_alive_connection_whose_descriptor_is_past_1023(proc):

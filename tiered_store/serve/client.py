@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -117,7 +117,7 @@ class ServeProcess:
         self.pid: int = self.proc.pid
 
     def _wait_ready(self, timeout: float) -> dict[str, Any]:
-        """The server's 'listening' line (or an error with its log)."""
+        """The server's 'listening' line (or, the process killed, an error with its log)."""
         box: list[bytes] = []
         reader = threading.Thread(
             target=lambda: box.append(self.proc.stdout.readline()), daemon=True
@@ -126,17 +126,31 @@ class ServeProcess:
         reader.join(timeout)
         if not box or not box[0]:
             status = self.proc.poll()
-            self.proc.kill()
-            self.proc.wait()
-            log = self.log()
-            self._log.close()
-            what = (
+            self._fail(
                 f"exited with status {status}"
                 if status is not None
                 else f"printed no 'listening' line within {timeout}s"
             )
-            raise RuntimeError(f"tiered-store serve {what}; its log:\n{log}")
-        return json.loads(box[0])
+        try:
+            ready = json.loads(box[0])
+            ready["url"], ready["metrics_url"]  # noqa: B018 (both named, or not the line)
+        except (ValueError, TypeError, KeyError):
+            line = box[0][:200].decode(errors="replace").rstrip()
+            self._fail(
+                f"printed {line!r} where its JSON 'listening' line (url, metrics_url) was expected"
+            )
+        return ready
+
+    def _fail(self, what: str) -> NoReturn:
+        """Kill the server, remove its log file and its pipe, and raise naming ``what`` happened
+        with the log."""
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+        log = self.log()
+        self._log.close()
+        self.log_path.unlink(missing_ok=True)
+        raise RuntimeError(f"tiered-store serve {what}; its log:\n{log}")
 
     def log(self) -> str:
         """What the server wrote to stderr so far (all of it, after ``stop``)."""
@@ -157,6 +171,7 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.proc.stdout.close()
         self._log.close()
         return self.proc.returncode
 
