@@ -646,3 +646,37 @@ def test_a_table_publish_killed_after_forking_a_worker_leaves_the_folder_unlocke
         create_table(tmp_path / "b.npy", np.ones((8, 4), np.float32), progress=False)
     finally:
         os.kill(worker, signal.SIGKILL)
+
+
+_CHILD_RELEASES_A_COPIED_LOCK = r"""
+import fcntl, os, sys
+from tiered_store.process_locks import open_held, release
+copied = open_held(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(copied, fcntl.LOCK_EX)
+pid = os.fork()  # a worker (a DataLoader's) with a copy of its parent's store
+if pid == 0:
+    while (f := os.open(os.devnull, os.O_RDONLY)) < copied:  # fill every lower free number:
+        pass  # the next open gets the copied lock's number if the fork freed it
+    os.close(f)
+    own = open_held(sys.argv[2], os.O_RDWR | os.O_CREAT, 0o644)  # the worker opens its own
+    fcntl.flock(own, fcntl.LOCK_EX)
+    release(copied)  # and closes the copy it got from its parent
+    probe = os.open(sys.argv[2], os.O_RDONLY)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os._exit(0)  # its own lock is still held
+    os._exit(3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_releasing_a_copied_lock_keeps_the_locks_it_opened(tmp_path):
+    """A forked child's copy of its parent's lock descriptor was closed at fork, so the next lock
+    the child opened could get its number; the copied store's close then released that number:
+    the child's own lock (its version hold, writer lock, folder lock) was gone while in use."""
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD_RELEASES_A_COPIED_LOCK)
+    out = forkserver.run_python([script, tmp_path / "parent.lock", tmp_path / "own.lock"])
+    assert out.returncode == 0, f"the child's own lock was let go: {out.returncode} {out.stderr}"

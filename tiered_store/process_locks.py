@@ -3,7 +3,7 @@
 A ``flock`` belongs to an open file description, which ``fork()`` shares with the child: a child
 (a DataLoader worker) that kept its copy would hold the lock after its parent died, and every
 writer waiting for it would wait for the child. So every descriptor that holds (or is about to
-take) a lock is opened through :func:`open_held`, and a forked child closes its copies at once.
+take) a lock is opened through :func:`open_held`, and a forked child lets go of its copies at once.
 
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as folder, locked_folder(folder) as fd:
@@ -33,13 +33,26 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """In a forked child: close its copies of the parent's lock descriptors (the parent keeps
-    the locks)."""
-    for fd in _HELD:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD.clear()
-    _OPENING.release()
+    """In a forked child: let go of its copies of the parent's lock descriptors (the parent keeps
+    the locks). Each number is pointed at ``/dev/null`` rather than closed, and stays tracked
+    until its owner (a copied store or writer) releases it: a lock the child opens never gets
+    that number, so such a release never closes the child's own lock."""
+    try:
+        try:
+            null: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # no /dev/null (a bare chroot): closed then, the only way left
+            null = None
+        for fd in list(_HELD):
+            with contextlib.suppress(OSError):
+                if null is None:
+                    _HELD.discard(fd)
+                    os.close(fd)
+                else:
+                    os.dup2(null, fd, inheritable=False)
+        if null is not None:
+            os.close(null)
+    finally:
+        _OPENING.release()
 
 
 os.register_at_fork(
@@ -50,7 +63,7 @@ os.register_at_fork(
 
 
 def open_held(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> int:
-    """``os.open(path, flags | O_CLOEXEC, mode)``, tracked: a forked child closes its copy.
+    """``os.open(path, flags | O_CLOEXEC, mode)``, tracked: a forked child lets go of its copy.
     Close it with :func:`release`."""
     with _OPENING:
         fd = os.open(path, flags | os.O_CLOEXEC, mode)
@@ -59,8 +72,8 @@ def open_held(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> in
 
 
 def release(fd: int) -> None:
-    """Close a descriptor from :func:`open_held` (its lock goes with it), unless a fork in this
-    process's child already closed it there."""
+    """Close a descriptor from :func:`open_held` (its lock goes with it; in a forked child, the
+    stand-in the fork left at its number)."""
     if fd in _HELD:
         _HELD.discard(fd)
         os.close(fd)
