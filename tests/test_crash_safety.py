@@ -680,3 +680,62 @@ def test_a_child_releasing_a_copied_lock_keeps_the_locks_it_opened(tmp_path):
     script.write_text(_CHILD_RELEASES_A_COPIED_LOCK)
     out = forkserver.run_python([script, tmp_path / "parent.lock", tmp_path / "own.lock"])
     assert out.returncode == 0, f"the child's own lock was let go: {out.returncode} {out.stderr}"
+
+
+_RELEASED_RIGHT_AFTER_A_FORK = r"""
+import fcntl, os, sys, threading
+r, w = os.pipe()
+os.register_at_fork(after_in_child=lambda: os.read(r, 1))  # before process_locks': a slow child
+import tiered_store.process_locks as pl
+if sys.argv[2] == "forget":  # a fork by another thread between forgetting and closing
+    forgotten, forked = threading.Event(), threading.Event()
+    class Staged(set):
+        def discard(self, item):
+            super().discard(item)
+            forgotten.set()
+            forked.wait(5)
+    pl._HELD = Staged(pl._HELD)
+fd = pl.open_held(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+releasing = threading.Thread(target=pl.release, args=(fd,))
+if sys.argv[2] == "forget":
+    releasing.start()
+    forgotten.wait()
+pid = os.fork()  # a DataLoader worker, not yet scheduled: it holds copies of every descriptor
+if pid == 0:
+    os._exit(0)
+if sys.argv[2] == "forget":
+    forked.set()
+else:
+    releasing.start()  # the store closes just after the fork
+releasing.join()
+again = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the next writer (a compaction)
+    code = 0
+except BlockingIOError:
+    code = 3  # the child's copy kept the released lock
+os.write(w, b"x")
+os.waitpid(pid, 0)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("when", ["after", "forget"])
+def test_a_lock_released_as_a_child_is_forked_is_free_at_once(tmp_path, when):
+    """A lock released just after a fork (or by one thread while another forked) stayed held
+    through the child's copy until the child ran its at-fork hook (or for the child's life):
+    with DataLoader workers started each epoch, the next compaction or store write failed now
+    and then with 'table t.npy is being written (or compacted) by another store'."""
+    import subprocess
+    import sys
+
+    from tiered_store.serve.client import subprocess_env
+
+    script = tmp_path / "release.py"
+    script.write_text(_RELEASED_RIGHT_AFTER_A_FORK)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "t.npy.writer.lock"), when],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, f"the released lock stayed held: {out.returncode} {out.stderr}"

@@ -75,6 +75,10 @@ def release(fd: int) -> None:
     """Close a descriptor from :func:`open_held` (its lock goes with it; in a forked child, the
     stand-in the fork left at its number)."""
     if fd in _HELD:
+        # unlocked first: a child forked a moment ago may not have let go of its copy yet (nor
+        # one forked between forgetting and closing it), and its copy would keep the lock
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
         _HELD.discard(fd)
         os.close(fd)
 
