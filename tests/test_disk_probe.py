@@ -110,13 +110,13 @@ def test_a_file_truncated_while_probed_fails(data_file):
         truncate.join()
 
 
-def test_a_thread_without_a_buffer_fails_instead_of_hanging(tmp_path):
-    """Under an address-space limit no thread can map its 512 MiB buffer: an error naming it,
-    not a probe waiting forever for threads that never reach the starting line."""
+def _probe_with_256_mib_to_spare(tmp_path, call: str) -> str:
+    """What ``call`` (a probe of ``path``, a sparse 1 GiB file) raises as a TierIOError, run in
+    a fresh interpreter whose address space is limited to 256 MiB above what it maps at start."""
     code = textwrap.dedent(
         f"""
         import resource
-        from tiered_store.disk_probe import probe_random_reads
+        from tiered_store.disk_probe import probe_random_reads, probe_uring_reads
         from tiered_store.errors import TierIOError
         path = {str(tmp_path / "sparse.bin")!r}
         with open(path, "wb") as f:
@@ -125,42 +125,35 @@ def test_a_thread_without_a_buffer_fails_instead_of_hanging(tmp_path):
         vm = int(status.split("VmSize:")[1].split()[0]) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), vm + (256 << 20)))
         try:
-            probe_random_reads(path, reads=4, threads=2, block_bytes=512 << 20)
+            {call}
         except TierIOError as exc:
             print(exc)
         """
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "sparse.bin failed (no 536,870,912-byte buffer: Cannot allocate memory)" in done.stdout
+    return done.stdout
+
+
+def test_a_thread_without_a_buffer_fails_instead_of_hanging(tmp_path):
+    """Under an address-space limit no thread can map its 512 MiB buffer: an error naming it,
+    not a probe waiting forever for threads that never reach the starting line."""
+    out = _probe_with_256_mib_to_spare(
+        tmp_path, "probe_random_reads(path, reads=4, threads=2, block_bytes=512 << 20)"
+    )
+    assert "sparse.bin failed (no 536,870,912-byte buffer: Cannot allocate memory)" in out
 
 
 def test_a_uring_buffer_that_cannot_be_had_is_named(tmp_path):
     """Under an address-space limit the uring probe's 576 MiB buffer cannot be had: a TierIOError
     naming it (numpy's bare MemoryError before), as probe_random_reads names its threads'."""
-    code = textwrap.dedent(
-        f"""
-        import resource
-        from tiered_store.disk_probe import probe_uring_reads
-        from tiered_store.errors import TierIOError
-        path = {str(tmp_path / "sparse.bin")!r}
-        with open(path, "wb") as f:
-            f.truncate(1 << 30)
-        status = open("/proc/self/status").read()
-        vm = int(status.split("VmSize:")[1].split()[0]) * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), vm + (256 << 20)))
-        try:
-            probe_uring_reads(path, reads=4, queue_depth=4, block_bytes=64 << 20)
-        except TierIOError as exc:
-            print(exc)
-        """
+    out = _probe_with_256_mib_to_spare(
+        tmp_path, "probe_uring_reads(path, reads=4, queue_depth=4, block_bytes=64 << 20)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
     assert (
         "sparse.bin: no 603,979,776-byte buffer (2 x queue_depth 4 blocks of 67,108,864 bytes"
-        in done.stdout
-    ), done.stdout
+        in out
+    ), out
 
 
 def test_ctrl_c_stops_every_reading_thread(data_file):
