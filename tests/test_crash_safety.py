@@ -539,6 +539,36 @@ def test_a_delta_left_without_its_version_is_removed_never_a_held_or_current_one
         assert store.committed_step == 2 and store.lookup([5, 6]).tolist() == [[1.0] * 4] * 2
 
 
+_FORK_A_WORKER_AND_DIE = r"""
+pid = os.fork()  # a worker started meanwhile (a DataLoader's): it outlives its parent's kill
+if pid == 0:
+    time.sleep(120)
+    os._exit(0)
+open(sys.argv[2], "w").write(str(pid))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed_with_a_worker(tmp_path, staging: str, target: Path) -> int:
+    """Run ``staging`` (a script that stops a writer of ``target`` at the moment to test, in a
+    thread) in a fresh interpreter, which then forks a worker and dies by kill -9; returns the
+    worker's pid (alive: the caller kills it)."""
+    import subprocess
+    import sys
+
+    from tiered_store.serve.client import subprocess_env
+
+    script, child, log = tmp_path / "killed.py", tmp_path / "child.pid", tmp_path / "log"
+    script.write_text(staging + _FORK_A_WORKER_AND_DIE)
+    with log.open("w") as out:  # not a pipe: waiting for it would wait for the worker too
+        killed = subprocess.run(
+            [sys.executable, str(script), str(target), str(child)],
+            stdout=out, stderr=out, env=subprocess_env(), timeout=300,
+        )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    return int(child.read_text())
+
+
 _COMPACTION_KILLED_WITH_A_WORKER = r"""
 import os, signal, sys, threading, time
 import tiered_store.table_format as tf
@@ -554,12 +584,6 @@ tf.atomic_files = atomic_files
 threading.Thread(target=compaction.compact_table, args=(sys.argv[1],), kwargs={"progress": False},
                  daemon=True).start()
 made.wait()
-pid = os.fork()  # a worker started meanwhile (a DataLoader's): it outlives its parent's kill
-if pid == 0:
-    time.sleep(120)
-    os._exit(0)
-open(sys.argv[2], "w").write(str(pid))
-os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
@@ -567,21 +591,8 @@ def test_a_compaction_killed_after_forking_a_worker_leaves_nothing_locked(tmp_pa
     """A compaction killed while a child it forked (a DataLoader worker) lived on left its
     temporaries locked through the child's copies of their descriptors: the next compaction took
     them for a live writer's and left them (hundreds of MB) for as long as the child lived."""
-    import subprocess
-    import sys
-
-    from tiered_store.serve.client import subprocess_env
-
     path = _table_with_a_commit(tmp_path, 300)
-    script, child, log = tmp_path / "killed.py", tmp_path / "child.pid", tmp_path / "log"
-    script.write_text(_COMPACTION_KILLED_WITH_A_WORKER)
-    with log.open("w") as out:  # not a pipe: waiting for it would wait for the worker too
-        killed = subprocess.run(
-            [sys.executable, str(script), str(path), str(child)],
-            stdout=out, stderr=out, env=subprocess_env(), timeout=300,
-        )  # fmt: skip
-    assert killed.returncode == -signal.SIGKILL, log.read_text()[-2000:]
-    worker = int(child.read_text())
+    worker = _killed_with_a_worker(tmp_path, _COMPACTION_KILLED_WITH_A_WORKER, path)
     try:
         left = sorted(p.name for p in tmp_path.glob(".t.g1.npy*.tmp"))
         assert len(left) == 3, left  # the new version's data, page checksums and manifest
@@ -607,12 +618,6 @@ tf.refuse_existing = refuse_existing
 threading.Thread(target=tf.create_table, args=(sys.argv[1], np.zeros((8, 4), np.float32)),
                  kwargs={"progress": False}, daemon=True).start()
 locked.wait()
-pid = os.fork()  # a worker started meanwhile (a DataLoader's): it outlives its parent's kill
-if pid == 0:
-    time.sleep(120)
-    os._exit(0)
-open(sys.argv[2], "w").write(str(pid))
-os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
@@ -621,21 +626,10 @@ def test_a_table_publish_killed_after_forking_a_worker_leaves_the_folder_unlocke
     lived on left the folder locked through the child's copy of its descriptor: every later
     create_table or compaction in that folder waited for the child."""
     import fcntl
-    import subprocess
-    import sys
 
     from tiered_store import create_table
-    from tiered_store.serve.client import subprocess_env
 
-    script, child, log = tmp_path / "killed.py", tmp_path / "child.pid", tmp_path / "log"
-    script.write_text(_PUBLISH_KILLED_WITH_A_WORKER)
-    with log.open("w") as out:  # not a pipe: waiting for it would wait for the worker too
-        killed = subprocess.run(
-            [sys.executable, str(script), str(tmp_path / "a.npy"), str(child)],
-            stdout=out, stderr=out, env=subprocess_env(), timeout=300,
-        )  # fmt: skip
-    assert killed.returncode == -signal.SIGKILL, log.read_text()[-2000:]
-    worker = int(child.read_text())
+    worker = _killed_with_a_worker(tmp_path, _PUBLISH_KILLED_WITH_A_WORKER, tmp_path / "a.npy")
     try:
         os.kill(worker, 0)  # the child is still alive
         folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
