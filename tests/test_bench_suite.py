@@ -6,6 +6,7 @@ does, at ``TIERED_STORE_BENCH_SIZE=tiny``, and checks the saved JSON.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -13,6 +14,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.forkserver import run_python
 
@@ -120,6 +123,34 @@ def test_an_out_where_no_folder_can_be_made_is_refused_before_the_work():
     expected = f"argument --out: '{out}': cannot make '/proc/no-such-folder' ("
     assert expected in done.stderr and "expected a writable folder" in done.stderr
     assert done.stdout == ""  # refused before the work
+
+
+def test_an_out_folder_another_run_makes_meanwhile_is_accepted_and_left_alone(
+    tmp_path, monkeypatch
+):
+    """output_file's probe made and removed the missing folder itself: a run started beside
+    another with --out in the same new folder was refused ("cannot make ... (File exists)") when
+    the other made it first, and could remove the folder the other was about to write in."""
+    from tiered_store import cli_args
+
+    check = cli_args._check_can_make
+
+    def another_run_writes_first(text, first):
+        (first / "other.json").parent.mkdir()  # the other run, between the walk and the probe
+        (first / "other.json").write_text("{}")
+        check(text, first)
+
+    monkeypatch.setattr(cli_args, "_check_can_make", another_run_writes_first)
+    out = tmp_path / "results" / "r.json"
+    assert cli_args.output_file(str(out)) == out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["other.json", "results"]
+    # a broken link on the way was refused by the probe's mkdir of it: the probe beside it
+    # would pass, and the write's mkdir(exist_ok=True) fail once the work is done
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(
+        argparse.ArgumentTypeError, match="/link' is a broken symbolic link; expected a folder"
+    ):
+        cli_args.output_file(str(tmp_path / "link" / "r.json"))
 
 
 def test_a_bench_script_names_what_the_library_refused_without_a_traceback(tmp_path):

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,10 @@ def output_file(text: str) -> Path:
             f"{text!r} is a directory; expected a file to write (or nothing there)"
         )
     for first, parent in zip((path, *path.parents), path.parents, strict=False):
+        if parent.is_symlink() and not parent.exists():  # mkdir(exist_ok=True) fails on it
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {str(parent)!r} is a broken symbolic link; expected a folder on the way"
+            )
         if parent.exists():
             if not parent.is_dir():
                 raise argparse.ArgumentTypeError(
@@ -147,11 +152,12 @@ def output_file(text: str) -> Path:
 
 
 def _check_can_make(text: str, first: Path) -> None:
-    """Make and remove what writing the file ``text`` makes first, ``first`` (a missing folder,
-    or the file: a folder of a temporary name beside it stands in), so that a place where nothing
-    can be made is refused by name now, not with an OSError once the work is done."""
+    """Make and remove a folder of a new temporary name beside what writing the file ``text``
+    makes first, ``first`` (a missing folder, or the file), so that a place where nothing can be
+    made is refused by name now, not with an OSError once the work is done. Never ``first``
+    itself: another run may make it meanwhile, or have made it and be about to write in it."""
     is_file = first == Path(text)
-    probe = first.with_name(f".{first.name}.{os.getpid()}.probe") if is_file else first
+    probe = first.with_name(f".{first.name}.{uuid.uuid4().hex[:12]}.probe")
     try:
         probe.mkdir()
         probe.rmdir()
