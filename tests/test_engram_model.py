@@ -698,3 +698,16 @@ def test_reading_a_corpus_with_a_tokenizer_without_eos_says_so_and_batches_take_
         with pytest.raises(ConfigError, match=r"batch: expected integers batch_size >= 1"):
             token_batches(tokens, *bad)
     assert [tuple(b.shape) for b in token_batches(tokens, 2, 4)] == [(2, 4)] * 4
+
+
+def test_token_batches_take_numpy_and_torch_integers():
+    """06cae7f's check refused np.int64(2) as batch_size ('expected integers ... got np.int64(2)'),
+    which token_batches took before: sizes computed with NumPy stopped the run."""
+    from tiered_store.engram.corpus import token_batches
+
+    tokens = np.arange(32)
+    assert [tuple(b.shape) for b in token_batches(tokens, np.int64(2), torch.tensor(4))] == [
+        (2, 4)
+    ] * 4
+    with pytest.raises(ConfigError, match=r"got np\.True_ x 4"):
+        token_batches(tokens, np.True_, 4)
