@@ -555,6 +555,11 @@ def main(argv=None) -> int:
         args.switch_at -= args.switch_at % BATCH  # whole batches, as the trace is written
         if not (args.then / "holdout.trace").is_file():
             p.error(f"--then {args.then}: no holdout.trace there (analyze --holdout)")
+    if args.analysis is not None and not (args.analysis / "holdout.trace").is_file():
+        p.error(f"--analysis {args.analysis}: no holdout.trace there (analyze --holdout)")
+    profile = f"{args.layer}.profile.npz"
+    if args.profile_from is not None and not (args.profile_from / profile).is_file():
+        p.error(f"--profile-from {args.profile_from}: no {profile} there (an analyze output)")
     torch.set_num_threads(1)  # shared cores: extra threads only spin
     result = {"command": public_command("bench/bench_online_repin.py", argv or sys.argv[1:])}
     with scratch_directory("bench-online-repin-", args.dir) as work:

@@ -70,6 +70,13 @@ def test_names_an_unknown_replay_mode_before_any_work(tmp_path):
     done = bench("--then", str(tmp_path), tmp_path=tmp_path)
     assert done.returncode == 2
     assert f"--then {tmp_path}: no holdout.trace there (analyze --holdout)" in done.stderr
+    # refused only after the all-hit part's minutes (the analysis is read by the replay)
+    done = bench("--analysis", str(tmp_path), tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert f"--analysis {tmp_path}: no holdout.trace there (analyze --holdout)" in done.stderr
+    done = bench("--profile-from", str(tmp_path), tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert f"--profile-from {tmp_path}: no layer1.profile.npz there" in done.stderr
     done = bench("--chunk", "-5", tmp_path=tmp_path)
     assert done.returncode == 2
     assert (
