@@ -39,7 +39,14 @@ import torch
 
 from tiered_store import StoreConfig, TieredStore
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, existing_file, output_file, run_script
+from tiered_store.cli_args import (
+    at_least,
+    doc_parser,
+    existing_file,
+    folder,
+    output_file,
+    run_script,
+)
 from tiered_store.corpus import resolve_corpus
 from tiered_store.engram import EngramConfig, NgramHasher
 from tiered_store.engram.corpus import read_tokens, token_batches
@@ -65,9 +72,7 @@ def index_list(text: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = doc_parser(__doc__)
-    p.add_argument(
-        "--dir", type=Path, default=Path("."), help="where the table is created (default .)"
-    )
+    p.add_argument("--dir", type=folder, default=".", help="where the table is created (default .)")
     p.add_argument(
         "--table", type=existing_file, help="reuse this table (it must exist) instead of making one"
     )
@@ -160,6 +165,7 @@ def ensure_table(args, rows: int) -> Path:
             )
         return path
     print(f"creating {path} ({rows:,} x {quant.packed_bytes} B) ...", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)  # --dir: checked by its type, made here
     source = RandomSource(rows, quant.packed_bytes, dtype="uint8", seed=1, quantization=quant)
     create_table(path, source, progress=True)
     return path

@@ -189,3 +189,16 @@ def test_bad_input_is_refused_before_the_table_is_made(tmp_path, args, expected)
     done = bench(*SMALL, *args, tmp_path=tmp_path)  # if not refused: a small run
     assert done.returncode == 2 and expected in done.stderr
     assert not (tmp_path / "tables").exists()
+
+
+def test_a_dir_that_is_a_file_is_refused_by_name_before_the_table_is_made(tmp_path):
+    """--dir FILE was taken, then create_table said 'target directory FILE does not exist'
+    (it is there, a file) without naming --dir; the other bench scripts refuse it by name."""
+    file = tmp_path / "tables"
+    file.write_text("")
+    done = bench(*SMALL, tmp_path=tmp_path)  # bench's own --dir: tmp_path / "tables"
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"argument --dir: '{file}' is a file; expected a folder (or nothing there)" in (
+        done.stderr
+    )
+    assert "creating" not in done.stdout and file.read_text() == ""
