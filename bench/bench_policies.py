@@ -74,6 +74,8 @@ SHARES = (0.01, 0.05, 0.10, 0.25)
 BASELINE = "pin-by-lookups+lru"
 # lfu and +tinylfu work too, but take ~30 min here; the last two are offline bounds
 OURS = ("lru", "sieve", "zipf-tuned", "belady", "static-topk")
+# what plot_results reads of a report (--replot checks them before it draws)
+REPORT_KEYS = ("capacity_shares", "ours_miss_ratio", "libcachesim_miss_ratio", "layer", "corpus")
 LIBCACHESIM = ("LRU", "ARC", "LIRS", "TwoQ", "S3FIFO", "Sieve", "WTinyLFU")
 
 
@@ -197,6 +199,12 @@ def main(argv=None) -> int:
             result = json.loads(args.replot.read_text())
         except ValueError as exc:  # not JSON, not UTF-8
             raise ConfigError(f"--replot {args.replot}: {exc}; expected an earlier --out") from None
+        missing = [k for k in REPORT_KEYS if not isinstance(result, dict) or k not in result]
+        if missing:  # another script's report, or JSON of another shape: plot's KeyError
+            raise ConfigError(
+                f"--replot {args.replot}: no {missing[0]!r} in it (not this script's report); "
+                "expected an earlier --out"
+            )
         print(f"plot: {plot_results(result, Path(args.replot).with_suffix('.png'))}")
         return 0
     with scratch_directory("bench-policies-", args.dir, keep=args.keep) as work:

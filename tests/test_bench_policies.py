@@ -149,3 +149,17 @@ def test_replot_of_a_missing_or_broken_report_is_a_clear_error(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"--replot {broken}: " in done.stderr and "expected an earlier --out" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json"]  # no plot
+
+
+def test_replot_of_another_report_is_a_clear_error(tmp_path):
+    """--replot of JSON that is not this script's report (another bench's --out, a list) ended
+    in plot_results' KeyError or TypeError traceback."""
+    for doc, key in (({"hit_ratio": 0.5}, "capacity_shares"), ([1, 2], "capacity_shares")):
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps(doc))
+        done = run_bench("bench_policies.py", "--replot", str(other))
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert f"--replot {other}: no {key!r} in it (not this script's report); expected an " in (
+            done.stderr
+        )
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json"]  # no plot
