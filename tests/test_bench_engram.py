@@ -76,14 +76,18 @@ def test_refuses_a_bad_count_before_any_work(tmp_path):
 
 
 def test_a_dir_that_is_a_file_is_refused_by_name(tmp_path):
-    """--dir FILE ended in a NotADirectoryError traceback when the tables were made."""
+    """--dir FILE ended in a NotADirectoryError traceback when the tables were made (a broken
+    symbolic link, in a FileExistsError one)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
+    link = tmp_path / "link"  # accepted, then the tables' mkdir failed: FileExistsError
+    link.symlink_to(tmp_path / "nowhere")
     for where, expected in (
+        (link, f"argument --dir: '{link}' is a broken symbolic link; expected a folder"),
         (blocker, f"argument --dir: '{blocker}' is a file; expected a folder (or nothing there)"),
         (blocker / "sub", f"argument --dir: '{blocker / 'sub'}': '{blocker}' is a file"),
     ):
         done = run_bench("bench_engram.py", "--dir", str(where))
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
         assert expected in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "link"]

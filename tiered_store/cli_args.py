@@ -181,6 +181,10 @@ def folder(text: str) -> Path:
     path = Path(text)
     if not path.is_dir():
         output_file(text)  # what is refused on the way to a file is refused on the way to a folder
+        if path.is_symlink() and not path.exists():  # mkdir(exist_ok=True) fails on it
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a broken symbolic link; expected a folder (or nothing there)"
+            )
         if path.exists():
             raise argparse.ArgumentTypeError(
                 f"{text!r} is a file; expected a folder (or nothing there)"
