@@ -506,3 +506,22 @@ def test_a_commit_at_a_later_step_is_where_the_next_step_goes_on(tmp_path):
     assert table.step(6) == 1
     assert table.commit() == 6
     table.close()
+
+
+def test_a_commit_below_the_last_step_is_refused_as_a_numpy_integer_too(tmp_path):
+    """commit(np.int64(1)) after step(3) passed the check that refuses commit(1) (an isinstance
+    int test): the commit said the state was made at step 1, and a reopened table applied steps
+    2 and 3 again over it (Adam's bias correction of the wrong step)."""
+    adam = make_row_optimizer("adam", lr=0.1)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.ones((6, 2)), adam)
+    table = TrainableTable(TieredStore.open(store_config(path)), adam)
+    for step in (1, 2, 3):
+        table.lookup(torch.tensor([1])).sum().backward()
+        table.step(step)
+    for below in (np.int64(1), np.int32(2)):
+        with pytest.raises(ConfigError, match=rf"step: {below}; expected at least the last"):
+            table.commit(below)
+    assert table.store.committed_step == 0
+    assert table.commit(np.int64(3)) == 3
+    table.close()

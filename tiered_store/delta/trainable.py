@@ -288,7 +288,7 @@ class TrainableTable:
         those steps twice (Adam's bias correction)."""
         if step is None:
             step = max(self._last_step, self.store.committed_step)
-        elif isinstance(step, int) and not isinstance(step, bool) and step < self._last_step:
+        elif (number := _integer(step)) is not None and number < self._last_step:  # np.int64 too
             raise ConfigError(
                 f"step: {step}; expected at least the last optimizer step applied, "
                 f"{self._last_step} (a reopened table goes on from its commit's step)"
@@ -306,6 +306,16 @@ class TrainableTable:
     def close(self) -> None:
         """Close the store (uncommitted updates are dropped)."""
         self.store.close()
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an integer (a NumPy one too; never a bool), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 class TableSlice:
