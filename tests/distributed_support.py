@@ -485,6 +485,52 @@ def training_misuse_worker(rank: int, world: int, port: int, trainable: str, out
     _report(out, rank, result)
 
 
+def decided_commit_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
+    """Every rank: step(1), then commit(3) whose second phase fails on rank 1's shard (the step
+    decided all the same), then step(2), step(4) and commit(), each outcome recorded."""
+    from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.trainable import TrainableTable
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.errors import CommitError
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(trainable), world, "rows")
+    cfg["sharding"]["timeout_s"] = 5  # a rank left waiting fails the test in seconds
+    try:
+        table = TrainableTable(ShardedStore.open(cfg), make_row_optimizer("adam", lr=0.05))
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        table.lookup(ids).sum().backward()
+        table.step(1)
+        if rank == 1:  # its shard fails to finish what it staged, once, as a full disk would
+            shard = table.store.local
+            real = shard.finish_commit
+
+            def failing(*args: Any, **kwargs: Any) -> None:
+                shard.finish_commit = real
+                raise CommitError("finish_commit: no space left on device (the test's)")
+
+            shard.finish_commit = failing
+        for name, call in (
+            ("commit", lambda: table.commit(3)),
+            ("step 2", lambda: table.step(2)),
+            ("step 4", lambda: table.step(4)),
+            ("commit again", table.commit),
+        ):
+            if name.startswith("step"):
+                table.lookup(ids).sum().backward()
+            try:
+                result[name] = call()
+            except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                result[name] = f"{type(exc).__name__}: {exc}"
+            result[f"{name} committed_step"] = table.store.committed_step
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def nonfinite_gradient_worker(
     rank: int, world: int, port: int, trainable: str, out: Path, bad: float = float("nan")
 ) -> None:

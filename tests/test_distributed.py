@@ -1250,6 +1250,29 @@ def test_a_training_step_refused_on_one_rank_is_refused_on_all_and_keeps_the_gra
         assert result["first"] == result["repeated retried"] == result["differ retried"] == 1
 
 
+def test_a_commit_decided_though_a_shard_failed_is_where_the_next_step_goes_on(tmp_path):
+    """commit(3) after step(1) whose second phase failed on rank 1's shard is decided (step 3 on
+    every rank, the shard finishes it later), yet the TrainableTable took step(2) next: Adam's
+    bias correction of step 2 over state that a reopened table goes on from at step 3. The
+    decided step is where the next step goes on, on every rank, as after a commit that passed."""
+    from tests.distributed_support import decided_commit_worker, make_trainable
+
+    trainable = make_trainable(tmp_path / "trainable.npy")
+    write_shards(trainable, 2, "rows", template=shards_template(trainable, "rows"), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(decided_commit_worker, 2, (str(trainable), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert "(its second phase) failed" in result["commit"], result
+        assert "so step 3 is committed" in result["commit"], result
+        assert result["commit committed_step"] == 3
+        assert str(result["step 2"]).startswith("ConfigError: step: 2; expected more than the last step, 3"), result  # fmt: skip
+        assert result["step 4"] == 1 and result["commit again"] == 4, result
+        assert result["commit again committed_step"] == 4
+
+
 def test_a_non_finite_gradient_on_one_rank_is_refused_on_all_before_any_shard_steps(tmp_path):
     """Rank 0's NaN gradient of a row on rank 1's shard: rank 1's write failed, rank 0's shard
     applied the optimizer step to its rows, and every rank dropped its gradients: the shards came

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import (
+    CommitError,
     ConfigError,
     RowDataError,
     RowIdError,
@@ -285,7 +286,9 @@ class TrainableTable:
         reopened table's would); returns the step. The commit carries the optimizer step its
         rows' state was made at, so a reopened table's ``step()`` goes on after it: a ``step``
         below the last applied is refused (``ConfigError``), since a reopened table would apply
-        those steps twice (Adam's bias correction)."""
+        those steps twice (Adam's bias correction). A sharded commit that raises ``CommitError``
+        once its step is decided (its second phase failed on a shard) moves the step all the
+        same."""
         if step is None:
             step = max(self._last_step, self.store.committed_step)
         elif (number := _integer(step)) is not None and number < self._last_step:  # np.int64 too
@@ -293,10 +296,15 @@ class TrainableTable:
                 f"step: {step}; expected at least the last optimizer step applied, "
                 f"{self._last_step} (a reopened table goes on from its commit's step)"
             )
-        self._committed = self.store.commit(step)
-        # a later step's commit says the state was made at it: the next step goes on after it,
-        # here as after a reopen
-        self._last_step = max(self._last_step, self._committed)
+        try:
+            self._committed = self.store.commit(step)
+        except CommitError:  # a sharded commit whose second phase failed on a shard is decided:
+            self._committed = max(self._committed, self.store.committed_step)  # at its step
+            raise  # on every rank, as ShardedStore.committed_step says
+        finally:
+            # a later step's commit says the state was made at it: the next step goes on after
+            # it, here as after a reopen
+            self._last_step = max(self._last_step, self._committed)
         return self._committed
 
     def stats(self) -> dict[str, dict[str, Any]]:
