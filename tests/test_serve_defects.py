@@ -534,6 +534,36 @@ def test_run_load_counts_an_answer_that_is_not_json_by_its_status_not_lost(bad_g
     assert result.errors == {"502": 3} and result.lost == 0 and result.answered == 0, result
 
 
+@pytest.mark.parametrize("page", [b"", b"null"])
+def test_run_load_counts_a_200_that_is_no_json_object_as_a_bad_answer_not_lost(page):
+    """A 200 with an empty body (read as None) or null failed bench_serve's check
+    ("hidden_checksum" in answer) with a TypeError, and run_load counted the answered request
+    lost, under "TypeError"."""
+    import http.server
+
+    class Answering(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answering) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}/v1/engram"
+            bodies = [{"input_ids": [[1]]}] * 3
+            result = run_load(url, bodies, clients=2, check=lambda a: "hidden_checksum" in a)
+        finally:
+            server.shutdown()
+    assert result.errors == {"bad-answer": 3} and result.lost == 0, result
+
+
 def _unused_port() -> int:
     """A local port that nothing listens on (bound, then closed)."""
     with socket.socket() as s:

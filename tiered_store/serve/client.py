@@ -454,7 +454,8 @@ def run_load(
     timeout
         Seconds for each request's connect and reads.
     check
-        A test of each 200 answer; an answer failing it counts as ``"bad-answer"``.
+        A test of each 200 answer; an answer failing it, or one that is not a JSON object (an
+        empty body, ``null``), counts as ``"bad-answer"``.
     keep_alive
         Each client reuses one HTTP/1.1 connection (``False``: a new connection per request).
 
@@ -486,7 +487,10 @@ def run_load(
             start = time.perf_counter()
             try:
                 status, answer = post_json(url, bodies[i], timeout=timeout, connection=conn)
-                ok = status == 200 and (check is None or check(answer))
+                # a 200 whose JSON is no object (an empty body, null) fails a check of a dict
+                ok = status == 200 and (
+                    check is None or (isinstance(answer, dict) and check(answer))
+                )
                 key = "200" if ok else (str(status) if status != 200 else "bad-answer")
             except _AnswerNotJSON as exc:  # answered all the same (a proxy's 502 page): not lost
                 key, ok = (str(exc.status) if exc.status != 200 else "bad-answer"), False
