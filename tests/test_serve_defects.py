@@ -650,3 +650,31 @@ def test_post_json_reuses_a_keep_alive_connection_whose_descriptor_is_past_1023(
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_post_json_reuses_a_keep_alive_connection_at_the_open_files_limit(proc):
+    """post_json's check for a connection the server closed made an epoll selector, a descriptor
+    of its own: in a process at its open-files limit, a request on a reused connection, which
+    needs no new descriptor, raised "OSError: [Errno 24] Too many open files"."""
+    import http.client
+    import resource
+
+    host, port = proc.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        post_json(proc.url + "/v1/engram", {"input_ids": [[3, 4, 5]]}, connection=conn)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, len(os.listdir("/proc/self/fd")) + 8), hard))  # fmt: skip
+        with pytest.raises(OSError, match="Too many open files"):
+            while True:  # every descriptor the limit leaves
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        status, answer = post_json(
+            proc.url + "/v1/engram", {"input_ids": [[3, 4, 5]]}, connection=conn
+        )
+        assert status == 200 and answer["shape"] == [1, 3], answer
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        conn.close()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import selectors
+import select
 import signal
 import subprocess
 import sys
@@ -283,13 +283,13 @@ def _json_answer(url: str, response: http.client.HTTPResponse) -> Any:
 def _close_if_closed_by_server(conn: http.client.HTTPConnection) -> None:
     """Close an idle keep-alive ``conn`` that the server closed (its next request reconnects):
     between answers the server sends nothing, so a readable socket holds its end or an error.
-    A selector, not ``select.select``: that refuses descriptors past 1023 (``FD_SETSIZE``)."""
+    ``poll``: ``select.select`` refuses descriptors past 1023 (``FD_SETSIZE``), and an epoll
+    selector needs a descriptor of its own, which a process at its open-files limit cannot get."""
     if conn.sock is None:
         return
-    with selectors.DefaultSelector() as selector:
-        selector.register(conn.sock, selectors.EVENT_READ)
-        readable = selector.select(0)
-    if readable:
+    poll = select.poll()
+    poll.register(conn.sock, select.POLLIN)
+    if poll.poll(0):
         conn.close()
 
 
