@@ -190,11 +190,8 @@ class TrainableTable:
         cannot read or update its rows fails the step on every rank before any shard writes
         (``UpdateRefusedError``, the gradients kept); when a shard fails to write its rows (the
         others wrote theirs), the gradients are dropped."""
-        try:
-            number = operator.index(step)
-        except TypeError:
-            number = 0
-        if number < 1:
+        number = _integer(step)  # True is not step 1
+        if number is None or number < 1:
             self._refuse(step, f"step: {step!r}; expected an integer >= 1 (steps count from 1)")
         if number <= self._last_step:
             why = (
