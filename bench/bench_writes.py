@@ -149,6 +149,7 @@ class DenseRows:
     """The in-memory baseline: the same stored rows (weights | optimizer state) in one tensor."""
 
     keeps_stats = False
+    committed_step = 0  # nothing durable: a TrainableTable over it starts at step 1
 
     def __init__(self, rows: torch.Tensor) -> None:
         self.table = rows.clone()
