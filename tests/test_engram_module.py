@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -282,6 +283,8 @@ def test_bad_row_ids_and_integer_tables_are_named(setup):
     table = InMemoryTable(torch.eye(4))
     for dtype in (torch.uint8, torch.int16, torch.int32):  # torch's bare RuntimeError but int32
         assert torch.equal(table.lookup(torch.tensor([3, 1], dtype=dtype)), torch.eye(4)[[3, 1]])
+    for ids in ([3, 1], np.array([3, 1])):  # as the store and the packed table take them
+        assert torch.equal(table.lookup(ids), torch.eye(4)[[3, 1]])  # AttributeError before
     # before: a uint64 id past int64 was named by its wrapped negative value, a meta or sparse
     # tensor failed with torch's bare error
     with pytest.raises(RowIdError, match=r"ids: value 9223372036854775813 does not fit int64"):

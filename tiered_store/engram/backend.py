@@ -143,12 +143,13 @@ class InMemoryTable(nn.Module, TableBackend):
         return int(self.weight.shape[1])
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
-        """Rows for ``row_ids`` (any shape) as [..., dim] on the table's device.
+        """Rows for ``row_ids`` (any shape; a tensor, NumPy array or list, as the store takes
+        them) as [..., dim] on the table's device.
 
         Raises RowIdError for non-integer ids, ids without values (meta, sparse, nested), uint64
         ids that do not fit int64, and (on a CPU table) ids outside the table.
         """
-        if (
+        if isinstance(row_ids, torch.Tensor) and (  # lists and arrays: as_id_tensor names them
             row_ids.dtype.is_floating_point
             or row_ids.dtype.is_complex
             or row_ids.dtype == torch.bool
