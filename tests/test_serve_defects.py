@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -622,6 +623,52 @@ def test_a_server_whose_first_line_is_not_json_is_killed_and_named(config_path, 
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(pid, 0)
     assert set(Path(tempfile.gettempdir()).glob("serve-*.log")) <= before
+
+
+_SLOW_SERVER_WITH_A_HELPER = """
+import os, time
+helper = os.fork()
+if helper == 0:  # a helper the interpreter starts (a monitoring agent), sharing its stdout
+    time.sleep(300)
+    os._exit(0)
+with open(os.environ["HELPER_PID_FILE"], "w") as f:
+    f.write(str(helper))
+time.sleep(300)  # a server slow to start: its 'listening' line comes too late
+"""
+
+
+def test_a_server_timed_out_while_a_helper_holds_its_stdout_is_reported_in_time(
+    config_path, tmp_path
+):
+    """A server that printed no 'listening' line in time, while a process it had started kept
+    its stdout open, made ServeProcess hang after killing it (closing the pipe waited for the
+    reader's readline, so for the helper's end) instead of raising at once."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_SERVER_WITH_A_HELPER)
+    helper_pid = tmp_path / "helper.pid"
+    env = {"PYTHONPATH": str(site), "HELPER_PID_FILE": str(helper_pid)}
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            ServeProcess(config_path, metrics=False, startup_timeout=5, env=env)
+        except BaseException as exc:
+            raised.append(exc)
+
+    starting = threading.Thread(target=start, daemon=True)
+    starting.start()
+    try:
+        starting.join(30)
+        stuck = starting.is_alive()
+    finally:  # the helper's end lets a stuck ServeProcess go on
+        if helper_pid.exists() and helper_pid.read_text():
+            os.kill(int(helper_pid.read_text()), signal.SIGKILL)
+        starting.join(30)
+    assert helper_pid.read_text(), "the server started no helper: nothing was tested"
+    assert not stuck, "ServeProcess had not raised 30 s after the server's 5 s startup timeout"
+    assert len(raised) == 1 and isinstance(raised[0], RuntimeError), raised
+    assert "printed no 'listening' line within 5s" in str(raised[0]), raised[0]
 
 
 def test_post_json_reuses_a_keep_alive_connection_whose_descriptor_is_past_1023(proc):

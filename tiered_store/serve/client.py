@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 DEEPSEEK_VOCAB_SIZE = 129280  # token ids of the DeepSeek tokenizer the server hashes
+_PIPE_END_WAIT_S = 1.0  # for a killed server's stdout to end, before closing it
+
 # The directory holding the `tiered_store` package: the subprocess imports the same code.
 _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
@@ -129,7 +131,8 @@ class ServeProcess:
             self._fail(
                 f"exited with status {status}"
                 if status is not None
-                else f"printed no 'listening' line within {timeout}s"
+                else f"printed no 'listening' line within {timeout}s",
+                reader,
             )
         try:
             ready = json.loads(box[0])
@@ -137,16 +140,19 @@ class ServeProcess:
         except (ValueError, TypeError, KeyError):
             line = box[0][:200].decode(errors="replace").rstrip()
             self._fail(
-                f"printed {line!r} where its JSON 'listening' line (url, metrics_url) was expected"
+                f"printed {line!r} where its JSON 'listening' line (url, metrics_url) was expected",
+                reader,
             )
         return ready
 
-    def _fail(self, what: str) -> NoReturn:
+    def _fail(self, what: str, reader: threading.Thread) -> NoReturn:
         """Kill the server, remove its log file and its pipe, and raise naming ``what`` happened
         with the log."""
         self.proc.kill()
         self.proc.wait()
-        self.proc.stdout.close()
+        reader.join(_PIPE_END_WAIT_S)  # the pipe ends with the server's death...
+        if not reader.is_alive():  # ...unless a process it started holds it: closing would wait
+            self.proc.stdout.close()  # for the reader's readline, so for that process's end
         log = self.log()
         self._log.close()
         self.log_path.unlink(missing_ok=True)
