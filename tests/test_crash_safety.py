@@ -733,3 +733,35 @@ def test_a_lock_released_as_a_child_is_forked_is_free_at_once(tmp_path, when):
         capture_output=True, text=True, env=subprocess_env(), timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, f"the released lock stayed held: {out.returncode} {out.stderr}"
+
+
+_SIGNAL_HANDLER_TAKES_A_LOCK = r"""
+import os, signal, sys
+from tiered_store.process_locks import open_held, release
+folder = sys.argv[1]
+def on_term(signum, frame):  # a trainer's preemption handler: a checkpoint takes locks, or forks
+    if sys.argv[2] == "lock":
+        release(open_held(os.path.join(folder, "b.lock"), os.O_RDWR | os.O_CREAT, 0o644))
+    else:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+signal.signal(signal.SIGTERM, on_term)
+class Staged:  # the signal comes while open_held opens this lock
+    def __fspath__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return os.path.join(folder, "a.lock")
+release(open_held(Staged(), os.O_RDWR | os.O_CREAT, 0o644))
+print("done")
+"""
+
+
+@pytest.mark.parametrize("then", ["lock", "fork"])
+def test_a_signal_handler_taking_a_lock_inside_open_held_does_not_deadlock(tmp_path, then):
+    """A signal handler (a trainer's SIGTERM checkpoint) that took a lock, or forked, while its
+    thread was inside open_held waited forever for the lock open_held held."""
+    script = tmp_path / "handler.py"
+    script.write_text(_SIGNAL_HANDLER_TAKES_A_LOCK)
+    out = forkserver.run_python([script, tmp_path, then], timeout=30)
+    assert out.returncode == 0 and out.stdout == "done\n", (out.returncode, out.stderr)

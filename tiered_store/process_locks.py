@@ -20,7 +20,9 @@ import threading
 from collections.abc import Iterator
 
 _HELD: set[int] = set()  # this process's descriptors that hold or take locks
-_OPENING = threading.Lock()  # held across open + track, and across a fork: no copy escapes
+# held across open + track, and across a fork: no copy escapes; reentrant, as a signal handler
+# (a preemption checkpoint) may take a lock, or fork, while its thread is inside open_held
+_OPENING = threading.RLock()
 
 
 def _before_fork() -> None:
