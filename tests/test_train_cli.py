@@ -350,6 +350,18 @@ def test_resume_from_another_directory_reads_the_same_corpus(tmp_path, monkeypat
     assert _committed(out) == 2
 
 
+def test_a_corpus_given_in_python_as_one_path_is_that_path(tmp_path):
+    """train() given TrainSettings(corpus="texts") took each character of the name for a path:
+    "/" first, and failed on whatever the machine's root held (PermissionError on /proc/1/cwd)."""
+    texts = ROOT / "tiered_store" / "engram"
+    for one in (str(texts), texts):
+        out = tmp_path / f"run-{type(one).__name__}"
+        settings = replace(_settings(texts), steps=1, checkpoint_every=1, corpus=one)
+        train(out, settings, resume=False, progress=False)
+        assert json.loads((out / "train.json").read_text())["corpus"] == [str(texts)]
+        assert _committed(out) == 1
+
+
 @pytest.mark.parametrize(
     "saved, why",
     [

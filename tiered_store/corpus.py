@@ -38,6 +38,7 @@ __all__ = [
     "CorpusError",
     "ReadStats",
     "SkippedFilesWarning",
+    "corpus_paths",
     "default_corpus",
     "iter_texts",
     "read_text",
@@ -249,8 +250,17 @@ def _glob(pattern: str, unlisted: list[Path]) -> list[str]:
     return out
 
 
+def corpus_paths(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None,
+) -> list[str | os.PathLike[str]]:
+    """``paths`` as a list: one str or PathLike is one path, not the characters of its name."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [paths]
+    return list(paths or [])
+
+
 def resolve_corpus(
-    paths: Iterable[str | os.PathLike[str]] | None = None,
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
     *,
     exclude: str | os.PathLike[str] | None = None,
 ) -> Corpus:
@@ -282,9 +292,7 @@ def resolve_corpus(
     >>> resolve_corpus().description.startswith("Python standard library")
     True
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]  # one path, not the characters of its name
-    paths = list(paths or [])
+    paths = corpus_paths(paths)
     if not paths:
         return default_corpus()
     seen: set[object] = set()  # a file by (device, inode): one document whatever its names

@@ -48,7 +48,7 @@ from ..cli_args import (
 )
 from ..cold_table import IO_MODES
 from ..config import load_yaml
-from ..corpus import resolve_corpus
+from ..corpus import corpus_paths, resolve_corpus
 from ..delta.row_delta import delta_path
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
 from ..delta.table_versions import (
@@ -117,7 +117,8 @@ def train(
     ``given``: the settings the user set (the command's options); a resume names those it
     ignores (default: those that differ from ``TrainSettings()``'s)."""
     if settings.corpus:  # as found from here (a resume may run in another directory)
-        settings = replace(settings, corpus=[os.path.abspath(c) for c in settings.corpus])
+        paths = [os.path.abspath(c) for c in corpus_paths(settings.corpus)]  # one: one path
+        settings = replace(settings, corpus=paths)
     asked, settings = settings, _settings(out, settings, resume, given)
     torch.manual_seed(settings.seed)
     config = ModelConfig.from_dict(settings.model)
