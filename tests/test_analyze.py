@@ -8,6 +8,7 @@ against the trace, the recommended store config against the exact LRU curve, and
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -504,6 +505,15 @@ def test_one_path_given_alone_is_one_path_not_its_characters(tmp_path):
     for one in (str(tmp_path), tmp_path):
         corpus = resolve_corpus(one)
         assert corpus.files == resolve_corpus([tmp_path]).files and corpus.roots == (str(tmp_path),)
+
+
+@pytest.mark.parametrize("paths", [b"texts", [b"texts"], ["texts", 3]], ids=str)
+def test_a_corpus_path_that_is_not_a_str_or_path_is_named(paths):
+    """resolve_corpus(b"texts") walked the name's bytes as numbers and failed with "expected
+    str, bytes or os.PathLike object, not int", naming neither the path nor what it must be."""
+    bad = paths if isinstance(paths, bytes) else paths[-1]
+    with pytest.raises(CorpusError, match=rf"corpus path {re.escape(repr(bad))}: a .*expected a"):
+        resolve_corpus(paths)
 
 
 def test_the_output_folder_inside_the_corpus_is_not_read_as_text(tmp_path):

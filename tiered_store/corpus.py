@@ -254,9 +254,14 @@ def corpus_paths(
     paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None,
 ) -> list[str | os.PathLike[str]]:
     """``paths`` as a list: one str or PathLike is one path, not the characters of its name."""
-    if isinstance(paths, (str, os.PathLike)):
-        return [paths]
-    return list(paths or [])
+    out = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths or [])
+    for path in out:
+        if not isinstance(path, (str, os.PathLike)):  # bytes: not walked as numbers
+            raise CorpusError(
+                f"corpus path {path!r}: a {type(path).__name__}; expected a str or Path (a file, "
+                "a directory or a glob pattern) or a list of them"
+            )
+    return out
 
 
 def resolve_corpus(
