@@ -541,10 +541,13 @@ def test_a_delta_left_without_its_version_is_removed_never_a_held_or_current_one
 
 _FORK_A_WORKER_AND_DIE = r"""
 pid = os.fork()  # a worker started meanwhile (a DataLoader's): it outlives its parent's kill
-if pid == 0:
+if pid == 0:  # past its at-fork hooks (the slow one too), as a worker that runs
+    open(sys.argv[2] + ".tmp", "w").write(str(os.getpid()))
+    os.rename(sys.argv[2] + ".tmp", sys.argv[2])
     time.sleep(120)
     os._exit(0)
-open(sys.argv[2], "w").write(str(pid))
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -571,6 +574,7 @@ def _killed_with_a_worker(tmp_path, staging: str, target: Path) -> int:
 
 _COMPACTION_KILLED_WITH_A_WORKER = r"""
 import os, signal, sys, threading, time
+os.register_at_fork(after_in_child=lambda: time.sleep(0.5))  # a child slow to run (a loaded host)
 import tiered_store.table_format as tf
 from tiered_store.delta import compaction
 made, forked = threading.Event(), threading.Event()
@@ -604,6 +608,7 @@ def test_a_compaction_killed_after_forking_a_worker_leaves_nothing_locked(tmp_pa
 
 _PUBLISH_KILLED_WITH_A_WORKER = r"""
 import os, signal, sys, threading, time
+os.register_at_fork(after_in_child=lambda: time.sleep(0.5))  # a child slow to run (a loaded host)
 import numpy as np
 import tiered_store.table_format as tf
 locked, forked = threading.Event(), threading.Event()
