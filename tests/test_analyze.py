@@ -516,6 +516,14 @@ def test_a_corpus_path_that_is_not_a_str_or_path_is_named(paths):
         resolve_corpus(paths)
 
 
+@pytest.mark.parametrize("paths", ["", [""], ["texts", ""]], ids=repr)
+def test_an_empty_corpus_path_is_refused_not_read_as_the_current_folder(paths):
+    """resolve_corpus("") (or --corpus "") read every file under the current folder: Path("")
+    is "." once a lone str is one path."""
+    with pytest.raises(CorpusError, match=r"corpus path '': empty; expected a file"):
+        resolve_corpus(paths)
+
+
 def test_the_output_folder_inside_the_corpus_is_not_read_as_text(tmp_path):
     """`analyze DIR --out DIR/out` run twice: the first run's reports are not documents."""
     (tmp_path / "doc.txt").write_text("a document\n")

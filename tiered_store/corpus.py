@@ -261,6 +261,11 @@ def corpus_paths(
                 f"corpus path {path!r}: a {type(path).__name__}; expected a str or Path (a file, "
                 "a directory or a glob pattern) or a list of them"
             )
+        if os.fspath(path) == "":  # Path("") is ".": every file under the current folder
+            raise CorpusError(
+                "corpus path '': empty; expected a file, a directory or a glob pattern (no "
+                "paths at all: the default corpus)"
+            )
     return out
 
 
