@@ -5,6 +5,8 @@ Policies see row ids and slot numbers only, never embedding values, and work on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -80,6 +82,13 @@ class EvictionPolicy:
         accepts. A new tensor, never the policy's own state: a warm-restart save reads it after
         letting the store's lock go."""
         raise NotImplementedError
+
+    def victim_priority_later(self) -> Callable[[], torch.Tensor]:
+        """``victim_priority()`` of every slot as of now, computed when the function returned is
+        called: only what it needs is copied now (a warm-restart save copies under the store's
+        lock and ranks once it has let it go). By default computed now."""
+        priority = self.victim_priority()
+        return lambda: priority
 
     def choose_victims(self, n: int, protected: torch.Tensor) -> torch.Tensor:
         """``n`` distinct slots to evict, never one where ``protected`` is True."""

@@ -23,6 +23,8 @@ still only grow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .base import EvictionPolicy, smallest
@@ -81,9 +83,12 @@ class LRU(EvictionPolicy):
 
     def victim_priority(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         if slots is None:
-            slot = torch.arange(self.capacity, device=self.device)
-            return self.last_used * self.capacity + slot
+            return _keys(self.last_used)
         return torch.index_select(self.last_used, 0, slots) * self.capacity + slots
+
+    def victim_priority_later(self) -> Callable[[], torch.Tensor]:
+        last_used = self.last_used.clone()  # a copy, and the arithmetic when asked
+        return lambda: _keys(last_used)
 
     def smallest_keys(self, n: int, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type != "cpu" or self.capacity < THRESHOLD_MIN_SLOTS:
@@ -102,3 +107,9 @@ class LRU(EvictionPolicy):
                 keys, pick = smallest(keys, n, distinct=True)
                 return keys, slots[pick]
         return super().smallest_keys(n, protected)
+
+
+def _keys(last_used: torch.Tensor) -> torch.Tensor:
+    """Every slot's eviction key: its last use, ties broken by slot."""
+    capacity = last_used.numel()
+    return last_used * capacity + torch.arange(capacity, device=last_used.device)

@@ -321,6 +321,28 @@ def test_lookups_go_on_while_a_save_ranks_the_rows_held(tmp_path, monkeypatch):
         assert held(store) == before
 
 
+def test_lookups_go_on_while_a_save_computes_the_lru_keys(tmp_path, monkeypatch):
+    # the keys of an LRU tier's slots (last use x capacity + slot) took 13 ms of arithmetic at
+    # 4M slots under the store's lock, most of a save's lookup stall: only last_used is copied
+    # there now (bench/bench_save_stall.py)
+    from policies import lru
+
+    path, data = make_table(tmp_path)
+    computing, go_on = threading.Event(), threading.Event()
+    keys = lru._keys
+
+    def held_up(last_used):
+        if last_used.numel() == 512:  # the warm tier's, for the save (not an eviction's)
+            computing.set()
+            go_on.wait(30)
+        return keys(last_used)
+
+    with TieredStore(config(path)) as store:
+        serve(store, data, batches=2)
+        monkeypatch.setattr(lru, "_keys", held_up)
+        assert_lookups_go_on_during(store, data, store.save_restart, computing, go_on)
+
+
 def test_a_save_taken_before_another_never_replaces_its_file(tmp_path, monkeypatch):
     # a periodic save ranks its rows outside the lock: one still ranking when a later save
     # (close's) writes must not land its older rows over the later file

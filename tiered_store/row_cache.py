@@ -167,12 +167,13 @@ class RowCache:
         """Row ids held now, most valuable first (last to be evicted) where the policy ranks them."""
         return most_valuable_first(*self.held())
 
-    def held(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Copies of the row id of every slot (-1: free) and of the slots' eviction priorities
-        (None for a policy that never evicts), to rank with :func:`most_valuable_first` once the
-        lock is let go."""
+    def held(self) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
+        """A copy of the row id of every slot (-1: free) and the slots' eviction priorities as of
+        now, computed when called (``EvictionPolicy.victim_priority_later``; None for a policy
+        that never evicts): both taken under the lock, ranked with :func:`most_valuable_first`
+        once it is let go."""
         try:
-            priority = self.eviction.victim_priority()
+            priority = self.eviction.victim_priority_later()
         except NotImplementedError:  # a policy that never evicts has no order
             priority = None
         return self.row_of_slot.clone(), priority
@@ -661,10 +662,12 @@ def pinned_rows_of(row_of_slot: torch.Tensor, pin_flags: torch.Tensor) -> torch.
     return row_of_slot[pin_flags & (row_of_slot >= 0)]
 
 
-def most_valuable_first(row_of_slot: torch.Tensor, priority: torch.Tensor | None) -> torch.Tensor:
-    """The rows held (``row_of_slot`` >= 0) by descending eviction ``priority`` (last to be
+def most_valuable_first(
+    row_of_slot: torch.Tensor, priority: Callable[[], torch.Tensor] | None
+) -> torch.Tensor:
+    """The rows held (``row_of_slot`` >= 0) by descending eviction ``priority()`` (last to be
     evicted first; ties in slot order); in slot order where there is no priority."""
     slots = torch.nonzero(row_of_slot >= 0).squeeze(1)
     if priority is not None:
-        slots = slots[torch.sort(priority[slots], descending=True, stable=True).indices]
+        slots = slots[torch.sort(priority()[slots], descending=True, stable=True).indices]
     return row_of_slot[slots]

@@ -1510,7 +1510,7 @@ def _check_host_memory(nbytes: int, key: str) -> None:
 
 def _rows_to_save(
     row_of_slot: torch.Tensor,
-    priority: torch.Tensor | None,
+    priority: Callable[[], torch.Tensor] | None,
     saved: np.ndarray | None,
     capacity: int,
 ) -> np.ndarray:
