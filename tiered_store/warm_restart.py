@@ -114,16 +114,22 @@ def save_restart(path: Path, identity: dict[str, Any], state: RestartState) -> N
             "profiles": profiles,
         }
     ).encode()
-    body = b"".join(
+    parts = (
         [MAGIC, _LEN.pack(len(header)), header]
-        + [np.ascontiguousarray(v, dtype="<i8").tobytes() for v in state.held.values()]
-        + [np.ascontiguousarray(v, dtype="<i8").tobytes() for v in state.pinned.values()]
-        + [np.ascontiguousarray(s, dtype="<f4").tobytes() for _, s in state.profiles.values()]
+        + [np.ascontiguousarray(v, dtype="<i8") for v in state.held.values()]
+        + [np.ascontiguousarray(v, dtype="<i8") for v in state.pinned.values()]
+        + [np.ascontiguousarray(s, dtype="<f4") for _, s in state.profiles.values()]
     )
     out = AtomicFile(path, "wb", lock=True)  # remove_abandoned_saves leaves it alone
     try:
-        out.file.write(body)
-        out.file.write(_LEN.pack(crc32c.crc32c(body)))
+        # written and checksummed part by part from the arrays' own memory: joining them into
+        # one bytes object (hundreds of MB with a sketch) held the GIL, so lookups, for its copies
+        crc = 0
+        for part in parts:
+            view = memoryview(part).cast("B")
+            out.file.write(view)
+            crc = crc32c.crc32c(view, crc)
+        out.file.write(_LEN.pack(crc))
         out.commit()
     except BaseException:
         out.abort()
