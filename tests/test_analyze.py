@@ -516,6 +516,14 @@ def test_a_corpus_path_that_is_not_a_str_or_path_is_named(paths):
         resolve_corpus(paths)
 
 
+@pytest.mark.parametrize("paths", [3, 0, 2.5, False], ids=repr)
+def test_a_lone_corpus_path_that_is_a_number_is_named(paths):
+    """resolve_corpus(3) failed with "'int' object is not iterable", and resolve_corpus(0) (or
+    False) read the default corpus as if no paths were given."""
+    with pytest.raises(CorpusError, match=rf"corpus path {re.escape(repr(paths))}: a .*expected a"):
+        resolve_corpus(paths)
+
+
 @pytest.mark.parametrize("paths", ["", [""], ["texts", ""]], ids=repr)
 def test_an_empty_corpus_path_is_refused_not_read_as_the_current_folder(paths):
     """resolve_corpus("") (or --corpus "") read every file under the current folder: Path("")

@@ -254,7 +254,12 @@ def corpus_paths(
     paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None,
 ) -> list[str | os.PathLike[str]]:
     """``paths`` as a list: one str or PathLike is one path, not the characters of its name."""
-    out = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths or [])
+    if paths is None:
+        out: list = []
+    elif isinstance(paths, (str, bytes, os.PathLike)) or not isinstance(paths, Iterable):
+        out = [paths]  # a lone number is named below, not read as no paths (0) or iterated (3)
+    else:
+        out = list(paths)
     for path in out:
         if not isinstance(path, (str, os.PathLike)):  # bytes: not walked as numbers
             raise CorpusError(
