@@ -535,6 +535,42 @@ def test_open_can_wait_for_the_hot_tier_or_the_whole_restore(tmp_path, monkeypat
         serve(store, data, seed=2)
 
 
+def test_a_save_writes_the_documented_layout_whatever_arrays_it_is_given(tmp_path):
+    # written part by part from the arrays' memory (9f37a52), a sketch with no counters (shape
+    # (2, 0)) failed with memoryview's "cannot cast view with zeros in shape or strides"
+    import json
+    import struct
+
+    import crc32c
+
+    from tiered_store.warm_restart import MAGIC, RestartState, save_restart
+
+    ident = {"generation": 0, "rows": 100}
+    held = {"hot": np.arange(20, dtype=">i8")[::3], "warm": np.zeros(0, np.int32)}
+    pinned = {"hot": np.array(6)}  # 0-d
+    sketches = {"hot": np.zeros((2, 0), np.float64), "warm": np.arange(6.0).reshape(2, 3).T}
+    profiles = {k: ({"windows": 1}, s) for k, s in sketches.items()}
+    path = tmp_path / "t.npy.restart"
+    save_restart(path, ident, RestartState(held, pinned, profiles))
+    header = {
+        "identity": ident,
+        "tiers": {"hot": 7, "warm": 0},
+        "pinned": {"hot": 1},
+        "profiles": {k: {"windows": 1, "shape": list(s.shape)} for k, s in sketches.items()},
+    }
+    raw = json.dumps(header).encode()
+    body = b"".join(
+        [MAGIC, struct.pack("<I", len(raw)), raw]
+        + [np.asarray(v, "<i8").tobytes() for v in (*held.values(), *pinned.values())]
+        + [np.asarray(s, "<f4").tobytes() for s in sketches.values()]
+    )
+    assert path.read_bytes() == body + struct.pack("<I", crc32c.crc32c(body))
+    back = load_restart(path, ident)
+    assert back.held["hot"].tolist() == list(range(0, 20, 3)) and back.pinned["hot"].tolist() == [6]
+    assert back.profiles["hot"][1].shape == (2, 0)
+    assert back.profiles["warm"][1].tolist() == sketches["warm"].tolist()
+
+
 def test_a_well_checksummed_file_with_a_malformed_header_starts_cold(tmp_path):
     import json
     import struct

@@ -116,10 +116,10 @@ def save_restart(path: Path, identity: dict[str, Any], state: RestartState) -> N
     ).encode()
     parts = (
         [MAGIC, _LEN.pack(len(header)), header]
-        + [np.ascontiguousarray(v, dtype="<i8") for v in state.held.values()]
-        + [np.ascontiguousarray(v, dtype="<i8") for v in state.pinned.values()]
-        + [np.ascontiguousarray(s, dtype="<f4") for _, s in state.profiles.values()]
-    )
+        + [np.ascontiguousarray(v, dtype="<i8").ravel() for v in state.held.values()]
+        + [np.ascontiguousarray(v, dtype="<i8").ravel() for v in state.pinned.values()]
+        + [np.ascontiguousarray(s, dtype="<f4").ravel() for _, s in state.profiles.values()]
+    )  # flat views: memoryview's cast refuses a shape with a 0 in it (a (2, 0) sketch)
     out = AtomicFile(path, "wb", lock=True)  # remove_abandoned_saves leaves it alone
     try:
         # written and checksummed part by part from the arrays' own memory: joining them into
