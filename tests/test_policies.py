@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from policies import (
     FIFO,
     LFU,
+    LRU,
     SIEVE,
     PolicySpec,
     ScalarFIFO,
@@ -193,6 +194,20 @@ class EvictionContract:
 
 class TestLRU(EvictionContract):
     spec = "lru"
+
+
+def test_a_save_ranks_an_lru_subclass_by_its_own_keys():
+    """victim_priority_later copies LRU's last uses for its own keys: a subclass that ranks by
+    other keys (a user's policy, registered by name) would have had its rows saved in LRU order."""
+
+    class Reversed(LRU):
+        def victim_priority(self, slots=None):
+            return -super().victim_priority(slots)
+
+    policy = Reversed(4)
+    policy.on_insert(torch.tensor([0, 1, 2, 3]))
+    policy.on_hit(torch.tensor([2]))
+    assert torch.equal(policy.victim_priority_later()(), policy.victim_priority())
 
 
 class TestFIFO(EvictionContract):
