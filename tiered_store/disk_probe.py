@@ -18,7 +18,6 @@ import errno
 import itertools
 import json
 import mmap
-import operator
 import os
 import shutil
 import stat
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.errors import ConfigError, TierIOError
+from tiered_store.integers import as_integer
 from tiered_store.io_uring import MAX_QUEUE_DEPTH, IoUring
 from tiered_store.table_format import PAGE_BYTES
 
@@ -255,11 +255,11 @@ def _draw_offsets(
             f"of at most {MAX_BLOCK_BYTES:,} (what one read can transfer)"
         )
     for name, value in (("start", start), ("stop", stop)):
-        if (value is not None or name == "start") and _integer(value) is None:
+        if (value is not None or name == "start") and as_integer(value) is None:
             raise ConfigError(f"{name}: got {value!r}; expected a byte offset (an integer)")
-    if (number := _integer(seed)) is None or number < 0:
+    if (number := as_integer(seed)) is None or number < 0:
         raise ConfigError(f"seed: got {seed!r}; expected an integer >= 0")
-    start, stop = _integer(start), None if stop is None else _integer(stop)
+    start, stop = as_integer(start), None if stop is None else as_integer(stop)
     size = os.fstat(fd).st_size
     stop = size if stop is None else stop
     first, end = -(-start // block_bytes), min(stop, size) // block_bytes
@@ -271,17 +271,6 @@ def _draw_offsets(
         )
     rng = np.random.default_rng(seed)
     return rng.integers(first, end, reads, dtype=np.int64) * block_bytes
-
-
-def _integer(value: object) -> int | None:
-    """``value`` as an int (a NumPy integer too, as NumPy's seeding takes); None for a bool or a
-    value that is not an integer."""
-    if isinstance(value, bool | np.bool_):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _is_bool_or_not_int(value: object) -> bool:

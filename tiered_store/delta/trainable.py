@@ -10,7 +10,6 @@ store, the optimizer's new rows, ``store.write``. ``commit()`` makes the step du
 
 from __future__ import annotations
 
-import operator
 import os
 from functools import partial
 from typing import Any
@@ -28,6 +27,7 @@ from ..errors import (
     UpdateRefusedError,
 )
 from ..id_ops import unique_inverse_counts
+from ..integers import as_integer
 from ..store import as_id_tensor
 from ..table_format import TableManifest, create_table
 from ..table_sources import check_tensor_holds_rows, describe_tensor
@@ -190,7 +190,7 @@ class TrainableTable:
         cannot read or update its rows fails the step on every rank before any shard writes
         (``UpdateRefusedError``, the gradients kept); when a shard fails to write its rows (the
         others wrote theirs), the gradients are dropped."""
-        number = _integer(step)  # True is not step 1
+        number = as_integer(step)  # True is not step 1
         if number is None or number < 1:
             self._refuse(step, f"step: {step!r}; expected an integer >= 1 (steps count from 1)")
         if number <= self._last_step:
@@ -288,7 +288,7 @@ class TrainableTable:
         same."""
         if step is None:
             step = max(self._last_step, self.store.committed_step)
-        elif (number := _integer(step)) is not None and number < self._last_step:  # np.int64 too
+        elif (number := as_integer(step)) is not None and number < self._last_step:  # np.int64 too
             raise ConfigError(
                 f"step: {step}; expected at least the last optimizer step applied, "
                 f"{self._last_step} (a reopened table goes on from its commit's step)"
@@ -311,16 +311,6 @@ class TrainableTable:
     def close(self) -> None:
         """Close the store (uncommitted updates are dropped)."""
         self.store.close()
-
-
-def _integer(value: Any) -> int | None:
-    """``value`` as an integer (a NumPy one too; never a bool), else ``None``."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 class TableSlice:

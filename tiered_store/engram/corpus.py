@@ -7,7 +7,6 @@ the Python standard library's own ``*.py`` sources, which every machine has.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 
 from ..corpus import Corpus, CorpusError, ReadStats, SkippedFilesWarning, iter_texts
 from ..errors import ConfigError, warn_at_caller
+from ..integers import as_integer
 from .tokenizer import CompressedTokenizer, encode_texts
 
 __all__ = ["iter_batches", "read_tokens", "token_batches"]
@@ -82,7 +82,7 @@ def token_batches(tokens: np.ndarray, batch_size: int, seq_len: int) -> list[tor
     >>> [tuple(b.shape) for b in token_batches(np.arange(100), 2, 16)]
     [(2, 16), (2, 16), (2, 16)]
     """
-    sizes = [_count(n) for n in (batch_size, seq_len)]
+    sizes = [as_integer(n) for n in (batch_size, seq_len)]
     if any(n is None or n < 1 for n in sizes):
         raise ConfigError(
             f"batch: expected integers batch_size >= 1 and seq_len >= 1, got {batch_size!r} x "
@@ -98,16 +98,6 @@ def token_batches(tokens: np.ndarray, batch_size: int, seq_len: int) -> list[tor
         )
     data = torch.from_numpy(np.ascontiguousarray(tokens[: count * per_batch], dtype=np.int64))
     return list(data.view(count, batch_size, seq_len).unbind(0))
-
-
-def _count(value: object) -> int | None:
-    """``value`` as an int (Python, NumPy or torch integer; not a bool), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def iter_batches(batches: Sequence[torch.Tensor], rounds: int) -> Iterator[list[torch.Tensor]]:
