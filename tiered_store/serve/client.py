@@ -107,6 +107,7 @@ class ServeProcess:
         ]
         self.log_path = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._kept_log: str | None = None  # the log's text once the with block removed it
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -159,7 +160,10 @@ class ServeProcess:
         raise RuntimeError(f"tiered-store serve {what}; its log:\n{log}")
 
     def log(self) -> str:
-        """What the server wrote to stderr so far (all of it, after ``stop``)."""
+        """What the server wrote to stderr so far (all of it, after ``stop``; after the ``with``
+        block, which removes the file, what it held then)."""
+        if self._kept_log is not None:
+            return self._kept_log
         if not self._log.closed:  # closed by stop(): the file holds all there is
             self._log.flush()
         return self.log_path.read_text(errors="replace")
@@ -186,6 +190,7 @@ class ServeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        self._kept_log = self.log()  # the file goes: a failing test still reads what it said
         self.log_path.unlink(missing_ok=True)
 
 
