@@ -1228,20 +1228,29 @@ def test_a_sharded_stores_lookup_stats_time_its_lookups_not_its_shards_share_of_
     assert waited["lookup"]["seconds_total"] == pytest.approx(sum(waited["seconds"]), abs=0.05)
 
 
-def test_a_training_step_refused_on_one_rank_is_refused_on_all_and_keeps_the_gradients(tmp_path):
-    """Rank 1 repeats the last step: it raises its ConfigError, the others StepMismatchError
-    naming it, at once (before, rank 1 raised before joining the round: the others waited out
-    the timeout and the group failed). A step the ranks disagree on keeps every rank's gradients
-    (they were dropped: the agreeing retry updated no row)."""
-    from tests.distributed_support import make_trainable, training_misuse_worker
+def _on_two_trainable_row_shards(tmp_path, worker, *args) -> list[dict]:
+    """``worker(rank, world, port, trainable, out, *args)`` on 2 ranks over a trainable table cut
+    into row shards; every rank's result (each rank exited 0 and none crashed)."""
+    from tests.distributed_support import make_trainable
 
     trainable = make_trainable(tmp_path / "trainable.npy")
     write_shards(trainable, 2, "rows", template=shards_template(trainable, "rows"), progress=False)
     out = tmp_path / "out"
     out.mkdir()
-    codes = run_ranks(training_misuse_worker, 2, (str(trainable), out), 60)
+    codes = run_ranks(worker, 2, (str(trainable), out, *args), 60)
     results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
+    return results
+
+
+def test_a_training_step_refused_on_one_rank_is_refused_on_all_and_keeps_the_gradients(tmp_path):
+    """Rank 1 repeats the last step: it raises its ConfigError, the others StepMismatchError
+    naming it, at once (before, rank 1 raised before joining the round: the others waited out
+    the timeout and the group failed). A step the ranks disagree on keeps every rank's gradients
+    (they were dropped: the agreeing retry updated no row)."""
+    from tests.distributed_support import training_misuse_worker
+
+    results = _on_two_trainable_row_shards(tmp_path, training_misuse_worker)
     assert results[1]["repeated"] == "ConfigError: step: 1; expected more than the last step, 1 (each optimizer step is applied once)"  # fmt: skip
     assert results[0]["repeated"].startswith("StepMismatchError: rank 0: update_rows: rank 1: its gradients or step were refused there (see its own error)")  # fmt: skip
     for rank, result in enumerate(results):
@@ -1255,15 +1264,9 @@ def test_a_commit_decided_though_a_shard_failed_is_where_the_next_step_goes_on(t
     every rank, the shard finishes it later), yet the TrainableTable took step(2) next: Adam's
     bias correction of step 2 over state that a reopened table goes on from at step 3. The
     decided step is where the next step goes on, on every rank, as after a commit that passed."""
-    from tests.distributed_support import decided_commit_worker, make_trainable
+    from tests.distributed_support import decided_commit_worker
 
-    trainable = make_trainable(tmp_path / "trainable.npy")
-    write_shards(trainable, 2, "rows", template=shards_template(trainable, "rows"), progress=False)
-    out = tmp_path / "out"
-    out.mkdir()
-    codes = run_ranks(decided_commit_worker, 2, (str(trainable), out), 60)
-    results = _results(out, 2)
-    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    results = _on_two_trainable_row_shards(tmp_path, decided_commit_worker)
     for result in results:
         assert "(its second phase) failed" in result["commit"], result
         assert "so step 3 is committed" in result["commit"], result
@@ -1278,15 +1281,9 @@ def test_a_non_finite_gradient_on_one_rank_is_refused_on_all_before_any_shard_st
     applied the optimizer step to its rows, and every rank dropped its gradients: the shards came
     apart by one step. It is refused before the round now (RowDataError naming the row there,
     StepMismatchError elsewhere): no shard changes, the other ranks keep their gradients."""
-    from tests.distributed_support import make_trainable, nonfinite_gradient_worker
+    from tests.distributed_support import nonfinite_gradient_worker
 
-    trainable = make_trainable(tmp_path / "trainable.npy")
-    write_shards(trainable, 2, "rows", template=shards_template(trainable, "rows"), progress=False)
-    out = tmp_path / "out"
-    out.mkdir()
-    codes = run_ranks(nonfinite_gradient_worker, 2, (str(trainable), out), 60)
-    results = _results(out, 2)
-    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    results = _on_two_trainable_row_shards(tmp_path, nonfinite_gradient_worker)
     assert results[0]["nan"].startswith("RowDataError: grads: the gradient of row 95 holds a non-finite value (nan)")  # fmt: skip
     assert results[1]["nan"].startswith("StepMismatchError: rank 1: update_rows: rank 0: its gradients or step were refused there")  # fmt: skip
     assert [r["unchanged"] for r in results] == [True, True]
@@ -1301,15 +1298,9 @@ def test_an_optimizer_update_overflowing_on_one_shard_is_refused_on_all_before_a
     its rows, every rank dropped its gradients, and the shards came a step apart. Every shard's
     update is checked before any is written now: no shard changes, the error names the row id,
     and the ranks keep their gradients (as for a refused step)."""
-    from tests.distributed_support import make_trainable, nonfinite_gradient_worker
+    from tests.distributed_support import nonfinite_gradient_worker
 
-    trainable = make_trainable(tmp_path / "trainable.npy")
-    write_shards(trainable, 2, "rows", template=shards_template(trainable, "rows"), progress=False)
-    out = tmp_path / "out"
-    out.mkdir()
-    codes = run_ranks(nonfinite_gradient_worker, 2, (str(trainable), out, 1e30), 60)
-    results = _results(out, 2)
-    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    results = _on_two_trainable_row_shards(tmp_path, nonfinite_gradient_worker, 1e30)
     for rank, result in enumerate(results):
         assert result["nan"].startswith(f"RowDataError: rank {rank}: update_rows: rank 1: RowDataError: the update of row 95 is not finite")  # fmt: skip
         assert result["nan"].endswith("nothing was updated on any shard")
@@ -1324,15 +1315,9 @@ def test_a_shard_that_cannot_read_its_rows_for_a_step_leaves_every_rank_its_grad
     stopped before any shard wrote, 'nothing was updated on any shard', yet every rank dropped
     its gradients (as when a shard failed its write after the others wrote theirs), so the step
     retried once the shard read again updated nothing. They are kept now."""
-    from tests.distributed_support import make_trainable, unreadable_shard_step_worker
+    from tests.distributed_support import unreadable_shard_step_worker
 
-    trainable = make_trainable(tmp_path / "trainable.npy")
-    write_shards(trainable, 2, "rows", template=shards_template(trainable, "rows"), progress=False)
-    out = tmp_path / "out"
-    out.mkdir()
-    codes = run_ranks(unreadable_shard_step_worker, 2, (str(trainable), out), 60)
-    results = _results(out, 2)
-    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    results = _on_two_trainable_row_shards(tmp_path, unreadable_shard_step_worker)
     assert [r["retried"] for r in results] == [1, 1]  # each shard's row, on the kept gradients
     for result in results:
         assert result["failed is TierIOError"] is True  # as before
