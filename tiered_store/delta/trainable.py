@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from ..errors import (
-    CommitError,
     ConfigError,
     RowDataError,
     RowIdError,
@@ -159,8 +158,8 @@ class TrainableTable:
         self._gradients: list[tuple[torch.Tensor, torch.Tensor]] = []
         # the last optimizer step applied: a reopened table goes on from its last commit, which
         # carries the step its rows' optimizer state was made at (Adam's bias correction); so
-        # does this one after a commit at a later step (``_committed``: the last commit's step)
-        self._last_step = self._committed = store.committed_step
+        # does this one after a commit at a later step
+        self._last_step = store.committed_step
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """Weights ``[..., dim]`` of ``row_ids``; with grad enabled, on the autograd graph."""
@@ -196,7 +195,7 @@ class TrainableTable:
         if number <= self._last_step:
             why = (
                 "the step of the table's last commit: a reopened table goes on from it"
-                if self._last_step == self._committed
+                if self._last_step == self.store.committed_step
                 else "each optimizer step is applied once"
             )
             self._refuse(
@@ -294,15 +293,12 @@ class TrainableTable:
                 f"{self._last_step} (a reopened table goes on from its commit's step)"
             )
         try:
-            self._committed = self.store.commit(step)
-        except CommitError:  # a sharded commit whose second phase failed on a shard is decided:
-            self._committed = max(self._committed, self.store.committed_step)  # at its step
-            raise  # on every rank, as ShardedStore.committed_step says
+            return self.store.commit(step)
         finally:
             # a later step's commit says the state was made at it: the next step goes on after
-            # it, here as after a reopen
-            self._last_step = max(self._last_step, self._committed)
-        return self._committed
+            # it, here as after a reopen; so does a sharded commit whose second phase failed on
+            # a shard (CommitError), decided at its step on every rank (committed_step says it)
+            self._last_step = max(self._last_step, self.store.committed_step)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """The store's statistics."""
