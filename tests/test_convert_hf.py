@@ -577,6 +577,47 @@ def test_a_config_without_engram_keys_is_refused(golden, tmp_path):
         convert_hf_checkpoint(ckpt, tmp_path / "out", progress=False)
 
 
+def test_a_table_is_refused_through_a_tokenizer_that_maps_ids_to_other_rows(
+    golden, tmp_path, monkeypatch
+):
+    """Tables converted with the checkpoint's own tokenizer.json opened, without a word, through
+    another tokenizer of the same compressed size (two tokens' ids swapped): every N-gram with
+    either token read another N-gram's row. Layouts compared the compressed size alone; they now
+    record the id mapping's digest, and a table from before (no digest) still opens."""
+    from tiered_store.engram import CompressedTokenizer, NgramHasher, load_engram_config
+    from tiered_store.engram.checkpoint import check_table_file
+    from tiered_store.engram.layout import layout_mismatch
+
+    monkeypatch.setenv("TIERED_STORE_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = make_checkpoint(tmp_path / "ckpt", golden)
+    own = json.loads(default_tokenizer_path().read_text())
+    vocab = own["model"]["vocab"]
+    vocab["Ġlookup"], vocab["Ġtable"] = vocab["Ġtable"], vocab["Ġlookup"]
+    (ckpt / "tokenizer.json").write_text(json.dumps(own))
+    out = tmp_path / "out"
+    convert_hf_checkpoint(ckpt, out, progress=False)
+    engram, _ = load_engram_config(out / "config.json")
+    theirs, package = CompressedTokenizer(out / "tokenizer.json"), CompressedTokenizer()
+    assert theirs.num_compressed == package.num_compressed  # the size check cannot tell them
+    assert theirs.lookup_digest != package.lookup_digest
+    table = out / "engram_layer1.npy"
+    check_table_file(table, NgramHasher(engram, theirs), 1)
+    with pytest.raises(
+        ConfigError,
+        match=rf"engram_layer1.npy: table built for compressed_lookup_digest="
+        rf"'{theirs.lookup_digest}', but this model's Engram layer 1 expects "
+        rf"compressed_lookup_digest='{package.lookup_digest}' \(the table was made with another "
+        r"tokenizer.json than .*, one that compresses token ids to other rows\)",
+    ):
+        check_table_file(table, NgramHasher(engram, package), 1)
+    built = read_manifest(table).metadata["engram"]
+    before = {k: v for k, v in built.items() if k != "compressed_lookup_digest"}
+    assert layout_mismatch(before, {**built, "compressed_lookup_digest": "0" * 16}) is None
+    assert layout_mismatch({**built, "compressed_vocab_size": 1}, before)[0] == (
+        "compressed_vocab_size"
+    )
+
+
 def test_without_its_own_tokenizer_the_package_one_is_used_with_a_warning(golden, tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", golden)
     (ckpt / "tokenizer.json").unlink()

@@ -137,10 +137,16 @@ def check_table_file(
         )
     if (diff := layout_mismatch(have, want)) is not None:
         key, built, expected = diff
+        made_with = (
+            f"another tokenizer.json than {hasher.tokenizer.tokenizer_path}, one that compresses "
+            "token ids to other rows"
+            if key == "compressed_lookup_digest"
+            else f"another configuration: engram config {have.get('config')}"
+        )
         raise ConfigError(
             f"{path}: table built for {key}={short(built)}, but this model's Engram "
-            f"layer {layer_id} expects {key}={short(expected)} (the table was made for "
-            f"another configuration: engram config {have.get('config')})"
+            f"layer {layer_id} expects {key}={short(expected)} (the table was made with "
+            f"{made_with})"
         )
     if (rows or manifest.rows, manifest.values_per_row) != (want["rows"], want["dim"]):
         raise ConfigError(

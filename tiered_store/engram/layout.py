@@ -35,7 +35,10 @@ LAYOUT_FIELDS = (
     "seed",
     "pad_id",
     "compressed_vocab_size",
+    "compressed_lookup_digest",
 )
+# Facts recorded only since a later release: a file made before, without them, is not refused.
+RECORDED_LATER = frozenset({"compressed_lookup_digest"})
 # Those that decide which row an N-gram lands on (a profile or a trace counts rows, not widths).
 ADDRESSING_FIELDS = tuple(key for key in LAYOUT_FIELDS if key != "dim")
 _LAYER_NAME = re.compile(r"layer(\d+)")  # analyze's table names: layer{L}
@@ -67,6 +70,7 @@ def table_metadata(hasher: NgramHasher, layer_id: int) -> dict[str, Any]:
             "seed": config.seed,
             "pad_id": config.pad_id,
             "compressed_vocab_size": hasher.tokenizer.num_compressed,
+            "compressed_lookup_digest": hasher.tokenizer.lookup_digest,
             "tokenizer_vocab_size": hasher.tokenizer.vocab_size,
             "config": config.to_dict(),
         }
@@ -76,8 +80,11 @@ def table_metadata(hasher: NgramHasher, layer_id: int) -> dict[str, Any]:
 def layout_mismatch(
     have: Mapping[str, Any], want: Mapping[str, Any], fields: tuple[str, ...] = LAYOUT_FIELDS
 ) -> tuple[str, Any, Any] | None:
-    """The first of ``fields`` where two layouts differ, with both values (None: they agree)."""
+    """The first of ``fields`` where two layouts differ, with both values (None: they agree); a
+    :data:`RECORDED_LATER` fact that either does not record is not compared."""
     for key in fields:
+        if key in RECORDED_LATER and (key not in have or key not in want):
+            continue
         if have.get(key) != want.get(key):
             return key, have.get(key), want.get(key)
     return None
@@ -89,7 +96,7 @@ def recorded_layout(
     """The addressing facts (:data:`ADDRESSING_FIELDS`) that a profile's metadata or a trace
     header records for one table: its ``config`` (``EngramConfig.to_dict()``, or that under
     ``engram``), its ``tokenizer``
-    (``compressed_size``) and the table's Engram ``layer`` (else read off a ``name`` such as
+    (``compressed_size``, ``lookup_digest``) and the table's Engram ``layer`` (else read off a ``name`` such as
     ``layer2``). None when it records no Engram config; facts it cannot tell are left out."""
     from .config import EngramConfig
     from .hashing import table_primes
@@ -110,11 +117,14 @@ def recorded_layout(
         "pad_id": config.pad_id,
     }
     tokenizer = metadata.get("tokenizer")
-    compressed = tokenizer.get("compressed_size") if isinstance(tokenizer, Mapping) else None
+    tokenizer = tokenizer if isinstance(tokenizer, Mapping) else {}
+    compressed = tokenizer.get("compressed_size")
     if compressed is None:
         compressed = config.compressed_vocab_size
     if compressed is not None:
         out["compressed_vocab_size"] = compressed
+    if tokenizer.get("lookup_digest") is not None:
+        out["compressed_lookup_digest"] = tokenizer["lookup_digest"]
     if isinstance(layer, int):
         out["layer_id"] = layer
         if layer in config.layer_ids:

@@ -334,6 +334,20 @@ class CompressedTokenizer:
                 f"tokenizer_path: {str(self.tokenizer_path)!r} is not a tokenizer.json: {exc}"
             ) from exc
 
+    @cached_property
+    def lookup_digest(self) -> str:
+        """SHA-256 (hex, first 16 digits) of the id -> compressed id mapping: two tokenizers that
+        send every id to the same row share it, whatever their ``tokenizer.json`` files say else.
+        Layouts, traces and profiles record it, so a table is never read through another mapping.
+
+        Examples
+        --------
+        >>> tok = CompressedTokenizer()
+        >>> len(tok.lookup_digest), tok.lookup_digest == CompressedTokenizer().lookup_digest
+        (16, True)
+        """
+        return hashlib.sha256(self.lookup.astype("<i8", copy=False).tobytes()).hexdigest()[:16]
+
     @property
     def reduction(self) -> float:
         """Fraction of ids removed by compression (``1 - num_compressed / vocab_size``)."""

@@ -284,7 +284,12 @@ class ServedModel:
         header = {
             "tables": tables,
             "config": {"engram": self.model.config.engram.to_dict(), "source": self.config.source},
-            "tokenizer": str(hasher.tokenizer.tokenizer_path),
+            "tokenizer": {
+                "path": str(hasher.tokenizer.tokenizer_path),
+                "vocab_size": hasher.tokenizer.vocab_size,
+                "compressed_size": hasher.tokenizer.num_compressed,
+                "lookup_digest": hasher.tokenizer.lookup_digest,
+            },
             "recorded_by": "tiered-store serve",
         }
         return TraceWriter(path, header)

@@ -319,6 +319,7 @@ def tokenizer_info(tok: CompressedTokenizer) -> dict[str, Any]:
         "path": str(tok.tokenizer_path),
         "vocab_size": tok.vocab_size,
         "compressed_size": tok.num_compressed,
+        "lookup_digest": tok.lookup_digest,
         "reduction": tok.reduction,
         "pad_id": tok.original_pad_id,
         "compressed_pad_id": tok.pad_id,
