@@ -1059,3 +1059,20 @@ def test_close_waits_for_the_prefetch_queued_last_by_any_thread(tmp_path):
     store.close()
     closed.set()
     assert torch.equal(handles["second"].future.result(10)[0], data[[500, 501]])
+
+
+def test_the_host_ram_check_counts_a_hot_tier_on_the_cpu():
+    """The open's RAM check counted the warm tier alone: a hot tier on the CPU (its slots in host
+    RAM too) was left out, so two tiers that each fit but not together passed it."""
+    from tiered_store.store import _check_host_memory
+
+    gib = 1 << 30
+    _check_host_memory(6, 6, gib, torch.device("meta"), available=10 * gib)  # hot off the host
+    with pytest.raises(
+        ConfigError,
+        match=r"tiers.warm.capacity \+ tiers.hot.capacity \(hot on cpu\): needs 12.0 GiB of host "
+        r"RAM but only 10.0 GiB is available; expected a smaller capacity",
+    ):
+        _check_host_memory(6, 6, gib, torch.device("cpu"), available=10 * gib)
+    with pytest.raises(ConfigError, match=r"^tiers.warm.capacity: needs 11.0 GiB"):
+        _check_host_memory(11, 0, gib, torch.device("cpu"), available=10 * gib)

@@ -147,7 +147,7 @@ class TieredStore:
             for line in ignored_tier_settings(config):
                 warn_at_caller(line, IgnoredSettingWarning)
             self.hot, self.warm = self.caches.hot, self.caches.warm
-            _check_host_memory(self.warm.capacity * self.row_bytes, "tiers.warm.capacity")
+            _check_host_memory(self.warm.capacity, self.hot.capacity, self.row_bytes, self.device)
             pin = tiers.warm.pin_memory is True or (
                 tiers.warm.pin_memory == "auto" and self.device.type == "cuda"
             )
@@ -1498,10 +1498,24 @@ def compute_device(name: str, key: str = "tiers.hot.device") -> torch.device:
     return device
 
 
-def _check_host_memory(nbytes: int, key: str) -> None:
-    """Refuse a warm tier that cannot fit in the RAM available now."""
-    available = available_host_memory()
+def _check_host_memory(
+    warm_rows: int,
+    hot_rows: int,
+    row_bytes: int,
+    device: torch.device,
+    available: int | None = None,
+) -> None:
+    """Refuse tiers that cannot fit in the RAM ``available`` now (default: ``MemAvailable``):
+    the warm tier's slots, and the hot tier's too when it lives on the CPU."""
+    available = available_host_memory() if available is None else available
+    on_cpu = device.type == "cpu"
+    nbytes = (warm_rows + (hot_rows if on_cpu else 0)) * row_bytes
     if available is not None and nbytes > available:
+        key = (
+            "tiers.warm.capacity + tiers.hot.capacity (hot on cpu)"
+            if on_cpu and hot_rows
+            else ("tiers.warm.capacity")
+        )
         raise ConfigError(
             f"{key}: needs {format_bytes(nbytes)} of host RAM but only {format_bytes(available)} is "
             "available; expected a smaller capacity"
