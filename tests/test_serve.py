@@ -1004,6 +1004,28 @@ def test_a_killed_recording_server_leaves_its_requests_ids_to_recover(tmp_path):
     assert hot["lookups"] == recorded["engram_layer1"] > 0  # the hot tier sees every id
 
 
+def test_a_killed_recording_server_idle_since_its_last_request_leaves_its_ids(tmp_path):
+    """Only a request ended an old chunk, so the requests before an idle spell stayed in the
+    server's buffer however long it idled, and a kill then lost them. A thread ends the chunk
+    once it is server.record_flush_s old, requests or not."""
+    from tiered_store.trace_recovery import recover_trace
+
+    config_path = make_checkpoint(tmp_path, server={"record_flush_s": 0.2})
+    trace = tmp_path / "idle.trace"
+    requests = [[[5, 6, 7, 8]], [[9, 10, 11]]]
+    with ServeProcess(config_path, "--record-trace", str(trace), metrics=False) as proc:
+        time.sleep(0.3)  # the first request's chunk ends on its arrival; the second's does not
+        for input_ids in requests:
+            assert post_json(proc.url + "/v1/engram", {"input_ids": input_ids})[0] == 200
+        time.sleep(1.5)  # idle, several record_flush_s long
+        proc.proc.kill()
+        assert proc.proc.wait(30) == -9
+    (leftover,) = tmp_path.glob(".idle.trace.*.tmp")
+    recover_trace(leftover)
+    with TraceReader(trace) as reader:
+        assert reader.n_batches == 2 * len(requests)
+
+
 def test_a_recording_server_that_fails_its_start_leaves_no_trace_temporary(tmp_path, config_path):
     """The trace opens before a server's last start checks; one failing left the trace's
     temporary (a killed recording's look, with nothing recorded) beside the store configs."""

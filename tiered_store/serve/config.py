@@ -43,7 +43,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "server.max_announced": 64,  # requests announced at once; later ones wait unannounced
     "server.health_hold_s": 60.0,  # seconds /healthz stays 503 after a table's lookup failed
     "server.torch_threads": 0,  # intra-op threads for torch (0: leave torch's default)
-    "server.record_flush_s": 10.0,  # --record-trace: a request ends the chunk once it is this old
+    "server.record_flush_s": 10.0,  # --record-trace: the chunk reaches the file once this old
     "checkpoint.path": "checkpoint",  # directory written by convert_checkpoint
     "checkpoint.create": False,  # build a small seeded random checkpoint there when missing
     "checkpoint.seed": 0,  # torch seed of a created checkpoint's weights

@@ -507,16 +507,43 @@ class ServedModel:
     def _record(self, batch: EngramBatch) -> None:
         """Write one batch's row ids of every layer to the trace, whole, unless ``_close`` (which
         does not wait for a worker the drain gave up on) took the trace away; and end the chunk
-        when the last one is ``server.record_flush_s`` old, so a killed server loses no more."""
+        when the last one is ``server.record_flush_s`` old (``watch_trace`` does too, between
+        requests), so a killed server loses no more."""
         with self._trace_lock:
             if self._trace is None:
                 return
             for layer in self.layer_ids:
                 self._trace.write(batch.row_ids[layer].cpu().numpy(), self.config.table_name(layer))
                 self._trace.end_batch()
-            age = time.monotonic() - self._trace.chunk_written_at
-            if age >= self.config.server.record_flush_s:
-                self._trace.end_chunk()
+            self._end_old_chunk()
+
+    def _end_old_chunk(self) -> None:
+        """End the trace's chunk when the last one is ``server.record_flush_s`` old (under
+        ``_trace_lock``, the trace open)."""
+        if time.monotonic() - self._trace.chunk_written_at >= self.config.server.record_flush_s:
+            self._trace.end_chunk()
+
+    def watch_trace(self, stop: threading.Event) -> threading.Thread | None:
+        """A thread ending the recorded trace's chunk once it is ``server.record_flush_s`` old,
+        until ``stop``, requests or not: the last requests before an idle spell reach the file
+        too (a killed server loses no more); started. None when no trace is recorded."""
+        if self._trace is None:
+            return None
+        every = max(self.config.server.record_flush_s, 0.05)
+
+        def watch() -> None:
+            while not stop.wait(every):
+                with self._trace_lock:
+                    if self._trace is None:  # closed
+                        return
+                    try:
+                        self._end_old_chunk()
+                    except Exception:  # noqa: BLE001 (a full disk: the next request says so)
+                        log.exception("writing the recorded trace's chunk failed")
+
+        thread = threading.Thread(target=watch, name="tiered-store-trace-flush", daemon=True)
+        thread.start()
+        return thread
 
     def _answer(self, request: InferenceRequest, hashed: EngramBatch | None) -> dict[str, Any]:
         """``answer`` on the tables of one version."""

@@ -116,6 +116,7 @@ class InferenceServer:
         self._background_stop = threading.Event()
         self._scrubber: threading.Thread | None = None
         self._version_watch: threading.Thread | None = None
+        self._trace_watch: threading.Thread | None = None
         self._rank_watch: threading.Thread | None = None
         self._compute: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
         self._workers: anyio.CapacityLimiter | None = None
@@ -144,6 +145,7 @@ class InferenceServer:
             self._rank_watch = self.model.watch_ranks(self._background_stop)
         else:  # new table versions are opened between requests, and while none come
             self._version_watch = self.model.watch_versions(self._background_stop)
+        self._trace_watch = self.model.watch_trace(self._background_stop)
 
     def _bind(self) -> None:
         """Listening sockets for the endpoint and (unless off or the same) the metrics listener."""
@@ -221,7 +223,7 @@ class InferenceServer:
         if self._thread is not None:
             self._thread.join()
         self._close_sockets()
-        for thread in (self._scrubber, self._version_watch):
+        for thread in (self._scrubber, self._version_watch, self._trace_watch):
             if thread is not None:
                 thread.join(timeout=BACKGROUND_JOIN_S)
         if self._rank_watch is not None:  # within STOP_SLACK_S, which the followers allow for
