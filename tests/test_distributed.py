@@ -242,6 +242,43 @@ def test_shard_refuses_an_existing_shard_or_the_table_itself_before_writing_any(
     assert not (tmp_path / "one.npy").exists()  # (it held the last rank's shard alone)
 
 
+def test_a_second_shard_run_of_the_same_shards_is_refused_and_the_first_finishes(tmp_path):
+    """Two `tiered-store shard` runs at once: the second removed the hidden shards the first had
+    written as a killed run's leftovers, published its own, and the first then failed on them.
+    Runs over the same shard paths now take turns: the second is refused by name at once."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from tiered_store.serve.client import subprocess_env
+
+    path = tmp_path / "t.npy"
+    rows = np.random.default_rng(0).standard_normal((200_000, 64), dtype=np.float32)
+    create_table(path, rows, progress=False)
+    argv = [sys.executable, "-m", "tiered_store.cli", "shard", str(path), "--ranks", "4"]
+    argv += ["--by", "rows", "--quiet"]
+    first = subprocess.Popen(argv, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    hidden = re.compile(r"\.{1,2}t\.shard-\d-of-4\.npy\.[0-9a-f]{12}\.new\.npy.*")
+    try:
+        deadline = time.monotonic() + 60
+        while not any(hidden.fullmatch(p.name) for p in tmp_path.iterdir()):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.002)
+        os.kill(first.pid, signal.SIGSTOP)  # midway through its shards
+        second = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 2
+    assert "another shard run is writing these shards (it holds t.shard-0-of-4.npy." in (
+        second.stderr
+    )
+    assert first.wait(120) == 0, first.stderr.read()
+    for rank in range(4):
+        shard = tmp_path / f"t.shard-{rank}-of-4.npy"
+        np.testing.assert_array_equal(np.load(shard), rows[rank * 50_000 : (rank + 1) * 50_000])
+
+
 def test_shard_refuses_the_path_of_a_compacted_table_itself(tmp_path, capsys):
     """A compacted table (its generation 0 removed) was not recognised as the table itself by its
     path: `shard --overwrite` replaced it with its shard 0, half its rows, and removed the

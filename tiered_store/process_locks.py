@@ -95,3 +95,43 @@ def locked_folder(path: str | os.PathLike[str]) -> Iterator[int]:
         yield fd
     finally:
         release(fd)
+
+
+@contextlib.contextmanager
+def exclusive_run(
+    path: str | os.PathLike[str], busy: Exception, *, remove: bool = False
+) -> Iterator[None]:
+    """One run at a time of a job keyed on the lock file ``path`` (made if missing; the kernel
+    lets go when the process dies): raises ``busy`` at once while another run holds it.
+    ``remove``: the file goes at the end (a run that took the lock on a file removed meanwhile
+    takes it again on the one at ``path`` now, so two runs never hold two files of one name)."""
+    while True:
+        fd = open_held(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not remove or _names(path, fd):
+                break
+        except BlockingIOError:
+            release(fd)
+            raise busy from None
+        except BaseException:
+            release(fd)
+            raise
+        release(fd)
+    try:
+        yield
+    finally:
+        if remove:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        release(fd)
+
+
+def _names(path: str | os.PathLike[str], fd: int) -> bool:
+    """Whether ``path`` still names the file open at ``fd``."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    there = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)

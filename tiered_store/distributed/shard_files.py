@@ -8,6 +8,7 @@ metadata (the Engram layout). ``shard_join.join_shards`` does the reverse.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import uuid
@@ -26,7 +27,8 @@ from ..delta.table_versions import (
     remove_table_files,
     take_writer_lock,
 )
-from ..errors import ConfigError, TableFormatError
+from ..errors import ConfigError, TableFormatError, TierIOError
+from ..process_locks import exclusive_run
 from ..table_format import (
     TableManifest,
     create_table,
@@ -127,12 +129,29 @@ def write_shards(
     [12.0, 13.0, 14.0, 15.0]
     """
     npy, _ = table_paths(table)
+    paths = shard_file_paths(npy, ranks, template)
+    # one run at a time over these shard paths: another would remove this one's hidden shards
+    lock = Path(f"{paths[0].resolve() if paths[0].is_symlink() else paths[0]}.shard-run.lock")
+    busy = TierIOError(
+        errno.EBUSY,
+        f"{paths[0]}: another shard run is writing these shards (it holds {lock.name}); "
+        "expected one run at a time",
+    )
+    if not lock.parent.is_dir():  # no lock there: create_table names the missing folder
+        return _write_shards(npy, ranks, by, paths, progress, overwrite)
+    with exclusive_run(lock, busy, remove=True):
+        return _write_shards(npy, ranks, by, paths, progress, overwrite)
+
+
+def _write_shards(
+    npy: Path, ranks: int, by: ShardMode, paths: list[Path], progress: bool, overwrite: bool
+) -> list[ShardInfo]:
+    """``write_shards`` of ``npy`` to ``paths``, its run lock held."""
     current = present_version(npy)[0]
     with ColdTable(current) as cold:
         manifest = cold.manifest
         step = _refuse_uncompacted_rows(npy, current, manifest)
         shard_map = plan_shards(manifest, ranks, by, str(npy))
-        paths = shard_file_paths(npy, ranks, template)
         for rank, path in enumerate(paths):
             # (a compacted table's own path has no file: its version, named by a pointer, has)
             if (path.exists() and path.samefile(current)) or path.resolve() == npy.resolve():

@@ -24,11 +24,9 @@ leaves a config beside tables it does not describe.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import filecmp
 import json
 import math
-import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
@@ -43,7 +41,7 @@ from ..capacity import resolve_capacity
 from ..config import StoreConfig
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
 from ..page_checksums import sidecar_path
-from ..process_locks import open_held, release
+from ..process_locks import exclusive_run
 from ..table_format import (
     PackedSafetensorsSource,
     SafetensorsSource,
@@ -482,19 +480,12 @@ def _output_names(plans: list[_LayerPlan]) -> list[str]:
 def _converting(out: Path) -> Iterator[None]:
     """One conversion at a time into ``out`` (``OUT/.convert-hf.lock``, dropped by the kernel when
     the process dies): a second would remove the first's temporary files."""
-    lock = out / CONVERT_HF_LOCK
-    fd = open_held(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(
-                f"out_dir {out}: another convert-hf is writing there (it holds {lock.name}); "
-                "expected one conversion at a time into a directory"
-            ) from None
+    busy = ConfigError(
+        f"out_dir {out}: another convert-hf is writing there (it holds {CONVERT_HF_LOCK}); "
+        "expected one conversion at a time into a directory"
+    )
+    with exclusive_run(out / CONVERT_HF_LOCK, busy):
         yield
-    finally:
-        release(fd)
 
 
 def _check_store(store: Mapping[str, Any], plan: _LayerPlan, rows: int) -> None:
