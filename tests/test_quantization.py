@@ -3,6 +3,8 @@ and tables of packed quantised rows."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -106,6 +108,19 @@ def test_bad_layouts_are_refused_with_the_key():
         RowQuantization.from_json({"values": 256, "blocks": 32})
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e300])
+def test_quantize_refuses_nan_inf_and_values_past_float32_naming_the_element(value):
+    """A NaN made its whole block NaN codes with a scale byte cast from NaN; an inf became code
+    0x7E with scale byte 0xFE (inf again at the gather) and zeroed the rest of its block."""
+    q = RowQuantization(values=64, block=32)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    x[2, 40] = value
+    with pytest.raises(ValueError, match=re.escape(f"quantize_rows: row 2 column 40 is {value!r}")):
+        quantize_rows(x, q)
+    with pytest.raises(ValueError, match=r"row \(2, 0\) column 40 is .*expected finite values"):
+        quantize_rows(x.reshape(3, 1, 64), q)
+
+
 # ---- quantised tables ----------------------------------------------------------------------------
 
 
@@ -182,8 +197,8 @@ def test_a_manifest_of_uint8_rows_without_their_layout_is_refused(tmp_path):
 
 @pytest.mark.parametrize(("column", "byte"), [(3, 0x7F), (40, 0xFF), (64, 0xFF)])
 def test_packed_rows_with_a_nan_code_or_scale_are_refused_and_leave_nothing(tmp_path, column, byte):
-    """A NaN fp8 code or scale byte (quantize_rows makes them of a NaN value) was written and
-    served as NaN rows, where float rows with a NaN are refused."""
+    """A NaN fp8 code or scale byte was written and served as NaN rows, where float rows with a
+    NaN are refused."""
     q = RowQuantization(values=64, block=32)
     rows = quantize_rows(torch.randn(6, 64), q).numpy()
     rows[4, column] = byte
@@ -194,13 +209,11 @@ def test_packed_rows_with_a_nan_code_or_scale_are_refused_and_leave_nothing(tmp_
 
 
 def test_packed_rows_that_dequantise_to_inf_are_refused_and_extremes_are_kept(tmp_path):
-    """quantize_rows of an inf gives code 0x7E (448) with scale byte 0xFE (2**127), finite bytes
-    that lookups dequantised to inf: such a table was written and served inf rows."""
+    """Code 0x7E (448) with scale byte 0xFE (2**127), finite bytes that lookups dequantised to
+    inf (quantize_rows once made them of an inf): such a table was written and served inf rows."""
     q = RowQuantization(values=64, block=32)
-    values = torch.randn(6, 64)
-    values[4, 40] = float("inf")
-    rows = quantize_rows(values, q).numpy()
-    assert (rows[4, 40], rows[4, 65]) == (0x7E, 0xFE)
+    rows = quantize_rows(torch.randn(6, 64), q).numpy()
+    rows[4, 40], rows[4, 65] = 0x7E, 0xFE
     with pytest.raises(
         TableFormatError,
         match=r"source row 4 column \d+ is fp8 code 0x.. with scale byte 0xfe \(column 65\), "

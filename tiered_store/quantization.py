@@ -134,6 +134,10 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
     """Float rows ``[..., values]`` -> packed ``uint8`` rows: per block, the smallest power-of-two
     scale that brings the block's largest magnitude within e4m3's range, then round to e4m3.
 
+    An all-zero block gets the smallest scale, byte 0 (2**-127). NaN, inf and values past float32's
+    range are refused (a ValueError naming the element): e4m3fn has no inf, and one NaN would make
+    its whole block NaN.
+
     Examples
     --------
     >>> q = RowQuantization(values=4, block=2)
@@ -147,9 +151,28 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
             f"expected {quant.values}"
         )
     lead = values.shape[:-1]
-    blocks = values.float().reshape(*lead, quant.scales, quant.block)
+    as_float = values.float()
+    _check_finite(values, as_float)
+    blocks = as_float.reshape(*lead, quant.scales, quant.block)
     amax = blocks.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
     exponent = torch.ceil(torch.log2(amax / FP8_E4M3_MAX)).clamp(-SCALE_BIAS, SCALE_BIAS)
     codes = (blocks / torch.exp2(exponent).unsqueeze(-1)).to(torch.float8_e4m3fn)
     scale_bytes = (exponent + SCALE_BIAS).to(torch.uint8)
     return torch.cat([codes.view(torch.uint8).reshape(*lead, quant.values), scale_bytes], dim=-1)
+
+
+def _check_finite(values: torch.Tensor, as_float: torch.Tensor) -> None:
+    """Refuse rows holding a NaN or inf in float32; the error names the first one's place."""
+    finite = torch.isfinite(as_float)
+    if bool(finite.all()):
+        return
+    at = [int(i) for i in torch.nonzero(~finite)[0]]
+    where = (
+        f"column {at[-1]}"
+        if len(at) == 1
+        else f"row {at[0] if len(at) == 2 else tuple(at[:-1])} column {at[-1]}"
+    )
+    raise ValueError(
+        f"quantize_rows: {where} is {values[tuple(at)].item()!r}; expected finite values within "
+        f"float32's range (|x| <= {torch.finfo(torch.float32).max:g}): fp8 rows hold no NaN or inf"
+    )

@@ -1155,8 +1155,8 @@ _OVERFLOW_SCALE = SCALE_BIAS + int(math.log2(float(torch.finfo(torch.bfloat16).m
 
 def _check_packed(block: np.ndarray, quant: RowQuantization, first_row: int) -> None:
     """Refuse packed rows holding a NaN fp8 code or scale byte, or finite codes and scales that
-    dequantise past bfloat16's range (``quantize_rows`` of an inf gives code 0x7E with scale byte
-    0xFE): lookups would serve NaN or inf rows. The error names the row, column and bytes."""
+    dequantise past bfloat16's range (code 0x7E, 448, with scale byte 0xFE, 2**127): lookups
+    would serve NaN or inf rows. The error names the row, column and bytes."""
     codes, scales = block[:, : quant.values], block[:, quant.values :]
     if (codes & 0x7F).max(initial=0) < 0x7F and scales.max(initial=0) < _OVERFLOW_SCALE:
         return  # every chunk of a sound table: two reductions, no array of flags
