@@ -108,6 +108,56 @@ def test_bad_layouts_are_refused_with_the_key():
         RowQuantization.from_json({"values": 256, "blocks": 32})
 
 
+@pytest.mark.parametrize(
+    ("codes", "scales", "error"),
+    [
+        (
+            np.zeros((2, 4), np.int64),
+            np.zeros((2, 2), np.uint8),
+            "codes dtype int64; expected one byte",
+        ),
+        (
+            np.zeros((2, 4), np.uint8),
+            np.zeros((2, 2), np.uint16),
+            "scales dtype uint16; expected one",
+        ),
+        (torch.zeros(2, 4), np.zeros((2, 2), np.uint8), "codes dtype torch.float32; expected one"),
+        (np.zeros((2, 4), bool), np.zeros((2, 2), np.uint8), "codes dtype bool; expected one byte"),
+        (
+            np.zeros((2, 4), np.uint8),
+            np.zeros((2, 3), np.uint8),
+            r"codes \(2, 4\) and scales \(2, 3\); expected",
+        ),
+        (
+            np.zeros((2, 4), np.uint8),
+            np.zeros((2, 0), np.uint8),
+            r"codes \(2, 4\) and scales \(2, 0\); expected",
+        ),
+        (
+            np.zeros((2, 4), np.uint8),
+            np.zeros((3, 2), np.uint8),
+            r"codes \(2, 4\) and scales \(3, 2\); expected",
+        ),
+    ],
+)
+def test_pack_rows_refuses_wide_dtypes_and_widths_that_do_not_fit(codes, scales, error):
+    """Codes of int64 or float32 were viewed as bytes (8 or 4 columns each) and scales of any width
+    packed beside any number of codes: garbage rows, no error."""
+    with pytest.raises(ValueError, match=f"pack_rows: {error}"):
+        pack_rows(codes, scales)
+
+
+def test_pack_rows_takes_one_byte_dtypes_of_numpy_and_torch():
+    codes = torch.tensor([[0x38, 0xB8]], dtype=torch.uint8)
+    scales = torch.tensor([[128]], dtype=torch.uint8)
+    want = [[0x38, 0xB8, 128]]
+    assert (
+        pack_rows(codes.view(torch.float8_e4m3fn), scales.view(torch.float8_e8m0fnu)).tolist()
+        == want
+    )
+    assert pack_rows(codes.numpy().view(np.int8), scales.numpy()).tolist() == want
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e300])
 def test_quantize_refuses_nan_inf_and_values_past_float32_naming_the_element(value):
     """A NaN made its whole block NaN codes with a scale byte cast from NaN; an inf became code

@@ -121,13 +121,37 @@ def pack_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     >>> pack_rows(np.zeros((2, 4), np.uint8), np.full((2, 2), 127, np.uint8)).tolist()
     [[0, 0, 0, 0, 127, 127], [0, 0, 0, 0, 127, 127]]
     """
-    codes, scales = np.asarray(codes), np.asarray(scales)
-    if codes.ndim != 2 or scales.ndim != 2 or codes.shape[0] != scales.shape[0]:
+    codes, scales = _bytes(codes, "codes"), _bytes(scales, "scales")
+    if (
+        codes.ndim != 2
+        or scales.ndim != 2
+        or codes.shape[0] != scales.shape[0]
+        or not scales.shape[1]
+        or not codes.shape[1]
+        or codes.shape[1] % scales.shape[1]
+    ):
         raise ValueError(
             f"pack_rows: codes {codes.shape} and scales {scales.shape}; expected [rows, values] "
-            "and [rows, values / block] with the same rows"
+            "and [rows, values / block] with the same rows, one scale per whole block"
         )
-    return np.concatenate([codes.view(np.uint8), scales.view(np.uint8)], axis=1)
+    return np.concatenate([codes, scales], axis=1)
+
+
+def _bytes(array: Any, what: str) -> np.ndarray:
+    """``array`` (NumPy or torch) as ``uint8``, refused unless its elements are single bytes."""
+    if isinstance(array, torch.Tensor):
+        dtype, one_byte = array.dtype, array.element_size() == 1 and array.dtype != torch.bool
+        if one_byte:
+            array = array.detach().cpu().view(torch.uint8).numpy()
+    else:
+        array = np.asarray(array)
+        dtype, one_byte = array.dtype, array.dtype.itemsize == 1 and array.dtype.kind != "b"
+    if not one_byte:
+        raise ValueError(
+            f"pack_rows: {what} dtype {dtype}; expected one byte each (uint8: fp8 e4m3 codes, "
+            "ue8m0 scale bytes)"
+        )
+    return array.view(np.uint8)
 
 
 def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
