@@ -147,6 +147,22 @@ def test_pack_rows_refuses_wide_dtypes_and_widths_that_do_not_fit(codes, scales,
         pack_rows(codes, scales)
 
 
+def test_quantize_and_dequantize_refuse_arrays_complex_rows_and_integer_outputs():
+    """dequantize_rows(dtype=torch.int32) truncated values to integers without a word; NumPy rows
+    gave a bare AttributeError; complex rows lost their imaginary part with only a warning."""
+    q = RowQuantization(values=64, block=32)
+    packed = quantize_rows(torch.randn(2, 64), q)
+    with pytest.raises(ValueError, match="dequantize_rows: dtype torch.int32; expected one of"):
+        dequantize_rows(packed, q, torch.int32)
+    with pytest.raises(ValueError, match=r"dequantize_rows: got a numpy.ndarray; expected a torch"):
+        dequantize_rows(packed.numpy(), q)
+    with pytest.raises(ValueError, match=r"quantize_rows: got a numpy.ndarray; expected a torch"):
+        quantize_rows(np.zeros((2, 64), np.float32), q)
+    with pytest.raises(ValueError, match="rows of torch.complex64; expected real values"):
+        quantize_rows(torch.zeros(2, 64, dtype=torch.complex64), q)
+    assert dequantize_rows(packed, q, torch.float16).dtype == torch.float16
+
+
 def test_pack_rows_takes_one_byte_dtypes_of_numpy_and_torch():
     codes = torch.tensor([[0x38, 0xB8]], dtype=torch.uint8)
     scales = torch.tensor([[128]], dtype=torch.uint8)

@@ -26,6 +26,7 @@ __all__ = ["FP8_E4M3_MAX", "RowQuantization", "dequantize_rows", "pack_rows", "q
 SCHEME = "fp8_e4m3+ue8m0"
 FP8_E4M3_MAX = 448.0  # largest finite e4m3 value
 SCALE_BIAS = 127  # ue8m0: value 2 ** (byte - 127)
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # dequantize_rows'
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,12 @@ def dequantize_rows(
     >>> dequantize_rows(row, q).tolist()  # codes 1.0, 2.0, -1.0, 0.0; scales 2^0, 2^1
     [[1.0, 2.0, -2.0, 0.0]]
     """
+    _check_tensor(packed, "dequantize_rows")
+    if dtype not in _OUT_DTYPES:
+        raise ValueError(
+            f"dequantize_rows: dtype {dtype}; expected one of "
+            f"{', '.join(str(d) for d in _OUT_DTYPES)}"
+        )
     if packed.dim() == 0 or packed.dtype != torch.uint8 or packed.shape[-1] != quant.packed_bytes:
         raise ValueError(
             f"packed rows: got {packed.dtype} [..., {packed.shape[-1] if packed.dim() else '?'}]; "
@@ -111,6 +118,15 @@ def dequantize_rows(
     scales = packed[..., quant.values :].contiguous().view(torch.float8_e8m0fnu).float()
     values = codes.view(*lead, quant.scales, quant.block) * scales.unsqueeze(-1)
     return values.view(*lead, quant.values).to(dtype)
+
+
+def _check_tensor(rows: Any, caller: str) -> None:
+    """Refuse anything but a torch tensor, naming its type."""
+    if not isinstance(rows, torch.Tensor):
+        raise ValueError(
+            f"{caller}: got a {type(rows).__module__}.{type(rows).__qualname__}; expected a "
+            "torch.Tensor (torch.from_numpy makes one of a NumPy array)"
+        )
 
 
 def pack_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -169,6 +185,9 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
     >>> dequantize_rows(quantize_rows(x, q), q, torch.float32).tolist()
     [[1.0, 2.0, -576.0, 0.5]]
     """
+    _check_tensor(values, "quantize_rows")
+    if values.is_complex():
+        raise ValueError(f"quantize_rows: rows of {values.dtype}; expected real values")
     if values.dim() == 0 or values.shape[-1] != quant.values:
         raise ValueError(
             f"quantize_rows: rows of {values.shape[-1] if values.dim() else '?'} values; "
