@@ -181,6 +181,16 @@ def test_the_packed_table_refuses_row_ids_not_integers_and_reads_uint8_ids_as_id
         assert torch.equal(table.lookup(ids.to(dtype)), want)
 
 
+def test_the_packed_table_names_a_numpy_array_given_for_its_rows():
+    # before: 'packed: got uint8 (4, 10); expected uint8 [rows, 10]', then not a tensor
+    quant = RowQuantization(values=8, block=4)
+    packed = quantize_rows(torch.randn(4, 8), quant)
+    with pytest.raises(ConfigError, match=r"packed: got a numpy.ndarray; expected a torch.Tensor"):
+        PackedInMemoryTable(packed.numpy(), quant)
+    with pytest.raises(ConfigError, match=r"packed: got torch.uint8 \(4, 9\); expected a torch"):
+        PackedInMemoryTable(packed[:, :9], quant)
+
+
 def test_a_dead_tokens_gate_is_zero_even_when_its_row_is_nan():
     # before: the gate was multiplied by the mask, so a NaN row (scale byte 255) gave NaN * 0
     quant = RowQuantization(values=8, block=4)

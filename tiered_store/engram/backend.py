@@ -213,12 +213,18 @@ class PackedInMemoryTable(TableBackend):
         device: torch.device | str = "cpu",
     ) -> None:
         if (
-            packed.dtype != torch.uint8
+            not isinstance(packed, torch.Tensor)
+            or packed.dtype != torch.uint8
             or packed.ndim != 2
             or packed.shape[1] != quantization.packed_bytes
         ):
+            got = (
+                f"{packed.dtype} {tuple(packed.shape)}"
+                if isinstance(packed, torch.Tensor)
+                else f"a {type(packed).__module__}.{type(packed).__qualname__}"
+            )
             raise ConfigError(
-                f"packed: got {packed.dtype} {tuple(packed.shape)}; expected uint8 "
+                f"packed: got {got}; expected a torch.Tensor uint8 "
                 f"[rows, {quantization.packed_bytes}] for {quantization.to_json()}"
             )
         self.packed, self.quantization = packed, quantization
