@@ -295,3 +295,17 @@ def test_packed_rows_that_dequantise_to_inf_are_refused_and_extremes_are_kept(tm
     create_table(tmp_path / "t.npy", rows, quantization=q, progress=False)
     read = dequantize_rows(torch.from_numpy(rows), q)
     assert bool(torch.isfinite(read).all()) and read[0, 1] == 448 * 2.0**-127
+
+
+def test_the_scale_is_the_smallest_power_of_two_that_holds_the_block():
+    """A block whose largest magnitude was one float32 step past 448 * 2**k got scale 2**k (the
+    division by 448 and the log2 rounded): its largest value saturated to 448 * 2**k instead of
+    taking the next scale. Every scale byte is now the smallest with amax <= 448 * 2**e."""
+    quant = RowQuantization(values=32, block=32)
+    for k in range(-120, 118):
+        top = np.float32(448.0 * 2.0**k)
+        past, half_past = np.nextafter(top, np.float32(np.inf)), np.nextafter(top / 2, top)
+        for amax, want in ((past, k + 1), (top, k), (half_past, k), (top / 2, k - 1)):
+            row = torch.zeros(1, 32)
+            row[0, 3] = -float(amax)
+            assert int(quantize_rows(row, quant)[0, -1]) - 127 == want, (k, float(amax))

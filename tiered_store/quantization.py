@@ -198,7 +198,14 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
     _check_finite(values, as_float)
     blocks = as_float.reshape(*lead, quant.scales, quant.block)
     amax = blocks.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
-    exponent = torch.ceil(torch.log2(amax / FP8_E4M3_MAX)).clamp(-SCALE_BIAS, SCALE_BIAS)
+    exponent = torch.ceil(torch.log2(amax / FP8_E4M3_MAX))
+    # the division and log2 round (amax one step past 448 * 2**k gave k): made exact in float64,
+    # which holds 448 * 2**e for every e here
+    limit = torch.ldexp(torch.full_like(amax, FP8_E4M3_MAX, dtype=torch.float64), exponent)
+    wide = amax.double()
+    exponent = (exponent + (wide > limit).float() - (wide <= limit / 2).float()).clamp(
+        -SCALE_BIAS, SCALE_BIAS
+    )
     codes = (blocks / torch.exp2(exponent).unsqueeze(-1)).to(torch.float8_e4m3fn)
     scale_bytes = (exponent + SCALE_BIAS).to(torch.uint8)
     return torch.cat([codes.view(torch.uint8).reshape(*lead, quant.values), scale_bytes], dim=-1)
