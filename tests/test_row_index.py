@@ -168,3 +168,17 @@ def test_the_hashed_index_refuses_ids_outside_the_table_and_rows_past_its_capaci
     with pytest.raises(ValueError, match="7 rows; expected at most its capacity, 4"):
         index.set(torch.arange(20, 25), torch.arange(2, 7))
     assert index.get(torch.tensor([5, 15])).tolist() == [0, 1] and index.live == 2
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_ids_outside_the_table_are_never_resident_nor_deleted(compiled):
+    """The compiled probes cast ids to the int32 keys: 2**32 + 5 read (and deleted) row 5's
+    entry; -1 and -2 matched the empty and deleted markers, so deleting them counted a live
+    row gone that was never there (live fell below the rows held, to -1)."""
+    index = HashedRowIndex(num_rows=100, capacity=4, compiled=compiled)
+    index.set(torch.tensor([5, 15]), torch.tensor([0, 1]))
+    outside = torch.tensor([2**32 + 5, 2**32 + 15, -1, -2, 100])
+    assert index.get(outside).tolist() == [-1] * 5
+    index.delete(outside)
+    assert index.get(torch.tensor([5, 15])).tolist() == [0, 1]
+    assert index.live == 2 and index.deleted == int((index.keys == -2).sum()) == 0

@@ -138,9 +138,9 @@ class HashedRowIndex(RowIndex):
         put), so a round queues work without a host sync; whether any id is still probing is
         asked once per ``_ROUNDS_PER_CHECK`` rounds (on CUDA, the only syncs)."""
         found = torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
-        probing = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        probing = ids >= 0  # a negative id would match the empty or deleted marker
         entry = self._home(ids)
-        want = ids.to(self.keys.dtype)
+        want = ids.long()  # compared at full width: an id past the keys' never matches one
         rounds = 0
         while rounds % _ROUNDS_PER_CHECK or bool(probing.any()):
             key = self.keys[entry]
@@ -151,16 +151,19 @@ class HashedRowIndex(RowIndex):
             rounds += 1
         return found
 
-    def _ids(self, ids: torch.Tensor):
-        """``ids`` as a contiguous NumPy array of the keys' dtype (for the kernels)."""
-        return ids.reshape(-1).to(self.keys.dtype).contiguous().numpy()
+    def _ids(self, ids: torch.Tensor, dtype: torch.dtype | None = None):
+        """``ids`` as a contiguous NumPy array of ``dtype`` (default: the keys') for the kernels."""
+        return ids.reshape(-1).to(dtype or self.keys.dtype).contiguous().numpy()
 
     def get(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         if self.compiled:
             slots = torch.empty(flat.numel(), dtype=torch.int64)
             keys, table_slots = self.keys.numpy(), self.slots.numpy()
-            _kernels().find_slots(keys, table_slots, self._ids(flat), _SEED_U64, slots.numpy())
+            # int64 ids: cast to int32 keys, an id past 2**31 would wrap onto a resident row
+            _kernels().find_slots(
+                keys, table_slots, self._ids(flat, torch.int64), _SEED_U64, slots.numpy()
+            )
             return slots.view(ids.shape)
         entry = self._find(flat)
         slots = torch.where(entry >= 0, self.slots[entry.clamp(min=0)].long(), -1)
@@ -224,7 +227,7 @@ class HashedRowIndex(RowIndex):
     def delete(self, ids: torch.Tensor) -> None:
         if self.compiled:
             keys, slots = self.keys.numpy(), self.slots.numpy()
-            gone = _kernels().delete_entries(keys, slots, self._ids(ids), _SEED_U64)
+            gone = _kernels().delete_entries(keys, slots, self._ids(ids, torch.int64), _SEED_U64)
             self.live -= gone
             self.deleted += gone
             return

@@ -33,7 +33,10 @@ def _home(row: np.int64, seed: np.uint64, size: np.int64) -> np.int64:
 @numba.njit(inline="always")
 def _chain_entry(keys: np.ndarray, want: np.int64, entry: np.int64) -> np.int64:
     """The entry of ``keys`` holding ``want`` on the chain from ``entry`` (its home), -1 where
-    absent (the chain ends at an empty one)."""
+    absent (the chain ends at an empty one; a negative ``want`` is never held: it would match
+    the empty or deleted marker)."""
+    if want < 0:
+        return -1
     size = keys.size
     while True:
         key = keys[entry]
