@@ -182,3 +182,16 @@ def test_ids_outside_the_table_are_never_resident_nor_deleted(compiled):
     index.delete(outside)
     assert index.get(torch.tensor([5, 15])).tolist() == [0, 1]
     assert index.live == 2 and index.deleted == int((index.keys == -2).sum()) == 0
+
+
+@pytest.mark.parametrize("max_load", [1.0, 0.9, 0, -0.5])
+def test_a_max_load_that_would_fill_the_table_is_refused(max_load):
+    """At max_load 1 a full tier filled every entry: a probe for an absent id never ended (in
+    compiled code, the GIL released). Past 0.75 each insert rebuilt the table."""
+    with pytest.raises(
+        ValueError, match=rf"max_load {max_load!r}; expected more than 0 and at most 0.75"
+    ):
+        HashedRowIndex(1000, 16, max_load=max_load)
+    index = HashedRowIndex(1000, 16, max_load=0.75)
+    index.set(torch.arange(16), torch.arange(16))
+    assert index.get(torch.tensor([500, 15])).tolist() == [-1, 15]

@@ -37,6 +37,7 @@ AUTO_HASHED_MIN_ROWS_PER_SLOT = 16  # ... over a table this much larger than the
 _EMPTY = -1  # never used: a probe ends here
 _DELETED = -2  # used and freed: a probe goes on past it, an insert may reuse it
 _SEED = 0x5EED_1DE5
+_MAX_LOAD = 0.75  # live and deleted entries past this share of the table: rebuilt
 _ROUNDS_PER_CHECK = 4  # torch probe rounds between asks whether any id still probes (a sync)
 _SEED_U64 = np.uint64(_SEED)
 
@@ -117,6 +118,11 @@ class HashedRowIndex(RowIndex):
         max_load: float = 0.5,
         compiled: bool | None = None,
     ) -> None:
+        if not 0 < max_load <= _MAX_LOAD:  # fuller, a probe for an absent id may never end
+            raise ValueError(
+                f"hashed row index: max_load {max_load!r}; expected more than 0 and at most "
+                f"{_MAX_LOAD} (entries kept empty end every probe)"
+            )
         self.num_rows, self.capacity = num_rows, capacity
         self.size = _hashed_entries(capacity, max_load)
         key_dtype = torch.int32 if num_rows < 2**31 else torch.int64
@@ -185,7 +191,7 @@ class HashedRowIndex(RowIndex):
                 f"hashed row index: {self.live + ids.numel():,} rows; expected at most its "
                 f"capacity, {self.capacity:,}"
             )
-        if self.live + self.deleted + ids.numel() > self.size * 3 // 4:
+        if self.live + self.deleted + ids.numel() > int(self.size * _MAX_LOAD):
             self._rebuild()
         if self.compiled:
             new_slots = slots.reshape(-1).to(torch.int32).contiguous().numpy()
