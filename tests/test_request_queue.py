@@ -16,6 +16,7 @@ from tests.conftest import check_cache_invariants, make_table, run_batch, store_
 from tests.test_replay import _trace_of, write_trace
 from tiered_store import ConfigError, QueuedRequestError, RowIdError, TieredStore
 from tiered_store.online_repin import RepinMoves
+from tiered_store.queue_victims import furthest_first
 from tiered_store.request_queue import NOT_QUEUED, QueuedRequests
 from tiered_store.row_cache import QUEUE_SLOT_BYTES, RowCache
 from zipf_analysis.replay import replay
@@ -816,3 +817,12 @@ def test_tinylfu_never_evicts_a_queued_row_before_an_unqueued_one(seed, capacity
         if evicted & queued:
             assert not (kept - queued), (sorted(evicted), sorted(kept), sorted(queued))
         check_cache_invariants(cache)
+
+
+def test_furthest_first_takes_none_for_k_zero_and_ties_with_the_kth_whole():
+    """k = 0 over a non-empty class raised a bare RuntimeError (the min of an empty topk)."""
+    slots, next_use = torch.tensor([1, 4, 6, 9]), torch.tensor([3, 7, 7, 5])
+    assert furthest_first(slots, next_use, 0).tolist() == []
+    assert furthest_first(slots, next_use, 1).tolist() == [1, 2]  # tied with the first: both
+    assert furthest_first(slots, next_use, 9).tolist() == [1, 2, 3, 0]  # k past n: all
+    assert furthest_first(slots[:0], next_use[:0], 3).tolist() == []

@@ -99,7 +99,10 @@ class _Queued:
 
 def furthest_first(slots: torch.Tensor, next_use: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the ``k`` entries of ``slots`` (ascending) needed furthest back, furthest
-    first, then by slot: every entry whose next use is at least the ``k``-th largest, ordered."""
+    first, then by slot: every entry whose next use is at least the ``k``-th largest, ordered
+    (none for ``k`` <= 0)."""
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=next_use.device)
     if k < next_use.numel():
         kth = torch.topk(next_use, k, sorted=False).values.min()
         keep = torch.nonzero(next_use >= kth).squeeze(1)
