@@ -195,3 +195,50 @@ def test_a_max_load_that_would_fill_the_table_is_refused(max_load):
     index = HashedRowIndex(1000, 16, max_load=0.75)
     index.set(torch.arange(16), torch.arange(16))
     assert index.get(torch.tensor([500, 15])).tolist() == [-1, 15]
+
+
+@pytest.mark.parametrize(
+    ("rows", "capacity"),
+    [
+        (1, 1),
+        (2, 1),
+        (10, 10),
+        (100, 7),
+        (2**31 - 1, 64),
+        (2**31, 64),
+        (384_006_168, 300),
+        (2**40, 100),
+    ],
+)
+def test_both_probe_paths_agree_with_the_dense_index_at_the_edges(rows, capacity):
+    """Random set/delete batches (empty ones, a full tier, rebuilds) over ids at 0, the last
+    row, either side of 2**31 (where keys turn int64) and past 2**32: the compiled and torch
+    probes answer as a dict does, and as the dense index where the table is small enough."""
+    rng = np.random.default_rng(rows % 1000 + capacity)
+    indexes = [HashedRowIndex(rows, capacity), HashedRowIndex(rows, capacity, compiled=False)]
+    if rows <= 10_000:
+        indexes.append(DenseRowIndex(rows, capacity))
+    edge = np.unique(np.minimum([0, rows // 2, 2**31 - 1, 2**31, 2**32 + 5, rows - 1], rows - 1))
+    model: dict[int, int] = {}
+    free = list(range(capacity))
+    for _ in range(80):
+        if rng.random() < 0.55:  # admit up to the free slots (some batches empty)
+            new = np.concatenate([rng.permutation(edge), rng.integers(0, rows, 20)]).tolist()
+            new = [i for i in dict.fromkeys(new) if i not in model][: len(free)]
+            new = new[: int(rng.integers(0, len(new) + 1))]
+            slots = [free.pop() for _ in new]
+            model.update(zip(new, slots, strict=True))
+            change = "set", torch.tensor(new, dtype=torch.int64), torch.tensor(slots)
+        else:  # evict some (or none)
+            held = list(model)
+            gone = [held[j] for j in rng.permutation(len(held))[: int(rng.integers(0, 8))]]
+            free += [model.pop(i) for i in gone]
+            change = "delete", torch.tensor(gone, dtype=torch.int64)
+        probe = np.concatenate([list(model), edge, rng.integers(0, rows, 30)]).astype(np.int64)
+        want = [model.get(i, -1) for i in probe.tolist()]
+        for index in indexes:
+            getattr(index, change[0])(*change[1:])
+            assert index.get(torch.from_numpy(probe)).tolist() == want
+    for index in indexes[:2]:
+        assert index.live == len(model) == int((index.keys >= 0).sum())
+        assert index.keys.dtype == (torch.int32 if rows < 2**31 else torch.int64)
