@@ -242,3 +242,13 @@ def test_both_probe_paths_agree_with_the_dense_index_at_the_edges(rows, capacity
     for index in indexes[:2]:
         assert index.live == len(model) == int((index.keys >= 0).sum())
         assert index.keys.dtype == (torch.int32 if rows < 2**31 else torch.int64)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_a_slot_count_unlike_the_id_count_is_refused(compiled):
+    """The compiled insert read past a short slots array (rows 2 and 3 got slots 436260890 and
+    16780016); the torch rounds broadcast the one slot to every id."""
+    index = HashedRowIndex(100, 8, compiled=compiled)
+    with pytest.raises(ValueError, match="3 ids and 1 slots; expected one slot per id"):
+        index.set(torch.tensor([1, 2, 3]), torch.tensor([0]))
+    assert index.live == 0 and index.get(torch.tensor([1, 2, 3])).tolist() == [-1, -1, -1]

@@ -186,6 +186,11 @@ class HashedRowIndex(RowIndex):
                 raise IndexError(
                     f"hashed row index: ids {low}..{high}; expected ids in [0, {self.num_rows:,})"
                 )
+        if slots.numel() != ids.numel():  # the compiled insert would read past the slots
+            raise ValueError(
+                f"hashed row index: {ids.numel():,} ids and {slots.numel():,} slots; expected "
+                "one slot per id"
+            )
         if self.live + ids.numel() > self.capacity:
             raise ValueError(
                 f"hashed row index: {self.live + ids.numel():,} rows; expected at most its "
