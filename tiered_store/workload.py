@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
+
+from .integers import as_integer
 
 
 class ZipfWorkload:
@@ -27,10 +31,16 @@ class ZipfWorkload:
         *,
         permute: bool = True,
     ) -> None:
-        if rows <= 0:
-            raise ValueError(f"rows: got {rows}; expected a positive row count")
-        if not exponent >= 0:
-            raise ValueError(f"exponent: got {exponent}; expected a non-negative number")
+        count = as_integer(rows)
+        if count is None or count <= 0:
+            raise ValueError(f"rows: got {rows!r}; expected a positive integer row count")
+        if (
+            not isinstance(exponent, numbers.Real)
+            or isinstance(exponent, bool | np.bool_)
+            or not exponent >= 0
+        ):
+            raise ValueError(f"exponent: got {exponent!r}; expected a non-negative number")
+        rows = count
         self.rows = rows
         self.exponent = exponent
         self._rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)

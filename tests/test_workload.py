@@ -1,0 +1,33 @@
+"""ZipfWorkload: its arguments, reproducibility and the law it draws from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tiered_store.workload import ZipfWorkload
+
+
+@pytest.mark.parametrize(
+    ("rows", "exponent", "named"),
+    [
+        (2.5, 1.0, "rows: got 2.5"),  # gave numpy's AxisError
+        ("10", 1.0, "rows: got '10'"),  # gave TypeError: '<=' not supported
+        (True, 1.0, "rows: got True"),  # was taken as one row
+        (0, 1.0, "rows: got 0"),
+        (10, "1", "exponent: got '1'"),  # gave TypeError: '>=' not supported
+        (10, None, "exponent: got None"),
+        (10, True, "exponent: got True"),
+        (10, float("nan"), "exponent: got nan"),
+        (10, -0.5, "exponent: got -0.5"),
+    ],
+)
+def test_a_bad_row_count_or_exponent_is_named(rows, exponent, named):
+    with pytest.raises(ValueError, match=named):
+        ZipfWorkload(rows, exponent)
+
+
+def test_numpy_integers_and_floats_are_taken():
+    a = ZipfWorkload(np.int64(50), np.float32(1.0), seed=np.int64(3)).sample(100)
+    b = ZipfWorkload(50, 1, seed=3).sample(100)
+    assert np.array_equal(a, b)
