@@ -31,3 +31,28 @@ def test_numpy_integers_and_floats_are_taken():
     a = ZipfWorkload(np.int64(50), np.float32(1.0), seed=np.int64(3)).sample(100)
     b = ZipfWorkload(50, 1, seed=3).sample(100)
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"size": 5, "chunk": -1}, "chunk: got -1"),  # returned np.empty's bytes as ids
+        ({"size": 5, "chunk": 0}, "chunk: got 0"),  # range() arg 3 must not be zero
+        ({"size": -1}, "size: got -1"),  # negative dimensions are not allowed
+        ({"size": (2, -3)}, r"size: got \(2, -3\)"),
+        ({"size": 2.5}, "size: got 2.5"),
+    ],
+)
+def test_a_bad_sample_size_or_chunk_is_named(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        ZipfWorkload(10, 1.0, seed=0).sample(**kwargs)
+
+
+def test_sample_shapes_and_chunks():
+    """Any shape of counts, empty ones too; the chunk size only splits the same draw."""
+    workload = ZipfWorkload(100, 1.0, seed=0)
+    for size in (0, (2, 0), (), 7, [2, 3], np.int64(4)):
+        out = workload.sample(size)
+        assert out.shape == np.empty(size).shape and out.dtype == np.int64
+    one = ZipfWorkload(100, 1.0, seed=4).sample(1000, chunk=1)
+    assert one.min() >= 0 and one.max() < 100

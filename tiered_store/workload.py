@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -50,17 +51,34 @@ class ZipfWorkload:
         self.rank_to_row = self._rng.permutation(rows).astype(np.int64) if permute else ranks
 
     def sample(self, size: int | tuple[int, ...], *, chunk: int = 1 << 23) -> np.ndarray:
-        """Row ids (int64) of the given shape, drawn i.i.d. (exact discrete inverse CDF)."""
-        n = int(np.prod(size))
+        """Row ids (int64) of the given shape, drawn i.i.d. (exact discrete inverse CDF), ``chunk``
+        at a time."""
+        shape = _sample_shape(size)
+        step = as_integer(chunk)
+        if step is None or step <= 0:  # a negative step drew nothing: np.empty's bytes came back
+            raise ValueError(f"chunk: got {chunk!r}; expected a positive integer (ids per pass)")
+        n = math.prod(shape)
         out = np.empty(n, dtype=np.int64)
-        for start in range(0, n, chunk):
-            m = min(chunk, n - start)
+        for start in range(0, n, step):
+            m = min(step, n - start)
             u = np.sort(self._rng.random(m))  # sorted needles: searchsorted walks the CDF in order
             ranks = np.minimum(np.searchsorted(self._cdf, u, side="right"), self.rows - 1)
             self._rng.shuffle(ranks)  # back to an i.i.d. order
             out[start : start + m] = self.rank_to_row[ranks]
-        return out.reshape(size)
+        return out.reshape(shape)
 
     def hottest(self, k: int) -> np.ndarray:
         """The ``k`` most popular rows, hottest first (what a profile would pin)."""
         return self.rank_to_row[:k].copy()
+
+
+def _sample_shape(size: object) -> tuple[int, ...]:
+    """``size`` (a count or a sequence of counts, none negative) as a shape; ValueError naming it."""
+    dims = (size,) if as_integer(size) is not None else size
+    try:
+        shape = tuple(as_integer(d) for d in dims)
+    except TypeError:  # neither a count nor a sequence
+        shape = (None,)
+    if any(d is None or d < 0 for d in shape):
+        raise ValueError(f"size: got {size!r}; expected a count or a shape of counts >= 0")
+    return shape
