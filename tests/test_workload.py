@@ -56,3 +56,11 @@ def test_sample_shapes_and_chunks():
         assert out.shape == np.empty(size).shape and out.dtype == np.int64
     one = ZipfWorkload(100, 1.0, seed=4).sample(1000, chunk=1)
     assert one.min() >= 0 and one.max() < 100
+
+
+def test_hottest_refuses_a_negative_count():
+    """hottest(-1) returned every row but the coldest: a negative slice end."""
+    workload = ZipfWorkload(10, 1.0, seed=0)
+    with pytest.raises(ValueError, match="k: got -1"):
+        workload.hottest(-1)
+    assert workload.hottest(0).size == 0 and sorted(workload.hottest(99)) == list(range(10))

@@ -68,8 +68,12 @@ class ZipfWorkload:
         return out.reshape(shape)
 
     def hottest(self, k: int) -> np.ndarray:
-        """The ``k`` most popular rows, hottest first (what a profile would pin)."""
-        return self.rank_to_row[:k].copy()
+        """The ``k`` most popular rows, hottest first (what a profile would pin); every row when
+        ``k`` is above ``rows``."""
+        count = as_integer(k)
+        if count is None or count < 0:  # a negative k sliced off the coldest rows instead
+            raise ValueError(f"k: got {k!r}; expected an integer >= 0 (rows to return)")
+        return self.rank_to_row[:count].copy()
 
 
 def _sample_shape(size: object) -> tuple[int, ...]:
