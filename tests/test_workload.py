@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -64,3 +66,20 @@ def test_hottest_refuses_a_negative_count():
     with pytest.raises(ValueError, match="k: got -1"):
         workload.hottest(-1)
     assert workload.hottest(0).size == 0 and sorted(workload.hottest(99)) == list(range(10))
+
+
+@pytest.mark.parametrize("permute", [True, False])
+def test_a_workload_allocates_its_cdf_and_permutation_and_no_more(permute):
+    """The CDF's powers and running sum, an unused arange and the permutation's astype copy each
+    made another array of rows x 8 bytes: 384M rows (a V4.1 table) peaked at 12 GB for the 6 GB
+    kept. The draws are the same as before."""
+    rows = 1_000_000
+    tracemalloc.start()
+    try:
+        workload = ZipfWorkload(rows, 0.9, seed=5, permute=permute)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2.5 * rows * 8
+    want = np.cumsum(np.arange(1, rows + 1, dtype=np.float64) ** -0.9)
+    assert np.array_equal(workload._cdf, want / want[-1])  # bit for bit: the same draws
