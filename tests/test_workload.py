@@ -83,3 +83,38 @@ def test_a_workload_allocates_its_cdf_and_permutation_and_no_more(permute):
     assert peak < 2.5 * rows * 8
     want = np.cumsum(np.arange(1, rows + 1, dtype=np.float64) ** -0.9)
     assert np.array_equal(workload._cdf, want / want[-1])  # bit for bit: the same draws
+
+
+def _chi_square(workload: ZipfWorkload, ids: np.ndarray, exponent: float) -> tuple[float, int]:
+    """Pearson's statistic of ``ids``' counts per rank against ``P(rank k) ~ k^-exponent``, and
+    its degrees of freedom."""
+    counts = np.bincount(ids, minlength=workload.rows)[workload.rank_to_row]
+    law = np.arange(1, workload.rows + 1, dtype=np.float64) ** -exponent
+    expected = ids.size * law / law.sum()
+    return float(((counts - expected) ** 2 / expected).sum()), workload.rows - 1
+
+
+@pytest.mark.parametrize(("rows", "exponent"), [(50, 0.0), (50, 1.2), (200, 0.9), (7, 3.0)])
+def test_draws_follow_the_exponent_and_the_rank_to_row_map(rows, exponent):
+    """Pearson's chi-square against the law (a fixed seed: the statistic is always the same) sits
+    below dof + 5 sd (p ~ 1e-5), and against a law 0.1 off it does not: the check can fail."""
+    workload = ZipfWorkload(rows, exponent, seed=11)
+    ids = workload.sample(200_000)
+    statistic, dof = _chi_square(workload, ids, exponent)
+    bound = dof + 5 * np.sqrt(2 * dof)
+    assert statistic < bound
+    assert _chi_square(workload, ids, exponent + 0.1)[0] > bound
+    if exponent > 0:  # (a uniform law has no hottest row)
+        assert np.array_equal(workload.hottest(1), [np.bincount(ids).argmax()])
+
+
+def test_a_seed_reproduces_the_draws():
+    """The same seed gives the same rows and draws; a Generator is drawn from, not copied."""
+    a, b = ZipfWorkload(1000, 0.9, seed=7), ZipfWorkload(1000, 0.9, seed=7)
+    assert np.array_equal(a.rank_to_row, b.rank_to_row)
+    assert np.array_equal(a.sample((4, 250)).ravel(), b.sample(1000))
+    assert not np.array_equal(ZipfWorkload(1000, 0.9, seed=8).sample(1000), a.sample(1000))
+    rng = np.random.default_rng(7)
+    c = ZipfWorkload(1000, 0.9, seed=rng)
+    assert np.array_equal(c.rank_to_row, a.rank_to_row)
+    assert not np.array_equal(c.sample(1000), ZipfWorkload(1000, 0.9, seed=rng).sample(1000))
