@@ -1076,3 +1076,45 @@ def test_the_host_ram_check_counts_a_hot_tier_on_the_cpu():
         _check_host_memory(6, 6, gib, torch.device("cpu"), available=10 * gib)
     with pytest.raises(ConfigError, match=r"^tiers.warm.capacity: needs 11.0 GiB"):
         _check_host_memory(11, 0, gib, torch.device("cpu"), available=10 * gib)
+
+
+def test_a_lookup_interrupted_while_waiting_for_its_handle_can_collect_it_again(
+    tmp_path, monkeypatch
+):
+    """Ctrl-C while lookup(ids, handle) waited for the prefetch left the handle marked consumed:
+    collecting it again said "already consumed; prefetch again", though no rows had come out.
+    The read is made to wait here; the interrupt comes once the lookup waits for the handle."""
+    import signal
+    import threading
+
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    store = TieredStore(store_config(path, hot={"capacity": 0}, warm={"capacity": 0}))
+    entered, release = threading.Event(), threading.Event()
+    read_rows = store.cold.read_rows
+
+    def hung_read(ids):
+        entered.set()
+        release.wait(30)
+        return read_rows(ids)
+
+    monkeypatch.setattr(store.cold, "read_rows", hung_read)
+    handle = store.prefetch([1, 2, 3])
+    assert entered.wait(10)
+
+    def interrupt() -> None:  # Ctrl-C, once the main thread waits on the handle's future
+        while not handle.future._condition._waiters:
+            release.wait(0.001)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            store.lookup([1, 2, 3], handle)
+    finally:
+        release.set()
+        signal.signal(signal.SIGINT, default)
+    assert torch.equal(store.lookup([1, 2, 3], handle), data[[1, 2, 3]])
+    with pytest.raises(PrefetchHandleError, match="already consumed"):  # collected now
+        store.lookup([1, 2, 3], handle)
+    store.close()

@@ -150,10 +150,14 @@ class Prefetcher:
             raise PrefetchHandleError(
                 "lookup: this prefetch handle was already consumed; prefetch again"
             )
-        handle.consumed = True
+        handle.consumed = True  # claimed before the wait: a second lookup of it is refused
         start = time.perf_counter()
         try:
             return handle.future.result()
+        except BaseException:
+            if not handle.future.done():  # the wait was interrupted (Ctrl-C): no rows came out,
+                handle.consumed = False  # so the handle stays the caller's to collect again
+            raise
         finally:  # a fetch that failed was waited for too
             self.wait_histogram.observe(time.perf_counter() - start)
 
