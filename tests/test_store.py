@@ -485,6 +485,22 @@ def test_handle_for_other_ids_or_used_twice_is_an_error(table):
                 store.lookup(buffer, handle)
 
 
+def test_a_handle_looked_up_with_other_ids_names_where_they_differ(table):
+    """Other ids of the same shape were refused as "ids (shape (3,)) differ from the ids this
+    handle prefetched (shape (3,))": neither where they differ nor the two ids."""
+    path, data = table
+    with TieredStore(store_config(path)) as store:
+        handle = store.prefetch([[5, 6], [7, 8]])
+        with pytest.raises(
+            PrefetchHandleError, match=r"shape \(4,\)\) differ .* \(shape \(2, 2\)\)"
+        ):
+            store.lookup([5, 6, 7, 8], handle)
+        with pytest.raises(PrefetchHandleError, match=r"at flat position 2 \(id 9; prefetched 7\)"):
+            store.lookup(np.array([[5, 6], [9, 8]]), handle)
+        ids = torch.tensor([[5, 6], [7, 8]])
+        assert torch.equal(store.lookup(ids, handle), data[ids])
+
+
 def test_something_other_than_a_handle_is_refused_as_one(table):
     """lookup(ids, handle) read ``handle.packed`` before checking it was a handle: a wrong argument
     (a row count, the ids again) gave AttributeError "'int' object has no attribute 'packed'"."""

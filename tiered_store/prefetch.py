@@ -71,12 +71,17 @@ class PrefetchHandle:
         # on the host a check waits for nothing (on the device it would wait for the store's
         # stream, later batches' copies included)
         kept = self.flat if self.host is None or flat.is_cuda else self.host
-        if tuple(shape) != tuple(self.shape) or not torch.equal(
-            flat.to(kept.device, torch.int64), kept
-        ):
+        if tuple(shape) != tuple(self.shape):
             raise PrefetchHandleError(
                 f"lookup: ids (shape {tuple(shape)}) differ from the ids this handle prefetched "
                 f"(shape {tuple(self.shape)}); pass the same ids"
+            )
+        given = flat.to(kept.device, torch.int64)
+        if not torch.equal(given, kept):  # the same shape: name the first id that differs
+            at = int(torch.nonzero(given != kept)[0])
+            raise PrefetchHandleError(
+                f"lookup: ids differ from the ids this handle prefetched at flat position {at} "
+                f"(id {int(given[at])}; prefetched {int(kept[at])}); pass the same ids"
             )
 
 
