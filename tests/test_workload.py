@@ -118,3 +118,10 @@ def test_a_seed_reproduces_the_draws():
     c = ZipfWorkload(1000, 0.9, seed=rng)
     assert np.array_equal(c.rank_to_row, a.rank_to_row)
     assert not np.array_equal(c.sample(1000), ZipfWorkload(1000, 0.9, seed=rng).sample(1000))
+
+
+@pytest.mark.parametrize("seed", [1.5, -1, "a", True])
+def test_a_bad_seed_is_named(seed):
+    """NumPy's errors named no argument ('expected non-negative integer'), and True was seed 1."""
+    with pytest.raises(ValueError, match=f"seed: got {seed!r}; expected an integer >= 0"):
+        ZipfWorkload(10, 1.0, seed=seed)

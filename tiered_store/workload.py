@@ -44,7 +44,7 @@ class ZipfWorkload:
         rows = count
         self.rows = rows
         self.exponent = exponent
-        self._rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        self._rng = _generator(seed)
         self._cdf = _zipf_cdf(rows, float(exponent))
         if permute:  # int64 already: astype without copy=False made a second one of rows x 8 B
             self.rank_to_row = self._rng.permutation(rows).astype(np.int64, copy=False)
@@ -97,3 +97,17 @@ def _zipf_cdf(rows: int, exponent: float) -> np.ndarray:
     np.cumsum(cdf, out=cdf)
     cdf /= cdf[-1]
     return cdf
+
+
+def _generator(seed: object) -> np.random.Generator:
+    """``seed`` as a Generator: itself, or one seeded with it (an integer >= 0, a sequence of them,
+    a SeedSequence, None); ValueError naming it otherwise (NumPy's named no argument)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    refused = f"seed: got {seed!r}; expected an integer >= 0, a NumPy Generator or None"
+    if isinstance(seed, bool | np.bool_):  # a flag passed for a seed
+        raise ValueError(refused)
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{refused} ({exc})") from None
