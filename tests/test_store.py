@@ -1134,3 +1134,38 @@ def test_a_lookup_interrupted_while_waiting_for_its_handle_can_collect_it_again(
     with pytest.raises(PrefetchHandleError, match="already consumed"):  # collected now
         store.lookup([1, 2, 3], handle)
     store.close()
+
+
+def test_an_interrupt_inside_prefetch_leaves_its_depth_slot_free(tmp_path):
+    """Ctrl-C landing inside prefetch() after it took one of prefetch.depth slots, before or
+    just after the fetch was queued, kept that slot for good (and its ids in the lookahead's
+    queued ids): with depth 2, two such interrupts made every later prefetch() block forever.
+    The interrupt is raised here from around the real pool's submit, where a signal can land."""
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    with TieredStore(store_config(path, prefetch={"depth": 2})) as store:
+        fetcher = store._prefetcher
+        submit, queued = fetcher._pool.submit, []
+
+        def before_queueing(*args):
+            raise KeyboardInterrupt
+
+        def after_queueing(*args):
+            queued.append(submit(*args))
+            raise KeyboardInterrupt
+
+        for interrupted in (before_queueing, after_queueing):
+            fetcher._pool.submit = interrupted
+            with pytest.raises(KeyboardInterrupt):
+                store.prefetch([1, 2, 3])
+        fetcher._pool.submit = submit
+        queued[0].result(30)  # the fetch queued before the interrupt ran all the same
+        assert fetcher.queued_ids() is None
+        free = 0
+        while fetcher._in_flight.acquire(blocking=False):  # (before the fix: none)
+            free += 1
+        for _ in range(free):
+            fetcher._in_flight.release()
+        assert free == 2
+        ids = torch.tensor([4, 5])
+        handles = [store.prefetch(ids) for _ in range(3)]  # a third waits for a free slot
+        assert all(torch.equal(store.lookup(ids, h), data[ids]) for h in handles)

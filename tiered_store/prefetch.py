@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -23,6 +24,12 @@ def single_intra_op_thread() -> None:
     the machine, and those teams' spinning threads take cores from the model's. The setting is per
     thread: the caller's own ``torch.get_num_threads()`` is unchanged."""
     torch.set_num_threads(1)
+
+
+def _free(slot: list) -> None:
+    """Release a fetch's depth slot (``[semaphore]``) the first time only: list.pop is atomic."""
+    with contextlib.suppress(IndexError):  # freed already
+        slot.pop().release()
 
 
 class PrefetchHandleError(TieredStoreError, ValueError):
@@ -116,23 +123,26 @@ class Prefetcher:
         """Queue a fetch of ``flat`` (``ids`` validated and flattened from ``shape``); blocks while
         ``depth`` fetches are already in flight. ``write_seq``: the owner's writes so far;
         ``host``: a CPU snapshot of the ids given on the CPU, which lookup checks against."""
-        self._in_flight.acquire()
+        slot = [self._in_flight]  # freed once: by the fetch as it ends, or below if it never ran
         number = next(self._numbers)
-        with self._queued_lock:
-            self._queued[number] = flat
-        with self._submitting:  # else a submit racing another could record the earlier fetch
-            try:
-                future = self._pool.submit(self._run, number, flat, packed)
-            except RuntimeError:
-                with self._queued_lock:
-                    self._queued.pop(number, None)
-                self._in_flight.release()
-                raise StoreClosedError(
-                    "prefetch: the store is closed; open a new TieredStore"
-                ) from None
-            future.add_done_callback(lambda _: self._in_flight.release())
-            self._last = future
-            self.handles += 1
+        self._in_flight.acquire()
+        try:
+            with self._queued_lock:
+                self._queued[number] = flat
+            with self._submitting:  # else a submit racing another could record the earlier fetch
+                try:
+                    future = self._pool.submit(self._run, number, flat, packed, slot)
+                except RuntimeError:
+                    raise StoreClosedError(
+                        "prefetch: the store is closed; open a new TieredStore"
+                    ) from None
+                self._last = future
+                self.handles += 1
+        except BaseException:  # closed, or interrupted (Ctrl-C) on the way: no handle comes out
+            with self._queued_lock:
+                self._queued.pop(number, None)
+            _free(slot)  # else it stayed taken for good: depth of them, and prefetch() hung
+            raise
         return PrefetchHandle(ids, flat, shape, packed, future, self, write_seq, host)
 
     def queued_ids(self) -> torch.Tensor | None:
@@ -141,11 +151,14 @@ class Prefetcher:
             pending = list(self._queued.values())
         return torch.cat(pending) if pending else None
 
-    def _run(self, number: int, flat: torch.Tensor, packed: bool) -> tuple:
-        """Fetch one queued batch, dropping it from the queued ids first."""
-        with self._queued_lock:
-            self._queued.pop(number, None)
-        return self._fetch(flat, packed)
+    def _run(self, number: int, flat: torch.Tensor, packed: bool, slot: list) -> tuple:
+        """Fetch one queued batch, dropping it from the queued ids first; its slot is free after."""
+        try:
+            with self._queued_lock:
+                self._queued.pop(number, None)
+            return self._fetch(flat, packed)
+        finally:
+            _free(slot)
 
     def collect(self, handle: PrefetchHandle) -> tuple:
         """Wait for a handle's result, recording how long the caller stalled."""
