@@ -316,8 +316,8 @@ def sample_zipf(
     """``n`` row ids drawn i.i.d. from a Zipf law over ``rows`` rows (exact discrete inverse CDF).
 
     With ``permute`` (default), rank r maps to a fixed random row id, as hashing scatters the
-    hot N-grams over the table; otherwise the row id is r - 1. Memory: 8 bytes per row for the
-    CDF, plus the output and ~16 bytes per id of ``chunk``.
+    hot N-grams over the table; otherwise the row id is r - 1. Memory: 16 bytes per row (the CDF
+    and the rank-to-row map), plus the output and ~16 bytes per id of ``chunk``.
 
     Examples
     --------
