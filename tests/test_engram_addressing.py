@@ -286,6 +286,28 @@ def test_hash_rejects_bad_ids_before_compute(golden):
             hasher.hash(ids)
 
 
+def test_a_bool_in_a_list_of_token_ids_is_refused_by_value(golden):
+    """[[5, True, 7]] was hashed as [[5, 1, 7]] (NumPy reads a bool beside an int as 1), though
+    bool tensors and arrays are refused as token ids."""
+    _, _, hasher = golden
+    for ids, value, index in (
+        ([[5, True, 7]], "True", r"\(0, 1\)"),
+        ([[5, 6, 7], [np.False_, 8, 9]], "np.False_", r"\(1, 0\)"),
+        ([5, True], "True", r"\(1,\)"),
+    ):
+        message = rf"^input_ids: {value} at index {index} is a bool; expected integer token ids$"
+        with pytest.raises(RowIdError, match=message):
+            hasher.row_ids(ids)
+        with pytest.raises(RowIdError, match=message):
+            hasher.tokenizer.compress(ids)
+    layer = hasher.layer_ids[0]
+    as_list, as_array = (
+        hasher.row_ids_layer([[5, 1, 7]], layer),
+        hasher.row_ids_layer(np.array([[5, 1, 7]]), layer),
+    )
+    np.testing.assert_array_equal(as_list, as_array)
+
+
 def test_a_token_mask_without_values_is_named(golden):
     """A meta, nested or sparse token_mask: named, not torch's bare NotImplementedError (.to,
     torch.where) or 'NestedTensorImpl doesn't support sizes'."""

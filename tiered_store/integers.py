@@ -20,3 +20,18 @@ def as_integer(value: object) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def bool_among(values: object) -> tuple[tuple[int, ...], object] | None:
+    """Index and value of the first bool (Python or NumPy) among the leaves of ``values`` (nested
+    lists, as given: NumPy reads ``True`` beside an integer as 1), or None if there is none.
+
+    >>> bool_among([[7, 8], [True, 9]]), bool_among([7, 8])
+    (((1, 0), True), None)
+    """
+    given = np.asarray(values, dtype=object)
+    leaves = given.ravel().tolist()
+    if set(map(type, leaves)).isdisjoint((bool, np.bool_)):
+        return None
+    flat = next(i for i, value in enumerate(leaves) if isinstance(value, bool | np.bool_))
+    return tuple(int(i) for i in np.unravel_index(flat, given.shape)), leaves[flat]

@@ -41,6 +41,7 @@ from .errors import (
     warn_at_caller,
 )
 from .id_ops import ids_on_gpu, nonzero, snapshot_of
+from .integers import bool_among
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
@@ -1395,14 +1396,12 @@ def _ids_numpy_reads(ids: Any) -> np.ndarray | None:
     if array.dtype.kind not in "iufO":
         return None
     given = np.asarray(ids, dtype=object)
-    leaves = given.ravel().tolist()  # as given: NumPy read True as 1
-    if not set(map(type, leaves)).isdisjoint((bool, np.bool_)):
-        value = next(v for v in leaves if isinstance(v, bool | np.bool_))
-        raise RowIdError(f"ids: {value!r} is a bool; expected integer row ids")
+    if (found := bool_among(given)) is not None:  # as given: NumPy read True as 1
+        raise RowIdError(f"ids: {found[1]!r} is a bool; expected integer row ids")
     if array.dtype.kind in "iu":
         return array
     values = []  # uint64 beside a signed int: NumPy reads float64; an int past int64: object
-    for value in leaves:
+    for value in given.ravel().tolist():
         try:
             values.append(operator.index(value))
         except TypeError:

@@ -22,6 +22,7 @@ import torch
 from ..atomic_file import atomic_write
 from ..errors import ConfigError, RowIdError
 from ..id_ops import array_for_torch
+from ..integers import bool_among
 from ..npy_files import load_npy
 from ..table_sources import describe_tensor, tensor_without_values
 
@@ -226,6 +227,11 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids")
         np.issubdtype(ids.dtype, np.integer) or (ids.size == 0 and ids.dtype == np.float64)
     ):
         raise RowIdError(f"{name}: expected integer token ids, got dtype {ids.dtype}")
+    if not isinstance(input_ids, np.ndarray) and ids.size and (found := bool_among(input_ids)):
+        index, value = found  # NumPy read it as 1 or 0
+        raise RowIdError(
+            f"{name}: {value!r} at index {index} is a bool; expected integer token ids"
+        )
     if ids.size:
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab_size:
