@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -306,6 +308,68 @@ def test_a_bool_in_a_list_of_token_ids_is_refused_by_value(golden):
         hasher.row_ids_layer(np.array([[5, 1, 7]]), layer),
     )
     np.testing.assert_array_equal(as_list, as_array)
+
+
+READ_ONLY_IDS = """
+import sys
+import numpy as np
+import torch
+from tiered_store.engram import InMemoryTable, NgramHasher
+from tiered_store.engram.config import BackboneConfig, EngramConfig
+from tiered_store.engram.model import EngramLM, ModelConfig
+from tiered_store.engram.module import Engram
+
+def frozen(array):
+    array.flags.writeable = False
+    return array
+
+cfg = EngramConfig(engram_vocab_size=(2003, 3001), n_embed_per_ngram=64, n_head_per_ngram=4,
+                   layer_ids=(1, 3))
+ids, mask = frozen(np.array([[5, 6, 7, 8]])), frozen(np.array([[True, False, True, True]]))
+hasher = NgramHasher(cfg, None)
+if sys.argv[1] == "hasher":
+    hasher.row_ids(ids)
+elif sys.argv[1] == "mask":
+    hasher.row_ids(ids.copy(), token_mask=mask)
+elif sys.argv[1] == "engram":
+    Engram(cfg, BackboneConfig(hidden_size=8, hc_mult=2), 1, hasher=hasher)(torch.zeros(1, 4, 2, 8), ids)
+elif sys.argv[1] == "model":
+    backbone = {"hidden_size": 64, "hc_mult": 4, "num_layers": 4}
+    config = ModelConfig.from_dict({"engram": cfg.to_dict(), "backbone": backbone,
+                                    "transformer": {"num_attention_heads": 4}})
+    EngramLM(config, hasher=hasher).hash(ids, token_mask=mask)
+elif sys.argv[1] == "table":
+    InMemoryTable(torch.zeros(10, 4)).lookup(frozen(np.array([1, 2])))
+"""
+
+
+@pytest.mark.parametrize("path", ["hasher", "mask", "engram", "model", "table"])
+def test_read_only_id_arrays_make_no_torch_warning(path):
+    """A read-only NumPy ids array (or mask) went to torch.from_numpy as it was: torch printed
+    'The given NumPy array is not writable ... undefined behavior'. Each path runs in its own
+    process: torch gives that warning once a process."""
+    run = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", READ_ONLY_IDS, path],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_read_only_and_reversed_id_arrays_hash_as_copies_do(golden):
+    """The hasher reads a read-only or reversed array where it is (NumPy compresses it)."""
+    _, data, hasher = golden
+    ids = data["case5_input_ids"].copy()
+    ids.flags.writeable = False
+    expected = hasher.row_ids(ids.copy())
+    for layer, rows in hasher.row_ids(ids).items():
+        np.testing.assert_array_equal(rows, expected[layer])
+    reversed_ids = ids[:, ::-1]  # a negative stride: NumPy indexes it as it is
+    np.testing.assert_array_equal(
+        hasher.hash(reversed_ids)[hasher.layer_ids[0]],
+        hasher.hash(reversed_ids.copy())[hasher.layer_ids[0]],
+    )
 
 
 def test_a_token_mask_without_values_is_named(golden):

@@ -70,10 +70,22 @@ def unique_inverse_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def array_for_torch(value: Any) -> np.ndarray:
-    """``value`` as an ndarray of its own shape (0-d stays 0-d) that torch.from_numpy takes."""
+    """``value`` as an ndarray of its own shape (0-d stays 0-d) that torch.from_numpy takes
+    without a copy or a warning (copied only where torch cannot share it).
+
+    >>> ids = np.arange(3)
+    >>> ids.flags.writeable = False
+    >>> array_for_torch(ids).flags.writeable, array_for_torch(np.arange(3)[::-1]).strides
+    (True, (8,))
+    """
     array = np.asarray(value)
-    # torch takes no negative strides, which NumPy calls contiguous in an array of one element
-    if not array.flags.c_contiguous or any(stride < 0 for stride in array.strides):
+    # torch takes no negative strides, which NumPy calls contiguous in an array of one element,
+    # and has no read-only tensors (it warns that writing one is undefined)
+    if (
+        not array.flags.c_contiguous
+        or not array.flags.writeable
+        or any(stride < 0 for stride in array.strides)
+    ):
         array = array.copy()
     return array
 

@@ -40,7 +40,7 @@ from .errors import (
     TierIOError,
     warn_at_caller,
 )
-from .id_ops import ids_on_gpu, nonzero, snapshot_of
+from .id_ops import array_for_torch, ids_on_gpu, nonzero, snapshot_of
 from .integers import bool_among
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
@@ -1362,7 +1362,7 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
             raise RowIdError(f"ids: dtype {ids.dtype}; expected an integer array")
         if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
             raise RowIdError(f"ids: value {ids.max()} does not fit int64; expected valid row ids")
-        tensor = torch.from_numpy(np.asarray(ids, order="C").astype(np.int64, copy=False))
+        tensor = torch.from_numpy(array_for_torch(ids.astype(np.int64, copy=False)))
     else:
         try:
             tensor = torch.as_tensor(ids)

@@ -351,13 +351,14 @@ class NgramHasher:
         """Check, compress and shift once, hash each layer; NumPy input is hashed by torch too."""
         ids = check_token_ids(input_ids, self.tokenizer.vocab_size)
         from_numpy = not isinstance(ids, torch.Tensor)
-        if from_numpy:
-            ids = torch.from_numpy(ids)  # contiguous (check_token_ids); torch's % is faster
         if ids.ndim == 0:
             raise ConfigError("input_ids: expected shape [..., T], got a scalar")
-        x = self.tokenizer.lookup_tensor(ids.device)[ids]
+        if from_numpy:  # compressed by NumPy: a read-only or strided array is read, not copied
+            x = torch.from_numpy(self.tokenizer.lookup[ids])  # torch's % is the faster
+        else:
+            x = self.tokenizer.lookup_tensor(ids.device)[ids]
         if token_mask is not None:
-            x = torch.where(self._mask(token_mask, ids), x, DEAD)
+            x = torch.where(self._mask(token_mask, x), x, DEAD)
         shifts = self._look_back(x, state)
         out = {layer: self._hash_shifts(shifts, layer, offset=offset) for layer in layers}
         return {layer: v.numpy() for layer, v in out.items()} if from_numpy else out
@@ -366,7 +367,7 @@ class NgramHasher:
     def _mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
         """``token_mask`` as a bool tensor shaped like ``ids``, on its device."""
         if not isinstance(token_mask, torch.Tensor):
-            token_mask = array_for_torch(token_mask)  # no negative strides; a scalar stays 0-d
+            token_mask = array_for_torch(token_mask)  # no negative strides, writable; 0-d stays
         mask = torch.as_tensor(token_mask)
         if (problem := tensor_without_values(mask)) is not None:  # torch's bare error from .shape
             raise ConfigError(f"token_mask: tensor {describe_tensor(mask)} {problem}")

@@ -55,7 +55,7 @@ from torch import nn
 
 from ..capacity import available_host_memory, format_bytes
 from ..errors import ConfigError
-from ..id_ops import ids_on_gpu, snapshot_of
+from ..id_ops import array_for_torch, ids_on_gpu, snapshot_of
 from ..quantization import RowQuantization, quantize_rows
 from .backend import PackedInMemoryTable, TableBackend
 from .config import ModelConfig, TransformerConfig
@@ -544,7 +544,7 @@ class EngramLM(nn.Module):
         """Token ids as int64 [B, T], every id inside the tokenizer vocabulary."""
         ids = check_token_ids(input_ids, self.hasher.tokenizer.vocab_size)
         if not isinstance(ids, torch.Tensor):
-            ids = torch.from_numpy(ids)
+            ids = torch.from_numpy(array_for_torch(ids))
         if ids.ndim != 2 or 0 in ids.shape:
             raise ConfigError(
                 f"input_ids: expected shape [B, T] with B >= 1 and T >= 1, got {list(ids.shape)}"

@@ -268,14 +268,16 @@ class Engram(nn.Module):
     def row_ids(self, input_ids: Any, *, state: HashState | None = None) -> torch.Tensor:
         """Row ids of this layer's concatenated table for ``input_ids`` [B, T]: int64 [B, T, H]
         (with ``state``, the ids continue its sequences and it is advanced past them)."""
-        ids = self._id_tensor(input_ids)
-        return self.hasher.row_ids_layer(ids, self.layer_id, state=state)
+        ids = self._checked_ids(input_ids)
+        rows = self.hasher.row_ids_layer(ids, self.layer_id, state=state)
+        return torch.as_tensor(rows)  # the hasher's own array: shared, not copied
 
-    def _id_tensor(self, input_ids: Any) -> torch.Tensor:
-        """``input_ids`` as a tensor (arrays and lists checked: ragged lists raise ConfigError)."""
+    def _checked_ids(self, input_ids: Any) -> Any:
+        """A tensor as given; arrays and lists checked (ragged lists raise ConfigError), as an
+        int64 ndarray that the hasher reads without making a tensor of it (it may be read-only)."""
         if isinstance(input_ids, torch.Tensor):
             return input_ids
-        return torch.as_tensor(check_token_ids(input_ids, self.hasher.tokenizer.vocab_size))
+        return check_token_ids(input_ids, self.hasher.tokenizer.vocab_size)
 
     def prefetch(
         self, input_ids: Any, *, state: HashState | None = None
@@ -342,7 +344,7 @@ class Engram(nn.Module):
             self._check_chunk_states(conv_state, state)
             if isinstance(input_ids, torch.Tensor) and tensor_without_values(input_ids) is None:
                 input_ids = input_ids.to(hidden_states.device)  # a meta one: named just below
-            input_ids = self._id_tensor(input_ids)
+            input_ids = self._checked_ids(input_ids)
             if tuple(input_ids.shape) != tuple(hidden_states.shape[:2]):
                 raise ConfigError(
                     f"input_ids: expected shape {list(hidden_states.shape[:2])} ([B, T] of "

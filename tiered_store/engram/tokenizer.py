@@ -21,7 +21,6 @@ import torch
 
 from ..atomic_file import atomic_write
 from ..errors import ConfigError, RowIdError
-from ..id_ops import array_for_torch
 from ..integers import bool_among
 from ..npy_files import load_npy
 from ..table_sources import describe_tensor, tensor_without_values
@@ -199,7 +198,8 @@ def _cut(text: str, size: int) -> list[str]:
 def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids") -> Any:
     """Return ``input_ids`` as an int64 ndarray or tensor; raise RowIdError for bad ids.
 
-    Accepts NumPy arrays, torch tensors (any device) and nested lists of integers.
+    Accepts NumPy arrays, torch tensors (any device) and nested lists of integers. An int64 array
+    comes back as given (maybe read-only or strided: ``array_for_torch`` before making a tensor).
     """
     if isinstance(input_ids, torch.Tensor):
         if (problem := tensor_without_values(input_ids)) is not None:  # aminmax's bare error
@@ -237,7 +237,7 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids")
         if low < 0 or high >= vocab_size:
             bad = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= vocab_size))[0])
             _raise_out_of_vocab(name, int(ids[bad]), bad, vocab_size)
-    return array_for_torch(ids.astype(np.int64, copy=False))
+    return ids.astype(np.int64, copy=False)
 
 
 def _raise_out_of_vocab(name: str, value: int, index: tuple[int, ...], vocab_size: int) -> None:
