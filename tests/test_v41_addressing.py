@@ -120,6 +120,28 @@ def test_chunked_prefill_then_decode_equals_one_pass(golden, hasher):
         assert np.array_equal(np.concatenate(chunks, axis=1), data[f"case3_layer{layer}_row_ids"])
 
 
+def test_one_sequence_of_1d_ids_is_hashed_in_chunks_as_a_batch_of_one(golden, hasher):
+    """1-D input_ids with a HashState were refused ('state: carries (1,) sequences; expected
+    ()'), though new_state makes only batches: such ids now hash as a batch of 1."""
+    meta, data = golden
+    ids, mask = _inputs(data, 3)
+    for row, convert in ((0, np.asarray), (1, torch.from_numpy)):
+        state = hasher.new_state(1)
+        chunks = []
+        for start, stop in meta["cases"][3]["chunks"]:
+            piece = convert(ids[row, start:stop].copy())
+            rows = hasher.row_ids_layer(piece, 1, convert(mask[row, start:stop].copy()), state)
+            assert tuple(rows.shape) == (stop - start, hasher.num_heads)
+            chunks.append(np.asarray(rows))
+        assert state.position == ids.shape[1]
+        assert np.array_equal(np.concatenate(chunks), data["case3_layer1_row_ids"][row])
+    with pytest.raises(
+        ConfigError,
+        match=r"state: carries 2 sequences; expected 1 for 1-D input_ids of shape \(24,\)",
+    ):
+        hasher.row_ids(ids[0], state=hasher.new_state(2))
+
+
 def test_release_sizes_give_the_release_row_ids(golden):
     meta, data = golden
     engram, _ = load_engram_config(hf_config(meta, real=True))

@@ -284,6 +284,7 @@ class NgramHasher:
         ----------
         input_ids
             Original token ids, int [..., T] (usually [B, T]); NumPy, torch (any device) or lists.
+            1-D ids [T] are one sequence (with a ``state``, one of ``new_state(1)``).
         token_mask
             Optional bool [..., T]: False marks dead tokens (look-back stops at them; they hash
             as an all-pad n-gram).
@@ -359,9 +360,24 @@ class NgramHasher:
             x = self.tokenizer.lookup_tensor(ids.device)[ids]
         if token_mask is not None:
             x = torch.where(self._mask(token_mask, x), x, DEAD)
-        shifts = self._look_back(x, state)
+        single = self._one_sequence(x, state)
+        shifts = self._look_back(x[None] if single else x, state)
         out = {layer: self._hash_shifts(shifts, layer, offset=offset) for layer in layers}
+        if single:
+            out = {layer: v[0] for layer, v in out.items()}
         return {layer: v.numpy() for layer, v in out.items()} if from_numpy else out
+
+    @staticmethod
+    def _one_sequence(x: torch.Tensor, state: HashState | None) -> bool:
+        """Whether 1-D ids come with a state of a batch (``new_state(1)``): hashed as a batch of 1."""
+        if x.ndim != 1 or not isinstance(state, HashState) or state.tail.ndim != 2:
+            return False
+        if state.tail.shape[0] != 1:
+            raise ConfigError(
+                f"state: carries {state.tail.shape[0]} sequences; expected 1 for 1-D input_ids "
+                f"of shape {tuple(x.shape)}, one sequence (make it with new_state(1))"
+            )
+        return True
 
     @staticmethod
     def _mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
