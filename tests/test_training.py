@@ -311,6 +311,24 @@ def test_a_slice_refuses_ids_outside_itself(tmp_path):
     table.close()
 
 
+def test_a_slice_adds_its_offset_without_wrapping_narrow_ids(tmp_path):
+    """TableSlice added its offset in the ids' own dtype: int8 ids 99 at offset 200 became -57
+    (refused as out of range), uint8 ones read row 43, as int32 ids would past 2**31 rows."""
+    from tiered_store.delta.trainable import TableSlice
+
+    sgd = make_row_optimizer("sgd", lr=1.0)
+    path = tmp_path / "t.npy"
+    data = np.arange(600.0).reshape(300, 2)
+    create_trainable_table(path, data, sgd)
+    table = TrainableTable(TieredStore(store_config(path)), sgd)
+    last = TableSlice(table, offset=200, rows=100)
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        ids = torch.tensor([0, 99], dtype=dtype)
+        assert last.lookup(ids).tolist() == data[[200, 299]].tolist(), dtype
+        assert last.lookup(ids, last.prefetch(ids)).tolist() == data[[200, 299]].tolist()
+    table.close()
+
+
 @pytest.mark.parametrize("name", ["sgd", "rowwise_adagrad", "adam"])
 def test_a_step_with_non_finite_rows_names_the_row_id_and_the_cause(tmp_path, name):
     """A NaN gradient of row 7, or one whose square overflows float32, was refused as "rows: row 1

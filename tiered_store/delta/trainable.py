@@ -354,7 +354,8 @@ class TableSlice:
         return self.table.prefetch(self._shifted(row_ids))
 
     def _shifted(self, row_ids: Any) -> torch.Tensor:
-        """``row_ids + offset``, each id checked to lie in this slice."""
+        """``row_ids + offset``, each id checked to lie in this slice; in int64 where the ids'
+        own dtype (int32, int16, uint8, ...) would wrap past its largest value."""
         ids = as_id_tensor(row_ids)
         if ids.numel():
             lo, hi = torch.aminmax(ids)
@@ -365,6 +366,8 @@ class TableSlice:
                     f"slice: id {bad} is outside this slice (rows [{self.offset}, "
                     f"{self.offset + self.rows}) of the table); expected 0 <= id < {self.rows}"
                 )
+            if self.offset + int(hi) > torch.iinfo(ids.dtype).max:
+                ids = ids.to(torch.int64)
         return ids + self.offset
 
     def stats(self) -> dict[str, dict[str, Any]]:
