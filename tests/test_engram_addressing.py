@@ -15,6 +15,8 @@ from tests.conftest import golden_dir
 from tiered_store.engram import (
     CompressedTokenizer,
     EngramConfig,
+    InMemoryTable,
+    MultiHeadEmbedding,
     NgramHasher,
     load_engram_config,
     to_row_ids,
@@ -244,9 +246,11 @@ def test_forward_file_offsets_match(tok):
     hasher = NgramHasher(config, tok)
     tensors = load_file(root / "engram_forward.safetensors")
     for layer in config.layer_ids:
-        np.testing.assert_array_equal(
-            tensors[f"layer{layer}.multi_head_embedding.offsets"], hasher.offsets(layer)
-        )
+        golden_offsets = tensors[f"layer{layer}.multi_head_embedding.offsets"]
+        np.testing.assert_array_equal(golden_offsets, hasher.offsets(layer))
+        embedding = MultiHeadEmbedding(hasher.head_sizes(layer), InMemoryTable(torch.zeros(1, 1)))
+        assert embedding.offsets.dtype == torch.int64  # the module's buffer: the same helper's
+        np.testing.assert_array_equal(embedding.offsets.numpy(), golden_offsets)
         rows = tensors[f"layer{layer}.multi_head_embedding.embedding.weight"].shape[0]
         assert hasher.table_rows(layer) == rows
 

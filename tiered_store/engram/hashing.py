@@ -16,6 +16,7 @@ prefill and one-token decode steps give the row ids of one pass over the whole s
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "HashState",
     "NgramHasher",
     "find_next_prime",
+    "head_offsets",
     "is_prime",
     "layer_multipliers",
     "table_primes",
@@ -110,6 +112,15 @@ def layer_multipliers(
     rng = np.random.default_rng(int(seed + PRIME_1 * int(layer_id)))
     r = rng.integers(low=0, high=half_bound, size=(max_ngram_size,), dtype=np.int64)
     return r * 2 + 1
+
+
+def head_offsets(head_sizes: Sequence[int]) -> np.ndarray:
+    """First row of each head in a concatenated table of heads this tall, int64 [H] (from 0).
+
+    >>> head_offsets([2003, 2011, 2017]).tolist()
+    [0, 2003, 4014]
+    """
+    return np.concatenate([[0], np.cumsum(head_sizes[:-1], dtype=np.int64)]).astype(np.int64)
 
 
 def to_row_ids(hashes: Any, offsets: Any) -> Any:
@@ -229,8 +240,7 @@ class NgramHasher:
 
     def offsets(self, layer_id: int) -> np.ndarray:
         """First row of each head in the concatenated table, int64 [H] (starts at 0)."""
-        sizes = self.head_sizes(layer_id)
-        return np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]).astype(np.int64)
+        return head_offsets(self.head_sizes(layer_id))
 
     def table_rows(self, layer_id: int) -> int:
         """Rows of the layer's concatenated table (sum of its head sizes)."""

@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,7 +26,7 @@ from ..errors import ConfigError
 from ..table_sources import tensor_without_values
 from .backend import InMemoryTable, TableBackend, check_row_id_values
 from .config import BackboneConfig, EngramConfig
-from .hashing import HashState, NgramHasher
+from .hashing import HashState, NgramHasher, head_offsets
 from .tokenizer import check_token_ids
 
 __all__ = [
@@ -123,8 +122,7 @@ class MultiHeadEmbedding(nn.Module):
     def __init__(self, head_sizes: Sequence[int], backend: TableBackend) -> None:
         super().__init__()
         self.num_heads = len(head_sizes)
-        offsets = np.concatenate([[0], np.cumsum(head_sizes[:-1], dtype=np.int64)])
-        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.int64))
+        self.register_buffer("offsets", torch.from_numpy(head_offsets(head_sizes)))
         self.embedding = backend
         self.embedding_dim = backend.dim
 
