@@ -127,6 +127,23 @@ def test_from_the_reference_kv_the_output_is_bit_exact(golden, layer):
     assert torch.equal(out.view(torch.int16), _bf16(golden["fwd_out_bf16bits"]).view(torch.int16))
 
 
+def test_a_float64_stream_is_not_rounded_through_float32(golden, layer):
+    """V41Engram summed x + gate * value in float32 whatever the stream's dtype, so a float64
+    stream came back rounded to float32 even where the value was 0. It keeps float64 now (the
+    bf16 and float32 paths, the reference's, stay float32: the golden tests above)."""
+    x = _bf16(golden["fwd_x_bf16bits"]).double() * (1 + 2**-40)  # no float32 holds these
+    ids = torch.from_numpy(golden["fwd_row_ids"])
+    mask = torch.from_numpy(golden["fwd_token_mask"])
+    silent = copy.deepcopy(layer)
+    with torch.no_grad():
+        silent.wkv[64:] = 0  # the value rows: x + gate * 0
+        assert torch.equal(silent(x, ids, mask), x)
+        out = layer(x, ids, mask)
+    assert out.dtype == torch.float64
+    reference = _bf16(golden["fwd_out_bf16bits"]).double()
+    assert torch.allclose(out, reference, rtol=2**-7, atol=0)  # the bf16 output, to its ulp
+
+
 def test_both_table_backends_give_the_same_output(golden, layer, tmp_path):
     tables = (
         golden_dir("v41/golden_v41_tables.safetensors") / "v41" / "golden_v41_tables.safetensors"

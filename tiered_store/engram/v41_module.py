@@ -10,7 +10,9 @@ branch ``i`` with stream ``h_i``::
     out_i  = h_i + gate_i * value
 
 with ``q``/``k`` the ``[hc_mult, dim]`` weights ``q_weight``/``k_weight`` and ``eps`` the model's
-``norm_eps``; the gate maths runs in float32, the output is cast back to the stream's dtype.
+``norm_eps``; the gate maths and the sum run in float32 (the reference's, which the golden bf16
+output matches bit for bit), or in float64 for a float64 stream (it is not rounded through
+float32), and the output is cast back to the stream's dtype.
 There is no ShortConv (the demo module has one). The table is any
 :class:`~tiered_store.engram.backend.TableBackend` whose rows come back dequantised.
 """
@@ -88,10 +90,12 @@ class V41Engram(nn.Module):
         return F.linear(rows.flatten(-2).to(self.wkv.dtype), self.wkv)
 
     def gate(self, x: torch.Tensor, keys: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """The float32 gate ``[..., hc_mult]`` of stream ``x`` and ``keys`` (``[..., hc, dim]``)."""
-        h, key = x.float(), keys.float()
+        """The gate ``[..., hc_mult]`` of stream ``x`` and ``keys`` (``[..., hc, dim]``), in
+        float32 (float64 for a float64 stream)."""
+        wide = _compute_dtype(x)
+        h, key = x.to(wide), keys.to(wide)
         eps = self.norm_eps
-        dot = (h * self.q_weight.float() * self.k_weight.float() * key).sum(-1)
+        dot = (h * self.q_weight.to(wide) * self.k_weight.to(wide) * key).sum(-1)
         dot = (
             dot * torch.rsqrt(h.square().mean(-1) + eps) * torch.rsqrt(key.square().mean(-1) + eps)
         )
@@ -144,7 +148,13 @@ class V41Engram(nn.Module):
         token_mask = token_mask.to(x.device)  # a tokenizer's mask is on the CPU, x maybe not
         kv = self.project(self.table.lookup(row_ids, handle).to(x.device))
         keys = kv[..., : self.hc_mult * self.dim].unflatten(-1, (self.hc_mult, self.dim))
-        value = kv[..., self.hc_mult * self.dim :].float()
+        wide = _compute_dtype(x)
+        value = kv[..., self.hc_mult * self.dim :].to(wide)
         gate = self.gate(x, keys, token_mask)
-        out = (x.float() + gate.unsqueeze(-1) * value.unsqueeze(-2)).to(x.dtype)
+        out = (x.to(wide) + gate.unsqueeze(-1) * value.unsqueeze(-2)).to(x.dtype)
         return torch.where(token_mask[..., None, None], out, x)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for a bf16, fp16 or fp32 stream (the reference's), float64 for a float64 one."""
+    return torch.promote_types(x.dtype, torch.float32)
