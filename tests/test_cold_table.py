@@ -195,6 +195,43 @@ class ColdTableContract:
         with pytest.raises(TierIOError, match="closed"):
             table.read_rows(np.array([1]))
 
+    def test_close_while_other_threads_read(self, tables):
+        """close() waits for the reads under way; a read begun after it is refused as closed
+        (not a pool's RuntimeError, nor a read of a closed descriptor)."""
+        path, ref = tables[("float32", 1500)]
+        ids = np.arange(ROWS)[::-1]  # unsorted: the read sorts, then reads
+        for _ in range(5):
+            table = self.open(path)
+            started = threading.Barrier(4)
+            wrong: list[BaseException] = []
+            args = (table, ids, raw(ref[ids]), started, wrong)
+            workers = [threading.Thread(target=read_until_closed, args=args) for _ in range(3)]
+            for w in workers:
+                w.start()
+            started.wait()
+            table.read_rows(ids[:100])
+            table.close()
+            for w in workers:
+                w.join()
+            assert wrong == []
+
+
+def read_until_closed(table, ids, expected, started, wrong) -> None:
+    """Read ``ids`` until the table is closed; note anything else that goes wrong."""
+    started.wait()
+    while True:
+        try:
+            rows = table.read_rows(ids)
+        except TierIOError as exc:
+            if "is closed" not in str(exc):
+                wrong.append(exc)
+            return
+        except BaseException as exc:
+            wrong.append(exc)
+            return
+        if not np.array_equal(raw(rows), expected):
+            wrong.append(AssertionError("rows differ"))
+
 
 class TestMmap(ColdTableContract):
     io = "mmap"

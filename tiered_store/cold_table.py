@@ -55,6 +55,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ from tiered_store.page_checksums import (
     crc32c_backend,
     load_page_checksums,
 )
+from tiered_store.store_lock import InFlight
 from tiered_store.table_format import (
     PAGE_BYTES,
     TableManifest,
@@ -193,6 +195,8 @@ class ColdTable:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._closed = False
+        closed = f"ColdTable {self.path} is closed; open it again to read"
+        self._calls = InFlight(partial(TierIOError, errno.EBADF, closed, str(self.path)))
         self._fd = -1
         self._identity: tuple[int, int] = (-1, -1)  # (st_dev, st_ino) of the open file
         self._mmap: mmap.mmap | None = None
@@ -236,7 +240,8 @@ class ColdTable:
             ``ids`` is not a 1-D integer array, or its first/last id is out of ``[0, rows)``.
         TierIOError
             A read failed (EIO, short read; the message names the file and offset), or the file
-            shrank, was removed or was replaced since the table was opened.
+            shrank, was removed or was replaced since the table was opened, or the table is closed
+            (``close()`` in another thread waits for the reads under way).
         ChecksumError
             A page read fails its page checksum; the message names the table, a requested row
             in that page, and the page (no row of the batch is returned).
@@ -246,14 +251,17 @@ class ColdTable:
         >>> table.read_rows(np.arange(0, 1000, 10)).shape  # doctest: +SKIP
         torch.Size([100, 64])
         """
-        if self._closed:
-            raise TierIOError(errno.EBADF, f"ColdTable {self.path} is closed", str(self.path))
-        ids, order = self._check_ids(ids)
-        if order is not None:  # read in ascending order, then put each row where it was asked
-            rows = self.read_rows(ids)
+        with self._calls.entered():  # close() waits for this read: its fd and pool stay open
+            ids, order = self._check_ids(ids)
+            if order is None:
+                return self._read_sorted(ids, out)
+            rows = self._read_sorted(ids, None)  # ascending, then each row where it was asked
             result, _ = self._output(len(ids), out)
             result[torch.from_numpy(order)] = rows
             return result
+
+    def _read_sorted(self, ids: np.ndarray, out: torch.Tensor | None) -> torch.Tensor:
+        """read_rows for ascending ``ids``, inside a call ``close()`` waits for."""
         result, out_np = self._output(len(ids), out)
         if len(ids):
             self._check_file()
@@ -282,10 +290,12 @@ class ColdTable:
             self.checksum_failures += count
 
     def close(self) -> None:
-        """Stop the thread pool and close the file (idempotent)."""
+        """Refuse new reads, wait for those under way (in other threads), then stop the thread
+        pool and close the file (idempotent)."""
         if self._closed:
             return
         self._closed = True
+        self._calls.close()
         self._finalizer.detach()
         self._release()
 

@@ -134,9 +134,11 @@ class StoreLock:
 class InFlight:
     """Calls under way that read or write a store's files: ``close()`` refuses new ones and waits
     for these to end before it closes the files (a lookup racing a close read a closed table);
-    when it gives up waiting, the last of them to end closes the files (``then``)."""
+    when it gives up waiting, the last of them to end closes the files (``then``). ``refusal``
+    makes the error a call entered after ``close()`` raises (default: ``StoreClosedError``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, refusal: Callable[[], BaseException] | None = None) -> None:
+        self._refusal = refusal or _store_closed
         self._cond = threading.Condition()
         self._count = 0
         self._closing = False
@@ -144,10 +146,10 @@ class InFlight:
 
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
-        """One call's passage; ``StoreClosedError`` once the store is closing."""
+        """One call's passage; ``StoreClosedError`` (or the ``refusal``) once it is closing."""
         with self._cond:
             if self._closing:
-                raise StoreClosedError("store is closed; open a new TieredStore")
+                raise self._refusal()
             self._count += 1
         try:
             yield
@@ -174,3 +176,8 @@ class InFlight:
                 self._then = action
                 return
         action()
+
+
+def _store_closed() -> StoreClosedError:
+    """What a call entered after a store's ``close()`` raises."""
+    return StoreClosedError("store is closed; open a new TieredStore")
