@@ -433,6 +433,21 @@ class TestUring(ExtentReaderContract):
         ):
             ColdTable(path, io="uring")
 
+    def test_a_failed_first_page_check_closes_its_ring(self, tables, monkeypatch):
+        """The ring of a first-page check that comes back failed is closed with the error, not
+        left open for the garbage collector."""
+        path, _ = tables[("float32", 32)]
+        rings = []
+
+        def failing(ring, fd, offsets, lengths, addresses):
+            rings.append(ring)
+            return np.full(len(offsets), -errno.EIO, dtype=np.int32)
+
+        monkeypatch.setattr(IoUring, "read_batch", failing)
+        with pytest.raises(TierIOError, match=r"io='uring' read of .*float32_32.npy refused"):
+            ColdTable(path, io="uring")
+        assert len(rings) == 1 and rings[0].closed
+
     def test_a_ring_that_cannot_be_set_up_at_read_time_is_a_tier_io_error(self, tables):
         """Rings past the first are made by the first batch that needs them: one the kernel
         refuses then (here a real RLIMIT_NOFILE, in a child process) fails the read as a

@@ -368,9 +368,11 @@ class ColdTable:
             self._probe_uring()
 
     def _probe_uring(self) -> None:
-        """Set up one ring and read the first page through it, so a refusing system fails here."""
+        """Set up one ring and read the first page through it, so a refusing system fails here
+        (the ring is idle from the start: a failed check leaves it for ``_release`` to close)."""
         try:
             reader = self._take_reader(PAGE_BYTES)
+            self._readers.append(reader)
             got = reader.ring.read_batch(
                 self._fd, np.zeros(1, np.int64), np.full(1, PAGE_BYTES), np.full(1, reader.address)
             )
@@ -387,7 +389,6 @@ class ColdTable:
                 f"io='uring' read of {self.path} refused ({os.strerror(err)}); use io='direct'",
                 str(self.path),
             )
-        self._readers.append(reader)
 
     def _open_mmap(self) -> None:
         """Map the whole file read-only and view its data region as [rows, dim]."""
