@@ -66,6 +66,17 @@ def test_end_of_file_and_errors_per_request(data):
             ring.read_batch(fd, np.array([0]), np.array([-4096]), np.array([buf.ctypes.data]))
 
 
+def test_a_length_past_32_bits_is_refused(data):
+    """An SQE holds a 32-bit length: 2**32 + 16 would read 16 bytes and claim success."""
+    fd, _ = data
+    buf = np.zeros(4096, dtype=np.uint8)
+    with IoUring(2) as ring:
+        with pytest.raises(ValueError, match=r"a length of 4,294,967,312 bytes; expected at most"):
+            ring.read_batch(fd, np.array([0]), np.array([2**32 + 16]), np.array([buf.ctypes.data]))
+        address = np.array([buf.ctypes.data])
+        assert ring.read_batch(fd, np.array([0]), np.array([16]), address).tolist() == [16]
+
+
 def test_close_is_idempotent_and_final(data):
     fd, _ = data
     ring = IoUring(2)

@@ -208,6 +208,11 @@ class IoUring:
                 f"io_uring read: a length of {int(np.min(lengths))} or an offset of "
                 f"{int(np.min(offsets))}; expected both >= 0"
             )
+        if n and int(np.max(lengths)) > _U32:  # an SQE's length is 32 bits: it would wrap
+            raise ValueError(
+                f"io_uring read: a length of {int(np.max(lengths)):,} bytes; expected at most "
+                f"{_U32:,} per request (split the read)"
+            )
         sqes = np.zeros(n, dtype=SQE_DTYPE)
         sqes["opcode"] = _IORING_OP_READ
         sqes["fd"] = fd
