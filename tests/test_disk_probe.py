@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -52,7 +53,8 @@ def test_zero_seconds_means_zero_rate():
     ("kwargs", "message"),
     [
         ({"reads": 0}, r"reads: got 0; expected an integer >= 1"),
-        ({"threads": True}, r"threads: got True; expected an integer >= 1"),
+        ({"threads": True}, r"threads: got True; expected an integer from 1 to 4096"),
+        ({"threads": 100_000}, r"threads: got 100000; expected an integer from 1 to 4096"),
         ({"block_bytes": 1000}, r"block_bytes: got 1000; expected a positive multiple of 4096"),
         ({"start": 4096, "stop": 8191}, r"hold no whole 4096-byte block"),
         ({"start": -1}, r"bytes \[-1, "),
@@ -154,6 +156,40 @@ def test_a_uring_buffer_that_cannot_be_had_is_named(tmp_path):
         "sparse.bin: no 603,979,776-byte buffer (2 x queue_depth 4 blocks of 67,108,864 bytes"
         in out
     ), out
+
+
+def test_threads_the_system_cannot_start_are_a_config_error(data_file):
+    """Under an address-space limit only a few 256 MiB thread stacks fit: a ConfigError naming
+    threads (a bare RuntimeError "can't start new thread" before), and the threads that did
+    start all end."""
+    code = textwrap.dedent(
+        f"""
+        import resource, threading
+        from tiered_store.disk_probe import probe_random_reads
+        from tiered_store.errors import ConfigError
+        path = {str(data_file)!r}
+        probe_random_reads(path, reads=64, threads=2)  # everything loaded
+        threading.stack_size(256 << 20)
+        status = open("/proc/self/status").read()
+        vm = int(status.split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
+        try:
+            probe_random_reads(path, reads=64, threads=64)
+        except ConfigError as exc:
+            print(exc)
+        for thread in threading.enumerate():
+            if thread.name.startswith("disk-probe-"):
+                thread.join(30)
+        print("alive:", sum(t.name.startswith("disk-probe-") for t in threading.enumerate()))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert re.match(
+        r"threads: got 64, but the system started only \d+ \(can't start new thread\); expected "
+        r"fewer threads\nalive: 0\n$",
+        done.stdout,
+    ), done.stdout
 
 
 def test_ctrl_c_stops_every_reading_thread(data_file):

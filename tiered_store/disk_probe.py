@@ -36,6 +36,8 @@ from tiered_store.io_uring import MAX_QUEUE_DEPTH, IoUring
 from tiered_store.table_format import PAGE_BYTES
 
 READS_PER_CLAIM = 64  # offsets a thread takes from the shared queue at a time
+MAX_THREADS = MAX_QUEUE_DEPTH  # probe_random_reads: threads (reads in flight) at most, as the
+# uring probe's queue_depth; more only cost memory and thread switches
 MAX_BLOCK_BYTES = 0x7FFFF000  # 2 GiB - 4 KiB: the most one read transfers (Linux's MAX_RW_COUNT)
 _NOT_FILES = (  # what a path that is not a regular file is, for the probes' error
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -91,7 +93,8 @@ def probe_random_reads(
     reads : int
         Reads in all, over all threads.
     threads : int
-        Python threads issuing reads (each one request at a time: the queue depth).
+        Python threads issuing reads (each one request at a time: the queue depth), 1 to
+        ``MAX_THREADS`` (4096).
     block_bytes : int
         Bytes per read, a positive multiple of 4096 (the ``O_DIRECT`` alignment unit), at most
         ``MAX_BLOCK_BYTES`` (what one read can transfer).
@@ -110,7 +113,7 @@ def probe_random_reads(
     Raises
     ------
     ConfigError
-        A count or range is out of bounds.
+        A count or range is out of bounds, or the system cannot start ``threads`` threads.
     TierIOError
         The file cannot be opened with ``O_DIRECT`` (or is not a regular file: a folder, a FIFO,
         a device) or a read fails.
@@ -126,7 +129,7 @@ def probe_random_reads(
     (512, 4, 4096, True)
     """
     path = Path(path)
-    _check_count("threads", threads)
+    _check_count("threads", threads, MAX_THREADS)
     fd = _open_direct(path)
     try:
         offsets = _draw_offsets(fd, path, reads, block_bytes, start, stop, seed)
@@ -278,10 +281,11 @@ def _is_bool_or_not_int(value: object) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
 
 
-def _check_count(name: str, value: object) -> None:
-    """Raise ConfigError unless ``value`` is an integer >= 1."""
-    if _is_bool_or_not_int(value) or value < 1:
-        raise ConfigError(f"{name}: got {value!r}; expected an integer >= 1")
+def _check_count(name: str, value: object, most: int | None = None) -> None:
+    """Raise ConfigError unless ``value`` is an integer >= 1 (and at most ``most``)."""
+    if _is_bool_or_not_int(value) or value < 1 or (most is not None and value > most):
+        bound = ">= 1" if most is None else f"from 1 to {most}"
+        raise ConfigError(f"{name}: got {value!r}; expected an integer {bound}")
 
 
 def _open_direct(path: Path) -> int:
@@ -365,7 +369,7 @@ def _read_all(fd: int, path: Path, offsets: list[int], threads: int, block_bytes
     try:
         try:
             for thread in pool:
-                thread.start()
+                _start(thread, started, threads)
                 started += 1
             ready.wait()
         except threading.BrokenBarrierError:  # the error a worker left is raised below
@@ -386,6 +390,17 @@ def _read_all(fd: int, path: Path, offsets: list[int], threads: int, block_bytes
             exc.errno, f"O_DIRECT read of {path} failed ({exc.strerror})", str(path)
         ) from exc
     return seconds
+
+
+def _start(thread: threading.Thread, started: int, threads: int) -> None:
+    """Start a probe thread; ConfigError naming ``threads`` when the system refuses another."""
+    try:
+        thread.start()
+    except RuntimeError as exc:  # "can't start new thread": a ulimit -u, memory, threads-max
+        raise ConfigError(
+            f"threads: got {threads}, but the system started only {started} ({exc}); expected "
+            "fewer threads"
+        ) from exc
 
 
 def drop_page_cache(paths: Iterable[str | os.PathLike[str]]) -> None:
