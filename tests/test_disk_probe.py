@@ -72,11 +72,21 @@ def test_bad_arguments_name_the_value(data_file, kwargs, message):
 @pytest.mark.parametrize("probe", [probe_random_reads, probe_uring_reads])
 def test_numpy_integers_are_integers(data_file, probe):
     """start, stop and seed from NumPy arithmetic or a NumPy rng: taken as before 8cd2e87, which
-    refused them as 'expected a byte offset (an integer)'."""
+    refused them as 'expected a byte offset (an integer)'; so are reads, threads, block_bytes
+    and queue_depth (refused as 'expected an integer' before), held as ints in the result."""
     kwargs = {"start": np.int64(4096), "stop": np.uint32(5 * 4096), "seed": np.int64(7)}
     assert probe(data_file, reads=20, **kwargs).reads == 20
     with pytest.raises(ConfigError, match=r"start: got None; expected a byte offset"):
         probe(data_file, start=None)
+    counts = {"reads": np.int64(20), "block_bytes": np.uint32(8192)}
+    counts |= (
+        {"threads": np.int32(2)} if probe is probe_random_reads else {"queue_depth": np.int8(4)}
+    )
+    rate = probe(data_file, **counts)
+    held = [getattr(rate, name) for name in counts]
+    assert held == list(counts.values()) and {type(value) for value in held} == {int}
+    with pytest.raises(ConfigError, match=r"reads: got np.False_; expected an integer >= 1"):
+        probe(data_file, reads=np.False_)
     with pytest.raises(ConfigError, match=r"seed: got np.True_; expected an integer >= 0"):
         probe(data_file, seed=np.True_)
 

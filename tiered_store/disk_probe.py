@@ -129,7 +129,8 @@ def probe_random_reads(
     (512, 4, 4096, True)
     """
     path = Path(path)
-    _check_count("threads", threads, MAX_THREADS)
+    threads = _check_count("threads", threads, MAX_THREADS)
+    reads, block_bytes = _check_count("reads", reads), _check_block_bytes(block_bytes)
     fd = _open_direct(path)
     try:
         offsets = _draw_offsets(fd, path, reads, block_bytes, start, stop, seed)
@@ -193,10 +194,8 @@ def probe_uring_reads(
     (512, 1, 16, True)
     """
     path = Path(path)
-    if _is_bool_or_not_int(queue_depth) or not 1 <= queue_depth <= MAX_QUEUE_DEPTH:
-        raise ConfigError(
-            f"queue_depth: got {queue_depth!r}; expected an integer from 1 to {MAX_QUEUE_DEPTH}"
-        )
+    queue_depth = _check_count("queue_depth", queue_depth, MAX_QUEUE_DEPTH)
+    reads, block_bytes = _check_count("reads", reads), _check_block_bytes(block_bytes)
     fd = _open_direct(path)
     try:
         offsets = _draw_offsets(fd, path, reads, block_bytes, start, stop, seed)
@@ -246,17 +245,8 @@ def _buffer(path: Path, nbytes: int, queue_depth: int, block_bytes: int) -> np.n
 def _draw_offsets(
     fd: int, path: Path, reads: int, block_bytes: int, start: int, stop: int | None, seed: int
 ) -> np.ndarray:
-    """``reads`` uniform-random whole-block byte offsets in ``[start, stop)`` of the open file."""
-    _check_count("reads", reads)
-    if (
-        _is_bool_or_not_int(block_bytes)
-        or not PAGE_BYTES <= block_bytes <= MAX_BLOCK_BYTES
-        or block_bytes % PAGE_BYTES
-    ):
-        raise ConfigError(
-            f"block_bytes: got {block_bytes!r}; expected a positive multiple of {PAGE_BYTES} "
-            f"of at most {MAX_BLOCK_BYTES:,} (what one read can transfer)"
-        )
+    """``reads`` uniform-random whole-block byte offsets in ``[start, stop)`` of the open file
+    (``reads`` and ``block_bytes`` checked already)."""
     for name, value in (("start", start), ("stop", stop)):
         if (value is not None or name == "start") and as_integer(value) is None:
             raise ConfigError(f"{name}: got {value!r}; expected a byte offset (an integer)")
@@ -276,16 +266,25 @@ def _draw_offsets(
     return rng.integers(first, end, reads, dtype=np.int64) * block_bytes
 
 
-def _is_bool_or_not_int(value: object) -> bool:
-    """True unless ``value`` is a plain int."""
-    return isinstance(value, bool) or not isinstance(value, int)
-
-
-def _check_count(name: str, value: object, most: int | None = None) -> None:
-    """Raise ConfigError unless ``value`` is an integer >= 1 (and at most ``most``)."""
-    if _is_bool_or_not_int(value) or value < 1 or (most is not None and value > most):
+def _check_count(name: str, value: object, most: int | None = None) -> int:
+    """``value`` (a Python or NumPy integer) as an int; ConfigError unless it is >= 1 (and at
+    most ``most``)."""
+    number = as_integer(value)
+    if number is None or number < 1 or (most is not None and number > most):
         bound = ">= 1" if most is None else f"from 1 to {most}"
         raise ConfigError(f"{name}: got {value!r}; expected an integer {bound}")
+    return number
+
+
+def _check_block_bytes(value: object) -> int:
+    """``value`` as an int; ConfigError unless it is a whole number of pages one read can take."""
+    number = as_integer(value)
+    if number is None or not PAGE_BYTES <= number <= MAX_BLOCK_BYTES or number % PAGE_BYTES:
+        raise ConfigError(
+            f"block_bytes: got {value!r}; expected a positive multiple of {PAGE_BYTES} "
+            f"of at most {MAX_BLOCK_BYTES:,} (what one read can transfer)"
+        )
+    return number
 
 
 def _open_direct(path: Path) -> int:
