@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -770,3 +771,80 @@ def test_a_signal_handler_taking_a_lock_inside_open_held_does_not_deadlock(tmp_p
     script.write_text(_SIGNAL_HANDLER_TAKES_A_LOCK)
     out = forkserver.run_python([script, tmp_path, then], timeout=30)
     assert out.returncode == 0 and out.stdout == "done\n", (out.returncode, out.stderr)
+
+
+_FORK_WHILE_A_FIFO_OPENS = r"""
+import os, sys, threading, time
+from tiered_store.process_locks import open_held
+threading.Thread(target=open_held, args=(sys.argv[1], os.O_RDONLY), daemon=True).start()
+time.sleep(0.2)  # the thread is in os.open, waiting for a writer that never comes
+pid = os.fork()  # a DataLoader worker
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+print("forked")
+"""
+
+
+def test_an_open_held_that_blocks_holds_up_no_fork(tmp_path):
+    """open_held held the module's lock across os.open, which every fork takes first: a version
+    file that is a FIFO (its open waits for a writer) stopped every fork in the process."""
+    fifo = tmp_path / "t.g1.npy"
+    os.mkfifo(fifo)
+    script = tmp_path / "fifo.py"
+    script.write_text(_FORK_WHILE_A_FIFO_OPENS)
+    try:
+        out = forkserver.run_python([script, fifo], timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("os.fork waited for an open_held blocked on a FIFO")
+    assert out.returncode == 0 and out.stdout == "forked\n", (out.returncode, out.stderr)
+
+
+_FORK_BETWEEN_OPEN_AND_TRACKING = r"""
+import fcntl, os, sys, threading, time
+import tiered_store.process_locks as pl
+path = sys.argv[1]
+
+def opened() -> bool:
+    return any(os.readlink(f"/proc/self/fd/{fd}") == path for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}"))
+
+got = []
+with pl._OPENING:  # the tracking waits: a fork comes after the open, before the tracking
+    opening = threading.Thread(target=lambda: got.append(pl.open_held(path, os.O_RDWR)))
+    opening.start()
+    for _ in range(5000):
+        if opened():
+            break
+        time.sleep(0.001)
+    else:  # open_held opening under the lock (before: the open waited for it)
+        print("the open waited for the lock")
+        os._exit(0)
+    pid = os.fork()  # the child has a copy of the descriptor, untracked
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+opening.join()
+fcntl.flock(got[0], fcntl.LOCK_EX)
+os.close(got[0])  # the parent lets go, as it would by dying
+probe = os.open(path, os.O_RDWR)
+try:
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free")
+except BlockingIOError:
+    print("held by the child")
+os.kill(pid, 9)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_fork_between_open_and_tracking_leaves_the_child_no_lock(tmp_path):
+    """open_held opens without the module's lock: a fork between the open and the tracking copies
+    the descriptor untracked, so open_held opens the file again and the lock taken on it is not
+    shared with the child."""
+    lock = tmp_path / "t.npy.writer.lock"
+    lock.touch()
+    script = tmp_path / "window.py"
+    script.write_text(_FORK_BETWEEN_OPEN_AND_TRACKING)
+    out = forkserver.run_python([script, lock], timeout=60)
+    assert out.returncode == 0 and out.stdout == "free\n", (out.returncode, out.stdout, out.stderr)

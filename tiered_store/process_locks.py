@@ -5,6 +5,11 @@ A ``flock`` belongs to an open file description, which ``fork()`` shares with th
 writer waiting for it would wait for the child. So every descriptor that holds (or is about to
 take) a lock is opened through :func:`open_held`, and a forked child lets go of its copies at once.
 
+``open_held`` opens without holding the module's lock (an open can block: a FIFO waits for a
+writer, an NFS server for its network), so a fork can come between the open and the tracking;
+each fork is counted, and a descriptor that a fork may have copied untracked is closed and
+opened again (a child's untracked copy stays unlocked: locks are taken after ``open_held``).
+
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as folder, locked_folder(folder) as fd:
 ...     fd in _HELD
@@ -20,17 +25,21 @@ import threading
 from collections.abc import Iterator
 
 _HELD: set[int] = set()  # this process's descriptors that hold or take locks
-# held across open + track, and across a fork: no copy escapes; reentrant, as a signal handler
-# (a preemption checkpoint) may take a lock, or fork, while its thread is inside open_held
+# held across tracking a descriptor and across a fork: a fork sees a descriptor tracked or not,
+# and counts itself in _forks; reentrant, as a signal handler (a preemption checkpoint) may take
+# a lock, or fork, while its thread is inside open_held
 _OPENING = threading.RLock()
+_forks = 0  # forks so far (under _OPENING): one since an open began may have copied it
 
 
 def _before_fork() -> None:
-    """Wait for a descriptor being opened to be tracked, so the child sees and closes it."""
+    """Wait for a descriptor's tracking to end, so the child sees it tracked (and closes it)."""
     _OPENING.acquire()
 
 
 def _after_fork_in_parent() -> None:
+    global _forks
+    _forks += 1
     _OPENING.release()
 
 
@@ -39,6 +48,8 @@ def _after_fork_in_child() -> None:
     the locks). Each number is pointed at ``/dev/null`` rather than closed, and stays tracked
     until its owner (a copied store or writer) releases it: a lock the child opens never gets
     that number, so such a release never closes the child's own lock."""
+    global _forks
+    _forks += 1  # an open_held under way in this thread (a signal handler forked) opens again
     try:
         try:
             null: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -66,11 +77,17 @@ os.register_at_fork(
 
 def open_held(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> int:
     """``os.open(path, flags | O_CLOEXEC, mode)``, tracked: a forked child lets go of its copy.
-    Close it with :func:`release`."""
-    with _OPENING:
+    Close it with :func:`release`. A blocking open (a FIFO) holds up no fork."""
+    path = os.fspath(path)  # once: a path object's __fspath__ may run code (and fork)
+    while True:
+        forks = _forks
         fd = os.open(path, flags | os.O_CLOEXEC, mode)
-        _HELD.add(fd)
-    return fd
+        with _OPENING:
+            _HELD.add(fd)  # tracked first: a fork from here on (a signal handler's) sees it
+            if _forks == forks:
+                return fd
+            _HELD.discard(fd)  # a fork since the open may hold an untracked copy: a new one
+        os.close(fd)
 
 
 def release(fd: int) -> None:
