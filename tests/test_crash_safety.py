@@ -848,3 +848,50 @@ def test_a_fork_between_open_and_tracking_leaves_the_child_no_lock(tmp_path):
     script.write_text(_FORK_BETWEEN_OPEN_AND_TRACKING)
     out = forkserver.run_python([script, lock], timeout=60)
     assert out.returncode == 0 and out.stdout == "free\n", (out.returncode, out.stdout, out.stderr)
+
+
+_FLOCK_REFUSED = r"""
+import ctypes, os, struct, sys
+import numpy as np
+from tiered_store.table_format import create_table
+from tiered_store.delta import table_versions as tv
+from tiered_store.errors import TierIOError
+from tiered_store.process_locks import _HELD
+t = os.path.join(sys.argv[1], "t.npy")
+for name in ("t.npy", "t.g1.npy"):
+    create_table(os.path.join(sys.argv[1], name), np.ones((8, 4), np.float32), progress=False)
+tv.publish_version(t, 1)
+# a BPF filter: flock (73) -> ENOLCK (37), as NFS without a lock manager answers; all else allowed
+insn = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)
+prog = ctypes.create_string_buffer(
+    insn(0x20, 0) + insn(0x15, 73, 0, 1) + insn(0x06, 0x50000 | 37) + insn(0x06, 0x7FFF0000)
+)
+fprog = struct.pack("HxxxxxxQ", 4, ctypes.addressof(prog))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, fprog, 0, 0) == 0, ctypes.get_errno()  # SECCOMP_MODE_FILTER
+for call in (lambda: tv.take_writer_lock(t, wait_s=0.1), lambda: tv.remove_unused_versions(t)):
+    fds = set(os.listdir("/proc/self/fd"))
+    try:
+        call()
+    except TierIOError as exc:
+        print(exc.errno, exc.strerror)
+    print("left open:", len(set(os.listdir("/proc/self/fd")) - fds), len(_HELD))
+"""
+
+
+def test_a_flock_refused_otherwise_than_taken_closes_its_descriptor(tmp_path):
+    """flock failing with ENOLCK (a real seccomp filter in a child) in take_writer_lock or
+    remove_unused_versions left the descriptor open and tracked, and came out as a bare OSError;
+    now a TierIOError naming the file, the descriptor closed."""
+    script = tmp_path / "enolck.py"
+    script.write_text(_FLOCK_REFUSED)
+    out = forkserver.run_python([script, tmp_path], timeout=60)
+    assert out.returncode == 0, out.stderr
+    lock, version = str(tmp_path / "t.npy.writer.lock"), str(tmp_path / "t.npy")
+    assert out.stdout.splitlines() == [
+        f"37 {lock}: cannot lock it (No locks available); expected a file system with flock",
+        "left open: 0 0",
+        f"37 {version}: cannot lock it (No locks available); expected a file system with flock",
+        "left open: 0 0",
+    ], out.stdout

@@ -888,12 +888,16 @@ def _private_dir(path: Path) -> tuple[int, Path]:
                 exc.errno,
                 f"delta: cannot create {path} ({exc.strerror}); expected a writable directory",
             ) from None
-        # a cleanup holds the lock only while it removes the directory; a filesystem without
-        # flock fails here and in every cleanup, which then leaves the directory alone
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.fstat(fd).st_nlink:
-            return fd, new
+        try:
+            # a cleanup holds the lock only while it removes the directory; a filesystem without
+            # flock fails here and in every cleanup, which then leaves the directory alone
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                return fd, new
+        except BaseException:  # Ctrl-C while a cleanup held the lock, fstat failing
+            release(fd)
+            raise
         release(fd)  # a cleanup removed it before it was locked: another name
     raise TierIOError(
         errno.ESTALE, f"delta: cannot create {path}: its private directories kept vanishing"

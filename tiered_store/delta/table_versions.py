@@ -212,24 +212,44 @@ def take_writer_lock(table: str | os.PathLike[str], wait_s: float = 0.0) -> int:
             exc.errno or errno.EIO,
             f"writer lock {path}: cannot create it ({exc.strerror}); expected a writable directory",
         ) from None
-    end = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() < end:
-                time.sleep(min(_LOCK_RETRY_S, max(end - time.monotonic(), 0.0)))
-                continue
-            release(fd)
-            waited = f", still after {wait_s:g} s" if wait_s > 0 else ""
-            raise TierIOError(
-                errno.EBUSY,
-                f"table {_npy(table).name} is being written (or compacted) by another "
-                f"store, in this process or another (it holds {path.name}{waited}); expected one "
-                "writer at a time",
-            ) from None
+    try:
+        _lock_waiting(fd, path, wait_s)
+    except BaseException:  # held by another, no flock here, Ctrl-C while waiting
+        release(fd)
+        raise
     return fd
+
+
+def _lock_waiting(fd: int, path: Path, wait_s: float) -> None:
+    """Take the writer lock ``path`` on ``fd``, trying again for up to ``wait_s`` seconds."""
+    end = time.monotonic() + wait_s
+    while not _exclusive_now(fd, path):
+        if time.monotonic() < end:
+            time.sleep(min(_LOCK_RETRY_S, max(end - time.monotonic(), 0.0)))
+            continue
+        waited = f", still after {wait_s:g} s" if wait_s > 0 else ""
+        table = path.name.removesuffix(".writer.lock")
+        raise TierIOError(
+            errno.EBUSY,
+            f"table {table} is being written (or compacted) by another store, in this process "
+            f"or another (it holds {path.name}{waited}); expected one writer at a time",
+        )
+
+
+def _exclusive_now(fd: int, path: Path) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` (the file ``path``) if no one holds one: whether
+    it was taken; TierIOError naming ``path`` when ``flock`` fails otherwise (ENOLCK)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        raise TierIOError(
+            exc.errno,
+            f"{path}: cannot lock it ({exc.strerror}); expected a file system with flock",
+            str(path),
+        ) from None
+    return True
 
 
 def forget_history(table: str | os.PathLike[str], *, writer_locked: bool = False) -> None:
@@ -338,8 +358,11 @@ def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:
         except FileNotFoundError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            free = _exclusive_now(fd, path)
+        except BaseException:
+            release(fd)
+            raise
+        if not free:
             release(fd)
             continue  # a store still reads it
         try:
