@@ -580,6 +580,11 @@ def test_missing_files_and_bad_arguments(tmp_path):
         ColdTable(path, io="aio")
     with pytest.raises(ConfigError, match="threads=0"):
         ColdTable(path, threads=0)
+    with pytest.raises(ConfigError, match=r"threads=np.True_; expected an integer >= 1"):
+        ColdTable(path, threads=np.True_)
+    with ColdTable(path, threads=np.int64(2), queue_depth=np.int32(8)) as numpy_counts:
+        assert (numpy_counts.threads, numpy_counts.queue_depth) == (2, 8)  # as plain ints
+        assert {type(numpy_counts.threads), type(numpy_counts.queue_depth)} == {int}
     table = ColdTable(tmp_path / "t")  # name without .npy
     assert repr(table).startswith("ColdTable(") and table.path == path
     del table  # the finalizer closes the descriptor and pool

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from tiered_store.errors import ConfigError, RowIdError, TierIOError, warn_at_caller
+from tiered_store.integers import as_integer
 from tiered_store.io_uring import MAX_QUEUE_DEPTH, IoUring
 from tiered_store.page_checksums import (
     ChecksumError,
@@ -163,17 +164,14 @@ class ColdTable:
     ):
         if io not in IO_MODES:
             raise ConfigError(f"ColdTable io={io!r}; expected one of {', '.join(IO_MODES)}")
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        if (count := as_integer(threads)) is None or count < 1:
             raise ConfigError(f"ColdTable threads={threads!r}; expected an integer >= 1")
-        if (
-            isinstance(queue_depth, bool)
-            or not isinstance(queue_depth, int)
-            or not 1 <= queue_depth <= MAX_QUEUE_DEPTH
-        ):
+        if (depth := as_integer(queue_depth)) is None or not 1 <= depth <= MAX_QUEUE_DEPTH:
             raise ConfigError(
                 f"ColdTable queue_depth={queue_depth!r}; expected an integer from 1 to "
                 f"{MAX_QUEUE_DEPTH}"
             )
+        threads, queue_depth = count, depth
         self.path: Path = table_paths(os.path.abspath(path))[0]  # a later chdir changes nothing
         self.manifest: TableManifest = check_table(self.path)
         self.io = io
