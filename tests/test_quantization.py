@@ -187,6 +187,22 @@ def test_quantize_refuses_nan_inf_and_values_past_float32_naming_the_element(val
         quantize_rows(x.reshape(3, 1, 64), q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_quantize_finds_a_nan_or_inf_anywhere_in_a_big_batch_beside_larger_values(dtype):
+    """The check reads the blocks' maxima, not every value (a full scan took a third of the time
+    of 100k x 256 rows): a NaN or inf in any column of any row, even in a block whose other
+    values are larger, is still refused by its place."""
+    q = RowQuantization(values=256, block=32)
+    x = torch.randn(1_000, 256).to(dtype)
+    x[:, 1::32] = 1e30
+    for row, col in ((0, 0), (517, 31), (517, 32), (999, 255), (3, 129)):
+        for value in (float("nan"), float("inf"), -float("inf")):
+            bad = x.clone()
+            bad[row, col] = value
+            with pytest.raises(ValueError, match=rf"row {row} column {col} is {value!r}; expected"):
+                quantize_rows(bad, q)
+
+
 # ---- quantised tables ----------------------------------------------------------------------------
 
 

@@ -195,9 +195,10 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
         )
     lead = values.shape[:-1]
     as_float = values.float()
-    _check_finite(values, as_float)
     blocks = as_float.reshape(*lead, quant.scales, quant.block)
-    amax = blocks.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    amax = blocks.abs().amax(dim=-1)  # NaN and inf carry through to their block's maximum
+    _check_finite(values, as_float, amax)
+    amax = amax.clamp_min(torch.finfo(torch.float32).tiny)
     exponent = torch.ceil(torch.log2(amax / FP8_E4M3_MAX))
     # the division and log2 round (amax one step past 448 * 2**k gave k): made exact in float64,
     # which holds 448 * 2**e for every e here
@@ -211,11 +212,12 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
     return torch.cat([codes.view(torch.uint8).reshape(*lead, quant.values), scale_bytes], dim=-1)
 
 
-def _check_finite(values: torch.Tensor, as_float: torch.Tensor) -> None:
-    """Refuse rows holding a NaN or inf in float32; the error names the first one's place."""
-    finite = torch.isfinite(as_float)
-    if bool(finite.all()):
+def _check_finite(values: torch.Tensor, as_float: torch.Tensor, amax: torch.Tensor) -> None:
+    """Refuse rows holding a NaN or inf in float32 (seen in the blocks' maxima ``amax``, a 32nd of
+    the values); only then is every value scanned, to name the first one's place."""
+    if bool(torch.isfinite(amax).all()):
         return
+    finite = torch.isfinite(as_float)
     at = [int(i) for i in torch.nonzero(~finite)[0]]
     where = (
         f"column {at[-1]}"
