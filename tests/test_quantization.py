@@ -203,6 +203,27 @@ def test_quantize_finds_a_nan_or_inf_anywhere_in_a_big_batch_beside_larger_value
                 quantize_rows(bad, q)
 
 
+def test_quantize_refuses_float32s_that_fp8_rounds_to_2_to_the_128():
+    """A finite float32 of 248 * 2**120 (3.3e38) or more took scale 2**120 and e4m3's 256, bytes
+    that dequantised to inf (and that a table refuses): it is refused like an inf; the float32
+    just below is kept and comes back finite."""
+    q = RowQuantization(values=32, block=32)
+    limit = np.float32(248.0 * 2.0**120)
+    below = float(np.nextafter(limit, np.float32(0)))
+    x = torch.zeros(3, 32)
+    x[0, 5], x[1, 9], x[2, 0] = below, -below, float(np.finfo(np.float32).max)
+    with pytest.raises(ValueError, match=r"row 2 column 0 is 3.40282.*e\+38; expected finite"):
+        quantize_rows(x, q)
+    for value in (float(limit), -float(limit)):
+        x[2, 0] = value
+        want = f"row 2 column 0 is {value!r}; expected finite values with |x| < 3.29649e+38"
+        with pytest.raises(ValueError, match=re.escape(want)):
+            quantize_rows(x, q)
+    back = dequantize_rows(quantize_rows(x[:2], q), q, torch.float32)
+    assert back[0, 5] == 240 * 2.0**120 and back[1, 9] == -240 * 2.0**120
+    assert bool(torch.isfinite(dequantize_rows(quantize_rows(x[:2], q), q)).all())  # bfloat16
+
+
 # ---- quantised tables ----------------------------------------------------------------------------
 
 

@@ -26,6 +26,8 @@ __all__ = ["FP8_E4M3_MAX", "RowQuantization", "dequantize_rows", "pack_rows", "q
 SCHEME = "fp8_e4m3+ue8m0"
 FP8_E4M3_MAX = 448.0  # largest finite e4m3 value
 SCALE_BIAS = 127  # ue8m0: value 2 ** (byte - 127)
+# quantize_rows' bound on |x|: from 248 * 2**120 up, e4m3 at scale 2**120 rounds to 256 = 2**128
+_QUANTIZE_LIMIT = 248.0 * 2.0**120
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # dequantize_rows'
 
 
@@ -174,9 +176,10 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
     """Float rows ``[..., values]`` -> packed ``uint8`` rows: per block, the smallest power-of-two
     scale that brings the block's largest magnitude within e4m3's range, then round to e4m3.
 
-    An all-zero block gets the smallest scale, byte 0 (2**-127). NaN, inf and values past float32's
-    range are refused (a ValueError naming the element): e4m3fn has no inf, and one NaN would make
-    its whole block NaN.
+    An all-zero block gets the smallest scale, byte 0 (2**-127). NaN, inf and values of magnitude
+    248 * 2**120 (about 3.3e38) or more are refused (a ValueError naming the element): e4m3fn has
+    no inf, one NaN would make its whole block NaN, and those largest finite float32s round to
+    2**128, which dequantises to inf.
 
     Examples
     --------
@@ -213,18 +216,20 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
 
 
 def _check_finite(values: torch.Tensor, as_float: torch.Tensor, amax: torch.Tensor) -> None:
-    """Refuse rows holding a NaN or inf in float32 (seen in the blocks' maxima ``amax``, a 32nd of
-    the values); only then is every value scanned, to name the first one's place."""
-    if bool(torch.isfinite(amax).all()):
+    """Refuse rows holding a NaN, inf or |x| >= :data:`_QUANTIZE_LIMIT` in float32 (seen in the
+    blocks' maxima ``amax``, a 32nd of the values); only then is every value scanned, to name the
+    first one's place."""
+    if bool((amax < _QUANTIZE_LIMIT).all()):  # False for NaN
         return
-    finite = torch.isfinite(as_float)
-    at = [int(i) for i in torch.nonzero(~finite)[0]]
+    within = as_float.abs() < _QUANTIZE_LIMIT
+    at = [int(i) for i in torch.nonzero(~within)[0]]
     where = (
         f"column {at[-1]}"
         if len(at) == 1
         else f"row {at[0] if len(at) == 2 else tuple(at[:-1])} column {at[-1]}"
     )
     raise ValueError(
-        f"quantize_rows: {where} is {values[tuple(at)].item()!r}; expected finite values within "
-        f"float32's range (|x| <= {torch.finfo(torch.float32).max:g}): fp8 rows hold no NaN or inf"
+        f"quantize_rows: {where} is {values[tuple(at)].item()!r}; expected finite values with "
+        f"|x| < {_QUANTIZE_LIMIT:g} (larger ones round to 2**128 in fp8, past float32's range): "
+        "fp8 rows hold no NaN or inf"
     )
