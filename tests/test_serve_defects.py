@@ -673,6 +673,46 @@ def test_a_server_timed_out_while_a_helper_holds_its_stdout_is_reported_in_time(
     assert "printed no 'listening' line within 5s" in str(raised[0]), raised[0]
 
 
+_SLOW_SERVER = """
+import os, time
+with open(os.environ["SERVER_PID_FILE"], "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(300)  # a server slow to start: interrupted while ServeProcess waits for it
+"""
+
+
+def test_a_serve_process_interrupted_while_starting_kills_the_server(config_path, tmp_path):
+    """A KeyboardInterrupt (or any exception) while ServeProcess waited for the server's
+    'listening' line escaped with the server left running, its log file and pipe open."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_SERVER)
+    pid_file = tmp_path / "server.pid"
+    env = {"PYTHONPATH": str(site), "SERVER_PID_FILE": str(pid_file)}
+
+    def interrupt_once_started(*_: object) -> None:
+        if pid_file.exists() and pid_file.read_text():
+            raise KeyboardInterrupt
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+
+    before = set(Path(tempfile.gettempdir()).glob("serve-*.log"))
+    previous = signal.signal(signal.SIGALRM, interrupt_once_started)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            ServeProcess(config_path, metrics=False, startup_timeout=120, env=env)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        pid = int(pid_file.read_text()) if pid_file.exists() else None
+        alive = pid is not None and Path(f"/proc/{pid}").exists()
+        if alive:
+            os.kill(pid, signal.SIGKILL)
+    assert pid is not None, "the server never started: nothing was tested"
+    assert not alive, "the server was left running"
+    assert set(Path(tempfile.gettempdir()).glob("serve-*.log")) <= before
+
+
 def test_post_json_reuses_a_keep_alive_connection_whose_descriptor_is_past_1023(proc):
     """post_json's check for a connection the server closed used select.select, which refuses a
     descriptor past 1023 (FD_SETSIZE): in a process with that many files open, every request

@@ -108,13 +108,18 @@ class ServeProcess:
         self.log_path = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._kept_log: str | None = None  # the log's text once the with block removed it
+        self._reader: threading.Thread | None = None  # reads the 'listening' line
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
             stderr=self._log,
             env=subprocess_env(env),
         )
-        self.ready = self._wait_ready(startup_timeout)
+        try:
+            self.ready = self._wait_ready(startup_timeout)
+        except BaseException:  # a KeyboardInterrupt while waiting too: leave no server running
+            self._discard()
+            raise
         self.url: str = self.ready["url"]
         self.metrics_url: str = self.ready["metrics_url"]
         self.pid: int = self.proc.pid
@@ -122,18 +127,17 @@ class ServeProcess:
     def _wait_ready(self, timeout: float) -> dict[str, Any]:
         """The server's 'listening' line (or, the process killed, an error with its log)."""
         box: list[bytes] = []
-        reader = threading.Thread(
+        self._reader = threading.Thread(
             target=lambda: box.append(self.proc.stdout.readline()), daemon=True
         )
-        reader.start()
-        reader.join(timeout)
+        self._reader.start()
+        self._reader.join(timeout)
         if not box or not box[0]:
             status = self.proc.poll()
             self._fail(
                 f"exited with status {status}"
                 if status is not None
-                else f"printed no 'listening' line within {timeout}s",
-                reader,
+                else f"printed no 'listening' line within {timeout}s"
             )
         try:
             ready = json.loads(box[0])
@@ -141,23 +145,32 @@ class ServeProcess:
         except (ValueError, TypeError, KeyError):
             line = box[0][:200].decode(errors="replace").rstrip()
             self._fail(
-                f"printed {line!r} where its JSON 'listening' line (url, metrics_url) was expected",
-                reader,
+                f"printed {line!r} where its JSON 'listening' line (url, metrics_url) was expected"
             )
         return ready
 
-    def _fail(self, what: str, reader: threading.Thread) -> NoReturn:
+    def _fail(self, what: str) -> NoReturn:
         """Kill the server, remove its log file and its pipe, and raise naming ``what`` happened
         with the log."""
+        raise RuntimeError(f"tiered-store serve {what}; its log:\n{self._discard()}")
+
+    def _discard(self) -> str:
+        """Kill the server, close its pipe, remove its log file; what the log held (a second
+        call only returns that)."""
+        if self._kept_log is not None:
+            return self._kept_log
         self.proc.kill()
         self.proc.wait()
-        reader.join(_PIPE_END_WAIT_S)  # the pipe ends with the server's death...
-        if not reader.is_alive():  # ...unless a process it started holds it: closing would wait
-            self.proc.stdout.close()  # for the reader's readline, so for that process's end
-        log = self.log()
+        reader = self._reader
+        if reader is not None:
+            reader.join(_PIPE_END_WAIT_S)  # the pipe ends with the server's death...
+        if reader is None or not reader.is_alive():  # ...unless a process it started holds it:
+            self.proc.stdout.close()  # closing would wait for the reader's readline, so for
+            # that process's end
+        self._kept_log = self.log()
         self._log.close()
         self.log_path.unlink(missing_ok=True)
-        raise RuntimeError(f"tiered-store serve {what}; its log:\n{log}")
+        return self._kept_log
 
     def log(self) -> str:
         """What the server wrote to stderr so far (all of it, after ``stop``; after the ``with``
