@@ -673,6 +673,23 @@ def test_a_server_timed_out_while_a_helper_holds_its_stdout_is_reported_in_time(
     assert "printed no 'listening' line within 5s" in str(raised[0]), raised[0]
 
 
+def test_404_and_415_echo_at_most_the_start_of_the_path_or_content_type(proc):
+    """A 404 repeated the whole path and a 415 the whole Content-Type: a client's 8 KB of either
+    came back as an 8 KB error message. Now the start is repeated, with the length."""
+    path = "/x" * 4000
+    content_type = "y" * 8000
+    requests = [
+        f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n",
+        f"POST /v1/engram HTTP/1.1\r\nHost: a\r\nContent-Type: {content_type}\r\n"
+        "Content-Length: 2\r\n\r\n{}",
+    ]
+    for request, status, echoed in zip(requests, (404, 415), (path, content_type), strict=True):
+        got, _, body = raw_exchange(proc.url, request.encode())
+        error = json.loads(body)["error"]
+        assert got == status and len(error) < 300, (got, len(error))
+        assert repr(echoed[:100]) in error and f"({len(echoed):,} characters)" in error, error
+
+
 _SLOW_SERVER = """
 import os, time
 with open(os.environ["SERVER_PID_FILE"], "w") as f:

@@ -39,8 +39,16 @@ GET_PATHS = ("/", "/healthz", "/stats", "/metrics")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # a listener bound to these takes every address
 # Content-Types read as JSON: JSON itself, none, and what `curl -d` and plain clients send.
 _BODY_TYPES = ("application/json", "", "text/plain", "application/x-www-form-urlencoded")
+_ECHO_CHARS = 100  # the most of a client's path or header an error message repeats
 _CLIENT_GONE = 499  # recorded (never sent) when the client left, or ended its stream, before
 # its answer (nginx's code: a client that half-closed is sent its answer all the same)
+
+
+def _echo(text: str) -> str:
+    """``text`` quoted for an error message, cut to ``_ECHO_CHARS`` (its length said when cut)."""
+    if len(text) <= _ECHO_CHARS:
+        return repr(text)
+    return f"{text[:_ECHO_CHARS]!r}... ({len(text):,} characters)"
 
 
 def json_response(status: int, doc: Any, headers: dict[str, str] | None = None) -> Response:
@@ -100,7 +108,9 @@ def build_app(server: InferenceServer) -> ASGIApp:
         path, method = request.url.path, request.method
         if exc.status_code == 404:
             known = ", ".join((*GET_PATHS, INFERENCE_PATH))
-            return json_response(404, {"error": f"no endpoint {path!r}; expected one of {known}"})
+            return json_response(
+                404, {"error": f"no endpoint {_echo(path)}; expected one of {known}"}
+            )
         if exc.status_code == 405:
             allowed = "POST" if path == INFERENCE_PATH else "GET"
             return json_response(
@@ -154,7 +164,9 @@ async def _read_body(request: Request, limits: Any) -> bytes:
     client that stalls mid-body (408 after ``request_timeout_s``)."""
     content_type = request.headers.get("content-type", "application/json")
     if content_type.split(";", 1)[0].strip().lower() not in _BODY_TYPES:
-        raise RequestError(415, f"Content-Type: got {content_type!r}; expected application/json")
+        raise RequestError(
+            415, f"Content-Type: got {_echo(content_type)}; expected application/json"
+        )
     limit = limits.max_body_bytes
     announced = request.headers.get("content-length")
     if announced is not None and announced.isdigit() and int(announced) > limit:
@@ -266,7 +278,7 @@ class _CountingMiddleware:
             return json_response(
                 404,
                 {
-                    "error": f"no endpoint {scope['path']!r} on the metrics listener; expected /metrics"
+                    "error": f"no endpoint {_echo(scope['path'])} on the metrics listener; expected /metrics"
                 },
             )
         return None
