@@ -52,16 +52,16 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import (
     at_least,
+    cache_folder,
     capacity,
     doc_parser,
-    folder,
+    make_folder,
     output_file,
     policy,
     public_command,
@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = doc_parser(__doc__)
     p.add_argument(
         "--dir",
-        type=folder,
+        type=cache_folder,
         default="/var/tmp",
         help="where table files go (a real disk: O_DIRECT needs one)",
     )
@@ -319,8 +319,9 @@ def main(argv=None) -> int:
     config = model_config(args)
     hasher = NgramHasher(config.engram)
     t0 = time.perf_counter()
+    make_folder(args.dir, "--dir")
     paths = random_tables(
-        Path(args.dir) / f"engram-bench-{args.dtype}",
+        args.dir / f"engram-bench-{args.dtype}",
         hasher,
         dtype=args.dtype,
         log=lambda m: print(m, file=sys.stderr),

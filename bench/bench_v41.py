@@ -77,9 +77,10 @@ import torch
 from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import (
     at_least,
+    cache_folder,
     capacity,
     doc_parser,
-    folder,
+    make_folder,
     output_file,
     policy,
     public_command,
@@ -110,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = doc_parser(__doc__)
     p.add_argument(
         "--dir",
-        type=folder,
+        type=cache_folder,
         default="/var/tmp",
         help="where table files go (O_DIRECT needs a disk)",
     )
@@ -653,7 +654,8 @@ def main(argv=None) -> int:
     release_rows = RELEASE_ROWS if args.release_vocab == RELEASE_VOCAB else None
     release_cfg = model_config(args, args.release_vocab, release_rows)
     scaled_hasher, release_hasher = NgramHasher(scaled_cfg.engram), NgramHasher(release_cfg.engram)
-    directory = Path(args.dir)
+    directory = args.dir
+    make_folder(directory, "--dir")
     t_setup = time.perf_counter()
     paths = {
         "scaled": random_tables(

@@ -41,9 +41,10 @@ from tiered_store import StoreConfig, TieredStore
 from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import (
     at_least,
+    cache_folder,
     doc_parser,
     existing_file,
-    folder,
+    make_folder,
     output_file,
     run_script,
 )
@@ -72,7 +73,9 @@ def index_list(text: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = doc_parser(__doc__)
-    p.add_argument("--dir", type=folder, default=".", help="where the table is created (default .)")
+    p.add_argument(
+        "--dir", type=cache_folder, default=".", help="where the table is created (default .)"
+    )
     p.add_argument(
         "--table", type=existing_file, help="reuse this table (it must exist) instead of making one"
     )
@@ -165,7 +168,9 @@ def ensure_table(args, rows: int) -> Path:
             )
         return path
     print(f"creating {path} ({rows:,} x {quant.packed_bytes} B) ...", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)  # --dir: checked by its type, made here
+    make_folder(
+        args.dir, "--dir"
+    )  # a missing --table is refused by its type: the table is in --dir
     source = RandomSource(rows, quant.packed_bytes, dtype="uint8", seed=1, quantization=quant)
     create_table(path, source, progress=True)
     return path

@@ -273,3 +273,22 @@ def test_a_dir_that_is_a_file_is_refused_by_name(tmp_path):
         done.stderr
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("script", ["bench_v41.py", "bench_engram.py", "bench_v41_scale.py"])
+def test_a_dir_whose_parent_is_missing_is_refused(tmp_path, script):
+    """A --dir whose parent was missing too (a typo) was made, parents and all, and filled with
+    GBs of tables without a word; a new folder in an existing one is made and said so."""
+    typo = tmp_path / "typo" / "tables"
+    done = run_bench(script, "--dir", str(typo), "--no-such-option")  # not refused: no run
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (
+        f"argument --dir: '{typo}': '{typo.parent}' does not exist; expected an existing folder, "
+        "or a new one in an existing folder"
+    ) in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_dir_is_said_to_be_made(bench_run):
+    tmp_path, done, _, _ = bench_run
+    assert f"--dir: created '{tmp_path / 'tables'}'" in done.stderr

@@ -192,6 +192,34 @@ def folder(text: str) -> Path:
     return path
 
 
+def cache_folder(text: str) -> Path:
+    """An argparse ``type``: a folder that is there, or a new one in a folder that is there (a
+    script keeping GBs of tables in it makes it, and says so: :func:`make_folder`); a missing
+    parent is refused, as a typo's would be, and whatever :func:`folder` refuses.
+
+    >>> cache_folder("/") == Path("/")
+    True
+    >>> cache_folder("/nonexistent/tables")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '/nonexistent/tables': '/nonexistent' does not exist; expected an existing folder, or a new one in an existing folder
+    """
+    path = folder(text)
+    if not path.is_dir() and not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {str(path.parent)!r} does not exist; expected an existing folder, or a "
+            "new one in an existing folder"
+        )
+    return path
+
+
+def make_folder(path: Path, option: str) -> None:
+    """Make the folder ``path`` given as ``option`` (a :func:`cache_folder`) when it is not there,
+    saying so on stderr."""
+    if not path.is_dir():
+        path.mkdir(exist_ok=True)
+        print(f"{option}: created {str(path)!r}", file=sys.stderr)
+
+
 def positive_number(text: str) -> float:
     """An argparse ``type``: a finite number > 0 (seconds, a rate).
 
