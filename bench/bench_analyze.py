@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tiered_store.atomic_file import write_json
+from tiered_store.atomic_file import json_text, write_json
 from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
 from tiered_store.errors import ConfigError, TieredStoreError, error_text
 from tiered_store.versions import machine_info
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if not args.keep and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(out, indent=2)
+    text = json_text(out, indent=2)
     print(text)
     if args.out:
         write_json(args.out, out)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from tiered_store.atomic_file import write_json
+from tiered_store.atomic_file import json_text, write_json
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import (
     at_least,
@@ -426,7 +426,7 @@ def main(argv=None) -> int:
     report["command"] = public_command(
         "bench/bench_distributed.py", sys.argv[1:] if argv is None else argv
     )
-    text = json.dumps(report, indent=1)
+    text = json_text(report, indent=1)
     print(text)
     if args.out:
         write_json(args.out, report, indent=1)

@@ -48,14 +48,13 @@ alternating); ``--rounds`` and ``--batches-per-round`` scale it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
 import torch
 
-from tiered_store.atomic_file import write_json
+from tiered_store.atomic_file import json_text, write_json
 from tiered_store.cli_args import (
     at_least,
     cache_folder,
@@ -436,7 +435,7 @@ def main(argv=None) -> int:
         },
         "rounds": rounds,
     }
-    text = json.dumps(report, indent=2)
+    text = json_text(report, indent=2)
     print(text)
     if args.out:
         write_json(args.out, report)

@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -33,7 +32,7 @@ import time
 
 import numpy as np
 
-from tiered_store.atomic_file import write_json
+from tiered_store.atomic_file import json_text, write_json
 from tiered_store.cli_args import at_least, doc_parser, fraction, output_file, run_script
 from tiered_store.versions import machine_info
 from zipf_analysis.mrc import belady_mrc, lru_mrc, mean_absolute_error, shards_mrc
@@ -223,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     rss.stop()
     memory["process_peak_mib"] = _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result["memory"] = memory
-    text = json.dumps(result, indent=1)
+    text = json_text(result, indent=1)
     print(text)
     if args.out:
         write_json(args.out, result, indent=1)

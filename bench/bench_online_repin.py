@@ -59,7 +59,6 @@ On 2 shared cores the first (small) example took about 1 minute; ``--replay-mode
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -72,7 +71,7 @@ import torch
 from policies.repin import repinned_lru_misses
 from policies.zipf_tuned import zipf_tuned_split
 from tiered_store import StoreConfig, TieredStore, create_table
-from tiered_store.atomic_file import scratch_directory, write_json
+from tiered_store.atomic_file import json_text, scratch_directory, write_json
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import (
     at_least,
@@ -614,7 +613,7 @@ def main(argv=None) -> int:
                 ),
                 flush=True,
             )
-    print(json.dumps(result, indent=2))
+    print(json_text(result, indent=2))
     if args.out:
         write_json(args.out, result)
     return 0

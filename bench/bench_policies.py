@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ import numpy as np
 from policies.pinned_lru import pinned_lru_misses
 from policies.registry import is_offline
 from policies.zipf_tuned import zipf_tuned_split
-from tiered_store.atomic_file import atomic_write, scratch_directory, write_json
+from tiered_store.atomic_file import atomic_write, json_text, scratch_directory, write_json
 from tiered_store.cache_plan import parse_policy
 from tiered_store.capacity import parse_shares
 from tiered_store.cli_args import (
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
             if args.keep:
                 print(f"work directory kept: {work}", flush=True)
     result = summarise(args, **measured)
-    print(json.dumps(result, indent=2))
+    print(json_text(result, indent=2))
     if args.out:
         write_json(args.out, result)
         print(f"plot: {plot_results(result, Path(args.out).with_suffix('.png'))}")
@@ -453,7 +454,7 @@ def plot_results(result: dict, png: Path) -> Path:
         tuned = name == "ours zipf-tuned"
         ax.plot(
             shares,
-            [100 * r for r in ratios],
+            [math.nan if r is None else 100 * r for r in ratios],  # null: none measured
             linestyle=style,
             marker=marker,
             linewidth=3 if tuned else 1.2,

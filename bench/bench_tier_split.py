@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiered_store.atomic_file import scratch_directory, write_json
+from tiered_store.atomic_file import json_text, scratch_directory, write_json
 from tiered_store.cache_plan import parse_policy
 from tiered_store.cli_args import at_least, doc_parser, output_file, public_command, run_script
 from tiered_store.config import StoreConfig
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["command"] = public_command(
         "bench/bench_tier_split.py", sys.argv[1:] if argv is None else argv
     )
-    text = json.dumps(doc, indent=2)
+    text = json_text(doc, indent=2)
     print(text)
     if args.out:
         write_json(args.out, doc)

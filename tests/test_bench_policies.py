@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.bench_support import CORPUS, ROOT, run_bench
+from tiered_store.atomic_file import write_json
 from tiered_store.serve.client import subprocess_env
 
 pytest.importorskip("libcachesim")
@@ -163,3 +164,26 @@ def test_replot_of_another_report_is_a_clear_error(tmp_path):
             done.stderr
         )
         assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json"]  # no plot
+
+
+def test_a_report_with_nan_is_written_as_json_and_replotted(tmp_path):
+    """write_json wrote NaN for a figure not measured, which is not JSON (strict readers refuse
+    it); it writes null now, and --replot draws a report with nulls (it raised TypeError)."""
+    result = {
+        "layer": "layer1",
+        "corpus": "a corpus",
+        "capacity_shares": [0.01, 0.05],
+        "ours_miss_ratio": {"lru": [0.5, float("nan")]},
+        "libcachesim_miss_ratio": {"LRU": [float("inf"), 0.45]},
+    }
+    report = write_json(tmp_path / "r.json", result)
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in {report.read_text()}")
+
+    doc = json.loads(report.read_text(), parse_constant=refuse)
+    assert doc["ours_miss_ratio"]["lru"] == [0.5, None]
+    assert doc["libcachesim_miss_ratio"]["LRU"] == [None, 0.45]
+    done = run_bench("bench_policies.py", "--replot", str(report))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "hidden_temporaries",
+    "json_text",
     "remove_abandoned_temporaries",
     "scratch_directory",
     "write_json",
@@ -333,5 +335,28 @@ def write_json(path: str | os.PathLike[str], doc: Any, *, indent: int = 2) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(doc, indent=indent) + "\n")
+        f.write(json_text(doc, indent=indent) + "\n")
     return path
+
+
+def json_text(doc: Any, *, indent: int | None = 2) -> str:
+    """``doc`` as strict JSON text: a NaN or infinite number is written ``null`` (JSON has no
+    such numbers; Python's ``NaN`` is refused by other readers).
+
+    Examples
+    --------
+    >>> json_text({"p50_ms": float("nan"), "hits": [1.5, float("inf")]}, indent=None)
+    '{"p50_ms": null, "hits": [1.5, null]}'
+    """
+    return json.dumps(_finite_or_null(doc), indent=indent, allow_nan=False)
+
+
+def _finite_or_null(doc: Any) -> Any:
+    """``doc`` with each non-finite float (in dicts, lists and tuples) replaced by ``None``."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: _finite_or_null(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [_finite_or_null(v) for v in doc]
+    return doc
