@@ -29,7 +29,7 @@ from typing import Any
 
 from tiered_store.atomic_file import json_text, write_json
 from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
-from tiered_store.errors import ConfigError, TieredStoreError, error_text
+from tiered_store.errors import ConfigError
 from tiered_store.versions import machine_info
 from zipf_analysis.analyze import AnalyzeOptions, analyze, parse_targets
 
@@ -126,13 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = os.getloadavg()
     start = time.perf_counter()
     try:
-        try:
-            result = analyze(None, work, config=args.config, options=options)
-        except TieredStoreError as exc:  # analyze names its folder as its command does: --out
-            text = error_text(exc)
-            if args.work_dir is None or not text.startswith(f"--out {work}"):
-                raise
-            raise ConfigError(f"--work-dir{text.removeprefix('--out')}") from None
+        result = analyze(None, work, config=args.config, options=options, out_name="--work-dir")
         wall = time.perf_counter() - start
         report = result.report
         t = report["timings"]

@@ -878,6 +878,23 @@ def test_unwritable_output_dir_is_a_clear_error(run, tmp_path, capsys):
     assert "tiered-store analyze: error: --out" in capsys.readouterr().err
 
 
+def test_analyze_called_from_python_names_its_folder_by_its_argument(run, tmp_path):
+    """analyze() named its output folder "--out" (the command's option) in its errors, also when
+    called from Python, where there is no such option: now "out_dir", or the name it is given."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    for name in ("out_dir", "--work-dir"):
+        with pytest.raises(OutputDirError) as raised:
+            analyze(
+                [run["corpus"] / "en.txt"],
+                blocker / "out",
+                config=EngramConfig.from_dict(TINY["engram"]),
+                options=AnalyzeOptions(progress=False),
+                **({} if name == "out_dir" else {"out_name": name}),
+            )
+        assert str(raised.value).startswith(f"{name} {blocker / 'out'}: cannot create"), raised
+
+
 def test_an_analysis_that_cannot_be_written_is_a_clear_error_and_leaves_nothing(
     run, tmp_path, capsys
 ):

@@ -216,6 +216,7 @@ def run_analyze(args: argparse.Namespace) -> int:
             config=args.config,
             options=options,
             log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else None,
+            out_name="--out",
         )
     for line in summary_lines(result.report):
         print(line)

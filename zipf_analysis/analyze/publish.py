@@ -26,8 +26,9 @@ class OutputDirError(TieredStoreError, OSError):
     """The output folder cannot be created or written."""
 
 
-def prepare_out_dir(out_dir: Path) -> Path:
-    """Create ``out_dir`` and a staging folder in it; raise OutputDirError naming the problem."""
+def prepare_out_dir(out_dir: Path, name: str = "out_dir") -> Path:
+    """Create ``out_dir`` and a staging folder in it; raise OutputDirError naming the problem and
+    the folder as ``name`` (the argument, or the option that gave it)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not out_dir.is_dir():
@@ -35,7 +36,7 @@ def prepare_out_dir(out_dir: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=".analyze-staging-", dir=out_dir))
     except OSError as exc:
         raise OutputDirError(
-            f"--out {out_dir}: cannot create or write the output folder "
+            f"{name} {out_dir}: cannot create or write the output folder "
             f"({exc.strerror or exc}); expected a writable directory"
         ) from None
 
