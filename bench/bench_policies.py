@@ -69,6 +69,7 @@ from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.analyze import AnalyzeOptions, analyze
+from zipf_analysis.analyze.publish import analysis_tables, default_tables
 from zipf_analysis.replay import ReplayResult, replay
 
 SHARES = (0.01, 0.05, 0.10, 0.25)
@@ -152,6 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     try:  # refused before any work, not after the analysis
+        check_analysis(args)
         args.shares = parse_shares(args.shares, key="--shares")
         for name in args.policies.split(","):  # replay_tier's names: the baseline, a bound, a spec
             if name != BASELINE and not is_offline(name):
@@ -159,6 +161,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ConfigError as exc:
         p.error(str(exc))
     return args
+
+
+def check_analysis(args: argparse.Namespace) -> None:
+    """A ConfigError for an --analysis that is not an `analyze --holdout` output, or a --layer
+    that the analysis (given, or the one this run makes) has no table of."""
+    if args.analysis:
+        tables = analysis_tables(Path(args.analysis), "--analysis")
+        where = f"--analysis {args.analysis}"
+        if not (Path(args.analysis) / "holdout.trace").exists():
+            raise ConfigError(
+                f"{where}: no holdout.trace; expected the output of "
+                "`tiered-store analyze --holdout FRACTION`"
+            )
+    else:
+        tables, where = default_tables(), "the default Engram config"
+    if args.layer not in tables:
+        raise ConfigError(
+            f"--layer {args.layer}: no such table in {where}; expected one of {', '.join(tables)}"
+        )
 
 
 def write_oracle_trace(ids: np.ndarray, path: Path) -> None:
@@ -225,12 +246,7 @@ def main(argv=None) -> int:
 def measure(args: argparse.Namespace, work: Path) -> dict:
     """Analyze, replay every policy at every share, run libCacheSim (replay speed against
     libCacheSim is a micro-benchmark: bench/test_replay_speed.py)."""
-    out_dir = Path(args.analysis) if args.analysis else work / "analysis"
-    if args.analysis and not (out_dir / "holdout.trace").exists():
-        raise SystemExit(
-            f"--analysis {out_dir}: no holdout.trace; expected the output of "
-            "`tiered-store analyze --holdout FRACTION`"
-        )
+    out_dir = Path(args.analysis) if args.analysis else work / "analysis"  # checked: parse_args
     analysis = analyze_corpus(args.corpus, out_dir, args.max_tokens, args.holdout)
     profile = out_dir / f"{args.layer}.profile.npz"
     with TraceReader(out_dir / "holdout.trace") as reader:

@@ -187,3 +187,26 @@ def test_a_report_with_nan_is_written_as_json_and_replotted(tmp_path):
     done = run_bench("bench_policies.py", "--replot", str(report))
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analysis_and_layer_are_refused_by_name_before_any_work(tmp_path):
+    """--analysis without a holdout exited 1 (no usage), after making the work folder; a --layer
+    the analysis has no table of was refused only once the analysis was read (or, with no
+    --analysis, made: minutes), naming the trace, not the option."""
+    analysis, work = tmp_path / "a", tmp_path / "work"
+    analysis.mkdir()
+    work.mkdir()
+    (analysis / "report.json").write_text(json.dumps({"tables": {"layer1": {}}}))
+    cases = [
+        (["--analysis", str(tmp_path / "missing")], "--analysis", "no report.json"),
+        (["--analysis", str(analysis)], "--analysis", "no holdout.trace"),
+        (["--analysis", str(analysis), "--layer", "layer9"], "--layer", "expected one of layer1"),
+        (["--layer", "layer9"], "--layer", "the default Engram config"),
+    ]
+    for args, option, expected in cases:
+        if option == "--layer":
+            (analysis / "holdout.trace").touch()
+        done = run_bench("bench_policies.py", *args, "--dir", str(work))
+        error = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and f"error: {option} " in error and expected in error, error
+        assert list(work.iterdir()) == []  # no work folder made

@@ -148,3 +148,20 @@ def test_a_budget_that_holds_no_row_is_refused_by_name(analysis, tmp_path):
     done = bench("--analysis", str(analysis), "--gpu-budget", "4MiB", tmp_path=tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "--gpu-budget: 4194304 bytes (4.0 MiB) holds no row of this table" in done.stderr
+
+
+def test_analysis_and_table_are_refused_by_name_before_any_work(tmp_path):
+    """--analysis of a folder that is no analysis exited 1 naming a missing layer1.store.yaml,
+    not the option; a --table not in the analysis was found only after it was made."""
+    analysis = tmp_path / "a"
+    analysis.mkdir()
+    (analysis / "report.json").write_text(json.dumps({"tables": {"layer1": {}}}))
+    cases = [
+        (["--analysis", str(tmp_path / "missing")], "--analysis", "no report.json"),
+        (["--analysis", str(analysis), "--table", "layer9"], "--table", "expected one of layer1"),
+        (["--table", "layer9"], "--table", "the default Engram config"),
+    ]
+    for args, option, expected in cases:
+        done = run_bench("bench_tier_split.py", *args)
+        error = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and f"error: {option} " in error and expected in error, error

@@ -15,15 +15,41 @@ import tempfile
 from pathlib import Path
 
 from tiered_store.atomic_file import fsync_dir
-from tiered_store.errors import TieredStoreError
+from tiered_store.engram import EngramConfig
+from tiered_store.errors import ConfigError, TieredStoreError
 
 from ..report import REPORT_JSON, REPORT_MD
 
-__all__ = ["OutputDirError", "file_sizes", "prepare_out_dir", "publish"]
+__all__ = [
+    "OutputDirError",
+    "analysis_tables",
+    "default_tables",
+    "file_sizes",
+    "prepare_out_dir",
+    "publish",
+]
 
 
 class OutputDirError(TieredStoreError, OSError):
     """The output folder cannot be created or written."""
+
+
+def analysis_tables(out_dir: Path, option: str) -> list[str]:
+    """The tables of the finished analysis in ``out_dir`` (its report's); a ConfigError naming
+    ``option`` (what gave ``out_dir``) when there is no such analysis."""
+    report = Path(out_dir) / REPORT_JSON
+    try:
+        return list(json.loads(report.read_text())["tables"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = "no report.json" if isinstance(exc, FileNotFoundError) else f"{report}: {exc!r}"
+        raise ConfigError(
+            f"{option} {out_dir}: {why}; expected the output folder of `tiered-store analyze`"
+        ) from None
+
+
+def default_tables() -> list[str]:
+    """The tables an analysis with the default Engram config makes (``layer1``, ...)."""
+    return [f"layer{layer}" for layer in EngramConfig().layer_ids]
 
 
 def prepare_out_dir(out_dir: Path, name: str = "out_dir") -> Path:
