@@ -673,6 +673,18 @@ def test_a_server_timed_out_while_a_helper_holds_its_stdout_is_reported_in_time(
     assert "printed no 'listening' line within 5s" in str(raised[0]), raised[0]
 
 
+def test_a_request_without_host_is_told_the_host_header_is_missing(proc):
+    """An HTTP/1.1 request with no Host header got the generic 400 ("its request line, a header
+    or the body's framing"); the 400 now gives h11's reason."""
+    status, _, body = raw_exchange(proc.url, b"GET /healthz HTTP/1.1\r\n\r\n")
+    error = json.loads(body)["error"]
+    assert status == 400 and "(Missing mandatory Host: header)" in error, (status, error)
+    status, _, body = raw_exchange(
+        proc.url, b"GET /healthz HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n"
+    )
+    assert status == 400 and "Host" not in json.loads(body)["error"].split(";")[0], body
+
+
 def test_404_and_415_echo_at_most_the_start_of_the_path_or_content_type(proc):
     """A 404 repeated the whole path and a 415 the whole Content-Type: a client's 8 KB of either
     came back as an 8 KB error message. Now the start is repeated, with the length."""

@@ -29,14 +29,17 @@ from collections.abc import Callable
 from typing import Any
 
 import h11
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["with_head_deadline"]
 
 _MALFORMED = (
-    "malformed HTTP request (its request line, a header or the body's framing); expected "
-    "HTTP/1.1 with Content-Length or chunked transfer encoding"
+    "malformed HTTP request ({}); expected HTTP/1.1 with Content-Length or chunked transfer "
+    "encoding, and a Host header"
 )
+_MALFORMED_WHERE = "its request line, a header or the body's framing"  # h11 gave no reason
+_REASON_CHARS = 100  # the most of h11's reason (it may quote the request) a 400 repeats
 _ENDED_MID_BODY = (
     "body: the client ended its stream before the whole body (its Content-Length, or its chunked "
     "encoding's last chunk) was sent; expected the whole body, then the end of the stream"
@@ -66,6 +69,11 @@ def with_head_deadline(
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            self.conn = _ReasonKeepingConnection(  # uvicorn's, but it keeps its refusal's reason
+                h11.SERVER,
+                max_incomplete_event_size=self.config.h11_max_incomplete_event_size
+                or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE,
+            )
             limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's: plain text
             if limit is not None:
                 self.app = _marking_busy(self.app, limit, self.connections, self.tasks)
@@ -139,7 +147,8 @@ def with_head_deadline(
                 if cycle.response_started:  # no room for a 400 in its answer
                     self.transport.close()
                     return
-            error = _ENDED_MID_BODY if self._ended_mid_body else _MALFORMED
+            reason = self.conn.refusal or _MALFORMED_WHERE
+            error = _ENDED_MID_BODY if self._ended_mid_body else _MALFORMED.format(reason)
             body = json.dumps({"error": error}).encode() + b"\n"
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
             for event in (
@@ -191,6 +200,20 @@ def with_head_deadline(
                 self.transport.close()
 
     return HeadDeadlineProtocol
+
+
+class _ReasonKeepingConnection(h11.Connection):
+    """An ``h11.Connection`` that keeps why it refused the peer's data (``refusal``: h11's
+    reason, e.g. "Missing mandatory Host: header", cut to ``_REASON_CHARS``)."""
+
+    refusal: str | None = None
+
+    def next_event(self) -> Any:
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.refusal = str(exc)[:_REASON_CHARS] or None
+            raise
 
 
 class _LingeringTransport:
