@@ -197,6 +197,24 @@ def test_a_max_load_that_would_fill_the_table_is_refused(max_load):
     assert index.get(torch.tensor([500, 15])).tolist() == [-1, 15]
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("max_load", [0.5, 0.75])
+def test_a_full_tier_evicts_and_admits_without_a_rebuild_each_time(max_load, compiled):
+    """At max_load 0.75 a full tier filled the table up to the share past which it is rebuilt:
+    every admission after an eviction rebuilt the whole table (O(capacity) per batch)."""
+    capacity = 600
+    index = HashedRowIndex(10**6, capacity, compiled=compiled, max_load=max_load)
+    index.set(torch.arange(capacity) * 7, torch.arange(capacity))
+    gone = torch.arange(20) * 7
+    index.delete(gone)
+    index.set(gone + 1, torch.arange(20))
+    assert index.deleted == int((index.keys == -2).sum()) > 0  # the marks stay: no rebuild
+    assert index.live == capacity
+    probe = torch.cat([gone, gone + 1, torch.arange(20, capacity) * 7])
+    want = [-1] * 20 + list(range(20)) + list(range(20, capacity))
+    assert index.get(probe).tolist() == want
+
+
 @pytest.mark.parametrize(
     ("rows", "capacity"),
     [

@@ -37,7 +37,7 @@ AUTO_HASHED_MIN_ROWS_PER_SLOT = 16  # ... over a table this much larger than the
 _EMPTY = -1  # never used: a probe ends here
 _DELETED = -2  # used and freed: a probe goes on past it, an insert may reuse it
 _SEED = 0x5EED_1DE5
-_MAX_LOAD = 0.75  # live and deleted entries past this share of the table: rebuilt
+_MAX_LOAD = 0.75  # the largest max_load: a full tier's probes for absent ids stay short
 _ROUNDS_PER_CHECK = 4  # torch probe rounds between asks whether any id still probes (a sync)
 _SEED_U64 = np.uint64(_SEED)
 
@@ -95,7 +95,8 @@ class DenseRowIndex(RowIndex):
 
 class HashedRowIndex(RowIndex):
     """Open addressing with linear probing over ``capacity / max_load`` entries; deleted entries
-    are marked and the table is rebuilt once they take a quarter of it.
+    are marked and the table is rebuilt once they take half the room a full tier leaves (a
+    quarter of the table at the default ``max_load``).
 
     Examples
     --------
@@ -125,6 +126,9 @@ class HashedRowIndex(RowIndex):
             )
         self.num_rows, self.capacity = num_rows, capacity
         self.size = _hashed_entries(capacity, max_load)
+        # live and deleted entries past this: rebuilt. Half the room past a full tier, so deletes
+        # run (size - capacity) / 2 ahead of each rebuild, and as many entries stay empty
+        self.rebuild_at = int(self.size * (1 + max_load) / 2)
         key_dtype = torch.int32 if num_rows < 2**31 else torch.int64
         self.keys = torch.full((self.size,), _EMPTY, dtype=key_dtype, device=device)
         self.slots = torch.full((self.size,), -1, dtype=torch.int32, device=device)
@@ -196,7 +200,7 @@ class HashedRowIndex(RowIndex):
                 f"hashed row index: {self.live + ids.numel():,} rows; expected at most its "
                 f"capacity, {self.capacity:,}"
             )
-        if self.live + self.deleted + ids.numel() > int(self.size * _MAX_LOAD):
+        if self.live + self.deleted + ids.numel() > self.rebuild_at:
             self._rebuild()
         if self.compiled:
             new_slots = slots.reshape(-1).to(torch.int32).contiguous().numpy()
