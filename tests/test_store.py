@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -1158,7 +1159,7 @@ def test_an_interrupt_inside_prefetch_leaves_its_depth_slot_free(tmp_path):
             with pytest.raises(KeyboardInterrupt):
                 store.prefetch([1, 2, 3])
         fetcher._pool.submit = submit
-        queued[0].result(30)  # the fetch queued before the interrupt ran all the same
+        queued[0].result(30)  # queued before the interrupt: dropped, or run if it started
         assert fetcher.queued_ids() is None
         free = 0
         while fetcher._in_flight.acquire(blocking=False):  # (before the fix: none)
@@ -1169,3 +1170,68 @@ def test_an_interrupt_inside_prefetch_leaves_its_depth_slot_free(tmp_path):
         ids = torch.tensor([4, 5])
         handles = [store.prefetch(ids) for _ in range(3)]  # a third waits for a free slot
         assert all(torch.equal(store.lookup(ids, h), data[ids]) for h in handles)
+
+
+def _free_slots(fetcher) -> int:
+    """How many of a prefetcher's depth slots are free now (taken and given back)."""
+    free = 0
+    while fetcher._in_flight.acquire(blocking=False):
+        free += 1
+    for _ in range(free):
+        fetcher._in_flight.release()
+    return free
+
+
+def test_a_fetch_queued_by_an_interrupted_prefetch_keeps_its_slot_while_it_runs(
+    tmp_path, monkeypatch
+):
+    """An interrupt in prefetch() just after its fetch was queued freed the fetch's depth slot at
+    once, though the fetch still ran: one more prefetch than prefetch.depth could then be in
+    flight. Now a fetch that has started keeps its slot to its end, and one not started yet is
+    dropped with its slot (nobody can collect it). Reads are held here to see both."""
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    store = TieredStore(
+        store_config(path, hot={"capacity": 0}, warm={"capacity": 0}, prefetch={"depth": 2})
+    )
+    fetcher, reads = store._prefetcher, []
+    entered, release = threading.Event(), threading.Event()
+    read_rows, submit, queued = store.cold.read_rows, fetcher._pool.submit, []
+
+    def held_read(ids):
+        reads.append(ids.copy())
+        entered.set()
+        assert release.wait(30)
+        return read_rows(ids)
+
+    def interrupted_after_queueing(*args):
+        queued.append(submit(*args))
+        raise KeyboardInterrupt
+
+    def interrupted_once_started(*args):
+        queued.append(submit(*args))
+        assert entered.wait(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.cold, "read_rows", held_read)
+    try:
+        handle = store.prefetch([1, 2, 3])
+        assert entered.wait(10)
+        monkeypatch.setattr(fetcher._pool, "submit", interrupted_after_queueing)
+        with pytest.raises(KeyboardInterrupt):
+            store.prefetch([4, 5])  # queued behind the held fetch: not started
+        assert _free_slots(fetcher) == 1
+        release.set()
+        assert torch.equal(store.lookup([1, 2, 3], handle), data[[1, 2, 3]])
+        assert queued[0].result(30) is None  # dropped: its rows were never read
+        assert [r.tolist() for r in reads] == [[1, 2, 3]]
+        release.clear(), entered.clear()
+        monkeypatch.setattr(fetcher._pool, "submit", interrupted_once_started)
+        with pytest.raises(KeyboardInterrupt):
+            store.prefetch([6, 7])
+        assert _free_slots(fetcher) == 1  # (before: 2, while the fetch was running)
+        release.set()
+        assert torch.equal(queued[1].result(30)[0], data[[6, 7]])
+        assert _free_slots(fetcher) == 2
+    finally:
+        release.set()
+        store.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 import time
@@ -26,10 +25,14 @@ def single_intra_op_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _free(slot: list) -> None:
-    """Release a fetch's depth slot (``[semaphore]``) the first time only: list.pop is atomic."""
-    with contextlib.suppress(IndexError):  # freed already
-        slot.pop().release()
+def _take(token: list) -> bool:
+    """Take the one item of ``token``: True for the one caller that gets it, of any number at once
+    (list.pop is atomic), False for the others."""
+    try:
+        token.pop()
+    except IndexError:
+        return False
+    return True
 
 
 class PrefetchHandleError(TieredStoreError, ValueError):
@@ -123,7 +126,7 @@ class Prefetcher:
         """Queue a fetch of ``flat`` (``ids`` validated and flattened from ``shape``); blocks while
         ``depth`` fetches are already in flight. ``write_seq``: the owner's writes so far;
         ``host``: a CPU snapshot of the ids given on the CPU, which lookup checks against."""
-        slot = [self._in_flight]  # freed once: by the fetch as it ends, or below if it never ran
+        slot = [True]  # taken by who frees the depth slot: the fetch as it starts, or below
         number = next(self._numbers)
         self._in_flight.acquire()
         try:
@@ -139,9 +142,10 @@ class Prefetcher:
                 self._last = future
                 self.handles += 1
         except BaseException:  # closed, or interrupted (Ctrl-C) on the way: no handle comes out
-            with self._queued_lock:
-                self._queued.pop(number, None)
-            _free(slot)  # else it stayed taken for good: depth of them, and prefetch() hung
+            if _take(slot):  # the fetch has not started (queued, it never will): its slot and ids
+                with self._queued_lock:  # go now; kept, depth of them hung every prefetch()
+                    self._queued.pop(number, None)
+                self._in_flight.release()
             raise
         return PrefetchHandle(ids, flat, shape, packed, future, self, write_seq, host)
 
@@ -151,14 +155,18 @@ class Prefetcher:
             pending = list(self._queued.values())
         return torch.cat(pending) if pending else None
 
-    def _run(self, number: int, flat: torch.Tensor, packed: bool, slot: list) -> tuple:
-        """Fetch one queued batch, dropping it from the queued ids first; its slot is free after."""
+    def _run(self, number: int, flat: torch.Tensor, packed: bool, slot: list) -> tuple | None:
+        """Fetch one queued batch, dropping it from the queued ids first; its slot is free after.
+        Nothing when its prefetch() was interrupted before it started (that freed its slot: were
+        it fetched, depth + 1 would be in flight)."""
+        if not _take(slot):
+            return None
         try:
             with self._queued_lock:
                 self._queued.pop(number, None)
             return self._fetch(flat, packed)
         finally:
-            _free(slot)
+            self._in_flight.release()
 
     def collect(self, handle: PrefetchHandle) -> tuple:
         """Wait for a handle's result, recording how long the caller stalled."""
