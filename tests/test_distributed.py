@@ -496,6 +496,55 @@ def test_a_sharded_prefetch_collected_after_a_write_is_refused(tmp_path, monkeyp
         store.commit()
 
 
+def test_a_sharded_lookup_interrupted_while_waiting_for_its_handle_can_collect_it_again(
+    tmp_path, monkeypatch
+):
+    """ShardedStore marked a handle consumed before lookup waited for its round: Ctrl-C during
+    the wait left it refused as "already consumed" though no rows had come out (as TieredStore
+    did before). The shard's lookup is held here; the interrupt comes once lookup waits."""
+    import signal
+
+    table = make_plain_table(tmp_path)
+    template = shards_template(table, "rows")
+    write_shards(table, 1, "rows", template=template, progress=False)
+    _one_rank_group_env(monkeypatch)
+    cfg = {
+        "table": {"path": str(table)},
+        "sharding": {"ranks": 1, "by": "rows", "shards": template},
+    }
+    with ShardedStore.open(cfg) as store:
+        ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
+        want = store.lookup(ids)
+        entered, release = threading.Event(), threading.Event()
+        local_lookup = store.local.lookup
+
+        def held_lookup(*args, **kwargs):
+            entered.set()
+            assert release.wait(30)
+            return local_lookup(*args, **kwargs)
+
+        monkeypatch.setattr(store.local, "lookup", held_lookup)
+        handle = store.prefetch(ids)
+        assert entered.wait(10)
+
+        def interrupt() -> None:  # Ctrl-C, once the main thread waits on the handle's round
+            while not handle.future._condition._waiters:
+                release.wait(0.001)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+        default = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            threading.Thread(target=interrupt, daemon=True).start()
+            with pytest.raises(KeyboardInterrupt):
+                store.lookup(ids, handle)
+        finally:
+            release.set()
+            signal.signal(signal.SIGINT, default)
+        assert torch.equal(store.lookup(ids, handle).view(torch.int16), want.view(torch.int16))
+        with pytest.raises(PrefetchHandleError, match="already consumed"):  # collected now
+            store.lookup(ids, handle)
+
+
 def test_a_sharded_stores_prefetches_and_their_stalls_are_in_its_stats_and_metrics(
     tmp_path, monkeypatch
 ):

@@ -8,11 +8,14 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
 from .errors import StoreClosedError, TieredStoreError
 from .latency import LatencyHistogram
+
+T = TypeVar("T")
 
 
 def single_intra_op_thread() -> None:
@@ -40,6 +43,7 @@ class PrefetchHandleError(TieredStoreError, ValueError):
     closed."""
 
 
+CONSUMED = "lookup: this prefetch handle was already consumed; prefetch again"
 OTHER_STORE = (
     "lookup: this prefetch handle comes from another store's prefetch; pass a handle from this "
     "store's"
@@ -74,6 +78,25 @@ class PrefetchHandle:
     def done(self) -> bool:
         """True once the rows are staged (on CUDA the copy may still be in flight on the store stream)."""
         return self.future.done()
+
+    def take(self, wait: Callable[..., T], *args: object) -> T:
+        """``wait(future, *args)`` as the one collect of this handle; refused once it was collected.
+        A wait that raises other than its fetch's failure (Ctrl-C: no rows came out) gives the
+        handle back, to be collected again."""
+        if self.consumed:
+            raise PrefetchHandleError(CONSUMED)
+        self.consumed = True
+        try:
+            return wait(self.future, *args)
+        except BaseException:
+            if not self._failed():
+                self.consumed = False
+            raise
+
+    def _failed(self) -> bool:
+        """True once the fetch ended in an error (the collect that raised it spent the handle)."""
+        future = self.future
+        return future.done() and not future.cancelled() and future.exception() is not None
 
     def check_ids(self, flat: torch.Tensor, shape: tuple[int, ...]) -> None:
         """Refuse ids (``flat``, of ``shape``) other than those this handle prefetched, compared
@@ -172,18 +195,13 @@ class Prefetcher:
         """Wait for a handle's result, recording how long the caller stalled."""
         if handle.owner is not self:  # its rows are another table's
             raise PrefetchHandleError(OTHER_STORE)
-        if handle.consumed:
-            raise PrefetchHandleError(
-                "lookup: this prefetch handle was already consumed; prefetch again"
-            )
-        handle.consumed = True  # claimed before the wait: a second lookup of it is refused
+        return handle.take(self._wait)
+
+    def _wait(self, future: Future) -> tuple:
+        """A fetch's result, recording how long the caller stalled for it."""
         start = time.perf_counter()
         try:
-            return handle.future.result()
-        except BaseException:
-            if not handle.future.done():  # the wait was interrupted (Ctrl-C): no rows came out,
-                handle.consumed = False  # so the handle stays the caller's to collect again
-            raise
+            return future.result()
         finally:  # a fetch that failed was waited for too
             self.wait_histogram.observe(time.perf_counter() - start)
 

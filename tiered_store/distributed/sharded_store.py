@@ -71,7 +71,7 @@ from ..errors import (
 from ..id_ops import ids_on_gpu, snapshot_of, unique_inverse_counts
 from ..latency import LatencyHistogram
 from ..page_checksums import ChecksumError
-from ..prefetch import OTHER_STORE, PrefetchHandle, PrefetchHandleError
+from ..prefetch import CONSUMED, OTHER_STORE, PrefetchHandle, PrefetchHandleError
 from ..quantization import dequantize_rows
 from ..store import TieredStore, as_id_tensor, as_rows, compute_device
 from .collective_thread import CollectiveThread
@@ -260,14 +260,10 @@ class ShardedStore:
             if handle is None:
                 flat, shape = self._validate(ids)
                 future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
-            else:
-                future, shape = self._collect(ids, handle, packed)
-            waited = time.perf_counter()
-            try:
                 out = self._wait(future, "lookup")
-            finally:  # a collected handle's stall, its round failed or not
-                if handle is not None:
-                    self.prefetch_wait_latency.observe(time.perf_counter() - waited)
+            else:  # taken as the wait starts: given back if it is interrupted
+                shape = self._collect(ids, handle, packed)
+                out = handle.take(self._wait_for_handle)
             if out.is_cuda:  # made on the collective thread's stream: kept until this one is done
                 out.record_stream(torch.cuda.current_stream(out.device))
             return out.view(*shape, out.shape[-1])
@@ -710,10 +706,8 @@ class ShardedStore:
                 )
         return snapshot_of(flat, tensor) if snapshot else flat, tuple(tensor.shape)
 
-    def _collect(
-        self, ids: Any, handle: PrefetchHandle, packed: bool
-    ) -> tuple[Future, tuple[int, ...]]:
-        """Check a handle belongs to ``ids`` and to this call's ``packed``."""
+    def _collect(self, ids: Any, handle: PrefetchHandle, packed: bool) -> tuple[int, ...]:
+        """Check a handle belongs to ``ids`` and to this call's ``packed``; its shape."""
         if not isinstance(handle, PrefetchHandle):
             raise PrefetchHandleError(
                 f"lookup: handle is {type(handle).__name__}; expected a PrefetchHandle"
@@ -721,7 +715,7 @@ class ShardedStore:
         if handle.owner is not self:  # its rows are another shard group's
             raise PrefetchHandleError(OTHER_STORE)
         if handle.consumed:
-            raise PrefetchHandleError("lookup: this prefetch handle was already consumed")
+            raise PrefetchHandleError(CONSUMED)
         if packed != handle.packed:
             raise PrefetchHandleError(
                 f"lookup: packed={packed} but the handle was prefetched with "
@@ -731,14 +725,20 @@ class ShardedStore:
             tensor = as_id_tensor(ids)
             handle.check_ids(tensor.reshape(-1), tuple(tensor.shape))
         if handle.write_seq != self._write_rounds:  # fetching again would be a round of this
-            self._wait(handle.future, "lookup")  # rank's alone: it is let go, then refused
-            handle.consumed = True
+            handle.take(self._wait, "lookup")  # rank's alone: it is let go, then refused
             raise PrefetchHandleError(
                 "lookup: this handle was prefetched before a write or update round, so its rows "
                 "may be older than them; prefetch after writing, or look up without the handle"
             )
-        handle.consumed = True
-        return handle.future, handle.shape
+        return handle.shape
+
+    def _wait_for_handle(self, future: Future) -> torch.Tensor:
+        """A prefetch's rows (``_wait``), recording how long the lookup stalled for them."""
+        waited = time.perf_counter()
+        try:
+            return self._wait(future, "lookup")
+        finally:  # its round failed or not
+            self.prefetch_wait_latency.observe(time.perf_counter() - waited)
 
     def _exchange(
         self, flat: torch.Tensor, packed: bool, queued: torch.cuda.Event | None = None
