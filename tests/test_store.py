@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -1235,3 +1236,51 @@ def test_a_fetch_queued_by_an_interrupted_prefetch_keeps_its_slot_while_it_runs(
     finally:
         release.set()
         store.close()
+
+
+def test_two_lookups_collecting_one_handle_at_once_give_its_rows_to_one(tmp_path):
+    """Two threads collecting the same handle could both pass the "already consumed" check
+    before either marked it, and both got its rows. The threads here run the collect in
+    lockstep, line by line (a trace function meets a barrier at each line), so both make the
+    check before either goes on: exactly one gets the rows, the other is refused."""
+    import sys
+
+    from tiered_store.prefetch import Prefetcher, PrefetchHandle
+
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    collecting = {Prefetcher.collect.__code__, PrefetchHandle.take.__code__}
+    barrier, results = threading.Barrier(2, timeout=30), {}
+
+    def in_lockstep(frame, event, arg):
+        if event == "line" and not barrier.broken:
+            with contextlib.suppress(threading.BrokenBarrierError):  # the other one left
+                barrier.wait()
+        elif event == "return" and frame.f_code is Prefetcher.collect.__code__:
+            barrier.abort()  # this one is done: the other goes on alone
+        return in_lockstep
+
+    def traced(frame, event, arg):
+        return in_lockstep if frame.f_code in collecting else None
+
+    with TieredStore(store_config(path)) as store:
+        ids = torch.tensor([3, 1, 4, 1])
+        handle = store.prefetch(ids)
+
+        def collect(name: str) -> None:
+            sys.settrace(traced)
+            try:
+                results[name] = store.lookup(ids, handle)
+            except PrefetchHandleError as exc:
+                results[name] = exc
+            finally:
+                sys.settrace(None)
+
+        threads = [threading.Thread(target=collect, args=(name,)) for name in "ab"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    rows = [r for r in results.values() if isinstance(r, torch.Tensor)]
+    refused = [r for r in results.values() if isinstance(r, PrefetchHandleError)]
+    assert len(rows) == 1 and torch.equal(rows[0], data[ids])
+    assert len(refused) == 1 and "already consumed" in str(refused[0])

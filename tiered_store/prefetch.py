@@ -72,8 +72,13 @@ class PrefetchHandle:
         self.packed = packed  # rows staged as stored (quantised tables), not dequantised
         self.future = future
         self.owner = owner  # what made it (a store's prefetcher): good for its own store only
-        self.consumed = False
+        self._untaken = [True]  # popped by the collect that takes it: of two at once, one
         self.write_seq = write_seq  # the owner's writes when it was queued (later ones: newer)
+
+    @property
+    def consumed(self) -> bool:
+        """True once a lookup collected it (or is waiting for its rows)."""
+        return not self._untaken
 
     def done(self) -> bool:
         """True once the rows are staged (on CUDA the copy may still be in flight on the store stream)."""
@@ -83,14 +88,13 @@ class PrefetchHandle:
         """``wait(future, *args)`` as the one collect of this handle; refused once it was collected.
         A wait that raises other than its fetch's failure (Ctrl-C: no rows came out) gives the
         handle back, to be collected again."""
-        if self.consumed:
-            raise PrefetchHandleError(CONSUMED)
-        self.consumed = True
+        if not _take(self._untaken):  # checked and marked at once: a check, then a mark, let
+            raise PrefetchHandleError(CONSUMED)  # two threads both pass and get the same rows
         try:
             return wait(self.future, *args)
         except BaseException:
             if not self._failed():
-                self.consumed = False
+                self._untaken.append(True)
             raise
 
     def _failed(self) -> bool:
