@@ -1284,3 +1284,89 @@ def test_two_lookups_collecting_one_handle_at_once_give_its_rows_to_one(tmp_path
     refused = [r for r in results.values() if isinstance(r, PrefetchHandleError)]
     assert len(rows) == 1 and torch.equal(rows[0], data[ids])
     assert len(refused) == 1 and "already consumed" in str(refused[0])
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_no_more_fetches_than_the_depth_are_ever_in_flight(tmp_path, depth):
+    """Threads prefetch, look up and are interrupted (in prefetch() before or after its fetch is
+    queued, in lookup() as it waits) in a seeded random mix. From its queueing to its end, each
+    fetch that ran is in flight; at no point in the order of those events (a shared counter, no
+    clock) are more than prefetch.depth in flight, every slot is free after, and every handle
+    collected gives its own rows."""
+    import itertools
+    import random
+
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    store = TieredStore(
+        store_config(path, hot={"capacity": 0}, warm={"capacity": 0}, prefetch={"depth": depth})
+    )
+    fetcher, order, events, wrong = store._prefetcher, itertools.count(), [], []
+    submit, fetch, wait = fetcher._pool.submit, fetcher._fetch, fetcher._wait
+    numbers, mode = {}, threading.local()
+
+    def submitting(run, number, flat, *args):
+        if mode.interrupt == "before":
+            raise KeyboardInterrupt
+        numbers[id(flat)] = number
+        events.append((next(order), "queued", number))
+        future = submit(run, number, flat, *args)
+        if mode.interrupt == "after":
+            raise KeyboardInterrupt
+        return future
+
+    def fetching(flat, packed):
+        number = numbers[id(flat)]
+        try:
+            return fetch(flat, packed)
+        finally:
+            events.append((next(order), "ended", number))
+
+    def waiting(future):
+        if mode.interrupt == "lookup":
+            raise KeyboardInterrupt
+        return wait(future)
+
+    fetcher._pool.submit, fetcher._fetch, fetcher._wait = submitting, fetching, waiting
+
+    def worker(seed: int) -> None:
+        rng, held = random.Random(seed), []
+        for _ in range(150):
+            mode.interrupt = rng.choice([None, None, "before", "after", "lookup"])
+            if held and (len(held) > 2 or rng.random() < 0.4):
+                ids, handle = held[0]
+                try:
+                    rows = store.lookup(ids, handle)
+                except KeyboardInterrupt:
+                    continue  # given back: collected again later
+                held.pop(0)
+                if not torch.equal(rows, data[ids]):
+                    wrong.append(ids)
+                continue
+            ids = torch.tensor(rng.sample(range(1_000), rng.randint(1, 8)))
+            with contextlib.suppress(KeyboardInterrupt):
+                held.append((ids, store.prefetch(ids)))
+        mode.interrupt = None
+        for ids, handle in held:
+            if not torch.equal(store.lookup(ids, handle), data[ids]):
+                wrong.append(ids)
+
+    try:
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not any(thread.is_alive() for thread in threads)
+        submit(lambda: None).result(30)  # after every fetch queued (one worker: in order)
+    finally:
+        fetcher._pool.submit = submit
+        store.close()
+    ran = {number for _, kind, number in events if kind == "ended"}
+    in_flight = most = 0
+    for _, kind, number in sorted(events):
+        if number in ran:
+            in_flight += 1 if kind == "queued" else -1
+            most = max(most, in_flight)
+    assert most <= depth and in_flight == 0
+    assert _free_slots(fetcher) == depth
+    assert not wrong
