@@ -545,6 +545,38 @@ def test_a_sharded_lookup_interrupted_while_waiting_for_its_handle_can_collect_i
             store.lookup(ids, handle)
 
 
+def test_an_interrupt_inside_a_sharded_prefetch_leaves_its_depth_slot_free(tmp_path, monkeypatch):
+    """ShardedStore.prefetch queued its round, then attached the callback that frees its
+    prefetch.depth slot: Ctrl-C between kept the slot for good (as TieredStore did before), and
+    with the default depth 2, two such interrupts made the next prefetch wait out the timeout and
+    fail the store as if a rank had. The interrupt is raised here just after the round is
+    queued."""
+    table = make_plain_table(tmp_path)
+    template = shards_template(table, "rows")
+    write_shards(table, 1, "rows", template=template, progress=False)
+    _one_rank_group_env(monkeypatch)
+    sharding = {"ranks": 1, "by": "rows", "shards": template, "timeout_s": 5}
+    cfg = {"table": {"path": str(table)}, "sharding": sharding, "prefetch": {"depth": 2}}
+    with ShardedStore.open(cfg) as store:
+        ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
+        want = store.lookup(ids).view(torch.int16)
+        submit, queued = store._thread.submit, []
+
+        def interrupted_after_queueing(*args):
+            queued.append(submit(*args))
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(store._thread, "submit", interrupted_after_queueing)
+        for _ in range(2):
+            with pytest.raises(KeyboardInterrupt):
+                store.prefetch(ids)
+        monkeypatch.setattr(store._thread, "submit", submit)
+        for future in queued:  # the rounds queued ran (every rank joins them)
+            future.result(30)
+        handles = [store.prefetch(ids) for _ in range(3)]  # (before: the first one timed out)
+        assert all(torch.equal(store.lookup(ids, h).view(torch.int16), want) for h in handles)
+
+
 def test_a_sharded_stores_prefetches_and_their_stalls_are_in_its_stats_and_metrics(
     tmp_path, monkeypatch
 ):

@@ -28,7 +28,7 @@ def single_intra_op_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _take(token: list) -> bool:
+def take_once(token: list) -> bool:
     """Take the one item of ``token``: True for the one caller that gets it, of any number at once
     (list.pop is atomic), False for the others."""
     try:
@@ -88,8 +88,8 @@ class PrefetchHandle:
         """``wait(future, *args)`` as the one collect of this handle; refused once it was collected.
         A wait that raises other than its fetch's failure (Ctrl-C: no rows came out) gives the
         handle back, to be collected again."""
-        if not _take(self._untaken):  # checked and marked at once: a check, then a mark, let
-            raise PrefetchHandleError(CONSUMED)  # two threads both pass and get the same rows
+        if not take_once(self._untaken):  # checked and marked at once: a check, then a mark,
+            raise PrefetchHandleError(CONSUMED)  # let two threads both pass and get the rows
         try:
             return wait(self.future, *args)
         except BaseException:
@@ -169,8 +169,8 @@ class Prefetcher:
                 self._last = future
                 self.handles += 1
         except BaseException:  # closed, or interrupted (Ctrl-C) on the way: no handle comes out
-            if _take(slot):  # the fetch has not started (queued, it never will): its slot and ids
-                with self._queued_lock:  # go now; kept, depth of them hung every prefetch()
+            if take_once(slot):  # the fetch has not started (queued, it never will): its slot
+                with self._queued_lock:  # and ids go now; kept, depth of them hung prefetch()
                     self._queued.pop(number, None)
                 self._in_flight.release()
             raise
@@ -186,7 +186,7 @@ class Prefetcher:
         """Fetch one queued batch, dropping it from the queued ids first; its slot is free after.
         Nothing when its prefetch() was interrupted before it started (that freed its slot: were
         it fetched, depth + 1 would be in flight)."""
-        if not _take(slot):
+        if not take_once(slot):
             return None
         try:
             with self._queued_lock:

@@ -71,7 +71,7 @@ from ..errors import (
 from ..id_ops import ids_on_gpu, snapshot_of, unique_inverse_counts
 from ..latency import LatencyHistogram
 from ..page_checksums import ChecksumError
-from ..prefetch import CONSUMED, OTHER_STORE, PrefetchHandle, PrefetchHandleError
+from ..prefetch import CONSUMED, OTHER_STORE, PrefetchHandle, PrefetchHandleError, take_once
 from ..quantization import dequantize_rows
 from ..store import TieredStore, as_id_tensor, as_rows, compute_device
 from .collective_thread import CollectiveThread
@@ -278,8 +278,9 @@ class ShardedStore:
         flat, shape = self._validate(ids, snapshot=True)  # the caller may refill its ids
         if not self._slots.acquire(timeout=self._wait_s):
             self._fail("prefetch", None, "no earlier prefetch finished")
-        future = self._thread.submit(self._exchange, flat, packed, _queued_on(flat))
-        future.add_done_callback(lambda _: self._slots.release())
+        slot = [True]  # taken by who frees the slot: the round as it ends, or the future's end
+        future = self._thread.submit(self._prefetch_round, slot, flat, packed, _queued_on(flat))
+        future.add_done_callback(lambda _: self._free(slot))  # a round that never ran (closed)
         self._prefetches += 1
         return PrefetchHandle(ids, flat, shape, packed, future, self, self._write_rounds)
 
@@ -731,6 +732,19 @@ class ShardedStore:
                 "may be older than them; prefetch after writing, or look up without the handle"
             )
         return handle.shape
+
+    def _prefetch_round(self, slot: list, *args: Any) -> torch.Tensor:
+        """``_exchange(*args)``, freeing its prefetch slot as it ends: a Ctrl-C in prefetch()
+        after it was queued (before a callback could be attached) kept the slot for good."""
+        try:
+            return self._exchange(*args)
+        finally:
+            self._free(slot)
+
+    def _free(self, slot: list) -> None:
+        """Free a prefetch's depth slot, once (``slot``: its one-item token)."""
+        if take_once(slot):
+            self._slots.release()
 
     def _wait_for_handle(self, future: Future) -> torch.Tensor:
         """A prefetch's rows (``_wait``), recording how long the lookup stalled for them."""
