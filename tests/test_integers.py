@@ -1,0 +1,42 @@
+"""integers: bool_among finds a bool among nested ids by value, at any depth, in any container."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tiered_store.integers import bool_among
+
+
+@pytest.mark.parametrize(
+    ("values", "found"),
+    [
+        ([7, 8, 9], None),
+        ([[7, 8], (9, 10)], None),
+        ([[[1, 2]], [[3, np.int64(4)]]], None),
+        ([], None),
+        ([[], []], None),
+        (5, None),
+        ([np.uint64(7), np.int32(2)], None),
+        ([np.array([1, 2]), [3, 4]], None),
+        (True, ((), True)),
+        ([7, True], ((1,), True)),
+        ([[7, 8], (9, False)], ((1, 1), False)),
+        ([[[1, 2]], [[np.True_, 4]]], ((1, 0, 0), np.True_)),
+        ([np.array([1, 2]), [3, True]], ((1, 1), True)),
+        ([np.array([True, False]), [3, 4]], ((0, 0), np.True_)),
+        ([torch.tensor(1), 2], None),
+    ],
+)
+def test_bool_among_names_the_first_bool_by_index_or_none(values, found):
+    """A fast look at the leaves' types passes nested lists of plain integers; anything else
+    (arrays or tensors among the lists) takes NumPy's object reading: both give the same."""
+    assert bool_among(values) == found
+
+
+def test_bool_among_a_million_ids_finds_the_last_one():
+    ids = [[1] * 1000 for _ in range(1000)]
+    assert bool_among(ids) is None
+    ids[-1][-1] = False
+    assert bool_among(ids) == ((999, 999), False)
