@@ -192,6 +192,22 @@ def test_a_bool_among_numpy_uint64_ids_is_refused(table):
         assert torch.equal(store.lookup([np.uint64(7), np.uint64(1)]), data[[7, 1]])
 
 
+def test_a_bool_in_a_list_of_row_ids_is_refused(table):
+    """[3, True] was looked up as rows [3, 1]: torch reads a bool beside an int as 1, and only
+    the ids torch refused (NumPy uint64s) had their leaves looked at."""
+    path, data = table
+    with TieredStore(store_config(path, hot={"capacity": 10})) as store:
+        for ids, value in (([3, True], "True"), ([[3, 4], (np.False_, 5)], "np.False_")):
+            with pytest.raises(RowIdError, match=rf"^ids: {value} is a bool; expected integer row ids$"):  # fmt: skip
+                store.lookup(ids)
+            with pytest.raises(RowIdError, match="is a bool"):
+                store.prefetch(ids)
+        assert torch.equal(store.lookup([3, 1]), data[[3, 1]])
+        assert torch.equal(
+            store.lookup(((3, 4), (np.int32(1), 5))), data[torch.tensor([[3, 4], [1, 5]])]
+        )
+
+
 def test_numpy_uint64_ids_mixed_with_signed_ints_are_ids(table):
     """[np.uint64(7), np.int64(8)] was refused as "cannot be read as integers" (NumPy reads
     uint64 beside a signed int as float64); an int of 2**64 or more said Overflow when
