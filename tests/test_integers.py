@@ -27,12 +27,27 @@ from tiered_store.integers import bool_among
         ([np.array([1, 2]), [3, True]], ((1, 1), True)),
         ([np.array([True, False]), [3, 4]], ((0, 0), np.True_)),
         ([torch.tensor(1), 2], None),
+        ([np.arange(3), np.arange(3, dtype=np.uint8)], None),
+        ([torch.arange(3), torch.arange(3, dtype=torch.int32)], None),
+        ([np.arange(3), np.array([True, False, True])], ((1, 0), np.True_)),
+        ([np.arange(2), np.array([1.0, 2.0])], None),
     ],
 )
 def test_bool_among_names_the_first_bool_by_index_or_none(values, found):
     """A fast look at the leaves' types passes nested lists of plain integers; anything else
     (arrays or tensors among the lists) takes NumPy's object reading: both give the same."""
     assert bool_among(values) == found
+
+
+def test_bool_among_rows_of_ids_as_arrays_or_tensors():
+    """A list of id arrays (tokenizer.encode's rows) or tensors: a bool-typed row is found as
+    NumPy reads it (1 or 0), an integer row has none; the rows are looked at, not every id."""
+    rows = [np.arange(4096) for _ in range(64)]
+    assert bool_among(rows) is None and bool_among([torch.from_numpy(r) for r in rows]) is None
+    rows[5] = np.zeros(4096, dtype=bool)
+    assert bool_among(rows) == ((5, 0), np.False_)
+    rows[5] = torch.zeros(4096, dtype=torch.bool)
+    assert bool_among(rows) == ((5, 0), False)
 
 
 def test_bool_among_a_million_ids_finds_the_last_one():

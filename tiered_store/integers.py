@@ -6,6 +6,7 @@ import operator
 from itertools import chain
 
 import numpy as np
+import torch
 
 
 def as_integer(value: object) -> int | None:
@@ -41,10 +42,24 @@ def bool_among(values: object) -> tuple[tuple[int, ...], object] | None:
 
 
 def _plain_integers(values: object) -> bool:
-    """Whether ``values`` are nested lists or tuples of Python or NumPy integers (no bool), by
-    the leaves' types alone: a million ids cost less than NumPy's reading of them."""
-    level, types = [values], {type(values)}
+    """Whether ``values`` are nested lists or tuples of Python or NumPy integers, or of integer
+    arrays or tensors (rows of ids), with no bool: by the types alone, never one object per id."""
+    level = values if isinstance(values, list | tuple) else [values]
+    types = set(map(type, level))
     while types and types <= {list, tuple}:
         level = list(chain.from_iterable(level))
         types = set(map(type, level))
+    if any(issubclass(kind, np.ndarray | torch.Tensor) for kind in types):  # one look a row
+        return all(_integer_block(value) for value in level)
     return all(issubclass(kind, int | np.integer) and kind is not bool for kind in types)
+
+
+def _integer_block(value: object) -> bool:
+    """Whether ``value`` is an integer (not bool) array or tensor, or a plain integer."""
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "iu"
+    if isinstance(value, torch.Tensor):
+        return not (value.dtype.is_floating_point or value.dtype.is_complex) and (
+            value.dtype != torch.bool
+        )
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
