@@ -376,6 +376,19 @@ def test_read_only_and_reversed_id_arrays_hash_as_copies_do(golden):
     )
 
 
+def test_an_empty_list_mask_goes_with_empty_list_ids(golden):
+    """ids [] and [[]] hash to no rows, but their masks [] and [[]] were refused as float64
+    (NumPy's reading of an empty list): an empty chunk of lists could not carry its mask."""
+    _, _, hasher = golden
+    for ids, shape in (([], (0,)), ([[]], (1, 0))):
+        state = hasher.new_state(1)
+        for layer, rows in hasher.row_ids(ids, token_mask=ids, state=state).items():
+            assert rows.shape == (*shape, hasher.num_heads), layer
+        assert state.position == 0
+    with pytest.raises(ConfigError, match=r"token_mask: got torch.float64 \(1, 2\); expected bool"):
+        hasher.row_ids([[1, 2]], token_mask=[[1.0, 0.0]])
+
+
 def test_a_token_mask_without_values_is_named(golden):
     """A meta, nested or sparse token_mask: named, not torch's bare NotImplementedError (.to,
     torch.where) or 'NestedTensorImpl doesn't support sizes'."""

@@ -394,6 +394,8 @@ class NgramHasher:
         """``token_mask`` as a bool tensor shaped like ``ids``, on its device."""
         if not isinstance(token_mask, torch.Tensor):
             token_mask = array_for_torch(token_mask)  # no negative strides, writable; 0-d stays
+            if token_mask.size == 0 and token_mask.dtype == np.float64:  # NumPy reads [] so
+                token_mask = token_mask.astype(bool)  # as check_token_ids takes ids of no tokens
         mask = torch.as_tensor(token_mask)
         if (problem := tensor_without_values(mask)) is not None:  # torch's bare error from .shape
             raise ConfigError(f"token_mask: tensor {describe_tensor(mask)} {problem}")
