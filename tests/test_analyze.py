@@ -1268,6 +1268,47 @@ def test_a_checkpoints_own_tokenizer_beside_the_config_is_the_one_used(
     np.testing.assert_array_equal(got, hasher.row_ids(tokens[None])[1][0])
 
 
+def test_a_profile_made_through_another_tokenizer_is_refused_by_a_packaged_tables_store(
+    run, tmp_path, monkeypatch
+):
+    """End to end: analyze with a checkpoint's tokenizer.json whose ids map to other compressed
+    ids than the package's (same compressed size, two tokens swapped), then its profile pinned
+    over a table built through the package tokenizer. The sizes agree, so only the id map's
+    digest tells the profile's row ids name other N-grams there; through its own tokenizer's
+    table the profile opens."""
+    from tiered_store import TieredStore
+    from tiered_store.engram import default_tokenizer_path
+    from tiered_store.engram.checkpoint import random_tables, table_file
+
+    monkeypatch.setenv("TIERED_STORE_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    own = json.loads(default_tokenizer_path().read_text())
+    vocab = own["model"]["vocab"]
+    vocab["Ġlookup"], vocab["Ġtable"] = vocab["Ġtable"], vocab["Ġlookup"]
+    (ckpt / "tokenizer.json").write_text(json.dumps(own))
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    argv = ["analyze", str(run["corpus"] / "en.txt"), "--config", str(ckpt / "config.yaml")]
+    assert main([*argv, "--out", str(out), "--seq-len", "32", "--no-curves", "--quiet"]) == 0
+    profile = out / "layer1.profile.npz"
+    engram, _ = load_engram_config(ckpt / "config.yaml")
+    theirs, package = CompressedTokenizer(ckpt / "tokenizer.json"), CompressedTokenizer()
+    assert theirs.num_compressed == package.num_compressed
+    random_tables(tmp_path / "package", NgramHasher(engram, package))
+    table = table_file(tmp_path / "package", 1)
+    with pytest.raises(ConfigError) as caught:
+        TieredStore.open(_tuned_store(table, profile))
+    assert str(caught.value).startswith(
+        f"tiers.warm.profile: {profile} was made with compressed_lookup_digest="
+        f"'{theirs.lookup_digest}' but the table {table} has compressed_lookup_digest="
+        f"'{package.lookup_digest}'"
+    )
+    random_tables(tmp_path / "theirs", NgramHasher(engram, theirs))
+    with TieredStore.open(_tuned_store(table_file(tmp_path / "theirs", 1), profile)) as store:
+        assert store.warm.counters.preloaded > 0
+
+
 def test_a_new_run_leaves_no_file_of_the_previous_one(run, tmp_path):
     import shutil
 
