@@ -1026,6 +1026,40 @@ def test_a_killed_recording_server_idle_since_its_last_request_leaves_its_ids(tm
         assert reader.n_batches == 2 * len(requests)
 
 
+def test_the_idle_flush_thread_writes_a_chunk_once_it_is_record_flush_s_old(tmp_path):
+    """The idle flush woke every server.record_flush_s whatever the chunk's age: requests
+    buffered just after a request ended a chunk waited for the second wake-up, and a kill before
+    it lost up to twice record_flush_s of them. It now wakes when the chunk is due."""
+    import shutil
+    import threading
+
+    from tiered_store.trace_recovery import recover_trace
+
+    flush_s = 3.0
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"record_flush_s": flush_s}))
+    served = ServedModel(config, trace=tmp_path / "t.trace")
+    stop = threading.Event()
+    try:
+        time.sleep(flush_s + 0.2)  # the next request ends a chunk itself
+        start = time.monotonic()
+        served.watch_trace(stop)  # wakes at start + flush_s, then 2 x flush_s
+        body = json.dumps({"input_ids": [[7, 8, 9]]}).encode()
+        for at in (0.5, 0.6):  # the first ends its chunk; the second waits in the buffer
+            time.sleep(max(0.0, start + at - time.monotonic()))
+            served.answer(parse_request(body, config.server, served))
+        time.sleep(max(0.0, start + flush_s + 1.6 - time.monotonic()))  # its chunk is due
+        (leftover,) = tmp_path.glob(".t.trace.*.tmp")
+        copy = tmp_path / "copy" / leftover.name  # what a kill now would leave
+        copy.parent.mkdir()
+        shutil.copy(leftover, copy)
+    finally:
+        stop.set()
+        served.close()
+    recover_trace(copy)
+    with TraceReader(copy.parent / "t.trace") as reader:
+        assert reader.n_batches == 2 * len(TABLES)
+
+
 def test_a_recording_server_that_fails_its_start_leaves_no_trace_temporary(tmp_path, config_path):
     """The trace opens before a server's last start checks; one failing left the trace's
     temporary (a killed recording's look, with nothing recorded) beside the store configs."""

@@ -523,16 +523,26 @@ class ServedModel:
         if time.monotonic() - self._trace.chunk_written_at >= self.config.server.record_flush_s:
             self._trace.end_chunk()
 
+    def _chunk_due_in(self) -> float:
+        """Seconds until the trace's last chunk is ``server.record_flush_s`` old (a request ended
+        it meanwhile: the records after it are due then), else one ``record_flush_s`` (at least
+        50 ms): an older one has nothing buffered, or the next request ends it."""
+        flush_s = self.config.server.record_flush_s
+        left = self._trace.chunk_written_at + flush_s - time.monotonic()
+        return left if left > 0 else max(flush_s, 0.05)
+
     def watch_trace(self, stop: threading.Event) -> threading.Thread | None:
         """A thread ending the recorded trace's chunk once it is ``server.record_flush_s`` old,
         until ``stop``, requests or not: the last requests before an idle spell reach the file
         too (a killed server loses no more); started. None when no trace is recorded."""
-        if self._trace is None:
-            return None
-        every = max(self.config.server.record_flush_s, 0.05)
+        with self._trace_lock:
+            if self._trace is None:
+                return None
+            first = self._chunk_due_in()
 
         def watch() -> None:
-            while not stop.wait(every):
+            wait = first
+            while not stop.wait(wait):
                 with self._trace_lock:
                     if self._trace is None:  # closed
                         return
@@ -540,6 +550,7 @@ class ServedModel:
                         self._end_old_chunk()
                     except Exception:  # noqa: BLE001 (a full disk: the next request says so)
                         log.exception("writing the recorded trace's chunk failed")
+                    wait = self._chunk_due_in()
 
         thread = threading.Thread(target=watch, name="tiered-store-trace-flush", daemon=True)
         thread.start()
