@@ -1060,6 +1060,57 @@ def test_the_idle_flush_thread_writes_a_chunk_once_it_is_record_flush_s_old(tmp_
         assert reader.n_batches == 2 * len(TABLES)
 
 
+_UNWRITABLE_CHUNK = """
+import json, logging, resource, sys, threading, time
+from pathlib import Path
+from tiered_store.serve import ServeConfig, ServedModel, parse_request
+
+config = ServeConfig.from_yaml(sys.argv[1])
+served = ServedModel(config, trace=sys.argv[2])
+failures = []
+handler = logging.Handler()
+handler.emit = lambda record: failures.append(record.getMessage())
+logging.getLogger("tiered_store.serve").addHandler(handler)
+(temporary,) = Path(sys.argv[2]).parent.glob(".t.trace.*.tmp")
+size = temporary.stat().st_size  # its header: no chunk can be written (as on a full disk)
+resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+try:
+    served.answer(parse_request(b'{"input_ids": [[7, 8, 9]]}', config.server, served))
+except OSError:
+    pass  # its chunk failed: the thread tries again at every wake-up (50 ms)
+stop = threading.Event()
+served.watch_trace(stop)
+time.sleep(1.0)
+stop.set()
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+served.close()
+print(json.dumps([m for m in failures if "trace" in m]))
+"""
+
+
+def test_a_trace_chunk_that_cannot_be_written_is_logged_once_by_the_idle_flush(tmp_path):
+    """A chunk the disk refused (full: here a file size limit) was logged with a traceback at
+    every wake-up of the idle flush thread until it could be written: 20 a second at
+    server.record_flush_s 0, a log filling the disk that was full. It is logged once now."""
+    import subprocess
+    import sys
+
+    from tiered_store.serve.client import subprocess_env
+
+    config_path = make_checkpoint(tmp_path, server={"record_flush_s": 0})
+    done = subprocess.run(
+        [sys.executable, "-c", _UNWRITABLE_CHUNK, str(config_path), str(tmp_path / "t.trace")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [
+        "writing the recorded trace's chunk failed"
+    ], done.stderr
+
+
 def test_a_recording_server_that_fails_its_start_leaves_no_trace_temporary(tmp_path, config_path):
     """The trace opens before a server's last start checks; one failing left the trace's
     temporary (a killed recording's look, with nothing recorded) beside the store configs."""

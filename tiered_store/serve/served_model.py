@@ -541,15 +541,18 @@ class ServedModel:
             first = self._chunk_due_in()
 
         def watch() -> None:
-            wait = first
+            wait, failing = first, None
             while not stop.wait(wait):
                 with self._trace_lock:
                     if self._trace is None:  # closed
                         return
                     try:
                         self._end_old_chunk()
-                    except Exception:  # noqa: BLE001 (a full disk: the next request says so)
-                        log.exception("writing the recorded trace's chunk failed")
+                        failing = None
+                    except Exception as exc:  # noqa: BLE001 (a full disk: the next request says so)
+                        if error_text(exc) != failing:  # once, not at every wake-up until it works
+                            log.exception("writing the recorded trace's chunk failed")
+                        failing = error_text(exc)
                     wait = self._chunk_due_in()
 
         thread = threading.Thread(target=watch, name="tiered-store-trace-flush", daemon=True)
