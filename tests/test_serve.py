@@ -978,8 +978,9 @@ def test_a_killed_recording_server_leaves_its_requests_ids_to_recover(tmp_path):
     requests = [[[5, 6, 7, 8]], [[9, 10, 11]], [[7, 8, 9, 10]], [[1, 2], [3, 4]]]
     with ServeProcess(config_path, "--record-trace", str(trace), metrics=False) as proc:
         for i, input_ids in enumerate(requests):
-            if i == len(requests) - 1:
-                time.sleep(0.3)  # the last chunk (or the header) is now older than record_flush_s
+            if i == len(requests) - 1:  # the idle flush writes the chunk of those before, and
+                # record_flush_s later still the last request ends the chunk holding its own ids
+                time.sleep(0.7)
             assert post_json(proc.url + "/v1/engram", {"input_ids": input_ids})[0] == 200
         proc.proc.kill()  # SIGKILL: no drain, no close
         assert proc.proc.wait(30) == -9
