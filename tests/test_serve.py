@@ -969,18 +969,16 @@ def test_metrics_on_the_same_port_of_another_address_leave_the_endpoint_alone(tm
 def test_a_killed_recording_server_leaves_its_requests_ids_to_recover(tmp_path):
     """A lightly loaded server recording a trace held its requests' ids in its 4Mi-id chunk, so
     SIGKILL lost them all (the temporary lacked even its header). A request ends the chunk once
-    the last one is server.record_flush_s old: what came before it is in the file, recoverable."""
+    the last one is server.record_flush_s old (0 here: every request, so no timing decides what
+    the kill leaves; the idle flush has its own test): it is in the file, recoverable."""
     from tiered_store.cli import main
     from tiered_store.engram.hashing import NgramHasher
 
-    config_path = make_checkpoint(tmp_path, server={"record_flush_s": 0.2})
+    config_path = make_checkpoint(tmp_path, server={"record_flush_s": 0})
     trace = tmp_path / "killed.trace"
     requests = [[[5, 6, 7, 8]], [[9, 10, 11]], [[7, 8, 9, 10]], [[1, 2], [3, 4]]]
     with ServeProcess(config_path, "--record-trace", str(trace), metrics=False) as proc:
-        for i, input_ids in enumerate(requests):
-            if i == len(requests) - 1:  # the idle flush writes the chunk of those before, and
-                # record_flush_s later still the last request ends the chunk holding its own ids
-                time.sleep(0.7)
+        for input_ids in requests:
             assert post_json(proc.url + "/v1/engram", {"input_ids": input_ids})[0] == 200
         proc.proc.kill()  # SIGKILL: no drain, no close
         assert proc.proc.wait(30) == -9
