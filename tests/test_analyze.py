@@ -1302,7 +1302,7 @@ def test_a_profile_made_through_another_tokenizer_is_refused_by_a_packaged_table
     assert str(caught.value).startswith(
         f"tiers.warm.profile: {profile} was made with compressed_lookup_digest="
         f"'{theirs.lookup_digest}' but the table {table} has compressed_lookup_digest="
-        f"'{package.lookup_digest}'"
+        f"'{package.lookup_digest}'; expected a profile of the same tokenizer (id map)"
     )
     random_tables(tmp_path / "theirs", NgramHasher(engram, theirs))
     with TieredStore.open(_tuned_store(table_file(tmp_path / "theirs", 1), profile)) as store:

@@ -535,8 +535,9 @@ def check_profile_addressing(
     if recorded is None or (diff := addressing_mismatch(recorded, layout)) is None:
         return
     field, made, expected = diff
+    same = "tokenizer (id map)" if field == "compressed_lookup_digest" else "Engram config"
     raise ConfigError(
         f"{key}: {path} was made with {field}={short(made)} but {what} has {field}="
-        f"{short(expected)}; expected a profile of the same Engram config (its row ids name "
+        f"{short(expected)}; expected a profile of the same {same} (its row ids name "
         "other N-grams)"
     )
