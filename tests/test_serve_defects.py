@@ -796,3 +796,13 @@ def test_post_json_reuses_a_keep_alive_connection_at_the_open_files_limit(proc):
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         conn.close()
+
+
+def test_a_serve_process_that_fails_to_start_leaves_no_descriptor_open():
+    """ServeProcess opened its log file twice (mkstemp's descriptor, then open()) and closed only
+    the second: every ServeProcess, started or not, leaked a file descriptor."""
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="/nonexistent/serve.yaml: cannot read"):
+            ServeProcess("/nonexistent/serve.yaml", metrics=False)
+    assert len(os.listdir("/proc/self/fd")) == before

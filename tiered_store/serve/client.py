@@ -105,8 +105,9 @@ class ServeProcess:
             "127.0.0.1:0" if metrics else "",
             *extra,
         ]
-        self.log_path = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        fd, log_path = tempfile.mkstemp(prefix="serve-", suffix=".log")
+        self.log_path = Path(log_path)
+        self._log = os.fdopen(fd, "wb")  # closed in stop()
         self._kept_log: str | None = None  # the log's text once the with block removed it
         self._reader: threading.Thread | None = None  # reads the 'listening' line
         self.proc = subprocess.Popen(
