@@ -806,3 +806,12 @@ def test_a_serve_process_that_fails_to_start_leaves_no_descriptor_open():
         with pytest.raises(RuntimeError, match="/nonexistent/serve.yaml: cannot read"):
             ServeProcess("/nonexistent/serve.yaml", metrics=False)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_serve_process_whose_process_cannot_be_started_leaves_no_log_file(monkeypatch, tmp_path):
+    """When starting the process itself failed (Popen refusing an environment value), the
+    ServeProcess's temporary log file was left behind."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkstemp puts the log
+    with pytest.raises(ValueError, match="null byte"):
+        ServeProcess("/nonexistent/serve.yaml", metrics=False, env={"BAD": "a\0b"})
+    assert not list(tmp_path.glob("serve-*.log"))

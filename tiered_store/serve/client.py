@@ -110,12 +110,17 @@ class ServeProcess:
         self._log = os.fdopen(fd, "wb")  # closed in stop()
         self._kept_log: str | None = None  # the log's text once the with block removed it
         self._reader: threading.Thread | None = None  # reads the 'listening' line
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=subprocess_env(env),
-        )
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                env=subprocess_env(env),
+            )
+        except BaseException:  # no process (an environment value Popen refuses): no log either
+            self._log.close()
+            self.log_path.unlink(missing_ok=True)
+            raise
         try:
             self.ready = self._wait_ready(startup_timeout)
         except BaseException:  # a KeyboardInterrupt while waiting too: leave no server running
