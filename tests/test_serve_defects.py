@@ -815,3 +815,13 @@ def test_a_serve_process_whose_process_cannot_be_started_leaves_no_log_file(monk
     with pytest.raises(ValueError, match="null byte"):
         ServeProcess("/nonexistent/serve.yaml", metrics=False, env={"BAD": "a\0b"})
     assert not list(tmp_path.glob("serve-*.log"))
+
+
+def test_a_server_that_exits_before_listening_is_said_to_have_exited():
+    """A server that exited at once (a missing config) was often reported as having "printed no
+    'listening' line within 120.0s": its stdout ended before its exit, and the status was read
+    in between."""
+    for _ in range(5):
+        with pytest.raises(RuntimeError) as raised:
+            ServeProcess("/nonexistent/serve.yaml", metrics=False)
+        assert str(raised.value).startswith("tiered-store serve exited with status 2;"), raised

@@ -51,6 +51,7 @@ __all__ = [
 
 DEEPSEEK_VOCAB_SIZE = 129280  # token ids of the DeepSeek tokenizer the server hashes
 _PIPE_END_WAIT_S = 1.0  # for a killed server's stdout to end, before closing it
+_EXIT_WAIT_S = 10.0  # for a server whose stdout ended before its 'listening' line to exit
 
 # The directory holding the `tiered_store` package: the subprocess imports the same code.
 _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
@@ -139,12 +140,7 @@ class ServeProcess:
         self._reader.start()
         self._reader.join(timeout)
         if not box or not box[0]:
-            status = self.proc.poll()
-            self._fail(
-                f"exited with status {status}"
-                if status is not None
-                else f"printed no 'listening' line within {timeout}s"
-            )
+            self._fail(self._why_no_line(ended=bool(box), timeout=timeout))
         try:
             ready = json.loads(box[0])
             ready["url"], ready["metrics_url"]  # noqa: B018 (both named, or not the line)
@@ -154,6 +150,19 @@ class ServeProcess:
                 f"printed {line!r} where its JSON 'listening' line (url, metrics_url) was expected"
             )
         return ready
+
+    def _why_no_line(self, *, ended: bool, timeout: float) -> str:
+        """Why no 'listening' line came: the exit status, once the process ends (its stdout
+        ``ended`` first: its exit is waited for), else a stdout closed, or ``timeout`` passed."""
+        if ended:
+            try:
+                self.proc.wait(_EXIT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                return "closed its stdout without printing its 'listening' line"
+        status = self.proc.poll()
+        if status is not None:
+            return f"exited with status {status}"
+        return f"printed no 'listening' line within {timeout}s"
 
     def _fail(self, what: str) -> NoReturn:
         """Kill the server, remove its log file and its pipe, and raise naming ``what`` happened
