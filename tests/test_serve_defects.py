@@ -825,3 +825,23 @@ def test_a_server_that_exits_before_listening_is_said_to_have_exited():
         with pytest.raises(RuntimeError) as raised:
             ServeProcess("/nonexistent/serve.yaml", metrics=False)
         assert str(raised.value).startswith("tiered-store serve exited with status 2;"), raised
+
+
+_H11_WITHOUT_PRIVATE_DEFAULT = """
+import uvicorn.protocols.http.h11_impl  # uvicorn's own import of it done, as of today's h11
+import h11._connection
+del h11._connection.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE  # an h11 without this private name
+"""
+
+
+def test_the_server_starts_on_an_h11_without_its_private_default_size(config_path, tmp_path):
+    """The server's h11 connection imported h11._connection.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE,
+    a private name: on an h11 without it `tiered-store serve` failed at import. h11's own
+    default is used now (uvicorn's config unset)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_H11_WITHOUT_PRIVATE_DEFAULT)
+    with ServeProcess(config_path, metrics=False, env={"PYTHONPATH": str(site)}) as server:
+        assert get_json(server.url + "/healthz") == (200, {"status": "ok"})
+        status, _, body = raw_exchange(server.url, b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert status == 400 and "Missing mandatory Host" in json.loads(body)["error"], body

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import Any
 
 import h11
-from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["with_head_deadline"]
@@ -69,10 +68,9 @@ def with_head_deadline(
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            size = self.config.h11_max_incomplete_event_size  # None: h11's default (public)
             self.conn = _ReasonKeepingConnection(  # uvicorn's, but it keeps its refusal's reason
-                h11.SERVER,
-                max_incomplete_event_size=self.config.h11_max_incomplete_event_size
-                or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE,
+                h11.SERVER, **({} if size is None else {"max_incomplete_event_size": size})
             )
             limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's: plain text
             if limit is not None:
