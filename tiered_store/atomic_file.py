@@ -22,6 +22,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from .errors import TieredStoreError, TierIOError
 from .process_locks import open_held, release
 
@@ -341,18 +343,24 @@ def write_json(path: str | os.PathLike[str], doc: Any, *, indent: int = 2) -> Pa
 
 def json_text(doc: Any, *, indent: int | None = 2) -> str:
     """``doc`` as strict JSON text: a NaN or infinite number is written ``null`` (JSON has no
-    such numbers; Python's ``NaN`` is refused by other readers).
+    such numbers; Python's ``NaN`` is refused by other readers); a NumPy scalar or array is
+    written as its Python value or list.
 
     Examples
     --------
     >>> json_text({"p50_ms": float("nan"), "hits": [1.5, float("inf")]}, indent=None)
     '{"p50_ms": null, "hits": [1.5, null]}'
+    >>> json_text({"rates": np.array([0.5, np.nan]), "rows": np.int64(3)}, indent=None)
+    '{"rates": [0.5, null], "rows": 3}'
     """
     return json.dumps(_finite_or_null(doc), indent=indent, allow_nan=False)
 
 
 def _finite_or_null(doc: Any) -> Any:
-    """``doc`` with each non-finite float (in dicts, lists and tuples) replaced by ``None``."""
+    """``doc`` with each non-finite float (in dicts, lists and tuples) replaced by ``None``, and
+    NumPy scalars and arrays by their Python values."""
+    if isinstance(doc, np.generic | np.ndarray):
+        doc = doc.tolist()
     if isinstance(doc, float):
         return doc if math.isfinite(doc) else None
     if isinstance(doc, dict):
