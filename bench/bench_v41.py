@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import re
 import statistics
@@ -74,7 +73,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tiered_store.atomic_file import write_json
+from tiered_store.atomic_file import json_text, write_json
 from tiered_store.cli_args import (
     at_least,
     cache_folder,
@@ -817,10 +816,9 @@ def main(argv=None) -> int:
             for store in group.values():
                 store.close()
     report["targets"] = targets(report)
-    text_out = json.dumps(report, indent=2, default=lambda o: o.item())  # NumPy scalars
-    print(text_out)
+    print(json_text(report, indent=2))  # NaN as null, NumPy scalars as numbers
     if args.out:
-        write_json(args.out, json.loads(text_out))  # the NumPy scalars made plain
+        write_json(args.out, report)
     print_summary(report)
     kept = [path for group in paths.values() for path in group.values()]
     size = sum(f.stat().st_size for path in kept for f in path.parent.glob(f"{path.name}*"))

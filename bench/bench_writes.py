@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from tiered_store import TieredStore
-from tiered_store.atomic_file import write_json
+from tiered_store.atomic_file import json_text, write_json
 from tiered_store.cli_args import at_least, doc_parser, existing_dir, output_file, run_script
 from tiered_store.corpus import resolve_corpus
 from tiered_store.delta.row_delta import HEADER_BYTES
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             results[name] = sections[name](args, Path(tmp))
             results[name]["section_seconds"] = time.perf_counter() - started
-            print(json.dumps({name: results[name]}, indent=1), flush=True)
+            print(json_text({name: results[name]}, indent=1), flush=True)
     if args.out:
         write_json(args.out, results)
     return 0
