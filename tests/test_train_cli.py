@@ -672,3 +672,22 @@ def test_a_kill_between_the_commit_and_its_record_resumes_from_the_table(tmp_pat
     assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 4
     assert json.loads((out / "committed.json").read_text())["committed_step"] == 6
     assert _committed(out) == 6 and len((out / "loss.csv").read_text().splitlines()) == 7
+
+
+def test_train_called_from_python_names_its_out_argument_not_the_option(tmp_path):
+    """train() named the command's --out in its errors (a folder it could not make, a folder
+    whose recorded steps its table lacks, ...) when called from Python, where there is no such
+    option; it names the argument now, as analyze() does, and the command its option."""
+    settings = replace(_settings(ROOT / "tiered_store" / "engram"), steps=1)
+    (tmp_path / "taken").write_text("not a directory")
+    below_a_file = tmp_path / "taken" / "run"
+    with pytest.raises(ConfigError, match=re.escape(f"out {below_a_file}: cannot make it")):
+        train(below_a_file, settings, resume=False, progress=False)
+    recorded = tmp_path / "recorded"
+    recorded.mkdir()
+    (recorded / "committed.json").write_text(json.dumps({"committed_step": 4, "run_id": "r"}))
+    with pytest.raises(ConfigError, match="or choose another out ") as raised:
+        train(recorded, settings, resume=False, progress=False)
+    assert "--out" not in str(raised.value)
+    with pytest.raises(ConfigError, match="or choose another run ") as raised:
+        train(recorded, settings, resume=False, progress=False, out_name="run")

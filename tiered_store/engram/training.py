@@ -111,15 +111,17 @@ def train(
     resume: bool,
     progress: bool = True,
     given: Collection[str] | None = None,
+    out_name: str = "out",
 ) -> dict:
     """Run (or resume) training in ``out``; returns the summary printed by the command. Bad
     settings are refused before ``out`` is touched, so a corrected command can start afresh.
     ``given``: the settings the user set (the command's options); a resume names those it
-    ignores (default: those that differ from ``TrainSettings()``'s)."""
+    ignores (default: those that differ from ``TrainSettings()``'s). ``out_name``: how errors
+    name ``out`` (a command passes its option, e.g. ``"--out"``)."""
     if settings.corpus:  # as found from here (a resume may run in another directory)
         paths = [os.path.abspath(c) for c in corpus_paths(settings.corpus)]  # one: one path
         settings = replace(settings, corpus=paths)
-    asked, settings = settings, _settings(out, settings, resume, given)
+    asked, settings = settings, _settings(out, settings, resume, given, out_name)
     torch.manual_seed(settings.seed)
     config = ModelConfig.from_dict(settings.model)
     if config.engram.is_v41:
@@ -144,19 +146,19 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file there, or on its path
         raise ConfigError(
-            f"--out {out}: cannot make it ({exc.strerror}); expected a directory for the run"
+            f"{out_name} {out}: cannot make it ({exc.strerror}); expected a directory for the run"
         ) from None
-    lock = _take_run_lock(out)  # before anything in out is written; the store adopts it
+    lock = _take_run_lock(out, out_name)  # before anything in out is written; the store adopts it
     try:
         with warnings.catch_warnings():  # said once already
             warnings.simplefilter("ignore")
             # a ConfigError if a run was made here meanwhile
-            if _settings(out, asked, resume, given) != settings:
+            if _settings(out, asked, resume, given, out_name) != settings:
                 raise ConfigError(
                     f"out: {out} changed while this run was being set up (another trainer made "
                     "or ended a run there); nothing of that run was changed: run the command again"
                 )
-        made = not _holds_a_run(out)
+        made = not _holds_a_run(out, out_name)
         if made:  # the initial rows of every layer, one after another (a killed creation's
             # leftovers are replaced; a compacted run's table is its current version)
             _save_settings(out, settings)  # before the table: a run's table has its settings
@@ -175,7 +177,7 @@ def train(
             }
         )
         try:  # before anything of the run changes (becoming its writer makes a delta)
-            _check_progress(out, store.committed_step, _run_id(store))
+            _check_progress(out, store.committed_step, _run_id(store), out_name)
         except BaseException:
             store.close()
             raise
@@ -191,7 +193,7 @@ def train(
         ):
             leftover.unlink(missing_ok=True)  # a killed checkpoint's (this run holds the table)
         table = TrainableTable(store, optimizer)
-        return _run(out, settings, model, table, layers, sizes, batches, progress)
+        return _run(out, settings, model, table, layers, sizes, batches, progress, out_name)
     except KeyboardInterrupt:
         kept = store.committed_step
         with warnings.catch_warnings():  # the steps since the checkpoint go, as after a kill
@@ -207,7 +209,7 @@ def train(
         store.close()
 
 
-def _run(out, settings, model, table, layers, sizes, batches, progress) -> dict:
+def _run(out, settings, model, table, layers, sizes, batches, progress, out_name) -> dict:
     """The training loop, from the table's last committed step."""
     offsets = np.cumsum([0, *sizes[:-1]])
     model.set_tables(
@@ -219,7 +221,7 @@ def _run(out, settings, model, table, layers, sizes, batches, progress) -> dict:
     dense = torch.optim.Adam(model.parameters(), lr=settings.dense_lr)
     start = table.store.committed_step
     if start:
-        _load_dense(out / f"dense-{start}.pt", start, model, dense)
+        _load_dense(out / f"dense-{start}.pt", start, model, dense, out_name)
     losses = _loss_log(out, start)
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
     began, trained = time.perf_counter(), 0
@@ -254,9 +256,10 @@ def _run(out, settings, model, table, layers, sizes, batches, progress) -> dict:
     }
 
 
-def _load_dense(path: Path, step: int, model, dense) -> None:
+def _load_dense(path: Path, step: int, model, dense, out_name: str) -> None:
     """The dense weights and Adam state of committed step ``step``; ``ConfigError`` naming the
-    file when it is missing or is not the checkpoint ``train`` wrote."""
+    file when it is missing or is not the checkpoint ``train`` wrote (``out_name``: the run
+    folder's name in it)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # a GPU-saved one too
     except OSError as exc:
@@ -284,7 +287,7 @@ def _load_dense(path: Path, step: int, model, dense) -> None:
     if why is not None:
         raise ConfigError(
             f"--resume: {path}: {why}; expected the dense checkpoint written with the table's "
-            f"commit of step {step} (restore it, or choose another --out)"
+            f"commit of step {step} (restore it, or choose another {out_name})"
         )
 
 
@@ -338,12 +341,14 @@ def _record(out: Path) -> tuple[int, str | None] | None:
     return step, run
 
 
-def _check_progress(out: Path, table_step: int | None, table_run: str | None = None) -> None:
+def _check_progress(
+    out: Path, table_step: int | None, table_run: str | None, out_name: str
+) -> None:
     """``ConfigError`` when the run's table (``table_step``; None: no table) holds an earlier
     step than the run recorded: its later commits are lost, and going on would delete their
     dense checkpoint and log; or when the record is another run's (its run id is not the
     table's ``table_run``), or cannot be told from one (no run id, beside a table with one). A
-    table ahead of the record (a kill before it) is fine."""
+    table ahead of the record (a kill before it) is fine. ``out_name``: ``out``'s name in it."""
     record = _record(out)
     if record is None:
         return
@@ -378,7 +383,8 @@ def _check_progress(out: Path, table_step: int | None, table_run: str | None = N
         f"steps {(table_step or 0) + 1}..{recorded} are lost to it, and going on would rewrite "
         f"loss.csv and replace dense-{recorded}.pt; nothing was changed: restore the run's table "
         f"files as they were at step {recorded} (a copy of the run made with cp -r keeps the "
-        f"delta folder), or choose another --out (to go on from step {table_step or 0} anyway, "
+        f"delta folder), or choose another {out_name} (to go on from step {table_step or 0} "
+        "anyway, "
         f"remove {COMMITTED_FILE})"
     )
 
@@ -412,9 +418,10 @@ def _plot(path: Path, losses) -> None:
         fig.savefig(f, format="png", dpi=100)
 
 
-def _take_run_lock(out: Path) -> int:
+def _take_run_lock(out: Path, out_name: str) -> int:
     """The run's table writer lock (``take_writer_lock``): a second trainer of the run, or a
-    compaction of its table, is refused before either touches the other's files."""
+    compaction of its table, is refused before either touches the other's files (the error
+    names ``out`` as ``out_name``)."""
     try:
         return take_writer_lock(out / TABLE_FILE)
     except TierIOError as exc:
@@ -424,15 +431,16 @@ def _take_run_lock(out: Path) -> int:
             errno.EBUSY,
             f"out: {out} is being trained (or compacted) by another process (it holds "
             f"{TABLE_FILE}.writer.lock); expected one trainer per run: wait for it to end, or "
-            "choose another --out",
+            f"choose another {out_name}",
         ) from None
 
 
-def _holds_a_run(out: Path) -> bool:
+def _holds_a_run(out: Path, out_name: str) -> bool:
     """Whether ``out`` holds a run's table (after a compaction only ``TABLE.gN.npy`` is there);
     False when nothing is there or a creation was killed before its manifest, which it writes
     last. A run's table that fails its check raises: it is never made anew over committed steps
-    (nor when a compaction elsewhere switches versions while this reads them)."""
+    (nor when a compaction elsewhere switches versions while this reads them). ``out_name``:
+    ``out``'s name in the error."""
     table = out / TABLE_FILE
     if not has_history(table) and not table_paths(table)[1].exists():
         return False
@@ -441,28 +449,33 @@ def _holds_a_run(out: Path) -> bool:
     except (TieredStoreError, OSError) as exc:
         raise ConfigError(
             f"out: {out} holds a training run whose table fails its check ({exc}); expected a "
-            "readable table to resume (repair or move it, or choose another --out)"
+            f"readable table to resume (repair or move it, or choose another {out_name})"
         ) from None
     return True
 
 
 def _settings(
-    out: Path, given: TrainSettings, resume: bool, asked: Collection[str] | None = None
+    out: Path,
+    given: TrainSettings,
+    resume: bool,
+    asked: Collection[str] | None,
+    out_name: str,
 ) -> TrainSettings:
     """The run's settings, checked: saved ones on resume (the step count may grow: ``steps`` 0
     means not asked, the run's own), else ``given``; a resume warns of the ``asked`` settings
-    (default: those not at their default) it ignores. Reads ``out``, writes nothing."""
+    (None: those not at their default) it ignores. Reads ``out`` (named ``out_name`` in
+    errors), writes nothing."""
     path = out / SETTINGS_FILE
-    if not _holds_a_run(out):  # the table of a run that committed steps gone: refused
-        _check_progress(out, None)
-    if resume and not path.exists() and _holds_a_run(out):
+    if not _holds_a_run(out, out_name):  # the table of a run that committed steps gone: refused
+        _check_progress(out, None, None, out_name)
+    if resume and not path.exists() and _holds_a_run(out, out_name):
         raise ConfigError(
             f"--resume: {out} holds a training run without its settings ({path.name} is "
             f"missing); expected the {path.name} that run saved (restore it, or choose another "
-            "--out)"
+            f"{out_name})"
         )
-    if resume and path.exists() and _holds_a_run(out):
-        saved = _saved_settings(path)
+    if resume and path.exists() and _holds_a_run(out, out_name):
+        saved = _saved_settings(path, out_name)
         default = TrainSettings()
         ignored = [  # asked for (a default value too), and not what the run uses
             f"--{f.name.replace('_', '-')} {getattr(given, f.name)} (it uses "
@@ -488,7 +501,7 @@ def _settings(
         given = saved
     elif resume:
         warnings.warn(f"--resume: no run in {out} to resume; starting a new one", stacklevel=3)
-    elif _holds_a_run(out):
+    elif _holds_a_run(out, out_name):
         raise ConfigError(
             f"out: {out} already holds a training run; pass --resume to continue it, or choose "
             "another directory"
@@ -531,9 +544,10 @@ def _save_settings(out: Path, settings: TrainSettings) -> None:
         json.dump(asdict(settings), f, indent=1)
 
 
-def _saved_settings(path: Path) -> TrainSettings:
+def _saved_settings(path: Path, out_name: str) -> TrainSettings:
     """A run's saved settings; ``ConfigError`` naming the file when it is damaged or not one
-    that ``train`` saved (a field missing is its default)."""
+    that ``train`` saved (a field missing is its default; ``out_name``: the run folder's
+    name)."""
     try:
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict):
@@ -549,7 +563,7 @@ def _saved_settings(path: Path) -> TrainSettings:
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"--resume: {path}: {exc}; expected the settings `train` saved there (restore "
-            "them, or choose another --out)"
+            f"them, or choose another {out_name})"
         ) from None
     return TrainSettings(**doc)
 
@@ -637,6 +651,7 @@ def _run_train(args) -> int:
         resume=args.resume,
         progress=not args.quiet,
         given=getattr(args, "given", set()),
+        out_name="--out",
     )
     print(json.dumps(summary, indent=1))
     return 0
