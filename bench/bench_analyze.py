@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = os.getloadavg()
     start = time.perf_counter()
     try:
-        result = analyze(None, work, config=args.config, options=options, out_name="--work-dir")
+        named = "--work-dir" if args.work_dir is not None else "the temporary work folder"
+        result = analyze(None, work, config=args.config, options=options, out_name=named)
         wall = time.perf_counter() - start
         report = result.report
         t = report["timings"]

@@ -4,13 +4,15 @@ its per-table figures add up, and it deletes or keeps its analysis folder as --h
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from tests.bench_support import run_bench
+from tests.bench_support import ROOT, run_bench
+from tiered_store.serve.client import subprocess_env
 
 TINY_ENGRAM = {
     "engram": {
@@ -126,3 +128,26 @@ def test_a_work_dir_that_cannot_be_a_folder_is_named_as_work_dir(tmp_path):
     assert f"error: --work-dir {blocker}: cannot create or write the output folder" in (done.stderr)
     assert "--out" not in done.stderr
     assert blocker.read_text() == ""
+
+
+def test_a_failing_write_in_the_temporary_work_folder_names_no_work_dir(tmp_path):
+    """With no --work-dir, a write into the temporary analysis folder that failed (a full disk;
+    here a file size limit) was reported as '--work-dir /tmp/bench-analyze-...: ...', an option
+    the user never gave; the folder is named as the temporary work folder."""
+
+    def limit_file_sizes() -> None:  # Python ignores SIGXFSZ: a write past it fails, EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+    (tmp_path / "tmp").mkdir()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_analyze.py"), "--max-tokens", "200000"],
+        env=subprocess_env({"TMPDIR": str(tmp_path / "tmp")}),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_sizes,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "error: the temporary work folder " in done.stderr, done.stderr[-3000:]
+    assert "File too large" in done.stderr and "--work-dir" not in done.stderr
