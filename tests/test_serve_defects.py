@@ -685,6 +685,18 @@ def test_a_request_without_host_is_told_the_host_header_is_missing(proc):
     assert status == 400 and "Host" not in json.loads(body)["error"].split(";")[0], body
 
 
+def test_a_long_h11_reason_is_cut_and_says_so(proc):
+    """h11's reason for a 400 (which quotes the request) was cut at 100 characters with no sign
+    of the cut: the message read as h11's whole reason, ending mid-quote."""
+    header = b"x" * 300  # no colon: h11 quotes the line in its reason
+    status, _, body = raw_exchange(
+        proc.url, b"GET / HTTP/1.1\r\nHost: a\r\n" + header + b"\r\n\r\n"
+    )
+    error = json.loads(body)["error"]
+    assert status == 400 and "xxx... (" in error and " characters)); expected" in error, error
+    assert len(error) < 300, error
+
+
 def test_404_and_415_echo_at_most_the_start_of_the_path_or_content_type(proc):
     """A 404 repeated the whole path and a 415 the whole Content-Type: a client's 8 KB of either
     came back as an 8 KB error message. Now the start is repeated, with the length."""

@@ -202,7 +202,8 @@ def with_head_deadline(
 
 class _ReasonKeepingConnection(h11.Connection):
     """An ``h11.Connection`` that keeps why it refused the peer's data (``refusal``: h11's
-    reason, e.g. "Missing mandatory Host: header", cut to ``_REASON_CHARS``)."""
+    reason, e.g. "Missing mandatory Host: header", cut to ``_REASON_CHARS``, its length said
+    when cut)."""
 
     refusal: str | None = None
 
@@ -210,7 +211,10 @@ class _ReasonKeepingConnection(h11.Connection):
         try:
             return super().next_event()
         except h11.RemoteProtocolError as exc:
-            self.refusal = str(exc)[:_REASON_CHARS] or None
+            reason = str(exc)
+            if len(reason) > _REASON_CHARS:  # it quotes the request: a cut one says so
+                reason = f"{reason[:_REASON_CHARS]}... ({len(reason):,} characters)"
+            self.refusal = reason or None
             raise
 
 
