@@ -1095,6 +1095,66 @@ def test_close_waits_for_the_prefetch_queued_last_by_any_thread(tmp_path):
     assert torch.equal(handles["second"].future.result(10)[0], data[[500, 501]])
 
 
+def test_close_waits_for_a_fetch_an_interrupted_prefetch_left_running(tmp_path):
+    """close() waited for the fetch recorded last: a prefetch() interrupted (Ctrl-C) inside the
+    pool's submit, once its fetch had started, never recorded it, so close() closed the files
+    under that fetch, which then failed as a call to a closed store. The hooks only raise the
+    interrupt and hold the fetch (close() waits for it now: the hold times out)."""
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    store = TieredStore(store_config(path, hot={"capacity": 0}, warm={"capacity": 0}))
+    fetcher = store._prefetcher
+    submit, fetch = fetcher._pool.submit, fetcher._fetch
+    started, closed, landed = threading.Event(), threading.Event(), []
+
+    def interrupted_submit(*args):  # Ctrl-C in prefetch() once the fetch it queued has started
+        fetcher._pool.submit = submit
+        submit(*args)
+        assert started.wait(10)
+        raise KeyboardInterrupt
+
+    def held_fetch(flat, packed):
+        if int(flat[0]) != 500:
+            return fetch(flat, packed)
+        started.set()
+        closed.wait(1.0)
+        try:
+            landed.append((closed.is_set(), fetch(flat, packed)[0]))
+        except BaseException as exc:
+            landed.append((closed.is_set(), exc))
+        return None
+
+    store.lookup([1, 2], store.prefetch([1, 2]))  # one fetch recorded before
+    fetcher._pool.submit, fetcher._fetch = interrupted_submit, held_fetch
+    with pytest.raises(KeyboardInterrupt):
+        store.prefetch([500, 501])
+    store.close()
+    closed.set()
+    assert landed, "close() returned before the interrupted prefetch's fetch ended"
+    assert not landed[0][0] and torch.equal(landed[0][1], data[[500, 501]])
+
+
+def test_a_store_closed_at_interpreter_exit_closes_cleanly(tmp_path):
+    """A store closed by an atexit handler: the prefetch pool takes no more work then (its worker
+    was joined, every fetch ended), and close() must not fail for it."""
+    import subprocess
+    import sys
+
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    script = f"""
+import atexit
+from tests.conftest import store_config
+from tiered_store import TieredStore
+store = TieredStore(store_config({str(path)!r}))
+store.lookup([1], store.prefetch([1]))
+atexit.register(lambda: (store.close(), print("closed")))
+"""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "closed\n", "")
+
+
 def test_the_host_ram_check_counts_a_hot_tier_on_the_cpu():
     """The open's RAM check counted the warm tier alone: a hot tier on the CPU (its slots in host
     RAM too) was left out, so two tiers that each fit but not together passed it."""
@@ -1251,6 +1311,7 @@ def test_a_fetch_queued_by_an_interrupted_prefetch_keeps_its_slot_while_it_runs(
         assert _free_slots(fetcher) == 2
     finally:
         release.set()
+        monkeypatch.setattr(fetcher._pool, "submit", submit)  # close() queues its own no-op
         store.close()
 
 

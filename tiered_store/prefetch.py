@@ -138,8 +138,8 @@ class Prefetcher:
         self._queued: dict[int, torch.Tensor] = {}  # handle number -> ids not yet being fetched
         self._queued_lock = threading.Lock()
         self._numbers = itertools.count()
-        self._last: Future | None = None  # the fetch queued last
-        self._submitting = threading.Lock()  # a submit queues and records it as last at once
+        self._closed: Future | None = None  # close()'s no-op, queued behind every fetch
+        self._submitting = threading.Lock()  # no fetch is queued behind that no-op
 
     def submit(
         self,
@@ -159,14 +159,13 @@ class Prefetcher:
         try:
             with self._queued_lock:
                 self._queued[number] = flat
-            with self._submitting:  # else a submit racing another could record the earlier fetch
+            with self._submitting:  # else a fetch could be queued behind close()'s no-op
                 try:
                     future = self._pool.submit(self._run, number, flat, packed, slot)
                 except RuntimeError:
                     raise StoreClosedError(
                         "prefetch: the store is closed; open a new TieredStore"
                     ) from None
-                self._last = future
                 self.handles += 1
         except BaseException:  # closed, or interrupted (Ctrl-C) on the way: no handle comes out
             if take_once(slot):  # the fetch has not started (queued, it never will): its slot
@@ -212,9 +211,23 @@ class Prefetcher:
     def close(self, timeout: float | None = None) -> bool:
         """Finish queued work and stop the worker, waiting at most ``timeout`` seconds (None: until
         it is done); False when a fetch still runs (it ends on its own)."""
-        with self._submitting:  # no submit between: the last queued is the one recorded
-            self._pool.shutdown(wait=False)
-            last = self._last
-        if last is not None:
-            futures.wait([last], timeout)  # one worker: the last queued ends last
-        return last is None or last.done()
+        with self._submitting:  # one worker runs jobs in order: a no-op queued last ends last,
+            if self._closed is None:  # after every fetch queued (an interrupted prefetch's too)
+                self._closed = self._queue_last()
+                self._pool.shutdown(wait=False)
+        futures.wait([self._closed], timeout)
+        return self._closed.done()
+
+    def _queue_last(self) -> Future:
+        """A no-op queued behind every fetch; done at once at interpreter exit (an atexit close),
+        when the pool takes no more work: its worker was joined, every fetch ended."""
+        try:
+            return self._pool.submit(_nothing)
+        except RuntimeError:
+            ended: Future = Future()
+            ended.set_result(None)
+            return ended
+
+
+def _nothing() -> None:
+    """What ``Prefetcher.close`` queues behind every fetch, to wait for them."""
