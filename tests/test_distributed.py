@@ -577,6 +577,37 @@ def test_an_interrupt_inside_a_sharded_prefetch_leaves_its_depth_slot_free(tmp_p
         assert all(torch.equal(store.lookup(ids, h).view(torch.int16), want) for h in handles)
 
 
+def test_an_interrupt_before_a_sharded_prefetch_queued_its_round_leaves_its_slot_free(
+    tmp_path, monkeypatch
+):
+    """A Ctrl-C in ShardedStore.prefetch after it took its prefetch.depth slot but before its
+    round was queued kept the slot for good (the round, which frees it, never ran): with depth
+    2, two of them made the next prefetch wait out sharding.timeout_s and fail the store as if
+    a rank were silent. The interrupt is raised here as the round would be queued."""
+    table = make_plain_table(tmp_path)
+    template = shards_template(table, "rows")
+    write_shards(table, 1, "rows", template=template, progress=False)
+    _one_rank_group_env(monkeypatch)
+    sharding = {"ranks": 1, "by": "rows", "shards": template, "timeout_s": 5}
+    cfg = {"table": {"path": str(table)}, "sharding": sharding, "prefetch": {"depth": 2}}
+    with ShardedStore.open(cfg) as store:
+        ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
+        want = store.lookup(ids).view(torch.int16)
+        submit = store._thread.submit
+
+        def interrupted_before_queueing(*args):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(store._thread, "submit", interrupted_before_queueing)
+        for _ in range(2):
+            with pytest.raises(KeyboardInterrupt):
+                store.prefetch(ids)
+        monkeypatch.setattr(store._thread, "submit", submit)
+        handles = [store.prefetch(ids) for _ in range(2)]  # (before: the first one timed out)
+        assert all(torch.equal(store.lookup(ids, h).view(torch.int16), want) for h in handles)
+        assert store.failed is None
+
+
 def test_a_sharded_stores_prefetches_and_their_stalls_are_in_its_stats_and_metrics(
     tmp_path, monkeypatch
 ):

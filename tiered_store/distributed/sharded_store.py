@@ -276,10 +276,14 @@ class ShardedStore:
         At most ``prefetch.depth`` run ahead; a further call waits (up to the timeout)."""
         self._check_usable()
         flat, shape = self._validate(ids, snapshot=True)  # the caller may refill its ids
+        slot = [True]  # taken by who frees the slot: the round as it starts, or as below
         if not self._slots.acquire(timeout=self._wait_s):
             self._fail("prefetch", None, "no earlier prefetch finished")
-        slot = [True]  # taken by who frees the slot: the round as it ends, or the future's end
-        future = self._thread.submit(self._prefetch_round, slot, flat, packed, _queued_on(flat))
+        try:
+            future = self._thread.submit(self._prefetch_round, slot, flat, packed, _queued_on(flat))
+        except BaseException:  # interrupted (Ctrl-C) before its round started, queued or not:
+            self._free(slot)  # kept, depth of them failed the store as if a rank were silent
+            raise
         future.add_done_callback(lambda _: self._free(slot))  # a round that never ran (closed)
         self._prefetches += 1
         return PrefetchHandle(ids, flat, shape, packed, future, self, self._write_rounds)
@@ -734,12 +738,15 @@ class ShardedStore:
         return handle.shape
 
     def _prefetch_round(self, slot: list, *args: Any) -> torch.Tensor:
-        """``_exchange(*args)``, freeing its prefetch slot as it ends: a Ctrl-C in prefetch()
-        after it was queued (before a callback could be attached) kept the slot for good."""
+        """``_exchange(*args)``, holding its prefetch slot to its end (a Ctrl-C in prefetch()
+        after it was queued, before a callback could be attached, kept the slot for good); run
+        without it when that interrupted prefetch() freed it first (every rank joins the round)."""
+        held = take_once(slot)
         try:
             return self._exchange(*args)
         finally:
-            self._free(slot)
+            if held:
+                self._slots.release()
 
     def _free(self, slot: list) -> None:
         """Free a prefetch's depth slot, once (``slot``: its one-item token)."""
