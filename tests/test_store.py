@@ -1315,6 +1315,35 @@ def test_a_fetch_queued_by_an_interrupted_prefetch_keeps_its_slot_while_it_runs(
         store.close()
 
 
+def test_a_lookup_interrupted_while_fetching_written_rows_again_can_collect_its_handle(tmp_path):
+    """A handle prefetched before a write is fetched again as lookup collects it (so the write is
+    seen); that fetch ran after the handle was taken: Ctrl-C in it left the handle refused as
+    "already consumed" though no rows had come out. The interrupt is raised by the first read."""
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    store = TieredStore(store_config(path, hot={"capacity": 0}, warm={"capacity": 0}))
+    try:
+        handle = store.prefetch([1, 2])
+        handle.future.result(30)
+        store.write([2], torch.full((1, 4), 7.0))
+        read_rows = store.cold.read_rows
+
+        def interrupted_read(ids):
+            store.cold.read_rows = read_rows
+            raise KeyboardInterrupt
+
+        store.cold.read_rows = interrupted_read
+        with pytest.raises(KeyboardInterrupt):
+            store.lookup([1, 2], handle)
+        want = data[[1, 2]].clone()
+        want[1] = 7.0
+        assert torch.equal(store.lookup([1, 2], handle), want)
+        with pytest.raises(PrefetchHandleError, match="already consumed"):
+            store.lookup([1, 2], handle)
+        store.commit()
+    finally:
+        store.close()
+
+
 def test_two_lookups_collecting_one_handle_at_once_give_its_rows_to_one(tmp_path):
     """Two threads collecting the same handle could both pass the "already consumed" check
     before either marked it, and both got its rows. The threads here run the collect in
@@ -1398,10 +1427,10 @@ def test_no_more_fetches_than_the_depth_are_ever_in_flight(tmp_path, depth):
         finally:
             events.append((next(order), "ended", number))
 
-    def waiting(future):
+    def waiting(future, *args):
         if mode.interrupt == "lookup":
             raise KeyboardInterrupt
-        return wait(future)
+        return wait(future, *args)
 
     fetcher._pool.submit, fetcher._fetch, fetcher._wait = submitting, fetching, waiting
 

@@ -194,19 +194,24 @@ class Prefetcher:
         finally:
             self._in_flight.release()
 
-    def collect(self, handle: PrefetchHandle) -> tuple:
-        """Wait for a handle's result, recording how long the caller stalled."""
+    def collect(
+        self, handle: PrefetchHandle, then: Callable[[tuple], tuple] | None = None
+    ) -> tuple:
+        """Wait for a handle's result, recording how long the caller stalled; ``then``: what
+        the caller makes of it (a fetch again), part of the collect: interrupted, it gives the
+        handle back too."""
         if handle.owner is not self:  # its rows are another table's
             raise PrefetchHandleError(OTHER_STORE)
-        return handle.take(self._wait)
+        return handle.take(self._wait, then)
 
-    def _wait(self, future: Future) -> tuple:
-        """A fetch's result, recording how long the caller stalled for it."""
+    def _wait(self, future: Future, then: Callable[[tuple], tuple] | None = None) -> tuple:
+        """A fetch's result (``then`` of it), recording how long the caller stalled for it."""
         start = time.perf_counter()
         try:
-            return future.result()
+            result = future.result()
         finally:  # a fetch that failed was waited for too
             self.wait_histogram.observe(time.perf_counter() - start)
+        return result if then is None else then(result)
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish queued work and stop the worker, waiting at most ``timeout`` seconds (None: until

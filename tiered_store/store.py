@@ -1267,10 +1267,15 @@ class TieredStore:
                 flat, shape = tensor.reshape(-1), tuple(tensor.shape)
             with self._on_store_stream():  # where _validate queued the copy of CUDA ids
                 handle.check_ids(flat, shape)  # CPU ids: with the handle's host snapshot
-        out, event = self._prefetcher.collect(handle)
-        if handle.write_seq != self._write_seq:  # written since prefetch(): fetch it again, so
-            out, event = self._fetch(handle.flat, handle.packed)  # the writes are seen
+        out, event = self._prefetcher.collect(handle, lambda fetched: self._fresh(handle, fetched))
         return out.view(*handle.shape, out.shape[-1]), event
+
+    def _fresh(self, handle: PrefetchHandle, fetched: tuple) -> tuple:
+        """A handle's fetched rows, or fetched again when written since prefetch(), so that the
+        writes are seen."""
+        if handle.write_seq == self._write_seq:
+            return fetched
+        return self._fetch(handle.flat, handle.packed)
 
     def _validate(self, ids: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Integer ids in [0, rows) -> flat int64 on the compute device, and the original shape."""
