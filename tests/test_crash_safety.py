@@ -850,6 +850,62 @@ def test_a_fork_between_open_and_tracking_leaves_the_child_no_lock(tmp_path):
     assert out.returncode == 0 and out.stdout == "free\n", (out.returncode, out.stdout, out.stderr)
 
 
+_FORKS_RACING_EVERY_OPEN = r"""
+import os, subprocess, sys, threading, time
+from tiered_store.process_locks import open_held, release
+folder = sys.argv[1]
+WRITER = '''
+import itertools, os, sys, time
+folder = sys.argv[1]
+for k in itertools.count(1):
+    time.sleep(0.5)
+    os.mkfifo(f"{folder}/fifo{k + 1}")
+    os.symlink(f"fifo{k + 1}", f"{folder}/next")
+    os.rename(f"{folder}/next", f"{folder}/t.g1.npy")  # the next open waits for the next round
+    os.close(os.open(f"{folder}/fifo{k}", os.O_RDWR))  # wakes an open waiting on fifo{k}
+'''
+os.mkfifo(f"{folder}/fifo1")
+os.symlink("fifo1", f"{folder}/t.g1.npy")
+writer = subprocess.Popen([sys.executable, "-c", WRITER, folder])
+stop = threading.Event()
+
+def forker():  # a server forking workers all the time
+    while not stop.is_set():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        time.sleep(0.01)
+
+threading.Thread(target=forker, daemon=True).start()
+done = threading.Event()
+opening = lambda: (release(open_held(f"{folder}/t.g1.npy", os.O_RDONLY)), done.set())
+threading.Thread(target=opening, daemon=True).start()
+opened = done.wait(20)
+stop.set()
+writer.kill()
+writer.wait()
+print("opened" if opened else "still opening")
+"""
+
+
+def test_an_open_held_raced_by_forks_at_every_open_still_returns(tmp_path):
+    """open_held opened again after each fork that came during its open, with no bound: opens
+    that each take a while (a FIFO another process wakes every 500 ms, as a slow file system
+    answers) while a thread forks every 10 ms kept it opening for good."""
+    import sys
+
+    from tiered_store.serve.client import subprocess_env
+
+    script = tmp_path / "forks.py"
+    script.write_text(_FORKS_RACING_EVERY_OPEN)
+    out = subprocess.run(  # a fresh interpreter: a small process forks in milliseconds
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0 and out.stdout == "opened\n", (out.returncode, out.stderr)
+
+
 _FLOCK_REFUSED = r"""
 import ctypes, os, struct, sys
 import numpy as np

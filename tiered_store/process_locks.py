@@ -8,7 +8,9 @@ take) a lock is opened through :func:`open_held`, and a forked child lets go of 
 ``open_held`` opens without holding the module's lock (an open can block: a FIFO waits for a
 writer, an NFS server for its network), so a fork can come between the open and the tracking;
 each fork is counted, and a descriptor that a fork may have copied untracked is closed and
-opened again (a child's untracked copy stays unlocked: locks are taken after ``open_held``).
+opened again (a child's untracked copy stays unlocked: locks are taken after ``open_held``). Forks
+that keep racing its opens (a slow file system, a process forking all the time) would make that
+endless: the last of ``OPEN_TRIES`` opens holds the module's lock, and forks wait for it.
 
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as folder, locked_folder(folder) as fd:
@@ -30,6 +32,7 @@ _HELD: set[int] = set()  # this process's descriptors that hold or take locks
 # a lock, or fork, while its thread is inside open_held
 _OPENING = threading.RLock()
 _forks = 0  # forks so far (under _OPENING): one since an open began may have copied it
+OPEN_TRIES = 3  # open_held's opens at most (raced by forks, each opens again); the last holds forks
 
 
 def _before_fork() -> None:
@@ -77,17 +80,29 @@ os.register_at_fork(
 
 def open_held(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> int:
     """``os.open(path, flags | O_CLOEXEC, mode)``, tracked: a forked child lets go of its copy.
-    Close it with :func:`release`. A blocking open (a FIFO) holds up no fork."""
+    Close it with :func:`release`. A blocking open (a FIFO) holds up no fork, unless forks raced
+    its opens ``OPEN_TRIES - 1`` times: the last try opens holding them up (no endless retry)."""
     path = os.fspath(path)  # once: a path object's __fspath__ may run code (and fork)
-    while True:
+    for _ in range(OPEN_TRIES - 1):
         forks = _forks
         fd = os.open(path, flags | os.O_CLOEXEC, mode)
-        with _OPENING:
-            _HELD.add(fd)  # tracked first: a fork from here on (a signal handler's) sees it
-            if _forks == forks:
-                return fd
-            _HELD.discard(fd)  # a fork since the open may hold an untracked copy: a new one
-        os.close(fd)
+        if _tracked(fd, forks):
+            return fd
+        os.close(fd)  # a fork since the open may hold an untracked copy: a new one
+    with _OPENING:  # forks keep coming while it opens (a slow file system): none can now
+        fd = os.open(path, flags | os.O_CLOEXEC, mode)
+        _HELD.add(fd)
+        return fd
+
+
+def _tracked(fd: int, forks: int) -> bool:
+    """Track ``fd`` if no fork came since ``_forks`` was ``forks`` (whether it did)."""
+    with _OPENING:
+        _HELD.add(fd)  # tracked first: a fork from here on (a signal handler's) sees it
+        if _forks == forks:
+            return True
+        _HELD.discard(fd)
+    return False
 
 
 def release(fd: int) -> None:
