@@ -906,6 +906,50 @@ def test_an_open_held_raced_by_forks_at_every_open_still_returns(tmp_path):
     assert out.returncode == 0 and out.stdout == "opened\n", (out.returncode, out.stderr)
 
 
+_INTERRUPTED_WHILE_A_FORK_HOLDS_THE_LOCK = r"""
+import os, signal, sys, threading, time
+import tiered_store.process_locks as pl
+signal.signal(signal.SIGINT, signal.default_int_handler)
+path = sys.argv[1]
+
+def opened() -> bool:
+    return any(os.readlink(f"/proc/self/fd/{fd}") == path for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}"))
+
+held, done = threading.Event(), threading.Event()
+
+def forking():  # holds the module's lock, as a fork in another thread does, past the open
+    with pl._OPENING:
+        held.set()
+        while not opened():
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while open_held waits for the lock
+        done.wait(30)
+
+threading.Thread(target=forking, daemon=True).start()
+held.wait()
+try:
+    pl.open_held(path, os.O_RDWR)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+done.set()
+print("left open" if opened() else "closed", len(pl._HELD))
+"""
+
+
+def test_an_open_held_interrupted_after_its_open_closes_the_descriptor(tmp_path):
+    """A Ctrl-C that came while open_held waited for the module's lock after its open (a fork in
+    another thread holds it) left the descriptor open, and untracked, for the process's life."""
+    lock = tmp_path / "t.npy.writer.lock"
+    lock.touch()
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPTED_WHILE_A_FORK_HOLDS_THE_LOCK)
+    out = forkserver.run_python([script, lock], timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "interrupted\nclosed 0\n", out.stdout
+
+
 _FLOCK_REFUSED = r"""
 import ctypes, os, struct, sys
 import numpy as np

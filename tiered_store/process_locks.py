@@ -96,12 +96,18 @@ def open_held(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> in
 
 
 def _tracked(fd: int, forks: int) -> bool:
-    """Track ``fd`` if no fork came since ``_forks`` was ``forks`` (whether it did)."""
-    with _OPENING:
-        _HELD.add(fd)  # tracked first: a fork from here on (a signal handler's) sees it
-        if _forks == forks:
-            return True
+    """Track ``fd`` if no fork came since ``_forks`` was ``forks`` (whether it did); ``fd`` is
+    closed when an exception (Ctrl-C while a fork holds the lock) interrupts."""
+    try:
+        with _OPENING:
+            _HELD.add(fd)  # tracked first: a fork from here on (a signal handler's) sees it
+            if _forks == forks:
+                return True
+            _HELD.discard(fd)
+    except BaseException:
         _HELD.discard(fd)
+        os.close(fd)
+        raise
     return False
 
 
