@@ -38,9 +38,14 @@ def _append(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def run_writer(config: dict, log_dir: str, steps: int, compact_every: int = 0) -> None:
+def run_writer(
+    config: dict, log_dir: str, steps: int, compact_every: int = 0, killed_at: int = 0
+) -> None:
     """Resume from the store's last commit and run ``steps`` more steps (until killed); every
-    ``compact_every`` steps, close the store, compact the table and reopen it."""
+    ``compact_every`` steps, close the store, compact the table and reopen it. ``killed_at``: the
+    step after whose commit the writer kills itself, before it logs the ack (0: never)."""
+    import signal
+
     import torch
 
     from tiered_store import TieredStore
@@ -62,6 +67,8 @@ def run_writer(config: dict, log_dir: str, steps: int, compact_every: int = 0) -
         store.write(torch.from_numpy(ids), torch.from_numpy(rows))
         store.lookup(torch.from_numpy(np.random.default_rng([step, 1]).integers(0, store.rows, 40)))
         store.commit(step)
+        if step == killed_at:
+            os.kill(os.getpid(), signal.SIGKILL)
         _append(logs / "acked.bin", np.int64(step).tobytes())
         if compact_every and step % compact_every == 0:
             store.close()

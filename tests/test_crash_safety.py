@@ -26,11 +26,13 @@ def _context():
     return forkserver.context()
 
 
-def _check_reopened(config, base, log_dir) -> tuple[int, int]:
+def _check_reopened(config, base, log_dir, seen: int = 0) -> tuple[int, int]:
     """Reopen; the state must be the last acknowledged step's (or the step whose commit returned
-    just before the kill, before its acknowledgement was logged). Returns (step, last acked)."""
+    just before the kill, before its acknowledgement was logged). ``seen``: the step an earlier
+    reopen found committed, acknowledged since (the next writer resumed after it, and may be
+    killed before its own first ack). Returns (step, last acked)."""
     acked = crash_writer.acked_steps(log_dir)
-    last_acked = int(acked[-1]) if acked.size else 0
+    last_acked = max(int(acked[-1]) if acked.size else 0, seen)
     with TieredStore.open(config) as store:
         step = store.committed_step
         assert last_acked <= step <= last_acked + 1, (step, last_acked)
@@ -62,7 +64,8 @@ def _kill_loop(tmp_path, kills, max_delay, compact_every=0):
         os.kill(writer.pid, signal.SIGKILL)
         writer.join()
         assert writer.exitcode == -signal.SIGKILL
-        step, last_acked = _check_reopened(config, base, str(log_dir))
+        seen = steps_seen[-1] if steps_seen else 0
+        step, last_acked = _check_reopened(config, base, str(log_dir), seen)
         between += step == last_acked + 1
         steps_seen.append(step)
     # the runs made progress and each resumed from the last commit (steps never go back)
@@ -76,6 +79,31 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_commit(tmp_path):
     _kill_loop(tmp_path, kills=50, max_delay=0.35, compact_every=4)
     versions = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".npy"))
     assert len(versions) >= 1 and any(".g" in v for v in versions)  # compactions happened
+
+
+def test_writers_killed_between_commit_and_ack_twice_in_a_row(tmp_path):
+    """A writer killed after commit(9) returned but before it logged the ack, then the writer that
+    resumed from step 9 killed the same way after commit(10): the store holds step 10, and the
+    checker refused it, as more than one step past the last ack (8). It failed the random-kill
+    test now and then, when two kills in a row landed between a commit and its ack."""
+    path, table = make_table(tmp_path, rows=200, dim=8)
+    config = {
+        "table": {"path": str(path)},
+        "tiers": {"hot": {"capacity": 6}, "warm": {"capacity": 12}},
+    }
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    ctx, seen = _context(), 0
+    for killed_at in (9, 10):
+        writer = ctx.Process(
+            target=crash_writer.run_writer, args=(config, str(log_dir), 10**6, 4, killed_at)
+        )
+        writer.start()
+        writer.join(120)
+        assert writer.exitcode == -signal.SIGKILL
+        seen, _ = _check_reopened(config, table.numpy(), str(log_dir), seen)
+        assert seen == killed_at
+    assert crash_writer.acked_steps(str(log_dir))[-1] == 8
 
 
 @pytest.mark.slow
