@@ -763,12 +763,12 @@ def briefly_locked_staged_worker(
     ``before``, as it first tries, and waits for ``tried.go`` before it does): opened (warnings,
     step, staged step, rows 3 and 460), then rows 3 and 460 written 3.0 and committed (or the
     error)."""
-    from tiered_store.delta import table_versions
+    from tiered_store import process_locks
 
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
 
-    class _Flock:  # the module's fcntl, telling the test when the writer lock was tried
+    class _Flock:  # process_locks' fcntl (the writer lock's), telling the test when it was tried
         def __getattr__(self, name: str) -> Any:
             return getattr(fcntl, name)
 
@@ -787,7 +787,7 @@ def briefly_locked_staged_worker(
 
     try:
         if rank == 0:
-            table_versions.fcntl = _Flock()
+            process_locks.fcntl = _Flock()
         cfg = _store_config(Path(plain), world, "rows")
         ids = torch.tensor([3, 460])
         with _opened_and_recorded(cfg, result, "opened", ids) as store:

@@ -983,6 +983,7 @@ import ctypes, os, struct, sys
 import numpy as np
 from tiered_store.table_format import create_table
 from tiered_store.delta import table_versions as tv
+from tiered_store.distributed.shard_files import write_shards
 from tiered_store.errors import TierIOError
 from tiered_store.process_locks import _HELD
 t = os.path.join(sys.argv[1], "t.npy")
@@ -998,7 +999,12 @@ fprog = struct.pack("HxxxxxxQ", 4, ctypes.addressof(prog))
 libc = ctypes.CDLL(None, use_errno=True)
 assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
 assert libc.prctl(22, 2, fprog, 0, 0) == 0, ctypes.get_errno()  # SECCOMP_MODE_FILTER
-for call in (lambda: tv.take_writer_lock(t, wait_s=0.1), lambda: tv.remove_unused_versions(t)):
+calls = (
+    lambda: tv.take_writer_lock(t, wait_s=0.1),
+    lambda: tv.remove_unused_versions(t),
+    lambda: write_shards(t, 2, "rows", progress=False),  # its one-run lock (exclusive_run)
+)
+for call in calls:
     fds = set(os.listdir("/proc/self/fd"))
     try:
         call()
@@ -1010,16 +1016,20 @@ for call in (lambda: tv.take_writer_lock(t, wait_s=0.1), lambda: tv.remove_unuse
 
 def test_a_flock_refused_otherwise_than_taken_closes_its_descriptor(tmp_path):
     """flock failing with ENOLCK (a real seccomp filter in a child) in take_writer_lock or
-    remove_unused_versions left the descriptor open and tracked, and came out as a bare OSError;
-    now a TierIOError naming the file, the descriptor closed."""
+    remove_unused_versions left the descriptor open and tracked, and came out as a bare OSError
+    (and still did in write_shards' one-run lock, exclusive_run); now a TierIOError naming the
+    file, the descriptor closed."""
     script = tmp_path / "enolck.py"
     script.write_text(_FLOCK_REFUSED)
     out = forkserver.run_python([script, tmp_path], timeout=60)
     assert out.returncode == 0, out.stderr
     lock, version = str(tmp_path / "t.npy.writer.lock"), str(tmp_path / "t.npy")
+    shards = str(tmp_path / "t.shard-0-of-2.npy.shard-run.lock")
     assert out.stdout.splitlines() == [
         f"37 {lock}: cannot lock it (No locks available); expected a file system with flock",
         "left open: 0 0",
         f"37 {version}: cannot lock it (No locks available); expected a file system with flock",
+        "left open: 0 0",
+        f"37 {shards}: cannot lock it (No locks available); expected a file system with flock",
         "left open: 0 0",
     ], out.stdout

@@ -26,6 +26,8 @@ import os
 import threading
 from collections.abc import Iterator
 
+from .errors import TierIOError
+
 _HELD: set[int] = set()  # this process's descriptors that hold or take locks
 # held across tracking a descriptor and across a fork: a fork sees a descriptor tracked or not,
 # and counts itself in _forks; reentrant, as a signal handler (a preemption checkpoint) may take
@@ -123,6 +125,22 @@ def release(fd: int) -> None:
         os.close(fd)
 
 
+def exclusive_now(fd: int, path: str | os.PathLike[str]) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` (the file ``path``) if no one holds one: whether
+    it was taken; TierIOError naming ``path`` when ``flock`` fails otherwise (ENOLCK)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        raise TierIOError(
+            exc.errno,
+            f"{path}: cannot lock it ({exc.strerror}); expected a file system with flock",
+            str(path),
+        ) from None
+    return True
+
+
 @contextlib.contextmanager
 def locked_folder(path: str | os.PathLike[str]) -> Iterator[int]:
     """An exclusive ``flock`` on the folder ``path`` while inside (cooperating writers of its
@@ -146,13 +164,11 @@ def exclusive_run(
     while True:
         fd = open_held(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not exclusive_now(fd, path):
+                raise busy
             if not remove or _names(path, fd):
                 break
-        except BlockingIOError:
-            release(fd)
-            raise busy from None
-        except BaseException:
+        except BaseException:  # busy, no flock here (ENOLCK), Ctrl-C
             release(fd)
             raise
         release(fd)

@@ -31,7 +31,7 @@ from typing import TypeVar
 from ..atomic_file import atomic_write, fsync_dir, remove_abandoned_temporaries
 from ..errors import ConfigError, TableFormatError, TierIOError
 from ..page_checksums import sidecar_path
-from ..process_locks import open_held, release
+from ..process_locks import exclusive_now, open_held, release
 from ..table_format import check_table, not_a_table, table_paths
 from ..table_sources import TableNotFoundError
 from .row_delta import delta_path, remove_delta_temporaries
@@ -223,7 +223,7 @@ def take_writer_lock(table: str | os.PathLike[str], wait_s: float = 0.0) -> int:
 def _lock_waiting(fd: int, path: Path, wait_s: float) -> None:
     """Take the writer lock ``path`` on ``fd``, trying again for up to ``wait_s`` seconds."""
     end = time.monotonic() + wait_s
-    while not _exclusive_now(fd, path):
+    while not exclusive_now(fd, path):
         if time.monotonic() < end:
             time.sleep(min(_LOCK_RETRY_S, max(end - time.monotonic(), 0.0)))
             continue
@@ -234,22 +234,6 @@ def _lock_waiting(fd: int, path: Path, wait_s: float) -> None:
             f"table {table} is being written (or compacted) by another store, in this process "
             f"or another (it holds {path.name}{waited}); expected one writer at a time",
         )
-
-
-def _exclusive_now(fd: int, path: Path) -> bool:
-    """Take an exclusive ``flock`` on ``fd`` (the file ``path``) if no one holds one: whether
-    it was taken; TierIOError naming ``path`` when ``flock`` fails otherwise (ENOLCK)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        raise TierIOError(
-            exc.errno,
-            f"{path}: cannot lock it ({exc.strerror}); expected a file system with flock",
-            str(path),
-        ) from None
-    return True
 
 
 def forget_history(table: str | os.PathLike[str], *, writer_locked: bool = False) -> None:
@@ -358,7 +342,7 @@ def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:
         except FileNotFoundError:
             continue
         try:
-            free = _exclusive_now(fd, path)
+            free = exclusive_now(fd, path)
         except BaseException:
             release(fd)
             raise
