@@ -144,23 +144,28 @@ class InFlight:
         self._closing = False
         self._then: Callable[[], None] | None = None  # run by the last call to end
 
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[None]:
-        """One call's passage; ``StoreClosedError`` (or the ``refusal``) once it is closing."""
+    def entered(self) -> InFlight:
+        """One call's passage (``with in_flight.entered():``); ``StoreClosedError`` (or the
+        ``refusal``) once it is closing. A plain context manager, not a generator: it is on
+        every cold read."""
+        return self
+
+    def __enter__(self) -> None:
         with self._cond:
             if self._closing:
                 raise self._refusal()
             self._count += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._count -= 1
-                self._cond.notify_all()
-                then = self._then if self._count == 0 else None
-                self._then = None if then is not None else self._then
-            if then is not None:
-                then()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._count -= 1
+            if not self._closing:  # only close() waits, and a call ending may run its then
+                return
+            self._cond.notify_all()
+            then = self._then if self._count == 0 else None
+            self._then = None if then is not None else self._then
+        if then is not None:
+            then()
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new calls; return once those under way have ended (True), or after
@@ -170,7 +175,8 @@ class InFlight:
             return self._cond.wait_for(lambda: self._count == 0, timeout)
 
     def then(self, action: Callable[[], None]) -> None:
-        """Run ``action`` once no call is under way: now, or as the last one ends."""
+        """After ``close()``: run ``action`` once no call is under way: now, or as the last one
+        ends."""
         with self._cond:
             if self._count:
                 self._then = action
