@@ -35,3 +35,11 @@ def test_numpy_scalars_and_arrays_nan_among_them_are_written_as_json(tmp_path):
     }
     assert _strict(json_text(doc)) == expected
     assert _strict(write_json(tmp_path / "r.json", doc).read_text()) == expected
+
+
+def test_numpy_dict_keys_are_written_as_json_keys():
+    """A dict keyed by NumPy integers or bools (np.unique's values, counted) raised "keys must be
+    str, int, float, bool or None, not numpy.int64" in json_text and write_json."""
+    values, counts = np.unique(np.array([3, 3, 7]), return_counts=True)
+    doc = {"counts": dict(zip(values, counts, strict=True)), "seen": {np.bool_(True): 1}}
+    assert _strict(json_text(doc)) == {"counts": {"3": 2, "7": 1}, "seen": {"true": 1}}

@@ -358,13 +358,16 @@ def json_text(doc: Any, *, indent: int | None = 2) -> str:
 
 def _finite_or_null(doc: Any) -> Any:
     """``doc`` with each non-finite float (in dicts, lists and tuples) replaced by ``None``, and
-    NumPy scalars and arrays by their Python values."""
+    NumPy scalars and arrays (dict keys too) by their Python values."""
     if isinstance(doc, np.generic | np.ndarray):
         doc = doc.tolist()
     if isinstance(doc, float):
         return doc if math.isfinite(doc) else None
     if isinstance(doc, dict):
-        return {k: _finite_or_null(v) for k, v in doc.items()}
+        return {  # a NumPy key (np.unique's values) as its Python value: json refuses it
+            (k.item() if isinstance(k, np.generic) else k): _finite_or_null(v)
+            for k, v in doc.items()
+        }
     if isinstance(doc, (list, tuple)):
         return [_finite_or_null(v) for v in doc]
     return doc
