@@ -844,6 +844,19 @@ def test_a_server_that_exits_before_listening_is_said_to_have_exited():
         assert str(raised.value).startswith("tiered-store serve exited with status 2;"), raised
 
 
+def test_a_server_killed_before_listening_is_said_to_have_been_killed(tmp_path):
+    """A server killed by a signal before it listened (the OOM killer's SIGKILL, a SIGSEGV) was
+    reported as having "exited with status -9", a status no process exits with."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    with pytest.raises(RuntimeError) as raised:
+        ServeProcess("/nonexistent/serve.yaml", metrics=False, env={"PYTHONPATH": str(site)})
+    assert str(raised.value).startswith("tiered-store serve was killed by signal SIGKILL;"), raised
+
+
 _H11_WITHOUT_PRIVATE_DEFAULT = """
 import uvicorn.protocols.http.h11_impl  # uvicorn's own import of it done, as of today's h11
 import h11._connection

@@ -161,7 +161,7 @@ class ServeProcess:
                 return "closed its stdout without printing its 'listening' line"
         status = self.proc.poll()
         if status is not None:
-            return f"exited with status {status}"
+            return _how_it_ended(status)
         return f"printed no 'listening' line within {timeout}s"
 
     def _fail(self, what: str) -> NoReturn:
@@ -220,6 +220,17 @@ class ServeProcess:
         self.stop()
         self._kept_log = self.log()  # the file goes: a failing test still reads what it said
         self.log_path.unlink(missing_ok=True)
+
+
+def _how_it_ended(status: int) -> str:
+    """A process's exit ``status`` in words (a negative one: the signal that killed it)."""
+    if status >= 0:
+        return f"exited with status {status}"
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:  # a signal Python has no name for (a real-time one)
+        name = str(-status)
+    return f"was killed by signal {name}"
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
