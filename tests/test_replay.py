@@ -535,7 +535,7 @@ def test_replay_command_refuses_bad_options_before_any_work(tmp_path, capsys, mo
         assert not out.exists()  # nothing made, not even the folder
     for bad in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
         assert main([*argv, "--out", str(bad)]) == 2
-        assert f"--out {bad}: cannot create the output folder" in capsys.readouterr().err
+        assert f"--out {bad}: cannot make it" in capsys.readouterr().err
 
 
 def test_replay_command_refuses_a_table_without_lookups(tmp_path, capsys):

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import TieredStoreError, TierIOError
+from .errors import ConfigError, TieredStoreError, TierIOError
 from .process_locks import open_held, release
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "fsync_dir",
     "hidden_temporaries",
     "json_text",
+    "make_named_dir",
     "remove_abandoned_temporaries",
     "scratch_directory",
     "write_json",
@@ -46,6 +47,18 @@ def in_the_way(path: Path, what: str = "a directory", code: int = errno.EISDIR) 
         f"cannot write {path}: {what} is in the way; expected a file there (or nothing): move it "
         "aside and run again",
     )
+
+
+def make_named_dir(path: Path, name: str, expected: str) -> None:
+    """Make the folder ``path`` (and its parents) when missing; when it cannot be (a file there
+    or on its way, no permission), a ``ConfigError`` naming it as ``name`` (the argument, or the
+    option that gave it) and what is ``expected`` there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{name} {path}: cannot make it ({exc.strerror or exc}); expected {expected}"
+        ) from None
 
 
 @contextmanager

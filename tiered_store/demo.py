@@ -22,7 +22,7 @@ import torch
 from pydantic import model_validator
 from tqdm.auto import tqdm
 
-from .atomic_file import scratch_directory
+from .atomic_file import make_named_dir, scratch_directory
 from .capacity import format_bytes, resolve_capacity
 from .cli_args import capacity, command_help, device_name
 from .cold_table import IO_MODES
@@ -317,13 +317,7 @@ def run_demo(args) -> int:
     check_model_memory(demo.model, names=_model_options(args))
     torch.manual_seed(run.seed)
     if args.workdir is not None:
-        try:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"--workdir {args.workdir}: cannot make it ({exc.strerror}); expected a directory "
-                "for the checkpoint"
-            ) from None
+        make_named_dir(args.workdir, "--workdir", "a directory for the checkpoint")
     print("building the model and tokenizer ...", flush=True)
     model = EngramLM(demo.model).eval()
     _check_capacities(demo, model)  # before the warm-start profile and the conversion

@@ -13,7 +13,7 @@ import numpy as np
 
 from policies.errors import PolicyError
 from policies.registry import PolicySpec, is_offline, offline_names
-from tiered_store.atomic_file import atomic_files, write_step
+from tiered_store.atomic_file import atomic_files, make_named_dir, write_step
 from tiered_store.cache_plan import PinnedRowsWarning
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import DefaultsHelpFormatter, command_help
@@ -168,13 +168,7 @@ def _check_args(args) -> list[str | None]:
 def _out_dir(out: Path) -> bool:
     """Create ``out`` (before any work); whether it was created here. Errors name --out."""
     existed = out.is_dir()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"--out {out}: cannot create the output folder ({exc.strerror or exc}); "
-            "expected a writable directory"
-        ) from None
+    make_named_dir(out, "--out", "a writable directory")
     return not existed
 
 

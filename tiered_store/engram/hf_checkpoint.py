@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from ..atomic_file import atomic_write, fsync_dir, remove_abandoned_temporaries
+from ..atomic_file import atomic_write, fsync_dir, make_named_dir, remove_abandoned_temporaries
 from ..capacity import resolve_capacity
 from ..config import StoreConfig
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
@@ -393,13 +393,7 @@ def convert_hf_checkpoint(
         _check_store(store or DEFAULT_STORE, plan, hasher.table_rows(plan.layer_id))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {out}: not a directory; expected a directory (made if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file on its path, no such place, no permission
-        raise ConfigError(
-            f"out_dir {out}: cannot make it ({exc.strerror}); expected a directory (made if "
-            "missing)"
-        ) from None
+    make_named_dir(out, "out_dir", "a directory (made if missing)")
     with _converting(out):
         return _convert(ckpt, hasher, plans, out, store or DEFAULT_STORE, progress, chunk_bytes)
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic_file import atomic_write, hidden_temporaries
+from ..atomic_file import atomic_write, hidden_temporaries, make_named_dir
 from ..capacity import resolve_capacity
 from ..cli_args import (
     DocHelpFormatter,
@@ -142,12 +142,7 @@ def train(
     per_batch = settings.batch_size * settings.seq_len
     tokens = read_tokens(corpus, model.hasher.tokenizer, max_tokens=per_batch * settings.steps)
     batches = token_batches(tokens, settings.batch_size, settings.seq_len)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file there, or on its path
-        raise ConfigError(
-            f"{out_name} {out}: cannot make it ({exc.strerror}); expected a directory for the run"
-        ) from None
+    make_named_dir(out, out_name, "a directory for the run")
     lock = _take_run_lock(out, out_name)  # before anything in out is written; the store adopts it
     try:
         with warnings.catch_warnings():  # said once already
