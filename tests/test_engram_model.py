@@ -4,6 +4,7 @@ checkpoint conversion and the errors raised before any compute."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -711,3 +712,20 @@ def test_token_batches_take_numpy_and_torch_integers():
     ] * 4
     with pytest.raises(ConfigError, match=r"got np\.True_ x 4"):
         token_batches(tokens, np.True_, 4)
+
+
+def test_token_batches_of_a_read_only_memmap_are_copies(tmp_path):
+    """A read-only int64 memmap of tokens went to torch.from_numpy as it was: torch warned that
+    the array is not writable (writing a batch would write the read-only map)."""
+    from tiered_store.engram.corpus import token_batches
+
+    path = tmp_path / "tokens.bin"
+    np.arange(64, dtype=np.int64).tofile(path)
+    tokens = np.memmap(path, dtype=np.int64, mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns once a process: the pointer is checked too
+        batches = token_batches(tokens, 2, 16)
+    assert [b.tolist() for b in batches] == np.arange(64).reshape(2, 2, 16).tolist()
+    assert batches[0].data_ptr() != tokens.ctypes.data
+    writable = np.arange(64)
+    assert token_batches(writable, 2, 16)[0].data_ptr() == writable.ctypes.data  # no copy

@@ -14,6 +14,7 @@ import torch
 
 from ..corpus import Corpus, CorpusError, ReadStats, SkippedFilesWarning, iter_texts
 from ..errors import ConfigError, warn_at_caller
+from ..id_ops import array_for_torch
 from ..integers import as_integer
 from .tokenizer import CompressedTokenizer, encode_texts
 
@@ -96,7 +97,10 @@ def token_batches(tokens: np.ndarray, batch_size: int, seq_len: int) -> list[tor
             f"corpus: {len(tokens):,} tokens do not fill one batch of {batch_size} x {seq_len}; "
             "expected a larger corpus or smaller batches"
         )
-    data = torch.from_numpy(np.ascontiguousarray(tokens[: count * per_batch], dtype=np.int64))
+    # a read-only memmap of tokens is copied: torch has no read-only tensors (it warns)
+    data = torch.from_numpy(
+        array_for_torch(np.asarray(tokens[: count * per_batch], dtype=np.int64))
+    )
     return list(data.view(count, batch_size, seq_len).unbind(0))
 
 
