@@ -314,6 +314,23 @@ def test_a_bool_in_a_list_of_token_ids_is_refused_by_value(golden):
     np.testing.assert_array_equal(as_list, as_array)
 
 
+def test_a_list_of_tensors_numpy_cannot_read_is_named(golden):
+    """A list of meta or sparse tensors, of tensors that require grad, or a uint64 past int64 gave
+    np.asarray's bare TypeError or RuntimeError ("can't convert meta device type tensor")."""
+    _, _, hasher = golden
+    for ids, why in (
+        ([torch.zeros(2, dtype=torch.long, device="meta")] * 2, "meta device"),
+        ([torch.tensor([1, 2]).to_sparse()] * 2, "Sparse layout"),
+        ([torch.ones(2, requires_grad=True), 3], "requires grad"),
+        ([[torch.tensor(2**63, dtype=torch.uint64)]], "overflow"),
+    ):
+        message = rf"^input_ids: list cannot be read as integer token ids \(.*{why}"
+        with pytest.raises(RowIdError, match=message):
+            hasher.row_ids(ids)
+        with pytest.raises(RowIdError, match=message):
+            hasher.tokenizer.compress(ids)
+
+
 READ_ONLY_IDS = """
 import sys
 import numpy as np

@@ -223,6 +223,10 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids")
         raise ConfigError(
             f"{name}: expected a rectangular array of token ids (e.g. [B, T]), got {exc}"
         ) from None
+    except (TypeError, RuntimeError) as exc:  # tensors NumPy cannot read: meta, sparse, CUDA...
+        raise RowIdError(
+            f"{name}: {type(input_ids).__name__} cannot be read as integer token ids ({exc})"
+        ) from None
     if ids.dtype == np.bool_ or not (
         np.issubdtype(ids.dtype, np.integer) or (ids.size == 0 and ids.dtype == np.float64)
     ):
