@@ -50,6 +50,20 @@ def test_bool_among_rows_of_ids_as_arrays_or_tensors():
     assert bool_among(rows) == ((5, 0), False)
 
 
+def test_bool_among_finds_a_bool_array_or_tensor_kept_whole():
+    """NumPy keeps a 0-d array or tensor whole in an object array: a 0-d bool one was not seen,
+    so [torch.tensor(True), 2] passed as ids [1, 2]."""
+    true, false = torch.tensor(True), np.array(False)
+    for values, index, value in (
+        ([true, 2], (0,), true),
+        ([3, false], (1,), false),
+        ([[4, 5], [true, 6]], (1, 0), true),
+    ):
+        found = bool_among(values)
+        assert found is not None and found[0] == index and found[1] is value, values
+    assert bool_among([torch.tensor(1), np.array(2), 3]) is None
+
+
 def test_bool_among_a_million_ids_finds_the_last_one():
     ids = [[1] * 1000 for _ in range(1000)]
     assert bool_among(ids) is None

@@ -25,8 +25,9 @@ def as_integer(value: object) -> int | None:
 
 
 def bool_among(values: object) -> tuple[tuple[int, ...], object] | None:
-    """Index and value of the first bool (Python or NumPy) among the leaves of ``values`` (nested
-    lists, as given: NumPy reads ``True`` beside an integer as 1), or None if there is none.
+    """Index and value of the first bool (Python or NumPy, or a bool array or tensor kept whole,
+    e.g. ``torch.tensor(True)``) among the leaves of ``values`` (nested lists, as given: NumPy
+    reads ``True`` beside an integer as 1), or None if there is none.
 
     >>> bool_among([[7, 8], [True, 9]]), bool_among([7, 8])
     (((1, 0), True), None)
@@ -35,10 +36,24 @@ def bool_among(values: object) -> tuple[tuple[int, ...], object] | None:
         return None
     given = np.asarray(values, dtype=object)
     leaves = given.ravel().tolist()
-    if set(map(type, leaves)).isdisjoint((bool, np.bool_)):
+    kinds = set(map(type, leaves))
+    if kinds.isdisjoint((bool, np.bool_)) and not any(
+        issubclass(kind, np.ndarray | torch.Tensor) for kind in kinds
+    ):
         return None
-    flat = next(i for i, value in enumerate(leaves) if isinstance(value, bool | np.bool_))
+    flat = next((i for i, value in enumerate(leaves) if _is_bool(value)), None)
+    if flat is None:
+        return None
     return tuple(int(i) for i in np.unravel_index(flat, given.shape)), leaves[flat]
+
+
+def _is_bool(value: object) -> bool:
+    """Whether ``value`` is a bool, or an array or tensor of bools (NumPy keeps 0-d ones whole)."""
+    if isinstance(value, np.ndarray):
+        return value.dtype == np.bool_
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    return isinstance(value, bool | np.bool_)
 
 
 def _plain_integers(values: object) -> bool:
