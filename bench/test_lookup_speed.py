@@ -3,6 +3,8 @@
 - all-hit: every id resident in the hot tier (1M rows x 128 B, 1M-id Zipf batches), against
   ``torch.index_select`` on an in-RAM tensor with the same ids (target >= 0.6x); once with the
   dense row -> slot index (the default at this size) and once with the hashed one.
+- 16 ids: 1000 lookups of the same 16 ids (a decode step's) given as a list, against the same
+  ids as a tensor (a list is read by NumPy and its leaves' types looked at: none may cost much).
 - cold-miss: no cache tiers, ``io: direct`` (page cache bypassed), 16 reader threads, fresh
   uniform ids every round, against the disk's random 4 KiB ``O_DIRECT`` reads from as many
   threads (``tiered_store.disk_probe``; target >= 0.7x).
@@ -25,6 +27,7 @@ from tiered_store.table_format import read_manifest
 from tiered_store.workload import ZipfWorkload
 
 COLD_THREADS = 16
+SMALL_LOOKUPS = 1000  # lookups of 16 ids timed as one call (one is about 50 us on a CPU)
 ZIPF_EXPONENT = 0.9  # Engram traces of real text measure 0.7-0.95
 
 
@@ -112,6 +115,36 @@ def test_store_lookup_all_hit_hashed_index(benchmark, speed, all_hit_hashed: All
         lambda: store.lookup(all_hit_hashed.ids),
         group="lookup-all-hit",
         per_call=all_hit_hashed.ids.numel(),
+        unit="rows",
+    )
+
+
+def _small_lookups(store: TieredStore, ids: object) -> None:
+    """``SMALL_LOOKUPS`` lookups of ``ids``."""
+    for _ in range(SMALL_LOOKUPS):
+        store.lookup(ids)
+
+
+def test_store_lookup_16_ids_tensor(benchmark, speed, all_hit: AllHit) -> None:
+    ids = all_hit.ids[:16].clone()
+    speed.measure(
+        benchmark,
+        lambda: _small_lookups(all_hit.store, ids),
+        group="lookup-16-ids",
+        per_call=16 * SMALL_LOOKUPS,
+        unit="rows",
+        baseline=True,
+    )
+
+
+def test_store_lookup_16_ids_list(benchmark, speed, all_hit: AllHit) -> None:
+    """1f963f9..c1b0415 (lists read by NumPy, bools looked for) made this about 10% slower."""
+    ids = all_hit.ids[:16].tolist()
+    speed.measure(
+        benchmark,
+        lambda: _small_lookups(all_hit.store, ids),
+        group="lookup-16-ids",
+        per_call=16 * SMALL_LOOKUPS,
         unit="rows",
     )
 

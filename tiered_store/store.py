@@ -1365,11 +1365,9 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
     elif isinstance(ids, np.ndarray):
         if ids.dtype.kind not in "iu":
             raise RowIdError(f"ids: dtype {ids.dtype}; expected an integer array")
-        if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
-            raise RowIdError(f"ids: value {ids.max()} does not fit int64; expected valid row ids")
-        tensor = torch.from_numpy(array_for_torch(ids.astype(np.int64, copy=False)))
+        return torch.from_numpy(array_for_torch(_int64_array(ids)))
     elif (array := _integer_list(ids)) is not None:
-        return as_id_tensor(array)  # the ndarray branch checks uint64's range
+        return torch.from_numpy(_int64_array(array))  # NumPy's new array: torch can share it
     else:
         try:
             tensor = torch.as_tensor(ids)
@@ -1392,6 +1390,13 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
                 raise RowIdError(f"ids: value {value} does not fit int64; expected valid row ids")
         tensor = tensor.to(torch.int64)
     return tensor
+
+
+def _int64_array(ids: np.ndarray) -> np.ndarray:
+    """An integer array as int64 (no copy where possible); uint64s past int64 refused."""
+    if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
+        raise RowIdError(f"ids: value {ids.max()} does not fit int64; expected valid row ids")
+    return ids.astype(np.int64, copy=False)
 
 
 def _integer_list(ids: Any) -> np.ndarray | None:
