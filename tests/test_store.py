@@ -222,6 +222,20 @@ def test_a_bool_tensor_or_array_in_a_list_of_row_ids_is_refused(table):
         assert torch.equal(store.lookup([torch.tensor(3), np.array(1)]), data[[3, 1]])
 
 
+def test_a_bool_in_a_list_torch_reads_is_refused(table):
+    """A list NumPy cannot read as integers (a one-element tensor beside numbers) goes to torch,
+    which read [torch.tensor([True]), 2] as rows [1, 2]: its leaves were not looked at."""
+    path, data = table
+    with TieredStore(store_config(path, hot={"capacity": 10})) as store:
+        for ids, value in (
+            ([torch.tensor([True]), 2], r"tensor\(\[True\]\)"),
+            ([[False], [torch.tensor([2])]], "False"),
+        ):
+            with pytest.raises(RowIdError, match=rf"^ids: {value} is a bool; expected integer row ids$"):  # fmt: skip
+                store.lookup(ids)
+        assert torch.equal(store.lookup([torch.tensor([3]), 1]), data[[3, 1]])
+
+
 def test_numpy_uint64_ids_mixed_with_signed_ints_are_ids(table):
     """[np.uint64(7), np.int64(8)] was refused as "cannot be read as integers" (NumPy reads
     uint64 beside a signed int as float64); an int of 2**64 or more said Overflow when

@@ -1382,6 +1382,8 @@ def as_id_tensor(ids: Any) -> torch.Tensor:
             tensor = tensor.to(torch.int64)
     if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
         raise RowIdError(f"ids: dtype {tensor.dtype}; expected an integer tensor (row ids)")
+    if isinstance(ids, list | tuple):  # torch read it (one-element tensors as numbers): True as 1
+        _refuse_bools(ids)
     if tensor.dtype in UNSIGNED:
         if tensor.dtype == torch.uint64:  # 2**63 and more read as negative int64: refuse them
             wide = tensor.view(torch.int64) < 0
@@ -1410,9 +1412,14 @@ def _integer_list(ids: Any) -> np.ndarray | None:
         return None
     if array.dtype.kind not in "iu":
         return None
+    _refuse_bools(ids)
+    return array
+
+
+def _refuse_bools(ids: Any) -> None:
+    """Refuse a bool among the leaves of ``ids`` (NumPy and torch read one as 1 or 0)."""
     if (found := bool_among(ids)) is not None:
         raise RowIdError(f"ids: {found[1]!r} is a bool; expected integer row ids")
-    return array
 
 
 def _ids_numpy_reads(ids: Any) -> np.ndarray | None:
@@ -1424,8 +1431,7 @@ def _ids_numpy_reads(ids: Any) -> np.ndarray | None:
     if array.dtype.kind not in "iufO":
         return None
     given = np.asarray(ids, dtype=object)
-    if (found := bool_among(given)) is not None:  # as given: NumPy read True as 1
-        raise RowIdError(f"ids: {found[1]!r} is a bool; expected integer row ids")
+    _refuse_bools(given)  # as given: NumPy read True as 1
     if array.dtype.kind in "iu":
         return array
     values = []  # uint64 beside a signed int: NumPy reads float64; an int past int64: object
