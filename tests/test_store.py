@@ -236,6 +236,19 @@ def test_a_bool_in_a_list_torch_reads_is_refused(table):
         assert torch.equal(store.lookup([torch.tensor([3]), 1]), data[[3, 1]])
 
 
+def test_a_uint64_tensor_past_int64_in_a_list_of_ids_is_named(table):
+    """[torch.tensor(2**63, dtype=torch.uint64), 1] gave torch's bare RuntimeError (value cannot
+    be converted to type int64_t) from NumPy's reading or the ids' one-by-one look."""
+    path, data = table
+    with TieredStore(store_config(path, hot={"capacity": 10})) as store:
+        wide = torch.tensor(2**63, dtype=torch.uint64)
+        for ids in ([wide], [wide, 1], [[1, 2], [wide, 3]]):
+            with pytest.raises(RowIdError, match=r"^ids: list cannot be read as integers \("):
+                store.lookup(ids)
+        small = torch.tensor(3, dtype=torch.uint64)
+        assert torch.equal(store.lookup([small, 1]), data[[3, 1]])
+
+
 def test_numpy_uint64_ids_mixed_with_signed_ints_are_ids(table):
     """[np.uint64(7), np.int64(8)] was refused as "cannot be read as integers" (NumPy reads
     uint64 beside a signed int as float64); an int of 2**64 or more said Overflow when

@@ -1426,7 +1426,7 @@ def _ids_numpy_reads(ids: Any) -> np.ndarray | None:
     """Ids torch refuses (NumPy uint64 scalars or lists of them) as NumPy reads them, or None."""
     try:
         array = np.asarray(ids)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: torch's
         return None
     if array.dtype.kind not in "iufO":
         return None
@@ -1442,6 +1442,10 @@ def _ids_numpy_reads(ids: Any) -> np.ndarray | None:
             raise RowIdError(
                 f"ids: {type(ids).__name__} cannot be read as integers ({reprlib.repr(value)} is not an "
                 "integer)"
+            ) from None
+        except RuntimeError as exc:  # torch's, e.g. for a uint64 tensor past int64
+            raise RowIdError(
+                f"ids: {type(ids).__name__} cannot be read as integers ({reprlib.repr(value)}: {exc})"
             ) from None
     wide = next((v for v in values if not -(2**63) <= v < 2**63), None)
     if wide is not None:
