@@ -331,6 +331,19 @@ def test_a_list_of_tensors_numpy_cannot_read_is_named(golden):
             hasher.tokenizer.compress(ids)
 
 
+def test_timedelta_token_ids_are_refused(golden):
+    """NumPy files timedelta64 under np.integer: a list of them hashed as their counts, an array
+    of them gave int()'s bare TypeError ('not datetime.timedelta')."""
+    _, _, hasher = golden
+    for ids in ([[np.timedelta64(3), np.timedelta64(4)]], np.array([[3, 4]], dtype="m8[s]")):
+        with pytest.raises(RowIdError, match=r"^input_ids: expected integer token ids, got dtype timedelta64"):  # fmt: skip
+            hasher.row_ids(ids)
+        with pytest.raises(RowIdError, match="got dtype timedelta64"):
+            hasher.tokenizer.compress(ids)
+    with pytest.raises(RowIdError, match="got dtype bool"):
+        hasher.row_ids(np.array([[True, False]]))
+
+
 READ_ONLY_IDS = """
 import sys
 import numpy as np

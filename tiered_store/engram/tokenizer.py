@@ -227,8 +227,8 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids")
         raise RowIdError(
             f"{name}: {type(input_ids).__name__} cannot be read as integer token ids ({exc})"
         ) from None
-    if ids.dtype == np.bool_ or not (
-        np.issubdtype(ids.dtype, np.integer) or (ids.size == 0 and ids.dtype == np.float64)
+    if not (  # kind, not np.integer: NumPy files timedelta64 under it
+        ids.dtype.kind in "iu" or (ids.size == 0 and ids.dtype == np.float64)
     ):
         raise RowIdError(f"{name}: expected integer token ids, got dtype {ids.dtype}")
     if not isinstance(input_ids, np.ndarray) and ids.size and (found := bool_among(input_ids)):
