@@ -1174,6 +1174,22 @@ def test_close_waits_for_a_fetch_an_interrupted_prefetch_left_running(tmp_path):
     assert not landed[0][0] and torch.equal(landed[0][1], data[[500, 501]])
 
 
+def test_close_from_a_prefetchs_done_callback_does_not_wait_for_its_own_worker(tmp_path):
+    """close() queues a no-op behind every fetch and waits for it; called on the prefetch worker
+    itself (a done callback of a handle's future), that no-op could only run once close()
+    returned: close() hung for good (``wait_s`` here: that hang ends, failing the test). It now
+    returns, the store closed."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    store = TieredStore(store_config(path))
+    closed = threading.Event()
+    handle = store.prefetch([1, 2])
+    handle.future.add_done_callback(lambda _: (store.close(wait_s=90), closed.set()))
+    assert closed.wait(30), "close() from the prefetch worker waited for its own worker"
+    assert store.closed
+    with pytest.raises(StoreClosedError):
+        store.prefetch([3])
+
+
 def test_a_store_closed_at_interpreter_exit_closes_cleanly(tmp_path):
     """A store closed by an atexit handler: the prefetch pool takes no more work then (its worker
     was joined, every fetch ended), and close() must not fail for it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -127,10 +128,11 @@ class Prefetcher:
 
     def __init__(self, fetch: Callable[[torch.Tensor, bool], tuple], depth: int) -> None:
         self._fetch = fetch
+        self._workers: list[threading.Thread] = []  # the pool's one worker, once started
         self._pool = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="tiered-store-prefetch",
-            initializer=single_intra_op_thread,
+            initializer=functools.partial(_worker_started, self._workers),
         )
         self._in_flight = threading.BoundedSemaphore(depth)
         self.wait_histogram = LatencyHistogram()
@@ -215,12 +217,14 @@ class Prefetcher:
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish queued work and stop the worker, waiting at most ``timeout`` seconds (None: until
-        it is done); False when a fetch still runs (it ends on its own)."""
+        it is done); False when a fetch still runs (it ends on its own). From the worker itself
+        (a fetch's done callback) it waits for nothing: the queue runs on after it returns."""
         with self._submitting:  # one worker runs jobs in order: a no-op queued last ends last,
             if self._closed is None:  # after every fetch queued (an interrupted prefetch's too)
                 self._closed = self._queue_last()
                 self._pool.shutdown(wait=False)
-        futures.wait([self._closed], timeout)
+        on_worker = threading.current_thread() in self._workers  # its no-op runs after this
+        futures.wait([self._closed], 0 if on_worker else timeout)  # job: waited for, it hung
         return self._closed.done()
 
     def _queue_last(self) -> Future:
@@ -232,6 +236,14 @@ class Prefetcher:
             ended: Future = Future()
             ended.set_result(None)
             return ended
+
+
+def _worker_started(workers: list[threading.Thread]) -> None:
+    """A prefetch worker's start: noted in ``workers`` (a close() from it must not wait for the
+    queue behind it), on one intra-op thread. Not a bound method: the worker keeps its
+    initializer, which would keep the prefetcher, and the pool with it, for good."""
+    workers.append(threading.current_thread())
+    single_intra_op_thread()
 
 
 def _nothing() -> None:
