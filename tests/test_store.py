@@ -1190,6 +1190,33 @@ def test_close_from_a_prefetchs_done_callback_does_not_wait_for_its_own_worker(t
         store.prefetch([3])
 
 
+def test_close_from_a_done_callback_while_another_thread_closes_does_not_deadlock(tmp_path):
+    """A close() waits for the prefetch queue, so for the worker; a done callback there calling
+    close() meanwhile waited for that close's lock: each waited for the other, for good
+    (``wait_s`` here: that wait ends, failing the test). The worker's close now returns at once.
+    The hook holds the fetch until the other close is under way."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    store = TieredStore(store_config(path))
+    fetcher = store._prefetcher
+    fetch, called_back = fetcher._fetch, threading.Event()
+
+    def held_fetch(flat, packed):
+        for _ in range(1000):  # until the other thread's close() holds its lock
+            if store._closing.locked():
+                break
+            time.sleep(0.01)
+        return fetch(flat, packed)
+
+    fetcher._fetch = held_fetch
+    handle = store.prefetch([1, 2])
+    handle.future.add_done_callback(lambda _: (store.close(), called_back.set()))
+    closing = threading.Thread(target=store.close, kwargs={"wait_s": 90}, daemon=True)
+    closing.start()
+    closing.join(30)
+    assert not closing.is_alive(), "close() and a close() from the prefetch worker deadlocked"
+    assert called_back.wait(30) and store.closed
+
+
 def test_a_store_closed_at_interpreter_exit_closes_cleanly(tmp_path):
     """A store closed by an atexit handler: the prefetch pool takes no more work then (its worker
     was joined, every fetch ended), and close() must not fail for it."""

@@ -223,9 +223,13 @@ class Prefetcher:
             if self._closed is None:  # after every fetch queued (an interrupted prefetch's too)
                 self._closed = self._queue_last()
                 self._pool.shutdown(wait=False)
-        on_worker = threading.current_thread() in self._workers  # its no-op runs after this
-        futures.wait([self._closed], 0 if on_worker else timeout)  # job: waited for, it hung
+        # on the worker its no-op runs after this job: waited for, it would hang
+        futures.wait([self._closed], 0 if self.on_worker() else timeout)
         return self._closed.done()
+
+    def on_worker(self) -> bool:
+        """True on this prefetcher's worker thread (where a fetch's done callbacks run)."""
+        return threading.current_thread() in self._workers
 
     def _queue_last(self) -> Future:
         """A no-op queued behind every fetch; done at once at interpreter exit (an atexit close),

@@ -671,8 +671,13 @@ class TieredStore:
         ``tiers.restart.enabled``, first saves which rows the tiers hold (a warning if it fails).
         ``wait_s``: return after at most this long with calls still under way (a read hung on a
         dying disk); the store is closed to new calls, and the last of those closes the files
-        (no save: it needs the store's lock, which such a call may hold)."""
-        with self._closing:
+        (no save: it needs the store's lock, which such a call may hold). Called from a fetch's
+        done callback while another thread closes the store, it returns at once."""
+        # on the prefetch worker (a fetch's done callback), a close under way on another thread
+        # waits for this very thread: waiting for its lock, each would wait for the other
+        if not self._closing.acquire(blocking=not self._prefetcher.on_worker()):
+            return  # that close finishes the job
+        try:
             if self._closed:
                 return
             deadline = None if wait_s is None else time.monotonic() + wait_s
@@ -690,6 +695,8 @@ class TieredStore:
                 RuntimeWarning,
             )
             self._file_calls.then(self._close_files_late)
+        finally:
+            self._closing.release()
 
     def _stop_background(self, deadline: float | None = None) -> None:
         """End the restore, save and re-pin threads and let in-flight prefetches land, waiting
