@@ -222,7 +222,7 @@ class Prefetcher:
         with self._submitting:  # one worker runs jobs in order: a no-op queued last ends last,
             if self._closed is None:  # after every fetch queued (an interrupted prefetch's too)
                 self._closed = self._queue_last()
-                self._pool.shutdown(wait=False)
+            self._pool.shutdown(wait=False)  # each time: a close interrupted before it did not
         # on the worker its no-op runs after this job: waited for, it would hang
         futures.wait([self._closed], 0 if self.on_worker() else timeout)
         return self._closed.done()
