@@ -129,6 +129,27 @@ def file_size_limit(limit: int) -> Iterator[None]:
         signal.signal(signal.SIGXFSZ, handler)
 
 
+@contextmanager
+def interrupted_once_waiting(future, release: threading.Event) -> Iterator[None]:
+    """A real Ctrl-C (SIGINT to the main thread) once the main thread waits on ``future`` inside
+    the block, which must raise KeyboardInterrupt; ``release`` is set on the way out (the hold
+    the test put on the fetch ends)."""
+
+    def interrupt() -> None:
+        while not future._condition._waiters:
+            release.wait(0.001)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        release.set()
+        signal.signal(signal.SIGINT, default)
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 

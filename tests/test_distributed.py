@@ -19,7 +19,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import golden_dir
+from tests.conftest import golden_dir, interrupted_once_waiting
 from tests.distributed_support import (
     HEADS,
     KILL_TIMEOUT_S,
@@ -502,8 +502,6 @@ def test_a_sharded_lookup_interrupted_while_waiting_for_its_handle_can_collect_i
     """ShardedStore marked a handle consumed before lookup waited for its round: Ctrl-C during
     the wait left it refused as "already consumed" though no rows had come out (as TieredStore
     did before). The shard's lookup is held here; the interrupt comes once lookup waits."""
-    import signal
-
     table = make_plain_table(tmp_path)
     template = shards_template(table, "rows")
     write_shards(table, 1, "rows", template=template, progress=False)
@@ -527,19 +525,8 @@ def test_a_sharded_lookup_interrupted_while_waiting_for_its_handle_can_collect_i
         handle = store.prefetch(ids)
         assert entered.wait(10)
 
-        def interrupt() -> None:  # Ctrl-C, once the main thread waits on the handle's round
-            while not handle.future._condition._waiters:
-                release.wait(0.001)
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-        default = signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-            threading.Thread(target=interrupt, daemon=True).start()
-            with pytest.raises(KeyboardInterrupt):
-                store.lookup(ids, handle)
-        finally:
-            release.set()
-            signal.signal(signal.SIGINT, default)
+        with interrupted_once_waiting(handle.future, release):
+            store.lookup(ids, handle)
         assert torch.equal(store.lookup(ids, handle).view(torch.int16), want.view(torch.int16))
         with pytest.raises(PrefetchHandleError, match="already consumed"):  # collected now
             store.lookup(ids, handle)

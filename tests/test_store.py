@@ -16,7 +16,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import assert_concurrent_lookups_exact, make_table, store_config
+from tests.conftest import (
+    assert_concurrent_lookups_exact,
+    interrupted_once_waiting,
+    make_table,
+    store_config,
+)
 from tiered_store import (
     ConfigError,
     PrefetchHandleError,
@@ -1262,7 +1267,6 @@ def test_a_lookup_interrupted_while_waiting_for_its_handle_can_collect_it_again(
     """Ctrl-C while lookup(ids, handle) waited for the prefetch left the handle marked consumed:
     collecting it again said "already consumed; prefetch again", though no rows had come out.
     The read is made to wait here; the interrupt comes once the lookup waits for the handle."""
-    import signal
     import threading
 
     path, data = make_table(tmp_path, rows=1_000, dim=4)
@@ -1279,19 +1283,8 @@ def test_a_lookup_interrupted_while_waiting_for_its_handle_can_collect_it_again(
     handle = store.prefetch([1, 2, 3])
     assert entered.wait(10)
 
-    def interrupt() -> None:  # Ctrl-C, once the main thread waits on the handle's future
-        while not handle.future._condition._waiters:
-            release.wait(0.001)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    default = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        threading.Thread(target=interrupt, daemon=True).start()
-        with pytest.raises(KeyboardInterrupt):
-            store.lookup([1, 2, 3], handle)
-    finally:
-        release.set()
-        signal.signal(signal.SIGINT, default)
+    with interrupted_once_waiting(handle.future, release):
+        store.lookup([1, 2, 3], handle)
     assert torch.equal(store.lookup([1, 2, 3], handle), data[[1, 2, 3]])
     with pytest.raises(PrefetchHandleError, match="already consumed"):  # collected now
         store.lookup([1, 2, 3], handle)
