@@ -934,6 +934,50 @@ def test_an_open_held_raced_by_forks_at_every_open_still_returns(tmp_path):
     assert out.returncode == 0 and out.stdout == "opened\n", (out.returncode, out.stderr)
 
 
+_HANDLER_FORKS_IN_THE_LAST_OPEN = r"""
+import fcntl, os, sys
+import tiered_store.process_locks as pl
+path = sys.argv[1]
+pl.OPEN_TRIES = 1  # straight to the last try, which holds the module's lock across its open
+r, w = os.pipe()
+done_r, done_w = os.pipe()  # the handler's worker runs until this script ends it
+opener = os.fork()
+if opener == 0:  # opens the lock, takes it and dies without releasing it (kill -9)
+    def handler(frame, event, arg):  # a signal handler running just as the open returns
+        if event == "c_return" and arg is os.open:
+            sys.setprofile(None)
+            if os.fork() == 0:  # its worker runs and exits, never returning to open_held
+                os.close(done_w)
+                os.read(done_r, 1)
+                os._exit(0)
+    sys.setprofile(handler)
+    fd = pl.open_held(path, os.O_RDWR | os.O_CREAT, 0o644)
+    sys.setprofile(None)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(w, b"x")
+    os._exit(0)
+os.waitpid(opener, 0)
+assert os.read(r, 1) == b"x"
+fd = os.open(path, os.O_RDWR)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free")
+except BlockingIOError:
+    print("held by the handler's worker")
+os.close(done_w)
+"""
+
+
+def test_a_fork_from_a_handler_in_the_last_open_leaves_the_child_no_lock(tmp_path):
+    """open_held's last try (under the module's lock) did not count a fork that a signal handler
+    in its own thread made between its open and its tracking: the forked worker kept an untracked
+    copy, and the lock taken on it stayed held after its owner died."""
+    script = tmp_path / "handler_forks.py"
+    script.write_text(_HANDLER_FORKS_IN_THE_LAST_OPEN)
+    out = forkserver.run_python([script, tmp_path / "t.npy.writer.lock"], timeout=60)
+    assert out.returncode == 0 and out.stdout == "free\n", (out.returncode, out.stdout, out.stderr)
+
+
 _INTERRUPTED_WHILE_A_FORK_HOLDS_THE_LOCK = r"""
 import os, signal, sys, threading, time
 import tiered_store.process_locks as pl

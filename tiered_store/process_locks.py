@@ -91,10 +91,13 @@ def open_held(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> in
         if _tracked(fd, forks):
             return fd
         os.close(fd)  # a fork since the open may hold an untracked copy: a new one
-    with _OPENING:  # forks keep coming while it opens (a slow file system): none can now
-        fd = os.open(path, flags | os.O_CLOEXEC, mode)
-        _HELD.add(fd)
-        return fd
+    with _OPENING:  # forks keep coming while it opens (a slow file system): none can now but
+        while True:  # a signal handler's in this thread, between the open and the tracking
+            forks = _forks
+            fd = os.open(path, flags | os.O_CLOEXEC, mode)
+            if _tracked(fd, forks):
+                return fd
+            os.close(fd)
 
 
 def _tracked(fd: int, forks: int) -> bool:
