@@ -8,9 +8,11 @@ take) a lock is opened through :func:`open_held`, and a forked child lets go of 
 ``open_held`` opens without holding the module's lock (an open can block: a FIFO waits for a
 writer, an NFS server for its network), so a fork can come between the open and the tracking;
 each fork is counted, and a descriptor that a fork may have copied untracked is closed and
-opened again (a child's untracked copy stays unlocked: locks are taken after ``open_held``). Forks
-that keep racing its opens (a slow file system, a process forking all the time) would make that
-endless: the last of ``OPEN_TRIES`` opens holds the module's lock, and forks wait for it.
+opened again: the lock is then taken on the new open file description, which the child's copy
+does not share (a lock on the first one would cover the copy). Forks that keep racing its opens
+(a slow file system, a process forking all the time) would make that endless: the last of
+``OPEN_TRIES`` opens holds the module's lock, and forks in other threads wait for it (so that
+open must not wait for a child such a fork would make).
 
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as folder, locked_folder(folder) as fd:

@@ -178,6 +178,8 @@ class InFlight:
         """After ``close()``: run ``action`` once no call is under way: now, or as the last one
         ends."""
         with self._cond:
+            if not self._closing:  # a call ending before close() would never run it
+                raise RuntimeError("InFlight.then() before close()")
             if self._count:
                 self._then = action
                 return
