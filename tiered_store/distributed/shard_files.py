@@ -38,7 +38,7 @@ from ..table_format import (
     table_paths,
 )
 from ..table_sources import TABLE_DTYPES, SourceReader
-from .shard_map import ShardMap, ShardMode, plan_shards
+from .shard_map import ShardMap, ShardMode, check_ranks, plan_shards
 
 __all__ = ["ShardInfo", "read_shard", "shard_path", "write_shards"]
 
@@ -129,6 +129,7 @@ def write_shards(
     [12.0, 13.0, 14.0, 15.0]
     """
     npy, _ = table_paths(table)
+    check_ranks(ranks)  # before the paths: none for 0 ranks
     paths = shard_file_paths(npy, ranks, template)
     # one run at a time over these shard paths: another would remove this one's hidden shards
     lock = Path(f"{paths[0].resolve() if paths[0].is_symlink() else paths[0]}.shard-run.lock")

@@ -157,8 +157,7 @@ def plan_shards(
     >>> plan_shards(t, 3, "rows").bounds
     (0, 3, 6, 10)
     """
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ConfigError(f"ranks: got {ranks!r}; expected an integer >= 1")
+    check_ranks(ranks)
     if ranks > manifest.rows:
         raise ConfigError(
             f"ranks: got {ranks} for a table of {manifest.rows} rows; expected at most one rank per row"
@@ -195,3 +194,9 @@ def _head_bounds(heads: list[tuple[int, int]], ranks: int, where: str) -> list[i
             )
         bounds.extend(offset + size * j // parts for j in range(parts))
     return [*bounds, heads[-1][0] + heads[-1][1]]
+
+
+def check_ranks(ranks: object) -> None:
+    """Refuse a number of ranks (shards) that is not an integer >= 1."""
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ConfigError(f"ranks: got {ranks!r}; expected an integer >= 1")
