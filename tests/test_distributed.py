@@ -64,6 +64,17 @@ def _one_rank_group_env(monkeypatch) -> None:
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
 
 
+def _one_rank_sharded_config(tmp_path, monkeypatch, **sharding: object) -> dict:
+    """A store config over a one-shard cut of a plain table, in a group of this process alone
+    (``sharding``: more of its settings, e.g. timeout_s)."""
+    table = make_plain_table(tmp_path)
+    template = shards_template(table, "rows")
+    write_shards(table, 1, "rows", template=template, progress=False)
+    _one_rank_group_env(monkeypatch)
+    settings = {"ranks": 1, "by": "rows", "shards": template, **sharding}
+    return {"table": {"path": str(table)}, "sharding": settings}
+
+
 @pytest.fixture(autouse=True)
 def _no_group_left_behind():
     """A group a store made from the environment (monkeypatched here) outlives the store, as
@@ -480,12 +491,7 @@ def test_a_sharded_prefetch_collected_after_a_write_is_refused(tmp_path, monkeyp
     """A handle prefetched before a write round may hold older rows; fetching again would be a
     round of this rank's alone (another rank may have looked up without a handle), so it is
     refused, locally, and the store goes on."""
-    table = make_plain_table(tmp_path)
-    template = shards_template(table, "rows")
-    write_shards(table, 1, "rows", template=template, progress=False)
-    _one_rank_group_env(monkeypatch)
-    sharding = {"ranks": 1, "by": "rows", "shards": template}
-    cfg = {"table": {"path": str(table)}, "sharding": sharding}
+    cfg = _one_rank_sharded_config(tmp_path, monkeypatch)
     with ShardedStore.open(cfg) as store:
         ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
         handle = store.prefetch(ids)
@@ -502,14 +508,7 @@ def test_a_sharded_lookup_interrupted_while_waiting_for_its_handle_can_collect_i
     """ShardedStore marked a handle consumed before lookup waited for its round: Ctrl-C during
     the wait left it refused as "already consumed" though no rows had come out (as TieredStore
     did before). The shard's lookup is held here; the interrupt comes once lookup waits."""
-    table = make_plain_table(tmp_path)
-    template = shards_template(table, "rows")
-    write_shards(table, 1, "rows", template=template, progress=False)
-    _one_rank_group_env(monkeypatch)
-    cfg = {
-        "table": {"path": str(table)},
-        "sharding": {"ranks": 1, "by": "rows", "shards": template},
-    }
+    cfg = _one_rank_sharded_config(tmp_path, monkeypatch)
     with ShardedStore.open(cfg) as store:
         ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
         want = store.lookup(ids)
@@ -538,12 +537,7 @@ def test_an_interrupt_inside_a_sharded_prefetch_leaves_its_depth_slot_free(tmp_p
     with the default depth 2, two such interrupts made the next prefetch wait out the timeout and
     fail the store as if a rank had. The interrupt is raised here just after the round is
     queued."""
-    table = make_plain_table(tmp_path)
-    template = shards_template(table, "rows")
-    write_shards(table, 1, "rows", template=template, progress=False)
-    _one_rank_group_env(monkeypatch)
-    sharding = {"ranks": 1, "by": "rows", "shards": template, "timeout_s": 5}
-    cfg = {"table": {"path": str(table)}, "sharding": sharding, "prefetch": {"depth": 2}}
+    cfg = {**_one_rank_sharded_config(tmp_path, monkeypatch, timeout_s=5), "prefetch": {"depth": 2}}
     with ShardedStore.open(cfg) as store:
         ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
         want = store.lookup(ids).view(torch.int16)
@@ -571,12 +565,7 @@ def test_an_interrupt_before_a_sharded_prefetch_queued_its_round_leaves_its_slot
     round was queued kept the slot for good (the round, which frees it, never ran): with depth
     2, two of them made the next prefetch wait out sharding.timeout_s and fail the store as if
     a rank were silent. The interrupt is raised here as the round would be queued."""
-    table = make_plain_table(tmp_path)
-    template = shards_template(table, "rows")
-    write_shards(table, 1, "rows", template=template, progress=False)
-    _one_rank_group_env(monkeypatch)
-    sharding = {"ranks": 1, "by": "rows", "shards": template, "timeout_s": 5}
-    cfg = {"table": {"path": str(table)}, "sharding": sharding, "prefetch": {"depth": 2}}
+    cfg = {**_one_rank_sharded_config(tmp_path, monkeypatch, timeout_s=5), "prefetch": {"depth": 2}}
     with ShardedStore.open(cfg) as store:
         ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
         want = store.lookup(ids).view(torch.int16)
@@ -601,12 +590,7 @@ def test_a_sharded_stores_prefetches_and_their_stalls_are_in_its_stats_and_metri
     """A rank's prefetches, and its lookups' waits for their handles, went uncounted: stats()'s
     prefetch section and tiered_store_prefetches_total / _prefetch_stall_seconds came from its
     shard's store, which never prefetches (the rounds fetch its rows), so they said 0."""
-    table = make_plain_table(tmp_path)
-    template = shards_template(table, "rows")
-    write_shards(table, 1, "rows", template=template, progress=False)
-    _one_rank_group_env(monkeypatch)
-    sharding = {"ranks": 1, "by": "rows", "shards": template}
-    with ShardedStore.open({"table": {"path": str(table)}, "sharding": sharding}) as store:
+    with ShardedStore.open(_one_rank_sharded_config(tmp_path, monkeypatch)) as store:
         ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
         for _ in range(3):
             store.lookup(ids, store.prefetch(ids))
@@ -628,12 +612,7 @@ def test_the_pipelines_stats_delta_of_a_sharded_table_keeps_its_shard_as_it_is(
     """The Engram pipeline's per-table statistics over a sharded table subtracted the shard
     section (its rank, ranks and rows: levels, not counts) like a counter: rank 0, ranks 0 and
     rows 0 in every run's report."""
-    table = make_plain_table(tmp_path)
-    template = shards_template(table, "rows")
-    write_shards(table, 1, "rows", template=template, progress=False)
-    _one_rank_group_env(monkeypatch)
-    sharding = {"ranks": 1, "by": "rows", "shards": template}
-    with ShardedStore.open({"table": {"path": str(table)}, "sharding": sharding}) as store:
+    with ShardedStore.open(_one_rank_sharded_config(tmp_path, monkeypatch)) as store:
         before = store.stats()
         store.lookup(torch.tensor([5, 400]))
         after = store.stats()
@@ -646,12 +625,7 @@ def test_a_lookup_queued_behind_a_concurrent_close_fails_at_once_as_closed(tmp_p
     """A lookup that passed the closed check, then queued its exchange after close() had
     stopped the store's thread, was never run: it waited out the timeout and raised
     RankFailureError (and marked the store failed) for a store that was only closed."""
-    table = make_plain_table(tmp_path)
-    template = shards_template(table, "rows")
-    write_shards(table, 1, "rows", template=template, progress=False)
-    _one_rank_group_env(monkeypatch)
-    sharding = {"ranks": 1, "by": "rows", "shards": template, "timeout_s": 2}
-    store = ShardedStore.open({"table": {"path": str(table)}, "sharding": sharding})
+    store = ShardedStore.open(_one_rank_sharded_config(tmp_path, monkeypatch, timeout_s=2))
     validate = store._validate
 
     def closed_meanwhile(ids):  # close() of another thread, between the check and the queueing

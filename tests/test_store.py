@@ -1058,9 +1058,9 @@ def test_close_gives_up_waiting_after_wait_s(tmp_path):
     assert store.cold._closed  # the call closed it as it ended
 
 
-def test_close_gives_up_on_a_prefetch_whose_read_hangs(tmp_path, monkeypatch):
-    """A prefetch's cold read that does not return (a dying disk: the read is made to wait here)
-    held close(wait_s=...) for good: the prefetch worker was joined without a limit."""
+def _prefetch_held_in_its_read(tmp_path, monkeypatch):
+    """A store (every lookup cold), its table's rows, and a prefetch of rows [1, 2, 3] whose cold
+    read waits (a dying disk) until the Event returned is set (at most 30 s)."""
     import threading
 
     path, data = make_table(tmp_path, rows=1_000, dim=4)
@@ -1076,6 +1076,14 @@ def test_close_gives_up_on_a_prefetch_whose_read_hangs(tmp_path, monkeypatch):
     monkeypatch.setattr(store.cold, "read_rows", hung_read)
     handle = store.prefetch([1, 2, 3])
     assert entered.wait(10)
+    return store, data, handle, release
+
+
+def test_close_gives_up_on_a_prefetch_whose_read_hangs(tmp_path, monkeypatch):
+    """A prefetch's cold read that does not return (a dying disk: the read is made to wait here)
+    held close(wait_s=...) for good: the prefetch worker was joined without a limit."""
+
+    store, data, handle, release = _prefetch_held_in_its_read(tmp_path, monkeypatch)
     start = time.monotonic()
     with pytest.warns(RuntimeWarning, match="still under way"):
         store.close(wait_s=0.3)
@@ -1267,21 +1275,7 @@ def test_a_lookup_interrupted_while_waiting_for_its_handle_can_collect_it_again(
     """Ctrl-C while lookup(ids, handle) waited for the prefetch left the handle marked consumed:
     collecting it again said "already consumed; prefetch again", though no rows had come out.
     The read is made to wait here; the interrupt comes once the lookup waits for the handle."""
-    import threading
-
-    path, data = make_table(tmp_path, rows=1_000, dim=4)
-    store = TieredStore(store_config(path, hot={"capacity": 0}, warm={"capacity": 0}))
-    entered, release = threading.Event(), threading.Event()
-    read_rows = store.cold.read_rows
-
-    def hung_read(ids):
-        entered.set()
-        release.wait(30)
-        return read_rows(ids)
-
-    monkeypatch.setattr(store.cold, "read_rows", hung_read)
-    handle = store.prefetch([1, 2, 3])
-    assert entered.wait(10)
+    store, data, handle, release = _prefetch_held_in_its_read(tmp_path, monkeypatch)
 
     with interrupted_once_waiting(handle.future, release):
         store.lookup([1, 2, 3], handle)
