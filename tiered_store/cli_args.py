@@ -214,9 +214,11 @@ def cache_folder(text: str) -> Path:
 
 def make_folder(path: Path, option: str) -> None:
     """Make the folder ``path`` given as ``option`` (a :func:`cache_folder`) when it is not there,
-    saying so on stderr."""
+    saying so on stderr; one it cannot make (no permission) is a ``ConfigError`` naming it."""
+    from .atomic_file import make_named_dir  # (not at import: --help stays light)
+
     if not path.is_dir():
-        path.mkdir(exist_ok=True)
+        make_named_dir(path, option, "a folder it can make and write")
         print(f"{option}: created {str(path)!r}", file=sys.stderr)
 
 
