@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import RowIdError, TableFormatError, TierIOError
 from .guarded_table import TableUnavailableError
-from .inference_request import RequestError
+from .inference_request import RequestError, cut_text
 from .served_model import NonFiniteOutputError
 
 if TYPE_CHECKING:
@@ -46,9 +46,7 @@ _CLIENT_GONE = 499  # recorded (never sent) when the client left, or ended its s
 
 def _echo(text: str) -> str:
     """``text`` quoted for an error message, cut to ``_ECHO_CHARS`` (its length said when cut)."""
-    if len(text) <= _ECHO_CHARS:
-        return repr(text)
-    return f"{text[:_ECHO_CHARS]!r}... ({len(text):,} characters)"
+    return cut_text(text, _ECHO_CHARS, repr)
 
 
 def json_response(status: int, doc: Any, headers: dict[str, str] | None = None) -> Response:

@@ -31,6 +31,8 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .inference_request import cut_text
+
 __all__ = ["with_head_deadline"]
 
 _MALFORMED = (
@@ -211,10 +213,7 @@ class _ReasonKeepingConnection(h11.Connection):
         try:
             return super().next_event()
         except h11.RemoteProtocolError as exc:
-            reason = str(exc)
-            if len(reason) > _REASON_CHARS:  # it quotes the request: a cut one says so
-                reason = f"{reason[:_REASON_CHARS]}... ({len(reason):,} characters)"
-            self.refusal = reason or None
+            self.refusal = cut_text(str(exc), _REASON_CHARS) or None  # it may quote the request
             raise
 
 

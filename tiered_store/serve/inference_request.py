@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -99,7 +100,7 @@ def parse_request(body: bytes, server: ServerSection, model: RequestModel) -> In
     if unknown:
         raise RequestError(
             400,
-            f"{_key_shown(unknown[0])}: unknown key; expected one of {', '.join(_REQUEST_KEYS)}",
+            f"{cut_text(unknown[0], 40)}: unknown key; expected one of {', '.join(_REQUEST_KEYS)}",
         )
     top_k = doc.get("top_k", 1)
     if type(top_k) is not int or not 1 <= top_k <= MAX_TOP_K:
@@ -273,13 +274,16 @@ def _check_limits(lengths: list[int], server: ServerSection, key: str) -> None:
         )
 
 
-def _key_shown(key: str) -> str:
-    """A body's key as a message names it: whole up to 40 characters, else cut to 40 and its length.
+def cut_text(text: str, limit: int, show: Callable[[str], str] = str) -> str:
+    """``text`` as a message repeats what a client sent: ``show(text)`` up to ``limit``
+    characters, else ``show`` of its first ``limit`` and its length.
 
-    >>> _key_shown("prompt"), _key_shown("k" * 50)
-    ('prompt', 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk... (50 characters)')
+    >>> cut_text("prompt", 40), cut_text("k" * 50, 40), cut_text("/x" * 3, 4, repr)
+    ('prompt', 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk... (50 characters)', "'/x/x'... (6 characters)")
     """
-    return key if len(key) <= 40 else f"{key[:40]}... ({len(key):,} characters)"
+    if len(text) <= limit:
+        return show(text)
+    return f"{show(text[:limit])}... ({len(text):,} characters)"
 
 
 def _described(value: Any) -> str:
