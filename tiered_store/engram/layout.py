@@ -95,9 +95,9 @@ def recorded_layout(
 ) -> dict[str, Any] | None:
     """The addressing facts (:data:`ADDRESSING_FIELDS`) that a profile's metadata or a trace
     header records for one table: its ``config`` (``EngramConfig.to_dict()``, or that under
-    ``engram``), its ``tokenizer``
-    (``compressed_size``, ``lookup_digest``) and the table's Engram ``layer`` (else read off a ``name`` such as
-    ``layer2``). None when it records no Engram config; facts it cannot tell are left out."""
+    ``engram``), its ``tokenizer`` (``compressed_size``, ``lookup_digest``) and the table's
+    Engram ``layer`` (else read off a ``name`` such as ``layer2``). None when it records no
+    Engram config; facts it cannot tell are left out."""
     from .config import EngramConfig
     from .hashing import table_primes
 

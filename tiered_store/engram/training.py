@@ -379,8 +379,7 @@ def _check_progress(
         f"loss.csv and replace dense-{recorded}.pt; nothing was changed: restore the run's table "
         f"files as they were at step {recorded} (a copy of the run made with cp -r keeps the "
         f"delta folder), or choose another {out_name} (to go on from step {table_step or 0} "
-        "anyway, "
-        f"remove {COMMITTED_FILE})"
+        f"anyway, remove {COMMITTED_FILE})"
     )
 
 
