@@ -8,6 +8,7 @@ metadata (the Engram layout). ``shard_join.join_shards`` does the reverse.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -132,16 +133,21 @@ def write_shards(
     check_ranks(ranks)  # before the paths: none for 0 ranks
     paths = shard_file_paths(npy, ranks, template)
     # one run at a time over these shard paths: another would remove this one's hidden shards
-    lock = Path(f"{paths[0].resolve() if paths[0].is_symlink() else paths[0]}.shard-run.lock")
+    lock = Path(f"{_target(paths[0])}.shard-run.lock")
     busy = TierIOError(
         errno.EBUSY,
         f"{paths[0]}: another shard run is writing these shards (it holds {lock.name}); "
         "expected one run at a time",
     )
-    if not lock.parent.is_dir():  # no lock there: create_table names the missing folder
+    with (  # no folder for the lock: create_table names it missing
+        exclusive_run(lock, busy, remove=True) if lock.parent.is_dir() else contextlib.nullcontext()
+    ):
         return _write_shards(npy, ranks, by, paths, progress, overwrite)
-    with exclusive_run(lock, busy, remove=True):
-        return _write_shards(npy, ranks, by, paths, progress, overwrite)
+
+
+def _target(path: Path) -> Path:
+    """The file a shard path names: a symlink's target, as ``create_table`` writes it."""
+    return path.resolve() if path.is_symlink() else path
 
 
 def _write_shards(
@@ -162,7 +168,7 @@ def _write_shards(
             refuse_existing(path, table_paths(path)[1], overwrite)
         written: list[ShardInfo] = []
         for path in paths:  # what a run killed before its renames left (a whole hidden table)
-            _remove_unrenamed(path.resolve() if path.is_symlink() else path)
+            _remove_unrenamed(_target(path))
         # every new shard under a hidden name first: a failure midway leaves the old set whole
         finished: list[tuple[Path, Path]] = []
         replaced = 0
@@ -174,7 +180,7 @@ def _write_shards(
                     **({"committed_step": step} if step else {}),  # a commit of no rows too
                     "shard": {**shard_map.to_json(), "rank": rank, "table": npy.name},
                 }
-                target = path.resolve() if path.is_symlink() else path  # as create_table writes
+                target = _target(path)
                 new = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.new.npy")
                 finished.append((new, target))
                 shard_manifest = create_table(
