@@ -87,19 +87,17 @@ def open_held(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> in
     Close it with :func:`release`. A blocking open (a FIFO) holds up no fork, unless forks raced
     its opens ``OPEN_TRIES - 1`` times: the last try opens holding them up (no endless retry)."""
     path = os.fspath(path)  # once: a path object's __fspath__ may run code (and fork)
-    for _ in range(OPEN_TRIES - 1):
-        forks = _forks
-        fd = os.open(path, flags | os.O_CLOEXEC, mode)
-        if _tracked(fd, forks):
-            return fd
-        os.close(fd)  # a fork since the open may hold an untracked copy: a new one
-    with _OPENING:  # forks keep coming while it opens (a slow file system): none can now but
-        while True:  # a signal handler's in this thread, between the open and the tracking
+    tries = 0
+    while True:
+        tries += 1
+        # forks kept coming while it opened (a slow file system): the last tries hold them up,
+        # and only a signal handler's in this thread can come between the open and the tracking
+        with _OPENING if tries >= OPEN_TRIES else contextlib.nullcontext():
             forks = _forks
             fd = os.open(path, flags | os.O_CLOEXEC, mode)
             if _tracked(fd, forks):
                 return fd
-            os.close(fd)
+            os.close(fd)  # a fork since the open may hold an untracked copy: a new one
 
 
 def _tracked(fd: int, forks: int) -> bool:
