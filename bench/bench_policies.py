@@ -69,7 +69,7 @@ from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.analyze import AnalyzeOptions, analyze
-from zipf_analysis.analyze.publish import analysis_tables, default_tables
+from zipf_analysis.analyze.publish import refuse_unknown_table, table_choices
 from zipf_analysis.replay import ReplayResult, replay
 
 SHARES = (0.01, 0.05, 0.10, 0.25)
@@ -166,20 +166,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_analysis(args: argparse.Namespace) -> None:
     """A ConfigError for an --analysis that is not an `analyze --holdout` output, or a --layer
     that the analysis (given, or the one this run makes) has no table of."""
-    if args.analysis:
-        tables = analysis_tables(Path(args.analysis), "--analysis")
-        where = f"--analysis {args.analysis}"
-        if not (Path(args.analysis) / "holdout.trace").exists():
-            raise ConfigError(
-                f"{where}: no holdout.trace; expected the output of "
-                "`tiered-store analyze --holdout FRACTION`"
-            )
-    else:
-        tables, where = default_tables(), "the default Engram config"
-    if args.layer not in tables:
+    choices = table_choices(args.analysis)
+    if args.analysis and not (Path(args.analysis) / "holdout.trace").exists():
         raise ConfigError(
-            f"--layer {args.layer}: no such table in {where}; expected one of {', '.join(tables)}"
+            f"--analysis {args.analysis}: no holdout.trace; expected the output of "
+            "`tiered-store analyze --holdout FRACTION`"
         )
+    refuse_unknown_table(args.layer, "--layer", choices)
 
 
 def write_oracle_trace(ids: np.ndarray, path: Path) -> None:

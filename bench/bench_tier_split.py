@@ -38,7 +38,7 @@ from tiered_store.cache_plan import parse_policy
 from tiered_store.cli_args import at_least, doc_parser, output_file, public_command, run_script
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
-from zipf_analysis.analyze.publish import analysis_tables, default_tables
+from zipf_analysis.analyze.publish import refuse_unknown_table, table_choices
 from zipf_analysis.replay import replay, with_policy
 from zipf_analysis.tier_split import parse_budgets, recommend_split
 
@@ -101,17 +101,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse a bad option value before any work, naming it and what is expected (the counts
     are refused by their types): exit 2 with the usage."""
     try:
-        if args.analysis:
-            tables, where = (
-                analysis_tables(args.analysis, "--analysis"),
-                f"--analysis {args.analysis}",
-            )
-        else:
-            tables, where = default_tables(), "the default Engram config"
-        if args.table not in tables:
-            raise ConfigError(
-                f"--table {args.table}: no such table in {where}; expected one of {', '.join(tables)}"
-            )
+        refuse_unknown_table(args.table, "--table", table_choices(args.analysis))
         parse_budgets(args.gpu_budget, args.host_budget)
         if args.policy:
             parse_policy(args.policy, key="--policy")

@@ -22,11 +22,11 @@ from ..report import REPORT_JSON, REPORT_MD
 
 __all__ = [
     "OutputDirError",
-    "analysis_tables",
-    "default_tables",
     "file_sizes",
     "prepare_out_dir",
     "publish",
+    "refuse_unknown_table",
+    "table_choices",
 ]
 
 
@@ -34,22 +34,30 @@ class OutputDirError(TieredStoreError, OSError):
     """The output folder cannot be created or written."""
 
 
-def analysis_tables(out_dir: Path, option: str) -> list[str]:
-    """The tables of the finished analysis in ``out_dir`` (its report's); a ConfigError naming
-    ``option`` (what gave ``out_dir``) when there is no such analysis."""
-    report = Path(out_dir) / REPORT_JSON
+def table_choices(analysis: str | Path | None) -> tuple[list[str], str]:
+    """The tables a bench option may name, and where they come from: those of the finished
+    analysis in ``analysis`` (its report's; a ConfigError naming ``--analysis`` when there is no
+    such analysis), else those an analysis with the default Engram config makes."""
+    if not analysis:
+        return [f"layer{layer}" for layer in EngramConfig().layer_ids], "the default Engram config"
+    report = Path(analysis) / REPORT_JSON
     try:
-        return list(json.loads(report.read_text())["tables"])
+        return list(json.loads(report.read_text())["tables"]), f"--analysis {analysis}"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         why = "no report.json" if isinstance(exc, FileNotFoundError) else f"{report}: {exc!r}"
         raise ConfigError(
-            f"{option} {out_dir}: {why}; expected the output folder of `tiered-store analyze`"
+            f"--analysis {analysis}: {why}; expected the output folder of `tiered-store analyze`"
         ) from None
 
 
-def default_tables() -> list[str]:
-    """The tables an analysis with the default Engram config makes (``layer1``, ...)."""
-    return [f"layer{layer}" for layer in EngramConfig().layer_ids]
+def refuse_unknown_table(table: str, option: str, choices: tuple[list[str], str]) -> None:
+    """A ConfigError naming ``option`` when ``table`` is not one of ``choices``
+    (:func:`table_choices`)."""
+    tables, where = choices
+    if table not in tables:
+        raise ConfigError(
+            f"{option} {table}: no such table in {where}; expected one of {', '.join(tables)}"
+        )
 
 
 def prepare_out_dir(out_dir: Path, name: str = "out_dir") -> Path:
