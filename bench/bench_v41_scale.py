@@ -168,9 +168,8 @@ def ensure_table(args, rows: int) -> Path:
             )
         return path
     print(f"creating {path} ({rows:,} x {quant.packed_bytes} B) ...", flush=True)
-    make_folder(
-        args.dir, "--dir"
-    )  # a missing --table is refused by its type: the table is in --dir
+    # a missing --table is refused by its type: the table is in --dir
+    make_folder(args.dir, "--dir")
     source = RandomSource(rows, quant.packed_bytes, dtype="uint8", seed=1, quantization=quant)
     create_table(path, source, progress=True)
     return path
