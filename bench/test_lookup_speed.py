@@ -119,34 +119,26 @@ def test_store_lookup_all_hit_hashed_index(benchmark, speed, all_hit_hashed: All
     )
 
 
-def _small_lookups(store: TieredStore, ids: object) -> None:
-    """``SMALL_LOOKUPS`` lookups of ``ids``."""
-    for _ in range(SMALL_LOOKUPS):
-        store.lookup(ids)
+def _measure_small_lookups(benchmark, speed, store: TieredStore, ids: object, **kw) -> None:
+    """``SMALL_LOOKUPS`` lookups of ``ids`` timed as one call, in the ``lookup-16-ids`` group."""
+
+    def lookups() -> None:
+        for _ in range(SMALL_LOOKUPS):
+            store.lookup(ids)
+
+    speed.measure(
+        benchmark, lookups, group="lookup-16-ids", per_call=16 * SMALL_LOOKUPS, unit="rows", **kw
+    )
 
 
 def test_store_lookup_16_ids_tensor(benchmark, speed, all_hit: AllHit) -> None:
     ids = all_hit.ids[:16].clone()
-    speed.measure(
-        benchmark,
-        lambda: _small_lookups(all_hit.store, ids),
-        group="lookup-16-ids",
-        per_call=16 * SMALL_LOOKUPS,
-        unit="rows",
-        baseline=True,
-    )
+    _measure_small_lookups(benchmark, speed, all_hit.store, ids, baseline=True)
 
 
 def test_store_lookup_16_ids_list(benchmark, speed, all_hit: AllHit) -> None:
     """1f963f9..c1b0415 (lists read by NumPy, bools looked for) made this about 10% slower."""
-    ids = all_hit.ids[:16].tolist()
-    speed.measure(
-        benchmark,
-        lambda: _small_lookups(all_hit.store, ids),
-        group="lookup-16-ids",
-        per_call=16 * SMALL_LOOKUPS,
-        unit="rows",
-    )
+    _measure_small_lookups(benchmark, speed, all_hit.store, all_hit.ids[:16].tolist())
 
 
 def test_disk_random_reads_cold_miss(benchmark, speed, sizes, cold_table: Path) -> None:
