@@ -570,6 +570,45 @@ def nonfinite_gradient_worker(
     _report(out, rank, result)
 
 
+def overflowed_step_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
+    """Every rank: a step under a GradScaler whose gradients overflowed on rank 0 only, then one
+    finite on both; rows, steps and scales after each."""
+    from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.trainable import TrainableTable
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(trainable), world, "rows")
+    cfg["sharding"]["timeout_s"] = 5  # a rank left waiting fails the test in seconds
+    try:
+        table = TrainableTable(ShardedStore.open(cfg), make_row_optimizer("adam", lr=0.05))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        with torch.no_grad():
+            before = table.lookup(ids)
+        loss = table.lookup(ids).sum()
+        scaler.scale(loss * (float("inf") if rank == 0 else 1.0)).backward()
+        result["skipped"] = table.step(table.last_step + 1, scaler)
+        with torch.no_grad():
+            result["unchanged"] = torch.equal(table.lookup(ids), before)
+        result["after skip"] = (table.skipped_steps, table.last_step)
+        scaler.update()
+        result["scale after skip"] = scaler.get_scale()
+        scaler.scale(table.lookup(ids).sum()).backward()
+        result["applied"] = table.step(table.last_step + 1, scaler)
+        scaler.update()
+        with torch.no_grad():
+            result["moved"] = (table.lookup(ids) - before).tolist()
+        result["after step"] = (table.skipped_steps, table.last_step, scaler.get_scale())
+        table.commit()
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def unreadable_shard_step_worker(
     rank: int, world: int, port: int, trainable: str, out: Path
 ) -> None:

@@ -1400,6 +1400,23 @@ def test_a_non_finite_gradient_on_one_rank_is_refused_on_all_before_any_shard_st
     assert [r["retried"] for r in results] == [1, 1]  # rank 1's row, on rank 1's gradient
 
 
+def test_a_step_whose_gradients_overflowed_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """Under a GradScaler, rank 0's gradients overflowed: every rank skips the step (no shard
+    changes, last_step stays) and every rank's scaler records the overflow, so their scales stay
+    equal; the next step applies on both. Both ranks look up both rows, so each row's summed
+    gradient is 2 and Adam's first step moves every weight by lr."""
+    from tests.distributed_support import overflowed_step_worker
+
+    results = _on_two_trainable_row_shards(tmp_path, overflowed_step_worker)
+    for result in results:
+        assert result["skipped"] == 0 and result["unchanged"]
+        assert result["after skip"] == [1, 0]
+        assert result["scale after skip"] == 2.0**9
+        assert result["after step"] == [1, 1, 2.0**9]
+        assert np.allclose(result["moved"], -0.05, atol=1e-6)
+    assert [r["applied"] for r in results] == [1, 1]
+
+
 def test_an_optimizer_update_overflowing_on_one_shard_is_refused_on_all_before_any_writes(
     tmp_path,
 ):

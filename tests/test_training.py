@@ -545,3 +545,103 @@ def test_a_commit_below_the_last_step_is_refused_as_a_numpy_integer_too(tmp_path
     assert table.store.committed_step == 0
     assert table.commit(np.int64(3)) == 3
     table.close()
+
+
+def _two_adam_tables(tmp_path: Path) -> tuple[TrainableTable, TrainableTable]:
+    """Two Adam tables with the same random weights."""
+    adam = make_row_optimizer("adam", lr=0.05)
+    init = np.random.default_rng(3).standard_normal((ROWS, DIM)).astype(np.float32)
+    tables = []
+    for name in ("plain", "scaled"):
+        create_trainable_table(tmp_path / f"{name}.npy", init, adam)
+        tables.append(
+            TrainableTable(TieredStore.open(store_config(tmp_path / f"{name}.npy")), adam)
+        )
+    return tables[0], tables[1]
+
+
+def _commit_and_close(*tables: TrainableTable) -> None:
+    """Commit each table's steps and close it."""
+    for table in tables:
+        table.commit()
+        table.close()
+
+
+def test_a_grad_scaler_steps_the_rows_as_the_unscaled_gradients_do(tmp_path):
+    """A GradScaler's scaled loss gave the table gradients 2**k times too large: Adam's update
+    hides a constant factor but not its eps, and SGD steps 2**k times too far. step(n, scaler)
+    unscales them: the rows equal an unscaled run's (a power-of-two scale is exact)."""
+    plain, scaled = _two_adam_tables(tmp_path)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    for step, (ids, target) in enumerate(_batch(np.random.default_rng(4), 6), start=1):
+        (plain.lookup(ids).sum(1)[:, :3] - target).pow(2).mean().backward()
+        loss = (scaled.lookup(ids).sum(1)[:, :3] - target).pow(2).mean()
+        scaler.scale(loss).backward()
+        assert plain.step(step) == scaled.step(step, scaler) > 0
+        scaler.update()
+    assert scaler.get_scale() == 2.0**15  # it grew every 2 steps: no step was skipped
+    assert scaled.skipped_steps == 0 and scaled.last_step == 6
+    assert torch.equal(scaled.store.lookup(torch.arange(ROWS)), plain.store.lookup(torch.arange(ROWS)))  # fmt: skip
+    _commit_and_close(plain, scaled)
+
+
+def test_an_overflowed_step_is_skipped_and_its_number_can_be_applied_next(tmp_path):
+    """Gradients that overflowed under a GradScaler (inf) were refused as non-finite, with no
+    way to skip the step as scaler.step does. Now: no row changes, the gradients are dropped,
+    the scaler's update() halves the scale, last_step stays, and passing last_step + 1 next
+    applies Adam's step 1, as torch's Adam under a scaler counts only applied steps."""
+    plain, scaled = _two_adam_tables(tmp_path)
+    before = scaled.store.lookup(torch.arange(ROWS))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler.scale(scaled.lookup(torch.tensor([1, 2])).sum() * float("inf")).backward()
+    assert scaled.step(scaled.last_step + 1, scaler) == 0
+    assert (scaled.skipped_steps, scaled.last_step) == (1, 0)
+    assert torch.equal(scaled.store.lookup(torch.arange(ROWS)), before)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**11
+    ids = torch.tensor([[2, 5, 5]])
+    plain.lookup(ids).sum().backward()
+    scaler.scale(scaled.lookup(ids).sum()).backward()
+    assert scaled.step(scaled.last_step + 1, scaler) == plain.step(1) == 2  # 1's gradient dropped
+    assert torch.equal(scaled.store.lookup(torch.arange(ROWS)), plain.store.lookup(torch.arange(ROWS)))  # fmt: skip
+    assert scaled.last_step == 1
+    _commit_and_close(plain, scaled)
+
+
+def test_a_scaler_that_cannot_unscale_is_refused_and_the_gradients_kept(tmp_path):
+    """Something else than a GradScaler, or one whose scale(loss) made nothing this iteration:
+    ConfigError naming the scaler, before any row changes; the gradients stay for the step."""
+    plain, scaled = _two_adam_tables(tmp_path)
+    scaled.lookup(torch.tensor([4])).sum().backward()
+    with pytest.raises(ConfigError, match=r"scaler: str; expected a torch.amp.GradScaler or None"):
+        scaled.step(1, "scaler")
+    unused = torch.amp.GradScaler("cpu")
+    with pytest.raises(ConfigError, match=r"scaler: Attempted unscale_ but _scale is None.*expected the GradScaler whose scale\(loss\)"):  # fmt: skip
+        scaled.step(1, unused)
+    disabled = torch.amp.GradScaler("cpu", enabled=False)  # as no scaler: the step is applied
+    assert scaled.step(1, disabled) == 1 and scaled.last_step == 1
+    plain.lookup(torch.tensor([4])).sum().backward()
+    plain.step(1)
+    assert torch.equal(scaled.store.lookup(torch.arange(ROWS)), plain.store.lookup(torch.arange(ROWS)))  # fmt: skip
+    _commit_and_close(plain, scaled)
+
+
+def test_rows_trained_under_bfloat16_autocast_get_the_gradients_a_parameter_gets(tmp_path):
+    """Under torch.autocast the head computes in bfloat16; the table's rows stay float32 and its
+    row gradients are those an embedding parameter gets from the same graph."""
+    sgd = make_row_optimizer("sgd", lr=0.5)
+    init = np.random.default_rng(5).standard_normal((ROWS, DIM)).astype(np.float32)
+    create_trainable_table(tmp_path / "t.npy", init, sgd)
+    table = TrainableTable(TieredStore.open(store_config(tmp_path / "t.npy")), sgd)
+    head = torch.nn.Linear(DIM, 3)
+    weight = torch.from_numpy(init).requires_grad_(True)
+    ids, target = next(_batch(np.random.default_rng(6), 1))
+    for rows in (table.lookup(ids), weight[ids]):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = head(rows.sum(1))
+        assert out.dtype == torch.bfloat16
+        (out.float() - target).pow(2).mean().backward()
+    table.step(1)
+    expected = weight.detach() - 0.5 * weight.grad
+    assert torch.equal(table.store.lookup(torch.arange(ROWS)), expected)
+    _commit_and_close(table)

@@ -10,6 +10,7 @@ store, the optimizer's new rows, ``store.write``. ``commit()`` makes the step du
 
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
 from typing import Any
@@ -85,6 +86,21 @@ def create_trainable_table(
     return create_table(path, rows, metadata=meta, progress=progress, overwrite=overwrite)
 
 
+class _ScaledRowGradients(torch.optim.Optimizer):
+    """A table's row gradients as one parameter's gradient, never stepped: what
+    ``GradScaler.unscale_`` takes, so that it unscales them in place and records whether they hold
+    an inf or a NaN (its ``update()`` then lowers the scale)."""
+
+    def __init__(self, grads: torch.Tensor) -> None:
+        holder = grads.detach()
+        super().__init__([holder], {})
+        holder.grad = grads
+
+    def step(self, closure: Any = None) -> None:  # noqa: ARG002 (torch's signature)
+        """Never called: the table applies its own update."""
+        raise RuntimeError("the table's row gradients are stepped by TrainableTable.step")
+
+
 class _RowsWithGrad(torch.autograd.Function):
     """Identity on looked-up rows whose backward hands the row gradients to the table."""
 
@@ -126,6 +142,18 @@ class TrainableTable:
     (2, [[-1.0, -1.0], [-1.0, -1.0]])
     >>> table.commit(1), table.close()
     (1, None)
+
+    Mixed precision: pass the ``GradScaler`` that scaled the loss to :meth:`step`, which unscales
+    the row gradients and skips a step whose gradients overflowed, as ``scaler.step`` does:
+
+    >>> table = TrainableTable(TieredStore.open({"table": {"path": path}}), sgd)
+    >>> scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    >>> scaler.scale(table.lookup(torch.tensor([3])).sum() * 2.0**110).backward()  # overflows
+    >>> table.step(2, scaler), table.skipped_steps, table.last_step
+    (0, 1, 1)
+    >>> scaler.update(); scaler.get_scale()  # halved: the next step is scaled less
+    524288.0
+    >>> table.close()
     """
 
     keeps_stats = True
@@ -160,6 +188,13 @@ class TrainableTable:
         # carries the step its rows' optimizer state was made at (Adam's bias correction); so
         # does this one after a commit at a later step
         self._last_step = store.committed_step
+        self.skipped_steps = 0  # steps a GradScaler's overflow skipped (see step())
+        self._scaler_holders: list[_ScaledRowGradients] = []
+
+    @property
+    def last_step(self) -> int:
+        """The last optimizer step applied (a reopened table: its last commit's step)."""
+        return self._last_step
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """Weights ``[..., dim]`` of ``row_ids``; with grad enabled, on the autograd graph."""
@@ -175,11 +210,21 @@ class TrainableTable:
         """Start fetching ``row_ids`` (weights and state come together)."""
         return self.store.prefetch(row_ids)
 
-    def step(self, step: int) -> int:
+    def step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> int:
         """Apply the optimizer to every row with a gradient since the last step; returns how many
         rows it updated. ``step`` counts optimizer steps from 1 (Adam's bias correction), each
         higher than the last (else ``ConfigError``, the gradients kept); a reopened table's last
         step is its last commit's (see :meth:`commit`).
+
+        ``scaler``: the ``torch.amp.GradScaler`` whose ``scale(loss)`` made these gradients (mixed
+        precision); call this before ``scaler.update()``. The summed row gradients are unscaled
+        first; when they hold an inf or a NaN the step is skipped, as ``scaler.step`` skips a torch
+        optimizer's: no row changes, the gradients are dropped, it returns 0, ``skipped_steps``
+        grows by one and :attr:`last_step` stays, so the same number can be passed again (to count
+        only applied steps in Adam's bias correction, as torch's Adam does, pass
+        ``last_step + 1``); the scaler records the overflow, so its ``update()`` lowers the scale.
+        A scaler that scaled nothing this iteration is refused (``ConfigError``, the gradients
+        kept).
 
         Over a ``ShardedStore`` it is a collective (every rank calls it, with gradients or not):
         the gradients go to the ranks owning their rows, which sum them and apply the optimizer
@@ -188,7 +233,9 @@ class TrainableTable:
         passing different steps; no row changes and every rank keeps its gradients. A shard that
         cannot read or update its rows fails the step on every rank before any shard writes
         (``UpdateRefusedError``, the gradients kept); when a shard fails to write its rows (the
-        others wrote theirs), the gradients are dropped."""
+        others wrote theirs), the gradients are dropped. A step one rank's ``scaler`` finds
+        overflowed is skipped on every rank, and every rank's scaler records the overflow (their
+        scales stay equal)."""
         number = as_integer(step)  # True is not step 1
         if number is None or number < 1:
             self._refuse(step, f"step: {step!r}; expected an integer >= 1 (steps count from 1)")
@@ -201,19 +248,32 @@ class TrainableTable:
             self._refuse(
                 step, f"step: {number}; expected more than the last step, {self._last_step} ({why})"
             )
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            self._refuse(
+                step, f"scaler: {type(scaler).__name__}; expected a torch.amp.GradScaler or None"
+            )
         unique, summed = self._summed_gradients()
+        scaled = scaler is not None and scaler.is_enabled()
+        skip = scaled and self._unscale(scaler, summed, number)
         update_rows = getattr(self.store, "update_rows", None)
         if update_rows is not None:  # sharded: the owners apply it
             try:
                 updated = update_rows(
-                    unique, summed, partial(self.optimizer.update, step=number), step=number
+                    unique,
+                    summed,
+                    partial(self.optimizer.update, step=number),
+                    step=number,
+                    skip=skip,
                 )
             except UpdateRefusedError:  # failed before any shard wrote: kept for a retry
                 raise
             except TierIOError:  # a shard failed its update, the others made theirs: not twice
                 self._gradients.clear()
                 raise
-        elif not unique.numel():
+            if updated is None and scaled and not skip:  # another rank's gradients overflowed
+                self._record_overflow(scaler, summed.device)
+            skip = updated is None
+        elif skip or not unique.numel():
             updated = 0
         else:  # the write is the last thing done: when anything fails, no row changed
             current = self.store.lookup(unique)
@@ -222,8 +282,33 @@ class TrainableTable:
             self.store.write(unique, new_rows)
             updated = unique.numel()
         self._gradients.clear()
+        if skip:
+            self.skipped_steps += 1
+            return 0
         self._last_step = number
         return updated
+
+    def _unscale(self, scaler: torch.amp.GradScaler, summed: torch.Tensor, step: int) -> bool:
+        """Divide ``summed`` by ``scaler``'s scale in place (the scaler records whether it holds
+        an inf or a NaN); whether it does."""
+        holder = _ScaledRowGradients(summed)
+        try:
+            scaler.unscale_(holder)
+        except (AssertionError, RuntimeError) as exc:  # torch's: no scale(loss) this iteration
+            self._refuse(
+                step,
+                f"scaler: {exc}; expected the GradScaler whose scale(loss) made this step's "
+                "gradients, before its update() (the gradients are kept)",
+            )
+        self._scaler_holders = [holder]  # alive until update(): the scaler keys them by id()
+        return first_non_finite_row(summed) is not None
+
+    def _record_overflow(self, scaler: torch.amp.GradScaler, device: torch.device) -> None:
+        """Tell ``scaler`` of an overflow another rank found, so that every rank's ``update()``
+        lowers its scale alike."""
+        holder = _ScaledRowGradients(torch.full((1,), math.inf, device=device))
+        scaler.unscale_(holder)
+        self._scaler_holders.append(holder)
 
     def _check_finite(
         self, ids: torch.Tensor, summed: torch.Tensor, new_rows: torch.Tensor, step: int
@@ -268,7 +353,8 @@ class TrainableTable:
             inside = (ids >= 0) & (ids < self.rows)
             ids, grads = ids[inside], grads[inside.to(grads.device)]
         unique, inverse, _ = unique_inverse_counts(ids)
-        summed = torch.zeros((unique.numel(), self.dim), dtype=grads.dtype, device=grads.device)
+        dtype = torch.promote_types(grads.dtype, torch.float32)  # half gradients sum in float32
+        summed = torch.zeros((unique.numel(), self.dim), dtype=dtype, device=grads.device)
         summed.index_add_(0, inverse.to(grads.device), grads)
         return unique, summed
 

@@ -367,7 +367,9 @@ class ShardedStore:
         grads: torch.Tensor,
         update: Callable[[torch.Tensor, torch.Tensor], Any],
         step: int | None = None,
-    ) -> int:
+        *,
+        skip: bool = False,
+    ) -> int | None:
         """Send the gradients ``grads`` (``[n, g]``) of ``ids`` to the ranks owning them; each
         owner sums the gradients it received per row (in rank order), reads its rows and writes
         ``update(rows, summed)``; a collective (``TrainableTable.step`` through a sharded store).
@@ -375,10 +377,20 @@ class ShardedStore:
         optimizer ``step`` (else every rank raises ``StepMismatchError``, naming the ranks, and
         no row changes); a non-finite gradient is refused likewise (``RowDataError`` on its
         rank), and an update that is not finite on any shard (``RowDataError`` on every rank,
-        before any shard writes). Returns how many rows this rank updated."""
+        before any shard writes). Returns how many rows this rank updated.
+
+        ``skip``: this rank's gradients overflowed under a ``GradScaler`` (``ids`` and ``grads``
+        are not read): when any rank passes it, no shard changes and every rank returns None."""
         self._check_usable()
         self._check_float_rows("update_rows")
         self._write_rounds += 1
+        if skip:
+            updated, errors = self._wait(
+                self._thread.submit(self._update_round, *_NO_GRADIENTS, update, step, True),
+                "update_rows",
+            )
+            self._raise_failed("update_rows", errors)
+            return updated
         try:
             flat, _ = self._validate_write_ids(ids)
             try:
@@ -425,10 +437,7 @@ class ShardedStore:
     def _join_refused(self, update: Callable, step: Any) -> None:
         """Join an update round with no gradients and a step no rank passes: every rank refuses
         the round (an optimizer step is applied everywhere or nowhere)."""
-        nothing = torch.empty((0, 0), dtype=torch.float32)
-        self._thread.submit(
-            self._update_round, torch.empty(0, dtype=torch.int64), nothing, update, _refused(step)
-        )
+        self._thread.submit(self._update_round, *_NO_GRADIENTS, update, _refused(step))
 
     @property
     def committed_step(self) -> int:
@@ -940,19 +949,26 @@ class ShardedStore:
         self._unfinished = None
 
     def _update_round(
-        self, ids: torch.Tensor, grads: torch.Tensor, update: Callable, step: int | None
-    ) -> tuple[int, list[str | None]]:
+        self,
+        ids: torch.Tensor,
+        grads: torch.Tensor,
+        update: Callable,
+        step: int | None,
+        skip: bool = False,
+    ) -> tuple[int | None, list[str | None]]:
         """Agree on the gradients' width and the step, route the gradients, sum them per row,
-        apply ``update`` to this shard's rows."""
+        apply ``update`` to this shard's rows; when any rank skips, nothing (None rows)."""
         self._heartbeat.enter("update")
         # the width from the shape: [n, 0] gradients are refused before, never read as "none"
-        asked = self._all_gather((grads.shape[1] if len(grads) else None, step))
-        refused = _disagreeing(asked)
+        asked = self._all_gather((grads.shape[1] if len(grads) else None, step, skip))
+        refused = _disagreeing([(width, s) for width, s, _ in asked])
         if any(refused):  # raised on every rank: they stay in step
             named = "; ".join(f"rank {r}: {why}" for r, why in enumerate(refused) if why)
             raise StepMismatchError(
                 f"rank {self.rank}: update_rows: {named}; nothing was updated on any shard"
             )
+        if any(skipped for _, _, skipped in asked):  # a rank's gradients overflowed
+            return None, [None] * self.world
         order = torch.argsort(ids, stable=True)  # grouped by owner
         local_ids, received = self._route(ids[order], grads[order])
         unique, inverse, _ = unique_inverse_counts(local_ids)
@@ -1153,6 +1169,7 @@ def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]
 
 
 _REFUSED = " (refused)"  # the step a rank passes into a round it refused its own input to
+_NO_GRADIENTS = (torch.empty(0, dtype=torch.int64), torch.empty((0, 0), dtype=torch.float32))
 
 
 def _refused(step: Any) -> str:
