@@ -193,6 +193,38 @@ def test_training_with_a_cuda_hot_tier(tmp_path):
     table.close()
 
 
+@pytest.mark.gpu
+def test_a_cuda_grad_scaler_under_float16_autocast_with_a_cuda_hot_tier(tmp_path):
+    """float16 autocast on the GPU, a CUDA GradScaler and rows cached on the GPU: the steps the
+    scaler does not skip move the rows as an unscaled float32 run does (to float16's rounding),
+    and an overflowed step changes nothing and halves the scale."""
+    plain, scaled = _two_tables(tmp_path, "sgd")  # a missed unscale moves rows 2**16 too far
+    tiers = {"hot": {"capacity": 12, "device": "cuda"}, "warm": {"capacity": 24}}
+    scaled.close()
+    scaled = TrainableTable(
+        TieredStore.open(store_config(tmp_path / "scaled.npy", **tiers)), scaled.optimizer
+    )
+    head = torch.nn.Linear(DIM, 3).cuda()
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+    for step, (ids, target) in enumerate(_batch(np.random.default_rng(7), 8), start=1):
+        target = target.cuda()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = (head(scaled.lookup(ids.cuda()).sum(1)) - target).pow(2).mean()
+        scaler.scale(loss * (float("inf") if step == 3 else 1.0)).backward()
+        applied = scaled.step(scaled.last_step + 1, scaler)
+        scaler.update()
+        if step == 3:
+            assert applied == 0 and scaled.skipped_steps == 1
+            continue
+        (head(plain.lookup(ids).cuda().sum(1)) - target).pow(2).mean().backward()
+        assert plain.step(plain.last_step + 1) == applied
+        head.zero_grad()
+    assert scaled.last_step == plain.last_step == 7
+    got, want = (t.store.lookup(torch.arange(ROWS)).cpu() for t in (scaled, plain))
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+    _commit_and_close(plain, scaled)
+
+
 def test_bad_optimizer_arguments_are_config_errors():
     from tiered_store.errors import ConfigError
 
@@ -547,16 +579,15 @@ def test_a_commit_below_the_last_step_is_refused_as_a_numpy_integer_too(tmp_path
     table.close()
 
 
-def _two_adam_tables(tmp_path: Path) -> tuple[TrainableTable, TrainableTable]:
-    """Two Adam tables with the same random weights."""
-    adam = make_row_optimizer("adam", lr=0.05)
+def _two_tables(tmp_path: Path, name: str = "adam") -> tuple[TrainableTable, TrainableTable]:
+    """Two tables with the same random weights, trained by optimizer ``name``."""
+    optimizer = make_row_optimizer(name, lr=0.05)
     init = np.random.default_rng(3).standard_normal((ROWS, DIM)).astype(np.float32)
     tables = []
-    for name in ("plain", "scaled"):
-        create_trainable_table(tmp_path / f"{name}.npy", init, adam)
-        tables.append(
-            TrainableTable(TieredStore.open(store_config(tmp_path / f"{name}.npy")), adam)
-        )
+    for run in ("plain", "scaled"):
+        create_trainable_table(tmp_path / f"{run}.npy", init, optimizer)
+        store = TieredStore.open(store_config(tmp_path / f"{run}.npy"))
+        tables.append(TrainableTable(store, optimizer))
     return tables[0], tables[1]
 
 
@@ -567,11 +598,12 @@ def _commit_and_close(*tables: TrainableTable) -> None:
         table.close()
 
 
-def test_a_grad_scaler_steps_the_rows_as_the_unscaled_gradients_do(tmp_path):
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_a_grad_scaler_steps_the_rows_as_the_unscaled_gradients_do(tmp_path, name):
     """A GradScaler's scaled loss gave the table gradients 2**k times too large: Adam's update
     hides a constant factor but not its eps, and SGD steps 2**k times too far. step(n, scaler)
     unscales them: the rows equal an unscaled run's (a power-of-two scale is exact)."""
-    plain, scaled = _two_adam_tables(tmp_path)
+    plain, scaled = _two_tables(tmp_path, name)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
     for step, (ids, target) in enumerate(_batch(np.random.default_rng(4), 6), start=1):
         (plain.lookup(ids).sum(1)[:, :3] - target).pow(2).mean().backward()
@@ -590,7 +622,7 @@ def test_an_overflowed_step_is_skipped_and_its_number_can_be_applied_next(tmp_pa
     way to skip the step as scaler.step does. Now: no row changes, the gradients are dropped,
     the scaler's update() halves the scale, last_step stays, and passing last_step + 1 next
     applies Adam's step 1, as torch's Adam under a scaler counts only applied steps."""
-    plain, scaled = _two_adam_tables(tmp_path)
+    plain, scaled = _two_tables(tmp_path)
     before = scaled.store.lookup(torch.arange(ROWS))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     scaler.scale(scaled.lookup(torch.tensor([1, 2])).sum() * float("inf")).backward()
@@ -611,7 +643,7 @@ def test_an_overflowed_step_is_skipped_and_its_number_can_be_applied_next(tmp_pa
 def test_a_scaler_that_cannot_unscale_is_refused_and_the_gradients_kept(tmp_path):
     """Something else than a GradScaler, or one whose scale(loss) made nothing this iteration:
     ConfigError naming the scaler, before any row changes; the gradients stay for the step."""
-    plain, scaled = _two_adam_tables(tmp_path)
+    plain, scaled = _two_tables(tmp_path)
     scaled.lookup(torch.tensor([4])).sum().backward()
     with pytest.raises(ConfigError, match=r"scaler: str; expected a torch.amp.GradScaler or None"):
         scaled.step(1, "scaler")
