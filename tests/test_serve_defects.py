@@ -875,3 +875,91 @@ def test_the_server_starts_on_an_h11_without_its_private_default_size(config_pat
         assert get_json(server.url + "/healthz") == (200, {"status": "ok"})
         status, _, body = raw_exchange(server.url, b"GET /healthz HTTP/1.1\r\n\r\n")
         assert status == 400 and "Missing mandatory Host" in json.loads(body)["error"], body
+
+
+def _leave(sock: socket.socket, how: str) -> None:
+    """End a client's side of a connection: ``close`` (a FIN), ``reset`` (an RST) or
+    ``half-close`` (a FIN; it still reads)."""
+    import struct
+
+    if how == "half-close":
+        sock.shutdown(socket.SHUT_WR)
+        return
+    if how == "reset":  # SO_LINGER 0: the close resets the connection
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize(
+    "settings", [{}, {"announce_requests": True}, {"drop_abandoned": False}], ids=str
+)
+def test_a_request_whose_client_leaves_while_it_waits_for_a_turn_is_not_computed(
+    tmp_path, settings
+):
+    """max_concurrent 1, one request computing: three more wait for the turn, and their clients
+    leave (close, reset, half-close). They were computed when the turn came, each for nobody
+    (or for a half-closed client that still read). Now they are counted 499 at once, never
+    computed, their announcements released; the half-closed client reads why (503). With
+    server.drop_abandoned: false they are computed and the half-closed one gets its answer."""
+    from tests.test_serve import start_server
+    from tests.test_serve_announce import queued_requests
+    from tiered_store.serve.client import post_json
+
+    drop = settings.get("drop_abandoned", True)
+    server = start_server(make_checkpoint(tmp_path, server={"max_concurrent": 1, **settings}))
+    computing, go_on = threading.Event(), threading.Event()
+    answer, computed = server.model.answer, []
+
+    def held_answer(request, *args, **kwargs):
+        computed.append(request.input_ids.tolist())
+        computing.set()
+        go_on.wait(30)  # the first request holds the only compute turn
+        return answer(request, *args, **kwargs)
+
+    server.model.answer = held_answer
+    url = server.url + "/v1/engram"
+    first = threading.Thread(target=lambda: post_json(url, {"input_ids": [[1, 2, 3]]}))
+    host, port = server.url.removeprefix("http://").split(":")
+    socks = []
+    try:
+        first.start()
+        assert computing.wait(30)
+        before = _answers(server.url, "499", "/v1/engram")
+        for n, how in enumerate(("close", "reset", "half-close")):
+            body = json.dumps({"input_ids": [[4 + n, 5, 6]]}).encode()
+            head = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            sock.sendall(head.encode() + body)
+            time.sleep(0.3)  # it waits for the turn
+            _leave(sock, how)
+            socks.append(sock)
+        deadline = time.monotonic() + 20
+        while drop and _answers(server.url, "499", "/v1/engram") < before + 3:
+            assert time.monotonic() < deadline, _answers(server.url, "499", "/v1/engram") - before
+            time.sleep(0.05)
+        if drop:  # while the first still computes: dropped, not left waiting for the turn
+            assert len(computed) == 1
+            if settings.get("announce_requests"):
+                assert queued_requests(server) == [1, 1]  # the first's only
+            reply = socks[2].recv(65536)
+            assert reply.startswith(b"HTTP/1.1 503"), reply[:200]
+            error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+            assert error.startswith("not computed: the client ended its stream, or closed")
+        go_on.set()
+        first.join(30)
+        if not drop:
+            reply = b""
+            while chunk := socks[2].recv(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+            deadline = time.monotonic() + 20
+            while len(computed) < 4:
+                assert time.monotonic() < deadline, computed
+                time.sleep(0.05)
+        assert [ids[0][0] for ids in computed] == ([1] if drop else [1, 4, 5, 6])
+    finally:
+        go_on.set()
+        first.join(30)
+        for sock in socks:
+            sock.close()
+        server.stop()

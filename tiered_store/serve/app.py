@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import RowIdError, TableFormatError, TierIOError
 from .guarded_table import TableUnavailableError
-from .inference_request import RequestError, cut_text
+from .inference_request import ClientGone, RequestError, cut_text
 from .served_model import NonFiniteOutputError
 
 if TYPE_CHECKING:
@@ -71,10 +71,13 @@ def build_app(server: InferenceServer) -> ASGIApp:
         received = time.perf_counter()
         try:
             body = await _read_body(request, server.config.server)
-            doc, tokens = await server.answer(body)
+            doc, tokens = await _answer_while_watching(request, server, body)
         except ClientDisconnect:
             request.scope["state"]["gone"] = True
             return Response(status_code=400)  # goes nowhere: the client is gone
+        except ClientGone:  # counted 499; a client that only half-closed reads why
+            request.scope["state"]["gone"] = True
+            return json_response(503, {"error": _ABANDONED}, {"Connection": "close"})
         except anyio.get_cancelled_exc_class():  # uvicorn's drain ran out: its 500, a traceback
             return json_response(503, {"error": _DRAIN_OVER}, {"Connection": "close"})
         except Exception as exc:  # every failure becomes a JSON answer; none escapes to uvicorn
@@ -125,7 +128,41 @@ def build_app(server: InferenceServer) -> ASGIApp:
     return _CountingMiddleware(app, server)
 
 
+async def _answer_while_watching(
+    request: Request, server: InferenceServer, body: bytes
+) -> tuple[dict[str, Any], int]:
+    """``server.answer(body)``; with ``server.drop_abandoned``, told when the client closes its
+    connection or ends its stream (a request waiting for a compute turn then raises
+    ``ClientGone``, not computed)."""
+    if not server.config.server.drop_abandoned:
+        return await server.answer(body)
+    gone = anyio.Event()
+
+    async def watch() -> None:
+        state = request.scope["state"]
+        while not state.get("client_ended"):  # woken by the protocol's eof_received
+            if (await request.receive())["type"] == "http.disconnect":
+                break
+        gone.set()
+
+    failed: Exception | None = None
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        try:
+            answered = await server.answer(body, gone)
+        except Exception as exc:  # raised after the group: inside, an ExceptionGroup
+            failed = exc
+        group.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
+    return answered
+
+
 _INTERNAL = "internal server error (details are in the server log)"
+_ABANDONED = (
+    "not computed: the client ended its stream, or closed, while the request waited for a "
+    "compute turn (server.drop_abandoned); keep the connection open until the answer"
+)
 _DRAIN_OVER = (
     "server shutting down: the request was still running when the drain ended "
     "(2 x server.request_timeout_s); retry it"

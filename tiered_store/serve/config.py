@@ -41,6 +41,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "server.request_timeout_s": 30.0,  # seconds: longest wait for a head, a body, and a turn
     "server.announce_requests": False,  # tell the tables each waiting request's rows (evicted last)
     "server.max_announced": 64,  # requests announced at once; later ones wait unannounced
+    "server.drop_abandoned": True,  # a request whose client left while it waited: not computed
     "server.health_hold_s": 60.0,  # seconds /healthz stays 503 after a table's lookup failed
     "server.torch_threads": 0,  # intra-op threads for torch (0: leave torch's default)
     "server.record_flush_s": 10.0,  # --record-trace: the chunk reaches the file once this old
@@ -90,6 +91,7 @@ class ServerSection(ConfigModel):
     )
     announce_requests: StrictBool = SERVE_DEFAULTS["server.announce_requests"]
     max_announced: StrictInt = Field(default=SERVE_DEFAULTS["server.max_announced"], ge=1)
+    drop_abandoned: StrictBool = SERVE_DEFAULTS["server.drop_abandoned"]
     health_hold_s: Number = Field(
         default=SERVE_DEFAULTS["server.health_hold_s"], ge=0, le=TIMEOUT_MAX
     )

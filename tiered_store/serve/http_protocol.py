@@ -112,7 +112,7 @@ def with_head_deadline(
             if self.cycle is not None and not self.cycle.response_complete:
                 if self.conn.their_state is h11.DONE and self.conn.trailing_data[0]:
                     self._eof_pending = True  # the end comes after them: keep the connection
-                    self.cycle.scope.setdefault("state", {})["client_ended"] = True
+                    self._mark_client_ended(self.cycle)
                     return True
                 if self.conn.their_state is h11.SEND_BODY:  # its body can never be whole now:
                     self._ended_mid_body = True  # h11 refuses it, send_400_response answers
@@ -121,9 +121,17 @@ def with_head_deadline(
                     return True
                 self.cycle.keep_alive = False  # closed once the answer is written
                 # counted 499 as nginx does: a client that closed looks the same until written to
-                self.cycle.scope.setdefault("state", {})["client_ended"] = True
+                self._mark_client_ended(self.cycle)
                 return True
             return False
+
+        @staticmethod
+        def _mark_client_ended(cycle: Any) -> None:
+            """Say in the request's state that its client ended its stream, and wake a task
+            waiting in its ``receive()`` to see it (a request waiting for a compute turn is then
+            dropped: ``server.drop_abandoned``)."""
+            cycle.scope.setdefault("state", {})["client_ended"] = True
+            cycle.message_event.set()
 
         def on_response_complete(self) -> None:
             """uvicorn's (the next pipelined request, if any, begins); then, when the client

@@ -18,7 +18,12 @@ import numpy as np
 from ..errors import TieredStoreError
 from .config import ServerSection
 
-__all__ = ["InferenceRequest", "RequestError", "parse_request"]
+__all__ = ["ClientGone", "InferenceRequest", "RequestError", "parse_request"]
+
+
+class ClientGone(Exception):  # noqa: N818 (not an error of the server's or the client's)
+    """The client closed its connection, or ended its stream, while its request waited for a
+    compute turn: not computed (``server.drop_abandoned``)."""
 
 
 class RequestError(TieredStoreError, ValueError):

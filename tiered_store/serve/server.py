@@ -34,7 +34,7 @@ from ..metrics import RequestCounters, build_registry, build_sharded_registry
 from .app import INFERENCE_PATH, build_app
 from .config import ServeConfig, check_address
 from .http_protocol import with_head_deadline
-from .inference_request import InferenceRequest, RequestError, parse_request
+from .inference_request import ClientGone, InferenceRequest, RequestError, parse_request
 from .ranks import HEALTH_READ_S
 from .served_model import Announced, ServedModel
 
@@ -277,19 +277,23 @@ class InferenceServer:
         }
 
     # -- requests -------------------------------------------------------------------------------
-    async def answer(self, body: bytes) -> tuple[dict[str, Any], int]:
+    async def answer(
+        self, body: bytes, gone: anyio.Event | None = None
+    ) -> tuple[dict[str, Any], int]:
         """One POST body: parsed and run in a worker once a compute turn is free; returns (the
         JSON answer without timing, tokens served). With ``server.announce_requests`` it is
         parsed first and its rows announced to the tables while it waits for its turn (once
         fewer than ``server.max_announced`` are announced: ``ServedModel.announce``), so that
-        rows waiting requests will look up are evicted last (``TieredStore.announce``)."""
+        rows waiting requests will look up are evicted last (``TieredStore.announce``).
+        ``gone``: set when the client leaves; a request waiting for its turn then raises
+        ``ClientGone``, not computed."""
         if not self.config.server.announce_requests:
-            return await self.run_in_worker(self.infer, body)
+            return await self.run_in_worker(self.infer, body, gone=gone)
         request, announced = await anyio.to_thread.run_sync(
             self._parse_and_announce, body, limiter=self._limiters()[2]
         )
         try:
-            return await self.run_in_worker(self._run, request, announced)
+            return await self.run_in_worker(self._run, request, announced, gone=gone)
         finally:  # released in the worker once answered; here only when it never ran, and in a
             # thread too: a release waits for other requests' announcements (the event loop would)
             with anyio.CancelScope(shield=True):
@@ -300,14 +304,25 @@ class InferenceServer:
                         self.model.announce_waiting, limiter=self._limiters()[2]
                     )
 
-    async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run_in_worker(
+        self, fn: Callable[..., T], *args: Any, gone: anyio.Event | None = None
+    ) -> T:
         """Run ``fn(*args)`` in a worker thread once a compute turn is free (at most
-        ``server.max_concurrent`` at once); 503 after waiting ``request_timeout_s`` for a turn."""
+        ``server.max_concurrent`` at once); 503 after waiting ``request_timeout_s`` for a turn,
+        ``ClientGone`` if ``gone`` is set while it waits (a turn free at once is taken)."""
         compute, workers, _ = self._limiters()
-        with anyio.move_on_after(self.config.server.request_timeout_s) as waited:
-            await compute.acquire()
-        if waited.cancelled_caught:
-            raise RequestError(503, "server busy: no free compute slot in time; retry later")
+        try:
+            compute.acquire_nowait()
+            waits = False
+        except anyio.WouldBlock:
+            waits = True
+        if waits:
+            with anyio.move_on_after(self.config.server.request_timeout_s) as waited:
+                turn = await _turn_unless(compute, gone)
+            if waited.cancelled_caught:
+                raise RequestError(503, "server busy: no free compute slot in time; retry later")
+            if not turn:
+                raise ClientGone("the client left while its request waited for a compute turn")
         try:
             return await anyio.to_thread.run_sync(fn, *args, limiter=workers)
         finally:
@@ -477,6 +492,30 @@ def listen_error(exc: OSError) -> str:
     if exc.errno is not None and exc.errno > 0 and not isinstance(exc, socket.gaierror):
         return os.strerror(exc.errno)
     return (exc.strerror or str(exc)).split(" (while attempting")[0]
+
+
+async def _turn_unless(compute: anyio.CapacityLimiter, gone: anyio.Event | None) -> bool:
+    """Wait for a turn of ``compute``: True once taken, False (none taken) if ``gone`` is set
+    first."""
+    taken = False
+    try:
+        async with anyio.create_task_group() as group:
+
+            async def end_when_gone() -> None:
+                assert gone is not None
+                await gone.wait()
+                group.cancel_scope.cancel()
+
+            if gone is not None:
+                group.start_soon(end_when_gone)
+            await compute.acquire()  # cancelled (not taken) when the client left first
+            taken = True
+            group.cancel_scope.cancel()
+    except BaseException:  # an outer deadline as the turn came: not kept
+        if taken:
+            compute.release()
+        raise
+    return taken
 
 
 def _listen(host: str, port: int, backlog: int, key: str) -> socket.socket:
