@@ -235,6 +235,44 @@ def test_a_closed_table_is_not_announced_to_and_its_answer_says_closed(tmp_path)
         served.close()
 
 
+@pytest.mark.parametrize("left_closed", [1, 2])  # one table, or every table
+def test_a_table_reopened_after_it_was_left_closed_is_told_the_requests_waiting(
+    tmp_path, left_closed
+):
+    """Requests announced while a table was left closed (a reload that could not reopen it)
+    skipped it; the check that reopened it told the new store only the requests the closed one
+    had been told, so their rows ranked as never needed there until they were answered (and one
+    that skipped every table went first). Each waiting request is announced to it, in the order
+    they were announced."""
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"announce_requests": True}))
+    served = ServedModel(config)
+    try:
+        bodies = [{"input_ids": [[5, 17, 900, 17]]}, {"input_ids": [[1, 2, 3, 4, 5]]}]
+        requests = [parse_request(json.dumps(b).encode(), config.server, served) for b in bodies]
+        names = list(served.stores)[:left_closed]
+        first = served.announce(requests[0])  # told every table
+        for name in names:
+            served.stores[name].close()
+        second = served.announce(requests[1])  # told every table but the closed ones
+        assert served.reload_if_stale(force_check=True) == names
+        for name in names:
+            reopened = served.stores[name]
+            assert len(reopened.caches.queue) == 2
+            layer = next(k for k in served.layer_ids if config.table_name(k) == name)
+            tokens = []
+            for announced in (first, second):
+                (told,) = [request for store, request in announced.queued if store is reopened]
+                assert torch.equal(told.rows, torch.unique(announced.batch.row_ids[layer]))
+                tokens.append(told.token)
+            assert tokens[0] < tokens[1], name  # in the order they were announced
+        for request, announced in zip(requests, (first, second), strict=True):
+            served.answer(request, announced)
+            served.release(announced)
+        assert [len(s.caches.queue) for s in served.stores.values()] == [0, 0]
+    finally:
+        served.close()
+
+
 def queued_metric(server) -> list[float]:
     """``tiered_store_queued_requests`` per table, as /metrics exports it."""
     import urllib.request

@@ -202,7 +202,8 @@ class ServedModel:
                 engram.register_forward_hook(self._recorder(layer))
             self._submit_lock = threading.Lock()
             self._gate = RequestGate()
-            self._waiting: set[Announced] = set()  # announced, not released: a reload re-tells
+            # announced, not released, in the order announced (a dict's keys): a reload re-tells
+            self._waiting: dict[Announced, None] = {}
             # past server.max_announced: waiting unannounced, in arrival order (a dict's keys)
             self._unannounced: dict[Announced, None] = {}
             self._waiting_lock = threading.Lock()
@@ -636,7 +637,7 @@ class ServedModel:
             self._unannounced.pop(announced, None)
             if announced not in self._waiting:
                 return
-            self._waiting.discard(announced)
+            self._waiting.pop(announced, None)
             self._withdraw(announced)
         if announce_waiting:
             self.announce_waiting()
@@ -673,7 +674,7 @@ class ServedModel:
         while self._unannounced and len(self._waiting) < self.config.server.max_announced:
             announced = next(iter(self._unannounced))
             del self._unannounced[announced]
-            self._waiting.add(announced)
+            self._waiting[announced] = None
             try:
                 for layer, ids in announced.batch.row_ids.items():
                     store = self.stores[self.config.table_name(layer)]
@@ -683,7 +684,7 @@ class ServedModel:
                         continue  # lookup says so (503 "closed"); announcing is advice
                     announced.queued.append((store, queued))
             except BaseException:
-                self._waiting.discard(announced)
+                self._waiting.pop(announced, None)
                 self._withdraw(announced)
                 raise
 
@@ -695,17 +696,21 @@ class ServedModel:
             store.release(request)
 
     def _announce_again(self, reopened: dict[TieredStore, TieredStore]) -> None:
-        """Tell the stores a reload opened (``reopened``: old store -> new) about the requests
-        still waiting, in the order they were announced (the new stores start with no queue)."""
+        """Tell the stores a reload opened (``reopened``: old store -> new, the old ones still in
+        ``stores``) about the requests still waiting, in the order they were announced (the new
+        stores start with no queue), those that skipped an old store left closed too."""
         with self._waiting_lock:
-            waiting = sorted(
-                self._waiting, key=lambda a: min((r.token for _, r in a.queued), default=0)
-            )
-            for announced in waiting:
-                for i, (store, request) in enumerate(announced.queued):
-                    if store in reopened:
-                        new = reopened[store]
-                        announced.queued[i] = (new, new.announce(request.rows))
+            for announced in self._waiting:
+                for layer, ids in announced.batch.row_ids.items():
+                    old = self.stores[self.config.table_name(layer)]
+                    if old not in reopened:
+                        continue
+                    told = (reopened[old], reopened[old].announce(ids))
+                    at = next((i for i, (s, _) in enumerate(announced.queued) if s is old), None)
+                    if at is None:  # announced while the old store was left closed
+                        announced.queued.append(told)
+                    else:  # one at a time: what a failure leaves is still released
+                        announced.queued[at] = told
 
     def _prefetch(self, ids: torch.Tensor, hashed: EngramBatch | None) -> EngramBatch:
         """Hash (unless ``hashed``) and prefetch every layer's rows; over sharded tables, every
