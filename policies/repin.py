@@ -86,8 +86,9 @@ def repinned_lru_misses(
     episode_window : int
         Idle lookups after which a hit on a pinned row starts a new episode.
     initial : ndarray of int, optional
-        Rows pinned at the start (default: the top ``pinned_rows`` by ``prior_weight * prior``,
-        rows with a zero score left out).
+        Rows pinned at the start, each in ``[0, prior.size)``, the first ``pinned_rows`` of them
+        (default: the top ``pinned_rows`` by ``prior_weight * prior``, rows with a zero score left
+        out).
     report_from : tuple of int
         Positions in ``ids``; the result also counts the misses from each of them on.
 
@@ -131,7 +132,8 @@ def repinned_lru_misses(
         score = prior_weight * prior
         initial = np.argsort(-score, kind="stable")[:pinned_rows]
         initial = initial[score[initial] > 0]
-    pinned[np.asarray(initial, dtype=np.int64)[:pinned_rows]] = True
+    initial = trace_ids(initial, rows, "repinned_lru_misses initial", "one prior score per row")
+    pinned[initial[:pinned_rows]] = True
     state = _LruState.empty(rows)
     online = np.zeros(rows, np.float64)
     last_pinned = np.full(rows, NEVER, np.int64)

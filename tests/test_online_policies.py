@@ -58,6 +58,16 @@ def test_repin_refuses_ids_outside_the_prior():
         repinned_lru_misses(np.array([0, 1]), np.zeros(10), 1, 1, budget=-1)
 
 
+@pytest.mark.parametrize("initial", [[-1], [3, 10]])
+def test_repin_refuses_initial_pins_outside_the_prior(initial):
+    # a negative id pinned the table's last row (numpy wraps it), one past the end raised numpy's
+    # IndexError, naming neither the argument nor the rows expected
+    with pytest.raises(
+        PolicyError, match=r"initial ids: got ids in \[.*\]; expected row ids in \[0, 10\)"
+    ):
+        repinned_lru_misses(np.array([0, 1]), np.ones(10), 2, 1, initial=np.array(initial))
+
+
 @pytest.mark.parametrize(
     "kw",
     [
