@@ -202,6 +202,25 @@ def test_online_profile_finds_the_heavy_rows_in_bounded_memory():
         OnlineProfile(candidates=0)
 
 
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), 1e12])
+def test_an_online_profile_refuses_a_prior_weight_its_counters_cannot_hold(weight):
+    # a NaN or infinite prior_weight, or episodes scaled past the int32 counters, were cast to
+    # -2**31: every seeded row ranked last, without a word
+    import torch
+
+    from tiered_store.errors import ConfigError
+    from tiered_store.online_profile import OnlineProfile
+    from tiered_store.profile import FrequencyProfile
+
+    prior = FrequencyProfile(np.array([9, 4, 2]), np.array([3, 2, 9]), episodes=np.array([3, 2, 1]))
+    with pytest.raises(ConfigError, match=rf"prior_weight: got {weight}\b.*; expected"):
+        OnlineProfile(candidates=4).seed(prior, prior_weight=weight)
+    if weight == 1e12:  # float32 counters hold it
+        wide = OnlineProfile(candidates=4, dtype=torch.float32)
+        wide.seed(prior, prior_weight=weight)
+        assert wide.estimates(torch.tensor([9, 4, 2])).tolist() == pytest.approx([3e12, 2e12, 1e12])
+
+
 @pytest.mark.parametrize("path", ["numba", "torch"])
 def test_a_re_pinning_sketch_counts_its_windows_conservatively(path):
     # without the heavy-hitter list (the store's re-pinning) a window raises each distinct row's

@@ -21,6 +21,7 @@ enter the heavy-hitter list and the sketch with their episodes scaled by ``prior
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -200,15 +201,26 @@ class OnlineProfile:
 
     def seed(self, profile: FrequencyProfile, prior_weight: float = 1.0) -> None:
         """Start from an offline profile: its top rows by episodes (the rows a tier pins), with
-        episodes x ``prior_weight``; by lookups for a profile without episodes."""
-        if prior_weight < 0:
-            raise ConfigError(f"online profile prior_weight: got {prior_weight}; expected >= 0")
+        episodes x ``prior_weight``; by lookups for a profile without episodes. A ``prior_weight``
+        that is not finite, or that scales them past integer counters' largest, is refused."""
+        if not 0 <= prior_weight < math.inf:  # NaN too
+            raise ConfigError(
+                f"online profile prior_weight: got {prior_weight}; expected a finite number >= 0"
+            )
         top = profile.top_positions(self.capacity, by="episodes")
         source = profile.episodes if profile.episodes is not None else profile.counts
         ids = torch.from_numpy(np.ascontiguousarray(profile.row_ids[top])).to(self.device)
         weights = np.asarray(source[top], dtype=np.float64) * prior_weight
         if not self.sketch.is_floating_point():
             weights = np.rint(weights)
+            most = torch.iinfo(self.sketch.dtype).max
+            if weights.size and weights.max() > most:  # the cast would wrap it to -2**31
+                raise ConfigError(
+                    f"online profile prior_weight: got {prior_weight}, which scales the "
+                    f"profile's most episodes ({source[top].max():,}) to {weights.max():.4g}, "
+                    f"past the {self.sketch.dtype} counters' {most:,}; expected a smaller "
+                    "prior_weight or float32 counters"
+                )
         self._add(ids, torch.from_numpy(weights).to(self.device, self.sketch.dtype))
 
     def _add(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
