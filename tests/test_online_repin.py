@@ -1531,3 +1531,28 @@ def test_a_warm_re_pin_planned_before_a_restore_left_hots_pins_to_hot_leaves_the
         assert store.warm.online.repins >= 3
         both = np.intersect1d(store.hot.pinned_rows().numpy(), store.warm.pinned_rows().numpy())
         assert not both.size
+
+
+def test_a_plan_on_a_snapshot_older_than_a_row_the_tier_above_pins_still_leaves_it_out():
+    # the store plans warm's re-pin on a snapshot taken off the lock: a row hot pins that a warm
+    # restore brought back after the snapshot, and that was listed before the plan read it, showed
+    # a free slot there, so the plan forgot it as a row warm no longer held, and warm's next
+    # re-pin pinned it beside hot's pin
+    none = torch.tensor([], dtype=torch.int64)
+    repin = OnlineRepin(8, RepinConfig(every=2, budget=4), window=2)
+    stale = torch.full((8,), -1)  # the tier as the snapshot shows it: nothing held yet
+    repin.admitted(torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7]), looked_up=False)
+    for _ in range(3):  # row 5 (slot 0) counts the most
+        repin.count(torch.tensor([0, 0, 1]), none, lookups=2)
+    repin.pinned_above(torch.tensor([0]), torch.tensor([5]), released=none)  # hot pins row 5
+    unpinned = torch.zeros(8, dtype=torch.bool)
+    assert repin.plan(stale, unpinned).pin_rows.tolist() == []
+    held = torch.tensor([5, 6, 7, -1, -1, -1, -1, -1])
+    assert repin.plan(held, unpinned).pin_rows.tolist() == [6]  # 7 was never hit: no count
+    # once row 5 left slot 0 (a fresh look at the tier under the lock), slot 0's row counts again
+    repin.evicted(torch.tensor([0]), torch.tensor([5]))
+    repin.admitted(torch.tensor([0]), torch.tensor([9]), looked_up=False)
+    repin.count(torch.tensor([0, 0]), none, lookups=2)
+    held[0] = 9
+    repin.forget_above(held)
+    assert repin.plan(held, unpinned).pin_rows.tolist() == [6, 9]

@@ -213,6 +213,7 @@ class CacheHierarchy:
         them and leaves them out of its re-pins until hot unpins them (a row pinned in both held
         a warm slot that served nothing)."""
         moves = cache.online.leave_above(moves)  # hot pins since the plan (a restore thread)
+        cache.online.forget_above(cache.row_of_slot)  # those warm no longer holds, as of now
         cache.online.finish(*cache.apply_repin(moves))
         if cache is not self.hot or self.warm.online is None:
             return

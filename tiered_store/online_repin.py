@@ -519,7 +519,8 @@ class OnlineRepin:
         """Which resident slots to pin and unpin, from a snapshot of the tier (``row_of_slot``:
         -1 for free slots; ``pinned``: pin flag per slot, read only where a row is resident),
         ranked by the slots' counts, leaving out rows the tier above pins (:meth:`pinned_above`).
-        Reads only (but forgets those of them this tier no longer holds).
+        Reads only: the snapshot may be older than rows listed since, so it forgets none of them
+        (:meth:`forget_above` does, given the tier itself).
 
         The best unpinned rows fill the pinned segment up to its target, then replace the
         lowest pinned rows while they count more; at most ``budget`` rows in and out. Its cost is
@@ -574,17 +575,25 @@ class OnlineRepin:
             moves.pin_slots[keep], moves.pin_rows[keep], moves.unpin_slots, moves.unpin_rows
         )
 
-    def _without_above(self, row_of_slot: torch.Tensor) -> torch.Tensor:
-        """``row_of_slot`` with the slots holding rows the tier above pins read as free (a copy
-        where there are any); forgets those whose slot holds another row now."""
+    def forget_above(self, row_of_slot: torch.Tensor) -> None:
+        """Forget the rows the tier above pins whose slot here holds another row or none now
+        (``row_of_slot``: the tier's own, under the store's lock, not a plan's snapshot, which
+        may predate a row listed since)."""
         with self._above_lock:
             slots, rows = self._above
-            if not slots.numel():
-                return row_of_slot
-            still = row_of_slot[slots] == rows
-            self._above = slots, rows = slots[still], rows[still]
+            if slots.numel():
+                still = row_of_slot[slots] == rows
+                self._above = slots[still], rows[still]
+
+    def _without_above(self, row_of_slot: torch.Tensor) -> torch.Tensor:
+        """``row_of_slot`` with the slots holding rows the tier above pins read as free (a copy
+        where there are any)."""
+        with self._above_lock:
+            slots, rows = self._above
+        if not slots.numel():
+            return row_of_slot
         row_of_slot = row_of_slot.clone()
-        row_of_slot[slots] = -1
+        row_of_slot[slots[row_of_slot[slots] == rows]] = -1
         return row_of_slot
 
     def _candidates(
