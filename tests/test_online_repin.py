@@ -563,6 +563,21 @@ def test_bad_repin_config_names_the_key(repin, message):
         )
 
 
+@pytest.mark.parametrize("profile", [None, "p.npz"])
+def test_repin_settings_of_a_tier_with_re_pinning_off_name_why_they_are_ignored(profile):
+    # with repin.enabled false the warning blamed a profile, which a tier without one has not
+    from tiered_store.cache_plan import ignored_tier_settings
+
+    warm = {"policy": "zipf-tuned", "repin": {"enabled": False, "every": 512}}
+    if profile is not None:
+        warm["profile"] = profile
+    cfg = StoreConfig.from_dict({"table": {"path": "t.npy"}, "tiers": {"warm": warm}})
+    assert ignored_tier_settings(cfg) == [
+        "tiers.warm.repin: every ignored; repin.enabled is false: the tier neither counts nor "
+        "re-pins online"
+    ]
+
+
 def full_plan(repin, row_of_slot, pinned) -> tuple[list, list]:
     """The plan by definition: rank every resident row by its count, fill the pinned segment up
     to its target with the best unpinned rows, then swap the best unpinned for the lowest pinned

@@ -416,10 +416,13 @@ def ignored_tier_settings(config: StoreConfig) -> list[str]:
                 ignored.append(f"tiers.{name}.{key}: policy {tier.policy!r} ignores it; {users}")
         set_repin = sorted(tier.repin.model_fields_set - {"enabled"})
         if spec.tuned and set_repin and not repins_online(tier):
-            ignored.append(
-                f"tiers.{name}.repin: {', '.join(set_repin)} ignored; a zipf-tuned tier with a "
-                "profile keeps its pins fixed unless repin.enabled is true"
+            why = (
+                "repin.enabled is false: the tier neither counts nor re-pins online"
+                if tier.repin.enabled is False
+                else "a zipf-tuned tier with a profile keeps its pins fixed unless repin.enabled "
+                "is true"
             )
+            ignored.append(f"tiers.{name}.repin: {', '.join(set_repin)} ignored; {why}")
     return ignored
 
 
