@@ -96,6 +96,28 @@ def test_a_row_failing_its_crc_is_a_typed_error(tmp_path):
             store.lookup([7])
 
 
+def test_a_record_under_another_rows_key_is_named_as_such_not_as_a_crc_failure(tmp_path):
+    """A whole record put under another row's key (a damaged key: the key is outside the CRC)
+    passes its CRC32C; the error said it failed it, with equal stored and computed values."""
+    path, _ = make_table(tmp_path, rows=50, dim=4)
+    cfg = store_config(path, hot={"capacity": 0}, warm={"capacity": 0})
+    with TieredStore(cfg) as store:
+        store.write([8], torch.ones(1, 4))
+        store.commit()
+    env = lmdb.open(str(delta_path(path)), max_dbs=3)
+    rows_db = env.open_db(b"rows")
+    with env.begin(write=True, db=rows_db) as txn:  # row 8's record, whole, under row 9's key
+        txn.put((9).to_bytes(8, "big"), txn.get((8).to_bytes(8, "big")))
+    env.close()
+    with TieredStore(cfg) as store, pytest.raises(DeltaCorruptError) as caught:
+        store.lookup([9])
+    message = str(caught.value)
+    assert "row 9 in" in message and "holds the record of row 8" in message, message
+    assert "fails its CRC32C" not in message, message
+    with pytest.raises(DeltaCorruptError, match="holds the record of row 8"):
+        compact_table(path, progress=False)
+
+
 def test_bad_writes_are_typed_errors_and_change_nothing(tmp_path):
     path, table = make_table(tmp_path, rows=20, dim=4)
     with TieredStore(store_config(path)) as store:

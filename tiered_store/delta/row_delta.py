@@ -704,10 +704,9 @@ class RowDelta:
             self.read_errors += 1
             k = int(np.flatnonzero(bad)[0])
             raise DeltaCorruptError(
-                f"delta: row {int(ids[k])} in {self.path} fails its CRC32C (stored "
-                f"{int(records['crc'][k]):#010x}, computed {int(crc[k]):#010x}, step "
-                f"{int(records['step'][k])}); the delta is damaged: restore it or compact from a "
-                "good copy"
+                f"delta: row {int(ids[k])} in {self.path}, written at step "
+                f"{int(records['step'][k])}, {_bad_record(records[k], crc[k], ids[k])}; the delta "
+                "is damaged: restore it or compact from a good copy"
             )
         return records
 
@@ -1054,6 +1053,19 @@ def _write_failure(exc: lmdb.Error, path: Path) -> str:
     except OSError:  # the cause unknown: LMDB's word alone
         pass
     return text
+
+
+def _bad_record(record: np.void, crc: int, row: int) -> str:
+    """What is wrong with the record read under ``row`` whose computed CRC32C is ``crc``: its
+    CRC32C, else (it matches) the row id or row size its header holds."""
+    if int(record["crc"]) != int(crc):
+        return f"fails its CRC32C (stored {int(record['crc']):#010x}, computed {int(crc):#010x})"
+    if int(record["row"]) != int(row):
+        return (
+            f"holds the record of row {int(record['row'])} (its CRC32C matches: a damaged key, or "
+            f"a record put under another id); expected row {int(row)}'s"
+        )
+    return f"holds a {int(record['width'])}-byte row; expected {record['payload'].size} bytes"
 
 
 def _count_pin(key: tuple, change: int) -> int:
