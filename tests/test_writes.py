@@ -13,7 +13,7 @@ import torch
 
 from tests import forkserver
 from tests.conftest import make_table, store_config
-from tiered_store import TieredStore
+from tiered_store import TieredStore, create_table
 from tiered_store.delta.compaction import compact_table
 from tiered_store.delta.row_delta import RowDelta, delta_path
 from tiered_store.errors import (
@@ -450,6 +450,25 @@ def test_compaction_makes_a_new_version_old_readers_finish_undisturbed(tmp_path)
     with TieredStore(cfg) as store:  # writes go on in the new version, steps continue
         store.write([1], torch.zeros(1, 4))
         assert store.commit() == 6
+
+
+def test_compaction_keeps_the_tables_checksum_block_size(tmp_path):
+    """The new version was written with the default 1 MiB checksum blocks whatever the table
+    was made with: ``verify`` then checked it in coarser blocks than its maker chose."""
+    from tiered_store.delta.table_versions import version_path
+    from tiered_store.table_format import read_manifest
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((3000, 16), np.float32), progress=False, block_bytes=8192)
+    with TieredStore(store_config(path, hot={"capacity": 4})) as store:
+        store.write([1], torch.ones(1, 16))
+        store.commit()
+    assert compact_table(path, progress=False).new_generation == 1
+    manifest = read_manifest(version_path(path, 1))
+    assert manifest.block_bytes == 8192
+    assert len(manifest.block_checksums) == -(-3000 * 16 * 4 // 8192)
+    with TieredStore(store_config(path, hot={"capacity": 4})) as store:
+        assert store.lookup([1, 2]).tolist() == [[1.0] * 16, [0.0] * 16]
 
 
 def test_a_reader_keeps_its_version_and_serving_swaps_to_the_new_one(tmp_path):

@@ -2,13 +2,13 @@
 
 Under the table's writer lock (no commit can land meanwhile): the current version's rows are read
 in chunks (page checksums verified), the delta's rows of each chunk (CRC-checked) replace them,
-and ``create_table`` writes ``TABLE.gN.npy`` with its manifest and page checksums (temporary
-names, fsync, rename; manifest last). Then the pointer switches to generation N in one atomic
-rename: the delta is retired with its version (the new version has none). A crash anywhere
-leaves the old version + its delta, or the new version, both complete; the next compaction
-removes what the crashed one left (an unpublished version, hidden temporaries). Stores that have
-the old version open keep reading it undisturbed; ``remove_unused_versions`` deletes it once none
-has.
+and ``create_table`` writes ``TABLE.gN.npy`` with its manifest (the table's checksum block size
+kept) and page checksums (temporary names, fsync, rename; manifest last). Then the pointer
+switches to generation N in one atomic rename: the delta is retired with its version (the new
+version has none). A crash anywhere leaves the old version + its delta, or the new version, both
+complete; the next compaction removes what the crashed one left (an unpublished version, hidden
+temporaries). Stores that have the old version open keep reading it undisturbed;
+``remove_unused_versions`` deletes it once none has.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def compact_table(table: str | Path, *, progress: bool = True) -> CompactionRepo
                     create_table(
                         version_path(table, new_generation),
                         _MergedRows(cold, delta, delta_ids),
+                        block_bytes=cold.manifest.block_bytes,  # as its maker chose
                         progress=progress,
                         overwrite=True,  # a crashed compaction's complete but unpublished file
                         metadata={**cold.manifest.metadata, "committed_step": delta.step},
