@@ -472,11 +472,11 @@ class RowDelta:
     # -- the commit --------------------------------------------------------------------------------
     def commit(self, ids: np.ndarray, rows: np.ndarray, step: int, *, clear: bool = False) -> None:
         """Write ``rows`` (``uint8 [n, row_bytes]``) for unique ``ids`` and ``step`` in one durable
-        transaction (``clear``: drop every other row first, as compaction does). Raises
-        ``CommitError`` when it cannot, or when the delta holds a sharded commit's staged records
-        (committed over, a step the other shards hold would be lost here: ``ShardedStore``'s
-        open finishes or drops them); ``ConfigError`` for a step of ``GREW_STEP`` or beyond. The
-        previous commit then stands."""
+        transaction (``clear``: drop every other row first). Raises ``CommitError`` when it
+        cannot, or when the delta holds a sharded commit's staged records (committed over, a step
+        the other shards hold would be lost here: ``ShardedStore``'s open finishes or drops
+        them); ``ConfigError`` for a step of ``GREW_STEP`` or beyond. The previous commit then
+        stands."""
         keys, values, step_bytes = self._records(ids, rows, step, "commit")
 
         def write(txn: lmdb.Transaction) -> None:
