@@ -884,6 +884,39 @@ def test_a_current_version_gone_from_beside_its_pointer_is_named_as_such(tmp_pat
         compact_table(path, progress=False)
 
 
+@pytest.mark.parametrize("generation", [-1, 1.5, True, "2"])
+def test_a_version_pointer_naming_no_generation_number_is_refused_as_unreadable(
+    tmp_path, generation
+):
+    """A pointer whose generation was not a whole number >= 0 was read as int() made it: 1.5 or
+    true opened generation 1 (an old version kept for a reader) instead of the current one, and
+    the compaction after it removed the current one as never published; -1 was called missing."""
+    import json
+
+    from tiered_store.delta.table_versions import pointer_path, version_path
+
+    path, table = make_table(tmp_path, rows=20, dim=4)
+    cfg = store_config(path, hot={"capacity": 4})
+    holders = []  # keep generations 0 and 1 from removal
+    for step in (1, 2):
+        with TieredStore(cfg) as store:
+            store.write([step], torch.full((1, 4), float(step)))
+            store.commit()
+        holders.append(TieredStore(cfg))
+        compact_table(path, progress=False)
+    doc = {"generation": generation, "file": version_path(path, 2).name}
+    pointer_path(path).write_text(json.dumps(doc))
+    with pytest.raises(
+        TableFormatError, match=r"npy\.current is unreadable \(generation .*expected"
+    ):
+        TieredStore(cfg)
+    with pytest.raises(TableFormatError, match="is unreadable"):
+        compact_table(path, progress=False)
+    assert version_path(path, 2).exists()
+    for holder in holders:
+        holder.close()
+
+
 def test_compaction_through_a_symlink_uses_the_tables_own_pointer_lock_and_delta(tmp_path):
     """A table opened and compacted through a link to its file: the store resolves the link, so
     compaction must too (it found no delta beside the link and did nothing, and ran while the

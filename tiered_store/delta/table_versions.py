@@ -86,7 +86,9 @@ def current_version(table: str | os.PathLike[str]) -> tuple[Path, int]:
     pointer = pointer_path(table)
     try:
         doc = json.loads(pointer.read_text())
-        generation = int(doc["generation"])
+        generation = doc["generation"]
+        if type(generation) is not int or generation < 0:  # not 1.5, true or "2": no guess
+            raise ValueError(f"generation {generation!r}, not a whole number >= 0")
     except FileNotFoundError:
         if (error := not_a_table(table)) is not None:
             raise error from None
