@@ -3,6 +3,7 @@ and the next run resumes from it; readers only ever see committed versions."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -1077,3 +1078,26 @@ def test_a_flock_refused_otherwise_than_taken_closes_its_descriptor(tmp_path):
         f"37 {shards}: cannot lock it (No locks available); expected a file system with flock",
         "left open: 0 0",
     ], out.stdout
+
+
+def test_a_publish_whose_temporary_went_says_why_not_that_something_is_in_the_way(tmp_path):
+    """A finished file whose temporary a cleanup removed before its rename (one that does not
+    check a writer's lock) failed with "cannot write P: No such file or directory is in the
+    way; ... move it aside": nothing was in the way of P."""
+    from tiered_store.atomic_file import AtomicFile
+    from tiered_store.errors import TierIOError
+
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    atomic = AtomicFile(target, "wb")
+    atomic.file.write(b"new")
+    atomic.finish()
+    atomic.tmp.unlink()  # a cleanup's doing
+    with pytest.raises(TierIOError) as err:
+        atomic.publish()
+    message = str(err.value)
+    assert "in the way" not in message and err.value.errno == errno.ENOENT
+    assert f"cannot write {target}: renaming its finished temporary {atomic.tmp.name}" in message
+    assert "No such file or directory" in message and f"{target} is left as it was" in message
+    atomic.abort()
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]

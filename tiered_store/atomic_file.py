@@ -281,12 +281,19 @@ class AtomicFile:
 
     def publish(self) -> None:
         """Rename the finished file over ``path`` and make the rename durable. Fails with a
-        ``TierIOError`` naming ``path`` when something else is in the way (a directory)."""
+        ``TierIOError`` naming ``path``: that a directory is in the way, or why the rename
+        failed (its temporary removed meanwhile, a read-only file system)."""
         try:
             os.replace(self.tmp, self.path)
         except OSError as exc:
-            what = "a directory" if self.path.is_dir() else exc.strerror
-            raise in_the_way(self.path, what, exc.errno) from None
+            if self.path.is_dir():
+                raise in_the_way(self.path, "a directory", exc.errno) from None
+            raise TierIOError(
+                exc.errno or errno.EIO,
+                f"cannot write {self.path}: renaming its finished temporary {self.tmp.name} over "
+                f"it failed ({exc.strerror or exc}); {self.path} is left as it was (expected the "
+                "temporary still there and its folder writable)",
+            ) from None
         self._unlock()  # renamed: no cleanup can find it under its temporary name
         fsync_dir(self.path.parent)
 
