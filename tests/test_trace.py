@@ -293,6 +293,24 @@ def test_a_leftover_keeps_its_chunks_up_to_the_first_torn_or_corrupt_one(
         assert (got.lost_chunks, got.lost_lookups, got.lost_to_batch) == (0, 0, None)
 
 
+def test_a_leftover_whose_whole_chunks_are_out_of_order_keeps_those_before_and_says_why(
+    tmp_path,
+):
+    """Chunks 2 and 3 swapped, each whole and checksummed: recovery stopped at chunk 2 saying
+    only "chunk header says index 3", not which index it expected there."""
+    left, offsets, written = _leftover(tmp_path)
+    data = left.read_bytes()
+    chunks = [data[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
+    chunks[2], chunks[3] = chunks[3], chunks[2]
+    left.write_bytes(data[: offsets[0]] + b"".join(chunks))
+    got = recover_trace(left)
+    assert (got.chunks, got.kept_bytes) == (2, offsets[2])
+    assert (
+        got.stopped == "chunk header says index 3; expected 2 (chunks out of order, or one missing)"
+    )
+    assert len(_kept(written, got.trace)) == got.records
+
+
 @pytest.mark.parametrize(
     ("cut", "message"),
     [

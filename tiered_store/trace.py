@@ -771,7 +771,11 @@ class TraceReader:
         if zlib.crc32(head[: _CHUNK_HEAD.size]) != crc:
             raise self._fail("chunk header checksum mismatch (corrupt chunk header)", index)
         if fields[1] != index:
-            raise self._fail(f"chunk header says index {fields[1]}", index)
+            raise self._fail(
+                f"chunk header says index {fields[1]}; expected {index} (chunks out of order, "
+                "or one missing)",
+                index,
+            )
         return fields
 
     # -- reading ---------------------------------------------------------------------------------
