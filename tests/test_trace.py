@@ -359,6 +359,36 @@ def test_a_leftover_without_a_table_layout_names_its_tables_by_index(tmp_path):
     assert got.kept_bytes == last < end
 
 
+def test_a_fifo_named_as_a_trace_or_a_leftover_is_refused_without_blocking(tmp_path):
+    """Opening a FIFO waits for a writer: `recover-trace` (and replay) of a pipe named like a
+    killed writer's leftover hung forever, where a warm-restart file of that kind is refused."""
+    import threading
+
+    fifo = tmp_path / ".t.trace.0123456789ab.tmp"
+    os.mkfifo(fifo)
+    errors = []
+
+    def recover_and_read():
+        for call in (lambda: recover_trace(fifo), lambda: TraceReader(fifo)):
+            with pytest.raises(TraceFormatError) as err:
+                call()
+            errors.append(str(err.value))
+
+    thread = threading.Thread(target=recover_and_read, daemon=True)  # a hang fails, not stalls
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "opening the FIFO blocked"
+    assert (
+        errors
+        == [
+            f"trace {fifo}: cannot open (not a regular file: a FIFO, socket or device); expected a "
+            "trace file"
+        ]
+        * 2
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fifo.name]  # nothing written
+
+
 def test_recovery_refuses_the_file_of_a_writer_recording_now(tmp_path):
     with TraceWriter(tmp_path / "t.trace", chunk_ids=5) as w:
         w.write(np.arange(10), "a")

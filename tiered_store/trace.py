@@ -532,19 +532,33 @@ class TraceReader:
     # -- opening ---------------------------------------------------------------------------------
 
     def _open(self, path: str | os.PathLike[str]) -> None:
-        """Open the file and take its size; a missing one names what a killed writer left."""
+        """Open the file and take its size; a missing one names what a killed writer left, one
+        that is not a regular file (a FIFO's open would wait for a writer forever) is refused."""
         self.path = Path(path)
         try:
-            self._file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise TraceFormatError(
                 f"trace {self.path}: cannot open ({exc.strerror}){_left_behind(self.path)}"
             ) from None
         try:
-            self._size = os.fstat(self._file.fileno()).st_size
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise TraceFormatError(  # as open() said it
+                    f"trace {self.path}: cannot open ({os.strerror(errno.EISDIR)})"
+                    f"{_left_behind(self.path)}"
+                )
+            if not stat.S_ISREG(info.st_mode):
+                raise TraceFormatError(
+                    f"trace {self.path}: cannot open (not a regular file: a FIFO, socket or "
+                    "device); expected a trace file"
+                )
+            os.set_blocking(fd, True)
+            self._file: BinaryIO = os.fdopen(fd, "rb")
         except BaseException:
-            self._file.close()
+            os.close(fd)
             raise
+        self._size = info.st_size
 
     def _fail(self, what: str, chunk: int | None = None) -> TraceFormatError:
         """An error naming the file (and chunk)."""
