@@ -178,6 +178,50 @@ def test_reads_are_checked_where_only_the_crc32c_package_runs(tmp_path, monkeypa
                 table.read_rows(np.array([1, 2222, 3000]))
 
 
+_UNDER_NUMBA_DISABLE_JIT = r"""
+import sys
+import numpy as np
+from tiered_store import create_table
+from tiered_store.cold_table import ColdTable
+from tiered_store.page_checksums import ChecksumError, crc32c_backend
+data = np.arange(3000 * 8, dtype=np.float32).reshape(3000, 8)
+create_table(sys.argv[1], data, progress=False)
+with ColdTable(sys.argv[1], io="pread") as table:
+    assert np.array_equal(table.read_rows(np.array([0, 2999])).numpy(), data[[0, 2999]])
+with open(sys.argv[1], "r+b") as f:  # the last row's last byte, in the short last page
+    f.seek(-1, 2)
+    last = f.read(1)
+    f.seek(-1, 2)
+    f.write(bytes([last[0] ^ 1]))
+with ColdTable(sys.argv[1], io="pread") as table:
+    try:
+        table.read_rows(np.array([2999]))
+    except ChecksumError as exc:
+        print(crc32c_backend(), "|", exc)
+"""
+
+
+def test_page_checksums_work_with_numba_jit_disabled(tmp_path):
+    """NUMBA_DISABLE_JIT=1 (a debugging setting) ran the SSE4.2 kernel as Python, whose crc32
+    intrinsics cannot run so: creating a table and every checked read raised NotImplementedError.
+    The package computes them instead."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", _UNDER_NUMBA_DISABLE_JIT, str(tmp_path / "t.npy")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    backend, error = done.stdout.strip().split(" | ")
+    assert backend.startswith("crc32c package per page"), backend
+    assert "row 2999 failed its page checksum" in error, error
+
+
 @pytest.mark.parametrize("pieces", [[1], [4095, 1, 4096, 3], [10_000, 7, 50_000], [PAGE] * 5])
 def test_the_accumulator_gives_per_page_crcs_for_any_chunking(pieces):
     data = np.frombuffer(np.random.default_rng(1).bytes(sum(pieces)), dtype=np.uint8)

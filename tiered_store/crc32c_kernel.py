@@ -33,6 +33,8 @@ def unavailable_reason() -> str | None:
     """Why the SSE4.2 kernel cannot run on this machine, or ``None`` when it can."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the CPU is {platform.machine()}, not x86-64"
+    if numba.config.DISABLE_JIT:  # its crc32 intrinsics have no pure-Python form
+        return "NUMBA_DISABLE_JIT is set: the kernel runs only compiled"
     if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
         return "NUMBA_CPU_NAME/NUMBA_CPU_FEATURES select another code-generation target"
     import llvmlite.binding as llvm
