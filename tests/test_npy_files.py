@@ -6,7 +6,9 @@ import sys
 import threading
 
 import numpy as np
+import pytest
 
+from tiered_store.npy_files import read_npy_header
 from tiered_store.profile import FrequencyProfile
 from tiered_store.table_format import check_table
 
@@ -66,3 +68,13 @@ def test_profiles_loaded_from_many_threads_at_once(tmp_path):
     path = tmp_path / "p.profile.npz"
     profile.save(path)
     assert _in_threads(lambda: FrequencyProfile.load(path)) == []
+
+
+def test_an_npy_of_another_format_version_is_refused_naming_the_versions_read(tmp_path):
+    """A version 3.0 header said only "unsupported .npy format version (3, 0)", not which it reads."""
+    path = tmp_path / "v3.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, np.zeros((2, 3), np.float32), version=(3, 0))
+    with open(path, "rb") as f, pytest.raises(ValueError) as err:
+        read_npy_header(f)
+    assert str(err.value) == "unsupported .npy format version 3.0; expected 1.0 or 2.0"

@@ -34,7 +34,9 @@ def read_npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype[Any]]
             return np.lib.format.read_array_header_1_0(f)
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f"unsupported .npy format version {version}")
+    raise ValueError(
+        f"unsupported .npy format version {version[0]}.{version[1]}; expected 1.0 or 2.0"
+    )
 
 
 @contextlib.contextmanager
