@@ -297,7 +297,8 @@ def test_a_leftover_whose_whole_chunks_are_out_of_order_keeps_those_before_and_s
     tmp_path,
 ):
     """Chunks 2 and 3 swapped, each whole and checksummed: recovery stopped at chunk 2 saying
-    only "chunk header says index 3", not which index it expected there."""
+    only "chunk header says index 3", not which index it expected there; and counted nothing of
+    the whole chunks past it as lost (`recover-trace` said "no readable chunk header")."""
     left, offsets, written = _leftover(tmp_path)
     data = left.read_bytes()
     chunks = [data[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
@@ -309,6 +310,10 @@ def test_a_leftover_whose_whole_chunks_are_out_of_order_keeps_those_before_and_s
         got.stopped == "chunk header says index 3; expected 2 (chunks out of order, or one missing)"
     )
     assert len(_kept(written, got.trace)) == got.records
+    # the chunks from there on are whole: counted as lost, not "no readable chunk header"
+    assert got.lost_chunks == len(offsets) - 1 - 2
+    assert got.lookups + got.lost_lookups == sum(ids.size for *_, ids in written)
+    assert got.lost_to_batch == written[-1][0]
 
 
 @pytest.mark.parametrize(

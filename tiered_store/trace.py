@@ -737,10 +737,13 @@ class TraceReader:
             return exc
         raise AssertionError("unreachable: the walk ends by raising")  # pragma: no cover
 
-    def _chunk_heads(self) -> Iterator[tuple[int, int, tuple[Any, ...]]]:
+    def _chunk_heads(
+        self, *, check_index: bool = True
+    ) -> Iterator[tuple[int, int, tuple[Any, ...]]]:
         """Walk a trace's chunk headers from the start, as if it had no footer: each chunk's index,
         offset and checked header (its payload may run past the file's end), until a header that
-        is missing, cut off or corrupt, which is raised naming the chunk and its byte."""
+        is missing, cut off or corrupt, which is raised naming the chunk and its byte.
+        ``check_index=False``: a header naming another index is yielded (the caller checks it)."""
         offset, index = self._data_start, 0
         while True:
             head = self._pread(offset, _CHUNK_HEAD_SIZE)
@@ -750,7 +753,7 @@ class TraceReader:
                     f"{index} missing or cut off at byte {offset} of {self._size}",
                     index,
                 )
-            fields = self._parse_chunk_head(head, index)
+            fields = self._parse_chunk_head(head, index, check_index=check_index)
             yield index, offset, fields
             offset, index = offset + _CHUNK_HEAD_SIZE + fields[8], index + 1
 
@@ -776,21 +779,29 @@ class TraceReader:
                 "(two traces concatenated?)"
             )
 
-    def _parse_chunk_head(self, head: bytes, index: int) -> tuple[Any, ...]:
-        """Unpack and check one chunk header."""
+    def _parse_chunk_head(
+        self, head: bytes, index: int, *, check_index: bool = True
+    ) -> tuple[Any, ...]:
+        """Unpack and check one chunk header (that it is chunk ``index``'s unless not
+        ``check_index``)."""
         fields = _CHUNK_HEAD.unpack(head[: _CHUNK_HEAD.size])
         (crc,) = struct.unpack("<I", head[_CHUNK_HEAD.size : _CHUNK_HEAD_SIZE])
         if fields[0] != CHUNK_MAGIC:
             raise self._fail(f"bad chunk magic {fields[0]!r}", index)
         if zlib.crc32(head[: _CHUNK_HEAD.size]) != crc:
             raise self._fail("chunk header checksum mismatch (corrupt chunk header)", index)
+        if check_index:
+            self._check_index(fields, index)
+        return fields
+
+    def _check_index(self, fields: tuple[Any, ...], index: int) -> None:
+        """Chunk ``index``'s header ``fields`` name that index."""
         if fields[1] != index:
             raise self._fail(
                 f"chunk header says index {fields[1]}; expected {index} (chunks out of order, "
                 "or one missing)",
                 index,
             )
-        return fields
 
     # -- reading ---------------------------------------------------------------------------------
 

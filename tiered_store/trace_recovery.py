@@ -162,7 +162,9 @@ def _scan_leftover(reader: TraceReader, whole_end: int | None, progress: bool) -
     what the readable chunk headers after it hold."""
     scan = _Scan([], np.zeros(len(reader.tables), np.int64), reader._data_start)
     named = "tables" in reader.header  # else the names were in the footer: name them by index
-    heads = reader._chunk_heads()
+    # a header naming another index is refused below, not by the walk: the chunks past one
+    # out of order are whole, and counted as lost
+    heads = reader._chunk_heads(check_index=False)
 
     def decode(index: int, offset: int, fields: tuple[Any, ...]) -> TraceChunk:
         if not named:  # a chunk registers at most one new table per record
@@ -187,6 +189,7 @@ def _scan_leftover(reader: TraceReader, whole_end: int | None, progress: bool) -
         try:
             for index, offset, fields in heads:
                 try:
+                    reader._check_index(fields, index)
                     chunk = decode(index, offset, fields)
                     batch, table, n = (chunk.records[:, c] for c in range(3))
                     if scan.index and batch.size and batch[0] < scan.index[-1][4]:
