@@ -95,7 +95,9 @@ def dequantize_rows(
     """Packed rows ``uint8 [..., packed_bytes]`` -> values ``[..., values]`` in ``dtype``.
 
     Runs on the tensor's device, vectorised; the arithmetic is the reference's (fp32 product of
-    the fp8 value and the power-of-two scale, one rounding to ``dtype``).
+    the fp8 value and the power-of-two scale, one rounding to ``dtype``). ``float16`` holds at
+    most 65504: a larger value (code 448 at scale 2^8, say) comes out infinite, where bfloat16
+    and float32 hold it (they hold every value ``quantize_rows`` made from finite float32 rows).
 
     Examples
     --------
