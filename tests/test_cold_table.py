@@ -580,8 +580,11 @@ def test_missing_files_and_bad_arguments(tmp_path):
         ColdTable(path, io="aio")
     with pytest.raises(ConfigError, match="threads=0"):
         ColdTable(path, threads=0)
-    with pytest.raises(ConfigError, match=r"threads=np.True_; expected an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"threads=np.True_; expected an integer from 1 to 256"):
         ColdTable(path, threads=np.True_)
+    # no cap: a million readers meant a million threads' pool (cold.threads stops at 256)
+    with pytest.raises(ConfigError, match=r"threads=1000000; expected an integer from 1 to 256"):
+        ColdTable(path, threads=1_000_000)
     with ColdTable(path, threads=np.int64(2), queue_depth=np.int32(8)) as numpy_counts:
         assert (numpy_counts.threads, numpy_counts.queue_depth) == (2, 8)  # as plain ints
         assert {type(numpy_counts.threads), type(numpy_counts.queue_depth)} == {int}

@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tiered_store.config import MAX_COLD_THREADS
 from tiered_store.errors import ConfigError, RowIdError, TierIOError, warn_at_caller
 from tiered_store.integers import as_integer
 from tiered_store.io_uring import MAX_QUEUE_DEPTH, IoUring
@@ -164,8 +165,10 @@ class ColdTable:
     ):
         if io not in IO_MODES:
             raise ConfigError(f"ColdTable io={io!r}; expected one of {', '.join(IO_MODES)}")
-        if (count := as_integer(threads)) is None or count < 1:
-            raise ConfigError(f"ColdTable threads={threads!r}; expected an integer >= 1")
+        if (count := as_integer(threads)) is None or not 1 <= count <= MAX_COLD_THREADS:
+            raise ConfigError(
+                f"ColdTable threads={threads!r}; expected an integer from 1 to {MAX_COLD_THREADS}"
+            )
         if (depth := as_integer(queue_depth)) is None or not 1 <= depth <= MAX_QUEUE_DEPTH:
             raise ConfigError(
                 f"ColdTable queue_depth={queue_depth!r}; expected an integer from 1 to "

@@ -68,6 +68,8 @@ __all__ = [
 
 # Every default of the store configuration, with its unit (optional paths and checks, whose
 # absence means "not set", are not defaults and not listed).
+MAX_COLD_THREADS = 256  # cold.threads (and ColdTable's threads): readers of one table at most
+
 DEFAULTS: dict[str, Any] = {
     "table.out_of_range": "error",  # ids outside [0, rows): "error", or "zero" rows (DeepSeek-V4.1)
     "tier.capacity": 0,  # rows (or bytes like "1GiB", or "5%"), hot and warm alike
@@ -696,7 +698,7 @@ class ColdTierConfig(ConfigModel):
 
     section: ClassVar[tuple[str, ...]] = ("tiers", "cold")
     io: Literal["mmap", "pread", "direct", "uring"] = DEFAULTS["cold.io"]
-    threads: int_at_least(1, 256) = DEFAULTS["cold.threads"]
+    threads: int_at_least(1, MAX_COLD_THREADS) = DEFAULTS["cold.threads"]
     queue_depth: int_at_least(1, 4096) = DEFAULTS["cold.queue_depth"]
 
 
