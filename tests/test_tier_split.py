@@ -256,6 +256,25 @@ def test_batched_stack_distances_survive_time_axis_compaction():
 
 
 @pytest.mark.parametrize(
+    ("rows", "starts", "expected"),
+    [
+        ([0, 1, 2], [0, 2, 5], "starts ends at 5; expected 3, the events given"),
+        ([0, 1, 2], [0, 2], "starts ends at 2; expected 3, the events given"),
+        ([0, 1, 2], [1, 3], "starts begins at 1; expected 0"),
+        ([0, 1, 2], [0, 2, 1, 3], "starts falls from 2 to 1 at batch 1; expected"),
+        ([0, 1, 2], [], "starts is empty; expected"),
+        ([0, -4, 2], [0, 3], "rows holds -4; expected dense row numbers >= 0"),
+    ],
+)
+def test_batched_stack_distances_refuse_batches_that_do_not_cover_the_events(
+    rows, starts, expected
+):
+    # the kernel indexes without bounds checks: a bad start read past the events (a crash)
+    with pytest.raises(ValueError, match=expected):
+        batched_stack_distances(np.array(rows, dtype=np.int64), np.array(starts, dtype=np.int64))
+
+
+@pytest.mark.parametrize(
     ("index", "policy"),
     [
         ("dense", "lru"),

@@ -369,6 +369,7 @@ def batched_stack_distances(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     starts = np.ascontiguousarray(starts, dtype=np.int64)
+    _check_batches(rows, starts)
     out = np.zeros(rows.size, dtype=np.int64)
     if rows.size == 0:
         return out
@@ -383,6 +384,28 @@ def batched_stack_distances(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
             return out
         room = int(starts[k + 1] - starts[k])  # the next batch is stamped at once
         axis, state[0] = compact_time_axis(last, axis, int(state[0]), room)
+
+
+def _check_batches(rows: np.ndarray, starts: np.ndarray) -> None:
+    """Refuse batch bounds that do not cover ``rows`` in order, or negative rows (the kernel
+    indexes without bounds checks)."""
+    if starts.ndim != 1 or starts.size == 0:
+        raise ValueError(f"starts is empty; expected batch bounds from 0 to {rows.size}")
+    if starts[0] != 0:
+        raise ValueError(f"starts begins at {int(starts[0])}; expected 0")
+    if starts[-1] != rows.size:
+        raise ValueError(
+            f"starts ends at {int(starts[-1])}; expected {rows.size}, the events given"
+        )
+    falls = np.flatnonzero(np.diff(starts) < 0)
+    if falls.size:
+        k = int(falls[0])
+        raise ValueError(
+            f"starts falls from {int(starts[k])} to {int(starts[k + 1])} at batch {k}; expected "
+            "non-decreasing batch bounds"
+        )
+    if rows.size and rows.min() < 0:
+        raise ValueError(f"rows holds {int(rows.min())}; expected dense row numbers >= 0")
 
 
 # ---------------------------------------------------------------------------------------------
