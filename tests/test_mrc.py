@@ -225,6 +225,17 @@ def test_curve_api_and_json(tmp_path):
         MissRatioCurve("x", np.array([0, 2, 1]), np.array([1.0, 0.5, 0.4]), 10)
 
 
+def test_a_negative_capacity_is_refused_by_every_curve_not_only_the_exact_ones():
+    ids = np.array([1, 2, 1, 3, 1, 2])
+    with pytest.raises(ValueError, match="capacities must be >= 0; got -3"):
+        lru_mrc(ids, capacities=[-3, 2])
+    # resampled curves (SHARDS, any curve's resample) took it as a point below capacity 0
+    with pytest.raises(ValueError, match="'shards': capacities must be >= 0; got -3"):
+        shards_mrc(ids, rate=1.0, capacities=[-3, 2])
+    with pytest.raises(ValueError, match="'lru': capacities must be >= 0; got -1"):
+        lru_mrc(ids).resample([-1])
+
+
 def test_recommend_tier_sizes():
     ids = sample_zipf(100_000, 20_000, 0.9, seed=7)
     lru = lru_mrc(ids, table_rows=20_000)

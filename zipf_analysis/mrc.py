@@ -122,6 +122,8 @@ class MissRatioCurve:
             )
         if (np.diff(caps) <= 0).any():
             raise ValueError(f"curve {self.name!r}: capacities must be strictly ascending")
+        if caps[0] < 0:
+            raise ValueError(f"curve {self.name!r}: capacities must be >= 0; got {int(caps[0])}")
         object.__setattr__(self, "capacities", caps)
         object.__setattr__(self, "miss_ratio", ratio)
         if self.misses is not None:
