@@ -39,8 +39,11 @@ most used). That order is the only difference from a replay: none per request
 ``tests/test_tier_split.py`` replays at the trace's own batches.
 
 The model holds the table's (batch, row, lookups) triples in memory, 24 bytes per distinct row of
-each batch (plus a stack pass's 4 bytes per distinct row and its time axis): traces that fit in
-RAM, as for :func:`zipf_analysis.replay.replay_offline`.
+each batch (plus a stack pass's 4 bytes per distinct row and its time axis), and while it prices
+one hot candidate, per-batch counters and costs at every warm candidate, about 50 bytes per
+(batch, warm candidate): little at the trace's own batches, but the most of it per request
+(``batch_tokens=1``: about 1 KB per lookup with the default 18 warm candidates, 1.1 GB for 1M
+lookups). Traces that fit in RAM, as for :func:`zipf_analysis.replay.replay_offline`.
 
 Memory counted against a budget: each tier's payload (rows x row bytes) plus its metadata, as
 :meth:`tiered_store.row_cache.RowCache.metadata_bytes` counts it (slot owner, flags and free list,
