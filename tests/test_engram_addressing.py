@@ -489,3 +489,25 @@ def test_hashes_match_golden_on_cuda(golden):
             assert hashes.device == ids.device
             expected = data[f"case{case}_layer{layer}_hashes"]
             np.testing.assert_array_equal(hashes.cpu().numpy(), expected)
+
+
+def test_numpy_uint64_beside_python_ints_are_token_ids_as_the_store_takes_them(tok, tmp_path):
+    """[np.uint64(7), 8] (NumPy reads a uint64 beside an int as float64) was refused as "dtype
+    float64" by check_token_ids while the store looked the same list up as ids 7 and 8."""
+    from tests.conftest import make_table, store_config
+    from tiered_store import TieredStore
+    from tiered_store.engram.tokenizer import check_token_ids
+
+    ids = check_token_ids([np.uint64(7), 8], tok.vocab_size)
+    assert ids.dtype == np.int64 and ids.tolist() == [7, 8]
+    np.testing.assert_array_equal(tok.compress([[np.uint64(7), 8]]), tok.compress([[7, 8]]))
+    with TieredStore(store_config(make_table(tmp_path)[0])) as store:  # the store takes them too
+        assert torch.equal(store.lookup([np.uint64(7), 8]), store.lookup([7, 8]))
+    big = 2**64 - 1  # named exactly, not as float64 rounds it
+    for given, value, index in (([np.uint64(7), -1], -1, 1), ([8, np.uint64(big)], big, 1)):
+        with pytest.raises(RowIdError, match=rf"token id {value} at index \({index},\)"):
+            check_token_ids(given, tok.vocab_size)
+    with pytest.raises(RowIdError, match=r"^input_ids: 8\.5 at index \(1,\) is not an integer"):
+        check_token_ids([np.uint64(7), 8.5], tok.vocab_size)
+    with pytest.raises(RowIdError, match="got dtype float64"):  # floats in an array stay refused
+        check_token_ids(np.array([7.0, 8.0]), tok.vocab_size)

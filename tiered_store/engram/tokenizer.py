@@ -21,7 +21,7 @@ import torch
 
 from ..atomic_file import atomic_write
 from ..errors import ConfigError, RowIdError
-from ..integers import bool_among
+from ..integers import as_integer, bool_among
 from ..npy_files import load_npy
 from ..table_sources import describe_tensor, tensor_without_values
 
@@ -227,6 +227,8 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids")
         raise RowIdError(
             f"{name}: {type(input_ids).__name__} cannot be read as integer token ids ({exc})"
         ) from None
+    if ids.dtype.kind in "fO" and ids.size and not isinstance(input_ids, np.ndarray):
+        return _exact_token_ids(input_ids, vocab_size, name)  # as the store reads such lists
     if not (  # kind, not np.integer: NumPy files timedelta64 under it
         ids.dtype.kind in "iu" or (ids.size == 0 and ids.dtype == np.float64)
     ):
@@ -242,6 +244,27 @@ def check_token_ids(input_ids: Any, vocab_size: int, *, name: str = "input_ids")
             bad = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= vocab_size))[0])
             _raise_out_of_vocab(name, int(ids[bad]), bad, vocab_size)
     return ids.astype(np.int64, copy=False)
+
+
+def _exact_token_ids(input_ids: Any, vocab_size: int, name: str) -> np.ndarray:
+    """Nested lists NumPy reads as float64 or object (a uint64 beside a signed int, an int past
+    int64) as int64 token ids, each leaf read exactly and checked (one Python step a leaf)."""
+    if (found := bool_among(input_ids)) is not None:
+        raise RowIdError(
+            f"{name}: {found[1]!r} at index {found[0]} is a bool; expected integer token ids"
+        )
+    given = np.asarray(input_ids, dtype=object)
+    values = [as_integer(value) for value in given.ravel().tolist()]
+    for flat, value in enumerate(values):
+        if value is None or not 0 <= value < vocab_size:
+            index = tuple(int(i) for i in np.unravel_index(flat, given.shape))
+            if value is None:
+                raise RowIdError(
+                    f"{name}: {given.ravel()[flat]!r} at index {index} is not an integer; "
+                    "expected integer token ids"
+                )
+            _raise_out_of_vocab(name, value, index, vocab_size)
+    return np.array(values, dtype=np.int64).reshape(given.shape)
 
 
 def _raise_out_of_vocab(name: str, value: int, index: tuple[int, ...], vocab_size: int) -> None:
