@@ -963,3 +963,19 @@ def test_a_request_whose_client_leaves_while_it_waits_for_a_turn_is_not_computed
         for sock in socks:
             sock.close()
         server.stop()
+
+
+def test_a_malformed_http_1_0_request_is_not_told_to_send_a_host_header(proc):
+    """HTTP/1.0 needs no Host header, but a malformed HTTP/1.0 request's 400 said "expected
+    HTTP/1.1 ... and a Host header"; an HTTP/1.1 one is still told."""
+    for version, hinted in ((b"1.0", False), (b"1.1", True)):
+        status, _, body = raw_exchange(
+            proc.url, b"GET /healthz HTTP/" + version + b"\r\nHost: a\r\nno colon\r\n\r\n"
+        )
+        error = json.loads(body)["error"]
+        assert status == 400 and error.startswith("malformed HTTP request ("), error
+        assert ("Host header" in error) is hinted, error
+    status, _, body = raw_exchange(  # a well-formed HTTP/1.0 request without Host is answered
+        proc.url, b"GET /healthz HTTP/1.0\r\n\r\n"
+    )
+    assert (status, json.loads(body)) == (200, {"status": "ok"})

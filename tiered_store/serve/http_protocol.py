@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,12 @@ _MALFORMED = (
     "malformed HTTP request ({}); expected HTTP/1.1 with Content-Length or chunked transfer "
     "encoding, and a Host header"
 )
+_MALFORMED_1_0 = (  # HTTP/1.0 needs no Host header
+    "malformed HTTP request ({}); expected HTTP/1.0 or HTTP/1.1 with Content-Length or chunked "
+    "transfer encoding"
+)
+_VERSION = re.compile(rb" HTTP/(\d\.\d)\r?$")  # a request line's end
+_LINE_BYTES = 65536  # how far a request line is looked for (h11 refuses longer heads)
 _MALFORMED_WHERE = "its request line, a header or the body's framing"  # h11 gave no reason
 _REASON_CHARS = 100  # the most of h11's reason (it may quote the request) a 400 repeats
 _ENDED_MID_BODY = (
@@ -156,7 +163,8 @@ def with_head_deadline(
                     self.transport.close()
                     return
             reason = self.conn.refusal or _MALFORMED_WHERE
-            error = _ENDED_MID_BODY if self._ended_mid_body else _MALFORMED.format(reason)
+            malformed = _MALFORMED_1_0 if self.conn.request_version == b"1.0" else _MALFORMED
+            error = _ENDED_MID_BODY if self._ended_mid_body else malformed.format(reason)
             body = json.dumps({"error": error}).encode() + b"\n"
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
             for event in (
@@ -213,11 +221,18 @@ def with_head_deadline(
 class _ReasonKeepingConnection(h11.Connection):
     """An ``h11.Connection`` that keeps why it refused the peer's data (``refusal``: h11's
     reason, e.g. "Missing mandatory Host: header", cut to ``_REASON_CHARS``, its length said
-    when cut)."""
+    when cut) and the HTTP version of the request line it read last (``request_version``, e.g.
+    b"1.0", whether or not h11 took that request)."""
 
     refusal: str | None = None
+    request_version: bytes | None = None
 
     def next_event(self) -> Any:
+        if self.their_state is h11.IDLE:  # a request head is next: its line's version, if in
+            data = self.trailing_data[0]
+            end = data.find(b"\n", 0, _LINE_BYTES)
+            match = _VERSION.search(data, 0, end) if end >= 0 else None
+            self.request_version = match.group(1) if match else None
         try:
             return super().next_event()
         except h11.RemoteProtocolError as exc:
