@@ -979,3 +979,17 @@ def test_a_malformed_http_1_0_request_is_not_told_to_send_a_host_header(proc):
         proc.url, b"GET /healthz HTTP/1.0\r\n\r\n"
     )
     assert (status, json.loads(body)) == (200, {"status": "ok"})
+
+
+def test_a_415_shows_a_utf8_content_type_as_sent(proc):
+    """Starlette decodes headers as Latin-1: a 415 for "application/jsön" sent as UTF-8 named
+    'application/jsÃ¶n'."""
+    content_type = "application/jsön"
+    request = (
+        b"POST /v1/engram HTTP/1.1\r\nHost: a\r\nContent-Type: "
+        + content_type.encode()
+        + b"\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    status, _, body = raw_exchange(proc.url, request)
+    error = json.loads(body)["error"]
+    assert status == 415 and f"Content-Type: got {content_type!r};" in error, error

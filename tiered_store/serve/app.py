@@ -199,8 +199,9 @@ async def _read_body(request: Request, limits: Any) -> bytes:
     client that stalls mid-body (408 after ``request_timeout_s``)."""
     content_type = request.headers.get("content-type", "application/json")
     if content_type.split(";", 1)[0].strip().lower() not in _BODY_TYPES:
-        raise RequestError(
-            415, f"Content-Type: got {_echo(content_type)}; expected application/json"
+        sent = content_type.encode("latin-1").decode("utf-8", "backslashreplace")  # as sent:
+        raise RequestError(  # Starlette decodes headers as Latin-1
+            415, f"Content-Type: got {_echo(sent)}; expected application/json"
         )
     limit = limits.max_body_bytes
     announced = request.headers.get("content-length")
