@@ -197,8 +197,7 @@ def test_learning_rates_given_in_python_are_checked_before_any_work(tmp_path):
 
     for name, value in (("dense_lr", -1.0), ("table_lr", float("inf"))):
         settings = replace(_settings(ROOT / "tiered_store" / "engram"), **{name: value})
-        option = "--" + name.replace("_", "-")
-        with pytest.raises(ConfigError, match=rf"{option}: got {value}; expected a positive"):
+        with pytest.raises(ConfigError, match=rf"^{name}: got {value}; expected a positive"):
             train(tmp_path / "run", settings, resume=False, progress=False)
         assert not (tmp_path / "run").exists()
 
@@ -598,7 +597,7 @@ def test_a_record_without_a_run_id_is_refused_saying_so(tmp_path, capsys):
     before = _run_files(out)
     assert main([*common, *small, "--resume", "--steps", "3"]) == 2
     assert capsys.readouterr().err == (
-        f"tiered-store train: error: out: {out / 'committed.json'}: records committed step 2 but "
+        f"tiered-store train: error: --out: {out / 'committed.json'}: records committed step 2 but "
         "no run id (written by an older version of tiered-store, or by hand), so it cannot be "
         "told from another run's record; the table there (tables.npy, at step 2) belongs to run "
         f"'{run}'; nothing was changed: if the record is this run's (an older version resumed "
@@ -691,3 +690,38 @@ def test_train_called_from_python_names_its_out_argument_not_the_option(tmp_path
     assert "--out" not in str(raised.value)
     with pytest.raises(ConfigError, match="or choose another run ") as raised:
         train(recorded, settings, resume=False, progress=False, out_name="run")
+
+
+def test_train_called_from_python_names_its_parameters_not_the_command_options(tmp_path, capsys):
+    """train() named the command's options in errors raised to Python callers ("--optimizer:",
+    "--resume:", "pass --resume", "--hot:") and began others with "out:" whatever out_name said;
+    it names its parameters and TrainSettings' fields now, the command its options."""
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=1)
+    out = tmp_path / "run"
+    for changed, start in (
+        ({"optimizer": "bogus"}, "optimizer: 'bogus'; expected one of"),
+        ({"io": "bogus"}, "io: 'bogus'; expected one of"),
+        ({"batch_size": 0}, "batch_size: expected >= 1, got 0"),
+        ({"dense_lr": -1.0}, "dense_lr: got -1.0; expected a positive"),
+        ({"hot": "1GiB"}, "hot: '1GiB' is "),
+    ):
+        with pytest.raises(ConfigError) as raised:
+            train(out, replace(base, **changed), resume=False, progress=False)
+        assert str(raised.value).startswith(start) and "--" not in str(raised.value), raised.value
+    assert not out.exists()
+    train(out, base, resume=False, progress=False)
+    for name in ("out", "run"):
+        with pytest.raises(ConfigError) as raised:
+            train(out, base, resume=False, progress=False, out_name=name)
+        message = str(raised.value)
+        assert message.startswith(f"{name}: {out} already holds a training run; pass resume=True")
+        assert "--" not in message, message
+    with pytest.warns(UserWarning) as warned:
+        train(out, replace(base, batch_size=4), resume=True, progress=False)
+    text = " ".join(str(w.message) for w in warned)
+    assert "resume: the run in" in text and "ignored: batch_size 4 (it uses 2)" in text, text
+    assert "--" not in text, text
+    common, _, cli_out = _cli_args(tmp_path)  # the command names its options
+    common[common.index(str(cli_out))] = str(out)
+    assert main([*common, "--steps", "1"]) == 2
+    assert f"--out: {out} already holds a training run; pass --resume" in capsys.readouterr().err

@@ -117,7 +117,9 @@ def train(
     settings are refused before ``out`` is touched, so a corrected command can start afresh.
     ``given``: the settings the user set (the command's options); a resume names those it
     ignores (default: those that differ from ``TrainSettings()``'s). ``out_name``: how errors
-    name ``out`` (a command passes its option, e.g. ``"--out"``)."""
+    name ``out``; a command passes its option (``"--out"``), and errors then name its other
+    options (``--resume``, ``--batch-size``) where they name parameters and settings
+    (``resume``, ``batch_size``)."""
     if settings.corpus:  # as found from here (a resume may run in another directory)
         paths = [os.path.abspath(c) for c in corpus_paths(settings.corpus)]  # one: one path
         settings = replace(settings, corpus=paths)
@@ -125,7 +127,9 @@ def train(
     torch.manual_seed(settings.seed)
     config = ModelConfig.from_dict(settings.model)
     if config.engram.is_v41:
-        raise ConfigError(f"--model: engram.geometry {v41_refusal('training cannot update')}")
+        raise ConfigError(
+            f"{_option('model', out_name)}: engram.geometry {v41_refusal('training cannot update')}"
+        )
     model = EngramLM(config)
     optimizer = make_row_optimizer(settings.optimizer, lr=settings.table_lr)
     layers = list(model.engram_layers)
@@ -134,7 +138,10 @@ def train(
     row_bytes = 4 * (dim + optimizer.state_width(dim))  # float32 [weights | optimizer state]
     for name in ("hot", "warm"):  # against the table the run would make, before making it
         resolve_capacity(
-            getattr(settings, name), table_rows=sum(sizes), row_bytes=row_bytes, key=f"--{name}"
+            getattr(settings, name),
+            table_rows=sum(sizes),
+            row_bytes=row_bytes,
+            key=_option(name, out_name),
         )
     # the corpus too: a path that does not exist, or too little text for one batch, is refused
     # before the run's folder holds anything that a rerun would have to --resume
@@ -150,8 +157,9 @@ def train(
             # a ConfigError if a run was made here meanwhile
             if _settings(out, asked, resume, given, out_name) != settings:
                 raise ConfigError(
-                    f"out: {out} changed while this run was being set up (another trainer made "
-                    "or ended a run there); nothing of that run was changed: run the command again"
+                    f"{out_name}: {out} changed while this run was being set up (another trainer "
+                    "made or ended a run there); nothing of that run was changed: run the command "
+                    "again"
                 )
         made = not _holds_a_run(out, out_name)
         if made:  # the initial rows of every layer, one after another (a killed creation's
@@ -194,9 +202,14 @@ def train(
         with warnings.catch_warnings():  # the steps since the checkpoint go, as after a kill
             warnings.simplefilter("ignore", UncommittedWritesWarning)
             store.close()
+        again = (  # the command's, or a Python caller's
+            "run the same command with --resume"
+            if out_name.startswith("--")
+            else "call train again with resume=True"
+        )
         print(
-            f"train: stopped; {out} holds step {kept}, its last checkpoint: run the same "
-            "command with --resume to go on from there",
+            f"train: stopped; {out} holds step {kept}, its last checkpoint: {again} to go on "
+            "from there",
             file=sys.stderr,
         )
         raise
@@ -281,8 +294,9 @@ def _load_dense(path: Path, step: int, model, dense, out_name: str) -> None:
             why = f"its Adam state does not fit the model ({exc})"
     if why is not None:
         raise ConfigError(
-            f"--resume: {path}: {why}; expected the dense checkpoint written with the table's "
-            f"commit of step {step} (restore it, or choose another {out_name})"
+            f"{_option('resume', out_name)}: {path}: {why}; expected the dense checkpoint "
+            f"written with the table's commit of step {step} (restore it, or choose another "
+            f"{out_name})"
         )
 
 
@@ -312,10 +326,10 @@ def _run_id(store: TieredStore) -> str | None:
     return (store.cold.manifest.metadata or {}).get("trainable", {}).get(RUN_ID_KEY)
 
 
-def _record(out: Path) -> tuple[int, str | None] | None:
+def _record(out: Path, out_name: str) -> tuple[int, str | None] | None:
     """The committed step and run id the run recorded in ``committed.json`` (None: none
     recorded, as by runs before the record; a run id None: a record or table before run ids);
-    ``ConfigError`` naming the file when it is damaged."""
+    ``ConfigError`` naming the file (``out`` as ``out_name``) when it is damaged."""
     path = out / COMMITTED_FILE
     try:
         record = json.loads(path.read_text())
@@ -329,7 +343,7 @@ def _record(out: Path) -> tuple[int, str | None] | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         why = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
         raise ConfigError(
-            f"out: {path}: {why}; expected the step the run recorded at its last commit "
+            f"{out_name}: {path}: {why}; expected the step the run recorded at its last commit "
             f'({{"committed_step": N, "{RUN_ID_KEY}": ...}}): restore it, or remove it to go on '
             "from the table's step"
         ) from None
@@ -344,13 +358,13 @@ def _check_progress(
     dense checkpoint and log; or when the record is another run's (its run id is not the
     table's ``table_run``), or cannot be told from one (no run id, beside a table with one). A
     table ahead of the record (a kill before it) is fine. ``out_name``: ``out``'s name in it."""
-    record = _record(out)
+    record = _record(out, out_name)
     if record is None:
         return
     recorded, recorded_run = record
     if table_step is not None and recorded_run is None and table_run is not None:
         raise ConfigError(  # not told from another run's record: this run's, by an older version?
-            f"out: {out / COMMITTED_FILE}: records committed step {recorded} but no run id "
+            f"{out_name}: {out / COMMITTED_FILE}: records committed step {recorded} but no run id "
             "(written by an older version of tiered-store, or by hand), so it cannot be told from "
             f"another run's record; the table there ({TABLE_FILE}, at step {table_step}) belongs "
             f"to run {table_run!r}; nothing was changed: if the record is this run's (an older "
@@ -360,7 +374,7 @@ def _check_progress(
     if table_step is not None and recorded_run != table_run:
         whose = f"belongs to run {table_run!r}" if table_run else "has no run id (made before them)"
         raise ConfigError(
-            f"out: {out / COMMITTED_FILE}: records committed step {recorded} of run "
+            f"{out_name}: {out / COMMITTED_FILE}: records committed step {recorded} of run "
             f"{recorded_run!r}, but the table there ({TABLE_FILE}) {whose}: "
             "the record is another run's (copied in?) and says nothing of this run's commits; "
             f"nothing was changed: restore this run's {COMMITTED_FILE}, or remove it to go on "
@@ -374,11 +388,11 @@ def _check_progress(
         delta = delta_path(current_version(out / TABLE_FILE)[0]).name
         held = f"a table at step {table_step} (its delta, {delta}/, is missing or older)"
     raise ConfigError(
-        f"out: {out} recorded committed step {recorded} ({COMMITTED_FILE}) but holds {held}: "
-        f"steps {(table_step or 0) + 1}..{recorded} are lost to it, and going on would rewrite "
-        f"loss.csv and replace dense-{recorded}.pt; nothing was changed: restore the run's table "
-        f"files as they were at step {recorded} (a copy of the run made with cp -r keeps the "
-        f"delta folder), or choose another {out_name} (to go on from step {table_step or 0} "
+        f"{out_name}: {out} recorded committed step {recorded} ({COMMITTED_FILE}) but holds "
+        f"{held}: steps {(table_step or 0) + 1}..{recorded} are lost to it, and going on would "
+        f"rewrite loss.csv and replace dense-{recorded}.pt; nothing was changed: restore the run's "
+        f"table files as they were at step {recorded} (a copy of the run made with cp -r keeps "
+        f"the delta folder), or choose another {out_name} (to go on from step {table_step or 0} "
         f"anyway, remove {COMMITTED_FILE})"
     )
 
@@ -423,7 +437,7 @@ def _take_run_lock(out: Path, out_name: str) -> int:
             raise
         raise TierIOError(
             errno.EBUSY,
-            f"out: {out} is being trained (or compacted) by another process (it holds "
+            f"{out_name}: {out} is being trained (or compacted) by another process (it holds "
             f"{TABLE_FILE}.writer.lock); expected one trainer per run: wait for it to end, or "
             f"choose another {out_name}",
         ) from None
@@ -442,8 +456,9 @@ def _holds_a_run(out: Path, out_name: str) -> bool:
         check_current_version(table)
     except (TieredStoreError, OSError) as exc:
         raise ConfigError(
-            f"out: {out} holds a training run whose table fails its check ({exc}); expected a "
-            f"readable table to resume (repair or move it, or choose another {out_name})"
+            f"{out_name}: {out} holds a training run whose table fails its check ({exc}); "
+            f"expected a readable table to resume (repair or move it, or choose another "
+            f"{out_name})"
         ) from None
     return True
 
@@ -464,15 +479,15 @@ def _settings(
         _check_progress(out, None, None, out_name)
     if resume and not path.exists() and _holds_a_run(out, out_name):
         raise ConfigError(
-            f"--resume: {out} holds a training run without its settings ({path.name} is "
-            f"missing); expected the {path.name} that run saved (restore it, or choose another "
-            f"{out_name})"
+            f"{_option('resume', out_name)}: {out} holds a training run without its settings "
+            f"({path.name} is missing); expected the {path.name} that run saved (restore it, or "
+            f"choose another {out_name})"
         )
     if resume and path.exists() and _holds_a_run(out, out_name):
         saved = _saved_settings(path, out_name)
         default = TrainSettings()
         ignored = [  # asked for (a default value too), and not what the run uses
-            f"--{f.name.replace('_', '-')} {getattr(given, f.name)} (it uses "
+            f"{_option(f.name, out_name)} {getattr(given, f.name)} (it uses "
             f"{getattr(saved, f.name)})"
             for f in fields(TrainSettings)
             if f.name != "steps"
@@ -484,40 +499,59 @@ def _settings(
             and getattr(given, f.name) != getattr(saved, f.name)
         ]
         if given.steps and given.steps < saved.steps:  # asked for fewer: the run has more
-            ignored.append(f"--steps {given.steps} (it runs {saved.steps}; steps only grow)")
+            steps = _option("steps", out_name)
+            ignored.append(f"{steps} {given.steps} (it runs {saved.steps}; steps only grow)")
         if ignored:
             warnings.warn(
-                f"--resume: the run in {out} keeps its settings (only --steps may grow); "
-                f"ignored: {', '.join(ignored)}",
+                f"{_option('resume', out_name)}: the run in {out} keeps its settings (only "
+                f"{_option('steps', out_name)} may grow); ignored: {', '.join(ignored)}",
                 stacklevel=3,
             )
         saved.steps = max(saved.steps, given.steps)
         given = saved
     elif resume:
-        warnings.warn(f"--resume: no run in {out} to resume; starting a new one", stacklevel=3)
+        warnings.warn(
+            f"{_option('resume', out_name)}: no run in {out} to resume; starting a new one",
+            stacklevel=3,
+        )
     elif _holds_a_run(out, out_name):
         raise ConfigError(
-            f"out: {out} already holds a training run; pass --resume to continue it, or choose "
-            "another directory"
+            f"{out_name}: {out} already holds a training run; pass {_resume_flag(out_name)} to "
+            "continue it, or choose another directory"
         )
     if not given.steps:  # not asked, and no run to take it from
         given = replace(given, steps=TrainSettings().steps)
     if given.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"--optimizer: {given.optimizer!r}; expected one of {OPTIMIZERS}")
+        raise ConfigError(
+            f"{_option('optimizer', out_name)}: {given.optimizer!r}; expected one of {OPTIMIZERS}"
+        )
     if given.io not in IO_MODES:
-        raise ConfigError(f"--io: {given.io!r}; expected one of {', '.join(IO_MODES)}")
+        raise ConfigError(
+            f"{_option('io', out_name)}: {given.io!r}; expected one of {', '.join(IO_MODES)}"
+        )
     for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
         if getattr(given, name) < 1:
             raise ConfigError(
-                f"--{name.replace('_', '-')}: expected >= 1, got {getattr(given, name)}"
+                f"{_option(name, out_name)}: expected >= 1, got {getattr(given, name)}"
             )
     for name in ("table_lr", "dense_lr"):
         lr = getattr(given, name)
         if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
             raise ConfigError(
-                f"--{name.replace('_', '-')}: got {lr!r}; expected a positive finite learning rate"
+                f"{_option(name, out_name)}: got {lr!r}; expected a positive finite learning rate"
             )
     return given
+
+
+def _option(name: str, out_name: str) -> str:
+    """How errors name ``train``'s parameter or setting ``name``: as the command's option when
+    ``out_name`` is one (``--batch-size``), else as it is (``batch_size``)."""
+    return f"--{name.replace('_', '-')}" if out_name.startswith("--") else name
+
+
+def _resume_flag(out_name: str) -> str:
+    """What a message tells a caller to pass to resume a run: ``--resume`` or ``resume=True``."""
+    return "--resume" if out_name.startswith("--") else "resume=True"
 
 
 _SAVED_TYPES = {  # a field's type in train.json, and how a message names it
@@ -556,8 +590,8 @@ def _saved_settings(path: Path, out_name: str) -> TrainSettings:
             raise ValueError(f"corpus: got {doc['corpus']!r}, expected a list of paths")
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"--resume: {path}: {exc}; expected the settings `train` saved there (restore "
-            f"them, or choose another {out_name})"
+            f"{_option('resume', out_name)}: {path}: {exc}; expected the settings `train` saved "
+            f"there (restore them, or choose another {out_name})"
         ) from None
     return TrainSettings(**doc)
 
