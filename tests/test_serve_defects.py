@@ -993,3 +993,28 @@ def test_a_415_shows_a_utf8_content_type_as_sent(proc):
     status, _, body = raw_exchange(proc.url, request)
     error = json.loads(body)["error"]
     assert status == 415 and f"Content-Type: got {content_type!r};" in error, error
+
+
+def test_an_absolute_form_request_target_is_served_as_its_path(proc):
+    """`GET http://host:port/healthz HTTP/1.1` (absolute-form, RFC 9112 3.2.2, which a server
+    must accept) got 404 "no endpoint 'http://...'"; it is now served as /healthz."""
+    host_port = proc.url.removeprefix("http://")
+    before = _answers(proc.url, "200", "/healthz")
+    for target in (f"http://{host_port}/healthz", f"HTTP://{host_port}/healthz?x=1"):
+        status, _, body = raw_exchange(
+            proc.url, f"GET {target} HTTP/1.1\r\nHost: other\r\n\r\n".encode()
+        )
+        assert (status, json.loads(body)) == (200, {"status": "ok"}), (target, body)
+    assert _answers(proc.url, "200", "/healthz") == before + 2
+    body = json.dumps({"input_ids": [1, 2, 3]}).encode()
+    status, _, answer = raw_exchange(
+        proc.url,
+        f"POST http://{host_port}/v1/engram HTTP/1.1\r\nHost: {host_port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    assert status == 200, answer[:200]
+    status, _, answer = raw_exchange(
+        proc.url, f"GET http://{host_port}/nowhere HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+    )
+    assert status == 404 and "no endpoint '/nowhere'" in json.loads(answer)["error"], answer

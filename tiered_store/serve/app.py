@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import anyio
 from starlette.applications import Starlette
@@ -39,6 +41,7 @@ GET_PATHS = ("/", "/healthz", "/stats", "/metrics")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # a listener bound to these takes every address
 # Content-Types read as JSON: JSON itself, none, and what `curl -d` and plain clients send.
 _BODY_TYPES = ("application/json", "", "text/plain", "application/x-www-form-urlencoded")
+_ABSOLUTE_FORM = re.compile(rb"https?://([^/?#]*)", re.IGNORECASE)  # scheme and authority
 _ECHO_CHARS = 100  # the most of a client's path or header an error message repeats
 _CLIENT_GONE = 499  # recorded (never sent) when the client left, or ended its stream, before
 # its answer (nginx's code: a client that half-closed is sent its answer all the same)
@@ -233,6 +236,18 @@ async def _read_body(request: Request, limits: Any) -> bytes:
     return b"".join(chunks)
 
 
+def _origin_form(scope: Scope) -> None:
+    """Make an absolute-form request (``GET http://host:port/healthz``, which RFC 9112 3.2.2 says
+    a server must accept) one for its path, its Host header the target's authority."""
+    match = _ABSOLUTE_FORM.match(scope["raw_path"])
+    if match is None:
+        return
+    raw_path = scope["raw_path"][match.end() :] or b"/"
+    scope["raw_path"], scope["path"] = raw_path, unquote(raw_path.decode("ascii"))  # as uvicorn
+    headers = [(name, value) for name, value in scope["headers"] if name != b"host"]
+    scope["headers"] = [*headers, (b"host", match.group(1))]
+
+
 class _CountingMiddleware:
     """Counts every request (handler, code, duration, in flight), checks the HTTP version, and
     keeps the metrics listener to ``/metrics``."""
@@ -246,6 +261,7 @@ class _CountingMiddleware:
             if scope["type"] == "lifespan":
                 await self.app(scope, receive, send)
             return
+        _origin_form(scope)
         path = scope["path"]
         handler = path if path in (*GET_PATHS, INFERENCE_PATH) else "other"
         state = scope.setdefault("state", {})
