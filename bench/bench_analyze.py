@@ -13,6 +13,8 @@ Example::
 
     python bench/bench_analyze.py --out bench/results/analyze.json              # whole stdlib
     python bench/bench_analyze.py --max-tokens 1000000 --no-belady               # ~1 minute
+
+Stage messages and progress bars go to stderr when it is a terminal (``--no-progress``: never).
 """
 
 from __future__ import annotations
@@ -50,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, help="analysis output folder (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the analysis output folder")
     p.add_argument("--out", type=output_file, help="also write the JSON here")
-    p.add_argument("--progress", action="store_true", help="show the progress bar")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="show stage messages and progress bars on stderr (default: when it is a terminal)",
+    )
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         targets=parse_targets(args.targets),
         curves=not args.no_curves,
         belady=not args.no_belady,
-        progress=args.progress,
+        progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-analyze-"))
     load_before = os.getloadavg()

@@ -151,3 +151,53 @@ def test_a_failing_write_in_the_temporary_work_folder_names_no_work_dir(tmp_path
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "error: the temporary work folder " in done.stderr, done.stderr[-3000:]
     assert "File too large" in done.stderr and "--work-dir" not in done.stderr
+
+
+def _on_a_terminal(*args: str, tmp_path: Path) -> tuple[int, str]:
+    """The script run with its stderr on a pseudo-terminal: its exit status and what it wrote
+    there."""
+    import os
+    import threading
+
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    master, terminal = os.openpty()
+    written: list[bytes] = []
+
+    def drain() -> None:  # read as it comes: a full terminal buffer would hold the script up
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the script's end of the terminal closed
+                return
+            if not data:
+                return
+            written.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "bench_analyze.py"), *args],
+            stdout=subprocess.PIPE, stderr=terminal, cwd=ROOT, timeout=300,
+            env=subprocess_env({"TMPDIR": str(tmp_path / "tmp")}),
+        )  # fmt: skip
+    finally:
+        os.close(terminal)
+        reader.join(30)
+        os.close(master)
+    return done.returncode, b"".join(written).decode(errors="replace")
+
+
+def test_progress_shows_by_default_when_stderr_is_a_terminal(tmp_path):
+    """The script showed no progress (stage messages, bars) unless given --progress, though a
+    run of the whole standard library takes minutes: now it does when stderr is a terminal, as
+    the commands do; --no-progress turns it off, and a pipe gets none (the other tests)."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_ENGRAM))
+    common = ("--max-tokens", "5000", "--no-curves", "--workers", "1", "--config", str(config))
+    code, shown = _on_a_terminal(*common, tmp_path=tmp_path)
+    assert code == 0 and "corpus: Python standard library" in shown, shown[-3000:]
+    code, shown = _on_a_terminal(*common, "--no-progress", tmp_path=tmp_path)
+    assert code == 0 and "corpus:" not in shown, shown[-3000:]
+    done = bench(*common, tmp_path=tmp_path)  # stderr a pipe
+    assert done.returncode == 0 and "corpus:" not in done.stderr, done.stderr[-3000:]
