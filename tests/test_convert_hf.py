@@ -705,3 +705,52 @@ def test_a_store_config_that_would_not_open_is_refused_before_anything_is_writte
             progress=False,
         )
     assert not (tmp_path / "out").exists()
+
+
+def _without_lookup_digest(table: Path) -> None:
+    """Make ``table``'s manifest one written before tables recorded their tokenizer's id-map
+    digest (the rest as it was, sealed again)."""
+    from tiered_store.manifest_checksum import sealed
+    from tiered_store.table_format import table_paths
+
+    manifest = table_paths(table)[1]
+    doc = json.loads(manifest.read_text())
+    del doc["metadata"]["engram"]["compressed_lookup_digest"]
+    manifest.write_text(json.dumps(sealed(doc), indent=1))
+
+
+def test_a_reused_table_from_before_the_lookup_digest_gains_it(golden, tmp_path, monkeypatch):
+    """A table converted before layouts recorded compressed_lookup_digest was reused by a rerun
+    (its weights match) and never gained the digest: opened through a tokenizer that maps ids to
+    other rows, it was never refused. The rerun records it now, rows untouched."""
+    from tiered_store.engram import CompressedTokenizer, NgramHasher, load_engram_config
+    from tiered_store.engram.checkpoint import check_table_file
+
+    monkeypatch.setenv("TIERED_STORE_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt, out = make_checkpoint(tmp_path / "ckpt", golden), tmp_path / "out"
+    convert_hf_checkpoint(ckpt, out, progress=False)
+    tables = [out / f"engram_layer{layer}.npy" for layer in (1, 14)]
+    for table in tables:
+        _without_lookup_digest(table)
+    rows_before = [(t.stat().st_ino, t.stat().st_mtime_ns) for t in tables]
+    result = convert_hf_checkpoint(ckpt, out, progress=False)
+    assert result.skipped == (1, 14)  # reused, not converted again
+    assert [(t.stat().st_ino, t.stat().st_mtime_ns) for t in tables] == rows_before
+    digest = CompressedTokenizer(out / "tokenizer.json").lookup_digest
+    for table in tables:
+        assert read_manifest(table).metadata["engram"]["compressed_lookup_digest"] == digest
+        assert_sealed_manifest(table)
+        verify_table(table, progress=False)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    engram, _ = load_engram_config(out / "config.json")
+    hasher = NgramHasher(engram, CompressedTokenizer(out / "tokenizer.json"))
+    check_table_file(tables[0], hasher, 1)
+    other = json.loads(default_tokenizer_path().read_text())  # ids swapped: rows of other N-grams
+    vocab = other["model"]["vocab"]
+    vocab["Ġlookup"], vocab["Ġtable"] = vocab["Ġtable"], vocab["Ġlookup"]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    swapped = NgramHasher(engram, CompressedTokenizer(tmp_path / "other.json"))
+    with pytest.raises(ConfigError, match="table built for compressed_lookup_digest="):
+        check_table_file(tables[0], swapped, 1)  # compared now
+    again = convert_hf_checkpoint(ckpt, out, progress=False)  # nothing more to record
+    assert again.skipped == (1, 14) and assert_sealed_manifest(tables[0])

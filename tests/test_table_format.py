@@ -611,3 +611,25 @@ def test_a_tensor_without_readable_rows_is_named(tmp_path, make_source, message)
     with pytest.raises(TableFormatError, match=rf"source torch.Tensor float32 .*{message}"):
         create_table(tmp_path / "t.npy", make_source(), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_replace_metadata_rewrites_the_manifest_alone_and_only_the_one_read(tmp_path):
+    """replace_metadata (convert-hf records a reused table's tokenizer digest with it): the
+    manifest gains the metadata, the rows and their checksums stay; a manifest changed since
+    the caller read it is left as it is."""
+    from tests.conftest import assert_sealed_manifest, make_table
+    from tiered_store.table_format import replace_metadata
+
+    path, _ = make_table(tmp_path, rows=300, dim=8)
+    read = read_manifest(path)
+    rows = (path.stat().st_ino, path.stat().st_mtime_ns)
+    new = replace_metadata(path, {**read.metadata, "note": "x"}, expected=read)
+    assert read_manifest(path) == new and new.metadata["note"] == "x"
+    assert new.block_checksums == read.block_checksums
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == rows
+    assert_sealed_manifest(path)
+    verify_table(path, progress=False)
+    with pytest.raises(TableFormatError, match="changed while its metadata was recorded"):
+        replace_metadata(path, {"note": "y"}, expected=read)  # read before the first
+    assert read_manifest(path) == new
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

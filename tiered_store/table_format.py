@@ -103,6 +103,7 @@ __all__ = [
     "check_table",
     "create_table",
     "read_manifest",
+    "replace_metadata",
     "table_paths",
     "verify_table",
 ]
@@ -798,6 +799,49 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
         seconds=time.perf_counter() - t0,
         pages_checked=len(sums),
     )
+
+
+def replace_metadata(
+    path: str | os.PathLike[str], metadata: dict[str, Any], *, expected: TableManifest
+) -> TableManifest:
+    """Give a table's manifest ``metadata`` in place of its own, its rows and checksums as they
+    are: the manifest is written atomically (a crash leaves the old one or the new), and only
+    while it is still ``expected`` (the manifest the caller read); returns the new manifest.
+
+    Raises
+    ------
+    TableFormatError
+        ``metadata`` cannot be stored (not JSON), or the manifest changed since ``expected``.
+    TierIOError
+        A write failed; the table is unchanged.
+    """
+    _check_metadata(metadata)
+    npy_path, manifest_path = table_paths(path)
+    manifest, text = _manifest_text(replace(expected, metadata=metadata))
+    what = f"cannot record metadata in table {npy_path}"
+    unchanged = "the table was left as it was"
+    with write_step(what, "creating its temporary manifest", unchanged):
+        (manifest_file,) = atomic_files((manifest_path, "w"), lock=True)
+    try:
+        with write_step(what, "writing its manifest", unchanged):
+            manifest_file.file.write(text)
+            manifest_file.finish()
+        with locked_folder(npy_path.parent):  # as _commit: no table commit in between
+            now = read_manifest(npy_path)  # (equality leaves the metadata out)
+            if (now, now.metadata, now.manifest_crc32c) != (
+                expected,
+                expected.metadata,
+                expected.manifest_crc32c,
+            ):
+                raise TableFormatError(
+                    f"table {npy_path} changed while its metadata was recorded; expected it "
+                    "unchanged: run the command again"
+                )
+            manifest_file.publish()
+    except BaseException:
+        manifest_file.abort()
+        raise
+    return manifest
 
 
 def _scan_table(

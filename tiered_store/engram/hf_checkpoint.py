@@ -16,9 +16,10 @@ then streams each table into ``engram_layer{L}.npy`` (packed rows, 264 B each in
 bounded memory, each followed by ``layer{L}.yaml`` (a store config that ``TieredStore.open``
 accepts), copies the dense tensors into ``dense.safetensors``, and last the tokenizer and the
 config. Every file is published atomically; a rerun after a kill finishes the work, skipping
-tables that are already complete. ``config.json`` marks a complete conversion: a rerun that
-changes anything in ``out_dir`` removes the one there first, so a killed re-conversion never
-leaves a config beside tables it does not describe.
+tables that are already complete (one converted before tables recorded the tokenizer's id-map
+digest gains it, in its manifest: its rows are not rewritten). ``config.json`` marks a complete
+conversion: a rerun that changes anything in ``out_dir`` removes the one there first, so a
+killed re-conversion never leaves a config beside tables it does not describe.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from ..table_format import (
     check_table,
     create_table,
     read_manifest,
+    replace_metadata,
     table_paths,
 )
 from .checkpoint import check_table_file, table_file, table_metadata
@@ -436,6 +438,7 @@ def _convert(
         path = table_file(out, plan.layer_id)
         if complete[plan.layer_id]:
             skipped.append(plan.layer_id)
+            _record_lookup_digest(path, hasher)
         else:
             source = PackedSafetensorsSource(
                 SafetensorsSource(plan.codes.file, plan.codes.name),
@@ -504,6 +507,18 @@ def _complete(path: Path, hasher: NgramHasher, plan: _LayerPlan) -> bool:
     except (TieredStoreError, OSError):
         return False
     return manifest.metadata.get("source") == _source(plan)
+
+
+def _record_lookup_digest(path: Path, hasher: NgramHasher) -> None:
+    """Record the tokenizer's id-map digest in a reused table converted before layouts held it
+    (``RECORDED_LATER``: not compared until recorded), in its manifest alone."""
+    manifest = read_manifest(path)
+    engram = manifest.metadata["engram"]  # _complete checked it
+    if "compressed_lookup_digest" in engram:
+        return
+    digest = hasher.tokenizer.lookup_digest  # as table_metadata records it
+    metadata = {**manifest.metadata, "engram": {**engram, "compressed_lookup_digest": digest}}
+    replace_metadata(path, metadata, expected=manifest)
 
 
 def _source(plan: _LayerPlan) -> dict[str, Any]:
