@@ -4,6 +4,7 @@ where an uninterrupted run does; a bad seed is refused with the options."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -725,3 +726,79 @@ def test_train_called_from_python_names_its_parameters_not_the_command_options(t
     common[common.index(str(cli_out))] = str(out)
     assert main([*common, "--steps", "1"]) == 2
     assert f"--out: {out} already holds a training run; pass --resume" in capsys.readouterr().err
+
+
+def _final_state(out: Path, step: int) -> tuple[torch.Tensor, dict]:
+    """A run's table rows and its dense checkpoint of ``step``."""
+    with TieredStore.open({"table": {"path": str(out / "tables.npy")}}) as store:
+        rows = store.lookup(torch.arange(store.rows))
+    return rows, torch.load(out / f"dense-{step}.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_mixed_precision_run_resumes_as_an_uninterrupted_run(tmp_path, precision):
+    """--precision runs the model under autocast (its loss differs from fp32's in the last
+    digits, not more); fp16 scales the loss with a GradScaler whose state the checkpoints keep,
+    so a run stopped after step 4 and resumed ends where a straight run does: rows, dense
+    weights and the scaler's growth tracker (6 steps since the last skip, not 2)."""
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=6, checkpoint_every=2)
+    plain = train(tmp_path / "fp32", base, resume=False, progress=False)
+    mixed = replace(base, precision=precision)
+    straight = train(tmp_path / "straight", mixed, resume=False, progress=False)
+    assert straight["final_loss"] != plain["final_loss"]
+    assert abs(straight["final_loss"] - plain["final_loss"]) < 0.05
+    assert straight["skipped_steps"] == 0
+    train(tmp_path / "stopped", replace(mixed, steps=4), resume=False, progress=False)
+    resumed = train(tmp_path / "stopped", mixed, resume=True, progress=False)
+    assert resumed["final_loss"] == straight["final_loss"]
+    (rows, dense), (rows2, dense2) = (
+        _final_state(tmp_path / n, 6) for n in ("straight", "stopped")
+    )
+    assert torch.equal(rows, rows2)
+    for key, value in dense["model"].items():
+        assert torch.equal(value, dense2["model"][key]), key
+    assert dense["scaler"] == dense2["scaler"]
+    if precision == "fp16":
+        assert dense2["scaler"]["_growth_tracker"] == 6 and dense2["scaler"]["scale"] == 2.0**16
+    else:
+        assert dense2["scaler"] == {}  # no scaler for bf16
+
+
+def test_precision_and_device_are_checked_before_any_work(tmp_path, capsys):
+    """A precision or a device this machine has not is refused, naming the option (the
+    command's) or the setting (Python), before the run's folder exists."""
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=1)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="^precision: 'fp64'; expected one of fp32, bf16, fp16"):
+        train(out, replace(base, precision="fp64"), resume=False, progress=False)
+    with pytest.raises(ConfigError, match="^device: got 'gpu'; expected 'cpu', 'cuda' or 'cuda:N'"):
+        train(out, base, resume=False, progress=False, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="^device: 'cuda' but CUDA is not available here"):
+            train(out, base, resume=False, progress=False, device="cuda")
+    assert not out.exists()
+    common, small, cli_out = _cli_args(tmp_path)
+    for option, why in (
+        ("--precision", "argument --precision: invalid choice: 'fp64'"),
+        ("--device", "argument --device: got 'fp64'; expected 'cpu', 'cuda' or 'cuda:N'"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main([*common, *small, option, "fp64"])
+        assert exited.value.code == 2 and why in capsys.readouterr().err
+    assert not cli_out.exists()
+
+
+@pytest.mark.gpu
+def test_a_run_on_cuda_in_fp16_resumes_on_cuda(tmp_path):
+    """The model and the hot tier on the GPU, fp16 autocast with a GradScaler: a run stopped and
+    resumed ends where a straight one does."""
+    mixed = replace(
+        _settings(ROOT / "tiered_store" / "engram"), steps=6, checkpoint_every=2, precision="fp16"
+    )
+    straight = train(tmp_path / "straight", mixed, resume=False, progress=False, device="cuda")
+    assert math.isfinite(straight["final_loss"])
+    train(
+        tmp_path / "stopped", replace(mixed, steps=4), resume=False, progress=False, device="cuda"
+    )
+    resumed = train(tmp_path / "stopped", mixed, resume=True, progress=False, device="cuda")
+    assert resumed["final_loss"] == straight["final_loss"]

@@ -12,6 +12,11 @@ included) goes on from its last checkpoint, and deterministically: the resumed r
 an uninterrupted one would. A table behind the step the run recorded (its delta lost, say by a
 copy without -r), or a record of another run's, is refused, nothing changed. ``loss.csv`` logs
 every step, ``loss.png`` plots it.
+
+``--device cuda`` computes on the GPU with the hot tier there. ``--precision bf16`` or ``fp16``
+runs the model under ``torch.autocast`` (the tables' rows stay float32); ``fp16`` scales the loss
+with a ``GradScaler`` (saved in the checkpoints) that the tables' steps follow: a step whose
+gradients overflow changes no row and no dense weight.
 """
 
 from __future__ import annotations
@@ -44,10 +49,11 @@ from ..cli_args import (
     at_least,
     capacity,
     command_help,
+    device_name,
     positive_number,
 )
 from ..cold_table import IO_MODES
-from ..config import load_yaml
+from ..config import check_device, load_yaml
 from ..corpus import corpus_paths, resolve_corpus
 from ..delta.row_delta import delta_path
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
@@ -60,7 +66,7 @@ from ..delta.table_versions import (
 )
 from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
 from ..errors import ConfigError, TieredStoreError, TierIOError
-from ..store import TieredStore, UncommittedWritesWarning
+from ..store import TieredStore, UncommittedWritesWarning, compute_device
 from ..table_format import table_paths
 from .config import ModelConfig, v41_refusal
 from .corpus import read_tokens, token_batches
@@ -72,6 +78,7 @@ TABLE_FILE = "tables.npy"
 SETTINGS_FILE = "train.json"
 COMMITTED_FILE = "committed.json"  # the step of the table's last commit, as the run recorded it
 RUN_ID_KEY = "run_id"  # in committed.json and the table's "trainable" metadata: whose record
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision's dtypes
 
 
 @dataclass
@@ -88,6 +95,7 @@ class TrainSettings:
     hot: int | str = "5%"  # a row count, a byte size or a percentage of the table
     warm: int | str = "20%"
     io: str = "pread"
+    precision: str = "fp32"  # fp32, or autocast to bf16 / fp16 (with a GradScaler)
     corpus: list[str] | None = None
     seed: int = 0
     model: dict[str, Any] = field(
@@ -112,6 +120,7 @@ def train(
     progress: bool = True,
     given: Collection[str] | None = None,
     out_name: str = "out",
+    device: str = "cpu",
 ) -> dict:
     """Run (or resume) training in ``out``; returns the summary printed by the command. Bad
     settings are refused before ``out`` is touched, so a corrected command can start afresh.
@@ -119,7 +128,13 @@ def train(
     ignores (default: those that differ from ``TrainSettings()``'s). ``out_name``: how errors
     name ``out``; a command passes its option (``"--out"``), and errors then name its other
     options (``--resume``, ``--batch-size``) where they name parameters and settings
-    (``resume``, ``batch_size``)."""
+    (``resume``, ``batch_size``). ``device``: where the model computes and the hot tier lives
+    (``cpu``, ``cuda``, ``cuda:N``); not a setting of the run, so a resume may move it."""
+    try:
+        check_device(device)
+    except ValueError as exc:
+        raise ConfigError(f"{_option('device', out_name)}: {exc}") from None
+    compute = compute_device(device, _option("device", out_name))  # CUDA there: ConfigError
     if settings.corpus:  # as found from here (a resume may run in another directory)
         paths = [os.path.abspath(c) for c in corpus_paths(settings.corpus)]  # one: one path
         settings = replace(settings, corpus=paths)
@@ -173,7 +188,7 @@ def train(
             {
                 "table": {"path": str(out / TABLE_FILE)},
                 "tiers": {
-                    "hot": {"capacity": settings.hot},
+                    "hot": {"capacity": settings.hot, "device": str(compute)},
                     "warm": {"capacity": settings.warm},
                     "cold": {"io": settings.io},
                 },
@@ -226,31 +241,39 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
             for layer, off, rows in zip(layers, offsets, sizes, strict=True)
         }
     )
+    device = table.store.device  # the hot tier's: where lookups return their rows
+    model.to(device)  # its in-memory tables replaced first: never copied there
     dense = torch.optim.Adam(model.parameters(), lr=settings.dense_lr)
+    dtype = AUTOCAST[settings.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     start = table.store.committed_step
     if start:
-        _load_dense(out / f"dense-{start}.pt", start, model, dense, out_name)
+        _load_dense(out / f"dense-{start}.pt", start, model, dense, scaler, out_name)
     losses = _loss_log(out, start)
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
     began, trained = time.perf_counter(), 0
-    try:
-        for step in range(start + 1, settings.steps + 1):
-            batch = batches[(step - 1) % len(batches)]
-            tick = time.perf_counter()
-            loss = model.loss(batch)
-            dense.zero_grad()
-            loss.backward()
-            dense.step()
-            table.step(step)
-            rate = batch.numel() / (time.perf_counter() - tick)
-            losses.append((step, loss.item(), rate))
-            trained += batch.numel()
-            bar.set_postfix(loss=f"{losses[-1][1]:.3f}", tok_s=f"{rate:,.0f}")
-            bar.update(1)
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
-                _checkpoint(out, model, dense, table, step, losses)
-    finally:
-        bar.close()  # before an interruption's message, not redrawn after it
+    with warnings.catch_warnings():  # torch's notice for nn.RMSNorm of bf16/fp16 input
+        warnings.filterwarnings("ignore", "Mismatch dtype between input and weight")
+        try:
+            for step in range(start + 1, settings.steps + 1):
+                batch = batches[(step - 1) % len(batches)]
+                tick = time.perf_counter()
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = model.loss(batch)
+                dense.zero_grad()
+                scaler.scale(loss).backward()
+                scaler.step(dense)  # skipped, as the tables' step, when the gradients overflowed
+                table.step(step, scaler)
+                scaler.update()
+                rate = batch.numel() / (time.perf_counter() - tick)
+                losses.append((step, loss.item(), rate))
+                trained += batch.numel()
+                bar.set_postfix(loss=f"{losses[-1][1]:.3f}", tok_s=f"{rate:,.0f}")
+                bar.update(1)
+                if step % settings.checkpoint_every == 0 or step == settings.steps:
+                    _checkpoint(out, model, dense, scaler, table, step, losses)
+        finally:
+            bar.close()  # before an interruption's message, not redrawn after it
     if losses:
         _plot(out / "loss.png", losses)
     seconds = time.perf_counter() - began
@@ -259,15 +282,16 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
         "resumed_from_step": start,
         "steps": settings.steps,
         "final_loss": losses[-1][1] if losses else None,
+        "skipped_steps": table.skipped_steps,  # this invocation's (fp16: gradients overflowed)
         "tokens_per_second": trained / seconds if seconds > 0 else None,
         "store": table.store.stats().get("writes", {}),
     }
 
 
-def _load_dense(path: Path, step: int, model, dense, out_name: str) -> None:
-    """The dense weights and Adam state of committed step ``step``; ``ConfigError`` naming the
-    file when it is missing or is not the checkpoint ``train`` wrote (``out_name``: the run
-    folder's name in it)."""
+def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> None:
+    """The dense weights, Adam and GradScaler state of committed step ``step``; ``ConfigError``
+    naming the file when it is missing or is not the checkpoint ``train`` wrote (``out_name``:
+    the run folder's name in it)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # a GPU-saved one too
     except OSError as exc:
@@ -290,6 +314,8 @@ def _load_dense(path: Path, step: int, model, dense, out_name: str) -> None:
         try:
             model.load_state_dict(state["model"], strict=False)  # another model's: ConfigError
             dense.load_state_dict(state["optimizer"])
+            if state.get("scaler"):  # fp16's scale (none before --precision, or disabled)
+                scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, TypeError) as exc:  # Adam state of other parameters
             why = f"its Adam state does not fit the model ({exc})"
     if why is not None:
@@ -300,13 +326,14 @@ def _load_dense(path: Path, step: int, model, dense, out_name: str) -> None:
         )
 
 
-def _checkpoint(out: Path, model, dense, table, step: int, losses) -> None:
+def _checkpoint(out: Path, model, dense, scaler, table, step: int, losses) -> None:
     """dense-S.pt and loss.csv, then the table commit (the commit point), then its record
     (``committed.json``), then older dense checkpoints go. A kill before the commit leaves step
     S-K's files valid (``loss.csv`` rows past the committed step are dropped on resume); one
     before the record leaves the table a step ahead of it, which resumes from the table's."""
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": dense.state_dict()}, buffer)
+    state = {"model": model.state_dict(), "optimizer": dense.state_dict()}
+    torch.save({**state, "scaler": scaler.state_dict()}, buffer)
     with atomic_write(out / f"dense-{step}.pt") as f:
         f.write(buffer.getvalue())
     with atomic_write(out / "loss.csv", "w", newline="") as f:
@@ -525,6 +552,11 @@ def _settings(
         raise ConfigError(
             f"{_option('optimizer', out_name)}: {given.optimizer!r}; expected one of {OPTIMIZERS}"
         )
+    if given.precision not in AUTOCAST:
+        raise ConfigError(
+            f"{_option('precision', out_name)}: {given.precision!r}; expected one of "
+            f"{', '.join(AUTOCAST)}"
+        )
     if given.io not in IO_MODES:
         raise ConfigError(
             f"{_option('io', out_name)}: {given.io!r}; expected one of {', '.join(IO_MODES)}"
@@ -559,7 +591,7 @@ _SAVED_TYPES = {  # a field's type in train.json, and how a message names it
         ("steps", "batch_size", "seq_len", "checkpoint_every", "seed"), (int, "an integer")
     ),
     **dict.fromkeys(("table_lr", "dense_lr"), (int | float, "a number")),
-    **dict.fromkeys(("optimizer", "io"), (str, "a string")),
+    **dict.fromkeys(("optimizer", "io", "precision"), (str, "a string")),
     **dict.fromkeys(("hot", "warm"), (int | str, "a row count or size")),
     "corpus": (list | type(None), "a list of paths or null"),
     "model": (dict, "an object"),
@@ -643,6 +675,12 @@ def register(sub) -> None:
     setting("--hot", "hot tier capacity (rows, bytes or %%)", type=capacity)
     setting("--warm", "warm tier capacity (rows, bytes or %%)", type=capacity)
     setting("--io", "cold tier I/O", choices=IO_MODES)
+    setting(
+        "--precision",
+        "the model's arithmetic: fp32, or torch.autocast to bf16 or fp16 (fp16 scales the loss "
+        "with a GradScaler; the tables' rows stay float32)",
+        choices=list(AUTOCAST),
+    )
     p.add_argument(
         "--model",
         action=_Given,
@@ -650,6 +688,13 @@ def register(sub) -> None:
         help="YAML/JSON of engram/backbone/transformer sections",
     )
     setting("--seed", "seed of the weights and the batches", type=at_least(0))
+    p.add_argument(
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="where the model computes and the hot tier lives: cpu, cuda or cuda:N (not saved "
+        "with the run: a resume may move it) (default: cpu)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
@@ -668,6 +713,7 @@ def _run_train(args) -> int:
         hot=args.hot,
         warm=args.warm,
         io=args.io,
+        precision=args.precision,
         corpus=args.corpus,
         seed=args.seed,
     )
@@ -680,6 +726,7 @@ def _run_train(args) -> int:
         progress=not args.quiet,
         given=getattr(args, "given", set()),
         out_name="--out",
+        device=args.device,
     )
     print(json.dumps(summary, indent=1))
     return 0
