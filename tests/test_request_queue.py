@@ -830,3 +830,43 @@ def test_furthest_first_takes_none_for_k_zero_and_ties_with_the_kth_whole():
     assert furthest_first(slots, next_use, 1).tolist() == [1, 2]  # tied with the first: both
     assert furthest_first(slots, next_use, 9).tolist() == [1, 2, 3, 0]  # k past n: all
     assert furthest_first(slots[:0], next_use[:0], 3).tolist() == []
+
+
+def numpy_bytes_held() -> int:
+    """Bytes of the numpy buffers alive now that ``tracemalloc`` (started) traced, allocated in
+    ``request_queue.py`` (no other thread's)."""
+    import tracemalloc
+
+    from tiered_store import request_queue
+
+    numpy_only = tracemalloc.DomainFilter(inclusive=True, domain=np.lib.tracemalloc_domain)
+    in_the_queue = tracemalloc.Filter(inclusive=True, filename_pattern=request_queue.__file__)
+    snapshot = tracemalloc.take_snapshot().filter_traces([numpy_only])
+    snapshot = snapshot.filter_traces([in_the_queue])  # both (one list: either)
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+def test_the_queue_holds_the_bytes_it_counts_and_a_release_allocates_by_its_request():
+    """A release's pass allocated the pairs it kept and the rows it moved at the size of the
+    whole queue, and the queue kept views of those buffers: it held a released request's pairs
+    more than ``nbytes`` (``queue_bytes``) counts, and each release's news (its moved rows, held
+    until the tiers are told) a whole queue's worth. The queue now holds what it counts, and a
+    release's moved rows take at most its own rows' bytes."""
+    import tracemalloc
+
+    warm = QueuedRequests()  # the kernels compiled (or loaded) before anything is traced
+    warm.remove(warm.add(t(1)))
+    tracemalloc.start()
+    try:
+        queue = QueuedRequests()
+        requests = [queue.add(torch.arange(k * 100, k * 100 + 4_000)) for k in range(8)]
+        assert numpy_bytes_held() == queue.nbytes == 8 * 4_000 * 16
+        for left, request in enumerate(requests[:3][::-1] + requests[3:5], start=1):
+            rows, next_use = queue.remove(request)  # the latest, then the earliest ones
+            assert queue.nbytes == (8 - left) * 4_000 * 16
+            moved = numpy_bytes_held() - queue.nbytes
+            assert 0 < moved <= 16 * request.rows.numel(), (left, moved)
+            del rows, next_use
+            assert numpy_bytes_held() == queue.nbytes, left
+    finally:
+        tracemalloc.stop()
