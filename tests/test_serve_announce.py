@@ -526,3 +526,41 @@ def test_a_release_frees_its_compute_turn_before_announcing_the_next_waiting_req
     finally:
         go(0, 1, 2, 3)
         server.stop()
+
+
+def test_an_earlier_waiting_requests_failed_announcement_is_not_raised_into_the_next(
+    tmp_path, caplog
+):
+    """max_announced 1: request 2 waits unannounced; request 3's announce announced 2 first, and
+    2's failure (a table out of memory) was raised into request 3, which failed, while 2 went on
+    unannounced. It is logged as 2's; 3 is announced and both are served."""
+    limits = {"announce_requests": True, "max_announced": 1}
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server=limits))
+    served = ServedModel(config)
+    try:
+        bodies = [{"input_ids": [[k, 17, 900, 17]]} for k in (1, 2, 3)]
+        first, second, third = [
+            parse_request(json.dumps(b).encode(), config.server, served) for b in bodies
+        ]
+        announced = [served.announce(first), served.announce(second)]
+        assert served.waiting_unannounced == 1  # request 2, behind the cap
+        store = served.stores["engram_layer3"]
+        announce = store.announce
+
+        def out_of_memory_once(ids):  # the next announcement to this table fails
+            store.announce = announce
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        store.announce = out_of_memory_once
+        served.release(announced[0], announce_waiting=False)  # request 1 answered
+        with caplog.at_level("ERROR", logger="tiered_store.serve"):
+            announced.append(served.announce(third))  # raised request 2's failure
+        assert "CUDA out of memory" in caplog.text and served.waiting_unannounced == 0
+        assert announced[1].queued == [] and list(served._waiting) == [announced[2]]
+        assert [len(s.caches.queue) for s in served.stores.values()] == [1, 1]  # request 3
+        for request, told in zip((second, third), announced[1:], strict=True):
+            assert served.answer(request, told) == served.answer(request)
+            served.release(told)
+        assert [len(s.caches.queue) for s in served.stores.values()] == [0, 0]
+    finally:
+        served.close()

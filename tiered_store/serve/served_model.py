@@ -620,7 +620,7 @@ class ServedModel:
             with self._waiting_lock:
                 self._unannounced[announced] = None  # behind those waiting unannounced
                 try:
-                    self._announce_waiting()
+                    self._announce_waiting(announced)
                 except BaseException:  # this one's announcement was undone, or never made
                     announced.released = True
                     self._unannounced.pop(announced, None)
@@ -668,9 +668,11 @@ class ServedModel:
             with self._waiting_lock:
                 self._unannounced.pop(announced, None)
 
-    def _announce_waiting(self) -> None:
+    def _announce_waiting(self, own: Announced | None = None) -> None:
         """Announce those waiting unannounced, in arrival order, while fewer than
-        ``server.max_announced`` are announced (``_waiting_lock`` held, inside the gate)."""
+        ``server.max_announced`` are announced (``_waiting_lock`` held, inside the gate). One
+        that fails is served unannounced: its failure is logged, raised only for ``own`` (the
+        caller's request), never into another's announce."""
         while self._unannounced and len(self._waiting) < self.config.server.max_announced:
             announced = next(iter(self._unannounced))
             del self._unannounced[announced]
@@ -683,10 +685,12 @@ class ServedModel:
                     except StoreClosedError:  # a reload could not reopen it: the answer's
                         continue  # lookup says so (503 "closed"); announcing is advice
                     announced.queued.append((store, queued))
-            except BaseException:
+            except BaseException as exc:
                 self._waiting.pop(announced, None)
                 self._withdraw(announced)
-                raise
+                if announced is own or not isinstance(exc, Exception):
+                    raise
+                log.exception("announcing a waiting request failed; it is served unannounced")
 
     @staticmethod
     def _withdraw(announced: Announced) -> None:
