@@ -564,3 +564,50 @@ def test_an_earlier_waiting_requests_failed_announcement_is_not_raised_into_the_
         assert [len(s.caches.queue) for s in served.stores.values()] == [0, 0]
     finally:
         served.close()
+
+
+def test_a_reload_whose_announcement_to_a_new_store_fails_still_swaps_it_in(
+    tmp_path, caplog, monkeypatch
+):
+    """The reload tells the new store the requests waiting before the swap is recorded; a
+    failure there (the new store out of memory beside the old one) was raised out of the reload
+    with the model already on the new store and ``stores`` on the old one, both open: the old
+    one never closed, and the next check opened yet another. Announcing is advice: the failure
+    is logged, the swap completes, and the waiting requests are served unannounced there."""
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"announce_requests": True}))
+    served = ServedModel(config)
+    try:
+        bodies = [{"input_ids": [[5, 17, 900, 17]]}, {"input_ids": [[1, 2, 3, 4, 5]]}]
+        requests = [parse_request(json.dumps(b).encode(), config.server, served) for b in bodies]
+        announced = [served.announce(request) for request in requests]
+        name = "engram_layer3"
+        old, other = served.stores[name], served.stores["engram_layer1"]
+        with TieredStore(old.config) as writer:  # a trainer commits
+            writer.write(torch.arange(4), torch.ones(4, writer.dim))
+            writer.commit()
+        announce = TieredStore.announce
+
+        def out_of_memory_when_new(store, ids):  # the new store's announcements fail
+            if store is not old and store is not other:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return announce(store, ids)
+
+        monkeypatch.setattr(TieredStore, "announce", out_of_memory_when_new)
+        with caplog.at_level("ERROR", logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == [name]
+        logged = [r for r in caplog.records if "CUDA out of memory" in str(r.exc_info)]
+        assert len(logged) == 1 and name in logged[0].getMessage()  # once for the table
+        new = served.stores[name]
+        assert new is not old and old.closed and served.model.tables[3].table is new
+        assert len(new.caches.queue) == 0
+        for told in announced:
+            assert [store for store, _ in told.queued] == [other]
+        for request, told in zip(requests, announced, strict=True):
+            served.answer(request, told)
+            served.release(told)
+        assert [len(s.caches.queue) for s in served.stores.values()] == [0, 0]
+    finally:
+        served.close()
+    assert all(store.closed for store in served.stores.values())

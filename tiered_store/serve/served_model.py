@@ -102,7 +102,7 @@ def create_checkpoint(config: ServeConfig, *, progress: bool = False) -> Convert
     )
 
 
-@dataclass(eq=False)  # by identity: a ServedModel keeps the ones waiting in a set
+@dataclass(eq=False)  # by identity: a ServedModel keeps the ones waiting as dict keys
 class Announced:
     """A waiting request's hashed rows and what each table was told (``ServedModel.announce``)."""
 
@@ -702,19 +702,31 @@ class ServedModel:
     def _announce_again(self, reopened: dict[TieredStore, TieredStore]) -> None:
         """Tell the stores a reload opened (``reopened``: old store -> new, the old ones still in
         ``stores``) about the requests still waiting, in the order they were announced (the new
-        stores start with no queue), those that skipped an old store left closed too."""
+        stores start with no queue), those that skipped an old store left closed too. A new
+        store that fails one (out of memory beside the old) is logged and told none of them
+        (announcing is advice: they are served unannounced there); the swap goes on."""
+        failed: set[TieredStore] = set()
         with self._waiting_lock:
             for announced in self._waiting:
                 for layer, ids in announced.batch.row_ids.items():
-                    old = self.stores[self.config.table_name(layer)]
+                    name = self.config.table_name(layer)
+                    old = self.stores[name]
                     if old not in reopened:
                         continue
-                    told = (reopened[old], reopened[old].announce(ids))
                     at = next((i for i, (s, _) in enumerate(announced.queued) if s is old), None)
-                    if at is None:  # announced while the old store was left closed
-                        announced.queued.append(told)
-                    else:  # one at a time: what a failure leaves is still released
-                        announced.queued[at] = told
+                    if at is not None:  # the old store closes: nothing to release there
+                        del announced.queued[at]
+                    if old in failed:
+                        continue
+                    try:
+                        announced.queued.append((reopened[old], reopened[old].announce(ids)))
+                    except Exception:  # noqa: BLE001 (advice: served unannounced there)
+                        failed.add(old)
+                        log.exception(
+                            "announcing the waiting requests to %s's new version failed; they "
+                            "are served unannounced there",
+                            name,
+                        )
 
     def _prefetch(self, ids: torch.Tensor, hashed: EngramBatch | None) -> EngramBatch:
         """Hash (unless ``hashed``) and prefetch every layer's rows; over sharded tables, every
