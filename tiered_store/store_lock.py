@@ -3,7 +3,8 @@ calls under way that ``close()`` waits for (``InFlight``).
 
 ``TieredStore.announce`` and ``release`` change the queue under its own lock, then post the news
 (the request; for a release, the rows it was the earliest request for and their next request)
-here, in queue order, and do not wait for the store's lock: a server's compute turn is not spent
+here, in queue order, and do not wait for the store's lock (but for a store's first announce,
+which gives the tiers their per-slot queue state under it): a server's compute turn is not spent
 queueing behind lookups. Whoever holds the lock tells the tiers before deciding anything (the
 news there when it took it: news that keeps coming cannot hold a lookup for ever), and again on
 letting go of it (news that came meanwhile, whose senders found it taken), so no news waits for
