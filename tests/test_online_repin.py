@@ -1386,6 +1386,52 @@ def test_a_restore_that_fails_with_any_error_starts_cold_and_re_pinning_goes_on(
         assert store.hot.online.repins > 0 and store.hot.pinned_count > 0
 
 
+def test_a_failed_re_pin_drops_its_updates_while_lookups_go_on(tmp_path, monkeypatch):
+    """After a failed re-pin the thread dropped the tier's queued updates under the store's lock,
+    and there waited for the counting lock, which a save holds while it counts and copies the
+    sketch (134 MB at a 4M-slot tier): lookups waited for the save's copy."""
+
+    path, data = make_table(tmp_path, rows=100, dim=4)
+    tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
+    tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
+    plan, drop_pending = OnlineRepin.plan, OnlineRepin.drop_pending
+    planning, held, dropping = threading.Event(), threading.Event(), threading.Event()
+
+    def fails_once(self, *args):  # the first plan fails once the counting lock is taken
+        if not planning.is_set():
+            planning.set()
+            held.wait(30)
+            raise TypeError("a plan that fails")
+        return plan(self, *args)
+
+    def drops(self):  # the re-pin thread is about to wait for the counting lock
+        dropping.set()
+        return drop_pending(self)
+
+    monkeypatch.setattr(OnlineRepin, "plan", fails_once)
+    monkeypatch.setattr(OnlineRepin, "drop_pending", drops)
+    with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
+        counting = store.warm.online._counting
+        with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a plan that"):
+            ids = [5] * 9 + [60]
+            assert torch.equal(store.lookup(ids), data[ids])  # an interval: a re-pin is due
+            assert planning.wait(30)
+            with counting:  # as a save copying the sketch holds it
+                held.set()
+                assert dropping.wait(30)
+                got = []
+                looker = threading.Thread(target=lambda: got.append(store.lookup([7, 8])))
+                looker.start()
+                looker.join(10)
+                assert got and torch.equal(got[0], data[[7, 8]])  # while the copy goes on
+            looker.join()
+            for i in range(20):  # re-pinning goes on
+                ids = [5] * 9 + [61 + i]
+                assert torch.equal(store.lookup(ids), data[ids])
+                assert store.wait_repinned(timeout=10)
+        assert store.warm.online.repins > 0 and 5 in store.warm.pinned_rows()
+
+
 def test_a_count_that_fails_before_an_interval_is_over_decays_nothing(tmp_path, monkeypatch):
     """The re-pin thread's error path closed an interval whether or not one was due: a count
     that failed 10 lookups into an interval of 1,000 decayed the tier's counts by a whole

@@ -399,16 +399,19 @@ class OnlineRepin:
             self._applied_total += 1
 
     def drop_pending(self) -> None:
-        """Forget the queued updates (after a failure: rows admitted meanwhile count from 0)."""
+        """Forget the updates queued so far (after a failure: rows admitted meanwhile count from
+        0). Called off the store's lock: the lookups only append to the queue and this takes from
+        its front, as :meth:`count_pending` does, so its wait for the counting lock (a save
+        copying the sketch) holds no lookup up; updates queued meanwhile are kept."""
         with self._counting:
-            admitted = [update[1] for update in self.pending if update[0] == "admit"]
+            dropped = [self.pending.popleft() for _ in range(len(self.pending))]
+            admitted = [update[1] for update in dropped if update[0] == "admit"]
             if admitted:  # their slots held other rows before: those counts are not theirs
                 slots = torch.cat(admitted).to(self.device)
                 self.slot_count[slots] = 0
                 self.slot_stamp[slots] = -1
-            self._applied_total += len(self.pending)
-            self.pending.clear()
-            self._ends_applied = self._ends_queued
+            self._applied_total += len(dropped)
+            self._ends_applied += sum(update[0] == "end" for update in dropped)
             self._misses, self._hits_distinct = [], 0
 
     # -- the counting side -----------------------------------------------------------------------

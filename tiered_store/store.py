@@ -1052,8 +1052,8 @@ class TieredStore:
                         RuntimeWarning,
                         stacklevel=1,
                     )
+                    cache.online.drop_pending()  # off the lock: a save may hold the counting
                     with self._lock.host_inputs():
-                        cache.online.drop_pending()
                         if cache.online.due:  # close the interval it failed in: the next
                             cache.online.skip()  # one tries again (no re-pin counted)
 
