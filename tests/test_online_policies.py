@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -219,6 +220,52 @@ def test_an_online_profile_refuses_a_prior_weight_its_counters_cannot_hold(weigh
         wide = OnlineProfile(candidates=4, dtype=torch.float32)
         wide.seed(prior, prior_weight=weight)
         assert wide.estimates(torch.tensor([9, 4, 2])).tolist() == pytest.approx([3e12, 2e12, 1e12])
+
+
+@pytest.mark.parametrize("dtype", ["int32", "float32"])
+def test_an_online_profile_refuses_seeded_rows_that_share_a_counter_past_its_largest(dtype):
+    # each row's scaled episodes fit the counters, but two rows sharing a counter summed past
+    # them: int32 wrapped to a negative estimate (the row ranked last), float32 became infinite
+    # (the row outranked every count for good: no decay brings infinity down)
+    import torch
+
+    from tiered_store.errors import ConfigError
+    from tiered_store.online_profile import OnlineProfile
+    from tiered_store.profile import FrequencyProfile
+
+    profile = OnlineProfile(candidates=4, dtype=getattr(torch, dtype))
+    info = torch.iinfo if dtype == "int32" else torch.finfo
+    weight = float(info(profile.sketch.dtype).max) * 0.75
+    first_row = profile._buckets(torch.arange(64))[0].tolist()
+    a = next(i for i, b in enumerate(first_row) if first_row.index(b) != i)  # shares with one
+    shared = np.array([first_row.index(first_row[a]), a])
+    prior = FrequencyProfile(shared, np.ones(2, np.int64), episodes=np.ones(2, np.int64))
+    with pytest.raises(
+        ConfigError,
+        match=rf"prior_weight: got {re.escape(str(weight))}, .*rows sharing.*; expected a",
+    ):
+        profile.seed(prior, prior_weight=weight)
+    alone = FrequencyProfile(shared[:1], np.ones(1, np.int64), episodes=np.ones(1, np.int64))
+    profile.seed(alone, prior_weight=weight)
+    assert profile.estimates(torch.from_numpy(shared[:1])).item() == pytest.approx(weight)
+
+
+def test_a_float32_online_profile_refuses_a_prior_weight_that_makes_its_counts_infinite():
+    # 1e300 is a finite number (the config takes it), but float32 counters hold at most 3.4e38:
+    # every seeded row started at infinity
+    import torch
+
+    from tiered_store.errors import ConfigError
+    from tiered_store.online_profile import OnlineProfile
+    from tiered_store.profile import FrequencyProfile
+
+    prior = FrequencyProfile(np.array([9, 4, 2]), np.array([3, 2, 9]), episodes=np.array([3, 2, 1]))
+    profile = OnlineProfile(candidates=4, dtype=torch.float32)
+    with pytest.raises(
+        ConfigError, match=r"got 1e\+300, .* to 3e\+300 .*float32 counters' 3\.403e\+38"
+    ):
+        profile.seed(prior, prior_weight=1e300)
+    assert not profile.sketch.any()  # nothing seeded
 
 
 @pytest.mark.parametrize("path", ["numba", "torch"])

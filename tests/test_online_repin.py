@@ -447,6 +447,23 @@ def test_a_save_the_re_pin_thread_counted_past_saves_the_weight_of_its_point(tmp
     assert (state["weight"], state["since_repin"]) == (at_point["weight"], 500) == (2.0, 500)
 
 
+def test_a_prior_weight_past_the_float32_counts_is_refused_at_open_naming_the_key(tmp_path):
+    # 1e300 is finite, so the config took it, and seeded the profile's rows at infinity: they
+    # outranked every count served and no decay brought them down
+    path, _ = make_table(tmp_path, rows=ROWS)
+    FrequencyProfile(np.arange(200), np.full(200, 10), rows=ROWS, episodes=np.full(200, 10)).save(
+        tmp_path / "profile.npz"
+    )
+    repin = {"enabled": True, "prior_weight": 1e300}
+    cfg = config(path, profile=tmp_path / "profile.npz", repin=repin)
+    with pytest.raises(
+        ConfigError,
+        match=r"tiers\.warm\.repin\.prior_weight: got 1e\+300, which scales the profile's most "
+        r"episodes \(10\) to 1e\+301 .*; expected a smaller prior_weight",
+    ):
+        TieredStore(cfg)
+
+
 def test_a_restart_brings_back_pins_re_pinning_moved_away_from_the_profile(tmp_path):
     path, data = make_table(tmp_path, rows=ROWS)
     old = np.arange(200)  # the profile's rows; the traffic has moved to others since

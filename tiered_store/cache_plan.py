@@ -158,7 +158,8 @@ class CacheHierarchy:
                 else:
                     if cache.online is not None:  # the offline pins are the starting point, and
                         # its counts: seeded first, so the pinned rows start from them
-                        cache.online.seed(profile, split.pinned_rows.size)
+                        key = f"tiers.{cache.name}.repin.prior_weight"
+                        cache.online.seed(profile, split.pinned_rows.size, key=key)
                     loaded.append(self._preload(cache, torch.from_numpy(split.pinned_rows), True))
                     pinned = loaded[-1][1].numpy()
                 pinned_above = np.concatenate([pinned_above, pinned])

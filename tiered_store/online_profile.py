@@ -199,29 +199,51 @@ class OnlineProfile:
         for row, idx in zip(sketch, buckets, strict=True):
             row.scatter_reduce_(0, idx, values, reduce="amax")
 
-    def seed(self, profile: FrequencyProfile, prior_weight: float = 1.0) -> None:
+    def seed(
+        self,
+        profile: FrequencyProfile,
+        prior_weight: float = 1.0,
+        *,
+        key: str = "online profile prior_weight",
+    ) -> None:
         """Start from an offline profile: its top rows by episodes (the rows a tier pins), with
         episodes x ``prior_weight``; by lookups for a profile without episodes. A ``prior_weight``
-        that is not finite, or that scales them past integer counters' largest, is refused."""
+        that is not finite, or that takes a counter (the rows sharing it summed) past the
+        counters' largest, is refused (``key``: the setting the error names)."""
         if not 0 <= prior_weight < math.inf:  # NaN too
-            raise ConfigError(
-                f"online profile prior_weight: got {prior_weight}; expected a finite number >= 0"
-            )
+            raise ConfigError(f"{key}: got {prior_weight}; expected a finite number >= 0")
         top = profile.top_positions(self.capacity, by="episodes")
         source = profile.episodes if profile.episodes is not None else profile.counts
         ids = torch.from_numpy(np.ascontiguousarray(profile.row_ids[top])).to(self.device)
         weights = np.asarray(source[top], dtype=np.float64) * prior_weight
-        if not self.sketch.is_floating_point():
+        floating = self.sketch.is_floating_point()
+        if not floating:
             weights = np.rint(weights)
-            most = torch.iinfo(self.sketch.dtype).max
-            if weights.size and weights.max() > most:  # the cast would wrap it to -2**31
-                raise ConfigError(
-                    f"online profile prior_weight: got {prior_weight}, which scales the "
-                    f"profile's most episodes ({source[top].max():,}) to {weights.max():.4g}, "
-                    f"past the {self.sketch.dtype} counters' {most:,}; expected a smaller "
-                    "prior_weight or float32 counters"
-                )
+        most = float((torch.finfo if floating else torch.iinfo)(self.sketch.dtype).max)
+        reached = self._largest_after(ids, weights, most)
+        if reached > most:  # int32 would wrap to negative, float32 become infinite
+            raise ConfigError(
+                f"{key}: got {prior_weight}, which scales the profile's most episodes "
+                f"({source[top].max():,}) to {weights.max():.4g} and a sketch counter (the rows "
+                f"sharing it summed) to {reached:.4g}, past the {self.sketch.dtype} counters' "
+                f"{most:.4g}; expected a smaller prior_weight"
+                + ("" if floating else " or float32 counters")
+            )
         self._add(ids, torch.from_numpy(weights).to(self.device, self.sketch.dtype))
+
+    def _largest_after(self, ids: torch.Tensor, weights: np.ndarray, most: float) -> float:
+        """The largest counter adding ``weights`` at ``ids`` would leave, in float64: a bound (the
+        largest now plus every weight) where that is at most ``most``, else counter by counter."""
+        if not weights.size:
+            return 0.0
+        bound = float(self.sketch.max()) + float(weights.sum())
+        if bound <= most:
+            return bound
+        added = torch.from_numpy(weights).to(self.device)
+        return max(
+            float((row.double() + torch.bincount(idx, added, minlength=self.width)).max())
+            for row, idx in zip(self.sketch, self._buckets(ids), strict=True)
+        )
 
     def _add(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Add ``weights`` to distinct ``ids`` and merge them into the heavy-hitter list."""

@@ -492,12 +492,15 @@ class OnlineRepin:
             return slot_episodes(self._per_slot.numpy(), _int64(slots), window, step)
         return count_hits_torch(self.slot_count, self.slot_stamp, slots, window, step)
 
-    def seed(self, profile: FrequencyProfile, offline_target: int) -> None:
+    def seed(
+        self, profile: FrequencyProfile, offline_target: int, *, key: str = "repin.prior_weight"
+    ) -> None:
         """Start from an offline profile: its episodes x ``prior_weight`` (1: an offline episode
-        counts as one served), and its split rule's pinned rows as the target."""
+        counts as one served), and its split rule's pinned rows as the target (``key``: the
+        setting an error names, for a ``prior_weight`` past the float32 counters)."""
         self.offline_target = int(offline_target)
         if self.prior_weight > 0:
-            self.profile.seed(profile, self.prior_weight)
+            self.profile.seed(profile, self.prior_weight, key=key)
 
     def pinned_target(self) -> int:
         """Rows the pinned segment aims at: the offline rule's, else the tier minus the measured
