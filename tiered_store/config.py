@@ -85,7 +85,8 @@ DEFAULTS: dict[str, Any] = {
     "repin.budget": "2%",  # rows pinned per re-pin at most: an int, or a share of the pinned rows
     "repin.decay": 0.9934,  # weight of past counts per `every` lookups (1: never forget): 0.9 per 1M
     "repin.prior_weight": 1.0,  # an offline profile's episode counts as this many served ones
-    # sketch counters per slot per sketch row (rounded up to a power of two): 2 = 32-64 B per slot;
+    # sketch counters per slot per sketch row (rounded up to a power of two, at least 16 a sketch
+    # row): 2 = 32-64 B per slot, 256 B at the least (more a slot below 4 slots);
     # 4 counts more exactly for twice that and a slower count
     "repin.sketch_width": 2,
     # while a tier's rows stay put (no admission or eviction 4 windows in a row), count one window

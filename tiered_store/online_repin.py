@@ -8,8 +8,9 @@ lookups (ended at a batch boundary). Where a row is counted depends on whether t
   counts, so it needs no estimate.
 - **Misses**: a full window adds one episode per distinct row to a count-min sketch
   (:class:`tiered_store.online_profile.OnlineProfile`, sized from the tier: 4 rows of
-  ``sketch_width x capacity`` float32 counters, rounded up to a power of two: 32-64 bytes per
-  slot at the default width 2, never per table row), conservatively (a row's counters are
+  ``sketch_width x capacity`` float32 counters, rounded up to a power of two, at least 16:
+  32-64 bytes per slot at the default width 2, 256 bytes at the least, never per table row),
+  conservatively (a row's counters are
   raised to their minimum plus the episode, so collisions inflate estimates less).
 - A row **admitted** starts its slot's count from its sketch estimate (plus the episode of the
   miss that brought it, unless the sketch has counted that window already); a row **evicted**
@@ -253,6 +254,8 @@ class OnlineRepin:
         >>> from tiered_store.config import RepinConfig
         >>> OnlineRepin.bytes_for(1000, 2)  # 10 B a slot, 4 x 2,048 x 4 B sketch
         {'per_slot': 10, 'per_tier': 32768}
+        >>> OnlineRepin.bytes_for(2, 2)["per_tier"]  # 4 x 16 x 4 B: a sketch row's least
+        256
         >>> r = OnlineRepin(1000, RepinConfig(sketch_width=2), window=64)
         >>> r.bytes_per, r.nbytes == 1000 * 10 + 32768
         ({'per_slot': 10, 'per_tier': 32768}, True)
