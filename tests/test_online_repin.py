@@ -1302,6 +1302,42 @@ def test_a_well_checksummed_file_whose_counters_do_not_load_starts_them_afresh(t
         assert s.wait_restored(timeout=30) and s.warm.online.profile.windows == 0
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("sketch", r"12 of the sketch's 4,096 counters are not finite numbers >= 0 \(inf\)"),
+        ("weight", r"weight nan; expected a finite number above 0"),
+    ],
+)
+def test_a_restart_file_with_counts_past_float32_starts_them_afresh(tmp_path, bad, message):
+    """A file saved while a prior_weight of 1e300 (taken then) seeded the sketch at infinity
+    brought those counters back: rows that outranked every count served, for good (a NaN weight
+    made every count after it NaN). Such counters or weight now do not load (a warning and fresh
+    counts)."""
+    from tiered_store.warm_restart import load_restart, save_restart, table_identity
+
+    path, data = make_table(tmp_path, rows=ROWS)
+    with TieredStore(config(path, restart=True)) as s:
+        serve(s, data, batches(hot_set(), n=10))
+        identity = table_identity(s.cold, s.generation)
+    saved = load_restart(restart_path(path), identity)
+    meta, sketch = saved.profiles["warm"]
+    sketch = sketch.copy()
+    if bad == "sketch":
+        sketch[:, :3] = np.inf
+    else:
+        meta["weight"] = float("nan")
+    saved.profiles["warm"] = (meta, sketch)
+    save_restart(restart_path(path), identity, saved)
+    warned = pytest.warns(
+        RestartWarning, match=rf"its counters do not load \(ValueError: {message}"
+    )
+    with warned, TieredStore(config(path, restart=True)) as s:
+        assert s.wait_restored(timeout=30)
+        assert s.warm.online.profile.windows == 0
+        assert bool(torch.isfinite(s.warm.online.profile.sketch).all())
+
+
 def test_a_wait_no_thread_can_take_is_refused():
     """save_every_s: .inf was taken, and the saving thread died on its first wait; the group's
     timeout_s raised an OverflowError when the store opened."""

@@ -696,9 +696,21 @@ class OnlineRepin:
     def load_state(self, state: dict[str, Any], sketch: np.ndarray) -> None:
         """Restore a saved state (checked with :meth:`mismatch` first). The re-pins' counters
         are this process's (exported as Prometheus counters) and start from 0: a restart file
-        saved a while before a crash would otherwise take them back below what was scraped."""
+        saved a while before a crash would otherwise take them back below what was scraped.
+        Counters that are not finite numbers >= 0 (a file saved while a ``prior_weight`` past
+        float32 seeded them at infinity), or a weight that is not finite and above 0, are refused
+        with a ValueError: they would outrank every count served, for good."""
+        bad = ~(np.isfinite(sketch) & (sketch >= 0))
+        if bad.any():
+            raise ValueError(
+                f"{int(bad.sum()):,} of the sketch's {sketch.size:,} counters are not finite "
+                f"numbers >= 0 ({sketch[bad].flat[0]}); expected decayed episode counts"
+            )
+        weight = float(state["weight"])
+        if not 0 < weight < math.inf:
+            raise ValueError(f"weight {weight}; expected a finite number above 0")
         self.profile.load_state(state, sketch)
-        self.weight = float(state["weight"])
+        self.weight = weight
         self.since_repin = int(state["since_repin"])
         self._clock, self._interval = self.since_repin % self.every, 0  # the weight's interval
         self._weight_interval = 0
