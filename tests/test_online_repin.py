@@ -464,6 +464,24 @@ def test_a_prior_weight_past_the_float32_counts_is_refused_at_open_naming_the_ke
         TieredStore(cfg)
 
 
+def test_a_prior_weight_past_the_float32_counts_is_refused_with_a_restart_file_too(tmp_path):
+    # a tier whose counts a warm restart brings back is not seeded, so the prior_weight went
+    # unchecked: the same config opened beside a restart file and was refused without one
+    path, data = make_table(tmp_path, rows=ROWS)
+    FrequencyProfile(np.arange(200), np.full(200, 10), rows=ROWS, episodes=np.full(200, 10)).save(
+        tmp_path / "profile.npz"
+    )
+    profile = tmp_path / "profile.npz"
+    with TieredStore(config(path, restart=True, profile=profile, repin={"enabled": True})) as s:
+        serve(s, data, batches(hot_set(), n=10))
+    repin = {"enabled": True, "prior_weight": 1e300}
+    with pytest.raises(ConfigError, match=r"tiers\.warm\.repin\.prior_weight: got 1e\+300, "):
+        TieredStore(config(path, restart=True, profile=profile, repin=repin))
+    assert restart_path(path).exists()  # the counts saved are still there for a good config
+    with TieredStore(config(path, restart=True, profile=profile, repin={"enabled": True})) as s:
+        assert s.wait_restored(timeout=30) and s.warm.online.profile.windows > 0
+
+
 def test_a_restart_brings_back_pins_re_pinning_moved_away_from_the_profile(tmp_path):
     path, data = make_table(tmp_path, rows=ROWS)
     old = np.arange(200)  # the profile's rows; the traffic has moved to others since

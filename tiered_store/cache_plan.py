@@ -152,13 +152,13 @@ class CacheHierarchy:
                     recency_window=tier.recency_window,
                     pinned_above=pinned_above,
                 )
-                if cache.name in restored and cache.online is not None:
-                    cache.online.offline_target = int(split.pinned_rows.size)
+                key = f"tiers.{cache.name}.repin.prior_weight"
+                if cache.name in restored and cache.online is not None:  # counts come back
+                    cache.online.seed(profile, split.pinned_rows.size, key=key, restored=True)
                     pinned = split.pinned_rows
                 else:
                     if cache.online is not None:  # the offline pins are the starting point, and
                         # its counts: seeded first, so the pinned rows start from them
-                        key = f"tiers.{cache.name}.repin.prior_weight"
                         cache.online.seed(profile, split.pinned_rows.size, key=key)
                     loaded.append(self._preload(cache, torch.from_numpy(split.pinned_rows), True))
                     pinned = loaded[-1][1].numpy()

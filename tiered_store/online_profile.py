@@ -205,11 +205,13 @@ class OnlineProfile:
         prior_weight: float = 1.0,
         *,
         key: str = "online profile prior_weight",
+        add: bool = True,
     ) -> None:
         """Start from an offline profile: its top rows by episodes (the rows a tier pins), with
         episodes x ``prior_weight``; by lookups for a profile without episodes. A ``prior_weight``
         that is not finite, or that takes a counter (the rows sharing it summed) past the
-        counters' largest, is refused (``key``: the setting the error names)."""
+        counters' largest, is refused (``key``: the setting the error names). ``add`` False:
+        only check it, as onto empty counters (counts a warm restart brought back)."""
         if not 0 <= prior_weight < math.inf:  # NaN too
             raise ConfigError(f"{key}: got {prior_weight}; expected a finite number >= 0")
         top = profile.top_positions(self.capacity, by="episodes")
@@ -220,7 +222,7 @@ class OnlineProfile:
         if not floating:
             weights = np.rint(weights)
         most = float((torch.finfo if floating else torch.iinfo)(self.sketch.dtype).max)
-        reached = self._largest_after(ids, weights, most)
+        reached = self._largest_after(ids, weights, most, self.sketch if add else None)
         if reached > most:  # int32 would wrap to negative, float32 become infinite
             raise ConfigError(
                 f"{key}: got {prior_weight}, which scales the profile's most episodes "
@@ -229,21 +231,26 @@ class OnlineProfile:
                 f"{most:.4g}; expected a smaller prior_weight"
                 + ("" if floating else " or float32 counters")
             )
-        self._add(ids, torch.from_numpy(weights).to(self.device, self.sketch.dtype))
+        if add:
+            self._add(ids, torch.from_numpy(weights).to(self.device, self.sketch.dtype))
 
-    def _largest_after(self, ids: torch.Tensor, weights: np.ndarray, most: float) -> float:
-        """The largest counter adding ``weights`` at ``ids`` would leave, in float64: a bound (the
-        largest now plus every weight) where that is at most ``most``, else counter by counter."""
+    def _largest_after(
+        self, ids: torch.Tensor, weights: np.ndarray, most: float, onto: torch.Tensor | None
+    ) -> float:
+        """The largest counter adding ``weights`` at ``ids`` to ``onto`` (None: empty counters)
+        would leave, in float64: a bound (the largest now plus every weight) where that is at
+        most ``most``, else counter by counter."""
         if not weights.size:
             return 0.0
-        bound = float(self.sketch.max()) + float(weights.sum())
+        bound = (0.0 if onto is None else float(onto.max())) + float(weights.sum())
         if bound <= most:
             return bound
         added = torch.from_numpy(weights).to(self.device)
-        return max(
-            float((row.double() + torch.bincount(idx, added, minlength=self.width)).max())
-            for row, idx in zip(self.sketch, self._buckets(ids), strict=True)
-        )
+        largest = 0.0
+        for row, idx in enumerate(self._buckets(ids)):
+            sums = torch.bincount(idx, added, minlength=self.width)
+            largest = max(largest, float((sums if onto is None else sums + onto[row]).max()))
+        return largest
 
     def _add(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Add ``weights`` to distinct ``ids`` and merge them into the heavy-hitter list."""

@@ -496,14 +496,21 @@ class OnlineRepin:
         return count_hits_torch(self.slot_count, self.slot_stamp, slots, window, step)
 
     def seed(
-        self, profile: FrequencyProfile, offline_target: int, *, key: str = "repin.prior_weight"
+        self,
+        profile: FrequencyProfile,
+        offline_target: int,
+        *,
+        key: str = "repin.prior_weight",
+        restored: bool = False,
     ) -> None:
         """Start from an offline profile: its episodes x ``prior_weight`` (1: an offline episode
         counts as one served), and its split rule's pinned rows as the target (``key``: the
-        setting an error names, for a ``prior_weight`` past the float32 counters)."""
-        self.offline_target = int(offline_target)
+        setting an error names, for a ``prior_weight`` past the float32 counters). ``restored``:
+        a warm restart brought the counts back, so only the target is set and ``prior_weight``
+        checked (a config refused on a cold start is refused beside a restart file too)."""
         if self.prior_weight > 0:
-            self.profile.seed(profile, self.prior_weight, key=key)
+            self.profile.seed(profile, self.prior_weight, key=key, add=not restored)
+        self.offline_target = int(offline_target)
 
     def pinned_target(self) -> int:
         """Rows the pinned segment aims at: the offline rule's, else the tier minus the measured
