@@ -884,13 +884,16 @@ def test_a_current_version_gone_from_beside_its_pointer_is_named_as_such(tmp_pat
         compact_table(path, progress=False)
 
 
-@pytest.mark.parametrize("generation", [-1, 1.5, True, "2"])
+@pytest.mark.parametrize(
+    "generation", ["-1", "1.5", "true", '"2"', '" 2"', "02", "+2", "2e0", "NaN", "1" + "0" * 300]
+)
 def test_a_version_pointer_naming_no_generation_number_is_refused_as_unreadable(
     tmp_path, generation
 ):
     """A pointer whose generation was not a whole number >= 0 was read as int() made it: 1.5 or
     true opened generation 1 (an old version kept for a reader) instead of the current one, and
-    the compaction after it removed the current one as never published; -1 was called missing."""
+    the compaction after it removed the current one as never published; -1 was called missing;
+    a 301-digit one, a file name too long to open, raised a bare OSError."""
     import json
 
     from tiered_store.delta.table_versions import pointer_path, version_path
@@ -904,11 +907,9 @@ def test_a_version_pointer_naming_no_generation_number_is_refused_as_unreadable(
             store.commit()
         holders.append(TieredStore(cfg))
         compact_table(path, progress=False)
-    doc = {"generation": generation, "file": version_path(path, 2).name}
-    pointer_path(path).write_text(json.dumps(doc))
-    with pytest.raises(
-        TableFormatError, match=r"npy\.current is unreadable \(generation .*expected"
-    ):
+    file = json.dumps(version_path(path, 2).name)  # the pointer as compaction writes it, but N
+    pointer_path(path).write_text(f'{{"generation": {generation}, "file": {file}}}')
+    with pytest.raises(TableFormatError, match=r"npy\.current is unreadable \(.*\); expected"):
         TieredStore(cfg)
     with pytest.raises(TableFormatError, match="is unreadable"):
         compact_table(path, progress=False)

@@ -87,8 +87,8 @@ def current_version(table: str | os.PathLike[str]) -> tuple[Path, int]:
     try:
         doc = json.loads(pointer.read_text())
         generation = doc["generation"]
-        if type(generation) is not int or generation < 0:  # not 1.5, true or "2": no guess
-            raise ValueError(f"generation {generation!r}, not a whole number >= 0")
+        if type(generation) is not int or not 0 <= generation < 2**63:  # not 1.5, true or "2"
+            raise ValueError(f"generation {generation!r}, not a whole number in [0, 2**63)")
     except FileNotFoundError:
         if (error := not_a_table(table)) is not None:
             raise error from None
