@@ -118,6 +118,32 @@ def test_a_record_under_another_rows_key_is_named_as_such_not_as_a_crc_failure(t
         compact_table(path, progress=False)
 
 
+@pytest.mark.parametrize("extra", [b"\0" * 4, None])
+def test_a_record_of_another_size_names_its_row_and_size(tmp_path, extra):
+    """A row's record 4 bytes long or short (another table's, a damaged value) was reported as
+    'values of 37.3 bytes on average' of the whole lookup, naming no row."""
+    path, _ = make_table(tmp_path, rows=50, dim=4)
+    cfg = store_config(path, hot={"capacity": 0}, warm={"capacity": 0})
+    with TieredStore(cfg) as store:
+        store.write([3, 8, 9], torch.ones(3, 4))
+        store.commit()
+    env = lmdb.open(str(delta_path(path)), max_dbs=3)
+    rows_db = env.open_db(b"rows")
+    with env.begin(write=True, db=rows_db) as txn:
+        key = (8).to_bytes(8, "big")
+        value = txn.get(key)
+        txn.put(key, value + extra if extra else value[:-4])
+    env.close()
+    size = 24 + 16 + (4 if extra else -4)
+    with TieredStore(cfg) as store, pytest.raises(DeltaCorruptError) as caught:
+        store.lookup([3, 8, 9])
+    assert f"row 8 in {delta_path(path)} holds a {size}-byte record; expected 40" in str(
+        caught.value
+    )
+    with pytest.raises(DeltaCorruptError, match=f"row 8 in .* holds a {size}-byte record"):
+        compact_table(path, progress=False)
+
+
 def test_bad_writes_are_typed_errors_and_change_nothing(tmp_path):
     path, table = make_table(tmp_path, rows=20, dim=4)
     with TieredStore(store_config(path)) as store:

@@ -448,7 +448,7 @@ class RowDelta:
         rows = np.empty((ids.size, self.row_bytes), dtype=np.uint8)
         if pairs:
             found_ids = np.frombuffer(b"".join(k for k, _ in pairs), dtype=">i8").astype(np.int64)
-            records = self._decode(found_ids, b"".join(v for _, v in pairs))
+            records = self._decode(found_ids, [v for _, v in pairs])
             order = np.argsort(ids, kind="stable")
             pos = order[np.searchsorted(ids, found_ids, sorter=order)]
             found[pos] = True
@@ -683,17 +683,20 @@ class RowDelta:
     def _decode_pairs(self, pairs: list[tuple[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, rows) of (key, value) pairs, CRC-checked."""
         ids = np.frombuffer(b"".join(k for k, _ in pairs), dtype=">i8").astype(np.int64)
-        return ids, self._decode(ids, b"".join(v for _, v in pairs))["payload"]
+        return ids, self._decode(ids, [v for _, v in pairs])["payload"]
 
-    def _decode(self, ids: np.ndarray, values: bytes) -> np.ndarray:
-        """Records of ``ids`` from their concatenated values; raises on any bad one."""
-        if len(values) != ids.size * self.value_bytes:
+    def _decode(self, ids: np.ndarray, values: list[bytes]) -> np.ndarray:
+        """Records of ``ids`` from their values; raises on any bad one."""
+        joined = b"".join(values)
+        if len(joined) != ids.size * self.value_bytes:
             self.read_errors += 1
+            k = next((k for k, v in enumerate(values) if len(v) != self.value_bytes), 0)
             raise DeltaCorruptError(
-                f"delta: {self.path} holds values of {len(values) / max(ids.size, 1):.1f} bytes on "
-                f"average; expected {self.value_bytes} (a {self.row_bytes}-byte row + header)"
+                f"delta: row {int(ids[k])} in {self.path} holds a {len(values[k])}-byte record; "
+                f"expected {self.value_bytes} (a {self.row_bytes}-byte row + header); the delta is "
+                "damaged: restore it or compact from a good copy"
             )
-        flat = np.frombuffer(values, dtype=np.uint8)
+        flat = np.frombuffer(joined, dtype=np.uint8)
         records = flat.view(self._record_dtype())
         starts = np.arange(ids.size, dtype=np.int64) * self.value_bytes + 4
         crc = crc32c_pages(flat, starts, np.full(ids.size, self.value_bytes - 4))
