@@ -944,6 +944,103 @@ def test_a_version_pointer_naming_no_generation_number_is_refused_as_unreadable(
         holder.close()
 
 
+def _commit_row(cfg, row, value):
+    """Write ``value`` to ``row`` of the table of ``cfg`` and commit it."""
+    with TieredStore(cfg) as store:
+        store.write([row], torch.full((1, 4), float(value)))
+        store.commit()
+
+
+def test_another_table_named_like_a_version_is_never_removed_or_written_over(tmp_path):
+    """Any ``emb.gN.npy`` beside ``emb.npy`` was taken for one of its versions: emb's first
+    compaction removed another table named ``emb.g1.npy`` as an unpublished version and wrote
+    its own over it, and ``create_table(emb.npy)`` refused (or, with overwrite, removed it)."""
+    from tiered_store.delta.table_versions import version_path
+    from tiered_store.table_format import verify_table
+
+    path, table = make_table(tmp_path, rows=20, dim=4)
+    other = tmp_path / "table_20x4_float32.g1.npy"
+    create_table(other, np.full((5, 3), 7.0, np.float32), progress=False)
+    cfg = store_config(path, hot={"capacity": 4})
+    for generation, row in ((2, 3), (3, 4)):
+        _commit_row(cfg, row, row)
+        with pytest.warns(UserWarning, match=r"left table_20x4_float32\.g1\.npy \("):
+            assert compact_table(path, progress=False).new_generation == generation
+        assert np.array_equal(np.load(other), np.full((5, 3), 7.0, np.float32))
+        assert verify_table(other, progress=False).blocks_checked == 1
+    assert not path.exists() and not version_path(path, 2).exists()  # emb's own went
+    with TieredStore(cfg) as store:
+        assert store.lookup([3, 4, 5]).tolist() == [[3.0] * 4, [4.0] * 4, table[5].tolist()]
+    with TieredStore(store_config(other)) as store:  # a table of its own, as it was
+        assert store.lookup([0]).tolist() == [[7.0] * 3]
+    with pytest.warns(UserWarning, match=r"left table_20x4_float32\.g1\.npy \(the table's hi"):
+        create_table(path, np.zeros((20, 4), np.float32), progress=False, overwrite=True)
+    assert not version_path(path, 3).exists() and other.exists()
+    path.unlink()
+    path.with_name(path.name + ".manifest.json").unlink()
+    create_table(path, np.zeros((20, 4), np.float32), progress=False)  # no history there
+
+
+def test_a_lost_version_pointer_is_refused_not_its_newer_versions_removed(tmp_path):
+    """With ``TABLE.npy.current`` lost and ``TABLE.npy`` kept (a reader held it), the next
+    compaction removed every newer version, the current one and its commits included, as never
+    published; it now refuses, naming the version, and removes only what a killed compaction
+    leaves (the next version without commits, or its bare ``.npy``)."""
+    import json
+
+    from tiered_store.delta.table_versions import pointer_path, version_path
+
+    path, table = make_table(tmp_path, rows=20, dim=4)
+    cfg = store_config(path, hot={"capacity": 4})
+    _commit_row(cfg, 1, 1)
+    holder = TieredStore(cfg)  # keeps generation 0
+    assert compact_table(path, progress=False).new_generation == 1
+    _commit_row(cfg, 2, 2)  # generation 1's own delta
+    saved = pointer_path(path).read_text()
+    pointer_path(path).unlink()
+    with pytest.raises(TableFormatError, match=r"g1\.npy is a later version of it \(with commits"):
+        compact_table(path, progress=False)
+    assert delta_path(version_path(path, 1)).is_dir()
+    pointer_path(path).write_text(saved)
+    holder.close()
+    holder = TieredStore(cfg)  # keeps generation 1
+    for generation in (2, 3):
+        _commit_row(cfg, generation, generation)
+        assert compact_table(path, progress=False).new_generation == generation
+    pointer_path(path).write_text(json.dumps({"generation": 1, "file": "x"}))  # an older copy
+    with pytest.raises(TableFormatError, match=r"g3\.npy is a later version of it \(past the n"):
+        compact_table(path, progress=False)
+    pointer_path(path).write_text(json.dumps({"generation": 3, "file": "x"}))
+    holder.close()
+    with TieredStore(cfg) as store:
+        assert store.lookup([1, 2, 3]).tolist() == [[1.0] * 4, [2.0] * 4, [3.0] * 4]
+    version_path(path, 4).write_bytes(b"\x93NUMPY")  # a bare .npy a killed compaction left
+    _commit_row(cfg, 4, 4)
+    assert compact_table(path, progress=False).removed_leftovers == ["table_20x4_float32.g4.npy"]
+    with TieredStore(cfg) as store:
+        assert store.generation == 4 and store.lookup([4, 5]).tolist() == [
+            [4.0] * 4,
+            table[5].tolist(),
+        ]
+
+
+def test_a_version_compacted_before_versions_recorded_their_table_is_still_replaced(tmp_path):
+    """A version whose manifest has no record of its table (compacted by an older release, made
+    here by hand) is the table's when its pointer names it: the compaction after it removes it."""
+    from tiered_store.delta.table_versions import publish_version, version_path
+
+    path, _ = make_table(tmp_path, rows=20, dim=4)
+    create_table(version_path(path, 1), np.ones((20, 4), np.float32), progress=False)
+    publish_version(path, 1)
+    cfg = store_config(path, hot={"capacity": 4})
+    _commit_row(cfg, 2, 2)
+    report = compact_table(path, progress=False)
+    assert report.new_generation == 2 and report.removed_generations == [0, 1]
+    assert not version_path(path, 1).exists()
+    with TieredStore(cfg) as store:
+        assert store.lookup([1, 2]).tolist() == [[1.0] * 4, [2.0] * 4]
+
+
 def test_compaction_through_a_symlink_uses_the_tables_own_pointer_lock_and_delta(tmp_path):
     """A table opened and compacted through a link to its file: the store resolves the link, so
     compaction must too (it found no delta beside the link and did nothing, and ran while the

@@ -7,7 +7,9 @@ kept) and page checksums (temporary names, fsync, rename; manifest last). Then t
 switches to generation N in one atomic rename: the delta is retired with its version (the new
 version has none). A crash anywhere leaves the old version + its delta, or the new version, both
 complete; the next compaction removes what the crashed one left (an unpublished version, hidden
-temporaries). Stores that have the old version open keep reading it undisturbed;
+temporaries). The new version's manifest records whose version it is (``table_versions``): a
+``TABLE.gN.npy`` that does not say so, another table named so, is never removed or written over
+(its generation is skipped). Stores that have the old version open keep reading it undisturbed;
 ``remove_unused_versions`` deletes it once none has.
 """
 
@@ -26,12 +28,15 @@ from ..table_format import create_table
 from ..table_sources import TABLE_DTYPES, SourceReader
 from .row_delta import RowDelta, open_delta, refuse_staged
 from .table_versions import (
+    VERSION_OF,
     check_current_version,
     current_version,
+    next_generation,
     publish_version,
     remove_abandoned_versions,
     remove_unused_versions,
     version_path,
+    version_record,
     writer_lock,
 )
 
@@ -110,21 +115,25 @@ def compact_table(table: str | Path, *, progress: bool = True) -> CompactionRepo
                 if delta_ids.size == 0:
                     new_generation = generation
                 else:
-                    new_generation = generation + 1
+                    new_generation = next_generation(table, generation)
                     create_table(
                         version_path(table, new_generation),
                         _MergedRows(cold, delta, delta_ids),
                         block_bytes=cold.manifest.block_bytes,  # as its maker chose
                         progress=progress,
                         overwrite=True,  # a crashed compaction's complete but unpublished file
-                        metadata={**cold.manifest.metadata, "committed_step": delta.step},
+                        metadata={
+                            **cold.manifest.metadata,
+                            "committed_step": delta.step,
+                            VERSION_OF: version_record(table, new_generation),  # cleanups read it
+                        },
                         quantization=cold.manifest.quantization,
                     )
                     publish_version(table, new_generation)
             finally:
                 if delta is not None:
                     delta.close()
-        removed = remove_unused_versions(table)
+        removed = remove_unused_versions(table, superseded=generation)
         return CompactionReport(
             str(table),
             generation,

@@ -4,7 +4,10 @@ A table is named by its first file, ``TABLE.npy`` (generation 0). Compaction wri
 ``N`` to ``TABLE.gN.npy`` (with its manifest and page checksums) and then switches the pointer
 ``TABLE.npy.current`` (``{"generation": N, "file": "TABLE.gN.npy"}``) with one atomic rename:
 an opener sees the old version or the new one, whole. Each version has its own delta
-(``TABLE.gN.npy.delta/``), so the new version starts with none.
+(``TABLE.gN.npy.delta/``), so the new version starts with none. Its manifest records whose
+version it is (``metadata["version_of"]``: ``{"table": "TABLE.npy", "generation": N}``): cleanups
+remove a ``TABLE.gN.npy`` only when it says so (or has no manifest: a version written or removed
+part way), never another table that happens to be named so, which they leave with a warning.
 
 Who uses what is told by ``flock``s, which the kernel drops when a process dies (kill -9
 included): an open store holds a shared lock on its version's ``.npy``; one writer per table holds
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..atomic_file import atomic_write, fsync_dir, remove_abandoned_temporaries
-from ..errors import ConfigError, TableFormatError, TierIOError
+from ..errors import ConfigError, TableFormatError, TierIOError, warn_at_caller
 from ..page_checksums import sidecar_path
 from ..process_locks import exclusive_now, open_held, release
 from ..table_format import check_table, not_a_table, table_paths
@@ -39,6 +42,8 @@ from .row_delta import delta_path, remove_delta_temporaries
 T = TypeVar("T")
 
 _LOCK_RETRY_S = 0.02  # between tries of a writer lock waited for
+# in a compacted version's manifest metadata: {"table": "TABLE.npy", "generation": N}
+VERSION_OF = "version_of"
 
 
 __all__ = [
@@ -50,6 +55,7 @@ __all__ = [
     "remove_table_files",
     "remove_unused_versions",
     "version_path",
+    "version_record",
     "writer_lock",
 ]
 
@@ -135,19 +141,63 @@ def _refuse_a_missing_version(table: str | os.PathLike[str], path: Path, generat
 
 
 def _refuse_a_version_file(table: str | os.PathLike[str]) -> None:
-    """A ``TABLE.gN.npy`` beside ``TABLE.npy.current`` is one of TABLE's versions: opened,
+    """A ``TABLE.gN.npy`` beside ``TABLE.npy.current`` is one of TABLE's versions (unless its
+    manifest says it is not and the pointer does not name it: another table named so): opened,
     written or compacted as a table of its own, its writes would miss TABLE, and compacting it
     would remove the file TABLE's pointer names."""
     npy = _npy(table)
-    match = re.fullmatch(r"(.+)\.g(\d+)\.npy", npy.name)
+    match = re.fullmatch(r"(.+)\.g([1-9][0-9]*)\.npy", npy.name)
     if match is None:
         return
     base = npy.with_name(f"{match[1]}.npy")
-    if pointer_path(base).exists():
+    if pointer_path(base).exists() and _owned(base, int(match[2]), _pointed(base)) is not False:
         raise ConfigError(
             f"{table}: generation {int(match[2])} of table {base.name} (compaction's version file, "
             f"which {pointer_path(base).name} names while it is current); expected the table's "
             f"own name, {base}"
+        )
+
+
+def version_record(table: str | os.PathLike[str], generation: int) -> dict:
+    """What generation ``generation``'s manifest records under ``VERSION_OF``: whose it is."""
+    return {"table": _npy(table).name, "generation": generation}
+
+
+def _owned(npy: Path, generation: int, known: int | None = None) -> bool | None:
+    """Whether ``TABLE.gN.npy`` is generation N of the table ``npy``: True when its manifest
+    records so (or N is ``known``, a generation its pointer names), None when it has no manifest
+    (a version written or removed part way: no table), False when its manifest records another
+    or none (another table named so, or a version compacted before versions recorded it)."""
+    if generation == known:
+        return True
+    try:
+        doc = json.loads(table_paths(version_path(npy, generation))[1].read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # unreadable: never assumed to be the table's
+        return False
+    metadata = doc.get("metadata") if isinstance(doc, dict) else None
+    record = metadata.get(VERSION_OF) if isinstance(metadata, dict) else None
+    return record == version_record(npy, generation)
+
+
+def _pointed(npy: Path) -> int | None:
+    """The generation the table's pointer names; None when it has none or it is unreadable."""
+    try:
+        return current_version(npy)[1] if pointer_path(npy).exists() else None
+    except TableFormatError:
+        return None
+
+
+def _warn_not_owned(npy: Path, generations: list[int], what: str) -> None:
+    """Warn that the files of ``generations`` beside the table ``npy`` were left (``what``)."""
+    if generations:
+        names = ", ".join(version_path(npy, g).name for g in sorted(generations))
+        warn_at_caller(
+            f"table {npy}: left {names} ({what}): its manifest does not record it as a version "
+            f"of {npy.name} (another table named so, or a version compacted before versions "
+            "recorded their table); remove it yourself if it is an old version of this table",
+            UserWarning,
         )
 
 
@@ -247,15 +297,20 @@ def forget_history(table: str | os.PathLike[str], *, writer_locked: bool = False
     npy = _npy(table)
     manifest = table_paths(npy)[1]
     with contextlib.nullcontext() if writer_locked else writer_lock(npy):
+        pointed = _pointed(npy)
+        generations = _compacted_generations(npy)
+        foreign = [g for g in generations if _owned(npy, g, pointed) is False]
         if manifest.exists():
             manifest.unlink()
             fsync_dir(npy.parent)
         pointer_path(npy).unlink(missing_ok=True)
         shutil.rmtree(delta_path(npy), ignore_errors=True)
         remove_delta_temporaries(delta_path(npy))
-        for generation in _compacted_generations(npy):
-            remove_table_files(version_path(npy, generation))
+        for generation in generations:
+            if generation not in foreign:
+                remove_table_files(version_path(npy, generation))
         fsync_dir(npy.parent)
+        _warn_not_owned(npy, foreign, "the table's history was removed")
 
 
 def has_history(table: str | os.PathLike[str]) -> bool:
@@ -264,12 +319,15 @@ def has_history(table: str | os.PathLike[str]) -> bool:
     npy = _npy(table)
     if pointer_path(npy).exists() or delta_path(npy).exists():
         return True
-    return npy.parent.is_dir() and bool(_compacted_generations(npy))
+    return npy.parent.is_dir() and any(
+        _owned(npy, g) is not False for g in _compacted_generations(npy)
+    )
 
 
 def _compacted_generations(npy: Path) -> list[int]:
-    """The generations N >= 1 whose ``TABLE.gN.npy`` is beside the table's ``npy``."""
-    pattern = re.compile(rf"^{re.escape(npy.stem)}\.g(\d+)\.npy$")
+    """The generations N >= 1 whose ``TABLE.gN.npy`` is beside the table's ``npy``, whoever's
+    (``_owned`` tells)."""
+    pattern = re.compile(rf"^{re.escape(npy.stem)}\.g([1-9][0-9]*)\.npy$")
     return [int(m.group(1)) for p in npy.parent.iterdir() if (m := pattern.match(p.name))]
 
 
@@ -307,18 +365,48 @@ def _orphaned_deltas(npy: Path, current: int) -> list[Path]:
     return orphans
 
 
+def next_generation(table: str | os.PathLike[str], current: int) -> int:
+    """The generation a compaction of version ``current`` writes: the first after it whose file
+    is not another table's (``_owned``), which it never writes over."""
+    npy = _npy(table)
+    generation = current + 1
+    while _owned(npy, generation) is False:
+        generation += 1
+    return generation
+
+
 def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
-    """Delete what a compaction killed part way left: versions newer than the current one (never
+    """Delete what a compaction killed part way left: the version it was writing (never
     published), the hidden temporaries of version files (``.TABLE.gN.npy*.HEX.tmp``) that no live
     writer holds, and the deltas of older versions whose ``.npy`` is gone (a removal killed part
-    way); returns the names removed. Call under the writer lock, which every compaction holds while it writes them."""
+    way); returns the names removed. Call under the writer lock, which every compaction holds
+    while it writes them. A ``TABLE.gN.npy`` that is not the table's is left, with a warning.
+
+    Refused (``TableFormatError``) where a later version of the table is there than a killed
+    compaction leaves (one past the next, or one with commits of its own): the pointer was lost
+    or restored from an older copy, and the versions it lost hold the table's newest rows."""
     npy = _npy(table)
     _, current = current_version(table)
-    removed = []
+    following = next_generation(npy, current)
+    removed, foreign = [], []
     for generation in sorted(g for g in _compacted_generations(npy) if g > current):
         path = version_path(npy, generation)
+        owned = _owned(npy, generation)
+        if owned is False:
+            foreign.append(generation)
+            continue
+        if owned and (generation > following or delta_path(path).exists()):
+            raise TableFormatError(
+                f"table {npy}: its version pointer {pointer_path(npy).name} names generation "
+                f"{current}, but {path.name} is a later version of it ("
+                f"{'with commits of its own' if delta_path(path).exists() else 'past the next'}), "
+                "which a killed compaction never leaves: the pointer was lost or restored from an "
+                "older copy; expected it to name the newest version: restore it "
+                f'({{"generation": {generation}, "file": "{path.name}"}} if that one is)'
+            )
         removed += [part.name for part in _version_files(path) if part.exists()]
         remove_table_files(path)
+    _warn_not_owned(npy, foreign, "newer than the current version")
     # a live writer of a version's files (`verify --add-page-checksums`) holds its temporaries' lock
     versions = rf"{re.escape(npy.stem)}\.g\d+\.npy.*"
     removed += [name for name, _ in remove_abandoned_temporaries(npy.parent, versions)]
@@ -330,14 +418,19 @@ def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
     return removed
 
 
-def remove_unused_versions(table: str | os.PathLike[str]) -> list[int]:
+def remove_unused_versions(
+    table: str | os.PathLike[str], superseded: int | None = None
+) -> list[int]:
     """Delete every version older than the current one that no store has open; returns the
-    generations removed (others are left for a later call)."""
+    generations removed (others are left for a later call). ``superseded``: a generation known to
+    be the table's (the one a compaction just replaced) whatever its manifest records."""
     _, current = current_version(table)
     npy = _npy(table)
-    older = [0, *_compacted_generations(npy)]
+    compacted = [g for g in _compacted_generations(npy) if g < current]
+    foreign = [g for g in compacted if _owned(npy, g, superseded) is False]
+    _warn_not_owned(npy, foreign, "older than the current version")
     removed = []
-    for generation in sorted(g for g in older if g < current):
+    for generation in sorted(g for g in [0, *compacted] if g < current and g not in foreign):
         path = version_path(table, generation)
         try:
             fd = open_held(path, os.O_RDONLY)

@@ -22,6 +22,7 @@ import torch
 from ..cold_table import ColdTable
 from ..delta.row_delta import delta_path, open_delta, refuse_staged
 from ..delta.table_versions import (
+    VERSION_OF,
     has_history,
     present_version,
     release,
@@ -176,7 +177,7 @@ def _write_shards(
             for rank, path in enumerate(paths):
                 start, stop = shard_map.shard_range(rank)
                 metadata = {
-                    **manifest.metadata,
+                    **{k: v for k, v in manifest.metadata.items() if k != VERSION_OF},  # its own
                     **({"committed_step": step} if step else {}),  # a commit of no rows too
                     "shard": {**shard_map.to_json(), "rank": rank, "table": npy.name},
                 }

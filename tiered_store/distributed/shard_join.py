@@ -16,7 +16,7 @@ import numpy as np
 
 from ..cold_table import ColdTable
 from ..delta.row_delta import delta_path
-from ..delta.table_versions import current_version, release, take_writer_lock
+from ..delta.table_versions import VERSION_OF, current_version, release, take_writer_lock
 from ..errors import ConfigError, ShardMismatchError, TableFormatError
 from ..table_format import TableManifest, create_table, table_paths
 from ..table_sources import SourceReader, TableNotFoundError
@@ -101,8 +101,9 @@ def join_shards(
         )
 
 
-# metadata a shard holds for itself (its map and rank) or that the joined table sets anew
-_PER_SHARD_KEYS = ("shard", "committed_step")
+# metadata a shard holds for itself (its map and rank, whose version it is) or that the joined
+# table sets anew
+_PER_SHARD_KEYS = ("shard", "committed_step", VERSION_OF)
 
 
 def _shard_paths(
