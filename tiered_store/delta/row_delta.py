@@ -470,13 +470,12 @@ class RowDelta:
                 yield self._decode_pairs(batch)
 
     # -- the commit --------------------------------------------------------------------------------
-    def commit(self, ids: np.ndarray, rows: np.ndarray, step: int, *, clear: bool = False) -> None:
+    def commit(self, ids: np.ndarray, rows: np.ndarray, step: int) -> None:
         """Write ``rows`` (``uint8 [n, row_bytes]``) for unique ``ids`` and ``step`` in one durable
-        transaction (``clear``: drop every other row first). Raises ``CommitError`` when it
-        cannot, or when the delta holds a sharded commit's staged records (committed over, a step
-        the other shards hold would be lost here: ``ShardedStore``'s open finishes or drops
-        them); ``ConfigError`` for a step of ``GREW_STEP`` or beyond. The previous commit then
-        stands."""
+        transaction. Raises ``CommitError`` when it cannot, or when the delta holds a sharded
+        commit's staged records (committed over, a step the other shards hold would be lost here:
+        ``ShardedStore``'s open finishes or drops them); ``ConfigError`` for a step of
+        ``GREW_STEP`` or beyond. The previous commit then stands."""
         keys, values, step_bytes = self._records(ids, rows, step, "commit")
 
         def write(txn: lmdb.Transaction) -> None:
@@ -489,8 +488,6 @@ class RowDelta:
                     "none staged: open the shards with ShardedStore (on every rank) to finish or "
                     "drop it, then commit again (the writes are kept)"
                 )
-            if clear:
-                txn.drop(self.rows_db, delete=False)
             if keys:
                 txn.cursor(db=self.rows_db).putmulti(zip(keys, values, strict=True))
             txn.put(b"step", step_bytes, db=self.meta_db)
