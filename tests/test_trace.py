@@ -394,6 +394,47 @@ def test_a_fifo_named_as_a_trace_or_a_leftover_is_refused_without_blocking(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == [fifo.name]  # nothing written
 
 
+_LEASE_HOLDER = r"""
+import fcntl, os, signal, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+signal.signal(signal.SIGIO, lambda *_: fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK))
+try:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+except OSError as exc:
+    print("no lease:", exc, flush=True)
+    sys.exit()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_trace_under_a_lease_is_read_once_its_holder_lets_go(tmp_path):
+    """A file server (Samba's oplocks) holds a lease on a file a client has open: an open waits
+    for the holder to let go, but the readers' non-blocking open (which keeps a FIFO from
+    blocking it) failed at once: "cannot open (Resource temporarily unavailable)"."""
+    import fcntl
+    import subprocess
+    import sys
+
+    if not hasattr(fcntl, "F_SETLEASE"):
+        pytest.skip("no file leases on this system")
+    path = tmp_path / "t.trace"
+    written = _write_sample(path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LEASE_HOLDER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        said = holder.stdout.readline().strip()
+        if said != "held":
+            pytest.skip(f"the file system gives no lease ({said})")
+        with TraceReader(path) as r:
+            assert os.get_blocking(r._file.fileno())  # reads wait for data, as on any file
+            assert r.n_lookups == sum(ids.size for *_, ids in written)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_recovery_refuses_the_file_of_a_writer_recording_now(tmp_path):
     with TraceWriter(tmp_path / "t.trace", chunk_ids=5) as w:
         w.write(np.arange(10), "a")

@@ -533,10 +533,15 @@ class TraceReader:
 
     def _open(self, path: str | os.PathLike[str]) -> None:
         """Open the file and take its size; a missing one names what a killed writer left, one
-        that is not a regular file (a FIFO's open would wait for a writer forever) is refused."""
+        that is not a regular file (a FIFO's open would wait for a writer forever) is refused.
+        A regular file under another's lease (a file server's) is opened once the lease is let
+        go, as any open waits for it."""
         self.path = Path(path)
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except BlockingIOError:  # only a lease refuses a non-blocking read-only open
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise TraceFormatError(
                 f"trace {self.path}: cannot open ({exc.strerror}){_left_behind(self.path)}"
