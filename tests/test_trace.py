@@ -445,6 +445,23 @@ def test_recovery_refuses_the_file_of_a_writer_recording_now(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "t.trace"]
 
 
+def test_recovery_refuses_a_link_to_the_file_of_a_writer_recording_now(tmp_path):
+    """The live writer's lock was looked for on the link itself (not followed): recovery went
+    on and made a trace of a file still being written."""
+    with TraceWriter(tmp_path / "t.trace", chunk_ids=5) as w:
+        w.write(np.arange(10), "a")
+        [live] = list(tmp_path.iterdir())
+        link = tmp_path / "link.tmp"
+        link.symlink_to(live)
+        with pytest.raises(ConfigError, match="a writer is recording into it now"):
+            recover_trace(link, tmp_path / "out.trace")
+        assert sorted(tmp_path.iterdir()) == sorted([live, link])
+    loop = tmp_path / "loop.tmp"
+    loop.symlink_to(loop)
+    with pytest.raises(TraceFormatError, match="cannot open .Too many levels of symbolic links"):
+        recover_trace(loop, tmp_path / "out.trace")
+
+
 def test_recovery_refuses_to_replace_a_file_or_guess_a_name(tmp_path):
     left, _, _ = _leftover(tmp_path)
     (tmp_path / "t.trace").write_bytes(b"keep")

@@ -78,7 +78,7 @@ def recover_trace(
     only in the footer) are named by their index.
     """
     leftover = Path(leftover)
-    if _writer_alive(leftover):
+    if _writer_alive(Path(os.path.realpath(leftover))):  # a link's target (a loop: itself)
         raise ConfigError(
             f"{leftover}: a writer is recording into it now (it holds the file's lock); expected "
             "what a writer killed before it closed left: its trace appears once it closes "
