@@ -316,6 +316,59 @@ def test_a_leftover_whose_whole_chunks_are_out_of_order_keeps_those_before_and_s
     assert got.lost_to_batch == written[-1][0]
 
 
+@pytest.mark.parametrize("torn", [False, True])
+def test_the_batches_lost_past_an_out_of_order_chunk_are_counted_up_to_the_last(tmp_path, torn):
+    """Chunk 3 and the last swapped: the lost batches went "up to" the last chunk's in the file
+    (chunk 3's), not the last written; and with the chunk after the stop torn, the stopped chunk,
+    whole, was not decoded: no batch was named."""
+    left, offsets, written = _leftover(tmp_path)
+    data = left.read_bytes()
+    chunks = [data[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
+    stop = len(chunks) - 2 if torn else 3
+    chunks[stop], chunks[-1] = chunks[-1], chunks[stop]
+    left.write_bytes(data[: offsets[0]] + b"".join(chunks)[: -10 if torn else None])
+    got = recover_trace(left)
+    assert got.chunks == stop and "expected" in got.stopped
+    assert got.lost_chunks == len(chunks) - stop
+    assert got.lost_to_batch == written[-1][0]
+
+
+def test_what_is_lost_past_an_out_of_order_chunk_is_counted_wherever_the_leftover_ends(
+    tmp_path,
+):
+    """Chunks 3 and 5 swapped, the leftover cut at each edge of every chunk's header and
+    payload from there on: the chunks lost are those whose header is whole, their ids the
+    headers' counts, the batches up to the highest of those whole."""
+    from tiered_store.trace import _CHUNK_HEAD_SIZE
+
+    _write_sample(tmp_path / "ref.trace")
+    with TraceReader(tmp_path / "ref.trace") as r:
+        index = r.chunk_index  # [offset, ids, records, first batch, last batch] per chunk
+    left, offsets, _ = _leftover(tmp_path)
+    data = left.read_bytes()
+    chunks = [data[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
+    order = [0, 1, 2, 5, 4, 3, *range(6, len(chunks))]
+    whole = data[: offsets[0]] + b"".join(chunks[i] for i in order)
+    starts = np.cumsum([offsets[0]] + [len(chunks[i]) for i in order]).tolist()
+    for k in (3, 4, 5, len(order) - 1):  # the stop, past it, the one moved, the last
+        for cut in {
+            starts[k] + _CHUNK_HEAD_SIZE - 1,
+            starts[k] + _CHUNK_HEAD_SIZE,
+            starts[k + 1] - 1,
+            starts[k + 1],
+        }:
+            left.write_bytes(whole[:cut])
+            got = recover_trace(left, tmp_path / "t.trace", overwrite=True)
+            headed = [order[j] for j in range(3, len(order)) if starts[j] + _CHUNK_HEAD_SIZE <= cut]
+            done = [order[j] for j in range(3, len(order)) if starts[j + 1] <= cut]
+            assert (got.chunks, got.kept_bytes) == (3, starts[3]), cut
+            assert (got.lost_chunks, got.lost_lookups) == (
+                len(headed),
+                sum(index[i][1] for i in headed),
+            ), cut
+            assert got.lost_to_batch == max((index[i][4] for i in done), default=None), cut
+
+
 @pytest.mark.parametrize(
     ("cut", "message"),
     [

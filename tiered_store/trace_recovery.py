@@ -42,7 +42,7 @@ class TraceRecovery:
     stopped: str  # why chunk ``chunks`` was not kept ('' when the leftover was whole)
     lost_lookups: int  # the ids the readable chunk headers from there on count
     lost_chunks: int  # chunks from there on whose headers could be read
-    lost_to_batch: int | None  # the last batch of a whole chunk past the stop, if one decodes
+    lost_to_batch: int | None  # the last batch of the whole chunks from the stop on, if one decodes
 
 
 @dataclass
@@ -172,6 +172,15 @@ def _scan_leftover(reader: TraceReader, whole_end: int | None, progress: bool) -
             reader._last_ids = reader._declared_last_ids()
         return reader._decode_chunk(index, offset, fields, None)
 
+    def lost(index: int, offset: int, fields: tuple[Any, ...]) -> None:
+        """Count a chunk from the stop on: its header's ids, and its batches if it decodes."""
+        scan.lost_lookups += fields[2]
+        scan.lost_chunks += 1
+        with suppress(TraceFormatError):
+            batches = decode(index, offset, fields).records[:, 0]
+            if batches.size:  # chunks out of order: the last one in the file is not the last
+                scan.lost_to_batch = max(int(batches.max()), scan.lost_to_batch or 0)
+
     def reason(exc: TraceFormatError) -> str:
         where = f"trace {reader.path}, chunk {len(scan.index)}: "
         return str(exc).removeprefix(where)
@@ -200,7 +209,7 @@ def _scan_leftover(reader: TraceReader, whole_end: int | None, progress: bool) -
                         )
                 except TraceFormatError as exc:
                     scan.stopped = reason(exc)
-                    scan.lost_lookups, scan.lost_chunks = fields[2], 1
+                    lost(index, offset, fields)  # whole, if only out of order
                     break
                 previous = scan.index[-1][4] if scan.index else 0
                 first, last = (int(batch[0]), int(batch[-1])) if batch.size else (previous,) * 2
@@ -219,12 +228,7 @@ def _scan_leftover(reader: TraceReader, whole_end: int | None, progress: bool) -
             heads.close()
         try:  # what the readable headers past a chunk that failed its checks count
             for index, offset, fields in heads:
-                scan.lost_lookups += fields[2]
-                scan.lost_chunks += 1
-                with suppress(TraceFormatError):
-                    records = decode(index, offset, fields).records
-                    if records.size:
-                        scan.lost_to_batch = int(records[-1, 0])
+                lost(index, offset, fields)
         except TraceFormatError:
             pass
     if not named:
