@@ -800,3 +800,53 @@ def test_a_save_whose_temporary_an_open_removed_before_its_lock_writes_another(
     warm_restart.save_restart(path, {"rows": 10}, warm_restart.RestartState({"hot": np.array([1])}))
     assert len(made) == 2 and not list(tmp_path.glob(".*.tmp"))
     assert warm_restart.load_restart(path, {"rows": 10}).held["hot"].tolist() == [1]
+
+
+def test_a_save_under_way_when_the_table_moves_on_keeps_the_newer_stores_file(
+    tmp_path, monkeypatch
+):
+    """A store's save looked whether the table had moved on only before writing: a compaction
+    and a newer store's save while it wrote (hundreds of MB with a sketch) had its older rows
+    land over the newer store's file, and the next open started cold."""
+    import errno
+
+    from tiered_store import atomic_file
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.errors import TierIOError
+
+    path, data = make_table(tmp_path)
+    with TieredStore.open({"table": {"path": str(path)}}) as writer:
+        writer.write([7], torch.ones(1, data.shape[1]))
+        writer.commit()
+    data[7] = 1.0
+    newer = []
+    lock = atomic_file._lock_temporary
+
+    def then_a_compaction_and_a_newer_stores_save(fd):
+        lock(fd)
+        if not newer:  # the older store's save has begun writing
+            newer.append(None)
+            compact_table(path, progress=False)
+            with TieredStore(config(path)) as current:
+                serve(current, data, batches=3, seed=2)
+                newer[0] = held(current)
+
+    old = TieredStore(config(path))
+    try:
+        serve(old, data, batches=3)
+        monkeypatch.setattr(
+            atomic_file, "_lock_temporary", then_a_compaction_and_a_newer_stores_save
+        )
+        with pytest.raises(TierIOError, match="moved on to a newer version") as err:
+            old.save_restart()
+        assert err.value.errno == errno.ESTALE
+        monkeypatch.undo()
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RestartWarning)  # its close's save: refused too
+            old.close()
+    assert not list(tmp_path.glob(".*.tmp"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RestartWarning)
+        with TieredStore(config(path)) as again:
+            assert again.wait_restored(timeout=30) and held(again) == newer[0]

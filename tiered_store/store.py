@@ -634,15 +634,21 @@ class TieredStore:
             profiles = {c.name: c.online.saved_profile(points[c.name]) for c in self.caches.online}
         state = RestartState(held_rows, pinned, profiles)
         path = restart_path(self.config.table.path)
-        with self._save_order:  # a save taken earlier never replaces a later one's file
+
+        def still_current() -> None:
+            """Refuse the save once the table moved on (before writing, and before the rename)."""
             if self._moved_on() is not None:
                 raise TierIOError(  # the file is the current version's: a newer store saves it
                     errno.ESTALE,
                     f"warm restart: {path.name} not saved: {self.cold.path.name} moved on to a "
                     "newer version since this store opened",
                 )
+
+        with self._save_order:  # a save taken earlier never replaces a later one's file
+            still_current()
             if taken > self._saves_written:
-                save_restart(path, table_identity(self.cold, self.generation), state)
+                identity = table_identity(self.cold, self.generation)
+                save_restart(path, identity, state, still_current)  # checked again at its rename
                 self._saves_written = taken
         return path
 

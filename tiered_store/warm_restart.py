@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,14 @@ class RestartState:
     profiles: dict[str, tuple[dict[str, Any], np.ndarray]] = field(default_factory=dict)
 
 
-def save_restart(path: Path, identity: dict[str, Any], state: RestartState) -> None:
-    """Write ``state`` for ``identity``, atomically.
+def save_restart(
+    path: Path,
+    identity: dict[str, Any],
+    state: RestartState,
+    still_current: Callable[[], None] | None = None,
+) -> None:
+    """Write ``state`` for ``identity``, atomically. ``still_current`` is called once the file
+    is written, before its rename: what it raises leaves the file at ``path`` as it was.
 
     Examples
     --------
@@ -130,7 +137,10 @@ def save_restart(path: Path, identity: dict[str, Any], state: RestartState) -> N
             out.file.write(view)
             crc = crc32c.crc32c(view, crc)
         out.file.write(_LEN.pack(crc))
-        out.commit()
+        out.finish()
+        if still_current is not None:
+            still_current()
+        out.publish()
     except BaseException:
         out.abort()
         raise
