@@ -850,3 +850,43 @@ def test_a_save_under_way_when_the_table_moves_on_keeps_the_newer_stores_file(
         warnings.simplefilter("error", RestartWarning)
         with TieredStore(config(path)) as again:
             assert again.wait_restored(timeout=30) and held(again) == newer[0]
+
+
+_OPEN_WITHOUT_THREADS = r"""
+import os, sys, threading
+import torch
+from tiered_store.store import TieredStore
+cfg = {"table": {"path": sys.argv[1]},
+       "tiers": {"warm": {"capacity": 10}, "restart": {"enabled": True, "save_every_s": 60}}}
+before = sorted(os.listdir("/proc/self/fd"))
+threading.stack_size(2**62)  # no thread's stack can be mapped: every start fails
+try:
+    TieredStore.open(cfg)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}")
+threading.stack_size(0)
+print("left open:", len(os.listdir("/proc/self/fd")) - len(before))
+"""
+
+
+def test_an_open_whose_thread_cannot_start_raises_why_and_leaves_nothing_open(tmp_path):
+    """A save thread that could not start (no memory for its stack, a process limit) was joined
+    while the open unwound: "cannot join thread before it is started" hid the real error, and
+    the table file and its version hold were left open."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _ = make_table(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN_WITHOUT_THREADS, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["RuntimeError: can't start new thread", "left open: 0"]

@@ -711,7 +711,8 @@ class TieredStore:
         if self._repin_wanted is not None:
             self._repin_wanted.set()  # wakes the re-pin thread to end
         for thread in self._threads:
-            thread.join(_seconds_left(deadline))
+            if thread.ident is not None:  # one whose start failed (an open unwinding) never ran
+                thread.join(_seconds_left(deadline))
         self._prefetcher.close(_seconds_left(deadline))  # they land first: the save has them
 
     def _save_on_close(self) -> None:
