@@ -890,3 +890,25 @@ def test_an_open_whose_thread_cannot_start_raises_why_and_leaves_nothing_open(tm
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["RuntimeError: can't start new thread", "left open: 0"]
+
+
+def test_a_load_holds_the_file_and_what_it_returns_not_a_second_copy(tmp_path):
+    """The load checksummed ``data[:-4]``, a copy of the whole file (hundreds of MB with a
+    sketch) on top of the file read and the arrays returned."""
+    import tracemalloc
+
+    from tiered_store.warm_restart import RestartState, save_restart
+
+    path = tmp_path / "t.npy.restart"
+    sketch = np.ones((4, 1 << 20), np.float32)  # 16 MiB
+    state = RestartState({"hot": np.arange(1000)}, {}, {"hot": ({"windows": 1}, sketch)})
+    save_restart(path, {"rows": 1000}, state)
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        back = load_restart(path, {"rows": 1000})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(back.profiles["hot"][1], sketch)
+    assert peak < 2.5 * size, f"{peak:,} bytes at the peak for a {size:,}-byte file"

@@ -175,7 +175,7 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
         return _cold_start(
             path, f"it is not a warm-restart file ({len(data)} bytes, no {MAGIC!r} header)"
         )
-    body, (want_crc,) = data[:-4], _LEN.unpack(data[-4:])
+    body, (want_crc,) = memoryview(data)[:-4], _LEN.unpack(data[-4:])  # a view: no copy
     have_crc = crc32c.crc32c(body)
     if have_crc != want_crc:
         return _cold_start(
@@ -185,7 +185,7 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
     (n,) = _LEN.unpack_from(body, len(MAGIC))
     start = len(MAGIC) + _LEN.size
     try:
-        header = json.loads(body[start : start + n])
+        header = json.loads(bytes(body[start : start + n]))
         saved = header["identity"]
         counts = {k: int(v) for k, v in header["tiers"].items()}
         pinned = {k: int(v) for k, v in header["pinned"].items()}
