@@ -8,8 +8,9 @@ full (one ``crc32`` alone waits ~3 cycles for the previous one). The results are
 CRC32C (Castagnoli, as iSCSI, ext4 and the ``crc32c`` package compute it); a test checks them
 against the package on every alignment and length.
 
-Importing this module imports numba (~0.5 s); ``page_checksums`` does so only where
-:func:`unavailable_reason` is ``None``, else it uses the ``crc32c`` package per page.
+Importing this module imports numba (~0.5 s): ``page_checksums`` imports it when checksums are
+first needed (to ask :func:`unavailable_reason`, on any machine) and runs the kernel only where
+that is ``None``, else it uses the ``crc32c`` package per page.
 """
 
 from __future__ import annotations
