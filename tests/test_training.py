@@ -16,7 +16,7 @@ from tiered_store.delta.trainable import TrainableTable, create_trainable_table
 from tiered_store.engram.backend import InMemoryTable
 from tiered_store.engram.config import ModelConfig
 from tiered_store.engram.model import EngramLM
-from tiered_store.errors import ConfigError, TableFormatError
+from tiered_store.errors import ConfigError, RowDataError, TableFormatError
 
 ROWS, DIM = 300, 8
 SMALL_TIERS = {"hot": {"capacity": 12}, "warm": {"capacity": 24}}  # 12% of the table: evictions
@@ -677,3 +677,31 @@ def test_rows_trained_under_bfloat16_autocast_get_the_gradients_a_parameter_gets
     expected = weight.detach() - 0.5 * weight.grad
     assert torch.equal(table.store.lookup(torch.arange(ROWS)), expected)
     _commit_and_close(table)
+
+
+def test_tables_sharing_a_scaler_step_after_one_retried_a_refused_step(tmp_path):
+    """Table a's step was refused after unscaling (its update overflowed) and retried; the retry
+    dropped the first throwaway optimizer object while the scaler still kept its state under its
+    id(), so table b's object, often given that id, was refused as 'unscale_() has already been
+    called' (1 iteration in 10). Every iteration's b step now applies."""
+    sgd = make_row_optimizer("sgd", lr=1.0)
+    init = np.zeros((ROWS, DIM), np.float32)
+    init[0] = 3e38  # a gradient of -1e38 on row 0 overflows its SGD update
+    tables = []
+    for name, weights in (("a", init), ("b", np.zeros_like(init))):
+        create_trainable_table(tmp_path / f"{name}.npy", weights, sgd)
+        tables.append(TrainableTable(TieredStore.open(store_config(tmp_path / f"{name}.npy")), sgd))  # fmt: skip
+    a, b = tables
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10**6)
+    for step in range(1, 101):
+        scaler.scale(a.lookup(torch.tensor([0])).sum() * -1e38).backward()
+        with pytest.raises(RowDataError, match=r"update of row 0 is not finite"):
+            a.step(step, scaler)
+        a.zero_grad()
+        assert a.step(step, scaler) == 0  # retried without the gradients
+        scaler.scale(b.lookup(torch.tensor([step - 1])).sum()).backward()
+        assert b.step(step, scaler) == 1
+        scaler.update()
+    assert scaler.get_scale() == 1.0 and a.skipped_steps == b.skipped_steps == 0
+    assert torch.equal(b.store.lookup(torch.arange(100))[:, :DIM], torch.full((100, DIM), -1.0))
+    _commit_and_close(a, b)

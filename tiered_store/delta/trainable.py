@@ -189,7 +189,10 @@ class TrainableTable:
         # does this one after a commit at a later step
         self._last_step = store.committed_step
         self.skipped_steps = 0  # steps a GradScaler's overflow skipped (see step())
+        # the throwaway optimizer objects a scaler keys by id() until its update(): those of the
+        # last step that ended and of any refused since (a freed one's id is soon another's)
         self._scaler_holders: list[_ScaledRowGradients] = []
+        self._scaled_step_ended = False
 
     @property
     def last_step(self) -> int:
@@ -282,6 +285,7 @@ class TrainableTable:
             self.store.write(unique, new_rows)
             updated = unique.numel()
         self._gradients.clear()
+        self._scaled_step_ended = True  # its scaler's update() comes before the next step's
         if skip:
             self.skipped_steps += 1
             return 0
@@ -300,7 +304,10 @@ class TrainableTable:
                 f"scaler: {exc}; expected the GradScaler whose scale(loss) made this step's "
                 "gradients, before its update() (the gradients are kept)",
             )
-        self._scaler_holders = [holder]  # alive until update(): the scaler keys them by id()
+        if self._scaled_step_ended:  # the last step's scaler was updated since: ids unused
+            self._scaler_holders.clear()
+        self._scaler_holders.append(holder)  # alive until update(): the scaler keys them by id()
+        self._scaled_step_ended = False
         return first_non_finite_row(summed) is not None
 
     def _record_overflow(self, scaler: torch.amp.GradScaler, device: torch.device) -> None:
