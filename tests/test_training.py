@@ -705,3 +705,26 @@ def test_tables_sharing_a_scaler_step_after_one_retried_a_refused_step(tmp_path)
     assert scaler.get_scale() == 1.0 and a.skipped_steps == b.skipped_steps == 0
     assert torch.equal(b.store.lookup(torch.arange(100))[:, :DIM], torch.full((100, DIM), -1.0))
     _commit_and_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_table_steps_with_and_without_a_scaler(tmp_path, dtype):
+    """A float16 or bfloat16 table (sgd keeps no state) has half gradients: summing them in
+    float32 added them to a float32 sum as they were, and index_add_ refused the mix
+    ("self (Float) and source (Half) must have the same scalar type"), every step. They are summed
+    in float32 and the rows step in their own dtype, under a GradScaler too."""
+    from tiered_store.table_format import create_table
+
+    sgd = make_row_optimizer("sgd", lr=0.5)
+    create_table(tmp_path / "t.npy", torch.zeros((ROWS, DIM), dtype=dtype))
+    table = TrainableTable(TieredStore.open(store_config(tmp_path / "t.npy")), sgd)
+    table.lookup(torch.tensor([1, 1, 2])).float().sum().backward()
+    assert table.step(1) == 2
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(table.lookup(torch.tensor([2, 3])).float().sum()).backward()
+    assert table.step(2, scaler) == 2
+    rows = table.store.lookup(torch.tensor([1, 2, 3, 4]))
+    assert rows.dtype == dtype
+    assert rows.float().tolist() == [[-1.0] * DIM, [-1.0] * DIM, [-0.5] * DIM, [0.0] * DIM]
+    table.commit()
+    table.close()

@@ -362,7 +362,7 @@ class TrainableTable:
         unique, inverse, _ = unique_inverse_counts(ids)
         dtype = torch.promote_types(grads.dtype, torch.float32)  # half gradients sum in float32
         summed = torch.zeros((unique.numel(), self.dim), dtype=dtype, device=grads.device)
-        summed.index_add_(0, inverse.to(grads.device), grads)
+        summed.index_add_(0, inverse.to(grads.device), grads.to(dtype))
         return unique, summed
 
     def zero_grad(self) -> None:
