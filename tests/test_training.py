@@ -641,8 +641,8 @@ def test_an_overflowed_step_is_skipped_and_its_number_can_be_applied_next(tmp_pa
 
 
 def test_a_scaler_that_cannot_unscale_is_refused_and_the_gradients_kept(tmp_path):
-    """Something else than a GradScaler, or one whose scale(loss) made nothing this iteration:
-    ConfigError naming the scaler, before any row changes; the gradients stay for the step."""
+    """Something else than a GradScaler, or one that never scaled a loss: ConfigError naming the
+    scaler, before any row changes; the gradients stay for the step."""
     plain, scaled = _two_tables(tmp_path)
     scaled.lookup(torch.tensor([4])).sum().backward()
     with pytest.raises(ConfigError, match=r"scaler: str; expected a torch.amp.GradScaler or None"):

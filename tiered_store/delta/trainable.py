@@ -226,8 +226,9 @@ class TrainableTable:
         grows by one and :attr:`last_step` stays, so the same number can be passed again (to count
         only applied steps in Adam's bias correction, as torch's Adam does, pass
         ``last_step + 1``); the scaler records the overflow, so its ``update()`` lowers the scale.
-        A scaler that scaled nothing this iteration is refused (``ConfigError``, the gradients
-        kept).
+        A scaler that never scaled a loss is refused (``ConfigError``, the gradients kept); one
+        that scaled none since its last ``update()`` cannot be told from one that did (torch keeps
+        no such record): its scale divides the gradients all the same.
 
         Over a ``ShardedStore`` it is a collective (every rank calls it, with gradients or not):
         the gradients go to the ranks owning their rows, which sum them and apply the optimizer
