@@ -1018,3 +1018,53 @@ def test_an_absolute_form_request_target_is_served_as_its_path(proc):
         proc.url, f"GET http://{host_port}/nowhere HTTP/1.1\r\nHost: a\r\n\r\n".encode()
     )
     assert status == 404 and "no endpoint '/nowhere'" in json.loads(answer)["error"], answer
+
+
+def test_requests_pipelined_before_a_half_close_are_each_answered_while_the_turn_is_taken(
+    tmp_path,
+):
+    """max_concurrent 1, one request computing: a client pipelines three requests, then
+    half-closes while they wait. The first was answered 503 (not computed) with Connection:
+    close, so the two after it were never answered nor counted; each is now answered 503 and
+    counted 499, as eof_received answers requests pipelined before the end of the stream."""
+    from tests.test_serve import start_server
+    from tiered_store.serve.client import post_json
+
+    server = start_server(make_checkpoint(tmp_path, server={"max_concurrent": 1}))
+    computing, go_on = threading.Event(), threading.Event()
+    answer, computed = server.model.answer, []
+
+    def held_answer(request, *args, **kwargs):
+        computed.append(request.input_ids.tolist())
+        computing.set()
+        go_on.wait(30)  # the first request holds the only compute turn
+        return answer(request, *args, **kwargs)
+
+    server.model.answer = held_answer
+    url = server.url + "/v1/engram"
+    first = threading.Thread(target=lambda: post_json(url, {"input_ids": [[1, 2, 3]]}))
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        first.start()
+        assert computing.wait(30)
+        before = _answers(server.url, "499", "/v1/engram")
+        requests = b""
+        for n in range(3):
+            body = json.dumps({"input_ids": [[4 + n, 5, 6]]}).encode()
+            head = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            requests += head.encode() + body
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(requests)
+            time.sleep(0.3)  # the first of them waits for the turn
+            sock.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := sock.recv(65536):  # the server closes after the last answer
+                reply += chunk
+        assert re.findall(rb"HTTP/1\.1 (\d+)", reply) == [b"503"] * 3, reply[:300]
+        assert reply.count(b"not computed: the client ended its stream") == 3, reply[:600]
+        assert _answers(server.url, "499", "/v1/engram") == before + 3
+        assert len(computed) == 1
+    finally:
+        go_on.set()
+        first.join(30)
+        server.stop()

@@ -78,9 +78,9 @@ def build_app(server: InferenceServer) -> ASGIApp:
         except ClientDisconnect:
             request.scope["state"]["gone"] = True
             return Response(status_code=400)  # goes nowhere: the client is gone
-        except ClientGone:  # counted 499; a client that only half-closed reads why
-            request.scope["state"]["gone"] = True
-            return json_response(503, {"error": _ABANDONED}, {"Connection": "close"})
+        except ClientGone:  # counted 499; a client that only half-closed reads why, and the
+            request.scope["state"]["gone"] = True  # answers of the requests it pipelined after
+            return json_response(503, {"error": _ABANDONED})
         except anyio.get_cancelled_exc_class():  # uvicorn's drain ran out: its 500, a traceback
             return json_response(503, {"error": _DRAIN_OVER}, {"Connection": "close"})
         except Exception as exc:  # every failure becomes a JSON answer; none escapes to uvicorn
