@@ -100,6 +100,10 @@ class _ScaledRowGradients(torch.optim.Optimizer):
         """Never called: the table applies its own update."""
         raise RuntimeError("the table's row gradients are stepped by TrainableTable.step")
 
+    def let_go(self) -> None:
+        """Drop the gradients once unscaled: the object lives on only for its ``id()``."""
+        self.param_groups.clear()
+
 
 class _RowsWithGrad(torch.autograd.Function):
     """Identity on looked-up rows whose backward hands the row gradients to the table."""
@@ -305,6 +309,7 @@ class TrainableTable:
                 f"scaler: {exc}; expected the GradScaler whose scale(loss) made this step's "
                 "gradients, before its update() (the gradients are kept)",
             )
+        holder.let_go()
         if self._scaled_step_ended:  # the last step's scaler was updated since: ids unused
             self._scaler_holders.clear()
         self._scaler_holders.append(holder)  # alive until update(): the scaler keys them by id()
@@ -316,6 +321,7 @@ class TrainableTable:
         lowers its scale alike."""
         holder = _ScaledRowGradients(torch.full((1,), math.inf, device=device))
         scaler.unscale_(holder)
+        holder.let_go()
         self._scaler_holders.append(holder)
 
     def _check_finite(
