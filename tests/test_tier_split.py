@@ -264,6 +264,7 @@ def test_batched_stack_distances_survive_time_axis_compaction():
         ([0, 1, 2], [0, 2, 1, 3], "starts falls from 2 to 1 at batch 1; expected"),
         ([0, 1, 2], [], "starts is empty; expected"),
         ([0, -4, 2], [0, 3], "rows holds -4; expected dense row numbers >= 0"),
+        ([0, 2**31, 2], [0, 3], "rows holds 2147483648; expected dense row numbers up to 2,147,"),
     ],
 )
 def test_batched_stack_distances_refuse_batches_that_do_not_cover_the_events(
@@ -272,6 +273,36 @@ def test_batched_stack_distances_refuse_batches_that_do_not_cover_the_events(
     # the kernel indexes without bounds checks: a bad start read past the events (a crash)
     with pytest.raises(ValueError, match=expected):
         batched_stack_distances(np.array(rows, dtype=np.int64), np.array(starts, dtype=np.int64))
+
+
+@pytest.mark.parametrize(
+    ("rows", "starts", "expected"),
+    [
+        # a cast to int64 truncated floats: batch bounds [0, 1, 3] and rows [0, 1, 2], silently
+        (np.array([0, 1, 2]), np.array([0.0, 1.5, 3.0]), "starts of dtype float64; expected integ"),
+        (np.array([0.4, 1.2, 2.7]), np.array([0, 3]), "rows of dtype float64; expected integers"),
+        (np.array([0, 1, 2]), np.array([False, True]), "starts of dtype bool; expected integers"),
+        (np.array([0, 1, 2]), np.array([[0, 3]]), r"starts of shape \(1, 2\); expected a 1-D"),
+        (np.array([[0, 1], [2, 0]]), np.array([0, 4]), r"rows of shape \(2, 2\); expected a 1-D"),
+        # unsigned: neither a wrapped difference nor a wrapped value in the message
+        (np.array([0, 1, 2]), np.array([0, 2, 1, 3], dtype=np.uint64), "falls from 2 to 1 at"),
+        (np.array([0, 1, 2]), np.array([0, 2**64 - 1, 3], dtype=np.uint64), "from 184467"),
+        (np.array([0, 2**63, 2], dtype=np.uint64), np.array([0, 3]), "rows holds 9223372036"),
+    ],
+)
+def test_batched_stack_distances_refuse_what_is_not_1d_integers(rows, starts, expected):
+    with pytest.raises(ValueError, match=expected):
+        batched_stack_distances(rows, starts)
+
+
+def test_batched_stack_distances_take_any_integer_dtype_and_empty_lists():
+    rows, starts = np.array([0, 1, 2, 0, 1, 2]), np.array([0, 2, 3, 4, 6])
+    expect = batched_stack_distances(rows, starts).tolist()
+    assert expect == [0, 0, 0, 3, 3, 2]
+    for r, s in ((np.int32, np.uint32), (np.uint16, np.int16), (np.uint64, np.uint64)):
+        assert batched_stack_distances(rows.astype(r), starts.astype(s)).tolist() == expect
+    assert batched_stack_distances([], [0]).tolist() == []
+    assert batched_stack_distances([], [0, 0, 0]).tolist() == []
 
 
 @pytest.mark.parametrize(

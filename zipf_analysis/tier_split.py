@@ -105,6 +105,7 @@ __all__ = [
 
 DEFAULT_POINTS = 16  # candidate capacities per tier (plus 0 and the budget's largest)
 _CHUNK_EVENTS = 1 << 22  # lookups deduplicated at once
+_MAX_ROW = int(np.iinfo(np.int32).max)  # the largest dense row a stack pass takes (int32 owners)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +363,9 @@ def _dedup(ids: np.ndarray, bids: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 
 def batched_stack_distances(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Batched LRU stack distance of every event (0: first use): an LRU tier of C rows, stamped a
-    batch at once, holds the row when the batch begins iff ``0 < distance <= C``.
+    batch at once, holds the row when the batch begins iff ``0 < distance <= C``. ``rows``: 1-D
+    integer dense row numbers (0 to 2**31 - 1), batch k's distinct rows at
+    ``rows[starts[k]:starts[k + 1]]``; ``starts``: 1-D integer, from 0 to ``rows.size``.
 
     Examples
     --------
@@ -370,9 +373,7 @@ def batched_stack_distances(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
     >>> batched_stack_distances(np.array([0, 1, 2, 0, 1, 2]), np.array([0, 2, 3, 4, 6])).tolist()
     [0, 0, 0, 3, 3, 2]
     """
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    _check_batches(rows, starts)
+    rows, starts = _checked_batches(np.asarray(rows), np.asarray(starts))
     out = np.zeros(rows.size, dtype=np.int64)
     if rows.size == 0:
         return out
@@ -389,10 +390,16 @@ def batched_stack_distances(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
         axis, state[0] = compact_time_axis(last, axis, int(state[0]), room)
 
 
-def _check_batches(rows: np.ndarray, starts: np.ndarray) -> None:
-    """Refuse batch bounds that do not cover ``rows`` in order, or negative rows (the kernel
-    indexes without bounds checks)."""
-    if starts.ndim != 1 or starts.size == 0:
+def _checked_batches(rows: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` and ``starts`` as contiguous int64; refuses batch bounds that do not cover ``rows``
+    in order, negative rows, and arrays that are not 1-D integers (the kernel indexes without
+    bounds checks; a cast would truncate floats)."""
+    for name, a in (("rows", rows), ("starts", starts)):
+        if a.ndim != 1:
+            raise ValueError(f"{name} of shape {a.shape}; expected a 1-D array")
+        if a.size and a.dtype.kind not in "iu":
+            raise ValueError(f"{name} of dtype {a.dtype}; expected integers")
+    if starts.size == 0:
         raise ValueError(f"starts is empty; expected batch bounds from 0 to {rows.size}")
     if starts[0] != 0:
         raise ValueError(f"starts begins at {int(starts[0])}; expected 0")
@@ -400,7 +407,7 @@ def _check_batches(rows: np.ndarray, starts: np.ndarray) -> None:
         raise ValueError(
             f"starts ends at {int(starts[-1])}; expected {rows.size}, the events given"
         )
-    falls = np.flatnonzero(np.diff(starts) < 0)
+    falls = np.flatnonzero(starts[1:] < starts[:-1])  # no diff: it wraps on unsigned bounds
     if falls.size:
         k = int(falls[0])
         raise ValueError(
@@ -409,6 +416,11 @@ def _check_batches(rows: np.ndarray, starts: np.ndarray) -> None:
         )
     if rows.size and rows.min() < 0:
         raise ValueError(f"rows holds {int(rows.min())}; expected dense row numbers >= 0")
+    if rows.size and rows.max() > _MAX_ROW:  # the time axis keeps each time's row as int32
+        raise ValueError(
+            f"rows holds {int(rows.max())}; expected dense row numbers up to {_MAX_ROW:,}"
+        )
+    return np.ascontiguousarray(rows, dtype=np.int64), np.ascontiguousarray(starts, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
