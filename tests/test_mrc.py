@@ -113,6 +113,52 @@ def test_exact_lru_switches_to_hash_map_mid_stream():
     ]
 
 
+def test_exact_lru_access_times_stop_at_their_int32_limit(monkeypatch):
+    # the time axis keeps access times as int32: past 2**31 of them they wrapped (wrong distances,
+    # reads out of bounds); here the same limit, small, where the code takes it from
+    assert np.iinfo(np.int32).max > mrc.MAX_TIME_CAPACITY  # time + 1 is stored
+    monkeypatch.setattr(mrc, "MIN_TIME_CAPACITY", 64)
+    monkeypatch.setattr(mrc, "MAX_TIME_CAPACITY", 256)
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(np.tile(np.arange(128), 12))  # 128 distinct: the axis stops at 256
+    curve = lru_mrc(ids)
+    assert curve.misses.tolist() == [brute_lru_misses(ids, c) for c in range(129)]
+    more = np.concatenate([ids, [128], ids[:300]])  # 129 distinct: more than half the limit
+    with pytest.raises(
+        ValueError,
+        match="stack distances over 129 distinct rows; expected at most 128: the time axis "
+        "keeps access times as int32, up to 256 of them",
+    ):
+        lru_mrc(more)
+    with pytest.raises(ValueError, match="over 129 distinct rows; expected at most 128"):
+        shards_mrc(more, rate=1.0)
+
+
+def test_exact_lru_row_indices_stop_at_their_int32_limit(monkeypatch):
+    monkeypatch.setattr(mrc, "MAX_ROW_INDEX", 999)  # as 2**31 - 1, small
+    counter = StackDistanceCounter()
+    counter.update(np.array([5, 999, 5]))
+    with pytest.raises(ValueError, match="1,001 row indices .*; expected at most 1,000: the time"):
+        counter.update(np.array([1000]))
+
+
+def test_shards_fixed_size_is_refused_past_its_int32_time_axis(monkeypatch):
+    # 4 x (fixed_size + 1) int32 access times: from fixed_size 2**29 - 1 on they wrapped
+    with pytest.raises(
+        ValueError,
+        match="fixed_size: got 536,870,912; expected a positive number of rows up to 536,870,895",
+    ):
+        shards_mrc(np.arange(10), fixed_size=1 << 29)
+    with pytest.raises(ValueError, match="fixed_size: got 0; expected a positive"):
+        shards_mrc(np.arange(10), fixed_size=0)
+    monkeypatch.setattr(mrc, "MAX_TIME_CAPACITY", 256)  # the same limit, small: 63 rows
+    ids = np.random.default_rng(4).integers(0, 50, 3000)
+    exact = lru_mrc(ids)
+    assert mean_absolute_error(shards_mrc(ids, fixed_size=63), exact) < 1e-9  # every row tracked
+    with pytest.raises(ValueError, match="fixed_size: got 64; expected .* up to 63"):
+        shards_mrc(ids, fixed_size=64)
+
+
 @pytest.mark.parametrize("bypass", [True, False])
 def test_belady_equals_brute_force(bypass):
     for ids in random_traces(25, seed=1):

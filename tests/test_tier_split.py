@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
+import zipf_analysis.mrc as mrc
+import zipf_analysis.tier_split as tier_split
 from policies import PolicySpec
 from tiered_store.cli import main
 from tiered_store.config import StoreConfig
@@ -253,6 +255,28 @@ def test_batched_stack_distances_survive_time_axis_compaction():
     expect = np.array(_brute_batched_lru(rows[-11_000:], np.arange(0, 11_001, 1000))[-1000:])
     seen = expect > 0
     assert seen.sum() > 900 and (out[-1000:][seen] == expect[seen]).all()
+
+
+def test_batched_stack_distances_stop_at_the_int32_time_axis_limit(monkeypatch):
+    # access times are int32: past 2**31 of them they wrapped; here the same limit, small
+    monkeypatch.setattr(tier_split, "MIN_TIME_CAPACITY", 64)
+    monkeypatch.setattr(mrc, "MAX_TIME_CAPACITY", 256)
+    rng = random.Random(5)
+
+    def batches(distinct):
+        rows, starts = [], [0]
+        for _ in range(300):
+            rows.extend(rng.sample(range(distinct), rng.randint(1, 4)))
+            starts.append(len(rows))
+        return np.array(rows), np.array(starts)
+
+    rows, starts = batches(120)  # 120 distinct and a batch of 4: the axis stops at 256 times
+    assert batched_stack_distances(rows, starts).tolist() == _brute_batched_lru(rows, starts)
+    rows, starts = batches(200)
+    with pytest.raises(
+        ValueError, match="stack distances over 1.. distinct rows; expected at most 128"
+    ):
+        batched_stack_distances(rows, starts)
 
 
 @pytest.mark.parametrize(

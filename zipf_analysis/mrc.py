@@ -6,7 +6,8 @@ Curves computed here, all as :class:`MissRatioCurve`:
   (Mattson): for each access, the number of distinct rows touched since the previous access to
   the same row, counted on a bitmap of "latest access" times with a Fenwick tree over its 64-bit
   words, O(N log D). The time axis is compacted whenever it fills, so memory is O(distinct rows),
-  not O(lookups).
+  not O(lookups). Access times are int32: up to ``MAX_TIME_CAPACITY // 2`` (about 1.07 billion)
+  distinct rows, more is refused.
 - :func:`shards_mrc` - SHARDS (Waldspurger et al., FAST'15): the same on a spatially hashed
   sample of rows (rate R), distances scaled by 1/R; ``fixed_size`` bounds the tracked rows
   instead (SHARDS-max) for traces whose distinct rows do not fit.
@@ -61,6 +62,8 @@ MIN_TIME_CAPACITY = (
     1 << 20
 )  # access times the exact-LRU time axis holds before its first compaction
 TIME_AXIS_GROWTH = 4  # on compaction, grow the time axis to this many times the distinct rows
+MAX_TIME_CAPACITY = (1 << 31) - 64  # the most access times a time axis holds (int32 time + 1)
+MAX_ROW_INDEX = (1 << 31) - 1  # the largest dense row index the kernels keep (int32)
 SHARDS_MODULUS = 1 << 24  # fixed-rate sampling granularity: rates are multiples of 2**-24
 DEFAULT_SHARDS_RATE = 0.01
 
@@ -291,7 +294,8 @@ class StackDistanceCounter:
     ``DENSE_ID_LIMIT`` index it directly; larger ids go through a hash map, ~50 bytes per distinct
     id), 8 bytes per possible row id for the histogram, and 8-16 bytes per distinct row for the
     time axis (compacted to the distinct rows whenever it fills, then grown to 4x them), whatever
-    the trace length. :meth:`curve` adds 24 bytes per distinct row.
+    the trace length. :meth:`curve` adds 24 bytes per distinct row. Access times and row indices
+    are int32: a trace of more than ``MAX_TIME_CAPACITY // 2`` distinct rows is refused.
 
     Examples
     --------
@@ -320,6 +324,12 @@ class StackDistanceCounter:
 
     def _grow_index(self, size: int) -> None:
         """Make room for dense indices below ``size``."""
+        if size - 1 > MAX_ROW_INDEX:  # the time axis keeps each time's row as int32
+            raise ValueError(
+                f"{size:,} row indices (ids below {DENSE_ID_LIMIT:,} index directly, larger "
+                f"ones are numbered after them); expected at most {MAX_ROW_INDEX + 1:,}: the "
+                "time axis keeps row indices as int32"
+            )
         if size > self._last.size:
             new = max(size, int(self._last.size * 1.5))
             last = np.zeros(new, dtype=np.int32)
@@ -402,17 +412,37 @@ def time_axis(times: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
+def time_capacity(live: int) -> int:
+    """Access times a time axis takes to hold ``live`` of them at most half full:
+    ``TIME_AXIS_GROWTH`` x ``live``, at most ``MAX_TIME_CAPACITY``; more than half of that is
+    refused (access times are int32).
+
+    Examples
+    --------
+    >>> time_capacity(1000), time_capacity(MAX_TIME_CAPACITY // 2) == MAX_TIME_CAPACITY
+    (4000, True)
+    """
+    if 2 * live > MAX_TIME_CAPACITY:
+        raise ValueError(
+            f"stack distances over {live:,} distinct rows; expected at most "
+            f"{MAX_TIME_CAPACITY // 2:,}: the time axis keeps access times as int32, up to "
+            f"{MAX_TIME_CAPACITY:,} of them"
+        )
+    return min(TIME_AXIS_GROWTH * live, MAX_TIME_CAPACITY)
+
+
 def compact_time_axis(
     last: np.ndarray, axis: tuple[np.ndarray, np.ndarray, np.ndarray], used: int, room: int = 0
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]:
     """Renumber the ``used`` times of ``axis`` so the live ones are 0..distinct-1 and rebuild its
-    bitmap; first grow it to ``TIME_AXIS_GROWTH`` x (distinct + ``room``) times when those would
-    fill more than half of it. Returns the axis and the distinct rows."""
+    bitmap; first grow it to ``TIME_AXIS_GROWTH`` x (distinct + ``room``) times (at most
+    ``MAX_TIME_CAPACITY``: :func:`time_capacity`) when those would fill more than half of it.
+    Returns the axis and the distinct rows."""
     owner, bits, tree = axis
     distinct = kernels.compact_bitmap_times(last, owner, used)
     need = distinct + room
     if 2 * need > owner.size:
-        grown = time_axis(TIME_AXIS_GROWTH * need)
+        grown = time_axis(time_capacity(need))
         grown[0][:distinct] = owner[:distinct]
         owner, bits, tree = grown
     kernels.bitmap_ones(bits, tree, distinct)
@@ -518,7 +548,8 @@ def shards_mrc(
         Fixed sampling rate R in (0, 1], in steps of 2**-24 (ignored with ``fixed_size``).
     fixed_size : int, optional
         SHARDS-max: track at most this many distinct sampled rows, lowering the rate as needed;
-        memory is then bounded whatever the trace.
+        memory is then bounded whatever the trace. At most ``MAX_TIME_CAPACITY // 4 - 1``
+        (536,870,895: access times are int32).
     seed : int
         Hash seed; different seeds give independent samples.
     capacities : sequence of int, optional
@@ -586,8 +617,12 @@ def _shards_fixed_size(
     source: Any, smax: int, seed: int, adjust: bool
 ) -> tuple[np.ndarray, np.ndarray, int, dict[str, Any]]:
     """SHARDS-max: capacities, miss ratios, lookups, metadata."""
-    if smax < 1:
-        raise ValueError(f"fixed_size: got {smax}; expected a positive number of rows")
+    most = MAX_TIME_CAPACITY // 4 - 1  # its time axis: 4 x (smax + 1) int32 access times
+    if not 1 <= smax <= most:
+        raise ValueError(
+            f"fixed_size: got {smax:,}; expected a positive number of rows up to {most:,} (its "
+            "time axis of 4 x fixed_size access times keeps them as int32)"
+        )
     cap = 4 * (smax + 1)
     slots = kernels.int_dict()
     slot_id = np.zeros(smax + 1, dtype=np.int64)

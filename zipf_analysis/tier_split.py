@@ -79,7 +79,7 @@ from tiered_store.row_index import index_bytes
 from tiered_store.trace import TraceReader
 
 from . import mrc_kernels as kernels
-from .mrc import MIN_TIME_CAPACITY, TIME_AXIS_GROWTH, compact_time_axis, time_axis
+from .mrc import MAX_ROW_INDEX, MIN_TIME_CAPACITY, compact_time_axis, time_axis, time_capacity
 from .replay import (
     batch_fetch_seconds,
     check_row_ids,
@@ -105,7 +105,6 @@ __all__ = [
 
 DEFAULT_POINTS = 16  # candidate capacities per tier (plus 0 and the budget's largest)
 _CHUNK_EVENTS = 1 << 22  # lookups deduplicated at once
-_MAX_ROW = int(np.iinfo(np.int32).max)  # the largest dense row a stack pass takes (int32 owners)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +379,7 @@ def batched_stack_distances(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
     widest = int(np.diff(starts).max())
     last = np.zeros(int(rows.max()) + 1, dtype=np.int32)
     state = np.zeros(2, dtype=np.int64)
-    axis = time_axis(max(MIN_TIME_CAPACITY, TIME_AXIS_GROWTH * widest))
+    axis = time_axis(max(MIN_TIME_CAPACITY, time_capacity(widest)))
     k, n_batches = 0, starts.size - 1
     while True:
         k = kernels.lru_batch_pass(rows, starts, k, last, *axis, state, out)
@@ -416,9 +415,9 @@ def _checked_batches(rows: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, 
         )
     if rows.size and rows.min() < 0:
         raise ValueError(f"rows holds {int(rows.min())}; expected dense row numbers >= 0")
-    if rows.size and rows.max() > _MAX_ROW:  # the time axis keeps each time's row as int32
+    if rows.size and rows.max() > MAX_ROW_INDEX:  # the time axis keeps each time's row as int32
         raise ValueError(
-            f"rows holds {int(rows.max())}; expected dense row numbers up to {_MAX_ROW:,}"
+            f"rows holds {int(rows.max())}; expected dense row numbers up to {MAX_ROW_INDEX:,}"
         )
     return np.ascontiguousarray(rows, dtype=np.int64), np.ascontiguousarray(starts, dtype=np.int64)
 
