@@ -24,8 +24,9 @@ import yaml
 import zipf_analysis.mrc as mrc
 import zipf_analysis.tier_split as tier_split
 from policies import PolicySpec
+from tiered_store.capacity import available_host_memory
 from tiered_store.cli import main
-from tiered_store.config import StoreConfig
+from tiered_store.config import CostModelConfig, StoreConfig
 from tiered_store.errors import ConfigError, TraceFormatError
 from tiered_store.row_cache import RowCache
 from tiered_store.trace import TraceReader, TraceWriter
@@ -34,6 +35,8 @@ from zipf_analysis.replay import replay
 from zipf_analysis.report import summary_lines
 from zipf_analysis.tier_models import tier_models
 from zipf_analysis.tier_split import (
+    BatchEvents,
+    _check_grid_memory,
     _frontier,
     batch_events,
     batched_stack_distances,
@@ -430,6 +433,29 @@ def test_a_fine_split_grid_finds_its_frontier_in_bounded_memory(short_trace):
     assert done.returncode == 0, done.stderr[-2000:]
     candidates, frontier = (int(n) for n in done.stdout.split())
     assert candidates > 50_000 and 0 < frontier < candidates
+
+
+def test_a_grid_whose_counters_outgrow_the_ram_available_is_refused_before_it_is_built():
+    """Per request (--batch-tokens 1) the grid holds about 50 B per (batch, warm candidate) while
+    it prices a hot one: the docs' 8M lookups at 18 warm candidates took 9 GB, and a machine with
+    less ran out of memory instead of saying so."""
+    with pytest.raises(
+        ConfigError,
+        match=r"tier split: 8,000,000 batches x 18 warm candidates take 6.7 GiB \(50 B each\) "
+        r"while a hot candidate is priced, but only 4.0 GiB of host RAM is available; expected "
+        r"fewer batches \(a larger batch_tokens, --batch-tokens\) or fewer warm candidates",
+    ):
+        _check_grid_memory(8_000_000, 18, available=4 << 30)
+    _check_grid_memory(8_000_000, 18, available=8 << 30)  # fits
+    if available_host_memory() is None:
+        pytest.skip("no MemAvailable here: split_grid checks nothing")
+    # split_grid itself, with MemAvailable: 1M one-lookup batches x 100,000 warm capacities (5 TB)
+    n = 1_000_000
+    events = BatchEvents(np.arange(n + 1), np.arange(n) % 1000, np.ones(n, np.int64), n)
+    with pytest.raises(
+        ConfigError, match="1,000,000 batches x 100,000 warm candidates take 4.5 TiB"
+    ):
+        split_grid(events, CostModelConfig(), 256, [0, 10], np.arange(100_000))
 
 
 @pytest.mark.parametrize("stalls", [[0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 1.0, np.inf]])

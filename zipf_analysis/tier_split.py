@@ -43,7 +43,9 @@ each batch (plus a stack pass's 4 bytes per distinct row and its time axis), and
 one hot candidate, per-batch counters and costs at every warm candidate, about 50 bytes per
 (batch, warm candidate): little at the trace's own batches, but the most of it per request
 (``batch_tokens=1``: about 1 KB per lookup with the default 18 warm candidates, 1.1 GB for 1M
-lookups). Traces that fit in RAM, as for :func:`zipf_analysis.replay.replay_offline`.
+lookups; :func:`split_grid` refuses a grid whose counters alone take more than the host RAM
+available, ``MemAvailable``). Traces that fit in RAM, as for
+:func:`zipf_analysis.replay.replay_offline`.
 
 Memory counted against a budget: each tier's payload (rows x row bytes) plus its metadata, as
 :meth:`tiered_store.row_cache.RowCache.metadata_bytes` counts it (slot owner, flags and free list,
@@ -70,7 +72,7 @@ from typing import Any
 import numpy as np
 
 from policies.registry import ADMISSION
-from tiered_store.capacity import format_bytes, parse_bytes
+from tiered_store.capacity import available_host_memory, format_bytes, parse_bytes
 from tiered_store.config import CostModelConfig, StoreConfig
 from tiered_store.errors import ConfigError
 from tiered_store.online_repin import OnlineRepin
@@ -105,6 +107,7 @@ __all__ = [
 
 DEFAULT_POINTS = 16  # candidate capacities per tier (plus 0 and the budget's largest)
 _CHUNK_EVENTS = 1 << 22  # lookups deduplicated at once
+_CELL_BYTES = 50  # split_grid's peak per (batch, warm candidate) as it prices a hot one (measured)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,6 +507,7 @@ def split_grid(
         raise ValueError("events: no row ids (BatchEvents.ids); expected them for zipf-tuned tiers")
     ranks = PinRanks(models["hot"], models["warm"], events.ids if tuned else np.zeros(0))
     n_b, n_w = events.batches, warm.size
+    _check_grid_memory(n_b, n_w)
     batch_of = events.batch_of
     shape = (hot.size, n_w)
     out = {k: np.zeros(shape, dtype=np.int64) for k in ("hh", "wh", "dev", "cold")}
@@ -550,6 +554,20 @@ def split_grid(
         int(np.diff(events.starts).max()) if n_b else 0,
         passes,
     )
+
+
+def _check_grid_memory(batches: int, warm: int, available: int | None = None) -> None:
+    """Refuse a grid whose per-batch counters at every warm candidate do not fit in the RAM
+    ``available`` now (default: ``MemAvailable``)."""
+    available = available_host_memory() if available is None else available
+    need = batches * warm * _CELL_BYTES
+    if available is not None and need > available:
+        raise ConfigError(
+            f"tier split: {batches:,} batches x {warm:,} warm candidates take {format_bytes(need)} "
+            f"({_CELL_BYTES} B each) while a hot candidate is priced, but only "
+            f"{format_bytes(available)} of host RAM is available; expected fewer batches (a larger "
+            "batch_tokens, --batch-tokens) or fewer warm candidates (points, --split-points)"
+        )
 
 
 def _segment_distances(
