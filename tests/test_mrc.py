@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -280,6 +281,23 @@ def test_a_negative_capacity_is_refused_by_every_curve_not_only_the_exact_ones()
         shards_mrc(ids, rate=1.0, capacities=[-3, 2])
     with pytest.raises(ValueError, match="'lru': capacities must be >= 0; got -1"):
         lru_mrc(ids).resample([-1])
+
+
+def test_the_error_of_a_curve_resolving_nothing_the_reference_covers_is_nan_without_a_warning():
+    # a miniature simulation resolves no capacity below its min_capacity: against a reference
+    # that ends below it no capacity is left, and numpy warned 'Mean of empty slice' from mrc.py
+    reference = lru_mrc(np.arange(10) % 5)  # up to 5 rows
+    mini = MissRatioCurve(
+        "belady",
+        np.array([0, 100, 200]),
+        np.array([1.0, 0.5, 0.2]),
+        10,
+        metadata={"min_capacity": 100},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(mean_absolute_error(mini, reference))
+        assert mean_absolute_error(reference, mini) == pytest.approx(0.15)  # 1..200 resolved
 
 
 def test_recommend_tier_sizes():

@@ -854,7 +854,8 @@ def mean_absolute_error(
     spacing: str = "linear",
 ) -> float:
     """Mean |miss ratio difference| over ``points`` capacities in (0, reference's largest],
-    less those below either curve's :attr:`~MissRatioCurve.min_capacity` (not resolved).
+    less those below either curve's :attr:`~MissRatioCurve.min_capacity` (not resolved); NaN
+    where that leaves none (the curve resolves nothing up to the reference's largest capacity).
 
     ``spacing="linear"`` (as in the SHARDS paper: evenly spaced cache sizes) or ``"log"``
     (weights small caches, where sampling is weakest, as much as large ones).
@@ -874,4 +875,6 @@ def mean_absolute_error(
         raise ValueError(f"spacing: got {spacing!r}; expected 'linear' or 'log'")
     grid = np.unique(np.maximum(np.rint(grid), 1))
     grid = grid[grid >= max(curve.min_capacity, reference.min_capacity)]
+    if grid.size == 0:
+        return math.nan  # not numpy's mean of nothing, which warns from here
     return float(np.mean(np.abs(np.asarray(curve.at(grid)) - np.asarray(reference.at(grid)))))
