@@ -223,6 +223,16 @@ def test_shards_without_sampling_is_exact():
     np.testing.assert_allclose(big_sample.miss_ratio, exact.at(big_sample.capacities), atol=1e-9)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True])
+@pytest.mark.parametrize("fixed_size", [None, 4])
+def test_shards_refuses_a_seed_that_is_not_a_64_bit_hash_seed(seed, fixed_size):
+    # it raised numpy's OverflowError 'Python integer -1 out of bounds for uint64', naming nothing
+    with pytest.raises(ValueError, match=r"seed: got .*; expected an integer in \[0, 2\*\*64\)"):
+        shards_mrc(np.array([1, 2, 1]), seed=seed, fixed_size=fixed_size)
+    top = shards_mrc(np.array([1, 2, 1]), rate=1.0, seed=2**64 - 1, fixed_size=fixed_size)
+    assert top.metadata["seed"] == 2**64 - 1
+
+
 def test_shards_mae_on_zipf_trace():
     ids = sample_zipf(2_000_000, 200_000, 0.8, seed=5)
     exact = lru_mrc(ids)

@@ -551,7 +551,7 @@ def shards_mrc(
         memory is then bounded whatever the trace. At most ``MAX_TIME_CAPACITY // 4 - 1``
         (536,870,895: access times are int32).
     seed : int
-        Hash seed; different seeds give independent samples.
+        Hash seed in [0, 2**64); different seeds give independent samples.
     capacities : sequence of int, optional
         Resample the curve at these capacities (rows).
     table_rows : int, optional
@@ -576,6 +576,8 @@ def shards_mrc(
     True
     """
     start = time.perf_counter()
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed: got {seed!r}; expected an integer in [0, 2**64)")
     if fixed_size is not None:
         caps, ratio, lookups, meta = _shards_fixed_size(source, int(fixed_size), seed, adjust)
     else:
