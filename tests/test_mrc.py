@@ -310,6 +310,15 @@ def test_the_error_of_a_curve_resolving_nothing_the_reference_covers_is_nan_with
         assert mean_absolute_error(reference, mini) == pytest.approx(0.15)  # 1..200 resolved
 
 
+@pytest.mark.parametrize("points", [0, -5, 2.5])
+def test_the_error_between_curves_refuses_a_grid_of_no_capacities(points):
+    # points=0 raised ZeroDivisionError, -5 numpy's 'Number of samples, -5, must be non-negative'
+    a = lru_mrc(np.arange(10) % 5)
+    with pytest.raises(ValueError, match=r"points: got .*; expected a positive number of capac"):
+        mean_absolute_error(a, a, points=points)
+    assert mean_absolute_error(a, a, points=1) == 0.0
+
+
 def test_recommend_tier_sizes():
     ids = sample_zipf(100_000, 20_000, 0.9, seed=7)
     lru = lru_mrc(ids, table_rows=20_000)

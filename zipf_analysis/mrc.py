@@ -868,6 +868,8 @@ def mean_absolute_error(
     >>> mean_absolute_error(a, a)
     0.0
     """
+    if isinstance(points, bool) or not isinstance(points, int | np.integer) or points < 1:
+        raise ValueError(f"points: got {points!r}; expected a positive number of capacities")
     top = max(reference.max_capacity, 1)
     if spacing == "linear":
         grid = np.linspace(top / points, top, points)
