@@ -995,6 +995,21 @@ def test_a_415_shows_a_utf8_content_type_as_sent(proc):
     assert status == 415 and f"Content-Type: got {content_type!r};" in error, error
 
 
+def test_a_415_names_a_content_type_that_is_not_utf8_by_its_bytes(proc):
+    r"""A Content-Type whose bytes are not UTF-8 ("text/" then 0xFF 0xFE) was shown as
+    'text/\\xff\\xfe': backslashreplace wrote each byte as four characters, and repr doubled
+    their backslash, as if the client had sent backslashes. It is shown as its bytes."""
+    sent = b"text/\xff\xfe"
+    request = (
+        b"POST /v1/engram HTTP/1.1\r\nHost: a\r\nContent-Type: "
+        + sent
+        + b"\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    status, _, body = raw_exchange(proc.url, request)
+    error = json.loads(body)["error"]
+    assert status == 415 and f"Content-Type: got {sent!r};" in error, error
+
+
 def test_an_absolute_form_request_target_is_served_as_its_path(proc):
     """`GET http://host:port/healthz HTTP/1.1` (absolute-form, RFC 9112 3.2.2, which a server
     must accept) got 404 "no endpoint 'http://...'"; it is now served as /healthz."""

@@ -202,10 +202,12 @@ async def _read_body(request: Request, limits: Any) -> bytes:
     client that stalls mid-body (408 after ``request_timeout_s``)."""
     content_type = request.headers.get("content-type", "application/json")
     if content_type.split(";", 1)[0].strip().lower() not in _BODY_TYPES:
-        sent = content_type.encode("latin-1").decode("utf-8", "backslashreplace")  # as sent:
-        raise RequestError(  # Starlette decodes headers as Latin-1
-            415, f"Content-Type: got {_echo(sent)}; expected application/json"
-        )
+        sent = content_type.encode("latin-1")  # as sent: Starlette decodes headers as Latin-1
+        try:
+            shown = _echo(sent.decode("utf-8"))
+        except UnicodeDecodeError:  # not UTF-8: its bytes (b'text/\xff'), each one named once
+            shown = cut_text(sent, _ECHO_CHARS, repr)
+        raise RequestError(415, f"Content-Type: got {shown}; expected application/json")
     limit = limits.max_body_bytes
     announced = request.headers.get("content-length")
     if announced is not None and announced.isdigit() and int(announced) > limit:
