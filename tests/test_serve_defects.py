@@ -1033,6 +1033,16 @@ def test_an_absolute_form_request_target_is_served_as_its_path(proc):
         proc.url, f"GET http://{host_port}/nowhere HTTP/1.1\r\nHost: a\r\n\r\n".encode()
     )
     assert status == 404 and "no endpoint '/nowhere'" in json.loads(answer)["error"], answer
+    # no host, or user information: RFC 9110 4.2.1 / 4.2.4 (both were served, Host "" or "u:p@h")
+    for target, why in (
+        ("http:///healthz", "no host"),
+        (f"http://user:pw@{host_port}/healthz", "user information in its authority"),
+    ):
+        status, _, answer = raw_exchange(
+            proc.url, f"GET {target} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+        )
+        error = json.loads(answer)["error"]
+        assert status == 400 and error == f"request target '{target}': {why}; expected http://host[:port]/path, or /path", error  # fmt: skip
 
 
 def test_requests_pipelined_before_a_half_close_are_each_answered_while_the_turn_is_taken(

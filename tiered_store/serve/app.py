@@ -244,6 +244,15 @@ def _origin_form(scope: Scope) -> None:
     match = _ABSOLUTE_FORM.match(scope["raw_path"])
     if match is None:
         return
+    authority = match.group(1)
+    if not authority or b"@" in authority:  # RFC 9110 4.2.1 and 4.2.4: refused, not guessed
+        target = scope["raw_path"].decode("ascii", "backslashreplace")
+        scope.setdefault("state", {})["bad_target"] = (
+            f"request target {_echo(target)}: "
+            + ("no host" if not authority else "user information in its authority")
+            + "; expected http://host[:port]/path, or /path"
+        )
+        return
     raw_path = scope["raw_path"][match.end() :] or b"/"
     scope["raw_path"], scope["path"] = raw_path, unquote(raw_path.decode("ascii"))  # as uvicorn
     headers = [(name, value) for name, value in scope["headers"] if name != b"host"]
@@ -307,7 +316,10 @@ class _CountingMiddleware:
         """A 503 while the server is at ``server.max_connections`` (``http_protocol``; never on the
         metrics listener: a scrape is answered while the endpoint's connections are all taken),
         a 400 for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not
-        serve; ``None`` to go on."""
+        serve, a 400 for an absolute-form target without a host or with user information;
+        ``None`` to go on."""
+        if (bad_target := scope["state"].get("bad_target")) is not None:
+            return json_response(400, {"error": bad_target})
         busy = scope["state"].get("busy")
         if busy is not None and not self._on_metrics_listener(scope.get("server")):
             connections, requests, limit = busy
