@@ -1530,6 +1530,46 @@ def test_a_count_that_fails_before_an_interval_is_over_decays_nothing(tmp_path, 
         assert online.weight == 1.0 and online.repins == 0
 
 
+def test_a_count_that_fails_before_an_interval_is_over_leaves_that_interval_its_re_pin(
+    tmp_path, monkeypatch
+):
+    """The error path closed the interval if one was due once the failed count's updates were
+    dropped: a drop waiting for the counting lock (a save's copy) let lookups end the interval
+    meanwhile, and its re-pin, never tried, was skipped. Only the interval the failure was in is
+    closed now."""
+
+    path, data = make_table(tmp_path, rows=100, dim=4)
+    tier = {"policy": "zipf-tuned", "recency_window": 5, "repin": {"every": 10, "budget": 1}}
+    tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
+    count_pending, drop_pending = OnlineRepin.count_pending, OnlineRepin.drop_pending
+    failures, dropping = [], threading.Event()
+
+    def fails_once(self, *args):  # a fault in the first count, half an interval in
+        if not failures:
+            failures.append(1)
+            raise TypeError("a count that fails")
+        return count_pending(self, *args)
+
+    def drops(self):  # the re-pin thread is about to wait for the counting lock
+        dropping.set()
+        return drop_pending(self)
+
+    monkeypatch.setattr(OnlineRepin, "count_pending", fails_once)
+    monkeypatch.setattr(OnlineRepin, "drop_pending", drops)
+    with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
+        online = store.warm.online
+        with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a count that"):
+            with online._counting:  # as a save copying the sketch holds it
+                ids = list(range(5))  # one window, half an interval: the count fails
+                assert torch.equal(store.lookup(ids), data[ids])
+                assert dropping.wait(30)
+                ids = list(range(20, 25))  # the interval ends while the drop waits
+                assert torch.equal(store.lookup(ids), data[ids])
+                assert online.due
+            assert store.wait_repinned(timeout=10)
+        assert failures and online.repins == 1 and online.since_repin == 0
+
+
 def test_warm_holds_no_pin_of_a_row_that_hot_pins(tmp_path):
     # hot serves every lookup of a row it pins, so warm never sees it again: a row warm had pinned
     # before hot pinned it stayed pinned there (its count high, so no re-pin took it out), a warm

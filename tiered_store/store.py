@@ -1032,6 +1032,7 @@ class TieredStore:
                 return
             self._repin_wanted.clear()
             for cache in self.caches.online:
+                due = False  # the interval was over when this pass began: its re-pin was tried
                 try:
                     with self._on_store_stream():
                         # the tier copied off the lock, then the updates queued so far marked
@@ -1060,9 +1061,10 @@ class TieredStore:
                         stacklevel=1,
                     )
                     cache.online.drop_pending()  # off the lock: a save may hold the counting
-                    with self._lock.host_inputs():
-                        if cache.online.due:  # close the interval it failed in: the next
-                            cache.online.skip()  # one tries again (no re-pin counted)
+                    if due:  # close the interval it failed in (not one lookups ended while the
+                        # drop waited, whose re-pin was never tried): the next one tries again
+                        with self._lock.host_inputs():
+                            cache.online.skip()  # (no re-pin counted)
 
     def _restoring_pins(self, cache: Any) -> bool:
         """The warm restart has not brought ``cache``'s saved pins back yet: they replace its
