@@ -1503,6 +1503,43 @@ def test_a_failed_re_pin_drops_its_updates_while_lookups_go_on(tmp_path, monkeyp
         assert store.warm.online.repins > 0 and 5 in store.warm.pinned_rows()
 
 
+@pytest.mark.gpu
+def test_a_failed_re_pin_drops_its_updates_on_the_store_stream(tmp_path, monkeypatch):
+    """The drop of a failed re-pin's updates zeroes the counts of the slots they admitted, which
+    the counting writes on the store's stream; moved off the store's lock, it ran on the re-pin
+    thread's own stream instead, unordered with the counts queued before and after it (a zero
+    could land after the next admission's count, or an earlier count after the zero), and read
+    slot tensors the lookups made on the store's stream before they were written."""
+
+    path, data = make_table(tmp_path, rows=100, dim=4)
+    tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
+    tiers = {"hot": {"capacity": 8, "device": "cuda", **tier}, "warm": {"capacity": 16}}
+    plan, drop_pending = OnlineRepin.plan, OnlineRepin.drop_pending
+    failures, on_store_stream = [], []
+
+    def fails_once(self, *args):  # a fault in the first plan only
+        if not failures:
+            failures.append(1)
+            raise TypeError("a plan that fails")
+        return plan(self, *args)
+
+    def drops(self):  # on the stream the counting runs on
+        on_store_stream.append(torch.cuda.current_stream() == store._stream)
+        return drop_pending(self)
+
+    monkeypatch.setattr(OnlineRepin, "plan", fails_once)
+    monkeypatch.setattr(OnlineRepin, "drop_pending", drops)
+    with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
+        with pytest.warns(RuntimeWarning, match="re-pin of the hot tier failed .a plan that"):
+            for i in range(20):  # row 5 hot
+                ids = torch.tensor([5] * 9 + [60 + i])
+                assert torch.equal(store.lookup(ids.cuda()).cpu(), data[ids])
+                assert store.wait_repinned(timeout=10)
+        assert failures and on_store_stream == [True]
+        torch.cuda.synchronize()  # the last re-pin's flags were set on the store's stream
+        assert store.hot.online.repins > 0 and 5 in store.hot.pinned_rows().tolist()
+
+
 def test_a_count_that_fails_before_an_interval_is_over_decays_nothing(tmp_path, monkeypatch):
     """The re-pin thread's error path closed an interval whether or not one was due: a count
     that failed 10 lookups into an interval of 1,000 decayed the tier's counts by a whole

@@ -1060,7 +1060,9 @@ class TieredStore:
                         RuntimeWarning,
                         stacklevel=1,
                     )
-                    cache.online.drop_pending()  # off the lock: a save may hold the counting
+                    # off the lock (a save may hold the counting), on the stream it counts on
+                    with self._on_store_stream():
+                        cache.online.drop_pending()
                     if due:  # close the interval it failed in (not one lookups ended while the
                         # drop waited, whose re-pin was never tried): the next one tries again
                         with self._lock.host_inputs():
