@@ -1347,8 +1347,10 @@ def test_a_restart_file_with_counts_past_float32_starts_them_afresh(tmp_path, ba
         meta["weight"] = float("nan")
     saved.profiles["warm"] = (meta, sketch)
     save_restart(restart_path(path), identity, saved)
-    warned = pytest.warns(
-        RestartWarning, match=rf"its counters do not load \(ValueError: {message}"
+    warned = pytest.warns(  # saved for this very tier: not "saved for another tier"
+        RestartWarning,
+        match=rf"warm tier's online profile was saved for this tier, but its counters do not "
+        rf"load \(ValueError: {message}",
     )
     with warned, TieredStore(config(path, restart=True)) as s:
         assert s.wait_restored(timeout=30)

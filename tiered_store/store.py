@@ -912,19 +912,22 @@ class TieredStore:
             why = cache.online.mismatch(meta)
             if why is None and sketch.shape != tuple(cache.online.profile.sketch.shape):
                 why = f"sketch shape {sketch.shape}"
-            if why is None:
+            if why is not None:
+                why = f"was saved for another tier: {why}"
+            else:
                 fresh = cache.online.state(), cache.online.profile.sketch.cpu().numpy().copy()
                 try:
                     cache.online.load_state(meta, sketch)
                     continue
                 except (KeyError, TypeError, ValueError, OverflowError) as exc:
                     cache.online.load_state(*fresh)  # what it had: nothing counted yet
-                    why = f"its counters do not load ({type(exc).__name__}: {exc})"
+                    why = (
+                        "was saved for this tier, but its counters do not load "
+                        f"({type(exc).__name__}: {exc})"
+                    )
             saved.pinned.pop(cache.name, None)
             restart_warning(
-                path,
-                f"the {cache.name} tier's online profile was saved for another tier: {why}; it "
-                "starts counting afresh",
+                path, f"the {cache.name} tier's online profile {why}; it starts counting afresh"
             )
 
     def _restore(self, saved: RestartState) -> None:
