@@ -1609,6 +1609,33 @@ def test_a_count_that_fails_before_an_interval_is_over_leaves_that_interval_its_
         assert failures and online.repins == 1 and online.since_repin == 0
 
 
+def test_a_count_that_fails_at_close_warns_and_the_store_closes_and_saves(tmp_path, monkeypatch):
+    """close() counts the updates the re-pin thread left: a failure there (the faults that
+    thread survives: a TypeError, no memory) raised out of close() before it closed the files,
+    and every close() after failed on the same update, so the table and its locks stayed open.
+    The updates are dropped with a warning, as the thread drops them, and close goes on."""
+
+    path, data = make_table(tmp_path, rows=ROWS)
+    cfg = config(path, restart=True)
+    store = TieredStore(cfg)
+    serve(store, data, batches(hot_set(), n=5))  # whole windows, each counted
+    ids = torch.arange(4000, 4010)  # admitted mid-window: queued, the thread not woken
+    assert torch.equal(store.lookup(ids), data[ids])
+    assert store.warm.online.pending
+
+    def fails(self, update):  # the next count fails
+        raise TypeError("a count that fails")
+
+    monkeypatch.setattr(OnlineRepin, "_run", fails)
+    with pytest.warns(RuntimeWarning, match="warm tier: counting .* at close failed .a count that"):
+        store.close()
+    assert store._closed and not store.warm.online.pending
+    monkeypatch.undo()
+    with TieredStore(cfg) as again:  # the files were closed, and the save made
+        assert again.wait_restored(timeout=30)
+        assert set(range(4000, 4010)) <= set(again.warm.held_rows().tolist())
+
+
 def test_warm_holds_no_pin_of_a_row_that_hot_pins(tmp_path):
     # hot serves every lookup of a row it pins, so warm never sees it again: a row warm had pinned
     # before hot pinned it stayed pinned there (its count high, so no re-pin took it out), a warm

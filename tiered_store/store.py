@@ -719,7 +719,16 @@ class TieredStore:
         """Count what the re-pin thread left, warn of writes not committed, save the restart."""
         with self._lock.host_inputs():
             for cache in self.caches.online:  # updates the re-pin thread had not applied yet
-                cache.online.count_pending()
+                try:
+                    cache.online.count_pending()
+                except Exception as exc:  # noqa: BLE001 (a fault the re-pin thread survives:
+                    # raised here, the files stayed open and each close failed on it again)
+                    warn_at_caller(
+                        f"online re-pin of the {cache.name} tier: counting its last updates at "
+                        f"close failed ({exc}); they are dropped, as after a failed re-pin",
+                        RuntimeWarning,
+                    )
+                    cache.online.drop_pending()
             writing = self._writes is not None and self._writer_lock is not None
             dropped = self._writes.dirty_rows if writing else 0
         if dropped:
