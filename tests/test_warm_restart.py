@@ -669,6 +669,38 @@ def test_after_a_failed_restore_saves_list_what_the_tiers_hold(tmp_path):
     assert set(saved.held["warm"].tolist()) == held_now == set(range(5_000, 6_000))
 
 
+def test_a_save_that_fails_with_any_error_warns_and_saving_goes_on(tmp_path, monkeypatch):
+    """Only OSError and TieredStoreError were caught: any other failure of a save (no memory for
+    its copies) ended the periodic save thread, with no warning (no save after it), and raised
+    out of close() before it closed the files (the writer lock held). Each is now a warning."""
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    cfg = config(path, hot=0, warm=100, restart={"enabled": True, "save_every_s": 0.01})
+    rows_to_save, failures = store_module._rows_to_save, []
+
+    def no_memory(*args):  # the first save fails, and the save on close
+        if not failures or threading.current_thread() is threading.main_thread():
+            failures.append(threading.current_thread().name)
+            raise MemoryError("no memory for the save's copy")
+        return rows_to_save(*args)
+
+    monkeypatch.setattr(store_module, "_rows_to_save", no_memory)
+    store = TieredStore(cfg)
+    with pytest.warns(RestartWarning, match="periodic save failed .no memory for the save"):
+        serve(store, data, batches=2)
+        deadline = time.monotonic() + 10
+        while not restart_path(path).exists():  # the next periodic save
+            assert time.monotonic() < deadline, failures
+            time.sleep(0.01)
+    assert failures[0] == "save"
+    with pytest.warns(RestartWarning, match="could not save .*no memory for the save's copy"):
+        store.close()
+    assert store.closed and failures[-1] == "MainThread"
+    monkeypatch.undo()
+    with TieredStore(cfg) as again:  # the writer lock went with the store
+        again.write([2], torch.ones(1, 4))
+        again.commit()
+
+
 def test_a_save_on_close_that_cannot_read_the_version_pointer_warns_and_closes(tmp_path):
     """The save checks the table's version pointer (TABLE.npy.current); unreadable there (a
     disk error, or a file compaction did not write), close() raised TableFormatError and left

@@ -36,7 +36,6 @@ from .errors import (
     RowDataError,
     RowIdError,
     StoreClosedError,
-    TieredStoreError,
     TierIOError,
     warn_at_caller,
 )
@@ -749,7 +748,8 @@ class TieredStore:
         if self.config.tiers.restart.enabled:
             try:
                 self.save_restart()
-            except (OSError, TieredStoreError) as exc:  # an unreadable version pointer too
+            except Exception as exc:  # noqa: BLE001 (an unreadable version pointer, no memory for
+                # a copy: raised here, the files stayed open)
                 kept = getattr(exc, "errno", None) == errno.ESTALE  # the newer version's file stays
                 warn_at_caller(
                     f"warm restart: could not save {restart_path(self.config.table.path)} ({exc}); "
@@ -1165,7 +1165,8 @@ class TieredStore:
         while not self._stop.wait(every_s):
             try:
                 self.save_restart()
-            except (OSError, TieredStoreError) as exc:
+            except Exception as exc:  # noqa: BLE001 (no memory for a copy too: a thread dead of
+                # it saved no more, without a word)
                 warnings.warn(
                     f"warm restart: periodic save failed ({exc})", RestartWarning, stacklevel=2
                 )
