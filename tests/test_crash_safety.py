@@ -45,6 +45,8 @@ def _check_reopened(config, base, log_dir, seen: int = 0) -> tuple[int, int]:
 
 
 def _kill_loop(tmp_path, kills, max_delay, compact_every=0):
+    """Kill writers ``kills`` times, each a random delay after it starts (every other one: after
+    its first commit, so that they make progress on a slow machine) and check each reopen."""
     path, table = make_table(tmp_path, rows=200, dim=8)
     base = table.numpy()
     config = {
@@ -56,11 +58,14 @@ def _kill_loop(tmp_path, kills, max_delay, compact_every=0):
     ctx = _context()
     rng = np.random.default_rng(7)
     steps_seen, between = [], 0
-    for _ in range(kills):
+    for kill in range(kills):
+        acked = crash_writer.acked_steps(str(log_dir)).size
         writer = ctx.Process(
             target=crash_writer.run_writer, args=(config, str(log_dir), 10**6, compact_every)
         )
         writer.start()
+        if kill % 2:  # past its first commit: on a slow machine the delay can end in the open
+            _wait_for_a_commit(writer, str(log_dir), acked)
         time.sleep(rng.uniform(0.15, max_delay))
         os.kill(writer.pid, signal.SIGKILL)
         writer.join()
@@ -69,9 +74,24 @@ def _kill_loop(tmp_path, kills, max_delay, compact_every=0):
         step, last_acked = _check_reopened(config, base, str(log_dir), seen)
         between += step == last_acked + 1
         steps_seen.append(step)
-    # the runs made progress and each resumed from the last commit (steps never go back)
-    assert steps_seen[-1] > kills and bool(np.all(np.diff(steps_seen) >= 0))
+    # the runs made progress (every other one committed) and each resumed from the last commit:
+    # steps never go back, and no step was acknowledged twice
+    acked = crash_writer.acked_steps(str(log_dir))
+    assert acked.size >= kills // 2 and bool(np.all(np.diff(acked) > 0)), acked
+    assert steps_seen[-1] >= acked[-1] and bool(np.all(np.diff(steps_seen) >= 0))
     return steps_seen, between
+
+
+def _wait_for_a_commit(writer, log_dir: str, acked: int, timeout: float = 120.0) -> None:
+    """Wait until ``writer`` acknowledged a commit: the log holds more than ``acked`` steps."""
+    deadline = time.monotonic() + timeout
+    while crash_writer.acked_steps(log_dir).size <= acked:
+        assert writer.is_alive(), f"the writer exited ({writer.exitcode}) before it committed"
+        if time.monotonic() > deadline:
+            writer.kill()  # not left running past the test
+            writer.join()
+            raise AssertionError(f"the writer committed nothing in {timeout:g} s")
+        time.sleep(0.005)
 
 
 def test_kill_9_at_random_moments_loses_no_acknowledged_commit(tmp_path):
