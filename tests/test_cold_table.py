@@ -646,3 +646,21 @@ def test_store_config_selects_uring(tables):
         StoreConfig.from_dict(
             {"table": {"path": str(path)}, "tiers": {"cold": {"io": "uring", "queue_depth": 0}}}
         )
+
+
+def test_a_read_whose_runner_thread_cannot_start_is_read_by_the_runners_that_did(tmp_path):
+    """A runner thread that could not start (a process limit, no memory for its stack) failed
+    the read with "can't start new thread", while the runner already started went on reading
+    into the rows the caller was given back an error for."""
+    path = tmp_path / "t.npy"
+    data = torch.arange(5000 * 16, dtype=torch.float32).reshape(5000, 16)
+    create_table(path, data, progress=False)
+    with ColdTable(path, io="pread", threads=3) as table:
+        table.read_rows(np.array([0, 4000]))  # two extents: one runner thread starts
+        ids = np.arange(0, 5000, 200)  # 25 extents: it and two runners more
+        threading.stack_size(2**62)  # no further thread's stack can be mapped
+        try:
+            rows = table.read_rows(ids)
+        finally:
+            threading.stack_size(0)
+    assert torch.equal(rows, data[ids])

@@ -764,7 +764,8 @@ class ColdTable:
     # ---- threads and buffers ---------------------------------------------------------------
 
     def _run_parallel(self, fn: Any, tasks: int) -> None:
-        """Run fn(0..tasks-1) on up to ``threads`` runners (the caller is one) pulling tasks."""
+        """Run fn(0..tasks-1) on up to ``threads`` runners (the caller is one) pulling tasks;
+        fewer when a runner's thread cannot start (a process limit, no memory for its stack)."""
         runners = min(self.threads, tasks)
         if runners <= 1 or self._pool is None:
             for k in range(tasks):
@@ -772,21 +773,38 @@ class ColdTable:
             return
         counter = itertools.count()  # next() is atomic under the GIL: a lock-free task queue
         errors: list[BaseException] = []
+        joining = threading.Lock()
+        joined: list[threading.Event] = []  # one per runner that took part, set as it ends
+        done = [False]  # set once the caller's runner ran out of tasks: no runner joins after
 
         def runner() -> None:
-            while not errors:
-                k = next(counter)
-                if k >= tasks:
+            with joining:
+                if done[0]:  # queued behind other reads: the caller did its share
                     return
-                try:
-                    fn(k)
-                except BaseException as exc:  # re-raised by the caller
-                    errors.append(exc)
+                ended = threading.Event()
+                joined.append(ended)
+            try:
+                while not errors:
+                    k = next(counter)
+                    if k >= tasks:
+                        return
+                    try:
+                        fn(k)
+                    except BaseException as exc:  # re-raised by the caller
+                        errors.append(exc)
+            finally:
+                ended.set()
 
-        futures = [self._pool.submit(runner) for _ in range(runners - 1)]
+        for _ in range(runners - 1):
+            try:
+                self._pool.submit(runner)
+            except RuntimeError:  # its thread could not start: the runners so far read it all
+                break  # (the runner it queued may yet join: it is waited for as any other)
         runner()
-        for fut in futures:  # wait for all: they write into `out` and use our buffers
-            fut.result()
+        with joining:
+            done[0] = True
+        for ended in joined:  # wait for all: they write into `out` and use our buffers
+            ended.wait()
         if errors:
             raise errors[0]
 
