@@ -924,6 +924,63 @@ def test_an_open_whose_thread_cannot_start_raises_why_and_leaves_nothing_open(tm
     assert done.stdout.splitlines() == ["RuntimeError: can't start new thread", "left open: 0"]
 
 
+_OPEN_WHOSE_NTH_THREAD_CANNOT_START = r"""
+import os, sys, threading
+import torch
+from tiered_store.store import TieredStore
+tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
+cfg = {"table": {"path": sys.argv[1]},
+       "tiers": {"hot": {**tier, "capacity": 8}, "warm": {**tier, "capacity": 40},
+                 "restart": {"enabled": True, "save_every_s": 60}}}
+with TieredStore.open(cfg) as store:  # a restart file to restore from
+    for i in range(30):
+        store.lookup(torch.arange(i, i + 20))
+saved = open(sys.argv[1] + ".restart", "rb").read()
+for failing in ("restore", "save", "repin"):
+    def fail_from(frame, event, arg):  # the store's threads start in this order
+        if event == "call" and frame.f_code is threading.Thread.start.__code__:
+            if frame.f_locals["self"].name == failing:
+                threading.stack_size(2**62)  # no thread's stack can be mapped from here on
+    before = len(os.listdir("/proc/self/fd"))
+    sys.setprofile(fail_from)
+    try:
+        TieredStore.open(cfg)
+    except Exception as exc:
+        print(f"{failing}: {type(exc).__name__}: {exc}")
+    sys.setprofile(None)
+    threading.stack_size(0)
+    print("left open:", len(os.listdir("/proc/self/fd")) - before,
+          [t.name for t in threading.enumerate() if t is not threading.main_thread()],
+          open(sys.argv[1] + ".restart", "rb").read() == saved)
+"""
+
+
+def test_an_open_whose_restore_save_or_re_pin_thread_cannot_start_joins_those_started(tmp_path):
+    """The restore, save and re-pin threads start in turn: one that cannot start leaves those
+    before it running; the open joins them, closes its files and leaves the restart file."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _ = make_table(tmp_path, rows=500, dim=8)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN_WHOSE_NTH_THREAD_CANNOT_START, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        line
+        for name in ("restore", "save", "repin")
+        for line in (f"{name}: RuntimeError: can't start new thread", "left open: 0 [] True")
+    ]
+
+
 def test_a_load_holds_the_file_and_what_it_returns_not_a_second_copy(tmp_path):
     """The load checksummed ``data[:-4]``, a copy of the whole file (hundreds of MB with a
     sketch) on top of the file read and the arrays returned."""
