@@ -701,6 +701,31 @@ def test_a_save_that_fails_with_any_error_warns_and_saving_goes_on(tmp_path, mon
         again.commit()
 
 
+def test_a_save_on_close_interrupted_propagates_and_the_store_still_closes(tmp_path, monkeypatch):
+    """A KeyboardInterrupt (or SystemExit) in the save on close is no save failure to warn of: it
+    propagates. It also left the store half closed: every call refused, yet ``closed`` False,
+    the table file open and the writer lock held (a writer opening the table was refused) until
+    close() was called again. The files now close on the way out."""
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    cfg = config(path, hot=0, warm=100)
+
+    def interrupted(*args):  # Ctrl-C during the save's copies
+        raise KeyboardInterrupt
+
+    store = TieredStore(cfg)
+    serve(store, data, batches=2)
+    store.write([1], torch.ones(1, 4))  # the writer lock taken
+    store.commit()
+    monkeypatch.setattr(store_module, "_rows_to_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.close()
+    assert store.closed
+    monkeypatch.undo()
+    with TieredStore(cfg) as again:  # the writer lock went with the store
+        again.write([2], torch.ones(1, 4))
+        again.commit()
+
+
 def test_a_save_on_close_that_cannot_read_the_version_pointer_warns_and_closes(tmp_path):
     """The save checks the table's version pointer (TABLE.npy.current); unreadable there (a
     disk error, or a file compaction did not write), close() raised TableFormatError and left

@@ -688,8 +688,10 @@ class TieredStore:
             deadline = None if wait_s is None else time.monotonic() + wait_s
             self._stop_background(deadline)
             if self._file_calls.close(_seconds_left(deadline)):
-                self._save_on_close()
-                self._close_files()
+                try:
+                    self._save_on_close()
+                finally:  # interrupted (Ctrl-C), or a warning made an error: the files close
+                    self._close_files()
                 return
             if self._writes is not None:  # for stats() meanwhile (the delta closes later)
                 self._closed_step = self._writes.delta.step
