@@ -701,6 +701,38 @@ def test_a_save_that_fails_with_any_error_warns_and_saving_goes_on(tmp_path, mon
         again.commit()
 
 
+def test_a_failed_save_on_close_names_the_earlier_save_the_next_open_restores(
+    tmp_path, monkeypatch
+):
+    """A save on close that failed warned that 'the next open starts cold', but the file an
+    earlier save made (a periodic one, or the last close's) stays, and the next open restores its
+    rows. The warning now says so; 'starts cold' only where there is no such file."""
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    cfg = config(path, hot=0, warm=100)
+
+    def no_memory(*args):
+        raise MemoryError("no memory for the save's copy")
+
+    with TieredStore(cfg) as store:
+        serve(store, data, batches=2)
+        first = held(store)["warm"]
+    store = TieredStore(cfg)
+    assert store.wait_restored(timeout=30)
+    store.lookup(torch.arange(900, 1000))  # other rows than the saved ones
+    monkeypatch.setattr(store_module, "_rows_to_save", no_memory)
+    with pytest.warns(RestartWarning, match="could not save .*; the next open restores its last"):
+        store.close()
+    monkeypatch.undo()
+    with TieredStore(cfg) as again:
+        assert again.wait_restored(timeout=30)
+        assert held(again)["warm"] == first
+    restart_path(path).unlink()
+    store = TieredStore(cfg)
+    monkeypatch.setattr(store_module, "_rows_to_save", no_memory)
+    with pytest.warns(RestartWarning, match="could not save .*; the next open starts cold"):
+        store.close()
+
+
 def test_a_save_on_close_interrupted_propagates_and_the_store_still_closes(tmp_path, monkeypatch):
     """A KeyboardInterrupt (or SystemExit) in the save on close is no save failure to warn of: it
     propagates. It also left the store half closed: every call refused, yet ``closed`` False,

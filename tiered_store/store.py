@@ -753,11 +753,14 @@ class TieredStore:
             except Exception as exc:  # noqa: BLE001 (an unreadable version pointer, no memory for
                 # a copy: raised here, the files stayed open)
                 kept = getattr(exc, "errno", None) == errno.ESTALE  # the newer version's file stays
+                path = restart_path(self.config.table.path)
                 warn_at_caller(
-                    f"warm restart: could not save {restart_path(self.config.table.path)} ({exc}); "
+                    f"warm restart: could not save {path} ({exc}); "
                     + (
                         "the newer version's own file is kept"
                         if kept
+                        else "the next open restores its last save (the rows held then)"
+                        if path.exists()  # an earlier save's (periodic, or the last close's)
                         else "the next open starts cold"
                     ),
                     RestartWarning,
