@@ -1627,7 +1627,9 @@ def test_a_count_that_fails_at_close_warns_and_the_store_closes_and_saves(tmp_pa
         raise TypeError("a count that fails")
 
     monkeypatch.setattr(OnlineRepin, "_run", fails)
-    with pytest.warns(RuntimeWarning, match="warm tier: counting .* at close failed .a count that"):
+    with pytest.warns(
+        RuntimeWarning, match="warm tier: counting .* at close failed .TypeError: a count that"
+    ):
         store.close()
     assert store._closed and not store.warm.online.pending
     monkeypatch.undo()

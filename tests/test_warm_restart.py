@@ -685,7 +685,9 @@ def test_a_save_that_fails_with_any_error_warns_and_saving_goes_on(tmp_path, mon
 
     monkeypatch.setattr(store_module, "_rows_to_save", no_memory)
     store = TieredStore(cfg)
-    with pytest.warns(RestartWarning, match="periodic save failed .no memory for the save"):
+    with pytest.warns(
+        RestartWarning, match="periodic save failed .MemoryError: no memory for the save"
+    ):
         serve(store, data, batches=2)
         deadline = time.monotonic() + 10
         while not restart_path(path).exists():  # the next periodic save
@@ -756,6 +758,28 @@ def test_a_save_on_close_interrupted_propagates_and_the_store_still_closes(tmp_p
     with TieredStore(cfg) as again:  # the writer lock went with the store
         again.write([2], torch.ones(1, 4))
         again.commit()
+
+
+def test_a_save_that_fails_with_a_programming_error_names_its_type(tmp_path, monkeypatch):
+    """Every error of a save is a warning since saves go on after any: one whose text alone says
+    nothing (a KeyError's key, a bug's) warned 'periodic save failed ('warm')', naming no error
+    at all. The warnings name the error's type."""
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    cfg = config(path, hot=0, warm=100, restart={"enabled": True, "save_every_s": 0.01})
+
+    def a_bug(*args):
+        raise KeyError("warm")
+
+    monkeypatch.setattr(store_module, "_rows_to_save", a_bug)
+    store = TieredStore(cfg)
+    with pytest.warns(RestartWarning, match=r"periodic save failed \(KeyError: 'warm'\)") as got:
+        serve(store, data, batches=2)
+        deadline = time.monotonic() + 10
+        while not got.list:  # a periodic save
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    with pytest.warns(RestartWarning, match=r"could not save .* \(KeyError: 'warm'\)"):
+        store.close()
 
 
 def test_a_save_on_close_that_cannot_read_the_version_pointer_warns_and_closes(tmp_path):

@@ -726,7 +726,8 @@ class TieredStore:
                     # raised here, the files stayed open and each close failed on it again)
                     warn_at_caller(
                         f"online re-pin of the {cache.name} tier: counting its last updates at "
-                        f"close failed ({exc}); they are dropped, as after a failed re-pin",
+                        f"close failed ({type(exc).__name__}: {exc}); they are dropped, as "
+                        "after a failed re-pin",
                         RuntimeWarning,
                     )
                     cache.online.drop_pending()
@@ -755,7 +756,7 @@ class TieredStore:
                 kept = getattr(exc, "errno", None) == errno.ESTALE  # the newer version's file stays
                 path = restart_path(self.config.table.path)
                 warn_at_caller(
-                    f"warm restart: could not save {path} ({exc}); "
+                    f"warm restart: could not save {path} ({type(exc).__name__}: {exc}); "
                     + (
                         "the newer version's own file is kept"
                         if kept
@@ -1173,7 +1174,9 @@ class TieredStore:
             except Exception as exc:  # noqa: BLE001 (no memory for a copy too: a thread dead of
                 # it saved no more, without a word)
                 warnings.warn(
-                    f"warm restart: periodic save failed ({exc})", RestartWarning, stacklevel=2
+                    f"warm restart: periodic save failed ({type(exc).__name__}: {exc})",
+                    RestartWarning,
+                    stacklevel=2,
                 )
 
     def _read_cold(self, ids: torch.Tensor) -> torch.Tensor:
