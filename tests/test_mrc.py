@@ -12,7 +12,7 @@ import yaml
 
 import zipf_analysis.mrc as mrc
 from tiered_store.config import StoreConfig
-from tiered_store.errors import ConfigError
+from tiered_store.errors import ConfigError, LimitError
 from tiered_store.profile import profile_ids
 from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.analyze.store_yaml import store_yaml
@@ -126,12 +126,12 @@ def test_exact_lru_access_times_stop_at_their_int32_limit(monkeypatch):
     assert curve.misses.tolist() == [brute_lru_misses(ids, c) for c in range(129)]
     more = np.concatenate([ids, [128], ids[:300]])  # 129 distinct: more than half the limit
     with pytest.raises(
-        ValueError,
+        LimitError,
         match="stack distances over 129 distinct rows; expected at most 128: the time axis "
         "keeps access times as int32, up to 256 of them",
     ):
         lru_mrc(more)
-    with pytest.raises(ValueError, match="over 129 distinct rows; expected at most 128"):
+    with pytest.raises(LimitError, match="over 129 distinct rows; expected at most 128"):
         shards_mrc(more, rate=1.0)
 
 
@@ -139,7 +139,7 @@ def test_exact_lru_row_indices_stop_at_their_int32_limit(monkeypatch):
     monkeypatch.setattr(mrc, "MAX_ROW_INDEX", 999)  # as 2**31 - 1, small
     counter = StackDistanceCounter()
     counter.update(np.array([5, 999, 5]))
-    with pytest.raises(ValueError, match="1,001 row indices .*; expected at most 1,000: the time"):
+    with pytest.raises(LimitError, match="1,001 row indices .*; expected at most 1,000: the time"):
         counter.update(np.array([1000]))
 
 

@@ -27,7 +27,7 @@ from policies import PolicySpec
 from tiered_store.capacity import available_host_memory
 from tiered_store.cli import main
 from tiered_store.config import CostModelConfig, StoreConfig
-from tiered_store.errors import ConfigError, TraceFormatError
+from tiered_store.errors import ConfigError, LimitError, TraceFormatError
 from tiered_store.row_cache import RowCache
 from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.analyze import AnalyzeOptions, analyze
@@ -277,9 +277,31 @@ def test_batched_stack_distances_stop_at_the_int32_time_axis_limit(monkeypatch):
     assert batched_stack_distances(rows, starts).tolist() == _brute_batched_lru(rows, starts)
     rows, starts = batches(200)
     with pytest.raises(
-        ValueError, match="stack distances over 1.. distinct rows; expected at most 128"
+        LimitError, match="stack distances over 1.. distinct rows; expected at most 128"
     ):
         batched_stack_distances(rows, starts)
+
+
+def test_the_replay_command_names_the_time_axis_limit_in_one_line(tmp_path, monkeypatch, capsys):
+    # the limit was a plain ValueError: `tiered-store replay` showed a traceback, not its one line
+    monkeypatch.setattr(tier_split, "MIN_TIME_CAPACITY", 64)
+    monkeypatch.setattr(mrc, "MAX_TIME_CAPACITY", 256)  # as 2**31 - 64, small: 128 live rows
+    with TraceWriter(tmp_path / "t.trace", {"tables": [{"name": "a", "rows": 500}]}) as writer:
+        for ids in np.random.default_rng(6).integers(0, 400, (300, 4)):
+            writer.write(ids, "a")
+            writer.end_batch()
+    (tmp_path / "tiers.yaml").write_text(
+        yaml.safe_dump({"table": {"path": "absent.npy", "dim": 16}, "cost_model": COST})
+    )
+    argv = ["replay", str(tmp_path / "tiers.yaml"), str(tmp_path / "t.trace"), "--sweep", ""]
+    budgets = ["--gpu-budget", "1MiB", "--host-budget", "1MiB", "--no-bounds", "--quiet"]
+    assert main([*argv, *budgets, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tiered-store replay: error: stack distances over 1")
+    assert err.endswith(
+        " distinct rows; expected at most 128: the time axis keeps access times as int32, up to "
+        "256 of them\n"
+    )
 
 
 @pytest.mark.parametrize(

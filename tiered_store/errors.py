@@ -29,6 +29,11 @@ class TierIOError(TieredStoreError, OSError):
     """Reading or writing a tier's backing storage failed."""
 
 
+class LimitError(TieredStoreError, ValueError):
+    """An input past a fixed limit of the library (e.g. the int32 access times of the miss-ratio
+    kernels); the message names the limit."""
+
+
 class StoreClosedError(TieredStoreError):
     """A call to a store that is closed (or closing)."""
 

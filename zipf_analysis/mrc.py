@@ -7,7 +7,7 @@ Curves computed here, all as :class:`MissRatioCurve`:
   the same row, counted on a bitmap of "latest access" times with a Fenwick tree over its 64-bit
   words, O(N log D). The time axis is compacted whenever it fills, so memory is O(distinct rows),
   not O(lookups). Access times are int32: up to ``MAX_TIME_CAPACITY // 2`` (about 1.07 billion)
-  distinct rows, more is refused.
+  distinct rows, more is refused (:class:`~tiered_store.errors.LimitError`).
 - :func:`shards_mrc` - SHARDS (Waldspurger et al., FAST'15): the same on a spatially hashed
   sample of rows (rate R), distances scaled by 1/R; ``fixed_size`` bounds the tracked rows
   instead (SHARDS-max) for traces whose distinct rows do not fit.
@@ -38,7 +38,7 @@ import numpy as np
 
 from policies.offline import Belady, OfflineBound, StaticTopK, static_topk_misses
 from policies.registry import offline_bound
-from tiered_store.errors import RowIdError
+from tiered_store.errors import LimitError, RowIdError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader
 
@@ -295,7 +295,8 @@ class StackDistanceCounter:
     id), 8 bytes per possible row id for the histogram, and 8-16 bytes per distinct row for the
     time axis (compacted to the distinct rows whenever it fills, then grown to 4x them), whatever
     the trace length. :meth:`curve` adds 24 bytes per distinct row. Access times and row indices
-    are int32: a trace of more than ``MAX_TIME_CAPACITY // 2`` distinct rows is refused.
+    are int32: a trace of more than ``MAX_TIME_CAPACITY // 2`` distinct rows is refused
+    (:class:`~tiered_store.errors.LimitError`).
 
     Examples
     --------
@@ -325,7 +326,7 @@ class StackDistanceCounter:
     def _grow_index(self, size: int) -> None:
         """Make room for dense indices below ``size``."""
         if size - 1 > MAX_ROW_INDEX:  # the time axis keeps each time's row as int32
-            raise ValueError(
+            raise LimitError(
                 f"{size:,} row indices (ids below {DENSE_ID_LIMIT:,} index directly, larger "
                 f"ones are numbered after them); expected at most {MAX_ROW_INDEX + 1:,}: the "
                 "time axis keeps row indices as int32"
@@ -415,7 +416,7 @@ def time_axis(times: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def time_capacity(live: int) -> int:
     """Access times a time axis takes to hold ``live`` of them at most half full:
     ``TIME_AXIS_GROWTH`` x ``live``, at most ``MAX_TIME_CAPACITY``; more than half of that is
-    refused (access times are int32).
+    refused with a :class:`~tiered_store.errors.LimitError` (access times are int32).
 
     Examples
     --------
@@ -423,7 +424,7 @@ def time_capacity(live: int) -> int:
     (4000, True)
     """
     if 2 * live > MAX_TIME_CAPACITY:
-        raise ValueError(
+        raise LimitError(
             f"stack distances over {live:,} distinct rows; expected at most "
             f"{MAX_TIME_CAPACITY // 2:,}: the time axis keeps access times as int32, up to "
             f"{MAX_TIME_CAPACITY:,} of them"

@@ -74,7 +74,7 @@ import numpy as np
 from policies.registry import ADMISSION
 from tiered_store.capacity import available_host_memory, format_bytes, parse_bytes
 from tiered_store.config import CostModelConfig, StoreConfig
-from tiered_store.errors import ConfigError
+from tiered_store.errors import ConfigError, LimitError
 from tiered_store.online_repin import OnlineRepin
 from tiered_store.row_cache import SLOT_BYTES, eviction_slot_bytes
 from tiered_store.row_index import index_bytes
@@ -419,7 +419,7 @@ def _checked_batches(rows: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, 
     if rows.size and rows.min() < 0:
         raise ValueError(f"rows holds {int(rows.min())}; expected dense row numbers >= 0")
     if rows.size and rows.max() > MAX_ROW_INDEX:  # the time axis keeps each time's row as int32
-        raise ValueError(
+        raise LimitError(
             f"rows holds {int(rows.max())}; expected dense row numbers up to {MAX_ROW_INDEX:,}"
         )
     return np.ascontiguousarray(rows, dtype=np.int64), np.ascontiguousarray(starts, dtype=np.int64)
