@@ -106,7 +106,6 @@ __all__ = [
 ]
 
 DEFAULT_POINTS = 16  # candidate capacities per tier (plus 0 and the budget's largest)
-_CHUNK_EVENTS = 1 << 22  # lookups deduplicated at once
 _CELL_BYTES = 50  # split_grid's peak per (batch, warm candidate) as it prices a hot one (measured)
 
 
