@@ -282,6 +282,19 @@ def test_curve_api_and_json(tmp_path):
         MissRatioCurve("x", np.array([0, 2, 1]), np.array([1.0, 0.5, 0.4]), 10)
 
 
+def test_a_thinned_curve_keeps_its_ends_within_max_points():
+    # -1 raised numpy's 'Number of samples, -1, must be non-negative', 2.5 a numpy TypeError,
+    # 0 and 1 gave the two ends and 2 gave three points
+    curve = lru_mrc(np.arange(5000) % 3000)
+    for bad in (-1, 0, 1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"max_points: got {bad!r}; expected an integer >= 2"):
+            curve.to_dict(max_points=bad)
+    for most in (2, 3, 4, 5, 10, 200, np.int64(7)):
+        caps = curve.to_dict(max_points=most)["capacities"]
+        assert 2 <= len(caps) <= most and caps[0] == 0 and caps[-1] == 3000
+    assert len(curve.to_dict(max_points=None)["capacities"]) == 3001
+
+
 def test_a_negative_capacity_is_refused_by_every_curve_not_only_the_exact_ones():
     ids = np.array([1, 2, 1, 3, 1, 2])
     with pytest.raises(ValueError, match="capacities must be >= 0; got -3"):

@@ -180,12 +180,22 @@ class MissRatioCurve:
         )
 
     def to_dict(self, max_points: int | None = 2000) -> dict[str, Any]:
-        """Plain-JSON form; curves longer than ``max_points`` are thinned to a log-spaced subset
-        (ends kept)."""
+        """Plain-JSON form; curves longer than ``max_points`` (at least 2; None: no limit) are
+        thinned to at most that many points, log- and evenly spaced (ends kept)."""
+        if max_points is not None and (
+            isinstance(max_points, bool)
+            or not isinstance(max_points, int | np.integer)
+            or max_points < 2
+        ):
+            raise ValueError(
+                f"max_points: got {max_points!r}; expected an integer >= 2 (the ends are kept) "
+                "or None"
+            )
         idx = np.arange(self.capacities.size)
         if max_points is not None and idx.size > max_points:
-            log = np.geomspace(1, idx.size - 1, max_points // 2).astype(np.int64)
-            lin = np.linspace(0, idx.size - 1, max_points // 2).astype(np.int64)
+            half = max_points // 2 if max_points >= 4 else 0  # 2 or 3: the ends alone
+            log = np.geomspace(1, idx.size - 1, half).astype(np.int64)
+            lin = np.linspace(0, idx.size - 1, half).astype(np.int64)
             idx = np.unique(np.concatenate([[0, idx.size - 1], log, lin]))
         return {
             "name": self.name,
