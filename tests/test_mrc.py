@@ -295,6 +295,30 @@ def test_a_thinned_curve_keeps_its_ends_within_max_points():
     assert len(curve.to_dict(max_points=None)["capacities"]) == 3001
 
 
+@pytest.mark.parametrize("bad", [2.5, -0.5, np.nan, np.inf, 1e30, True])
+def test_a_capacity_that_is_not_a_whole_number_of_rows_is_refused_not_truncated(bad):
+    # a cast to int64 truncated: capacities [0, 2.5] gave the curve at [0, 2], and -0.5 at 0
+    ids = np.array([1, 2, 1, 3, 1, 2])
+    calls = [
+        lambda caps: lru_mrc(ids, capacities=caps),
+        lambda caps: shards_mrc(ids, rate=1.0, capacities=caps),
+        lambda caps: lru_mrc(ids).resample(caps),
+        lambda caps: belady_mrc(ids, caps),
+        lambda caps: belady_misses(ids, caps),
+        lambda caps: static_topk_mrc(np.array([5, 1, 3]), capacities=caps),
+    ]
+    given = np.array([False, True]) if bad is True else np.array([0, bad])  # [0, True] is ints
+    for call in calls:
+        with pytest.raises(
+            ValueError, match=r"^capacities: got .*; expected whole numbers of rows"
+        ):
+            call(given)
+    with pytest.raises(ValueError, match=r"curve 'x': capacities: got .*; expected whole numbers"):
+        MissRatioCurve("x", given, np.array([1.0, 0.5]), 2)
+    whole = lru_mrc(ids, capacities=np.array([1.0, 3.0]))  # floats of whole rows are taken
+    assert whole.capacities.tolist() == [0, 1, 3] and whole.misses.tolist() == [6, 6, 3]
+
+
 def test_a_negative_capacity_is_refused_by_every_curve_not_only_the_exact_ones():
     ids = np.array([1, 2, 1, 3, 1, 2])
     with pytest.raises(ValueError, match="capacities must be >= 0; got -3"):

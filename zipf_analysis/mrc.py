@@ -116,7 +116,7 @@ class MissRatioCurve:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        caps = np.asarray(self.capacities, dtype=np.int64)
+        caps = _whole_capacities(self.capacities, f"curve {self.name!r}: capacities")
         ratio = np.asarray(self.miss_ratio, dtype=np.float64)
         if caps.ndim != 1 or caps.shape != ratio.shape or caps.size == 0:
             raise ValueError(
@@ -165,7 +165,7 @@ class MissRatioCurve:
 
     def resample(self, capacities: Sequence[int] | np.ndarray) -> MissRatioCurve:
         """This curve at other capacities (interpolated as in :meth:`at`)."""
-        caps = np.unique(np.concatenate([[0], np.asarray(capacities, dtype=np.int64)]))
+        caps = _capacity_grid(capacities)
         misses = None
         if self.misses is not None and np.isin(caps, self.capacities).all():
             misses = self.misses[np.searchsorted(self.capacities, caps)]
@@ -465,9 +465,32 @@ def _ratio(misses: np.ndarray, lookups: int) -> np.ndarray:
     return misses / lookups if lookups else np.ones(misses.size)
 
 
+def _whole_capacities(capacities: Any, what: str = "capacities") -> np.ndarray:
+    """``capacities`` as int64; refuses values that are not whole numbers of rows (a cast would
+    truncate 2.5 to 2)."""
+    caps = np.asarray(capacities)
+    if caps.dtype.kind in "iu":
+        return np.asarray(caps, dtype=np.int64)  # no copy of an int64 curve's capacities
+    flat = caps.reshape(-1)
+    if caps.dtype.kind == "f":
+        whole = np.isfinite(flat) & (flat == np.rint(flat)) & (np.abs(flat) < 2.0**63)
+    else:  # bools, objects, strings
+        whole = np.zeros(flat.size, dtype=bool)
+    if not whole.all():
+        bad = flat[int(np.argmin(whole))]
+        bad = bad.item() if isinstance(bad, np.generic) else bad
+        raise ValueError(f"{what}: got {bad!r}; expected whole numbers of rows")
+    return caps.astype(np.int64)
+
+
+def _capacity_grid(capacities: Sequence[int] | np.ndarray) -> np.ndarray:
+    """0 and ``capacities``, ascending and unique, as int64 (whole numbers of rows)."""
+    return np.unique(np.concatenate([[0], _whole_capacities(capacities)]))
+
+
 def _exact_at(curve: MissRatioCurve, capacities: Sequence[int] | np.ndarray) -> MissRatioCurve:
     """An exact full curve restricted to ``capacities`` (flat past its last point)."""
-    caps = np.unique(np.concatenate([[0], np.asarray(capacities, dtype=np.int64)]))
+    caps = _capacity_grid(capacities)
     if caps[0] < 0:
         raise ValueError(f"capacities must be >= 0; got {int(caps[0])}")
     idx = np.minimum(caps, curve.max_capacity)
@@ -778,7 +801,9 @@ def belady_misses(
     >>> belady_misses(np.array([1, 2, 3, 1, 2, 3]), [1, 2, 3]).tolist()
     [5, 4, 3]
     """
-    return Belady(bypass=bypass, workers=workers).misses(_as_array(source), capacities)
+    return Belady(bypass=bypass, workers=workers).misses(
+        _as_array(source), _whole_capacities(capacities)
+    )
 
 
 def belady_mrc(
@@ -845,7 +870,7 @@ def _bound_curve(
 ) -> MissRatioCurve:
     """An offline bound's curve at capacity 0 and ``capacities``, named ``name`` or the bound's."""
     start = time.perf_counter()
-    caps = np.unique(np.concatenate([[0], np.asarray(capacities, dtype=np.int64)]))
+    caps = _capacity_grid(capacities)
     misses = bound.misses(ids, caps)
     meta = {"method": bound.method, "seconds": round(time.perf_counter() - start, 4)}
     lookups = int(ids.size)
