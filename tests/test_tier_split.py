@@ -480,6 +480,29 @@ def test_a_grid_whose_counters_outgrow_the_ram_available_is_refused_before_it_is
         split_grid(events, CostModelConfig(), 256, [0, 10], np.arange(100_000))
 
 
+def test_a_grid_of_batches_of_tokens_too_big_for_the_ram_is_refused_before_the_trace_is_read(
+    tmp_path, monkeypatch
+):
+    # with batch_tokens the batches are known from the trace's footer: the trace was read first
+    if available_host_memory() is None:
+        pytest.skip("no MemAvailable here: split_grid checks nothing")
+    path = tmp_path / "t.trace"
+    with TraceWriter(path, {"tables": [{"name": "a", "rows": 5000}]}) as writer:
+        writer.write(np.random.default_rng(7).integers(0, 5000, 20_000), "a")
+        writer.end_batch()
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # in the chunk's payload: a read fails its checksum
+    path.write_bytes(bytes(raw))
+    monkeypatch.setattr(tier_split, "_CELL_BYTES", 1 << 40)  # as a grid far past the RAM
+    split = {"gpu_budget": "1MiB", "host_budget": "1MiB"}
+    with pytest.raises(TraceFormatError, match="payload checksum mismatch"):
+        recommend_split(_config(), path, **split)  # its own batches: counted as it is read
+    with pytest.raises(ConfigError, match=r"tier split: 20,000 batches x \d+ warm candidates"):
+        recommend_split(_config(), path, batch_tokens=1, **split)
+    with pytest.raises(ConfigError, match=r"tier split: 5,000 batches x \d+ warm candidates"):
+        recommend_split(_config(), path, batch_tokens=4, **split)
+
+
 @pytest.mark.parametrize("stalls", [[0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 1.0, np.inf]])
 def test_the_frontier_is_every_split_no_other_beats_on_memory_and_stall(stalls):
     """Against the definition, pair by pair, with ties in every figure; and with stalls that

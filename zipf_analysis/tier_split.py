@@ -44,8 +44,8 @@ one hot candidate, per-batch counters and costs at every warm candidate, about 5
 (batch, warm candidate): little at the trace's own batches, but the most of it per request
 (``batch_tokens=1``: about 1 KB per lookup with the default 18 warm candidates, 1.1 GB for 1M
 lookups; :func:`split_grid` refuses a grid whose counters alone take more than the host RAM
-available, ``MemAvailable``). Traces that fit in RAM, as for
-:func:`zipf_analysis.replay.replay_offline`.
+available, ``MemAvailable``, and :func:`recommend_split` with ``batch_tokens`` before it reads the
+trace). Traces that fit in RAM, as for :func:`zipf_analysis.replay.replay_offline`.
 
 Memory counted against a budget: each tier's payload (rows x row bytes) plus its metadata, as
 :meth:`tiered_store.row_cache.RowCache.metadata_bytes` counts it (slot owner, flags and free list,
@@ -297,10 +297,7 @@ def batch_events(
     :func:`zipf_analysis.replay.replay` batches it (the trace's own batches, records of one batch
     joined, or groups of ``batch_tokens`` tokens x heads ids; ``1``: one lookup per batch)."""
     index = reader.table_index(table)
-    heads = int(reader.layout[index].get("heads", 1))
-    if batch_tokens is not None and batch_tokens < 1:
-        raise ConfigError(f"batch_tokens: got {batch_tokens}; expected a positive number of tokens")
-    size = None if batch_tokens is None else (1 if batch_tokens == 1 else batch_tokens * heads)
+    size = _batch_size(reader.layout[index], batch_tokens)
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     carry_ids = carry_bids = np.empty(0, dtype=np.int64)
     n_batches = lookups = 0
@@ -324,6 +321,14 @@ def batch_events(
     return BatchEvents(
         starts.astype(np.int64), dense.astype(np.int64), counts, lookups, ids.astype(np.int64)
     )
+
+
+def _batch_size(layout: dict[str, Any], batch_tokens: int | None) -> int | None:
+    """Lookups of the table a batch groups (None: the trace's own batches), as replay batches."""
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ConfigError(f"batch_tokens: got {batch_tokens}; expected a positive number of tokens")
+    heads = int(layout.get("heads", 1))
+    return None if batch_tokens is None else (1 if batch_tokens == 1 else batch_tokens * heads)
 
 
 def _tagged_chunks(
@@ -802,6 +807,9 @@ def recommend_split(
         if 0 <= h <= largest["hot"] and 0 <= w <= largest["warm"]:
             grids["hot"] = np.union1d(grids["hot"], [h])
             grids["warm"] = np.union1d(grids["warm"], [w])
+    per_batch = _batch_size(layout, batch_tokens)
+    if per_batch is not None:  # batches known from the footer: refuse a grid before the read
+        _check_grid_memory(-(-trace.lookups(index) // per_batch), grids["warm"].size)
     events = batch_events(trace, index, batch_tokens)
     check_row_ids(events.ids, rows, f"trace table {layout.get('name')!r}")
     grid = split_grid(events, config.cost_model, row_bytes, grids["hot"], grids["warm"], models)
