@@ -152,6 +152,9 @@ def test_shards_fixed_size_is_refused_past_its_int32_time_axis(monkeypatch):
         shards_mrc(np.arange(10), fixed_size=1 << 29)
     with pytest.raises(ValueError, match="fixed_size: got 0; expected a positive"):
         shards_mrc(np.arange(10), fixed_size=0)
+    for bad in (2.5, True, "64"):  # int() took 2.5 as 2, True as 1 and "64" as 64
+        with pytest.raises(ValueError, match=rf"fixed_size: got {bad!r}; expected an integer"):
+            shards_mrc(np.arange(10), fixed_size=bad)
     monkeypatch.setattr(mrc, "MAX_TIME_CAPACITY", 256)  # the same limit, small: 63 rows
     ids = np.random.default_rng(4).integers(0, 50, 3000)
     exact = lru_mrc(ids)

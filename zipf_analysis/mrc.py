@@ -613,7 +613,7 @@ def shards_mrc(
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**64:
         raise ValueError(f"seed: got {seed!r}; expected an integer in [0, 2**64)")
     if fixed_size is not None:
-        caps, ratio, lookups, meta = _shards_fixed_size(source, int(fixed_size), seed, adjust)
+        caps, ratio, lookups, meta = _shards_fixed_size(source, fixed_size, seed, adjust)
     else:
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"rate: got {rate}; expected 0 < rate <= 1")
@@ -654,6 +654,9 @@ def _shards_fixed_size(
 ) -> tuple[np.ndarray, np.ndarray, int, dict[str, Any]]:
     """SHARDS-max: capacities, miss ratios, lookups, metadata."""
     most = MAX_TIME_CAPACITY // 4 - 1  # its time axis: 4 x (smax + 1) int32 access times
+    if isinstance(smax, bool) or not isinstance(smax, int | np.integer):  # int() truncated 2.5
+        raise ValueError(f"fixed_size: got {smax!r}; expected an integer number of rows")
+    smax = int(smax)
     if not 1 <= smax <= most:
         raise ValueError(
             f"fixed_size: got {smax:,}; expected a positive number of rows up to {most:,} (its "
