@@ -52,7 +52,15 @@ def test_next_use_follows_requests_coming_and_going_in_any_order():
     queue, held = QueuedRequests(), []
     for step in range(300):
         if held and (rng.random() < 0.45 or len(held) > 12):
-            queue.remove(held.pop(int(rng.integers(len(held)))))  # any order, not only FIFO
+            at = int(rng.integers(len(held)))
+            gone = held.pop(at)  # any order, not only FIFO
+            earlier = torch.cat([t(), *(request.rows for request in held[:at])])
+            first = gone.rows[~torch.isin(gone.rows, earlier)]  # the rows it was the earliest for
+            after = torch.full((400,), NOT_QUEUED)
+            for request in reversed(held[at:]):
+                after[request.rows] = request.token
+            rows, next_use = queue.remove(gone)
+            assert rows.tolist() == first.tolist() and next_use.tolist() == after[first].tolist()
         else:
             held.append(queue.add(torch.from_numpy(rng.integers(0, 400, rng.integers(0, 60)))))
         probe = torch.arange(400)
@@ -832,41 +840,57 @@ def test_furthest_first_takes_none_for_k_zero_and_ties_with_the_kth_whole():
     assert furthest_first(slots[:0], next_use[:0], 3).tolist() == []
 
 
-def numpy_bytes_held() -> int:
-    """Bytes of the numpy buffers alive now that ``tracemalloc`` (started) traced, allocated in
-    ``request_queue.py`` (no other thread's)."""
-    import tracemalloc
-
-    from tiered_store import request_queue
-
-    numpy_only = tracemalloc.DomainFilter(inclusive=True, domain=np.lib.tracemalloc_domain)
-    in_the_queue = tracemalloc.Filter(inclusive=True, filename_pattern=request_queue.__file__)
-    snapshot = tracemalloc.take_snapshot().filter_traces([numpy_only])
-    snapshot = snapshot.filter_traces([in_the_queue])  # both (one list: either)
-    return sum(stat.size for stat in snapshot.statistics("filename"))
+def buffer_bytes(array: np.ndarray) -> int:
+    """Bytes of the allocation behind ``array``: its own, or its base's (numpy's or numba's)."""
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return base.nbytes if isinstance(base, np.ndarray) else memoryview(base).nbytes
 
 
 def test_the_queue_holds_the_bytes_it_counts_and_a_release_allocates_by_its_request():
     """A release's pass allocated the pairs it kept and the rows it moved at the size of the
     whole queue, and the queue kept views of those buffers: it held a released request's pairs
     more than ``nbytes`` (``queue_bytes``) counts, and each release's news (its moved rows, held
-    until the tiers are told) a whole queue's worth. The queue now holds what it counts, and a
-    release's moved rows take at most its own rows' bytes."""
-    import tracemalloc
+    until the tiers are told) a whole queue's worth. The queue holds what it counts, and a
+    release's moved rows take its own rows' bytes (the pass allocates each at its size)."""
+    from tiered_store import request_queue_kernels as kernels
 
-    warm = QueuedRequests()  # the kernels compiled (or loaded) before anything is traced
-    warm.remove(warm.add(t(1)))
-    tracemalloc.start()
-    try:
-        queue = QueuedRequests()
-        requests = [queue.add(torch.arange(k * 100, k * 100 + 4_000)) for k in range(8)]
-        assert numpy_bytes_held() == queue.nbytes == 8 * 4_000 * 16
-        for left, request in enumerate(requests[:3][::-1] + requests[3:5], start=1):
-            rows, next_use = queue.remove(request)  # the latest, then the earliest ones
-            assert queue.nbytes == (8 - left) * 4_000 * 16
-            moved = numpy_bytes_held() - queue.nbytes
-            assert 0 < moved <= 16 * request.rows.numel(), (left, moved)
-            del rows, next_use
-            assert numpy_bytes_held() == queue.nbytes, left
-    finally:
-        tracemalloc.stop()
+    queue = QueuedRequests()
+    requests = [queue.add(torch.arange(k * 100, k * 100 + 4_000)) for k in range(8)]
+
+    def held() -> int:
+        return buffer_bytes(queue._pair_rows) + buffer_bytes(queue._pair_tokens)
+
+    assert held() == queue.nbytes == 8 * 4_000 * 16
+    for left, request in enumerate(requests[:3][::-1] + requests[3:5], start=1):
+        news = kernels.drop_request(  # the pass ``remove`` runs (it returns these as tensors)
+            queue._pair_rows, queue._pair_tokens, request.token, NOT_QUEUED, 4_000
+        )
+        rows, next_use = queue.remove(request)  # the latest, then the earliest ones
+        assert rows.tolist() == news[2].tolist() and next_use.tolist() == news[3].tolist()
+        assert 0 < news[2].size <= 4_000, left
+        assert buffer_bytes(news[2]) == buffer_bytes(news[3]) == 8 * 4_000, left
+        assert held() == queue.nbytes == (8 - left) * 4_000 * 16, left
+
+
+def test_a_release_pass_given_another_pair_count_raises_and_writes_nothing_past_its_buffers():
+    """``drop_request`` sizes what it keeps and moves by the request's pair count (``dropped``,
+    one pair per distinct row, so a queue's own release never gives another): one too few or
+    too many raises ``ValueError`` naming both counts, and writes nothing past the buffers."""
+    from tiered_store import request_queue_kernels as kernels
+
+    queue = QueuedRequests()
+    queue.add(t(1, 2, 3, 5))
+    request = queue.add(t(2, 3, 4))
+    pairs = (queue._pair_rows, queue._pair_tokens)
+    for dropped in (2, 4, 0, 7):
+        with pytest.raises(ValueError, match=f"token {request.token} has 3 pairs; expected "):
+            kernels.drop_request(*pairs, request.token, NOT_QUEUED, dropped)
+    with pytest.raises(ValueError, match="dropped=8 pairs of 7; expected 0 to 7"):
+        kernels.drop_request(*pairs, request.token, NOT_QUEUED, 8)
+    kept_rows, kept_tokens, rows, next_use = kernels.drop_request(
+        *pairs, request.token, NOT_QUEUED, 3
+    )
+    assert kept_rows.tolist() == [1, 2, 3, 5] and rows.tolist() == [4]
+    assert next_use.tolist() == [NOT_QUEUED]

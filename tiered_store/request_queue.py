@@ -70,19 +70,9 @@ class QueuedRequests:
         rows = torch.unique(ids.reshape(-1).to("cpu", torch.int64))
         with self._lock:
             token = next(self._tokens)
-            size = self._pair_rows.size + rows.numel()
-            pair_rows, pair_tokens = np.empty(size, np.int64), np.empty(size, np.int64)
-            first = np.empty(rows.numel(), np.bool_)
-            kernels.merge_request(
-                self._pair_rows,
-                self._pair_tokens,
-                rows.numpy(),
-                token,
-                pair_rows,
-                pair_tokens,
-                first,
+            self._pair_rows, self._pair_tokens, first = kernels.merge_request(
+                self._pair_rows, self._pair_tokens, rows.numpy(), token
             )
-            self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
             request = QueuedRequest(token, rows, self, rows[torch.from_numpy(first)])
             self._requests.add(token)
         return request
@@ -107,17 +97,11 @@ class QueuedRequests:
                 )
             # sized by the request (one pair per row), not the queue: the queue holds what
             # ``nbytes`` counts, and a release's news (held until the tiers are told) its rows
-            dropped = request.rows.numel()
-            kept = self._pair_rows.size - dropped
-            pair_rows, pair_tokens = np.empty(kept, np.int64), np.empty(kept, np.int64)
-            rows, next_use = np.empty(dropped, np.int64), np.empty(dropped, np.int64)
-            moved = kernels.drop_request(
-                self._pair_rows, self._pair_tokens, request.token, NOT_QUEUED,
-                pair_rows, pair_tokens, rows, next_use,
-            )  # fmt: skip
-            self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
+            self._pair_rows, self._pair_tokens, rows, next_use = kernels.drop_request(
+                self._pair_rows, self._pair_tokens, request.token, NOT_QUEUED, request.rows.numel()
+            )
             self._requests.discard(request.token)
-        return torch.from_numpy(rows[:moved]), torch.from_numpy(next_use[:moved])
+        return torch.from_numpy(rows), torch.from_numpy(next_use)
 
     def next_use(self, ids: torch.Tensor) -> torch.Tensor:
         """Token of the earliest queued request that looks up each of ``ids`` (int64, on ``ids``'
