@@ -894,3 +894,35 @@ def test_a_release_pass_given_another_pair_count_raises_and_writes_nothing_past_
     )
     assert kept_rows.tolist() == [1, 2, 3, 5] and rows.tolist() == [4]
     assert next_use.tolist() == [NOT_QUEUED]
+
+
+@pytest.mark.parametrize("policy, failing", [("lru", "QueueVictims"), ("sieve", "nonzero")])
+def test_a_first_announce_that_fails_giving_a_tier_its_queue_state_leaves_lookups_working(
+    tmp_path, monkeypatch, policy, failing
+):
+    """A store's first announce gives each tier its per-slot queue state; an allocation failing
+    there (out of memory: a reload's new store beside the old one) left the tier failing with
+    its queue and next uses but not the slots searched by them, so later lookups that evicted
+    raised ``TypeError`` (SIEVE), or, where the hot tier failed, the warm one never got a queue
+    (the next announce checked the hot tier's only: LRU). The failure is raised, the tier is
+    left as it was, and the next announce gives each tier without one its state."""
+    from tiered_store import row_cache
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    path, data = make_table(tmp_path, rows=400)
+    config = store_config(path, warm={"capacity": 40, "policy": policy})
+    with TieredStore(config) as store:
+        store.lookup(torch.arange(40))
+        with monkeypatch.context() as patch:
+            patch.setattr(row_cache, failing, out_of_memory)
+            with pytest.raises(torch.OutOfMemoryError):
+                store.announce(torch.arange(5))
+        assert len(store.caches.queue) == 0
+        request = store.announce(torch.arange(20))
+        assert len(store.caches.queue) == 1 and store.warm.queue is store.caches.queue
+        assert torch.equal(store.lookup(torch.arange(100, 120)), data[100:120])
+        assert torch.isin(torch.arange(20), store.warm.row_of_slot).all()  # kept: queued
+        store.release(request)
+        assert store.stats()["queue"]["requests"] == 0

@@ -187,19 +187,20 @@ class RowCache:
     # -- updates ---------------------------------------------------------------------------------
     def attach_queue(self, queue: QueuedRequests) -> None:
         """Rank victims by ``queue``: rows no queued request looks up go first, then those whose
-        next request is furthest back in the queue."""
-        self.queue = queue
-        self._next_use = torch.full((self.capacity,), NOT_QUEUED, device=self.device)
+        next request is furthest back in the queue. All or nothing: a failure (out of memory)
+        leaves the tier without a queue, and the next call attaches it."""
+        next_use = torch.full((self.capacity,), NOT_QUEUED, device=self.device)
         if self.capacity and len(queue):
             held = torch.nonzero(self.row_of_slot >= 0).squeeze(1)
-            self._next_use[held] = queue.next_use(self.row_of_slot[held])
+            next_use[held] = queue.next_use(self.row_of_slot[held])
+        victims, queued = None, None
         if self._victim_buffer:
-            self._queue_victims = QueueVictims(
-                self.eviction, self._unevictable, self._next_use, self._buffer_size
-            )
+            victims = QueueVictims(self.eviction, self._unevictable, next_use, self._buffer_size)
         elif not self.eviction.keys_only_grow:
-            self._queued_slots = nonzero(self._next_use != NOT_QUEUED)
-            self._queued_sorted = self._queued_slots.numel()
+            queued = nonzero(next_use != NOT_QUEUED)
+        self.queue, self._next_use, self._queue_victims = queue, next_use, victims
+        if queued is not None:
+            self._queued_slots, self._queued_sorted = queued, queued.numel()
 
     def queued(self, request: QueuedRequest) -> None:
         """``request`` joined the queue, the latest: its ``first_rows`` held here now wait for

@@ -322,7 +322,8 @@ class TieredStore:
         self._check_open()
         # left where the caller has them: the queue copies them to the CPU on the current stream
         flat = self._in_table(self._checked_flat(as_id_tensor(ids)))
-        if self.hot.queue is None:  # the tiers keep per-slot queue state from the first on
+        # the tiers keep per-slot queue state from the first on (or the first after one failed)
+        if self.hot.queue is None or self.warm.queue is None:
             with self._lock.host_inputs():  # made on the store's stream: no wait for the caller's
                 self.caches.attach_queue()
         request = self.caches.queue.add(flat)  # its own lock: lookups go on meanwhile
