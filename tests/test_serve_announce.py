@@ -611,3 +611,54 @@ def test_a_reload_whose_announcement_to_a_new_store_fails_still_swaps_it_in(
     finally:
         served.close()
     assert all(store.closed for store in served.stores.values())
+
+
+def test_a_reload_whose_announcement_fails_part_way_keeps_those_told_and_releases_them(
+    tmp_path, caplog, monkeypatch
+):
+    """A reload that fails to tell the new store one of the waiting requests (out of memory)
+    tells it none after that one; those told before it stay announced there and are released
+    from it as they are answered, the others only from the tables that were told: its queue
+    (``stats()``, ``tiered_store_queued_requests``) counts the told ones, then none."""
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"announce_requests": True}))
+    served = ServedModel(config)
+    try:
+        bodies = [{"input_ids": [[5, 17, 900, 17]]}, {"input_ids": [[1, 2, 3, 4, 5]]}]
+        bodies.append({"input_ids": [[7, 8, 9]]})
+        requests = [parse_request(json.dumps(b).encode(), config.server, served) for b in bodies]
+        announced = [served.announce(request) for request in requests]
+        name = "engram_layer3"
+        old, other = served.stores[name], served.stores["engram_layer1"]
+        with TieredStore(old.config) as writer:  # a trainer commits
+            writer.write(torch.arange(4), torch.ones(4, writer.dim))
+            writer.commit()
+        announce, calls = TieredStore.announce, []
+
+        def out_of_memory_at_the_second(store, ids):  # the new store's second one fails
+            if store is not old and store is not other:
+                calls.append(store)
+                if len(calls) == 2:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return announce(store, ids)
+
+        monkeypatch.setattr(TieredStore, "announce", out_of_memory_at_the_second)
+        with caplog.at_level("ERROR", logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == [name]
+        assert len(calls) == 2  # the third request was not tried
+        new = served.stores[name]
+        assert new is not old and old.closed
+        assert served.stats()[name]["queue"]["requests"] == 1
+        assert [[s for s, _ in told.queued] for told in announced] == [
+            [other, new],
+            [other],
+            [other],
+        ]
+        for request, told in zip(requests, announced, strict=True):
+            served.answer(request, told)
+            served.release(told)
+        assert [s["queue"]["requests"] for s in served.stats().values()] == [0, 0]
+        assert [len(s.caches.queue) for s in served.stores.values()] == [0, 0]
+    finally:
+        served.close()

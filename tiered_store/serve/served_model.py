@@ -703,8 +703,9 @@ class ServedModel:
         """Tell the stores a reload opened (``reopened``: old store -> new, the old ones still in
         ``stores``) about the requests still waiting, in the order they were announced (the new
         stores start with no queue), those that skipped an old store left closed too. A new
-        store that fails one (out of memory beside the old) is logged and told none of them
-        (announcing is advice: they are served unannounced there); the swap goes on."""
+        store that fails one (out of memory beside the old) is logged once and told none after
+        it (announcing is advice: they are served unannounced there; those told before it stay
+        announced, released as usual); the swap goes on."""
         failed: set[TieredStore] = set()
         with self._waiting_lock:
             for announced in self._waiting:
