@@ -926,3 +926,31 @@ def test_a_first_announce_that_fails_giving_a_tier_its_queue_state_leaves_lookup
         assert torch.isin(torch.arange(20), store.warm.row_of_slot).all()  # kept: queued
         store.release(request)
         assert store.stats()["queue"]["requests"] == 0
+
+
+def test_an_announce_that_fails_telling_the_tiers_leaves_no_request_queued(tmp_path):
+    """An announce adds the request to the queue, then tells the tiers; a failure there (out of
+    memory probing a tier) raised with the request left queued and never returned, so never
+    released: its rows stood for ever, and ``stats()``, ``queue_bytes`` and the
+    ``tiered_store_queued_requests`` gauge counted it (where a server logs the request as served
+    unannounced there). The request is withdrawn before the failure is raised."""
+    path, data = make_table(tmp_path, rows=400)
+    with TieredStore(store_config(path, warm={"capacity": 40})) as store:
+        store.lookup(torch.arange(40))
+        store.release(store.announce(torch.arange(3)))  # the tiers hold their queue state
+        warm_queued = store.warm.queued
+
+        def out_of_memory(request):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        store.warm.queued = out_of_memory
+        with pytest.raises(torch.OutOfMemoryError):
+            store.announce(torch.arange(30))
+        store.warm.queued = warm_queued
+        assert store.stats()["queue"] == {"requests": 0, "rows": 0}
+        assert store.memory_report()["queue_bytes"] == 0
+        request = store.announce(torch.arange(20))
+        assert torch.equal(store.lookup(torch.arange(100, 120)), data[100:120])
+        assert torch.isin(torch.arange(20), store.warm.row_of_slot).all()  # kept: queued
+        store.release(request)
+        assert store.stats()["queue"] == {"requests": 0, "rows": 0}

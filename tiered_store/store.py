@@ -328,7 +328,12 @@ class TieredStore:
                 self.caches.attach_queue()
         request = self.caches.queue.add(flat)  # its own lock: lookups go on meanwhile
         self._lock.post(request, None)
-        self._lock.tell_if_free()  # waits for the lock only past a backlog of news (NEWS_BACKLOG)
+        try:
+            self._lock.tell_if_free()  # waits for the lock only past a backlog (NEWS_BACKLOG)
+        except BaseException:  # (out of memory telling the tiers) never returned: never released
+            with self._releasing:  # so withdrawn; the lock's next holder tells the tiers
+                self._lock.post(request, self.caches.queue.remove(request))
+            raise
         return request
 
     def release(self, request: QueuedRequest) -> None:
