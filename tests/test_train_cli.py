@@ -802,3 +802,35 @@ def test_a_run_on_cuda_in_fp16_resumes_on_cuda(tmp_path):
     )
     resumed = train(tmp_path / "stopped", mixed, resume=True, progress=False, device="cuda")
     assert resumed["final_loss"] == straight["final_loss"]
+
+
+def test_an_fp16_step_whose_dense_gradients_overflow_changes_no_row(tmp_path):
+    """fp16: a step whose dense gradients overflow and the rows' do not (the tied LM head's
+    gradient, the largest sum, at a scale of 2**20 here) is skipped whole: no row changes
+    either, the summary counts it and the scale halves; a run stopped right after it ends
+    where a straight one does."""
+    mixed = replace(
+        _settings(ROOT / "tiered_store" / "engram"), steps=2, checkpoint_every=1, precision="fp16"
+    )
+    train(tmp_path / "straight", mixed, resume=False, progress=False)
+    dense_file = tmp_path / "straight" / "dense-2.pt"
+    state = torch.load(dense_file, weights_only=True)
+    state["scaler"]["scale"] = 2.0**20  # as if grown: step 3's dense gradients overflow
+    torch.save(state, dense_file)
+    shutil.copytree(tmp_path / "straight", tmp_path / "stopped")
+    rows2, dense2 = _final_state(tmp_path / "straight", 2)
+    summary = train(tmp_path / "stopped", replace(mixed, steps=3), resume=True, progress=False)
+    rows3, dense3 = _final_state(tmp_path / "stopped", 3)
+    for key, value in dense2["model"].items():
+        assert torch.equal(value, dense3["model"][key]), key  # scaler.step skipped Adam
+    assert torch.equal(rows2, rows3)
+    assert summary["skipped_steps"] == 1 and dense3["scaler"]["scale"] == 2.0**19
+    straight = train(tmp_path / "straight", replace(mixed, steps=6), resume=True, progress=False)
+    resumed = train(tmp_path / "stopped", replace(mixed, steps=6), resume=True, progress=False)
+    assert straight["skipped_steps"] == resumed["skipped_steps"] + 1
+    assert resumed["final_loss"] == straight["final_loss"]
+    (rows, dense), (rows_resumed, dense_resumed) = (
+        _final_state(tmp_path / n, 6) for n in ("straight", "stopped")
+    )
+    assert torch.equal(rows, rows_resumed) and not torch.equal(rows, rows2)
+    assert dense["scaler"] == dense_resumed["scaler"]

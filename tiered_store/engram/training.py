@@ -16,7 +16,7 @@ every step, ``loss.png`` plots it.
 ``--device cuda`` computes on the GPU with the hot tier there. ``--precision bf16`` or ``fp16``
 runs the model under ``torch.autocast`` (the tables' rows stay float32); ``fp16`` scales the loss
 with a ``GradScaler`` (saved in the checkpoints) that the tables' steps follow: a step whose
-gradients overflow changes no row and no dense weight.
+gradients overflow, the dense weights' or the rows', changes no row and no dense weight.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
         _load_dense(out / f"dense-{start}.pt", start, model, dense, scaler, out_name)
     losses = _loss_log(out, start)
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
-    began, trained = time.perf_counter(), 0
+    began, trained, skipped = time.perf_counter(), 0, 0
     with warnings.catch_warnings():  # torch's notice for nn.RMSNorm of bf16/fp16 input
         warnings.filterwarnings("ignore", "Mismatch dtype between input and weight")
         try:
@@ -262,8 +262,20 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
                     loss = model.loss(batch)
                 dense.zero_grad()
                 scaler.scale(loss).backward()
-                scaler.step(dense)  # skipped, as the tables' step, when the gradients overflowed
-                table.step(step, scaler)
+                # fp16: gradients that overflowed, dense or rows', skip the whole step (the
+                # scaler's step() would decide for Adam alone)
+                scaler.unscale_(dense)
+                overflowed = scaler.is_enabled() and _overflowed(dense)
+                if overflowed:
+                    table.zero_grad()
+                else:
+                    before = table.skipped_steps
+                    table.step(step, scaler)
+                    overflowed = table.skipped_steps > before
+                if overflowed:
+                    skipped += 1
+                else:
+                    scaler.step(dense)
                 scaler.update()
                 rate = batch.numel() / (time.perf_counter() - tick)
                 losses.append((step, loss.item(), rate))
@@ -282,10 +294,16 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
         "resumed_from_step": start,
         "steps": settings.steps,
         "final_loss": losses[-1][1] if losses else None,
-        "skipped_steps": table.skipped_steps,  # this invocation's (fp16: gradients overflowed)
+        "skipped_steps": skipped,  # this invocation's (fp16: gradients overflowed)
         "tokens_per_second": trained / seconds if seconds > 0 else None,
         "store": table.store.stats().get("writes", {}),
     }
+
+
+def _overflowed(dense: torch.optim.Optimizer) -> bool:
+    """Whether a gradient of ``dense``'s parameters holds an inf or a NaN."""
+    grads = [p.grad for group in dense.param_groups for p in group["params"] if p.grad is not None]
+    return bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
 
 def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> None:
