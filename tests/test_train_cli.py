@@ -370,11 +370,15 @@ def test_a_corpus_given_in_python_as_one_path_is_that_path(tmp_path):
         ('{"steps": "5"}', "steps: got '5', expected an integer"),
         ('{"corpus": [3]}', "corpus: got \\[3\\], expected a list of paths"),
         ("[1]", "a JSON list, not an object"),
+        ('{"precision": "fp64"}', "precision: got 'fp64', expected one of fp32, bf16, fp16"),
+        ('{"optimizer": "lion"}', "optimizer: got 'lion', expected one of sgd, rowwise_adagrad"),
+        ('{"io": "mmapx"}', "io: got 'mmapx', expected one of mmap, pread"),
     ],
 )
 def test_a_damaged_settings_file_is_named_and_the_run_kept(tmp_path, capsys, saved, why):
     """A train.json that is damaged or not one `train` saved: a clear error naming the file (it
-    was a raw traceback); the run's table is left as it was."""
+    was a raw traceback; a value none of the choices blamed the option, not given); the run's
+    table is left as it was."""
     common, small, out = _cli_args(tmp_path)
     assert main([*common, *small, "--steps", "1"]) == 0
     (out / "train.json").write_text(saved)

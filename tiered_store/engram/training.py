@@ -614,6 +614,7 @@ _SAVED_TYPES = {  # a field's type in train.json, and how a message names it
     "corpus": (list | type(None), "a list of paths or null"),
     "model": (dict, "an object"),
 }
+_SAVED_CHOICES = {"optimizer": OPTIMIZERS, "io": IO_MODES, "precision": tuple(AUTOCAST)}  # values
 
 
 def _save_settings(out: Path, settings: TrainSettings) -> None:
@@ -636,6 +637,9 @@ def _saved_settings(path: Path, out_name: str) -> TrainSettings:
                 raise ValueError(f"unknown field {name!r}")
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise ValueError(f"{name}: got {value!r}, expected {what}")
+            choices = _SAVED_CHOICES.get(name)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{name}: got {value!r}, expected one of {', '.join(choices)}")
         if any(not isinstance(c, str) for c in doc.get("corpus") or []):
             raise ValueError(f"corpus: got {doc['corpus']!r}, expected a list of paths")
     except (OSError, ValueError) as exc:
