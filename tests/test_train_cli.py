@@ -795,7 +795,8 @@ def test_precision_and_device_are_checked_before_any_work(tmp_path, capsys):
 @pytest.mark.gpu
 def test_a_run_on_cuda_in_fp16_resumes_on_cuda(tmp_path):
     """The model and the hot tier on the GPU, fp16 autocast with a GradScaler: a run stopped and
-    resumed ends where a straight one does."""
+    resumed ends where a straight one does, to the GPU's own run-to-run rounding (its atomic
+    adds in index_add_ and attention's backward are not bit-reproducible)."""
     mixed = replace(
         _settings(ROOT / "tiered_store" / "engram"), steps=6, checkpoint_every=2, precision="fp16"
     )
@@ -805,7 +806,7 @@ def test_a_run_on_cuda_in_fp16_resumes_on_cuda(tmp_path):
         tmp_path / "stopped", replace(mixed, steps=4), resume=False, progress=False, device="cuda"
     )
     resumed = train(tmp_path / "stopped", mixed, resume=True, progress=False, device="cuda")
-    assert resumed["final_loss"] == straight["final_loss"]
+    assert resumed["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-3)
 
 
 def test_an_fp16_step_whose_dense_gradients_overflow_changes_no_row(tmp_path):
