@@ -954,3 +954,47 @@ def test_an_announce_that_fails_telling_the_tiers_leaves_no_request_queued(tmp_p
         assert torch.isin(torch.arange(20), store.warm.row_of_slot).all()  # kept: queued
         store.release(request)
         assert store.stats()["queue"] == {"requests": 0, "rows": 0}
+
+
+def test_the_queues_passes_equal_a_brute_force_reading_at_every_pair_count():
+    """``merge_request`` and ``drop_request`` (compiled, and their Python bodies, where numpy
+    bounds-checks every write) against a brute-force reading of random queues: the empty queue,
+    one request, empty requests, requests whose pairs are all at the queue's start or end or
+    interleave others'. ``drop_request`` given each pair count from -1 to all the pairs + 1: the
+    right one gives the brute-force answer, any other ``ValueError``, and none writes past the
+    buffers it sized (its first loop checks no room: an overrun there is silent once compiled)."""
+    from tiered_store import request_queue_kernels as kernels
+
+    rng = np.random.default_rng(0)
+    for case in range(150):
+        span = int(rng.choice([1, 3, 40]))  # few rows: much overlap; many: pairs at the ends
+        requests: dict[int, np.ndarray] = {}
+        pair_rows = pair_tokens = np.empty(0, np.int64)
+        for token in range(1, int(rng.integers(1, 7)) + 1):
+            low = int(rng.choice([0, span, 2 * span]))  # below, among or above the others'
+            rows = np.unique(rng.integers(low, low + span, int(rng.integers(0, 2 * span + 1))))
+            for kernel in (kernels.merge_request, kernels.merge_request.py_func):
+                out_rows, out_tokens, first = kernel(pair_rows, pair_tokens, rows, token)
+                held = {int(r) for r in np.concatenate(list(requests.values()) or [rows[:0]])}
+                pairs = sorted([(int(r), k) for k, rs in requests.items() for r in rs])
+                pairs = sorted(pairs + [(int(r), token) for r in rows])
+                assert list(zip(out_rows.tolist(), out_tokens.tolist(), strict=True)) == pairs, case
+                assert first.tolist() == [int(r) not in held for r in rows], case
+            requests[token], pair_rows, pair_tokens = rows, out_rows, out_tokens
+        for token, rows in requests.items():
+            pairs = zip(pair_rows.tolist(), pair_tokens.tolist(), strict=True)
+            kept = [(r, k) for r, k in pairs if k != token]
+            others: dict[int, int] = {}
+            for r, k in kept:
+                others.setdefault(r, k)  # sorted: each row's first is its earliest
+            moved = [r for r in rows.tolist() if others.get(r, NOT_QUEUED) > token]
+            after = [others.get(r, NOT_QUEUED) for r in moved]
+            for dropped in range(-1, pair_rows.size + 2):
+                for kernel in (kernels.drop_request, kernels.drop_request.py_func):
+                    if dropped != rows.size:
+                        with pytest.raises(ValueError, match=f"dropped={dropped}"):
+                            kernel(pair_rows, pair_tokens, token, NOT_QUEUED, dropped)
+                        continue
+                    news = kernel(pair_rows, pair_tokens, token, NOT_QUEUED, dropped)
+                    assert list(zip(news[0].tolist(), news[1].tolist(), strict=True)) == kept, case
+                    assert news[2].tolist() == moved and news[3].tolist() == after, case
