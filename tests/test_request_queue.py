@@ -998,3 +998,38 @@ def test_the_queues_passes_equal_a_brute_force_reading_at_every_pair_count():
                     news = kernel(pair_rows, pair_tokens, token, NOT_QUEUED, dropped)
                     assert list(zip(news[0].tolist(), news[1].tolist(), strict=True)) == kept, case
                     assert news[2].tolist() == moved and news[3].tolist() == after, case
+
+
+@pytest.mark.parametrize("policy", ["lru", "sieve"])
+def test_an_announce_withdrawn_after_a_tier_missed_it_passes_its_rows_to_the_next_request(
+    tmp_path, policy
+):
+    """An announce whose telling the tiers failed part way (the hot tier told, the warm one
+    out of memory) is withdrawn; a request announced meanwhile that looks up the same rows
+    (the withdrawn one was their earliest) must take them over in every tier. The warm tier,
+    never told of the withdrawn request, ignored its withdrawal, and kept those rows unqueued
+    while the queue said the later request needs them: they were evicted first."""
+    path, data = make_table(tmp_path, rows=400)
+    config = store_config(path, hot={"capacity": 20}, warm={"capacity": 60, "policy": policy})
+    with TieredStore(config) as store:
+        store.lookup(torch.arange(80))
+        store.release(store.announce(torch.arange(3)))  # the tiers hold their queue state
+        warm_queued, later = store.warm.queued, []
+
+        def out_of_memory(request):
+            store.warm.queued = warm_queued  # once
+            later.append(store.announce(torch.arange(30, 70)))  # another thread's, meanwhile
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        store.warm.queued = out_of_memory
+        with pytest.raises(torch.OutOfMemoryError):
+            store.announce(torch.arange(0, 60))
+        assert torch.equal(store.lookup(torch.arange(100, 101)), data[100:101])  # tells the news
+        assert len(store.caches.queue) == 1
+        for cache in (store.hot, store.warm):
+            held = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
+            want = store.caches.queue.next_use(cache.row_of_slot[held])
+            assert torch.equal(cache._next_use[held], want), cache.name
+            check_cache_invariants(cache)
+        store.release(later[0])
+        assert store.stats()["queue"] == {"requests": 0, "rows": 0}

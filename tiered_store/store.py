@@ -331,8 +331,9 @@ class TieredStore:
         try:
             self._lock.tell_if_free()  # waits for the lock only past a backlog (NEWS_BACKLOG)
         except BaseException:  # (out of memory telling the tiers) never returned: never released
-            with self._releasing:  # so withdrawn; the lock's next holder tells the tiers
-                self._lock.post(request, self.caches.queue.remove(request))
+            with self._releasing:  # so withdrawn; the lock's next holder tells the tiers, the
+                self._lock.post(request, None)  # request again first: a tier may have missed it
+                self._lock.post(request, self.caches.queue.remove(request))  # (rows passed on)
             raise
         return request
 
