@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -664,3 +665,66 @@ def test_a_read_whose_runner_thread_cannot_start_is_read_by_the_runners_that_did
         finally:
             threading.stack_size(0)
     assert torch.equal(rows, data[ids])
+
+
+def test_a_ctrl_c_while_a_read_waits_for_its_runners_returns_after_they_stopped(
+    tmp_path, monkeypatch
+):
+    """A Ctrl-C while the caller waited for a runner thread raised out of read_rows at once,
+    while that runner went on writing rows into ``out`` (a buffer the caller may already be
+    filling again): the read stops its runners and returns once they have."""
+    path = tmp_path / "t.npy"
+    data = torch.arange(5000 * 16, dtype=torch.float32).reshape(5000, 16)
+    create_table(path, data, progress=False)
+    ids = np.arange(0, 5000, 200)  # 25 extents, 8 groups
+    out = torch.full((len(ids), 16), -1.0)
+    held, release, interrupted = threading.Event(), threading.Event(), threading.Event()
+    main = threading.main_thread()
+
+    def main_waits_for_a_runner() -> bool:
+        frame = sys._current_frames().get(main.ident)
+        names = []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        return bool(names) and names[0] == "wait" and "_run_parallel" in names
+
+    def interrupt() -> None:
+        """SIGINT once the caller waits for the held runner; release it once the caller, the
+        signal handled, waits for it again (a caller that returned releases it itself)."""
+        while not (held.is_set() and main_waits_for_a_runner()):
+            release.wait(0.001)
+        signal.pthread_kill(main.ident, signal.SIGINT)
+        interrupted.wait()
+        while not release.wait(0.001):
+            if main_waits_for_a_runner():
+                release.set()
+
+    def ctrl_c(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    with ColdTable(path, io="pread", threads=2) as table:
+        extract = table._extract
+
+        def held_extract(*args, **kwargs):
+            """The runner thread's first group waits for ``release``; the caller's, for that."""
+            if threading.current_thread() is not main and not held.is_set():
+                held.set()
+                release.wait()
+            elif threading.current_thread() is main:
+                held.wait(30)
+            return extract(*args, **kwargs)
+
+        monkeypatch.setattr(table, "_extract", held_extract)
+        default = signal.signal(signal.SIGINT, ctrl_c)
+        try:
+            threading.Thread(target=interrupt, daemon=True).start()
+            with pytest.raises(KeyboardInterrupt):
+                table.read_rows(ids, out=out)
+            returned = out.clone()
+        finally:
+            release.set()
+            signal.signal(signal.SIGINT, default)
+    assert held.is_set() and interrupted.is_set()
+    assert torch.equal(out, returned)  # nothing written after read_rows returned

@@ -765,7 +765,8 @@ class ColdTable:
 
     def _run_parallel(self, fn: Any, tasks: int) -> None:
         """Run fn(0..tasks-1) on up to ``threads`` runners (the caller is one) pulling tasks;
-        fewer when a runner's thread cannot start (a process limit, no memory for its stack)."""
+        fewer when a runner's thread cannot start (a process limit, no memory for its stack).
+        A Ctrl-C stops the runners after their task, and is raised once they have ended."""
         runners = min(self.threads, tasks)
         if runners <= 1 or self._pool is None:
             for k in range(tasks):
@@ -773,38 +774,45 @@ class ColdTable:
             return
         counter = itertools.count()  # next() is atomic under the GIL: a lock-free task queue
         errors: list[BaseException] = []
-        joining = threading.Lock()
         joined: list[threading.Event] = []  # one per runner that took part, set as it ends
-        done = [False]  # set once the caller's runner ran out of tasks: no runner joins after
+
+        def take() -> None:
+            """Run tasks until none is left or one failed."""
+            while not errors:
+                k = next(counter)
+                if k >= tasks:
+                    return
+                try:
+                    fn(k)
+                except BaseException as exc:  # re-raised by the caller
+                    errors.append(exc)
 
         def runner() -> None:
-            with joining:
-                if done[0]:  # queued behind other reads: the caller did its share
-                    return
-                ended = threading.Event()
-                joined.append(ended)
+            # Registered before it takes a task, so one the caller does not wait for (it joined
+            # after the caller found no task left or an error) finds none left or that error.
+            ended = threading.Event()
+            joined.append(ended)
             try:
-                while not errors:
-                    k = next(counter)
-                    if k >= tasks:
-                        return
-                    try:
-                        fn(k)
-                    except BaseException as exc:  # re-raised by the caller
-                        errors.append(exc)
+                take()
             finally:
                 ended.set()
 
-        for _ in range(runners - 1):
-            try:
-                self._pool.submit(runner)
-            except RuntimeError:  # its thread could not start: the runners so far read it all
-                break  # (the runner it queued may yet join: it is waited for as any other)
-        runner()
-        with joining:
-            done[0] = True
-        for ended in joined:  # wait for all: they write into `out` and use our buffers
-            ended.wait()
+        try:
+            for _ in range(runners - 1):
+                try:
+                    self._pool.submit(runner)
+                except RuntimeError:  # its thread could not start: the runners so far read it all
+                    break  # (the runner it queued may yet join: as any other, see runner())
+            take()
+        except BaseException as exc:  # a Ctrl-C between tasks: the runners stop after theirs
+            errors.insert(0, exc)
+        for ended in joined[:]:  # wait for all: they write into `out` and use our buffers
+            while True:
+                try:
+                    ended.wait()
+                    break
+                except BaseException as exc:  # a Ctrl-C: the runners stop, and are waited for
+                    errors.insert(0, exc)
         if errors:
             raise errors[0]
 
