@@ -890,22 +890,13 @@ def _leave(sock: socket.socket, how: str) -> None:
     sock.close()
 
 
-@pytest.mark.parametrize(
-    "settings", [{}, {"announce_requests": True}, {"drop_abandoned": False}], ids=str
-)
-def test_a_request_whose_client_leaves_while_it_waits_for_a_turn_is_not_computed(
-    tmp_path, settings
-):
-    """max_concurrent 1, one request computing: three more wait for the turn, and their clients
-    leave (close, reset, half-close). They were computed when the turn came, each for nobody
-    (or for a half-closed client that still read). Now they are counted 499 at once, never
-    computed, their announcements released; the half-closed client reads why (503). With
-    server.drop_abandoned: false they are computed and the half-closed one gets its answer."""
+def _one_turn_held(tmp_path, settings: dict) -> tuple:
+    """An in-process server of one compute turn (``settings`` added to its server section) whose
+    first request, [[1, 2, 3]], computes until ``go_on`` is set: (server, the input ids each
+    computed request had, go_on, the first request's thread, started)."""
     from tests.test_serve import start_server
-    from tests.test_serve_announce import queued_requests
     from tiered_store.serve.client import post_json
 
-    drop = settings.get("drop_abandoned", True)
     server = start_server(make_checkpoint(tmp_path, server={"max_concurrent": 1, **settings}))
     computing, go_on = threading.Event(), threading.Event()
     answer, computed = server.model.answer, []
@@ -919,11 +910,32 @@ def test_a_request_whose_client_leaves_while_it_waits_for_a_turn_is_not_computed
     server.model.answer = held_answer
     url = server.url + "/v1/engram"
     first = threading.Thread(target=lambda: post_json(url, {"input_ids": [[1, 2, 3]]}))
+    first.start()
+    if not computing.wait(30):
+        go_on.set()
+        server.stop()
+        raise AssertionError("the first request never began computing")
+    return server, computed, go_on, first
+
+
+@pytest.mark.parametrize(
+    "settings", [{}, {"announce_requests": True}, {"drop_abandoned": False}], ids=str
+)
+def test_a_request_whose_client_leaves_while_it_waits_for_a_turn_is_not_computed(
+    tmp_path, settings
+):
+    """max_concurrent 1, one request computing: three more wait for the turn, and their clients
+    leave (close, reset, half-close). They were computed when the turn came, each for nobody
+    (or for a half-closed client that still read). Now they are counted 499 at once, never
+    computed, their announcements released; the half-closed client reads why (503). With
+    server.drop_abandoned: false they are computed and the half-closed one gets its answer."""
+    from tests.test_serve_announce import queued_requests
+
+    drop = settings.get("drop_abandoned", True)
+    server, computed, go_on, first = _one_turn_held(tmp_path, settings)
     host, port = server.url.removeprefix("http://").split(":")
     socks = []
     try:
-        first.start()
-        assert computing.wait(30)
         before = _answers(server.url, "499", "/v1/engram")
         for n, how in enumerate(("close", "reset", "half-close")):
             body = json.dumps({"input_ids": [[4 + n, 5, 6]]}).encode()
@@ -1052,26 +1064,9 @@ def test_requests_pipelined_before_a_half_close_are_each_answered_while_the_turn
     half-closes while they wait. The first was answered 503 (not computed) with Connection:
     close, so the two after it were never answered nor counted; each is now answered 503 and
     counted 499, as eof_received answers requests pipelined before the end of the stream."""
-    from tests.test_serve import start_server
-    from tiered_store.serve.client import post_json
-
-    server = start_server(make_checkpoint(tmp_path, server={"max_concurrent": 1}))
-    computing, go_on = threading.Event(), threading.Event()
-    answer, computed = server.model.answer, []
-
-    def held_answer(request, *args, **kwargs):
-        computed.append(request.input_ids.tolist())
-        computing.set()
-        go_on.wait(30)  # the first request holds the only compute turn
-        return answer(request, *args, **kwargs)
-
-    server.model.answer = held_answer
-    url = server.url + "/v1/engram"
-    first = threading.Thread(target=lambda: post_json(url, {"input_ids": [[1, 2, 3]]}))
+    server, computed, go_on, first = _one_turn_held(tmp_path, {})
     host, port = server.url.removeprefix("http://").split(":")
     try:
-        first.start()
-        assert computing.wait(30)
         before = _answers(server.url, "499", "/v1/engram")
         requests = b""
         for n in range(3):
