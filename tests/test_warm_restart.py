@@ -982,19 +982,17 @@ print("left open:", len(os.listdir("/proc/self/fd")) - len(before))
 """
 
 
-def test_an_open_whose_thread_cannot_start_raises_why_and_leaves_nothing_open(tmp_path):
-    """A save thread that could not start (no memory for its stack, a process limit) was joined
-    while the open unwound: "cannot join thread before it is started" hid the real error, and
-    the table file and its version hold were left open."""
+def _script_lines(script: str, path) -> list[str]:
+    """The lines ``script`` prints, run in a fresh Python with the table ``path`` as its
+    argument (it must exit 0)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    path, _ = make_table(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run(
-        [sys.executable, "-c", _OPEN_WITHOUT_THREADS, str(path)],
+        [sys.executable, "-c", script, str(path)],
         capture_output=True,
         text=True,
         env=env,
@@ -1002,7 +1000,18 @@ def test_an_open_whose_thread_cannot_start_raises_why_and_leaves_nothing_open(tm
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["RuntimeError: can't start new thread", "left open: 0"]
+    return done.stdout.splitlines()
+
+
+def test_an_open_whose_thread_cannot_start_raises_why_and_leaves_nothing_open(tmp_path):
+    """A save thread that could not start (no memory for its stack, a process limit) was joined
+    while the open unwound: "cannot join thread before it is started" hid the real error, and
+    the table file and its version hold were left open."""
+    path, _ = make_table(tmp_path)
+    assert _script_lines(_OPEN_WITHOUT_THREADS, path) == [
+        "RuntimeError: can't start new thread",
+        "left open: 0",
+    ]
 
 
 _OPEN_WHOSE_NTH_THREAD_CANNOT_START = r"""
@@ -1039,23 +1048,8 @@ for failing in ("restore", "save", "repin"):
 def test_an_open_whose_restore_save_or_re_pin_thread_cannot_start_joins_those_started(tmp_path):
     """The restore, save and re-pin threads start in turn: one that cannot start leaves those
     before it running; the open joins them, closes its files and leaves the restart file."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     path, _ = make_table(tmp_path, rows=500, dim=8)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run(
-        [sys.executable, "-c", _OPEN_WHOSE_NTH_THREAD_CANNOT_START, str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == [
+    assert _script_lines(_OPEN_WHOSE_NTH_THREAD_CANNOT_START, path) == [
         line
         for name in ("restore", "save", "repin")
         for line in (f"{name}: RuntimeError: can't start new thread", "left open: 0 [] True")
