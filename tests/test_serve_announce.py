@@ -17,6 +17,15 @@ from tiered_store.serve.client import post_json, run_load, zipf_requests
 from tiered_store.serve.guarded_table import TableUnavailableError
 
 
+def _trainer_commits(store) -> None:
+    """A commit to ``store``'s table by another store, as a trainer's: the server's is stale."""
+    from tiered_store import TieredStore
+
+    with TieredStore(store.config) as writer:
+        writer.write(torch.arange(4), torch.ones(4, writer.dim))
+        writer.commit()
+
+
 def queued_requests(server) -> list[int]:
     """Requests each table holds as announced now (None: never announced to, so its tiers
     keep no state for a queue)."""
@@ -190,7 +199,6 @@ def test_a_reload_tells_the_reopened_tables_about_the_requests_still_waiting(tmp
     """A table reopened on a new version while a request waits: its rows are announced to the new
     store, and the release reaches it (they went to the closed store, and the new one's rows of
     the waiting request ranked as never needed)."""
-    from tiered_store import TieredStore
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"announce_requests": True}))
     served = ServedModel(config)
@@ -199,9 +207,7 @@ def test_a_reload_tells_the_reopened_tables_about_the_requests_still_waiting(tmp
         request = parse_request(body, config.server, served)
         announced = served.announce(request)  # waiting for its compute turn
         name = "engram_layer1"
-        with TieredStore(served.stores[name].config) as writer:  # a trainer commits
-            writer.write(torch.arange(4), torch.ones(4, writer.dim))
-            writer.commit()
+        _trainer_commits(served.stores[name])
         assert served.reload_if_stale(force_check=True) == [name]
         reopened = served.stores[name]
         assert len(reopened.caches.queue) == 1 and reopened.stats()["queue"]["requests"] == 1
@@ -584,9 +590,7 @@ def test_a_reload_whose_announcement_to_a_new_store_fails_still_swaps_it_in(
         announced = [served.announce(request) for request in requests]
         name = "engram_layer3"
         old, other = served.stores[name], served.stores["engram_layer1"]
-        with TieredStore(old.config) as writer:  # a trainer commits
-            writer.write(torch.arange(4), torch.ones(4, writer.dim))
-            writer.commit()
+        _trainer_commits(old)
         announce = TieredStore.announce
 
         def out_of_memory_when_new(store, ids):  # the new store's announcements fail
@@ -631,9 +635,7 @@ def test_a_reload_whose_announcement_fails_part_way_keeps_those_told_and_release
         announced = [served.announce(request) for request in requests]
         name = "engram_layer3"
         old, other = served.stores[name], served.stores["engram_layer1"]
-        with TieredStore(old.config) as writer:  # a trainer commits
-            writer.write(torch.arange(4), torch.ones(4, writer.dim))
-            writer.commit()
+        _trainer_commits(old)
         announce, calls = TieredStore.announce, []
 
         def out_of_memory_at_the_second(store, ids):  # the new store's second one fails
