@@ -289,3 +289,19 @@ def test_an_unshard_killed_part_way_leaves_no_half_table_and_a_rerun_finishes(tm
     join_shards(table, ranks=3, overwrite=True, progress=False)  # no lock left behind
     want[2009] = -1.0
     assert np.array_equal(np.load(table), want) and verify_table(table, progress=False)
+
+
+def test_shards_and_their_join_keep_the_tables_checksum_block_size(tmp_path):
+    """Cut into shards and joined back, a table made with 8 KiB checksum blocks was written with
+    the default 1 MiB blocks (one block for a whole small shard); compaction keeps the block
+    size its maker chose, and so do shards and the joined table."""
+    rng = np.random.default_rng(0)
+    table = tmp_path / "t.npy"
+    data = rng.standard_normal((600, 16)).astype(np.float32)  # 38,400 B: 5 blocks of 8 KiB
+    create_table(table, data, block_bytes=8192, progress=False)
+    shards = write_shards(table, 2, "rows", progress=False)
+    assert [read_manifest(s.path).block_bytes for s in shards] == [8192, 8192]
+    assert [s.manifest.block_bytes for s in shards] == [8192, 8192]
+    whole = join_shards([s.path for s in shards], tmp_path / "whole.npy", progress=False)
+    assert whole.block_bytes == 8192 and verify_table(tmp_path / "whole.npy", progress=False)
+    assert np.array_equal(np.load(tmp_path / "whole.npy"), data)

@@ -187,6 +187,7 @@ def _write_shards(
                 shard_manifest = create_table(
                     new,
                     ShardRows(cold, start, stop),
+                    block_bytes=manifest.block_bytes,  # as the table's maker chose
                     quantization=manifest.quantization,
                     metadata=metadata,
                     progress=progress,

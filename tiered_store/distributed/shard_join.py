@@ -94,6 +94,7 @@ def join_shards(
         return create_table(
             out_npy,
             _JoinedRows(colds, shard_map, found[0][0].path),
+            block_bytes=first.block_bytes,  # the shards' (the table's, which cut them)
             quantization=first.quantization,
             metadata=metadata,
             progress=progress,
