@@ -474,6 +474,32 @@ def test_the_next_compaction_removes_what_a_killed_one_left(tmp_path, killed_at)
     assert compact_table(path, progress=False).removed_leftovers == []
 
 
+def test_a_killed_compaction_past_another_tables_file_is_cleaned_up_once_that_file_goes(tmp_path):
+    """With another table named ``t.g1.npy`` there, a compaction of t writes ``t.g2.npy``; killed
+    before its pointer switched, then that other table removed (as the warning asks, were it an
+    old version), the next compaction took ``t.g2.npy`` for a later version than a killed one
+    leaves ("past the next"), refused, and told to point at it, which would drop a commit made
+    since. The version records the generation it was compacted from, so it is a leftover."""
+    from tiered_store import create_table
+    from tiered_store.delta.table_versions import version_path
+
+    path = _table_with_a_commit(tmp_path, 300)
+    other = tmp_path / "t.g1.npy"
+    create_table(other, np.full((3, 4), 7.0, np.float32), progress=False)
+    _run_until_killed(_COMPACTION_KILLED_AT, path, "unpublished")
+    assert (tmp_path / "t.g2.npy.manifest.json").exists()  # whole, never published
+    with TieredStore.open({"table": {"path": str(path)}}) as store:  # a commit after the kill
+        store.write([6], torch.full((1, 4), 2.0))
+        store.commit()
+    for name in ("t.g1.npy", "t.g1.npy.manifest.json", "t.g1.npy.pages.crc32c"):
+        (tmp_path / name).unlink()
+    report = compact_table(path, progress=False)
+    assert "t.g2.npy" in report.removed_leftovers and not version_path(path, 2).exists()
+    assert report.new_generation == 1 and report.delta_rows == 2
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        assert store.lookup([5, 6, 7]).tolist() == [[1.0] * 4, [2.0] * 4, [0.0] * 4]
+
+
 def test_a_compaction_leaves_the_temporaries_of_a_live_page_checksum_addition(tmp_path):
     """A compaction removed every hidden ``.TABLE.gN.npy*.tmp`` as a killed compaction's, also
     those of a `verify --add-page-checksums` running on the current version in another process,

@@ -125,7 +125,8 @@ def compact_table(table: str | Path, *, progress: bool = True) -> CompactionRepo
                         metadata={
                             **cold.manifest.metadata,
                             "committed_step": delta.step,
-                            VERSION_OF: version_record(table, new_generation),  # cleanups read it
+                            # whose version it is, compacted from which: cleanups read it
+                            VERSION_OF: version_record(table, new_generation, generation),
                         },
                         quantization=cold.manifest.quantization,
                     )

@@ -5,9 +5,10 @@ A table is named by its first file, ``TABLE.npy`` (generation 0). Compaction wri
 ``TABLE.npy.current`` (``{"generation": N, "file": "TABLE.gN.npy"}``) with one atomic rename:
 an opener sees the old version or the new one, whole. Each version has its own delta
 (``TABLE.gN.npy.delta/``), so the new version starts with none. Its manifest records whose
-version it is (``metadata["version_of"]``: ``{"table": "TABLE.npy", "generation": N}``): cleanups
-remove a ``TABLE.gN.npy`` only when it says so (or has no manifest: a version written or removed
-part way), never another table that happens to be named so, which they leave with a warning.
+version it is (``metadata["version_of"]``: ``{"table": "TABLE.npy", "generation": N,
+"compacted_from": M}``): cleanups remove a ``TABLE.gN.npy`` only when it says so (or has no
+manifest: a version written or removed part way), never another table that happens to be named
+so, which they leave with a warning.
 
 Who uses what is told by ``flock``s, which the kernel drops when a process dies (kill -9
 included): an open store holds a shared lock on its version's ``.npy``; one writer per table holds
@@ -42,7 +43,8 @@ from .row_delta import delta_path, remove_delta_temporaries
 T = TypeVar("T")
 
 _LOCK_RETRY_S = 0.02  # between tries of a writer lock waited for
-# in a compacted version's manifest metadata: {"table": "TABLE.npy", "generation": N}
+# in a compacted version's manifest metadata:
+# {"table": "TABLE.npy", "generation": N, "compacted_from": the generation it was compacted from}
 VERSION_OF = "version_of"
 
 
@@ -158,9 +160,28 @@ def _refuse_a_version_file(table: str | os.PathLike[str]) -> None:
         )
 
 
-def version_record(table: str | os.PathLike[str], generation: int) -> dict:
-    """What generation ``generation``'s manifest records under ``VERSION_OF``: whose it is."""
-    return {"table": _npy(table).name, "generation": generation}
+def version_record(table: str | os.PathLike[str], generation: int, compacted_from: int) -> dict:
+    """What generation ``generation``'s manifest records under ``VERSION_OF``: whose it is, and
+    the generation it was compacted from."""
+    return {"table": _npy(table).name, "generation": generation, "compacted_from": compacted_from}
+
+
+def _record(npy: Path, generation: int) -> dict | bool | None:
+    """What ``TABLE.gN.npy``'s manifest records under ``VERSION_OF`` when it names it generation
+    N of the table ``npy``; None when it has no manifest, False when it records another or none
+    (or is unreadable)."""
+    try:
+        doc = json.loads(table_paths(version_path(npy, generation))[1].read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # unreadable: never assumed to be the table's
+        return False
+    metadata = doc.get("metadata") if isinstance(doc, dict) else None
+    record = metadata.get(VERSION_OF) if isinstance(metadata, dict) else None
+    if not isinstance(record, dict):
+        return False
+    whose = {"table": record.get("table"), "generation": record.get("generation")}
+    return record if whose == {"table": npy.name, "generation": generation} else False
 
 
 def _owned(npy: Path, generation: int, known: int | None = None) -> bool | None:
@@ -170,15 +191,8 @@ def _owned(npy: Path, generation: int, known: int | None = None) -> bool | None:
     or none (another table named so, or a version compacted before versions recorded it)."""
     if generation == known:
         return True
-    try:
-        doc = json.loads(table_paths(version_path(npy, generation))[1].read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):  # unreadable: never assumed to be the table's
-        return False
-    metadata = doc.get("metadata") if isinstance(doc, dict) else None
-    record = metadata.get(VERSION_OF) if isinstance(metadata, dict) else None
-    return record == version_record(npy, generation)
+    record = _record(npy, generation)
+    return record if record is None else record is not False
 
 
 def _pointed(npy: Path) -> int | None:
@@ -383,25 +397,26 @@ def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
     while it writes them. A ``TABLE.gN.npy`` that is not the table's is left, with a warning.
 
     Refused (``TableFormatError``) where a later version of the table is there than a killed
-    compaction leaves (one past the next, or one with commits of its own): the pointer was lost
-    or restored from an older copy, and the versions it lost hold the table's newest rows."""
+    compaction leaves (one compacted from another generation than the current one, or with
+    commits of its own): the pointer was lost or restored from an older copy, and the versions
+    it lost hold the table's newest rows."""
     npy = _npy(table)
     _, current = current_version(table)
     following = next_generation(npy, current)
     removed, foreign = [], []
     for generation in sorted(g for g in _compacted_generations(npy) if g > current):
         path = version_path(npy, generation)
-        owned = _owned(npy, generation)
-        if owned is False:
+        record = _record(npy, generation)
+        if record is False:
             foreign.append(generation)
             continue
-        if owned and (generation > following or delta_path(path).exists()):
+        later = _later_version(record, generation, current, following, delta_path(path))
+        if later is not None:
             raise TableFormatError(
                 f"table {npy}: its version pointer {pointer_path(npy).name} names generation "
-                f"{current}, but {path.name} is a later version of it ("
-                f"{'with commits of its own' if delta_path(path).exists() else 'past the next'}), "
-                "which a killed compaction never leaves: the pointer was lost or restored from an "
-                "older copy; expected it to name the newest version: restore it "
+                f"{current}, but {path.name} is a later version of it ({later}), which a killed "
+                "compaction never leaves: the pointer was lost or restored from an older copy; "
+                "expected it to name the newest version: restore it "
                 f'({{"generation": {generation}, "file": "{path.name}"}} if that one is)'
             )
         removed += [part.name for part in _version_files(path) if part.exists()]
@@ -416,6 +431,23 @@ def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
     if removed:
         fsync_dir(npy.parent)
     return removed
+
+
+def _later_version(
+    record: dict | None, generation: int, current: int, following: int, delta: Path
+) -> str | None:
+    """Why the table's version ``generation`` (``record``: its ``VERSION_OF``; None: no manifest)
+    is not what a killed compaction of ``current`` leaves, or None when it is: that one has no
+    commits and was compacted from ``current`` (a version recording no source: the generation
+    such a compaction writes now, ``following``)."""
+    if record is None:
+        return None
+    if delta.exists():
+        return "with commits of its own"
+    source = record.get("compacted_from")
+    if type(source) is int:
+        return None if source == current else f"compacted from generation {source}"
+    return None if generation == following else "past the next"
 
 
 def remove_unused_versions(
