@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -498,6 +499,52 @@ def test_a_killed_compaction_past_another_tables_file_is_cleaned_up_once_that_fi
     assert report.new_generation == 1 and report.delta_rows == 2
     with TieredStore.open({"table": {"path": str(path)}}) as store:
         assert store.lookup([5, 6, 7]).tolist() == [[1.0] * 4, [2.0] * 4, [0.0] * 4]
+
+
+_COMPACT_KILLED_AT_STEP = r"""
+import os, signal, sys
+from tiered_store.cli import main
+calls, last = [0], int(sys.argv[2])
+def counted(call):
+    def step(*args, **kwargs):  # the file system's steps: each one the last, in turn
+        calls[0] += 1
+        if calls[0] == last:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return call(*args, **kwargs)
+    return step
+for name in ("replace", "rename", "unlink", "rmdir", "fsync", "ftruncate"):
+    setattr(os, name, counted(getattr(os, name)))
+main(["compact", sys.argv[1], "--quiet"])
+"""
+
+
+def test_a_compaction_killed_at_each_step_in_turn_loses_no_commit_and_the_next_proceeds(tmp_path):
+    """``tiered-store compact`` killed (SIGKILL) before each file-system step it takes in turn
+    (renames, unlinks, fsyncs), a row committed before each run and another table named like one
+    of the table's versions beside it: every committed row reopens, the next compaction cleans
+    up what the killed one left and goes on (never refusing it as a later version), and the
+    other table is never touched."""
+    from tiered_store import create_table
+
+    path = _table_with_a_commit(tmp_path, 300)
+    other = np.full((3, 4), 7.0, np.float32)
+    create_table(tmp_path / "t.g2.npy", other, progress=False)
+    want = {5: 1.0}
+    for last in range(1, 200):
+        want[10 + last] = float(last)
+        with TieredStore.open({"table": {"path": str(path)}}) as store:
+            store.write([10 + last], torch.full((1, 4), float(last)))
+            store.commit()
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "killed.py").write_text(_COMPACT_KILLED_AT_STEP)
+            run = forkserver.run_python([Path(d) / "killed.py", path, str(last)])
+        assert run.returncode in (0, -signal.SIGKILL), run.stderr[-2000:]
+        with TieredStore.open({"table": {"path": str(path)}}) as store:
+            ids = sorted(want)
+            assert store.lookup(ids)[:, 0].tolist() == [want[i] for i in ids], last
+        if run.returncode == 0:  # it ran to the end: every step was a kill point once
+            break
+    assert last > 10 and np.array_equal(np.load(tmp_path / "t.g2.npy"), other)
 
 
 def test_a_compaction_leaves_the_temporaries_of_a_live_page_checksum_addition(tmp_path):
