@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import re
 import signal
@@ -728,3 +729,71 @@ def test_a_ctrl_c_while_a_read_waits_for_its_runners_returns_after_they_stopped(
             signal.signal(signal.SIGINT, default)
     assert held.is_set() and interrupted.is_set()
     assert torch.equal(out, returned)  # nothing written after read_rows returned
+
+
+def test_a_ctrl_c_between_two_runner_waits_still_waits_for_the_runners_left(tmp_path):
+    """A Ctrl-C that arrived after the caller's wait for one runner returned, before it waited
+    for the next (the loop's jump back), raised out of the read while that runner went on
+    writing into ``out``: the caller waits for every runner whenever the Ctrl-C comes."""
+    path = tmp_path / "t.npy"
+    create_table(path, torch.zeros(100, 4), progress=False)
+    caller = threading.current_thread()
+    gates: dict[int, threading.Event] = {}
+    both_in, injected, stop = threading.Event(), threading.Event(), threading.Event()
+    finished: list[int] = []
+
+    def fn(k: int) -> None:
+        """The caller's task waits for both runners to hold one; each runner's waits for its gate."""
+        if threading.current_thread() is caller:
+            both_in.wait()
+        else:
+            gates[threading.get_ident()] = gate = threading.Event()
+            if len(gates) == 2:
+                both_in.set()
+            gate.wait()
+        finished.append(k)
+
+    def release_the_awaited_runner() -> None:
+        """Open the gate of the runner whose Event the caller waits on (found by its frame)."""
+        while not stop.wait(0.001):
+            frame, awaited = sys._current_frames().get(caller.ident), None
+            while frame is not None and frame.f_code.co_name != "_run_parallel":
+                awaited, frame = frame.f_locals.get("self"), frame.f_back  # Event.wait's last
+            for ident, top in sys._current_frames().items():
+                while frame is not None and awaited is not None and top is not None:
+                    if top.f_code.co_name == "runner" and top.f_locals.get("ended") is awaited:
+                        gates[ident].set()  # in its task: the caller waits once both are
+                    top = top.f_back
+
+    source, first = inspect.getsourcelines(ColdTable._run_parallel)
+    loop_line = first + next(i for i, s in enumerate(source) if "for ended in joined" in s)
+    visits = [0]
+
+    def trace(frame, event, arg):
+        """Raise a Ctrl-C as the caller comes back to its wait loop after one wait returned."""
+        if event == "call":
+            return trace if frame.f_code.co_name == "_run_parallel" else None
+        if event == "line" and frame.f_lineno == loop_line and not injected.is_set():
+            visits[0] += 1
+            if visits[0] == 2:
+                injected.set()
+                raise KeyboardInterrupt
+        return trace
+
+    helper = threading.Thread(target=release_the_awaited_runner, daemon=True)
+    with ColdTable(path, io="pread", threads=3) as table:
+        helper.start()
+        previous = sys.gettrace()
+        sys.settrace(trace)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                table._run_parallel(fn, 3)
+            done_when_raised = sorted(finished)
+        finally:
+            sys.settrace(previous)
+            stop.set()
+            for gate in list(gates.values()):
+                gate.set()
+            helper.join()
+    assert injected.is_set()
+    assert done_when_raised == [0, 1, 2]  # every runner's task had ended

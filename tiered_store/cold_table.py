@@ -806,13 +806,13 @@ class ColdTable:
             take()
         except BaseException as exc:  # a Ctrl-C between tasks: the runners stop after theirs
             errors.insert(0, exc)
-        for ended in joined[:]:  # wait for all: they write into `out` and use our buffers
-            while True:
-                try:
+        while True:  # the loop inside the try: a Ctrl-C between two waits is caught as well
+            try:
+                for ended in joined[:]:  # wait for all: they write into `out` and use our buffers
                     ended.wait()
-                    break
-                except BaseException as exc:  # a Ctrl-C: the runners stop, and are waited for
-                    errors.insert(0, exc)
+                break
+            except BaseException as exc:  # a Ctrl-C: the runners stop, and are waited for
+                errors.insert(0, exc)
         if errors:
             raise errors[0]
 
