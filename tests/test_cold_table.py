@@ -797,3 +797,30 @@ def test_a_ctrl_c_between_two_runner_waits_still_waits_for_the_runners_left(tmp_
             helper.join()
     assert injected.is_set()
     assert done_when_raised == [0, 1, 2]  # every runner's task had ended
+
+
+def test_a_ctrl_c_in_the_callers_task_is_raised_over_a_runners_earlier_error(tmp_path):
+    """A Ctrl-C during the caller's own task came after a runner's error in the list the
+    caller raises the first of: the read raised the runner's error and the Ctrl-C was lost."""
+    path = tmp_path / "t.npy"
+    create_table(path, torch.zeros(100, 4), progress=False)
+    caller = threading.current_thread()
+    busy, failing = threading.Event(), threading.Event()
+
+    def fn(k: int) -> None:
+        """A runner's task fails while the caller's runs; the caller's, once that runner has
+        ended, is interrupted."""
+        if threading.current_thread() is not caller:
+            busy.wait()
+            failing.set()
+            raise OSError(errno.EIO, "runner failed")
+        busy.set()
+        failing.wait()
+        frame = sys._getframe()
+        while frame.f_code.co_name != "_run_parallel":
+            frame = frame.f_back
+        frame.f_locals["joined"][0].wait()  # the runner ended: its error is recorded
+        raise KeyboardInterrupt
+
+    with ColdTable(path, io="pread", threads=2) as table, pytest.raises(KeyboardInterrupt):
+        table._run_parallel(fn, 2)

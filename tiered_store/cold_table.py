@@ -766,7 +766,8 @@ class ColdTable:
     def _run_parallel(self, fn: Any, tasks: int) -> None:
         """Run fn(0..tasks-1) on up to ``threads`` runners (the caller is one) pulling tasks;
         fewer when a runner's thread cannot start (a process limit, no memory for its stack).
-        A Ctrl-C stops the runners after their task, and is raised once they have ended."""
+        A Ctrl-C stops the runners after their task, and is raised (over their errors) once they
+        have ended."""
         runners = min(self.threads, tasks)
         if runners <= 1 or self._pool is None:
             for k in range(tasks):
@@ -784,8 +785,8 @@ class ColdTable:
                     return
                 try:
                     fn(k)
-                except BaseException as exc:  # re-raised by the caller
-                    errors.append(exc)
+                except BaseException as exc:  # re-raised by the caller; a Ctrl-C before all
+                    errors.insert(len(errors) if isinstance(exc, Exception) else 0, exc)
 
         def runner() -> None:
             # Registered before it takes a task, so one the caller does not wait for (it joined
