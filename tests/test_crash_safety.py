@@ -547,6 +547,45 @@ def test_a_compaction_killed_at_each_step_in_turn_loses_no_commit_and_the_next_p
     assert last > 10 and np.array_equal(np.load(tmp_path / "t.g2.npy"), other)
 
 
+def test_a_compaction_from_a_whole_table_killed_at_each_step_skipping_another_table(tmp_path):
+    """As above, but each run from a whole table (the kill before cleaned up by a compaction), so
+    that the cleanup's own steps never take the numbers of the run's: above, the kills fell on a
+    compaction's first steps and on its removals of old versions, never on its pointer switch,
+    nor on writing a version past another table's file (its other table, ``t.g2.npy``, is
+    skipped only once its kills have moved past the writing steps). Here another table is named like the version each run
+    would write (it skips that generation): every committed row reopens, the next compaction
+    cleans up and goes on (never refusing a leftover), and no other table is touched."""
+    from tiered_store import create_table
+    from tiered_store.delta.table_versions import current_version
+
+    path = _table_with_a_commit(tmp_path, 300)
+    want, others = {5: 1.0}, {}
+    for last in range(1, 200):
+        skipped = tmp_path / f"t.g{current_version(path)[1] + 1}.npy"
+        others[skipped] = np.full((3, 4), -float(last), np.float32)
+        create_table(skipped, others[skipped], progress=False)
+        want[10 + last] = float(last)
+        with TieredStore.open({"table": {"path": str(path)}}) as store:
+            store.write([10 + last], torch.full((1, 4), float(last)))
+            store.commit()
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "killed.py").write_text(_COMPACT_KILLED_AT_STEP)
+            run = forkserver.run_python([Path(d) / "killed.py", path, str(last)])
+        assert run.returncode in (0, -signal.SIGKILL), run.stderr[-2000:]
+        ids = sorted(want)
+        with TieredStore.open({"table": {"path": str(path)}}) as store:
+            assert store.lookup(ids)[:, 0].tolist() == [want[i] for i in ids], last
+        with pytest.warns(UserWarning, match=rf"left .*{skipped.name}"):
+            compact_table(path, progress=False)  # what the killed one left: cleaned up, no refusal
+        with TieredStore.open({"table": {"path": str(path)}}) as store:
+            assert store.lookup(ids)[:, 0].tolist() == [want[i] for i in ids], last
+        if run.returncode == 0:  # it ran to the end: every step was a kill point once
+            break
+    assert last > 10
+    for other, rows in others.items():
+        assert np.array_equal(np.load(other), rows), other
+
+
 def test_a_compaction_leaves_the_temporaries_of_a_live_page_checksum_addition(tmp_path):
     """A compaction removed every hidden ``.TABLE.gN.npy*.tmp`` as a killed compaction's, also
     those of a `verify --add-page-checksums` running on the current version in another process,
