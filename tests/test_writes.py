@@ -1000,7 +1000,7 @@ def test_a_lost_version_pointer_is_refused_not_its_newer_versions_removed(tmp_pa
     _commit_row(cfg, 2, 2)  # generation 1's own delta
     saved = pointer_path(path).read_text()
     pointer_path(path).unlink()
-    with pytest.raises(TableFormatError, match=r"g1\.npy is a later version of it \(with commits"):
+    with pytest.raises(TableFormatError, match=r"g1\.npy is a later version of it \(with a delta"):
         compact_table(path, progress=False)
     assert delta_path(version_path(path, 1)).is_dir()
     pointer_path(path).write_text(saved)
@@ -1032,6 +1032,27 @@ def test_a_lost_version_pointer_is_refused_not_its_newer_versions_removed(tmp_pa
             [4.0] * 4,
             table[5].tolist(),
         ]
+
+
+def test_a_lost_pointer_past_a_version_with_a_delta_but_no_commit_names_what_it_found(tmp_path):
+    """A version a store opened as current (its delta made) but never committed to, its pointer
+    then lost: compaction refused it as a later version "with commits of its own", which it has
+    none of; it says what it found, a delta of its own (so it was published)."""
+    from tiered_store.delta.table_versions import pointer_path, version_path
+
+    path, table = make_table(tmp_path, rows=20, dim=4)
+    cfg = store_config(path, hot={"capacity": 4})
+    _commit_row(cfg, 1, 1)
+    holder = TieredStore(cfg)  # keeps generation 0
+    assert compact_table(path, progress=False).new_generation == 1
+    with pytest.warns(UserWarning, match="dropped"), TieredStore(cfg) as store:
+        store.write([2], torch.full((1, 4), 2.0))  # never committed
+    assert delta_path(version_path(path, 1)).is_dir()
+    pointer_path(path).unlink()
+    with pytest.raises(TableFormatError, match=r"g1\.npy is a later version of it \(with a delta"):
+        compact_table(path, progress=False)
+    assert version_path(path, 1).exists()
+    holder.close()
 
 
 def test_a_version_compacted_before_versions_recorded_their_table_is_still_replaced(tmp_path):

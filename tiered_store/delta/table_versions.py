@@ -397,8 +397,8 @@ def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
     while it writes them. A ``TABLE.gN.npy`` that is not the table's is left, with a warning.
 
     Refused (``TableFormatError``) where a later version of the table is there than a killed
-    compaction leaves (one compacted from another generation than the current one, or with
-    commits of its own): the pointer was lost or restored from an older copy, and the versions
+    compaction leaves (one compacted from another generation than the current one, or with a
+    delta of its own): the pointer was lost or restored from an older copy, and the versions
     it lost hold the table's newest rows."""
     npy = _npy(table)
     _, current = current_version(table)
@@ -438,12 +438,12 @@ def _later_version(
 ) -> str | None:
     """Why the table's version ``generation`` (``record``: its ``VERSION_OF``; None: no manifest)
     is not what a killed compaction of ``current`` leaves, or None when it is: that one has no
-    commits and was compacted from ``current`` (a version recording no source: the generation
-    such a compaction writes now, ``following``)."""
+    delta (no store wrote it as current) and was compacted from ``current`` (a version recording
+    no source: the generation such a compaction writes now, ``following``)."""
     if record is None:
         return None
     if delta.exists():
-        return "with commits of its own"
+        return "with a delta of its own, which only a store writing it as current makes"
     source = record.get("compacted_from")
     if type(source) is int:
         return None if source == current else f"compacted from generation {source}"
