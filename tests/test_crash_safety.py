@@ -518,6 +518,29 @@ main(["compact", sys.argv[1], "--quiet"])
 """
 
 
+def _assert_rows(path: Path, want: dict[int, float], step: int) -> None:
+    """The table's rows ``want`` holds read back as their values (``step``: named on failure)."""
+    ids = sorted(want)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        assert store.lookup(ids)[:, 0].tolist() == [want[i] for i in ids], step
+
+
+def _commit_then_compact_killed_at(path: Path, step: int, want: dict[int, float]) -> int:
+    """Commit row ``10 + step`` as ``step`` (noted in ``want``), run `compact` killed before its
+    ``step``-th file-system step, and check every committed row reopens; the run's exit code
+    (0: it ran to the end)."""
+    want[10 + step] = float(step)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        store.write([10 + step], torch.full((1, 4), float(step)))
+        store.commit()
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "killed.py").write_text(_COMPACT_KILLED_AT_STEP)
+        run = forkserver.run_python([Path(d) / "killed.py", path, str(step)])
+    assert run.returncode in (0, -signal.SIGKILL), run.stderr[-2000:]
+    _assert_rows(path, want, step)
+    return run.returncode
+
+
 def test_a_compaction_killed_at_each_step_in_turn_loses_no_commit_and_the_next_proceeds(tmp_path):
     """``tiered-store compact`` killed (SIGKILL) before each file-system step it takes in turn
     (renames, unlinks, fsyncs), a row committed before each run and another table named like one
@@ -531,18 +554,7 @@ def test_a_compaction_killed_at_each_step_in_turn_loses_no_commit_and_the_next_p
     create_table(tmp_path / "t.g2.npy", other, progress=False)
     want = {5: 1.0}
     for last in range(1, 200):
-        want[10 + last] = float(last)
-        with TieredStore.open({"table": {"path": str(path)}}) as store:
-            store.write([10 + last], torch.full((1, 4), float(last)))
-            store.commit()
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "killed.py").write_text(_COMPACT_KILLED_AT_STEP)
-            run = forkserver.run_python([Path(d) / "killed.py", path, str(last)])
-        assert run.returncode in (0, -signal.SIGKILL), run.stderr[-2000:]
-        with TieredStore.open({"table": {"path": str(path)}}) as store:
-            ids = sorted(want)
-            assert store.lookup(ids)[:, 0].tolist() == [want[i] for i in ids], last
-        if run.returncode == 0:  # it ran to the end: every step was a kill point once
+        if _commit_then_compact_killed_at(path, last, want) == 0:  # every step was killed once
             break
     assert last > 10 and np.array_equal(np.load(tmp_path / "t.g2.npy"), other)
 
@@ -552,9 +564,10 @@ def test_a_compaction_from_a_whole_table_killed_at_each_step_skipping_another_ta
     that the cleanup's own steps never take the numbers of the run's: above, the kills fell on a
     compaction's first steps and on its removals of old versions, never on its pointer switch,
     nor on writing a version past another table's file (its other table, ``t.g2.npy``, is
-    skipped only once its kills have moved past the writing steps). Here another table is named like the version each run
-    would write (it skips that generation): every committed row reopens, the next compaction
-    cleans up and goes on (never refusing a leftover), and no other table is touched."""
+    skipped only once its kills have moved past the writing steps). Here another table is named
+    like the version each run would write (it skips that generation): every committed row
+    reopens, the next compaction cleans up and goes on (never refusing a leftover), and no other
+    table is touched."""
     from tiered_store import create_table
     from tiered_store.delta.table_versions import current_version
 
@@ -564,22 +577,11 @@ def test_a_compaction_from_a_whole_table_killed_at_each_step_skipping_another_ta
         skipped = tmp_path / f"t.g{current_version(path)[1] + 1}.npy"
         others[skipped] = np.full((3, 4), -float(last), np.float32)
         create_table(skipped, others[skipped], progress=False)
-        want[10 + last] = float(last)
-        with TieredStore.open({"table": {"path": str(path)}}) as store:
-            store.write([10 + last], torch.full((1, 4), float(last)))
-            store.commit()
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "killed.py").write_text(_COMPACT_KILLED_AT_STEP)
-            run = forkserver.run_python([Path(d) / "killed.py", path, str(last)])
-        assert run.returncode in (0, -signal.SIGKILL), run.stderr[-2000:]
-        ids = sorted(want)
-        with TieredStore.open({"table": {"path": str(path)}}) as store:
-            assert store.lookup(ids)[:, 0].tolist() == [want[i] for i in ids], last
+        returncode = _commit_then_compact_killed_at(path, last, want)
         with pytest.warns(UserWarning, match=rf"left .*{skipped.name}"):
             compact_table(path, progress=False)  # what the killed one left: cleaned up, no refusal
-        with TieredStore.open({"table": {"path": str(path)}}) as store:
-            assert store.lookup(ids)[:, 0].tolist() == [want[i] for i in ids], last
-        if run.returncode == 0:  # it ran to the end: every step was a kill point once
+        _assert_rows(path, want, last)
+        if returncode == 0:  # it ran to the end: every step was a kill point once
             break
     assert last > 10
     for other, rows in others.items():
