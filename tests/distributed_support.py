@@ -454,19 +454,25 @@ def misuse_worker(rank: int, world: int, port: int, plain: str, out: Path) -> No
     _report(out, rank, result)
 
 
-def training_misuse_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
-    """Every rank: a training step rank 1 refuses (it repeats the last step), then steps the
-    ranks disagree on; after each, the step every rank agrees on applies the gradients kept."""
+def _adam_over_row_shards(trainable: str, world: int) -> Any:
+    """A ``TrainableTable`` (Adam, lr 0.05) over the row shards of ``trainable``, whose ranks wait
+    5 s for one another (a rank left waiting fails the test in seconds)."""
     from tiered_store.delta.row_optimizers import make_row_optimizer
     from tiered_store.delta.trainable import TrainableTable
     from tiered_store.distributed import ShardedStore
 
+    cfg = _store_config(Path(trainable), world, "rows")
+    cfg["sharding"]["timeout_s"] = 5
+    return TrainableTable(ShardedStore.open(cfg), make_row_optimizer("adam", lr=0.05))
+
+
+def training_misuse_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
+    """Every rank: a training step rank 1 refuses (it repeats the last step), then steps the
+    ranks disagree on; after each, the step every rank agrees on applies the gradients kept."""
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
-    cfg = _store_config(Path(trainable), world, "rows")
-    cfg["sharding"]["timeout_s"] = 5  # a rank left waiting fails the test in seconds
     try:
-        table = TrainableTable(ShardedStore.open(cfg), make_row_optimizer("adam", lr=0.05))
+        table = _adam_over_row_shards(trainable, world)
         ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
         for name, step, agreed in (("repeated", 1 if rank == 1 else 2, 2), ("differ", 3 + rank, 5)):
             table.lookup(ids).sum().backward()
@@ -488,17 +494,12 @@ def training_misuse_worker(rank: int, world: int, port: int, trainable: str, out
 def decided_commit_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
     """Every rank: step(1), then commit(3) whose second phase fails on rank 1's shard (the step
     decided all the same), then step(2), step(4) and commit(), each outcome recorded."""
-    from tiered_store.delta.row_optimizers import make_row_optimizer
-    from tiered_store.delta.trainable import TrainableTable
-    from tiered_store.distributed import ShardedStore
     from tiered_store.errors import CommitError
 
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
-    cfg = _store_config(Path(trainable), world, "rows")
-    cfg["sharding"]["timeout_s"] = 5  # a rank left waiting fails the test in seconds
     try:
-        table = TrainableTable(ShardedStore.open(cfg), make_row_optimizer("adam", lr=0.05))
+        table = _adam_over_row_shards(trainable, world)
         ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
         table.lookup(ids).sum().backward()
         table.step(1)
@@ -537,16 +538,10 @@ def nonfinite_gradient_worker(
     """Every rank: a training step in which rank 0's gradient of rank 1's row is ``bad`` (NaN, or
     finite but too large for Adam's state), then the same step again once rank 0 dropped its
     gradients."""
-    from tiered_store.delta.row_optimizers import make_row_optimizer
-    from tiered_store.delta.trainable import TrainableTable
-    from tiered_store.distributed import ShardedStore
-
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
-    cfg = _store_config(Path(trainable), world, "rows")
-    cfg["sharding"]["timeout_s"] = 5  # a rank left waiting fails the test in seconds
     try:
-        table = TrainableTable(ShardedStore.open(cfg), make_row_optimizer("adam", lr=0.05))
+        table = _adam_over_row_shards(trainable, world)
         ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
         with torch.no_grad():
             before = table.lookup(ids)
@@ -573,16 +568,10 @@ def nonfinite_gradient_worker(
 def overflowed_step_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
     """Every rank: a step under a GradScaler whose gradients overflowed on rank 0 only, then one
     finite on both; rows, steps and scales after each."""
-    from tiered_store.delta.row_optimizers import make_row_optimizer
-    from tiered_store.delta.trainable import TrainableTable
-    from tiered_store.distributed import ShardedStore
-
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
-    cfg = _store_config(Path(trainable), world, "rows")
-    cfg["sharding"]["timeout_s"] = 5  # a rank left waiting fails the test in seconds
     try:
-        table = TrainableTable(ShardedStore.open(cfg), make_row_optimizer("adam", lr=0.05))
+        table = _adam_over_row_shards(trainable, world)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
         with torch.no_grad():
