@@ -1459,6 +1459,18 @@ def test_a_restore_that_fails_with_any_error_starts_cold_and_re_pinning_goes_on(
         assert store.hot.online.repins > 0 and store.hot.pinned_count > 0
 
 
+def _dropping(monkeypatch) -> threading.Event:
+    """Set once the re-pin thread calls ``drop_pending`` (about to wait for the counting lock)."""
+    drop_pending, dropping = OnlineRepin.drop_pending, threading.Event()
+
+    def drops(self):
+        dropping.set()
+        return drop_pending(self)
+
+    monkeypatch.setattr(OnlineRepin, "drop_pending", drops)
+    return dropping
+
+
 def test_a_failed_re_pin_drops_its_updates_while_lookups_go_on(tmp_path, monkeypatch):
     """After a failed re-pin the thread dropped the tier's queued updates under the store's lock,
     and there waited for the counting lock, which a save holds while it counts and copies the
@@ -1467,8 +1479,8 @@ def test_a_failed_re_pin_drops_its_updates_while_lookups_go_on(tmp_path, monkeyp
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
     tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
-    plan, drop_pending = OnlineRepin.plan, OnlineRepin.drop_pending
-    planning, held, dropping = threading.Event(), threading.Event(), threading.Event()
+    plan = OnlineRepin.plan
+    planning, held, dropping = threading.Event(), threading.Event(), _dropping(monkeypatch)
 
     def fails_once(self, *args):  # the first plan fails once the counting lock is taken
         if not planning.is_set():
@@ -1477,12 +1489,7 @@ def test_a_failed_re_pin_drops_its_updates_while_lookups_go_on(tmp_path, monkeyp
             raise TypeError("a plan that fails")
         return plan(self, *args)
 
-    def drops(self):  # the re-pin thread is about to wait for the counting lock
-        dropping.set()
-        return drop_pending(self)
-
     monkeypatch.setattr(OnlineRepin, "plan", fails_once)
-    monkeypatch.setattr(OnlineRepin, "drop_pending", drops)
     with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
         counting = store.warm.online._counting
         with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a plan that"):
@@ -1580,8 +1587,8 @@ def test_a_count_that_fails_before_an_interval_is_over_leaves_that_interval_its_
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 5, "repin": {"every": 10, "budget": 1}}
     tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
-    count_pending, drop_pending = OnlineRepin.count_pending, OnlineRepin.drop_pending
-    failures, dropping = [], threading.Event()
+    count_pending = OnlineRepin.count_pending
+    failures, dropping = [], _dropping(monkeypatch)
 
     def fails_once(self, *args):  # a fault in the first count, half an interval in
         if not failures:
@@ -1589,12 +1596,7 @@ def test_a_count_that_fails_before_an_interval_is_over_leaves_that_interval_its_
             raise TypeError("a count that fails")
         return count_pending(self, *args)
 
-    def drops(self):  # the re-pin thread is about to wait for the counting lock
-        dropping.set()
-        return drop_pending(self)
-
     monkeypatch.setattr(OnlineRepin, "count_pending", fails_once)
-    monkeypatch.setattr(OnlineRepin, "drop_pending", drops)
     with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
         online = store.warm.online
         with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a count that"):
