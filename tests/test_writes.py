@@ -3,6 +3,7 @@ bad input, and a table without a delta left alone."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 
@@ -76,20 +77,30 @@ def test_a_table_without_writes_keeps_the_read_path(tmp_path):
     assert not delta_path(path).exists()
 
 
-def test_a_row_failing_its_crc_is_a_typed_error(tmp_path):
+@contextlib.contextmanager
+def _delta_records(tmp_path, rows: list[int]):
+    """A 50 x 4 table whose ``rows`` are committed as ones, with no cache tier: yields (its path,
+    its store config, a write transaction on its delta's records, keyed by the row id as 8
+    big-endian bytes) to damage them in."""
     path, _ = make_table(tmp_path, rows=50, dim=4)
     cfg = store_config(path, hot={"capacity": 0}, warm={"capacity": 0})
     with TieredStore(cfg) as store:
-        store.write([7], torch.ones(1, 4))
+        store.write(rows, torch.ones(len(rows), 4))
         store.commit()
-    env = lmdb.open(str(delta_path(path)), max_dbs=2)
-    rows_db = env.open_db(b"rows")
-    with env.begin(write=True, db=rows_db) as txn:  # flip one byte of row 7's payload
+    env = lmdb.open(str(delta_path(path)), max_dbs=3)
+    try:
+        with env.begin(write=True, db=env.open_db(b"rows")) as txn:
+            yield path, cfg, txn
+    finally:
+        env.close()
+
+
+def test_a_row_failing_its_crc_is_a_typed_error(tmp_path):
+    with _delta_records(tmp_path, [7]) as (_, cfg, txn):  # flip one byte of row 7's payload
         key = (7).to_bytes(8, "big")
         value = bytearray(txn.get(key))
         value[-1] ^= 0x40
         txn.put(key, bytes(value))
-    env.close()
     with TieredStore(cfg) as store:
         assert store.lookup([6]).shape == (1, 4)  # rows outside the delta still read
         with pytest.raises(DeltaCorruptError, match="row 7 .* fails its CRC32C"):
@@ -99,16 +110,8 @@ def test_a_row_failing_its_crc_is_a_typed_error(tmp_path):
 def test_a_record_under_another_rows_key_is_named_as_such_not_as_a_crc_failure(tmp_path):
     """A whole record put under another row's key (a damaged key: the key is outside the CRC)
     passes its CRC32C; the error said it failed it, with equal stored and computed values."""
-    path, _ = make_table(tmp_path, rows=50, dim=4)
-    cfg = store_config(path, hot={"capacity": 0}, warm={"capacity": 0})
-    with TieredStore(cfg) as store:
-        store.write([8], torch.ones(1, 4))
-        store.commit()
-    env = lmdb.open(str(delta_path(path)), max_dbs=3)
-    rows_db = env.open_db(b"rows")
-    with env.begin(write=True, db=rows_db) as txn:  # row 8's record, whole, under row 9's key
+    with _delta_records(tmp_path, [8]) as (path, cfg, txn):  # row 8's record under row 9's key
         txn.put((9).to_bytes(8, "big"), txn.get((8).to_bytes(8, "big")))
-    env.close()
     with TieredStore(cfg) as store, pytest.raises(DeltaCorruptError) as caught:
         store.lookup([9])
     message = str(caught.value)
@@ -122,18 +125,10 @@ def test_a_record_under_another_rows_key_is_named_as_such_not_as_a_crc_failure(t
 def test_a_record_of_another_size_names_its_row_and_size(tmp_path, extra):
     """A row's record 4 bytes long or short (another table's, a damaged value) was reported as
     'values of 37.3 bytes on average' of the whole lookup, naming no row."""
-    path, _ = make_table(tmp_path, rows=50, dim=4)
-    cfg = store_config(path, hot={"capacity": 0}, warm={"capacity": 0})
-    with TieredStore(cfg) as store:
-        store.write([3, 8, 9], torch.ones(3, 4))
-        store.commit()
-    env = lmdb.open(str(delta_path(path)), max_dbs=3)
-    rows_db = env.open_db(b"rows")
-    with env.begin(write=True, db=rows_db) as txn:
+    with _delta_records(tmp_path, [3, 8, 9]) as (path, cfg, txn):
         key = (8).to_bytes(8, "big")
         value = txn.get(key)
         txn.put(key, value + extra if extra else value[:-4])
-    env.close()
     size = 24 + 16 + (4 if extra else -4)
     with TieredStore(cfg) as store, pytest.raises(DeltaCorruptError) as caught:
         store.lookup([3, 8, 9])
