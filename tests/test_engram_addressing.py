@@ -509,5 +509,9 @@ def test_numpy_uint64_beside_python_ints_are_token_ids_as_the_store_takes_them(t
             check_token_ids(given, tok.vocab_size)
     with pytest.raises(RowIdError, match=r"^input_ids: 8\.5 at index \(1,\) is not an integer"):
         check_token_ids([np.uint64(7), 8.5], tok.vocab_size)
+    # a uint64 tensor past int64 in the list: torch's bare RuntimeError (the store names it)
+    wide = torch.tensor(2**63, dtype=torch.uint64)
+    with pytest.raises(RowIdError, match=rf"token id {2**63} at index \(0,\)"):
+        check_token_ids([wide, 1], tok.vocab_size)
     with pytest.raises(RowIdError, match="got dtype float64"):  # floats in an array stay refused
         check_token_ids(np.array([7.0, 8.0]), tok.vocab_size)

@@ -15,6 +15,8 @@ def as_integer(value: object) -> int | None:
 
     >>> as_integer(np.int64(3)), as_integer(True), as_integer(2.0)
     (3, None, None)
+    >>> as_integer(torch.tensor(2**63, dtype=torch.uint64))  # exactly, past int64
+    9223372036854775808
     """
     if isinstance(value, bool | np.bool_):
         return None
@@ -22,6 +24,10 @@ def as_integer(value: object) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+    except RuntimeError:  # torch's for a one-value uint64 tensor past int64: item() is exact
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.uint64:
+            return int(value.item())
+        raise
 
 
 def bool_among(values: object) -> tuple[tuple[int, ...], object] | None:
