@@ -598,6 +598,44 @@ def overflowed_step_worker(rank: int, world: int, port: int, trainable: str, out
     _report(out, rank, result)
 
 
+def abandoned_overflowed_step_worker(
+    rank: int, world: int, port: int, trainable: str, out: Path
+) -> None:
+    """Every rank: a dense SGD and the table under one GradScaler; rank 0's row gradients
+    overflowed while rank 1 refuses its step number, and both abandon the iteration (update());
+    then a finite step on both. Scales after each."""
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        table = _adam_over_row_shards(trainable, world)
+        weight = torch.nn.Parameter(torch.ones(1))
+        dense = torch.optim.SGD([weight], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        rows = table.lookup(ids).sum() * (float("inf") if rank == 0 else 1.0)
+        scaler.scale(rows + weight.sum()).backward()  # the dense gradient finite on both
+        scaler.step(dense)
+        try:
+            table.step(1 if rank == 0 else 0, scaler)
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["refused"] = type(exc).__name__
+        scaler.update()
+        result["scale after abandoning"] = scaler.get_scale()
+        table.zero_grad()
+        dense.zero_grad()
+        scaler.scale(table.lookup(ids).sum() + weight.sum()).backward()
+        scaler.step(dense)
+        result["applied"] = table.step(1, scaler)
+        scaler.update()
+        result["scale after step"] = scaler.get_scale()
+        table.commit()
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def unreadable_shard_step_worker(
     rank: int, world: int, port: int, trainable: str, out: Path
 ) -> None:

@@ -1417,6 +1417,20 @@ def test_a_step_whose_gradients_overflowed_on_one_rank_is_skipped_on_every_rank(
     assert [r["applied"] for r in results] == [1, 1]
 
 
+def test_a_refused_step_whose_gradients_overflowed_on_one_rank_leaves_the_scales_equal(tmp_path):
+    """Rank 0's row gradients overflowed and rank 1 refused its step number: rank 0's scaler had
+    recorded the overflow before the ranks agreed, so abandoning the iteration halved its scale
+    alone and the ranks' scales came apart. An overflow is recorded once the step is skipped on
+    every rank: both keep their scale, and the next step applies on both."""
+    from tests.distributed_support import abandoned_overflowed_step_worker
+
+    results = _on_two_trainable_row_shards(tmp_path, abandoned_overflowed_step_worker)
+    assert [r["refused"] for r in results] == ["StepMismatchError", "ConfigError"], results
+    assert [r["scale after abandoning"] for r in results] == [2.0**10, 2.0**10]
+    assert [r["applied"] for r in results] == [1, 1]
+    assert [r["scale after step"] for r in results] == [2.0**10, 2.0**10]
+
+
 def test_an_optimizer_update_overflowing_on_one_shard_is_refused_on_all_before_any_writes(
     tmp_path,
 ):

@@ -86,10 +86,10 @@ def create_trainable_table(
     return create_table(path, rows, metadata=meta, progress=progress, overwrite=overwrite)
 
 
-class _ScaledRowGradients(torch.optim.Optimizer):
-    """A table's row gradients as one parameter's gradient, never stepped: what
-    ``GradScaler.unscale_`` takes, so that it unscales them in place and records whether they hold
-    an inf or a NaN (its ``update()`` then lowers the scale)."""
+class _ScalerInfCheck(torch.optim.Optimizer):
+    """One inf check (a finite value or an inf) as one parameter's gradient, never stepped: what
+    ``GradScaler.unscale_`` takes, so that it records the check (an inf makes its ``update()``
+    lower the scale)."""
 
     def __init__(self, grads: torch.Tensor) -> None:
         holder = grads.detach()
@@ -101,7 +101,7 @@ class _ScaledRowGradients(torch.optim.Optimizer):
         raise RuntimeError("the table's row gradients are stepped by TrainableTable.step")
 
     def let_go(self) -> None:
-        """Drop the gradients once unscaled: the object lives on only for its ``id()``."""
+        """Drop the check once recorded: the object lives on only for its ``id()``."""
         self.param_groups.clear()
 
 
@@ -195,7 +195,7 @@ class TrainableTable:
         self.skipped_steps = 0  # steps a GradScaler's overflow skipped (see step())
         # the throwaway optimizer objects a scaler keys by id() until its update(): those of the
         # last step that ended and of any refused since (a freed one's id is soon another's)
-        self._scaler_holders: list[_ScaledRowGradients] = []
+        self._scaler_holders: list[_ScalerInfCheck] = []
         self._scaled_step_ended = False
 
     @property
@@ -242,8 +242,9 @@ class TrainableTable:
         cannot read or update its rows fails the step on every rank before any shard writes
         (``UpdateRefusedError``, the gradients kept); when a shard fails to write its rows (the
         others wrote theirs), the gradients are dropped. A step one rank's ``scaler`` finds
-        overflowed is skipped on every rank, and every rank's scaler records the overflow (their
-        scales stay equal)."""
+        overflowed is skipped on every rank, and every rank's scaler records the overflow once
+        the ranks agree; a step refused on any rank records none, so ranks that abandon it keep
+        equal scales."""
         number = as_integer(step)  # True is not step 1
         if number is None or number < 1:
             self._refuse(step, f"step: {step!r}; expected an integer >= 1 (steps count from 1)")
@@ -278,9 +279,7 @@ class TrainableTable:
             except TierIOError:  # a shard failed its update, the others made theirs: not twice
                 self._gradients.clear()
                 raise
-            if updated is None and scaled and not skip:  # another rank's gradients overflowed
-                self._record_overflow(scaler, summed.device)
-            skip = updated is None
+            skip = updated is None  # this rank's or another's gradients overflowed
         elif skip or not unique.numel():
             updated = 0
         else:  # the write is the last thing done: when anything fails, no row changed
@@ -292,37 +291,41 @@ class TrainableTable:
         self._gradients.clear()
         self._scaled_step_ended = True  # its scaler's update() comes before the next step's
         if skip:
+            if scaled:  # recorded once every rank agrees: a refused round leaves the scales equal
+                self._record_check(scaler, summed.device, overflowed=True)
             self.skipped_steps += 1
             return 0
         self._last_step = number
         return updated
 
     def _unscale(self, scaler: torch.amp.GradScaler, summed: torch.Tensor, step: int) -> bool:
-        """Divide ``summed`` by ``scaler``'s scale in place (the scaler records whether it holds
-        an inf or a NaN); whether it does."""
-        holder = _ScaledRowGradients(summed)
+        """Divide ``summed`` by ``scaler``'s scale in place, as ``unscale_`` does; whether it holds
+        an inf or a NaN. The scaler records a finite check now (its ``update()`` needs one); an
+        overflow only once the step is skipped (see :meth:`step`)."""
         try:
-            scaler.unscale_(holder)
+            self._record_check(scaler, summed.device, overflowed=False)
         except (AssertionError, RuntimeError) as exc:  # torch's: no scale(loss) this iteration
             self._refuse(
                 step,
                 f"scaler: {exc}; expected the GradScaler whose scale(loss) made this step's "
                 "gradients, before its update() (the gradients are kept)",
             )
-        holder.let_go()
         if self._scaled_step_ended:  # the last step's scaler was updated since: ids unused
-            self._scaler_holders.clear()
-        self._scaler_holders.append(holder)  # alive until update(): the scaler keys them by id()
+            del self._scaler_holders[:-1]  # all but the check just recorded
         self._scaled_step_ended = False
+        inverse = torch.tensor(1.0 / scaler.get_scale(), dtype=torch.float32)  # unscale_'s
+        summed.mul_(inverse.item())
         return first_non_finite_row(summed) is not None
 
-    def _record_overflow(self, scaler: torch.amp.GradScaler, device: torch.device) -> None:
-        """Tell ``scaler`` of an overflow another rank found, so that every rank's ``update()``
-        lowers its scale alike."""
-        holder = _ScaledRowGradients(torch.full((1,), math.inf, device=device))
+    def _record_check(
+        self, scaler: torch.amp.GradScaler, device: torch.device, *, overflowed: bool
+    ) -> None:
+        """Have ``scaler`` record an inf check of this step (an inf when ``overflowed``), which
+        its ``update()`` reads: an overflow lowers the scale."""
+        holder = _ScalerInfCheck(torch.full((1,), math.inf if overflowed else 0.0, device=device))
         scaler.unscale_(holder)
         holder.let_go()
-        self._scaler_holders.append(holder)
+        self._scaler_holders.append(holder)  # alive until update(): the scaler keys them by id()
 
     def _check_finite(
         self, ids: torch.Tensor, summed: torch.Tensor, new_rows: torch.Tensor, step: int
