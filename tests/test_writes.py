@@ -1029,6 +1029,39 @@ def test_a_lost_version_pointer_is_refused_not_its_newer_versions_removed(tmp_pa
         ]
 
 
+def test_a_lost_version_pointer_refuses_writes_and_compaction_removes_nothing_first(tmp_path):
+    """With ``TABLE.npy.current`` lost, a store opened generation 0 and committed to it while
+    the table's newest rows were in generation 2 (only compaction refused), and compaction
+    removed the leftover generation 1 before refusing: a write is refused now, naming the
+    version, and compaction refuses before removing anything."""
+    from tiered_store.delta.table_versions import pointer_path, version_path
+
+    path, _ = make_table(tmp_path, rows=20, dim=4)
+    cfg = store_config(path, hot={"capacity": 4})
+    _commit_row(cfg, 1, 1)
+    holder = TieredStore(cfg)  # keeps generation 0
+    for generation in (1, 2):
+        assert compact_table(path, progress=False).new_generation == generation
+        _commit_row(cfg, generation + 1, generation + 1)  # generation 2's: row 3
+    saved = pointer_path(path).read_text()
+    pointer_path(path).unlink()
+    version_path(path, 1).write_bytes(b"\x93NUMPY")  # what a killed compaction of 0 leaves
+    lost = r"g2\.npy is a later version of it \(with a delta"
+    with pytest.raises(TableFormatError, match=lost):
+        compact_table(path, progress=False)
+    assert version_path(path, 1).exists()
+    with TieredStore(cfg) as store:
+        assert store.generation == 0
+        with pytest.raises(TableFormatError, match=lost):
+            store.write([4], torch.full((1, 4), 4.0))
+    pointer_path(path).write_text(saved)
+    holder.close()
+    _commit_row(cfg, 4, 4)
+    with TieredStore(cfg) as store:
+        assert store.generation == 2
+        assert store.lookup([1, 2, 3, 4]).tolist() == [[float(r)] * 4 for r in (1, 2, 3, 4)]
+
+
 def test_a_lost_pointer_past_a_version_with_a_delta_but_no_commit_names_what_it_found(tmp_path):
     """A version a store opened as current (its delta made) but never committed to, its pointer
     then lost: compaction refused it as a later version "with commits of its own", which it has

@@ -26,6 +26,7 @@ from .delta.row_delta import GREW_STEP, RowDelta, committed_step, delta_path
 from .delta.table_versions import (
     current_version,
     open_current_version,
+    refuse_a_lost_pointer,
     release,
     take_writer_lock,
 )
@@ -1260,14 +1261,18 @@ class TieredStore:
                 why = "was removed"
             if why is None and self._committed_elsewhere():  # its cached rows are older
                 why = "was written by another process"
-            if why is not None:
+            try:
+                if why is not None:
+                    raise TierIOError(
+                        errno.ESTALE,
+                        f"write: {self.cold.path.name} {why} since this store opened; reopen the "
+                        "store to write",
+                    )
+                refuse_a_lost_pointer(self.config.table.path)  # else commits go to an old version
+            except BaseException:
                 release(self._writer_lock)
                 self._writer_lock = None
-                raise TierIOError(
-                    errno.ESTALE,
-                    f"write: {self.cold.path.name} {why} since this store opened; reopen the "
-                    "store to write",
-                )
+                raise
             if self._writes is not None:  # was a reader: read the newest commit from now on
                 self._writes.delta.unpin()
         if self._writes is None:

@@ -395,30 +395,15 @@ def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
     writer holds, and the deltas of older versions whose ``.npy`` is gone (a removal killed part
     way); returns the names removed. Call under the writer lock, which every compaction holds
     while it writes them. A ``TABLE.gN.npy`` that is not the table's is left, with a warning.
-
-    Refused (``TableFormatError``) where a later version of the table is there than a killed
-    compaction leaves (one compacted from another generation than the current one, or with a
-    delta of its own): the pointer was lost or restored from an older copy, and the versions
-    it lost hold the table's newest rows."""
+    Refused, before removing anything, where the pointer was lost (``refuse_a_lost_pointer``)."""
     npy = _npy(table)
-    _, current = current_version(table)
-    following = next_generation(npy, current)
+    current = refuse_a_lost_pointer(table)  # before removing anything
     removed, foreign = [], []
     for generation in sorted(g for g in _compacted_generations(npy) if g > current):
         path = version_path(npy, generation)
-        record = _record(npy, generation)
-        if record is False:
+        if _record(npy, generation) is False:
             foreign.append(generation)
             continue
-        later = _later_version(record, generation, current, following, delta_path(path))
-        if later is not None:
-            raise TableFormatError(
-                f"table {npy}: its version pointer {pointer_path(npy).name} names generation "
-                f"{current}, but {path.name} is a later version of it ({later}), which a killed "
-                "compaction never leaves: the pointer was lost or restored from an older copy; "
-                "expected it to name the newest version: restore it "
-                f'({{"generation": {generation}, "file": "{path.name}"}} if that one is)'
-            )
         removed += [part.name for part in _version_files(path) if part.exists()]
         remove_table_files(path)
     _warn_not_owned(npy, foreign, "newer than the current version")
@@ -431,6 +416,31 @@ def remove_abandoned_versions(table: str | os.PathLike[str]) -> list[str]:
     if removed:
         fsync_dir(npy.parent)
     return removed
+
+
+def refuse_a_lost_pointer(table: str | os.PathLike[str]) -> int:
+    """The current generation; refused (``TableFormatError``) where a later version of the table
+    is there than a killed compaction leaves (one compacted from another generation than the
+    current one, or with a delta of its own): the pointer was lost or restored from an older
+    copy, and the versions it lost hold the table's newest rows. Call under the writer lock."""
+    npy = _npy(table)
+    _, current = current_version(table)
+    following = next_generation(npy, current)
+    for generation in sorted(g for g in _compacted_generations(npy) if g > current):
+        path = version_path(npy, generation)
+        record = _record(npy, generation)
+        if record is False:  # another table's
+            continue
+        later = _later_version(record, generation, current, following, delta_path(path))
+        if later is not None:
+            raise TableFormatError(
+                f"table {npy}: its version pointer {pointer_path(npy).name} names generation "
+                f"{current}, but {path.name} is a later version of it ({later}), which a killed "
+                "compaction never leaves: the pointer was lost or restored from an older copy; "
+                "expected it to name the newest version: restore it "
+                f'({{"generation": {generation}, "file": "{path.name}"}} if that one is)'
+            )
+    return current
 
 
 def _later_version(
