@@ -947,13 +947,23 @@ def test_an_announce_that_fails_telling_the_tiers_leaves_no_request_queued(tmp_p
         with pytest.raises(torch.OutOfMemoryError):
             store.announce(torch.arange(30))
         store.warm.queued = warm_queued
-        assert store.stats()["queue"] == {"requests": 0, "rows": 0}
+        assert store.stats()["queue"] == {
+            "requests": 0,
+            "rows": 0,
+            "news_failures": 1,
+            "news_dropped": 0,
+        }
         assert store.memory_report()["queue_bytes"] == 0
         request = store.announce(torch.arange(20))
         assert torch.equal(store.lookup(torch.arange(100, 120)), data[100:120])
         assert torch.isin(torch.arange(20), store.warm.row_of_slot).all()  # kept: queued
         store.release(request)
-        assert store.stats()["queue"] == {"requests": 0, "rows": 0}
+        assert store.stats()["queue"] == {
+            "requests": 0,
+            "rows": 0,
+            "news_failures": 1,
+            "news_dropped": 0,
+        }
 
 
 def test_the_queues_passes_equal_a_brute_force_reading_at_every_pair_count():
@@ -1032,4 +1042,84 @@ def test_an_announce_withdrawn_after_a_tier_missed_it_passes_its_rows_to_the_nex
             assert torch.equal(cache._next_use[held], want), cache.name
             check_cache_invariants(cache)
         store.release(later[0])
-        assert store.stats()["queue"] == {"requests": 0, "rows": 0}
+        assert store.stats()["queue"] == {
+            "requests": 0,
+            "rows": 0,
+            "news_failures": 1,
+            "news_dropped": 0,
+        }
+
+
+def _release_posted_while_the_lock_is_held(store, request):
+    """Release ``request`` while the store's lock is held, so its news waits for the holder's
+    let-go (and the lock's next holder) to be told."""
+    with store._lock:
+        store.release(request)
+
+
+def test_another_requests_news_that_fails_is_told_again_not_raised_into_a_lookup(tmp_path):
+    """The lock's holder tells the tiers the news waiting (another thread's announce or
+    release); a failure there (out of memory probing a tier) was raised into the holder's own
+    work, a lookup say, and the news dropped for good: a release the warm tier missed left its
+    rows waiting for a request gone. The news stays first, the holder goes on, and the next
+    holder tells it; ``queue_news`` counts the failure."""
+    path, data = make_table(tmp_path, rows=400)
+    config = store_config(path, hot={"capacity": 20}, warm={"capacity": 60})
+    with TieredStore(config) as store:
+        store.lookup(torch.arange(80))
+        store.release(store.announce(torch.arange(3)))  # the tiers hold their queue state
+        first, second = store.announce(torch.arange(0, 40)), store.announce(torch.arange(20, 60))
+        warm_unqueued = store.warm.unqueued
+
+        def out_of_memory_once(*args):
+            store.warm.unqueued = warm_unqueued
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        store.warm.unqueued = out_of_memory_once
+        _release_posted_while_the_lock_is_held(store, first)  # its let-go fails to tell it
+        assert store.queue_news == {"failures": 1, "dropped": 0}
+        assert torch.equal(store.lookup(torch.arange(100, 101)), data[100:101])  # tells it
+        for cache in (store.hot, store.warm):
+            held = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
+            want = store.caches.queue.next_use(cache.row_of_slot[held])
+            assert torch.equal(cache._next_use[held], want), cache.name
+            check_cache_invariants(cache)
+        store.release(second)
+        assert store.stats()["queue"] == {
+            "requests": 0,
+            "rows": 0,
+            "news_failures": 1,
+            "news_dropped": 0,
+        }
+
+
+def test_news_that_keeps_failing_is_dropped_with_a_warning_and_counted_in_metrics(tmp_path):
+    """News whose telling fails every time is dropped after ``NEWS_TRIES`` failures, with a
+    warning naming the tier and the error; lookups go on serving the right rows, and the
+    metrics count the failures and the drop."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tiered_store.metrics import TieredStoreCollector
+    from tiered_store.store_lock import NEWS_TRIES
+
+    path, data = make_table(tmp_path, rows=400)
+    with TieredStore(store_config(path, warm={"capacity": 40})) as store:
+        store.lookup(torch.arange(40))
+        store.release(store.announce(torch.arange(3)))  # the tiers hold their queue state
+        request = store.announce(torch.arange(30))
+
+        def out_of_memory(*args):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        store.warm.unqueued = out_of_memory
+        _release_posted_while_the_lock_is_held(store, request)
+        with pytest.warns(RuntimeWarning, match=r"the warm tier of a request's release failed 3"):
+            for _ in range(NEWS_TRIES):
+                assert torch.equal(store.lookup(torch.arange(100, 110)), data[100:110])
+        assert store.queue_news == {"failures": NEWS_TRIES, "dropped": 1}
+        assert torch.equal(store.lookup(torch.arange(0, 400)), data)
+        registry = CollectorRegistry()
+        registry.register(TieredStoreCollector({"layer1": store}))
+        text = generate_latest(registry).decode()
+        assert f'tiered_store_queue_news_failures_total{{table="layer1"}} {NEWS_TRIES}.0' in text
+        assert 'tiered_store_queue_news_dropped_total{table="layer1"} 1.0' in text

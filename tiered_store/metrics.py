@@ -38,6 +38,8 @@ tiered_store_prefetch_stall_seconds            histogram  table               wa
 tiered_store_prefetches_total                  counter    table               prefetches started
 tiered_store_queued_requests                   gauge      table               announced, not released
 tiered_store_queued_rows                       gauge      table               their distinct rows
+tiered_store_queue_news_failures_total         counter    table               failed tellings of the queue
+tiered_store_queue_news_dropped_total          counter    table               queue news dropped
 tiered_store_verifications_total               counter    table               checksum passes run
 tiered_store_checksum_failures_total           counter    table               corrupt pages found
 tiered_store_lookup_failures_total             counter    table               served lookups that failed
@@ -259,6 +261,18 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "gauge",
         ("table",),
         "Distinct rows the announced requests look up (evicted last).",
+    ),
+    "tiered_store_queue_news_failures_total": (
+        "counter",
+        ("table",),
+        "Tellings of an announced or released request to the cache tiers that failed (out of "
+        "memory, say); each is tried again.",
+    ),
+    "tiered_store_queue_news_dropped_total": (
+        "counter",
+        ("table",),
+        "Announced or released requests a cache tier was never told of, dropped after repeated "
+        "failures (the tier ranks its victims without them).",
     ),
     "tiered_store_verifications_total": (
         "counter",
@@ -486,6 +500,8 @@ class TieredStoreCollector(Collector):
             fam["tiered_store_prefetches_total"].add_metric([table], prefetcher.prefetches_started)
             fam["tiered_store_queued_requests"].add_metric([table], len(store.caches.queue))
             fam["tiered_store_queued_rows"].add_metric([table], store.caches.queue.rows)
+            for outcome, count in store.queue_news.items():
+                fam[f"tiered_store_queue_news_{outcome}_total"].add_metric([table], count)
             health = self._health.get(table) or TableHealth()
             fam["tiered_store_verifications_total"].add_metric([table], health.verifications)
             fam["tiered_store_checksum_failures_total"].add_metric(

@@ -307,6 +307,13 @@ class TieredStore:
         """Prefetches started since the store opened."""
         return self._prefetcher.handles
 
+    @property
+    def queue_news(self) -> dict[str, int]:
+        """Tellings of an announce or release to the tiers that failed (``failures``: out of
+        memory, say; each is tried again by the lock's next holder) and news ``dropped`` after
+        ``store_lock.NEWS_TRIES`` failures (a tier then ranks its victims without it)."""
+        return {"failures": self._lock.news_failures, "dropped": self._lock.news_dropped}
+
     def announce(self, ids: Any) -> QueuedRequest:
         """Tell the store a request that will look up ``ids`` is queued (or being served): until
         ``release(request)``, both cache tiers evict rows no announced request looks up first,
@@ -329,8 +336,8 @@ class TieredStore:
                 self.caches.attach_queue()
         request = self.caches.queue.add(flat)  # its own lock: lookups go on meanwhile
         self._lock.post(request, None)
-        try:
-            self._lock.tell_if_free()  # waits for the lock only past a backlog (NEWS_BACKLOG)
+        try:  # waits for the lock only past a backlog (NEWS_BACKLOG)
+            self._lock.tell_if_free(own=request)
         except BaseException:  # (out of memory telling the tiers) never returned: never released
             with self._releasing:  # so withdrawn; the lock's next holder tells the tiers, the
                 self._lock.post(request, None)  # request again first: a tier may have missed it
@@ -557,6 +564,7 @@ class TieredStore:
         out["queue"] = {  # requests announced and not released (``announce``)
             "requests": len(self.caches.queue),
             "rows": self.caches.queue.rows,
+            **{f"news_{k}": v for k, v in self.queue_news.items()},
         }
         out["lookup"] = {
             "calls": self.lookup_latency.count,

@@ -11,6 +11,13 @@ letting go of it (news that came meanwhile, whose senders found it taken), so no
 the next lookup. Only a poster that finds more than ``NEWS_BACKLOG`` news waiting (posting
 faster than the tiers take it in) waits for the lock, and tells the tiers itself.
 
+Telling can fail (out of memory probing a tier). News that failed is kept, first in line, with
+the tiers it reached noted, and told again by the next holder, after ``NEWS_TRIES`` failures it
+is dropped with a warning (a tier that missed an announce or a release only ranks victims less
+well: no lookup reads a wrong row). Neither is raised into the holder's own work (a lookup is
+not failed by another request's news), except to an announce whose own news failed, which
+withdraws its request. ``news_failures`` and ``news_dropped`` count them (metrics).
+
 On a CUDA store the holder works on the store's stream: every change to the hot tier's device
 state (its slots, index, free list, policy and queue state) is queued on one stream, in the
 order the lock was taken, whichever thread made it. The stream first waits for the work the
@@ -29,15 +36,41 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import StoreClosedError
+from .errors import StoreClosedError, warn_at_caller
 
 if TYPE_CHECKING:
     from .cache_plan import CacheHierarchy
     from .request_queue import QueuedRequest
+    from .row_cache import RowCache
 
 
 NEWS_BACKLOG = 1024  # news waiting before a poster waits for the lock to tell the tiers itself
 TELL_PASSES = 8  # passes of news a thread letting go of the lock tells at most (then the next)
+NEWS_TRIES = 3  # failed tellings of one piece of news before it is dropped
+
+
+class _News:
+    """One announce (``moved`` None) or release (``moved``: what ``QueuedRequests.remove``
+    returned) of ``request``, the tiers not told of it yet, and how often telling it failed."""
+
+    __slots__ = ("failures", "moved", "request", "untold")
+
+    def __init__(
+        self,
+        request: QueuedRequest,
+        moved: tuple[torch.Tensor, torch.Tensor] | None,
+        untold: list[RowCache],
+    ) -> None:
+        self.request, self.moved, self.untold, self.failures = request, moved, untold, 0
+
+    def tell(self) -> None:
+        """Tell each tier not told yet, noting each one told (a failure leaves the rest)."""
+        while self.untold:
+            if self.moved is None:
+                self.untold[0].queued(self.request)
+            else:
+                self.untold[0].unqueued(self.request, *self.moved)
+            self.untold.pop(0)
 
 
 class StoreLock:
@@ -49,7 +82,9 @@ class StoreLock:
         self._stream = stream
         self._on_stream: contextlib.AbstractContextManager | None = None  # the holder's
         # announced (moved None) or released requests the tiers have not been told of yet
-        self._news: deque[tuple[QueuedRequest, tuple[torch.Tensor, torch.Tensor] | None]] = deque()
+        self._news: deque[_News] = deque()
+        self.news_failures = 0  # tellings of news that failed (each is tried again)
+        self.news_dropped = 0  # news dropped after NEWS_TRIES failures
 
     def __enter__(self) -> StoreLock:
         return self._take(after_caller=True)
@@ -85,21 +120,24 @@ class StoreLock:
         """News in queue order: ``request`` announced (``moved`` None) or released (``moved``:
         what ``QueuedRequests.remove`` returned). Post it where the queue's order is kept (a
         release under the store's release lock); then :meth:`tell_if_free`."""
-        self._news.append((request, moved))
+        self._news.append(_News(request, moved, [self._caches.hot, self._caches.warm]))
 
-    def tell_if_free(self) -> None:
+    def tell_if_free(self, own: QueuedRequest | None = None) -> None:
         """Tell the tiers now if the lock is free, again while news came meanwhile (its posters
         found the lock taken; at most ``TELL_PASSES`` times: the next holder tells the rest);
         else its holder does when it lets go. Past ``NEWS_BACKLOG`` waiting, wait for the lock:
-        news posted faster than the tiers take it in would otherwise grow without end."""
+        news posted faster than the tiers take it in would otherwise grow without end. A failure
+        telling the announce of ``own`` is raised (it is dropped: the caller withdraws it)."""
         for _ in range(TELL_PASSES):
             if not self._news or not self._lock.acquire(blocking=len(self._news) > NEWS_BACKLOG):
                 return
             try:
                 self._enter_stream(after_caller=False)  # the news is on the host (its rows)
-                self._tell_tiers()
+                told = self._tell_tiers(own)
             finally:
                 self._let_go()
+            if not told:  # failed: the next holder tries again
+                return
 
     def _enter_stream(self, after_caller: bool) -> None:
         """Just taken: the holder's work goes on the store's stream (``after_caller``: after
@@ -121,15 +159,34 @@ class StoreLock:
         finally:
             self._lock.release()
 
-    def _tell_tiers(self) -> None:
+    def _tell_tiers(self, own: QueuedRequest | None = None) -> bool:
         """Under the lock: the tiers learn the news so far, in the order it came (what comes
-        meanwhile waits for the next holder, which tells it before its own work)."""
+        meanwhile waits for the next holder, which tells it before its own work); whether all of
+        it was told. News that fails stays first (see the module's docstring)."""
         for _ in range(len(self._news)):
-            request, moved = self._news.popleft()
-            if moved is None:
-                self._caches.queued(request)
-            else:
-                self._caches.unqueued(request, moved)
+            news = self._news[0]
+            try:
+                news.tell()
+            except Exception as exc:
+                self.news_failures += 1
+                news.failures += 1
+                if news.request is own and news.moved is None:
+                    self._news.popleft()  # withdrawn by its announce, told of again
+                    raise
+                if news.failures < NEWS_TRIES:
+                    return False
+                self._news.popleft()
+                self.news_dropped += 1
+                what = "announce" if news.moved is None else "release"
+                warn_at_caller(
+                    f"request queue: telling the {news.untold[0].name} tier of a request's "
+                    f"{what} failed {news.failures} times ({type(exc).__name__}: {exc}); "
+                    "dropped: that tier ranks its victims without it",
+                    RuntimeWarning,
+                )
+                return False
+            self._news.popleft()
+        return True
 
 
 class InFlight:
