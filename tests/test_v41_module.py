@@ -222,3 +222,26 @@ def test_a_dead_tokens_gate_is_zero_even_when_its_row_is_nan():
         out = layer(x, ids, mask)
     assert torch.equal(gate[0, 0], torch.zeros(2)) and gate[0, 1].isnan().all()  # live: as given
     assert torch.equal(out[0, 0], x[0, 0])
+
+
+def test_row_ids_as_a_list_are_read_as_the_table_reads_them_and_x_must_be_a_tensor():
+    # before: a list of row ids (which the table's lookup takes) ended in a raw AttributeError
+    # ('list' object has no attribute 'shape'), and so did x given as a list; a NumPy x failed
+    # in torch.promote_types after the table was read
+    quant = RowQuantization(values=8, block=4)
+    layer = V41Engram(
+        PackedInMemoryTable(quantize_rows(torch.randn(4, 8), quant), quant),
+        num_heads=2,
+        dim=4,
+        hc_mult=2,
+    )
+    x = torch.randn(1, 2, 2, 4, dtype=torch.bfloat16)
+    ids = torch.tensor([[[3, 2], [0, 1]]])
+    with torch.no_grad():
+        want = layer(x, ids)
+        assert torch.equal(layer(x, ids.tolist()), want)
+        assert torch.equal(layer(x, ids.numpy()), want)  # the hasher's output for NumPy ids
+        for bad in (x.tolist(), x.float().numpy()):
+            name = type(bad).__name__
+            with pytest.raises(ConfigError, match=rf"x: got a {name}; expected a torch.Tensor"):
+                layer(bad, ids)

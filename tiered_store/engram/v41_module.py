@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..store import as_id_tensor
 from ..table_sources import describe_tensor, tensor_without_values
 from .backend import TableBackend, check_row_id_values
 
@@ -112,10 +113,19 @@ class V41Engram(nn.Module):
     ) -> torch.Tensor:
         """``x`` [B, T, hc_mult, dim] and row ids [B, T, H] -> ``x + gate * value``, same shape.
 
-        ``token_mask`` (bool [B, T], default all True) marks live tokens: a dead token's gate is
-        zero and its stream passes through unchanged. ``handle`` is the table's prefetch handle.
+        Row ids may be a tensor, a NumPy array or a list of integers (read as the table's
+        ``lookup`` reads them). ``token_mask`` (bool [B, T], default all True) marks live tokens:
+        a dead token's gate is zero and its stream passes through unchanged. ``handle`` is the
+        table's prefetch handle.
         """
         check_row_id_values(row_ids)
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(
+                f"x: got a {type(x).__name__}; expected a torch.Tensor [..., {self.hc_mult}, "
+                f"{self.dim}], the hyper-connection stream (torch.from_numpy for an array)"
+            )
+        if not isinstance(row_ids, torch.Tensor):  # a list or NumPy array, as lookup takes them
+            row_ids = as_id_tensor(row_ids)
         if x.shape[-2:] != (self.hc_mult, self.dim) or row_ids.shape[-1] != self.num_heads:
             raise ConfigError(
                 f"V41Engram input: x {tuple(x.shape)} and row ids {tuple(row_ids.shape)}; expected "
