@@ -245,3 +245,20 @@ def test_row_ids_as_a_list_are_read_as_the_table_reads_them_and_x_must_be_a_tens
             name = type(bad).__name__
             with pytest.raises(ConfigError, match=rf"x: got a {name}; expected a torch.Tensor"):
                 layer(bad, ids)
+
+
+def test_a_zero_dot_gates_as_copysign_does_not_as_sign():
+    # the reference's gate is sigmoid(copysign(sqrt(max(|dot|, 1e-6)), dot)): a dot of exactly 0
+    # (an all-zero stream) gives sigmoid(+1e-3), where sign(dot) * sqrt(...) gives sigmoid(0)
+    quant = RowQuantization(values=8, block=4)
+    layer = V41Engram(
+        PackedInMemoryTable(quantize_rows(torch.randn(4, 8), quant), quant),
+        num_heads=2,
+        dim=4,
+        hc_mult=2,
+    )
+    x = torch.zeros(1, 2, 2, 4)
+    with torch.no_grad():
+        gate = layer.gate(x, torch.randn(1, 2, 2, 4), torch.ones(1, 2, dtype=torch.bool))
+    assert torch.equal(gate, torch.sigmoid(torch.tensor(1e-6).sqrt()).expand(1, 2, 2))
+    assert float(gate[0, 0, 0]) > 0.5  # sign(0) * sqrt(...) = 0 would give exactly 0.5

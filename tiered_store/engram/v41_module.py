@@ -6,10 +6,11 @@ branch ``i`` with stream ``h_i``::
 
     dot_i  = sum_d(h_i * q_i * k_i * key_i) * rsqrt(mean(h_i^2) + eps) * rsqrt(mean(key_i^2) + eps)
              / sqrt(dim)
-    gate_i = sigmoid(sign(dot_i) * sqrt(max(|dot_i|, 1e-6)))        (0 where the token is dead)
+    gate_i = sigmoid(copysign(sqrt(max(|dot_i|, 1e-6)), dot_i))     (0 where the token is dead)
     out_i  = h_i + gate_i * value
 
-with ``q``/``k`` the ``[hc_mult, dim]`` weights ``q_weight``/``k_weight`` and ``eps`` the model's
+(a dot of exactly 0 gives sigmoid(+1e-3), not the 0.5 of ``sign(dot)``: the demo's rule) with
+``q``/``k`` the ``[hc_mult, dim]`` weights ``q_weight``/``k_weight`` and ``eps`` the model's
 ``norm_eps``; the gate maths and the sum run in float32 (the reference's, which the golden bf16
 output matches bit for bit), or in float64 for a float64 stream (it is not rounded through
 float32), and the output is cast back to the stream's dtype.
