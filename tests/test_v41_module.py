@@ -262,3 +262,13 @@ def test_a_zero_dot_gates_as_copysign_does_not_as_sign():
         gate = layer.gate(x, torch.randn(1, 2, 2, 4), torch.ones(1, 2, dtype=torch.bool))
     assert torch.equal(gate, torch.sigmoid(torch.tensor(1e-6).sqrt()).expand(1, 2, 2))
     assert float(gate[0, 0, 0]) > 0.5  # sign(0) * sqrt(...) = 0 would give exactly 0.5
+
+
+@pytest.mark.parametrize("eps", [0, 0.0, -1e-6, float("nan"), float("inf"), "1e-6", True])
+def test_a_norm_eps_that_is_not_a_positive_number_is_refused(eps):
+    # before: taken as given; 0 made an all-zero stream's gate NaN (0 * rsqrt(0)), a negative
+    # eps made NaN gates wherever mean(h^2) < |eps|, a string failed inside the forward
+    quant = RowQuantization(values=8, block=4)
+    table = PackedInMemoryTable(quantize_rows(torch.randn(4, 8), quant), quant)
+    with pytest.raises(ConfigError, match=rf"norm_eps: expected a finite number > 0, got {eps!r}"):
+        V41Engram(table, num_heads=2, dim=4, hc_mult=2, norm_eps=eps)

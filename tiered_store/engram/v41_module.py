@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from ..store import as_id_tensor
 from ..table_sources import describe_tensor, tensor_without_values
 from .backend import TableBackend, check_row_id_values
+from .config import _positive_number
 
 __all__ = ["GATE_CLAMP", "V41Engram"]
 
@@ -50,7 +51,7 @@ class V41Engram(nn.Module):
     hc_mult
         Hyper-connection branches.
     norm_eps
-        The RMS epsilon of the gate (1e-20 in the release).
+        The RMS epsilon of the gate, a finite number > 0 (1e-20 in the release).
     dtype
         Parameter dtype (the reference runs ``wkv`` in bf16).
 
@@ -79,6 +80,10 @@ class V41Engram(nn.Module):
         for key, value in (("num_heads", num_heads), ("dim", dim), ("hc_mult", hc_mult)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key}: got {value!r}; expected a positive integer")
+        try:  # 0 or less makes NaN gates (0 * rsqrt(0) for an all-zero stream)
+            norm_eps = _positive_number(norm_eps)
+        except ValueError as exc:
+            raise ConfigError(f"norm_eps: {exc}") from None
         self.table = table
         self.num_heads, self.dim, self.hc_mult, self.norm_eps = num_heads, dim, hc_mult, norm_eps
         in_features = num_heads * int(table.dim)
