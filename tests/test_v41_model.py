@@ -311,3 +311,24 @@ def test_the_memory_check_counts_v41_tables_packed_and_names_convert_hf():
         "expected a smaller model, or the tables of a converted checkpoint (tiered-store "
         "convert-hf) as tiered stores"
     )
+
+
+def test_the_checkpoint_shapes_of_a_v41_model_are_its_dense_weights(config, hasher):
+    """expected_checkpoint_shapes builds the model on the meta device; a V4.1 model's random
+    tables were quantised there and failed with torch's 'Tensor.item() cannot be called on meta
+    tensors'. Its tables stay outside the state_dict, so the shapes are the dense weights'."""
+    from tiered_store.engram.checkpoint import expected_checkpoint_shapes
+
+    shapes = expected_checkpoint_shapes(config, hasher)
+    engram = {key: shape for key, shape in shapes.items() if ".engram." in key}
+    heads, width = config.engram.num_heads, config.engram.head_dim
+    hidden, hc = config.backbone.hidden_size, config.backbone.hc_mult
+    assert engram == {
+        f"layers.{layer}.engram.{name}": shape
+        for layer in (1, 14)
+        for name, shape in (
+            ("wkv", ((hc + 1) * hidden, heads * width)),
+            ("q_weight", (hc, hidden)),
+            ("k_weight", (hc, hidden)),
+        )
+    }
