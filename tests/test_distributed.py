@@ -175,6 +175,25 @@ def test_the_shard_command_refuses_malformed_head_metadata_naming_the_table(tmp_
         assert "expected two integer lists of one length" in err
 
 
+def test_a_shard_map_of_bounds_that_are_not_integers_is_refused_naming_the_shard(tmp_path, capsys):
+    path = tmp_path / "t.npy"
+    create_table(path, np.ones((10, 4), dtype=np.float32), progress=False)
+    shards = write_shards(path, 2, "rows", progress=False)
+    manifest = shards[0].path.with_name(shards[0].path.name + ".manifest.json")
+    good = json.loads(manifest.read_text())
+    for bound in ("5", 5.5, 5.0, True, float("inf")):  # int() takes, truncates or overflows these
+        doc = json.loads(json.dumps(good))
+        doc["metadata"]["shard"]["bounds"][1] = bound
+        manifest.write_text(json.dumps(sealed(doc)))
+        with pytest.raises(TableFormatError, match="expected integer bounds") as caught:
+            read_shard(shards[0].path)
+        assert str(shards[0].path) in str(caught.value) and repr(bound) in str(caught.value)
+        whole = str(tmp_path / "whole.npy")
+        shard_files = [str(s.path) for s in shards]
+        assert cli_main(["unshard", whole, *shard_files, "--quiet"]) == 2
+        assert "expected integer bounds" in capsys.readouterr().err
+
+
 def test_a_corrupt_table_is_not_sharded_into_shards_with_fresh_checksums(tmp_path, capsys):
     path = tmp_path / "t.npy"
     create_table(path, np.ones((3000, 4), dtype=np.float32), progress=False)

@@ -76,16 +76,19 @@ class ShardMap:
     def from_json(cls, doc: Any, where: str) -> ShardMap:
         """Parse a shard manifest's ``metadata["shard"]`` (errors name ``where``)."""
         try:
-            by, bounds, version = (
-                doc["by"],
-                tuple(int(b) for b in doc["bounds"]),
-                doc["table_version"],
-            )
-        except (KeyError, TypeError, ValueError):
+            by, bounds, version = doc["by"], doc["bounds"], doc["table_version"]
+        except (KeyError, TypeError):
             raise TableFormatError(
                 f"{where}: metadata.shard is {doc!r}; expected by, bounds and table_version "
                 "(a shard made by `tiered-store shard`)"
             ) from None
+        # JSON integers only: int() would take "3" and True, truncate 3.9 (Infinity: OverflowError)
+        if not isinstance(bounds, list) or any(type(b) is not int for b in bounds):
+            raise TableFormatError(
+                f"{where}: metadata.shard bounds {bounds!r}; expected integer bounds, a list "
+                "(a shard made by `tiered-store shard`)"
+            )
+        bounds = tuple(bounds)
         if by not in SHARD_MODES or len(bounds) < 2 or bounds[0] != 0:
             raise TableFormatError(f"{where}: metadata.shard {doc!r} is not a valid shard map")
         if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
