@@ -454,6 +454,38 @@ def misuse_worker(rank: int, world: int, port: int, plain: str, out: Path) -> No
     _report(out, rank, result)
 
 
+def failed_open_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Rank 1's shard store fails to open with an error of torch's (its hot tier's memory out,
+    as a GPU shared with the model may be): what every rank's open raises; then every rank
+    opens again and looks up (the group is still in step)."""
+    from tiered_store.distributed import sharded_store
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    real = sharded_store.TieredStore
+
+    class OutOfMemory(real):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory (the test's)")
+
+    try:
+        cfg = _store_config(Path(plain), world, "rows")
+        cfg["sharding"]["timeout_s"] = 5
+        sharded_store.TieredStore = OutOfMemory if rank == 1 else real
+        try:
+            sharded_store.ShardedStore.open(cfg).close()
+            result["open"] = "ok"
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["open"] = f"{type(exc).__name__}: {exc}"
+        sharded_store.TieredStore = real
+        with sharded_store.ShardedStore.open(cfg) as store:
+            result["rows"] = store.lookup(torch.tensor([0, 462])).float()[:, 0].tolist()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def _adam_over_row_shards(trainable: str, world: int) -> Any:
     """A ``TrainableTable`` (Adam, lr 0.05) over the row shards of ``trainable``, whose ranks wait
     5 s for one another (a rank left waiting fails the test in seconds)."""

@@ -1323,6 +1323,19 @@ def test_one_rank_misusing_a_collective_is_refused_and_the_ranks_stay_in_step(tm
     assert results[0]["zero width seen"] == results[1]["zero width seen"] == []
 
 
+def test_a_shard_failing_to_open_with_an_error_of_torchs_is_named_by_every_rank(tmp_path):
+    from tests.distributed_support import failed_open_worker
+
+    codes, results = _two_ranks_over_plain_shards(tmp_path, failed_open_worker, 120)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:  # not a silent rank 1 found by the timeout: its own error, everywhere
+        assert result["open"].startswith("ShardMismatchError: rank 1: cannot open its shard"), (
+            result
+        )
+        assert "OutOfMemoryError: CUDA out of memory (the test's)" in result["open"]
+    assert results[0]["rows"] == results[1]["rows"] and len(results[0]["rows"]) == 2
+
+
 def test_a_lookup_a_shard_failed_is_counted_as_a_round_whose_ids_crossed_and_rows_did_not(
     tmp_path,
 ):

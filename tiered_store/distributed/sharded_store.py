@@ -541,7 +541,7 @@ class ShardedStore:
             )
             self.local = TieredStore(local_config)
             return read_shard(self.local.cold.path), None  # the version the store holds
-        except (TieredStoreError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 (any, torch's out of memory too: told to every rank)
             return None, f"{type(exc).__name__}: {error_text(exc)}"
 
     def _fingerprint(self, info: ShardInfo | None, error: str | None) -> dict[str, Any]:
