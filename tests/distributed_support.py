@@ -296,6 +296,40 @@ def kill_or_stall(store: Any, rank: int, victim: int, how: str, result: dict) ->
     store.close()
 
 
+def hung_read_worker(rank: int, world: int, port: int, table: str, out: Path) -> None:
+    """Two ranks; rank 1's shard read hangs in the second lookup (alive, in the round, its beat
+    moving, as on a disk or file system that stopped answering): what each rank's lookup
+    raises."""
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.errors import RankFailureError
+
+    _init(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        cfg = _store_config(Path(table), world, "rows")
+        cfg["sharding"]["timeout_s"] = KILL_TIMEOUT_S
+        store = ShardedStore.open(cfg)
+        ids = torch.arange(0, 463, 9)
+        store.lookup(ids)
+        if rank == 1:
+            real = store.local.lookup
+
+            def hanging(*args: Any, **kwargs: Any) -> torch.Tensor:
+                time.sleep(KILL_TIMEOUT_S + 4)
+                return real(*args, **kwargs)
+
+            store.local.lookup = hanging
+        try:
+            store.lookup(ids)
+            result["error"] = None
+        except RankFailureError as exc:
+            result["error"] = str(exc)
+        store.close()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 # -- writes and training through a sharded table ------------------------------------------------
 WRITE_ROUNDS = 3
 TRAIN_STEPS = 3

@@ -767,6 +767,22 @@ def check_named(result: dict, rank: int, victim: int, how: str) -> None:
 
 
 @pytest.mark.slow
+def test_a_rank_whose_shard_read_hangs_mid_lookup_is_named_by_every_rank(tables, tmp_path):
+    from tests.distributed_support import hung_read_worker
+
+    table = tables["plain"]
+    write_shards(
+        table, 2, "rows", template=shards_template(table, "rows"), progress=False, overwrite=True
+    )
+    codes = run_ranks(hung_read_worker, 2, (str(table), tmp_path), 60)
+    results = _results(tmp_path, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for rank, result in enumerate(results):  # alive and in the round: neither silent nor behind
+        assert result["error"].startswith(f"rank {rank}: lookup #2 failed: "), result
+        assert "rank 1 has not finished its own shard's part of the lookup" in result["error"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("victim, how", [(0, "kill"), (1, "stall"), (1, "truncate")])
 def test_rank_0_killed_a_rank_stalling_or_failing_is_named_by_every_other_rank_in_time(
     tables, tmp_path, victim, how

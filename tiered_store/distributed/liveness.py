@@ -5,8 +5,10 @@ its rank every ``interval`` seconds, on its own connection to the group's store.
 fails or times out, ``diagnose`` reads every rank's entry twice, ``3 * interval`` apart: a rank
 whose beat did not move is dead or hung; a live rank that has entered fewer collectives than this
 one has not called the lookup the others wait in; one that entered as many, but of another kind
-(a training step where this rank looks up), called another collective. A store that cannot be
-reached means its host is gone: rank 0 (``tcp://`` or ``env://`` rendezvous), or torchrun's agent.
+(a training step where this rank looks up), called another collective; one in the same round
+whose state is ``serving`` has not finished its own shard's part of it (a read or write that
+hangs). A store that cannot be reached means its host is gone: rank 0 (``tcp://`` or ``env://``
+rendezvous), or torchrun's agent.
 
 The heartbeats of a process write on one connection (``shared_connection``), made once: torch
 looks the peer's name up at both ends of every new connection to the store (a reverse DNS query
@@ -28,6 +30,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -66,6 +69,7 @@ class Diagnosis:
     closed: tuple[int, ...] = ()  # ranks that closed their store
     behind: tuple[tuple[int, int], ...] = ()  # (rank, collectives it entered)
     elsewhere: tuple[tuple[int, str], ...] = ()  # (rank, the kind of round it is in)
+    serving: tuple[int, ...] = ()  # ranks in this round whose own shard's part has not returned
     kind: str = ""  # the kind of round this rank is in
     store_error: str | None = None
 
@@ -94,6 +98,12 @@ class Diagnosis:
                 "every rank must call lookup/prefetch, write, commit and training steps in the "
                 "same order"
             )
+        for rank in self.serving:
+            parts.append(
+                f"rank {rank} has not finished its own shard's part of the {self.kind} (alive and "
+                "in the round: a read or write of its shard does not return, as on a disk or file "
+                "system that hangs)"
+            )
         return "; ".join(parts) or "no rank was found silent or behind"
 
 
@@ -119,6 +129,7 @@ class Heartbeat:
         self.rank, self.world, self.interval = rank, world, interval
         self.entered = 0  # collectives this rank has entered (set by the store's thread)
         self.kind = "none"  # the kind of the last one: lookup, write, commit, update
+        self.serving = False  # in its own shard's part of that round (set by the store's thread)
         self._timeout = timedelta(seconds=max(2 * interval, 1.0))
         self._group_store = store
         self._diagnose_from, self._connect_timeout = diagnose_from, connect_timeout
@@ -135,8 +146,10 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{rank}", daemon=True)
         self._thread.start()
 
-    def _publish(self, state: str = "open") -> None:
-        """Write this rank's entry once."""
+    def _publish(self, state: str | None = None) -> None:
+        """Write this rank's entry once (its state: ``open``, or ``serving`` in its own shard's
+        part of a round, unless given)."""
+        state = state or ("serving" if self.serving else "open")
         self._beat += 1
         self._store.set(f"hb/{self.rank}", f"{self._beat} {self.entered} {state} {self.kind}")
 
@@ -144,6 +157,16 @@ class Heartbeat:
         """This rank enters one more collective round, of ``kind`` (the store's thread)."""
         self.entered += 1
         self.kind = kind
+
+    @contextlib.contextmanager
+    def own_part(self) -> Iterator[None]:
+        """This rank is in its own shard's part of the round (the store's thread): a diagnosis
+        meanwhile names it as not finished (a read that hangs), not "no rank was found"."""
+        self.serving = True
+        try:
+            yield
+        finally:
+            self.serving = False
 
     def _run(self) -> None:
         """Beat until stopped. A write that fails (a timeout, the store's host gone) is tried
@@ -227,8 +250,20 @@ class Heartbeat:
             and second[r][1] == self.entered
             and second[r][3] != self.kind
         )
+        serving = tuple(
+            r
+            for r in others
+            if r not in silent
+            and r not in closed
+            and second[r][1:] == (self.entered, "serving", self.kind)
+        )
         return Diagnosis(
-            silent=silent, closed=closed, behind=behind, elsewhere=elsewhere, kind=self.kind
+            silent=silent,
+            closed=closed,
+            behind=behind,
+            elsewhere=elsewhere,
+            kind=self.kind,
+            serving=(*serving, self.rank) if self.serving else serving,
         )
 
     def _connect(self, source: dist.Store) -> dist.Store:

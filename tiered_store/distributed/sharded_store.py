@@ -799,7 +799,8 @@ class ShardedStore:
         asked = torch.empty(sum(recvs), dtype=torch.int64, device=device)
         dist.all_to_all_single(asked, unique - self._starts[owner], recvs, sends, group=self.group)
         try:
-            served, failed_here = self.local.lookup(asked, packed=True), None
+            with self._heartbeat.own_part():
+                served, failed_here = self.local.lookup(asked, packed=True), None
         except Exception as exc:  # noqa: BLE001 (any: told to every rank, so they stay in step)
             served, failed_here = None, exc
         try:
@@ -1019,12 +1020,12 @@ class ShardedStore:
             )
         return rows
 
-    @staticmethod
-    def _local_error(fn: Callable, *args: Any) -> str | None:
+    def _local_error(self, fn: Callable, *args: Any) -> str | None:
         """Run this rank's part; its error as text (to tell every rank), or None: any error, so
         that the rank stays in step with the others (an optimizer's own, too)."""
         try:
-            fn(*args)
+            with self._heartbeat.own_part():
+                fn(*args)
         except Exception as exc:  # noqa: BLE001 (told to every rank, raised on every rank)
             return f"{type(exc).__name__}: {error_text(exc)}"
         return None
