@@ -809,6 +809,40 @@ def test_a_writer_opening_a_delta_makes_its_name_durable_before_it_commits(tmp_p
     assert str(tmp_path) in synced, synced
 
 
+def test_a_directory_fsync_failing_with_eio_is_raised_not_ignored(tmp_path, monkeypatch):
+    """``fsync_dir`` ignored every error of a directory's fsync, so a compaction's pointer
+    switch (or any rename) whose fsync hit EIO was reported done though it may not survive a
+    power loss. EIO is raised, naming the directory; a file system that cannot fsync a
+    directory at all (EINVAL) is still a no-op."""
+    import errno
+
+    from tiered_store.delta.table_versions import pointer_path
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((20, 4), np.float32), progress=False)
+    with TieredStore(store_config(path)) as store:
+        store.write([1], torch.ones(1, 4))
+        store.commit()
+    real = os.fsync
+
+    def fsync_of_directories_fails_with(code):
+        def fsync(fd):
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                raise OSError(code, os.strerror(code))
+            return real(fd)
+
+        return fsync
+
+    monkeypatch.setattr(os, "fsync", fsync_of_directories_fails_with(errno.EIO))
+    with pytest.raises(TierIOError, match=f"fsync of directory {tmp_path} failed .*power loss"):
+        compact_table(path, progress=False)
+    monkeypatch.setattr(os, "fsync", fsync_of_directories_fails_with(errno.EINVAL))
+    assert compact_table(path, progress=False).new_generation == 1
+    assert pointer_path(path).exists()
+    with TieredStore(store_config(path)) as store:
+        assert store.lookup([0, 1]).tolist() == [[0.0] * 4, [1.0] * 4]
+
+
 def test_a_table_interrupted_right_after_a_temporary_file_was_made_leaves_none(
     tmp_path, monkeypatch
 ):

@@ -126,18 +126,37 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
+# what fsync of a directory fails with where a file system cannot do it (nothing to make durable)
+_NO_DIRECTORY_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+
+
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
-    """fsync a directory so that renames inside it are durable (no-op where unsupported)."""
+    """fsync a directory so that renames inside it are durable (a no-op where the file system
+    cannot, or the directory cannot be opened for reading). An I/O error (EIO) raises
+    ``TierIOError`` naming the directory: the renames may not survive a power loss."""
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            raise _dir_fsync_failed(directory, exc) from exc
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in _NO_DIRECTORY_FSYNC:
+            raise _dir_fsync_failed(directory, exc) from exc
     finally:
         os.close(fd)
+
+
+def _dir_fsync_failed(directory: str | os.PathLike[str], exc: OSError) -> TierIOError:
+    """The error of a directory's fsync that failed."""
+    return TierIOError(
+        exc.errno,
+        f"fsync of directory {directory} failed ({exc.strerror}); expected it to make the renames "
+        "in it durable: they may not survive a power loss (check the disk)",
+        str(directory),
+    )
 
 
 def hidden_temporaries(directory: Path, names: str) -> list[Path]:
