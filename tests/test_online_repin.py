@@ -1798,3 +1798,42 @@ def test_a_plan_on_a_snapshot_older_than_a_row_the_tier_above_pins_still_leaves_
     held[0] = 9
     repin.forget_above(held)
     assert repin.plan(held, unpinned).pin_rows.tolist() == [6, 9]
+
+
+def test_a_re_pin_whose_drop_of_updates_fails_too_keeps_the_thread_re_pinning(
+    tmp_path, monkeypatch
+):
+    """After a failed re-pin the thread drops the tier's queued updates; a failure there too (no
+    memory for the slots to reset) ended the thread: the tier never re-pinned again and lookups
+    queued updates for it without end. It warns and goes on, the queue emptied."""
+
+    path, data = make_table(tmp_path, rows=100, dim=4)
+    tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
+    tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
+    plan, drop_pending, failures = OnlineRepin.plan, OnlineRepin.drop_pending, []
+
+    def fails_once(self, *args):  # a fault in the first plan only
+        if not failures:
+            failures.append(1)
+            raise TypeError("a plan that fails")
+        return plan(self, *args)
+
+    def drops_then_fails(self):  # the queue emptied, then no memory to reset the slots
+        drop_pending(self)
+        raise torch.OutOfMemoryError("no memory for the slots")
+
+    monkeypatch.setattr(OnlineRepin, "plan", fails_once)
+    monkeypatch.setattr(OnlineRepin, "drop_pending", drops_then_fails)
+    with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
+        with pytest.warns(RuntimeWarning) as warned:
+            for i in range(40):  # row 5 hot
+                assert torch.equal(store.lookup([5] * 9 + [60 + i]), data[[5] * 9 + [60 + i]])
+                assert store.wait_repinned(timeout=10)
+        assert [str(w.message)[:60] for w in warned] == [
+            "online re-pin of the warm tier failed (a plan that fails); i",
+            "online re-pin of the warm tier: dropping its updates after t",
+        ]
+        assert "(OutOfMemoryError: no memory for the slots)" in str(warned[1].message)
+        online = store.warm.online
+        assert failures and online.repins > 0 and 5 in store.warm.pinned_rows()
+        assert not online.pending

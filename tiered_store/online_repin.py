@@ -408,14 +408,14 @@ class OnlineRepin:
         copying the sketch) holds no lookup up; updates queued meanwhile are kept."""
         with self._counting:
             dropped = [self.pending.popleft() for _ in range(len(self.pending))]
-            admitted = [update[1] for update in dropped if update[0] == "admit"]
-            if admitted:  # their slots held other rows before: those counts are not theirs
-                slots = torch.cat(admitted).to(self.device)
-                self.slot_count[slots] = 0
-                self.slot_stamp[slots] = -1
             self._applied_total += len(dropped)
             self._ends_applied += sum(update[0] == "end" for update in dropped)
             self._misses, self._hits_distinct = [], 0
+            admitted = [update[1] for update in dropped if update[0] == "admit"]
+            if admitted:  # their slots held other rows before: those counts are not theirs
+                slots = torch.cat(admitted).to(self.device)  # (out of memory: the queue is empty)
+                self.slot_count[slots] = 0
+                self.slot_stamp[slots] = -1
 
     # -- the counting side -----------------------------------------------------------------------
     def _run(self, update: tuple) -> None:

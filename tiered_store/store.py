@@ -1094,13 +1094,28 @@ class TieredStore:
                         RuntimeWarning,
                         stacklevel=1,
                     )
-                    # off the lock (a save may hold the counting), on the stream it counts on
-                    with self._on_store_stream():
-                        cache.online.drop_pending()
-                    if due:  # close the interval it failed in (not one lookups ended while the
-                        # drop waited, whose re-pin was never tried): the next one tries again
-                        with self._lock.host_inputs():
-                            cache.online.skip()  # (no re-pin counted)
+                    try:
+                        self._after_a_failed_repin(cache, due)
+                    except Exception as again:  # noqa: BLE001 (a thread dead of it left lookups
+                        # queueing updates for it without end)
+                        warnings.warn(
+                            f"online re-pin of the {cache.name} tier: dropping its updates after "
+                            f"that failed too ({type(again).__name__}: {again}); rows admitted "
+                            "since the last count may keep their slots' old counts",
+                            RuntimeWarning,
+                            stacklevel=1,
+                        )
+
+    def _after_a_failed_repin(self, cache: Any, due: bool) -> None:
+        """Drop ``cache``'s queued updates (rows admitted meanwhile count from 0), and close the
+        interval the failure was in when its re-pin was ``due``: the next one tries again."""
+        # off the lock (a save may hold the counting), on the stream it counts on
+        with self._on_store_stream():
+            cache.online.drop_pending()
+        if due:  # close the interval it failed in (not one lookups ended while the drop waited,
+            # whose re-pin was never tried)
+            with self._lock.host_inputs():
+                cache.online.skip()  # (no re-pin counted)
 
     def _restoring_pins(self, cache: Any) -> bool:
         """The warm restart has not brought ``cache``'s saved pins back yet: they replace its
