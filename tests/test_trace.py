@@ -1120,3 +1120,17 @@ def test_layout_rows_that_are_not_a_positive_integer_are_refused(tmp_path, rows)
         TraceWriter(tmp_path / "t.trace", layout)
     with TraceWriter(tmp_path / "t.trace", {"tables": [{"name": "b", "rows": None}]}) as w:
         w.write(np.array([0, 10**12]), "b")  # null rows: ids not checked against a size
+
+
+def test_a_trace_written_over_its_own_npy_is_refused_and_the_npy_kept(tmp_path):
+    """trace_from_npy(ids.npy, ids.npy) (or read through a link to it) renamed the trace over
+    the row ids it was reading: the user's array was gone; now a ConfigError naming it, as
+    trace_to_npy's for the other way."""
+    ids = np.arange(10) % 4
+    np.save(tmp_path / "ids.npy", ids)
+    (tmp_path / "link.npy").symlink_to("ids.npy")
+    for source in ("ids.npy", "link.npy"):
+        with pytest.raises(ConfigError, match=rf"trace {tmp_path / 'ids.npy'} is the \.npy"):
+            trace_from_npy(tmp_path / source, tmp_path / "ids.npy", batch_size=4)
+    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), ids)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy", "link.npy"]

@@ -1105,7 +1105,7 @@ def trace_from_npy(
     npy_path : str or Path
         Integer array. 1-D: one stream of ids; N-D: the leading axis is the batch axis.
     trace_path : str or Path
-        Trace to write.
+        Trace to write (not ``npy_path`` itself: a ``ConfigError``).
     header : dict, optional
         Trace header (see :class:`TraceWriter`).
     table : str or int
@@ -1145,6 +1145,10 @@ def trace_from_npy(
         )
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size: got {batch_size}; expected a positive integer")
+    if os.path.exists(trace_path) and os.path.samefile(trace_path, npy_path):  # renamed over it
+        raise ConfigError(
+            f"trace {trace_path} is the .npy itself ({npy_path}); expected another file"
+        )
     with TraceWriter(trace_path, header, chunk_ids=chunk_ids) as w:
         if arr.ndim > 1:
             for b in range(arr.shape[0]):
