@@ -1134,3 +1134,14 @@ def test_a_trace_written_over_its_own_npy_is_refused_and_the_npy_kept(tmp_path):
             trace_from_npy(tmp_path / source, tmp_path / "ids.npy", batch_size=4)
     np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), ids)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy", "link.npy"]
+
+
+@pytest.mark.parametrize("batch_size", [2.5, True, "4", 0])
+def test_a_batch_size_that_is_not_a_positive_integer_is_named(tmp_path, batch_size):
+    """2.5 was a bare TypeError from range() and True was taken as batches of 1."""
+    np.save(tmp_path / "ids.npy", np.arange(10))
+    with pytest.raises(
+        ValueError, match=rf"batch_size: got {re.escape(repr(batch_size))}; expected"
+    ):
+        trace_from_npy(tmp_path / "ids.npy", tmp_path / "t.trace", batch_size=batch_size)
+    assert not (tmp_path / "t.trace").exists()

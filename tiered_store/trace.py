@@ -50,6 +50,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import numbers
 import os
 import re
 import reprlib
@@ -1143,8 +1144,10 @@ def trace_from_npy(
         raise TraceFormatError(
             f"{npy_path}: a 0-d array (one value); expected row ids: 1-D, or N-D with a batch axis"
         )
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size: got {batch_size}; expected a positive integer")
+    whole = isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool | np.bool_)
+    step = int(batch_size) if whole else None  # numbers, not as_integer: no torch import here
+    if batch_size is not None and (step is None or step < 1):  # 2.5: range()'s bare TypeError
+        raise ValueError(f"batch_size: got {batch_size!r}; expected a positive integer")
     if os.path.exists(trace_path) and os.path.samefile(trace_path, npy_path):  # renamed over it
         raise ConfigError(
             f"trace {trace_path} is the .npy itself ({npy_path}); expected another file"
@@ -1154,9 +1157,9 @@ def trace_from_npy(
             for b in range(arr.shape[0]):
                 w.write(np.asarray(arr[b]), table, batch=b)
         else:
-            step = batch_size or chunk_ids
-            for b, start in enumerate(range(0, arr.shape[0], step)):
-                w.write(np.asarray(arr[start : start + step]), table, batch=b if batch_size else 0)
+            per = step or chunk_ids
+            for b, start in enumerate(range(0, arr.shape[0], per)):
+                w.write(np.asarray(arr[start : start + per]), table, batch=b if step else 0)
     return TraceReader(trace_path)
 
 
