@@ -1494,3 +1494,18 @@ def test_a_document_dropped_after_the_cap_in_the_same_group_marks_the_run_trunca
     report = result.report["corpus"]
     assert (report["read"]["documents"], report["documents"], report["tokens"]) == (2, 1, cap)
     assert report["truncated"]
+
+
+def test_a_corpus_path_that_is_a_broken_link_or_a_link_loop_is_named_as_such(tmp_path):
+    """Named directly, `loop -> loop` or a link to a removed file said "no such file or
+    directory" of a name `ls` shows; the error now says it is a link and where it points."""
+    import os
+
+    os.symlink("loop", tmp_path / "loop")
+    os.symlink("gone.txt", tmp_path / "dangling")
+    for name, target in (("loop", "loop"), ("dangling", "gone.txt")):
+        with pytest.raises(
+            CorpusError,
+            match=rf"corpus path '.*{name}': a link to {target!r} that resolves to no file",
+        ):
+            resolve_corpus([tmp_path / name])

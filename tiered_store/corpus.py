@@ -221,6 +221,11 @@ def _expand(path: str | os.PathLike[str]) -> list[Path]:
         if not out:
             raise CorpusError(f"corpus path {text!r}: the pattern matches no files")
         return out
+    if p.is_symlink():  # ``ls`` shows it: "no such file" would not say why
+        raise CorpusError(
+            f"corpus path {text!r}: a link to {os.readlink(p)!r} that resolves to no file (its "
+            "target is missing, or links loop); expected a file, a directory or a glob pattern"
+        )
     raise CorpusError(f"corpus path {text!r}: no such file or directory")
 
 
