@@ -1509,3 +1509,39 @@ def test_a_corpus_path_that_is_a_broken_link_or_a_link_loop_is_named_as_such(tmp
             match=rf"corpus path '.*{name}': a link to {target!r} that resolves to no file",
         ):
             resolve_corpus([tmp_path / name])
+
+
+def test_numpy_integers_are_options_and_bools_or_strings_are_named():
+    """AnalyzeOptions(seq_len=np.int64(256)) said "got np.int64(256); expected an integer";
+    max_tokens=True and workers=True were taken as 1, and holdout="0.2" passed the check and
+    died in the holdout split (str < float). Integers of any kind are kept as int, fractions as
+    float; a bool or a string for either is named."""
+    opts = AnalyzeOptions(
+        seq_len=np.int64(256),
+        batch_seqs=np.int32(4),
+        max_tokens=np.int64(5000),
+        workers=np.uint8(2),
+        seed=np.uint64(2**64 - 1),
+        belady_lookups=np.int64(10),
+        episode_window=np.int16(0),
+        holdout=np.float32(0.25),
+        shards_rate=np.float64(0.5),
+    )
+    assert (opts.seq_len, opts.batch_seqs, opts.max_tokens, opts.workers, opts.seed) == (
+        256,
+        4,
+        5000,
+        2,
+        2**64 - 1,
+    )
+    assert type(opts.seq_len) is int and type(opts.seed) is int and type(opts.holdout) is float
+    assert (opts.holdout, opts.shards_rate) == (0.25, 0.5)
+    for name, value, expected in (
+        ("max_tokens", True, r"an integer >= 1"),
+        ("workers", True, r"an integer >= 1"),
+        ("seq_len", 256.0, r"an integer >= 1"),
+        ("holdout", "0.2", r"a fraction in \[0, 1\)"),
+        ("shards_rate", True, r"0 < rate <= 1"),
+    ):
+        with pytest.raises(ConfigError, match=rf"^{name}: got {re.escape(repr(value))}; expected {expected}$"):  # fmt: skip
+            AnalyzeOptions(**{name: value})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -116,30 +117,35 @@ class AnalyzeOptions:
     host_budget: str | None = None
 
     def __post_init__(self) -> None:
-        for name, value, minimum in (
-            ("seq_len", self.seq_len, 1),
-            ("batch_seqs", self.batch_seqs, 1),
-            ("belady_lookups", self.belady_lookups, 1),
-            ("episode_window", self.episode_window, 0),
+        for name, minimum in (
+            ("seq_len", 1),
+            ("batch_seqs", 1),
+            ("belady_lookups", 1),
+            ("episode_window", 0),
+            ("max_tokens", 1),
+            ("workers", 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            value = getattr(self, name)
+            if value is None and name in ("max_tokens", "workers"):
+                continue
+            if not _is_integer(value) or value < minimum:
                 raise ConfigError(f"{name}: got {value!r}; expected an integer >= {minimum}")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
-            raise ConfigError(f"max_tokens: got {self.max_tokens!r}; expected an integer >= 1")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
-            raise ConfigError(f"workers: got {self.workers!r}; expected an integer >= 1")
-        if (
-            isinstance(self.seed, bool)
-            or not isinstance(self.seed, int)
-            or not 0 <= self.seed < 2**64
-        ):
+            object.__setattr__(self, name, int(value))  # a NumPy integer as int
+        if not _is_integer(self.seed) or not 0 <= self.seed < 2**64:
             raise ConfigError(f"seed: got {self.seed!r}; expected an integer in [0, 2**64)")
-        if not 0.0 <= float(self.holdout) < 1.0:
-            raise ConfigError(f"holdout: got {self.holdout!r}; expected a fraction in [0, 1)")
-        if not 0.0 < float(self.shards_rate) <= 1.0:
-            raise ConfigError(f"shards_rate: got {self.shards_rate!r}; expected 0 < rate <= 1")
+        object.__setattr__(self, "seed", int(self.seed))
+        for name, low_open, expected in (
+            ("holdout", False, "a fraction in [0, 1)"),
+            ("shards_rate", True, "0 < rate <= 1"),
+        ):
+            value = getattr(self, name)
+            real = isinstance(value, numbers.Real) and not isinstance(
+                value, bool
+            )  # np.bool_ is not
+            inside = real and (0.0 < value <= 1.0 if low_open else 0.0 <= value < 1.0)
+            if not inside:  # a str compared with a float died later (the holdout split)
+                raise ConfigError(f"{name}: got {value!r}; expected {expected}")
+            object.__setattr__(self, name, float(value))
         object.__setattr__(self, "targets", check_targets(self.targets))
         from ..tier_split import parse_budgets
 
@@ -149,6 +155,11 @@ class AnalyzeOptions:
     def threads(self) -> int:
         """Worker threads actually used."""
         return self.workers or os.cpu_count() or 1
+
+
+def _is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy), not a bool (NumPy's is not Integral)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_targets(targets: Mapping[str, float]) -> dict[str, float]:
