@@ -729,3 +729,18 @@ def test_token_batches_of_a_read_only_memmap_are_copies(tmp_path):
     assert batches[0].data_ptr() != tokens.ctypes.data
     writable = np.arange(64)
     assert token_batches(writable, 2, 16)[0].data_ptr() == writable.ctypes.data  # no copy
+
+
+def test_read_tokens_takes_a_numpy_count_and_names_a_bool_or_float(tmp_path):
+    """max_tokens=np.int64(5) (a sum of NumPy sizes) was refused as "expected an integer >= 1,
+    got np.int64(5)"; any integer is taken, a bool or a float is named."""
+    from tiered_store.corpus import resolve_corpus
+    from tiered_store.engram import CompressedTokenizer
+    from tiered_store.engram.corpus import read_tokens
+
+    (tmp_path / "doc.txt").write_text("def lookup(table, ids):\n    return table[ids]\n" * 20)
+    corpus, tokenizer = resolve_corpus([tmp_path]), CompressedTokenizer()
+    assert read_tokens(corpus, tokenizer, max_tokens=np.int64(5)).shape == (5,)
+    for bad in (True, 5.0, 0):
+        with pytest.raises(ConfigError, match=rf"^max_tokens: got {bad!r}; expected an integer >= 1$"):  # fmt: skip
+            read_tokens(corpus, tokenizer, max_tokens=bad)

@@ -37,8 +37,10 @@ def read_tokens(corpus: Corpus, tokenizer: CompressedTokenizer, *, max_tokens: i
     >>> tokens.shape, tokens.dtype
     ((5000,), dtype('int64'))
     """
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ConfigError(f"max_tokens: expected an integer >= 1, got {max_tokens!r}")
+    count = as_integer(max_tokens)  # a NumPy integer too (a sum of sizes); not a bool
+    if count is None or count < 1:
+        raise ConfigError(f"max_tokens: got {max_tokens!r}; expected an integer >= 1")
+    max_tokens = count
     eos = tokenizer.tokenizer.token_to_id(EOS_TOKEN)
     if eos is None:
         warn_at_caller(
