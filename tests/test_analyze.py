@@ -1545,3 +1545,24 @@ def test_numpy_integers_are_options_and_bools_or_strings_are_named():
     ):
         with pytest.raises(ConfigError, match=rf"^{name}: got {re.escape(repr(value))}; expected {expected}$"):  # fmt: skip
             AnalyzeOptions(**{name: value})
+
+
+def test_the_curve_stage_says_what_it_computes_before_its_long_wait(run, tmp_path):
+    """After the profile bar nothing was said until the first exact LRU curve was done (a minute
+    and more on the default corpus): the stage now says what it computes, over how many
+    lookups, when it starts."""
+    said: list[str] = []
+    analyze(
+        [run["corpus"] / "en.txt"],
+        tmp_path / "out",
+        config=EngramConfig.from_dict(TINY["engram"]),
+        options=AnalyzeOptions(seq_len=32, max_tokens=300, belady=False, progress=False),
+        log=said.append,
+    )
+    curves = [x for x in said if x.startswith("curves:")]
+    with TraceReader(tmp_path / "out" / "trace.trace") as reader:
+        lookups = reader.n_lookups
+    assert curves[0] == (
+        f"curves: exact LRU and SHARDS (rate 0.01) of 2 tables, {lookups:,} lookups in all..."
+    ), curves
+    assert " in " in curves[1] and curves[1].endswith(" s")  # then each curve as it is done

@@ -112,6 +112,11 @@ def stage_curves(
     curves: dict[str, list[MissRatioCurve]] = {n: [] for n in ctx.names}
     with ctx.times.stage("curves"):
         if options.curves:
+            ctx.say(  # the longest wait of a run, with no bar: say what it is before it begins
+                f"curves: exact LRU and SHARDS (rate {options.shards_rate:g}) of "
+                f"{len(ctx.names)} tables, {sum(p.lookups for p in profiles.values()):,} lookups "
+                "in all..."
+            )
             jobs = [(kind, n) for n in ctx.names for kind in ("lru", "shards")]
             with ThreadPoolExecutor(max_workers=max(1, min(options.threads, len(jobs)))) as pool:
                 futures = {
