@@ -1566,3 +1566,14 @@ def test_the_curve_stage_says_what_it_computes_before_its_long_wait(run, tmp_pat
         f"curves: exact LRU and SHARDS (rate 0.01) of 2 tables, {lookups:,} lookups in all..."
     ), curves
     assert " in " in curves[1] and curves[1].endswith(" s")  # then each curve as it is done
+
+
+def test_a_holdout_of_a_one_document_corpus_names_the_fraction_and_the_corpus(tmp_path, capsys):
+    """It said "holdout: the corpus has 1 document", naming neither the --holdout given nor
+    which corpus; the error now names both (and a count that agrees with "1 document")."""
+    (tmp_path / "only.txt").write_text("one document\n")
+    with pytest.raises(CorpusError, match=r"^holdout 0\.5: corpus 1 file from .*only\.txt has 1 document; expected at least 2 to split by document$"):  # fmt: skip
+        resolve_corpus([tmp_path / "only.txt"]).holdout_mask(0.5, seed=0)
+    argv = ["analyze", str(tmp_path / "only.txt"), "--out", str(tmp_path / "out"), "--quiet"]
+    assert main([*argv, "--holdout", "0.5"]) == 2
+    assert "tiered-store analyze: error: holdout 0.5: corpus 1 file from" in capsys.readouterr().err

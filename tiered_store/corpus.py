@@ -119,7 +119,8 @@ class Corpus:
         n = len(self.files)
         if n < 2:
             raise CorpusError(
-                f"holdout: the corpus has {n} document; expected at least 2 to split by document"
+                f"holdout {fraction:g}: corpus {self.description} has {n} document; expected at "
+                "least 2 to split by document"
             )
         k = min(max(round(fraction * n), 1), n - 1)
         mask = np.zeros(n, dtype=bool)
@@ -345,7 +346,8 @@ def resolve_corpus(
     named = ", ".join(roots[:NAMED_ROOTS])  # a shell-expanded glob: thousands of paths
     if len(roots) > NAMED_ROOTS:
         named += f" and {len(roots) - NAMED_ROOTS:,} more paths"
-    return Corpus(tuple(files), f"{len(files):,} files from {named}", roots)
+    files_text = f"{len(files):,} file{'s' * (len(files) != 1)}"
+    return Corpus(tuple(files), f"{files_text} from {named}", roots)
 
 
 def default_corpus() -> Corpus:
