@@ -744,3 +744,21 @@ def test_read_tokens_takes_a_numpy_count_and_names_a_bool_or_float(tmp_path):
     for bad in (True, 5.0, 0):
         with pytest.raises(ConfigError, match=rf"^max_tokens: got {bad!r}; expected an integer >= 1$"):  # fmt: skip
             read_tokens(corpus, tokenizer, max_tokens=bad)
+
+
+def test_read_tokens_stops_reading_files_once_it_has_enough_text(tmp_path):
+    """ "Reading stops once enough are read" was not so: 64 files were read (whole) before the
+    first was tokenised, so a cap of 50 tokens over big files read all 64. Files past enough
+    text are not read now: an empty one there is not even found empty."""
+    from tiered_store.corpus import SkippedFilesWarning, resolve_corpus
+    from tiered_store.engram import CompressedTokenizer
+    from tiered_store.engram.corpus import read_tokens
+
+    (tmp_path / "a.txt").write_text("def lookup(table, ids):\n    return table[ids]\n" * 40)
+    (tmp_path / "b.txt").write_text("   \n")  # empty: a SkippedFilesWarning names it if read
+    corpus = resolve_corpus([tmp_path / "a.txt", tmp_path / "b.txt"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_tokens(corpus, CompressedTokenizer(), max_tokens=50).shape == (50,)
+    with pytest.warns(SkippedFilesWarning, match=r"b\.txt \(empty\)"):  # read when needed
+        read_tokens(corpus, CompressedTokenizer(), max_tokens=10_000)

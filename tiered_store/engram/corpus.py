@@ -16,7 +16,7 @@ from ..corpus import Corpus, CorpusError, ReadStats, SkippedFilesWarning, iter_t
 from ..errors import ConfigError, warn_at_caller
 from ..id_ops import array_for_torch
 from ..integers import as_integer
-from .tokenizer import CompressedTokenizer, encode_texts
+from .tokenizer import _CHARS_PER_TOKEN, CompressedTokenizer, encode_texts
 
 __all__ = ["iter_batches", "read_tokens", "token_batches"]
 
@@ -63,10 +63,15 @@ def read_tokens(corpus: Corpus, tokenizer: CompressedTokenizer, *, max_tokens: i
             total += len(ids)
         texts.clear()
 
+    size = 0  # characters in texts
     for _, text in iter_texts(corpus.files, stats):
         texts.append(text)
-        if len(texts) == _ENCODE_CHUNK_FILES:
+        size += len(text)
+        # tokenised once there are enough files, or text for the tokens still wanted (at up to
+        # _CHARS_PER_TOKEN a token): a small cap does not read 64 files first
+        if len(texts) == _ENCODE_CHUNK_FILES or size >= _CHARS_PER_TOKEN * (max_tokens - total):
             encode()
+            size = 0
             if total >= max_tokens:
                 break
     encode()
