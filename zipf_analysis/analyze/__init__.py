@@ -9,8 +9,9 @@ The pipeline, stage by stage (each timed), and the module that owns each stage:
 3. **hash**: each document is cut into sequences of ``seq_len`` tokens, each starting with fresh
    (pad) N-gram context as the reference model does; ``batch_seqs`` sequences make a batch;
    :class:`~tiered_store.engram.NgramHasher` turns each into row ids of every Engram layer's
-   concatenated table (hashes + head offsets). Exact N-gram keys are counted on the way for the
-   hash-collision rate (:mod:`.ngram_keys`);
+   concatenated table (hashes + head offsets). Distinct N-gram keys are counted on the way for
+   the hash-collision rate (:mod:`.ngram_keys`: exactly up to order 3 of DeepSeek's ids, which
+   pack into 63 bits; longer ones as 64-bit mixes, the report's ``key_method``);
 4. **write trace**: in the order the model requests rows: per batch, per Engram layer (table
    ``layer{L}``), the layer's ``[S, T, H]`` ids (S sequences of T real positions, H heads;
    sequences of unequal length get one record each, so no padding position is written);
