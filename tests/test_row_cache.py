@@ -277,3 +277,26 @@ def test_merging_unpinned_slots_into_the_victim_buffer_equals_a_stable_sort_of_b
         got = merge_sorted(slots[:n], keys, slots[n:], new_keys)
         assert torch.equal(got[0], slots[want]), (n, m, span)
         assert torch.equal(got[1], torch.cat([keys, new_keys])[want]), (n, m, span)
+
+
+@pytest.mark.parametrize("index", ["dense", "hashed"])
+@pytest.mark.parametrize("spec", ["lru", "sieve", "lfu", "fifo"])
+@pytest.mark.parametrize("bad", [12, -1])
+def test_an_id_outside_the_table_is_refused_before_the_tier_changes(index, spec, bad):
+    """A hashed tier's admit evicted its victims (dropped from the index) and then refused the
+    id outside the table, leaving the slots owned by rows the index no longer knew; admit and
+    preload now refuse such an id before they change anything."""
+    cache = RowCache("warm", num_rows=10, capacity=4, spec=PolicySpec.parse(spec), index=index)
+    run_batch(cache, [0, 1, 2, 3])
+    owners, counters = cache.row_of_slot.clone(), cache.counters.as_dict()
+    for call in (
+        lambda: cache.admit(torch.tensor([5, bad, 6]), torch.ones(3, dtype=torch.int64)),
+        lambda: cache.preload(torch.tensor([5, bad]), pin=False),
+    ):
+        with pytest.raises(IndexError, match=rf"warm tier: .*{bad}.*expected row ids in \[0, 10\)"):
+            call()
+        _check_invariants(cache)
+        assert torch.equal(cache.row_of_slot, owners) and cache.counters.as_dict() == counters
+    run_batch(cache, [7, 8, 9])  # and it goes on serving
+    _check_invariants(cache)
+    assert bool((cache.probe(torch.tensor([7, 8, 9])) >= 0).all())

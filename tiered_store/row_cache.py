@@ -12,6 +12,7 @@ from policies import PolicySpec
 from policies.base import NoEviction, smallest
 from policies.registry import EVICTION
 
+from .errors import RowIdError
 from .id_ops import nonzero
 from .online_repin import OnlineRepin, RepinMoves
 from .queue_victims import QueueVictims, furthest_first
@@ -328,7 +329,7 @@ class RowCache:
             return empty, empty
         ids = ids.to(self.device)
         # another thread may have admitted some of these since they were probed
-        cand = nonzero(self.probe(ids) < 0)
+        cand = nonzero(self._probe_new(ids, "to admit") < 0)
         room = self.capacity - self._n_pinned
         if cand.numel() > room:  # more new rows than the tier can hold: keep the most used
             cand_counts = torch.index_select(counts.to(self.device), 0, cand)
@@ -401,7 +402,7 @@ class RowCache:
             first = torch.arange(ids.numel(), device=self.device)
         else:
             _, first = _first_occurrence(ids)
-        cand = first[self.probe(ids[first]) < 0][: self._n_free]
+        cand = first[self._probe_new(ids[first], "to preload") < 0][: self._n_free]
         slots = self._pop_free(cand.numel()).flip(0)
         self.index.set(ids[cand], slots)
         self.row_of_slot.index_copy_(0, slots, ids[cand])
@@ -423,6 +424,28 @@ class RowCache:
         return cand, slots
 
     # -- internals -------------------------------------------------------------------------------
+    def _probe_new(self, ids: torch.Tensor, what: str) -> torch.Tensor:
+        """``probe`` of ids about to be admitted or preloaded; an id outside the table is a
+        RowIdError naming the tier, raised before any change: a hashed index finds no row for
+        it and refuses it only in ``set``, once victims are gone (checked first), a dense one
+        refuses it in the probe (named then, at no cost to valid ids)."""
+        if self.index.kind != "dense":
+            self._check_inside(ids, what)
+        try:
+            return self.probe(ids)
+        except IndexError:
+            self._check_inside(ids, what)
+            raise
+
+    def _check_inside(self, ids: torch.Tensor, what: str) -> None:
+        """RowIdError naming the tier unless every id is a row of the table."""
+        low, high = (int(v) for v in torch.aminmax(ids))
+        if not 0 <= low <= high < self.num_rows:
+            raise RowIdError(
+                f"{self.name} tier: ids {what} in [{low:,}, {high:,}]; expected row ids in "
+                f"[0, {self.num_rows:,}) (the table's rows)"
+            )
+
     def _choose_victims(self, need: int, lookahead: torch.Tensor | None) -> torch.Tensor:
         """Up to ``need`` + headroom evictable slots (never pinned, never free, never holding a
         row of ``lookahead``)."""
