@@ -1,5 +1,7 @@
 """The one error type of the policy layer: a bad policy name, spec or parameter."""
 
+import numbers
+
 
 class PolicyError(ValueError):
     """A policy name, spec or parameter the registry cannot use.
@@ -15,3 +17,19 @@ class PolicyError(ValueError):
     ...
     policies.errors.PolicyError: policy 'static+sieve+lru' names two eviction policies; expected one
     """
+
+
+def check_int_option(policy: str, option: str, value: object, least: int | None) -> None:
+    """PolicyError naming ``policy``'s ``option`` unless ``value`` is an integer (a bool is not
+    one) >= ``least`` (None: any).
+
+    >>> check_int_option("lfu", "aging_period", 2.5, 1)
+    Traceback (most recent call last):
+    ...
+    policies.errors.PolicyError: lfu aging_period: got 2.5; expected an integer >= 1
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        at_least = "" if least is None else f" >= {least}"
+        raise PolicyError(f"{policy} {option}: got {value!r}; expected an integer{at_least}")
+    if least is not None and value < least:
+        raise PolicyError(f"{policy} {option}: got {value!r}; expected an integer >= {least}")

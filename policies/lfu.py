@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import EvictionPolicy
-from .errors import PolicyError
+from .errors import check_int_option
 
 _SEQ_BITS = 40  # access sequence numbers kept below 2**40 (renumbered when they get there)
 _COUNT_MAX = (1 << 23) - 1  # counts saturate here so count and recency pack into one int64 key
@@ -56,8 +56,7 @@ class LFU(EvictionPolicy):
     ) -> None:
         super().__init__(capacity, device)
         self.aging_period = aging_period if aging_period is not None else max(10 * capacity, 1)
-        if self.aging_period < 1:
-            raise PolicyError(f"lfu aging_period: got {self.aging_period}; expected >= 1")
+        check_int_option("lfu", "aging_period", self.aging_period, 1)
         self.count = torch.zeros(capacity, dtype=torch.int32, device=self.device)
         self.last_used = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
         self.seq = 0  # sequence number of the next access

@@ -9,11 +9,13 @@ which runs ``hash_mix.splitmix64`` itself).
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
 from .base import AdmissionPolicy
-from .errors import PolicyError
+from .errors import PolicyError, check_int_option
 from .hash_mix import MIX_GOLDEN, MIX_M1, MIX_M2, splitmix64
 
 MASK64 = (1 << 64) - 1
@@ -145,8 +147,22 @@ class TinyLFU(AdmissionPolicy):
         seed: int = 0,
     ) -> None:
         super().__init__(num_rows, device)
-        if not 1 <= max_count <= 255:
-            raise PolicyError(f"tinylfu max_count: got {max_count}; expected 1..255 (uint8)")
+        for option, value, least in (
+            ("capacity", capacity, 0),
+            ("depth", depth, 1),
+            ("width_factor", width_factor, 1),
+            ("sample_factor", sample_factor, 1),
+            ("seed", seed, None),
+        ):
+            check_int_option("tinylfu", option, value, least)
+        if (
+            isinstance(max_count, bool)
+            or not isinstance(max_count, numbers.Integral)
+            or not 1 <= max_count <= 255
+        ):
+            raise PolicyError(
+                f"tinylfu max_count: got {max_count!r}; expected 1..255 (an integer: uint8 counters)"
+            )
         self.capacity = capacity
         self.width = sketch_width(capacity, width_factor)
         self.max_count = max_count

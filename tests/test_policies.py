@@ -683,8 +683,40 @@ def test_admission_alone_or_two_evictions_or_two_filters_is_an_error(bad):
 def test_bad_policy_parameters_are_policy_errors():
     with pytest.raises(PolicyError, match="tinylfu max_count: got 0; expected 1..255"):
         TinyLFU(num_rows=10, capacity=4, max_count=0)
-    with pytest.raises(PolicyError, match="lfu aging_period: got 0; expected >= 1"):
+    with pytest.raises(PolicyError, match="lfu aging_period: got 0; expected an integer >= 1"):
         LFU(capacity=4, aging_period=0)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("depth", 0),
+        ("depth", -1),
+        ("width_factor", 0),
+        ("sample_factor", 0),
+        ("sample_factor", -2),
+        ("max_count", 2.5),
+        ("capacity", -1),
+        ("seed", 1.5),
+    ],
+)
+def test_bad_tinylfu_options_are_policy_errors_naming_them(option, value):
+    """depth 0 failed at the first lookup (amin over no rows), a negative one with torch's
+    'Dimension size must be non-negative', max_count 2.5 with a cast error; width_factor and
+    sample_factor 0 were taken silently (16 counters; a halving per lookup); seed 1.5 failed with
+    a bare TypeError."""
+    kw = {"capacity": 4, option: value}
+    with pytest.raises(
+        PolicyError, match=rf"tinylfu {option}: got {re.escape(str(value))}; expected"
+    ):
+        TinyLFU(num_rows=10, **kw)
+
+
+@pytest.mark.parametrize("value", [2.5, True, "10"])
+def test_an_lfu_aging_period_that_is_not_an_int_is_a_policy_error(value):
+    """2.5 was taken and failed at the first halving (a float shift count)."""
+    with pytest.raises(PolicyError, match=rf"lfu aging_period: got {re.escape(repr(value))}"):
+        LFU(capacity=4, aging_period=value)
 
 
 class _Doorkeeper(AdmissionPolicy):
