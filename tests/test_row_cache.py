@@ -300,3 +300,58 @@ def test_an_id_outside_the_table_is_refused_before_the_tier_changes(index, spec,
     run_batch(cache, [7, 8, 9])  # and it goes on serving
     _check_invariants(cache)
     assert bool((cache.probe(torch.tensor([7, 8, 9])) >= 0).all())
+
+
+def _probe_and_record(cache: RowCache, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch up to its admission (as ``run_batch``); returns its unique misses and counts."""
+    ids = torch.tensor(batch, dtype=torch.int64)
+    cache.begin_batch()
+    cache.observe(ids)
+    slots = cache.probe(ids)
+    hit = slots >= 0
+    cache.record(slots[hit], ids[~hit], lookups=ids.numel(), hits=int(hit.sum()))
+    return torch.unique(ids[~hit], return_counts=True)
+
+
+@pytest.mark.parametrize("spec", ["lru", "lfu", "sieve", "lru+tinylfu", "static+lru"])
+@pytest.mark.parametrize("headroom", [0.0, 0.25])
+def test_an_eviction_hook_that_raises_leaves_the_tier_as_before_the_admission(spec, headroom):
+    """``before_evict`` (the write-back's spill of dirty victims, which may run out of memory)
+    raised after the admission had taken free slots off the free list: they stayed taken and
+    empty (occupancy counted them; SIEVE never queued them, so they were lost for good). The
+    free slots now return and the victims stay; LRU and LFU then decide as a tier that never
+    tried that admission."""
+    rng = np.random.default_rng(7)
+    caches = [
+        RowCache(
+            "warm", num_rows=60, capacity=12, spec=PolicySpec.parse(spec), evict_headroom=headroom
+        )
+        for _ in range(2)
+    ]
+    for cache in caches:
+        cache.preload(torch.tensor([50, 51]), pin=True)
+    for batch in ([1, 2, 3], [4, 5, 1, 6]):
+        for cache in caches:
+            run_batch(cache, batch)
+
+    def spill(slots: torch.Tensor) -> None:
+        raise MemoryError("out of memory copying dirty rows out")
+
+    failing, twin = caches
+    failing.before_evict = spill
+    for batch in ([7, 8, 9, 10, 11, 12, 13, 1, 2], [14, 15, 16, 17, 18, 19, 20, 21, 22, 23]):
+        for cache in caches:
+            missed, counts = _probe_and_record(cache, batch)
+        with pytest.raises(MemoryError):
+            failing.admit(missed, counts)
+        _check_invariants(failing)
+        assert failing.occupancy == int((failing.row_of_slot >= 0).sum()) == 8
+    failing.before_evict = None
+    for _ in range(30):
+        batch = rng.integers(0, 40, 9).tolist()
+        for cache in caches:
+            run_batch(cache, batch)
+        _check_invariants(failing)
+        if not spec.startswith("sieve"):  # SIEVE's hand moved on over the victims it chose
+            assert torch.equal(failing.row_of_slot, twin.row_of_slot)
+    assert failing.occupancy == twin.occupancy > 8  # its free slots were filled again

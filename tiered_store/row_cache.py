@@ -352,7 +352,11 @@ class RowCache:
             cand = cand[: slots.numel()]
         new_ids = torch.index_select(ids, 0, cand)
         victim_rows = torch.index_select(self.row_of_slot, 0, slots)  # -1 for the free ones
-        ok = self.admission.admit(new_ids, victim_rows)
+        try:
+            ok = self.admission.admit(new_ids, victim_rows)
+        except BaseException:
+            self._untake(slots, victim_rows, extra)
+            raise
         if not bool(ok.all()):  # refused candidates: their free slots return; victims go in
             # eviction order, each while the next candidate beats it (a row an announced request
             # needs never goes before one no request needs, nor a row that beat its candidate)
@@ -367,7 +371,11 @@ class RowCache:
             slots = torch.cat([free_slots[ok[:take_free]], victim_slots[:admitted_over_victims]])
             victim_rows = torch.index_select(self.row_of_slot, 0, slots)
         if self.before_evict is not None:
-            self.before_evict(torch.cat([slots[victim_rows >= 0], extra]))
+            try:
+                self.before_evict(torch.cat([slots[victim_rows >= 0], extra]))
+            except BaseException:  # (the write-back's spill out of memory): no row has moved
+                self._untake(slots, victim_rows, extra)
+                raise
         evicted = torch.cat([victim_rows, torch.index_select(self.row_of_slot, 0, extra)])
         held = nonzero(evicted >= 0)
         evicted = torch.index_select(evicted, 0, held)
@@ -606,6 +614,17 @@ class RowCache:
     def _still_valid(self, slots: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Buffered victims whose key is unchanged and that are still evictable."""
         return (self.eviction.victim_priority(slots) == keys) & ~self._unevictable[slots]
+
+    def _untake(self, slots: torch.Tensor, victim_rows: torch.Tensor, extra: torch.Tensor) -> None:
+        """An admission that failed before any row moved gives back what it took: its free
+        ``slots`` (``victim_rows`` -1) return to the free list as they were, its victims (with
+        ``extra``) stay resident, and the victim buffer they came from is refilled when next
+        needed."""
+        self._push_free(slots[victim_rows < 0])
+        victims = torch.cat([slots[victim_rows >= 0], extra])
+        self.eviction.on_reinstate(victims)
+        self._queue_changed(victims)
+        self._buffered = None
 
     def _reinstate(self, slots: torch.Tensor) -> None:
         """Victims that stay after all (their candidates were refused): they keep their standing,
