@@ -40,13 +40,50 @@ MODIFIERS = ("static", "zipf-tuned")
 
 
 def register_eviction(name: str, factory: Callable[..., EvictionPolicy]) -> None:
-    """Make an eviction policy available by name everywhere."""
+    """Make an eviction policy available by name everywhere (see :func:`check_name`)."""
+    check_name("eviction", name)
     EVICTION[name] = factory
 
 
 def register_admission(name: str, factory: type[AdmissionPolicy]) -> None:
-    """Make an admission filter (a subclass of ``AdmissionPolicy``) available by name everywhere."""
+    """Make an admission filter (a subclass of ``AdmissionPolicy``) available by name everywhere
+    (see :func:`check_name`)."""
+    check_name("admission", name)
     ADMISSION[name] = factory
+
+
+def check_name(kind: str, name: object) -> None:
+    """PolicyError unless ``name`` can name a policy of ``kind`` (``eviction``, ``admission`` or
+    ``offline``): a spec reads its parts in lower case and split at '+', replay's --policies
+    splits at ','; a name another kind or a modifier has would change what a spec means.
+
+    >>> check_name("eviction", "tinylfu")
+    Traceback (most recent call last):
+    ...
+    policies.errors.PolicyError: eviction name 'tinylfu': an admission filter already; expected a name no other kind of policy has
+    """
+    if (
+        not isinstance(name, str)
+        or not name
+        or name != name.strip().lower()
+        or "+" in name
+        or "," in name
+    ):
+        raise PolicyError(
+            f"{kind} name {name!r}: expected a non-empty name in lower case, with no '+' and no "
+            "',' (a spec is read in lower case and split at '+', replay's --policies at ',')"
+        )
+    taken = {
+        "eviction": ("an eviction policy", EVICTION),
+        "admission": ("an admission filter", ADMISSION),
+        "offline": ("an offline bound", OFFLINE),
+        "modifier": (f"a modifier ({', '.join(MODIFIERS)})", MODIFIERS),
+    }
+    for other, (what, names) in taken.items():
+        if other != kind and name in names:
+            raise PolicyError(
+                f"{kind} name {name!r}: {what} already; expected a name no other kind of policy has"
+            )
 
 
 def known_names() -> list[str]:
@@ -155,7 +192,9 @@ OFFLINE: dict[str, Callable[..., OfflineBound]] = {"static-topk": StaticTopK, "b
 
 
 def register_offline(name: str, factory: Callable[..., OfflineBound]) -> None:
-    """Make an offline bound available by name to replay and the curves."""
+    """Make an offline bound available by name to replay and the curves (see
+    :func:`check_name`)."""
+    check_name("offline", name)
     OFFLINE[name] = factory
 
 

@@ -719,6 +719,48 @@ def test_an_lfu_aging_period_that_is_not_an_int_is_a_policy_error(value):
         LFU(capacity=4, aging_period=value)
 
 
+@pytest.mark.parametrize(
+    ("register", "name", "why"),
+    [
+        ("eviction", "MyLRU", "lower case"),
+        ("eviction", "lru+x", "no '\\+'"),
+        ("admission", "door,keeper", "no ','"),
+        ("eviction", "", "a non-empty name"),
+        ("eviction", "tinylfu", "an admission filter already"),
+        ("admission", "static", "a modifier"),
+        ("offline", "lru", "an eviction policy already"),
+        ("eviction", "belady", "an offline bound already"),
+    ],
+)
+def test_a_name_the_specs_cannot_reach_or_that_is_taken_is_refused_when_registered(
+    register, name, why
+):
+    """'MyLRU' was registered and then never found (a spec is read in lower case: "unknown
+    policy 'mylru'... did you mean 'MyLRU'?"), a name with '+' could never be one part of a
+    spec, nor one with ',' one item of replay's --policies; 'tinylfu' as an eviction policy
+    silently turned every '+tinylfu' into an eviction policy, and 'lru' as an offline bound made
+    replay of 'lru' run the bound."""
+    from policies import LRU
+    from policies.offline import Belady
+    from policies.registry import EVICTION, OFFLINE, register_eviction, register_offline
+
+    registers = {
+        "eviction": (register_eviction, LRU),
+        "admission": (register_admission, AdmissionPolicy),
+        "offline": (register_offline, Belady),
+    }
+    before = (dict(EVICTION), dict(ADMISSION), dict(OFFLINE))
+    function, factory = registers[register]
+    try:
+        with pytest.raises(PolicyError, match=rf"{register} name {re.escape(repr(name))}: .*{why}"):
+            function(name, factory)
+        assert before == (EVICTION, ADMISSION, OFFLINE)
+    finally:
+        for table, saved in zip((EVICTION, ADMISSION, OFFLINE), before, strict=True):
+            table.clear()
+            table.update(saved)
+
+
 class _Doorkeeper(AdmissionPolicy):
     """A filter sized by its tier whose bytes are a property, as TinyLFU's (admits every row)."""
 
