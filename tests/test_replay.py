@@ -810,3 +810,29 @@ def test_the_cost_model_prices_the_pages_the_cold_reader_reads(tmp_path, dim):
     cost = CostModelConfig(nvme_latency_us=0.0, hbm_gbps=1e9, dram_gbps=1e9, pcie_gbps=1e9)
     modelled = batch_fetch_seconds(cost, row_bytes, 0, 0, 0, ids.size) * cost.nvme_read_iops
     assert modelled == pytest.approx(pages_read, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (
+            {"batch_tokens": -1, "queued_requests": 1},
+            "batch_tokens: got -1; expected a positive number of tokens",
+        ),
+        (
+            {"batch_tokens": 0, "queued_requests": 1},
+            "batch_tokens: got 0; expected a positive number of tokens",
+        ),
+        ({"lookahead": -2}, "lookahead: got -2; expected a number of batches >= 0"),
+    ],
+)
+def test_replay_refuses_batches_it_cannot_cut_and_a_negative_lookahead(tmp_path, kw, message):
+    """With a queue, batch_tokens=-1 replayed nothing (0 lookups, every ratio 0) and 0 whole
+    requests (without a queue both are refused); lookahead=-2 was taken as 0."""
+    path = tmp_path / "t.trace"
+    write_trace(path, batches=3)
+    cfg = StoreConfig.from_dict(
+        {"table": {"path": str(tmp_path / "t.npy"), "dim": 4}, "tiers": {"warm": {"capacity": 50}}}
+    )
+    with pytest.raises(ConfigError, match=message):
+        replay(cfg, path, request_tokens=16, **kw)

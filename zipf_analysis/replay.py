@@ -151,6 +151,10 @@ def replay(
                 progress=progress,
                 desc=desc,
             )
+    if batch_tokens is not None and batch_tokens < 1:  # with a queue, -1 cut no batch at all
+        raise ConfigError(f"batch_tokens: got {batch_tokens}; expected a positive number of tokens")
+    if lookahead < 0:
+        raise ConfigError(f"lookahead: got {lookahead}; expected a number of batches >= 0")
     if queued_requests < 0 or request_tokens < 1:
         raise ConfigError(
             f"queued_requests={queued_requests}, request_tokens={request_tokens}: expected "
@@ -514,8 +518,6 @@ def _batches(
         if pending:
             yield np.concatenate(pending)
         return
-    if batch_tokens < 1:
-        raise ConfigError(f"batch_tokens: got {batch_tokens}; expected a positive number of tokens")
     size = _batch_lookups(batch_tokens, heads) if single_lookups else batch_tokens * heads
     pending: list[np.ndarray] = []
     n_pending = 0
