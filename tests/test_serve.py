@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
@@ -583,6 +584,54 @@ def test_a_table_made_anew_for_another_engram_layout_is_refused_at_reload(tmp_pa
         assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
     finally:
         server.stop()
+
+
+def test_reloads_and_refused_reloads_are_counted_per_table(tmp_path):
+    """A new version refused at reload (made for another Engram layout) was logged once and
+    listed in /healthz's warnings, but counted nowhere: no metric told a refused reload (nor a
+    reload) from none. Both are counters per table now, in the metrics and in /stats."""
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.engram.hashing import NgramHasher
+    from tiered_store.engram.model import ModelConfig
+    from tiered_store.metrics import build_registry
+    from tiered_store.table_format import create_table
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    registry = build_registry(served.stores, served.health, process=False)
+
+    def counted(name: str) -> dict[str, float]:
+        return {
+            s.labels["table"]: s.value
+            for f in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in f.samples
+            if s.name == name
+        }
+
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        seeded = ModelConfig.from_dict(
+            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
+        )
+        store = served.stores["engram_layer3"]
+        rows = np.ones((store.rows, store.dim), np.float32)
+        other = table_metadata(NgramHasher(seeded.engram), 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=other)
+        assert served.reload_if_stale(force_check=True) == []
+        assert served.reload_if_stale(force_check=True) == []  # every check that refused it
+        zero = {"engram_layer1": 0, "engram_layer3": 0}
+        assert counted("tiered_store_reload_failures_total") == {**zero, "engram_layer3": 2}
+        assert counted("tiered_store_reloads_total") == zero
+        layout = table_metadata(served.model.hasher, 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=layout)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert counted("tiered_store_reloads_total") == {**zero, "engram_layer3": 1}
+        assert counted("tiered_store_reload_failures_total") == {**zero, "engram_layer3": 2}
+        health = served.health["engram_layer3"]
+        assert (health.reloads, health.reload_failures) == (1, 2)
+    finally:
+        served.close()
 
 
 def test_a_conversion_rerun_is_not_served_under_the_dense_weights_loaded(

@@ -43,6 +43,8 @@ tiered_store_queue_news_dropped_total          counter    table               qu
 tiered_store_verifications_total               counter    table               checksum passes run
 tiered_store_checksum_failures_total           counter    table               corrupt pages found
 tiered_store_lookup_failures_total             counter    table               served lookups that failed
+tiered_store_reloads_total                     counter    table               reopened on a new version
+tiered_store_reload_failures_total             counter    table               new versions refused
 tiered_store_written_rows_total                counter    table               rows given to ``write``
 tiered_store_dirty_rows                        gauge      table               written rows not committed yet
 tiered_store_written_back_rows_total           counter    table               dirty rows saved on eviction
@@ -293,6 +295,18 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "Lookups on the serving path that failed: a cold read error, a table file that failed a "
         "check, or rows that were not finite numbers (each answered 503).",
     ),
+    "tiered_store_reloads_total": (
+        "counter",
+        ("table",),
+        "Times serve reopened the table on a new version (a compaction, a writer's commit, a "
+        "table made anew).",
+    ),
+    "tiered_store_reload_failures_total": (
+        "counter",
+        ("table",),
+        "Checks that found a new version of the table and could not open it, or could not tell "
+        "its version (the version open now is served meanwhile; retried at every check).",
+    ),
     "tiered_store_written_rows_total": (
         "counter",
         ("table",),
@@ -397,7 +411,8 @@ STORE_METRICS = tuple(name for name in METRICS if name not in SERVER_METRICS)
 
 @dataclass
 class TableHealth:
-    """Checksum passes and failed lookups of one table; plain counters read at scrape time."""
+    """Checksum passes, failed lookups and reloads of one table; plain counters read at scrape
+    time."""
 
     verifications: int = 0
     checksum_failures: int = 0
@@ -405,6 +420,8 @@ class TableHealth:
     lookup_failures: int = 0
     last_lookup_error: str | None = None  # what the latest failed lookup raised
     last_lookup_failure_at: float | None = None  # time.monotonic() of that failure
+    reloads: int = 0  # reopened on a new version (serve)
+    reload_failures: int = 0  # checks whose new version could not be opened (serve)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record_lookup_failure(self, message: str, when: float) -> None:
@@ -509,6 +526,8 @@ class TieredStoreCollector(Collector):
                 health.checksum_failures + store.cold.checksum_failures,
             )
             fam["tiered_store_lookup_failures_total"].add_metric([table], health.lookup_failures)
+            fam["tiered_store_reloads_total"].add_metric([table], health.reloads)
+            fam["tiered_store_reload_failures_total"].add_metric([table], health.reload_failures)
         yield from fam.values()
 
     @staticmethod

@@ -329,6 +329,7 @@ class ServedModel:
                     stale.append(name)
             except (TieredStoreError, OSError) as exc:  # a damaged version pointer: serve on
                 unreadable.append(f"{name} (cannot tell its version: {error_text(exc)})")
+                self.health[name].reload_failures += 1
         if not stale:
             self._refused(unreadable)
             return []
@@ -360,6 +361,8 @@ class ServedModel:
             except (TieredStoreError, OSError) as exc:  # ConfigError: another geometry
                 for store in opened.values():
                     store.close()
+                for name in stale:  # counted at every check that refuses it, as it is retried
+                    self.health[name].reload_failures += 1
                 self._reopen_closed(stale)
                 if self.converted_anew is not None:  # logged once: no check follows
                     log.error(
@@ -433,6 +436,7 @@ class ServedModel:
         for name, store in old.items():
             store.close()  # and what lookups in flight counted meanwhile
             opened[name].cold.carry_checksum_failures(store.cold.checksum_failures - carried[name])
+            self.health[name].reloads += 1
         self.reloads += len(opened)
 
     def _open_new_version(self, name: str) -> TieredStore:

@@ -455,6 +455,8 @@ class InferenceServer:
                     "checksum_failures": h.checksum_failures,
                     "last_error": self._without_paths(h.last_error) if h.last_error else None,
                     "lookup_failures": h.lookup_failures,
+                    "reloads": h.reloads,
+                    "reload_failures": h.reload_failures,
                 }
                 for name, h in self.model.health.items()
             },
