@@ -519,6 +519,22 @@ def test_the_scrub_checks_the_served_version_and_outlives_a_missing_table(tmp_pa
         server.stop()
 
 
+def test_a_checksum_pass_over_a_missing_table_says_so_once_without_an_errno(tmp_path):
+    """A pass over a table gone from disk recorded the OSError's repr-like text: /healthz read
+    "[Errno 2] table data file engram_layer3.npy does not exist: 'engram_layer3.npy'"."""
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    try:
+        table.rename(table.with_name(table.name + ".moved"))
+        assert served.verify_tables() == ["engram_layer3"]
+        assert served.health["engram_layer3"].last_error == (
+            f"table data file {table} does not exist"
+        )
+    finally:
+        served.close()
+
+
 def test_a_table_of_another_shape_is_refused_at_reload_and_the_stats_stay_true(tmp_path, caplog):
     """A table made anew with other rows: the check came after the stores were swapped, so the
     request answered 500, /stats described the refused table and the model kept the old one."""

@@ -111,7 +111,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .errors import TableFormatError
+from .errors import TableFormatError, error_text
 from .latency import DEFAULT_BUCKETS, LatencyHistogram
 
 if TYPE_CHECKING:
@@ -452,7 +452,7 @@ def verify_counted(path: str | Path, health: TableHealth) -> VerifyReport | None
     except (TableFormatError, OSError) as exc:  # OSError: TierIOError, a missing table too
         health.verifications += 1
         health.checksum_failures += 1
-        health.last_error = str(exc)
+        health.last_error = error_text(exc)  # no "[Errno 2] ...: 'path'" in /healthz
         return None
     health.verifications += 1
     health.last_error = None
