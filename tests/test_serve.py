@@ -535,6 +535,53 @@ def test_a_checksum_pass_over_a_missing_table_says_so_once_without_an_errno(tmp_
         served.close()
 
 
+def test_a_failed_pass_is_checked_again_once_the_table_is_reopened_on_another_file(tmp_path):
+    """A scrub pass that found the table corrupt kept /healthz at 503 after the table was made
+    anew (repaired) and reopened, until the next pass, checkpoint.scrub_interval_s later (an
+    hour here): a verdict on a file no longer served. A table reopened on another file is
+    checked again at once; one reopened on the same file (a writer's commit) waits its turn."""
+    import threading
+
+    from tiered_store import TieredStore
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.table_format import create_table, read_manifest
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, checkpoint={"scrub_interval_s": 3600}))
+    table = config.table_path(3)
+    rows = load_table_in_memory(table).weight.numpy().copy()
+    served = ServedModel(config)
+    stop = threading.Event()
+    scrubber = served.start_scrub(stop)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        manifest = read_manifest(table)
+        with open(table, "r+b") as f:  # a flipped byte in row 0 (no lookup reads it here)
+            f.seek(manifest.data_offset)
+            byte = f.read(1)
+            f.seek(manifest.data_offset)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        assert served.verify_tables() == ["engram_layer3"]  # as a scheduled pass finds it
+        health = served.health["engram_layer3"]
+        with TieredStore.open({"table": {"path": str(table)}}) as writer:  # the same file
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        time.sleep(1.5)  # a pass of the same corrupt file at every commit would scan for good
+        assert health.verifications == 1 and health.last_error is not None
+        layout = table_metadata(served.model.hasher, 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=layout)  # repaired
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        deadline = time.monotonic() + 15
+        while health.last_error is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health.last_error is None and health.verifications == 2
+        assert served.health["engram_layer1"].verifications == 1  # only the table reopened
+    finally:
+        stop.set()
+        scrubber.join(timeout=30)
+        served.close()
+
+
 def test_a_table_of_another_shape_is_refused_at_reload_and_the_stats_stay_true(tmp_path, caplog):
     """A table made anew with other rows: the check came after the stores were swapped, so the
     request answered 500, /stats described the refused table and the model kept the old one."""

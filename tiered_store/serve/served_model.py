@@ -211,6 +211,10 @@ class ServedModel:
             self._reloading = threading.Lock()  # one check and swap at a time
             self._closed = False  # a closed model never reopens its tables
             self._last_version_check = time.monotonic()
+            # tables whose last checksum pass failed, reopened on another file since: the
+            # scrubber checks them at once (that verdict was on a file no longer served)
+            self._scrub_again: set[str] = set()
+            self._scrub_again_lock = threading.Lock()
             self.reload_refused: str | None = None  # why new versions are not served (/healthz)
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
@@ -429,6 +433,11 @@ class ServedModel:
         to them, and the old stores close."""
         old = {name: self.stores[name] for name in opened}
         carried = {name: store.cold.checksum_failures for name, store in old.items()}
+        for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
+            another = opened[name].cold.path != store.cold.path or store.cold.replaced()
+            if another and self.health[name].last_error is not None:
+                with self._scrub_again_lock:
+                    self._scrub_again.add(name)
         for name, count in carried.items():  # the counter goes on, before a scrape sees it
             opened[name].cold.carry_checksum_failures(count)
         self._announce_again({old[name]: opened[name] for name in opened})
@@ -777,18 +786,33 @@ class ServedModel:
 
     def start_scrub(self, stop: threading.Event) -> threading.Thread:
         """A thread re-verifying every table this process serves (its shards, on a rank) every
-        ``checkpoint.scrub_interval_s`` seconds, until ``stop``; started. Over sharded tables the
-        other ranks publish their failed passes, and rank 0 reads them (``watch_ranks``)."""
+        ``checkpoint.scrub_interval_s`` seconds, until ``stop``; started. A table whose last pass
+        failed is verified again within a second once a reload reopened it on another file.
+        Over sharded tables the other ranks publish their failed passes, and rank 0 reads them
+        (``watch_ranks``)."""
+        interval = self.config.checkpoint.scrub_interval_s
 
         def scrub() -> None:
-            while not stop.wait(self.config.checkpoint.scrub_interval_s):
+            due = time.monotonic() + interval
+            while not stop.wait(min(max(due - time.monotonic(), 0.0), RELOAD_CHECK_SECONDS)):
+                with self._scrub_again_lock:
+                    names, self._scrub_again = self._scrub_again, set()
+                if time.monotonic() >= due:
+                    names = None  # every table
+                elif not names:
+                    continue
                 try:
-                    failed = self.verify_tables()
+                    failed = self.verify_tables(names)
                     if self.control is not None and self.control.rank != 0:  # rank 0's /healthz
-                        self.control.health.publish({n: self.health[n].last_error for n in failed})
+                        self.control.health.publish(
+                            {n: h.last_error for n, h in self.health.items() if h.last_error}
+                        )
                 except Exception:  # never the end of scrubbing: the next pass may succeed
                     log.exception("checksum pass failed")
                     continue
+                finally:
+                    if names is None:  # the interval runs from the end of a whole pass
+                        due = time.monotonic() + interval
                 for name in failed:
                     log.error(
                         "checksum pass over %s failed: %s", name, self.health[name].last_error
@@ -832,11 +856,14 @@ class ServedModel:
         failed = [self.control.failure, *(store.failed for store in self.stores.values())]
         return next((error_text(f) for f in failed if f is not None), None)
 
-    def verify_tables(self) -> list[str]:
-        """One checksum pass over every table (counted in ``health``); the tables that failed."""
+    def verify_tables(self, names: set[str] | None = None) -> list[str]:
+        """One checksum pass over every table (or those in ``names``), counted in ``health``;
+        the tables that failed."""
         failed = []
         for layer in self.layer_ids:
             name = self.config.table_name(layer)
+            if names is not None and name not in names:
+                continue
             if verify_counted(self.served_file(self.stores[name]), self.health[name]) is None:
                 failed.append(name)
         return failed
