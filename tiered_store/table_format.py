@@ -35,6 +35,7 @@ in this process or another, keeps its own.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -116,6 +117,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 DEFAULT_BLOCK_BYTES = 1 << 20  # 1 MiB per checksummed block
 DEFAULT_CHUNK_BYTES = 64 << 20  # 64 MiB of rows in RAM at a time while creating
 VERIFY_READ_BYTES = 8 << 20  # 8 MiB sequential reads while verifying
+VERIFY_ATTEMPTS = 3  # verify_table's reads of a table made anew meanwhile, before it gives up
 
 
 class TableExistsError(TierIOError, FileExistsError):
@@ -696,7 +698,8 @@ def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
     TableFormatError
         The structure is wrong (see ``check_table``), the page checksum file is missing or damaged,
         or a block fails its checksum; the message names the first bad block: index, file byte
-        range, expected and actual CRC-32.
+        range, expected and actual CRC-32. Also when the table was made anew over the path at
+        each of ``VERIFY_ATTEMPTS`` tries (one made anew once is verified as it is then).
     ChecksumError
         A page fails its CRC32C (the blocks being right): the message names the page, its file
         byte range and rows.
@@ -708,11 +711,27 @@ def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
     (1, 32, 128000)
     """
     npy_path, _ = table_paths(path)
-    manifest = check_table(npy_path)
-    entry = manifest.page_checksums
-    sums = load_page_checksums(npy_path, entry) if entry is not None else None
-    t0 = time.perf_counter()
-    _scan_table(npy_path, manifest, progress, "verify", expected_pages=sums)
+    for _ in range(VERIFY_ATTEMPTS):
+        manifest = check_table(npy_path)
+        try:
+            entry = manifest.page_checksums
+            sums = load_page_checksums(npy_path, entry) if entry is not None else None
+            f = open(npy_path, "rb", buffering=0)  # noqa: SIM115 (closed below)
+        except (TableFormatError, OSError):
+            if _manifest_unchanged(npy_path, manifest):
+                raise
+            continue  # made anew meanwhile: its new sidecar or data were read
+        with f:
+            if not _manifest_unchanged(npy_path, manifest):  # the file open may be the new one
+                continue
+            t0 = time.perf_counter()  # the file open is the manifest's, replaced or not
+            _scan_table(npy_path, manifest, progress, "verify", expected_pages=sums, file=f)
+            break
+    else:
+        raise TableFormatError(
+            f"table {npy_path} was made anew {VERIFY_ATTEMPTS} times while verify read its "
+            "manifest, page checksums and data; expected it to stay: run the check again"
+        )
     return VerifyReport(
         path=npy_path,
         blocks_checked=manifest.num_blocks,
@@ -844,21 +863,37 @@ def replace_metadata(
     return manifest
 
 
+def _manifest_unchanged(npy_path: Path, manifest: TableManifest) -> bool:
+    """Whether ``npy_path``'s manifest is still ``manifest`` (a table made anew unlinks it first,
+    then moves its data and sidecar in, its new manifest last)."""
+    try:
+        now = read_manifest(npy_path)
+    except (TableFormatError, OSError):
+        return False
+    return (now, now.metadata, now.manifest_crc32c) == (
+        manifest,
+        manifest.metadata,
+        manifest.manifest_crc32c,
+    )
+
+
 def _scan_table(
     npy_path: Path,
     manifest: TableManifest,
     progress: bool,
     desc: str,
     expected_pages: np.ndarray | None,
+    file: Any = None,
 ) -> np.ndarray:
-    """Stream the data once: check its block CRC-32s (and page CRC32Cs against ``expected_pages``)."""
+    """Stream the data once (``file``: the table's data file, open; else opened here): check its
+    block CRC-32s (and page CRC32Cs against ``expected_pages``)."""
     chunk = max(VERIFY_READ_BYTES // manifest.block_bytes, 1) * manifest.block_bytes
     buf = np.empty(chunk, dtype=np.uint8)
     view = memoryview(buf)
     page_sums = []
     checked = 0
     with (
-        open(npy_path, "rb", buffering=0) as f,
+        open(npy_path, "rb", buffering=0) if file is None else contextlib.nullcontext(file) as f,
         tqdm(
             total=manifest.data_bytes,
             unit="B",
