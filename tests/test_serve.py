@@ -697,6 +697,53 @@ def test_reloads_and_refused_reloads_are_counted_per_table(tmp_path):
         served.close()
 
 
+def test_a_refused_version_is_not_opened_again_until_its_files_change(tmp_path, monkeypatch):
+    """A new version refused at reload (made for another Engram layout) was opened again at
+    every check, every second, for as long as it stayed: a whole store beside the old one each
+    time (its tiers allocated, its page checksums read), to be refused again. It is opened
+    again once the table's files change; it stays refused, and counted, meanwhile."""
+    from tiered_store import TieredStore
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.engram.hashing import NgramHasher
+    from tiered_store.engram.model import ModelConfig
+    from tiered_store.table_format import create_table
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    opened: list[str] = []
+    real_init = TieredStore.__init__
+
+    def counted_init(self, store_config, *args, **kwargs) -> None:
+        opened.append(Path(store_config.table.path).name)
+        real_init(self, store_config, *args, **kwargs)
+
+    monkeypatch.setattr(TieredStore, "__init__", counted_init)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        seeded = ModelConfig.from_dict(
+            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
+        )
+        store = served.stores["engram_layer3"]
+        rows = np.ones((store.rows, store.dim), np.float32)
+        other = table_metadata(NgramHasher(seeded.engram), 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=other)
+        for _ in range(3):
+            assert served.reload_if_stale(force_check=True) == []
+        assert opened == ["engram_layer3.npy"]
+        assert "expects seed=0" in (served.reload_refused or "")
+        assert served.health["engram_layer3"].reload_failures == 3
+        create_table(table, rows, progress=False, overwrite=True, metadata=other)  # made anew
+        assert served.reload_if_stale(force_check=True) == []
+        assert opened == ["engram_layer3.npy"] * 2
+        layout = table_metadata(served.model.hasher, 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=layout)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert served.reload_refused is None
+    finally:
+        served.close()
+
+
 def test_a_conversion_rerun_is_not_served_under_the_dense_weights_loaded(
     tmp_path, caplog, monkeypatch
 ):

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 import yaml
 
 from ..atomic_file import atomic_write
+from ..delta.row_delta import delta_path
+from ..delta.table_versions import current_version
 from ..engram.checkpoint import (
     ConvertedCheckpoint,
     check_table_file,
@@ -49,8 +51,10 @@ from ..errors import (
     error_text,
 )
 from ..metrics import TableHealth, verify_counted
+from ..page_checksums import sidecar_path
 from ..request_queue import QueuedRequest
 from ..store import TieredStore
+from ..table_format import table_paths
 from ..trace import TraceWriter
 from .config import ServeConfig
 from .guarded_table import GuardedTable, TableUnavailableError
@@ -216,6 +220,8 @@ class ServedModel:
             self._scrub_again: set[str] = set()
             self._scrub_again_lock = threading.Lock()
             self.reload_refused: str | None = None  # why new versions are not served (/healthz)
+            # (the refused versions' files, why): not opened again until those files change
+            self._refusal: tuple[tuple[Any, ...], str] | None = None
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
             self.reloads = 0
@@ -337,6 +343,13 @@ class ServedModel:
         if not stale:
             self._refused(unreadable)
             return []
+        files = self._version_files(stale)  # before the open: one made anew meanwhile differs
+        if self._refusal is not None and self._refusal[0] == files:
+            for name in stale:  # refused as they are: no store opened beside the old one again
+                self.health[name].reload_failures += 1
+            self._refused([*unreadable, self._refusal[1]])
+            return []
+        self._refusal = None
         if self._outlasted & self._gate.in_flight():  # tried again once they end
             return []
         bound = self.config.server.request_timeout_s
@@ -374,7 +387,13 @@ class ServedModel:
                         self.converted_anew,
                     )
                     return []
-                self._refused([*unreadable, f"{', '.join(stale)} ({error_text(exc)})"])
+                refusal = f"{', '.join(stale)} ({error_text(exc)})"
+                # refused for what the files hold (not an I/O error, nor an old store left closed)
+                if isinstance(exc, (ConfigError, TableFormatError)) and not any(
+                    self.stores[name].closed for name in stale
+                ):
+                    self._refusal = (files, refusal)
+                self._refused([*unreadable, refusal])
                 return []
             self._refused(unreadable)
             self._swap_in(opened)
@@ -386,6 +405,21 @@ class ServedModel:
                 ", ".join(stale),
             )
         return stale
+
+    def _version_files(self, names: list[str]) -> tuple[Any, ...]:
+        """What the current versions of tables ``names`` are on disk: each one's generation and
+        the identities of its data file, manifest, page checksums and delta (a table made anew,
+        compacted, given other metadata or committed to changes it)."""
+        out: list[Any] = []
+        for name in names:
+            try:
+                npy, generation = current_version(self.stores[name].config.table.path)
+            except (TieredStoreError, OSError) as exc:
+                out.append(error_text(exc))
+                continue
+            files = (*table_paths(npy), sidecar_path(npy), delta_path(npy) / "data.mdb")
+            out.append((generation, *(_file_identity(path) for path in files)))
+        return tuple(out)
 
     def _refused(self, reasons: list[str]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
