@@ -582,6 +582,26 @@ def test_a_failed_pass_is_checked_again_once_the_table_is_reopened_on_another_fi
         served.close()
 
 
+def test_a_checksum_pass_ends_once_the_server_stops_and_counts_nothing(tmp_path):
+    """The scrubber's pass ran to its end whatever the stop: the server's stop waited up to
+    30 s for it and then closed the tables under it. A pass ends once the stop is set, with no
+    verdict (nothing counted, /healthz unchanged)."""
+    import threading
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        stop = threading.Event()
+        stop.set()
+        assert served.verify_tables(stop=stop) == []
+        assert [h.verifications for h in served.health.values()] == [0, 0]
+        assert all(h.last_error is None for h in served.health.values())
+        assert served.verify_tables(stop=threading.Event()) == []
+        assert [h.verifications for h in served.health.values()] == [1, 1]
+    finally:
+        served.close()
+
+
 def test_a_table_of_another_shape_is_refused_at_reload_and_the_stats_stay_true(tmp_path, caplog):
     """A table made anew with other rows: the check came after the stores were swapped, so the
     request answered 500, /stats described the refused table and the model kept the old one."""

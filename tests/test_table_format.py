@@ -369,6 +369,39 @@ def test_a_table_made_anew_as_its_verification_starts_is_not_called_corrupt(
     assert verify_table(path, progress=False).blocks_checked == 49
 
 
+def test_a_verification_stops_between_reads_once_asked(tmp_path, monkeypatch):
+    """serve's scrubber could not end a pass under way: a stop waited up to 30 s for it (a
+    101 GB table takes about a minute), then closed the tables with the pass still reading. A
+    pass given ``stop`` ends at the next read once it is set, raising VerifyStopped (no verdict:
+    a corrupt block after that read is not reached)."""
+    import threading
+
+    import tiered_store.table_format as table_format
+    from tiered_store.table_format import VerifyStopped
+
+    path, m = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=4096)
+    with open(path, "r+b") as f:  # the last block is corrupt: a whole pass would say so
+        f.seek(m.file_bytes - 10)
+        byte = f.read(1)
+        f.seek(m.file_bytes - 10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    monkeypatch.setattr(table_format, "VERIFY_READ_BYTES", 2 * 4096)  # 25 reads of 2 blocks
+    stop = threading.Event()
+    real, reads = table_format._readinto_full, []
+
+    def read_then_stop(f, view):
+        reads.append(len(view))
+        stop.set()  # as a server's stop comes while the pass reads
+        return real(f, view)
+
+    monkeypatch.setattr(table_format, "_readinto_full", read_then_stop)
+    with pytest.raises(VerifyStopped, match=r"t\.npy: verification stopped after 8,192 of 200,000"):
+        verify_table(path, progress=False, stop=stop)
+    assert reads == [8192]
+    with pytest.raises(TableFormatError, match="block 48"):  # not stopped: the whole pass
+        verify_table(path, progress=False, stop=threading.Event())
+
+
 def test_truncated_table_is_refused(tmp_path):
     path, m = make(tmp_path, RandomSource(100, 10))
     with open(path, "r+b") as f:

@@ -432,11 +432,14 @@ class TableHealth:
             self.last_lookup_failure_at = when
 
 
-def verify_counted(path: str | Path, health: TableHealth) -> VerifyReport | None:
+def verify_counted(
+    path: str | Path, health: TableHealth, stop: threading.Event | None = None
+) -> VerifyReport | None:
     """Run ``verify_table`` over ``path`` and count the outcome in ``health``.
 
     Returns the report, or ``None`` when the table is corrupt or cannot be read (gone, an I/O
-    error: counted as failures too; ``health.last_error`` says why).
+    error: counted as failures too; ``health.last_error`` says why). A pass ended by ``stop``
+    raises ``VerifyStopped`` and counts nothing.
 
     Examples
     --------
@@ -448,7 +451,7 @@ def verify_counted(path: str | Path, health: TableHealth) -> VerifyReport | None
     from .table_format import verify_table
 
     try:
-        report = verify_table(path, progress=False)
+        report = verify_table(path, progress=False, stop=stop)
     except (TableFormatError, OSError) as exc:  # OSError: TierIOError, a missing table too
         health.verifications += 1
         health.checksum_failures += 1

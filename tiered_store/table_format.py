@@ -42,6 +42,7 @@ import math
 import os
 import re
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -62,7 +63,7 @@ from .atomic_file import (
     remove_abandoned_temporaries,
     write_step,
 )
-from .errors import TableFormatError, TierIOError, warn_at_caller
+from .errors import TableFormatError, TieredStoreError, TierIOError, warn_at_caller
 from .manifest_checksum import check_manifest_checksum, sealed
 from .npy_files import read_npy_header
 from .page_checksums import (
@@ -100,6 +101,7 @@ __all__ = [
     "TableNotFoundError",
     "TableSource",
     "VerifyReport",
+    "VerifyStopped",
     "add_page_checksums",
     "check_table",
     "create_table",
@@ -122,6 +124,10 @@ VERIFY_ATTEMPTS = 3  # verify_table's reads of a table made anew meanwhile, befo
 
 class TableExistsError(TierIOError, FileExistsError):
     """A table (or one of its two files) already exists where a new one would be written."""
+
+
+class VerifyStopped(TieredStoreError):
+    """``verify_table``'s ``stop`` was set before the pass ended: no verdict on the table."""
 
 
 @dataclass(frozen=True)
@@ -677,7 +683,9 @@ def _row_quantization(
     return quant
 
 
-def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyReport:
+def verify_table(
+    path: str | os.PathLike[str], progress: bool = True, *, stop: threading.Event | None = None
+) -> VerifyReport:
     """Re-read every block of a table and compare it with the manifest's and the page checksums.
 
     Parameters
@@ -686,6 +694,8 @@ def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
         The table's ``.npy`` path.
     progress
         Show a tqdm progress bar.
+    stop
+        End the pass at its next read once this is set (``VerifyStopped``): a server stopping.
 
     Returns
     -------
@@ -703,6 +713,8 @@ def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
     ChecksumError
         A page fails its CRC32C (the blocks being right): the message names the page, its file
         byte range and rows.
+    VerifyStopped
+        ``stop`` was set before the pass ended.
 
     Examples
     --------
@@ -725,7 +737,9 @@ def verify_table(path: str | os.PathLike[str], progress: bool = True) -> VerifyR
             if not _manifest_unchanged(npy_path, manifest):  # the file open may be the new one
                 continue
             t0 = time.perf_counter()  # the file open is the manifest's, replaced or not
-            _scan_table(npy_path, manifest, progress, "verify", expected_pages=sums, file=f)
+            _scan_table(
+                npy_path, manifest, progress, "verify", expected_pages=sums, file=f, stop=stop
+            )
             break
     else:
         raise TableFormatError(
@@ -884,9 +898,11 @@ def _scan_table(
     desc: str,
     expected_pages: np.ndarray | None,
     file: Any = None,
+    stop: threading.Event | None = None,
 ) -> np.ndarray:
     """Stream the data once (``file``: the table's data file, open; else opened here): check its
-    block CRC-32s (and page CRC32Cs against ``expected_pages``)."""
+    block CRC-32s (and page CRC32Cs against ``expected_pages``); ``VerifyStopped`` before a read
+    once ``stop`` is set."""
     chunk = max(VERIFY_READ_BYTES // manifest.block_bytes, 1) * manifest.block_bytes
     buf = np.empty(chunk, dtype=np.uint8)
     view = memoryview(buf)
@@ -906,6 +922,11 @@ def _scan_table(
         f.seek(manifest.data_offset)
         block = 0
         while checked < manifest.data_bytes:
+            if stop is not None and stop.is_set():
+                raise VerifyStopped(
+                    f"table {npy_path}: verification stopped after {checked:,} of "
+                    f"{manifest.data_bytes:,} data bytes"
+                )
             want = min(chunk, manifest.data_bytes - checked)
             got = _readinto_full(f, view[:want])
             if got != want:

@@ -54,7 +54,7 @@ from ..metrics import TableHealth, verify_counted
 from ..page_checksums import sidecar_path
 from ..request_queue import QueuedRequest
 from ..store import TieredStore
-from ..table_format import table_paths
+from ..table_format import VerifyStopped, table_paths
 from ..trace import TraceWriter
 from .config import ServeConfig
 from .guarded_table import GuardedTable, TableUnavailableError
@@ -836,7 +836,7 @@ class ServedModel:
                 elif not names:
                     continue
                 try:
-                    failed = self.verify_tables(names)
+                    failed = self.verify_tables(names, stop)
                     if self.control is not None and self.control.rank != 0:  # rank 0's /healthz
                         self.control.health.publish(
                             {n: h.last_error for n, h in self.health.items() if h.last_error}
@@ -890,15 +890,24 @@ class ServedModel:
         failed = [self.control.failure, *(store.failed for store in self.stores.values())]
         return next((error_text(f) for f in failed if f is not None), None)
 
-    def verify_tables(self, names: set[str] | None = None) -> list[str]:
+    def verify_tables(
+        self, names: set[str] | None = None, stop: threading.Event | None = None
+    ) -> list[str]:
         """One checksum pass over every table (or those in ``names``), counted in ``health``;
-        the tables that failed."""
+        the tables that failed. Once ``stop`` is set the pass ends at its next read, the table
+        being read and those after it not counted."""
         failed = []
         for layer in self.layer_ids:
             name = self.config.table_name(layer)
             if names is not None and name not in names:
                 continue
-            if verify_counted(self.served_file(self.stores[name]), self.health[name]) is None:
+            try:
+                report = verify_counted(
+                    self.served_file(self.stores[name]), self.health[name], stop
+                )
+            except VerifyStopped:
+                break
+            if report is None:
                 failed.append(name)
         return failed
 
