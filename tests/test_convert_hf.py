@@ -707,6 +707,28 @@ def test_a_store_config_that_would_not_open_is_refused_before_anything_is_writte
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("chunk_bytes", [0, -1, True, 1.5, "64MB"])
+def test_a_bad_chunk_bytes_is_refused_before_an_earlier_conversion_is_touched(
+    golden, tmp_path, chunk_bytes
+):
+    """chunk_bytes was checked only by create_table, after a rerun from another checkpoint had
+    removed the config.json of the complete conversion there: the folder then read as an
+    unfinished conversion. It is refused by name first, the folder as it was."""
+    from tiered_store.engram import load_engram_config
+
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(
+        ConfigError, match=rf"^chunk_bytes: got {re.escape(repr(chunk_bytes))}; expected a positive"
+    ):
+        convert_hf_checkpoint(
+            make_checkpoint(tmp_path / "b", golden), out, progress=False, chunk_bytes=chunk_bytes
+        )
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    load_engram_config(out / "config.json")  # still a finished conversion
+
+
 def _without_lookup_digest(table: Path) -> None:
     """Make ``table``'s manifest one written before tables recorded their tokenizer's id-map
     digest (the rest as it was, sealed again)."""

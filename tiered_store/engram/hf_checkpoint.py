@@ -47,6 +47,7 @@ from ..table_format import (
     PackedSafetensorsSource,
     SafetensorsSource,
     TableManifest,
+    _is_pos_int,
     check_table,
     create_table,
     read_manifest,
@@ -376,17 +377,22 @@ def convert_hf_checkpoint(
     Raises
     ------
     ConfigError
-        The config has no Engram keys; a shard is truncated or its header is not valid
-        safetensors (its tensors' bytes overlap, leave gaps or differ from their dtype and shape);
-        a tensor is missing or has another dtype or shape than the config implies; the
-        tokenizer's compressed size differs from the config's; ``out_dir`` is a file or cannot
-        be made. Nothing is written in these cases.
+        ``chunk_bytes`` is not a positive integer; the config has no Engram keys; a shard is
+        truncated or its header is not valid safetensors (its tensors' bytes overlap, leave gaps
+        or differ from their dtype and shape); a tensor is missing or has another dtype or shape
+        than the config implies; the tokenizer's compressed size differs from the config's;
+        ``out_dir`` is a file or cannot be made. Nothing is written in these cases.
 
     Examples
     --------
     >>> result = convert_hf_checkpoint("DeepSeek-V4.1-Flash", "v41-tables")  # doctest: +SKIP
     >>> store = TieredStore.open(result.store_configs[1])  # doctest: +SKIP
     """
+    if not _is_pos_int(chunk_bytes):  # before out_dir is touched (create_table's own check)
+        raise ConfigError(
+            f"chunk_bytes: got {chunk_bytes!r}; expected a positive integer (bytes of rows held "
+            "in memory at a time while a table is written)"
+        )
     ckpt = HFCheckpoint(checkpoint)
     hasher = NgramHasher(ckpt.engram, ckpt.tokenizer())  # checks rows and compressed size
     plans = _plan(ckpt, hasher)
