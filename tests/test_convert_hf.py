@@ -223,6 +223,52 @@ def _fine_tune(directory: Path, golden) -> Path:
     return make_checkpoint(directory, golden, replace=tuned)
 
 
+def _other_layers(directory: Path, golden) -> Path:
+    """The golden checkpoint with its second Engram layer at 5 instead of 14 (same tables)."""
+    tensors = {}
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        tensors |= load_file(make_checkpoint(directory, golden) / shard)
+    moved = {k.replace("layers.14.", "layers.5."): v for k, v in tensors.items() if "14" in k}
+    return make_checkpoint(
+        directory,
+        golden,
+        replace=moved,
+        drop=[k for k in tensors if k.startswith("layers.14.")],
+        text={"engram_layer_ids": [1, 5]},
+    )
+
+
+def test_a_conversion_of_other_layers_removes_the_earlier_conversions_files_of_its_layers(
+    golden, tmp_path
+):
+    """Converting a checkpoint with Engram layers 1 and 5 into a folder holding a conversion of
+    layers 1 and 14 left engram_layer14.npy (its manifest, page checksums, killed runs'
+    temporaries) and layer14.yaml beside a config.json without layer 14: a table of another
+    checkpoint that its layer14.yaml still opened. The earlier conversion's own files of layers
+    the new one has not are removed; another writer's table and the user's files stay."""
+    from tiered_store.table_format import RandomSource, create_table
+
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    (out / ".engram_layer14.npy.0123456789ab.tmp").write_bytes(b"a killed run's")
+    (out / ".layer9.yaml.0123456789ab.tmp").write_bytes(b"a killed run's")
+    create_table(out / "engram_layer3.npy", RandomSource(4, 8, "float32"), progress=False)
+    (out / "layer3.yaml").write_text("table: {path: engram_layer3.npy}\n")  # not convert-hf's
+    (out / "layer14.txt").write_text("the user's")
+    kept = sorted(
+        p.name for p in out.iterdir() if re.match(r"(engram_)?layer(3\.|14\.txt)", p.name)
+    )
+
+    result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
+    assert sorted(result.tables) == [1, 5] and result.removed == (14,)
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if "14" in n and n != "layer14.txt"], names
+    assert not [n for n in names if n.endswith(".tmp")], names
+    assert {"engram_layer5.npy", "layer5.yaml", "config.json"} <= set(names)
+    assert [n for n in names if re.match(r"(engram_)?layer(3\.|14\.txt)", n)] == kept
+    assert len(kept) == 5  # engram_layer3.npy with its manifest and page checksums, 2 yaml/txt
+
+
 @pytest.mark.parametrize(
     ("other", "killed_at_table"),
     [(_other_geometry, 1), (_fine_tune, 2)],

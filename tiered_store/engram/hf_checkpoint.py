@@ -19,7 +19,8 @@ config. Every file is published atomically; a rerun after a kill finishes the wo
 tables that are already complete (one converted before tables recorded the tokenizer's id-map
 digest gains it, in its manifest: its rows are not rewritten). ``config.json`` marks a complete
 conversion: a rerun that changes anything in ``out_dir`` removes the one there first, so a
-killed re-conversion never leaves a config beside tables it does not describe.
+killed re-conversion never leaves a config beside tables it does not describe; an earlier
+conversion's table and ``layer{L}.yaml`` of a layer this checkpoint has not are removed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import yaml
 from ..atomic_file import atomic_write, fsync_dir, make_named_dir, remove_abandoned_temporaries
 from ..capacity import resolve_capacity
 from ..config import StoreConfig
+from ..delta.table_versions import remove_table_files
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
 from ..page_checksums import sidecar_path
 from ..process_locks import exclusive_run
@@ -68,6 +70,8 @@ __all__ = [
 ]
 
 SCALE_BLOCK = 32  # columns per ue8m0 scale byte in V4.1's tables
+# A layer's output file (or a killed writer's temporary of one): group 1 is its layer id.
+_LAYER_FILE = re.compile(r"\.?(?:engram_)?layer([0-9]+)\.")
 _DTYPE_BITS = {  # bits per element of every safetensors dtype
     name: bits
     for bits, names in {
@@ -342,6 +346,7 @@ class HFConversion:
     store_configs: dict[int, Path]
     dense: Path
     skipped: tuple[int, ...]  # layers whose table was already complete
+    removed: tuple[int, ...] = ()  # layers not in this checkpoint whose earlier files went
 
 
 def convert_hf_checkpoint(
@@ -419,9 +424,14 @@ def _convert(
     (so a run stopped midway leaves every finished layer ready to open), then the dense weights,
     the tokenizer and the config (a config and tokenizer there that would not describe every
     table while this runs are removed first)."""
-    names = "|".join(map(re.escape, _output_names(plans)))
+    layers = {plan.layer_id for plan in plans}
+    earlier = {  # the layers of files an earlier conversion (or its killed run) left there
+        int(m[1]) for p in out.iterdir() if (m := _LAYER_FILE.match(p.name))
+    }
+    names = "|".join(map(re.escape, _output_names(layers | earlier)))
     # a killed run's: never published, never read (a live writer's, locked, stays)
     remove_abandoned_temporaries(out, names)
+    removed = _remove_earlier_layers(out, earlier - layers)
     complete = {
         plan.layer_id: _complete(table_file(out, plan.layer_id), hasher, plan) for plan in plans
     }
@@ -466,17 +476,48 @@ def _convert(
     _write_dense([t for plan in plans for t in plan.dense], dense)
     for dst, src in model_files.items():
         _copy(src, dst)
-    return HFConversion(out, ckpt.engram, ckpt.backbone, tables, configs, dense, tuple(skipped))
+    return HFConversion(
+        out, ckpt.engram, ckpt.backbone, tables, configs, dense, tuple(skipped), removed
+    )
 
 
-def _output_names(plans: list[_LayerPlan]) -> list[str]:
-    """The names of every file a conversion writes into its output directory."""
+def _output_names(layers: set[int]) -> list[str]:
+    """The names of every file a conversion of Engram ``layers`` writes into its output
+    directory."""
     names = ["config.json", "tokenizer.json", "dense.safetensors"]
-    for plan in plans:
-        table = table_file(Path(), plan.layer_id)
+    for layer in sorted(layers):
+        table = table_file(Path(), layer)
         names += [p.name for p in table_paths(table)] + [sidecar_path(table).name]
-        names.append(f"layer{plan.layer_id}.yaml")
+        names.append(f"layer{layer}.yaml")
     return names
+
+
+def _remove_earlier_layers(out: Path, layers: set[int]) -> tuple[int, ...]:
+    """Remove an earlier conversion's table and ``layer{L}.yaml`` of each of ``layers`` (not
+    this conversion's): a table whose manifest records a checkpoint source (as ``_convert``
+    writes it), a store config opening with ``_convert``'s header. Another writer's table, and
+    a store config beside one, stay. The layers whose files were removed."""
+    removed = []
+    for layer in sorted(layers):
+        path, config = table_file(out, layer), out / f"layer{layer}.yaml"
+        try:
+            source = read_manifest(path).metadata.get("source")
+        except (TieredStoreError, OSError):  # none, or not one this code can read: left
+            source = None
+        ours = isinstance(source, dict) and "checkpoint_tensors" in source
+        if ours:
+            remove_table_files(path)
+        try:
+            header = config.read_text(encoding="utf-8").startswith(_store_config_header(layer))
+        except (OSError, UnicodeDecodeError):
+            header = False
+        if header and not table_paths(path)[0].exists():
+            config.unlink()
+        if ours or header:
+            removed.append(layer)
+    if removed:
+        fsync_dir(out)
+    return tuple(removed)
 
 
 @contextlib.contextmanager
@@ -564,9 +605,14 @@ def _write_store_config(out: Path, layer: int, table: Path, store: Mapping[str, 
     }
     path = out / f"layer{layer}.yaml"
     header = (
-        f"# Engram layer {layer}'s table from `tiered-store convert-hf` (DeepSeek-V4.1, packed fp8\n"
+        f"{_store_config_header(layer)} (DeepSeek-V4.1, packed fp8\n"
         "# rows). Edit the tiers to the machine; open with TieredStore.open(this file).\n"
     )
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(header + yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def _store_config_header(layer: int) -> str:
+    """How every ``layer{L}.yaml`` a conversion writes begins."""
+    return f"# Engram layer {layer}'s table from `tiered-store convert-hf`"
