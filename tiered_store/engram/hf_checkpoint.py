@@ -59,6 +59,7 @@ from ..table_format import (
 from .checkpoint import check_table_file, table_file, table_metadata
 from .config import CONVERT_HF_LOCK, BackboneConfig, EngramConfig, load_engram_config
 from .hashing import NgramHasher
+from .model import V41_SCALE_BLOCK
 from .tokenizer import CompressedTokenizer
 
 __all__ = [
@@ -69,7 +70,6 @@ __all__ = [
     "engram_tensor_names",
 ]
 
-SCALE_BLOCK = 32  # columns per ue8m0 scale byte in V4.1's tables
 # A layer's output file (or a killed writer's temporary of one): group 1 is its layer id.
 _LAYER_FILE = re.compile(r"\.?(?:engram_)?layer([0-9]+)\.")
 _DTYPE_BITS = {  # bits per element of every safetensors dtype
@@ -309,23 +309,23 @@ def _plan(ckpt: HFCheckpoint, hasher: NgramHasher) -> list[_LayerPlan]:
     """Every tensor the conversion reads, checked against the config before anything is written."""
     eng, bb = ckpt.engram, ckpt.backbone
     head_dim, heads = eng.head_dim, eng.num_heads
-    if head_dim % SCALE_BLOCK:
+    if head_dim % V41_SCALE_BLOCK:
         raise ConfigError(
             f"{ckpt.config_path}: engram_head_dim {head_dim}; expected a multiple of "
-            f"{SCALE_BLOCK} (one fp8 scale byte per {SCALE_BLOCK} columns)"
+            f"{V41_SCALE_BLOCK} (one fp8 scale byte per {V41_SCALE_BLOCK} columns)"
         )
     plans = []
     for layer in eng.layer_ids:
         rows, names = hasher.table_rows(layer), engram_tensor_names(layer)
         codes = ckpt.tensor(names["codes"], dtypes=("F8_E4M3",), shape=(rows, head_dim))
         scales = ckpt.tensor(
-            names["scales"], dtypes=("F8_E8M0",), shape=(rows, head_dim // SCALE_BLOCK)
+            names["scales"], dtypes=("F8_E8M0",), shape=(rows, head_dim // V41_SCALE_BLOCK)
         )
         wkv_shape = ((bb.hc_mult + 1) * bb.hidden_size, heads * head_dim)
         wkv = ckpt.tensor(names["wkv"], dtypes=("BF16", "F8_E4M3", "F32"), shape=wkv_shape)
         dense = [wkv]
         if wkv.dtype == "F8_E4M3":
-            block_shape = tuple(-(-n // SCALE_BLOCK) for n in wkv_shape)
+            block_shape = tuple(-(-n // V41_SCALE_BLOCK) for n in wkv_shape)
             dense.append(ckpt.tensor(names["wkv_scale"], dtypes=("F8_E8M0",), shape=block_shape))
         for key in ("q_weight", "k_weight"):
             dense.append(
