@@ -238,3 +238,16 @@ def test_a_state_not_from_new_state_is_refused_naming_what_is_wrong(golden, hash
     ):
         hasher.row_ids(ids, state=narrow)
     assert narrow.position == 0
+
+
+def test_the_gates_eps_is_text_config_rms_norm_eps_as_vllm_and_sglang_read_it(golden):
+    """V4.1's Engram gate takes its RMS epsilon from text_config.rms_norm_eps: vLLM's and SGLang's
+    Engram modules read config.rms_norm_eps for it (not hc_eps); without it, the release's 1e-20."""
+    meta, _ = golden
+    for text, eps in (({}, 1e-20), ({"rms_norm_eps": 1e-6, "hc_eps": 1e-3}, 1e-6)):
+        engram, _ = load_engram_config(hf_config(meta, **text))
+        assert engram.norm_eps == eps
+    with pytest.raises(
+        ConfigError, match=r"^text_config\.rms_norm_eps: expected a finite number > 0, got 0"
+    ):
+        load_engram_config(hf_config(meta, rms_norm_eps=0))

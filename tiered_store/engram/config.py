@@ -149,7 +149,7 @@ class EngramConfig(ConfigModel):
     compressed_vocab_size
         Compressed token ids as the checkpoint states them; checked against the tokenizer.
     norm_eps
-        RMS epsilon of the V4.1 gate.
+        RMS epsilon of the V4.1 gate (a ``config.json``'s ``text_config.rms_norm_eps``).
 
     ``engram_vocab_size`` may be one number for every order (as V4.1 configs give it).
 
@@ -481,7 +481,7 @@ def hf_engram_sections(config: Mapping[str, Any], *, source: str = "") -> dict[s
     if isinstance(heads, int) and isinstance(head_dim, int):  # (bad heads: their own error)
         engram["n_embed_per_ngram"] = heads * head_dim if heads >= 1 else head_dim
     engram["geometry"] = "deepseek-v4.1"
-    if "rms_norm_eps" in text:
+    if "rms_norm_eps" in text:  # the gate's eps, as vLLM's and SGLang's V4.1 Engram read it
         engram["norm_eps"] = text["rms_norm_eps"]
     backbone = {field: text[key] for key, field in HF_BACKBONE_KEYS.items() if key in text}
     return {"engram": engram, "backbone": backbone}
