@@ -332,3 +332,25 @@ def test_the_checkpoint_shapes_of_a_v41_model_are_its_dense_weights(config, hash
             ("k_weight", (hc, hidden)),
         )
     }
+
+
+def test_a_model_built_on_the_meta_device_names_its_tables_without_rows(
+    config, hasher, table_paths, tokens
+):
+    """Built on the meta device (as expected_checkpoint_shapes builds it), a V4.1 model's tables
+    hold no rows, and to_empty does not give them any (they are outside the model's tensors): its
+    forward ended in torch's 'Cannot copy out of meta tensor; no data!'. The lookup now names the
+    table and how to give the model one; set_tables makes it run."""
+    with torch.device("meta"):
+        model = EngramLM(config, hasher=hasher)
+    model = model.to_empty(device="cpu")
+    with pytest.raises(
+        ConfigError,
+        match=r"^PackedInMemoryTable: its packed rows, uint8 \(6660, 33\), are on the meta device "
+        r".*EngramLM\(\.\.\., tables=\.\.\.\) or model\.set_tables",
+    ):
+        model(tokens[:1, :8])
+    model.set_tables(
+        {layer: PackedInMemoryTable.from_table(str(p)) for layer, p in table_paths.items()}
+    )
+    assert model(tokens[:1, :8]).shape[:2] == (1, 8)

@@ -245,8 +245,16 @@ class PackedInMemoryTable(TableBackend):
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """Dequantised rows ``[..., dim]`` bfloat16; all-zero where an id is outside the table.
 
-        Raises RowIdError for ids that are not integers (bool, float), as the ``TieredStore`` does.
+        Raises RowIdError for ids that are not integers (bool, float), as the ``TieredStore`` does;
+        ConfigError for a table whose rows are on the meta device.
         """
+        if self.packed.is_meta:  # to_empty does not reach it: the table is no module tensor
+            raise ConfigError(
+                f"PackedInMemoryTable: its packed rows, {describe_tensor(self.packed)}, are on the "
+                "meta device (a shape without data); expected a table holding its rows (a model "
+                "built on the meta device has such tables, which to_empty leaves as they are: "
+                "give it tables, EngramLM(..., tables=...) or model.set_tables)"
+            )
         ids = as_id_tensor(row_ids).to(
             self.packed.device, torch.int64
         )  # uint8 would index as a mask
