@@ -272,3 +272,17 @@ def test_a_norm_eps_that_is_not_a_positive_number_is_refused(eps):
     table = PackedInMemoryTable(quantize_rows(torch.randn(4, 8), quant), quant)
     with pytest.raises(ConfigError, match=rf"norm_eps: expected a finite number > 0, got {eps!r}"):
         V41Engram(table, num_heads=2, dim=4, hc_mult=2, norm_eps=eps)
+
+
+@pytest.mark.parametrize("eps", [1e-46, 1e-50, 2.0**-150])
+def test_a_norm_eps_that_float32_rounds_to_zero_is_refused(eps):
+    # before: taken (a finite number > 0), but the gate adds it in float32, where it is 0: an
+    # all-zero live stream's gate was NaN (0 * rsqrt(0)), as with norm_eps 0
+    quant = RowQuantization(values=8, block=4)
+    table = PackedInMemoryTable(quantize_rows(torch.randn(4, 8), quant), quant)
+    with pytest.raises(ConfigError, match=rf"^norm_eps: got {eps!r}, which float32 .* rounds to 0"):
+        V41Engram(table, num_heads=2, dim=4, hc_mult=2, norm_eps=eps)
+    layer = V41Engram(table, num_heads=2, dim=4, hc_mult=2, norm_eps=2.0**-149)  # the smallest
+    with torch.no_grad():
+        out = layer(torch.zeros(1, 2, 2, 4, dtype=torch.bfloat16), torch.tensor([[[0, 1], [2, 3]]]))
+    assert not out.isnan().any()

@@ -51,7 +51,8 @@ class V41Engram(nn.Module):
     hc_mult
         Hyper-connection branches.
     norm_eps
-        The RMS epsilon of the gate, a finite number > 0 (1e-20 in the release).
+        The RMS epsilon of the gate, a finite number > 0 that float32 holds (1e-20 in the
+        release).
     dtype
         Parameter dtype (the reference runs ``wkv`` in bf16).
 
@@ -84,6 +85,11 @@ class V41Engram(nn.Module):
             norm_eps = _positive_number(norm_eps)
         except ValueError as exc:
             raise ConfigError(f"norm_eps: {exc}") from None
+        if norm_eps <= 2.0**-150:  # float32 rounds it to 0, and the gate adds it in float32
+            raise ConfigError(
+                f"norm_eps: got {norm_eps!r}, which float32 (the gate's arithmetic) rounds to 0; "
+                f"expected at least {2.0**-149:.3g}, float32's smallest (1e-20 in the release)"
+            )
         self.table = table
         self.num_heads, self.dim, self.hc_mult, self.norm_eps = num_heads, dim, hc_mult, norm_eps
         in_features = num_heads * int(table.dim)
