@@ -177,6 +177,9 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
         (["convert-hf", "nope", "out"], "checkpoint nope: does not exist; expected a checkpoint"),
         (["init", "x.npy", "--random", "10x4", "--std", "-1"], "--std: got -1; expected a finite"),
         (["init", "x.npy", "--random", "10x4", "--seed", "-1"], "--seed: expected an integer >= 0"),
+        # they shape random rows only: a copy of an array took them and ignored them
+        (["init", "x.npy", "--from-npy", "t.npy", "--std", "0.5"], "--std 0.5: only with --random"),
+        (["init", "x.npy", "--from-npy", "t.npy", "--seed", "3"], "--seed 3: only with --random"),
         (
             ["init", "x.npy", "--from-npy", "f64.npy"],
             "float64; expected float32, float16 or bfloat16 (pass --dtype to convert it)",

@@ -102,10 +102,12 @@ def _add_init(sub) -> None:
         "--dtype", choices=["float32", "float16", "bfloat16"], help="store as this dtype"
     )
     p.add_argument(
-        "--seed", type=at_least(0), default=0, help="seed for --random, >= 0 (default 0)"
+        "--seed", type=at_least(0), help="seed for --random, >= 0 (default 0; only with --random)"
     )
     p.add_argument(
-        "--std", type=float, default=1.0, help="standard deviation for --random (default 1.0)"
+        "--std",
+        type=float,
+        help="standard deviation for --random (default 1.0; only with --random)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at TABLE")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -117,6 +119,10 @@ def _run_init(args) -> int:
 
     if args.table.is_dir():  # NAME.npy beside it would not open as NAME: info and verify refuse it
         raise tf.not_a_table(args.table)
+    if args.random is None:  # they shape random rows only: a copied array would ignore them
+        for option, value in (("--seed", args.seed), ("--std", args.std)):
+            if value is not None:
+                raise _usage(f"{option} {value:g}: only with --random; expected no {option}")
     if args.from_safetensors is not None:
         if not args.tensor:
             raise _usage("--from-safetensors needs --tensor NAME (the tensor inside the file)")
@@ -129,11 +135,11 @@ def _run_init(args) -> int:
         source = args.from_npy
     else:
         rows, dim = _parse_shape(args.random)
-        if not (math.isfinite(args.std) and args.std >= 0):
-            raise _usage(f"--std: got {args.std:g}; expected a finite standard deviation >= 0")
-        source = tf.RandomSource(
-            rows, dim, dtype=args.dtype or "float32", seed=args.seed, std=args.std
-        )
+        seed = 0 if args.seed is None else args.seed
+        std = 1.0 if args.std is None else args.std
+        if not (math.isfinite(std) and std >= 0):
+            raise _usage(f"--std: got {std:g}; expected a finite standard deviation >= 0")
+        source = tf.RandomSource(rows, dim, dtype=args.dtype or "float32", seed=seed, std=std)
     try:
         manifest = tf.create_table(
             args.table, source, dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite
