@@ -123,6 +123,16 @@ def test_config_errors_name_the_key(change, message):
     assert message in str(info.value)
 
 
+def test_metrics_address_overrides_a_metrics_section_left_empty():
+    """``store: {metrics:}`` (its keys commented out) takes the defaults; ``--metrics-address``
+    over it raised a bare TypeError (``'NoneType' object is not a mapping``)."""
+    data = {**CONFIG, "store": {**CONFIG.get("store", {}), "metrics": None}}
+    config = ServeConfig.from_dict(data)
+    assert config.metrics_address == "127.0.0.1:9400"
+    assert config.with_overrides(metrics_address="127.0.0.1:0").metrics_address == "127.0.0.1:0"
+    assert config.with_overrides(metrics_address="").metrics_address == ""
+
+
 def test_a_missing_checkpoint_is_an_error_without_create(tmp_path):
     config = ServeConfig.from_yaml(write_config(tmp_path))
     with pytest.raises(ConfigError, match="'checkpoint' does not exist .*--create-tables"):

@@ -276,7 +276,7 @@ class ServeConfig:
         if "metrics_address" in server:
             address = server.pop("metrics_address")
             check_address(address, "--metrics-address", allow_empty=True)
-            store["metrics"] = {**store.get("metrics", {}), "address": address}
+            store["metrics"] = {**(store.get("metrics") or {}), "address": address}  # None: empty
         if "address" in server:
             check_address(server["address"], "--address")
         return ServeConfig(
