@@ -33,6 +33,7 @@ from tiered_store import (
     create_table,
 )
 from tiered_store.config import PrefetchConfig, load_yaml
+from tiered_store.engram.config import load_engram_config
 from tiered_store.errors import StoreClosedError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.workload import ZipfWorkload
@@ -729,6 +730,26 @@ def test_a_config_nested_past_the_recursion_limit_is_named(tmp_path):
     deep.write_text("table: {path: t.npy}\nx: " + "[" * 50 + "]" * 50 + "\n")  # read, then named
     with pytest.raises(ConfigError, match=r"x: unknown key"):
         StoreConfig.from_yaml(deep)
+
+
+def test_a_number_with_an_exponent_and_no_dot_is_a_number(tmp_path):
+    """PyYAML reads YAML 1.1, whose floats need a dot: ``1e-06`` (as Python's json writes 1e-6)
+    and ``1e3`` were strings, so a JSON config json.dump wrote was refused ("expected a finite
+    number > 0, got '1e-06'") and an integer key read "got '1e3'" of what was written as a number."""
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({"engram": {"layer_ids": [1, 3], "norm_eps": 1e-06}}))
+    assert load_engram_config(config)[0].norm_eps == 1e-06
+    config = tmp_path / "tiers.yaml"
+    config.write_text(
+        "table: {path: t.npy}\ncost_model: {nvme_read_iops: 5E5, compute_seconds_per_batch: 1.5e-3}"
+        "\ntiers: {warm: {repin: {every: 1e3}}}\n"
+    )
+    data = load_yaml(config)
+    assert data["cost_model"] == {"nvme_read_iops": 5e5, "compute_seconds_per_batch": 1.5e-3}
+    with pytest.raises(ConfigError, match=r"repin.every: expected an integer >= 1, got 1000.0"):
+        StoreConfig.from_yaml(config)  # a float where a count is expected, named as a number
+    config.write_text("table: {path: '1e3'}\ntiers: {hot: {policy: lru}}\n")  # quoted: a string
+    assert load_yaml(config)["table"]["path"] == "1e3"
 
 
 def test_a_section_left_empty_takes_its_defaults(tmp_path):

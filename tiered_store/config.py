@@ -18,6 +18,7 @@ Example ``tiers.yaml``::
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -125,6 +126,9 @@ DEFAULTS: dict[str, Any] = {
 
 def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     """Read a YAML (or JSON) file whose top level is a mapping.
+
+    A number with an exponent is a number as in JSON and YAML 1.2 (``1e-6``, ``5E5``), not the
+    string YAML 1.1 reads; quote it for a string.
 
     Parameters
     ----------
@@ -450,6 +454,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     key_node.start_mark,
                 )
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2's (and JSON's) floats with an exponent that YAML 1.1 reads as strings: no dot (1e-06,
+# as Python's json writes it; 5E5), or no sign after the e (1.5e3); tried after 1.1's own
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
 
 
 def checked_by(check: Callable[[Any], Any], kind: type = object) -> Any:
