@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 import warnings
@@ -750,6 +751,34 @@ def test_a_number_with_an_exponent_and_no_dot_is_a_number(tmp_path):
         StoreConfig.from_yaml(config)  # a float where a count is expected, named as a number
     config.write_text("table: {path: '1e3'}\ntiers: {hot: {policy: lru}}\n")  # quoted: a string
     assert load_yaml(config)["table"]["path"] == "1e3"
+
+
+def test_a_json_config_is_read_as_json(tmp_path):
+    """A ``.json`` file was read by the YAML parser: JSON indented with tabs (valid JSON, which
+    YAML refuses) was "not valid JSON", and a "\\ud83d\\ude00" escape read as two halves of a
+    character. A key given twice is still refused, and bad JSON named as such."""
+    config = tmp_path / "model.json"
+    doc = {"engram": {"layer_ids": [1, 3], "seed": 7}, "note": "\U0001f600"}
+    config.write_text(json.dumps(doc, indent="\t"))
+    assert load_yaml(config) == doc
+    config.write_text(json.dumps(doc), encoding="utf-8-sig")  # a byte-order mark first
+    assert load_yaml(config) == doc
+    assert load_engram_config(config, ignore_unknown=True)[0].seed == 7
+    for text, message in (
+        ('{"engram": {"seed": 1, "seed": 2}}', "key 'seed' given twice; expected each key once"),
+        ('{"engram": {"seed": 1,}}', "not valid JSON: Expecting property name"),
+        ("[" * 100_000 + "]" * 100_000, "nested deeper than JSON can be read here"),
+    ):
+        config.write_text(text)
+        with pytest.raises(
+            ConfigError, match=rf"Engram config {re.escape(str(config))}: .*{message}"
+        ):
+            load_engram_config(config)
+    config.write_text("[1]")
+    with pytest.raises(ConfigError, match=r"model.json: got a list at the top; expected a mapping"):
+        load_yaml(config)
+    config.write_text("")
+    assert load_yaml(config) == {}
 
 
 def test_a_section_left_empty_takes_its_defaults(tmp_path):

@@ -17,6 +17,7 @@ Example ``tiers.yaml``::
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -125,7 +126,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
-    """Read a YAML (or JSON) file whose top level is a mapping.
+    """Read a YAML (or JSON: a ``.json`` file, read as JSON) file whose top level is a mapping.
 
     A number with an exponent is a number as in JSON and YAML 1.2 (``1e-6``, ``5E5``), not the
     string YAML 1.1 reads; quote it for a string.
@@ -166,28 +167,30 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path}: not UTF-8 text; expected a YAML file") from None
-    loader = None
-    try:
-        loader = _UniqueKeyLoader(text)  # reads the text: a control character is a YAMLError
-        node = loader.get_single_node()
-        expanded = _expanded_size(node)
-        if expanded > MAX_YAML_VALUES:
+    if path.suffix == ".json":  # JSON's own reader: YAML refuses a tab that indents JSON
+        data = _parse_json(text, f"{what} {path}")
+    else:
+        loader = None
+        try:
+            loader = _UniqueKeyLoader(text)  # reads the text: a control character is a YAMLError
+            node = loader.get_single_node()
+            expanded = _expanded_size(node)
+            if expanded > MAX_YAML_VALUES:
+                raise ConfigError(
+                    f"{what} {path}: its aliases (*name) expand it to more than {MAX_YAML_VALUES:,} "
+                    "values, or into itself; expected a configuration of at most that many"
+                )
+            data = None if node is None else loader.construct_document(node)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{what} {path}: not valid YAML: {exc}") from None
+        except RecursionError:  # PyYAML composes nested collections recursively
             raise ConfigError(
-                f"{what} {path}: its aliases (*name) expand it to more than {MAX_YAML_VALUES:,} "
-                "values, or into itself; expected a configuration of at most that many"
-            )
-        data = None if node is None else loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        kind = "JSON" if path.suffix == ".json" else "YAML"  # YAML reads JSON: say what was meant
-        raise ConfigError(f"{what} {path}: not valid {kind}: {exc}") from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise ConfigError(
-            f"{what} {path}: its collections are nested deeper than YAML can be read here; "
-            "expected a configuration of a few levels of sections"
-        ) from None
-    finally:
-        if loader is not None:
-            loader.dispose()
+                f"{what} {path}: its collections are nested deeper than YAML can be read here; "
+                "expected a configuration of a few levels of sections"
+            ) from None
+        finally:
+            if loader is not None:
+                loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -195,6 +198,31 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
             f"{what} {path}: got a {type(data).__name__} at the top; expected a mapping of sections"
         )
     return data
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """The JSON document ``text`` (None when blank; a byte-order mark before it is skipped, as the
+    YAML reader does); a key given twice in an object is refused (``json.loads`` kept the last).
+    Errors are ConfigErrors naming ``where``."""
+
+    def distinct_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {key!r} given twice; expected each key once")
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        text = text.removeprefix("\ufeff")
+        return json.loads(text, object_pairs_hook=distinct_keys) if text.strip() else None
+    except RecursionError:
+        raise ConfigError(
+            f"{where}: its collections are nested deeper than JSON can be read here; expected "
+            "a configuration of a few levels of sections"
+        ) from None
+    except ValueError as exc:  # json.JSONDecodeError too
+        raise ConfigError(f"{where}: not valid JSON: {exc}") from None
 
 
 # -- validation -----------------------------------------------------------------------------------
