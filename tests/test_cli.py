@@ -28,6 +28,15 @@ def test_every_command_has_help():
         assert "usage: tiered-store " + command in sub.stdout
 
 
+def test_every_argument_of_every_command_says_what_it_is():
+    """``info``, ``verify`` and ``shard`` listed ``table`` and ``convert-hf`` its CHECKPOINT_DIR
+    and OUT_DIR under "positional arguments" with nothing beside them."""
+    everything = build_parser()
+    for name, parser in everything._subparsers._group_actions[0].choices.items():
+        for action in parser._actions:
+            assert action.help, f"{name} --help: {action.dest} has no help text"
+
+
 def test_top_level_help_and_a_mistyped_command_import_no_torch():
     """A fresh interpreter (not the forkserver, which holds torch): `--help` lists every command
     and a typo is named, with none of torch, numba or the store imported."""

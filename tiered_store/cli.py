@@ -267,7 +267,7 @@ def _add_info(sub) -> None:
         description="Print the manifest of a table's current version as JSON (after compaction "
         "TABLE.npy.current names the file that holds it; `file` and `generation` say which).",
     )
-    p.add_argument("table", type=Path)
+    p.add_argument("table", type=Path, help="the table's .npy path (its first version)")
     p.set_defaults(run=_run_info)
 
 
@@ -295,7 +295,7 @@ def _add_verify(sub) -> None:
         "checks) and record them in the manifest, atomically; for tables made before them. "
         "A compacted table is checked in its current version (the file TABLE.npy.current names).",
     )
-    p.add_argument("table", type=Path)
+    p.add_argument("table", type=Path, help="the table's .npy path (its first version)")
     p.add_argument(
         "--add-page-checksums",
         action="store_true",
@@ -362,7 +362,7 @@ def _add_shard(sub) -> None:
         "checksums; a table with written rows not yet compacted is refused (`tiered-store "
         "compact` it first).",
     )
-    p.add_argument("table", type=Path)
+    p.add_argument("table", type=Path, help="the table to cut (.npy; its current version is cut)")
     p.add_argument("--ranks", type=int, required=True, help="number of ranks (shards)")
     p.add_argument("--by", choices=["heads", "rows"], help="default: heads")
     p.add_argument("--out", default=None, help="shard path template with {rank} (and {ranks})")
@@ -519,8 +519,18 @@ def _add_convert_hf(sub) -> None:
         "tables are kept). config.json is written last: until a conversion into an OUT_DIR that "
         "held another is complete, OUT_DIR has none.",
     )
-    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR")
-    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        metavar="CHECKPOINT_DIR",
+        help="the downloaded Hugging Face checkpoint (config.json, *.safetensors)",
+    )
+    p.add_argument(
+        "out_dir",
+        type=Path,
+        metavar="OUT_DIR",
+        help="where the tables, dense.safetensors and layer{L}.yaml go (made if missing)",
+    )
     p.add_argument(
         "--hot",
         type=capacity,
