@@ -753,6 +753,27 @@ def test_a_number_with_an_exponent_and_no_dot_is_a_number(tmp_path):
     assert load_yaml(config)["table"]["path"] == "1e3"
 
 
+def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
+    """YAML 1.1 reads ``010`` as octal: ``capacity: 0100000`` made a tier of 32,768 rows, not
+    100,000, without a word. A leading 0 that changes the value is refused, naming the line."""
+    config = tmp_path / "tiers.yaml"
+    config.write_text("table: {path: t.npy}\ntiers:\n  hot: {capacity: 0100000}\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"tiers.yaml: not valid YAML: 0100000: a leading 0 makes it octal in YAML 1.1 "
+        r"\(32768\); expected the number without it \(100000\)(.|\n)*line 3",
+    ):
+        StoreConfig.from_yaml(config)
+    # the same value either way, a string, hexadecimal: as before
+    config.write_text(
+        "table: {path: t.npy}\ntiers: {hot: {capacity: 07}, warm: {capacity: 0x10}}\n"
+    )
+    cfg = StoreConfig.from_yaml(config)
+    assert (cfg.tiers.hot.capacity, cfg.tiers.warm.capacity) == (7, 16)
+    config.write_text("table: {path: '010'}\n")
+    assert load_yaml(config)["table"]["path"] == "010"
+
+
 def test_a_json_config_is_read_as_json(tmp_path):
     """A ``.json`` file was read by the YAML parser: JSON indented with tabs (valid JSON, which
     YAML refuses) was "not valid JSON", and a "\\ud83d\\ude00" escape read as two halves of a

@@ -129,7 +129,8 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     """Read a YAML (or JSON: a ``.json`` file, read as JSON) file whose top level is a mapping.
 
     A number with an exponent is a number as in JSON and YAML 1.2 (``1e-6``, ``5E5``), not the
-    string YAML 1.1 reads; quote it for a string.
+    string YAML 1.1 reads; quote it for a string. A leading 0 that makes an integer octal in YAML
+    1.1 (``010``: 8) is refused.
 
     Parameters
     ----------
@@ -483,6 +484,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """YAML 1.1's integer, but a leading 0 that makes it octal (``010``: 8; 10 in YAML 1.2
+        and to a reader) is refused."""
+        digits = str(node.value).replace("_", "").lstrip("+-")
+        if digits[:1] == "0" and digits.isdigit() and int(digits, 8) != int(digits):
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{node.value}: a leading 0 makes it octal in YAML 1.1 ({int(digits, 8)}); "
+                f"expected the number without it ({int(digits)}), or quoted for a string",
+                node.start_mark,
+            )
+        return super().construct_yaml_int(node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 # YAML 1.2's (and JSON's) floats with an exponent that YAML 1.1 reads as strings: no dot (1e-06,
 # as Python's json writes it; 5E5), or no sign after the e (1.5e3); tried after 1.1's own
