@@ -37,6 +37,7 @@ from tiered_store.config import PrefetchConfig, load_yaml
 from tiered_store.engram.config import load_engram_config
 from tiered_store.errors import StoreClosedError
 from tiered_store.profile import FrequencyProfile
+from tiered_store.serve.config import ServeConfig
 from tiered_store.workload import ZipfWorkload
 
 ROWS, DIM = 5000, 16
@@ -772,6 +773,35 @@ def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
     assert (cfg.tiers.hot.capacity, cfg.tiers.warm.capacity) == (7, 16)
     config.write_text("table: {path: '010'}\n")
     assert load_yaml(config)["table"]["path"] == "010"
+
+
+def test_a_path_with_a_nul_character_is_named(tmp_path):
+    """A NUL in a path (YAML's "\\0" escape) raised pathlib's bare ValueError ("embedded null
+    byte") when the paths were resolved: a traceback, not the key that holds it."""
+    config = tmp_path / "tiers.yaml"
+    for text, key in (
+        ('table: {path: "t\\0.npy"}\n', "table.path"),
+        (
+            'table: {path: t.npy}\ntiers: {hot: {preload_rows: "r\\0.npy"}}\n',
+            "tiers.hot.preload_rows",
+        ),
+        ('table: {path: t.npy}\nsharding: {ranks: 2, shards: "s{rank}\\0"}\n', "sharding.shards"),
+    ):
+        config.write_text(text)
+        with pytest.raises(
+            ConfigError, match=rf"  {key}: got '.*\\x00.*'; expected a path without a NUL"
+        ):
+            StoreConfig.from_yaml(config)
+    config.write_text('checkpoint: {path: "c\\0"}\nstore: {tiers: {warm: {profile: "p\\0.npz"}}}\n')
+    with pytest.raises(
+        ConfigError, match=r"checkpoint.path: got 'c\\x00'; expected a path without"
+    ):
+        ServeConfig.from_yaml(config)
+    config.write_text('store: {tiers: {warm: {profile: "p\\0.npz"}}}\n')
+    with pytest.raises(
+        ConfigError, match=r"tiers.warm.profile: got '.*p\\x00.npz'; expected a path"
+    ):
+        ServeConfig.from_yaml(config)
 
 
 def test_a_json_config_is_read_as_json(tmp_path):

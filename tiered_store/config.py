@@ -391,8 +391,18 @@ def _a_path(value: Any) -> Any:
     )
 
 
+def _no_nul(value: Any) -> Any:
+    """A path's text without a NUL character, which no path holds (pathlib raised a bare
+    ValueError when it was resolved)."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError(f"got {value!r}; expected a path without a NUL character")
+    return value
+
+
 #: the path of a file the config names (row lists, profiles), or None
-FilePath = Annotated[str | None, BeforeValidator(_a_path)]
+FilePath = Annotated[str | None, BeforeValidator(_a_path), AfterValidator(_no_nul)]
+#: a path (a table's, a checkpoint folder's) as text
+PathText = Annotated[str, AfterValidator(_no_nul)]
 
 
 def _non_string_key_message(key: Any) -> str:
@@ -686,7 +696,7 @@ class TableConfig(ConfigModel):
     """Where the cold table lives; ``dim``/``dtype``, when given, are checked against its manifest."""
 
     section: ClassVar[tuple[str, ...]] = ("table",)
-    path: str
+    path: PathText
     dim: int_at_least(1) | None = None
     dtype: Literal["float32", "float16", "bfloat16", "uint8"] | None = None
     out_of_range: Literal["error", "zero"] = DEFAULTS["table.out_of_range"]
@@ -819,7 +829,7 @@ class MetricsConfig(ConfigModel):
 def _check_shards_template(value: Any) -> str | None:
     """A shard path template: ``{rank}`` in it (and optionally ``{ranks}``), or None."""
     if value is None or (isinstance(value, str) and "{rank}" in value):
-        return value
+        return _no_nul(value)
     raise ValueError(f"got {value!r}; expected a path template containing {{rank}}")
 
 

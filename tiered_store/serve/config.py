@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, StrictBool, StrictInt
 
 from ..cache_plan import parse_policy
-from ..config import ConfigModel, Number, StoreConfig, load_yaml
+from ..config import ConfigModel, Number, PathText, StoreConfig, load_yaml
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
 from ..errors import ConfigError
@@ -106,7 +106,7 @@ class ServerSection(ConfigModel):
 class CheckpointSection(ConfigModel):
     """Where the converted checkpoint is, how to create one, and how often to re-check it."""
 
-    path: str = SERVE_DEFAULTS["checkpoint.path"]
+    path: PathText = SERVE_DEFAULTS["checkpoint.path"]
     create: StrictBool = SERVE_DEFAULTS["checkpoint.create"]
     seed: StrictInt = Field(default=SERVE_DEFAULTS["checkpoint.seed"], ge=0, le=2**64 - 1)
     dtype: Literal["float32", "float16", "bfloat16"] = SERVE_DEFAULTS["checkpoint.dtype"]
@@ -243,10 +243,10 @@ class ServeConfig:
             if isinstance(tier, dict):
                 for key in ("static_rows", "preload_rows", "profile"):
                     if isinstance(tier.get(key), str):
-                        tier[key] = str((self.base_dir / tier[key]).resolve())
+                        tier[key] = _under(self.base_dir, tier[key])
         sharding = spec.get("sharding")
         if isinstance(sharding, dict) and isinstance(sharding.get("shards"), str):
-            sharding["shards"] = str((self.base_dir / sharding["shards"]).resolve())
+            sharding["shards"] = _under(self.base_dir, sharding["shards"])
         return spec
 
     @property
@@ -287,6 +287,12 @@ class ServeConfig:
             base_dir=self.base_dir,
             source=self.source,
         )
+
+
+def _under(base_dir: Path, text: str) -> str:
+    """The path ``text`` resolved against ``base_dir``; one with a NUL character (which pathlib
+    refuses with a bare ValueError) as it is, for the store section's check to name."""
+    return text if "\x00" in text else str((base_dir / text).resolve())
 
 
 def _replace_layer(value: Any, layer: int) -> Any:
