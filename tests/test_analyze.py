@@ -276,6 +276,29 @@ def test_recommended_store_config_opens_without_a_warning(run, tmp_path):
             assert store.warm.counters.preloaded > 0  # its preload_rows, read
 
 
+def test_a_recommended_tier_of_no_rows_lists_no_rows_to_preload(tmp_path):
+    """A split that gives a tier no rows (``--gpu-budget 0``) kept its preload_rows, which a tier
+    turned off never reads: opening the file warned IgnoredSettingWarning for it."""
+    import warnings
+
+    from tiered_store import TieredStore, create_table
+    from zipf_analysis.analyze.store_yaml import store_yaml
+
+    info = {"target_hit_rate": 0.5, "hit_rate": 0.5, "combined_capacity": 10, "reachable": True}
+    rec = {"curve": "lru", "tiers": {"hot": {**info, "capacity": 10}}}
+    split = {"hot_rows": 0, "warm_rows": 20, "gpu_budget": 0, "host_budget": 1 << 20}
+    split |= {"hot_bytes": 0, "warm_bytes": 640, "hot_hit_ratio": 0.0, "warm_hit_ratio": 0.5}
+    split |= {"fetch_ratio": 0.5, "stall_seconds": 0.1}
+    text = store_yaml("layer1", {"rows": 100, "dim": 8}, rec, "layer1.top_rows.npy", "t", split)
+    (tmp_path / "layer1.store.yaml").write_text(text)
+    np.save(tmp_path / "layer1.top_rows.npy", np.arange(30, dtype=np.int64))
+    create_table(tmp_path / "layer1.npy", np.zeros((100, 8), np.float32), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with TieredStore.open(tmp_path / "layer1.store.yaml") as store:
+            assert store.hot.capacity == 0 and store.warm.counters.preloaded == 20
+
+
 @pytest.fixture(scope="module")
 def seeded(run, tmp_path_factory):
     """The corpus analysed twice with Engram configs that differ only in the hash seed (7, 9),

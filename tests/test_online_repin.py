@@ -58,7 +58,7 @@ def config(path, *, warm=400, hot=0, restart=False, repin=None, profile=None) ->
         {
             "table": {"path": str(path)},
             "tiers": {
-                "hot": {**tier, "capacity": hot},
+                "hot": {**(tier if hot else {}), "capacity": hot},  # off: nothing to set
                 "warm": {**tier, "capacity": warm},
                 "restart": {"enabled": restart},
             },
@@ -603,7 +603,7 @@ def test_repin_settings_of_a_tier_with_re_pinning_off_name_why_they_are_ignored(
     # with repin.enabled false the warning blamed a profile, which a tier without one has not
     from tiered_store.cache_plan import ignored_tier_settings
 
-    warm = {"policy": "zipf-tuned", "repin": {"enabled": False, "every": 512}}
+    warm = {"capacity": 10, "policy": "zipf-tuned", "repin": {"enabled": False, "every": 512}}
     if profile is not None:
         warm["profile"] = profile
     cfg = StoreConfig.from_dict({"table": {"path": "t.npy"}, "tiers": {"warm": warm}})

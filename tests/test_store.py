@@ -328,6 +328,30 @@ def test_static_rows_that_fill_the_tier_warn_and_the_store_serves(tmp_path, tabl
         TieredStore(StoreConfig.from_dict(only_static, base_dir=tmp_path)).close()
 
 
+def test_row_lists_and_a_profile_of_a_tier_turned_off_are_named_at_open(tmp_path, table):
+    """A tier of capacity 0 (off) never reads its static_rows, preload_rows or profile: the
+    rows asked to be pinned were not, without a word (nor a missing file noticed)."""
+    from tiered_store import IgnoredSettingWarning
+
+    path, data = table
+    np.save(tmp_path / "pinned.npy", np.arange(10, dtype=np.int64))
+    tiers = {
+        "hot": {"capacity": 0, "policy": "static+lru", "static_rows": "pinned.npy"},
+        "warm": {"capacity": "0%", "policy": "zipf-tuned", "profile": "gone.npz"},
+    }
+    cfg = StoreConfig.from_dict({"table": {"path": str(path)}, "tiers": tiers}, base_dir=tmp_path)
+    with pytest.warns(IgnoredSettingWarning) as caught:
+        store = TieredStore.open(cfg)
+    with store:
+        assert torch.equal(store.lookup([3, 4]), data[[3, 4]])
+    assert [str(w.message) for w in caught] == [
+        "tiers.hot.static_rows: the tier is off (capacity 0) and ignores it; give it a capacity "
+        "or remove it",
+        "tiers.warm.profile: the tier is off (capacity '0%') and ignores it; give it a capacity "
+        "or remove it",
+    ]
+
+
 def test_settings_a_policy_ignores_are_named_at_open(tmp_path, table):
     """A profile, a repin block or static_rows on a tier whose policy does not use them: the
     store opens, with one IgnoredSettingWarning each, pointing at the caller's line."""

@@ -14,7 +14,7 @@ from policies import PolicySpec
 from policies.errors import PolicyError
 from policies.zipf_tuned import zipf_tuned_split
 
-from .capacity import resolve_capacity
+from .capacity import is_off, resolve_capacity
 from .config import CacheTierConfig, StoreConfig
 from .errors import ConfigError, TraceFormatError, warn_at_caller
 from .id_ops import nonzero, unique_inverse_counts
@@ -389,10 +389,11 @@ def _file_identity(path: str | None) -> str | None:
 
 def ignored_tier_settings(config: StoreConfig) -> list[str]:
     """Each tier setting its policy does not use, as a sentence naming the key and the policy
-    (replay's ``--policies`` swaps the policy on purpose, so only ``TieredStore`` warns of these).
+    (replay's ``--policies`` swaps the policy on purpose, so only ``TieredStore`` warns of these),
+    and each file a tier turned off (capacity 0) does not read.
 
-    >>> cfg = StoreConfig.from_dict({"table": {"path": "t.npy"},
-    ...     "tiers": {"warm": {"policy": "lru", "profile": "p.npz", "repin": {"every": 4096}}}})
+    >>> cfg = StoreConfig.from_dict({"table": {"path": "t.npy"}, "tiers": {"warm": {
+    ...     "capacity": 10, "policy": "lru", "profile": "p.npz", "repin": {"every": 4096}}}})
     >>> for line in ignored_tier_settings(cfg):
     ...     print(line)
     tiers.warm.profile: policy 'lru' ignores it; only zipf-tuned uses it
@@ -401,11 +402,20 @@ def ignored_tier_settings(config: StoreConfig) -> list[str]:
     ignored = []
     for name, tier in (("hot", config.tiers.hot), ("warm", config.tiers.warm)):
         spec = parse_policy(tier.policy, key=f"tiers.{name}.policy")
+        off = is_off(tier.capacity)  # none of its files is read
+        ignored.extend(
+            f"tiers.{name}.{key}: the tier is off (capacity {tier.capacity!r}) and ignores it; "
+            "give it a capacity or remove it"
+            for key in ("static_rows", "preload_rows", "profile")
+            if off and getattr(tier, key) is not None
+        )
         unused = {
-            "profile": tier.profile is not None and not spec.tuned,
+            "profile": tier.profile is not None and not spec.tuned and not off,
             "recency_window": "recency_window" in tier.model_fields_set and not spec.tuned,
             "repin": "repin" in tier.model_fields_set and not spec.tuned,
-            "static_rows": tier.static_rows is not None and (spec.tuned or not spec.static),
+            "static_rows": tier.static_rows is not None
+            and (spec.tuned or not spec.static)
+            and not off,
         }
         for key, is_unused in unused.items():
             if is_unused:

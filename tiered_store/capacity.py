@@ -46,6 +46,18 @@ def check_share(spec: int | str) -> None:
         raise ValueError(f"{spec!r} is more than 100% of the table; expected 0%..100%")
 
 
+def is_off(spec: int | str) -> bool:
+    """Whether a capacity spec asks for no rows (``0``, ``'0%'``, ``'0MiB'``): the tier is off.
+
+    >>> is_off(0), is_off("0.0%"), is_off("0GiB"), is_off("1%")
+    (True, True, True, False)
+    """
+    if isinstance(spec, int):
+        return spec == 0
+    m = _PERCENT_RE.match(spec) or _BYTES_RE.match(spec)
+    return m is not None and Fraction(m.group(1)) == 0
+
+
 def parse_bytes(text: str) -> int:
     """``'512MiB'`` -> 536870912."""
     m = _BYTES_RE.match(text)

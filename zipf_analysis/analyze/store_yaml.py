@@ -70,6 +70,9 @@ def store_yaml(
             "# (replay it without preload_rows to check the model). The targets gave:",
             *notes,
         ]
+    for entry in tiers.values():  # a tier turned off reads no rows (a warning at open)
+        if entry["capacity"] == 0:
+            del entry["preload_rows"]
     doc = {"table": {"path": f"{name}.npy", "dim": int(layout["dim"])}, "tiers": tiers}
     head = [
         f"# Recommended by `tiered-store analyze` for Engram table {name} "
