@@ -520,6 +520,37 @@ def failed_open_worker(rank: int, world: int, port: int, plain: str, out: Path) 
     _report(out, rank, result)
 
 
+def hung_open_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Rank 1's shard store hangs opening (alive, its beat moving, as on a file system that
+    stopped answering): what rank 0's open raises (rank 1 waits for rank 0's answer, then
+    records its own)."""
+    from tiered_store.distributed import sharded_store
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    real = sharded_store.TieredStore
+
+    class Hanging(real):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(9.0)  # past the 5 s timeout and the diagnosis
+            super().__init__(*args, **kwargs)
+
+    try:
+        cfg = _store_config(Path(plain), world, "rows")
+        cfg["sharding"]["timeout_s"] = 5
+        sharded_store.TieredStore = Hanging if rank == 1 else real
+        try:
+            sharded_store.ShardedStore.open(cfg).close()
+            result["open"] = "ok"
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["open"] = f"{type(exc).__name__}: {exc}"
+        if rank == 0:  # the group's store stays up for rank 1's own diagnosis
+            time.sleep(12.0)
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def _adam_over_row_shards(trainable: str, world: int) -> Any:
     """A ``TrainableTable`` (Adam, lr 0.05) over the row shards of ``trainable``, whose ranks wait
     5 s for one another (a rank left waiting fails the test in seconds)."""

@@ -1352,6 +1352,18 @@ def test_a_shard_failing_to_open_with_an_error_of_torchs_is_named_by_every_rank(
     assert results[0]["rows"] == results[1]["rows"] and len(results[0]["rows"]) == 2
 
 
+@pytest.mark.slow
+def test_a_rank_whose_shard_open_hangs_is_named_by_the_others(tmp_path):
+    from tests.distributed_support import hung_open_worker
+
+    codes, results = _two_ranks_over_plain_shards(tmp_path, hung_open_worker, 90)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    # alive and beating, in no round yet: neither silent nor behind ("no rank was found")
+    assert results[0]["open"].startswith("RankFailureError: rank 0: open #0 failed: "), results
+    assert "rank 1 has not finished its own shard's part of the open" in results[0]["open"]
+    assert results[1]["open"].startswith("RankFailureError: rank 1: open #0 failed: "), results
+
+
 def test_a_lookup_a_shard_failed_is_counted_as_a_round_whose_ids_crossed_and_rows_did_not(
     tmp_path,
 ):

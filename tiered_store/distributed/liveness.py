@@ -7,8 +7,9 @@ whose beat did not move is dead or hung; a live rank that has entered fewer coll
 one has not called the lookup the others wait in; one that entered as many, but of another kind
 (a training step where this rank looks up), called another collective; one in the same round
 whose state is ``serving`` has not finished its own shard's part of it (a read or write that
-hangs). A store that cannot be reached means its host is gone: rank 0 (``tcp://`` or ``env://``
-rendezvous), or torchrun's agent.
+hangs; a store's open, before its first round: the opening of its shard). A store that cannot
+be reached means its host is gone: rank 0 (``tcp://`` or ``env://`` rendezvous), or torchrun's
+agent.
 
 The heartbeats of a process write on one connection (``shared_connection``), made once: torch
 looks the peer's name up at both ends of every new connection to the store (a reverse DNS query
@@ -119,16 +120,19 @@ class Heartbeat:
         connection: dist.Store | None = None,
         diagnose_from: dist.Store | None = None,
         connect_timeout: float = 0.0,
+        *,
+        kind: str = "none",
     ) -> None:
         """``connection``: ``store`` over a connection already made (``shared_connection``, with
         ``store``'s prefix) to write on; default: a new one. ``diagnose_from``: ``store`` over
         the ``"diagnosis"`` connection, which ``diagnose`` and ``stopped`` clone theirs from, to
         connect within ``connect_timeout`` seconds; default: ``store``, within the group store's
         timeout (on a group made with torch's default, a rank whose store host died waited 30
-        minutes to say so)."""
+        minutes to say so). ``kind``: what the rank does before its first round (a store's
+        ``open``)."""
         self.rank, self.world, self.interval = rank, world, interval
         self.entered = 0  # collectives this rank has entered (set by the store's thread)
-        self.kind = "none"  # the kind of the last one: lookup, write, commit, update
+        self.kind = kind  # the kind of the last one: lookup, write, commit, update
         self.serving = False  # in its own shard's part of that round (set by the store's thread)
         self._timeout = timedelta(seconds=max(2 * interval, 1.0))
         self._group_store = store

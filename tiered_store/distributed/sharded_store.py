@@ -516,6 +516,12 @@ class ShardedStore:
 
     # -- internals ---------------------------------------------------------------------------------
     def _open_local(self) -> tuple[ShardInfo | None, str | None]:
+        """``_open_shard``, this rank's heartbeat saying ``serving`` meanwhile: an open that
+        hangs (a file system that stopped answering) is named by the others' diagnosis."""
+        with self._heartbeat.own_part():
+            return self._open_shard()
+
+    def _open_shard(self) -> tuple[ShardInfo | None, str | None]:
         """Open this rank's shard (its current version: a compacted shard's first file is gone);
         an error is kept to be reported to every rank."""
         if not Path(self.path).exists() and not pointer_path(self.path).exists():
@@ -689,6 +695,7 @@ class ShardedStore:
             beats,
             diagnosis,
             diagnosis_connect_s(self.timeout_s),
+            kind="open",  # until the first round: a rank whose shard's open hangs is named so
         )
 
     def _all_gather(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
