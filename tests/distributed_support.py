@@ -551,6 +551,47 @@ def hung_open_worker(rank: int, world: int, port: int, plain: str, out: Path) ->
     _report(out, rank, result)
 
 
+def failed_heartbeat_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank's open fails as its heartbeat starts (the group's store not answering its
+    first beat), after the store made its subgroup and collective thread: what the open raises,
+    the process groups and the store's threads left behind; then an open that works."""
+    import threading
+
+    import torch.distributed as dist
+
+    from tiered_store.distributed import sharded_store
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    real = sharded_store.Heartbeat
+
+    class NotAnswering(real):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise dist.DistStoreError("Timeout waiting for the store (the test's)")
+
+    try:
+        cfg = _store_config(Path(plain), world, "rows")
+        cfg["sharding"]["timeout_s"] = 5
+        groups = len(dist.distributed_c10d._world.pg_map)
+        sharded_store.Heartbeat = NotAnswering
+        try:
+            sharded_store.ShardedStore.open(cfg).close()
+            result["open"] = "ok"
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["open"] = f"{type(exc).__name__}: {exc}"
+        sharded_store.Heartbeat = real
+        result["groups left"] = len(dist.distributed_c10d._world.pg_map) - groups
+        result["threads left"] = [
+            t.name for t in threading.enumerate() if t.name.startswith("sharded-store-rank")
+        ]
+        with sharded_store.ShardedStore.open(cfg) as store:
+            result["rows"] = store.lookup(torch.tensor([0, 462])).float()[:, 0].tolist()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def _adam_over_row_shards(trainable: str, world: int) -> Any:
     """A ``TrainableTable`` (Adam, lr 0.05) over the row shards of ``trainable``, whose ranks wait
     5 s for one another (a rank left waiting fails the test in seconds)."""

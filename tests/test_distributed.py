@@ -1364,6 +1364,19 @@ def test_a_rank_whose_shard_open_hangs_is_named_by_the_others(tmp_path):
     assert results[1]["open"].startswith("RankFailureError: rank 1: open #0 failed: "), results
 
 
+def test_an_open_failing_as_its_heartbeat_starts_leaves_no_subgroup_or_thread(tmp_path):
+    from tests.distributed_support import failed_heartbeat_worker
+
+    codes, results = _two_ranks_over_plain_shards(tmp_path, failed_heartbeat_worker, 120)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:  # the store's own subgroup and collective thread went with it
+        assert result["open"] == ("DistStoreError: Timeout waiting for the store (the test's)"), (
+            result
+        )
+        assert result["groups left"] == 0 and result["threads left"] == [], result
+    assert results[0]["rows"] == results[1]["rows"] and len(results[0]["rows"]) == 2
+
+
 def test_a_lookup_a_shard_failed_is_counted_as_a_round_whose_ids_crossed_and_rows_did_not(
     tmp_path,
 ):

@@ -174,27 +174,6 @@ class ShardedStore:
         self._missing_table = missing_table
         self.timeout_s = sharding.timeout_s
         self.owns_group = init_process_group_from_env(sharding, config.tiers.hot.device)
-        # its own group: several stores (one per Engram layer) then never interleave their
-        # collectives, and the backend's timeout is this store's
-        backend = dist.get_backend(group)
-        self.group = group
-        if group is None:
-            self.group = dist.new_group(backend=backend, timeout=timedelta(seconds=self.timeout_s))
-        self.owns_subgroup = group is None
-        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        self.exchange_device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if backend == "nccl"
-            else torch.device("cpu")
-        )
-        self.path = shard_path(config.table.path, self.rank, sharding.ranks, sharding.shards)
-        # the diagnosis reads the heartbeats for 3 intervals: the whole error comes within timeout_s
-        self._interval = min(max(self.timeout_s / 12, 0.05), 2.0)
-        self._wait_s = max(self.timeout_s - 3 * self._interval - 0.1, 0.1)
-        self._thread = CollectiveThread(f"sharded-store-rank{self.rank}")
-        # until the open's exchange agrees on this store's own keys, the beats go under keys of
-        # the group's ranks (an entry left by an earlier open over them does not move: stopped)
-        self._heartbeat = self._beat_under(f"opening/{_ranks_digest(self.group)}")
         self._failure: BaseException | None = None
         self._closed = False
         self.local: TieredStore | None = None
@@ -206,7 +185,33 @@ class ShardedStore:
         self._write_rounds = 0  # write and update rounds joined: a handle older than one is refused
         self._unfinished: int | None = None  # a decided step this shard holds staged, uncommitted
         self._unresolved: str | None = None  # why the open left this shard's staged step as it was
-        try:
+        self._thread: CollectiveThread | None = None  # both stopped by _shutdown once started
+        self._heartbeat: Heartbeat | None = None
+        self.owns_subgroup = False
+        # its own group: several stores (one per Engram layer) then never interleave their
+        # collectives, and the backend's timeout is this store's
+        backend = dist.get_backend(group)
+        try:  # a failure from here on ends what the open started (subgroup, threads)
+            self.group = group
+            if group is None:
+                self.group = dist.new_group(
+                    backend=backend, timeout=timedelta(seconds=self.timeout_s)
+                )
+            self.owns_subgroup = group is None
+            self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+            self.exchange_device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if backend == "nccl"
+                else torch.device("cpu")
+            )
+            self.path = shard_path(config.table.path, self.rank, sharding.ranks, sharding.shards)
+            # the diagnosis reads the heartbeats for 3 intervals: the whole error comes within timeout_s
+            self._interval = min(max(self.timeout_s / 12, 0.05), 2.0)
+            self._wait_s = max(self.timeout_s - 3 * self._interval - 0.1, 0.1)
+            self._thread = CollectiveThread(f"sharded-store-rank{self.rank}")
+            # until the open's exchange agrees on this store's own keys, the beats go under keys of
+            # the group's ranks (an entry left by an earlier open over them does not move: stopped)
+            self._heartbeat = self._beat_under(f"opening/{_ranks_digest(self.group)}")
             info, error = self._open_local()
             prints = self._wait(
                 self._thread.submit(self._all_gather, self._fingerprint(info, error)), "open"
@@ -1128,8 +1133,10 @@ class ShardedStore:
         # after a failure a collective may still be stuck on the dead or silent rank until the
         # backend's own timeout (``sharding.timeout_s`` for a group this store made) ends it
         deadline = time.monotonic() + self.timeout_s
-        self._thread.close(self.timeout_s)
-        self._heartbeat.close()
+        if self._thread is not None:
+            self._thread.close(self.timeout_s)
+        if self._heartbeat is not None:
+            self._heartbeat.close()
         if self.local is not None:  # a lookup of the stuck collective may still read the shard
             self.local.close(wait_s=max(deadline - time.monotonic(), 0.0))
         if self.owns_subgroup and self._failure is None:
