@@ -592,6 +592,26 @@ def failed_heartbeat_worker(rank: int, world: int, port: int, plain: str, out: P
     _report(out, rank, result)
 
 
+def open_error_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank opens the row shards of ``plain``: what the open raises ("ok" if it opens)."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        cfg = _store_config(Path(plain), world, "rows")
+        cfg["sharding"]["timeout_s"] = 5
+        try:
+            ShardedStore.open(cfg).close()
+            result["open"] = "ok"
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["open"] = f"{type(exc).__name__}: {exc}"
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def _adam_over_row_shards(trainable: str, world: int) -> Any:
     """A ``TrainableTable`` (Adam, lr 0.05) over the row shards of ``trainable``, whose ranks wait
     5 s for one another (a rank left waiting fails the test in seconds)."""

@@ -1561,6 +1561,44 @@ def test_shards_opened_at_different_steps_warn_report_the_oldest_and_take_the_re
     _check_torn_commit_is_found_and_redone(plain, out)
 
 
+def _mixed_shard_set(table: Path, template: str) -> list[Path]:
+    """The shards a `shard --overwrite` of ``table`` killed after its first rename leaves over
+    shards of the same table cut by an earlier run and trained to step 2 on rank 1: rank 0's new
+    (step 0), rank 1's old (step 2)."""
+    from tiered_store.table_format import replace_table
+
+    old = write_shards(table, 2, "rows", template=template, progress=False)
+    with TieredStore.open({"table": {"path": str(old[1].path)}}) as store:
+        for value in (1.0, 2.0):
+            store.write([0], torch.full((1, store.row_width), value))
+            store.commit()
+    hidden = template.replace("{rank}", "new-{rank}")
+    new = write_shards(table, 2, "rows", template=hidden, progress=False)
+    replace_table(new[0].path, old[0].path, True)  # the run's first rename, then it was killed
+    return [s.path for s in old]
+
+
+def test_a_shard_set_two_shard_runs_left_mixed_is_named_so_not_a_torn_commit(tmp_path):
+    """Shards of one table and map but two `shard` runs (a `shard --overwrite` killed between
+    its renames) opened as a torn commit: every rank warned "resume from step 0 and redo the
+    later steps", which trains the old shards' rows again. The open now names the mixed set."""
+    from tests.distributed_support import open_error_worker
+
+    plain = make_plain_table(tmp_path)
+    s0, s1 = _mixed_shard_set(plain, shards_template(plain, "rows"))
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(open_error_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert result["open"].startswith(
+            f"ShardMismatchError: rank 1: shard {s1} was written by `tiered-store shard` run "
+        ), result
+        assert f"but rank 0's shard {s0} by run " in result["open"]
+        assert "a mixed set" in result["open"] and "not a torn commit" in result["open"]
+
+
 def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
     """Over shards of ``plain`` that a torn commit left at steps 1 (rank 0) and 2 (rank 1), one
     row of each written 1.0 and 2.0 at those steps: reopened on two new ranks, every rank warns,

@@ -22,7 +22,13 @@ from tiered_store.errors import (
 )
 from tiered_store.page_checksums import ChecksumError
 from tiered_store.store import TieredStore, UncommittedWritesWarning
-from tiered_store.table_format import TableExistsError, create_table, read_manifest, verify_table
+from tiered_store.table_format import (
+    TableExistsError,
+    create_table,
+    read_manifest,
+    replace_table,
+    verify_table,
+)
 from tiered_store.table_sources import TableNotFoundError
 
 
@@ -173,6 +179,22 @@ def test_unshard_refuses_uncompacted_torn_or_busy_shards_and_a_corrupt_one_leave
         join_shards([s0, s1, s2], out, overwrite=True, progress=False)
     assert _listing(tmp_path) == before
     assert np.array_equal(np.load(out), want) and verify_table(out, progress=False)
+
+
+def test_unshard_names_a_set_two_shard_runs_left_mixed_not_a_torn_commit(cut, tmp_path):
+    """A `shard --overwrite` killed after its first rename (rank 0's shard new at step 0, the
+    others old, trained to step 2) read as a torn commit: "resume from step 0 and commit up to
+    step 2 again", which trains the old shards' rows twice. It is named a mixed set now."""
+    table, (s0, s1, s2) = cut
+    for shard in (s1, s2):
+        for step in (1, 2):
+            _commit(shard, {0: float(step)}, step)
+        compact_table(shard, progress=False)
+    new = write_shards(table, 3, "rows", template=str(tmp_path / ".new{rank}"), progress=False)
+    replace_table(new[0].path, s0, True)  # the run's first rename, then it was killed
+    with pytest.raises(ShardMismatchError, match=rf"{s1} was written by `tiered-store shard` run \w+, but {s0} by run \w+: a mixed set .*not a torn commit"):  # fmt: skip
+        join_shards(table, tmp_path / "w.npy", ranks=3, progress=False)
+    assert not (tmp_path / "w.npy").exists()
 
 
 def test_unshard_refuses_a_shard_holding_the_staged_rows_of_an_interrupted_sharded_commit(

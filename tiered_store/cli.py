@@ -417,7 +417,7 @@ def _add_unshard(sub) -> None:
         "atomically: a run that fails or is killed leaves no half table and an old one as it was; "
         "an existing TABLE (the table the shards were cut from) needs --overwrite, which drops its "
         "writes and versions. Refused before writing: a missing shard, shards of different shard "
-        "maps or table versions, two shards of one rank, shards at different committed steps (a "
+        "maps, table versions or `shard` runs, two shards of one rank, shards at different committed steps (a "
         "torn commit: resume and commit again on every rank), a shard with written rows not yet "
         "compacted (`tiered-store compact` each shard first), a shard being written, TABLE being "
         "one of the shards. To re-shard for another number of ranks: unshard, then `tiered-store "

@@ -1,9 +1,9 @@
 """Shard table files: one ordinary table (``.npy`` + manifest + page checksums) per rank.
 
 ``write_shards`` streams each rank's row range out of the whole table with ``create_table``
-(atomic publish, block and page checksums), and records the shard map, the shard's rank and the
-whole table's version in each shard's manifest (``metadata["shard"]``), next to the table's own
-metadata (the Engram layout). ``shard_join.join_shards`` does the reverse.
+(atomic publish, block and page checksums), and records the shard map, the shard's rank, the
+whole table's version and the run's id in each shard's manifest (``metadata["shard"]``), next to
+the table's own metadata (the Engram layout). ``shard_join.join_shards`` does the reverse.
 """
 
 from __future__ import annotations
@@ -66,12 +66,14 @@ def shard_path(
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """What a shard's manifest says about it: its rank, the shard map, the manifest itself."""
+    """What a shard's manifest says about it: its rank, the shard map, the manifest itself, the
+    ``write_shards`` run that wrote it (None for a shard of a version before run ids)."""
 
     path: Path
     rank: int
     shard_map: ShardMap
     manifest: TableManifest
+    run: str | None = None
 
 
 def read_shard(path: str | os.PathLike[str]) -> ShardInfo:
@@ -89,13 +91,16 @@ def read_shard(path: str | os.PathLike[str]) -> ShardInfo:
         raise TableFormatError(
             f"{path}: metadata.shard.rank is {rank!r}; expected 0..{shard_map.ranks - 1}"
         )
+    run = doc.get("run")
+    if run is not None and not isinstance(run, str):
+        raise TableFormatError(f"{path}: metadata.shard.run is {run!r}; expected a string")
     start, stop = shard_map.shard_range(rank)
     if manifest.rows != stop - start:
         raise TableFormatError(
             f"{path}: shard {rank} holds {manifest.rows:,} rows but its map gives it rows "
             f"[{start:,}, {stop:,}); expected {stop - start:,}"
         )
-    return ShardInfo(Path(path), rank, shard_map, manifest)
+    return ShardInfo(Path(path), rank, shard_map, manifest, run)
 
 
 def write_shards(
@@ -173,13 +178,14 @@ def _write_shards(
         # every new shard under a hidden name first: a failure midway leaves the old set whole
         finished: list[tuple[Path, Path]] = []
         replaced = 0
+        run = uuid.uuid4().hex[:12]  # in every shard: a set of two runs' shards is found mixed
         try:
             for rank, path in enumerate(paths):
                 start, stop = shard_map.shard_range(rank)
                 metadata = {
                     **{k: v for k, v in manifest.metadata.items() if k != VERSION_OF},  # its own
                     **({"committed_step": step} if step else {}),  # a commit of no rows too
-                    "shard": {**shard_map.to_json(), "rank": rank, "table": npy.name},
+                    "shard": {**shard_map.to_json(), "rank": rank, "table": npy.name, "run": run},
                 }
                 target = _target(path)
                 new = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.new.npy")
@@ -192,7 +198,7 @@ def _write_shards(
                     metadata=metadata,
                     progress=progress,
                 )
-                written.append(ShardInfo(path, rank, shard_map, shard_manifest))
+                written.append(ShardInfo(path, rank, shard_map, shard_manifest, run))
             # every existing shard's writer lock, held across the renames: a shard a store writes
             # is refused before any rename, and no writer starts on one until all are renamed
             locks: list[int] = []
@@ -211,6 +217,16 @@ def _write_shards(
                 remove_table_files(new)
             raise
     return written
+
+
+def mixed_runs(run: str | None, first_run: str | None, first: str | os.PathLike[str]) -> str:
+    """What a shard written by ``run`` is, beside the shard ``first`` of ``first_run``."""
+    return (
+        f"was written by `tiered-store shard` run {run}, but {first} by run {first_run}: a mixed "
+        "set (as a `shard --overwrite` killed between its renames leaves: some shards new, the "
+        "others old), not a torn commit; expected the shards of one run: run that `tiered-store "
+        "shard --overwrite` again"
+    )
 
 
 def shard_file_paths(table: str | os.PathLike[str], ranks: int, template: str | None) -> list[Path]:

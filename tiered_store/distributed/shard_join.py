@@ -20,7 +20,14 @@ from ..delta.table_versions import VERSION_OF, current_version, release, take_wr
 from ..errors import ConfigError, ShardMismatchError, TableFormatError
 from ..table_format import TableManifest, create_table, table_paths
 from ..table_sources import SourceReader, TableNotFoundError
-from .shard_files import ShardInfo, ShardRows, read_shard, shard_file_paths, written_rows_and_step
+from .shard_files import (
+    ShardInfo,
+    ShardRows,
+    mixed_runs,
+    read_shard,
+    shard_file_paths,
+    written_rows_and_step,
+)
 from .shard_map import ShardMap
 
 __all__ = ["join_shards"]
@@ -45,7 +52,8 @@ def join_shards(
     (a corrupt shard raises ``ChecksumError``, it is never given fresh checksums), with the
     table's metadata (the Engram layout; a trainable table's optimizer and run id) and the
     shards' common committed step; the shard metadata is dropped. Refused before anything is
-    written: a missing shard, shards of different shard maps or table versions, two shards of one
+    written: a missing shard, shards of different shard maps, table versions or ``write_shards``
+    runs (a run killed between its renames: a mixed set, not a torn commit), two shards of one
     rank, a shard with written rows not yet compacted (``tiered-store compact`` it), shards at
     different committed steps (a torn commit), a shard being written, ``out`` naming a shard, and
     an existing table at ``out`` without ``overwrite``. The shards' writer locks are held until
@@ -214,6 +222,8 @@ def _check_shard_set(infos: list[ShardInfo], ranks: int | None) -> ShardMap:
                 f"{info.path} differs from {ref.path} in {', '.join(differ)}; expected shards of "
                 "one table (the same layout and metadata)"
             )
+        if info.run != ref.run:  # checked before the steps: not a torn commit
+            raise ShardMismatchError(f"{info.path} {mixed_runs(info.run, ref.run, ref.path)}")
     return ref.shard_map
 
 

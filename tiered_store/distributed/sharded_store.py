@@ -76,7 +76,7 @@ from ..quantization import dequantize_rows
 from ..store import TieredStore, as_id_tensor, as_rows, compute_device
 from .collective_thread import CollectiveThread
 from .liveness import Heartbeat, shared_connection
-from .shard_files import ShardInfo, read_shard, shard_path
+from .shard_files import ShardInfo, mixed_runs, read_shard, shard_path
 from .shard_map import ShardMap
 
 __all__ = ["ShardedStore", "init_process_group_from_env"]
@@ -574,6 +574,7 @@ class ShardedStore:
         if info is not None:
             quant = info.manifest.quantization
             doc["shard_rank"] = info.rank
+            doc["run"] = info.run
             doc["map"] = info.shard_map.to_json()
             doc["rows"] = {
                 "dim": info.manifest.dim,
@@ -1296,6 +1297,11 @@ def check_fingerprints(prints: list[dict[str, Any]], world: int) -> ShardMap:
                     f"{first['shard']} has {first[key]}; expected shards cut from the same table "
                     "version by one `tiered-store shard` run"
                 )
+        if doc["run"] != first["run"]:  # one map, two runs: not a torn commit, a mixed set
+            theirs = f"rank 0's shard {first['shard']}"
+            raise ShardMismatchError(
+                f"rank {rank}: shard {shard} {mixed_runs(doc['run'], first['run'], theirs)}"
+            )
     return ShardMap.from_json(first["map"], first["shard"])
 
 
