@@ -2380,6 +2380,44 @@ def test_a_heartbeat_write_that_fails_is_tried_again_and_the_rank_counts_as_aliv
         host.join()
 
 
+def test_a_rank_whose_own_part_began_during_a_diagnosis_is_not_named_as_hanging():
+    """A diagnosis (rank 0's round failed: another rank died, say) named a rank "serving" from
+    its second reading alone: a healthy rank whose own part of the round began between the two
+    readings (a large lookup) was said to hang. It is named when serving at both readings, as a
+    silent rank is named when its beat did not move between them."""
+    import contextlib
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tiered_store.distributed.liveness import Heartbeat
+
+    port = free_port()
+    host = store_host(port)
+    try:
+
+        def client() -> dist.Store:
+            return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
+
+        rank0, rank1 = Heartbeat(client(), 0, 2, 1.0), Heartbeat(client(), 1, 2, 1.0)
+        for beat in (rank0, rank1):
+            beat.enter("lookup")
+        with contextlib.ExitStack() as part:  # begins a beat into the diagnosis's 3 beats
+            threading.Timer(1.0, part.enter_context, (rank1.own_part(),)).start()
+            found = rank0.diagnose()
+            assert rank1.serving, "rank 1's part never began"
+        assert found.serving == () and found.describe(3.0) == "no rank was found silent or behind"
+        with rank1.own_part():  # in its part through both readings: named
+            time.sleep(1.5)  # a beat says so
+            found = rank0.diagnose()
+        assert found.serving == (1,), found
+        rank0.close()
+        rank1.close()
+    finally:
+        host.kill()
+        host.join()
+
+
 def test_closing_a_heartbeat_whose_store_host_is_gone_ends_its_thread():
     """The store's host gone (rank 0 exited first): close ends the heartbeat thread (it stayed
     in a reconnect for the group store's whole timeout, past close's wait, and a rank that exited

@@ -6,10 +6,10 @@ fails or times out, ``diagnose`` reads every rank's entry twice, ``3 * interval`
 whose beat did not move is dead or hung; a live rank that has entered fewer collectives than this
 one has not called the lookup the others wait in; one that entered as many, but of another kind
 (a training step where this rank looks up), called another collective; one in the same round
-whose state is ``serving`` has not finished its own shard's part of it (a read or write that
-hangs; a store's open, before its first round: the opening of its shard). A store that cannot
-be reached means its host is gone: rank 0 (``tcp://`` or ``env://`` rendezvous), or torchrun's
-agent.
+whose state is ``serving`` at both readings has not finished its own shard's part of it (a read
+or write that hangs; a store's open, before its first round: the opening of its shard). A store
+that cannot be reached means its host is gone: rank 0 (``tcp://`` or ``env://`` rendezvous), or
+torchrun's agent.
 
 The heartbeats of a process write on one connection (``shared_connection``), made once: torch
 looks the peer's name up at both ends of every new connection to the store (a reverse DNS query
@@ -254,12 +254,13 @@ class Heartbeat:
             and second[r][1] == self.entered
             and second[r][3] != self.kind
         )
-        serving = tuple(
+        serving = tuple(  # at both readings: one whose part began between them may be healthy
             r
             for r in others
             if r not in silent
             and r not in closed
-            and second[r][1:] == (self.entered, "serving", self.kind)
+            and r in first
+            and first[r][1:] == second[r][1:] == (self.entered, "serving", self.kind)
         )
         return Diagnosis(
             silent=silent,
