@@ -612,6 +612,32 @@ def open_error_worker(rank: int, world: int, port: int, plain: str, out: Path) -
     _report(out, rank, result)
 
 
+def foreign_group_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Two ranks make a group of rank 0 alone; rank 1 opens a store on it (``new_group`` gave it
+    ``GroupMember.NON_GROUP_MEMBER``), then on a list of ranks: what each open raises."""
+    import torch.distributed as dist
+
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        alone = dist.new_group([0])
+        if rank == 1:
+            cfg = _store_config(Path(plain), 1, "rows")
+            for name, group in (("not a member", alone), ("a list", [0, 1])):
+                try:
+                    ShardedStore.open(cfg, group).close()
+                    result[name] = "ok"
+                except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                    result[name] = f"{type(exc).__name__}: {exc}"
+        dist.barrier()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def _adam_over_row_shards(trainable: str, world: int) -> Any:
     """A ``TrainableTable`` (Adam, lr 0.05) over the row shards of ``trainable``, whose ranks wait
     5 s for one another (a rank left waiting fails the test in seconds)."""

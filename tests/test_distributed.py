@@ -1377,6 +1377,22 @@ def test_an_open_failing_as_its_heartbeat_starts_leaves_no_subgroup_or_thread(tm
     assert results[0]["rows"] == results[1]["rows"] and len(results[0]["rows"]) == 2
 
 
+def test_a_group_without_this_rank_or_not_a_group_is_refused_naming_it(tmp_path):
+    """``group=`` that this process is not a member of (``new_group`` returns a marker to the
+    ranks outside it) or that is not a process group failed in torch: "ValueError: Invalid
+    process group specified"."""
+    from tests.distributed_support import foreign_group_worker
+
+    codes, results = _two_ranks_over_plain_shards(tmp_path, foreign_group_worker, 60)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    assert results[1]["not a member"].startswith(
+        "ConfigError: group: this process (rank 1 of the default group) is not one of its ranks"
+    ), results[1]
+    assert results[1]["a list"].startswith(
+        "ConfigError: group: got list [0, 1]; expected a torch.distributed ProcessGroup"
+    ), results[1]
+
+
 def test_a_lookup_a_shard_failed_is_counted_as_a_round_whose_ids_crossed_and_rows_did_not(
     tmp_path,
 ):

@@ -174,6 +174,18 @@ class ShardedStore:
         self._missing_table = missing_table
         self.timeout_s = sharding.timeout_s
         self.owns_group = init_process_group_from_env(sharding, config.tiers.hot.device)
+        if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives a rank outside it
+            raise ConfigError(
+                f"group: this process (rank {dist.get_rank()} of the default group) is not one of "
+                "its ranks (dist.new_group gives the ranks outside it "
+                "GroupMember.NON_GROUP_MEMBER); expected a group holding this rank, or None (all "
+                "ranks)"
+            )
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise ConfigError(
+                f"group: got {type(group).__name__} {group!r}; expected a torch.distributed "
+                "ProcessGroup (dist.new_group(ranks)), or None (all ranks)"
+            )
         self._failure: BaseException | None = None
         self._closed = False
         self.local: TieredStore | None = None
