@@ -269,6 +269,34 @@ def test_a_conversion_of_other_layers_removes_the_earlier_conversions_files_of_i
     assert len(kept) == 5  # engram_layer3.npy with its manifest and page checksums, 2 yaml/txt
 
 
+def _layer14_files(out: Path) -> list[str]:
+    """The names of the files of layer 14 in ``out``."""
+    return sorted(p.name for p in out.iterdir() if re.match(r"(engram_)?layer14\.", p.name))
+
+
+@pytest.mark.parametrize("killed_at_table", [1, 2], ids=["before-its-tables", "between-them"])
+def test_a_conversion_of_other_layers_killed_before_its_tables_exist_keeps_the_earlier_layers(
+    golden, tmp_path, killed_at_table
+):
+    """The earlier conversion's layer 14 was removed first thing, before the new conversion
+    wrote a table: a run killed (SIGKILL) before its own layers existed had removed the old one
+    for nothing. It is removed once the new tables and dense weights are written; the rerun
+    removes it."""
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    before = _layer14_files(out)
+    ckpt = _other_layers(tmp_path / "b", golden)
+    script = tmp_path / "kill.py"
+    script.write_text(KILLED_AT_TABLE)
+    killed = run_python([script, ckpt, out, str(killed_at_table)], env=subprocess_env())
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _layer14_files(out) == before == ["engram_layer14.npy", *before[1:]]
+    verify_table(out / "engram_layer14.npy", progress=False)
+
+    assert convert_hf_checkpoint(ckpt, out, progress=False).removed == (14,)
+    assert _layer14_files(out) == []
+
+
 @pytest.mark.parametrize(
     ("other", "killed_at_table"),
     [(_other_geometry, 1), (_fine_tune, 2)],

@@ -20,7 +20,8 @@ tables that are already complete (one converted before tables recorded the token
 digest gains it, in its manifest: its rows are not rewritten). ``config.json`` marks a complete
 conversion: a rerun that changes anything in ``out_dir`` removes the one there first, so a
 killed re-conversion never leaves a config beside tables it does not describe; an earlier
-conversion's table and ``layer{L}.yaml`` of a layer this checkpoint has not are removed.
+conversion's table and ``layer{L}.yaml`` of a layer this checkpoint has not are removed, once
+the new tables and dense weights are written (before the config).
 """
 
 from __future__ import annotations
@@ -422,8 +423,9 @@ def _convert(
 ) -> HFConversion:
     """The conversion, with ``out`` to itself: each layer's table and then its store config
     (so a run stopped midway leaves every finished layer ready to open), then the dense weights,
-    the tokenizer and the config (a config and tokenizer there that would not describe every
-    table while this runs are removed first)."""
+    then the removal of an earlier conversion's layers this one has not (a run that fails or is
+    killed before removed none), the tokenizer and the config (a config and tokenizer there that
+    would not describe every table while this runs are removed first)."""
     layers = {plan.layer_id for plan in plans}
     earlier = {  # the layers of files an earlier conversion (or its killed run) left there
         int(m[1]) for p in out.iterdir() if (m := _LAYER_FILE.match(p.name))
@@ -431,7 +433,6 @@ def _convert(
     names = "|".join(map(re.escape, _output_names(layers | earlier)))
     # a killed run's: never published, never read (a live writer's, locked, stays)
     remove_abandoned_temporaries(out, names)
-    removed = _remove_earlier_layers(out, earlier - layers)
     complete = {
         plan.layer_id: _complete(table_file(out, plan.layer_id), hasher, plan) for plan in plans
     }
@@ -474,6 +475,7 @@ def _convert(
         configs[plan.layer_id] = _write_store_config(out, plan.layer_id, path, store)
     dense = out / "dense.safetensors"
     _write_dense([t for plan in plans for t in plan.dense], dense)
+    removed = _remove_earlier_layers(out, earlier - layers)  # once the new layers exist
     for dst, src in model_files.items():
         _copy(src, dst)
     return HFConversion(
