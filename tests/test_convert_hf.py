@@ -297,6 +297,42 @@ def test_a_conversion_of_other_layers_killed_before_its_tables_exist_keeps_the_e
     assert _layer14_files(out) == []
 
 
+KILLED_AT_UNLINK = """
+import os, pathlib, signal, sys
+import tiered_store.engram.hf_checkpoint as hf
+real, calls = pathlib.Path.unlink, [0]
+def unlink(self, missing_ok=False):
+    if "layer14." in self.name and self.exists():
+        calls[0] += 1
+        if calls[0] == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, missing_ok=missing_ok)
+pathlib.Path.unlink = unlink
+hf.convert_hf_checkpoint(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+@pytest.mark.parametrize("killed_at", [1, 2, 3, 4])
+def test_a_removal_of_an_earlier_layer_killed_at_each_file_is_finished_by_the_rerun(
+    golden, tmp_path, killed_at
+):
+    """The removal of an earlier conversion's layer 14, killed (SIGKILL) before each of its file
+    removals: killed after the manifest went, it left engram_layer14.npy (the whole table's
+    bytes: 101 GB in the release), which no rerun could tell as the conversion's own and which
+    stayed for good. A rerun now finishes the removal wherever it was killed."""
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    ckpt = _other_layers(tmp_path / "b", golden)
+    script = tmp_path / "kill.py"
+    script.write_text(KILLED_AT_UNLINK)
+    killed = run_python([script, ckpt, out, str(killed_at)], env=subprocess_env())
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _layer14_files(out) and not (out / "config.json").exists()
+
+    assert convert_hf_checkpoint(ckpt, out, progress=False).removed == (14,)
+    assert _layer14_files(out) == []
+
+
 @pytest.mark.parametrize(
     ("other", "killed_at_table"),
     [(_other_geometry, 1), (_fine_tune, 2)],

@@ -42,7 +42,6 @@ import yaml
 from ..atomic_file import atomic_write, fsync_dir, make_named_dir, remove_abandoned_temporaries
 from ..capacity import resolve_capacity
 from ..config import StoreConfig
-from ..delta.table_versions import remove_table_files
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
 from ..page_checksums import sidecar_path
 from ..process_locks import exclusive_run
@@ -508,7 +507,7 @@ def _remove_earlier_layers(out: Path, layers: set[int]) -> tuple[int, ...]:
             source = None
         ours = isinstance(source, dict) and "checkpoint_tensors" in source
         if ours:
-            remove_table_files(path)
+            _remove_table(path)
         try:
             header = config.read_text(encoding="utf-8").startswith(_store_config_header(layer))
         except (OSError, UnicodeDecodeError):
@@ -520,6 +519,14 @@ def _remove_earlier_layers(out: Path, layers: set[int]) -> tuple[int, ...]:
     if removed:
         fsync_dir(out)
     return tuple(removed)
+
+
+def _remove_table(path: Path) -> None:
+    """Remove a conversion's table, its data first and its manifest (which tells it the
+    conversion's) last: a removal killed part way leaves the manifest, and a rerun the rest."""
+    npy, manifest = table_paths(path)
+    for part in (npy, sidecar_path(npy), manifest):
+        part.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
