@@ -297,6 +297,23 @@ def test_a_conversion_of_other_layers_killed_before_its_tables_exist_keeps_the_e
     assert _layer14_files(out) == []
 
 
+def test_a_layer_whose_table_is_another_writers_is_not_named_removed(golden, tmp_path):
+    """engram_layer14.npy made anew by the user (no checkpoint source) under the conversion's
+    layer14.yaml: both stay, as they should, yet HFConversion.removed and the command named
+    layer 14 as removed ('removed an earlier conversion's table and store config there')."""
+    from tiered_store.table_format import RandomSource, create_table
+
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    table = out / "engram_layer14.npy"
+    create_table(table, RandomSource(8, 4, "float32"), overwrite=True, progress=False)
+    before = {name: (out / name).read_bytes() for name in _layer14_files(out)}
+
+    result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
+    assert result.removed == ()
+    assert {name: (out / name).read_bytes() for name in _layer14_files(out)} == before
+
+
 KILLED_AT_UNLINK = """
 import os, pathlib, signal, sys
 import tiered_store.engram.hf_checkpoint as hf

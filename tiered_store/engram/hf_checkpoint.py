@@ -514,8 +514,9 @@ def _remove_earlier_layers(out: Path, layers: set[int]) -> tuple[int, ...]:
             header = False
         if header and not table_paths(path)[0].exists():
             config.unlink()
-        if ours or header:
-            removed.append(layer)
+        elif not ours:  # nothing of the layer removed: another writer's table, the user's files
+            continue
+        removed.append(layer)
     if removed:
         fsync_dir(out)
     return tuple(removed)
