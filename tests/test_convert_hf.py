@@ -314,6 +314,42 @@ def test_a_layer_whose_table_is_another_writers_is_not_named_removed(golden, tmp
     assert {name: (out / name).read_bytes() for name in _layer14_files(out)} == before
 
 
+SERVING = """
+import os, sys, time
+from tiered_store import TieredStore
+with TieredStore.open(sys.argv[1]) as store:
+    print(store.rows, flush=True)
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.02)
+    print(store.lookup([0, 5]).shape[0], flush=True)
+"""
+
+
+def test_an_earlier_layer_a_store_has_open_is_left_with_a_warning(golden, tmp_path):
+    """A store in another process (a server) had the earlier conversion's layer 14 open: its
+    table and layer14.yaml were removed under it (its checksum scrub and reloads then found no
+    table). It is left, with a warning naming it; a rerun once the store closed removes it."""
+    from tests.forkserver import PythonProcess
+
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    ckpt, before = _other_layers(tmp_path / "b", golden), _layer14_files(out)
+    script, go = tmp_path / "serve.py", tmp_path / "go"
+    script.write_text(SERVING)
+    store = PythonProcess([script, out / "layer14.yaml", go], env=subprocess_env())
+    try:
+        assert store.stdout.readline().strip() == "5014", store.communicate(120)[1][-2000:]
+        with pytest.warns(UserWarning, match=r"engram_layer14\.npy.* a store has it open"):
+            result = convert_hf_checkpoint(ckpt, out, progress=False)
+        assert result.removed == () and _layer14_files(out) == before
+    finally:
+        go.touch()
+        answer, err = store.communicate(120)
+    assert store.wait() == 0 and answer.split() == ["2"], err[-2000:]
+    assert convert_hf_checkpoint(ckpt, out, progress=False).removed == (14,)
+    assert _layer14_files(out) == []
+
+
 KILLED_AT_UNLINK = """
 import os, pathlib, signal, sys
 import tiered_store.engram.hf_checkpoint as hf

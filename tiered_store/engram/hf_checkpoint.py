@@ -30,6 +30,7 @@ import contextlib
 import filecmp
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
@@ -44,7 +45,7 @@ from ..capacity import resolve_capacity
 from ..config import StoreConfig
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
 from ..page_checksums import sidecar_path
-from ..process_locks import exclusive_run
+from ..process_locks import exclusive_now, exclusive_run, locked_folder, open_held, release
 from ..table_format import (
     PackedSafetensorsSource,
     SafetensorsSource,
@@ -497,29 +498,53 @@ def _remove_earlier_layers(out: Path, layers: set[int]) -> tuple[int, ...]:
     """Remove an earlier conversion's table and ``layer{L}.yaml`` of each of ``layers`` (not
     this conversion's): a table whose manifest records a checkpoint source (as ``_convert``
     writes it), a store config opening with ``_convert``'s header. Another writer's table, and
-    a store config beside one, stay. The layers whose files were removed."""
+    a store config beside one, stay; so does a table a store has open (with a warning). Under
+    the folder's lock, as ``create_table`` publishes. The layers whose files were removed."""
     removed = []
-    for layer in sorted(layers):
-        path, config = table_file(out, layer), out / f"layer{layer}.yaml"
-        try:
-            source = read_manifest(path).metadata.get("source")
-        except (TieredStoreError, OSError):  # none, or not one this code can read: left
-            source = None
-        ours = isinstance(source, dict) and "checkpoint_tensors" in source
-        if ours:
-            _remove_table(path)
-        try:
-            header = config.read_text(encoding="utf-8").startswith(_store_config_header(layer))
-        except (OSError, UnicodeDecodeError):
-            header = False
-        if header and not table_paths(path)[0].exists():
-            config.unlink()
-        elif not ours:  # nothing of the layer removed: another writer's table, the user's files
-            continue
-        removed.append(layer)
-    if removed:
-        fsync_dir(out)
+    with locked_folder(out):
+        for layer in sorted(layers):
+            if _remove_earlier_layer(out, layer):
+                removed.append(layer)
+        if removed:
+            fsync_dir(out)
     return tuple(removed)
+
+
+def _remove_earlier_layer(out: Path, layer: int) -> bool:
+    """``_remove_earlier_layers`` of one layer: whether a file of it was removed."""
+    path, config = table_file(out, layer), out / f"layer{layer}.yaml"
+    try:
+        source = read_manifest(path).metadata.get("source")
+    except (TieredStoreError, OSError):  # none, or not one this code can read: left
+        source = None
+    ours = isinstance(source, dict) and "checkpoint_tensors" in source
+    if ours:
+        try:  # held while it goes: a store opening it meanwhile waits, then finds no table
+            hold = open_held(path, os.O_RDONLY)
+        except FileNotFoundError:  # a removal killed part way: its manifest is left
+            hold = None
+        if hold is not None and not exclusive_now(hold, path):
+            release(hold)
+            warn_at_caller(
+                f"{path}: left, with {config.name}, though an earlier conversion's table of layer "
+                f"{layer} (not one of this checkpoint): a store has it open, in this process or "
+                "another; expected none: convert again once it is closed to remove them",
+                UserWarning,
+            )
+            return False
+        try:
+            _remove_table(path)
+        finally:
+            if hold is not None:
+                release(hold)
+    try:
+        header = config.read_text(encoding="utf-8").startswith(_store_config_header(layer))
+    except (OSError, UnicodeDecodeError):
+        header = False
+    if header and not table_paths(path)[0].exists():
+        config.unlink()
+        return True
+    return ours  # else another writer's table, or the user's files: nothing removed
 
 
 def _remove_table(path: Path) -> None:
