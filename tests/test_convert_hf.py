@@ -314,6 +314,30 @@ def test_a_layer_whose_table_is_another_writers_is_not_named_removed(golden, tmp
     assert {name: (out / name).read_bytes() for name in _layer14_files(out)} == before
 
 
+def test_an_earlier_layers_table_linked_in_from_another_folder_stays(golden, tmp_path):
+    """engram_layer14.npy, its manifest and page checksums symlinked in from another
+    conversion's folder (its manifest records a checkpoint source): the links were removed as
+    the earlier conversion's own files, which convert-hf never makes. They stay, and the
+    other folder's table with them."""
+    from tiered_store.page_checksums import sidecar_path
+    from tiered_store.table_format import table_paths
+
+    other, out = tmp_path / "other", tmp_path / "out"
+    ckpt = make_checkpoint(tmp_path / "a", golden)
+    convert_hf_checkpoint(ckpt, other, progress=False)
+    convert_hf_checkpoint(ckpt, out, progress=False)
+    table = out / "engram_layer14.npy"
+    for path in (*table_paths(table), sidecar_path(table)):
+        path.unlink()
+        path.symlink_to(other / path.name)
+    before = _layer14_files(out)
+
+    result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
+    assert result.removed == () and _layer14_files(out) == before
+    assert all((out / name).is_symlink() for name in before if name != "layer14.yaml")
+    verify_table(table, progress=False)
+
+
 SERVING = """
 import os, sys, time
 from tiered_store import TieredStore

@@ -497,8 +497,9 @@ def _output_names(layers: set[int]) -> list[str]:
 def _remove_earlier_layers(out: Path, layers: set[int]) -> tuple[int, ...]:
     """Remove an earlier conversion's table and ``layer{L}.yaml`` of each of ``layers`` (not
     this conversion's): a table whose manifest records a checkpoint source (as ``_convert``
-    writes it), a store config opening with ``_convert``'s header. Another writer's table, and
-    a store config beside one, stay; so does a table a store has open (with a warning). Under
+    writes it), a store config opening with ``_convert``'s header. Another writer's table, one
+    linked in (a symlink), and a store config beside one, stay; so does a table a store has
+    open (with a warning). Under
     the folder's lock, as ``create_table`` publishes. The layers whose files were removed."""
     removed = []
     with locked_folder(out):
@@ -517,7 +518,9 @@ def _remove_earlier_layer(out: Path, layer: int) -> bool:
         source = read_manifest(path).metadata.get("source")
     except (TieredStoreError, OSError):  # none, or not one this code can read: left
         source = None
-    ours = isinstance(source, dict) and "checkpoint_tensors" in source
+    linked = any(p.is_symlink() for p in (*table_paths(path), sidecar_path(path)))
+    # a link is the user's (convert-hf never makes one), to another folder's table
+    ours = not linked and isinstance(source, dict) and "checkpoint_tensors" in source
     if ours:
         try:  # held while it goes: a store opening it meanwhile waits, then finds no table
             hold = open_held(path, os.O_RDONLY)
