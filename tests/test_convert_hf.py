@@ -338,6 +338,25 @@ def test_an_earlier_layers_table_linked_in_from_another_folder_stays(golden, tmp
     verify_table(table, progress=False)
 
 
+def test_an_earlier_layers_table_with_commits_stays_with_a_warning(golden, tmp_path):
+    """The earlier conversion's layer 14 with a commit (a trainer's store committed its step
+    there: engram_layer14.npy.delta/): the table was removed and its delta, holding the
+    committed step, left behind without it (or, before, removed with it). A table with
+    writes or versions beside it stays, with a warning naming it, and still opens."""
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    with TieredStore.open(out / "layer14.yaml") as store:
+        assert store.commit(5) == 5
+    before = _layer14_files(out)
+    assert "engram_layer14.npy.delta" in before
+
+    with pytest.warns(UserWarning, match=r"engram_layer14\.npy: left, .* committed writes"):
+        result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
+    assert result.removed == () and _layer14_files(out) == before
+    with TieredStore.open(out / "layer14.yaml") as store:
+        assert store.committed_step == 5
+
+
 SERVING = """
 import os, sys, time
 from tiered_store import TieredStore

@@ -43,6 +43,7 @@ import yaml
 from ..atomic_file import atomic_write, fsync_dir, make_named_dir, remove_abandoned_temporaries
 from ..capacity import resolve_capacity
 from ..config import StoreConfig
+from ..delta.table_versions import has_history
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
 from ..page_checksums import sidecar_path
 from ..process_locks import exclusive_now, exclusive_run, locked_folder, open_held, release
@@ -499,7 +500,7 @@ def _remove_earlier_layers(out: Path, layers: set[int]) -> tuple[int, ...]:
     this conversion's): a table whose manifest records a checkpoint source (as ``_convert``
     writes it), a store config opening with ``_convert``'s header. Another writer's table, one
     linked in (a symlink), and a store config beside one, stay; so does a table a store has
-    open (with a warning). Under
+    open or has written (commits, versions), with a warning. Under
     the folder's lock, as ``create_table`` publishes. The layers whose files were removed."""
     removed = []
     with locked_folder(out):
@@ -536,6 +537,15 @@ def _remove_earlier_layer(out: Path, layer: int) -> bool:
             )
             return False
         try:
+            if has_history(path):  # no longer the conversion's alone: a store wrote it
+                warn_at_caller(
+                    f"{path}: left, with {config.name}, though an earlier conversion's table of "
+                    f"layer {layer} (not one of this checkpoint): it has committed writes or "
+                    "compacted versions beside it (a store wrote it); expected none: remove its "
+                    f"files ({path.name}*, {path.stem}.g*.npy*) yourself if they are not needed",
+                    UserWarning,
+                )
+                return False
             _remove_table(path)
         finally:
             if hold is not None:
