@@ -357,6 +357,28 @@ def test_an_earlier_layers_table_with_commits_stays_with_a_warning(golden, tmp_p
         assert store.committed_step == 5
 
 
+def test_an_earlier_layers_store_config_edited_to_a_moved_table_stays(golden, tmp_path):
+    """The earlier conversion's layer14.yaml, its table moved to another disk and table.path
+    edited to it (the header kept): it was removed as the config of a table no longer there,
+    though it still opened the moved table. Only one naming the folder's own
+    engram_layer14.npy goes."""
+    out, nvme = tmp_path / "out", tmp_path / "nvme"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    nvme.mkdir()
+    for path in out.glob("engram_layer14.npy*"):
+        shutil.move(path, nvme / path.name)
+    config = out / "layer14.yaml"
+    config.write_text(
+        config.read_text().replace("path: engram_layer14.npy", f"path: {nvme}/engram_layer14.npy")
+    )
+    edited = config.read_text()
+
+    result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
+    assert result.removed == () and config.read_text() == edited
+    with TieredStore.open(config) as store:
+        assert store.rows == 5014
+
+
 SERVING = """
 import os, sys, time
 from tiered_store import TieredStore

@@ -52,6 +52,7 @@ from ..table_format import (
     SafetensorsSource,
     TableManifest,
     _is_pos_int,
+    _table_of_store_config,
     check_table,
     create_table,
     read_manifest,
@@ -498,10 +499,11 @@ def _output_names(layers: set[int]) -> list[str]:
 def _remove_earlier_layers(out: Path, layers: set[int]) -> tuple[int, ...]:
     """Remove an earlier conversion's table and ``layer{L}.yaml`` of each of ``layers`` (not
     this conversion's): a table whose manifest records a checkpoint source (as ``_convert``
-    writes it), a store config opening with ``_convert``'s header. Another writer's table, one
-    linked in (a symlink), and a store config beside one, stay; so does a table a store has
-    open or has written (commits, versions), with a warning. Under
-    the folder's lock, as ``create_table`` publishes. The layers whose files were removed."""
+    writes it), a store config opening with ``_convert``'s header and naming that table (none
+    left). Another writer's table, one linked in (a symlink), and a store config beside one or
+    edited to name another, stay; so does a table a store has open or has written (commits,
+    versions), with a warning. Under the folder's lock, as ``create_table`` publishes. The
+    layers whose files were removed."""
     removed = []
     with locked_folder(out):
         for layer in sorted(layers):
@@ -554,7 +556,8 @@ def _remove_earlier_layer(out: Path, layer: int) -> bool:
         header = config.read_text(encoding="utf-8").startswith(_store_config_header(layer))
     except (OSError, UnicodeDecodeError):
         header = False
-    if header and not table_paths(path)[0].exists():
+    # one edited to name another table (moved to another disk) is the user's, and still opens
+    if header and _table_of_store_config(config) == path and not path.exists():
         config.unlink()
         return True
     return ours  # else another writer's table, or the user's files: nothing removed
