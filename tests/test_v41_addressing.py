@@ -251,3 +251,20 @@ def test_the_gates_eps_is_text_config_rms_norm_eps_as_vllm_and_sglang_read_it(go
         ConfigError, match=r"^text_config\.rms_norm_eps: expected a finite number > 0, got 0"
     ):
         load_engram_config(hf_config(meta, rms_norm_eps=0))
+
+
+@pytest.mark.parametrize("eps", [1e-50, 2.0**-150])
+def test_a_gate_eps_that_float32_rounds_to_zero_is_refused_by_the_config(golden, eps):
+    """A norm_eps that float32 rounds to 0 was taken by EngramConfig (and a config.json's
+    rms_norm_eps), to be refused only when the model was built, by V41Engram as a bare
+    'norm_eps', naming neither key. The config refuses it by its key; float32's smallest is
+    taken."""
+    from tiered_store.engram.config import EngramConfig
+
+    meta, _ = golden
+    floor = rf"got {re.escape(repr(eps))}, which float32 \(the gate's arithmetic\) rounds to 0"
+    with pytest.raises(ConfigError, match=rf"engram\.norm_eps: {floor}"):
+        EngramConfig.from_dict({"norm_eps": eps})
+    with pytest.raises(ConfigError, match=rf"^text_config\.rms_norm_eps: {floor}"):
+        load_engram_config(hf_config(meta, rms_norm_eps=eps))
+    assert EngramConfig.from_dict({"norm_eps": 2.0**-149}).norm_eps == 2.0**-149

@@ -106,6 +106,17 @@ def _positive_number(value: Any) -> float:
     return float(value)
 
 
+def _gate_eps(value: Any) -> float:
+    """The V4.1 gate's RMS epsilon: a finite number > 0 that float32 holds, as a float."""
+    eps = _positive_number(value)  # 0 or less makes NaN gates (0 * rsqrt(0), all-zero stream)
+    if eps <= 2.0**-150:  # float32 rounds it to 0, and the gate adds it in float32
+        raise ValueError(
+            f"got {eps!r}, which float32 (the gate's arithmetic) rounds to 0; expected at least "
+            f"{2.0**-149:.3g}, float32's smallest (1e-20 in the release)"
+        )
+    return eps
+
+
 def _int_list(minimum: int) -> Any:
     """The annotation of a list of integers ``>= minimum``, held as a tuple."""
     return Annotated[tuple[int_at_least(minimum), ...], BeforeValidator(_as_tuple)]
@@ -116,6 +127,7 @@ LayerIds = _int_list(0)
 Count = int_at_least(1)
 Index = int_at_least(0)
 PositiveNumber = checked_by(_positive_number, float)
+GateEps = checked_by(_gate_eps, float)
 
 
 class EngramConfig(ConfigModel):
@@ -149,7 +161,8 @@ class EngramConfig(ConfigModel):
     compressed_vocab_size
         Compressed token ids as the checkpoint states them; checked against the tokenizer.
     norm_eps
-        RMS epsilon of the V4.1 gate (a ``config.json``'s ``text_config.rms_norm_eps``).
+        RMS epsilon of the V4.1 gate (a ``config.json``'s ``text_config.rms_norm_eps``), a
+        finite number > 0 that float32 holds (the gate's arithmetic).
 
     ``engram_vocab_size`` may be one number for every order (as V4.1 configs give it).
 
@@ -176,7 +189,7 @@ class EngramConfig(ConfigModel):
     geometry: Literal[GEOMETRIES] = ENGRAM_DEFAULTS["geometry"]
     num_embeddings: RowCounts | None = ENGRAM_DEFAULTS["num_embeddings"]
     compressed_vocab_size: Count | None = ENGRAM_DEFAULTS["compressed_vocab_size"]
-    norm_eps: PositiveNumber = ENGRAM_DEFAULTS["norm_eps"]
+    norm_eps: GateEps = ENGRAM_DEFAULTS["norm_eps"]
 
     @model_validator(mode="before")
     @classmethod

@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..store import as_id_tensor
 from ..table_sources import describe_tensor, tensor_without_values
 from .backend import TableBackend, check_row_id_values
-from .config import _positive_number
+from .config import _gate_eps
 
 __all__ = ["GATE_CLAMP", "V41Engram"]
 
@@ -81,15 +81,10 @@ class V41Engram(nn.Module):
         for key, value in (("num_heads", num_heads), ("dim", dim), ("hc_mult", hc_mult)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key}: got {value!r}; expected a positive integer")
-        try:  # 0 or less makes NaN gates (0 * rsqrt(0) for an all-zero stream)
-            norm_eps = _positive_number(norm_eps)
+        try:
+            norm_eps = _gate_eps(norm_eps)
         except ValueError as exc:
             raise ConfigError(f"norm_eps: {exc}") from None
-        if norm_eps <= 2.0**-150:  # float32 rounds it to 0, and the gate adds it in float32
-            raise ConfigError(
-                f"norm_eps: got {norm_eps!r}, which float32 (the gate's arithmetic) rounds to 0; "
-                f"expected at least {2.0**-149:.3g}, float32's smallest (1e-20 in the release)"
-            )
         self.table = table
         self.num_heads, self.dim, self.hc_mult, self.norm_eps = num_heads, dim, hc_mult, norm_eps
         in_features = num_heads * int(table.dim)
