@@ -957,6 +957,34 @@ def test_a_bad_chunk_bytes_is_refused_before_an_earlier_conversion_is_touched(
     load_engram_config(out / "config.json")  # still a finished conversion
 
 
+@pytest.mark.parametrize(
+    ("argument", "value", "expected"),
+    [
+        ("store", "store.yaml", "a mapping of store config sections"),
+        ("store", [("tiers", {})], "a mapping of store config sections"),
+        ("checkpoint", None, "a checkpoint directory's path"),
+        ("out_dir", None, "a directory's path"),
+        ("out_dir", 3, "a directory's path"),
+    ],
+)
+def test_an_argument_of_another_type_is_refused_by_name_before_anything_is_touched(
+    golden, tmp_path, argument, value, expected
+):
+    """A store given as a YAML file's name or a list, a checkpoint or out_dir of None, raised a
+    bare TypeError ("'str' object is not a mapping", "expected str, bytes or os.PathLike
+    object, not NoneType"), naming no argument. Each is a ConfigError naming it, the folder as
+    it was."""
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    args = {"checkpoint": make_checkpoint(tmp_path / "b", golden), "out_dir": out, argument: value}
+    with pytest.raises(
+        ConfigError, match=rf"^{argument}: got {re.escape(repr(value))}; expected {expected}"
+    ):
+        convert_hf_checkpoint(progress=False, **args)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def _without_lookup_digest(table: Path) -> None:
     """Make ``table``'s manifest one written before tables recorded their tokenizer's id-map
     digest (the rest as it was, sealed again)."""

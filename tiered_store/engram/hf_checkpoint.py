@@ -385,11 +385,12 @@ def convert_hf_checkpoint(
     Raises
     ------
     ConfigError
-        ``chunk_bytes`` is not a positive integer; the config has no Engram keys; a shard is
-        truncated or its header is not valid safetensors (its tensors' bytes overlap, leave gaps
-        or differ from their dtype and shape); a tensor is missing or has another dtype or shape
-        than the config implies; the tokenizer's compressed size differs from the config's;
-        ``out_dir`` is a file or cannot be made. Nothing is written in these cases.
+        ``chunk_bytes`` is not a positive integer, ``checkpoint`` or ``out_dir`` not a path,
+        ``store`` not a mapping; the config has no Engram keys; a shard is truncated or its
+        header is not valid safetensors (its tensors' bytes overlap, leave gaps or differ from
+        their dtype and shape); a tensor is missing or has another dtype or shape than the
+        config implies; the tokenizer's compressed size differs from the config's; ``out_dir``
+        is a file or cannot be made. Nothing is written in these cases.
 
     Examples
     --------
@@ -400,6 +401,17 @@ def convert_hf_checkpoint(
         raise ConfigError(
             f"chunk_bytes: got {chunk_bytes!r}; expected a positive integer (bytes of rows held "
             "in memory at a time while a table is written)"
+        )
+    for name, value, what in (
+        ("checkpoint", checkpoint, "a checkpoint directory's path"),
+        ("out_dir", out_dir, "a directory's path (made if missing)"),
+    ):
+        if not isinstance(value, str | os.PathLike):
+            raise ConfigError(f"{name}: got {value!r:.100}; expected {what}")
+    if store is not None and not isinstance(store, Mapping):
+        raise ConfigError(
+            f"store: got {store!r:.100}; expected a mapping of store config sections (tiers, "
+            "prefetch), as DEFAULT_STORE"
         )
     ckpt = HFCheckpoint(checkpoint)
     hasher = NgramHasher(ckpt.engram, ckpt.tokenizer())  # checks rows and compressed size
