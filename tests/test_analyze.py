@@ -1600,3 +1600,46 @@ def test_a_holdout_of_a_one_document_corpus_names_the_fraction_and_the_corpus(tm
     argv = ["analyze", str(tmp_path / "only.txt"), "--out", str(tmp_path / "out"), "--quiet"]
     assert main([*argv, "--holdout", "0.5"]) == 2
     assert "tiered-store analyze: error: holdout 0.5: corpus 1 file from" in capsys.readouterr().err
+
+
+def test_a_killed_runs_staging_folder_is_removed_and_a_live_run_is_not_run_into(tmp_path):
+    """A SIGKILLed analyze left its hidden .analyze-staging-* folder (its traces: gigabytes on a
+    real corpus) in the output folder for ever, and a second run into the same folder while one
+    was live went ahead, the two publishing their files over each other's. A run holds a flock on
+    its staging folder: one no live run holds is removed, and a live one's is refused, named."""
+    import subprocess
+    import sys
+    import time
+
+    corpus, out, marker = _write_corpus(tmp_path), tmp_path / "out", tmp_path / "staged"
+    child = (
+        "import pathlib, sys, time\n"
+        "from tiered_store.engram import EngramConfig\n"
+        "from zipf_analysis.analyze import AnalyzeOptions, analyze\n"
+        "def log(msg):  # the traces are in the staging folder: wait there, to be killed\n"
+        "    if msg.startswith('curves:'):\n"
+        "        pathlib.Path(sys.argv[3]).touch()\n"
+        "        time.sleep(600)\n"
+        f"config = EngramConfig.from_dict({TINY['engram']!r})\n"
+        "options = AnalyzeOptions(seq_len=64, belady=False, progress=False, workers=1)\n"
+        "analyze([sys.argv[1]], sys.argv[2], config=config, options=options, log=log)\n"
+    )
+    live = subprocess.Popen([sys.executable, "-c", child, str(corpus), str(out), str(marker)])
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and live.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the run never reached its curve stage"
+        (staged,) = out.glob(".analyze-staging-*")
+        config, options = EngramConfig.from_dict(TINY["engram"]), AnalyzeOptions(progress=False)
+        with pytest.raises(OutputDirError, match=rf"^out_dir {re.escape(str(out))}: another analyze run is writing into it \(its staging folder {staged.name} is held\); expected one run at a time in an output folder$"):  # fmt: skip
+            analyze([corpus / "en.txt"], out, config=config, options=options)
+        assert staged.is_dir() and (staged / "trace.trace").is_file()  # the live run's: left
+    finally:
+        live.kill()  # SIGKILL: no handler of its own removes its staging folder
+        live.wait()
+    said: list[str] = []
+    analyze([corpus / "en.txt"], out, config=config, options=options, log=said.append)
+    assert not staged.exists() and not list(out.glob(".analyze-staging-*"))
+    assert (out / "report.json").is_file()
+    assert any(f"removed {staged.name}" in x for x in said), said

@@ -45,7 +45,9 @@ usable as static_rows / preload_rows), layer{L}.profile.npz (lookups per touched
 layer{L}.store.yaml (a store config with the recommended capacities), layer{L}/ (per-table
 report and plots), all.rank_frequency.png, report.md and report.json. Files are staged and moved
 into DIR at the end, report.json last: it marks a complete run. Files of a previous run in DIR
-that this one does not write (its holdout.trace, another config's layers) are removed.
+that this one does not write (its holdout.trace, another config's layers) are removed. A run
+killed part way leaves its hidden .analyze-staging-* folder, which the next run into DIR removes;
+a second run into DIR while one is writing there is refused.
 """
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from tiered_store.atomic_file import write_step
 from tiered_store.corpus import Corpus, resolve_corpus
 from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher, load_engram_config
+from tiered_store.process_locks import release
 from tiered_store.profile import FrequencyProfile
 
 from ..mrc import MissRatioCurve
@@ -151,7 +152,9 @@ def analyze(
     )
 
     made_out = not out.is_dir()
-    staging = prepare_out_dir(out, out_name)
+    staging, lock, removed = prepare_out_dir(out, out_name)  # held until published or removed
+    for folder in removed:
+        say(f"{out_name} {out}: removed {folder}, the staging folder of a run killed part way")
     torch_threads = _set_torch_threads(options.threads)
     try:
         # a write into the staging folder that fails (a full disk) names the folder; the corpus
@@ -179,6 +182,7 @@ def analyze(
                 out.rmdir()
         raise
     finally:
+        release(lock)
         _set_torch_threads(torch_threads)
     files = {
         "report": out / REPORT_JSON,

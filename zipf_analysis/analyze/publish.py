@@ -2,26 +2,32 @@
 
 A folder with a ``report.json`` holds one complete, consistent run: the old report leaves first,
 then the files of the old run that the new one does not write (its ``report.json`` lists them),
-and the new report comes in last.
+and the new report comes in last. A run holds a ``flock`` on its staging folder until it is
+published or removed: a new run removes the staging folders no live run holds (a killed run's)
+and refuses to write into a folder that a live run is writing into.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from tiered_store.atomic_file import fsync_dir
 from tiered_store.engram import EngramConfig
 from tiered_store.errors import ConfigError, TieredStoreError
+from tiered_store.process_locks import open_held, release
 
 from ..report import REPORT_JSON, REPORT_MD
 
 __all__ = [
     "OutputDirError",
+    "Staging",
     "file_sizes",
     "prepare_out_dir",
     "publish",
@@ -60,19 +66,89 @@ def refuse_unknown_table(table: str, option: str, choices: tuple[list[str], str]
         )
 
 
-def prepare_out_dir(out_dir: Path, name: str = "out_dir") -> Path:
-    """Create ``out_dir`` and a staging folder in it; raise OutputDirError naming the problem and
-    the folder as ``name`` (the argument, or the option that gave it)."""
+class Staging(NamedTuple):
+    """A run's staging folder, the descriptor that holds its ``flock`` (:func:`release` it once
+    the folder is published or removed) and the names of killed runs' folders removed."""
+
+    path: Path
+    lock: int
+    removed: list[str]
+
+
+STAGING_PREFIX = ".analyze-staging-"
+
+
+def prepare_out_dir(out_dir: Path, name: str = "out_dir") -> Staging:
+    """Create ``out_dir`` and a staging folder in it, held by this run; staging folders that no
+    live run holds are removed first. Raise OutputDirError naming the problem and the folder as
+    ``name`` (the argument, or the option that gave it), or a live run writing into it."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not out_dir.is_dir():
             raise NotADirectoryError(f"{out_dir} is not a directory")
-        return Path(tempfile.mkdtemp(prefix=".analyze-staging-", dir=out_dir))
+        folder = open_held(out_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
-        raise OutputDirError(
-            f"{name} {out_dir}: cannot create or write the output folder "
-            f"({exc.strerror or exc}); expected a writable directory"
-        ) from None
+        raise _unwritable(out_dir, name, exc) from None
+    try:
+        # one run at a time looks for live runs and makes its own folder (a file system without
+        # flock: each run on its own, as before)
+        with contextlib.suppress(OSError):
+            fcntl.flock(folder, fcntl.LOCK_EX)
+        removed, live = _remove_abandoned_staging(out_dir)
+        if live:
+            raise OutputDirError(
+                f"{name} {out_dir}: another analyze run is writing into it (its staging folder "
+                f"{live[0]} is held); expected one run at a time in an output folder"
+            )
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+            lock = open_held(staging, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise _unwritable(out_dir, name, exc) from None
+        with contextlib.suppress(OSError):  # new: no other run holds it
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return Staging(staging, lock, removed)
+    finally:
+        release(folder)
+
+
+def _unwritable(out_dir: Path, name: str, exc: OSError) -> OutputDirError:
+    """The OutputDirError of an output folder that cannot be created or written."""
+    return OutputDirError(
+        f"{name} {out_dir}: cannot create or write the output folder "
+        f"({exc.strerror or exc}); expected a writable directory"
+    )
+
+
+def _remove_abandoned_staging(out_dir: Path) -> tuple[list[str], list[str]]:
+    """Remove the staging folders in ``out_dir`` that no live run holds (killed runs'); return
+    the names removed and those a live run holds. One whose lock cannot be taken otherwise (a
+    file system without flock) is left alone."""
+    removed, live = [], []
+    try:
+        entries = sorted(out_dir.iterdir())
+    except OSError:  # a folder that cannot be listed: none to remove that a run could see
+        return removed, live
+    for entry in entries:
+        if not entry.name.startswith(STAGING_PREFIX):
+            continue
+        try:
+            fd = open_held(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:  # removed meanwhile, a link or not a folder: no run's
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+        except BlockingIOError:
+            live.append(entry.name)
+        except OSError:
+            pass
+        finally:
+            release(fd)
+    if removed:
+        fsync_dir(out_dir)
+    return removed, live
 
 
 def publish(staging: Path, out_dir: Path) -> None:
