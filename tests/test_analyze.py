@@ -425,6 +425,52 @@ def test_replay_refuses_a_profile_hashed_otherwise_than_its_trace_or_table(
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_row_list_analyze_wrote_is_refused_over_a_table_its_profile_says_is_another(
+    seeded, tmp_path, capsys
+):
+    """A layer{L}.top_rows.npy of a seed-7 analysis preloaded a seed-9 table (same rows) without
+    a word: the .npy records nothing, and only its range was checked. The profile analyze wrote
+    beside it in the same run records its Engram config and layer: a list with one is checked
+    against the table (and replay's trace); a list without one is taken as before."""
+    import shutil
+    import warnings
+
+    from tiered_store import TieredStore
+
+    table = seeded["table"]
+
+    def store(rows: Path, tier: str = "preload_rows") -> dict:
+        return {"table": {"path": str(table)}, "tiers": {"warm": {"capacity": 30, tier: str(rows)}}}
+
+    other = seeded[7] / "layer1.top_rows.npy"
+    for key in ("preload_rows", "static_rows"):
+        config = store(other, key)
+        if key == "static_rows":
+            config["tiers"]["warm"]["policy"] = "static"
+        with pytest.raises(ConfigError) as caught:
+            TieredStore.open(config)
+        assert str(caught.value) == (
+            f"tiers.warm.{key}: {other} was made with seed=7 (as layer1.profile.npz beside it "
+            f"records) but the table {table} has seed=9; expected a row list of the same Engram "
+            "config (its row ids name other N-grams)"
+        )
+    layer4 = seeded[9] / "layer4.top_rows.npy"  # the right seed, another layer's rows
+    with pytest.raises(ConfigError, match=r"layer4\.top_rows\.npy was made with layer_id=4 \("):
+        TieredStore.open(store(layer4))
+    config = tmp_path / "store.yaml"  # replay: checked against the trace's layout too
+    config.write_text(yaml.safe_dump(store(other)))
+    argv = ["replay", str(config), str(seeded[9] / "trace.trace"), "--table", "layer1"]
+    assert main([*argv, "--quiet", "--no-bounds", "--sweep", "", "--out", str(tmp_path / "r")]) == 2
+    assert f"tiers.warm.preload_rows: {other} was made with seed=7" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with TieredStore.open(store(seeded[9] / "layer1.top_rows.npy")) as opened:
+            assert opened.warm.counters.preloaded > 0
+    alone = tmp_path / "layer1.top_rows.npy"  # no profile beside it: its range alone, as before
+    shutil.copyfile(other, alone)
+    TieredStore.open(store(alone)).close()
+
+
 def test_replay_refuses_a_trace_hashed_otherwise_than_its_table(seeded, tmp_path, capsys):
     """A seed-7 trace replayed over a seed-9 table of the same rows (no profile at all): the
     replay, its sweep and its split ran without a word on rows that hold other N-grams."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import zipfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -18,7 +20,7 @@ from .capacity import is_off, resolve_capacity
 from .config import CacheTierConfig, StoreConfig
 from .errors import ConfigError, TraceFormatError, warn_at_caller
 from .id_ops import nonzero, unique_inverse_counts
-from .npy_files import load_npy
+from .npy_files import load_npy, npy_header_lock
 from .online_repin import OnlineRepin, RepinMoves
 from .request_queue import QueuedRequest, QueuedRequests
 from .row_cache import RowCache
@@ -169,10 +171,12 @@ class CacheHierarchy:
             ):
                 if path is None or (pin and (not cache.spec.static or cache.spec.tuned)):
                     continue
-                ids = _load_row_list(path, cache.num_rows, f"tiers.{cache.name}.{key}", shard)
+                option = f"tiers.{cache.name}.{key}"
+                check_row_list_addressing(path, option, layouts)
+                ids = _load_row_list(path, cache.num_rows, option, shard)
                 if pin and ids.size >= cache.capacity and cache.spec.eviction is not None:
                     warn_at_caller(
-                        f"tiers.{cache.name}.static_rows: {path} lists {ids.size:,} rows and the "
+                        f"{option}: {path} lists {ids.size:,} rows and the "
                         f"tier holds {cache.capacity:,}: the first {cache.capacity:,} are pinned "
                         "and no slot is left for rows that are not (every other row is read from "
                         "below); give the tier more capacity or list fewer rows",
@@ -541,10 +545,55 @@ def check_profile_addressing(
     """ConfigError naming ``key``, the file, the field and both values when ``profile`` counts
     rows of a table hashed another way (seed, primes, orders, heads, pad id, tokenizer, layer)
     than ``layout`` (of ``what``) says; a profile or layout that records none passes."""
+    _check_addressing(profile.metadata, profile.name, path, key, what, layout)
+
+
+def check_row_list_addressing(
+    path: str, key: str, layouts: Sequence[tuple[str, Mapping[str, Any]]]
+) -> None:
+    """As :func:`check_profile_addressing`, for a row list (``static_rows``, ``preload_rows``)
+    that ``analyze`` wrote: an .npy records nothing, but the ``X.profile.npz`` written beside
+    ``X.top_rows.npy`` in the same run records its Engram config and layer (its metadata alone
+    is read). A list without one passes."""
+    name = os.path.basename(path)
+    if not layouts or not name.endswith(_TOP_ROWS):
+        return
+    profile = os.path.join(os.path.dirname(path), name[: -len(_TOP_ROWS)] + ".profile.npz")
+    try:
+        z = load_npy(profile) if os.path.isfile(profile) else None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            return
+        with z, npy_header_lock:  # reading a member parses its header
+            meta = json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # no record to check by
+        return
+    if not isinstance(meta, dict):
+        return
+    source = f" (as {os.path.basename(profile)} beside it records)"
+    for what, layout in layouts:
+        _check_addressing(
+            meta.get("metadata"), meta.get("name", ""), path, key, what, layout, source
+        )
+
+
+_TOP_ROWS = ".top_rows.npy"  # analyze's row lists, beside their profiles (.profile.npz)
+
+
+def _check_addressing(
+    metadata: object,
+    name: object,
+    path: str,
+    key: str,
+    what: str,
+    layout: Mapping[str, Any],
+    source: str = "",
+) -> None:
+    """The check of :func:`check_profile_addressing`, of a file whose rows were counted under
+    ``metadata`` and ``name`` (a profile's; for a row list, the one ``source`` names)."""
     from .engram.layout import addressing_mismatch, recorded_layout, short
 
-    meta = profile.metadata if isinstance(profile.metadata, Mapping) else {}  # hand-made: none
-    recorded = recorded_layout(meta, meta.get("layer"), str(profile.name))
+    meta = metadata if isinstance(metadata, Mapping) else {}  # hand-made: none
+    recorded = recorded_layout(meta, meta.get("layer"), str(name))
     if recorded is not None and "layer_id" not in recorded:  # its layer unknown: the table's
         recorded = recorded_layout(meta, layout.get("layer_id"))
     if recorded is None or (diff := addressing_mismatch(recorded, layout)) is None:
@@ -552,7 +601,7 @@ def check_profile_addressing(
     field, made, expected = diff
     same = "tokenizer (id map)" if field == "compressed_lookup_digest" else "Engram config"
     raise ConfigError(
-        f"{key}: {path} was made with {field}={short(made)} but {what} has {field}="
-        f"{short(expected)}; expected a profile of the same {same} (its row ids name "
-        "other N-grams)"
+        f"{key}: {path} was made with {field}={short(made)}{source} but {what} has {field}="
+        f"{short(expected)}; expected a {'row list' if source else 'profile'} of the same "
+        f"{same} (its row ids name other N-grams)"
     )
