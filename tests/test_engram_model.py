@@ -762,3 +762,38 @@ def test_read_tokens_stops_reading_files_once_it_has_enough_text(tmp_path):
         assert read_tokens(corpus, CompressedTokenizer(), max_tokens=50).shape == (50,)
     with pytest.warns(SkippedFilesWarning, match=r"b\.txt \(empty\)"):  # read when needed
         read_tokens(corpus, CompressedTokenizer(), max_tokens=10_000)
+
+
+@pytest.mark.parametrize("piece_chars", [None, 24])
+def test_a_capped_token_stream_is_the_uncapped_streams_prefix(tmp_path, monkeypatch, piece_chars):
+    """read_tokens tokenises as soon as the text read can hold the tokens still wanted (47d4260),
+    not in groups of 64 files: a cap, wherever it ends (mid-file, at a file's end, past a file of
+    no tokens), gives the first tokens of the uncapped stream, also where a document is encoded
+    in pieces whose ids differ from the whole text's by merges across a cut."""
+    import tiered_store.engram.tokenizer as tokenizer_module
+    from tiered_store.corpus import resolve_corpus
+    from tiered_store.engram import CompressedTokenizer
+    from tiered_store.engram.corpus import read_tokens
+
+    if piece_chars is not None:
+        monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", piece_chars)
+    texts = ["def lookup(table, ids):\n    return table[ids]\n" * 9, "0123 4567\n" * 3]
+    texts += ["x = [i * i for i in range(10)]\n" * (k % 4 + 1) for k in range(12)]
+    for i, text in enumerate(texts):
+        (tmp_path / f"d{i:02}.py").write_text(text)
+    corpus, tokenizer = resolve_corpus([tmp_path]), CompressedTokenizer()
+    whole = read_tokens(corpus, tokenizer, max_tokens=10**9)
+    for cap in (*range(1, 60, 7), *range(150, len(whole) + 2, 31), len(whole)):
+        assert read_tokens(corpus, tokenizer, max_tokens=cap).tolist() == whole[:cap].tolist(), cap
+    # a tokenizer that makes no token of some documents (digits normalised away), with no EOS
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "<pad>": 1, "x": 2}, unk_token="[UNK]"))
+    words.normalizer = normalizers.Replace(Regex("[0-9]"), "")
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tmp_path / "tokenizer.json"))
+    words = CompressedTokenizer(tmp_path / "tokenizer.json", pad_id=1, cache=False)
+    with pytest.warns(UserWarning, match="no end-of-sentence token"):
+        whole = read_tokens(corpus, words, max_tokens=10**9)
+        for cap in range(1, len(whole) + 2, 5):
+            assert read_tokens(corpus, words, max_tokens=cap).tolist() == whole[:cap].tolist()
