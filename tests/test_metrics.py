@@ -463,3 +463,75 @@ def test_lookups_that_raised_are_counted_in_the_lookup_duration_histogram(tmp_pa
     assert samples[("tiered_store_lookup_duration_seconds_count", table)] == 4
     assert samples[("tiered_store_lookup_duration_seconds_bucket", (("le", "+Inf"), *table))] == 4
     assert store.stats()["lookup"]["calls"] == 4
+
+
+def test_a_failed_checksum_pass_is_a_gauge_until_a_pass_finds_the_table_good(tmp_path, store):
+    """A failed pass was only a counter's increase: with a scrub interval over an hour, the 1 h
+    alert resolved while the table still failed, and fired again at the next pass. A gauge per
+    table is 1 while the last pass over the table failed, 0 once one finds it good."""
+    path, _ = make_table(tmp_path, rows=3000, dim=64)
+    health = TableHealth()
+    registry = build_registry({"layer1": store}, {"layer1": health}, process=False)
+    key = ("tiered_store_checksum_pass_failed", (("table", "layer1"),))
+    assert verify_counted(path, health) is not None
+    assert _samples(registry)[key] == 0
+    with open(path, "r+b") as f:  # flip one byte of the data
+        f.seek(4096 + 100_000)
+        byte = f.read(1)
+        f.seek(4096 + 100_000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+        f.flush()
+        assert verify_counted(path, health) is None
+        assert _samples(registry)[key] == 1
+        f.seek(4096 + 100_000)
+        f.write(byte)  # repaired
+    assert verify_counted(path, health) is not None
+    assert _samples(registry)[key] == 0
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
+def test_the_checksum_alert_stays_firing_while_the_last_pass_failed(tmp_path):
+    """One failed pass every 2 h (checkpoint.scrub_interval_s): increase(...[1h]) is 0 an hour
+    after each, so the alert resolved while the table was still corrupt; it fires while the
+    last pass failed, and resolves once a pass finds the table good."""
+    failures = "0 1 1 1 1 2 2 2 2 2"  # every 30 min: failed passes at 30 min and 2.5 h
+    failed = "0 1 1 1 1 1 1 1 0 0"  # the last pass failed, until one at 4 h found it good
+    test = {
+        "rule_files": [str(DEPLOY / "prometheus-rules.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "30m",
+                "input_series": [
+                    {"series": 'tiered_store_checksum_failures_total{table="engram_layer3"}', "values": failures},
+                    {"series": 'tiered_store_checksum_pass_failed{table="engram_layer3"}', "values": failed},
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": eval_time,
+                        "alertname": "TieredStoreChecksumFailure",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "table": "engram_layer3"},
+                                "exp_annotations": {
+                                    "summary": "table engram_layer3 failed a checksum pass",
+                                    "description": "A background checksum pass found engram_layer3 corrupt; /healthz reports the block.",
+                                },
+                            }
+                        ]
+                        if firing
+                        else [],
+                    }
+                    for eval_time, firing in (("1h", True), ("2h", True), ("4h30m", False))
+                ],
+            }
+        ],
+    }  # fmt: skip
+    path = tmp_path / "alert_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

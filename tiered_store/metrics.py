@@ -42,6 +42,7 @@ tiered_store_queue_news_failures_total         counter    table               fa
 tiered_store_queue_news_dropped_total          counter    table               queue news dropped
 tiered_store_verifications_total               counter    table               checksum passes run
 tiered_store_checksum_failures_total           counter    table               corrupt pages found
+tiered_store_checksum_pass_failed              gauge      table               1 while the last pass failed
 tiered_store_lookup_failures_total             counter    table               served lookups that failed
 tiered_store_reloads_total                     counter    table               reopened on a new version
 tiered_store_reload_failures_total             counter    table               new versions refused
@@ -289,6 +290,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "found the table corrupt (a block failing its CRC-32, a page its CRC32C, or a file that "
         "no longer matches its manifest).",
     ),
+    "tiered_store_checksum_pass_failed": (
+        "gauge",
+        ("table",),
+        "1 while the last full checksum pass over the table failed (corrupt, or unreadable), 0 "
+        "once a pass finds it good (or none ran yet).",
+    ),
     "tiered_store_lookup_failures_total": (
         "counter",
         ("table",),
@@ -527,6 +534,9 @@ class TieredStoreCollector(Collector):
             fam["tiered_store_checksum_failures_total"].add_metric(
                 [table],
                 health.checksum_failures + store.cold.checksum_failures,
+            )
+            fam["tiered_store_checksum_pass_failed"].add_metric(
+                [table], int(health.last_error is not None)
             )
             fam["tiered_store_lookup_failures_total"].add_metric([table], health.lookup_failures)
             fam["tiered_store_reloads_total"].add_metric([table], health.reloads)
