@@ -284,6 +284,37 @@ def test_healthz_recovers_after_the_hold(tmp_path, config_path):
         server.stop()
 
 
+def test_a_slow_stats_or_scrape_holds_no_other_request_back(server, monkeypatch):
+    """GET /stats and /metrics read the stores on the event loop: while one took its time (a
+    store's statistics, a scrape), every other connection waited, /healthz included. They are
+    read in a thread now, as other blocking work is."""
+    import threading
+
+    for path, method in (("/stats", "stats"), ("/metrics", "metrics_text")):
+        release, entered = threading.Event(), threading.Event()
+        real = getattr(server, method)
+
+        def slow(real=real, release=release, entered=entered):
+            entered.set()
+            release.wait(60)  # as a stats() waiting on a lock
+            return real()
+
+        monkeypatch.setattr(server, method, slow)
+        answers: list[int] = []
+        reader = threading.Thread(
+            target=lambda url, out: out.append(urllib.request.urlopen(url).status),
+            args=(server.url + path, answers),
+        )
+        reader.start()
+        try:
+            assert entered.wait(30)
+            assert get_json(server.url + "/healthz", timeout=10)[0] == 200, path
+        finally:
+            release.set()
+            reader.join(60)
+        assert answers == [200], path
+
+
 # -- load -------------------------------------------------------------------------------------------
 
 

@@ -98,12 +98,16 @@ def build_app(server: InferenceServer) -> ASGIApp:
         return response
 
     async def get(request: Request) -> Response:
-        """GET /, /healthz, /stats and /metrics."""
+        """GET /, /healthz, /stats and /metrics (the stores' statistics read in a thread: a
+        slow one holds no other connection back; /healthz never waits, so on the loop)."""
         path = request.url.path
         if path == "/metrics":
-            body, content_type = server.metrics_text()
+            body, content_type = await anyio.to_thread.run_sync(server.metrics_text)
             return Response(body, 200, media_type=content_type)
-        status, doc = server.get(path)
+        if path == "/stats":
+            status, doc = await anyio.to_thread.run_sync(server.get, path)
+        else:
+            status, doc = server.get(path)
         return json_response(status, doc)
 
     async def http_error(request: Request, exc: Exception) -> Response:
