@@ -763,11 +763,14 @@ def test_a_refused_version_is_not_opened_again_until_its_files_change(tmp_path, 
     every check, every second, for as long as it stayed: a whole store beside the old one each
     time (its tiers allocated, its page checksums read), to be refused again. It is opened
     again once the table's files change; it stays refused, and counted, meanwhile."""
+    import os
+
     from tiered_store import TieredStore
     from tiered_store.engram.checkpoint import table_metadata
     from tiered_store.engram.hashing import NgramHasher
     from tiered_store.engram.model import ModelConfig
-    from tiered_store.table_format import create_table
+    from tiered_store.page_checksums import sidecar_path
+    from tiered_store.table_format import create_table, table_paths
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     table = config.table_path(3)
@@ -788,17 +791,70 @@ def test_a_refused_version_is_not_opened_again_until_its_files_change(tmp_path, 
         store = served.stores["engram_layer3"]
         rows = np.ones((store.rows, store.dim), np.float32)
         other = table_metadata(NgramHasher(seeded.engram), 3)
+
+        def settled() -> None:  # written a while ago (files just written may change unseen)
+            then = time.time_ns() - 10**10
+            for path in (*table_paths(table), sidecar_path(table)):
+                os.utime(path, ns=(then, then))
+
         create_table(table, rows, progress=False, overwrite=True, metadata=other)
+        settled()
         for _ in range(3):
             assert served.reload_if_stale(force_check=True) == []
         assert opened == ["engram_layer3.npy"]
         assert "expects seed=0" in (served.reload_refused or "")
         assert served.health["engram_layer3"].reload_failures == 3
         create_table(table, rows, progress=False, overwrite=True, metadata=other)  # made anew
+        settled()
         assert served.reload_if_stale(force_check=True) == []
         assert opened == ["engram_layer3.npy"] * 2
         layout = table_metadata(served.model.hasher, 3)
         create_table(table, rows, progress=False, overwrite=True, metadata=layout)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert served.reload_refused is None
+    finally:
+        served.close()
+
+
+def test_a_refused_version_repaired_within_its_mtime_tick_is_opened_again(tmp_path):
+    """A refused version was not opened again until its files' (inode, size, mtime) changed: a
+    damaged file repaired in place within the same tick of a coarse file clock (1 to 2 s on
+    some file systems) kept all three, and stayed refused for good. A refusal is remembered only
+    for files that had not changed for a while when they were looked at."""
+    import os
+
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.table_format import create_table
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        store = served.stores["engram_layer3"]
+        rows = np.ones((store.rows, store.dim), np.float32)
+        layout = table_metadata(served.model.hasher, 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=layout)
+        header = table.read_bytes()[:128]
+        at = header.index(b"(%d," % store.rows) + 1  # the .npy header's row count
+        with open(table, "r+b") as f:  # damaged in place: another row count, the same size
+            f.seek(at)
+            f.write(b"9")
+        now = time.time_ns()
+        os.utime(table, ns=(now, now))  # written just now, as the check looks
+        assert served.reload_if_stale(force_check=True) == []
+        assert "header shape" in (served.reload_refused or "")
+        before = table.stat()
+        with open(table, "r+b") as f:  # repaired in place within the same clock tick
+            f.seek(at)
+            f.write(header[at : at + 1])
+        os.utime(table, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = table.stat()
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+            before.st_ino,
+            before.st_size,
+            before.st_mtime_ns,
+        )
         assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
         assert served.reload_refused is None
     finally:

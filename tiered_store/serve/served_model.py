@@ -66,6 +66,9 @@ __all__ = ["NonFiniteOutputError", "ServedModel", "create_checkpoint"]
 log = logging.getLogger("tiered_store.serve")
 
 RELOAD_CHECK_SECONDS = 1.0  # how often requests look for a new table version (compaction, commit)
+# a file modified this recently may change again within its mtime's tick (1 to 2 s on coarse
+# file clocks) and keep its identity: a refusal of it is not remembered (opened again next check)
+SETTLED_NS = 2_000_000_000
 
 
 class NonFiniteOutputError(TieredStoreError, ArithmeticError):
@@ -343,7 +346,7 @@ class ServedModel:
         if not stale:
             self._refused(unreadable)
             return []
-        files = self._version_files(stale)  # before the open: one made anew meanwhile differs
+        files, settled = self._version_files(stale)  # before the open: one made anew differs
         if self._refusal is not None and self._refusal[0] == files:
             for name in stale:  # refused as they are: no store opened beside the old one again
                 self.health[name].reload_failures += 1
@@ -388,9 +391,12 @@ class ServedModel:
                     )
                     return []
                 refusal = f"{', '.join(stale)} ({error_text(exc)})"
-                # refused for what the files hold (not an I/O error, nor an old store left closed)
-                if isinstance(exc, (ConfigError, TableFormatError)) and not any(
-                    self.stores[name].closed for name in stale
+                # refused for what the files hold (not an I/O error, nor an old store left closed,
+                # nor files just written: they may change again unseen by their identities)
+                if (
+                    isinstance(exc, (ConfigError, TableFormatError))
+                    and settled
+                    and not any(self.stores[name].closed for name in stale)
                 ):
                     self._refusal = (files, refusal)
                 self._refused([*unreadable, refusal])
@@ -406,11 +412,14 @@ class ServedModel:
             )
         return stale
 
-    def _version_files(self, names: list[str]) -> tuple[Any, ...]:
+    def _version_files(self, names: list[str]) -> tuple[tuple[Any, ...], bool]:
         """What the current versions of tables ``names`` are on disk: each one's generation and
         the identities of its data file, manifest, page checksums and delta (a table made anew,
-        compacted, given other metadata or committed to changes it)."""
+        compacted, given other metadata or committed to changes it); and whether every file was
+        last modified ``SETTLED_NS`` or more before (a later write within its mtime's tick would
+        keep its identity)."""
         out: list[Any] = []
+        now, settled = time.time_ns(), True
         for name in names:
             try:
                 npy, generation = current_version(self.stores[name].config.table.path)
@@ -418,8 +427,10 @@ class ServedModel:
                 out.append(error_text(exc))
                 continue
             files = (*table_paths(npy), sidecar_path(npy), delta_path(npy) / "data.mdb")
-            out.append((generation, *(_file_identity(path) for path in files)))
-        return tuple(out)
+            identities = [_file_identity(path) for path in files]
+            settled &= all(i is None or now - i[3] >= SETTLED_NS for i in identities)
+            out.append((generation, *identities))
+        return tuple(out), settled
 
     def _refused(self, reasons: list[str]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
