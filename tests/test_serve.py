@@ -623,6 +623,60 @@ def test_a_failed_pass_is_checked_again_once_the_table_is_reopened_on_another_fi
         served.close()
 
 
+def test_a_pass_that_failed_over_a_version_replaced_meanwhile_is_checked_again(
+    tmp_path, monkeypatch
+):
+    """A pass under way when the table was reopened on a new version (a compaction) failed over
+    the old version's file, no longer served: with no failure known at the swap, nothing
+    checked the table again, and /healthz said 503 until the next pass, an hour later. A pass
+    that fails over a file a reload replaced meanwhile is checked again within a second."""
+    import threading
+
+    from tiered_store import TieredStore
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.serve import served_model
+    from tiered_store.table_format import read_manifest
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, checkpoint={"scrub_interval_s": 3600}))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    stop = threading.Event()
+    scrubber = None
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        with TieredStore.open({"table": {"path": str(table)}}) as writer:
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        compact_table(table, progress=False)  # generation 1; 0 stays while served
+        manifest = read_manifest(table)
+        with open(table, "r+b") as f:  # the old version goes bad (row 0: no lookup reads it)
+            f.seek(manifest.data_offset)
+            byte = f.read(1)
+            f.seek(manifest.data_offset)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        real = served_model.verify_counted
+
+        def reloaded_as_it_starts(path, health, stop=None):  # the pass reads the old file
+            monkeypatch.setattr(served_model, "verify_counted", real)
+            assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+            return real(path, health, stop)
+
+        monkeypatch.setattr(served_model, "verify_counted", reloaded_as_it_starts)
+        assert served.verify_tables({"engram_layer3"}) == ["engram_layer3"]
+        health = served.health["engram_layer3"]
+        assert health.last_error is not None and served.stores["engram_layer3"].generation == 1
+        scrubber = served.start_scrub(stop)
+        deadline = time.monotonic() + 15
+        while health.last_error is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health.last_error is None and health.verifications == 2
+    finally:
+        stop.set()
+        if scrubber is not None:
+            scrubber.join(timeout=30)
+        served.close()
+
+
 def test_a_checksum_pass_ends_once_the_server_stops_and_counts_nothing(tmp_path):
     """The scrubber's pass ran to its end whatever the stop: the server's stop waited up to
     30 s for it and then closed the tables under it. A pass ends once the stop is set, with no

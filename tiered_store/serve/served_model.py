@@ -479,8 +479,7 @@ class ServedModel:
         old = {name: self.stores[name] for name in opened}
         carried = {name: store.cold.checksum_failures for name, store in old.items()}
         for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
-            another = opened[name].cold.path != store.cold.path or store.cold.replaced()
-            if another and self.health[name].last_error is not None:
+            if _another_file(store, opened[name]) and self.health[name].last_error is not None:
                 with self._scrub_again_lock:
                     self._scrub_again.add(name)
         for name, count in carried.items():  # the counter goes on, before a scrape sees it
@@ -832,7 +831,8 @@ class ServedModel:
     def start_scrub(self, stop: threading.Event) -> threading.Thread:
         """A thread re-verifying every table this process serves (its shards, on a rank) every
         ``checkpoint.scrub_interval_s`` seconds, until ``stop``; started. A table whose last pass
-        failed is verified again within a second once a reload reopened it on another file.
+        failed is verified again within a second once a reload reopened it on another file (before
+        the pass ended, or after).
         Over sharded tables the other ranks publish their failed passes, and rank 0 reads them
         (``watch_ranks``)."""
         interval = self.config.checkpoint.scrub_interval_s
@@ -906,20 +906,25 @@ class ServedModel:
     ) -> list[str]:
         """One checksum pass over every table (or those in ``names``), counted in ``health``;
         the tables that failed. Once ``stop`` is set the pass ends at its next read, the table
-        being read and those after it not counted."""
+        being read and those after it not counted. One that failed over a file a reload
+        replaced meanwhile is checked again by the scrubber (that verdict was on a file no
+        longer served)."""
         failed = []
         for layer in self.layer_ids:
             name = self.config.table_name(layer)
             if names is not None and name not in names:
                 continue
+            store = self.stores[name]
             try:
-                report = verify_counted(
-                    self.served_file(self.stores[name]), self.health[name], stop
-                )
+                report = verify_counted(self.served_file(store), self.health[name], stop)
             except VerifyStopped:
                 break
             if report is None:
                 failed.append(name)
+                now = self.stores[name]
+                if now is not store and _another_file(store, now):
+                    with self._scrub_again_lock:
+                        self._scrub_again.add(name)
         return failed
 
     def close(self) -> None:
@@ -1003,6 +1008,12 @@ class RequestGate:
             with self._cond:
                 self._exclusive = False
                 self._cond.notify_all()
+
+
+def _another_file(old: Any, new: Any) -> bool:
+    """Whether store ``new``, reopened over ``old``, reads another file (a new version, a table
+    made anew), not the same one after a writer's commit."""
+    return new.cold.path != old.cold.path or old.cold.replaced()
 
 
 def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
