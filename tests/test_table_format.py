@@ -369,6 +369,31 @@ def test_a_table_made_anew_as_its_verification_starts_is_not_called_corrupt(
     assert verify_table(path, progress=False).blocks_checked == 49
 
 
+def test_a_table_made_anew_of_another_shape_as_its_check_starts_is_not_called_corrupt(
+    tmp_path, monkeypatch
+):
+    """A table made anew with other rows between the structure check's read of the manifest
+    and its open of the data file: the old manifest was checked against the new data file, and
+    verify_table said ".npy header shape (2000, 50) != manifest shape (1000, 50)" of a sound
+    table (serve's scrubber counted a checksum failure). It verifies the table as it is then."""
+    import tiered_store.table_format as table_format
+
+    path, _ = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=8192)
+    real, replaced = table_format.read_manifest, []
+
+    def read_then_made_anew(*args, **kwargs):
+        manifest = real(*args, **kwargs)
+        if not replaced:  # once the first read is done
+            replaced.append(True)
+            source = RandomSource(2000, 50, seed=2)
+            create_table(path, source, progress=False, overwrite=True, block_bytes=8192)
+        return manifest
+
+    monkeypatch.setattr(table_format, "read_manifest", read_then_made_anew)
+    assert verify_table(path, progress=False).bytes_checked == 2000 * 50 * 4
+    assert replaced
+
+
 def test_a_verification_stops_between_reads_once_asked(tmp_path, monkeypatch):
     """serve's scrubber could not end a pass under way: a stop waited up to 30 s for it (a
     101 GB table takes about a minute), then closed the tables with the pass still reading. A

@@ -476,6 +476,13 @@ def check_table(path: str | os.PathLike[str]) -> TableManifest:
     """
     npy_path, _ = table_paths(path)
     manifest = read_manifest(npy_path)
+    _check_data_file(npy_path, manifest)
+    return manifest
+
+
+def _check_data_file(npy_path: Path, manifest: TableManifest) -> None:
+    """``check_table``'s check of the data file (its ``.npy`` header and size) against
+    ``manifest``."""
     try:
         with open(npy_path, "rb") as f:
             shape, fortran, descr, data_offset = _read_npy_header(f, npy_path)
@@ -510,7 +517,6 @@ def check_table(path: str | os.PathLike[str]) -> TableManifest:
             f"{where}: file is {kind}: size {size} bytes, expected {manifest.file_bytes} "
             f"(data_offset {manifest.data_offset} + {manifest.rows} rows x {manifest.row_bytes} B)"
         )
-    return manifest
 
 
 def create_table(
@@ -724,15 +730,16 @@ def verify_table(
     """
     npy_path, _ = table_paths(path)
     for _ in range(VERIFY_ATTEMPTS):
-        manifest = check_table(npy_path)
+        manifest = read_manifest(npy_path)
         try:
+            _check_data_file(npy_path, manifest)  # check_table's, against the manifest read
             entry = manifest.page_checksums
             sums = load_page_checksums(npy_path, entry) if entry is not None else None
             f = open(npy_path, "rb", buffering=0)  # noqa: SIM115 (closed below)
         except (TableFormatError, OSError):
             if _manifest_unchanged(npy_path, manifest):
                 raise
-            continue  # made anew meanwhile: its new sidecar or data were read
+            continue  # made anew meanwhile: its new data file, or sidecar, was read
         with f:
             if not _manifest_unchanged(npy_path, manifest):  # the file open may be the new one
                 continue
