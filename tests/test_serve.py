@@ -870,6 +870,61 @@ def test_a_refused_version_is_not_opened_again_until_its_files_change(tmp_path, 
         served.close()
 
 
+def test_a_refused_version_is_not_opened_again_at_each_commit_to_another_table(
+    tmp_path, monkeypatch
+):
+    """A refused version was remembered by the files of every table stale with it: a writer
+    committing to another table changed them, and both tables' new versions were opened again
+    at each of its commits (a whole store each, beside the old ones), the refused one to be
+    refused again and the other with it. A refusal is remembered per table: while the refused
+    table's files stay, no store is opened for a reload it is part of."""
+    import os
+
+    from tiered_store import TieredStore
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.engram.hashing import NgramHasher
+    from tiered_store.engram.model import ModelConfig
+    from tiered_store.page_checksums import sidecar_path
+    from tiered_store.table_format import create_table, table_paths
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    opened: list[str] = []
+    real_init = TieredStore.__init__
+
+    def counted_init(self, store_config, *args, **kwargs) -> None:
+        opened.append(Path(store_config.table.path).name)
+        real_init(self, store_config, *args, **kwargs)
+
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        seeded = ModelConfig.from_dict(
+            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
+        )
+        store = served.stores["engram_layer3"]
+        rows = np.ones((store.rows, store.dim), np.float32)
+        other = table_metadata(NgramHasher(seeded.engram), 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=other)
+        then = time.time_ns() - 10**10  # written a while ago: a refusal of them is remembered
+        for path in (*table_paths(table), sidecar_path(table)):
+            os.utime(path, ns=(then, then))
+        assert served.reload_if_stale(force_check=True) == []
+        monkeypatch.setattr(TieredStore, "__init__", counted_init)
+        for step in range(2):  # a trainer commits to the other table
+            with TieredStore.open({"table": {"path": str(config.table_path(1))}}) as writer:
+                writer.write([step], torch.zeros(1, writer.dim))
+                writer.commit()
+            opened.clear()
+            assert served.reload_if_stale(force_check=True) == []
+            assert opened == [], step
+            assert "expects seed=0" in (served.reload_refused or "")
+        assert served.health["engram_layer3"].reload_failures == 3
+        assert served.health["engram_layer1"].reload_failures == 2
+    finally:
+        served.close()
+
+
 def test_a_refused_version_repaired_within_its_mtime_tick_is_opened_again(tmp_path):
     """A refused version was not opened again until its files' (inode, size, mtime) changed: a
     damaged file repaired in place within the same tick of a coarse file clock (1 to 2 s on

@@ -223,8 +223,9 @@ class ServedModel:
             self._scrub_again: set[str] = set()
             self._scrub_again_lock = threading.Lock()
             self.reload_refused: str | None = None  # why new versions are not served (/healthz)
-            # (the refused versions' files, why): not opened again until those files change
-            self._refusal: tuple[tuple[Any, ...], str] | None = None
+            # table -> (its refused version's files, why): while they stay, no reload it is part
+            # of opens a store (it would be refused again, and the tables stale with it)
+            self._refusals: dict[str, tuple[Any, str]] = {}
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
             self.reloads = 0
@@ -346,13 +347,17 @@ class ServedModel:
         if not stale:
             self._refused(unreadable)
             return []
-        files, settled = self._version_files(stale)  # before the open: one made anew differs
-        if self._refusal is not None and self._refusal[0] == files:
-            for name in stale:  # refused as they are: no store opened beside the old one again
+        # before the open: one made anew meanwhile differs
+        files = {name: self._version_files(name) for name in stale}
+        for name in stale:
+            if name in self._refusals and self._refusals[name][0] != files[name][0]:
+                del self._refusals[name]  # its files changed: opened again
+        held = [self._refusals[name][1] for name in stale if name in self._refusals]
+        if held:  # refused as they are: no store opened beside the old ones again
+            for name in stale:
                 self.health[name].reload_failures += 1
-            self._refused([*unreadable, self._refusal[1]])
+            self._refused([*unreadable, f"{', '.join(stale)} ({'; '.join(held)})"])
             return []
-        self._refusal = None
         if self._outlasted & self._gate.in_flight():  # tried again once they end
             return []
         bound = self.config.server.request_timeout_s
@@ -373,9 +378,11 @@ class ServedModel:
                 return []
             self._outlasted = frozenset()
             opened: dict[str, TieredStore] = {}
+            refused: str | None = None  # the table whose new version failed to open
             try:  # all or nothing: every stale table's new store, checked, before any swap
-                for name in stale:
-                    opened[name] = self._open_new_version(name)
+                for refused in stale:
+                    opened[refused] = self._open_new_version(refused)
+                refused = None
                 # checks every table's geometry, then swaps them all
                 self.model.set_tables(self._guarded(opened))
             except (TieredStoreError, OSError) as exc:  # ConfigError: another geometry
@@ -390,16 +397,16 @@ class ServedModel:
                         self.converted_anew,
                     )
                     return []
-                refusal = f"{', '.join(stale)} ({error_text(exc)})"
-                # refused for what the files hold (not an I/O error, nor an old store left closed,
+                # refused for what its files hold (not an I/O error, nor an old store left closed,
                 # nor files just written: they may change again unseen by their identities)
                 if (
-                    isinstance(exc, (ConfigError, TableFormatError))
-                    and settled
+                    refused is not None
+                    and isinstance(exc, (ConfigError, TableFormatError))
+                    and files[refused][1]
                     and not any(self.stores[name].closed for name in stale)
                 ):
-                    self._refusal = (files, refusal)
-                self._refused([*unreadable, refusal])
+                    self._refusals[refused] = (files[refused][0], error_text(exc))
+                self._refused([*unreadable, f"{', '.join(stale)} ({error_text(exc)})"])
                 return []
             self._refused(unreadable)
             self._swap_in(opened)
@@ -412,25 +419,21 @@ class ServedModel:
             )
         return stale
 
-    def _version_files(self, names: list[str]) -> tuple[tuple[Any, ...], bool]:
-        """What the current versions of tables ``names`` are on disk: each one's generation and
-        the identities of its data file, manifest, page checksums and delta (a table made anew,
+    def _version_files(self, name: str) -> tuple[Any, bool]:
+        """What the current version of table ``name`` is on disk: its generation and the
+        identities of its data file, manifest, page checksums and delta (a table made anew,
         compacted, given other metadata or committed to changes it); and whether every file was
         last modified ``SETTLED_NS`` or more before (a later write within its mtime's tick would
         keep its identity)."""
-        out: list[Any] = []
-        now, settled = time.time_ns(), True
-        for name in names:
-            try:
-                npy, generation = current_version(self.stores[name].config.table.path)
-            except (TieredStoreError, OSError) as exc:
-                out.append(error_text(exc))
-                continue
-            files = (*table_paths(npy), sidecar_path(npy), delta_path(npy) / "data.mdb")
-            identities = [_file_identity(path) for path in files]
-            settled &= all(i is None or now - i[3] >= SETTLED_NS for i in identities)
-            out.append((generation, *identities))
-        return tuple(out), settled
+        now = time.time_ns()
+        try:
+            npy, generation = current_version(self.stores[name].config.table.path)
+        except (TieredStoreError, OSError) as exc:
+            return error_text(exc), False
+        files = (*table_paths(npy), sidecar_path(npy), delta_path(npy) / "data.mdb")
+        identities = [_file_identity(path) for path in files]
+        settled = all(i is None or now - i[3] >= SETTLED_NS for i in identities)
+        return (generation, *identities), settled
 
     def _refused(self, reasons: list[str]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
