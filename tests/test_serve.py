@@ -677,6 +677,46 @@ def test_a_pass_that_failed_over_a_version_replaced_meanwhile_is_checked_again(
         served.close()
 
 
+def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
+    """The scrubber verified the file a table's path names, not the one served: a damaged table
+    made anew over the path, and refused at reload (another layout), was found corrupt and
+    turned /healthz 503, while the server served the old file, whole (a refused version is a
+    warning: still 200). Such a table has no verdict until a reload serves the new file."""
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.engram.hashing import NgramHasher
+    from tiered_store.engram.model import ModelConfig
+    from tiered_store.table_format import create_table, read_manifest
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        seeded = ModelConfig.from_dict(
+            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
+        )
+        store = served.stores["engram_layer3"]
+        rows = np.ones((store.rows, store.dim), np.float32)
+        other = table_metadata(NgramHasher(seeded.engram), 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=other)
+        manifest = read_manifest(table)
+        with open(table, "r+b") as f:  # and damaged
+            f.seek(manifest.data_offset)
+            f.write(b"\xff")
+        assert served.reload_if_stale(force_check=True) == []
+        assert "expects seed=0" in (served.reload_refused or "")
+        assert served.verify_tables() == []
+        health = served.health["engram_layer3"]
+        assert (health.verifications, health.last_error) == (0, None)
+        assert served.health["engram_layer1"].verifications == 1
+        layout = table_metadata(served.model.hasher, 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=layout)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert served.verify_tables() == [] and health.verifications == 1
+    finally:
+        served.close()
+
+
 def test_a_checksum_pass_ends_once_the_server_stops_and_counts_nothing(tmp_path):
     """The scrubber's pass ran to its end whatever the stop: the server's stop waited up to
     30 s for it and then closed the tables under it. A pass ends once the stop is set, with no

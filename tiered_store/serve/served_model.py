@@ -911,13 +911,18 @@ class ServedModel:
         the tables that failed. Once ``stop`` is set the pass ends at its next read, the table
         being read and those after it not counted. One that failed over a file a reload
         replaced meanwhile is checked again by the scrubber (that verdict was on a file no
-        longer served)."""
+        longer served); one whose path names a file it does not serve (made anew, not reopened
+        on it: refused, or not yet) has no verdict, and is checked again once it is."""
         failed = []
         for layer in self.layer_ids:
             name = self.config.table_name(layer)
             if names is not None and name not in names:
                 continue
             store = self.stores[name]
+            if store.cold.replaced():  # the old file is served: the new one is the reload's to
+                with self._scrub_again_lock:  # judge (a refused version is a warning)
+                    self._scrub_again.add(name)
+                continue
             try:
                 report = verify_counted(self.served_file(store), self.health[name], stop)
             except VerifyStopped:
