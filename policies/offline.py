@@ -23,9 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
+from .errors import PolicyError, check_int_option
+
 DENSE_ID_LIMIT = 1 << 27  # ids below this index arrays directly; above: renumbered 0..distinct-1
 
-__all__ = ["Belady", "OfflineBound", "StaticTopK", "static_topk_misses"]
+__all__ = ["Belady", "OfflineBound", "StaticTopK", "static_topk_misses", "whole_capacities"]
 
 
 class OfflineBound:
@@ -78,7 +80,9 @@ class Belady(OfflineBound):
     name = "belady"
 
     def __init__(self, *, bypass: bool = True, workers: int | None = None) -> None:
-        self.bypass = bypass
+        self.bypass = _check_flag(self.name, "bypass", bypass)
+        if workers is not None:
+            check_int_option(self.name, "workers", workers, 1)
         self.workers = workers
         self.method = "Belady MIN" + (" with bypass" if bypass else " (demand paging)")
 
@@ -89,7 +93,7 @@ class Belady(OfflineBound):
             return np.zeros(caps.size, dtype=np.int64)
         nxt = next_use_index(dense, n_ids)
         distinct = int(np.count_nonzero(np.bincount(dense, minlength=1)))
-        bypass = bool(self.bypass)
+        bypass = self.bypass
 
         def run(capacity: int) -> int:
             if capacity >= distinct:
@@ -127,7 +131,7 @@ class StaticTopK(OfflineBound):
     method = "static top-K by true frequency"
 
     def __init__(self, *, preloaded: bool = True) -> None:
-        self.preloaded = preloaded
+        self.preloaded = _check_flag(self.name, "preloaded", preloaded)
 
     def misses(self, ids: np.ndarray, capacities: Sequence[int] | np.ndarray) -> np.ndarray:
         caps = _check_capacities(self.name, capacities)
@@ -161,22 +165,49 @@ def static_topk_misses(counts: np.ndarray, *, preloaded: bool = True) -> np.ndar
     return int(counts.sum()) - hits
 
 
+def whole_capacities(capacities: object, what: str = "capacities") -> np.ndarray:
+    """``capacities`` as int64; a PolicyError naming ``what`` for a value that is not a whole
+    number of rows (a cast would truncate 2.5 to 2, and take True as 1)."""
+    caps = np.asarray(capacities)
+    if caps.dtype.kind in "iu":
+        return np.asarray(caps, dtype=np.int64)  # no copy of an int64 curve's capacities
+    flat = caps.reshape(-1)
+    if caps.dtype.kind == "f":
+        whole = np.isfinite(flat) & (flat == np.rint(flat)) & (np.abs(flat) < 2.0**63)
+    else:  # bools, objects, strings
+        whole = np.zeros(flat.size, dtype=bool)
+    if not whole.all():
+        bad = flat[int(np.argmin(whole))]
+        bad = bad.item() if isinstance(bad, np.generic) else bad
+        raise PolicyError(f"{what}: got {bad!r}; expected whole numbers of rows")
+    return caps.astype(np.int64)
+
+
+def _check_flag(name: str, option: str, value: object) -> bool:
+    """``value`` of ``name``'s ``option`` if it is a bool, else a PolicyError naming both."""
+    if not isinstance(value, bool | np.bool_):
+        raise PolicyError(f"{name} {option}: got {value!r}; expected True or False")
+    return bool(value)
+
+
 def _check_capacities(name: str, capacities: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Capacities as a flat int64 array; negative ones are an error naming the bound."""
-    caps = np.asarray(capacities, dtype=np.int64).reshape(-1)
+    """Capacities as a flat int64 array; one that is not a whole number of rows >= 0 is a
+    PolicyError naming the bound and the value."""
+    caps = whole_capacities(capacities, f"{name}: capacities").reshape(-1)
     if caps.size and caps.min() < 0:
-        raise ValueError(f"{name}: capacities must be >= 0; got {int(caps.min())}")
+        raise PolicyError(f"{name}: capacities must be >= 0; got {int(caps.min())}")
     return caps
 
 
 def _check_ids(name: str, ids: np.ndarray) -> np.ndarray:
-    """Row ids as a flat contiguous int64 array; other dtypes and negative ids are errors."""
+    """Row ids as a flat contiguous int64 array; other dtypes and negative ids are PolicyErrors
+    naming the bound."""
     ids = np.asarray(ids).reshape(-1)
     if ids.dtype.kind not in "iu":
-        raise ValueError(f"{name}: row ids of dtype {ids.dtype}; expected integers")
+        raise PolicyError(f"{name}: row ids of dtype {ids.dtype}; expected integers")
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if ids.size and ids.min() < 0:
-        raise ValueError(f"{name}: row id {int(ids.min())}; expected row ids >= 0")
+        raise PolicyError(f"{name}: row id {int(ids.min())}; expected row ids >= 0")
     return ids
 
 

@@ -33,7 +33,8 @@ from policies import (
 )
 from policies.base import AdmissionPolicy
 from policies.errors import PolicyError
-from policies.registry import ADMISSION, register_admission
+from policies.offline import Belady, StaticTopK
+from policies.registry import ADMISSION, offline_bound, register_admission
 from policies.tinylfu import mix64, mix64_int, row_seeds
 from tests.conftest import check_cache_invariants, run_batch
 from tiered_store.cache_plan import parse_policy
@@ -883,3 +884,35 @@ def test_lru_smallest_keys_threshold_equals_topk(n):
     want_keys, want_slots = EvictionPolicy.smallest_keys(lru, n, protected)
     assert torch.equal(keys, want_keys) and torch.equal(slots, want_slots)
     assert not protected[slots].any()
+
+
+@pytest.mark.parametrize("bound", ["belady", "static-topk"])
+@pytest.mark.parametrize("capacity", [2.5, True, "2", -1])
+def test_an_offline_capacity_that_is_not_a_whole_number_of_rows_is_a_policy_error(bound, capacity):
+    """A capacity of 2.5 was truncated to 2 (True to 1), and a negative one or a row id that is
+    not an integer was a bare ValueError: each is a PolicyError naming the bound and the value."""
+    ids = np.array([1, 2, 3, 1, 2, 3])
+    with pytest.raises(PolicyError, match=rf"^{bound}: capacities.*got {capacity!r}"):
+        offline_bound(bound).misses(ids, [capacity])
+    with pytest.raises(PolicyError, match=rf"^{bound}: row ids of dtype float64; expected"):
+        offline_bound(bound).misses(ids.astype(float), [1])
+    whole = offline_bound(bound).misses(ids, np.array([1.0, 2.0]))  # floats of whole rows
+    assert whole.tolist() == ([5, 4] if bound == "belady" else [4, 2])
+
+
+@pytest.mark.parametrize(
+    ("make", "option", "value"),
+    [
+        (lambda v: Belady(bypass=v), "bypass", "no"),
+        (lambda v: Belady(bypass=v), "bypass", 0),
+        (lambda v: StaticTopK(preloaded=v), "preloaded", "False"),
+        (lambda v: Belady(workers=v), "workers", 0),
+        (lambda v: Belady(workers=v), "workers", 2.5),
+    ],
+)
+def test_an_offline_option_of_the_wrong_kind_is_a_policy_error_naming_it(make, option, value):
+    """``bypass`` and ``preloaded`` took any truthy value ('no' and 'False' meant True), and
+    ``workers`` 0 or 2.5 meant the default or failed in the thread pool: each is refused when the
+    bound is made, naming the bound, the option and the value."""
+    with pytest.raises(PolicyError, match=rf"^[a-z-]+ {option}: got {value!r}; expected"):
+        make(value)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from policies.offline import Belady, OfflineBound, StaticTopK, static_topk_misses
+from policies.offline import whole_capacities as _whole_capacities
 from policies.registry import offline_bound
 from tiered_store.errors import LimitError, RowIdError
 from tiered_store.profile import FrequencyProfile
@@ -463,24 +464,6 @@ def compact_time_axis(
 def _ratio(misses: np.ndarray, lookups: int) -> np.ndarray:
     """misses / lookups; all ones for an empty trace (nothing can hit)."""
     return misses / lookups if lookups else np.ones(misses.size)
-
-
-def _whole_capacities(capacities: Any, what: str = "capacities") -> np.ndarray:
-    """``capacities`` as int64; refuses values that are not whole numbers of rows (a cast would
-    truncate 2.5 to 2)."""
-    caps = np.asarray(capacities)
-    if caps.dtype.kind in "iu":
-        return np.asarray(caps, dtype=np.int64)  # no copy of an int64 curve's capacities
-    flat = caps.reshape(-1)
-    if caps.dtype.kind == "f":
-        whole = np.isfinite(flat) & (flat == np.rint(flat)) & (np.abs(flat) < 2.0**63)
-    else:  # bools, objects, strings
-        whole = np.zeros(flat.size, dtype=bool)
-    if not whole.all():
-        bad = flat[int(np.argmin(whole))]
-        bad = bad.item() if isinstance(bad, np.generic) else bad
-        raise ValueError(f"{what}: got {bad!r}; expected whole numbers of rows")
-    return caps.astype(np.int64)
 
 
 def _capacity_grid(capacities: Sequence[int] | np.ndarray) -> np.ndarray:
