@@ -95,12 +95,13 @@ def spec_grammar() -> str:
     """What a policy spec may be, for error messages.
 
     >>> print(spec_grammar())
-    an eviction policy (fifo, lfu, lru, sieve), optionally with 'static+' before it and an admission filter (+tinylfu) after it, or zipf-tuned (+ an eviction policy)
+    an eviction policy (fifo, lfu, lru, sieve), optionally with 'static+' before it and an admission filter (+tinylfu) after it, or zipf-tuned, optionally with an eviction policy (lru by default) and an admission filter (+tinylfu) after it
     """
     filters = ", ".join(f"+{name}" for name in sorted(ADMISSION) if name != "all")
     return (
         f"an eviction policy ({', '.join(sorted(EVICTION))}), optionally with 'static+' before it "
-        f"and an admission filter ({filters}) after it, or zipf-tuned (+ an eviction policy)"
+        f"and an admission filter ({filters}) after it, or zipf-tuned, optionally with an "
+        f"eviction policy (lru by default) and an admission filter ({filters}) after it"
     )
 
 
@@ -141,7 +142,7 @@ class PolicySpec:
         if not isinstance(text, str) or not text.strip():
             raise PolicyError(f"policy {text!r}: expected a policy name like 'lru' or 'static+lru'")
         eviction, admission, static, tuned = None, "all", False, False
-        admission_named = False
+        admission_named, modifier = False, None
         for part in (p.strip().lower() for p in text.split("+")):
             if part in EVICTION:
                 if eviction is not None:
@@ -151,10 +152,13 @@ class PolicySpec:
                 if admission_named:
                     raise PolicyError(f"policy {text!r} names two admission filters; expected one")
                 admission, admission_named = part, True
-            elif part == "static":
-                static = True
-            elif part == "zipf-tuned":
-                static = tuned = True
+            elif part in MODIFIERS:
+                if modifier is not None:
+                    raise PolicyError(
+                        f"policy {text!r} names two modifiers ({modifier!r} and {part!r}); "
+                        "expected at most one"
+                    )
+                modifier, static, tuned = part, True, part == "zipf-tuned"
             elif part in OFFLINE:
                 raise PolicyError(
                     f"{part!r} is an offline bound, usable in replay only; "

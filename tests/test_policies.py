@@ -681,6 +681,38 @@ def test_admission_alone_or_two_evictions_or_two_filters_is_an_error(bad):
         parse_policy(bad, key="tiers.warm.policy")
 
 
+@pytest.mark.parametrize(
+    ("bad", "first", "second"),
+    [
+        ("static+static+lru", "static", "static"),
+        ("zipf-tuned+zipf-tuned", "zipf-tuned", "zipf-tuned"),
+        ("static+zipf-tuned+lru", "static", "zipf-tuned"),
+        ("zipf-tuned+lru+static", "zipf-tuned", "static"),
+    ],
+)
+def test_a_repeated_or_second_modifier_is_an_error(bad, first, second):
+    """'static+static+lru' was taken as 'static+lru', and 'static+zipf-tuned+lru' as
+    'zipf-tuned' (the 'static' dropped): a spec names at most one modifier."""
+    with pytest.raises(
+        PolicyError,
+        match=rf"^policy '{re.escape(bad)}' names two modifiers \('{first}' and '{second}'\); "
+        "expected at most one",
+    ):
+        PolicySpec.parse(bad)
+
+
+def test_the_spec_grammar_says_zipf_tuned_takes_an_admission_filter():
+    """An unknown part's message listed what a spec may be without zipf-tuned's '+tinylfu',
+    which it takes."""
+    assert PolicySpec.parse("zipf-tuned+tinylfu").text == "zipf-tuned+tinylfu"
+    with pytest.raises(
+        PolicyError,
+        match=r"or zipf-tuned, optionally with an eviction policy "
+        r"\(lru by default\) and an admission filter \(\+tinylfu\) after it$",
+    ):
+        PolicySpec.parse("zipf-tuned+lruu")
+
+
 def test_bad_policy_parameters_are_policy_errors():
     with pytest.raises(PolicyError, match="tinylfu max_count: got 0; expected 1..255"):
         TinyLFU(num_rows=10, capacity=4, max_count=0)
