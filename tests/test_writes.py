@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests import forkserver
-from tests.conftest import make_table, store_config
+from tests.conftest import check_cache_invariants, make_table, store_config
 from tiered_store import TieredStore, create_table
 from tiered_store.delta.compaction import compact_table
 from tiered_store.delta.row_delta import RowDelta, delta_path
@@ -1334,3 +1334,40 @@ def test_a_commit_over_staged_records_is_refused_and_keeps_the_writes(tmp_path):
     with TieredStore(store_config(path)) as store:
         assert store.committed_step == 3 and store.staged_step is None
         assert store.lookup([2, 5])[:, 0].tolist() == [2.0, 7.0]
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_a_hot_admission_that_raises_leaves_no_warm_slot_without_its_row(tmp_path, written):
+    """The hot tier's admission raised (its spill of dirty victims, or its admission filter, out
+    of memory) after the warm tier had admitted the batch's rows from cold but before their rows
+    were written there: warm then served the evicted rows' payload for them, wrong rows for
+    good. Each tier's rows are now written as soon as it has admitted them."""
+    path, table = make_table(tmp_path, rows=300, dim=8)
+    hot = {"capacity": 8} if written else {"capacity": 8, "policy": "lru+tinylfu"}
+    cfg = store_config(path, hot=hot, warm={"capacity": 16})
+    reference = table.clone()
+    with TieredStore(cfg) as store:
+        if written:
+            store.write(torch.tensor([0]), torch.ones(1, 8))
+            reference[0] = 1
+        assert torch.equal(store.lookup(torch.arange(40)), reference[:40])  # both tiers full
+
+        def out_of_memory(*args):
+            raise MemoryError("out of memory in the hot tier's admission")
+
+        if written:
+            store.hot.before_evict, kept = out_of_memory, store.hot.before_evict
+        else:
+            store.hot.admission.admit, kept = out_of_memory, store.hot.admission.admit
+        with pytest.raises(MemoryError):
+            store.lookup(torch.arange(100, 110))
+        if written:
+            store.hot.before_evict = kept
+        else:
+            store.hot.admission.admit = kept
+        check_cache_invariants(store.hot)
+        check_cache_invariants(store.warm)
+        assert torch.equal(store.lookup(torch.arange(100, 110)), reference[100:110])
+        assert torch.equal(store.lookup(torch.arange(300)), reference)
+        if written:
+            store.commit()

@@ -297,19 +297,29 @@ class CacheHierarchy:
 
     def admit(self, plan: LookupPlan, lookahead: torch.Tensor | None = None) -> AdmitPlan:
         """Admit rows read from cold into warm, and every hot miss into hot, as the policies allow.
-        Rows in ``lookahead`` (ids queued batches will use) are not chosen as victims."""
+        Rows in ``lookahead`` (ids queued batches will use) are not chosen as victims. A store
+        writes each tier's rows before the next tier admits (:meth:`admit_warm`, then
+        :meth:`admit_hot`): a hot admission that raises leaves no warm slot without its row."""
+        warm_src, warm_slots = self.admit_warm(plan, lookahead)
+        return AdmitPlan(warm_src, warm_slots, *self.admit_hot(plan, lookahead))
+
+    def admit_warm(
+        self, plan: LookupPlan, lookahead: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`admit`'s warm half: (positions in ``plan.unique_ids`` admitted, warm slots)."""
         warm_pos, warm_slots = self.warm.admit(
             plan.cold_ids,
             torch.index_select(plan.counts, 0, plan.cold_idx),
             lookahead,
             plan.warm_window,
         )
-        hot_src, hot_slots = self.hot.admit(
-            plan.unique_ids, plan.counts, lookahead, plan.hot_window
-        )
-        return AdmitPlan(
-            torch.index_select(plan.cold_idx, 0, warm_pos.cpu()), warm_slots, hot_src, hot_slots
-        )
+        return torch.index_select(plan.cold_idx, 0, warm_pos.cpu()), warm_slots
+
+    def admit_hot(
+        self, plan: LookupPlan, lookahead: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`admit`'s hot half: (positions in ``plan.unique_ids`` admitted, hot slots)."""
+        return self.hot.admit(plan.unique_ids, plan.counts, lookahead, plan.hot_window)
 
 
 def parse_policy(text: str, *, key: str) -> PolicySpec:

@@ -899,11 +899,12 @@ class TieredStore:
                     elif plan.cold_idx.numel():
                         self._writes.overlay(plan.cold_ids, staged, plan.cold_idx)
                     device_rows = staged.to(self.device, non_blocking=True)
-                admitted = self.caches.admit(plan, lookahead)
-                self.warm_pool.write(admitted.warm_slots, staged.index_select(0, admitted.warm_src))
-                self.hot_pool.write(
-                    admitted.hot_slots, device_rows.index_select(0, admitted.hot_src)
-                )
+                # each tier's rows written before the next admits: one whose admission raises
+                # (out of memory spilling dirty victims) leaves no slot without its row
+                warm_src, warm_slots = self.caches.admit_warm(plan, lookahead)
+                self.warm_pool.write(warm_slots, staged.index_select(0, warm_src))
+                hot_src, hot_slots = self.caches.admit_hot(plan, lookahead)
+                self.hot_pool.write(hot_slots, device_rows.index_select(0, hot_src))
             out.index_copy_(0, plan.miss_pos, device_rows.index_select(0, plan.inverse))
         if self._repin_wanted is not None and self.caches.repin_worth_waking():
             self._repin_wanted.set()  # after this batch's admissions, where replay re-pins
