@@ -355,3 +355,49 @@ def test_an_eviction_hook_that_raises_leaves_the_tier_as_before_the_admission(sp
         if not spec.startswith("sieve"):  # SIEVE's hand moved on over the victims it chose
             assert torch.equal(failing.row_of_slot, twin.row_of_slot)
     assert failing.occupancy == twin.occupancy > 8  # its free slots were filled again
+
+
+def _raise_once(owner: object, name: str) -> None:
+    """``owner.name`` raises MemoryError on its next call (out of memory there), then works."""
+    real = getattr(owner, name)
+    calls = []
+
+    def once(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise MemoryError(f"out of memory in {name}")
+        return real(*args, **kwargs)
+
+    setattr(owner, name, once)
+
+
+@pytest.mark.parametrize("spec", ["lru", "lfu", "sieve", "lru+tinylfu", "static+lru"])
+@pytest.mark.parametrize("index", ["dense", "hashed"])
+@pytest.mark.parametrize("where", ["index.delete", "index.set", "eviction.on_insert"])
+def test_an_admission_that_raises_once_rows_moved_leaves_its_slots_empty(spec, index, where):
+    """Past the eviction hook (dirty victims written back) an admission that raised (out of
+    memory in the index or the policy) left victims dropped from the index but still owning
+    their slots, free slots taken and empty, or rows SIEVE never queued (every later eviction
+    then 'fewer than n evictable slots'); the store then writes no row into those slots. Its
+    slots are now left empty and free: victims evicted, new rows not cached, the tier goes on."""
+    cache = RowCache(
+        "warm", num_rows=60, capacity=12, spec=PolicySpec.parse(spec), index=index,
+        evict_headroom=0.25,
+    )  # fmt: skip
+    cache.preload(torch.tensor([50, 51]), pin=True)
+    for batch in ([1, 2, 3], [4, 5, 1, 6], [7, 8, 9, 10, 11, 12]):
+        run_batch(cache, batch)
+    held_before = set(cache.row_of_slot[cache.row_of_slot >= 0].tolist())
+    owner, name = where.split(".")
+    _raise_once(getattr(cache, owner), name)
+    with pytest.raises(MemoryError):
+        run_batch(cache, [20, 21, 22, 23, 24, 1])
+    _check_invariants(cache)
+    held = set(cache.row_of_slot[cache.row_of_slot >= 0].tolist())
+    assert held < held_before and not held & {20, 21, 22, 23, 24}  # nothing new, victims gone
+    assert cache.occupancy == len(held)
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        run_batch(cache, rng.integers(0, 40, 7).tolist())
+        _check_invariants(cache)
+    assert cache.occupancy >= 12 - cache.headroom_rows  # its slots filled again

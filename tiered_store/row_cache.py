@@ -376,22 +376,26 @@ class RowCache:
             except BaseException:  # (the write-back's spill out of memory): no row has moved
                 self._untake(slots, victim_rows, extra)
                 raise
-        evicted = torch.cat([victim_rows, torch.index_select(self.row_of_slot, 0, extra)])
-        held = nonzero(evicted >= 0)
-        evicted = torch.index_select(evicted, 0, held)
-        if self.online is not None:
-            self.online.evicted(torch.index_select(torch.cat([slots, extra]), 0, held), evicted)
-        self._evict(evicted, extra)
-        self.index.set(new_ids, slots)
-        self.row_of_slot.index_copy_(0, slots, new_ids)
-        if self._next_use is not None:
-            self._next_use[extra] = NOT_QUEUED
-            self._next_use[slots] = self.queue.next_use(new_ids)
-            self._note_queued(slots)
-        self.eviction.on_insert(slots)
-        self._queue_changed(slots)
-        if self.online is not None:
-            self.online.admitted(slots, new_ids, looked_up=True, window=window)
+        old_rows = torch.cat([victim_rows, torch.index_select(self.row_of_slot, 0, extra)])
+        try:
+            held = nonzero(old_rows >= 0)
+            evicted = torch.index_select(old_rows, 0, held)
+            if self.online is not None:
+                self.online.evicted(torch.index_select(torch.cat([slots, extra]), 0, held), evicted)
+            self._evict(evicted, extra)
+            self.index.set(new_ids, slots)
+            self.row_of_slot.index_copy_(0, slots, new_ids)
+            if self._next_use is not None:
+                self._next_use[extra] = NOT_QUEUED
+                self._next_use[slots] = self.queue.next_use(new_ids)
+                self._note_queued(slots)
+            self.eviction.on_insert(slots)
+            self._queue_changed(slots)
+            if self.online is not None:
+                self.online.admitted(slots, new_ids, looked_up=True, window=window)
+        except BaseException:  # (out of memory) once rows began to move: no slot keeps a row
+            self._abandon(torch.cat([slots, extra]), torch.cat([old_rows, new_ids]))
+            raise
         self.counters.admissions += cand.numel()
         return cand, slots
 
@@ -625,6 +629,22 @@ class RowCache:
         self.eviction.on_reinstate(victims)
         self._queue_changed(victims)
         self._buffered = None
+
+    def _abandon(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """An admission that failed once rows began to move leaves its ``slots`` empty and free,
+        whatever it had done: ``rows`` (its victims, written back already, and its new rows; -1
+        none) leave the index where they point into ``slots``. Its caller writes no payload
+        into them, so none may keep a row; the victims are evicted, the new rows not cached."""
+        rows = torch.unique(rows[rows >= 0])
+        at = self.probe(rows)
+        self.index.delete(rows[torch.isin(at, slots)])
+        self.row_of_slot.index_fill_(0, slots, -1)
+        self._push_free(slots[~self._unevictable[slots]])  # those not back on the free list
+        self.eviction.on_free(slots)
+        if self._next_use is not None:
+            self._next_use[slots] = NOT_QUEUED
+        self._buffered = None
+        self._forget_queue_victims()
 
     def _reinstate(self, slots: torch.Tensor) -> None:
         """Victims that stay after all (their candidates were refused): they keep their standing,
