@@ -836,3 +836,35 @@ def test_replay_refuses_batches_it_cannot_cut_and_a_negative_lookahead(tmp_path,
     )
     with pytest.raises(ConfigError, match=message):
         replay(cfg, path, request_tokens=16, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"batch_tokens": 2.5}, "batch_tokens: got 2.5; expected a positive number of tokens"),
+        ({"batch_tokens": True}, "batch_tokens: got True; expected a positive number of tokens"),
+        ({"lookahead": 1.5}, "lookahead: got 1.5; expected a number of batches >= 0"),
+        (
+            {"queued_requests": 1.5},
+            r"queued_requests=1.5, request_tokens=16: expected queued_requests >= 0",
+        ),
+        (
+            {"queued_requests": 1, "request_tokens": 2.5},
+            r"queued_requests=1, request_tokens=2.5: expected queued_requests >= 0",
+        ),
+        ({"marks": [-5]}, r"marks: got -5; expected lookup counts >= 0"),
+        ({"marks": [2.5]}, r"marks: got 2.5; expected lookup counts >= 0"),
+    ],
+)
+def test_replay_refuses_counts_that_are_not_integers(tmp_path, kw, message):
+    """batch_tokens or request_tokens 2.5 failed in the batching with 'slice indices must be
+    integers'; batch_tokens True, lookahead 1.5 and queued_requests 1.5 replayed as something
+    else; a mark of -5 or 2.5 recorded counters at a count no replay reaches: each is refused
+    up front, naming the argument and the value."""
+    path = tmp_path / "t.trace"
+    write_trace(path, batches=3)
+    cfg = StoreConfig.from_dict(
+        {"table": {"path": str(tmp_path / "t.npy"), "dim": 4}, "tiers": {"warm": {"capacity": 50}}}
+    )
+    with pytest.raises(ConfigError, match=message):
+        replay(cfg, path, request_tokens=kw.pop("request_tokens", 16), **kw)

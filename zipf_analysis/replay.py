@@ -87,6 +87,11 @@ class ReplayResult:
         return out
 
 
+def _whole(value: object, least: int) -> bool:
+    """``value`` is an integer (not a bool) >= ``least``."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= least
+
+
 def replay(
     config: StoreConfig,
     trace: TraceReader | str | Path,
@@ -151,15 +156,20 @@ def replay(
                 progress=progress,
                 desc=desc,
             )
-    if batch_tokens is not None and batch_tokens < 1:  # with a queue, -1 cut no batch at all
-        raise ConfigError(f"batch_tokens: got {batch_tokens}; expected a positive number of tokens")
-    if lookahead < 0:
-        raise ConfigError(f"lookahead: got {lookahead}; expected a number of batches >= 0")
-    if queued_requests < 0 or request_tokens < 1:
+    if batch_tokens is not None and not _whole(batch_tokens, 1):  # queued: -1 cut no batch
         raise ConfigError(
-            f"queued_requests={queued_requests}, request_tokens={request_tokens}: expected "
-            "queued_requests >= 0 and request_tokens >= 1"
+            f"batch_tokens: got {batch_tokens!r}; expected a positive number of tokens"
         )
+    if not _whole(lookahead, 0):
+        raise ConfigError(f"lookahead: got {lookahead!r}; expected a number of batches >= 0")
+    if not _whole(queued_requests, 0) or not _whole(request_tokens, 1):
+        raise ConfigError(
+            f"queued_requests={queued_requests!r}, request_tokens={request_tokens!r}: expected "
+            "queued_requests >= 0 and request_tokens >= 1 (integers)"
+        )
+    bad_marks = [mark for mark in marks if not _whole(mark, 0)]
+    if bad_marks:
+        raise ConfigError(f"marks: got {bad_marks[0]!r}; expected lookup counts >= 0 (integers)")
     if queued_requests and lookahead:  # a request would be released while its batches wait
         raise ConfigError(
             f"lookahead={lookahead} with queued_requests={queued_requests}: expected one of "
