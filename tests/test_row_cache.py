@@ -401,3 +401,20 @@ def test_an_admission_that_raises_once_rows_moved_leaves_its_slots_empty(spec, i
         run_batch(cache, rng.integers(0, 40, 7).tolist())
         _check_invariants(cache)
     assert cache.occupancy >= 12 - cache.headroom_rows  # its slots filled again
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_dropping_preloaded_slots_frees_them_and_their_pins(pin):
+    """A warm restart whose rows could not be written after ``preload`` drops the slots it
+    gave them: empty, free and unpinned, so the tier neither serves nor keeps those rows."""
+    cache = RowCache("warm", num_rows=60, capacity=8, spec=PolicySpec.parse("static+lru"))
+    cache.preload(torch.tensor([40, 41]), pin=True)
+    _, slots = cache.preload(torch.tensor([3, 5, 7]), pin=pin)
+    cache.drop(slots)
+    _check_invariants(cache)
+    assert cache.occupancy == 2 and cache.pinned_count == 2
+    assert cache.pinned_rows().tolist() == [40, 41]
+    assert (cache.probe(torch.tensor([3, 5, 7])) < 0).all()
+    run_batch(cache, [1, 2, 3, 4, 5, 6])
+    _check_invariants(cache)
+    assert cache.occupancy == 8 and cache.pinned_count == 2

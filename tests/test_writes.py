@@ -1371,3 +1371,27 @@ def test_a_hot_admission_that_raises_leaves_no_warm_slot_without_its_row(tmp_pat
         assert torch.equal(store.lookup(torch.arange(300)), reference)
         if written:
             store.commit()
+
+
+@pytest.mark.parametrize("tier", ["warm", "hot"])
+def test_a_tier_whose_rows_could_not_be_written_keeps_none_of_them(tmp_path, tier):
+    """Writing the rows a tier had just admitted raised (out of memory copying them to the
+    device): the tier kept the new row ids in slots that still held the evicted rows, and
+    served those for them. The slots it admitted into are now emptied."""
+    path, table = make_table(tmp_path, rows=300, dim=8)
+    cfg = store_config(path, hot={"capacity": 8}, warm={"capacity": 16})
+    with TieredStore(cfg) as store:
+        assert torch.equal(store.lookup(torch.arange(40)), table[:40])  # both tiers full
+        pool = store.warm_pool if tier == "warm" else store.hot_pool
+
+        def out_of_memory(slots, rows):
+            raise MemoryError(f"out of memory writing the {tier} tier's rows")
+
+        pool.write = out_of_memory
+        with pytest.raises(MemoryError):
+            store.lookup(torch.arange(100, 110))
+        del pool.write
+        check_cache_invariants(store.hot)
+        check_cache_invariants(store.warm)
+        assert torch.equal(store.lookup(torch.arange(100, 110)), table[100:110])
+        assert torch.equal(store.lookup(torch.arange(300)), table)

@@ -435,6 +435,14 @@ class RowCache:
         self.counters.preloaded += cand.numel()
         return cand, slots
 
+    def drop(self, slots: torch.Tensor) -> None:
+        """Empty and free ``slots`` (an admission's or a preload's, pinned or not) whose rows
+        could not be written into the payload (out of memory): no slot may keep a row id
+        without its row."""
+        slots = slots.to(self.device)
+        if slots.numel():
+            self._abandon(slots, self.row_of_slot.index_select(0, slots))
+
     # -- internals -------------------------------------------------------------------------------
     def _probe_new(self, ids: torch.Tensor, what: str) -> torch.Tensor:
         """``probe`` of ids about to be admitted or preloaded; an id outside the table is a
@@ -631,13 +639,17 @@ class RowCache:
         self._buffered = None
 
     def _abandon(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """An admission that failed once rows began to move leaves its ``slots`` empty and free,
+        """An admission that failed once rows began to move (or rows whose payload could not be
+        written, :meth:`drop`) leaves its ``slots`` empty and free,
         whatever it had done: ``rows`` (its victims, written back already, and its new rows; -1
         none) leave the index where they point into ``slots``. Its caller writes no payload
         into them, so none may keep a row; the victims are evicted, the new rows not cached."""
         rows = torch.unique(rows[rows >= 0])
         at = self.probe(rows)
         self.index.delete(rows[torch.isin(at, slots)])
+        pinned = slots[self._unevictable[slots] & (self.row_of_slot[slots] >= 0)]
+        self._unevictable[pinned] = False  # (a preload's) unpinned, then freed below
+        self._n_pinned -= pinned.numel()
         self.row_of_slot.index_fill_(0, slots, -1)
         self._push_free(slots[~self._unevictable[slots]])  # those not back on the free list
         self.eviction.on_free(slots)

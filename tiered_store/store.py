@@ -46,7 +46,7 @@ from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
 from .request_queue import QueuedRequest
-from .row_cache import most_valuable_first, pinned_rows_of
+from .row_cache import RowCache, most_valuable_first, pinned_rows_of
 from .slot_pool import SlotPool
 from .stats import hit_ratio
 from .store_lock import InFlight, StoreLock
@@ -902,9 +902,9 @@ class TieredStore:
                 # each tier's rows written before the next admits: one whose admission raises
                 # (out of memory spilling dirty victims) leaves no slot without its row
                 warm_src, warm_slots = self.caches.admit_warm(plan, lookahead)
-                self.warm_pool.write(warm_slots, staged.index_select(0, warm_src))
+                _write_or_drop(self.warm, self.warm_pool, warm_slots, staged, warm_src)
                 hot_src, hot_slots = self.caches.admit_hot(plan, lookahead)
-                self.hot_pool.write(hot_slots, device_rows.index_select(0, hot_src))
+                _write_or_drop(self.hot, self.hot_pool, hot_slots, device_rows, hot_src)
             out.index_copy_(0, plan.miss_pos, device_rows.index_select(0, plan.inverse))
         if self._repin_wanted is not None and self.caches.repin_worth_waking():
             self._repin_wanted.set()  # after this batch's admissions, where replay re-pins
@@ -1174,7 +1174,7 @@ class TieredStore:
                 sorted_ids, pin=pin, ages=None if ages is None else ages[order]
             )
             with self._on_store_stream():  # the stream lookups gather on: they see these rows
-                pool.write(slots, rows[pos.cpu()].to(pool.device))
+                _write_or_drop(cache, pool, slots, rows, pos.cpu())
             return cache.occupancy < cache.capacity
 
     def _newest_rows(
@@ -1425,6 +1425,18 @@ class TieredStore:
             raise ConfigError(
                 f"table.dtype: config says {want.dtype!r}, but {self.cold.path} holds {have_dtype!r}"
             )
+
+
+def _write_or_drop(
+    cache: RowCache, pool: SlotPool, slots: torch.Tensor, rows: torch.Tensor, src: torch.Tensor
+) -> None:
+    """Write ``rows[src]`` into the ``slots`` ``cache`` just gave them; if that raises (out of
+    memory), the slots are emptied (``RowCache.drop``): none keeps a row id without its row."""
+    try:
+        pool.write(slots, rows.index_select(0, src))
+    except BaseException:
+        cache.drop(slots)
+        raise
 
 
 UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)  # torch lacks min/max for these on CPU
