@@ -418,3 +418,23 @@ def test_dropping_preloaded_slots_frees_them_and_their_pins(pin):
     run_batch(cache, [1, 2, 3, 4, 5, 6])
     _check_invariants(cache)
     assert cache.occupancy == 8 and cache.pinned_count == 2
+
+
+@pytest.mark.parametrize("where", ["index.set", "eviction.on_insert", "eviction.on_restore"])
+def test_a_preload_that_raises_leaves_its_slots_free(where):
+    """A warm restart's preload that raised (out of memory in the index or the policy) after
+    taking its free slots kept them taken and empty, or rows the policy never queued: the tier
+    was that much smaller for good. Its slots now return to the free list."""
+    cache = RowCache("warm", num_rows=60, capacity=8, spec=PolicySpec.parse("lru"))
+    cache.preload(torch.tensor([40, 41]), pin=True)
+    owner, name = where.split(".")
+    _raise_once(getattr(cache, owner), name)
+    ages = torch.tensor([2, 1, 0]) if name == "on_restore" else None
+    with pytest.raises(MemoryError):
+        cache.preload(torch.tensor([3, 5, 7]), pin=False, ages=ages)
+    _check_invariants(cache)
+    assert cache.occupancy == 2 and cache.pinned_count == 2
+    assert (cache.probe(torch.tensor([3, 5, 7])) < 0).all()
+    run_batch(cache, [1, 2, 3, 4, 5, 6])
+    _check_invariants(cache)
+    assert cache.occupancy == 8

@@ -416,22 +416,26 @@ class RowCache:
             _, first = _first_occurrence(ids)
         cand = first[self._probe_new(ids[first], "to preload") < 0][: self._n_free]
         slots = self._pop_free(cand.numel()).flip(0)
-        self.index.set(ids[cand], slots)
-        self.row_of_slot.index_copy_(0, slots, ids[cand])
-        if self._next_use is not None:
-            self._next_use[slots] = self.queue.next_use(ids[cand])
-            self._note_queued(slots)
-        if self.online is not None:
-            self.online.admitted(slots, ids[cand], looked_up=False)
-        if ages is not None:
-            self.eviction.on_restore(slots, torch.as_tensor(ages).to(self.device)[cand])
-            self._buffered = None  # conservative: LRU keys still grow, a refill is one topk
-        else:
-            self.eviction.on_insert(slots)
-        if pin:
-            self._unevictable[slots] = True
-            self._n_pinned += cand.numel()
-        self._queue_changed(slots)
+        try:
+            self.index.set(ids[cand], slots)
+            self.row_of_slot.index_copy_(0, slots, ids[cand])
+            if self._next_use is not None:
+                self._next_use[slots] = self.queue.next_use(ids[cand])
+                self._note_queued(slots)
+            if self.online is not None:
+                self.online.admitted(slots, ids[cand], looked_up=False)
+            if ages is not None:
+                self.eviction.on_restore(slots, torch.as_tensor(ages).to(self.device)[cand])
+                self._buffered = None  # conservative: LRU keys still grow, a refill is one topk
+            else:
+                self.eviction.on_insert(slots)
+            if pin:
+                self._unevictable[slots] = True
+                self._n_pinned += cand.numel()
+            self._queue_changed(slots)
+        except BaseException:  # (out of memory): its slots return free, its rows not loaded
+            self._abandon(slots, ids[cand])
+            raise
         self.counters.preloaded += cand.numel()
         return cand, slots
 
@@ -639,11 +643,11 @@ class RowCache:
         self._buffered = None
 
     def _abandon(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """An admission that failed once rows began to move (or rows whose payload could not be
-        written, :meth:`drop`) leaves its ``slots`` empty and free,
-        whatever it had done: ``rows`` (its victims, written back already, and its new rows; -1
-        none) leave the index where they point into ``slots``. Its caller writes no payload
-        into them, so none may keep a row; the victims are evicted, the new rows not cached."""
+        """An admission or preload that failed once rows began to move (or rows whose payload
+        could not be written, :meth:`drop`) leaves its ``slots`` empty and free, whatever it had
+        done: ``rows`` (its victims, written back already, and its new rows; -1 none) leave the
+        index where they point into ``slots``. Its caller writes no payload into them, so none
+        may keep a row; the victims are evicted, the new rows not cached."""
         rows = torch.unique(rows[rows >= 0])
         at = self.probe(rows)
         self.index.delete(rows[torch.isin(at, slots)])
