@@ -276,7 +276,7 @@ def post_json(
     --------
     >>> status, answer = post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})  # doctest: +SKIP
     >>> status, answer["next_token_ids"]  # doctest: +SKIP
-    (200, [[93214]])
+    (200, [[48195]])
     """
     parts = urlsplit(url)
     conn = connection or http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)

@@ -138,7 +138,7 @@ class ServedModel:
     >>> served = ServedModel(ServeConfig.from_yaml("examples/serve.yaml"), create=True)  # doctest: +SKIP
     >>> request = parse_request(b'{"text": "Hello"}', served.config.server, served)  # doctest: +SKIP
     >>> served.answer(request)["next_token_ids"]  # doctest: +SKIP
-    [[93214]]
+    [[86332]]
     >>> served.close()  # doctest: +SKIP
     """
 
