@@ -125,7 +125,7 @@ class HFCheckpoint:
     Examples
     --------
     >>> ckpt = HFCheckpoint("DeepSeek-V4.1-Flash")  # doctest: +SKIP
-    >>> ckpt.engram.layer_ids, ckpt.tensor("layers.1.engram.embed.weight").shape  # doctest: +SKIP
+    >>> ckpt.engram.layer_ids, ckpt.tensors["layers.1.engram.embed.weight"].shape  # doctest: +SKIP
     ((1, 14), (384006168, 256))
     """
 
