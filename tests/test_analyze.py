@@ -1689,3 +1689,26 @@ def test_a_killed_runs_staging_folder_is_removed_and_a_live_run_is_not_run_into(
     assert not staged.exists() and not list(out.glob(".analyze-staging-*"))
     assert (out / "report.json").is_file()
     assert any(f"removed {staged.name}" in x for x in said), said
+
+
+def test_a_run_that_fails_as_it_says_what_it_removed_leaves_no_held_staging_folder(tmp_path):
+    """A log that raised on the line naming a killed run's staging folder it removed (a closed
+    pipe, warnings as errors) left this run's new staging folder in --out, its flock held by a
+    descriptor nothing closed: every later run in the process was refused as another live run
+    writing there. The run's own folder goes and its lock is released as for any failure."""
+    import tempfile
+
+    corpus, out = _write_corpus(tmp_path), tmp_path / "out"
+    out.mkdir()
+    killed = Path(tempfile.mkdtemp(prefix=".analyze-staging-", dir=out))  # no run holds it
+    config, options = EngramConfig.from_dict(TINY["engram"]), AnalyzeOptions(progress=False)
+
+    def log(msg: str) -> None:
+        if "removed" in msg:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        analyze([corpus / "en.txt"], out, config=config, options=options, log=log)
+    assert not killed.exists() and not list(out.glob(".analyze-staging-*"))
+    analyze([corpus / "en.txt"], out, config=config, options=options)  # not refused
+    assert (out / "report.json").is_file() and not list(out.glob(".analyze-staging-*"))

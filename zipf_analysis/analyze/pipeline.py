@@ -153,10 +153,10 @@ def analyze(
 
     made_out = not out.is_dir()
     staging, lock, removed = prepare_out_dir(out, out_name)  # held until published or removed
-    for folder in removed:
-        say(f"{out_name} {out}: removed {folder}, the staging folder of a run killed part way")
     torch_threads = _set_torch_threads(options.threads)
     try:
+        for folder in removed:  # a log that raises fails the run: its folder goes, its lock too
+            say(f"{out_name} {out}: removed {folder}, the staging folder of a run killed part way")
         # a write into the staging folder that fails (a full disk) names the folder; the corpus
         # reader skips files it cannot read, so an OSError here is one of those writes
         with write_step(f"{out_name} {out}", "writing the analysis", f"{out} is left as it was"):
