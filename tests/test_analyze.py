@@ -1700,7 +1700,7 @@ def test_a_run_that_fails_as_it_says_what_it_removed_leaves_no_held_staging_fold
 
     corpus, out = _write_corpus(tmp_path), tmp_path / "out"
     out.mkdir()
-    killed = Path(tempfile.mkdtemp(prefix=".analyze-staging-", dir=out))  # no run holds it
+    killed = Path(tempfile.mkdtemp(prefix=".analyze-staging-held-", dir=out))  # no run holds it
     config, options = EngramConfig.from_dict(TINY["engram"]), AnalyzeOptions(progress=False)
 
     def log(msg: str) -> None:
@@ -1712,3 +1712,30 @@ def test_a_run_that_fails_as_it_says_what_it_removed_leaves_no_held_staging_fold
     assert not killed.exists() and not list(out.glob(".analyze-staging-*"))
     analyze([corpus / "en.txt"], out, config=config, options=options)  # not refused
     assert (out / "report.json").is_file() and not list(out.glob(".analyze-staging-*"))
+
+
+def test_an_older_releases_staging_folder_is_left_with_a_warning_not_removed(tmp_path, capsys):
+    """An analyze of an older release, still running into --out, takes no lock on its staging
+    folder: a new run took it for a killed run's and removed it (its traces) under the live run.
+    Such a folder (named without held-) is left, and named in a warning; a folder of a killed run
+    of this release (held- in its name, its lock free) is removed as before."""
+    import tempfile
+
+    corpus, out = _write_corpus(tmp_path), tmp_path / "out"
+    out.mkdir()
+    older = Path(tempfile.mkdtemp(prefix=".analyze-staging-", dir=out))  # as older releases did
+    (older / "trace.trace").write_bytes(b"written by a live run")
+    killed = Path(tempfile.mkdtemp(prefix=".analyze-staging-held-", dir=out))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    argv = ["analyze", str(corpus / "en.txt"), "--config", str(config), "--out", str(out)]
+    assert main([*argv, "--quiet", "--seq-len", str(SEQ_LEN), "--no-belady"]) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"tiered-store analyze: warning: --out {out}: left {older.name}, the staging folder of an "
+        "older release's analyze, which takes no lock (it may be a live run's, or a killed "
+        f"one's); expected none: remove it once no older analyze runs into {out}\n"
+    )
+    assert (older / "trace.trace").read_bytes() == b"written by a live run"
+    assert not killed.exists() and (out / "report.json").is_file()
+    assert [p.name for p in out.glob(".analyze-staging-*")] == [older.name]

@@ -28,8 +28,9 @@ The pipeline, stage by stage (each timed), and the module that owns each stage:
 Everything is written into a staging folder inside the output folder and moved into place at the
 end, ``report.json`` last (:mod:`.publish`): a folder with a ``report.json`` holds one complete,
 consistent run. A run holds a ``flock`` on its staging folder: the next run removes a killed
-run's, and refuses to write where a live run is writing. :mod:`.options` holds every default, :mod:`.pipeline` runs the stages and
-:mod:`.cli` is the subcommand.
+run's, refuses to write where a live run is writing, and leaves an older release's (which holds
+no lock) with a warning. :mod:`.options` holds every default, :mod:`.pipeline` runs the stages
+and :mod:`.cli` is the subcommand.
 """
 
 import lazy_loader

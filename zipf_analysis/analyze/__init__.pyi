@@ -4,13 +4,14 @@ from .cli import register, run_analyze
 from .ngram_keys import NgramKeyCounter
 from .options import AnalyzeOptions, parse_targets
 from .pipeline import AnalysisResult, analyze
-from .publish import OutputDirError
+from .publish import OutputDirError, StagingFolderWarning
 
 __all__ = [
     "AnalysisResult",
     "AnalyzeOptions",
     "NgramKeyCounter",
     "OutputDirError",
+    "StagingFolderWarning",
     "analyze",
     "parse_targets",
     "register",

@@ -46,8 +46,9 @@ layer{L}.store.yaml (a store config with the recommended capacities), layer{L}/ 
 report and plots), all.rank_frequency.png, report.md and report.json. Files are staged and moved
 into DIR at the end, report.json last: it marks a complete run. Files of a previous run in DIR
 that this one does not write (its holdout.trace, another config's layers) are removed. A run
-killed part way leaves its hidden .analyze-staging-* folder, which the next run into DIR removes;
-a second run into DIR while one is writing there is refused.
+killed part way leaves its hidden .analyze-staging-held-* folder, which the next run into DIR
+removes (an older release's .analyze-staging-* folder is left, with a warning: its run holds no
+lock, so it may be live); a second run into DIR while one is writing there is refused.
 """
 
 
@@ -196,6 +197,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     from ..report import summary_lines
     from .pipeline import analyze
+    from .publish import StagingFolderWarning
 
     try:
         options = _options(args)
@@ -203,10 +205,11 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise as_option_error(exc, [f.name for f in dataclasses.fields(AnalyzeOptions)]) from None
     with warnings.catch_warnings():
         warnings.simplefilter("always", SkippedFilesWarning)
+        warnings.simplefilter("always", StagingFolderWarning)
         previous = warnings.showwarning
 
         def show(message: Any, category: type, *rest: Any, **kw: Any) -> None:
-            if issubclass(category, SkippedFilesWarning):
+            if issubclass(category, (SkippedFilesWarning, StagingFolderWarning)):
                 print(f"tiered-store analyze: warning: {message}", file=sys.stderr)
             else:
                 previous(message, category, *rest, **kw)

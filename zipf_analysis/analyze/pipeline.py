@@ -19,6 +19,7 @@ import numpy as np
 from tiered_store.atomic_file import write_step
 from tiered_store.corpus import Corpus, resolve_corpus
 from tiered_store.engram import CompressedTokenizer, EngramConfig, NgramHasher, load_engram_config
+from tiered_store.errors import warn_at_caller
 from tiered_store.process_locks import release
 from tiered_store.profile import FrequencyProfile
 
@@ -28,7 +29,7 @@ from .curves import curve_summary, stage_curves
 from .holdout import holdout_summary
 from .options import HOLDOUT_NAME, TRACE_NAME, AnalyzeOptions
 from .profile_pass import stage_profile
-from .publish import file_sizes, prepare_out_dir, publish
+from .publish import StagingFolderWarning, file_sizes, prepare_out_dir, publish
 from .run_context import RunContext, StageTimes, stage_timings
 from .store_yaml import store_yaml
 from .traces import generator_name, stage_traces, table_layouts, tokenizer_info, trace_info
@@ -98,7 +99,12 @@ def analyze(
     ConfigError
         Bad Engram config or options.
     OutputDirError
-        The output folder cannot be created or written.
+        The output folder cannot be created or written, or another run is writing into it.
+
+    Warns
+    -----
+    StagingFolderWarning
+        An older release's staging folder is in the output folder (left: it may be a live run's).
 
     Examples
     --------
@@ -152,11 +158,18 @@ def analyze(
     )
 
     made_out = not out.is_dir()
-    staging, lock, removed = prepare_out_dir(out, out_name)  # held until published or removed
+    staging, lock, removed, left = prepare_out_dir(out, out_name)  # held until published/removed
     torch_threads = _set_torch_threads(options.threads)
     try:
         for folder in removed:  # a log that raises fails the run: its folder goes, its lock too
             say(f"{out_name} {out}: removed {folder}, the staging folder of a run killed part way")
+        for folder in left:
+            warn_at_caller(
+                f"{out_name} {out}: left {folder}, the staging folder of an older release's "
+                "analyze, which takes no lock (it may be a live run's, or a killed one's); "
+                f"expected none: remove it once no older analyze runs into {out}",
+                StagingFolderWarning,
+            )
         # a write into the staging folder that fails (a full disk) names the folder; the corpus
         # reader skips files it cannot read, so an OSError here is one of those writes
         with write_step(f"{out_name} {out}", "writing the analysis", f"{out} is left as it was"):

@@ -4,7 +4,9 @@ A folder with a ``report.json`` holds one complete, consistent run: the old repo
 then the files of the old run that the new one does not write (its ``report.json`` lists them),
 and the new report comes in last. A run holds a ``flock`` on its staging folder until it is
 published or removed: a new run removes the staging folders no live run holds (a killed run's)
-and refuses to write into a folder that a live run is writing into.
+and refuses to write into a folder that a live run is writing into. An older release's staging
+folder (named without ``held-``) is never locked, so whether its run is live cannot be told: it is
+left, with a :class:`StagingFolderWarning`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..report import REPORT_JSON, REPORT_MD
 __all__ = [
     "OutputDirError",
     "Staging",
+    "StagingFolderWarning",
     "file_sizes",
     "prepare_out_dir",
     "publish",
@@ -66,16 +69,23 @@ def refuse_unknown_table(table: str, option: str, choices: tuple[list[str], str]
         )
 
 
+class StagingFolderWarning(UserWarning):
+    """An older release's staging folder in the output folder, left: it may be a live run's."""
+
+
 class Staging(NamedTuple):
     """A run's staging folder, the descriptor that holds its ``flock`` (:func:`release` it once
-    the folder is published or removed) and the names of killed runs' folders removed."""
+    the folder is published or removed), the names of killed runs' folders removed and those of
+    older releases' folders left (their runs take no lock: they may be live)."""
 
     path: Path
     lock: int
     removed: list[str]
+    left: list[str]
 
 
-STAGING_PREFIX = ".analyze-staging-"
+STAGING_PREFIX = ".analyze-staging-"  # every release's; tempfile's random part has no "-"
+HELD_PREFIX = STAGING_PREFIX + "held-"  # this release's, whose runs hold a flock on it
 
 
 def prepare_out_dir(out_dir: Path, name: str = "out_dir") -> Staging:
@@ -94,20 +104,20 @@ def prepare_out_dir(out_dir: Path, name: str = "out_dir") -> Staging:
         # flock: each run on its own, as before)
         with contextlib.suppress(OSError):
             fcntl.flock(folder, fcntl.LOCK_EX)
-        removed, live = _remove_abandoned_staging(out_dir)
+        removed, live, left = _remove_abandoned_staging(out_dir)
         if live:
             raise OutputDirError(
                 f"{name} {out_dir}: another analyze run is writing into it (its staging folder "
                 f"{live[0]} is held); expected one run at a time in an output folder"
             )
         try:
-            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+            staging = Path(tempfile.mkdtemp(prefix=HELD_PREFIX, dir=out_dir))
             lock = open_held(staging, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise _unwritable(out_dir, name, exc) from None
         with contextlib.suppress(OSError):  # new: no other run holds it
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return Staging(staging, lock, removed)
+        return Staging(staging, lock, removed, left)
     finally:
         release(folder)
 
@@ -120,17 +130,22 @@ def _unwritable(out_dir: Path, name: str, exc: OSError) -> OutputDirError:
     )
 
 
-def _remove_abandoned_staging(out_dir: Path) -> tuple[list[str], list[str]]:
+def _remove_abandoned_staging(out_dir: Path) -> tuple[list[str], list[str], list[str]]:
     """Remove the staging folders in ``out_dir`` that no live run holds (killed runs'); return
-    the names removed and those a live run holds. One whose lock cannot be taken otherwise (a
-    file system without flock) is left alone."""
-    removed, live = [], []
+    the names removed, those a live run holds and older releases' folders (left: their runs hold
+    no lock, so a live one looks killed). One whose lock cannot be taken otherwise (a file system
+    without flock) is left alone."""
+    removed, live, left = [], [], []
     try:
         entries = sorted(out_dir.iterdir())
     except OSError:  # a folder that cannot be listed: none to remove that a run could see
-        return removed, live
+        return removed, live, left
     for entry in entries:
         if not entry.name.startswith(STAGING_PREFIX):
+            continue
+        if not entry.name.startswith(HELD_PREFIX):
+            if entry.is_dir() and not entry.is_symlink():
+                left.append(entry.name)
             continue
         try:
             fd = open_held(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -148,7 +163,7 @@ def _remove_abandoned_staging(out_dir: Path) -> tuple[list[str], list[str]]:
             release(fd)
     if removed:
         fsync_dir(out_dir)
-    return removed, live
+    return removed, live, left
 
 
 def publish(staging: Path, out_dir: Path) -> None:
