@@ -2151,7 +2151,9 @@ def test_a_table_trained_through_a_sharded_store_unshards_with_its_run_id_and_st
     adam = make_row_optimizer("adam", lr=0.05)
     weights = np.random.default_rng(3).standard_normal((40, 4)).astype(np.float32)
     create_trainable_table(table, weights, adam, run_id="run-a")
-    write_shards(table, 1, "rows", template=shards_template(table, "rows"), progress=False)
+    (shard,) = write_shards(
+        table, 1, "rows", template=shards_template(table, "rows"), progress=False
+    )
     _one_rank_group_env(monkeypatch)
     cfg = {
         "table": {"path": str(table)},
@@ -2169,6 +2171,7 @@ def test_a_table_trained_through_a_sharded_store_unshards_with_its_run_id_and_st
     assert read_manifest(table).metadata == {
         "trainable": {"dim": 4, "optimizer": "adam", "run_id": "run-a"},
         "committed_step": 2,
+        "joined_from": {"table_version": shard.shard_map.table_version, "run": shard.run},
     }
     assert np.array_equal(np.load(table), want) and not np.array_equal(want[:, :4], weights)
     resumed = TrainableTable(TieredStore.open({"table": {"path": str(table)}}), adam)

@@ -26,6 +26,7 @@ from tiered_store.table_format import (
     TableExistsError,
     create_table,
     read_manifest,
+    replace_metadata,
     replace_table,
     verify_table,
 )
@@ -53,6 +54,7 @@ def test_unshard_folds_trained_compacted_shards_back_and_a_recut_carries_on(tmp_
     table = make_plain_table(tmp_path)  # 463 bfloat16 rows of 7 hash heads
     want = np.load(table)
     shards = write_shards(table, 3, "heads", progress=False)
+    source = {"table_version": shards[0].shard_map.table_version, "run": shards[0].run}
     steps = ({0: {3: 1.0}, 1: {0: 2.0}, 2: {5: 3.0}}, {0: {4: 4.0}, 1: {0: 5.0}, 2: {}})
     for step, writes in enumerate(steps, 1):
         for shard in shards:
@@ -71,7 +73,11 @@ def test_unshard_folds_trained_compacted_shards_back_and_a_recut_carries_on(tmp_
         f"wrote {table}: 463 x 8 bfloat16 from 3 shards, committed step 3\n"
     )
     assert np.array_equal(np.load(table), want)
-    assert read_manifest(table).metadata == {**head_metadata(HEADS), "committed_step": 3}
+    assert read_manifest(table).metadata == {
+        **head_metadata(HEADS),
+        "committed_step": 3,
+        "joined_from": source,  # what it was joined from: an unshard again may overwrite it
+    }
     assert verify_table(table, progress=False).pages_checked > 0
     with TieredStore.open({"table": {"path": str(table)}}) as store:
         assert store.committed_step == 3 and store.generation == 0
@@ -84,7 +90,8 @@ def test_unshard_folds_trained_compacted_shards_back_and_a_recut_carries_on(tmp_
         compact_table(shard.path, progress=False)
     whole = tmp_path / "whole.npy"
     manifest = join_shards([s.path for s in again[::-1]], whole, progress=False)
-    assert manifest.metadata == {**head_metadata(HEADS), "committed_step": 4}
+    source = {"table_version": again[0].shard_map.table_version, "run": again[0].run}
+    assert manifest.metadata == {**head_metadata(HEADS), "committed_step": 4, "joined_from": source}
     assert np.array_equal(np.load(whole), want)
 
 
@@ -197,6 +204,99 @@ def test_unshard_names_a_set_two_shard_runs_left_mixed_not_a_torn_commit(cut, tm
     assert not (tmp_path / "w.npy").exists()
 
 
+def _train_and_compact(shards: list[Path], step: int) -> None:
+    """Every shard commits ``step`` (its row 0 written ``step`` on rank 0), then is compacted."""
+    for rank, shard in enumerate(shards):
+        _commit(shard, {0: float(step)} if rank == 0 else {}, step)
+        compact_table(shard, progress=False)
+
+
+def test_unshard_overwrite_refuses_a_table_neither_the_shards_source_nor_their_join(
+    cut, tmp_path, capsys
+):
+    """`unshard --overwrite` replaced whatever table TABLE was: a 7 x 4 table went for the 30 x 4
+    join of another table's shards without a word. TABLE must be the table the shards were cut
+    from or an earlier join of them; another (of another shape, of the same shape, the join of
+    another shard set) is refused naming both, and left as it was."""
+    table, shards = cut
+    info = read_shard(shards[0])
+    theirs = (
+        rf"the shards \(rank 0's {shards[0]}, of 3\) were cut from table version "
+        rf"{info.shard_map.table_version} \(30 x 4\) by `tiered-store shard` run {info.run}; "
+        "expected, to overwrite it, the table they were cut from or an earlier unshard of them: "
+        "remove it first if it is to be replaced"
+    )
+    other = tmp_path / "other.npy"
+    create_table(other, np.ones((7, 4), np.float32), progress=False)
+    with pytest.raises(ShardMismatchError, match=rf"^out {other} is a 7 x 4 float32 table of version \w+, not an unshard of shards, but {theirs}$"):  # fmt: skip
+        join_shards(shards, other, overwrite=True, progress=False)
+    assert np.array_equal(np.load(other), np.ones((7, 4), np.float32))
+    same = tmp_path / "same.npy"
+    create_table(same, np.zeros((30, 4), np.float32), progress=False)
+    argv = ["unshard", str(same), "--overwrite", *map(str, shards), "--quiet"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"out {same} is a 30 x 4 float32 table of version " in err and "not an unshard" in err
+    assert np.array_equal(np.load(same), np.zeros((30, 4), np.float32))
+    plain = tmp_path / "plain.npy"  # not a table: no manifest
+    np.save(plain, np.zeros((30, 4), np.float32))
+    with pytest.raises(ShardMismatchError, match=rf"^out {plain} is not a table that can be read \(.*manifest.*\), but {theirs}$"):  # fmt: skip
+        join_shards(shards, plain, overwrite=True, progress=False)
+    _commit(same, {0: 1.0})
+    compact_table(same, progress=False)  # same.g1.npy: a version's file, not a table's name
+    with pytest.raises(ConfigError, match=r"same\.g1\.npy: generation 1 of table same\.npy"):
+        join_shards(shards, tmp_path / "same.g1.npy", overwrite=True, progress=False)
+    (tmp_path / "folder.npy").mkdir()  # as before: a folder is in the way
+    with pytest.raises(TierIOError, match="a directory is in the way"):
+        join_shards(shards, tmp_path / "folder.npy", overwrite=True, progress=False)
+    # the join of another shard set of the table (another run, trained): not this set's
+    others = [
+        s.path
+        for s in write_shards(table, 3, "rows", template=str(tmp_path / "b{rank}"), progress=False)
+    ]
+    their_run = read_shard(others[0]).run
+    _train_and_compact(others, 1)
+    joined = tmp_path / "joined.npy"
+    join_shards(others, joined, progress=False)
+    record = read_manifest(joined).metadata["joined_from"]
+    assert record == {"table_version": info.shard_map.table_version, "run": their_run}
+    with pytest.raises(ShardMismatchError, match=rf"^out {joined} is a 30 x 4 float32 table of version \w+, an unshard of the shards of table version {record['table_version']} cut by `tiered-store shard` run {record['run']}, but {theirs}$"):  # fmt: skip
+        join_shards(shards, joined, overwrite=True, progress=False)
+    assert read_manifest(joined).metadata["joined_from"] == record
+    assert np.load(joined)[0, 0] == 1.0
+
+
+@pytest.mark.parametrize("release", ["now", "before run ids"])
+def test_unshard_overwrite_takes_the_source_table_then_its_earlier_join_as_training_goes_on(
+    cut, release
+):
+    """The normal cycle: unshard over the table the shards were cut from, train the shards
+    more, unshard again over that join (compacted meanwhile, as any table may be); shards of a
+    release that recorded no run id go round it too."""
+    table, shards = cut
+    if release != "now":  # their metadata.shard as an older release wrote it: no run
+        for shard in shards:
+            manifest = read_manifest(shard)
+            doc = {k: v for k, v in manifest.metadata["shard"].items() if k != "run"}
+            replace_metadata(shard, {**manifest.metadata, "shard": doc}, expected=manifest)
+    info = read_shard(shards[0])
+    record = {"table_version": info.shard_map.table_version, "run": info.run}
+    assert (info.run is None) == (release != "now")
+    want = np.arange(120, dtype=np.float32).reshape(30, 4)
+    _train_and_compact(shards, 1)
+    join_shards(table, ranks=3, overwrite=True, progress=False)  # over the source table
+    assert read_manifest(table).metadata == {"committed_step": 1, "joined_from": record}
+    with TieredStore.open({"table": {"path": str(table)}}) as store:  # its writes are dropped
+        store.write([20], torch.full((1, 4), -5.0))
+        store.commit()
+    compact_table(table, progress=False)
+    _train_and_compact(shards, 2)
+    join_shards(table, ranks=3, overwrite=True, progress=False)  # over the earlier join
+    want[0] = 2.0
+    assert np.array_equal(np.load(table), want)
+    assert read_manifest(table).metadata == {"committed_step": 2, "joined_from": record}
+
+
 def test_unshard_refuses_a_shard_holding_the_staged_rows_of_an_interrupted_sharded_commit(
     cut, tmp_path
 ):
@@ -249,7 +349,10 @@ def test_the_unshard_command_names_the_shards_it_needs(cut, tmp_path, capsys):
     argv = ["unshard", str(tmp_path / "w.npy"), "--ranks", "3", "--quiet", "--shards"]
     assert cli_main([*argv, str(tmp_path / "t.shard-{rank}-of-{ranks}.npy")]) == 0
     assert np.array_equal(np.load(tmp_path / "w.npy"), np.load(table))
-    assert read_manifest(tmp_path / "w.npy").metadata == {}
+    info = read_shard(s0)
+    assert read_manifest(tmp_path / "w.npy").metadata == {
+        "joined_from": {"table_version": info.shard_map.table_version, "run": info.run}
+    }
 
 
 def test_the_unshard_command_takes_shard_files_after_its_options(cut, tmp_path, capsys):
@@ -258,7 +361,7 @@ def test_the_unshard_command_takes_shard_files_after_its_options(cut, tmp_path, 
     given with --ranks; with no TABLE, argparse named SHARD as required too."""
     table, (s0, s1, s2) = cut
     out = tmp_path / "w.npy"
-    create_table(out, np.zeros((30, 4), np.float32), progress=False)  # to be replaced
+    join_shards([s0, s1, s2], out, progress=False)  # an earlier join, to be replaced
     argv = ["unshard", str(out), "--overwrite", str(s2), "--quiet", str(s0), str(s1)]
     assert cli_main(argv) == 0, capsys.readouterr().err
     assert "wrote" in capsys.readouterr().out and np.array_equal(np.load(out), np.load(table))

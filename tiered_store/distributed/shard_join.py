@@ -16,9 +16,16 @@ import numpy as np
 
 from ..cold_table import ColdTable
 from ..delta.row_delta import delta_path
-from ..delta.table_versions import VERSION_OF, current_version, release, take_writer_lock
+from ..delta.table_versions import (
+    VERSION_OF,
+    current_version,
+    has_history,
+    present_version,
+    release,
+    take_writer_lock,
+)
 from ..errors import ConfigError, ShardMismatchError, TableFormatError
-from ..table_format import TableManifest, create_table, table_paths
+from ..table_format import TableManifest, create_table, read_manifest, table_paths
 from ..table_sources import SourceReader, TableNotFoundError
 from .shard_files import (
     ShardInfo,
@@ -28,7 +35,7 @@ from .shard_files import (
     shard_file_paths,
     written_rows_and_step,
 )
-from .shard_map import ShardMap
+from .shard_map import ShardMap, table_version
 
 __all__ = ["join_shards"]
 
@@ -51,15 +58,18 @@ def join_shards(
     compacted shard's ``.gN.npy``) in global row order, read through the shards' page checksums
     (a corrupt shard raises ``ChecksumError``, it is never given fresh checksums), with the
     table's metadata (the Engram layout; a trainable table's optimizer and run id) and the
-    shards' common committed step; the shard metadata is dropped. Refused before anything is
+    shards' common committed step; the shard metadata is dropped, and ``metadata["joined_from"]``
+    records the shards' table version and ``write_shards`` run. Refused before anything is
     written: a missing shard, shards of different shard maps, table versions or ``write_shards``
     runs (a run killed between its renames: a mixed set, not a torn commit), two shards of one
     rank, a shard with written rows not yet compacted (``tiered-store compact`` it), shards at
-    different committed steps (a torn commit), a shard being written, ``out`` naming a shard, and
-    an existing table at ``out`` without ``overwrite``. The shards' writer locks are held until
-    the table is published (``create_table``: a failure or kill midway leaves no table at ``out``,
-    and an old one there as it was). Cutting the table again (``write_shards``) re-shards it for
-    another number of ranks.
+    different committed steps (a torn commit), a shard being written, ``out`` naming a shard, an
+    existing table at ``out`` without ``overwrite``, and with it one that is neither the table
+    the shards were cut from (its version theirs) nor an earlier join of them (its
+    ``joined_from`` theirs). The shards' writer locks are held until the table is published
+    (``create_table``: a failure or kill midway leaves no table at ``out``, and an old one there
+    as it was). Cutting the table again (``write_shards``) re-shards it for another number of
+    ranks.
 
     Examples
     --------
@@ -94,11 +104,15 @@ def join_shards(
         _refuse_out(out_npy, found)
         _refuse_uncompacted_shards(found)
         step = _common_step(found)
+        source = {"table_version": shard_map.table_version, "run": found[0][0].run}
+        if overwrite:
+            _refuse_another_table(out_npy, source, found[0][0])
         colds = [stack.enter_context(ColdTable(current)) for _, current, _, _ in found]
         first = found[0][0].manifest
         metadata = {k: v for k, v in first.metadata.items() if k not in _PER_SHARD_KEYS}
         if step or "committed_step" in first.metadata:  # stores and training resume from it
             metadata["committed_step"] = step
+        metadata[JOINED_FROM] = source  # an unshard again (more training) may overwrite it
         return create_table(
             out_npy,
             _JoinedRows(colds, shard_map, found[0][0].path),
@@ -110,9 +124,11 @@ def join_shards(
         )
 
 
+# the joined table's record of the shards it was joined from (their table version and run)
+JOINED_FROM = "joined_from"
 # metadata a shard holds for itself (its map and rank, whose version it is) or that the joined
 # table sets anew
-_PER_SHARD_KEYS = ("shard", "committed_step", VERSION_OF)
+_PER_SHARD_KEYS = ("shard", "committed_step", VERSION_OF, JOINED_FROM)
 
 
 def _shard_paths(
@@ -243,6 +259,45 @@ def _refuse_out(out: Path, found: list[tuple[ShardInfo, Path, int, int]]) -> Non
                 f"out {out} is rank {info.rank}'s shard {info.path}; expected another path (the "
                 "shards are read while the whole table is written)"
             )
+
+
+def _refuse_another_table(out: Path, source: dict[str, str | None], first: ShardInfo) -> None:
+    """With ``overwrite``: a table at ``out`` that is neither the shards' source table (its
+    version the shards' table version) nor an earlier join of them (its ``joined_from``)."""
+    if out.is_dir() or not (out.exists() or table_paths(out)[1].exists() or has_history(out)):
+        return  # nothing there to replace (a folder: create_table says it is in the way)
+    current = present_version(out)[0]  # a version file's name, a lost version: named as such
+    try:
+        manifest = read_manifest(current)
+    except (OSError, ValueError) as exc:
+        found = f"not a table that can be read ({exc})"
+    else:
+        version, joined = table_version(manifest), manifest.metadata.get(JOINED_FROM)
+        if version == source["table_version"] or joined == source:
+            return
+        how = (
+            f"an unshard of the shards of table version {joined.get('table_version')} cut by "
+            f"{_run(joined.get('run'))}"
+            if isinstance(joined, dict)
+            else "not an unshard of shards"
+        )
+        shape = f"{manifest.rows:,} x {manifest.dim} {manifest.dtype}"
+        found = f"a {shape} table of version {version}, {how}"
+    shard_map = first.shard_map
+    raise ShardMismatchError(
+        f"out {out} is {found}, but the shards (rank {first.rank}'s {first.path}, of "
+        f"{shard_map.ranks}) were cut from table version {shard_map.table_version} "
+        f"({shard_map.rows:,} x {first.manifest.dim}) by {_run(first.run)}; expected, to "
+        "overwrite it, the table they were cut from or an earlier unshard of them: remove it "
+        "first if it is to be replaced"
+    )
+
+
+def _run(run: object) -> str:
+    """A ``write_shards`` run as errors name it (None: one of a release before run ids)."""
+    if run is None:
+        return "a `tiered-store shard` run of a release before run ids"
+    return f"`tiered-store shard` run {run}"
 
 
 def _refuse_a_shard_left_out_as_out(out: Path, infos: list[ShardInfo]) -> None:
