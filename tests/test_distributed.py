@@ -1611,7 +1611,7 @@ def test_a_shard_set_two_shard_runs_left_mixed_is_named_so_not_a_torn_commit(tmp
         assert result["open"].startswith(
             f"ShardMismatchError: rank 1: shard {s1} was written by `tiered-store shard` run "
         ), result
-        assert f"but rank 0's shard {s0} by run " in result["open"]
+        assert f"but rank 0's shard {s0} by `tiered-store shard` run " in result["open"]
         assert "a mixed set" in result["open"] and "not a torn commit" in result["open"]
 
 

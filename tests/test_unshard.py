@@ -199,9 +199,28 @@ def test_unshard_names_a_set_two_shard_runs_left_mixed_not_a_torn_commit(cut, tm
         compact_table(shard, progress=False)
     new = write_shards(table, 3, "rows", template=str(tmp_path / ".new{rank}"), progress=False)
     replace_table(new[0].path, s0, True)  # the run's first rename, then it was killed
-    with pytest.raises(ShardMismatchError, match=rf"{s1} was written by `tiered-store shard` run \w+, but {s0} by run \w+: a mixed set .*not a torn commit"):  # fmt: skip
+    with pytest.raises(ShardMismatchError, match=rf"{s1} was written by `tiered-store shard` run \w+, but {s0} by `tiered-store shard` run \w+: a mixed set .*not a torn commit"):  # fmt: skip
         join_shards(table, tmp_path / "w.npy", ranks=3, progress=False)
     assert not (tmp_path / "w.npy").exists()
+
+
+def test_unshard_names_a_mixed_set_of_shards_from_a_release_before_run_ids_without_none(
+    cut, tmp_path
+):
+    """Shards an older release cut (no run id), then a `shard --overwrite` killed after its first
+    rename: the mixed set was named as "written by `tiered-store shard` run None"; the old
+    shards' run is named as what it is."""
+    table, (s0, s1, s2) = cut
+    for shard in (s0, s1, s2):  # their metadata.shard as an older release wrote it: no run
+        manifest = read_manifest(shard)
+        doc = {k: v for k, v in manifest.metadata["shard"].items() if k != "run"}
+        replace_metadata(shard, {**manifest.metadata, "shard": doc}, expected=manifest)
+    new = write_shards(table, 3, "rows", template=str(tmp_path / ".new{rank}"), progress=False)
+    replace_table(new[0].path, s0, True)  # the run's first rename, then it was killed
+    with pytest.raises(ShardMismatchError) as raised:
+        join_shards(table, tmp_path / "w.npy", ranks=3, progress=False)
+    assert f"{s1} was written by a `tiered-store shard` run of a release before run ids, but {s0} by `tiered-store shard` run {new[0].run}: a mixed set" in str(raised.value)  # fmt: skip
+    assert "None" not in str(raised.value)
 
 
 def _train_and_compact(shards: list[Path], step: int) -> None:

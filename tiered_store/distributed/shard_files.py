@@ -219,10 +219,17 @@ def _write_shards(
     return written
 
 
+def run_name(run: object) -> str:
+    """A ``write_shards`` run as errors name it (None: one of a release before run ids)."""
+    if run is None:
+        return "a `tiered-store shard` run of a release before run ids"
+    return f"`tiered-store shard` run {run}"
+
+
 def mixed_runs(run: str | None, first_run: str | None, first: str | os.PathLike[str]) -> str:
     """What a shard written by ``run`` is, beside the shard ``first`` of ``first_run``."""
     return (
-        f"was written by `tiered-store shard` run {run}, but {first} by run {first_run}: a mixed "
+        f"was written by {run_name(run)}, but {first} by {run_name(first_run)}: a mixed "
         "set (as a `shard --overwrite` killed between its renames leaves: some shards new, the "
         "others old), not a torn commit; expected the shards of one run: run that `tiered-store "
         "shard --overwrite` again"

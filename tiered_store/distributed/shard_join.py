@@ -32,6 +32,7 @@ from .shard_files import (
     ShardRows,
     mixed_runs,
     read_shard,
+    run_name,
     shard_file_paths,
     written_rows_and_step,
 )
@@ -277,7 +278,7 @@ def _refuse_another_table(out: Path, source: dict[str, str | None], first: Shard
             return
         how = (
             f"an unshard of the shards of table version {joined.get('table_version')} cut by "
-            f"{_run(joined.get('run'))}"
+            f"{run_name(joined.get('run'))}"
             if isinstance(joined, dict)
             else "not an unshard of shards"
         )
@@ -287,17 +288,10 @@ def _refuse_another_table(out: Path, source: dict[str, str | None], first: Shard
     raise ShardMismatchError(
         f"out {out} is {found}, but the shards (rank {first.rank}'s {first.path}, of "
         f"{shard_map.ranks}) were cut from table version {shard_map.table_version} "
-        f"({shard_map.rows:,} x {first.manifest.dim}) by {_run(first.run)}; expected, to "
+        f"({shard_map.rows:,} x {first.manifest.dim}) by {run_name(first.run)}; expected, to "
         "overwrite it, the table they were cut from or an earlier unshard of them: remove it "
         "first if it is to be replaced"
     )
-
-
-def _run(run: object) -> str:
-    """A ``write_shards`` run as errors name it (None: one of a release before run ids)."""
-    if run is None:
-        return "a `tiered-store shard` run of a release before run ids"
-    return f"`tiered-store shard` run {run}"
 
 
 def _refuse_a_shard_left_out_as_out(out: Path, infos: list[ShardInfo]) -> None:
