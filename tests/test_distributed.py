@@ -1233,11 +1233,11 @@ if os.environ["RANK"] == os.environ["SLOW_RANK"]:  # one rank's first checksum p
     from tiered_store.serve.served_model import ServedModel  # is slow
 
     def _slow(method):
-        def slow(self):  # a pass over a big shard, a warm-restart save of a big table
+        def slow(self, *args, **kwargs):  # a pass over a big shard, a warm-restart save
             if not os.path.exists(os.environ["SLOW_MARK"]):
                 open(os.environ["SLOW_MARK"], "w").close()
                 time.sleep(float(os.environ["SLOW_S"]))
-            return method(self)
+            return method(self, *args, **kwargs)  # verify_tables(names, stop), close()
 
         return slow
 
