@@ -223,6 +223,24 @@ def test_unshard_names_a_mixed_set_of_shards_from_a_release_before_run_ids_witho
     assert "None" not in str(raised.value)
 
 
+def test_a_shard_set_rewritten_one_shard_at_a_time_stays_one_run(cut, tmp_path):
+    """Every way a shard's manifest is written again keeps its run id: compaction (each shard
+    at its own time, one twice), `verify --add-page-checksums`; such a set is never named mixed,
+    and joins."""
+    table, (s0, s1, s2) = cut
+    run = read_shard(s0).run
+    assert run is not None
+    for step in (1, 2):
+        for shard in (s0, s1, s2):
+            _commit(shard, {step: -float(step)}, step)
+        compact_table((s0, s1)[step - 1], progress=False)  # s0 after step 1, s1 after step 2
+    compact_table(s2, progress=False)
+    assert cli_main(["verify", "--add-page-checksums", str(s2), "--quiet"]) == 0
+    compact_table(s0, progress=False)  # again: its step 2
+    assert [read_shard(current_version(s)[0]).run for s in (s0, s1, s2)] == [run] * 3
+    join_shards(table, tmp_path / "w.npy", ranks=3, progress=False)
+
+
 def _train_and_compact(shards: list[Path], step: int) -> None:
     """Every shard commits ``step`` (its row 0 written ``step`` on rank 0), then is compacted."""
     for rank, shard in enumerate(shards):
