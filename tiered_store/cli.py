@@ -357,7 +357,9 @@ def _add_shard(sub) -> None:
         "atomically. --by heads (default) cuts at the hash-head boundaries the manifest's Engram "
         "metadata records (whole heads per rank; heads split into row ranges when there are fewer "
         "heads than ranks); --by rows cuts equal row ranges (any table). Each shard's manifest "
-        "records the shard map and the table's version, which ShardedStore checks on every rank. "
+        "records the shard map, the table's version and the run's id, which ShardedStore (and "
+        "unshard) check on every rank: a set of two runs' shards (a --overwrite killed between "
+        "its renames) is named a mixed set. "
         "A compacted table is cut in its current version, its rows checked against its page "
         "checksums; a table with written rows not yet compacted is refused (`tiered-store "
         "compact` it first).",
