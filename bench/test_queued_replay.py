@@ -15,6 +15,13 @@ with one request announced (one row it looks up held, one not; or every other ro
 against the same tier without a queue: a SIEVE tier's search by the queue blocks the queued slots
 it keeps apart, where it once passed over every slot to find them per admission. Rates in rows
 admitted per second.
+
+Announcing into a long queue: one ``announce`` + ``release`` of a request of 20,000 distinct rows
+(a prefill of ~1,250 tokens x 16 heads; 2,000 at the tiny size) into the request queue alone
+(``QueuedRequests``, where the merge is) already holding 256 such requests, against the same into
+a queue of 16. Each announce merges into an array of every queued (row, request) pair, so its
+cost grows with the rows queued: the ratio is what the README's "about N squared" for N
+announces in a row comes from, and why ``server.max_announced`` caps the queue (default 64).
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ SHORT_QUEUED = QUEUED * REQUEST_TOKENS // BATCH_TOKENS  # as many tokens queued,
 ADMIT_GROUP = "admission-queued-sieve"
 ADMIT_ROWS = 64  # new rows an admission
 ADMITS = 64  # admissions a timed call
+ANNOUNCE_GROUP = "announce-into-a-queue"
+ANNOUNCE_ROWS = {"default": 20_000, "tiny": 2_000}  # distinct rows a request
+ANNOUNCES = 8  # announce + release pairs a timed call
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +165,49 @@ def test_sieve_admissions_with_a_request_queued(benchmark, speed, sieve_tiers) -
 
 def test_sieve_admissions_with_half_the_tier_queued(benchmark, speed, sieve_tiers) -> None:
     _admit_rows(benchmark, speed, sieve_tiers, "half")
+
+
+@pytest.fixture(scope="module")
+def queues(sizes) -> dict[int, tuple[QueuedRequests, list[torch.Tensor]]]:
+    """Per queue length: a queue holding that many requests of ``ANNOUNCE_ROWS`` random rows
+    (of 384M, V4.1's table), and the requests a timed call announces and releases."""
+    rows = ANNOUNCE_ROWS[sizes.name]
+    rng = np.random.default_rng(5)
+
+    def request() -> torch.Tensor:
+        return torch.from_numpy(np.unique(rng.integers(0, 384_006_168, rows)))
+
+    made = {}
+    for length in (16, 256):
+        queue = QueuedRequests()
+        for _ in range(length):
+            queue.add(request())
+        made[length] = (queue, [request() for _ in range(ANNOUNCES)])
+    return made
+
+
+def _announce(benchmark, speed, queues, length: int) -> None:
+    queue, requests = queues[length]
+
+    def announce_and_release() -> None:
+        for ids in requests:
+            queue.remove(queue.add(ids))
+
+    speed.measure(
+        benchmark,
+        announce_and_release,
+        group=ANNOUNCE_GROUP,
+        per_call=ANNOUNCES,
+        unit="announces",
+        baseline=length == 16,
+    )
+    assert len(queue) == length
+    benchmark.extra_info.update(queued_requests=length, queued_rows=queue.rows)
+
+
+def test_announce_into_a_queue_of_16(benchmark, speed, queues) -> None:
+    _announce(benchmark, speed, queues, 16)
+
+
+def test_announce_into_a_queue_of_256(benchmark, speed, queues) -> None:
+    _announce(benchmark, speed, queues, 256)
