@@ -357,6 +357,30 @@ def test_an_earlier_layers_table_with_commits_stays_with_a_warning(golden, tmp_p
         assert store.committed_step == 5
 
 
+def _save_warm_restart(table: Path) -> None:
+    """A store of ``table`` with warm restart on, as a user's config may turn it on: its close
+    saves ``TABLE.npy.restart``."""
+    config = {"table": {"path": str(table)}, "tiers": {"restart": {"enabled": True}}}
+    with TieredStore.open(config) as store:
+        store.lookup([0, 5])
+
+
+def test_an_earlier_layers_warm_restart_file_goes_with_its_table(golden, tmp_path):
+    """A store of the earlier conversion's layer 14 with warm restart on (tiers.restart) saved
+    engram_layer14.npy.restart beside it (hot and warm's row ids: up to 184 MB in the
+    release), and a killed save its temporary: both were left for good beside no table, naming
+    layer 14 for every later conversion. They go with the table, before its manifest."""
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    _save_warm_restart(out / "engram_layer14.npy")
+    save = out / ".engram_layer14.npy.restart.0123456789ab.tmp"
+    save.write_bytes(b"a killed save's")
+    assert "engram_layer14.npy.restart" in _layer14_files(out)
+
+    result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
+    assert result.removed == (14,) and _layer14_files(out) == [] and not save.exists()
+
+
 def test_an_earlier_layers_store_config_edited_to_a_moved_table_stays(golden, tmp_path):
     """The earlier conversion's layer14.yaml, its table moved to another disk and table.path
     edited to it (the header kept): it was removed as the config of a table no longer there,
@@ -430,16 +454,18 @@ hf.convert_hf_checkpoint(sys.argv[1], sys.argv[2], progress=False)
 """
 
 
-@pytest.mark.parametrize("killed_at", [1, 2, 3, 4])
+@pytest.mark.parametrize("killed_at", [1, 2, 3, 4, 5])
 def test_a_removal_of_an_earlier_layer_killed_at_each_file_is_finished_by_the_rerun(
     golden, tmp_path, killed_at
 ):
     """The removal of an earlier conversion's layer 14, killed (SIGKILL) before each of its file
     removals: killed after the manifest went, it left engram_layer14.npy (the whole table's
     bytes: 101 GB in the release), which no rerun could tell as the conversion's own and which
-    stayed for good. A rerun now finishes the removal wherever it was killed."""
+    stayed for good. A rerun now finishes the removal wherever it was killed (its files: the
+    table's .npy, page checksums, warm-restart file and manifest, then layer14.yaml)."""
     out = tmp_path / "out"
     convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    _save_warm_restart(out / "engram_layer14.npy")
     ckpt = _other_layers(tmp_path / "b", golden)
     script = tmp_path / "kill.py"
     script.write_text(KILLED_AT_UNLINK)

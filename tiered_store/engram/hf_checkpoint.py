@@ -59,6 +59,7 @@ from ..table_format import (
     replace_metadata,
     table_paths,
 )
+from ..warm_restart import remove_abandoned_saves, restart_path
 from .checkpoint import check_table_file, table_file, table_metadata
 from .config import CONVERT_HF_LOCK, BackboneConfig, EngramConfig, load_engram_config
 from .hashing import NgramHasher
@@ -576,11 +577,15 @@ def _remove_earlier_layer(out: Path, layer: int) -> bool:
 
 
 def _remove_table(path: Path) -> None:
-    """Remove a conversion's table, its data first and its manifest (which tells it the
+    """Remove a conversion's table, its data first, then its page checksums and a store's
+    warm-restart file (with a killed save's temporaries), its manifest (which tells it the
     conversion's) last: a removal killed part way leaves the manifest, and a rerun the rest."""
     npy, manifest = table_paths(path)
-    for part in (npy, sidecar_path(npy), manifest):
+    restart = restart_path(npy)
+    for part in (npy, sidecar_path(npy), restart):
         part.unlink(missing_ok=True)
+    remove_abandoned_saves(restart)
+    manifest.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
