@@ -260,7 +260,15 @@ def test_a_conversion_of_other_layers_removes_the_earlier_conversions_files_of_i
     )
 
     result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
-    assert sorted(result.tables) == [1, 5] and result.removed == (14,)
+    assert sorted(result.tables) == [1, 5]
+    assert result.removed == {
+        14: (
+            "engram_layer14.npy",
+            "engram_layer14.npy.pages.crc32c",
+            "engram_layer14.npy.manifest.json",
+            "layer14.yaml",
+        )
+    }
     names = sorted(p.name for p in out.iterdir())
     assert not [n for n in names if "14" in n and n != "layer14.txt"], names
     assert not [n for n in names if n.endswith(".tmp")], names
@@ -293,7 +301,7 @@ def test_a_conversion_of_other_layers_killed_before_its_tables_exist_keeps_the_e
     assert _layer14_files(out) == before == ["engram_layer14.npy", *before[1:]]
     verify_table(out / "engram_layer14.npy", progress=False)
 
-    assert convert_hf_checkpoint(ckpt, out, progress=False).removed == (14,)
+    assert list(convert_hf_checkpoint(ckpt, out, progress=False).removed) == [14]
     assert _layer14_files(out) == []
 
 
@@ -310,7 +318,7 @@ def test_a_layer_whose_table_is_another_writers_is_not_named_removed(golden, tmp
     before = {name: (out / name).read_bytes() for name in _layer14_files(out)}
 
     result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
-    assert result.removed == ()
+    assert result.removed == {}
     assert {name: (out / name).read_bytes() for name in _layer14_files(out)} == before
 
 
@@ -333,7 +341,7 @@ def test_an_earlier_layers_table_linked_in_from_another_folder_stays(golden, tmp
     before = _layer14_files(out)
 
     result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
-    assert result.removed == () and _layer14_files(out) == before
+    assert result.removed == {} and _layer14_files(out) == before
     assert all((out / name).is_symlink() for name in before if name != "layer14.yaml")
     verify_table(table, progress=False)
 
@@ -352,7 +360,7 @@ def test_an_earlier_layers_table_with_commits_stays_with_a_warning(golden, tmp_p
 
     with pytest.warns(UserWarning, match=r"engram_layer14\.npy: left, .* committed writes"):
         result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
-    assert result.removed == () and _layer14_files(out) == before
+    assert result.removed == {} and _layer14_files(out) == before
     with TieredStore.open(out / "layer14.yaml") as store:
         assert store.committed_step == 5
 
@@ -378,7 +386,8 @@ def test_an_earlier_layers_warm_restart_file_goes_with_its_table(golden, tmp_pat
     assert "engram_layer14.npy.restart" in _layer14_files(out)
 
     result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
-    assert result.removed == (14,) and _layer14_files(out) == [] and not save.exists()
+    assert "engram_layer14.npy.restart" in result.removed[14]
+    assert _layer14_files(out) == [] and not save.exists()
 
 
 def test_an_earlier_layers_store_config_edited_to_a_moved_table_stays(golden, tmp_path):
@@ -398,7 +407,35 @@ def test_an_earlier_layers_store_config_edited_to_a_moved_table_stays(golden, tm
     edited = config.read_text()
 
     result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
-    assert result.removed == () and config.read_text() == edited
+    assert result.removed == {} and config.read_text() == edited
+    with TieredStore.open(config) as store:
+        assert store.rows == 5014
+
+
+def test_the_command_names_the_files_of_an_earlier_layer_it_removed(golden, tmp_path):
+    """The earlier conversion's table copied to another disk and layer14.yaml edited to name the
+    copy: the folder's table went and the config stayed, yet the command said 'removed an
+    earlier conversion's table and store config there' (so it did when only the config went).
+    HFConversion.removed and the command name the files removed."""
+    out, nvme = tmp_path / "out", tmp_path / "nvme"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    nvme.mkdir()
+    for path in out.glob("engram_layer14.npy*"):
+        shutil.copy(path, nvme / path.name)
+    config = out / "layer14.yaml"
+    config.write_text(
+        config.read_text().replace("path: engram_layer14.npy", f"path: {nvme}/engram_layer14.npy")
+    )
+    ckpt, env = _other_layers(tmp_path / "b", golden), subprocess_env()
+
+    run = run_python(["-m", "tiered_store.cli", "convert-hf", ckpt, out, "--quiet"], env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    names = "engram_layer14.npy, engram_layer14.npy.pages.crc32c, engram_layer14.npy.manifest.json"
+    assert run.stdout.splitlines()[-1] == (
+        f"layer 14: removed an earlier conversion's {names} from {out} (not an Engram layer "
+        "of this checkpoint)"
+    )
+    assert _layer14_files(out) == ["layer14.yaml"]
     with TieredStore.open(config) as store:
         assert store.rows == 5014
 
@@ -430,12 +467,12 @@ def test_an_earlier_layer_a_store_has_open_is_left_with_a_warning(golden, tmp_pa
         assert store.stdout.readline().strip() == "5014", store.communicate(120)[1][-2000:]
         with pytest.warns(UserWarning, match=r"engram_layer14\.npy.* a store has it open"):
             result = convert_hf_checkpoint(ckpt, out, progress=False)
-        assert result.removed == () and _layer14_files(out) == before
+        assert result.removed == {} and _layer14_files(out) == before
     finally:
         go.touch()
         answer, err = store.communicate(120)
     assert store.wait() == 0 and answer.split() == ["2"], err[-2000:]
-    assert convert_hf_checkpoint(ckpt, out, progress=False).removed == (14,)
+    assert list(convert_hf_checkpoint(ckpt, out, progress=False).removed) == [14]
     assert _layer14_files(out) == []
 
 
@@ -473,7 +510,7 @@ def test_a_removal_of_an_earlier_layer_killed_at_each_file_is_finished_by_the_re
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert _layer14_files(out) and not (out / "config.json").exists()
 
-    assert convert_hf_checkpoint(ckpt, out, progress=False).removed == (14,)
+    assert list(convert_hf_checkpoint(ckpt, out, progress=False).removed) == [14]
     assert _layer14_files(out) == []
 
 

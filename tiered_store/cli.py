@@ -598,10 +598,10 @@ def _run_convert_hf(args) -> int:
         note = " (already complete)" if layer in result.skipped else ""
         print(f"layer {layer}: {path}{note}; store config {result.store_configs[layer]}")
     print(f"dense Engram weights: {result.dense}")
-    for layer in result.removed:
+    for layer, names in result.removed.items():
         print(
-            f"layer {layer}: removed an earlier conversion's table and store config there (not an "
-            "Engram layer of this checkpoint)"
+            f"layer {layer}: removed an earlier conversion's {', '.join(names)} from "
+            f"{result.directory} (not an Engram layer of this checkpoint)"
         )
     return 0
 

@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +350,9 @@ class HFConversion:
     store_configs: dict[int, Path]
     dense: Path
     skipped: tuple[int, ...]  # layers whose table was already complete
-    removed: tuple[int, ...] = ()  # layers not in this checkpoint whose earlier files went
+    # per layer not in this checkpoint, the names of its earlier files removed (a killed run's
+    # temporaries aside)
+    removed: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
 
 def convert_hf_checkpoint(
@@ -509,26 +511,26 @@ def _output_names(layers: set[int]) -> list[str]:
     return names
 
 
-def _remove_earlier_layers(out: Path, layers: set[int]) -> tuple[int, ...]:
+def _remove_earlier_layers(out: Path, layers: set[int]) -> dict[int, tuple[str, ...]]:
     """Remove an earlier conversion's table and ``layer{L}.yaml`` of each of ``layers`` (not
     this conversion's): a table whose manifest records a checkpoint source (as ``_convert``
     writes it), a store config opening with ``_convert``'s header and naming that table (none
     left). Another writer's table, one linked in (a symlink), and a store config beside one or
     edited to name another, stay; so does a table a store has open or has written (commits,
     versions), with a warning. Under the folder's lock, as ``create_table`` publishes. The
-    layers whose files were removed."""
-    removed = []
+    names of the files removed, by layer (those of layers with one)."""
+    removed = {}
     with locked_folder(out):
         for layer in sorted(layers):
-            if _remove_earlier_layer(out, layer):
-                removed.append(layer)
+            if names := _remove_earlier_layer(out, layer):
+                removed[layer] = names
         if removed:
             fsync_dir(out)
-    return tuple(removed)
+    return removed
 
 
-def _remove_earlier_layer(out: Path, layer: int) -> bool:
-    """``_remove_earlier_layers`` of one layer: whether a file of it was removed."""
+def _remove_earlier_layer(out: Path, layer: int) -> tuple[str, ...]:
+    """``_remove_earlier_layers`` of one layer: the names of its files removed."""
     path, config = table_file(out, layer), out / f"layer{layer}.yaml"
     try:
         source = read_manifest(path).metadata.get("source")
@@ -537,6 +539,7 @@ def _remove_earlier_layer(out: Path, layer: int) -> bool:
     linked = any(p.is_symlink() for p in (*table_paths(path), sidecar_path(path)))
     # a link is the user's (convert-hf never makes one), to another folder's table
     ours = not linked and isinstance(source, dict) and "checkpoint_tensors" in source
+    removed: tuple[str, ...] = ()
     if ours:
         try:  # held while it goes: a store opening it meanwhile waits, then finds no table
             hold = open_held(path, os.O_RDONLY)
@@ -550,7 +553,7 @@ def _remove_earlier_layer(out: Path, layer: int) -> bool:
                 "another; expected none: convert again once it is closed to remove them",
                 UserWarning,
             )
-            return False
+            return ()
         try:
             if has_history(path):  # no longer the conversion's alone: a store wrote it
                 warn_at_caller(
@@ -560,8 +563,8 @@ def _remove_earlier_layer(out: Path, layer: int) -> bool:
                     f"files ({path.name}*, {path.stem}.g*.npy*) yourself if they are not needed",
                     UserWarning,
                 )
-                return False
-            _remove_table(path)
+                return ()
+            removed = _remove_table(path)
         finally:
             if hold is not None:
                 release(hold)
@@ -572,20 +575,23 @@ def _remove_earlier_layer(out: Path, layer: int) -> bool:
     # one edited to name another table (moved to another disk) is the user's, and still opens
     if header and _table_of_store_config(config) == path and not path.exists():
         config.unlink()
-        return True
-    return ours  # else another writer's table, or the user's files: nothing removed
+        removed += (config.name,)
+    return removed  # none: another writer's table, or the user's files
 
 
-def _remove_table(path: Path) -> None:
+def _remove_table(path: Path) -> tuple[str, ...]:
     """Remove a conversion's table, its data first, then its page checksums and a store's
     warm-restart file (with a killed save's temporaries), its manifest (which tells it the
-    conversion's) last: a removal killed part way leaves the manifest, and a rerun the rest."""
+    conversion's) last: a removal killed part way leaves the manifest, and a rerun the rest.
+    The names of its files removed (the temporaries aside)."""
     npy, manifest = table_paths(path)
-    restart = restart_path(npy)
-    for part in (npy, sidecar_path(npy), restart):
+    parts = (npy, sidecar_path(npy), restart_path(npy))
+    removed = tuple(part.name for part in (*parts, manifest) if part.exists())
+    for part in parts:
         part.unlink(missing_ok=True)
-    remove_abandoned_saves(restart)
+    remove_abandoned_saves(parts[-1])
     manifest.unlink(missing_ok=True)
+    return removed
 
 
 @contextlib.contextmanager
