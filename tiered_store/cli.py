@@ -521,7 +521,9 @@ def _add_convert_hf(sub) -> None:
         "tokenizer.json and layer{L}.yaml, a store config for TieredStore.open. Tables stream in "
         "bounded memory; every file is published atomically; rerun after a kill to finish (complete "
         "tables are kept). config.json is written last: until a conversion into an OUT_DIR that "
-        "held another is complete, OUT_DIR has none.",
+        "held another is complete, OUT_DIR has none. Before it, that other conversion's tables "
+        "and layer{L}.yaml of layers this checkpoint has not are removed (each file named; one a "
+        "store has open or has written stays, with a warning).",
     )
     p.add_argument(
         "checkpoint",

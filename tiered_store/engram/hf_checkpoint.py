@@ -21,7 +21,8 @@ digest gains it, in its manifest: its rows are not rewritten). ``config.json`` m
 conversion: a rerun that changes anything in ``out_dir`` removes the one there first, so a
 killed re-conversion never leaves a config beside tables it does not describe; an earlier
 conversion's table and ``layer{L}.yaml`` of a layer this checkpoint has not are removed, once
-the new tables and dense weights are written (before the config).
+the new tables and dense weights are written (before the config; one a store has open or has
+written stays, with a warning).
 """
 
 from __future__ import annotations
