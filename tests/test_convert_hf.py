@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -474,6 +475,34 @@ def test_an_earlier_layer_a_store_has_open_is_left_with_a_warning(golden, tmp_pa
     assert store.wait() == 0 and answer.split() == ["2"], err[-2000:]
     assert list(convert_hf_checkpoint(ckpt, out, progress=False).removed) == [14]
     assert _layer14_files(out) == []
+
+
+def test_a_page_checksum_addition_to_an_earlier_layer_removed_meanwhile_says_so(golden, tmp_path):
+    """`verify --add-page-checksums` on the earlier conversion's layer 14 while a conversion of
+    other layers removed it: it failed saying the table 'changed while its page checksums were
+    computed ... run the command again', which then finds no table. It says the table was
+    removed, and leaves nothing of it (the removal and its check are under the folder lock)."""
+    from tests.conftest import _PAUSED_ADDING_PAGE_CHECKSUMS
+    from tests.forkserver import PythonProcess
+
+    out = tmp_path / "out"
+    convert_hf_checkpoint(make_checkpoint(tmp_path / "a", golden), out, progress=False)
+    script, paused, go = tmp_path / "add.py", tmp_path / "paused", tmp_path / "go"
+    script.write_text(_PAUSED_ADDING_PAGE_CHECKSUMS)
+    table = out / "engram_layer14.npy"
+    adding = PythonProcess([script, table, paused, go], env=subprocess_env())
+    try:
+        while not paused.exists():
+            assert adding.poll() is None, adding.communicate(120)[1][-2000:]
+            time.sleep(0.02)
+        result = convert_hf_checkpoint(_other_layers(tmp_path / "b", golden), out, progress=False)
+        assert list(result.removed) == [14]
+    finally:
+        go.touch()
+        _, err = adding.communicate(120)
+    assert adding.returncode == 1
+    assert f"table {table} was removed while its page checksums were computed" in err, err
+    assert _layer14_files(out) == [] and not list(out.glob(".engram_layer14*"))
 
 
 KILLED_AT_UNLINK = """

@@ -770,7 +770,7 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
     per 4 KiB page, then writes ``NAME.npy.pages.crc32c`` and the manifest with its
     ``page_checksums`` entry atomically (the sidecar first, the manifest last). Nothing is written
     when a block fails its checksum (the page checksums would certify corrupt data), nor when the
-    manifest changed meanwhile (run it again).
+    manifest changed meanwhile (run it again) or the table was removed.
 
     Parameters
     ----------
@@ -787,7 +787,8 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
     Raises
     ------
     TableFormatError
-        The structure is wrong, a block fails its checksum, or the table changed while it ran.
+        The structure is wrong, a block fails its checksum, or the table changed or was removed
+        while it ran.
     TierIOError
         A write failed (disk full, read-only file system, file-size limit); the table is unchanged.
 
@@ -821,7 +822,12 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
             manifest_file.file.write(_manifest_text(replace(manifest, page_checksums=entry))[1])
             manifest_file.finish()
         with locked_folder(npy_path.parent):  # as _commit: no table commit in between
-            if not manifest_path.exists() or manifest_path.read_bytes() != before:
+            if not (npy_path.exists() and manifest_path.exists()):
+                raise TableFormatError(
+                    f"table {npy_path} was removed while its page checksums were computed; "
+                    "expected it to stay: nothing was written"
+                )
+            if manifest_path.read_bytes() != before:
                 raise TableFormatError(
                     f"table {npy_path} changed while its page checksums were computed; "
                     "expected it unchanged: run the command again"
