@@ -856,6 +856,19 @@ def test_a_json_config_is_read_as_json(tmp_path):
     assert load_yaml(config) == {}
 
 
+def test_a_json_config_named_in_upper_case_is_read_as_json(tmp_path):
+    """``model.JSON`` (as a case-insensitive file system or a Windows tool names it) was read by
+    the YAML parser: valid JSON indented with tabs was "not valid YAML"."""
+    doc = {"engram": {"layer_ids": [1, 3], "seed": 7}}
+    for name in ("model.JSON", "model.Json"):
+        config = tmp_path / name
+        config.write_text(json.dumps(doc, indent="\t"))
+        assert load_yaml(config) == doc
+        config.write_text('{"engram": {"seed": 1,}}')
+        with pytest.raises(ConfigError, match=rf"{name}: not valid JSON: Expecting property"):
+            load_yaml(config)
+
+
 def test_a_section_left_empty_takes_its_defaults(tmp_path):
     """A section whose keys are all commented out (YAML's null, as in the commented examples)
     was refused ("prefetch: expected a mapping (got None)"), while serve's config, and an empty

@@ -126,7 +126,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
-    """Read a YAML (or JSON: a ``.json`` file, read as JSON) file whose top level is a mapping.
+    """Read a YAML (or JSON: a ``.json`` file, any case, read as JSON) file whose top level is a
+    mapping.
 
     A number with an exponent is a number as in JSON and YAML 1.2 (``1e-6``, ``5E5``), not the
     string YAML 1.1 reads; quote it for a string. A leading 0 that makes an integer octal in YAML
@@ -168,7 +169,7 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path}: not UTF-8 text; expected a YAML file") from None
-    if path.suffix == ".json":  # JSON's own reader: YAML refuses a tab that indents JSON
+    if path.suffix.lower() == ".json":  # JSON's own reader: YAML refuses a tab indenting JSON
         data = _parse_json(text, f"{what} {path}")
     else:
         loader = None
