@@ -799,6 +799,19 @@ def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
     assert load_yaml(config)["table"]["path"] == "010"
 
 
+def test_a_negative_number_with_a_leading_zero_is_named_with_its_sign(tmp_path):
+    """``-010`` was refused as "octal in YAML 1.1 (8); expected the number without it (10)":
+    both readings lost the sign the line holds."""
+    config = tmp_path / "tiers.yaml"
+    config.write_text("cost_model: {nvme_latency_us: -010}\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"-010: a leading 0 makes it octal in YAML 1.1 \(-8\); expected the number without "
+        r"it \(-10\)",
+    ):
+        load_yaml(config)
+
+
 def test_a_path_with_a_nul_character_is_named(tmp_path):
     """A NUL in a path (YAML's "\\0" escape) raised pathlib's bare ValueError ("embedded null
     byte") when the paths were resolved: a traceback, not the key that holds it."""

@@ -498,13 +498,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         """YAML 1.1's integer, but a leading 0 that makes it octal (``010``: 8; 10 in YAML 1.2
         and to a reader) is refused."""
-        digits = str(node.value).replace("_", "").lstrip("+-")
+        text = str(node.value).replace("_", "")
+        sign, digits = ("-", text[1:]) if text[:1] == "-" else ("", text.lstrip("+"))
         if digits[:1] == "0" and digits.isdigit() and int(digits, 8) != int(digits):
             raise yaml.constructor.ConstructorError(
                 None,
                 None,
-                f"{node.value}: a leading 0 makes it octal in YAML 1.1 ({int(digits, 8)}); "
-                f"expected the number without it ({int(digits)}), or quoted for a string",
+                f"{node.value}: a leading 0 makes it octal in YAML 1.1 ({sign}{int(digits, 8)}); "
+                f"expected the number without it ({sign}{int(digits)}), or quoted for a string",
                 node.start_mark,
             )
         return super().construct_yaml_int(node)
