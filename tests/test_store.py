@@ -812,6 +812,20 @@ def test_a_negative_number_with_a_leading_zero_is_named_with_its_sign(tmp_path):
         load_yaml(config)
 
 
+def test_an_integer_longer_than_python_reads_is_named(tmp_path):
+    """An integer of more than 4,300 digits (Python's limit on reading one) raised int()'s bare
+    ValueError ("Exceeds the limit ...") out of load_yaml: a traceback naming no file or line."""
+    config = tmp_path / "tiers.yaml"
+    for value in ("7" * 5000, "0" + "7" * 5000):
+        config.write_text(f"table: {{path: t.npy}}\nprefetch:\n  depth: {value}\n")
+        with pytest.raises(
+            ConfigError,
+            match=rf"tiers.yaml: not valid YAML: an integer of {len(value):,} digits; expected at "
+            r"most 4,300(.|\n)*line 3",
+        ):
+            StoreConfig.from_yaml(config)
+
+
 def test_a_path_with_a_nul_character_is_named(tmp_path):
     """A NUL in a path (YAML's "\\0" escape) raised pathlib's bare ValueError ("embedded null
     byte") when the paths were resolved: a traceback, not the key that holds it."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -497,9 +498,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         """YAML 1.1's integer, but a leading 0 that makes it octal (``010``: 8; 10 in YAML 1.2
-        and to a reader) is refused."""
+        and to a reader) is refused, and so is one of more digits than ``int()`` reads."""
         text = str(node.value).replace("_", "")
         sign, digits = ("-", text[1:]) if text[:1] == "-" else ("", text.lstrip("+"))
+        limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()  # 3.10.7 on; 0: none
+        if limit and len(digits) > limit and digits.isdigit():  # int() raised a bare ValueError
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"an integer of {len(digits):,} digits; expected at most {limit:,} (Python reads "
+                "no longer one)",
+                node.start_mark,
+            )
         if digits[:1] == "0" and digits.isdigit() and int(digits, 8) != int(digits):
             raise yaml.constructor.ConstructorError(
                 None,
