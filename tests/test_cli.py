@@ -189,6 +189,8 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
         # they shape random rows only: a copy of an array took them and ignored them
         (["init", "x.npy", "--from-npy", "t.npy", "--std", "0.5"], "--std 0.5: only with --random"),
         (["init", "x.npy", "--from-npy", "t.npy", "--seed", "3"], "--seed 3: only with --random"),
+        # as typed: a seed read as a float said "--seed 1.23457e+07"
+        (["init", "x.npy", "--from-npy", "t.npy", "--seed", "12345678"], "--seed 12345678: only"),
         (
             ["init", "x.npy", "--from-npy", "f64.npy"],
             "float64; expected float32, float16 or bfloat16 (pass --dtype to convert it)",

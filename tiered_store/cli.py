@@ -121,8 +121,9 @@ def _run_init(args) -> int:
         raise tf.not_a_table(args.table)
     if args.random is None:  # they shape random rows only: a copied array would ignore them
         for option, value in (("--seed", args.seed), ("--std", args.std)):
-            if value is not None:
-                raise _usage(f"{option} {value:g}: only with --random; expected no {option}")
+            if value is not None:  # a seed as typed (":g" wrote 12345678 as 1.23457e+07)
+                shown = value if isinstance(value, int) else f"{value:g}"
+                raise _usage(f"{option} {shown}: only with --random; expected no {option}")
     if args.from_safetensors is not None:
         if not args.tensor:
             raise _usage("--from-safetensors needs --tensor NAME (the tensor inside the file)")
