@@ -712,6 +712,35 @@ def test_yaml_config_resolves_relative_paths(tmp_path, table):
         assert torch.equal(store.lookup([1, 2]), data[[1, 2]])
 
 
+def test_errors_at_open_name_the_yaml_file(tmp_path, table):
+    """Errors found when a store opens from a YAML file (a policy typo, a capacity past the
+    table, a missing row list, a dim the table has not) named the key but not the file, which
+    ``serve`` and the file's own schema errors do."""
+    path, _ = table
+    config = tmp_path / "tiers.yaml"
+    for tiers, message in (
+        ("{hot: {capacity: 10, policy: lruu}}", "tiers.hot.policy: unknown policy 'lruu'"),
+        ("{warm: {capacity: 9999999}}", "tiers.warm.capacity: 9999999 is 9,999,999 rows"),
+        (
+            "{hot: {capacity: 10, policy: static+lru, static_rows: gone.npy}}",
+            "tiers.hot.static_rows: cannot read",
+        ),
+    ):
+        config.write_text(f"table: {{path: {path.name}}}\ntiers: {tiers}\n")
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: {re.escape(message)}"):
+            TieredStore.open(config)
+    config.write_text(f"table: {{path: {path.name}, dim: 3}}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: table.dim: config says 3"):
+        TieredStore.open(config)
+    with pytest.raises(ConfigError, match=r"^table.dim: config says 3"):  # no file to name
+        TieredStore.open({"table": {"path": str(path), "dim": 3}})
+    from tiered_store.distributed import ShardedStore
+
+    config.write_text(f"table: {{path: {path.name}}}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: sharding: missing"):
+        ShardedStore.open(config)
+
+
 def test_bad_yaml_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("table: [unclosed\n")

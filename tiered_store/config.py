@@ -203,6 +203,18 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     return data
 
 
+@contextmanager
+def naming_file(path: str | Path) -> Iterator[None]:
+    """A ConfigError raised inside names the config file ``path`` first (``tiers.yaml:
+    tiers.hot.policy: ...``), as the file's own schema errors do; its class is kept."""
+    try:
+        yield
+    except ConfigError as exc:
+        if len(exc.args) == 1 and isinstance(exc.args[0], str):
+            exc.args = (f"{path}: {exc.args[0]}",)
+        raise
+
+
 def _parse_json(text: str, where: str) -> Any:
     """The JSON document ``text`` (None when blank; a byte-order mark before it is skipped, as the
     YAML reader does); a key given twice in an object is refused (``json.loads`` kept the last).

@@ -21,7 +21,7 @@ import torch
 from .cache_plan import CacheHierarchy, IgnoredSettingWarning, ignored_tier_settings, shard_rows
 from .capacity import available_host_memory, format_bytes
 from .cold_table import ColdTable
-from .config import StoreConfig
+from .config import StoreConfig, naming_file
 from .delta.row_delta import GREW_STEP, RowDelta, committed_step, delta_path
 from .delta.table_versions import (
     current_version,
@@ -243,7 +243,9 @@ class TieredStore:
             return cls(config)
         if isinstance(config, dict):
             return cls(StoreConfig.from_dict(config, base_dir=Path.cwd()))
-        return cls(StoreConfig.from_yaml(config))
+        checked = StoreConfig.from_yaml(config)  # its errors name the file themselves
+        with naming_file(config):  # and so do those found at open, of the file's keys
+            return cls(checked)
 
     # -- the lookup interface ----------------------------------------------------------------------
     def lookup(

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import ShardingConfig, StoreConfig
+from ..config import ShardingConfig, StoreConfig, naming_file
 from ..delta.row_optimizers import first_non_finite_row
 from ..delta.table_versions import pointer_path, release, take_writer_lock
 from ..delta.write_back import merge_last_wins
@@ -261,7 +261,9 @@ class ShardedStore:
         if isinstance(config, dict):
             config = StoreConfig.from_dict(config, base_dir=Path.cwd())
         elif not isinstance(config, StoreConfig):
-            config = StoreConfig.from_yaml(config)
+            checked = StoreConfig.from_yaml(config)  # its errors name the file themselves
+            with naming_file(config):  # and so do those found at open, of the file's keys
+                return cls(checked, group)
         return cls(config, group)
 
     # -- the lookup interface ----------------------------------------------------------------------
