@@ -884,6 +884,41 @@ def test_a_path_with_a_nul_character_is_named(tmp_path):
         ServeConfig.from_yaml(config)
 
 
+def test_a_huge_bad_value_is_shown_cut_short(tmp_path):
+    """A bad value was repeated whole: a 100,000-element list where a capacity belongs made a
+    690 KB message (and a 100,000-character string one of 100 KB); an integer of more digits than
+    Python writes out raised its bare ValueError while the message was made."""
+    items, text = list(range(100_000)), "x" * 100_000
+    for data, key in (
+        ({"tiers": {"hot": {"capacity": items}}}, "tiers.hot.capacity"),
+        ({"tiers": {"hot": {"policy": items}}}, "tiers.hot.policy"),
+        ({"tiers": {"hot": {"device": text}}}, "tiers.hot.device"),
+        ({"tiers": {"cold": {"io": text}}}, "tiers.cold.io"),
+        ({"prefetch": {"depth": items}}, "prefetch.depth"),
+        ({"prefetch": {"depth": 16**5000}}, "prefetch.depth"),
+        ({"cost_model": {"hbm_gbps": text}}, "cost_model.hbm_gbps"),
+        ({"tiers": {"warm": {"repin": {"budget": text}}}}, "tiers.warm.repin.budget"),
+        ({"prefetch": items}, "prefetch"),
+        ({"table": {"path": f"t{text}\0"}}, "table.path"),
+        ({text: 1}, "x" * 60),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            StoreConfig.from_dict({"table": {"path": "t.npy"}, **data})
+        message = str(caught.value)
+        assert f"  {key}" in message and len(message) < 600, message[:600]
+        assert re.search(r"\.\.\. \(\d{3},\d{3} characters\)|too long to write out", message)
+    for data in ({"server": {"address": text}}, {"checkpoint": {"path": items}}):
+        with pytest.raises(ConfigError) as caught:
+            ServeConfig.from_dict(data)
+        assert len(str(caught.value)) < 600, str(caught.value)[:600]
+    for name, doc in (("tiers.yaml", f"? {text}\n: 1\n? {text}\n: 2\n"), ("tiers.json", "")):
+        config = tmp_path / name  # a key given twice, however long
+        config.write_text(doc or json.dumps({text: 1}).replace("}", f", {json.dumps(text)}: 2}}"))
+        with pytest.raises(ConfigError, match=r"given twice") as caught:
+            load_yaml(config)
+        assert len(str(caught.value)) < 600, str(caught.value)[:600]
+
+
 def test_a_json_config_is_read_as_json(tmp_path):
     """A ``.json`` file was read by the YAML parser: JSON indented with tabs (valid JSON, which
     YAML refuses) was "not valid JSON", and a "\\ud83d\\ude00" escape read as two halves of a

@@ -6,7 +6,7 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 _BYTE_UNITS = {
     "B": 1,
@@ -28,13 +28,13 @@ CAPACITY_HELP = "a row count (int), a byte size like '512MiB' or '2GiB', or a pe
 def check_capacity_spec(spec: int | str) -> int | str:
     """Validate the syntax of a capacity spec without knowing the table; returns it unchanged."""
     if isinstance(spec, bool) or not isinstance(spec, int | str):
-        raise ValueError(f"got {spec!r}; expected {CAPACITY_HELP}")
+        raise ValueError(f"got {shown(spec)}; expected {CAPACITY_HELP}")
     if isinstance(spec, int):
         if spec < 0:
             raise ValueError(f"got {spec}; expected a non-negative row count")
         return spec
     if not (_BYTES_RE.match(spec) or _PERCENT_RE.match(spec)):
-        raise ValueError(f"got {spec!r}; expected {CAPACITY_HELP}")
+        raise ValueError(f"got {shown(spec)}; expected {CAPACITY_HELP}")
     check_share(spec)
     return spec
 
@@ -43,7 +43,7 @@ def check_share(spec: int | str) -> None:
     """Refuse a percentage over 100, which no table can give (a ValueError saying so)."""
     m = _PERCENT_RE.match(spec) if isinstance(spec, str) else None
     if m and Fraction(m.group(1)) > 100:
-        raise ValueError(f"{spec!r} is more than 100% of the table; expected 0%..100%")
+        raise ValueError(f"{shown(spec)} is more than 100% of the table; expected 0%..100%")
 
 
 def is_off(spec: int | str) -> bool:
@@ -63,11 +63,13 @@ def parse_bytes(text: str) -> int:
     m = _BYTES_RE.match(text)
     if not m:
         raise ConfigError(
-            f"byte size {text!r}: expected a number and a unit like '512MiB' or '2GB'"
+            f"byte size {shown(text)}: expected a number and a unit like '512MiB' or '2GB'"
         )
     size = Fraction(m.group(1)) * _BYTE_UNITS[m.group(2).upper()]  # exact: '4.35MB'
     if 0 < size < 1:  # would read as 0, which turns a tier off
-        raise ConfigError(f"byte size {text!r}: less than one byte; expected at least 1 B, or 0")
+        raise ConfigError(
+            f"byte size {shown(text)}: less than one byte; expected at least 1 B, or 0"
+        )
     return int(size)
 
 
@@ -90,13 +92,13 @@ def resolve_capacity(spec: int | str, *, table_rows: int, row_bytes: int, key: s
         rows = asked // row_bytes
     if asked and not rows:  # a tier of 0 rows is off: only when asked for
         raise ConfigError(
-            f"{key}: {spec!r} is less than one row of this table ({row_bytes:,} bytes, "
+            f"{key}: {shown(spec)} is less than one row of this table ({row_bytes:,} bytes, "
             f"{100 / table_rows:.3g}% of {table_rows:,} rows); expected at least one row, or 0 "
             "to turn the tier off"
         )
     if rows > table_rows:
         raise ConfigError(
-            f"{key}: {spec!r} is {rows:,} rows, more than the table's {table_rows:,} rows; "
+            f"{key}: {shown(spec)} is {rows:,} rows, more than the table's {table_rows:,} rows; "
             f"expected at most {table_rows:,} rows ({table_rows * row_bytes:,} bytes or 100%)"
         )
     return rows
@@ -117,7 +119,7 @@ def parse_shares(text: str, *, key: str) -> list[float]:
         shares = []
     if not shares or any(not 0 < s <= 1 for s in shares):
         raise ConfigError(
-            f"{key} {text!r}: expected shares of the rows in (0, 1], e.g. 5%,10% or 0.05,0.1"
+            f"{key} {shown(text)}: expected shares of the rows in (0, 1], e.g. 5%,10% or 0.05,0.1"
         )
     return shares
 

@@ -45,7 +45,7 @@ from pydantic import ValidationError as _PydanticValidationError
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
 
 from .capacity import check_capacity_spec
-from .errors import ConfigError
+from .errors import ConfigError, cut_text, shown
 
 __all__ = [
     "DEFAULTS",
@@ -224,7 +224,7 @@ def _parse_json(text: str, where: str) -> Any:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise ValueError(f"key {key!r} given twice; expected each key once")
+                raise ValueError(f"key {shown(key)} given twice; expected each key once")
             seen.add(key)
         return dict(pairs)
 
@@ -298,18 +298,18 @@ def format_validation_error(
         if isinstance(error, FieldError):
             parts = (*parts, *error.key)
         key = _key_path((*prefix, *parts))
-        msg, shown = err["msg"].removeprefix("Value error, "), f" (got {err.get('input')!r})"
+        msg, got = err["msg"].removeprefix("Value error, "), f" (got {shown(err.get('input'))})"
         if err["type"] == "extra_forbidden":
             known = _known_keys(model, parts[:-1]) if model is not None else None
             expected = ", ".join(known) if known else "the documented keys (see examples/*.yaml)"
-            msg, shown = f"unknown key; expected one of {expected}", ""
+            msg, got = f"unknown key; expected one of {expected}", ""
         elif err["type"] == "missing":
-            msg, shown = "missing; expected a value (this key is required)", ""
+            msg, got = "missing; expected a value (this key is required)", ""
         elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
             msg = "expected a mapping"
         elif err["type"] == "value_error":
-            shown = ""  # the project's validators say what they got themselves
-        lines.append(f"{key}: {msg}{shown}" if key else f"{msg}{shown}")
+            got = ""  # the project's validators say what they got themselves
+        lines.append(f"{key}: {msg}{got}" if key else f"{msg}{got}")
     lines = list(dict.fromkeys(lines))
     if source is None:
         return "\n".join(lines)
@@ -361,7 +361,7 @@ def int_at_least(minimum: int, at_most: int | None = None) -> Any:
             or value < minimum
             or (at_most is not None and value > at_most)
         ):
-            raise ValueError(f"expected an integer {expected}, got {value!r}")
+            raise ValueError(f"expected an integer {expected}, got {shown(value)}")
         return int(value)
 
     return Annotated[int, PlainValidator(check)]
@@ -398,9 +398,8 @@ def _a_path(value: Any) -> Any:
     """A file's path, or None; a list or number (ids given inline) named as such."""
     if value is None or isinstance(value, str | Path):
         return None if value is None else str(value)
-    shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."
     raise ValueError(
-        f"got {shown}; expected the path of a file (row lists: a .npy of row ids, such as "
+        f"got {shown(value)}; expected the path of a file (row lists: a .npy of row ids, such as "
         "`analyze`'s layer1.top_rows.npy; profiles: its .npz)"
     )
 
@@ -409,7 +408,7 @@ def _no_nul(value: Any) -> Any:
     """A path's text without a NUL character, which no path holds (pathlib raised a bare
     ValueError when it was resolved)."""
     if isinstance(value, str) and "\x00" in value:
-        raise ValueError(f"got {value!r}; expected a path without a NUL character")
+        raise ValueError(f"got {shown(value)}; expected a path without a NUL character")
     return value
 
 
@@ -422,7 +421,7 @@ PathText = Annotated[str, AfterValidator(_no_nul)]
 def _non_string_key_message(key: Any) -> str:
     """What is wrong with a mapping key that is not a string."""
     return (
-        f"key {key!r}: expected a string key; quote it (YAML reads unquoted no/yes/on/off as "
+        f"key {shown(key)}: expected a string key; quote it (YAML reads unquoted no/yes/on/off as "
         "booleans, and digits as numbers)"
     )
 
@@ -502,7 +501,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     None,
                     None,
-                    f"key {key!r} given twice (first on line {mark.line + 1}); expected each key "
+                    f"key {shown(key)} given twice (first on line {mark.line + 1}); expected each key "
                     "once",
                     key_node.start_mark,
                 )
@@ -658,7 +657,8 @@ def _key_path(parts: tuple[str | int, ...]) -> str:
     """``("engram", "layer_ids", 1)`` -> ``"engram.layer_ids[1]"``."""
     path = ""
     for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        name = cut_text(str(part), 60)  # a key of 100,000 characters, cut short
+        path += f"[{part}]" if isinstance(part, int) else (f".{name}" if path else name)
     return path
 
 
@@ -701,14 +701,14 @@ def check_device(value: Any) -> str:
         or (value.startswith("cuda:") and value[5:].isascii() and value[5:].isdigit())
     ):
         return value
-    raise ValueError(f"got {value!r}; expected 'cpu', 'cuda' or 'cuda:N'")
+    raise ValueError(f"got {shown(value)}; expected 'cpu', 'cuda' or 'cuda:N'")
 
 
 def _check_bool_or_auto(value: Any) -> bool | str:
     """``true``, ``false`` or ``"auto"``."""
     if isinstance(value, bool) or value == "auto":
         return value
-    raise ValueError(f"got {value!r}; expected true, false or 'auto'")
+    raise ValueError(f"got {shown(value)}; expected true, false or 'auto'")
 
 
 Capacity = checked_by(check_capacity_spec, int | str)
@@ -738,7 +738,7 @@ def _check_budget(value: Any) -> int | str:
         if 0 < share <= 100:
             return value
     raise ValueError(
-        f"got {value!r}; expected a row count >= 1 or a share of the pinned rows like '10%' "
+        f"got {shown(value)}; expected a row count >= 1 or a share of the pinned rows like '10%' "
         "(above 0%, at most 100%)"
     )
 
@@ -854,7 +854,7 @@ def _check_shards_template(value: Any) -> str | None:
     """A shard path template: ``{rank}`` in it (and optionally ``{ranks}``), or None."""
     if value is None or (isinstance(value, str) and "{rank}" in value):
         return _no_nul(value)
-    raise ValueError(f"got {value!r}; expected a path template containing {{rank}}")
+    raise ValueError(f"got {shown(value)}; expected a path template containing {{rank}}")
 
 
 class ShardingConfig(ConfigModel):

@@ -36,7 +36,7 @@ from .config import (
     load_yaml,
 )
 from .engram.config import ModelConfig, v41_refusal
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .stats import hit_ratio
 
 # Built-in defaults of the demo (examples/engram-demo.yaml spells out the same values).
@@ -93,14 +93,14 @@ def _check_dtype(value: Any) -> str:
     """A table dtype name."""
     if value in ("float32", "float16", "bfloat16"):
         return value
-    raise ValueError(f"expected float32, float16 or bfloat16, got {value!r}")
+    raise ValueError(f"expected float32, float16 or bfloat16, got {shown(value)}")
 
 
 def _check_corpus(value: Any) -> list[str] | None:
     """``None`` or a list of paths/globs."""
     if value is None or (isinstance(value, list) and all(isinstance(c, str) for c in value)):
         return value
-    raise ValueError(f"expected a list of paths or globs, got {value!r}")
+    raise ValueError(f"expected a list of paths or globs, got {shown(value)}")
 
 
 class RunConfig(ConfigModel):

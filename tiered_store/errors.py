@@ -1,10 +1,12 @@
 """The error hierarchy: every error is a ``TieredStoreError`` and also the matching builtin; and
-how warnings reach the user's line."""
+how warnings reach the user's line; how messages repeat a value."""
 
 import errno
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 # the library's packages: a warning points past their frames, at the line that called into them
 _LIBRARY_DIRS = tuple(
@@ -113,6 +115,34 @@ def error_text(exc: BaseException) -> str:
             return exc.strerror
         return f"{exc.strerror}: {name}"
     return str(exc)
+
+
+def cut_text(text: str, limit: int, show: Callable[[str], str] = str) -> str:
+    """``text`` as a message repeats what it was given: ``show(text)`` up to ``limit``
+    characters, else ``show`` of its first ``limit`` and its length.
+
+    >>> cut_text("prompt", 40), cut_text("k" * 50, 40), cut_text("/x" * 3, 4, repr)
+    ('prompt', 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk... (50 characters)', "'/x/x'... (6 characters)")
+    """
+    if len(text) <= limit:
+        return show(text)
+    return f"{show(text[:limit])}... ({len(text):,} characters)"
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A bad value as an error message repeats it: its ``repr``, cut short past ``limit``
+    characters (a 100,000-element list made a 690 KB message).
+
+    >>> shown("lru"), shown(list(range(1000)), 20), shown(10**5000)
+    ("'lru'", '[0, 1, 2, 3, 4, 5, 6... (4,890 characters)', 'an int too long to write out')
+    """
+    if isinstance(value, str):
+        return cut_text(value, limit, repr)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than Python writes out (4,300), or holding one
+        return f"an {type(value).__name__} too long to write out"
+    return cut_text(text, limit)
 
 
 def warn_at_caller(message: str, category: type[Warning]) -> None:

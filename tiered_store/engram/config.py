@@ -29,7 +29,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BeforeValidator, model_validator
 
 from ..config import ConfigModel, FieldError, checked_by, int_at_least, load_yaml
-from ..errors import ConfigError
+from ..errors import ConfigError, shown
 
 __all__ = [
     "BackboneConfig",
@@ -94,7 +94,7 @@ TRANSFORMER_DEFAULTS: dict[str, Any] = {
 def _as_tuple(value: Any) -> tuple:
     """A list (any iterable but a string or mapping) as a tuple."""
     if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
-        raise ValueError(f"expected a list of integers, got {value!r}")
+        raise ValueError(f"expected a list of integers, got {shown(value)}")
     return tuple(value)
 
 
@@ -102,7 +102,7 @@ def _positive_number(value: Any) -> float:
     """A finite number > 0, as a float."""
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if not number or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"expected a finite number > 0, got {value!r}")
+        raise ValueError(f"expected a finite number > 0, got {shown(value)}")
     return float(value)
 
 
@@ -435,7 +435,7 @@ def load_engram_config(
         data = source
     else:
         raise ConfigError(
-            f"<root>: expected a mapping with 'engram' and 'backbone', got {source!r}"
+            f"<root>: expected a mapping with 'engram' and 'backbone', got {shown(source)}"
         )
     hf_keys = ("text_config", "engram_layer_ids", "architectures", "model_type")
     if any(key in data for key in hf_keys):  # a Hugging Face config.json (maybe another model's)

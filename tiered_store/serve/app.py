@@ -24,9 +24,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import RowIdError, TableFormatError, TierIOError
+from ..errors import RowIdError, TableFormatError, TierIOError, cut_text
 from .guarded_table import TableUnavailableError
-from .inference_request import ClientGone, RequestError, cut_text
+from .inference_request import ClientGone, RequestError
 from .served_model import NonFiniteOutputError
 
 if TYPE_CHECKING:

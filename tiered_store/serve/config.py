@@ -15,7 +15,7 @@ from ..cache_plan import parse_policy
 from ..config import ConfigModel, Number, PathText, StoreConfig, load_yaml
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, shown
 
 __all__ = [
     "SERVE_DEFAULTS",
@@ -64,10 +64,10 @@ def check_address(value: str, key: str, *, allow_empty: bool = False) -> tuple[s
     if not sep or not host or not (port.isascii() and port.isdigit()):  # not "²"
         empty = " or '' (off)" if allow_empty else ""
         raise ConfigError(
-            f"{key}: got {value!r}; expected 'host:port' like '127.0.0.1:8080'{empty}"
+            f"{key}: got {shown(value)}; expected 'host:port' like '127.0.0.1:8080'{empty}"
         )
     if int(port) > 65535:
-        raise ConfigError(f"{key}: port {int(port)} in {value!r}; expected a port in 0..65535")
+        raise ConfigError(f"{key}: port {int(port)} in {shown(value)}; expected a port in 0..65535")
     return host, int(port)
 
 

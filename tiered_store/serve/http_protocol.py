@@ -32,7 +32,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .inference_request import cut_text
+from ..errors import cut_text
 
 __all__ = ["with_head_deadline"]
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import TieredStoreError
+from ..errors import TieredStoreError, cut_text
 from .config import ServerSection
 
 __all__ = ["ClientGone", "InferenceRequest", "RequestError", "parse_request"]
@@ -277,18 +276,6 @@ def _check_limits(lengths: list[int], server: ServerSection, key: str) -> None:
             f"{key}: {total:,} tokens (batch x longest sequence); this server takes at most "
             f"{server.max_tokens:,} per request (server.max_tokens)",
         )
-
-
-def cut_text(text: str, limit: int, show: Callable[[str], str] = str) -> str:
-    """``text`` as a message repeats what a client sent: ``show(text)`` up to ``limit``
-    characters, else ``show`` of its first ``limit`` and its length.
-
-    >>> cut_text("prompt", 40), cut_text("k" * 50, 40), cut_text("/x" * 3, 4, repr)
-    ('prompt', 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk... (50 characters)', "'/x/x'... (6 characters)")
-    """
-    if len(text) <= limit:
-        return show(text)
-    return f"{show(text[:limit])}... ({len(text):,} characters)"
 
 
 def _described(value: Any) -> str:
