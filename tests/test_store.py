@@ -919,6 +919,18 @@ def test_a_huge_bad_value_is_shown_cut_short(tmp_path):
         assert len(str(caught.value)) < 600, str(caught.value)[:600]
 
 
+def test_an_address_with_a_port_of_thousands_of_digits_is_named():
+    """A port of more than 4,300 digits raised int()'s bare ValueError out of serve's address
+    check; it is refused as a port out of range, shown cut short."""
+    for address in ("h:" + "9" * 5000, "h:" + "0" * 5000 + "99999"):
+        with pytest.raises(
+            ConfigError, match=r"server.address: port 9+.*; expected a port in 0..65535"
+        ) as caught:
+            ServeConfig.from_dict({"server": {"address": address}})
+        assert len(str(caught.value)) < 400
+    assert ServeConfig.from_dict({"server": {"address": "h:" + "0" * 5000 + "80"}})
+
+
 def test_a_json_config_is_read_as_json(tmp_path):
     """A ``.json`` file was read by the YAML parser: JSON indented with tabs (valid JSON, which
     YAML refuses) was "not valid JSON", and a "\\ud83d\\ude00" escape read as two halves of a

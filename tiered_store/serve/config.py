@@ -15,7 +15,7 @@ from ..cache_plan import parse_policy
 from ..config import ConfigModel, Number, PathText, StoreConfig, load_yaml
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
-from ..errors import ConfigError, shown
+from ..errors import ConfigError, cut_text, shown
 
 __all__ = [
     "SERVE_DEFAULTS",
@@ -66,9 +66,12 @@ def check_address(value: str, key: str, *, allow_empty: bool = False) -> tuple[s
         raise ConfigError(
             f"{key}: got {shown(value)}; expected 'host:port' like '127.0.0.1:8080'{empty}"
         )
-    if int(port) > 65535:
-        raise ConfigError(f"{key}: port {int(port)} in {shown(value)}; expected a port in 0..65535")
-    return host, int(port)
+    digits = port.lstrip("0") or "0"  # int() of over 4,300 digits raised a bare ValueError
+    if len(digits) > 5 or int(digits) > 65535:
+        raise ConfigError(
+            f"{key}: port {cut_text(digits, 20)} in {shown(value)}; expected a port in 0..65535"
+        )
+    return host, int(digits)
 
 
 class ServerSection(ConfigModel):
