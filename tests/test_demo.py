@@ -109,6 +109,8 @@ def test_help_says_which_files_of_a_corpus_folder_the_demo_reads(tmp_path):
         (None, ["--batch-size", "100"], "run.batch_size: expected a multiple of run.seq_len="),
         ("run: {dtype: int8}", [], "run.dtype: expected float32, float16 or bfloat16"),
         ("run: {corpus: docs}", [], "run.corpus: expected a list of paths"),
+        # a NUL (YAML's "\0") ended in pathlib's bare ValueError (embedded null byte)
+        ('run: {corpus: ["a\\0b/*.py"]}', [], "; expected a path without a NUL character"),
         (None, ["--corpus", "/nonexistent/*.txt"], "the pattern matches no files"),
         (None, ["--hot", "200%"], "argument --hot: '200%' is more than 100% of the table"),
         (None, ["--device", "gpu"], "argument --device: got 'gpu'; expected 'cpu', 'cuda' or"),

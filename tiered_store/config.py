@@ -404,7 +404,7 @@ def _a_path(value: Any) -> Any:
     )
 
 
-def _no_nul(value: Any) -> Any:
+def no_nul(value: Any) -> Any:
     """A path's text without a NUL character, which no path holds (pathlib raised a bare
     ValueError when it was resolved)."""
     if isinstance(value, str) and "\x00" in value:
@@ -413,9 +413,9 @@ def _no_nul(value: Any) -> Any:
 
 
 #: the path of a file the config names (row lists, profiles), or None
-FilePath = Annotated[str | None, BeforeValidator(_a_path), AfterValidator(_no_nul)]
+FilePath = Annotated[str | None, BeforeValidator(_a_path), AfterValidator(no_nul)]
 #: a path (a table's, a checkpoint folder's) as text
-PathText = Annotated[str, AfterValidator(_no_nul)]
+PathText = Annotated[str, AfterValidator(no_nul)]
 
 
 def _non_string_key_message(key: Any) -> str:
@@ -853,7 +853,7 @@ class MetricsConfig(ConfigModel):
 def _check_shards_template(value: Any) -> str | None:
     """A shard path template: ``{rank}`` in it (and optionally ``{ranks}``), or None."""
     if value is None or (isinstance(value, str) and "{rank}" in value):
-        return _no_nul(value)
+        return no_nul(value)
     raise ValueError(f"got {shown(value)}; expected a path template containing {{rank}}")
 
 

@@ -34,6 +34,7 @@ from .config import (
     checked_by,
     int_at_least,
     load_yaml,
+    no_nul,
 )
 from .engram.config import ModelConfig, v41_refusal
 from .errors import ConfigError, shown
@@ -97,9 +98,9 @@ def _check_dtype(value: Any) -> str:
 
 
 def _check_corpus(value: Any) -> list[str] | None:
-    """``None`` or a list of paths/globs."""
+    """``None`` or a list of paths/globs (without a NUL: pathlib raised a bare ValueError)."""
     if value is None or (isinstance(value, list) and all(isinstance(c, str) for c in value)):
-        return value
+        return value if value is None else [no_nul(c) for c in value]
     raise ValueError(f"expected a list of paths or globs, got {shown(value)}")
 
 
