@@ -931,6 +931,16 @@ def test_an_address_with_a_port_of_thousands_of_digits_is_named():
     assert ServeConfig.from_dict({"server": {"address": "h:" + "0" * 5000 + "80"}})
 
 
+def test_a_config_path_with_a_nul_character_is_named():
+    """A config file's own path with a NUL character raised pathlib's bare ValueError (embedded
+    null byte) out of load_yaml and every from_yaml."""
+    for read in (load_yaml, StoreConfig.from_yaml, ServeConfig.from_yaml, TieredStore.open):
+        with pytest.raises(
+            ConfigError, match=r"config file 'a\\x00b.yaml': expected a path without a NUL"
+        ):
+            read("a\0b.yaml")
+
+
 def test_a_json_config_is_read_as_json(tmp_path):
     """A ``.json`` file was read by the YAML parser: JSON indented with tabs (valid JSON, which
     YAML refuses) was "not valid JSON", and a "\\ud83d\\ude00" escape read as two halves of a

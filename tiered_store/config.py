@@ -162,6 +162,8 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     tiered_store.errors.ConfigError: store config examples/nope.yaml: cannot read (No such file or directory); expected a readable YAML file
     """
     path = Path(path)
+    if "\x00" in str(path):  # pathlib's bare ValueError (embedded null byte) otherwise
+        raise ConfigError(f"{what} {shown(str(path))}: expected a path without a NUL character")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
