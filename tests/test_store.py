@@ -941,6 +941,20 @@ def test_a_config_path_with_a_nul_character_is_named():
             read("a\0b.yaml")
 
 
+def test_an_unreadable_json_config_is_not_called_a_yaml_file(tmp_path):
+    """A .json config that was missing or not UTF-8 was refused as "expected a readable YAML
+    file" (or "a YAML file"), though it is read as JSON."""
+    config = tmp_path / "model.json"
+    with pytest.raises(ConfigError, match=r"model.json: cannot read .*; expected a readable JSON"):
+        load_yaml(config)
+    config.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(ConfigError, match=r"model.json: not UTF-8 text; expected a JSON file"):
+        load_yaml(config)
+    config = tmp_path / "tiers.yaml"
+    with pytest.raises(ConfigError, match=r"tiers.yaml: cannot read .*; expected a readable YAML"):
+        load_yaml(config)
+
+
 def test_a_json_config_is_read_as_json(tmp_path):
     """A ``.json`` file was read by the YAML parser: JSON indented with tabs (valid JSON, which
     YAML refuses) was "not valid JSON", and a "\\ud83d\\ude00" escape read as two halves of a

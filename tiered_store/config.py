@@ -164,15 +164,16 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     path = Path(path)
     if "\x00" in str(path):  # pathlib's bare ValueError (embedded null byte) otherwise
         raise ConfigError(f"{what} {shown(str(path))}: expected a path without a NUL character")
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(
-            f"{what} {path}: cannot read ({exc.strerror}); expected a readable YAML file"
+            f"{what} {path}: cannot read ({exc.strerror}); expected a readable {kind} file"
         ) from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{what} {path}: not UTF-8 text; expected a YAML file") from None
-    if path.suffix.lower() == ".json":  # JSON's own reader: YAML refuses a tab indenting JSON
+        raise ConfigError(f"{what} {path}: not UTF-8 text; expected a {kind} file") from None
+    if kind == "JSON":  # JSON's own reader: YAML refuses a tab indenting JSON
         data = _parse_json(text, f"{what} {path}")
     else:
         loader = None
