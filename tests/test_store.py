@@ -919,6 +919,20 @@ def test_a_huge_bad_value_is_shown_cut_short(tmp_path):
         assert len(str(caught.value)) < 600, str(caught.value)[:600]
 
 
+def test_a_huge_policy_name_is_shown_cut_short(tmp_path, table):
+    """A policy spec of 100,000 characters was repeated whole, twice, in its error (200 KB)."""
+    path, _ = table
+    for spec in ("x" * 100_000, "lru+" + "y" * 100_000):
+        with pytest.raises(ConfigError, match=r"store.tiers.hot.policy: got 'x|'lru\+y") as caught:
+            ServeConfig.from_dict({"store": {"tiers": {"hot": {"policy": spec}}}})
+        assert "characters); expected an eviction policy" in str(caught.value)
+        assert len(str(caught.value)) < 600
+        tiers = {"hot": {"capacity": 10, "policy": spec}}
+        with pytest.raises(ConfigError, match=r"^tiers.hot.policy: got ") as caught:
+            TieredStore.open({"table": {"path": str(path)}, "tiers": tiers})
+        assert len(str(caught.value)) < 600
+
+
 def test_an_address_with_a_port_of_thousands_of_digits_is_named():
     """A port of more than 4,300 digits raised int()'s bare ValueError out of serve's address
     check; it is refused as a port out of range, shown cut short."""

@@ -14,11 +14,12 @@ import torch
 
 from policies import PolicySpec
 from policies.errors import PolicyError
+from policies.registry import spec_grammar
 from policies.zipf_tuned import zipf_tuned_split
 
 from .capacity import is_off, resolve_capacity
 from .config import CacheTierConfig, StoreConfig
-from .errors import ConfigError, TraceFormatError, warn_at_caller
+from .errors import ConfigError, TraceFormatError, shown, warn_at_caller
 from .id_ops import nonzero, unique_inverse_counts
 from .npy_files import load_npy, npy_header_lock
 from .online_repin import OnlineRepin, RepinMoves
@@ -322,6 +323,11 @@ class CacheHierarchy:
         return self.hot.admit(plan.unique_ids, plan.counts, lookahead, plan.hot_window)
 
 
+#: characters of a policy spec at most (the longest, "zipf-tuned+sieve+tinylfu", has 24): a
+#: longer one is refused without parsing, as the parser's messages repeat the spec whole
+MAX_POLICY_CHARS = 200
+
+
 def parse_policy(text: str, *, key: str) -> PolicySpec:
     """The policy spec a config value names.
 
@@ -346,6 +352,8 @@ def parse_policy(text: str, *, key: str) -> PolicySpec:
     ...
     tiered_store.errors.ConfigError: tiers.warm.policy: policy 'lru+lru' names two eviction policies; expected one
     """
+    if isinstance(text, str) and len(text) > MAX_POLICY_CHARS:  # its errors repeat it whole
+        raise ConfigError(f"{key}: got {shown(text)}; expected {spec_grammar()}")
     try:
         return PolicySpec.parse(text)
     except PolicyError as exc:
