@@ -828,6 +828,23 @@ def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
     assert load_yaml(config)["table"]["path"] == "010"
 
 
+def test_a_path_yaml_reads_as_a_number_says_to_quote_it(tmp_path):
+    """``path: 1e5`` (a number since YAML 1.2's exponents are read) or ``path: 2024`` was
+    refused as "Input should be a valid string (got 100000.0)": not the name as written, nor
+    how to give it."""
+    config = tmp_path / "tiers.yaml"
+    config.write_text("table: {path: 1e5}\n")
+    with pytest.raises(
+        ConfigError, match=r"table.path: got the number 100000.0; expected a path: quote it"
+    ):
+        StoreConfig.from_yaml(config)
+    config.write_text("checkpoint: {path: 2024}\n")
+    with pytest.raises(ConfigError, match=r"checkpoint.path: got the number 2024; expected a path"):
+        ServeConfig.from_yaml(config)
+    config.write_text("table: {path: '1e5'}\n")
+    assert StoreConfig.from_yaml(config).table.path == str(tmp_path / "1e5")
+
+
 def test_a_negative_number_with_a_leading_zero_is_named_with_its_sign(tmp_path):
     """``-010`` was refused as "octal in YAML 1.1 (8); expected the number without it (10)":
     both readings lost the sign the line holds."""

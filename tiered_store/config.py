@@ -415,10 +415,20 @@ def no_nul(value: Any) -> Any:
     return value
 
 
+def _not_a_number(value: Any) -> Any:
+    """A path's text; a number (a name YAML reads as one unquoted: 1e5, 2024) named as such."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(
+            f"got the number {shown(value)}; expected a path: quote it (YAML reads 1e5, 0x10 or "
+            "1_000 unquoted as a number)"
+        )
+    return value
+
+
 #: the path of a file the config names (row lists, profiles), or None
 FilePath = Annotated[str | None, BeforeValidator(_a_path), AfterValidator(no_nul)]
 #: a path (a table's, a checkpoint folder's) as text
-PathText = Annotated[str, AfterValidator(no_nul)]
+PathText = Annotated[str, BeforeValidator(_not_a_number), AfterValidator(no_nul)]
 
 
 def _non_string_key_message(key: Any) -> str:
