@@ -467,3 +467,17 @@ def test_shards_and_their_join_keep_the_tables_checksum_block_size(tmp_path):
     whole = join_shards([s.path for s in shards], tmp_path / "whole.npy", progress=False)
     assert whole.block_bytes == 8192 and verify_table(tmp_path / "whole.npy", progress=False)
     assert np.array_equal(np.load(tmp_path / "whole.npy"), data)
+
+
+def test_a_huge_rank_count_is_refused_at_once_not_after_a_path_per_rank(cut, tmp_path):
+    """``shard --ranks 99999999999`` of a 30-row table made a path per rank before checking the
+    count against the rows (8.5 GB and ten minutes before it was killed), and ``unshard --ranks``
+    did the same before finding rank 0's shard missing; both are refused before any path."""
+    table, _ = cut
+    with pytest.raises(ConfigError, match=r"ranks: got 99999999999 for a table of 30 rows"):
+        write_shards(table, 99_999_999_999, "rows", progress=False)
+    with pytest.raises(TableNotFoundError, match=r"rank 0's shard .*of-99999999999\.npy \(of 9"):
+        join_shards(table, tmp_path / "w.npy", ranks=99_999_999_999, progress=False)
+    template = str(tmp_path / "t.shard-{rank}-of-3")
+    with pytest.raises(ShardMismatchError, match=r"is rank 0's shard of 3; expected rank 0's of 9"):
+        join_shards(table, tmp_path / "w.npy", ranks=99_999_999_999, template=template)

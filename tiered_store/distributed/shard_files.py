@@ -40,7 +40,7 @@ from ..table_format import (
     table_paths,
 )
 from ..table_sources import TABLE_DTYPES, SourceReader
-from .shard_map import ShardMap, ShardMode, check_ranks, plan_shards
+from .shard_map import ShardMap, ShardMode, plan_shards
 
 __all__ = ["ShardInfo", "read_shard", "shard_path", "write_shards"]
 
@@ -136,7 +136,8 @@ def write_shards(
     [12.0, 13.0, 14.0, 15.0]
     """
     npy, _ = table_paths(table)
-    check_ranks(ranks)  # before the paths: none for 0 ranks
+    # before a path per rank (--ranks 99999999999 made that many): at most one rank per row
+    plan_shards(read_manifest(present_version(npy)[0]), ranks, by, str(npy))
     paths = shard_file_paths(npy, ranks, template)
     # one run at a time over these shard paths: another would remove this one's hidden shards
     lock = Path(f"{_target(paths[0])}.shard-run.lock")

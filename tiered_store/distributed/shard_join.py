@@ -34,6 +34,7 @@ from .shard_files import (
     read_shard,
     run_name,
     shard_file_paths,
+    shard_path,
     written_rows_and_step,
 )
 from .shard_map import ShardMap, table_version
@@ -145,6 +146,7 @@ def _shard_paths(
                 f"ranks: got {ranks!r} with the table {os.fspath(shards)}; expected the number of "
                 "shards it was cut into, an integer >= 1 (or a list of the shard files)"
             )
+        _refuse_another_rank_count(shards, ranks, template)  # before a path per rank
         return shard_file_paths(shards, ranks, template), ranks
     if ranks is not None or template is not None:
         raise ConfigError(
@@ -163,6 +165,25 @@ def _shard_paths(
             )
         seen[path.resolve()] = path
     return paths, None
+
+
+def _refuse_another_rank_count(
+    table: str | os.PathLike[str], ranks: int, template: str | None
+) -> None:
+    """Refuse ``ranks`` unless rank 0's shard was cut for that many ranks: read first, before a
+    path per rank is made (``--ranks 99999999999`` made that many, for minutes and gigabytes)."""
+    first = table_paths(shard_path(table, 0, ranks, template))[0]
+    _refuse_missing(first, 0, ranks)
+    _refuse_another_rank(0, _current_shard(first)[0], ranks)
+
+
+def _refuse_another_rank(rank: int, info: ShardInfo, ranks: int) -> None:
+    """``ShardMismatchError`` unless ``info`` is rank ``rank``'s shard of ``ranks``."""
+    if (info.rank, info.shard_map.ranks) != (rank, ranks):
+        raise ShardMismatchError(
+            f"rank {rank}'s shard {info.path} is rank {info.rank}'s shard of "
+            f"{info.shard_map.ranks}; expected rank {rank}'s of {ranks}"
+        )
 
 
 def _refuse_missing(path: Path, rank: int | None, ranks: int | None) -> None:
@@ -210,11 +231,7 @@ def _check_shard_set(infos: list[ShardInfo], ranks: int | None) -> ShardMap:
             )
     if ranks is not None:
         for rank, info in enumerate(infos):
-            if (info.rank, info.shard_map.ranks) != (rank, ranks):
-                raise ShardMismatchError(
-                    f"rank {rank}'s shard {info.path} is rank {info.rank}'s shard of "
-                    f"{info.shard_map.ranks}; expected rank {rank}'s of {ranks}"
-                )
+            _refuse_another_rank(rank, info, ranks)
     owners: dict[int, Path] = {}
     for info in infos:
         if info.rank in owners:
