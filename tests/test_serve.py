@@ -717,6 +717,49 @@ def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
         served.close()
 
 
+def test_a_pass_over_a_table_being_made_anew_has_no_verdict_and_is_checked_again(tmp_path):
+    """A pass that started while a table was being made anew over its path (its manifest
+    unlinked under the folder's lock until the new one is moved in) counted a checksum failure,
+    "table manifest ... does not exist", and /healthz said 503 (the critical alert fired) until
+    the next pass, an hour later. Such a pass has no verdict, and the table is checked again
+    within a second."""
+    import os
+    import threading
+
+    from tiered_store.process_locks import locked_folder
+    from tiered_store.table_format import table_paths
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, checkpoint={"scrub_interval_s": 3600}))
+    table = config.table_path(3)
+    manifest, aside = table_paths(table)[1], tmp_path / "manifest.aside"
+    served = ServedModel(config)
+    stop = threading.Event()
+    scrubber = None
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        health = served.health["engram_layer3"]
+        with locked_folder(table.parent):  # as _publish does, between unlink and move
+            os.replace(manifest, aside)
+            assert served.verify_tables() == []
+            assert (health.verifications, health.checksum_failures, health.last_error) == (
+                0,
+                0,
+                None,
+            )
+            assert served.health["engram_layer1"].verifications == 1
+            os.replace(aside, manifest)
+        scrubber = served.start_scrub(stop)
+        deadline = time.monotonic() + 15
+        while health.verifications == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (health.verifications, health.checksum_failures, health.last_error) == (1, 0, None)
+    finally:
+        stop.set()
+        if scrubber is not None:
+            scrubber.join(timeout=30)
+        served.close()
+
+
 def test_a_checksum_pass_ends_once_the_server_stops_and_counts_nothing(tmp_path):
     """The scrubber's pass ran to its end whatever the stop: the server's stop waited up to
     30 s for it and then closed the tables under it. A pass ends once the stop is set, with no

@@ -394,6 +394,40 @@ def test_a_table_made_anew_of_another_shape_as_its_check_starts_is_not_called_co
     assert replaced
 
 
+def test_a_table_being_made_anew_at_every_try_has_no_verdict(tmp_path, monkeypatch):
+    """A verification that started while a table was being made anew over the path (its
+    manifest unlinked, under the folder's lock, until the new one is moved in) said "table
+    manifest ... does not exist", and one that saw it made anew at each of VERIFY_ATTEMPTS tries
+    raised a plain TableFormatError: serve's scrubber counted either as a checksum failure (and
+    its critical alert fired) of a sound table. Both raise TableChangingError now (no verdict);
+    a manifest missing while no writer holds the folder is still TableNotFoundError."""
+    import tiered_store.table_format as table_format
+    from tiered_store.process_locks import locked_folder
+    from tiered_store.table_format import TableChangingError
+
+    path, _ = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=8192)
+    manifest = table_paths(path)[1]
+    aside = tmp_path / "manifest.aside"
+    with locked_folder(path.parent):  # as _publish: the old manifest unlinked, the new not in
+        os.replace(manifest, aside)
+        with pytest.raises(TableChangingError, match=r"being made anew.*run the check again"):
+            verify_table(path, progress=False)
+    with pytest.raises(TableNotFoundError, match="does not exist"):  # no writer: a verdict
+        verify_table(path, progress=False)
+    os.replace(aside, manifest)
+    assert verify_table(path, progress=False).blocks_checked == 25
+
+    real, seeds = table_format.load_page_checksums, iter(range(2, 100))
+
+    def made_anew_at_every_try(*args, **kwargs):
+        create_table(path, RandomSource(1000, 50, seed=next(seeds)), progress=False, overwrite=True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(table_format, "load_page_checksums", made_anew_at_every_try)
+    with pytest.raises(TableChangingError, match=r"made anew at each of 3 tries"):
+        verify_table(path, progress=False)
+
+
 def test_a_verification_stops_between_reads_once_asked(tmp_path, monkeypatch):
     """serve's scrubber could not end a pass under way: a stop waited up to 30 s for it (a
     101 GB table takes about a minute), then closed the tables with the pass still reading. A

@@ -446,7 +446,8 @@ def verify_counted(
 
     Returns the report, or ``None`` when the table is corrupt or cannot be read (gone, an I/O
     error: counted as failures too; ``health.last_error`` says why). A pass ended by ``stop``
-    raises ``VerifyStopped`` and counts nothing.
+    raises ``VerifyStopped``, and one over a table being made anew throughout
+    ``TableChangingError``: neither counts anything (no verdict).
 
     Examples
     --------
@@ -455,10 +456,12 @@ def verify_counted(
     >>> health.verifications, health.checksum_failures  # doctest: +SKIP
     (1, 0)
     """
-    from .table_format import verify_table
+    from .table_format import TableChangingError, verify_table
 
     try:
         report = verify_table(path, progress=False, stop=stop)
+    except TableChangingError:  # no verdict on a table being made anew
+        raise
     except (TableFormatError, OSError) as exc:  # OSError: TierIOError, a missing table too
         health.verifications += 1
         health.checksum_failures += 1

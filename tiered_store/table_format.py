@@ -76,7 +76,7 @@ from .page_checksums import (
     sidecar_bytes,
     sidecar_path,
 )
-from .process_locks import locked_folder
+from .process_locks import exclusive_now, locked_folder, open_held, release
 from .quantization import FP8_E4M3_MAX, SCALE_BIAS, RowQuantization, dequantize_rows
 from .table_sources import (  # the sources are create_table's arguments: importable from here too
     TABLE_DTYPES,
@@ -97,6 +97,7 @@ __all__ = [
     "RandomSource",
     "SafetensorsSource",
     "TableExistsError",
+    "TableChangingError",
     "TableManifest",
     "TableNotFoundError",
     "TableSource",
@@ -128,6 +129,11 @@ class TableExistsError(TierIOError, FileExistsError):
 
 class VerifyStopped(TieredStoreError):
     """``verify_table``'s ``stop`` was set before the pass ended: no verdict on the table."""
+
+
+class TableChangingError(TableFormatError):
+    """``verify_table`` found the table being made anew over its path at each of
+    ``VERIFY_ATTEMPTS`` tries: no verdict on the table (check it again once that is done)."""
 
 
 @dataclass(frozen=True)
@@ -714,8 +720,11 @@ def verify_table(
     TableFormatError
         The structure is wrong (see ``check_table``), the page checksum file is missing or damaged,
         or a block fails its checksum; the message names the first bad block: index, file byte
-        range, expected and actual CRC-32. Also when the table was made anew over the path at
-        each of ``VERIFY_ATTEMPTS`` tries (one made anew once is verified as it is then).
+        range, expected and actual CRC-32.
+    TableChangingError
+        The table was being made anew over the path at each of ``VERIFY_ATTEMPTS`` tries (its
+        manifest replaced between reads, or missing while a writer holds the folder's lock): no
+        verdict (one made anew once is verified as it is then).
     ChecksumError
         A page fails its CRC32C (the blocks being right): the message names the page, its file
         byte range and rows.
@@ -730,7 +739,9 @@ def verify_table(
     """
     npy_path, _ = table_paths(path)
     for _ in range(VERIFY_ATTEMPTS):
-        manifest = read_manifest(npy_path)
+        manifest = _manifest_unless_published(npy_path)
+        if manifest is None:  # a writer makes the table anew now: its manifest comes last
+            continue
         try:
             _check_data_file(npy_path, manifest)  # check_table's, against the manifest read
             entry = manifest.page_checksums
@@ -749,9 +760,10 @@ def verify_table(
             )
             break
     else:
-        raise TableFormatError(
-            f"table {npy_path} was made anew {VERIFY_ATTEMPTS} times while verify read its "
-            "manifest, page checksums and data; expected it to stay: run the check again"
+        raise TableChangingError(
+            f"table {npy_path} was being made anew at each of {VERIFY_ATTEMPTS} tries while "
+            "verify read its manifest, page checksums and data; no verdict: run the check again "
+            "once it is done"
         )
     return VerifyReport(
         path=npy_path,
@@ -888,6 +900,28 @@ def replace_metadata(
         manifest_file.abort()
         raise
     return manifest
+
+
+def _manifest_unless_published(npy_path: Path) -> TableManifest | None:
+    """``npy_path``'s manifest; None while a writer holds the folder's lock with none there (a
+    table being made anew: ``_publish`` unlinks the old manifest first, moves the new one in
+    last). A manifest missing while no writer holds it is ``TableNotFoundError``."""
+    try:
+        return read_manifest(npy_path)
+    except TableNotFoundError as exc:
+        missing = exc
+    try:
+        fd = open_held(npy_path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        raise missing from None
+    try:
+        try:
+            free = exclusive_now(fd, npy_path.parent)
+        except TierIOError:  # no flock on this file system: the manifest is missing, as read
+            raise missing from None
+        return read_manifest(npy_path) if free else None  # under the lock: none published now
+    finally:
+        release(fd)
 
 
 def _manifest_unchanged(npy_path: Path, manifest: TableManifest) -> bool:

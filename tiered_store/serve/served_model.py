@@ -54,7 +54,7 @@ from ..metrics import TableHealth, verify_counted
 from ..page_checksums import sidecar_path
 from ..request_queue import QueuedRequest
 from ..store import TieredStore
-from ..table_format import VerifyStopped, table_paths
+from ..table_format import TableChangingError, VerifyStopped, table_paths
 from ..trace import TraceWriter
 from .config import ServeConfig
 from .guarded_table import GuardedTable, TableUnavailableError
@@ -483,8 +483,7 @@ class ServedModel:
         carried = {name: store.cold.checksum_failures for name, store in old.items()}
         for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
             if _another_file(store, opened[name]) and self.health[name].last_error is not None:
-                with self._scrub_again_lock:
-                    self._scrub_again.add(name)
+                self._scrub_soon(name)
         for name, count in carried.items():  # the counter goes on, before a scrape sees it
             opened[name].cold.carry_checksum_failures(count)
         self._announce_again({old[name]: opened[name] for name in opened})
@@ -835,7 +834,7 @@ class ServedModel:
         """A thread re-verifying every table this process serves (its shards, on a rank) every
         ``checkpoint.scrub_interval_s`` seconds, until ``stop``; started. A table whose last pass
         failed is verified again within a second once a reload reopened it on another file (before
-        the pass ended, or after).
+        the pass ended, or after), and so is one a pass gave no verdict on (being made anew).
         Over sharded tables the other ranks publish their failed passes, and rank 0 reads them
         (``watch_ranks``)."""
         interval = self.config.checkpoint.scrub_interval_s
@@ -912,7 +911,9 @@ class ServedModel:
         being read and those after it not counted. One that failed over a file a reload
         replaced meanwhile is checked again by the scrubber (that verdict was on a file no
         longer served); one whose path names a file it does not serve (made anew, not reopened
-        on it: refused, or not yet) has no verdict, and is checked again once it is."""
+        on it: refused, or not yet), or that was being made anew throughout the pass
+        (``TableChangingError``), has no verdict, and the scrubber tries it again within a
+        second."""
         failed = []
         for layer in self.layer_ids:
             name = self.config.table_name(layer)
@@ -920,20 +921,27 @@ class ServedModel:
                 continue
             store = self.stores[name]
             if store.cold.replaced():  # the old file is served: the new one is the reload's to
-                with self._scrub_again_lock:  # judge (a refused version is a warning)
-                    self._scrub_again.add(name)
+                self._scrub_soon(name)  # judge (a refused version is a warning)
                 continue
             try:
                 report = verify_counted(self.served_file(store), self.health[name], stop)
             except VerifyStopped:
                 break
+            except TableChangingError:  # being made anew meanwhile: no verdict yet
+                self._scrub_soon(name)
+                continue
             if report is None:
                 failed.append(name)
                 now = self.stores[name]
                 if now is not store and _another_file(store, now):
-                    with self._scrub_again_lock:
-                        self._scrub_again.add(name)
+                    self._scrub_soon(name)
         return failed
+
+    def _scrub_soon(self, name: str) -> None:
+        """Have the scrubber check table ``name`` within a second (its last verdict, or none,
+        was not on the file served now)."""
+        with self._scrub_again_lock:
+            self._scrub_again.add(name)
 
     def close(self) -> None:
         """Wait for the answers in flight (at most ``server.request_timeout_s``: a worker hung on
