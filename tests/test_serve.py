@@ -677,6 +677,57 @@ def test_a_pass_that_failed_over_a_version_replaced_meanwhile_is_checked_again(
         served.close()
 
 
+def test_a_pass_that_fails_as_the_swap_takes_its_table_is_checked_again(tmp_path, monkeypatch):
+    """A pass over the old version that failed while a reload swapped the table in (after the
+    swap looked for a failed pass, before the new store was in ``stores``) was checked again by
+    neither: the swap had seen no failure, and the pass still saw the old store served. /healthz
+    said 503 over the new version, whole, until the next pass, an hour later. The swap looks for
+    a failed pass once the new store is served, so one of the two sees the other."""
+    import threading
+
+    from tiered_store import TieredStore
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.table_format import read_manifest
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, checkpoint={"scrub_interval_s": 3600}))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    stop = threading.Event()
+    scrubber = None
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        with TieredStore.open({"table": {"path": str(table)}}) as writer:
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        compact_table(table, progress=False)  # generation 1; 0 stays while served
+        manifest = read_manifest(table)
+        with open(table, "r+b") as f:  # the old version goes bad (row 0: no lookup reads it)
+            f.seek(manifest.data_offset)
+            byte = f.read(1)
+            f.seek(manifest.data_offset)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        real, passes = served._announce_again, []
+
+        def pass_ends_meanwhile(reopened):  # in _swap_in, before the new store is served
+            passes.append(served.verify_tables({"engram_layer3"}))
+            return real(reopened)
+
+        monkeypatch.setattr(served, "_announce_again", pass_ends_meanwhile)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        health = served.health["engram_layer3"]
+        assert passes == [["engram_layer3"]] and health.last_error is not None
+        scrubber = served.start_scrub(stop)
+        deadline = time.monotonic() + 15
+        while health.last_error is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health.last_error is None and health.verifications == 2
+    finally:
+        stop.set()
+        if scrubber is not None:
+            scrubber.join(timeout=30)
+        served.close()
+
+
 def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
     """The scrubber verified the file a table's path names, not the one served: a damaged table
     made anew over the path, and refused at reload (another layout), was found corrupt and

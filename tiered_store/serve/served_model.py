@@ -478,16 +478,18 @@ class ServedModel:
     def _swap_in(self, opened: dict[str, TieredStore]) -> None:
         """After the model took ``opened`` (table name -> its store on the new version): the
         checksum failures counted go on in the new stores, the requests waiting are announced
-        to them, and the old stores close."""
+        to them, the old stores close, and a table whose last pass failed is checked again once
+        on another file."""
         old = {name: self.stores[name] for name in opened}
         carried = {name: store.cold.checksum_failures for name, store in old.items()}
-        for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
-            if _another_file(store, opened[name]) and self.health[name].last_error is not None:
-                self._scrub_soon(name)
         for name, count in carried.items():  # the counter goes on, before a scrape sees it
             opened[name].cold.carry_checksum_failures(count)
         self._announce_again({old[name]: opened[name] for name in opened})
         self.stores.update(opened)
+        # once served: a pass failing over the old file now finds it replaced (verify_tables)
+        for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
+            if _another_file(store, opened[name]) and self.health[name].last_error is not None:
+                self._scrub_soon(name)
         for name, store in old.items():
             store.close()  # and what lookups in flight counted meanwhile
             opened[name].cold.carry_checksum_failures(store.cold.checksum_failures - carried[name])
