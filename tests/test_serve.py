@@ -728,6 +728,54 @@ def test_a_pass_that_fails_as_the_swap_takes_its_table_is_checked_again(tmp_path
         served.close()
 
 
+def test_a_new_version_that_runs_out_of_memory_is_refused_and_leaks_nothing(tmp_path, monkeypatch):
+    """A new version's store that ran out of memory beside the old ones (its tiers allocated
+    while the old ones still hold theirs) escaped the reload: the request whose check opened it
+    failed (500), once a second, and the stores already opened for the other stale tables were
+    never closed (their memory and files held, at every check). It is refused as any other
+    failure is: logged, in /healthz's warnings, counted, every store opened closed again, and
+    the request served on the version open now."""
+    import os
+
+    from tiered_store import TieredStore
+    from tiered_store import store as store_module
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    layer1 = config.table_path(1).resolve()
+
+    def open_on_layer1() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(layer1))
+
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 0.0  # every request checks
+        for layer in (1, 3):  # both tables stale
+            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
+                writer.write([1], torch.zeros(1, writer.dim))
+                writer.commit()
+        real, opened = store_module.CacheHierarchy.from_config, open_on_layer1()
+
+        def out_of_memory_for_layer3(store_config, *args, **kwargs):
+            if Path(store_config.table.path).name == "engram_layer3.npy":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(store_config, *args, **kwargs)
+
+        monkeypatch.setattr(
+            store_module.CacheHierarchy, "from_config", staticmethod(out_of_memory_for_layer3)
+        )
+        request = parse_request(b'{"input_ids": [[7, 8, 9]]}', config.server, served)
+        assert served.answer(request)["shape"] == [1, 3]  # on the version open now
+        assert "out of memory" in (served.reload_refused or "")
+        assert [served.health[name].reload_failures for name in TABLES] == [1, 1]
+        assert open_on_layer1() == opened  # the store opened for layer 1 closed again
+        monkeypatch.undo()
+        assert served.reload_if_stale(force_check=True) == TABLES
+        assert served.reload_refused is None
+    finally:
+        served.close()
+
+
 def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
     """The scrubber verified the file a table's path names, not the one served: a damaged table
     made anew over the path, and refused at reload (another layout), was found corrupt and

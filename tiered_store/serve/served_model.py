@@ -385,7 +385,8 @@ class ServedModel:
                 refused = None
                 # checks every table's geometry, then swaps them all
                 self.model.set_tables(self._guarded(opened))
-            except (TieredStoreError, OSError) as exc:  # ConfigError: another geometry
+            except Exception as exc:  # noqa: BLE001 (ConfigError: another geometry; out of
+                # memory beside the old stores: refused as any failure, never a request's error)
                 for store in opened.values():
                     store.close()
                 for name in stale:  # counted at every check that refuses it, as it is retried
@@ -460,7 +461,7 @@ class ServedModel:
             try:
                 new = self._open_checked(name, old)
                 self.model.set_tables(self._guarded({name: new}))
-            except (TieredStoreError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 (out of memory too: the others go on)
                 if new is not None:
                     new.close()
                 log.error("could not reopen %s (%s); it answers 503", name, error_text(exc))
