@@ -492,6 +492,50 @@ def test_a_failed_checksum_pass_is_a_gauge_until_a_pass_finds_the_table_good(tmp
 @pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
 )
+def test_the_checksum_alert_names_a_lookup_as_what_may_have_found_the_corruption(tmp_path):
+    """tiered_store_checksum_failures_total counts the pages served lookups found corrupt too,
+    and the alert fires on them, while its text said a background checksum pass found the table
+    corrupt and that /healthz reported the block: for a lookup's failure no pass had failed, and
+    /healthz said the lookups were failing. The alert names both."""
+    test = {
+        "rule_files": [str(DEPLOY / "prometheus-rules.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "10m",
+                "input_series": [  # a lookup's page failed its checksum; every pass was good
+                    {"series": 'tiered_store_checksum_failures_total{table="engram_layer1"}', "values": "0 1 1"},
+                    {"series": 'tiered_store_checksum_pass_failed{table="engram_layer1"}', "values": "0 0 0"},
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "20m",
+                        "alertname": "TieredStoreChecksumFailure",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "table": "engram_layer1"},
+                                "exp_annotations": {
+                                    "summary": "table engram_layer1 is corrupt: a checksum failed",
+                                    "description": "A checksum pass, or a served lookup's page checksum, found engram_layer1 corrupt; /healthz says which (the failed pass's block, or the lookups failing).",
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }  # fmt: skip
+    path = tmp_path / "alert_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
 def test_the_checksum_alert_stays_firing_while_the_last_pass_failed(tmp_path):
     """One failed pass every 2 h (checkpoint.scrub_interval_s): increase(...[1h]) is 0 an hour
     after each, so the alert resolved while the table was still corrupt; it fires while the
@@ -516,8 +560,8 @@ def test_the_checksum_alert_stays_firing_while_the_last_pass_failed(tmp_path):
                             {
                                 "exp_labels": {"severity": "critical", "table": "engram_layer3"},
                                 "exp_annotations": {
-                                    "summary": "table engram_layer3 failed a checksum pass",
-                                    "description": "A background checksum pass found engram_layer3 corrupt; /healthz reports the block.",
+                                    "summary": "table engram_layer3 is corrupt: a checksum failed",
+                                    "description": "A checksum pass, or a served lookup's page checksum, found engram_layer3 corrupt; /healthz says which (the failed pass's block, or the lookups failing).",
                                 },
                             }
                         ]
