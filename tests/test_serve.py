@@ -2030,7 +2030,8 @@ def test_an_idle_server_opens_a_new_table_version_without_a_request(tmp_path):
             writer.write([0], torch.full((1, writer.dim), 2.0))
             writer.commit()
         deadline = time.monotonic() + 30
-        while server.model.stores["engram_layer3"] is before:
+        model = server.model  # the swap serves the new store, then closes the old and counts it
+        while model.stores["engram_layer3"] is before or not before.closed or model.reloads < 1:
             assert time.monotonic() < deadline, "the idle server never reopened the table"
             assert get_json(server.url + "/healthz")[0] == 200
             time.sleep(0.1)
