@@ -113,6 +113,30 @@ def test_a_source_refilling_one_buffer_gives_each_batch_its_own_tokens(
 
 
 @pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_a_batch_that_fails_ahead_comes_after_the_batches_before_it(
+    model, batches, want, lookahead
+):
+    """A batch prepared ahead (lookahead) that fails (bad ids, a source that raises) raised
+    before the batches queued before it were computed: their outputs were lost, as they are
+    not without lookahead. Each comes out first, then the failure."""
+    bad = torch.full((2, 32), 10**7)
+
+    def source(fail):
+        yield from batches[:2]
+        if fail == "source":
+            raise OSError("the corpus went away")
+        yield bad
+        yield batches[2]  # never read: the run ends at the failure
+
+    for fail, error in (("ids", "outside the tokenizer vocabulary"), ("source", "went away")):
+        outs = []
+        with pytest.raises(Exception, match=error):
+            for _, out in PrefetchPipeline(model, lookahead=lookahead).run(source(fail)):
+                outs.append(out)
+        assert len(outs) == 2 and all(torch.equal(a, b) for a, b in zip(outs, want, strict=False))
+
+
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
 def test_fetches_start_ahead_in_order(model, random_batches, lookahead):
     batches = random_batches
     memory = model.tables

@@ -171,6 +171,8 @@ class PrefetchPipeline:
     def run(self, batches: Iterable[Any]) -> Iterator[tuple[EngramBatch, torch.Tensor]]:
         """Yield ``(EngramBatch, output)`` for each batch of token ids [B, T], in order.
 
+        A batch that cannot be prepared (bad ids, a source that raises) raises its error after
+        the batches before it are yielded, with any ``lookahead`` (it is read ahead of them).
         ``self.stats`` describes this run (reset at its start, complete when it ends).
         """
         self.stats = stats = PipelineStats()
@@ -179,16 +181,25 @@ class PrefetchPipeline:
         cuda = self.model.embed.weight.device.type == "cuda"
         source = iter(batches)
         queue: deque[EngramBatch] = deque()
+        failed: Exception | None = None  # a batch ahead's: raised once those before it are out
         try:
             while True:
                 t0 = time.perf_counter()
-                while len(queue) <= self.lookahead:  # the current batch and `lookahead` more
-                    ids = next(source, None)
-                    if ids is None:
-                        break
-                    queue.append(self._prepare(ids, cuda))
+                # the current batch and `lookahead` more
+                while failed is None and len(queue) <= self.lookahead:
+                    try:
+                        ids = next(source, None)
+                        if ids is None:
+                            break
+                        queue.append(self._prepare(ids, cuda))
+                    except Exception as exc:  # bad ids, a source that raised: as without
+                        if not queue:  # lookahead, the batches before it are yielded first
+                            raise
+                        failed = exc
                 stats.prepare_seconds += time.perf_counter() - t0
                 if not queue:
+                    if failed is not None:
+                        raise failed
                     break
                 batch = queue.popleft()
                 t0 = time.perf_counter()
