@@ -326,6 +326,32 @@ def test_checkpoint_shape_mismatch_errors_before_anything(model, converted, tmp_
     assert torch.equal(model.layers[0].attn.qkv.weight, before)  # nothing was half-loaded
 
 
+def test_a_checkpoint_of_other_engram_layers_is_refused_before_anything_loads(model):
+    """A checkpoint of another config whose shapes all agree (other Engram layers, a key the
+    model lacks): torch copied every tensor it matched, then raised a RuntimeError, leaving the
+    model half-loaded though the docstring says nothing is copied. A ConfigError names the
+    first key missing or unknown before any copy; strict=False loads the keys it has."""
+    other = EngramLM(
+        ModelConfig.from_dict({**TINY, "engram": {**TINY["engram"], "layer_ids": [1]}})
+    )
+    state = other.state_dict()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ConfigError,
+        match=r"layers\.3\.engram\.key_projs\.0\.bias: missing from the checkpoint \(\d+ keys "
+        r"missing; .*strict=False",
+    ):
+        model.load_state_dict(state)
+    with pytest.raises(ConfigError, match=r"layers\.0\.extra: not a key of this EngramLM"):
+        model.load_state_dict({**model.state_dict(), "layers.0.extra": torch.zeros(1)})
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was half-loaded
+    twin = EngramLM(model.config)
+    missing = twin.load_state_dict(state, strict=False).missing_keys  # as torch does
+    assert "layers.3.engram.value_proj.weight" in missing
+    assert torch.equal(twin.embed.weight, other.embed.weight)
+
+
 def test_config_errors(config, hasher, converted):
     with pytest.raises(ConfigError, match="num_attention_heads: expected a divisor"):
         ModelConfig.from_dict({**TINY, "transformer": {"num_attention_heads": 5}})

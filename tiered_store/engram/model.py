@@ -753,7 +753,8 @@ def check_state_dict(
     model: EngramLM, state_dict: Mapping[str, Any], *, strict: bool = True
 ) -> None:
     """Raise ConfigError naming the first key whose shape disagrees with ``model``'s config (and
-    run each Engram layer's own checks: offsets, a table key for an external table)."""
+    run each Engram layer's own checks: offsets, a table key for an external table); ``strict``:
+    the first key missing or unknown too (torch would copy the others before raising)."""
     for layer_id, engram in model.engram_layers.items():
         if isinstance(engram, V41Engram):
             continue  # its parameters' shapes are checked with every other key below
@@ -762,6 +763,21 @@ def check_state_dict(
         engram.check_checkpoint(own, strict=strict, prefix=prefix)
     expected = expected_shapes(model)
     cfg = model.config
+    if strict:
+        own = model.state_dict(keep_vars=True).keys()
+        missing, unknown = sorted(own - state_dict.keys()), sorted(state_dict.keys() - own)
+        if missing:
+            raise ConfigError(
+                f"{missing[0]}: missing from the checkpoint ({len(missing)} keys missing; "
+                f"this model's Engram layers are {list(cfg.engram.layer_ids)}); expected a "
+                "checkpoint of this config (strict=False loads the keys it has)"
+            )
+        if unknown:
+            raise ConfigError(
+                f"{unknown[0]}: not a key of this EngramLM's state_dict ({len(unknown)} unknown "
+                f"keys; its Engram layers are {list(cfg.engram.layer_ids)}); expected a "
+                "checkpoint of this config (strict=False ignores them)"
+            )
     for key, value in state_dict.items():
         want = expected.get(key)
         if want is None or not hasattr(value, "shape"):
