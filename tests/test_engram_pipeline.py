@@ -308,6 +308,18 @@ def test_layers_sharing_one_store_count_its_seconds_once(model, batches, tmp_pat
     assert steps.stall_seconds.sum() == pytest.approx(decoded["prefetch"]["wait_seconds_total"])
 
 
+def test_decode_of_one_token_sequences_names_the_tokens_not_an_empty_range(model, batches):
+    """Tokens of one per sequence leave no step to decode: the error said the prompt was
+    expected "in [1, 0]", a range nothing is in."""
+    pipeline = PrefetchPipeline(model)
+    with pytest.raises(
+        ConfigError, match=r"tokens: expected at least 2 per sequence .* got shape \[2, 1\]"
+    ):
+        pipeline.decode(batches[0][:, :1], prompt=1)
+    with pytest.raises(ConfigError, match=r"prompt: expected an integer in \[1, 31\]"):
+        pipeline.decode(batches[0], prompt=32)
+
+
 def test_decode_stats_summary_of_no_steps_is_a_clear_error():
     empty = np.zeros(0)
     with pytest.raises(ConfigError, match=r"step_seconds is empty \(0 decode steps"):

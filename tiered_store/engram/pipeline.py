@@ -226,6 +226,11 @@ class PrefetchPipeline:
         later ``t``: the outputs (prompt's, then each step's) and the steps' statistics
         (an example is in the class docstring)."""
         ids = self.model._check_input(tokens)
+        if ids.shape[1] < 2:
+            raise ConfigError(
+                f"tokens: expected at least 2 per sequence (a prompt, then the tokens to decode), "
+                f"got shape {list(ids.shape)}"
+            )
         if (
             isinstance(prompt, bool)
             or not isinstance(prompt, int)
