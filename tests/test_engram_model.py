@@ -547,6 +547,36 @@ def test_a_prefetched_batch_runs_again_after_a_failure_and_twice(model, converte
             store.close()
 
 
+def test_a_step_without_its_batch_on_a_filled_cache_is_refused_before_any_fetch(
+    model, converted, batches
+):
+    """A decode step given no prefetched batch was hashed from position 0 and each table's fetch
+    started, then refused with "prefetched: hashed at position 0", an argument the caller never
+    gave. It is refused first, naming the missing batch; no store starts a fetch."""
+    prompt, step = batches[0][:, :24], batches[0][:, 24:25]
+    stores = open_tables(converted.table_paths, model.hasher, STORE)
+    memory = model.tables
+    try:
+        with torch.no_grad():
+            model.set_tables(stores)
+            state, cache = model.hasher.new_state(3), model.new_cache()
+            model(prompt, prefetched=model.prefetch(prompt, state=state), cache=cache)
+            started = {layer: store.prefetches_started for layer, store in stores.items()}
+            with pytest.raises(
+                ConfigError,
+                match=r"prefetched: none given, so input_ids would be hashed at position 0 but "
+                r"the cache holds 24 positions; expected .*model\.prefetch\(input_ids, "
+                r"state=state\)",
+            ):
+                model(step, cache=cache)
+            assert {layer: s.prefetches_started for layer, s in stores.items()} == started
+            assert cache.position == 24
+    finally:
+        model.set_tables(memory)
+        for store in stores.values():
+            store.close()
+
+
 def test_an_overwrite_stopped_midway_leaves_no_checkpoint_that_looks_complete(
     model, config, tmp_path, monkeypatch
 ):

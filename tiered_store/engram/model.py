@@ -442,7 +442,8 @@ class EngramLM(nn.Module):
             Original token ids [B, T] (tensor, array or nested lists).
         prefetched
             The ``EngramBatch`` from ``prefetch(input_ids)``; without it the batch is hashed and
-            prefetched here, before the first layer runs.
+            prefetched here, before the first layer runs (from position 0: refused with a
+            ``cache`` that holds positions).
         logits
             ``"all"``: [B, T, vocab]; ``"last"``: [B, vocab] for the last position only (prefill,
             as in serving); ``"none"``: the final normalised hidden state [B, T, hidden].
@@ -460,6 +461,13 @@ class EngramLM(nn.Module):
             another model (other Engram layers, Engram config or tokenizer), or it was hashed at
             another position than the cache holds.
         """
+        if prefetched is None and cache is not None and cache.position:  # before any fetch
+            raise ConfigError(
+                f"prefetched: none given, so input_ids would be hashed at position 0 but the "
+                f"cache holds {cache.position} positions; expected the batch of the sequences' "
+                "next tokens, model.prefetch(input_ids, state=state) with the HashState that "
+                "hashed the cached positions"
+            )
         if prefetched is None:
             prefetched = self.prefetch(input_ids)
         elif not (input_ids is prefetched.given and ids_on_gpu(input_ids)):
