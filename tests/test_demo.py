@@ -86,6 +86,10 @@ def test_help_explains_the_demo():
         "tiered",
     ):
         assert word in text
+    # it checked every 10th batch, where --help, the description and the README said every one
+    flat = " ".join(text.split())
+    assert "bit-identical to the in-memory ones (batch 0 and every 10th batch after it)" in flat
+    assert "bit-identity check (of every 10th batch, from the first)" in flat
 
 
 def test_help_says_which_files_of_a_corpus_folder_the_demo_reads(tmp_path):
