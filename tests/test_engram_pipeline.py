@@ -19,7 +19,7 @@ from tiered_store.engram.pipeline import (
     profile_rows,
     table_stats_delta,
 )
-from tiered_store.errors import ConfigError
+from tiered_store.errors import ConfigError, RowIdError
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,19 @@ def test_a_batch_that_fails_ahead_comes_after_the_batches_before_it(
             for _, out in PrefetchPipeline(model, lookahead=lookahead).run(source(fail)):
                 outs.append(out)
         assert len(outs) == 2 and all(torch.equal(a, b) for a, b in zip(outs, want, strict=False))
+
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_a_none_among_the_batches_is_refused_not_the_end_of_the_run(model, batches, lookahead):
+    """A source that yielded None (a reader's failure, say) ended the run there, silently: the
+    batches after it were never computed and nothing said so."""
+    outs = []
+    with pytest.raises(RowIdError, match="input_ids: None"):
+        for _, out in PrefetchPipeline(model, lookahead=lookahead).run(
+            [batches[0], None, *batches[1:3]]
+        ):
+            outs.append(out)
+    assert len(outs) == 1
 
 
 @pytest.mark.parametrize("lookahead", [0, 1, 2])

@@ -50,6 +50,9 @@ __all__ = [
 ]
 
 
+_END = object()  # what ``next`` gives for a source with no batch left
+
+
 @dataclass
 class PipelineStats:
     """What one ``PrefetchPipeline.run`` did, and where the time went."""
@@ -188,8 +191,8 @@ class PrefetchPipeline:
                 # the current batch and `lookahead` more
                 while failed is None and len(queue) <= self.lookahead:
                     try:
-                        ids = next(source, None)
-                        if ids is None:
+                        ids = next(source, _END)
+                        if ids is _END:  # (a None among the batches is refused as ids)
                             break
                         queue.append(self._prepare(ids, cuda))
                     except Exception as exc:  # bad ids, a source that raised: as without
