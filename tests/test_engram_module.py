@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,25 @@ def test_split_checkpoint_sources(setup):
         split_checkpoint(dense, 1)
     with pytest.raises(ConfigError, match="cannot read"):
         split_checkpoint(path.parent / "no_such_file.safetensors", 1)
+
+
+def test_a_checkpoint_without_the_layer_names_the_layers_it_holds(setup, tmp_path):
+    """A checkpoint of another config (Engram at other layers) said only
+    "multi_head_embedding.embedding.weight: missing from the checkpoint": not the key looked
+    for (layer2.), nor that the file holds layers 1 and 4."""
+    from safetensors.torch import save_file
+
+    *_, data, path = setup
+    want = rf"layer2\.{re.escape(EMBEDDING_KEY)}: missing from the checkpoint"
+    held = r"it holds Engram layers \[1, 4\] \(keys layer1\., layer4\.\); expected layer 2's"
+    with pytest.raises(ConfigError, match=rf"{want} {re.escape(str(path))}, {held}"):
+        split_checkpoint(path, 2)
+    with pytest.raises(ConfigError, match=rf"{want}, {held}"):
+        split_checkpoint(dict(data), 2)
+    only4 = tmp_path / "layer4.safetensors"
+    save_file({k: v for k, v in data.items() if k.startswith("layer4.")}, str(only4))
+    with pytest.raises(ConfigError, match=r"layer1\..* it holds Engram layers \[4\] "):
+        split_checkpoint(only4, 1)
 
 
 def test_checkpoint_shape_mismatch_errors_before_compute(setup):

@@ -58,7 +58,7 @@ from .config import (  # noqa: F401  (EngramConfig: doctest examples)
 from .hashing import NgramHasher
 from .layout import layout_mismatch, short, table_metadata
 from .model import EngramLM, ModelConfig, expected_shapes
-from .module import EMBEDDING_KEY, is_engram_module_key
+from .module import EMBEDDING_KEY, REFERENCE_KEY, is_engram_module_key
 
 __all__ = [
     "DENSE_FILE",
@@ -79,7 +79,6 @@ __all__ = [
 DENSE_FILE = "dense.safetensors"
 CONFIG_METADATA_KEY = "tiered_store.model_config"  # safetensors metadata: the ModelConfig as JSON
 _TABLE_KEY = re.compile(r"^layers\.(\d+)\.engram\." + re.escape(EMBEDDING_KEY) + "$")
-_REFERENCE_KEY = re.compile(r"^layer(\d+)\.(.+)$")
 
 
 def table_file(directory: str | Path, layer_id: int) -> Path:
@@ -589,7 +588,7 @@ def _check_entries(
     for key, entry in entries.items():
         if key not in expected:
             hint = ""
-            reference = _REFERENCE_KEY.match(key)
+            reference = REFERENCE_KEY.match(key)
             if reference and is_engram_module_key(reference.group(2)):
                 hint = " (a per-layer reference checkpoint: convert from_reference_layout(...))"
             raise ConfigError(f"{key}: not a key of this EngramLM's state_dict{hint}")

@@ -44,6 +44,7 @@ _DENSE_KEY = re.compile(
     r"^(multi_head_embedding\.offsets|value_proj\.(weight|bias)|key_projs\.\d+\.(weight|bias)"
     r"|norm[12]\.\d+\.weight|short_conv\.conv\.weight|short_conv\.norms\.\d+\.weight)$"
 )
+REFERENCE_KEY = re.compile(r"^layer(\d+)\.(.+)$")  # a per-layer reference checkpoint's key
 _GATE_EPS = 1e-6  # floor of |gate| before the signed square root
 
 
@@ -520,7 +521,8 @@ def split_checkpoint(
     Raises
     ------
     ConfigError
-        The file cannot be read, or the table key is missing.
+        The file cannot be read, or the table key is missing (naming the Engram layers the
+        checkpoint holds when it holds others).
 
     Examples
     --------
@@ -539,8 +541,16 @@ def split_checkpoint(
         }
         tensors = {k: torch.as_tensor(v) for k, v in items.items() if is_engram_module_key(k)}
     else:
-        tensors = _read_safetensors(Path(source), prefix)
+        tensors, keys = _read_safetensors(Path(source), prefix)
     if EMBEDDING_KEY not in tensors:
+        held = _held_layers(keys)
+        if held and layer_id not in held:  # a checkpoint of another config: say what it holds
+            where = "" if isinstance(source, Mapping) else f" {source}"
+            raise ConfigError(
+                f"{prefix}{EMBEDDING_KEY}: missing from the checkpoint{where}, it holds Engram "
+                f"layers {held} (keys {', '.join(f'layer{n}.' for n in held)}); expected "
+                f"layer {layer_id}'s"
+            )
         raise ConfigError(
             f"{prefix if tensors or isinstance(source, Mapping) else ''}{EMBEDDING_KEY}: missing "
             f"from the checkpoint {str(source) if not isinstance(source, Mapping) else ''}".rstrip()
@@ -554,8 +564,15 @@ def is_engram_module_key(key: str) -> bool:
     return key == EMBEDDING_KEY or _DENSE_KEY.match(key) is not None
 
 
-def _read_safetensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """The layer's wanted tensors of a safetensors file, prefix stripped (others not read)."""
+def _held_layers(keys: list[str]) -> list[int]:
+    """The Engram layers whose ``layer{L}.`` module keys are among ``keys``."""
+    found = (REFERENCE_KEY.match(key) for key in keys)
+    return sorted({int(m[1]) for m in found if m and is_engram_module_key(m[2])})
+
+
+def _read_safetensors(path: Path, prefix: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The layer's wanted tensors of a safetensors file, prefix stripped (others not read), and
+    every key of the file."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -569,6 +586,6 @@ def _read_safetensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
                     name = key
                 if name is not None and is_engram_module_key(name):
                     out[name] = f.get_tensor(key)
-            return out
+            return out, keys
     except (OSError, SafetensorError) as exc:
         raise ConfigError(f"{path}: cannot read the checkpoint: {exc}") from exc
