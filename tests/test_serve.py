@@ -776,6 +776,49 @@ def test_a_new_version_that_runs_out_of_memory_is_refused_and_leaks_nothing(tmp_
         served.close()
 
 
+def test_a_reload_interrupted_by_ctrl_c_closes_every_store_it_opened(tmp_path, monkeypatch):
+    """A reload interrupted (Ctrl-C, SIGTERM's KeyboardInterrupt) after it had opened the new
+    version of one stale table, while it opened the next, went up the stack with that store
+    open (its memory, its files and the hold that keeps a compaction from removing the version
+    it reads). Every store the reload opened is closed, and the interrupt goes on."""
+    import os
+
+    from tiered_store import TieredStore
+    from tiered_store import store as store_module
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    layer1 = config.table_path(1).resolve()
+
+    def open_on_layer1() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(layer1))
+
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):  # both tables stale
+            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
+                writer.write([1], torch.zeros(1, writer.dim))
+                writer.commit()
+        real, opened = store_module.CacheHierarchy.from_config, open_on_layer1()
+
+        def interrupted_at_layer3(store_config, *args, **kwargs):
+            if Path(store_config.table.path).name == "engram_layer3.npy":
+                raise KeyboardInterrupt
+            return real(store_config, *args, **kwargs)
+
+        monkeypatch.setattr(
+            store_module.CacheHierarchy, "from_config", staticmethod(interrupted_at_layer3)
+        )
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+        assert open_on_layer1() == opened  # the store opened for layer 1 closed again
+        monkeypatch.undo()
+        assert served.reload_if_stale(force_check=True) == TABLES
+    finally:
+        served.close()
+
+
 def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
     """The scrubber verified the file a table's path names, not the one served: a damaged table
     made anew over the path, and refused at reload (another layout), was found corrupt and

@@ -409,6 +409,10 @@ class ServedModel:
                     self._refusals[refused] = (files[refused][0], error_text(exc))
                 self._refused([*unreadable, f"{', '.join(stale)} ({error_text(exc)})"])
                 return []
+            except BaseException:  # Ctrl-C: it goes on, no store it opened left open
+                for store in opened.values():
+                    store.close()
+                raise
             self._refused(unreadable)
             self._swap_in(opened)
         log.info("reopened tables on a new version: %s", ", ".join(stale))
@@ -466,6 +470,10 @@ class ServedModel:
                     new.close()
                 log.error("could not reopen %s (%s); it answers 503", name, error_text(exc))
                 continue
+            except BaseException:  # Ctrl-C: it goes on, the store it opened closed
+                if new is not None:
+                    new.close()
+                raise
             self._swap_in({name: new})
 
     def _guarded(self, stores: dict[str, TieredStore]) -> dict[int, GuardedTable]:
