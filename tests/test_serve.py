@@ -902,6 +902,65 @@ def test_a_pass_over_a_table_being_made_anew_has_no_verdict_and_is_checked_again
         served.close()
 
 
+def test_a_pass_that_raises_something_unexpected_tries_its_tables_again_a_few_times(
+    tmp_path, monkeypatch, caplog
+):
+    """A checksum pass that raised something unexpected (logged: "checksum pass failed") let
+    go of the tables queued to be checked again within a second (a failed verdict on a file a
+    reload replaced, a pass with no verdict): they waited for the next whole pass, an hour
+    later, /healthz at 503 meanwhile. They are queued again, SCRUB_RETRIES times at most (a
+    pass failing for good is not run every second), then left to the next whole pass."""
+    import logging
+    import threading
+
+    from tiered_store.serve import served_model as served_module
+    from tiered_store.serve.served_model import SCRUB_RETRIES
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, checkpoint={"scrub_interval_s": 3600}))
+    served = ServedModel(config)
+    stop = threading.Event()
+    scrubber = None
+    real, calls = served_module.verify_counted, []
+
+    def unexpected_once(path, health, stop=None):
+        calls.append(Path(path).name)
+        if len(calls) == 1:
+            raise RuntimeError("something unexpected")
+        return real(path, health, stop)
+
+    try:
+        health = served.health["engram_layer3"]
+        monkeypatch.setattr(served_module, "verify_counted", unexpected_once)
+        served._scrub_soon("engram_layer3")
+        scrubber = served.start_scrub(stop)
+        deadline = time.monotonic() + 15
+        while health.verifications == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (health.verifications, health.checksum_failures) == (1, 0)
+        assert calls == ["engram_layer3.npy", "engram_layer3.npy"]
+
+        def unexpected_always(path, health, stop=None):
+            calls.append(Path(path).name)
+            raise RuntimeError("something unexpected")
+
+        calls.clear()
+        monkeypatch.setattr(served_module, "verify_counted", unexpected_always)
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            served._scrub_soon("engram_layer3")
+            deadline = time.monotonic() + 30
+            while "left to the next whole pass" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text
+                time.sleep(0.05)
+            time.sleep(2.5)  # two more turns of the scrubber: none checks it
+        assert calls == ["engram_layer3.npy"] * (1 + SCRUB_RETRIES)
+        assert "engram_layer3" in caplog.text
+    finally:
+        stop.set()
+        if scrubber is not None:
+            scrubber.join(timeout=30)
+        served.close()
+
+
 def test_a_checksum_pass_ends_once_the_server_stops_and_counts_nothing(tmp_path):
     """The scrubber's pass ran to its end whatever the stop: the server's stop waited up to
     30 s for it and then closed the tables under it. A pass ends once the stop is set, with no

@@ -66,6 +66,8 @@ __all__ = ["NonFiniteOutputError", "ServedModel", "create_checkpoint"]
 log = logging.getLogger("tiered_store.serve")
 
 RELOAD_CHECK_SECONDS = 1.0  # how often requests look for a new table version (compaction, commit)
+# the scrubber's tries again of a table queued for a check whose pass raised something unexpected
+SCRUB_RETRIES = 3
 # a file modified this recently may change again within its mtime's tick (1 to 2 s on coarse
 # file clocks) and keep its identity: a refusal of it is not remembered (opened again next check)
 SETTLED_NS = 2_000_000_000
@@ -845,13 +847,15 @@ class ServedModel:
         """A thread re-verifying every table this process serves (its shards, on a rank) every
         ``checkpoint.scrub_interval_s`` seconds, until ``stop``; started. A table whose last pass
         failed is verified again within a second once a reload reopened it on another file (before
-        the pass ended, or after), and so is one a pass gave no verdict on (being made anew).
+        the pass ended, or after), and so is one a pass gave no verdict on (being made anew),
+        or one whose pass raised something unexpected (``SCRUB_RETRIES`` times in a row at most).
         Over sharded tables the other ranks publish their failed passes, and rank 0 reads them
         (``watch_ranks``)."""
         interval = self.config.checkpoint.scrub_interval_s
 
         def scrub() -> None:
             due = time.monotonic() + interval
+            tries: dict[str, int] = {}  # a table's passes in a row that raised
             while not stop.wait(min(max(due - time.monotonic(), 0.0), RELOAD_CHECK_SECONDS)):
                 with self._scrub_again_lock:
                     names, self._scrub_again = self._scrub_again, set()
@@ -867,6 +871,7 @@ class ServedModel:
                         )
                 except Exception:  # never the end of scrubbing: the next pass may succeed
                     log.exception("checksum pass failed")
+                    self._scrub_again_after(set(self.health) if names is None else names, tries)
                     continue
                 finally:
                     if names is None:  # the interval runs from the end of a whole pass
@@ -875,6 +880,8 @@ class ServedModel:
                     log.error(
                         "checksum pass over %s failed: %s", name, self.health[name].last_error
                     )
+                for name in self.health if names is None else names:
+                    tries.pop(name, None)
 
         thread = threading.Thread(target=scrub, name="tiered-store-checksum-scrub", daemon=True)
         thread.start()
@@ -947,6 +954,27 @@ class ServedModel:
                 if now is not store and _another_file(store, now):
                     self._scrub_soon(name)
         return failed
+
+    def _scrub_again_after(self, names: set[str], tries: dict[str, int]) -> None:
+        """After a pass over ``names`` that raised something unexpected: each is checked again
+        within a second, ``SCRUB_RETRIES`` times in a row at most (``tries`` counts them), then
+        left to the next whole pass (one failing for good is not run every second)."""
+        given_up = []
+        for name in sorted(names):
+            tries[name] = tries.get(name, 0) + 1
+            if tries[name] <= SCRUB_RETRIES:
+                self._scrub_soon(name)
+            else:
+                del tries[name]
+                given_up.append(name)
+        if given_up:
+            log.error(
+                "checksum pass over %s raised %d times in a row; left to the next whole pass "
+                "(checkpoint.scrub_interval_s: %g s)",
+                ", ".join(given_up),
+                1 + SCRUB_RETRIES,
+                self.config.checkpoint.scrub_interval_s,
+            )
 
     def _scrub_soon(self, name: str) -> None:
         """Have the scrubber check table ``name`` within a second (its last verdict, or none,
