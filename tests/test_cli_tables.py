@@ -77,6 +77,27 @@ def test_verify_prints_a_readable_report(table, capsys):
     assert "VerifyReport" not in out and "MB/s" in out
 
 
+def test_verify_of_a_table_being_made_anew_is_no_verdict_with_its_own_exit_status(
+    table, tmp_path, capsys
+):
+    """`verify` of a table being made anew over its path (its manifest unlinked while the
+    writer holds the folder's lock) printed "FAILED" and exited 1, as for a corrupt table: a
+    script alerting on it paged someone over a sound table. It says there is no verdict, and
+    to run it again once the writer is done, and exits 75 (EX_TEMPFAIL)."""
+    from tiered_store.process_locks import locked_folder
+    from tiered_store.table_format import table_paths
+
+    manifest, aside = table_paths(table)[1], tmp_path / "manifest.aside"
+    with locked_folder(table.parent):  # as a writer's publish, between unlink and move
+        os.replace(manifest, aside)
+        assert main(["verify", str(table), "--quiet"]) == 75
+    err = capsys.readouterr().err
+    assert err.startswith(f"tiered-store verify: NO VERDICT: table {table} was being made anew")
+    assert "FAILED" not in err and "run the check again once it is done" in err
+    os.replace(aside, manifest)
+    assert main(["verify", str(table), "--quiet"]) == 0
+
+
 def test_every_command_that_writes_a_manifest_gives_it_its_own_checksum(table, capsys):
     """Each writer of a manifest (init, add-page-checksums, compact, shard, unshard; convert-hf:
     test_convert_hf) seals it, and `info` shows the checksum."""

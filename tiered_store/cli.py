@@ -286,12 +286,17 @@ def _run_info(args) -> int:
     return 0
 
 
+VERIFY_NO_VERDICT = 75  # verify's exit status for a table being made anew (EX_TEMPFAIL: retry)
+
+
 def _add_verify(sub) -> None:
     p = sub.add_parser(
         "verify",
         help=command_help("verify"),
         description="Re-read the whole table and check every block's CRC-32 and every page's "
-        "CRC32C; exit 1 naming the first bad block or page. With --add-page-checksums: check the "
+        "CRC32C; exit 1 naming the first bad block or page, or 75 (no verdict) when the table "
+        "was being made anew over its path while it ran: run it again once the writer is done. "
+        "With --add-page-checksums: check the "
         "blocks, then write the page checksums (NAME.npy.pages.crc32c, which every cold read "
         "checks) and record them in the manifest, atomically; for tables made before them. "
         "A compacted table is checked in its current version (the file TABLE.npy.current names).",
@@ -309,7 +314,13 @@ def _add_verify(sub) -> None:
 def _run_verify(args) -> int:
     from .delta.table_versions import present_version
     from .errors import TableFormatError
-    from .table_format import add_page_checksums, not_a_table, table_paths, verify_table
+    from .table_format import (
+        TableChangingError,
+        add_page_checksums,
+        not_a_table,
+        table_paths,
+        verify_table,
+    )
 
     wrong = not_a_table(args.table)
     if wrong is not None:  # a usage error (exit 2), not a table that failed its checks (1)
@@ -320,6 +331,9 @@ def _run_verify(args) -> int:
             report = add_page_checksums(path, progress=not args.quiet)
         else:
             report = verify_table(path, progress=not args.quiet)
+    except TableChangingError as exc:  # not a corrupt table: a writer's, not done yet
+        print(f"tiered-store verify: NO VERDICT: {exc}", file=sys.stderr)
+        return VERIFY_NO_VERDICT
     except TableFormatError as exc:
         print(f"tiered-store verify: FAILED: {exc}", file=sys.stderr)
         return 1
