@@ -428,6 +428,38 @@ def test_a_table_being_made_anew_at_every_try_has_no_verdict(tmp_path, monkeypat
         verify_table(path, progress=False)
 
 
+@pytest.mark.parametrize("when", ["before the scan", "after the scan"])
+def test_page_checksums_of_a_table_made_anew_meanwhile_are_no_verdict(tmp_path, monkeypatch, when):
+    """add_page_checksums over a table made anew meanwhile (a conversion rerun, init
+    --overwrite) called it corrupt or failed: made anew before its scan opened the data file, the
+    new rows were checked against the old manifest ('block 0 fails its checksum'); after, it said
+    'changed ... run the command again' as a TableFormatError: `verify --add-page-checksums`
+    printed FAILED and exited 1 over a sound table. Both raise TableChangingError (no verdict,
+    nothing written), which verify reports as such (exit 75)."""
+    import tiered_store.table_format as table_format
+    from tiered_store.cli import main
+    from tiered_store.table_format import TableChangingError, add_page_checksums
+
+    path, _ = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=8192)
+    real, seeds, made = table_format._scan_table, iter(range(2, 100)), []
+
+    def made_anew(*args, **kwargs):
+        sums = real(*args, **kwargs) if when == "after the scan" else None
+        source = RandomSource(1000, 50, seed=next(seeds))
+        create_table(path, source, progress=False, overwrite=True, block_bytes=8192)
+        made.append(listing(tmp_path))  # the new table's files, as its writer left them
+        return sums if when == "after the scan" else real(*args, **kwargs)
+
+    monkeypatch.setattr(table_format, "_scan_table", made_anew)
+    with pytest.raises(TableChangingError, match=r"run the command again"):
+        add_page_checksums(path, progress=False)
+    assert listing(tmp_path) == made[-1]  # nothing written over the new table
+    assert main(["verify", "--add-page-checksums", str(path), "--quiet"]) == 75
+    assert listing(tmp_path) == made[-1]
+    monkeypatch.undo()
+    assert verify_table(path, progress=False).blocks_checked == 25
+
+
 def test_a_verification_stops_between_reads_once_asked(tmp_path, monkeypatch):
     """serve's scrubber could not end a pass under way: a stop waited up to 30 s for it (a
     101 GB table takes about a minute), then closed the tables with the pass still reading. A

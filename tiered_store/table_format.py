@@ -133,7 +133,8 @@ class VerifyStopped(TieredStoreError):
 
 class TableChangingError(TableFormatError):
     """``verify_table`` found the table being made anew over its path at each of
-    ``VERIFY_ATTEMPTS`` tries: no verdict on the table (check it again once that is done)."""
+    ``VERIFY_ATTEMPTS`` tries, or ``add_page_checksums`` found it changed while it ran: no
+    verdict on the table (check it again once that is done)."""
 
 
 @dataclass(frozen=True)
@@ -799,8 +800,11 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
     Raises
     ------
     TableFormatError
-        The structure is wrong, a block fails its checksum, or the table changed or was removed
-        while it ran.
+        The structure is wrong, a block fails its checksum, or the table was removed while it
+        ran.
+    TableChangingError
+        The table changed (made anew, its manifest rewritten) while it ran: no verdict, nothing
+        written.
     TierIOError
         A write failed (disk full, read-only file system, file-size limit); the table is unchanged.
 
@@ -815,7 +819,15 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
     manifest = check_table(npy_path)
     before = manifest_path.read_bytes()
     t0 = time.perf_counter()
-    sums = _scan_table(npy_path, manifest, progress, "page checksums", expected_pages=None)
+    try:
+        sums = _scan_table(npy_path, manifest, progress, "page checksums", expected_pages=None)
+    except TableFormatError as exc:  # a block failed: of this table, or of one made anew since
+        if _manifest_unchanged(npy_path, manifest):
+            raise
+        raise TableChangingError(
+            f"table {npy_path} was made anew (or removed) while its page checksums were "
+            "computed; no verdict, nothing was written: run the command again once it is done"
+        ) from exc
     content = sidecar_bytes(sums)
     entry = PageChecksums(
         pages=len(sums), file_crc32c=file_checksum(content), page_bytes=PAGE_BYTES
@@ -840,7 +852,7 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
                     "expected it to stay: nothing was written"
                 )
             if manifest_path.read_bytes() != before:
-                raise TableFormatError(
+                raise TableChangingError(
                     f"table {npy_path} changed while its page checksums were computed; "
                     "expected it unchanged: run the command again"
                 )
