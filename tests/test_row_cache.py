@@ -438,3 +438,24 @@ def test_a_preload_that_raises_leaves_its_slots_free(where):
     run_batch(cache, [1, 2, 3, 4, 5, 6])
     _check_invariants(cache)
     assert cache.occupancy == 8
+
+
+@pytest.mark.parametrize("where", ["eviction.on_reinstate", "cache._push_free"])
+def test_an_admission_that_raises_while_refusing_candidates_gives_its_free_slots_back(where):
+    """The admission filter refused the candidates that would have replaced victims, and
+    putting those victims back (out of memory) raised: the free slots the other candidates had
+    taken stayed taken and empty, the tier that much smaller for good. They now return free and
+    the victims stay, as for a failure in the filter itself."""
+    cache = RowCache("warm", num_rows=60, capacity=12, spec=PolicySpec.parse("lru+tinylfu"))
+    for _ in range(5):  # ten rows the filter has seen often
+        run_batch(cache, list(range(10)))
+    assert cache.occupancy == 10
+    owner, name = where.split(".")
+    _raise_once(cache if owner == "cache" else getattr(cache, owner), name)
+    with pytest.raises(MemoryError):  # two new rows take the free slots, four are refused
+        run_batch(cache, [40, 41, 42, 43, 44, 45])
+    _check_invariants(cache)
+    assert cache.occupancy == 10 and sorted(cache.held_rows().tolist()) == list(range(10))
+    run_batch(cache, [40, 41])
+    _check_invariants(cache)
+    assert cache.occupancy == 12

@@ -344,38 +344,39 @@ class RowCache:
         victims = self._choose_victims(
             n - take_free, lookahead
         )  # before popping: popped slots look occupied
-        free_slots = self._pop_free(take_free)
-        slots = torch.cat([free_slots, victims[: n - take_free]])
-        extra = victims[n - take_free :]  # headroom: evicted now so later batches find free slots
-        if slots.numel() < n:  # nothing left to evict (all pinned, or no eviction policy)
-            self.counters.rejections += n - slots.numel()
-            cand = cand[: slots.numel()]
-        new_ids = torch.index_select(ids, 0, cand)
-        victim_rows = torch.index_select(self.row_of_slot, 0, slots)  # -1 for the free ones
-        try:
+        taken = victims[:0]  # free slots taken and not given back: an admission that raises
+        try:  # before any row moved returns them, and its victims stay (``_untake``)
+            taken = free_slots = self._pop_free(take_free)
+            slots = torch.cat([free_slots, victims[: n - take_free]])
+            extra = victims[n - take_free :]  # headroom: evicted now, later batches find them free
+            if slots.numel() < n:  # nothing left to evict (all pinned, or no eviction policy)
+                self.counters.rejections += n - slots.numel()
+                cand = cand[: slots.numel()]
+            new_ids = torch.index_select(ids, 0, cand)
+            victim_rows = torch.index_select(self.row_of_slot, 0, slots)  # -1 for the free ones
             ok = self.admission.admit(new_ids, victim_rows)
-        except BaseException:
-            self._untake(slots, victim_rows, extra)
-            raise
-        if not bool(ok.all()):  # refused candidates: their free slots return; victims go in
-            # eviction order, each while the next candidate beats it (a row an announced request
-            # needs never goes before one no request needs, nor a row that beat its candidate)
-            victim_slots = slots[take_free:]
-            admitted_over_victims = int(ok[take_free:].to(torch.int64).cumprod(0).sum())
-            ok[take_free + admitted_over_victims :] = False
-            self.counters.rejections += int((~ok).sum())
-            self._push_free(free_slots[~ok[:take_free]])
-            self._reinstate(victim_slots[admitted_over_victims:])
-            keep = nonzero(ok)
-            cand, new_ids = (torch.index_select(t, 0, keep) for t in (cand, new_ids))
-            slots = torch.cat([free_slots[ok[:take_free]], victim_slots[:admitted_over_victims]])
-            victim_rows = torch.index_select(self.row_of_slot, 0, slots)
-        if self.before_evict is not None:
-            try:
+            if not bool(ok.all()):  # refused candidates: their free slots return; victims go in
+                # eviction order, each while the next candidate beats it (a row an announced
+                # request needs never goes before one no request needs, nor a row that beat its
+                # candidate)
+                victim_slots = slots[take_free:]
+                admitted_over_victims = int(ok[take_free:].to(torch.int64).cumprod(0).sum())
+                ok[take_free + admitted_over_victims :] = False
+                rejected = int((~ok).sum())
+                keep = nonzero(ok)
+                cand, new_ids = (torch.index_select(t, 0, keep) for t in (cand, new_ids))
+                kept_free, refused_free = free_slots[ok[:take_free]], free_slots[~ok[:take_free]]
+                slots = torch.cat([kept_free, victim_slots[:admitted_over_victims]])
+                victim_rows = torch.index_select(self.row_of_slot, 0, slots)
+                self._reinstate(victim_slots[admitted_over_victims:])
+                self._push_free(refused_free)
+                taken = kept_free
+                self.counters.rejections += rejected
+            if self.before_evict is not None:  # (the write-back's spill)
                 self.before_evict(torch.cat([slots[victim_rows >= 0], extra]))
-            except BaseException:  # (the write-back's spill out of memory): no row has moved
-                self._untake(slots, victim_rows, extra)
-                raise
+        except BaseException:  # (out of memory) before any row moved
+            self._untake(taken, victims)
+            raise
         old_rows = torch.cat([victim_rows, torch.index_select(self.row_of_slot, 0, extra)])
         try:
             held = nonzero(old_rows >= 0)
@@ -631,13 +632,11 @@ class RowCache:
         """Buffered victims whose key is unchanged and that are still evictable."""
         return (self.eviction.victim_priority(slots) == keys) & ~self._unevictable[slots]
 
-    def _untake(self, slots: torch.Tensor, victim_rows: torch.Tensor, extra: torch.Tensor) -> None:
-        """An admission that failed before any row moved gives back what it took: its free
-        ``slots`` (``victim_rows`` -1) return to the free list as they were, its victims (with
-        ``extra``) stay resident, and the victim buffer they came from is refilled when next
-        needed."""
-        self._push_free(slots[victim_rows < 0])
-        victims = torch.cat([slots[victim_rows >= 0], extra])
+    def _untake(self, free_slots: torch.Tensor, victims: torch.Tensor) -> None:
+        """An admission that failed before any row moved gives back what it took: its
+        ``free_slots`` return to the free list, its ``victims`` (headroom included) stay
+        resident, and the victim buffer they came from is refilled when next needed."""
+        self._push_free(free_slots)
         self.eviction.on_reinstate(victims)
         self._queue_changed(victims)
         self._buffered = None
