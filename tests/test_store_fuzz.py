@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -39,7 +40,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_table, store_config
+from tests.conftest import check_cache_invariants, make_table, store_config
 from tiered_store import TieredStore, UncommittedWritesWarning
 from tiered_store.delta.compaction import compact_table
 from tiered_store.errors import (
@@ -48,6 +49,7 @@ from tiered_store.errors import (
     RowIdError,
     StoreClosedError,
 )
+from tiered_store.id_ops import nonzero
 from tiered_store.prefetch import PrefetchHandleError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.quantization import RowQuantization, dequantize_rows, quantize_rows
@@ -878,3 +880,211 @@ def test_a_prefetched_view_refilled_in_place_is_refused(kind, tmp_path):
         refill()
         with pytest.raises(PrefetchHandleError):
             store.lookup(view, handle)
+
+
+# -- failures at any call on the miss path -------------------------------------------------------
+
+# what a lookup's or a write's path calls, per tier: a random one of these raises
+FAULT_POINTS = {
+    "cache": ("probe", "_pop_free", "_push_free", "_evict", "_choose_victims"),
+    "index": ("get", "set", "delete"),
+    "eviction": ("on_insert", "on_free", "on_reinstate", "on_hit", "choose_victims"),
+    "admission": ("admit", "best_first"),
+    "pool": ("write", "gather"),
+}
+FAULT_POLICIES = ["lru", "sieve", "fifo", "lfu+tinylfu", "lru+tinylfu", "static+lru", "zipf-tuned"]
+DEFAULT_FAULT_SEEDS = range(8)
+DEFAULT_FAULT_OPS = 60
+
+
+class Faults:
+    """Wrapped calls of a store's miss path; once armed, the ``at``-th call raises ``exc``."""
+
+    def __init__(self) -> None:
+        self.at: int | None = None
+        self.calls = 0
+        self.exc: type[BaseException] = MemoryError
+        self.fired = ""
+        self.stack = ""  # where it fired
+
+    def wrap(self, owner: Any, name: str) -> None:
+        """Count (and maybe fail) ``owner.name``'s calls."""
+        real = getattr(owner, name, None)
+        if real is None:
+            return
+
+        inside = []  # a call of itself (a hashed index's rebuild re-inserting) is not counted
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.at is not None and not inside:
+                self.calls += 1
+                if self.calls == self.at:
+                    self.at, self.fired = None, f"{type(owner).__name__}.{name}"
+                    self.stack = "".join(traceback.format_stack(limit=8)[:-1])
+                    raise self.exc(f"injected in {self.fired}")
+            inside.append(1)
+            try:
+                return real(*args, **kwargs)
+            finally:
+                inside.pop()
+
+        setattr(owner, name, call)
+
+    def arm(self, rng: np.random.Generator) -> None:
+        """The next op fails at a random call (or at none, if it makes fewer)."""
+        self.at, self.calls, self.fired = int(rng.integers(1, 60)), 0, ""
+        self.exc = KeyboardInterrupt if rng.random() < 0.2 else MemoryError
+
+    def disarm(self) -> None:
+        self.at = None
+
+
+def _wrap_store(store: TieredStore, faults: Faults) -> None:
+    """Every fault point of ``store``'s tiers and its cold reads."""
+    for cache, pool in ((store.hot, store.hot_pool), (store.warm, store.warm_pool)):
+        if not cache.capacity:
+            continue
+        owners = {"cache": cache, "index": cache.index, "eviction": cache.eviction}
+        owners.update(admission=cache.admission, pool=pool)
+        for owner, names in FAULT_POINTS.items():
+            for name in names:
+                faults.wrap(owners[owner], name)
+        if cache.online is not None:
+            faults.wrap(cache.online, "admitted")
+            faults.wrap(cache.online, "evicted")
+    faults.wrap(store.cold, "read_rows")
+
+
+def _wrap_writes(store: TieredStore, faults: Faults) -> None:
+    """The fault points of ``store``'s write-back (made by its first write): the spill of dirty
+    victims and the pending rows' merge."""
+    for cache in (store.hot, store.warm):
+        if cache.before_evict is not None:
+            faults.wrap(cache, "before_evict")
+    faults.wrap(store._writes.pending, "merge")
+
+
+def _check_tier(cache: Any, dirty: torch.Tensor | None) -> None:
+    """``check_cache_invariants`` and the free list, pins and dirty flags agreeing with it."""
+    check_cache_invariants(cache)
+    free = cache._free[: cache._n_free]
+    assert free.unique().numel() == free.numel(), f"{cache.name}: a slot twice on the free list"
+    assert torch.equal(torch.sort(free).values, nonzero(cache.row_of_slot < 0))
+    assert bool(cache.pin_flags()[free].all()), f"{cache.name}: a free slot not flagged"
+    assert cache.pinned_count == int(cache.pinned_mask().sum()), f"{cache.name}: pin count"
+    if dirty is not None:
+        assert not bool(dirty[cache.row_of_slot < 0].any()), f"{cache.name}: a free slot dirty"
+
+
+def run_faults(seed: int, tmp_path, n_ops: int) -> None:
+    """Random lookups, writes and commits, a random call of each failing now and then: every
+    later lookup returns the reference's rows, and the tiers, their free lists, pins and dirty
+    flags agree; what was written and not known to have failed is committed and read back."""
+    rng = np.random.default_rng(seed)
+    rows = 300
+    path, data = make_table(tmp_path, rows=rows, dim=4, seed=seed)
+    tiers = {}
+    for name, cap in (("hot", (4, 24)), ("warm", (8, 60))):
+        tier: dict[str, Any] = {"capacity": int(rng.integers(*cap))}
+        tier["policy"] = str(rng.choice(FAULT_POLICIES))
+        if tier["policy"].startswith("static"):
+            np.save(tmp_path / f"{name}_static.npy", rng.permutation(rows)[:3])
+            tier["static_rows"] = str(tmp_path / f"{name}_static.npy")
+        tier["index"] = str(rng.choice(["dense", "hashed"]))
+        tier["evict_headroom"] = float(rng.choice([0.0, 0.25]))
+        tiers[name] = tier
+    prefetch = {"depth": 2, "lookahead": bool(rng.random() < 0.5)}
+    cfg = store_config(path, prefetch=prefetch, restart={"enabled": False}, **tiers)
+    reference = data.clone()
+    popular = rng.permutation(rows)[:40]
+    faults = Faults()
+    where, log = "open", []
+
+    def check(store: TieredStore, ids: np.ndarray, what: str) -> None:
+        out = store.lookup(torch.from_numpy(ids))
+        bad = ~(out == reference[ids]).all(1)
+        assert not bool(bad.any()), f"{what}: rows {ids[bad.numpy()].tolist()} differ"
+
+    try:
+        with TieredStore(cfg) as store:
+            _wrap_store(store, faults)
+            dirty: dict[str, torch.Tensor] = {}
+            writes = None  # the write-back whose calls are wrapped
+            for i in range(n_ops):
+                where = f"op {i}"
+                kind = rng.choice(
+                    ["lookup", "prefetch", "write", "commit"], p=[0.5, 0.25, 0.2, 0.05]
+                )
+                faults.fired = ""
+                if kind != "write":
+                    n = int(rng.integers(1, 40))
+                    ids = np.where(
+                        rng.random(n) < 0.6, rng.choice(popular, n), rng.integers(0, rows, n)
+                    )
+                    if kind == "commit":
+                        store.commit()
+                        continue
+                    if rng.random() < 0.6:
+                        faults.arm(rng)
+                    try:
+                        if kind == "prefetch":  # fetched by the prefetch thread, then collected
+                            handle = store.prefetch(torch.from_numpy(ids))
+                            out = store.lookup(torch.from_numpy(ids), handle)
+                        else:
+                            out = store.lookup(torch.from_numpy(ids))
+                    except (MemoryError, KeyboardInterrupt):
+                        pass
+                    else:
+                        assert torch.equal(out, reference[ids]), f"lookup {i} differs"
+                else:
+                    ids = np.unique(rng.choice(popular, int(rng.integers(1, 6))))
+                    new = torch.from_numpy(rng.standard_normal((ids.size, 4)).astype(np.float32))
+                    if rng.random() < 0.5:
+                        faults.arm(rng)
+                    try:
+                        store.write(torch.from_numpy(ids), new)
+                        reference[ids] = new
+                    except (MemoryError, KeyboardInterrupt):
+                        faults.disarm()
+                        out = store.lookup(torch.from_numpy(ids))  # each row: old or new
+                        old_or_new = (out == reference[ids]).all(1) | (out == new).all(1)
+                        assert bool(old_or_new.all()), f"write {i} failed into other rows"
+                        reference[ids] = out
+                where = f"op {i} ({kind}, failed in {faults.fired or 'nothing'})"
+                log.append(f"{where}: ids {sorted(set(ids.tolist()))}")
+                faults.disarm()
+                if store._writes is not None and store._writes is not writes:
+                    writes = store._writes
+                    _wrap_writes(store, faults)
+                    dirty = {t.cache.name: t.dirty for t in writes.tiers}
+                for cache in (store.hot, store.warm):
+                    if cache.capacity:
+                        _check_tier(cache, dirty.get(cache.name))
+                check(
+                    store,
+                    np.concatenate([rng.choice(popular, 20), rng.integers(0, rows, 20)]),
+                    "after",
+                )
+            where = "the last lookup of every row"
+            check(store, np.arange(rows), where)
+            where = "the last commit"
+            store.commit()
+        where = "reopened"
+        with TieredStore(cfg) as store:
+            check(store, np.arange(rows), where)
+    except (Exception, pytest.fail.Exception) as exc:
+        pytest.fail(
+            f"seed {seed}, {where}: {type(exc).__name__}: {exc}\n  tiers={tiers}\n"
+            f"  the last failure injected:\n{faults.stack}\n  the ops:\n" + "\n".join(log[-12:])
+        )
+
+
+@pytest.mark.parametrize("seed", DEFAULT_FAULT_SEEDS, ids=_seed_id)
+def test_a_failure_at_any_call_leaves_only_correct_rows(seed, tmp_path):
+    run_faults(seed, tmp_path, DEFAULT_FAULT_OPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SLOW_SEEDS, ids=_seed_id)
+def test_a_failure_at_any_call_leaves_only_correct_rows_many_seeds(seed, tmp_path):
+    run_faults(seed, tmp_path, SLOW_OPS)

@@ -1395,3 +1395,34 @@ def test_a_tier_whose_rows_could_not_be_written_keeps_none_of_them(tmp_path, tie
         check_cache_invariants(store.warm)
         assert torch.equal(store.lookup(torch.arange(100, 110)), table[100:110])
         assert torch.equal(store.lookup(torch.arange(300)), table)
+
+
+def test_a_write_that_raises_in_one_tier_leaves_no_older_copy_in_another(tmp_path):
+    """A write updates warm's copy of a row, then hot's: when hot's raised (out of memory
+    copying the rows to its device), warm held the new version (dirty) and hot the old one,
+    served until hot evicted it, then warm's: the row's version flipped back to the write that
+    had failed, and a commit kept it. Such a write now puts its rows in pending and empties the
+    tiers' copies: every later read, and the commit, see the new rows."""
+    path, table = make_table(tmp_path, rows=300, dim=8)
+    cfg = store_config(path, hot={"capacity": 4}, warm={"capacity": 16})
+    ids, new = torch.arange(4), torch.full((4, 8), 5.0)
+    with TieredStore(cfg) as store:
+        assert torch.equal(store.lookup(ids), table[:4])  # held by both tiers
+        assert (store.hot.probe(ids) >= 0).all() and (store.warm.probe(ids) >= 0).all()
+
+        def out_of_memory(slots, rows):
+            raise MemoryError("out of memory copying the rows to the hot tier")
+
+        store.hot_pool.write = out_of_memory
+        with pytest.raises(MemoryError):
+            store.write(ids, new)
+        del store.hot_pool.write
+        check_cache_invariants(store.hot)
+        check_cache_invariants(store.warm)
+        first = store.lookup(ids)
+        store.lookup(torch.arange(100, 140))  # hot's copies evicted
+        assert torch.equal(store.lookup(ids), first)
+        assert torch.equal(first, new)
+        store.commit()
+    with TieredStore(cfg) as store:
+        assert torch.equal(store.lookup(ids), new)

@@ -442,8 +442,8 @@ class RowCache:
 
     def drop(self, slots: torch.Tensor) -> None:
         """Empty and free ``slots`` (an admission's or a preload's, pinned or not) whose rows
-        could not be written into the payload (out of memory): no slot may keep a row id
-        without its row."""
+        could not be written into the payload (out of memory), or held rows a write could not
+        overwrite: no slot may keep a row id without its row."""
         slots = slots.to(self.device)
         if slots.numel():
             self._abandon(slots, self.row_of_slot.index_select(0, slots))

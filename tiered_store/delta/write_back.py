@@ -101,15 +101,22 @@ class _DirtyTier:
         self.cache, self.pool = cache, pool
         self.dirty = torch.zeros(cache.capacity, dtype=torch.bool, device=cache.device)
 
-    def write(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Overwrite the cached copies of ``ids``; returns the mask of ids cached here (CPU)."""
+    def held(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots holding ``ids`` here, the mask of ``ids`` held, CPU)."""
         slots = self.cache.probe(ids.to(self.cache.device))
         held = slots >= 0
-        if bool(held.any()):
-            hit = slots[held]
-            self.pool.write(hit, rows[held.cpu()])
-            self.dirty[hit] = True
-        return held.cpu()
+        return slots[held], held.cpu()
+
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Overwrite the cached copies in ``slots`` (``held``'s) with ``rows``."""
+        if slots.numel():
+            self.pool.write(slots, rows)
+            self.dirty[slots] = True
+
+    def drop(self, slots: torch.Tensor) -> None:
+        """Empty ``slots`` (``held``'s), dirty or not: their rows are newer elsewhere."""
+        self.dirty[slots] = False
+        self.cache.drop(slots)
 
     def dirty_ids(self) -> torch.Tensor:
         """The ids of the dirty slots, on the host."""
@@ -158,13 +165,24 @@ class WriteBack:
         return int(torch.unique(torch.cat(ids)).numel())
 
     def write(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        """Make ``rows`` the current version of unique ``ids`` (CPU int64; rows CPU)."""
+        """Make ``rows`` the current version of unique ``ids`` (CPU int64; rows CPU). One that
+        raises (out of memory) part way leaves the new rows in pending and no tier holding them:
+        no tier keeps an older version beside another's newer one."""
+        held = [tier.held(ids) for tier in self.tiers]
         cached = torch.zeros(ids.shape, dtype=torch.bool)
-        for tier in self.tiers:
-            cached |= tier.write(ids, rows)
-        held, _ = self.pending.find(ids)
-        to_pending = ~cached | held  # cached nowhere, or an older version waits in pending
-        self.pending.merge(ids[to_pending], rows[to_pending])
+        for _, mask in held:
+            cached |= mask
+        in_pending, _ = self.pending.find(ids)
+        to_pending = ~cached | in_pending  # cached nowhere, or an older version waits in pending
+        self.pending.merge(ids[to_pending], rows[to_pending])  # first: its failure changes nothing
+        try:
+            for tier, (slots, mask) in zip(self.tiers, held, strict=True):
+                tier.write(slots, rows[mask])
+        except BaseException:  # some tiers written, not all: pending takes the rows instead
+            self.pending.merge(ids, rows)
+            for tier, (slots, _) in zip(self.tiers, held, strict=True):
+                tier.drop(slots)
+            raise
         self.rows_written += ids.numel()
 
     def overlay(self, ids: torch.Tensor, staged: torch.Tensor, positions: torch.Tensor) -> None:
