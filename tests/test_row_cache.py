@@ -10,7 +10,7 @@ from policies import LRU, PolicySpec, ScalarLRU, known_names
 from policies.errors import PolicyError
 from tests.conftest import check_cache_invariants, run_batch
 from tiered_store.cache_plan import parse_policy
-from tiered_store.errors import ConfigError
+from tiered_store.errors import ConfigError, RowIdError
 from tiered_store.row_cache import RowCache
 
 
@@ -459,3 +459,25 @@ def test_an_admission_that_raises_while_refusing_candidates_gives_its_free_slots
     run_batch(cache, [40, 41])
     _check_invariants(cache)
     assert cache.occupancy == 12
+
+
+@pytest.mark.gpu
+def test_a_cuda_tier_refuses_an_id_outside_the_table_before_the_ids_go_to_the_device():
+    """A hashed tier on CUDA checked the ids it admits or preloads after copying them there: a
+    host sync per admission (its min and max read back). The caller's CPU ids are checked
+    where they are, before any work on the device, and refused as before."""
+    cache = RowCache(
+        "hot", num_rows=10, capacity=4, spec=PolicySpec.parse("lru"), device="cuda", index="hashed"
+    )
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a sync raises: the check must come before any
+    try:
+        for call in (
+            lambda: cache.admit(torch.tensor([5, 12, 6]), torch.ones(3, dtype=torch.int64)),
+            lambda: cache.preload(torch.tensor([5, 12]), pin=False),
+        ):
+            with pytest.raises(RowIdError, match=r"hot tier: .*12.*expected row ids in \[0, 10\)"):
+                call()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert cache.occupancy == 0

@@ -327,6 +327,7 @@ class RowCache:
         empty = torch.empty(0, dtype=torch.int64, device=self.device)
         if self.capacity == 0 or ids.numel() == 0:
             return empty, empty
+        self._check_new(ids, "to admit")
         ids = ids.to(self.device)
         # another thread may have admitted some of these since they were probed
         cand = nonzero(self._probe_new(ids, "to admit") < 0)
@@ -407,10 +408,12 @@ class RowCache:
         (per id, where the policy ``restores_order``): each row's saved age, which ranks it
         (``EvictionPolicy.on_restore``); otherwise rows rank as inserts of this batch.
         Returns (positions in ``ids`` loaded, slots)."""
-        ids = torch.as_tensor(ids, dtype=torch.int64).to(self.device)
+        ids = torch.as_tensor(ids, dtype=torch.int64)
         if self.index is None or ids.numel() == 0:
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
             return empty, empty
+        self._check_new(ids, "to preload")
+        ids = ids.to(self.device)
         if bool((ids[1:] > ids[:-1]).all()):  # sorted and unique (a warm restart's step)
             first = torch.arange(ids.numel(), device=self.device)
         else:
@@ -449,13 +452,18 @@ class RowCache:
             self._abandon(slots, self.row_of_slot.index_select(0, slots))
 
     # -- internals -------------------------------------------------------------------------------
-    def _probe_new(self, ids: torch.Tensor, what: str) -> torch.Tensor:
-        """``probe`` of ids about to be admitted or preloaded; an id outside the table is a
-        RowIdError naming the tier, raised before any change: a hashed index finds no row for
-        it and refuses it only in ``set``, once victims are gone (checked first), a dense one
-        refuses it in the probe (named then, at no cost to valid ids)."""
+    def _check_new(self, ids: torch.Tensor, what: str) -> None:
+        """An id outside the table about to be admitted or preloaded is a RowIdError naming the
+        tier, raised before any change: a hashed index finds no row for it and refuses it only
+        in ``set``, once victims are gone, so its ids are checked first, where the caller has
+        them (CPU ids cost a CUDA tier no host sync); a dense one refuses it in the probe
+        (named then, :meth:`_probe_new`, at no cost to valid ids)."""
         if self.index.kind != "dense":
             self._check_inside(ids, what)
+
+    def _probe_new(self, ids: torch.Tensor, what: str) -> torch.Tensor:
+        """``probe`` of ids about to be admitted or preloaded (:meth:`_check_new`'s): a dense
+        index's refusal of an id outside the table is a RowIdError naming the tier."""
         try:
             return self.probe(ids)
         except IndexError:
