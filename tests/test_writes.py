@@ -1426,3 +1426,41 @@ def test_a_write_that_raises_in_one_tier_leaves_no_older_copy_in_another(tmp_pat
         store.commit()
     with TieredStore(cfg) as store:
         assert torch.equal(store.lookup(ids), new)
+
+
+def test_a_write_that_raised_is_seen_by_a_lookup_that_staged_its_rows_before(tmp_path):
+    """A write that raises part way applies whole (its rows in pending, the tiers' copies
+    emptied), but it did not count as a write: a lookup that had staged a row from warm before
+    it (reading its cold misses off the lock meanwhile) took that copy as the newest and hot
+    cached the old row for good. A write that raises is counted as well."""
+    path, table = make_table(tmp_path, rows=300, dim=8)
+    cfg = store_config(path, hot={"capacity": 4}, warm={"capacity": 16})
+    new = torch.full((1, 8), 5.0)
+    with TieredStore(cfg) as store:
+        store.write(torch.tensor([299]), table[299:])  # the write-back exists
+        store.lookup(torch.arange(10, 20))  # in warm; hot holds 4 of them
+        store.lookup(torch.arange(200, 204))  # hot holds these now, warm still 10..19
+        assert store.hot.probe(torch.tensor([10])) < 0 <= store.warm.probe(torch.tensor([10]))
+        read_rows = store.cold.read_rows
+
+        def write_meanwhile(ids):
+            """The write that fails (warm's copy out of memory) while the lookup reads cold."""
+            store.warm_pool.write = out_of_memory
+            with pytest.raises(MemoryError):
+                store.write(torch.tensor([10]), new)
+            del store.warm_pool.write
+            return read_rows(ids)
+
+        def out_of_memory(slots, rows):
+            raise MemoryError("out of memory writing warm's copy")
+
+        store.cold.read_rows = write_meanwhile
+        out = store.lookup(torch.tensor([10, 100]))  # 10 staged from warm, 100 read from cold
+        del store.cold.read_rows
+        assert torch.equal(out[1], table[100])
+        assert torch.equal(store.lookup(torch.tensor([10])), new)
+        store.lookup(torch.arange(100, 140))
+        assert torch.equal(store.lookup(torch.tensor([10])), new)
+        store.commit()
+    with TieredStore(cfg) as store:
+        assert torch.equal(store.lookup(torch.tensor([10])), new)

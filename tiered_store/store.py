@@ -363,7 +363,9 @@ class TieredStore:
         """Make ``rows`` (``[..., row_width]``, as stored) the current version of ``ids``: every
         later lookup sees them; ``commit()`` makes them durable (``close()`` drops those not
         committed, as a crash would, with an ``UncommittedWritesWarning``). For a repeated id the
-        last row wins. The first write creates the table's LMDB delta (``TABLE.npy.delta/``).
+        last row wins. One that raises (out of memory) has applied whole or not at all, and every
+        later lookup sees which. The first write creates the table's LMDB delta
+        (``TABLE.npy.delta/``).
 
         Examples
         --------
@@ -391,8 +393,10 @@ class TieredStore:
         unique_ids, last_rows = merge_last_wins([flat], [rows])
         with self._lock:
             self._become_writer()
-            self._writes.write(unique_ids, last_rows)
-            self._write_seq += 1
+            try:
+                self._writes.write(unique_ids, last_rows)
+            finally:  # one that raised may have applied (WriteBack.write): staged rows are stale
+                self._write_seq += 1
 
     @_touches_files
     def commit(self, step: int | None = None, *, redo: bool = False) -> int:
