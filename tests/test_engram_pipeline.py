@@ -96,6 +96,32 @@ def test_pipeline_outputs_match_plain_forward(model, batches, want, stores, look
     assert stats.stall_seconds <= stats.lookup_seconds
 
 
+def test_a_forward_of_the_ids_a_batch_hashed_does_not_compare_them_again(
+    model, batches, monkeypatch
+):
+    """The pipeline calls the model with the batch's own ids (the copy it hashed), which were
+    checked and compared with themselves once more per batch: for ids on a GPU, two copies to
+    the host that wait for it. They are trusted; other ids, a refilled buffer, still refused."""
+    checked = []
+    check = model._check_input
+    monkeypatch.setattr(model, "_check_input", lambda ids: checked.append(ids) or check(ids))
+    for lookahead in (0, 1):
+        checked.clear()
+        outs = [out for _, out in PrefetchPipeline(model, lookahead=lookahead).run(batches[:3])]
+        assert len(outs) == 3 and len(checked) == 3  # once per batch, by hash
+    checked.clear()
+    PrefetchPipeline(model).decode(batches[0], prompt=28)
+    assert len(checked) == 1 + 1 + 4  # the tokens, the prompt's hash, one hash per step
+    batch = model.hash(batches[0])
+    with pytest.raises(ConfigError, match="made for other input_ids"):
+        model(batches[1], prefetched=batch)
+    buffer = batches[0].clone()
+    batch = model.hash(buffer)
+    buffer[0, 0] += 1  # refilled since it was hashed
+    with pytest.raises(ConfigError, match="made for other input_ids"):
+        model(buffer, prefetched=batch)
+
+
 @pytest.mark.parametrize("lookahead", [1, 2])
 def test_a_source_refilling_one_buffer_gives_each_batch_its_own_tokens(
     model, batches, want, stores, lookahead

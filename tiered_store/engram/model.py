@@ -443,7 +443,8 @@ class EngramLM(nn.Module):
         prefetched
             The ``EngramBatch`` from ``prefetch(input_ids)``; without it the batch is hashed and
             prefetched here, before the first layer runs (from position 0: refused with a
-            ``cache`` that holds positions).
+            ``cache`` that holds positions). Given with its own ``input_ids`` (the ids it
+            hashed), they are not compared again.
         logits
             ``"all"``: [B, T, vocab]; ``"last"``: [B, vocab] for the last position only (prefill,
             as in serving); ``"none"``: the final normalised hidden state [B, T, hidden].
@@ -470,9 +471,12 @@ class EngramLM(nn.Module):
             )
         if prefetched is None:
             prefetched = self.prefetch(input_ids)
-        elif not (input_ids is prefetched.given and ids_on_gpu(input_ids)):
-            # ids on the GPU, the same object: trusted (comparing would wait for the GPU); on
-            # the CPU a buffer refilled since prefetch() must not pass for the ids it hashed
+        elif input_ids is not prefetched.input_ids and not (
+            input_ids is prefetched.given and ids_on_gpu(input_ids)
+        ):
+            # the batch's own ids (the copy it hashed, no caller's buffer) or, on the GPU, the
+            # object given to prefetch(): trusted (comparing would wait for the GPU); on the
+            # CPU a buffer refilled since prefetch() must not pass for the ids it hashed
             ids = self._check_input(input_ids)
             if ids.shape != prefetched.input_ids.shape or not torch.equal(
                 ids.cpu(), prefetched.input_ids.cpu()

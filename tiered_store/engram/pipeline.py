@@ -281,7 +281,7 @@ class PrefetchPipeline:
         else:
             batch = self.model.hash(ids, state=state)
         prepared = time.perf_counter() - t0
-        out = self.model(ids, prefetched=batch, logits=self.logits, cache=cache)
+        out = self.model(batch.input_ids, prefetched=batch, logits=self.logits, cache=cache)
         if cuda:
             torch.cuda.synchronize(out.device)
         return out, prepared
