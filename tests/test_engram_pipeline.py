@@ -84,7 +84,9 @@ def test_pipeline_outputs_match_plain_forward(model, batches, want, stores, look
     assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
     stats = pipeline.stats
     assert stats.batches == len(batches) and stats.tokens == sum(b.numel() for b in batches)
-    assert stats.seconds == pytest.approx(stats.prepare_seconds + stats.forward_seconds)
+    assert stats.seconds == pytest.approx(
+        stats.source_seconds + stats.prepare_seconds + stats.forward_seconds
+    )
     for layer, store in stores.items():
         s = stats.tables[layer]
         assert s["lookup"]["calls"] == len(batches)  # one lookup per layer per batch
@@ -120,6 +122,26 @@ def test_a_forward_of_the_ids_a_batch_hashed_does_not_compare_them_again(
     buffer[0, 0] += 1  # refilled since it was hashed
     with pytest.raises(ConfigError, match="made for other input_ids"):
         model(buffer, prefetched=batch)
+
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_the_wait_for_the_source_is_not_counted_as_preparing(model, batches, lookahead):
+    """prepare_seconds, documented as hashing and prefetch submission, counted the wait for the
+    source's next batch too (a slow reader looked like slow hashing); it is source_seconds."""
+    pause = 0.2
+
+    def slow():
+        for ids in batches[:3]:
+            time.sleep(pause)  # a reader, a tokeniser
+            yield ids
+
+    pipeline = PrefetchPipeline(model, lookahead=lookahead)
+    assert len(list(pipeline.run(slow()))) == 3
+    stats = pipeline.stats
+    assert stats.source_seconds >= 3 * pause > stats.prepare_seconds
+    assert stats.seconds == pytest.approx(
+        stats.source_seconds + stats.prepare_seconds + stats.forward_seconds
+    )
 
 
 @pytest.mark.parametrize("lookahead", [1, 2])

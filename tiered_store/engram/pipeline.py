@@ -61,6 +61,7 @@ class PipelineStats:
     tokens: int = 0
     forward_seconds: float = 0.0  # inside the model's forward (synchronised on CUDA)
     prepare_seconds: float = 0.0  # hashing + prefetch submission on the calling thread
+    source_seconds: float = 0.0  # waiting for the source's next batch (reading, tokenising)
     lookup_seconds: float = 0.0  # inside table lookups (stores that keep statistics, once each)
     stall_seconds: float = 0.0  # of which waiting for prefetched rows
     # per layer (layers sharing one store, ``TableSlice``s, each show the store's counters)
@@ -68,8 +69,9 @@ class PipelineStats:
 
     @property
     def seconds(self) -> float:
-        """Prepare + forward: the run's wall time, without the consumer's between batches."""
-        return self.prepare_seconds + self.forward_seconds
+        """Source + prepare + forward: the run's wall time, without the consumer's between
+        batches."""
+        return self.source_seconds + self.prepare_seconds + self.forward_seconds
 
     @property
     def tokens_per_second(self) -> float:
@@ -187,11 +189,13 @@ class PrefetchPipeline:
         failed: Exception | None = None  # a batch ahead's: raised once those before it are out
         try:
             while True:
-                t0 = time.perf_counter()
+                t0, waited = time.perf_counter(), 0.0
                 # the current batch and `lookahead` more
                 while failed is None and len(queue) <= self.lookahead:
                     try:
+                        t1 = time.perf_counter()
                         ids = next(source, _END)
+                        waited += time.perf_counter() - t1
                         if ids is _END:  # (a None among the batches is refused as ids)
                             break
                         queue.append(self._prepare(ids, cuda))
@@ -199,7 +203,8 @@ class PrefetchPipeline:
                         if not queue:  # lookahead, the batches before it are yielded first
                             raise
                         failed = exc
-                stats.prepare_seconds += time.perf_counter() - t0
+                stats.source_seconds += waited
+                stats.prepare_seconds += time.perf_counter() - t0 - waited
                 if not queue:
                     if failed is not None:
                         raise failed
