@@ -124,6 +124,44 @@ def test_a_forward_of_the_ids_a_batch_hashed_does_not_compare_them_again(
         model(buffer, prefetched=batch)
 
 
+def test_a_batch_read_ahead_is_copied_once(model, batches):
+    """With lookahead the pipeline cloned each batch, then hash copied the clone again (they
+    share memory); hash's copy alone keeps a refilled buffer from changing the batch."""
+    buffer = batches[0].clone()
+    (batch, _), *_ = PrefetchPipeline(model, lookahead=1).run([buffer, batches[1]])
+    assert batch.given is buffer  # no copy of the pipeline's: hash made the batch's own
+    assert batch.input_ids.data_ptr() != buffer.data_ptr()
+    assert torch.equal(batch.input_ids, batches[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_batch_for_the_gpu_is_pinned_once(batches):
+    """On CUDA the pipeline pins each batch of CPU ids (the copy to the GPU is then
+    asynchronous), then hash made a second pinned copy of that one; it is kept. A source's
+    pinned buffer (pin_memory gives it back as it is) is still copied: it may be refilled."""
+    config = ModelConfig.from_dict(TINY)
+    torch.manual_seed(0)
+    model = EngramLM(config, hasher=NgramHasher(config.engram)).eval().cuda()
+    with torch.no_grad():
+        want = [model(ids.cuda(), logits="last") for ids in batches]
+    pipeline = PrefetchPipeline(model, lookahead=1)
+    for batch, _ in pipeline.run(batches):
+        assert batch.input_ids is batch.given and batch.input_ids.is_pinned()
+    buffer = torch.empty_like(batches[0]).pin_memory()
+
+    def refilled():
+        for ids in batches:
+            buffer[:] = ids
+            yield buffer
+
+    outs = []
+    for batch, out in pipeline.run(refilled()):
+        assert batch.input_ids.is_pinned() and batch.input_ids.data_ptr() != buffer.data_ptr()
+        outs.append(out)
+    assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
+
+
 @pytest.mark.parametrize("lookahead", [0, 1])
 def test_the_wait_for_the_source_is_not_counted_as_preparing(model, batches, lookahead):
     """prepare_seconds, documented as hashing and prefetch submission, counted the wait for the

@@ -402,7 +402,20 @@ class EngramLM(nn.Module):
         ``token_mask`` (bool [B, T], default all True) marks dead tokens; ``state`` (from
         ``hasher.new_state(B)``) continues sequences hashed before (chunked prefill, decode) and
         is advanced past these ids."""
-        ids = _snapshot(self._check_input(input_ids), input_ids)
+        return self._hash(input_ids, token_mask, state)
+
+    def _hash(
+        self,
+        input_ids: Any,
+        token_mask: Any = None,
+        state: HashState | None = None,
+        *,
+        owned: bool = False,
+    ) -> EngramBatch:
+        """``hash``; ``owned``: ``input_ids`` is a copy made for this batch alone (no caller
+        refills it: the pipeline's pinned copy), kept without a copy of its own."""
+        checked = self._check_input(input_ids)
+        ids = checked if owned else _snapshot(checked, input_ids)
         mask = _snapshot(_token_mask(token_mask, ids), token_mask)
         position = state.position if state is not None else 0
         rows = self.hasher.row_ids(ids, token_mask=mask, state=state)

@@ -292,13 +292,17 @@ class PrefetchPipeline:
         return out, prepared
 
     def _prepare(self, input_ids: Any, cuda: bool) -> EngramBatch:
-        """Hash one batch for every Engram layer and (unless disabled) start its fetches."""
+        """Hash one batch for every Engram layer and (unless disabled) start its fetches; the
+        batch holds one copy of ids the source may refill before it runs (hash's, or the
+        pinned one made here)."""
+        owned = False
         if cuda and isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu":
-            input_ids = input_ids.pin_memory()  # so the model's copy to the GPU is asynchronous
-        elif self.lookahead and isinstance(input_ids, torch.Tensor | np.ndarray):
-            # a copy: the source may refill its buffer with the next batch before this one runs
-            input_ids = input_ids.copy() if isinstance(input_ids, np.ndarray) else input_ids.clone()
-        return self.model.prefetch(input_ids) if self.prefetch else self.model.hash(input_ids)
+            pinned = input_ids.pin_memory()  # so the model's copy to the GPU is asynchronous
+            # a copy, unless the source's were pinned already (given back as they are)
+            owned = pinned.untyped_storage().data_ptr() != input_ids.untyped_storage().data_ptr()
+            input_ids = pinned
+        batch = self.model._hash(input_ids, owned=owned)
+        return self.model.fetch(batch) if self.prefetch else batch
 
 
 def _snapshot(table: TableBackend) -> dict | None:
