@@ -3,7 +3,9 @@ order, handles consumed once, stall and lookup time accounted, warm start from a
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -220,6 +222,48 @@ def test_a_batch_that_fails_ahead_comes_after_the_batches_before_it(
             for _, out in PrefetchPipeline(model, lookahead=lookahead).run(source(fail)):
                 outs.append(out)
         assert len(outs) == 2 and all(torch.equal(a, b) for a, b in zip(outs, want, strict=False))
+
+
+class Staged:
+    """A prefetch handle: rows staged for one lookup (on CUDA, device memory)."""
+
+
+class FailingTable(TableBackend):
+    """A table whose prefetch handles are watched (weak references) and whose lookup of one
+    batch fails."""
+
+    def __init__(self, weight: torch.Tensor, staged: list, fail_at: int) -> None:
+        self.weight, self.rows, self.dim = weight, weight.shape[0], weight.shape[1]
+        self.staged, self.fail_at, self.lookups = staged, fail_at, 0
+
+    def prefetch(self, row_ids: torch.Tensor) -> object:
+        handle = Staged()
+        self.staged.append(weakref.ref(handle))
+        return handle
+
+    def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
+        self.lookups += 1
+        if self.lookups == self.fail_at:
+            raise OSError("the disk went away")
+        return self.weight[row_ids]
+
+
+def test_a_run_ended_by_a_failed_forward_keeps_no_batch_read_ahead(model, batches):
+    """The batches read ahead of one whose forward failed stayed in the run's frame, which the
+    error's traceback keeps: a caller keeping the error (a log, a REPL's last error) kept every
+    table's staged rows of ``lookahead`` batches, on CUDA device memory, for nothing."""
+    memory = model.tables
+    staged: dict[int, list] = {layer: [] for layer in memory}
+    model.set_tables({i: FailingTable(t.weight, staged[i], 2) for i, t in memory.items()})
+    try:
+        with pytest.raises(OSError, match="went away") as failed:
+            for _ in PrefetchPipeline(model, lookahead=2).run(batches):
+                pass
+    finally:
+        model.set_tables(memory)
+    gc.collect()
+    assert failed.value is not None and all(len(refs) == 4 for refs in staged.values())
+    assert all(ref() is None for refs in staged.values() for ref in refs[2:])  # read ahead
 
 
 @pytest.mark.parametrize("lookahead", [0, 1])

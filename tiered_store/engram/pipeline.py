@@ -220,6 +220,8 @@ class PrefetchPipeline:
                 stats.tokens += batch.tokens
                 yield batch, out
         finally:
+            # batches read ahead of a failure: not kept (their staged rows) by its traceback
+            queue.clear()
             summed = _one_per_store(tables)
             for layer, table in tables.items():
                 delta = table_stats_delta(before[layer], _snapshot(table))
