@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import assert_sealed_manifest, golden_dir
 from tests.forkserver import run_python
 from tiered_store import TieredStore
+from tiered_store.config import load_yaml
 from tiered_store.engram.hf_checkpoint import convert_hf_checkpoint
 from tiered_store.engram.tokenizer import default_tokenizer_path
 from tiered_store.errors import ConfigError, TableFormatError
@@ -1025,6 +1026,18 @@ def test_a_store_config_that_would_not_open_is_refused_before_anything_is_writte
             progress=False,
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_store_setting_yaml_reads_as_a_number_is_written_quoted(golden, tmp_path):
+    """A store setting holding the text 1e5 (a profile file so named) was written to
+    layer{L}.yaml unquoted, as YAML 1.1 reads it as text: the file read back (exponents are
+    numbers there) refused it as a number; it is written quoted."""
+    store = {"tiers": {"warm": {"capacity": "5%", "policy": "zipf-tuned", "profile": "1e5"}}}
+    result = convert_hf_checkpoint(
+        make_checkpoint(tmp_path / "ckpt", golden), tmp_path / "out", store=store, progress=False
+    )
+    for path in result.store_configs.values():
+        assert load_yaml(path)["tiers"]["warm"]["profile"] == "1e5"
 
 
 @pytest.mark.parametrize("chunk_bytes", [0, -1, True, 1.5, "64MB"])

@@ -33,7 +33,7 @@ from tiered_store import (
     TieredStoreError,
     create_table,
 )
-from tiered_store.config import PrefetchConfig, load_yaml
+from tiered_store.config import PrefetchConfig, dump_yaml, load_yaml
 from tiered_store.engram.config import load_engram_config
 from tiered_store.errors import StoreClosedError
 from tiered_store.profile import FrequencyProfile
@@ -805,6 +805,16 @@ def test_a_number_with_an_exponent_and_no_dot_is_a_number(tmp_path):
         StoreConfig.from_yaml(config)  # a float where a count is expected, named as a number
     config.write_text("table: {path: '1e3'}\ntiers: {hot: {policy: lru}}\n")  # quoted: a string
     assert load_yaml(config)["table"]["path"] == "1e3"
+
+
+def test_yaml_the_library_writes_reads_back_as_written(tmp_path):
+    """``yaml.safe_dump`` wrote the strings '1e3' and '1.5e3' unquoted (YAML 1.1 reads them as
+    text), which ``load_yaml`` reads back as numbers; ``dump_yaml`` quotes them."""
+    texts = ["1e3", "1.5e3", ".5E1", "-1e-6", "+2E5", "1_000", "010", "0x10", "yes", "null", "5%"]
+    doc = {"strings": texts, "numbers": [1e-06, 5e5, 1000, -8, 0.5], "nested": {"path": "1e5"}}
+    config = tmp_path / "written.yaml"
+    config.write_text(dump_yaml(doc))
+    assert load_yaml(config) == doc
 
 
 def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):

@@ -64,6 +64,7 @@ __all__ = [
     "TiersConfig",
     "WarmTierConfig",
     "drop_unknown_keys",
+    "dump_yaml",
     "format_validation_error",
     "int_at_least",
     "load_yaml",
@@ -549,11 +550,32 @@ _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.const
 
 # YAML 1.2's (and JSON's) floats with an exponent that YAML 1.1 reads as strings: no dot (1e-06,
 # as Python's json writes it; 5E5), or no sign after the e (1.5e3); tried after 1.1's own
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
 _UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
+    "tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789")
 )
+
+
+class _RoundTripDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` resolving plain scalars as ``load_yaml`` does: a string it would read
+    as a number (``'1e3'``, which YAML 1.1 reads as text) is written quoted."""
+
+
+_RoundTripDumper.add_implicit_resolver(
+    "tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789")
+)
+
+
+def dump_yaml(doc: Mapping[str, Any]) -> str:
+    """``doc`` as YAML text, keys in order, that ``load_yaml`` reads back as ``doc``
+    (``yaml.safe_dump`` wrote the string ``'1e3'`` unquoted, read back as the number 1000.0).
+
+    >>> print(dump_yaml({"profile": "1e5", "capacity": "5%", "every": 1000}), end="")
+    profile: '1e5'
+    capacity: 5%
+    every: 1000
+    """
+    return yaml.dump(doc, Dumper=_RoundTripDumper, sort_keys=False)
 
 
 def checked_by(check: Callable[[Any], Any], kind: type = object) -> Any:

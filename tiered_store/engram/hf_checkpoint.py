@@ -39,11 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..atomic_file import atomic_write, fsync_dir, make_named_dir, remove_abandoned_temporaries
 from ..capacity import resolve_capacity
-from ..config import StoreConfig
+from ..config import StoreConfig, dump_yaml
 from ..delta.table_versions import has_history
 from ..errors import ConfigError, TieredStoreError, warn_at_caller
 from ..page_checksums import sidecar_path
@@ -684,7 +682,7 @@ def _write_store_config(out: Path, layer: int, table: Path, store: Mapping[str, 
         "# rows). Edit the tiers to the machine; open with TieredStore.open(this file).\n"
     )
     with atomic_write(path, "w", encoding="utf-8") as f:
-        f.write(header + yaml.safe_dump(doc, sort_keys=False))
+        f.write(header + dump_yaml(doc))
     return path
 
 

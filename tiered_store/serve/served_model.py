@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from ..atomic_file import atomic_write
+from ..config import dump_yaml
 from ..delta.row_delta import delta_path
 from ..delta.table_versions import current_version
 from ..engram.checkpoint import (
@@ -280,7 +280,7 @@ class ServedModel:
         path = trace.with_name(f"{trace.name}.{self.config.table_name(layer)}.store.yaml")
         with atomic_write(path, "w", encoding="utf-8") as f:
             f.write(f"# {self.config.table_name(layer)} as served: replay {trace.name} with it\n")
-            f.write(yaml.safe_dump(spec, sort_keys=False))
+            f.write(dump_yaml(spec))
         return path
 
     def _open_trace(self, path: Path) -> TraceWriter:

@@ -6,9 +6,8 @@ import textwrap
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
 from tiered_store.capacity import format_bytes
+from tiered_store.config import dump_yaml
 
 from ..report import curve_basis
 from .options import HOLDOUT_NAME
@@ -89,4 +88,4 @@ def store_yaml(
         "and the one so changed,",
         f"#   tiered-store replay {name}.store.yaml {HOLDOUT_NAME} --table {name}",
     ]
-    return "\n".join(head) + "\n" + yaml.safe_dump(doc, sort_keys=False)
+    return "\n".join(head) + "\n" + dump_yaml(doc)
