@@ -538,6 +538,36 @@ def test_replay_command_refuses_bad_options_before_any_work(tmp_path, capsys, mo
         assert f"--out {bad}: cannot make it" in capsys.readouterr().err
 
 
+def test_replay_command_names_the_config_file_of_a_setting_it_refuses(tmp_path, capsys):
+    """Errors found as replay resolves its config against the trace's table (a capacity past the
+    table, a policy typo, a missing row list, a table.dim the trace has not) named the key but
+    not the file, which TieredStore.open names; an option's error still names the option alone."""
+    from tiered_store.cli import main
+
+    argv, out = _replay_command(tmp_path, 2, "{}")
+    config = tmp_path / "tiers.yaml"
+    budgets = ["--gpu-budget", "1MiB", "--host-budget", "1MiB"]
+    for tiers, extra, message in (
+        ("{warm: {capacity: 9999999}}", [], "tiers.warm.capacity: 9999999 is 9,999,999 rows"),
+        ("{warm: {capacity: 9999999}}", budgets, "tiers.warm.capacity: 9999999 is 9,999,999"),
+        ("{hot: {capacity: 10, policy: lruu}}", [], "tiers.hot.policy: unknown policy 'lruu'"),
+        ("{warm: {capacity: 10, policy: static+lru}}", [], "tiers.warm.static_rows: policy"),
+    ):
+        config.write_text(f"table: {{path: none.npy, dim: 8}}\ntiers: {tiers}\n")
+        assert main([*argv, "--table", "a", "--quiet", *extra]) == 2
+        assert f"error: {config}: {message}" in capsys.readouterr().err
+    with TraceWriter(
+        tmp_path / "wide.trace", {"tables": [{"name": "a", "rows": ROWS, "dim": 64}]}
+    ) as w:
+        w.write(np.arange(10), "a")
+    config.write_text("table: {path: none.npy, dim: 512}\n")
+    assert main(["replay", str(config), str(tmp_path / "wide.trace"), "--out", str(out)]) == 2
+    assert f"error: {config}: table.dim: got 512 but trace table 'a'" in capsys.readouterr().err
+    config.write_text("table: {path: none.npy, dim: 8}\n")
+    assert main([*argv, "--table", "a", "--quiet", "--gpu-budget", "1B", "--host-budget", "0"]) == 2
+    assert "error: --gpu-budget: 1 bytes" in capsys.readouterr().err
+
+
 def test_replay_command_refuses_a_table_without_lookups(tmp_path, capsys):
     from tiered_store.cli import main
 

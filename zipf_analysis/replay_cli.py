@@ -17,7 +17,7 @@ from tiered_store.atomic_file import atomic_files, make_named_dir, write_step
 from tiered_store.cache_plan import PinnedRowsWarning
 from tiered_store.capacity import resolve_capacity
 from tiered_store.cli_args import DefaultsHelpFormatter, command_help
-from tiered_store.config import StoreConfig
+from tiered_store.config import StoreConfig, naming_file
 from tiered_store.errors import ConfigError
 from tiered_store.trace import TraceReader
 
@@ -187,7 +187,8 @@ def _replay_and_report(
             f"pinned rows, if any, are {named!r}'s",
             file=sys.stderr,
         )
-    rows, row_bytes = table_geometry(config, layout, reader.header)
+    with naming_file(args.config):  # errors of the file's keys name it, as TieredStore.open's
+        rows, row_bytes = table_geometry(config, layout, reader.header)
     require_lookups(reader, index)
     caps = _sweep_capacities(args.sweep, rows, row_bytes) if args.sweep else []
     created = _out_dir(args.out)
@@ -205,19 +206,20 @@ def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:
     layout = reader.layout[reader.table_index(table)]
     rows, row_bytes = geometry
     split = _recommend(args, config, reader, table)
-    results = [
-        replay(
-            config,
-            reader,
-            table=table,
-            batch_tokens=args.batch_tokens,
-            policy=p,
-            queued_requests=args.queued_requests,
-            request_tokens=args.request_tokens,
-            progress=not args.quiet,
-        )
-        for p in policies
-    ]
+    with naming_file(args.config):  # the tiers, resolved: their errors name the file
+        results = [
+            replay(
+                config,
+                reader,
+                table=table,
+                batch_tokens=args.batch_tokens,
+                policy=p,
+                queued_requests=args.queued_requests,
+                request_tokens=args.request_tokens,
+                progress=not args.quiet,
+            )
+            for p in policies
+        ]
     named = {p.strip().lower() for p in policies if p is not None and is_offline(p)}
     bound_names = [n for n in offline_names() if not args.no_bounds or n in named]
     if not args.no_bounds:
@@ -326,12 +328,13 @@ def _recommend(args, config: StoreConfig, reader, table) -> SplitRecommendation 
     gpu, host = budgets
     layout = reader.layout[reader.table_index(table)]
     rows, row_bytes = table_geometry(config, layout, reader.header)
-    current = tuple(  # the config's own split is a candidate too, when it fits
-        resolve_capacity(
-            t.capacity, table_rows=rows, row_bytes=row_bytes, key=f"tiers.{n}.capacity"
+    with naming_file(args.config):
+        current = tuple(  # the config's own split is a candidate too, when it fits
+            resolve_capacity(
+                t.capacity, table_rows=rows, row_bytes=row_bytes, key=f"tiers.{n}.capacity"
+            )
+            for n, t in (("hot", config.tiers.hot), ("warm", config.tiers.warm))
         )
-        for n, t in (("hot", config.tiers.hot), ("warm", config.tiers.warm))
-    )
     if not args.quiet:  # one read of the trace, then every split: no progress bar of its own
         print(
             f"tier split: modelling table {layout.get('name', table)!r} within the budgets...",
