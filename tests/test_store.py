@@ -741,6 +741,32 @@ def test_errors_at_open_name_the_yaml_file(tmp_path, table):
         ShardedStore.open(config)
 
 
+def test_warnings_at_open_name_the_yaml_file(tmp_path, table):
+    """A setting its policy ignores, or static_rows that fill the tier, found as a store opens
+    from a YAML file: the warning named the key but not the file, as its errors now do."""
+    from tiered_store import IgnoredSettingWarning
+    from tiered_store.cache_plan import PinnedRowsWarning
+
+    path, _ = table
+    np.save(tmp_path / "pinned.npy", np.arange(100, dtype=np.int64))
+    config = tmp_path / "tiers.yaml"
+    config.write_text(
+        f"table: {{path: {path.name}}}\ntiers:\n  hot: {{capacity: 10, policy: lru, profile: p.npz}}"
+        "\n  warm: {capacity: 50, policy: static+lru, static_rows: pinned.npy}\n"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TieredStore.open(config).close()
+    messages = {w.category: str(w.message) for w in caught}
+    assert messages[IgnoredSettingWarning].startswith(f"{config}: tiers.hot.profile: policy 'lru'")
+    assert messages[PinnedRowsWarning].startswith(f"{config}: tiers.warm.static_rows: ")
+    assert all(w.filename == __file__ for w in caught)  # still at the caller's line
+    with warnings.catch_warnings(record=True) as caught:  # no file: the key alone, as before
+        warnings.simplefilter("always")
+        TieredStore.open(StoreConfig.from_yaml(config)).close()
+    assert str(caught[0].message).startswith("tiers.hot.profile: policy 'lru'")
+
+
 def test_bad_yaml_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("table: [unclosed\n")

@@ -18,7 +18,7 @@ from policies.registry import spec_grammar
 from policies.zipf_tuned import zipf_tuned_split
 
 from .capacity import is_off, resolve_capacity
-from .config import CacheTierConfig, StoreConfig
+from .config import CacheTierConfig, StoreConfig, in_config_file
 from .errors import ConfigError, TraceFormatError, shown, warn_at_caller
 from .id_ops import nonzero, unique_inverse_counts
 from .npy_files import load_npy, npy_header_lock
@@ -177,10 +177,12 @@ class CacheHierarchy:
                 ids = _load_row_list(path, cache.num_rows, option, shard)
                 if pin and ids.size >= cache.capacity and cache.spec.eviction is not None:
                     warn_at_caller(
-                        f"{option}: {path} lists {ids.size:,} rows and the "
-                        f"tier holds {cache.capacity:,}: the first {cache.capacity:,} are pinned "
-                        "and no slot is left for rows that are not (every other row is read from "
-                        "below); give the tier more capacity or list fewer rows",
+                        in_config_file(
+                            f"{option}: {path} lists {ids.size:,} rows and the tier holds "
+                            f"{cache.capacity:,}: the first {cache.capacity:,} are pinned and no "
+                            "slot is left for rows that are not (every other row is read from "
+                            "below); give the tier more capacity or list fewer rows"
+                        ),
                         PinnedRowsWarning,
                     )
                 loaded.append(self._preload(cache, torch.from_numpy(ids), pin))

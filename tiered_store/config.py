@@ -207,16 +207,31 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     return data
 
 
+#: the config file whose keys the code running now resolves (see ``naming_file``), or None
+_config_file: ContextVar[str | None] = ContextVar("_config_file", default=None)
+
+
 @contextmanager
 def naming_file(path: str | Path) -> Iterator[None]:
     """A ConfigError raised inside names the config file ``path`` first (``tiers.yaml:
-    tiers.hot.policy: ...``), as the file's own schema errors do; its class is kept."""
+    tiers.hot.policy: ...``), as the file's own schema errors do; its class is kept. So does a
+    warning's message made with ``in_config_file`` inside."""
+    token = _config_file.set(str(path))
     try:
         yield
     except ConfigError as exc:
         if len(exc.args) == 1 and isinstance(exc.args[0], str):
             exc.args = (f"{path}: {exc.args[0]}",)
         raise
+    finally:
+        _config_file.reset(token)
+
+
+def in_config_file(text: str) -> str:
+    """``text`` (a warning naming a config key) naming the config file first inside
+    ``naming_file``, as it is outside."""
+    path = _config_file.get()
+    return text if path is None else f"{path}: {text}"
 
 
 def _parse_json(text: str, where: str) -> Any:

@@ -21,7 +21,7 @@ import torch
 from .cache_plan import CacheHierarchy, IgnoredSettingWarning, ignored_tier_settings, shard_rows
 from .capacity import available_host_memory, format_bytes
 from .cold_table import ColdTable
-from .config import StoreConfig, naming_file
+from .config import StoreConfig, in_config_file, naming_file
 from .delta.row_delta import GREW_STEP, RowDelta, committed_step, delta_path
 from .delta.table_versions import (
     current_version,
@@ -146,7 +146,7 @@ class TieredStore:
             self.zero_out_of_range = config.table.out_of_range == "zero"
             self.caches = CacheHierarchy.from_config(config, self.rows, self.row_bytes, self.device)
             for line in ignored_tier_settings(config):
-                warn_at_caller(line, IgnoredSettingWarning)
+                warn_at_caller(in_config_file(line), IgnoredSettingWarning)
             self.hot, self.warm = self.caches.hot, self.caches.warm
             _check_host_memory(self.warm.capacity, self.hot.capacity, self.row_bytes, self.device)
             pin = tiers.warm.pin_memory is True or (
