@@ -937,6 +937,17 @@ def test_a_path_with_a_nul_character_is_named(tmp_path):
         ServeConfig.from_yaml(config)
 
 
+def test_a_value_holding_an_integer_too_long_to_write_out_is_named_as_such():
+    """A list holding an integer of over 4,300 digits was shown as 'an list too long to write
+    out' (a one-element list, not long); it says what it holds."""
+    with pytest.raises(ConfigError) as caught:
+        StoreConfig.from_dict({"table": {"path": "t.npy"}, "prefetch": {"depth": [10**5000]}})
+    assert "got a list holding an integer too long to write out" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        StoreConfig.from_dict({"table": {"path": "t.npy"}, "prefetch": {"depth": 10**5000}})
+    assert "got an int too long to write out" in str(caught.value)
+
+
 def test_a_huge_bad_value_is_shown_cut_short(tmp_path):
     """A bad value was repeated whole: a 100,000-element list where a capacity belongs made a
     690 KB message (and a 100,000-character string one of 100 KB); an integer of more digits than

@@ -135,13 +135,17 @@ def shown(value: Any, limit: int = 60) -> str:
 
     >>> shown("lru"), shown(list(range(1000)), 20), shown(10**5000)
     ("'lru'", '[0, 1, 2, 3, 4, 5, 6... (4,890 characters)', 'an int too long to write out')
+    >>> shown([10**5000])
+    'a list holding an integer too long to write out'
     """
     if isinstance(value, str):
         return cut_text(value, limit, repr)
     try:
         text = repr(value)
     except ValueError:  # an integer of more digits than Python writes out (4,300), or holding one
-        return f"an {type(value).__name__} too long to write out"
+        if isinstance(value, int):
+            return f"an {type(value).__name__} too long to write out"
+        return f"a {type(value).__name__} holding an integer too long to write out"
     return cut_text(text, limit)
 
 
