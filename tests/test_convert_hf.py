@@ -1040,6 +1040,26 @@ def test_a_store_setting_yaml_reads_as_a_number_is_written_quoted(golden, tmp_pa
         assert load_yaml(path)["tiers"]["warm"]["profile"] == "1e5"
 
 
+def test_an_argument_that_is_not_a_path_or_mapping_is_shown_cut_short(tmp_path):
+    """checkpoint, out_dir or store of the wrong type was repeated cut at 100 characters without
+    saying so (a list read as ending in '2'), and one holding an integer of over 4,300 digits
+    raised repr's bare ValueError; the value is shown cut short with its length."""
+    out = tmp_path / "out"
+    with pytest.raises(
+        ConfigError, match=r"^checkpoint: got an int too long to write out; expected"
+    ):
+        convert_hf_checkpoint(10**5000, out)
+    with pytest.raises(
+        ConfigError, match=r"^store: got a list holding an integer too long to write out; expected"
+    ):
+        convert_hf_checkpoint(tmp_path, out, store=[10**5000])
+    with pytest.raises(
+        ConfigError, match=r"^out_dir: got \[0, 1, .*\.\.\. \(390 characters\); expected"
+    ):
+        convert_hf_checkpoint(tmp_path, list(range(100)))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("chunk_bytes", [0, -1, True, 1.5, "64MB"])
 def test_a_bad_chunk_bytes_is_refused_before_an_earlier_conversion_is_touched(
     golden, tmp_path, chunk_bytes

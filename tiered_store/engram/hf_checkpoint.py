@@ -43,7 +43,7 @@ from ..atomic_file import atomic_write, fsync_dir, make_named_dir, remove_abando
 from ..capacity import resolve_capacity
 from ..config import StoreConfig, dump_yaml
 from ..delta.table_versions import has_history
-from ..errors import ConfigError, TieredStoreError, warn_at_caller
+from ..errors import ConfigError, TieredStoreError, shown, warn_at_caller
 from ..page_checksums import sidecar_path
 from ..process_locks import exclusive_now, exclusive_run, locked_folder, open_held, release
 from ..table_format import (
@@ -409,10 +409,10 @@ def convert_hf_checkpoint(
         ("out_dir", out_dir, "a directory's path (made if missing)"),
     ):
         if not isinstance(value, str | os.PathLike):
-            raise ConfigError(f"{name}: got {value!r:.100}; expected {what}")
+            raise ConfigError(f"{name}: got {shown(value, 100)}; expected {what}")
     if store is not None and not isinstance(store, Mapping):
         raise ConfigError(
-            f"store: got {store!r:.100}; expected a mapping of store config sections (tiers, "
+            f"store: got {shown(store, 100)}; expected a mapping of store config sections (tiers, "
             "prefetch), as DEFAULT_STORE"
         )
     ckpt = HFCheckpoint(checkpoint)
