@@ -142,6 +142,31 @@ def test_a_missing_checkpoint_is_an_error_without_create(tmp_path):
         ServedModel(config)
 
 
+def test_store_section_errors_and_warnings_at_open_name_the_file_and_layer(tmp_path):
+    """A store section that validates but not against a layer's table (a capacity past it), or
+    a setting its policy ignores: the error or warning named the key alone, neither serve.yaml
+    nor the layer (whose table's rows differ)."""
+    import warnings
+
+    from tiered_store import IgnoredSettingWarning
+
+    path = make_checkpoint(tmp_path)
+    write_config(tmp_path, store={"tiers": {"warm": {"capacity": 10**8}}})
+    with pytest.raises(
+        ConfigError, match=rf"^{path}: store \(layer 1\): tiers.warm.capacity: 100000000 is"
+    ):
+        ServedModel(ServeConfig.from_yaml(path))
+    write_config(tmp_path, store={"tiers": {"hot": {"capacity": 10, "profile": "p.npz"}}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ServedModel(ServeConfig.from_yaml(path)).close()
+    assert [str(w.message) for w in caught if w.category is IgnoredSettingWarning] == [
+        f"{path}: store (layer {layer}): tiers.hot.profile: policy 'lru' ignores it; only "
+        "zipf-tuned uses it"
+        for layer in (1, 3)
+    ]
+
+
 # -- answers ----------------------------------------------------------------------------------------
 
 

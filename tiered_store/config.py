@@ -215,8 +215,10 @@ _config_file: ContextVar[str | None] = ContextVar("_config_file", default=None)
 def naming_file(path: str | Path) -> Iterator[None]:
     """A ConfigError raised inside names the config file ``path`` first (``tiers.yaml:
     tiers.hot.policy: ...``), as the file's own schema errors do; its class is kept. So does a
-    warning's message made with ``in_config_file`` inside."""
-    token = _config_file.set(str(path))
+    warning's message made with ``in_config_file`` inside. Nested, the names add up (``serve.yaml:
+    store (layer 1): ...``)."""
+    outer = _config_file.get()
+    token = _config_file.set(str(path) if outer is None else f"{outer}: {path}")
     try:
         yield
     except ConfigError as exc:

@@ -456,7 +456,7 @@ def open_tables(
     ...                                 "cold": {"io": "direct"}}})  # doctest: +SKIP
     >>> model.set_tables(stores)  # doctest: +SKIP
     """
-    from ..config import StoreConfig
+    from ..config import StoreConfig, naming_file
     from ..store import TieredStore
 
     stores: dict[int, Any] = {}
@@ -472,7 +472,8 @@ def open_tables(
             source = f"store (layer {layer_id})"
             config = StoreConfig.from_dict(spec, base_dir=Path.cwd(), source=source)
             if config.sharding is not None:  # this rank's shard of the layer's table
-                stores[layer_id] = _open_shard(config, hasher, layer_id)
+                with naming_file(source):  # errors at open name the layer, as the section's do
+                    stores[layer_id] = _open_shard(config, hasher, layer_id)
                 continue
             try:
                 manifest = check_table_file(path, hasher, layer_id)
@@ -483,7 +484,8 @@ def open_tables(
             if warm_start is not None and layer_id in warm_start:
                 spec = _with_preload(spec, manifest, Path(path), warm_start[layer_id])
                 config = StoreConfig.from_dict(spec, base_dir=Path.cwd(), source=source)
-            stores[layer_id] = TieredStore(config)
+            with naming_file(source):
+                stores[layer_id] = TieredStore(config)
     except BaseException:
         for opened in stores.values():
             opened.close()

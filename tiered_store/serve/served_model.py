@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic_file import atomic_write
-from ..config import dump_yaml
+from ..config import dump_yaml, naming_file
 from ..delta.row_delta import delta_path
 from ..delta.table_versions import current_version
 from ..engram.checkpoint import (
@@ -175,7 +175,8 @@ class ServedModel:
             create_checkpoint(config)
         # taken before the dense file is read: a reload swaps no table in once it changed
         self._dense_identity = _file_identity(config.dense_path)
-        self.model: EngramLM = load_tiered_model(config.checkpoint_dir, store=config.store_spec)
+        with naming_file(config.source):  # errors at open name the file, as its others do
+            self.model: EngramLM = load_tiered_model(config.checkpoint_dir, store=config.store_spec)
         self.model.eval()
         stores = list(self.model.tables.values())
         self.device = stores[0].device if stores else torch.device("cpu")
