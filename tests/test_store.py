@@ -33,6 +33,7 @@ from tiered_store import (
     TieredStoreError,
     create_table,
 )
+from tiered_store.cache_plan import parse_policy
 from tiered_store.config import PrefetchConfig, dump_yaml, load_yaml
 from tiered_store.engram.config import load_engram_config
 from tiered_store.errors import StoreClosedError
@@ -989,12 +990,25 @@ def test_a_huge_policy_name_is_shown_cut_short(tmp_path, table):
     for spec in ("x" * 100_000, "lru+" + "y" * 100_000):
         with pytest.raises(ConfigError, match=r"store.tiers.hot.policy: got 'x|'lru\+y") as caught:
             ServeConfig.from_dict({"store": {"tiers": {"hot": {"policy": spec}}}})
-        assert "characters); expected an eviction policy" in str(caught.value)
+        assert "characters); expected at most 200 characters: an eviction policy" in str(
+            caught.value
+        )
         assert len(str(caught.value)) < 600
         tiers = {"hot": {"capacity": 10, "policy": spec}}
         with pytest.raises(ConfigError, match=r"^tiers.hot.policy: got ") as caught:
             TieredStore.open({"table": {"path": str(path)}, "tiers": tiers})
         assert len(str(caught.value)) < 600
+
+
+def test_a_policy_refused_for_its_length_says_so():
+    """A spec past 200 characters is refused unparsed, but its message gave only the grammar,
+    which 'lru' padded with spaces (valid to the parser) already follows: it names the limit."""
+    with pytest.raises(
+        ConfigError,
+        match=r"^tiers.hot.policy: got 'lru {57}'\.\.\. \(303 characters\); expected at most 200 "
+        r"characters: an eviction policy",
+    ):
+        parse_policy("lru" + " " * 300, key="tiers.hot.policy")
 
 
 def test_an_address_with_a_port_of_thousands_of_digits_is_named():

@@ -355,7 +355,10 @@ def parse_policy(text: str, *, key: str) -> PolicySpec:
     tiered_store.errors.ConfigError: tiers.warm.policy: policy 'lru+lru' names two eviction policies; expected one
     """
     if isinstance(text, str) and len(text) > MAX_POLICY_CHARS:  # its errors repeat it whole
-        raise ConfigError(f"{key}: got {shown(text)}; expected {spec_grammar()}")
+        raise ConfigError(
+            f"{key}: got {shown(text)}; expected at most {MAX_POLICY_CHARS} characters: "
+            f"{spec_grammar()}"
+        )
     try:
         return PolicySpec.parse(text)
     except PolicyError as exc:
