@@ -49,3 +49,28 @@ def test_bad_shares_are_refused_naming_the_option_and_the_value(text):
     with pytest.raises(ConfigError) as err:
         parse_shares(text, key="--shares")
     assert f"--shares {text!r}: expected shares of the rows in (0, 1]" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        10**5000,
+        -(10**5000),
+        2**63,
+        "1" + "0" * 5000 + "B",
+        "1" + "0" * 5000 + "%",
+        "0." + "5" * 5000 + "%",
+    ],
+    ids=["int", "negative", "int64", "bytes", "percent", "decimals"],
+)
+def test_a_capacity_of_thousands_of_digits_is_refused_by_name(spec):
+    """A capacity of more than 4,300 digits (an int from a dict, or the digits of '...B' or
+    '...%') raised int()'s bare ValueError (or gave its text as the message): it is refused
+    naming the key, shown cut short, with what was expected."""
+    from tiered_store import StoreConfig
+
+    with pytest.raises(ConfigError, match=r"tiers.hot.capacity: got .*; expected a") as caught:
+        StoreConfig.from_dict({"table": {"path": "t.npy"}, "tiers": {"hot": {"capacity": spec}}})
+    assert len(str(caught.value)) < 600 and "Exceeds the limit" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"^k: got .*; expected a"):
+        resolve_capacity(spec, table_rows=100, row_bytes=8, key="k")

@@ -19,8 +19,13 @@ _BYTE_UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
-_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
-_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+# a number of at most 100 digits before and after the point (Fraction raised int()'s bare
+# ValueError past 4,300)
+_NUMBER = r"(\d{1,100}(?:\.\d{1,100})?)"
+_BYTES_RE = re.compile(rf"^\s*{_NUMBER}\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
+_PERCENT_RE = re.compile(rf"^\s*{_NUMBER}\s*%\s*$")
+#: the most rows a capacity can name (a table's rows are int64 row ids)
+MAX_ROWS = 2**63 - 1
 
 CAPACITY_HELP = "a row count (int), a byte size like '512MiB' or '2GiB', or a percentage like '10%'"
 
@@ -31,7 +36,9 @@ def check_capacity_spec(spec: int | str) -> int | str:
         raise ValueError(f"got {shown(spec)}; expected {CAPACITY_HELP}")
     if isinstance(spec, int):
         if spec < 0:
-            raise ValueError(f"got {spec}; expected a non-negative row count")
+            raise ValueError(f"got {shown(spec)}; expected a non-negative row count")
+        if spec > MAX_ROWS:  # written with its digits below, past 4,300 a bare ValueError
+            raise ValueError(f"got {shown(spec)}; expected a row count of at most {MAX_ROWS:,}")
         return spec
     if not (_BYTES_RE.match(spec) or _PERCENT_RE.match(spec)):
         raise ValueError(f"got {shown(spec)}; expected {CAPACITY_HELP}")
