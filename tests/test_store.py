@@ -938,6 +938,39 @@ def test_a_path_with_a_nul_character_is_named(tmp_path):
         ServeConfig.from_yaml(config)
 
 
+def test_a_path_with_a_lone_surrogate_is_named(tmp_path):
+    """A lone surrogate in a path (YAML's or JSON's "\\ud800" escape), which no file name can
+    hold, raised a bare UnicodeEncodeError when the paths were resolved; it is refused by key."""
+    config = tmp_path / "tiers.yaml"
+    for text, key in (
+        ('table: {path: "t\\ud800.npy"}\n', "table.path"),
+        ('table: {path: t.npy}\ntiers: {warm: {profile: "p\\ud800.npz"}}\n', "tiers.warm.profile"),
+        (
+            'table: {path: t.npy}\nsharding: {ranks: 2, shards: "s{rank}\\ud800"}\n',
+            "sharding.shards",
+        ),
+    ):
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=rf"  {key}: got '.*\\ud800.*'; expected a path"):
+            StoreConfig.from_yaml(config)
+    json_config = tmp_path / "tiers.json"
+    json_config.write_text('{"table": {"path": "t\\ud800.npy"}}')
+    with pytest.raises(ConfigError, match=r"  table.path: got 't\\ud800.npy'; expected a path"):
+        StoreConfig.from_yaml(json_config)
+    config.write_text('store: {tiers: {warm: {profile: "p\\ud800.npz"}}}\n')
+    with pytest.raises(ConfigError, match=r"tiers.warm.profile: got '.*p\\ud800.npz'; expected"):
+        ServeConfig.from_yaml(config)
+    config.write_text('checkpoint: {path: "c\\ud800"}\n')
+    with pytest.raises(ConfigError, match=r"checkpoint.path: got 'c\\ud800'; expected a path"):
+        ServeConfig.from_yaml(config)
+    with pytest.raises(
+        ConfigError, match=r"^config file '.*: expected a path without a lone surrogate"
+    ):
+        StoreConfig.from_yaml(tmp_path / "c\ud800.yaml")  # the file's own
+    config.write_text('table: {path: "t\\udc80.npy"}\n')  # an undecodable byte's: a name
+    assert StoreConfig.from_yaml(config).table.path == str(tmp_path / "t\udc80.npy")
+
+
 def test_a_value_holding_an_integer_too_long_to_write_out_is_named_as_such():
     """A list holding an integer of over 4,300 digits was shown as 'an list too long to write
     out' (a one-element list, not long); it says what it holds."""

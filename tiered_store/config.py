@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import threading
@@ -165,6 +166,11 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     path = Path(path)
     if "\x00" in str(path):  # pathlib's bare ValueError (embedded null byte) otherwise
         raise ConfigError(f"{what} {shown(str(path))}: expected a path without a NUL character")
+    if not is_file_name(str(path)):  # a bare UnicodeEncodeError otherwise
+        raise ConfigError(
+            f"{what} {shown(str(path))}: expected a path without a lone surrogate (a "
+            "\\ud800-\\udfff escape, which no file name holds)"
+        )
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
         text = path.read_text(encoding="utf-8")
@@ -426,11 +432,26 @@ def _a_path(value: Any) -> Any:
 
 
 def no_nul(value: Any) -> Any:
-    """A path's text without a NUL character, which no path holds (pathlib raised a bare
-    ValueError when it was resolved)."""
+    """A path's text without a NUL character or a lone surrogate (``"\\ud800"``), which no path
+    holds (pathlib raised a bare ValueError, or UnicodeEncodeError, when it was resolved)."""
     if isinstance(value, str) and "\x00" in value:
         raise ValueError(f"got {shown(value)}; expected a path without a NUL character")
+    if isinstance(value, str) and not is_file_name(value):
+        raise ValueError(
+            f"got {shown(value)}; expected a path without a lone surrogate (a \\ud800-\\udfff "
+            "escape, which no file name holds)"
+        )
     return value
+
+
+def is_file_name(text: str) -> bool:
+    """Whether the file system can name ``text`` (not a lone surrogate: one an undecodable
+    byte's, as Python reads file names, is)."""
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _not_a_number(value: Any) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, StrictBool, StrictInt
 
 from ..cache_plan import parse_policy
-from ..config import ConfigModel, Number, PathText, StoreConfig, load_yaml
+from ..config import ConfigModel, Number, PathText, StoreConfig, is_file_name, load_yaml
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
 from ..errors import ConfigError, cut_text, shown
@@ -293,9 +293,12 @@ class ServeConfig:
 
 
 def _under(base_dir: Path, text: str) -> str:
-    """The path ``text`` resolved against ``base_dir``; one with a NUL character (which pathlib
-    refuses with a bare ValueError) as it is, for the store section's check to name."""
-    return text if "\x00" in text else str((base_dir / text).resolve())
+    """The path ``text`` resolved against ``base_dir``; one with a NUL character or a lone
+    surrogate (which pathlib refuses with a bare ValueError) as it is, for the store section's
+    check to name."""
+    if "\x00" in text or not is_file_name(text):
+        return text
+    return str((base_dir / text).resolve())
 
 
 def _replace_layer(value: Any, layer: int) -> Any:
