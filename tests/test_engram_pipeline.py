@@ -136,6 +136,16 @@ def test_a_batch_read_ahead_is_copied_once(model, batches):
     assert torch.equal(batch.input_ids, batches[0])
 
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def cuda_model() -> EngramLM:
+    """The ``model`` fixture's model on the GPU."""
+    config = ModelConfig.from_dict(TINY)
+    torch.manual_seed(0)
+    return EngramLM(config, hasher=NgramHasher(config.engram)).eval().cuda()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_batch_for_the_gpu_is_pinned_once(batches):
@@ -198,6 +208,82 @@ def test_a_source_refilling_one_buffer_gives_each_batch_its_own_tokens(
         pipeline = PrefetchPipeline(model, lookahead=lookahead)
         outs = [out for _, out in pipeline.run(refilled(kind))]
         assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True)), kind
+
+
+class Wrapped:
+    """Token ids behind ``__array__`` (a reader's batch object): NumPy reads its buffer as is."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.array
+
+
+def refilled_buffer(kind: str) -> tuple[object, object]:
+    """A source's one buffer of ``kind`` [2, 32] and the function that refills it in place."""
+    if kind == "list":  # nested lists, each row refilled in place
+        rows = [[0] * 32, [0] * 32]
+
+        def refill(ids: torch.Tensor) -> None:
+            for row, values in zip(rows, ids.tolist(), strict=True):
+                row[:] = values
+
+        return rows, refill
+    if kind in ("numpy", "fortran", "memoryview", "wrapped"):
+        array = np.empty((2, 32), np.int64, order="F" if kind == "fortran" else "C")
+        given = {"memoryview": memoryview, "wrapped": Wrapped}.get(kind, lambda a: a)(array)
+        return given, lambda ids: array.__setitem__(slice(None), ids.numpy())
+    if kind == "from_numpy":  # a tensor over a NumPy buffer, refilled through NumPy
+        array = np.empty((2, 32), np.int64)
+        return torch.from_numpy(array), lambda ids: array.__setitem__(slice(None), ids.numpy())
+    if kind == "shared":  # one batch of a ring's storage, refilled through the whole ring
+        ring = torch.zeros(3, 2, 32, dtype=torch.int64)
+        return ring[1], lambda ids: ring.view(-1)[64:128].copy_(ids.view(-1))
+    shape = (32, 2) if "transposed" in kind else (2, 32)
+    dtype = torch.int32 if kind == "int32" else torch.int64
+    buffer = torch.zeros(shape, dtype=dtype, device="cuda" if kind == "cuda" else "cpu")
+    if "pinned" in kind:
+        buffer = buffer.pin_memory()
+    if "transposed" in kind:
+        buffer = buffer.t()  # a non-contiguous view
+    return buffer, lambda ids: buffer.copy_(ids)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        *("torch", "numpy", "list", "transposed", "shared", "int32", "from_numpy"),
+        *("memoryview", "wrapped", "fortran"),
+        *(
+            pytest.param(kind, marks=[pytest.mark.gpu, NEEDS_CUDA])
+            for kind in ("torch on cuda", "pinned", "pinned transposed", "cuda")
+        ),
+    ],
+)
+def test_a_refilled_buffer_of_any_kind_gives_the_outputs_of_a_run_without_lookahead(
+    model, batches, kind
+):
+    """A source refilling one buffer (of each kind a source may yield) while its batches are
+    read ahead, hashed and looked up later: the outputs of a run with lookahead 0 (each batch
+    runs before the buffer is refilled), and each batch keeps the ids it was read with."""
+    if kind in ("torch on cuda", "pinned", "pinned transposed", "cuda"):
+        model = cuda_model()
+    runs = []
+    for lookahead in (0, 1, 2):
+        buffer, refill = refilled_buffer(kind)
+
+        def source(buffer=buffer, refill=refill):
+            for ids in batches:
+                refill(ids.to(buffer.device) if isinstance(buffer, torch.Tensor) else ids)
+                yield buffer
+
+        runs.append(list(PrefetchPipeline(model, lookahead=lookahead).run(source())))
+    for run in runs:
+        assert all(
+            torch.equal(b.input_ids.cpu(), ids) for (b, _), ids in zip(run, batches, strict=True)
+        )
+        assert all(torch.equal(out, want) for (_, out), (_, want) in zip(run, runs[0], strict=True))
 
 
 @pytest.mark.parametrize("lookahead", [0, 1, 2])
