@@ -194,6 +194,24 @@ def test_the_wait_for_the_source_is_not_counted_as_preparing(model, batches, loo
     )
 
 
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_the_wait_for_a_source_that_fails_is_counted_as_the_source(model, batches, lookahead):
+    """A source that raised after a wait (a reader timing out) had that wait counted as
+    preparing (with lookahead) or not at all (without): it is source_seconds."""
+    pause = 0.2
+
+    def failing():
+        yield batches[0]
+        time.sleep(pause)  # a read that times out
+        raise OSError("the reader went away")
+
+    pipeline = PrefetchPipeline(model, lookahead=lookahead)
+    with pytest.raises(OSError, match="went away"):
+        list(pipeline.run(failing()))
+    stats = pipeline.stats
+    assert stats.batches == 1 and stats.source_seconds >= pause > stats.prepare_seconds
+
+
 @pytest.mark.parametrize("lookahead", [1, 2])
 def test_a_source_refilling_one_buffer_gives_each_batch_its_own_tokens(
     model, batches, want, stores, lookahead

@@ -194,15 +194,15 @@ class PrefetchPipeline:
                 while failed is None and len(queue) <= self.lookahead:
                     try:
                         t1 = time.perf_counter()
-                        ids = next(source, _END)
-                        waited += time.perf_counter() - t1
+                        try:
+                            ids = next(source, _END)
+                        finally:  # a source that raised waited too (a read timing out)
+                            waited += time.perf_counter() - t1
                         if ids is _END:  # (a None among the batches is refused as ids)
                             break
                         queue.append(self._prepare(ids, cuda))
                     except Exception as exc:  # bad ids, a source that raised: as without
-                        if not queue:  # lookahead, the batches before it are yielded first
-                            raise
-                        failed = exc
+                        failed = exc  # lookahead, the batches before it are yielded first
                 stats.source_seconds += waited
                 stats.prepare_seconds += time.perf_counter() - t0 - waited
                 if not queue:
