@@ -336,9 +336,11 @@ class FailingTable(TableBackend):
     """A table whose prefetch handles are watched (weak references) and whose lookup of one
     batch fails."""
 
-    def __init__(self, weight: torch.Tensor, staged: list, fail_at: int) -> None:
+    def __init__(
+        self, weight: torch.Tensor, staged: list, fail_at: int, pause: float = 0.0
+    ) -> None:
         self.weight, self.rows, self.dim = weight, weight.shape[0], weight.shape[1]
-        self.staged, self.fail_at, self.lookups = staged, fail_at, 0
+        self.staged, self.fail_at, self.lookups, self.pause = staged, fail_at, 0, pause
 
     def prefetch(self, row_ids: torch.Tensor) -> object:
         handle = Staged()
@@ -348,8 +350,26 @@ class FailingTable(TableBackend):
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         self.lookups += 1
         if self.lookups == self.fail_at:
+            time.sleep(self.pause)  # a read that times out
             raise OSError("the disk went away")
         return self.weight[row_ids]
+
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_a_failed_forward_is_counted_in_the_run_s_seconds(model, batches, lookahead):
+    """The forward that failed was left out of forward_seconds, so of seconds (the run's wall
+    time): a read that timed out before failing looked like no time at all."""
+    pause = 0.2
+    memory = model.tables
+    model.set_tables({i: FailingTable(t.weight, [], 2, pause) for i, t in memory.items()})
+    pipeline = PrefetchPipeline(model, lookahead=lookahead)
+    try:
+        with pytest.raises(OSError, match="went away"):
+            list(pipeline.run(batches))
+    finally:
+        model.set_tables(memory)
+    stats = pipeline.stats
+    assert stats.batches == 1 and stats.forward_seconds >= pause
 
 
 def test_a_run_ended_by_a_failed_forward_keeps_no_batch_read_ahead(model, batches):

@@ -59,7 +59,7 @@ class PipelineStats:
 
     batches: int = 0
     tokens: int = 0
-    forward_seconds: float = 0.0  # inside the model's forward (synchronised on CUDA)
+    forward_seconds: float = 0.0  # inside the model's forward (synchronised on CUDA; failed too)
     prepare_seconds: float = 0.0  # hashing + prefetch submission on the calling thread
     source_seconds: float = 0.0  # waiting for the source's next batch (reading, tokenising)
     lookup_seconds: float = 0.0  # inside table lookups (stores that keep statistics, once each)
@@ -211,11 +211,13 @@ class PrefetchPipeline:
                     break
                 batch = queue.popleft()
                 t0 = time.perf_counter()
-                with torch.no_grad():
-                    out = self.model(batch.input_ids, prefetched=batch, logits=self.logits)
-                if cuda:
-                    torch.cuda.synchronize(out.device)
-                stats.forward_seconds += time.perf_counter() - t0
+                try:
+                    with torch.no_grad():
+                        out = self.model(batch.input_ids, prefetched=batch, logits=self.logits)
+                    if cuda:
+                        torch.cuda.synchronize(out.device)
+                finally:  # a forward that failed took its time too (a read timing out)
+                    stats.forward_seconds += time.perf_counter() - t0
                 stats.batches += 1
                 stats.tokens += batch.tokens
                 yield batch, out
