@@ -45,6 +45,7 @@ from tiered_store.cli_args import (
     output_file,
     run_script,
 )
+from tiered_store.cold_table import IO_MODES
 from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader
 from tiered_store.warm_restart import restart_path
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--batch", type=at_least(1), default=4096, help="ids per lookup call")
     p.add_argument("--dim", type=at_least(1), default=8, help="row width of the table (float32)")
-    p.add_argument("--io", default="pread", help="tiers.cold.io of the stores (pread, mmap, ...)")
+    p.add_argument("--io", default="pread", choices=IO_MODES, help="tiers.cold.io of the stores")
     p.add_argument(
         "--dir",
         type=existing_dir,

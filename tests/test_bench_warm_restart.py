@@ -108,6 +108,12 @@ def test_help_exits_zero(tmp_path):
         ),
         (("--lookups", "0"), "argument --lookups: expected an integer >= 1, got '0'"),
         (("--lookups", "10000000"), "lookups of layer1; need warmup + lookups"),
+        # was taken, then refused by the store's config after making the table (330 MB at --dim 8)
+        (
+            ("--io", "bogus"),
+            "argument --io: invalid choice: 'bogus' (choose from 'mmap', 'pread', 'direct', "
+            "'uring')",
+        ),
     ],
 )
 def test_a_bad_value_is_refused_before_making_the_table(args, message, trace, tmp_path):
