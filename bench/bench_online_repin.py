@@ -90,6 +90,7 @@ from tiered_store.table_sources import RandomSource
 from tiered_store.trace import TraceReader, TraceWriter
 from tiered_store.workload import ZipfWorkload
 from zipf_analysis.analyze import AnalyzeOptions, analyze
+from zipf_analysis.analyze.publish import refuse_unknown_table, table_choices
 from zipf_analysis.replay import replay
 
 BATCH = 65_536  # lookups per trace batch: one 4,096-token sequence x 16 heads
@@ -556,6 +557,11 @@ def main(argv=None) -> int:
             p.error(f"--then {args.then}: no holdout.trace there (analyze --holdout)")
     if args.analysis is not None and not (args.analysis / "holdout.trace").is_file():
         p.error(f"--analysis {args.analysis}: no holdout.trace there (analyze --holdout)")
+    if not args.skip_replay:  # the analysis given, or the one this run makes
+        try:
+            refuse_unknown_table(args.layer, "--layer", table_choices(args.analysis))
+        except ConfigError as exc:
+            p.error(str(exc))
     profile = f"{args.layer}.profile.npz"
     if args.profile_from is not None and not (args.profile_from / profile).is_file():
         p.error(f"--profile-from {args.profile_from}: no {profile} there (an analyze output)")

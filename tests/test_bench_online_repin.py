@@ -127,6 +127,20 @@ def test_refuses_a_repin_setting_the_store_would_before_any_work(tmp_path, args,
     assert list(tmp_path.iterdir()) == []  # refused before making its work directory
 
 
+def test_refuses_a_layer_the_analysis_has_not_before_any_work(email_analysis, tmp_path):
+    """--layer was taken as given: the all-hit part's minutes ran, then the replay ended in
+    "trace ...: no table 'layer2'"."""
+    done = bench("--analysis", str(email_analysis), "--layer", "layer2", tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    expected = f"--layer layer2: no such table in --analysis {email_analysis}; expected one of"
+    assert expected in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before making its work directory
+    done = bench("--layer", "layer2", tmp_path=tmp_path)  # the analysis this run would make
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "--layer layer2: no such table in the default Engram config" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_traffic_that_changes_kind_follows_the_first_trace_at_the_switch(email_analysis, tmp_path):
     first, then = email_analysis, tmp_path / "json"  # the email package, then the json one
     analyze(then, max_tokens=100000, holdout=0.5, shuffle=True, corpus=Path(json.__file__).parent)
