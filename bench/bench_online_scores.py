@@ -161,11 +161,12 @@ def main(argv=None) -> int:
     ]
     warmup, every = -(-args.warmup // args.window), -(-args.every // args.window)
     points = list(range(warmup, len(windows) - every + 1, every))
-    if not points:
-        raise SystemExit(
-            f"--warmup {args.warmup:,} and --every {args.every:,}: the trace holds only "
-            f"{len(windows) * args.window:,} lookups of {args.layer} in whole windows; expected "
-            "at least their sum"
+    if not points:  # what cut the replay short: --lookups, or the trace itself
+        held = f"{args.analysis / 'holdout.trace'} holds {ids.size:,} lookups of {args.layer}"
+        p.error(
+            f"--warmup {args.warmup:,} and --every {args.every:,}: expected at least "
+            f"{(warmup + every) * args.window:,} lookups (whole windows of {args.window:,}) to "
+            f"replay; " + (f"--lookups {args.lookups:,}" if ids.size == args.lookups else held)
         )
     recency = int(np.mean([rows_of.size for rows_of, _ in windows[:warmup]]))
     ks = {share: max(0, int(rows * share) - recency) for share in shares}

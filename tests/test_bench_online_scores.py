@@ -79,5 +79,14 @@ def test_a_bad_value_is_refused_before_any_work(analysis):
     done = bench(str(analysis), "--decay", "1.5")
     assert done.returncode == 2 and "--decay 1.5: expected a weight in (0, 1]" in done.stderr
     done = bench(str(analysis), "--warmup", "9000000", "--lookups", "10000000")
-    assert done.returncode == 1 and "the trace holds only" in done.stderr
+    assert done.returncode == 2, done.stderr[-3000:]  # argparse's, with the usage (was 1)
+    assert "--warmup 9,000,000 and --every 2,490,368: expected at least" in done.stderr
+    assert f"{analysis}/holdout.trace holds " in done.stderr and "lookups of layer1" in done.stderr
     assert done.stdout == ""
+    # --lookups, not the trace, cut the replay short: it said "the trace holds only 0 lookups"
+    done = bench(str(analysis), "--warmup", "100", "--every", "100", "--lookups", "50")
+    assert done.returncode == 2, done.stderr[-3000:]
+    expected = "--warmup 100 and --every 100: expected at least 131,072 lookups (whole windows "
+    text = " ".join(done.stderr.split())  # argparse wraps the lines
+    assert expected + "of 65,536) to replay; --lookups 50" in text, text
+    assert "Traceback" not in done.stderr and done.stdout == ""
