@@ -59,6 +59,7 @@ On 2 shared cores the first (small) example took about 1 minute; ``--replay-mode
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import statistics
 import sys
@@ -548,6 +549,8 @@ def main(argv=None) -> int:
         args.replay_modes = replay_modes(args.replay_modes)
     except ValueError as exc:
         p.error(str(exc))
+    if not 0.0 <= args.large_zipf < math.inf:  # NaN too
+        p.error(f"--large-zipf {args.large_zipf}: expected a finite Zipf exponent >= 0")
     if 0 < args.chunk < BATCH:
         p.error(f"--chunk {args.chunk}: expected {chunk_expected}")
     check_repin_overrides(args, p)

@@ -127,6 +127,17 @@ def test_refuses_a_repin_setting_the_store_would_before_any_work(tmp_path, args,
     assert list(tmp_path.iterdir()) == []  # refused before making its work directory
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_refuses_a_bad_large_zipf_before_any_work(tmp_path, value):
+    """--large-zipf was any float: the other parts' minutes ran, then (d) ended in a ValueError
+    traceback from the id sampler (inf: a trace of one row)."""
+    done = bench("--large-rows", "1000", "--large-zipf", value, tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"--large-zipf {float(value)}: expected a finite Zipf exponent >= 0" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before making its work directory
+
+
 def test_refuses_a_layer_the_analysis_has_not_before_any_work(email_analysis, tmp_path):
     """--layer was taken as given: the all-hit part's minutes ran, then the replay ended in
     "trace ...: no table 'layer2'"."""
