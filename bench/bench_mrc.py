@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import sys
@@ -76,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=at_least(0, "a seed >= 0"), default=0, help="trace seed")
     p.add_argument("--out", type=output_file, help="write JSON here as well as stdout")
     args = p.parse_args(argv)
-    if not args.exponent >= 0.0:  # NaN too; the counts and --rate are refused by their types
-        p.error(f"--exponent {args.exponent}: expected a Zipf exponent >= 0")
+    if not 0.0 <= args.exponent < math.inf:  # NaN too; counts and --rate: by their types
+        p.error(f"--exponent {args.exponent}: expected a finite Zipf exponent >= 0")
     return args
 
 

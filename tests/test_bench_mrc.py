@@ -121,7 +121,9 @@ def test_help_and_refusals(tmp_path):
             "-1",
             "argument --fixed-size: expected 0 (skip) or a positive number of rows, got '-1'",
         ),
-        ("--exponent", "nan", "--exponent nan: expected a Zipf exponent >= 0"),
+        ("--exponent", "nan", "--exponent nan: expected a finite Zipf exponent >= 0"),
+        # was measured: a trace of one row, its exponent written to the JSON as null
+        ("--exponent", "inf", "--exponent inf: expected a finite Zipf exponent >= 0"),
     ):
         done = run_bench("bench_mrc.py", option, value, "--out", str(out))
         assert done.returncode == 2, (option, done.stderr[-3000:])  # argparse's, with the usage
