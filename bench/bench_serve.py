@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -125,10 +126,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         counts = []
     if not counts or min(counts) < 1:
         p.error(f"--clients {args.clients!r}: expected client counts >= 1, e.g. 1,8,64")
-    if not args.soak_seconds >= 0.0:  # NaN too
+    if not 0.0 <= args.soak_seconds < math.inf:  # NaN too
         p.error(f"--soak-seconds {args.soak_seconds}: expected 0 (skip) or more seconds")
-    if not args.zipf > 1.0:
-        p.error(f"--zipf {args.zipf}: expected a Zipf exponent > 1")
+    if not 1.0 < args.zipf < math.inf:
+        p.error(f"--zipf {args.zipf}: expected a finite Zipf exponent > 1")
     if not args.config.is_file():
         p.error(f"--config {args.config}: no such file; expected a serve config (YAML)")
     limits = ServeConfig.from_yaml(args.config).server  # a request the server refuses: no load

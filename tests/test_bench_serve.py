@@ -106,7 +106,10 @@ def test_help_and_refusals(tmp_path):
     for args, message in (
         (("--clients", "1,0"), "--clients '1,0': expected client counts >= 1, e.g. 1,8,64"),
         (("--requests", "-3"), "argument --requests: expected at least 1 request, got '-3'"),
-        (("--zipf", "0.9"), "--zipf 0.9: expected a Zipf exponent > 1"),
+        (("--zipf", "0.9"), "--zipf 0.9: expected a finite Zipf exponent > 1"),
+        # both were taken: the soak never ended; a Zipf exponent of inf sends one token id
+        (("--soak-seconds", "inf"), "--soak-seconds inf: expected 0 (skip) or more seconds"),
+        (("--zipf", "inf"), "--zipf inf: expected a finite Zipf exponent > 1"),
         (
             ("--tokens", "5000"),
             "--tokens 5,000: the server takes at most 4,096 (server.max_seq_len",
