@@ -212,7 +212,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[1, 2],
         help="store alone: intra-op threads, one run each",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the tables, text order and model")
+    p.add_argument(
+        "--seed", type=at_least(0), default=0, help="seed of the tables, text order and model"
+    )
     p.add_argument("--out", type=output_file, help="write the JSON report here as well as stdout")
     args = p.parse_args(argv)
     batch = args.batch_size * args.seq_len  # refused before any table is made

@@ -254,6 +254,8 @@ def test_help_names_only_options_it_takes(tmp_path):
         ("--batches-per-round", "1", "expected an integer >= 2, got '1'"),
         ("--scaled-vocab", "-5", "expected an integer >= 2, got '-5'"),
         ("--store-tokens", "10", "expected at least one batch (1 x 32 = 32 tokens), got 10"),
+        # was taken: the tables were made, then the text order's seeding ended in a traceback
+        ("--seed", "-1", "expected an integer >= 0, got '-1'"),
     ],
 )
 def test_bad_sizes_are_refused_before_any_work(tmp_path, option, value, expected):
