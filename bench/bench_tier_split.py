@@ -10,7 +10,8 @@
 
 ``--policy zipf-tuned`` models and replays zipf-tuned tiers (pins from the profile ``analyze``
 wrote for the same text), and times the LRU model of the same grid in the same run as the
-baseline of the model's cost.
+baseline of the model's cost. It prints the JSON results on stdout, each step on stderr as it
+starts.
 
 Example::
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             from zipf_analysis.analyze import AnalyzeOptions, analyze
 
             work = cleanup.enter_context(scratch_directory("bench_tier_split_")) / "analysis"
+            print(f"analysing {args.max_tokens:,} tokens ...", file=sys.stderr, flush=True)
             analyze(
                 None,
                 work,
@@ -123,6 +125,7 @@ def run(work: Path, args: argparse.Namespace) -> dict:
             config = config.model_copy(update={"tiers": config.tiers.model_copy(update=tiers)})
     trace = work / "trace.trace"
     budgets = {"gpu_budget": args.gpu_budget, "host_budget": args.host_budget}
+    print(f"modelling the splits of {args.table} in {trace} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     rec = recommend_split(config, trace, table=args.table, **budgets)
     model_s = time.perf_counter() - start
@@ -138,7 +141,12 @@ def run(work: Path, args: argparse.Namespace) -> dict:
             picks.append(frontier[i])
     by_pair = {(c["hot_rows"], c["warm_rows"]): c for c in rec.candidates}
     checks, replay_s = [], []
-    for hot, warm in picks:
+    for n, (hot, warm) in enumerate(picks, 1):
+        print(
+            f"replaying split {n}/{len(picks)}: {hot:,} hot + {warm:,} warm rows ...",
+            file=sys.stderr,
+            flush=True,
+        )
         tiers = config.tiers.model_copy(
             update={
                 t: getattr(config.tiers, t).model_copy(

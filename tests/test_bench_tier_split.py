@@ -38,6 +38,12 @@ def test_each_replayed_split_is_the_model_and_the_replay_of_that_split(analysis,
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(done.stdout) == result  # the printout is the JSON
+    # progress on stderr (the model and each replay ran silent: a minute or more at full size)
+    assert f"modelling the splits of layer1 in {analysis}/trace.trace" in done.stderr
+    n = len(result["checks"])
+    for i, check in enumerate(result["checks"], 1):
+        hot, warm = check["hot_rows"], check["warm_rows"]
+        assert f"replaying split {i}/{n}: {hot:,} hot + {warm:,} warm rows" in done.stderr
     public = ("--analysis", "A", *BUDGETS, "--replays", "3", "--out", "r.json")  # no machine paths
     assert result["command"] == "python bench/bench_tier_split.py " + " ".join(public)
     assert str(CORPUS) in result["corpus"]  # what the analysis read, from its report
