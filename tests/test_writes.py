@@ -1401,8 +1401,9 @@ def test_a_write_that_raises_in_one_tier_leaves_no_older_copy_in_another(tmp_pat
     """A write updates warm's copy of a row, then hot's: when hot's raised (out of memory
     copying the rows to its device), warm held the new version (dirty) and hot the old one,
     served until hot evicted it, then warm's: the row's version flipped back to the write that
-    had failed, and a commit kept it. Such a write now puts its rows in pending and empties the
-    tiers' copies: every later read, and the commit, see the new rows."""
+    had failed, and a commit kept it. Such a write now empties the copies of the tiers it did
+    not write (pending takes the rows none written holds): every later read, and the commit,
+    see the new rows."""
     path, table = make_table(tmp_path, rows=300, dim=8)
     cfg = store_config(path, hot={"capacity": 4}, warm={"capacity": 16})
     ids, new = torch.arange(4), torch.full((4, 8), 5.0)
@@ -1464,3 +1465,50 @@ def test_a_write_that_raised_is_seen_by_a_lookup_that_staged_its_rows_before(tmp
         store.commit()
     with TieredStore(cfg) as store:
         assert torch.equal(store.lookup(torch.tensor([10])), new)
+
+
+@pytest.mark.parametrize("cached", ["both tiers", "and pending"])
+def test_a_write_whose_recovery_runs_out_of_memory_leaves_no_older_copy_beside_a_newer(
+    cached, tmp_path
+):
+    """A write whose hot copy raised (out of memory) put its rows in pending, then emptied the
+    tiers' copies: when that merge raised as well, warm kept the new rows (dirty) and hot the
+    old, or the tiers the old and pending the new, each served until evicted, then the other,
+    and a commit kept either. The copies of a row whose new version is held somewhere are
+    emptied first: each row is old or new, the same in every later read and the commit."""
+    path, table = make_table(tmp_path, rows=300, dim=8)
+    cfg = store_config(path, hot={"capacity": 4}, warm={"capacity": 16})
+    ids, older, new = torch.arange(4), torch.full((4, 8), 3.0), torch.full((4, 8), 5.0)
+    with TieredStore(cfg) as store:
+        store.write(ids, older)  # dirty in both tiers
+        if cached == "and pending":  # spilled to pending, then cached again (clean, equal)
+            store.lookup(torch.arange(100, 140))
+            assert (store.warm.probe(ids) < 0).all() and len(store._writes.pending) == 4
+        assert torch.equal(store.lookup(ids), older)
+        assert (store.hot.probe(ids) >= 0).all() and (store.warm.probe(ids) >= 0).all()
+        writes, failing = store._writes, []
+
+        def out_of_memory(*args):
+            failing.append(1)
+            raise MemoryError("out of memory")
+
+        merge = writes.pending.merge
+        writes.pending.merge = lambda *args: out_of_memory() if failing else merge(*args)
+        store.hot_pool.write = out_of_memory
+        if cached == "and pending":  # the warm copy fails first
+            store.warm_pool.write = out_of_memory
+        with pytest.raises(MemoryError):
+            store.write(ids, new)
+        for owner, name in ((store.hot_pool, "write"), (writes.pending, "merge")):
+            delattr(owner, name)
+        if cached == "and pending":
+            del store.warm_pool.write
+        check_cache_invariants(store.hot)
+        check_cache_invariants(store.warm)
+        first = store.lookup(ids)
+        assert ((first == older).all(1) | (first == new).all(1)).all()
+        store.lookup(torch.arange(100, 140))  # the tiers' copies evicted
+        assert torch.equal(store.lookup(ids), first)
+        store.commit()
+    with TieredStore(cfg) as store:
+        assert torch.equal(store.lookup(ids), first)

@@ -166,8 +166,10 @@ class WriteBack:
 
     def write(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Make ``rows`` the current version of unique ``ids`` (CPU int64; rows CPU). One that
-        raises (out of memory) part way leaves the new rows in pending and no tier holding them:
-        no tier keeps an older version beside another's newer one."""
+        raises (out of memory) part way leaves the tiers written before holding the new rows,
+        pending the rows no such tier holds, and the other tiers none of them: no tier keeps an
+        older version beside a newer one (out of memory again in that merge, the rows only the
+        other tiers held stay old there, the others are emptied: each row old or new)."""
         held = [tier.held(ids) for tier in self.tiers]
         cached = torch.zeros(ids.shape, dtype=torch.bool)
         for _, mask in held:
@@ -175,15 +177,35 @@ class WriteBack:
         in_pending, _ = self.pending.find(ids)
         to_pending = ~cached | in_pending  # cached nowhere, or an older version waits in pending
         self.pending.merge(ids[to_pending], rows[to_pending])  # first: its failure changes nothing
+        written = 0
         try:
             for tier, (slots, mask) in zip(self.tiers, held, strict=True):
                 tier.write(slots, rows[mask])
-        except BaseException:  # some tiers written, not all: pending takes the rows instead
-            self.pending.merge(ids, rows)
-            for tier, (slots, _) in zip(self.tiers, held, strict=True):
-                tier.drop(slots)
+                written += 1
+        except BaseException:
+            self._unwrite(ids, rows, held, to_pending, written)
             raise
         self.rows_written += ids.numel()
+
+    def _unwrite(
+        self,
+        ids: torch.Tensor,
+        rows: torch.Tensor,
+        held: list[tuple[torch.Tensor, torch.Tensor]],
+        newer: torch.Tensor,
+        written: int,
+    ) -> None:
+        """A write that raised once its first ``written`` tiers took the rows (``held``'s, and
+        ``newer``: the mask of ``ids`` pending took): pending takes the rows no written tier
+        holds, then the other tiers' copies of every row held newer elsewhere are emptied."""
+        for _, mask in held[:written]:
+            newer = newer | mask
+        try:
+            self.pending.merge(ids[~newer], rows[~newer])
+            newer = torch.ones_like(newer)
+        finally:  # (that merge out of memory too: the rows it missed keep their old copies)
+            for tier, (slots, mask) in zip(self.tiers[written:], held[written:], strict=True):
+                tier.drop(slots[newer[mask].to(slots.device)])
 
     def overlay(self, ids: torch.Tensor, staged: torch.Tensor, positions: torch.Tensor) -> None:
         """Replace base rows read from cold (``staged[positions]``, of sorted unique ``ids``) by
