@@ -1512,3 +1512,33 @@ def test_a_write_whose_recovery_runs_out_of_memory_leaves_no_older_copy_beside_a
         store.commit()
     with TieredStore(cfg) as store:
         assert torch.equal(store.lookup(ids), first)
+
+
+def test_a_commit_whose_bookkeeping_runs_out_of_memory_still_reads_its_rows(tmp_path, monkeypatch):
+    """Once the delta held a commit's rows, the write-back cleared pending and the dirty flags,
+    then added the rows to the delta's index of ids: out of memory there (a copy of that index,
+    a row id per committed row), cold reads of those rows skipped the delta and returned the
+    base rows until the store was reopened. The index is made first: every read sees them."""
+    path, table = make_table(tmp_path, rows=300, dim=8)
+    cfg = store_config(path, hot={"capacity": 4}, warm={"capacity": 16})
+    ids, new = torch.arange(200, 210), torch.full((10, 8), 5.0)
+    with TieredStore(cfg) as store:
+        store.write(ids, new)  # cached nowhere: pending
+        writes, concatenate = store._writes, np.concatenate
+
+        def out_of_memory(arrays, *args, **kwargs):
+            if arrays[0] is writes.delta_ids:
+                raise MemoryError("out of memory copying the delta's ids")
+            return concatenate(arrays, *args, **kwargs)
+
+        monkeypatch.setattr(np, "concatenate", out_of_memory)
+        with pytest.raises(MemoryError):
+            store.commit()
+        monkeypatch.undo()
+        assert store.committed_step == 1
+        assert torch.equal(store.lookup(ids), new)
+        store.lookup(torch.arange(100, 140))  # evicted again
+        assert torch.equal(store.lookup(ids), new)
+        store.commit()
+    with TieredStore(cfg) as store:
+        assert torch.equal(store.lookup(ids), new)

@@ -265,14 +265,16 @@ class WriteBack:
         return merged_ids.numpy(), merged_rows.contiguous().view(torch.uint8).numpy()
 
     def committed(self, ids: np.ndarray) -> None:
-        """The rows ``collect`` returned are durable: nothing is dirty any more."""
-        self.pending.clear()
-        for tier in self.tiers:
-            tier.dirty.zero_()
+        """The rows ``collect`` returned are durable: nothing is dirty any more. Cold reads find
+        them in the delta before pending lets them go (out of memory merging the delta's ids,
+        they stay pending: read, and committed again, from there)."""
         if ids.size:
             merged = np.concatenate([self.delta_ids, ids])
             merged.sort(kind="stable")  # two sorted runs: a radix sort's linear pass
             self.delta_ids = merged[np.r_[True, merged[1:] != merged[:-1]]]
+        self.pending.clear()
+        for tier in self.tiers:
+            tier.dirty.zero_()
 
     def _spiller(self, tier: _DirtyTier):
         """The eviction hook of ``tier``: copy dirty victims' rows to pending before reuse."""
