@@ -521,6 +521,32 @@ def test_a_sharded_prefetch_collected_after_a_write_is_refused(tmp_path, monkeyp
         store.commit()
 
 
+def test_a_sharded_write_failing_on_a_shard_says_what_became_of_the_rows(tmp_path, monkeypatch):
+    """A write round that failed on one shard (out of memory copying its rows to the hot tier)
+    raised on every rank naming it, and no more: the other shards had taken their rows and the
+    failed one's write had applied whole, but the error read as if nothing was written. It says
+    so now, and a lookup shows it."""
+    cfg = {**_one_rank_sharded_config(tmp_path, monkeypatch), "tiers": {"hot": {"capacity": 8}}}
+    with ShardedStore.open(cfg) as store:
+        store.write([400], torch.ones(1, store.row_width))
+        store.lookup(torch.tensor([400]))  # cached in the hot tier
+
+        def out_of_memory(slots, rows):
+            raise MemoryError("out of memory copying the rows to the hot tier")
+
+        monkeypatch.setattr(store.local.hot_pool, "write", out_of_memory)
+        with pytest.raises(
+            TierIOError,
+            match=r"sharded write failed on 1 of 1 rank\(s\): rank 0: MemoryError: out of memory "
+            r"copying .*; the other ranks' shards took their rows, and a failed shard's write "
+            r"applied whole or not at all: look its rows up to tell which",
+        ):
+            store.write([400], torch.full((1, store.row_width), 2))
+        monkeypatch.undo()
+        assert store.lookup(torch.tensor([400])).float().eq(2).all()
+        store.commit()
+
+
 def test_a_sharded_lookup_interrupted_while_waiting_for_its_handle_can_collect_it_again(
     tmp_path, monkeypatch
 ):

@@ -312,7 +312,9 @@ class ShardedStore:
         """Make ``rows`` (``[..., row_width]``, as stored) the current version of ``ids`` on the
         ranks that own them; a collective every rank joins, each with its own ids (or none).
         For an id repeated in one call the last row wins; for one written by several ranks in the
-        same round, the highest rank's. ``commit()`` makes the writes durable.
+        same round, the highest rank's. ``commit()`` makes the writes durable. One that fails
+        on a shard raises on every rank; the other shards took their rows, and the failed
+        shard's write applied whole or not at all (``TieredStore.write``).
 
         Examples
         --------
@@ -331,7 +333,7 @@ class ShardedStore:
             raise
         unique, last = merge_last_wins([flat], [rows])
         errors = self._wait(self._thread.submit(self._write_round, unique, last), "write")
-        self._raise_failed("write", errors)
+        self._raise_failed("write", errors, then=_FAILED_WRITE)
 
     def commit(self, step: int | None = None) -> int:
         """Commit every rank's shard with one ``step`` (default: the highest last committed step
@@ -442,7 +444,7 @@ class ShardedStore:
         updated, errors = self._wait(
             self._thread.submit(self._update_round, flat, grads, update, step), "update_rows"
         )
-        self._raise_failed("update_rows", errors)
+        self._raise_failed("update_rows", errors, then=_FAILED_WRITE)
         return updated
 
     def refuse_update(self, step: Any) -> None:
@@ -1198,6 +1200,11 @@ def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]
     ]
 
 
+# what became of a write (or update) round that failed on some shards (TieredStore.write)
+_FAILED_WRITE = (
+    "the other ranks' shards took their rows, and a failed shard's write applied whole or not "
+    "at all: look its rows up to tell which"
+)
 _REFUSED = " (refused)"  # the step a rank passes into a round it refused its own input to
 _NO_GRADIENTS = (torch.empty(0, dtype=torch.int64), torch.empty((0, 0), dtype=torch.float32))
 
