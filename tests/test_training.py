@@ -306,6 +306,32 @@ def test_a_step_whose_write_is_refused_keeps_its_gradients(tmp_path):
     table.close()
 
 
+def test_a_step_whose_write_raised_once_it_applied_is_not_applied_again(tmp_path):
+    """A store write that raises part way (out of memory copying the rows to the hot tier)
+    applies whole: the step kept its gradients and its step number as if no row had changed,
+    and the next step applied them a second time. A step whose rows were written is made."""
+    sgd = make_row_optimizer("sgd", lr=0.5)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.ones((20, 2)), sgd)
+    store = TieredStore(store_config(path, hot={"capacity": 4}, warm={"capacity": 8}))
+    table = TrainableTable(store, sgd)
+    table.lookup([3, 4]).sum().backward()  # the rows cached in both tiers
+    store.write([19], torch.ones(1, 2))  # the write-back exists
+
+    def out_of_memory(slots, rows):
+        del store.hot_pool.write  # once
+        raise MemoryError("out of memory copying the rows to the hot tier")
+
+    store.hot_pool.write = out_of_memory
+    with pytest.raises(MemoryError):
+        table.step(1)
+    assert store.lookup([3, 4]).tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    assert table.step(2) == 0  # no gradients left
+    assert store.lookup([3, 4]).tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    table.commit(2)
+    table.close()
+
+
 def test_ids_outside_a_table_read_as_zeros_get_no_update(tmp_path):
     """Over a store with ``out_of_range: zero``, lookups of ids outside the table (zero rows) kept
     gradients that step() wrote: RowIdError, on that step and every later one."""

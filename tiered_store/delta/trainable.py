@@ -10,6 +10,7 @@ store, the optimizer's new rows, ``store.write``. ``commit()`` makes the step du
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from functools import partial
@@ -223,6 +224,9 @@ class TrainableTable:
         higher than the last (else ``ConfigError``, the gradients kept); a reopened table's last
         step is its last commit's (see :meth:`commit`).
 
+        A store write that raises part way (out of memory) may have applied whole: the step is
+        then made (its gradients dropped, :attr:`last_step` is ``step``) and the error raised.
+
         ``scaler``: the ``torch.amp.GradScaler`` whose ``scale(loss)`` made these gradients (mixed
         precision); call this before ``scaler.update()``. The summed row gradients are unscaled
         first; when they hold an inf or a NaN the step is skipped, as ``scaler.step`` skips a torch
@@ -282,11 +286,19 @@ class TrainableTable:
             skip = updated is None  # this rank's or another's gradients overflowed
         elif skip or not unique.numel():
             updated = 0
-        else:  # the write is the last thing done: when anything fails, no row changed
+        else:  # the write is the last thing done: when anything fails before, no row changed
             current = self.store.lookup(unique)
             new_rows = self.optimizer.update(current, summed.to(current), number)
             self._check_finite(unique, summed, new_rows, number)
-            self.store.write(unique, new_rows)
+            try:
+                self.store.write(unique, new_rows)
+            except BaseException:  # applied whole or not at all (TieredStore.write): applied,
+                with contextlib.suppress(Exception):  # the step is made (unread: kept)
+                    if torch.equal(self.store.lookup(unique), new_rows):
+                        self._gradients.clear()
+                        self._scaled_step_ended = True
+                        self._last_step = number
+                raise
             updated = unique.numel()
         self._gradients.clear()
         self._scaled_step_ended = True  # its scaler's update() comes before the next step's
