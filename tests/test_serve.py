@@ -648,6 +648,34 @@ def test_a_failed_pass_is_checked_again_once_the_table_is_reopened_on_another_fi
         served.close()
 
 
+def _compacted_with_the_old_version_bad(served, table) -> None:
+    """Stop ``served``'s own version checks, commit to ``table`` and compact it (generation 1;
+    0 stays while served), then damage generation 0 (row 0: no lookup reads it)."""
+    from tiered_store import TieredStore
+    from tiered_store.delta.compaction import compact_table
+    from tiered_store.table_format import read_manifest
+
+    served.reload_check_seconds = 3600.0  # checks only when the test asks
+    with TieredStore.open({"table": {"path": str(table)}}) as writer:
+        writer.write([1], torch.zeros(1, writer.dim))
+        writer.commit()
+    compact_table(table, progress=False)
+    manifest = read_manifest(table)
+    with open(table, "r+b") as f:
+        f.seek(manifest.data_offset)
+        byte = f.read(1)
+        f.seek(manifest.data_offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _wait_for_a_good_pass(health) -> None:
+    """Wait (15 s at most) for a pass to find the table good: its second verification."""
+    deadline = time.monotonic() + 15
+    while health.last_error is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health.last_error is None and health.verifications == 2
+
+
 def test_a_pass_that_failed_over_a_version_replaced_meanwhile_is_checked_again(
     tmp_path, monkeypatch
 ):
@@ -657,10 +685,7 @@ def test_a_pass_that_failed_over_a_version_replaced_meanwhile_is_checked_again(
     that fails over a file a reload replaced meanwhile is checked again within a second."""
     import threading
 
-    from tiered_store import TieredStore
-    from tiered_store.delta.compaction import compact_table
     from tiered_store.serve import served_model
-    from tiered_store.table_format import read_manifest
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path, checkpoint={"scrub_interval_s": 3600}))
     table = config.table_path(3)
@@ -668,17 +693,7 @@ def test_a_pass_that_failed_over_a_version_replaced_meanwhile_is_checked_again(
     stop = threading.Event()
     scrubber = None
     try:
-        served.reload_check_seconds = 3600.0  # checks only when the test asks
-        with TieredStore.open({"table": {"path": str(table)}}) as writer:
-            writer.write([1], torch.zeros(1, writer.dim))
-            writer.commit()
-        compact_table(table, progress=False)  # generation 1; 0 stays while served
-        manifest = read_manifest(table)
-        with open(table, "r+b") as f:  # the old version goes bad (row 0: no lookup reads it)
-            f.seek(manifest.data_offset)
-            byte = f.read(1)
-            f.seek(manifest.data_offset)
-            f.write(bytes([byte[0] ^ 0xFF]))
+        _compacted_with_the_old_version_bad(served, table)
         real = served_model.verify_counted
 
         def reloaded_as_it_starts(path, health, stop=None):  # the pass reads the old file
@@ -691,10 +706,7 @@ def test_a_pass_that_failed_over_a_version_replaced_meanwhile_is_checked_again(
         health = served.health["engram_layer3"]
         assert health.last_error is not None and served.stores["engram_layer3"].generation == 1
         scrubber = served.start_scrub(stop)
-        deadline = time.monotonic() + 15
-        while health.last_error is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert health.last_error is None and health.verifications == 2
+        _wait_for_a_good_pass(health)
     finally:
         stop.set()
         if scrubber is not None:
@@ -710,27 +722,13 @@ def test_a_pass_that_fails_as_the_swap_takes_its_table_is_checked_again(tmp_path
     a failed pass once the new store is served, so one of the two sees the other."""
     import threading
 
-    from tiered_store import TieredStore
-    from tiered_store.delta.compaction import compact_table
-    from tiered_store.table_format import read_manifest
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path, checkpoint={"scrub_interval_s": 3600}))
     table = config.table_path(3)
     served = ServedModel(config)
     stop = threading.Event()
     scrubber = None
     try:
-        served.reload_check_seconds = 3600.0  # checks only when the test asks
-        with TieredStore.open({"table": {"path": str(table)}}) as writer:
-            writer.write([1], torch.zeros(1, writer.dim))
-            writer.commit()
-        compact_table(table, progress=False)  # generation 1; 0 stays while served
-        manifest = read_manifest(table)
-        with open(table, "r+b") as f:  # the old version goes bad (row 0: no lookup reads it)
-            f.seek(manifest.data_offset)
-            byte = f.read(1)
-            f.seek(manifest.data_offset)
-            f.write(bytes([byte[0] ^ 0xFF]))
+        _compacted_with_the_old_version_bad(served, table)
         real, passes = served._announce_again, []
 
         def pass_ends_meanwhile(reopened):  # in _swap_in, before the new store is served
@@ -742,10 +740,7 @@ def test_a_pass_that_fails_as_the_swap_takes_its_table_is_checked_again(tmp_path
         health = served.health["engram_layer3"]
         assert passes == [["engram_layer3"]] and health.last_error is not None
         scrubber = served.start_scrub(stop)
-        deadline = time.monotonic() + 15
-        while health.last_error is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert health.last_error is None and health.verifications == 2
+        _wait_for_a_good_pass(health)
     finally:
         stop.set()
         if scrubber is not None:
