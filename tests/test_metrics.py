@@ -276,6 +276,17 @@ def test_promtool_checks_rules_and_config():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def _promtool_passes(tmp_path, test: dict) -> None:
+    """Run ``promtool test rules`` on the unit test ``test`` (its YAML written under
+    ``tmp_path``) and assert it passes."""
+    path = tmp_path / "rules_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    out = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 @pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
 )
@@ -330,12 +341,7 @@ def test_promtool_unit_tests_the_hit_ratio_rules(tmp_path):
             }
         ],
     }  # fmt: skip
-    path = tmp_path / "rules_test.yml"
-    path.write_text(yaml.safe_dump(test))
-    out = subprocess.run(
-        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    _promtool_passes(tmp_path, test)
 
 
 def test_the_latency_buckets_cover_the_slowest_requests():
@@ -403,12 +409,7 @@ def test_the_lookup_failure_alert_fires(tmp_path):
             }
         ],
     }  # fmt: skip
-    path = tmp_path / "alert_test.yml"
-    path.write_text(yaml.safe_dump(test))
-    out = subprocess.run(
-        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    _promtool_passes(tmp_path, test)
 
 
 def test_a_prefetch_that_failed_counts_its_wait_in_the_stall_histogram(tmp_path, monkeypatch):
@@ -525,12 +526,7 @@ def test_the_checksum_alert_names_a_lookup_as_what_may_have_found_the_corruption
             }
         ],
     }  # fmt: skip
-    path = tmp_path / "alert_test.yml"
-    path.write_text(yaml.safe_dump(test))
-    out = subprocess.run(
-        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    _promtool_passes(tmp_path, test)
 
 
 @pytest.mark.skipif(
@@ -573,9 +569,4 @@ def test_the_checksum_alert_stays_firing_while_the_last_pass_failed(tmp_path):
             }
         ],
     }  # fmt: skip
-    path = tmp_path / "alert_test.yml"
-    path.write_text(yaml.safe_dump(test))
-    out = subprocess.run(
-        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    _promtool_passes(tmp_path, test)
