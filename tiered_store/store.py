@@ -539,7 +539,7 @@ class TieredStore:
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per tier: lookups, hits, misses, hit_rate, admissions, evictions, bytes_in, occupancy,
-        capacity; cold: rows and bytes read, read requests, errors and checksum failures; prefetch: handles and stall seconds; queue: requests announced and not released, and their distinct rows.
+        capacity; cold: rows and bytes read, read requests, errors and checksum failures; prefetch: handles and stall seconds; queue: requests announced and not released, their distinct rows, and the failed and dropped tellings of the queue's news to the tiers (``queue_news``).
         Read without the store's lock, so a scrape never waits for lookups or a commit: while
         lookups run, the two tiers may be read a batch apart (warm's lookups are hot's misses
         once they pause)."""
