@@ -164,13 +164,8 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     tiered_store.errors.ConfigError: store config examples/nope.yaml: cannot read (No such file or directory); expected a readable YAML file
     """
     path = Path(path)
-    if "\x00" in str(path):  # pathlib's bare ValueError (embedded null byte) otherwise
-        raise ConfigError(f"{what} {shown(str(path))}: expected a path without a NUL character")
-    if not is_file_name(str(path)):  # a bare UnicodeEncodeError otherwise
-        raise ConfigError(
-            f"{what} {shown(str(path))}: expected a path without a lone surrogate (a "
-            "\\ud800-\\udfff escape, which no file name holds)"
-        )
+    if (problem := path_text_problem(str(path))) is not None:  # pathlib's bare errors otherwise
+        raise ConfigError(f"{what} {shown(str(path))}: {problem}")
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
         text = path.read_text(encoding="utf-8")
@@ -434,24 +429,25 @@ def _a_path(value: Any) -> Any:
 def no_nul(value: Any) -> Any:
     """A path's text without a NUL character or a lone surrogate (``"\\ud800"``), which no path
     holds (pathlib raised a bare ValueError, or UnicodeEncodeError, when it was resolved)."""
-    if isinstance(value, str) and "\x00" in value:
-        raise ValueError(f"got {shown(value)}; expected a path without a NUL character")
-    if isinstance(value, str) and not is_file_name(value):
-        raise ValueError(
-            f"got {shown(value)}; expected a path without a lone surrogate (a \\ud800-\\udfff "
-            "escape, which no file name holds)"
-        )
+    if isinstance(value, str) and (problem := path_text_problem(value)) is not None:
+        raise ValueError(f"got {shown(value)}; {problem}")
     return value
 
 
-def is_file_name(text: str) -> bool:
-    """Whether the file system can name ``text`` (not a lone surrogate: one an undecodable
-    byte's, as Python reads file names, is)."""
+def path_text_problem(text: str) -> str | None:
+    """What a path's text holds that no file name does (pathlib raises a bare ValueError for a
+    NUL character, UnicodeEncodeError for a lone surrogate: one an undecodable byte's, as Python
+    reads file names, is fine), as what was expected; None when it holds neither."""
+    if "\x00" in text:
+        return "expected a path without a NUL character"
     try:
         os.fsencode(text)
     except UnicodeEncodeError:
-        return False
-    return True
+        return (
+            "expected a path without a lone surrogate (a \\ud800-\\udfff escape, which no file "
+            "name holds)"
+        )
+    return None
 
 
 def _not_a_number(value: Any) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, StrictBool, StrictInt
 
 from ..cache_plan import parse_policy
-from ..config import ConfigModel, Number, PathText, StoreConfig, is_file_name, load_yaml
+from ..config import ConfigModel, Number, PathText, StoreConfig, load_yaml, path_text_problem
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
 from ..errors import ConfigError, cut_text, shown
@@ -296,7 +296,7 @@ def _under(base_dir: Path, text: str) -> str:
     """The path ``text`` resolved against ``base_dir``; one with a NUL character or a lone
     surrogate (which pathlib refuses with a bare ValueError) as it is, for the store section's
     check to name."""
-    if "\x00" in text or not is_file_name(text):
+    if path_text_problem(text) is not None:
         return text
     return str((base_dir / text).resolve())
 
