@@ -237,17 +237,25 @@ def in_config_file(text: str) -> str:
     return text if path is None else f"{path}: {text}"
 
 
+def repeated_key(pairs: list[tuple[str, Any]]) -> str | None:
+    """The first key a JSON object's ``pairs`` give twice (``json.loads`` keeps the last), or
+    None."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
 def _parse_json(text: str, where: str) -> Any:
     """The JSON document ``text`` (None when blank; a byte-order mark before it is skipped, as the
     YAML reader does); a key given twice in an object is refused (``json.loads`` kept the last).
     Errors are ConfigErrors naming ``where``."""
 
     def distinct_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise ValueError(f"key {shown(key)} given twice; expected each key once")
-            seen.add(key)
+        if (key := repeated_key(pairs)) is not None:
+            raise ValueError(f"key {shown(key)} given twice; expected each key once")
         return dict(pairs)
 
     try:

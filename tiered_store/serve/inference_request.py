@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..config import repeated_key
 from ..errors import TieredStoreError, cut_text
 from .config import ServerSection
 
@@ -151,17 +152,11 @@ def parse_request(body: bytes, server: ServerSection, model: RequestModel) -> In
 
 def _object_of_distinct_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object's pairs as a dict; a key given twice is refused (json.loads keeps the last)."""
-    doc = dict(pairs)
-    if len(doc) == len(pairs):
-        return doc
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise RequestError(
-                400, f"body: key {json.dumps(key)[:40]} appears twice; expected each key once"
-            )
-        seen.add(key)
-    return doc
+    if (key := repeated_key(pairs)) is not None:
+        raise RequestError(
+            400, f"body: key {json.dumps(key)[:40]} appears twice; expected each key once"
+        )
+    return dict(pairs)
 
 
 def _id_rows(value: Any, server: ServerSection) -> list[list[int]]:
