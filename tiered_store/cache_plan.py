@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -21,7 +19,7 @@ from .capacity import is_off, resolve_capacity
 from .config import CacheTierConfig, StoreConfig, in_config_file
 from .errors import ConfigError, TraceFormatError, shown, warn_at_caller
 from .id_ops import nonzero, unique_inverse_counts
-from .npy_files import load_npy, npy_header_lock
+from .npy_files import load_npy
 from .online_repin import OnlineRepin, RepinMoves
 from .request_queue import QueuedRequest, QueuedRequests
 from .row_cache import RowCache
@@ -581,16 +579,14 @@ def check_row_list_addressing(
     name = os.path.basename(path)
     if not layouts or not name.endswith(_TOP_ROWS):
         return
+    from .profile import FrequencyProfile
+
     profile = os.path.join(os.path.dirname(path), name[: -len(_TOP_ROWS)] + ".profile.npz")
     try:
-        z = load_npy(profile) if os.path.isfile(profile) else None
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            return
-        with z, npy_header_lock:  # reading a member parses its header
-            meta = json.loads(str(z["meta"]))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # no record to check by
+        meta = FrequencyProfile.read_meta(profile) if os.path.isfile(profile) else None
+    except TraceFormatError:  # no record to check by
         return
-    if not isinstance(meta, dict):
+    if meta is None:
         return
     source = f" (as {os.path.basename(profile)} beside it records)"
     for what, layout in layouts:

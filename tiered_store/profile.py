@@ -262,29 +262,7 @@ class FrequencyProfile:
     def load(cls, path: str | os.PathLike[str]) -> FrequencyProfile:
         """Read a profile written by :meth:`save`; a TraceFormatError names the file, what it
         holds and what was expected (callers add their context, not another wrapping)."""
-        expected = "expected a profile .npz (analyze's layer{L}.profile.npz)"
-        try:
-            z = load_npy(path)
-            if not isinstance(z, np.lib.npyio.NpzFile):  # analyze writes both: an easy mix-up
-                raise TraceFormatError(
-                    f"profile {path}: a .npy array (row ids, such as analyze's "
-                    f"layer{{L}}.top_rows.npy); {expected}"
-                )
-            with z, npy_header_lock:  # reading a member parses its header
-                meta = json.loads(str(z["meta"]))
-                ids, counts = z["row_ids"], z["counts"]
-                episodes = z["episodes"] if "episodes" in z.files else None
-        except TraceFormatError:
-            raise
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a member's bad CRC
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise TraceFormatError(
-                f"profile {path}: not a readable profile ({reason}); {expected}"
-            ) from None
-        if not isinstance(meta, dict):  # damaged, or written by hand
-            raise TraceFormatError(
-                f"profile {path}: its meta is {json.dumps(meta)[:80]}; {expected}"
-            )
+        meta, (ids, counts, episodes) = _read_profile(path, ("row_ids", "counts", "episodes"))
         if meta.get("format") != PROFILE_FORMAT:
             raise TraceFormatError(
                 f"profile {path}: format {meta.get('format')!r}; expected {PROFILE_FORMAT}"
@@ -302,8 +280,48 @@ class FrequencyProfile:
             )
         except (ValueError, TypeError, RowIdError) as exc:  # its arrays or meta disagree: damaged
             raise TraceFormatError(
-                f"profile {path}: not a readable profile ({exc}); {expected}"
+                f"profile {path}: not a readable profile ({exc}); {_EXPECTED_PROFILE}"
             ) from None
+
+    @staticmethod
+    def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The meta of a profile :meth:`save` wrote (its ``metadata``, ``name``, ...), read
+        without its arrays; a TraceFormatError as :meth:`load` raises."""
+        return _read_profile(path, ())[0]
+
+
+_EXPECTED_PROFILE = "expected a profile .npz (analyze's layer{L}.profile.npz)"
+
+
+def _read_profile(
+    path: str | os.PathLike[str], members: tuple[str, ...]
+) -> tuple[dict[str, Any], list[np.ndarray | None]]:
+    """A profile .npz's meta (a dict) and its arrays ``members`` (``episodes``: None when it has
+    none); a TraceFormatError names the file, what it holds and what was expected."""
+    try:
+        z = load_npy(path)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # analyze writes both: an easy mix-up
+            raise TraceFormatError(
+                f"profile {path}: a .npy array (row ids, such as analyze's "
+                f"layer{{L}}.top_rows.npy); {_EXPECTED_PROFILE}"
+            )
+        with z, npy_header_lock:  # reading a member parses its header
+            meta = json.loads(str(z["meta"]))
+            arrays = [
+                None if name == "episodes" and name not in z.files else z[name] for name in members
+            ]
+    except TraceFormatError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a member's bad CRC
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise TraceFormatError(
+            f"profile {path}: not a readable profile ({reason}); {_EXPECTED_PROFILE}"
+        ) from None
+    if not isinstance(meta, dict):  # damaged, or written by hand
+        raise TraceFormatError(
+            f"profile {path}: its meta is {json.dumps(meta)[:80]}; {_EXPECTED_PROFILE}"
+        )
+    return meta, arrays
 
     def __repr__(self) -> str:
         return (
