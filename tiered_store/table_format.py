@@ -897,12 +897,7 @@ def replace_metadata(
             manifest_file.file.write(text)
             manifest_file.finish()
         with locked_folder(npy_path.parent):  # as _commit: no table commit in between
-            now = read_manifest(npy_path)  # (equality leaves the metadata out)
-            if (now, now.metadata, now.manifest_crc32c) != (
-                expected,
-                expected.metadata,
-                expected.manifest_crc32c,
-            ):
+            if not _same_manifest(read_manifest(npy_path), expected):
                 raise TableFormatError(
                     f"table {npy_path} changed while its metadata was recorded; expected it "
                     "unchanged: run the command again"
@@ -940,14 +935,14 @@ def _manifest_unchanged(npy_path: Path, manifest: TableManifest) -> bool:
     """Whether ``npy_path``'s manifest is still ``manifest`` (a table made anew unlinks it first,
     then moves its data and sidecar in, its new manifest last)."""
     try:
-        now = read_manifest(npy_path)
+        return _same_manifest(read_manifest(npy_path), manifest)
     except (TableFormatError, OSError):
         return False
-    return (now, now.metadata, now.manifest_crc32c) == (
-        manifest,
-        manifest.metadata,
-        manifest.manifest_crc32c,
-    )
+
+
+def _same_manifest(a: TableManifest, b: TableManifest) -> bool:
+    """Whether two manifests read are the same (their equality leaves the metadata out)."""
+    return (a, a.metadata, a.manifest_crc32c) == (b, b.metadata, b.manifest_crc32c)
 
 
 def _scan_table(
