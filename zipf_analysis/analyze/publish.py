@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 from tiered_store.atomic_file import fsync_dir
 from tiered_store.engram import EngramConfig
-from tiered_store.errors import ConfigError, TieredStoreError
-from tiered_store.process_locks import open_held, release
+from tiered_store.errors import ConfigError, TieredStoreError, TierIOError
+from tiered_store.process_locks import exclusive_now, open_held, release
 
 from ..report import REPORT_JSON, REPORT_MD
 
@@ -152,12 +152,12 @@ def _remove_abandoned_staging(out_dir: Path) -> tuple[list[str], list[str], list
         except OSError:  # removed meanwhile, a link or not a folder: no run's
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry.name)
-        except BlockingIOError:
-            live.append(entry.name)
-        except OSError:
+            if exclusive_now(fd, entry):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+            else:
+                live.append(entry.name)
+        except TierIOError:  # no flock on this file system
             pass
         finally:
             release(fd)
