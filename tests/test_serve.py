@@ -3,9 +3,11 @@ load, trace replay, scrubbing, and the SIGTERM drain."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -606,7 +608,6 @@ def test_a_failed_pass_is_checked_again_once_the_table_is_reopened_on_another_fi
     anew (repaired) and reopened, until the next pass, checkpoint.scrub_interval_s later (an
     hour here): a verdict on a file no longer served. A table reopened on another file is
     checked again at once; one reopened on the same file (a writer's commit) waits its turn."""
-    import threading
 
     from tiered_store import TieredStore
     from tiered_store.engram.checkpoint import table_metadata
@@ -616,9 +617,8 @@ def test_a_failed_pass_is_checked_again_once_the_table_is_reopened_on_another_fi
     table = config.table_path(3)
     rows = load_table_in_memory(table).weight.numpy().copy()
     served = ServedModel(config)
-    stop = threading.Event()
-    scrubber = served.start_scrub(stop)
-    try:
+    with _scrubbing(served) as start_scrub:
+        start_scrub()
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         manifest = read_manifest(table)
         with open(table, "r+b") as f:  # a flipped byte in row 0 (no lookup reads it here)
@@ -637,14 +637,21 @@ def test_a_failed_pass_is_checked_again_once_the_table_is_reopened_on_another_fi
         layout = table_metadata(served.model.hasher, 3)
         create_table(table, rows, progress=False, overwrite=True, metadata=layout)  # repaired
         assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
-        deadline = time.monotonic() + 15
-        while health.last_error is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert health.last_error is None and health.verifications == 2
+        _wait_for_a_good_pass(health)
         assert served.health["engram_layer1"].verifications == 1  # only the table reopened
+
+
+@contextlib.contextmanager
+def _scrubbing(served):
+    """``start_scrub()``: start ``served``'s scrubber (once); on the way out it is stopped and
+    joined, and ``served`` closed."""
+    stop, threads = threading.Event(), []
+    try:
+        yield lambda: threads.append(served.start_scrub(stop))
     finally:
         stop.set()
-        scrubber.join(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
         served.close()
 
 
@@ -683,16 +690,13 @@ def test_a_pass_that_failed_over_a_version_replaced_meanwhile_is_checked_again(
     the old version's file, no longer served: with no failure known at the swap, nothing
     checked the table again, and /healthz said 503 until the next pass, an hour later. A pass
     that fails over a file a reload replaced meanwhile is checked again within a second."""
-    import threading
 
     from tiered_store.serve import served_model
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path, checkpoint={"scrub_interval_s": 3600}))
     table = config.table_path(3)
     served = ServedModel(config)
-    stop = threading.Event()
-    scrubber = None
-    try:
+    with _scrubbing(served) as start_scrub:
         _compacted_with_the_old_version_bad(served, table)
         real = served_model.verify_counted
 
@@ -705,13 +709,8 @@ def test_a_pass_that_failed_over_a_version_replaced_meanwhile_is_checked_again(
         assert served.verify_tables({"engram_layer3"}) == ["engram_layer3"]
         health = served.health["engram_layer3"]
         assert health.last_error is not None and served.stores["engram_layer3"].generation == 1
-        scrubber = served.start_scrub(stop)
+        start_scrub()
         _wait_for_a_good_pass(health)
-    finally:
-        stop.set()
-        if scrubber is not None:
-            scrubber.join(timeout=30)
-        served.close()
 
 
 def test_a_pass_that_fails_as_the_swap_takes_its_table_is_checked_again(tmp_path, monkeypatch):
@@ -720,14 +719,11 @@ def test_a_pass_that_fails_as_the_swap_takes_its_table_is_checked_again(tmp_path
     neither: the swap had seen no failure, and the pass still saw the old store served. /healthz
     said 503 over the new version, whole, until the next pass, an hour later. The swap looks for
     a failed pass once the new store is served, so one of the two sees the other."""
-    import threading
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path, checkpoint={"scrub_interval_s": 3600}))
     table = config.table_path(3)
     served = ServedModel(config)
-    stop = threading.Event()
-    scrubber = None
-    try:
+    with _scrubbing(served) as start_scrub:
         _compacted_with_the_old_version_bad(served, table)
         real, passes = served._announce_again, []
 
@@ -739,13 +735,8 @@ def test_a_pass_that_fails_as_the_swap_takes_its_table_is_checked_again(tmp_path
         assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
         health = served.health["engram_layer3"]
         assert passes == [["engram_layer3"]] and health.last_error is not None
-        scrubber = served.start_scrub(stop)
+        start_scrub()
         _wait_for_a_good_pass(health)
-    finally:
-        stop.set()
-        if scrubber is not None:
-            scrubber.join(timeout=30)
-        served.close()
 
 
 def test_a_new_version_that_runs_out_of_memory_is_refused_and_leaks_nothing(tmp_path, monkeypatch):
@@ -886,7 +877,6 @@ def test_a_pass_over_a_table_being_made_anew_has_no_verdict_and_is_checked_again
     the next pass, an hour later. Such a pass has no verdict, and the table is checked again
     within a second."""
     import os
-    import threading
 
     from tiered_store.process_locks import locked_folder
     from tiered_store.table_format import table_paths
@@ -895,9 +885,7 @@ def test_a_pass_over_a_table_being_made_anew_has_no_verdict_and_is_checked_again
     table = config.table_path(3)
     manifest, aside = table_paths(table)[1], tmp_path / "manifest.aside"
     served = ServedModel(config)
-    stop = threading.Event()
-    scrubber = None
-    try:
+    with _scrubbing(served) as start_scrub:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         health = served.health["engram_layer3"]
         with locked_folder(table.parent):  # as _publish does, between unlink and move
@@ -910,16 +898,11 @@ def test_a_pass_over_a_table_being_made_anew_has_no_verdict_and_is_checked_again
             )
             assert served.health["engram_layer1"].verifications == 1
             os.replace(aside, manifest)
-        scrubber = served.start_scrub(stop)
+        start_scrub()
         deadline = time.monotonic() + 15
         while health.verifications == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert (health.verifications, health.checksum_failures, health.last_error) == (1, 0, None)
-    finally:
-        stop.set()
-        if scrubber is not None:
-            scrubber.join(timeout=30)
-        served.close()
 
 
 def test_a_pass_that_raises_something_unexpected_tries_its_tables_again_a_few_times(
@@ -931,15 +914,12 @@ def test_a_pass_that_raises_something_unexpected_tries_its_tables_again_a_few_ti
     later, /healthz at 503 meanwhile. They are queued again, SCRUB_RETRIES times at most (a
     pass failing for good is not run every second), then left to the next whole pass."""
     import logging
-    import threading
 
     from tiered_store.serve import served_model as served_module
     from tiered_store.serve.served_model import SCRUB_RETRIES
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path, checkpoint={"scrub_interval_s": 3600}))
     served = ServedModel(config)
-    stop = threading.Event()
-    scrubber = None
     real, calls = served_module.verify_counted, []
 
     def unexpected_once(path, health, stop=None):
@@ -948,11 +928,11 @@ def test_a_pass_that_raises_something_unexpected_tries_its_tables_again_a_few_ti
             raise RuntimeError("something unexpected")
         return real(path, health, stop)
 
-    try:
+    with _scrubbing(served) as start_scrub:
         health = served.health["engram_layer3"]
         monkeypatch.setattr(served_module, "verify_counted", unexpected_once)
         served._scrub_soon("engram_layer3")
-        scrubber = served.start_scrub(stop)
+        start_scrub()
         deadline = time.monotonic() + 15
         while health.verifications == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -974,11 +954,6 @@ def test_a_pass_that_raises_something_unexpected_tries_its_tables_again_a_few_ti
             time.sleep(2.5)  # two more turns of the scrubber: none checks it
         assert calls == ["engram_layer3.npy"] * (1 + SCRUB_RETRIES)
         assert "engram_layer3" in caplog.text
-    finally:
-        stop.set()
-        if scrubber is not None:
-            scrubber.join(timeout=30)
-        served.close()
 
 
 def test_a_checksum_pass_ends_once_the_server_stops_and_counts_nothing(tmp_path):
