@@ -144,6 +144,21 @@ def test_a_missing_checkpoint_is_an_error_without_create(tmp_path):
         ServedModel(config)
 
 
+def test_a_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
+    """``checkpoint.path: ~/ckpt`` and a tier's ``static_rows: ~/rows.npy`` were taken as a
+    folder named ``~`` beside serve.yaml."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = {
+        **CONFIG,
+        "checkpoint": {"path": "~/ckpt"},
+        "store": {"tiers": {"hot": {"policy": "static+lru", "static_rows": "~/rows.npy"}}},
+    }
+    config = ServeConfig.from_dict(data, base_dir=tmp_path / "conf")
+    assert config.checkpoint_dir == (tmp_path / "home" / "ckpt").resolve()
+    rows = config.store_spec(1)["tiers"]["hot"]["static_rows"]
+    assert rows == str((tmp_path / "home" / "rows.npy").resolve())
+
+
 def test_store_section_errors_and_warnings_at_open_name_the_file_and_layer(tmp_path):
     """A store section that validates but not against a layer's table (a capacity past it), or
     a setting its policy ignores: the error or warning named the key alone, neither serve.yaml

@@ -713,6 +713,26 @@ def test_yaml_config_resolves_relative_paths(tmp_path, table):
         assert torch.equal(store.lookup([1, 2]), data[[1, 2]])
 
 
+def test_yaml_config_expands_a_home_folder(tmp_path, table, monkeypatch):
+    """A path written ``~/tables/t.npy`` was taken relative to the YAML file's folder (a
+    folder named ``~`` beside it), where a shell and the demo read the user's home."""
+    path, data = table
+    rows = tmp_path / "rows.npy"
+    np.save(rows, np.array([3, 4]))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "elsewhere" / "tiers.yaml"
+    config.parent.mkdir()
+    config.write_text(
+        f"table: {{path: ~/{path.relative_to(tmp_path)}}}\n"
+        "tiers: {hot: {capacity: 4, policy: static+lru, static_rows: ~/rows.npy}}\n"
+    )
+    cfg = StoreConfig.from_yaml(config)
+    assert cfg.table.path == str(path.resolve())
+    assert cfg.tiers.hot.static_rows == str(rows.resolve())
+    with TieredStore.open(config) as store:
+        assert torch.equal(store.lookup([3, 4]), data[[3, 4]])
+
+
 def test_errors_at_open_name_the_yaml_file(tmp_path, table):
     """Errors found when a store opens from a YAML file (a policy typo, a capacity past the
     table, a missing row list, a dim the table has not) named the key but not the file, which

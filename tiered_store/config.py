@@ -458,6 +458,12 @@ def path_text_problem(text: str) -> str | None:
     return None
 
 
+def resolved_under(base_dir: Path, text: str) -> str:
+    """A config file's path ``text``, absolute: ``~`` is the user's home, as in a shell; a
+    relative path is under ``base_dir`` (the file's folder)."""
+    return str((base_dir / Path(text).expanduser()).resolve())
+
+
 def _not_a_number(value: Any) -> Any:
     """A path's text; a number (a name YAML reads as one unquoted: 1e5, 2024) named as such."""
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -996,7 +1002,7 @@ class StoreConfig(ConfigModel):
         """A copy with the table and the tiers' row/profile files resolved against ``base_dir``."""
 
         def resolve(p: str | None) -> str | None:
-            return None if p is None else str((base_dir / p).resolve())
+            return None if p is None else resolved_under(base_dir, p)
 
         hot, warm = self.tiers.hot, self.tiers.warm
         tiers = self.tiers.model_copy(

@@ -12,7 +12,15 @@ from typing import Any, Literal
 from pydantic import Field, StrictBool, StrictInt
 
 from ..cache_plan import parse_policy
-from ..config import ConfigModel, Number, PathText, StoreConfig, load_yaml, path_text_problem
+from ..config import (
+    ConfigModel,
+    Number,
+    PathText,
+    StoreConfig,
+    load_yaml,
+    path_text_problem,
+    resolved_under,
+)
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
 from ..errors import ConfigError, cut_text, shown
@@ -223,7 +231,7 @@ class ServeConfig:
     @property
     def checkpoint_dir(self) -> Path:
         """The converted checkpoint's directory."""
-        return (self.base_dir / self.checkpoint.path).resolve()
+        return Path(resolved_under(self.base_dir, self.checkpoint.path))
 
     @property
     def dense_path(self) -> Path:
@@ -298,7 +306,7 @@ def _under(base_dir: Path, text: str) -> str:
     check to name."""
     if path_text_problem(text) is not None:
         return text
-    return str((base_dir / text).resolve())
+    return resolved_under(base_dir, text)
 
 
 def _replace_layer(value: Any, layer: int) -> Any:
