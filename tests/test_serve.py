@@ -135,6 +135,23 @@ def test_metrics_address_overrides_a_metrics_section_left_empty():
     assert config.with_overrides(metrics_address="").metrics_address == ""
 
 
+def test_the_scrubbers_byte_rate_takes_a_size_or_0_for_no_limit():
+    """``checkpoint.scrub_bytes_per_s`` paces the background checksum pass (verify_table's
+    ``bytes_per_s``): a byte size with a unit, a number of bytes, or 0 for no limit."""
+    rates = {"256MiB": 256 << 20, 4096: 4096, "1.5KiB": 1536, 0: None}
+    for value, rate in rates.items():
+        data = {**CONFIG, "checkpoint": {"scrub_bytes_per_s": value}}
+        assert ServeConfig.from_dict(data).checkpoint.scrub_rate == rate
+    for value, message in (
+        (-1, "greater than or equal to 0"),
+        ("fast", "byte size 'fast': expected a number and a unit"),
+        (2.5, "valid integer"),
+    ):
+        data = {**CONFIG, "checkpoint": {"scrub_bytes_per_s": value}}
+        with pytest.raises(ConfigError, match=rf"checkpoint.scrub_bytes_per_s.*{message}"):
+            ServeConfig.from_dict(data)
+
+
 def test_a_missing_checkpoint_is_an_error_without_create(tmp_path):
     config = ServeConfig.from_yaml(write_config(tmp_path))
     with pytest.raises(ConfigError, match="'checkpoint' does not exist .*--create-tables"):

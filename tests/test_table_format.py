@@ -493,6 +493,31 @@ def test_a_verification_stops_between_reads_once_asked(tmp_path, monkeypatch):
         verify_table(path, progress=False, stop=threading.Event())
 
 
+def test_a_verification_keeps_to_its_byte_rate(tmp_path):
+    """serve's scrubber read a table as fast as the disk went (a 101 GB table in about a
+    minute), taking the cold path's reads from lookups for the whole pass. Given
+    ``bytes_per_s``, a pass reads no faster than that, and a stop set while it waits ends it
+    within the wait's first moments."""
+    import threading
+    import time
+
+    from tiered_store.table_format import VerifyStopped
+
+    path, m = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=4096)  # 200,000 B
+    start = time.monotonic()
+    report = verify_table(path, progress=False, bytes_per_s=100_000)
+    assert time.monotonic() - start >= (m.data_bytes - 12_288) / 100_000  # the last read unpaced
+    assert report.blocks_checked == m.num_blocks
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    start = time.monotonic()
+    with pytest.raises(VerifyStopped):
+        verify_table(path, progress=False, bytes_per_s=1_000, stop=stop)  # 200 s unstopped
+    assert time.monotonic() - start < 60
+    with pytest.raises(ValueError, match=r"bytes_per_s=0: expected a positive number .* or None"):
+        verify_table(path, progress=False, bytes_per_s=0)
+
+
 def test_truncated_table_is_refused(tmp_path):
     path, m = make(tmp_path, RandomSource(100, 10))
     with open(path, "r+b") as f:

@@ -440,9 +440,13 @@ class TableHealth:
 
 
 def verify_counted(
-    path: str | Path, health: TableHealth, stop: threading.Event | None = None
+    path: str | Path,
+    health: TableHealth,
+    stop: threading.Event | None = None,
+    bytes_per_s: float | None = None,
 ) -> VerifyReport | None:
-    """Run ``verify_table`` over ``path`` and count the outcome in ``health``.
+    """Run ``verify_table`` over ``path`` (at most ``bytes_per_s`` a second) and count the
+    outcome in ``health``.
 
     Returns the report, or ``None`` when the table is corrupt or cannot be read (gone, an I/O
     error: counted as failures too; ``health.last_error`` says why). A pass ended by ``stop``
@@ -459,7 +463,7 @@ def verify_counted(
     from .table_format import TableChangingError, verify_table
 
     try:
-        report = verify_table(path, progress=False, stop=stop)
+        report = verify_table(path, progress=False, stop=stop, bytes_per_s=bytes_per_s)
     except TableChangingError:  # no verdict on a table being made anew
         raise
     except (TableFormatError, OSError) as exc:  # OSError: TierIOError, a missing table too

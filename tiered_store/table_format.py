@@ -63,7 +63,7 @@ from .atomic_file import (
     remove_abandoned_temporaries,
     write_step,
 )
-from .errors import TableFormatError, TieredStoreError, TierIOError, warn_at_caller
+from .errors import TableFormatError, TieredStoreError, TierIOError, shown, warn_at_caller
 from .manifest_checksum import check_manifest_checksum, sealed
 from .npy_files import read_npy_header
 from .page_checksums import (
@@ -697,7 +697,11 @@ def _row_quantization(
 
 
 def verify_table(
-    path: str | os.PathLike[str], progress: bool = True, *, stop: threading.Event | None = None
+    path: str | os.PathLike[str],
+    progress: bool = True,
+    *,
+    stop: threading.Event | None = None,
+    bytes_per_s: float | None = None,
 ) -> VerifyReport:
     """Re-read every block of a table and compare it with the manifest's and the page checksums.
 
@@ -709,6 +713,9 @@ def verify_table(
         Show a tqdm progress bar.
     stop
         End the pass at its next read once this is set (``VerifyStopped``): a server stopping.
+    bytes_per_s
+        Read no faster than this (a background pass that leaves the disk to lookups); None:
+        as fast as the disk goes.
 
     Returns
     -------
@@ -739,6 +746,15 @@ def verify_table(
     (1, 32, 128000)
     """
     npy_path, _ = table_paths(path)
+    if bytes_per_s is not None and (
+        isinstance(bytes_per_s, bool)
+        or not isinstance(bytes_per_s, int | float)
+        or not 0 < bytes_per_s < math.inf
+    ):
+        raise ValueError(
+            f"bytes_per_s={shown(bytes_per_s)}: expected a positive number of bytes a second, "
+            "or None (no limit)"
+        )
     for _ in range(VERIFY_ATTEMPTS):
         manifest = _manifest_unless_published(npy_path)
         if manifest is None:  # a writer makes the table anew now: its manifest comes last
@@ -757,7 +773,14 @@ def verify_table(
                 continue
             t0 = time.perf_counter()  # the file open is the manifest's, replaced or not
             _scan_table(
-                npy_path, manifest, progress, "verify", expected_pages=sums, file=f, stop=stop
+                npy_path,
+                manifest,
+                progress,
+                "verify",
+                expected_pages=sums,
+                file=f,
+                stop=stop,
+                bytes_per_s=bytes_per_s,
             )
             break
     else:
@@ -953,11 +976,17 @@ def _scan_table(
     expected_pages: np.ndarray | None,
     file: Any = None,
     stop: threading.Event | None = None,
+    bytes_per_s: float | None = None,
 ) -> np.ndarray:
     """Stream the data once (``file``: the table's data file, open; else opened here): check its
     block CRC-32s (and page CRC32Cs against ``expected_pages``); ``VerifyStopped`` before a read
-    once ``stop`` is set."""
-    chunk = max(VERIFY_READ_BYTES // manifest.block_bytes, 1) * manifest.block_bytes
+    once ``stop`` is set; each read waits until the pass is back under ``bytes_per_s`` (reads of
+    a tenth of a second's bytes, whole blocks)."""
+    read_bytes = (
+        VERIFY_READ_BYTES if bytes_per_s is None else min(VERIFY_READ_BYTES, int(bytes_per_s / 10))
+    )
+    chunk = max(read_bytes // manifest.block_bytes, 1) * manifest.block_bytes
+    started = time.monotonic()
     buf = np.empty(chunk, dtype=np.uint8)
     view = memoryview(buf)
     page_sums = []
@@ -976,6 +1005,8 @@ def _scan_table(
         f.seek(manifest.data_offset)
         block = 0
         while checked < manifest.data_bytes:
+            if bytes_per_s is not None:
+                _wait(checked / bytes_per_s - (time.monotonic() - started), stop)
             if stop is not None and stop.is_set():
                 raise VerifyStopped(
                     f"table {npy_path}: verification stopped after {checked:,} of "
@@ -1016,6 +1047,15 @@ def _scan_table(
             checked += want
             bar.update(want)
     return np.concatenate(page_sums) if page_sums else np.empty(0, dtype=np.uint32)
+
+
+def _wait(seconds: float, stop: threading.Event | None) -> None:
+    """Sleep ``seconds`` (none when not positive), or until ``stop`` is set."""
+    if seconds > 0:
+        if stop is None:
+            time.sleep(seconds)
+        else:
+            stop.wait(seconds)
 
 
 def page_checksum_error(

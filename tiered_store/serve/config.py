@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from threading import TIMEOUT_MAX  # the longest wait a thread takes (seconds)
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool, StrictInt
+from pydantic import BeforeValidator, Field, StrictBool, StrictInt
 
 from ..cache_plan import parse_policy
+from ..capacity import parse_bytes
 from ..config import (
     ConfigModel,
     Number,
@@ -59,6 +60,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "checkpoint.dtype": "float32",  # table dtype of a created checkpoint
     "checkpoint.verify_on_start": False,  # re-check every served table version before serving
     "checkpoint.scrub_interval_s": 0.0,  # seconds between checksum passes of served tables, 0: none
+    "checkpoint.scrub_bytes_per_s": 256 << 20,  # a pass reads at most this a second (0: no limit)
 }
 _SERVE_KEYS = ("checkpoint", "model", "store", "server")
 
@@ -114,6 +116,11 @@ class ServerSection(ConfigModel):
     )
 
 
+def _byte_size(value: Any) -> Any:
+    """A byte size written with a unit (``"256MiB"``) as its bytes; anything else as it is."""
+    return parse_bytes(value) if isinstance(value, str) else value
+
+
 class CheckpointSection(ConfigModel):
     """Where the converted checkpoint is, how to create one, and how often to re-check it."""
 
@@ -125,6 +132,14 @@ class CheckpointSection(ConfigModel):
     scrub_interval_s: Number = Field(
         default=SERVE_DEFAULTS["checkpoint.scrub_interval_s"], ge=0, le=TIMEOUT_MAX
     )
+    scrub_bytes_per_s: Annotated[StrictInt, BeforeValidator(_byte_size)] = Field(
+        default=SERVE_DEFAULTS["checkpoint.scrub_bytes_per_s"], ge=0
+    )
+
+    @property
+    def scrub_rate(self) -> int | None:
+        """Bytes a second a checksum pass reads at most; None: no limit."""
+        return self.scrub_bytes_per_s or None
 
 
 class _Sections(ConfigModel):

@@ -846,13 +846,15 @@ class ServedModel:
 
     def start_scrub(self, stop: threading.Event) -> threading.Thread:
         """A thread re-verifying every table this process serves (its shards, on a rank) every
-        ``checkpoint.scrub_interval_s`` seconds, until ``stop``; started. A table whose last pass
+        ``checkpoint.scrub_interval_s`` seconds, reading at most ``checkpoint.scrub_bytes_per_s``
+        a second, until ``stop``; started. A table whose last pass
         failed is verified again within a second once a reload reopened it on another file (before
         the pass ended, or after), and so is one a pass gave no verdict on (being made anew),
         or one whose pass raised something unexpected (``SCRUB_RETRIES`` times in a row at most).
         Over sharded tables the other ranks publish their failed passes, and rank 0 reads them
         (``watch_ranks``)."""
         interval = self.config.checkpoint.scrub_interval_s
+        rate = self.config.checkpoint.scrub_rate
 
         def scrub() -> None:
             due = time.monotonic() + interval
@@ -865,7 +867,7 @@ class ServedModel:
                 elif not names:
                     continue
                 try:
-                    failed = self.verify_tables(names, stop)
+                    failed = self.verify_tables(names, stop, rate)
                     if self.control is not None and self.control.rank != 0:  # rank 0's /healthz
                         self.control.health.publish(
                             {n: h.last_error for n, h in self.health.items() if h.last_error}
@@ -923,10 +925,13 @@ class ServedModel:
         return next((error_text(f) for f in failed if f is not None), None)
 
     def verify_tables(
-        self, names: set[str] | None = None, stop: threading.Event | None = None
+        self,
+        names: set[str] | None = None,
+        stop: threading.Event | None = None,
+        bytes_per_s: float | None = None,
     ) -> list[str]:
-        """One checksum pass over every table (or those in ``names``), counted in ``health``;
-        the tables that failed. Once ``stop`` is set the pass ends at its next read, the table
+        """One checksum pass over every table (or those in ``names``), counted in ``health``,
+        reading at most ``bytes_per_s`` a second (None: no limit); the tables that failed. Once ``stop`` is set the pass ends at its next read, the table
         being read and those after it not counted. One that failed over a file a reload
         replaced meanwhile is checked again by the scrubber (that verdict was on a file no
         longer served); one whose path names a file it does not serve (made anew, not reopened
@@ -943,7 +948,9 @@ class ServedModel:
                 self._scrub_soon(name)  # judge (a refused version is a warning)
                 continue
             try:
-                report = verify_counted(self.served_file(store), self.health[name], stop)
+                report = verify_counted(
+                    self.served_file(store), self.health[name], stop, bytes_per_s
+                )
             except VerifyStopped:
                 break
             except TableChangingError:  # being made anew meanwhile: no verdict yet
