@@ -1100,6 +1100,15 @@ def test_an_unreadable_json_config_is_not_called_a_yaml_file(tmp_path):
         load_yaml(config)
 
 
+def test_an_unreadable_config_with_a_huge_path_is_named_cut_short():
+    """A 100,000-character path (a variable expanded wrong) was repeated whole in the "cannot
+    read" error: a 100 KB message."""
+    with pytest.raises(ConfigError, match=r"cannot read \(File name too long\)") as info:
+        load_yaml("/tmp/" + "x" * 100_000 + ".yaml")
+    assert len(str(info.value)) < 5_000
+    assert "(100,010 characters)" in str(info.value)
+
+
 def test_a_json_config_is_read_as_json(tmp_path):
     """A ``.json`` file was read by the YAML parser: JSON indented with tabs (valid JSON, which
     YAML refuses) was "not valid JSON", and a "\\ud83d\\ude00" escape read as two halves of a

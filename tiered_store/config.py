@@ -170,8 +170,9 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(
-            f"{what} {path}: cannot read ({exc.strerror}); expected a readable {kind} file"
+        raise ConfigError(  # a path of 100,000 characters (PATH_MAX is 4,096), cut short
+            f"{what} {cut_text(str(path), 4096)}: cannot read ({exc.strerror}); expected a "
+            f"readable {kind} file"
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path}: not UTF-8 text; expected a {kind} file") from None
