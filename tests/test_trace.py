@@ -1145,3 +1145,16 @@ def test_a_batch_size_that_is_not_a_positive_integer_is_named(tmp_path, batch_si
     ):
         trace_from_npy(tmp_path / "ids.npy", tmp_path / "t.trace", batch_size=batch_size)
     assert not (tmp_path / "t.trace").exists()
+
+
+def test_a_batch_size_for_an_array_with_a_batch_axis_is_refused(tmp_path):
+    """An N-D array's batches are its leading axis; a ``batch_size`` given with one was
+    silently ignored (a user asking for 4 ids a batch got rows of 5)."""
+    np.save(tmp_path / "ids.npy", np.arange(10).reshape(2, 5))
+    with pytest.raises(
+        ValueError, match=r"batch_size=4: .*2-D .*its leading axis \(2\) is the batches"
+    ):
+        trace_from_npy(tmp_path / "ids.npy", tmp_path / "t.trace", batch_size=4)
+    assert not (tmp_path / "t.trace").exists()
+    with trace_from_npy(tmp_path / "ids.npy", tmp_path / "t.trace") as r:
+        assert r.n_batches == 2

@@ -1112,7 +1112,8 @@ def trace_from_npy(
     table : str or int
         Table the ids belong to.
     batch_size : int, optional
-        For a 1-D array, ids per batch. Without it a 1-D array is one batch, written as
+        For a 1-D array, ids per batch (an N-D one's batches are its leading axis: given one,
+        a ``ValueError``). Without it a 1-D array is one batch, written as
         records of at most ``chunk_ids`` ids.
     chunk_ids : int
         Ids per chunk.
@@ -1148,6 +1149,11 @@ def trace_from_npy(
     step = int(batch_size) if whole else None  # numbers, not as_integer: no torch import here
     if batch_size is not None and (step is None or step < 1):  # 2.5: range()'s bare TypeError
         raise ValueError(f"batch_size: got {batch_size!r}; expected a positive integer")
+    if step is not None and arr.ndim > 1:
+        raise ValueError(
+            f"batch_size={step}: {npy_path} is {arr.ndim}-D, its leading axis ({arr.shape[0]}) "
+            "is the batches; expected no batch_size, or a 1-D array of ids"
+        )
     if os.path.exists(trace_path) and os.path.samefile(trace_path, npy_path):  # renamed over it
         raise ConfigError(
             f"trace {trace_path} is the .npy itself ({npy_path}); expected another file"
