@@ -403,6 +403,42 @@ def test_an_admission_that_raises_once_rows_moved_leaves_its_slots_empty(spec, i
     assert cache.occupancy >= 12 - cache.headroom_rows  # its slots filled again
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_a_hashed_index_whose_rebuild_runs_out_of_memory_keeps_its_rows(compiled, monkeypatch):
+    """An admission whose hashed index is rebuilt first (deleted marks piled up) and runs out of
+    memory re-inserting: the rebuild had cleared the table, so every row the tier held was lost
+    from the index while ``row_of_slot`` kept it (hits became misses, re-admitted into a second
+    slot). A failed rebuild now leaves the index as it was."""
+    from tiered_store import row_index_kernels
+
+    cache = RowCache(
+        "warm", num_rows=1000, capacity=12, spec=PolicySpec.parse("lru"), index="hashed"
+    )
+    index = cache.index
+    index.compiled = compiled
+    run_batch(cache, range(12))
+    first = 100
+    while index.live + index.deleted + 4 <= index.rebuild_at:  # evict 4, admit 4: marks pile up
+        run_batch(cache, range(first, first + 4))
+        first += 4
+    held_before = set(cache.row_of_slot.tolist())
+    if compiled:  # the insert's first call is the rebuild's
+        monkeypatch.setattr(row_index_kernels, "insert_entries", row_index_kernels.insert_entries)
+        _raise_once(row_index_kernels, "insert_entries")
+    else:
+        _raise_once(index, "_claim")
+    with pytest.raises(MemoryError):
+        run_batch(cache, range(first, first + 4))
+    _check_invariants(cache)
+    held = set(cache.row_of_slot[cache.row_of_slot >= 0].tolist())
+    assert len(held) == 8 and held < held_before  # the victims alone left, evicted
+    assert index.live == 8 and index.deleted == int((index.keys == -2).sum())
+    for batch in (range(first, first + 4), range(first - 8, first + 8), range(900, 912)):
+        run_batch(cache, batch)
+        _check_invariants(cache)
+    assert cache.occupancy == 12 and index.live == 12
+
+
 @pytest.mark.parametrize("pin", [True, False])
 def test_dropping_preloaded_slots_frees_them_and_their_pins(pin):
     """A warm restart whose rows could not be written after ``preload`` drops the slots it

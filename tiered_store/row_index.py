@@ -96,7 +96,8 @@ class DenseRowIndex(RowIndex):
 class HashedRowIndex(RowIndex):
     """Open addressing with linear probing over ``capacity / max_load`` entries; deleted entries
     are marked and the table is rebuilt once they take half the room a full tier leaves (a
-    quarter of the table at the default ``max_load``).
+    quarter of the table at the default ``max_load``), into a new table beside the old one (the
+    index's memory twice over, briefly), which a failed rebuild leaves as it was.
 
     Examples
     --------
@@ -202,17 +203,19 @@ class HashedRowIndex(RowIndex):
             )
         if self.live + self.deleted + ids.numel() > self.rebuild_at:
             self._rebuild()
+        self.deleted -= self._insert(ids, slots)
+        self.live += ids.numel()
+
+    def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> int:
+        """Put unique absent ``ids`` with their ``slots`` in the table (compiled on the CPU);
+        returns how many deleted entries were reused."""
         if self.compiled:
             new_slots = slots.reshape(-1).to(torch.int32).contiguous().numpy()
             keys, table_slots = self.keys.numpy(), self.slots.numpy()
-            reused = _kernels().insert_entries(
+            return _kernels().insert_entries(
                 keys, table_slots, self._ids(ids), new_slots, _SEED_U64
             )
-            self.deleted -= reused
-            self.live += ids.numel()
-            return
-        self.deleted -= self._claim(ids.reshape(-1), slots.reshape(-1).to(self.slots.dtype))
-        self.live += ids.numel()
+        return self._claim(ids.reshape(-1), slots.reshape(-1).to(self.slots.dtype))
 
     def _claim(self, ids: torch.Tensor, slots: torch.Tensor) -> int:
         """Put each id in the first free entry of its probe; returns how many were deleted
@@ -254,14 +257,19 @@ class HashedRowIndex(RowIndex):
         self.deleted += entry.numel()
 
     def _rebuild(self) -> None:
-        """Drop the deleted marks: re-insert every live entry into a cleared table."""
+        """Drop the deleted marks: re-insert every live entry into a new table, which replaces
+        the old one once whole (a rebuild that fails, out of memory, leaves the index as it was)."""
         keep = self.keys >= 0
-        ids, slots = self.keys[keep].long(), self.slots[keep].long()
-        self.keys.fill_(_EMPTY)
-        self.slots.fill_(-1)
-        self.live = self.deleted = 0
-        if ids.numel():
-            self.set(ids, slots)
+        ids, slots = self.keys[keep], self.slots[keep]
+        old = self.keys, self.slots
+        try:
+            self.keys = torch.full_like(old[0], _EMPTY)
+            self.slots = torch.full_like(old[1], -1)
+            self._insert(ids, slots)
+        except BaseException:
+            self.keys, self.slots = old
+            raise
+        self.live, self.deleted = ids.numel(), 0
 
     def bytes_per(self) -> dict[str, float]:
         per_entry = self.keys.element_size() + self.slots.element_size()
