@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiered_store.integers import bool_among
+from tiered_store.integers import as_integer, bool_among
 
 
 @pytest.mark.parametrize(
@@ -69,3 +69,11 @@ def test_bool_among_a_million_ids_finds_the_last_one():
     assert bool_among(ids) is None
     ids[-1][-1] = False
     assert bool_among(ids) == ((999, 999), False)
+
+
+@pytest.mark.parametrize("flag", [True, np.True_, np.array(True), torch.tensor(True)])
+def test_as_integer_takes_no_bool_not_even_a_torch_one(flag):
+    """A torch bool tensor passed for a count or a step (``torch.tensor(True)``) was read as 1,
+    where a Python or NumPy bool is None, as bool_among finds it."""
+    assert as_integer(flag) is None
+    assert as_integer(torch.tensor(3)) == 3 and as_integer(np.int8(-2)) == -2

@@ -10,15 +10,16 @@ import torch
 
 
 def as_integer(value: object) -> int | None:
-    """``value`` as an int (a Python, NumPy or torch integer); None for a bool (``True`` is not 1
-    here: a flag passed for a count or a step) or anything that is not an integer.
+    """``value`` as an int (a Python, NumPy or torch integer); None for a bool, a bool array or
+    tensor included (``True`` is not 1 here: a flag passed for a count or a step) or anything
+    that is not an integer.
 
     >>> as_integer(np.int64(3)), as_integer(True), as_integer(2.0)
     (3, None, None)
     >>> as_integer(torch.tensor(2**63, dtype=torch.uint64))  # exactly, past int64
     9223372036854775808
     """
-    if isinstance(value, bool | np.bool_):
+    if _is_bool(value):
         return None
     try:
         return operator.index(value)
