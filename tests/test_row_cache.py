@@ -439,6 +439,35 @@ def test_a_hashed_index_whose_rebuild_runs_out_of_memory_keeps_its_rows(compiled
     assert cache.occupancy == 12 and index.live == 12
 
 
+def test_a_hashed_index_whose_torch_insert_fails_part_way_keeps_no_id_without_its_slot():
+    """The torch rounds (a CUDA tier's insert) write an id's key, then its slot: out of memory
+    between the two left keys with slot -1. The admission's clean-up probed them as absent and
+    left them, so the row admitted again later went into a second entry behind that one, and
+    was never found again (row_of_slot held it; each lookup missed and admitted it anew). The
+    entries claimed are now marked deleted."""
+    cache = RowCache(
+        "hot", num_rows=1000, capacity=12, spec=PolicySpec.parse("lru"), index="hashed"
+    )
+    index = cache.index
+    index.compiled = False
+    run_batch(cache, range(8))
+
+    def out_of_memory(*args, **kwargs):
+        del index.slots.scatter_reduce_  # once: the tensor's own method again
+        raise MemoryError("out of memory writing the slots")
+
+    index.slots.scatter_reduce_ = out_of_memory  # after the first round's keys are written
+    with pytest.raises(MemoryError):
+        run_batch(cache, [20, 21, 22, 23])
+    _check_invariants(cache)
+    for batch in ([20, 21, 22, 23], [20, 21, 30, 31, 32], [20, 21, 22, 23]):
+        run_batch(cache, batch)
+        _check_invariants(cache)
+    assert (cache.probe(torch.tensor([20, 21, 22, 23])) >= 0).all()
+    assert index.live == cache.occupancy == int((index.keys >= 0).sum())
+    assert index.deleted == int((index.keys == -2).sum())
+
+
 @pytest.mark.parametrize("pin", [True, False])
 def test_dropping_preloaded_slots_frees_them_and_their_pins(pin):
     """A warm restart whose rows could not be written after ``preload`` drops the slots it

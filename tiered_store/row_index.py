@@ -203,8 +203,23 @@ class HashedRowIndex(RowIndex):
             )
         if self.live + self.deleted + ids.numel() > self.rebuild_at:
             self._rebuild()
-        self.deleted -= self._insert(ids, slots)
+        try:
+            self.deleted -= self._insert(ids, slots)
+        except BaseException:  # (out of memory) part way through the torch rounds
+            self._unclaim(ids)
+            raise
         self.live += ids.numel()
+
+    def _unclaim(self, ids: torch.Tensor) -> None:
+        """The entries an insert of ``ids`` that failed part way had claimed (their keys written,
+        maybe not their slots) are marked deleted: no id stays behind without its slot, found
+        where a later insert of it is not."""
+        ids = ids.reshape(-1)
+        ids = ids[(ids >= 0) & (ids < self.num_rows)]  # no marker, nor a row an id would wrap onto
+        claimed = torch.isin(self.keys, ids.to(self.keys.dtype))
+        self.keys.masked_fill_(claimed, _DELETED)
+        self.slots.masked_fill_(claimed, -1)
+        self.deleted = int((self.keys == _DELETED).sum())
 
     def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> int:
         """Put unique absent ``ids`` with their ``slots`` in the table (compiled on the CPU);
