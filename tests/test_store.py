@@ -305,6 +305,32 @@ def test_static_rows_are_pinned_and_served_from_hot(tmp_path, table):
         assert store.stats()["hot"]["hits"] >= 50
 
 
+@pytest.mark.parametrize(
+    ("listed", "shown"),
+    [
+        (np.array([3, 7, 10**9], dtype=np.int64), r"\[3, 1,000,000,000\]"),
+        (np.array([3, -2, 7], dtype=np.int32), r"\[-2, 7\]"),
+        (np.array([3, 2**64 - 1], dtype=np.uint64), r"\[3, 18,446,744,073,709,551,615\]"),
+    ],
+)
+def test_a_row_list_with_ids_outside_the_table_names_them(tmp_path, table, listed, shown):
+    """A static_rows list with an id outside the table said only that it had some (no value, so
+    the id to fix had to be searched for); a uint64 id past int64 wrapped to a negative one
+    first. The ids' range is named, as the file holds them."""
+    path, _ = table
+    np.save(tmp_path / "pinned.npy", listed)
+    tier = {"capacity": 80, "policy": "static+lru", "static_rows": "pinned.npy"}
+    cfg = StoreConfig.from_dict(
+        {"table": {"path": str(path)}, "tiers": {"hot": tier}}, base_dir=tmp_path
+    )
+    with pytest.raises(
+        ConfigError,
+        match=rf"hot\.static_rows: .*pinned\.npy has row ids in {shown}; expected row ids of "
+        r"this table, in \[0, 5,000\)",
+    ):
+        TieredStore(cfg)
+
+
 def test_static_rows_that_fill_the_tier_warn_and_the_store_serves(tmp_path, table):
     from tiered_store.cache_plan import PinnedRowsWarning
 

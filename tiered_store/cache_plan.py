@@ -512,11 +512,12 @@ def _load_row_list(
         raise ConfigError(
             f"{key}: {path} holds {ids.dtype} of shape {ids.shape}; expected a 1-D integer array"
         )
-    ids = np.array(ids, dtype=np.int64)  # a private writable copy
-    local, _, table_rows, table = _table_ids(ids, rows, shard)
-    if ids.size and (ids.min() < 0 or ids.max() >= table_rows):
+    given = np.array(ids)  # a private writable copy, as stored (a uint64 past int64 not wrapped)
+    local, _, table_rows, table = _table_ids(given.astype(np.int64, copy=False), rows, shard)
+    if given.size and (int(given.min()) < 0 or int(given.max()) >= table_rows):
         raise ConfigError(
-            f"{key}: {path} has ids outside [0, {table_rows:,}); expected row ids of {table}"
+            f"{key}: {path} has row ids in [{int(given.min()):,}, {int(given.max()):,}]; "
+            f"expected row ids of {table}, in [0, {table_rows:,})"
         )
     return local
 
