@@ -136,8 +136,10 @@ def test_a_file_with_a_field_the_table_lacks_names_it(tmp_path):
         (lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:], "checksum mismatch"),
         (lambda b: b"", "not a warm-restart file"),
         (lambda b: b"garbage" * 9, "not a warm-restart file"),
+        # a later release's file was called no warm-restart file at all
+        (lambda b: b"TSRESTART3\n" + b[11:], r"newer format \(TSRESTART3; expected TSRESTART2\)"),
     ],
-    ids=["truncated", "bit-flip", "empty", "garbage"],
+    ids=["truncated", "bit-flip", "empty", "garbage", "newer-format"],
 )
 def test_corrupt_file_warns_and_starts_cold(tmp_path, damage, why):
     path, data = make_table(tmp_path)

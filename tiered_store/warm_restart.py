@@ -9,8 +9,8 @@ with the table version it was saved against and checksummed (CRC32C). Layout (fo
 per tier; ``pinned``: pinned rows per tier; ``profiles``: per tier, the sketch's shape and
 totals), the held ids as little-endian int64 tier after tier, the pinned ids likewise, the
 sketches as little-endian float32 tier after tier, then the CRC32C of everything before it (4
-bytes, little-endian). A format-1 file (no profiles) is refused with a warning: the store starts
-cold.
+bytes, little-endian). A format-1 file (no profiles), or one of a newer format (a later release
+wrote it), is refused with a warning naming its format: the store starts cold.
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ __all__ = [
     "table_identity",
 ]
 
-MAGIC = b"TSRESTART2\n"
-_OLD_MAGICS = (b"TSRESTART1\n",)  # earlier formats: refused with a warning naming the version
+FORMAT = 2
+MAGIC = b"TSRESTART%d\n" % FORMAT
+# any format's magic: an older or newer one is refused with a warning naming its version
+_ANY_MAGIC = re.compile(rb"TSRESTART([0-9]{1,9})\n")
 _LEN = struct.Struct("<I")
 
 
@@ -165,12 +167,14 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
         return None
     except OSError as exc:
         return _cold_start(path, f"it is unreadable ({exc})")
-    for old in _OLD_MAGICS:
-        if data.startswith(old):
-            return _cold_start(
-                path,
-                f"it is in an older format ({old.strip().decode()}; expected {MAGIC.strip().decode()})",
-            )
+    other = _ANY_MAGIC.match(data)
+    if other is not None and other.group() != MAGIC:
+        age = "an older" if int(other[1]) < FORMAT else "a newer"
+        return _cold_start(
+            path,
+            f"it is in {age} format ({other.group().strip().decode()}; expected "
+            f"{MAGIC.strip().decode()})",
+        )
     if len(data) < len(MAGIC) + 2 * _LEN.size or not data.startswith(MAGIC):
         return _cold_start(
             path, f"it is not a warm-restart file ({len(data)} bytes, no {MAGIC!r} header)"
