@@ -1472,30 +1472,30 @@ def _dropping(monkeypatch) -> threading.Event:
 
 
 def test_a_failed_re_pin_drops_its_updates_while_lookups_go_on(tmp_path, monkeypatch):
-    """After a failed re-pin the thread dropped the tier's queued updates under the store's lock,
+    """After a failed count the thread dropped the tier's queued updates under the store's lock,
     and there waited for the counting lock, which a save holds while it counts and copies the
     sketch (134 MB at a 4M-slot tier): lookups waited for the save's copy."""
 
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
     tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
-    plan = OnlineRepin.plan
-    planning, held, dropping = threading.Event(), threading.Event(), _dropping(monkeypatch)
+    count_pending = OnlineRepin.count_pending
+    counting_now, held, dropping = threading.Event(), threading.Event(), _dropping(monkeypatch)
 
-    def fails_once(self, *args):  # the first plan fails once the counting lock is taken
-        if not planning.is_set():
-            planning.set()
+    def fails_once(self, *args):  # the first count fails once the counting lock is taken
+        if not counting_now.is_set():
+            counting_now.set()
             held.wait(30)
-            raise TypeError("a plan that fails")
-        return plan(self, *args)
+            raise TypeError("a count that fails")
+        return count_pending(self, *args)
 
-    monkeypatch.setattr(OnlineRepin, "plan", fails_once)
+    monkeypatch.setattr(OnlineRepin, "count_pending", fails_once)
     with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
         counting = store.warm.online._counting
-        with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a plan that"):
+        with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a count that"):
             ids = [5] * 9 + [60]
             assert torch.equal(store.lookup(ids), data[ids])  # an interval: a re-pin is due
-            assert planning.wait(30)
+            assert counting_now.wait(30)
             with counting:  # as a save copying the sketch holds it
                 held.set()
                 assert dropping.wait(30)
@@ -1523,23 +1523,23 @@ def test_a_failed_re_pin_drops_its_updates_on_the_store_stream(tmp_path, monkeyp
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
     tiers = {"hot": {"capacity": 8, "device": "cuda", **tier}, "warm": {"capacity": 16}}
-    plan, drop_pending = OnlineRepin.plan, OnlineRepin.drop_pending
+    count_pending, drop_pending = OnlineRepin.count_pending, OnlineRepin.drop_pending
     failures, on_store_stream = [], []
 
-    def fails_once(self, *args):  # a fault in the first plan only
+    def fails_once(self, *args):  # a fault in the first count only
         if not failures:
             failures.append(1)
-            raise TypeError("a plan that fails")
-        return plan(self, *args)
+            raise TypeError("a count that fails")
+        return count_pending(self, *args)
 
     def drops(self):  # on the stream the counting runs on
         on_store_stream.append(torch.cuda.current_stream() == store._stream)
         return drop_pending(self)
 
-    monkeypatch.setattr(OnlineRepin, "plan", fails_once)
+    monkeypatch.setattr(OnlineRepin, "count_pending", fails_once)
     monkeypatch.setattr(OnlineRepin, "drop_pending", drops)
     with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
-        with pytest.warns(RuntimeWarning, match="re-pin of the hot tier failed .a plan that"):
+        with pytest.warns(RuntimeWarning, match="re-pin of the hot tier failed .a count that"):
             for i in range(20):  # row 5 hot
                 ids = torch.tensor([5] * 9 + [60 + i])
                 assert torch.equal(store.lookup(ids.cuda()).cpu(), data[ids])
@@ -1803,26 +1803,27 @@ def test_a_plan_on_a_snapshot_older_than_a_row_the_tier_above_pins_still_leaves_
 def test_a_re_pin_whose_drop_of_updates_fails_too_keeps_the_thread_re_pinning(
     tmp_path, monkeypatch
 ):
-    """After a failed re-pin the thread drops the tier's queued updates; a failure there too (no
+    """After a failed count the thread drops the tier's queued updates; a failure there too (no
     memory for the slots to reset) ended the thread: the tier never re-pinned again and lookups
     queued updates for it without end. It warns and goes on, the queue emptied."""
 
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
     tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
-    plan, drop_pending, failures = OnlineRepin.plan, OnlineRepin.drop_pending, []
+    count_pending, drop_pending = OnlineRepin.count_pending, OnlineRepin.drop_pending
+    failures = []
 
-    def fails_once(self, *args):  # a fault in the first plan only
+    def fails_once(self, *args):  # a fault in the first count only
         if not failures:
             failures.append(1)
-            raise TypeError("a plan that fails")
-        return plan(self, *args)
+            raise TypeError("a count that fails")
+        return count_pending(self, *args)
 
     def drops_then_fails(self):  # the queue emptied, then no memory to reset the slots
         drop_pending(self)
         raise torch.OutOfMemoryError("no memory for the slots")
 
-    monkeypatch.setattr(OnlineRepin, "plan", fails_once)
+    monkeypatch.setattr(OnlineRepin, "count_pending", fails_once)
     monkeypatch.setattr(OnlineRepin, "drop_pending", drops_then_fails)
     with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
         with pytest.warns(RuntimeWarning) as warned:
@@ -1830,10 +1831,48 @@ def test_a_re_pin_whose_drop_of_updates_fails_too_keeps_the_thread_re_pinning(
                 assert torch.equal(store.lookup([5] * 9 + [60 + i]), data[[5] * 9 + [60 + i]])
                 assert store.wait_repinned(timeout=10)
         assert [str(w.message)[:60] for w in warned] == [
-            "online re-pin of the warm tier failed (a plan that fails); i",
+            "online re-pin of the warm tier failed (a count that fails); ",
             "online re-pin of the warm tier: dropping its updates after t",
         ]
         assert "(OutOfMemoryError: no memory for the slots)" in str(warned[1].message)
         online = store.warm.online
         assert failures and online.repins > 0 and 5 in store.warm.pinned_rows()
         assert not online.pending
+
+
+def test_a_failed_plan_keeps_the_updates_queued_since_its_count(tmp_path, monkeypatch):
+    """After a failed re-pin the thread dropped every update queued so far, though a plan (or
+    apply) that fails leaves the counting whole: the evictions and admissions lookups queued
+    while it planned were lost, so a well-counted row evicted then kept only its misses' count
+    in the sketch. Only a failed count drops its updates now."""
+
+    path, data = make_table(tmp_path, rows=200, dim=4)
+    tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 50, "budget": 1}}
+    tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
+    plan = OnlineRepin.plan
+    planning, go = threading.Event(), threading.Event()
+
+    def fails_once(self, *args):  # the first plan fails once the test's lookups are queued
+        if not planning.is_set():
+            planning.set()
+            go.wait(30)
+            raise TypeError("a plan that fails")
+        return plan(self, *args)
+
+    monkeypatch.setattr(OnlineRepin, "plan", fails_once)
+    with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
+        online = store.warm.online
+        with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a plan that"):
+            for i in range(5):  # row 5 hit in five windows: an interval, its re-pin due
+                ids = [5] * 9 + [60 + i]
+                assert torch.equal(store.lookup(ids), data[ids])
+            assert planning.wait(30)
+            count = float(online.slot_count[store.warm.probe(torch.tensor([5]))[0]])
+            assert count >= 4
+            ids = list(range(100, 110))  # a window of other rows: row 5 evicted
+            assert torch.equal(store.lookup(ids), data[ids])
+            assert 5 not in store.warm.held_rows().tolist()
+            go.set()
+            assert store.wait_repinned(timeout=10)
+        online.count_pending()
+        assert float(online.profile.estimates(torch.tensor([5]))[0]) >= count - 1

@@ -402,7 +402,7 @@ class OnlineRepin:
             self._applied_total += 1
 
     def drop_pending(self) -> None:
-        """Forget the updates queued so far (after a failure: rows admitted meanwhile count from
+        """Forget the updates queued so far (after a failed count: rows admitted meanwhile count from
         0). Called off the store's lock: the lookups only append to the queue and this takes from
         its front, as :meth:`count_pending` does, so its wait for the counting lock (a save
         copying the sketch) holds no lookup up; updates queued meanwhile are kept."""

@@ -750,7 +750,7 @@ class TieredStore:
                     warn_at_caller(
                         f"online re-pin of the {cache.name} tier: counting its last updates at "
                         f"close failed ({type(exc).__name__}: {exc}); they are dropped, as "
-                        "after a failed re-pin",
+                        "after a failed count in the re-pin thread",
                         RuntimeWarning,
                     )
                     cache.online.drop_pending()
@@ -1075,6 +1075,7 @@ class TieredStore:
             self._repin_wanted.clear()
             for cache in self.caches.online:
                 due = False  # the interval was over when this pass began: its re-pin was tried
+                counting = False  # in count_pending: a failure there leaves its updates suspect
                 try:
                     with self._on_store_stream():
                         # the tier copied off the lock, then the updates queued so far marked
@@ -1087,7 +1088,9 @@ class TieredStore:
                             snapshot = (cache.row_of_slot.clone(), cache.pin_flags().clone())
                             with self._lock.host_inputs():
                                 queued = cache.online.queued_total
+                        counting = True
                         cache.online.count_pending(queued)
+                        counting = False
                         if not due:
                             continue
                         moves = cache.online.plan(*snapshot)
@@ -1103,7 +1106,7 @@ class TieredStore:
                         stacklevel=1,
                     )
                     try:
-                        self._after_a_failed_repin(cache, due)
+                        self._after_a_failed_repin(cache, due, drop=counting)
                     except Exception as again:  # noqa: BLE001 (a thread dead of it left lookups
                         # queueing updates for it without end)
                         warnings.warn(
@@ -1114,12 +1117,13 @@ class TieredStore:
                             stacklevel=1,
                         )
 
-    def _after_a_failed_repin(self, cache: Any, due: bool) -> None:
-        """Drop ``cache``'s queued updates (rows admitted meanwhile count from 0), and close the
-        interval the failure was in when its re-pin was ``due``: the next one tries again."""
-        # off the lock (a save may hold the counting), on the stream it counts on
-        with self._on_store_stream():
-            cache.online.drop_pending()
+    def _after_a_failed_repin(self, cache: Any, due: bool, *, drop: bool) -> None:
+        """After a failed count (``drop``), drop ``cache``'s queued updates (rows admitted
+        meanwhile count from 0; a failed plan or apply leaves them to the next count), and close
+        the interval the failure was in when its re-pin was ``due``: the next one tries again."""
+        if drop:  # off the lock (a save may hold the counting), on the stream it counts on
+            with self._on_store_stream():
+                cache.online.drop_pending()
         if due:  # close the interval it failed in (not one lookups ended while the drop waited,
             # whose re-pin was never tried)
             with self._lock.host_inputs():
