@@ -1078,3 +1078,21 @@ def test_a_load_holds_the_file_and_what_it_returns_not_a_second_copy(tmp_path):
         tracemalloc.stop()
     assert np.array_equal(back.profiles["hot"][1], sketch)
     assert peak < 2.5 * size, f"{peak:,} bytes at the peak for a {size:,}-byte file"
+
+
+def test_a_save_asked_of_a_closed_store_is_refused_and_leaves_a_later_stores_file(tmp_path):
+    # a closed store still wrote its tiers as they were at its close, over the file a store
+    # opened since had saved
+    from tiered_store import StoreClosedError
+
+    path, data = make_table(tmp_path, rows=3000, dim=8)
+    first = TieredStore(config(path, hot=16, warm=64))
+    first.lookup(torch.arange(10))
+    first.close()
+    with TieredStore(config(path, hot=16, warm=64)) as later:
+        assert later.wait_restored(timeout=5)
+        later.lookup(torch.arange(100, 110))
+    after_later = restart_path(path).read_bytes()
+    with pytest.raises(StoreClosedError, match="store is closed"):
+        first.save_restart()
+    assert restart_path(path).read_bytes() == after_later

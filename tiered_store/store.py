@@ -620,6 +620,7 @@ class TieredStore:
     def save_restart(self) -> Path:
         """Save the rows hot and warm hold (most valuable first) to ``TABLE.npy.restart`` for a
         warm restart; ``close()`` calls it when ``tiers.restart.enabled``. Returns the path.
+        A closed store raises ``StoreClosedError`` (its close saved what it held).
 
         Examples
         --------
@@ -635,6 +636,7 @@ class TieredStore:
         ...     store.wait_restored(), sorted(store.warm.held_rows().tolist())
         (True, [5, 6, 7])
         """
+        self._check_open()  # closed, its rows would land over a later store's file
         with self._lock.host_inputs():  # it reads the tiers' state: nothing the caller queued
             held = {  # copies, ranked once the lock is let go: lookups never wait on the sort
                 cache.name: (*cache.held(), self._unrestored.held.get(cache.name), cache.capacity)
@@ -1214,6 +1216,8 @@ class TieredStore:
         while not self._stop.wait(every_s):
             try:
                 self.save_restart()
+            except StoreClosedError:  # a close timed out meanwhile (no save of its own)
+                return
             except Exception as exc:  # noqa: BLE001 (no memory for a copy too: a thread dead of
                 # it saved no more, without a word)
                 warnings.warn(
