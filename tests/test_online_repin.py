@@ -983,6 +983,50 @@ def test_victims_after_a_re_pin_are_those_a_new_topk_would_choose():
     assert not bool(torch.isin(first, caches[0].row_of_slot).any())  # evicted first
 
 
+def test_a_re_pin_whose_victim_buffer_merge_fails_leaves_no_stale_buffer(monkeypatch):
+    # the unpin's flags were flipped, then the merge of the unpinned slots into the victim buffer
+    # ran out of memory: the buffer kept its victims without them, so the tier evicted newer rows
+    # before the unpinned ones (not what a new topk picks) until it drained; it is dropped now
+    from policies import PolicySpec
+    from tiered_store import row_cache
+    from tiered_store.online_repin import RepinMoves
+    from tiered_store.row_cache import RowCache
+
+    from .conftest import run_batch
+
+    caches = [
+        RowCache("warm", num_rows=3000, capacity=200, spec=PolicySpec.parse("zipf-tuned"), **kw)
+        for kw in ({}, {"victim_buffer": 0})  # the second: a topk per eviction
+    ]
+    rng = np.random.default_rng(4)
+    work = [rng.integers(0, 3000, 40) for _ in range(60)]
+    for batch in work[:10]:
+        for cache in caches:
+            run_batch(cache, batch)
+    first = caches[0].held_rows()[-20:]  # the least recently used rows
+    none = torch.empty(0, dtype=torch.int64)
+    for cache in caches:
+        cache.apply_repin(RepinMoves(cache.probe(first), first, none, none))
+    merge_sorted = row_cache.merge_sorted
+
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("no memory to merge")
+
+    for i, batch in enumerate(work[10:], 10):
+        for cache in caches:
+            run_batch(cache, batch)
+        assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot), i
+        if i == 20:  # buffered victims exist now; unpin rows older than all of them
+            assert caches[0]._buffered is not None and caches[0]._buffered[0].numel()
+            monkeypatch.setattr(row_cache, "merge_sorted", no_memory)
+            with pytest.raises(torch.OutOfMemoryError, match="no memory to merge"):
+                caches[0].apply_repin(RepinMoves(none, none, caches[0].probe(first), first))
+            monkeypatch.setattr(row_cache, "merge_sorted", merge_sorted)
+            assert caches[1].apply_repin(RepinMoves(none, none, caches[1].probe(first), first))
+            assert caches[0].pinned_count == caches[1].pinned_count == 0
+    assert not bool(torch.isin(first, caches[0].row_of_slot).any())  # evicted first
+
+
 def test_a_miss_admitted_after_other_batches_began_a_window_counts_in_its_own(
     tmp_path, monkeypatch
 ):

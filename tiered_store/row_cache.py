@@ -275,8 +275,13 @@ class RowCache:
         self._unevictable[pin] = True
         self._unevictable[unpin] = False
         self._n_pinned += pin.numel() - unpin.numel()
-        self._buffer_unpinned(unpin)  # pinned slots leave the victim buffer as it checks them
-        self._queue_changed(unpin)
+        try:
+            self._buffer_unpinned(unpin)  # pinned slots leave the victim buffer as it checks them
+        except BaseException:  # (out of memory) without the unpinned slots it picks wrong victims
+            self._buffered = None  # the next eviction refills it with a topk
+            raise
+        finally:
+            self._queue_changed(unpin)
         return pin.numel(), unpin.numel()
 
     def _buffer_unpinned(self, unpin: torch.Tensor) -> None:
