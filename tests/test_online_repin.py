@@ -1684,6 +1684,46 @@ def test_a_count_that_fails_at_close_warns_and_the_store_closes_and_saves(tmp_pa
         assert set(range(4000, 4010)) <= set(again.warm.held_rows().tolist())
 
 
+def test_a_drop_that_fails_at_close_too_still_saves_and_warns_of_uncommitted_writes(
+    tmp_path, monkeypatch
+):
+    """close() drops the updates whose count failed; a failure there too (no memory for the
+    slots to reset) raised out of close(): its warm-restart save was skipped and the rows written
+    since the last commit were dropped without their UncommittedWritesWarning. It warns and goes
+    on, as the re-pin thread does."""
+    from tiered_store import UncommittedWritesWarning
+
+    path, data = make_table(tmp_path, rows=ROWS)
+    cfg = config(path, restart=True)
+    store = TieredStore(cfg)
+    serve(store, data, batches(hot_set(), n=5))
+    ids = torch.arange(4000, 4010)  # admitted mid-window: queued, the thread not woken
+    assert torch.equal(store.lookup(ids), data[ids])
+    store.write(torch.tensor([7]), torch.ones(1, data.shape[1]))
+    drop_pending = OnlineRepin.drop_pending
+
+    def fails(self, update):  # the next count fails
+        raise TypeError("a count that fails")
+
+    def drops_then_fails(self):  # the queue emptied, then no memory to reset the slots
+        drop_pending(self)
+        raise torch.OutOfMemoryError("no memory for the slots")
+
+    monkeypatch.setattr(OnlineRepin, "_run", fails)
+    monkeypatch.setattr(OnlineRepin, "drop_pending", drops_then_fails)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        store.close()
+    said = [str(w.message) for w in warned]
+    assert any("dropping them failed too (OutOfMemoryError: no memory for" in m for m in said)
+    assert any(issubclass(w.category, UncommittedWritesWarning) for w in warned), said
+    assert store._closed
+    monkeypatch.undo()
+    with TieredStore(cfg) as again:  # the save was made
+        assert again.wait_restored(timeout=30)
+        assert set(range(4000, 4010)) <= set(again.warm.held_rows().tolist())
+
+
 def test_warm_holds_no_pin_of_a_row_that_hot_pins(tmp_path):
     # hot serves every lookup of a row it pins, so warm never sees it again: a row warm had pinned
     # before hot pinned it stayed pinned there (its count high, so no re-pin took it out), a warm

@@ -755,7 +755,16 @@ class TieredStore:
                         "after a failed count in the re-pin thread",
                         RuntimeWarning,
                     )
-                    cache.online.drop_pending()
+                    try:
+                        cache.online.drop_pending()
+                    except Exception as again:  # noqa: BLE001 (no memory for the slots to
+                        # reset: raised here, close skipped its save and the writes' warning)
+                        warn_at_caller(
+                            f"online re-pin of the {cache.name} tier: dropping them failed too "
+                            f"({type(again).__name__}: {again}); the warm-restart save may hold "
+                            "rows admitted since the last count with their slots' old counts",
+                            RuntimeWarning,
+                        )
             writing = self._writes is not None and self._writer_lock is not None
             dropped = self._writes.dirty_rows if writing else 0
         if dropped:
