@@ -1123,3 +1123,25 @@ def test_news_that_keeps_failing_is_dropped_with_a_warning_and_counted_in_metric
         text = generate_latest(registry).decode()
         assert f'tiered_store_queue_news_failures_total{{table="layer1"}} {NEWS_TRIES}.0' in text
         assert 'tiered_store_queue_news_dropped_total{table="layer1"} 1.0' in text
+
+
+def test_a_lock_whose_switch_to_the_stores_stream_fails_is_let_go(tmp_path, monkeypatch):
+    """Taking the store's lock puts its holder on the store's stream; a failure there (a CUDA
+    error, Ctrl-C) was raised with the lock still held, and every later lookup, announce, save
+    and close waited for it for ever. The failure is raised with the lock let go."""
+    from tiered_store.store_lock import StoreLock
+
+    def cuda_error(self, after_caller):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    path, data = make_table(tmp_path, rows=400)
+    with TieredStore(store_config(path, warm={"capacity": 40})) as store:
+        with monkeypatch.context() as patch:
+            patch.setattr(StoreLock, "_enter_stream", cuda_error)
+            with pytest.raises(RuntimeError, match="illegal memory access"):
+                store.lookup(torch.arange(10))
+        held = store._lock._lock.locked()
+        if held:  # let go here, or the close below waits for it for ever
+            store._lock._lock.release()
+        assert not held
+        assert torch.equal(store.lookup(torch.arange(10)), data[:10])

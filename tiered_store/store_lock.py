@@ -102,13 +102,13 @@ class StoreLock:
     def _take(self, *, after_caller: bool) -> StoreLock:
         """Take the lock, on the store's stream, and tell the tiers the news waiting."""
         self._lock.acquire()
-        self._enter_stream(after_caller)
-        if self._news:
-            try:
+        try:  # a failure (a CUDA error, Ctrl-C) lets it go: held, every later call would wait
+            self._enter_stream(after_caller)
+            if self._news:
                 self._tell_tiers()
-            except BaseException:
-                self._let_go()
-                raise
+        except BaseException:
+            self._let_go()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -147,8 +147,9 @@ class StoreLock:
         current = torch.cuda.current_stream(self._stream.device)
         if after_caller and current != self._stream:
             self._stream.wait_stream(current)
-        self._on_stream = torch.cuda.stream(self._stream)
-        self._on_stream.__enter__()
+        on_stream = torch.cuda.stream(self._stream)
+        on_stream.__enter__()
+        self._on_stream = on_stream  # entered: the let-go leaves it
 
     def _let_go(self) -> None:
         """Back on the holder's own stream, and the lock released."""
