@@ -1145,3 +1145,43 @@ def test_a_lock_whose_switch_to_the_stores_stream_fails_is_let_go(tmp_path, monk
             store._lock._lock.release()
         assert not held
         assert torch.equal(store.lookup(torch.arange(10)), data[:10])
+
+
+def test_a_release_told_again_after_its_candidates_merge_failed_leaves_no_row_unranked():
+    """A release's telling sets the rows' next use, then merges the slots into the candidates
+    kept by the queue's order; a failure there (out of memory) is told again by the lock's next
+    holder, which found those slots moved already and merged none: rows no request needs any
+    more were never offered, and a queued request's rows were evicted before them. A failed
+    merge drops the candidates (the next pick passes over the tier): the same victims, slot for
+    slot, as a pass per eviction."""
+    caches = [
+        RowCache("warm", num_rows=1000, capacity=100, spec=PolicySpec.parse("lru"), **kw)
+        for kw in ({"victim_buffer": 0}, {"victim_buffer": 1})  # a pass per eviction; runs
+    ]
+    queue = QueuedRequests()
+    for cache in caches:
+        cache.attach_queue(queue)
+        run_batch(cache, torch.arange(100))
+    served, later = queue.add(torch.arange(0, 50)), queue.add(torch.arange(50, 100))
+    for cache in caches:
+        cache.queued(served)
+        cache.queued(later)
+        run_batch(cache, torch.arange(500, 503))  # every row queued: three of ``later``'s go
+    runs = caches[1]._queue_victims
+    merge = runs._merge_unqueued
+
+    def out_of_memory_once(slots):
+        runs._merge_unqueued = merge
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    moved = queue.remove(served)
+    caches[0].unqueued(served, *moved)
+    runs._merge_unqueued = out_of_memory_once
+    with pytest.raises(torch.OutOfMemoryError):
+        caches[1].unqueued(served, *moved)
+    caches[1].unqueued(served, *moved)  # told again, as ``StoreLock`` does
+    for batch in torch.arange(600, 640).split(4):
+        for cache in caches:
+            run_batch(cache, batch)
+        assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot)
+    assert torch.isin(torch.arange(50, 100), caches[1].row_of_slot).sum() == 47  # none went

@@ -16,8 +16,9 @@ candidate is checked when it comes up (key, or next use, unchanged; still evicta
 if not. Slots that enter a class within its limit (a release moves rows to a later
 request or out of the queue, an announcement moves rows into it, rows are admitted, unpinned,
 or a victim is reinstated) are merged in by ``changed``. A pass over the tier is needed only when
-candidates run out before the limit. The picks are exactly those of a pass per eviction
-(``tests/test_request_queue.py`` checks them in lockstep).
+candidates run out before the limit, or after a merge failed (out of memory: told again, the
+change would find its slots moved already and merge none). The picks are exactly those of a
+pass per eviction (``tests/test_request_queue.py`` checks them in lockstep).
 """
 
 from __future__ import annotations
@@ -163,14 +164,18 @@ class QueueVictims:
         admitted, unpinned or reinstated): merge them in."""
         if not slots.numel() or (self.unqueued is None and self.queued is None):
             return
-        slots = slots.index_select(0, nonzero(~self.unevictable[slots]))
-        next_use = self.next_use[slots]
-        free = next_use == NOT_QUEUED
-        if self.unqueued is not None:
-            self._merge_unqueued(slots.index_select(0, nonzero(free)))
-        if self.queued is not None:
-            queued = nonzero(~free)
-            self._merge_queued(slots.index_select(0, queued), next_use.index_select(0, queued))
+        try:
+            slots = slots.index_select(0, nonzero(~self.unevictable[slots]))
+            next_use = self.next_use[slots]
+            free = next_use == NOT_QUEUED
+            if self.unqueued is not None:
+                self._merge_unqueued(slots.index_select(0, nonzero(free)))
+            if self.queued is not None:
+                queued = nonzero(~free)
+                self._merge_queued(slots.index_select(0, queued), next_use.index_select(0, queued))
+        except BaseException:  # (out of memory) merged in part or not at all, and the change
+            self.drop()  # told again finds the next uses set and merges none: a pass instead
+            raise
 
     # -- the unqueued class -----------------------------------------------------------------------
     def _take_unqueued(self, n: int) -> torch.Tensor:
