@@ -1185,3 +1185,29 @@ def test_a_release_told_again_after_its_candidates_merge_failed_leaves_no_row_un
             run_batch(cache, batch)
         assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot)
     assert torch.isin(torch.arange(50, 100), caches[1].row_of_slot).sum() == 47  # none went
+
+
+def test_a_victim_pick_that_fails_part_way_loses_no_candidate():
+    """A pick takes the unqueued victims out of the candidates, then the queued ones; a failure
+    there (out of memory: the admission raises, no row moved) lost the unqueued ones taken: the
+    next admission evicted a queued request's rows and kept rows no request needs. A failed
+    pick drops the candidates (the next pick passes over the tier)."""
+    cache = RowCache("warm", num_rows=1000, capacity=100, spec=PolicySpec.parse("lru"))
+    cache.attach_queue(QueuedRequests())
+    run_batch(cache, torch.arange(100))
+    cache.queued(cache.queue.add(torch.arange(0, 98)))  # rows 98 and 99: no request needs them
+    runs = cache._queue_victims
+    take_queued = runs._take_queued
+
+    def out_of_memory_once(n):
+        runs._take_queued = take_queued
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    runs._take_queued = out_of_memory_once
+    with pytest.raises(torch.OutOfMemoryError):
+        run_batch(cache, torch.arange(500, 504))  # 98 and 99 taken, then the queued pick fails
+    assert held(cache) == list(range(100))
+    run_batch(cache, torch.arange(600, 604))
+    assert 98 not in held(cache) and 99 not in held(cache)
+    assert torch.isin(torch.arange(0, 98), cache.row_of_slot).sum() == 96
+    check_cache_invariants(cache)

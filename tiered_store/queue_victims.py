@@ -16,9 +16,10 @@ candidate is checked when it comes up (key, or next use, unchanged; still evicta
 if not. Slots that enter a class within its limit (a release moves rows to a later
 request or out of the queue, an announcement moves rows into it, rows are admitted, unpinned,
 or a victim is reinstated) are merged in by ``changed``. A pass over the tier is needed only when
-candidates run out before the limit, or after a merge failed (out of memory: told again, the
-change would find its slots moved already and merge none). The picks are exactly those of a
-pass per eviction (``tests/test_request_queue.py`` checks them in lockstep).
+candidates run out before the limit, or after a merge or a pick failed (out of memory: told
+again, a change would find its slots moved already and merge none; a pick's candidates taken
+were never evicted). The picks are exactly those of a pass per eviction
+(``tests/test_request_queue.py`` checks them in lockstep).
 """
 
 from __future__ import annotations
@@ -144,11 +145,15 @@ class QueueVictims:
     def pick(self, need: int, want: int) -> torch.Tensor:
         """Up to ``want`` unqueued victims in the policy's order; if fewer exist, all of them and
         then queued ones, furthest first, up to ``need`` in all."""
-        first = self._take_unqueued(want)
-        short = need - first.numel()
-        if short <= 0:
-            return first
-        return torch.cat([first, self._take_queued(short)])
+        try:
+            first = self._take_unqueued(want)
+            short = need - first.numel()
+            if short <= 0:
+                return first
+            return torch.cat([first, self._take_queued(short)])
+        except BaseException:  # (out of memory) candidates taken out, never evicted: the next
+            self.drop()  # pick passes over the tier
+            raise
 
     def drop(self) -> None:
         """Forget every candidate: the next pick passes over the tier."""
