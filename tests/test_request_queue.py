@@ -1211,3 +1211,46 @@ def test_a_victim_pick_that_fails_part_way_loses_no_candidate():
     assert 98 not in held(cache) and 99 not in held(cache)
     assert torch.isin(torch.arange(0, 98), cache.row_of_slot).sum() == 96
     check_cache_invariants(cache)
+
+
+def test_a_lookup_that_admits_rows_does_not_wait_for_an_announces_pass(tmp_path, monkeypatch):
+    """An announce merges its rows into the queue in one pass without the GIL, so that lookups
+    go on meanwhile; but the pass held the queue's lock, which each admission takes to read its
+    rows' next requests, under the store's lock: a lookup that missed waited for the whole pass
+    (0.15-0.23 s at 10M pairs), and every lookup behind it for the store's lock. Admissions read
+    the pairs as they are (the pass replaces them), and the tiers learn the announce as usual."""
+    import threading
+
+    from tiered_store import request_queue_kernels
+
+    path, data = make_table(tmp_path, rows=ROWS, dim=4)
+    with TieredStore(store_config(path, hot={"capacity": 8}, warm={"capacity": 40})) as store:
+        store.lookup(torch.arange(40))
+        store.release(store.announce([5]))  # the first announce attaches the queue (locked)
+        merging, finish = threading.Event(), threading.Event()
+        merge = request_queue_kernels.merge_request
+
+        def long_merge(*args):  # a pass over a large queue
+            merging.set()
+            finish.wait(30)
+            return merge(*args)
+
+        monkeypatch.setattr(request_queue_kernels, "merge_request", long_merge)
+        announced = []
+        announcing = threading.Thread(target=lambda: announced.append(store.announce([20, 21, 22])))
+        announcing.start()
+        merging.wait(30)
+        looked_up = []
+        lookup = threading.Thread(target=lambda: looked_up.append(store.lookup([100, 101])))
+        lookup.start()
+        lookup.join(timeout=10)
+        waited = lookup.is_alive()
+        finish.set()
+        lookup.join(timeout=30)
+        announcing.join(timeout=30)
+        assert not waited, "the lookup waited for the announce's pass"
+        assert torch.equal(looked_up[0], data[[100, 101]])
+        store.lookup(torch.arange(200, 230))  # 30 new rows: unqueued rows of warm go first
+        assert {20, 21, 22} <= set(held(store.warm))
+        store.release(announced[0])
+        assert store.stats()["queue"]["requests"] == 0

@@ -38,14 +38,17 @@ class QueuedRequest:
 class QueuedRequests:
     """Announced requests and, for any row, the earliest of them that looks it up: one array of
     (row, request) pairs sorted by row, then by request, kept up to date as requests come and go
-    (a merge when one comes, a pass that drops its pairs when one goes: no sort of the queue)."""
+    (a merge when one comes, a pass that drops its pairs when one goes: no sort of the queue).
+    The arrays are replaced, never changed in place: a reader (an admission's ``next_use``,
+    under the store's lock) takes them as they are, never waiting for a pass under way."""
 
     def __init__(self) -> None:
         self._requests: set[int] = set()  # tokens of the requests queued now
         self._tokens = itertools.count(1)
         self._pair_rows = np.empty(0, dtype=np.int64)  # sorted; a row once per request using it
         self._pair_tokens = np.empty(0, dtype=np.int64)  # ascending within each row
-        self._lock = threading.Lock()
+        self._changing = threading.Lock()  # held by ``add`` and ``remove`` through their pass
+        self._lock = threading.Lock()  # the arrays and requests, replaced together (held briefly)
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -59,8 +62,13 @@ class QueuedRequests:
     @property
     def nbytes(self) -> int:
         """Bytes of the (row, request) pairs held now."""
+        pair_rows, pair_tokens = self._pairs()
+        return pair_rows.nbytes + pair_tokens.nbytes
+
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (row, request) pairs as they are now (a pass under way replaces them later)."""
         with self._lock:
-            return self._pair_rows.nbytes + self._pair_tokens.nbytes
+            return self._pair_rows, self._pair_tokens
 
     def add(self, ids: torch.Tensor) -> QueuedRequest:
         """Queue a request that will look up ``ids`` (any shape); its ``first_rows`` are those no
@@ -68,13 +76,15 @@ class QueuedRequests:
         from . import request_queue_kernels as kernels  # numba: imported at the first announce
 
         rows = torch.unique(ids.reshape(-1).to("cpu", torch.int64))
-        with self._lock:
+        with self._changing:
             token = next(self._tokens)
-            self._pair_rows, self._pair_tokens, first = kernels.merge_request(
+            pair_rows, pair_tokens, first = kernels.merge_request(
                 self._pair_rows, self._pair_tokens, rows.numpy(), token
             )
             request = QueuedRequest(token, rows, self, rows[torch.from_numpy(first)])
-            self._requests.add(token)
+            with self._lock:
+                self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
+                self._requests.add(token)
         return request
 
     def remove(self, request: QueuedRequest) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +98,7 @@ class QueuedRequests:
                 f"release: got {type(request).__name__} {request!r}; expected the QueuedRequest "
                 "that announce() returned"
             )
-        with self._lock:
+        with self._changing:
             if request.owner is not self or request.token not in self._requests:
                 where = "was already released" if request.owner is self else "is another store's"
                 raise QueuedRequestError(
@@ -97,10 +107,12 @@ class QueuedRequests:
                 )
             # sized by the request (one pair per row), not the queue: the queue holds what
             # ``nbytes`` counts, and a release's news (held until the tiers are told) its rows
-            self._pair_rows, self._pair_tokens, rows, next_use = kernels.drop_request(
+            pair_rows, pair_tokens, rows, next_use = kernels.drop_request(
                 self._pair_rows, self._pair_tokens, request.token, NOT_QUEUED, request.rows.numel()
             )
-            self._requests.discard(request.token)
+            with self._lock:
+                self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
+                self._requests.discard(request.token)
         return torch.from_numpy(rows), torch.from_numpy(next_use)
 
     def next_use(self, ids: torch.Tensor) -> torch.Tensor:
@@ -108,9 +120,9 @@ class QueuedRequests:
         device); ``NOT_QUEUED`` where none does."""
         query = ids.to("cpu", torch.int64).numpy()
         out = np.full(query.shape, NOT_QUEUED, dtype=np.int64)
-        with self._lock:
-            if self._pair_rows.size:  # a row's first pair is its earliest request's
-                pos = np.minimum(np.searchsorted(self._pair_rows, query), self._pair_rows.size - 1)
-                found = self._pair_rows[pos] == query
-                out[found] = self._pair_tokens[pos[found]]
+        pair_rows, pair_tokens = self._pairs()
+        if pair_rows.size:  # a row's first pair is its earliest request's
+            pos = np.minimum(np.searchsorted(pair_rows, query), pair_rows.size - 1)
+            found = pair_rows[pos] == query
+            out[found] = pair_tokens[pos[found]]
         return torch.from_numpy(out).to(ids.device)

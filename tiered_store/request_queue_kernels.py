@@ -3,9 +3,10 @@
 ``QueuedRequests`` keeps every queued row with each request that looks it up, sorted by row and
 then by request. A request coming is a merge of its sorted rows into that array, a request going
 a pass that drops its pairs; with numpy either is several whole-array operations, each holding
-the GIL, on a server's threads. Both run without the GIL (``nogil``: the queue's lock keeps its
-arrays, which are replaced, never changed in place): a server's lookups, compute and event loop
-go on during a pass over a large queue. Each allocates what it returns at its exact size (the
+the GIL, on a server's threads. Both run without the GIL (``nogil``: the queue's arrays are
+replaced, never changed in place, and its readers do not wait for a pass): a server's lookups,
+those that admit rows included, its compute and event loop go on during a pass over a large
+queue. Each allocates what it returns at its exact size (the
 queue holds the bytes it counts, a release's moved rows take its request's rows' size), inside
 the pass: arrays numba allocated there alias nothing, which it compiles into a faster loop than
 over arrays a caller passed in. Importing this module imports numba (~0.5 s): ``request_queue``
