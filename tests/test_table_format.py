@@ -518,6 +518,46 @@ def test_a_verification_keeps_to_its_byte_rate(tmp_path):
         verify_table(path, progress=False, bytes_per_s=0)
 
 
+@pytest.mark.parametrize("command", ["verify", "add_page_checksums"])
+def test_a_read_error_while_verifying_names_the_table_and_offset(
+    tmp_path, monkeypatch, capsys, command
+):
+    """A disk read error (EIO) in a whole-table pass came out as a bare ``OSError: [Errno 5]
+    Input/output error`` naming neither table nor offset: a traceback from ``tiered-store
+    verify``, and an anonymous ``last_error`` in serve's /healthz. It is a TierIOError naming
+    both, and the command prints one line."""
+    import errno
+
+    import tiered_store.table_format as table_format
+    from tiered_store.cli import main
+    from tiered_store.errors import TierIOError
+    from tiered_store.table_format import add_page_checksums
+
+    path, _ = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=4096)
+    monkeypatch.setattr(table_format, "VERIFY_READ_BYTES", 2 * 4096)  # 25 reads of 2 blocks
+    real = table_format._readinto_full
+    reads = []
+
+    def fails_at_the_third_read(f, view):
+        reads.append(len(view))
+        if len(reads) == 3:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(f, view)
+
+    monkeypatch.setattr(table_format, "_readinto_full", fails_at_the_third_read)
+    run = verify_table if command == "verify" else add_page_checksums
+    offset = 4096 + 2 * 8192
+    message = rf"reading 8,192 bytes of table .*t\.npy at byte {offset:,} failed \(Input/output"
+    with pytest.raises(TierIOError, match=message):
+        run(path, progress=False)
+    reads.clear()
+    option = ["--add-page-checksums"] if command == "add_page_checksums" else []
+    assert main(["verify", str(path), "--quiet", *option]) == 2  # as any other error
+    err = capsys.readouterr().err
+    assert err.startswith(f"tiered-store verify: error: reading 8,192 bytes of table {path}")
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
 def test_truncated_table_is_refused(tmp_path):
     path, m = make(tmp_path, RandomSource(100, 10))
     with open(path, "r+b") as f:

@@ -736,6 +736,8 @@ def verify_table(
     ChecksumError
         A page fails its CRC32C (the blocks being right): the message names the page, its file
         byte range and rows.
+    TierIOError
+        A read of the data failed (EIO): the message names the table and the offset.
     VerifyStopped
         ``stop`` was set before the pass ended.
 
@@ -829,7 +831,8 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
         The table changed (made anew, its manifest rewritten) while it ran: no verdict, nothing
         written.
     TierIOError
-        A write failed (disk full, read-only file system, file-size limit); the table is unchanged.
+        A read of the data failed (EIO: the message names the table and the offset), or a write
+        failed (disk full, read-only file system, file-size limit); the table is unchanged.
 
     Examples
     --------
@@ -1013,7 +1016,16 @@ def _scan_table(
                     f"{manifest.data_bytes:,} data bytes"
                 )
             want = min(chunk, manifest.data_bytes - checked)
-            got = _readinto_full(f, view[:want])
+            try:
+                got = _readinto_full(f, view[:want])
+            except OSError as exc:  # EIO from a failing disk: name the table and where
+                raise TierIOError(
+                    exc.errno or errno.EIO,
+                    f"reading {want:,} bytes of table {npy_path} at byte "
+                    f"{manifest.data_offset + checked:,} failed ({exc.strerror or exc}); expected "
+                    "the whole file readable (check the disk)",
+                    str(npy_path),
+                ) from exc
             if got != want:
                 raise TableFormatError(
                     f"table {npy_path}: short read at byte {manifest.data_offset + checked}: "
