@@ -111,3 +111,38 @@ def test_other_architectures_are_refused(monkeypatch):
     with pytest.raises(OSError, match="x86-64; this is Linux aarch64"):
         IoUring(8)
     assert "aarch64" in uring_unavailable_reason()
+
+
+def test_a_second_ctrl_c_while_draining_still_waits_for_the_reads_in_flight(data, monkeypatch):
+    """A Ctrl-C mid-batch drains the ring, as the reads in flight land in the caller's memory; a
+    second Ctrl-C during that drain closed the ring with reads still in flight, which could then
+    land in memory the caller had freed (the cold tier drops a closed ring and its buffer). The
+    drain waits through further interrupts: the batch ends with nothing in flight, the ring
+    open and usable."""
+    fd, payload = data
+    reap, calls = IoUring._reap, [0]
+
+    def interrupted(self, results):
+        calls[0] += 1
+        if calls[0] in (2, 3):  # in the batch, then in its drain
+            raise KeyboardInterrupt
+        return reap(self, results)
+
+    n = 200
+    offsets = np.arange(n, dtype=np.int64) * 4096
+    lengths = np.full(n, 4096, dtype=np.int64)
+    buf = np.zeros(n * 4096, dtype=np.uint8)
+    with IoUring(4) as ring:
+        monkeypatch.setattr(IoUring, "_reap", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets)
+        monkeypatch.setattr(IoUring, "_reap", reap)
+        assert calls[0] > 3 and not ring.closed
+        tail0, head0 = ring._batch_start
+        submitted = (ring._tail - tail0) & 0xFFFFFFFF
+        assert submitted > 0 and (ring._cq_head_value() - head0) & 0xFFFFFFFF == submitted
+        buf[:] = 0
+        assert np.array_equal(
+            ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets), lengths
+        )
+        assert np.array_equal(buf, payload[: n * 4096])

@@ -260,15 +260,20 @@ class IoUring:
     def _drain(self, n: int) -> None:
         """After an interrupted batch, submit what is queued and wait for every request in
         flight (their memory is still the caller's), so that the ring starts the next batch
-        empty; a ring that cannot be drained is closed (``closed``: never reused)."""
+        empty; a ring that cannot be drained is closed (``closed``: never reused). A further
+        Ctrl-C meanwhile does not stop the wait: the reads in flight would land in memory the
+        caller may have freed (the interruption being drained is raised after it)."""
         # counted from the rings themselves: the interruption may have come between a ring update
         # and its count here (asking the kernel to submit more than is queued is harmless)
         tail0, head0 = self._batch_start
         queued = (self._tail - tail0) & _U32
         scratch = np.empty(n, dtype=np.int32)
-        try:
-            enter = _syscall()
-            while (completed := (self._cq_head_value() - head0) & _U32) < queued:
+        enter = _syscall()
+        while True:
+            try:
+                completed = (self._cq_head_value() - head0) & _U32
+                if completed >= queued:
+                    return
                 ret = enter(
                     _SYS_IO_URING_ENTER,
                     self._fd,
@@ -281,8 +286,11 @@ class IoUring:
                 if ret < 0 and ctypes.get_errno() not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
                     raise OSError(ctypes.get_errno(), "io_uring_enter failed while draining")
                 self._reap(scratch)
-        except BaseException:
-            self.close()
+            except KeyboardInterrupt:  # a second Ctrl-C: the reads in flight are waited for
+                continue
+            except BaseException:
+                self.close()
+                return
 
     @property
     def closed(self) -> bool:
