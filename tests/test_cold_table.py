@@ -246,6 +246,44 @@ class TestMmap(ColdTableContract):
             assert np.array_equal(raw(table.read_rows(ids)), raw(ref))
             assert table.read_requests == 4
 
+    def test_a_table_that_cannot_be_mapped_is_a_tier_io_error_naming_it(self, tmp_path):
+        """No address space for the map (a real RLIMIT_AS, in a child process: ``ulimit -v``
+        under a large table) failed the open with a bare ``OSError: [Errno 12] Cannot allocate
+        memory``, naming neither the table nor another io mode; the descriptor is closed."""
+        path = tmp_path / "big.npy"
+        create_table(path, RandomSource(1 << 16, 256), progress=False)  # 64 MiB
+        script = textwrap.dedent(
+            f"""
+            import os, resource
+            from tiered_store.cold_table import ColdTable
+            from tiered_store.errors import TierIOError
+            ColdTable({str(path)!r}, io="mmap", threads=1).close()  # everything loaded
+            fds = len(os.listdir("/proc/self/fd"))
+            with open("/proc/self/status") as f:
+                vm = next(int(line.split()[1]) << 10 for line in f if line.startswith("VmSize"))
+            soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+            resource.setrlimit(resource.RLIMIT_AS, (vm + (32 << 20), hard))  # half the table
+            try:
+                ColdTable({str(path)!r}, io="mmap", threads=1)
+            except TierIOError as exc:
+                print("TierIOError", exc.errno, exc)
+            finally:
+                resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+            print("fds", len(os.listdir("/proc/self/fd")) == fds)
+            """
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        first, fds = proc.stdout.splitlines()
+        assert re.match(
+            rf"TierIOError {errno.ENOMEM} .*cannot map table .*big.npy \(67,112,960 bytes\) for "
+            r"io='mmap' \(Cannot allocate memory\); expected .*io='pread'",
+            first,
+        ), first
+        assert fds == "fds True"
+
 
 class ExtentReaderContract(ColdTableContract):
     """What the modes that plan page extents (pread, direct, uring) share."""

@@ -404,7 +404,16 @@ class ColdTable:
             raise TierIOError(
                 errno.EIO, f"table {self.path} shrank before it could be mapped", str(self.path)
             )
-        self._mmap = mmap.mmap(self._fd, self._file_bytes, access=mmap.ACCESS_READ)
+        try:
+            self._mmap = mmap.mmap(self._fd, self._file_bytes, access=mmap.ACCESS_READ)
+        except OSError as exc:  # ENOMEM: no address space for it (ulimit -v, vm.max_map_count)
+            raise TierIOError(
+                exc.errno,
+                f"cannot map table {self.path} ({self._file_bytes:,} bytes) for io='mmap' "
+                f"({exc.strerror}); expected room for it in the address space (ulimit -v), or "
+                "use io='pread'",
+                str(self.path),
+            ) from exc
         if hasattr(self._mmap, "madvise"):
             self._mmap.madvise(mmap.MADV_RANDOM)
         self._bytes = np.frombuffer(self._mmap, dtype=np.uint8)
