@@ -862,3 +862,59 @@ def test_a_ctrl_c_in_the_callers_task_is_raised_over_a_runners_earlier_error(tmp
 
     with ColdTable(path, io="pread", threads=2) as table, pytest.raises(KeyboardInterrupt):
         table._run_parallel(fn, 2)
+
+
+def test_a_close_interrupted_while_it_waits_for_a_read_is_finished_by_the_next(
+    tmp_path, monkeypatch
+):
+    """A Ctrl-C while close() waited for a read in another thread left the table marked closed
+    with its descriptor and pool open: every later close() returned at once, and they stayed
+    open as long as the table object lived. The next close() finishes the job."""
+    path = tmp_path / "t.npy"
+    create_table(path, torch.zeros(100, 4), progress=False)
+    table = ColdTable(path, io="pread", threads=2)
+    fd, pool = table._fd, table._pool
+    held, release = threading.Event(), threading.Event()
+    extract = table._extract
+
+    def held_extract(*args, **kwargs):
+        held.set()
+        release.wait()
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(table, "_extract", held_extract)
+    main = threading.main_thread()
+
+    def interrupt_the_close() -> None:
+        """SIGINT once the main thread waits in close() for the read held."""
+        while True:
+            frame, names = sys._current_frames().get(main.ident), []
+            while frame is not None:
+                names.append(frame.f_code.co_name)
+                frame = frame.f_back
+            if names and names[0] == "wait" and "close" in names:
+                break
+            release.wait(0.001)
+        signal.pthread_kill(main.ident, signal.SIGINT)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    reader = threading.Thread(target=table.read_rows, args=(np.arange(10),))
+    reader.start()
+    held.wait()
+    default = signal.signal(signal.SIGINT, ctrl_c)
+    try:
+        threading.Thread(target=interrupt_the_close, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            table.close()
+    finally:
+        signal.signal(signal.SIGINT, default)
+        release.set()
+        reader.join()
+    table.close()
+    assert (table._fd, table._pool) == (-1, None) and pool._shutdown
+    opened = Path(f"/proc/self/fd/{fd}")
+    assert not opened.exists() or opened.resolve() != path.resolve()
+    with pytest.raises(TierIOError, match="is closed"):
+        table.read_rows(np.array([1]))

@@ -292,13 +292,12 @@ class ColdTable:
 
     def close(self) -> None:
         """Refuse new reads, wait for those under way (in other threads), then stop the thread
-        pool and close the file (idempotent)."""
-        if self._closed:
-            return
+        pool and close the file (idempotent; one interrupted while it waited, by a Ctrl-C, is
+        finished by the next)."""
         self._closed = True
         self._calls.close()
-        self._finalizer.detach()
-        self._release()
+        if self._finalizer.detach() is not None:  # the first close past the wait releases
+            self._release()
 
     def __enter__(self) -> ColdTable:
         return self
