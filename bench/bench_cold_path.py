@@ -59,8 +59,10 @@ from tiered_store.cli_args import (
     run_script,
 )
 from tiered_store.cold_table import ColdTable
+from tiered_store.config import MAX_COLD_THREADS
 from tiered_store.disk_probe import fio_random_reads, probe_random_reads, probe_uring_reads
 from tiered_store.errors import TierIOError
+from tiered_store.io_uring import MAX_QUEUE_DEPTH
 from tiered_store.table_format import PAGE_BYTES, RandomSource, create_table, read_manifest
 from tiered_store.versions import machine_info
 
@@ -135,6 +137,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.headline_depth not in args.store_depths:
         p.error(f"--headline-depth {args.headline_depth} is not in --store-depths")
+    if max(args.threads) > MAX_COLD_THREADS:  # refused now, not once the table is made
+        p.error(
+            f"--threads {args.threads}: ColdTable reads with at most {MAX_COLD_THREADS} threads; "
+            f"expected each <= {MAX_COLD_THREADS}"
+        )
+    for option, depths in (("--depths", args.depths), ("--store-depths", args.store_depths)):
+        if max(depths) > MAX_QUEUE_DEPTH:
+            p.error(
+                f"{option} {depths}: a ring holds at most {MAX_QUEUE_DEPTH} reads in flight; "
+                f"expected each <= {MAX_QUEUE_DEPTH}"
+            )
     return args
 
 

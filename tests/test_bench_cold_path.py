@@ -78,12 +78,34 @@ def test_runs_without_fio_against_the_python_probe(tmp_path):
         (("--no-fio", "--depths", "1,8"), "--depths [1, 8]: the baseline reads at queue depth 32"),
         (("--table-gib", "0.001"), "--batch 16,384: more than the table's 8,388 rows"),
         (("--table-gib", "0"), "argument --table-gib: expected a number > 0, got '0'"),
+        # past ColdTable's limits: refused after the table was made (a minute for the default)
+        (
+            ("--no-fio", "--table-gib", "0.02", "--threads", "1,300"),
+            "--threads [1, 300]: ColdTable reads with at most 256 threads; expected each <= 256",
+        ),
+        (
+            ("--no-fio", "--table-gib", "0.02", "--depths", "32,5000"),
+            "--depths [32, 5000]: a ring holds at most 4096 reads in flight; expected each <= 4096",
+        ),
+        (
+            (
+                "--no-fio",
+                "--table-gib",
+                "0.02",
+                "--store-depths",
+                "5000",
+                "--headline-depth",
+                "5000",
+            ),
+            "--store-depths [5000]: a ring holds at most 4096 reads in flight; expected each <=",
+        ),
     ],
 )
 def test_refuses_settings_it_cannot_run_before_any_work(tmp_path, args, message):
     done = run_bench("bench_cold_path.py", "--dir", str(tmp_path), *args, timeout=120)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+    assert "making a" not in done.stdout  # no table made first
     assert list(tmp_path.iterdir()) == []
 
 
