@@ -208,6 +208,12 @@ def test_progress_bar_can_be_shown(tmp_path, capsys):
         (np.zeros((4, 3), np.float32), {"block_bytes": 1000}, r"block_bytes=1000"),
         (np.zeros((4, 3), np.float32), {"chunk_bytes": 0}, r"chunk_bytes=0"),
         (RandomSource(4, 3, seed=-1), {}, r"seed=-1"),
+        # a count not an integer was cut to one (10.7 rows made 10) or parsed from a str
+        (RandomSource(10.7, 4), {}, r"RandomSource rows=10.7; expected an integer >= 1"),
+        (RandomSource(10, 4.9), {}, r"RandomSource dim=4.9; expected an integer >= 1"),
+        (RandomSource("12", 4), {}, r"RandomSource rows='12'; expected an integer >= 1"),
+        (RandomSource(True, 4), {}, r"RandomSource rows=True; expected an integer >= 1"),
+        (RandomSource(4, 3, seed=2.5), {}, r"seed=2.5; expected an integer >= 0"),
         (RandomSource(4, 3, dtype="float64"), {}, r"dtype is 'float64'"),
         (
             np.array([[1.0, 2.0], [3.0, 70000.0]], np.float32),
@@ -226,6 +232,14 @@ def test_bad_input_is_refused_and_writes_nothing(tmp_path, source, kw, match):
     with pytest.raises(TableFormatError, match=match):
         create_table(tmp_path / "t.npy", source, progress=False, **kw)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_random_source_counts_may_be_numpy_integers(tmp_path):
+    """A NumPy seed was refused ("expected an int") where NumPy rows and dim were taken."""
+    path, m = make(tmp_path, RandomSource(np.int64(5), np.int32(3), seed=np.int64(7)))
+    assert m.shape == (5, 3) and {type(m.rows), type(m.dim)} == {int}
+    _, same = make(tmp_path, RandomSource(5, 3, seed=7), name="u.npy")
+    assert same.block_checksums == m.block_checksums
 
 
 def test_missing_tensor_name_lists_available(tmp_path):

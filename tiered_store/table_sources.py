@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import TableFormatError, TierIOError
+from .integers import as_integer
 from .npy_files import load_npy
 from .quantization import RowQuantization, pack_rows
 
@@ -368,10 +369,16 @@ class _RandomReader(SourceReader):
     """Seeded normal rows, generated per fixed unit of rows so chunking never changes values."""
 
     def __init__(self, src: RandomSource, dtype: object):
+        for name in ("rows", "dim"):  # int() would cut 10.7 rows to 10, or parse a str
+            if as_integer(getattr(src, name)) is None:
+                raise TableFormatError(
+                    f"RandomSource {name}={getattr(src, name)!r}; expected an integer >= 1"
+                )
         what = f"RandomSource{(src.rows, src.dim)}"
-        self.rows, self.dim = _check_shape((src.rows, src.dim), what)
-        if not isinstance(src.seed, int) or src.seed < 0:
-            raise TableFormatError(f"RandomSource seed={src.seed!r}; expected an int >= 0")
+        self.rows, self.dim = _check_shape((as_integer(src.rows), as_integer(src.dim)), what)
+        self.seed = as_integer(src.seed)
+        if self.seed is None or self.seed < 0:
+            raise TableFormatError(f"RandomSource seed={src.seed!r}; expected an integer >= 0")
         if not (isinstance(src.std, int | float) and math.isfinite(src.std) and src.std >= 0):
             raise TableFormatError(f"RandomSource std={src.std!r}; expected a finite float >= 0")
         self.dtype = dtype_name(src.dtype if dtype is None else dtype, "dtype")
@@ -393,14 +400,14 @@ class _RandomReader(SourceReader):
         self.unit_rows = max(1, RANDOM_UNIT_ELEMENTS // self.dim)
         self._cached: tuple[int, np.ndarray] = (-1, np.empty((0, self.dim), np.float32))
         kind = "packed fp8 rows" if self.quantization else f"normal(mean=0, std={src.std})"
-        self.description = f"random {kind}, seed={src.seed}"
+        self.description = f"random {kind}, seed={self.seed}"
 
     def _unit(self, u: int) -> np.ndarray:
         if self._cached[0] == u:  # small chunks reuse the unit they share
             return self._cached[1]
         start = u * self.unit_rows
         n = min(self.unit_rows, self.rows - start)
-        rng = np.random.default_rng(np.random.SeedSequence(self.src.seed, spawn_key=(u,)))
+        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(u,)))
         if self.quantization is not None:
             out = self._packed_rows(rng, n, self.quantization)
         else:
