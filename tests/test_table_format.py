@@ -878,3 +878,26 @@ def test_replace_metadata_rewrites_the_manifest_alone_and_only_the_one_read(tmp_
         replace_metadata(path, {"note": "y"}, expected=read)  # read before the first
     assert read_manifest(path) == new
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_replace_metadata_keeps_the_fields_a_newer_version_wrote(tmp_path):
+    """A manifest sealed with fields this version does not know (a newer release's, which
+    readers ignore): replace_metadata changes its metadata alone and keeps those fields."""
+    from tests.conftest import assert_sealed_manifest, make_table
+    from tiered_store.manifest_checksum import sealed
+    from tiered_store.table_format import replace_metadata
+
+    path, _ = make_table(tmp_path, rows=300, dim=8)
+    manifest_path = table_paths(path)[1]
+    doc = json.loads(manifest_path.read_text())
+    doc["row_index"] = {"kind": "newer"}
+    doc["created"]["host"] = "newer"
+    manifest_path.write_text(json.dumps(sealed(doc)))
+    read = read_manifest(path)
+    new = replace_metadata(path, {**read.metadata, "note": "x"}, expected=read)
+    kept = json.loads(manifest_path.read_text())
+    assert kept["row_index"] == {"kind": "newer"} and kept["created"]["host"] == "newer"
+    assert kept["metadata"]["note"] == "x" and read_manifest(path) == new
+    assert new.manifest_crc32c == kept["manifest_crc32c"]
+    assert_sealed_manifest(path)
+    verify_table(path, progress=False)

@@ -64,7 +64,7 @@ from .atomic_file import (
     write_step,
 )
 from .errors import TableFormatError, TieredStoreError, TierIOError, shown, warn_at_caller
-from .manifest_checksum import check_manifest_checksum, sealed
+from .manifest_checksum import FIELD, check_manifest_checksum, sealed
 from .npy_files import read_npy_header
 from .page_checksums import (
     ChecksumError,
@@ -414,6 +414,12 @@ def read_manifest(path: str | os.PathLike[str]) -> TableManifest:
     >>> m.shape, m.dtype, m.num_blocks  # doctest: +SKIP
     ((10300000, 1024), 'bfloat16', 20118)
     """
+    doc, manifest_path = _read_manifest_doc(path)
+    return TableManifest.from_json(doc, where=f"table manifest {manifest_path}")
+
+
+def _read_manifest_doc(path: str | os.PathLike[str]) -> tuple[Any, Path]:
+    """The parsed JSON of the table ``path``'s manifest (unchecked) and the manifest's path."""
     npy_path, manifest_path = table_paths(path)
     try:
         text = manifest_path.read_text(encoding="utf-8")
@@ -451,7 +457,7 @@ def read_manifest(path: str | os.PathLike[str]) -> TableManifest:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TableFormatError(f"table manifest {manifest_path} is not valid JSON: {exc}") from None
-    return TableManifest.from_json(doc, where=f"table manifest {manifest_path}")
+    return doc, manifest_path
 
 
 def check_table(path: str | os.PathLike[str]) -> TableManifest:
@@ -900,8 +906,9 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
 def replace_metadata(
     path: str | os.PathLike[str], metadata: dict[str, Any], *, expected: TableManifest
 ) -> TableManifest:
-    """Give a table's manifest ``metadata`` in place of its own, its rows and checksums as they
-    are: the manifest is written atomically (a crash leaves the old one or the new), and only
+    """Give a table's manifest ``metadata`` in place of its own, its rows, checksums and every
+    other field as they are (those this version does not know, a newer one's, included): the
+    manifest is written atomically (a crash leaves the old one or the new), and only
     while it is still ``expected`` (the manifest the caller read); returns the new manifest.
 
     Raises
@@ -912,8 +919,18 @@ def replace_metadata(
         A write failed; the table is unchanged.
     """
     _check_metadata(metadata)
-    npy_path, manifest_path = table_paths(path)
-    manifest, text = _manifest_text(replace(expected, metadata=metadata))
+    npy_path, _ = table_paths(path)
+    # the manifest as written, fields this version does not know (a newer one's) included: only
+    # its metadata changes
+    doc, manifest_path = _read_manifest_doc(npy_path)
+    where = f"table manifest {manifest_path}"
+    if not _same_manifest(TableManifest.from_json(doc, where=where), expected):
+        raise TableFormatError(
+            f"table {npy_path} changed while its metadata was recorded; expected it unchanged: "
+            "run the command again"
+        )
+    crc, text = _doc_text({**doc, "metadata": metadata})
+    manifest = replace(expected, metadata=metadata, manifest_crc32c=crc)
     what = f"cannot record metadata in table {npy_path}"
     unchanged = "the table was left as it was"
     with write_step(what, "creating its temporary manifest", unchanged):
@@ -1322,11 +1339,18 @@ def _check_free_space(
 def _manifest_text(manifest: TableManifest) -> tuple[TableManifest, str]:
     """The manifest with its own checksum, and its file's text: indented JSON, the checksum
     after the fields it covers, the (possibly long) block checksum list on one line at the end."""
-    doc = sealed(manifest.to_json())
+    crc, text = _doc_text(manifest.to_json())
+    return replace(manifest, manifest_crc32c=crc), text
+
+
+def _doc_text(doc: dict[str, Any]) -> tuple[int, str]:
+    """The checksum of the manifest ``doc`` and its file's text (see ``_manifest_text``)."""
+    doc = sealed(doc)
     sums = doc.pop("block_checksums")
+    doc[FIELD] = doc.pop(FIELD)  # after the fields it covers, wherever the doc read held it
     text = json.dumps(doc, indent=1)
     text = f'{text[:-2]},\n "block_checksums": {json.dumps(sums)}\n}}\n'
-    return replace(manifest, manifest_crc32c=doc["manifest_crc32c"]), text
+    return doc[FIELD], text
 
 
 def _check_finite(
