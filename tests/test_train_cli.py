@@ -839,3 +839,44 @@ def test_an_fp16_step_whose_dense_gradients_overflow_changes_no_row(tmp_path):
     )
     assert torch.equal(rows, rows_resumed) and not torch.equal(rows, rows2)
     assert dense["scaler"] == dense_resumed["scaler"]
+
+
+def test_an_fp16_step_skipped_is_not_counted_in_the_rows_adam_steps(tmp_path):
+    """fp16 with --optimizer adam: a step skipped for an overflow does not advance the rows'
+    Adam step (as scaler.step leaves torch's Adam, the dense weights', at its count): the step
+    after it corrects its bias as Adam's third step, not its fourth, and the count survives a
+    resume (dense-S.pt records it)."""
+    mixed = replace(
+        _settings(ROOT / "tiered_store" / "engram"),
+        steps=2,
+        checkpoint_every=1,
+        precision="fp16",
+        optimizer="adam",
+    )
+    out = tmp_path / "run"
+    train(out, mixed, resume=False, progress=False)
+    state = torch.load(out / "dense-2.pt", weights_only=True)
+    assert state["applied_steps"] == 2
+    state["scaler"]["scale"] = 2.0**20  # as if grown: step 3's gradients overflow
+    torch.save(state, out / "dense-2.pt")
+    assert train(out, replace(mixed, steps=3), resume=True, progress=False)["skipped_steps"] == 1
+    rows3, dense3 = _final_state(out, 3)
+    assert dense3["applied_steps"] == 2
+    dense3["scaler"]["scale"] = 2.0**10  # step 4's do not
+    torch.save(dense3, out / "dense-3.pt")
+    train(out, replace(mixed, steps=4), resume=True, progress=False)
+    rows4, dense4 = _final_state(out, 4)
+    assert dense4["applied_steps"] == 3
+    dense_steps = {float(s["step"]) for s in dense4["optimizer"]["state"].values()}
+    assert dense_steps == {3.0}
+    # each touched row moved by lr * sqrt(1 - b2**t) / (1 - b1**t) * m / (sqrt(v) + eps): t from it
+    dim = rows4.shape[1] // 3
+    touched = (rows4[:, dim:] != rows3[:, dim:]).any(1)
+    moved = rows3[touched, :dim] - rows4[touched, :dim]
+    m, v = rows4[touched, dim : 2 * dim], rows4[touched, 2 * dim :]
+    direction = m / (v.sqrt() + 1e-8)
+    large = direction.abs() > 0.1
+    scale = (moved[large] / direction[large]).median().item() / mixed.table_lr
+    assert touched.any() and scale == pytest.approx(
+        math.sqrt(1 - 0.999**3) / (1 - 0.9**3), rel=1e-3
+    )

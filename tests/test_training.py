@@ -666,6 +666,23 @@ def test_an_overflowed_step_is_skipped_and_its_number_can_be_applied_next(tmp_pa
     _commit_and_close(plain, scaled)
 
 
+def test_optimizer_step_sets_adams_bias_correction_apart_from_the_step(tmp_path):
+    """step(3, optimizer_step=1) (a loop numbering its steps by iteration, one skipped): Adam's
+    first step, as step(1) applies it, and last_step 3; an optimizer_step below 1, or not an
+    integer, is refused by name with the gradients kept."""
+    plain, numbered = _two_tables(tmp_path)
+    ids = torch.tensor([[2, 5, 5]])
+    plain.lookup(ids).sum().backward()
+    numbered.lookup(ids).sum().backward()
+    for bad in (0, True, 1.5):
+        with pytest.raises(ConfigError, match=rf"^optimizer_step: {bad!r}; expected an integer"):
+            numbered.step(3, optimizer_step=bad)
+    assert numbered.step(3, optimizer_step=1) == plain.step(1) == 2
+    assert torch.equal(numbered.store.lookup(torch.arange(ROWS)), plain.store.lookup(torch.arange(ROWS)))  # fmt: skip
+    assert numbered.last_step == 3
+    _commit_and_close(plain, numbered)
+
+
 def test_a_scaler_that_cannot_unscale_is_refused_and_the_gradients_kept(tmp_path):
     """Something else than a GradScaler, or one that never scaled a loss: ConfigError naming the
     scaler, before any row changes; the gradients stay for the step."""

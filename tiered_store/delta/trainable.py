@@ -218,11 +218,23 @@ class TrainableTable:
         """Start fetching ``row_ids`` (weights and state come together)."""
         return self.store.prefetch(row_ids)
 
-    def step(self, step: int, scaler: torch.amp.GradScaler | None = None) -> int:
+    def step(
+        self,
+        step: int,
+        scaler: torch.amp.GradScaler | None = None,
+        *,
+        optimizer_step: int | None = None,
+    ) -> int:
         """Apply the optimizer to every row with a gradient since the last step; returns how many
         rows it updated. ``step`` counts optimizer steps from 1 (Adam's bias correction), each
         higher than the last (else ``ConfigError``, the gradients kept); a reopened table's last
         step is its last commit's (see :meth:`commit`).
+
+        ``optimizer_step``: the step Adam's bias correction uses, where it is not ``step`` (an
+        integer >= 1, else ``ConfigError``): a loop that numbers its steps (and commits) by
+        iteration under a ``GradScaler`` passes the count of steps applied, as torch's Adam
+        counts them, and keeps that count durable with its commits itself (sharded: every rank
+        passes the same; the update round checks ``step`` alone).
 
         A store write that raises part way (out of memory) may have applied whole: the step is
         then made (its gradients dropped, :attr:`last_step` is ``step``) and the error raised.
@@ -261,6 +273,11 @@ class TrainableTable:
             self._refuse(
                 step, f"step: {number}; expected more than the last step, {self._last_step} ({why})"
             )
+        adam_step = number if optimizer_step is None else as_integer(optimizer_step)
+        if adam_step is None or adam_step < 1:
+            self._refuse(
+                step, f"optimizer_step: {optimizer_step!r}; expected an integer >= 1 or None"
+            )
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             self._refuse(
                 step, f"scaler: {type(scaler).__name__}; expected a torch.amp.GradScaler or None"
@@ -274,7 +291,7 @@ class TrainableTable:
                 updated = update_rows(
                     unique,
                     summed,
-                    partial(self.optimizer.update, step=number),
+                    partial(self.optimizer.update, step=adam_step),
                     step=number,
                     skip=skip,
                 )
@@ -288,7 +305,7 @@ class TrainableTable:
             updated = 0
         else:  # the write is the last thing done: when anything fails before, no row changed
             current = self.store.lookup(unique)
-            new_rows = self.optimizer.update(current, summed.to(current), number)
+            new_rows = self.optimizer.update(current, summed.to(current), adam_step)
             self._check_finite(unique, summed, new_rows, number)
             try:
                 self.store.write(unique, new_rows)

@@ -16,7 +16,9 @@ every step, ``loss.png`` plots it.
 ``--device cuda`` computes on the GPU with the hot tier there. ``--precision bf16`` or ``fp16``
 runs the model under ``torch.autocast`` (the tables' rows stay float32); ``fp16`` scales the loss
 with a ``GradScaler`` (saved in the checkpoints) that the tables' steps follow: a step whose
-gradients overflow, the dense weights' or the rows', changes no row and no dense weight.
+gradients overflow, the dense weights' or the rows', changes no row and no dense weight, and
+is not counted in Adam's steps (the rows' bias correction counts applied steps, as the dense
+Adam does; ``dense-S.pt`` records the count).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ __all__ = ["TrainSettings", "train", "register"]
 
 TABLE_FILE = "tables.npy"
 SETTINGS_FILE = "train.json"
+APPLIED_KEY = "applied_steps"  # in dense-S.pt: steps applied by S (the rows' Adam count)
 COMMITTED_FILE = "committed.json"  # the step of the table's last commit, as the run recorded it
 RUN_ID_KEY = "run_id"  # in committed.json and the table's "trainable" metadata: whose record
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision's dtypes
@@ -247,8 +250,9 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
     dtype = AUTOCAST[settings.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     start = table.store.committed_step
+    applied = start  # steps applied (Adam's count): skipped ones (fp16 overflows) not counted
     if start:
-        _load_dense(out / f"dense-{start}.pt", start, model, dense, scaler, out_name)
+        applied = _load_dense(out / f"dense-{start}.pt", start, model, dense, scaler, out_name)
     losses = _loss_log(out, start)
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
     began, trained, skipped = time.perf_counter(), 0, 0
@@ -270,12 +274,13 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
                     table.zero_grad()
                 else:
                     before = table.skipped_steps
-                    table.step(step, scaler)
+                    table.step(step, scaler, optimizer_step=applied + 1)  # as Adam counts
                     overflowed = table.skipped_steps > before
                 if overflowed:
                     skipped += 1
                 else:
                     scaler.step(dense)
+                    applied += 1
                 scaler.update()
                 rate = batch.numel() / (time.perf_counter() - tick)
                 losses.append((step, loss.item(), rate))
@@ -283,7 +288,7 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
                 bar.set_postfix(loss=f"{losses[-1][1]:.3f}", tok_s=f"{rate:,.0f}")
                 bar.update(1)
                 if step % settings.checkpoint_every == 0 or step == settings.steps:
-                    _checkpoint(out, model, dense, scaler, table, step, losses)
+                    _checkpoint(out, model, dense, scaler, table, step, applied, losses)
         finally:
             bar.close()  # before an interruption's message, not redrawn after it
     if losses:
@@ -306,8 +311,9 @@ def _overflowed(dense: torch.optim.Optimizer) -> bool:
     return bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
 
-def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> None:
-    """The dense weights, Adam and GradScaler state of committed step ``step``; ``ConfigError``
+def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> int:
+    """Load the dense weights, Adam and GradScaler state of committed step ``step``; returns the
+    steps applied by then (``step`` for a checkpoint written before the count); ``ConfigError``
     naming the file when it is missing or is not the checkpoint ``train`` wrote (``out_name``:
     the run folder's name in it)."""
     try:
@@ -328,6 +334,11 @@ def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> N
                 "tensors, and 'optimizer')"
             )
         )
+        applied = state.get(APPLIED_KEY, step) if isinstance(state, dict) else step
+        if why is None and not (
+            isinstance(applied, int) and not isinstance(applied, bool) and 0 <= applied <= step
+        ):
+            why = f"its {APPLIED_KEY!r} is {applied!r}, expected an integer in [0, {step}]"
     if why is None:
         try:
             model.load_state_dict(state["model"], strict=False)  # another model's: ConfigError
@@ -342,16 +353,17 @@ def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> N
             f"written with the table's commit of step {step} (restore it, or choose another "
             f"{out_name})"
         )
+    return applied
 
 
-def _checkpoint(out: Path, model, dense, scaler, table, step: int, losses) -> None:
+def _checkpoint(out: Path, model, dense, scaler, table, step: int, applied: int, losses) -> None:
     """dense-S.pt and loss.csv, then the table commit (the commit point), then its record
     (``committed.json``), then older dense checkpoints go. A kill before the commit leaves step
     S-K's files valid (``loss.csv`` rows past the committed step are dropped on resume); one
     before the record leaves the table a step ahead of it, which resumes from the table's."""
     buffer = io.BytesIO()
     state = {"model": model.state_dict(), "optimizer": dense.state_dict()}
-    torch.save({**state, "scaler": scaler.state_dict()}, buffer)
+    torch.save({**state, "scaler": scaler.state_dict(), APPLIED_KEY: applied}, buffer)
     with atomic_write(out / f"dense-{step}.pt") as f:
         f.write(buffer.getvalue())
     with atomic_write(out / "loss.csv", "w", newline="") as f:
