@@ -175,10 +175,12 @@ class DenseRows:
 
 
 class _Meta:
-    """What TrainableTable reads of a store's table file (its manifest's metadata and name)."""
+    """What TrainableTable reads of a store's table file (its manifest's metadata and
+    quantization, and its name)."""
 
     def __init__(self, dim: int, name: str) -> None:
-        self.manifest = type("M", (), {"metadata": {"trainable": {"dim": dim}}})()
+        fields = {"metadata": {"trainable": {"dim": dim}}, "quantization": None}
+        self.manifest = type("M", (), fields)()
         self.path = Path(name)
 
 

@@ -266,6 +266,22 @@ def test_a_table_without_optimizer_state_is_refused_by_a_stateful_optimizer(tmp_
         assert TrainableTable(store, make_row_optimizer("sgd", lr=0.1)).dim == 12
 
 
+def test_a_table_of_packed_quantised_rows_is_refused_before_any_step(tmp_path):
+    """fp8 rows (packed codes and scales) are read-only: a TrainableTable over them (sgd, which
+    keeps no state) was made, and a whole forward and backward ran before step() failed on the
+    store's write; it is refused when made, naming the table."""
+    from tiered_store.quantization import RowQuantization
+    from tiered_store.table_format import create_table
+
+    q = RowQuantization(values=256, block=32)
+    path = tmp_path / "fp8.npy"
+    create_table(path, np.zeros((4, q.packed_bytes), np.uint8), quantization=q, progress=False)
+    why = r"^table: fp8\.npy holds packed quantised rows .* read-only; expected a table of float"
+    for name in ("sgd", "adam"):
+        with TieredStore(store_config(path)) as store, pytest.raises(ConfigError, match=why):
+            TrainableTable(store, make_row_optimizer(name, lr=0.1))
+
+
 def test_step_numbers_are_checked_before_the_gradients_are_used(tmp_path):
     from tiered_store.errors import ConfigError
 

@@ -164,6 +164,12 @@ class TrainableTable:
     keeps_stats = True
 
     def __init__(self, store: Any, optimizer: RowOptimizer) -> None:
+        if store.cold.manifest.quantization is not None:  # its step() could never write
+            raise ConfigError(
+                f"table: {store.cold.path.name} holds packed quantised rows (fp8 codes and "
+                "scales), which are read-only; expected a table of float rows to train (made by "
+                "create_trainable_table)"
+            )
         meta = (store.cold.manifest.metadata or {}).get("trainable", {})
         if not meta and optimizer.state_width(store.dim) > 0:  # its state would be weights
             per = optimizer.state_width(1)
