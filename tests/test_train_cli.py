@@ -880,3 +880,23 @@ def test_an_fp16_step_skipped_is_not_counted_in_the_rows_adam_steps(tmp_path):
     assert touched.any() and scale == pytest.approx(
         math.sqrt(1 - 0.999**3) / (1 - 0.9**3), rel=1e-3
     )
+
+
+def test_a_damaged_loss_log_is_refused_by_name_on_resume(tmp_path):
+    """A loss.csv line that is not step,loss,tokens_per_second (a field lost, a number that is
+    not one) made --resume fail with a bare ValueError traceback; it is refused naming the file,
+    the line and what was expected, the table unchanged, and a run whose log was removed goes on."""
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    train(out, base, resume=False, progress=False)
+    log = out / "loss.csv"
+    header, first, _ = log.read_text().splitlines()
+    for damaged in ("2,abc", "2,3.5,x", "2,1.0,2.0,3.0"):
+        log.write_text(f"{header}\n{first}\n{damaged}\n")
+        why = rf"^resume: {re.escape(str(log))}: line 3 is '{re.escape(damaged)}'; expected step,"
+        with pytest.raises(ConfigError, match=why):
+            train(out, replace(base, steps=3), resume=True, progress=False)
+        assert _committed(out) == 2
+    log.unlink()
+    assert train(out, replace(base, steps=3), resume=True, progress=False)["steps"] == 3
+    assert _committed(out) == 3 and len(log.read_text().splitlines()) == 2

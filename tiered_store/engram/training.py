@@ -253,7 +253,7 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
     applied = start  # steps applied (Adam's count): skipped ones (fp16 overflows) not counted
     if start:
         applied = _load_dense(out / f"dense-{start}.pt", start, model, dense, scaler, out_name)
-    losses = _loss_log(out, start)
+    losses = _loss_log(out, start, out_name)
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
     began, trained, skipped = time.perf_counter(), 0, 0
     with warnings.catch_warnings():  # torch's notice for nn.RMSNorm of bf16/fp16 input
@@ -454,14 +454,29 @@ def _check_progress(
     )
 
 
-def _loss_log(out: Path, upto: int) -> list[tuple[int, float, float]]:
-    """The logged losses of steps up to ``upto`` (later ones were never committed)."""
+def _loss_log(out: Path, upto: int, out_name: str) -> list[tuple[int, float, float]]:
+    """The logged losses of steps up to ``upto`` (later ones were never committed);
+    ``ConfigError`` naming the line of a log that is not the one ``train`` writes."""
     path = out / "loss.csv"
     if not upto or not path.exists():
         return []
+    losses = []
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))[1:]
-    return [(int(s), float(v), float(r)) for s, v, r in rows if int(s) <= upto]
+        for number, row in enumerate(csv.reader(f), 1):
+            if number == 1:
+                continue  # the header
+            try:
+                step, loss, rate = row
+                entry = (int(step), float(loss), float(rate))
+            except ValueError:  # a field too many or too few, or not a number
+                raise ConfigError(
+                    f"{_option('resume', out_name)}: {path}: line {number} is {','.join(row)!r}; "
+                    "expected step,loss,tokens_per_second as train writes them (restore it, or "
+                    f"remove it: the log then goes on from step {upto + 1})"
+                ) from None
+            if entry[0] <= upto:
+                losses.append(entry)
+    return losses
 
 
 def _plot(path: Path, losses) -> None:
