@@ -385,6 +385,30 @@ def test_a_slice_refuses_ids_outside_itself(tmp_path):
     table.close()
 
 
+def test_a_slice_refuses_an_offset_or_row_count_that_is_not_an_integer(tmp_path):
+    """TableSlice(table, 1.5, 2) was made, and its lookups then failed on float row ids
+    ('ids: dtype torch.float32'), naming neither the slice nor its offset; an offset of "1" was a
+    bare TypeError. Both are refused when the slice is made, naming the value; NumPy integers
+    are integers."""
+    from tiered_store.delta.trainable import TableSlice
+    from tiered_store.errors import ConfigError
+
+    sgd = make_row_optimizer("sgd", lr=1.0)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.arange(12.0).reshape(6, 2), sgd)
+    table = TrainableTable(TieredStore(store_config(path)), sgd)
+    for offset, rows, why in (
+        (1.5, 2, "offset 1.5"),
+        ("1", 2, "offset '1'"),
+        (0, True, "rows True"),
+    ):
+        with pytest.raises(ConfigError, match=rf"^slice: {why}; expected an integer$"):
+            TableSlice(table, offset, rows)
+    second = TableSlice(table, np.int64(3), np.int32(3))
+    assert second.lookup([0]).tolist() == [[6.0, 7.0]]
+    table.close()
+
+
 def test_a_slice_adds_its_offset_without_wrapping_narrow_ids(tmp_path):
     """TableSlice added its offset in the ids' own dtype: int8 ids 99 at offset 200 became -57
     (refused as out of range), uint8 ones read row 43, as int32 ids would past 2**31 rows."""

@@ -469,6 +469,10 @@ class TableSlice:
     keeps_stats = True
 
     def __init__(self, table: TrainableTable, offset: int, rows: int) -> None:
+        for name, value in (("offset", offset), ("rows", rows)):
+            if as_integer(value) is None:  # 1.5 made float ids, "1" a TypeError
+                raise ConfigError(f"slice: {name} {value!r}; expected an integer")
+        offset, rows = as_integer(offset), as_integer(rows)
         if offset < 0 or rows < 1 or offset + rows > table.rows:
             raise ConfigError(
                 f"slice: rows [{offset}, {offset + rows}) outside the table's {table.rows} rows; "
