@@ -266,6 +266,17 @@ def test_a_table_without_optimizer_state_is_refused_by_a_stateful_optimizer(tmp_
         assert TrainableTable(store, make_row_optimizer("sgd", lr=0.1)).dim == 12
 
 
+def test_empty_weights_are_refused_naming_their_own_shape(tmp_path):
+    """create_trainable_table of weights [0, 4] for Adam said 'source tensor has shape (0, 12)':
+    the rows with their state, a shape the caller never gave. It names the weights' shape."""
+    adam = make_row_optimizer("adam", lr=0.1)
+    for shape in ((0, 4), (4, 0)):
+        why = rf"^weights: shape \({shape[0]}, {shape[1]}\); expected \[rows, dim\] with rows >= 1"
+        with pytest.raises(TableFormatError, match=why):
+            create_trainable_table(tmp_path / "t.npy", np.zeros(shape, np.float32), adam)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_table_of_packed_quantised_rows_is_refused_before_any_step(tmp_path):
     """fp8 rows (packed codes and scales) are read-only: a TrainableTable over them (sgd, which
     keeps no state) was made, and a whole forward and backward ran before step() failed on the

@@ -79,6 +79,11 @@ def create_trainable_table(
     if weights.ndim != 2:
         raise ConfigError(f"weights: shape {tuple(weights.shape)}; expected [rows, dim]")
     rows, dim = weights.shape
+    if rows < 1 or dim < 1:  # (create_table would name the rows with their state: 3 x dim)
+        raise TableFormatError(
+            f"weights: shape {tuple(weights.shape)}; expected [rows, dim] with rows >= 1 and "
+            "dim >= 1"
+        )
     state = torch.zeros(rows, optimizer.state_width(dim), dtype=torch.float32)
     meta = {"trainable": {"dim": int(dim), "optimizer": optimizer.name}}
     if run_id is not None:
