@@ -293,6 +293,18 @@ def test_a_table_of_packed_quantised_rows_is_refused_before_any_step(tmp_path):
             TrainableTable(store, make_row_optimizer(name, lr=0.1))
 
 
+def test_another_optimizers_table_is_refused_naming_the_optimizer_it_holds(tmp_path):
+    """A table create_trainable_table made for rowwise_adagrad, opened with adam or sgd, was
+    refused for its row width ('make the table with create_trainable_table', which made it);
+    the refusal names the optimizer whose state it holds."""
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.zeros((5, 4)), make_row_optimizer("rowwise_adagrad", lr=0.1))
+    for name in ("adam", "sgd"):
+        why = rf"^optimizer: {name!r} but t\.npy holds the state of 'rowwise_adagrad'; expected"
+        with TieredStore(store_config(path)) as store, pytest.raises(ConfigError, match=why):
+            TrainableTable(store, make_row_optimizer(name, lr=0.1))
+
+
 def test_step_numbers_are_checked_before_the_gradients_are_used(tmp_path):
     from tiered_store.errors import ConfigError
 

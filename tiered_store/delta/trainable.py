@@ -184,17 +184,17 @@ class TrainableTable:
                 f"{store.cold.path.name} records no optimizer state (no 'trainable' metadata); "
                 "expected a table made by create_trainable_table (or sgd, which keeps none)"
             )
+        if meta.get("optimizer") not in (None, optimizer.name):
+            raise ConfigError(
+                f"optimizer: {optimizer.name!r} but {store.cold.path.name} holds the state of "
+                f"{meta['optimizer']!r}; expected the same optimizer"
+            )
         self.dim = int(meta.get("dim", store.dim - optimizer.state_width(store.dim)))
         if store.dim != self.dim + optimizer.state_width(self.dim) or self.dim <= 0:
             raise ConfigError(
                 f"optimizer: {optimizer.name!r} needs rows of {self.dim} weights + "
                 f"{optimizer.state_width(self.dim)} state values; {store.cold.path.name} has "
                 f"{store.dim} values per row (make the table with create_trainable_table)"
-            )
-        if meta.get("optimizer") not in (None, optimizer.name):
-            raise ConfigError(
-                f"optimizer: {optimizer.name!r} but {store.cold.path.name} holds the state of "
-                f"{meta['optimizer']!r}; expected the same optimizer"
             )
         self.store, self.optimizer = store, optimizer
         self.rows = store.rows
