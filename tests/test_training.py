@@ -234,6 +234,10 @@ def test_bad_optimizer_arguments_are_config_errors():
         ({"lr": 0.1, "betaX": 0.3}, r"optimizer\.betaX: unknown option; expected one of"),
         ({"lr": 0.1, "beta1": 1.0}, r"optimizer\.beta1: 1\.0; expected 0 <= beta1 < 1"),
         ({"lr": 0.1, "eps": -1.0}, r"optimizer\.eps: -1\.0; expected a finite eps > 0"),
+        # a flag passed for a number: True was a learning rate (or eps) of 1, False a beta of 0
+        ({"lr": True}, r"optimizer\.lr: True; expected a positive finite"),
+        ({"lr": 0.1, "eps": True}, r"optimizer\.eps: True; expected a finite eps > 0"),
+        ({"lr": 0.1, "beta1": False}, r"optimizer\.beta1: False; expected 0 <= beta1 < 1"),
     ]:
         with pytest.raises(ConfigError, match=why):
             make_row_optimizer("adam", **kwargs)

@@ -89,21 +89,21 @@ def make_row_optimizer(name: str, lr: float, **options: float) -> RowOptimizer:
         raise ConfigError(
             f"optimizer: {name!r} is not a row-wise optimizer; expected one of {', '.join(OPTIMIZERS)}"
         )
-    if not _holds(lambda: lr > 0 and math.isfinite(lr)):
+    if not _holds(lambda: lr > 0 and math.isfinite(lr), lr):
         raise ConfigError(f"optimizer.lr: {lr!r}; expected a positive finite learning rate")
     for key, value in options.items():
         if key not in OPTIONS:
             raise ConfigError(
                 f"optimizer.{key}: unknown option; expected one of {', '.join(OPTIONS)}"
             )
-        if key == "eps" and not _holds(lambda v=value: v >= _EPS_MIN and math.isfinite(v)):
+        if key == "eps" and not _holds(lambda v=value: v >= _EPS_MIN and math.isfinite(v), value):
             # 0 divides a touched row's zero gradient by its zero state: NaN (SparseAdam refuses it);
             # so does an eps that is 0 once in float32, as the rows are
             raise ConfigError(
                 f"optimizer.eps: {value!r}; expected a finite eps > 0 (at least {_EPS_MIN:.3g}, "
                 "the smallest normal float32: the rows are float32)"
             )
-        if key != "eps" and not _holds(lambda v=value: 0 <= v < 1):
+        if key != "eps" and not _holds(lambda v=value: 0 <= v < 1, value):
             raise ConfigError(f"optimizer.{key}: {value!r}; expected 0 <= {key} < 1")
     return RowOptimizer(name, float(lr), **{k: float(v) for k, v in options.items()})
 
@@ -111,8 +111,11 @@ def make_row_optimizer(name: str, lr: float, **options: float) -> RowOptimizer:
 _EPS_MIN = float(torch.finfo(torch.float32).tiny)
 
 
-def _holds(check) -> bool:
-    """Whether ``check()`` is true; False where the value is not a number (a TypeError)."""
+def _holds(check, value: object) -> bool:
+    """Whether ``check()`` of ``value`` is true; False where the value is not a number (a
+    TypeError) or is a bool (a flag passed for a number: True is not a learning rate of 1)."""
+    if isinstance(value, bool):
+        return False
     try:
         return bool(check())
     except TypeError:
