@@ -1057,6 +1057,40 @@ def test_an_absolute_form_request_target_is_served_as_its_path(proc):
         assert status == 400 and error == f"request target '{target}': {why}; expected http://host[:port]/path, or /path", error  # fmt: skip
 
 
+def test_a_request_target_that_is_no_path_is_answered_for_what_it_is(proc):
+    """`OPTIONS *` (the server in general, RFC 9110 9.3.7), `CONNECT host:port` (a proxy's
+    method) and a target with no leading slash (`GET healthz`) were each answered 404 "no
+    endpoint '/*'" (or '/healthz', an endpoint the message then listed): a path the client never
+    sent. `OPTIONS *` now gets 204 with the server's methods in Allow, CONNECT 501, and any other
+    target that is no path 400 naming it."""
+    status, head, body = raw_exchange(
+        proc.url, b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert (status, body) == (204, b""), (head, body)
+    assert b"\r\nallow: GET, HEAD, POST\r\n" in head + b"\r\n", head
+    status, _, body = raw_exchange(
+        proc.url, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+    )
+    error = json.loads(body)["error"]
+    assert status == 501 and error.startswith(
+        "CONNECT 'example.com:443': not supported (this server is no proxy); expected GET or "
+        "POST of a path, one of /, /healthz"
+    ), error
+    for request, target in (
+        (b"GET healthz HTTP/1.1\r\nHost: a\r\n\r\n", "healthz"),
+        (b"GET healthz?x=1 HTTP/1.0\r\n\r\n", "healthz?x=1"),
+        (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", "*"),
+        (b"POST * HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}", "*"),
+    ):
+        status, _, body = raw_exchange(proc.url, request)
+        error = json.loads(body)["error"]
+        assert status == 400 and error == (
+            f"request target {target!r}: not a path; expected /path, or http://host[:port]/path "
+            "(or * with OPTIONS)"
+        ), (request, error)
+    assert get_json(proc.url + "/healthz") == (200, {"status": "ok"})
+
+
 def test_requests_pipelined_before_a_half_close_are_each_answered_while_the_turn_is_taken(
     tmp_path,
 ):

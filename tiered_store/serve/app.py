@@ -263,6 +263,32 @@ def _origin_form(scope: Scope) -> None:
     scope["headers"] = [*headers, (b"host", match.group(1))]
 
 
+def _not_a_path(scope: Scope) -> Response:
+    """The answer to a request whose target is no path (nor absolute-form): ``OPTIONS *`` (the
+    server in general, RFC 9110 9.3.7) 204 with the server's methods, ``CONNECT host:port`` 501
+    (no proxy here), any other 400 naming the target."""
+    target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
+    shown = _echo(target.decode("ascii", "backslashreplace"))
+    if scope["method"] == "OPTIONS" and target == b"*":
+        return Response(status_code=204, headers={"Allow": "GET, HEAD, POST"})
+    if scope["method"] == "CONNECT":
+        known = ", ".join((*GET_PATHS, INFERENCE_PATH))
+        return json_response(
+            501,
+            {
+                "error": f"CONNECT {shown}: not supported (this server is no proxy); expected GET "
+                f"or POST of a path, one of {known}"
+            },
+        )
+    return json_response(
+        400,
+        {
+            "error": f"request target {shown}: not a path; expected /path, or "
+            "http://host[:port]/path (or * with OPTIONS)"
+        },
+    )
+
+
 class _CountingMiddleware:
     """Counts every request (handler, code, duration, in flight), checks the HTTP version, and
     keeps the metrics listener to ``/metrics``."""
@@ -320,10 +346,12 @@ class _CountingMiddleware:
         """A 503 while the server is at ``server.max_connections`` (``http_protocol``; never on the
         metrics listener: a scrape is answered while the endpoint's connections are all taken),
         a 400 for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not
-        serve, a 400 for an absolute-form target without a host or with user information;
-        ``None`` to go on."""
+        serve, a 400 for an absolute-form target without a host or with user information, the
+        answer to a target that is no path (``_not_a_path``); ``None`` to go on."""
         if (bad_target := scope["state"].get("bad_target")) is not None:
             return json_response(400, {"error": bad_target})
+        if not scope["raw_path"].startswith(b"/"):
+            return _not_a_path(scope)
         busy = scope["state"].get("busy")
         if busy is not None and not self._on_metrics_listener(scope.get("server")):
             connections, requests, limit = busy
