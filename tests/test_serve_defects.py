@@ -1091,6 +1091,35 @@ def test_a_request_target_that_is_no_path_is_answered_for_what_it_is(proc):
     assert get_json(proc.url + "/healthz") == (200, {"status": "ok"})
 
 
+def test_a_request_with_both_transfer_encoding_and_content_length_is_refused_and_closed(proc):
+    """A body framed both ways (request smuggling: a proxy in front may read Content-Length where
+    this server read the chunks) was served by its chunks, and the connection kept: a request
+    pipelined after it was answered too (RFC 9112 6.3: the server MUST close after it). It is
+    now answered 400 naming both headers, and the connection closed."""
+    host, port = proc.url.removeprefix("http://").split(":")
+    body = b'{"input_ids": [1]}'
+    smuggled = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    request = (
+        b"POST /v1/engram HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        + f"{len(body):x}\r\n".encode()
+        + body
+        + b"\r\n0\r\n\r\n"
+        + smuggled
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):  # the server closes after its one answer
+            reply += chunk
+    assert re.findall(rb"HTTP/1\.1 (\d+)", reply) == [b"400"], reply
+    error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+    assert error == (
+        "body: framed by both Transfer-Encoding and Content-Length; expected one of them "
+        "(RFC 9112 6.3)"
+    ), error
+
+
 def test_requests_pipelined_before_a_half_close_are_each_answered_while_the_turn_is_taken(
     tmp_path,
 ):

@@ -170,6 +170,9 @@ _ABANDONED = (
     "not computed: the client ended its stream, or closed, while the request waited for a "
     "compute turn (server.drop_abandoned); keep the connection open until the answer"
 )
+_FRAMED_TWICE = (
+    "body: framed by both Transfer-Encoding and Content-Length; expected one of them (RFC 9112 6.3)"
+)
 _DRAIN_OVER = (
     "server shutting down: the request was still running when the drain ended "
     "(2 x server.request_timeout_s); retry it"
@@ -345,7 +348,8 @@ class _CountingMiddleware:
     def _refuse(self, scope: Scope) -> Response | None:
         """A 503 while the server is at ``server.max_connections`` (``http_protocol``; never on the
         metrics listener: a scrape is answered while the endpoint's connections are all taken),
-        a 400 for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not
+        a 400 (closing) for a body framed by both Transfer-Encoding and Content-Length, a 400
+        for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not
         serve, a 400 for an absolute-form target without a host or with user information, the
         answer to a target that is no path (``_not_a_path``); ``None`` to go on."""
         if (bad_target := scope["state"].get("bad_target")) is not None:
@@ -365,6 +369,9 @@ class _CountingMiddleware:
                 },
                 {"Connection": "close", "Retry-After": "1"},
             )
+        names = {name for name, _ in scope["headers"]}
+        if {b"transfer-encoding", b"content-length"} <= names:  # request smuggling: no guess
+            return json_response(400, {"error": _FRAMED_TWICE}, {"Connection": "close"})
         version = scope.get("http_version", "1.1")
         if version not in ("1.0", "1.1"):
             return json_response(
