@@ -1120,6 +1120,25 @@ def test_a_request_with_both_transfer_encoding_and_content_length_is_refused_and
     ), error
 
 
+def test_a_host_header_that_is_no_host_is_refused(proc):
+    """RFC 9112 3.2: a Host header with an invalid value MUST get 400 (a missing or repeated one
+    did already, from h11); `Host: a b` or `Host: x/y` was served. Names, IPv4, [IPv6], a port,
+    and an empty value (a target with no authority) are taken."""
+    for host in ("a b", "x/y", "a@b", "h:8o", "[::1", "h\u00e9"):
+        request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("latin-1")
+        status, _, body = raw_exchange(proc.url, request)
+        error = json.loads(body)["error"]
+        assert status == 400 and error == (
+            f"Host header: got {host!r}; expected host[:port] (a name, an IPv4 address or an "
+            "[IPv6] one, RFC 9112 3.2)"
+        ), (host, error)
+    for host in ("", "localhost", "Example.COM:8080", "127.0.0.1:1", "[::1]:80", "x_y.-~%20"):
+        status, _, body = raw_exchange(
+            proc.url, f"GET /healthz HTTP/1.0\r\nHost: {host}\r\n\r\n".encode()
+        )
+        assert (status, json.loads(body)) == (200, {"status": "ok"}), (host, body)
+
+
 def test_requests_pipelined_before_a_half_close_are_each_answered_while_the_turn_is_taken(
     tmp_path,
 ):

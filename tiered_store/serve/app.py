@@ -42,6 +42,10 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # a listener bound to these takes every 
 # Content-Types read as JSON: JSON itself, none, and what `curl -d` and plain clients send.
 _BODY_TYPES = ("application/json", "", "text/plain", "application/x-www-form-urlencoded")
 _ABSOLUTE_FORM = re.compile(rb"https?://([^/?#]*)", re.IGNORECASE)  # scheme and authority
+# RFC 3986's host (reg-name, IPv4, or IP-literal) and port; empty: a target with no authority
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Za-z:._~%!$&'()*+,;=-]+\]|[0-9A-Za-z._~%!$&'()*+,;=-]*)(?::[0-9]*)?"
+)
 _ECHO_CHARS = 100  # the most of a client's path or header an error message repeats
 _CLIENT_GONE = 499  # recorded (never sent) when the client left, or ended its stream, before
 # its answer (nginx's code: a client that half-closed is sent its answer all the same)
@@ -348,7 +352,7 @@ class _CountingMiddleware:
     def _refuse(self, scope: Scope) -> Response | None:
         """A 503 while the server is at ``server.max_connections`` (``http_protocol``; never on the
         metrics listener: a scrape is answered while the endpoint's connections are all taken),
-        a 400 (closing) for a body framed by both Transfer-Encoding and Content-Length, a 400
+        a 400 for a Host header that is no host[:port], a 400 (closing) for a body framed by both Transfer-Encoding and Content-Length, a 400
         for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not
         serve, a 400 for an absolute-form target without a host or with user information, the
         answer to a target that is no path (``_not_a_path``); ``None`` to go on."""
@@ -368,6 +372,16 @@ class _CountingMiddleware:
                     f"(server.max_connections) is {limit}; retry later"
                 },
                 {"Connection": "close", "Retry-After": "1"},
+            )
+        host = next((value for name, value in scope["headers"] if name == b"host"), b"")
+        if not _HOST.fullmatch(host):  # RFC 9112 3.2: an invalid Host MUST get 400
+            shown = _echo(host.decode("latin-1"))  # as Starlette decodes headers
+            return json_response(
+                400,
+                {
+                    "error": f"Host header: got {shown}; expected host[:port] (a name, an IPv4 "
+                    "address or an [IPv6] one, RFC 9112 3.2)"
+                },
             )
         names = {name for name, _ in scope["headers"]}
         if {b"transfer-encoding", b"content-length"} <= names:  # request smuggling: no guess
