@@ -1091,6 +1091,14 @@ def test_a_request_target_that_is_no_path_is_answered_for_what_it_is(proc):
     assert get_json(proc.url + "/healthz") == (200, {"status": "ok"})
 
 
+def test_raw_exchange_reads_a_204_on_a_kept_connection_as_bodiless(proc):
+    """A 204 has no body and no Content-Length (RFC 9110 8.6): raw_exchange read its body until
+    the server closed, so on a kept connection (open server.keep_alive_s, 5 s, past the 2 s
+    timeout here) it waited for its timeout and raised."""
+    status, head, body = raw_exchange(proc.url, b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", timeout=2)
+    assert (status, body) == (204, b""), head
+
+
 def test_a_request_with_both_transfer_encoding_and_content_length_is_refused_and_closed(proc):
     """A body framed both ways (request smuggling: a proxy in front may read Content-Length where
     this server read the chunks) was served by its chunks, and the connection kept: a request

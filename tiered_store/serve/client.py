@@ -372,8 +372,9 @@ def get_json(url: str, timeout: float = 30.0) -> tuple[int, Any]:
 def raw_exchange(url: str, data: bytes, *, timeout: float = 30.0) -> tuple[int, bytes, bytes]:
     """Send ``data`` as is to the server of ``url``; read one answer: (status, head, body).
 
-    The body is read to its Content-Length, or until the server closes the connection; status
-    0 means the answer had no HTTP status line.
+    The body is read to its Content-Length, or until the server closes the connection (none
+    for a 1xx, 204 or 304, which have no body); status 0 means the answer had no HTTP status
+    line.
 
     Examples
     --------
@@ -390,18 +391,18 @@ def raw_exchange(url: str, data: bytes, *, timeout: float = 30.0) -> tuple[int, 
             answer += chunk
         head, _, body = answer.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
+        first = lines[0].split()
+        status = int(first[1]) if len(first) > 1 and first[0].startswith(b"HTTP/") else 0
         length = next(
             (
                 int(v)
                 for k, _, v in (x.partition(b":") for x in lines[1:])
                 if k.strip().lower() == b"content-length"
             ),
-            None,
+            0 if 100 <= status < 200 or status in (204, 304) else None,  # RFC 9110 6.4.1
         )
         while (length is None or len(body) < length) and (chunk := sock.recv(65536)):
             body += chunk
-    first = lines[0].split()
-    status = int(first[1]) if len(first) > 1 and first[0].startswith(b"HTTP/") else 0
     return status, head, body
 
 
