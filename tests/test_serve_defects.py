@@ -1049,6 +1049,9 @@ def test_an_absolute_form_request_target_is_served_as_its_path(proc):
     for target, why in (
         ("http:///healthz", "no host"),
         (f"http://user:pw@{host_port}/healthz", "user information in its authority"),
+        # was refused as a Host header "a<b" the client never sent (that one is fine)
+        ("http://a<b/healthz", "its authority 'a<b' is no host[:port]"),
+        ("http://h:8o/healthz", "its authority 'h:8o' is no host[:port]"),
     ):
         status, _, answer = raw_exchange(
             proc.url, f"GET {target} HTTP/1.1\r\nHost: a\r\n\r\n".encode()

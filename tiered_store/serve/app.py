@@ -256,14 +256,22 @@ def _origin_form(scope: Scope) -> None:
     if match is None:
         return
     authority = match.group(1)
-    if not authority or b"@" in authority:  # RFC 9110 4.2.1 and 4.2.4: refused, not guessed
-        target = scope["raw_path"].decode("ascii", "backslashreplace")
-        scope.setdefault("state", {})["bad_target"] = (
-            f"request target {_echo(target)}: "
-            + ("no host" if not authority else "user information in its authority")
-            + "; expected http://host[:port]/path, or /path"
-        )
+    if not authority:  # RFC 9110 4.2.1 and 4.2.4: refused, not guessed
+        why = "no host"
+    elif b"@" in authority:
+        why = "user information in its authority"
+    elif not _HOST.fullmatch(authority):  # else named as a bad Host header the client never sent
+        why = f"its authority {_echo(authority.decode('ascii', 'backslashreplace'))} is no host[:port]"
+    else:
+        raw_path = scope["raw_path"][match.end() :] or b"/"
+        scope["raw_path"], scope["path"] = raw_path, unquote(raw_path.decode("ascii"))  # as uvicorn
+        headers = [(name, value) for name, value in scope["headers"] if name != b"host"]
+        scope["headers"] = [*headers, (b"host", authority)]
         return
+    target = scope["raw_path"].decode("ascii", "backslashreplace")
+    scope.setdefault("state", {})["bad_target"] = (
+        f"request target {_echo(target)}: {why}; expected http://host[:port]/path, or /path"
+    )
     raw_path = scope["raw_path"][match.end() :] or b"/"
     scope["raw_path"], scope["path"] = raw_path, unquote(raw_path.decode("ascii"))  # as uvicorn
     headers = [(name, value) for name, value in scope["headers"] if name != b"host"]
