@@ -1528,19 +1528,19 @@ def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(t
     limits = {"max_connections": 3, "keep_alive_s": 30.0, "request_timeout_s": 20.0}
     server = start_server(make_checkpoint(tmp_path, server=limits), metrics=True)
     host, port = server.url.removeprefix("http://").split(":")
-    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
     try:
         deadline = time.monotonic() + 10
-        while len(server._uvicorn.server_state.connections) < 2:  # the server accepted them
+        while len(server._uvicorn.server_state.connections) < 3:  # the server accepted them
             assert time.monotonic() < deadline
             time.sleep(0.01)
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
-        conn.request("GET", "/stats")  # the third connection: at the limit
+        conn.request("GET", "/stats")  # the fourth connection: past the limit
         response = conn.getresponse()
         answer = json.loads(response.read())
         assert response.status == 503 and response.getheader("Content-Type") == "application/json"
         assert answer == {
-            "error": "server busy: 3 connections open, the limit (server.max_connections) is 3; "
+            "error": "server busy: 4 connections open, the limit (server.max_connections) is 3; "
             "retry later"
         }
         assert response.getheader("Retry-After") == "1"
@@ -1564,6 +1564,18 @@ def test_a_server_at_its_connection_limit_answers_503_in_json_naming_the_limit(t
                 if s.name == "tiered_store_http_requests_total" and s.labels["code"] == "503"
             ]
         assert ("/stats", 1.0) in counted  # uvicorn's own 503 was never counted
+    finally:
+        server.stop()
+
+
+def test_a_server_takes_as_many_connections_as_max_connections(tmp_path):
+    """A request was refused once max_connections were open, its own counted (uvicorn's test):
+    max_connections 1, a valid value, answered every request 503 "1 connections open, the limit
+    is 1", and N took N - 1 clients. The limit's own connection is served now; one past it 503."""
+    server = start_server(make_checkpoint(tmp_path, server={"max_connections": 1}))
+    try:
+        assert get_json(server.url + "/healthz") == (200, {"status": "ok"})
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
     finally:
         server.stop()
 

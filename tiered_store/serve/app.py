@@ -358,7 +358,7 @@ class _CountingMiddleware:
         return self.server.metrics_host in WILDCARD_HOSTS or local[0] == self.server.metrics_host
 
     def _refuse(self, scope: Scope) -> Response | None:
-        """A 503 while the server is at ``server.max_connections`` (``http_protocol``; never on the
+        """A 503 while the server is past ``server.max_connections`` (``http_protocol``; never on the
         metrics listener: a scrape is answered while the endpoint's connections are all taken),
         a 400 for a Host header that is no host[:port], a 400 (closing) for a body framed by both Transfer-Encoding and Content-Length, a 400
         for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not

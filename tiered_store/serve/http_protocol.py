@@ -272,12 +272,13 @@ def _closing_on_unread_body(app: Any, conn: h11.Connection) -> Any:
 
 
 def _marking_busy(app: Any, limit: int, connections: set, tasks: set) -> Any:
-    """``app``, told in ``scope["state"]["busy"]`` when ``limit`` connections are open or more
-    than ``limit`` requests run (this one's task counted): uvicorn's test. The app answers the 503
+    """``app``, told in ``scope["state"]["busy"]`` when more than ``limit`` connections are open
+    or more than ``limit`` requests run (this one's connection and task counted; uvicorn's test,
+    ``>= limit`` connections, refused every request at a limit of 1). The app answers the 503
     (``app._CountingMiddleware``: JSON, counted like every other answer)."""
 
     async def marked(scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and (len(connections) >= limit or len(tasks) > limit):
+        if scope["type"] == "http" and (len(connections) > limit or len(tasks) > limit):
             scope.setdefault("state", {})["busy"] = (len(connections), len(tasks), limit)
         await app(scope, receive, send)
 
