@@ -1131,6 +1131,24 @@ def test_a_request_with_both_transfer_encoding_and_content_length_is_refused_and
     ), error
 
 
+def test_an_http_1_0_request_with_transfer_encoding_is_refused(proc):
+    """RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding MUST be treated as faulty
+    framing (an HTTP/1.0 hop before this server may have passed the chunks on unread); it was
+    computed and answered 200."""
+    body = b'{"input_ids": [1]}'
+    status, _, answer = raw_exchange(
+        proc.url,
+        b"POST /v1/engram HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + f"{len(body):x}\r\n".encode()
+        + body
+        + b"\r\n0\r\n\r\n",
+    )
+    error = json.loads(answer)["error"]
+    assert status == 400 and error == (
+        "body: Transfer-Encoding in an HTTP/1.0 request; expected Content-Length (RFC 9112 6.1)"
+    ), error
+
+
 def test_a_host_header_that_is_no_host_is_refused(proc):
     """RFC 9112 3.2: a Host header with an invalid value MUST get 400 (a missing or repeated one
     did already, from h11); `Host: a b` or `Host: x/y` was served. Names, IPv4, [IPv6], a port,

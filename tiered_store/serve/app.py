@@ -177,6 +177,9 @@ _ABANDONED = (
 _FRAMED_TWICE = (
     "body: framed by both Transfer-Encoding and Content-Length; expected one of them (RFC 9112 6.3)"
 )
+_CHUNKED_1_0 = (
+    "body: Transfer-Encoding in an HTTP/1.0 request; expected Content-Length (RFC 9112 6.1)"
+)
 _DRAIN_OVER = (
     "server shutting down: the request was still running when the drain ended "
     "(2 x server.request_timeout_s); retry it"
@@ -358,10 +361,11 @@ class _CountingMiddleware:
         return self.server.metrics_host in WILDCARD_HOSTS or local[0] == self.server.metrics_host
 
     def _refuse(self, scope: Scope) -> Response | None:
-        """A 503 while the server is past ``server.max_connections`` (``http_protocol``; never on the
-        metrics listener: a scrape is answered while the endpoint's connections are all taken),
-        a 400 for a Host header that is no host[:port], a 400 (closing) for a body framed by both Transfer-Encoding and Content-Length, a 400
-        for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not
+        """A 503 while the server is past ``server.max_connections`` (``http_protocol``; never on
+        the metrics listener: a scrape is answered while the endpoint's connections are all
+        taken), a 400 for a Host header that is no host[:port], a 400 (closing) for a body
+        framed by both Transfer-Encoding and Content-Length or by Transfer-Encoding in HTTP/1.0,
+        a 400 for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not
         serve, a 400 for an absolute-form target without a host or with user information, the
         answer to a target that is no path (``_not_a_path``); ``None`` to go on."""
         if (bad_target := scope["state"].get("bad_target")) is not None:
@@ -392,9 +396,11 @@ class _CountingMiddleware:
                 },
             )
         names = {name for name, _ in scope["headers"]}
+        version = scope.get("http_version", "1.1")
         if {b"transfer-encoding", b"content-length"} <= names:  # request smuggling: no guess
             return json_response(400, {"error": _FRAMED_TWICE}, {"Connection": "close"})
-        version = scope.get("http_version", "1.1")
+        if b"transfer-encoding" in names and version == "1.0":  # a 1.0 hop passed chunks on
+            return json_response(400, {"error": _CHUNKED_1_0}, {"Connection": "close"})
         if version not in ("1.0", "1.1"):
             return json_response(
                 400,
