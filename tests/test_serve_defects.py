@@ -270,6 +270,17 @@ def test_an_oversized_body_gets_its_413_not_a_connection_reset(proc):
     _no_trouble_in(proc.log())
 
 
+def test_a_malformed_head_before_a_large_body_gets_its_400_not_a_connection_reset(proc):
+    """The protocol's 400 (here: no Host header) closed the connection at once with the body
+    unread, unlike the app's 413: the kernel reset it, and a client still sending the body got
+    ConnectionResetError, not the 400 saying what was wrong."""
+    body = b"x" * 6_000_000
+    head = f"POST /v1/engram HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    status, _, answer = raw_exchange(proc.url, head + body)
+    assert status == 400 and "Missing mandatory Host: header" in json.loads(answer)["error"]
+    _no_trouble_in(proc.log())
+
+
 def _answers(url: str, code: str, handler: str | None = None) -> float:
     """Requests (to ``handler``, or any) answered ``code`` so far, as /metrics counts them."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as scraped:

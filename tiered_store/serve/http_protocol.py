@@ -13,7 +13,8 @@ client sending one now and then held the connection for good. Such a connection 
 nginx's does: the answer is followed by a half-close, and what comes is read and dropped for up
 to ``server.request_timeout_s`` (or 64 MiB) before the close. Closing with the client's bytes
 unread makes the kernel reset the connection, and a client still sending (``http.client`` sends
-the whole body before it reads) got the reset, not its answer.
+the whole body before it reads) got the reset, not its answer. The 400 for a request h11 refuses
+(a head without Host before a large body) lingers the same way.
 
 Over ``limit_concurrency`` (``server.max_connections``) uvicorn answers a plain-text "Service
 Unavailable" that the server's request counters never see; here the same limit marks the request
@@ -149,7 +150,8 @@ def with_head_deadline(
                 self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
-            """A JSON 400 for a request that is not HTTP/1.1 as h11 reads it, then close. A request
+            """A JSON 400 for a request that is not HTTP/1.1 as h11 reads it, then close (lingering
+            as ``_close`` does: the client may still be sending what followed). A request
             the app has (its body's framing broke) is the app's to count, as 400, and its own
             answer goes nowhere (sent after this one, it raised h11's LocalProtocolError)."""
             cycle = self.cycle
@@ -173,13 +175,13 @@ def with_head_deadline(
                 h11.EndOfMessage(),
             ):
                 self.transport.write(self.conn.send(event))
-            self.transport.close()
+            self._close(unread=True)  # what follows a broken head is unread too
 
-        def _close(self) -> None:
+        def _close(self, unread: bool = False) -> None:
             """Close the connection, lingering first while the client may still send a body no
-            one reads."""
+            one reads (``unread``: whatever it sends, after a request h11 refused)."""
             lingering = (
-                self.conn.their_state is h11.SEND_BODY
+                (unread or self.conn.their_state is h11.SEND_BODY)
                 and self._linger is None
                 and not self._client_ended
                 and not self._raw_transport.is_closing()
