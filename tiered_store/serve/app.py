@@ -212,8 +212,8 @@ def _error_response(exc: Exception, request: Request) -> Response:
 
 
 async def _read_body(request: Request, limits: Any) -> bytes:
-    """The request body: Content-Type (415), size (413, before and while reading), and a
-    client that stalls mid-body (408 after ``request_timeout_s``)."""
+    """The request body: Content-Type and Content-Encoding (415), size (413, before and while
+    reading), and a client that stalls mid-body (408 after ``request_timeout_s``)."""
     content_type = request.headers.get("content-type", "application/json")
     if content_type.split(";", 1)[0].strip().lower() not in _BODY_TYPES:
         sent = content_type.encode("latin-1")  # as sent: Starlette decodes headers as Latin-1
@@ -222,6 +222,9 @@ async def _read_body(request: Request, limits: Any) -> bytes:
         except UnicodeDecodeError:  # not UTF-8: its bytes (b'text/\xff'), each one named once
             shown = cut_text(sent, _ECHO_CHARS, repr)
         raise RequestError(415, f"Content-Type: got {shown}; expected application/json")
+    coding = request.headers.get("content-encoding", "")
+    if any(c.strip().lower() not in ("", "identity") for c in coding.split(",")):  # not decoded
+        raise RequestError(415, f"Content-Encoding: got {_echo(coding)}; expected none (identity)")
     limit = limits.max_body_bytes
     announced = request.headers.get("content-length")
     if announced is not None and announced.isdigit() and int(announced) > limit:
