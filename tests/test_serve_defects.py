@@ -1105,6 +1105,21 @@ def test_a_request_target_that_is_no_path_is_answered_for_what_it_is(proc):
     assert get_json(proc.url + "/healthz") == (200, {"status": "ok"})
 
 
+def test_an_http_2_preface_is_told_the_version_before_anything_else(proc):
+    """`PRI * HTTP/2.0` (a client speaking HTTP/2 with prior knowledge) got 400 "request target
+    '*': not a path" on a kept connection, then a second 400 for the preface's "SM" line (and
+    `OPTIONS * HTTP/2.0` a 204): the version is checked first again, and the connection closed."""
+    host, port = proc.url.removeprefix("http://").split(":")
+    for preface in (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"OPTIONS * HTTP/2.0\r\nHost: a\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(preface)
+            reply = b""
+            while chunk := sock.recv(65536):  # the server closes after its one answer
+                reply += chunk
+        assert re.findall(rb"HTTP/1\.1 (\d+)", reply) == [b"400"], reply
+        assert b'{"error":"HTTP/2.0: not supported; expected HTTP/1.0 or HTTP/1.1"}' in reply, reply
+
+
 def test_raw_exchange_reads_a_204_on_a_kept_connection_as_bodiless(proc):
     """A 204 has no body and no Content-Length (RFC 9110 8.6): raw_exchange read its body until
     the server closed, so on a kept connection (open server.keep_alive_s, 5 s, past the 2 s

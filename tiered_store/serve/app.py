@@ -364,13 +364,21 @@ class _CountingMiddleware:
         return self.server.metrics_host in WILDCARD_HOSTS or local[0] == self.server.metrics_host
 
     def _refuse(self, scope: Scope) -> Response | None:
-        """A 503 while the server is past ``server.max_connections`` (``http_protocol``; never on
-        the metrics listener: a scrape is answered while the endpoint's connections are all
-        taken), a 400 for a Host header that is no host[:port], a 400 (closing) for a body
-        framed by both Transfer-Encoding and Content-Length or by Transfer-Encoding in HTTP/1.0,
-        a 400 for HTTP versions other than 1.0/1.1, a 404 for paths the metrics listener does not
-        serve, a 400 for an absolute-form target without a host or with user information, the
-        answer to a target that is no path (``_not_a_path``); ``None`` to go on."""
+        """A 400 for HTTP versions other than 1.0/1.1 (first: nothing else of such a request is
+        read), a 400 for an absolute-form target without a host or with user information, the
+        answer to a target that is no path (``_not_a_path``), a 503 while the server is past
+        ``server.max_connections`` (``http_protocol``; never on the metrics listener: a scrape
+        is answered while the endpoint's connections are all taken), a 400 for a Host header
+        that is no host[:port], a 400 (closing) for a body framed by both Transfer-Encoding and
+        Content-Length or by Transfer-Encoding in HTTP/1.0, a 404 for paths the metrics listener
+        does not serve; ``None`` to go on."""
+        version = scope.get("http_version", "1.1")
+        if version not in ("1.0", "1.1"):
+            return json_response(
+                400,
+                {"error": f"HTTP/{version}: not supported; expected HTTP/1.0 or HTTP/1.1"},
+                {"Connection": "close"},
+            )
         if (bad_target := scope["state"].get("bad_target")) is not None:
             return json_response(400, {"error": bad_target})
         if not scope["raw_path"].startswith(b"/"):
@@ -399,17 +407,10 @@ class _CountingMiddleware:
                 },
             )
         names = {name for name, _ in scope["headers"]}
-        version = scope.get("http_version", "1.1")
         if {b"transfer-encoding", b"content-length"} <= names:  # request smuggling: no guess
             return json_response(400, {"error": _FRAMED_TWICE}, {"Connection": "close"})
         if b"transfer-encoding" in names and version == "1.0":  # a 1.0 hop passed chunks on
             return json_response(400, {"error": _CHUNKED_1_0}, {"Connection": "close"})
-        if version not in ("1.0", "1.1"):
-            return json_response(
-                400,
-                {"error": f"HTTP/{version}: not supported; expected HTTP/1.0 or HTTP/1.1"},
-                {"Connection": "close"},
-            )
         if self._on_metrics_listener(scope.get("server")) and scope["path"] != "/metrics":
             return json_response(
                 404,
