@@ -140,6 +140,7 @@ MALFORMED = [
     ("GET", "/../etc/passwd", None, {}, 404, "no endpoint"),
     ("GET", "/admin", None, {}, 404, "expected one of /, /healthz, /stats, /metrics, /v1/engram"),
     ("BREW", "/pot", None, {}, 404, "no endpoint '/pot'"),
+    ("B" * 3000, "/healthz", None, {}, 405, "B... (3,000 characters) /healthz: method not allowed; expected GET"),  # was echoed whole
 ]  # fmt: skip
 
 

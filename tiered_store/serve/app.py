@@ -127,7 +127,10 @@ def build_app(server: InferenceServer) -> ASGIApp:
             allowed = "POST" if path == INFERENCE_PATH else "GET"
             return json_response(
                 405,
-                {"error": f"{method} {path}: method not allowed; expected {allowed}"},
+                {
+                    "error": f"{cut_text(method, _ECHO_CHARS)} {path}: method not allowed; "
+                    f"expected {allowed}"
+                },
                 {"Allow": "POST" if allowed == "POST" else "GET, HEAD"},
             )
         return json_response(exc.status_code, {"error": exc.detail})
