@@ -1096,3 +1096,50 @@ def test_a_save_asked_of_a_closed_store_is_refused_and_leaves_a_later_stores_fil
     with pytest.raises(StoreClosedError, match="store is closed"):
         first.save_restart()
     assert restart_path(path).read_bytes() == after_later
+
+
+def test_a_periodic_save_under_way_at_a_timed_out_close_leaves_a_later_stores_file(
+    tmp_path, monkeypatch
+):
+    # a save the periodic thread began before a close that timed out (a slow disk) wrote on
+    # after it: its rename landed over the file a store opened since had saved at its close
+    from tiered_store import warm_restart
+
+    path, data = make_table(tmp_path, rows=3000, dim=8)
+    cfg = config(path, hot=16, warm=64, restart={"enabled": True, "save_every_s": 0.01})
+    first = TieredStore(cfg)
+    first.lookup(torch.arange(10))
+    writing, go, entered, release = (threading.Event() for _ in range(4))
+    real_save = warm_restart.save_restart
+
+    def slow_save(*args):  # the periodic save, held in its write
+        if threading.current_thread().name == "save":
+            writing.set()
+            go.wait(30)
+        return real_save(*args)
+
+    def stuck() -> None:  # a call under way, as a lookup blocked in a read is
+        with first._file_calls.entered():
+            entered.set()
+            release.wait(30)
+
+    monkeypatch.setattr(store_module, "save_restart", slow_save)
+    caller = threading.Thread(target=stuck)
+    caller.start()
+    try:
+        assert entered.wait(10) and writing.wait(10)
+        with pytest.warns(RuntimeWarning, match="still under way"):
+            first.close(wait_s=0.1)
+        monkeypatch.undo()
+        with TieredStore(config(path, hot=16, warm=64)) as later:
+            assert later.wait_restored(timeout=30)
+            later.lookup(torch.arange(100, 110))
+        after_later = restart_path(path).read_bytes()
+        go.set()
+        for thread in first._threads:
+            thread.join(30)
+        assert restart_path(path).read_bytes() == after_later
+    finally:
+        go.set()
+        release.set()
+        caller.join(30)

@@ -620,7 +620,8 @@ class TieredStore:
     def save_restart(self) -> Path:
         """Save the rows hot and warm hold (most valuable first) to ``TABLE.npy.restart`` for a
         warm restart; ``close()`` calls it when ``tiers.restart.enabled``. Returns the path.
-        A closed store raises ``StoreClosedError`` (its close saved what it held).
+        A closed store raises ``StoreClosedError`` (its close saved what it held), as does a
+        save under way when a close that timed out came (it saved nothing, see ``close``).
 
         Examples
         --------
@@ -660,7 +661,10 @@ class TieredStore:
         path = restart_path(self.config.table.path)
 
         def still_current() -> None:
-            """Refuse the save once the table moved on (before writing, and before the rename)."""
+            """Refuse the save once the table moved on or the store closed (a close that timed
+            out while it wrote, saving nothing of its own): before writing, and before the
+            rename, which would land over the file a store opened since had saved."""
+            self._check_open()
             if self._moved_on() is not None:
                 raise TierIOError(  # the file is the current version's: a newer store saves it
                     errno.ESTALE,
