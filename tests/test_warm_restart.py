@@ -710,7 +710,8 @@ def test_a_failed_save_on_close_names_the_earlier_save_the_next_open_restores(
 ):
     """A save on close that failed warned that 'the next open starts cold', but the file an
     earlier save made (a periodic one, or the last close's) stays, and the next open restores its
-    rows. The warning now says so; 'starts cold' only where there is no such file."""
+    rows. The warning now says so (if that file is intact and of this table version); 'starts
+    cold' only where there is no such file."""
     path, data = make_table(tmp_path, rows=1_000, dim=4)
     cfg = config(path, hot=0, warm=100)
 
@@ -724,7 +725,10 @@ def test_a_failed_save_on_close_names_the_earlier_save_the_next_open_restores(
     assert store.wait_restored(timeout=30)
     store.lookup(torch.arange(900, 1000))  # other rows than the saved ones
     monkeypatch.setattr(store_module, "_rows_to_save", no_memory)
-    with pytest.warns(RestartWarning, match="could not save .*; the next open restores its last"):
+    with pytest.warns(
+        RestartWarning,
+        match="could not save .*; the file is left as it was: the next open restores it",
+    ):
         store.close()
     monkeypatch.undo()
     with TieredStore(cfg) as again:
@@ -735,6 +739,32 @@ def test_a_failed_save_on_close_names_the_earlier_save_the_next_open_restores(
     monkeypatch.setattr(store_module, "_rows_to_save", no_memory)
     with pytest.warns(RestartWarning, match="could not save .*; the next open starts cold"):
         store.close()
+
+
+def test_a_failed_save_on_close_over_a_corrupt_file_does_not_promise_its_rows(
+    tmp_path, monkeypatch
+):
+    # the warning said "the next open restores its last save" whenever a file was there, though
+    # the file the store found corrupt at its open (it started cold) stays corrupt
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    cfg = config(path, hot=0, warm=100)
+    restart_path(path).write_bytes(b"garbage" * 9)
+
+    def no_memory(*args):
+        raise MemoryError("no memory for the save's copy")
+
+    with pytest.warns(RestartWarning, match="not a warm-restart file"):
+        store = TieredStore(cfg)
+    serve(store, data, batches=2)
+    monkeypatch.setattr(store_module, "_rows_to_save", no_memory)
+    with pytest.warns(RestartWarning, match="could not save") as warned:
+        store.close()
+    said = str(warned[-1].message)
+    assert "restores its last save" not in said
+    assert "the file is left as it was: the next open restores it only if it is intact" in said
+    monkeypatch.undo()
+    with pytest.warns(RestartWarning, match="not a warm-restart file"):
+        TieredStore(cfg).close()
 
 
 def test_a_save_on_close_interrupted_propagates_and_the_store_still_closes(tmp_path, monkeypatch):

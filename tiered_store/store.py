@@ -798,8 +798,11 @@ class TieredStore:
                     + (
                         "the newer version's own file is kept"
                         if kept
-                        else "the next open restores its last save (the rows held then)"
-                        if path.exists()  # an earlier save's (periodic, or the last close's)
+                        else "the file is left as it was: the next open restores it only if "
+                        "it is intact and of this table version (an earlier save, the rows held "
+                        "then)"
+                        if path.exists()  # a periodic save's, the last close's, or one this
+                        # store found stale or corrupt at its open (not checked again here)
                         else "the next open starts cold"
                     ),
                     RestartWarning,
