@@ -986,7 +986,10 @@ def test_victims_after_a_re_pin_are_those_a_new_topk_would_choose():
 def test_a_re_pin_whose_victim_buffer_merge_fails_leaves_no_stale_buffer(monkeypatch):
     # the unpin's flags were flipped, then the merge of the unpinned slots into the victim buffer
     # ran out of memory: the buffer kept its victims without them, so the tier evicted newer rows
-    # before the unpinned ones (not what a new topk picks) until it drained; it is dropped now
+    # before the unpinned ones (not what a new topk picks) until it drained. Dropping the buffer
+    # then still raised with the flags flipped: the caller took the re-pin for undone (no finish,
+    # hot's new pins not told to warm, "its pins stay"). The merge runs first now: its failure
+    # changes nothing, and the re-pin tried again does as one that never failed
     from policies import PolicySpec
     from tiered_store import row_cache
     from tiered_store.online_repin import RepinMoves
@@ -1019,12 +1022,66 @@ def test_a_re_pin_whose_victim_buffer_merge_fails_leaves_no_stale_buffer(monkeyp
         if i == 20:  # buffered victims exist now; unpin rows older than all of them
             assert caches[0]._buffered is not None and caches[0]._buffered[0].numel()
             monkeypatch.setattr(row_cache, "merge_sorted", no_memory)
+            flags, buffered = caches[0].pin_flags().clone(), caches[0]._buffered
             with pytest.raises(torch.OutOfMemoryError, match="no memory to merge"):
                 caches[0].apply_repin(RepinMoves(none, none, caches[0].probe(first), first))
+            assert torch.equal(caches[0].pin_flags(), flags) and caches[0].pinned_count == 20
+            assert caches[0]._buffered is buffered
             monkeypatch.setattr(row_cache, "merge_sorted", merge_sorted)
-            assert caches[1].apply_repin(RepinMoves(none, none, caches[1].probe(first), first))
+            for cache in caches:
+                assert cache.apply_repin(RepinMoves(none, none, cache.probe(first), first))
             assert caches[0].pinned_count == caches[1].pinned_count == 0
     assert not bool(torch.isin(first, caches[0].row_of_slot).any())  # evicted first
+
+
+def test_a_re_pin_whose_queue_search_update_fails_still_applies_whole(monkeypatch):
+    # the flags flipped, then telling the queue's victim search of the unpinned slots ran out of
+    # memory: the re-pin raised half done. Its search forgets its candidates instead (the next
+    # passes over the tier) and the re-pin stands: victims by the queue are those a tier that
+    # never failed picks
+    from policies import PolicySpec
+    from tiered_store.online_repin import RepinMoves
+    from tiered_store.queue_victims import QueueVictims
+    from tiered_store.request_queue import QueuedRequests
+    from tiered_store.row_cache import RowCache
+
+    from .conftest import run_batch
+
+    caches = [
+        RowCache("warm", num_rows=3000, capacity=200, spec=PolicySpec.parse("zipf-tuned"))
+        for _ in range(2)
+    ]
+    queue = QueuedRequests()
+    for cache in caches:
+        cache.attach_queue(queue)
+    rng = np.random.default_rng(5)
+    work = [rng.integers(0, 3000, 40) for _ in range(60)]
+    for batch in work[:10]:
+        for cache in caches:
+            run_batch(cache, batch)
+    request = queue.add(torch.from_numpy(work[40]))  # some rows queued: victims by the queue
+    for cache in caches:
+        cache.queued(request)
+    first = caches[0].held_rows()[-20:]  # the least recently used rows
+    none = torch.empty(0, dtype=torch.int64)
+    for cache in caches:
+        cache.apply_repin(RepinMoves(cache.probe(first), first, none, none))
+    changed = QueueVictims.changed
+
+    def no_memory(self, slots):
+        raise torch.OutOfMemoryError("no memory to merge")
+
+    for i, batch in enumerate(work[10:], 10):
+        for cache in caches:
+            run_batch(cache, batch)
+        assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot), i
+        if i == 20:  # unpin rows older than every candidate
+            monkeypatch.setattr(QueueVictims, "changed", no_memory)
+            assert caches[0].apply_repin(RepinMoves(none, none, caches[0].probe(first), first))
+            monkeypatch.setattr(QueueVictims, "changed", changed)
+            assert caches[1].apply_repin(RepinMoves(none, none, caches[1].probe(first), first))
+            assert caches[0].pinned_count == caches[1].pinned_count == 0
+    assert caches[0].counters == caches[1].counters
 
 
 def test_a_miss_admitted_after_other_batches_began_a_window_counts_in_its_own(

@@ -264,7 +264,9 @@ class RowCache:
 
     def apply_repin(self, moves: RepinMoves) -> tuple[int, int]:
         """Pin and unpin the slots a re-pin planned, those that still hold the planned rows;
-        returns (rows pinned, rows unpinned). Flag flips only: no row moves."""
+        returns (rows pinned, rows unpinned). Flag flips only: no row moves. All or nothing: a
+        failure (out of memory) raises before any flag flips; the queue's victim search, if it
+        cannot take the unpinned slots in after them, forgets its candidates instead."""
         pin, unpin = moves.pin_slots.to(self.device), moves.unpin_slots.to(self.device)
         pin = pin[
             (self.row_of_slot[pin] == moves.pin_rows.to(self.device)) & ~self._unevictable[pin]
@@ -272,34 +274,36 @@ class RowCache:
         unpin = unpin[
             (self.row_of_slot[unpin] == moves.unpin_rows.to(self.device)) & self._unevictable[unpin]
         ]
+        # pinned slots leave the victim buffer as it checks them; the unpinned join it
+        buffered = self._buffer_with(unpin)
         self._unevictable[pin] = True
         self._unevictable[unpin] = False
         self._n_pinned += pin.numel() - unpin.numel()
+        self._buffered = buffered
         try:
-            self._buffer_unpinned(unpin)  # pinned slots leave the victim buffer as it checks them
-        except BaseException:  # (out of memory) without the unpinned slots it picks wrong victims
-            self._buffered = None  # the next eviction refills it with a topk
-            raise
-        finally:
             self._queue_changed(unpin)
+        except Exception:  # noqa: BLE001 (out of memory: raised once the flags flipped, the
+            # caller took the re-pin for undone) its next search passes over the tier
+            self._forget_queue_victims()
         return pin.numel(), unpin.numel()
 
-    def _buffer_unpinned(self, unpin: torch.Tensor) -> None:
-        """Slots just unpinned whose keys are below the victim buffer's largest join it, in key
-        order: it still holds every evictable slot up to its largest key, so it picks what a new
-        ``topk`` would (a re-pin per window no longer costs a ``topk`` over the tier)."""
+    def _buffer_with(self, unpin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The victim buffer once ``unpin`` are unpinned: those whose keys are below its largest
+        join it, in key order, so it still holds every evictable slot up to its largest key and
+        picks what a new ``topk`` would (a re-pin per window no longer costs a ``topk`` over the
+        tier). Changes nothing: the caller sets it once the flags flip."""
         if self._buffered is None or not unpin.numel():
-            return
+            return self._buffered
         slots, keys = self._buffered
         if not slots.numel():
-            self._buffered = None
-            return
+            return None
         unpin_keys = self.eviction.victim_priority(unpin)
         buffered = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
         buffered[slots] = True  # a mark per slot, not an isin (a sort of both)
         join = (unpin_keys < keys[-1]) & ~buffered[unpin]
         if bool(join.any()):
-            self._buffered = merge_sorted(slots, keys, unpin[join], unpin_keys[join])
+            return merge_sorted(slots, keys, unpin[join], unpin_keys[join])
+        return self._buffered
 
     def pin_resident(self, ids: torch.Tensor, *, only: bool) -> int:
         """Pin the rows of ``ids`` the tier holds; with ``only``, unpin every other row first
