@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         ids = reader.read_all(args.layer)[: args.lookups].astype(np.int64)
     warm, served = ids[: args.warmup], ids[args.warmup :]
     if not served.size:
-        raise SystemExit(
+        raise ConfigError(
             f"--warmup {args.warmup:,}: the trace holds only {ids.size:,} lookups of "
             f"{args.layer}; expected fewer, to leave lookups to serve after it"
         )

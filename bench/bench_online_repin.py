@@ -251,14 +251,17 @@ def fetch_ratios(args, work: Path, analysis: Path) -> dict:
         ids = reader.read_all(args.layer)[: args.lookups].astype(np.int64)
     if args.then:  # the traffic changes kind: the other analysis' held-out lookups follow
         if ids.size <= args.switch_at:
-            raise SystemExit(
+            raise ConfigError(
                 f"--switch-at {args.switch_at:,}: the analysis' trace (up to --lookups) has "
                 f"only {ids.size:,} lookups; expected a switch before its end"
             )
         ids = np.concatenate([ids[: args.switch_at], then_ids(args, layout)])[: args.lookups]
     warmup = args.warmup - args.warmup % BATCH  # whole batches: the mark ends a replay batch
     if ids.size <= warmup:
-        raise SystemExit(f"--warmup {args.warmup}: the trace has only {ids.size:,} lookups")
+        raise ConfigError(
+            f"--warmup {args.warmup:,}: the trace has only {ids.size:,} lookups; expected fewer, "
+            "to leave lookups to serve after it"
+        )
     write_trace(work / "full.trace", layout, ids)
     marks = chunk_marks(args.chunk, ids.size)
     repin = {"enabled": True, **repin_overrides(args)}
@@ -365,7 +368,7 @@ def then_ids(args, layout: dict) -> np.ndarray:
     with TraceReader(args.then / "holdout.trace") as reader:
         other = reader.layout[reader.table_index(args.layer)]
         if other["rows"] != layout["rows"]:
-            raise SystemExit(
+            raise ConfigError(
                 f"--then {args.then}: its {args.layer} has {other['rows']:,} rows, the "
                 f"analysis' {layout['rows']:,}; expected the same table"
             )

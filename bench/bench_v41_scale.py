@@ -51,6 +51,7 @@ from tiered_store.cli_args import (
 from tiered_store.corpus import resolve_corpus
 from tiered_store.engram import EngramConfig, NgramHasher
 from tiered_store.engram.corpus import read_tokens, token_batches
+from tiered_store.errors import ConfigError
 from tiered_store.quantization import RowQuantization
 from tiered_store.stats import hit_ratio
 from tiered_store.table_format import RandomSource, create_table, read_manifest
@@ -163,7 +164,7 @@ def ensure_table(args, rows: int) -> Path:
     if path.exists():
         manifest = read_manifest(path)
         if manifest.rows != rows or manifest.quantization != quant:
-            sys.exit(
+            raise ConfigError(
                 f"{path}: {manifest.rows:,} rows of {manifest.quantization}; expected {rows:,} rows of {quant}"
             )
         return path

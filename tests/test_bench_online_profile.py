@@ -87,14 +87,14 @@ def test_help_exits_zero(tmp_path):
 
 @pytest.mark.parametrize(
     ("args", "code", "message"),
-    [  # 2: refused with the options (argparse's exit, with the usage); 1: once the trace is read
+    [  # 2: refused with the options (argparse's), or once the trace is read (named by the script)
         (("--shares", "5%,150%"), 2, "--shares '5%,150%': expected shares of the rows in (0, 1]"),
         (("--warmup=-5",), 2, "argument --warmup: expected at least 1 lookup, got '-5'"),
         (("--lookups", "1000"), 2, "--lookups 1000: expected more than --warmup (5,000,000)"),
         (
             ("--warmup", "9000000", "--lookups", "10000000"),
-            1,
-            "--warmup 9,000,000: the trace holds only",
+            2,
+            "bench_online_profile.py: error: --warmup 9,000,000: the trace holds only",
         ),
     ],
 )

@@ -169,3 +169,15 @@ def test_traffic_that_changes_kind_follows_the_first_trace_at_the_switch(email_a
     switch = 200000 - 200000 % 65536  # whole batches
     assert report["then"] == {"trace": str(then / "holdout.trace"), "switch_at": switch}
     assert report["lookups"] == switch + then_lookups
+
+
+def test_a_warm_up_past_the_trace_is_refused_by_the_scripts_name(email_analysis, tmp_path):
+    """A ``--warmup`` as long as the trace was a bare ``SystemExit``: exit 1 and a line that
+    named no script (as a ``--switch-at`` past it or a ``--then`` of another table did)."""
+    done = bench(
+        *("--analysis", str(email_analysis), "--warmup", "99999999", "--lookups", "100000000"),
+        *("--skip-all-hit", "--shares", "5%", "--replay-modes", "online", "--skip-bounds"),
+        tmp_path=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "bench_online_repin.py: error: --warmup 99,999,999: the trace has only" in done.stderr

@@ -152,8 +152,11 @@ def test_a_bad_value_is_refused_before_analysing(args, message, tmp_path):
 
 def test_a_budget_that_holds_no_row_is_refused_by_name(analysis, tmp_path):
     done = bench("--analysis", str(analysis), "--gpu-budget", "4MiB", tmp_path=tmp_path)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "--gpu-budget: 4194304 bytes (4.0 MiB) holds no row of this table" in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (
+        "bench_tier_split.py: error: --gpu-budget: 4194304 bytes (4.0 MiB) holds no row of this table"
+        in done.stderr
+    )
 
 
 def test_analysis_and_table_are_refused_by_name_before_any_work(tmp_path):

@@ -152,8 +152,11 @@ def test_a_table_of_other_rows_is_refused(bench_run, tmp_path):
     made, _, doc, _ = bench_run
     table = made / "tables" / doc["table"]["file"]
     done = bench(*SMALL, "--vocab", "900", "--table", str(table), tmp_path=tmp_path)
-    assert done.returncode == 1
-    assert f"{table}: {doc['table']['rows']:,} rows of" in done.stderr and "expected" in done.stderr
+    assert done.returncode == 2
+    assert (
+        f"bench_v41_scale.py: error: {table}: {doc['table']['rows']:,} rows of" in done.stderr
+        and "expected" in done.stderr
+    )
     assert not (tmp_path / "tables").exists()
 
 
