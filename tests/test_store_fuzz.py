@@ -29,10 +29,12 @@ A failure names its seed and operation index, and prints the command that re-run
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import traceback
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -887,7 +889,8 @@ def test_a_prefetched_view_refilled_in_place_is_refused(kind, tmp_path):
 # what a lookup's or a write's path calls, per tier: a random one of these raises
 FAULT_POINTS = {
     "cache": ("probe", "_pop_free", "_push_free", "_evict", "_choose_victims"),
-    "index": ("get", "set", "delete"),
+    # a hashed index's _insert: a set's, or its rebuild's into a new table (the old one kept)
+    "index": ("get", "set", "delete", "_insert"),
     "eviction": ("on_insert", "on_free", "on_reinstate", "on_hit", "choose_victims"),
     "admission": ("admit", "best_first"),
     "pool": ("write", "gather"),
@@ -895,44 +898,50 @@ FAULT_POINTS = {
 FAULT_POLICIES = ["lru", "sieve", "fifo", "lfu+tinylfu", "lru+tinylfu", "static+lru", "zipf-tuned"]
 DEFAULT_FAULT_SEEDS = range(8)
 DEFAULT_FAULT_OPS = 60
+DEFAULT_REBUILD_SEEDS = range(1)
+# a hashed index's rebuild re-inserting its rows into its new table
+REBUILD_INSERT = ("HashedRowIndex._insert", "_rebuild")
 
 
 class Faults:
-    """Wrapped calls of a store's miss path; once armed, the ``at``-th call raises ``exc``."""
+    """Wrapped calls of a store's miss path; once armed, the ``at``-th call (of the ``aim`` alone:
+    ``(point, caller)``, where one is given) raises ``exc``."""
 
     def __init__(self) -> None:
         self.at: int | None = None
+        self.aim: tuple[str, str] | None = None
         self.calls = 0
         self.exc: type[BaseException] = MemoryError
         self.fired = ""
         self.stack = ""  # where it fired
+        self.fired_in: Counter[str] = Counter()  # how many failures each point and caller took
 
     def wrap(self, owner: Any, name: str) -> None:
         """Count (and maybe fail) ``owner.name``'s calls."""
         real = getattr(owner, name, None)
         if real is None:
             return
-
-        inside = []  # a call of itself (a hashed index's rebuild re-inserting) is not counted
+        point = f"{type(owner).__name__}.{name}"
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            if self.at is not None and not inside:
-                self.calls += 1
-                if self.calls == self.at:
-                    self.at, self.fired = None, f"{type(owner).__name__}.{name}"
-                    self.stack = "".join(traceback.format_stack(limit=8)[:-1])
-                    raise self.exc(f"injected in {self.fired}")
-            inside.append(1)
-            try:
-                return real(*args, **kwargs)
-            finally:
-                inside.pop()
+            if self.at is not None:
+                caller = sys._getframe(1).f_code.co_name
+                if self.aim in (None, (point, caller)):
+                    self.calls += 1
+                    if self.calls == self.at:
+                        self.at, self.fired = None, f"{point} (from {caller})"
+                        self.fired_in[self.fired] += 1
+                        self.stack = "".join(traceback.format_stack(limit=8)[:-1])
+                        raise self.exc(f"injected in {self.fired}")
+            return real(*args, **kwargs)
 
         setattr(owner, name, call)
 
-    def arm(self, rng: np.random.Generator) -> None:
-        """The next op fails at a random call (or at none, if it makes fewer)."""
-        self.at, self.calls, self.fired = int(rng.integers(1, 60)), 0, ""
+    def arm(self, rng: np.random.Generator, aim: tuple[str, str] | None = None) -> None:
+        """The next op fails at a random call (of ``aim`` alone: its first or second), or at none
+        if it makes fewer."""
+        self.at, self.calls, self.fired = int(rng.integers(1, 60 if aim is None else 3)), 0, ""
+        self.aim = aim
         self.exc = KeyboardInterrupt if rng.random() < 0.2 else MemoryError
 
     def disarm(self) -> None:
@@ -976,21 +985,26 @@ def _check_tier(cache: Any, dirty: torch.Tensor | None) -> None:
         assert not bool(dirty[cache.row_of_slot < 0].any()), f"{cache.name}: a free slot dirty"
 
 
-def run_faults(seed: int, tmp_path, n_ops: int) -> None:
+def run_faults(seed: int, tmp_path, n_ops: int, *, rebuilds: bool = False) -> Counter[str]:
     """Random lookups, writes and commits, a random call of each failing now and then: every
     later lookup returns the reference's rows, and the tiers, their free lists, pins and dirty
-    flags agree; what was written and not known to have failed is committed and read back."""
+    flags agree; what was written and not known to have failed is committed and read back.
+    ``rebuilds``: tiny tiers with hashed indexes (hot's probing in torch rounds, as on a GPU),
+    rebuilt every few admissions, half the failures aimed at a rebuild's insert. Returns how many
+    failures each point and caller took."""
     rng = np.random.default_rng(seed)
     rows = 300
     path, data = make_table(tmp_path, rows=rows, dim=4, seed=seed)
     tiers = {}
     for name, cap in (("hot", (4, 24)), ("warm", (8, 60))):
+        if rebuilds:
+            cap = (cap[0], 2 * cap[0])
         tier: dict[str, Any] = {"capacity": int(rng.integers(*cap))}
         tier["policy"] = str(rng.choice(FAULT_POLICIES))
         if tier["policy"].startswith("static"):
             np.save(tmp_path / f"{name}_static.npy", rng.permutation(rows)[:3])
             tier["static_rows"] = str(tmp_path / f"{name}_static.npy")
-        tier["index"] = str(rng.choice(["dense", "hashed"]))
+        tier["index"] = "hashed" if rebuilds else str(rng.choice(["dense", "hashed"]))
         tier["evict_headroom"] = float(rng.choice([0.0, 0.25]))
         tiers[name] = tier
     prefetch = {"depth": 2, "lookahead": bool(rng.random() < 0.5)}
@@ -1000,6 +1014,9 @@ def run_faults(seed: int, tmp_path, n_ops: int) -> None:
     faults = Faults()
     where, log = "open", []
 
+    def arm() -> None:
+        faults.arm(rng, REBUILD_INSERT if rebuilds and rng.random() < 0.5 else None)
+
     def check(store: TieredStore, ids: np.ndarray, what: str) -> None:
         out = store.lookup(torch.from_numpy(ids))
         bad = ~(out == reference[ids]).all(1)
@@ -1007,6 +1024,8 @@ def run_faults(seed: int, tmp_path, n_ops: int) -> None:
 
     try:
         with TieredStore(cfg) as store:
+            if rebuilds:  # hot's index probes in torch rounds, as a CUDA tier's does
+                store.hot.index.compiled = False
             _wrap_store(store, faults)
             dirty: dict[str, torch.Tensor] = {}
             writes = None  # the write-back whose calls are wrapped
@@ -1025,7 +1044,7 @@ def run_faults(seed: int, tmp_path, n_ops: int) -> None:
                         store.commit()
                         continue
                     if rng.random() < 0.6:
-                        faults.arm(rng)
+                        arm()
                     try:
                         if kind == "prefetch":  # fetched by the prefetch thread, then collected
                             handle = store.prefetch(torch.from_numpy(ids))
@@ -1040,7 +1059,7 @@ def run_faults(seed: int, tmp_path, n_ops: int) -> None:
                     ids = np.unique(rng.choice(popular, int(rng.integers(1, 6))))
                     new = torch.from_numpy(rng.standard_normal((ids.size, 4)).astype(np.float32))
                     if rng.random() < 0.5:
-                        faults.arm(rng)
+                        arm()
                     try:
                         store.write(torch.from_numpy(ids), new)
                         reference[ids] = new
@@ -1077,11 +1096,21 @@ def run_faults(seed: int, tmp_path, n_ops: int) -> None:
             f"seed {seed}, {where}: {type(exc).__name__}: {exc}\n  tiers={tiers}\n"
             f"  the last failure injected:\n{faults.stack}\n  the ops:\n" + "\n".join(log[-12:])
         )
+    return faults.fired_in
 
 
 @pytest.mark.parametrize("seed", DEFAULT_FAULT_SEEDS, ids=_seed_id)
 def test_a_failure_at_any_call_leaves_only_correct_rows(seed, tmp_path):
     run_faults(seed, tmp_path, DEFAULT_FAULT_OPS)
+
+
+@pytest.mark.parametrize("seed", DEFAULT_REBUILD_SEEDS, ids=_seed_id)
+def test_a_failure_in_a_hashed_index_rebuild_leaves_only_correct_rows(seed, tmp_path):
+    """As above, with tiers small enough that their hashed indexes are rebuilt every few
+    admissions, and failures aimed at a rebuild's insert into its new table: the index keeps its
+    old table whole (it had been cleared first, losing every row the tier held)."""
+    fired = run_faults(seed, tmp_path, DEFAULT_FAULT_OPS, rebuilds=True)
+    assert fired[f"{REBUILD_INSERT[0]} (from {REBUILD_INSERT[1]})"] > 0, dict(fired)
 
 
 @pytest.mark.slow
