@@ -468,6 +468,40 @@ def test_a_hashed_index_whose_torch_insert_fails_part_way_keeps_no_id_without_it
     assert index.deleted == int((index.keys == -2).sum())
 
 
+def test_a_hashed_index_whose_torch_delete_fails_part_way_keeps_its_counts_and_slots(monkeypatch):
+    """The torch delete (a CUDA tier's eviction) marks the entries deleted, then empties their
+    slots, then counts them: out of memory between the two left the counts as they were (the
+    index counted rows it no longer held: once the tier was full again every admission was
+    refused as past its capacity) and the deleted entries' old slots, which the torch insert
+    takes the largest of: a row put there later with a smaller slot was found at the old slot,
+    another row's."""
+    cache = RowCache(
+        "hot", num_rows=1000, capacity=12, spec=PolicySpec.parse("lru"), index="hashed"
+    )
+    index = cache.index
+    index.compiled = False
+    run_batch(cache, range(12))
+    setitem = torch.Tensor.__setitem__
+
+    def out_of_memory(tensor, key, value):
+        if tensor is not index.slots:
+            return setitem(tensor, key, value)
+        monkeypatch.setattr(torch.Tensor, "__setitem__", setitem)  # once
+        raise MemoryError("out of memory emptying the slots")
+
+    monkeypatch.setattr(torch.Tensor, "__setitem__", out_of_memory)
+    with pytest.raises(MemoryError):
+        run_batch(cache, [20, 21, 22, 23])  # evicts 0..3 first
+    _check_invariants(cache)
+    assert index.live == cache.occupancy == int((index.keys >= 0).sum())
+    assert index.deleted == int((index.keys == -2).sum())
+    assert (index.slots[index.keys < 0] == -1).all()
+    for batch in ([20, 21, 22, 23], [30, 31, 32, 33, 34], [40, 41, 20, 21, 22, 23]):
+        run_batch(cache, batch)
+        _check_invariants(cache)
+    assert index.live == cache.occupancy == 12
+
+
 @pytest.mark.parametrize("pin", [True, False])
 def test_dropping_preloaded_slots_frees_them_and_their_pins(pin):
     """A warm restart whose rows could not be written after ``preload`` drops the slots it

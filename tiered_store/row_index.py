@@ -216,10 +216,16 @@ class HashedRowIndex(RowIndex):
         where a later insert of it is not."""
         ids = ids.reshape(-1)
         ids = ids[(ids >= 0) & (ids < self.num_rows)]  # no marker, nor a row an id would wrap onto
-        claimed = torch.isin(self.keys, ids.to(self.keys.dtype))
-        self.keys.masked_fill_(claimed, _DELETED)
-        self.slots.masked_fill_(claimed, -1)
+        self.keys.masked_fill_(torch.isin(self.keys, ids.to(self.keys.dtype)), _DELETED)
+        self._settle()
+
+    def _settle(self) -> None:
+        """After a change that failed part way (out of memory): the slots of entries not held
+        emptied (an insert's torch rounds keep the largest slot written to an entry) and the
+        counts taken from the keys, whatever it had done."""
+        self.live = int((self.keys >= 0).sum())
         self.deleted = int((self.keys == _DELETED).sum())
+        self.slots.masked_fill_(self.keys < 0, -1)
 
     def _insert(self, ids: torch.Tensor, slots: torch.Tensor) -> int:
         """Put unique absent ``ids`` with their ``slots`` in the table (compiled on the CPU);
@@ -266,8 +272,12 @@ class HashedRowIndex(RowIndex):
             return
         entry = self._find(ids.reshape(-1))
         entry = entry[entry >= 0]
-        self.keys[entry] = _DELETED
-        self.slots[entry] = -1
+        try:
+            self.keys[entry] = _DELETED
+            self.slots[entry] = -1
+        except BaseException:  # (out of memory) between the two: counted as the keys say
+            self._settle()
+            raise
         self.live -= entry.numel()
         self.deleted += entry.numel()
 
