@@ -633,6 +633,22 @@ def test_missing_files_and_bad_arguments(tmp_path):
     del table  # the finalizer closes the descriptor and pool
 
 
+@pytest.mark.parametrize("io", ["direct", "uring"])
+def test_an_os_without_o_direct_is_refused_naming_the_io_asked_and_the_table(
+    tmp_path, monkeypatch, io
+):
+    """Where os has no O_DIRECT the open said "io='direct' needs O_DIRECT" also for io='uring',
+    and named no table; it names the io asked, the table and io='pread'."""
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((4, 4), np.float32), progress=False)
+    monkeypatch.delattr(os, "O_DIRECT")  # as on macOS
+    with pytest.raises(TierIOError) as caught:
+        ColdTable(path, io=io)
+    message = str(caught.value)
+    assert f"io={io!r} needs O_DIRECT" in message and str(path) in message
+    assert "io='pread'" in message and caught.value.filename == str(path)
+
+
 # ---- property: every mode equals np.load indexing ----------------------------------------------
 
 

@@ -341,7 +341,10 @@ class ColdTable:
         if self.io in ("direct", "uring"):
             if not hasattr(os, "O_DIRECT"):
                 raise TierIOError(
-                    errno.EINVAL, f"io='direct' needs O_DIRECT, which this OS lacks; {_HINT}"
+                    errno.EINVAL,
+                    f"cannot open table {self.path}: io={self.io!r} needs O_DIRECT, which this "
+                    "OS lacks; expected an OS with O_DIRECT (Linux), or use io='pread'",
+                    str(self.path),
                 )
             flags |= os.O_DIRECT
         try:
