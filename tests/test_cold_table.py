@@ -649,6 +649,26 @@ def test_an_os_without_o_direct_is_refused_naming_the_io_asked_and_the_table(
     assert "io='pread'" in message and caught.value.filename == str(path)
 
 
+def test_a_table_path_that_cannot_be_checked_names_the_path_and_what_was_expected(tmp_path):
+    """A batch's check of the path failing with another error than ENOENT (here ENOTDIR: its
+    folder replaced by a file) said only "cannot check the file (Not a directory)"; it says
+    what was expected and names the table in the error's filename."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    path = folder / "t.npy"
+    create_table(path, np.zeros((4, 4), np.float32), progress=False)
+    with ColdTable(path) as table:
+        folder.rename(tmp_path / "moved")
+        folder.write_bytes(b"")  # d is now a file: d/t.npy fails with ENOTDIR
+        with pytest.raises(TierIOError) as caught:
+            table.read_rows(np.array([1]))
+        assert caught.value.errno == errno.ENOTDIR and caught.value.filename == str(path)
+        assert re.search(
+            r"cannot check the file \(.*\); expected its path to name", str(caught.value)
+        )
+        assert table.read_errors == 1
+
+
 # ---- property: every mode equals np.load indexing ----------------------------------------------
 
 

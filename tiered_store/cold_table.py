@@ -467,7 +467,10 @@ class ColdTable:
         except OSError as exc:
             self._count_error()
             raise TierIOError(
-                exc.errno, f"table {self.path}: cannot check the file ({exc.strerror})"
+                exc.errno,
+                f"table {self.path}: cannot check the file ({exc.strerror}); expected its path to "
+                "name the open table file",
+                str(self.path),
             ) from None
         if size < self._file_bytes:
             self._count_error()
