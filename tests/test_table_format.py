@@ -532,6 +532,37 @@ def test_a_verification_keeps_to_its_byte_rate(tmp_path):
         verify_table(path, progress=False, bytes_per_s=0)
 
 
+def test_a_verification_at_a_huge_or_tiny_byte_rate_runs(tmp_path):
+    """A rate past a float's range (an int, 10**400) failed with OverflowError (its tenth taken
+    as a float), and one so low that the wait for the second read passed the longest a thread
+    waits (1e-300 bytes a second) failed with OverflowError too; the first is as good as no
+    limit, the second waits (until stopped, or interrupted)."""
+    import signal
+    import threading
+
+    from tiered_store.table_format import VerifyStopped
+
+    path, m = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=4096)
+    report = verify_table(path, progress=False, bytes_per_s=10**400)
+    assert report.blocks_checked == m.num_blocks
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    with pytest.raises(VerifyStopped, match="stopped after 4,096 of"):
+        verify_table(path, progress=False, bytes_per_s=1e-300, stop=stop)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    main = threading.main_thread().ident  # with no stop: it waits until interrupted
+    default = signal.signal(signal.SIGINT, ctrl_c)  # as Python's, whatever the runner set
+    try:
+        threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            verify_table(path, progress=False, bytes_per_s=1e-300)
+    finally:
+        signal.signal(signal.SIGINT, default)
+
+
 @pytest.mark.parametrize("command", ["verify", "add_page_checksums"])
 def test_a_read_error_while_verifying_names_the_table_and_offset(
     tmp_path, monkeypatch, capsys, command

@@ -1002,8 +1002,8 @@ def _scan_table(
     block CRC-32s (and page CRC32Cs against ``expected_pages``); ``VerifyStopped`` before a read
     once ``stop`` is set; each read waits until the pass is back under ``bytes_per_s`` (reads of
     a tenth of a second's bytes, whole blocks)."""
-    read_bytes = (
-        VERIFY_READ_BYTES if bytes_per_s is None else min(VERIFY_READ_BYTES, int(bytes_per_s / 10))
+    read_bytes = (  # (int() first: a rate past a float's range, 10**400, has a tenth too)
+        VERIFY_READ_BYTES if bytes_per_s is None else min(VERIFY_READ_BYTES, int(bytes_per_s) // 10)
     )
     chunk = max(read_bytes // manifest.block_bytes, 1) * manifest.block_bytes
     started = time.monotonic()
@@ -1079,12 +1079,10 @@ def _scan_table(
 
 
 def _wait(seconds: float, stop: threading.Event | None) -> None:
-    """Sleep ``seconds`` (none when not positive), or until ``stop`` is set."""
-    if seconds > 0:
-        if stop is None:
-            time.sleep(seconds)
-        else:
-            stop.wait(seconds)
+    """Sleep ``seconds`` (none when not positive; at most the longest a thread waits), or until
+    ``stop`` is set."""
+    if seconds > 0:  # (time.sleep refuses some a thread takes: EINVAL, OverflowError)
+        (threading.Event() if stop is None else stop).wait(min(seconds, threading.TIMEOUT_MAX))
 
 
 def page_checksum_error(
