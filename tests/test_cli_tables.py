@@ -77,6 +77,18 @@ def test_verify_prints_a_readable_report(table, capsys):
     assert "VerifyReport" not in out and "MB/s" in out
 
 
+def test_verify_documents_its_exit_status_for_a_read_error(capsys):
+    """A read error (EIO) in `verify` exits 2 with one line naming the table and offset, but
+    `verify --help` and the README listed only 1 (a bad block or page) and 75 (no verdict).
+    Both say what 2 means."""
+    with pytest.raises(SystemExit):
+        main(["verify", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "2 when the table cannot be read (an I/O error" in text
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "2 when it cannot be read (an I/O error" in readme
+
+
 def test_verify_of_a_table_being_made_anew_is_no_verdict_with_its_own_exit_status(
     table, tmp_path, capsys
 ):

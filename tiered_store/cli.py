@@ -294,8 +294,10 @@ def _add_verify(sub) -> None:
         "verify",
         help=command_help("verify"),
         description="Re-read the whole table and check every block's CRC-32 and every page's "
-        "CRC32C; exit 1 naming the first bad block or page, or 75 (no verdict) when the table "
-        "was being made anew over its path while it ran: run it again once the writer is done. "
+        "CRC32C; exit 1 naming the first bad block or page, 2 when the table cannot be read (an "
+        "I/O error: the message names the table and the byte; or no table at that path), or 75 "
+        "(no verdict) when the table was being made anew over its path while it ran: run it "
+        "again once the writer is done. "
         "With --add-page-checksums: check the "
         "blocks, then write the page checksums (NAME.npy.pages.crc32c, which every cold read "
         "checks) and record them in the manifest, atomically; for tables made before them. "
