@@ -532,6 +532,38 @@ def test_a_verification_keeps_to_its_byte_rate(tmp_path):
         verify_table(path, progress=False, bytes_per_s=0)
 
 
+def test_a_table_whose_blocks_exceed_memory_verifies(tmp_path, monkeypatch):
+    """create_table takes any multiple of 4096 for block_bytes, and a pass read a whole block
+    at a time: a table made with 1 TiB blocks failed every verify (and the serve scrubber's
+    passes) with MemoryError. A pass reads at most VERIFY_READ_BYTES at a time, a block's
+    CRC-32 carried over its reads, and still names a bad block."""
+    import tiered_store.table_format as table_format
+    from tiered_store.table_format import add_page_checksums
+
+    path, m = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=1 << 40)
+    assert verify_table(path, progress=False).blocks_checked == m.num_blocks == 1
+    assert add_page_checksums(path, progress=False).blocks_checked == 1
+    monkeypatch.setattr(table_format, "VERIFY_READ_BYTES", 8192)  # blocks of 4 reads
+    path, m = make(tmp_path, RandomSource(1000, 50, seed=1), "b.npy", block_bytes=4 * 8192)
+    reads = []
+    real = table_format._readinto_full
+
+    def counted(f, view):
+        reads.append(len(view))
+        return real(f, view)
+
+    monkeypatch.setattr(table_format, "_readinto_full", counted)
+    report = verify_table(path, progress=False, bytes_per_s=10**6)
+    assert report.blocks_checked == m.num_blocks == 7 and max(reads) == 8192
+    with open(path, "r+b") as f:  # a byte of block 2's first read (pages unchecked below)
+        f.seek(m.data_offset + 2 * 4 * 8192 + 10)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(TableFormatError, match=r"block 2 \(file bytes \[69632, 102400\)\) fails"):
+        add_page_checksums(path, progress=False)
+
+
 def test_a_verification_at_a_huge_or_tiny_byte_rate_runs(tmp_path):
     """A rate past a float's range (an int, 10**400) failed with OverflowError (its tenth taken
     as a float), and one so low that the wait for the second read passed the longest a thread

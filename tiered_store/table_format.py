@@ -1001,11 +1001,13 @@ def _scan_table(
     """Stream the data once (``file``: the table's data file, open; else opened here): check its
     block CRC-32s (and page CRC32Cs against ``expected_pages``); ``VerifyStopped`` before a read
     once ``stop`` is set; each read waits until the pass is back under ``bytes_per_s`` (reads of
-    a tenth of a second's bytes, whole blocks)."""
+    a tenth of a second's bytes, whole pages; a block's CRC-32 is carried over reads, so a block
+    of any size needs no buffer of its size)."""
     read_bytes = (  # (int() first: a rate past a float's range, 10**400, has a tenth too)
         VERIFY_READ_BYTES if bytes_per_s is None else min(VERIFY_READ_BYTES, int(bytes_per_s) // 10)
     )
-    chunk = max(read_bytes // manifest.block_bytes, 1) * manifest.block_bytes
+    chunk = max(read_bytes // PAGE_BYTES, 1) * PAGE_BYTES
+    block_crc = _BlockCrc(manifest.block_bytes)
     started = time.monotonic()
     buf = np.empty(chunk, dtype=np.uint8)
     view = memoryview(buf)
@@ -1048,16 +1050,18 @@ def _scan_table(
                     f"table {npy_path}: short read at byte {manifest.data_offset + checked}: "
                     f"got {got} of {want} bytes (file changed while verifying?)"
                 )
-            for pos in range(0, want, manifest.block_bytes):
-                actual = zlib.crc32(view[pos : min(pos + manifest.block_bytes, want)])
-                expected = manifest.block_checksums[block]
+            block_crc.update(view[:want])
+            if checked + want == manifest.data_bytes:
+                block_crc.finish()  # the last block may be short
+            for index in range(block, len(block_crc.sums)):  # the blocks this read completed
+                actual, expected = block_crc.sums[index], manifest.block_checksums[index]
                 if actual != expected:
-                    start, end = manifest.block_range(block)
+                    start, end = manifest.block_range(index)
                     raise TableFormatError(
-                        f"table {npy_path}: block {block} (file bytes [{start}, {end})) fails "
+                        f"table {npy_path}: block {index} (file bytes [{start}, {end})) fails "
                         f"its checksum: expected crc32 0x{expected:08x}, actual 0x{actual:08x}"
                     )
-                block += 1
+            block = len(block_crc.sums)
             starts = np.arange(0, want, PAGE_BYTES, dtype=np.int64)
             sums = crc32c_pages(buf, starts, np.minimum(want - starts, PAGE_BYTES))
             if expected_pages is not None:
