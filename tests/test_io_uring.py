@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -146,3 +149,65 @@ def test_a_second_ctrl_c_while_draining_still_waits_for_the_reads_in_flight(data
             ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets), lengths
         )
         assert np.array_equal(buf, payload[: n * 4096])
+
+
+def test_a_drain_waits_in_the_kernel_for_the_reads_in_flight_without_spinning(monkeypatch):
+    """The drain asked the kernel to submit every request of the batch, most of them submitted
+    already; the kernel waits for completions only once it submitted all it was asked to, so
+    every io_uring_enter returned at once and the drain spun (100% of a core, forever on a
+    device that never completes). It asks for those not yet submitted, and waits: here for
+    reads of a pipe, in flight until the test writes to it."""
+    enter_calls = {"run": 0, "drain": 0}
+    phase = ["run"]
+    syscall, drain = io_uring._syscall, IoUring._drain
+
+    def counted_syscall():
+        real = syscall()
+
+        def enter(number, *args):
+            enter_calls[phase[0]] += number == io_uring._SYS_IO_URING_ENTER  # (not the setup)
+            return real(number, *args)
+
+        return enter
+
+    def marked_drain(self, n):
+        phase[0] = "drain"
+        return drain(self, n)
+
+    monkeypatch.setattr(io_uring, "_syscall", counted_syscall)
+    monkeypatch.setattr(IoUring, "_drain", marked_drain)
+    r, w = os.pipe()
+    n, main = 8, threading.main_thread().ident
+    buf = np.zeros(n, dtype=np.uint8)
+
+    def interrupt_then_write() -> None:
+        while enter_calls["run"] == 0:  # the batch is in the kernel (or about to be)
+            time.sleep(0.001)
+        while phase[0] != "drain":  # until it is interrupted (one sent early interrupts nothing)
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.05)
+        while enter_calls["drain"] == 0:
+            time.sleep(0.001)
+        time.sleep(0.2)  # a drain that spins calls the kernel thousands of times meanwhile
+        os.write(w, bytes(range(1, n + 1)))
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    helper = threading.Thread(target=interrupt_then_write)
+    default = signal.signal(signal.SIGINT, ctrl_c)  # as Python's, whatever the runner set
+    try:
+        with IoUring(4) as ring:
+            helper.start()
+            with pytest.raises(KeyboardInterrupt):
+                ring.read_batch(
+                    r, np.zeros(n, np.int64), np.ones(n, np.int64), buf.ctypes.data + np.arange(n)
+                )
+            helper.join()
+            assert not ring.closed and sorted(buf[:4].tolist()) == [1, 2, 3, 4]
+            assert enter_calls["drain"] <= 5, enter_calls
+    finally:
+        helper.join()
+        signal.signal(signal.SIGINT, default)
+        os.close(r)
+        os.close(w)

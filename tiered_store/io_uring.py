@@ -262,9 +262,12 @@ class IoUring:
         flight (their memory is still the caller's), so that the ring starts the next batch
         empty; a ring that cannot be drained is closed (``closed``: never reused). A further
         Ctrl-C meanwhile does not stop the wait: the reads in flight would land in memory the
-        caller may have freed (the interruption being drained is raised after it)."""
+        caller may have freed (the interruption being drained is raised after it); a device that
+        never completes them holds it there, blocked in the kernel: SIGKILL or SIGQUIT (Ctrl-\\)
+        ends the process."""
         # counted from the rings themselves: the interruption may have come between a ring update
-        # and its count here (asking the kernel to submit more than is queued is harmless)
+        # and its count here; the kernel is asked to submit only what it has not taken yet (the
+        # SQ head): asked for more, it returns without waiting, and the drain would spin
         tail0, head0 = self._batch_start
         queued = (self._tail - tail0) & _U32
         scratch = np.empty(n, dtype=np.int32)
@@ -274,10 +277,11 @@ class IoUring:
                 completed = (self._cq_head_value() - head0) & _U32
                 if completed >= queued:
                     return
+                words, index = self._sq_head
                 ret = enter(
                     _SYS_IO_URING_ENTER,
                     self._fd,
-                    ctypes.c_uint(queued),
+                    ctypes.c_uint((self._tail - int(words[index])) & _U32),
                     ctypes.c_uint(queued - completed),
                     ctypes.c_uint(_IORING_ENTER_GETEVENTS),
                     None,
@@ -300,7 +304,7 @@ class IoUring:
     def close(self) -> None:
         """Unmap the rings and close the ring descriptor (idempotent)."""
         self._sq_array = self._sqes = self._cqes = None
-        self._sq_tail = self._cq_head = self._cq_tail = None
+        self._sq_head = self._sq_tail = self._cq_head = self._cq_tail = None
         for m in self._maps:
             with contextlib.suppress(BufferError):
                 m.close()
@@ -329,6 +333,7 @@ class IoUring:
         self._sq_mask, self._cq_mask = p.sq_entries - 1, p.cq_entries - 1
         sq_u32 = np.frombuffer(sq_map, dtype=np.uint32)
         cq_u32 = np.frombuffer(cq_map, dtype=np.uint32)
+        self._sq_head = (sq_u32, p.sq_off.head // 4)  # the kernel's: SQEs it has taken
         self._sq_tail = (sq_u32, p.sq_off.tail // 4)
         self._cq_head = (cq_u32, p.cq_off.head // 4)
         self._cq_tail = (cq_u32, p.cq_off.tail // 4)
