@@ -532,6 +532,17 @@ def test_a_verification_keeps_to_its_byte_rate(tmp_path):
         verify_table(path, progress=False, bytes_per_s=0)
 
 
+def test_a_verification_takes_a_numpy_byte_rate(tmp_path):
+    """A rate computed with NumPy (np.int64, np.float32) was refused as not a number; NumPy
+    numbers are numbers (a bool, NumPy's too, is still refused)."""
+    path, m = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=4096)
+    for rate in (np.int64(10**9), np.float32(1e9)):
+        assert verify_table(path, progress=False, bytes_per_s=rate).blocks_checked == m.num_blocks
+    for flag in (True, np.True_):
+        with pytest.raises(ValueError, match=r"bytes_per_s=(np\.)?True_?: expected a positive"):
+            verify_table(path, progress=False, bytes_per_s=flag)
+
+
 def test_a_table_whose_blocks_exceed_memory_verifies(tmp_path, monkeypatch):
     """create_table takes any multiple of 4096 for block_bytes, and a pass read a whole block
     at a time: a table made with 1 TiB blocks failed every verify (and the serve scrubber's

@@ -39,6 +39,7 @@ import contextlib
 import errno
 import json
 import math
+import numbers
 import os
 import re
 import struct
@@ -755,8 +756,8 @@ def verify_table(
     """
     npy_path, _ = table_paths(path)
     if bytes_per_s is not None and (
-        isinstance(bytes_per_s, bool)
-        or not isinstance(bytes_per_s, int | float)
+        isinstance(bytes_per_s, bool)  # (NumPy's bool is no numbers.Real)
+        or not isinstance(bytes_per_s, numbers.Real)
         or not 0 < bytes_per_s < math.inf
     ):
         raise ValueError(
