@@ -261,10 +261,10 @@ class IoUring:
         """After an interrupted batch, submit what is queued and wait for every request in
         flight (their memory is still the caller's), so that the ring starts the next batch
         empty; a ring that cannot be drained is closed (``closed``: never reused). A further
-        Ctrl-C meanwhile does not stop the wait: the reads in flight would land in memory the
-        caller may have freed (the interruption being drained is raised after it); a device that
-        never completes them holds it there, blocked in the kernel: SIGKILL or SIGQUIT (Ctrl-\\)
-        ends the process."""
+        interrupt meanwhile (Ctrl-C, a signal handler's ``SystemExit``) does not stop the wait:
+        the reads in flight would land in memory the caller may have freed (the interruption
+        being drained is raised after it); a device that never completes them holds it there,
+        blocked in the kernel: SIGKILL or SIGQUIT (Ctrl-\\) ends the process."""
         # counted from the rings themselves: the interruption may have come between a ring update
         # and its count here; the kernel is asked to submit only what it has not taken yet (the
         # SQ head): asked for more, it returns without waiting, and the drain would spin
@@ -290,11 +290,11 @@ class IoUring:
                 if ret < 0 and ctypes.get_errno() not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
                     raise OSError(ctypes.get_errno(), "io_uring_enter failed while draining")
                 self._reap(scratch)
-            except KeyboardInterrupt:  # a second Ctrl-C: the reads in flight are waited for
-                continue
-            except BaseException:
+            except Exception:  # the kernel refuses: the ring cannot be drained
                 self.close()
                 return
+            except BaseException:  # a further interrupt (Ctrl-C, a signal handler's SystemExit)
+                continue
 
     @property
     def closed(self) -> bool:
