@@ -214,6 +214,7 @@ def test_progress_bar_can_be_shown(tmp_path, capsys):
         (RandomSource("12", 4), {}, r"RandomSource rows='12'; expected an integer >= 1"),
         (RandomSource(True, 4), {}, r"RandomSource rows=True; expected an integer >= 1"),
         (RandomSource(4, 3, seed=2.5), {}, r"seed=2.5; expected an integer >= 0"),
+        (RandomSource(4, 3, std=True), {}, r"std=True; expected a finite number >= 0"),
         (RandomSource(4, 3, dtype="float64"), {}, r"dtype is 'float64'"),
         (
             np.array([[1.0, 2.0], [3.0, 70000.0]], np.float32),
@@ -235,10 +236,14 @@ def test_bad_input_is_refused_and_writes_nothing(tmp_path, source, kw, match):
 
 
 def test_random_source_counts_may_be_numpy_integers(tmp_path):
-    """A NumPy seed was refused ("expected an int") where NumPy rows and dim were taken."""
-    path, m = make(tmp_path, RandomSource(np.int64(5), np.int32(3), seed=np.int64(7)))
+    """A NumPy seed was refused ("expected an int") where NumPy rows and dim were taken; so was
+    a NumPy std but np.float64 (np.float32(0.5): "expected a finite float"), and True was taken
+    for std 1."""
+    path, m = make(
+        tmp_path, RandomSource(np.int64(5), np.int32(3), seed=np.int64(7), std=np.float32(0.5))
+    )
     assert m.shape == (5, 3) and {type(m.rows), type(m.dim)} == {int}
-    _, same = make(tmp_path, RandomSource(5, 3, seed=7), name="u.npy")
+    _, same = make(tmp_path, RandomSource(5, 3, seed=7, std=0.5), name="u.npy")
     assert same.block_checksums == m.block_checksums
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,8 +380,12 @@ class _RandomReader(SourceReader):
         self.seed = as_integer(src.seed)
         if self.seed is None or self.seed < 0:
             raise TableFormatError(f"RandomSource seed={src.seed!r}; expected an integer >= 0")
-        if not (isinstance(src.std, int | float) and math.isfinite(src.std) and src.std >= 0):
-            raise TableFormatError(f"RandomSource std={src.std!r}; expected a finite float >= 0")
+        if (  # a NumPy float is a number; True is no std of 1
+            isinstance(src.std, bool)
+            or not isinstance(src.std, numbers.Real)
+            or not (math.isfinite(src.std) and src.std >= 0)
+        ):
+            raise TableFormatError(f"RandomSource std={src.std!r}; expected a finite number >= 0")
         self.dtype = dtype_name(src.dtype if dtype is None else dtype, "dtype")
         if self.dtype in FLOAT_MAX and src.std > FLOAT_MAX[self.dtype] / RANDOM_STD_SIGMAS:
             raise TableFormatError(
