@@ -900,3 +900,31 @@ def test_a_damaged_loss_log_is_refused_by_name_on_resume(tmp_path):
     log.unlink()
     assert train(out, replace(base, steps=3), resume=True, progress=False)["steps"] == 3
     assert _committed(out) == 3 and len(log.read_text().splitlines()) == 2
+
+
+def test_a_checkpoint_without_the_applied_count_resumes_at_adams_own_count(tmp_path):
+    """A dense-S.pt written before it recorded applied_steps (an older version's fp16 run, a
+    step skipped): the resume took S as the rows' Adam count, a step ahead of the dense Adam's,
+    so the next step corrected the rows' bias as Adam's fifth step, not its fourth; the count is
+    the dense Adam's own (every step it applied), which is S where no step was skipped."""
+    mixed = replace(
+        _settings(ROOT / "tiered_store" / "engram"),
+        steps=2,
+        checkpoint_every=1,
+        precision="fp16",
+        optimizer="adam",
+    )
+    out = tmp_path / "run"
+    train(out, mixed, resume=False, progress=False)
+    state = torch.load(out / "dense-2.pt", weights_only=True)
+    state["scaler"]["scale"] = 2.0**20  # as if grown: step 3's gradients overflow
+    torch.save(state, out / "dense-2.pt")
+    assert train(out, replace(mixed, steps=3), resume=True, progress=False)["skipped_steps"] == 1
+    older = torch.load(out / "dense-3.pt", weights_only=True)
+    assert older.pop("applied_steps") == 2
+    older["scaler"]["scale"] = 2.0**10  # step 4's do not overflow
+    torch.save(older, out / "dense-3.pt")
+    train(out, replace(mixed, steps=4), resume=True, progress=False)
+    dense4 = torch.load(out / "dense-4.pt", weights_only=True)
+    dense_steps = {float(s["step"]) for s in dense4["optimizer"]["state"].values()}
+    assert dense_steps == {3.0} and dense4["applied_steps"] == 3

@@ -313,9 +313,9 @@ def _overflowed(dense: torch.optim.Optimizer) -> bool:
 
 def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> int:
     """Load the dense weights, Adam and GradScaler state of committed step ``step``; returns the
-    steps applied by then (``step`` for a checkpoint written before the count); ``ConfigError``
-    naming the file when it is missing or is not the checkpoint ``train`` wrote (``out_name``:
-    the run folder's name in it)."""
+    steps applied by then (for a checkpoint written before they were recorded, the dense Adam's
+    own count); ``ConfigError`` naming the file when it is missing or is not the checkpoint
+    ``train`` wrote (``out_name``: the run folder's name in it)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # a GPU-saved one too
     except OSError as exc:
@@ -334,9 +334,13 @@ def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> i
                 "tensors, and 'optimizer')"
             )
         )
-        applied = state.get(APPLIED_KEY, step) if isinstance(state, dict) else step
-        if why is None and not (
-            isinstance(applied, int) and not isinstance(applied, bool) and 0 <= applied <= step
+        applied = state.get(APPLIED_KEY) if isinstance(state, dict) else None
+        if (
+            why is None
+            and applied is not None
+            and not (
+                isinstance(applied, int) and not isinstance(applied, bool) and 0 <= applied <= step
+            )
         ):
             why = f"its {APPLIED_KEY!r} is {applied!r}, expected an integer in [0, {step}]"
     if why is None:
@@ -347,6 +351,9 @@ def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> i
                 scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, TypeError) as exc:  # Adam state of other parameters
             why = f"its Adam state does not fit the model ({exc})"
+    if why is None and applied is None:  # written before the count: the dense Adam's own, which
+        # counts the steps applied (fp16: fewer than ``step`` where one was skipped)
+        applied = max((int(s["step"]) for s in dense.state.values() if "step" in s), default=0)
     if why is not None:
         raise ConfigError(
             f"{_option('resume', out_name)}: {path}: {why}; expected the dense checkpoint "
