@@ -928,3 +928,24 @@ def test_a_checkpoint_without_the_applied_count_resumes_at_adams_own_count(tmp_p
     dense4 = torch.load(out / "dense-4.pt", weights_only=True)
     dense_steps = {float(s["step"]) for s in dense4["optimizer"]["state"].values()}
     assert dense_steps == {3.0} and dense4["applied_steps"] == 3
+
+
+def test_a_loss_log_that_is_not_utf8_text_or_csv_is_refused_by_name_on_resume(tmp_path):
+    """A loss.csv holding bytes that are not UTF-8, or a field past the csv module's limit (a
+    line of 200,000 digits), made --resume fail with a bare UnicodeDecodeError or csv.Error; it
+    is refused as any damaged line is, naming the file, the line and what train writes (a long
+    line cut short), the table unchanged."""
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    train(out, base, resume=False, progress=False)
+    log = out / "loss.csv"
+    header, first, _ = log.read_bytes().splitlines()
+    for damaged, shown in (
+        (b"2,\xff\xfe,3.0", r"'2,\\\\xff\\\\xfe,3\.0'"),
+        (b"2,1.0,3" + b"9" * 200_000, r"'2,1\.0,39999.*\(200,\d+ characters\)"),
+    ):
+        log.write_bytes(b"\n".join([header, first, damaged, b""]))
+        why = rf"^resume: {re.escape(str(log))}: line 3 is {shown}; expected step,loss,"
+        with pytest.raises(ConfigError, match=why):
+            train(out, replace(base, steps=3), resume=True, progress=False)
+        assert _committed(out) == 2

@@ -67,7 +67,7 @@ from ..delta.table_versions import (
     take_writer_lock,
 )
 from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
-from ..errors import ConfigError, TieredStoreError, TierIOError
+from ..errors import ConfigError, TieredStoreError, TierIOError, shown
 from ..store import TieredStore, UncommittedWritesWarning, compute_device
 from ..table_format import table_paths
 from .config import ModelConfig, v41_refusal
@@ -468,18 +468,20 @@ def _loss_log(out: Path, upto: int, out_name: str) -> list[tuple[int, float, flo
     if not upto or not path.exists():
         return []
     losses = []
-    with open(path, newline="") as f:
-        for number, row in enumerate(csv.reader(f), 1):
+    # bytes that are not UTF-8 read as \xNN escapes: a number with one is not a number either
+    with open(path, encoding="utf-8", errors="backslashreplace") as f:
+        for number, line in enumerate(f, 1):
             if number == 1:
                 continue  # the header
+            line = line.removesuffix("\n")
             try:
-                step, loss, rate = row
+                step, loss, rate = next(csv.reader([line]), [])
                 entry = (int(step), float(loss), float(rate))
-            except ValueError:  # a field too many or too few, or not a number
+            except (ValueError, csv.Error):  # a field too many, too few or too long, not a number
                 raise ConfigError(
-                    f"{_option('resume', out_name)}: {path}: line {number} is {','.join(row)!r}; "
-                    "expected step,loss,tokens_per_second as train writes them (restore it, or "
-                    f"remove it: the log then goes on from step {upto + 1})"
+                    f"{_option('resume', out_name)}: {path}: line {number} is "
+                    f"{shown(line, 100)}; expected step,loss,tokens_per_second as train writes "
+                    f"them (restore it, or remove it: the log then goes on from step {upto + 1})"
                 ) from None
             if entry[0] <= upto:
                 losses.append(entry)
