@@ -980,3 +980,25 @@ def test_replace_metadata_keeps_the_fields_a_newer_version_wrote(tmp_path):
     assert new.manifest_crc32c == kept["manifest_crc32c"]
     assert_sealed_manifest(path)
     verify_table(path, progress=False)
+
+
+def test_add_page_checksums_keeps_the_fields_a_newer_version_wrote(tmp_path):
+    """A manifest sealed with fields this version does not know (a newer release's, which
+    readers ignore): add_page_checksums rewrote it from the fields it parses, dropping them; it
+    adds its page checksums and keeps every other field as written."""
+    from tests.conftest import assert_sealed_manifest, make_table
+    from tiered_store.table_format import add_page_checksums
+
+    path, _ = make_table(tmp_path, rows=300, dim=8)
+    manifest_path = table_paths(path)[1]
+    doc = json.loads(manifest_path.read_text())
+    doc.pop("page_checksums", None)
+    doc["row_index"] = {"kind": "newer"}
+    doc["created"]["host"] = "newer"
+    manifest_path.write_text(json.dumps(sealed(doc)))
+    add_page_checksums(path, progress=False)
+    kept = json.loads(manifest_path.read_text())
+    assert kept["row_index"] == {"kind": "newer"} and kept["created"]["host"] == "newer"
+    assert read_manifest(path).page_checksums is not None
+    assert_sealed_manifest(path)
+    assert verify_table(path, progress=False).pages_checked > 0

@@ -861,6 +861,16 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
             f"table {npy_path} was made anew (or removed) while its page checksums were "
             "computed; no verdict, nothing was written: run the command again once it is done"
         ) from exc
+    try:  # the manifest scanned, unless made anew in between (then no verdict)
+        doc = json.loads(before)
+        same = _same_manifest(TableManifest.from_json(doc), manifest)
+    except (ValueError, TableFormatError):
+        same = False
+    if not same:
+        raise TableChangingError(
+            f"table {npy_path} changed while its page checksums were computed; expected it "
+            "unchanged: run the command again"
+        )
     content = sidecar_bytes(sums)
     entry = PageChecksums(
         pages=len(sums), file_crc32c=file_checksum(content), page_bytes=PAGE_BYTES
@@ -876,7 +886,9 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
             sidecar.file.write(content)
             sidecar.finish()
         with write_step(what, "writing its manifest", unchanged):
-            manifest_file.file.write(_manifest_text(replace(manifest, page_checksums=entry))[1])
+            # the manifest as written, fields this version does not know (a newer one's)
+            # included: only its page checksums change
+            manifest_file.file.write(_doc_text({**doc, "page_checksums": entry.to_json()})[1])
             manifest_file.finish()
         with locked_folder(npy_path.parent):  # as _commit: no table commit in between
             if not (npy_path.exists() and manifest_path.exists()):
