@@ -675,6 +675,33 @@ def training_misuse_worker(rank: int, world: int, port: int, trainable: str, out
     _report(out, rank, result)
 
 
+def optimizer_step_mismatch_worker(
+    rank: int, world: int, port: int, trainable: str, out: Path
+) -> None:
+    """Every rank: step(3) with an optimizer_step the ranks disagree on (rank 1's a step behind),
+    then the same step with one they agree on (the gradients kept apply), each outcome recorded,
+    with the rows moved by the step every rank agreed on."""
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        table = _adam_over_row_shards(trainable, world)
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        before = table.lookup(ids).detach().clone()
+        table.lookup(ids).sum().backward()
+        try:
+            table.step(3, optimizer_step=2 - rank)
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["differ"] = f"{type(exc).__name__}: {exc}"
+        result["unchanged"] = bool(torch.equal(table.lookup(ids), before))
+        result["retried"] = table.step(3, optimizer_step=1)  # the gradients kept
+        result["moved"] = (table.lookup(ids) - before).tolist()
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def decided_commit_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
     """Every rank: step(1), then commit(3) whose second phase fails on rank 1's shard (the step
     decided all the same), then step(2), step(4) and commit(), each outcome recorded."""

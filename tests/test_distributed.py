@@ -1484,6 +1484,21 @@ def test_a_training_step_refused_on_one_rank_is_refused_on_all_and_keeps_the_gra
         assert result["first"] == result["repeated retried"] == result["differ retried"] == 1
 
 
+def test_ranks_passing_different_optimizer_steps_are_refused_and_keep_their_gradients(tmp_path):
+    """step(3, optimizer_step=2) on rank 0 and optimizer_step=1 on rank 1: each owner applied
+    its own rank's count to the rows it holds, so the two shards' rows took different Adam bias
+    corrections, silently (the round checked step alone); every rank raises StepMismatchError
+    naming both counts, no row changes, and the agreed retry applies the gradients kept (Adam's
+    first step: each weight moves by lr, the summed gradient 2 on every row)."""
+    from tests.distributed_support import optimizer_step_mismatch_worker
+
+    results = _on_two_trainable_row_shards(tmp_path, optimizer_step_mismatch_worker)
+    for rank, result in enumerate(results):
+        assert result["differ"].startswith(f"StepMismatchError: rank {rank}: update_rows: rank 1: gradients of width 4 and step 3 (optimizer_step 1); rank 0 sent width 4, rank 0 step 3 (optimizer_step 2)")  # fmt: skip
+        assert result["unchanged"] and result["retried"] == 1
+        assert np.allclose(result["moved"], -0.05, atol=1e-6)
+
+
 def test_a_commit_decided_though_a_shard_failed_is_where_the_next_step_goes_on(tmp_path):
     """commit(3) after step(1) whose second phase failed on rank 1's shard is decided (step 3 on
     every rank, the shard finishes it later), yet the TrainableTable took step(2) next: Adam's

@@ -245,7 +245,7 @@ class TrainableTable:
         integer >= 1, else ``ConfigError``): a loop that numbers its steps (and commits) by
         iteration under a ``GradScaler`` passes the count of steps applied, as torch's Adam
         counts them, and keeps that count durable with its commits itself (sharded: every rank
-        passes the same; the update round checks ``step`` alone).
+        passes the same, else the step is refused on every rank as for different steps).
 
         A store write that raises part way (out of memory) may have applied whole: the step is
         then made (its gradients dropped, :attr:`last_step` is ``step``) and the error raised.
@@ -305,6 +305,7 @@ class TrainableTable:
                     partial(self.optimizer.update, step=adam_step),
                     step=number,
                     skip=skip,
+                    optimizer_step=adam_step,
                 )
             except UpdateRefusedError:  # failed before any shard wrote: kept for a retry
                 raise

@@ -390,12 +390,15 @@ class ShardedStore:
         step: int | None = None,
         *,
         skip: bool = False,
+        optimizer_step: int | None = None,
     ) -> int | None:
         """Send the gradients ``grads`` (``[n, g]``) of ``ids`` to the ranks owning them; each
         owner sums the gradients it received per row (in rank order), reads its rows and writes
         ``update(rows, summed)``; a collective (``TrainableTable.step`` through a sharded store).
         Every rank must send gradients of one width (at least 1) and, when given, the same
-        optimizer ``step`` (else every rank raises ``StepMismatchError``, naming the ranks, and
+        optimizer ``step`` and ``optimizer_step`` (the count ``update`` corrects Adam's bias with,
+        where it is not ``step``: each owner applies its own ``update`` to the rows it holds)
+        (else every rank raises ``StepMismatchError``, naming the ranks, and
         no row changes); a non-finite gradient is refused likewise (``RowDataError`` on its
         rank), and an update that is not finite on any shard (``RowDataError`` on every rank,
         before any shard writes). Returns how many rows this rank updated.
@@ -405,6 +408,8 @@ class ShardedStore:
         self._check_usable()
         self._check_float_rows("update_rows")
         self._write_rounds += 1
+        if optimizer_step is not None and optimizer_step != step:  # the ranks agree on both
+            step = f"{step} (optimizer_step {optimizer_step})"
         if skip:
             updated, errors = self._wait(
                 self._thread.submit(self._update_round, *_NO_GRADIENTS, update, step, True),
