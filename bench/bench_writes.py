@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--only", default="training,commit,recovery,readpath", help="sections")
     p.add_argument(
+        "--corpus",
+        nargs="+",
+        metavar="PATH",
+        help="the training section's text (default: the stdlib's sources)",
+    )
+    p.add_argument(
         "--rounds",
         type=at_least(1, "at least 1 (rounds)"),
         default=4,
@@ -221,7 +227,7 @@ def bench_training(args, work: Path) -> dict:
         variants[name] = (model, table, torch.optim.Adam(model.parameters(), lr=1e-3))
     per_batch = args.batch_size * args.seq_len
     tokens = read_tokens(
-        resolve_corpus().shuffled(0),
+        resolve_corpus(args.corpus).shuffled(0),
         base.hasher.tokenizer,
         max_tokens=per_batch * args.steps * args.rounds,
     )
@@ -230,7 +236,8 @@ def bench_training(args, work: Path) -> dict:
     step = {"memory": 0, "tiered": 0}
     for r in range(args.rounds):
         order = ("memory", "tiered") if r % 2 == 0 else ("tiered", "memory")
-        chunk = batches[r * args.steps : (r + 1) * args.steps]
+        # past the corpus the batches wrap around, as train's do (a round of none timed nothing)
+        chunk = [batches[(r * args.steps + i) % len(batches)] for i in range(args.steps)]
         for name in order:
             model, table, dense = variants[name]
             start = time.perf_counter()

@@ -89,3 +89,22 @@ def test_help_and_refusals(tmp_path):
         assert message in done.stderr and "Traceback" not in done.stderr
         assert done.stdout == "" and not out.exists()
     assert list((tmp_path / "work").iterdir()) == []  # refused before making a table
+
+
+def test_training_rounds_past_the_corpus_wrap_around_it(tmp_path):
+    """A corpus of 2 batches for 2 rounds of 2 steps: round 2 took batches 2..3 by position and
+    got none, so it timed no tokens (tokens/s 0) and its ratio divided zero by zero; the rounds
+    wrap around the corpus as ``train`` does (batch i % the batches)."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog " * 3)
+    out = tmp_path / "writes.json"
+    done = bench(
+        *("--only", "training", "--rounds", "2", "--steps", "2", "--batch-size", "1"),
+        *("--seq-len", "16", "--corpus", str(corpus), "--out", str(out)),
+        tmp_path=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    training = json.loads(out.read_text())["training"]
+    assert len(training["ratios"]) == 2 and all(r > 0 for r in training["ratios"])
+    assert training["tables_identical_after_training"] is True
+    assert training["store"]["committed_step"] == 3  # 4 steps, a commit every 3
