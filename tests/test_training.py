@@ -243,6 +243,20 @@ def test_bad_optimizer_arguments_are_config_errors():
             make_row_optimizer("adam", **kwargs)
 
 
+def test_numpy_and_torch_bools_are_refused_as_numbers_as_pythons_are():
+    """make_row_optimizer refused True for a learning rate but took NumPy's (np.True_: a learning
+    rate of 1) and a torch bool tensor, and np.False_ for a beta (0): a flag from an array passed
+    for a number trained silently; every bool is refused by name."""
+    for kwargs, why in [
+        ({"lr": np.True_}, r"optimizer\.lr: np\.True_; expected a positive finite"),
+        ({"lr": 0.1, "beta1": np.False_}, r"optimizer\.beta1: np\.False_; expected 0 <= beta1"),
+        ({"lr": 0.1, "eps": torch.tensor(True)}, r"optimizer\.eps: tensor\(True\); expected a"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            make_row_optimizer("adam", **kwargs)
+    assert make_row_optimizer("adam", lr=np.float32(0.5), beta1=np.float64(0.5)).lr == 0.5
+
+
 @pytest.mark.parametrize("name", ["rowwise_adagrad", "adam"])
 def test_eps_zero_is_refused_as_it_makes_a_touched_row_nan(name):
     """eps=0 was accepted: a touched row with a zero gradient and zero state became NaN

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..integers import bool_among
 
 __all__ = ["RowOptimizer", "first_non_finite_row", "make_row_optimizer", "OPTIMIZERS"]
 
@@ -113,8 +114,9 @@ _EPS_MIN = float(torch.finfo(torch.float32).tiny)
 
 def _holds(check, value: object) -> bool:
     """Whether ``check()`` of ``value`` is true; False where the value is not a number (a
-    TypeError) or is a bool (a flag passed for a number: True is not a learning rate of 1)."""
-    if isinstance(value, bool):
+    TypeError) or is a bool, NumPy's or torch's too (a flag passed for a number: True is not a
+    learning rate of 1)."""
+    if bool_among(value) is not None:
         return False
     try:
         return bool(check())
