@@ -15,6 +15,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -706,7 +707,7 @@ def test_train_called_from_python_names_its_parameters_not_the_command_options(t
     for changed, start in (
         ({"optimizer": "bogus"}, "optimizer: 'bogus'; expected one of"),
         ({"io": "bogus"}, "io: 'bogus'; expected one of"),
-        ({"batch_size": 0}, "batch_size: expected >= 1, got 0"),
+        ({"batch_size": 0}, "batch_size: expected an integer >= 1, got 0"),
         ({"dense_lr": -1.0}, "dense_lr: got -1.0; expected a positive"),
         ({"hot": "1GiB"}, "hot: '1GiB' is "),
     ):
@@ -949,3 +950,29 @@ def test_a_loss_log_that_is_not_utf8_text_or_csv_is_refused_by_name_on_resume(tm
         with pytest.raises(ConfigError, match=why):
             train(out, replace(base, steps=3), resume=True, progress=False)
         assert _committed(out) == 2
+
+
+def test_train_refuses_a_bool_or_fraction_for_a_count_and_keeps_numpy_integers(tmp_path):
+    """train() took steps=True (1 step), a float step count (then refused as "max_tokens") and
+    dense_lr=True (a learning rate of 1), saved as such in train.json, which every --resume then
+    refused; a NumPy integer failed the save with a bare TypeError. A count that is not an
+    integer, or a bool for a learning rate, is refused by name before the run's folder is made;
+    NumPy integers are saved as integers and the run resumes."""
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=1)
+    out = tmp_path / "run"
+    for changed, start in (
+        ({"steps": True}, "steps: expected an integer >= 1, got True"),
+        ({"steps": 2.5}, "steps: expected an integer >= 1, got 2.5"),
+        ({"checkpoint_every": 1.5}, "checkpoint_every: expected an integer >= 1, got 1.5"),
+        ({"dense_lr": True}, "dense_lr: got True; expected a positive finite learning rate"),
+        ({"table_lr": False}, "table_lr: got False; expected a positive finite learning rate"),
+    ):
+        with pytest.raises(ConfigError) as raised:
+            train(out, replace(base, **changed), resume=False, progress=False)
+        assert str(raised.value).startswith(start), raised.value
+    assert not out.exists()
+    numpy_counts = replace(base, batch_size=np.int64(2), checkpoint_every=np.int32(1))
+    train(out, numpy_counts, resume=False, progress=False)
+    saved = json.loads((out / "train.json").read_text())
+    assert (saved["batch_size"], saved["checkpoint_every"]) == (2, 1)
+    assert train(out, replace(base, steps=2), resume=True, progress=False)["steps"] == 2

@@ -68,6 +68,7 @@ from ..delta.table_versions import (
 )
 from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
 from ..errors import ConfigError, TieredStoreError, TierIOError, shown
+from ..integers import as_integer
 from ..store import TieredStore, UncommittedWritesWarning, compute_device
 from ..table_format import table_paths
 from .config import ModelConfig, v41_refusal
@@ -616,13 +617,21 @@ def _settings(
             f"{_option('io', out_name)}: {given.io!r}; expected one of {', '.join(IO_MODES)}"
         )
     for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
-        if getattr(given, name) < 1:
+        count = as_integer(getattr(given, name))  # saved as a JSON integer (True is no count)
+        if count is None or count < 1:
             raise ConfigError(
-                f"{_option(name, out_name)}: expected >= 1, got {getattr(given, name)}"
+                f"{_option(name, out_name)}: expected an integer >= 1, got "
+                f"{shown(getattr(given, name))}"
             )
+        given = replace(given, **{name: count})
     for name in ("table_lr", "dense_lr"):
         lr = getattr(given, name)
-        if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        if not (
+            isinstance(lr, int | float)
+            and not isinstance(lr, bool)  # a flag passed for a number: not a learning rate of 1
+            and math.isfinite(lr)
+            and lr > 0
+        ):
             raise ConfigError(
                 f"{_option(name, out_name)}: got {lr!r}; expected a positive finite learning rate"
             )
