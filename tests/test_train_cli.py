@@ -976,3 +976,18 @@ def test_train_refuses_a_bool_or_fraction_for_a_count_and_keeps_numpy_integers(t
     saved = json.loads((out / "train.json").read_text())
     assert (saved["batch_size"], saved["checkpoint_every"]) == (2, 1)
     assert train(out, replace(base, steps=2), resume=True, progress=False)["steps"] == 2
+
+
+def test_a_checkpoint_removes_only_the_older_checkpoints_train_wrote(tmp_path):
+    """Each checkpoint removed the older dense-*.pt by the text after 'dense-': a file of the
+    user's beside them, dense-backup.pt, stopped the run after its commit with a bare ValueError
+    (at every checkpoint, resumed or not), and dense-1-copy.pt was deleted as step 1's. Only
+    dense-S.pt of an older step S goes."""
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    train(out, base, resume=False, progress=False)
+    for name in ("dense-backup.pt", "dense-1-copy.pt"):
+        shutil.copy(out / "dense-2.pt", out / name)
+    assert train(out, replace(base, steps=3), resume=True, progress=False)["steps"] == 3
+    kept = sorted(p.name for p in out.glob("dense-*.pt"))
+    assert kept == ["dense-1-copy.pt", "dense-3.pt", "dense-backup.pt"]

@@ -6,7 +6,7 @@ commit makes a step durable for every layer. The dense weights train with Adam.
 
 A checkpoint at step S: ``dense-S.pt`` (dense weights + Adam state, written atomically), then
 ``loss.csv``, then ``store.commit(S)`` (the commit point), then ``committed.json`` records S (and
-the run's id, which the table's manifest holds too), then older ``dense-*.pt`` are removed.
+the run's id, which the table's manifest holds too), then the older ``dense-S.pt`` are removed.
 ``--resume`` reads the table's committed step S and ``dense-S.pt``: a run stopped anyhow (kill -9
 included) goes on from its last checkpoint, and deterministically: the resumed run computes what
 an uninterrupted one would. A table behind the step the run recorded (its delta lost, say by a
@@ -31,6 +31,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import time
 import uuid
@@ -382,7 +383,8 @@ def _checkpoint(out: Path, model, dense, scaler, table, step: int, applied: int,
     with atomic_write(out / COMMITTED_FILE, "w") as f:
         json.dump({"committed_step": step, RUN_ID_KEY: _run_id(table.store)}, f)
     for old in out.glob("dense-*.pt"):
-        if int(old.stem.split("-")[1]) < step:
+        written = re.fullmatch(r"dense-(\d+)\.pt", old.name)  # train's, not a user's copy
+        if written and int(written[1]) < step:
             old.unlink()
 
 
