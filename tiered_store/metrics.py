@@ -269,7 +269,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("table",),
         "Tellings of an announced or released request to the cache tiers that failed (out of "
-        "memory, say); each is tried again.",
+        "memory, say); each is told again by the store lock's next holder, but an announce's "
+        "own, which raises and withdraws its request.",
     ),
     "tiered_store_queue_news_dropped_total": (
         "counter",

@@ -83,7 +83,7 @@ class StoreLock:
         self._on_stream: contextlib.AbstractContextManager | None = None  # the holder's
         # announced (moved None) or released requests the tiers have not been told of yet
         self._news: deque[_News] = deque()
-        self.news_failures = 0  # tellings of news that failed (each is tried again)
+        self.news_failures = 0  # tellings of news that failed (told again, but an announce's own)
         self.news_dropped = 0  # news dropped after NEWS_TRIES failures
 
     def __enter__(self) -> StoreLock:
