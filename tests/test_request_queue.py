@@ -1254,3 +1254,79 @@ def test_a_lookup_that_admits_rows_does_not_wait_for_an_announces_pass(tmp_path,
         assert {20, 21, 22} <= set(held(store.warm))
         store.release(announced[0])
         assert store.stats()["queue"]["requests"] == 0
+
+
+def test_readers_see_whole_queues_while_threads_announce_and_release_at_once():
+    """Announces and releases run their passes under the queue's writers' lock, without the
+    GIL, and publish the new arrays; readers (an admission's ``next_use``) take them as they are,
+    never waiting. Two threads announce and release at once while two read: each read is of one
+    whole queue (a row of a request queued throughout reads its token, a row never queued reads
+    none, every other row a token issued), and the queue left is the request queued throughout."""
+    import sys
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads switch often: between any two steps of a pass
+    try:
+        _read_while_announcing_and_releasing()
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def _read_while_announcing_and_releasing() -> None:
+    """The threads of the test above (run with threads switching often)."""
+    import threading
+
+    rows = 20_000
+    queue = QueuedRequests()
+    held = queue.add(torch.arange(0, rows, 3))  # queued throughout: the earliest for its rows
+    probe = torch.arange(rows)
+    throughout, never = probe % 3 == 0, probe % 3 == 1  # rows 3k + 2 come and go
+    done, failures = threading.Event(), []
+
+    def announce_and_release(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        waiting = []
+        for _ in range(60):
+            ids = torch.from_numpy(rng.choice(rows // 3, size=int(rng.integers(1, 3000)))) * 3
+            request = queue.add(torch.cat([ids, ids + 2]))  # its rows 3k + 2 may be first
+            if request.first_rows.numel() and bool((request.first_rows % 3 == 0).any()):
+                failures.append(f"request {request.token} first for rows queued throughout")
+            waiting.append(request)
+            if len(waiting) > 4 or rng.random() < 0.4:
+                queue.remove(waiting.pop(int(rng.integers(len(waiting)))))
+        for request in waiting:
+            queue.remove(request)
+
+    def read() -> None:
+        while not done.is_set():
+            tokens = queue.next_use(probe)
+            issued = (tokens > held.token) & (tokens < NOT_QUEUED)
+            if not bool((tokens[throughout] == held.token).all()):
+                failures.append("a row queued throughout read another token")
+            elif not bool((tokens[never] == NOT_QUEUED).all()):
+                failures.append("a row never queued read a token")
+            elif not bool(((tokens == NOT_QUEUED) | issued)[~throughout & ~never].all()):
+                failures.append("a row read a token never issued for it")
+
+    def noting(call, *args) -> None:  # a thread's exception fails the test
+        try:
+            call(*args)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"{call.__name__}: {type(exc).__name__}: {exc}")
+            done.set()
+
+    writers = [threading.Thread(target=noting, args=(announce_and_release, s)) for s in range(2)]
+    readers = [threading.Thread(target=noting, args=(read,)) for _ in range(2)]
+    for thread in writers + readers:
+        thread.start()
+    for thread in writers:
+        thread.join(timeout=120)
+    done.set()
+    for thread in readers:
+        thread.join(timeout=30)
+    assert not any(t.is_alive() for t in writers + readers), "a thread hung"
+    assert not failures, failures[:3]
+    assert len(queue) == 1 and queue.rows == held.rows.numel()
+    assert torch.equal(queue.next_use(probe), torch.where(throughout, held.token, NOT_QUEUED))
+    queue.remove(held)
+    assert len(queue) == 0 and queue.nbytes == 0
