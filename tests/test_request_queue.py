@@ -1330,3 +1330,18 @@ def _read_while_announcing_and_releasing() -> None:
     assert torch.equal(queue.next_use(probe), torch.where(throughout, held.token, NOT_QUEUED))
     queue.remove(held)
     assert len(queue) == 0 and queue.nbytes == 0
+
+
+def test_a_release_of_something_else_names_it_cut_short(tmp_path):
+    """release() given the ids it announced (a long list) instead of the request repeated the
+    whole list in its error (689 KB for 100,000 ids); the value is shown cut short, with its type
+    and what was expected."""
+    path, _ = make_table(tmp_path, rows=ROWS, dim=4)
+    with TieredStore(store_config(path, warm={"capacity": 10})) as store:
+        store.announce(list(range(ROWS)))
+        with pytest.raises(QueuedRequestError) as raised:
+            store.release(list(range(100_000)))
+    message = str(raised.value)
+    assert len(message) < 300, len(message)
+    assert "got list [0, 1, 2" in message and "(688,890 characters)" in message
+    assert "expected the QueuedRequest that announce() returned" in message

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import TieredStoreError
+from .errors import TieredStoreError, shown
 
 NOT_QUEUED = torch.iinfo(torch.int64).max  # next_use of a row no queued request looks up
 
@@ -95,7 +95,7 @@ class QueuedRequests:
 
         if not isinstance(request, QueuedRequest):
             raise QueuedRequestError(
-                f"release: got {type(request).__name__} {request!r}; expected the QueuedRequest "
+                f"release: got {type(request).__name__} {shown(request)}; expected the QueuedRequest "
                 "that announce() returned"
             )
         with self._changing:
