@@ -1580,6 +1580,43 @@ def test_a_server_takes_as_many_connections_as_max_connections(tmp_path):
         server.stop()
 
 
+def _kept_get(conn: http.client.HTTPConnection, path: str = "/healthz") -> int:
+    """The status of a GET on a kept connection (its answer read whole)."""
+    conn.request("GET", path)
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def _until_accepted(server: InferenceServer, count: int) -> None:
+    """Wait until the server holds ``count`` open connections (both listeners together)."""
+    deadline = time.monotonic() + 10
+    while len(server._uvicorn.server_state.connections) < count:
+        assert time.monotonic() < deadline, "the server did not accept the connections"
+        time.sleep(0.01)
+
+
+def test_a_connection_to_the_metrics_listener_takes_no_place_of_the_endpoints(tmp_path):
+    """The metrics listener's connections counted towards server.max_connections: with a
+    scraper's keep-alive connection open, max_connections 2 served one client, the second
+    refused 503 "3 connections open"."""
+    server = start_server(make_checkpoint(tmp_path, server={"max_connections": 2}), metrics=True)
+    host, port = server.url.removeprefix("http://").split(":")
+    metrics_port = int(server.metrics_url.split(":")[-1].split("/")[0])
+    scraper = http.client.HTTPConnection(host, metrics_port, timeout=10)
+    clients = [http.client.HTTPConnection(host, int(port), timeout=10) for _ in range(2)]
+    try:
+        assert _kept_get(scraper, "/metrics") == 200  # a scraper keeps its connection
+        for conn in clients:
+            conn.connect()
+        _until_accepted(server, 3)
+        assert [_kept_get(conn) for conn in clients] == [200, 200]
+    finally:
+        for conn in (scraper, *clients):
+            conn.close()
+        server.stop()
+
+
 def test_a_request_that_gets_no_compute_turn_in_time_is_told_when_to_retry(tmp_path):
     """The compute-busy 503 (no free turn within request_timeout_s) had no Retry-After, unlike
     the connection-limit 503: a client could not tell when to come back."""

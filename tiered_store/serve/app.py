@@ -358,23 +358,15 @@ class _CountingMiddleware:
             tokens = state["tokens"] if code == 200 else 0  # served: answered 200 (not 499)
             counters.end(handler, code, time.perf_counter() - start, tokens)
 
-    def _on_metrics_listener(self, local: tuple[str, int] | None) -> bool:
-        """Whether a connection's local ``(host, port)`` is the metrics listener's: its port, and
-        its host unless that listener took every address (the same port on another host may be
-        the inference endpoint's)."""
-        if local is None or local[1] != self.server.metrics_port:
-            return False
-        return self.server.metrics_host in WILDCARD_HOSTS or local[0] == self.server.metrics_host
-
     def _refuse(self, scope: Scope) -> Response | None:
         """A 400 for HTTP versions other than 1.0/1.1 (first: nothing else of such a request is
         read), a 400 for an absolute-form target without a host or with user information, the
         answer to a target that is no path (``_not_a_path``), a 503 while the server is past
-        ``server.max_connections`` (``http_protocol``; never on the metrics listener: a scrape
-        is answered while the endpoint's connections are all taken), a 400 for a Host header
-        that is no host[:port], a 400 (closing) for a body framed by both Transfer-Encoding and
-        Content-Length or by Transfer-Encoding in HTTP/1.0, a 404 for paths the metrics listener
-        does not serve; ``None`` to go on."""
+        ``server.max_connections`` (``http_protocol``; never on the metrics listener, whose
+        connections it does not count: a scrape is answered while the endpoint's connections
+        are all taken), a 400 for a Host header that is no host[:port], a 400 (closing) for a
+        body framed by both Transfer-Encoding and Content-Length or by Transfer-Encoding in
+        HTTP/1.0, a 404 for paths the metrics listener does not serve; ``None`` to go on."""
         version = scope.get("http_version", "1.1")
         if version not in ("1.0", "1.1"):
             return json_response(
@@ -387,7 +379,7 @@ class _CountingMiddleware:
         if not scope["raw_path"].startswith(b"/"):
             return _not_a_path(scope)
         busy = scope["state"].get("busy")
-        if busy is not None and not self._on_metrics_listener(scope.get("server")):
+        if busy is not None:
             connections, requests, limit = busy
             log.warning("busy: %d connections, %d requests open (server.max_connections %d)",
                         connections, requests, limit)  # fmt: skip
@@ -414,7 +406,7 @@ class _CountingMiddleware:
             return json_response(400, {"error": _FRAMED_TWICE}, {"Connection": "close"})
         if b"transfer-encoding" in names and version == "1.0":  # a 1.0 hop passed chunks on
             return json_response(400, {"error": _CHUNKED_1_0}, {"Connection": "close"})
-        if self._on_metrics_listener(scope.get("server")) and scope["path"] != "/metrics":
+        if self.server.on_metrics_listener(scope.get("server")) and scope["path"] != "/metrics":
             return json_response(
                 404,
                 {

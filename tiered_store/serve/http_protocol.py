@@ -19,7 +19,8 @@ the whole body before it reads) got the reset, not its answer. The 400 for a req
 Over ``limit_concurrency`` (``server.max_connections``) uvicorn answers a plain-text "Service
 Unavailable" that the server's request counters never see; here the same limit marks the request
 busy, and the app answers it: JSON like every other error of the server, naming the limit, and
-counted.
+counted. The metrics listener's connections are not counted towards the limit (they shared it:
+a scraper's kept connection took an endpoint client's place).
 """
 
 from __future__ import annotations
@@ -58,14 +59,18 @@ _LINGER_BYTES = 64 << 20  # the most of an unread body a closing connection read
 
 
 def with_head_deadline(
-    seconds: float, on_malformed: Callable[[], None] = lambda: None
+    seconds: float,
+    on_malformed: Callable[[], None] = lambda: None,
+    exempt: Callable[[tuple[str, int] | None], bool] = lambda local: False,
 ) -> type[H11Protocol]:
     """An ``H11Protocol`` class (uvicorn's ``Config(http=...)``) that closes a connection whose
     request head has not arrived ``seconds`` after it began waiting for one, and marks requests
     over the config's ``limit_concurrency`` busy (the app answers them 503) instead of answering.
-    A request h11 cannot parse is answered a JSON 400 (uvicorn's was plain text), and
-    ``on_malformed`` called to count it (no app sees it). An answer begun before the body was all
-    in closes the connection, lingering up to ``seconds`` to drop the rest of the body."""
+    A connection whose local ``(host, port)`` is ``exempt`` (the metrics listener's) is neither
+    counted towards that limit nor marked. A request h11 cannot parse is answered a JSON 400
+    (uvicorn's was plain text), and ``on_malformed`` called to count it (no app sees it). An
+    answer begun before the body was all in closes the connection, lingering up to ``seconds``
+    to drop the rest of the body."""
 
     class HeadDeadlineProtocol(H11Protocol):
         _raw_transport: asyncio.Transport  # uvicorn sees it as a _LingeringTransport
@@ -75,6 +80,7 @@ def with_head_deadline(
         _client_ended = False  # the client shut its sending side
         _ended_mid_body = False  # ... before its request's body was all in
         _eof_pending = False  # ... with pipelined requests after the one in flight, unread yet
+        counted = True  # towards limit_concurrency: not on an ``exempt`` listener
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -84,12 +90,13 @@ def with_head_deadline(
             )
             limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's: plain text
             if limit is not None:
-                self.app = _marking_busy(self.app, limit, self.connections, self.tasks)
+                self.app = _marking_busy(self.app, limit, self)
             self.app = _closing_on_unread_body(self.app, self.conn)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._raw_transport = transport
             super().connection_made(_LingeringTransport(transport, self._close, self._closing))
+            self.counted = not exempt(self.server)
             self._watch_head()
 
         def data_received(self, data: bytes) -> None:
@@ -273,15 +280,23 @@ def _closing_on_unread_body(app: Any, conn: h11.Connection) -> Any:
     return closing
 
 
-def _marking_busy(app: Any, limit: int, connections: set, tasks: set) -> Any:
-    """``app``, told in ``scope["state"]["busy"]`` when more than ``limit`` connections are open
-    or more than ``limit`` requests run (this one's connection and task counted; uvicorn's test,
-    ``>= limit`` connections, refused every request at a limit of 1). The app answers the 503
+def _marking_busy(app: Any, limit: int, protocol: H11Protocol) -> Any:
+    """``app`` of ``protocol``'s connection, told in ``scope["state"]["busy"]`` when more than
+    ``limit`` counted connections are open (the metrics listener's are not) or more than
+    ``limit`` requests run (this one's connection and task counted; uvicorn's test, ``>= limit``
+    connections, refused every request at a limit of 1). The app answers the 503
     (``app._CountingMiddleware``: JSON, counted like every other answer)."""
+    connections, tasks = protocol.connections, protocol.tasks
 
     async def marked(scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and (len(connections) > limit or len(tasks) > limit):
-            scope.setdefault("state", {})["busy"] = (len(connections), len(tasks), limit)
+        if (
+            scope["type"] == "http"
+            and protocol.counted
+            and max(len(connections), len(tasks)) > limit
+        ):
+            counted = sum(1 for c in connections if c.counted)  # only near the limit: a loop
+            if counted > limit or len(tasks) > limit:
+                scope.setdefault("state", {})["busy"] = (counted, len(tasks), limit)
         await app(scope, receive, send)
 
     return marked

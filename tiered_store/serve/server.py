@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..errors import ConfigError
 from ..latency import buckets_covering
 from ..metrics import RequestCounters, build_registry, build_sharded_registry
-from .app import INFERENCE_PATH, build_app
+from .app import INFERENCE_PATH, WILDCARD_HOSTS, build_app
 from .config import ServeConfig, check_address
 from .http_protocol import with_head_deadline
 from .inference_request import ClientGone, InferenceRequest, RequestError, parse_request
@@ -162,6 +162,14 @@ class InferenceServer:
             self.metrics_host, self.metrics_port = sock.getsockname()[:2]
             _warn_if_exposed(metrics[0], "store.metrics.address")
 
+    def on_metrics_listener(self, local: tuple[str, int] | None) -> bool:
+        """Whether a connection's local ``(host, port)`` is the metrics listener's: its port, and
+        its host unless that listener took every address (the same port on another host may be
+        the inference endpoint's)."""
+        if local is None or local[1] != self.metrics_port:
+            return False
+        return self.metrics_host in WILDCARD_HOSTS or local[0] == self.metrics_host
+
     def _count_malformed(self) -> None:
         """Count a request h11 could not parse, answered 400 before any handler saw it."""
         self.requests.begin()
@@ -172,8 +180,11 @@ class InferenceServer:
         server = self.config.server
         config = uvicorn.Config(
             build_app(self),
-            # h11, idle openers timed out, malformed requests counted (as "other", 400)
-            http=with_head_deadline(server.request_timeout_s, self._count_malformed),
+            # h11, idle openers timed out, malformed requests counted (as "other", 400), the
+            # metrics listener's connections outside server.max_connections
+            http=with_head_deadline(
+                server.request_timeout_s, self._count_malformed, self.on_metrics_listener
+            ),
             loop="asyncio",
             lifespan="off",
             backlog=server.backlog,
