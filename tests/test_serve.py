@@ -1617,6 +1617,34 @@ def test_a_connection_to_the_metrics_listener_takes_no_place_of_the_endpoints(tm
         server.stop()
 
 
+def test_the_connection_past_max_connections_is_refused_not_an_older_one(tmp_path):
+    """With one connection past server.max_connections open, whichever connection asked first
+    was refused 503 and closed: a client kept alive for long lost its connection to one that
+    had just opened (and maybe sent nothing). The connections opened first are served; the one
+    past the limit is refused, and served once an older one closed."""
+    server = start_server(make_checkpoint(tmp_path, server={"max_connections": 2}))
+    host, port = server.url.removeprefix("http://").split(":")
+    older = [http.client.HTTPConnection(host, int(port), timeout=10) for _ in range(2)]
+    newer = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        assert [_kept_get(conn) for conn in older] == [200, 200]
+        newer.connect()
+        _until_accepted(server, 3)
+        assert [_kept_get(conn) for conn in older] == [200, 200]  # refused 503 before
+        assert _kept_get(newer) == 503
+        older[0].close()
+        deadline = time.monotonic() + 10
+        while _kept_get(newer) != 200:  # closed by its 503: opened anew once the server saw
+            assert time.monotonic() < deadline  # the older one go
+            newer.close()
+            time.sleep(0.05)
+        assert _kept_get(older[1]) == 200
+    finally:
+        for conn in (*older, newer):
+            conn.close()
+        server.stop()
+
+
 def test_a_request_that_gets_no_compute_turn_in_time_is_told_when_to_retry(tmp_path):
     """The compute-busy 503 (no free turn within request_timeout_s) had no Retry-After, unlike
     the connection-limit 503: a client could not tell when to come back."""

@@ -20,12 +20,15 @@ Over ``limit_concurrency`` (``server.max_connections``) uvicorn answers a plain-
 Unavailable" that the server's request counters never see; here the same limit marks the request
 busy, and the app answers it: JSON like every other error of the server, naming the limit, and
 counted. The metrics listener's connections are not counted towards the limit (they shared it:
-a scraper's kept connection took an endpoint client's place).
+a scraper's kept connection took an endpoint client's place), and the connections past it are
+the ones accepted last (uvicorn refused whichever asked first: a client kept alive for long lost
+its connection to one just opened).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -72,6 +75,8 @@ def with_head_deadline(
     answer begun before the body was all in closes the connection, lingering up to ``seconds``
     to drop the rest of the body."""
 
+    accepted = itertools.count()  # numbers the connections in the order they were accepted
+
     class HeadDeadlineProtocol(H11Protocol):
         _raw_transport: asyncio.Transport  # uvicorn sees it as a _LingeringTransport
         _head_deadline: asyncio.TimerHandle | None = None
@@ -81,6 +86,7 @@ def with_head_deadline(
         _ended_mid_body = False  # ... before its request's body was all in
         _eof_pending = False  # ... with pipelined requests after the one in flight, unread yet
         counted = True  # towards limit_concurrency: not on an ``exempt`` listener
+        opened = 0  # the connection's place in the order they were accepted
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -97,6 +103,7 @@ def with_head_deadline(
             self._raw_transport = transport
             super().connection_made(_LingeringTransport(transport, self._close, self._closing))
             self.counted = not exempt(self.server)
+            self.opened = next(accepted)
             self._watch_head()
 
         def data_received(self, data: bytes) -> None:
@@ -281,11 +288,13 @@ def _closing_on_unread_body(app: Any, conn: h11.Connection) -> Any:
 
 
 def _marking_busy(app: Any, limit: int, protocol: H11Protocol) -> Any:
-    """``app`` of ``protocol``'s connection, told in ``scope["state"]["busy"]`` when more than
-    ``limit`` counted connections are open (the metrics listener's are not) or more than
-    ``limit`` requests run (this one's connection and task counted; uvicorn's test, ``>= limit``
-    connections, refused every request at a limit of 1). The app answers the 503
-    (``app._CountingMiddleware``: JSON, counted like every other answer)."""
+    """``app`` of ``protocol``'s connection, told in ``scope["state"]["busy"]`` when the
+    connection is past ``limit``: ``limit`` counted connections (the metrics listener's are not)
+    opened before it are still open, or more than ``limit`` requests run (this one's task
+    counted). uvicorn's test, ``>= limit`` connections open, refused every request at a limit of
+    1, and past the limit whichever connection asked first (one kept alive for long, for one
+    just opened). The app answers the 503 (``app._CountingMiddleware``: JSON, counted like every
+    other answer)."""
     connections, tasks = protocol.connections, protocol.tasks
 
     async def marked(scope: dict, receive: Any, send: Any) -> None:
@@ -294,9 +303,10 @@ def _marking_busy(app: Any, limit: int, protocol: H11Protocol) -> Any:
             and protocol.counted
             and max(len(connections), len(tasks)) > limit
         ):
-            counted = sum(1 for c in connections if c.counted)  # only near the limit: a loop
-            if counted > limit or len(tasks) > limit:
-                scope.setdefault("state", {})["busy"] = (counted, len(tasks), limit)
+            counted = [c.opened for c in connections if c.counted]  # only near the limit: a loop
+            older = sum(1 for opened in counted if opened < protocol.opened)
+            if older >= limit or len(tasks) > limit:
+                scope.setdefault("state", {})["busy"] = (len(counted), len(tasks), limit)
         await app(scope, receive, send)
 
     return marked
