@@ -2268,3 +2268,24 @@ def test_a_closed_model_never_reopens_and_a_closed_store_answers_503(tmp_path):
         guarded.lookup(torch.tensor([1, 2]))
     assert caught.value.reason == "closed"
     assert served.health["engram_layer3"].lookup_failures == 1
+
+
+def test_a_table_closed_until_a_reload_answers_503_saying_when_to_retry(config_path):
+    """A table whose store a reload closed (its new version not open yet) answered 503 with no
+    Retry-After, though the version watch tries again every second and the next request may be
+    served: now Retry-After: 1, as the other passing 503s (busy, no compute turn)."""
+    server = start_server(config_path)
+    try:
+        server.model.reload_check_seconds = 3600.0  # the test reopens it, not the watch
+        server.model.stores["engram_layer3"].close()  # what a reload leaves while it retries
+        conn = http.client.HTTPConnection(*server.url.removeprefix("http://").split(":"))
+        conn.request("POST", "/v1/engram", json.dumps({"input_ids": [[1, 2, 3]]}))
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        conn.close()
+        assert response.status == 503 and "closed until a reload" in answer["error"], answer
+        assert response.getheader("Retry-After") == "1"
+        assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+    finally:
+        server.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import RowIdError, TableFormatError, TierIOError, cut_text
 from .guarded_table import TableUnavailableError
 from .inference_request import ClientGone, RequestError
-from .served_model import NonFiniteOutputError
+from .served_model import RELOAD_CHECK_SECONDS, NonFiniteOutputError
 
 if TYPE_CHECKING:
     from .server import InferenceServer
@@ -201,7 +202,11 @@ def _error_response(exc: Exception, request: Request) -> Response:
     if isinstance(exc, RowIdError):  # ids the request checks let through but the model refused
         return json_response(400, {"error": str(exc)})
     if isinstance(exc, TableUnavailableError):  # counted and logged by the GuardedTable
-        return json_response(503, {"error": str(exc)})
+        # closed until a reload: the version watch tries it again every RELOAD_CHECK_SECONDS
+        retry = (
+            {"Retry-After": f"{math.ceil(RELOAD_CHECK_SECONDS)}"} if exc.reason == "closed" else {}
+        )
+        return json_response(503, {"error": str(exc)}, retry)
     if isinstance(exc, (TierIOError, TableFormatError)):
         log.error("table fault serving %s: %s", request.url.path, exc)
         return json_response(503, {"error": "table data unavailable (see the server log)"})
