@@ -1934,6 +1934,35 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path, config_pa
         assert reader.n_batches == 2 and reader.tables == TABLES
 
 
+@pytest.mark.slow
+def test_a_serve_process_lets_the_server_drain_before_it_kills_it(tmp_path):
+    """ServeProcess.stop() killed the server 30 s after its SIGTERM, while the server's own
+    drain may take 2 x server.request_timeout_s (60 s by default), and its close more: a request
+    in flight was cut off, the trace unclosed, the exit status -9. It now waits as long as the
+    server said its stop may take (its 'listening' line's stop_within_s)."""
+    config_path = make_checkpoint(tmp_path, server={"request_timeout_s": 32.0})
+    with ServeProcess(config_path, metrics=False) as proc:
+        host, port = proc.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)), timeout=120)
+        sock.sendall(b"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        deadline = time.monotonic() + 20
+        while get_json(proc.url + "/stats")[1]["server"]["in_flight"] < 2:  # it, and this /stats
+            assert time.monotonic() < deadline, "the in-flight request never started"
+            time.sleep(0.05)
+        answers: list[bytes] = []
+
+        def read_then_close() -> None:
+            """The stalled request's answer (its 408, 32 s in), then the connection closed."""
+            with sock:
+                answers.append(sock.recv(65536))
+
+        reader = threading.Thread(target=read_then_close)
+        reader.start()
+        assert proc.stop() == 0, proc.log()  # killed (-9) at 30 s before
+        reader.join(30)
+        assert answers and answers[0].startswith(b"HTTP/1.1 408"), answers
+
+
 def test_a_request_outlasting_the_drain_gets_a_json_503_and_its_lookups_finish_first(
     tmp_path, caplog
 ):

@@ -52,6 +52,7 @@ __all__ = [
 DEEPSEEK_VOCAB_SIZE = 129280  # token ids of the DeepSeek tokenizer the server hashes
 _PIPE_END_WAIT_S = 1.0  # for a killed server's stdout to end, before closing it
 _EXIT_WAIT_S = 10.0  # for a server whose stdout ended before its 'listening' line to exit
+_STOP_WAIT_S = 30.0  # for a server whose 'listening' line says not how long its stop takes
 
 # The directory holding the `tiered_store` package: the subprocess imports the same code.
 _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
@@ -61,7 +62,8 @@ class ServeProcess:
     """``tiered-store serve`` in a subprocess on free loopback ports; a context manager.
 
     ``url``/``metrics_url`` come from the JSON line the server prints once it listens.
-    ``stop()`` sends SIGTERM and returns the exit status. A relative config path is passed on
+    ``stop()`` sends SIGTERM and returns the exit status (it kills the server only once the
+    longest stop that line names, ``stop_within_s``, is over). A relative config path is passed on
     as given: the subprocess runs in this process's working directory.
 
     Parameters
@@ -200,8 +202,13 @@ class ServeProcess:
         """The server's resident set size now."""
         return rss_bytes(self.pid)
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, wait for the drain, return the exit status (kills after ``timeout``)."""
+    def stop(self, timeout: float | None = None) -> int:
+        """SIGTERM, wait for the drain, return the exit status (kills after ``timeout``; default:
+        the longest the server said its stop takes, its 'listening' line's ``stop_within_s``,
+        and ``_EXIT_WAIT_S`` more for the process's exit)."""
+        if timeout is None:
+            said = self.ready.get("stop_within_s")
+            timeout = _STOP_WAIT_S if said is None else said + _EXIT_WAIT_S
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

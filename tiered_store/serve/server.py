@@ -56,11 +56,18 @@ def drain_s(config: ServeConfig) -> float:
 
 def stop_announced_within_s(config: ServeConfig) -> float:
     """Over sharded tables, the longest rank 0 takes from a signal to its ``STOP`` to the other
-    ranks (which serve its last requests until then): ``stop()``'s drain, its wait for a checksum
-    pass under way, ``ServedModel.close``'s for the answers still computing
-    (``server.request_timeout_s``), the announcement (``sharding.timeout_s``), and the rest."""
+    ranks (which serve its last requests until then): ``stop_within_s``."""
+    return stop_within_s(config)
+
+
+def stop_within_s(config: ServeConfig) -> float:
+    """The longest ``stop()`` takes after a signal: its drain, its wait for a checksum pass under
+    way, ``ServedModel.close``'s for the answers still computing (``server.request_timeout_s``),
+    over sharded tables the announcement of its ``STOP`` (``sharding.timeout_s``), and the rest
+    (the 'listening' line's ``stop_within_s``: ``ServeProcess.stop`` kills no sooner)."""
     scrub = BACKGROUND_JOIN_S if config.checkpoint.scrub_interval_s > 0 else 0.0
-    announce = config.store_config(0).sharding.timeout_s  # a number: the same for every layer
+    # a number: the same for every layer
+    announce = config.store_config(0).sharding.timeout_s if config.sharded else 0.0
     close = config.server.request_timeout_s
     return drain_s(config) + scrub + close + announce + STOP_SLACK_S
 
@@ -285,6 +292,7 @@ class InferenceServer:
             "metrics_url": self.metrics_url or self.url + "/metrics",
             "tables": list(self.model.stores),
             "pid": os.getpid(),
+            "stop_within_s": stop_within_s(self.config),
         }
 
     # -- requests -------------------------------------------------------------------------------
