@@ -11,6 +11,7 @@ stayed "ok" while a truncated table failed every request.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -1031,6 +1032,27 @@ def test_a_415_names_a_content_type_that_is_not_utf8_by_its_bytes(proc):
     status, _, body = raw_exchange(proc.url, request)
     error = json.loads(body)["error"]
     assert status == 415 and f"Content-Type: got {sent!r};" in error, error
+
+
+def test_a_content_encoding_on_a_second_header_line_is_refused_too(proc):
+    """A coding on a second Content-Encoding line (the lines make one list, RFC 9110 5.3) was
+    not seen: the first said identity, so a gzip body was parsed as is and refused 400 "not
+    UTF-8" for a body the client had coded. It is now a 415 naming both; identity twice is no
+    coding."""
+
+    def post(codings: tuple[str, ...], body: bytes) -> tuple[int, bytes]:
+        lines = "".join(f"Content-Encoding: {coding}\r\n" for coding in codings)
+        head = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\n{lines}Content-Length: {len(body)}\r\n"
+        status, _, answer = raw_exchange(
+            proc.url, f"{head}Connection: close\r\n\r\n".encode() + body
+        )
+        return status, answer
+
+    status, answer = post(("identity", "gzip"), gzip.compress(b'{"input_ids": [1]}'))
+    error = json.loads(answer)["error"]
+    assert status == 415, answer[:200]
+    assert error == "Content-Encoding: got 'identity, gzip'; expected none (identity)", error
+    assert post(("identity", "identity"), b'{"input_ids": [1]}')[0] == 200
 
 
 def test_an_absolute_form_request_target_is_served_as_its_path(proc):

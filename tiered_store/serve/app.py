@@ -230,7 +230,7 @@ async def _read_body(request: Request, limits: Any) -> bytes:
         except UnicodeDecodeError:  # not UTF-8: its bytes (b'text/\xff'), each one named once
             shown = cut_text(sent, _ECHO_CHARS, repr)
         raise RequestError(415, f"Content-Type: got {shown}; expected application/json")
-    coding = request.headers.get("content-encoding", "")
+    coding = ", ".join(request.headers.getlist("content-encoding"))  # its lines: one list
     if any(c.strip().lower() not in ("", "identity") for c in coding.split(",")):  # not decoded
         raise RequestError(415, f"Content-Encoding: got {_echo(coding)}; expected none (identity)")
     limit = limits.max_body_bytes
