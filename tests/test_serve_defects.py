@@ -1150,6 +1150,17 @@ def test_raw_exchange_reads_a_204_on_a_kept_connection_as_bodiless(proc):
     assert (status, body) == (204, b""), head
 
 
+def test_raw_exchange_reads_the_answer_to_head_on_a_kept_connection_as_bodiless(proc):
+    """The answer to HEAD has the Content-Length of the GET's body, and no body (RFC 9110
+    9.3.2): raw_exchange read that many bytes, so on a kept connection it waited for its
+    timeout and raised."""
+    status, head, body = raw_exchange(
+        proc.url, b"HEAD /healthz HTTP/1.1\r\nHost: a\r\n\r\n", timeout=2
+    )
+    assert (status, body) == (200, b""), head
+    assert b"\r\ncontent-length: 16" in head.lower(), head
+
+
 def test_a_request_with_both_transfer_encoding_and_content_length_is_refused_and_closed(proc):
     """A body framed both ways (request smuggling: a proxy in front may read Content-Length where
     this server read the chunks) was served by its chunks, and the connection kept: a request

@@ -380,8 +380,8 @@ def raw_exchange(url: str, data: bytes, *, timeout: float = 30.0) -> tuple[int, 
     """Send ``data`` as is to the server of ``url``; read one answer: (status, head, body).
 
     The body is read to its Content-Length, or until the server closes the connection (none
-    for a 1xx, 204 or 304, which have no body); status 0 means the answer had no HTTP status
-    line.
+    for a 1xx, 204 or 304, nor for the answer to a HEAD, which have no body); status 0 means
+    the answer had no HTTP status line.
 
     Examples
     --------
@@ -406,8 +406,10 @@ def raw_exchange(url: str, data: bytes, *, timeout: float = 30.0) -> tuple[int, 
                 for k, _, v in (x.partition(b":") for x in lines[1:])
                 if k.strip().lower() == b"content-length"
             ),
-            0 if 100 <= status < 200 or status in (204, 304) else None,  # RFC 9110 6.4.1
+            None,
         )
+        if data.startswith(b"HEAD ") or 100 <= status < 200 or status in (204, 304):
+            length = 0  # RFC 9110 6.4.1: no body, whatever Content-Length says (HEAD's: the GET's)
         while (length is None or len(body) < length) and (chunk := sock.recv(65536)):
             body += chunk
     return status, head, body
