@@ -31,7 +31,14 @@ from tiered_store.serve import (
     build_app,
     parse_request,
 )
-from tiered_store.serve.client import ServeProcess, get_json, post_json, run_load, zipf_requests
+from tiered_store.serve.client import (
+    ServeProcess,
+    get_json,
+    post_json,
+    raw_exchange,
+    run_load,
+    zipf_requests,
+)
 from tiered_store.trace import TraceReader
 from zipf_analysis.replay import replay
 
@@ -1642,6 +1649,25 @@ def test_the_connection_past_max_connections_is_refused_not_an_older_one(tmp_pat
     finally:
         for conn in (*older, newer):
             conn.close()
+        server.stop()
+
+
+def test_a_websocket_upgrade_is_answered_as_plain_http(tmp_path):
+    """With a WebSocket library installed (websockets or wsproto: uvicorn's ws="auto"), an
+    upgrade request was handed to uvicorn's WebSocket protocol, outside this server's (no head
+    deadline, not counted, not marked busy), and the app, which has no WebSocket endpoint,
+    left its handshake undone: a plain-text 500 and an ERROR in the log. The server takes no
+    upgrade now: such a request is served as the HTTP request it is. (Without such a library
+    installed this passes either way.)"""
+    server = start_server(make_checkpoint(tmp_path))
+    upgrade = (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    try:
+        status, _, body = raw_exchange(server.url, upgrade, timeout=10)
+        assert (status, json.loads(body)) == (200, {"status": "ok"}), body
+    finally:
         server.stop()
 
 

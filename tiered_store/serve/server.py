@@ -192,6 +192,7 @@ class InferenceServer:
             http=with_head_deadline(
                 server.request_timeout_s, self._count_malformed, self.on_metrics_listener
             ),
+            ws="none",  # no WebSocket endpoint: an upgrade request is served as plain HTTP
             loop="asyncio",
             lifespan="off",
             backlog=server.backlog,
