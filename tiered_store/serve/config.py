@@ -44,7 +44,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "server.max_text_chars": 65536,  # characters per text, checked before tokenising
     "server.max_body_bytes": 4 << 20,  # bytes, 4 MiB (Content-Length, or counted while streaming)
     "server.max_concurrent": 4,  # requests parsed, tokenised and computed at once (worker threads)
-    "server.max_connections": 1024,  # open connections + requests before uvicorn answers 503
+    "server.max_connections": 1024,  # the endpoint's open connections (and requests); past it 503
     "server.backlog": 2048,  # listen backlog: connections the kernel queues before accept
     "server.keep_alive_s": 5.0,  # seconds an idle keep-alive connection stays open
     "server.request_timeout_s": 30.0,  # seconds: longest wait for a head, a body, and a turn
