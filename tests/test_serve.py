@@ -739,10 +739,10 @@ def test_a_pass_that_failed_over_a_version_replaced_meanwhile_is_checked_again(
         _compacted_with_the_old_version_bad(served, table)
         real = served_model.verify_counted
 
-        def reloaded_as_it_starts(path, health, stop=None):  # the pass reads the old file
+        def reloaded_as_it_starts(path, health, stop=None, bytes_per_s=None):  # the old file
             monkeypatch.setattr(served_model, "verify_counted", real)
             assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
-            return real(path, health, stop)
+            return real(path, health, stop, bytes_per_s)
 
         monkeypatch.setattr(served_model, "verify_counted", reloaded_as_it_starts)
         assert served.verify_tables({"engram_layer3"}) == ["engram_layer3"]
@@ -961,11 +961,11 @@ def test_a_pass_that_raises_something_unexpected_tries_its_tables_again_a_few_ti
     served = ServedModel(config)
     real, calls = served_module.verify_counted, []
 
-    def unexpected_once(path, health, stop=None):
+    def unexpected_once(path, health, stop=None, bytes_per_s=None):
         calls.append(Path(path).name)
         if len(calls) == 1:
             raise RuntimeError("something unexpected")
-        return real(path, health, stop)
+        return real(path, health, stop, bytes_per_s)
 
     with _scrubbing(served) as start_scrub:
         health = served.health["engram_layer3"]
@@ -978,7 +978,7 @@ def test_a_pass_that_raises_something_unexpected_tries_its_tables_again_a_few_ti
         assert (health.verifications, health.checksum_failures) == (1, 0)
         assert calls == ["engram_layer3.npy", "engram_layer3.npy"]
 
-        def unexpected_always(path, health, stop=None):
+        def unexpected_always(path, health, stop=None, bytes_per_s=None):
             calls.append(Path(path).name)
             raise RuntimeError("something unexpected")
 
