@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import urllib.request
@@ -695,6 +696,25 @@ def test_without_a_process_group_or_torchrun_environment_opening_says_so(tables,
         ShardedStore.open(cfg)
     with pytest.raises(ConfigError, match="sharding: missing"):
         ShardedStore.open({"table": {"path": str(tables["plain"])}})
+
+
+def test_opening_from_yaml_names_the_file_only_for_errors_of_the_file(
+    tables, tmp_path, monkeypatch
+):
+    """A missing torchrun environment and a bad ``group=`` came named by the YAML file
+    ("s.yaml: no torch.distributed process group ..."), as if a key of it were wrong."""
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    config = tmp_path / "s.yaml"
+    config.write_text(f"table: {{path: {tables['plain']}}}\nsharding: {{ranks: 1, by: rows}}\n")
+    with pytest.raises(ConfigError, match=r"^no torch.distributed process group and MASTER_ADDR"):
+        ShardedStore.open(config)
+    _one_rank_group_env(monkeypatch)
+    with pytest.raises(ConfigError, match=r"^group: got list \[0\]; expected a torch.distributed"):
+        ShardedStore.open(config, group=[0])
+    config.write_text(f"table: {{path: {tables['plain']}}}\n")  # the file's own: still named
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: sharding: missing"):
+        ShardedStore.open(config)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

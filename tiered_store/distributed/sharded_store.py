@@ -174,18 +174,7 @@ class ShardedStore:
         self._missing_table = missing_table
         self.timeout_s = sharding.timeout_s
         self.owns_group = init_process_group_from_env(sharding, config.tiers.hot.device)
-        if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives a rank outside it
-            raise ConfigError(
-                f"group: this process (rank {dist.get_rank()} of the default group) is not one of "
-                "its ranks (dist.new_group gives the ranks outside it "
-                "GroupMember.NON_GROUP_MEMBER); expected a group holding this rank, or None (all "
-                "ranks)"
-            )
-        if group is not None and not isinstance(group, dist.ProcessGroup):
-            raise ConfigError(
-                f"group: got {type(group).__name__} {group!r}; expected a torch.distributed "
-                "ProcessGroup (dist.new_group(ranks)), or None (all ranks)"
-            )
+        _check_group(group)
         self._failure: BaseException | None = None
         self._closed = False
         self.local: TieredStore | None = None
@@ -262,6 +251,9 @@ class ShardedStore:
             config = StoreConfig.from_dict(config, base_dir=Path.cwd())
         elif not isinstance(config, StoreConfig):
             checked = StoreConfig.from_yaml(config)  # its errors name the file themselves
+            if checked.sharding is not None:  # refused before naming the file: not its keys
+                _check_environment()
+                _check_group(group)
             with naming_file(config):  # and so do those found at open, of the file's keys
                 return cls(checked, group)
         return cls(config, group)
@@ -1337,14 +1329,7 @@ def init_process_group_from_env(sharding: ShardingConfig, device: str) -> bool:
     the process exits)."""
     if dist.is_initialized():
         return _ENV_GROUP.group is dist.group.WORLD
-    missing = [
-        k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if k not in os.environ
-    ]
-    if missing:
-        raise ConfigError(
-            f"no torch.distributed process group and {', '.join(missing)} not set; expected to "
-            "run under torchrun, or after torch.distributed.init_process_group"
-        )
+    _check_environment()
     if device.startswith("cuda"):  # without CUDA: a ConfigError naming the setting, not torch's
         compute_device(device)
     backend = sharding.backend
@@ -1362,6 +1347,36 @@ def init_process_group_from_env(sharding: ShardingConfig, device: str) -> bool:
     dist.init_process_group(backend, timeout=timedelta(seconds=sharding.timeout_s))
     _ENV_GROUP.group = dist.group.WORLD
     return True
+
+
+def _check_environment() -> None:
+    """Refuse to open without a process group or torchrun's environment, naming what is unset."""
+    if dist.is_initialized():
+        return
+    missing = [
+        k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if k not in os.environ
+    ]
+    if missing:
+        raise ConfigError(
+            f"no torch.distributed process group and {', '.join(missing)} not set; expected to "
+            "run under torchrun, or after torch.distributed.init_process_group"
+        )
+
+
+def _check_group(group: Any) -> None:
+    """Refuse a ``group`` that is neither None nor a process group holding this rank."""
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives a rank outside it
+        raise ConfigError(
+            f"group: this process (rank {dist.get_rank()} of the default group) is not one of "
+            "its ranks (dist.new_group gives the ranks outside it "
+            "GroupMember.NON_GROUP_MEMBER); expected a group holding this rank, or None (all "
+            "ranks)"
+        )
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ConfigError(
+            f"group: got {type(group).__name__} {group!r}; expected a torch.distributed "
+            "ProcessGroup (dist.new_group(ranks)), or None (all ranks)"
+        )
 
 
 def local_gpu(local_rank: str, visible: int) -> int:
