@@ -2138,8 +2138,13 @@ def test_shards_cut_for_another_rank_count_are_refused_at_open():
         {
             "shard": f"s{r}.npy",
             "error": None,
+            "heartbeat": "h",
+            "committed_step": 0,
+            "staged_step": None,
+            "world": 2,
             "config": {"ranks": 2, "by": "rows", "out_of_range": "error"},
             "shard_rank": r,
+            "run": "r",
             "map": shard_map,
             "rows": {},
         }  # fmt: skip
@@ -2147,6 +2152,42 @@ def test_shards_cut_for_another_rank_count_are_refused_at_open():
     ]
     with pytest.raises(ShardMismatchError, match=r"rank 0: shard s0.npy is one of 3 shards, but the process group has 2 ranks"):  # fmt: skip
         check_fingerprints(prints, 2)
+
+
+def test_a_rank_of_another_release_is_named_at_open():
+    """A rank of a release before run ids (its fingerprint without "run") failed the open with a
+    bare KeyError: 'run' on the others; a fingerprint this release does not know is refused too,
+    naming the rank and the keys."""
+    from tiered_store.distributed.sharded_store import check_fingerprints
+    from tiered_store.errors import ShardMismatchError
+
+    def doc(rank: int) -> dict:
+        return {
+            "shard": f"s{rank}.npy",
+            "error": None,
+            "heartbeat": "h",
+            "committed_step": 0,
+            "staged_step": None,
+            "world": 2,
+            "config": {"ranks": 2, "by": "rows", "out_of_range": "error"},
+            "shard_rank": rank,
+            "run": "r",
+            "map": {"by": "rows", "bounds": [0, 10, 20], "table_version": "v"},
+            "rows": {},
+        }
+
+    assert check_fingerprints([doc(0), doc(1)], 2).bounds == (0, 10, 20)
+    old = doc(1)
+    del old["run"]
+    with pytest.raises(ShardMismatchError, match=r"^rank 1: its open's fingerprint lacks run, has no key more; expected the keys of this release's: rank 1 runs another release of tiered-store"):  # fmt: skip
+        check_fingerprints([doc(0), old], 2)
+    newer = {**doc(0), "release": 9}
+    with pytest.raises(ShardMismatchError, match=r"^rank 0: its open's fingerprint lacks no key, has release more"):  # fmt: skip
+        check_fingerprints([newer, doc(1)], 2)
+    failed = {k: v for k, v in doc(1).items() if k not in ("shard_rank", "run", "map", "rows")}
+    failed["error"] = "OSError: gone"  # a shard that failed to open sends no shard facts
+    with pytest.raises(ShardMismatchError, match=r"rank 1: cannot open its shard s1.npy: OSError"):
+        check_fingerprints([doc(0), failed], 2)
 
 
 def test_reshard_with_overwrite_serves_the_tables_rows_not_the_old_shards_writes(tmp_path):

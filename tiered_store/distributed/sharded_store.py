@@ -1272,8 +1272,23 @@ def _torn_message(rank: int, steps: list[int]) -> str:
     )
 
 
+# the keys of an open's fingerprint (``ShardedStore._fingerprint``): always, and of a shard opened
+_PRINT_KEYS = ("shard", "error", "heartbeat", "committed_step", "staged_step", "world", "config")
+_SHARD_KEYS = ("shard_rank", "run", "map", "rows")
+
+
 def check_fingerprints(prints: list[dict[str, Any]], world: int) -> ShardMap:
     """The shard map every rank agrees on; else ShardMismatchError naming the rank and shard."""
+    for rank, doc in enumerate(prints):  # before any key is read: a rank of another release
+        expected = {*_PRINT_KEYS, *(_SHARD_KEYS if doc.get("error") is None else ())}
+        lacks, more = sorted(expected - set(doc)), sorted(set(doc) - expected)
+        if lacks or more:
+            raise ShardMismatchError(
+                f"rank {rank}: its open's fingerprint lacks {', '.join(lacks) or 'no key'}, has "
+                f"{', '.join(more) or 'no key'} more; expected the keys of this release's: rank "
+                f"{rank} runs another release of tiered-store than this rank (install one release "
+                "on every rank)"
+            )
     first = prints[0]
     for rank, doc in enumerate(prints):  # the configs first: they say which shards to open
         if doc["config"] != first["config"]:
