@@ -195,6 +195,21 @@ def test_a_shard_map_of_bounds_that_are_not_integers_is_refused_naming_the_shard
         assert "expected integer bounds" in capsys.readouterr().err
 
 
+def test_a_shard_map_routes_ids_of_any_integer_dtype():
+    """ShardMap.owner made its bounds in the ids' dtype: int16 ids of a 80,000-row map, or int32
+    ids of one past 2**31 rows, raised torch's "value cannot be converted to type int32 without
+    overflow"."""
+    from tiered_store.distributed import ShardMap
+
+    small = ShardMap(by="rows", bounds=(0, 40_000, 80_000), table_version="v")
+    large = ShardMap(by="rows", bounds=(0, 3_000_000_000, 6_000_000_000), table_version="v")
+    for dtype in (torch.int16, torch.int32, torch.uint8, torch.int64):
+        assert small.owner(torch.tensor([0, 3, 127], dtype=dtype)).tolist() == [0, 0, 0]
+    assert small.owner(torch.tensor([39_999, 40_000], dtype=torch.int32)).tolist() == [0, 1]
+    assert large.owner(torch.tensor([5, 2**31 - 1], dtype=torch.int32)).tolist() == [0, 0]
+    assert large.owner(torch.tensor([2_999_999_999, 3_000_000_000])).tolist() == [0, 1]
+
+
 def test_a_corrupt_table_is_not_sharded_into_shards_with_fresh_checksums(tmp_path, capsys):
     path = tmp_path / "t.npy"
     create_table(path, np.ones((3000, 4), dtype=np.float32), progress=False)

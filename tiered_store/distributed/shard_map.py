@@ -60,9 +60,10 @@ class ShardMap:
         return self.bounds[rank], self.bounds[rank + 1]
 
     def owner(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rank owning each id (ids in ``[0, rows)``), vectorised."""
-        inner = torch.tensor(self.bounds[1:-1], dtype=ids.dtype, device=ids.device)
-        return torch.searchsorted(inner, ids, right=True)
+        """Rank owning each id (ids in ``[0, rows)``, of any integer dtype), vectorised."""
+        # in int64: bounds past the ids' dtype (int16 ids of 80,000 rows) did not convert
+        inner = torch.tensor(self.bounds[1:-1], dtype=torch.int64, device=ids.device)
+        return torch.searchsorted(inner, ids.to(torch.int64), right=True)
 
     def starts(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """First global row of every shard, int64."""
