@@ -551,9 +551,36 @@ def hung_open_worker(rank: int, world: int, port: int, plain: str, out: Path) ->
     _report(out, rank, result)
 
 
+def absent_rank_open_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Rank 1 joins the group but never opens the store (alive, elsewhere): what rank 0's open
+    raises, and how long it took."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        cfg = _store_config(Path(plain), world, "rows")
+        cfg["sharding"]["timeout_s"] = 4
+        if rank == 0:
+            start = time.monotonic()
+            try:
+                ShardedStore.open(cfg).close()
+                result["open"] = "ok"
+            except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                result["open"] = f"{type(exc).__name__}: {exc}"
+            result["seconds"] = time.monotonic() - start
+        _report(out, rank, result)
+        while not (out / "rank0.json").exists():  # rank 0 hosts the group's store: rank 1 stays
+            time.sleep(0.05)
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def failed_heartbeat_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank's open fails as its heartbeat starts (the group's store not answering its
-    first beat), after the store made its subgroup and collective thread: what the open raises,
+    first beat), after the store made its collective thread: what the open raises,
     the process groups and the store's threads left behind; then an open that works."""
     import threading
 

@@ -1425,6 +1425,18 @@ def test_a_rank_whose_shard_open_hangs_is_named_by_the_others(tmp_path):
     assert results[1]["open"].startswith("RankFailureError: rank 1: open #0 failed: "), results
 
 
+def test_a_rank_that_never_opens_the_store_is_named_by_the_others(tmp_path):
+    """Over the default group, a rank that never opened the store (died or busy before its open)
+    left the others torch's "DistStoreError: wait timeout after 4000ms, keys: /default_pg/0//1//
+    cpu//0/1" from making the store's subgroup, naming no rank."""
+    from tests.distributed_support import absent_rank_open_worker
+
+    codes, results = _two_ranks_over_plain_shards(tmp_path, absent_rank_open_worker, 90)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    assert results[0]["open"].startswith("RankFailureError: rank 0: open #0 failed: "), results
+    assert "rank 1 stopped: no heartbeat for" in results[0]["open"], results
+
+
 def test_an_open_failing_as_its_heartbeat_starts_leaves_no_subgroup_or_thread(tmp_path):
     from tests.distributed_support import failed_heartbeat_worker
 

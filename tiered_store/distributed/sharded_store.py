@@ -193,13 +193,9 @@ class ShardedStore:
         # collectives, and the backend's timeout is this store's
         backend = dist.get_backend(group)
         try:  # a failure from here on ends what the open started (subgroup, threads)
-            self.group = group
-            if group is None:
-                self.group = dist.new_group(
-                    backend=backend, timeout=timedelta(seconds=self.timeout_s)
-                )
-            self.owns_subgroup = group is None
-            self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+            # the group's ranks (a new group of all ranks numbers them as the default group does)
+            ranks = dist.group.WORLD if group is None else group
+            self.rank, self.world = dist.get_rank(ranks), dist.get_world_size(ranks)
             self.exchange_device = (
                 torch.device("cuda", torch.cuda.current_device())
                 if backend == "nccl"
@@ -211,8 +207,20 @@ class ShardedStore:
             self._wait_s = max(self.timeout_s - 3 * self._interval - 0.1, 0.1)
             self._thread = CollectiveThread(f"sharded-store-rank{self.rank}")
             # until the open's exchange agrees on this store's own keys, the beats go under keys of
-            # the group's ranks (an entry left by an earlier open over them does not move: stopped)
-            self._heartbeat = self._beat_under(f"opening/{_ranks_digest(self.group)}")
+            # the group's ranks (an entry left by an earlier open over them does not move: stopped),
+            # from before the subgroup is made: a rank that never opens the store is named
+            self._heartbeat = self._beat_under(f"opening/{_ranks_digest(ranks)}")
+            self.group = group
+            if group is None:
+                try:
+                    self.group = dist.new_group(
+                        backend=backend, timeout=timedelta(seconds=self.timeout_s)
+                    )
+                except Exception as exc:  # torch's timeout, naming no rank
+                    self._fail(
+                        "open", exc, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                    )
+                self.owns_subgroup = True
             info, error = self._open_local()
             prints = self._wait(
                 self._thread.submit(self._all_gather, self._fingerprint(info, error)), "open"
