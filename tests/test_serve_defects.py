@@ -1258,3 +1258,48 @@ def test_requests_pipelined_before_a_half_close_are_each_answered_while_the_turn
         go_on.set()
         first.join(30)
         server.stop()
+
+
+_SLOW_VERIFY = """
+import os, time
+import tiered_store.table_format as table_format
+_verify = table_format.verify_table
+def verify_table(*args, **kwargs):  # a 100 GB table's start-up check: a minute or more
+    open(os.environ["VERIFY_STARTED"], "w").close()
+    time.sleep(300)
+    return _verify(*args, **kwargs)
+table_format.verify_table = verify_table
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_server_starts_stops_it_before_it_listens(tmp_path, signum):
+    """SIGTERM or SIGINT while serve opened its checkpoint (checkpoint.verify_on_start over a
+    big table) was only noted: the start went on to its end, then the server listened, printed
+    its 'listening' line and drained, so a stop waited out the whole check (SIGKILL by then)."""
+    config = make_checkpoint(tmp_path, checkpoint={"path": "checkpoint", "verify_on_start": True})
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_VERIFY)
+    started = tmp_path / "verify.started"
+    env = subprocess_env({"PYTHONPATH": str(site), "VERIFY_STARTED": str(started)})
+    proc = subprocess.Popen(
+        _serve_cmd(config, "127.0.0.1:0", ""), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "the start-up check never began: nothing was tested"
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert out == "", out  # no 'listening' line: it never listened
+    name = signal.Signals(signum).name
+    assert f"{name} while starting: stopped before listening" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]

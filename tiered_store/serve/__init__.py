@@ -51,7 +51,8 @@ up in time, 500 otherwise. Messages never carry server paths; tracebacks only go
 SIGTERM or SIGINT stops accepting connections, lets requests in flight finish (one still running
 after ``2 x server.request_timeout_s`` is answered 503; the tables close once its worker is done,
 or ``server.request_timeout_s`` later if it hangs), closes the trace and the table files, and
-exits 0.
+exits 0; one while the server starts (``checkpoint.verify_on_start`` over a big table) stops it
+there, before it listens, what it opened closed.
 
 Examples
 --------

@@ -26,7 +26,7 @@ def register_serve(sub: Any) -> None:
         "convert_checkpoint) with one tiered store per Engram layer and runs its EngramLM; "
         f"answers POST {INFERENCE_PATH} with token ids or text (JSON), GET /healthz, /stats and "
         "/metrics. Prints one JSON line with the bound URLs once listening. SIGTERM or SIGINT "
-        "drains requests in flight and exits 0. See examples/serve.yaml for the config.",
+        "drains requests in flight and exits 0 (while starting: stops before listening). See examples/serve.yaml for the config.",
         formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("config", type=Path, help="serve config (YAML)")

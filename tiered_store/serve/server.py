@@ -258,10 +258,18 @@ class InferenceServer:
     def serve_until_signal(self) -> int:
         """Serve until SIGTERM or SIGINT, then drain and stop; returns the exit status (0).
 
-        A second SIGINT while draining stops waiting for requests in flight."""
+        One while the server starts (a ``checkpoint.verify_on_start`` over a big table) ends the
+        start where it is, what it opened closed, and it never listens. A second SIGINT while
+        draining stops waiting for requests in flight."""
         stop = threading.Event()
+        listening = False
 
         def on_signal(signum: int, frame: Any) -> None:
+            if not listening:  # the start unwinds, closing what it opened (a second: ignored)
+                if not stop.is_set():
+                    stop.set()
+                    raise _StartInterrupted(signal.Signals(signum).name)
+                return
             if stop.is_set() and signum == signal.SIGINT and self._uvicorn is not None:
                 self._uvicorn.force_exit = True
             log.info("%s: draining", signal.Signals(signum).name)
@@ -272,7 +280,12 @@ class InferenceServer:
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.start()
+            try:
+                self.start()
+                listening = True
+            except _StartInterrupted as exc:
+                log.info("%s while starting: stopped before listening", exc)
+                return 0
             print(json.dumps(self.ready_line()), flush=True)
             assert self._thread is not None
             while not stop.wait(0.5) and self._thread.is_alive():
@@ -490,6 +503,10 @@ class InferenceServer:
     def metrics_text(self) -> tuple[bytes, str]:
         """The Prometheus exposition of this server's registry."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StartInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT while ``serve_until_signal`` starts the server (its signal's name)."""
 
 
 def without_paths(text: str, directories: Iterable[Path] = ()) -> str:
