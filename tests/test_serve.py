@@ -869,6 +869,47 @@ def test_a_reload_interrupted_by_ctrl_c_closes_every_store_it_opened(tmp_path, m
         served.close()
 
 
+def test_a_reload_interrupted_mid_swap_leaves_the_model_on_the_stores_served(tmp_path, monkeypatch):
+    """A Ctrl-C inside set_tables, once it had given layer 1 its new store and before layer 3's:
+    the new stores were closed, layer 1's while the model read it, the old one still open beside
+    it (every request then failed 503 'closed'). The model is back on the stores served, each
+    open, the new ones closed, and the interrupt goes on."""
+    from tiered_store import TieredStore
+    from tiered_store.engram.module import Engram
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):  # both tables stale
+            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
+                writer.write([1], torch.zeros(1, writer.dim))
+                writer.commit()
+        real = Engram.set_table
+
+        def interrupted_at_layer3(engram, backend):
+            if engram.layer_id == 3:
+                raise KeyboardInterrupt
+            real(engram, backend)
+
+        monkeypatch.setattr(Engram, "set_table", interrupted_at_layer3)
+        old = dict(served.stores)
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+        monkeypatch.undo()
+        assert served.stores == old
+        for layer in (1, 3):
+            table = served.model.tables[layer]
+            assert table.table is served.stores[config.table_name(layer)], layer
+            assert not table.table.closed, layer
+        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+        assert served.answer(request)["shape"] == [1, 3]
+        assert [h.lookup_failures for h in served.health.values()] == [0, 0]
+        assert served.reload_if_stale(force_check=True) == TABLES
+    finally:
+        served.close()
+
+
 def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
     """The scrubber verified the file a table's path names, not the one served: a damaged table
     made anew over the path, and refused at reload (another layout), was found corrupt and

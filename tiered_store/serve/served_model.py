@@ -390,8 +390,7 @@ class ServedModel:
                 self.model.set_tables(self._guarded(opened))
             except Exception as exc:  # noqa: BLE001 (ConfigError: another geometry; out of
                 # memory beside the old stores: refused as any failure, never a request's error)
-                for store in opened.values():
-                    store.close()
+                self._undo_swap(opened)
                 for name in stale:  # counted at every check that refuses it, as it is retried
                     self.health[name].reload_failures += 1
                 self._reopen_closed(stale)
@@ -413,8 +412,7 @@ class ServedModel:
                 self._refused([*unreadable, f"{', '.join(stale)} ({error_text(exc)})"])
                 return []
             except BaseException:  # Ctrl-C: it goes on, no store it opened left open
-                for store in opened.values():
-                    store.close()
+                self._undo_swap(opened)
                 raise
             self._refused(unreadable)
             self._swap_in(opened)
@@ -426,6 +424,16 @@ class ServedModel:
                 ", ".join(stale),
             )
         return stale
+
+    def _undo_swap(self, opened: dict[str, TieredStore]) -> None:
+        """After a refused or interrupted swap: the model back on the stores served for
+        ``opened``'s tables (``set_tables`` stopped part-way gave it some of ``opened``), then
+        ``opened`` closed."""
+        try:
+            self.model.set_tables(self._guarded({name: self.stores[name] for name in opened}))
+        finally:
+            for store in opened.values():
+                store.close()
 
     def _version_files(self, name: str) -> tuple[Any, bool]:
         """What the current version of table ``name`` is on disk: its generation and the
