@@ -910,6 +910,50 @@ def test_a_reload_interrupted_mid_swap_leaves_the_model_on_the_stores_served(tmp
         served.close()
 
 
+def test_a_reload_interrupted_as_it_announces_serves_and_closes_as_swapped(tmp_path, monkeypatch):
+    """A Ctrl-C once the model took the new stores, while the waiting requests were announced
+    to them: ``stores`` kept the old ones, open, and the new ones, which the model read, were
+    in no list; the next check found the old ones stale and opened the tables yet again, the
+    first new stores never closed (their files and memory held for good). ``stores`` names
+    what the model reads, the old stores close, and the interrupt goes on."""
+    import os
+
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    layer1 = config.table_path(1).resolve()
+
+    def open_on_layer1() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(layer1))
+
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        opened = open_on_layer1()
+        for layer in (1, 3):  # both tables stale
+            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
+                writer.write([1], torch.zeros(1, writer.dim))
+                writer.commit()
+        old = dict(served.stores)
+
+        def interrupted(reopened):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(served, "_announce_again", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+        monkeypatch.undo()
+        for layer in (1, 3):
+            name = config.table_name(layer)
+            assert served.model.tables[layer].table is served.stores[name], layer
+            assert served.stores[name] is not old[name] and old[name].closed, layer
+        assert open_on_layer1() == opened  # the old store's file closed, the new one's open
+        assert served.reload_if_stale(force_check=True) == []  # on the version now
+    finally:
+        served.close()
+
+
 def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
     """The scrubber verified the file a table's path names, not the one served: a damaged table
     made anew over the path, and refused at reload (another layout), was found corrupt and

@@ -499,12 +499,19 @@ class ServedModel:
         """After the model took ``opened`` (table name -> its store on the new version): the
         checksum failures counted go on in the new stores, the requests waiting are announced
         to them, the old stores close, and a table whose last pass failed is checked again once
-        on another file."""
+        on another file; interrupted (Ctrl-C), ``stores`` still names what the model reads,
+        and the old stores close."""
         old = {name: self.stores[name] for name in opened}
         carried = {name: store.cold.checksum_failures for name, store in old.items()}
         for name, count in carried.items():  # the counter goes on, before a scrape sees it
             opened[name].cold.carry_checksum_failures(count)
-        self._announce_again({old[name]: opened[name] for name in opened})
+        try:
+            self._announce_again({old[name]: opened[name] for name in opened})
+        except BaseException:
+            self.stores.update(opened)
+            for store in old.values():
+                store.close()
+            raise
         self.stores.update(opened)
         # once served: a pass failing over the old file now finds it replaced (verify_tables)
         for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
