@@ -159,6 +159,22 @@ def test_the_scrubbers_byte_rate_takes_a_size_or_0_for_no_limit():
             ServeConfig.from_dict(data)
 
 
+def test_a_scrub_rate_past_a_floats_range_is_no_limit_not_an_overflow(tmp_path):
+    """``checkpoint.scrub_bytes_per_s`` takes any integer, one of 401 digits too; every
+    checksum pass over it raised OverflowError while its reads were sized by a float division
+    (logged as a failed pass, tried again and given up, the tables never checked). Such a rate
+    reads as fast as the disk goes."""
+    rate = 10**400
+    path = make_checkpoint(tmp_path, checkpoint={"path": "checkpoint", "scrub_bytes_per_s": rate})
+    config = ServeConfig.from_yaml(path)
+    served = ServedModel(config)
+    try:
+        assert served.verify_tables(bytes_per_s=config.checkpoint.scrub_rate) == []
+        assert [h.verifications for h in served.health.values()] == [1, 1]
+    finally:
+        served.close()
+
+
 def test_a_missing_checkpoint_is_an_error_without_create(tmp_path):
     config = ServeConfig.from_yaml(write_config(tmp_path))
     with pytest.raises(ConfigError, match="'checkpoint' does not exist .*--create-tables"):
