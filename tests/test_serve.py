@@ -1725,6 +1725,30 @@ def test_a_connection_to_the_metrics_listener_takes_no_place_of_the_endpoints(tm
         server.stop()
 
 
+def test_a_scrape_in_flight_takes_no_place_of_the_endpoints_requests(tmp_path):
+    """The metrics listener's requests in flight counted towards server.max_connections (its
+    connections did not): with a scrape whose answer waits for a scraper that reads slowly,
+    max_connections 1 refused the endpoint's only client 503."""
+    server = start_server(make_checkpoint(tmp_path, server={"max_connections": 1}), metrics=True)
+    host, port = server.url.removeprefix("http://").split(":")
+    metrics_port = int(server.metrics_url.split(":")[-1].split("/")[0])
+    scraper = socket.socket()
+    scraper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing meanwhile
+    client = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        scraper.connect((host, metrics_port))
+        scraper.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)  # pipelined
+        deadline = time.monotonic() + 60
+        while not any(c.flow.write_paused for c in server._uvicorn.server_state.connections):
+            assert time.monotonic() < deadline, "the scrapes' answers never filled the buffers"
+            time.sleep(0.01)  # now a scrape waits in its answer's write: in flight for good
+        assert _kept_get(client) == 200
+    finally:
+        scraper.close()
+        client.close()
+        server.stop()
+
+
 def test_the_connection_past_max_connections_is_refused_not_an_older_one(tmp_path):
     """With one connection past server.max_connections open, whichever connection asked first
     was refused 503 and closed: a client kept alive for long lost its connection to one that

@@ -19,8 +19,9 @@ the whole body before it reads) got the reset, not its answer. The 400 for a req
 Over ``limit_concurrency`` (``server.max_connections``) uvicorn answers a plain-text "Service
 Unavailable" that the server's request counters never see; here the same limit marks the request
 busy, and the app answers it: JSON like every other error of the server, naming the limit, and
-counted. The metrics listener's connections are not counted towards the limit (they shared it:
-a scraper's kept connection took an endpoint client's place), and the connections past it are
+counted. The metrics listener's connections and requests are not counted towards the limit
+(they shared it: a scraper's kept connection, or a scrape in flight, took an endpoint client's
+place), and the connections past it are
 the ones accepted last (uvicorn refused whichever asked first: a client kept alive for long lost
 its connection to one just opened).
 """
@@ -70,12 +71,13 @@ def with_head_deadline(
     request head has not arrived ``seconds`` after it began waiting for one, and marks requests
     over the config's ``limit_concurrency`` busy (the app answers them 503) instead of answering.
     A connection whose local ``(host, port)`` is ``exempt`` (the metrics listener's) is neither
-    counted towards that limit nor marked. A request h11 cannot parse is answered a JSON 400
+    counted towards that limit (nor its requests) nor marked. A request h11 cannot parse is answered a JSON 400
     (uvicorn's was plain text), and ``on_malformed`` called to count it (no app sees it). An
     answer begun before the body was all in closes the connection, lingering up to ``seconds``
     to drop the rest of the body."""
 
     accepted = itertools.count()  # numbers the connections in the order they were accepted
+    running: set[asyncio.Task] = set()  # the requests of counted connections, until they end
 
     class HeadDeadlineProtocol(H11Protocol):
         _raw_transport: asyncio.Transport  # uvicorn sees it as a _LingeringTransport
@@ -96,7 +98,7 @@ def with_head_deadline(
             )
             limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's: plain text
             if limit is not None:
-                self.app = _marking_busy(self.app, limit, self)
+                self.app = _marking_busy(self.app, limit, self, running)
             self.app = _closing_on_unread_body(self.app, self.conn)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -287,26 +289,28 @@ def _closing_on_unread_body(app: Any, conn: h11.Connection) -> Any:
     return closing
 
 
-def _marking_busy(app: Any, limit: int, protocol: H11Protocol) -> Any:
+def _marking_busy(app: Any, limit: int, protocol: H11Protocol, running: set) -> Any:
     """``app`` of ``protocol``'s connection, told in ``scope["state"]["busy"]`` when the
     connection is past ``limit``: ``limit`` counted connections (the metrics listener's are not)
-    opened before it are still open, or more than ``limit`` requests run (this one's task
-    counted). uvicorn's test, ``>= limit`` connections open, refused every request at a limit of
+    opened before it are still open, or more than ``limit`` requests of counted connections run
+    (``running``, this one's task added; a scrape in flight took an endpoint request's place).
+    uvicorn's test, ``>= limit`` connections open, refused every request at a limit of
     1, and past the limit whichever connection asked first (one kept alive for long, for one
     just opened). The app answers the 503 (``app._CountingMiddleware``: JSON, counted like every
     other answer)."""
-    connections, tasks = protocol.connections, protocol.tasks
+    connections = protocol.connections
 
     async def marked(scope: dict, receive: Any, send: Any) -> None:
-        if (
-            scope["type"] == "http"
-            and protocol.counted
-            and max(len(connections), len(tasks)) > limit
-        ):
-            counted = [c.opened for c in connections if c.counted]  # only near the limit: a loop
-            older = sum(1 for opened in counted if opened < protocol.opened)
-            if older >= limit or len(tasks) > limit:
-                scope.setdefault("state", {})["busy"] = (len(counted), len(tasks), limit)
+        if scope["type"] == "http" and protocol.counted:
+            task = asyncio.current_task()  # uvicorn's for this request
+            if task is not None and task not in running:
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if max(len(connections), len(running)) > limit:
+                counted = [c.opened for c in connections if c.counted]  # only near the limit
+                older = sum(1 for opened in counted if opened < protocol.opened)
+                if older >= limit or len(running) > limit:
+                    scope.setdefault("state", {})["busy"] = (len(counted), len(running), limit)
         await app(scope, receive, send)
 
     return marked
