@@ -1303,3 +1303,39 @@ def test_a_signal_while_the_server_starts_stops_it_before_it_listens(tmp_path, s
     name = signal.Signals(signum).name
     assert f"{name} while starting: stopped before listening" in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_request_refused_for_the_requests_running_says_so(tmp_path):
+    """Past server.max_connections by the requests still running (one whose client left while it
+    waited for its turn, ``server.drop_abandoned: false``), not by the connections open, the 503
+    said "server busy: 2 connections open, the limit (server.max_connections) is 2": within the
+    limit it names. It names the requests running."""
+    server, _, go_on, first = _one_turn_held(
+        tmp_path, {"max_connections": 2, "drop_abandoned": False, "request_timeout_s": 30.0}
+    )
+    host, port = server.url.removeprefix("http://").split(":")
+    state = server._uvicorn.server_state
+    try:
+        body = json.dumps({"input_ids": [[4, 5, 6]]}).encode()
+        head = f"POST /v1/engram HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 20
+        while not server._compute.statistics().tasks_waiting:  # it waits for the turn
+            assert time.monotonic() < deadline, "the second request never waited for a turn"
+            time.sleep(0.01)
+        _leave(sock, "reset")  # gone at once (a half-close keeps the connection for the answer)
+        deadline = time.monotonic() + 20
+        while len(state.connections) > 1:  # the server saw its client leave
+            assert time.monotonic() < deadline, "the server never saw the client leave"
+            time.sleep(0.01)
+        status, _, answer = raw_exchange(server.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503, answer
+        assert json.loads(answer) == {
+            "error": "server busy: 3 requests running (those of clients gone included), the "
+            "limit (server.max_connections) is 2; retry later"
+        }
+    finally:
+        go_on.set()
+        first.join(30)
+        server.stop()

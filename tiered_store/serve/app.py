@@ -388,11 +388,16 @@ class _CountingMiddleware:
             connections, requests, limit = busy
             log.warning("busy: %d connections, %d requests open (server.max_connections %d)",
                         connections, requests, limit)  # fmt: skip
+            over = (  # by the requests running (a client that left may have one), or connections
+                f"{requests} requests running (those of clients gone included)"
+                if requests > limit
+                else f"{connections} connections open"
+            )
             return json_response(
                 503,
                 {
-                    "error": f"server busy: {connections} connections open, the limit "
-                    f"(server.max_connections) is {limit}; retry later"
+                    "error": f"server busy: {over}, the limit (server.max_connections) is {limit}; "
+                    "retry later"
                 },
                 {"Connection": "close", "Retry-After": "1"},
             )
