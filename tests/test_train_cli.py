@@ -991,3 +991,18 @@ def test_a_checkpoint_removes_only_the_older_checkpoints_train_wrote(tmp_path):
     assert train(out, replace(base, steps=3), resume=True, progress=False)["steps"] == 3
     kept = sorted(p.name for p in out.glob("dense-*.pt"))
     assert kept == ["dense-1-copy.pt", "dense-3.pt", "dense-backup.pt"]
+
+
+def test_a_checkpoint_keeps_copies_named_like_a_step_train_never_writes(tmp_path):
+    """Older checkpoints were told by the digits after 'dense-': a user's copy dense-002.pt (or
+    dense-0.pt, or one of digits other than ASCII's, which int() reads) was deleted as step 2's,
+    though train writes dense-S.pt with S >= 1 and no leading zero. Those are kept."""
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    train(out, base, resume=False, progress=False)
+    copies = ["dense-002.pt", "dense-0.pt", "dense-\u0662.pt"]  # the last: Arabic-Indic 2
+    for name in copies:
+        shutil.copy(out / "dense-2.pt", out / name)
+    assert train(out, replace(base, steps=3), resume=True, progress=False)["steps"] == 3
+    kept = sorted(p.name for p in out.glob("dense-*.pt"))
+    assert kept == sorted([*copies, "dense-3.pt"])

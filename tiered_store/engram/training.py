@@ -80,6 +80,7 @@ __all__ = ["TrainSettings", "train", "register"]
 
 TABLE_FILE = "tables.npy"
 SETTINGS_FILE = "train.json"
+DENSE_NAME = r"dense-([1-9][0-9]*)\.pt"  # train's dense-S.pt (S >= 1, no leading 0, ASCII digits)
 APPLIED_KEY = "applied_steps"  # in dense-S.pt: steps applied by S (the rows' Adam count)
 COMMITTED_FILE = "committed.json"  # the step of the table's last commit, as the run recorded it
 RUN_ID_KEY = "run_id"  # in committed.json and the table's "trainable" metadata: whose record
@@ -212,7 +213,7 @@ def train(
         if not made:  # a resume's step count may have grown
             _save_settings(out, settings)
         for leftover in hidden_temporaries(
-            out, r"dense-\d+\.pt|loss\.csv|loss\.png|committed\.json"
+            out, rf"{DENSE_NAME}|loss\.csv|loss\.png|committed\.json"
         ):
             leftover.unlink(missing_ok=True)  # a killed checkpoint's (this run holds the table)
         table = TrainableTable(store, optimizer)
@@ -383,7 +384,7 @@ def _checkpoint(out: Path, model, dense, scaler, table, step: int, applied: int,
     with atomic_write(out / COMMITTED_FILE, "w") as f:
         json.dump({"committed_step": step, RUN_ID_KEY: _run_id(table.store)}, f)
     for old in out.glob("dense-*.pt"):
-        written = re.fullmatch(r"dense-(\d+)\.pt", old.name)  # train's, not a user's copy
+        written = re.fullmatch(DENSE_NAME, old.name)  # train's, not a user's copy
         if written and int(written[1]) < step:
             old.unlink()
 
