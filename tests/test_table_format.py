@@ -479,6 +479,40 @@ def test_page_checksums_of_a_table_made_anew_meanwhile_are_no_verdict(tmp_path, 
     assert verify_table(path, progress=False).blocks_checked == 25
 
 
+def test_page_checksums_of_a_table_whose_manifest_goes_once_checked_are_no_verdict(
+    tmp_path, monkeypatch
+):
+    """add_page_checksums over a table whose manifest went between its structure check and its
+    read of the manifest's bytes (a writer making it anew unlinks it until the new one is in; a
+    compaction removes an old version manifest first) failed with a bare FileNotFoundError
+    (`verify --add-page-checksums` a traceback). It is TableChangingError (no verdict, nothing
+    written), which verify reports as such (exit 75)."""
+    import tiered_store.table_format as table_format
+    from tiered_store.cli import main
+    from tiered_store.table_format import TableChangingError, add_page_checksums
+
+    path, _ = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=8192)
+    manifest, aside = table_paths(path)[1], tmp_path / "manifest.aside"
+    real, files = table_format.check_table, listing(tmp_path)
+
+    def checked_then_gone(*args, **kwargs):
+        checked = real(*args, **kwargs)
+        os.replace(manifest, aside)
+        return checked
+
+    monkeypatch.setattr(table_format, "check_table", checked_then_gone)
+    with pytest.raises(
+        TableChangingError, match=r"made anew \(or removed\).*run the command again"
+    ):
+        add_page_checksums(path, progress=False)
+    os.replace(aside, manifest)
+    assert main(["verify", "--add-page-checksums", str(path), "--quiet"]) == 75
+    os.replace(aside, manifest)
+    monkeypatch.undo()
+    assert listing(tmp_path) == files  # nothing written
+    assert add_page_checksums(path, progress=False).blocks_checked == 25
+
+
 def test_a_verification_stops_between_reads_once_asked(tmp_path, monkeypatch):
     """serve's scrubber could not end a pass under way: a stop waited up to 30 s for it (a
     101 GB table takes about a minute), then closed the tables with the pass still reading. A

@@ -850,7 +850,13 @@ def add_page_checksums(path: str | os.PathLike[str], progress: bool = True) -> V
     """
     npy_path, manifest_path = table_paths(path)
     manifest = check_table(npy_path)
-    before = manifest_path.read_bytes()
+    try:
+        before = manifest_path.read_bytes()
+    except FileNotFoundError:  # made anew (its manifest comes last), or removed, since checked
+        raise TableChangingError(
+            f"table {npy_path} was made anew (or removed) as its page checksums were to be "
+            "computed; no verdict, nothing was written: run the command again once it is done"
+        ) from None
     t0 = time.perf_counter()
     try:
         sums = _scan_table(npy_path, manifest, progress, "page checksums", expected_pages=None)
