@@ -513,6 +513,49 @@ def test_page_checksums_of_a_table_whose_manifest_goes_once_checked_are_no_verdi
     assert add_page_checksums(path, progress=False).blocks_checked == 25
 
 
+@pytest.mark.parametrize(
+    ("add", "when", "after"),
+    [
+        (False, "_manifest_unless_published", False),
+        (False, "_check_data_file", False),
+        (True, "_scan_table", True),
+    ],
+)
+def test_a_verification_of_a_table_compacted_meanwhile_has_no_verdict(
+    tmp_path, monkeypatch, capsys, add, when, after
+):
+    """`verify` of a table compacted while it ran: the compaction removed the version verify
+    was reading (no store held it), so verify said the table 'does not exist' (exit 2), or with
+    --add-page-checksums FAILED 'was removed' (exit 1), of a sound table there in its next
+    version. It is no verdict (exit 75) naming the current version; run again, it checks it."""
+    import tiered_store.table_format as table_format
+    from tiered_store import TieredStore
+    from tiered_store.cli import main
+    from tiered_store.delta.compaction import compact_table
+
+    path, _ = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=8192)
+    with TieredStore.open({"table": {"path": str(path)}}) as store:
+        store.write([4], torch.ones(1, 50))
+        store.commit()
+    real, compacted = getattr(table_format, when), []
+
+    def compacting(*args, **kwargs):
+        result = real(*args, **kwargs) if after else None
+        if not compacted:  # once: the compaction calls it too
+            compacted.append(True)
+            compact_table(path, progress=False)
+        return result if after else real(*args, **kwargs)
+
+    monkeypatch.setattr(table_format, when, compacting)
+    asked = ["verify", str(path), "--quiet", *(["--add-page-checksums"] if add else [])]
+    capsys.readouterr()
+    assert main(asked) == 75 and compacted
+    err = capsys.readouterr().err
+    assert "NO VERDICT" in err and "compacted while verify ran" in err and "t.g1.npy" in err, err
+    assert not path.exists()  # the version read is gone: compaction removed it
+    assert main(asked) == 0
+
+
 def test_a_verification_stops_between_reads_once_asked(tmp_path, monkeypatch):
     """serve's scrubber could not end a pass under way: a stop waited up to 30 s for it (a
     101 GB table takes about a minute), then closed the tables with the pass still reading. A

@@ -296,8 +296,8 @@ def _add_verify(sub) -> None:
         description="Re-read the whole table and check every block's CRC-32 and every page's "
         "CRC32C; exit 1 naming the first bad block or page, 2 when the table cannot be read (an "
         "I/O error: the message names the table and the byte; or no table at that path), or 75 "
-        "(no verdict) when the table was being made anew over its path while it ran: run it "
-        "again once the writer is done. "
+        "(no verdict) when the table was being made anew over its path, or compacted (the version "
+        "read removed), while it ran: run it again once the writer is done. "
         "With --add-page-checksums: check the "
         "blocks, then write the page checksums (NAME.npy.pages.crc32c, which every cold read "
         "checks) and record them in the manifest, atomically; for tables made before them. "
@@ -318,6 +318,7 @@ def _run_verify(args) -> int:
     from .errors import TableFormatError
     from .table_format import (
         TableChangingError,
+        TableNotFoundError,
         add_page_checksums,
         not_a_table,
         table_paths,
@@ -327,6 +328,7 @@ def _run_verify(args) -> int:
     wrong = not_a_table(args.table)
     if wrong is not None:  # a usage error (exit 2), not a table that failed its checks (1)
         raise wrong
+    path = None  # the version checked, once found
     try:
         path = present_version(args.table)[0]
         if args.add_page_checksums:
@@ -336,7 +338,17 @@ def _run_verify(args) -> int:
     except TableChangingError as exc:  # not a corrupt table: a writer's, not done yet
         print(f"tiered-store verify: NO VERDICT: {exc}", file=sys.stderr)
         return VERIFY_NO_VERDICT
-    except TableFormatError as exc:
+    except (TableFormatError, TableNotFoundError) as exc:
+        now = None if path is None else _compacted_since(args.table, path)
+        if now is not None:  # the version read was compacted and removed: no verdict on it
+            print(
+                f"tiered-store verify: NO VERDICT: {exc}; the table was compacted while verify "
+                f"ran (its current version is now {now.name}): run it again",
+                file=sys.stderr,
+            )
+            return VERIFY_NO_VERDICT
+        if isinstance(exc, TableNotFoundError):
+            raise
         print(f"tiered-store verify: FAILED: {exc}", file=sys.stderr)
         return 1
     same = path.resolve() == table_paths(args.table)[0].resolve()
@@ -363,6 +375,21 @@ def _run_verify(args) -> int:
             f"not verified: add them with `tiered-store verify --add-page-checksums {args.table}`"
         )
     return 0
+
+
+def _compacted_since(table: Path, read: Path) -> Path | None:
+    """The current version of ``table`` when a compaction replaced (and removed) the version
+    ``read`` since it was read; None otherwise."""
+    from .delta.table_versions import current_version
+    from .errors import TableFormatError
+
+    if read.exists():
+        return None
+    try:
+        now = current_version(table)[0]
+    except (TableFormatError, OSError):  # no pointer to read: not a compaction's doing
+        return None
+    return now if now.resolve() != read.resolve() and now.exists() else None
 
 
 def _add_shard(sub) -> None:
