@@ -1006,3 +1006,33 @@ def test_a_checkpoint_keeps_copies_named_like_a_step_train_never_writes(tmp_path
     assert train(out, replace(base, steps=3), resume=True, progress=False)["steps"] == 3
     kept = sorted(p.name for p in out.glob("dense-*.pt"))
     assert kept == sorted([*copies, "dense-3.pt"])
+
+
+def test_train_refuses_a_seed_that_is_no_seed_and_keeps_numpy_numbers(tmp_path):
+    """train()'s seed was never checked: seed=True or 1.5 trained (as seed 1) and was saved as
+    such in train.json, which every --resume then refused; seed=-1 failed in NumPy's generator
+    and 2**64 in torch's with a bare ValueError; a NumPy seed or hot row count
+    failed train.json's save with a bare TypeError; and a NumPy float learning rate (np.float32)
+    was refused as not a positive finite learning rate. A seed that is not an integer in [0,
+    2**64) is refused by name before the run's folder is made; NumPy numbers are saved as JSON
+    numbers and the run resumes."""
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=1)
+    out = tmp_path / "run"
+    for seed in (True, 1.5, -1, 2**64, "3"):
+        with pytest.raises(ConfigError) as raised:
+            train(out, replace(base, seed=seed), resume=False, progress=False)
+        assert str(raised.value).startswith(
+            f"seed: expected an integer in [0, 2**64), got {seed!r}"
+        ), raised.value
+    assert not out.exists()
+    numpy_numbers = replace(
+        base, seed=np.int64(3), hot=np.int64(100), table_lr=np.float32(0.05), dense_lr=np.int64(1)
+    )
+    train(out, numpy_numbers, resume=False, progress=False)
+    saved = json.loads((out / "train.json").read_text())
+    assert (saved["seed"], saved["hot"], saved["dense_lr"]) == (3, 100, 1)
+    assert saved["table_lr"] == float(np.float32(0.05))
+    with warnings.catch_warnings():  # the same settings: none ignored
+        warnings.simplefilter("error")
+        resumed = train(out, replace(numpy_numbers, steps=2), resume=True, progress=False)
+    assert resumed["steps"] == 2

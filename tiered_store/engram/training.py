@@ -29,6 +29,7 @@ import errno
 import io
 import json
 import math
+import numbers
 import os
 import pickle
 import re
@@ -627,10 +628,21 @@ def _settings(
                 f"{shown(getattr(given, name))}"
             )
         given = replace(given, **{name: count})
+    seed = as_integer(given.seed)  # torch's and NumPy's generators take [0, 2**64)
+    if seed is None or not 0 <= seed < 2**64:
+        raise ConfigError(
+            f"{_option('seed', out_name)}: expected an integer in [0, 2**64), got "
+            f"{shown(given.seed)}"
+        )
+    given = replace(given, seed=seed)
+    for name in ("hot", "warm"):  # a NumPy row count saved as a JSON integer
+        if not isinstance(getattr(given, name), str):
+            count = as_integer(getattr(given, name))
+            given = given if count is None else replace(given, **{name: count})
     for name in ("table_lr", "dense_lr"):
         lr = getattr(given, name)
         if not (
-            isinstance(lr, int | float)
+            isinstance(lr, numbers.Real)  # NumPy's too (its bool is none)
             and not isinstance(lr, bool)  # a flag passed for a number: not a learning rate of 1
             and math.isfinite(lr)
             and lr > 0
@@ -638,6 +650,7 @@ def _settings(
             raise ConfigError(
                 f"{_option(name, out_name)}: got {lr!r}; expected a positive finite learning rate"
             )
+        given = replace(given, **{name: lr if isinstance(lr, int | float) else float(lr)})
     return given
 
 
