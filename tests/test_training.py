@@ -257,6 +257,20 @@ def test_numpy_and_torch_bools_are_refused_as_numbers_as_pythons_are():
     assert make_row_optimizer("adam", lr=np.float32(0.5), beta1=np.float64(0.5)).lr == 0.5
 
 
+def test_an_array_of_numbers_for_a_number_is_refused_by_name():
+    """make_row_optimizer given an array of several numbers for a learning rate or a beta failed
+    with NumPy's or torch's bare 'truth value ... is ambiguous' (ValueError, RuntimeError),
+    naming neither the option nor the value; it is refused as any value that is not a number."""
+    for kwargs, why in [
+        ({"lr": np.array([0.1, 0.2])}, r"optimizer\.lr: array\(\[0\.1, 0\.2\]\); expected a"),
+        ({"lr": torch.tensor([0.1, 0.2])}, r"optimizer\.lr: tensor\(\[0\.1000, 0\.2000\]\); exp"),
+        ({"lr": 0.1, "beta1": np.array([0.1, 0.2])}, r"optimizer\.beta1: array\(.*expected 0 <="),
+        ({"lr": 0.1, "eps": np.array([1e-8, 1e-9])}, r"optimizer\.eps: array\(.*expected a finite"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            make_row_optimizer("adam", **kwargs)
+
+
 @pytest.mark.parametrize("name", ["rowwise_adagrad", "adam"])
 def test_eps_zero_is_refused_as_it_makes_a_touched_row_nan(name):
     """eps=0 was accepted: a touched row with a zero gradient and zero state became NaN

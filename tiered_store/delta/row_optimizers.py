@@ -114,13 +114,13 @@ _EPS_MIN = float(torch.finfo(torch.float32).tiny)
 
 def _holds(check, value: object) -> bool:
     """Whether ``check()`` of ``value`` is true; False where the value is not a number (a
-    TypeError) or is a bool, NumPy's or torch's too (a flag passed for a number: True is not a
-    learning rate of 1)."""
+    TypeError; several numbers, an array's: NumPy's ValueError, torch's RuntimeError) or is a
+    bool, NumPy's or torch's too (a flag passed for a number: True is not a learning rate of 1)."""
     if bool_among(value) is not None:
         return False
     try:
         return bool(check())
-    except TypeError:
+    except (TypeError, ValueError, RuntimeError):
         return False
 
 
