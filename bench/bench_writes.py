@@ -42,7 +42,7 @@ import torch
 from tiered_store import TieredStore
 from tiered_store.atomic_file import json_text, write_json
 from tiered_store.cli_args import at_least, doc_parser, existing_dir, output_file, run_script
-from tiered_store.corpus import resolve_corpus
+from tiered_store.corpus import CorpusError, resolve_corpus
 from tiered_store.delta.row_delta import HEADER_BYTES
 from tiered_store.delta.row_optimizers import make_row_optimizer
 from tiered_store.delta.trainable import TableSlice, TrainableTable, create_trainable_table
@@ -149,6 +149,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--baseline-root {args.baseline_root}: expected a checkout holding tiered_store/")
     if args.only.strip() == "readpath" and args.baseline_root is None:
         p.error("--only readpath: needs --baseline-root (a checkout of main to compare with)")
+    if args.corpus and "training" in args.only.split(","):  # not once its table is made
+        try:
+            resolve_corpus(args.corpus)
+        except CorpusError as exc:
+            p.error(f"--corpus {' '.join(args.corpus)}: {exc}")
 
 
 class DenseRows:

@@ -79,6 +79,11 @@ def test_help_and_refusals(tmp_path):
             "training,commit,recovery,readpath",
         ),
         (("--rounds", "0"), "argument --rounds: expected at least 1 (rounds), got '0'"),
+        (  # refused before the training section made its table, not once it read the text
+            ("--only", "training", "--corpus", str(tmp_path / "missing.txt")),
+            f"--corpus {tmp_path / 'missing.txt'}: corpus path '{tmp_path / 'missing.txt'}': no "
+            "such file or directory",
+        ),
         (
             ("--recovery-rows", "100000,-5"),
             "--recovery-rows '100000,-5': expected table sizes of at least 10 rows",
