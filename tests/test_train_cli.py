@@ -952,6 +952,24 @@ def test_a_loss_log_that_is_not_utf8_text_or_csv_is_refused_by_name_on_resume(tm
         assert _committed(out) == 2
 
 
+def test_a_loss_log_that_cannot_be_read_is_refused_by_name_on_resume(tmp_path):
+    """A loss.csv that cannot be read (a folder of that name, say) made --resume fail with a bare
+    IsADirectoryError, naming neither the option nor what was expected there, as committed.json
+    and train.json do; it is refused (ConfigError naming the file and why), the table unchanged."""
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    train(out, base, resume=False, progress=False)
+    log = out / "loss.csv"
+    log.unlink()
+    log.mkdir()
+    why = rf"^resume: {re.escape(str(log))}: Is a directory; expected the loss log train writes"
+    with pytest.raises(ConfigError, match=why):
+        train(out, replace(base, steps=3), resume=True, progress=False)
+    assert _committed(out) == 2
+    log.rmdir()  # removed: the log goes on from the next step
+    assert train(out, replace(base, steps=3), resume=True, progress=False)["steps"] == 3
+
+
 def test_train_refuses_a_bool_or_fraction_for_a_count_and_keeps_numpy_integers(tmp_path):
     """train() took steps=True (1 step), a float step count (then refused as "max_tokens") and
     dense_lr=True (a learning rate of 1), saved as such in train.json, which every --resume then

@@ -473,23 +473,31 @@ def _loss_log(out: Path, upto: int, out_name: str) -> list[tuple[int, float, flo
     if not upto or not path.exists():
         return []
     losses = []
-    # bytes that are not UTF-8 read as \xNN escapes: a number with one is not a number either
-    with open(path, encoding="utf-8", errors="backslashreplace") as f:
-        for number, line in enumerate(f, 1):
-            if number == 1:
-                continue  # the header
-            line = line.removesuffix("\n")
-            try:
-                step, loss, rate = next(csv.reader([line]), [])
-                entry = (int(step), float(loss), float(rate))
-            except (ValueError, csv.Error):  # a field too many, too few or too long, not a number
-                raise ConfigError(
-                    f"{_option('resume', out_name)}: {path}: line {number} is "
-                    f"{shown(line, 100)}; expected step,loss,tokens_per_second as train writes "
-                    f"them (restore it, or remove it: the log then goes on from step {upto + 1})"
-                ) from None
-            if entry[0] <= upto:
-                losses.append(entry)
+    try:
+        # bytes that are not UTF-8 read as \xNN escapes: a number with one is not one either
+        with open(path, encoding="utf-8", errors="backslashreplace") as f:
+            for number, line in enumerate(f, 1):
+                if number == 1:
+                    continue  # the header
+                line = line.removesuffix("\n")
+                try:
+                    step, loss, rate = next(csv.reader([line]), [])
+                    entry = (int(step), float(loss), float(rate))
+                except (ValueError, csv.Error):  # a field too many, too few, too long, not a number
+                    raise ConfigError(
+                        f"{_option('resume', out_name)}: {path}: line {number} is "
+                        f"{shown(line, 100)}; expected step,loss,tokens_per_second as train "
+                        "writes them (restore it, or remove it: the log then goes on from step "
+                        f"{upto + 1})"
+                    ) from None
+                if entry[0] <= upto:
+                    losses.append(entry)
+    except OSError as exc:  # a folder of its name, unreadable (EACCES, EIO)
+        raise ConfigError(
+            f"{_option('resume', out_name)}: {path}: {exc.strerror or exc}; expected the loss "
+            f"log train writes (restore it, or remove it: the log then goes on from step "
+            f"{upto + 1})"
+        ) from None
     return losses
 
 
