@@ -217,3 +217,53 @@ def test_a_drain_waits_in_the_kernel_for_the_reads_in_flight_without_spinning(mo
         signal.signal(signal.SIGINT, default)
         os.close(r)
         os.close(w)
+
+
+def test_a_ctrl_c_between_queueing_requests_and_publishing_them_is_drained(data, monkeypatch):
+    """A Ctrl-C lands between two bytecodes: in the ring's push, it may come after the requests
+    were queued (counted) but before the ring's tail told the kernel of them. The drain then
+    waited for requests the kernel never saw, asking it to submit them: it submitted fewer than
+    asked and so returned without waiting, and the drain spun on a core for good. The drain
+    publishes what is queued, so every request queued is read and the ring stays usable."""
+    fd, payload = data
+    n = 200
+    offsets = np.arange(n, dtype=np.int64) * 4096
+    lengths = np.full(n, 4096, dtype=np.int64)
+    buf = np.zeros(n * 4096, dtype=np.uint8)
+    reap, drain, drain_reaps = IoUring._reap, IoUring._drain, [0]
+
+    def bounded(self, results):  # a drain that spins reaps nothing, for good: fail it instead
+        drain_reaps[0] += 1
+        if drain_reaps[0] > 1000:
+            raise RuntimeError("the drain spins")
+        return reap(self, results)
+
+    def marked_drain(self, n):
+        monkeypatch.setattr(IoUring, "_reap", bounded)
+        return drain(self, n)
+
+    with IoUring(64) as ring:
+        tail = ring._sq_tail
+
+        class InterruptedOnce:  # the tail's first use: after the requests were counted
+            used = 0
+
+            def __iter__(self):
+                InterruptedOnce.used += 1
+                if InterruptedOnce.used == 1:
+                    raise KeyboardInterrupt
+                return iter(tail)
+
+        ring._sq_tail = InterruptedOnce()
+        monkeypatch.setattr(IoUring, "_drain", marked_drain)
+        with pytest.raises(KeyboardInterrupt):
+            ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets)
+        monkeypatch.undo()
+        ring._sq_tail = tail
+        assert not ring.closed
+        assert np.array_equal(buf[: 64 * 4096], payload[: 64 * 4096])  # those queued were read
+        buf[:] = 0
+        assert np.array_equal(
+            ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets), lengths
+        )
+        assert np.array_equal(buf, payload[: n * 4096])

@@ -267,13 +267,17 @@ class IoUring:
         blocked in the kernel: SIGKILL or SIGQUIT (Ctrl-\\) ends the process."""
         # counted from the rings themselves: the interruption may have come between a ring update
         # and its count here; the kernel is asked to submit only what it has not taken yet (the
-        # SQ head): asked for more, it returns without waiting, and the drain would spin
+        # SQ head): asked for more, it returns without waiting, and the drain would spin. So the
+        # tail is published first: the interruption may have come in _push between counting
+        # SQEs queued and publishing them, and the kernel takes only SQEs published
         tail0, head0 = self._batch_start
         queued = (self._tail - tail0) & _U32
         scratch = np.empty(n, dtype=np.int32)
         enter = _syscall()
         while True:
             try:
+                words, index = self._sq_tail
+                words[index] = self._tail  # (the SQEs counted were stored before the count)
                 completed = (self._cq_head_value() - head0) & _U32
                 if completed >= queued:
                     return
