@@ -631,6 +631,7 @@ def test_a_table_whose_blocks_exceed_memory_verifies(tmp_path, monkeypatch):
     passes) with MemoryError. A pass reads at most VERIFY_READ_BYTES at a time, a block's
     CRC-32 carried over its reads, and still names a bad block."""
     import tiered_store.table_format as table_format
+    from tiered_store.page_checksums import ChecksumError
     from tiered_store.table_format import add_page_checksums
 
     path, m = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=1 << 40)
@@ -655,6 +656,9 @@ def test_a_table_whose_blocks_exceed_memory_verifies(tmp_path, monkeypatch):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(TableFormatError, match=r"block 2 \(file bytes \[69632, 102400\)\) fails"):
         add_page_checksums(path, progress=False)
+    # verify_table's ChecksumError said the blocks were right: block 2 ends in a later read
+    with pytest.raises(ChecksumError, match=r"page 16 \(file bytes \[69632, 73728\)"):
+        verify_table(path, progress=False)
 
 
 def test_a_verification_at_a_huge_or_tiny_byte_rate_runs(tmp_path):

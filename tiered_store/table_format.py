@@ -741,8 +741,10 @@ def verify_table(
         manifest replaced between reads, or missing while a writer holds the folder's lock): no
         verdict (one made anew once is verified as it is then).
     ChecksumError
-        A page fails its CRC32C (the blocks being right): the message names the page, its file
-        byte range and rows.
+        A page fails its CRC32C, no block having failed before it (a block is checked once
+        its last byte is read, pages as each read of at most ``VERIFY_READ_BYTES`` ends, so a
+        bad byte in a block that ends in a later read is named as a bad page): the message
+        names the page, its file byte range and rows.
     TierIOError
         A read of the data failed (EIO): the message names the table and the offset.
     VerifyStopped
