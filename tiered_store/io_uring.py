@@ -262,9 +262,11 @@ class IoUring:
         flight (their memory is still the caller's), so that the ring starts the next batch
         empty; a ring that cannot be drained is closed (``closed``: never reused). A further
         interrupt meanwhile (Ctrl-C, a signal handler's ``SystemExit``) does not stop the wait:
-        the reads in flight would land in memory the caller may have freed (the interruption
-        being drained is raised after it); a device that never completes them holds it there,
-        blocked in the kernel: SIGKILL or SIGQUIT (Ctrl-\\) ends the process."""
+        the reads in flight would land in memory the caller may have freed (the first such
+        interrupt is raised after it, its context the interruption drained, so an exit asked
+        meanwhile is not lost; without one the caller raises the interruption drained); a
+        device that never completes them holds it there, blocked in the kernel: SIGKILL or
+        SIGQUIT (Ctrl-\\) ends the process."""
         # counted from the rings themselves: the interruption may have come between a ring update
         # and its count here; the kernel is asked to submit only what it has not taken yet (the
         # SQ head): asked for more, it returns without waiting, and the drain would spin. So the
@@ -274,13 +276,14 @@ class IoUring:
         queued = (self._tail - tail0) & _U32
         scratch = np.empty(n, dtype=np.int32)
         enter = _syscall()
+        further: BaseException | None = None
         while True:
             try:
                 words, index = self._sq_tail
                 words[index] = self._tail  # (the SQEs counted were stored before the count)
                 completed = (self._cq_head_value() - head0) & _U32
                 if completed >= queued:
-                    return
+                    break
                 words, index = self._sq_head
                 ret = enter(
                     _SYS_IO_URING_ENTER,
@@ -296,9 +299,11 @@ class IoUring:
                 self._reap(scratch)
             except Exception:  # the kernel refuses: the ring cannot be drained
                 self.close()
-                return
-            except BaseException:  # a further interrupt (Ctrl-C, a signal handler's SystemExit)
-                continue
+                break
+            except BaseException as exc:  # a further interrupt (Ctrl-C, a signal's SystemExit)
+                further = exc if further is None else further
+        if further is not None:
+            raise further
 
     @property
     def closed(self) -> bool:
