@@ -215,6 +215,9 @@ def test_progress_bar_can_be_shown(tmp_path, capsys):
         (RandomSource(True, 4), {}, r"RandomSource rows=True; expected an integer >= 1"),
         (RandomSource(4, 3, seed=2.5), {}, r"seed=2.5; expected an integer >= 0"),
         (RandomSource(4, 3, std=True), {}, r"std=True; expected a finite number >= 0"),
+        # an int past a float's range failed with a bare OverflowError
+        (RandomSource(4, 3, std=10**400), {}, r"std=10000.*\(401 characters\); expected a finite"),
+        (RandomSource(4, 3, std=-(10**400)), {}, r"expected a finite number >= 0"),
         (RandomSource(4, 3, dtype="float64"), {}, r"dtype is 'float64'"),
         (
             np.array([[1.0, 2.0], [3.0, 70000.0]], np.float32),

@@ -7,6 +7,7 @@ Every source is wrapped in a reader that yields row chunks in the table's on-dis
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import numbers
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import TableFormatError, TierIOError
+from .errors import TableFormatError, TierIOError, shown
 from .integers import as_integer
 from .npy_files import load_npy
 from .quantization import RowQuantization, pack_rows
@@ -380,16 +381,18 @@ class _RandomReader(SourceReader):
         self.seed = as_integer(src.seed)
         if self.seed is None or self.seed < 0:
             raise TableFormatError(f"RandomSource seed={src.seed!r}; expected an integer >= 0")
-        if (  # a NumPy float is a number; True is no std of 1
-            isinstance(src.std, bool)
-            or not isinstance(src.std, numbers.Real)
-            or not (math.isfinite(src.std) and src.std >= 0)
-        ):
-            raise TableFormatError(f"RandomSource std={src.std!r}; expected a finite number >= 0")
-        self.dtype = dtype_name(src.dtype if dtype is None else dtype, "dtype")
-        if self.dtype in FLOAT_MAX and src.std > FLOAT_MAX[self.dtype] / RANDOM_STD_SIGMAS:
+        std = math.nan  # a NumPy float is a number; True is no std of 1; 10**400 not finite
+        if isinstance(src.std, numbers.Real) and not isinstance(src.std, bool):
+            with contextlib.suppress(OverflowError):
+                std = float(src.std)
+        if not (math.isfinite(std) and std >= 0):
             raise TableFormatError(
-                f"RandomSource std={src.std:g} with dtype {self.dtype}: draws would overflow "
+                f"RandomSource std={shown(src.std)}; expected a finite number >= 0"
+            )
+        self.dtype = dtype_name(src.dtype if dtype is None else dtype, "dtype")
+        if self.dtype in FLOAT_MAX and std > FLOAT_MAX[self.dtype] / RANDOM_STD_SIGMAS:
+            raise TableFormatError(
+                f"RandomSource std={std:g} with dtype {self.dtype}: draws would overflow "
                 f"{self.dtype} (largest finite {FLOAT_MAX[self.dtype]:.6g}) to inf; expected std "
                 f"<= {FLOAT_MAX[self.dtype] / RANDOM_STD_SIGMAS:.6g}"
             )
