@@ -1152,7 +1152,7 @@ def test_a_batch_size_for_an_array_with_a_batch_axis_is_refused(tmp_path):
     silently ignored (a user asking for 4 ids a batch got rows of 5)."""
     np.save(tmp_path / "ids.npy", np.arange(10).reshape(2, 5))
     with pytest.raises(
-        ValueError, match=r"batch_size=4: .*2-D .*its leading axis \(2\) is the batches"
+        ValueError, match=r"batch_size=4: .* is 2-D, its leading axis \(2\) is the batches"
     ):
         trace_from_npy(tmp_path / "ids.npy", tmp_path / "t.trace", batch_size=4)
     assert not (tmp_path / "t.trace").exists()
