@@ -366,6 +366,39 @@ def test_healthz_recovers_after_the_hold(tmp_path, config_path):
         server.stop()
 
 
+def test_the_lookup_failure_hold_ends_once_the_table_is_reopened_on_another_file(tmp_path):
+    """A lookup that failed kept /healthz at 503 for the whole server.health_hold_s (600 s here)
+    after the table was made anew (repaired) and reopened on it: a verdict on a file no longer
+    served, as a failed checksum pass is. Reopened on another file, the hold ends; on the same
+    file (a writer's commit) it stays."""
+    from tiered_store import TieredStore
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.table_format import create_table
+
+    path = make_checkpoint(tmp_path, server={"health_hold_s": 600})
+    server = start_server(path)
+    try:
+        served = server.model
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        table = served.config.table_path(3)
+        rows = load_table_in_memory(table).weight.numpy().copy()
+        served.model.tables[3].failed("read", "injected")  # what a failed lookup records
+        assert get_json(server.url + "/healthz")[0] == 503
+        with TieredStore.open({"table": {"path": str(table)}}) as writer:  # the same file
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        status, doc = get_json(server.url + "/healthz")
+        assert status == 503 and "engram_layer3: lookups failing" in " ".join(doc["problems"])
+        layout = table_metadata(served.model.hasher, 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=layout)  # repaired
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert get_json(server.url + "/healthz") == (200, {"status": "ok"})
+        assert served.health["engram_layer3"].lookup_failures == 1  # still counted
+    finally:
+        server.stop()
+
+
 def test_a_slow_stats_or_scrape_holds_no_other_request_back(server, monkeypatch):
     """GET /stats and /metrics read the stores on the event loop: while one took its time (a
     store's statistics, a scrape), every other connection waited, /healthz included. They are

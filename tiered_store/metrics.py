@@ -439,6 +439,12 @@ class TableHealth:
             self.last_lookup_error = message
             self.last_lookup_failure_at = when
 
+    def end_lookup_hold(self) -> None:
+        """Forget when the last lookup failed (its table reopened on another file): /healthz
+        holds no 503 for it; the count stays."""
+        with self._lock:
+            self.last_lookup_failure_at = None
+
 
 def verify_counted(
     path: str | Path,

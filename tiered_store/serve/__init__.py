@@ -37,7 +37,8 @@ Endpoints (JSON unless noted)
     Checksums are CRC-32 of the float32 little-endian bytes in C order.
 ``GET /healthz``
     ``200 {"status": "ok"}``; ``503`` with the problems while draining, after a checksum pass
-    found a table corrupt, or for ``server.health_hold_s`` after a table's lookup failed.
+    found a table corrupt, or for ``server.health_hold_s`` after a table's lookup failed (until
+    a reload reopens the table on another file, if sooner).
 ``GET /stats``
     Every store's ``stats()``, table geometry and health, and the request counters.
 ``GET /metrics``

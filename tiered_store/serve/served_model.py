@@ -499,7 +499,7 @@ class ServedModel:
         """After the model took ``opened`` (table name -> its store on the new version): the
         checksum failures counted go on in the new stores, the requests waiting are announced
         to them, the old stores close, and a table whose last pass failed is checked again once
-        on another file; interrupted (Ctrl-C), ``stores`` still names what the model reads,
+        on another file (its last failed lookup no longer holds /healthz at 503); interrupted (Ctrl-C), ``stores`` still names what the model reads,
         and the old stores close."""
         old = {name: self.stores[name] for name in opened}
         carried = {name: store.cold.checksum_failures for name, store in old.items()}
@@ -515,8 +515,11 @@ class ServedModel:
         self.stores.update(opened)
         # once served: a pass failing over the old file now finds it replaced (verify_tables)
         for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
-            if _another_file(store, opened[name]) and self.health[name].last_error is not None:
+            if not _another_file(store, opened[name]):
+                continue
+            if self.health[name].last_error is not None:
                 self._scrub_soon(name)
+            self.health[name].end_lookup_hold()  # failed on a file no longer served
         for name, store in old.items():
             store.close()  # and what lookups in flight counted meanwhile
             opened[name].cold.carry_checksum_failures(store.cold.checksum_failures - carried[name])
