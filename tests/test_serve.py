@@ -959,6 +959,51 @@ def test_a_reload_interrupted_mid_swap_leaves_the_model_on_the_stores_served(tmp
         served.close()
 
 
+def test_a_second_ctrl_c_while_an_interrupted_swap_is_undone_leaves_no_closed_store_served(
+    tmp_path, monkeypatch
+):
+    """A Ctrl-C inside set_tables (layer 1 on its new store, layer 3 not), then another as the
+    undo put layer 1 back: every new store was closed, layer 1's while the model still read it
+    (every request then failed 503 'closed' until the next check). A table the undo did not
+    put back keeps its new store, which ``stores`` then names, its old one closed."""
+    from tiered_store import TieredStore
+    from tiered_store.engram.module import Engram
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):  # both tables stale
+            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
+                writer.write([1], torch.zeros(1, writer.dim))
+                writer.commit()
+        real, calls = Engram.set_table, []
+
+        def interrupted_twice(engram, backend):
+            calls.append(engram.layer_id)
+            if calls in ([1, 3], [1, 3, 1]):  # the swap at layer 3, then the undo at layer 1
+                raise KeyboardInterrupt
+            real(engram, backend)
+
+        monkeypatch.setattr(Engram, "set_table", interrupted_twice)
+        old = dict(served.stores)
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+        monkeypatch.undo()
+        for layer in (1, 3):
+            table = served.model.tables[layer]
+            assert table.table is served.stores[config.table_name(layer)], layer
+            assert not table.table.closed, layer
+        assert served.stores["engram_layer3"] is old["engram_layer3"]  # put back
+        assert old["engram_layer1"].closed  # not served: closed
+        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+        assert served.answer(request)["shape"] == [1, 3]
+        assert [h.lookup_failures for h in served.health.values()] == [0, 0]
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+    finally:
+        served.close()
+
+
 def test_a_reload_interrupted_as_it_announces_serves_and_closes_as_swapped(tmp_path, monkeypatch):
     """A Ctrl-C once the model took the new stores, while the waiting requests were announced
     to them: ``stores`` kept the old ones, open, and the new ones, which the model read, were

@@ -428,12 +428,17 @@ class ServedModel:
     def _undo_swap(self, opened: dict[str, TieredStore]) -> None:
         """After a refused or interrupted swap: the model back on the stores served for
         ``opened``'s tables (``set_tables`` stopped part-way gave it some of ``opened``), then
-        ``opened`` closed."""
+        ``opened`` closed; one the undo did not put back (a second Ctrl-C) is swapped in."""
         try:
             self.model.set_tables(self._guarded({name: self.stores[name] for name in opened}))
         finally:
-            for store in opened.values():
-                store.close()
+            reads = {self.config.table_name(k): t.table for k, t in self.model.tables.items()}
+            kept = {name: store for name, store in opened.items() if reads.get(name) is store}
+            for name, store in opened.items():
+                if name not in kept:
+                    store.close()
+            if kept:
+                self._swap_in(kept)
 
     def _version_files(self, name: str) -> tuple[Any, bool]:
         """What the current version of table ``name`` is on disk: its generation and the
