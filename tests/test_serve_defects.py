@@ -1339,3 +1339,47 @@ def test_a_request_refused_for_the_requests_running_says_so(tmp_path):
         go_on.set()
         first.join(30)
         server.stop()
+
+
+_SLOW_HTTP_START = """
+import os, time
+import uvicorn
+_startup = uvicorn.Server.startup
+async def startup(self, sockets=None):  # a start the signal comes in the middle of
+    open(os.environ["HTTP_STARTING"], "w").close()
+    time.sleep(2)
+    return await _startup(self, sockets=sockets)
+uvicorn.Server.startup = startup
+"""
+
+
+def test_a_signal_while_the_http_listener_starts_stops_it_without_a_traceback(tmp_path):
+    """SIGTERM while uvicorn started on the bound sockets (the main thread waiting for it):
+    the start closed the sockets under it, and its thread died printing 'Exception in thread
+    tiered-store-http: ... OSError: [Errno 9] Bad file descriptor' (a number the process
+    might have reused meanwhile). uvicorn is stopped and joined before its sockets close."""
+    config = make_checkpoint(tmp_path)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_HTTP_START)
+    started = tmp_path / "http.started"
+    env = subprocess_env({"PYTHONPATH": str(site), "HTTP_STARTING": str(started)})
+    proc = subprocess.Popen(
+        _serve_cmd(config, "127.0.0.1:0", ""), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "the HTTP listener never started: nothing was tested"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert out == "", out  # no 'listening' line
+    assert "SIGTERM while starting: stopped before listening" in err, err[-3000:]
+    assert "Traceback" not in err and "Bad file descriptor" not in err, err[-3000:]

@@ -141,8 +141,8 @@ class InferenceServer:
             build = build_sharded_registry if self.config.sharded else build_registry
             self.registry = build(self.model.stores, self.model.health, self.requests)
             self._serve_in_thread()
-        except BaseException:
-            self._close_sockets()
+        except BaseException:  # (a signal as uvicorn starts: it stops before its sockets close)
+            self._stop_http()
             if self.model is not None:
                 self.model.close()
             raise
@@ -237,11 +237,7 @@ class InferenceServer:
         self._stopped = True
         self._draining = True
         self._background_stop.set()
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
-        if self._thread is not None:
-            self._thread.join()
-        self._close_sockets()
+        self._stop_http()
         for thread in (self._scrubber, self._version_watch, self._trace_watch):
             if thread is not None:
                 thread.join(timeout=BACKGROUND_JOIN_S)
@@ -249,6 +245,14 @@ class InferenceServer:
             self._rank_watch.join(timeout=RANK_WATCH_JOIN_S)
         if self.model is not None:
             self.model.close()
+
+    def _stop_http(self) -> None:
+        """Have uvicorn (once started) finish, wait for its thread, then close the sockets."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join()
+        self._close_sockets()
 
     def _close_sockets(self) -> None:
         """Close the listening sockets (uvicorn closed them already when it ran)."""
