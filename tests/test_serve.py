@@ -875,6 +875,101 @@ def test_a_new_version_that_runs_out_of_memory_is_refused_and_leaks_nothing(tmp_
         served.close()
 
 
+def test_requests_are_served_while_a_reload_opens_the_new_version(tmp_path, monkeypatch):
+    """A reload opened the new version's store while holding the request gate exclusively:
+    every request waited for the whole open (a big table's: its tiers allocated, its page
+    checksums read) at each writer's commit. The stores open first, requests served on the
+    old ones meanwhile; only the swap holds requests back."""
+    import threading
+
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        opening, go_on, real = threading.Event(), threading.Event(), served._open_checked
+
+        def slow_open(name, old):  # a big table's open
+            opening.set()
+            assert go_on.wait(60)
+            return real(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", slow_open)
+        reloaded: list[list[str]] = []
+        reloader = threading.Thread(
+            target=lambda: reloaded.append(served.reload_if_stale(force_check=True))
+        )
+        reloader.start()
+        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+        answers: list[list[int]] = []
+        asker = threading.Thread(target=lambda: answers.append(served.answer(request)["shape"]))
+        during: list[list[int]] = []  # answered while the open still ran
+        try:
+            assert opening.wait(30)
+            asker.start()
+            asker.join(30)
+            during = list(answers)
+        finally:
+            go_on.set()
+            reloader.join(60)
+            if asker.is_alive():
+                asker.join(60)
+        assert during == [[1, 3]] and reloaded == [["engram_layer3"]]
+        store = served.stores["engram_layer3"]
+        assert served.model.tables[3].table is store and not store.closed
+        assert served.reload_if_stale(force_check=True) == []  # on the version now
+    finally:
+        served.close()
+
+
+def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_opened(tmp_path):
+    """The new stores open before the swap waits for the answers in flight: one that outlasts
+    request_timeout_s postpones the swap, and what was opened for it is closed again."""
+    import os
+    import threading
+
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.2}))
+    layer3 = config.table_path(3).resolve()
+
+    def open_on_layer3() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(layer3))
+
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        opened, inside, done = open_on_layer3(), threading.Event(), threading.Event()
+
+        def hung_answer() -> None:  # an answer in flight, its worker hung on a read
+            with served._gate.shared():
+                inside.set()
+                done.wait(60)
+
+        worker = threading.Thread(target=hung_answer)
+        worker.start()
+        try:
+            assert inside.wait(30)
+            assert served.reload_if_stale(force_check=True) == []
+            assert "postponed" in (served.reload_refused or "")
+            assert open_on_layer3() == opened  # the store opened for the swap closed again
+        finally:
+            done.set()
+            worker.join(60)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert open_on_layer3() == opened  # the old store's file closed, the new one's open
+    finally:
+        served.close()
+
+
 def test_a_reload_interrupted_by_ctrl_c_closes_every_store_it_opened(tmp_path, monkeypatch):
     """A reload interrupted (Ctrl-C, SIGTERM's KeyboardInterrupt) after it had opened the new
     version of one stale table, while it opened the next, went up the stack with that store

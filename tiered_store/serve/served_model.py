@@ -363,9 +363,13 @@ class ServedModel:
             return []
         if self._outlasted & self._gate.in_flight():  # tried again once they end
             return []
+        # opened while requests go on over the old stores; only the swap holds them back
+        opened, failure = self._open_ahead(stale)
         bound = self.config.server.request_timeout_s
         with self._gate.exclusive(timeout=bound) as running:
             if running:  # a worker hung on a read: requests go on over the version open now
+                for store in opened.values():
+                    store.close()
                 self._outlasted = self._gate.in_flight()
                 log.warning(
                     "postponed reopening %s on its new version: %d answer(s) still running %g s "
@@ -380,10 +384,13 @@ class ServedModel:
                 )
                 return []
             self._outlasted = frozenset()
-            opened: dict[str, TieredStore] = {}
             refused: str | None = None  # the table whose new version failed to open
             try:  # all or nothing: every stale table's new store, checked, before any swap
                 for refused in stale:
+                    if refused in opened:
+                        continue
+                    if failure is not None and failure[0] == refused:
+                        raise failure[1]
                     opened[refused] = self._open_new_version(refused)
                 refused = None
                 # checks every table's geometry, then swaps them all
@@ -424,6 +431,27 @@ class ServedModel:
                 ", ".join(stale),
             )
         return stale
+
+    def _open_ahead(
+        self, stale: list[str]
+    ) -> tuple[dict[str, TieredStore], tuple[str, Exception] | None]:
+        """The stores of ``stale``'s new versions, opened in turn outside the request gate until
+        one fails (with its table and error) or needs the gate (a map grown elsewhere:
+        ``_open_new_version`` closes the old store first); interrupted, none left open."""
+        opened: dict[str, TieredStore] = {}
+        try:
+            for name in stale:
+                opened[name] = self._open_checked(name, self.stores[name])
+        except TierIOError as exc:
+            if exc.errno != errno.ESTALE or self.stores[name].closed:
+                return opened, (name, exc)
+        except Exception as exc:  # noqa: BLE001 (raised again under the gate, as it was)
+            return opened, (name, exc)
+        except BaseException:  # Ctrl-C: it goes on, no store it opened left open
+            for store in opened.values():
+                store.close()
+            raise
+        return opened, None
 
     def _undo_swap(self, opened: dict[str, TieredStore]) -> None:
         """After a refused or interrupted swap: the model back on the stores served for
