@@ -970,6 +970,61 @@ def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_ope
         served.close()
 
 
+def test_a_reload_interrupted_while_it_waits_for_the_answers_in_flight(tmp_path):
+    """A Ctrl-C while the reload waited for an answer in flight left the request gate closed
+    for good (every later request waited on it without end, close() too), and the new
+    version's store, opened before the wait, open. The gate opens again, that store closes,
+    and the interrupt goes on."""
+    import os
+    import signal
+    import threading
+
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 60}))
+    layer3 = config.table_path(3).resolve()
+
+    def open_on_layer3() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(layer3))
+
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        opened, inside, done = open_on_layer3(), threading.Event(), threading.Event()
+
+        def answer_in_flight() -> None:  # Ctrl-C once the reload waits for it
+            with served._gate.shared():
+                inside.set()
+                while not served._gate._exclusive and not done.is_set():
+                    time.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGINT)
+                done.wait(60)
+
+        worker = threading.Thread(target=answer_in_flight)
+        worker.start()
+        try:
+            assert inside.wait(30)
+            with pytest.raises(KeyboardInterrupt):
+                served.reload_if_stale(force_check=True)
+        finally:
+            done.set()
+            worker.join(60)
+        assert open_on_layer3() == opened  # the store opened for the swap closed again
+        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+        answers: list[list[int]] = []
+        asker = threading.Thread(target=lambda: answers.append(served.answer(request)["shape"]))
+        asker.start()
+        asker.join(30)
+        assert answers == [[1, 3]]  # the gate let it pass
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+    finally:
+        served.close()
+
+
 def test_a_reload_interrupted_by_ctrl_c_closes_every_store_it_opened(tmp_path, monkeypatch):
     """A reload interrupted (Ctrl-C, SIGTERM's KeyboardInterrupt) after it had opened the new
     version of one stale table, while it opened the next, went up the stack with that store

@@ -366,7 +366,13 @@ class ServedModel:
         # opened while requests go on over the old stores; only the swap holds them back
         opened, failure = self._open_ahead(stale)
         bound = self.config.server.request_timeout_s
-        with self._gate.exclusive(timeout=bound) as running:
+        with contextlib.ExitStack() as gate:
+            try:
+                running = gate.enter_context(self._gate.exclusive(timeout=bound))
+            except BaseException:  # Ctrl-C while it waits for the answers: none left open
+                for store in opened.values():
+                    store.close()
+                raise
             if running:  # a worker hung on a read: requests go on over the version open now
                 for store in opened.values():
                     store.close()
@@ -1114,7 +1120,12 @@ class RequestGate:
         with self._cond:
             self._cond.wait_for(lambda: not self._exclusive)
             self._exclusive = True
-            self._cond.wait_for(lambda: not self._active, timeout)
+            try:
+                self._cond.wait_for(lambda: not self._active, timeout)
+            except BaseException:  # Ctrl-C: requests pass again
+                self._exclusive = False
+                self._cond.notify_all()
+                raise
             running = len(self._active)
         try:
             yield running
