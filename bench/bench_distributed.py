@@ -2,7 +2,8 @@
 
 Part 1, measured. One Engram layer's table (2 orders x 8 heads, ``--engram-vocab`` rows per head
 before prime rounding, 64-wide bfloat16 rows) and the row ids of real text (Python stdlib
-sources, DeepSeek tokenizer, the project's hasher). At 1, 2 and 4 ranks (spawned processes, gloo
+sources, or ``--corpus``; DeepSeek tokenizer, the project's hasher): at least ``(--rounds + 2)
+x --tokens`` per rank of the largest world, else it is refused before the ranks start. At 1, 2 and 4 ranks (spawned processes, gloo
 on loopback), every rank looks up its own batch of ``--tokens`` tokens (x 16 heads) per round
 through a ``ShardedStore`` sharded by heads and by rows, and through a ``TieredStore`` over the
 whole table on the same rank (the baseline: no exchange), in rotated order, on the same ids, in
@@ -55,7 +56,7 @@ from tiered_store.cli_args import (
     run_script,
 )
 from tiered_store.config import CostModelConfig
-from tiered_store.corpus import resolve_corpus
+from tiered_store.corpus import Corpus, CorpusError, resolve_corpus
 from tiered_store.distributed import ShardedStore, plan_shards, write_shards
 from tiered_store.engram.checkpoint import table_metadata
 from tiered_store.engram.config import EngramConfig
@@ -132,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--overlap-ms", type=float, default=0.0, help="compute prefetch hides behind")
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the table and the ids")
+    p.add_argument(
+        "--corpus", nargs="+", metavar="PATH", help="the text (default: the stdlib's sources)"
+    )
     p.add_argument("--out", type=output_file, help="write the JSON report here as well as stdout")
     args = p.parse_args(argv)
     check_args(p, args)
@@ -176,6 +180,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         except ConfigError as exc:
             shard = f"the smallest measured has {smallest:,} rows"
             p.error(f"{exc} (a tier's capacity is of each shard: {shard})")
+    if args.corpus:  # not once the tokens are read
+        try:
+            resolve_corpus(args.corpus)
+        except CorpusError as exc:
+            p.error(f"--corpus {' '.join(args.corpus)}: {exc}")
     if args.dir is not None:  # the user's folder, made here: last, once every value is good
         try:
             Path(args.dir).mkdir(parents=True, exist_ok=True)
@@ -434,6 +443,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def check_tokens(have: int, read: int, corpus: Corpus, args: argparse.Namespace) -> None:
+    """Refuse a corpus too short for the measured rounds (each rank looks up a batch of
+    ``--tokens`` per round): the ranks would fail on a batch past the last."""
+    need = (args.rounds + 2) * max(args.ranks) * args.tokens
+    if have < need:
+        source = f"--corpus {' '.join(args.corpus)}" if args.corpus else corpus.description
+        raise ConfigError(
+            f"{have:,} tokens in whole sequences of {SEQ_LEN} ({read:,} read) of {source}; "
+            f"expected at least --tokens {args.tokens} x (--rounds {args.rounds} + 2) x "
+            f"{max(args.ranks)} rank(s): {need:,} tokens (each rank looks up a batch of --tokens "
+            "per round, the first 2 untimed); give more text or fewer tokens, rounds or ranks"
+        )
+
+
 def run(args: argparse.Namespace, work: Path) -> dict:
     """Both parts, their files in ``work``: the report (all but the command)."""
     t0 = time.perf_counter()
@@ -445,8 +468,10 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     )
     need = -(-need // SEQ_LEN) * SEQ_LEN
     print(f"tokenising {need:,} tokens of real text ...", file=sys.stderr)
-    corpus = resolve_corpus().shuffled(args.seed)
+    corpus = resolve_corpus(args.corpus).shuffled(args.seed)
     tokens = read_tokens(corpus, hasher.tokenizer, max_tokens=need)
+    ids = row_ids(hasher, tokens)
+    check_tokens(len(ids), len(tokens), corpus, args)  # before the table and the ranks
     table = work / "engram_layer1.npy"
     rows, dim = hasher.table_rows(LAYER), hasher.config.head_dim
     print(f"creating {table} ({rows:,} x {dim} bfloat16) ...", file=sys.stderr)
@@ -457,7 +482,6 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         overwrite=True,
         progress=False,
     )
-    ids = row_ids(hasher, tokens)
     ids_path = work / "batches.npy"
     batches = len(ids) // args.tokens
     np.save(ids_path, ids[: batches * args.tokens].reshape(batches, -1))

@@ -154,6 +154,11 @@ def test_help_names_only_options_it_takes(tmp_path):
         (("--overlap-ms", "-0.5"), "--overlap-ms -0.5: expected a number >= 0"),
         (("--model-tokens",), "argument --model-tokens: expected at least one argument"),
         (
+            ("--corpus", "/nonexistent/text.txt"),
+            "--corpus /nonexistent/text.txt: corpus path '/nonexistent/text.txt': no such file or "
+            "directory",
+        ),
+        (
             ("--hot", "lots"),
             "argument --hot: expected a row count (int), a byte size like '512MiB' "
             "or '2GiB', or a percentage like '10%', got 'lots'",
@@ -213,3 +218,25 @@ def test_sigterm_stops_its_ranks_and_removes_its_scratch(tmp_path):
     assert proc.returncode == 130
     time.sleep(2)  # a rank still running would write its results again
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_corpus_too_short_for_the_rounds_is_refused_before_the_ranks_start(tmp_path):
+    """A corpus of fewer tokens than (--rounds + 2) x max(--ranks) x --tokens crashed inside the
+    spawned ranks with an IndexError (each round takes a batch of --tokens per rank); the parent,
+    which read the tokens, refuses it naming the options, what was read and what is needed."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    out = tmp_path / "r.json"
+    args = ("--engram-vocab", str(VOCAB), "--tokens", "512", "--rounds", "3", "--ranks", "1", "2")
+    args += ("--model-ranks", "8", "--model-tokens", "64", "--corpus", str(corpus))
+    done = bench(*args, "--dir", str(tmp_path / "work"), "--out", str(out), tmp_path=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "IndexError" not in done.stderr and "measuring" not in done.stderr
+    assert "tokens in whole sequences of 512" in done.stderr
+    assert (
+        f"of --corpus {corpus}; expected at least --tokens 512 x (--rounds 3 + 2) x 2 "
+        in done.stderr
+    )
+    assert "rank(s): 5,120 tokens" in done.stderr
+    assert done.stdout == "" and not out.exists()
+    assert not (tmp_path / "work" / "engram_layer1.npy").exists()  # before the table is made
