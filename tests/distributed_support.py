@@ -578,6 +578,40 @@ def absent_rank_open_worker(rank: int, world: int, port: int, plain: str, out: P
     _report(out, rank, result)
 
 
+def absent_after_failed_open_worker(
+    rank: int, world: int, port: int, plain: str, out: Path
+) -> None:
+    """Every rank's first open fails (its shards missing: ShardMismatchError on every rank), then
+    rank 1 never opens the store again: what rank 0's second open raises."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        missing = _store_config(Path(plain), world, "rows")
+        missing["sharding"]["shards"] = str(out / "missing.{rank}-of-{ranks}.npy")
+        try:
+            ShardedStore.open(missing).close()
+            result["first"] = "ok"
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["first"] = f"{type(exc).__name__}: {exc}"
+        cfg = _store_config(Path(plain), world, "rows")
+        cfg["sharding"]["timeout_s"] = 4
+        if rank == 0:
+            try:
+                ShardedStore.open(cfg).close()
+                result["open"] = "ok"
+            except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                result["open"] = f"{type(exc).__name__}: {exc}"
+        _report(out, rank, result)
+        while not (out / "rank0.json").exists():  # rank 0 hosts the group's store: rank 1 stays
+            time.sleep(0.05)
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def failed_heartbeat_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank's open fails as its heartbeat starts (the group's store not answering its
     first beat), after the store made its collective thread: what the open raises,

@@ -1437,6 +1437,20 @@ def test_a_rank_that_never_opens_the_store_is_named_by_the_others(tmp_path):
     assert "rank 1 stopped: no heartbeat for" in results[0]["open"], results
 
 
+def test_a_failed_open_leaves_no_closed_mark_that_a_later_open_reads(tmp_path):
+    """A failed open marked its opening heartbeat closed under keys of the group's ranks, which a
+    later open over them read: a rank that never came to it was named as one that "closed its
+    store", not as one that stopped."""
+    from tests.distributed_support import absent_after_failed_open_worker
+
+    codes, results = _two_ranks_over_plain_shards(tmp_path, absent_after_failed_open_worker, 90)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    assert all(r["first"].startswith("ShardMismatchError: rank 0: ") for r in results), results
+    assert results[0]["open"].startswith("RankFailureError: rank 0: open #0 failed: "), results
+    assert "rank 1 stopped: no heartbeat for" in results[0]["open"], results
+    assert "closed its store" not in results[0]["open"], results
+
+
 def test_an_open_failing_as_its_heartbeat_starts_leaves_no_subgroup_or_thread(tmp_path):
     from tests.distributed_support import failed_heartbeat_worker
 

@@ -192,6 +192,7 @@ class ShardedStore:
         # its own group: several stores (one per Engram layer) then never interleave their
         # collectives, and the backend's timeout is this store's
         backend = dist.get_backend(group)
+        opening: Heartbeat | None = None  # the heartbeat under keys of the group's ranks
         try:  # a failure from here on ends what the open started (subgroup, threads)
             # the group's ranks (a new group of all ranks numbers them as the default group does)
             ranks = dist.group.WORLD if group is None else group
@@ -209,7 +210,7 @@ class ShardedStore:
             # until the open's exchange agrees on this store's own keys, the beats go under keys of
             # the group's ranks (an entry left by an earlier open over them does not move: stopped),
             # from before the subgroup is made: a rank that never opens the store is named
-            self._heartbeat = self._beat_under(f"opening/{_ranks_digest(ranks)}")
+            self._heartbeat = opening = self._beat_under(f"opening/{_ranks_digest(ranks)}")
             self.group = group
             if group is None:
                 try:
@@ -227,10 +228,14 @@ class ShardedStore:
             )
             self.shard_map: ShardMap = check_fingerprints(prints, self.world)
             # keys no other store shares, whatever its group or the stores each rank opened before
-            opening, self._heartbeat = self._heartbeat, self._beat_under(prints[0]["heartbeat"])
+            self._heartbeat = self._beat_under(prints[0]["heartbeat"])
             opening.stop()
             steps = self._resolve_staged(prints)
         except BaseException:
+            if opening is not None:  # stopped, never marked closed: a later open over these
+                opening.stop()  # ranks read a rank not yet at it as one that closed its store
+                if self._heartbeat is opening:
+                    self._heartbeat = None
             self._shutdown()
             raise
         _OPEN.add(self)
