@@ -1992,3 +1992,15 @@ def test_no_more_fetches_than_the_depth_are_ever_in_flight(tmp_path, depth):
     assert most <= depth and in_flight == 0
     assert _free_slots(fetcher) == depth
     assert not wrong
+
+
+def test_yaml_config_leaves_an_unknown_users_home_as_written(tmp_path, table):
+    """A path written ``~nosuchuser/t.npy`` (a user this machine has not) failed with pathlib's
+    bare RuntimeError 'Could not determine home directory'; as in a shell it is left as written,
+    a path under the YAML file's folder, and the open names it."""
+    config = tmp_path / "tiers.yaml"
+    config.write_text("table: {path: ~no_such_user_cfg4/t.npy}\n")
+    cfg = StoreConfig.from_yaml(config)
+    assert cfg.table.path == str(tmp_path.resolve() / "~no_such_user_cfg4" / "t.npy")
+    with pytest.raises(ConfigError, match=r"table.path: .*~no_such_user_cfg4/t.npy does not exist"):
+        TieredStore.open(config)

@@ -460,9 +460,10 @@ def path_text_problem(text: str) -> str | None:
 
 
 def resolved_under(base_dir: Path, text: str) -> str:
-    """A config file's path ``text``, absolute: ``~`` is the user's home, as in a shell; a
-    relative path is under ``base_dir`` (the file's folder)."""
-    return str((base_dir / Path(text).expanduser()).resolve())
+    """A config file's path ``text``, absolute: ``~`` is the user's home, as in a shell (a
+    ``~user`` of no user this machine has stays as written); a relative path is under
+    ``base_dir`` (the file's folder)."""
+    return str((base_dir / os.path.expanduser(text)).resolve())
 
 
 def _not_a_number(value: Any) -> Any:
