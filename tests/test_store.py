@@ -2004,3 +2004,18 @@ def test_yaml_config_leaves_an_unknown_users_home_as_written(tmp_path, table):
     assert cfg.table.path == str(tmp_path.resolve() / "~no_such_user_cfg4" / "t.npy")
     with pytest.raises(ConfigError, match=r"table.path: .*~no_such_user_cfg4/t.npy does not exist"):
         TieredStore.open(config)
+
+
+def test_yaml_config_path_through_a_symlink_loop_is_named(tmp_path):
+    """A YAML path through a symlink loop failed with pathlib's bare RuntimeError 'Symlink loop
+    from ...' (Path.resolve, Python < 3.13) while the config was read, a serve config's too; it
+    is read as written, for the open to find what is wrong with it."""
+    from tiered_store.serve.config import ServeConfig
+
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    config = tmp_path / "tiers.yaml"
+    config.write_text("table: {path: a/t.npy}\n")
+    assert StoreConfig.from_yaml(config).table.path == str(tmp_path.resolve() / "a" / "t.npy")
+    serve = ServeConfig.from_dict({"checkpoint": {"path": "a/ckpt"}}, base_dir=tmp_path)
+    assert serve.checkpoint_dir == tmp_path.resolve() / "a" / "ckpt"

@@ -462,8 +462,9 @@ def path_text_problem(text: str) -> str | None:
 def resolved_under(base_dir: Path, text: str) -> str:
     """A config file's path ``text``, absolute: ``~`` is the user's home, as in a shell (a
     ``~user`` of no user this machine has stays as written); a relative path is under
-    ``base_dir`` (the file's folder)."""
-    return str((base_dir / os.path.expanduser(text)).resolve())
+    ``base_dir`` (the file's folder). os.path.realpath, as Path.resolve raises a bare
+    RuntimeError on a symlink loop (the open names the path)."""
+    return os.path.realpath(base_dir / os.path.expanduser(text))
 
 
 def _not_a_number(value: Any) -> Any:
