@@ -2019,3 +2019,25 @@ def test_yaml_config_path_through_a_symlink_loop_is_named(tmp_path):
     assert StoreConfig.from_yaml(config).table.path == str(tmp_path.resolve() / "a" / "t.npy")
     serve = ServeConfig.from_dict({"checkpoint": {"path": "a/ckpt"}}, base_dir=tmp_path)
     assert serve.checkpoint_dir == tmp_path.resolve() / "a" / "ckpt"
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("9400", "metrics.address: got '9400'; expected 'host:port'"),
+        ("127.0.0.1:\u00b2", "metrics.address: got '127.0.0.1:\u00b2'; expected 'host:port'"),
+        ("h:99999", "metrics.address: port 99999 in 'h:99999'; expected a port in 0..65535"),
+        (9400, "metrics.address: got 9400; expected 'host:port'"),
+    ],
+)
+def test_yaml_config_refuses_a_bad_metrics_address(tmp_path, table, address, message):
+    """A store YAML's metrics.address was checked only by ``serve``: the store and ``replay``
+    took '9400' or a port past 65535 as set, and the same file then failed under ``serve``;
+    it is refused wherever the file is read, naming the file and the key."""
+    path, _ = table
+    config = tmp_path / "tiers.yaml"
+    config.write_text(f"table: {{path: {path}}}\nmetrics: {{address: {json.dumps(address)}}}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        TieredStore.open(config)
+    assert str(info.value).startswith(str(config))
+    assert StoreConfig.from_dict({"table": {"path": "t.npy"}, "metrics": {"address": ""}})

@@ -64,6 +64,7 @@ __all__ = [
     "TableConfig",
     "TiersConfig",
     "WarmTierConfig",
+    "check_address",
     "drop_unknown_keys",
     "dump_yaml",
     "format_validation_error",
@@ -112,7 +113,7 @@ DEFAULTS: dict[str, Any] = {
     "cold.queue_depth": 128,  # io: uring: reads in flight per ring
     "prefetch.depth": 2,  # prefetches in flight before prefetch() blocks
     "prefetch.lookahead": False,  # never evict rows that queued prefetches will use
-    "metrics.address": "127.0.0.1:9400",  # host:port for /metrics
+    "metrics.address": "127.0.0.1:9400",  # host:port of serve's /metrics ("": none); checked on load
     "sharding.by": "heads",  # "heads" (whole hash heads per rank) | "rows" (equal row ranges)
     "sharding.backend": "auto",  # torch.distributed backend: "gloo", "nccl", "auto" (by device)
     "sharding.timeout_s": 60.0,  # seconds before a lookup gives up on a silent rank
@@ -929,11 +930,45 @@ class CostModelConfig(ConfigModel):
     )
 
 
+def check_address(
+    value: str, key: str | None, *, allow_empty: bool = False
+) -> tuple[str, int] | None:
+    """``"host:port"`` -> (host, port); ``""`` -> None when allowed; else ConfigError naming ``key``
+    (None: a field's validator, whose error pydantic names)."""
+    where = "" if key is None else f"{key}: "
+    if value == "" and allow_empty:
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not (port.isascii() and port.isdigit()):  # not "²"
+        empty = " or '' (off)" if allow_empty else ""
+        raise ConfigError(
+            f"{where}got {shown(value)}; expected 'host:port' like '127.0.0.1:8080'{empty}"
+        )
+    digits = port.lstrip("0") or "0"  # int() of over 4,300 digits raised a bare ValueError
+    if len(digits) > 5 or int(digits) > 65535:
+        raise ConfigError(
+            f"{where}port {cut_text(digits, 20)} in {shown(value)}; expected a port in 0..65535"
+        )
+    return host, int(digits)
+
+
+def _metrics_address(value: Any) -> str:
+    """``metrics.address``: ``"host:port"`` or ``""`` (no listener), checked by whatever reads
+    the config, not only by ``serve``, which binds it."""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"got {shown(value)}; expected 'host:port' like '127.0.0.1:9400' or '' (off)"
+        )
+    check_address(value, None, allow_empty=True)
+    return value
+
+
 class MetricsConfig(ConfigModel):
     """Where ``/metrics`` is served."""
 
     section: ClassVar[tuple[str, ...]] = ("metrics",)
-    address: str = DEFAULTS["metrics.address"]
+    address: checked_by(_metrics_address, str) = DEFAULTS["metrics.address"]
 
 
 def _check_shards_template(value: Any) -> str | None:

@@ -18,13 +18,14 @@ from ..config import (
     Number,
     PathText,
     StoreConfig,
+    check_address,
     load_yaml,
     path_text_problem,
     resolved_under,
 )
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
-from ..errors import ConfigError, cut_text, shown
+from ..errors import ConfigError
 
 __all__ = [
     "SERVE_DEFAULTS",
@@ -63,25 +64,6 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "checkpoint.scrub_bytes_per_s": 256 << 20,  # a pass reads at most this a second (0: no limit)
 }
 _SERVE_KEYS = ("checkpoint", "model", "store", "server")
-
-
-def check_address(value: str, key: str, *, allow_empty: bool = False) -> tuple[str, int] | None:
-    """``"host:port"`` -> (host, port); ``""`` -> None when allowed; else ConfigError naming ``key``."""
-    if value == "" and allow_empty:
-        return None
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not (port.isascii() and port.isdigit()):  # not "²"
-        empty = " or '' (off)" if allow_empty else ""
-        raise ConfigError(
-            f"{key}: got {shown(value)}; expected 'host:port' like '127.0.0.1:8080'{empty}"
-        )
-    digits = port.lstrip("0") or "0"  # int() of over 4,300 digits raised a bare ValueError
-    if len(digits) > 5 or int(digits) > 65535:
-        raise ConfigError(
-            f"{key}: port {cut_text(digits, 20)} in {shown(value)}; expected a port in 0..65535"
-        )
-    return host, int(digits)
 
 
 class ServerSection(ConfigModel):
@@ -234,7 +216,6 @@ class ServeConfig:
             parse_policy(
                 getattr(probe.tiers, tier).policy, key=f"{source}: store.tiers.{tier}.policy"
             )
-        check_address(probe.metrics.address, f"{source}: store.metrics.address", allow_empty=True)
         return cfg
 
     @classmethod
