@@ -152,12 +152,25 @@ def test_the_scrubbers_byte_rate_takes_a_size_or_0_for_no_limit():
         assert ServeConfig.from_dict(data).checkpoint.scrub_rate == rate
     for value, message in (
         (-1, "greater than or equal to 0"),
-        ("fast", "byte size 'fast': expected a number and a unit"),
-        (2.5, "valid integer"),
+        ("fast", "got 'fast'; expected bytes a second"),
+        (2.5, "got 2.5; expected bytes a second"),
     ):
         data = {**CONFIG, "checkpoint": {"scrub_bytes_per_s": value}}
         with pytest.raises(ConfigError, match=rf"checkpoint.scrub_bytes_per_s.*{message}"):
             ServeConfig.from_dict(data)
+
+
+def test_a_scrub_rate_written_otherwise_is_refused_saying_how_to_write_it():
+    """A rate written '256MB/s', 1e9 (which YAML reads unquoted as text) or 1.0e+9 (a float)
+    was refused 'expected a number and a unit' or 'Input should be a valid integer', neither
+    saying that a plain number of bytes, a size or 0 is what the key takes."""
+    expected = "expected bytes a second: an integer, or a size like '256MiB' (no '/s'), 0: no limit"
+    for text in ("256MB/s", "1e9", "1.0e+9", "true", "fast"):
+        value = yaml.safe_load(text)
+        data = {**CONFIG, "checkpoint": {"scrub_bytes_per_s": value}}
+        with pytest.raises(ConfigError) as info:
+            ServeConfig.from_dict(data)
+        assert f"checkpoint.scrub_bytes_per_s: got {value!r}; {expected}" in str(info.value)
 
 
 def test_a_scrub_rate_past_a_floats_range_is_no_limit_not_an_overflow(tmp_path):

@@ -25,7 +25,7 @@ from ..config import (
 )
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, shown
 
 __all__ = [
     "SERVE_DEFAULTS",
@@ -99,8 +99,19 @@ class ServerSection(ConfigModel):
 
 
 def _byte_size(value: Any) -> Any:
-    """A byte size written with a unit (``"256MiB"``) as its bytes; anything else as it is."""
-    return parse_bytes(value) if isinstance(value, str) else value
+    """A byte size written with a unit (``"256MiB"``) as its bytes; an int as it is (its bound
+    checked after); anything else refused saying how to write one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return parse_bytes(value)
+        except ConfigError:
+            pass
+    raise ValueError(
+        f"got {shown(value)}; expected bytes a second: an integer, or a size like '256MiB' "
+        "(no '/s'), 0: no limit"
+    )
 
 
 class CheckpointSection(ConfigModel):
