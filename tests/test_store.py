@@ -2041,3 +2041,30 @@ def test_yaml_config_refuses_a_bad_metrics_address(tmp_path, table, address, mes
         TieredStore.open(config)
     assert str(info.value).startswith(str(config))
     assert StoreConfig.from_dict({"table": {"path": "t.npy"}, "metrics": {"address": ""}})
+
+
+def test_an_empty_path_in_a_config_is_refused_by_key():
+    """A path written '' (``path: ""``, ``static_rows: ""``) was read as the config file's
+    folder: a serve checkpoint.path '' put the tables beside the YAML, a row list '' failed at
+    open reading a folder; it is refused by key, '.' naming the folder."""
+    from tiered_store.serve.config import ServeConfig
+
+    expected = "got ''; expected a path ('.' for the folder paths are relative to)"
+    for data, key in (
+        ({"table": {"path": ""}}, "table.path"),
+        (
+            {"table": {"path": "t.npy"}, "tiers": {"hot": {"static_rows": ""}}},
+            "tiers.hot.static_rows",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(f"{key}: {expected}")):
+            StoreConfig.from_dict(data, base_dir=Path("/srv"))
+    for data, key in (
+        ({"checkpoint": {"path": ""}}, "checkpoint.path"),
+        ({"store": {"tiers": {"warm": {"profile": ""}}}}, "tiers.warm.profile"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(f"{key}: {expected}")):
+            ServeConfig.from_dict(data, base_dir=Path("/srv"))
+    assert ServeConfig.from_dict(
+        {"checkpoint": {"path": "."}}, base_dir=Path("/srv")
+    ).checkpoint_dir == Path("/srv")

@@ -438,7 +438,10 @@ def _a_path(value: Any) -> Any:
 
 def no_nul(value: Any) -> Any:
     """A path's text without a NUL character or a lone surrogate (``"\\ud800"``), which no path
-    holds (pathlib raised a bare ValueError, or UnicodeEncodeError, when it was resolved)."""
+    holds (pathlib raised a bare ValueError, or UnicodeEncodeError, when it was resolved), and
+    not empty (which resolved to the config file's folder)."""
+    if value == "":
+        raise ValueError("got ''; expected a path ('.' for the folder paths are relative to)")
     if isinstance(value, str) and (problem := path_text_problem(value)) is not None:
         raise ValueError(f"got {shown(value)}; {problem}")
     return value

@@ -308,10 +308,10 @@ class ServeConfig:
 
 
 def _under(base_dir: Path, text: str) -> str:
-    """The path ``text`` resolved against ``base_dir``; one with a NUL character or a lone
-    surrogate (which pathlib refuses with a bare ValueError) as it is, for the store section's
-    check to name."""
-    if path_text_problem(text) is not None:
+    """The path ``text`` resolved against ``base_dir``; an empty one, or one with a NUL character
+    or a lone surrogate (which pathlib refuses with a bare ValueError), as it is, for the store
+    section's check to name."""
+    if not text or path_text_problem(text) is not None:
         return text
     return resolved_under(base_dir, text)
 
