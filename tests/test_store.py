@@ -2043,6 +2043,24 @@ def test_yaml_config_refuses_a_bad_metrics_address(tmp_path, table, address, mes
     assert StoreConfig.from_dict({"table": {"path": "t.npy"}, "metrics": {"address": ""}})
 
 
+def test_a_bad_metrics_address_is_shown_a_metrics_address_to_copy():
+    """A bad metrics.address (in a store or serve YAML, or --metrics-address) was shown
+    '127.0.0.1:8080' to write instead: the endpoint's own default port, which a copy of the
+    example made the two listeners clash on; it is shown the metrics listener's default."""
+    from tiered_store.serve.config import ServeConfig
+
+    expected = "got '9400'; expected 'host:port' like '127.0.0.1:9400' or '' (off)"
+    with pytest.raises(ConfigError, match=re.escape(f"metrics.address: {expected}")):
+        StoreConfig.from_dict({"table": {"path": "t.npy"}, "metrics": {"address": "9400"}})
+    with pytest.raises(ConfigError, match=re.escape(f"--metrics-address: {expected}")):
+        ServeConfig.from_dict({}).with_overrides(metrics_address="9400")
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("--address: got '8080'; expected 'host:port' like '127.0.0.1:8080'"),
+    ):
+        ServeConfig.from_dict({}).with_overrides(address="8080")
+
+
 def test_an_empty_path_in_a_config_is_refused_by_key():
     """A path written '' (``path: ""``, ``static_rows: ""``) was read as the config file's
     folder: a serve checkpoint.path '' put the tables beside the YAML, a row list '' failed at

@@ -934,10 +934,10 @@ class CostModelConfig(ConfigModel):
 
 
 def check_address(
-    value: str, key: str | None, *, allow_empty: bool = False
+    value: str, key: str | None, *, allow_empty: bool = False, like: str = "127.0.0.1:8080"
 ) -> tuple[str, int] | None:
     """``"host:port"`` -> (host, port); ``""`` -> None when allowed; else ConfigError naming ``key``
-    (None: a field's validator, whose error pydantic names)."""
+    (None: a field's validator, whose error pydantic names) and an address ``like`` this."""
     where = "" if key is None else f"{key}: "
     if value == "" and allow_empty:
         return None
@@ -945,9 +945,7 @@ def check_address(
     host = host.strip("[]")
     if not sep or not host or not (port.isascii() and port.isdigit()):  # not "²"
         empty = " or '' (off)" if allow_empty else ""
-        raise ConfigError(
-            f"{where}got {shown(value)}; expected 'host:port' like '127.0.0.1:8080'{empty}"
-        )
+        raise ConfigError(f"{where}got {shown(value)}; expected 'host:port' like {like!r}{empty}")
     digits = port.lstrip("0") or "0"  # int() of over 4,300 digits raised a bare ValueError
     if len(digits) > 5 or int(digits) > 65535:
         raise ConfigError(
@@ -956,14 +954,17 @@ def check_address(
     return host, int(digits)
 
 
+METRICS_ADDRESS = DEFAULTS["metrics.address"]  # the example a bad one is shown (not the endpoint's)
+
+
 def _metrics_address(value: Any) -> str:
     """``metrics.address``: ``"host:port"`` or ``""`` (no listener), checked by whatever reads
     the config, not only by ``serve``, which binds it."""
     if not isinstance(value, str):
         raise ValueError(
-            f"got {shown(value)}; expected 'host:port' like '127.0.0.1:9400' or '' (off)"
+            f"got {shown(value)}; expected 'host:port' like {METRICS_ADDRESS!r} or '' (off)"
         )
-    check_address(value, None, allow_empty=True)
+    check_address(value, None, allow_empty=True, like=METRICS_ADDRESS)
     return value
 
 

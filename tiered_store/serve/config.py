@@ -14,6 +14,7 @@ from pydantic import BeforeValidator, Field, StrictBool, StrictInt
 from ..cache_plan import parse_policy
 from ..capacity import parse_bytes
 from ..config import (
+    METRICS_ADDRESS,
     ConfigModel,
     Number,
     PathText,
@@ -293,7 +294,7 @@ class ServeConfig:
         store = copy.deepcopy(dict(self.store))
         if "metrics_address" in server:
             address = server.pop("metrics_address")
-            check_address(address, "--metrics-address", allow_empty=True)
+            check_address(address, "--metrics-address", allow_empty=True, like=METRICS_ADDRESS)
             store["metrics"] = {**(store.get("metrics") or {}), "address": address}  # None: empty
         if "address" in server:
             check_address(server["address"], "--address")
