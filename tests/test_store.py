@@ -2021,6 +2021,16 @@ def test_yaml_config_path_through_a_symlink_loop_is_named(tmp_path):
     assert serve.checkpoint_dir == tmp_path.resolve() / "a" / "ckpt"
 
 
+def test_a_table_path_through_a_symlink_loop_is_named_at_open(tmp_path):
+    """Opening a table whose path is a symlink loop failed with pathlib's bare RuntimeError
+    'Symlink loop from ...' (the version pointer's path resolved with Path.resolve): the open
+    names the table and what is wrong with it."""
+    (tmp_path / "a.npy").symlink_to("b.npy")
+    (tmp_path / "b.npy").symlink_to("a.npy")
+    with pytest.raises(ConfigError, match=r"table.path: .*a\.npy"):
+        TieredStore.open({"table": {"path": str(tmp_path / "a.npy")}})
+
+
 @pytest.mark.parametrize(
     ("address", "message"),
     [

@@ -1280,6 +1280,13 @@ class TieredStore:
             raise ConfigError(
                 f"table.path: {path} does not exist; expected a table made by `tiered-store init`"
             ) from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise ConfigError(
+                f"table.path: {config.table.path} is a loop of symbolic links; expected a table "
+                "file (NAME.npy, made by `tiered-store init`)"
+            ) from None
 
     @property
     def closed(self) -> bool:
