@@ -204,6 +204,29 @@ def test_fits_on_exact_power_law_and_ranges():
     assert "a Zipf fit needs two or more" in summary["zipf"]["error"]
 
 
+def test_fit_options_that_are_not_integers_are_refused_by_name():
+    # rank_max 2.5 fitted ranks 1..2 and True ranks 1..1 (int()), bins_per_decade 0 or -3 fitted
+    # two points: each is refused naming the option, the value and what was expected
+    counts = [100, 50, 30, 20, 10, 5]
+    for option, value in (
+        ("rank_max", 2.5),
+        ("rank_max", True),
+        ("rank_min", 1.5),
+        ("rank_min", 0),
+        ("min_count", 2.5),
+    ):
+        for fit in (fit_least_squares, fit_mle, fit_zipf):
+            with pytest.raises(ValueError, match=rf"^{option}: got {value!r}; expected an integer"):
+                fit(counts, **{option: value})
+    for bins in (0, -3, 2.5):
+        with pytest.raises(
+            ValueError, match=rf"^bins_per_decade: got {bins!r}; expected an integer"
+        ):
+            fit_least_squares(counts, bins_per_decade=bins)
+    fit = fit_mle(counts, rank_max=np.int64(3), min_count=np.int32(1))  # NumPy integers are kept
+    assert (fit.rank_min, fit.rank_max) == (1, 3)
+
+
 def test_rank_frequency_plot_is_a_png(tmp_path):
     prof = profile_ids(sample_zipf(100_000, 20_000, 0.8, seed=0), rows=20_000, name="l2")
     png = plot_rank_frequency(prof, tmp_path / "rf.png")

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from tiered_store.integers import as_integer
+
 __all__ = [
     "ZipfFit",
     "default_rank_range",
@@ -121,6 +123,11 @@ def _resolve_range(
     c: np.ndarray, rank_min: int | None, rank_max: int | None, min_count: int
 ) -> tuple[int, int]:
     """Fill in and check a rank range against the counts."""
+    for name, value, least in (("rank_min", rank_min, 1), ("rank_max", rank_max, 1)):
+        if value is not None and (as_integer(value) is None or value < least):
+            raise ValueError(f"{name}: got {value!r}; expected an integer rank >= {least}")
+    if as_integer(min_count) is None:
+        raise ValueError(f"min_count: got {min_count!r}; expected an integer count of lookups")
     if rank_max is None:
         lo, hi = default_rank_range(c, min_count)
     else:
@@ -162,6 +169,10 @@ def fit_least_squares(
     >>> round(fit.exponent, 2), fit.rank_min
     (0.9, 1)
     """
+    if as_integer(bins_per_decade) is None or bins_per_decade < 1:
+        raise ValueError(
+            f"bins_per_decade: got {bins_per_decade!r}; expected an integer >= 1 (ranks per decade)"
+        )
     c = _sorted_counts(counts)
     lo, hi = _resolve_range(c, rank_min, rank_max, min_count)
     n_pts = max(2, int(math.ceil(math.log10(hi / lo) * bins_per_decade)) + 1)
