@@ -359,6 +359,16 @@ def test_the_error_between_curves_refuses_a_grid_of_no_capacities(points):
     assert mean_absolute_error(a, a, points=1) == 0.0
 
 
+@pytest.mark.parametrize("points", [0, -5, 2.5, True])
+def test_belady_curve_refuses_a_number_of_points_that_is_not_a_positive_integer(points):
+    # points=-5 raised numpy's 'Number of samples, -5, must be non-negative', 2.5 a bare
+    # TypeError, and 0 drew a curve of capacity 0 alone, True one of capacities 0 and 1
+    ids = np.array([1, 2, 3, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"^points: got .*; expected a positive number of capac"):
+        belady_mrc(ids, points=points)
+    assert belady_mrc(ids, points=np.int64(2)).capacities.tolist() == [0, 1, 3]
+
+
 def test_recommend_tier_sizes():
     ids = sample_zipf(100_000, 20_000, 0.9, seed=7)
     lru = lru_mrc(ids, table_rows=20_000)

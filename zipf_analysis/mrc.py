@@ -809,6 +809,10 @@ def belady_mrc(
     >>> belady_mrc(np.array([1, 2, 3, 1, 2, 3]), [1, 2, 3]).misses.tolist()
     [6, 5, 4, 3]
     """
+    if capacities is None and (
+        isinstance(points, bool) or not isinstance(points, int | np.integer) or points < 1
+    ):
+        raise ValueError(f"points: got {points!r}; expected a positive number of capacities")
     ids = _as_array(source)
     if capacities is None:
         distinct = int(np.unique(ids).size)
