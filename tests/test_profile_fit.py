@@ -227,6 +227,17 @@ def test_fit_options_that_are_not_integers_are_refused_by_name():
     assert (fit.rank_min, fit.rank_max) == (1, 3)
 
 
+def test_top_rows_refuses_a_count_that_is_not_an_integer():
+    # top_rows(2.5) indexed the rows with floats (a bare IndexError naming nothing) and
+    # top_rows(True) returned one row; both are refused naming k, as a negative k was
+    prof = profile_ids(np.array([7, 3, 7, 7, 1, 3]), rows=10, name="l2")
+    for k in (2.5, True, -1):
+        for by in ("lookups", "episodes"):
+            with pytest.raises(ValueError, match=rf"^k: got {k!r}; expected an integer >= 0"):
+                prof.top_rows(k, by=by)
+    assert prof.top_rows(np.int64(2)).tolist() == [7, 3]
+
+
 def test_rank_frequency_plot_is_a_png(tmp_path):
     prof = profile_ids(sample_zipf(100_000, 20_000, 0.8, seed=0), rows=20_000, name="l2")
     png = plot_rank_frequency(prof, tmp_path / "rf.png")

@@ -34,6 +34,7 @@ import numpy as np
 
 from .atomic_file import atomic_write
 from .errors import RowIdError, TraceFormatError
+from .integers import as_integer
 from .npy_files import load_npy, npy_header_lock
 
 __all__ = [
@@ -150,13 +151,16 @@ class FrequencyProfile:
 
     def top_positions(self, k: int, *, by: str = "lookups") -> np.ndarray:
         """Where :meth:`top_rows`'s rows are in ``row_ids`` (and in ``counts`` / ``episodes``)."""
-        if k < 0:
-            raise ValueError(f"k: got {k}; expected k >= 0")
+        count = as_integer(k)
+        if count is None or count < 0:  # 2.5 indexed with floats (a bare IndexError), True was 1
+            raise ValueError(f"k: got {k!r}; expected an integer >= 0 (rows to return)")
         if by not in ("lookups", "episodes"):
             raise ValueError(f"by: got {by!r}; expected 'lookups' or 'episodes'")
         if by == "episodes" and self.episodes is not None:
-            return np.argsort(-self.episodes, kind="stable")[:k]  # stable: ties keep count order
-        return np.arange(min(k, self.row_ids.size))
+            return np.argsort(-self.episodes, kind="stable")[
+                :count
+            ]  # stable: ties keep count order
+        return np.arange(min(count, self.row_ids.size))
 
     def save_top_rows(self, path: str | os.PathLike[str], k: int | None = None) -> Path:
         """Write :meth:`top_rows` as a ``.npy`` (the store's ``static_rows`` / ``preload_rows``)."""
