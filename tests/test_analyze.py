@@ -1164,6 +1164,21 @@ def test_a_seed_outside_0_to_2_64_is_a_clear_error(tmp_path, capsys):
     assert AnalyzeOptions(seed=2**64 - 1).seed == 2**64 - 1
 
 
+def test_a_curve_option_with_no_curves_is_refused_not_ignored(tmp_path, capsys):
+    """--shards-rate or --belady-lookups with --no-curves (the latter with --no-belady) were
+    taken and changed nothing: the run went ahead without the curves they were given for."""
+    argv = ["analyze", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet"]
+    for extra, option, flag in (
+        (["--no-curves", "--shards-rate", "0.5"], "--shards-rate 0.5", "--no-curves"),
+        (["--belady-lookups", "5000", "--no-curves"], "--belady-lookups 5000", "--no-curves"),
+        (["--no-belady", "--belady-lookups", "5000"], "--belady-lookups 5000", "--no-belady"),
+    ):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"tiered-store analyze: error: {option}: not with {flag}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_runs_end_to_end_and_help_explains_the_options(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["analyze", "--help"])

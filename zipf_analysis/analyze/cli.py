@@ -154,17 +154,16 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--shards-rate",
         type=float,
-        default=DEFAULT_SHARDS_RATE,
         metavar="R",
-        help=f"SHARDS sampling rate (default {DEFAULT_SHARDS_RATE})",
+        help=f"SHARDS sampling rate (default {DEFAULT_SHARDS_RATE}; not with --no-curves)",
     )
     p.add_argument(
         "--belady-lookups",
         type=int,
-        default=DEFAULT_BELADY_LOOKUPS,
         metavar="N",
         help="run Belady on a spatial row sample of about N lookups per table, capacities scaled "
-        f"by the rate (miniature simulation); exact for smaller tables (default {DEFAULT_BELADY_LOOKUPS:,})",
+        f"by the rate (miniature simulation); exact for smaller tables (default {DEFAULT_BELADY_LOOKUPS:,}; "
+        "not with --no-curves or --no-belady)",
     )
     p.add_argument(
         "--episode-window",
@@ -241,7 +240,17 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> AnalyzeOptions:
-    """The parsed options as ``AnalyzeOptions`` (checked there)."""
+    """The parsed options as ``AnalyzeOptions`` (checked there); a curve's option given with
+    ``--no-curves`` (Belady's with ``--no-belady``), which would be ignored, is refused."""
+    for option, value, skipped in (
+        ("--shards-rate", args.shards_rate, args.no_curves and "--no-curves"),
+        ("--belady-lookups", args.belady_lookups, args.no_curves and "--no-curves"),
+        ("--belady-lookups", args.belady_lookups, args.no_belady and "--no-belady"),
+    ):
+        if value is not None and skipped:  # as typed (":g" wrote 12345678 as 1.23457e+07)
+            raise ConfigError(
+                f"{option} {value}: not with {skipped} (it would be ignored); expected no {option}"
+            )
     return AnalyzeOptions(
         seq_len=args.seq_len,
         batch_seqs=args.batch_seqs,
@@ -253,8 +262,10 @@ def _options(args: argparse.Namespace) -> AnalyzeOptions:
         shuffle=args.shuffle,
         curves=not args.no_curves,
         belady=not args.no_belady,
-        shards_rate=args.shards_rate,
-        belady_lookups=args.belady_lookups,
+        shards_rate=DEFAULT_SHARDS_RATE if args.shards_rate is None else args.shards_rate,
+        belady_lookups=(
+            DEFAULT_BELADY_LOOKUPS if args.belady_lookups is None else args.belady_lookups
+        ),
         episode_window=args.episode_window,
         progress=not args.quiet,
         gpu_budget=args.gpu_budget,
