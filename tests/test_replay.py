@@ -524,7 +524,13 @@ def test_replay_command_refuses_bad_options_before_any_work(tmp_path, capsys, mo
         (["--policies", "lru,,sieve"], "--policies: policy '': expected a policy name"),
         (["--batch-tokens", "0"], "--batch-tokens: got 0; expected a positive number"),
         (["--queued-requests", "-1"], "--queued-requests: got -1; expected a number of requests"),
-        (["--request-tokens", "0"], "--request-tokens: got 0; expected a positive number"),
+        (
+            ["--request-tokens", "0", "--queued-requests", "1"],
+            "--request-tokens: got 0; expected a positive number",
+        ),
+        # taken and ignored: requests are cut only with a queue, a grid only with the budgets
+        (["--request-tokens", "64"], "--request-tokens 64: only with --queued-requests N"),
+        (["--split-points", "8"], "--split-points 8: only with --gpu-budget and --host-budget"),
         (
             ["--split-points", "0", "--gpu-budget", "1MiB", "--host-budget", "1MiB"],
             "--split-points: got 0; expected at least 1",

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DEFAULT_SWEEP = "1%,5%,10%,25%"
+DEFAULT_REQUEST_TOKENS = 4096  # --request-tokens: replay()'s request_tokens default
 
 
 def register(sub) -> None:
@@ -76,18 +77,16 @@ def register(sub) -> None:
     p.add_argument(
         "--queued-requests",
         type=int,
-        default=0,
         metavar="N",
         help="replay the policies as a server that knows its next N requests of --request-tokens "
         "tokens (TieredStore.announce): rows they use are evicted last. Applied to the policy "
-        "rows and the sweep, not to the bounds or the split; 0: none",
+        "rows and the sweep, not to the bounds or the split; 0: none (the default)",
     )
     p.add_argument(
         "--request-tokens",
         type=int,
-        default=4096,
         metavar="T",
-        help="tokens per request for --queued-requests",
+        help=f"tokens per request, only with --queued-requests (default: {DEFAULT_REQUEST_TOKENS})",
     )
     p.add_argument(
         "--sweep",
@@ -118,9 +117,9 @@ def register(sub) -> None:
     p.add_argument(
         "--split-points",
         type=int,
-        default=DEFAULT_POINTS,
         metavar="N",
-        help="candidate capacities per tier for the recommendation, log-spaced up to each budget",
+        help="candidate capacities per tier for the recommendation, log-spaced up to each "
+        f"budget; only with the budgets (default: {DEFAULT_POINTS})",
     )
     p.set_defaults(run=run_replay)
 
@@ -136,7 +135,20 @@ def run_replay(args) -> int:
 def _check_args(args) -> list[str | None]:
     """Fail on a bad option before any work or file read, naming it; returns the policies to
     replay."""
-    parse_budgets(getattr(args, "gpu_budget", None), getattr(args, "host_budget", None))
+    budgets = parse_budgets(getattr(args, "gpu_budget", None), getattr(args, "host_budget", None))
+    queue = args.queued_requests is not None  # 0 given (a loop over N from 0) takes a size
+    for option, value, needs, given in (  # each would be taken and change nothing
+        ("--request-tokens", args.request_tokens, "--queued-requests N", queue),
+        ("--split-points", args.split_points, "--gpu-budget and --host-budget", budgets),
+    ):
+        if value is not None and not given:
+            raise ConfigError(f"{option} {value}: only with {needs}; expected no {option}")
+    if args.queued_requests is None:
+        args.queued_requests = 0
+    if args.request_tokens is None:
+        args.request_tokens = DEFAULT_REQUEST_TOKENS
+    if args.split_points is None:
+        args.split_points = DEFAULT_POINTS
     if args.batch_tokens is not None and args.batch_tokens < 1:
         raise ConfigError(
             f"--batch-tokens: got {args.batch_tokens}; expected a positive number of tokens"
