@@ -927,3 +927,25 @@ def test_analyze_store_config_says_its_stall_is_modelled_cold_and_its_preload_st
     comment = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
     assert "modelled from a cold start" in comment
     assert "preload_rows below start both tiers warm" in comment
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("batch_tokens", 2.5), ("batch_tokens", True), ("points", 2.5)]
+)
+def test_the_split_refuses_batch_tokens_or_points_that_are_not_integers(tmp_path, option, value):
+    """batch_tokens 2.5 died in numpy's cast ('Cannot cast array data from dtype(float64)'),
+    True modelled batches of one lookup, and points 2.5 was a bare TypeError from the grid;
+    each is a ConfigError naming the argument and the value, as replay's are."""
+    path = tmp_path / "t.trace"
+    ids = np.random.default_rng(0).integers(0, 1000, size=(20, 50))
+    with TraceWriter(path, {"tables": [{"name": "a", "rows": 1000}]}) as w:
+        for batch in ids:
+            w.write(batch, "a")
+            w.end_batch()
+    config = StoreConfig.from_dict({"table": {"path": str(tmp_path / "none.npy"), "dim": 8}})
+    with pytest.raises(ConfigError, match=rf"^{option}: got {value!r}; expected "):
+        recommend_split(config, path, gpu_budget="1MiB", host_budget="1MiB", **{option: value})
+    split = recommend_split(
+        config, path, gpu_budget="1MiB", host_budget="1MiB", batch_tokens=np.int64(4), points=3
+    )
+    assert split.batches == 250  # 1,000 lookups in batches of 4

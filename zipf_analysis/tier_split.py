@@ -75,6 +75,7 @@ from policies.registry import ADMISSION
 from tiered_store.capacity import available_host_memory, format_bytes, parse_bytes
 from tiered_store.config import CostModelConfig, StoreConfig
 from tiered_store.errors import ConfigError, LimitError
+from tiered_store.integers import as_integer
 from tiered_store.online_repin import OnlineRepin
 from tiered_store.row_cache import SLOT_BYTES, eviction_slot_bytes
 from tiered_store.row_index import index_bytes
@@ -325,8 +326,10 @@ def batch_events(
 
 def _batch_size(layout: dict[str, Any], batch_tokens: int | None) -> int | None:
     """Lookups of the table a batch groups (None: the trace's own batches), as replay batches."""
-    if batch_tokens is not None and batch_tokens < 1:
-        raise ConfigError(f"batch_tokens: got {batch_tokens}; expected a positive number of tokens")
+    if batch_tokens is not None and (as_integer(batch_tokens) is None or batch_tokens < 1):
+        raise ConfigError(  # 2.5 died in numpy's cast, True was batches of one lookup
+            f"batch_tokens: got {batch_tokens!r}; expected a positive number of tokens"
+        )
     heads = int(layout.get("heads", 1))
     return None if batch_tokens is None else (1 if batch_tokens == 1 else batch_tokens * heads)
 
@@ -781,8 +784,8 @@ def recommend_split(
                 points=points,
                 extra=extra,
             )
-    if points < 1:
-        raise ConfigError(f"points: got {points}; expected at least 1 capacity per tier")
+    if as_integer(points) is None or points < 1:  # 2.5: a bare TypeError in the grid
+        raise ConfigError(f"points: got {points!r}; expected at least 1 capacity per tier")
     index = trace.table_index(table if table is not None else 0)
     layout = trace.layout[index]
     rows, row_bytes = table_geometry(config, layout, trace.header)
