@@ -238,6 +238,27 @@ def test_top_rows_refuses_a_count_that_is_not_an_integer():
     assert prof.top_rows(np.int64(2)).tolist() == [7, 3]
 
 
+def test_the_counter_refuses_a_window_or_row_count_that_is_not_an_integer():
+    # episode_window 2.5 counted episodes as a window of 2 and the profile recorded 2.5 (True: 1
+    # and True); rows 2.5 or True were numpy's bare TypeError, -3 'negative dimensions'
+    for kw, name in (
+        ({"episode_window": 2.5}, "episode_window"),
+        ({"episode_window": True}, "episode_window"),
+        ({"episode_window": -1}, "episode_window"),
+        ({"rows": 2.5}, "rows"),
+        ({"rows": True}, "rows"),
+        ({"rows": -3}, "rows"),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"^{name}: got {next(iter(kw.values()))!r}; expected"
+        ):
+            FrequencyCounter(**{"rows": 10, **kw})
+    counter = FrequencyCounter(np.int64(10), episode_window=np.int32(2))
+    counter.update(np.array([1, 1, 0, 0, 1]))
+    prof = counter.profile()
+    assert (prof.rows, prof.episode_window, type(prof.rows)) == (10, 2, int)
+
+
 def test_rank_frequency_plot_is_a_png(tmp_path):
     prof = profile_ids(sample_zipf(100_000, 20_000, 0.8, seed=0), rows=20_000, name="l2")
     png = plot_rank_frequency(prof, tmp_path / "rf.png")

@@ -383,8 +383,15 @@ class FrequencyCounter:
         dense_limit: int = DENSE_LIMIT,
         episode_window: int = DEFAULT_EPISODE_WINDOW,
     ) -> None:
-        if episode_window < 0:
-            raise ValueError(f"episode_window: got {episode_window}; expected >= 0 (0: off)")
+        window = as_integer(episode_window)
+        if window is None or window < 0:  # 2.5 was counted as 2 and recorded as 2.5, True as 1
+            raise ValueError(
+                f"episode_window: got {episode_window!r}; expected an integer >= 0 (0: off)"
+            )
+        if rows is not None and (as_integer(rows) is None or rows < 0):  # numpy's errors named none
+            raise ValueError(f"rows: got {rows!r}; expected the table's row count (an integer)")
+        rows = None if rows is None else int(rows)
+        episode_window = window
         self.rows = rows
         self._dense_limit = dense_limit
         self._dense = np.zeros(rows if rows and rows <= dense_limit else 0, dtype=np.int64)
