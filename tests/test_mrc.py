@@ -397,6 +397,13 @@ def test_recommend_tier_sizes():
         recommend_tier_sizes(lru, {"hot": 1.5})
     with pytest.raises(ConfigError, match="curve"):
         recommend_tier_sizes(lru, {"hot": 0.5}, curve="arc")
+    # a flag is not a hit rate (True was a target of 1.0); a NumPy float32 is one
+    with pytest.raises(ConfigError, match=r"^targets\.hot: got True; expected a hit rate"):
+        recommend_tier_sizes(lru, {"hot": True})
+    assert (
+        recommend_tier_sizes(lru, {"hot": np.float32(0.5)})["tiers"]["hot"]["capacity"]
+        == (recommend_tier_sizes(lru, {"hot": 0.5})["tiers"]["hot"]["capacity"])
+    )
 
 
 def test_recommended_yaml_is_accepted_by_store_config():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -179,7 +180,8 @@ def recommend_tier_sizes(
         raise ConfigError("targets: got none; expected e.g. {'hot': 0.5, 'warm': 0.9}")
     prev = 0.0
     for tier, rate in targets.items():
-        if not isinstance(rate, int | float) or not 0.0 < float(rate) <= 1.0:
+        real = isinstance(rate, numbers.Real) and not isinstance(rate, bool)  # np.bool_ is not
+        if not real or not 0.0 < float(rate) <= 1.0:  # True was 1.0, np.float32(0.5) refused
             raise ConfigError(f"targets.{tier}: got {rate!r}; expected a hit rate in (0, 1]")
         if float(rate) < prev:
             raise ConfigError(
