@@ -400,6 +400,33 @@ class TestUring(ExtentReaderContract):
                 ids = np.arange(start, ROWS, 5)
                 assert np.array_equal(table.read_rows(ids).numpy(), ref[ids])
 
+    def test_a_ring_whose_drain_was_cut_short_reads_exactly_next_time(self, tables, monkeypatch):
+        """A second Ctrl-C as the drain is entered escapes it with reads in flight; the ring
+        went back to the idle pool and the next read reaped the old completions as its own
+        (an IndexError). The next read waits for them first, and its rows are exact."""
+        from tiered_store.io_uring import IoUring
+
+        path, ref = tables[("float32", 32)]
+        reap, calls = IoUring._reap, [0]
+
+        def interrupted(self, results):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise KeyboardInterrupt
+            return reap(self, results)
+
+        def cut_short(self, *args):  # a second Ctrl-C, handled as the drain is entered
+            raise KeyboardInterrupt
+
+        with self.open(path, threads=1, queue_depth=8) as table:
+            monkeypatch.setattr(IoUring, "_reap", interrupted)
+            monkeypatch.setattr(IoUring, "_drain", cut_short)
+            with pytest.raises(KeyboardInterrupt):
+                table.read_rows(np.arange(0, ROWS, 64))  # every other page: ~47 requests
+            monkeypatch.undo()
+            for ids in (np.arange(3), np.arange(1, ROWS, 5)):
+                assert np.array_equal(table.read_rows(ids).numpy(), ref[ids])
+
     @pytest.mark.parametrize(("dtype", "dim"), LAYOUTS)
     @pytest.mark.parametrize(("threads", "queue_depth"), [(1, 1), (1, 128), (3, 5)])
     def test_duplicates_and_straddling_rows(self, tables, dtype, dim, threads, queue_depth):

@@ -176,9 +176,9 @@ def test_a_drain_waits_in_the_kernel_for_the_reads_in_flight_without_spinning(mo
 
         return enter
 
-    def marked_drain(self, n):
+    def marked_drain(self):
         phase[0] = "drain"
-        return drain(self, n)
+        return drain(self)
 
     monkeypatch.setattr(io_uring, "_syscall", counted_syscall)
     monkeypatch.setattr(IoUring, "_drain", marked_drain)
@@ -238,9 +238,9 @@ def test_a_ctrl_c_between_queueing_requests_and_publishing_them_is_drained(data,
             raise RuntimeError("the drain spins")
         return reap(self, results)
 
-    def marked_drain(self, n):
+    def marked_drain(self):
         monkeypatch.setattr(IoUring, "_reap", bounded)
-        return drain(self, n)
+        return drain(self)
 
     with IoUring(64) as ring:
         tail = ring._sq_tail
@@ -301,3 +301,42 @@ def test_an_exit_asked_while_draining_is_raised_once_the_reads_are_in(data, monk
         tail0, head0 = ring._batch_start
         submitted = (ring._tail - tail0) & 0xFFFFFFFF
         assert submitted > 0 and (ring._cq_head_value() - head0) & 0xFFFFFFFF == submitted
+
+
+def test_an_interrupt_as_the_drain_begins_leaves_reads_the_next_batch_waits_for(data, monkeypatch):
+    """Signals are handled on function entry: a second Ctrl-C pending as the first unwinds
+    interrupts the drain before its loop, and escapes with reads in flight; the ring stayed
+    open, so the cold tier gave it back to its idle pool. The next batch then reaped the old
+    completions as its own (an IndexError for their ids, or a result and an end too early).
+    The ring keeps the unfinished batch: the next batch waits for its reads first."""
+    fd, payload = data
+    reap, calls = IoUring._reap, [0]
+
+    def interrupted(self, results):
+        calls[0] += 1
+        if calls[0] == 2:  # in the batch
+            raise KeyboardInterrupt
+        return reap(self, results)
+
+    def cut_short(self, *args):  # a second Ctrl-C, handled as the drain is entered
+        raise KeyboardInterrupt
+
+    n = 200
+    offsets = np.arange(n, dtype=np.int64) * 4096
+    lengths = np.full(n, 4096, dtype=np.int64)
+    buf = np.zeros(n * 4096, dtype=np.uint8)
+    with IoUring(64) as ring:
+        monkeypatch.setattr(IoUring, "_reap", interrupted)
+        monkeypatch.setattr(IoUring, "_drain", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets)
+        monkeypatch.undo()
+        tail0, _ = ring._batch_start
+        queued = (ring._tail - tail0) & 0xFFFFFFFF
+        assert queued > 0 and not ring.closed
+        small = np.zeros(8 * 4096, dtype=np.uint8)
+        later = offsets[-8:]
+        got = ring.read_batch(fd, later, lengths[:8], small.ctypes.data + offsets[:8])
+        assert np.array_equal(got, lengths[:8])
+        assert np.array_equal(small, payload[later[0] : later[0] + 8 * 4096])
+        assert np.array_equal(buf[: queued * 4096], payload[: queued * 4096])  # the old ones in

@@ -166,6 +166,7 @@ class IoUring:
             )
         self.queue_depth = queue_depth
         self._maps: list[mmap.mmap] = []
+        self._unfinished = False  # a batch's reads may be in flight (its drain was cut short)
         params = _Params()
         fd = _syscall()(_SYS_IO_URING_SETUP, ctypes.c_uint(queue_depth), ctypes.byref(params))
         if fd < 0:
@@ -193,13 +194,17 @@ class IoUring:
 
         All requests are submitted, at most ``queue_depth`` in flight, and all are reaped
         before this returns. The memory must stay alive and unused meanwhile (and be aligned as
-        ``O_DIRECT`` requires, for such a descriptor).
+        ``O_DIRECT`` requires, for such a descriptor). An interrupted batch is drained before
+        the interrupt goes on; one whose drain an interrupt cut short is drained by the next
+        call, before its own requests (its memory must stay alive until then).
 
         Returns
         -------
         numpy.ndarray
             int32 per request: bytes read (short at end of file), or ``-errno``.
         """
+        if self._unfinished and self._fd >= 0:
+            self._drain()
         if self._fd < 0:
             raise OSError(errno.EBADF, "io_uring is closed")
         n = len(offsets)
@@ -222,11 +227,13 @@ class IoUring:
         sqes["user_data"] = np.arange(n, dtype=np.uint64)
         results = np.empty(n, dtype=np.int32)
         self._batch_start = (self._tail, self._cq_head_value())  # what _drain counts from
+        self._unfinished = True
         try:
             self._run(sqes, results)
         except BaseException:  # (a signal, Ctrl-C): what is queued or in flight must not linger
-            self._drain(n)
+            self._drain()
             raise
+        self._unfinished = False
         return results
 
     def _run(self, sqes: np.ndarray, results: np.ndarray) -> None:
@@ -257,7 +264,7 @@ class IoUring:
                 consumed += ret
             completed += self._reap(results)
 
-    def _drain(self, n: int) -> None:
+    def _drain(self) -> None:
         """After an interrupted batch, submit what is queued and wait for every request in
         flight (their memory is still the caller's), so that the ring starts the next batch
         empty; a ring that cannot be drained is closed (``closed``: never reused). A further
@@ -266,7 +273,8 @@ class IoUring:
         interrupt is raised after it, its context the interruption drained, so an exit asked
         meanwhile is not lost; without one the caller raises the interruption drained); a
         device that never completes them holds it there, blocked in the kernel: SIGKILL or
-        SIGQUIT (Ctrl-\\) ends the process."""
+        SIGQUIT (Ctrl-\\) ends the process. An interrupt outside the wait (as the drain is
+        entered, between its rounds) leaves the batch unfinished: the next batch drains it."""
         # counted from the rings themselves: the interruption may have come between a ring update
         # and its count here; the kernel is asked to submit only what it has not taken yet (the
         # SQ head): asked for more, it returns without waiting, and the drain would spin. So the
@@ -274,7 +282,6 @@ class IoUring:
         # SQEs queued and publishing them, and the kernel takes only SQEs published
         tail0, head0 = self._batch_start
         queued = (self._tail - tail0) & _U32
-        scratch = np.empty(n, dtype=np.int32)
         enter = _syscall()
         further: BaseException | None = None
         while True:
@@ -283,6 +290,7 @@ class IoUring:
                 words[index] = self._tail  # (the SQEs counted were stored before the count)
                 completed = (self._cq_head_value() - head0) & _U32
                 if completed >= queued:
+                    self._unfinished = False
                     break
                 words, index = self._sq_head
                 ret = enter(
@@ -296,7 +304,7 @@ class IoUring:
                 )
                 if ret < 0 and ctypes.get_errno() not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
                     raise OSError(ctypes.get_errno(), "io_uring_enter failed while draining")
-                self._reap(scratch)
+                self._reap(None)
             except Exception:  # the kernel refuses: the ring cannot be drained
                 self.close()
                 break
@@ -379,8 +387,9 @@ class IoUring:
         words, index = self._cq_head
         return int(words[index])
 
-    def _reap(self, results: np.ndarray) -> int:
-        """Move every posted completion's ``res`` into ``results[user_data]``; how many."""
+    def _reap(self, results: np.ndarray | None) -> int:
+        """Move every posted completion's ``res`` into ``results[user_data]`` (or drop it, for
+        None); how many."""
         head_words, head_index = self._cq_head
         tail_words, tail_index = self._cq_tail
         head, tail = int(head_words[head_index]), int(tail_words[tail_index])
@@ -389,7 +398,8 @@ class IoUring:
             start = head & self._cq_mask
             first = min(count, self._cq_mask + 1 - start)
             for part in (self._cqes[start : start + first], self._cqes[: count - first]):
-                results[part["user_data"].astype(np.int64)] = part["res"]
+                if results is not None:
+                    results[part["user_data"].astype(np.int64)] = part["res"]
             head_words[head_index] = tail
         return count
 
