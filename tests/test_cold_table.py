@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import inspect
 import os
 import re
@@ -12,6 +13,7 @@ import sys
 import textwrap
 import threading
 import uuid
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -427,6 +429,41 @@ class TestUring(ExtentReaderContract):
             for ids in (np.arange(3), np.arange(1, ROWS, 5)):
                 assert np.array_equal(table.read_rows(ids).numpy(), ref[ids])
 
+    def test_a_table_closed_with_reads_in_flight_keeps_their_buffer(self, tables, monkeypatch):
+        """A drain cut short leaves reads in flight in an idle ring; the table closed then
+        closed the ring and dropped the buffer they land in (freed, reused by anything). The
+        ring keeps that buffer alive for good."""
+        from tiered_store.io_uring import IoUring
+
+        path, _ = tables[("float32", 32)]
+        reap, calls, buffers = IoUring._reap, [0], []
+        give = ColdTable._give_reader
+
+        def interrupted(self, results):
+            calls[0] += 1
+            if calls[0] == 2:  # in the batch
+                raise KeyboardInterrupt
+            return reap(self, results)
+
+        def cut_short(self, *args):  # a second Ctrl-C, handled as the drain is entered
+            raise KeyboardInterrupt
+
+        def noted(self, reader):
+            buffers.append(weakref.ref(reader._raw))
+            give(self, reader)
+
+        table = self.open(path, threads=1, queue_depth=8)
+        monkeypatch.setattr(IoUring, "_reap", interrupted)
+        monkeypatch.setattr(IoUring, "_drain", cut_short)
+        monkeypatch.setattr(ColdTable, "_give_reader", noted)
+        with pytest.raises(KeyboardInterrupt) as info:
+            table.read_rows(np.arange(0, ROWS, 64))  # every other page: ~47 requests
+        del info  # (its traceback holds the reader)
+        monkeypatch.undo()
+        table.close()
+        gc.collect()
+        assert len(buffers) == 1 and buffers[0]() is not None
+
     @pytest.mark.parametrize(("dtype", "dim"), LAYOUTS)
     @pytest.mark.parametrize(("threads", "queue_depth"), [(1, 1), (1, 128), (3, 5)])
     def test_duplicates_and_straddling_rows(self, tables, dtype, dim, threads, queue_depth):
@@ -443,8 +480,8 @@ class TestUring(ExtentReaderContract):
         path, ref = tables[("float32", 37)]
         real = IoUring.read_batch
 
-        def flaky(ring, fd, offsets, lengths, addresses):
-            got = real(ring, fd, offsets, lengths, addresses)
+        def flaky(ring, fd, offsets, lengths, addresses, keep=None):
+            got = real(ring, fd, offsets, lengths, addresses, keep)
             got[::3] = -errno.EAGAIN
             got[1::3] = np.minimum(got[1::3], 512)
             return got
@@ -459,7 +496,7 @@ class TestUring(ExtentReaderContract):
         path, _ = tables[("float32", 32)]
         with self.open(path, threads=2) as table:
             monkeypatch.setattr(
-                IoUring, "read_batch", lambda ring, fd, o, n, a: np.full(len(o), -errno.EIO)
+                IoUring, "read_batch", lambda ring, fd, o, n, a, keep: np.full(len(o), -errno.EIO)
             )
 
             def broken(fd, buffers, offset):
@@ -506,7 +543,7 @@ class TestUring(ExtentReaderContract):
         path, _ = tables[("float32", 32)]
         rings = []
 
-        def failing(ring, fd, offsets, lengths, addresses):
+        def failing(ring, fd, offsets, lengths, addresses, keep):
             rings.append(ring)
             return np.full(len(offsets), -errno.EIO, dtype=np.int32)
 
@@ -568,7 +605,8 @@ class TestUring(ExtentReaderContract):
     def test_a_ring_the_kernel_refuses_at_read_time_is_a_tier_io_error(self, tables):
         """A table opened with a working ring, then a seccomp filter (real, in a child process)
         answering io_uring_enter with EPERM: the read fails as a counted TierIOError naming the
-        table, not a bare PermissionError."""
+        table, not a bare PermissionError. The ring it closes has no read in flight, so its
+        buffer is freed (not kept for good, as for a ring closed with reads in flight)."""
         path, _ = tables[("float32", 37)]
         script = textwrap.dedent(
             f"""
@@ -592,6 +630,8 @@ class TestUring(ExtentReaderContract):
                 table.read_rows(np.arange(0, {ROWS}, 3))
             except TierIOError as exc:
                 print("TierIOError", exc.errno, table.read_errors, exc)
+            from tiered_store import io_uring
+            print("kept", len(io_uring._STRANDED))
             """
         )
         proc = subprocess.run(
@@ -600,7 +640,8 @@ class TestUring(ExtentReaderContract):
         assert proc.returncode == 0, proc.stderr
         assert re.fullmatch(
             rf"TierIOError {errno.EPERM} 1 .*io='uring' on table .*float32_37.npy: the ring's read "
-            r"failed \(io_uring_enter failed: Operation not permitted\); use io='direct' .*\n",
+            r"failed \(io_uring_enter failed: Operation not permitted\); use io='direct' .*\n"
+            r"kept 0\n",
             proc.stdout,
         ), proc.stdout
 

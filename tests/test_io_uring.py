@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import gc
 import os
 import signal
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -340,3 +343,67 @@ def test_an_interrupt_as_the_drain_begins_leaves_reads_the_next_batch_waits_for(
         assert np.array_equal(got, lengths[:8])
         assert np.array_equal(small, payload[later[0] : later[0] + 8 * 4096])
         assert np.array_equal(buf[: queued * 4096], payload[: queued * 4096])  # the old ones in
+
+
+def test_a_ring_closed_with_reads_in_flight_keeps_their_memory(monkeypatch):
+    """A drain the kernel refuses closes the ring with reads that may still land: the memory
+    given as ``keep`` stays alive for good (here reads of a pipe, in flight until closed)."""
+    syscall, drain = io_uring._syscall, IoUring._drain
+    entered, in_flight, stop = [0], [], [False]
+
+    def counted_syscall():
+        real = syscall()
+
+        def enter(number, *args):
+            entered[0] += 1
+            return real(number, *args)
+
+        return enter
+
+    def refusing_syscall():
+        def enter(number, *args):
+            ctypes.set_errno(errno.ENOMEM)
+            return -1
+
+        return enter
+
+    def refused_drain(self):
+        in_flight.append(self._in_flight(*self._batch_start))
+        monkeypatch.setattr(io_uring, "_syscall", refusing_syscall)
+        return drain(self)
+
+    def interrupt() -> None:
+        while entered[0] == 0 and not stop[0]:  # the batch is in the kernel (or about to be)
+            time.sleep(0.001)
+        while (
+            not in_flight and not stop[0]
+        ):  # until it is interrupted (one sent early interrupts nothing)
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.05)
+
+    r, w = os.pipe()
+    n, main = 8, threading.main_thread().ident
+    buf = np.zeros(n, dtype=np.uint8)
+    kept = weakref.ref(buf)
+    helper = threading.Thread(target=interrupt)
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ring = IoUring(4)
+        monkeypatch.setattr(io_uring, "_syscall", counted_syscall)
+        monkeypatch.setattr(IoUring, "_drain", refused_drain)
+        helper.start()
+        with pytest.raises(KeyboardInterrupt) as info:
+            addresses = buf.ctypes.data + np.arange(n)
+            ring.read_batch(r, np.zeros(n, np.int64), np.ones(n, np.int64), addresses, keep=buf)
+        helper.join()
+        del info, buf
+        assert ring.closed and in_flight == [4]
+        del ring
+        gc.collect()
+        assert kept() is not None
+    finally:
+        stop[0] = True
+        helper.join()
+        signal.signal(signal.SIGINT, default)
+        os.close(r)
+        os.close(w)

@@ -377,7 +377,11 @@ class ColdTable:
             reader = self._take_reader(PAGE_BYTES)
             self._readers.append(reader)
             got = reader.ring.read_batch(
-                self._fd, np.zeros(1, np.int64), np.full(1, PAGE_BYTES), np.full(1, reader.address)
+                self._fd,
+                np.zeros(1, np.int64),
+                np.full(1, PAGE_BYTES),
+                np.full(1, reader.address),
+                keep=reader._raw,
             )
         except OSError as exc:
             raise TierIOError(
@@ -735,7 +739,11 @@ class ColdTable:
         want = expected[e0:e1]
         try:
             got = reader.ring.read_batch(
-                self._fd, offsets[e0:e1], plan.pages[e0:e1] << _PAGE_SHIFT, reader.address + place
+                self._fd,
+                offsets[e0:e1],
+                plan.pages[e0:e1] << _PAGE_SHIFT,
+                reader.address + place,
+                keep=reader._raw,
             )
         except OSError as exc:  # io_uring_enter refused (a sandbox, ENOMEM): a read failure
             raise self._ring_failure(exc, "the ring's read failed") from exc
@@ -768,7 +776,8 @@ class ColdTable:
 
     def _give_reader(self, reader: _UringReader) -> None:
         """Return a ring to the idle list (closed instead when the table is closed; one an
-        interrupted batch could not drain is closed already, and dropped)."""
+        interrupted batch could not drain is closed already, and dropped: the ring keeps the
+        buffer its reads may still land in)."""
         with self._lock:
             if not self._closed and not reader.ring.closed:
                 self._readers.append(reader)

@@ -92,6 +92,7 @@ class _Params(ctypes.Structure):
     ]
 
 
+_STRANDED: list[object] = []  # memory a ring closed with reads in flight may still write: kept
 _libc_lock = threading.Lock()
 _libc: ctypes.CDLL | None = None
 
@@ -166,7 +167,7 @@ class IoUring:
             )
         self.queue_depth = queue_depth
         self._maps: list[mmap.mmap] = []
-        self._unfinished = False  # a batch's reads may be in flight (its drain was cut short)
+        self._unfinished: list[object] = []  # [keep] while a batch's reads may be in flight
         params = _Params()
         fd = _syscall()(_SYS_IO_URING_SETUP, ctypes.c_uint(queue_depth), ctypes.byref(params))
         if fd < 0:
@@ -178,7 +179,7 @@ class IoUring:
             }.get(err, os.strerror(err))
             raise OSError(err, f"io_uring_setup({queue_depth}) failed: {why}")
         self._fd = fd
-        self._finalizer = weakref.finalize(self, _close_quietly, fd)
+        self._finalizer = weakref.finalize(self, _close_quietly, fd, self._unfinished)
         try:
             self._map_rings(params)
         except BaseException:
@@ -188,7 +189,12 @@ class IoUring:
     # ---- public ----------------------------------------------------------------------------
 
     def read_batch(
-        self, fd: int, offsets: np.ndarray, lengths: np.ndarray, addresses: np.ndarray
+        self,
+        fd: int,
+        offsets: np.ndarray,
+        lengths: np.ndarray,
+        addresses: np.ndarray,
+        keep: object = None,
     ) -> np.ndarray:
         """Read ``lengths[i]`` bytes at ``offsets[i]`` of ``fd`` into memory at ``addresses[i]``.
 
@@ -196,7 +202,8 @@ class IoUring:
         before this returns. The memory must stay alive and unused meanwhile (and be aligned as
         ``O_DIRECT`` requires, for such a descriptor). An interrupted batch is drained before
         the interrupt goes on; one whose drain an interrupt cut short is drained by the next
-        call, before its own requests (its memory must stay alive until then).
+        call, before its own requests. ``keep``, the memory's owner, is referenced until then;
+        for good where the ring is closed (or collected) with reads in flight.
 
         Returns
         -------
@@ -227,13 +234,13 @@ class IoUring:
         sqes["user_data"] = np.arange(n, dtype=np.uint64)
         results = np.empty(n, dtype=np.int32)
         self._batch_start = (self._tail, self._cq_head_value())  # what _drain counts from
-        self._unfinished = True
+        self._unfinished[:] = [keep]
         try:
             self._run(sqes, results)
         except BaseException:  # (a signal, Ctrl-C): what is queued or in flight must not linger
             self._drain()
             raise
-        self._unfinished = False
+        self._unfinished.clear()
         return results
 
     def _run(self, sqes: np.ndarray, results: np.ndarray) -> None:
@@ -267,7 +274,8 @@ class IoUring:
     def _drain(self) -> None:
         """After an interrupted batch, submit what is queued and wait for every request in
         flight (their memory is still the caller's), so that the ring starts the next batch
-        empty; a ring that cannot be drained is closed (``closed``: never reused). A further
+        empty; a ring that cannot be drained is closed (``closed``: never reused; the batch's
+        ``keep`` is kept for good where the kernel took reads it has not completed). A further
         interrupt meanwhile (Ctrl-C, a signal handler's ``SystemExit``) does not stop the wait:
         the reads in flight would land in memory the caller may have freed (the first such
         interrupt is raised after it, its context the interruption drained, so an exit asked
@@ -290,7 +298,7 @@ class IoUring:
                 words[index] = self._tail  # (the SQEs counted were stored before the count)
                 completed = (self._cq_head_value() - head0) & _U32
                 if completed >= queued:
-                    self._unfinished = False
+                    self._unfinished.clear()
                     break
                 words, index = self._sq_head
                 ret = enter(
@@ -306,6 +314,8 @@ class IoUring:
                     raise OSError(ctypes.get_errno(), "io_uring_enter failed while draining")
                 self._reap(None)
             except Exception:  # the kernel refuses: the ring cannot be drained
+                if self._sq_head is not None and not self._in_flight(tail0, head0):
+                    self._unfinished.clear()  # none: no memory to keep for good
                 self.close()
                 break
             except BaseException as exc:  # a further interrupt (Ctrl-C, a signal's SystemExit)
@@ -382,6 +392,13 @@ class IoUring:
         words, index = self._sq_tail
         words[index] = self._tail  # one aligned 32-bit store, after the SQE stores (x86 TSO)
 
+    def _in_flight(self, tail0: int, head0: int) -> int:
+        """Requests the kernel took since the batch began (SQ head) and has not completed."""
+        taken_words, taken_index = self._sq_head
+        done_words, done_index = self._cq_tail
+        taken = (int(taken_words[taken_index]) - tail0) & _U32
+        return taken - ((int(done_words[done_index]) - head0) & _U32)
+
     def _cq_head_value(self) -> int:
         """The completion ring's head: completions reaped so far (mod 2**32)."""
         words, index = self._cq_head
@@ -404,7 +421,9 @@ class IoUring:
         return count
 
 
-def _close_quietly(fd: int) -> None:
-    """Close a ring descriptor (the finalizer of an IoUring)."""
+def _close_quietly(fd: int, unfinished: list[object]) -> None:
+    """Close a ring descriptor (the finalizer of an IoUring); the memory of reads it may have
+    in flight is kept for good."""
+    _STRANDED.extend(unfinished)
     with contextlib.suppress(OSError):
         os.close(fd)
