@@ -272,22 +272,21 @@ class IoUring:
             completed += self._reap(results)
 
     def _drain(self) -> None:
-        """After an interrupted batch, submit what is queued and wait for every request in
-        flight (their memory is still the caller's), so that the ring starts the next batch
-        empty; a ring that cannot be drained is closed (``closed``: never reused; the batch's
-        ``keep`` is kept for good where the kernel took reads it has not completed). A further
-        interrupt meanwhile (Ctrl-C, a signal handler's ``SystemExit``) does not stop the wait:
-        the reads in flight would land in memory the caller may have freed (the first such
-        interrupt is raised after it, its context the interruption drained, so an exit asked
-        meanwhile is not lost; without one the caller raises the interruption drained); a
-        device that never completes them holds it there, blocked in the kernel: SIGKILL or
-        SIGQUIT (Ctrl-\\) ends the process. An interrupt outside the wait (as the drain is
-        entered, between its rounds) leaves the batch unfinished: the next batch drains it."""
-        # counted from the rings themselves: the interruption may have come between a ring update
-        # and its count here; the kernel is asked to submit only what it has not taken yet (the
-        # SQ head): asked for more, it returns without waiting, and the drain would spin. So the
-        # tail is published first: the interruption may have come in _push between counting
-        # SQEs queued and publishing them, and the kernel takes only SQEs published
+        """After an interrupted batch, wait for every request it queued (their memory is the
+        caller's), so that the ring starts the next batch empty.
+
+        A further interrupt meanwhile (Ctrl-C, a signal handler's ``SystemExit``) does not stop
+        the wait; the first is raised once the reads are in, its context the interruption
+        drained (an exit asked meanwhile is not lost). One outside the wait (as the drain is
+        entered, between its rounds) leaves the batch unfinished: the next ``read_batch``
+        drains it first. The kernel's refusal (an Exception) closes the ring (``closed``: never
+        reused), its ``keep`` kept for good if reads it took are not complete. A device that
+        never completes holds the drain blocked in the kernel: SIGKILL or SIGQUIT (Ctrl-\\)
+        ends the process."""
+        # Counted from the rings (the interruption may have come between a ring update and its
+        # count in _run). The tail is published first (it may have come in _push between
+        # counting SQEs and publishing them); the kernel is asked to submit only the SQEs it has
+        # not taken (the SQ head): asked for more, it returns without waiting, and this spins.
         tail0, head0 = self._batch_start
         queued = (self._tail - tail0) & _U32
         enter = _syscall()
