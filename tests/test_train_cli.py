@@ -842,11 +842,10 @@ def test_an_fp16_step_whose_dense_gradients_overflow_changes_no_row(tmp_path):
     assert dense["scaler"] == dense_resumed["scaler"]
 
 
-def test_an_fp16_step_skipped_is_not_counted_in_the_rows_adam_steps(tmp_path):
-    """fp16 with --optimizer adam: a step skipped for an overflow does not advance the rows'
-    Adam step (as scaler.step leaves torch's Adam, the dense weights', at its count): the step
-    after it corrects its bias as Adam's third step, not its fourth, and the count survives a
-    resume (dense-S.pt records it)."""
+def _fp16_adam_run_with_step_3_skipped(tmp_path: Path) -> tuple[Path, TrainSettings]:
+    """A run (fp16, --optimizer adam, a checkpoint a step) of 2 steps resumed to 3, its scale
+    set so high first that step 3's gradients overflow and the step is skipped; (its folder,
+    its settings)."""
     mixed = replace(
         _settings(ROOT / "tiered_store" / "engram"),
         steps=2,
@@ -861,6 +860,15 @@ def test_an_fp16_step_skipped_is_not_counted_in_the_rows_adam_steps(tmp_path):
     state["scaler"]["scale"] = 2.0**20  # as if grown: step 3's gradients overflow
     torch.save(state, out / "dense-2.pt")
     assert train(out, replace(mixed, steps=3), resume=True, progress=False)["skipped_steps"] == 1
+    return out, mixed
+
+
+def test_an_fp16_step_skipped_is_not_counted_in_the_rows_adam_steps(tmp_path):
+    """fp16 with --optimizer adam: a step skipped for an overflow does not advance the rows'
+    Adam step (as scaler.step leaves torch's Adam, the dense weights', at its count): the step
+    after it corrects its bias as Adam's third step, not its fourth, and the count survives a
+    resume (dense-S.pt records it)."""
+    out, mixed = _fp16_adam_run_with_step_3_skipped(tmp_path)
     rows3, dense3 = _final_state(out, 3)
     assert dense3["applied_steps"] == 2
     dense3["scaler"]["scale"] = 2.0**10  # step 4's do not
@@ -908,19 +916,7 @@ def test_a_checkpoint_without_the_applied_count_resumes_at_adams_own_count(tmp_p
     step skipped): the resume took S as the rows' Adam count, a step ahead of the dense Adam's,
     so the next step corrected the rows' bias as Adam's fifth step, not its fourth; the count is
     the dense Adam's own (every step it applied), which is S where no step was skipped."""
-    mixed = replace(
-        _settings(ROOT / "tiered_store" / "engram"),
-        steps=2,
-        checkpoint_every=1,
-        precision="fp16",
-        optimizer="adam",
-    )
-    out = tmp_path / "run"
-    train(out, mixed, resume=False, progress=False)
-    state = torch.load(out / "dense-2.pt", weights_only=True)
-    state["scaler"]["scale"] = 2.0**20  # as if grown: step 3's gradients overflow
-    torch.save(state, out / "dense-2.pt")
-    assert train(out, replace(mixed, steps=3), resume=True, progress=False)["skipped_steps"] == 1
+    out, mixed = _fp16_adam_run_with_step_3_skipped(tmp_path)
     older = torch.load(out / "dense-3.pt", weights_only=True)
     assert older.pop("applied_steps") == 2
     older["scaler"]["scale"] = 2.0**10  # step 4's do not overflow
