@@ -1260,6 +1260,35 @@ def test_requests_pipelined_before_a_half_close_are_each_answered_while_the_turn
         server.stop()
 
 
+def _serve_signalled_in(
+    tmp_path: Path, config: Path, site_code: str, marker: str, signum: int
+) -> tuple[int, str, str]:
+    """``serve config`` with ``site_code`` as its sitecustomize, sent ``signum`` once that code
+    made the file the environment variable ``marker`` names (the stretch of the start it stalls
+    has begun); its exit status, stdout and stderr."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(site_code)
+    started = tmp_path / f"{marker.lower()}.started"
+    env = subprocess_env({"PYTHONPATH": str(site), marker: str(started)})
+    proc = subprocess.Popen(
+        _serve_cmd(config, "127.0.0.1:0", ""), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), f"{marker}: the stalled stretch never began: nothing was tested"
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
+
+
 _SLOW_VERIFY = """
 import os, time
 import tiered_store.table_format as table_format
@@ -1278,27 +1307,8 @@ def test_a_signal_while_the_server_starts_stops_it_before_it_listens(tmp_path, s
     big table) was only noted: the start went on to its end, then the server listened, printed
     its 'listening' line and drained, so a stop waited out the whole check (SIGKILL by then)."""
     config = make_checkpoint(tmp_path, checkpoint={"path": "checkpoint", "verify_on_start": True})
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_SLOW_VERIFY)
-    started = tmp_path / "verify.started"
-    env = subprocess_env({"PYTHONPATH": str(site), "VERIFY_STARTED": str(started)})
-    proc = subprocess.Popen(
-        _serve_cmd(config, "127.0.0.1:0", ""), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert started.exists(), "the start-up check never began: nothing was tested"
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
+    code, out, err = _serve_signalled_in(tmp_path, config, _SLOW_VERIFY, "VERIFY_STARTED", signum)
+    assert code == 0, err[-3000:]
     assert out == "", out  # no 'listening' line: it never listened
     name = signal.Signals(signum).name
     assert f"{name} while starting: stopped before listening" in err, err[-3000:]
@@ -1359,27 +1369,10 @@ def test_a_signal_while_the_http_listener_starts_stops_it_without_a_traceback(tm
     tiered-store-http: ... OSError: [Errno 9] Bad file descriptor' (a number the process
     might have reused meanwhile). uvicorn is stopped and joined before its sockets close."""
     config = make_checkpoint(tmp_path)
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_SLOW_HTTP_START)
-    started = tmp_path / "http.started"
-    env = subprocess_env({"PYTHONPATH": str(site), "HTTP_STARTING": str(started)})
-    proc = subprocess.Popen(
-        _serve_cmd(config, "127.0.0.1:0", ""), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert started.exists(), "the HTTP listener never started: nothing was tested"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
+    code, out, err = _serve_signalled_in(
+        tmp_path, config, _SLOW_HTTP_START, "HTTP_STARTING", signal.SIGTERM
+    )
+    assert code == 0, err[-3000:]
     assert out == "", out  # no 'listening' line
     assert "SIGTERM while starting: stopped before listening" in err, err[-3000:]
     assert "Traceback" not in err and "Bad file descriptor" not in err, err[-3000:]
