@@ -413,6 +413,48 @@ def test_the_lookup_failure_hold_ends_once_the_table_is_reopened_on_another_file
         server.stop()
 
 
+def test_the_lookup_failure_hold_stays_when_the_store_swapped_in_reads_the_same_file(
+    tmp_path, monkeypatch
+):
+    """A reload whose new store opened on the file served (a writer's commit) while the table
+    was made anew over its path before the swap took its path naming another file for a store
+    on another file: the lookup failure's hold ended, and a failed pass was queued again, while
+    the store swapped in still read the file they were about. Files are told apart by identity."""
+    from tiered_store import TieredStore
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.table_format import create_table
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"health_hold_s": 600}))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        table = config.table_path(3)
+        rows = load_table_in_memory(table).weight.numpy().copy()
+        health = served.health["engram_layer3"]
+        served.model.tables[3].failed("read", "injected")  # what a failed lookup records
+        with TieredStore.open({"table": {"path": str(table)}}) as writer:  # the same file
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        real = served._open_checked
+
+        def open_then_remade(name, old):  # made anew after the open ahead, before the swap
+            new = real(name, old)
+            layout = table_metadata(served.model.hasher, 3)
+            create_table(table, rows, progress=False, overwrite=True, metadata=layout)
+            return new
+
+        monkeypatch.setattr(served, "_open_checked", open_then_remade)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        monkeypatch.setattr(served, "_open_checked", real)
+        assert served.stores["engram_layer3"].cold.replaced()  # the old file, still
+        assert health.last_lookup_failure_at is not None  # the hold stays
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert health.last_lookup_failure_at is None  # on the file made anew: it ends
+        assert health.lookup_failures == 1
+    finally:
+        served.close()
+
+
 def test_a_slow_stats_or_scrape_holds_no_other_request_back(server, monkeypatch):
     """GET /stats and /metrics read the stores on the event loop: while one took its time (a
     store's statistics, a scrape), every other connection waited, /healthz included. They are

@@ -444,6 +444,11 @@ class ColdTable:
         _release_fd_pool(self._fd, self._pool, wait=True)
         self._fd, self._pool = -1, None
 
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the file open: what tells it apart from another at its path."""
+        return self._identity
+
     def replaced(self) -> bool:
         """Whether the path now names another file than the one open (a table made anew over
         it, e.g. a conversion rerun): reopen to serve it. A path naming no file is not."""
