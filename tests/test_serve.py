@@ -982,6 +982,68 @@ def test_requests_are_served_while_a_reload_opens_the_new_version(tmp_path, monk
         served.close()
 
 
+def _grow_delta_map(path: str, rows: int, row_bytes: int) -> int:
+    """Commit every row of the delta at ``path`` 8 times from a map of 64 KiB, which grows
+    past the map a store pinned on it has (a store here must close before another opens)."""
+    from tiered_store.delta.row_delta import RowDelta
+
+    delta = RowDelta(path, row_bytes, map_bytes=1 << 16)
+    try:
+        start = delta.latest_step()
+        for step in range(start + 1, start + 9):
+            delta.commit(np.arange(rows), np.zeros((rows, row_bytes), dtype=np.uint8), step=step)
+        return delta.map_grows
+    finally:
+        delta.close()
+
+
+def test_a_table_whose_map_grew_elsewhere_leaves_the_others_opened_ahead(tmp_path, monkeypatch):
+    """A stale table whose delta's map another process grew must close its old store before
+    its new one opens (under the gate): the open ahead stopped there, and every stale table
+    after it opened under the gate too, every request held back meanwhile. It goes on with
+    them; only that one opens under the gate."""
+    from tests import forkserver
+    from tiered_store import TieredStore
+    from tiered_store.delta import row_delta
+    from tiered_store.delta.row_delta import delta_path
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):
+            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
+                writer.write([1], torch.zeros(1, writer.dim))
+                writer.commit()
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1", "engram_layer3"]
+        first = served.stores["engram_layer1"]
+        with forkserver.context().Pool(1) as pool:  # layer 1's map grown in another process
+            path = str(delta_path(first.cold.path))
+            assert pool.apply(_grow_delta_map, (path, first.rows, first.row_bytes)) > 0
+        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
+            writer.write([1], torch.ones(1, writer.dim))
+            writer.commit()
+        opens: list[tuple[str, bool]] = []  # each open, and whether requests were held back
+        real = served._open_checked
+
+        def watched_open(name, old):
+            opens.append((name, served._gate._exclusive))
+            return real(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", watched_open)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1", "engram_layer3"]
+        assert opens == [
+            ("engram_layer1", False),  # refused beside the old store: opened under the gate
+            ("engram_layer3", False),
+            ("engram_layer1", True),  # refused again, then opened once the old store closed
+            ("engram_layer1", True),
+        ]
+        assert not any(store.closed for store in served.stores.values())
+    finally:
+        served.close()
+
+
 def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_opened(tmp_path):
     """The new stores open before the swap waits for the answers in flight: one that outlasts
     request_timeout_s postpones the swap, and what was opened for it is closed again."""

@@ -392,12 +392,12 @@ class ServedModel:
             self._outlasted = frozenset()
             refused: str | None = None  # the table whose new version failed to open
             try:  # all or nothing: every stale table's new store, checked, before any swap
+                if failure is not None:  # before an old store is closed for another table
+                    refused = failure[0]
+                    raise failure[1]
                 for refused in stale:
-                    if refused in opened:
-                        continue
-                    if failure is not None and failure[0] == refused:
-                        raise failure[1]
-                    opened[refused] = self._open_new_version(refused)
+                    if refused not in opened:
+                        opened[refused] = self._open_new_version(refused)
                 refused = None
                 # checks every table's geometry, then swaps them all
                 self.model.set_tables(self._guarded(opened))
@@ -442,15 +442,18 @@ class ServedModel:
         self, stale: list[str]
     ) -> tuple[dict[str, TieredStore], tuple[str, Exception] | None]:
         """The stores of ``stale``'s new versions, opened in turn outside the request gate until
-        one fails (with its table and error) or needs the gate (a map grown elsewhere:
-        ``_open_new_version`` closes the old store first); interrupted, none left open."""
+        one fails (with its table and error), but for those that need the gate (a map grown
+        elsewhere: ``_open_new_version`` closes the old store first); interrupted, none left
+        open."""
         opened: dict[str, TieredStore] = {}
         try:
             for name in stale:
-                opened[name] = self._open_checked(name, self.stores[name])
-        except TierIOError as exc:
-            if exc.errno != errno.ESTALE or self.stores[name].closed:
-                return opened, (name, exc)
+                try:
+                    opened[name] = self._open_checked(name, self.stores[name])
+                except TierIOError as exc:
+                    if exc.errno != errno.ESTALE or self.stores[name].closed:
+                        raise
+                    # opened under the gate; the tables after it open here still
         except Exception as exc:  # noqa: BLE001 (raised again under the gate, as it was)
             return opened, (name, exc)
         except BaseException:  # Ctrl-C: it goes on, no store it opened left open
