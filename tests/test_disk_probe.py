@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from tiered_store import disk_probe
+from tiered_store import disk_probe, io_uring
 from tiered_store.disk_probe import RandomReadRate, probe_random_reads, probe_uring_reads
 from tiered_store.errors import ConfigError, TierIOError
 
@@ -301,7 +301,29 @@ def test_uring_probe_bad_arguments(data_file):
 
 def test_uring_probe_read_failure_names_the_file(data_file, monkeypatch):
     monkeypatch.setattr(
-        disk_probe.IoUring, "read_batch", lambda ring, fd, o, n, a: np.full(len(o), -errno.EIO)
+        disk_probe.IoUring,
+        "read_batch",
+        lambda ring, fd, o, n, a, keep=None: np.full(len(o), -errno.EIO),
     )
     with pytest.raises(TierIOError, match=r"O_DIRECT read of .*probe.bin at offset \d+ failed"):
         probe_uring_reads(data_file, reads=10)
+
+
+def test_a_uring_probe_gives_its_buffer_as_the_reads_keep(data_file, monkeypatch):
+    """A second Ctrl-C as the drain of an interrupted probe begins leaves reads in flight; the
+    probe's ``with`` then closes the ring, and the buffer they land in was freed with the probe's
+    frame. The probe passes the buffer every read lands in as ``keep`` (which a ring closed with
+    reads in flight keeps for good)."""
+    if io_uring.uring_unavailable_reason() is not None:
+        pytest.skip("io_uring is unavailable")
+    read_batch, seen = io_uring.IoUring.read_batch, []
+
+    def noted(self, fd, offsets, lengths, addresses, keep=None):  # the real read, noted
+        seen.append((keep, int(np.min(addresses)), int(np.max(addresses + lengths))))
+        return read_batch(self, fd, offsets, lengths, addresses, keep=keep)
+
+    monkeypatch.setattr(io_uring.IoUring, "read_batch", noted)
+    probe_uring_reads(data_file, reads=300, queue_depth=4)
+    [(keep, low, high)] = seen
+    assert isinstance(keep, np.ndarray)
+    assert keep.ctypes.data <= low and high <= keep.ctypes.data + keep.nbytes

@@ -210,7 +210,7 @@ def probe_uring_reads(
             addresses = base + (np.arange(reads, dtype=np.int64) % slots) * block_bytes
             lengths = np.full(reads, block_bytes, dtype=np.int64)
             begin = time.perf_counter()
-            got = ring.read_batch(fd, offsets, lengths, addresses)
+            got = ring.read_batch(fd, offsets, lengths, addresses, keep=raw)
             seconds = time.perf_counter() - begin
     finally:
         os.close(fd)
