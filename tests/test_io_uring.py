@@ -407,3 +407,40 @@ def test_a_ring_closed_with_reads_in_flight_keeps_their_memory(monkeypatch):
         signal.signal(signal.SIGINT, default)
         os.close(r)
         os.close(w)
+
+
+def test_a_ring_closed_once_its_unfinished_reads_are_in_keeps_nothing(data, monkeypatch):
+    """A drain cut short leaves the batch unfinished; a ring closed after its reads completed
+    (a table closed after a second Ctrl-C) kept their memory for good all the same, one buffer
+    more for each such close. Only reads still in flight keep it."""
+    fd, payload = data
+    reap, calls = IoUring._reap, [0]
+
+    def interrupted(self, results):
+        calls[0] += 1
+        if calls[0] == 2:  # in the batch
+            raise KeyboardInterrupt
+        return reap(self, results)
+
+    def cut_short(self, *args):  # a second Ctrl-C, handled as the drain is entered
+        raise KeyboardInterrupt
+
+    n = 200
+    offsets = np.arange(n, dtype=np.int64) * 4096
+    lengths = np.full(n, 4096, dtype=np.int64)
+    buf = np.zeros(n * 4096, dtype=np.uint8)
+    kept, stranded = weakref.ref(buf), len(io_uring._STRANDED)
+    ring = IoUring(64)
+    monkeypatch.setattr(IoUring, "_reap", interrupted)
+    monkeypatch.setattr(IoUring, "_drain", cut_short)
+    with pytest.raises(KeyboardInterrupt) as info:
+        ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets, keep=buf)
+    monkeypatch.undo()
+    del info
+    assert ring._unfinished and not ring.closed
+    while ring._in_flight(*ring._batch_start):  # the reads of a regular file complete
+        time.sleep(0.001)
+    ring.close()
+    del buf
+    gc.collect()
+    assert kept() is None and len(io_uring._STRANDED) == stranded

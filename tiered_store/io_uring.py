@@ -313,8 +313,6 @@ class IoUring:
                     raise OSError(ctypes.get_errno(), "io_uring_enter failed while draining")
                 self._reap(None)
             except Exception:  # the kernel refuses: the ring cannot be drained
-                if self._sq_head is not None and not self._in_flight(tail0, head0):
-                    self._unfinished.clear()  # none: no memory to keep for good
                 self.close()
                 break
             except BaseException as exc:  # a further interrupt (Ctrl-C, a signal's SystemExit)
@@ -328,7 +326,14 @@ class IoUring:
         return self._fd < 0
 
     def close(self) -> None:
-        """Unmap the rings and close the ring descriptor (idempotent)."""
+        """Unmap the rings and close the ring descriptor (idempotent); an unfinished batch's
+        ``keep`` is kept for good only if reads the kernel took are not complete."""
+        if (
+            self._unfinished
+            and self._sq_head is not None
+            and not self._in_flight(*self._batch_start)
+        ):
+            self._unfinished.clear()  # queued SQEs not taken never are, once the ring is closed
         self._sq_array = self._sqes = self._cqes = None
         self._sq_head = self._sq_tail = self._cq_head = self._cq_tail = None
         for m in self._maps:
