@@ -1044,15 +1044,19 @@ def test_a_table_whose_map_grew_elsewhere_leaves_the_others_opened_ahead(tmp_pat
         served.close()
 
 
-def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_opened(tmp_path):
-    """The new stores open before the swap waits for the answers in flight: one that outlasts
-    request_timeout_s postpones the swap, and what was opened for it is closed again."""
+@contextlib.contextmanager
+def _an_answer_in_flight_over_a_commit(tmp_path, request_timeout_s, hold):
+    """A ServedModel (checked only when asked) whose layer 3 table a writer committed to, and an
+    answer in flight in a thread (``hold(served, done)`` inside the request gate) until ``end``
+    is called or the block ends; yields the model, its config, ``open_on_layer3`` (descriptors
+    open on layer 3's file), that count once committed, and ``end``."""
     import os
-    import threading
 
     from tiered_store import TieredStore
 
-    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.2}))
+    config = ServeConfig.from_yaml(
+        make_checkpoint(tmp_path, server={"request_timeout_s": request_timeout_s})
+    )
     layer3 = config.table_path(3).resolve()
 
     def open_on_layer3() -> int:
@@ -1060,32 +1064,56 @@ def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_ope
         return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(layer3))
 
     served = ServedModel(config)
+    done, workers = threading.Event(), []
+
+    def end() -> None:
+        done.set()
+        for worker in workers:
+            worker.join(60)
+
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
             writer.write([1], torch.zeros(1, writer.dim))
             writer.commit()
-        opened, inside, done = open_on_layer3(), threading.Event(), threading.Event()
+        opened, inside = open_on_layer3(), threading.Event()
 
-        def hung_answer() -> None:  # an answer in flight, its worker hung on a read
+        def answer() -> None:
             with served._gate.shared():
                 inside.set()
-                done.wait(60)
+                hold(served, done)
 
-        worker = threading.Thread(target=hung_answer)
-        worker.start()
+        workers.append(threading.Thread(target=answer))
+        workers[0].start()
         try:
             assert inside.wait(30)
-            assert served.reload_if_stale(force_check=True) == []
-            assert "postponed" in (served.reload_refused or "")
-            assert open_on_layer3() == opened  # the store opened for the swap closed again
+            yield served, config, open_on_layer3, opened, end
         finally:
-            done.set()
-            worker.join(60)
-        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
-        assert open_on_layer3() == opened  # the old store's file closed, the new one's open
+            end()
     finally:
         served.close()
+
+
+def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_opened(tmp_path):
+    """The new stores open before the swap waits for the answers in flight: one that outlasts
+    request_timeout_s postpones the swap, and what was opened for it is closed again."""
+
+    def hung_answer(served, done) -> None:  # an answer in flight, its worker hung on a read
+        done.wait(60)
+
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, hung_answer) as (
+        served,
+        _,
+        open_on_layer3,
+        opened,
+        end,
+    ):
+        assert served.reload_if_stale(force_check=True) == []
+        assert "postponed" in (served.reload_refused or "")
+        assert open_on_layer3() == opened  # the store opened for the swap closed again
+        end()  # the answer ends
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert open_on_layer3() == opened  # the old store's file closed, the new one's open
 
 
 def test_a_reload_interrupted_while_it_waits_for_the_answers_in_flight(tmp_path):
@@ -1095,42 +1123,23 @@ def test_a_reload_interrupted_while_it_waits_for_the_answers_in_flight(tmp_path)
     and the interrupt goes on."""
     import os
     import signal
-    import threading
 
-    from tiered_store import TieredStore
+    def answer_in_flight(served, done) -> None:  # Ctrl-C once the reload waits for it
+        while not served._gate._exclusive and not done.is_set():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+        done.wait(60)
 
-    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 60}))
-    layer3 = config.table_path(3).resolve()
-
-    def open_on_layer3() -> int:
-        fds = Path("/proc/self/fd")
-        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(layer3))
-
-    served = ServedModel(config)
-    try:
-        served.reload_check_seconds = 3600.0  # checks only when the test asks
-        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
-            writer.write([1], torch.zeros(1, writer.dim))
-            writer.commit()
-        opened, inside, done = open_on_layer3(), threading.Event(), threading.Event()
-
-        def answer_in_flight() -> None:  # Ctrl-C once the reload waits for it
-            with served._gate.shared():
-                inside.set()
-                while not served._gate._exclusive and not done.is_set():
-                    time.sleep(0.01)
-                os.kill(os.getpid(), signal.SIGINT)
-                done.wait(60)
-
-        worker = threading.Thread(target=answer_in_flight)
-        worker.start()
-        try:
-            assert inside.wait(30)
-            with pytest.raises(KeyboardInterrupt):
-                served.reload_if_stale(force_check=True)
-        finally:
-            done.set()
-            worker.join(60)
+    with _an_answer_in_flight_over_a_commit(tmp_path, 60, answer_in_flight) as (
+        served,
+        config,
+        open_on_layer3,
+        opened,
+        end,
+    ):
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+        end()
         assert open_on_layer3() == opened  # the store opened for the swap closed again
         request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
         answers: list[list[int]] = []
@@ -1139,8 +1148,6 @@ def test_a_reload_interrupted_while_it_waits_for_the_answers_in_flight(tmp_path)
         asker.join(30)
         assert answers == [[1, 3]]  # the gate let it pass
         assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
-    finally:
-        served.close()
 
 
 def test_a_reload_interrupted_by_ctrl_c_closes_every_store_it_opened(tmp_path, monkeypatch):
