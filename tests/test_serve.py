@@ -455,6 +455,40 @@ def test_the_lookup_failure_hold_stays_when_the_store_swapped_in_reads_the_same_
         served.close()
 
 
+def test_the_lookup_failure_hold_ends_when_a_closed_store_s_file_is_made_anew_on_its_inode(
+    tmp_path,
+):
+    """A store closed (its map grown elsewhere, left closed by a refused reload) frees its file's
+    inode once the file is removed: a table made anew there can get that inode, and told apart
+    by (st_dev, st_ino) alone the store reopened on it counted as on the same file: the lookup
+    failure's hold stayed. Once it closed, its mtime when opened joins its identity."""
+    import os
+
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.table_format import create_table
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"health_hold_s": 600}))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        table = config.table_path(3)
+        rows = load_table_in_memory(table).weight.numpy().copy()
+        health = served.health["engram_layer3"]
+        served.model.tables[3].failed("read", "injected")  # what a failed lookup records
+        old = served.stores["engram_layer3"]
+        inode = os.stat(table).st_ino
+        old.close()  # as a refused reload leaves it
+        table.unlink()  # made anew: the old file removed first
+        layout = table_metadata(served.model.hasher, 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=layout)
+        if os.stat(table).st_ino != inode:
+            pytest.skip("this file system gave the new file another inode")
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert health.last_lookup_failure_at is None  # on another file: the hold ends
+    finally:
+        served.close()
+
+
 def test_a_slow_stats_or_scrape_holds_no_other_request_back(server, monkeypatch):
     """GET /stats and /metrics read the stores on the event loop: while one took its time (a
     store's statistics, a scrape), every other connection waited, /healthz included. They are

@@ -200,6 +200,7 @@ class ColdTable:
         self._calls = InFlight(partial(TierIOError, errno.EBADF, closed, str(self.path)))
         self._fd = -1
         self._identity: tuple[int, int] = (-1, -1)  # (st_dev, st_ino) of the open file
+        self._mtime_ns = -1  # and its mtime when opened (same_file)
         self._mmap: mmap.mmap | None = None
         self._array: np.ndarray | None = None
         self._bytes: np.ndarray | None = None  # mmap: the whole file as uint8 (page checks)
@@ -333,7 +334,7 @@ class ColdTable:
     def _remember_identity(self) -> None:
         """Note which file the descriptor is, for the per-batch check that it is still the table."""
         st = os.fstat(self._fd)
-        self._identity = (st.st_dev, st.st_ino)
+        self._identity, self._mtime_ns = (st.st_dev, st.st_ino), st.st_mtime_ns
 
     def _open_fd(self) -> None:
         """Open for pread/direct/uring; probe one read so a refusing system fails here."""
@@ -444,10 +445,12 @@ class ColdTable:
         _release_fd_pool(self._fd, self._pool, wait=True)
         self._fd, self._pool = -1, None
 
-    @property
-    def identity(self) -> tuple[int, int]:
-        """(st_dev, st_ino) of the file open: what tells it apart from another at its path."""
-        return self._identity
+    def same_file(self, other: ColdTable) -> bool:
+        """Whether ``other`` opened the file this one did: the same (st_dev, st_ino) and, once
+        this one's descriptor closed (a file made anew may get its freed inode), the same mtime."""
+        if self._identity != other._identity:
+            return False
+        return self._fd >= 0 or self._mtime_ns == other._mtime_ns
 
     def replaced(self) -> bool:
         """Whether the path now names another file than the one open (a table made anew over

@@ -1142,7 +1142,7 @@ def _another_file(old: Any, new: Any) -> bool:
     """Whether store ``new``, reopened over ``old``, reads another file (a new version, a table
     made anew), not the same one after a writer's commit: told apart by identity, not by path
     (one made anew after ``new`` opened leaves it on ``old``'s file)."""
-    return new.cold.identity != old.cold.identity
+    return not old.cold.same_file(new.cold)
 
 
 def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
