@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -68,6 +69,11 @@ def server(config_path):
 
 
 # -- config -----------------------------------------------------------------------------------------
+
+
+def _fds_open_on(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path`` (resolved)."""
+    return sum(1 for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd) == str(path))
 
 
 def test_example_config_is_valid():
@@ -924,17 +930,12 @@ def test_a_new_version_that_runs_out_of_memory_is_refused_and_leaks_nothing(tmp_
     never closed (their memory and files held, at every check). It is refused as any other
     failure is: logged, in /healthz's warnings, counted, every store opened closed again, and
     the request served on the version open now."""
-    import os
 
     from tiered_store import TieredStore
     from tiered_store import store as store_module
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     layer1 = config.table_path(1).resolve()
-
-    def open_on_layer1() -> int:
-        fds = Path("/proc/self/fd")
-        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(layer1))
 
     served = ServedModel(config)
     try:
@@ -943,7 +944,7 @@ def test_a_new_version_that_runs_out_of_memory_is_refused_and_leaks_nothing(tmp_
             with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
                 writer.write([1], torch.zeros(1, writer.dim))
                 writer.commit()
-        real, opened = store_module.CacheHierarchy.from_config, open_on_layer1()
+        real, opened = store_module.CacheHierarchy.from_config, _fds_open_on(layer1)
 
         def out_of_memory_for_layer3(store_config, *args, **kwargs):
             if Path(store_config.table.path).name == "engram_layer3.npy":
@@ -957,7 +958,7 @@ def test_a_new_version_that_runs_out_of_memory_is_refused_and_leaks_nothing(tmp_
         assert served.answer(request)["shape"] == [1, 3]  # on the version open now
         assert "out of memory" in (served.reload_refused or "")
         assert [served.health[name].reload_failures for name in TABLES] == [1, 1]
-        assert open_on_layer1() == opened  # the store opened for layer 1 closed again
+        assert _fds_open_on(layer1) == opened  # the store opened for layer 1 closed again
         monkeypatch.undo()
         assert served.reload_if_stale(force_check=True) == TABLES
         assert served.reload_refused is None
@@ -1082,20 +1083,14 @@ def test_a_table_whose_map_grew_elsewhere_leaves_the_others_opened_ahead(tmp_pat
 def _an_answer_in_flight_over_a_commit(tmp_path, request_timeout_s, hold):
     """A ServedModel (checked only when asked) whose layer 3 table a writer committed to, and an
     answer in flight in a thread (``hold(served, done)`` inside the request gate) until ``end``
-    is called or the block ends; yields the model, its config, ``open_on_layer3`` (descriptors
-    open on layer 3's file), that count once committed, and ``end``."""
-    import os
-
+    is called or the block ends; yields the model, its config, layer 3's file (resolved), the
+    descriptors open on it once committed (``_fds_open_on``), and ``end``."""
     from tiered_store import TieredStore
 
     config = ServeConfig.from_yaml(
         make_checkpoint(tmp_path, server={"request_timeout_s": request_timeout_s})
     )
     layer3 = config.table_path(3).resolve()
-
-    def open_on_layer3() -> int:
-        fds = Path("/proc/self/fd")
-        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(layer3))
 
     served = ServedModel(config)
     done, workers = threading.Event(), []
@@ -1110,7 +1105,7 @@ def _an_answer_in_flight_over_a_commit(tmp_path, request_timeout_s, hold):
         with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
             writer.write([1], torch.zeros(1, writer.dim))
             writer.commit()
-        opened, inside = open_on_layer3(), threading.Event()
+        opened, inside = _fds_open_on(layer3), threading.Event()
 
         def answer() -> None:
             with served._gate.shared():
@@ -1121,7 +1116,7 @@ def _an_answer_in_flight_over_a_commit(tmp_path, request_timeout_s, hold):
         workers[0].start()
         try:
             assert inside.wait(30)
-            yield served, config, open_on_layer3, opened, end
+            yield served, config, layer3, opened, end
         finally:
             end()
     finally:
@@ -1138,16 +1133,16 @@ def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_ope
     with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, hung_answer) as (
         served,
         _,
-        open_on_layer3,
+        layer3,
         opened,
         end,
     ):
         assert served.reload_if_stale(force_check=True) == []
         assert "postponed" in (served.reload_refused or "")
-        assert open_on_layer3() == opened  # the store opened for the swap closed again
+        assert _fds_open_on(layer3) == opened  # the store opened for the swap closed again
         end()  # the answer ends
         assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
-        assert open_on_layer3() == opened  # the old store's file closed, the new one's open
+        assert _fds_open_on(layer3) == opened  # the old store's file closed, the new one's open
 
 
 def test_a_reload_interrupted_while_it_waits_for_the_answers_in_flight(tmp_path):
@@ -1167,14 +1162,14 @@ def test_a_reload_interrupted_while_it_waits_for_the_answers_in_flight(tmp_path)
     with _an_answer_in_flight_over_a_commit(tmp_path, 60, answer_in_flight) as (
         served,
         config,
-        open_on_layer3,
+        layer3,
         opened,
         end,
     ):
         with pytest.raises(KeyboardInterrupt):
             served.reload_if_stale(force_check=True)
         end()
-        assert open_on_layer3() == opened  # the store opened for the swap closed again
+        assert _fds_open_on(layer3) == opened  # the store opened for the swap closed again
         request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
         answers: list[list[int]] = []
         asker = threading.Thread(target=lambda: answers.append(served.answer(request)["shape"]))
@@ -1189,17 +1184,12 @@ def test_a_reload_interrupted_by_ctrl_c_closes_every_store_it_opened(tmp_path, m
     version of one stale table, while it opened the next, went up the stack with that store
     open (its memory, its files and the hold that keeps a compaction from removing the version
     it reads). Every store the reload opened is closed, and the interrupt goes on."""
-    import os
 
     from tiered_store import TieredStore
     from tiered_store import store as store_module
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     layer1 = config.table_path(1).resolve()
-
-    def open_on_layer1() -> int:
-        fds = Path("/proc/self/fd")
-        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(layer1))
 
     served = ServedModel(config)
     try:
@@ -1208,7 +1198,7 @@ def test_a_reload_interrupted_by_ctrl_c_closes_every_store_it_opened(tmp_path, m
             with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
                 writer.write([1], torch.zeros(1, writer.dim))
                 writer.commit()
-        real, opened = store_module.CacheHierarchy.from_config, open_on_layer1()
+        real, opened = store_module.CacheHierarchy.from_config, _fds_open_on(layer1)
 
         def interrupted_at_layer3(store_config, *args, **kwargs):
             if Path(store_config.table.path).name == "engram_layer3.npy":
@@ -1220,7 +1210,7 @@ def test_a_reload_interrupted_by_ctrl_c_closes_every_store_it_opened(tmp_path, m
         )
         with pytest.raises(KeyboardInterrupt):
             served.reload_if_stale(force_check=True)
-        assert open_on_layer1() == opened  # the store opened for layer 1 closed again
+        assert _fds_open_on(layer1) == opened  # the store opened for layer 1 closed again
         monkeypatch.undo()
         assert served.reload_if_stale(force_check=True) == TABLES
     finally:
@@ -1319,21 +1309,16 @@ def test_a_reload_interrupted_as_it_announces_serves_and_closes_as_swapped(tmp_p
     in no list; the next check found the old ones stale and opened the tables yet again, the
     first new stores never closed (their files and memory held for good). ``stores`` names
     what the model reads, the old stores close, and the interrupt goes on."""
-    import os
 
     from tiered_store import TieredStore
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     layer1 = config.table_path(1).resolve()
 
-    def open_on_layer1() -> int:
-        fds = Path("/proc/self/fd")
-        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(layer1))
-
     served = ServedModel(config)
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
-        opened = open_on_layer1()
+        opened = _fds_open_on(layer1)
         for layer in (1, 3):  # both tables stale
             with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
                 writer.write([1], torch.zeros(1, writer.dim))
@@ -1351,7 +1336,7 @@ def test_a_reload_interrupted_as_it_announces_serves_and_closes_as_swapped(tmp_p
             name = config.table_name(layer)
             assert served.model.tables[layer].table is served.stores[name], layer
             assert served.stores[name] is not old[name] and old[name].closed, layer
-        assert open_on_layer1() == opened  # the old store's file closed, the new one's open
+        assert _fds_open_on(layer1) == opened  # the old store's file closed, the new one's open
         assert served.reload_if_stale(force_check=True) == []  # on the version now
     finally:
         served.close()
