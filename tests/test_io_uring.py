@@ -36,6 +36,12 @@ def data(tmp_path):
     os.close(fd)
 
 
+def _pages(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reads of the file's first ``n`` 4 KiB pages: their offsets, lengths and a buffer for them."""
+    offsets = np.arange(n, dtype=np.int64) * 4096
+    return offsets, np.full(n, 4096, dtype=np.int64), np.zeros(n * 4096, dtype=np.uint8)
+
+
 @pytest.mark.parametrize("depth", [1, 3, 64, 1000])
 def test_reads_land_where_asked(data, depth):
     """Many more requests than the ring holds: it wraps and refills; every byte checked."""
@@ -140,10 +146,7 @@ def test_a_second_ctrl_c_while_draining_still_waits_for_the_reads_in_flight(
             raise second
         return reap(self, results)
 
-    n = 200
-    offsets = np.arange(n, dtype=np.int64) * 4096
-    lengths = np.full(n, 4096, dtype=np.int64)
-    buf = np.zeros(n * 4096, dtype=np.uint8)
+    offsets, lengths, buf = _pages(200)
     with IoUring(4) as ring:
         monkeypatch.setattr(IoUring, "_reap", interrupted)
         with pytest.raises(second):  # (raised once the reads are in)
@@ -157,7 +160,7 @@ def test_a_second_ctrl_c_while_draining_still_waits_for_the_reads_in_flight(
         assert np.array_equal(
             ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets), lengths
         )
-        assert np.array_equal(buf, payload[: n * 4096])
+        assert np.array_equal(buf, payload[: buf.size])
 
 
 def test_a_drain_waits_in_the_kernel_for_the_reads_in_flight_without_spinning(monkeypatch):
@@ -229,10 +232,7 @@ def test_a_ctrl_c_between_queueing_requests_and_publishing_them_is_drained(data,
     asked and so returned without waiting, and the drain spun on a core for good. The drain
     publishes what is queued, so every request queued is read and the ring stays usable."""
     fd, payload = data
-    n = 200
-    offsets = np.arange(n, dtype=np.int64) * 4096
-    lengths = np.full(n, 4096, dtype=np.int64)
-    buf = np.zeros(n * 4096, dtype=np.uint8)
+    offsets, lengths, buf = _pages(200)
     reap, drain, drain_reaps = IoUring._reap, IoUring._drain, [0]
 
     def bounded(self, results):  # a drain that spins reaps nothing, for good: fail it instead
@@ -269,7 +269,7 @@ def test_a_ctrl_c_between_queueing_requests_and_publishing_them_is_drained(data,
         assert np.array_equal(
             ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets), lengths
         )
-        assert np.array_equal(buf, payload[: n * 4096])
+        assert np.array_equal(buf, payload[: buf.size])
 
 
 def test_an_exit_asked_while_draining_is_raised_once_the_reads_are_in(data, monkeypatch):
@@ -289,10 +289,7 @@ def test_an_exit_asked_while_draining_is_raised_once_the_reads_are_in(data, monk
             raise SystemExit(143)
         return reap(self, results)
 
-    n = 200
-    offsets = np.arange(n, dtype=np.int64) * 4096
-    lengths = np.full(n, 4096, dtype=np.int64)
-    buf = np.zeros(n * 4096, dtype=np.uint8)
+    offsets, lengths, buf = _pages(200)
     with IoUring(4) as ring:
         monkeypatch.setattr(IoUring, "_reap", interrupted)
         with pytest.raises(SystemExit) as exit_info:
@@ -324,10 +321,7 @@ def test_an_interrupt_as_the_drain_begins_leaves_reads_the_next_batch_waits_for(
     def cut_short(self, *args):  # a second Ctrl-C, handled as the drain is entered
         raise KeyboardInterrupt
 
-    n = 200
-    offsets = np.arange(n, dtype=np.int64) * 4096
-    lengths = np.full(n, 4096, dtype=np.int64)
-    buf = np.zeros(n * 4096, dtype=np.uint8)
+    offsets, lengths, buf = _pages(200)
     with IoUring(64) as ring:
         monkeypatch.setattr(IoUring, "_reap", interrupted)
         monkeypatch.setattr(IoUring, "_drain", cut_short)
@@ -425,10 +419,7 @@ def test_a_ring_closed_once_its_unfinished_reads_are_in_keeps_nothing(data, monk
     def cut_short(self, *args):  # a second Ctrl-C, handled as the drain is entered
         raise KeyboardInterrupt
 
-    n = 200
-    offsets = np.arange(n, dtype=np.int64) * 4096
-    lengths = np.full(n, 4096, dtype=np.int64)
-    buf = np.zeros(n * 4096, dtype=np.uint8)
+    offsets, lengths, buf = _pages(200)
     kept, stranded = weakref.ref(buf), len(io_uring._STRANDED)
     ring = IoUring(64)
     monkeypatch.setattr(IoUring, "_reap", interrupted)

@@ -68,12 +68,12 @@ def server(config_path):
     srv.stop()
 
 
-# -- config -----------------------------------------------------------------------------------------
-
-
 def _fds_open_on(path: Path) -> int:
     """How many of this process's file descriptors are open on ``path`` (resolved)."""
     return sum(1 for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd) == str(path))
+
+
+# -- config -----------------------------------------------------------------------------------------
 
 
 def test_example_config_is_valid():
