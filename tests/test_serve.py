@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from tests.serve_support import CONFIG, TABLES, make_checkpoint, write_config
+from tiered_store import IgnoredSettingWarning
 from tiered_store.engram.checkpoint import load_table_in_memory
 from tiered_store.errors import ConfigError, TierIOError
 from tiered_store.serve import (
@@ -77,7 +79,9 @@ def _fds_open_on(path: Path) -> int:
 
 
 def test_example_config_is_valid():
-    cfg = ServeConfig.from_yaml(EXAMPLE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the example sets nothing it ignores
+        cfg = ServeConfig.from_yaml(EXAMPLE)
     assert cfg.model is not None and cfg.model.engram.layer_ids == (1, 3)
     assert cfg.metrics_address == "127.0.0.1:9400" and cfg.server.address == "127.0.0.1:8080"
     assert cfg.store_config(3).table.path == str(
@@ -154,7 +158,7 @@ def test_the_scrubbers_byte_rate_takes_a_size_or_0_for_no_limit():
     ``bytes_per_s``): a byte size with a unit, a number of bytes, or 0 for no limit."""
     rates = {"256MiB": 256 << 20, 4096: 4096, "1.5KiB": 1536, 0: None}
     for value, rate in rates.items():
-        data = {**CONFIG, "checkpoint": {"scrub_bytes_per_s": value}}
+        data = {**CONFIG, "checkpoint": {"scrub_interval_s": 60, "scrub_bytes_per_s": value}}
         assert ServeConfig.from_dict(data).checkpoint.scrub_rate == rate
     for value, message in (
         (-1, "greater than or equal to 0"),
@@ -164,6 +168,28 @@ def test_the_scrubbers_byte_rate_takes_a_size_or_0_for_no_limit():
         data = {**CONFIG, "checkpoint": {"scrub_bytes_per_s": value}}
         with pytest.raises(ConfigError, match=rf"checkpoint.scrub_bytes_per_s.*{message}"):
             ServeConfig.from_dict(data)
+
+
+def test_a_scrub_rate_without_scrub_passes_warns_that_nothing_reads_it(recwarn):
+    """``checkpoint.scrub_bytes_per_s`` paces only the passes of ``scrub_interval_s``; set with
+    no interval (0, the default) it was silently ignored, the user believing the scrub paced
+    when none runs. It warns naming the file, both keys and that ``verify_on_start`` is not
+    paced; with an interval, or left unset, nothing is said."""
+    data = {**CONFIG, "checkpoint": {"scrub_bytes_per_s": "64MiB"}}
+    with pytest.warns(IgnoredSettingWarning) as caught:
+        ServeConfig.from_dict(data, source="serve.yaml")
+    assert len(caught) == 1
+    assert str(caught[0].message) == (
+        "serve.yaml: checkpoint.scrub_bytes_per_s: ignored; checkpoint.scrub_interval_s is 0, "
+        "so no checksum pass runs while serving (verify_on_start reads unpaced); give "
+        "scrub_interval_s or remove it"
+    )
+    recwarn.clear()
+    ServeConfig.from_dict(
+        {**CONFIG, "checkpoint": {"scrub_interval_s": 60, "scrub_bytes_per_s": 0}}
+    )
+    ServeConfig.from_dict(CONFIG)
+    assert [w for w in recwarn if issubclass(w.category, IgnoredSettingWarning)] == []
 
 
 def test_a_scrub_rate_written_otherwise_is_refused_saying_how_to_write_it():
@@ -185,7 +211,10 @@ def test_a_scrub_rate_past_a_floats_range_is_no_limit_not_an_overflow(tmp_path):
     (logged as a failed pass, tried again and given up, the tables never checked). Such a rate
     reads as fast as the disk goes."""
     rate = 10**400
-    path = make_checkpoint(tmp_path, checkpoint={"path": "checkpoint", "scrub_bytes_per_s": rate})
+    path = make_checkpoint(
+        tmp_path,
+        checkpoint={"path": "checkpoint", "scrub_interval_s": 3600, "scrub_bytes_per_s": rate},
+    )
     config = ServeConfig.from_yaml(path)
     served = ServedModel(config)
     try:

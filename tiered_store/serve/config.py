@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, StrictBool, StrictInt
 
-from ..cache_plan import parse_policy
+from ..cache_plan import IgnoredSettingWarning, parse_policy
 from ..capacity import parse_bytes
 from ..config import (
     METRICS_ADDRESS,
@@ -26,7 +26,7 @@ from ..config import (
 )
 from ..engram.checkpoint import DENSE_FILE, table_file
 from ..engram.config import ModelConfig
-from ..errors import ConfigError, shown
+from ..errors import ConfigError, shown, warn_at_caller
 
 __all__ = [
     "SERVE_DEFAULTS",
@@ -213,6 +213,14 @@ class ServeConfig:
                 "(checkpoint.path); remove it"
             )
         check_address(sections.server.address, f"{source}: server.address")
+        checkpoint = sections.checkpoint
+        if "scrub_bytes_per_s" in checkpoint.model_fields_set and not checkpoint.scrub_interval_s:
+            warn_at_caller(
+                f"{source}: checkpoint.scrub_bytes_per_s: ignored; checkpoint.scrub_interval_s is "
+                "0, so no checksum pass runs while serving (verify_on_start reads unpaced); give "
+                "scrub_interval_s or remove it",
+                IgnoredSettingWarning,
+            )
         cfg = cls(
             checkpoint=sections.checkpoint,
             server=sections.server,
