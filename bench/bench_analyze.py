@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tiered_store.atomic_file import json_text, write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script
 from tiered_store.errors import ConfigError
 from tiered_store.versions import machine_info
 from zipf_analysis.analyze import AnalyzeOptions, analyze, parse_targets
@@ -42,14 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-tokens", type=at_least(1), help="cap on tokens (default: the whole corpus)"
     )
-    p.add_argument("--config", type=Path, help="Engram config (default: the reference one)")
+    p.add_argument("--config", type=given_path, help="Engram config (default: the reference one)")
     p.add_argument("--seq-len", type=at_least(1), default=4096, help="tokens per sequence (4096)")
     p.add_argument("--batch-seqs", type=at_least(1), default=8, help="sequences per batch (8)")
     p.add_argument("--workers", type=at_least(1), help="threads (default: CPU count)")
     p.add_argument("--targets", default="hot=0.3,warm=0.6", help="target hit rates")
     p.add_argument("--no-curves", action="store_true", help="skip LRU, SHARDS and Belady")
     p.add_argument("--no-belady", action="store_true", help="skip Belady")
-    p.add_argument("--work-dir", type=Path, help="analysis output folder (default: a temp dir)")
+    p.add_argument(
+        "--work-dir", type=given_path, help="analysis output folder (default: a temp dir)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the analysis output folder")
     p.add_argument("--out", type=output_file, help="also write the JSON here")
     p.add_argument(

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script
 from tiered_store.errors import ConfigError
 from tiered_store.online_profile import OnlineProfile
 from tiered_store.profile import FrequencyProfile
@@ -99,7 +98,7 @@ def misses_after(ids, rows, pinned_ids, recency_rows) -> float:
 
 def main(argv=None) -> int:
     p = doc_parser(__doc__)
-    p.add_argument("analysis", type=Path, help="an `tiered-store analyze --holdout` output")
+    p.add_argument("analysis", type=given_path, help="an `tiered-store analyze --holdout` output")
     p.add_argument("--layer", default="layer1", help="the trace's table to replay")
     p.add_argument("--shares", default="0.05,0.1", help="tier sizes, shares of the rows")
     lookups = at_least(1, "at least 1 lookup")

@@ -80,6 +80,7 @@ from tiered_store.cli_args import (
     existing_dir,
     float_list,
     fraction,
+    given_path,
     int_list,
     output_file,
     public_command,
@@ -427,7 +428,7 @@ def main(argv=None) -> int:
     p = doc_parser(__doc__)
     chunk_expected = f"0 or at least {BATCH:,} lookups (a batch)"  # --chunk's, two checks
     p.add_argument("corpus", nargs="*", help="text files/dirs (default: the stdlib sources)")
-    p.add_argument("--analysis", type=Path, help="reuse an `analyze --holdout` output")
+    p.add_argument("--analysis", type=given_path, help="reuse an `analyze --holdout` output")
     p.add_argument(
         "--max-tokens", type=at_least(1), default=2_000_000, help="tokens analysed (both parts)"
     )
@@ -439,13 +440,13 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--profile-from",
-        type=Path,
+        type=given_path,
         help="take the offline profile from this analyze output instead (traffic that drifted "
         "from the profile: e.g. a profile of code serving prose)",
     )
     p.add_argument(
         "--then",
-        type=Path,
+        type=given_path,
         help="(b): traffic that changes kind while serving: after --switch-at lookups of the "
         "analysis' held-out trace, this analyze output's (e.g. code, then Vim help)",
     )

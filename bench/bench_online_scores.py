@@ -36,7 +36,6 @@ help.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -44,7 +43,7 @@ from tqdm import tqdm
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader
@@ -119,7 +118,7 @@ def future_counts(windows: list, start: int, span: int, rows: int, returns: bool
 
 def main(argv=None) -> int:
     p = doc_parser(__doc__)
-    p.add_argument("analysis", type=Path, help="a `tiered-store analyze --holdout` output")
+    p.add_argument("analysis", type=given_path, help="a `tiered-store analyze --holdout` output")
     p.add_argument("--layer", default="layer1", help="the trace's table to score")
     p.add_argument("--shares", default="5%,10%", help="tier sizes, shares of the rows")
     lookups = at_least(1, "at least 1 lookup")

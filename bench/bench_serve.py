@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script
 from tiered_store.serve import ServeConfig, ServedModel, parse_request
 from tiered_store.serve.client import ServeProcess, get_json, post_json, run_load, zipf_requests
 
@@ -69,7 +69,7 @@ def prepare_config(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = doc_parser(__doc__)
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="serve config to copy")
+    p.add_argument("--config", type=given_path, default=DEFAULT_CONFIG, help="serve config to copy")
     p.add_argument("--clients", default="1,8,64", help="client counts, comma-separated")
     p.add_argument(
         "--requests",

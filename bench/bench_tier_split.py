@@ -36,7 +36,14 @@ import numpy as np
 
 from tiered_store.atomic_file import json_text, scratch_directory, write_json
 from tiered_store.cache_plan import parse_policy
-from tiered_store.cli_args import at_least, doc_parser, output_file, public_command, run_script
+from tiered_store.cli_args import (
+    at_least,
+    doc_parser,
+    given_path,
+    output_file,
+    public_command,
+    run_script,
+)
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
 from zipf_analysis.analyze.publish import refuse_unknown_table, table_choices
@@ -47,7 +54,7 @@ from zipf_analysis.tier_split import parse_budgets, recommend_split
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and write the JSON."""
     p = doc_parser(__doc__)  # the whole docstring, and every default
-    p.add_argument("--analysis", type=Path, help="an `analyze` output directory to reuse")
+    p.add_argument("--analysis", type=given_path, help="an `analyze` output directory to reuse")
     p.add_argument(
         "--max-tokens",
         type=at_least(1, "at least 1 token"),

@@ -30,7 +30,6 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +41,7 @@ from tiered_store.cli_args import (
     doc_parser,
     existing_dir,
     fraction,
+    given_path,
     output_file,
     run_script,
 )
@@ -69,7 +69,7 @@ def serve(store: TieredStore, ids: np.ndarray, batch: int) -> dict[str, float]:
 
 def main(argv=None) -> int:
     p = doc_parser(__doc__)
-    p.add_argument("trace", type=Path, help="a trace from `tiered-store analyze`")
+    p.add_argument("trace", type=given_path, help="a trace from `tiered-store analyze`")
     p.add_argument("--layer", default="layer1", help="the trace's table to replay")
     share = fraction("a share of the rows in (0, 1], e.g. 0.01 for 1%")
     p.add_argument("--hot", type=share, default=0.01, help="hot tier, share of the rows")

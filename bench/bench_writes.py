@@ -41,7 +41,14 @@ import torch
 
 from tiered_store import TieredStore
 from tiered_store.atomic_file import json_text, write_json
-from tiered_store.cli_args import at_least, doc_parser, existing_dir, output_file, run_script
+from tiered_store.cli_args import (
+    at_least,
+    doc_parser,
+    existing_dir,
+    given_path,
+    output_file,
+    run_script,
+)
 from tiered_store.corpus import CorpusError, resolve_corpus
 from tiered_store.delta.row_delta import HEADER_BYTES
 from tiered_store.delta.row_optimizers import make_row_optimizer
@@ -117,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rows per commit (commit section)",
     )
     p.add_argument("--recovery-rows", default="100000,1000000,4000000", help="table sizes")
-    p.add_argument("--baseline-root", type=Path, help="a checkout of main (readpath section)")
+    p.add_argument("--baseline-root", type=given_path, help="a checkout of main (readpath section)")
     p.add_argument("--out", type=output_file, help="write the results here (JSON)")
     args = p.parse_args(argv)
     check_args(p, args)

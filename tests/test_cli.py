@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +37,26 @@ def test_every_argument_of_every_command_says_what_it_is():
     for name, parser in everything._subparsers._group_actions[0].choices.items():
         for action in parser._actions:
             assert action.help, f"{name} --help: {action.dest} has no help text"
+
+
+def test_no_argument_of_any_command_takes_an_empty_path_for_the_current_folder(capsys):
+    """``Path("")`` is ``Path(".")``: ``info ''`` (an unset shell variable) said ". is a
+    directory", ``serve ''`` read the current folder as its config, ``--out ''`` wrote into it.
+    Every argument that names a path refuses an empty one, naming the argument."""
+    everything = build_parser()
+    for name, parser in everything._subparsers._group_actions[0].choices.items():
+        for action in parser._actions:
+            if action.type in (None, str, int, float):
+                continue  # no path
+            try:
+                taken = action.type("")
+            except (argparse.ArgumentTypeError, ValueError):
+                continue
+            assert not isinstance(taken, Path), f"{name} {action.dest}: '' taken as {taken!r}"
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", ""])
+    assert exit_.value.code == 2
+    assert "argument table: got ''; expected a path" in capsys.readouterr().err
 
 
 def test_top_level_help_and_a_mistyped_command_import_no_torch():
@@ -180,9 +202,9 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
         (["info", "deep.yaml"], "deep.yaml is not a table (a table is NAME.npy with its"),
         # init and shard said the same, not pathlib's "PosixPath('.') has an empty name"
         (["init", ".", "--random", "10x4"], ". is a directory; expected a table file (NAME.npy)"),
-        (["init", "", "--random", "10x4"], ". is a directory; expected a table file (NAME.npy)"),
+        (["init", "", "--random", "10x4"], "argument table: got ''; expected a path"),
         (["shard", ".", "--ranks", "2"], ". is a directory; expected a table file (NAME.npy)"),
-        (["shard", "", "--ranks", "2"], ". is a directory; expected a table file (NAME.npy)"),
+        (["shard", "", "--ranks", "2"], "argument table: got ''; expected a path"),
         (["convert-hf", "nope", "out"], "checkpoint nope: does not exist; expected a checkpoint"),
         (["init", "x.npy", "--random", "10x4", "--std", "-1"], "--std: got -1; expected a finite"),
         (["init", "x.npy", "--random", "10x4", "--seed", "-1"], "--seed: expected an integer >= 0"),

@@ -23,6 +23,7 @@ from .cli_args import (
     capacity,
     command_help,
     device_name,
+    given_path,
     run_script,
 )
 from .errors import ConfigError, TieredStoreError
@@ -90,11 +91,14 @@ def _add_init(sub) -> None:
         description="Create TABLE.npy and its manifest atomically, streaming in chunks. "
         "Exactly one source: --from-npy, --from-safetensors with --tensor, or --random ROWSxDIM.",
     )
-    p.add_argument("table", type=Path, help="output table path (.npy)")
+    p.add_argument("table", type=given_path, help="output table path (.npy)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-npy", type=Path, metavar="PATH", help="a 2-D .npy array")
+    src.add_argument("--from-npy", type=given_path, metavar="PATH", help="a 2-D .npy array")
     src.add_argument(
-        "--from-safetensors", type=Path, metavar="PATH", help="a safetensors file (needs --tensor)"
+        "--from-safetensors",
+        type=given_path,
+        metavar="PATH",
+        help="a safetensors file (needs --tensor)",
     )
     src.add_argument("--random", metavar="ROWSxDIM", help="seeded normal init, e.g. 1000000x64")
     p.add_argument("--tensor", help="tensor name inside the safetensors file")
@@ -173,8 +177,8 @@ def _add_export_trace(sub) -> None:
         "TraceWriter) into OUT.npy, one int64 per lookup in request order; batch boundaries are "
         "dropped. The file is written under a temporary name and moved into place at the end.",
     )
-    p.add_argument("trace", type=Path, help="trace file")
-    p.add_argument("out", type=Path, help="output .npy")
+    p.add_argument("trace", type=given_path, help="trace file")
+    p.add_argument("out", type=given_path, help="output .npy")
     p.add_argument(
         "--table",
         help="which table of the trace (default: its only one; a trace of several needs it, as "
@@ -219,10 +223,10 @@ def _add_recover_trace(sub) -> None:
         "may lack the tables the writer had yet to write for it. TRACE is written under a "
         "temporary name and moved into place at the end; LEFTOVER is left as it was.",
     )
-    p.add_argument("leftover", type=Path, help="the killed writer's .NAME.HEX.tmp")
+    p.add_argument("leftover", type=given_path, help="the killed writer's .NAME.HEX.tmp")
     p.add_argument(
         "--out",
-        type=Path,
+        type=given_path,
         metavar="TRACE",
         help="the trace to write (default: NAME, beside LEFTOVER)",
     )
@@ -268,7 +272,7 @@ def _add_info(sub) -> None:
         description="Print the manifest of a table's current version as JSON (after compaction "
         "TABLE.npy.current names the file that holds it; `file` and `generation` say which).",
     )
-    p.add_argument("table", type=Path, help="the table's .npy path (its first version)")
+    p.add_argument("table", type=given_path, help="the table's .npy path (its first version)")
     p.set_defaults(run=_run_info)
 
 
@@ -303,7 +307,7 @@ def _add_verify(sub) -> None:
         "checks) and record them in the manifest, atomically; for tables made before them. "
         "A compacted table is checked in its current version (the file TABLE.npy.current names).",
     )
-    p.add_argument("table", type=Path, help="the table's .npy path (its first version)")
+    p.add_argument("table", type=given_path, help="the table's .npy path (its first version)")
     p.add_argument(
         "--add-page-checksums",
         action="store_true",
@@ -408,7 +412,9 @@ def _add_shard(sub) -> None:
         "checksums; a table with written rows not yet compacted is refused (`tiered-store "
         "compact` it first).",
     )
-    p.add_argument("table", type=Path, help="the table to cut (.npy; its current version is cut)")
+    p.add_argument(
+        "table", type=given_path, help="the table to cut (.npy; its current version is cut)"
+    )
     p.add_argument("--ranks", type=int, required=True, help="number of ranks (shards)")
     p.add_argument("--by", choices=["heads", "rows"], help="default: heads")
     p.add_argument("--out", default=None, help="shard path template with {rank} (and {ranks})")
@@ -472,12 +478,12 @@ def _add_unshard(sub) -> None:
         "shard TABLE --ranks M`.",
     )
     p.__class__ = IntermixedParser  # `unshard OUT --overwrite SHARD...`: the shards after options
-    p.add_argument("table", type=Path, help="the whole table to write (.npy)")
+    p.add_argument("table", type=given_path, help="the whole table to write (.npy)")
     p.add_argument(
         "shard_files",
         nargs="*",
         default=[],  # (without it, argparse names SHARD as required when TABLE is missing)
-        type=Path,
+        type=given_path,
         metavar="SHARD",
         help="the shard files (or --ranks)",
     )
@@ -571,13 +577,13 @@ def _add_convert_hf(sub) -> None:
     )
     p.add_argument(
         "checkpoint",
-        type=Path,
+        type=given_path,
         metavar="CHECKPOINT_DIR",
         help="the downloaded Hugging Face checkpoint (config.json, *.safetensors)",
     )
     p.add_argument(
         "out_dir",
-        type=Path,
+        type=given_path,
         metavar="OUT_DIR",
         help="where the tables, dense.safetensors and layer{L}.yaml go (made if missing)",
     )

@@ -89,6 +89,19 @@ def interrupt_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def given_path(text: str) -> Path:
+    """An argparse ``type``: a path, any; an empty one (an unset shell variable) is refused
+    rather than taken as the current folder, as ``Path("")`` is.
+
+    >>> given_path("")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: got ''; expected a path
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("got ''; expected a path")
+    return Path(text)
+
+
 def existing_file(text: str) -> Path:
     """An argparse ``type``: a file that exists (a table, a trace to reuse).
 
@@ -96,7 +109,7 @@ def existing_file(text: str) -> Path:
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '/nonexistent.npy' does not exist; expected an existing file
     """
-    path = Path(text)
+    path = given_path(text)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise argparse.ArgumentTypeError(f"{text!r} {what}; expected an existing file")
@@ -110,7 +123,7 @@ def existing_dir(text: str) -> Path:
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '/nonexistent' does not exist; expected an existing folder
     """
-    path = Path(text)
+    path = given_path(text)
     if not path.is_dir():
         what = "is a file" if path.exists() else "does not exist"
         raise argparse.ArgumentTypeError(f"{text!r} {what}; expected an existing folder")
@@ -131,7 +144,7 @@ def output_file(text: str) -> Path:
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '/proc/results/run.json': cannot make '/proc/results' (...); expected a writable folder
     """
-    path = Path(text)
+    path = given_path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(
             f"{text!r} is a directory; expected a file to write (or nothing there)"
@@ -178,7 +191,7 @@ def folder(text: str) -> Path:
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '/dev/null' is a file; expected a folder (or nothing there)
     """
-    path = Path(text)
+    path = given_path(text)
     if not path.is_dir():
         output_file(text)  # what is refused on the way to a file is refused on the way to a folder
         if path.is_symlink() and not path.exists():  # mkdir(exist_ok=True) fails on it

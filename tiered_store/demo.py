@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .atomic_file import make_named_dir, scratch_directory
 from .capacity import format_bytes, resolve_capacity
-from .cli_args import capacity, command_help, device_name
+from .cli_args import capacity, command_help, device_name, given_path
 from .cold_table import IO_MODES
 from .config import (
     ConfigModel,
@@ -179,7 +179,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--config",
-        type=Path,
+        type=given_path,
         help="YAML with engram/backbone/transformer (model), tiers/prefetch (store) and run "
         "sections; examples/engram-demo.yaml spells out the defaults",
     )
@@ -255,7 +255,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--workdir",
-        type=Path,
+        type=given_path,
         help="where the run's temporary folder (the checkpoint's tables, removed at exit) goes, "
         "e.g. on the NVMe disk to measure (default: the system's temporary directory)",
     )

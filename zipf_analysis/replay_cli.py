@@ -16,7 +16,7 @@ from policies.registry import PolicySpec, is_offline, offline_names
 from tiered_store.atomic_file import atomic_files, make_named_dir, write_step
 from tiered_store.cache_plan import PinnedRowsWarning
 from tiered_store.capacity import resolve_capacity
-from tiered_store.cli_args import DefaultsHelpFormatter, command_help
+from tiered_store.cli_args import DefaultsHelpFormatter, command_help, given_path
 from tiered_store.config import StoreConfig, naming_file
 from tiered_store.errors import ConfigError
 from tiered_store.trace import TraceReader
@@ -58,9 +58,9 @@ def register(sub) -> None:
         "modelled from one read of the trace, and replays that split to check the model.",
         formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("config", type=Path, help="store config (YAML)")
+    p.add_argument("config", type=given_path, help="store config (YAML)")
     p.add_argument(
-        "trace", type=Path, help="trace file (from `tiered-store analyze` or TraceWriter)"
+        "trace", type=given_path, help="trace file (from `tiered-store analyze` or TraceWriter)"
     )
     p.add_argument("--table", help="which table of the trace (default: the first)")
     p.add_argument(
@@ -95,7 +95,10 @@ def register(sub) -> None:
         "anyway; '' to skip)",
     )
     p.add_argument(
-        "--out", type=Path, default=Path("replay-out"), help="directory for replay.json and PNG"
+        "--out",
+        type=given_path,
+        default=Path("replay-out"),
+        help="directory for replay.json and PNG",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(

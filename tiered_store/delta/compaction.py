@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cli_args import command_help
+from ..cli_args import command_help, given_path
 from ..cold_table import ColdTable
 from ..table_format import create_table
 from ..table_sources import TABLE_DTYPES, SourceReader
@@ -159,7 +159,7 @@ def register(sub) -> None:
         "compaction killed part way left (an unpublished version, hidden .tmp files). Needs "
         "the table's writer lock: fails if a process is writing the table.",
     )
-    p.add_argument("table", type=Path, help="the table's .npy path (its first version)")
+    p.add_argument("table", type=given_path, help="the table's .npy path (its first version)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_compact)
 

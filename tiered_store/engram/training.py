@@ -54,6 +54,7 @@ from ..cli_args import (
     capacity,
     command_help,
     device_name,
+    given_path,
     positive_number,
 )
 from ..cold_table import IO_MODES
@@ -740,7 +741,9 @@ def register(sub) -> None:
         "  tiered-store train --out run2 --corpus 'docs/**/*.md' --steps 50 --optimizer adam",
         formatter_class=DocHelpFormatter,
     )
-    p.add_argument("--out", type=Path, required=True, help="run directory (tables, checkpoints)")
+    p.add_argument(
+        "--out", type=given_path, required=True, help="run directory (tables, checkpoints)"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument(
         "--corpus", action=_Given, nargs="+", metavar="PATH", help="default: the stdlib's sources"
@@ -775,7 +778,7 @@ def register(sub) -> None:
     p.add_argument(
         "--model",
         action=_Given,
-        type=Path,
+        type=given_path,
         help="YAML/JSON of engram/backbone/transformer sections",
     )
     setting("--seed", "seed of the weights and the batches", type=at_least(0))

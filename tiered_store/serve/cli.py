@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
-from ..cli_args import DefaultsHelpFormatter, command_help, output_file
+from ..cli_args import DefaultsHelpFormatter, command_help, given_path, output_file
 from .app import INFERENCE_PATH
 from .config import ServeConfig
 from .served_model import create_checkpoint
@@ -29,7 +28,7 @@ def register_serve(sub: Any) -> None:
         "drains requests in flight and exits 0 (while starting: stops before listening). See examples/serve.yaml for the config.",
         formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("config", type=Path, help="serve config (YAML)")
+    p.add_argument("config", type=given_path, help="serve config (YAML)")
     p.add_argument(
         "--address", help="host:port of the inference endpoint (overrides server.address)"
     )
@@ -65,7 +64,7 @@ def register_init_model(sub: Any) -> None:
         "and convert it into checkpoint.path: one table file per Engram layer and "
         "dense.safetensors, exactly as convert_checkpoint writes a real model.",
     )
-    p.add_argument("config", type=Path, help="serve config (YAML) with a model section")
+    p.add_argument("config", type=given_path, help="serve config (YAML) with a model section")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.set_defaults(run=run_init_model)
 

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tiered_store.cli_args import as_option_error, at_least, command_help
+from tiered_store.cli_args import as_option_error, at_least, command_help, given_path
 from tiered_store.errors import ConfigError
 from tiered_store.profile import DEFAULT_EPISODE_WINDOW
 
@@ -79,7 +79,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--config",
-        type=Path,
+        type=given_path,
         metavar="ENGRAM.yaml",
         help="Engram config (engram: / backbone: sections, or a checkpoint's config.json); "
         "default: the reference configuration, as in examples/engram-default.yaml. A "
@@ -88,7 +88,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--out",
-        type=Path,
+        type=given_path,
         default=Path("analyze-out"),
         metavar="DIR",
         help="output folder (default: analyze-out)",
