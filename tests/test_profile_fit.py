@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -202,6 +204,20 @@ def test_fits_on_exact_power_law_and_ranges():
             fit_mle(counts)
     summary = profile_summary(profile_ids(np.arange(40), rows=40))
     assert "a Zipf fit needs two or more" in summary["zipf"]["error"]
+
+
+def test_an_mle_fit_at_the_end_of_its_search_says_so():
+    """The MLE searched s in (0.001, 8) and reported the end it stopped at as a fit: equal counts
+    (no skew, s = 0) gave "s = 0.001 ± 0.002", and counts falling as rank**-10 "s = 8.000"
+    with a standard error, where least squares gave 10. Equal counts now fit s = 0; a fit
+    that ends at the upper bound says the exponent is at least that, with no standard error."""
+    flat = fit_mle(np.full(5_000, 40))
+    assert flat.exponent < 1e-5 and not flat.at_bound
+    steep = fit_mle(np.round(1e12 * np.arange(1, 4.0) ** -10), min_count=1)
+    assert steep.at_bound and steep.exponent == pytest.approx(8.0, abs=1e-4)
+    assert math.isnan(steep.stderr)
+    assert steep.to_dict()["at_bound"] is True
+    assert not fit_mle(np.round(1e7 * np.arange(1, 5_001.0) ** -0.85)).at_bound
 
 
 def test_fit_options_that_are_not_integers_are_refused_by_name():

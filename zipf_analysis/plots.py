@@ -118,7 +118,9 @@ def plot_rank_frequency(
             style,
             color=colour,
             lw=1.8,
-            label=f"{fit.method}: s = {fit.exponent:.3f} ± {fit.stderr:.3f}",
+            label=f"{fit.method}: s ≥ {fit.exponent:.3f} (the search's end)"
+            if fit.at_bound
+            else f"{fit.method}: s = {fit.exponent:.3f} ± {fit.stderr:.3f}",
         )
     if fits:
         first = next(iter(fits.values()))

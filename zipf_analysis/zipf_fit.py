@@ -40,7 +40,7 @@ __all__ = [
 DEFAULT_MIN_COUNT = 10  # the fit range ends at the last rank with at least this many lookups
 DEFAULT_BINS_PER_DECADE = 20  # log-spaced ranks per factor of 10 for least squares
 _EXACT_TERMS = 100_000  # normaliser terms summed exactly before Euler-Maclaurin takes over
-_EXPONENT_BOUNDS = (1e-3, 8.0)
+_EXPONENT_BOUNDS = (0.0, 8.0)  # counts sorted hottest first never fit below 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,9 @@ class ZipfFit:
         Least squares only: coefficient of determination in log-log space.
     intercept : float or None
         Least squares only: log10 count at rank 1 of the fitted line.
+    at_bound : bool
+        MLE only: the likelihood still rose at the search's upper end (s = 8): the exponent is
+        at least that, and ``stderr`` is NaN.
     """
 
     method: str
@@ -78,6 +81,7 @@ class ZipfFit:
     stderr: float
     r_squared: float | None = None
     intercept: float | None = None
+    at_bound: bool = False
 
     def to_dict(self) -> dict[str, object]:
         """Plain-JSON form."""
@@ -226,7 +230,8 @@ def fit_mle(
     """Zipf exponent by maximum likelihood for a discrete power law truncated to a rank range.
 
     Maximises ``-s * sum(c_r log r) - n log H(s)`` over lookups with ranks in the range, where
-    ``H(s) = sum(k**-s)`` over the range, by bounded scalar minimisation on s in (0.001, 8).
+    ``H(s) = sum(k**-s)`` over the range, by bounded scalar minimisation on s in [0, 8] (a fit ending at 8 has
+    ``at_bound`` set).
 
     Parameters
     ----------
@@ -263,8 +268,9 @@ def fit_mle(
     s = float(res.x)
     h = 1e-4
     var_log_r = (nll(s + h) - 2 * nll(s) + nll(s - h)) / (h * h)  # d2/ds2 log H = Var(log r)
-    stderr = 1.0 / math.sqrt(n * var_log_r) if var_log_r > 0 else float("nan")
-    return ZipfFit("mle", s, lo, hi, int(n), hi - lo + 1, stderr)
+    at_bound = s > _EXPONENT_BOUNDS[1] - 1e-4 and nll(_EXPONENT_BOUNDS[1]) < nll(s - h)
+    stderr = 1.0 / math.sqrt(n * var_log_r) if var_log_r > 0 and not at_bound else float("nan")
+    return ZipfFit("mle", s, lo, hi, int(n), hi - lo + 1, stderr, at_bound=at_bound)
 
 
 def fit_zipf(
