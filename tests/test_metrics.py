@@ -570,3 +570,29 @@ def test_the_checksum_alert_stays_firing_while_the_last_pass_failed(tmp_path):
         ],
     }  # fmt: skip
     _promtool_passes(tmp_path, test)
+
+
+def test_stats_during_a_lookup_count_each_lookup_as_a_hit_or_a_miss(store, monkeypatch):
+    from tiered_store.row_cache import TierCounters
+
+    counting, release = threading.Event(), threading.Event()
+
+    def hits_wait(self, name, value):  # a hit count's rise waits, its lookups already counted
+        if name == "hits" and value > getattr(self, "hits", 0) and not counting.is_set():
+            counting.set()
+            release.wait(30)
+        object.__setattr__(self, name, value)
+
+    monkeypatch.setattr(TierCounters, "__setattr__", hits_wait)
+    lookup = threading.Thread(target=store.lookup, args=(torch.arange(50),))
+    lookup.start()
+    try:
+        assert counting.wait(30), "the lookup counted no hit"
+        during = store.stats()
+    finally:
+        release.set()
+        lookup.join(30)
+    for tier in ("hot", "warm"):
+        s = during[tier]
+        assert s["hits"] + s["misses"] == s["lookups"], (tier, s)
+        assert s["hit_rate"] == pytest.approx(s["hits"] / s["lookups"]), (tier, s)

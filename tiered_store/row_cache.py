@@ -66,8 +66,11 @@ class TierCounters:
     preloaded: int = 0  # rows loaded at open (warm start / static pinning)
 
     def as_dict(self) -> dict[str, int]:
-        """Counter name -> value."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Counter name -> value; ``lookups`` is the hits plus misses read here, so the three add
+        up while a probe counts (stats read them without the store's lock)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["lookups"] = out["hits"] + out["misses"]
+        return out
 
 
 class RowCache:
