@@ -1935,6 +1935,51 @@ def test_checksum_failures_carry_across_a_reload(tmp_path):
         server.stop()
 
 
+def test_cold_read_errors_carry_across_a_reload(tmp_path):
+    """A read of a file replaced under the store is a cold read error, and the reload that
+    follows within a second closed the store that counted it: the counter dropped to 0 before
+    any scrape read it, and the cold read error alert never fired."""
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.engram.hashing import NgramHasher
+    from tiered_store.metrics import TieredStoreCollector
+    from tiered_store.table_format import create_table, read_manifest
+
+    uncached = {"tiers": {"hot": {"capacity": 0}, "warm": {"capacity": 0}, "cold": {"io": "pread"}}}
+    config = make_checkpoint(tmp_path, store=uncached)
+    served = ServeConfig.from_yaml(config)
+    table = served.table_path(3)
+    server = start_server(config)
+    server.model.reload_check_seconds = 3600.0  # checks only when the test asks
+    collector = TieredStoreCollector(server.model.stores, server.model.health)
+
+    def errors() -> float:
+        return next(
+            s.value
+            for f in collector.collect()
+            for s in f.samples
+            if s.name == "tiered_store_cold_read_errors_total"
+            and s.labels["table"] == "engram_layer3"
+        )
+
+    try:
+        manifest = read_manifest(table)
+        rows = np.random.default_rng(1).standard_normal((manifest.rows, manifest.dim))
+        create_table(
+            table,
+            rows.astype(np.float32),
+            progress=False,
+            overwrite=True,
+            metadata=table_metadata(NgramHasher(served.model.engram), 3),
+        )
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 503
+        assert errors() == 1
+        assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert errors() == 1
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+    finally:
+        server.stop()
+
+
 def test_a_table_made_anew_over_the_served_one_is_reopened(tmp_path):
     """A conversion rerun into the checkpoint renames a new file over the table: served after
     the reload check, as a restart would (before, every request was a 503 until one)."""

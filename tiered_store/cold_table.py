@@ -284,12 +284,18 @@ class ColdTable:
                 self.read_requests += requests
         return result
 
-    def carry_checksum_failures(self, count: int) -> None:
-        """Add ``count`` to ``checksum_failures``: a table reopened on a new version goes on
-        counting where the one it replaces stopped (a counter that drops is a reset to
-        Prometheus)."""
+    def failure_counts(self) -> tuple[int, int]:
+        """``(checksum_failures, read_errors)``, read together (what ``carry_failures`` adds)."""
         with self._lock:
-            self.checksum_failures += count
+            return self.checksum_failures, self.read_errors
+
+    def carry_failures(self, checksum_failures: int, read_errors: int) -> None:
+        """Add to ``checksum_failures`` and ``read_errors``: a table reopened on a new version
+        goes on counting where the one it replaces stopped (a counter that drops is a reset to
+        Prometheus, and the alerts on them would miss what the closed store counted)."""
+        with self._lock:
+            self.checksum_failures += checksum_failures
+            self.read_errors += read_errors
 
     def close(self) -> None:
         """Refuse new reads, wait for those under way (in other threads), then stop the thread

@@ -539,14 +539,14 @@ class ServedModel:
 
     def _swap_in(self, opened: dict[str, TieredStore]) -> None:
         """After the model took ``opened`` (table name -> its store on the new version): the
-        checksum failures counted go on in the new stores, the requests waiting are announced
+        checksum failures and cold read errors counted go on in the new stores, the requests waiting are announced
         to them, the old stores close, and a table whose last pass failed is checked again once
         on another file (its last failed lookup no longer holds /healthz at 503); interrupted (Ctrl-C), ``stores`` still names what the model reads,
         and the old stores close."""
         old = {name: self.stores[name] for name in opened}
-        carried = {name: store.cold.checksum_failures for name, store in old.items()}
-        for name, count in carried.items():  # the counter goes on, before a scrape sees it
-            opened[name].cold.carry_checksum_failures(count)
+        carried = {name: store.cold.failure_counts() for name, store in old.items()}
+        for name, counts in carried.items():  # the counters go on, before a scrape sees them
+            opened[name].cold.carry_failures(*counts)
         try:
             self._announce_again({old[name]: opened[name] for name in opened})
         except BaseException:
@@ -564,7 +564,8 @@ class ServedModel:
             self.health[name].end_lookup_hold()  # failed on a file no longer served
         for name, store in old.items():
             store.close()  # and what lookups in flight counted meanwhile
-            opened[name].cold.carry_checksum_failures(store.cold.checksum_failures - carried[name])
+            since = zip(store.cold.failure_counts(), carried[name], strict=True)
+            opened[name].cold.carry_failures(*(now - before for now, before in since))
             self.health[name].reloads += 1
         self.reloads += len(opened)
 
