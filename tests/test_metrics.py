@@ -68,6 +68,40 @@ def test_every_documented_metric_is_emitted_and_nothing_else(store):
         assert name in metrics.__doc__, name
 
 
+def _readme_metrics() -> dict[str, str]:
+    """Metric name -> type ("" where the row gives none) of README's metrics table; a row's
+    ``_x`` after a name is that name with its tail replaced (``_bytes_total`` after
+    ``tiered_store_cold_read_rows_total``), ``{a,b}_total`` one name per choice."""
+    known = {**METRICS, **SHARDED_METRICS}
+    section = (DEPLOY.parent / "README.md").read_text().split("\n## Metrics\n")[1]
+    out: dict[str, str] = {}
+    for line in section.split("\n## ")[0].splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [cell.strip() for cell in line.split("|")]
+        base = ""
+        for token in re.findall(r"`([^`]+)`", cells[1]):
+            token = re.sub(r"\{[a-z,]+\}$", "", token)  # labels
+            if choice := re.fullmatch(r"(\w+)\{([a-z_,]+)\}(\w+)", token):
+                head, options, tail = choice.groups()
+                names = [head + option + tail for option in options.split(",")]
+            elif token.startswith("tiered_store_"):
+                names = [token]
+            else:  # the row's previous name, its tail replaced by this one
+                cuts = [i for i, c in enumerate(base) if c == "_" and base[:i] + token in known]
+                names = [base[: cuts[-1]] + token] if cuts else [token]
+            base = names[0]
+            out.update(dict.fromkeys(names, cells[2]))
+    return out
+
+
+def test_the_readme_metrics_table_lists_each_metric_with_its_type():
+    documented = _readme_metrics()
+    assert set(documented) == set(METRICS) | set(SHARDED_METRICS)
+    for name, kind in documented.items():
+        assert kind in ("", (METRICS.get(name) or SHARDED_METRICS[name])[0]), (name, kind)
+
+
 def test_labels_are_few_and_bounded(store):
     samples = _samples(build_registry({"layer1": store}, process=False))
     for (name, labels), _ in samples.items():
