@@ -95,6 +95,21 @@ def test_add_and_remove_say_which_rows_change_their_earliest_request():
             assert torch.equal(held[-1].first_rows, torch.unique(ids)[before == NOT_QUEUED]), step
 
 
+def test_a_request_of_no_rows_copies_no_queue():
+    """A request looking up no row (an empty prompt's) copied every queued pair when announced
+    and scanned them all when released: a pass over the whole queue for nothing. It leaves
+    the queue's arrays as they are, and is refused twice as any other."""
+    queue = QueuedRequests()
+    queue.add(torch.arange(1000))
+    pairs = queue._pairs()
+    empty = queue.add(torch.empty(0, dtype=torch.int64))
+    assert queue._pairs()[0] is pairs[0] and empty.first_rows.numel() == 0
+    rows, next_use = queue.remove(empty)
+    assert queue._pairs()[0] is pairs[0] and rows.numel() == next_use.numel() == 0
+    with pytest.raises(QueuedRequestError, match="already released"):
+        queue.remove(empty)
+
+
 def test_a_request_released_twice_or_to_another_queue_is_refused():
     queue, other = QueuedRequests(), QueuedRequests()
     request = queue.add(t(1, 2))
