@@ -547,6 +547,35 @@ def test_a_prefetched_batch_runs_again_after_a_failure_and_twice(model, converte
             store.close()
 
 
+def test_a_prefetch_that_failed_leaves_the_hash_state_as_before(model, converted, batches):
+    """A decode step whose prefetch failed (layer 3's store closed) had hashed the step and moved
+    the HashState past it, but gave no batch: the retry on a reopened store hashed the step one
+    step too far, refused by a cache ("hashed at position 25 but the cache holds 24") and wrong
+    row ids in silence without one. The state is now as before the failed prefetch."""
+    prompt, step = batches[0][:, :24], batches[0][:, 24:25]
+    memory, stores = model.tables, open_tables(converted.table_paths, model.hasher, STORE)
+    try:
+        with torch.no_grad():
+            want = model(batches[0][:, :25], logits="last")
+            model.set_tables(stores)
+            state, cache = model.hasher.new_state(3), model.new_cache()
+            model(prompt, prefetched=model.prefetch(prompt, state=state), cache=cache)
+            tail = state.tail.clone()
+            stores[3].close()
+            with pytest.raises(StoreClosedError):
+                model.prefetch(step, state=state)
+            assert state.position == 24 and torch.equal(state.tail, tail)
+            stores[3] = open_tables({3: converted.table_paths[3]}, model.hasher, STORE)[3]
+            model.set_tables({3: stores[3]})
+            batch = model.prefetch(step, state=state)  # the retry
+            got = model(step, prefetched=batch, cache=cache, logits="last")
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    finally:
+        model.set_tables(memory)
+        for store in stores.values():
+            store.close()
+
+
 def test_a_step_without_its_batch_on_a_filled_cache_is_refused_before_any_fetch(
     model, converted, batches
 ):

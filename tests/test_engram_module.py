@@ -24,7 +24,9 @@ from tiered_store.engram import (
     load_engram_config,
     split_checkpoint,
 )
-from tiered_store.errors import ConfigError, RowIdError
+from tiered_store.errors import ConfigError, RowIdError, StoreClosedError
+from tiered_store.store import TieredStore
+from tiered_store.table_format import create_table
 
 
 def _golden_dir() -> Path:
@@ -239,6 +241,38 @@ def test_a_state_and_conv_state_of_other_chunks_are_refused(setup):
         assert fresh.position == 0 and state.position == 10 and conv["inputs"] is held
         out = engram(*rest, conv_state=conv, state=state)  # the two that go together
         torch.testing.assert_close(out, data["layer1.output"][:, 10:], atol=1e-5, rtol=0)
+
+
+def test_a_chunk_whose_lookup_or_prefetch_failed_leaves_both_states_as_before(setup, tmp_path):
+    """A chunk whose table failed (its store closed) had moved the HashState past the chunk: run
+    again on a reopened store, it was hashed one chunk too far and gave another output in
+    silence. Forward and prefetch now leave the state (and conv_state) as they were."""
+    config, backbone, hasher, data, path = setup
+    weight, dense = split_checkpoint(path, 1)
+    create_table(tmp_path / "layer1.npy", weight.numpy(), progress=False)
+    spec = {"table": {"path": str(tmp_path / "layer1.npy")}, "tiers": {"hot": {"capacity": 64}}}
+    store = TieredStore.open(spec)
+    engram = Engram(config, backbone, 1, hasher=hasher, backend=store)
+    engram.load_state_dict(dense)
+    hidden, ids = data["layer1.hidden_states"], data["input_ids"]
+    conv, state = {}, hasher.new_state(ids.shape[0])
+    try:
+        with torch.no_grad():
+            outs = [engram(hidden[:, :10], ids[:, :10], conv_state=conv, state=state)]
+            tail, inputs = state.tail.clone(), conv["inputs"]
+            store.close()
+            with pytest.raises(StoreClosedError):
+                engram(hidden[:, 10:20], ids[:, 10:20], conv_state=conv, state=state)
+            with pytest.raises(StoreClosedError):
+                engram.prefetch(ids[:, 10:20], state=state)
+            assert state.position == 10 and torch.equal(state.tail, tail)
+            assert conv["inputs"] is inputs
+            store = TieredStore.open(spec)
+            engram.set_table(store)
+            outs.append(engram(hidden[:, 10:], ids[:, 10:], conv_state=conv, state=state))
+        torch.testing.assert_close(torch.cat(outs, dim=1), data["layer1.output"], atol=1e-5, rtol=0)
+    finally:
+        store.close()
 
 
 def test_a_chunk_of_no_tokens_changes_nothing(setup):

@@ -15,8 +15,9 @@ prefill and one-token decode steps give the row ids of one pass over the whole s
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +145,21 @@ class HashState:
 
     tail: torch.Tensor
     position: int = 0
+
+
+@contextlib.contextmanager
+def rewound_on_failure(state: HashState | None) -> Iterator[None]:
+    """``state`` put back where it was when the block raises: ids it hashed that came to nothing
+    (their fetch or lookup failed) are hashed again from there on a retry."""
+    if not isinstance(state, HashState):  # none, or refused by the hasher by its type
+        yield
+        return
+    tail, position = state.tail, state.position  # the hasher replaces the tail, never writes it
+    try:
+        yield
+    except BaseException:
+        state.tail, state.position = tail, position
+        raise
 
 
 class NgramHasher:

@@ -59,7 +59,7 @@ from ..id_ops import array_for_torch, ids_on_gpu, snapshot_of
 from ..quantization import RowQuantization, quantize_rows
 from .backend import PackedInMemoryTable, TableBackend
 from .config import ModelConfig, TransformerConfig
-from .hashing import HashState, NgramHasher
+from .hashing import HashState, NgramHasher, rewound_on_failure
 from .module import Engram
 from .tokenizer import check_token_ids
 from .v41_module import V41Engram
@@ -426,8 +426,10 @@ class EngramLM(nn.Module):
         self, input_ids: Any, token_mask: Any = None, state: HashState | None = None
     ) -> EngramBatch:
         """Hash ``input_ids`` for every Engram layer (arguments as in ``hash``) and start each
-        table's fetch (in layer order, so the first Engram layer's rows are ready first)."""
-        return self.fetch(self.hash(input_ids, token_mask, state))
+        table's fetch (in layer order, so the first Engram layer's rows are ready first). When a
+        fetch fails, ``state`` is left where it was, so the same ids may be prefetched again."""
+        with rewound_on_failure(state):
+            return self.fetch(self.hash(input_ids, token_mask, state))
 
     def fetch(self, batch: EngramBatch) -> EngramBatch:
         """Start each table's fetch of a batch ``hash`` made (``prefetch`` without the hashing:

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..table_sources import tensor_without_values
 from .backend import InMemoryTable, TableBackend, check_row_id_values
 from .config import BackboneConfig, EngramConfig
-from .hashing import HashState, NgramHasher, head_offsets
+from .hashing import HashState, NgramHasher, head_offsets, rewound_on_failure
 from .tokenizer import check_token_ids
 
 __all__ = [
@@ -98,14 +98,13 @@ class ShortConv(nn.Module):
         normed = torch.cat([self.norms[i](x[:, :, i, :]) for i in range(branches)], dim=-1)
         inputs = normed.transpose(1, 2)  # [B, channels, T]
         past = 0
-        if state is not None:
-            if "inputs" in state:
-                inputs = torch.cat([state["inputs"], inputs], dim=2)
-                past = state["inputs"].shape[2]
+        if state is not None and "inputs" in state:
+            inputs = torch.cat([state["inputs"], inputs], dim=2)
+            past = state["inputs"].shape[2]
+        y = self.act_fn(self.conv(inputs)[..., past : past + seq])
+        if state is not None:  # once the chunk's output is made: a chunk that fails keeps none
             reach = self.conv.padding[0]  # positions back the convolution sees (0: none)
             state["inputs"] = inputs[..., max(0, inputs.shape[2] - reach) :].detach()
-        y = self.conv(inputs)[..., past : past + seq]
-        y = self.act_fn(y)
         return y.transpose(1, 2).reshape(batch, seq, branches, width)
 
 
@@ -282,9 +281,11 @@ class Engram(nn.Module):
         self, input_ids: Any, *, state: HashState | None = None
     ) -> tuple[torch.Tensor, object]:
         """Hash ``input_ids`` (continuing ``state``, as in ``row_ids``) and start fetching the
-        rows: ``(row_ids, handle)`` for ``forward``."""
-        row_ids = self.row_ids(input_ids, state=state)
-        return row_ids, self.table.prefetch(row_ids)
+        rows: ``(row_ids, handle)`` for ``forward``. A fetch that fails leaves ``state`` where it
+        was."""
+        with rewound_on_failure(state):  # a fetch that fails leaves it where it was
+            row_ids = self.row_ids(input_ids, state=state)
+            return row_ids, self.table.prefetch(row_ids)
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -322,7 +323,8 @@ class Engram(nn.Module):
             with its N-gram look-back and it is advanced past them (unused with ``row_ids``). One
             per layer that hashes its own ids (``EngramLM`` hashes every layer at once, with
             one). With ``input_ids``, it and ``conv_state`` must have seen the same chunks: both
-            none, or both the earlier ones.
+            none, or both the earlier ones. A chunk that raises (its lookup failed) leaves both
+            as they were, so it may be run again.
 
         Raises
         ------
@@ -349,7 +351,20 @@ class Engram(nn.Module):
                     f"input_ids: expected shape {list(hidden_states.shape[:2])} ([B, T] of "
                     f"hidden_states), got {list(input_ids.shape)}"
                 )
-            row_ids = self.row_ids(input_ids, state=state)
+            with rewound_on_failure(state):  # a chunk that fails is hashed again from here
+                row_ids = self.row_ids(input_ids, state=state)
+                return self._output(hidden_states, row_ids, handle, conv_state)
+        return self._output(hidden_states, row_ids, handle, conv_state)
+
+    def _output(
+        self,
+        hidden_states: torch.Tensor,
+        row_ids: Any,
+        handle: object | None,
+        conv_state: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """``forward`` of checked ``hidden_states`` over hashed ``row_ids``."""
+        hc, hidden = self.backbone.hc_mult, self.backbone.hidden_size
         check_row_id_values(row_ids)
         expected = (*hidden_states.shape[:2], self.config.num_heads)
         if tuple(row_ids.shape) != expected:
