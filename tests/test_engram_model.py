@@ -240,6 +240,17 @@ def test_empty_batch_and_ragged_ids_are_named(model, batches):
         model([[1, 2, 3], [1, 2]])
 
 
+def test_a_prefetched_or_cache_of_another_type_is_named(model, batches):
+    """A prefetched that is no EngramBatch (the row ids alone, say) and a cache that is no KVCache
+    raised AttributeError ('dict' object has no attribute 'position'), naming neither."""
+    ids = batches[0]
+    rows = model.hash(ids).row_ids
+    with pytest.raises(ConfigError, match=r"prefetched: got a dict; expected an EngramBatch"):
+        model(ids, prefetched=rows)
+    with pytest.raises(ConfigError, match=r"cache: got a dict; expected a KVCache"):
+        model(ids, cache={})
+
+
 def test_loss_of_one_token_sequences_is_refused(model, batches):
     one = batches[0][:, :1]  # no next token to predict: the mean over nothing was NaN
     with pytest.raises(ConfigError, match=r"input_ids: .*T >= 2 .*got \[3, 1\]"):

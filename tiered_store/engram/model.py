@@ -477,6 +477,16 @@ class EngramLM(nn.Module):
             another model (other Engram layers, Engram config or tokenizer), or it was hashed at
             another position than the cache holds.
         """
+        if prefetched is not None and not isinstance(prefetched, EngramBatch):
+            raise ConfigError(
+                f"prefetched: got a {type(prefetched).__name__}; expected an EngramBatch from "
+                "model.prefetch(input_ids) or model.hash(input_ids), or None"
+            )
+        if cache is not None and not isinstance(cache, KVCache):
+            raise ConfigError(
+                f"cache: got a {type(cache).__name__}; expected a KVCache from model.new_cache(), "
+                "or None"
+            )
         if prefetched is None and cache is not None and cache.position:  # before any fetch
             raise ConfigError(
                 f"prefetched: none given, so input_ids would be hashed at position 0 but the "
