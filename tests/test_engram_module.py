@@ -197,6 +197,23 @@ def test_input_and_backend_errors(setup):
         engram.prefetch([[1, 2], [3]])
 
 
+def test_hidden_states_of_no_tensor_are_named_and_row_ids_are_read_as_lookup_reads_them(setup):
+    """An array of hidden states raised torch's TypeError from .to() and a list of row ids an
+    AttributeError ('list' object has no attribute 'shape'), where V41Engram names the first and
+    reads the second as the table's lookup does; Engram does the same now."""
+    config, backbone, hasher, data, path = setup
+    engram = Engram.from_checkpoint(path, config, backbone, 1, hasher=hasher)
+    hidden, ids = data["layer1.hidden_states"], data["input_ids"]
+    with pytest.raises(
+        ConfigError, match=r"hidden_states: got a ndarray; expected a torch.Tensor \[B, T, 4, 48\]"
+    ):
+        engram(hidden.numpy(), ids)
+    rows = engram.row_ids(ids)
+    with torch.no_grad():
+        out = engram(hidden, row_ids=rows.tolist())
+    torch.testing.assert_close(out, data["layer1.output"], atol=1e-5, rtol=0)
+
+
 def test_chunked_decode_hashes_with_the_sequences_state(setup):
     """input_ids decoded in chunks with conv_state and a HashState give one forward's output at
     every position; without the state, a chunk after the first is refused (it would be hashed as

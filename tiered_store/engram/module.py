@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..store import as_id_tensor
 from ..table_sources import tensor_without_values
 from .backend import InMemoryTable, TableBackend, check_row_id_values
 from .config import BackboneConfig, EngramConfig
@@ -308,7 +309,9 @@ class Engram(nn.Module):
         input_ids
             Original token ids [B, T]; hashed here unless ``row_ids`` is given.
         row_ids
-            Precomputed row ids [B, T, H] in the concatenated table (``prefetch``/``row_ids``).
+            Precomputed row ids [B, T, H] in the concatenated table (``prefetch``/``row_ids``): a
+            tensor, a NumPy array or a list of integers (read as the table's ``lookup`` reads
+            them).
         handle
             The backend's prefetch handle for ``row_ids``.
         conv_state
@@ -334,6 +337,11 @@ class Engram(nn.Module):
             holds them).
         """
         hc, hidden = self.backbone.hc_mult, self.backbone.hidden_size
+        if not isinstance(hidden_states, torch.Tensor):
+            raise ConfigError(
+                f"hidden_states: got a {type(hidden_states).__name__}; expected a torch.Tensor "
+                f"[B, T, {hc}, {hidden}] (torch.from_numpy for an array)"
+            )
         if hidden_states.ndim != 4 or tuple(hidden_states.shape[2:]) != (hc, hidden):
             raise ConfigError(
                 f"hidden_states: expected shape [B, T, {hc}, {hidden}] (hc_mult, hidden_size), "
@@ -366,6 +374,8 @@ class Engram(nn.Module):
         """``forward`` of checked ``hidden_states`` over hashed ``row_ids``."""
         hc, hidden = self.backbone.hc_mult, self.backbone.hidden_size
         check_row_id_values(row_ids)
+        if not isinstance(row_ids, torch.Tensor):  # a list or NumPy array, as lookup takes them
+            row_ids = as_id_tensor(row_ids)
         expected = (*hidden_states.shape[:2], self.config.num_heads)
         if tuple(row_ids.shape) != expected:
             raise ConfigError(
