@@ -587,6 +587,23 @@ def test_decode_of_one_token_sequences_names_the_tokens_not_an_empty_range(model
         pipeline.decode(batches[0], prompt=32)
 
 
+def test_a_numpy_or_torch_integer_prompt_and_lookahead_are_integers(model, batches):
+    """decode(prompt=np.int64(16)) was refused as "expected an integer in [1, 31] ..., got
+    np.int64(16)", an integer in that range, and so was a NumPy lookahead; they are taken as the
+    int they hold (new_state takes them so too), a bool still refused."""
+    tokens = batches[0][:, :20]
+    want, _ = PrefetchPipeline(model).decode(tokens, prompt=16)
+    for prompt in (np.int64(16), torch.tensor(16)):
+        got, steps = PrefetchPipeline(model, lookahead=np.int64(1)).decode(tokens, prompt=prompt)
+        assert steps.prompt_tokens == 16 and type(steps.prompt_tokens) is int
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match=r"prompt: expected an integer in \[1, 19\]"):
+        PrefetchPipeline(model).decode(tokens, prompt=True)
+    with pytest.raises(ConfigError, match="lookahead: expected an integer >= 0, got True"):
+        PrefetchPipeline(model, lookahead=True)
+
+
 def test_decode_stats_summary_of_no_steps_is_a_clear_error():
     empty = np.zeros(0)
     with pytest.raises(ConfigError, match=r"step_seconds is empty \(0 decode steps"):

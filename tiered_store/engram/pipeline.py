@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..integers import as_integer
 from ..stats import hit_ratio
 from .backend import TableBackend
 from .model import EngramBatch, EngramLM, Logits
@@ -163,8 +164,10 @@ class PrefetchPipeline:
         prefetch: bool = True,
         logits: Logits = "last",
     ) -> None:
-        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+        count = as_integer(lookahead)  # a NumPy or torch integer too; not a bool
+        if count is None or count < 0:
             raise ConfigError(f"lookahead: expected an integer >= 0, got {lookahead!r}")
+        lookahead = count
         if logits not in ("all", "last", "none"):
             raise ConfigError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
         self.model = model
@@ -243,14 +246,11 @@ class PrefetchPipeline:
                 f"tokens: expected at least 2 per sequence (a prompt, then the tokens to decode), "
                 f"got shape {list(ids.shape)}"
             )
-        if (
-            isinstance(prompt, bool)
-            or not isinstance(prompt, int)
-            or not 1 <= prompt < ids.shape[1]
-        ):
+        given, prompt = prompt, as_integer(prompt)  # a NumPy or torch integer too; not a bool
+        if prompt is None or not 1 <= prompt < ids.shape[1]:
             raise ConfigError(
                 f"prompt: expected an integer in [1, {ids.shape[1] - 1}] (tokens has "
-                f"{ids.shape[1]} per sequence), got {prompt!r}"
+                f"{ids.shape[1]} per sequence), got {given!r}"
             )
         model, tables = self.model, self.model.tables
         cuda = model.embed.weight.device.type == "cuda"
