@@ -303,6 +303,20 @@ def test_table_file_for_another_configuration_is_refused(model, converted, tmp_p
         open_tables(paths, model.hasher, {"table": {"path": "x.npy"}})
 
 
+def test_a_hasher_of_another_config_is_named_not_the_checkpoint_s_tables(model, converted):
+    """load_tiered_model with a hasher of another Engram config (another seed) blamed the
+    checkpoint's first table ("table built for seed=0 ... the table was made with another
+    configuration"), though the tables and the dense file agree; it names the hasher and the
+    field it differs in, before any store opens."""
+    other = NgramHasher(model.config.engram.model_copy(update={"seed": 5}))
+    with pytest.raises(
+        ConfigError,
+        match=r"hasher: its Engram config has seed=5 but the checkpoint .*dense\.safetensors "
+        r"was made with seed=0; expected",
+    ):
+        load_tiered_model(converted.directory, store=STORE, hasher=other)
+
+
 def test_checkpoint_shape_mismatch_errors_before_anything(model, converted, tmp_path):
     state = model.state_dict()
     wide = ModelConfig.from_dict({**TINY, "backbone": {**TINY["backbone"], "hidden_size": 128}})

@@ -531,6 +531,14 @@ def load_tiered_model(
     """
     directory = Path(directory)
     dense, config = _load_dense(directory / DENSE_FILE)
+    if hasher is not None and hasher.config != config.engram:  # not the tables' fault: say so
+        got, want = hasher.config.to_dict(), config.engram.to_dict()
+        key = next(k for k in want if got[k] != want[k])
+        raise ConfigError(
+            f"hasher: its Engram config has {key}={got[key]!r} but the checkpoint "
+            f"{directory / DENSE_FILE} was made with {key}={want[key]!r}; expected a hasher of "
+            "the checkpoint's Engram config (or none: one is made from it)"
+        )
     hasher = hasher if hasher is not None else NgramHasher(config.engram)
     paths = {layer_id: table_file(directory, layer_id) for layer_id in config.engram.layer_ids}
     stores = open_tables(paths, hasher, store)
