@@ -824,6 +824,19 @@ def test_token_batches_take_numpy_and_torch_integers():
         token_batches(tokens, np.True_, 4)
 
 
+def test_iter_batches_names_a_round_count_below_one_or_not_an_integer():
+    """iter_batches gave nothing at all for rounds=0, NumPy's 'Number of samples, -1, must be
+    non-negative' for -1 and its TypeError for 2.5; each is a ConfigError naming rounds now, and
+    a NumPy integer is taken as the int it holds."""
+    from tiered_store.engram.corpus import iter_batches
+
+    batches = [torch.zeros(1, 2)] * 5
+    assert [len(g) for g in iter_batches(batches, np.int64(2))] == [2, 3]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match=rf"rounds: expected an integer >= 1, got {bad!r}"):
+            list(iter_batches(batches, bad))
+
+
 def test_token_batches_of_a_read_only_memmap_are_copies(tmp_path):
     """A read-only int64 memmap of tokens went to torch.from_numpy as it was: torch warned that
     the array is not writable (writing a batch would write the read-only map)."""

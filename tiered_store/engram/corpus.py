@@ -112,8 +112,12 @@ def token_batches(tokens: np.ndarray, batch_size: int, seq_len: int) -> list[tor
 
 
 def iter_batches(batches: Sequence[torch.Tensor], rounds: int) -> Iterator[list[torch.Tensor]]:
-    """Split ``batches`` into ``rounds`` consecutive groups of (nearly) equal size."""
-    bounds = np.linspace(0, len(batches), rounds + 1).round().astype(int)
+    """Split ``batches`` into ``rounds`` consecutive groups of (nearly) equal size (fewer when
+    there are fewer batches than rounds: no group is empty)."""
+    count = as_integer(rounds)  # a NumPy or torch integer too; not a bool
+    if count is None or count < 1:
+        raise ConfigError(f"rounds: expected an integer >= 1, got {rounds!r}")
+    bounds = np.linspace(0, len(batches), count + 1).round().astype(int)
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         if hi > lo:
             yield list(batches[lo:hi])
