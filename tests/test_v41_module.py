@@ -208,6 +208,16 @@ def test_the_packed_table_names_a_numpy_array_given_for_its_rows():
         PackedInMemoryTable(packed[:, :9], quant)
 
 
+def test_a_packed_table_of_no_rows_is_refused_naming_its_shape():
+    # before: taken, and every lookup died in torch's bare 'index is out of bounds for dimension
+    # with size 0' where the docs promise all-zero rows for ids outside the table
+    quant = RowQuantization(values=8, block=4)
+    with pytest.raises(
+        ConfigError, match=r"packed: got torch.uint8 \(0, 10\); expected at least one"
+    ):
+        PackedInMemoryTable(torch.zeros(0, 10, dtype=torch.uint8), quant)
+
+
 def test_a_dead_tokens_gate_is_zero_even_when_its_row_is_nan():
     # before: the gate was multiplied by the mask, so a NaN row (scale byte 255) gave NaN * 0
     quant = RowQuantization(values=8, block=4)

@@ -227,6 +227,11 @@ class PackedInMemoryTable(TableBackend):
                 f"packed: got {got}; expected a torch.Tensor uint8 "
                 f"[rows, {quantization.packed_bytes}] for {quantization.to_json()}"
             )
+        if not packed.shape[0]:  # no row to gather from, not even for ids outside the table
+            raise ConfigError(
+                f"packed: got {packed.dtype} {tuple(packed.shape)}; expected at least one row, "
+                "as a table file holds"
+            )
         self.packed, self.quantization = packed, quantization
         self.rows, self.dim = int(packed.shape[0]), quantization.values
         self.device = torch.device(device)
