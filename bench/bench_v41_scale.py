@@ -235,9 +235,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     hasher = make_hasher(args.vocab)
     rows = hasher.table_rows(1)
-    path = ensure_table(args, rows)
     total = args.warmup_tokens + args.tokens
-    tokens = read_tokens(resolve_corpus().shuffled(0), hasher.tokenizer, max_tokens=total)
+    corpus = resolve_corpus().shuffled(0)
+    tokens = read_tokens(corpus, hasher.tokenizer, max_tokens=total)
     batches = [
         np.ascontiguousarray(hasher.row_ids(b.numpy())[1])
         for b in token_batches(tokens, args.batch_size, args.seq_len)
@@ -245,6 +245,14 @@ def main(argv=None) -> int:
     split = args.warmup_tokens // (args.batch_size * args.seq_len)
     warmup, batches = batches[:split], batches[split:]
     tokens_per_batch = args.batch_size * args.seq_len
+    if not batches:  # refused before the table is made (12.7 GB at the release's size)
+        raise ConfigError(
+            f"argument --tokens: the corpus ({corpus.description}) holds {len(tokens):,} "
+            f"tokens, which leaves no timed batch after --warmup-tokens {args.warmup_tokens:,}; "
+            f"expected --warmup-tokens + one batch ({tokens_per_batch:,} tokens) at most "
+            f"{len(tokens):,}"
+        )
+    path = ensure_table(args, rows)
     print(
         f"{rows:,} rows; {len(warmup)} warm-up and {len(batches)} timed batches of "
         f"{tokens_per_batch} tokens ({batches[0].size:,} lookups each)"

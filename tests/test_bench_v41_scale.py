@@ -205,3 +205,16 @@ def test_a_dir_that_is_a_file_is_refused_by_name_before_the_table_is_made(tmp_pa
         done.stderr
     )
     assert "creating" not in done.stdout and file.read_text() == ""
+
+
+@pytest.mark.slow  # 1-4 min: the whole default corpus (8M tokens) is tokenised
+def test_a_warm_up_that_takes_the_whole_corpus_is_refused_before_the_table_is_made(tmp_path):
+    """--warmup-tokens past the corpus's 8M tokens left no timed batch: the run made the table
+    (12.7 GB at the release's size), then died in an IndexError ('list index out of range')."""
+    done = bench(*SMALL, "--warmup-tokens", "20000000", tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "bench_v41_scale.py: error: argument --tokens: the corpus (Python standard" in (
+        done.stderr
+    )
+    assert "which leaves no timed batch after --warmup-tokens 20,000,000" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "tables").exists()
