@@ -37,6 +37,7 @@ tables as ``profile_layer{L}.npz``) instead of preloading the hottest rows into 
 
 Real text: the default corpus (the Python standard library's sources), DeepSeek tokenizer; the
 warm-start profile, the prefill, the decode and the store-alone batches are disjoint slices of it.
+Sizes that need more text than it holds are refused before the tables are made.
 
 Example (the published figures; ~25 GB of tables under --dir, ~30 min on 2 cores)::
 
@@ -94,6 +95,7 @@ from tiered_store.engram.config import hf_engram_sections
 from tiered_store.engram.corpus import read_tokens, token_batches
 from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import PrefetchPipeline
+from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyCounter, FrequencyProfile
 from tiered_store.quantization import RowQuantization
 from tiered_store.versions import machine_info
@@ -655,6 +657,38 @@ def main(argv=None) -> int:
     release_rows = RELEASE_ROWS if args.release_vocab == RELEASE_VOCAB else None
     release_cfg = model_config(args, args.release_vocab, release_rows)
     scaled_hasher, release_hasher = NgramHasher(scaled_cfg.engram), NgramHasher(release_cfg.engram)
+    # Real text (read before the tables are made: sizes past the corpus are refused first):
+    # disjoint slices for the profile, the prefill, the decode and the store alone.
+    per_batch = args.batch_size * args.seq_len
+    decode_need = (
+        max(args.decode_batch) * (args.decode_prompt + args.decode_steps) * args.decode_rounds
+    )
+    sizes = {
+        "profile": args.profile_tokens,
+        "prefill": (args.rounds + 1) * args.batches_per_round * per_batch,
+        "decode": decode_need * len(args.decode_batch),
+        # a fresh slice per store-alone run of the tiered tables (a slice already served would
+        # hit the caches): (scaled, release) x threads x (prefill-shaped, decode-shaped)
+        "store": (2 + ("cached" in args.phases))
+        * len(args.store_torch_threads)
+        * (args.store_tokens + sum(args.store_decode_batch) * args.store_decode_steps),
+    }
+    corpus = resolve_corpus().shuffled(args.seed)
+    log(f"tokenising {sum(sizes.values()):,} tokens ...")
+    tokens = read_tokens(corpus, scaled_hasher.tokenizer, max_tokens=sum(sizes.values()))
+    if len(tokens) < sum(sizes.values()):  # a slice cut short ends a phase in a traceback
+        need = ", ".join(f"{name} {n:,}" for name, n in sizes.items())
+        raise ConfigError(
+            f"corpus ({corpus.description}): {len(tokens):,} tokens; the phases need "
+            f"{sum(sizes.values()):,} ({need}: --profile-tokens, the prefill rounds, the decode "
+            "and store-alone sizes); expected sizes whose text the corpus holds"
+        )
+    cuts = np.cumsum([0, *sizes.values()])
+    text = {name: tokens[cuts[i] : cuts[i + 1]] for i, name in enumerate(sizes)}
+    profile = token_batches(text["profile"], args.batch_size, args.seq_len)
+    prefill = token_batches(text["prefill"], args.batch_size, args.seq_len)
+    store_text = store_slices(text["store"], args)
+
     directory = args.dir
     make_folder(directory, "--dir")
     t_setup = time.perf_counter()
@@ -674,30 +708,6 @@ def main(argv=None) -> int:
     }
     for group in paths.values():
         drop_page_cache(group.values())
-
-    # Real text: disjoint slices for the profile, the prefill, the decode and the store alone.
-    per_batch = args.batch_size * args.seq_len
-    decode_need = (
-        max(args.decode_batch) * (args.decode_prompt + args.decode_steps) * args.decode_rounds
-    )
-    sizes = {
-        "profile": args.profile_tokens,
-        "prefill": (args.rounds + 1) * args.batches_per_round * per_batch,
-        "decode": decode_need * len(args.decode_batch),
-        # a fresh slice per store-alone run of the tiered tables (a slice already served would
-        # hit the caches): (scaled, release) x threads x (prefill-shaped, decode-shaped)
-        "store": (2 + ("cached" in args.phases))
-        * len(args.store_torch_threads)
-        * (args.store_tokens + sum(args.store_decode_batch) * args.store_decode_steps),
-    }
-    corpus = resolve_corpus().shuffled(args.seed)
-    log(f"tokenising {sum(sizes.values()):,} tokens ...")
-    tokens = read_tokens(corpus, scaled_hasher.tokenizer, max_tokens=sum(sizes.values()))
-    cuts = np.cumsum([0, *sizes.values()])
-    text = {name: tokens[cuts[i] : cuts[i + 1]] for i, name in enumerate(sizes)}
-    profile = token_batches(text["profile"], args.batch_size, args.seq_len)
-    prefill = token_batches(text["prefill"], args.batch_size, args.seq_len)
-    store_text = store_slices(text["store"], args)
 
     torch.manual_seed(args.seed)
     log("loading the scaled tables into memory ...")

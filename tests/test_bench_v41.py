@@ -294,3 +294,15 @@ def test_a_dir_whose_parent_is_missing_is_refused(tmp_path, script):
 def test_a_new_dir_is_said_to_be_made(bench_run):
     tmp_path, done, _, _ = bench_run
     assert f"--dir: created '{tmp_path / 'tables'}'" in done.stderr
+
+
+@pytest.mark.slow  # 1-4 min: the whole default corpus (8M tokens) is tokenised
+def test_sizes_past_the_corpus_are_refused_before_the_tables_are_made(tmp_path):
+    """Sizes whose text the default corpus (8M tokens) does not hold were taken: the tables were
+    made (25 GB at the defaults), then the store-alone phase ended in a StopIteration traceback
+    (no slice of --store-tokens was left)."""
+    done = bench(*SMALL, "--phases", "store", "--store-tokens", "20000000", tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "bench_v41.py: error: corpus (Python standard library" in done.stderr
+    assert "the phases need 40," in done.stderr and "store 40," in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "tables").exists()
