@@ -93,6 +93,23 @@ def test_quantize_round_trips_within_fp8_precision():
     assert float(err.max()) <= 2**-3  # e4m3 keeps 3 mantissa bits of the block's range
 
 
+def test_float64_rows_round_once_to_the_nearest_fp8_code():
+    """float64 rows went to float32 (rounded) then to e4m3 (rounded again): 1.0625 + 2**-30,
+    just past the midpoint of e4m3's 1 and 1.125, became the midpoint in float32 and then 1.0
+    (the tie to even), where the nearest code is 1.125. Every value rounds once, to its
+    nearest code, as float32 and bfloat16 rows do."""
+    q = RowQuantization(values=2, block=2)
+    for value, nearest in ((1.0625 + 2**-30, 1.125), (1.0625 - 2**-30, 1.0), (1.0625, 1.0)):
+        for sign in (1, -1):
+            x = torch.tensor([[sign * value, 256.0]], dtype=torch.float64)
+            got = dequantize_rows(quantize_rows(x, q), q, torch.float64)[0, 0].item()
+            assert got == sign * nearest, (sign * value, got)
+    rows = torch.randn(64, 32, dtype=torch.float64)  # exact float32s: as float32 rows give
+    q = RowQuantization(values=32, block=8)
+    wide = quantize_rows(rows.float().double(), q)
+    assert torch.equal(wide, quantize_rows(rows.float(), q))
+
+
 def test_bad_layouts_are_refused_with_the_key():
     with pytest.raises(ValueError, match="quantization.values: 250 is not a multiple"):
         RowQuantization(values=250, block=32)

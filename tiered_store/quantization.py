@@ -181,7 +181,8 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
     An all-zero block gets the smallest scale, byte 0 (2**-127). NaN, inf and values of magnitude
     248 * 2**120 (about 3.3e38) or more are refused (a ValueError naming the element): e4m3fn has
     no inf, one NaN would make its whole block NaN, and those largest finite float32s round to
-    2**128, which dequantises to inf.
+    2**128, which dequantises to inf. Each value rounds once, to its nearest code (float64 ones
+    too, through float32 rounded to odd).
 
     Examples
     --------
@@ -199,7 +200,7 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
             f"expected {quant.values}"
         )
     lead = values.shape[:-1]
-    as_float = values.float()
+    as_float = _float32_round_to_odd(values) if values.dtype == torch.float64 else values.float()
     blocks = as_float.reshape(*lead, quant.scales, quant.block)
     amax = blocks.abs().amax(dim=-1)  # NaN and inf carry through to their block's maximum
     _check_finite(values, as_float, amax)
@@ -215,6 +216,17 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
     codes = (blocks / torch.exp2(exponent).unsqueeze(-1)).to(torch.float8_e4m3fn)
     scale_bytes = (exponent + SCALE_BIAS).to(torch.uint8)
     return torch.cat([codes.view(torch.uint8).reshape(*lead, quant.values), scale_bytes], dim=-1)
+
+
+def _float32_round_to_odd(values: torch.Tensor) -> torch.Tensor:
+    """float64 ``values`` in float32, rounded to odd (truncated, the last bit set where any was
+    lost), so that rounding them again, to e4m3's 3 bits, rounds as once from float64: a plain
+    cast made a value just past a midpoint of two codes the midpoint, then the even code."""
+    nearest = values.float()
+    past = nearest.double().abs() > values.abs()  # rounded away from zero: one step back
+    truncated = torch.where(past, torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
+    inexact = truncated.double() != values
+    return (truncated.view(torch.int32) | inexact.to(torch.int32)).view(torch.float32)
 
 
 def _check_finite(values: torch.Tensor, as_float: torch.Tensor, amax: torch.Tensor) -> None:
