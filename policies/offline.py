@@ -26,6 +26,7 @@ import numpy as np
 from .errors import PolicyError, check_int_option
 
 DENSE_ID_LIMIT = 1 << 27  # ids below this index arrays directly; above: renumbered 0..distinct-1
+INT64_MAX = (1 << 63) - 1  # the largest row id (the simulations keep ids as int64)
 
 __all__ = ["Belady", "OfflineBound", "StaticTopK", "static_topk_misses", "whole_capacities"]
 
@@ -200,15 +201,16 @@ def _check_capacities(name: str, capacities: Sequence[int] | np.ndarray) -> np.n
 
 
 def _check_ids(name: str, ids: np.ndarray) -> np.ndarray:
-    """Row ids as a flat contiguous int64 array; other dtypes and negative ids are PolicyErrors
-    naming the bound."""
+    """Row ids as a flat contiguous int64 array; other dtypes, negative ids and ids past int64
+    (a uint64 is named as given, not wrapped negative) are PolicyErrors naming the bound."""
     ids = np.asarray(ids).reshape(-1)
     if ids.dtype.kind not in "iu":
         raise PolicyError(f"{name}: row ids of dtype {ids.dtype}; expected integers")
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
     if ids.size and ids.min() < 0:
         raise PolicyError(f"{name}: row id {int(ids.min())}; expected row ids >= 0")
-    return ids
+    if ids.size and int(ids.max()) > INT64_MAX:
+        raise PolicyError(f"{name}: row id {int(ids.max())}; expected row ids below 2**63 (int64)")
+    return np.ascontiguousarray(ids, dtype=np.int64)
 
 
 def _dense(ids: np.ndarray) -> tuple[np.ndarray, int]:

@@ -20,15 +20,20 @@ LOOKAHEAD_PASSES = 256  # least recent rows an eviction with ``lookahead`` may p
 
 
 def trace_ids(ids: np.ndarray, rows: int, caller: str, per_row: str) -> np.ndarray:
-    """``ids`` as contiguous int64, or a PolicyError naming ``caller`` if one is outside
-    ``[0, rows)`` (``per_row``: what the caller keeps per row, for the message)."""
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+    """``ids`` as contiguous int64, or a PolicyError naming ``caller`` if they are not integers
+    or one is outside ``[0, rows)`` (``per_row``: what the caller keeps per row, for the
+    message), named as given (a uint64 past int64 is not wrapped negative)."""
+    given = np.asarray(ids)
+    if given.dtype.kind not in "iu" and given.size:  # a cast truncated 1.5 and 1.7 to row 1
         raise PolicyError(
-            f"{caller} ids: got ids in [{int(ids.min())}, {int(ids.max())}]; "
+            f"{caller} ids: got dtype {given.dtype}; expected integer row ids in [0, {rows})"
+        )
+    if given.size and (int(given.min()) < 0 or int(given.max()) >= rows):
+        raise PolicyError(
+            f"{caller} ids: got ids in [{int(given.min())}, {int(given.max())}]; "
             f"expected row ids in [0, {rows}) ({per_row})"
         )
-    return ids
+    return np.ascontiguousarray(given, dtype=np.int64)
 
 
 def pinned_lru_misses(

@@ -98,6 +98,29 @@ def test_repin_refuses_a_prior_score_that_is_not_a_count(score):
         repinned_lru_misses(ids, prior, 10, 10, interval=500, budget=5)
 
 
+@pytest.mark.parametrize("ids", [np.array([1.5, 1.7, 2.2]), np.array([True, False, True])])
+def test_per_request_simulators_refuse_row_ids_that_are_not_integers(ids):
+    # float ids were cast to int64: 1.5 and 1.7 both read row 1, the second a hit no lookup made
+    dtype = ids.dtype
+    with pytest.raises(PolicyError, match=rf"^pinned_lru_misses ids: got dtype {dtype}; expected"):
+        pinned_lru_misses(ids, np.zeros(10, np.bool_), 2)
+    with pytest.raises(
+        PolicyError, match=rf"^repinned_lru_misses ids: got dtype {dtype}; expected"
+    ):
+        repinned_lru_misses(ids, np.zeros(10), 1, 1)
+    with pytest.raises(PolicyError, match=rf"initial ids: got dtype {dtype}; expected"):
+        repinned_lru_misses(np.array([0, 1]), np.ones(10), 1, 1, initial=ids)
+
+
+def test_a_uint64_row_id_past_int64_is_named_as_given():
+    # it was cast to int64 first, and named as the id -1, which no one gave
+    ids = np.array([3, 2**64 - 1], dtype=np.uint64)
+    with pytest.raises(
+        PolicyError, match=rf"ids in \[3, {2**64 - 1}\]; expected row ids in \[0, 10\)"
+    ):
+        pinned_lru_misses(ids, np.zeros(10, np.bool_), 2)
+
+
 def lookahead_lru_misses_reference(ids, pinned, lru_rows, lookahead):
     """Pinned rows + LRU whose eviction passes over rows looked up within ``lookahead``, in Python."""
     lru, misses = OrderedDict(), 0  # least recent first

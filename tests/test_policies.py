@@ -932,6 +932,15 @@ def test_an_offline_capacity_that_is_not_a_whole_number_of_rows_is_a_policy_erro
     assert whole.tolist() == ([5, 4] if bound == "belady" else [4, 2])
 
 
+@pytest.mark.parametrize("bound", ["belady", "static-topk"])
+def test_an_offline_row_id_past_int64_is_named_as_given(bound):
+    """A uint64 id past int64 was cast first and refused as the negative id -1."""
+    ids = np.array([3, 2**64 - 1, 3], dtype=np.uint64)
+    with pytest.raises(PolicyError, match=rf"^{bound}: row id {2**64 - 1}; expected row ids below"):
+        offline_bound(bound).misses(ids, [1])
+    assert offline_bound(bound).misses(ids[[0, 2]], [1]).tolist() == [1 if bound == "belady" else 0]
+
+
 @pytest.mark.parametrize(
     ("make", "option", "value"),
     [
