@@ -12,7 +12,7 @@ import yaml
 
 import zipf_analysis.mrc as mrc
 from tiered_store.config import StoreConfig
-from tiered_store.errors import ConfigError, LimitError
+from tiered_store.errors import ConfigError, LimitError, RowIdError
 from tiered_store.profile import profile_ids
 from tiered_store.trace import TraceReader, TraceWriter
 from zipf_analysis.analyze.store_yaml import store_yaml
@@ -260,6 +260,25 @@ def test_sources_arrays_chunks_and_traces(tmp_path):
         assert (lru_mrc(r.ids("l2")).misses == reference).all()
         assert (belady_mrc(r, [10, 100]).misses == belady_misses(ids, [0, 10, 100])).all()
     assert (lru_mrc(np.array_split(ids, 4)).misses == reference).all()
+
+
+@pytest.mark.parametrize(
+    "curve",
+    [
+        lru_mrc,
+        shards_mrc,
+        lambda ids: belady_mrc(ids, [1]),
+        lambda ids: offline_mrc("belady", ids, [1]),
+    ],
+)
+def test_a_uint64_row_id_past_int64_is_named_as_given(curve):
+    # it was cast to int64 first and refused as the "negative row id -1", which no one gave
+    ids = np.array([3, 2**64 - 1, 3], dtype=np.uint64)
+    with pytest.raises(RowIdError, match=rf"^row id {2**64 - 1}; expected ids below 2\*\*63"):
+        curve(ids)
+    with pytest.raises(RowIdError, match=r"^negative row id -2; expected ids >= 0"):
+        curve(np.array([3, -2]))
+    assert curve(ids[[0, 2]]).lookups == 2
 
 
 def test_curve_api_and_json(tmp_path):

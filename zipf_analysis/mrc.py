@@ -276,13 +276,15 @@ def _iter_chunks(source: Any) -> Iterator[np.ndarray]:
 
 
 def _as_int64(ids: np.ndarray) -> np.ndarray:
-    """Contiguous int64 view or copy; rejects floats and negatives."""
+    """Contiguous int64 view or copy; rejects floats, negatives and ids past int64 (a uint64
+    named as given, not wrapped negative)."""
     if ids.dtype.kind not in "iu":
         raise RowIdError(f"row ids of dtype {ids.dtype}; expected integers")
-    out = np.ascontiguousarray(ids, dtype=np.int64)
-    if out.size and out.min() < 0:
-        raise RowIdError(f"negative row id {int(out.min())}; expected ids >= 0")
-    return out
+    if ids.size and ids.min() < 0:
+        raise RowIdError(f"negative row id {int(ids.min())}; expected ids >= 0")
+    if ids.size and int(ids.max()) >= 2**63:
+        raise RowIdError(f"row id {int(ids.max())}; expected ids below 2**63 (int64)")
+    return np.ascontiguousarray(ids, dtype=np.int64)
 
 
 def _as_array(source: Any) -> np.ndarray:
