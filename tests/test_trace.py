@@ -1136,6 +1136,20 @@ def test_a_trace_written_over_its_own_npy_is_refused_and_the_npy_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy", "link.npy"]
 
 
+@pytest.mark.parametrize("batch", [2.5, True, "3", float("nan"), 2**70])
+def test_a_record_batch_that_is_not_an_integer_index_is_refused_by_name(tmp_path, batch):
+    """2.5 was written as batch 2 and True as batch 1; "3" and NaN were bare TypeError and
+    ValueError, and 2**70 an OverflowError only when the chunk was flushed, losing the trace."""
+    with TraceWriter(tmp_path / "t.trace") as w:
+        with pytest.raises(
+            TraceFormatError, match=rf"batch {re.escape(repr(batch))}; expected a batch index"
+        ):
+            w.write(np.array([1, 2]), "a", batch=batch)
+        w.write(np.array([3]), "a", batch=np.int64(2))
+    with TraceReader(tmp_path / "t.trace") as r:
+        assert [(b.batch, b.ids.tolist()) for b in r.batches()] == [(2, [3])]
+
+
 @pytest.mark.parametrize("batch_size", [2.5, True, "4", 0])
 def test_a_batch_size_that_is_not_a_positive_integer_is_named(tmp_path, batch_size):
     """2.5 was a bare TypeError from range() and True was taken as batches of 1."""

@@ -351,6 +351,12 @@ class TraceWriter:
                 f"{self.path}: ids of {ids.ndim} dims; expected at most {_MAX_NDIM}"
             )
         if batch is not None:
+            whole = isinstance(batch, numbers.Integral) and not isinstance(batch, bool | np.bool_)
+            if not whole or not 0 <= batch < 2**63:  # 2.5 was written as batch 2, True as 1
+                raise TraceFormatError(
+                    f"{self.path}: batch {batch!r}; expected a batch index, an integer in "
+                    "[0, 2**63)"
+                )
             if batch < self._batch:
                 raise TraceFormatError(
                     f"{self.path}: batch {batch} after batch {self._batch}; batches only go forward"
