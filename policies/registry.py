@@ -2,7 +2,7 @@
 
 A policy spec is ``+``-joined parts: at most one eviction policy, at most one admission filter, and
 the ``static`` modifier (pin the tier's ``static_rows``). Examples: ``lru``, ``static+lru``,
-``sieve+tinylfu``, ``static`` (pinned rows only, nothing else admitted). Eviction: ``lru``,
+``sieve+tinylfu``, ``static`` (pinned rows, misses into free slots, no eviction). Eviction: ``lru``,
 ``lfu`` (with aging), ``sieve`` (batched SIEVE: a batch's hits count before its victims are
 chosen, so it differs from per-request SIEVE by sparing rows the batch reads, e.g. 54.41% against
 71.35% rows from cold on an Engram prose trace at 1% of the rows; see ``policies.sieve.SIEVE``),
