@@ -113,6 +113,22 @@ def test_batch_tokens_regroups_the_stream(tmp_path):
     assert per_record.lookups == grouped.lookups == single.lookups == total
 
 
+@pytest.mark.parametrize("heads", [None, 1])
+def test_a_trace_table_without_heads_regroups_one_lookup_per_token(tmp_path, heads):
+    # "heads": null (not given, as "rows" and "dim" may be) was int(None), a bare TypeError
+    with TraceWriter(
+        tmp_path / "t.trace", {"tables": [{"name": "a", "rows": 50, "heads": heads}]}
+    ) as w:
+        w.write(np.arange(10), "a")
+    config = StoreConfig.from_dict(
+        {
+            "table": {"path": str(tmp_path / "none.npy"), "dim": 4},
+            "tiers": {"warm": {"capacity": 4}},
+        }
+    )
+    assert replay(config, tmp_path / "t.trace", batch_tokens=4).batches == 3
+
+
 def test_per_request_replay_equals_scalar_lru(tmp_path):
     from policies import ScalarLRU
 

@@ -698,18 +698,19 @@ def test_header_that_is_not_a_json_object(tmp_path, head):
         TraceReader(p)
 
 
-@pytest.mark.parametrize("key", ["rows", "dim"])
+@pytest.mark.parametrize("key", ["rows", "dim", "heads"])
 @pytest.mark.parametrize("value", [b'"lots"', b"1.5   ", b"0     ", b"true  "])
 def test_a_header_whose_table_rows_or_dim_are_not_counts_is_refused(tmp_path, key, value):
     # a foreign writer's "rows": "lots" (or "dim") was read without a check and gave replay and
-    # tier sizing a bare int() ValueError; 1.5 and true were taken as 1 row (rows of 1 value)
+    # tier sizing a bare int() ValueError; 1.5 and true were taken as 1 row (rows of 1 value);
+    # "heads" 0 was replay's --batch-tokens ZeroDivisionError, 1.5 one lookup per token
     import struct
     import zlib
 
     from tiered_store.trace import _PREAMBLE
 
     p = tmp_path / "odd.trace"
-    layout = {"name": "a", "rows": 100000, "dim": 8} if key == "rows" else {"name": "a", "rows": 100, "dim": 100000}  # fmt: skip
+    layout = {"name": "a", "rows": 100, "dim": 8, key: 100000}
     with TraceWriter(p, {"tables": [layout]}) as w:
         w.write(np.arange(5), "a")
     data = bytearray(p.read_bytes())
@@ -720,11 +721,9 @@ def test_a_header_whose_table_rows_or_dim_are_not_counts_is_refused(tmp_path, ke
     expected = rf"trace header 'tables\[0\].{key}': got .*; expected an integer >= 1"
     with pytest.raises(TraceFormatError, match=rf"odd.trace: {expected}"):
         TraceReader(p)
-    if key == "dim":  # nor is it written
+    if key != "rows":  # nor is it written
         with pytest.raises(TraceFormatError, match=expected):
-            TraceWriter(
-                tmp_path / "new.trace", {"tables": [{"name": "a", "dim": json.loads(value)}]}
-            )
+            TraceWriter(tmp_path / "new.trace", {"tables": [{"name": "a", key: json.loads(value)}]})
 
 
 def test_ids_past_the_rows_the_header_gives_are_refused_when_read(tmp_path):

@@ -18,7 +18,7 @@ On-disk layout (all integers little-endian)
 The **header** JSON is the caller's dict plus ``"magic": "engram-trace"`` and
 ``"format_version": 1``. By convention it holds ``"tables"``: a list of table names or of dicts
 with at least ``"name"`` (and, as the caller sees fit, ``"rows"``, ``"dim"``, ``"heads"``,
-``"primes"``, ``"offsets"``, ``"layer"``; ``"rows"`` and ``"dim"`` integers >= 1 where given), ``"config"`` and ``"tokenizer"``. When ``"tables"`` is given, writes
+``"primes"``, ``"offsets"``, ``"layer"``; ``"rows"``, ``"dim"`` and ``"heads"`` integers >= 1 where given), ``"config"`` and ``"tokenizer"``. When ``"tables"`` is given, writes
 must name one of those tables, and ids are checked against a table's ``"rows"`` when present
 (by the writer, and by the reader as it decodes each chunk);
 without it, tables are registered by name as they are first written.
@@ -288,12 +288,18 @@ class TraceWriter:
                     f"trace header 'tables[{i}].rows': got {rows!r}; expected an integer >= 1 "
                     "(or null: ids not checked against a table size)"
                 )
-            dim = entry.get("dim")  # the row width replay and tier sizing check a table against
-            if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
-                raise TraceFormatError(
-                    f"trace header 'tables[{i}].dim': got {dim!r}; expected an integer >= 1 "
-                    "(values per row, or null: not given)"
-                )
+            for key, what in (
+                ("dim", "values per row"),  # the row width replay and tier sizing check against
+                ("heads", "lookups per token, which replay's --batch-tokens counts in"),
+            ):
+                value = entry.get(key)
+                if value is not None and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 1
+                ):
+                    raise TraceFormatError(
+                        f"trace header 'tables[{i}].{key}': got {value!r}; expected an integer "
+                        f">= 1 ({what}, or null: not given)"
+                    )
             out.append(entry)
         names = [t["name"] for t in out]
         if len(set(names)) != len(names):

@@ -228,7 +228,7 @@ def replay(
             )
 
     reach(0)
-    heads = int(layout.get("heads", 1))
+    heads = layout.get("heads") or 1  # checked by the reader: an integer >= 1, or none
     if queued_requests > 0:
         requests = _batches(reader, index, request_tokens, heads, single_lookups=False)
         stream = _served_with_queue(

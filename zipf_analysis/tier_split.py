@@ -330,7 +330,7 @@ def _batch_size(layout: dict[str, Any], batch_tokens: int | None) -> int | None:
         raise ConfigError(  # 2.5 died in numpy's cast, True was batches of one lookup
             f"batch_tokens: got {batch_tokens!r}; expected a positive number of tokens"
         )
-    heads = int(layout.get("heads", 1))
+    heads = layout.get("heads") or 1  # checked by the reader: an integer >= 1, or none
     return None if batch_tokens is None else (1 if batch_tokens == 1 else batch_tokens * heads)
 
 
