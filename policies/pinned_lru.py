@@ -12,7 +12,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .errors import PolicyError
+from .errors import PolicyError, check_int_option
 from .offline import next_use_index
 
 NEVER = -(1 << 60)  # "missed long ago": the last miss of a row that never missed
@@ -91,6 +91,12 @@ def pinned_lru_misses(
             "expected a 1-D bool array, one flag per table row"
         )
     ids = trace_ids(ids, pinned.size, "pinned_lru_misses", "one pinned flag per row")
+    for option, value in (
+        ("lru_rows", lru_rows),  # int() took 1.5 rows as 1, True as 1
+        ("readmit_window", readmit_window),
+        ("lookahead", lookahead),
+    ):
+        check_int_option("pinned_lru_misses", option, value, None)
     if lru_rows < 0 or readmit_window < 0 or lookahead < 0:
         raise PolicyError(
             f"pinned_lru_misses: got lru_rows={lru_rows}, readmit_window={readmit_window}, "

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .errors import PolicyError
+from .errors import PolicyError, check_int_option
 from .pinned_lru import NEVER, trace_ids
 
 
@@ -106,6 +106,14 @@ def repinned_lru_misses(
     prior = np.asarray(prior, dtype=np.float64)
     rows = prior.size
     ids = trace_ids(ids, rows, "repinned_lru_misses", "one prior score per row")
+    for option, value in (  # int() took a budget of 1.5 rows as 1; 2.5 pinned rows was a
+        ("pinned_rows", pinned_rows),  # bare TypeError, True one row
+        ("lru_rows", lru_rows),
+        ("interval", interval),
+        ("budget", budget),
+    ):
+        if value is not None:
+            check_int_option("repinned_lru_misses", option, value, None)
     budget = pinned_rows if budget is None else int(budget)
     if min(pinned_rows, lru_rows, budget) < 0 or interval <= 0:
         raise PolicyError(

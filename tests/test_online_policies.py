@@ -112,6 +112,25 @@ def test_per_request_simulators_refuse_row_ids_that_are_not_integers(ids):
         repinned_lru_misses(np.array([0, 1]), np.ones(10), 1, 1, initial=ids)
 
 
+@pytest.mark.parametrize("value", [1.5, True, "2"])
+def test_per_request_simulators_refuse_row_counts_that_are_not_integers(value):
+    # int() took 1.5 rows (or True) as one row, and 2.5 pinned rows was a bare TypeError
+    ids = np.array([1, 2, 1, 3, 1, 2] * 5)
+    shown = re.escape(repr(value))
+    for option in ("lru_rows", "readmit_window", "lookahead"):
+        kw = {"lru_rows": 1, option: value}
+        with pytest.raises(
+            PolicyError, match=rf"^pinned_lru_misses {option}: got {shown}; expected"
+        ):
+            pinned_lru_misses(ids, np.zeros(10, np.bool_), **kw)
+    for option in ("pinned_rows", "lru_rows", "interval", "budget"):
+        kw = {"pinned_rows": 1, "lru_rows": 1, option: value}
+        with pytest.raises(
+            PolicyError, match=rf"^repinned_lru_misses {option}: got {shown}; expected"
+        ):
+            repinned_lru_misses(ids, np.ones(10), **kw)
+
+
 def test_a_uint64_row_id_past_int64_is_named_as_given():
     # it was cast to int64 first, and named as the id -1, which no one gave
     ids = np.array([3, 2**64 - 1], dtype=np.uint64)
