@@ -1135,6 +1135,14 @@ def test_a_trace_written_over_its_own_npy_is_refused_and_the_npy_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy", "link.npy"]
 
 
+@pytest.mark.parametrize("chunk_ids", [2.5, True, "5", 0])
+def test_a_chunk_size_that_is_not_a_positive_integer_is_named(tmp_path, chunk_ids):
+    """2.5 was taken as chunks of 2 ids and True as chunks of 1; "5" was a bare TypeError."""
+    with pytest.raises(ValueError, match=rf"chunk_ids: got {re.escape(repr(chunk_ids))}; expected"):
+        TraceWriter(tmp_path / "t.trace", chunk_ids=chunk_ids)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("batch", [2.5, True, "3", float("nan"), 2**70])
 def test_a_record_batch_that_is_not_an_integer_index_is_refused_by_name(tmp_path, batch):
     """2.5 was written as batch 2 and True as batch 1; "3" and NaN were bare TypeError and

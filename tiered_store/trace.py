@@ -216,8 +216,11 @@ class TraceWriter:
         for key in ("magic", "format_version"):
             if key in header:
                 raise TraceFormatError(f"trace header key {key!r} is reserved; remove it")
-        if chunk_ids < 1:
-            raise ValueError(f"chunk_ids: got {chunk_ids}; expected a positive integer")
+        whole = isinstance(chunk_ids, numbers.Integral) and not isinstance(
+            chunk_ids, bool | np.bool_
+        )
+        if not whole or chunk_ids < 1:  # int() took 2.5 as 2 and True as 1
+            raise ValueError(f"chunk_ids: got {chunk_ids!r}; expected a positive integer")
         self._layout = self._parse_layout(header.get("tables"))
         self._tables: list[str] = [t["name"] for t in self._layout] if self._layout else []
         self._table_rows: list[int | None] = [t.get("rows") for t in self._layout or []]
