@@ -1030,3 +1030,68 @@ def test_a_close_interrupted_while_it_waits_for_a_read_is_finished_by_the_next(
     assert not opened.exists() or opened.resolve() != path.resolve()
     with pytest.raises(TierIOError, match="is closed"):
         table.read_rows(np.array([1]))
+
+
+def test_a_ctrl_c_as_a_read_enters_or_leaves_its_count_never_hangs_close(tmp_path):
+    """A Ctrl-C handled in the count of reads under way (as the read's ``with`` left it: the
+    count never went down; or inside the lock's release: the lock stayed held) made close()
+    wait for ever for a read that had ended. Every point of the count's enter and exit is
+    interrupted in turn, in a child process (the old code hung it): close() returns, and a
+    read after it is refused."""
+    path = tmp_path / "t.npy"
+    create_table(path, torch.zeros(100, 4), progress=False)
+    script = textwrap.dedent(
+        f"""
+        import sys, threading
+        import numpy as np
+        from tiered_store.cold_table import ColdTable
+        from tiered_store.errors import TierIOError
+
+        def counted(k, hits):
+            '''A profiler raising KeyboardInterrupt at the k-th point where CPython handles a
+            signal (a Python function's entry, the return of a call) in the count's code
+            (store_lock.py) and in the functions it calls (a Condition's).'''
+            def profile(frame, event, arg):
+                if event not in ("call", "return", "c_return"):
+                    return
+                if event != "c_return" and not frame.f_code.co_filename.endswith("store_lock.py"):
+                    frame = frame.f_back  # a Python function: counted where called from there
+                if frame is None or not frame.f_code.co_filename.endswith("store_lock.py"):
+                    return
+                hits[0] += 1
+                if hits[0] == k:
+                    raise KeyboardInterrupt
+            return profile
+
+        k = 0
+        while True:
+            k += 1
+            table, hits = ColdTable({str(path)!r}, io="pread", threads=1), [0]
+            sys.setprofile(counted(k, hits))
+            try:
+                table.read_rows(np.arange(10))
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            table.close()
+            refused = []
+            def read():
+                try:
+                    table.read_rows(np.arange(3))
+                except TierIOError as exc:
+                    refused.append(exc)
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            reader.join(30)
+            assert refused, f"interrupt {{k}}: a read after close was not refused"
+            if hits[0] < k:  # every event has been interrupted once
+                break
+        print("points", k - 1)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[1]) >= 6, proc.stdout

@@ -194,13 +194,21 @@ class InFlight:
     """Calls under way that read or write a store's files: ``close()`` refuses new ones and waits
     for these to end before it closes the files (a lookup racing a close read a closed table);
     when it gives up waiting, the last of them to end closes the files (``then``). ``refusal``
-    makes the error a call entered after ``close()`` raises (default: ``StoreClosedError``)."""
+    makes the error a call entered after ``close()`` raises (default: ``StoreClosedError``).
+
+    Calls are counted per thread, and ``close()`` waits only for other threads' calls: a Ctrl-C
+    handled as a call's ``with`` is left (``__exit__`` entered, the count not yet down) leaves
+    its thread counted for good, and a close by that thread (the main one, where a Ctrl-C is
+    raised) would wait for it without end. The lock is a plain ``Lock`` (entered and left in C):
+    a Ctrl-C cannot leave it held, as it could inside a ``Condition``'s Python ``__exit__``."""
 
     def __init__(self, refusal: Callable[[], BaseException] | None = None) -> None:
         self._refusal = refusal or _store_closed
-        self._cond = threading.Condition()
-        self._count = 0
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._calls: dict[int, int] = {}  # thread ident -> its calls under way
         self._closing = False
+        self._closer = -1  # the thread that called close(): its own calls are not waited for
         self._then: Callable[[], None] | None = None  # run by the last call to end
 
     def entered(self) -> InFlight:
@@ -210,39 +218,48 @@ class InFlight:
         return self
 
     def __enter__(self) -> None:
-        with self._cond:
+        me = threading.get_ident()
+        with self._lock:
             if self._closing:
                 raise self._refusal()
-            self._count += 1
+            self._calls[me] = self._calls.get(me, 0) + 1
 
     def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._count -= 1
+        me = threading.get_ident()
+        with self._lock:
+            if self._calls.get(me, 0) > 1:
+                self._calls[me] -= 1
+            else:
+                self._calls.pop(me, None)
             if not self._closing:  # only close() waits, and a call ending may run its then
                 return
             self._cond.notify_all()
-            then = self._then if self._count == 0 else None
+            then = self._then if not self._running() else None
             self._then = None if then is not None else self._then
         if then is not None:
             then()
 
     def close(self, timeout: float | None = None) -> bool:
-        """Refuse new calls; return once those under way have ended (True), or after
-        ``timeout`` seconds with some still running (False)."""
+        """Refuse new calls; return once those under way in other threads have ended (True), or
+        after ``timeout`` seconds with some still running (False)."""
         with self._cond:
-            self._closing = True
-            return self._cond.wait_for(lambda: self._count == 0, timeout)
+            self._closing, self._closer = True, threading.get_ident()
+            return self._cond.wait_for(lambda: not self._running(), timeout)
 
     def then(self, action: Callable[[], None]) -> None:
-        """After ``close()``: run ``action`` once no call is under way: now, or as the last one
-        ends."""
-        with self._cond:
+        """After ``close()``: run ``action`` once no call of another thread than close()'s is
+        under way: now, or as the last one ends."""
+        with self._lock:
             if not self._closing:  # a call ending before close() would never run it
                 raise RuntimeError("InFlight.then() before close()")
-            if self._count:
+            if self._running():
                 self._then = action
                 return
         action()
+
+    def _running(self) -> bool:
+        """Whether calls of other threads than close()'s are under way (the lock held)."""
+        return bool(self._calls.keys() - {self._closer})
 
 
 def _store_closed() -> StoreClosedError:
