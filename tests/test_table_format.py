@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from tiered_store.cold_table import ColdTable
+from tiered_store.disk_probe import cached_pages, drop_page_cache
 from tiered_store.errors import TableFormatError, TieredStoreError
 from tiered_store.manifest_checksum import sealed
 from tiered_store.serve.client import subprocess_env
@@ -577,14 +578,14 @@ def test_a_verification_stops_between_reads_once_asked(tmp_path, monkeypatch):
         f.write(bytes([byte[0] ^ 0xFF]))
     monkeypatch.setattr(table_format, "VERIFY_READ_BYTES", 2 * 4096)  # 25 reads of 2 blocks
     stop = threading.Event()
-    real, reads = table_format._readinto_full, []
+    real, reads = table_format._read_full, []
 
-    def read_then_stop(f, view):
-        reads.append(len(view))
+    def read_then_stop(f, view, want, offset):
+        reads.append(want)
         stop.set()  # as a server's stop comes while the pass reads
-        return real(f, view)
+        return real(f, view, want, offset)
 
-    monkeypatch.setattr(table_format, "_readinto_full", read_then_stop)
+    monkeypatch.setattr(table_format, "_read_full", read_then_stop)
     with pytest.raises(VerifyStopped, match=r"t\.npy: verification stopped after 8,192 of 200,000"):
         verify_table(path, progress=False, stop=stop)
     assert reads == [8192]
@@ -643,13 +644,13 @@ def test_a_table_whose_blocks_exceed_memory_verifies(tmp_path, monkeypatch):
     monkeypatch.setattr(table_format, "VERIFY_READ_BYTES", 8192)  # blocks of 4 reads
     path, m = make(tmp_path, RandomSource(1000, 50, seed=1), "b.npy", block_bytes=4 * 8192)
     reads = []
-    real = table_format._readinto_full
+    real = table_format._read_full
 
-    def counted(f, view):
-        reads.append(len(view))
-        return real(f, view)
+    def counted(f, view, want, offset):
+        reads.append(want)
+        return real(f, view, want, offset)
 
-    monkeypatch.setattr(table_format, "_readinto_full", counted)
+    monkeypatch.setattr(table_format, "_read_full", counted)
     report = verify_table(path, progress=False, bytes_per_s=10**6)
     assert report.blocks_checked == m.num_blocks == 7 and max(reads) == 8192
     with open(path, "r+b") as f:  # a byte of block 2's first read (pages unchecked below)
@@ -712,16 +713,16 @@ def test_a_read_error_while_verifying_names_the_table_and_offset(
 
     path, _ = make(tmp_path, RandomSource(1000, 50, seed=1), block_bytes=4096)
     monkeypatch.setattr(table_format, "VERIFY_READ_BYTES", 2 * 4096)  # 25 reads of 2 blocks
-    real = table_format._readinto_full
+    real = table_format._read_full
     reads = []
 
-    def fails_at_the_third_read(f, view):
-        reads.append(len(view))
+    def fails_at_the_third_read(f, view, want, offset):
+        reads.append(want)
         if len(reads) == 3:
             raise OSError(errno.EIO, "Input/output error")
-        return real(f, view)
+        return real(f, view, want, offset)
 
-    monkeypatch.setattr(table_format, "_readinto_full", fails_at_the_third_read)
+    monkeypatch.setattr(table_format, "_read_full", fails_at_the_third_read)
     run = verify_table if command == "verify" else add_page_checksums
     offset = 4096 + 2 * 8192
     message = rf"reading 8,192 bytes of table .*t\.npy at byte {offset:,} failed \(Input/output"
@@ -1086,3 +1087,58 @@ def test_add_page_checksums_keeps_the_fields_a_newer_version_wrote(tmp_path):
     assert read_manifest(path).page_checksums is not None
     assert_sealed_manifest(path)
     assert verify_table(path, progress=False).pages_checked > 0
+
+
+def _direct_supported(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+def test_a_verification_leaves_the_table_out_of_the_page_cache(tmp_path):
+    """A whole-table pass (``tiered-store verify``, serve's scrubber) read through the page
+    cache: it filled the cache with the table, evicting the pages the cold tier's mmap and
+    pread reads keep hot, and checked the cached copy rather than the disk. It reads with
+    ``O_DIRECT`` where the file system takes it: the pass adds none of the data's pages."""
+    path, m = make(tmp_path, RandomSource(20_000, 64, seed=1))  # 5 MiB
+    if not _direct_supported(path):
+        pytest.skip("the test file system refuses O_DIRECT")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # (dirty pages would stay cached)
+    finally:
+        os.close(fd)
+    drop_page_cache([path])
+    before = cached_pages(path)
+    assert before < m.file_bytes // 4096 // 10  # evicted (the file system dropped them)
+    assert verify_table(path, progress=False).bytes_checked == m.data_bytes
+    added = cached_pages(path) - before  # (reading the header caches a few pages)
+    assert added < m.file_bytes // 4096 // 10, f"the pass cached {added} pages of the table"
+
+
+def test_a_verification_on_a_file_system_without_o_direct_reads_through_the_cache():
+    """tmpfs refuses ``O_DIRECT`` (EINVAL at open): the pass reads the table plainly, and still
+    finds a corrupted page."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    folder = shm / f"tiered-store-test-{os.getpid()}"
+    folder.mkdir()
+    try:
+        path, m = make(folder, RandomSource(1000, 50, seed=1), block_bytes=4096)
+        if _direct_supported(path):
+            pytest.skip("/dev/shm takes O_DIRECT here")
+        assert verify_table(path, progress=False).blocks_checked == m.num_blocks
+        with open(path, "r+b") as f:
+            f.seek(m.data_offset + 3 * 4096 + 5)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(TableFormatError, match="block 3"):
+            verify_table(path, progress=False)
+    finally:
+        for file in folder.iterdir():
+            file.unlink()
+        folder.rmdir()

@@ -14,6 +14,7 @@ Reads land at uniform-random whole blocks of the file, drawn before the clock st
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import json
@@ -400,6 +401,41 @@ def _start(thread: threading.Thread, started: int, threads: int) -> None:
             f"threads: got {threads}, but the system started only {started} ({exc}); expected "
             "fewer threads"
         ) from exc
+
+
+def cached_pages(path: str | os.PathLike[str]) -> int:
+    """How many of the file's pages the page cache holds now (``mincore(2)`` over a map of it).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     cached_pages(f.name)
+    0
+    """
+    size = os.stat(path).st_size
+    if not size:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"cannot map {path} to count its cached pages")
+        vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+        try:
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return int(np.count_nonzero(np.frombuffer(vec.raw, dtype=np.uint8) & 1))
 
 
 def drop_page_cache(paths: Iterable[str | os.PathLike[str]]) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import numbers
@@ -774,7 +775,7 @@ def verify_table(
             _check_data_file(npy_path, manifest)  # check_table's, against the manifest read
             entry = manifest.page_checksums
             sums = load_page_checksums(npy_path, entry) if entry is not None else None
-            f = open(npy_path, "rb", buffering=0)  # noqa: SIM115 (closed below)
+            f = _open_uncached(npy_path)
         except (TableFormatError, OSError):
             if _manifest_unchanged(npy_path, manifest):
                 raise
@@ -1030,7 +1031,9 @@ def _scan_table(
     chunk = max(read_bytes // PAGE_BYTES, 1) * PAGE_BYTES
     block_crc = _BlockCrc(manifest.block_bytes)
     started = time.monotonic()
-    buf = np.empty(chunk, dtype=np.uint8)
+    raw = np.empty(chunk + PAGE_BYTES, dtype=np.uint8)  # page-aligned, for an O_DIRECT file
+    skip = -raw.ctypes.data % PAGE_BYTES
+    buf = raw[skip : skip + chunk]
     view = memoryview(buf)
     page_sums = []
     checked = 0
@@ -1045,7 +1048,6 @@ def _scan_table(
         ) as bar,
     ):
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        f.seek(manifest.data_offset)
         block = 0
         while checked < manifest.data_bytes:
             if bytes_per_s is not None:
@@ -1057,7 +1059,7 @@ def _scan_table(
                 )
             want = min(chunk, manifest.data_bytes - checked)
             try:
-                got = _readinto_full(f, view[:want])
+                got = _read_full(f, view, want, manifest.data_offset + checked)
             except OSError as exc:  # EIO from a failing disk: name the table and where
                 raise TierIOError(
                     exc.errno or errno.EIO,
@@ -1163,15 +1165,41 @@ def _npy_header(descr: str, rows: int, dim: int) -> bytes:
     return magic + struct.pack("<H", header_len) + text.encode("latin1")
 
 
-def _readinto_full(f: Any, view: memoryview) -> int:
-    """readinto until ``view`` is full or EOF; return bytes read."""
+def _open_uncached(npy_path: Path) -> Any:
+    """The table's data file open for a scrub: with ``O_DIRECT`` where the file system takes it
+    (a pass over the whole table through the page cache would evict the pages the cold tier's
+    mmap and pread reads keep hot, and check the cached copy, not the disk); else plainly."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(npy_path, flags | getattr(os, "O_DIRECT", 0))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # (tmpfs refuses O_DIRECT so)
+            raise
+        fd = os.open(npy_path, flags)
+    return open(fd, "rb", buffering=0)  # noqa: SIM115 (closed by the caller)
+
+
+def _read_full(f: Any, view: memoryview, want: int, offset: int) -> int:
+    """Read ``want`` bytes at ``offset`` into ``view`` (page-aligned, whole pages long enough);
+    bytes read (fewer at EOF). An ``O_DIRECT`` file reads whole pages; one whose reads the file
+    system refuses (EINVAL) goes on through the page cache."""
+    fd = f.fileno()
+    direct = getattr(os, "O_DIRECT", 0) & fcntl.fcntl(fd, fcntl.F_GETFL)
+    end = -(-want // PAGE_BYTES) * PAGE_BYTES if direct else want
     got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
+    while got < want:
+        try:
+            n = os.preadv(fd, [view[got:end]], offset + got)
+        except OSError as exc:
+            if not direct or exc.errno != errno.EINVAL or got % PAGE_BYTES:
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            direct, end = 0, want
+            continue
         if not n:
             break
         got += n
-    return got
+    return min(got, want)
 
 
 class _BlockCrc:
