@@ -536,7 +536,7 @@ class TestUring(ExtentReaderContract):
     def test_unavailable_io_uring_suggests_direct(self, tables, monkeypatch):
         path, _ = tables[("float32", 32)]
 
-        def refused(queue_depth):
+        def refused(queue_depth, owner=""):
             raise OSError(errno.EPERM, "io_uring_setup(128) failed: io_uring is forbidden here")
 
         monkeypatch.setattr(ct, "IoUring", refused)

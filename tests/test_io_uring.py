@@ -382,7 +382,7 @@ def test_a_ring_closed_with_reads_in_flight_keeps_their_memory(monkeypatch):
     helper = threading.Thread(target=interrupt)
     default = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        ring = IoUring(4)
+        ring = IoUring(4, "table /data/t.npy")
         monkeypatch.setattr(io_uring, "_syscall", counted_syscall)
         monkeypatch.setattr(IoUring, "_drain", refused_drain)
         helper.start()
@@ -435,3 +435,50 @@ def test_a_ring_closed_once_its_unfinished_reads_are_in_keeps_nothing(data, monk
     del buf
     gc.collect()
     assert kept() is None and len(io_uring._STRANDED) == stranded
+
+
+def test_a_drain_of_reads_that_never_complete_gives_up_and_strands_their_memory(monkeypatch):
+    """A Ctrl-C with a read in flight that never completes (a hung device; here, a read of an
+    empty pipe) drained without end: every further Ctrl-C, or a SIGTERM handler's exit, was
+    waited through too. After ``DRAIN_WAIT_S`` the drain gives up: the ring is closed, the
+    memory the read lands in kept for good, a warning names the ring's owner, and the Ctrl-C
+    goes on. (The pipe is written to once the test is done, or after 20 s should the drain
+    wait still: the read then completes and the old drain returned.)"""
+    monkeypatch.setattr(io_uring, "DRAIN_WAIT_S", 0.5)
+    read_end, write_end = os.pipe()
+    buf = np.zeros(4096, dtype=np.uint8)
+    stranded = len(io_uring._STRANDED)
+    ring = IoUring(4, "table /data/t.npy")
+    main, done = threading.main_thread(), threading.Event()
+
+    def interrupt() -> None:
+        """SIGINT once the kernel took the read; the pipe written to when done (or at 20 s)."""
+        words, index = ring._sq_head
+        while int(words[index]) == 0:
+            done.wait(0.001)
+        signal.pthread_kill(main.ident, signal.SIGINT)
+        done.wait(20)
+        os.write(write_end, b"x" * 4096)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    default = signal.signal(signal.SIGINT, ctrl_c)
+    helper = threading.Thread(target=interrupt, daemon=True)
+    try:
+        helper.start()
+        with (
+            pytest.raises(KeyboardInterrupt),
+            pytest.warns(RuntimeWarning, match=r"io_uring of table /data/t\.npy: 1 reads .*0\.5 s"),
+        ):
+            ring.read_batch(
+                read_end, np.zeros(1), np.full(1, 4096), np.full(1, buf.ctypes.data), buf
+            )
+        assert ring.closed and any(kept is buf for kept in io_uring._STRANDED[stranded:])
+    finally:
+        signal.signal(signal.SIGINT, default)
+        done.set()
+        helper.join()
+        ring.close()
+        os.close(read_end)
+        os.close(write_end)

@@ -783,7 +783,7 @@ class ColdTable:
         with self._lock:
             reader = self._readers.pop() if self._readers else None
         if reader is None:
-            reader = _UringReader(IoUring(self.queue_depth))
+            reader = _UringReader(IoUring(self.queue_depth, f"table {self.path}"))
         if len(reader.view) < buffer_bytes:
             reader.allocate(buffer_bytes)
         return reader

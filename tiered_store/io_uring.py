@@ -23,7 +23,10 @@ import errno
 import mmap
 import os
 import platform
+import select
 import threading
+import time
+import warnings
 import weakref
 
 import numpy as np
@@ -32,6 +35,7 @@ __all__ = ["IoUring", "MAX_QUEUE_DEPTH", "uring_unavailable_reason"]
 
 MAX_QUEUE_DEPTH = 4096  # requests in flight per ring (the kernel allows 32768 entries)
 REFILL_SHARE = 8  # refill once 1/REFILL_SHARE of the queue depth has completed
+DRAIN_WAIT_S = 30.0  # an interrupted batch's reads are waited for this long, then stranded
 
 _SYS_IO_URING_SETUP = 425  # the same number on every architecture with the generic table
 _SYS_IO_URING_ENTER = 426
@@ -128,6 +132,8 @@ class IoUring:
     queue_depth : int
         Most requests in flight at once (1 to ``MAX_QUEUE_DEPTH``); the kernel rounds the ring
         up to a power of two.
+    owner : str
+        What the ring reads for, named in its warnings (say, ``"table /data/t.npy"``).
 
     Raises
     ------
@@ -154,7 +160,7 @@ class IoUring:
     (255, 152, 255)
     """
 
-    def __init__(self, queue_depth: int) -> None:
+    def __init__(self, queue_depth: int, owner: str = "") -> None:
         if isinstance(queue_depth, bool) or not isinstance(queue_depth, int):
             raise ValueError(f"queue_depth={queue_depth!r}; expected an integer")
         if not 1 <= queue_depth <= MAX_QUEUE_DEPTH:
@@ -166,6 +172,7 @@ class IoUring:
                 f"{platform.machine()}",
             )
         self.queue_depth = queue_depth
+        self.owner = owner
         self._maps: list[mmap.mmap] = []
         self._unfinished: list[object] = []  # [keep] while a batch's reads may be in flight
         params = _Params()
@@ -280,9 +287,10 @@ class IoUring:
         drained (an exit asked meanwhile is not lost). One outside the wait (as the drain is
         entered, between its rounds) leaves the batch unfinished: the next ``read_batch``
         drains it first. The kernel's refusal (an Exception) closes the ring (``closed``: never
-        reused), its ``keep`` kept for good if reads it took are not complete. A device that
-        never completes holds the drain blocked in the kernel: SIGKILL or SIGQUIT (Ctrl-\\)
-        ends the process."""
+        reused), its ``keep`` kept for good if reads it took are not complete. Reads still in
+        flight after ``DRAIN_WAIT_S`` (a hung device) are given up on: the ring is closed, their
+        ``keep`` kept for good (the kernel may still write into it), with a ``RuntimeWarning``
+        naming the ``owner``; the interrupt goes on."""
         # Counted from the rings (the interruption may have come between a ring update and its
         # count in _run). The tail is published first (it may have come in _push between
         # counting SQEs and publishing them); the kernel is asked to submit only the SQEs it has
@@ -290,6 +298,9 @@ class IoUring:
         tail0, head0 = self._batch_start
         queued = (self._tail - tail0) & _U32
         enter = _syscall()
+        deadline = time.monotonic() + DRAIN_WAIT_S
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)  # a completion posted
         further: BaseException | None = None
         while True:
             try:
@@ -299,19 +310,24 @@ class IoUring:
                 if completed >= queued:
                     self._unfinished.clear()
                     break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._strand(queued - completed)
+                    break
                 words, index = self._sq_head
-                ret = enter(
+                ret = enter(  # submit what the kernel has not taken, and post completions
                     _SYS_IO_URING_ENTER,
                     self._fd,
                     ctypes.c_uint((self._tail - int(words[index])) & _U32),
-                    ctypes.c_uint(queued - completed),
+                    ctypes.c_uint(0),
                     ctypes.c_uint(_IORING_ENTER_GETEVENTS),
                     None,
                     ctypes.c_size_t(0),
                 )
                 if ret < 0 and ctypes.get_errno() not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
                     raise OSError(ctypes.get_errno(), "io_uring_enter failed while draining")
-                self._reap(None)
+                if not self._reap(None):  # none posted: wait for one, until the deadline
+                    poller.poll(max(1, int(left * 1000)))
             except Exception:  # the kernel refuses: the ring cannot be drained
                 self.close()
                 break
@@ -319,6 +335,19 @@ class IoUring:
                 further = exc if further is None else further
         if further is not None:
             raise further
+
+    def _strand(self, in_flight: int) -> None:
+        """Give up on ``in_flight`` reads that do not complete: close the ring (their ``keep``
+        kept for good) and warn."""
+        self.close()
+        owner = f" of {self.owner}" if self.owner else ""
+        warnings.warn(
+            f"io_uring{owner}: {in_flight} reads of an interrupted batch still in flight after "
+            f"{DRAIN_WAIT_S:g} s of draining (a hung device?); expected them within that: the ring "
+            "is closed and the memory they land in kept for good (never freed)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     @property
     def closed(self) -> bool:
