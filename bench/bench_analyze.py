@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tiered_store.atomic_file import json_text, write_json
-from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script, wrote
 from tiered_store.errors import ConfigError
 from tiered_store.versions import machine_info
 from zipf_analysis.analyze import AnalyzeOptions, analyze, parse_targets
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = json_text(out, indent=2)
     print(text)
     if args.out:
-        write_json(args.out, out)
+        wrote(write_json(args.out, out))
     if args.keep or args.work_dir:
         print(f"analysis output: {work}", file=sys.stderr)
     return out

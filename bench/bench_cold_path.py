@@ -57,6 +57,7 @@ from tiered_store.cli_args import (
     positive_number,
     public_command,
     run_script,
+    wrote,
 )
 from tiered_store.cold_table import ColdTable
 from tiered_store.config import MAX_COLD_THREADS
@@ -381,8 +382,9 @@ def summarize(
     }
 
 
-def plot(report: dict, path: Path) -> None:
-    """Rate against queue depth (one thread) and against threads (one request each)."""
+def plot(report: dict, path: Path) -> Path:
+    """Rate against queue depth (one thread) and against threads (one request each); returns
+    ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -424,6 +426,7 @@ def plot(report: dict, path: Path) -> None:
     with atomic_write(path) as f:  # a folder in the way: a clear error; no half-written plot
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         points, rounds, pairs = measure(args, path)
     report = summarize(args, points, rounds, pairs, table)
     if args.out:
-        write_json(args.out, report)
-        plot(report, args.out.with_suffix(".png"))
+        wrote(write_json(args.out, report))
+        wrote(plot(report, args.out.with_suffix(".png")))
     print(f"\n{'variant':<30} {'rate/s':>10} {'vs baseline':>12} {'requests/s':>11} {'CPU':>5}")
     for name, e in report["results"].items():
         requests = f"{e['requests_per_s']:,.0f}" if "requests_per_s" in e else "-"

@@ -54,6 +54,7 @@ from tiered_store.cli_args import (
     output_file,
     public_command,
     run_script,
+    wrote,
 )
 from tiered_store.config import CostModelConfig
 from tiered_store.corpus import Corpus, CorpusError, resolve_corpus
@@ -438,7 +439,7 @@ def main(argv=None) -> int:
     text = json_text(report, indent=1)
     print(text)
     if args.out:
-        write_json(args.out, report, indent=1)
+        wrote(write_json(args.out, report, indent=1))
     print_table(report)
     return 0
 

@@ -65,6 +65,7 @@ from tiered_store.cli_args import (
     policy,
     public_command,
     run_script,
+    wrote,
 )
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache
@@ -438,7 +439,7 @@ def main(argv=None) -> int:
     text = json_text(report, indent=2)
     print(text)
     if args.out:
-        write_json(args.out, report)
+        wrote(write_json(args.out, report))
     print_table(report, file=sys.stderr)
     return 0
 

@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from tiered_store.atomic_file import json_text, write_json
-from tiered_store.cli_args import at_least, doc_parser, fraction, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, fraction, output_file, run_script, wrote
 from tiered_store.versions import machine_info
 from zipf_analysis.mrc import belady_mrc, lru_mrc, mean_absolute_error, shards_mrc
 from zipf_analysis.zipf_fit import sample_zipf
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = json_text(result, indent=1)
     print(text)
     if args.out:
-        write_json(args.out, result, indent=1)
+        wrote(write_json(args.out, result, indent=1))
     return result
 
 

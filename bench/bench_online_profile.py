@@ -43,7 +43,7 @@ from policies.pinned_lru import pinned_lru_misses
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW, zipf_tuned_split
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script, wrote
 from tiered_store.errors import ConfigError
 from tiered_store.online_profile import OnlineProfile
 from tiered_store.profile import FrequencyProfile
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     if args.out:
-        write_json(args.out, result)
+        wrote(write_json(args.out, result))
     return 0
 
 

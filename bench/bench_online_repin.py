@@ -85,6 +85,7 @@ from tiered_store.cli_args import (
     output_file,
     public_command,
     run_script,
+    wrote,
 )
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
@@ -628,7 +629,7 @@ def main(argv=None) -> int:
             )
     print(json_text(result, indent=2))
     if args.out:
-        write_json(args.out, result)
+        wrote(write_json(args.out, result))
     return 0
 
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
 from tiered_store.atomic_file import write_json
 from tiered_store.capacity import parse_shares
-from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script, wrote
 from tiered_store.errors import ConfigError
 from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     for name, cells in captured.items():
         print(f"  {name:22s} " + " / ".join(f"{100 * np.mean(v):5.2f}%" for v in cells.values()))
     if args.out:
-        write_json(args.out, result)
+        wrote(write_json(args.out, result))
     return 0
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, existing_dir, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, existing_dir, output_file, run_script, wrote
 from tiered_store.cold_table import IO_MODES, ColdTable
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.errors import TierIOError
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     if args.out:
-        write_json(args.out, doc)
+        wrote(write_json(args.out, doc))
     return 0
 
 

@@ -63,6 +63,7 @@ from tiered_store.cli_args import (
     int_list,
     output_file,
     run_script,
+    wrote,
 )
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
                 f"--replot {args.replot}: no {missing[0]!r} in it (not this script's report); "
                 "expected an earlier --out"
             )
-        print(f"plot: {plot_results(result, Path(args.replot).with_suffix('.png'))}")
+        wrote(plot_results(result, Path(args.replot).with_suffix(".png")))
         return 0
     with scratch_directory("bench-policies-", args.dir, keep=args.keep) as work:
         try:
@@ -231,8 +232,8 @@ def main(argv=None) -> int:
     result = summarise(args, **measured)
     print(json_text(result, indent=2))
     if args.out:
-        write_json(args.out, result)
-        print(f"plot: {plot_results(result, Path(args.out).with_suffix('.png'))}")
+        wrote(write_json(args.out, result))
+        wrote(plot_results(result, Path(args.out).with_suffix(".png")))
     return 0
 
 

@@ -35,7 +35,14 @@ from tqdm.auto import tqdm
 
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store.atomic_file import scratch_directory, write_json
-from tiered_store.cli_args import at_least, doc_parser, output_file, positive_number, run_script
+from tiered_store.cli_args import (
+    at_least,
+    doc_parser,
+    output_file,
+    positive_number,
+    run_script,
+    wrote,
+)
 from tiered_store.table_sources import RandomSource
 
 POLICIES = ("lru", "zipf-tuned")
@@ -176,7 +183,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     if args.out:
-        write_json(args.out, result)
+        wrote(write_json(args.out, result))
     return 0
 
 

@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script
+from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script, wrote
 from tiered_store.serve import ServeConfig, ServedModel, parse_request
 from tiered_store.serve.client import ServeProcess, get_json, post_json, run_load, zipf_requests
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         for tier in ("hot", "warm")
     }
     if args.out:
-        write_json(args.out, report)
+        wrote(write_json(args.out, report))
     bad = any(r["errors"] or r["lost"] for r in report["runs"]) or report["server_exit_status"] != 0
     bad = bad or bool(report.get("soak", {}).get("errors"))
     return 1 if bad else 0

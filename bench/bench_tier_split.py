@@ -43,6 +43,7 @@ from tiered_store.cli_args import (
     output_file,
     public_command,
     run_script,
+    wrote,
 )
 from tiered_store.config import StoreConfig
 from tiered_store.errors import ConfigError
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json_text(doc, indent=2)
     print(text)
     if args.out:
-        write_json(args.out, doc)
+        wrote(write_json(args.out, doc))
     return 0
 
 

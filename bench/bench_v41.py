@@ -85,6 +85,7 @@ from tiered_store.cli_args import (
     policy,
     public_command,
     run_script,
+    wrote,
 )
 from tiered_store.corpus import resolve_corpus
 from tiered_store.disk_probe import drop_page_cache, fio_random_reads
@@ -830,7 +831,7 @@ def main(argv=None) -> int:
     report["targets"] = targets(report)
     print(json_text(report, indent=2))  # NaN as null, NumPy scalars as numbers
     if args.out:
-        write_json(args.out, report)
+        wrote(write_json(args.out, report))
     print_summary(report)
     kept = [path for group in paths.values() for path in group.values()]
     size = sum(f.stat().st_size for path in kept for f in path.parent.glob(f"{path.name}*"))

@@ -47,6 +47,7 @@ from tiered_store.cli_args import (
     make_folder,
     output_file,
     run_script,
+    wrote,
 )
 from tiered_store.corpus import resolve_corpus
 from tiered_store.engram import EngramConfig, NgramHasher
@@ -335,8 +336,7 @@ def main(argv=None) -> int:
         "results": results,
     }
     if args.out:
-        write_json(args.out, doc)
-        print(f"wrote {args.out}")
+        wrote(write_json(args.out, doc))
     return 0
 
 

@@ -44,6 +44,7 @@ from tiered_store.cli_args import (
     given_path,
     output_file,
     run_script,
+    wrote,
 )
 from tiered_store.cold_table import IO_MODES
 from tiered_store.table_sources import RandomSource
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     if args.out:
-        write_json(args.out, result)
+        wrote(write_json(args.out, result))
     return 0
 
 

@@ -48,6 +48,7 @@ from tiered_store.cli_args import (
     given_path,
     output_file,
     run_script,
+    wrote,
 )
 from tiered_store.corpus import CorpusError, resolve_corpus
 from tiered_store.delta.row_delta import HEADER_BYTES
@@ -465,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["section_seconds"] = time.perf_counter() - started
             print(json_text({name: results[name]}, indent=1), flush=True)
     if args.out:
-        write_json(args.out, results)
+        wrote(write_json(args.out, results))
     return 0
 
 

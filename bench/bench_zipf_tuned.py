@@ -58,6 +58,7 @@ from tiered_store.cli_args import (
     output_file,
     public_command,
     run_script,
+    wrote,
 )
 from tiered_store.profile import FrequencyCounter
 from tiered_store.trace import TraceReader
@@ -267,7 +268,7 @@ def main(argv=None) -> int:
         "repin_reads_per_lookup": reads,
     }
     if args.out:
-        write_json(args.out, result)
+        wrote(write_json(args.out, result))
     return 0
 
 

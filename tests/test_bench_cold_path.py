@@ -66,6 +66,7 @@ def test_runs_without_fio_against_the_python_probe(tmp_path):
         assert results[name]["rate"] > 0 and results[name]["requests_per_s"] > 0, name
     assert report["headline"]["ratio_median"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+    assert f"wrote {out}\nwrote {out.with_suffix('.png')}\n" in done.stderr  # said where
     assert "baseline: disk_probe io_uring QD32" in done.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["report"]  # the table was deleted
 

@@ -56,6 +56,7 @@ def test_figures_match_an_lru_simulation_and_the_curves_agree(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(done.stdout) == result  # printed and written alike
+    assert f"wrote {out}\n" in done.stderr  # said where (stdout stays the JSON)
 
     # what it ran on, and that this is the trace it measured: regenerated from what it recorded
     trace = result["trace"]

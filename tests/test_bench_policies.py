@@ -53,6 +53,7 @@ def test_small_tiers_are_sized_and_the_corpus_recorded(email_analysis, tmp_path)
     assert "lru with 2 requests queued at 0.1%: fetch" in done.stdout
     assert list(work.iterdir()) == []  # the work directory is deleted without --keep
     assert out.with_suffix(".png").stat().st_size > 0
+    assert f"wrote {out}\nwrote {out.with_suffix('.png')}\n" in done.stderr  # said where
 
 
 def test_keep_keeps_the_work_directory_and_says_where(tmp_path):
@@ -134,6 +135,7 @@ def test_replot_with_a_folder_in_the_way_of_the_plot_is_a_clear_error(tmp_path):
     done = run_bench("bench_policies.py", "--replot", str(tmp_path / "r.json"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {tmp_path / 'r.png'}\n" in done.stderr
 
 
 def test_replot_of_a_missing_or_broken_report_is_a_clear_error(tmp_path):

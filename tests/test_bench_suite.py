@@ -108,6 +108,9 @@ def test_every_bench_script_checks_its_out_before_the_work(tmp_path):
         source = script.read_text()
         assert re.search(r'"--out",\s*type=output_file', source), script.name
         assert ".write_text(" not in source or script.name == "bench_serve.py", script.name
+        # and say where: a report or plot written without a word was left to be found
+        assert "write_json(args.out" in source, script.name
+        assert not re.search(r"(?<!wrote\()write_json\(args\.out", source), script.name
     done = run_python([ROOT / "bench" / "bench_mrc.py", "--out", tmp_path], timeout=60)
     assert done.returncode == 2
     assert f"argument --out: '{tmp_path}' is a directory; expected a file to write" in done.stderr

@@ -64,7 +64,7 @@ def check_open_adds_only_the_store(doc: dict, run: dict) -> None:
 
 def test_records_the_table_and_options_without_machine_paths(bench_run):
     tmp_path, done, doc, io = bench_run
-    assert f"wrote {tmp_path / 'r.json'}" in done.stdout
+    assert f"wrote {tmp_path / 'r.json'}\n" in done.stderr
     assert str(tmp_path / "tables") not in json.dumps(doc)
     table = doc["table"]
     assert table["engram_vocab_size"] == VOCAB

@@ -130,6 +130,13 @@ def existing_dir(text: str) -> Path:
     return path
 
 
+def wrote(path: Path) -> Path:
+    """Say on stderr where a script wrote a file, ``wrote PATH`` (its stdout may be the report
+    itself); returns ``path``."""
+    print(f"wrote {path}", file=sys.stderr, flush=True)
+    return path
+
+
 def output_file(text: str) -> Path:
     """An argparse ``type``: a file to write when the work is done, checked before it starts: a
     directory there, a file where a folder on its way should be, or a folder where nothing can be
