@@ -366,10 +366,13 @@ def bench_recovery(args, work: Path) -> dict:
         proc = subprocess.Popen(
             [sys.executable, "-c", _WRITER, str(path), str(rows // 10)], stdout=subprocess.PIPE
         )
-        assert proc.stdout.readline().strip() == b"committed"
-        time.sleep(0.3)  # inside a later commit, most likely
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        try:  # killed however this ends: it commits in a loop until then
+            assert proc.stdout.readline().strip() == b"committed"
+            time.sleep(0.3)  # inside a later commit, most likely
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
         start = time.perf_counter()
         with TieredStore.open({"table": {"path": str(path)}}) as store:
             opened = time.perf_counter() - start

@@ -3,11 +3,19 @@ of the figures beside it, commits and deltas add up, its tables go, bad options 
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import signal
+import struct
 import subprocess
+import sys
+import termios
+import time
 from pathlib import Path
 
-from tests.bench_support import run_bench
+from tests.bench_support import ROOT, run_bench
+from tiered_store.serve.client import subprocess_env
 
 ONE_THREAD = {"TIERED_STORE_BENCH_TORCH_THREADS": "1"}
 
@@ -113,3 +121,53 @@ def test_training_rounds_past_the_corpus_wrap_around_it(tmp_path):
     assert len(training["ratios"]) == 2 and all(r > 0 for r in training["ratios"])
     assert training["tables_identical_after_training"] is True
     assert training["store"]["committed_step"] == 3  # 4 steps, a commit every 3
+
+
+def processes_naming(text: str) -> list[int]:
+    """The processes whose command line holds ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(
+                errors="replace"
+            ):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+def test_sigterm_during_recovery_ends_the_writer_it_started(tmp_path):
+    """The recovery section's writer commits in a loop until the script kills it: a SIGTERM to the
+    script (kill's default) once the writer was in that loop left it running for good, its parent
+    gone, writing into the deleted work folder."""
+    work = tmp_path / "work"
+    work.mkdir()
+    script = [sys.executable, str(ROOT / "bench" / "bench_writes.py"), "--only", "recovery"]
+    args = ["--recovery-rows", "20000", "--dir", str(work)]
+    log = tmp_path / "stderr"  # not a pipe: a writer left running would hold it open
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen([*script, *args], env=subprocess_env(), stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not processes_naming(f"{work}/") and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.02)
+        (writer,) = processes_naming(f"{work}/")  # on the table in the work folder
+        proc.send_signal(signal.SIGSTOP)  # the script stops before it reads "committed"
+        with open(f"/proc/{writer}/fd/1", "rb") as pipe:  # the writer's stdout, to the script
+            while time.monotonic() < deadline:
+                if struct.unpack("i", fcntl.ioctl(pipe, termios.FIONREAD, b"0000"))[0]:
+                    break  # it said "committed": in its loop now
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        proc.wait(timeout=60)
+        err = log.read_text()
+        assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+        assert processes_naming(f"{work}/") == [], "the writer still runs"
+        assert list(work.iterdir()) == []
+    finally:
+        proc.kill()
+        for pid in processes_naming(f"{work}/"):
+            os.kill(pid, signal.SIGKILL)
