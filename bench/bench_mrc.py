@@ -13,7 +13,8 @@ over the table by a fixed random permutation, as hashing does):
 5. memory: peak resident set size of the process and per phase (sampled every 20 ms).
 
 Wall-clock and CPU seconds are both reported: on shared machines the wall clock includes time
-other processes took; the CPU-time speedup is the stable one.
+other processes took; the CPU-time speedup is the stable one. Prints the JSON report on stdout;
+each phase is said on stderr as it starts.
 
 Example::
 
@@ -116,6 +117,11 @@ def _mib(n: int) -> float:
     return round(n / 2**20, 1)
 
 
+def say(message: str) -> None:
+    """A phase as it starts, on stderr (stdout is the JSON)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns (and prints) the JSON result."""
     args = parse_args(argv)
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_peak, base_now = rss.phase()
     memory["start"] = {"peak_mib": _mib(base_peak), "rss_mib": _mib(base_now)}
 
+    say(f"sampling {args.lookups:,} Zipf lookups over {args.rows:,} rows ...")
     t0 = time.perf_counter()
     ids = sample_zipf(args.lookups, args.rows, args.exponent, seed=args.seed)
     gen_s = time.perf_counter() - t0
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         shards_mrc(ids[:10_000], fixed_size=64)
     rss.phase()
 
+    say("exact LRU ...")
     t0, c0 = time.perf_counter(), time.process_time()
     exact = lru_mrc(ids, table_rows=args.rows)
     exact_s, exact_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
 
+    say(f"SHARDS at rate {args.rate:g} ...")
     t0, c0 = time.perf_counter(), time.process_time()
     approx = shards_mrc(ids, rate=args.rate, table_rows=args.rows)
     shards_s, shards_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -187,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
     if args.fixed_size:
+        say(f"SHARDS of {args.fixed_size:,} rows ...")
         t0, c0 = time.perf_counter(), time.process_time()
         fixed = shards_mrc(ids, fixed_size=args.fixed_size, table_rows=args.rows)
         fixed_s, fixed_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -207,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.belady_points:
         top = exact.metadata["distinct"]
         caps = np.unique(np.geomspace(max(top // 10_000, 1), top, args.belady_points).astype(int))
+        say(f"Belady at {caps.size} capacities ...")
         t0 = time.perf_counter()
         bel = belady_mrc(ids, caps)
         bel_s = time.perf_counter() - t0

@@ -57,6 +57,16 @@ def test_figures_match_an_lru_simulation_and_the_curves_agree(tmp_path):
     result = json.loads(out.read_text())
     assert json.loads(done.stdout) == result  # printed and written alike
     assert f"wrote {out}\n" in done.stderr  # said where (stdout stays the JSON)
+    # each phase said on stderr as it starts (a minute or more without a word at full size)
+    phases = [
+        f"sampling {lookups:,} Zipf lookups over {rows:,} rows ...",
+        "exact LRU ...",
+        "SHARDS at rate 0.1 ...",
+        "SHARDS of 8,192 rows ...",
+        "Belady at 5 capacities ...",
+        f"wrote {out}",
+    ]
+    assert done.stderr.splitlines() == phases
 
     # what it ran on, and that this is the trace it measured: regenerated from what it recorded
     trace = result["trace"]
