@@ -65,6 +65,7 @@ from tiered_store.cli_args import (
     policy,
     public_command,
     run_script,
+    say_kept,
     wrote,
 )
 from tiered_store.corpus import resolve_corpus
@@ -86,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dir",
         type=cache_folder,
         default="/var/tmp",
-        help="where table files go (a real disk: O_DIRECT needs one)",
+        help="where the table files go, in engram-bench-DTYPE/ (a real disk: O_DIRECT needs one); "
+        "they stay, reused by the next run with the same sizes",
     )
     p.add_argument("--hidden", type=at_least(1), default=1024, help="backbone width")
     p.add_argument("--layers", type=at_least(1), default=8, help="Transformer layers")
@@ -441,6 +443,7 @@ def main(argv=None) -> int:
     if args.out:
         wrote(write_json(args.out, report))
     print_table(report, file=sys.stderr)
+    say_kept(paths.values())
     return 0
 
 

@@ -85,6 +85,7 @@ from tiered_store.cli_args import (
     policy,
     public_command,
     run_script,
+    say_kept,
     wrote,
 )
 from tiered_store.corpus import resolve_corpus
@@ -833,14 +834,7 @@ def main(argv=None) -> int:
     if args.out:
         wrote(write_json(args.out, report))
     print_summary(report)
-    kept = [path for group in paths.values() for path in group.values()]
-    size = sum(f.stat().st_size for path in kept for f in path.parent.glob(f"{path.name}*"))
-    dirs = sorted({str(path.parent) for path in kept})
-    print(
-        f"tables kept in {', '.join(dirs)} ({size / 2**30:.1f} GiB; reused by the next run with "
-        "the same sizes, delete them to reclaim the space)",
-        file=sys.stderr,
-    )
+    say_kept(path for group in paths.values() for path in group.values())
     return 0
 
 

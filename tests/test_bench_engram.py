@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.bench_support import run_bench
+from tiered_store.capacity import format_bytes
 
 TINY = (
     *("--engram-vocab", "20000", "--engram-embed", "64", "--engram-layers", "1"),
@@ -30,6 +31,10 @@ def tiny_report(device: str, tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "r.json"
     done = bench(*TINY, *args, "--device", device, "--out", str(out), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the tables stay for the next run: said where and how large (2.6 GB at the default sizes)
+    tables = tmp_path / "engram-bench-bfloat16"
+    size = format_bytes(sum(f.stat().st_size for f in tables.iterdir()))
+    assert f"tables kept in {tables} ({size}; reused by the next run" in done.stderr
     return json.loads(out.read_text())
 
 

@@ -54,6 +54,7 @@ def table_dir(tmp_path: Path, vocab: int) -> Path:
 def test_records_what_it_ran_on_without_machine_paths(bench_run):
     tmp_path, done, report, io = bench_run
     assert json.loads(done.stdout[: done.stdout.rindex("}") + 1]) == report  # stdout = --out
+    assert f"tables kept in {tmp_path / 'tables'}/v41-" in done.stderr  # and how large
     assert "--dir tables" in report["command"] and str(tmp_path) not in json.dumps(report)
     assert "/" not in report["workload"]["corpus"]  # the corpus's location left out
     assert report["machine"]["cpus"] == os.cpu_count()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .capacity import CAPACITY_HELP, check_capacity_spec, check_share
+from .capacity import CAPACITY_HELP, check_capacity_spec, check_share, format_bytes
 from .config import check_device
 from .errors import ConfigError, TieredStoreError, error_text
 
@@ -135,6 +135,19 @@ def wrote(path: Path) -> Path:
     itself); returns ``path``."""
     print(f"wrote {path}", file=sys.stderr, flush=True)
     return path
+
+
+def say_kept(tables: Iterable[Path]) -> None:
+    """Say on stderr in which folders a script keeps the tables it made for its next runs and how
+    large the folders are (the tables and all beside them), so that the space can be reclaimed."""
+    folders = sorted({t.parent for t in tables})
+    size = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
+    print(
+        f"tables kept in {', '.join(map(str, folders))} "
+        f"({format_bytes(size)}; reused by the next run with the same sizes, delete them to "
+        "reclaim the space)",
+        file=sys.stderr,
+    )
 
 
 def output_file(text: str) -> Path:
