@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(tmp) / "cold.npy"
         rows = int(args.table_gib * 2**30) // (ROW_DIM * 4)
         print(f"making a {rows:,}-row table ({args.table_gib} GiB) ...", flush=True)
-        m = create_table(path, RandomSource(rows, ROW_DIM, seed=3), progress=False)
+        m = create_table(path, RandomSource(rows, ROW_DIM, seed=args.seed), progress=False)
         table = {"rows": m.rows, "row_bytes": m.row_bytes, "bytes": m.file_bytes}
         points, rounds, pairs = measure(args, path)
     report = summarize(args, points, rounds, pairs, table)

@@ -478,7 +478,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     print(f"creating {table} ({rows:,} x {dim} bfloat16) ...", file=sys.stderr)
     create_table(
         table,
-        RandomSource(rows, dim, dtype="bfloat16", seed=LAYER),
+        RandomSource(rows, dim, dtype="bfloat16", seed=args.seed),
         metadata=table_metadata(hasher, LAYER),
         overwrite=True,
         progress=False,

@@ -172,7 +172,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "pinned staging buffer)",
     )
     p.add_argument(
-        "--seed", type=at_least(0), default=0, help="seed of the weights, tables and text order"
+        "--seed",
+        type=at_least(0),
+        default=0,
+        help="seed of the weights and text order (the tables' rows are seeded by layer: a table "
+        "kept in --dir is reused)",
     )
     p.add_argument("--out", type=output_file, help="write the JSON report here as well as stdout")
     args = p.parse_args(argv)  # a bad count is refused by its type

@@ -217,7 +217,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="store alone: intra-op threads, one run each",
     )
     p.add_argument(
-        "--seed", type=at_least(0), default=0, help="seed of the tables, text order and model"
+        "--seed",
+        type=at_least(0),
+        default=0,
+        help="seed of the text order and model (the tables' rows are seeded by layer: a table "
+        "kept in --dir is reused)",
     )
     p.add_argument("--out", type=output_file, help="write the JSON report here as well as stdout")
     args = p.parse_args(argv)

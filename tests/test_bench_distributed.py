@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.bench_support import ROOT, options_in_help, run_bench
+from tiered_store import create_table
 from tiered_store.serve.client import subprocess_env
+from tiered_store.table_format import read_manifest
+from tiered_store.table_sources import RandomSource
 
 VOCAB, TOKENS, ROUNDS, HEADS = 2000, 256, 3, 16  # 2 n-gram orders x 8 heads: 16 ids a token
 ID_BYTES, ROW_BYTES = 8, 128  # what crosses per id asked and per row served (64 x bfloat16)
@@ -124,7 +127,7 @@ def test_with_dir_it_keeps_the_files_and_records_no_path(tmp_path):
     work = tmp_path / "work" / "here"  # made by the script
     out = tmp_path / "r.json"
     args = ("--engram-vocab", str(VOCAB), "--tokens", "128", "--rounds", "1", "--ranks", "1")
-    args += ("--model-ranks", "8", "--model-tokens", "64")
+    args += ("--model-ranks", "8", "--model-tokens", "64", "--seed", "5")
     done = bench("--dir", str(work), *args, f"--out={out}", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -133,6 +136,11 @@ def test_with_dir_it_keeps_the_files_and_records_no_path(tmp_path):
     kept = {p.name for p in work.iterdir()}
     assert {"engram_layer1.npy", "engram_layer1.rows.0-of-1.npy", "batches.npy"} <= kept
     assert list((tmp_path / "tmp").iterdir()) == []
+    # --seed is the table's seed too, as its help says (the table was seeded 1 whatever it was)
+    table = read_manifest(work / "engram_layer1.npy")
+    seeded = RandomSource(table.rows, table.dim, dtype="bfloat16", seed=5)
+    create_table(tmp_path / "seeded.npy", seeded, progress=False)
+    assert (work / "engram_layer1.npy").read_bytes() == (tmp_path / "seeded.npy").read_bytes()
 
 
 def test_help_names_only_options_it_takes(tmp_path):
