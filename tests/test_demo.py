@@ -166,8 +166,30 @@ def test_a_model_too_large_for_the_memory_is_named_by_its_setting(
 def test_a_workdir_that_cannot_be_made_is_named(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     workdir = tmp_path / "file" / "sub"  # under a file: it was a FileNotFoundError traceback
-    assert main(["demo", *TINY_ARGS, "--workdir", str(workdir)]) == 2
-    assert f"--workdir {workdir}: cannot make it (Not a directory)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # argparse's, with the usage
+        main(["demo", *TINY_ARGS, "--workdir", str(workdir)])
+    assert exited.value.code == 2
+    expected = (
+        f"argument --workdir: '{workdir}': '{tmp_path / 'file'}' is a file; expected a folder"
+    )
+    assert expected in capsys.readouterr().err
+
+
+def test_a_workdir_in_a_missing_folder_is_refused_and_a_new_one_said(tmp_path, capsys):
+    """--workdir made every missing folder on its way without a word (a typo's whole chain, as
+    far up as /) and left them there; a new folder is made only in one that is there, and said."""
+    workdir = tmp_path / "typo" / "work"
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", *TINY_ARGS, "--workdir", str(workdir)])
+    assert exited.value.code == 2
+    assert (
+        f"argument --workdir: '{workdir}': '{tmp_path / 'typo'}' does not exist; expected an "
+        in (capsys.readouterr().err)
+    )
+    assert list(tmp_path.iterdir()) == []
+    assert main(["demo", *TINY_ARGS, "--workdir", str(tmp_path / "work")]) == 0
+    assert f"--workdir: created '{tmp_path / 'work'}'" in capsys.readouterr().err
+    assert list((tmp_path / "work").iterdir()) == []  # its temporary folder removed
 
 
 def test_a_corpus_too_small_for_one_batch_is_named_with_its_own_token_count(tmp_path, capsys):

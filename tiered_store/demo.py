@@ -23,9 +23,9 @@ import torch
 from pydantic import model_validator
 from tqdm.auto import tqdm
 
-from .atomic_file import make_named_dir, scratch_directory
+from .atomic_file import scratch_directory
 from .capacity import format_bytes, resolve_capacity
-from .cli_args import capacity, command_help, device_name, given_path
+from .cli_args import cache_folder, capacity, command_help, device_name, given_path, make_folder
 from .cold_table import IO_MODES
 from .config import (
     ConfigModel,
@@ -255,9 +255,10 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--workdir",
-        type=given_path,
+        type=cache_folder,
         help="where the run's temporary folder (the checkpoint's tables, removed at exit) goes, "
-        "e.g. on the NVMe disk to measure (default: the system's temporary directory)",
+        "e.g. on the NVMe disk to measure: a folder that is there, or a new one (made, and said) "
+        "in one that is there (default: the system's temporary directory)",
     )
     p.add_argument(
         "--seed", type=int, help=f"seed of the weights and file order (default {run['seed']})"
@@ -323,7 +324,7 @@ def run_demo(args) -> int:
     check_model_memory(demo.model, names=_model_options(args))
     torch.manual_seed(run.seed)
     if args.workdir is not None:
-        make_named_dir(args.workdir, "--workdir", "a directory for the checkpoint")
+        make_folder(args.workdir, "--workdir")
     print("building the model and tokenizer ...", flush=True)
     model = EngramLM(demo.model).eval()
     _check_capacities(demo, model)  # before the warm-start profile and the conversion
