@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert expected in out
     for tier in ("hot", "warm", "cold"):
         assert f"\n{tier} " in out
+    # pread reads whole pages: their bytes were shown as the rows' ("1,338 rows read (2.9 MiB)"
+    # for rows of 128 bytes)
+    assert re.search(r"\ncold +[\d,]+ rows read \([\d.]+ [KMG]iB read in whole pages\)", out)
     assert "results checked on 1 batch: tiered logits bit-identical" in out
     assert list(tmp_path.iterdir()) == []  # the work directory is cleaned up
 
