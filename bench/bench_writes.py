@@ -342,6 +342,8 @@ def bench_commit(args, work: Path) -> dict:
 
 _WRITER = textwrap.dedent(
     """
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C: the script kills it (no traceback)
     import sys, numpy as np, torch
     from tiered_store import TieredStore
     path, n = sys.argv[1], int(sys.argv[2])

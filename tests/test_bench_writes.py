@@ -14,6 +14,8 @@ import termios
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.bench_support import ROOT, run_bench
 from tiered_store.serve.client import subprocess_env
 
@@ -140,17 +142,21 @@ def processes_naming(text: str) -> list[int]:
     return found
 
 
-def test_sigterm_during_recovery_ends_the_writer_it_started(tmp_path):
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
+def test_an_interrupt_during_recovery_ends_the_writer_it_started(tmp_path, ctrl_c):
     """The recovery section's writer commits in a loop until the script kills it: a SIGTERM to the
     script (kill's default) once the writer was in that loop left it running for good, its parent
-    gone, writing into the deleted work folder."""
+    gone, writing into the deleted work folder; a Ctrl-C (SIGINT to the terminal's process group)
+    ended it, with its own KeyboardInterrupt traceback among the script's lines."""
     work = tmp_path / "work"
     work.mkdir()
     script = [sys.executable, str(ROOT / "bench" / "bench_writes.py"), "--only", "recovery"]
     args = ["--recovery-rows", "20000", "--dir", str(work)]
     log = tmp_path / "stderr"  # not a pipe: a writer left running would hold it open
     with log.open("wb") as stderr:
-        proc = subprocess.Popen([*script, *args], env=subprocess_env(), stderr=stderr)
+        proc = subprocess.Popen(
+            [*script, *args], env=subprocess_env(), stderr=stderr, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 120
         while not processes_naming(f"{work}/") and time.monotonic() < deadline:
@@ -163,11 +169,15 @@ def test_sigterm_during_recovery_ends_the_writer_it_started(tmp_path):
                 if struct.unpack("i", fcntl.ioctl(pipe, termios.FIONREAD, b"0000"))[0]:
                     break  # it said "committed": in its loop now
                 time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        if ctrl_c:  # the script and the writer alike, as a terminal sends it
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGCONT)
         proc.wait(timeout=60)
         err = log.read_text()
         assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+        assert "Traceback" not in err, err[-2000:]
         assert processes_naming(f"{work}/") == [], "the writer still runs"
         assert list(work.iterdir()) == []
     finally:
