@@ -49,9 +49,9 @@ import torch
 from tiered_store import StoreConfig, TieredStore
 from tiered_store.atomic_file import atomic_write, write_json
 from tiered_store.cli_args import (
+    add_table_dir,
     at_least,
     doc_parser,
-    existing_dir,
     int_list,
     output_file,
     positive_number,
@@ -85,12 +85,7 @@ class Variant:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = doc_parser(__doc__)
-    p.add_argument(
-        "--dir",
-        type=existing_dir,
-        help="where the temporary folder of the table goes (deleted at the end; default: the "
-        "system's temporary directory)",
-    )
+    add_table_dir(p)
     p.add_argument("--table-gib", type=positive_number, default=1.0, help="table size in GiB")
     p.add_argument("--rounds", type=at_least(1), default=5, help="measured rounds of the curves")
     p.add_argument("--pairs", type=at_least(1), default=20, help="headline pairs (baseline, store)")

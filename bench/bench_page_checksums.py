@@ -34,7 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, existing_dir, output_file, run_script, wrote
+from tiered_store.cli_args import (
+    add_table_dir,
+    at_least,
+    doc_parser,
+    output_file,
+    run_script,
+    wrote,
+)
 from tiered_store.cold_table import IO_MODES, ColdTable
 from tiered_store.disk_probe import drop_page_cache
 from tiered_store.errors import TierIOError
@@ -48,12 +55,7 @@ ROW_DIM = 32  # float32 values per row: 128-byte rows, as in bench/test_cold_rea
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = doc_parser(__doc__)
-    p.add_argument(
-        "--dir",
-        type=existing_dir,
-        help="where the temporary folder of the table goes (deleted at the end; default: the "
-        "system's temporary directory)",
-    )
+    add_table_dir(p)
     p.add_argument("--table-mib", type=at_least(1), default=1024, help="table size in MiB")
     p.add_argument("--pairs", type=at_least(1), default=20, help="back-to-back pairs per io mode")
     p.add_argument("--batch", type=at_least(1), default=16384, help="ids per read_rows call")

@@ -24,7 +24,14 @@ import time
 from pathlib import Path
 
 from tiered_store.atomic_file import write_json
-from tiered_store.cli_args import at_least, doc_parser, existing_dir, output_file, run_script
+from tiered_store.cli_args import (
+    add_table_dir,
+    at_least,
+    doc_parser,
+    output_file,
+    run_script,
+    wrote,
+)
 from tiered_store.disk_probe import cached_pages, drop_page_cache
 from tiered_store.page_checksums import load_page_checksums
 from tiered_store.table_format import (
@@ -42,12 +49,7 @@ ROW_DIM = 32  # float32 values per row: 128-byte rows
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = doc_parser(__doc__)
-    p.add_argument(
-        "--dir",
-        type=existing_dir,
-        help="where the temporary folder of the table goes (deleted at the end; default: the "
-        "system's temporary directory)",
-    )
+    add_table_dir(p)
     p.add_argument("--table-mib", type=at_least(1), default=512, help="table size in MiB")
     p.add_argument("--pairs", type=at_least(1), default=5, help="back-to-back pairs")
     p.add_argument("--out", type=output_file, help="write the results here (JSON)")
@@ -107,16 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{results['ratio_min']:.3f}-{results['ratio_max']:.3f})"
     )
     if args.out:
-        write_json(
-            args.out,
-            {
-                "script": "bench/bench_scrub_cache.py",
-                "table_mib": mib,
-                "pairs": args.pairs,
-                "machine": machine_info(),
-                "results": results,
-            },
-        )
+        doc = {
+            "script": "bench/bench_scrub_cache.py",
+            "table_mib": mib,
+            "pairs": args.pairs,
+            "machine": machine_info(),
+            "results": results,
+        }
+        wrote(write_json(args.out, doc))
     return 0
 
 

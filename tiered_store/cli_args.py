@@ -130,6 +130,16 @@ def existing_dir(text: str) -> Path:
     return path
 
 
+def add_table_dir(parser: ArgumentParser) -> None:
+    """``--dir``: the folder a bench script makes its scratch table's temporary folder in."""
+    parser.add_argument(
+        "--dir",
+        type=existing_dir,
+        help="where the temporary folder of the table goes (deleted at the end; default: the "
+        "system's temporary directory)",
+    )
+
+
 def wrote(path: Path) -> Path:
     """Say on stderr where a script wrote a file, ``wrote PATH`` (its stdout may be the report
     itself); returns ``path``."""
