@@ -449,6 +449,13 @@ def test_a_single_rank_group_serves_every_row_and_checks_ids_and_handles(tables,
     assert torch.distributed.is_initialized()  # it made the group: kept for the next store
 
 
+def test_a_sharded_store_tells_the_engram_layout_its_shards_record(tmp_path, monkeypatch):
+    """An Engram model checks a table backend's layout (engram_layout) against its own: a
+    ShardedStore tells the whole table's, which every shard records."""
+    with ShardedStore.open(_one_rank_sharded_config(tmp_path, monkeypatch)) as store:
+        assert store.engram_layout == head_metadata(HEADS)["engram"]
+
+
 ONE_RANK_STORE = {"tiers": {"hot": {"capacity": 0}}, "sharding": {"ranks": 1, "timeout_s": 10}}
 
 

@@ -303,6 +303,60 @@ def test_table_file_for_another_configuration_is_refused(model, converted, tmp_p
         open_tables(paths, model.hasher, {"table": {"path": "x.npy"}})
 
 
+def test_a_table_built_for_another_seed_or_pad_id_is_refused_as_a_backend(
+    model, converted, tmp_path
+):
+    """EngramLM(tables=...), set_tables and Engram(backend=...) compared rows and dim alone: a
+    TieredStore opened directly over a table made for another Engram config of the same shape
+    (another seed or pad id) was taken, and its rows served in silence for the wrong N-grams.
+    Every backend that tells its table's layout (engram_layout) is refused as open_tables refuses
+    the file, naming the layer, the field and both values; one that tells none is taken."""
+    from tiered_store.delta.row_optimizers import make_row_optimizer
+    from tiered_store.delta.trainable import TableSlice, TrainableTable
+    from tiered_store.engram.module import Engram
+    from tiered_store.metrics import TableHealth
+    from tiered_store.serve.guarded_table import GuardedTable
+
+    config, memory = model.config, model.tables
+    for field, value in (("seed", 7), ("pad_id", 5)):
+        other = config.model_copy(
+            update={"engram": config.engram.model_copy(update={field: value})}
+        )
+        torch.manual_seed(0)
+        made = save_tiered(EngramLM(other), tmp_path / field).table_paths[1]
+        store = TieredStore.open({"table": {"path": str(made)}, **STORE})
+        try:
+            assert (store.rows, store.dim) == (memory[1].rows, memory[1].dim)  # the same shape
+            assert store.engram_layout[field] == value
+            said = rf"layer 1 expects {field}={getattr(config.engram, field)}"
+            refused = rf"{field}={value}, but this model's Engram {said}"
+            with pytest.raises(
+                ConfigError, match=r"backend: TieredStore's table built for " + refused
+            ):
+                EngramLM(config, hasher=model.hasher, tables={1: store})
+            sgd = make_row_optimizer("sgd", lr=1.0)
+            trainable = TrainableTable(store, sgd)
+            guarded = GuardedTable(store, "layer1", TableHealth())
+            for backend in (store, trainable, TableSlice(trainable, 0, store.rows), guarded):
+                assert backend.engram_layout[field] == value
+                with pytest.raises(ConfigError, match=refused):
+                    model.set_tables({3: memory[3], 1: backend})
+                with pytest.raises(ConfigError, match=refused):
+                    Engram(config.engram, config.backbone, 1, hasher=model.hasher, backend=backend)
+            assert all(model.tables[i] is memory[i] for i in memory)  # neither swapped
+            assert TableSlice(trainable, 1, store.rows - 1).engram_layout is None  # part of it
+        finally:
+            store.close()
+    own = TieredStore.open({"table": {"path": str(converted.table_paths[1])}, **STORE})
+    try:
+        model.set_tables({1: own})  # built for this model's layout: taken
+        assert model.tables[1] is own
+    finally:
+        model.set_tables(memory)
+        own.close()
+    assert getattr(memory[1], "engram_layout", None) is None  # a plain tensor's: not known
+
+
 def test_a_hasher_of_another_config_is_named_not_the_checkpoint_s_tables(model, converted):
     """load_tiered_model with a hasher of another Engram config (another seed) blamed the
     checkpoint's first table ("table built for seed=0 ... the table was made with another

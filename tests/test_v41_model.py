@@ -225,6 +225,31 @@ def test_bad_tables_masks_and_positions_are_refused(model, config, hasher, token
         EngramLM(ModelConfig.from_dict(bad))
 
 
+def test_a_v41_table_built_for_another_seed_is_refused_in_memory_and_tiered(
+    model, config, hasher, tmp_path
+):
+    """A V4.1 runtime opening each layer's store as its table backend (README) was given rows
+    hashed for another config in silence when the table had the same shape (another seed):
+    PackedInMemoryTable.from_table and the TieredStore tell the layout their file records, and
+    EngramLM refuses it naming the layer, the field and both values."""
+    seeded = NgramHasher(config.engram.model_copy(update={"seed": 3}))
+    path = table_file(tmp_path, 14)
+    source = RandomSource(seeded.table_rows(14), QUANT.packed_bytes, "uint8", quantization=QUANT)
+    create_table(path, source, metadata=table_metadata(seeded, 14), progress=False)
+    refused = r"tables\[14\]: {}'s table built for seed=3, but this model's Engram layer 14 expects seed=0"
+    memory = PackedInMemoryTable.from_table(str(path))
+    assert memory.engram_layout == table_metadata(seeded, 14)["engram"]
+    with pytest.raises(ConfigError, match=refused.format("PackedInMemoryTable")):
+        EngramLM(config, hasher=hasher, tables={14: memory})
+    with TieredStore.open({"table": {"path": str(path)}, **STORE}) as store:
+        kept = model.tables[14]
+        with pytest.raises(ConfigError, match=refused.format("TieredStore")):
+            model.set_tables({14: store})
+        assert model.tables[14] is kept
+    unknown = PackedInMemoryTable(memory.packed, QUANT)  # the same rows, no layout told: taken
+    assert EngramLM(config, hasher=hasher, tables={14: unknown}).tables[14] is unknown
+
+
 def test_a_v41_model_is_refused_by_its_geometry_where_float_tables_are_written(
     model, tmp_path, capsys
 ):

@@ -300,6 +300,14 @@ class TieredStore:
         )
 
     @property
+    def engram_layout(self) -> dict[str, Any] | None:
+        """The Engram layout the table's manifest records (``metadata["engram"]``: layer, head
+        primes, seed, ... as convert wrote it), which an Engram model checks it against; None
+        for a table that records none."""
+        layout = (self.cold.manifest.metadata or {}).get("engram")
+        return dict(layout) if isinstance(layout, dict) else None
+
+    @property
     def prefetch_wait_latency(self) -> LatencyHistogram:
         """How long lookups waited for their prefetch handles (read at scrape time)."""
         return self._prefetcher.wait_histogram

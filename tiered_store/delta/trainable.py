@@ -215,6 +215,11 @@ class TrainableTable:
         """The last optimizer step applied (a reopened table: its last commit's step)."""
         return self._last_step
 
+    @property
+    def engram_layout(self) -> dict[str, Any] | None:
+        """The Engram layout the store's table records (None: none)."""
+        return getattr(self.store, "engram_layout", None)
+
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """Weights ``[..., dim]`` of ``row_ids``; with grad enabled, on the autograd graph."""
         rows = self.store.lookup(row_ids, handle)[..., : self.dim]
@@ -491,6 +496,14 @@ class TableSlice:
         """The table whose counters ``stats()`` reports, every slice of it alike (a sum over
         Engram layers counts it once)."""
         return self.table
+
+    @property
+    def engram_layout(self) -> dict[str, Any] | None:
+        """The shared table's Engram layout when this slice is the whole of it; None for a part
+        (the layout is the whole table's) or a table that records none."""
+        if self.offset == 0 and self.rows == self.table.rows:
+            return self.table.engram_layout
+        return None
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """The shared table's rows ``row_ids + offset`` (``row_ids`` in ``[0, rows)``, else

@@ -489,6 +489,11 @@ class ShardedStore:
         return self.local.cold
 
     @property
+    def engram_layout(self) -> dict[str, Any] | None:
+        """The whole table's Engram layout, as this rank's shard records it (None: none)."""
+        return self.local.engram_layout
+
+    @property
     def prefetches_started(self) -> int:
         """Prefetches started since the store opened."""
         return self._prefetches

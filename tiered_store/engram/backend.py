@@ -39,7 +39,11 @@ class TableBackend(Protocol):
     Capabilities are declared, not probed: ``keeps_stats`` says whether ``stats()`` returns
     counters (``TieredStore.stats()``'s layout), and a table whose counters are another's, shared
     with other tables (``TableSlice``), names that one as ``stats_owner`` (sums over Engram layers
-    count it once); ``close()`` releases files and threads. A backend
+    count it once); a table that knows the Engram layout its rows were made for (a table file's
+    manifest ``metadata["engram"]``: layer, head primes, seed, pad id, ...) tells it as
+    ``engram_layout`` (None, or no such attribute: not known), and an Engram model refuses a
+    table made for another layout (``layout.check_backend_layout``); ``close()`` releases files
+    and threads. A backend
     that subclasses this class inherits the defaults (no statistics, nothing to close); the
     ``TieredStore`` declares all of it itself.
 
@@ -196,6 +200,9 @@ class PackedInMemoryTable(TableBackend):
         The rows' layout.
     device
         Where rows are dequantised and returned (the packed table stays where it is).
+    engram_layout
+        The Engram layout the rows were made for (a table file's ``metadata["engram"]``, which
+        ``from_table`` takes), checked by the model that reads them; None: not known.
 
     Examples
     --------
@@ -211,6 +218,8 @@ class PackedInMemoryTable(TableBackend):
         packed: torch.Tensor,
         quantization: RowQuantization,
         device: torch.device | str = "cpu",
+        *,
+        engram_layout: dict[str, Any] | None = None,
     ) -> None:
         if (
             not isinstance(packed, torch.Tensor)
@@ -235,17 +244,20 @@ class PackedInMemoryTable(TableBackend):
         self.packed, self.quantization = packed, quantization
         self.rows, self.dim = int(packed.shape[0]), quantization.values
         self.device = torch.device(device)
+        self.engram_layout = engram_layout
 
     @classmethod
     def from_table(cls, path: str, device: torch.device | str = "cpu") -> PackedInMemoryTable:
-        """Read a whole table file of packed rows into RAM."""
+        """Read a whole table file of packed rows into RAM (with the Engram layout it records)."""
         from ..cold_table import ColdTable
 
         with ColdTable(path) as cold:
             if cold.manifest.quantization is None:
                 raise ConfigError(f"{path}: not a table of packed quantised rows (no quantization)")
             rows = cold.read_rows(np.arange(cold.rows, dtype=np.int64))
-            return cls(rows, cold.manifest.quantization, device)
+            layout = (cold.manifest.metadata or {}).get("engram")
+            layout = dict(layout) if isinstance(layout, dict) else None
+            return cls(rows, cold.manifest.quantization, device, engram_layout=layout)
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """Dequantised rows ``[..., dim]`` bfloat16; all-zero where an id is outside the table.

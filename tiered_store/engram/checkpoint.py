@@ -56,7 +56,7 @@ from .config import (  # noqa: F401  (EngramConfig: doctest examples)
     v41_refusal,
 )
 from .hashing import NgramHasher
-from .layout import layout_mismatch, short, table_metadata
+from .layout import layout_error, table_metadata
 from .model import EngramLM, ModelConfig, expected_shapes
 from .module import EMBEDDING_KEY, REFERENCE_KEY, is_engram_module_key
 
@@ -134,19 +134,8 @@ def check_table_file(
             f"{path}: the table's manifest has no Engram layout metadata; expected a table made "
             f"by convert_checkpoint for Engram layer {layer_id} ({want['rows']:,} x {want['dim']})"
         )
-    if (diff := layout_mismatch(have, want)) is not None:
-        key, built, expected = diff
-        made_with = (
-            f"another tokenizer.json than {hasher.tokenizer.tokenizer_path}, one that compresses "
-            "token ids to other rows"
-            if key == "compressed_lookup_digest"
-            else f"another configuration: engram config {have.get('config')}"
-        )
-        raise ConfigError(
-            f"{path}: table built for {key}={short(built)}, but this model's Engram "
-            f"layer {layer_id} expects {key}={short(expected)} (the table was made with "
-            f"{made_with})"
-        )
+    if (error := layout_error(have, hasher, layer_id, f"{path}: table")) is not None:
+        raise error
     if (rows or manifest.rows, manifest.values_per_row) != (want["rows"], want["dim"]):
         raise ConfigError(
             f"{path}: table shape {list(manifest.shape)} does not match its own metadata "

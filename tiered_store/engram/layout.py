@@ -17,6 +17,8 @@ __all__ = [
     "ADDRESSING_FIELDS",
     "LAYOUT_FIELDS",
     "addressing_mismatch",
+    "check_backend_layout",
+    "layout_error",
     "layout_mismatch",
     "recorded_layout",
     "short",
@@ -88,6 +90,45 @@ def layout_mismatch(
         if have.get(key) != want.get(key):
             return key, have.get(key), want.get(key)
     return None
+
+
+def layout_error(
+    have: Mapping[str, Any],
+    hasher: NgramHasher,
+    layer_id: int,
+    what: str,
+    fields: tuple[str, ...] = LAYOUT_FIELDS,
+) -> ConfigError | None:
+    """The error for a table of layout ``have`` (its manifest's ``metadata["engram"]``) read as
+    layer ``layer_id``'s of ``hasher``: ``what`` (the table, as the message's start) was "built
+    for" the first of ``fields`` that differs, both values named; None when they agree."""
+    want = table_metadata(hasher, layer_id)["engram"]
+    if (diff := layout_mismatch(have, want, fields)) is None:
+        return None
+    key, built, expected = diff
+    made_with = (
+        f"another tokenizer.json than {hasher.tokenizer.tokenizer_path}, one that compresses "
+        "token ids to other rows"
+        if key == "compressed_lookup_digest"
+        else f"another configuration: engram config {have.get('config')}"
+    )
+    return ConfigError(
+        f"{what} built for {key}={short(built)}, but this model's Engram layer "
+        f"{layer_id} expects {key}={short(expected)} (the table was made with {made_with})"
+    )
+
+
+def check_backend_layout(backend: Any, hasher: NgramHasher, layer_id: int, name: str) -> None:
+    """Raise ConfigError when table backend ``backend`` (``name`` in the message) tells, by its
+    ``engram_layout``, that its table was built for another layout than layer ``layer_id``'s of
+    ``hasher``; the facts it records are compared (a backend that tells none is taken)."""
+    have = getattr(backend, "engram_layout", None)
+    if not isinstance(have, Mapping):
+        return
+    fields = tuple(key for key in LAYOUT_FIELDS if key in have)
+    what = f"{name}: {type(backend).__name__}'s table"
+    if (error := layout_error(have, hasher, layer_id, what, fields)) is not None:
+        raise error
 
 
 def recorded_layout(

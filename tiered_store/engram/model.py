@@ -60,6 +60,7 @@ from ..quantization import RowQuantization, quantize_rows
 from .backend import PackedInMemoryTable, TableBackend
 from .config import ModelConfig, TransformerConfig
 from .hashing import HashState, NgramHasher, rewound_on_failure
+from .layout import check_backend_layout
 from .module import Engram
 from .tokenizer import check_token_ids
 from .v41_module import V41Engram
@@ -262,8 +263,9 @@ class EngramLM(nn.Module):
     Raises
     ------
     ConfigError
-        A table's rows/dim do not match its layer, a table is given for a layer without Engram,
-        or ``backbone.vocab_size`` is smaller than the tokenizer vocabulary.
+        A table's rows/dim do not match its layer, or the Engram layout it tells
+        (``engram_layout``: a table file's) is another's; a table is given for a layer without
+        Engram; or ``backbone.vocab_size`` is smaller than the tokenizer vocabulary.
 
     Examples
     --------
@@ -360,7 +362,8 @@ class EngramLM(nn.Module):
         return {i: engram.table for i, engram in self.engram_layers.items()}
 
     def set_tables(self, tables: Mapping[int, TableBackend]) -> None:
-        """Serve the given Engram layers' rows from other backends (rows and dim are checked)."""
+        """Serve the given Engram layers' rows from other backends (rows and dim are checked, and
+        the Engram layout a backend tells, ``engram_layout``; none swapped when one fails)."""
         engrams = self.engram_layers
         for layer_id in tables:
             if layer_id not in engrams:
@@ -649,7 +652,8 @@ class EngramLM(nn.Module):
         return PackedInMemoryTable(packed, quant)
 
     def _check_v41_table(self, layer_id: int, table: Any) -> None:
-        """Raise ConfigError unless ``table`` is a TableBackend with the layer's rows and dim."""
+        """Raise ConfigError unless ``table`` is a TableBackend with the layer's rows and dim,
+        made for the layer's Engram layout when it tells one (``engram_layout``)."""
         rows, dim = self.hasher.table_rows(layer_id), self.config.engram.head_dim
         if not isinstance(table, TableBackend):
             raise ConfigError(
@@ -662,6 +666,7 @@ class EngramLM(nn.Module):
                 f"tables[{layer_id}]: a table of {int(table.rows):,} rows x {int(table.dim)}; "
                 f"expected {rows:,} x {dim} (layer {layer_id}'s head primes and head_dim)"
             )
+        check_backend_layout(table, self.hasher, layer_id, f"tables[{layer_id}]")
 
     def _init_dense(self, std: float) -> None:
         """Normal(0, std) for the backbone's weights; output projections scaled by depth."""

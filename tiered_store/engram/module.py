@@ -28,6 +28,7 @@ from ..table_sources import tensor_without_values
 from .backend import InMemoryTable, TableBackend, check_row_id_values
 from .config import BackboneConfig, EngramConfig
 from .hashing import HashState, NgramHasher, head_offsets, rewound_on_failure
+from .layout import check_backend_layout
 from .tokenizer import check_token_ids
 
 __all__ = [
@@ -165,7 +166,8 @@ class Engram(nn.Module):
     Raises
     ------
     ConfigError
-        ``layer_id`` is not configured, or the backend's rows/dim do not match the config.
+        ``layer_id`` is not configured, or the backend's rows/dim do not match the config, or the
+        Engram layout it tells (``engram_layout``: a table file's) is another layer's or config's.
 
     Examples
     --------
@@ -242,12 +244,14 @@ class Engram(nn.Module):
         return self.multi_head_embedding.embedding
 
     def set_table(self, backend: TableBackend) -> None:
-        """Swap the table backend (same rows and dim), e.g. an in-memory table for a tiered store."""
+        """Swap the table backend (same rows and dim, and layout when it tells one), e.g. an
+        in-memory table for a tiered store."""
         self._check_backend(backend)
         self.multi_head_embedding.set_backend(backend)
 
     def _check_backend(self, backend: TableBackend) -> None:
-        """Raise ConfigError unless ``backend`` is a TableBackend with this layer's rows and dim."""
+        """Raise ConfigError unless ``backend`` is a TableBackend with this layer's rows and dim,
+        made for this layer's Engram layout when it tells one (``engram_layout``)."""
         if not isinstance(backend, TableBackend):
             raise ConfigError(
                 f"backend: {type(backend).__name__} is not a TableBackend; expected rows, dim, "
@@ -261,6 +265,7 @@ class Engram(nn.Module):
                 f"primes {self.hasher.head_sizes(self.layer_id)}, n_embed_per_ngram/"
                 f"n_head_per_ngram = {dim}), got {backend.rows} x {backend.dim}"
             )
+        check_backend_layout(backend, self.hasher, self.layer_id, "backend")
 
     # -- addressing -----------------------------------------------------------------------------
 

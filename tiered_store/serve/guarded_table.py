@@ -95,6 +95,11 @@ class GuardedTable(TableBackend):
         self.rows, self.dim = table.rows, table.dim
         self.keeps_stats = table.keeps_stats
 
+    @property
+    def engram_layout(self) -> dict[str, Any] | None:
+        """The wrapped table's Engram layout (None: it tells none)."""
+        return getattr(self.table, "engram_layout", None)
+
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:
         """The wrapped lookup; raises ``TableUnavailableError`` on failure or non-finite rows."""
         try:
