@@ -655,6 +655,35 @@ def test_a_prefetch_that_failed_leaves_the_hash_state_as_before(model, converted
             store.close()
 
 
+def test_hashing_interrupted_midway_leaves_the_hash_state_as_before(model, batches, monkeypatch):
+    """The hasher moved the HashState past the ids before it hashed them for each layer: a
+    Ctrl-C (or running out of memory) while a later layer's rows were hashed left the state a
+    chunk ahead though no rows came out of hash(), so the same ids hashed again were hashed as
+    the chunk after themselves. The state is now as before the call."""
+    from tiered_store.engram.hashing import NgramHasher as Hasher
+
+    prompt, step = batches[0][:, :24], batches[0][:, 24:25]
+    want = model.hash(batches[0][:, :25]).row_ids
+    state = model.hasher.new_state(3)
+    model.hash(prompt, state=state)
+    tail = state.tail.clone()
+    real = Hasher._hash_shifts
+
+    def interrupted_at_layer3(self, shifts, layer, offset):
+        if layer == 3:
+            raise KeyboardInterrupt
+        return real(self, shifts, layer, offset=offset)
+
+    monkeypatch.setattr(Hasher, "_hash_shifts", interrupted_at_layer3)
+    with pytest.raises(KeyboardInterrupt):
+        model.hash(step, state=state)
+    monkeypatch.undo()
+    assert state.position == 24 and torch.equal(state.tail, tail)
+    again = model.hash(step, state=state)  # the retry: the step's own rows
+    for layer, rows in again.row_ids.items():
+        assert torch.equal(torch.as_tensor(rows), torch.as_tensor(want[layer])[:, 24:]), layer
+
+
 def test_a_step_without_its_batch_on_a_filled_cache_is_refused_before_any_fetch(
     model, converted, batches
 ):

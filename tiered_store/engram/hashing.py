@@ -316,7 +316,8 @@ class NgramHasher:
             as an all-pad n-gram).
         state
             Optional :class:`HashState` of these sequences: the ids continue them (chunked
-            prefill, decode) and the state is advanced past them.
+            prefill, decode) and the state is advanced past them (left as it was when the call
+            raises, interrupted or out of memory, so the same ids may be hashed again).
 
         Returns
         -------
@@ -387,11 +388,12 @@ class NgramHasher:
         if token_mask is not None:
             x = torch.where(self._mask(token_mask, x), x, DEAD)
         single = self._one_sequence(x, state)
-        shifts = self._look_back(x[None] if single else x, state)
-        out = {layer: self._hash_shifts(shifts, layer, offset=offset) for layer in layers}
-        if single:
-            out = {layer: v[0] for layer, v in out.items()}
-        return {layer: v.numpy() for layer, v in out.items()} if from_numpy else out
+        with rewound_on_failure(state):  # advanced only once every layer's ids come out
+            shifts = self._look_back(x[None] if single else x, state)
+            out = {layer: self._hash_shifts(shifts, layer, offset=offset) for layer in layers}
+            if single:
+                out = {layer: v[0] for layer, v in out.items()}
+            return {layer: v.numpy() for layer, v in out.items()} if from_numpy else out
 
     @staticmethod
     def _one_sequence(x: torch.Tensor, state: HashState | None) -> bool:
