@@ -292,6 +292,44 @@ def test_a_chunk_whose_lookup_or_prefetch_failed_leaves_both_states_as_before(se
         store.close()
 
 
+def test_a_chunk_that_failed_after_its_short_conv_leaves_both_states_as_before(setup):
+    """A chunk that raised once its ShortConv had run (the final add out of memory, a Ctrl-C)
+    rewound the HashState but kept the ShortConv's inputs of the failed chunk in conv_state:
+    run again, the convolution saw that chunk twice and gave another output in silence. Both
+    states are now as before the chunk, with input_ids or with row_ids."""
+    config, backbone, hasher, data, path = setup
+    engram = Engram.from_checkpoint(path, config, backbone, layer_id=1, hasher=hasher)
+    hidden, ids = data["layer1.hidden_states"], data["input_ids"]
+
+    def interrupted(module, args, output):
+        raise KeyboardInterrupt
+
+    conv, state = {}, hasher.new_state(ids.shape[0])
+    with torch.no_grad():
+        outs = [engram(hidden[:, :10], ids[:, :10], conv_state=conv, state=state)]
+        inputs, tail = conv["inputs"], state.tail.clone()
+        hook = engram.short_conv.register_forward_hook(interrupted)  # once the conv returned
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                engram(hidden[:, 10:20], ids[:, 10:20], conv_state=conv, state=state)
+            assert state.position == 10 and torch.equal(state.tail, tail)
+            assert conv["inputs"] is inputs
+            rows = hasher.new_state(ids.shape[0])
+            hasher.row_ids_layer(ids[:, :10], 1, state=rows)
+            row_ids = engram.row_ids(ids[:, 10:20], state=rows)
+            with pytest.raises(KeyboardInterrupt):
+                engram(hidden[:, 10:20], row_ids=row_ids, conv_state=conv)
+            assert conv["inputs"] is inputs
+            first = {}
+            with pytest.raises(KeyboardInterrupt):  # the first chunk: no inputs kept either
+                engram(hidden[:, :10], row_ids=engram.row_ids(ids[:, :10]), conv_state=first)
+            assert first == {}
+        finally:
+            hook.remove()
+        outs.append(engram(hidden[:, 10:], ids[:, 10:], conv_state=conv, state=state))
+    torch.testing.assert_close(torch.cat(outs, dim=1), data["layer1.output"], atol=1e-5, rtol=0)
+
+
 def test_a_chunk_of_no_tokens_changes_nothing(setup):
     """A 0-token forward (torch's raw Conv1d RuntimeError before), first or not, with or without
     conv_state, gives an empty output and leaves both states as they were."""

@@ -104,10 +104,11 @@ class ShortConv(nn.Module):
             inputs = torch.cat([state["inputs"], inputs], dim=2)
             past = state["inputs"].shape[2]
         y = self.act_fn(self.conv(inputs)[..., past : past + seq])
+        out = y.transpose(1, 2).reshape(batch, seq, branches, width)
         if state is not None:  # once the chunk's output is made: a chunk that fails keeps none
             reach = self.conv.padding[0]  # positions back the convolution sees (0: none)
             state["inputs"] = inputs[..., max(0, inputs.shape[2] - reach) :].detach()
-        return y.transpose(1, 2).reshape(batch, seq, branches, width)
+        return out
 
 
 class MultiHeadEmbedding(nn.Module):
@@ -331,8 +332,8 @@ class Engram(nn.Module):
             with its N-gram look-back and it is advanced past them (unused with ``row_ids``). One
             per layer that hashes its own ids (``EngramLM`` hashes every layer at once, with
             one). With ``input_ids``, it and ``conv_state`` must have seen the same chunks: both
-            none, or both the earlier ones. A chunk that raises (its lookup failed) leaves both
-            as they were, so it may be run again.
+            none, or both the earlier ones. A chunk that raises (its lookup failed, or it ran out
+            of memory or was interrupted later) leaves both as they were, so it may be run again.
 
         Raises
         ------
@@ -398,7 +399,14 @@ class Engram(nn.Module):
             gate = gate.abs().clamp_min(_GATE_EPS).sqrt() * gate.sign()
             gates.append(gate.sigmoid().unsqueeze(-1))
         value = torch.stack(gates, dim=2) * self.value_proj(embeddings).unsqueeze(2)
-        return value + self.short_conv(value, conv_state)
+        kept = dict(conv_state) if conv_state is not None else None
+        try:
+            return value + self.short_conv(value, conv_state)
+        except BaseException:  # after the ShortConv kept this chunk's inputs: as before it
+            if conv_state is not None:
+                conv_state.clear()
+                conv_state.update(kept)
+            raise
 
     @staticmethod
     def _check_chunk_states(conv_state: dict[str, torch.Tensor] | None, state: Any) -> None:
