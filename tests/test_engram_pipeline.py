@@ -174,6 +174,23 @@ def test_a_batch_for_the_gpu_is_pinned_once(batches):
     assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_batch_of_int32_ids_for_the_gpu_is_pinned_as_int64(batches):
+    """On CUDA the pipeline pinned a batch of int32 CPU ids, then hash converted the pinned copy
+    to an int64 copy that was not pinned, so the model's copy to the GPU was synchronous; the
+    ids are converted first, and the int64 ids the batch keeps are the pinned ones."""
+    model = cuda_model()
+    with torch.no_grad():
+        want = [model(ids.cuda(), logits="last") for ids in batches]
+    pipeline = PrefetchPipeline(model, lookahead=1)
+    outs = []
+    for batch, out in pipeline.run(ids.int() for ids in batches):
+        assert batch.input_ids.dtype == torch.int64 and batch.input_ids.is_pinned()
+        outs.append(out)
+    assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
+
+
 @pytest.mark.parametrize("lookahead", [0, 1])
 def test_the_wait_for_the_source_is_not_counted_as_preparing(model, batches, lookahead):
     """prepare_seconds, documented as hashing and prefetch submission, counted the wait for the

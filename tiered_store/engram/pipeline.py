@@ -301,7 +301,8 @@ class PrefetchPipeline:
         pinned one made here)."""
         owned = False
         if cuda and isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu":
-            pinned = input_ids.pin_memory()  # so the model's copy to the GPU is asynchronous
+            # int64 first (int32 ids: a copy), then pinned: the copy hash keeps is the pinned one
+            pinned = self.model._check_input(input_ids).pin_memory()  # the copy to the GPU: async
             # a copy, unless the source's were pinned already (given back as they are)
             owned = pinned.untyped_storage().data_ptr() != input_ids.untyped_storage().data_ptr()
             input_ids = pinned
