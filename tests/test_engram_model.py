@@ -371,6 +371,36 @@ def test_a_hasher_of_another_config_is_named_not_the_checkpoint_s_tables(model, 
         load_tiered_model(converted.directory, store=STORE, hasher=other)
 
 
+def test_a_hasher_of_another_config_or_of_another_type_is_named(model, converted, tmp_path):
+    """EngramLM, Engram and convert_checkpoint said only 'hasher: its EngramConfig differs' for a
+    hasher of another Engram config (not the field nor the values), and all of them, with
+    load_tiered_model, raised AttributeError for a hasher that is no NgramHasher (an
+    EngramConfig passed in its place); both are a ConfigError naming what was given."""
+    from tiered_store.engram.module import Engram
+
+    config = model.config
+    other = NgramHasher(config.engram.model_copy(update={"seed": 5}))
+    differs = r"hasher: its Engram config has seed=5 but {} seed=0; expected a hasher of"
+    with pytest.raises(ConfigError, match=differs.format("config.engram has")):
+        EngramLM(config, hasher=other)
+    with pytest.raises(ConfigError, match=differs.format("config.engram has")):
+        convert_checkpoint(model.state_dict(), config, tmp_path / "out", hasher=other)
+    with pytest.raises(ConfigError, match=differs.format("the module's config has")):
+        Engram(config.engram, config.backbone, 1, hasher=other)
+    golden = golden_dir("engram_forward.safetensors") / "engram_forward.safetensors"
+    with pytest.raises(ConfigError, match=differs.format("the module's config has")):
+        Engram.from_checkpoint(golden, config.engram, config.backbone, 1, hasher=other)
+    wrong = r"hasher: got a EngramConfig; expected an NgramHasher \(NgramHasher\(config\.engram\)\)"
+    with pytest.raises(ConfigError, match=wrong):
+        EngramLM(config, hasher=config.engram)
+    with pytest.raises(ConfigError, match=wrong):
+        Engram(config.engram, config.backbone, 1, hasher=config.engram)
+    with pytest.raises(ConfigError, match=wrong):
+        convert_checkpoint(model.state_dict(), config, tmp_path / "out", hasher=config.engram)
+    with pytest.raises(ConfigError, match=wrong):
+        load_tiered_model(converted.directory, store=STORE, hasher=config.engram)
+
+
 def test_checkpoint_shape_mismatch_errors_before_anything(model, converted, tmp_path):
     state = model.state_dict()
     wide = ModelConfig.from_dict({**TINY, "backbone": {**TINY["backbone"], "hidden_size": 128}})

@@ -55,7 +55,7 @@ from .config import (  # noqa: F401  (EngramConfig: doctest examples)
     unfinished_conversion,
     v41_refusal,
 )
-from .hashing import NgramHasher
+from .hashing import NgramHasher, hasher_for
 from .layout import layout_error, table_metadata
 from .model import EngramLM, ModelConfig, expected_shapes
 from .module import EMBEDDING_KEY, REFERENCE_KEY, is_engram_module_key
@@ -315,9 +315,7 @@ def convert_checkpoint(
             f"config: engram.geometry {v41_refusal('convert_checkpoint cannot write')}; a "
             "DeepSeek-V4.1 checkpoint converts with `tiered-store convert-hf`"
         )
-    hasher = hasher if hasher is not None else NgramHasher(config.engram)
-    if hasher.config != config.engram:
-        raise ConfigError("hasher: its EngramConfig differs from config.engram")
+    hasher = hasher_for(config.engram, hasher, "config.engram has")
     entries = _entries(source)
     expected = expected_checkpoint_shapes(config, hasher)
     _check_entries(entries, expected, config, strict)
@@ -520,15 +518,10 @@ def load_tiered_model(
     """
     directory = Path(directory)
     dense, config = _load_dense(directory / DENSE_FILE)
-    if hasher is not None and hasher.config != config.engram:  # not the tables' fault: say so
-        got, want = hasher.config.to_dict(), config.engram.to_dict()
-        key = next(k for k in want if got[k] != want[k])
-        raise ConfigError(
-            f"hasher: its Engram config has {key}={got[key]!r} but the checkpoint "
-            f"{directory / DENSE_FILE} was made with {key}={want[key]!r}; expected a hasher of "
-            "the checkpoint's Engram config (or none: one is made from it)"
-        )
-    hasher = hasher if hasher is not None else NgramHasher(config.engram)
+    # not the tables' fault: said before any store opens
+    hasher = hasher_for(
+        config.engram, hasher, f"the checkpoint {directory / DENSE_FILE} was made with"
+    )
     paths = {layer_id: table_file(directory, layer_id) for layer_id in config.engram.layer_ids}
     stores = open_tables(paths, hasher, store)
     try:

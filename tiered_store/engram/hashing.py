@@ -493,3 +493,26 @@ class NgramHasher:
         if offset:
             out += offsets
         return out
+
+
+def hasher_for(config: EngramConfig, hasher: Any, against: str) -> NgramHasher:
+    """``hasher``, or a new one of ``config`` when None; ConfigError for one that is no
+    ``NgramHasher``, or that hashes for another Engram config than ``config`` (``against`` says
+    whose it is, as "config.engram has": the message names the first field and both values)."""
+    if hasher is None:
+        return NgramHasher(config)
+    if not isinstance(hasher, NgramHasher):
+        raise ConfigError(
+            f"hasher: got a {type(hasher).__name__}; expected an NgramHasher "
+            "(NgramHasher(config.engram)) or None"
+        )
+    if hasher.config != config:
+        got, want = hasher.config.to_dict(), config.to_dict()
+        key = next((k for k in want if got.get(k) != want[k]), None)
+        said = f"{got}" if key is None else f"{key}={got[key]!r}"
+        raise ConfigError(
+            f"hasher: its Engram config has {said} but {against} "
+            f"{want if key is None else f'{key}={want[key]!r}'}; expected a hasher of that "
+            "config (or none: one is made from it)"
+        )
+    return hasher

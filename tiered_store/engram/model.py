@@ -59,7 +59,7 @@ from ..id_ops import array_for_torch, ids_on_gpu, snapshot_of
 from ..quantization import RowQuantization, quantize_rows
 from .backend import PackedInMemoryTable, TableBackend
 from .config import ModelConfig, TransformerConfig
-from .hashing import HashState, NgramHasher, rewound_on_failure
+from .hashing import HashState, NgramHasher, hasher_for, rewound_on_failure
 from .layout import check_backend_layout
 from .module import Engram
 from .tokenizer import check_token_ids
@@ -311,9 +311,7 @@ class EngramLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.hasher = hasher if hasher is not None else NgramHasher(config.engram)
-        if self.hasher.config != config.engram:
-            raise ConfigError("hasher: its EngramConfig differs from config.engram")
+        self.hasher = hasher_for(config.engram, hasher, "config.engram has")
         backbone, tc = config.backbone, config.transformer
         if backbone.vocab_size < self.hasher.tokenizer.vocab_size:
             raise ConfigError(

@@ -27,7 +27,7 @@ from ..store import as_id_tensor
 from ..table_sources import tensor_without_values
 from .backend import InMemoryTable, TableBackend, check_row_id_values
 from .config import BackboneConfig, EngramConfig
-from .hashing import HashState, NgramHasher, head_offsets, rewound_on_failure
+from .hashing import HashState, NgramHasher, hasher_for, head_offsets, rewound_on_failure
 from .layout import check_backend_layout
 from .tokenizer import check_token_ids
 
@@ -217,9 +217,7 @@ class Engram(nn.Module):
         self.config = config
         self.backbone = backbone
         self.layer_id = layer_id
-        self.hasher = hasher if hasher is not None else NgramHasher(config)
-        if self.hasher.config != config:
-            raise ConfigError("hasher: its EngramConfig differs from the module's config")
+        self.hasher = hasher_for(config, hasher, "the module's config has")
         if backend is None:
             backend = InMemoryTable.empty(self.hasher.table_rows(layer_id), config.head_dim)
         self._check_backend(backend)
@@ -513,7 +511,7 @@ class Engram(nn.Module):
         and its shape is checked). Every shape is checked before anything is loaded.
         """
         weight, rest = split_checkpoint(source, layer_id)
-        hasher = hasher if hasher is not None else NgramHasher(config)
+        hasher = hasher_for(config, hasher, "the module's config has")
         want = (
             [hasher.table_rows(layer_id), config.head_dim] if layer_id in config.layer_ids else []
         )
