@@ -330,6 +330,26 @@ def test_a_chunk_that_failed_after_its_short_conv_leaves_both_states_as_before(s
     torch.testing.assert_close(torch.cat(outs, dim=1), data["layer1.output"], atol=1e-5, rtol=0)
 
 
+def test_a_long_chunk_leaves_only_what_the_convolution_reaches_in_conv_state():
+    """conv_state kept a view of the chunk's whole normalised inputs, so a prefill of 2,000
+    positions held all of them (2 MB here, [B, hc * hidden, T] floats per Engram layer, as much
+    as two layers of attention keys and values) until the next chunk, for the 9 positions the
+    convolution reaches back; it holds those alone."""
+    from tiered_store.engram.module import ShortConv
+
+    conv, state = ShortConv(hidden_size=64, kernel_size=4, dilation=3, hc_mult=4), {}
+    with torch.no_grad():
+        x = torch.randn(1, 2000, 4, 64)
+        whole = conv(x)
+        first = conv(x[:, :1990], state)
+        kept = state["inputs"]
+        assert tuple(kept.shape) == (1, 256, 9)
+        held = kept.untyped_storage().nbytes()  # the memory the view keeps alive
+        assert held == kept.numel() * kept.element_size()
+        rest = conv(x[:, 1990:], state)  # and the chunks still make the whole
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), whole, atol=1e-6, rtol=0)
+
+
 def test_a_chunk_of_no_tokens_changes_nothing(setup):
     """A 0-token forward (torch's raw Conv1d RuntimeError before), first or not, with or without
     conv_state, gives an empty output and leaves both states as they were."""

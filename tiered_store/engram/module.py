@@ -107,7 +107,10 @@ class ShortConv(nn.Module):
         out = y.transpose(1, 2).reshape(batch, seq, branches, width)
         if state is not None:  # once the chunk's output is made: a chunk that fails keeps none
             reach = self.conv.padding[0]  # positions back the convolution sees (0: none)
-            state["inputs"] = inputs[..., max(0, inputs.shape[2] - reach) :].detach()
+            start = max(0, inputs.shape[2] - reach)
+            kept = inputs[..., start:].detach()
+            # a copy of a part: a view would keep every position of the chunk alive
+            state["inputs"] = kept.clone() if start else kept
         return out
 
 
