@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 import weakref
 from pathlib import Path
@@ -516,6 +517,50 @@ class TestUring(ExtentReaderContract):
             assert table.read_errors >= 1
             monkeypatch.undo()
             assert table.read_rows(np.array([3])).shape == (1, 32)  # still usable
+
+    def test_a_reader_idle_past_a_minute_is_closed_with_its_buffer(self, tables):
+        """A reader's buffer grown for a big batch was kept for good (threads x 64 MiB idle
+        after one big batch at the defaults). A reader idle for more than ``URING_IDLE_S`` is
+        closed, ring and buffer, as readers are next taken (the table's clock here: the
+        monotonic one, moved on by the test)."""
+        path, ref = tables[("float32", 32)]
+        shift = [0.0]
+        with self.open(path, threads=1) as table:
+            table._clock = lambda: time.monotonic() + shift[0]
+            table.read_rows(np.arange(ROWS))  # the whole table: one big buffer
+            [big] = table._readers
+            assert len(big.view) > 16 * 4096
+            ids = np.array([7])
+            shift[0] += ct.URING_IDLE_S / 2  # idle, not for long: kept
+            assert np.array_equal(table.read_rows(ids).numpy(), ref[ids])
+            assert table._readers == [big] and not big.ring.closed
+            shift[0] += ct.URING_IDLE_S + 1
+            assert np.array_equal(table.read_rows(ids).numpy(), ref[ids])
+            assert big.ring.closed
+            assert [len(r.view) for r in table._readers] == [4096]  # a new ring, one page
+
+    def test_idle_readers_are_at_most_threads_and_none_past_a_minute(self, tables):
+        """Reads at once in several threads each take up to ``threads`` readers; all of them
+        were kept idle after, for good. The oldest past ``threads`` are closed as they are given
+        back, and those idle past ``URING_IDLE_S`` as readers are next given back or taken."""
+        path, ref = tables[("float32", 32)]
+        now = [0.0]
+        with self.open(path, threads=2) as table:
+            table._clock = lambda: time.monotonic() + now[0]
+            taken = [table._take_reader(8192) for _ in range(4)]  # two reads' worth at once
+            for reader in taken:
+                table._give_reader(reader)
+            assert table._readers == taken[2:]
+            assert [r.ring.closed for r in taken] == [True, True, False, False]
+            older = table._take_reader(8192)  # taken[3]
+            now[0] += ct.URING_IDLE_S / 2
+            table._give_reader(older)  # idle since now, taken[2] since half a minute ago
+            now[0] += ct.URING_IDLE_S * 0.75
+            assert table._take_reader(8192) is older and taken[2].ring.closed
+            assert table._readers == []
+            table._give_reader(older)
+            ids = np.arange(0, ROWS, 3)
+            assert np.array_equal(table.read_rows(ids).numpy(), ref[ids])
 
     def test_close_closes_every_ring(self, tables):
         path, _ = tables[("float32", 37)]

@@ -25,6 +25,9 @@ overlapping strided view otherwise).
 ``uring`` shares the plan: each reader (``threads`` of them, one ring each) takes a contiguous
 share of the extents, in chunks that fit its ``URING_BUFFER_BYTES`` buffer; a chunk's requests
 are laid back to back in the buffer, read through the ring, then extracted like the above.
+Idle readers are kept for the next batch, at most ``threads`` of them; one idle for more than
+``URING_IDLE_S`` (60 s) is closed, ring and buffer, when readers are next taken or given back (a
+big batch's buffers are not kept for good).
 
 A failed read is retried once through a careful path that also handles the file's short last
 page; a second failure raises ``TierIOError`` and counts in ``read_errors``.
@@ -53,6 +56,7 @@ import itertools
 import mmap
 import os
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -87,6 +91,8 @@ DEFAULT_THREADS = 8
 DEFAULT_QUEUE_DEPTH = 128  # io="uring": requests in flight per reader
 URING_BUFFER_BYTES = 64 << 20  # io="uring": most buffer per reader (a batch's extents; the queue
 # drains once per buffer-full, so a smaller buffer costs ~one read latency per refill of it)
+URING_IDLE_S = 60.0  # io="uring": a reader idle longer is closed, ring and buffer, when readers are
+# next taken or given back (no timer thread): one big batch's buffers are not kept for good
 MAX_EXTENT_PAGES = 64  # 256 KiB: longest single read before an extent is split for parallelism
 REQUEST_COST_PAGES = 8  # balancing weight of one read request, in pages of transfer
 TASKS_PER_THREAD = 4  # extent groups per thread: runners pull groups, so slow disks balance out
@@ -205,7 +211,9 @@ class ColdTable:
         self._array: np.ndarray | None = None
         self._bytes: np.ndarray | None = None  # mmap: the whole file as uint8 (page checks)
         self._pool = ThreadPoolExecutor(threads - 1, "cold-read") if threads > 1 else None
-        self._readers: list[_UringReader] = []  # idle rings with their buffers (io="uring")
+        self._readers: list[_UringReader] = []  # idle rings with their buffers (io="uring"),
+        # the most recently given back last; at most `threads`, none idle past URING_IDLE_S
+        self._clock = time.monotonic  # what a reader's idle time is measured by
         try:
             if io == "mmap":
                 self._open_mmap()
@@ -382,6 +390,7 @@ class ColdTable:
         (the ring is idle from the start: a failed check leaves it for ``_release`` to close)."""
         try:
             reader = self._take_reader(PAGE_BYTES)
+            reader.idle_since = self._clock()
             self._readers.append(reader)
             got = reader.ring.read_batch(
                 self._fd,
@@ -781,7 +790,10 @@ class ColdTable:
     def _take_reader(self, buffer_bytes: int) -> _UringReader:
         """An idle ring with a buffer of at least ``buffer_bytes`` (made when none is idle)."""
         with self._lock:
+            stale = self._stale_readers(self._clock())
             reader = self._readers.pop() if self._readers else None
+        for old in stale:
+            old.ring.close()
         if reader is None:
             reader = _UringReader(IoUring(self.queue_depth, f"table {self.path}"))
         if len(reader.view) < buffer_bytes:
@@ -791,12 +803,28 @@ class ColdTable:
     def _give_reader(self, reader: _UringReader) -> None:
         """Return a ring to the idle list (closed instead when the table is closed; one an
         interrupted batch could not drain is closed already, and dropped: the ring keeps the
-        buffer its reads may still land in)."""
+        buffer its reads may still land in). Readers idle past ``URING_IDLE_S``, and the
+        oldest past ``threads`` idle, are closed."""
         with self._lock:
             if not self._closed and not reader.ring.closed:
+                reader.idle_since = self._clock()
                 self._readers.append(reader)
-                return
-        reader.ring.close()
+                stale = self._stale_readers(reader.idle_since)
+            else:
+                stale = [reader]
+        for old in stale:
+            old.ring.close()
+
+    def _stale_readers(self, now: float) -> list[_UringReader]:
+        """Under the lock: take out the idle readers idle for more than ``URING_IDLE_S`` at
+        ``now``, and the oldest past ``threads`` of them (closed by the caller)."""
+        idle = self._readers
+        stale = 0
+        while stale < len(idle) and now - idle[stale].idle_since > URING_IDLE_S:
+            stale += 1
+        stale = max(stale, len(idle) - self.threads)
+        taken, self._readers = idle[:stale], idle[stale:]
+        return taken
 
     # ---- threads and buffers ---------------------------------------------------------------
 
@@ -875,12 +903,13 @@ _HINT = "the file system refuses O_DIRECT here; use io='pread'"
 class _UringReader:
     """An io_uring and the page-aligned buffer its reads land in."""
 
-    __slots__ = ("ring", "view", "address", "_raw")
+    __slots__ = ("ring", "view", "address", "idle_since", "_raw")
 
     def __init__(self, ring: IoUring) -> None:
         self.ring = ring
         self.view = memoryview(b"")
         self.address = 0
+        self.idle_since = 0.0  # when it was last given back (the table's clock)
         self._raw: np.ndarray | None = None
 
     def allocate(self, nbytes: int) -> None:
