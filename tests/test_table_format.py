@@ -28,6 +28,7 @@ from tiered_store.table_format import (
     TableExistsError,
     TableManifest,
     TableNotFoundError,
+    add_page_checksums,
     check_table,
     create_table,
     read_manifest,
@@ -1097,8 +1098,10 @@ def _direct_supported(path: Path) -> bool:
     return True
 
 
-def test_a_verification_leaves_the_table_out_of_the_page_cache(tmp_path):
-    """A whole-table pass (``tiered-store verify``, serve's scrubber) read through the page
+@pytest.mark.parametrize("whole_pass", [verify_table, add_page_checksums])
+def test_a_verification_leaves_the_table_out_of_the_page_cache(tmp_path, whole_pass):
+    """A whole-table pass (``tiered-store verify``, serve's scrubber, and ``verify
+    --add-page-checksums``, which a served table's repair runs too) read through the page
     cache: it filled the cache with the table, evicting the pages the cold tier's mmap and
     pread reads keep hot, and checked the cached copy rather than the disk. It reads with
     ``O_DIRECT`` where the file system takes it: the pass adds none of the data's pages."""
@@ -1113,7 +1116,7 @@ def test_a_verification_leaves_the_table_out_of_the_page_cache(tmp_path):
     drop_page_cache([path])
     before = cached_pages(path)
     assert before < m.file_bytes // 4096 // 10  # evicted (the file system dropped them)
-    assert verify_table(path, progress=False).bytes_checked == m.data_bytes
+    assert whole_pass(path, progress=False).bytes_checked == m.data_bytes
     added = cached_pages(path) - before  # (reading the header caches a few pages)
     assert added < m.file_bytes // 4096 // 10, f"the pass cached {added} pages of the table"
 

@@ -1020,7 +1020,8 @@ def _scan_table(
     stop: threading.Event | None = None,
     bytes_per_s: float | None = None,
 ) -> np.ndarray:
-    """Stream the data once (``file``: the table's data file, open; else opened here): check its
+    """Stream the data once (``file``: the table's data file, open; else opened here, with
+    ``O_DIRECT`` where the file system takes it: ``_open_uncached``): check its
     block CRC-32s (and page CRC32Cs against ``expected_pages``); ``VerifyStopped`` before a read
     once ``stop`` is set; each read waits until the pass is back under ``bytes_per_s`` (reads of
     a tenth of a second's bytes, whole pages; a block's CRC-32 is carried over reads, so a block
@@ -1038,7 +1039,7 @@ def _scan_table(
     page_sums = []
     checked = 0
     with (
-        open(npy_path, "rb", buffering=0) if file is None else contextlib.nullcontext(file) as f,
+        _open_uncached(npy_path) if file is None else contextlib.nullcontext(file) as f,
         tqdm(
             total=manifest.data_bytes,
             unit="B",
