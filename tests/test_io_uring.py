@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 import weakref
 
 import numpy as np
@@ -482,3 +483,36 @@ def test_a_drain_of_reads_that_never_complete_gives_up_and_strands_their_memory(
         ring.close()
         os.close(read_end)
         os.close(write_end)
+
+
+def test_reads_complete_but_not_reaped_at_the_drain_deadline_strand_nothing(data, monkeypatch):
+    """At ``DRAIN_WAIT_S`` the drain counted only the completions it had reaped: reads the
+    kernel had completed since its last round were taken for reads still in flight, a warning
+    said so and the ring was closed for nothing. It reaps before it counts: here every read of
+    the interrupted batch has completed before the drain, whose wait is 0 s."""
+    fd, payload = data
+    monkeypatch.setattr(io_uring, "DRAIN_WAIT_S", 0.0)
+    reap, calls = IoUring._reap, [0]
+
+    def interrupted(self, results):
+        calls[0] += 1
+        if calls[0] == 2:  # in the batch, once every read the kernel took has completed
+            while self._in_flight(*self._batch_start):
+                time.sleep(0.001)  # (a system call: the kernel posts completions on its return)
+            raise KeyboardInterrupt
+        return reap(self, results)
+
+    offsets, lengths, buf = _pages(200)
+    with IoUring(4) as ring:
+        monkeypatch.setattr(IoUring, "_reap", interrupted)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(KeyboardInterrupt):
+                ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets)
+        monkeypatch.setattr(IoUring, "_reap", reap)
+        assert [str(w.message) for w in caught] == [] and not ring.closed
+        buf[:] = 0
+        assert np.array_equal(
+            ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets), lengths
+        )
+        assert np.array_equal(buf, payload[: buf.size])

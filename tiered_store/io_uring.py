@@ -306,6 +306,7 @@ class IoUring:
             try:
                 words, index = self._sq_tail
                 words[index] = self._tail  # (the SQEs counted were stored before the count)
+                self._reap(None)  # those posted since the last round count (at the deadline too)
                 completed = (self._cq_head_value() - head0) & _U32
                 if completed >= queued:
                     self._unfinished.clear()
