@@ -1049,7 +1049,7 @@ def test_a_close_interrupted_while_it_waits_for_a_read_is_finished_by_the_next(
             while frame is not None:
                 names.append(frame.f_code.co_name)
                 frame = frame.f_back
-            if names and names[0] == "wait" and "close" in names:
+            if names[:2] == ["close", "close"]:  # the count's, waiting (called by the table's)
                 break
             release.wait(0.001)
         signal.pthread_kill(main.ident, signal.SIGINT)
@@ -1140,3 +1140,66 @@ def test_a_ctrl_c_as_a_read_enters_or_leaves_its_count_never_hangs_close(tmp_pat
     )
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.split()[1]) >= 6, proc.stdout
+
+
+def test_a_ctrl_c_as_close_waits_for_a_read_never_leaves_the_count_locked():
+    """``close()`` waited through a ``Condition``, whose enter, exit and wait are Python code
+    around the count's lock: a Ctrl-C handled there left the lock held (the read under way then
+    hung as it ended, and every later read and close with it) or raised ``RuntimeError:
+    release unlocked lock`` instead. Every point of a close that waits for a read in another
+    thread, and gives up, is interrupted in turn, in a child process: a ``KeyboardInterrupt``
+    comes out, the read ends, and the next close returns."""
+    script = textwrap.dedent(
+        """
+        import sys, threading
+        from tiered_store.store_lock import InFlight
+
+        def counted(k, hits):
+            '''A profiler raising KeyboardInterrupt at the k-th point where CPython handles a
+            signal (a Python function's entry, the return of a call) in store_lock.py and in
+            the threading code it runs.'''
+            def profile(frame, event, arg):
+                if event not in ("call", "return", "c_return"):
+                    return
+                code = (frame.f_back if event == "call" else frame).f_code.co_filename
+                if not code.endswith(("store_lock.py", "threading.py")):
+                    return
+                hits[0] += 1
+                if hits[0] == k:
+                    raise KeyboardInterrupt
+            return profile
+
+        k = 0
+        while True:
+            k += 1
+            calls, hits, inside, leave = InFlight(), [0], threading.Event(), threading.Event()
+
+            def read():
+                with calls.entered():
+                    inside.set()
+                    leave.wait()
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            inside.wait()
+            sys.setprofile(counted(k, hits))
+            try:
+                calls.close(0.01)  # the read stays: it gives up
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            leave.set()
+            reader.join(30)
+            assert not reader.is_alive(), f"interrupt {k}: the read hung as it ended"
+            assert calls.close(30), f"interrupt {k}: the next close waited for nothing"
+            if hits[0] < k:  # every point has been interrupted once
+                break
+        print("points", k - 1)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[1]) >= 4, proc.stdout

@@ -199,16 +199,18 @@ class InFlight:
     Calls are counted per thread, and ``close()`` waits only for other threads' calls: a Ctrl-C
     handled as a call's ``with`` is left (``__exit__`` entered, the count not yet down) leaves
     its thread counted for good, and a close by that thread (the main one, where a Ctrl-C is
-    raised) would wait for it without end. The lock is a plain ``Lock`` (entered and left in C):
-    a Ctrl-C cannot leave it held, as it could inside a ``Condition``'s Python ``__exit__``."""
+    raised) would wait for it without end. The lock is a plain ``Lock``, only ever taken by
+    ``with`` (entered and left in C), and ``close()`` waits on a ``Lock`` of its own that the
+    last call releases: a Ctrl-C cannot leave the lock held, as it could inside a
+    ``Condition``'s Python enter, exit and wait."""
 
     def __init__(self, refusal: Callable[[], BaseException] | None = None) -> None:
         self._refusal = refusal or _store_closed
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
         self._calls: dict[int, int] = {}  # thread ident -> its calls under way
         self._closing = False
         self._closer = -1  # the thread that called close(): its own calls are not waited for
+        self._waiters: list[threading.Lock] = []  # close()'s, held until no call is waited for
         self._then: Callable[[], None] | None = None  # run by the last call to end
 
     def entered(self) -> InFlight:
@@ -231,20 +233,34 @@ class InFlight:
                 self._calls[me] -= 1
             else:
                 self._calls.pop(me, None)
-            if not self._closing:  # only close() waits, and a call ending may run its then
-                return
-            self._cond.notify_all()
-            then = self._then if not self._running() else None
-            self._then = None if then is not None else self._then
+            if not self._closing or self._running():  # only close() waits, and the last call
+                return  # to end may run its then
+            for waiter in self._waiters:
+                waiter.release()
+            self._waiters.clear()
+            then, self._then = self._then, None
         if then is not None:
             then()
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new calls; return once those under way in other threads have ended (True), or
         after ``timeout`` seconds with some still running (False)."""
-        with self._cond:
+        waiter = threading.Lock()
+        waiter.acquire()
+        with self._lock:
             self._closing, self._closer = True, threading.get_ident()
-            return self._cond.wait_for(lambda: not self._running(), timeout)
+            if not self._running():
+                return True
+            self._waiters.append(waiter)  # released by the last call to end
+        try:
+            wait = -1 if timeout is None else min(max(timeout, 0), threading.TIMEOUT_MAX)
+            waiter.acquire(timeout=wait)
+        finally:
+            with self._lock:
+                if waiter in self._waiters:  # given up (or interrupted)
+                    self._waiters.remove(waiter)
+                running = self._running()
+        return not running
 
     def then(self, action: Callable[[], None]) -> None:
         """After ``close()``: run ``action`` once no call of another thread than close()'s is
