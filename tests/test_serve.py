@@ -1046,6 +1046,58 @@ def test_requests_are_served_while_a_reload_opens_the_new_version(tmp_path, monk
         served.close()
 
 
+def test_requests_are_served_while_a_reload_closes_the_old_stores(tmp_path, monkeypatch):
+    """A reload closed the old stores while it still held the request gate: every request
+    waited for their close (a warm-restart save of the tiers, the prefetches' drain) at each
+    writer's commit. They close once the gate opens again, requests served on the new stores
+    meanwhile, none on an old one."""
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        old = served.stores["engram_layer3"]
+        calls = old.stats()["lookup"]["calls"]
+        closing, go_on, real = threading.Event(), threading.Event(), old.close
+
+        def slow_close(**kwargs):  # a big table's warm-restart save
+            closing.set()
+            assert go_on.wait(60)
+            return real(**kwargs)
+
+        monkeypatch.setattr(old, "close", slow_close)
+        reloaded: list[list[str]] = []
+        reloader = threading.Thread(
+            target=lambda: reloaded.append(served.reload_if_stale(force_check=True))
+        )
+        reloader.start()
+        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+        answers: list[list[int]] = []
+        asker = threading.Thread(target=lambda: answers.append(served.answer(request)["shape"]))
+        during: list[list[int]] = []  # answered while the old store still closed
+        try:
+            assert closing.wait(30)
+            asker.start()
+            asker.join(30)
+            during = list(answers)
+        finally:
+            go_on.set()
+            reloader.join(60)
+            if asker.is_alive():
+                asker.join(60)
+        assert during == [[1, 3]] and reloaded == [["engram_layer3"]]
+        assert old.closed and old.stats()["lookup"]["calls"] == calls  # none read the old one
+        store = served.stores["engram_layer3"]
+        assert served.model.tables[3].table is store and not store.closed
+        assert served.health["engram_layer3"].reloads == 1
+    finally:
+        served.close()
+
+
 def _grow_delta_map(path: str, rows: int, row_bytes: int) -> int:
     """Commit every row of the delta at ``path`` 8 times from a map of 64 KiB, which grows
     past the map a store pinned on it has (a store here must close before another opens)."""

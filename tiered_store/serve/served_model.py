@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import threading
@@ -366,7 +367,9 @@ class ServedModel:
         # opened while requests go on over the old stores; only the swap holds them back
         opened, failure = self._open_ahead(stale)
         bound = self.config.server.request_timeout_s
-        with contextlib.ExitStack() as gate:
+        # the old stores close once the gate opens (after_gate exits last): no request reads
+        # them once swapped out, and none waits for their close (a warm-restart save, a drain)
+        with contextlib.ExitStack() as after_gate, contextlib.ExitStack() as gate:
             try:
                 running = gate.enter_context(self._gate.exclusive(timeout=bound))
             except BaseException:  # Ctrl-C while it waits for the answers: none left open
@@ -428,7 +431,7 @@ class ServedModel:
                 self._undo_swap(opened)
                 raise
             self._refused(unreadable)
-            self._swap_in(opened)
+            after_gate.callback(self._swap_in(opened, close_old=False))
         log.info("reopened tables on a new version: %s", ", ".join(stale))
         if self._trace is not None:  # the new stores start cold, with their counters at 0
             log.warning(
@@ -537,12 +540,15 @@ class ServedModel:
             if (table := self.config.table_name(layer)) in stores
         }
 
-    def _swap_in(self, opened: dict[str, TieredStore]) -> None:
+    def _swap_in(
+        self, opened: dict[str, TieredStore], *, close_old: bool = True
+    ) -> Callable[[], None]:
         """After the model took ``opened`` (table name -> its store on the new version): the
         checksum failures and cold read errors counted go on in the new stores, the requests waiting are announced
         to them, the old stores close, and a table whose last pass failed is checked again once
         on another file (its last failed lookup no longer holds /healthz at 503); interrupted (Ctrl-C), ``stores`` still names what the model reads,
-        and the old stores close."""
+        and the old stores close. ``close_old`` False: they close when the caller calls what it
+        returns (once the request gate opens); True: now (what it returns does nothing)."""
         old = {name: self.stores[name] for name in opened}
         carried = {name: store.cold.failure_counts() for name, store in old.items()}
         for name, counts in carried.items():  # the counters go on, before a scrape sees them
@@ -562,8 +568,22 @@ class ServedModel:
             if self.health[name].last_error is not None:
                 self._scrub_soon(name)
             self.health[name].end_lookup_hold()  # failed on a file no longer served
+        close = functools.partial(self._close_swapped_out, old, opened, carried)
+        if not close_old:
+            return close
+        close()
+        return lambda: None
+
+    def _close_swapped_out(
+        self,
+        old: dict[str, TieredStore],
+        opened: dict[str, TieredStore],
+        carried: dict[str, tuple[int, int]],
+    ) -> None:
+        """Close the stores ``_swap_in`` replaced (``old``, by table name) and carry to the new
+        ones (``opened``) what lookups in flight counted in them since ``carried``."""
         for name, store in old.items():
-            store.close()  # and what lookups in flight counted meanwhile
+            store.close()
             since = zip(store.cold.failure_counts(), carried[name], strict=True)
             opened[name].cold.carry_failures(*(now - before for now, before in since))
             self.health[name].reloads += 1
