@@ -524,6 +524,35 @@ def test_the_lookup_failure_hold_ends_when_a_closed_store_s_file_is_made_anew_on
         served.close()
 
 
+def test_the_lookup_failure_hold_of_a_closed_store_ends_once_it_is_reopened(tmp_path):
+    """A table whose store a reload left closed answers 503 'closed' until a check reopens it,
+    and /healthz held that failure for server.health_hold_s (600 s here) after it was reopened
+    on the same file, serving again: a closed store says nothing about its file. The hold ends
+    at the reopen; one of a failure about the file before it (a read) stays."""
+    path = make_checkpoint(tmp_path, server={"health_hold_s": 600})
+    server = start_server(path)
+    try:
+        served = server.model
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        request = {"input_ids": [[1, 2, 3]]}
+        served.stores["engram_layer3"].close()  # what a refused reload leaves
+        assert post_json(server.url + "/v1/engram", request)[0] == 503
+        assert get_json(server.url + "/healthz")[0] == 503
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]  # the same file
+        assert post_json(server.url + "/v1/engram", request)[0] == 200
+        assert get_json(server.url + "/healthz") == (200, {"status": "ok"})
+        served.model.tables[3].failed("read", "injected")  # a failure about the file
+        served.stores["engram_layer3"].close()
+        assert post_json(server.url + "/v1/engram", request)[0] == 503
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        status, doc = get_json(server.url + "/healthz")
+        assert status == 503, doc
+        assert "engram_layer3: lookups failing (3 so far" in " ".join(doc["problems"])
+        assert "cold tier read failed: injected" in " ".join(doc["problems"])
+    finally:
+        server.stop()
+
+
 def test_a_slow_stats_or_scrape_holds_no_other_request_back(server, monkeypatch):
     """GET /stats and /metrics read the stores on the event loop: while one took its time (a
     store's statistics, a scrape), every other connection waited, /healthz included. They are

@@ -431,19 +431,30 @@ class TableHealth:
     reloads: int = 0  # reopened on a new version (serve)
     reload_failures: int = 0  # checks whose new version could not be opened (serve)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # (message, when) of the latest failed lookup that was about the file (not a closed store)
+    _file_failure: tuple[str, float] | None = field(default=None, repr=False, compare=False)
 
-    def record_lookup_failure(self, message: str, when: float) -> None:
-        """Count one failed lookup (worker threads fail concurrently: under a lock)."""
+    def record_lookup_failure(self, message: str, when: float, *, about_file: bool = True) -> None:
+        """Count one failed lookup (worker threads fail concurrently: under a lock);
+        ``about_file`` False: it says nothing about the table's file (its store was closed)."""
         with self._lock:
             self.lookup_failures += 1
             self.last_lookup_error = message
             self.last_lookup_failure_at = when
+            if about_file:
+                self._file_failure = (message, when)
 
-    def end_lookup_hold(self) -> None:
+    def end_lookup_hold(self, *, same_file: bool = False) -> None:
         """Forget when the last lookup failed (its table reopened on another file): /healthz
-        holds no 503 for it; the count stays."""
+        holds no 503 for it; the count stays. ``same_file``: reopened on the file it served,
+        the hold goes back to the latest failure about that file (none: it ends), past those
+        of a closed store."""
         with self._lock:
+            if same_file and self._file_failure is not None:
+                self.last_lookup_error, self.last_lookup_failure_at = self._file_failure
+                return
             self.last_lookup_failure_at = None
+            self._file_failure = None
 
 
 def verify_counted(

@@ -38,7 +38,8 @@ Endpoints (JSON unless noted)
 ``GET /healthz``
     ``200 {"status": "ok"}``; ``503`` with the problems while draining, after a checksum pass
     found a table corrupt, or for ``server.health_hold_s`` after a table's lookup failed (until
-    a reload reopens the table on another file, if sooner).
+    a reload reopens the table on another file, if sooner; one that failed because its store
+    was closed, until it reopens).
 ``GET /stats``
     Every store's ``stats()``, table geometry and health, and the request counters.
 ``GET /metrics``

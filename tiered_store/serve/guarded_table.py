@@ -152,6 +152,8 @@ class GuardedTable(TableBackend):
     def failed(self, reason: str, cause: object) -> TableUnavailableError:
         """Count the failure, log its cause (paths and all), return the error for the client."""
         text = error_text(cause) if isinstance(cause, BaseException) else cause
-        self.health.record_lookup_failure(f"{_REASONS[reason]}: {text}", time.monotonic())
+        self.health.record_lookup_failure(
+            f"{_REASONS[reason]}: {text}", time.monotonic(), about_file=reason != "closed"
+        )
         log.error("table %s: lookup failed (%s): %s", self.name, reason, text)
         return TableUnavailableError(self.name, reason)

@@ -563,7 +563,8 @@ class ServedModel:
         self.stores.update(opened)
         # once served: a pass failing over the old file now finds it replaced (verify_tables)
         for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
-            if not _another_file(store, opened[name]):
+            if not _another_file(store, opened[name]):  # a closed store's failures end there
+                self.health[name].end_lookup_hold(same_file=True)
                 continue
             if self.health[name].last_error is not None:
                 self._scrub_soon(name)
