@@ -1454,12 +1454,14 @@ def test_a_reload_interrupted_as_it_announces_serves_and_closes_as_swapped(tmp_p
 
 def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
     """The scrubber verified the file a table's path names, not the one served: a damaged table
-    made anew over the path, and refused at reload (another layout), was found corrupt and
-    turned /healthz 503, while the server served the old file, whole (a refused version is a
-    warning: still 200). Such a table has no verdict until a reload serves the new file."""
+    made anew over the path, and refused at reload (another layout), was found corrupt though
+    not served. Such a table has no verdict until a reload serves the new file; the old file,
+    replaced, is read by no lookup either (each fails as a read error: README's "not served
+    meanwhile"), so no pass judges it."""
     from tiered_store.engram.checkpoint import table_metadata
     from tiered_store.engram.hashing import NgramHasher
     from tiered_store.engram.model import ModelConfig
+    from tiered_store.serve.guarded_table import TableUnavailableError
     from tiered_store.table_format import create_table, read_manifest
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
@@ -1483,6 +1485,10 @@ def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
         assert served.verify_tables() == []
         health = served.health["engram_layer3"]
         assert (health.verifications, health.last_error) == (0, None)
+        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+        with pytest.raises(TableUnavailableError) as caught:  # the old file is read by none
+            served.answer(request)
+        assert (caught.value.table, caught.value.reason) == ("engram_layer3", "read")
         assert served.health["engram_layer1"].verifications == 1
         layout = table_metadata(served.model.hasher, 3)
         create_table(table, rows, progress=False, overwrite=True, metadata=layout)
