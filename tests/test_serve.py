@@ -2758,6 +2758,51 @@ def test_sigterm_exits_while_a_lookup_hangs_for_good(tmp_path):
         assert "Traceback" not in log, log
 
 
+_HUNG_COLD_READ_HOOK = """
+import os, time
+from tiered_store.cold_table import ColdTable
+
+_read_sorted = ColdTable._read_sorted
+_held = []
+
+
+def _hung_read(self, *args, **kwargs):  # inside the read's call: the store's close waits for it
+    if "engram_layer3" in str(self.path) and not _held:
+        _held.append(1)
+        open(os.environ["STUCK_MARK"], "w").close()
+        while not os.path.exists(os.environ["STUCK_RELEASE"]):  # never made: a dead disk
+            time.sleep(0.05)
+    return _read_sorted(self, *args, **kwargs)
+
+
+ColdTable._read_sorted = _hung_read
+"""
+
+
+def test_sigterm_stops_within_stop_within_s_while_a_cold_read_hangs_for_good(tmp_path):
+    """A cold read hung for good inside the store (a dead disk; the store's close waits for the
+    reads under way): the stop's close of that store waited without end, past the 'listening'
+    line's stop_within_s, and ServeProcess.stop() killed the server (-9: no warm-restart save
+    of the other tables, the trace not closed). The stop passes what is left of that bound down
+    to the stores' close: the hung store is left to close under its read, the others close,
+    and the server exits 0."""
+    env, mark, _ = _hung_read_env(tmp_path)
+    (Path(env["PYTHONPATH"]) / "sitecustomize.py").write_text(_HUNG_COLD_READ_HOOK)
+    config = make_checkpoint(tmp_path, server={"request_timeout_s": 0.5})
+    trace = tmp_path / "served.trace"
+    with ServeProcess(config, "--record-trace", str(trace), metrics=False, env=env) as proc:
+        host, port = proc.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            _send_until_hung(sock, mark)
+            status = proc.stop()  # kills once stop_within_s (11.5 s here) and 10 s more passed
+        log = proc.log()
+        assert status == 0, log[-3000:]
+        assert "still under way after" in log and "engram_layer3.npy" in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    with TraceReader(trace) as reader:  # closed
+        assert reader.tables == TABLES
+
+
 def test_a_damaged_version_pointer_keeps_the_served_version_and_healthz_says_so(tmp_path):
     """A version pointer that is not JSON: every version check raised, the watch thread logged a
     traceback every second, a request that made the check got a 503, and /healthz said ok. A

@@ -172,6 +172,7 @@ class TieredStore:
         self._save_order = threading.Lock()  # warm-restart saves: the files land in taken order
         self._saves_taken = self._saves_written = 0
         self._file_calls = InFlight()  # calls reading or writing the files: close() waits for them
+        self._left_calls = False  # a close gave up waiting for them (close's wait_s)
         self._closed_step = 0  # the committed step when close() closed the delta
         self._writes: WriteBack | None = None  # the write path, once the table has a delta
         self._staged: tuple[int, np.ndarray, int] | None = None  # prepare_commit's step, ids, seq
@@ -708,21 +709,22 @@ class TieredStore:
             thread.join(timeout)
         return not any(t.is_alive() for t in restoring)
 
-    def close(self, *, wait_s: float | None = None) -> None:
+    def close(self, *, wait_s: float | None = None) -> bool:
         """Finish in-flight prefetches, wait for lookups, writes and committed reads under way
         and refuse new ones, then close the table file; idempotent. With
         ``tiers.restart.enabled``, first saves which rows the tiers hold (a warning if it fails).
         ``wait_s``: return after at most this long with calls still under way (a read hung on a
         dying disk); the store is closed to new calls, and the last of those closes the files
         (no save: it needs the store's lock, which such a call may hold). Called from a fetch's
-        done callback while another thread closes the store, it returns at once."""
+        done callback while another thread closes the store, it returns at once. Returns False
+        when it left calls under way (now or at an earlier close), or returned at once so."""
         # on the prefetch worker (a fetch's done callback), a close under way on another thread
         # waits for this very thread: waiting for its lock, each would wait for the other
         if not self._closing.acquire(blocking=not self._prefetcher.on_worker()):
-            return  # that close finishes the job
+            return False  # that close finishes the job
         try:
             if self._closed:
-                return
+                return not self._left_calls
             deadline = None if wait_s is None else time.monotonic() + wait_s
             self._stop_background(deadline)
             if self._file_calls.close(_seconds_left(deadline)):
@@ -730,7 +732,7 @@ class TieredStore:
                     self._save_on_close()
                 finally:  # interrupted (Ctrl-C), or a warning made an error: the files close
                     self._close_files()
-                return
+                return True
             if self._writes is not None:  # for stats() meanwhile (the delta closes later)
                 self._closed_step = self._writes.delta.step
             self._closed = True  # new calls are refused; the files stay open under those running
@@ -740,6 +742,8 @@ class TieredStore:
                 RuntimeWarning,
             )
             self._file_calls.then(self._close_files_late)
+            self._left_calls = True
+            return False
         finally:
             self._closing.release()
 

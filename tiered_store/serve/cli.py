@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -14,6 +15,8 @@ from .served_model import create_checkpoint
 from .server import InferenceServer
 
 __all__ = ["register_init_model", "register_serve", "run_init_model", "run_serve"]
+
+log = logging.getLogger("tiered_store.serve")
 
 
 def register_serve(sub: Any) -> None:
@@ -105,7 +108,25 @@ def run_serve(args: argparse.Namespace) -> int:
         trace=args.record_trace,
         access_log=args.access_log,
     )
-    return server.serve_until_signal()
+    status = server.serve_until_signal()
+    if server.model is not None and server.model.left_closing:
+        _exit_past_hung_calls(status, server.model.left_closing)
+    return status
+
+
+def _exit_past_hung_calls(status: int, tables: list[str]) -> None:
+    """Exit at once with ``status`` (``os._exit``, the logs flushed): the stop left ``tables``'
+    stores to close under calls hung in them (a read on a dead disk), which the interpreter's
+    exit would wait for without end (it joins the prefetch pools' workers)."""
+    log.warning(
+        "exiting with calls to %s still under way after the stop (hung: a read on a dead "
+        "disk, say); not waiting for them",
+        ", ".join(tables),
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def run_init_model(args: argparse.Namespace) -> int:

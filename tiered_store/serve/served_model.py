@@ -232,6 +232,8 @@ class ServedModel:
             self._refusals: dict[str, tuple[Any, str]] = {}
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
+            # tables whose store close(wait_s=) left to close under a call hung in it
+            self.left_closing: list[str] = []
             self.reloads = 0
             if trace is not None:
                 self._trace = self._open_trace(Path(trace))
@@ -1072,26 +1074,34 @@ class ServedModel:
         with self._scrub_again_lock:
             self._scrub_again.add(name)
 
-    def close(self) -> None:
+    def close(self, *, wait_s: float | None = None) -> None:
         """Wait for the answers in flight (at most ``server.request_timeout_s``: a worker hung on
         a read never ends), then close the trace (written atomically) and every store;
-        idempotent."""
+        idempotent. ``wait_s``: wait at most this long in all (a stop's budget), the stores'
+        close for their calls under way included (a store whose read hangs is left to close
+        under it, with no warm-restart save: ``TieredStore.close``; its table is then in
+        ``left_closing``)."""
+        deadline = None if wait_s is None else time.monotonic() + wait_s
         with self._reloading:  # a reload under way ends first; none starts after
             self._closed = True
         bound = self.config.server.request_timeout_s
+        if deadline is not None:
+            bound = min(bound, max(deadline - time.monotonic(), 0.0))
         # a worker the drain gave up on still computes: its lookups would find the stores closed
         with self._gate.exclusive(timeout=bound) as running:  # (counted, logged as failed)
             if running:
                 log.warning(
                     "closing the tables with %d answer(s) still running %g s after the close "
-                    "began (server.request_timeout_s): their lookups fail",
+                    "began (server.request_timeout_s, or what the stop had left): their lookups "
+                    "fail",
                     running,
                     bound,
                 )
-            self._close()
+            self._close(deadline)
 
-    def _close(self) -> None:
-        """``close`` once no answer is in flight."""
+    def _close(self, deadline: float | None = None) -> None:
+        """``close`` once no answer is in flight; the stores wait for their calls under way
+        until ``deadline`` (``time.monotonic()``; None: until they end)."""
         with self._trace_lock:  # not _submit_lock: a worker may hold it, hung in a prefetch
             trace, self._trace = self._trace, None
         if trace is not None:
@@ -1106,7 +1116,14 @@ class ServedModel:
                 control.announce(STOP)
             except Exception as exc:  # a rank died: the others exit on their own
                 log.warning("could not tell the other ranks to stop: %s", exc)
-        self.model.close()
+        try:
+            for name, store in self.stores.items():
+                if isinstance(store, TieredStore):  # (a sharded one bounds its own close)
+                    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    if not store.close(wait_s=left):
+                        self.left_closing.append(name)
+        finally:
+            self.model.close()  # the others; those closed above return at once
 
 
 class RequestGate:

@@ -47,6 +47,8 @@ BACKGROUND_JOIN_S = 30.0  # stop() waits this long for a background thread (a ch
 RANK_WATCH_JOIN_S = 2 * HEALTH_READ_S  # and this long for rank 0's watch of the others (its
 # reads of a healthy store take milliseconds; a thread left in one aborts the process at exit)
 STOP_SLACK_S = 10.0  # the rest of a stop: the signal seen, uvicorn's own steps, the exit
+AFTER_WAITS_S = 5.0  # of STOP_SLACK_S, what the stop's waits leave to the work after them (the
+# warm-restart saves, the trace's close, the exit)
 
 
 def drain_s(config: ServeConfig) -> float:
@@ -64,7 +66,10 @@ def stop_within_s(config: ServeConfig) -> float:
     """The longest ``stop()`` takes after a signal: its drain, its wait for a checksum pass under
     way, ``ServedModel.close``'s for the answers still computing (``server.request_timeout_s``),
     over sharded tables the announcement of its ``STOP`` (``sharding.timeout_s``), and the rest
-    (the 'listening' line's ``stop_within_s``: ``ServeProcess.stop`` kills no sooner)."""
+    (the 'listening' line's ``stop_within_s``: ``ServeProcess.stop`` kills no sooner). The stop
+    holds its waits to it, less ``AFTER_WAITS_S`` (what is left is passed down, to the stores'
+    close too: one whose read hangs for good is left to close under it, not waited for); the
+    work after them (the warm-restart saves, the trace's close) is not cut short."""
     scrub = BACKGROUND_JOIN_S if config.checkpoint.scrub_interval_s > 0 else 0.0
     # a number: the same for every layer
     announce = config.store_config(0).sharding.timeout_s if config.sharded else 0.0
@@ -231,20 +236,25 @@ class InferenceServer:
         return http_url(self._sockets[1].getsockname()) + "/metrics"
 
     def stop(self) -> None:
-        """Stop accepting, finish requests in flight, close the trace and the tables; idempotent."""
+        """Stop accepting, finish requests in flight, close the trace and the tables; idempotent.
+        Its waits end within ``stop_within_s`` less ``AFTER_WAITS_S`` in all (what is left of it
+        is passed down: a background thread, the answers still computing, the stores' calls
+        under way), which leaves the rest to the work after them (the warm-restart saves, the
+        trace's close, the exit)."""
         if self._stopped:
             return
         self._stopped = True
         self._draining = True
+        deadline = time.monotonic() + stop_within_s(self.config) - AFTER_WAITS_S
         self._background_stop.set()
         self._stop_http()
         for thread in (self._scrubber, self._version_watch, self._trace_watch):
             if thread is not None:
-                thread.join(timeout=BACKGROUND_JOIN_S)
+                thread.join(timeout=min(BACKGROUND_JOIN_S, _seconds_left(deadline)))
         if self._rank_watch is not None:  # within STOP_SLACK_S, which the followers allow for
             self._rank_watch.join(timeout=RANK_WATCH_JOIN_S)
         if self.model is not None:
-            self.model.close()
+            self.model.close(wait_s=_seconds_left(deadline))
 
     def _stop_http(self) -> None:
         """Have uvicorn (once started) finish, wait for its thread, then close the sockets."""
@@ -559,6 +569,11 @@ async def _turn_unless(compute: anyio.CapacityLimiter, gone: anyio.Event | None)
             compute.release()
         raise
     return taken
+
+
+def _seconds_left(deadline: float) -> float:
+    """Seconds until ``deadline`` (``time.monotonic()``), at least 0."""
+    return max(deadline - time.monotonic(), 0.0)
 
 
 def _listen(host: str, port: int, backlog: int, key: str) -> socket.socket:
