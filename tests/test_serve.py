@@ -1127,6 +1127,55 @@ def test_requests_are_served_while_a_reload_closes_the_old_stores(tmp_path, monk
         served.close()
 
 
+def test_a_close_during_a_reload_ends_the_reload_at_its_open_under_way(tmp_path, monkeypatch):
+    """A close (a server's stop) while a reload opened the stale tables' new versions waited
+    for the whole reload: every other table's open (a big table's tiers, its warm restore), the
+    wait for the answers in flight, the swap, the old stores' close; none of it bounded by the
+    stop's stop_within_s. The reload ends once the open under way is done, what it opened
+    closed, and the close goes on."""
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    layer1 = config.table_path(1).resolve()
+    served = ServedModel(config)
+    closer = None
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):  # both tables stale
+            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
+                writer.write([1], torch.zeros(1, writer.dim))
+                writer.commit()
+        opening, opens, real = threading.Event(), [], served._open_checked
+
+        def slow_open(name, old):  # a big table's open; the close comes meanwhile
+            opens.append(name)
+            opening.set()
+            deadline = time.monotonic() + 10
+            while not getattr(served, "_closing", threading.Event()).is_set():
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            return real(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", slow_open)
+        reloaded: list[list[str]] = []
+        reloader = threading.Thread(
+            target=lambda: reloaded.append(served.reload_if_stale(force_check=True))
+        )
+        reloader.start()
+        assert opening.wait(30)
+        closer = threading.Thread(target=served.close)
+        closer.start()
+        reloader.join(60)
+        closer.join(60)
+        assert reloaded == [[]] and opens == ["engram_layer1"]  # no open after the close began
+        assert not closer.is_alive() and all(s.closed for s in served.stores.values())
+        assert _fds_open_on(layer1) == 0  # the store it opened closed too
+    finally:
+        if closer is None:
+            served.close()
+
+
 def _grow_delta_map(path: str, rows: int, row_bytes: int) -> int:
     """Commit every row of the delta at ``path`` 8 times from a map of 64 KiB, which grows
     past the map a store pinned on it has (a store here must close before another opens)."""

@@ -221,6 +221,7 @@ class ServedModel:
             self.reload_check_seconds = RELOAD_CHECK_SECONDS  # how often requests check
             self._reloading = threading.Lock()  # one check and swap at a time
             self._closed = False  # a closed model never reopens its tables
+            self._closing = threading.Event()  # close() began: a reload under way ends early
             self._last_version_check = time.monotonic()
             # tables whose last checksum pass failed, reopened on another file since: the
             # scrubber checks them at once (that verdict was on a file no longer served)
@@ -322,7 +323,9 @@ class ServedModel:
         version of every table from its prefetch to its answer; for at most
         ``server.request_timeout_s``: answers still running then (a worker hung on a read) are
         logged, requests go on over the version open now, and the swap is tried again once those
-        answers end. ``reload_check_seconds`` sets the interval (``force_check`` checks now)."""
+        answers end. ``reload_check_seconds`` sets the interval (``force_check`` checks now). A
+        ``close`` that begins meanwhile ends it once the open under way is done (nothing swapped
+        in, what it opened closed): a stop waits for no other open, nor for the swap."""
         now = time.monotonic()
         if not force_check and now < self._last_version_check + self.reload_check_seconds:
             return []
@@ -368,6 +371,10 @@ class ServedModel:
             return []
         # opened while requests go on over the old stores; only the swap holds them back
         opened, failure = self._open_ahead(stale)
+        if self._closing.is_set():  # closed meanwhile: nothing swapped in, none left open
+            for store in opened.values():
+                store.close()
+            return []
         bound = self.config.server.request_timeout_s
         # the old stores close once the gate opens (after_gate exits last): no request reads
         # them once swapped out, and none waits for their close (a warm-restart save, a drain)
@@ -449,10 +456,12 @@ class ServedModel:
         """The stores of ``stale``'s new versions, opened in turn outside the request gate until
         one fails (with its table and error), but for those that need the gate (a map grown
         elsewhere: ``_open_new_version`` closes the old store first); interrupted, none left
-        open."""
+        open; none opened once ``close`` began."""
         opened: dict[str, TieredStore] = {}
         try:
             for name in stale:
+                if self._closing.is_set():  # the caller closes what it opened
+                    break
                 try:
                     opened[name] = self._open_checked(name, self.stores[name])
                 except TierIOError as exc:
@@ -1082,6 +1091,7 @@ class ServedModel:
         under it, with no warm-restart save: ``TieredStore.close``; its table is then in
         ``left_closing``)."""
         deadline = None if wait_s is None else time.monotonic() + wait_s
+        self._closing.set()  # a reload under way ends at its open under way
         with self._reloading:  # a reload under way ends first; none starts after
             self._closed = True
         bound = self.config.server.request_timeout_s
