@@ -1176,6 +1176,41 @@ def test_a_close_during_a_reload_ends_the_reload_at_its_open_under_way(tmp_path,
             served.close()
 
 
+def test_a_stop_during_the_version_watch_s_reload_ends_it_at_its_open_under_way(
+    tmp_path, monkeypatch
+):
+    """stop() joined the version watch (up to 30 s) before it closed the model, so a reload the
+    watch had under way ran on meanwhile, every stale table opened in turn, unbounded by
+    stop_within_s (the close that ends a reload at its open under way came after). The model
+    is closed first: the reload ends at its open under way, and the watch with it."""
+    from tiered_store import TieredStore
+
+    server = start_server(make_checkpoint(tmp_path))
+    try:
+        served = server.model
+        opening, opens, real = threading.Event(), [], served._open_checked
+
+        def slow_open(name, old):  # a big table's open; the stop comes meanwhile
+            opens.append(name)
+            opening.set()
+            deadline = time.monotonic() + 10
+            while not served._closing.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return real(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", slow_open)
+        for layer in (1, 3):  # both tables stale: the watch reopens them within a second
+            with TieredStore.open({"table": {"path": str(served.config.table_path(layer))}}) as w:
+                w.write([1], torch.zeros(1, w.dim))
+                w.commit()
+        assert opening.wait(30)
+    finally:
+        server.stop()
+    assert opens == ["engram_layer1"]  # no open after the stop began
+    assert not server._version_watch.is_alive()
+    assert all(store.closed for store in served.stores.values())
+
+
 def _grow_delta_map(path: str, rows: int, row_bytes: int) -> int:
     """Commit every row of the delta at ``path`` 8 times from a map of 64 KiB, which grows
     past the map a store pinned on it has (a store here must close before another opens)."""

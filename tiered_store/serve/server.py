@@ -248,13 +248,15 @@ class InferenceServer:
         deadline = time.monotonic() + stop_within_s(self.config) - AFTER_WAITS_S
         self._background_stop.set()
         self._stop_http()
-        for thread in (self._scrubber, self._version_watch, self._trace_watch):
+        for thread in (self._scrubber, self._trace_watch):
             if thread is not None:
                 thread.join(timeout=min(BACKGROUND_JOIN_S, _seconds_left(deadline)))
         if self._rank_watch is not None:  # within STOP_SLACK_S, which the followers allow for
             self._rank_watch.join(timeout=RANK_WATCH_JOIN_S)
-        if self.model is not None:
+        if self.model is not None:  # first: it ends a reload under way at its open under way
             self.model.close(wait_s=_seconds_left(deadline))
+        if self._version_watch is not None:  # whose reload then ended
+            self._version_watch.join(timeout=min(BACKGROUND_JOIN_S, _seconds_left(deadline)))
 
     def _stop_http(self) -> None:
         """Have uvicorn (once started) finish, wait for its thread, then close the sockets."""
