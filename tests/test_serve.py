@@ -2061,13 +2061,17 @@ def test_checksum_failures_carry_across_a_reload(tmp_path):
     from tiered_store.metrics import TieredStoreCollector
 
     class ScrapedOnUpdate(dict):
-        """The served stores, scraped right after a reload swaps them in."""
+        """The served stores, scraped by another thread right after a reload swaps them in."""
 
         def update(self, *args, **kwargs) -> None:
             super().update(*args, **kwargs)
-            during.append(failures())
+            scraper = threading.Thread(target=lambda: during.append(failures()))
+            scraper.start()
+            scrapers.append(scraper)
+            scraper.join(timeout=1.0)  # scraped now, unless the swap holds it until it is done
 
     during: list[float] = []
+    scrapers: list[threading.Thread] = []
 
     uncached = {"tiers": {"hot": {"capacity": 0}, "warm": {"capacity": 0}, "cold": {"io": "pread"}}}
     config = make_checkpoint(tmp_path, store=uncached)
@@ -2101,6 +2105,8 @@ def test_checksum_failures_carry_across_a_reload(tmp_path):
             writer.write([0], torch.zeros(1, writer.dim))
             writer.commit()
         assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
+        for scraper in scrapers:
+            scraper.join()
         assert during == [before] and failures() == before
     finally:
         server.stop()
@@ -2147,6 +2153,62 @@ def test_cold_read_errors_carry_across_a_reload(tmp_path):
         assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
         assert errors() == 1
         assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+    finally:
+        server.stop()
+
+
+def _table_counts(url: str, table: str) -> dict[tuple[str, tuple], float]:
+    """``table``'s counter and histogram samples on ``url``'s /metrics, by name and labels."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as scraped:
+        text = scraped.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        if family.type in ("counter", "histogram")
+        for s in family.samples
+        if s.labels.get("table") == table
+    }
+
+
+def test_every_counter_and_histogram_goes_on_across_a_reload(tmp_path):
+    """A table reopened on a new version (a writer's commit here) exports what its closed store
+    counted: every counter and histogram started again from 0, so Prometheus lost what was
+    counted since its last scrape (all of it, once the new store passed the old count before
+    the next scrape), though a counter resets only when the process restarts."""
+    from tiered_store import TieredStore
+
+    config = make_checkpoint(tmp_path)
+    table = ServeConfig.from_yaml(config).table_path(3)
+    server = start_server(config)
+    server.model.reload_check_seconds = 3600.0  # checks only when the test asks
+    lookups = (
+        "tiered_store_lookups_total",
+        (("result", "hit"), ("table", "engram_layer3"), ("tier", "hot")),
+    )
+    try:
+        for ids in ([[1, 2, 3, 4, 5]], [[1, 2, 3, 4, 5]], [[7, 8, 9]]):
+            assert post_json(server.url + "/v1/engram", {"input_ids": ids})[0] == 200
+        before = _table_counts(server.url, "engram_layer3")
+        assert before[lookups] > 0
+        assert (
+            before[("tiered_store_lookup_duration_seconds_count", (("table", "engram_layer3"),))]
+            == 3
+        )
+        with TieredStore.open({"table": {"path": str(table)}}) as writer:  # a new version
+            writer.write([0], torch.zeros(1, writer.dim))
+            writer.commit()
+        assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
+        after = _table_counts(server.url, "engram_layer3")
+        dropped = {key: (n, after.get(key)) for key, n in before.items() if after.get(key, -1) < n}
+        assert dropped == {}
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3, 4, 5]]})[0] == 200
+        later = _table_counts(server.url, "engram_layer3")
+        assert (
+            later[("tiered_store_lookup_duration_seconds_count", (("table", "engram_layer3"),))]
+            == 4
+        )
+        assert later[lookups] >= after[lookups]
+        assert later[("tiered_store_reloads_total", (("table", "engram_layer3"),))] == 1
     finally:
         server.stop()
 

@@ -292,19 +292,6 @@ class ColdTable:
                 self.read_requests += requests
         return result
 
-    def failure_counts(self) -> tuple[int, int]:
-        """``(checksum_failures, read_errors)``, read together (what ``carry_failures`` adds)."""
-        with self._lock:
-            return self.checksum_failures, self.read_errors
-
-    def carry_failures(self, checksum_failures: int, read_errors: int) -> None:
-        """Add to ``checksum_failures`` and ``read_errors``: a table reopened on a new version
-        goes on counting where the one it replaces stopped (a counter that drops is a reset to
-        Prometheus, and the alerts on them would miss what the closed store counted)."""
-        with self._lock:
-            self.checksum_failures += checksum_failures
-            self.read_errors += read_errors
-
     def close(self) -> None:
         """Refuse new reads, wait for those under way (in other threads), then stop the thread
         pool and close the file (idempotent; one interrupted while it waited, by a Ctrl-C, is

@@ -85,7 +85,9 @@ Per-tier hit ratio in PromQL (the fraction of lookups *reaching* a tier that it 
     sum by (table, tier) (rate(tiered_store_lookups_total{result="hit"}[5m]))
       / sum by (table, tier) (rate(tiered_store_lookups_total[5m]))
 
-and since the process started (what ``TieredStore.stats()[tier]["hit_rate"]`` reports)::
+and since the process started (what ``TieredStore.stats()[tier]["hit_rate"]`` reports, since the
+store opened: ``serve``'s counters go on across a reload, each table's ``TableHealth.carried``
+adding what its closed stores counted)::
 
     tiered_store_lookups_total{result="hit"}
       / ignoring(result) sum without(result) (tiered_store_lookups_total)
@@ -130,10 +132,12 @@ __all__ = [
     "TieredStoreCollector",
     "build_registry",
     "build_sharded_registry",
+    "store_counts",
     "verify_counted",
 ]
 
 CACHE_TIERS = ("hot", "warm")
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]  # a sample's name and sorted labels
 
 # name -> (type, labels, help). The single source for the collectors and the documentation.
 METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -430,9 +434,24 @@ class TableHealth:
     last_lookup_failure_at: float | None = None  # time.monotonic() of that failure
     reloads: int = 0  # reopened on a new version (serve)
     reload_failures: int = 0  # checks whose new version could not be opened (serve)
+    # (sample name, labels) -> what the table's stores closed by reloads counted (``carry``)
+    carried: dict[SampleKey, float] = field(default_factory=dict, repr=False, compare=False)
+    # held by a scrape reading the table's store and ``carried``, and by a swap changing them
+    counting: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     # (message, when) of the latest failed lookup that was about the file (not a closed store)
     _file_failure: tuple[str, float] | None = field(default=None, repr=False, compare=False)
+
+    def carry(
+        self, counts: Mapping[SampleKey, float], since: Mapping[SampleKey, float] | None = None
+    ) -> None:
+        """Add ``counts`` (``store_counts`` of a store a reload replaced) less ``since`` (its
+        counts carried already) to what the table exports, under ``counting``: a counter resets
+        only when the process restarts."""
+        for key, value in counts.items():
+            value -= since.get(key, 0) if since else 0
+            if value:
+                self.carried[key] = self.carried.get(key, 0) + value
 
     def record_lookup_failure(self, message: str, when: float, *, about_file: bool = True) -> None:
         """Count one failed lookup (worker threads fail concurrently: under a lock);
@@ -532,41 +551,61 @@ class TieredStoreCollector(Collector):
         return [_family(name) for name in STORE_METRICS]
 
     def collect(self) -> Iterator[Metric]:
-        """One family per metric of ``STORE_METRICS``, one sample set per table."""
+        """One family per metric of ``STORE_METRICS``, one sample set per table; a table's
+        counters and histograms go on from what its stores closed by reloads counted."""
         stores = self._stores() if callable(self._stores) else self._stores
         fam = {name: _family(name) for name in STORE_METRICS}
-        for table, store in stores.items():
-            self._add_tiers(fam, table, store)
-            self._add_cold(fam, table, store)
-            for name, value in store.write_counters().items():
-                fam[f"tiered_store_{name}"].add_metric([table], value)
-            _add_histogram(
-                fam["tiered_store_lookup_duration_seconds"], [table], store.lookup_latency
-            )
-            prefetcher = self._prefetchers.get(table, store)
-            _add_histogram(
-                fam["tiered_store_prefetch_stall_seconds"],
-                [table],
-                prefetcher.prefetch_wait_latency,
-            )
-            fam["tiered_store_prefetches_total"].add_metric([table], prefetcher.prefetches_started)
-            fam["tiered_store_queued_requests"].add_metric([table], len(store.caches.queue))
-            fam["tiered_store_queued_rows"].add_metric([table], store.caches.queue.rows)
-            for outcome, count in store.queue_news.items():
-                fam[f"tiered_store_queue_news_{outcome}_total"].add_metric([table], count)
+        for table in list(stores):
             health = self._health.get(table) or TableHealth()
-            fam["tiered_store_verifications_total"].add_metric([table], health.verifications)
-            fam["tiered_store_checksum_failures_total"].add_metric(
-                [table],
-                health.checksum_failures + store.cold.checksum_failures,
-            )
-            fam["tiered_store_checksum_pass_failed"].add_metric(
-                [table], int(health.last_error is not None)
-            )
-            fam["tiered_store_lookup_failures_total"].add_metric([table], health.lookup_failures)
-            fam["tiered_store_reloads_total"].add_metric([table], health.reloads)
-            fam["tiered_store_reload_failures_total"].add_metric([table], health.reload_failures)
+            with health.counting:  # its store and carried counts as one swap left them
+                store = stores.get(table)
+                if store is None:  # gone since listed
+                    continue
+                part = self._table_families(
+                    table, store, health, self._prefetchers.get(table, store)
+                )
+                carried = dict(health.carried)
+            for name, family in part.items():
+                fam[name].samples.extend(
+                    s._replace(value=s.value + carried.get(_sample_key(s), 0))
+                    for s in family.samples
+                )
         yield from fam.values()
+
+    @classmethod
+    def _table_families(
+        cls, table: str, store: TieredStore, health: TableHealth, prefetcher: Any
+    ) -> dict[str, Metric]:
+        """The families of ``STORE_METRICS`` holding one table's samples (its store's own
+        counts, without what ``health.carried`` adds)."""
+        fam = {name: _family(name) for name in STORE_METRICS}
+        cls._add_tiers(fam, table, store)
+        cls._add_cold(fam, table, store)
+        for name, value in store.write_counters().items():
+            fam[f"tiered_store_{name}"].add_metric([table], value)
+        _add_histogram(fam["tiered_store_lookup_duration_seconds"], [table], store.lookup_latency)
+        _add_histogram(
+            fam["tiered_store_prefetch_stall_seconds"],
+            [table],
+            prefetcher.prefetch_wait_latency,
+        )
+        fam["tiered_store_prefetches_total"].add_metric([table], prefetcher.prefetches_started)
+        fam["tiered_store_queued_requests"].add_metric([table], len(store.caches.queue))
+        fam["tiered_store_queued_rows"].add_metric([table], store.caches.queue.rows)
+        for outcome, count in store.queue_news.items():
+            fam[f"tiered_store_queue_news_{outcome}_total"].add_metric([table], count)
+        fam["tiered_store_verifications_total"].add_metric([table], health.verifications)
+        fam["tiered_store_checksum_failures_total"].add_metric(
+            [table],
+            health.checksum_failures + store.cold.checksum_failures,
+        )
+        fam["tiered_store_checksum_pass_failed"].add_metric(
+            [table], int(health.last_error is not None)
+        )
+        fam["tiered_store_lookup_failures_total"].add_metric([table], health.lookup_failures)
+        fam["tiered_store_reloads_total"].add_metric([table], health.reloads)
+        fam["tiered_store_reload_failures_total"].add_metric([table], health.reload_failures)
+        return fam
 
     @staticmethod
     def _add_tiers(fam: dict[str, Any], table: str, store: TieredStore) -> None:
@@ -803,6 +842,24 @@ def build_sharded_registry(
     if process:
         ProcessCollector(registry=registry)
     return registry
+
+
+def store_counts(table: str, store: TieredStore) -> dict[SampleKey, float]:
+    """The counter and histogram samples (not 0) of ``store`` serving ``table``, of its own
+    counts: what ``TableHealth.carry`` adds once a reload closes it."""
+    fam = TieredStoreCollector._table_families(table, store, TableHealth(), store)
+    return {
+        _sample_key(s): s.value
+        for family in fam.values()
+        if family.type in ("counter", "histogram")
+        for s in family.samples
+        if s.value
+    }
+
+
+def _sample_key(sample: Any) -> SampleKey:
+    """A sample's name and sorted labels (what ``TableHealth.carried`` is keyed by)."""
+    return sample.name, tuple(sorted(sample.labels.items()))
 
 
 def _family(name: str) -> Metric:

@@ -51,7 +51,7 @@ from ..errors import (
     TierIOError,
     error_text,
 )
-from ..metrics import TableHealth, verify_counted
+from ..metrics import TableHealth, store_counts, verify_counted
 from ..page_checksums import sidecar_path
 from ..request_queue import QueuedRequest
 from ..store import TieredStore
@@ -555,23 +555,23 @@ class ServedModel:
         self, opened: dict[str, TieredStore], *, close_old: bool = True
     ) -> Callable[[], None]:
         """After the model took ``opened`` (table name -> its store on the new version): the
-        checksum failures and cold read errors counted go on in the new stores, the requests waiting are announced
-        to them, the old stores close, and a table whose last pass failed is checked again once
-        on another file (its last failed lookup no longer holds /healthz at 503); interrupted (Ctrl-C), ``stores`` still names what the model reads,
-        and the old stores close. ``close_old`` False: they close when the caller calls what it
-        returns (once the request gate opens); True: now (what it returns does nothing)."""
+        counters and histograms of the old stores go on in what /metrics exports for their
+        tables, the requests waiting are announced to them, the old stores close, and a table
+        whose last pass failed is checked again once on another file (its last failed lookup no
+        longer holds /healthz at 503); interrupted (Ctrl-C), ``stores`` still names what the
+        model reads, and the old stores close. ``close_old`` False: they close when the caller
+        calls what it returns (once the request gate opens); True: now (what it returns does
+        nothing)."""
         old = {name: self.stores[name] for name in opened}
-        carried = {name: store.cold.failure_counts() for name, store in old.items()}
-        for name, counts in carried.items():  # the counters go on, before a scrape sees them
-            opened[name].cold.carry_failures(*counts)
         try:
             self._announce_again({old[name]: opened[name] for name in opened})
         except BaseException:
-            self.stores.update(opened)
-            for store in old.values():
+            carried = self._serve_from(opened)
+            for name, store in old.items():
                 store.close()
+                self._carry_rest(name, store, carried[name])
             raise
-        self.stores.update(opened)
+        carried = self._serve_from(opened)
         # once served: a pass failing over the old file now finds it replaced (verify_tables)
         for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
             if not _another_file(store, opened[name]):  # a closed store's failures end there
@@ -580,26 +580,41 @@ class ServedModel:
             if self.health[name].last_error is not None:
                 self._scrub_soon(name)
             self.health[name].end_lookup_hold()  # failed on a file no longer served
-        close = functools.partial(self._close_swapped_out, old, opened, carried)
+        close = functools.partial(self._close_swapped_out, old, carried)
         if not close_old:
             return close
         close()
         return lambda: None
 
     def _close_swapped_out(
-        self,
-        old: dict[str, TieredStore],
-        opened: dict[str, TieredStore],
-        carried: dict[str, tuple[int, int]],
+        self, old: dict[str, TieredStore], carried: dict[str, dict[Any, float]]
     ) -> None:
-        """Close the stores ``_swap_in`` replaced (``old``, by table name) and carry to the new
-        ones (``opened``) what lookups in flight counted in them since ``carried``."""
+        """Close the stores ``_swap_in`` replaced (``old``, by table name) and carry to their
+        tables' metrics what lookups in flight counted in them since ``carried``."""
         for name, store in old.items():
             store.close()
-            since = zip(store.cold.failure_counts(), carried[name], strict=True)
-            opened[name].cold.carry_failures(*(now - before for now, before in since))
+            self._carry_rest(name, store, carried[name])
             self.health[name].reloads += 1
-        self.reloads += len(opened)
+        self.reloads += len(old)
+
+    def _serve_from(self, opened: dict[str, TieredStore]) -> dict[str, dict[Any, float]]:
+        """``stores`` names ``opened`` (table name -> new store), and each table's metrics count
+        what its old store counted (returned, by table), as one step to a scrape (under the
+        tables' ``counting`` locks): none sees a count twice or not at all."""
+        with contextlib.ExitStack() as held:
+            for name in sorted(opened):  # in one order: two swaps never wait for each other
+                held.enter_context(self.health[name].counting)
+            counts = {name: store_counts(name, self.stores[name]) for name in opened}
+            for name, counted in counts.items():
+                self.health[name].carry(counted)
+            self.stores.update(opened)
+        return counts
+
+    def _carry_rest(self, name: str, store: TieredStore, carried: dict[Any, float]) -> None:
+        """What the old ``store`` of table ``name`` counted after ``carried`` (lookups in flight
+        as it closed) goes on in the table's metrics too."""
+        with self.health[name].counting:
+            self.health[name].carry(store_counts(name, store), since=carried)
 
     def _open_new_version(self, name: str) -> TieredStore:
         """A store of table ``name``'s version now. When a writer elsewhere grew the delta's map,
