@@ -310,6 +310,29 @@ def test_promtool_checks_rules_and_config():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_the_scrape_config_shows_how_to_scrape_every_rank(tmp_path):
+    """A sharded serve's rank R exports its metrics on the metrics port + R: a config scraping
+    only 9400 missed every other rank's shard in every sum. deploy/prometheus.yml's example for
+    them (its commented job), uncommented, scrapes consecutive ports from 9400 (and passes
+    promtool where it is installed)."""
+    text = (DEPLOY / "prometheus.yml").read_text()
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("#  - job_name")), None)
+    assert start is not None, "deploy/prometheus.yml: no example job for sharded ranks"
+    example = [line[1:] for line in lines[start:] if line.startswith("#  ")]
+    config = yaml.safe_load("scrape_configs:\n" + "\n".join(example))
+    (job,) = config["scrape_configs"]
+    (targets,) = [c["targets"] for c in job["static_configs"]]
+    assert [int(t.rsplit(":", 1)[1]) for t in targets] == [9400 + rank for rank in range(4)]
+    if shutil.which("promtool") is not None:
+        path = tmp_path / "prometheus.yml"
+        path.write_text(yaml.safe_dump(config))
+        out = subprocess.run(
+            ["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
 def _promtool_passes(tmp_path, test: dict) -> None:
     """Run ``promtool test rules`` on the unit test ``test`` (its YAML written under
     ``tmp_path``) and assert it passes."""
