@@ -3174,6 +3174,34 @@ def test_a_closed_model_never_reopens_and_a_closed_store_answers_503(tmp_path):
     assert served.health["engram_layer3"].lookup_failures == 1
 
 
+def test_metrics_say_which_tables_are_closed_until_a_reload(config_path):
+    """A table whose store a reload closed (its new version refused, it answers 503) kept
+    exporting the closed store's gauges as if it served: nothing in /metrics told it apart from
+    an open one. tiered_store_table_open is 0 for it, and 1 again once it is reopened."""
+
+    def table_open() -> dict[str, float]:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as scraped:
+            text = scraped.read().decode()
+        return {
+            s.labels["table"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "tiered_store_table_open"
+        }
+
+    server = start_server(config_path)
+    try:
+        server.model.reload_check_seconds = 3600.0  # the test reopens it, not the watch
+        assert table_open() == {"engram_layer1": 1, "engram_layer3": 1}
+        server.model.stores["engram_layer3"].close()  # what a refused reload may leave
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 503
+        assert table_open() == {"engram_layer1": 1, "engram_layer3": 0}
+        assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert table_open() == {"engram_layer1": 1, "engram_layer3": 1}
+    finally:
+        server.stop()
+
+
 def test_a_table_closed_until_a_reload_answers_503_saying_when_to_retry(config_path):
     """A table whose store a reload closed (its new version not open yet) answered 503 with no
     Retry-After, though the version watch tries again every second and the next request may be

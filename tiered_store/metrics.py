@@ -27,6 +27,7 @@ tiered_store_repin_pinned_rows_total           counter    table, tier         ro
 tiered_store_repin_unpinned_rows_total         counter    table, tier         rows re-pins unpinned
 tiered_store_online_windows_dropped_total      counter    table, tier         windows not counted
 tiered_store_online_quiet_windows              gauge      table, tier         windows nothing came or went
+tiered_store_table_open                        gauge      table               1 open, 0 closed (503)
 tiered_store_table_rows                        gauge      table               rows of the table
 tiered_store_row_size_bytes                    gauge      table               bytes per row
 tiered_store_cold_read_rows_total              counter    table               rows read from disk
@@ -219,6 +220,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "Windows in a row in which a re-pinning tier admitted and evicted nothing (from 4 on it "
         "samples its windows ever more sparsely, at most one in repin.quiet_sample counted, and "
         "it re-pins when a row comes or goes).",
+    ),
+    "tiered_store_table_open": (
+        "gauge",
+        ("table",),
+        "1 while the table's store is open; 0 while a reload has closed it and not opened its "
+        "new version yet (its lookups answer 503, its other gauges keep the closed store's last "
+        "values).",
     ),
     "tiered_store_table_rows": ("gauge", ("table",), "Rows of the table (the cold tier)."),
     "tiered_store_row_size_bytes": ("gauge", ("table",), "Bytes per table row."),
@@ -642,6 +650,7 @@ class TieredStoreCollector(Collector):
     def _add_cold(fam: dict[str, Any], table: str, store: TieredStore) -> None:
         """Table geometry and cold-tier read counters of one store."""
         cold = store.cold
+        fam["tiered_store_table_open"].add_metric([table], int(not store.closed))
         fam["tiered_store_table_rows"].add_metric([table], store.rows)
         fam["tiered_store_row_size_bytes"].add_metric([table], store.row_bytes)
         fam["tiered_store_cold_read_rows_total"].add_metric([table], cold.rows_read)
