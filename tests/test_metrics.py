@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -166,7 +167,10 @@ def test_a_scrape_changes_no_counter(store):
     assert store.stats() == before and first == second
 
 
-def test_a_scrape_during_a_lookup_never_counts_more_misses_than_the_next(store, monkeypatch):
+@contextlib.contextmanager
+def _a_lookup_paused_at_its_hits(store, monkeypatch):
+    """A lookup of 50 rows in another thread, paused as it raises a tier's hit count (its
+    lookups already counted) until the block ends; joined after."""
     from tiered_store.row_cache import TierCounters
 
     counting, release = threading.Event(), threading.Event()
@@ -178,13 +182,20 @@ def test_a_scrape_during_a_lookup_never_counts_more_misses_than_the_next(store, 
         object.__setattr__(self, name, value)
 
     monkeypatch.setattr(TierCounters, "__setattr__", hits_wait)
-    registry = build_registry({"layer1": store}, process=False)
     lookup = threading.Thread(target=store.lookup, args=(torch.arange(50),))
     lookup.start()
-    assert counting.wait(30), "the lookup counted no hit"
-    during = _samples(registry)
-    release.set()
-    lookup.join(30)
+    try:
+        assert counting.wait(30), "the lookup counted no hit"
+        yield
+    finally:
+        release.set()
+        lookup.join(30)
+
+
+def test_a_scrape_during_a_lookup_never_counts_more_misses_than_the_next(store, monkeypatch):
+    registry = build_registry({"layer1": store}, process=False)
+    with _a_lookup_paused_at_its_hits(store, monkeypatch):
+        during = _samples(registry)
     after = _samples(registry)
     for tier in ("hot", "warm"):
         key = (
@@ -630,25 +641,8 @@ def test_the_checksum_alert_stays_firing_while_the_last_pass_failed(tmp_path):
 
 
 def test_stats_during_a_lookup_count_each_lookup_as_a_hit_or_a_miss(store, monkeypatch):
-    from tiered_store.row_cache import TierCounters
-
-    counting, release = threading.Event(), threading.Event()
-
-    def hits_wait(self, name, value):  # a hit count's rise waits, its lookups already counted
-        if name == "hits" and value > getattr(self, "hits", 0) and not counting.is_set():
-            counting.set()
-            release.wait(30)
-        object.__setattr__(self, name, value)
-
-    monkeypatch.setattr(TierCounters, "__setattr__", hits_wait)
-    lookup = threading.Thread(target=store.lookup, args=(torch.arange(50),))
-    lookup.start()
-    try:
-        assert counting.wait(30), "the lookup counted no hit"
+    with _a_lookup_paused_at_its_hits(store, monkeypatch):
         during = store.stats()
-    finally:
-        release.set()
-        lookup.join(30)
     for tier in ("hot", "warm"):
         s = during[tier]
         assert s["hits"] + s["misses"] == s["lookups"], (tier, s)
