@@ -600,6 +600,42 @@ def test_the_checksum_alert_names_a_lookup_as_what_may_have_found_the_corruption
 @pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
 )
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_the_table_closed_alert_fires_after_five_minutes_closed(tmp_path):
+    """tiered_store_table_open said a table was closed (a reload refused its new version) and
+    no alert read it: the table's requests got 503 with nothing firing but the lookup failures
+    of the requests that reached the disk. It fires after 5 minutes closed."""
+    test = {
+        "rule_files": [str(DEPLOY / "prometheus-rules.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [  # closed from minute 2 on
+                    {"series": 'tiered_store_table_open{table="engram_layer1"}', "values": "1 1 0 0 0 0 0 0 0 0"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "4m", "alertname": "TieredStoreTableClosed", "exp_alerts": []},
+                    {
+                        "eval_time": "8m",
+                        "alertname": "TieredStoreTableClosed",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "table": "engram_layer1"},
+                                "exp_annotations": {
+                                    "summary": "table engram_layer1 is closed",
+                                    "description": "A reload refused engram_layer1's new version and closed its store; requests needing rows it does not cache get 503 until a reload opens a good version (/healthz says why).",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }  # fmt: skip
+    _promtool_passes(tmp_path, test)
+
+
 def test_the_checksum_alert_stays_firing_while_the_last_pass_failed(tmp_path):
     """One failed pass every 2 h (checkpoint.scrub_interval_s): increase(...[1h]) is 0 an hour
     after each, so the alert resolved while the table was still corrupt; it fires while the
