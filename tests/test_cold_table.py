@@ -1203,3 +1203,49 @@ def test_a_ctrl_c_as_close_waits_for_a_read_never_leaves_the_count_locked():
     )
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.split()[1]) >= 4, proc.stdout
+
+
+def test_two_closes_at_once_each_wait_for_the_calls_of_the_other_threads_alone():
+    """``close()`` noted one closing thread, the last to call it, whose own calls it does not
+    wait for: a close from inside a call (a signal handler's, in the main thread) with a second
+    close on another thread then waited for its own call, which cannot end before it returns
+    (without end, or until its timeout), and the other close returned while that call was
+    still under way. Each close waits for the calls of the other threads than its own."""
+    from tiered_store.store_lock import InFlight
+
+    calls, inside, leave = InFlight(), threading.Event(), threading.Event()
+    closed: dict[str, bool] = {}
+    order: list[str] = []
+
+    def read() -> None:
+        with calls.entered():
+            inside.set()
+            leave.wait()
+
+    def close_inside_a_call() -> None:
+        with calls.entered():
+            closed["inside"] = calls.close(30)
+            order.append("inside returned")
+            leave.wait(0.2)  # its call goes on a while after its close returned
+            order.append("inside's call ends")
+
+    def close_outside() -> None:
+        closed["outside"] = calls.close(30)
+        order.append("outside returned")
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    inside.wait()
+    threads = [threading.Thread(target=close_inside_a_call, daemon=True)]
+    threads[0].start()
+    while len(calls._waiters) < 1:  # waiting for the read
+        time.sleep(0.001)
+    threads.append(threading.Thread(target=close_outside, daemon=True))
+    threads[1].start()
+    while len(calls._waiters) < 2:
+        time.sleep(0.001)
+    leave.set()
+    for thread in [reader, *threads]:
+        thread.join(60)
+    assert closed == {"inside": True, "outside": True}
+    assert order == ["inside returned", "inside's call ends", "outside returned"]

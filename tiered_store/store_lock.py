@@ -196,7 +196,8 @@ class InFlight:
     when it gives up waiting, the last of them to end closes the files (``then``). ``refusal``
     makes the error a call entered after ``close()`` raises (default: ``StoreClosedError``).
 
-    Calls are counted per thread, and ``close()`` waits only for other threads' calls: a Ctrl-C
+    Calls are counted per thread, and each ``close()`` waits only for other threads' calls than
+    its own (two closes at once each wait for the other's thread's calls): a Ctrl-C
     handled as a call's ``with`` is left (``__exit__`` entered, the count not yet down) leaves
     its thread counted for good, and a close by that thread (the main one, where a Ctrl-C is
     raised) would wait for it without end. The lock is a plain ``Lock``, only ever taken by
@@ -209,9 +210,9 @@ class InFlight:
         self._lock = threading.Lock()
         self._calls: dict[int, int] = {}  # thread ident -> its calls under way
         self._closing = False
-        self._closer = -1  # the thread that called close(): its own calls are not waited for
-        self._waiters: list[threading.Lock] = []  # close()'s, held until no call is waited for
-        self._then: Callable[[], None] | None = None  # run by the last call to end
+        self._waiters: list[tuple[int, threading.Lock]] = []  # each close()'s thread, and a Lock
+        # held until no call of another thread is under way
+        self._then: tuple[int, Callable[[], None]] | None = None  # run by the last call to end
 
     def entered(self) -> InFlight:
         """One call's passage (``with in_flight.entered():``); ``StoreClosedError`` (or the
@@ -233,49 +234,56 @@ class InFlight:
                 self._calls[me] -= 1
             else:
                 self._calls.pop(me, None)
-            if not self._closing or self._running():  # only close() waits, and the last call
-                return  # to end may run its then
-            for waiter in self._waiters:
-                waiter.release()
-            self._waiters.clear()
-            then, self._then = self._then, None
-        if then is not None:
-            then()
+            if not self._closing:  # only close() waits, and a call ending may run its then
+                return
+            waiting = []
+            for closer, waiter in self._waiters:
+                if self._running(closer):
+                    waiting.append((closer, waiter))
+                else:
+                    waiter.release()
+            self._waiters = waiting
+            then = self._then
+            if then is None or self._running(then[0]):
+                return
+            self._then = None
+        then[1]()
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new calls; return once those under way in other threads have ended (True), or
         after ``timeout`` seconds with some still running (False)."""
-        waiter = threading.Lock()
+        me, waiter = threading.get_ident(), threading.Lock()
         waiter.acquire()
         with self._lock:
-            self._closing, self._closer = True, threading.get_ident()
-            if not self._running():
+            self._closing = True
+            if not self._running(me):
                 return True
-            self._waiters.append(waiter)  # released by the last call to end
+            self._waiters.append((me, waiter))  # released by the last call to end
         try:
             wait = -1 if timeout is None else min(max(timeout, 0), threading.TIMEOUT_MAX)
             waiter.acquire(timeout=wait)
         finally:
             with self._lock:
-                if waiter in self._waiters:  # given up (or interrupted)
-                    self._waiters.remove(waiter)
-                running = self._running()
+                if (me, waiter) in self._waiters:  # given up (or interrupted)
+                    self._waiters.remove((me, waiter))
+                running = self._running(me)
         return not running
 
     def then(self, action: Callable[[], None]) -> None:
-        """After ``close()``: run ``action`` once no call of another thread than close()'s is
-        under way: now, or as the last one ends."""
+        """After ``close()``: run ``action`` once no call of another thread than the caller's
+        (close()'s) is under way: now, or as the last one ends."""
+        me = threading.get_ident()
         with self._lock:
             if not self._closing:  # a call ending before close() would never run it
                 raise RuntimeError("InFlight.then() before close()")
-            if self._running():
-                self._then = action
+            if self._running(me):
+                self._then = (me, action)
                 return
         action()
 
-    def _running(self) -> bool:
-        """Whether calls of other threads than close()'s are under way (the lock held)."""
-        return bool(self._calls.keys() - {self._closer})
+    def _running(self, closer: int) -> bool:
+        """Whether calls of other threads than ``closer`` are under way (the lock held)."""
+        return bool(self._calls.keys() - {closer})
 
 
 def _store_closed() -> StoreClosedError:
