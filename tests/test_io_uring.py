@@ -6,6 +6,7 @@ import ctypes
 import errno
 import gc
 import os
+import re
 import signal
 import threading
 import time
@@ -516,3 +517,64 @@ def test_reads_complete_but_not_reaped_at_the_drain_deadline_strand_nothing(data
             ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets), lengths
         )
         assert np.array_equal(buf, payload[: buf.size])
+
+
+def test_with_warnings_as_errors_the_strand_warning_is_raised_not_swallowed(monkeypatch):
+    """Under ``-W error`` the drain's warning that it gave up on reads (a ``RuntimeWarning``
+    made an error) was caught by the drain's ``except Exception`` for the kernel's refusals:
+    nothing was said of the memory kept for good. The interrupt goes on with that error as its
+    context; a batch whose drain (at its start) gives up raises it."""
+    monkeypatch.setattr(io_uring, "DRAIN_WAIT_S", 0.3)
+    read_end, write_end = os.pipe()
+    buf = np.zeros(4096, dtype=np.uint8)
+    ring = IoUring(4, "table /data/t.npy")
+    main, done = threading.main_thread(), threading.Event()
+
+    def interrupt() -> None:
+        """SIGINT once the kernel took the read; the pipe written to when done (or at 20 s)."""
+        words, index = ring._sq_head
+        while int(words[index]) == 0:
+            done.wait(0.001)
+        signal.pthread_kill(main.ident, signal.SIGINT)
+        done.wait(20)
+        os.write(write_end, b"x" * 8192)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    default = signal.signal(signal.SIGINT, ctrl_c)
+    helper = threading.Thread(target=interrupt, daemon=True)
+    try:
+        helper.start()
+        with warnings.catch_warnings(), pytest.raises(KeyboardInterrupt) as info:
+            warnings.simplefilter("error", RuntimeWarning)
+            ring.read_batch(
+                read_end, np.zeros(1), np.full(1, 4096), np.full(1, buf.ctypes.data), buf
+            )
+        context = info.value.__context__
+        assert isinstance(context, RuntimeWarning), repr(context)
+        assert re.search(r"io_uring of table /data/t\.npy: 1 reads .*0\.3 s", str(context))
+        assert ring.closed
+    finally:
+        signal.signal(signal.SIGINT, default)
+        done.set()
+        helper.join()
+        ring.close()
+        os.close(read_end)
+        os.close(write_end)
+    read_end, write_end = os.pipe()
+    other = IoUring(4, "table /data/t.npy")  # a read queued by a batch whose drain was cut short
+    try:
+        other._batch_start = (other._tail, other._cq_head_value())
+        other._unfinished[:] = [buf]
+        read = (io_uring._IORING_OP_READ, 0, 0, read_end, 0, buf.ctypes.data, 4096, 0, 0)
+        other._push(np.array([read], dtype=io_uring.SQE_DTYPE))
+        with warnings.catch_warnings(), pytest.raises(RuntimeWarning, match=r"1 reads .*0\.3 s"):
+            warnings.simplefilter("error", RuntimeWarning)
+            other.read_batch(read_end, np.zeros(0), np.zeros(0), np.zeros(0))
+        assert other.closed
+    finally:
+        os.write(write_end, b"x" * 4096)
+        other.close()
+        os.close(read_end)
+        os.close(write_end)

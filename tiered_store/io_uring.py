@@ -244,8 +244,11 @@ class IoUring:
         self._unfinished[:] = [keep]
         try:
             self._run(sqes, results)
-        except BaseException:  # (a signal, Ctrl-C): what is queued or in flight must not linger
-            self._drain()
+        except BaseException as exc:  # (a signal, Ctrl-C): what is queued or in flight must not
+            try:  # linger
+                self._drain()
+            except Exception:  # its warning made an error (-W error): the interrupt goes on,
+                raise exc  # noqa: B904 (that error its context)
             raise
         self._unfinished.clear()
         return results
@@ -290,7 +293,8 @@ class IoUring:
         reused), its ``keep`` kept for good if reads it took are not complete. Reads still in
         flight after ``DRAIN_WAIT_S`` (a hung device) are given up on: the ring is closed, their
         ``keep`` kept for good (the kernel may still write into it), with a ``RuntimeWarning``
-        naming the ``owner``; the interrupt goes on."""
+        naming the ``owner``; the interrupt goes on (with that warning as its context where it
+        is made an error, ``-W error``; raised itself by a drain at the start of a batch)."""
         # Counted from the rings (the interruption may have come between a ring update and its
         # count in _run). The tail is published first (it may have come in _push between
         # counting SQEs and publishing them); the kernel is asked to submit only the SQEs it has
@@ -302,6 +306,7 @@ class IoUring:
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)  # a completion posted
         further: BaseException | None = None
+        stranded = 0
         while True:
             try:
                 words, index = self._sq_tail
@@ -313,7 +318,7 @@ class IoUring:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self._strand(queued - completed)
+                    stranded = queued - completed
                     break
                 words, index = self._sq_head
                 ret = enter(  # submit what the kernel has not taken, and post completions
@@ -334,8 +339,12 @@ class IoUring:
                 break
             except BaseException as exc:  # a further interrupt (Ctrl-C, a signal's SystemExit)
                 further = exc if further is None else further
-        if further is not None:
-            raise further
+        try:
+            if stranded:  # outside the loop: its warning made an error (-W error) is raised
+                self._strand(stranded)
+        finally:
+            if further is not None:
+                raise further  # (that error its context)
 
     def _strand(self, in_flight: int) -> None:
         """Give up on ``in_flight`` reads that do not complete: close the ring (their ``keep``
