@@ -14,6 +14,7 @@ import textwrap
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from pathlib import Path
 
@@ -561,6 +562,39 @@ class TestUring(ExtentReaderContract):
             table._give_reader(older)
             ids = np.arange(0, ROWS, 3)
             assert np.array_equal(table.read_rows(ids).numpy(), ref[ids])
+
+    def test_a_ring_whose_drain_was_cut_short_is_not_waited_for_by_the_next_read(
+        self, tables, monkeypatch
+    ):
+        """A ring whose drain a second Ctrl-C cut short went back to the idle list: the next
+        read took it and waited for the old batch's reads (up to ``DRAIN_WAIT_S``), and one
+        that never completes (a hung device; here a read of an empty pipe) was given up on,
+        failing that read with 'io_uring is closed'. A reader taken with reads still pending is
+        closed (its buffer kept while they may land) and another one reads."""
+        from tiered_store import io_uring
+
+        monkeypatch.setattr(io_uring, "DRAIN_WAIT_S", 0.3)
+        path, ref = tables[("float32", 32)]
+        read_end, write_end = os.pipe()
+        try:
+            with self.open(path, threads=1) as table:
+                [hung] = table._readers  # the probe's, idle
+                ring = hung.ring
+                ring._batch_start = (ring._tail, ring._cq_head_value())
+                ring._unfinished[:] = [hung._raw]  # a batch interrupted, its drain cut short
+                read = (io_uring._IORING_OP_READ, 0, 0, read_end, 0, hung.address, 4096, 0, 0)
+                ring._push(np.array([read], dtype=io_uring.SQE_DTYPE))
+                assert ring.pending == 1
+                ids = np.arange(0, ROWS, 7)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    assert np.array_equal(table.read_rows(ids).numpy(), ref[ids])
+                assert ring.closed and hung not in table._readers
+                assert [r.ring.pending for r in table._readers] == [0]
+        finally:
+            os.write(write_end, b"x" * 4096)
+            os.close(read_end)
+            os.close(write_end)
 
     def test_close_closes_every_ring(self, tables):
         path, _ = tables[("float32", 37)]

@@ -27,7 +27,8 @@ share of the extents, in chunks that fit its ``URING_BUFFER_BYTES`` buffer; a ch
 are laid back to back in the buffer, read through the ring, then extracted like the above.
 Idle readers are kept for the next batch, at most ``threads`` of them; one idle for more than
 ``URING_IDLE_S`` (60 s) is closed, ring and buffer, when readers are next taken or given back (a
-big batch's buffers are not kept for good).
+big batch's buffers are not kept for good), and so is one taken while an interrupted batch's reads
+are pending (its drain cut short by a second Ctrl-C): a read never waits for another's.
 
 A failed read is retried once through a careful path that also handles the file's short last
 page; a second failure raises ``TierIOError`` and counts in ``read_errors``.
@@ -775,10 +776,17 @@ class ColdTable:
         )
 
     def _take_reader(self, buffer_bytes: int) -> _UringReader:
-        """An idle ring with a buffer of at least ``buffer_bytes`` (made when none is idle)."""
+        """An idle ring with a buffer of at least ``buffer_bytes`` (made when none is idle).
+        One whose interrupted batch has reads still pending (its drain cut short by a second
+        Ctrl-C) is closed instead, its buffer kept while they may land: its next batch would
+        wait for them first, up to ``DRAIN_WAIT_S`` (a hung device), then fail."""
         with self._lock:
             stale = self._stale_readers(self._clock())
             reader = self._readers.pop() if self._readers else None
+        while reader is not None and reader.ring.pending:
+            stale.append(reader)
+            with self._lock:
+                reader = self._readers.pop() if self._readers else None
         for old in stale:
             old.ring.close()
         if reader is None:

@@ -360,6 +360,16 @@ class IoUring:
         )
 
     @property
+    def pending(self) -> int:
+        """Requests of an interrupted batch (its drain cut short) not completed yet, queued or
+        in flight: the next ``read_batch`` waits for them first (0 when none)."""
+        if not self._unfinished or self._fd < 0:
+            return 0
+        tail0, head0 = self._batch_start
+        words, index = self._cq_tail
+        return ((self._tail - tail0) & _U32) - ((int(words[index]) - head0) & _U32)
+
+    @property
     def closed(self) -> bool:
         """Whether the ring is closed (it was, or an interrupted batch could not be drained)."""
         return self._fd < 0
