@@ -1283,3 +1283,83 @@ def test_two_closes_at_once_each_wait_for_the_calls_of_the_other_threads_alone()
         thread.join(60)
     assert closed == {"inside": True, "outside": True}
     assert order == ["inside returned", "inside's call ends", "outside returned"]
+
+
+def test_a_ctrl_c_as_the_last_call_ends_never_loses_the_close_waiting_for_it():
+    """The last call to end wakes the ``close()`` waiting in another thread; a Ctrl-C handled
+    in that call's exit once its count was down but before the wake-up (at the entry of the
+    check whether calls of other threads run) left the close waiting for a call that had ended:
+    without end, or to its timeout. Every point of the
+    exit is interrupted in turn, in a child process: the close returns True (where the count
+    was not yet down, the thread stays counted: the known leak, which a close waits for)."""
+    script = textwrap.dedent(
+        """
+        import sys, threading, time
+        from tiered_store.store_lock import InFlight
+
+        def counted(k, hits):
+            '''A profiler raising KeyboardInterrupt at the k-th point where CPython handles a
+            signal (a Python function's entry, the return of a call) in store_lock.py.'''
+            def profile(frame, event, arg):
+                if event not in ("call", "return", "c_return"):
+                    return
+                code = (frame.f_back if event == "call" else frame).f_code.co_filename
+                if not code.endswith("store_lock.py"):
+                    return
+                hits[0] += 1
+                if hits[0] == k:
+                    raise KeyboardInterrupt
+            return profile
+
+        k = leaked = 0
+        while True:
+            k += 1
+            calls, hits, closed = InFlight(), [0], []
+            calls.__enter__()
+            closer = threading.Thread(target=lambda: closed.append(calls.close()), daemon=True)
+            closer.start()
+            while not calls._waiters:
+                time.sleep(0.001)
+            sys.setprofile(counted(k, hits))
+            try:
+                calls.__exit__(None, None, None)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            if threading.get_ident() in calls._calls:  # interrupted before its count went down
+                leaked += 1
+            else:
+                closer.join(30)
+                assert closed == [True], f"interrupt {k}: the close waits for a call that ended"
+            if hits[0] < k:  # every point has been interrupted once
+                break
+        print("points", k - 1, leaked)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    points, leaked = map(int, proc.stdout.split()[1:])
+    assert points >= 4 and leaked < points, proc.stdout
+
+
+def test_a_close_without_timeout_waits_through_its_rechecks_for_a_long_call():
+    """``close()`` checks again every ``CLOSE_RECHECK_S`` whether calls still run: without a
+    timeout it returns only once a call longer than several of those has ended."""
+    from tiered_store import store_lock
+
+    calls, inside, ended = store_lock.InFlight(), threading.Event(), []
+
+    def read() -> None:
+        with calls.entered():
+            inside.set()
+            time.sleep(4 * store_lock.CLOSE_RECHECK_S)
+            ended.append(True)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    inside.wait()
+    assert calls.close() and ended == [True]
+    reader.join()

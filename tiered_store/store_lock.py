@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 NEWS_BACKLOG = 1024  # news waiting before a poster waits for the lock to tell the tiers itself
 TELL_PASSES = 8  # passes of news a thread letting go of the lock tells at most (then the next)
 NEWS_TRIES = 3  # failed tellings of one piece of news before it is dropped
+CLOSE_RECHECK_S = 0.25  # InFlight.close() checks again this often whether calls still run (a
+# Ctrl-C handled as the last call ends can come between its count and its wake-up of the close)
 
 
 class _News:
@@ -203,7 +206,9 @@ class InFlight:
     raised) would wait for it without end. The lock is a plain ``Lock``, only ever taken by
     ``with`` (entered and left in C), and ``close()`` waits on a ``Lock`` of its own that the
     last call releases: a Ctrl-C cannot leave the lock held, as it could inside a
-    ``Condition``'s Python enter, exit and wait."""
+    ``Condition``'s Python enter, exit and wait. A Ctrl-C handled as the last call ends, between
+    its count and that release, is made good by the close checking again every
+    ``CLOSE_RECHECK_S``."""
 
     def __init__(self, refusal: Callable[[], BaseException] | None = None) -> None:
         self._refusal = refusal or _store_closed
@@ -236,13 +241,12 @@ class InFlight:
                 self._calls.pop(me, None)
             if not self._closing:  # only close() waits, and a call ending may run its then
                 return
-            waiting = []
+            waiting, ready = [], []
             for closer, waiter in self._waiters:
-                if self._running(closer):
-                    waiting.append((closer, waiter))
-                else:
-                    waiter.release()
-            self._waiters = waiting
+                (waiting if self._running(closer) else ready).append((closer, waiter))
+            self._waiters = waiting  # out of the list first: a Lock is never released twice
+            for _, waiter in ready:
+                waiter.release()
             then = self._then
             if then is None or self._running(then[0]):
                 return
@@ -260,8 +264,16 @@ class InFlight:
                 return True
             self._waiters.append((me, waiter))  # released by the last call to end
         try:
-            wait = -1 if timeout is None else min(max(timeout, 0), threading.TIMEOUT_MAX)
-            waiter.acquire(timeout=wait)
+            end = None if timeout is None else time.monotonic() + max(timeout, 0)
+            while True:  # woken by the last call to end, and checking again every so often
+                left = CLOSE_RECHECK_S if end is None else end - time.monotonic()
+                if waiter.acquire(timeout=max(min(left, CLOSE_RECHECK_S), 0)):
+                    break
+                with self._lock:
+                    if not self._running(me):  # its wake-up lost (a Ctrl-C as it ended)
+                        break
+                if end is not None and left <= CLOSE_RECHECK_S:  # the timeout is up
+                    break
         finally:
             with self._lock:
                 if (me, waiter) in self._waiters:  # given up (or interrupted)
