@@ -401,6 +401,27 @@ def test_a_hasher_of_another_config_or_of_another_type_is_named(model, converted
         load_tiered_model(converted.directory, store=STORE, hasher=config.engram)
 
 
+def test_the_table_functions_name_a_hasher_of_another_type(model, converted, tmp_path):
+    """open_tables, check_table_file, random_tables and table_metadata raised AttributeError
+    ('EngramConfig' object has no attribute 'config') for a hasher that is no NgramHasher (an
+    EngramConfig in its place, or None), as EngramLM did; each is a ConfigError naming the type
+    given, before any file is read or made."""
+    from tiered_store.engram.checkpoint import random_tables, table_metadata
+
+    paths, engram = converted.table_paths, model.config.engram
+    wrong = r"hasher: got {}; expected an NgramHasher \(NgramHasher\(config\.engram\)\)$"
+    for given, said in ((engram, "a EngramConfig"), (None, "None")):
+        with pytest.raises(ConfigError, match=wrong.format(said)):
+            open_tables(paths, given, STORE)
+        with pytest.raises(ConfigError, match=wrong.format(said)):
+            check_table_file(paths[1], given, 1)
+        with pytest.raises(ConfigError, match=wrong.format(said)):
+            random_tables(tmp_path / "random", given)
+        with pytest.raises(ConfigError, match=wrong.format(said)):
+            table_metadata(given, 1)
+    assert not (tmp_path / "random").exists()  # refused before the folder was made
+
+
 def test_checkpoint_shape_mismatch_errors_before_anything(model, converted, tmp_path):
     state = model.state_dict()
     wide = ModelConfig.from_dict({**TINY, "backbone": {**TINY["backbone"], "hidden_size": 128}})

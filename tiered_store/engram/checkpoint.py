@@ -121,10 +121,11 @@ def check_table_file(
     ConfigError
         The manifest has no Engram metadata, or a layout fact (layer, rows, dim, head primes,
         hash seed, orders, pad id, tokenizer) differs; the message names the field and both
-        values.
+        values. ``hasher`` is no ``NgramHasher``.
     TableNotFoundError, TableFormatError
         The file or its manifest is missing or malformed.
     """
+    hasher = hasher_for(None, hasher)  # before the file is read
     if manifest is None:
         manifest = read_manifest(current_version(path)[0])
     have = manifest.metadata.get("engram") if isinstance(manifest.metadata, dict) else None
@@ -171,6 +172,7 @@ def random_tables(
     >>> random_tables(d, NgramHasher(cfg)) == paths  # reused
     True
     """
+    hasher = hasher_for(None, hasher)  # before the folder is made
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     width = quantization.packed_bytes if quantization else hasher.config.head_dim
@@ -446,6 +448,7 @@ def open_tables(
     from ..config import StoreConfig, naming_file
     from ..store import TieredStore
 
+    hasher = hasher_for(None, hasher)  # before any store opens
     stores: dict[int, Any] = {}
     try:
         for layer_id, path in table_paths.items():

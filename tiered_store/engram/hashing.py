@@ -495,18 +495,20 @@ class NgramHasher:
         return out
 
 
-def hasher_for(config: EngramConfig, hasher: Any, against: str) -> NgramHasher:
+def hasher_for(config: EngramConfig | None, hasher: Any, against: str = "") -> NgramHasher:
     """``hasher``, or a new one of ``config`` when None; ConfigError for one that is no
     ``NgramHasher``, or that hashes for another Engram config than ``config`` (``against`` says
-    whose it is, as "config.engram has": the message names the first field and both values)."""
-    if hasher is None:
+    whose it is, as "config.engram has": the message names the first field and both values).
+    With ``config`` None (a function that takes the hasher alone) one is required."""
+    if hasher is None and config is not None:
         return NgramHasher(config)
     if not isinstance(hasher, NgramHasher):
+        got = "None" if hasher is None else f"a {type(hasher).__name__}"
         raise ConfigError(
-            f"hasher: got a {type(hasher).__name__}; expected an NgramHasher "
-            "(NgramHasher(config.engram)) or None"
+            f"hasher: got {got}; expected an NgramHasher (NgramHasher(config.engram))"
+            + (" or None" if config is not None else "")
         )
-    if hasher.config != config:
+    if config is not None and hasher.config != config:
         got, want = hasher.config.to_dict(), config.to_dict()
         key = next((k for k in want if got.get(k) != want[k]), None)
         said = f"{got}" if key is None else f"{key}={got[key]!r}"

@@ -58,7 +58,9 @@ def table_metadata(hasher: NgramHasher, layer_id: int) -> dict[str, Any]:
     >>> meta["rows"], meta["dim"], meta["head_sizes"][:2], meta["offsets"][:2]
     (20372, 16, [2029, 2039], [0, 2029])
     """
-    config = hasher.config
+    from .hashing import hasher_for
+
+    config = hasher_for(None, hasher).config
     return {
         "engram": {
             "layout_version": LAYOUT_VERSION,
