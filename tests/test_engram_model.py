@@ -735,6 +735,22 @@ def test_hashing_interrupted_midway_leaves_the_hash_state_as_before(model, batch
         assert torch.equal(torch.as_tensor(rows), torch.as_tensor(want[layer])[:, 24:]), layer
 
 
+def test_a_long_chunk_leaves_only_the_look_back_in_the_hash_state(model, batches):
+    """HashState.tail was a view of the whole chunk the hasher had just shifted ([B, N - 1 + T]
+    int64, a prefill's every position) for its last N - 1 ids, so the state kept the chunk alive
+    until the next one; it holds a tensor of those ids alone, and chunks still hash as one."""
+    ids = torch.cat(batches, dim=1)  # [3, 128]
+    want = model.hash(ids).row_ids
+    state = model.hasher.new_state(3)
+    first = model.hash(ids[:, :100], state=state).row_ids
+    tail = state.tail
+    assert tuple(tail.shape) == (3, model.config.engram.max_ngram_size - 1)
+    assert tail.untyped_storage().nbytes() == tail.numel() * tail.element_size()
+    rest = model.hash(ids[:, 100:], state=state).row_ids
+    for layer, rows in want.items():
+        assert torch.equal(torch.cat([first[layer], rest[layer]], dim=1), rows), layer
+
+
 def test_a_step_without_its_batch_on_a_filled_cache_is_refused_before_any_fetch(
     model, converted, batches
 ):

@@ -460,7 +460,9 @@ class NgramHasher:
             for k in range(width + 1)
         ]
         if state is not None:
-            state.tail = torch.where(dead, DEAD, seq)[..., -width:].to(state.tail.device)
+            # a tensor of the last ids alone: a view would keep the whole chunk alive
+            tail = torch.where(dead[..., -width:], DEAD, seq[..., -width:])
+            state.tail = tail.to(state.tail.device)
             state.position += steps
         return shifts
 
