@@ -357,6 +357,30 @@ def test_a_table_built_for_another_seed_or_pad_id_is_refused_as_a_backend(
     assert getattr(memory[1], "engram_layout", None) is None  # a plain tensor's: not known
 
 
+def test_a_float_table_read_into_memory_tells_the_layout_its_file_records(
+    model, converted, tmp_path
+):
+    """load_table_in_memory read a table file into an InMemoryTable that told no layout, so one
+    built for another seed (same shape) was taken by set_tables and its rows served for the
+    wrong N-grams in silence, where the same file opened as a TieredStore, or a packed one read
+    by PackedInMemoryTable.from_table, was refused; it tells its file's, and is refused alike."""
+    config, memory = model.config, model.tables
+    other = config.model_copy(update={"engram": config.engram.model_copy(update={"seed": 7})})
+    made = save_tiered(EngramLM(other), tmp_path / "seed7").table_paths[1]
+    table = load_table_in_memory(made)
+    assert (table.rows, table.dim) == (memory[1].rows, memory[1].dim)  # the same shape
+    assert table.engram_layout["seed"] == 7
+    refused = r"backend: InMemoryTable's table built for seed=7, but .* layer 1 expects seed=0"
+    with pytest.raises(ConfigError, match=refused):
+        model.set_tables({1: table})
+    assert model.tables[1] is memory[1]
+    own = load_table_in_memory(converted.table_paths[1])
+    assert own.engram_layout["seed"] == 0
+    model.set_tables({1: own})  # built for this model's layout: taken
+    assert model.tables[1] is own
+    assert InMemoryTable(own.weight).engram_layout is None  # a plain tensor's: not known
+
+
 def test_a_hasher_of_another_config_is_named_not_the_checkpoint_s_tables(model, converted):
     """load_tiered_model with a hasher of another Engram config (another seed) blamed the
     checkpoint's first table ("table built for seed=0 ... the table was made with another

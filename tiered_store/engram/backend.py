@@ -93,6 +93,9 @@ class InMemoryTable(nn.Module, TableBackend):
     ----------
     weight
         The table, [rows, dim].
+    engram_layout
+        The Engram layout the rows were made for (a table file's ``metadata["engram"]``, which
+        ``load_table_in_memory`` takes), checked by the model that reads them; None: not known.
 
     Examples
     --------
@@ -107,7 +110,9 @@ class InMemoryTable(nn.Module, TableBackend):
 
     weight: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(
+        self, weight: torch.Tensor, *, engram_layout: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
@@ -121,6 +126,7 @@ class InMemoryTable(nn.Module, TableBackend):
             self.weight = weight
         else:
             self.register_buffer("weight", weight)
+        self.engram_layout = engram_layout
 
     @classmethod
     def empty(

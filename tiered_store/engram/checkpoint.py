@@ -374,7 +374,8 @@ def save_tiered(
 
 def load_table_in_memory(path: str | Path) -> InMemoryTable:
     """A table file read whole into RAM as a frozen ``InMemoryTable`` (same dtype, same bits):
-    its current version, with the rows committed to it since (its write delta).
+    its current version, with the rows committed to it since (its write delta), telling the
+    Engram layout the file records (``engram_layout``), which a model checks.
 
     Examples
     --------
@@ -398,7 +399,8 @@ def load_table_in_memory(path: str | Path) -> InMemoryTable:
         tensor = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
     else:
         tensor = torch.from_numpy(data)
-    return InMemoryTable(tensor)
+    layout = (manifest.metadata or {}).get("engram")
+    return InMemoryTable(tensor, engram_layout=dict(layout) if isinstance(layout, dict) else None)
 
 
 def _read_version(path: Path) -> tuple[Path, TableManifest, np.ndarray]:
