@@ -303,6 +303,21 @@ def test_table_file_for_another_configuration_is_refused(model, converted, tmp_p
         open_tables(paths, model.hasher, {"table": {"path": "x.npy"}})
 
 
+def test_another_layer_s_table_is_said_to_be_that_layer_s_not_another_configuration(
+    model, converted
+):
+    """Layer 3's table given for layer 1 (paths swapped) was said to be 'made with another
+    configuration' and the message printed the model's own config, the same in every field; it
+    says whose layer's table it is."""
+    paths = converted.table_paths
+    with pytest.raises(ConfigError) as refused:
+        open_tables({1: paths[3], 3: paths[1]}, model.hasher, STORE)
+    said = str(refused.value)
+    assert "table built for layer_id=3, but this model's Engram layer 1 expects layer_id=1" in said
+    assert "(the table holds Engram layer 3's rows; expected layer 1's own table)" in said
+    assert "another configuration" not in said
+
+
 def test_a_table_built_for_another_seed_or_pad_id_is_refused_as_a_backend(
     model, converted, tmp_path
 ):

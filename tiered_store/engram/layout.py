@@ -108,15 +108,21 @@ def layout_error(
     if (diff := layout_mismatch(have, want, fields)) is None:
         return None
     key, built, expected = diff
-    made_with = (
-        f"another tokenizer.json than {hasher.tokenizer.tokenizer_path}, one that compresses "
-        "token ids to other rows"
-        if key == "compressed_lookup_digest"
-        else f"another configuration: engram config {have.get('config')}"
-    )
+    if key == "layer_id":  # another layer's table (paths swapped), whatever its config
+        why = (
+            f"the table holds Engram layer {short(built)}'s rows; expected layer {layer_id}'s "
+            "own table"
+        )
+    elif key == "compressed_lookup_digest":
+        why = (
+            f"the table was made with another tokenizer.json than "
+            f"{hasher.tokenizer.tokenizer_path}, one that compresses token ids to other rows"
+        )
+    else:
+        why = f"the table was made with another configuration: engram config {have.get('config')}"
     return ConfigError(
         f"{what} built for {key}={short(built)}, but this model's Engram layer "
-        f"{layer_id} expects {key}={short(expected)} (the table was made with {made_with})"
+        f"{layer_id} expects {key}={short(expected)} ({why})"
     )
 
 
