@@ -7,6 +7,7 @@ does, at ``TIERED_STORE_BENCH_SIZE=tiny``, and checks the saved JSON.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -184,3 +185,22 @@ def test_bench_scripts_refuse_bad_settings_before_any_work(tmp_path):
         done = run_python([ROOT / "bench" / case[0], *case[1:]], timeout=120)
         assert done.returncode == 2 and expected in done.stderr, (case, done.stderr[-500:])
     assert not (tmp_path / "none.npy").exists()
+
+
+def test_dev_help_names_every_end_to_end_script(tmp_path):
+    """``./dev help`` listed 6 of the scripts in bench/ by hand (engram, policies, serve, ...);
+    it lists those that are there. Run with a venv of its own already marked as set up."""
+    inputs = (ROOT / "setup.cfg").read_bytes() + (ROOT / "pyproject.toml").read_bytes()
+    (tmp_path / f".installed-{hashlib.sha1(inputs).hexdigest()[:12]}").touch()
+    done = subprocess.run(
+        [ROOT / "dev", "help"],
+        env={**os.environ, "VENV": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    listed = done.stdout.partition("python bench/bench_X.py")[2].partition("./dev tiered-store")[0]
+    names = {p.stem.removeprefix("bench_") for p in (ROOT / "bench").glob("bench_*.py")}
+    assert len(names) > 6 and set(listed.replace("#", " ").split()) >= names, done.stdout
+    assert "./dev help          this text" in done.stdout  # the rest as it was
