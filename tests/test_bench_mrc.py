@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 
-from tests.bench_support import run_bench
+from tests.bench_support import ROOT, run_bench
+from tiered_store.serve.client import subprocess_env
 from zipf_analysis.zipf_fit import sample_zipf
 
 
@@ -140,3 +143,20 @@ def test_help_and_refusals(tmp_path):
         assert done.returncode == 2, (option, done.stderr[-3000:])  # argparse's, with the usage
         assert message in done.stderr
         assert done.stdout == "" and not out.exists()  # refused before measuring anything
+
+
+def test_with_stderr_closed_stdout_is_the_report_alone(tmp_path):
+    """With stderr closed (``2>&-``), Python's sys.stderr is None and print(file=None) prints on
+    stdout: the phases and 'wrote PATH' went into the JSON report the script prints there."""
+    out = tmp_path / "mrc.json"
+    args = ["--lookups", "20000", "--rows", "200000", "--belady-points", "3", "--out", str(out)]
+    done = subprocess.run(
+        ["bash", "-c", 'exec "$@" 2>&-', "bash", sys.executable, ROOT / "bench" / "bench_mrc.py"]
+        + args,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert json.loads(done.stdout) == json.loads(out.read_text())

@@ -55,8 +55,12 @@ def run_script(main: Callable[[], Any], name: str | None = None) -> int:
     (an int; None: 0; anything else: 0 when true, 1 when false); 2 with one line, ``NAME: error:
     ...``, when the library refuses something (a missing analysis, a bad setting) instead of a
     traceback; 130 when interrupted (Ctrl-C, or SIGTERM, which unwinds the same way so cleanup
-    runs). ``name``: the script's file name unless given."""
+    runs). ``name``: the script's file name unless given. With no stderr (closed: ``2>&-``),
+    what would go there is dropped: ``print(file=sys.stderr)`` would print it on stdout, into the
+    report a script prints there."""
     script = name or os.path.basename(sys.argv[0]) or "bench"
+    if sys.stderr is None:  # Python's stderr when its file descriptor 2 is closed
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
     try:
         with interrupt_on_sigterm():  # so cleanup runs: no work folder or half a file left
             code = main()
