@@ -204,3 +204,44 @@ def test_dev_help_names_every_end_to_end_script(tmp_path):
     names = {p.stem.removeprefix("bench_") for p in (ROOT / "bench").glob("bench_*.py")}
     assert len(names) > 6 and set(listed.replace("#", " ").split()) >= names, done.stdout
     assert "./dev help          this text" in done.stdout  # the rest as it was
+
+
+def test_say_kept_counts_the_folders_own_files_while_others_come_and_go(tmp_path, capsys):
+    """say_kept walked its folders with rglob, then stat: a file another run removed between
+    the two (its temporary files) was a FileNotFoundError at the end of the run, and a link to a
+    file elsewhere counted that file's size, which deleting the folder does not free."""
+    from tiered_store import cli_args
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "table.npy").write_bytes(b"x" * 3000)
+    (kept / "sub").mkdir()
+    (kept / "sub" / "side.pages").write_bytes(b"x" * 1000)
+    (tmp_path / "elsewhere.npy").write_bytes(b"x" * 2**20)
+    (kept / "linked.npy").symlink_to(tmp_path / "elsewhere.npy")
+    cli_args.say_kept([kept / "table.npy", kept / "linked.npy"])
+    assert f"tables kept in {kept} (3.9 KiB; reused" in capsys.readouterr().err
+    churn = subprocess.Popen(  # another run's files, made and removed without end
+        [sys.executable, "-c", CHURN, str(kept / "sub")], stdout=subprocess.PIPE
+    )
+    try:
+        assert churn.stdout.readline() == b"churning\n"
+        for _ in range(300):
+            cli_args.say_kept([kept / "table.npy"])
+    finally:
+        churn.kill()
+        churn.wait()
+        churn.stdout.close()
+    assert capsys.readouterr().err.count(f"tables kept in {kept} (") == 300
+
+
+CHURN = """
+import os, sys
+names = [os.path.join(sys.argv[1], f"tmp{i}") for i in range(50)]
+print("churning", flush=True)
+while True:
+    for name in names:
+        open(name, "wb").close()
+    for name in names:
+        os.unlink(name)
+"""

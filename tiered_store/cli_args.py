@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import uuid
@@ -155,13 +156,28 @@ def say_kept(tables: Iterable[Path]) -> None:
     """Say on stderr in which folders a script keeps the tables it made for its next runs and how
     large the folders are (the tables and all beside them), so that the space can be reclaimed."""
     folders = sorted({t.parent for t in tables})
-    size = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
+    size = sum(_files_bytes(d) for d in folders)
     print(
         f"tables kept in {', '.join(map(str, folders))} "
         f"({format_bytes(size)}; reused by the next run with the same sizes, delete them to "
         "reclaim the space)",
         file=sys.stderr,
     )
+
+
+def _files_bytes(folder: Path) -> int:
+    """The bytes of the files in ``folder`` and its subfolders, as deleting it frees them: links
+    are not followed (a link to a table elsewhere is not its size), and files removed meanwhile
+    (another run's temporary files) are skipped."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue
+            total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+    return total
 
 
 def output_file(text: str) -> Path:
