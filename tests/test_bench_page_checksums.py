@@ -20,6 +20,12 @@ def test_a_tiny_run_writes_pair_ratios_for_each_io_mode(tmp_path):
     for result in doc["results"].values():
         assert result["verified_rows_per_second"] > 0 and result["ratio_median_of_pairs"] > 0
     assert str(tmp_path) not in out.read_text()
+    # the printed ratio is the median of the pairs' own ratios: said so, not a bare "ratio" beside
+    # the median rates, which at 2 pairs can read as contradicting it
+    for io, result in doc["results"].items():
+        line = next(x for x in done.stdout.splitlines() if x.strip().startswith(f"{io}:"))
+        ratio = f"{result['ratio_median_of_pairs']:.3f}x of 2"
+        assert f"(medians); verified / unverified per pair: median {ratio} (" in line, line
     assert [p.name for p in tmp_path.iterdir()] == ["pc.json"]  # the table was removed
     bad = run_bench("bench_page_checksums.py", "--io", "floppy", timeout=120)
     assert bad.returncode == 2 and "--io: ['floppy'] unknown" in bad.stderr
