@@ -342,9 +342,14 @@ def bench_commit(args, work: Path) -> dict:
 
 _WRITER = textwrap.dedent(
     """
-    import signal
+    import os, signal, sys
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C: the script kills it (no traceback)
-    import sys, numpy as np, torch
+    if sys.platform == "linux":  # killed with the script however it ends (kill -9, out of memory)
+        import ctypes
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != int(sys.argv[3]):  # the script ended before that
+        sys.exit(1)
+    import numpy as np, torch
     from tiered_store import TieredStore
     path, n = sys.argv[1], int(sys.argv[2])
     store = TieredStore.open({"table": {"path": path}, "tiers": {"hot": {"capacity": 0}}})
@@ -370,7 +375,8 @@ def bench_recovery(args, work: Path) -> dict:
         path = work / f"recovery_{rows}.npy"
         create_table(path, RandomSource(rows, 16, "float32"), progress=False)
         proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(path), str(rows // 10)], stdout=subprocess.PIPE
+            [sys.executable, "-c", _WRITER, str(path), str(rows // 10), str(os.getpid())],
+            stdout=subprocess.PIPE,
         )
         try:  # killed however this ends: it commits in a loop until then
             assert proc.stdout.readline().strip() == b"committed"

@@ -184,3 +184,33 @@ def test_an_interrupt_during_recovery_ends_the_writer_it_started(tmp_path, ctrl_
         proc.kill()
         for pid in processes_naming(f"{work}/"):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_recovery_writer_ends_with_a_script_killed_outright(tmp_path):
+    """The writer commits in a loop until the script kills it: a script killed outright (kill -9,
+    the out-of-memory killer), which runs no cleanup, left it committing for good, its parent
+    gone; the kernel ends it with its parent."""
+    work = tmp_path / "work"
+    work.mkdir()
+    script = [sys.executable, str(ROOT / "bench" / "bench_writes.py"), "--only", "recovery"]
+    args = ["--recovery-rows", "20000", "--dir", str(work)]
+    log = tmp_path / "stderr"  # not a pipe: a writer left running would hold it open
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen([*script, *args], env=subprocess_env(), stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not processes_naming(f"{work}/") and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.02)
+        (writer,) = processes_naming(f"{work}/")  # on the table in the work folder
+        while not list(work.rglob("data.mdb")) and time.monotonic() < deadline:
+            time.sleep(0.02)  # its store opened: past its start
+        proc.kill()
+        proc.wait(timeout=60)
+        while processes_naming(f"{work}/") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert processes_naming(f"{work}/") == [], "the writer still runs"
+    finally:
+        proc.kill()
+        for pid in processes_naming(f"{work}/"):
+            os.kill(pid, signal.SIGKILL)
