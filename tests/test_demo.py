@@ -196,6 +196,21 @@ def test_a_workdir_in_a_missing_folder_is_refused_and_a_new_one_said(tmp_path, c
     assert list((tmp_path / "work").iterdir()) == []  # its temporary folder removed
 
 
+def test_a_workdir_of_a_tilde_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """``--workdir '~'`` (quoted, or from a variable: the shell left it) made a folder named ``~``
+    in the current one, which the stores' configs then read as the home folder: 'cannot read
+    /HOME/tiered-store-demo-.../engram_layer1.hot_rows.npy'. It is the home folder, as there."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TIERED_STORE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(cwd)
+    assert main(["demo", *TINY_ARGS, "--workdir", "~"]) == 0, capsys.readouterr().err
+    assert f"converting the checkpoint into {home}/tiered-store-demo-" in capsys.readouterr().out
+    assert list(cwd.iterdir()) == [] and list(home.iterdir()) == []
+
+
 def test_a_corpus_too_small_for_one_batch_is_named_with_its_own_token_count(tmp_path, capsys):
     (tmp_path / "small.txt").write_text("the hot rows repeat; the cold tier holds the tail. " * 10)
     argv = [*TINY_ARGS, "--corpus", str(tmp_path / "small.txt"), "--workdir", str(tmp_path)]

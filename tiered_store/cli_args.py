@@ -258,14 +258,19 @@ def folder(text: str) -> Path:
 def cache_folder(text: str) -> Path:
     """An argparse ``type``: a folder that is there, or a new one in a folder that is there (a
     script keeping GBs of tables in it makes it, and says so: :func:`make_folder`); a missing
-    parent is refused, as a typo's would be, and whatever :func:`folder` refuses.
+    parent is refused, as a typo's would be, and whatever :func:`folder` refuses. A leading ``~``
+    is the home folder, as in the store configs that name the tables made there (a folder named
+    ``~`` made here was read as the home folder by them).
 
     >>> cache_folder("/") == Path("/")
+    True
+    >>> cache_folder("~") == Path.home()
     True
     >>> cache_folder("/nonexistent/tables")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '/nonexistent/tables': '/nonexistent' does not exist; expected an existing folder, or a new one in an existing folder
     """
+    text = os.path.expanduser(text)  # (given_path still refuses '')
     path = folder(text)
     if not path.is_dir() and not path.absolute().parent.is_dir():
         raise argparse.ArgumentTypeError(
