@@ -214,3 +214,32 @@ def test_a_recovery_writer_ends_with_a_script_killed_outright(tmp_path):
         proc.kill()
         for pid in processes_naming(f"{work}/"):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_recovery_writer_that_ends_before_its_first_commits_is_named(tmp_path):
+    """A writer that ended before its first commits (killed, out of memory, an error) was a bare
+    AssertionError, and under python -O the section went on to time a table no writer wrote."""
+    work = tmp_path / "work"
+    work.mkdir()
+    script = [sys.executable, str(ROOT / "bench" / "bench_writes.py"), "--only", "recovery"]
+    args = ["--recovery-rows", "20000", "--dir", str(work)]
+    log = tmp_path / "stderr"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen([*script, *args], env=subprocess_env(), stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not processes_naming(f"{work}/") and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.01)
+        (writer,) = processes_naming(f"{work}/")  # still importing: seconds from its commits
+        os.kill(writer, signal.SIGKILL)
+        proc.wait(timeout=60)
+        err = log.read_text()
+        assert proc.returncode == 1, err[-2000:]
+        expected = "recovery: the writer on recovery_20000.npy ended with exit status -9 before"
+        assert expected in err, err[-2000:]
+        assert list(work.iterdir()) == []
+    finally:
+        proc.kill()
+        for pid in processes_naming(f"{work}/"):
+            os.kill(pid, signal.SIGKILL)
