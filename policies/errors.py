@@ -1,6 +1,7 @@
 """The one error type of the policy layer: a bad policy name, spec or parameter."""
 
-import numbers
+import contextlib
+import operator
 
 
 class PolicyError(ValueError):
@@ -19,17 +20,25 @@ class PolicyError(ValueError):
     """
 
 
-def check_int_option(policy: str, option: str, value: object, least: int | None) -> None:
-    """PolicyError naming ``policy``'s ``option`` unless ``value`` is an integer (a bool is not
-    one) >= ``least`` (None: any).
+def check_int_option(policy: str, option: str, value: object, least: int | None) -> int:
+    """``value`` as an int (a Python or NumPy integer, a 0-d integer array or a torch integer);
+    a PolicyError naming ``policy``'s ``option`` unless it is one (a bool is not one, nor a bool
+    tensor) >= ``least`` (None: any).
 
     >>> check_int_option("lfu", "aging_period", 2.5, 1)
     Traceback (most recent call last):
     ...
     policies.errors.PolicyError: lfu aging_period: got 2.5; expected an integer >= 1
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        at_least = "" if least is None else f" >= {least}"
+    at_least = "" if least is None else f" >= {least}"
+    number = None
+    if not isinstance(value, bool) and str(getattr(value, "dtype", "")) != "torch.bool":
+        # NumPy refuses its bools and 0-d float arrays here, torch its floats (RuntimeError: a
+        # uint64 tensor past int64)
+        with contextlib.suppress(TypeError, RuntimeError):
+            number = operator.index(value)
+    if number is None:
         raise PolicyError(f"{policy} {option}: got {value!r}; expected an integer{at_least}")
-    if least is not None and value < least:
+    if least is not None and number < least:
         raise PolicyError(f"{policy} {option}: got {value!r}; expected an integer >= {least}")
+    return number

@@ -55,8 +55,12 @@ class LFU(EvictionPolicy):
         self, capacity: int, device: torch.device | str = "cpu", *, aging_period: int | None = None
     ) -> None:
         super().__init__(capacity, device)
-        self.aging_period = aging_period if aging_period is not None else max(10 * capacity, 1)
-        check_int_option("lfu", "aging_period", self.aging_period, 1)
+        self.aging_period = check_int_option(
+            "lfu",
+            "aging_period",
+            aging_period if aging_period is not None else max(10 * capacity, 1),
+            1,
+        )
         self.count = torch.zeros(capacity, dtype=torch.int32, device=self.device)
         self.last_used = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
         self.seq = 0  # sequence number of the next access

@@ -83,7 +83,7 @@ class Belady(OfflineBound):
     def __init__(self, *, bypass: bool = True, workers: int | None = None) -> None:
         self.bypass = _check_flag(self.name, "bypass", bypass)
         if workers is not None:
-            check_int_option(self.name, "workers", workers, 1)
+            workers = check_int_option(self.name, "workers", workers, 1)
         self.workers = workers
         self.method = "Belady MIN" + (" with bypass" if bypass else " (demand paging)")
 

@@ -91,12 +91,14 @@ def pinned_lru_misses(
             "expected a 1-D bool array, one flag per table row"
         )
     ids = trace_ids(ids, pinned.size, "pinned_lru_misses", "one pinned flag per row")
-    for option, value in (
-        ("lru_rows", lru_rows),  # int() took 1.5 rows as 1, True as 1
-        ("readmit_window", readmit_window),
-        ("lookahead", lookahead),
-    ):
+    lru_rows, readmit_window, lookahead = (  # int() took 1.5 rows as 1, True as 1
         check_int_option("pinned_lru_misses", option, value, None)
+        for option, value in (
+            ("lru_rows", lru_rows),
+            ("readmit_window", readmit_window),
+            ("lookahead", lookahead),
+        )
+    )
     if lru_rows < 0 or readmit_window < 0 or lookahead < 0:
         raise PolicyError(
             f"pinned_lru_misses: got lru_rows={lru_rows}, readmit_window={readmit_window}, "
@@ -113,9 +115,7 @@ def pinned_lru_misses(
     flags = pinned[:0] if admit_all else admit  # unused when admit_all
     upcoming = next_use_index(ids, pinned.size) if lookahead else ids[:0]
     return int(
-        _misses(
-            ids, pinned, int(lru_rows), flags, admit_all, int(readmit_window), upcoming, lookahead
-        )
+        _misses(ids, pinned, lru_rows, flags, admit_all, readmit_window, upcoming, lookahead)
     )
 
 

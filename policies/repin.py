@@ -106,15 +106,16 @@ def repinned_lru_misses(
     prior = np.asarray(prior, dtype=np.float64)
     rows = prior.size
     ids = trace_ids(ids, rows, "repinned_lru_misses", "one prior score per row")
-    for option, value in (  # int() took a budget of 1.5 rows as 1; 2.5 pinned rows was a
-        ("pinned_rows", pinned_rows),  # bare TypeError, True one row
-        ("lru_rows", lru_rows),
-        ("interval", interval),
-        ("budget", budget),
-    ):
-        if value is not None:
-            check_int_option("repinned_lru_misses", option, value, None)
-    budget = pinned_rows if budget is None else int(budget)
+    pinned_rows, lru_rows, interval, budget = (  # int() took a budget of 1.5 rows as 1; 2.5
+        None if value is None else check_int_option("repinned_lru_misses", option, value, None)
+        for option, value in (  # pinned rows was a bare TypeError, True one row
+            ("pinned_rows", pinned_rows),
+            ("lru_rows", lru_rows),
+            ("interval", interval),
+            ("budget", budget),
+        )
+    )
+    budget = pinned_rows if budget is None else budget
     if min(pinned_rows, lru_rows, budget) < 0 or interval <= 0:
         raise PolicyError(
             f"repinned_lru_misses: got pinned_rows={pinned_rows}, lru_rows={lru_rows}, "

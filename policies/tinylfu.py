@@ -147,14 +147,16 @@ class TinyLFU(AdmissionPolicy):
         seed: int = 0,
     ) -> None:
         super().__init__(num_rows, device)
-        for option, value, least in (
-            ("capacity", capacity, 0),
-            ("depth", depth, 1),
-            ("width_factor", width_factor, 1),
-            ("sample_factor", sample_factor, 1),
-            ("seed", seed, None),
-        ):
+        capacity, depth, width_factor, sample_factor, seed = (
             check_int_option("tinylfu", option, value, least)
+            for option, value, least in (
+                ("capacity", capacity, 0),
+                ("depth", depth, 1),
+                ("width_factor", width_factor, 1),
+                ("sample_factor", sample_factor, 1),
+                ("seed", seed, None),
+            )
+        )
         if (
             isinstance(max_count, bool)
             or not isinstance(max_count, numbers.Integral)

@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+import torch
 
 from policies.errors import PolicyError
 from policies.pinned_lru import LOOKAHEAD_PASSES, pinned_lru_misses
@@ -129,6 +130,29 @@ def test_per_request_simulators_refuse_row_counts_that_are_not_integers(value):
             PolicyError, match=rf"^repinned_lru_misses {option}: got {shown}; expected"
         ):
             repinned_lru_misses(ids, np.ones(10), **kw)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [np.int8, np.uint64, np.array, torch.tensor, lambda v: torch.tensor(v, dtype=torch.int32)],
+)
+def test_per_request_simulators_take_counts_as_numpy_or_torch_integers(make):
+    # the integer check took NumPy scalars only: a 0-d array or a torch integer, which int()
+    # had taken, was refused as "not an integer" (and a tensor lookahead reached numba untyped)
+    ids = np.array([1, 2, 1, 3, 1, 2, 4, 1] * 3)
+    pinned = np.zeros(10, np.bool_)
+    for option in ("lru_rows", "readmit_window", "lookahead"):
+        kw = {"lru_rows": 2, option: make(2)}
+        plain = {"lru_rows": 2, option: 2}
+        assert pinned_lru_misses(ids, pinned, **kw) == pinned_lru_misses(ids, pinned, **plain)
+    for option in ("pinned_rows", "lru_rows", "interval", "budget"):
+        kw = {"pinned_rows": 1, "lru_rows": 1, "interval": 5, option: make(2)}
+        plain = {"pinned_rows": 1, "lru_rows": 1, "interval": 5, option: 2}
+        assert repinned_lru_misses(ids, np.ones(10), **kw) == repinned_lru_misses(
+            ids, np.ones(10), **plain
+        )
+    with pytest.raises(PolicyError, match=r"^pinned_lru_misses lru_rows: got tensor\(True\)"):
+        pinned_lru_misses(ids, pinned, torch.tensor(True))
 
 
 def test_a_uint64_row_id_past_int64_is_named_as_given():
