@@ -1135,6 +1135,32 @@ def test_a_trace_written_over_its_own_npy_is_refused_and_the_npy_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy", "link.npy"]
 
 
+@pytest.mark.parametrize("make", ["array", "tensor", "int32 tensor"])
+def test_a_batch_chunk_size_or_npy_batch_size_may_be_a_0d_array_or_a_torch_integer(tmp_path, make):
+    """The integer checks took Python and NumPy scalars only: a 0-d array or a torch integer,
+    which int() had taken (a batch index read off a tensor), was refused as no integer."""
+    import torch
+
+    def number(value):
+        if make == "array":
+            return np.array(value)
+        return torch.tensor(value, dtype=torch.int32 if make == "int32 tensor" else None)
+
+    with TraceWriter(tmp_path / "t.trace", chunk_ids=number(2)) as w:
+        w.write(np.array([1, 2, 3]), "a", batch=number(1))
+        w.write(np.array([4]), "a", batch=number(3))
+    with TraceReader(tmp_path / "t.trace") as r:
+        assert [(b.batch, b.ids.tolist()) for b in r.batches()] == [(1, [1, 2, 3]), (3, [4])]
+        assert len(r.chunk_index) == 2
+    np.save(tmp_path / "ids.npy", np.arange(6))
+    with trace_from_npy(tmp_path / "ids.npy", tmp_path / "n.trace", batch_size=number(4)) as r:
+        assert r.n_batches == 2
+    with TraceWriter(tmp_path / "b.trace") as w:
+        with pytest.raises(TraceFormatError, match=r"batch tensor\(True\); expected a batch"):
+            w.write(np.array([1]), "a", batch=torch.tensor(True))
+        w.write(np.array([1]), "a")
+
+
 @pytest.mark.parametrize("chunk_ids", [2.5, True, "5", 0])
 def test_a_chunk_size_that_is_not_a_positive_integer_is_named(tmp_path, chunk_ids):
     """2.5 was taken as chunks of 2 ids and True as chunks of 1; "5" was a bare TypeError."""

@@ -167,6 +167,16 @@ def _footer(
     return footer + _TRAILER.pack(len(footer), zlib.crc32(footer), 0, END_MAGIC)
 
 
+def _whole(value: object) -> int | None:
+    """``value`` as an int if it is an integer (Python or NumPy, a 0-d array or a torch one); None
+    for a bool, a bool array or tensor, or anything else."""
+    if isinstance(value, numbers.Integral):  # most: no torch import here
+        return None if isinstance(value, bool) else int(value)
+    from .integers import as_integer  # a 0-d array or a tensor (torch is loaded where one is)
+
+    return as_integer(value)
+
+
 class TraceWriter:
     """Write an access trace, chunk by chunk, atomically.
 
@@ -216,10 +226,7 @@ class TraceWriter:
         for key in ("magic", "format_version"):
             if key in header:
                 raise TraceFormatError(f"trace header key {key!r} is reserved; remove it")
-        whole = isinstance(chunk_ids, numbers.Integral) and not isinstance(
-            chunk_ids, bool | np.bool_
-        )
-        if not whole or chunk_ids < 1:  # int() took 2.5 as 2 and True as 1
+        if (chunk := _whole(chunk_ids)) is None or chunk < 1:  # int() took 2.5 as 2, True as 1
             raise ValueError(f"chunk_ids: got {chunk_ids!r}; expected a positive integer")
         self._layout = self._parse_layout(header.get("tables"))
         self._tables: list[str] = [t["name"] for t in self._layout] if self._layout else []
@@ -231,7 +238,7 @@ class TraceWriter:
             raise TraceFormatError(
                 f"trace header for {self.path} is not JSON-serialisable: {exc}"
             ) from None
-        self._chunk_ids = int(chunk_ids)
+        self._chunk_ids = chunk
         self._compressor = zstandard.ZstdCompressor(level=level)
         self._buf_ids: list[np.ndarray] = []
         self._buf_meta: list[list[int]] = []
@@ -360,17 +367,17 @@ class TraceWriter:
                 f"{self.path}: ids of {ids.ndim} dims; expected at most {_MAX_NDIM}"
             )
         if batch is not None:
-            whole = isinstance(batch, numbers.Integral) and not isinstance(batch, bool | np.bool_)
-            if not whole or not 0 <= batch < 2**63:  # 2.5 was written as batch 2, True as 1
+            given, batch = batch, _whole(batch)
+            if batch is None or not 0 <= batch < 2**63:  # 2.5 was written as batch 2, True as 1
                 raise TraceFormatError(
-                    f"{self.path}: batch {batch!r}; expected a batch index, an integer in "
+                    f"{self.path}: batch {given!r}; expected a batch index, an integer in "
                     "[0, 2**63)"
                 )
             if batch < self._batch:
                 raise TraceFormatError(
                     f"{self.path}: batch {batch} after batch {self._batch}; batches only go forward"
                 )
-            self._batch = int(batch)
+            self._batch = batch
         t = self._table_index(table)
         flat = ids.reshape(-1)
         if flat.size:
@@ -1160,8 +1167,7 @@ def trace_from_npy(
         raise TraceFormatError(
             f"{npy_path}: a 0-d array (one value); expected row ids: 1-D, or N-D with a batch axis"
         )
-    whole = isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool | np.bool_)
-    step = int(batch_size) if whole else None  # numbers, not as_integer: no torch import here
+    step = _whole(batch_size)
     if batch_size is not None and (step is None or step < 1):  # 2.5: range()'s bare TypeError
         raise ValueError(f"batch_size: got {batch_size!r}; expected a positive integer")
     if step is not None and arr.ndim > 1:
