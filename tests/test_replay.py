@@ -538,6 +538,10 @@ def test_replay_command_refuses_bad_options_before_any_work(tmp_path, capsys, mo
         (["--sweep", "0%,0"], "expected capacities above 0, such as 1%,5%, or '' to skip"),
         (["--policies", "lru,nope"], "--policies: unknown policy 'nope'"),
         (["--policies", "lru,,sieve"], "--policies: policy '': expected a policy name"),
+        # each was replayed twice, the same figures on two lines
+        (["--policies", "lru,LRU"], "--policies: 'LRU' is 'lru' again; expected each policy once"),
+        (["--policies", "static+lru,lru+static"], "'lru+static' is 'static+lru' again"),
+        (["--policies", "belady,sieve,Belady"], "--policies: 'Belady' is 'belady' again"),
         (["--batch-tokens", "0"], "--batch-tokens: got 0; expected a positive number"),
         (["--queued-requests", "-1"], "--queued-requests: got -1; expected a number of requests"),
         (

@@ -171,12 +171,20 @@ def _check_args(args) -> list[str | None]:
     if not args.policies:
         return [None]
     policies = [p.strip() for p in args.policies.split(",")]
+    seen: dict[str, str] = {}  # canonical name -> as first given
     for p in policies:
-        if not is_offline(p):
+        if is_offline(p):
+            name = p.lower()
+        else:
             try:
-                PolicySpec.parse(p)
+                name = PolicySpec.parse(p).text
             except PolicyError as exc:
                 raise ConfigError(f"--policies: {exc}") from None
+        if name in seen:  # replayed twice, the same figures on two lines
+            raise ConfigError(
+                f"--policies: {p!r} is {seen[name]!r} again; expected each policy once"
+            )
+        seen[name] = p
     return policies
 
 
