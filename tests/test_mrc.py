@@ -215,6 +215,23 @@ def test_orderings_between_curves():
     assert (demand_static.misses[caps] >= bel).all()
 
 
+def test_static_topk_refuses_what_cannot_be_counts_per_row():
+    """It takes counts per row: row ids given in their place (a trace's [batch, seq, heads] ids, a
+    flat run of ids with the table's rows) gave a curve of nonsense in silence, and a negative
+    count was dropped as no lookups."""
+    ids = np.array([[3, 1], [3, 2]])
+    with pytest.raises(ValueError, match=r"counts of shape \(2, 2\); expected one count per row"):
+        static_topk_mrc(ids)
+    with pytest.raises(ValueError, match=r"counts for 4 rows; expected table_rows=10, one per row"):
+        static_topk_mrc(ids.reshape(-1), table_rows=10)
+    with pytest.raises(ValueError, match=r"counts\[1\] = -2; expected lookups per row >= 0"):
+        static_topk_mrc(np.array([3, -2, 1]))
+    with pytest.raises(ValueError, match=r"counts of dtype float64; expected integers"):
+        static_topk_mrc(np.array([2.5, 1.0]))
+    assert static_topk_mrc(np.bincount(ids.reshape(-1), minlength=10), table_rows=10).lookups == 4
+    assert static_topk_mrc([2, 0, 1]).misses.tolist() == [3, 1, 0]
+
+
 def test_shards_without_sampling_is_exact():
     ids = sample_zipf(20_000, 1_000, 0.9, seed=3)
     exact = lru_mrc(ids)

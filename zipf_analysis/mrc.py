@@ -736,7 +736,9 @@ def static_topk_mrc(
     Parameters
     ----------
     counts : ndarray or FrequencyProfile
-        Lookups per row (any order; zeros ignored), or a profile (its ``counts``).
+        Lookups per row (any order; zeros ignored): 1-D integers >= 0, ``table_rows`` of them
+        when that is given (row ids are not counts: ``np.bincount`` them first); or a profile
+        (its ``counts``).
     capacities, table_rows, name
         As for :func:`lru_mrc`.
     preloaded : bool
@@ -752,12 +754,39 @@ def static_topk_mrc(
     if isinstance(counts, FrequencyProfile):
         table_rows = table_rows if table_rows is not None else counts.rows
         counts = counts.counts
+    else:
+        counts = _per_row_counts(counts, table_rows)
     misses = static_topk_misses(counts, preloaded=preloaded)
     lookups = int(misses[0])
     caps = np.arange(misses.size, dtype=np.int64)
     meta = {"method": StaticTopK.method, "preloaded": preloaded}
     curve = MissRatioCurve(name, caps, _ratio(misses, lookups), lookups, misses, table_rows, meta)
     return curve if capacities is None else _exact_at(curve, capacities)
+
+
+def _per_row_counts(counts: Any, table_rows: int | None) -> np.ndarray:
+    """``counts`` checked as lookups per row (row ids in their place gave a curve of nonsense):
+    1-D integers >= 0, ``table_rows`` of them when it is given."""
+    counts = np.asarray(counts)
+    hint = "; row ids? count them first: np.bincount(ids.reshape(-1), minlength=rows)"
+    if counts.ndim != 1:
+        raise ValueError(
+            f"static_topk_mrc: counts of shape {counts.shape}; expected one count per row (1-D)"
+            + hint
+        )
+    if counts.dtype.kind not in "iu" and counts.size:
+        raise ValueError(f"static_topk_mrc: counts of dtype {counts.dtype}; expected integers")
+    if table_rows is not None and counts.size != table_rows:
+        raise ValueError(
+            f"static_topk_mrc: counts for {counts.size:,} rows; expected table_rows="
+            f"{table_rows:,}, one per row" + hint
+        )
+    if counts.size and counts.min() < 0:
+        row = int(np.argmin(counts))
+        raise ValueError(
+            f"static_topk_mrc: counts[{row}] = {int(counts[row])}; expected lookups per row >= 0"
+        )
+    return counts
 
 
 def belady_misses(
