@@ -335,6 +335,27 @@ def test_replay_command_lists_offline_bounds_beside_policies(tmp_path, capsys):
     assert [c["name"] for c in doc["sweep"]] == ["lru (exact, per request)", "belady"]
 
 
+def test_replay_table_keeps_small_figures_and_says_each_column_unit(tmp_path, capsys):
+    """uniq/batch was rounded to a whole row (0.83 printed as 1, 0.4 as 0) and to device to whole
+    MiB (0 MiB for a small run's KiB); the legend named only the ratio columns."""
+    import json
+
+    from tiered_store.capacity import format_bytes
+    from tiered_store.cli import main
+
+    argv, out = _replay_command(tmp_path, 6, "{hot: {capacity: 60}, warm: {capacity: 5%}}")
+    argv += ["--policies", "lru", "--batch-tokens", "1", "--no-bounds", "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    (result,) = json.loads((out / "replay.json").read_text())["results"]
+    assert 0 < result["unique_rows_per_batch"] < 1  # one lookup a batch: a row, or none
+    line = next(line.split() for line in printed.splitlines() if line.startswith("lru/lru"))
+    assert float(line[5]) == pytest.approx(result["unique_rows_per_batch"], abs=0.005)
+    assert " ".join(line[6:8]) == format_bytes(result["bytes_moved"]["host_to_device"])
+    for column in ("uniq/batch: ", "to device: ", "stall s: ", "Mlookup/s: "):
+        assert column in printed
+
+
 def _replay_command(tmp_path, batches: int, tiers: str) -> tuple[list[str], Path]:
     """A table, a trace of ``batches`` batches and a store config whose ``tiers:`` is ``tiers``
     (YAML flow) in ``tmp_path``: ``tiered-store replay``'s arguments for them with ``--out``, and

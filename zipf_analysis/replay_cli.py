@@ -15,7 +15,7 @@ from policies.errors import PolicyError
 from policies.registry import PolicySpec, is_offline, offline_names
 from tiered_store.atomic_file import atomic_files, make_named_dir, write_step
 from tiered_store.cache_plan import PinnedRowsWarning
-from tiered_store.capacity import resolve_capacity
+from tiered_store.capacity import format_bytes, resolve_capacity
 from tiered_store.cli_args import DefaultsHelpFormatter, command_help, given_path
 from tiered_store.config import StoreConfig, naming_file
 from tiered_store.errors import ConfigError
@@ -554,11 +554,11 @@ def print_table(results: list[ReplayResult]) -> None:
     for r in results:
         label = f"{r.policy} (offline)" if r.offline else r.policy
         # an offline bound counts per request: no batches, so no rows per batch and no stall
-        unique = f"{'-':>12}" if r.offline else f"{r.unique_rows_per_batch:>12,.0f}"
+        unique = f"{'-' if r.offline else _rows(r.unique_rows_per_batch):>12}"
         stall = f"{'-':>10}" if r.offline else f"{r.modelled_stall_seconds:>10.3f}"
         print(
             f"{label:<22}{r.tiers['hot']['hit_ratio']:>9.1%}{r.tiers['warm']['hit_ratio']:>10.1%}"
-            f"{r.miss_ratio:>8.1%}{r.fetch_ratio:>8.1%}{unique}{r.bytes_moved['host_to_device'] / 2**20:>9,.0f} MiB"
+            f"{r.miss_ratio:>8.1%}{r.fetch_ratio:>8.1%}{unique}{format_bytes(r.bytes_moved['host_to_device']):>12}"
             f"{stall}{r.lookups_per_second / 1e6:>11.2f}"
         )
     for r in results:  # zipf-tuned tiers that learnt while replaying (repin.enabled)
@@ -571,7 +571,10 @@ def print_table(results: list[ReplayResult]) -> None:
     print(
         "hot hit: of all lookups; warm hit: of the lookups the hot tier missed; miss: lookups "
         "served by neither cache tier; fetch: rows read from cold per lookup (a row missed twice "
-        "in one batch is read once; compare this with per-request figures)"
+        "in one batch is read once; compare this with per-request figures); uniq/batch: distinct "
+        "rows the hot tier missed per batch (mean), to device: their bytes copied to the device in "
+        "all; stall s: modelled seconds the batches' fetches ran past their compute, in all; "
+        "Mlookup/s: this replay's speed, millions of lookups per second"
         + (
             "; an offline bound replays per request, so it has no rows per batch or stall (-)"
             if any(r.offline for r in results)
@@ -588,6 +591,11 @@ def print_table(results: list[ReplayResult]) -> None:
                 for n in names
             )
         )
+
+
+def _rows(mean: float) -> str:
+    """A mean count of rows to three figures where it is small (0.83, not 1), whole past 100."""
+    return f"{mean:,.0f}" if mean >= 100 else f"{mean:.1f}" if mean >= 10 else f"{mean:.2f}"
 
 
 def print_sweep(curves: list[MissRatioCurve], rows: int) -> None:
