@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import zipf_analysis.mrc as mrc
@@ -296,6 +297,21 @@ def test_a_uint64_row_id_past_int64_is_named_as_given(curve):
     with pytest.raises(RowIdError, match=r"^negative row id -2; expected ids >= 0"):
         curve(np.array([3, -2]))
     assert curve(ids[[0, 2]]).lookups == 2
+
+
+@pytest.mark.parametrize(
+    "make", [torch.from_numpy, lambda ids: ids.tolist(), lambda ids: tuple(ids.tolist())]
+)
+def test_a_tensor_or_a_list_of_ids_is_read_as_one_array(make):
+    """A 1-D tensor or a list of ids was taken as an iterable of chunks, one id each: the
+    kernels ran once per id through Python (20 us an id), and a 0-d tensor was a TypeError."""
+    ids = sample_zipf(5_000, 300, 0.9, seed=1)
+    chunks = list(mrc._iter_chunks(make(ids)))
+    assert len(chunks) == 1 and (chunks[0] == ids).all()
+    assert (lru_mrc(make(ids)).misses == lru_mrc(ids).misses).all()
+    assert lru_mrc(torch.tensor(7)).lookups == 1
+    parts = [ids[:100], ids[100:]]  # an iterable of arrays is still read chunk by chunk
+    assert [c.size for c in mrc._iter_chunks(parts)] == [100, ids.size - 100]
 
 
 def test_curve_api_and_json(tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -263,7 +264,10 @@ _BLOCK = 1 << 24  # ids handed to a kernel at once when the source is one big ar
 
 
 def _iter_chunks(source: Any) -> Iterator[np.ndarray]:
-    """Flat int64 arrays from an array, a TraceReader (all tables) or an iterable of arrays."""
+    """Flat int64 arrays from an array (a tensor, a list of ids), a TraceReader (all tables) or an
+    iterable of arrays."""
+    if _one_array(source):  # not one chunk per id, each through Python
+        source = np.asarray(source)
     if isinstance(source, np.ndarray):
         flat = source.reshape(-1)
         for start in range(0, flat.size, _BLOCK):
@@ -273,6 +277,19 @@ def _iter_chunks(source: Any) -> Iterator[np.ndarray]:
         source = source.ids()
     for part in source:
         yield _as_int64(np.asarray(part).reshape(-1))
+
+
+def _one_array(source: Any) -> bool:
+    """Whether ``source`` is ids as one array (a tensor; a list or tuple of integers, no bool)
+    rather than an iterable of chunks."""
+    if isinstance(source, np.ndarray | TraceReader):
+        return False
+    if hasattr(source, "__array__"):  # a tensor
+        return True
+    if not isinstance(source, list | tuple) or not source:
+        return False
+    kinds = set(map(type, source))  # by the types alone, not one look per id
+    return all(issubclass(k, numbers.Integral) and not issubclass(k, bool) for k in kinds)
 
 
 def _as_int64(ids: np.ndarray) -> np.ndarray:
@@ -502,7 +519,7 @@ def lru_mrc(
 
     Parameters
     ----------
-    source : ndarray, TraceReader or iterable of ndarrays
+    source : ndarray, tensor, list of ints, TraceReader or iterable of ndarrays
         Row ids in request order (a reader's ids of all its tables; pass ``reader.ids(table)``
         for one table).
     capacities : sequence of int, optional
@@ -561,7 +578,7 @@ def shards_mrc(
 
     Parameters
     ----------
-    source : ndarray, TraceReader or iterable of ndarrays
+    source : ndarray, tensor, list of ints, TraceReader or iterable of ndarrays
         Row ids in request order.
     rate : float
         Fixed sampling rate R in (0, 1], in steps of 2**-24 (ignored with ``fixed_size``).
@@ -803,7 +820,7 @@ def belady_misses(
 
     Parameters
     ----------
-    source : ndarray, TraceReader or iterable of ndarrays
+    source : ndarray, tensor, list of ints, TraceReader or iterable of ndarrays
         Row ids in request order.
     capacities : sequence of int
         Cache sizes in rows.
@@ -864,7 +881,7 @@ def offline_mrc(
     ----------
     bound : str
         A name from ``policies.registry.offline_names()``: ``"belady"`` or ``"static-topk"``.
-    source : ndarray, TraceReader or iterable of ndarrays
+    source : ndarray, tensor, list of ints, TraceReader or iterable of ndarrays
         Row ids in request order.
     capacities : sequence of int
         Cache sizes in rows (capacity 0 is always added).
