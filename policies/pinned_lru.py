@@ -20,10 +20,11 @@ LOOKAHEAD_PASSES = 256  # least recent rows an eviction with ``lookahead`` may p
 
 
 def trace_ids(ids: np.ndarray, rows: int, caller: str, per_row: str) -> np.ndarray:
-    """``ids`` as contiguous int64, or a PolicyError naming ``caller`` if they are not integers
-    or one is outside ``[0, rows)`` (``per_row``: what the caller keeps per row, for the
-    message), named as given (a uint64 past int64 is not wrapped negative)."""
-    given = np.asarray(ids)
+    """``ids`` as flat contiguous int64 (a record's ``[batch, seq, heads]`` in request order), or
+    a PolicyError naming ``caller`` if they are not integers or one is outside ``[0, rows)``
+    (``per_row``: what the caller keeps per row, for the message), named as given (a uint64
+    past int64 is not wrapped negative)."""
+    given = np.asarray(ids).reshape(-1)
     if given.dtype.kind not in "iu" and given.size:  # a cast truncated 1.5 and 1.7 to row 1
         raise PolicyError(
             f"{caller} ids: got dtype {given.dtype}; expected integer row ids in [0, {rows})"
@@ -50,7 +51,8 @@ def pinned_lru_misses(
     Parameters
     ----------
     ids : ndarray of int
-        Row ids in request order, each in ``[0, pinned.size)``.
+        Row ids in request order, each in ``[0, pinned.size)`` (any shape, read flat: a trace
+        record's ``[batch, seq, heads]``).
     pinned : ndarray of bool
         One flag per table row: True for a row held from the start and never evicted (always a
         hit). Its length is the table's rows.

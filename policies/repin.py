@@ -70,7 +70,7 @@ def repinned_lru_misses(
     Parameters
     ----------
     ids : ndarray of int
-        Row ids in request order, each in ``[0, prior.size)``.
+        Row ids in request order, each in ``[0, prior.size)`` (any shape, read flat).
     prior : ndarray of float
         The offline profile's score per table row (e.g. episodes); zeros for none.
     pinned_rows, lru_rows : int

@@ -155,6 +155,16 @@ def test_per_request_simulators_take_counts_as_numpy_or_torch_integers(make):
         pinned_lru_misses(ids, pinned, torch.tensor(True))
 
 
+def test_per_request_simulators_take_a_trace_records_ids_in_request_order():
+    """A record's [batch, seq, heads] ids reached the numba kernels as they were: a TypingError
+    (Cannot unify array(int64, 1d, C) and int64) naming none of the arguments."""
+    ids = np.array([1, 2, 1, 3, 1, 2, 4, 1, 3, 2, 4, 1]).reshape(2, 3, 2)
+    pinned = np.zeros(10, np.bool_)
+    assert pinned_lru_misses(ids, pinned, 2) == pinned_lru_misses(ids.reshape(-1), pinned, 2)
+    grouped = repinned_lru_misses(ids, np.ones(10), 1, 1, interval=5)
+    assert grouped == repinned_lru_misses(ids.reshape(-1), np.ones(10), 1, 1, interval=5)
+
+
 def test_a_uint64_row_id_past_int64_is_named_as_given():
     # it was cast to int64 first, and named as the id -1, which no one gave
     ids = np.array([3, 2**64 - 1], dtype=np.uint64)
