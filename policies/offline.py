@@ -204,7 +204,7 @@ def _check_ids(name: str, ids: np.ndarray) -> np.ndarray:
     """Row ids as a flat contiguous int64 array; other dtypes, negative ids and ids past int64
     (a uint64 is named as given, not wrapped negative) are PolicyErrors naming the bound."""
     ids = np.asarray(ids).reshape(-1)
-    if ids.dtype.kind not in "iu":
+    if ids.dtype.kind not in "iu" and ids.size:  # np.asarray([]) is float64: no ids
         raise PolicyError(f"{name}: row ids of dtype {ids.dtype}; expected integers")
     if ids.size and ids.min() < 0:
         raise PolicyError(f"{name}: row id {int(ids.min())}; expected row ids >= 0")

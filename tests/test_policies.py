@@ -933,6 +933,15 @@ def test_an_offline_capacity_that_is_not_a_whole_number_of_rows_is_a_policy_erro
 
 
 @pytest.mark.parametrize("bound", ["belady", "static-topk"])
+def test_an_offline_bound_over_an_empty_list_of_ids_has_no_misses(bound):
+    """np.asarray([]) is float64: no ids were refused as 'row ids of dtype float64', where the
+    per-request simulators and the curves count no misses."""
+    assert offline_bound(bound).misses([], [0, 2]).tolist() == [0, 0]
+    with pytest.raises(PolicyError, match=rf"^{bound}: row ids of dtype float64; expected"):
+        offline_bound(bound).misses([1.5], [1])
+
+
+@pytest.mark.parametrize("bound", ["belady", "static-topk"])
 def test_an_offline_row_id_past_int64_is_named_as_given(bound):
     """A uint64 id past int64 was cast first and refused as the negative id -1."""
     ids = np.array([3, 2**64 - 1, 3], dtype=np.uint64)
