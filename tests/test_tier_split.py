@@ -825,6 +825,19 @@ def test_a_bad_profile_gives_the_error_replay_gives(short_trace, tmp_path):
     assert errors[0] == errors[1] and errors[0].startswith("tiers.warm.profile: ")
 
 
+def test_the_printed_split_says_what_each_figure_is(short_trace):
+    """'fetch 34.40%; stall 0.0228 s over 250 batches (fetch 0.0228 s)' named a ratio and a time
+    alike, and the frontier's GPU and host columns did not say they hold the tiers' metadata."""
+    config = _tuned(short_trace, "zipf-tuned", "sieve")
+    rec = recommend_split(config, short_trace, gpu_budget="1MiB", host_budget="1MiB", points=4)
+    text = "\n".join(rec.lines())
+    assert f"fetch {rec.fetch_ratio:.2%} (rows read from cold per lookup)" in text
+    assert f"hot hit {rec.hot_hit_ratio:.2%} (of all lookups)" in text
+    assert f"miss {rec.miss_ratio:.2%} (of all lookups)" in text
+    assert f"of their {rec.fetch_seconds:.4f} s of modelled fetches" in text
+    assert "GPU and host: each tier's bytes, its metadata included" in text
+
+
 def test_policies_the_model_does_not_know_are_modelled_as_lru_and_said_so(short_trace):
     config = _tuned(short_trace, "zipf-tuned", "sieve")
     rec = recommend_split(config, short_trace, gpu_budget="1MiB", host_budget="1MiB", points=4)

@@ -700,11 +700,14 @@ class SplitRecommendation:
             f"  recommended: hot {self.hot_rows:,} rows ({self.hot_rows / self.rows:.2%} of the "
             f"table, {format_bytes(self.hot_bytes)} with metadata), warm {self.warm_rows:,} rows "
             f"({self.warm_rows / self.rows:.2%}, {format_bytes(self.warm_bytes)})",
-            f"  modelled: hot hit {self.hot_hit_ratio:.2%}, warm hit {self.warm_hit_ratio:.2%} (of "
+            f"  modelled: hot hit {self.hot_hit_ratio:.2%} (of all lookups), warm hit {self.warm_hit_ratio:.2%} (of "
             f"the hot tier's misses), "
-            f"miss {self.miss_ratio:.2%}, fetch {self.fetch_ratio:.2%}; stall "
-            f"{self.stall_seconds:.4f} s over {self.batches:,} batches (fetch {self.fetch_seconds:.4f} s)",
-            f"  frontier (no other split has less memory and no more stall), {len(self.frontier)} of "
+            f"miss {self.miss_ratio:.2%} (of all lookups), fetch {self.fetch_ratio:.2%} (rows read "
+            f"from cold per lookup); stall {self.stall_seconds:.4f} s over {self.batches:,} "
+            f"batches (the part of their {self.fetch_seconds:.4f} s of modelled fetches that "
+            "compute does not hide)",
+            f"  frontier (no other split has less memory and no more stall; GPU and host: each "
+            f"tier's bytes, its metadata included), {len(self.frontier)} of "
             f"{len(self.candidates)} splits{some}:",
             f"  {'hot rows':>12}{'GPU':>11}{'warm rows':>12}{'host':>11}{'hot hit':>9}"
             f"{'warm hit':>10}{'fetch':>8}{'stall s':>10}",
