@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import os
 import socket
 import threading
@@ -1123,6 +1124,58 @@ def test_requests_are_served_while_a_reload_closes_the_old_stores(tmp_path, monk
         store = served.stores["engram_layer3"]
         assert served.model.tables[3].table is store and not store.closed
         assert served.health["engram_layer3"].reloads == 1
+    finally:
+        served.close()
+
+
+def test_a_ctrl_c_as_a_reload_closes_the_old_stores_closes_every_one(tmp_path, monkeypatch, caplog):
+    """A Ctrl-C (or an error) as a reload closed the old stores, after the gate opened, left the
+    old stores after that one open for good (their files, their prefetch workers) and their
+    reloads uncounted. Every old store closes; the Ctrl-C is raised then, and the next reload
+    works."""
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+
+        def commit_both() -> None:
+            for layer in (1, 3):  # both tables stale
+                path = str(config.table_path(layer))
+                with TieredStore.open({"table": {"path": path}}) as writer:
+                    writer.write([1], torch.zeros(1, writer.dim))
+                    writer.commit()
+
+        commit_both()
+        old = dict(served.stores)
+        real = old["engram_layer1"].close
+
+        def interrupted_close(**kwargs):  # Ctrl-C as its close (a warm-restart save) ends
+            real(**kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(old["engram_layer1"], "close", interrupted_close)
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+        assert all(store.closed for store in old.values())
+        assert all(served.stores[name] is not old[name] for name in TABLES)
+        assert [served.health[name].reloads for name in TABLES] == [1, 1]
+        commit_both()
+        old = dict(served.stores)
+        real = old["engram_layer1"].close
+
+        def failed_close(**kwargs):  # an error as it ends (a device's, say): the swap is done
+            real(**kwargs)
+            raise RuntimeError("injected close failure")
+
+        monkeypatch.setattr(old["engram_layer1"], "close", failed_close)
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == TABLES  # not raised to a request
+        assert "engram_layer1's store of the version swapped out failed: " in caplog.text
+        assert all(store.closed for store in old.values())
+        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+        assert served.answer(request)["shape"] == [1, 3]
     finally:
         served.close()
 

@@ -590,12 +590,26 @@ class ServedModel:
         self, old: dict[str, TieredStore], carried: dict[str, dict[Any, float]]
     ) -> None:
         """Close the stores ``_swap_in`` replaced (``old``, by table name) and carry to their
-        tables' metrics what lookups in flight counted in them since ``carried``."""
+        tables' metrics what lookups in flight counted in them since ``carried``; every one,
+        though a close raised: an error is logged (the new versions are served), a Ctrl-C
+        raised once the others closed too."""
+        interrupted: BaseException | None = None
         for name, store in old.items():
-            store.close()
+            try:
+                store.close()
+            except Exception as exc:  # noqa: BLE001 (swapped out: the new version is served)
+                log.error(
+                    "closing %s's store of the version swapped out failed: %s",
+                    name,
+                    error_text(exc),
+                )
+            except BaseException as exc:  # Ctrl-C: the others close first
+                interrupted = interrupted or exc
             self._carry_rest(name, store, carried[name])
             self.health[name].reloads += 1
         self.reloads += len(old)
+        if interrupted is not None:
+            raise interrupted
 
     def _serve_from(self, opened: dict[str, TieredStore]) -> dict[str, dict[Any, float]]:
         """``stores`` names ``opened`` (table name -> new store), and each table's metrics count
