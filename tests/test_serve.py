@@ -1180,6 +1180,51 @@ def test_a_ctrl_c_as_a_reload_closes_the_old_stores_closes_every_one(tmp_path, m
         served.close()
 
 
+def test_a_reload_leaves_an_old_store_whose_read_hangs_to_close_under_it(tmp_path, monkeypatch):
+    """An old store with a prefetch's cold read hung for good (a dead disk) held the reload in
+    its close after the gate, without end: no reload came after, and a stop waited for it past
+    stop_within_s (a close waits for the reload under way). The old store's close waits at most
+    server.request_timeout_s; it is then left to close under the read, its table in
+    left_closing (the serve command exits past it)."""
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
+    served = ServedModel(config)
+    release = threading.Event()
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        old = served.stores["engram_layer3"]
+        entered, read_rows = threading.Event(), old.cold.read_rows
+
+        def hung_read(ids):  # a dead disk, until the test ends
+            entered.set()
+            release.wait(60)
+            return read_rows(ids)
+
+        monkeypatch.setattr(old.cold, "read_rows", hung_read)
+        handle = old.prefetch([1, 2, 3])  # an announced request's, say
+        assert entered.wait(10)
+        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        reloaded: list[list[str]] = []
+        reloader = threading.Thread(
+            target=lambda: reloaded.append(served.reload_if_stale(force_check=True))
+        )
+        with pytest.warns(RuntimeWarning, match="engram_layer3.npy still under way after"):
+            reloader.start()
+            reloader.join(20)
+            ended = not reloader.is_alive()  # while the read still hangs
+        assert ended and reloaded == [["engram_layer3"]]
+        assert old.closed and served.left_closing == ["engram_layer3"]
+        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+        assert served.answer(request)["shape"] == [1, 3]  # on the new store
+    finally:
+        release.set()
+        served.close()
+    assert handle.future.result(10) is not None  # the read ended on its own
+
+
 def test_a_close_during_a_reload_ends_the_reload_at_its_open_under_way(tmp_path, monkeypatch):
     """A close (a server's stop) while a reload opened the stale tables' new versions waited
     for the whole reload: every other table's open (a big table's tiers, its warm restore), the

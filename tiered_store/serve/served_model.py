@@ -233,7 +233,8 @@ class ServedModel:
             self._refusals: dict[str, tuple[Any, str]] = {}
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
-            # tables whose store close(wait_s=) left to close under a call hung in it
+            # tables whose store close(wait_s=) left to close under a call hung in it (at the
+            # close, or a reload's of the store it swapped out)
             self.left_closing: list[str] = []
             self.reloads = 0
             if trace is not None:
@@ -592,11 +593,16 @@ class ServedModel:
         """Close the stores ``_swap_in`` replaced (``old``, by table name) and carry to their
         tables' metrics what lookups in flight counted in them since ``carried``; every one,
         though a close raised: an error is logged (the new versions are served), a Ctrl-C
-        raised once the others closed too."""
+        raised once the others closed too. They wait for their calls under way (a prefetch) at
+        most ``server.request_timeout_s`` in all: one hung for good (a dead disk) is left to
+        close under them (its table in ``left_closing``), never holding the reloads after it,
+        nor a ``close`` (which waits for the reload under way)."""
         interrupted: BaseException | None = None
+        deadline = time.monotonic() + self.config.server.request_timeout_s
         for name, store in old.items():
             try:
-                store.close()
+                if not store.close(wait_s=max(deadline - time.monotonic(), 0.0)):
+                    self.left_closing.append(name)
             except Exception as exc:  # noqa: BLE001 (swapped out: the new version is served)
                 log.error(
                     "closing %s's store of the version swapped out failed: %s",
