@@ -1225,6 +1225,26 @@ def test_a_reload_leaves_an_old_store_whose_read_hangs_to_close_under_it(tmp_pat
     assert handle.future.result(10) is not None  # the read ended on its own
 
 
+def test_a_trace_that_fails_to_close_still_closes_the_stores(tmp_path):
+    """The recorded trace's close failing (its directory removed, a full disk) raised out of
+    ServedModel.close before any store closed: no warm-restart save, the stores' files and
+    prefetch workers left open. The stores close all the same; the trace's error is raised
+    after."""
+    import shutil
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path / "ckpt"))
+    traces = tmp_path / "traces"
+    served = ServedModel(config, trace=traces / "t.trace")
+    request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+    assert served.answer(request)["shape"] == [1, 3]
+    shutil.rmtree(traces)  # its rename into place fails
+    stores = dict(served.stores)
+    with pytest.raises(OSError):
+        served.close()
+    assert all(store.closed for store in stores.values())
+    assert _fds_open_on(config.table_path(1).resolve()) == 0
+
+
 def test_a_close_during_a_reload_ends_the_reload_at_its_open_under_way(tmp_path, monkeypatch):
     """A close (a server's stop) while a reload opened the stale tables' new versions waited
     for the whole reload: every other table's open (a big table's tiers, its warm restore), the

@@ -1146,15 +1146,23 @@ class ServedModel:
 
     def _close(self, deadline: float | None = None) -> None:
         """``close`` once no answer is in flight; the stores wait for their calls under way
-        until ``deadline`` (``time.monotonic()``; None: until they end)."""
+        until ``deadline`` (``time.monotonic()``; None: until they end). The trace's close
+        failing (a full disk) is raised once the stores closed too."""
         with self._trace_lock:  # not _submit_lock: a worker may hold it, hung in a prefetch
             trace, self._trace = self._trace, None
-        if trace is not None:
-            trace.close()
-            for layer, config in zip(self.layer_ids, self._replay_configs, strict=True):
-                name = self.config.table_name(layer)
-                log.info("recorded %s; replay: tiered-store replay %s %s --table %s",
-                         trace.path, config, trace.path, name)  # fmt: skip
+        try:
+            if trace is not None:
+                trace.close()
+                for layer, config in zip(self.layer_ids, self._replay_configs, strict=True):
+                    name = self.config.table_name(layer)
+                    log.info("recorded %s; replay: tiered-store replay %s %s --table %s",
+                             trace.path, config, trace.path, name)  # fmt: skip
+        finally:
+            self._close_stores(deadline)
+
+    def _close_stores(self, deadline: float | None) -> None:
+        """``_close``'s end: rank 0 tells the other ranks to stop, then every store closes,
+        waiting for its calls under way until ``deadline`` (None: until they end)."""
         control, self.control = getattr(self, "control", None), None
         if control is not None and control.rank == 0:
             try:
