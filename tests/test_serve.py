@@ -1245,6 +1245,44 @@ def test_a_trace_that_fails_to_close_still_closes_the_stores(tmp_path):
     assert _fds_open_on(config.table_path(1).resolve()) == 0
 
 
+def test_serve_until_signal_restores_the_signal_handlers_when_its_stop_raises(tmp_path):
+    """serve_until_signal put SIGTERM's and SIGINT's handlers back only if its stop returned:
+    one that raised (the recorded trace's close failing, its directory removed) left its own
+    in place, and a Ctrl-C in the process no longer interrupted anything. They are put back
+    all the same, and the stop's error is raised."""
+    import shutil
+    import signal
+
+    traces = tmp_path / "traces"
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path / "ckpt")).with_overrides(
+        address="127.0.0.1:0", metrics_address=""
+    )
+    server = InferenceServer(config, trace=traces / "t.trace")
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def stop_it() -> None:  # once listening: the trace's folder gone, then SIGTERM
+        deadline = time.monotonic() + 60
+        while server._uvicorn is None or not server._uvicorn.started:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        shutil.rmtree(traces)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_it)
+    stopper.start()
+    try:
+        with pytest.raises(TierIOError, match="t.trace"):
+            server.serve_until_signal()
+    finally:
+        stopper.join(60)
+        after = {s: signal.getsignal(s) for s in before}
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert after == before
+    assert all(store.closed for store in server.model.stores.values())
+
+
 def test_a_close_during_a_reload_ends_the_reload_at_its_open_under_way(tmp_path, monkeypatch):
     """A close (a server's stop) while a reload opened the stale tables' new versions waited
     for the whole reload: every other table's open (a big table's tiers, its warm restore), the

@@ -307,9 +307,11 @@ class InferenceServer:
             while not stop.wait(0.5) and self._thread.is_alive():
                 pass
         finally:
-            self.stop()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            try:
+                self.stop()
+            finally:  # a stop that raised (the trace's close failed) puts them back too
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
         log.info("stopped")
         return 0
 
