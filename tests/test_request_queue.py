@@ -218,6 +218,32 @@ def test_replay_keeps_what_the_next_request_reuses(tmp_path):
     assert queued.fetch_ratio < blind.fetch_ratio
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a request keeps its standing on every row it announced until released: the rows "
+    "its later batches no longer look up rank as needed soonest, and outlive rows the requests "
+    "behind it need",
+)
+def test_a_served_request_gives_up_the_rows_its_later_batches_do_not_look_up(tmp_path):
+    """Requests of 4 tokens, batches of 2, a tier of 2 rows: R1 = [4, 3 | 4, 0], then
+    R2 = [0, 4 | 5, 6]. R1's second batch misses 0 and must evict 4 or 3. Row 3 is never looked
+    up again and 4 is R2's; but while R1 is queued both rank as R1's (needed soonest), the tie
+    goes by slot and 4 goes: R2 misses it, and the queue misses more than plain LRU (6
+    against 5). By Belady, a row whose last lookup in a request is served waits for the next
+    request that looks it up (3 for none after the first batch; 4 and 0 for R2 before the
+    second admits), and 3 goes."""
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    _trace_of(tmp_path / "t.trace", [[4, 3, 4, 0, 0, 4, 5, 6]])
+    config = store_config(path, warm={"capacity": 2})
+    blind = replay(config, tmp_path / "t.trace", batch_tokens=2)
+    queued = replay(
+        config, tmp_path / "t.trace", batch_tokens=2, queued_requests=1, request_tokens=4
+    )
+    assert blind.tiers["warm"]["misses"] == 5
+    assert queued.tiers["warm"]["misses"] == 5  # 4, 3, 0, then 5 and 6 (6: 4 missed again)
+    assert queued.tiers["warm"]["hits"] == 3  # 4 in R1's second batch, then R2's 0 and 4
+
+
 @pytest.mark.parametrize(
     "tiers",
     [
