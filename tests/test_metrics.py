@@ -600,7 +600,6 @@ def test_the_checksum_alert_names_a_lookup_as_what_may_have_found_the_corruption
 @pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
 )
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_the_table_closed_alert_fires_after_five_minutes_closed(tmp_path):
     """tiered_store_table_open said a table was closed (a reload refused its new version) and
     no alert read it: the table's requests got 503 with nothing firing but the lookup failures
@@ -636,6 +635,9 @@ def test_the_table_closed_alert_fires_after_five_minutes_closed(tmp_path):
     _promtool_passes(tmp_path, test)
 
 
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
 def test_the_checksum_alert_stays_firing_while_the_last_pass_failed(tmp_path):
     """One failed pass every 2 h (checkpoint.scrub_interval_s): increase(...[1h]) is 0 an hour
     after each, so the alert resolved while the table was still corrupt; it fires while the
