@@ -623,7 +623,7 @@ def test_the_table_closed_alert_fires_after_five_minutes_closed(tmp_path):
                                 "exp_labels": {"severity": "critical", "table": "engram_layer1"},
                                 "exp_annotations": {
                                     "summary": "table engram_layer1 is closed",
-                                    "description": "A reload refused engram_layer1's new version and closed its store; requests needing rows it does not cache get 503 until a reload opens a good version (/healthz says why).",
+                                    "description": "A reload refused engram_layer1's new version and closed its store; every request gets 503 (a closed store serves no row, those its tiers hold included) until a reload opens a good version (/healthz says why).",
                                 },
                             }
                         ],

@@ -3349,7 +3349,9 @@ def test_metrics_say_which_tables_are_closed_until_a_reload(config_path):
     try:
         server.model.reload_check_seconds = 3600.0  # the test reopens it, not the watch
         assert table_open() == {"engram_layer1": 1, "engram_layer3": 1}
+        assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
         server.model.stores["engram_layer3"].close()  # what a refused reload may leave
+        # its rows just read (held by its tiers) too: a closed store serves none
         assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 503
         assert table_open() == {"engram_layer1": 1, "engram_layer3": 0}
         assert server.model.reload_if_stale(force_check=True) == ["engram_layer3"]
