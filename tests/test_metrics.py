@@ -290,6 +290,11 @@ def test_rules_and_dashboard_use_only_real_metrics():
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("hit ratio", "lookups/s", "latency", "stall", "occupancy", "cold read"):
         assert topic in titles, topic
+    # a table a reload left closed (every request 503) is on the dashboard, beside the failures
+    panels = {
+        p["title"]: " ".join(t["expr"] for t in p.get("targets", [])) for p in dashboard["panels"]
+    }
+    assert any("tiered_store_table_open" in expr for expr in panels.values()), sorted(panels)
 
     for panel in dashboard["panels"]:  # a panel in seconds plots seconds, or says otherwise
         config = panel.get("fieldConfig", {})
