@@ -1076,6 +1076,40 @@ def test_requests_are_served_while_a_reload_opens_the_new_version(tmp_path, monk
         served.close()
 
 
+def test_an_old_store_whose_close_raises_leaves_the_others_closed_and_counted(tmp_path, caplog):
+    """A reload of two tables whose first old store's close raised (its warm-restart save
+    failed under -W error) left the second old store open for good (its threads, file and
+    tiers) and counted neither reload, though both tables were served on their new version.
+    Every old store closes, each reload counts, and the error is logged naming the table."""
+    from tiered_store import TieredStore
+    from tiered_store.warm_restart import RestartWarning, restart_path
+
+    tiers = {**CONFIG["store"]["tiers"], "restart": {"enabled": True}}
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, store={"tiers": tiers}))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):  # a new version of both
+            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
+                writer.write([1], torch.zeros(1, writer.dim))
+                writer.commit()
+        old = dict(served.stores)
+        in_the_way = restart_path(config.table_path(1))
+        in_the_way.mkdir()  # layer 1's save fails: a directory where its file goes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RestartWarning)  # the new store's open: cold
+            warnings.filterwarnings("error", "warm restart: could not save", RestartWarning)
+            served.reload_if_stale(force_check=True)
+        in_the_way.rmdir()
+        assert {name: store.closed for name, store in old.items()} == dict.fromkeys(TABLES, True)
+        assert {name: h.reloads for name, h in served.health.items()} == dict.fromkeys(TABLES, 1)
+        assert served.reloads == 2
+        assert all(not served.stores[name].closed for name in TABLES)
+        assert "closing engram_layer1's store of the version swapped out failed" in caplog.text
+    finally:
+        served.close()
+
+
 def test_requests_are_served_while_a_reload_closes_the_old_stores(tmp_path, monkeypatch):
     """A reload closed the old stores while it still held the request gate: every request
     waited for their close (a warm-restart save of the tiers, the prefetches' drain) at each
@@ -1658,7 +1692,8 @@ def test_a_reload_interrupted_as_it_announces_serves_and_closes_as_swapped(tmp_p
     to them: ``stores`` kept the old ones, open, and the new ones, which the model read, were
     in no list; the next check found the old ones stale and opened the tables yet again, the
     first new stores never closed (their files and memory held for good). ``stores`` names
-    what the model reads, the old stores close, and the interrupt goes on."""
+    what the model reads, the old stores close (their reloads counted), and the interrupt goes
+    on."""
 
     from tiered_store import TieredStore
 
@@ -1686,6 +1721,7 @@ def test_a_reload_interrupted_as_it_announces_serves_and_closes_as_swapped(tmp_p
             name = config.table_name(layer)
             assert served.model.tables[layer].table is served.stores[name], layer
             assert served.stores[name] is not old[name] and old[name].closed, layer
+            assert served.health[name].reloads == 1, layer  # swapped in: counted as a reload
         assert _fds_open_on(layer1) == opened  # the old store's file closed, the new one's open
         assert served.reload_if_stale(force_check=True) == []  # on the version now
     finally:

@@ -567,10 +567,7 @@ class ServedModel:
         try:
             self._announce_again({old[name]: opened[name] for name in opened})
         except BaseException:
-            carried = self._serve_from(opened)
-            for name, store in old.items():
-                store.close()
-                self._carry_rest(name, store, carried[name])
+            self._close_swapped_out(old, self._serve_from(opened))
             raise
         carried = self._serve_from(opened)
         # once served: a pass failing over the old file now finds it replaced (verify_tables)
