@@ -238,7 +238,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tiered_store_cold_read_bytes_total": (
         "counter",
         ("table",),
-        "Bytes transferred from the table file (whole 4 KiB pages for pread/direct I/O).",
+        "Bytes transferred from the table file (whole 4 KiB pages for pread, direct and uring "
+        "I/O; the rows' own bytes for mmap).",
     ),
     "tiered_store_cold_read_requests_total": (
         "counter",
