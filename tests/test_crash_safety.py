@@ -1130,7 +1130,7 @@ def forking():  # holds the module's lock, as a fork in another thread does, pas
         held.set()
         while not opened():
             time.sleep(0.001)
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while open_held waits for the lock
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C, as open_held waits
         done.wait(30)
 
 threading.Thread(target=forking, daemon=True).start()

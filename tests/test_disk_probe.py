@@ -215,7 +215,7 @@ def test_ctrl_c_stops_every_reading_thread(data_file):
             while not any(t.name.startswith("disk-probe-") for t in threading.enumerate()):
                 time.sleep(0.001)
             time.sleep(0.05)
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
         def bytes_read():
             return int(open("/proc/self/io").read().split("rchar:")[1].split()[0])

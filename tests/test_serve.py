@@ -1534,13 +1534,12 @@ def test_a_reload_interrupted_while_it_waits_for_the_answers_in_flight(tmp_path)
     for good (every later request waited on it without end, close() too), and the new
     version's store, opened before the wait, open. The gate opens again, that store closes,
     and the interrupt goes on."""
-    import os
     import signal
 
     def answer_in_flight(served, done) -> None:  # Ctrl-C once the reload waits for it
         while not served._gate._exclusive and not done.is_set():
             time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # its main thread
         done.wait(60)
 
     with _an_answer_in_flight_over_a_commit(tmp_path, 60, answer_in_flight) as (
