@@ -1544,3 +1544,42 @@ def test_a_commit_whose_bookkeeping_runs_out_of_memory_still_reads_its_rows(tmp_
         store.commit()
     with TieredStore(cfg) as store:
         assert torch.equal(store.lookup(ids), new)
+
+
+def test_a_second_writer_is_refused_naming_the_process_that_holds_the_table(tmp_path):
+    """A second writer was refused with 'another store, in this process or another': which
+    process holds the table (one to wait for, or a stuck one to stop) was left to guess. The
+    refusal names the holder's process id (and this process when it is the holder)."""
+    import subprocess
+    import sys
+
+    from tiered_store.errors import TierIOError
+
+    path, _ = make_table(tmp_path, rows=20, dim=2)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch; from tiered_store import TieredStore\n"
+            f"s = TieredStore.open({{'table': {{'path': {str(path)!r}}}}})\n"
+            "s.write([1], torch.ones(1, 2)); print('holding', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        held = f"held by process {holder.pid} "
+        with TieredStore(store_config(path)) as store, pytest.raises(TierIOError, match=held):
+            store.write([2], torch.ones(1, 2))
+        with pytest.raises(TierIOError, match=f"held by process {holder.pid} "):
+            compact_table(path, progress=False)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    with TieredStore(store_config(path)) as writer, TieredStore(store_config(path)) as other:
+        writer.write([1], torch.ones(1, 2))
+        writer.commit()
+        with pytest.raises(TierIOError, match="held by this process"):
+            other.write([2], torch.ones(1, 2))

@@ -144,6 +144,33 @@ def exclusive_now(fd: int, path: str | os.PathLike[str]) -> bool:
     return True
 
 
+def flock_holder(path: str | os.PathLike[str]) -> str | None:
+    """Who holds an exclusive ``flock`` on the file ``path``, from ``/proc/locks``: 'this
+    process (pid N)' or 'process N (COMMAND)'; None where it cannot tell (no ``/proc``, a holder
+    outside this pid namespace, none any more)."""
+    try:
+        info = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    file = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    for line in lines:  # "N: FLOCK  ADVISORY  WRITE PID MAJOR:MINOR:INODE 0 EOF" (a waiter: "->")
+        fields = line.split()
+        if len(fields) >= 6 and fields[1:4:2] == ["FLOCK", "WRITE"] and fields[5] == file:
+            pid = int(fields[4]) if fields[4].isdigit() else 0
+            if pid <= 0:
+                return None
+            if pid == os.getpid():
+                return f"this process (pid {pid})"
+            try:
+                with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                    return f"process {pid} ({f.read().strip()})"
+            except OSError:  # ended meanwhile, or hidden
+                return f"process {pid}"
+    return None
+
+
 @contextlib.contextmanager
 def locked_folder(path: str | os.PathLike[str]) -> Iterator[int]:
     """An exclusive ``flock`` on the folder ``path`` while inside (cooperating writers of its

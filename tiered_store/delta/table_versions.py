@@ -35,7 +35,7 @@ from typing import TypeVar
 from ..atomic_file import atomic_write, fsync_dir, remove_abandoned_temporaries
 from ..errors import ConfigError, TableFormatError, TierIOError, warn_at_caller
 from ..page_checksums import sidecar_path
-from ..process_locks import exclusive_now, open_held, release
+from ..process_locks import exclusive_now, flock_holder, open_held, release
 from ..table_format import check_table, not_a_table, table_paths
 from ..table_sources import TableNotFoundError
 from .row_delta import delta_path, remove_delta_temporaries
@@ -295,10 +295,11 @@ def _lock_waiting(fd: int, path: Path, wait_s: float) -> None:
             continue
         waited = f", still after {wait_s:g} s" if wait_s > 0 else ""
         table = path.name.removesuffix(".writer.lock")
+        holder = flock_holder(path) or "another store, in this process or another"
         raise TierIOError(
             errno.EBUSY,
-            f"table {table} is being written (or compacted) by another store, in this process "
-            f"or another (it holds {path.name}{waited}); expected one writer at a time",
+            f"table {table} is being written (or compacted) by another store: its writer lock "
+            f"{path.name} is held by {holder}{waited}; expected one writer at a time",
         )
 
 
