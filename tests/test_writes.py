@@ -4,6 +4,7 @@ bad input, and a table without a delta left alone."""
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 from pathlib import Path
 
@@ -687,6 +688,23 @@ def test_rows_out_of_the_tables_range_name_the_value_and_dtype(tmp_path):
             store.write([1, 2], np.array([[1, 2, 3, 4], [5, 6, 70000, 8]], np.int64))
         with pytest.raises(RowDataError, match=r"row 0 holds a non-finite value \(nan\)"):
             store.write([1], torch.full((1, 4), float("nan")))
+
+
+def test_rows_given_as_python_numbers_past_float32_name_the_value_given(tmp_path):
+    """Rows given as Python lists were read as float32 first, so a finite 1e39 or 1e300 was
+    refused as 'a non-finite value (inf)', a value the caller never gave; it is named as given,
+    overflowing the table's dtype. A list's real NaN is still named so."""
+    path, _ = make_table(tmp_path, rows=20, dim=2)
+    with TieredStore(store_config(path)) as store:
+        for given in (1e39, 1e300):
+            held = re.escape(f"row 1 holds {given:g}, which overflows float32")
+            with pytest.raises(RowDataError, match=held):
+                store.write([1, 2], [[0.0, 1.0], [given, 2.0]])
+        with pytest.raises(RowDataError, match=r"row 0 holds a non-finite value \(nan\)"):
+            store.write([1], [[float("nan"), 0.0]])
+        store.write([1], [[0.5, 3]])
+        assert store.lookup([1]).tolist() == [[0.5, 3.0]]
+        store.commit()
 
 
 def test_close_says_when_it_drops_writes_not_committed(tmp_path):

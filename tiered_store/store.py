@@ -1618,6 +1618,8 @@ def as_rows(rows: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     """Rows for a write -> ``[n, width]`` CPU tensor of the table's dtype; checks shape, finiteness."""
     try:
         tensor = torch.as_tensor(rows)
+        if tensor.is_floating_point() and not isinstance(rows, (torch.Tensor, np.ndarray)):
+            tensor = torch.as_tensor(rows, dtype=torch.float64)  # Python floats: not float32's
     except (TypeError, ValueError, RuntimeError) as exc:
         raise RowDataError(
             f"rows: {type(rows).__name__} cannot be read as numbers ({exc})"
