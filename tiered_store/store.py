@@ -373,7 +373,9 @@ class TieredStore:
         """Make ``rows`` (``[..., row_width]``, as stored) the current version of ``ids``: every
         later lookup sees them; ``commit()`` makes them durable (``close()`` drops those not
         committed, as a crash would, with an ``UncommittedWritesWarning``). For a repeated id the
-        last row wins. One that raises (out of memory) has applied whole or not at all (out of
+        last row wins. An id outside the table (``RowIdError``), rows of another shape, or holding
+        a NaN, an inf or a value the table's dtype cannot hold (``RowDataError``) write nothing.
+        One that raises (out of memory) has applied whole or not at all (out of
         memory again while it recovered: each row old or new), and every later lookup and
         ``commit()`` see which. The first write creates the table's LMDB delta
         (``TABLE.npy.delta/``).
