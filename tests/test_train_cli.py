@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -481,9 +482,9 @@ def test_a_run_being_trained_is_refused_before_anything_in_it_changes(tmp_path, 
         before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
         assert main([*common, "--resume", "--steps", "3"]) == 2
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-        assert f"out: {out} is being trained (or compacted) by another process" in (
-            capsys.readouterr().err
-        )
+        err = capsys.readouterr().err
+        assert f"out: {out} is being trained (or compacted) by another process" in err
+        assert f"tables.npy.writer.lock is held by this process (pid {os.getpid()})" in err
         common[common.index(str(out))] = str(fresh)
         assert main([*common, *small, "--steps", "1"]) == 2
         assert f"out: {fresh} is being trained" in capsys.readouterr().err

@@ -72,6 +72,7 @@ from ..delta.table_versions import (
 from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
 from ..errors import ConfigError, TieredStoreError, TierIOError, shown
 from ..integers import as_integer
+from ..process_locks import flock_holder
 from ..store import TieredStore, UncommittedWritesWarning, compute_device
 from ..table_format import table_paths
 from .config import ModelConfig, v41_refusal
@@ -530,11 +531,13 @@ def _take_run_lock(out: Path, out_name: str) -> int:
     except TierIOError as exc:
         if exc.errno != errno.EBUSY:
             raise
+        lock = f"{TABLE_FILE}.writer.lock"
+        holder = flock_holder(out / lock) or "another store, in this process or another"
         raise TierIOError(
             errno.EBUSY,
-            f"{out_name}: {out} is being trained (or compacted) by another process (it holds "
-            f"{TABLE_FILE}.writer.lock); expected one trainer per run: wait for it to end, or "
-            f"choose another {out_name}",
+            f"{out_name}: {out} is being trained (or compacted) by another process: {lock} is "
+            f"held by {holder}; expected one trainer per run: wait for it to end, or choose "
+            f"another {out_name}",
         ) from None
 
 
