@@ -1051,3 +1051,34 @@ def test_train_refuses_a_seed_that_is_no_seed_and_keeps_numpy_numbers(tmp_path):
         warnings.simplefilter("error")
         resumed = train(out, replace(numpy_numbers, steps=2), resume=True, progress=False)
     assert resumed["steps"] == 2
+
+
+def test_a_checkpoint_past_the_file_size_limit_is_refused_naming_the_file(tmp_path, capsys):
+    """A checkpoint whose dense-S.pt could not be written (a full disk, here the file-size limit,
+    RLIMIT_FSIZE) stopped the run with a bare OSError traceback ('File too large'), naming
+    neither the file nor what became of the run, as did a resume's train.json. Each is a
+    TierIOError naming the file and what stands: once there is room, --resume goes on."""
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "1"]) == 0
+    capsys.readouterr()
+    limited = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))\n"
+        "from tiered_store.cli import main\n"
+        "sys.exit(main(sys.argv[2:]))\n"
+    )
+    resume = [sys.executable, "-c", limited, "0", *common, "--resume", "--steps", "2"]
+    proc = subprocess.run(resume, env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"settings {out / 'train.json'}: writing them failed: File too large" in proc.stderr
+    assert json.loads((out / "train.json").read_text())["steps"] == 1  # as it was
+    resume[3] = str(1 << 20)
+    proc = subprocess.run(resume, env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{out / 'dense-2.pt'}" in proc.stderr and "File too large" in proc.stderr
+    assert "the last commit (step 1) stands" in proc.stderr
+    assert _committed(out) == 1 and not (out / "dense-2.pt").exists()
+    assert [p.name for p in out.glob(".dense-*")] == []  # no temporary left
+    assert main([*common, "--resume", "--steps", "2"]) == 0
+    assert _committed(out) == 2

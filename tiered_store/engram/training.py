@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic_file import atomic_write, hidden_temporaries, make_named_dir
+from ..atomic_file import atomic_write, hidden_temporaries, make_named_dir, write_step
 from ..capacity import resolve_capacity
 from ..cli_args import (
     DocHelpFormatter,
@@ -260,6 +260,7 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
     if start:
         applied = _load_dense(out / f"dense-{start}.pt", start, model, dense, scaler, out_name)
     losses = _loss_log(out, start, out_name)
+    flag = _resume_flag(out_name)  # what a failed checkpoint's error tells the caller to pass
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
     began, trained, skipped = time.perf_counter(), 0, 0
     with warnings.catch_warnings():  # torch's notice for nn.RMSNorm of bf16/fp16 input
@@ -294,11 +295,13 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
                 bar.set_postfix(loss=f"{losses[-1][1]:.3f}", tok_s=f"{rate:,.0f}")
                 bar.update(1)
                 if step % settings.checkpoint_every == 0 or step == settings.steps:
-                    _checkpoint(out, model, dense, scaler, table, step, applied, losses)
+                    _checkpoint(out, model, dense, scaler, table, step, applied, losses, flag)
         finally:
             bar.close()  # before an interruption's message, not redrawn after it
     if losses:
-        _plot(out / "loss.png", losses)
+        done = f"step {losses[-1][0]} is committed; only the plot is missing"
+        with write_step(f"plot {out / 'loss.png'}", "writing it", done):
+            _plot(out / "loss.png", losses)
     seconds = time.perf_counter() - began
     return {
         "out": str(out),
@@ -369,22 +372,34 @@ def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> i
     return applied
 
 
-def _checkpoint(out: Path, model, dense, scaler, table, step: int, applied: int, losses) -> None:
+def _checkpoint(  # noqa: PLR0913 (the checkpoint's parts)
+    out: Path, model, dense, scaler, table, step: int, applied: int, losses, resume: str
+) -> None:
     """dense-S.pt and loss.csv, then the table commit (the commit point), then its record
     (``committed.json``), then older dense checkpoints go. A kill before the commit leaves step
     S-K's files valid (``loss.csv`` rows past the committed step are dropped on resume); one
-    before the record leaves the table a step ahead of it, which resumes from the table's."""
+    before the record leaves the table a step ahead of it, which resumes from the table's. A
+    file that cannot be written (a full disk) is a ``TierIOError`` naming it and the step that
+    stands (``resume``: how the caller resumes)."""
     buffer = io.BytesIO()
     state = {"model": model.state_dict(), "optimizer": dense.state_dict()}
     torch.save({**state, "scaler": scaler.state_dict(), APPLIED_KEY: applied}, buffer)
-    with atomic_write(out / f"dense-{step}.pt") as f:
+    kept = f"the last commit (step {table.store.committed_step}) stands: {resume} goes on from it"
+    dense_file = out / f"dense-{step}.pt"
+    with write_step(f"checkpoint {dense_file}", "writing it", kept), atomic_write(dense_file) as f:
         f.write(buffer.getvalue())
-    with atomic_write(out / "loss.csv", "w", newline="") as f:
+    log = out / "loss.csv"
+    with (
+        write_step(f"checkpoint {log}", "writing it", kept),
+        atomic_write(log, "w", newline="") as f,
+    ):
         writer = csv.writer(f)
         writer.writerow(["step", "loss", "tokens_per_second"])
         writer.writerows(losses)
     table.commit(step)
-    with atomic_write(out / COMMITTED_FILE, "w") as f:
+    kept = f"step {step} is committed: {resume} goes on from it"
+    record = out / COMMITTED_FILE
+    with write_step(f"checkpoint {record}", "writing it", kept), atomic_write(record, "w") as f:
         json.dump({"committed_step": step, RUN_ID_KEY: _run_id(table.store)}, f)
     for old in out.glob("dense-*.pt"):
         written = re.fullmatch(DENSE_NAME, old.name)  # train's, not a user's copy
@@ -691,8 +706,10 @@ _SAVED_CHOICES = {"optimizer": OPTIMIZERS, "io": IO_MODES, "precision": tuple(AU
 
 
 def _save_settings(out: Path, settings: TrainSettings) -> None:
-    """Write the run's ``train.json`` (atomically)."""
-    with atomic_write(out / SETTINGS_FILE, "w") as f:
+    """Write the run's ``train.json`` (atomically); ``TierIOError`` naming it when it cannot."""
+    path = out / SETTINGS_FILE
+    kept = "the run is as it was: run the command again"
+    with write_step(f"settings {path}", "writing them", kept), atomic_write(path, "w") as f:
         json.dump(asdict(settings), f, indent=1)
 
 
