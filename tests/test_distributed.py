@@ -710,6 +710,35 @@ def test_a_lookup_queued_behind_a_concurrent_close_fails_at_once_as_closed(tmp_p
         store.lookup(torch.tensor([1, 2]))
 
 
+def test_a_sharded_close_that_leaves_its_shards_calls_under_way_says_so(tmp_path, monkeypatch):
+    """A read hung for good in the shard (a dead disk): the shard's close gave up after
+    sharding.timeout_s, but ShardedStore.close returned None, so a sharded serve never knew to
+    exit past it (the interpreter's exit waits for the read). It returns False, at a later
+    close too; True once closed with no call left."""
+    store = ShardedStore.open(_one_rank_sharded_config(tmp_path, monkeypatch, timeout_s=0.5))
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck() -> None:  # a call under way in the shard, as a lookup blocked in a read is
+        with store.local._file_calls.entered():
+            entered.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=stuck)
+    thread.start()
+    try:
+        assert entered.wait(10)
+        with pytest.warns(RuntimeWarning, match="still under way after"):
+            assert store.close() is False
+        assert store.close() is False
+    finally:
+        release.set()
+        thread.join()
+    (tmp_path / "b").mkdir()
+    with ShardedStore.open(_one_rank_sharded_config(tmp_path / "b", monkeypatch)) as other:
+        pass
+    assert other.close() is True
+
+
 def test_without_a_process_group_or_torchrun_environment_opening_says_so(tables, monkeypatch):
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
@@ -1360,6 +1389,65 @@ def test_a_follower_stopped_by_rank_0_finishes_its_close_past_the_stop_grace(tmp
     assert "no stop from rank 0" not in errors[1], errors[1]
     assert "rank 0 stopped the server" in errors[1], errors[1]
     assert took > 14, took  # the close was slow indeed, past the grace of 12.5 s
+
+
+_DEAD_DISK_HOOK = """
+import os, threading
+if os.environ["RANK"] == "1":  # the follower's shard: a read hung for good as its close begins
+    from tiered_store.serve.served_model import ServedModel
+
+    _close_stores = ServedModel._close_stores
+
+    def _hung(self, deadline):
+        entered = threading.Event()
+
+        def read():  # a read on a dead disk, in a thread the exit joins (as a pool's worker)
+            with next(iter(self.stores.values())).local._file_calls.entered():
+                entered.set()
+                threading.Event().wait()
+
+        threading.Thread(target=read, name="dead-disk-read").start()
+        entered.wait(10)
+        return _close_stores(self, deadline)
+
+    ServedModel._close_stores = _hung
+"""
+
+
+def test_a_follower_whose_shard_read_hangs_for_good_exits_past_it(tmp_path):
+    """A read hung for good in a follower's shard (a dead disk) as it closes: its sharded
+    store's close gave up on it after sharding.timeout_s but said nothing, and the follower's
+    exit waited for the read without end (killed by torchrun). It exits past it, as rank 0's
+    serve does, saying so."""
+    import subprocess
+
+    config_path = _sharded_serve_config(tmp_path, verify_on_start=False)
+    doc = yaml.safe_load(config_path.read_text())
+    doc["server"]["request_timeout_s"] = 0.5
+    doc["store"]["sharding"]["timeout_s"] = 1
+    config_path.write_text(yaml.safe_dump(doc))
+    hook = tmp_path / "hook.py"
+    hook.write_text(_DEAD_DISK_HOOK)  # run by the ranks at start
+    ranks = _serve_ranks(config_path, prelude=hook)
+
+    def ended(proc: PythonProcess) -> str:
+        try:
+            return proc.communicate(timeout=45)[1]
+        except subprocess.TimeoutExpired:
+            return "still running 45 s after SIGTERM"
+
+    try:
+        _started(ranks)
+        for proc in ranks:
+            proc.terminate()
+        with ThreadPoolExecutor(2) as pool:  # their logs read meanwhile: a full pipe blocks
+            errors = list(pool.map(ended, ranks))
+        codes = [proc.poll() for proc in ranks]
+    finally:
+        _ended(ranks)
+    assert codes == [0, 0], (codes, [e[-3000:] for e in errors])
+    assert "exiting with calls to engram_layer" in errors[1], errors[1][-3000:]
+    assert "Traceback" not in errors[1], errors[1][-3000:]
 
 
 def test_a_follower_serves_until_rank_0s_stop_while_rank_0_waits_for_its_checksum_pass(tmp_path):

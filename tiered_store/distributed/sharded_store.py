@@ -177,6 +177,7 @@ class ShardedStore:
         _check_group(group)
         self._failure: BaseException | None = None
         self._closed = False
+        self._closed_in_time = True  # False once close() left its shard's calls under way
         self.local: TieredStore | None = None
         self.exchange = dict.fromkeys(_EXCHANGE_KEYS, 0.0)
         self.lookup_latency = LatencyHistogram()
@@ -523,19 +524,22 @@ class ShardedStore:
         out["shard"] = {"rank": self.rank, "ranks": self.world, "rows": stop - start}
         return out
 
-    def close(self) -> None:
+    def close(self) -> bool:
         """Finish queued exchanges (up to the timeout) and a commit whose second phase failed
         here, close the shard; idempotent. Not a collective; a process group opened from the
-        environment is destroyed."""
+        environment is destroyed. Returns False when the shard's close left calls under way
+        (a read hung on a dying disk, past ``sharding.timeout_s``: ``TieredStore.close``), now
+        or at an earlier close: the interpreter's exit would wait for them."""
         if self._closed:
-            return
+            return self._closed_in_time
         self._closed = True
         if self._unfinished is not None and self._failure is None:  # a decided step, still
             # staged here: committed now (after the queued exchanges), else by the next open
             done = self._thread.submit(self._local_error, self._finish_shard, self._unfinished)
             with contextlib.suppress(Exception):
                 done.result(timeout=self._wait_s)
-        self._shutdown()
+        self._closed_in_time = self._shutdown()
+        return self._closed_in_time
 
     def __enter__(self) -> ShardedStore:
         return self
@@ -1160,8 +1164,9 @@ class ShardedStore:
                 "and reopen on a restarted group"
             )
 
-    def _shutdown(self) -> None:
-        """Stop the threads, close the shard, destroy a group this store created."""
+    def _shutdown(self) -> bool:
+        """Stop the threads, close the shard, destroy a group this store created; False when
+        the shard's close left calls under way."""
         # after a failure a collective may still be stuck on the dead or silent rank until the
         # backend's own timeout (``sharding.timeout_s`` for a group this store made) ends it
         deadline = time.monotonic() + self.timeout_s
@@ -1169,8 +1174,9 @@ class ShardedStore:
             self._thread.close(self.timeout_s)
         if self._heartbeat is not None:
             self._heartbeat.close()
+        closed_in_time = True
         if self.local is not None:  # a lookup of the stuck collective may still read the shard
-            self.local.close(wait_s=max(deadline - time.monotonic(), 0.0))
+            closed_in_time = self.local.close(wait_s=max(deadline - time.monotonic(), 0.0))
         if self.owns_subgroup and self._failure is None:
             dist.destroy_process_group(self.group)
         _OPEN.discard(self)
@@ -1182,6 +1188,7 @@ class ShardedStore:
             # rank not yet through its own close
             dist.destroy_process_group()
             _ENV_GROUP.group, _ENV_GROUP.failed = None, False
+        return closed_in_time
 
 
 def _ranks_digest(group: dist.ProcessGroup) -> str:

@@ -205,7 +205,10 @@ def _stay_until_stopped(rank: int, grace_s: float) -> threading.Event:
 
 
 def run_follower(config: Any) -> int:
-    """A rank other than 0: open the model's stores, export metrics, follow rank 0; exit status."""
+    """A rank other than 0: open the model's stores, export metrics, follow rank 0; exit status.
+    A close that left a store's calls under way (a read hung on a dead disk) exits past them
+    at once, as rank 0's serve does (the interpreter's exit would wait for them)."""
+    from .cli import _exit_past_hung_calls
     from .served_model import ServedModel
     from .server import BACKGROUND_JOIN_S, stop_announced_within_s
 
@@ -223,18 +226,22 @@ def run_follower(config: Any) -> int:
             rounds = served.control.follow(served.stores)
         except RankZeroGone as exc:
             log.error("rank %d: rank 0 stopped answering (%s); exiting", rank, exc)
-            return 1
+            status = 1
         except Exception as exc:  # this rank's own store: the group's rounds are out of step
             log.error("rank %d: its shards failed a round (%s); exiting", rank, error_text(exc))
-            return 1
-        log.info("rank %d: rank 0 stopped the server after %d requests", rank, rounds)
-        return 0
+            status = 1
+        else:
+            log.info("rank %d: rank 0 stopped the server after %d requests", rank, rounds)
+            status = 0
     finally:
         followed.set()  # the watchdog waits for a stop only, never cuts this close short
         stop_scrub.set()  # joined first, as rank 0 does: a pass left in the store's C++ at exit
         if scrubber is not None:  # could abort the process (its health publish is a TCPStore set)
             scrubber.join(timeout=BACKGROUND_JOIN_S)
         served.close()
+    if served.left_closing:
+        _exit_past_hung_calls(status, served.left_closing)
+    return status
 
 
 def _export_metrics(served: Any) -> list[str]:

@@ -1159,7 +1159,9 @@ class ServedModel:
 
     def _close_stores(self, deadline: float | None) -> None:
         """``_close``'s end: rank 0 tells the other ranks to stop, then every store closes,
-        waiting for its calls under way until ``deadline`` (None: until they end)."""
+        waiting for its calls under way until ``deadline`` (None: until they end; a sharded
+        store until its ``sharding.timeout_s``); one that left calls under way is in
+        ``left_closing``."""
         control, self.control = getattr(self, "control", None), None
         if control is not None and control.rank == 0:
             try:
@@ -1168,10 +1170,13 @@ class ServedModel:
                 log.warning("could not tell the other ranks to stop: %s", exc)
         try:
             for name, store in self.stores.items():
-                if isinstance(store, TieredStore):  # (a sharded one bounds its own close)
+                if isinstance(store, TieredStore):
                     left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                    if not store.close(wait_s=left):
-                        self.left_closing.append(name)
+                    closed = store.close(wait_s=left)
+                else:  # sharded: bounds its own close (sharding.timeout_s)
+                    closed = store.close()
+                if not closed:
+                    self.left_closing.append(name)
         finally:
             self.model.close()  # the others; those closed above return at once
 
