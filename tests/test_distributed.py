@@ -2675,6 +2675,59 @@ def test_a_rank_whose_own_part_began_during_a_diagnosis_is_not_named_as_hanging(
         host.join()
 
 
+def test_a_beat_taken_as_a_rank_enters_a_round_never_pairs_its_new_count_with_the_old_kind():
+    """The store's thread set a round's count and its kind as two fields: a beat between the
+    two wrote the new count with the old kind, which a diagnosis then read as a rank in another
+    kind of round ("elsewhere", every rank told to call the same rounds in the same order) when
+    it had just entered this one. A beat at every line of ``enter`` and ``own_part`` writes
+    an entry of one moment."""
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tiered_store.distributed.liveness import Heartbeat
+
+    port = free_port()
+    host = store_host(port)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
+        beat = Heartbeat(store, 1, 2, 60.0, connection=store, kind="write")
+        entries = set()
+
+        def beat_at_each_line(frame, event, arg):  # as the beat thread may, between two lines
+            if event == "line":
+                beat._publish()
+                entries.add(tuple(store.get("hb/1").decode().split()[1:]))
+            return beat_at_each_line
+
+        def trace(frame, event, arg):
+            own = frame.f_code in (
+                Heartbeat.enter.__code__,
+                Heartbeat.own_part.__wrapped__.__code__,
+            )
+            return beat_at_each_line if own else None
+
+        sys.settrace(trace)
+        try:
+            beat.enter("lookup")
+            with beat.own_part():
+                pass
+        finally:
+            sys.settrace(None)
+        beat._publish()
+        entries.add(tuple(store.get("hb/1").decode().split()[1:]))
+        assert entries == {
+            ("0", "open", "write"),
+            ("1", "open", "lookup"),
+            ("1", "serving", "lookup"),
+        }, entries
+        beat.close()
+    finally:
+        host.kill()
+        host.join()
+
+
 def test_closing_a_heartbeat_whose_store_host_is_gone_ends_its_thread():
     """The store's host gone (rank 0 exited first): close ends the heartbeat thread (it stayed
     in a reconnect for the group store's whole timeout, past close's wait, and a rank that exited

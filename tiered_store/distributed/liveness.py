@@ -131,9 +131,10 @@ class Heartbeat:
         minutes to say so). ``kind``: what the rank does before its first round (a store's
         ``open``)."""
         self.rank, self.world, self.interval = rank, world, interval
-        self.entered = 0  # collectives this rank has entered (set by the store's thread)
-        self.kind = kind  # the kind of the last one: lookup, write, commit, update
-        self.serving = False  # in its own shard's part of that round (set by the store's thread)
+        # (collectives this rank has entered, the kind of the last one: lookup, write, commit,
+        # update, whether it is in its own shard's part of that round): set by the store's
+        # thread as one tuple, so that a beat never pairs a new count with the old kind
+        self._progress: tuple[int, str, bool] = (0, kind, False)
         self._timeout = timedelta(seconds=max(2 * interval, 1.0))
         self._group_store = store
         self._diagnose_from, self._connect_timeout = diagnose_from, connect_timeout
@@ -150,27 +151,43 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{rank}", daemon=True)
         self._thread.start()
 
+    @property
+    def entered(self) -> int:
+        """Collectives this rank has entered."""
+        return self._progress[0]
+
+    @property
+    def kind(self) -> str:
+        """The kind of the last one: lookup, write, commit, update (before the first: ``kind``)."""
+        return self._progress[1]
+
+    @property
+    def serving(self) -> bool:
+        """In its own shard's part of that round."""
+        return self._progress[2]
+
     def _publish(self, state: str | None = None) -> None:
         """Write this rank's entry once (its state: ``open``, or ``serving`` in its own shard's
         part of a round, unless given)."""
-        state = state or ("serving" if self.serving else "open")
+        entered, kind, serving = self._progress  # one read: the fields of one moment
+        state = state or ("serving" if serving else "open")
         self._beat += 1
-        self._store.set(f"hb/{self.rank}", f"{self._beat} {self.entered} {state} {self.kind}")
+        self._store.set(f"hb/{self.rank}", f"{self._beat} {entered} {state} {kind}")
 
     def enter(self, kind: str) -> None:
         """This rank enters one more collective round, of ``kind`` (the store's thread)."""
-        self.entered += 1
-        self.kind = kind
+        entered, _, serving = self._progress
+        self._progress = (entered + 1, kind, serving)
 
     @contextlib.contextmanager
     def own_part(self) -> Iterator[None]:
         """This rank is in its own shard's part of the round (the store's thread): a diagnosis
         meanwhile names it as not finished (a read that hangs), not "no rank was found"."""
-        self.serving = True
+        self._progress = (*self._progress[:2], True)
         try:
             yield
         finally:
-            self.serving = False
+            self._progress = (*self._progress[:2], False)
 
     def _run(self) -> None:
         """Beat until stopped. A write that fails (a timeout, the store's host gone) is tried
@@ -236,6 +253,7 @@ class Heartbeat:
             second = self._read(store)
         except Exception as exc:
             return Diagnosis(store_error=str(exc).splitlines()[0][:200])
+        entered, kind, in_part = self._progress  # this rank's, of one moment
         others = [r for r in range(self.world) if r != self.rank]
         closed = tuple(r for r in others if r in second and second[r][2] == "closed")
         silent = tuple(
@@ -244,15 +262,15 @@ class Heartbeat:
         behind = tuple(
             (r, second[r][1])
             for r in others
-            if r not in silent and r not in closed and second[r][1] < self.entered
+            if r not in silent and r not in closed and second[r][1] < entered
         )
         elsewhere = tuple(
             (r, second[r][3])
             for r in others
             if r not in silent
             and r not in closed
-            and second[r][1] == self.entered
-            and second[r][3] != self.kind
+            and second[r][1] == entered
+            and second[r][3] != kind
         )
         serving = tuple(  # at both readings: one whose part began between them may be healthy
             r
@@ -260,15 +278,15 @@ class Heartbeat:
             if r not in silent
             and r not in closed
             and r in first
-            and first[r][1:] == second[r][1:] == (self.entered, "serving", self.kind)
+            and first[r][1:] == second[r][1:] == (entered, "serving", kind)
         )
         return Diagnosis(
             silent=silent,
             closed=closed,
             behind=behind,
             elsewhere=elsewhere,
-            kind=self.kind,
-            serving=(*serving, self.rank) if self.serving else serving,
+            kind=kind,
+            serving=(*serving, self.rank) if in_part else serving,
         )
 
     def _connect(self, source: dist.Store) -> dist.Store:
