@@ -320,7 +320,9 @@ class ShardedStore:
         For an id repeated in one call the last row wins; for one written by several ranks in the
         same round, the highest rank's. ``commit()`` makes the writes durable. One that fails
         on a shard raises on every rank; the other shards took their rows, and the failed
-        shard's write applied whole or not at all (``TieredStore.write``).
+        shard's write applied whole or not at all (``TieredStore.write``). The next ``commit()``
+        makes that durable as it is (write the rows again first); closing every rank's store
+        without committing drops every write since the last commit instead.
 
         Examples
         --------
@@ -1225,7 +1227,9 @@ def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]
 # what became of a write (or update) round that failed on some shards (TieredStore.write)
 _FAILED_WRITE = (
     "the other ranks' shards took their rows, and a failed shard's write applied whole or not "
-    "at all: look its rows up to tell which"
+    "at all: look its rows up to tell which. The next commit() makes what the shards hold "
+    "durable, as it is; to drop this round instead, close every rank's store without committing "
+    "(each shard reopens at its last commit: every write since is dropped)"
 )
 _REFUSED = " (refused)"  # the step a rank passes into a round it refused its own input to
 _NO_GRADIENTS = (torch.empty(0, dtype=torch.int64), torch.empty((0, 0), dtype=torch.float32))
