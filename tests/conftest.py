@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tiered_store.config import StoreConfig
+from tiered_store.io_uring import IoUring
 from tiered_store.manifest_checksum import manifest_crc32c
 from tiered_store.table_format import create_table, read_manifest, table_paths
 
@@ -148,6 +149,35 @@ def interrupted_once_waiting(future, release: threading.Event) -> Iterator[None]
     finally:
         release.set()
         signal.signal(signal.SIGINT, default)
+
+
+@contextmanager
+def interrupted_reaps(
+    in_batch: BaseException | type[BaseException] = KeyboardInterrupt,
+    in_drain: BaseException | type[BaseException] | None = None,
+    cut_short: bool = False,
+) -> Iterator[list[int]]:
+    """Inside the block an io_uring's second reap raises ``in_batch`` (an interrupt in the batch)
+    and its third ``in_drain`` where given (one in its drain); with ``cut_short`` its drain raises
+    KeyboardInterrupt as it is entered (a second Ctrl-C). Yields the count of reaps."""
+    reap, calls = IoUring._reap, [0]
+
+    def interrupted(self, results):
+        calls[0] += 1
+        if calls[0] == 2:  # in the batch
+            raise in_batch
+        if calls[0] == 3 and in_drain is not None:  # in its drain
+            raise in_drain
+        return reap(self, results)
+
+    def drain_cut_short(self, *args):  # a second Ctrl-C, handled as the drain is entered
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(IoUring, "_reap", interrupted)
+        if cut_short:
+            patch.setattr(IoUring, "_drain", drain_cut_short)
+        yield calls
 
 
 def cuda_available() -> bool:

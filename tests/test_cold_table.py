@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tiered_store.cold_table as ct
+from tests.conftest import interrupted_reaps
 from tiered_store.cold_table import ColdTable
 from tiered_store.errors import ConfigError, RowIdError, TableFormatError, TierIOError
 from tiered_store.io_uring import IoUring, uring_unavailable_reason
@@ -381,53 +382,25 @@ class TestUring(ExtentReaderContract):
         """A small queue depth, so the rings wrap and refill many times per batch."""
         return ColdTable(path, io=self.io, threads=threads, queue_depth=queue_depth)
 
-    def test_a_read_interrupted_in_flight_leaves_the_ring_clean(self, tables, monkeypatch):
+    def test_a_read_interrupted_in_flight_leaves_the_ring_clean(self, tables):
         """Ctrl-C (here: raised at the second reap) with requests queued and in flight: the ring
         waits for them before the error goes on, and the next reads are exact."""
-        from tiered_store.io_uring import IoUring
-
         path, ref = tables[("float32", 32)]
-        reap, calls = IoUring._reap, [0]
-
-        def interrupted(self, results):
-            calls[0] += 1
-            if calls[0] == 2:
-                raise KeyboardInterrupt
-            return reap(self, results)
-
         with self.open(path, threads=1, queue_depth=2) as table:
-            monkeypatch.setattr(IoUring, "_reap", interrupted)
-            with pytest.raises(KeyboardInterrupt):
+            with interrupted_reaps(), pytest.raises(KeyboardInterrupt):
                 table.read_rows(np.arange(0, ROWS, 64))  # every other page: ~47 requests
-            monkeypatch.setattr(IoUring, "_reap", reap)
             for start in range(3):
                 ids = np.arange(start, ROWS, 5)
                 assert np.array_equal(table.read_rows(ids).numpy(), ref[ids])
 
-    def test_a_ring_whose_drain_was_cut_short_reads_exactly_next_time(self, tables, monkeypatch):
+    def test_a_ring_whose_drain_was_cut_short_reads_exactly_next_time(self, tables):
         """A second Ctrl-C as the drain is entered escapes it with reads in flight; the ring
         went back to the idle pool and the next read reaped the old completions as its own
         (an IndexError). The next read waits for them first, and its rows are exact."""
-        from tiered_store.io_uring import IoUring
-
         path, ref = tables[("float32", 32)]
-        reap, calls = IoUring._reap, [0]
-
-        def interrupted(self, results):
-            calls[0] += 1
-            if calls[0] == 2:
-                raise KeyboardInterrupt
-            return reap(self, results)
-
-        def cut_short(self, *args):  # a second Ctrl-C, handled as the drain is entered
-            raise KeyboardInterrupt
-
         with self.open(path, threads=1, queue_depth=8) as table:
-            monkeypatch.setattr(IoUring, "_reap", interrupted)
-            monkeypatch.setattr(IoUring, "_drain", cut_short)
-            with pytest.raises(KeyboardInterrupt):
+            with interrupted_reaps(cut_short=True), pytest.raises(KeyboardInterrupt):
                 table.read_rows(np.arange(0, ROWS, 64))  # every other page: ~47 requests
-            monkeypatch.undo()
             for ids in (np.arange(3), np.arange(1, ROWS, 5)):
                 assert np.array_equal(table.read_rows(ids).numpy(), ref[ids])
 
@@ -436,10 +409,8 @@ class TestUring(ExtentReaderContract):
         closed the ring and dropped the buffer they land in (freed, reused by anything). The
         ring keeps that buffer alive for good while they are in flight as it closes (reads of
         a file done by then keep nothing: one buffer more per close would never be freed)."""
-        from tiered_store.io_uring import IoUring
-
         path, _ = tables[("float32", 32)]
-        reap, calls, buffers, in_flight = IoUring._reap, [0], [], []
+        buffers, in_flight = [], []
         give, close = ColdTable._give_reader, IoUring.close
 
         def watched_close(self):  # the real close, noting the reads in flight as it begins
@@ -447,24 +418,13 @@ class TestUring(ExtentReaderContract):
                 in_flight.append(self._in_flight(*self._batch_start))
             close(self)
 
-        def interrupted(self, results):
-            calls[0] += 1
-            if calls[0] == 2:  # in the batch
-                raise KeyboardInterrupt
-            return reap(self, results)
-
-        def cut_short(self, *args):  # a second Ctrl-C, handled as the drain is entered
-            raise KeyboardInterrupt
-
         def noted(self, reader):
             buffers.append(weakref.ref(reader._raw))
             give(self, reader)
 
         table = self.open(path, threads=1, queue_depth=8)
-        monkeypatch.setattr(IoUring, "_reap", interrupted)
-        monkeypatch.setattr(IoUring, "_drain", cut_short)
         monkeypatch.setattr(ColdTable, "_give_reader", noted)
-        with pytest.raises(KeyboardInterrupt) as info:
+        with interrupted_reaps(cut_short=True), pytest.raises(KeyboardInterrupt) as info:
             table.read_rows(np.arange(0, ROWS, 64))  # every other page: ~47 requests
         del info  # (its traceback holds the reader)
         monkeypatch.undo()

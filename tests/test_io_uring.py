@@ -16,6 +16,7 @@ import weakref
 import numpy as np
 import pytest
 
+from tests.conftest import interrupted_reaps
 from tiered_store import io_uring
 from tiered_store.io_uring import IoUring, uring_unavailable_reason
 
@@ -128,9 +129,7 @@ def test_other_architectures_are_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("second", [KeyboardInterrupt, SystemExit])
-def test_a_second_ctrl_c_while_draining_still_waits_for_the_reads_in_flight(
-    data, monkeypatch, second
-):
+def test_a_second_ctrl_c_while_draining_still_waits_for_the_reads_in_flight(data, second):
     """A Ctrl-C mid-batch drains the ring, as the reads in flight land in the caller's memory; a
     second Ctrl-C during that drain closed the ring with reads still in flight, which could then
     land in memory the caller had freed (the cold tier drops a closed ring and its buffer). The
@@ -138,22 +137,11 @@ def test_a_second_ctrl_c_while_draining_still_waits_for_the_reads_in_flight(
     open and usable. So it does for a SystemExit (a SIGTERM handler's sys.exit), which it
     took for a ring that cannot be drained, closing it with the reads in flight."""
     fd, payload = data
-    reap, calls = IoUring._reap, [0]
-
-    def interrupted(self, results):
-        calls[0] += 1
-        if calls[0] == 2:  # in the batch
-            raise KeyboardInterrupt
-        if calls[0] == 3:  # in its drain
-            raise second
-        return reap(self, results)
-
     offsets, lengths, buf = _pages(200)
     with IoUring(4) as ring:
-        monkeypatch.setattr(IoUring, "_reap", interrupted)
-        with pytest.raises(second):  # (raised once the reads are in)
+        # (the second raised once the reads are in)
+        with interrupted_reaps(in_drain=second) as calls, pytest.raises(second):
             ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets)
-        monkeypatch.setattr(IoUring, "_reap", reap)
         assert calls[0] > 3 and not ring.closed
         tail0, head0 = ring._batch_start
         submitted = (ring._tail - tail0) & 0xFFFFFFFF
@@ -274,29 +262,22 @@ def test_a_ctrl_c_between_queueing_requests_and_publishing_them_is_drained(data,
         assert np.array_equal(buf, payload[: buf.size])
 
 
-def test_an_exit_asked_while_draining_is_raised_once_the_reads_are_in(data, monkeypatch):
+def test_an_exit_asked_while_draining_is_raised_once_the_reads_are_in(data):
     """A further interrupt during a drain is waited through, but was then dropped: the
     interruption being drained was raised. Where that one is caught (a signal handler's
     TimeoutError a caller handles), a SIGTERM handler's sys.exit that came meanwhile was lost
     and the process went on. The reads in flight are still waited for; then the further
     interrupt is raised (its context the one drained)."""
     fd, payload = data
-    reap, calls = IoUring._reap, [0]
-
-    def interrupted(self, results):
-        calls[0] += 1
-        if calls[0] == 2:  # in the batch: a signal handler's timeout
-            raise TimeoutError("the batch took too long")
-        if calls[0] == 3:  # in its drain: a SIGTERM handler's sys.exit
-            raise SystemExit(143)
-        return reap(self, results)
-
     offsets, lengths, buf = _pages(200)
     with IoUring(4) as ring:
-        monkeypatch.setattr(IoUring, "_reap", interrupted)
-        with pytest.raises(SystemExit) as exit_info:
+        with (
+            interrupted_reaps(  # a signal handler's timeout, then a SIGTERM handler's sys.exit
+                TimeoutError("the batch took too long"), SystemExit(143)
+            ) as calls,
+            pytest.raises(SystemExit) as exit_info,
+        ):
             ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets)
-        monkeypatch.setattr(IoUring, "_reap", reap)
         assert exit_info.value.code == 143
         assert isinstance(exit_info.value.__context__, TimeoutError)
         assert calls[0] > 3 and not ring.closed
@@ -305,31 +286,17 @@ def test_an_exit_asked_while_draining_is_raised_once_the_reads_are_in(data, monk
         assert submitted > 0 and (ring._cq_head_value() - head0) & 0xFFFFFFFF == submitted
 
 
-def test_an_interrupt_as_the_drain_begins_leaves_reads_the_next_batch_waits_for(data, monkeypatch):
+def test_an_interrupt_as_the_drain_begins_leaves_reads_the_next_batch_waits_for(data):
     """Signals are handled on function entry: a second Ctrl-C pending as the first unwinds
     interrupts the drain before its loop, and escapes with reads in flight; the ring stayed
     open, so the cold tier gave it back to its idle pool. The next batch then reaped the old
     completions as its own (an IndexError for their ids, or a result and an end too early).
     The ring keeps the unfinished batch: the next batch waits for its reads first."""
     fd, payload = data
-    reap, calls = IoUring._reap, [0]
-
-    def interrupted(self, results):
-        calls[0] += 1
-        if calls[0] == 2:  # in the batch
-            raise KeyboardInterrupt
-        return reap(self, results)
-
-    def cut_short(self, *args):  # a second Ctrl-C, handled as the drain is entered
-        raise KeyboardInterrupt
-
     offsets, lengths, buf = _pages(200)
     with IoUring(64) as ring:
-        monkeypatch.setattr(IoUring, "_reap", interrupted)
-        monkeypatch.setattr(IoUring, "_drain", cut_short)
-        with pytest.raises(KeyboardInterrupt):
+        with interrupted_reaps(cut_short=True), pytest.raises(KeyboardInterrupt):
             ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets)
-        monkeypatch.undo()
         tail0, _ = ring._batch_start
         queued = (ring._tail - tail0) & 0xFFFFFFFF
         assert queued > 0 and not ring.closed
@@ -405,30 +372,16 @@ def test_a_ring_closed_with_reads_in_flight_keeps_their_memory(monkeypatch):
         os.close(w)
 
 
-def test_a_ring_closed_once_its_unfinished_reads_are_in_keeps_nothing(data, monkeypatch):
+def test_a_ring_closed_once_its_unfinished_reads_are_in_keeps_nothing(data):
     """A drain cut short leaves the batch unfinished; a ring closed after its reads completed
     (a table closed after a second Ctrl-C) kept their memory for good all the same, one buffer
     more for each such close. Only reads still in flight keep it."""
     fd, payload = data
-    reap, calls = IoUring._reap, [0]
-
-    def interrupted(self, results):
-        calls[0] += 1
-        if calls[0] == 2:  # in the batch
-            raise KeyboardInterrupt
-        return reap(self, results)
-
-    def cut_short(self, *args):  # a second Ctrl-C, handled as the drain is entered
-        raise KeyboardInterrupt
-
     offsets, lengths, buf = _pages(200)
     kept, stranded = weakref.ref(buf), len(io_uring._STRANDED)
     ring = IoUring(64)
-    monkeypatch.setattr(IoUring, "_reap", interrupted)
-    monkeypatch.setattr(IoUring, "_drain", cut_short)
-    with pytest.raises(KeyboardInterrupt) as info:
+    with interrupted_reaps(cut_short=True), pytest.raises(KeyboardInterrupt) as info:
         ring.read_batch(fd, offsets, lengths, buf.ctypes.data + offsets, keep=buf)
-    monkeypatch.undo()
     del info
     assert ring._unfinished and not ring.closed
     while ring._in_flight(*ring._batch_start):  # the reads of a regular file complete
