@@ -12,6 +12,8 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -43,6 +45,40 @@ def _pages(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reads of the file's first ``n`` 4 KiB pages: their offsets, lengths and a buffer for them."""
     offsets = np.arange(n, dtype=np.int64) * 4096
     return offsets, np.full(n, 4096, dtype=np.int64), np.zeros(n * 4096, dtype=np.uint8)
+
+
+@contextmanager
+def _hung_read_interrupted(ring: IoUring) -> Iterator[tuple[int, np.ndarray]]:
+    """A pipe and a page for ``ring`` to read it into, in flight inside the block until it ends
+    (a hung device), and a Ctrl-C to the main thread once the kernel took the read; the pipe is
+    written to as the block ends (or at 20 s), then the ring and the pipe are closed."""
+    read_end, write_end = os.pipe()
+    main, done = threading.main_thread(), threading.Event()
+
+    def interrupt() -> None:
+        """SIGINT once the kernel took the read; the pipe written to when done (or at 20 s)."""
+        words, index = ring._sq_head
+        while int(words[index]) == 0:
+            done.wait(0.001)
+        signal.pthread_kill(main.ident, signal.SIGINT)
+        done.wait(20)
+        os.write(write_end, b"x" * 4096)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    default = signal.signal(signal.SIGINT, ctrl_c)
+    helper = threading.Thread(target=interrupt, daemon=True)
+    try:
+        helper.start()
+        yield read_end, np.zeros(4096, dtype=np.uint8)
+    finally:
+        signal.signal(signal.SIGINT, default)
+        done.set()
+        helper.join()
+        ring.close()
+        os.close(read_end)
+        os.close(write_end)
 
 
 @pytest.mark.parametrize("depth", [1, 3, 64, 1000])
@@ -400,28 +436,9 @@ def test_a_drain_of_reads_that_never_complete_gives_up_and_strands_their_memory(
     goes on. (The pipe is written to once the test is done, or after 20 s should the drain
     wait still: the read then completes and the old drain returned.)"""
     monkeypatch.setattr(io_uring, "DRAIN_WAIT_S", 0.5)
-    read_end, write_end = os.pipe()
-    buf = np.zeros(4096, dtype=np.uint8)
     stranded = len(io_uring._STRANDED)
     ring = IoUring(4, "table /data/t.npy")
-    main, done = threading.main_thread(), threading.Event()
-
-    def interrupt() -> None:
-        """SIGINT once the kernel took the read; the pipe written to when done (or at 20 s)."""
-        words, index = ring._sq_head
-        while int(words[index]) == 0:
-            done.wait(0.001)
-        signal.pthread_kill(main.ident, signal.SIGINT)
-        done.wait(20)
-        os.write(write_end, b"x" * 4096)
-
-    def ctrl_c(signum, frame):
-        raise KeyboardInterrupt
-
-    default = signal.signal(signal.SIGINT, ctrl_c)
-    helper = threading.Thread(target=interrupt, daemon=True)
-    try:
-        helper.start()
+    with _hung_read_interrupted(ring) as (read_end, buf):
         with (
             pytest.raises(KeyboardInterrupt),
             pytest.warns(RuntimeWarning, match=r"io_uring of table /data/t\.npy: 1 reads .*0\.5 s"),
@@ -430,13 +447,6 @@ def test_a_drain_of_reads_that_never_complete_gives_up_and_strands_their_memory(
                 read_end, np.zeros(1), np.full(1, 4096), np.full(1, buf.ctypes.data), buf
             )
         assert ring.closed and any(kept is buf for kept in io_uring._STRANDED[stranded:])
-    finally:
-        signal.signal(signal.SIGINT, default)
-        done.set()
-        helper.join()
-        ring.close()
-        os.close(read_end)
-        os.close(write_end)
 
 
 def test_reads_complete_but_not_reaped_at_the_drain_deadline_strand_nothing(data, monkeypatch):
@@ -478,27 +488,8 @@ def test_with_warnings_as_errors_the_strand_warning_is_raised_not_swallowed(monk
     nothing was said of the memory kept for good. The interrupt goes on with that error as its
     context; a batch whose drain (at its start) gives up raises it."""
     monkeypatch.setattr(io_uring, "DRAIN_WAIT_S", 0.3)
-    read_end, write_end = os.pipe()
-    buf = np.zeros(4096, dtype=np.uint8)
     ring = IoUring(4, "table /data/t.npy")
-    main, done = threading.main_thread(), threading.Event()
-
-    def interrupt() -> None:
-        """SIGINT once the kernel took the read; the pipe written to when done (or at 20 s)."""
-        words, index = ring._sq_head
-        while int(words[index]) == 0:
-            done.wait(0.001)
-        signal.pthread_kill(main.ident, signal.SIGINT)
-        done.wait(20)
-        os.write(write_end, b"x" * 8192)
-
-    def ctrl_c(signum, frame):
-        raise KeyboardInterrupt
-
-    default = signal.signal(signal.SIGINT, ctrl_c)
-    helper = threading.Thread(target=interrupt, daemon=True)
-    try:
-        helper.start()
+    with _hung_read_interrupted(ring) as (read_end, buf):
         with warnings.catch_warnings(), pytest.raises(KeyboardInterrupt) as info:
             warnings.simplefilter("error", RuntimeWarning)
             ring.read_batch(
@@ -508,13 +499,6 @@ def test_with_warnings_as_errors_the_strand_warning_is_raised_not_swallowed(monk
         assert isinstance(context, RuntimeWarning), repr(context)
         assert re.search(r"io_uring of table /data/t\.npy: 1 reads .*0\.3 s", str(context))
         assert ring.closed
-    finally:
-        signal.signal(signal.SIGINT, default)
-        done.set()
-        helper.join()
-        ring.close()
-        os.close(read_end)
-        os.close(write_end)
     read_end, write_end = os.pipe()
     other = IoUring(4, "table /data/t.npy")  # a read queued by a batch whose drain was cut short
     try:
