@@ -140,6 +140,17 @@ def _report(out: Path, rank: int, result: dict) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
+def _open_outcome(cfg: dict, group: Any = None) -> str:
+    """What opening a ``ShardedStore`` on ``cfg`` did: "ok" (then closed), or its error."""
+    from tiered_store.distributed import sharded_store
+
+    try:
+        sharded_store.ShardedStore.open(cfg, group).close()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 (recorded for the test)
+        return f"{type(exc).__name__}: {exc}"
+
+
 def shards_template(table: Path, by: str) -> str:
     """Where the tests put ``table``'s shards cut ``by`` heads or rows."""
     return str(table.with_name(f"{table.stem}.{by}.shard-{{rank}}-of-{{ranks}}.npy"))
@@ -506,11 +517,7 @@ def failed_open_worker(rank: int, world: int, port: int, plain: str, out: Path) 
         cfg = _store_config(Path(plain), world, "rows")
         cfg["sharding"]["timeout_s"] = 5
         sharded_store.TieredStore = OutOfMemory if rank == 1 else real
-        try:
-            sharded_store.ShardedStore.open(cfg).close()
-            result["open"] = "ok"
-        except Exception as exc:  # noqa: BLE001 (recorded for the test)
-            result["open"] = f"{type(exc).__name__}: {exc}"
+        result["open"] = _open_outcome(cfg)
         sharded_store.TieredStore = real
         with sharded_store.ShardedStore.open(cfg) as store:
             result["rows"] = store.lookup(torch.tensor([0, 462])).float()[:, 0].tolist()
@@ -539,11 +546,7 @@ def hung_open_worker(rank: int, world: int, port: int, plain: str, out: Path) ->
         cfg = _store_config(Path(plain), world, "rows")
         cfg["sharding"]["timeout_s"] = 5
         sharded_store.TieredStore = Hanging if rank == 1 else real
-        try:
-            sharded_store.ShardedStore.open(cfg).close()
-            result["open"] = "ok"
-        except Exception as exc:  # noqa: BLE001 (recorded for the test)
-            result["open"] = f"{type(exc).__name__}: {exc}"
+        result["open"] = _open_outcome(cfg)
         if rank == 0:  # the group's store stays up for rank 1's own diagnosis
             time.sleep(12.0)
     except BaseException:
@@ -554,8 +557,6 @@ def hung_open_worker(rank: int, world: int, port: int, plain: str, out: Path) ->
 def absent_rank_open_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Rank 1 joins the group but never opens the store (alive, elsewhere): what rank 0's open
     raises, and how long it took."""
-    from tiered_store.distributed import ShardedStore
-
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
@@ -563,11 +564,7 @@ def absent_rank_open_worker(rank: int, world: int, port: int, plain: str, out: P
         cfg["sharding"]["timeout_s"] = 4
         if rank == 0:
             start = time.monotonic()
-            try:
-                ShardedStore.open(cfg).close()
-                result["open"] = "ok"
-            except Exception as exc:  # noqa: BLE001 (recorded for the test)
-                result["open"] = f"{type(exc).__name__}: {exc}"
+            result["open"] = _open_outcome(cfg)
             result["seconds"] = time.monotonic() - start
         _report(out, rank, result)
         while not (out / "rank0.json").exists():  # rank 0 hosts the group's store: rank 1 stays
@@ -583,26 +580,16 @@ def absent_after_failed_open_worker(
 ) -> None:
     """Every rank's first open fails (its shards missing: ShardMismatchError on every rank), then
     rank 1 never opens the store again: what rank 0's second open raises."""
-    from tiered_store.distributed import ShardedStore
-
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
         missing = _store_config(Path(plain), world, "rows")
         missing["sharding"]["shards"] = str(out / "missing.{rank}-of-{ranks}.npy")
-        try:
-            ShardedStore.open(missing).close()
-            result["first"] = "ok"
-        except Exception as exc:  # noqa: BLE001 (recorded for the test)
-            result["first"] = f"{type(exc).__name__}: {exc}"
+        result["first"] = _open_outcome(missing)
         cfg = _store_config(Path(plain), world, "rows")
         cfg["sharding"]["timeout_s"] = 4
         if rank == 0:
-            try:
-                ShardedStore.open(cfg).close()
-                result["open"] = "ok"
-            except Exception as exc:  # noqa: BLE001 (recorded for the test)
-                result["open"] = f"{type(exc).__name__}: {exc}"
+            result["open"] = _open_outcome(cfg)
         _report(out, rank, result)
         while not (out / "rank0.json").exists():  # rank 0 hosts the group's store: rank 1 stays
             time.sleep(0.05)
@@ -635,11 +622,7 @@ def failed_heartbeat_worker(rank: int, world: int, port: int, plain: str, out: P
         cfg["sharding"]["timeout_s"] = 5
         groups = len(dist.distributed_c10d._world.pg_map)
         sharded_store.Heartbeat = NotAnswering
-        try:
-            sharded_store.ShardedStore.open(cfg).close()
-            result["open"] = "ok"
-        except Exception as exc:  # noqa: BLE001 (recorded for the test)
-            result["open"] = f"{type(exc).__name__}: {exc}"
+        result["open"] = _open_outcome(cfg)
         sharded_store.Heartbeat = real
         result["groups left"] = len(dist.distributed_c10d._world.pg_map) - groups
         result["threads left"] = [
@@ -655,18 +638,12 @@ def failed_heartbeat_worker(rank: int, world: int, port: int, plain: str, out: P
 
 def open_error_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank opens the row shards of ``plain``: what the open raises ("ok" if it opens)."""
-    from tiered_store.distributed import ShardedStore
-
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
         cfg = _store_config(Path(plain), world, "rows")
         cfg["sharding"]["timeout_s"] = 5
-        try:
-            ShardedStore.open(cfg).close()
-            result["open"] = "ok"
-        except Exception as exc:  # noqa: BLE001 (recorded for the test)
-            result["open"] = f"{type(exc).__name__}: {exc}"
+        result["open"] = _open_outcome(cfg)
         dist_destroy()
     except BaseException:
         result["crash"] = traceback.format_exc()
@@ -678,8 +655,6 @@ def foreign_group_worker(rank: int, world: int, port: int, plain: str, out: Path
     ``GroupMember.NON_GROUP_MEMBER``), then on a list of ranks: what each open raises."""
     import torch.distributed as dist
 
-    from tiered_store.distributed import ShardedStore
-
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
@@ -687,11 +662,7 @@ def foreign_group_worker(rank: int, world: int, port: int, plain: str, out: Path
         if rank == 1:
             cfg = _store_config(Path(plain), 1, "rows")
             for name, group in (("not a member", alone), ("a list", [0, 1])):
-                try:
-                    ShardedStore.open(cfg, group).close()
-                    result[name] = "ok"
-                except Exception as exc:  # noqa: BLE001 (recorded for the test)
-                    result[name] = f"{type(exc).__name__}: {exc}"
+                result[name] = _open_outcome(cfg, group)
         dist.barrier()
         dist_destroy()
     except BaseException:
