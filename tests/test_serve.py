@@ -76,6 +76,33 @@ def _fds_open_on(path: Path) -> int:
     return sum(1 for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd) == str(path))
 
 
+def _answered_during_a_reload(
+    served: ServedModel, held: threading.Event, go_on: threading.Event
+) -> tuple[list[list[int]], list[list[str]]]:
+    """The shapes of the answers to a request asked once ``held`` is set by a reload run in a
+    thread (held up until ``go_on``, set then), and what that reload reloaded."""
+    reloaded: list[list[str]] = []
+    reloader = threading.Thread(
+        target=lambda: reloaded.append(served.reload_if_stale(force_check=True))
+    )
+    reloader.start()
+    request = parse_request(b'{"input_ids": [[1, 2, 3]]}', served.config.server, served)
+    answers: list[list[int]] = []
+    asker = threading.Thread(target=lambda: answers.append(served.answer(request)["shape"]))
+    during: list[list[int]] = []
+    try:
+        assert held.wait(30)
+        asker.start()
+        asker.join(30)
+        during = list(answers)
+    finally:
+        go_on.set()
+        reloader.join(60)
+        if asker.is_alive():
+            asker.join(60)
+    return during, reloaded
+
+
 # -- config -----------------------------------------------------------------------------------------
 
 
@@ -1049,25 +1076,8 @@ def test_requests_are_served_while_a_reload_opens_the_new_version(tmp_path, monk
             return real(name, old)
 
         monkeypatch.setattr(served, "_open_checked", slow_open)
-        reloaded: list[list[str]] = []
-        reloader = threading.Thread(
-            target=lambda: reloaded.append(served.reload_if_stale(force_check=True))
-        )
-        reloader.start()
-        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
-        answers: list[list[int]] = []
-        asker = threading.Thread(target=lambda: answers.append(served.answer(request)["shape"]))
-        during: list[list[int]] = []  # answered while the open still ran
-        try:
-            assert opening.wait(30)
-            asker.start()
-            asker.join(30)
-            during = list(answers)
-        finally:
-            go_on.set()
-            reloader.join(60)
-            if asker.is_alive():
-                asker.join(60)
+        # the answers given while the open still ran
+        during, reloaded = _answered_during_a_reload(served, opening, go_on)
         assert during == [[1, 3]] and reloaded == [["engram_layer3"]]
         store = served.stores["engram_layer3"]
         assert served.model.tables[3].table is store and not store.closed
@@ -1134,25 +1144,8 @@ def test_requests_are_served_while_a_reload_closes_the_old_stores(tmp_path, monk
             return real(**kwargs)
 
         monkeypatch.setattr(old, "close", slow_close)
-        reloaded: list[list[str]] = []
-        reloader = threading.Thread(
-            target=lambda: reloaded.append(served.reload_if_stale(force_check=True))
-        )
-        reloader.start()
-        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
-        answers: list[list[int]] = []
-        asker = threading.Thread(target=lambda: answers.append(served.answer(request)["shape"]))
-        during: list[list[int]] = []  # answered while the old store still closed
-        try:
-            assert closing.wait(30)
-            asker.start()
-            asker.join(30)
-            during = list(answers)
-        finally:
-            go_on.set()
-            reloader.join(60)
-            if asker.is_alive():
-                asker.join(60)
+        # the answers given while the old store still closed
+        during, reloaded = _answered_during_a_reload(served, closing, go_on)
         assert during == [[1, 3]] and reloaded == [["engram_layer3"]]
         assert old.closed and old.stats()["lookup"]["calls"] == calls  # none read the old one
         store = served.stores["engram_layer3"]
