@@ -1572,6 +1572,25 @@ def _dropping(monkeypatch) -> threading.Event:
     return dropping
 
 
+def _fails_once(
+    monkeypatch, method: str, message: str, held: threading.Event | None = None
+) -> threading.Event:
+    """``OnlineRepin.<method>``'s first call raises ``TypeError(message)``, once ``held`` is set
+    where given (up to 30 s); the later ones run it. The event is set as that first call begins."""
+    run, failing = getattr(OnlineRepin, method), threading.Event()
+
+    def fails_once(self, *args):
+        if not failing.is_set():
+            failing.set()
+            if held is not None:
+                held.wait(30)
+            raise TypeError(message)
+        return run(self, *args)
+
+    monkeypatch.setattr(OnlineRepin, method, fails_once)
+    return failing
+
+
 def test_a_failed_re_pin_drops_its_updates_while_lookups_go_on(tmp_path, monkeypatch):
     """After a failed count the thread dropped the tier's queued updates under the store's lock,
     and there waited for the counting lock, which a save holds while it counts and copies the
@@ -1580,17 +1599,9 @@ def test_a_failed_re_pin_drops_its_updates_while_lookups_go_on(tmp_path, monkeyp
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
     tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
-    count_pending = OnlineRepin.count_pending
-    counting_now, held, dropping = threading.Event(), threading.Event(), _dropping(monkeypatch)
-
-    def fails_once(self, *args):  # the first count fails once the counting lock is taken
-        if not counting_now.is_set():
-            counting_now.set()
-            held.wait(30)
-            raise TypeError("a count that fails")
-        return count_pending(self, *args)
-
-    monkeypatch.setattr(OnlineRepin, "count_pending", fails_once)
+    held, dropping = threading.Event(), _dropping(monkeypatch)
+    # the first count fails once the counting lock is taken
+    counting_now = _fails_once(monkeypatch, "count_pending", "a count that fails", held)
     with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
         counting = store.warm.online._counting
         with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a count that"):
@@ -1624,20 +1635,13 @@ def test_a_failed_re_pin_drops_its_updates_on_the_store_stream(tmp_path, monkeyp
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
     tiers = {"hot": {"capacity": 8, "device": "cuda", **tier}, "warm": {"capacity": 16}}
-    count_pending, drop_pending = OnlineRepin.count_pending, OnlineRepin.drop_pending
-    failures, on_store_stream = [], []
-
-    def fails_once(self, *args):  # a fault in the first count only
-        if not failures:
-            failures.append(1)
-            raise TypeError("a count that fails")
-        return count_pending(self, *args)
+    drop_pending, on_store_stream = OnlineRepin.drop_pending, []
 
     def drops(self):  # on the stream the counting runs on
         on_store_stream.append(torch.cuda.current_stream() == store._stream)
         return drop_pending(self)
 
-    monkeypatch.setattr(OnlineRepin, "count_pending", fails_once)
+    failed = _fails_once(monkeypatch, "count_pending", "a count that fails")  # the first only
     monkeypatch.setattr(OnlineRepin, "drop_pending", drops)
     with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
         with pytest.warns(RuntimeWarning, match="re-pin of the hot tier failed .a count that"):
@@ -1645,7 +1649,7 @@ def test_a_failed_re_pin_drops_its_updates_on_the_store_stream(tmp_path, monkeyp
                 ids = torch.tensor([5] * 9 + [60 + i])
                 assert torch.equal(store.lookup(ids.cuda()).cpu(), data[ids])
                 assert store.wait_repinned(timeout=10)
-        assert failures and on_store_stream == [True]
+        assert failed.is_set() and on_store_stream == [True]
         torch.cuda.synchronize()  # the last re-pin's flags were set on the store's stream
         assert store.hot.online.repins > 0 and 5 in store.hot.pinned_rows().tolist()
 
@@ -1658,22 +1662,14 @@ def test_a_count_that_fails_before_an_interval_is_over_decays_nothing(tmp_path, 
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 1000, "budget": 1}}
     tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
-    count_pending, failures = OnlineRepin.count_pending, []
-
-    def fails_once(self, *args):  # a fault in the first count only
-        if not failures:
-            failures.append(1)
-            raise TypeError("a count that fails")
-        return count_pending(self, *args)
-
-    monkeypatch.setattr(OnlineRepin, "count_pending", fails_once)
+    failed = _fails_once(monkeypatch, "count_pending", "a count that fails")  # the first only
     with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
         with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a count that"):
             ids = list(range(10))  # one window, a hundredth of an interval
             assert torch.equal(store.lookup(ids), data[ids])
             assert store.wait_repinned(timeout=10)
         online = store.warm.online
-        assert failures and online.since_repin == 10
+        assert failed.is_set() and online.since_repin == 10
         assert online.weight == 1.0 and online.repins == 0
 
 
@@ -1688,16 +1684,9 @@ def test_a_count_that_fails_before_an_interval_is_over_leaves_that_interval_its_
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 5, "repin": {"every": 10, "budget": 1}}
     tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
-    count_pending = OnlineRepin.count_pending
-    failures, dropping = [], _dropping(monkeypatch)
-
-    def fails_once(self, *args):  # a fault in the first count, half an interval in
-        if not failures:
-            failures.append(1)
-            raise TypeError("a count that fails")
-        return count_pending(self, *args)
-
-    monkeypatch.setattr(OnlineRepin, "count_pending", fails_once)
+    dropping = _dropping(monkeypatch)
+    # a fault in the first count, half an interval in
+    failed = _fails_once(monkeypatch, "count_pending", "a count that fails")
     with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
         online = store.warm.online
         with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a count that"):
@@ -1709,7 +1698,7 @@ def test_a_count_that_fails_before_an_interval_is_over_leaves_that_interval_its_
                 assert torch.equal(store.lookup(ids), data[ids])
                 assert online.due
             assert store.wait_repinned(timeout=10)
-        assert failures and online.repins == 1 and online.since_repin == 0
+        assert failed.is_set() and online.repins == 1 and online.since_repin == 0
 
 
 def test_a_count_that_fails_at_close_warns_and_the_store_closes_and_saves(tmp_path, monkeypatch):
@@ -1951,20 +1940,13 @@ def test_a_re_pin_whose_drop_of_updates_fails_too_keeps_the_thread_re_pinning(
     path, data = make_table(tmp_path, rows=100, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 10, "budget": 1}}
     tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
-    count_pending, drop_pending = OnlineRepin.count_pending, OnlineRepin.drop_pending
-    failures = []
-
-    def fails_once(self, *args):  # a fault in the first count only
-        if not failures:
-            failures.append(1)
-            raise TypeError("a count that fails")
-        return count_pending(self, *args)
+    drop_pending = OnlineRepin.drop_pending
 
     def drops_then_fails(self):  # the queue emptied, then no memory to reset the slots
         drop_pending(self)
         raise torch.OutOfMemoryError("no memory for the slots")
 
-    monkeypatch.setattr(OnlineRepin, "count_pending", fails_once)
+    failed = _fails_once(monkeypatch, "count_pending", "a count that fails")  # the first only
     monkeypatch.setattr(OnlineRepin, "drop_pending", drops_then_fails)
     with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
         with pytest.warns(RuntimeWarning) as warned:
@@ -1977,7 +1959,7 @@ def test_a_re_pin_whose_drop_of_updates_fails_too_keeps_the_thread_re_pinning(
         ]
         assert "(OutOfMemoryError: no memory for the slots)" in str(warned[1].message)
         online = store.warm.online
-        assert failures and online.repins > 0 and 5 in store.warm.pinned_rows()
+        assert failed.is_set() and online.repins > 0 and 5 in store.warm.pinned_rows()
         assert not online.pending
 
 
@@ -1990,17 +1972,9 @@ def test_a_failed_plan_keeps_the_updates_queued_since_its_count(tmp_path, monkey
     path, data = make_table(tmp_path, rows=200, dim=4)
     tier = {"policy": "zipf-tuned", "recency_window": 10, "repin": {"every": 50, "budget": 1}}
     tiers = {"hot": {"capacity": 0}, "warm": {"capacity": 8, **tier}}
-    plan = OnlineRepin.plan
-    planning, go = threading.Event(), threading.Event()
-
-    def fails_once(self, *args):  # the first plan fails once the test's lookups are queued
-        if not planning.is_set():
-            planning.set()
-            go.wait(30)
-            raise TypeError("a plan that fails")
-        return plan(self, *args)
-
-    monkeypatch.setattr(OnlineRepin, "plan", fails_once)
+    go = threading.Event()
+    # the first plan fails once the test's lookups are queued
+    planning = _fails_once(monkeypatch, "plan", "a plan that fails", go)
     with TieredStore.open({"table": {"path": str(path)}, "tiers": tiers}) as store:
         online = store.warm.online
         with pytest.warns(RuntimeWarning, match="re-pin of the warm tier failed .a plan that"):
