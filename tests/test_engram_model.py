@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -624,16 +626,28 @@ def test_decode_with_a_cache_equals_one_pass_in_the_demo_geometry(model, kernel_
     assert {c["inputs"].shape[-1] for c in cache.conv.values()} == {reach}
 
 
+@contextmanager
+def _on_stores(model: EngramLM, converted) -> Iterator[dict[int, TieredStore]]:
+    """``model`` reads its tables from tiered stores opened on ``converted``'s inside the block
+    (the stores yielded); its own tables are back and every store is closed after."""
+    memory, stores = model.tables, open_tables(converted.table_paths, model.hasher, STORE)
+    try:
+        model.set_tables(stores)
+        yield stores
+    finally:
+        model.set_tables(memory)
+        for store in stores.values():
+            store.close()
+
+
 def test_a_step_that_failed_midway_leaves_the_cache_as_before(model, converted, batches):
     """A decode step whose layer-3 lookup fails (its store closed) had already extended layers 0
     to 2's keys/values and layer 1's ShortConv inputs, the position not advanced: retried on a
     reopened store, it attended to the step's own position twice."""
     prompt, step = batches[0][:, :24], batches[0][:, 24:25]
-    memory, stores = model.tables, open_tables(converted.table_paths, model.hasher, STORE)
-    try:
-        with torch.no_grad():
-            want = model(batches[0][:, :25], logits="last")
-            model.set_tables(stores)
+    with torch.no_grad():
+        want = model(batches[0][:, :25], logits="last")
+        with _on_stores(model, converted) as stores:
             for first in (prompt, None):  # a failing prefill leaves the new cache empty
                 state, cache = model.hasher.new_state(3), model.new_cache()
                 if first is not None:
@@ -652,10 +666,6 @@ def test_a_step_that_failed_midway_leaves_the_cache_as_before(model, converted, 
                 model.set_tables({3: stores[3]})
                 got = model(ids, prefetched=batch, cache=cache, logits="last")  # the retry
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    finally:
-        model.set_tables(memory)
-        for store in stores.values():
-            store.close()
 
 
 def _fails_after_its_layers(model, step, batch, cache) -> None:
@@ -722,11 +732,9 @@ def test_a_prefetch_that_failed_leaves_the_hash_state_as_before(model, converted
     step too far, refused by a cache ("hashed at position 25 but the cache holds 24") and wrong
     row ids in silence without one. The state is now as before the failed prefetch."""
     prompt, step = batches[0][:, :24], batches[0][:, 24:25]
-    memory, stores = model.tables, open_tables(converted.table_paths, model.hasher, STORE)
-    try:
-        with torch.no_grad():
-            want = model(batches[0][:, :25], logits="last")
-            model.set_tables(stores)
+    with torch.no_grad():
+        want = model(batches[0][:, :25], logits="last")
+        with _on_stores(model, converted) as stores:
             state, cache = model.hasher.new_state(3), model.new_cache()
             model(prompt, prefetched=model.prefetch(prompt, state=state), cache=cache)
             tail = state.tail.clone()
@@ -739,10 +747,6 @@ def test_a_prefetch_that_failed_leaves_the_hash_state_as_before(model, converted
             batch = model.prefetch(step, state=state)  # the retry
             got = model(step, prefetched=batch, cache=cache, logits="last")
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    finally:
-        model.set_tables(memory)
-        for store in stores.values():
-            store.close()
 
 
 def test_hashing_interrupted_midway_leaves_the_hash_state_as_before(model, batches, monkeypatch):
@@ -797,27 +801,19 @@ def test_a_step_without_its_batch_on_a_filled_cache_is_refused_before_any_fetch(
     started, then refused with "prefetched: hashed at position 0", an argument the caller never
     gave. It is refused first, naming the missing batch; no store starts a fetch."""
     prompt, step = batches[0][:, :24], batches[0][:, 24:25]
-    stores = open_tables(converted.table_paths, model.hasher, STORE)
-    memory = model.tables
-    try:
-        with torch.no_grad():
-            model.set_tables(stores)
-            state, cache = model.hasher.new_state(3), model.new_cache()
-            model(prompt, prefetched=model.prefetch(prompt, state=state), cache=cache)
-            started = {layer: store.prefetches_started for layer, store in stores.items()}
-            with pytest.raises(
-                ConfigError,
-                match=r"prefetched: none given, so input_ids would be hashed at position 0 but "
-                r"the cache holds 24 positions; expected .*model\.prefetch\(input_ids, "
-                r"state=state\)",
-            ):
-                model(step, cache=cache)
-            assert {layer: s.prefetches_started for layer, s in stores.items()} == started
-            assert cache.position == 24
-    finally:
-        model.set_tables(memory)
-        for store in stores.values():
-            store.close()
+    with torch.no_grad(), _on_stores(model, converted) as stores:
+        state, cache = model.hasher.new_state(3), model.new_cache()
+        model(prompt, prefetched=model.prefetch(prompt, state=state), cache=cache)
+        started = {layer: store.prefetches_started for layer, store in stores.items()}
+        with pytest.raises(
+            ConfigError,
+            match=r"prefetched: none given, so input_ids would be hashed at position 0 but "
+            r"the cache holds 24 positions; expected .*model\.prefetch\(input_ids, "
+            r"state=state\)",
+        ):
+            model(step, cache=cache)
+        assert {layer: s.prefetches_started for layer, s in stores.items()} == started
+        assert cache.position == 24
 
 
 def test_an_overwrite_stopped_midway_leaves_no_checkpoint_that_looks_complete(
