@@ -1914,16 +1914,10 @@ def test_a_rank_0_killed_inside_a_commit_is_named_in_time_and_the_shards_reopen_
         assert result["after rows"] == uninterrupted[2.0]
 
 
-def test_a_staged_step_whose_shard_another_process_writes_is_left_to_it_until_reopened(
-    tmp_path,
-):
-    """Both shards hold step 2 staged (a sharded commit killed once every shard had staged),
-    and another process holds rank 0's writer lock (its writer may be finishing that commit):
-    the open leaves that shard as it is, every rank warns and reports step 2, and a commit is
-    refused on every rank with nothing staged or committed; once that process let go, the
-    shards reopen at step 2 with the staged rows."""
-    from tests.distributed_support import locked_staged_worker, resumed_commit_worker
-
+def _shards_with_step_2_staged(tmp_path) -> tuple[Path, TieredStore]:
+    """A plain table's two row shards, each holding step 1 committed and step 2 staged (row 3 or
+    460 at 1.0 then 2.0: a sharded commit killed once every shard had staged); rank 1's writer
+    closed, rank 0's open (its writer lock held). The plain table and rank 0's writer."""
     plain = make_plain_table(tmp_path)
     shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
     start = shards[1].shard_map.shard_range(1)[0]
@@ -1935,7 +1929,21 @@ def test_a_staged_step_whose_shard_another_process_writes_is_left_to_it_until_re
             (store.commit if value == 1.0 else store.prepare_commit)(int(value))
         writers.append(store)
     with pytest.warns(UncommittedWritesWarning):
-        writers.pop().close()  # rank 1's: its writer gone; rank 0's stays open, its lock held
+        writers.pop().close()  # rank 1's: its writer gone
+    return plain, writers.pop()
+
+
+def test_a_staged_step_whose_shard_another_process_writes_is_left_to_it_until_reopened(
+    tmp_path,
+):
+    """Both shards hold step 2 staged (a sharded commit killed once every shard had staged),
+    and another process holds rank 0's writer lock (its writer may be finishing that commit):
+    the open leaves that shard as it is, every rank warns and reports step 2, and a commit is
+    refused on every rank with nothing staged or committed; once that process let go, the
+    shards reopen at step 2 with the staged rows."""
+    from tests.distributed_support import locked_staged_worker, resumed_commit_worker
+
+    plain, holder = _shards_with_step_2_staged(tmp_path)  # rank 0's holder keeps its lock
     out = tmp_path / "out"
     out.mkdir()
     codes = run_ranks(locked_staged_worker, 2, (str(plain), out), 60)
@@ -1950,7 +1958,7 @@ def test_a_staged_step_whose_shard_another_process_writes_is_left_to_it_until_re
         assert "holds step 2 staged by an interrupted sharded commit, which this store's open could not commit" in result["commit"]  # fmt: skip
         assert result["staged after"] == result["opened staged"]
     with pytest.warns(UncommittedWritesWarning):
-        writers.pop().close()
+        holder.close()
     codes = run_ranks(resumed_commit_worker, 2, (str(plain), out), 60)
     results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
@@ -2007,24 +2015,13 @@ def test_a_staged_step_whose_shards_lock_is_let_go_soon_is_resolved_at_open(
     of the shard ("written by another process"), with the same result. It waits for the lock
     (a few seconds) and reads the shard again: every rank opens at step 2 with the staged rows,
     without a warning, and the next commit succeeds."""
-    plain = make_plain_table(tmp_path)
-    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
-    start = shards[1].shard_map.shard_range(1)[0]
-    writers = []
-    for shard, row in ((shards[0], 3), (shards[1], 460 - start)):
-        store = TieredStore.open({"table": {"path": str(shard.path)}})
-        for value in (1.0, 2.0):
-            store.write([row], torch.full((1, store.row_width), value))
-            (store.commit if value == 1.0 else store.prepare_commit)(int(value))
-        writers.append(store)
-    with pytest.warns(UncommittedWritesWarning):
-        writers.pop().close()  # rank 1's: its writer gone; rank 0's holds its lock
+    plain, holder = _shards_with_step_2_staged(tmp_path)  # rank 0's holder keeps its lock
 
     def resolve(holder: TieredStore) -> None:  # as another store's open does, under the lock
         if resolved_there:
             holder.finish_commit(2)
 
-    for result in _opened_while_held(tmp_path, plain, writers.pop(), resolve, before):
+    for result in _opened_while_held(tmp_path, plain, holder, resolve, before):
         assert result["opened warnings"] == [], result
         assert result["opened step"] == 2 and result["opened staged"] is None
         assert result["opened rows"] == [2.0, 2.0]
