@@ -2294,28 +2294,29 @@ def test_stores_on_other_groups_or_opened_after_other_stores_never_share_heartbe
     assert "rank 1 stopped: no heartbeat for" in rank0["error"], rank0["error"]
 
 
+def _fingerprint(rank: int, bounds: list[int]) -> dict:
+    """The open's fingerprint of rank ``rank``'s shard (two ranks, cut by rows at ``bounds``)."""
+    return {
+        "shard": f"s{rank}.npy",
+        "error": None,
+        "heartbeat": "h",
+        "committed_step": 0,
+        "staged_step": None,
+        "world": 2,
+        "config": {"ranks": 2, "by": "rows", "out_of_range": "error"},
+        "shard_rank": rank,
+        "run": "r",
+        "map": {"by": "rows", "bounds": bounds, "table_version": "v"},
+        "rows": {},
+    }
+
+
 def test_shards_cut_for_another_rank_count_are_refused_at_open():
     """A shard set cut for 3 ranks opened by 2 (a template without {ranks} finds its files)."""
     from tiered_store.distributed.sharded_store import check_fingerprints
     from tiered_store.errors import ShardMismatchError
 
-    shard_map = {"by": "rows", "bounds": [0, 10, 20, 30], "table_version": "v"}
-    prints = [
-        {
-            "shard": f"s{r}.npy",
-            "error": None,
-            "heartbeat": "h",
-            "committed_step": 0,
-            "staged_step": None,
-            "world": 2,
-            "config": {"ranks": 2, "by": "rows", "out_of_range": "error"},
-            "shard_rank": r,
-            "run": "r",
-            "map": shard_map,
-            "rows": {},
-        }  # fmt: skip
-        for r in range(2)
-    ]
+    prints = [_fingerprint(r, [0, 10, 20, 30]) for r in range(2)]
     with pytest.raises(ShardMismatchError, match=r"rank 0: shard s0.npy is one of 3 shards, but the process group has 2 ranks"):  # fmt: skip
         check_fingerprints(prints, 2)
 
@@ -2328,19 +2329,7 @@ def test_a_rank_of_another_release_is_named_at_open():
     from tiered_store.errors import ShardMismatchError
 
     def doc(rank: int) -> dict:
-        return {
-            "shard": f"s{rank}.npy",
-            "error": None,
-            "heartbeat": "h",
-            "committed_step": 0,
-            "staged_step": None,
-            "world": 2,
-            "config": {"ranks": 2, "by": "rows", "out_of_range": "error"},
-            "shard_rank": rank,
-            "run": "r",
-            "map": {"by": "rows", "bounds": [0, 10, 20], "table_version": "v"},
-            "rows": {},
-        }
+        return _fingerprint(rank, [0, 10, 20])
 
     assert check_fingerprints([doc(0), doc(1)], 2).bounds == (0, 10, 20)
     old = doc(1)
