@@ -943,55 +943,11 @@ def test_a_quiet_tier_counts_one_window_in_quiet_sample_standing_for_them_all():
     assert counts == [18, 19, 20, 21, 22, 22, 24, 24, 26]  # 17-19, skipped, stood for by none
 
 
-def test_victims_after_a_re_pin_are_those_a_new_topk_would_choose():
-    # a re-pin that unpins rows must not leave the victim buffer stale: the unpinned rows (the
-    # least recent here) join it, so a tier with a buffer evicts exactly as one without
+def _two_caches_their_oldest_rows_pinned() -> tuple[list, list[np.ndarray], torch.Tensor]:
+    """Two zipf-tuned warm tiers, one with a victim buffer and one with a topk per eviction, after
+    the first 10 batches of a workload of 60, their 20 least recently used rows then pinned: the
+    tiers, the workload and those rows."""
     from policies import PolicySpec
-    from tiered_store.online_repin import RepinMoves
-    from tiered_store.row_cache import RowCache
-
-    from .conftest import run_batch
-
-    caches = [
-        RowCache("warm", num_rows=3000, capacity=200, spec=PolicySpec.parse("zipf-tuned"), **kw)
-        for kw in ({}, {"victim_buffer": 0})  # the second: a topk per eviction
-    ]
-    rng = np.random.default_rng(4)
-    work = [rng.integers(0, 3000, 40) for _ in range(60)]
-
-    def repin(pin: bool, rows: torch.Tensor) -> None:
-        for cache in caches:
-            slots = cache.probe(rows)
-            none = torch.empty(0, dtype=torch.int64)
-            moves = (
-                RepinMoves(slots, rows, none, none) if pin else RepinMoves(none, none, slots, rows)
-            )
-            assert cache.apply_repin(moves) == ((rows.numel(), 0) if pin else (0, rows.numel()))
-
-    for batch in work[:10]:
-        for cache in caches:
-            run_batch(cache, batch)
-    first = caches[0].held_rows()[-20:]  # the least recently used rows
-    repin(True, first)
-    for i, batch in enumerate(work[10:], 10):
-        for cache in caches:
-            run_batch(cache, batch)
-        assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot), i
-        if i == 20:  # buffered victims exist now; unpin rows older than all of them
-            assert caches[0]._buffered is not None and caches[0]._buffered[0].numel()
-            repin(False, first)
-    assert not bool(torch.isin(first, caches[0].row_of_slot).any())  # evicted first
-
-
-def test_a_re_pin_whose_victim_buffer_merge_fails_leaves_no_stale_buffer(monkeypatch):
-    # the unpin's flags were flipped, then the merge of the unpinned slots into the victim buffer
-    # ran out of memory: the buffer kept its victims without them, so the tier evicted newer rows
-    # before the unpinned ones (not what a new topk picks) until it drained. Dropping the buffer
-    # then still raised with the flags flipped: the caller took the re-pin for undone (no finish,
-    # hot's new pins not told to warm, "its pins stay"). The merge runs first now: its failure
-    # changes nothing, and the re-pin tried again does as one that never failed
-    from policies import PolicySpec
-    from tiered_store import row_cache
     from tiered_store.online_repin import RepinMoves
     from tiered_store.row_cache import RowCache
 
@@ -1009,7 +965,49 @@ def test_a_re_pin_whose_victim_buffer_merge_fails_leaves_no_stale_buffer(monkeyp
     first = caches[0].held_rows()[-20:]  # the least recently used rows
     none = torch.empty(0, dtype=torch.int64)
     for cache in caches:
-        cache.apply_repin(RepinMoves(cache.probe(first), first, none, none))
+        assert cache.apply_repin(RepinMoves(cache.probe(first), first, none, none)) == (20, 0)
+    return caches, work, first
+
+
+def test_victims_after_a_re_pin_are_those_a_new_topk_would_choose():
+    # a re-pin that unpins rows must not leave the victim buffer stale: the unpinned rows (the
+    # least recent here) join it, so a tier with a buffer evicts exactly as one without
+    from tiered_store.online_repin import RepinMoves
+
+    from .conftest import run_batch
+
+    caches, work, first = _two_caches_their_oldest_rows_pinned()
+
+    def unpin(rows: torch.Tensor) -> None:
+        for cache in caches:
+            none = torch.empty(0, dtype=torch.int64)
+            moves = RepinMoves(none, none, cache.probe(rows), rows)
+            assert cache.apply_repin(moves) == (0, rows.numel())
+
+    for i, batch in enumerate(work[10:], 10):
+        for cache in caches:
+            run_batch(cache, batch)
+        assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot), i
+        if i == 20:  # buffered victims exist now; unpin rows older than all of them
+            assert caches[0]._buffered is not None and caches[0]._buffered[0].numel()
+            unpin(first)
+    assert not bool(torch.isin(first, caches[0].row_of_slot).any())  # evicted first
+
+
+def test_a_re_pin_whose_victim_buffer_merge_fails_leaves_no_stale_buffer(monkeypatch):
+    # the unpin's flags were flipped, then the merge of the unpinned slots into the victim buffer
+    # ran out of memory: the buffer kept its victims without them, so the tier evicted newer rows
+    # before the unpinned ones (not what a new topk picks) until it drained. Dropping the buffer
+    # then still raised with the flags flipped: the caller took the re-pin for undone (no finish,
+    # hot's new pins not told to warm, "its pins stay"). The merge runs first now: its failure
+    # changes nothing, and the re-pin tried again does as one that never failed
+    from tiered_store import row_cache
+    from tiered_store.online_repin import RepinMoves
+
+    from .conftest import run_batch
+
+    caches, work, first = _two_caches_their_oldest_rows_pinned()
+    none = torch.empty(0, dtype=torch.int64)
     merge_sorted = row_cache.merge_sorted
 
     def no_memory(*args):
