@@ -76,6 +76,15 @@ def _fds_open_on(path: Path) -> int:
     return sum(1 for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd) == str(path))
 
 
+def _commit_a_new_version(table: str | Path) -> None:
+    """A writer's commit to ``table``: row 1 zeroed, a new version of its file."""
+    from tiered_store import TieredStore
+
+    with TieredStore.open({"table": {"path": str(table)}}) as writer:
+        writer.write([1], torch.zeros(1, writer.dim))
+        writer.commit()
+
+
 def _answered_during_a_reload(
     served: ServedModel, held: threading.Event, go_on: threading.Event
 ) -> tuple[list[list[int]], list[list[str]]]:
@@ -448,7 +457,6 @@ def test_the_lookup_failure_hold_ends_once_the_table_is_reopened_on_another_file
     after the table was made anew (repaired) and reopened on it: a verdict on a file no longer
     served, as a failed checksum pass is. Reopened on another file, the hold ends; on the same
     file (a writer's commit) it stays."""
-    from tiered_store import TieredStore
     from tiered_store.engram.checkpoint import table_metadata
     from tiered_store.table_format import create_table
 
@@ -461,9 +469,7 @@ def test_the_lookup_failure_hold_ends_once_the_table_is_reopened_on_another_file
         rows = load_table_in_memory(table).weight.numpy().copy()
         served.model.tables[3].failed("read", "injected")  # what a failed lookup records
         assert get_json(server.url + "/healthz")[0] == 503
-        with TieredStore.open({"table": {"path": str(table)}}) as writer:  # the same file
-            writer.write([1], torch.zeros(1, writer.dim))
-            writer.commit()
+        _commit_a_new_version(table)  # the same file
         assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
         status, doc = get_json(server.url + "/healthz")
         assert status == 503 and "engram_layer3: lookups failing" in " ".join(doc["problems"])
@@ -483,7 +489,6 @@ def test_the_lookup_failure_hold_stays_when_the_store_swapped_in_reads_the_same_
     was made anew over its path before the swap took its path naming another file for a store
     on another file: the lookup failure's hold ended, and a failed pass was queued again, while
     the store swapped in still read the file they were about. Files are told apart by identity."""
-    from tiered_store import TieredStore
     from tiered_store.engram.checkpoint import table_metadata
     from tiered_store.table_format import create_table
 
@@ -495,9 +500,7 @@ def test_the_lookup_failure_hold_stays_when_the_store_swapped_in_reads_the_same_
         rows = load_table_in_memory(table).weight.numpy().copy()
         health = served.health["engram_layer3"]
         served.model.tables[3].failed("read", "injected")  # what a failed lookup records
-        with TieredStore.open({"table": {"path": str(table)}}) as writer:  # the same file
-            writer.write([1], torch.zeros(1, writer.dim))
-            writer.commit()
+        _commit_a_new_version(table)  # the same file
         real = served._open_checked
 
         def open_then_remade(name, old):  # made anew after the open ahead, before the swap
@@ -879,7 +882,6 @@ def test_a_failed_pass_is_checked_again_once_the_table_is_reopened_on_another_fi
     hour here): a verdict on a file no longer served. A table reopened on another file is
     checked again at once; one reopened on the same file (a writer's commit) waits its turn."""
 
-    from tiered_store import TieredStore
     from tiered_store.engram.checkpoint import table_metadata
     from tiered_store.table_format import create_table, read_manifest
 
@@ -898,9 +900,7 @@ def test_a_failed_pass_is_checked_again_once_the_table_is_reopened_on_another_fi
             f.write(bytes([byte[0] ^ 0xFF]))
         assert served.verify_tables() == ["engram_layer3"]  # as a scheduled pass finds it
         health = served.health["engram_layer3"]
-        with TieredStore.open({"table": {"path": str(table)}}) as writer:  # the same file
-            writer.write([1], torch.zeros(1, writer.dim))
-            writer.commit()
+        _commit_a_new_version(table)  # the same file
         assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
         time.sleep(1.5)  # a pass of the same corrupt file at every commit would scan for good
         assert health.verifications == 1 and health.last_error is not None
@@ -928,14 +928,11 @@ def _scrubbing(served):
 def _compacted_with_the_old_version_bad(served, table) -> None:
     """Stop ``served``'s own version checks, commit to ``table`` and compact it (generation 1;
     0 stays while served), then damage generation 0 (row 0: no lookup reads it)."""
-    from tiered_store import TieredStore
     from tiered_store.delta.compaction import compact_table
     from tiered_store.table_format import read_manifest
 
     served.reload_check_seconds = 3600.0  # checks only when the test asks
-    with TieredStore.open({"table": {"path": str(table)}}) as writer:
-        writer.write([1], torch.zeros(1, writer.dim))
-        writer.commit()
+    _commit_a_new_version(table)
     compact_table(table, progress=False)
     manifest = read_manifest(table)
     with open(table, "r+b") as f:
@@ -1017,7 +1014,6 @@ def test_a_new_version_that_runs_out_of_memory_is_refused_and_leaks_nothing(tmp_
     failure is: logged, in /healthz's warnings, counted, every store opened closed again, and
     the request served on the version open now."""
 
-    from tiered_store import TieredStore
     from tiered_store import store as store_module
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
@@ -1027,9 +1023,7 @@ def test_a_new_version_that_runs_out_of_memory_is_refused_and_leaks_nothing(tmp_
     try:
         served.reload_check_seconds = 0.0  # every request checks
         for layer in (1, 3):  # both tables stale
-            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
-                writer.write([1], torch.zeros(1, writer.dim))
-                writer.commit()
+            _commit_a_new_version(config.table_path(layer))
         real, opened = store_module.CacheHierarchy.from_config, _fds_open_on(layer1)
 
         def out_of_memory_for_layer3(store_config, *args, **kwargs):
@@ -1059,15 +1053,11 @@ def test_requests_are_served_while_a_reload_opens_the_new_version(tmp_path, monk
     old ones meanwhile; only the swap holds requests back."""
     import threading
 
-    from tiered_store import TieredStore
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
-        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
-            writer.write([1], torch.zeros(1, writer.dim))
-            writer.commit()
+        _commit_a_new_version(config.table_path(3))
         opening, go_on, real = threading.Event(), threading.Event(), served._open_checked
 
         def slow_open(name, old):  # a big table's open
@@ -1091,7 +1081,6 @@ def test_an_old_store_whose_close_raises_leaves_the_others_closed_and_counted(tm
     failed under -W error) left the second old store open for good (its threads, file and
     tiers) and counted neither reload, though both tables were served on their new version.
     Every old store closes, each reload counts, and the error is logged naming the table."""
-    from tiered_store import TieredStore
     from tiered_store.warm_restart import RestartWarning, restart_path
 
     tiers = {**CONFIG["store"]["tiers"], "restart": {"enabled": True}}
@@ -1100,9 +1089,7 @@ def test_an_old_store_whose_close_raises_leaves_the_others_closed_and_counted(tm
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         for layer in (1, 3):  # a new version of both
-            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
-                writer.write([1], torch.zeros(1, writer.dim))
-                writer.commit()
+            _commit_a_new_version(config.table_path(layer))
         old = dict(served.stores)
         in_the_way = restart_path(config.table_path(1))
         in_the_way.mkdir()  # layer 1's save fails: a directory where its file goes
@@ -1125,15 +1112,12 @@ def test_requests_are_served_while_a_reload_closes_the_old_stores(tmp_path, monk
     waited for their close (a warm-restart save of the tiers, the prefetches' drain) at each
     writer's commit. They close once the gate opens again, requests served on the new stores
     meanwhile, none on an old one."""
-    from tiered_store import TieredStore
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
-        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
-            writer.write([1], torch.zeros(1, writer.dim))
-            writer.commit()
+        _commit_a_new_version(config.table_path(3))
         old = served.stores["engram_layer3"]
         calls = old.stats()["lookup"]["calls"]
         closing, go_on, real = threading.Event(), threading.Event(), old.close
@@ -1160,7 +1144,6 @@ def test_a_ctrl_c_as_a_reload_closes_the_old_stores_closes_every_one(tmp_path, m
     old stores after that one open for good (their files, their prefetch workers) and their
     reloads uncounted. Every old store closes; the Ctrl-C is raised then, and the next reload
     works."""
-    from tiered_store import TieredStore
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
@@ -1169,10 +1152,7 @@ def test_a_ctrl_c_as_a_reload_closes_the_old_stores_closes_every_one(tmp_path, m
 
         def commit_both() -> None:
             for layer in (1, 3):  # both tables stale
-                path = str(config.table_path(layer))
-                with TieredStore.open({"table": {"path": path}}) as writer:
-                    writer.write([1], torch.zeros(1, writer.dim))
-                    writer.commit()
+                _commit_a_new_version(config.table_path(layer))
 
         commit_both()
         old = dict(served.stores)
@@ -1213,7 +1193,6 @@ def test_a_reload_leaves_an_old_store_whose_read_hangs_to_close_under_it(tmp_pat
     stop_within_s (a close waits for the reload under way). The old store's close waits at most
     server.request_timeout_s; it is then left to close under the read, its table in
     left_closing (the serve command exits past it)."""
-    from tiered_store import TieredStore
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
     served = ServedModel(config)
@@ -1231,9 +1210,7 @@ def test_a_reload_leaves_an_old_store_whose_read_hangs_to_close_under_it(tmp_pat
         monkeypatch.setattr(old.cold, "read_rows", hung_read)
         handle = old.prefetch([1, 2, 3])  # an announced request's, say
         assert entered.wait(10)
-        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
-            writer.write([1], torch.zeros(1, writer.dim))
-            writer.commit()
+        _commit_a_new_version(config.table_path(3))
         reloaded: list[list[str]] = []
         reloader = threading.Thread(
             target=lambda: reloaded.append(served.reload_if_stale(force_check=True))
@@ -1316,7 +1293,6 @@ def test_a_close_during_a_reload_ends_the_reload_at_its_open_under_way(tmp_path,
     wait for the answers in flight, the swap, the old stores' close; none of it bounded by the
     stop's stop_within_s. The reload ends once the open under way is done, what it opened
     closed, and the close goes on."""
-    from tiered_store import TieredStore
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     layer1 = config.table_path(1).resolve()
@@ -1325,9 +1301,7 @@ def test_a_close_during_a_reload_ends_the_reload_at_its_open_under_way(tmp_path,
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         for layer in (1, 3):  # both tables stale
-            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
-                writer.write([1], torch.zeros(1, writer.dim))
-                writer.commit()
+            _commit_a_new_version(config.table_path(layer))
         opening, opens, real = threading.Event(), [], served._open_checked
 
         def slow_open(name, old):  # a big table's open; the close comes meanwhile
@@ -1425,9 +1399,7 @@ def test_a_table_whose_map_grew_elsewhere_leaves_the_others_opened_ahead(tmp_pat
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         for layer in (1, 3):
-            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
-                writer.write([1], torch.zeros(1, writer.dim))
-                writer.commit()
+            _commit_a_new_version(config.table_path(layer))
         assert served.reload_if_stale(force_check=True) == ["engram_layer1", "engram_layer3"]
         first = served.stores["engram_layer1"]
         with forkserver.context().Pool(1) as pool:  # layer 1's map grown in another process
@@ -1462,7 +1434,6 @@ def _an_answer_in_flight_over_a_commit(tmp_path, request_timeout_s, hold):
     answer in flight in a thread (``hold(served, done)`` inside the request gate) until ``end``
     is called or the block ends; yields the model, its config, layer 3's file (resolved), the
     descriptors open on it once committed (``_fds_open_on``), and ``end``."""
-    from tiered_store import TieredStore
 
     config = ServeConfig.from_yaml(
         make_checkpoint(tmp_path, server={"request_timeout_s": request_timeout_s})
@@ -1479,9 +1450,7 @@ def _an_answer_in_flight_over_a_commit(tmp_path, request_timeout_s, hold):
 
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
-        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
-            writer.write([1], torch.zeros(1, writer.dim))
-            writer.commit()
+        _commit_a_new_version(config.table_path(3))
         opened, inside = _fds_open_on(layer3), threading.Event()
 
         def answer() -> None:
@@ -1561,7 +1530,6 @@ def test_a_reload_interrupted_by_ctrl_c_closes_every_store_it_opened(tmp_path, m
     open (its memory, its files and the hold that keeps a compaction from removing the version
     it reads). Every store the reload opened is closed, and the interrupt goes on."""
 
-    from tiered_store import TieredStore
     from tiered_store import store as store_module
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
@@ -1571,9 +1539,7 @@ def test_a_reload_interrupted_by_ctrl_c_closes_every_store_it_opened(tmp_path, m
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         for layer in (1, 3):  # both tables stale
-            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
-                writer.write([1], torch.zeros(1, writer.dim))
-                writer.commit()
+            _commit_a_new_version(config.table_path(layer))
         real, opened = store_module.CacheHierarchy.from_config, _fds_open_on(layer1)
 
         def interrupted_at_layer3(store_config, *args, **kwargs):
@@ -1598,7 +1564,6 @@ def test_a_reload_interrupted_mid_swap_leaves_the_model_on_the_stores_served(tmp
     the new stores were closed, layer 1's while the model read it, the old one still open beside
     it (every request then failed 503 'closed'). The model is back on the stores served, each
     open, the new ones closed, and the interrupt goes on."""
-    from tiered_store import TieredStore
     from tiered_store.engram.module import Engram
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
@@ -1606,9 +1571,7 @@ def test_a_reload_interrupted_mid_swap_leaves_the_model_on_the_stores_served(tmp
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         for layer in (1, 3):  # both tables stale
-            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
-                writer.write([1], torch.zeros(1, writer.dim))
-                writer.commit()
+            _commit_a_new_version(config.table_path(layer))
         real = Engram.set_table
 
         def interrupted_at_layer3(engram, backend):
@@ -1641,7 +1604,6 @@ def test_a_second_ctrl_c_while_an_interrupted_swap_is_undone_leaves_no_closed_st
     undo put layer 1 back: every new store was closed, layer 1's while the model still read it
     (every request then failed 503 'closed' until the next check). A table the undo did not
     put back keeps its new store, which ``stores`` then names, its old one closed."""
-    from tiered_store import TieredStore
     from tiered_store.engram.module import Engram
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
@@ -1649,9 +1611,7 @@ def test_a_second_ctrl_c_while_an_interrupted_swap_is_undone_leaves_no_closed_st
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         for layer in (1, 3):  # both tables stale
-            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
-                writer.write([1], torch.zeros(1, writer.dim))
-                writer.commit()
+            _commit_a_new_version(config.table_path(layer))
         real, calls = Engram.set_table, []
 
         def interrupted_twice(engram, backend):
@@ -1687,8 +1647,6 @@ def test_a_reload_interrupted_as_it_announces_serves_and_closes_as_swapped(tmp_p
     what the model reads, the old stores close (their reloads counted), and the interrupt goes
     on."""
 
-    from tiered_store import TieredStore
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     layer1 = config.table_path(1).resolve()
 
@@ -1697,9 +1655,7 @@ def test_a_reload_interrupted_as_it_announces_serves_and_closes_as_swapped(tmp_p
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         opened = _fds_open_on(layer1)
         for layer in (1, 3):  # both tables stale
-            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
-                writer.write([1], torch.zeros(1, writer.dim))
-                writer.commit()
+            _commit_a_new_version(config.table_path(layer))
         old = dict(served.stores)
 
         def interrupted(reopened):
