@@ -3363,3 +3363,31 @@ def test_a_table_closed_until_a_reload_answers_503_saying_when_to_retry(config_p
         assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
     finally:
         server.stop()
+
+
+def test_a_closed_table_whose_new_version_is_refused_is_opened_once_per_check(
+    tmp_path, monkeypatch
+):
+    """A table whose store a reload left closed, its new version refused again, was opened
+    twice in one check: once ahead of the gate, then again by _reopen_closed under it (every
+    request held back meanwhile), both failing alike. It is opened once a check."""
+    import errno
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        served.stores["engram_layer3"].close()  # what a refused reload may leave
+        opens: list[str] = []
+
+        def refused_open(name, old):  # its new version does not open (a read error)
+            opens.append(name)
+            raise TierIOError(errno.EIO, f"{name}: injected open failure")
+
+        monkeypatch.setattr(served, "_open_checked", refused_open)
+        assert served.reload_if_stale(force_check=True) == []
+        assert opens == ["engram_layer3"]
+        assert served.health["engram_layer3"].reload_failures == 1
+        assert "injected open failure" in served.reload_refused
+    finally:
+        served.close()

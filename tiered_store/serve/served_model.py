@@ -419,7 +419,8 @@ class ServedModel:
                 self._undo_swap(opened)
                 for name in stale:  # counted at every check that refuses it, as it is retried
                     self.health[name].reload_failures += 1
-                self._reopen_closed(stale)
+                # the refused one's open was just tried (its old store closed): not again now
+                self._reopen_closed([name for name in stale if name != refused])
                 if self.converted_anew is not None:  # logged once: no check follows
                     log.error(
                         "%s; until then, lookups that read a replaced table file answer 503",
