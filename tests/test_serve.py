@@ -3391,3 +3391,33 @@ def test_a_closed_table_whose_new_version_is_refused_is_opened_once_per_check(
         assert "injected open failure" in served.reload_refused
     finally:
         served.close()
+
+
+def test_a_ctrl_c_as_a_reload_carries_an_old_store_s_counts_closes_every_one(tmp_path, monkeypatch):
+    """A Ctrl-C as the reload carried an old store's last counts to its table's metrics (after
+    its close) left the old stores after it open for good and their reloads uncounted. Every
+    old store closes and is counted; the Ctrl-C is raised then."""
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):  # both tables stale
+            with TieredStore.open({"table": {"path": str(config.table_path(layer))}}) as writer:
+                writer.write([1], torch.zeros(1, writer.dim))
+                writer.commit()
+        old, real = dict(served.stores), served._carry_rest
+
+        def interrupted_carry(name, store, carried):  # Ctrl-C as the first one's carry ends
+            real(name, store, carried)
+            if name == "engram_layer1":
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(served, "_carry_rest", interrupted_carry)
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+        assert all(store.closed for store in old.values())
+        assert [served.health[name].reloads for name in TABLES] == [1, 1] and served.reloads == 2
+    finally:
+        served.close()

@@ -598,19 +598,21 @@ class ServedModel:
         interrupted: BaseException | None = None
         deadline = time.monotonic() + self.config.server.request_timeout_s
         for name, store in old.items():
+            self.health[name].reloads += 1
             try:
-                if not store.close(wait_s=max(deadline - time.monotonic(), 0.0)):
-                    self.left_closing.append(name)
-            except Exception as exc:  # noqa: BLE001 (swapped out: the new version is served)
-                log.error(
-                    "closing %s's store of the version swapped out failed: %s",
-                    name,
-                    error_text(exc),
-                )
+                try:
+                    if not store.close(wait_s=max(deadline - time.monotonic(), 0.0)):
+                        self.left_closing.append(name)
+                except Exception as exc:  # noqa: BLE001 (swapped out: the new version is served)
+                    log.error(
+                        "closing %s's store of the version swapped out failed: %s",
+                        name,
+                        error_text(exc),
+                    )
+                finally:  # its carry too (interrupted, the others still close)
+                    self._carry_rest(name, store, carried[name])
             except BaseException as exc:  # Ctrl-C: the others close first
                 interrupted = interrupted or exc
-            self._carry_rest(name, store, carried[name])
-            self.health[name].reloads += 1
         self.reloads += len(old)
         if interrupted is not None:
             raise interrupted
