@@ -3421,3 +3421,47 @@ def test_a_ctrl_c_as_a_reload_carries_an_old_store_s_counts_closes_every_one(tmp
         assert [served.health[name].reloads for name in TABLES] == [1, 1] and served.reloads == 2
     finally:
         served.close()
+
+
+def test_left_closing_names_each_table_once_and_only_while_its_calls_hang(tmp_path, monkeypatch):
+    """left_closing (what the serve command's exit warns of, exiting past it) listed a table
+    once per store left to close under a hung call: twice once a reload's old store and the
+    stop's store of one table hung, and still after those calls ended (the warning then said
+    calls were under way that were not). It names each table once, while its calls hang."""
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
+    served = ServedModel(config)
+    release, handles = threading.Event(), []
+
+    def hang(store) -> None:  # a prefetch whose cold read hangs (a dead disk) until released
+        entered, read_rows = threading.Event(), store.cold.read_rows
+
+        def hung_read(ids):
+            entered.set()
+            release.wait(60)
+            return read_rows(ids)
+
+        monkeypatch.setattr(store.cold, "read_rows", hung_read)
+        handles.append(store.prefetch([1, 2, 3]))
+        assert entered.wait(10)
+
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        hang(served.stores["engram_layer3"])
+        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        with pytest.warns(RuntimeWarning, match="still under way after"):
+            assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert served.left_closing == ["engram_layer3"]
+        hang(served.stores["engram_layer3"])  # the new store's read hangs too
+        with pytest.warns(RuntimeWarning, match="still under way after"):
+            served.close(wait_s=1.0)
+        assert served.left_closing == ["engram_layer3"]
+    finally:
+        release.set()
+        served.close()
+    for handle in handles:
+        assert handle.future.result(10) is not None  # the reads ended: nothing left to wait for
+    assert served.left_closing == []

@@ -1307,6 +1307,12 @@ class TieredStore:
         """Whether ``close()`` has closed this store."""
         return self._closed
 
+    @property
+    def calls_left(self) -> bool:
+        """Whether calls a ``close(wait_s=)`` gave up waiting for are still under way (the last
+        of them closes the files)."""
+        return self._left_calls and self._file_calls.then_pending()
+
     def is_stale(self) -> bool:
         """Whether the table on disk moved on since this store opened (a compaction made a new
         version, the file was made anew, or a writer elsewhere committed): reopen to see it. A

@@ -281,6 +281,11 @@ class InFlight:
                 running = self._running(me)
         return not running
 
+    def then_pending(self) -> bool:
+        """Whether ``then``'s action waits for calls still under way (not run yet)."""
+        with self._lock:
+            return self._then is not None
+
     def then(self, action: Callable[[], None]) -> None:
         """After ``close()``: run ``action`` once no call of another thread than the caller's
         (close()'s) is under way: now, or as the last one ends."""

@@ -543,6 +543,12 @@ class ShardedStore:
         self._closed_in_time = self._shutdown()
         return self._closed_in_time
 
+    @property
+    def calls_left(self) -> bool:
+        """Whether calls its shard's close gave up waiting for are still under way
+        (``TieredStore.calls_left``)."""
+        return self.local is not None and self.local.calls_left
+
     def __enter__(self) -> ShardedStore:
         return self
 

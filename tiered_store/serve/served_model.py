@@ -233,9 +233,9 @@ class ServedModel:
             self._refusals: dict[str, tuple[Any, str]] = {}
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
-            # tables whose store close(wait_s=) left to close under a call hung in it (at the
-            # close, or a reload's of the store it swapped out)
-            self.left_closing: list[str] = []
+            # (table, store) that close(wait_s=) left to close under a call hung in it (at the
+            # close, or a reload's of the store it swapped out): left_closing
+            self._left: list[tuple[str, TieredStore]] = []
             self.reloads = 0
             if trace is not None:
                 self._trace = self._open_trace(Path(trace))
@@ -259,6 +259,13 @@ class ServedModel:
         self.tokenizer = self.model.hasher.tokenizer
         self.vocab_size = self.tokenizer.vocab_size
         self.pad_id = self.model.config.engram.pad_id
+
+    @property
+    def left_closing(self) -> list[str]:
+        """The tables whose store a close left to close under calls still hung in it (at the
+        close, or a reload's of the store it swapped out), each once: the serve command exits
+        past them."""
+        return list(dict.fromkeys(name for name, store in self._left if store.calls_left))
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (the model's DeepSeek tokenizer)."""
@@ -602,7 +609,7 @@ class ServedModel:
             try:
                 try:
                     if not store.close(wait_s=max(deadline - time.monotonic(), 0.0)):
-                        self.left_closing.append(name)
+                        self._left.append((name, store))
                 except Exception as exc:  # noqa: BLE001 (swapped out: the new version is served)
                     log.error(
                         "closing %s's store of the version swapped out failed: %s",
@@ -1179,7 +1186,7 @@ class ServedModel:
                 else:  # sharded: bounds its own close (sharding.timeout_s)
                     closed = store.close()
                 if not closed:
-                    self.left_closing.append(name)
+                    self._left.append((name, store))
         finally:
             self.model.close()  # the others; those closed above return at once
 
