@@ -3465,3 +3465,32 @@ def test_left_closing_names_each_table_once_and_only_while_its_calls_hang(tmp_pa
     for handle in handles:
         assert handle.future.result(10) is not None  # the reads ended: nothing left to wait for
     assert served.left_closing == []
+
+
+def test_a_server_s_requests_leave_reloads_to_its_version_watch(tmp_path, monkeypatch):
+    """A request whose check came due ran the reload itself, before its own answer: that one
+    request waited for the new versions' open, the swap and the old stores' close (a
+    warm-restart save, up to server.request_timeout_s for a hung one), though a server's
+    version watch checks every second anyway. A server's requests leave it to the watch."""
+    from tiered_store import TieredStore
+
+    server = start_server(make_checkpoint(tmp_path))
+    try:
+        served = server.model
+        served.reload_check_seconds = 3600.0  # the watch's next wait is long; checks are due
+        with TieredStore.open({"table": {"path": str(served.config.table_path(3))}}) as writer:
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        checked_by, real = [], served._reload_stale
+
+        def watched_reload():
+            checked_by.append(threading.current_thread().name)
+            return real()
+
+        monkeypatch.setattr(served, "_reload_stale", watched_reload)
+        served._last_version_check = time.monotonic() - 7200.0
+        for _ in range(3):
+            assert post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})[0] == 200
+        assert set(checked_by) <= {"tiered-store-version-watch"}, checked_by
+    finally:
+        server.stop()

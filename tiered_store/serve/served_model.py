@@ -7,7 +7,8 @@ serving needs around it: a ``GuardedTable`` around each store (failures become o
 and are counted per table), a forward hook that records each Engram layer's output for the
 answer's per-layer checksums, the trace of served lookups, ``create_checkpoint`` for a small
 seeded random checkpoint to try it out, and the swap to a table's new version when a compaction or
-a writer's commit moved it on (``reload_if_stale``, checked by requests once a second).
+a writer's commit moved it on (``reload_if_stale``, checked once a second: by requests, or by
+``watch_versions``'s thread alone once it runs, so that no request waits for a reload).
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ class ServedModel:
             self._waiting_lock = threading.Lock()
             self.reload_check_seconds = RELOAD_CHECK_SECONDS  # how often requests check
             self._reloading = threading.Lock()  # one check and swap at a time
+            self._watched = False  # a version watch checks (watch_versions): requests do not
             self._closed = False  # a closed model never reopens its tables
             self._closing = threading.Event()  # close() began: a reload under way ends early
             self._last_version_check = time.monotonic()
@@ -707,7 +709,8 @@ class ServedModel:
         ``NonFiniteOutputError`` when the output is not finite."""
         if announced is not None:
             self._take_turn(announced)
-        self.reload_if_stale()
+        if not self._watched:  # a server's version watch reloads: no request waits for one
+            self.reload_if_stale()
         with self._gate.shared():
             if self._closed:  # a worker the drain gave up on, come after close(): no lookups
                 raise StoreClosedError("the served model is closed; open a new ServedModel")
@@ -1028,7 +1031,10 @@ class ServedModel:
     def watch_versions(self, stop: threading.Event) -> threading.Thread:
         """A thread checking for new table versions every ``reload_check_seconds`` until
         ``stop``, requests or not: an idle server reopens too (its stores' pinned commits kept
-        every page a trainer freed since, and the delta grew with each commit); started."""
+        every page a trainer freed since, and the delta grew with each commit); started. The
+        requests then check no more: none waits for a reload (the open, the swap, the old stores'
+        close)."""
+        self._watched = True
 
         def watch() -> None:
             while not stop.wait(self.reload_check_seconds):

@@ -155,7 +155,7 @@ class InferenceServer:
             self._scrubber = self.model.start_scrub(self._background_stop)
         if self.model.control is not None:  # sharded: rank 0 watches the other ranks
             self._rank_watch = self.model.watch_ranks(self._background_stop)
-        else:  # new table versions are opened between requests, and while none come
+        else:  # new table versions are opened by this thread alone: no request waits for one
             self._version_watch = self.model.watch_versions(self._background_stop)
         self._trace_watch = self.model.watch_trace(self._background_stop)
 
