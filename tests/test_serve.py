@@ -3494,3 +3494,43 @@ def test_a_server_s_requests_leave_reloads_to_its_version_watch(tmp_path, monkey
         assert set(checked_by) <= {"tiered-store-version-watch"}, checked_by
     finally:
         server.stop()
+
+
+def test_a_store_hung_for_good_leaves_the_others_their_close(tmp_path, monkeypatch):
+    """The stores closed in turn under one deadline: one whose cold read hung for good (a dead
+    disk) waited all of it, and those after it got none, so a call of theirs that ends as its
+    store closes (a warm restore's chunk, a re-pin's read) left them to close under it too:
+    no warm-restart save, and named among the hung at exit. Each store has a moment of its own
+    (CLOSE_GRACE_S) past the deadline for its calls."""
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
+    served = ServedModel(config)
+    release, handles = threading.Event(), []
+    try:
+        hung, healthy = served.stores["engram_layer1"], served.stores["engram_layer3"]
+        closing, real_close = threading.Event(), healthy.close
+
+        def close_healthy(**kwargs):
+            closing.set()
+            return real_close(**kwargs)
+
+        monkeypatch.setattr(healthy, "close", close_healthy)
+        for store, until in ((hung, release), (healthy, closing)):
+            entered, read_rows = threading.Event(), store.cold.read_rows
+
+            def read(ids, entered=entered, until=until, read_rows=read_rows):
+                entered.set()
+                until.wait(60)  # layer 1: until the test ends; layer 3: until its close
+                return read_rows(ids)
+
+            monkeypatch.setattr(store.cold, "read_rows", read)
+            handles.append(store.prefetch([1, 2, 3]))
+            assert entered.wait(10)
+        with pytest.warns(RuntimeWarning, match="engram_layer1.npy still under way after"):
+            served.close(wait_s=0.5)
+        assert served.left_closing == ["engram_layer1"]
+        assert healthy.closed and not healthy.calls_left
+    finally:
+        release.set()
+        served.close()
+    for handle in handles:
+        assert handle.future.result(10) is not None

@@ -73,6 +73,10 @@ SCRUB_RETRIES = 3
 # a file modified this recently may change again within its mtime's tick (1 to 2 s on coarse
 # file clocks) and keep its identity: a refusal of it is not remembered (opened again next check)
 SETTLED_NS = 2_000_000_000
+# each store's close waits this long at least for its calls under way, whatever an earlier one
+# (hung for good) left of the deadline: a call that ends as its store closes (a warm restore's
+# chunk, a re-pin's read) does not leave it to close under it, without its warm-restart save
+CLOSE_GRACE_S = 1.0
 
 
 class NonFiniteOutputError(TieredStoreError, ArithmeticError):
@@ -601,7 +605,8 @@ class ServedModel:
         tables' metrics what lookups in flight counted in them since ``carried``; every one,
         though a close raised: an error is logged (the new versions are served), a Ctrl-C
         raised once the others closed too. They wait for their calls under way (a prefetch) at
-        most ``server.request_timeout_s`` in all: one hung for good (a dead disk) is left to
+        most ``server.request_timeout_s`` in all (each ``CLOSE_GRACE_S`` at least): one hung
+        for good (a dead disk) is left to
         close under them (its table in ``left_closing``), never holding the reloads after it,
         nor a ``close`` (which waits for the reload under way)."""
         interrupted: BaseException | None = None
@@ -610,7 +615,7 @@ class ServedModel:
             self.health[name].reloads += 1
             try:
                 try:
-                    if not store.close(wait_s=max(deadline - time.monotonic(), 0.0)):
+                    if not store.close(wait_s=_close_wait(deadline)):
                         self._left.append((name, store))
                 except Exception as exc:  # noqa: BLE001 (swapped out: the new version is served)
                     log.error(
@@ -1176,7 +1181,8 @@ class ServedModel:
     def _close_stores(self, deadline: float | None) -> None:
         """``_close``'s end: rank 0 tells the other ranks to stop, then every store closes,
         waiting for its calls under way until ``deadline`` (None: until they end; a sharded
-        store until its ``sharding.timeout_s``); one that left calls under way is in
+        store until its ``sharding.timeout_s``), each ``CLOSE_GRACE_S`` at least (one hung for
+        good before it does not take all its wait); one that left calls under way is in
         ``left_closing``."""
         control, self.control = getattr(self, "control", None), None
         if control is not None and control.rank == 0:
@@ -1187,8 +1193,7 @@ class ServedModel:
         try:
             for name, store in self.stores.items():
                 if isinstance(store, TieredStore):
-                    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                    closed = store.close(wait_s=left)
+                    closed = store.close(wait_s=_close_wait(deadline))
                 else:  # sharded: bounds its own close (sharding.timeout_s)
                     closed = store.close()
                 if not closed:
@@ -1253,6 +1258,12 @@ def _another_file(old: Any, new: Any) -> bool:
     made anew), not the same one after a writer's commit: told apart by identity, not by path
     (one made anew after ``new`` opened leaves it on ``old``'s file)."""
     return not old.cold.same_file(new.cold)
+
+
+def _close_wait(deadline: float | None) -> float | None:
+    """How long a store's close waits for its calls under way: until ``deadline``
+    (``time.monotonic()``; None: until they end), ``CLOSE_GRACE_S`` at least."""
+    return None if deadline is None else max(deadline - time.monotonic(), CLOSE_GRACE_S)
 
 
 def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
