@@ -3534,3 +3534,29 @@ def test_a_store_hung_for_good_leaves_the_others_their_close(tmp_path, monkeypat
         served.close()
     for handle in handles:
         assert handle.future.result(10) is not None
+
+
+def test_a_stop_that_raises_still_exits_past_a_cold_read_hung_for_good(tmp_path):
+    """The serve command exited past the calls a stop left hung (a cold read on a dead disk)
+    only when the stop returned: one that raised too (the recorded trace's close failed, its
+    folder removed) went on to the interpreter's exit, which waited for the hung read's worker
+    without end, past stop_within_s (killed -9). It exits past them all the same, with the
+    stop's error logged and status 2."""
+    import shutil
+
+    env, mark, _ = _hung_read_env(tmp_path)
+    (Path(env["PYTHONPATH"]) / "sitecustomize.py").write_text(_HUNG_COLD_READ_HOOK)
+    config = make_checkpoint(tmp_path, server={"request_timeout_s": 0.5})
+    traces = tmp_path / "traces"
+    with ServeProcess(
+        config, "--record-trace", str(traces / "t.trace"), metrics=False, env=env
+    ) as proc:
+        host, port = proc.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            _send_until_hung(sock, mark)
+            shutil.rmtree(traces)  # the trace's close fails
+            status = proc.stop()  # kills once stop_within_s (11.5 s here) and 10 s more passed
+        log = proc.log()
+        assert status == 2, log[-3000:]
+        assert "exiting with calls to engram_layer3 still under way" in log, log[-3000:]
+        assert "t.trace" in log, log[-3000:]

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from ..cli_args import DefaultsHelpFormatter, command_help, given_path, output_file
+from ..errors import TieredStoreError, error_text
 from .app import INFERENCE_PATH
 from .config import ServeConfig
 from .served_model import create_checkpoint
@@ -108,7 +109,15 @@ def run_serve(args: argparse.Namespace) -> int:
         trace=args.record_trace,
         access_log=args.access_log,
     )
-    status = server.serve_until_signal()
+    try:
+        status = server.serve_until_signal()
+    except BaseException as exc:  # the stop raised (the trace's close failed): exited past too
+        if server.model is None or not server.model.left_closing:
+            raise
+        log.error("stopping failed: %s", error_text(exc))
+        _exit_past_hung_calls(
+            2 if isinstance(exc, TieredStoreError) else 1, server.model.left_closing
+        )
     if server.model is not None and server.model.left_closing:
         _exit_past_hung_calls(status, server.model.left_closing)
     return status
