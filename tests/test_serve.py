@@ -3560,3 +3560,41 @@ def test_a_stop_that_raises_still_exits_past_a_cold_read_hung_for_good(tmp_path)
         assert status == 2, log[-3000:]
         assert "exiting with calls to engram_layer3 still under way" in log, log[-3000:]
         assert "t.trace" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("where", ["the lookup hold's end", "the refusal's clearing"])
+def test_a_ctrl_c_between_the_swap_and_the_old_stores_close_closes_them(
+    tmp_path, monkeypatch, where
+):
+    """A Ctrl-C once the model took the new stores but before the old stores' close was set to
+    run after the gate (as _swap_in ended each table's lookup hold, or as the reload cleared
+    its refusal) left the old stores open for good, and, at the refusal, ``stores`` naming
+    them while the model read the new ones. The old stores close and ``stores`` names what
+    the model reads."""
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
+            writer.write([1], torch.zeros(1, writer.dim))
+            writer.commit()
+        old = served.stores["engram_layer3"]
+
+        def interrupt(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        if where == "the lookup hold's end":
+            monkeypatch.setattr(served.health["engram_layer3"], "end_lookup_hold", interrupt)
+        else:
+            monkeypatch.setattr(served, "_refused", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+        monkeypatch.undo()
+        assert old.closed
+        assert served.model.tables[3].table is served.stores["engram_layer3"] is not old
+        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+        assert served.answer(request)["shape"] == [1, 3]
+    finally:
+        served.close()

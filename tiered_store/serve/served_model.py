@@ -454,8 +454,8 @@ class ServedModel:
             except BaseException:  # Ctrl-C: it goes on, no store it opened left open
                 self._undo_swap(opened)
                 raise
-            self._refused(unreadable)
             after_gate.callback(self._swap_in(opened, close_old=False))
+            self._refused(unreadable)  # (interrupted, the old stores close all the same)
         log.info("reopened tables on a new version: %s", ", ".join(stale))
         if self._trace is not None:  # the new stores start cold, with their counters at 0
             log.warning(
@@ -584,15 +584,18 @@ class ServedModel:
             self._close_swapped_out(old, self._serve_from(opened))
             raise
         carried = self._serve_from(opened)
-        # once served: a pass failing over the old file now finds it replaced (verify_tables)
-        for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
-            if not _another_file(store, opened[name]):  # a closed store's failures end there
-                self.health[name].end_lookup_hold(same_file=True)
-                continue
-            if self.health[name].last_error is not None:
-                self._scrub_soon(name)
-            self.health[name].end_lookup_hold()  # failed on a file no longer served
         close = functools.partial(self._close_swapped_out, old, carried)
+        try:  # once served: a pass failing over the old file now finds it replaced
+            for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
+                if not _another_file(store, opened[name]):  # a closed store's failures end there
+                    self.health[name].end_lookup_hold(same_file=True)
+                    continue
+                if self.health[name].last_error is not None:
+                    self._scrub_soon(name)
+                self.health[name].end_lookup_hold()  # failed on a file no longer served
+        except BaseException:  # Ctrl-C: the old stores close all the same
+            close()
+            raise
         if not close_old:
             return close
         close()
