@@ -3,6 +3,7 @@ of the figures beside it, commits and deltas add up, its tables go, bad options 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -142,27 +143,41 @@ def processes_naming(text: str) -> list[int]:
     return found
 
 
+@contextlib.contextmanager
+def _a_recovery_run(tmp_path: Path, *, new_session: bool = False):
+    """bench_writes' recovery section started (``new_session``: in a process group of its own),
+    its stderr in a file (not a pipe: a writer left running would hold it open), once its
+    writer runs on the table in ``tmp_path/work``: yields the script's process, the work
+    folder, the stderr file, the writer's pid and a deadline two minutes on; kills both after."""
+    work = tmp_path / "work"
+    work.mkdir()
+    script = [sys.executable, str(ROOT / "bench" / "bench_writes.py"), "--only", "recovery"]
+    args = ["--recovery-rows", "20000", "--dir", str(work)]
+    log = tmp_path / "stderr"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [*script, *args], env=subprocess_env(), stderr=stderr, start_new_session=new_session
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not processes_naming(f"{work}/") and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.01)
+        (writer,) = processes_naming(f"{work}/")  # on the table in the work folder
+        yield proc, work, log, writer, deadline
+    finally:
+        proc.kill()
+        for pid in processes_naming(f"{work}/"):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
 def test_an_interrupt_during_recovery_ends_the_writer_it_started(tmp_path, ctrl_c):
     """The recovery section's writer commits in a loop until the script kills it: a SIGTERM to the
     script (kill's default) once the writer was in that loop left it running for good, its parent
     gone, writing into the deleted work folder; a Ctrl-C (SIGINT to the terminal's process group)
     ended it, with its own KeyboardInterrupt traceback among the script's lines."""
-    work = tmp_path / "work"
-    work.mkdir()
-    script = [sys.executable, str(ROOT / "bench" / "bench_writes.py"), "--only", "recovery"]
-    args = ["--recovery-rows", "20000", "--dir", str(work)]
-    log = tmp_path / "stderr"  # not a pipe: a writer left running would hold it open
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [*script, *args], env=subprocess_env(), stderr=stderr, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while not processes_naming(f"{work}/") and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            time.sleep(0.02)
-        (writer,) = processes_naming(f"{work}/")  # on the table in the work folder
+    with _a_recovery_run(tmp_path, new_session=True) as (proc, work, log, writer, deadline):
         proc.send_signal(signal.SIGSTOP)  # the script stops before it reads "committed"
         with open(f"/proc/{writer}/fd/1", "rb") as pipe:  # the writer's stdout, to the script
             while time.monotonic() < deadline:
@@ -180,29 +195,13 @@ def test_an_interrupt_during_recovery_ends_the_writer_it_started(tmp_path, ctrl_
         assert "Traceback" not in err, err[-2000:]
         assert processes_naming(f"{work}/") == [], "the writer still runs"
         assert list(work.iterdir()) == []
-    finally:
-        proc.kill()
-        for pid in processes_naming(f"{work}/"):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_recovery_writer_ends_with_a_script_killed_outright(tmp_path):
     """The writer commits in a loop until the script kills it: a script killed outright (kill -9,
     the out-of-memory killer), which runs no cleanup, left it committing for good, its parent
     gone; the kernel ends it with its parent."""
-    work = tmp_path / "work"
-    work.mkdir()
-    script = [sys.executable, str(ROOT / "bench" / "bench_writes.py"), "--only", "recovery"]
-    args = ["--recovery-rows", "20000", "--dir", str(work)]
-    log = tmp_path / "stderr"  # not a pipe: a writer left running would hold it open
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen([*script, *args], env=subprocess_env(), stderr=stderr)
-    try:
-        deadline = time.monotonic() + 120
-        while not processes_naming(f"{work}/") and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            time.sleep(0.02)
-        (writer,) = processes_naming(f"{work}/")  # on the table in the work folder
+    with _a_recovery_run(tmp_path) as (proc, work, _, _, deadline):
         while not list(work.rglob("data.mdb")) and time.monotonic() < deadline:
             time.sleep(0.02)  # its store opened: past its start
         proc.kill()
@@ -210,36 +209,16 @@ def test_a_recovery_writer_ends_with_a_script_killed_outright(tmp_path):
         while processes_naming(f"{work}/") and time.monotonic() < deadline:
             time.sleep(0.02)
         assert processes_naming(f"{work}/") == [], "the writer still runs"
-    finally:
-        proc.kill()
-        for pid in processes_naming(f"{work}/"):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_recovery_writer_that_ends_before_its_first_commits_is_named(tmp_path):
     """A writer that ended before its first commits (killed, out of memory, an error) was a bare
     AssertionError, and under python -O the section went on to time a table no writer wrote."""
-    work = tmp_path / "work"
-    work.mkdir()
-    script = [sys.executable, str(ROOT / "bench" / "bench_writes.py"), "--only", "recovery"]
-    args = ["--recovery-rows", "20000", "--dir", str(work)]
-    log = tmp_path / "stderr"
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen([*script, *args], env=subprocess_env(), stderr=stderr)
-    try:
-        deadline = time.monotonic() + 120
-        while not processes_naming(f"{work}/") and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            time.sleep(0.01)
-        (writer,) = processes_naming(f"{work}/")  # still importing: seconds from its commits
-        os.kill(writer, signal.SIGKILL)
+    with _a_recovery_run(tmp_path) as (proc, work, log, writer, _):
+        os.kill(writer, signal.SIGKILL)  # still importing: seconds from its commits
         proc.wait(timeout=60)
         err = log.read_text()
         assert proc.returncode == 1, err[-2000:]
         expected = "recovery: the writer on recovery_20000.npy ended with exit status -9 before"
         assert expected in err, err[-2000:]
         assert list(work.iterdir()) == []
-    finally:
-        proc.kill()
-        for pid in processes_naming(f"{work}/"):
-            os.kill(pid, signal.SIGKILL)
