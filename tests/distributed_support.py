@@ -140,6 +140,15 @@ def _report(out: Path, rank: int, result: dict) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
+def _report_once_rank_0_has(out: Path, rank: int, result: dict) -> None:
+    """``_report``, then wait for rank 0's report before leaving the group (rank 0 hosts the
+    group's store: the other ranks stay until it is done with it)."""
+    _report(out, rank, result)
+    while not (out / "rank0.json").exists():
+        time.sleep(0.05)
+    dist_destroy()
+
+
 def _open_outcome(cfg: dict, group: Any = None) -> str:
     """What opening a ``ShardedStore`` on ``cfg`` did: "ok" (then closed), or its error."""
     from tiered_store.distributed import sharded_store
@@ -566,10 +575,7 @@ def absent_rank_open_worker(rank: int, world: int, port: int, plain: str, out: P
             start = time.monotonic()
             result["open"] = _open_outcome(cfg)
             result["seconds"] = time.monotonic() - start
-        _report(out, rank, result)
-        while not (out / "rank0.json").exists():  # rank 0 hosts the group's store: rank 1 stays
-            time.sleep(0.05)
-        dist_destroy()
+        _report_once_rank_0_has(out, rank, result)
     except BaseException:
         result["crash"] = traceback.format_exc()
     _report(out, rank, result)
@@ -590,10 +596,7 @@ def absent_after_failed_open_worker(
         cfg["sharding"]["timeout_s"] = 4
         if rank == 0:
             result["open"] = _open_outcome(cfg)
-        _report(out, rank, result)
-        while not (out / "rank0.json").exists():  # rank 0 hosts the group's store: rank 1 stays
-            time.sleep(0.05)
-        dist_destroy()
+        _report_once_rank_0_has(out, rank, result)
     except BaseException:
         result["crash"] = traceback.format_exc()
     _report(out, rank, result)
