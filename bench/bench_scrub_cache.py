@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -77,11 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(tmp) / "cold.npy"
         rows = (args.table_mib << 20) // (ROW_DIM * 4)
         create_table(path, RandomSource(rows, ROW_DIM, seed=3), progress=False)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # (dirty pages would stay cached)
-        finally:
-            os.close(fd)
         pages = -(-path.stat().st_size // 4096)
         for pair in range(args.pairs):
             for direct in (True, False) if pair % 2 == 0 else (False, True):

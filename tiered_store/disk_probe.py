@@ -439,7 +439,8 @@ def cached_pages(path: str | os.PathLike[str]) -> int:
 
 
 def drop_page_cache(paths: Iterable[str | os.PathLike[str]]) -> None:
-    """Ask the kernel to forget the cached pages of ``paths`` (so a benchmark starts from disk).
+    """Ask the kernel to forget the cached pages of ``paths`` (so a benchmark starts from disk);
+    written out first, as the kernel keeps dirty pages (a table just made stayed cached).
 
     Examples
     --------
@@ -450,6 +451,7 @@ def drop_page_cache(paths: Iterable[str | os.PathLike[str]]) -> None:
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
+            os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
