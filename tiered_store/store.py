@@ -79,7 +79,7 @@ RESTORE_CHUNK_ROWS = 1 << 22
 RESTORE_ORDERED_ROWS = 65_536
 
 
-def _seconds_left(deadline: float | None) -> float | None:
+def seconds_left(deadline: float | None) -> float | None:
     """Seconds until ``deadline`` (``time.monotonic()``), at least 0; None for no deadline."""
     return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
@@ -729,7 +729,7 @@ class TieredStore:
                 return not self._left_calls
             deadline = None if wait_s is None else time.monotonic() + wait_s
             self._stop_background(deadline)
-            if self._file_calls.close(_seconds_left(deadline)):
+            if self._file_calls.close(seconds_left(deadline)):
                 try:
                     self._save_on_close()
                 finally:  # interrupted (Ctrl-C), or a warning made an error: the files close
@@ -757,8 +757,8 @@ class TieredStore:
             self._repin_wanted.set()  # wakes the re-pin thread to end
         for thread in self._threads:
             if thread.ident is not None:  # one whose start failed (an open unwinding) never ran
-                thread.join(_seconds_left(deadline))
-        self._prefetcher.close(_seconds_left(deadline))  # they land first: the save has them
+                thread.join(seconds_left(deadline))
+        self._prefetcher.close(seconds_left(deadline))  # they land first: the save has them
 
     def _save_on_close(self) -> None:
         """Count what the re-pin thread left, warn of writes not committed, save the restart."""

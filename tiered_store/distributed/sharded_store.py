@@ -73,7 +73,7 @@ from ..latency import LatencyHistogram
 from ..page_checksums import ChecksumError
 from ..prefetch import CONSUMED, OTHER_STORE, PrefetchHandle, PrefetchHandleError, take_once
 from ..quantization import dequantize_rows
-from ..store import TieredStore, as_id_tensor, as_rows, compute_device
+from ..store import TieredStore, as_id_tensor, as_rows, compute_device, seconds_left
 from .collective_thread import CollectiveThread
 from .liveness import Heartbeat, shared_connection
 from .shard_files import ShardInfo, mixed_runs, read_shard, shard_path
@@ -1184,7 +1184,7 @@ class ShardedStore:
             self._heartbeat.close()
         closed_in_time = True
         if self.local is not None:  # a lookup of the stuck collective may still read the shard
-            closed_in_time = self.local.close(wait_s=max(deadline - time.monotonic(), 0.0))
+            closed_in_time = self.local.close(wait_s=seconds_left(deadline))
         if self.owns_subgroup and self._failure is None:
             dist.destroy_process_group(self.group)
         _OPEN.discard(self)

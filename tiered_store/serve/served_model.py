@@ -55,7 +55,7 @@ from ..errors import (
 from ..metrics import TableHealth, store_counts, verify_counted
 from ..page_checksums import sidecar_path
 from ..request_queue import QueuedRequest
-from ..store import TieredStore
+from ..store import TieredStore, seconds_left
 from ..table_format import TableChangingError, VerifyStopped, table_paths
 from ..trace import TraceWriter
 from .config import ServeConfig
@@ -454,7 +454,7 @@ class ServedModel:
             except BaseException:  # Ctrl-C: it goes on, no store it opened left open
                 self._undo_swap(opened)
                 raise
-            after_gate.callback(self._swap_in(opened, close_old=False))
+            after_gate.callback(self._swap_in(opened))
             self._refused(unreadable)  # (interrupted, the old stores close all the same)
         log.info("reopened tables on a new version: %s", ", ".join(stale))
         if self._trace is not None:  # the new stores start cold, with their counters at 0
@@ -504,7 +504,7 @@ class ServedModel:
                 if name not in kept:
                     store.close()
             if kept:
-                self._swap_in(kept)
+                self._swap_in(kept)()
 
     def _version_files(self, name: str) -> tuple[Any, bool]:
         """What the current version of table ``name`` is on disk: its generation and the
@@ -556,7 +556,7 @@ class ServedModel:
                 if new is not None:
                     new.close()
                 raise
-            self._swap_in({name: new})
+            self._swap_in({name: new})()
 
     def _guarded(self, stores: dict[str, TieredStore]) -> dict[int, GuardedTable]:
         """The model's tables for ``stores`` (table name -> store), by Engram layer."""
@@ -566,17 +566,14 @@ class ServedModel:
             if (table := self.config.table_name(layer)) in stores
         }
 
-    def _swap_in(
-        self, opened: dict[str, TieredStore], *, close_old: bool = True
-    ) -> Callable[[], None]:
+    def _swap_in(self, opened: dict[str, TieredStore]) -> Callable[[], None]:
         """After the model took ``opened`` (table name -> its store on the new version): the
         counters and histograms of the old stores go on in what /metrics exports for their
         tables, the requests waiting are announced to them, the old stores close, and a table
         whose last pass failed is checked again once on another file (its last failed lookup no
         longer holds /healthz at 503); interrupted (Ctrl-C), ``stores`` still names what the
-        model reads, and the old stores close. ``close_old`` False: they close when the caller
-        calls what it returns (once the request gate opens); True: now (what it returns does
-        nothing)."""
+        model reads, and the old stores close. Otherwise they close when the caller calls what it
+        returns (once the request gate opens)."""
         old = {name: self.stores[name] for name in opened}
         try:
             self._announce_again({old[name]: opened[name] for name in opened})
@@ -596,10 +593,7 @@ class ServedModel:
         except BaseException:  # Ctrl-C: the old stores close all the same
             close()
             raise
-        if not close_old:
-            return close
-        close()
-        return lambda: None
+        return close
 
     def _close_swapped_out(
         self, old: dict[str, TieredStore], carried: dict[str, dict[Any, float]]
@@ -1152,7 +1146,7 @@ class ServedModel:
             self._closed = True
         bound = self.config.server.request_timeout_s
         if deadline is not None:
-            bound = min(bound, max(deadline - time.monotonic(), 0.0))
+            bound = min(bound, seconds_left(deadline))
         # a worker the drain gave up on still computes: its lookups would find the stores closed
         with self._gate.exclusive(timeout=bound) as running:  # (counted, logged as failed)
             if running:
@@ -1266,7 +1260,7 @@ def _another_file(old: Any, new: Any) -> bool:
 def _close_wait(deadline: float | None) -> float | None:
     """How long a store's close waits for its calls under way: until ``deadline``
     (``time.monotonic()``; None: until they end), ``CLOSE_GRACE_S`` at least."""
-    return None if deadline is None else max(deadline - time.monotonic(), CLOSE_GRACE_S)
+    return None if deadline is None else max(seconds_left(deadline), CLOSE_GRACE_S)
 
 
 def _file_identity(path: Path) -> tuple[int, int, int, int] | None:

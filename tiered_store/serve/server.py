@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..errors import ConfigError
 from ..latency import buckets_covering
 from ..metrics import RequestCounters, build_registry, build_sharded_registry
+from ..store import seconds_left
 from .app import INFERENCE_PATH, WILDCARD_HOSTS, build_app
 from .config import ServeConfig, check_address
 from .http_protocol import with_head_deadline
@@ -250,13 +251,13 @@ class InferenceServer:
         self._stop_http()
         for thread in (self._scrubber, self._trace_watch):
             if thread is not None:
-                thread.join(timeout=min(BACKGROUND_JOIN_S, _seconds_left(deadline)))
+                thread.join(timeout=min(BACKGROUND_JOIN_S, seconds_left(deadline)))
         if self._rank_watch is not None:  # within STOP_SLACK_S, which the followers allow for
             self._rank_watch.join(timeout=RANK_WATCH_JOIN_S)
         if self.model is not None:  # first: it ends a reload under way at its open under way
-            self.model.close(wait_s=_seconds_left(deadline))
+            self.model.close(wait_s=seconds_left(deadline))
         if self._version_watch is not None:  # whose reload then ended
-            self._version_watch.join(timeout=min(BACKGROUND_JOIN_S, _seconds_left(deadline)))
+            self._version_watch.join(timeout=min(BACKGROUND_JOIN_S, seconds_left(deadline)))
 
     def _stop_http(self) -> None:
         """Have uvicorn (once started) finish, wait for its thread, then close the sockets."""
@@ -573,11 +574,6 @@ async def _turn_unless(compute: anyio.CapacityLimiter, gone: anyio.Event | None)
             compute.release()
         raise
     return taken
-
-
-def _seconds_left(deadline: float) -> float:
-    """Seconds until ``deadline`` (``time.monotonic()``), at least 0."""
-    return max(deadline - time.monotonic(), 0.0)
 
 
 def _listen(host: str, port: int, backlog: int, key: str) -> socket.socket:
