@@ -78,14 +78,14 @@ class QueuedRequests:
         rows = torch.unique(ids.reshape(-1).to("cpu", torch.int64))
         with self._changing:
             token = next(self._tokens)
-            if not rows.numel():  # no pair to add: no pass over the queue's
-                with self._lock:
-                    self._requests.add(token)
-                return QueuedRequest(token, rows, self, rows)
-            pair_rows, pair_tokens, first = kernels.merge_request(
-                self._pair_rows, self._pair_tokens, rows.numpy(), token
-            )
-            request = QueuedRequest(token, rows, self, rows[torch.from_numpy(first)])
+            if rows.numel():
+                pair_rows, pair_tokens, first = kernels.merge_request(
+                    self._pair_rows, self._pair_tokens, rows.numpy(), token
+                )
+                first_rows = rows[torch.from_numpy(first)]
+            else:  # no pair to add: no pass over the queue's
+                pair_rows, pair_tokens, first_rows = self._pair_rows, self._pair_tokens, rows
+            request = QueuedRequest(token, rows, self, first_rows)
             with self._lock:
                 self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
                 self._requests.add(token)
@@ -109,15 +109,19 @@ class QueuedRequests:
                     f"release: queued request {request.token} {where}; release each request "
                     "once, to the store that announced it"
                 )
-            if not request.rows.numel():  # no pair to drop: no pass over the queue's
-                with self._lock:
-                    self._requests.discard(request.token)
-                return request.rows, request.rows.clone()
-            # sized by the request (one pair per row), not the queue: the queue holds what
-            # ``nbytes`` counts, and a release's news (held until the tiers are told) its rows
-            pair_rows, pair_tokens, rows, next_use = kernels.drop_request(
-                self._pair_rows, self._pair_tokens, request.token, NOT_QUEUED, request.rows.numel()
-            )
+            if request.rows.numel():
+                # sized by the request (one pair per row), not the queue: the queue holds what
+                # ``nbytes`` counts, and a release's news (held until the tiers are told) its rows
+                pair_rows, pair_tokens, rows, next_use = kernels.drop_request(
+                    self._pair_rows,
+                    self._pair_tokens,
+                    request.token,
+                    NOT_QUEUED,
+                    request.rows.numel(),
+                )
+            else:  # no pair to drop: no pass over the queue's
+                pair_rows, pair_tokens = self._pair_rows, self._pair_tokens
+                rows, next_use = request.rows.numpy(), request.rows.numpy().copy()
             with self._lock:
                 self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
                 self._requests.discard(request.token)
