@@ -378,8 +378,7 @@ class ColdTable:
         (the ring is idle from the start: a failed check leaves it for ``_release`` to close)."""
         try:
             reader = self._take_reader(PAGE_BYTES)
-            reader.idle_since = self._clock()
-            self._readers.append(reader)
+            self._give_reader(reader)
             got = reader.ring.read_batch(
                 self._fd,
                 np.zeros(1, np.int64),
@@ -782,11 +781,9 @@ class ColdTable:
         wait for them first, up to ``DRAIN_WAIT_S`` (a hung device), then fail."""
         with self._lock:
             stale = self._stale_readers(self._clock())
+            while self._readers and self._readers[-1].ring.pending:
+                stale.append(self._readers.pop())
             reader = self._readers.pop() if self._readers else None
-        while reader is not None and reader.ring.pending:
-            stale.append(reader)
-            with self._lock:
-                reader = self._readers.pop() if self._readers else None
         for old in stale:
             old.ring.close()
         if reader is None:
