@@ -934,14 +934,15 @@ class CostModelConfig(ConfigModel):
 
 
 def check_address(
-    value: str, key: str | None, *, allow_empty: bool = False, like: str = "127.0.0.1:8080"
+    value: Any, key: str | None, *, allow_empty: bool = False, like: str = "127.0.0.1:8080"
 ) -> tuple[str, int] | None:
-    """``"host:port"`` -> (host, port); ``""`` -> None when allowed; else ConfigError naming ``key``
-    (None: a field's validator, whose error pydantic names) and an address ``like`` this."""
+    """``"host:port"`` -> (host, port); ``""`` -> None when allowed; else (not text either)
+    ConfigError naming ``key`` (None: a field's validator, whose error pydantic names) and an
+    address ``like`` this."""
     where = "" if key is None else f"{key}: "
     if value == "" and allow_empty:
         return None
-    host, sep, port = value.rpartition(":")
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
     host = host.strip("[]")
     if not sep or not host or not (port.isascii() and port.isdigit()):  # not "²"
         empty = " or '' (off)" if allow_empty else ""
@@ -960,10 +961,6 @@ METRICS_ADDRESS = DEFAULTS["metrics.address"]  # the example a bad one is shown 
 def _metrics_address(value: Any) -> str:
     """``metrics.address``: ``"host:port"`` or ``""`` (no listener), checked by whatever reads
     the config, not only by ``serve``, which binds it."""
-    if not isinstance(value, str):
-        raise ValueError(
-            f"got {shown(value)}; expected 'host:port' like {METRICS_ADDRESS!r} or '' (off)"
-        )
     check_address(value, None, allow_empty=True, like=METRICS_ADDRESS)
     return value
 
