@@ -83,6 +83,7 @@ from tiered_store.table_format import (
     PAGE_BYTES,
     TableManifest,
     check_table,
+    page_aligned,
     page_checksum_error,
     table_paths,
 )
@@ -878,9 +879,7 @@ class ColdTable:
         """This thread's page-aligned read buffer, at least ``nbytes`` long."""
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < nbytes:
-            raw = np.empty(nbytes + PAGE_BYTES, dtype=np.uint8)
-            skip = -raw.ctypes.data % PAGE_BYTES
-            buf = memoryview(raw[skip : skip + nbytes])
+            buf = memoryview(page_aligned(nbytes))
             self._local.buf = buf
         return buf
 
@@ -906,11 +905,9 @@ class _UringReader:
 
     def allocate(self, nbytes: int) -> None:
         """Replace the buffer with a page-aligned one of ``nbytes``."""
-        raw = np.empty(nbytes + PAGE_BYTES, dtype=np.uint8)
-        skip = -raw.ctypes.data % PAGE_BYTES
-        self._raw = raw
-        self.view = memoryview(raw[skip : skip + nbytes])
-        self.address = raw.ctypes.data + skip
+        self._raw = page_aligned(nbytes)  # (what keeps its memory: read_batch's keep)
+        self.view = memoryview(self._raw)
+        self.address = self._raw.ctypes.data
 
 
 class _ExtentPlan:

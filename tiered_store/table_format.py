@@ -343,6 +343,14 @@ class VerifyReport:
         return self.bytes_checked / self.seconds if self.seconds > 0 else float("inf")
 
 
+def page_aligned(nbytes: int) -> np.ndarray:
+    """``nbytes`` of uint8 starting on a page boundary (for ``O_DIRECT`` and io_uring reads);
+    the slice of a larger array, which its ``base`` keeps alive."""
+    raw = np.empty(nbytes + PAGE_BYTES, dtype=np.uint8)
+    skip = -raw.ctypes.data % PAGE_BYTES
+    return raw[skip : skip + nbytes]
+
+
 def table_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """``(npy_path, manifest_path)`` for a table given as ``NAME.npy``, its manifest, or ``NAME``."""
     p = Path(path)
@@ -1032,9 +1040,7 @@ def _scan_table(
     chunk = max(read_bytes // PAGE_BYTES, 1) * PAGE_BYTES
     block_crc = _BlockCrc(manifest.block_bytes)
     started = time.monotonic()
-    raw = np.empty(chunk + PAGE_BYTES, dtype=np.uint8)  # page-aligned, for an O_DIRECT file
-    skip = -raw.ctypes.data % PAGE_BYTES
-    buf = raw[skip : skip + chunk]
+    buf = page_aligned(chunk)  # for an O_DIRECT file
     view = memoryview(buf)
     page_sums = []
     checked = 0
