@@ -1,12 +1,14 @@
-"""Integers as callers pass them: Python, NumPy or torch, never a bool."""
+"""Integers as callers pass them: Python, NumPy or torch, never a bool. torch is not imported
+here (a tensor exists only once it is): the analysis commands that check counts load without
+it."""
 
 from __future__ import annotations
 
 import operator
+import sys
 from itertools import chain
 
 import numpy as np
-import torch
 
 
 def as_integer(value: object) -> int | None:
@@ -16,6 +18,7 @@ def as_integer(value: object) -> int | None:
 
     >>> as_integer(np.int64(3)), as_integer(True), as_integer(2.0)
     (3, None, None)
+    >>> import torch
     >>> as_integer(torch.tensor(2**63, dtype=torch.uint64))  # exactly, past int64
     9223372036854775808
     """
@@ -26,7 +29,13 @@ def as_integer(value: object) -> int | None:
     except TypeError:
         return None
     except RuntimeError:  # torch's for a one-value uint64 tensor past int64: item() is exact
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.uint64:
+        torch = sys.modules.get("torch")
+        if (
+            torch is not None
+            and isinstance(value, torch.Tensor)
+            and value.numel() == 1
+            and value.dtype == torch.uint64
+        ):
             return int(value.item())
         raise
 
@@ -45,7 +54,7 @@ def bool_among(values: object) -> tuple[tuple[int, ...], object] | None:
     leaves = given.ravel().tolist()
     kinds = set(map(type, leaves))
     if kinds.isdisjoint((bool, np.bool_)) and not any(
-        issubclass(kind, np.ndarray | torch.Tensor) for kind in kinds
+        issubclass(kind, _arrays()) for kind in kinds
     ):
         return None
     flat = next((i for i, value in enumerate(leaves) if _is_bool(value)), None)
@@ -58,9 +67,16 @@ def _is_bool(value: object) -> bool:
     """Whether ``value`` is a bool, or an array or tensor of bools (NumPy keeps 0-d ones whole)."""
     if isinstance(value, np.ndarray):
         return value.dtype == np.bool_
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
         return value.dtype == torch.bool
     return isinstance(value, bool | np.bool_)
+
+
+def _arrays() -> tuple[type, ...]:
+    """The array types: NumPy's, and torch's once it is imported."""
+    torch = sys.modules.get("torch")
+    return (np.ndarray,) if torch is None else (np.ndarray, torch.Tensor)
 
 
 _NESTED = frozenset((list, tuple))
@@ -77,7 +93,7 @@ def _plain_integers(values: object) -> bool:
         types = set(map(type, level))
     if types <= _PYTHON_INT:  # most lists of ids: what follows cost a 16-id lookup 5-10%
         return True
-    if any(issubclass(kind, np.ndarray | torch.Tensor) for kind in types):  # one look a row
+    if any(issubclass(kind, _arrays()) for kind in types):  # one look a row
         return all(_integer_block(value) for value in level)
     return all(issubclass(kind, int | np.integer) and kind is not bool for kind in types)
 
@@ -86,7 +102,8 @@ def _integer_block(value: object) -> bool:
     """Whether ``value`` is an integer (not bool) array or tensor, or a plain integer."""
     if isinstance(value, np.ndarray):
         return value.dtype.kind in "iu"
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
         return not (value.dtype.is_floating_point or value.dtype.is_complex) and (
             value.dtype != torch.bool
         )

@@ -50,7 +50,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import numbers
 import os
 import re
 import reprlib
@@ -70,6 +69,7 @@ from tqdm.auto import tqdm
 
 from .atomic_file import AtomicFile, hidden_temporaries, open_lock, write_step
 from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError, error_text
+from .integers import as_integer
 from .npy_files import load_npy
 from .process_locks import open_held, release
 
@@ -167,16 +167,6 @@ def _footer(
     return footer + _TRAILER.pack(len(footer), zlib.crc32(footer), 0, END_MAGIC)
 
 
-def _whole(value: object) -> int | None:
-    """``value`` as an int if it is an integer (Python or NumPy, a 0-d array or a torch one); None
-    for a bool, a bool array or tensor, or anything else."""
-    if isinstance(value, numbers.Integral):  # most: no torch import here
-        return None if isinstance(value, bool) else int(value)
-    from .integers import as_integer  # a 0-d array or a tensor (torch is loaded where one is)
-
-    return as_integer(value)
-
-
 class TraceWriter:
     """Write an access trace, chunk by chunk, atomically.
 
@@ -226,7 +216,7 @@ class TraceWriter:
         for key in ("magic", "format_version"):
             if key in header:
                 raise TraceFormatError(f"trace header key {key!r} is reserved; remove it")
-        if (chunk := _whole(chunk_ids)) is None or chunk < 1:  # int() took 2.5 as 2, True as 1
+        if (chunk := as_integer(chunk_ids)) is None or chunk < 1:  # int() took 2.5 as 2, True as 1
             raise ValueError(f"chunk_ids: got {chunk_ids!r}; expected a positive integer")
         self._layout = self._parse_layout(header.get("tables"))
         self._tables: list[str] = [t["name"] for t in self._layout] if self._layout else []
@@ -367,7 +357,7 @@ class TraceWriter:
                 f"{self.path}: ids of {ids.ndim} dims; expected at most {_MAX_NDIM}"
             )
         if batch is not None:
-            given, batch = batch, _whole(batch)
+            given, batch = batch, as_integer(batch)
             if batch is None or not 0 <= batch < 2**63:  # 2.5 was written as batch 2, True as 1
                 raise TraceFormatError(
                     f"{self.path}: batch {given!r}; expected a batch index, an integer in "
@@ -1167,7 +1157,7 @@ def trace_from_npy(
         raise TraceFormatError(
             f"{npy_path}: a 0-d array (one value); expected row ids: 1-D, or N-D with a batch axis"
         )
-    step = _whole(batch_size)
+    step = as_integer(batch_size)
     if batch_size is not None and (step is None or step < 1):  # 2.5: range()'s bare TypeError
         raise ValueError(f"batch_size: got {batch_size!r}; expected a positive integer")
     if step is not None and arr.ndim > 1:
