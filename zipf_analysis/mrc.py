@@ -840,6 +840,12 @@ def belady_misses(
     )
 
 
+def _check_points(points: object) -> None:
+    """A number of capacities to evaluate: a positive integer (not a bool)."""
+    if isinstance(points, bool) or not isinstance(points, int | np.integer) or points < 1:
+        raise ValueError(f"points: got {points!r}; expected a positive number of capacities")
+
+
 def belady_mrc(
     source: Any,
     capacities: Sequence[int] | np.ndarray | None = None,
@@ -857,10 +863,8 @@ def belady_mrc(
     >>> belady_mrc(np.array([1, 2, 3, 1, 2, 3]), [1, 2, 3]).misses.tolist()
     [6, 5, 4, 3]
     """
-    if capacities is None and (
-        isinstance(points, bool) or not isinstance(points, int | np.integer) or points < 1
-    ):
-        raise ValueError(f"points: got {points!r}; expected a positive number of capacities")
+    if capacities is None:
+        _check_points(points)
     ids = _as_array(source)
     if capacities is None:
         distinct = int(np.unique(ids).size)
@@ -942,8 +946,7 @@ def mean_absolute_error(
     >>> mean_absolute_error(a, a)
     0.0
     """
-    if isinstance(points, bool) or not isinstance(points, int | np.integer) or points < 1:
-        raise ValueError(f"points: got {points!r}; expected a positive number of capacities")
+    _check_points(points)
     top = max(reference.max_capacity, 1)
     if spacing == "linear":
         grid = np.linspace(top / points, top, points)
