@@ -305,8 +305,7 @@ class TieredStore:
         """The Engram layout the table's manifest records (``metadata["engram"]``: layer, head
         primes, seed, ... as convert wrote it), which an Engram model checks it against; None
         for a table that records none."""
-        layout = (self.cold.manifest.metadata or {}).get("engram")
-        return dict(layout) if isinstance(layout, dict) else None
+        return self.cold.manifest.engram_layout
 
     @property
     def prefetch_wait_latency(self) -> LatencyHistogram:

@@ -165,6 +165,13 @@ class TableManifest:
     )
 
     @property
+    def engram_layout(self) -> dict[str, Any] | None:
+        """A copy of the Engram layout the table records (``metadata["engram"]``: layer, head
+        primes, seed, ...); None for a table that records none."""
+        layout = (self.metadata or {}).get("engram")
+        return dict(layout) if isinstance(layout, dict) else None
+
+    @property
     def values_per_row(self) -> int:
         """Values a lookup returns per row: ``dim``, or the quantised row's value count."""
         return self.quantization.values if self.quantization else self.dim

@@ -261,8 +261,7 @@ class PackedInMemoryTable(TableBackend):
             if cold.manifest.quantization is None:
                 raise ConfigError(f"{path}: not a table of packed quantised rows (no quantization)")
             rows = cold.read_rows(np.arange(cold.rows, dtype=np.int64))
-            layout = (cold.manifest.metadata or {}).get("engram")
-            layout = dict(layout) if isinstance(layout, dict) else None
+            layout = cold.manifest.engram_layout
             return cls(rows, cold.manifest.quantization, device, engram_layout=layout)
 
     def lookup(self, row_ids: torch.Tensor, handle: object | None = None) -> torch.Tensor:

@@ -399,8 +399,7 @@ def load_table_in_memory(path: str | Path) -> InMemoryTable:
         tensor = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
     else:
         tensor = torch.from_numpy(data)
-    layout = (manifest.metadata or {}).get("engram")
-    return InMemoryTable(tensor, engram_layout=dict(layout) if isinstance(layout, dict) else None)
+    return InMemoryTable(tensor, engram_layout=manifest.engram_layout)
 
 
 def _read_version(path: Path) -> tuple[Path, TableManifest, np.ndarray]:
