@@ -87,6 +87,9 @@ class ReplayResult:
         return out
 
 
+DEFAULT_REQUEST_TOKENS = 4096  # tokens per request of a queued replay
+
+
 def _whole(value: object, least: int) -> bool:
     """``value`` is an integer (not a bool) >= ``least``."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= least
@@ -101,7 +104,7 @@ def replay(
     policy: str | None = None,
     lookahead: int = 0,
     queued_requests: int = 0,
-    request_tokens: int = 4096,
+    request_tokens: int = DEFAULT_REQUEST_TOKENS,
     marks: Sequence[int] = (),
     progress: bool = False,
     desc: str | None = None,

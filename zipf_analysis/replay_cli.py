@@ -23,6 +23,7 @@ from tiered_store.trace import TraceReader
 
 from .mrc import MissRatioCurve, lru_mrc, offline_mrc
 from .replay import (
+    DEFAULT_REQUEST_TOKENS,
     ReplayResult,
     check_row_ids,
     ids_checked,
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DEFAULT_SWEEP = "1%,5%,10%,25%"
-DEFAULT_REQUEST_TOKENS = 4096  # --request-tokens: replay()'s request_tokens default
 
 
 def register(sub) -> None:
