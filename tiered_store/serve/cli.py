@@ -112,14 +112,12 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         status = server.serve_until_signal()
     except BaseException as exc:  # the stop raised (the trace's close failed): exited past too
-        if server.model is None or not server.model.left_closing:
+        if server.model is None or not (tables := server.model.left_closing):
             raise
         log.error("stopping failed: %s", error_text(exc))
-        _exit_past_hung_calls(
-            2 if isinstance(exc, TieredStoreError) else 1, server.model.left_closing
-        )
-    if server.model is not None and server.model.left_closing:
-        _exit_past_hung_calls(status, server.model.left_closing)
+        _exit_past_hung_calls(2 if isinstance(exc, TieredStoreError) else 1, tables)
+    if server.model is not None and (tables := server.model.left_closing):
+        _exit_past_hung_calls(status, tables)
     return status
 
 

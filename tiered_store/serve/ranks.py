@@ -239,8 +239,8 @@ def run_follower(config: Any) -> int:
         if scrubber is not None:  # could abort the process (its health publish is a TCPStore set)
             scrubber.join(timeout=BACKGROUND_JOIN_S)
         served.close()
-    if served.left_closing:
-        _exit_past_hung_calls(status, served.left_closing)
+    if tables := served.left_closing:
+        _exit_past_hung_calls(status, tables)
     return status
 
 
