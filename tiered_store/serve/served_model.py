@@ -648,16 +648,12 @@ class ServedModel:
             self.health[name].carry(store_counts(name, store), since=carried)
 
     def _open_new_version(self, name: str) -> TieredStore:
-        """A store of table ``name``'s version now. When a writer elsewhere grew the delta's map,
-        this process's environment (the old store's) refuses a second store: the old store is
-        closed first (no request runs, the caller holds the gate exclusively). Should the new one
-        still not open, requests get 503 until a later check opens it."""
+        """A store of table ``name``'s version now, whose open ahead was refused beside the old
+        store (``ESTALE``: a writer elsewhere grew the delta's map, which this process's
+        environment, the old store's, cannot take while it is open): the old store is closed
+        first (no request runs, the caller holds the gate exclusively), then the new one opens,
+        once. Should it still not open, requests get 503 until a later check opens it."""
         old = self.stores[name]
-        try:
-            return self._open_checked(name, old)
-        except TierIOError as exc:
-            if exc.errno != errno.ESTALE or old.closed:
-                raise
         old.close()
         return self._open_checked(name, old)
 
