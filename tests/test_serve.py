@@ -3393,6 +3393,37 @@ def test_a_closed_table_whose_new_version_is_refused_is_opened_once_per_check(
         served.close()
 
 
+def test_a_refused_reload_of_a_closed_table_says_it_answers_503(tmp_path, monkeypatch, caplog):
+    """A table whose store a reload left closed, its reopen refused: the log and /healthz's
+    warning said "serving the version open now", though no version of it is open and each of
+    its lookups answers 503. They name the table closed and say so."""
+    import errno
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        served.stores["engram_layer3"].close()  # what a refused reload may leave
+
+        def refused_open(name, old):  # its new version does not open (a read error)
+            raise TierIOError(errno.EIO, f"{name}: injected open failure")
+
+        monkeypatch.setattr(served, "_open_checked", refused_open)
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == []
+        logged = [r.getMessage() for r in caplog.records if "could not reopen" in r.getMessage()]
+        assert len(logged) == 1, logged
+        assert "serving the version open now" not in logged[0], logged[0]
+        assert "engram_layer3 closed" in logged[0] and "answer 503" in logged[0], logged[0]
+        server = InferenceServer(config)
+        server.model = served
+        [warning] = server.warnings()
+        assert "serving the version open now" not in warning, warning
+        assert "engram_layer3 closed" in warning and "answer 503" in warning, warning
+    finally:
+        served.close()
+
+
 def test_a_ctrl_c_as_a_reload_carries_an_old_store_s_counts_closes_every_one(tmp_path, monkeypatch):
     """A Ctrl-C as the reload carried an old store's last counts to its table's metrics (after
     its close) left the old stores after it open for good and their reloads uncounted. Every

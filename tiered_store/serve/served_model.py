@@ -234,6 +234,7 @@ class ServedModel:
             self._scrub_again: set[str] = set()
             self._scrub_again_lock = threading.Lock()
             self.reload_refused: str | None = None  # why new versions are not served (/healthz)
+            self._refused_logged: tuple[str, str] | None = None  # (why, what is served) logged
             # table -> (its refused version's files, why): while they stay, no reload it is part
             # of opens a store (it would be refused again, and the tables stale with it)
             self._refusals: dict[str, tuple[Any, str]] = {}
@@ -524,16 +525,34 @@ class ServedModel:
 
     def _refused(self, reasons: list[str]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
-        current one): logged once per reason, not at every check, and in /healthz."""
+        current one): logged once per reason and what is served meanwhile, not at every check,
+        and in /healthz."""
         refused = "; ".join(reasons) or None
-        if refused is not None and refused != self.reload_refused:
+        serving = self.serving_meanwhile()
+        if refused is not None and (refused, serving) != self._refused_logged:
             log.error(
-                "could not reopen %s on its new version; serving the version open now, trying "
-                "again every %.0f s",
+                "could not reopen %s on its new version; %s, trying again every %.0f s",
                 refused,
+                serving,
                 self.reload_check_seconds,
             )
+        self._refused_logged = None if refused is None else (refused, serving)
         self.reload_refused = refused
+
+    def serving_meanwhile(self) -> str:
+        """What is served while a reload is refused: the version open now, but for a table
+        whose store a reload left closed (no version of it open: its lookups answer 503)."""
+        closed = [
+            name
+            for name, store in self.stores.items()
+            if isinstance(store, TieredStore) and store.closed
+        ]
+        if not closed:
+            return "serving the version open now"
+        return (
+            f"{', '.join(closed)} closed (no version open: its lookups answer 503 until a "
+            "check reopens it), the other tables on the version open now"
+        )
 
     def _reopen_closed(self, names: list[str]) -> None:
         """After a refused swap: each table whose old store it closed (a map grown elsewhere)

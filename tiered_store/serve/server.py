@@ -475,13 +475,14 @@ class InferenceServer:
         return out
 
     def warnings(self) -> list[str]:
-        """What /healthz says while the server still serves right: a table's new version that
-        could not be opened (the version open now is served meanwhile); no server paths."""
+        """What /healthz says while the server still serves: a table's new version that could
+        not be opened (the version open now is served meanwhile, or none for a table whose store
+        a reload left closed: ``ServedModel.serving_meanwhile``); no server paths."""
         if self.model is None or self.model.reload_refused is None:
             return []
         return [
             f"not reopened on a new version: {self._without_paths(self.model.reload_refused)}; "
-            "serving the version open now"
+            f"{self.model.serving_meanwhile()}"
         ]
 
     def _without_paths(self, text: str) -> str:
