@@ -752,6 +752,36 @@ def test_a_sharded_close_that_leaves_its_shards_calls_under_way_says_so(tmp_path
     assert other.close() is True
 
 
+def test_a_sharded_close_waits_no_longer_than_its_wait_s(tmp_path, monkeypatch):
+    """A server's stop passes what is left of its deadline to each store's close; a sharded
+    store's took no ``wait_s`` and waited its whole ``sharding.timeout_s`` for a call hung in
+    its shard, per table, past ``stop_within_s``. ``close(wait_s=)`` bounds it."""
+    store = ShardedStore.open(_one_rank_sharded_config(tmp_path, monkeypatch, timeout_s=300))
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck() -> None:  # a call under way in the shard, as a lookup blocked in a read is
+        with store.local._file_calls.entered():
+            entered.set()
+            release.wait(300)
+
+    thread = threading.Thread(target=stuck)
+    thread.start()
+    closed: list[bool] = []
+    try:
+        assert entered.wait(10)
+        closing = threading.Thread(target=lambda: closed.append(store.close(wait_s=0.5)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "still under way after 0.5 s"
+            closing.start()
+            closing.join(60)  # far less than sharding.timeout_s
+        assert not closing.is_alive(), "close(wait_s=0.5) waited past it"
+    finally:
+        release.set()
+        thread.join()
+        closing.join()
+    assert closed == [False]  # it left the hung call under way
+
+
 def test_without_a_process_group_or_torchrun_environment_opening_says_so(tables, monkeypatch):
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)

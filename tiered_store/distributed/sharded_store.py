@@ -526,21 +526,25 @@ class ShardedStore:
         out["shard"] = {"rank": self.rank, "ranks": self.world, "rows": stop - start}
         return out
 
-    def close(self) -> bool:
+    def close(self, *, wait_s: float | None = None) -> bool:
         """Finish queued exchanges (up to the timeout) and a commit whose second phase failed
         here, close the shard; idempotent. Not a collective; a process group opened from the
-        environment is destroyed. Returns False when the shard's close left calls under way
-        (a read hung on a dying disk, past ``sharding.timeout_s``: ``TieredStore.close``), now
-        or at an earlier close: the interpreter's exit would wait for them."""
+        environment is destroyed. ``wait_s``: wait at most this long in all (a server's stop
+        passes what is left of its own deadline), never longer than ``sharding.timeout_s``.
+        Returns False when the shard's close left calls under way (a read hung on a dying disk,
+        past that wait: ``TieredStore.close``), now or at an earlier close: the interpreter's
+        exit would wait for them."""
         if self._closed:
             return self._closed_in_time
         self._closed = True
+        deadline = None if wait_s is None else time.monotonic() + min(wait_s, self.timeout_s)
         if self._unfinished is not None and self._failure is None:  # a decided step, still
             # staged here: committed now (after the queued exchanges), else by the next open
             done = self._thread.submit(self._local_error, self._finish_shard, self._unfinished)
             with contextlib.suppress(Exception):
-                done.result(timeout=self._wait_s)
-        self._closed_in_time = self._shutdown()
+                wait = self._wait_s if deadline is None else seconds_left(deadline)
+                done.result(timeout=min(self._wait_s, wait))
+        self._closed_in_time = self._shutdown(deadline)
         return self._closed_in_time
 
     @property
@@ -1172,14 +1176,16 @@ class ShardedStore:
                 "and reopen on a restarted group"
             )
 
-    def _shutdown(self) -> bool:
-        """Stop the threads, close the shard, destroy a group this store created; False when
+    def _shutdown(self, deadline: float | None = None) -> bool:
+        """Stop the threads, close the shard, destroy a group this store created, waiting until
+        ``deadline`` (``time.monotonic()``; None: ``sharding.timeout_s`` from now); False when
         the shard's close left calls under way."""
         # after a failure a collective may still be stuck on the dead or silent rank until the
         # backend's own timeout (``sharding.timeout_s`` for a group this store made) ends it
-        deadline = time.monotonic() + self.timeout_s
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout_s
         if self._thread is not None:
-            self._thread.close(self.timeout_s)
+            self._thread.close(seconds_left(deadline))
         if self._heartbeat is not None:
             self._heartbeat.close()
         closed_in_time = True

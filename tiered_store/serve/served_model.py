@@ -1193,7 +1193,7 @@ class ServedModel:
     def _close_stores(self, deadline: float | None) -> None:
         """``_close``'s end: rank 0 tells the other ranks to stop, then every store closes,
         waiting for its calls under way until ``deadline`` (None: until they end; a sharded
-        store until its ``sharding.timeout_s``), each ``CLOSE_GRACE_S`` at least (one hung for
+        store at most its ``sharding.timeout_s``), each ``CLOSE_GRACE_S`` at least (one hung for
         good before it does not take all its wait); one that left calls under way is in
         ``left_closing``."""
         control, self.control = getattr(self, "control", None), None
@@ -1204,11 +1204,7 @@ class ServedModel:
                 log.warning("could not tell the other ranks to stop: %s", exc)
         try:
             for name, store in self.stores.items():
-                if isinstance(store, TieredStore):
-                    closed = store.close(wait_s=_close_wait(deadline))
-                else:  # sharded: bounds its own close (sharding.timeout_s)
-                    closed = store.close()
-                if not closed:
+                if not store.close(wait_s=_close_wait(deadline)):
                     self._left.append((name, store))
         finally:
             self.model.close()  # the others; those closed above return at once
