@@ -3454,6 +3454,106 @@ def test_a_ctrl_c_as_a_reload_carries_an_old_store_s_counts_closes_every_one(tmp
         served.close()
 
 
+@pytest.mark.parametrize("where", ["an old store's count", "its carry"])
+def test_a_ctrl_c_as_a_swap_moves_the_counts_leaves_stores_naming_what_is_served(
+    tmp_path, monkeypatch, where
+):
+    """A Ctrl-C once the model took the new stores, as their tables' counts moved over (under
+    the counting locks, before ``stores`` named the new stores): ``stores`` kept the old ones,
+    open for good, and the new ones, which the model read, were in no list (the next check
+    reopened them, the first new stores never closed). ``stores`` names what the model reads,
+    and the old stores close."""
+    from tiered_store.serve import served_model
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):  # both tables stale
+            _commit_a_new_version(config.table_path(layer))
+        old, calls = dict(served.stores), []
+
+        def interrupt_once(real):
+            def call(*args, **kwargs):
+                calls.append(args)
+                if len(calls) == 1:
+                    raise KeyboardInterrupt
+                return real(*args, **kwargs)
+
+            return call
+
+        if where == "its carry":
+            health = served.health["engram_layer1"]
+            monkeypatch.setattr(health, "carry", interrupt_once(health.carry))
+        else:
+            monkeypatch.setattr(
+                served_model, "store_counts", interrupt_once(served_model.store_counts)
+            )
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+        monkeypatch.undo()
+        for layer in (1, 3):
+            name = config.table_name(layer)
+            assert served.model.tables[layer].table is served.stores[name], layer
+            assert not served.stores[name].closed, layer
+            assert served.stores[name] is not old[name] and old[name].closed, layer
+        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+        assert served.answer(request)["shape"] == [1, 3]
+        assert served.reload_if_stale(force_check=True) == []  # on the version now
+    finally:
+        served.close()
+
+
+def test_a_ctrl_c_as_an_undone_swap_closes_a_new_store_closes_every_one(tmp_path, monkeypatch):
+    """A swap interrupted inside set_tables is undone: the model back on the stores served,
+    then each new store closed in turn. A second Ctrl-C as the first of them closed left the
+    others open for good (their memory, files and version holds), in no list. Every new store
+    not served is closed, and the interrupt goes on."""
+    from tiered_store.engram.module import Engram
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):  # both tables stale
+            _commit_a_new_version(config.table_path(layer))
+        real_set, real_open, opened = Engram.set_table, served._open_checked, []
+
+        def interrupted_at_layer3(engram, backend):
+            if engram.layer_id == 3:
+                raise KeyboardInterrupt
+            real_set(engram, backend)
+
+        def watched_open(name, old):  # the first new store's close is interrupted as it ends
+            new = real_open(name, old)
+            if not opened:
+                real_close = new.close
+
+                def interrupted_close(**kwargs):
+                    real_close(**kwargs)
+                    raise KeyboardInterrupt
+
+                new.close = interrupted_close
+            opened.append(new)
+            return new
+
+        monkeypatch.setattr(Engram, "set_table", interrupted_at_layer3)
+        monkeypatch.setattr(served, "_open_checked", watched_open)
+        old = dict(served.stores)
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+        monkeypatch.undo()
+        assert served.stores == old
+        assert len(opened) == 2 and all(store.closed for store in opened)
+        for layer in (1, 3):
+            table = served.model.tables[layer]
+            assert table.table is served.stores[config.table_name(layer)], layer
+            assert not table.table.closed, layer
+        assert served.reload_if_stale(force_check=True) == TABLES
+    finally:
+        served.close()
+
+
 def test_left_closing_names_each_table_once_and_only_while_its_calls_hang(tmp_path, monkeypatch):
     """left_closing (what the serve command's exit warns of, exiting past it) listed a table
     once per store left to close under a hung call: twice once a reload's old store and the

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,8 +387,7 @@ class ServedModel:
         # opened while requests go on over the old stores; only the swap holds them back
         opened, failure = self._open_ahead(stale)
         if self._closing.is_set():  # closed meanwhile: nothing swapped in, none left open
-            for store in opened.values():
-                store.close()
+            _close_all(opened.values())
             return []
         bound = self.config.server.request_timeout_s
         # the old stores close once the gate opens (after_gate exits last): no request reads
@@ -397,12 +396,10 @@ class ServedModel:
             try:
                 running = gate.enter_context(self._gate.exclusive(timeout=bound))
             except BaseException:  # Ctrl-C while it waits for the answers: none left open
-                for store in opened.values():
-                    store.close()
+                _close_all(opened.values())
                 raise
             if running:  # a worker hung on a read: requests go on over the version open now
-                for store in opened.values():
-                    store.close()
+                _close_all(opened.values())
                 self._outlasted = self._gate.in_flight()
                 log.warning(
                     "postponed reopening %s on its new version: %d answer(s) still running %g s "
@@ -487,8 +484,7 @@ class ServedModel:
         except Exception as exc:  # noqa: BLE001 (raised again under the gate, as it was)
             return opened, (name, exc)
         except BaseException:  # Ctrl-C: it goes on, no store it opened left open
-            for store in opened.values():
-                store.close()
+            _close_all(opened.values())
             raise
         return opened, None
 
@@ -501,11 +497,11 @@ class ServedModel:
         finally:
             reads = {self.config.table_name(k): t.table for k, t in self.model.tables.items()}
             kept = {name: store for name, store in opened.items() if reads.get(name) is store}
-            for name, store in opened.items():
-                if name not in kept:
-                    store.close()
-            if kept:
-                self._swap_in(kept)()
+            try:
+                _close_all(store for name, store in opened.items() if name not in kept)
+            finally:
+                if kept:
+                    self._swap_in(kept)()
 
     def _version_files(self, name: str) -> tuple[Any, bool]:
         """What the current version of table ``name`` is on disk: its generation and the
@@ -594,12 +590,15 @@ class ServedModel:
         model reads, and the old stores close. Otherwise they close when the caller calls what it
         returns (once the request gate opens)."""
         old = {name: self.stores[name] for name in opened}
+        carried: dict[str, dict[Any, float]] = {}
         try:
-            self._announce_again({old[name]: opened[name] for name in opened})
+            try:
+                self._announce_again({old[name]: opened[name] for name in opened})
+            finally:  # interrupted too: ``stores`` names what the model reads
+                self._serve_from(opened, carried)
         except BaseException:
-            self._close_swapped_out(old, self._serve_from(opened))
+            self._close_swapped_out(old, carried)
             raise
-        carried = self._serve_from(opened)
         close = functools.partial(self._close_swapped_out, old, carried)
         try:  # once served: a pass failing over the old file now finds it replaced
             for name, store in old.items():  # (a writer's commit: the same file, checked in turn)
@@ -640,25 +639,31 @@ class ServedModel:
                         error_text(exc),
                     )
                 finally:  # its carry too (interrupted, the others still close)
-                    self._carry_rest(name, store, carried[name])
+                    self._carry_rest(name, store, carried.get(name, {}))
             except BaseException as exc:  # Ctrl-C: the others close first
                 interrupted = interrupted or exc
         self.reloads += len(old)
         if interrupted is not None:
             raise interrupted
 
-    def _serve_from(self, opened: dict[str, TieredStore]) -> dict[str, dict[Any, float]]:
+    def _serve_from(
+        self, opened: dict[str, TieredStore], carried: dict[str, dict[Any, float]]
+    ) -> None:
         """``stores`` names ``opened`` (table name -> new store), and each table's metrics count
-        what its old store counted (returned, by table), as one step to a scrape (under the
-        tables' ``counting`` locks): none sees a count twice or not at all."""
+        what its old store counted (put in ``carried``, by table), as one step to a scrape
+        (under the tables' ``counting`` locks): none sees a count twice or not at all.
+        Interrupted (Ctrl-C), ``stores`` names ``opened`` all the same (the model reads them);
+        a table not in ``carried`` has had nothing carried."""
         with contextlib.ExitStack() as held:
-            for name in sorted(opened):  # in one order: two swaps never wait for each other
-                held.enter_context(self.health[name].counting)
-            counts = {name: store_counts(name, self.stores[name]) for name in opened}
-            for name, counted in counts.items():
-                self.health[name].carry(counted)
-            self.stores.update(opened)
-        return counts
+            try:
+                for name in sorted(opened):  # in one order: two swaps never wait for each other
+                    held.enter_context(self.health[name].counting)
+                for name in opened:
+                    counted = store_counts(name, self.stores[name])
+                    self.health[name].carry(counted)
+                    carried[name] = counted
+            finally:
+                self.stores.update(opened)
 
     def _carry_rest(self, name: str, store: TieredStore, carried: dict[Any, float]) -> None:
         """What the old ``store`` of table ``name`` counted after ``carried`` (lookups in flight
@@ -1266,6 +1271,19 @@ def _another_file(old: Any, new: Any) -> bool:
     made anew), not the same one after a writer's commit: told apart by identity, not by path
     (one made anew after ``new`` opened leaves it on ``old``'s file)."""
     return not old.cold.same_file(new.cold)
+
+
+def _close_all(stores: Iterable[TieredStore]) -> None:
+    """Close every one of ``stores``, though a close raised (an error, a Ctrl-C): the first
+    raised once the others closed too."""
+    raised: BaseException | None = None
+    for store in stores:
+        try:
+            store.close()
+        except BaseException as exc:  # noqa: BLE001 (raised below)
+            raised = raised or exc
+    if raised is not None:
+        raise raised
 
 
 def _close_wait(deadline: float | None) -> float | None:
