@@ -3393,6 +3393,51 @@ def test_a_closed_table_whose_new_version_is_refused_is_opened_once_per_check(
         served.close()
 
 
+def test_a_closed_table_whose_reopen_keeps_failing_is_tried_again_less_often(
+    tmp_path, monkeypatch, caplog
+):
+    """A table whose store a reload left closed, its reopen failing (a read error): it was
+    opened again at every check, every second for good (its tiers allocated, its warm restart
+    read, each time). It is tried again after a wait that doubles while it fails, logged once,
+    at once when its files change (a repair) or when a check is forced."""
+    import errno
+
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 0.0  # every call checks, as if a second had passed
+        served.stores["engram_layer3"].close()  # what a refused reload may leave
+        opens: list[str] = []
+        real = served._open_checked
+
+        def failing_open(name, old):  # its reopen fails (a read error)
+            opens.append(name)
+            raise TierIOError(errno.EIO, f"{name}: injected open failure")
+
+        monkeypatch.setattr(served, "_open_checked", failing_open)
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            for _ in range(5):
+                assert served.reload_if_stale() == []
+        assert opens == ["engram_layer3"]  # not again at each check meanwhile
+        assert served.health["engram_layer3"].reload_failures == 5  # each check counted
+        assert "injected open failure" in served.reload_refused
+        logged = [r.getMessage() for r in caplog.records if "could not reopen" in r.getMessage()]
+        assert len(logged) == 1 and "less often while it fails" in logged[0], logged
+        assert served.reload_if_stale(force_check=True) == []  # forced: tried now
+        assert opens == ["engram_layer3"] * 2
+        monkeypatch.setattr(served, "_open_checked", real)
+        with TieredStore.open({"table": {"path": str(config.table_path(3))}}) as writer:
+            writer.write([1], torch.zeros(1, writer.dim))  # its files change: tried at once
+            writer.commit()
+        assert served.reload_if_stale() == ["engram_layer3"]
+        assert not served.stores["engram_layer3"].closed
+        assert served.reload_refused is None
+    finally:
+        served.close()
+
+
 def test_a_refused_reload_of_a_closed_table_says_it_answers_503(tmp_path, monkeypatch, caplog):
     """A table whose store a reload left closed, its reopen refused: the log and /healthz's
     warning said "serving the version open now", though no version of it is open and each of

@@ -77,6 +77,10 @@ SETTLED_NS = 2_000_000_000
 # (hung for good) left of the deadline: a call that ends as its store closes (a warm restore's
 # chunk, a re-pin's read) does not leave it to close under it, without its warm-restart save
 CLOSE_GRACE_S = 1.0
+# a table a reload left closed whose reopen failed is tried again after this long, the wait
+# doubling at each failure up to the most (at once when its files change)
+CLOSED_RETRY_FIRST_S = 2.0
+CLOSED_RETRY_MOST_S = 60.0
 
 
 class NonFiniteOutputError(TieredStoreError, ArithmeticError):
@@ -238,6 +242,8 @@ class ServedModel:
             # table -> (its refused version's files, why): while they stay, no reload it is part
             # of opens a store (it would be refused again, and the tables stale with it)
             self._refusals: dict[str, tuple[Any, str]] = {}
+            # table left closed -> (its files, when tried again, the wait, why): its reopen failed
+            self._closed_retry: dict[str, tuple[Any, float, float, str]] = {}
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
             # (table, store) that close(wait_s=) left to close under a call hung in it (at the
@@ -350,12 +356,13 @@ class ServedModel:
             if self._closed:  # closed while this waited for the lock
                 return []
             self._last_version_check = now
-            return self._reload_stale()
+            return self._reload_stale(force_check)
         finally:
             self._reloading.release()
 
-    def _reload_stale(self) -> list[str]:
-        """``reload_if_stale``'s check and swap, by one thread at a time."""
+    def _reload_stale(self, force: bool = False) -> list[str]:
+        """``reload_if_stale``'s check and swap, by one thread at a time (``force``: a table
+        left closed is tried again now, whatever its wait)."""
         if self.converted_anew is not None:  # its tables never run under the dense weights loaded
             return []
         stale, unreadable = [], []
@@ -381,6 +388,17 @@ class ServedModel:
             for name in stale:
                 self.health[name].reload_failures += 1
             self._refused([*unreadable, f"{', '.join(stale)} ({'; '.join(held)})"])
+            return []
+        for name in stale:  # a table left closed whose files changed (a repair): tried at once
+            if name in self._closed_retry and self._closed_retry[name][0] != files[name][0]:
+                del self._closed_retry[name]
+        now = time.monotonic()
+        retries = [self._closed_retry[name] for name in stale if name in self._closed_retry]
+        waiting = [why for _, at, _, why in retries if now < at]
+        if waiting and not force:  # its reopen failed: not tried at every check
+            for name in stale:
+                self.health[name].reload_failures += 1
+            self._refused([*unreadable, *dict.fromkeys(waiting)])
             return []
         if self._outlasted & self._gate.in_flight():  # tried again once they end
             return []
@@ -447,12 +465,16 @@ class ServedModel:
                     and not any(self.stores[name].closed for name in stale)
                 ):
                     self._refusals[refused] = (files[refused][0], error_text(exc))
-                self._refused([*unreadable, f"{', '.join(stale)} ({error_text(exc)})"])
+                why = f"{', '.join(stale)} ({error_text(exc)})"
+                self._retry_closed_later(stale, files, why)
+                self._refused([*unreadable, why])
                 return []
             except BaseException:  # Ctrl-C: it goes on, no store it opened left open
                 self._undo_swap(opened)
                 raise
             after_gate.callback(self._swap_in(opened))
+            for name in stale:
+                self._closed_retry.pop(name, None)
             self._refused(unreadable)  # (interrupted, the old stores close all the same)
         log.info("reopened tables on a new version: %s", ", ".join(stale))
         if self._trace is not None:  # the new stores start cold, with their counters at 0
@@ -519,6 +541,18 @@ class ServedModel:
         settled = all(i is None or now - i[3] >= SETTLED_NS for i in identities)
         return (generation, *identities), settled
 
+    def _retry_closed_later(self, stale: list[str], files: dict[str, Any], why: str) -> None:
+        """After a refused reload of ``stale`` (``why``): each of them it left closed is tried
+        again ``CLOSED_RETRY_FIRST_S`` later, the wait doubling at each failure in a row up to
+        ``CLOSED_RETRY_MOST_S``, unless its ``files`` change first."""
+        for name in stale:
+            if not self.stores[name].closed:
+                self._closed_retry.pop(name, None)
+                continue
+            last = self._closed_retry.get(name)
+            wait = CLOSED_RETRY_FIRST_S if last is None else min(2 * last[2], CLOSED_RETRY_MOST_S)
+            self._closed_retry[name] = (files[name][0], time.monotonic() + wait, wait, why)
+
     def _refused(self, reasons: list[str]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
         current one): logged once per reason and what is served meanwhile, not at every check,
@@ -526,12 +560,13 @@ class ServedModel:
         refused = "; ".join(reasons) or None
         serving = self.serving_meanwhile()
         if refused is not None and (refused, serving) != self._refused_logged:
-            log.error(
-                "could not reopen %s on its new version; %s, trying again every %.0f s",
-                refused,
-                serving,
-                self.reload_check_seconds,
-            )
+            again = f"trying again every {self.reload_check_seconds:.0f} s"
+            if self._closed_retry:
+                again = (
+                    f"trying again {CLOSED_RETRY_FIRST_S:g} s later, then less often while it "
+                    f"fails (at most every {CLOSED_RETRY_MOST_S:g} s), or once its files change"
+                )
+            log.error("could not reopen %s on its new version; %s, %s", refused, serving, again)
         self._refused_logged = None if refused is None else (refused, serving)
         self.reload_refused = refused
 
