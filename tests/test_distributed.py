@@ -2306,7 +2306,10 @@ def test_stores_on_other_groups_or_opened_after_other_stores_never_share_heartbe
 
 def _fingerprint(rank: int, bounds: list[int]) -> dict:
     """The open's fingerprint of rank ``rank``'s shard (two ranks, cut by rows at ``bounds``)."""
+    from tiered_store.distributed.sharded_store import PROTOCOL_VERSION
+
     return {
+        "protocol": PROTOCOL_VERSION,
         "shard": f"s{rank}.npy",
         "error": None,
         "heartbeat": "h",
@@ -2353,6 +2356,23 @@ def test_a_rank_of_another_release_is_named_at_open():
     failed["error"] = "OSError: gone"  # a shard that failed to open sends no shard facts
     with pytest.raises(ShardMismatchError, match=r"rank 1: cannot open its shard s1.npy: OSError"):
         check_fingerprints([doc(0), failed], 2)
+
+
+def test_a_rank_of_another_protocol_version_is_refused_at_open_naming_both():
+    """The ranks compared no protocol version, so two releases whose messages differ in format
+    but not in the fingerprint's keys would misread each other's rounds; the open refuses a rank
+    of another version (or of one before versions), naming it and both versions."""
+    from tiered_store.distributed.sharded_store import PROTOCOL_VERSION, check_fingerprints
+    from tiered_store.errors import ShardMismatchError
+
+    other = {**_fingerprint(1, [0, 10, 20]), "protocol": PROTOCOL_VERSION + 1}
+    with pytest.raises(ShardMismatchError, match=rf"^rank 1: its open's fingerprint has protocol version {PROTOCOL_VERSION + 1}, this rank's is {PROTOCOL_VERSION}; expected one protocol version on every rank: rank 1 runs another release"):  # fmt: skip
+        check_fingerprints([_fingerprint(0, [0, 10, 20]), other], 2)
+    before = _fingerprint(0, [0, 10, 20])
+    del before["protocol"]  # and any of its other keys: the version is read first
+    del before["run"]
+    with pytest.raises(ShardMismatchError, match=rf"^rank 0: its open's fingerprint has protocol version none \(a release before protocol versions\), this rank's is {PROTOCOL_VERSION};"):  # fmt: skip
+        check_fingerprints([before, _fingerprint(1, [0, 10, 20])], 2)
 
 
 def test_reshard_with_overwrite_serves_the_tables_rows_not_the_old_shards_writes(tmp_path):

@@ -96,6 +96,9 @@ class _EnvGroup:
 
 _ENV_GROUP = _EnvGroup()
 
+# the format of the messages ranks exchange (fingerprint, rounds): one more when a release changes
+# it, so that ranks of two such releases are refused at open instead of misreading each other
+PROTOCOL_VERSION = 1
 RESOLVE_LOCK_WAIT_S = 5.0  # an open waits this long (at most timeout_s / 4) for a shard's lock
 _EXCHANGE_KEYS = (
     "lookups",
@@ -606,6 +609,7 @@ class ShardedStore:
         """What every rank must agree on, as this rank sees it."""
         sharding = self.config.sharding
         doc: dict[str, Any] = {
+            "protocol": PROTOCOL_VERSION,
             "shard": str(self.path),
             "error": error,
             "heartbeat": uuid.uuid4().hex,  # rank 0's names this store's heartbeat keys
@@ -1314,12 +1318,31 @@ def _torn_message(rank: int, steps: list[int]) -> str:
 
 
 # the keys of an open's fingerprint (``ShardedStore._fingerprint``): always, and of a shard opened
-_PRINT_KEYS = ("shard", "error", "heartbeat", "committed_step", "staged_step", "world", "config")
+_PRINT_KEYS = (
+    "protocol",
+    "shard",
+    "error",
+    "heartbeat",
+    "committed_step",
+    "staged_step",
+    "world",
+    "config",
+)
 _SHARD_KEYS = ("shard_rank", "run", "map", "rows")
 
 
 def check_fingerprints(prints: list[dict[str, Any]], world: int) -> ShardMap:
     """The shard map every rank agrees on; else ShardMismatchError naming the rank and shard."""
+    for rank, doc in enumerate(prints):  # before any other key is read: another protocol's
+        theirs = doc.get("protocol") if isinstance(doc, dict) else None
+        if theirs != PROTOCOL_VERSION:
+            said = "none (a release before protocol versions)" if theirs is None else repr(theirs)
+            raise ShardMismatchError(
+                f"rank {rank}: its open's fingerprint has protocol version {said}, this rank's is "
+                f"{PROTOCOL_VERSION}; expected one protocol version on every rank: rank {rank} "
+                "runs another release of tiered-store than this rank (install one release on "
+                "every rank)"
+            )
     for rank, doc in enumerate(prints):  # before any key is read: a rank of another release
         expected = {*_PRINT_KEYS, *(_SHARD_KEYS if doc.get("error") is None else ())}
         lacks, more = sorted(expected - set(doc)), sorted(set(doc) - expected)
