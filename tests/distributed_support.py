@@ -6,6 +6,7 @@ each writes what it saw to ``OUT/rank{R}.json`` so the test can check every rank
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import time
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -772,6 +774,66 @@ def decided_commit_worker(rank: int, world: int, port: int, trainable: str, out:
                 result[name] = f"{type(exc).__name__}: {exc}"
             result[f"{name} committed_step"] = table.store.committed_step
         table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
+def failed_update_write_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
+    """Every rank: training steps whose shard writes fail (the test's OSError, raised before the
+    write or after it applied): on both shards (step 1, then again), on rank 1's after its write
+    applied (step 2), on rank 1's before (step 3, the shards a step apart); after each, what a
+    lookup and a commit do; then the store reopened."""
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        table = _adam_over_row_shards(trainable, world)
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        shard = table.store.local
+        real = shard.write
+
+        def failing(applied: bool) -> Any:
+            def write(*args: Any, **kwargs: Any) -> None:
+                shard.write = real
+                if applied:
+                    real(*args, **kwargs)
+                raise OSError(28, "no space left on device (the test's)")
+
+            return write
+
+        for name, fails, applied in (
+            ("both", True, False),
+            ("retried", False, False),
+            ("applied", rank == 1, True),
+            ("lost", rank == 1, False),
+        ):
+            if name != "retried":  # a retry goes on with the gradients kept
+                table.lookup(ids).sum().backward()
+            if fails:
+                shard.write = failing(applied)
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    result[name] = table.step(table.last_step + 1)
+                result[f"{name} warned"] = [str(w.message) for w in caught]
+            except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                result[name] = f"{type(exc).__name__}: {exc}"
+            try:
+                with torch.no_grad():
+                    result[f"{name} lookup"] = table.lookup(ids).tolist()
+                result[f"{name} commit"] = table.commit()
+            except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                result[f"{name} lookup"] = f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(Exception):
+                    table.commit()
+                    result[f"{name} commit"] = "committed"
+        table.close()
+        reopened = _adam_over_row_shards(trainable, world)
+        with torch.no_grad():
+            result["reopened"] = reopened.lookup(ids).tolist()
+        result["reopened step"] = reopened.store.committed_step
+        reopened.close()
         dist_destroy()
     except BaseException:
         result["crash"] = traceback.format_exc()

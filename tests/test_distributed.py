@@ -1715,6 +1715,34 @@ def test_a_commit_decided_though_a_shard_failed_is_where_the_next_step_goes_on(t
         assert result["commit again committed_step"] == 4
 
 
+def test_a_training_step_whose_write_failed_on_a_shard_says_where_it_applied(tmp_path):
+    """update_rows failing as a shard wrote (after every rank accepted the rows) raised what a
+    write round does, "the next commit() makes what the shards hold durable": a step applied on
+    rank 0's shard and lost on rank 1's, the gradients dropped, and lookups, steps and a commit
+    went on over shards a step apart, in silence. Now the error names the ranks whose shards hold
+    the step and those whose shards do not (a failed shard's write looked up); when the shards
+    are a step apart the store refuses every further call, naming them, until it is reopened
+    (every shard at its last commit); when no shard wrote, the step is refused and the gradients
+    kept; when every shard holds it, the store goes on."""
+    from tests.distributed_support import failed_update_write_worker
+
+    results = _on_two_trainable_row_shards(tmp_path, failed_update_write_worker)
+    for rank, result in enumerate(results):
+        assert result["both"].startswith(f"UpdateRefusedError: [Errno 5] rank {rank}: sharded update_rows failed on 2 of 2 rank(s): rank 0: OSError: no space left on device (the test's); rank 1: OSError"), result  # fmt: skip
+        assert result["both"].endswith("no shard holds the step (a failed shard's write applies whole or not at all, and none applied): nothing was updated on any shard; step again with the gradients kept"), result  # fmt: skip
+        assert result["retried"] == 1 and result["retried commit"] == 1, result
+        assert result["applied"] == 1, result  # the step is made on every shard
+        assert [w for w in result["applied warned"] if "update_rows" in w] == ([f"rank {rank}: sharded update_rows: a shard's write raised after it applied (rank 1: OSError: no space left on device (the test's)); every shard holds the step: the next commit makes it durable"]), result  # fmt: skip
+        assert result["applied commit"] == 2, result
+        assert result["lost"].startswith(f"TierIOError: [Errno 5] rank {rank}: sharded update_rows failed on 1 of 2 rank(s): rank 1: OSError"), result  # fmt: skip
+        assert "the step applied on the shards of rank 0 and not on those of rank 1" in result["lost"], result  # fmt: skip
+        assert result["lost lookup"].startswith(f"TierIOError: [Errno 5] rank {rank}: this sharded store refuses further calls: an update_rows round: the step applied on the shards of rank 0 and not on those of rank 1, so the shards are a step apart"), result  # fmt: skip
+        assert "close every rank's store without committing and reopen it" in result["lost lookup"]
+        assert "lost commit" not in result, result  # refused too
+        assert result["reopened"] == result["applied lookup"], result  # step 2's rows
+        assert result["reopened step"] == 2, result
+
+
 def test_a_non_finite_gradient_on_one_rank_is_refused_on_all_before_any_shard_steps(tmp_path):
     """Rank 0's NaN gradient of a row on rank 1's shard: rank 1's write failed, rank 0's shard
     applied the optimizer step to its rows, and every rank dropped its gradients: the shards came

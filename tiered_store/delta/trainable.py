@@ -272,8 +272,10 @@ class TrainableTable:
         one rank is refused on every rank (the others get ``StepMismatchError``), as are ranks
         passing different steps; no row changes and every rank keeps its gradients. A shard that
         cannot read or update its rows fails the step on every rank before any shard writes
-        (``UpdateRefusedError``, the gradients kept); when a shard fails to write its rows (the
-        others wrote theirs), the gradients are dropped. A step one rank's ``scaler`` finds
+        (``UpdateRefusedError``, the gradients kept), as does one whose write failed on every
+        shard that wrote none of it; when some shards wrote their rows and others did not, the
+        gradients are dropped and the store refuses every call until reopened on every rank
+        (``ShardedStore.update_rows``). A step one rank's ``scaler`` finds
         overflowed is skipped on every rank, and every rank's scaler records the overflow once
         the ranks agree; a step refused on any rank records none, so ranks that abandon it keep
         equal scales."""

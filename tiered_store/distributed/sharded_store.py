@@ -190,6 +190,7 @@ class ShardedStore:
         self._write_rounds = 0  # write and update rounds joined: a handle older than one is refused
         self._unfinished: int | None = None  # a decided step this shard holds staged, uncommitted
         self._unresolved: str | None = None  # why the open left this shard's staged step as it was
+        self._torn_update: str | None = None  # an update round applied on some shards only
         self._thread: CollectiveThread | None = None  # both stopped by _shutdown once started
         self._heartbeat: Heartbeat | None = None
         self.owns_subgroup = False
@@ -414,6 +415,12 @@ class ShardedStore:
         rank), and an update that is not finite on any shard (``RowDataError`` on every rank,
         before any shard writes). Returns how many rows this rank updated.
 
+        A shard whose write fails looks its rows up: when none wrote, every rank raises
+        ``UpdateRefusedError`` (no row changed); when every shard holds the step all the same,
+        every rank warns and returns; when some shards hold it and some do not, every rank raises
+        ``TierIOError`` naming them, and the store refuses every further call until every rank
+        closes it without committing and reopens it (each shard at its last commit).
+
         ``skip``: this rank's gradients overflowed under a ``GradScaler`` (``ids`` and ``grads``
         are not read): when any rank passes it, no shard changes and every rank returns None."""
         self._check_usable()
@@ -422,11 +429,11 @@ class ShardedStore:
         if optimizer_step is not None and optimizer_step != step:  # the ranks agree on both
             step = f"{step} (optimizer_step {optimizer_step})"
         if skip:
-            updated, errors = self._wait(
+            updated, outcomes = self._wait(
                 self._thread.submit(self._update_round, *_NO_GRADIENTS, update, step, True),
                 "update_rows",
             )
-            self._raise_failed("update_rows", errors)
+            self._raise_failed_update(outcomes)
             return updated
         try:
             flat, _ = self._validate_write_ids(ids)
@@ -457,10 +464,10 @@ class ShardedStore:
             self._join_refused(update, step)
             raise
         grads = grads.to("cpu", torch.float32)
-        updated, errors = self._wait(
+        updated, outcomes = self._wait(
             self._thread.submit(self._update_round, flat, grads, update, step), "update_rows"
         )
-        self._raise_failed("update_rows", errors, then=_FAILED_WRITE)
+        self._raise_failed_update(outcomes)
         return updated
 
     def refuse_update(self, step: Any) -> None:
@@ -1033,19 +1040,20 @@ class ShardedStore:
                 f"rank {self.rank}: update_rows: {named}; nothing was updated on any shard"
             )
         if any(skipped for _, _, skipped in asked):  # a rank's gradients overflowed
-            return None, [None] * self.world
+            return None, [(None, None)] * self.world
         order = torch.argsort(ids, stable=True)  # grouped by owner
         local_ids, received = self._route(ids[order], grads[order])
         unique, inverse, _ = unique_inverse_counts(local_ids)
         summed = torch.zeros((unique.numel(), received.shape[1]), dtype=received.dtype)
         summed.index_add_(0, inverse, received)
 
-        new_rows: list[torch.Tensor] = []
+        new_rows: list[torch.Tensor] = []  # and the rows before
 
         def compute() -> None:
             if unique.numel():
                 current = self.local.lookup(unique)
                 new_rows.append(self._finite_update(unique, update(current, summed.to(current))))
+                new_rows.append(current)
 
         # every shard's new rows are made and checked before any is written: applied on the
         # others, a step one shard refuses (an optimizer state overflowing) set them a step apart
@@ -1069,7 +1077,70 @@ class ShardedStore:
             if new_rows:
                 self.local.write(unique, new_rows[0])
 
-        return unique.numel(), self._all_gather(self._local_error(write))
+        error = self._local_error(write)
+        held = _WROTE if error is None else self._holds(unique, *new_rows)
+        return unique.numel(), self._all_gather((error, held if new_rows else None))
+
+    def _holds(self, local_ids: torch.Tensor, rows: torch.Tensor, before: torch.Tensor) -> str:
+        """What this shard holds after its write of ``rows`` over ``before`` failed (applied
+        whole or not at all, or each row old or new: ``TieredStore.write``), looked up:
+        ``_WROTE`` (every row new), ``_LOST`` (every row as before) or ``_UNKNOWN``."""
+        try:
+            with self._heartbeat.own_part():
+                now = self.local.lookup(local_ids)
+            if torch.equal(now, rows.to(now.dtype)):
+                return _WROTE
+            return _LOST if torch.equal(now, before) else _UNKNOWN
+        except Exception:  # noqa: BLE001 (told to every rank: the shard's state is unknown)
+            return _UNKNOWN
+
+    def _raise_failed_update(self, outcomes: list[tuple[str | None, str | None]]) -> None:
+        """After an update round whose write failed on a shard, on every rank: a warning when
+        every shard holds the step all the same; ``UpdateRefusedError`` when none does; else
+        (the shards a step apart, which no retry mends in place: the step would apply twice
+        where it was written) ``TierIOError`` naming the ranks, and this store refuses every
+        further call."""
+        errors = [e for e, _ in outcomes]
+        wrote = [r for r, (_, held) in enumerate(outcomes) if held == _WROTE]
+        lacks = [r for r, (_, held) in enumerate(outcomes) if held in (_LOST, _UNKNOWN)]
+        unknown = [r for r, (_, held) in enumerate(outcomes) if held == _UNKNOWN]
+        if not lacks:  # the round did what it is for: the step is made on every shard
+            failed = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
+            if failed:
+                warn_at_caller(
+                    f"rank {self.rank}: sharded update_rows: a shard's write raised after it "
+                    f"applied ({failed}); every shard holds the step: the next commit makes it "
+                    "durable",
+                    RuntimeWarning,
+                )
+            return
+        if not wrote and not unknown:
+            self._raise_failed(
+                "update_rows",
+                errors,
+                UpdateRefusedError,
+                then="no shard holds the step (a failed shard's write applies whole or not at "
+                "all, and none applied): nothing was updated on any shard; step again with the "
+                "gradients kept",
+            )
+        partly = f" ({_ranks(unknown)}: partly, or its lookup failed)" if unknown else ""
+        apart = (
+            f"the step applied on the shards of {_ranks(wrote) if wrote else 'no rank'} and not "
+            f"on those of {_ranks(lacks)}{partly}"
+        )
+        self._torn_update = (
+            f"an update_rows round: {apart}, so the shards are a step apart; expected every shard "
+            "at one step: close every rank's store without committing and reopen it (each shard "
+            "reopens at its last commit, every write since dropped; training resumes from "
+            "committed_step)"
+        )
+        self._raise_failed(
+            "update_rows",
+            errors,
+            then=f"{apart}: no retry mends that in place (the step would apply twice where it "
+            "was written), so this store refuses every further call; close every rank's store "
+            "without committing and reopen it (each shard reopens at its last commit)",
+        )
 
     def _finite_update(self, local_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` (the optimizer's update of this shard's ``local_ids``), or ``RowDataError``
@@ -1174,6 +1245,11 @@ class ShardedStore:
         """Raise once closed or after a failure (the group's collectives are then out of step)."""
         if self._closed:
             raise StoreClosedError("sharded store is closed; open a new ShardedStore")
+        if self._torn_update is not None:
+            raise TierIOError(
+                errno.EIO,
+                f"rank {self.rank}: this sharded store refuses further calls: {self._torn_update}",
+            )
         if self._failure is not None:
             raise RankFailureError(
                 f"rank {self.rank}: this sharded store failed earlier ({self._failure}); close it "
@@ -1240,13 +1316,14 @@ def _disagreeing(asked: list[tuple[int | None, int | None]]) -> list[str | None]
     ]
 
 
-# what became of a write (or update) round that failed on some shards (TieredStore.write)
+# what became of a write round that failed on some shards (TieredStore.write)
 _FAILED_WRITE = (
     "the other ranks' shards took their rows, and a failed shard's write applied whole or not "
     "at all: look its rows up to tell which. The next commit() makes what the shards hold "
     "durable, as it is; to drop this round instead, close every rank's store without committing "
     "(each shard reopens at its last commit: every write since is dropped)"
 )
+_WROTE, _LOST, _UNKNOWN = "wrote", "lost", "unknown"  # a shard's write of an update round
 _REFUSED = " (refused)"  # the step a rank passes into a round it refused its own input to
 _NO_GRADIENTS = (torch.empty(0, dtype=torch.int64), torch.empty((0, 0), dtype=torch.float32))
 
@@ -1254,6 +1331,11 @@ _NO_GRADIENTS = (torch.empty(0, dtype=torch.int64), torch.empty((0, 0), dtype=to
 def _refused(step: Any) -> str:
     """The step a rank that refused its input passes into the round: no rank passes it."""
     return f"{step!r}{_REFUSED}"
+
+
+def _ranks(ranks: list[int]) -> str:
+    """``rank 1`` or ``ranks 0, 2``."""
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
 def _ranks_by_value(values: list[Any]) -> str:
