@@ -289,6 +289,22 @@ class Heartbeat:
             serving=(*serving, self.rank) if in_part else serving,
         )
 
+    def absent(self, wait_s: float) -> tuple[int, ...]:
+        """The other ranks that have written no entry within ``wait_s`` seconds (read on the
+        group's store every interval): they never came to where this heartbeat started. None
+        when the store cannot be read (what then fails names it)."""
+        deadline = time.monotonic() + wait_s
+        others = [r for r in range(self.world) if r != self.rank]
+        while True:
+            try:
+                missing = tuple(r for r in others if not self._group_store.check([f"hb/{r}"]))
+            except Exception:  # noqa: BLE001 (its host gone or hung: the next round's diagnosis)
+                return ()
+            left = deadline - time.monotonic()
+            if not missing or left <= 0:
+                return missing
+            time.sleep(min(self.interval, left))
+
     def _connect(self, source: dist.Store) -> dist.Store:
         """A new connection to the group's store, cloned from ``source`` (its connect waits the
         source's timeout: this heartbeat's own is short, the group store's long enough for a

@@ -216,6 +216,7 @@ class ShardedStore:
             # the group's ranks (an entry left by an earlier open over them does not move: stopped),
             # from before the subgroup is made: a rank that never opens the store is named
             self._heartbeat = opening = self._beat_under(f"opening/{_ranks_digest(ranks)}")
+            self._check_arrived(opening)
             self.group = group
             if group is None:
                 try:
@@ -577,6 +578,22 @@ class ShardedStore:
         )
 
     # -- internals ---------------------------------------------------------------------------------
+    def _check_arrived(self, opening: Heartbeat) -> None:
+        """Within the timeout, every rank's opening heartbeat is there, or this open fails naming
+        the ranks without one (torch's wait making the subgroup named none, and the diagnosis
+        after it read them as ranks that stopped); an entry an earlier open over these ranks
+        left is there, and the rounds' diagnosis names a rank that does not come as stopped."""
+        absent = opening.absent(self._wait_s)
+        if absent:
+            ranks = ", ".join(map(str, absent))
+            self._failure = RankFailureError(
+                f"rank {self.rank}: open #0 failed: rank {ranks} has not come to this store's "
+                "open: no heartbeat from it under the open's keys within "
+                f"sharding.timeout_s={self.timeout_s:g} (it has not called ShardedStore.open: "
+                "busy elsewhere, or died before)"
+            )
+            raise self._failure
+
     def _open_local(self) -> tuple[ShardInfo | None, str | None]:
         """``_open_shard``, this rank's heartbeat saying ``serving`` meanwhile: an open that
         hangs (a file system that stopped answering) is named by the others' diagnosis."""
