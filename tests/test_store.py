@@ -6,6 +6,9 @@ import contextlib
 import json
 import os
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -1535,6 +1538,48 @@ def test_close_gives_up_on_a_prefetch_whose_read_hangs(tmp_path, monkeypatch):
     assert time.monotonic() - start < 5
     release.set()
     assert torch.equal(handle.future.result(10)[0], data[[1, 2, 3]])  # it ended on its own
+
+
+def test_a_read_hung_in_a_cold_runner_thread_does_not_hold_the_exit_after_close_gave_up(
+    tmp_path,
+):
+    """With ``cold.threads`` > 1 a lookup's pages are read by the table's runner threads too: a
+    ``ThreadPoolExecutor``'s, which the interpreter joins at exit, so one hung in a read (a dead
+    disk: its read is made to wait for good here) kept the process from exiting after
+    ``close(wait_s=...)`` had given up on it. In a child process: the close returns False and
+    the process exits."""
+    path, _ = make_table(tmp_path, rows=400, dim=1024)
+    script = textwrap.dedent(
+        f"""
+        import os, threading, warnings
+        import torch
+        from tiered_store import TieredStore
+        from tiered_store.config import StoreConfig
+
+        config = {{"table": {{"path": {str(path)!r}}}, "tiers": {{
+            "hot": {{"capacity": 0}}, "warm": {{"capacity": 0}}, "cold": {{"threads": 4}}}}}}
+        store = TieredStore(StoreConfig.from_dict(config))
+        hung, preadv = threading.Event(), os.preadv
+
+        def dead_disk(*args):  # a runner thread's read never returns
+            if threading.current_thread().name.startswith("cold-read"):
+                hung.set()
+                threading.Event().wait()
+            return preadv(*args)
+
+        os.preadv = dead_disk
+        ids = torch.arange(0, 400, 3)  # 134 extents: every runner thread reads some
+        threading.Thread(target=store.lookup, args=(ids,), daemon=True).start()
+        assert hung.wait(30)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "still under way after 0.3 s"
+            print("closed", store.close(wait_s=0.3), flush=True)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert (proc.returncode, proc.stdout.split()) == (0, ["closed", "False"]), proc.stderr
 
 
 def test_a_prefetch_that_races_close_is_refused_as_the_store_closed(tmp_path):
