@@ -690,3 +690,32 @@ def test_stats_during_a_lookup_count_each_lookup_as_a_hit_or_a_miss(store, monke
         s = during[tier]
         assert s["hits"] + s["misses"] == s["lookups"], (tier, s)
         assert s["hit_rate"] == pytest.approx(s["hits"] / s["lookups"]), (tier, s)
+
+
+def test_a_tiers_lookups_attribute_is_its_hits_plus_misses_during_a_lookup(store, monkeypatch):
+    """``TierCounters.lookups`` was counted on its own, before the hits and misses: read as an
+    attribute (as the policies' tests and any caller of ``tier.counters`` do) during a lookup's
+    count it differed from their sum. It is derived from them; ``as_dict`` (``/stats``) keeps
+    its keys and their order."""
+    from tiered_store.row_cache import TierCounters
+
+    counting, release = threading.Event(), threading.Event()
+
+    def hits_wait(self, name, value):  # a hit count's rise waits, the lookup's count begun
+        if name == "hits" and value > getattr(self, "hits", 0) and not counting.is_set():
+            counting.set()
+            release.wait(30)
+        object.__setattr__(self, name, value)
+
+    monkeypatch.setattr(TierCounters, "__setattr__", hits_wait)
+    lookup = threading.Thread(target=store.lookup, args=(torch.arange(50),))
+    lookup.start()
+    try:
+        assert counting.wait(30), "the lookup counted no hit"
+        during = [(c.lookups, c.hits + c.misses) for c in (store.hot.counters, store.warm.counters)]
+    finally:
+        release.set()
+        lookup.join(30)
+    assert all(lookups == total for lookups, total in during), during
+    keys = ["lookups", "hits", "misses", "admissions", "evictions", "rejections", "preloaded"]
+    assert list(store.hot.counters.as_dict()) == keys

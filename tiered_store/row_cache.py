@@ -55,9 +55,9 @@ def eviction_slot_bytes(policy: str | None) -> int:
 
 @dataclass
 class TierCounters:
-    """Plain integer counters, incremented on the lookup path and read by stats and metrics."""
+    """Plain integer counters, incremented on the lookup path and read by stats and metrics;
+    ``lookups`` (ids probed, duplicates included) is derived: the hits plus the misses."""
 
-    lookups: int = 0  # ids probed, duplicates included
     hits: int = 0
     misses: int = 0
     admissions: int = 0  # rows written into the tier
@@ -65,12 +65,16 @@ class TierCounters:
     rejections: int = 0  # candidates the admission filter or a full static tier turned away
     preloaded: int = 0  # rows loaded at open (warm start / static pinning)
 
+    @property
+    def lookups(self) -> int:
+        """Ids probed, duplicates included: the hits plus the misses."""
+        return self.hits + self.misses
+
     def as_dict(self) -> dict[str, int]:
-        """Counter name -> value; ``lookups`` is the hits plus misses read here, so the three add
-        up while a probe counts (stats read them without the store's lock)."""
+        """Counter name -> value, ``lookups`` first: the hits plus misses read here, so the three
+        add up while a probe counts (stats read them without the store's lock)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["lookups"] = out["hits"] + out["misses"]
-        return out
+        return {"lookups": out["hits"] + out["misses"], **out}
 
 
 class RowCache:
@@ -234,7 +238,6 @@ class RowCache:
     def record(self, slots: torch.Tensor, missed: torch.Tensor, *, lookups: int, hits: int) -> None:
         """Count a probe and tell the policy which slots were read (``slots`` holds hits only;
         ``missed``: the ids not held, which online re-pinning counts)."""
-        self.counters.lookups += lookups
         self.counters.hits += hits
         self.counters.misses += lookups - hits
         if hits:
