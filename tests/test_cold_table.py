@@ -1199,6 +1199,16 @@ def test_a_ctrl_c_as_close_waits_for_a_read_never_leaves_the_count_locked():
     assert int(proc.stdout.split()[1]) >= 4, proc.stdout
 
 
+def in_close(thread: threading.Thread) -> bool:
+    """Whether ``thread`` runs ``InFlight.close()`` (waiting for calls to end)."""
+    from tiered_store.store_lock import InFlight
+
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_code is not InFlight.close.__code__:
+        frame = frame.f_back
+    return frame is not None
+
+
 def test_two_closes_at_once_each_wait_for_the_calls_of_the_other_threads_alone():
     """``close()`` noted one closing thread, the last to call it, whose own calls it does not
     wait for: a close from inside a call (a signal handler's, in the main thread) with a second
@@ -1232,11 +1242,11 @@ def test_two_closes_at_once_each_wait_for_the_calls_of_the_other_threads_alone()
     inside.wait()
     threads = [threading.Thread(target=close_inside_a_call, daemon=True)]
     threads[0].start()
-    while len(calls._waiters) < 1:  # waiting for the read
+    while not in_close(threads[0]):  # waiting for the read
         time.sleep(0.001)
     threads.append(threading.Thread(target=close_outside, daemon=True))
     threads[1].start()
-    while len(calls._waiters) < 2:
+    while not in_close(threads[1]):
         time.sleep(0.001)
     leave.set()
     for thread in [reader, *threads]:
@@ -1246,7 +1256,7 @@ def test_two_closes_at_once_each_wait_for_the_calls_of_the_other_threads_alone()
 
 
 def test_a_ctrl_c_as_the_last_call_ends_never_loses_the_close_waiting_for_it():
-    """The last call to end wakes the ``close()`` waiting in another thread; a Ctrl-C handled
+    """The last call to end woke the ``close()`` waiting in another thread; a Ctrl-C handled
     in that call's exit once its count was down but before the wake-up (at the entry of the
     check whether calls of other threads run) left the close waiting for a call that had ended:
     without end, or to its timeout. Every point of the
@@ -1278,7 +1288,7 @@ def test_a_ctrl_c_as_the_last_call_ends_never_loses_the_close_waiting_for_it():
             calls.__enter__()
             closer = threading.Thread(target=lambda: closed.append(calls.close()), daemon=True)
             closer.start()
-            while not calls._waiters:
+            while not calls._closing:
                 time.sleep(0.001)
             sys.setprofile(counted(k, hits))
             try:
@@ -1306,8 +1316,8 @@ def test_a_ctrl_c_as_the_last_call_ends_never_loses_the_close_waiting_for_it():
 
 
 def test_a_close_without_timeout_waits_through_its_rechecks_for_a_long_call():
-    """``close()`` checks again every ``CLOSE_RECHECK_S`` whether calls still run: without a
-    timeout it returns only once a call longer than several of those has ended."""
+    """``close()`` checks every ``CLOSE_POLL_S`` whether calls still run: without a timeout it
+    returns only once a call longer than several of those has ended."""
     from tiered_store import store_lock
 
     calls, inside, ended = store_lock.InFlight(), threading.Event(), []
@@ -1315,7 +1325,7 @@ def test_a_close_without_timeout_waits_through_its_rechecks_for_a_long_call():
     def read() -> None:
         with calls.entered():
             inside.set()
-            time.sleep(4 * store_lock.CLOSE_RECHECK_S)
+            time.sleep(4 * store_lock.CLOSE_POLL_S)
             ended.append(True)
 
     reader = threading.Thread(target=read, daemon=True)

@@ -48,8 +48,7 @@ if TYPE_CHECKING:
 NEWS_BACKLOG = 1024  # news waiting before a poster waits for the lock to tell the tiers itself
 TELL_PASSES = 8  # passes of news a thread letting go of the lock tells at most (then the next)
 NEWS_TRIES = 3  # failed tellings of one piece of news before it is dropped
-CLOSE_RECHECK_S = 0.25  # InFlight.close() checks again this often whether calls still run (a
-# Ctrl-C handled as the last call ends can come between its count and its wake-up of the close)
+CLOSE_POLL_S = 0.005  # InFlight.close() checks this often whether calls still run
 
 
 class _News:
@@ -204,19 +203,15 @@ class InFlight:
     handled as a call's ``with`` is left (``__exit__`` entered, the count not yet down) leaves
     its thread counted for good, and a close by that thread (the main one, where a Ctrl-C is
     raised) would wait for it without end. The lock is a plain ``Lock``, only ever taken by
-    ``with`` (entered and left in C), and ``close()`` waits on a ``Lock`` of its own that the
-    last call releases: a Ctrl-C cannot leave the lock held, as it could inside a
-    ``Condition``'s Python enter, exit and wait. A Ctrl-C handled as the last call ends, between
-    its count and that release, is made good by the close checking again every
-    ``CLOSE_RECHECK_S``."""
+    ``with`` (entered and left in C), and ``close()`` checks the counts under it every
+    ``CLOSE_POLL_S`` (nothing wakes it, so no wake-up can be lost): a Ctrl-C cannot leave the
+    lock held, as it could inside a ``Condition``'s Python enter, exit and wait."""
 
     def __init__(self, refusal: Callable[[], BaseException] | None = None) -> None:
         self._refusal = refusal or _store_closed
         self._lock = threading.Lock()
         self._calls: dict[int, int] = {}  # thread ident -> its calls under way
         self._closing = False
-        self._waiters: list[tuple[int, threading.Lock]] = []  # each close()'s thread, and a Lock
-        # held until no call of another thread is under way
         self._then: tuple[int, Callable[[], None]] | None = None  # run by the last call to end
 
     def entered(self) -> InFlight:
@@ -239,15 +234,7 @@ class InFlight:
                 self._calls[me] -= 1
             else:
                 self._calls.pop(me, None)
-            if not self._closing:  # only close() waits, and a call ending may run its then
-                return
-            waiting, ready = [], []
-            for closer, waiter in self._waiters:
-                (waiting if self._running(closer) else ready).append((closer, waiter))
-            self._waiters = waiting  # out of the list first: a Lock is never released twice
-            for _, waiter in ready:
-                waiter.release()
-            then = self._then
+            then = self._then  # set only after close(): a call ending may run it
             if then is None or self._running(then[0]):
                 return
             self._then = None
@@ -256,30 +243,18 @@ class InFlight:
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new calls; return once those under way in other threads have ended (True), or
         after ``timeout`` seconds with some still running (False)."""
-        me, waiter = threading.get_ident(), threading.Lock()
-        waiter.acquire()
+        me = threading.get_ident()
+        end = None if timeout is None else time.monotonic() + max(timeout, 0)
         with self._lock:
             self._closing = True
-            if not self._running(me):
-                return True
-            self._waiters.append((me, waiter))  # released by the last call to end
-        try:
-            end = None if timeout is None else time.monotonic() + max(timeout, 0)
-            while True:  # woken by the last call to end, and checking again every so often
-                left = CLOSE_RECHECK_S if end is None else end - time.monotonic()
-                if waiter.acquire(timeout=max(min(left, CLOSE_RECHECK_S), 0)):
-                    break
-                with self._lock:
-                    if not self._running(me):  # its wake-up lost (a Ctrl-C as it ended)
-                        break
-                if end is not None and left <= CLOSE_RECHECK_S:  # the timeout is up
-                    break
-        finally:
+        while True:
             with self._lock:
-                if (me, waiter) in self._waiters:  # given up (or interrupted)
-                    self._waiters.remove((me, waiter))
-                running = self._running(me)
-        return not running
+                if not self._running(me):
+                    return True
+            left = CLOSE_POLL_S if end is None else end - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, CLOSE_POLL_S))
 
     def then_pending(self) -> bool:
         """Whether ``then``'s action waits for calls still under way (not run yet)."""
