@@ -1582,6 +1582,49 @@ def test_a_read_hung_in_a_cold_runner_thread_does_not_hold_the_exit_after_close_
     assert (proc.returncode, proc.stdout.split()) == (0, ["closed", "False"]), proc.stderr
 
 
+def test_close_from_a_signal_handler_inside_a_lookup_is_an_error_not_a_deadlock(tmp_path):
+    """A signal handler that closes the store ran on the main thread inside a lookup holding the
+    store's lock: the close waited for that lock (its save, under it) for good, and the lookup
+    under it with it. In a child process, a real signal is handled as the lookup plans under the
+    lock: the close raises a RuntimeError saying so (out of the lookup), and a close after the
+    lookup closes the store."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    script = textwrap.dedent(
+        f"""
+        import signal, sys
+        import torch
+        from tiered_store import TieredStore
+        from tiered_store.config import StoreConfig
+
+        store = TieredStore(StoreConfig.from_dict({{"table": {{"path": {str(path)!r}}}}}))
+
+        def close_on_signal(signum, frame):
+            store.close()
+
+        signal.signal(signal.SIGUSR1, close_on_signal)
+
+        def signal_in_plan(frame, event, arg):  # handled at plan's first instruction
+            if event == "call" and frame.f_code.co_name == "plan":
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGUSR1)
+
+        sys.setprofile(signal_in_plan)
+        try:
+            store.lookup(torch.arange(10))
+        except RuntimeError as exc:
+            print("raised:", exc)
+        sys.setprofile(None)
+        print("closed", store.close(), flush=True)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "raised: close: called on a thread inside a call that holds" in proc.stdout, proc.stdout
+    assert proc.stdout.splitlines()[-1] == "closed True", proc.stdout
+
+
 def test_a_prefetch_that_races_close_is_refused_as_the_store_closed(tmp_path):
     """close() can shut the fetch pool between a prefetch's open check and its submit: the
     prefetch is refused as a call to a closed store (a server answers 503 "closed"), not as a bad

@@ -718,7 +718,16 @@ class TieredStore:
         dying disk); the store is closed to new calls, and the last of those closes the files
         (no save: it needs the store's lock, which such a call may hold). Called from a fetch's
         done callback while another thread closes the store, it returns at once. Returns False
-        when it left calls under way (now or at an earlier close), or returned at once so."""
+        when it left calls under way (now or at an earlier close), or returned at once so.
+        Called on a thread holding the store's lock (a signal handler's, inside a lookup), it
+        raises RuntimeError: it would wait for that lock for good."""
+        if self._lock.held_here():
+            raise RuntimeError(
+                f"close: called on a thread inside a call that holds the lock of the store of "
+                f"{self.cold.path.name} (a signal handler's close during a lookup?): it would "
+                "wait for that call, which cannot go on before close returns; expected close() "
+                "outside the store's calls (set a flag in the handler and close after the call)"
+            )
         # on the prefetch worker (a fetch's done callback), a close under way on another thread
         # waits for this very thread: waiting for its lock, each would wait for the other
         if not self._closing.acquire(blocking=not self._prefetcher.on_worker()):

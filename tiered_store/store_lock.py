@@ -80,6 +80,7 @@ class StoreLock:
 
     def __init__(self, caches: CacheHierarchy, stream: torch.cuda.Stream | None = None) -> None:
         self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread holding it (held_here)
         self._caches = caches
         self._stream = stream
         self._on_stream: contextlib.AbstractContextManager | None = None  # the holder's
@@ -105,6 +106,7 @@ class StoreLock:
         """Take the lock, on the store's stream, and tell the tiers the news waiting."""
         self._lock.acquire()
         try:  # a failure (a CUDA error, Ctrl-C) lets it go: held, every later call would wait
+            self._holder = threading.get_ident()
             self._enter_stream(after_caller)
             if self._news:
                 self._tell_tiers()
@@ -134,6 +136,7 @@ class StoreLock:
             if not self._news or not self._lock.acquire(blocking=len(self._news) > NEWS_BACKLOG):
                 return
             try:
+                self._holder = threading.get_ident()
                 self._enter_stream(after_caller=False)  # the news is on the host (its rows)
                 told = self._tell_tiers(own)
             finally:
@@ -160,7 +163,13 @@ class StoreLock:
             if on_stream is not None:
                 on_stream.__exit__(None, None, None)
         finally:
+            self._holder = None
             self._lock.release()
+
+    def held_here(self) -> bool:
+        """Whether the calling thread holds the lock (a signal handler's code inside a call):
+        taking it there would wait for good."""
+        return self._holder == threading.get_ident() and self._lock.locked()
 
     def _tell_tiers(self, own: QueuedRequest | None = None) -> bool:
         """Under the lock: the tiers learn the news so far, in the order it came (what comes
