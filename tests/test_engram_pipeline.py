@@ -18,6 +18,7 @@ from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import (
     DecodeStats,
     PrefetchPipeline,
+    _host_ids_to_pin,
     profile_rows,
     table_stats_delta,
 )
@@ -189,6 +190,42 @@ def test_a_batch_of_int32_ids_for_the_gpu_is_pinned_as_int64(batches):
         assert batch.input_ids.dtype == torch.int64 and batch.input_ids.is_pinned()
         outs.append(out)
     assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["int32 array", "int64 array", "list", "tensor"])
+def test_host_ids_of_every_kind_are_chosen_for_pinning(model, batches, kind):
+    """On CUDA the pipeline pinned only torch CPU tensors: a source of NumPy arrays or lists
+    went unpinned, so the model's copy of their ids to the GPU was synchronous; the ids are
+    checked first (an int64 tensor, whatever was given) and host ids not pinned are pinned."""
+    ids = batches[0]
+    given = {
+        "int32 array": ids.numpy().astype(np.int32),
+        "int64 array": ids.numpy(),
+        "list": ids.tolist(),
+        "tensor": ids,
+    }[kind]
+    chosen = _host_ids_to_pin(model, given)
+    assert chosen is not None and chosen.dtype == torch.int64 and torch.equal(chosen, ids)
+    on_a_device = torch.empty(2, 3, dtype=torch.int64, device="meta")  # as CUDA ids: not read
+    assert _host_ids_to_pin(model, on_a_device) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_batch_of_numpy_or_list_ids_for_the_gpu_is_pinned(batches):
+    """The pinning of host ids of any kind, on the GPU: each batch keeps pinned int64 ids (and
+    a pinned token mask, which V4.1 layers copy there), and the outputs are a plain run's."""
+    model = cuda_model()
+    with torch.no_grad():
+        want = [model(ids.cuda(), logits="last") for ids in batches]
+    pipeline = PrefetchPipeline(model, lookahead=1)
+    for source in ([ids.numpy() for ids in batches], [ids.tolist() for ids in batches]):
+        outs = []
+        for batch, out in pipeline.run(source):
+            assert batch.input_ids.dtype == torch.int64 and batch.input_ids.is_pinned()
+            assert batch.token_mask.is_pinned()
+            outs.append(out)
+        assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
 
 
 @pytest.mark.parametrize("lookahead", [0, 1])

@@ -229,7 +229,8 @@ class DecoderLayer(nn.Module):
         if handle is not None:  # this forward consumes it: a rerun of the batch looks rows up
             batch.handles[self.index] = None
         if isinstance(self.engram, V41Engram):
-            h = self.engram(h, row_ids, batch.token_mask.to(h.device), handle)
+            mask = batch.token_mask.to(h.device, non_blocking=True)  # (pinned: asynchronous)
+            h = self.engram(h, row_ids, mask, handle)
         elif self.engram is not None:
             conv = cache.conv.setdefault(self.index, {}) if cache is not None else None
             h = h + self.engram(h, row_ids=row_ids, handle=handle, conv_state=conv)
@@ -764,8 +765,10 @@ def _snapshot(checked: torch.Tensor, given: Any) -> torch.Tensor:
 
 def _token_mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
     """``token_mask`` as bool [B, T] on the ids' device (all True when ``None``)."""
-    if token_mask is None:
-        return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    if token_mask is None:  # pinned with pinned ids: V4.1 layers copy it to the GPU with them
+        return torch.ones(
+            ids.shape, dtype=torch.bool, device=ids.device, pin_memory=ids.is_pinned()
+        )
     return NgramHasher._mask(token_mask, ids)  # the hasher's checks (one set of messages)
 
 

@@ -298,16 +298,23 @@ class PrefetchPipeline:
     def _prepare(self, input_ids: Any, cuda: bool) -> EngramBatch:
         """Hash one batch for every Engram layer and (unless disabled) start its fetches; the
         batch holds one copy of ids the source may refill before it runs (hash's, or the
-        pinned one made here)."""
+        pinned one made here: on CUDA host ids of any kind are pinned)."""
         owned = False
-        if cuda and isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu":
+        if cuda and (ids := _host_ids_to_pin(self.model, input_ids)) is not None:
             # int64 first (int32 ids: a copy), then pinned: the copy hash keeps is the pinned one
-            pinned = self.model._check_input(input_ids).pin_memory()  # the copy to the GPU: async
-            # a copy, unless the source's were pinned already (given back as they are)
-            owned = pinned.untyped_storage().data_ptr() != input_ids.untyped_storage().data_ptr()
-            input_ids = pinned
+            input_ids, owned = ids.pin_memory(), True  # the copy to the GPU: async
         batch = self.model._hash(input_ids, owned=owned)
         return self.model.fetch(batch) if self.prefetch else batch
+
+
+def _host_ids_to_pin(model: EngramLM, input_ids: Any) -> torch.Tensor | None:
+    """The checked int64 ids [B, T] that the pipeline pins for a model on the GPU (so that its
+    copy there is asynchronous): host ids not pinned yet, given as a tensor, an array or a list;
+    None for ids pinned already (hash's snapshot of them is pinned) or on a device."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.device.type != "cpu":
+        return None  # checked by hash alone: a check here would wait for the device too
+    ids = model._check_input(input_ids)
+    return ids if ids.device.type == "cpu" and not ids.is_pinned() else None
 
 
 def _snapshot(table: TableBackend) -> dict | None:
