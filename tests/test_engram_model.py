@@ -26,6 +26,7 @@ from tiered_store.engram.checkpoint import (
     save_tiered,
     table_file,
 )
+from tiered_store.engram.layout import table_metadata
 from tiered_store.engram.model import EngramLM, HyperConnection, ModelConfig
 from tiered_store.errors import ConfigError, RowIdError, StoreClosedError
 from tiered_store.store import TieredStore
@@ -286,6 +287,34 @@ def test_set_tables_swaps_all_or_nothing(model, batches):
     with pytest.raises(ConfigError, match=r"backend: expected a table of 20112 rows x 16"):
         model.set_tables({3: InMemoryTable(torch.zeros(memory[3].rows, 16)), 1: wrong})
     assert all(model.tables[i] is memory[i] for i in memory)  # layer 3 kept its table
+
+
+def test_set_tables_checks_each_table_s_layout_once(model):
+    """set_tables checked every table, then each layer's set_table checked it again (the layout
+    compared twice); the tables checked are swapped in as they are."""
+    memory = model.tables
+    layout = table_metadata(model.hasher, 1)["engram"]
+
+    class Counted(TableBackend):
+        rows, dim, reads = memory[1].rows, memory[1].dim, 0
+
+        @property
+        def engram_layout(self):
+            self.reads += 1
+            return layout
+
+        def lookup(self, row_ids, handle=None):
+            return memory[1].lookup(row_ids)
+
+        def prefetch(self, row_ids):
+            return None
+
+    table = Counted()
+    try:
+        model.set_tables({1: table})
+        assert model.tables[1] is table and table.reads == 1
+    finally:
+        model.set_tables(memory)
 
 
 def test_table_file_for_another_configuration_is_refused(model, converted, tmp_path):

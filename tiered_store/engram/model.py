@@ -375,13 +375,13 @@ class EngramLM(nn.Module):
                 self._check_v41_table(layer_id, table)
             else:
                 engram._check_backend(table)
-        for layer_id, table in tables.items():
+        for layer_id, table in tables.items():  # checked above: swapped as they are
             engram = engrams[layer_id]
             if isinstance(engram, V41Engram):
                 del engram.table  # a registered child module (InMemoryTable) or a plain attribute
                 engram.table = table
             else:
-                engram.set_table(table)
+                engram.multi_head_embedding.set_backend(table)
 
     def dense_parameters(self) -> int:
         """Parameters outside the Engram tables (token embedding included)."""
