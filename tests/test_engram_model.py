@@ -284,7 +284,7 @@ def test_a_forward_uses_its_rotary_tables_though_another_replaced_them(model, ba
 def test_set_tables_swaps_all_or_nothing(model, batches):
     memory = model.tables
     wrong = InMemoryTable(torch.zeros(memory[3].rows, memory[3].dim))  # layer 3's shape
-    with pytest.raises(ConfigError, match=r"backend: expected a table of 20112 rows x 16"):
+    with pytest.raises(ConfigError, match=r"^tables\[1\]: expected a table of 20112 rows x 16"):
         model.set_tables({3: InMemoryTable(torch.zeros(memory[3].rows, 16)), 1: wrong})
     assert all(model.tables[i] is memory[i] for i in memory)  # layer 3 kept its table
 
@@ -377,7 +377,7 @@ def test_a_table_built_for_another_seed_or_pad_id_is_refused_as_a_backend(
             said = rf"layer 1 expects {field}={getattr(config.engram, field)}"
             refused = rf"{field}={value}, but this model's Engram {said}"
             with pytest.raises(
-                ConfigError, match=r"backend: TieredStore's table built for " + refused
+                ConfigError, match=r"^tables\[1\]: TieredStore's table built for " + refused
             ):
                 EngramLM(config, hasher=model.hasher, tables={1: store})
             sgd = make_row_optimizer("sgd", lr=1.0)
@@ -387,7 +387,7 @@ def test_a_table_built_for_another_seed_or_pad_id_is_refused_as_a_backend(
                 assert backend.engram_layout[field] == value
                 with pytest.raises(ConfigError, match=refused):
                     model.set_tables({3: memory[3], 1: backend})
-                with pytest.raises(ConfigError, match=refused):
+                with pytest.raises(ConfigError, match=r"^backend: .*" + refused):
                     Engram(config.engram, config.backbone, 1, hasher=model.hasher, backend=backend)
             assert all(model.tables[i] is memory[i] for i in memory)  # neither swapped
             assert TableSlice(trainable, 1, store.rows - 1).engram_layout is None  # part of it
@@ -416,7 +416,7 @@ def test_a_float_table_read_into_memory_tells_the_layout_its_file_records(
     table = load_table_in_memory(made)
     assert (table.rows, table.dim) == (memory[1].rows, memory[1].dim)  # the same shape
     assert table.engram_layout["seed"] == 7
-    refused = r"backend: InMemoryTable's table built for seed=7, but .* layer 1 expects seed=0"
+    refused = r"^tables\[1\]: InMemoryTable's table built for seed=7, but .* layer 1 expects seed=0"
     with pytest.raises(ConfigError, match=refused):
         model.set_tables({1: table})
     assert model.tables[1] is memory[1]
@@ -569,8 +569,12 @@ def test_config_errors(config, hasher, converted):
     try:
         with pytest.raises(ConfigError, match="tables: layer 2 has no Engram"):
             EngramLM(config, hasher=hasher, tables={2: stores[1]})
-        with pytest.raises(ConfigError, match=r"backend: expected a table of \d+ rows x 16"):
+        with pytest.raises(ConfigError, match=r"^tables\[1\]: expected a table of \d+ rows x 16"):
             EngramLM(config, hasher=hasher, tables={1: stores[3]})
+        with pytest.raises(ConfigError, match=r"^tables\[3\]: str is not a TableBackend"):
+            EngramLM(config, hasher=hasher, tables={3: "layer3.table"})
+        with pytest.raises(ConfigError, match=r"^tables\[3\]: str is not a TableBackend"):
+            EngramLM(config, hasher=hasher).set_tables({3: "layer3.table"})
     finally:
         for store in stores.values():
             store.close()

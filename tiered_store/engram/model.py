@@ -341,6 +341,7 @@ class EngramLM(nn.Module):
                     index,
                     hasher=self.hasher,
                     backend=tables.get(index),
+                    backend_name=f"tables[{index}]",
                 )
             layers.append(DecoderLayer(config, index, engram))
         self.layers = nn.ModuleList(layers)
@@ -374,7 +375,7 @@ class EngramLM(nn.Module):
             if isinstance(engram, V41Engram):
                 self._check_v41_table(layer_id, table)
             else:
-                engram._check_backend(table)
+                engram._check_backend(table, f"tables[{layer_id}]")
         for layer_id, table in tables.items():  # checked above: swapped as they are
             engram = engrams[layer_id]
             if isinstance(engram, V41Engram):

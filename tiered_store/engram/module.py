@@ -166,6 +166,9 @@ class Engram(nn.Module):
     backend
         The table; default: a trainable ``InMemoryTable`` of ``hasher.table_rows(layer_id)`` rows
         initialised like ``nn.Embedding`` (allocates the whole table).
+    backend_name
+        How errors about ``backend`` name it: the argument its caller was given (``EngramLM``:
+        ``tables[L]``).
 
     Raises
     ------
@@ -210,6 +213,7 @@ class Engram(nn.Module):
         *,
         hasher: NgramHasher | None = None,
         backend: TableBackend | None = None,
+        backend_name: str = "backend",
     ) -> None:
         super().__init__()
         if layer_id not in config.layer_ids:
@@ -223,7 +227,7 @@ class Engram(nn.Module):
         self.hasher = hasher_for(config, hasher, "the module's config has")
         if backend is None:
             backend = InMemoryTable.empty(self.hasher.table_rows(layer_id), config.head_dim)
-        self._check_backend(backend)
+        self._check_backend(backend, backend_name)
         hidden, hc = backbone.hidden_size, backbone.hc_mult
         self.multi_head_embedding = MultiHeadEmbedding(self.hasher.head_sizes(layer_id), backend)
         self.short_conv = ShortConv(
@@ -251,23 +255,24 @@ class Engram(nn.Module):
         self._check_backend(backend)
         self.multi_head_embedding.set_backend(backend)
 
-    def _check_backend(self, backend: TableBackend) -> None:
-        """Raise ConfigError unless ``backend`` is a TableBackend with this layer's rows and dim,
-        made for this layer's Engram layout when it tells one (``engram_layout``)."""
+    def _check_backend(self, backend: TableBackend, name: str = "backend") -> None:
+        """Raise ConfigError unless ``backend`` (``name`` in the message) is a TableBackend with
+        this layer's rows and dim, made for this layer's Engram layout when it tells one
+        (``engram_layout``)."""
         if not isinstance(backend, TableBackend):
             raise ConfigError(
-                f"backend: {type(backend).__name__} is not a TableBackend; expected rows, dim, "
+                f"{name}: {type(backend).__name__} is not a TableBackend; expected rows, dim, "
                 "keeps_stats, lookup, prefetch, stats and close (subclass "
                 "tiered_store.engram.TableBackend for the defaults)"
             )
         rows, dim = self.hasher.table_rows(self.layer_id), self.config.head_dim
         if int(backend.rows) != rows or int(backend.dim) != dim:
             raise ConfigError(
-                f"backend: expected a table of {rows} rows x {dim} (layer {self.layer_id}: head "
+                f"{name}: expected a table of {rows} rows x {dim} (layer {self.layer_id}: head "
                 f"primes {self.hasher.head_sizes(self.layer_id)}, n_embed_per_ngram/"
                 f"n_head_per_ngram = {dim}), got {backend.rows} x {backend.dim}"
             )
-        check_backend_layout(backend, self.hasher, self.layer_id, "backend")
+        check_backend_layout(backend, self.hasher, self.layer_id, name)
 
     # -- addressing -----------------------------------------------------------------------------
 
