@@ -849,6 +849,25 @@ def test_a_step_without_its_batch_on_a_filled_cache_is_refused_before_any_fetch(
         assert cache.position == 24
 
 
+def test_a_step_of_another_batch_size_than_the_cache_s_is_named(model, batches):
+    """A step of fewer (or more) sequences than the cache holds raised torch's "Sizes of tensors
+    must match" from the first attention's concatenation; it is a ConfigError naming the cache's
+    sequences and the batch's, and the cache is left as it was."""
+    prompt = batches[0][:, :24]
+    with torch.no_grad():
+        state, cache = model.hasher.new_state(3), model.new_cache()
+        model(prompt, prefetched=model.prefetch(prompt, state=state), cache=cache)
+        one = model.hasher.new_state(1)
+        model.hash(prompt[:1], state=one)
+        step = prompt[:1, -1:]
+        with pytest.raises(
+            ConfigError,
+            match=r"^prefetched: a batch of 1 sequences but the cache holds 3; expected",
+        ):
+            model(step, prefetched=model.hash(step, state=one), cache=cache)
+        assert cache.position == 24
+
+
 def test_an_overwrite_stopped_midway_leaves_no_checkpoint_that_looks_complete(
     model, config, tmp_path, monkeypatch
 ):

@@ -192,6 +192,11 @@ class KVCache:
         self.conv: dict[int, dict[str, torch.Tensor]] = {}  # an Engram ShortConv's past inputs
         self.position = 0  # positions held (the next token's absolute position)
 
+    def _sequences(self) -> int | None:
+        """Sequences (batch rows) the cache holds positions of; None while it holds none."""
+        held = next(iter(self.layers.values()), None)
+        return int(held[0].shape[0]) if held is not None and self.position else None
+
     def _restore(self, conv: dict[int, dict[str, torch.Tensor]]) -> None:
         """Back to ``position`` positions (views, no copy) and the ShortConv inputs ``conv``."""
         held = self.position
@@ -478,7 +483,7 @@ class EngramLM(nn.Module):
         ConfigError
             ``input_ids`` is not [B, T], ``prefetched`` belongs to other ids or was hashed by
             another model (other Engram layers, Engram config or tokenizer), or it was hashed at
-            another position than the cache holds.
+            another position than the cache holds, or holds another number of sequences.
         """
         if prefetched is not None and not isinstance(prefetched, EngramBatch):
             raise ConfigError(
@@ -522,6 +527,12 @@ class EngramLM(nn.Module):
                 f"prefetched: hashed at position {prefetched.position} but the cache holds "
                 f"{start} positions; expected the batch of the sequences' next tokens (hash "
                 "with the HashState that hashed the cached positions)"
+            )
+        held, batch = cache._sequences() if cache is not None else None, len(prefetched.input_ids)
+        if held is not None and held != batch:
+            raise ConfigError(
+                f"prefetched: a batch of {batch} sequences but the cache holds {held}; expected "
+                "the next tokens of the cache's sequences, one row each"
             )
         ids = prefetched.input_ids.to(self.embed.weight.device, non_blocking=True)
         hc = self.config.backbone.hc_mult
