@@ -868,6 +868,23 @@ def test_a_step_of_another_batch_size_than_the_cache_s_is_named(model, batches):
         assert cache.position == 24
 
 
+def test_a_batch_hashed_past_position_0_without_a_cache_names_the_missing_cache(model, batches):
+    """A batch hashed after earlier chunks (its HashState at 24) given with no cache was refused
+    as "the cache holds 0 positions", a cache the caller never gave; the message says none was
+    given and what to pass."""
+    prompt = batches[0][:, :24]
+    with torch.no_grad():
+        state = model.hasher.new_state(3)
+        model.hash(prompt, state=state)
+        step = model.hash(batches[0][:, 24:25], state=state)
+        with pytest.raises(
+            ConfigError,
+            match=r"^prefetched: hashed at position 24 but no cache was given \(positions from "
+            r"0\); expected the KVCache of the 24 positions hashed before it",
+        ):
+            model(step.input_ids, prefetched=step)
+
+
 def test_an_overwrite_stopped_midway_leaves_no_checkpoint_that_looks_complete(
     model, config, tmp_path, monkeypatch
 ):

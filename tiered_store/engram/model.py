@@ -522,6 +522,13 @@ class EngramLM(nn.Module):
         if logits not in ("all", "last", "none"):
             raise ConfigError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
         start = cache.position if cache is not None else 0
+        if prefetched.position != start and cache is None:
+            raise ConfigError(
+                f"prefetched: hashed at position {prefetched.position} but no cache was given "
+                f"(positions from 0); expected the KVCache of the {prefetched.position} positions "
+                "hashed before it (model.new_cache(), given to each forward), or a batch hashed "
+                "without a HashState"
+            )
         if prefetched.position != start:
             raise ConfigError(
                 f"prefetched: hashed at position {prefetched.position} but the cache holds "
