@@ -109,7 +109,9 @@ def test_a_forward_of_the_ids_a_batch_hashed_does_not_compare_them_again(
     the host that wait for it. They are trusted; other ids, a refilled buffer, still refused."""
     checked = []
     check = model._check_input
-    monkeypatch.setattr(model, "_check_input", lambda ids: checked.append(ids) or check(ids))
+    monkeypatch.setattr(
+        model, "_check_input", lambda ids, *name: checked.append(ids) or check(ids, *name)
+    )
     for lookahead in (0, 1):
         checked.clear()
         outs = [out for _, out in PrefetchPipeline(model, lookahead=lookahead).run(batches[:3])]
@@ -639,6 +641,18 @@ def test_decode_of_one_token_sequences_names_the_tokens_not_an_empty_range(model
         pipeline.decode(batches[0][:, :1], prompt=1)
     with pytest.raises(ConfigError, match=r"prompt: expected an integer in \[1, 31\]"):
         pipeline.decode(batches[0], prompt=32)
+
+
+def test_decode_names_its_tokens_argument_in_errors_about_them(model, batches):
+    """decode refused tokens that are no [B, T] of token ids as "input_ids: ...", an argument it
+    does not have; the errors name tokens."""
+    pipeline = PrefetchPipeline(model)
+    with pytest.raises(ConfigError, match=r"^tokens: expected shape \[B, T\] .* got \[2, 0\]"):
+        pipeline.decode(batches[0][:, :0], prompt=1)
+    with pytest.raises(RowIdError, match=r"^tokens: expected integer token ids, got dtype"):
+        pipeline.decode(batches[0].float(), prompt=1)
+    with pytest.raises(RowIdError, match=r"^tokens: "):
+        pipeline.decode(batches[0] + 10**7, prompt=1)
 
 
 def test_a_numpy_or_torch_integer_prompt_and_lookahead_are_integers(model, batches):

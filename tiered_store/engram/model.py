@@ -598,14 +598,15 @@ class EngramLM(nn.Module):
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _check_input(self, input_ids: Any) -> torch.Tensor:
-        """Token ids as int64 [B, T], every id inside the tokenizer vocabulary."""
-        ids = check_token_ids(input_ids, self.hasher.tokenizer.vocab_size)
+    def _check_input(self, input_ids: Any, name: str = "input_ids") -> torch.Tensor:
+        """Token ids as int64 [B, T], every id inside the tokenizer vocabulary (``name``: the
+        argument, in errors)."""
+        ids = check_token_ids(input_ids, self.hasher.tokenizer.vocab_size, name=name)
         if not isinstance(ids, torch.Tensor):
             ids = torch.from_numpy(array_for_torch(ids))
         if ids.ndim != 2 or 0 in ids.shape:
             raise ConfigError(
-                f"input_ids: expected shape [B, T] with B >= 1 and T >= 1, got {list(ids.shape)}"
+                f"{name}: expected shape [B, T] with B >= 1 and T >= 1, got {list(ids.shape)}"
             )
         return ids
 

@@ -240,7 +240,7 @@ class PrefetchPipeline:
         """Prefill ``tokens[:, :prompt]``, then feed ``tokens[:, t]`` one per step for every
         later ``t``: the outputs (prompt's, then each step's) and the steps' statistics
         (an example is in the class docstring)."""
-        ids = self.model._check_input(tokens)
+        ids = self.model._check_input(tokens, "tokens")
         if ids.shape[1] < 2:
             raise ConfigError(
                 f"tokens: expected at least 2 per sequence (a prompt, then the tokens to decode), "
