@@ -673,6 +673,25 @@ def _on_stores(model: EngramLM, converted) -> Iterator[dict[int, TieredStore]]:
             store.close()
 
 
+def test_save_tiered_of_a_model_on_tiered_stores_names_the_table_not_a_checkpoint(
+    model, converted, tmp_path
+):
+    """save_tiered of a model whose tables are tiered stores (outside its state_dict) said
+    "layers.1.engram...weight: missing from the checkpoint", though no checkpoint was given;
+    it names the layer's table, its type and what save_tiered writes, before any file."""
+    out = tmp_path / "again"
+    with (
+        _on_stores(model, converted),
+        pytest.raises(
+            ConfigError,
+            match=r"^model\.tables\[1\]: a TieredStore, outside the model's state_dict; "
+            r"expected an InMemoryTable",
+        ),
+    ):
+        save_tiered(model, out)
+    assert not out.exists()
+
+
 def test_a_step_that_failed_midway_leaves_the_cache_as_before(model, converted, batches):
     """A decode step whose layer-3 lookup fails (its store closed) had already extended layers 0
     to 2's keys/values and layer 1's ShortConv inputs, the position not advanced: retried on a

@@ -360,9 +360,21 @@ def save_tiered(
     overwrite: bool = False,
     progress: bool = False,
 ) -> ConvertedCheckpoint:
-    """Convert a live ``EngramLM`` (in-memory tables) into a checkpoint directory."""
+    """Convert a live ``EngramLM`` (in-memory tables) into a checkpoint directory; ConfigError
+    for a table kept outside the model's state_dict (a tiered store: already a file)."""
+    state = model.state_dict()
+    for layer_id, table in model.tables.items():
+        if (
+            not model.config.engram.is_v41
+            and f"layers.{layer_id}.engram.{EMBEDDING_KEY}" not in state
+        ):
+            raise ConfigError(
+                f"model.tables[{layer_id}]: a {type(table).__name__}, outside the model's "
+                "state_dict; expected an InMemoryTable, whose rows save_tiered writes to a table "
+                "file (a tiered store's table is one already: load_table_in_memory reads it in)"
+            )
     return convert_checkpoint(
-        model.state_dict(),
+        state,
         model.config,
         out_dir,
         dtype=dtype,
