@@ -260,6 +260,28 @@ def test_a_state_and_conv_state_of_other_chunks_are_refused(setup):
         torch.testing.assert_close(out, data["layer1.output"][:, 10:], atol=1e-5, rtol=0)
 
 
+def test_a_conv_state_of_another_batch_is_named(setup):
+    """A chunk of fewer sequences than its conv_state holds (row ids hashed apart) raised
+    torch's "Sizes of tensors must match" from the ShortConv's concatenation, after the lookup;
+    it is a ConfigError naming both counts, before any lookup, the conv_state as it was."""
+    config, backbone, hasher, data, path = setup
+    table = CountingTable(torch.randn(hasher.table_rows(1), config.head_dim))
+    engram = Engram(config, backbone, 1, hasher=hasher, backend=table)
+    hidden, ids = data["layer1.hidden_states"], data["input_ids"]
+    conv, state = {}, hasher.new_state(ids.shape[0])
+    with torch.no_grad():
+        engram(hidden[:, :10], ids[:, :10], conv_state=conv, state=state)
+        held, looked_up = conv["inputs"], len(table.handles)
+        rows = engram.row_ids(ids[:1, 10:11])
+        with pytest.raises(
+            ConfigError,
+            match=r"^conv_state: holds the inputs of 3 sequences; expected 1, the batch of "
+            r"hidden_states",
+        ):
+            engram(hidden[:1, 10:11], row_ids=rows, conv_state=conv)
+        assert conv["inputs"] is held and len(table.handles) == looked_up
+
+
 def test_a_chunk_whose_lookup_or_prefetch_failed_leaves_both_states_as_before(setup, tmp_path):
     """A chunk whose table failed (its store closed) had moved the HashState past the chunk: run
     again on a reopened store, it was hashed one chunk too far and gave another output in

@@ -394,6 +394,13 @@ class Engram(nn.Module):
                 f"row_ids: expected shape {list(expected)} ([B, T] of hidden_states, H heads), "
                 f"got {list(row_ids.shape)}"
             )
+        held = conv_state.get("inputs") if conv_state is not None else None
+        if held is not None and held.shape[0] != hidden_states.shape[0]:
+            raise ConfigError(
+                f"conv_state: holds the inputs of {held.shape[0]} sequences; expected "
+                f"{hidden_states.shape[0]}, the batch of hidden_states (one conv_state per "
+                "batch of sequences, from their first chunk)"
+            )
         rows = self.multi_head_embedding.lookup_rows(row_ids, handle)
         # [B, T, H * dim] in the compute dtype (a bfloat16/float16 table feeds a float32 model)
         embeddings = rows.to(hidden_states.device, hidden_states.dtype).flatten(start_dim=-2)
