@@ -283,6 +283,8 @@ def test_a_forward_uses_its_rotary_tables_though_another_replaced_them(model, ba
 
 def test_set_tables_swaps_all_or_nothing(model, batches):
     memory = model.tables
+    with pytest.raises(ConfigError, match=r"^tables: layer '1' has no Engram"):
+        model.set_tables({"1": memory[1]})
     wrong = InMemoryTable(torch.zeros(memory[3].rows, memory[3].dim))  # layer 3's shape
     with pytest.raises(ConfigError, match=r"^tables\[1\]: expected a table of 20112 rows x 16"):
         model.set_tables({3: InMemoryTable(torch.zeros(memory[3].rows, 16)), 1: wrong})
@@ -569,6 +571,12 @@ def test_config_errors(config, hasher, converted):
     try:
         with pytest.raises(ConfigError, match="tables: layer 2 has no Engram"):
             EngramLM(config, hasher=hasher, tables={2: stores[1]})
+        # a key read from text ('1'), said as layer 1 "has no Engram (layer_ids = [1, 3])", and
+        # beside an int key one that raised TypeError (sorting '1' with 2)
+        for tables in ({"1": stores[1]}, {"1": stores[1], 2: stores[3]}):
+            said = r"^tables: layer '1' has no Engram \(engram.layer_ids = \[1, 3\]\)"
+            with pytest.raises(ConfigError, match=said):
+                EngramLM(config, hasher=hasher, tables=tables)
         with pytest.raises(ConfigError, match=r"^tables\[1\]: expected a table of \d+ rows x 16"):
             EngramLM(config, hasher=hasher, tables={1: stores[3]})
         with pytest.raises(ConfigError, match=r"^tables\[3\]: str is not a TableBackend"):

@@ -325,10 +325,10 @@ class EngramLM(nn.Module):
                 f"{self.hasher.tokenizer.vocab_size} ids, got {backbone.vocab_size}"
             )
         tables = dict(tables or {})
-        extra = sorted(set(tables) - set(config.engram.layer_ids))
-        if extra:
+        extra = [layer for layer in tables if layer not in config.engram.layer_ids]
+        if extra:  # (in the order given: a key read from text, '1', sorts with no int)
             raise ConfigError(
-                f"tables: layer {extra[0]} has no Engram (engram.layer_ids = "
+                f"tables: layer {extra[0]!r} has no Engram (engram.layer_ids = "
                 f"{list(config.engram.layer_ids)})"
             )
         if torch.empty(0).device.type == "cpu":  # not on meta (shapes only) nor on a GPU
@@ -373,7 +373,7 @@ class EngramLM(nn.Module):
         for layer_id in tables:
             if layer_id not in engrams:
                 raise ConfigError(
-                    f"tables: layer {layer_id} has no Engram (engram.layer_ids = {list(engrams)})"
+                    f"tables: layer {layer_id!r} has no Engram (engram.layer_ids = {list(engrams)})"
                 )
         for layer_id, table in tables.items():  # check every table before swapping any
             engram = engrams[layer_id]
