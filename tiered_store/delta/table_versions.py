@@ -267,9 +267,14 @@ def writer_lock(table: str | os.PathLike[str]):
         release(fd)
 
 
-def take_writer_lock(table: str | os.PathLike[str], wait_s: float = 0.0) -> int:
+def take_writer_lock(
+    table: str | os.PathLike[str],
+    wait_s: float = 0.0,
+    refused: Callable[[str], TierIOError] | None = None,
+) -> int:
     """Take the single-writer lock, trying again for up to ``wait_s`` seconds while another
-    store holds it; the caller releases it with ``process_locks.release``."""
+    store holds it; the caller releases it with ``process_locks.release``. ``refused``: the
+    error raised while it is held, given who holds it (default: one naming the table)."""
     path = Path(f"{_npy(table)}.writer.lock")
     try:
         fd = open_held(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -279,23 +284,28 @@ def take_writer_lock(table: str | os.PathLike[str], wait_s: float = 0.0) -> int:
             f"writer lock {path}: cannot create it ({exc.strerror}); expected a writable directory",
         ) from None
     try:
-        _lock_waiting(fd, path, wait_s)
+        _lock_waiting(fd, path, wait_s, refused)
     except BaseException:  # held by another, no flock here, Ctrl-C while waiting
         release(fd)
         raise
     return fd
 
 
-def _lock_waiting(fd: int, path: Path, wait_s: float) -> None:
-    """Take the writer lock ``path`` on ``fd``, trying again for up to ``wait_s`` seconds."""
+def _lock_waiting(
+    fd: int, path: Path, wait_s: float, refused: Callable[[str], TierIOError] | None
+) -> None:
+    """Take the writer lock ``path`` on ``fd``, trying again for up to ``wait_s`` seconds; then
+    ``refused(holder)`` if given."""
     end = time.monotonic() + wait_s
     while not exclusive_now(fd, path):
         if time.monotonic() < end:
             time.sleep(min(_LOCK_RETRY_S, max(end - time.monotonic(), 0.0)))
             continue
+        holder = flock_holder(path) or "another store, in this process or another"
+        if refused is not None:
+            raise refused(holder)
         waited = f", still after {wait_s:g} s" if wait_s > 0 else ""
         table = path.name.removesuffix(".writer.lock")
-        holder = flock_holder(path) or "another store, in this process or another"
         raise TierIOError(
             errno.EBUSY,
             f"table {table} is being written (or compacted) by another store: its writer lock "

@@ -72,7 +72,6 @@ from ..delta.table_versions import (
 from ..delta.trainable import TableSlice, TrainableTable, create_trainable_table
 from ..errors import ConfigError, TieredStoreError, TierIOError, shown
 from ..integers import as_integer
-from ..process_locks import flock_holder
 from ..store import TieredStore, UncommittedWritesWarning, compute_device
 from ..table_format import table_paths
 from .config import ModelConfig, v41_refusal
@@ -541,19 +540,16 @@ def _take_run_lock(out: Path, out_name: str) -> int:
     """The run's table writer lock (``take_writer_lock``): a second trainer of the run, or a
     compaction of its table, is refused before either touches the other's files (the error
     names ``out`` as ``out_name``)."""
-    try:
-        return take_writer_lock(out / TABLE_FILE)
-    except TierIOError as exc:
-        if exc.errno != errno.EBUSY:
-            raise
-        lock = f"{TABLE_FILE}.writer.lock"
-        holder = flock_holder(out / lock) or "another store, in this process or another"
-        raise TierIOError(
+    lock = f"{TABLE_FILE}.writer.lock"
+    return take_writer_lock(
+        out / TABLE_FILE,
+        refused=lambda holder: TierIOError(
             errno.EBUSY,
             f"{out_name}: {out} is being trained (or compacted) by another process: {lock} is "
             f"held by {holder}; expected one trainer per run: wait for it to end, or choose "
             f"another {out_name}",
-        ) from None
+        ),
+    )
 
 
 def _holds_a_run(out: Path, out_name: str) -> bool:
