@@ -24,6 +24,7 @@ Adam does; ``dense-S.pt`` records the count).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import errno
 import io
@@ -37,10 +38,10 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -385,25 +386,33 @@ def _checkpoint(  # noqa: PLR0913 (the checkpoint's parts)
     torch.save({**state, "scaler": scaler.state_dict(), APPLIED_KEY: applied}, buffer)
     kept = f"the last commit (step {table.store.committed_step}) stands: {resume} goes on from it"
     dense_file = out / f"dense-{step}.pt"
-    with write_step(f"checkpoint {dense_file}", "writing it", kept), atomic_write(dense_file) as f:
+    with _run_file("checkpoint", dense_file, kept) as f:
         f.write(buffer.getvalue())
     log = out / "loss.csv"
-    with (
-        write_step(f"checkpoint {log}", "writing it", kept),
-        atomic_write(log, "w", newline="") as f,
-    ):
+    with _run_file("checkpoint", log, kept, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "loss", "tokens_per_second"])
         writer.writerows(losses)
     table.commit(step)
     kept = f"step {step} is committed: {resume} goes on from it"
     record = out / COMMITTED_FILE
-    with write_step(f"checkpoint {record}", "writing it", kept), atomic_write(record, "w") as f:
+    with _run_file("checkpoint", record, kept, "w") as f:
         json.dump({"committed_step": step, RUN_ID_KEY: _run_id(table.store)}, f)
     for old in out.glob("dense-*.pt"):
         written = re.fullmatch(DENSE_NAME, old.name)  # train's, not a user's copy
         if written and int(written[1]) < step:
             old.unlink()
+
+
+@contextlib.contextmanager
+def _run_file(
+    what: str, path: Path, kept: str, mode: str = "wb", step: str = "writing it", **open_kwargs
+) -> Iterator[IO[Any]]:
+    """``atomic_write(path, mode, **open_kwargs)`` whose ``OSError`` (a full disk) is a
+    ``TierIOError`` naming the run's ``what`` and ``path`` and ``step``, saying what is
+    ``kept`` (``write_step``)."""
+    with write_step(f"{what} {path}", step, kept), atomic_write(path, mode, **open_kwargs) as f:
+        yield f
 
 
 def _run_id(store: TieredStore) -> str | None:
@@ -705,7 +714,7 @@ def _save_settings(out: Path, settings: TrainSettings) -> None:
     """Write the run's ``train.json`` (atomically); ``TierIOError`` naming it when it cannot."""
     path = out / SETTINGS_FILE
     kept = "the run is as it was: run the command again"
-    with write_step(f"settings {path}", "writing them", kept), atomic_write(path, "w") as f:
+    with _run_file("settings", path, kept, "w", step="writing them") as f:
         json.dump(asdict(settings), f, indent=1)
 
 
