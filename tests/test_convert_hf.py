@@ -965,8 +965,8 @@ def test_without_its_own_tokenizer_the_package_one_is_used_with_a_warning(golden
 
 
 def test_one_conversion_at_a_time_into_a_directory(golden, tmp_path):
-    """A second conversion into a directory another is writing is refused, naming the lock (it
-    would remove the first's temporary files); the lock goes with the first."""
+    """A second conversion into a directory another is writing is refused, naming the lock and
+    its holder (it would remove the first's temporary files); the lock goes with the first."""
     import fcntl
     import os
 
@@ -975,7 +975,7 @@ def test_one_conversion_at_a_time_into_a_directory(golden, tmp_path):
     fd = os.open(out / ".convert-hf.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # as a running conversion holds it
     try:
-        with pytest.raises(ConfigError, match=r"another convert-hf is writing there .*\.convert-hf\.lock"):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"another convert-hf is writing there \(\.convert-hf\.lock is held by this process \(pid {os.getpid()}\)\)"):  # fmt: skip
             convert_hf_checkpoint(ckpt, out, progress=False)
     finally:
         os.close(fd)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -316,13 +317,50 @@ def test_a_second_shard_run_of_the_same_shards_is_refused_and_the_first_finishes
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2
-    assert "another shard run is writing these shards (it holds t.shard-0-of-4.npy." in (
+    assert "another shard run is writing these shards (t.shard-0-of-4.npy.shard-run.lock is " in (
         second.stderr
     )
     assert first.wait(120) == 0, first.stderr.read()
     for rank in range(4):
         shard = tmp_path / f"t.shard-{rank}-of-4.npy"
         np.testing.assert_array_equal(np.load(shard), rows[rank * 50_000 : (rank + 1) * 50_000])
+
+
+def test_a_refused_shard_run_names_the_process_that_holds_its_lock(tmp_path):
+    """A shard run refused while another held the shards' run lock said 'another shard run ...
+    (it holds LOCK)', not which; it names the holder's process id and command, as a refused
+    writer lock does, and writes nothing."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.ones((8, 4), np.float32), progress=False)
+    lock = tmp_path / "t.shard-0-of-2.npy.shard-run.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('holding', flush=True); sys.stdin.read()",
+            str(lock),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        before = sorted(tmp_path.iterdir())
+        with pytest.raises(TierIOError) as refused:
+            write_shards(path, 2, "rows", progress=False)
+        assert refused.value.errno == errno.EBUSY
+        assert f"{lock.name} is held by process {holder.pid} (python" in str(refused.value)
+        assert sorted(tmp_path.iterdir()) == before  # no shard written
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert [s.manifest.rows for s in write_shards(path, 2, "rows", progress=False)] == [4, 4]
 
 
 def test_shard_refuses_the_path_of_a_compacted_table_itself(tmp_path, capsys):

@@ -26,7 +26,7 @@ import contextlib
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import TierIOError
 
@@ -185,17 +185,18 @@ def locked_folder(path: str | os.PathLike[str]) -> Iterator[int]:
 
 @contextlib.contextmanager
 def exclusive_run(
-    path: str | os.PathLike[str], busy: Exception, *, remove: bool = False
+    path: str | os.PathLike[str], busy: Callable[[str], Exception], *, remove: bool = False
 ) -> Iterator[None]:
     """One run at a time of a job keyed on the lock file ``path`` (made if missing; the kernel
-    lets go when the process dies): raises ``busy`` at once while another run holds it.
+    lets go when the process dies): raises ``busy(holder)`` at once while another run holds it
+    (``holder``: who, as :func:`flock_holder` names it).
     ``remove``: the file goes at the end (a run that took the lock on a file removed meanwhile
     takes it again on the one at ``path`` now, so two runs never hold two files of one name)."""
     while True:
         fd = open_held(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if not exclusive_now(fd, path):
-                raise busy
+                raise busy(flock_holder(path) or "another run, in this process or another")
             if not remove or _names(path, fd):
                 break
         except BaseException:  # busy, no flock here (ENOLCK), Ctrl-C

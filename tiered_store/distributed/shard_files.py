@@ -141,11 +141,15 @@ def write_shards(
     paths = shard_file_paths(npy, ranks, template)
     # one run at a time over these shard paths: another would remove this one's hidden shards
     lock = Path(f"{_target(paths[0])}.shard-run.lock")
-    busy = TierIOError(
-        errno.EBUSY,
-        f"{paths[0]}: another shard run is writing these shards (it holds {lock.name}); "
-        "expected one run at a time",
-    )
+
+    def busy(holder: str) -> TierIOError:
+        """The refusal while ``holder`` holds the lock."""
+        return TierIOError(
+            errno.EBUSY,
+            f"{paths[0]}: another shard run is writing these shards ({lock.name} is held by "
+            f"{holder}); expected one run at a time",
+        )
+
     with (  # no folder for the lock: create_table names it missing
         exclusive_run(lock, busy, remove=True) if lock.parent.is_dir() else contextlib.nullcontext()
     ):

@@ -597,10 +597,14 @@ def _remove_table(path: Path) -> tuple[str, ...]:
 def _converting(out: Path) -> Iterator[None]:
     """One conversion at a time into ``out`` (``OUT/.convert-hf.lock``, dropped by the kernel when
     the process dies): a second would remove the first's temporary files."""
-    busy = ConfigError(
-        f"out_dir {out}: another convert-hf is writing there (it holds {CONVERT_HF_LOCK}); "
-        "expected one conversion at a time into a directory"
-    )
+
+    def busy(holder: str) -> ConfigError:
+        """The refusal while ``holder`` holds the lock."""
+        return ConfigError(
+            f"out_dir {out}: another convert-hf is writing there ({CONVERT_HF_LOCK} is held by "
+            f"{holder}); expected one conversion at a time into a directory"
+        )
+
     with exclusive_run(out / CONVERT_HF_LOCK, busy):
         yield
 
