@@ -315,13 +315,15 @@ def test_a_run_is_never_made_anew_when_its_table_cannot_be_read(tmp_path, capsys
 
 
 def test_a_killed_checkpoints_temporaries_go_when_the_run_resumes(tmp_path):
-    """A kill while dense-S.pt or loss.csv was being written leaves its hidden temporary; the
-    resumed run removes them (they stayed for good: a dense model and its Adam state each)."""
+    """A kill while dense-S.pt, loss.csv or train.json was being written leaves its hidden
+    temporary; the resumed run removes them (they stayed for good: a dense model and its Adam
+    state each; train.json's, left by a kill as a resume saved its settings, too)."""
     from tiered_store.atomic_file import AtomicFile
 
     common, small, out = _cli_args(tmp_path)
     assert main([*common, *small, "--steps", "1"]) == 0
     killed = [AtomicFile(out / "dense-2.pt"), AtomicFile(out / "loss.csv", "w")]
+    killed.append(AtomicFile(out / "train.json", "w"))
     for f in killed:  # written, never published: what a killed writer leaves
         f.file.write(b"partial" if "b" in f.file.mode else "partial")
         f.file.close()

@@ -216,9 +216,9 @@ def train(
         if not made:  # a resume's step count may have grown
             _save_settings(out, settings)
         for leftover in hidden_temporaries(
-            out, rf"{DENSE_NAME}|loss\.csv|loss\.png|committed\.json"
-        ):
-            leftover.unlink(missing_ok=True)  # a killed checkpoint's (this run holds the table)
+            out, rf"{DENSE_NAME}|loss\.csv|loss\.png|committed\.json|train\.json"
+        ):  # a killed checkpoint's, or settings' save (this run holds the table)
+            leftover.unlink(missing_ok=True)
         table = TrainableTable(store, optimizer)
         return _run(out, settings, model, table, layers, sizes, batches, progress, out_name)
     except KeyboardInterrupt:
