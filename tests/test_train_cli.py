@@ -682,6 +682,44 @@ def test_a_kill_between_the_commit_and_its_record_resumes_from_the_table(tmp_pat
     assert _committed(out) == 6 and len((out / "loss.csv").read_text().splitlines()) == 7
 
 
+_KILLED_RECORDING = r"""
+import json, os, signal, sys
+from tiered_store.cli import main
+replace = os.replace
+def killed(source, *args, **kwargs):  # step 2's commit made, its record not yet renamed
+    if os.path.basename(source).startswith(".committed.json."):
+        with open(source) as f:
+            if json.load(f)["committed_step"] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+    return replace(source, *args, **kwargs)
+os.replace = killed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_resume_of_a_run_killed_in_its_last_checkpoint_finishes_that_checkpoint(tmp_path):
+    """A kill in the run's last checkpoint after the table's commit (committed.json not yet
+    renamed, the older dense-S.pt not yet removed): a --resume of the finished run trained no
+    step, so no checkpoint ran, and left the record a step behind the table and the older dense
+    checkpoint (a dense model and its Adam state) for good. The resume finishes it."""
+    from tests import forkserver
+
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "1"]) == 0
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_RECORDING)
+    killed = forkserver.run_python([script, *common, "--resume", "--steps", "2"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _committed(out) == 2
+    assert json.loads((out / "committed.json").read_text())["committed_step"] == 1
+    assert sorted(p.name for p in out.glob("dense-*.pt")) == ["dense-1.pt", "dense-2.pt"]
+    assert main([*common, "--resume"]) == 0
+    assert json.loads((out / "committed.json").read_text())["committed_step"] == 2
+    assert sorted(p.name for p in out.glob("dense-*.pt")) == ["dense-2.pt"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert main([*common, "--resume"]) == 0 and _committed(out) == 2
+
+
 def test_train_called_from_python_names_its_out_argument_not_the_option(tmp_path):
     """train() named the command's --out in its errors (a folder it could not make, a folder
     whose recorded steps its table lacks, ...) when called from Python, where there is no such

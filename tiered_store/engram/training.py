@@ -7,8 +7,9 @@ commit makes a step durable for every layer. The dense weights train with Adam.
 A checkpoint at step S: ``dense-S.pt`` (dense weights + Adam state, written atomically), then
 ``loss.csv``, then ``store.commit(S)`` (the commit point), then ``committed.json`` records S (and
 the run's id, which the table's manifest holds too), then the older ``dense-S.pt`` are removed.
-``--resume`` reads the table's committed step S and ``dense-S.pt``: a run stopped anyhow (kill -9
-included) goes on from its last checkpoint, and deterministically: the resumed run computes what
+``--resume`` reads the table's committed step S and ``dense-S.pt``, and finishes a checkpoint a
+kill cut short after its commit (records S, removes the older ``dense-S.pt``): a run stopped
+anyhow (kill -9 included) goes on from its last checkpoint, and deterministically: the resumed run computes what
 an uninterrupted one would. A table behind the step the run recorded (its delta lost, say by a
 copy without -r), or a record of another run's, is refused, nothing changed. ``loss.csv`` logs
 every step, ``loss.png`` plots it.
@@ -257,10 +258,11 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     start = table.store.committed_step
     applied = start  # steps applied (Adam's count): skipped ones (fp16 overflows) not counted
+    flag = _resume_flag(out_name)  # what a failed checkpoint's error tells the caller to pass
     if start:
         applied = _load_dense(out / f"dense-{start}.pt", start, model, dense, scaler, out_name)
+        _recorded(out, table.store, start, flag)  # a checkpoint killed after its commit
     losses = _loss_log(out, start, out_name)
-    flag = _resume_flag(out_name)  # what a failed checkpoint's error tells the caller to pass
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
     began, trained, skipped = time.perf_counter(), 0, 0
     with warnings.catch_warnings():  # torch's notice for nn.RMSNorm of bf16/fp16 input
@@ -378,9 +380,9 @@ def _checkpoint(  # noqa: PLR0913 (the checkpoint's parts)
     """dense-S.pt and loss.csv, then the table commit (the commit point), then its record
     (``committed.json``), then older dense checkpoints go. A kill before the commit leaves step
     S-K's files valid (``loss.csv`` rows past the committed step are dropped on resume); one
-    before the record leaves the table a step ahead of it, which resumes from the table's. A
-    file that cannot be written (a full disk) is a ``TierIOError`` naming it and the step that
-    stands (``resume``: how the caller resumes)."""
+    before the record leaves the table a step ahead of it, which resumes from the table's (and
+    records it). A file that cannot be written (a full disk) is a ``TierIOError`` naming it and
+    the step that stands (``resume``: how the caller resumes)."""
     buffer = io.BytesIO()
     state = {"model": model.state_dict(), "optimizer": dense.state_dict()}
     torch.save({**state, "scaler": scaler.state_dict(), APPLIED_KEY: applied}, buffer)
@@ -394,10 +396,17 @@ def _checkpoint(  # noqa: PLR0913 (the checkpoint's parts)
         writer.writerow(["step", "loss", "tokens_per_second"])
         writer.writerows(losses)
     table.commit(step)
+    _recorded(out, table.store, step, resume)
+
+
+def _recorded(out: Path, store: TieredStore, step: int, resume: str) -> None:
+    """A checkpoint's end, once the table committed ``step``: ``committed.json`` records it,
+    then the older ``dense-S.pt`` go (a resume finishes one a kill cut short: it may train no
+    step, and run no checkpoint). ``resume``: how the caller resumes."""
     kept = f"step {step} is committed: {resume} goes on from it"
     record = out / COMMITTED_FILE
     with _run_file("checkpoint", record, kept, "w") as f:
-        json.dump({"committed_step": step, RUN_ID_KEY: _run_id(table.store)}, f)
+        json.dump({"committed_step": step, RUN_ID_KEY: _run_id(store)}, f)
     for old in out.glob("dense-*.pt"):
         written = re.fullmatch(DENSE_NAME, old.name)  # train's, not a user's copy
         if written and int(written[1]) < step:
