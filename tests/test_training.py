@@ -506,6 +506,36 @@ def test_a_step_with_non_finite_rows_names_the_row_id_and_the_cause(tmp_path, na
     table.close()
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_a_step_over_a_stored_row_that_is_not_finite_names_the_row_not_the_gradient(tmp_path, name):
+    """A stored row holding a NaN (a delta an older version wrote, whose writes were never
+    checked) made step() blame its finite gradient: "its weights overflow float32: a gradient
+    too large". It names the stored row, where its NaN is, and changes no row."""
+    from tiered_store.delta.row_delta import RowDelta, delta_path
+
+    opt = make_row_optimizer(name, lr=0.1)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.ones((10, 2)), opt)
+    width = 2 + opt.state_width(2)
+    stored = np.ones((1, width), np.float32)
+    stored[0, width - 1] = np.nan  # the last value: the weights when sgd, the state when adam
+    delta = RowDelta(delta_path(path), 4 * width, create=True)
+    delta.commit(np.array([7]), stored.view(np.uint8), 1)  # as an unchecked writer left it
+    delta.close()
+    table = TrainableTable(TieredStore(store_config(path)), opt)
+    before = table.store.lookup(torch.arange(10)).clone()
+    table.lookup(torch.tensor([3, 7])).sum().backward()
+    part = "weights" if name == "sgd" else "optimizer state"
+    with pytest.raises(RowDataError) as refused:
+        table.step(2)
+    assert str(refused.value).startswith(
+        f"step 2: row 7 as stored holds a non-finite value (nan) in its {part}; expected finite "
+        "stored rows"
+    ), refused.value
+    assert torch.equal(table.store.lookup(torch.arange(10)).nan_to_num(), before.nan_to_num())
+    table.close()
+
+
 def test_ids_changed_in_place_before_backward_are_an_error_as_in_torch(tmp_path):
     """A reused id buffer refilled between lookup and backward: nn.Embedding's backward raises;
     the table's took the ids the buffer held then and updated those rows (7, never looked up)."""

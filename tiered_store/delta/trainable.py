@@ -325,7 +325,7 @@ class TrainableTable:
         else:  # the write is the last thing done: when anything fails before, no row changed
             current = self.store.lookup(unique)
             new_rows = self.optimizer.update(current, summed.to(current), adam_step)
-            self._check_finite(unique, summed, new_rows, number)
+            self._check_finite(unique, summed, current, new_rows, number)
             try:
                 self.store.write(unique, new_rows)
             except BaseException:  # applied whole or not at all (TieredStore.write): applied,
@@ -375,20 +375,34 @@ class TrainableTable:
         holder.let_go()
         self._scaler_holders.append(holder)  # alive until update(): the scaler keys them by id()
 
-    def _check_finite(
-        self, ids: torch.Tensor, summed: torch.Tensor, new_rows: torch.Tensor, step: int
+    def _check_finite(  # noqa: PLR0913 (the step's rows, before and after)
+        self,
+        ids: torch.Tensor,
+        summed: torch.Tensor,
+        current: torch.Tensor,
+        new_rows: torch.Tensor,
+        step: int,
     ) -> None:
-        """``RowDataError`` naming the first row id whose gradient or updated row is not finite."""
+        """``RowDataError`` naming the first row id whose updated row is not finite, and why:
+        its gradient, its row as stored (``current``), or the update itself."""
         first = first_non_finite_row(new_rows)
         if first is None:
             return
-        row, grad = int(ids[first]), summed[first]
+        row, grad, stored = int(ids[first]), summed[first], current[first]
         kept = "no row changed; the gradients are kept, zero_grad() drops them"
         if not bool(torch.isfinite(grad).all()):
             value = grad[~torch.isfinite(grad)][0].item()
             raise RowDataError(
                 f"step {step}: the gradient of row {row} holds a non-finite value ({value}); "
                 f"expected finite gradients ({kept})"
+            )
+        if not bool(torch.isfinite(stored).all()):  # written past the store's checks, or damaged
+            where = int(torch.nonzero(~torch.isfinite(stored))[0])
+            part = "weights" if where < self.dim else "optimizer state"
+            raise RowDataError(
+                f"step {step}: row {row} as stored holds a non-finite value "
+                f"({stored[where].item()}) in its {part}; expected finite stored rows (restore "
+                f"the table, or write the row anew; {kept})"
             )
         weights = not bool(torch.isfinite(new_rows[first, : self.dim]).all())
         part = "weights overflow" if weights else "state overflows"
