@@ -1564,7 +1564,7 @@ def test_a_reload_interrupted_mid_swap_leaves_the_model_on_the_stores_served(tmp
     the new stores were closed, layer 1's while the model read it, the old one still open beside
     it (every request then failed 503 'closed'). The model is back on the stores served, each
     open, the new ones closed, and the interrupt goes on."""
-    from tiered_store.engram.module import Engram
+    from tiered_store.engram.module import MultiHeadEmbedding
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
@@ -1572,14 +1572,15 @@ def test_a_reload_interrupted_mid_swap_leaves_the_model_on_the_stores_served(tmp
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         for layer in (1, 3):  # both tables stale
             _commit_a_new_version(config.table_path(layer))
-        real = Engram.set_table
+        real, calls = MultiHeadEmbedding.set_backend, []
 
-        def interrupted_at_layer3(engram, backend):
-            if engram.layer_id == 3:
+        def interrupted_at_layer3(embedding, backend):  # layers swap in order: 1, then 3
+            calls.append(backend)
+            if len(calls) == 2:
                 raise KeyboardInterrupt
-            real(engram, backend)
+            real(embedding, backend)
 
-        monkeypatch.setattr(Engram, "set_table", interrupted_at_layer3)
+        monkeypatch.setattr(MultiHeadEmbedding, "set_backend", interrupted_at_layer3)
         old = dict(served.stores)
         with pytest.raises(KeyboardInterrupt):
             served.reload_if_stale(force_check=True)
@@ -1604,7 +1605,7 @@ def test_a_second_ctrl_c_while_an_interrupted_swap_is_undone_leaves_no_closed_st
     undo put layer 1 back: every new store was closed, layer 1's while the model still read it
     (every request then failed 503 'closed' until the next check). A table the undo did not
     put back keeps its new store, which ``stores`` then names, its old one closed."""
-    from tiered_store.engram.module import Engram
+    from tiered_store.engram.module import MultiHeadEmbedding
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
@@ -1612,15 +1613,15 @@ def test_a_second_ctrl_c_while_an_interrupted_swap_is_undone_leaves_no_closed_st
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         for layer in (1, 3):  # both tables stale
             _commit_a_new_version(config.table_path(layer))
-        real, calls = Engram.set_table, []
+        real, calls = MultiHeadEmbedding.set_backend, []
 
-        def interrupted_twice(engram, backend):
-            calls.append(engram.layer_id)
-            if calls in ([1, 3], [1, 3, 1]):  # the swap at layer 3, then the undo at layer 1
+        def interrupted_twice(embedding, backend):  # layers swap in order: 1, then 3
+            calls.append(backend)
+            if len(calls) in (2, 3):  # the swap at layer 3, then the undo at layer 1
                 raise KeyboardInterrupt
-            real(engram, backend)
+            real(embedding, backend)
 
-        monkeypatch.setattr(Engram, "set_table", interrupted_twice)
+        monkeypatch.setattr(MultiHeadEmbedding, "set_backend", interrupted_twice)
         old = dict(served.stores)
         with pytest.raises(KeyboardInterrupt):
             served.reload_if_stale(force_check=True)
@@ -3554,7 +3555,7 @@ def test_a_ctrl_c_as_an_undone_swap_closes_a_new_store_closes_every_one(tmp_path
     then each new store closed in turn. A second Ctrl-C as the first of them closed left the
     others open for good (their memory, files and version holds), in no list. Every new store
     not served is closed, and the interrupt goes on."""
-    from tiered_store.engram.module import Engram
+    from tiered_store.engram.module import MultiHeadEmbedding
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
@@ -3562,12 +3563,14 @@ def test_a_ctrl_c_as_an_undone_swap_closes_a_new_store_closes_every_one(tmp_path
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         for layer in (1, 3):  # both tables stale
             _commit_a_new_version(config.table_path(layer))
-        real_set, real_open, opened = Engram.set_table, served._open_checked, []
+        real_set, real_open, opened = MultiHeadEmbedding.set_backend, served._open_checked, []
+        swaps = []
 
-        def interrupted_at_layer3(engram, backend):
-            if engram.layer_id == 3:
+        def interrupted_at_layer3(embedding, backend):  # layers swap in order: 1, then 3
+            swaps.append(backend)
+            if len(swaps) == 2:
                 raise KeyboardInterrupt
-            real_set(engram, backend)
+            real_set(embedding, backend)
 
         def watched_open(name, old):  # the first new store's close is interrupted as it ends
             new = real_open(name, old)
@@ -3582,7 +3585,7 @@ def test_a_ctrl_c_as_an_undone_swap_closes_a_new_store_closes_every_one(tmp_path
             opened.append(new)
             return new
 
-        monkeypatch.setattr(Engram, "set_table", interrupted_at_layer3)
+        monkeypatch.setattr(MultiHeadEmbedding, "set_backend", interrupted_at_layer3)
         monkeypatch.setattr(served, "_open_checked", watched_open)
         old = dict(served.stores)
         with pytest.raises(KeyboardInterrupt):
