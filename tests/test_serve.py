@@ -3602,6 +3602,66 @@ def test_a_ctrl_c_as_an_undone_swap_closes_a_new_store_closes_every_one(tmp_path
         served.close()
 
 
+@pytest.mark.parametrize("after", ["a Ctrl-C", "a refused open"])
+def test_a_reload_whose_discarded_new_store_fails_to_close_logs_it(
+    tmp_path, monkeypatch, caplog, after
+):
+    """A reload that discards the new stores it opened (a Ctrl-C as it waits for the answers, or
+    another table's new version refused) closes each, though one close raised (a device error
+    at its stream's sync); that error was then raised, in place of the Ctrl-C (lost), or out of
+    the check (a request's error, the refusal neither noted nor counted). It is logged, naming
+    the table; the interrupt goes on, the refusal is noted."""
+    import errno
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):  # both tables stale
+            _commit_a_new_version(config.table_path(layer))
+        real_open, opened = served._open_checked, []
+
+        def open_failing_close(name, old):  # the first new store's close fails as it ends
+            if after == "a refused open" and name == "engram_layer3":
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            new = real_open(name, old)
+            if not opened:
+                real_close = new.close
+
+                def failing_close(**kwargs):
+                    real_close(**kwargs)
+                    raise RuntimeError("injected device error")
+
+                new.close = failing_close
+            opened.append(new)
+            return new
+
+        def interrupted(timeout=None):  # a Ctrl-C as the swap waits for the answers
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(served, "_open_checked", open_failing_close)
+        if after == "a Ctrl-C":
+            monkeypatch.setattr(served._gate, "exclusive", interrupted)
+        old = dict(served.stores)
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            if after == "a Ctrl-C":
+                with pytest.raises(KeyboardInterrupt):
+                    served.reload_if_stale(force_check=True)
+            else:
+                assert served.reload_if_stale(force_check=True) == []
+                assert "injected open failure" in served.reload_refused
+                assert served.health["engram_layer1"].reload_failures == 1
+        monkeypatch.undo()
+        assert served.stores == old
+        assert opened and all(store.closed for store in opened)
+        logged = [r.getMessage() for r in caplog.records if "injected device" in r.getMessage()]
+        assert len(logged) == 1 and "engram_layer1" in logged[0], logged
+        assert served.reload_if_stale(force_check=True) == TABLES
+    finally:
+        monkeypatch.undo()  # the gate's own passage: the close takes it
+        served.close()
+
+
 def test_left_closing_names_each_table_once_and_only_while_its_calls_hang(tmp_path, monkeypatch):
     """left_closing (what the serve command's exit warns of, exiting past it) listed a table
     once per store left to close under a hung call: twice once a reload's old store and the

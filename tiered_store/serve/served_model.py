@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,7 +405,7 @@ class ServedModel:
         # opened while requests go on over the old stores; only the swap holds them back
         opened, failure = self._open_ahead(stale)
         if self._closing.is_set():  # closed meanwhile: nothing swapped in, none left open
-            _close_all(opened.values())
+            _close_all(opened)
             return []
         bound = self.config.server.request_timeout_s
         # the old stores close once the gate opens (after_gate exits last): no request reads
@@ -414,10 +414,10 @@ class ServedModel:
             try:
                 running = gate.enter_context(self._gate.exclusive(timeout=bound))
             except BaseException:  # Ctrl-C while it waits for the answers: none left open
-                _close_all(opened.values())
+                _close_all(opened)
                 raise
             if running:  # a worker hung on a read: requests go on over the version open now
-                _close_all(opened.values())
+                _close_all(opened)
                 self._outlasted = self._gate.in_flight()
                 log.warning(
                     "postponed reopening %s on its new version: %d answer(s) still running %g s "
@@ -506,7 +506,7 @@ class ServedModel:
         except Exception as exc:  # noqa: BLE001 (raised again under the gate, as it was)
             return opened, (name, exc)
         except BaseException:  # Ctrl-C: it goes on, no store it opened left open
-            _close_all(opened.values())
+            _close_all(opened)
             raise
         return opened, None
 
@@ -520,7 +520,7 @@ class ServedModel:
             reads = {self.config.table_name(k): t.table for k, t in self.model.tables.items()}
             kept = {name: store for name, store in opened.items() if reads.get(name) is store}
             try:
-                _close_all(store for name, store in opened.items() if name not in kept)
+                _close_all({name: store for name, store in opened.items() if name not in kept})
             finally:
                 if kept:
                     self._swap_in(kept)()
@@ -599,12 +599,12 @@ class ServedModel:
                 self.model.set_tables(self._guarded({name: new}))
             except Exception as exc:  # noqa: BLE001 (out of memory too: the others go on)
                 if new is not None:
-                    new.close()
+                    _close_all({name: new})
                 log.error("could not reopen %s (%s); it answers 503", name, error_text(exc))
                 continue
             except BaseException:  # Ctrl-C: it goes on, the store it opened closed
                 if new is not None:
-                    new.close()
+                    _close_all({name: new})
                 raise
             self._swap_in({name: new})()
 
@@ -738,7 +738,7 @@ class ServedModel:
                 raise
             self._check_dense()  # after the open: a table a conversion made is then caught
         except BaseException:
-            new.close()
+            _close_all({name: new})
             raise
         return new
 
@@ -1308,17 +1308,20 @@ def _another_file(old: Any, new: Any) -> bool:
     return not old.cold.same_file(new.cold)
 
 
-def _close_all(stores: Iterable[TieredStore]) -> None:
-    """Close every one of ``stores``, though a close raised (an error, a Ctrl-C): the first
-    raised once the others closed too."""
-    raised: BaseException | None = None
-    for store in stores:
+def _close_all(stores: dict[str, TieredStore]) -> None:
+    """Close every one of ``stores`` (table name -> a new store a reload does not serve), though
+    a close raised: an error is logged (it would stand in for a Ctrl-C under way, or fail the
+    check), a Ctrl-C raised once the others closed too."""
+    interrupted: BaseException | None = None
+    for name, store in stores.items():
         try:
             store.close()
+        except Exception as exc:  # noqa: BLE001 (not served: the check goes on)
+            log.error("closing %s's new store, not served, failed: %s", name, error_text(exc))
         except BaseException as exc:  # noqa: BLE001 (raised below)
-            raised = raised or exc
-    if raised is not None:
-        raise raised
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def _close_wait(deadline: float | None) -> float | None:
