@@ -3439,6 +3439,39 @@ def test_a_closed_table_whose_reopen_keeps_failing_is_tried_again_less_often(
         served.close()
 
 
+def test_a_closed_table_whose_files_change_is_tried_though_another_waits(tmp_path, monkeypatch):
+    """Two tables a reload left closed, the reopen of each failing: once one's files changed (a
+    repair), it was not tried while the other still waited to be tried again (up to
+    CLOSED_RETRY_MOST_S), though a table left closed is tried at once when its files change. It
+    is reopened at the next check; the other, still failing, stays closed."""
+    import errno
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 0.0  # every call checks, as if a second had passed
+        for name in TABLES:  # what a refused reload may leave
+            served.stores[name].close()
+        real, broken = served._open_checked, set(TABLES)
+
+        def failing_open(name, old):  # the reopen of each fails (a read error) until repaired
+            if name in broken:
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            return real(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", failing_open)
+        assert served.reload_if_stale() == []
+        assert all(served.stores[name].closed for name in TABLES)
+        broken.discard("engram_layer1")
+        _commit_a_new_version(config.table_path(1))  # its files change: a repair
+        served.reload_if_stale()
+        assert not served.stores["engram_layer1"].closed
+        assert served.model.tables[1].table is served.stores["engram_layer1"]
+        assert served.stores["engram_layer3"].closed
+    finally:
+        served.close()
+
+
 def test_a_refused_reload_of_a_closed_table_says_it_answers_503(tmp_path, monkeypatch, caplog):
     """A table whose store a reload left closed, its reopen refused: the log and /healthz's
     warning said "serving the version open now", though no version of it is open and each of

@@ -389,13 +389,15 @@ class ServedModel:
                 self.health[name].reload_failures += 1
             self._refused([*unreadable, f"{', '.join(stale)} ({'; '.join(held)})"])
             return []
-        for name in stale:  # a table left closed whose files changed (a repair): tried at once
+        repaired = False  # a table left closed whose files changed (a repair): tried at once,
+        for name in stale:  # though another still waits
             if name in self._closed_retry and self._closed_retry[name][0] != files[name][0]:
                 del self._closed_retry[name]
+                repaired = True
         now = time.monotonic()
         retries = [self._closed_retry[name] for name in stale if name in self._closed_retry]
         waiting = [why for _, at, _, why in retries if now < at]
-        if waiting and not force:  # its reopen failed: not tried at every check
+        if waiting and not (force or repaired):  # its reopen failed: not tried at every check
             for name in stale:
                 self.health[name].reload_failures += 1
             self._refused([*unreadable, *dict.fromkeys(waiting)])
