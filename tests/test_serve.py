@@ -3695,6 +3695,47 @@ def test_a_reload_whose_discarded_new_store_fails_to_close_logs_it(
         served.close()
 
 
+def test_a_ctrl_c_as_a_closed_table_s_reopen_is_taken_serves_it(tmp_path, monkeypatch):
+    """After a refused swap, a table its store left closed is reopened alone; a Ctrl-C once the
+    model took the store it opened (before ``stores`` named it) closed that store under the
+    model, which read it closed, ``stores`` naming the old one (and one between the two steps
+    left it open in no list: the next reopen never closed it). The model reads the store
+    ``stores`` names, open, and the interrupt goes on."""
+    import errno
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        old = served.stores["engram_layer3"]
+        old.close()  # what a refused reload may leave
+        _commit_a_new_version(config.table_path(1))
+        real_open, real_set = served._open_checked, served.model.set_tables
+
+        def refused_open(name, old):  # layer 1's new version is refused (a read error)
+            if name == "engram_layer1":
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            return real_open(name, old)
+
+        def interrupted_set(tables):  # a Ctrl-C as the model took layer 3's reopened store
+            real_set(tables)
+            if 3 in tables:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(served, "_open_checked", refused_open)
+        monkeypatch.setattr(served.model, "set_tables", interrupted_set)
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+        monkeypatch.undo()
+        reopened = served.stores["engram_layer3"]
+        assert reopened is not old and not reopened.closed
+        assert served.model.tables[3].table is reopened
+        request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
+        assert served.answer(request)["shape"] == [1, 3]
+    finally:
+        served.close()
+
+
 def test_left_closing_names_each_table_once_and_only_while_its_calls_hang(tmp_path, monkeypatch):
     """left_closing (what the serve command's exit warns of, exiting past it) listed a table
     once per store left to close under a hung call: twice once a reload's old store and the

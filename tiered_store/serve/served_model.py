@@ -519,13 +519,18 @@ class ServedModel:
         try:
             self.model.set_tables(self._guarded({name: self.stores[name] for name in opened}))
         finally:
-            reads = {self.config.table_name(k): t.table for k, t in self.model.tables.items()}
-            kept = {name: store for name, store in opened.items() if reads.get(name) is store}
-            try:
-                _close_all({name: store for name, store in opened.items() if name not in kept})
-            finally:
-                if kept:
-                    self._swap_in(kept)()
+            self._serve_or_close(opened)
+
+    def _serve_or_close(self, opened: dict[str, TieredStore]) -> None:
+        """Of ``opened`` (table name -> a new store), those the model reads are swapped in
+        (``stores`` names them, their old stores close), the others closed."""
+        reads = {self.config.table_name(k): t.table for k, t in self.model.tables.items()}
+        kept = {name: store for name, store in opened.items() if reads.get(name) is store}
+        try:
+            _close_all({name: store for name, store in opened.items() if name not in kept})
+        finally:
+            if kept:
+                self._swap_in(kept)()
 
     def _version_files(self, name: str) -> tuple[Any, bool]:
         """What the current version of table ``name`` is on disk: its generation and the
@@ -590,7 +595,8 @@ class ServedModel:
     def _reopen_closed(self, names: list[str]) -> None:
         """After a refused swap: each table whose old store it closed (a map grown elsewhere)
         on its new version alone, so that another table's failure does not take it down; one
-        that does not open answers 503 until a check opens it."""
+        that does not open answers 503 until a check opens it. Interrupted (Ctrl-C), the store
+        it opened is served once the model took it, else closed."""
         for name in names:
             old = self.stores[name]
             if not old.closed:
@@ -600,15 +606,10 @@ class ServedModel:
                 new = self._open_checked(name, old)
                 self.model.set_tables(self._guarded({name: new}))
             except Exception as exc:  # noqa: BLE001 (out of memory too: the others go on)
-                if new is not None:
-                    _close_all({name: new})
                 log.error("could not reopen %s (%s); it answers 503", name, error_text(exc))
-                continue
-            except BaseException:  # Ctrl-C: it goes on, the store it opened closed
+            finally:
                 if new is not None:
-                    _close_all({name: new})
-                raise
-            self._swap_in({name: new})()
+                    self._serve_or_close({name: new})
 
     def _guarded(self, stores: dict[str, TieredStore]) -> dict[int, GuardedTable]:
         """The model's tables for ``stores`` (table name -> store), by Engram layer."""
