@@ -1428,6 +1428,61 @@ def test_a_table_whose_map_grew_elsewhere_leaves_the_others_opened_ahead(tmp_pat
         served.close()
 
 
+def test_a_stale_table_whose_old_store_hangs_in_a_read_holds_no_request_back(tmp_path, monkeypatch):
+    """A table whose map grew elsewhere has its old store closed under the request gate before
+    its new store opens; that close waited without end for a call hung in the old store (a
+    cold read on a dead disk), every request held back for good. It waits at most
+    ``server.request_timeout_s``: the old store is left to close under that call (its table in
+    left_closing), the table answers 503 meanwhile, and once the call ends a check opens it."""
+    from tests import forkserver
+    from tiered_store.delta import row_delta
+    from tiered_store.delta.row_delta import delta_path
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
+    monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
+    served = ServedModel(config)
+    release, reloader = threading.Event(), None
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        _commit_a_new_version(config.table_path(1))  # layer 1 gets a delta
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        old = served.stores["engram_layer1"]
+        with forkserver.context().Pool(1) as pool:  # its map grown in another process
+            path = str(delta_path(old.cold.path))
+            assert pool.apply(_grow_delta_map, (path, old.rows, old.row_bytes)) > 0
+        entered, read_rows = threading.Event(), old.cold.read_rows
+
+        def hung_read(ids):  # a prefetch's cold read hangs until the test ends
+            entered.set()
+            release.wait(60)
+            return read_rows(ids)
+
+        monkeypatch.setattr(old.cold, "read_rows", hung_read)
+        handle = old.prefetch([1, 2, 3])
+        assert entered.wait(10)
+        reloaded: list[list[str]] = []
+        reloader = threading.Thread(
+            target=lambda: reloaded.append(served.reload_if_stale(force_check=True))
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "still under way after 0.5 s"
+            reloader.start()
+            reloader.join(30)  # far less than the read's hang
+        assert not reloader.is_alive(), "the old store's close waited for the hung read"
+        assert reloaded == [[]]
+        assert served.left_closing == ["engram_layer1"]
+        assert served.stores["engram_layer1"].closed  # its new store cannot open beside it
+        release.set()
+        assert handle.future.result(10) is not None
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert not served.stores["engram_layer1"].closed
+    finally:
+        release.set()
+        if reloader is not None:
+            reloader.join()
+        served.close()
+
+
 @contextlib.contextmanager
 def _an_answer_in_flight_over_a_commit(tmp_path, request_timeout_s, hold):
     """A ServedModel (checked only when asked) whose layer 3 table a writer committed to, and an

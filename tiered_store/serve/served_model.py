@@ -714,9 +714,13 @@ class ServedModel:
         store (``ESTALE``: a writer elsewhere grew the delta's map, which this process's
         environment, the old store's, cannot take while it is open): the old store is closed
         first (no request runs, the caller holds the gate exclusively), then the new one opens,
-        once. Should it still not open, requests get 503 until a later check opens it."""
+        once. Should it still not open, requests get 503 until a later check opens it. The close
+        waits at most ``server.request_timeout_s`` for the old store's calls under way (a read
+        hung on a dead disk holds no request back for good): one that outlasts it is left to
+        close under them (in ``left_closing``), and the new store opens once they end."""
         old = self.stores[name]
-        old.close()
+        if not old.close(wait_s=self.config.server.request_timeout_s):
+            self._left.append((name, old))
         return self._open_checked(name, old)
 
     def _open_checked(self, name: str, old: TieredStore) -> TieredStore:
