@@ -3558,6 +3558,34 @@ def test_a_refused_reload_of_a_closed_table_says_it_answers_503(tmp_path, monkey
         served.close()
 
 
+def test_a_refused_reload_with_every_table_closed_names_no_other_table(tmp_path, monkeypatch):
+    """Every table's store left closed, the reopens refused: /healthz's warning (and the log)
+    said the other tables were on the version open now, though there were none, and "its
+    lookups" of two tables. It names both closed, their lookups answering 503, and no other."""
+    import errno
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for name in TABLES:  # what a refused reload may leave
+            served.stores[name].close()
+
+        def refused_open(name, old):  # no new version opens (a read error)
+            raise TierIOError(errno.EIO, f"{name}: injected open failure")
+
+        monkeypatch.setattr(served, "_open_checked", refused_open)
+        assert served.reload_if_stale(force_check=True) == []
+        server = InferenceServer(config)
+        server.model = served
+        [warning] = server.warnings()
+        assert "engram_layer1, engram_layer3 closed" in warning, warning
+        assert "their lookups answer 503" in warning, warning
+        assert "other tables" not in warning, warning
+    finally:
+        served.close()
+
+
 def test_a_ctrl_c_as_a_reload_carries_an_old_store_s_counts_closes_every_one(tmp_path, monkeypatch):
     """A Ctrl-C as the reload carried an old store's last counts to its table's metrics (after
     its close) left the old stores after it open for good and their reloads uncounted. Every

@@ -587,10 +587,14 @@ class ServedModel:
         ]
         if not closed:
             return "serving the version open now"
-        return (
-            f"{', '.join(closed)} closed (no version open: its lookups answer 503 until a "
-            "check reopens it), the other tables on the version open now"
+        its, it = ("its", "it") if len(closed) == 1 else ("their", "them")
+        out = (
+            f"{', '.join(closed)} closed (no version open: {its} lookups answer 503 until a "
+            f"check reopens {it})"
         )
+        if len(closed) < len(self.stores):
+            out += ", the other tables on the version open now"
+        return out
 
     def _reopen_closed(self, names: list[str]) -> None:
         """After a refused swap: each table whose old store it closed (a map grown elsewhere)
