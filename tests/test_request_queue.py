@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from policies import PolicySpec
 from tests.conftest import check_cache_invariants, make_table, run_batch, store_config
-from tests.test_replay import _trace_of, write_trace
+from tests.test_replay import HEADS, _trace_of, write_trace
 from tiered_store import ConfigError, QueuedRequestError, RowIdError, TieredStore
 from tiered_store.online_repin import RepinMoves
 from tiered_store.queue_victims import furthest_first
@@ -93,6 +93,68 @@ def test_add_and_remove_say_which_rows_change_their_earliest_request():
             before = queue.next_use(torch.unique(ids))
             held.append(queue.add(ids))
             assert torch.equal(held[-1].first_rows, torch.unique(ids)[before == NOT_QUEUED]), step
+
+
+def test_served_batches_pass_a_requests_finished_rows_to_their_next_request():
+    """Requests served in batches, in any order and partly, with others coming and going: a
+    row's next use is the earliest request with a lookup of it left, by the queue's
+    ``next_use``, ``served``, ``add``'s ``first_rows`` and ``remove``, against brute force."""
+    rng = np.random.default_rng(5)
+    queue, held = QueuedRequests(), []  # (request, its lookups left per row)
+
+    def want() -> torch.Tensor:
+        out = torch.full((300,), NOT_QUEUED)
+        for request, left in reversed(held):  # tokens increase along ``held``
+            rows = torch.tensor([r for r, n in left.items() if n > 0], dtype=torch.int64)
+            out[rows] = request.token
+        return out
+
+    for step in range(400):
+        before = want()
+        roll = rng.random()
+        if held and (roll < 0.3 or len(held) > 8):
+            request, left = held.pop(int(rng.integers(len(held))))
+            rows, next_use = queue.remove(request)
+            mine = request.rows[before[request.rows] == request.token]
+            assert torch.equal(rows, mine) and torch.equal(next_use, want()[mine]), step
+        elif held and roll < 0.7:  # a batch of a request, its ids and a few it did not announce
+            request, left = held[int(rng.integers(len(held)))]
+            mine = [r for r, n in left.items() if n > 0]
+            batch = rng.choice(mine, size=min(len(mine), int(rng.integers(1, 6))), replace=False)
+            batch = np.concatenate([batch, batch[:1], rng.integers(0, 300, 2)])
+            for row in batch.tolist():
+                if left.get(row, 0) > 0:
+                    left[row] -= 1
+            rows, next_use = queue.served(request, torch.from_numpy(batch))
+            after = want()
+            finished = before[request.rows] == request.token
+            finished &= after[request.rows] != request.token
+            assert torch.equal(rows, request.rows[finished]), step
+            assert torch.equal(next_use, after[rows]), step
+        else:
+            ids = rng.integers(0, 300, int(rng.integers(0, 40)))
+            request = queue.add(torch.from_numpy(ids))
+            held.append(
+                (
+                    request,
+                    {r: int(n) for r, n in zip(*np.unique(ids, return_counts=True), strict=True)},
+                )
+            )
+            fresh = request.rows[before[request.rows] == NOT_QUEUED]
+            assert torch.equal(request.first_rows, fresh), step
+        assert torch.equal(
+            queue.next_use(torch.arange(310)), torch.cat([want(), t(*[NOT_QUEUED] * 10)])
+        ), step
+    with pytest.raises(
+        QueuedRequestError, match=r"served: got str 'x'; expected the QueuedRequest"
+    ):
+        queue.served("x", t(1))
+    request = queue.add(t(1))
+    queue.remove(request)
+    with pytest.raises(
+        QueuedRequestError, match=r"served: queued request \d+ was already released"
+    ):
+        queue.served(request, t(1))
 
 
 def test_a_request_of_no_rows_copies_no_queue():
@@ -213,25 +275,20 @@ def test_replay_keeps_what_the_next_request_reuses(tmp_path):
         with pytest.raises(ConfigError, match=r"expected queued_requests >= 0 and request_tokens"):
             replay(config, tmp_path / "t.trace", **bad)
     assert blind.tiers["warm"]["hits"] == 0  # LRU evicted A's rows before they came back
-    # B could evict only the 20 rows of A beyond the 40 it keeps; two requests ahead knows that
-    assert queued.tiers["warm"]["hits"] == 20
+    # B's batches give up its rows as they are served (no later batch of B looks them up), so
+    # B's later batches evict B's earlier rows, not A's: A comes back whole, as with Belady
+    # (20 while B kept all of its rows until released)
+    assert queued.tiers["warm"]["hits"] == 40
     assert queued.fetch_ratio < blind.fetch_ratio
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request keeps its standing on every row it announced until released: the rows "
-    "its later batches no longer look up rank as needed soonest, and outlive rows the requests "
-    "behind it need",
-)
 def test_a_served_request_gives_up_the_rows_its_later_batches_do_not_look_up(tmp_path):
     """Requests of 4 tokens, batches of 2, a tier of 2 rows: R1 = [4, 3 | 4, 0], then
     R2 = [0, 4 | 5, 6]. R1's second batch misses 0 and must evict 4 or 3. Row 3 is never looked
-    up again and 4 is R2's; but while R1 is queued both rank as R1's (needed soonest), the tie
-    goes by slot and 4 goes: R2 misses it, and the queue misses more than plain LRU (6
-    against 5). By Belady, a row whose last lookup in a request is served waits for the next
-    request that looks it up (3 for none after the first batch; 4 and 0 for R2 before the
-    second admits), and 3 goes."""
+    up again and 4 is R2's; but while R1 was queued both ranked as R1's (needed soonest), the
+    tie went by slot and 4 went: R2 missed it, and the queue missed more than plain LRU (6
+    against 5). A batch served gives up the request's standing on the rows its later batches
+    do not look up (3 after the first batch; 4 and 0, then R2's, before the second admits)."""
     path, _ = make_table(tmp_path, rows=ROWS, dim=8)
     _trace_of(tmp_path / "t.trace", [[4, 3, 4, 0, 0, 4, 5, 6]])
     config = store_config(path, warm={"capacity": 2})
@@ -240,7 +297,7 @@ def test_a_served_request_gives_up_the_rows_its_later_batches_do_not_look_up(tmp
         config, tmp_path / "t.trace", batch_tokens=2, queued_requests=1, request_tokens=4
     )
     assert blind.tiers["warm"]["misses"] == 5
-    assert queued.tiers["warm"]["misses"] == 5  # 4, 3, 0, then 5 and 6 (6: 4 missed again)
+    assert queued.tiers["warm"]["misses"] == 5  # 4, 3, 0, then 5 and 6 (was 6: 4 again)
     assert queued.tiers["warm"]["hits"] == 3  # 4 in R1's second batch, then R2's 0 and 4
 
 
@@ -256,21 +313,33 @@ def test_a_served_request_gives_up_the_rows_its_later_batches_do_not_look_up(tmp
         ),
     ],
 )
-def test_replay_with_a_queue_equals_the_live_store(tmp_path, tiers):
-    """The live store announcing the next two requests of 80 tokens makes replay's decisions."""
+@pytest.mark.parametrize("batch_tokens", [None, 20])
+def test_replay_with_a_queue_equals_the_live_store(tmp_path, tiers, batch_tokens):
+    """The live store announcing the next two requests of 80 tokens, serving each whole or in
+    batches of 20 tokens (``served`` before each), makes replay's decisions."""
     path, data = make_table(tmp_path, rows=ROWS, dim=8)
     records = write_trace(tmp_path / "t.trace", batches=24)  # [2, 40, 4] each: 80 tokens
     config = store_config(path, **tiers)
+    step = 80 * HEADS if batch_tokens is None else batch_tokens * HEADS
     with TieredStore(config) as store:
         announced = [store.announce(records[i]) for i in range(3)]
         for i, ids in enumerate(records):
-            assert torch.equal(store.lookup(ids).cpu(), data[torch.from_numpy(ids)])
+            for batch in np.split(ids.reshape(-1), range(step, ids.size, step)):
+                store.served(announced[i], batch)
+                assert torch.equal(store.lookup(batch).cpu(), data[torch.from_numpy(batch)])
             store.release(announced[i])
             if i + 3 < len(records):
                 announced.append(store.announce(records[i + 3]))
         live = store.stats()
-    result = replay(config, tmp_path / "t.trace", table="a", queued_requests=2, request_tokens=80)
-    blind = replay(config, tmp_path / "t.trace", table="a")
+    result = replay(
+        config,
+        tmp_path / "t.trace",
+        table="a",
+        queued_requests=2,
+        request_tokens=80,
+        batch_tokens=batch_tokens,
+    )
+    blind = replay(config, tmp_path / "t.trace", table="a", batch_tokens=batch_tokens)
     for tier in ("hot", "warm"):
         for key in ("hits", "misses", "admissions", "evictions", "occupancy"):
             assert result.tiers[tier][key] == live[tier][key], (tier, key)
@@ -481,7 +550,7 @@ def test_replay_command_replays_with_a_queue(tmp_path, capsys):
         assert main([*argv, *extra, "--out", str(out)]) == 0
         runs[queued] = json.loads((out / "replay.json").read_text())["results"][0]
     assert runs[2]["queued_requests"] == 2
-    assert runs[2]["rows_moved"]["cold_reads"] == runs[0]["rows_moved"]["cold_reads"] - 20
+    assert runs[2]["rows_moved"]["cold_reads"] == runs[0]["rows_moved"]["cold_reads"] - 40
     # what it printed says how it batched, and which run without a queue compares
     assert (
         "requests of 40 tokens (--batch-tokens 10), the next 2 announced" in capsys.readouterr().out
@@ -567,7 +636,12 @@ def test_victims_from_runs_are_those_of_a_pass_per_eviction(capacity, spec, head
             continue
         else:  # a batch no request announced
             request, batches = None, [(rng.zipf(1.2, size=12) - 1) % rows]
+        told = request is not None and rng.random() < 0.7  # the server tells each batch served
         for batch in batches:
+            if told:
+                moved = queue.served(request, torch.from_numpy(batch))
+                for cache in caches:
+                    cache.unqueued(request, *moved, gone=False)
             for cache in caches:
                 run_batch(cache, batch)
             assert torch.equal(caches[0].row_of_slot, caches[1].row_of_slot), step
@@ -1051,6 +1125,79 @@ def test_the_queues_passes_equal_a_brute_force_reading_at_every_pair_count():
                     assert news[2].tolist() == moved and news[3].tolist() == after, case
 
 
+def test_the_queues_passes_read_past_finished_pairs_as_a_brute_force_reading():
+    """A served batch finishes pairs in place (token negated): ``earliest``, ``merge_request``'s
+    first rows, ``drop_request``'s moved rows and ``pairs_of``, then ``serve_batch`` itself
+    (compiled, and their Python bodies, bounds-checked), against a brute-force reading in which
+    a row's next use is its first unfinished pair's. ``pairs_of`` refuses a row the request has
+    no pair of (``serve_batch`` would write outside the pairs)."""
+    from tiered_store import request_queue_kernels as kernels
+
+    def first_live(pairs: list[tuple[int, int]], row: int, after: int = 0) -> int:
+        return next((k for r, k in pairs if r == row and k > after), NOT_QUEUED)
+
+    rng = np.random.default_rng(1)
+    for case in range(150):
+        span = int(rng.choice([1, 3, 40]))
+        requests: dict[int, np.ndarray] = {}
+        pair_rows = pair_tokens = np.empty(0, np.int64)
+        for token in range(1, int(rng.integers(2, 7)) + 1):
+            rows = np.unique(rng.integers(0, span, int(rng.integers(1, 2 * span + 1))))
+            pair_rows, pair_tokens, _ = kernels.merge_request(pair_rows, pair_tokens, rows, token)
+            requests[token] = rows
+        finished = rng.random(pair_tokens.size) < 0.4
+        pair_tokens = np.where(finished, -pair_tokens, pair_tokens)
+        pairs = list(zip(pair_rows.tolist(), pair_tokens.tolist(), strict=True))
+        query = np.arange(-1, span + 1, dtype=np.int64)
+        for kernel in (kernels.earliest, kernels.earliest.py_func):
+            got = kernel(pair_rows, pair_tokens, query, NOT_QUEUED).tolist()
+            assert got == [first_live(pairs, r) for r in query.tolist()], case
+        fresh = np.arange(span + 1, dtype=np.int64)
+        for kernel in (kernels.merge_request, kernels.merge_request.py_func):
+            first = kernel(pair_rows, pair_tokens, fresh, 99)[2]
+            assert first.tolist() == [first_live(pairs, r) == NOT_QUEUED for r in fresh], case
+        for token, rows in requests.items():
+            for kernel in (kernels.pairs_of, kernels.pairs_of.py_func):
+                at = kernel(pair_rows, pair_tokens, rows, token)
+                assert [pairs[i] for i in at] == [(r, k) for r, k in pairs if abs(k) == token], case
+            mine = [(r, k) for r, k in pairs if k == token]  # its unfinished pairs
+            moved = [r for r, _ in mine if first_live(pairs, r) == token]
+            after = [first_live(pairs, r, token) for r in moved]
+            for kernel in (kernels.drop_request, kernels.drop_request.py_func):
+                news = kernel(pair_rows, pair_tokens, token, NOT_QUEUED, rows.size)
+                kept = [(r, k) for r, k in pairs if abs(k) != token]
+                assert list(zip(news[0].tolist(), news[1].tolist(), strict=True)) == kept, case
+                assert news[2].tolist() == moved and news[3].tolist() == after, case
+        token = int(rng.choice(list(requests)))
+        rows = requests[token]
+        for kernel in (kernels.pairs_of, kernels.pairs_of.py_func):
+            with pytest.raises(ValueError, match=f"request {token} has no pair of row {span + 5}"):
+                kernel(pair_rows, pair_tokens, np.append(rows, span + 5), token)
+        # a batch of the request: some of its rows (maybe twice), an id it did not announce;
+        # a row's lookups left: 1-3, 0 where its pair is finished already
+        mine = np.array([k > 0 for r, k in pairs if abs(k) == token])
+        left = np.where(mine, rng.integers(1, 4, rows.size), 0)
+        batch = np.concatenate([rng.choice(rows, int(rng.integers(0, 8))), [span + 7]])
+        where = rng.integers(0, rows.size, int(rng.integers(0, 12))).astype(np.int32)
+        start = int(rng.integers(0, 3))
+        want_left = left.copy()
+        for row in batch.tolist():
+            at = int(np.searchsorted(rows, row))
+            if at < rows.size and rows[at] == row and want_left[at] > 0:
+                want_left[at] -= 1
+        done = {int(r) for r, a, b in zip(rows, left, want_left, strict=True) if a > 0 == b}
+        after_pairs = [(r, -k if k == token and r in done else k) for r, k in pairs]
+        moved = [r for r in sorted(done) if first_live(pairs, r) == token]
+        next_use = [first_live(after_pairs, r, token) for r in moved]
+        for kernel in (kernels.serve_batch, kernels.serve_batch.py_func):
+            tokens, left_now = pair_tokens.copy(), left.copy()
+            at = kernels.pairs_of(pair_rows, tokens, rows, token)
+            got = kernel(rows, left_now, where, start, batch, at, pair_rows, tokens, NOT_QUEUED)
+            assert left_now.tolist() == want_left.tolist(), case
+            assert list(zip(pair_rows.tolist(), tokens.tolist(), strict=True)) == after_pairs, case
+            assert got[0].tolist() == moved and got[1].tolist() == next_use, case
+
+
 @pytest.mark.parametrize("policy", ["lru", "sieve"])
 def test_an_announce_withdrawn_after_a_tier_missed_it_passes_its_rows_to_the_next_request(
     tmp_path, policy
@@ -1112,7 +1259,7 @@ def test_another_requests_news_that_fails_is_told_again_not_raised_into_a_lookup
         first, second = store.announce(torch.arange(0, 40)), store.announce(torch.arange(20, 60))
         warm_unqueued = store.warm.unqueued
 
-        def out_of_memory_once(*args):
+        def out_of_memory_once(*args, **kwargs):
             store.warm.unqueued = warm_unqueued
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -1149,7 +1296,7 @@ def test_news_that_keeps_failing_is_dropped_with_a_warning_and_counted_in_metric
         store.release(store.announce(torch.arange(3)))  # the tiers hold their queue state
         request = store.announce(torch.arange(30))
 
-        def out_of_memory(*args):
+        def out_of_memory(*args, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
         store.warm.unqueued = out_of_memory

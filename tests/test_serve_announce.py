@@ -57,6 +57,28 @@ def test_announce_tells_every_table_the_request_rows(tmp_path):
         served.close()
 
 
+def test_a_request_answered_gives_up_its_rows_before_it_is_released(tmp_path):
+    """The answer's lookup is all of a request's lookups: its rows are told served first, so
+    its admissions rank them by the requests behind it (here none: no row waits for it), not
+    as needed soonest until the release, which comes after the answer is sent."""
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        body = json.dumps({"input_ids": [[5, 17, 900, 17], [1, 2, 3, 4]]}).encode()
+        request = parse_request(body, config.server, served)
+        announced = served.announce(request)
+        served.answer(request, announced)
+        for store, queued in announced.queued:
+            assert len(store.caches.queue) == 1  # still announced: released after the answer
+            for cache in (store.hot, store.warm):
+                held = torch.isin(cache.row_of_slot, queued.rows)
+                assert held.any(), cache.name
+                assert not (cache._next_use[held] == queued.token).any(), cache.name
+        served.release(announced)
+    finally:
+        served.close()
+
+
 def test_announcing_server_answers_alike_and_releases_every_request(tmp_path):
     plain = start_server(make_checkpoint(tmp_path / "plain"))
     announcing = start_server(

@@ -98,11 +98,19 @@ class CacheHierarchy:
         """An announced request left the queue (it was served, or cancelled)."""
         self.unqueued(request, self.queue.remove(request))
 
-    def unqueued(self, request: QueuedRequest, moved: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Both tiers: ``request`` left the queue; ``moved``: what ``QueuedRequests.remove``
-        returned (the rows it was the earliest request for, and their next request)."""
+    def served(self, request: QueuedRequest, ids: torch.Tensor) -> None:
+        """An announced request's batch ``ids`` is looked up now (before it admits): the rows its
+        later batches do not look up lose its standing (``QueuedRequests.served``)."""
+        self.unqueued(request, self.queue.served(request, ids), gone=False)
+
+    def unqueued(
+        self, request: QueuedRequest, moved: tuple[torch.Tensor, torch.Tensor], *, gone: bool = True
+    ) -> None:
+        """Both tiers: ``request`` left the queue (``gone``; else a batch of it was served);
+        ``moved``: what ``QueuedRequests.remove`` (``served``) returned (the rows it was the
+        earliest request for, and their next request)."""
         for cache in (self.hot, self.warm):
-            cache.unqueued(request, *moved)
+            cache.unqueued(request, *moved, gone=gone)
 
     def queued(self, request: QueuedRequest) -> None:
         """Both tiers: ``request``, just added to the queue, now holds its rows."""

@@ -133,19 +133,25 @@ class QueueVictims:
         self.spare = spare
         self.unqueued: _Unqueued | None = None
         self.queued: _Queued | None = None
+        # slots ``changed`` since the last pick, merged in by the next (or once they are many):
+        # a batch's news (a served batch's finished rows, its hits' keys) merged once, as of then
+        self._changes: list[torch.Tensor] = []
+        self._changed = 0  # slots in ``_changes``
         self.passes = 0  # passes over the tier's slots (a benchmark's and the tests' figure)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the candidates held now, both classes."""
+        """Bytes of the candidates held now, both classes, and the changed slots to merge."""
         run = self.unqueued
         unqueued = 0 if run is None else run.slots.nbytes + run.keys.nbytes
-        return unqueued + (0 if self.queued is None else self.queued.nbytes)
+        changes = sum(t.nbytes for t in self._changes)
+        return changes + unqueued + (0 if self.queued is None else self.queued.nbytes)
 
     def pick(self, need: int, want: int) -> torch.Tensor:
         """Up to ``want`` unqueued victims in the policy's order; if fewer exist, all of them and
         then queued ones, furthest first, up to ``need`` in all."""
         try:
+            self._merge_changes()
             first = self._take_unqueued(want)
             short = need - first.numel()
             if short <= 0:
@@ -158,6 +164,7 @@ class QueueVictims:
     def drop(self) -> None:
         """Forget every candidate: the next pick passes over the tier."""
         self.unqueued = self.queued = None
+        self._changes, self._changed = [], 0
 
     def released(self, token: int) -> None:
         """Request ``token`` left the queue (its slots then ``changed``): its candidates go."""
@@ -166,9 +173,22 @@ class QueueVictims:
 
     def changed(self, slots: torch.Tensor) -> None:
         """``slots`` may have entered a class within its limit (their next use changed, they were
-        admitted, unpinned or reinstated): merge them in."""
+        admitted, unpinned or reinstated): the next pick merges them in, as they are then (their
+        next use, key and pin flag: what a merge now would hold once those changes came)."""
         if not slots.numel() or (self.unqueued is None and self.queued is None):
             return
+        self._changes.append(slots)
+        self._changed += slots.numel()
+        if self._changed > self.spare(1):  # many batches without a pick: merge, stop growing
+            self._merge_changes()
+
+    def _merge_changes(self) -> None:
+        """Merge in the slots ``changed`` since the last merge."""
+        if not self._changes:
+            return
+        changes = self._changes
+        self._changes, self._changed = [], 0
+        slots = changes[0] if len(changes) == 1 else torch.cat(changes)
         try:
             slots = slots.index_select(0, nonzero(~self.unevictable[slots]))
             next_use = self.next_use[slots]
@@ -224,8 +244,10 @@ class QueueVictims:
             return
         keys = self.eviction.victim_priority(slots)
         if not run.complete:
-            within = keys <= run.limit
-            slots, keys = slots[within], keys[within]
+            within = nonzero(keys <= run.limit)
+            if not within.numel():  # (a batch's hits and admissions: keys past the limit)
+                return
+            slots, keys = slots.index_select(0, within), keys.index_select(0, within)
         keys, order = torch.sort(keys)
         slots = slots[order]
         once = torch.ones_like(keys, dtype=torch.bool)  # a slot named twice (two stale entries)

@@ -4,7 +4,9 @@ Engram's row ids depend only on a request's tokens, so a server knows the rows o
 in its queue before it serves them. The cache tiers keep, per slot, the earliest queued request
 that looks the slot's row up, and evict rows no queued request looks up first, then those needed
 furthest back in the queue (``RowCache``): a bounded look ahead at what Belady's policy sees in
-full. How much that is worth: docs/policies.md, "A queue known ahead".
+full. A request served in batches gives up its standing on a row once the batch that looks the
+row up for the last time is served (``served``): the row's next use is then its next request's.
+How much that is worth: docs/policies.md, "A queue known ahead".
 """
 
 from __future__ import annotations
@@ -33,21 +35,34 @@ class QueuedRequest:
     rows: torch.Tensor = field(repr=False)  # its distinct row ids, sorted (CPU)
     owner: object = field(repr=False)
     first_rows: torch.Tensor = field(repr=False)  # of ``rows``, those no earlier request queued
+    left: np.ndarray = field(repr=False)  # lookups of each of ``rows`` not yet served
+    # the position in ``rows`` of each id announced, in order (int32), and how many of those
+    # the batches served so far took: where ``served`` looks first for a batch's ids
+    where: np.ndarray = field(repr=False)
+    served_ids: int = field(default=0, repr=False)
+    # the position of its pair of each of ``rows`` in the queue's pairs of version
+    # ``pairs_version`` (found at its first batch served since they were replaced)
+    pair_at: np.ndarray | None = field(default=None, repr=False)
+    pairs_version: int = field(default=-1, repr=False)
 
 
 class QueuedRequests:
     """Announced requests and, for any row, the earliest of them that looks it up: one array of
     (row, request) pairs sorted by row, then by request, kept up to date as requests come and go
     (a merge when one comes, a pass that drops its pairs when one goes: no sort of the queue).
-    The arrays are replaced, never changed in place: a reader (an admission's ``next_use``,
+    The arrays are replaced, never changed in place but for a served batch finishing pairs (a
+    token negated: only ever from positive to negative): a reader (an admission's ``next_use``,
     under the store's lock) takes them as they are, never waiting for a pass under way."""
 
     def __init__(self) -> None:
         self._requests: set[int] = set()  # tokens of the requests queued now
         self._tokens = itertools.count(1)
         self._pair_rows = np.empty(0, dtype=np.int64)  # sorted; a row once per request using it
-        self._pair_tokens = np.empty(0, dtype=np.int64)  # ascending within each row
-        self._changing = threading.Lock()  # held by ``add`` and ``remove`` through their pass
+        # ascending within each row by magnitude; negated: finished (its request has no lookup
+        # of the row left), a pair every reading passes over
+        self._pair_tokens = np.empty(0, dtype=np.int64)
+        self._version = 0  # of the pairs: counts their replacements
+        self._changing = threading.Lock()  # held by ``add``, ``remove``, ``served`` throughout
         self._lock = threading.Lock()  # the arrays and requests, replaced together (held briefly)
 
     def __len__(self) -> int:
@@ -55,8 +70,9 @@ class QueuedRequests:
 
     @property
     def rows(self) -> int:
-        """Distinct rows the queued requests look up."""
-        pairs = self._pair_rows
+        """Distinct rows the queued requests look up (have a lookup of left)."""
+        pair_rows, pair_tokens = self._pairs()
+        pairs = pair_rows[pair_tokens > 0]  # finished pairs are no lookup
         return int(np.count_nonzero(pairs[1:] != pairs[:-1])) + int(pairs.size > 0)
 
     @property
@@ -70,71 +86,114 @@ class QueuedRequests:
         with self._lock:
             return self._pair_rows, self._pair_tokens
 
+    def _check_queued(self, request: object, call: str) -> None:
+        """Refuse anything but a request this queue holds now, naming ``call``."""
+        if not isinstance(request, QueuedRequest):
+            raise QueuedRequestError(
+                f"{call}: got {type(request).__name__} {shown(request)}; expected the "
+                "QueuedRequest that announce() returned"
+            )
+        if request.owner is not self or request.token not in self._requests:
+            where = "was already released" if request.owner is self else "is another store's"
+            raise QueuedRequestError(
+                f"{call}: queued request {request.token} {where}; release each request "
+                "once, to the store that announced it"
+            )
+
     def add(self, ids: torch.Tensor) -> QueuedRequest:
         """Queue a request that will look up ``ids`` (any shape); its ``first_rows`` are those no
-        request queued before it looks up: they now wait for it."""
+        request queued before it looks up (but for rows it finished with): they now wait for
+        it."""
         from . import request_queue_kernels as kernels  # numba: imported at the first announce
 
-        rows = torch.unique(ids.reshape(-1).to("cpu", torch.int64))
+        rows, where, counts = torch.unique(
+            ids.reshape(-1).to("cpu", torch.int64), return_inverse=True, return_counts=True
+        )
+        left, where = counts.numpy(), where.to(torch.int32).numpy()
         with self._changing:
             token = next(self._tokens)
-            if rows.numel():
-                pair_rows, pair_tokens, first = kernels.merge_request(
-                    self._pair_rows, self._pair_tokens, rows.numpy(), token
-                )
-                first_rows = rows[torch.from_numpy(first)]
-            else:  # no pair to add: no pass over the queue's
-                pair_rows, pair_tokens, first_rows = self._pair_rows, self._pair_tokens, rows
-            request = QueuedRequest(token, rows, self, first_rows)
+            if not rows.numel():  # no pair to add: no pass over the queue's
+                with self._lock:
+                    self._requests.add(token)
+                return QueuedRequest(token, rows, self, rows, left, where)
+            pair_rows, pair_tokens, first = kernels.merge_request(
+                self._pair_rows, self._pair_tokens, rows.numpy(), token
+            )
+            request = QueuedRequest(token, rows, self, rows[torch.from_numpy(first)], left, where)
             with self._lock:
                 self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
                 self._requests.add(token)
+            self._version += 1
         return request
 
     def remove(self, request: QueuedRequest) -> tuple[torch.Tensor, torch.Tensor]:
         """Drop a request from the queue (served or cancelled). Returns the rows it was the
-        earliest request for, and the token of the request that now looks each up first
-        (``NOT_QUEUED`` where none does)."""
+        earliest request for (but for those it finished with, ``served``), and the token of the
+        request that now looks each up first (``NOT_QUEUED`` where none does)."""
         from . import request_queue_kernels as kernels
 
-        if not isinstance(request, QueuedRequest):
-            raise QueuedRequestError(
-                f"release: got {type(request).__name__} {shown(request)}; expected the QueuedRequest "
-                "that announce() returned"
-            )
         with self._changing:
-            if request.owner is not self or request.token not in self._requests:
-                where = "was already released" if request.owner is self else "is another store's"
-                raise QueuedRequestError(
-                    f"release: queued request {request.token} {where}; release each request "
-                    "once, to the store that announced it"
-                )
-            if request.rows.numel():
-                # sized by the request (one pair per row), not the queue: the queue holds what
-                # ``nbytes`` counts, and a release's news (held until the tiers are told) its rows
-                pair_rows, pair_tokens, rows, next_use = kernels.drop_request(
-                    self._pair_rows,
-                    self._pair_tokens,
-                    request.token,
-                    NOT_QUEUED,
-                    request.rows.numel(),
-                )
-            else:  # no pair to drop: no pass over the queue's
-                pair_rows, pair_tokens = self._pair_rows, self._pair_tokens
-                rows, next_use = request.rows.numpy(), request.rows.numpy().copy()
+            self._check_queued(request, "release")
+            if not request.rows.numel():  # no pair to drop: no pass over the queue's
+                with self._lock:
+                    self._requests.discard(request.token)
+                return request.rows, request.rows.clone()
+            # sized by the request (one pair per row), not the queue: the queue holds what
+            # ``nbytes`` counts, and a release's news (held until the tiers are told) its rows
+            pair_rows, pair_tokens, rows, next_use = kernels.drop_request(
+                self._pair_rows, self._pair_tokens, request.token, NOT_QUEUED, request.rows.numel()
+            )
             with self._lock:
                 self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
                 self._requests.discard(request.token)
+            self._version += 1
         return torch.from_numpy(rows), torch.from_numpy(next_use)
+
+    def served(
+        self, request: QueuedRequest, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``request``'s lookups of ``ids`` (any shape; ids it did not announce are not counted)
+        are made now: the rows none of its lookups left looks up lose its standing. Returns those
+        it was the earliest request for, and the token of the request that now looks each up
+        first (``NOT_QUEUED`` where none does), as ``remove``. A compiled pass over the batch (and
+        one over the queue's pairs at the request's first batch since they last changed)."""
+        from . import request_queue_kernels as kernels
+
+        flat = np.ascontiguousarray(ids.reshape(-1).to("cpu", torch.int64).numpy())
+        with self._changing:
+            self._check_queued(request, "served")
+            rows = request.rows.numpy()
+            if request.pairs_version != self._version:  # pairs replaced since: one pass
+                request.pair_at = kernels.pairs_of(
+                    self._pair_rows, self._pair_tokens, rows, request.token
+                )
+                request.pairs_version = self._version
+            # the pairs' tokens are negated in place: a reader sees a pair finished or not, and
+            # sets what the news that follows corrects (``left`` is read only here and in ``add``)
+            moved, next_use = kernels.serve_batch(
+                rows,
+                request.left,
+                request.where,
+                request.served_ids,
+                flat,
+                request.pair_at,
+                self._pair_rows,
+                self._pair_tokens,
+                NOT_QUEUED,
+            )
+            request.served_ids += flat.size
+        return torch.from_numpy(moved), torch.from_numpy(next_use)
 
     def next_use(self, ids: torch.Tensor) -> torch.Tensor:
         """Token of the earliest queued request that looks up each of ``ids`` (int64, on ``ids``'
-        device); ``NOT_QUEUED`` where none does."""
+        device) and has a lookup of it left; ``NOT_QUEUED`` where none does."""
         query = ids.to("cpu", torch.int64).numpy()
-        out = np.full(query.shape, NOT_QUEUED, dtype=np.int64)
         pair_rows, pair_tokens = self._pairs()
-        if pair_rows.size:  # a row's first pair is its earliest request's
-            pos = np.minimum(np.searchsorted(pair_rows, query), pair_rows.size - 1)
-            found = pair_rows[pos] == query
-            out[found] = pair_tokens[pos[found]]
-        return torch.from_numpy(out).to(ids.device)
+        if not pair_rows.size:  # (no announce yet: numba not imported)
+            return torch.full(ids.shape, NOT_QUEUED, dtype=torch.int64, device=ids.device)
+        from . import request_queue_kernels as kernels
+
+        out = kernels.earliest(
+            pair_rows, pair_tokens, np.ascontiguousarray(query).reshape(-1), NOT_QUEUED
+        )
+        return torch.from_numpy(out.reshape(query.shape)).to(ids.device)

@@ -1,17 +1,19 @@
-"""The request queue's (row, request) pairs, merged and pruned in one compiled pass (numba).
+"""The request queue's (row, request) pairs, merged, pruned and read in compiled passes (numba).
 
 ``QueuedRequests`` keeps every queued row with each request that looks it up, sorted by row and
 then by request. A request coming is a merge of its sorted rows into that array, a request going
 a pass that drops its pairs; with numpy either is several whole-array operations, each holding
 the GIL, on a server's threads. Both run without the GIL (``nogil``: the queue's arrays are
-replaced, never changed in place, and its readers do not wait for a pass): a server's lookups,
-those that admit rows included, its compute and event loop go on during a pass over a large
-queue. Each allocates what it returns at its exact size (the
+replaced, never changed in place but for a pair's finishing, and its readers do not wait for a
+pass): a server's lookups, those that admit rows included, its compute and event loop go on
+during a pass over a large queue. Each allocates what it returns at its exact size (the
 queue holds the bytes it counts, a release's moved rows take its request's rows' size), inside
 the pass: arrays numba allocated there alias nothing, which it compiles into a faster loop than
-over arrays a caller passed in. Importing this module imports numba (~0.5 s): ``request_queue``
-imports it at the first announce.
-"""
+over arrays a caller passed in. A request served in batches finishes a pair once its last
+lookup of the row is made (``serve_batch``): the pair stays, its token negated in place (only
+ever from positive to negative), and every pass reads past it (``earliest``: a row's next use
+is its first unfinished pair's). Importing this module imports numba (~0.5 s):
+``request_queue`` imports it at the first announce."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ def merge_request(
     pair_rows: np.ndarray, pair_tokens: np.ndarray, rows: np.ndarray, token: np.int64
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The pairs with (row, ``token``) added for each of ``rows`` (sorted, distinct), after the
-    row's other pairs (``token`` is the latest), and which of ``rows`` had no pair before."""
+    row's other pairs (``token`` is the latest), and which of ``rows`` had no pair before but
+    finished ones."""
     n, m = pair_rows.size, rows.size
     out_rows = np.empty(n + m, dtype=np.int64)
     out_tokens = np.empty(n + m, dtype=np.int64)
@@ -36,8 +39,9 @@ def merge_request(
             out_rows[out], out_tokens[out] = pair_rows[i], pair_tokens[i]
             i += 1
             out += 1
-        first[j] = i == n or pair_rows[i] != row
+        first[j] = True
         while i < n and pair_rows[i] == row:
+            first[j] = first[j] and pair_tokens[i] < 0  # a finished pair waits for none
             out_rows[out], out_tokens[out] = pair_rows[i], pair_tokens[i]
             i += 1
             out += 1
@@ -52,10 +56,11 @@ def merge_request(
 def drop_request(
     pair_rows: np.ndarray, pair_tokens: np.ndarray, token: np.int64, none: np.int64, dropped: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The pairs without ``token``'s, the rows it was the first pair of, and each such row's
-    next pair's token (``none`` where the row has no other pair). ``dropped``: ``token``'s pair
-    count (its request's rows), which sizes the kept pairs and the moved rows' buffers;
-    ``ValueError`` when ``token`` has another count (nothing is written past them)."""
+    """The pairs without ``token``'s (finished ones included), the rows it was the earliest
+    unfinished pair of, and each such row's next unfinished pair's token (``none`` where the
+    row has none). ``dropped``: ``token``'s pair count (its request's rows), which sizes the
+    kept pairs and the moved rows' buffers; ``ValueError`` when ``token`` has another count
+    (nothing is written past them)."""
     n = pair_rows.size
     if not 0 <= dropped <= n:
         raise ValueError(
@@ -68,32 +73,155 @@ def drop_request(
     moved_rows = np.empty(dropped, dtype=np.int64)
     moved_next = np.empty(dropped, dtype=np.int64)
     kept = moved = 0
+    live = -1  # the row of the last unfinished pair passed (rows are >= 0)
     # two loops of one body: before pair ``size``, kept <= i < size, so only the last
     # ``dropped`` pairs check for room (a check at every pair slowed the pass by 15-40%)
     for i in range(size):
-        if pair_tokens[i] != token:
+        if pair_tokens[i] != token and pair_tokens[i] != -token:
             kept_rows[kept], kept_tokens[kept] = pair_rows[i], pair_tokens[i]
             kept += 1
-        elif i == 0 or pair_rows[i - 1] != pair_rows[i]:  # the row's earliest request
+        elif pair_tokens[i] == token and live != pair_rows[i]:  # the row's earliest request
             if moved < dropped:
                 moved_rows[moved] = pair_rows[i]
-                following = i + 1 < n and pair_rows[i + 1] == pair_rows[i]
-                moved_next[moved] = pair_tokens[i + 1] if following else none
+                moved_next[moved] = _next_unfinished(pair_rows, pair_tokens, i, none)
             moved += 1
+        if pair_tokens[i] > 0:
+            live = pair_rows[i]
     for i in range(size, n):
-        if pair_tokens[i] != token:
+        if pair_tokens[i] != token and pair_tokens[i] != -token:
             if kept < size:
                 kept_rows[kept], kept_tokens[kept] = pair_rows[i], pair_tokens[i]
             kept += 1
-        elif i == 0 or pair_rows[i - 1] != pair_rows[i]:  # the row's earliest request
+        elif pair_tokens[i] == token and live != pair_rows[i]:  # the row's earliest request
             if moved < dropped:
                 moved_rows[moved] = pair_rows[i]
-                following = i + 1 < n and pair_rows[i + 1] == pair_rows[i]
-                moved_next[moved] = pair_tokens[i + 1] if following else none
+                moved_next[moved] = _next_unfinished(pair_rows, pair_tokens, i, none)
             moved += 1
+        if pair_tokens[i] > 0:
+            live = pair_rows[i]
     if kept != size:  # then moved <= dropped too
         raise ValueError(
             "drop_request: token " + str(token) + " has " + str(n - kept) + " pairs; expected "
             + "dropped=" + str(dropped)
         )  # fmt: skip
     return kept_rows, kept_tokens, moved_rows[:moved], moved_next[:moved]
+
+
+@numba.njit(cache=True, nogil=True)
+def pairs_of(
+    pair_rows: np.ndarray, pair_tokens: np.ndarray, rows: np.ndarray, token: np.int64
+) -> np.ndarray:
+    """The position of request ``token``'s pair (finished or not) of each of its ``rows``
+    (sorted, distinct): one pass over the pairs. ``ValueError`` where a row has none (then
+    ``serve_batch`` would write outside the pairs)."""
+    n, m = pair_rows.size, rows.size
+    at = np.empty(m, dtype=np.int64)
+    i = 0
+    for j in range(m):
+        while i < n and (
+            pair_rows[i] < rows[j] or (pair_rows[i] == rows[j] and abs(pair_tokens[i]) != token)
+        ):
+            i += 1
+        if i == n or pair_rows[i] != rows[j]:
+            raise ValueError(
+                "pairs_of: request " + str(token) + " has no pair of row " + str(rows[j])
+                + "; expected one for each of its rows"
+            )  # fmt: skip
+        at[j] = i
+    return at
+
+
+@numba.njit(cache=True, nogil=True)
+def serve_batch(
+    rows: np.ndarray,
+    left: np.ndarray,
+    where: np.ndarray,
+    start: int,
+    ids: np.ndarray,
+    pair_at: np.ndarray,
+    pair_rows: np.ndarray,
+    pair_tokens: np.ndarray,
+    none: np.int64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A request's lookups of ``ids`` made: each of ``ids`` in its ``rows`` (sorted, distinct)
+    takes one off its ``left`` (in place, down to 0; other ids count for nothing), and the rows
+    whose last lookup that was finish their pair (at ``pair_at``, from ``pairs_of``: its token
+    negated in place). ``where``: the position in ``rows`` of each id the request announced, in
+    order; ``ids`` are first taken for those from ``start`` on (a request served in order, batch
+    after batch: no search), an id that is not searched for. Returns the rows the request was
+    the earliest unfinished pair of (ascending), and each one's next unfinished pair's token
+    (``none`` where none)."""
+    m = rows.size
+    finished = np.empty(min(ids.size, m), dtype=np.int64)  # positions in ``rows``, each once
+    done = 0
+    for k in range(ids.size):
+        at = where[start + k] if start + k < where.size else m
+        if at == m or rows[at] != ids[k]:  # not the id announced there
+            at = _lower_bound(rows, ids[k], 0, m)
+        if at < m and rows[at] == ids[k] and left[at] > 0:
+            left[at] -= 1
+            if left[at] == 0:
+                finished[done] = at
+                done += 1
+    finished = np.sort(finished[:done])  # the pairs in order: a pass, not a jump each
+    moved_rows = np.empty(done, dtype=np.int64)
+    moved_next = np.empty(done, dtype=np.int64)
+    moved = 0
+    for k in range(done):
+        i = pair_at[finished[k]]
+        pair_tokens[i] = -pair_tokens[i]
+        first = i  # the row's first pair
+        while first > 0 and pair_rows[first - 1] == pair_rows[i]:
+            first -= 1
+        earlier = False  # an earlier request still looks the row up
+        for j in range(first, i):
+            earlier = earlier or pair_tokens[j] > 0
+        if not earlier:
+            moved_rows[moved] = pair_rows[i]
+            moved_next[moved] = _next_unfinished(pair_rows, pair_tokens, i, none)
+            moved += 1
+    return moved_rows[:moved], moved_next[:moved]
+
+
+@numba.njit(cache=True, nogil=True)
+def earliest(
+    pair_rows: np.ndarray, pair_tokens: np.ndarray, query: np.ndarray, none: np.int64
+) -> np.ndarray:
+    """Token of each of ``query``'s earliest unfinished pair (``none`` where it has none)."""
+    n = pair_rows.size
+    out = np.empty(query.size, dtype=np.int64)
+    for k in range(query.size):
+        out[k] = none
+        at = _lower_bound(pair_rows, query[k], 0, n)
+        while at < n and pair_rows[at] == query[k]:
+            # read once: ``served`` may finish the pair meanwhile (a second read could then
+            # give its negated token)
+            token = pair_tokens[at]
+            if token > 0:
+                out[k] = token
+                break
+            at += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _lower_bound(values: np.ndarray, value: np.int64, low: int, high: int) -> int:
+    """The first position in ``values[low:high]`` (sorted) not below ``value``."""
+    while low < high:
+        mid = (low + high) >> 1
+        if values[mid] < value:
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _next_unfinished(pair_rows: np.ndarray, pair_tokens: np.ndarray, i: int, none: np.int64):
+    """Token of the first unfinished pair after pair ``i`` of its row (``none`` where none)."""
+    j = i + 1
+    while j < pair_rows.size and pair_rows[j] == pair_rows[i]:
+        if pair_tokens[j] > 0:
+            return pair_tokens[j]
+        j += 1
+    return none

@@ -220,16 +220,27 @@ class RowCache:
             self._queue_changed(slots)  # now queued, furthest back
             self._note_queued(slots)
 
-    def unqueued(self, request: QueuedRequest, rows: torch.Tensor, next_use: torch.Tensor) -> None:
-        """``request`` left the queue: ``rows``, those it was the earliest request for, held here
-        now wait for ``next_use`` (``QueuedRequests.remove``)."""
+    def unqueued(
+        self,
+        request: QueuedRequest,
+        rows: torch.Tensor,
+        next_use: torch.Tensor,
+        *,
+        gone: bool = True,
+    ) -> None:
+        """``request`` left the queue (``gone``; else it finished with ``rows``, a batch served):
+        ``rows``, those it was the earliest request for, held here now wait for ``next_use``
+        (``QueuedRequests.remove``, ``served``)."""
         if self._next_use is not None and self.index is not None and rows.numel():
             slots = self.probe(rows.to(self.device))
-            mine = (slots >= 0) & (self._next_use[slots.clamp(min=0)] == request.token)
-            self._next_use[slots[mine]] = next_use.to(self.device)[mine]
-            if self._queue_victims is not None:
+            mine = nonzero((self._next_use[slots.clamp(min=0)] == request.token) & (slots >= 0))
+            slots = slots.index_select(0, mine)
+            self._next_use.index_copy_(0, slots, next_use.to(self.device).index_select(0, mine))
+            if gone and self._queue_victims is not None:
                 self._queue_victims.released(request.token)
-            self._queue_changed(slots[mine])
+            self._queue_changed(slots)
+        elif gone and self._queue_victims is not None:  # its rows all finished, batch by batch
+            self._queue_victims.released(request.token)
 
     def begin_batch(self) -> None:
         """Advance the policy's clock; call once per lookup batch."""

@@ -366,6 +366,30 @@ class TieredStore:
             self._lock.post(request, moved)
         self._lock.tell_if_free()  # waits for the lock only past a backlog of news (NEWS_BACKLOG)
 
+    def served(self, request: QueuedRequest, ids: Any) -> None:
+        """A request from ``announce`` served in several lookups: call this with each batch's
+        ``ids`` just before looking them up. The rows none of its later batches look up lose its
+        standing (they wait for the next request that looks them up, if any), so this batch's
+        admissions evict them before rows the requests behind it need. Ids it did not announce
+        are not counted. ``release`` it after its last batch, as usual. A no-op once the store
+        is closed.
+
+        Examples
+        --------
+        >>> request = store.announce(row_ids)        # doctest: +SKIP
+        >>> for batch in row_ids.split(1024):        # doctest: +SKIP
+        ...     store.served(request, batch)
+        ...     rows = store.lookup(batch)
+        >>> store.release(request)                    # doctest: +SKIP
+        """
+        if self._closed:
+            return
+        flat = self._in_table(self._checked_flat(as_id_tensor(ids)))
+        with self._releasing:  # in queue order with the releases
+            moved = self.caches.queue.served(request, flat)  # its own lock, as a release's
+            self._lock.post(request, moved, gone=False)
+        self._lock.tell_if_free()
+
     # -- the write interface ---------------------------------------------------------------------
     @_touches_files
     def write(self, ids: Any, rows: Any) -> None:

@@ -53,17 +53,20 @@ CLOSE_POLL_S = 0.005  # InFlight.close() checks this often whether calls still r
 
 class _News:
     """One announce (``moved`` None) or release (``moved``: what ``QueuedRequests.remove``
-    returned) of ``request``, the tiers not told of it yet, and how often telling it failed."""
+    returned; ``gone`` False: a batch served, what ``served`` returned) of ``request``, the tiers
+    not told of it yet, and how often telling it failed."""
 
-    __slots__ = ("failures", "moved", "request", "untold")
+    __slots__ = ("failures", "gone", "moved", "request", "untold")
 
     def __init__(
         self,
         request: QueuedRequest,
         moved: tuple[torch.Tensor, torch.Tensor] | None,
         untold: list[RowCache],
+        gone: bool = True,
     ) -> None:
         self.request, self.moved, self.untold, self.failures = request, moved, untold, 0
+        self.gone = gone
 
     def tell(self) -> None:
         """Tell each tier not told yet, noting each one told (a failure leaves the rest)."""
@@ -71,7 +74,7 @@ class _News:
             if self.moved is None:
                 self.untold[0].queued(self.request)
             else:
-                self.untold[0].unqueued(self.request, *self.moved)
+                self.untold[0].unqueued(self.request, *self.moved, gone=self.gone)
             self.untold.pop(0)
 
 
@@ -120,11 +123,18 @@ class StoreLock:
         if self._news:  # posted while it was held
             self.tell_if_free()
 
-    def post(self, request: QueuedRequest, moved: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def post(
+        self,
+        request: QueuedRequest,
+        moved: tuple[torch.Tensor, torch.Tensor] | None,
+        *,
+        gone: bool = True,
+    ) -> None:
         """News in queue order: ``request`` announced (``moved`` None) or released (``moved``:
-        what ``QueuedRequests.remove`` returned). Post it where the queue's order is kept (a
-        release under the store's release lock); then :meth:`tell_if_free`."""
-        self._news.append(_News(request, moved, [self._caches.hot, self._caches.warm]))
+        what ``QueuedRequests.remove`` returned; ``gone`` False: a batch of it served, what
+        ``served`` returned). Post it where the queue's order is kept (a release or a batch
+        served under the store's release lock); then :meth:`tell_if_free`."""
+        self._news.append(_News(request, moved, [self._caches.hot, self._caches.warm], gone))
 
     def tell_if_free(self, own: QueuedRequest | None = None) -> None:
         """Tell the tiers now if the lock is free, again while news came meanwhile (its posters
@@ -189,7 +199,7 @@ class StoreLock:
                     return False
                 self._news.popleft()
                 self.news_dropped += 1
-                what = "announce" if news.moved is None else "release"
+                what = "announce" if news.moved is None else "release" if news.gone else "batch"
                 warn_at_caller(
                     f"request queue: telling the {news.untold[0].name} tier of a request's "
                     f"{what} failed {news.failures} times ({type(exc).__name__}: {exc}); "

@@ -582,7 +582,8 @@ def _served_with_queue(
     requests: Iterator[np.ndarray], caches: CacheHierarchy, depth: int, batch_size: int | None
 ) -> Iterator[np.ndarray]:
     """Each request's batches (``batch_size`` ids; the whole request when None), with the next
-    ``depth`` requests announced to ``caches`` while it is served."""
+    ``depth`` requests announced to ``caches`` while it is served, and each batch told to them
+    as served before it is looked up (``CacheHierarchy.served``)."""
     queue: deque[tuple[np.ndarray, QueuedRequest]] = deque()
     requests = iter(requests)
     while True:
@@ -596,7 +597,9 @@ def _served_with_queue(
         ids, request = queue.popleft()
         step = batch_size or ids.size
         for start in range(0, ids.size, step):
-            yield ids[start : start + step]
+            batch = ids[start : start + step]
+            caches.served(request, torch.from_numpy(batch))  # its rows no later batch looks up
+            yield batch
         caches.release(request)
 
 

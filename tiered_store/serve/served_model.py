@@ -54,7 +54,7 @@ from ..errors import (
 )
 from ..metrics import TableHealth, store_counts, verify_counted
 from ..page_checksums import sidecar_path
-from ..request_queue import QueuedRequest
+from ..request_queue import QueuedRequest, QueuedRequestError
 from ..store import TieredStore, seconds_left
 from ..table_format import TableChangingError, VerifyStopped, table_paths
 from ..trace import TraceWriter
@@ -782,7 +782,27 @@ class ServedModel:
         with self._gate.shared():
             if self._closed:  # a worker the drain gave up on, come after close(): no lookups
                 raise StoreClosedError("the served model is closed; open a new ServedModel")
+            if announced is not None:
+                self._serving(announced)
             return self._answer(request, announced.batch if announced is not None else None)
+
+    def _serving(self, announced: Announced) -> None:
+        """Tell each table told of ``announced`` that its lookup, all of its rows, is made now
+        (``TieredStore.served``, inside the gate: no reload swaps the tables meanwhile): its
+        admissions then evict the request's rows as the next request that looks each up, not
+        before the rows of those behind it. Not under ``_waiting_lock``, which an announcement
+        holds through its merge: the compute turn does not wait for one. Advice: a failure is
+        logged (one released meanwhile has nothing to tell), the request is served all the same."""
+        told = dict(list(announced.queued))  # a copy: a release may empty it meanwhile
+        try:
+            for layer, ids in announced.batch.row_ids.items():
+                store = self.stores.get(self.config.table_name(layer))
+                if store in told:
+                    store.served(told[store], ids)
+        except QueuedRequestError:  # released meanwhile (cancelled): nothing left to tell
+            pass
+        except Exception:  # noqa: BLE001 (advice: the request is served all the same)
+            log.exception("telling the tables a request is served failed")
 
     def _record(self, batch: EngramBatch) -> None:
         """Write one batch's row ids of every layer to the trace, whole, unless ``_close`` (which
