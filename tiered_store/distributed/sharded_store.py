@@ -29,6 +29,7 @@ import atexit
 import contextlib
 import errno
 import hashlib
+import logging
 import numbers
 import os
 import threading
@@ -80,6 +81,8 @@ from .shard_files import ShardInfo, mixed_runs, read_shard, shard_path
 from .shard_map import ShardMap
 
 __all__ = ["ShardedStore", "init_process_group_from_env"]
+
+log = logging.getLogger("tiered_store.distributed")
 
 # this process's open stores
 _OPEN: weakref.WeakSet = weakref.WeakSet()
@@ -579,11 +582,23 @@ class ShardedStore:
 
     # -- internals ---------------------------------------------------------------------------------
     def _check_arrived(self, opening: Heartbeat) -> None:
-        """Within the timeout, every rank's opening heartbeat is there, or this open fails naming
-        the ranks without one (torch's wait making the subgroup named none, and the diagnosis
-        after it read them as ranks that stopped); an entry an earlier open over these ranks
-        left is there, and the rounds' diagnosis names a rank that does not come as stopped."""
+        """Within the timeout (as long as torch's wait making the subgroup: a slow rank is late,
+        not gone), every rank's opening heartbeat is there, or this open fails naming the ranks
+        without one (that wait named none, and the diagnosis after it read them as ranks that
+        stopped); those not there after a round's wait are logged. An entry an earlier open
+        over these ranks left is there, and the rounds' diagnosis names a rank that does not
+        come as stopped."""
         absent = opening.absent(self._wait_s)
+        if absent:
+            log.warning(
+                "rank %d: rank %s not yet at this store's open after %.1f s; waiting for it up "
+                "to sharding.timeout_s=%g",
+                self.rank,
+                ", ".join(map(str, absent)),
+                self._wait_s,
+                self.timeout_s,
+            )
+            absent = opening.absent(self.timeout_s - self._wait_s)
         if absent:
             ranks = ", ".join(map(str, absent))
             self._failure = RankFailureError(
