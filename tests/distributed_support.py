@@ -865,6 +865,46 @@ def failed_update_write_worker(rank: int, world: int, port: int, trainable: str,
     _report(out, rank, result)
 
 
+def unchanged_shard_update_worker(
+    rank: int, world: int, port: int, trainable: str, out: Path
+) -> None:
+    """Every rank: training steps in which the row on rank 0's shard gets a zero gradient (fresh
+    Adam state: the step leaves it as it was) and rank 1's shard write fails before it applies
+    (the test's OSError): rank 0's write going through (step 1), then failing too (step 1
+    again); then the step with no failure; after each, what a lookup does."""
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        table = _adam_over_row_shards(trainable, world)
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        unchanged = torch.tensor([[0.0], [1.0]])  # no gradient for rank 0's row
+        shard = table.store.local
+        real = shard.write
+
+        def failing(*args: Any, **kwargs: Any) -> None:
+            shard.write = real
+            raise OSError(28, "no space left on device (the test's)")
+
+        table.lookup(ids).mul(unchanged).sum().backward()
+        for name, fails in (("rank 1 failed", rank == 1), ("both failed", True), ("none", False)):
+            if fails:
+                shard.write = failing
+            try:
+                result[name] = table.step(1)
+            except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                result[name] = f"{type(exc).__name__}: {exc}"
+            try:
+                with torch.no_grad():
+                    result[f"{name} lookup"] = table.lookup(ids).tolist()
+            except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                result[f"{name} lookup"] = f"{type(exc).__name__}: {exc}"
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def nonfinite_gradient_worker(
     rank: int, world: int, port: int, trainable: str, out: Path, bad: float = float("nan")
 ) -> None:

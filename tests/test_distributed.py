@@ -1799,6 +1799,26 @@ def test_a_training_step_whose_write_failed_on_a_shard_says_where_it_applied(tmp
         assert result["reopened step"] == 2, result
 
 
+def test_a_shard_the_step_leaves_as_it_was_is_not_read_as_one_that_took_it(tmp_path):
+    """A row with a zero gradient under fresh Adam state is the same after the step: a shard
+    holding only such rows holds the step and the row before alike. It was read as one that
+    took the step (written, or its failed write looked up), so rank 1's lost write left the
+    store refusing every call, "the shards a step apart", the gradients dropped, when no shard
+    differed from before. Such a shard counts for neither: the step is refused on every rank
+    with the gradients kept, and the retry applies it."""
+    from tests.distributed_support import unchanged_shard_update_worker
+
+    results = _on_two_trainable_row_shards(tmp_path, unchanged_shard_update_worker)
+    for rank, result in enumerate(results):
+        for name, failed in (("rank 1 failed", "1 of 2"), ("both failed", "2 of 2")):
+            assert result[name].startswith(f"UpdateRefusedError: [Errno 5] rank {rank}: sharded update_rows failed on {failed} rank(s)"), result  # fmt: skip
+            assert result[name].endswith("step again with the gradients kept"), result
+            assert isinstance(result[f"{name} lookup"], list), result  # the store goes on
+        assert result["none"] == 1, result  # the gradients kept: rank 1's row steps
+        assert result["none lookup"][0] == result["both failed lookup"][0], result
+        assert result["none lookup"][1] != result["both failed lookup"][1], result
+
+
 def test_a_non_finite_gradient_on_one_rank_is_refused_on_all_before_any_shard_steps(tmp_path):
     """Rank 0's NaN gradient of a row on rank 1's shard: rank 1's write failed, rank 0's shard
     applied the optimizer step to its rows, and every rank dropped its gradients: the shards came

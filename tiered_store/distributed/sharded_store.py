@@ -423,7 +423,8 @@ class ShardedStore:
         ``UpdateRefusedError`` (no row changed); when every shard holds the step all the same,
         every rank warns and returns; when some shards hold it and some do not, every rank raises
         ``TierIOError`` naming them, and the store refuses every further call until every rank
-        closes it without committing and reopens it (each shard at its last commit).
+        closes it without committing and reopens it (each shard at its last commit). A shard
+        whose rows the step leaves as they were (a zero gradient) counts for neither.
 
         ``skip``: this rank's gradients overflowed under a ``GradScaler`` (``ids`` and ``grads``
         are not read): when any rank passes it, no shard changes and every rank returns None."""
@@ -1110,21 +1111,30 @@ class ShardedStore:
                 self.local.write(unique, new_rows[0])
 
         error = self._local_error(write)
-        held = _WROTE if error is None else self._holds(unique, *new_rows)
-        return unique.numel(), self._all_gather((error, held if new_rows else None))
+        held = self._holds(unique, *new_rows, wrote=error is None) if new_rows else None
+        return unique.numel(), self._all_gather((error, held))
 
-    def _holds(self, local_ids: torch.Tensor, rows: torch.Tensor, before: torch.Tensor) -> str:
-        """What this shard holds after its write of ``rows`` over ``before`` failed (applied
-        whole or not at all, or each row old or new: ``TieredStore.write``), looked up:
-        ``_WROTE`` (every row new), ``_LOST`` (every row as before) or ``_UNKNOWN``."""
+    def _holds(
+        self, local_ids: torch.Tensor, rows: torch.Tensor, before: torch.Tensor, *, wrote: bool
+    ) -> str | None:
+        """What this shard holds after its write of ``rows`` over ``before`` (``wrote``: it
+        returned; else it failed, applied whole or not at all, or each row old or new:
+        ``TieredStore.write``, and is looked up): None when ``rows`` are ``before`` (the step
+        left them as they were: either holds it), ``_WROTE`` (every row new), ``_LOST`` (every
+        row as before) or ``_UNKNOWN``."""
         try:
+            stored = rows.to(before.device, before.dtype)  # as written: in the table's dtype
+            if torch.equal(stored, before):
+                return None
+            if wrote:
+                return _WROTE
             with self._heartbeat.own_part():
                 now = self.local.lookup(local_ids)
-            if torch.equal(now, rows.to(now.dtype)):
+            if torch.equal(now, stored):
                 return _WROTE
             return _LOST if torch.equal(now, before) else _UNKNOWN
         except Exception:  # noqa: BLE001 (told to every rank: the shard's state is unknown)
-            return _UNKNOWN
+            return _WROTE if wrote else _UNKNOWN
 
     def _raise_failed_update(self, outcomes: list[tuple[str | None, str | None]]) -> None:
         """After an update round whose write failed on a shard, on every rank: a warning when
